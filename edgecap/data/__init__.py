@@ -1,0 +1,5 @@
+"""Caption dataset readers: Flickr8k text files, COCO caption JSON, Karpathy ``dataset_*.json``."""
+
+from edgecap.data.readers import CaptionedImage, read_coco, read_dataset, read_flickr8k, read_karpathy
+
+__all__ = ["CaptionedImage", "read_coco", "read_dataset", "read_flickr8k", "read_karpathy"]

@@ -1,0 +1,29 @@
+"""The exceptions edgecap raises on purpose. Catch ``EdgecapError`` to catch them all.
+
+- ``InputError``: an image (path, bytes, array) that cannot be captioned; names the input.
+- ``ModelError``: a model directory, file, vocabulary or manifest that cannot be used.
+- ``BackendError``: a runtime that is missing or failed (names the extra to install).
+"""
+
+from __future__ import annotations
+
+
+class EdgecapError(Exception):
+    """Base class of every error edgecap raises on purpose."""
+
+
+class InputError(EdgecapError, ValueError):
+    """An input image that cannot be captioned. ``source`` names it (a path or a description)."""
+
+    def __init__(self, source: str, problem: str):
+        self.source = source
+        self.problem = problem
+        super().__init__(f"{source}: {problem}")
+
+
+class ModelError(EdgecapError):
+    """A model directory or artifact that cannot be used; the message says what to do."""
+
+
+class BackendError(EdgecapError):
+    """A backend that is not installed or failed to run."""

@@ -1,0 +1,99 @@
+"""The model directory's ``manifest.json``: everything a runtime needs to use the ONNX files.
+
+A model directory holds ``manifest.json``, ``encoder.onnx``, ``decoder_step.onnx`` and
+``vocab.json``. The manifest records dimensions, preprocessing, special tokens, the precision,
+file hashes, and where the model came from (training data, dev metrics).
+"""
+
+from __future__ import annotations
+
+import hashlib
+import json
+from dataclasses import dataclass, field
+from pathlib import Path
+
+from edgecap.errors import ModelError
+from edgecap.preprocess import Preprocessing
+
+FORMAT = "edgecap-model/1"
+MANIFEST = "manifest.json"
+
+
+@dataclass(frozen=True)
+class Manifest:
+    directory: Path
+    files: dict[str, str]          # role (encoder, decoder_step, vocab) -> file name
+    dims: dict[str, int]           # regions, encoder_dim, feature_dim, attention_dim, hidden_dim,
+                                   # embed_dim, vocab_size, top_k
+    tokens: dict[str, int]         # pad, start, end, unk
+    preprocessing: Preprocessing
+    precision: str = "fp32"        # fp32 | fp16 | int8
+    attention: bool = True
+    sha256: dict[str, str] = field(default_factory=dict)
+    info: dict = field(default_factory=dict)  # training data, metrics, provenance
+
+    def path(self, role: str) -> Path:
+        return self.directory / self.files[role]
+
+    def to_dict(self) -> dict:
+        return {"format": FORMAT, "files": self.files, "dims": self.dims, "tokens": self.tokens,
+                "preprocessing": self.preprocessing.to_dict(), "precision": self.precision,
+                "attention": self.attention, "sha256": self.sha256, **self.info}
+
+    def save(self) -> None:
+        (self.directory / MANIFEST).write_text(json.dumps(self.to_dict(), indent=2) + "\n")
+
+
+def file_sha256(path: Path) -> str:
+    h = hashlib.sha256()
+    with open(path, "rb") as f:
+        for chunk in iter(lambda: f.read(1 << 20), b""):
+            h.update(chunk)
+    return h.hexdigest()
+
+
+def load_manifest(directory: str | Path) -> Manifest:
+    """Read and check a model directory; raise ``ModelError`` saying what to do when it is wrong."""
+    directory = Path(directory)
+    path = directory / MANIFEST
+    if not directory.is_dir():
+        raise ModelError(f"model directory not found: {directory}")
+    if not path.exists():
+        raise ModelError(f"{directory}: not an edgecap model directory (no {MANIFEST}); "
+                         "create one with `edgecap export`")
+    try:
+        data = json.loads(path.read_text())
+    except (json.JSONDecodeError, UnicodeDecodeError) as exc:
+        raise ModelError(f"{path}: not valid JSON ({exc}); re-export the model") from exc
+    fmt = data.get("format") if isinstance(data, dict) else None
+    if fmt != FORMAT:
+        raise ModelError(f"{path}: unknown manifest format {fmt!r}; this edgecap reads {FORMAT}. "
+                         "Upgrade edgecap or re-export the model with this version")
+    try:
+        known = {"format", "files", "dims", "tokens", "preprocessing", "precision", "attention",
+                 "sha256"}
+        manifest = Manifest(directory=directory, files=dict(data["files"]), dims=dict(data["dims"]),
+                            tokens=dict(data["tokens"]),
+                            preprocessing=Preprocessing.from_dict(data["preprocessing"]),
+                            precision=data.get("precision", "fp32"),
+                            attention=bool(data.get("attention", True)),
+                            sha256=dict(data.get("sha256", {})),
+                            info={k: v for k, v in data.items() if k not in known})
+    except (KeyError, TypeError, ValueError) as exc:
+        raise ModelError(f"{path}: incomplete manifest ({exc!r}); re-export the model") from exc
+    for role in ("encoder", "decoder_step", "vocab"):
+        if role not in manifest.files:
+            raise ModelError(f"{path}: the manifest names no {role} file; re-export the model")
+        if not manifest.path(role).exists():
+            raise ModelError(f"{manifest.path(role)}: missing from the model directory; "
+                             "copy the whole directory or re-export the model")
+    return manifest
+
+
+def verify_files(manifest: Manifest) -> None:
+    """Compare the files' SHA-256 with the manifest (a truncated or swapped file fails here)."""
+    for role, expected in manifest.sha256.items():
+        actual = file_sha256(manifest.path(role))
+        if actual != expected:
+            raise ModelError(f"{manifest.path(role)}: checksum mismatch (file corrupt, truncated or "
+                             "replaced); re-copy the model directory or re-export it")

@@ -1,0 +1,84 @@
+"""Caption metrics as coco-caption defines them (PyPI ``pycocoevalcap``; the ``eval`` extra).
+
+``score`` returns fractions, as coco-caption reports them. With ``tokenizer="ptb"`` the text is
+tokenised by coco-caption's PTB tokenizer (Java), as the papers did; ``"simple"`` lower-cases and
+strips punctuation in Python (no Java), which is what training uses for its per-epoch check.
+METEOR needs Java too and is skipped, with a warning, where Java is absent.
+"""
+
+from __future__ import annotations
+
+import shutil
+import warnings
+
+from edgecap.vocab import tokenize
+
+METRIC_KEYS = ("BLEU-1", "BLEU-2", "BLEU-3", "BLEU-4", "METEOR", "ROUGE-L", "CIDEr")
+
+
+def java_available() -> bool:
+    return shutil.which("java") is not None
+
+
+def _tokenize(refs, hyps, tokenizer):
+    if tokenizer == "ptb":
+        from pycocoevalcap.tokenizer.ptbtokenizer import PTBTokenizer
+
+        tok = PTBTokenizer()
+        refs = tok.tokenize({k: [{"caption": c} for c in v] for k, v in refs.items()})
+        hyps = tok.tokenize({k: [{"caption": hyps[k]}] for k in refs})
+        return refs, hyps
+    if tokenizer == "simple":
+        return ({k: [" ".join(tokenize(c)) for c in v] for k, v in refs.items()},
+                {k: [" ".join(tokenize(hyps[k]))] for k in refs})
+    raise ValueError(f"unknown tokenizer {tokenizer!r}: use 'ptb' or 'simple'")
+
+
+def score(refs: dict, hyps: dict, tokenizer: str = "ptb",
+          metrics: tuple[str, ...] = METRIC_KEYS) -> dict[str, float]:
+    """refs {id: [reference captions]}, hyps {id: caption} -> {metric: value} (fractions)."""
+    try:
+        from pycocoevalcap.bleu.bleu import Bleu
+        from pycocoevalcap.cider.cider import Cider
+        from pycocoevalcap.rouge.rouge import Rouge
+    except ImportError as exc:
+        raise ImportError("caption metrics need pycocoevalcap: pip install 'edgecap[eval]'") from exc
+    missing = [k for k in refs if k not in hyps]
+    if missing:
+        raise ValueError(f"{len(missing)} images have references but no caption, e.g. {missing[:3]}")
+    if not refs:
+        raise ValueError("nothing to score: no references")
+    if tokenizer == "ptb" and not java_available():
+        warnings.warn("Java not found: using the simple tokenizer instead of PTB; "
+                      "install a JRE for coco-caption-exact numbers", stacklevel=2)
+        tokenizer = "simple"
+    refs_t, hyps_t = _tokenize(refs, hyps, tokenizer)
+    out: dict[str, float] = {}
+    if any(m.startswith("BLEU") for m in metrics):
+        bleu, _ = Bleu(4).compute_score(refs_t, hyps_t, verbose=0)
+        out.update({f"BLEU-{i + 1}": float(b) for i, b in enumerate(bleu)})
+    if "METEOR" in metrics:
+        if java_available():
+            from pycocoevalcap.meteor.meteor import Meteor
+
+            meteor = Meteor()
+            out["METEOR"] = float(meteor.compute_score(refs_t, hyps_t)[0])
+            _close_meteor(meteor)
+        else:
+            warnings.warn("Java not found: METEOR skipped", stacklevel=2)
+    if "ROUGE-L" in metrics:
+        out["ROUGE-L"] = float(Rouge().compute_score(refs_t, hyps_t)[0])
+    if "CIDEr" in metrics:
+        out["CIDEr"] = float(Cider().compute_score(refs_t, hyps_t)[0])
+    return {k: out[k] for k in METRIC_KEYS if k in out}
+
+
+def _close_meteor(meteor) -> None:
+    # pycocoevalcap's Meteor keeps a Java subprocess; end it now rather than at interpreter exit.
+    try:
+        with meteor.lock:
+            meteor.meteor_p.stdin.close()
+            meteor.meteor_p.kill()
+            meteor.meteor_p.wait()
+    except Exception:  # pragma: no cover - best effort cleanup
+        pass

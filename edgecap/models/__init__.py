@@ -1,0 +1,1 @@
+"""PyTorch models (needs the ``train`` extra): the encoder, the decoders, checkpoints."""

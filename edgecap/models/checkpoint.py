@@ -1,0 +1,63 @@
+"""Checkpoints as safetensors + JSON (never pickled modules).
+
+A checkpoint directory holds ``model.safetensors`` (decoder and, when fine-tuned, encoder
+weights under ``decoder.`` / ``encoder.``), ``vocab.json`` and ``checkpoint.json`` (decoder
+config, preprocessing, training state and metrics). ``optimizer.safetensors`` +
+``optimizer.json`` make training resumable.
+"""
+
+from __future__ import annotations
+
+import json
+from pathlib import Path
+
+import torch
+from safetensors.torch import load_file, save_file
+
+from edgecap.models.decoder import CaptionDecoder, DecoderConfig
+from edgecap.models.efficientnet_lite import EfficientNetLite0, load_pretrained
+from edgecap.preprocess import Preprocessing
+from edgecap.vocab import Vocabulary
+
+FORMAT = "edgecap-checkpoint/1"
+
+
+def save_checkpoint(directory: Path, decoder: CaptionDecoder, vocab: Vocabulary,
+                    pre: Preprocessing, info: dict, encoder: EfficientNetLite0 | None = None) -> None:
+    directory = Path(directory)
+    directory.mkdir(parents=True, exist_ok=True)
+    tensors = {f"decoder.{k}": v.detach().cpu().contiguous() for k, v in decoder.state_dict().items()}
+    if encoder is not None:
+        tensors.update({f"encoder.{k}": v.detach().cpu().contiguous()
+                        for k, v in encoder.state_dict().items()})
+    tmp = directory / "model.safetensors.tmp"
+    save_file(tensors, str(tmp))
+    tmp.replace(directory / "model.safetensors")
+    vocab.save(directory / "vocab.json")
+    meta = {"format": FORMAT, "decoder": decoder.cfg.to_dict(), "preprocessing": pre.to_dict(),
+            "finetuned_encoder": encoder is not None, **info}
+    (directory / "checkpoint.json").write_text(json.dumps(meta, indent=2))
+
+
+def load_checkpoint(directory: Path):
+    """-> (encoder, decoder, vocab, preprocessing, meta); models in eval mode on the CPU."""
+    directory = Path(directory)
+    meta_path = directory / "checkpoint.json"
+    if not meta_path.exists():
+        raise FileNotFoundError(f"{directory}: not a checkpoint directory (no checkpoint.json)")
+    meta = json.loads(meta_path.read_text())
+    if meta.get("format") != FORMAT:
+        raise ValueError(f"{meta_path}: unknown checkpoint format {meta.get('format')!r}, "
+                         f"expected {FORMAT}")
+    tensors = load_file(str(directory / "model.safetensors"))
+    decoder = CaptionDecoder(DecoderConfig(**meta["decoder"]))
+    decoder.load_state_dict({k[8:]: v for k, v in tensors.items() if k.startswith("decoder.")})
+    encoder = load_pretrained()
+    enc = {k[8:]: v for k, v in tensors.items() if k.startswith("encoder.")}
+    if enc:
+        encoder.load_state_dict(enc)
+    vocab = Vocabulary.load(directory / "vocab.json")
+    if len(vocab) != decoder.cfg.vocab_size:
+        raise ValueError(f"{directory}: vocab.json has {len(vocab)} words, the decoder "
+                         f"{decoder.cfg.vocab_size}")
+    return encoder.eval(), decoder.eval(), vocab, Preprocessing.from_dict(meta["preprocessing"]), meta

@@ -1,0 +1,141 @@
+"""Show, Attend and Tell (Xu et al. 2015) soft-attention decoder, and a Show-and-Tell baseline.
+
+The decoder is split the way the runtime uses it:
+
+- ``init_state(fmap)``: everything that does not depend on the word being generated, computed
+  once per image: projected image features, their attention projection, the initial LSTM state.
+- ``step(tokens, h, c, features, att_proj, image_index)``: one word for any number of rows.
+  Rows are (image x beam) flattened; ``image_index`` maps each row to its image so the image
+  tensors are passed once and gathered inside the graph, never copied per beam by the caller.
+
+Shapes: N images, R rows, L = 49 regions, F = feature dim, A = attention dim, H = hidden dim,
+E = embedding dim, V = vocabulary size.
+"""
+
+from __future__ import annotations
+
+from dataclasses import asdict, dataclass
+
+import torch
+from torch import nn
+from torch.nn import functional as F
+
+
+@dataclass(frozen=True)
+class DecoderConfig:
+    vocab_size: int
+    encoder_dim: int = 1280  # channels of the encoder's feature map
+    feature_dim: int = 512   # image features are projected to this before attention / the LSTM
+    attention_dim: int = 256
+    embed_dim: int = 256
+    hidden_dim: int = 512
+    dropout: float = 0.5
+    attention: bool = True   # False: Show-and-Tell baseline (mean image feature, no attention)
+    top_k: int = 10          # the step graph returns this many best words per row
+
+    def to_dict(self) -> dict:
+        return asdict(self)
+
+
+class CaptionDecoder(nn.Module):
+    def __init__(self, cfg: DecoderConfig):
+        super().__init__()
+        self.cfg = cfg
+        self.feature_proj = nn.Linear(cfg.encoder_dim, cfg.feature_dim)
+        self.feature_norm = nn.LayerNorm(cfg.feature_dim)
+        self.init_h = nn.Linear(cfg.feature_dim, cfg.hidden_dim)
+        self.init_c = nn.Linear(cfg.feature_dim, cfg.hidden_dim)
+        self.embed = nn.Embedding(cfg.vocab_size, cfg.embed_dim)
+        if cfg.attention:
+            self.att_feat = nn.Linear(cfg.feature_dim, cfg.attention_dim)
+            self.att_hidden = nn.Linear(cfg.hidden_dim, cfg.attention_dim)
+            self.att_score = nn.Linear(cfg.attention_dim, 1)
+            self.gate = nn.Linear(cfg.hidden_dim, cfg.feature_dim)  # the gating scalar beta, per channel
+            lstm_in = cfg.embed_dim + cfg.feature_dim
+        else:
+            lstm_in = cfg.embed_dim
+        self.lstm = nn.LSTMCell(lstm_in, cfg.hidden_dim)
+        # Deep output layer: p(y | E y_{t-1} + L_h h_t + L_z z_t).
+        self.out_hidden = nn.Linear(cfg.hidden_dim, cfg.embed_dim)
+        self.out_context = nn.Linear(cfg.feature_dim, cfg.embed_dim) if cfg.attention else None
+        self.out_vocab = nn.Linear(cfg.embed_dim, cfg.vocab_size)
+        self.dropout = nn.Dropout(cfg.dropout)
+
+    # -- once per image ---------------------------------------------------------------------
+    def init_state(self, fmap: torch.Tensor):
+        """fmap (N, L, encoder_dim) -> features (N, L, F), att_proj (N, L, A), h0, c0 (N, H)."""
+        features = self.feature_norm(F.relu(self.feature_proj(fmap)))
+        mean = features.mean(1)
+        h0 = torch.tanh(self.init_h(mean))
+        c0 = torch.tanh(self.init_c(mean))
+        if self.cfg.attention:
+            att_proj = self.att_feat(features)
+        else:
+            att_proj = features.new_zeros(features.shape[0], features.shape[1], self.cfg.attention_dim)
+        return features, att_proj, h0, c0
+
+    # -- once per word ----------------------------------------------------------------------
+    def attend(self, h, features, att_proj):
+        """-> context (R, F) gated, alpha (R, L)."""
+        scores = self.att_score(torch.tanh(att_proj + self.att_hidden(h).unsqueeze(1))).squeeze(2)
+        alpha = torch.softmax(scores.float(), dim=1).to(features.dtype)
+        context = torch.bmm(alpha.unsqueeze(1), features).squeeze(1)
+        beta = torch.sigmoid(self.gate(h))
+        return beta * context, alpha
+
+    def logits(self, tokens, h, c, features, att_proj):
+        """One step for rows whose features are already per row. -> logits (R, V), h, c, alpha."""
+        emb = self.embed(tokens)
+        if self.cfg.attention:
+            context, alpha = self.attend(h, features, att_proj)
+            x = torch.cat([emb, context], dim=1)
+        else:
+            context = None
+            alpha = features.new_full((features.shape[0], features.shape[1]), 1.0 / features.shape[1])
+            x = emb
+        h, c = self.lstm(x, (h, c))
+        deep = emb + self.out_hidden(self.dropout(h))
+        if context is not None:
+            deep = deep + self.out_context(context)
+        logits = self.out_vocab(self.dropout(torch.tanh(deep)))
+        return logits, h, c, alpha
+
+    def step(self, tokens, h, c, features, att_proj, image_index):
+        """The exported step: rows gather their image's tensors by ``image_index``.
+
+        tokens (R,) int64, h/c (R, H), features (N, L, F), att_proj (N, L, A), image_index (R,)
+        -> topk_logprobs (R, K), topk_ids (R, K) int64, h, c (R, H), alpha (R, L).
+        """
+        logits, h, c, alpha = self.logits(tokens, h, c, features[image_index], att_proj[image_index])
+        logprobs = torch.log_softmax(logits.float(), dim=1)
+        values, ids = logprobs.topk(self.cfg.top_k, dim=1)
+        return values, ids, h, c, alpha
+
+    # -- training ---------------------------------------------------------------------------
+    def forward(self, fmap: torch.Tensor, captions: torch.Tensor, image_index=None,
+                sample_prob: float = 0.0):
+        """Teacher forcing. fmap (N, L, encoder_dim); captions (R, T) start with <start>;
+        image_index (R,) maps captions to images (None: one caption per image)
+        -> logits (R, T-1, V), alphas (R, T-1, L).
+
+        Several captions of one image share its per-image work (``image_index``), which makes
+        training ~5x cheaper on Flickr-style data with 5 captions per image. ``sample_prob`` > 0
+        feeds the model's own greedy word instead of the true one with that probability
+        (scheduled sampling).
+        """
+        features, att_proj, h, c = self.init_state(fmap)
+        if image_index is not None:
+            features, att_proj = features[image_index], att_proj[image_index]
+            h, c = h[image_index], c[image_index]
+        steps = captions.shape[1] - 1
+        logits_all, alphas = [], []
+        token = captions[:, 0]
+        for t in range(steps):
+            logits, h, c, alpha = self.logits(token, h, c, features, att_proj)
+            logits_all.append(logits)
+            alphas.append(alpha)
+            token = captions[:, t + 1]
+            if sample_prob > 0 and t + 1 < steps:
+                use_model = torch.rand(token.shape, device=token.device) < sample_prob
+                token = torch.where(use_model, logits.detach().argmax(1), token)
+        return torch.stack(logits_all, 1), torch.stack(alphas, 1)

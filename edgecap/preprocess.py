@@ -1,0 +1,47 @@
+"""Image loading and preprocessing in numpy and Pillow (no torch)."""
+
+from __future__ import annotations
+
+from dataclasses import asdict, dataclass
+from pathlib import Path
+
+import numpy as np
+from PIL import Image
+
+
+@dataclass(frozen=True)
+class Preprocessing:
+    """How a photo becomes the encoder's input; recorded in every model manifest."""
+
+    size: tuple[int, int] = (224, 224)  # (height, width); photos are squashed, as in training
+    mean: tuple[float, float, float] = (127.5, 127.5, 127.5)
+    std: tuple[float, float, float] = (127.5, 127.5, 127.5)
+    resample: str = "bilinear"
+
+    def to_dict(self) -> dict:
+        d = asdict(self)
+        d["size"] = list(self.size)
+        d["mean"] = list(self.mean)
+        d["std"] = list(self.std)
+        return d
+
+    @classmethod
+    def from_dict(cls, d: dict) -> "Preprocessing":
+        return cls(size=tuple(d["size"]), mean=tuple(d["mean"]), std=tuple(d["std"]),
+                   resample=d.get("resample", "bilinear"))
+
+
+def load_image(path: str | Path) -> Image.Image:
+    with Image.open(path) as im:
+        im.load()
+        return im.convert("RGB")
+
+
+def to_model_input(image: Image.Image, pre: Preprocessing) -> np.ndarray:
+    """RGB PIL image -> float32 (3, H, W) normalised as the encoder expects."""
+    h, w = pre.size
+    if image.size != (w, h):
+        image = image.resize((w, h), getattr(Image.Resampling, pre.resample.upper()))
+    x = np.asarray(image, dtype=np.float32)
+    x = (x - np.asarray(pre.mean, np.float32)) / np.asarray(pre.std, np.float32)
+    return np.ascontiguousarray(x.transpose(2, 0, 1))

@@ -1,0 +1,313 @@
+"""The training loop: teacher forcing on cached encoder features, dev check every epoch.
+
+Frozen encoder (default): the 7x7x1280 features of every image are computed once
+(``features.py``) and the decoder trains on them. ``finetune_encoder``: the last encoder blocks
+train too, on augmented photos (mirror, small rotation, colour jitter), which is ~50x slower on
+a CPU. After each epoch the dev split is captioned greedily and scored (BLEU-4, CIDEr); the best
+epoch by CIDEr is kept in ``OUT/best`` and the latest in ``OUT/last`` (resumable).
+"""
+
+from __future__ import annotations
+
+import json
+import math
+import random
+import time
+from dataclasses import asdict, dataclass, field
+from pathlib import Path
+
+import numpy as np
+import torch
+from torch.nn import functional as F
+
+from edgecap.data.readers import CaptionedImage, read_dataset
+from edgecap.metrics import score
+from edgecap.models.checkpoint import load_checkpoint, save_checkpoint
+from edgecap.models.decoder import CaptionDecoder, DecoderConfig
+from edgecap.models.efficientnet_lite import load_pretrained
+from edgecap.preprocess import Preprocessing, load_image, to_model_input
+from edgecap.training.features import compute_features
+from edgecap.vocab import Vocabulary
+
+
+@dataclass(frozen=True)
+class TrainConfig:
+    data: str                       # dataset root
+    out: str                        # checkpoint directory
+    images: str | None = None       # images root (default: DATA/images)
+    dataset: str = "flickr8k"       # flickr8k | coco | karpathy
+    epochs: int = 20
+    batch_size: int = 64
+    lr: float = 4e-4
+    lr_decay_epochs: int = 8        # halve the learning rate every N epochs
+    min_word_count: int = 5
+    max_caption_words: int = 30     # longer training captions are cut
+    alpha_c: float = 1.0            # doubly stochastic attention regularisation weight
+    label_smoothing: float = 0.0
+    scheduled_sampling: float = 0.0  # final probability of feeding the model's own word
+    grad_clip: float = 5.0
+    patience: int = 6               # stop after this many epochs without a better dev CIDEr
+    finetune_encoder: bool = False
+    finetune_blocks: int = 3        # last N encoder blocks (+ head) trained when fine-tuning
+    encoder_lr: float = 1e-4
+    cache_dir: str | None = None    # feature cache (default: OUT/../.feature-cache)
+    seed: int = 0
+    threads: int = 0                # torch threads (0: torch's default)
+    progress: bool = True
+    max_dev_images: int = 0         # 0: the whole dev split
+    decoder: dict = field(default_factory=dict)  # DecoderConfig overrides (hidden_dim, ...)
+
+
+class _Batches:
+    """Shuffled images with all their captions: (feature rows (n,), captions (m, T), image_index (m,)).
+
+    ``batch_size`` counts captions; a batch holds ``batch_size // captions per image`` images so
+    the per-image work (feature projection) is done once for all captions of an image.
+    """
+
+    def __init__(self, items: list[CaptionedImage], rows: list[int], vocab: Vocabulary,
+                 max_words: int):
+        self.images = []
+        for item, row in zip(items, rows):
+            caps = []
+            for cap in item.captions:
+                ids = vocab.encode(cap)
+                if len(ids) > max_words + 2:
+                    ids = ids[: max_words + 1] + [vocab.end]
+                caps.append(ids)
+            self.images.append((row, caps))
+        self.n_captions = sum(len(c) for _, c in self.images)
+        self.pad = vocab.pad
+
+    def __len__(self):
+        return self.n_captions
+
+    def iterate(self, batch_size: int, rng: random.Random):
+        per_image = max(1, round(self.n_captions / max(1, len(self.images))))
+        n_images = max(1, batch_size // per_image)
+        order = list(range(len(self.images)))
+        rng.shuffle(order)
+        for start in range(0, len(order), n_images):
+            chunk = [self.images[i] for i in order[start:start + n_images]]
+            all_caps = [(j, ids) for j, (_, caps) in enumerate(chunk) for ids in caps]
+            width = max(len(ids) for _, ids in all_caps)
+            caps = np.full((len(all_caps), width), self.pad, dtype=np.int64)
+            for k, (_, ids) in enumerate(all_caps):
+                caps[k, : len(ids)] = ids
+            yield (np.array([r for r, _ in chunk]), torch.from_numpy(caps),
+                   torch.tensor([j for j, _ in all_caps]))
+
+
+def caption_loss(decoder: CaptionDecoder, fmap, caps, image_index, vocab, cfg: TrainConfig,
+                 sample_prob: float):
+    logits, alphas = decoder(fmap, caps, image_index, sample_prob=sample_prob)
+    targets = caps[:, 1:]
+    mask = targets != vocab.pad
+    ce = F.cross_entropy(logits.reshape(-1, logits.shape[-1]), targets.reshape(-1),
+                         ignore_index=vocab.pad, label_smoothing=cfg.label_smoothing)
+    loss = ce
+    if decoder.cfg.attention and cfg.alpha_c > 0:
+        # Doubly stochastic regularisation: every region gets ~1 unit of attention over the caption.
+        att_sum = (alphas * mask.unsqueeze(2)).sum(1)
+        loss = loss + cfg.alpha_c * ((1.0 - att_sum) ** 2).mean()
+    return loss, ce
+
+
+@torch.inference_mode()
+def greedy_captions(decoder: CaptionDecoder, fmap: torch.Tensor, vocab: Vocabulary,
+                    max_len: int = 20) -> list[str]:
+    """Greedy captions of a batch of feature maps (the per-epoch dev check)."""
+    features, att_proj, h, c = decoder.init_state(fmap)
+    token = torch.full((fmap.shape[0],), vocab.start, dtype=torch.long)
+    out = []
+    for _ in range(max_len):
+        logits, h, c, _ = decoder.logits(token, h, c, features, att_proj)
+        token = logits.argmax(1)
+        out.append(token)
+    ids = torch.stack(out, 1).tolist()
+    return [vocab.decode(row) for row in ids]
+
+
+def evaluate_dev(decoder, dev_fmaps, dev_items, vocab, batch_size=250) -> dict[str, float]:
+    decoder.eval()
+    hyps = {}
+    for start in range(0, len(dev_items), batch_size):
+        fmap = torch.from_numpy(np.asarray(dev_fmaps[start:start + batch_size], dtype=np.float32))
+        for item, cap in zip(dev_items[start:start + batch_size], greedy_captions(decoder, fmap, vocab)):
+            hyps[item.file_name] = cap or "a"
+    refs = {it.file_name: it.captions for it in dev_items}
+    return score(refs, hyps, tokenizer="simple", metrics=("BLEU-1", "BLEU-4", "CIDEr"))
+
+
+class _Augment:
+    """Photo augmentations of the Show-and-Tell line of work: mirror, small rotation, colour jitter."""
+
+    def __init__(self, rng: random.Random):
+        self.rng = rng
+
+    def __call__(self, image):
+        from PIL import Image, ImageEnhance
+
+        if self.rng.random() < 0.5:
+            image = image.transpose(Image.Transpose.FLIP_LEFT_RIGHT)
+        image = image.rotate(self.rng.uniform(-10, 10), resample=Image.Resampling.BILINEAR)
+        for enhancer in (ImageEnhance.Brightness, ImageEnhance.Contrast, ImageEnhance.Color):
+            image = enhancer(image).enhance(self.rng.uniform(0.8, 1.2))
+        return image
+
+
+def train(cfg: TrainConfig, log=print) -> Path:
+    """Train and return the directory of the best checkpoint."""
+    rng = random.Random(cfg.seed)
+    torch.manual_seed(cfg.seed)
+    if cfg.threads:
+        torch.set_num_threads(cfg.threads)
+    out = Path(cfg.out)
+    out.mkdir(parents=True, exist_ok=True)
+    data = Path(cfg.data)
+    images = Path(cfg.images) if cfg.images else data / "images"
+    pre = Preprocessing()
+
+    train_items = read_dataset(cfg.dataset, data, "train")
+    dev_items = read_dataset(cfg.dataset, data, "dev")
+    if cfg.max_dev_images:
+        dev_items = dev_items[: cfg.max_dev_images]
+    vocab = Vocabulary.build((c for it in train_items for c in it.captions), cfg.min_word_count)
+    log(f"train {len(train_items)} images, dev {len(dev_items)} images, vocabulary {len(vocab)} words")
+
+    all_paths = [images / it.file_name for it in train_items + dev_items]
+    missing = [str(p) for p in all_paths if not p.exists()]
+    if missing:
+        raise FileNotFoundError(f"{len(missing)} images are missing, e.g. {missing[:3]}")
+    cache = Path(cfg.cache_dir) if cfg.cache_dir else out.parent / ".feature-cache"
+    fmaps, index = compute_features(all_paths, cache, pre, progress=cfg.progress)
+    train_rows = [index[p.name] for p in all_paths[: len(train_items)]]
+    dev_fmaps = np.stack([np.asarray(fmaps[index[images.joinpath(it.file_name).name]])
+                          for it in dev_items])
+    # float32 copy in memory: the per-batch fp16 -> fp32 conversion of a memmap is slower.
+    train_fmaps = torch.from_numpy(np.asarray(fmaps, dtype=np.float32))
+
+    dcfg = DecoderConfig(vocab_size=len(vocab), **cfg.decoder)
+    decoder = CaptionDecoder(dcfg)
+    encoder = None
+    params = [{"params": decoder.parameters(), "lr": cfg.lr}]
+    if cfg.finetune_encoder:
+        encoder = load_pretrained()
+        for p in encoder.parameters():
+            p.requires_grad_(False)
+        tuned = list(encoder._blocks[-cfg.finetune_blocks:]) + [encoder._conv_head, encoder._bn1]
+        for m in tuned:
+            for p in m.parameters():
+                p.requires_grad_(True)
+        params.append({"params": [p for m in tuned for p in m.parameters()], "lr": cfg.encoder_lr})
+    optimizer = torch.optim.Adam(params)
+
+    state = {"epoch": 0, "best_cider": -1.0, "best_epoch": 0, "history": []}
+    last = out / "last"
+    if (last / "checkpoint.json").exists():
+        enc_l, decoder_l, _, _, meta = load_checkpoint(last)
+        decoder.load_state_dict(decoder_l.state_dict())
+        if encoder is not None:
+            encoder.load_state_dict(enc_l.state_dict())
+        opt_file = last / "optimizer.safetensors"
+        if opt_file.exists():
+            _load_optimizer(optimizer, opt_file, last / "optimizer.json")
+        state = meta["train_state"]
+        log(f"resumed from {last} after epoch {state['epoch']}")
+
+    batches = _Batches(train_items, train_rows, vocab, cfg.max_caption_words)
+    augment = _Augment(rng)
+    n_steps = math.ceil(len(batches) / (cfg.batch_size // 5 * 5 or 1))
+    train_paths = all_paths[: len(train_items)]
+    row_to_path = {r: p for r, p in zip(train_rows, train_paths)}
+    for epoch in range(state["epoch"] + 1, cfg.epochs + 1):
+        decay = 0.5 ** ((epoch - 1) // cfg.lr_decay_epochs)
+        for group, base in zip(optimizer.param_groups, [cfg.lr, cfg.encoder_lr]):
+            group["lr"] = base * decay
+        sample_prob = cfg.scheduled_sampling * min(1.0, (epoch - 1) / max(1, cfg.epochs - 1))
+        decoder.train()
+        if encoder is not None:
+            encoder.train()
+        t0 = time.time()
+        total, count = 0.0, 0
+        bar = _bar(n_steps, f"epoch {epoch}", cfg.progress)
+        for rows, caps, image_index in batches.iterate(cfg.batch_size, rng):
+            if encoder is None:
+                fmap = train_fmaps[rows]
+            else:
+                x = np.stack([to_model_input(augment(load_image(row_to_path[r])), pre) for r in rows])
+                fmap = encoder.features(torch.from_numpy(x)).flatten(2).transpose(1, 2)
+            loss, ce = caption_loss(decoder, fmap, caps, image_index, vocab, cfg, sample_prob)
+            optimizer.zero_grad(set_to_none=True)
+            loss.backward()
+            torch.nn.utils.clip_grad_norm_([p for g in params for p in g["params"]] if encoder
+                                           else decoder.parameters(), cfg.grad_clip)
+            optimizer.step()
+            total += ce.item() * len(caps)
+            count += len(caps)
+            bar.update(1)
+            bar.set_postfix(loss=f"{total / count:.3f}")
+        bar.close()
+        dev = evaluate_dev(decoder, dev_fmaps, dev_items, vocab)
+        record = {"epoch": epoch, "train_ce": round(total / count, 4), "seconds": round(time.time() - t0),
+                  **{k: round(v, 4) for k, v in dev.items()}}
+        state["history"].append(record)
+        state["epoch"] = epoch
+        improved = dev["CIDEr"] > state["best_cider"]
+        if improved:
+            state["best_cider"], state["best_epoch"] = dev["CIDEr"], epoch
+        log(json.dumps(record) + ("  (best)" if improved else ""))
+        info = {"train_state": state, "train_config": asdict(cfg),
+                "training_data": {"dataset": cfg.dataset, "root": str(data), "split": "train",
+                                  "n_images": len(train_items)},
+                "dev_metrics_greedy": dev}
+        if improved:
+            save_checkpoint(out / "best", decoder, vocab, pre, info, encoder)
+        save_checkpoint(last, decoder, vocab, pre, info, encoder)
+        _save_optimizer(optimizer, last / "optimizer.safetensors", last / "optimizer.json")
+        if epoch - state["best_epoch"] >= cfg.patience:
+            log(f"no better dev CIDEr for {cfg.patience} epochs: stopping")
+            break
+    return out / "best"
+
+
+def _save_optimizer(optimizer, tensor_path: Path, meta_path: Path) -> None:
+    from safetensors.torch import save_file
+
+    sd = optimizer.state_dict()
+    tensors, scalars = {}, {}
+    for pid, st in sd["state"].items():
+        for k, v in st.items():
+            if torch.is_tensor(v):
+                tensors[f"{pid}.{k}"] = v.contiguous()
+            else:
+                scalars[f"{pid}.{k}"] = v
+    save_file(tensors, str(tensor_path))
+    meta_path.write_text(json.dumps({"param_groups": sd["param_groups"], "scalars": scalars}))
+
+
+def _load_optimizer(optimizer, tensor_path: Path, meta_path: Path) -> None:
+    from safetensors.torch import load_file
+
+    tensors = load_file(str(tensor_path))
+    meta = json.loads(meta_path.read_text())
+    state: dict = {}
+    for key, v in list(tensors.items()) + list(meta["scalars"].items()):
+        pid, name = key.split(".", 1)
+        state.setdefault(int(pid), {})[name] = v
+    optimizer.load_state_dict({"state": state, "param_groups": meta["param_groups"]})
+
+
+def _bar(total: int, desc: str, enabled: bool):
+    try:
+        from tqdm import tqdm
+    except ImportError:  # pragma: no cover
+        enabled = False
+    if enabled:
+        return tqdm(total=total, desc=desc, unit="batch", mininterval=5)
+
+    class _Null:
+        def update(self, n): pass
+        def set_postfix(self, **kw): pass
+        def close(self): pass
+    return _Null()

@@ -1,0 +1,62 @@
+"""Vocabulary: words <-> ids, with the special tokens the decoder and the search rely on."""
+
+from __future__ import annotations
+
+import json
+import re
+from collections import Counter
+from collections.abc import Iterable
+from pathlib import Path
+
+PAD, START, END, UNK = "<pad>", "<start>", "<end>", "<unk>"
+SPECIALS = (PAD, START, END, UNK)
+
+_WORD = re.compile(r"[a-z0-9]+(?:'[a-z]+)?")
+
+
+def tokenize(caption: str) -> list[str]:
+    """Lower-case words with punctuation stripped ("A dog's toy." -> ["a", "dog's", "toy"])."""
+    return _WORD.findall(caption.lower())
+
+
+class Vocabulary:
+    def __init__(self, words: list[str]):
+        if list(words[: len(SPECIALS)]) != list(SPECIALS):
+            raise ValueError(f"vocabulary must start with {SPECIALS}, got {words[:4]}")
+        if len(set(words)) != len(words):
+            raise ValueError("vocabulary has duplicate words")
+        self.words = list(words)
+        self.index = {w: i for i, w in enumerate(self.words)}
+        self.pad, self.start, self.end, self.unk = (self.index[s] for s in SPECIALS)
+
+    def __len__(self) -> int:
+        return len(self.words)
+
+    @classmethod
+    def build(cls, captions: Iterable[str], min_count: int = 5) -> "Vocabulary":
+        counts = Counter(w for c in captions for w in tokenize(c))
+        kept = sorted((w for w, n in counts.items() if n >= min_count), key=lambda w: (-counts[w], w))
+        return cls(list(SPECIALS) + kept)
+
+    def encode(self, caption: str) -> list[int]:
+        """Caption -> ids with <start> and <end>."""
+        return [self.start] + [self.index.get(w, self.unk) for w in tokenize(caption)] + [self.end]
+
+    def decode(self, ids: Iterable[int]) -> str:
+        """Ids -> text, stopping at <end> and dropping the other special tokens."""
+        words = []
+        for i in ids:
+            i = int(i)
+            if i == self.end:
+                break
+            if i in (self.pad, self.start):
+                continue
+            words.append(self.words[i])
+        return " ".join(words)
+
+    def save(self, path: Path) -> None:
+        Path(path).write_text(json.dumps({"words": self.words}, indent=0))
+
+    @classmethod
+    def load(cls, path: Path) -> "Vocabulary":
+        return cls(json.loads(Path(path).read_text())["words"])
