@@ -43,8 +43,12 @@ class CaptionDecoder(nn.Module):
         self.cfg = cfg
         self.feature_proj = nn.Linear(cfg.encoder_dim, cfg.feature_dim)
         self.feature_norm = nn.LayerNorm(cfg.feature_dim)
-        self.init_h = nn.Linear(cfg.feature_dim, cfg.hidden_dim)
-        self.init_c = nn.Linear(cfg.feature_dim, cfg.hidden_dim)
+        if cfg.attention:
+            self.init_h = nn.Linear(cfg.feature_dim, cfg.hidden_dim)
+            self.init_c = nn.Linear(cfg.feature_dim, cfg.hidden_dim)
+        else:
+            # Show and Tell: the image is the LSTM's first input, embedded like a word.
+            self.image_embed = nn.Linear(cfg.feature_dim, cfg.embed_dim)
         self.embed = nn.Embedding(cfg.vocab_size, cfg.embed_dim)
         if cfg.attention:
             self.att_feat = nn.Linear(cfg.feature_dim, cfg.attention_dim)
@@ -66,12 +70,13 @@ class CaptionDecoder(nn.Module):
         """fmap (N, L, encoder_dim) -> features (N, L, F), att_proj (N, L, A), h0, c0 (N, H)."""
         features = self.feature_norm(F.relu(self.feature_proj(fmap)))
         mean = features.mean(1)
-        h0 = torch.tanh(self.init_h(mean))
-        c0 = torch.tanh(self.init_c(mean))
         if self.cfg.attention:
-            att_proj = self.att_feat(features)
-        else:
-            att_proj = features.new_zeros(features.shape[0], features.shape[1], self.cfg.attention_dim)
+            h0 = torch.tanh(self.init_h(mean))
+            c0 = torch.tanh(self.init_c(mean))
+            return features, self.att_feat(features), h0, c0
+        zeros = mean.new_zeros(mean.shape[0], self.cfg.hidden_dim)
+        h0, c0 = self.lstm(self.dropout(self.image_embed(mean)), (zeros, zeros))
+        att_proj = features.new_zeros(features.shape[0], features.shape[1], self.cfg.attention_dim)
         return features, att_proj, h0, c0
 
     # -- once per word ----------------------------------------------------------------------
@@ -106,7 +111,12 @@ class CaptionDecoder(nn.Module):
         tokens (R,) int64, h/c (R, H), features (N, L, F), att_proj (N, L, A), image_index (R,)
         -> topk_logprobs (R, K), topk_ids (R, K) int64, h, c (R, H), alpha (R, L).
         """
-        logits, h, c, alpha = self.logits(tokens, h, c, features[image_index], att_proj[image_index])
+        logits, h, c, alpha = self.logits(tokens, h, c, torch.index_select(features, 0, image_index),
+                                          torch.index_select(att_proj, 0, image_index))
+        # <pad>, <start> and <unk> (ids 0, 1, 3: see Vocabulary) are never generated. A finite
+        # floor, not -inf, so the graph stays safe in FP16.
+        floor = torch.full_like(logits[:, :1], -1e4)
+        logits = torch.cat([floor, floor, logits[:, 2:3], floor, logits[:, 4:]], dim=1)
         logprobs = torch.log_softmax(logits.float(), dim=1)
         values, ids = logprobs.topk(self.cfg.top_k, dim=1)
         return values, ids, h, c, alpha
@@ -116,7 +126,8 @@ class CaptionDecoder(nn.Module):
                 sample_prob: float = 0.0):
         """Teacher forcing. fmap (N, L, encoder_dim); captions (R, T) start with <start>;
         image_index (R,) maps captions to images (None: one caption per image)
-        -> logits (R, T-1, V), alphas (R, T-1, L).
+        -> logits (M, V) and targets (M,) of the M real (non-padding) words, packed;
+           alphas (R, T', L), zero past each caption's end.
 
         Several captions of one image share its per-image work (``image_index``), which makes
         training ~5x cheaper on Flickr-style data with 5 captions per image. ``sample_prob`` > 0
@@ -127,15 +138,31 @@ class CaptionDecoder(nn.Module):
         if image_index is not None:
             features, att_proj = features[image_index], att_proj[image_index]
             h, c = h[image_index], c[image_index]
-        steps = captions.shape[1] - 1
-        logits_all, alphas = [], []
+        # Rows sorted longest first, so the rows still inside their caption at step t are a
+        # prefix and padding costs no compute.
+        lengths = (captions != 0).sum(1) - 1  # <pad> is id 0; predictions per caption
+        order = torch.argsort(lengths, descending=True, stable=True)
+        captions, lengths = captions[order], lengths[order]
+        features, att_proj, h, c = features[order], att_proj[order], h[order], c[order]
+        rows, steps = captions.shape[0], captions.shape[1] - 1
+        logits_all, targets, alphas = [], [], []
         token = captions[:, 0]
         for t in range(steps):
-            logits, h, c, alpha = self.logits(token, h, c, features, att_proj)
+            n = int((lengths > t).sum())
+            if n == 0:
+                break
+            logits, h_n, c_n, alpha = self.logits(token[:n], h[:n], c[:n], features[:n], att_proj[:n])
+            h = torch.cat([h_n, h[n:]]) if n < rows else h_n
+            c = torch.cat([c_n, c[n:]]) if n < rows else c_n
             logits_all.append(logits)
-            alphas.append(alpha)
+            targets.append(captions[:n, t + 1])
+            alphas.append(F.pad(alpha, (0, 0, 0, rows - n)))
             token = captions[:, t + 1]
-            if sample_prob > 0 and t + 1 < steps:
-                use_model = torch.rand(token.shape, device=token.device) < sample_prob
-                token = torch.where(use_model, logits.detach().argmax(1), token)
-        return torch.stack(logits_all, 1), torch.stack(alphas, 1)
+            if sample_prob > 0:
+                use_model = torch.rand(n, device=token.device) < sample_prob
+                token = token.clone()
+                token[:n] = torch.where(use_model, logits.detach().argmax(1), token[:n])
+        inverse = torch.empty_like(order)
+        inverse[order] = torch.arange(rows, device=order.device)
+        # Packed (no padding): logits (M, V) and their targets (M,) for the M real words.
+        return torch.cat(logits_all), torch.cat(targets), torch.stack(alphas, 1)[inverse]

@@ -1,0 +1,70 @@
+"""Backend registry. Each backend lives in its own module, imported only when chosen, so
+``import edgecap`` never imports onnxruntime, torch or tensorrt.
+
+``load_backend(name, manifest, **options)`` with ``name`` one of ``BACKENDS`` or ``"auto"``
+(onnxruntime when it is installed, else torch).
+"""
+
+from __future__ import annotations
+
+import importlib
+import importlib.util
+
+from edgecap.backends.base import Backend
+from edgecap.errors import BackendError
+from edgecap.manifest import Manifest
+
+# name -> (module, class)
+BACKENDS = {
+    "onnxruntime": ("edgecap.backends.onnxruntime", "OnnxRuntimeBackend"),
+    "torch": ("edgecap.backends.torch", "TorchBackend"),
+    "tensorrt": ("edgecap.backends.tensorrt", "TensorRTBackend"),
+}
+NAMES = (*BACKENDS, "auto")
+
+# missing top-level package -> what to install
+INSTALL_HINTS = {
+    "onnxruntime": "pip install onnxruntime (CPU) or pip install 'edgecap[gpu]' (CUDA); "
+                   "on a Jetson use the TensorRT backend (pip install 'edgecap[tensorrt]')",
+    "torch": "pip install 'edgecap[train]'",
+    "onnx": "pip install 'edgecap[export]'",
+    "tensorrt": "pip install 'edgecap[tensorrt]' (on a Jetson, TensorRT comes with JetPack)",
+    "pycuda": "pip install 'edgecap[tensorrt]'",
+    "cuda": "pip install 'edgecap[tensorrt]'",
+}
+
+
+def resolve(name: str) -> str:
+    """``auto`` -> the backend that would be used; other names are checked and returned."""
+    if name == "auto":
+        if importlib.util.find_spec("onnxruntime") is not None:
+            return "onnxruntime"
+        if importlib.util.find_spec("torch") is not None:
+            return "torch"
+        raise BackendError("no backend is installed: " + INSTALL_HINTS["onnxruntime"])
+    if name not in BACKENDS:
+        raise ValueError(f"unknown backend {name!r}; choose one of {', '.join(NAMES)}")
+    return name
+
+
+def backend_class(name: str) -> type[Backend]:
+    """Import a backend's module (only now) and return its class."""
+    module_name, class_name = BACKENDS[resolve(name)]
+    try:
+        module = importlib.import_module(module_name)
+    except ImportError as exc:
+        if exc.name == module_name:
+            raise BackendError(f"the {resolve(name)} backend is not part of this edgecap "
+                               "install; upgrade edgecap") from exc
+        missing = (exc.name or "").split(".")[0]
+        if missing not in INSTALL_HINTS:
+            raise  # a bug or a broken install, not a missing extra: keep the traceback
+        raise BackendError(f"the {resolve(name)} backend needs {missing}, which is not "
+                           f"installed: {INSTALL_HINTS[missing]}") from exc
+    return getattr(module, class_name)
+
+
+def load_backend(name: str, manifest: Manifest, **options) -> Backend:
+    """A ready backend for the model in ``manifest``. ``options`` go to the backend's class
+    (onnxruntime: providers, threads, device; torch: device, fp16; tensorrt: see its module)."""
+    return backend_class(name)(manifest, **options)

@@ -1,0 +1,195 @@
+"""The onnxruntime backend: the default CPU runtime (and CUDA with ``edgecap[gpu]``).
+
+Two ``InferenceSession``s (encoder, decoder step) are created once and shared: onnxruntime's
+``run`` is thread-safe, and each ``OnnxDecoderSession`` keeps its own h/c, so one backend serves
+several threads.
+"""
+
+from __future__ import annotations
+
+import warnings
+
+import numpy as np
+import onnxruntime as ort
+
+from edgecap.backends._checks import check_graph_io, load_failure
+from edgecap.backends.base import (ENCODER_OUTPUTS, Backend, DecoderSession, Encoded,
+                                   StepResult)
+from edgecap.errors import BackendError
+from edgecap.manifest import Manifest
+
+CPU = "CPUExecutionProvider"
+DEVICE_PROVIDERS = {"cpu": [CPU], "cuda": ["CUDAExecutionProvider", CPU]}  # device= -> providers
+STEP_RESULT_OUTPUTS = ["topk_logprobs", "topk_ids", "h_out", "c_out"]
+
+_NUMPY_TYPES = {"tensor(float)": np.float32, "tensor(float16)": np.float16,
+                "tensor(int32)": np.int32, "tensor(int64)": np.int64}
+
+
+def session_options(threads: int | None) -> ort.SessionOptions:
+    """Options for small-batch latency: all graph optimisations, one sequential executor."""
+    so = ort.SessionOptions()
+    so.graph_optimization_level = ort.GraphOptimizationLevel.ORT_ENABLE_ALL
+    so.execution_mode = ort.ExecutionMode.ORT_SEQUENTIAL
+    # 0 lets onnxruntime use one thread per physical core: hyper-threads only add contention
+    # for these compute-bound graphs.
+    so.intra_op_num_threads = 0 if threads is None else threads
+    so.inter_op_num_threads = 1  # the graphs are chains: nothing runs in parallel between ops
+    so.log_severity_level = 3    # errors only; warnings about unused initializers are noise
+    return so
+
+
+def _ort_gpu():
+    """``edgecap.backends.ort_gpu`` (provider choice, device-resident decoding), or None where
+    this install lacks it."""
+    try:
+        from edgecap.backends import ort_gpu
+    except ImportError:
+        return None
+    return ort_gpu
+
+
+def select_providers(requested: str | list | None, device: str | None, **gpu_options) -> list:
+    """The execution providers to ask for, best first, CPU last.
+
+    ``requested`` (provider names or aliases such as "cuda") wins over ``device`` ("cpu" or
+    "cuda"); with neither, the best this onnxruntime offers. ``ort_gpu.select_providers`` decides
+    when present (TensorRT / CUDA options, engine cache); otherwise the requested providers that
+    this onnxruntime has, then the CPU.
+    """
+    if device is not None and device not in DEVICE_PROVIDERS:
+        raise ValueError(f"device must be one of {sorted(DEVICE_PROVIDERS)}, got {device!r}")
+    if requested is None and device is not None:
+        requested = DEVICE_PROVIDERS[device]
+    available = ort.get_available_providers()
+    ort_gpu = _ort_gpu()
+    if ort_gpu is not None:
+        return list(ort_gpu.select_providers(requested, available, gpu_options.get("cache_dir"),
+                                             fp16=gpu_options.get("fp16", True),
+                                             device_id=gpu_options.get("device_id", 0)))
+    if not requested:
+        return [CPU]
+    if isinstance(requested, str):
+        requested = requested.split(",")
+    chosen = [p for p in requested if _provider_name(p) in available]
+    dropped = [_provider_name(p) for p in requested if _provider_name(p) not in available]
+    if dropped:
+        warnings.warn(f"onnxruntime has no {', '.join(dropped)} here (it has "
+                      f"{', '.join(available)}); falling back to the CPU. For CUDA install "
+                      "'edgecap[gpu]' in an environment without the onnxruntime package",
+                      RuntimeWarning, stacklevel=3)
+    if CPU not in [_provider_name(p) for p in chosen]:
+        chosen.append(CPU)
+    return chosen
+
+
+def _provider_name(provider) -> str:
+    return provider[0] if isinstance(provider, (tuple, list)) else provider
+
+
+class OnnxRuntimeBackend(Backend):
+    name = "onnxruntime"
+
+    """Args: ``providers`` (names, aliases "cpu" / "cuda" / "tensorrt", or (name, options)
+    pairs), ``device`` ("cpu" / "cuda", used when ``providers`` is None), ``threads`` (intra-op
+    threads; None: one per physical core), and for GPU providers ``cache_dir`` (TensorRT engine
+    cache), ``fp16`` (TensorRT EP precision), ``device_id``.
+
+    On a GPU provider the image tensors and h/c stay on the device between steps
+    (``ort_gpu.IOBindingDecoder``); on the CPU they are numpy arrays fed to ``run``.
+    """
+
+    def __init__(self, manifest: Manifest, providers: str | list | None = None,
+                 threads: int | None = None, device: str | None = None,
+                 cache_dir: str | None = None, fp16: bool = True, device_id: int = 0):
+        if threads is not None and (isinstance(threads, bool) or not isinstance(threads, int)
+                                    or threads < 1):
+            raise ValueError(f"threads must be a positive integer or None, got {threads!r}")
+        self.manifest = manifest
+        self.top_k = int(manifest.dims["top_k"])
+        self.n_regions = int(manifest.dims["regions"])
+        self.threads = threads
+        wanted = select_providers(providers, device, cache_dir=cache_dir, fp16=fp16,
+                                  device_id=device_id)
+        self.encoder = self._session("encoder", wanted, threads)
+        self.decoder = self._session("decoder_step", wanted, threads)
+        self._input_types = {i.name: _NUMPY_TYPES.get(i.type, np.float32)
+                             for s in (self.encoder, self.decoder) for i in s.get_inputs()}
+        self._warn_if_fell_back(wanted)
+        self._device_decoder = self._make_device_decoder(device_id)
+
+    def _make_device_decoder(self, device_id: int):
+        """ort_gpu's I/O-binding decoder when a GPU provider runs the step graph, else None."""
+        ort_gpu = _ort_gpu()
+        if ort_gpu is None or self.providers[0] == CPU:
+            return None
+        return ort_gpu.IOBindingDecoder(self.encoder, self.decoder, device="cuda",
+                                        device_id=device_id)
+
+    def _session(self, role: str, providers: list, threads: int | None) -> ort.InferenceSession:
+        try:
+            session = ort.InferenceSession(str(self.manifest.path(role)), session_options(threads),
+                                           providers=providers)
+        except (ValueError, TypeError) as exc:
+            raise BackendError(f"onnxruntime refused the providers {providers}: {exc}") from exc
+        except Exception as exc:  # onnxruntime's own exception types are not importable stably
+            raise load_failure(self.manifest, role, exc) from exc
+        check_graph_io(self.manifest, role, {i.name: i.shape for i in session.get_inputs()},
+                       {o.name: o.shape for o in session.get_outputs()})
+        return session
+
+    def _warn_if_fell_back(self, wanted: list) -> None:
+        first = _provider_name(wanted[0])
+        attached = self.decoder.get_providers()
+        if attached[0] != first:
+            warnings.warn(f"onnxruntime could not attach {first}; running on {attached[0]}",
+                          RuntimeWarning, stacklevel=3)
+
+    @property
+    def providers(self) -> list[str]:
+        """The execution providers that actually attached, best first."""
+        return list(self.decoder.get_providers())
+
+    def describe(self) -> str:
+        threads = "physical cores" if self.threads is None else str(self.threads)
+        return (f"onnxruntime {ort.__version__} ({', '.join(self.providers)}; intra-op threads: "
+                f"{threads})")
+
+    def encode(self, images: np.ndarray) -> Encoded:
+        """images float32 (N, 3, H, W) -> Encoded with numpy features (N, L, F), att_proj
+        (N, L, A), h0, c0 (N, H)."""
+        if self._device_decoder is not None:
+            return Encoded(n_images=int(images.shape[0]),
+                           tensors=self._device_decoder.encode(images))
+        image = np.ascontiguousarray(images, dtype=self._input_types["image"])
+        outputs = self.encoder.run(list(ENCODER_OUTPUTS), {"image": image})
+        return Encoded(n_images=int(images.shape[0]), tensors=dict(zip(ENCODER_OUTPUTS, outputs)))
+
+    def start(self, encoded: Encoded, image_index: np.ndarray,
+              return_attention: bool = False) -> DecoderSession:
+        if self._device_decoder is not None:
+            return self._device_decoder.start(encoded.tensors, image_index, return_attention)
+        return OnnxDecoderSession(self, encoded.tensors, image_index, return_attention)
+
+
+class OnnxDecoderSession(DecoderSession):
+    """One batch's decoding state: h/c (S, H) between steps, the image tensors fed unchanged."""
+
+    def __init__(self, backend: OnnxRuntimeBackend, tensors: dict, image_index: np.ndarray,
+                 return_attention: bool):
+        self._run = backend.decoder.run
+        self._types = backend._input_types
+        self._outputs = STEP_RESULT_OUTPUTS + (["alpha"] if return_attention else [])
+        self.h, self.c = tensors["h0"], tensors["c0"]  # S = N until the first step
+        self._fixed = {"features": tensors["features"], "att_proj": tensors["att_proj"],
+                       "image_index": np.ascontiguousarray(image_index, dtype=np.int32)}
+
+    def step(self, tokens: np.ndarray, source_rows: np.ndarray) -> StepResult:
+        feed = {"tokens": np.ascontiguousarray(tokens, dtype=self._types["tokens"]),
+                "source_rows": np.ascontiguousarray(source_rows, dtype=self._types["source_rows"]),
+                "h": self.h, "c": self.c, **self._fixed}
+        outputs = self._run(self._outputs, feed)
+        logprobs, ids, self.h, self.c = outputs[:4]
+        alpha = outputs[4].astype(np.float32, copy=False) if len(outputs) > 4 else None
+        return StepResult(topk_logprobs=logprobs.astype(np.float32, copy=False),
+                          topk_ids=ids.astype(np.int32, copy=False), alpha=alpha)

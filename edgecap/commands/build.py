@@ -1,0 +1,49 @@
+"""``edgecap build``: build the TensorRT engines for this GPU (run it on the target device).
+
+Engines are tied to the GPU and the TensorRT version, so they are built where they run and kept
+in a cache (default ``~/.cache/edgecap/engines``); the TensorRT backend finds them there, and
+builds them itself on first use when this was not run. Not yet run on real TensorRT.
+"""
+
+from __future__ import annotations
+
+import argparse
+import sys
+from pathlib import Path
+
+
+def default_model_dir() -> Path:
+    return Path(__file__).resolve().parent.parent / "assets" / "default"
+
+
+def add_arguments(parser: argparse.ArgumentParser) -> None:
+    parser.add_argument("--model", metavar="DIR", default=None,
+                        help="model directory (default: the model shipped with edgecap)")
+    parser.add_argument("--precision", choices=("fp16", "fp32"), default="fp16",
+                        help="engine precision (default fp16; softmax, log-softmax and top-k "
+                        "stay FP32)")
+    parser.add_argument("--max-batch", type=int, default=8, metavar="N",
+                        help="most images per batch the engines accept (default 8)")
+    parser.add_argument("--max-beam", type=int, default=5, metavar="K",
+                        help="most beams per image the engines accept (default 5)")
+    parser.add_argument("--out", metavar="DIR", default=None,
+                        help="engine cache directory (default: $EDGECAP_CACHE/engines or "
+                        "~/.cache/edgecap/engines)")
+
+
+def run(args: argparse.Namespace) -> int:
+    from edgecap.manifest import load_manifest, verify_files
+    from edgecap.trt.engines import Limits, build_all, default_cache_dir
+
+    manifest = load_manifest(args.model or default_model_dir())
+    verify_files(manifest)
+    try:
+        limits = Limits(args.max_batch, args.max_beam)
+    except ValueError as exc:
+        print(f"edgecap build: error: {exc}", file=sys.stderr)
+        return 2
+    cache_dir = Path(args.out) if args.out else default_cache_dir()
+    paths = build_all(manifest, args.precision, limits, cache_dir)
+    for path in paths:
+        print(f"{path} ({path.stat().st_size / 1e6:.1f} MB)")
+    return 0

@@ -1,0 +1,48 @@
+"""``edgecap convert MODEL_DIR --precision fp16 --out OUT_DIR``: a lower-precision model copy."""
+
+from __future__ import annotations
+
+import argparse
+import sys
+
+
+def add_arguments(parser: argparse.ArgumentParser) -> None:
+    parser.add_argument("model_dir", metavar="MODEL_DIR", help="an FP32 model directory "
+                        "(written by `edgecap export`)")
+    parser.add_argument("--precision", choices=("fp16", "int8"), default="fp16",
+                        help="fp16: half-precision weights and activations, with softmax, "
+                        "log-softmax, top-k and the attention logits kept in FP32 (default); "
+                        "int8: dynamic int8 decoder step, static int8 encoder with --calibration")
+    parser.add_argument("--out", required=True, metavar="OUT_DIR",
+                        help="where to write the converted model directory")
+    parser.add_argument("--calibration", metavar="DIR", default=None,
+                        help="int8 only: a folder of photos to calibrate the encoder on "
+                        "(up to 64 are used); without it the encoder stays FP32")
+    parser.add_argument("--force", action="store_true",
+                        help="write into OUT_DIR even when it is not empty")
+    parser.add_argument("--no-check", action="store_true",
+                        help="skip comparing the converted model with the original on "
+                        "onnxruntime CPU")
+
+
+def run(args: argparse.Namespace) -> int:
+    from edgecap.convert import compare_stages, convert_model_dir
+    from edgecap.manifest import load_manifest
+
+    try:
+        manifest = convert_model_dir(args.model_dir, args.out, args.precision,
+                                     calibration=args.calibration, force=args.force)
+    except ValueError as exc:
+        print(f"edgecap convert: error: {exc}", file=sys.stderr)
+        return 2
+    print(f"wrote {args.precision} model to {manifest.directory}")
+    for role in ("encoder", "decoder_step"):
+        print(f"  {manifest.files[role]}: {manifest.path(role).stat().st_size / 1e6:.1f} MB")
+    if not args.no_check:
+        diffs = compare_stages(load_manifest(args.model_dir), manifest)
+        agree = diffs.pop("topk_ids_agree")
+        print("largest difference from the FP32 model on random inputs (onnxruntime CPU):")
+        for name, value in diffs.items():
+            print(f"  {name:14s} {value:.2e}")
+        print(f"  best word agrees on {agree:.0%} of rows")
+    return 0

@@ -1,0 +1,31 @@
+"""``edgecap export``: a training checkpoint -> an ONNX model directory, checked against PyTorch."""
+
+from __future__ import annotations
+
+import argparse
+import json
+
+
+def add_arguments(p: argparse.ArgumentParser) -> None:
+    p.add_argument("checkpoint", help="checkpoint directory (edgecap train's OUT/best)")
+    p.add_argument("--out", required=True, help="model directory to write")
+    p.add_argument("--name", help="model name recorded in the manifest")
+    p.add_argument("--metrics", help="JSON file of dev metrics to record in the manifest "
+                                     "(as written by edgecap eval --json)")
+
+
+def run(args: argparse.Namespace) -> int:
+    try:
+        from edgecap.export import export_model
+    except ImportError as exc:
+        from edgecap.errors import BackendError
+
+        raise BackendError(f"export needs PyTorch and onnx: pip install 'edgecap[export]' ({exc})") from exc
+    extra = {}
+    if args.metrics:
+        with open(args.metrics) as f:
+            extra["dev_metrics"] = json.load(f)
+    manifest = export_model(args.checkpoint, args.out, name=args.name, extra_info=extra)
+    print(json.dumps({"model": str(manifest.directory),
+                      "export_check": manifest.info.get("export_check", {}).get("max_abs_diff")}))
+    return 0

@@ -1,0 +1,61 @@
+"""``edgecap train``: train a captioning model on Flickr8k, Flickr30k or COCO."""
+
+from __future__ import annotations
+
+import argparse
+import json
+
+
+def add_arguments(p: argparse.ArgumentParser) -> None:
+    p.add_argument("--data", required=True,
+                   help="dataset root (Flickr8k: token + split files; coco: captions_{train,val}.json; "
+                        "karpathy: dataset_*.json)")
+    p.add_argument("--images", help="images root (default: DATA/images)")
+    p.add_argument("--dataset", choices=["flickr8k", "coco", "karpathy"], default="flickr8k")
+    p.add_argument("--out", required=True, help="checkpoint directory (OUT/best, OUT/last)")
+    p.add_argument("--epochs", type=int, default=20)
+    p.add_argument("--batch-size", type=int, default=64, help="captions per batch")
+    p.add_argument("--lr", type=float, default=4e-4)
+    p.add_argument("--lr-decay-epochs", type=int, default=8)
+    p.add_argument("--min-word-count", type=int, default=5)
+    p.add_argument("--label-smoothing", type=float, default=0.0)
+    p.add_argument("--scheduled-sampling", type=float, default=0.0)
+    p.add_argument("--alpha-c", type=float, default=1.0, help="doubly stochastic attention weight")
+    p.add_argument("--patience", type=int, default=6)
+    p.add_argument("--no-attention", action="store_true", help="Show-and-Tell baseline")
+    p.add_argument("--hidden-dim", type=int, default=512)
+    p.add_argument("--feature-dim", type=int, default=512)
+    p.add_argument("--embed-dim", type=int, default=256)
+    p.add_argument("--attention-dim", type=int, default=256)
+    p.add_argument("--dropout", type=float, default=0.5)
+    p.add_argument("--finetune-encoder", action="store_true",
+                   help="also train the encoder's last blocks, on augmented photos (slow on a CPU)")
+    p.add_argument("--finetune-blocks", type=int, default=3)
+    p.add_argument("--cache-dir", help="feature cache directory (default: OUT/../.feature-cache)")
+    p.add_argument("--threads", type=int, default=0)
+    p.add_argument("--seed", type=int, default=0)
+    p.add_argument("--max-dev-images", type=int, default=0)
+    p.add_argument("--no-progress", action="store_true")
+
+
+def run(args: argparse.Namespace) -> int:
+    try:
+        from edgecap.training.train import TrainConfig, train
+    except ImportError as exc:
+        from edgecap.errors import BackendError
+
+        raise BackendError(f"training needs PyTorch: pip install 'edgecap[train]' ({exc})") from exc
+    cfg = TrainConfig(
+        data=args.data, out=args.out, images=args.images, dataset=args.dataset, epochs=args.epochs,
+        batch_size=args.batch_size, lr=args.lr, lr_decay_epochs=args.lr_decay_epochs,
+        min_word_count=args.min_word_count, label_smoothing=args.label_smoothing,
+        scheduled_sampling=args.scheduled_sampling, alpha_c=args.alpha_c, patience=args.patience,
+        finetune_encoder=args.finetune_encoder, finetune_blocks=args.finetune_blocks,
+        cache_dir=args.cache_dir, threads=args.threads, seed=args.seed,
+        max_dev_images=args.max_dev_images, progress=not args.no_progress,
+        decoder={"attention": not args.no_attention, "hidden_dim": args.hidden_dim,
+                 "feature_dim": args.feature_dim, "embed_dim": args.embed_dim,
+                 "attention_dim": args.attention_dim, "dropout": args.dropout})
+    best = train(cfg)
+    print(json.dumps({"best_checkpoint": str(best)}))
+    return 0

@@ -1,0 +1,352 @@
+"""Precision conversion of a model directory: FP32 ONNX -> FP16 (or int8) ONNX, without torch.
+
+FP16 keeps the numerically delicate parts in FP32: every Softmax, LogSoftmax and TopK, and the
+attention logits (the nodes computing the Softmax input, up to and including the projection that
+produces them). Graph inputs and outputs stay float32 / int32, so the backend contract in
+``edgecap.backends.base`` holds for a converted directory and every backend runs it unchanged.
+
+The FP16 ONNX is also what a strongly typed TensorRT network is built from (TensorRT >= 10.12,
+where ``BuilderFlag.FP16`` is deprecated, and 11, where it is gone).
+
+int8: the decoder step gets dynamic quantization of its MatMul / Gemm weights; the encoder gets
+static QDQ quantization calibrated on a folder of photos when one is given, and stays FP32
+otherwise.
+
+Needs ``onnx`` and ``onnxruntime`` (its ``transformers.float16`` converter; ``onnxconverter-common``
+is used when that module is missing).
+"""
+
+from __future__ import annotations
+
+import shutil
+from collections.abc import Iterable
+from dataclasses import replace
+from pathlib import Path
+
+import numpy as np
+
+from edgecap.errors import BackendError, ModelError
+from edgecap.manifest import Manifest, file_sha256, load_manifest, verify_files
+
+PRECISIONS = ("fp16", "int8")
+ROLES = ("encoder", "decoder_step")
+
+# Kept in FP32 wherever they occur: reductions over a whole row, where FP16 loses the most.
+FP32_OP_TYPES = ("Softmax", "LogSoftmax", "TopK")
+# Ops that only move data; walked through when looking for what computes a Softmax's input.
+_VIEW_OPS = {"Squeeze", "Unsqueeze", "Reshape", "Flatten", "Transpose", "Identity", "Cast"}
+_PROJECTION_OPS = {"MatMul", "Gemm"}
+_IMAGE_SUFFIXES = {".jpg", ".jpeg", ".png", ".bmp", ".webp", ".tif", ".tiff"}
+
+
+def _import_onnx():
+    try:
+        import onnx
+    except ImportError as exc:
+        raise BackendError("converting a model needs onnx: pip install 'edgecap[export]' "
+                           "(or pip install onnx)") from exc
+    return onnx
+
+
+def _float16_converter():
+    """The FP32 -> FP16 graph converter: onnxruntime's copy, else onnxconverter-common's."""
+    try:
+        from onnxruntime.transformers.float16 import (DEFAULT_OP_BLOCK_LIST,
+                                                      convert_float_to_float16)
+    except ImportError:
+        try:
+            from onnxconverter_common.float16 import (DEFAULT_OP_BLOCK_LIST,
+                                                      convert_float_to_float16)
+        except ImportError as exc:
+            raise BackendError("FP16 conversion needs onnxruntime (pip install onnxruntime) or "
+                               "onnxconverter-common (pip install onnxconverter-common)") from exc
+    return convert_float_to_float16, list(DEFAULT_OP_BLOCK_LIST)
+
+
+def name_nodes(graph) -> None:
+    """Give every unnamed node a unique name (block lists refer to nodes by name)."""
+    used = {n.name for n in graph.node if n.name}
+    for i, node in enumerate(graph.node):
+        if not node.name:
+            name = f"{node.op_type}_{i}"
+            while name in used:
+                name += "_"
+            node.name = name
+            used.add(name)
+
+
+def fp32_nodes(graph) -> list[str]:
+    """Names of the nodes to keep in FP32: every Softmax / LogSoftmax / TopK, and for each
+    Softmax the chain computing its input (the attention logits): view ops, then the first
+    compute node, and when that is a bias ``Add`` fed by a MatMul / Gemm, that projection too."""
+    producer = {out: node for node in graph.node for out in node.output}
+    keep: list[str] = []
+
+    def add(node) -> None:
+        if node.name not in keep:
+            keep.append(node.name)
+
+    for node in graph.node:
+        if node.op_type not in FP32_OP_TYPES:
+            continue
+        add(node)
+        if node.op_type != "Softmax":
+            continue
+        src = producer.get(node.input[0])
+        while src is not None and src.op_type in _VIEW_OPS:
+            add(src)
+            src = producer.get(src.input[0])
+        if src is None:
+            continue
+        add(src)
+        if src.op_type == "Add":
+            for name in src.input:
+                feeder = producer.get(name)
+                if feeder is not None and feeder.op_type in _PROJECTION_OPS:
+                    add(feeder)
+    return keep
+
+
+def to_fp16(model):
+    """An FP32 ``onnx.ModelProto`` -> a mixed FP16 one with float32 graph I/O (see module doc)."""
+    onnx = _import_onnx()
+    convert, op_block_list = _float16_converter()
+    model = onnx.ModelProto.FromString(model.SerializeToString())  # never touch the caller's
+    name_nodes(model.graph)
+    keep = fp32_nodes(model.graph)
+    converted = convert(model, keep_io_types=True,
+                        op_block_list=sorted(set(op_block_list) | set(FP32_OP_TYPES)),
+                        node_block_list=keep)
+    drop_cast_round_trips(converted.graph)
+    # The converter appends its Cast nodes at the end; onnx's checker and TensorRT's parser
+    # want the nodes in topological order.
+    sort_nodes(converted.graph)
+    onnx.checker.check_model(converted)
+    return converted
+
+
+def drop_cast_round_trips(graph) -> None:
+    """Remove the FP32 -> FP16 -> FP32 cast pairs the converter puts between two FP32 nodes
+    (e.g. LogSoftmax -> TopK, or TopK -> a float32 graph output): they would round the very
+    values that were kept in FP32. The second cast then reads the FP32 tensor directly."""
+    from onnx import TensorProto
+
+    def cast_to(node) -> int | None:
+        if node.op_type != "Cast":
+            return None
+        return next((a.i for a in node.attribute if a.name == "to"), None)
+
+    producer = {out: node for node in graph.node for out in node.output}
+    for node in graph.node:
+        if cast_to(node) != TensorProto.FLOAT:
+            continue
+        first = producer.get(node.input[0])
+        if first is not None and cast_to(first) == TensorProto.FLOAT16:
+            node.input[0] = first.input[0]
+    consumed = {name for node in graph.node for name in node.input}
+    outputs = {o.name for o in graph.output}
+    dead = [n for n in graph.node if cast_to(n) == TensorProto.FLOAT16
+            and n.output[0] not in consumed and n.output[0] not in outputs]
+    for node in dead:
+        graph.node.remove(node)
+
+
+def sort_nodes(graph) -> None:
+    """Reorder ``graph.node`` topologically (stable: keeps the given order where it is valid)."""
+    available = {i.name for i in graph.input} | {t.name for t in graph.initializer} | {""}
+    pending = list(graph.node)
+    ordered = []
+    while pending:
+        rest = []
+        for node in pending:
+            if all(name in available for name in node.input):
+                ordered.append(node)
+                available.update(node.output)
+            else:
+                rest.append(node)
+        if len(rest) == len(pending):
+            names = ", ".join(n.name for n in rest[:5])
+            raise ModelError(f"graph {graph.name!r} has a cycle or a missing input at: {names}")
+        pending = rest
+    copies = [type(n).FromString(n.SerializeToString()) for n in ordered]
+    del graph.node[:]
+    graph.node.extend(copies)
+
+
+def _check_graph_io(original, converted, path: Path) -> None:
+    """The converted graph must keep the contract's names and element types."""
+    def io(model):
+        return {v.name: v.type.tensor_type.elem_type
+                for v in list(model.graph.input) + list(model.graph.output)}
+
+    if io(original) != io(converted):
+        raise ModelError(f"{path}: conversion changed the graph inputs/outputs "
+                         f"({io(original)} -> {io(converted)}); please report this")
+
+
+def _prepare_out_dir(source: Manifest, out: Path, force: bool) -> None:
+    if out.resolve() == source.directory.resolve():
+        raise ModelError(f"{out}: the output directory must differ from the model directory")
+    if out.exists() and any(out.iterdir()) and not force:
+        raise ModelError(f"{out}: directory exists and is not empty; choose another --out or "
+                         "pass --force to overwrite")
+    out.mkdir(parents=True, exist_ok=True)
+
+
+def _write_manifest(source: Manifest, out: Path, precision: str, note: dict) -> Manifest:
+    shutil.copy2(source.path("vocab"), out / source.files["vocab"])
+    sha = {role: file_sha256(out / source.files[role]) for role in (*ROLES, "vocab")}
+    info = dict(source.info)
+    info["converted_from"] = {"precision": source.precision, "sha256": dict(source.sha256),
+                              "tool": "edgecap convert", **note}
+    manifest = replace(source, directory=out, precision=precision, sha256=sha, info=info)
+    manifest.save()
+    return manifest
+
+
+def convert_fp16(source: Manifest, out: str | Path, force: bool = False) -> Manifest:
+    """Write an FP16 copy of the FP32 model directory ``source`` to ``out``; return its manifest."""
+    onnx = _import_onnx()
+    out = Path(out)
+    _require_fp32(source)
+    _prepare_out_dir(source, out, force)
+    for role in ROLES:
+        original = onnx.load(str(source.path(role)))
+        converted = to_fp16(original)
+        _check_graph_io(original, converted, source.path(role))
+        onnx.save(converted, str(out / source.files[role]))
+    return _write_manifest(source, out, "fp16", {
+        "fp32_ops": list(FP32_OP_TYPES) + ["attention logits"]})
+
+
+def _require_fp32(source: Manifest) -> None:
+    if source.precision != "fp32":
+        raise ModelError(f"{source.directory}: precision is {source.precision!r}; convert "
+                         "from the FP32 model directory that `edgecap export` wrote")
+
+
+# -- int8 --------------------------------------------------------------------------------------
+
+def calibration_images(directory: str | Path, limit: int = 64) -> list[Path]:
+    """Up to ``limit`` photos from ``directory`` (sorted, so calibration is repeatable)."""
+    directory = Path(directory)
+    if not directory.is_dir():
+        raise ModelError(f"calibration directory not found: {directory}")
+    files = sorted(p for p in directory.rglob("*") if p.suffix.lower() in _IMAGE_SUFFIXES)
+    if not files:
+        raise ModelError(f"{directory}: no images (.jpg, .png, ...) to calibrate with")
+    return files[:limit]
+
+
+class _ImageReader:
+    """onnxruntime.quantization's CalibrationDataReader protocol over preprocessed photos."""
+
+    def __init__(self, paths: Iterable[Path], manifest: Manifest):
+        from edgecap.preprocess import load_image, to_model_input
+
+        self._batches = iter(
+            [{"image": to_model_input(load_image(p), manifest.preprocessing)[None]}
+             for p in paths])
+
+    def get_next(self):
+        return next(self._batches, None)
+
+    def rewind(self):  # pragma: no cover - only called by some calibrators
+        raise NotImplementedError
+
+
+def convert_int8(source: Manifest, out: str | Path, calibration: str | Path | None = None,
+                 force: bool = False) -> Manifest:
+    """int8 copy of ``source``: dynamic int8 MatMul/Gemm weights in the decoder step (the
+    attention-logit projection stays FP32); the encoder is statically quantized (QDQ, per
+    channel) on ``calibration`` photos when given, else copied unchanged in FP32."""
+    onnx = _import_onnx()
+    try:
+        from onnxruntime.quantization import (CalibrationMethod, QuantFormat, QuantType,
+                                              quantize_dynamic, quantize_static)
+    except ImportError as exc:
+        raise BackendError("int8 conversion needs onnxruntime: pip install onnxruntime") from exc
+    out = Path(out)
+    _require_fp32(source)
+    _prepare_out_dir(source, out, force)
+
+    step_model = onnx.load(str(source.path("decoder_step")))
+    name_nodes(step_model.graph)
+    named_step = out / (source.files["decoder_step"] + ".named.onnx")
+    onnx.save(step_model, str(named_step))
+    try:
+        quantize_dynamic(str(named_step), str(out / source.files["decoder_step"]),
+                         op_types_to_quantize=["MatMul", "Gemm"], weight_type=QuantType.QInt8,
+                         nodes_to_exclude=fp32_nodes(step_model.graph))
+    finally:
+        named_step.unlink(missing_ok=True)
+
+    encoder_out = out / source.files["encoder"]
+    if calibration is None:
+        shutil.copy2(source.path("encoder"), encoder_out)
+        encoder_note = "fp32 (no --calibration given)"
+    else:
+        paths = calibration_images(calibration)
+        quantize_static(str(source.path("encoder")), str(encoder_out),
+                        _ImageReader(paths, source), quant_format=QuantFormat.QDQ,
+                        per_channel=True, activation_type=QuantType.QInt8,
+                        weight_type=QuantType.QInt8, calibrate_method=CalibrationMethod.MinMax)
+        encoder_note = f"int8 static QDQ, calibrated on {len(paths)} images"
+    return _write_manifest(source, out, "int8", {
+        "encoder": encoder_note, "decoder_step": "int8 dynamic (MatMul/Gemm weights)"})
+
+
+def convert_model_dir(model_dir: str | Path, out: str | Path, precision: str,
+                      calibration: str | Path | None = None, force: bool = False) -> Manifest:
+    """``edgecap convert``: read and verify ``model_dir``, write the converted copy to ``out``."""
+    if precision not in PRECISIONS:
+        raise ValueError(f"precision must be one of {PRECISIONS}, not {precision!r}")
+    if calibration is not None and precision != "int8":
+        raise ValueError("--calibration only applies to --precision int8")
+    source = load_manifest(model_dir)
+    verify_files(source)
+    if precision == "fp16":
+        return convert_fp16(source, out, force=force)
+    return convert_int8(source, out, calibration=calibration, force=force)
+
+
+# -- checking a converted model against its source, stage by stage ----------------------------
+
+def compare_stages(reference: Manifest, candidate: Manifest, n_images: int = 2,
+                   n_beams: int = 3, seed: int = 0) -> dict[str, float]:
+    """Run both models on onnxruntime CPU with the same random inputs and return the largest
+    absolute difference of each output: the encoder's four, then one decoder step (fed the
+    reference encoder outputs so the two stages are judged apart). Also
+    ``topk_ids_agree``: the fraction of rows whose best word is the same."""
+    import onnxruntime as ort
+
+    rng = np.random.default_rng(seed)
+    h, w = reference.preprocessing.size
+    images = rng.uniform(-1, 1, (n_images, 3, h, w)).astype(np.float32)
+
+    def session(manifest: Manifest, role: str):
+        return ort.InferenceSession(str(manifest.path(role)), providers=["CPUExecutionProvider"])
+
+    names = ("features", "att_proj", "h0", "c0")
+    ref_enc = dict(zip(names, session(reference, "encoder").run(list(names), {"image": images})))
+    cand_enc = dict(zip(names, session(candidate, "encoder").run(list(names), {"image": images})))
+    diffs = {k: float(np.abs(ref_enc[k] - cand_enc[k]).max()) for k in names}
+
+    image_index = np.repeat(np.arange(n_images, dtype=np.int32), n_beams)
+    rows = len(image_index)
+    feeds = {"tokens": np.full(rows, reference.tokens["start"], np.int32),
+             "h": ref_enc["h0"], "c": ref_enc["c0"], "source_rows": image_index.copy(),
+             "features": ref_enc["features"], "att_proj": ref_enc["att_proj"],
+             "image_index": image_index}
+    outs = ("topk_logprobs", "topk_ids", "h_out", "c_out", "alpha")
+    ref_step = dict(zip(outs, session(reference, "decoder_step").run(list(outs), feeds)))
+    cand_step = dict(zip(outs, session(candidate, "decoder_step").run(list(outs), feeds)))
+    for k in ("topk_logprobs", "h_out", "c_out", "alpha"):
+        diffs[k] = float(np.abs(ref_step[k] - cand_step[k]).max())
+    diffs["topk_ids_agree"] = float(np.mean(ref_step["topk_ids"][:, 0]
+                                            == cand_step["topk_ids"][:, 0]))
+    return diffs
+
+
+__all__ = ["PRECISIONS", "FP32_OP_TYPES", "convert_model_dir", "convert_fp16", "convert_int8",
+           "to_fp16", "fp32_nodes", "compare_stages", "calibration_images"]

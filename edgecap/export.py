@@ -1,0 +1,195 @@
+"""Checkpoint -> self-describing model directory (``encoder.onnx``, ``decoder_step.onnx``,
+``vocab.json``, ``manifest.json``), checked against PyTorch with onnxruntime.
+
+The ONNX initializers keep the PyTorch parameter names (``encoder.<...>`` for EfficientNet-Lite0,
+``decoder.<...>`` for the caption decoder; no constant folding at export, onnxruntime and
+TensorRT fold at load), so the PyTorch reference backend rebuilds the very same weights from the
+ONNX files and a model directory needs no second copy of them.
+"""
+
+from __future__ import annotations
+
+import json
+import time
+import warnings
+from pathlib import Path
+
+import numpy as np
+import torch
+from torch import nn
+
+from edgecap.backends.base import ENCODER_INPUTS, ENCODER_OUTPUTS, STEP_INPUTS, STEP_OUTPUTS
+from edgecap.errors import ModelError
+from edgecap.manifest import FORMAT, Manifest, file_sha256
+from edgecap.models.decoder import CaptionDecoder
+from edgecap.models.efficientnet_lite import EfficientNetLite0
+from edgecap.preprocess import Preprocessing
+from edgecap.vocab import Vocabulary
+
+OPSET = 17
+# Export check tolerances (max abs difference, FP32 onnxruntime vs FP32 PyTorch on the CPU).
+TOLERANCE = {"features": 1e-3, "att_proj": 1e-3, "h0": 1e-4, "c0": 1e-4,
+             "topk_logprobs": 1e-3, "h_out": 1e-4, "c_out": 1e-4, "alpha": 1e-4}
+
+
+class EncoderGraph(nn.Module):
+    """image (N, 3, H, W) -> features (N, L, F), att_proj (N, L, A), h0, c0 (N, H)."""
+
+    def __init__(self, encoder: EfficientNetLite0, decoder: CaptionDecoder):
+        super().__init__()
+        self.encoder = encoder
+        self.decoder = decoder
+
+    def forward(self, image):
+        fmap = self.encoder.features(image).flatten(2).transpose(1, 2)
+        return self.decoder.init_state(fmap)
+
+
+class StepGraph(nn.Module):
+    """One word for R rows; see ``edgecap.backends.base`` for the contract."""
+
+    def __init__(self, decoder: CaptionDecoder):
+        super().__init__()
+        self.decoder = decoder
+
+    def forward(self, tokens, h, c, source_rows, features, att_proj, image_index):
+        h = torch.index_select(h, 0, source_rows)
+        c = torch.index_select(c, 0, source_rows)
+        values, ids, h, c, alpha = self.decoder.step(tokens, h, c, features, att_proj, image_index)
+        return values, ids.to(torch.int32), h, c, alpha
+
+
+def example_step_inputs(decoder: CaptionDecoder, n_images: int = 2, n_beams: int = 3, seed: int = 0):
+    """Random but valid step inputs (torch tensors), after the first step (S = R)."""
+    g = torch.Generator().manual_seed(seed)
+    cfg = decoder.cfg
+    rows = n_images * n_beams
+    return (torch.randint(0, cfg.vocab_size, (rows,), generator=g, dtype=torch.int32),
+            torch.randn(rows, cfg.hidden_dim, generator=g) * 0.5,
+            torch.randn(rows, cfg.hidden_dim, generator=g) * 0.5,
+            torch.randint(0, rows, (rows,), generator=g, dtype=torch.int32),
+            torch.randn(n_images, 49, cfg.feature_dim, generator=g),
+            torch.randn(n_images, 49, cfg.attention_dim, generator=g),
+            torch.arange(n_images, dtype=torch.int32).repeat_interleave(n_beams))
+
+
+def _export(module: nn.Module, args: tuple, path: Path, inputs, outputs, dynamic_axes) -> None:
+    module.eval()
+    with warnings.catch_warnings():
+        # The "same" padding is traced as constants: fine, the input size is fixed by the manifest.
+        warnings.simplefilter("ignore", torch.jit.TracerWarning)
+        torch.onnx.export(module, args, str(path), input_names=list(inputs), output_names=list(outputs),
+                          dynamic_axes=dynamic_axes, opset_version=OPSET, do_constant_folding=False,
+                          dynamo=False)
+
+
+def _set_output_dims(path: Path, dims: dict[str, list[int]]) -> None:
+    """Declare the non-row dimensions of the graph outputs as the numbers they are.
+
+    The tracer leaves some symbolic (the 49 regions after the LayerNorm); TensorRT profiles and
+    the runtime's checks want them static.
+    """
+    import onnx
+
+    model = onnx.load(str(path))
+    for out in model.graph.output:
+        for d, value in zip(out.type.tensor_type.shape.dim[1:], dims.get(out.name, [])):
+            d.Clear()
+            d.dim_value = value
+    onnx.save(model, str(path))
+
+
+def export_modules(encoder: EfficientNetLite0, decoder: CaptionDecoder, vocab: Vocabulary,
+                   pre: Preprocessing, out_dir: Path, info: dict | None = None,
+                   check_images: list[np.ndarray] | None = None, check: bool = True) -> Manifest:
+    """Write the model directory for these modules and check it; returns its manifest."""
+    out_dir = Path(out_dir)
+    out_dir.mkdir(parents=True, exist_ok=True)
+    encoder, decoder = encoder.eval(), decoder.eval()
+    if len(vocab) != decoder.cfg.vocab_size:
+        raise ModelError(f"vocabulary has {len(vocab)} words but the decoder {decoder.cfg.vocab_size}")
+    h, w = pre.size
+    with torch.no_grad():
+        _export(EncoderGraph(encoder, decoder), (torch.zeros(1, 3, h, w),), out_dir / "encoder.onnx",
+                ENCODER_INPUTS, ENCODER_OUTPUTS,
+                {"image": {0: "n"}, **{k: {0: "n"} for k in ENCODER_OUTPUTS}})
+        regions = (h // 32) * (w // 32)
+        _set_output_dims(out_dir / "encoder.onnx",
+                         {"features": [regions, decoder.cfg.feature_dim],
+                          "att_proj": [regions, decoder.cfg.attention_dim]})
+        _export(StepGraph(decoder), example_step_inputs(decoder), out_dir / "decoder_step.onnx",
+                STEP_INPUTS, STEP_OUTPUTS,
+                {"tokens": {0: "r"}, "h": {0: "s"}, "c": {0: "s"}, "source_rows": {0: "r"},
+                 "features": {0: "n"}, "att_proj": {0: "n"}, "image_index": {0: "r"},
+                 **{k: {0: "r"} for k in STEP_OUTPUTS}})
+    vocab.save(out_dir / "vocab.json")
+    cfg = decoder.cfg
+    files = {"encoder": "encoder.onnx", "decoder_step": "decoder_step.onnx", "vocab": "vocab.json"}
+    manifest = Manifest(
+        directory=out_dir, files=files,
+        dims={"regions": 49, "encoder_dim": cfg.encoder_dim, "feature_dim": cfg.feature_dim,
+              "attention_dim": cfg.attention_dim, "hidden_dim": cfg.hidden_dim,
+              "embed_dim": cfg.embed_dim, "vocab_size": cfg.vocab_size, "top_k": cfg.top_k},
+        tokens={"pad": vocab.pad, "start": vocab.start, "end": vocab.end, "unk": vocab.unk},
+        preprocessing=pre, precision="fp32", attention=cfg.attention,
+        sha256={role: file_sha256(out_dir / name) for role, name in files.items()},
+        info={"decoder_config": cfg.to_dict(), "encoder": "efficientnet-lite0",
+              "exported": time.strftime("%Y-%m-%dT%H:%M:%SZ", time.gmtime()), **(info or {})})
+    manifest.save()
+    if check:
+        report = check_export(encoder, decoder, out_dir, pre, check_images)
+        manifest = Manifest(**{**manifest.__dict__, "info": {**manifest.info, "export_check": report}})
+        manifest.save()
+    return manifest
+
+
+def check_export(encoder, decoder, out_dir: Path, pre: Preprocessing,
+                 images: list[np.ndarray] | None = None) -> dict:
+    """Run PyTorch and onnxruntime on the same inputs; raise ModelError past ``TOLERANCE``."""
+    import onnxruntime as ort
+
+    h, w = pre.size
+    g = torch.Generator().manual_seed(0)
+    x = torch.rand(2, 3, h, w, generator=g) * 2 - 1
+    if images:
+        x = torch.cat([x, torch.from_numpy(np.stack(images))])
+    opts = ort.SessionOptions()
+    enc = ort.InferenceSession(str(out_dir / "encoder.onnx"), opts, providers=["CPUExecutionProvider"])
+    step = ort.InferenceSession(str(out_dir / "decoder_step.onnx"), opts,
+                                providers=["CPUExecutionProvider"])
+    diffs = {}
+    with torch.no_grad():
+        ref = EncoderGraph(encoder, decoder)(x)
+        got = enc.run(list(ENCODER_OUTPUTS), {"image": x.numpy()})
+        for name, r, o in zip(ENCODER_OUTPUTS, ref, got):
+            diffs[name] = float(np.abs(r.numpy() - o).max())
+        args = example_step_inputs(decoder)
+        ref = StepGraph(decoder)(*args)
+        got = step.run(list(STEP_OUTPUTS), {k: v.numpy() for k, v in zip(STEP_INPUTS, args)})
+        for name, r, o in zip(STEP_OUTPUTS, ref, got):
+            if name == "topk_ids":
+                # Ids may swap only between near-tied log-probabilities.
+                same = (r.numpy() == o)
+                diffs["topk_ids_agree"] = float(same.mean())
+                continue
+            diffs[name] = float(np.abs(r.numpy() - o).max())
+    bad = {k: v for k, v in diffs.items() if k in TOLERANCE and not v <= TOLERANCE[k]}
+    if bad or diffs["topk_ids_agree"] < 0.9:
+        raise ModelError(f"export check failed: onnxruntime differs from PyTorch past the tolerance "
+                         f"{TOLERANCE}: {diffs}")
+    return {"max_abs_diff": {k: float(f"{v:.3g}") for k, v in diffs.items()}, "tolerance": TOLERANCE}
+
+
+def export_model(checkpoint: Path, out_dir: Path, name: str | None = None,
+                 extra_info: dict | None = None) -> Manifest:
+    """Export a training checkpoint directory (``edgecap train``'s OUT/best) to ``out_dir``."""
+    from edgecap.models.checkpoint import load_checkpoint
+
+    encoder, decoder, vocab, pre, meta = load_checkpoint(Path(checkpoint))
+    info = {"name": name or Path(checkpoint).resolve().parent.name,
+            "training": {"data": meta.get("training_data"), "config": meta.get("train_config"),
+                         "epochs": meta.get("train_state", {}).get("epoch"),
+                         "best_epoch": meta.get("train_state", {}).get("best_epoch")},
+            "metrics": {"dev_greedy_simple_tokenizer": meta.get("dev_metrics_greedy")},
+            **(extra_info or {})}
+    return export_modules(encoder, decoder, vocab, pre, Path(out_dir), info)

@@ -1,0 +1,294 @@
+"""Any supported input -> an RGB image -> the encoder's input array (numpy and Pillow, no torch).
+
+Inputs:
+
+- a path (``str`` or ``os.PathLike``) to an image file, or its encoded ``bytes``: anything Pillow
+  reads (JPEG, PNG, GIF, WebP, BMP, TIFF ...). EXIF orientation is applied, an animated image gives
+  its first frame, palette / CMYK / 16-bit images are converted to 8-bit RGB.
+- a ``PIL.Image.Image`` (EXIF orientation is applied too).
+- a numpy array: (H, W, 3) RGB, (H, W) grayscale, (H, W, 1), or (H, W, 4) RGBA; ``color="bgr"``
+  reads 3/4-channel arrays as BGR/BGRA (OpenCV frames). dtype uint8 (0-255), uint16 (0-65535) or
+  float in [0, 1] (what ``skimage.img_as_float`` gives); anything else is refused rather than
+  guessed.
+
+Transparency is flattened onto **white**: transparent product shots, logos and icons are drawn on
+white far more often than on black, and the colour under a fully transparent pixel is often junk.
+
+Every failure raises ``edgecap.errors.InputError(source, problem)``, ``source`` naming the input
+(the path, or a description such as ``<array (480, 640, 2) uint8>``).
+
+Decompression bombs: an image of more than ``max_pixels()`` pixels (Pillow's default limit,
+89,478,485) is refused before it is decoded. Raise the limit with ``set_max_pixels(n)`` or the
+environment variable ``EDGECAP_MAX_PIXELS=n``; both also raise Pillow's own process-wide guard
+(``PIL.Image.MAX_IMAGE_PIXELS``) so Pillow does not refuse what edgecap allows.
+"""
+
+from __future__ import annotations
+
+import io
+import os
+from collections.abc import Sequence
+from pathlib import Path
+from typing import Union
+
+import numpy as np
+from PIL import Image, ImageOps, UnidentifiedImageError
+
+from edgecap.errors import InputError
+from edgecap.preprocess import Preprocessing, to_model_input
+
+ImageInput = Union[str, os.PathLike, bytes, bytearray, memoryview, Image.Image, np.ndarray]
+
+COLORS = ("rgb", "bgr")
+MAX_PIXELS_ENV = "EDGECAP_MAX_PIXELS"
+BACKGROUND = (255, 255, 255)  # transparency is flattened onto white (see the module docstring)
+_PILLOW_DEFAULT_MAX_PIXELS = Image.MAX_IMAGE_PIXELS
+_max_pixels_override: int | None = None
+
+
+# -- the decompression-bomb limit --------------------------------------------------------------
+def set_max_pixels(n: int | None) -> None:
+    """Allow images of up to ``n`` pixels (None: back to the environment / Pillow default).
+
+    Process-wide, like Pillow's own guard, which this raises to ``n`` when ``n`` is larger.
+    """
+    global _max_pixels_override
+    if n is not None and (isinstance(n, bool) or not isinstance(n, int) or n < 1):
+        raise ValueError(f"max pixels must be a positive integer or None, got {n!r}")
+    _max_pixels_override = n
+    _raise_pillow_limit(max_pixels())
+
+
+def max_pixels() -> int:
+    """The largest image (width x height) edgecap decodes: ``set_max_pixels``, else
+    ``$EDGECAP_MAX_PIXELS``, else Pillow's default (89,478,485)."""
+    if _max_pixels_override is not None:
+        return _max_pixels_override
+    env = os.environ.get(MAX_PIXELS_ENV)
+    if env:
+        try:
+            value = int(env)
+        except ValueError:
+            raise ValueError(f"{MAX_PIXELS_ENV} must be a positive integer, got {env!r}") from None
+        if value < 1:
+            raise ValueError(f"{MAX_PIXELS_ENV} must be a positive integer, got {env!r}")
+        return value
+    return _PILLOW_DEFAULT_MAX_PIXELS
+
+
+def _raise_pillow_limit(limit: int) -> None:
+    # Pillow refuses images over 2x its own limit while opening them; keep it at or above ours
+    # so our check (with its clear message) is the one that decides. Never lowered here.
+    current = Image.MAX_IMAGE_PIXELS
+    if current is not None and limit > current:
+        Image.MAX_IMAGE_PIXELS = limit
+
+
+def _bomb_problem(width: int, height: int, limit: int) -> str:
+    return (f"image is {width}x{height} = {width * height:,} pixels, over the limit of {limit:,} "
+            "(a guard against decompression bombs); if you trust it, raise the limit with "
+            f"edgecap.images.set_max_pixels(n) or {MAX_PIXELS_ENV}=n")
+
+
+# -- naming inputs -----------------------------------------------------------------------------
+def describe(image: object) -> str:
+    """A short name for an input, used as ``InputError.source``."""
+    if isinstance(image, (str, os.PathLike)):
+        return os.fspath(image)
+    if isinstance(image, (bytes, bytearray, memoryview)):
+        return f"<bytes ({len(memoryview(image).cast('B'))} bytes)>"
+    if isinstance(image, Image.Image):
+        return f"<PIL image {image.width}x{image.height} {image.mode}>"
+    if isinstance(image, np.ndarray):
+        return f"<array {tuple(image.shape)} {image.dtype}>"
+    return f"<{type(image).__name__}>"
+
+
+# -- any input -> RGB PIL image ----------------------------------------------------------------
+def load_rgb(image: ImageInput, color: str = "rgb") -> Image.Image:
+    """Any supported input -> an 8-bit RGB PIL image. ``color`` applies to arrays only (files and
+    PIL images carry their own channel order). Raises ``InputError`` naming the input."""
+    if color not in COLORS:
+        raise ValueError(f"color must be one of {COLORS}, got {color!r}")
+    source = describe(image)
+    if isinstance(image, np.ndarray):
+        return Image.fromarray(array_to_rgb(image, color, source))
+    if isinstance(image, Image.Image):
+        return pil_to_rgb(image, source)
+    if isinstance(image, (str, os.PathLike)):
+        return _decode(_read_file(Path(image), source), source)
+    if isinstance(image, (bytes, bytearray, memoryview)):
+        data = bytes(image)
+        if not data:
+            raise InputError(source, "no image data (0 bytes)")
+        return _decode(data, source)
+    raise InputError(source, "unsupported input type; pass a file path, encoded bytes, "
+                             "a PIL image or a numpy array")
+
+
+def load_rgb_array(image: ImageInput, color: str = "rgb") -> np.ndarray:
+    """Any supported input -> uint8 (H, W, 3) RGB."""
+    return np.asarray(load_rgb(image, color))
+
+
+def _read_file(path: Path, source: str) -> bytes:
+    """The file's bytes; missing, directory, unreadable and empty files are InputErrors.
+
+    Reading the bytes first (rather than handing Pillow the path) keeps the file closed before
+    decoding starts and gives each failure its own message.
+    """
+    try:
+        data = path.read_bytes()
+    except FileNotFoundError:
+        raise InputError(source, "no such file") from None
+    except IsADirectoryError:
+        raise InputError(source, "is a directory, not an image file") from None
+    except PermissionError:
+        raise InputError(source, "permission denied") from None
+    except OSError as exc:
+        if path.is_dir():  # Windows raises PermissionError / OSError for directories
+            raise InputError(source, "is a directory, not an image file") from None
+        raise InputError(source, f"cannot read the file ({exc.strerror or exc})") from None
+    if not data:
+        raise InputError(source, "file is empty (0 bytes)")
+    return data
+
+
+def _decode(data: bytes, source: str) -> Image.Image:
+    """Encoded image bytes -> RGB, checking the pixel count before decoding any pixels."""
+    limit = max_pixels()
+    _raise_pillow_limit(limit)
+    try:
+        # Pillow's limit is kept >= ours, so its DecompressionBombWarning only ever comes with an
+        # image that our check below refuses anyway.
+        im = Image.open(io.BytesIO(data))
+    except UnidentifiedImageError:
+        raise InputError(source, "not an image (or a format Pillow cannot read)") from None
+    except Image.DecompressionBombError as exc:
+        raise InputError(source, f"{exc}; raise the limit with edgecap.images.set_max_pixels(n) "
+                                 f"or {MAX_PIXELS_ENV}=n") from None
+    except (OSError, ValueError, SyntaxError) as exc:
+        raise InputError(source, f"corrupt image header ({exc})") from None
+    with im:
+        if im.width * im.height > limit:
+            raise InputError(source, _bomb_problem(im.width, im.height, limit))
+        try:
+            im.seek(0)  # animated GIF / WebP / APNG: the first frame
+            im.load()
+        except (OSError, ValueError, SyntaxError, EOFError) as exc:
+            raise InputError(source, f"truncated or corrupt image data ({exc})") from None
+        return pil_to_rgb(im, source)
+
+
+def pil_to_rgb(im: Image.Image, source: str) -> Image.Image:
+    """A decoded PIL image of any mode -> RGB, upright (EXIF), transparency over white."""
+    if im.width < 1 or im.height < 1:
+        raise InputError(source, f"image has no pixels ({im.width}x{im.height})")
+    try:
+        im = ImageOps.exif_transpose(im)
+    except (OSError, ValueError, SyntaxError, KeyError, TypeError):
+        pass  # broken EXIF is common and harmless: keep the stored orientation
+    # exif_transpose returned a new image: the caller's image is never modified or closed.
+    mode = im.mode
+    if mode == "RGB":
+        return im
+    if mode in ("I", "I;16", "I;16B", "I;16L", "I;16N", "F"):
+        gray = _gray_to_uint8(np.asarray(im), source)
+        return Image.fromarray(gray).convert("RGB")
+    if _has_alpha(im):
+        rgba = im.convert("RGBA")
+        background = Image.new("RGBA", rgba.size, BACKGROUND + (255,))
+        return Image.alpha_composite(background, rgba).convert("RGB")
+    return im.convert("RGB")  # 1, L, P, CMYK, YCbCr, LAB, HSV
+
+
+def _has_alpha(im: Image.Image) -> bool:
+    return im.mode in ("RGBA", "RGBa", "LA", "La", "PA") or (
+        im.mode in ("P", "L", "RGB") and "transparency" in im.info)
+
+
+def _gray_to_uint8(x: np.ndarray, source: str) -> np.ndarray:
+    """32-bit / 16-bit / float grayscale (H, W) -> uint8 (H, W)."""
+    if x.dtype.kind == "f":
+        return _float_to_uint8(x, source)
+    x = x.astype(np.int64)
+    if x.min(initial=0) < 0:
+        raise InputError(source, "grayscale image has negative pixel values")
+    # 16-bit files hold 0..65535 (Pillow opens them as I;16 or I); an I image whose values fit
+    # in 8 bits is an 8-bit image in disguise and is kept as is.
+    if x.max(initial=0) > 255:
+        x = np.clip(x, 0, 65535) // 257
+    return x.astype(np.uint8)
+
+
+# -- arrays ------------------------------------------------------------------------------------
+def array_to_rgb(array: np.ndarray, color: str = "rgb", source: str | None = None) -> np.ndarray:
+    """A numpy image -> uint8 (H, W, 3) RGB. Accepts (H, W), (H, W, 1), (H, W, 3), (H, W, 4)."""
+    source = source or describe(array)
+    x = _check_shape(array, source)
+    x = _to_uint8(x, source)
+    channels = x.shape[2]
+    if channels == 1:
+        return np.ascontiguousarray(np.repeat(x, 3, axis=2))
+    if color == "bgr":
+        x = x[:, :, [2, 1, 0, 3][:channels]]
+    if channels == 4:
+        return _flatten_alpha(x)
+    return np.ascontiguousarray(x)
+
+
+def _check_shape(array: np.ndarray, source: str) -> np.ndarray:
+    """-> (H, W, C) with C in (1, 3, 4), or an InputError saying what is wrong."""
+    if array.size == 0:
+        raise InputError(source, "array is empty")
+    if array.ndim == 2:
+        return array[:, :, None]
+    if array.ndim != 3:
+        raise InputError(source, f"expected an (H, W, 3) image array, got {array.ndim} dimensions"
+                         + ("; pass one image at a time or a list of images" if array.ndim == 4
+                            else ""))
+    channels = array.shape[2]
+    if channels in (1, 3, 4):
+        return array
+    hint = ""
+    if array.shape[0] in (1, 3, 4):
+        hint = "; it looks channels-first (C, H, W): transpose it with array.transpose(1, 2, 0)"
+    raise InputError(source, f"expected 1, 3 or 4 channels in the last axis, got {channels}{hint}")
+
+
+def _to_uint8(x: np.ndarray, source: str) -> np.ndarray:
+    if x.dtype == np.uint8:
+        return x
+    if x.dtype == np.uint16:
+        return (x // 257).astype(np.uint8)
+    if x.dtype.kind == "f":
+        return _float_to_uint8(x, source)
+    raise InputError(source, f"unsupported dtype {x.dtype}; pass uint8 (0-255), uint16 or "
+                             "float in [0, 1]")
+
+
+def _float_to_uint8(x: np.ndarray, source: str) -> np.ndarray:
+    if not np.isfinite(x).all():
+        raise InputError(source, "array contains NaN or infinite values")
+    lo, hi = float(x.min()), float(x.max())
+    if lo < 0.0 or hi > 1.0:
+        raise InputError(source, f"float pixel values must lie in [0, 1], got [{lo:g}, {hi:g}]; "
+                                 "scale them, or pass uint8 (0-255)")
+    return np.round(x.astype(np.float32) * 255.0).astype(np.uint8)
+
+
+def _flatten_alpha(rgba: np.ndarray) -> np.ndarray:
+    """uint8 (H, W, 4) -> uint8 (H, W, 3), composited over ``BACKGROUND``."""
+    alpha = rgba[:, :, 3:4].astype(np.float32) / 255.0
+    background = np.asarray(BACKGROUND, np.float32)
+    rgb = rgba[:, :, :3].astype(np.float32) * alpha + background * (1.0 - alpha)
+    return np.round(rgb).astype(np.uint8)
+
+
+# -- the encoder's input -----------------------------------------------------------------------
+def preprocess(images: Sequence[Image.Image], pre: Preprocessing) -> np.ndarray:
+    """RGB PIL images -> float32 (N, 3, H, W), resized and normalised as the manifest says."""
+    if not images:
+        h, w = pre.size
+        return np.zeros((0, 3, h, w), np.float32)
+    return np.stack([to_model_input(im, pre) for im in images])

@@ -1,0 +1,155 @@
+"""Beam search in numpy over the encoder / decoder-step interface (``edgecap.backends.base``).
+
+All beams of all images are flat rows (image-major, ``n_images * beam_size``) whose count never
+changes: a beam that finishes leaves the live set (its hypothesis is kept) and the next best
+candidate takes its row; an image that is done, or a row with no live candidate, is masked with a
+score of -inf so the step graph always sees the same shape. Beam indices are integers (``//``).
+The length penalty is applied only when ranking finished hypotheses, and every image gets at
+least one non-empty hypothesis.
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+
+import numpy as np
+
+from edgecap.backends.base import Backend, Encoded
+
+NEG_INF = -np.inf
+
+
+@dataclass(frozen=True)
+class SearchOptions:
+    beam_size: int = 3
+    max_length: int = 20           # words, not counting <end>
+    length_penalty: float | None = None  # None: rank by mean log-prob; a: GNMT ((5+len)/6)^a
+    n_best: int = 1
+    return_attention: bool = False
+
+    def validate(self, top_k: int) -> None:
+        if not 1 <= self.beam_size <= top_k:
+            raise ValueError(f"beam_size must be between 1 and {top_k} (the model's top_k), "
+                             f"got {self.beam_size}")
+        if self.max_length < 1:
+            raise ValueError(f"max_length must be at least 1, got {self.max_length}")
+        if not 1 <= self.n_best <= self.beam_size:
+            raise ValueError(f"n_best must be between 1 and beam_size ({self.beam_size}), "
+                             f"got {self.n_best}")
+        if self.length_penalty is not None and not 0 <= self.length_penalty <= 2:
+            raise ValueError(f"length_penalty must be None or in [0, 2], got {self.length_penalty}")
+
+
+@dataclass
+class Hypothesis:
+    tokens: list[int]              # word ids, without <start> / <end>
+    log_prob: float                # sum of the log-probabilities (with <end> when finished)
+    score: float                   # length-normalised log-prob, used for ranking
+    finished: bool                 # ended with <end> (False: cut at max_length)
+    attention: np.ndarray | None = None  # (n_words, L)
+
+
+def length_normalised(log_prob: float, length: int, penalty: float | None) -> float:
+    if penalty is None:
+        return log_prob / length
+    return log_prob / (((5.0 + length) / 6.0) ** penalty)
+
+
+def beam_search(backend: Backend, encoded: Encoded, options: SearchOptions, start_id: int,
+                end_id: int) -> list[list[Hypothesis]]:
+    """-> for each image, ``n_best`` hypotheses, best first (never empty)."""
+    options.validate(backend.top_k)
+    n_images, beam = encoded.n_images, options.beam_size
+    rows = n_images * beam
+    # One candidate more than the beam per row, so a beam keeps ``beam`` live continuations
+    # even when one of its best words is <end>.
+    width = min(beam + 1, backend.top_k)
+    image_index = np.repeat(np.arange(n_images, dtype=np.int32), beam)
+    session = backend.start(encoded, image_index, return_attention=options.return_attention)
+
+    tokens = np.full(rows, start_id, dtype=np.int32)
+    source_rows = image_index.copy()          # first step: h0/c0 are per image
+    sum_lp = np.full(rows, NEG_INF)
+    sum_lp[::beam] = 0.0                      # one live beam per image at the start
+    seqs = np.zeros((rows, 0), dtype=np.int32)
+    alphas = None
+    finished: list[list[Hypothesis]] = [[] for _ in range(n_images)]
+    done = np.zeros(n_images, dtype=bool)
+
+    for t in range(options.max_length):
+        result = session.step(tokens, source_rows)
+        lp = result.topk_logprobs[:, :width].astype(np.float64)
+        ids = result.topk_ids[:, :width]
+        if options.return_attention:
+            step_alpha = result.alpha[:, None, :]
+            alphas = step_alpha if alphas is None else np.concatenate([alphas, step_alpha], 1)
+        cand = (sum_lp[:, None] + lp).reshape(n_images, beam * width)
+        if t == 0:
+            # Never an empty caption: <end> cannot be the first word.
+            cand = np.where(ids.reshape(n_images, beam * width) == end_id, NEG_INF, cand)
+        order = np.argsort(-cand, axis=1, kind="stable")
+        new_source = np.empty(rows, dtype=np.int64)
+        new_tokens = np.full(rows, end_id, dtype=np.int32)
+        new_lp = np.full(rows, NEG_INF)
+        for img in range(n_images):
+            base = img * beam
+            filled = 0
+            if not done[img]:
+                for flat in order[img]:
+                    score = cand[img, flat]
+                    if score == NEG_INF or filled == beam:
+                        break
+                    src = base + flat // width
+                    word = int(ids[src, flat % width])
+                    if word == end_id:
+                        if len(finished[img]) < beam:
+                            finished[img].append(_hypothesis(seqs[src], score, True, alphas, src,
+                                                             options.length_penalty))
+                        continue
+                    new_source[base + filled] = src
+                    new_tokens[base + filled] = word
+                    new_lp[base + filled] = score
+                    filled += 1
+                if len(finished[img]) >= beam or filled == 0:
+                    done[img] = True
+                    new_lp[base:base + beam] = NEG_INF
+            # Masked rows keep a valid source row so the step's gather stays in range.
+            new_source[base + filled: base + beam] = base
+        if done.all():
+            break
+        seqs = np.concatenate([seqs[new_source], new_tokens[:, None]], axis=1)
+        if alphas is not None:
+            alphas = alphas[new_source]
+        tokens, sum_lp = new_tokens, new_lp
+        source_rows = new_source.astype(np.int32)
+
+    else:
+        # Out of words: the live beams of unfinished images become (unfinished) hypotheses.
+        _finish_at_limit(finished, seqs, sum_lp, alphas, beam, done, options)
+    return [_rank(finished[img], options) for img in range(n_images)]
+
+
+def _hypothesis(seq, log_prob, finished, alphas, row, penalty) -> Hypothesis:
+    words = [int(w) for w in seq]
+    length = len(words) + (1 if finished else 0)
+    attention = None if alphas is None else np.array(alphas[row, : len(words)])
+    return Hypothesis(words, float(log_prob), length_normalised(float(log_prob), max(length, 1), penalty),
+                      finished, attention)
+
+
+def _finish_at_limit(finished, seqs, sum_lp, alphas, beam, done, options) -> None:
+    """Add the live beams of images that have fewer than ``beam`` finished hypotheses."""
+    for img in range(len(finished)):
+        if done[img]:
+            continue
+        for row in range(img * beam, img * beam + beam):
+            if sum_lp[row] != NEG_INF and len(finished[img]) < beam:
+                finished[img].append(_hypothesis(seqs[row], sum_lp[row], False, alphas, row,
+                                                 options.length_penalty))
+
+
+def _rank(hyps: list[Hypothesis], options: SearchOptions) -> list[Hypothesis]:
+    if not hyps:  # pragma: no cover - a live beam always survives until max_length
+        raise RuntimeError("beam search produced no hypothesis")
+    ranked = sorted(hyps, key=lambda h: (-h.score, -h.log_prob))
+    return ranked[: options.n_best]

@@ -1,0 +1,328 @@
+"""Building TensorRT engines from a model directory, and the engine cache.
+
+An engine is tied to its GPU and TensorRT version, so its file name encodes everything it
+depends on: the role, the ONNX file's SHA-256, GPU name and compute capability, TensorRT version,
+precision and the profile limits, e.g.::
+
+    decoder_step-3f2a9c0d1e2b4a5c-orin-sm87-trt10.3-fp16-b8k5.engine
+
+A file that fails to deserialize (another TensorRT build, a truncated write) is rebuilt. Builds
+share one timing cache per GPU and TensorRT version (``timing-<gpu>-sm<cc>-trt<ver>.cache``).
+
+Precision: FP16 uses ``BuilderFlag.FP16`` on TensorRT < 10.12 (Softmax and TopK layers pinned to
+FP32), and from 10.12 (11 has no such flag) a strongly typed network built from the FP16 ONNX that
+``edgecap convert`` writes (converted on the fly into the cache when the model is FP32).
+
+Not yet run on real TensorRT: tested with fakes of the calls below (tests/test_tensorrt_fake.py).
+"""
+
+from __future__ import annotations
+
+import os
+import re
+import sys
+from dataclasses import dataclass
+from pathlib import Path
+
+from edgecap.backends.base import ENCODER_INPUTS, ENCODER_OUTPUTS, STEP_INPUTS, STEP_OUTPUTS
+from edgecap.errors import BackendError, ModelError
+from edgecap.manifest import Manifest, file_sha256
+from edgecap.trt import STRONGLY_TYPED_FP16_FROM, parse_version
+
+ROLES = ("encoder", "decoder_step")
+IO_NAMES = {"encoder": (ENCODER_INPUTS, ENCODER_OUTPUTS),
+            "decoder_step": (STEP_INPUTS, STEP_OUTPUTS)}
+PRECISIONS = ("fp16", "fp32")
+WORKSPACE_BYTES = 1 << 30  # the builder's scratch space; 1 GiB fits the smallest Orin Nano
+
+
+@dataclass(frozen=True)
+class Limits:
+    """The optimisation profile's row ranges: images per batch and beams per image."""
+
+    max_batch: int = 8
+    max_beam: int = 5
+
+    def __post_init__(self):
+        if self.max_batch < 1 or self.max_beam < 1:
+            raise ValueError(f"max_batch and max_beam must be >= 1, not "
+                             f"{self.max_batch} and {self.max_beam}")
+
+    @property
+    def max_rows(self) -> int:
+        return self.max_batch * self.max_beam
+
+    def row_ranges(self, role: str) -> dict[str, tuple[int, int, int]]:
+        """(min, opt, max) of each input's first dimension. Images: N; step rows: R, optimised
+        for one image with a full beam; ``h``/``c`` have S rows (N on the first step, R after)."""
+        images = (1, 1, self.max_batch)
+        if role == "encoder":
+            return {"image": images}
+        rows = (1, min(self.max_beam, self.max_rows), self.max_rows)
+        return {"tokens": rows, "source_rows": rows, "image_index": rows, "h": rows, "c": rows,
+                "features": images, "att_proj": images}
+
+    def tag(self, role: str) -> str:
+        return f"b{self.max_batch}" if role == "encoder" else f"b{self.max_batch}k{self.max_beam}"
+
+
+def profile_shapes(role: str, input_shapes: dict[str, tuple[int, ...]], limits: Limits
+                   ) -> dict[str, tuple[tuple[int, ...], tuple[int, ...], tuple[int, ...]]]:
+    """(min, opt, max) shapes per network input: the row dimension from ``limits``, the others
+    must be static in the ONNX."""
+    ranges = limits.row_ranges(role)
+    if set(input_shapes) != set(ranges):
+        raise ModelError(f"{role}: the ONNX inputs are {sorted(input_shapes)}, the contract "
+                         f"expects {sorted(ranges)}; re-export the model")
+    shapes = {}
+    for name, shape in input_shapes.items():
+        tail = tuple(int(d) for d in shape[1:])
+        if any(d < 0 for d in tail):
+            raise ModelError(f"{role}: input {name!r} has shape {tuple(shape)}; only the first "
+                             "(row) dimension may be dynamic. Re-export the model")
+        shapes[name] = tuple((n, *tail) for n in ranges[name])
+    return shapes
+
+
+def _slug(text: str) -> str:
+    return re.sub(r"[^a-z0-9]+", "-", text.lower()).strip("-") or "gpu"
+
+
+@dataclass(frozen=True)
+class Target:
+    """What an engine is tied to."""
+
+    gpu_name: str
+    compute_capability: tuple[int, int]
+    trt_version: str
+
+    @property
+    def trt(self) -> tuple[int, int]:
+        return parse_version(self.trt_version)
+
+    def tag(self) -> str:
+        major, minor = self.compute_capability
+        return f"{_slug(self.gpu_name)}-sm{major}{minor}-trt{self.trt_version}"
+
+
+def engine_filename(role: str, model_sha256: str, target: Target, precision: str,
+                    limits: Limits) -> str:
+    return (f"{role}-{model_sha256[:16]}-{target.tag()}-{precision}-{limits.tag(role)}.engine")
+
+
+def timing_cache_path(cache_dir: Path, target: Target) -> Path:
+    return cache_dir / f"timing-{target.tag()}.cache"
+
+
+def default_cache_dir() -> Path:
+    """``$EDGECAP_CACHE/engines``, else ``$XDG_CACHE_HOME/edgecap/engines``, else
+    ``~/.cache/edgecap/engines``."""
+    if os.environ.get("EDGECAP_CACHE"):
+        return Path(os.environ["EDGECAP_CACHE"]).expanduser() / "engines"
+    base = os.environ.get("XDG_CACHE_HOME") or Path.home() / ".cache"
+    return Path(base).expanduser() / "edgecap" / "engines"
+
+
+def fp16_mode(trt, version: tuple[int, int]) -> str:
+    """'flag' (BuilderFlag.FP16 on an FP32 network) or 'strongly_typed' (FP16 ONNX)."""
+    if version >= STRONGLY_TYPED_FP16_FROM or not hasattr(trt.BuilderFlag, "FP16"):
+        return "strongly_typed"
+    return "flag"
+
+
+def network_flags(trt, version: tuple[int, int], strongly_typed: bool) -> int:
+    flags = 0
+    kinds = trt.NetworkDefinitionCreationFlag
+    if version < (10, 0):  # explicit batch: required on 8.x, the only mode (deprecated) later
+        flags |= 1 << int(kinds.EXPLICIT_BATCH)
+    if strongly_typed:
+        if not hasattr(kinds, "STRONGLY_TYPED"):
+            raise BackendError(f"this TensorRT ({trt.__version__}) has neither BuilderFlag.FP16 "
+                               "nor strongly typed networks; build with --precision fp32")
+        flags |= 1 << int(kinds.STRONGLY_TYPED)
+    return flags
+
+
+def model_hash(manifest: Manifest, role: str) -> str:
+    return manifest.sha256.get(role) or file_sha256(manifest.path(role))
+
+
+def onnx_for_build(manifest: Manifest, role: str, precision: str, mode: str,
+                   cache_dir: Path, log=sys.stderr) -> Path:
+    """The ONNX file to parse: the model's own, or for a strongly typed FP16 build of an FP32
+    model its FP16 conversion (made once, kept in the cache)."""
+    if manifest.precision == "int8":
+        raise ModelError(f"{manifest.directory}: TensorRT engines are built from an fp32 or "
+                         "fp16 model directory, not int8")
+    if precision == "fp32" and manifest.precision != "fp32":
+        raise ModelError(f"{manifest.directory} is {manifest.precision}; build fp32 engines "
+                         "from the fp32 model directory")
+    if precision == "fp32" or manifest.precision == "fp16" or mode == "flag":
+        return manifest.path(role)
+    converted = cache_dir / f"{role}-{model_hash(manifest, role)[:16]}-fp16.onnx"
+    if not converted.exists():
+        print(f"edgecap: converting {manifest.path(role).name} to FP16 for a strongly typed "
+              f"TensorRT build -> {converted}", file=log)
+        try:
+            import onnx
+
+            from edgecap.convert import to_fp16
+        except ImportError as exc:
+            raise BackendError("FP16 engines on TensorRT >= 10.12 are built from an FP16 "
+                               "model: run `edgecap convert MODEL --precision fp16 --out DIR` "
+                               "and build from DIR, or pip install onnx") from exc
+        _atomic_write(converted, to_fp16(onnx.load(str(manifest.path(role))))
+                      .SerializeToString())
+    return converted
+
+
+def _atomic_write(path: Path, data) -> None:
+    path.parent.mkdir(parents=True, exist_ok=True)
+    tmp = path.with_name(f".{path.name}.{os.getpid()}.tmp")
+    with open(tmp, "wb") as f:
+        f.write(data)
+    os.replace(tmp, path)
+
+
+def _pin_fp32_layers(trt, network) -> None:
+    """Weakly typed FP16 builds: keep Softmax / TopK layers (LogSoftmax is parsed into a
+    Softmax + log) in FP32, preferred rather than obeyed so a build never fails over it."""
+    pinned = {getattr(trt.LayerType, name) for name in ("SOFTMAX", "TOPK")
+              if hasattr(trt.LayerType, name)}
+    for i in range(network.num_layers):
+        layer = network.get_layer(i)
+        if layer.type in pinned:
+            layer.precision = trt.float32
+            for j in range(layer.num_outputs):
+                layer.set_output_type(j, trt.float32)
+
+
+def build_engine(trt, logger, onnx_path: Path, role: str, limits: Limits, precision: str,
+                 target: Target, timing_cache: Path | None) -> bytes:
+    """Parse ``onnx_path`` and build a serialized engine with one optimisation profile."""
+    version = target.trt
+    mode = fp16_mode(trt, version) if precision == "fp16" else None
+    strongly_typed = mode == "strongly_typed" or (
+        version >= (11, 0) and hasattr(trt.NetworkDefinitionCreationFlag, "STRONGLY_TYPED"))
+    builder = trt.Builder(logger)
+    network = builder.create_network(network_flags(trt, version, strongly_typed))
+    parser = trt.OnnxParser(network, logger)
+    if not parser.parse(Path(onnx_path).read_bytes()):
+        errors = "; ".join(str(parser.get_error(i)) for i in range(parser.num_errors))
+        raise BackendError(f"TensorRT could not parse {onnx_path}: {errors}")
+
+    inputs = {network.get_input(i).name: tuple(network.get_input(i).shape)
+              for i in range(network.num_inputs)}
+    config = builder.create_builder_config()
+    config.set_memory_pool_limit(trt.MemoryPoolType.WORKSPACE, WORKSPACE_BYTES)
+    if mode == "flag":
+        config.set_flag(trt.BuilderFlag.FP16)
+        if hasattr(trt.BuilderFlag, "PREFER_PRECISION_CONSTRAINTS"):
+            config.set_flag(trt.BuilderFlag.PREFER_PRECISION_CONSTRAINTS)
+            _pin_fp32_layers(trt, network)
+    profile = builder.create_optimization_profile()
+    for name, (lo, opt, hi) in profile_shapes(role, inputs, limits).items():
+        profile.set_shape(name, lo, opt, hi)
+    config.add_optimization_profile(profile)
+
+    cache = None
+    if timing_cache is not None:
+        cache = config.create_timing_cache(timing_cache.read_bytes()
+                                           if timing_cache.exists() else b"")
+        config.set_timing_cache(cache, ignore_mismatch=True)
+    serialized = builder.build_serialized_network(network, config)
+    if serialized is None:
+        raise BackendError(f"TensorRT failed to build the {role} engine from {onnx_path} "
+                           "(its log above says why)")
+    if timing_cache is not None:
+        _atomic_write(timing_cache, config.get_timing_cache().serialize())
+    return bytes(serialized)
+
+
+def deserialize(trt, runtime, path: Path):
+    """The engine in ``path``, or None when it cannot be loaded (another TensorRT or GPU,
+    a truncated file)."""
+    try:
+        return runtime.deserialize_cuda_engine(path.read_bytes())
+    except Exception:  # TensorRT raises or returns None depending on version and fault
+        return None
+
+
+class EngineCache:
+    """Loads engines from ``cache_dir``, building (and saving) the ones missing or unloadable."""
+
+    def __init__(self, trt, target: Target, cache_dir: Path | None = None, log=sys.stderr):
+        self.trt = trt
+        self.target = target
+        self.cache_dir = Path(cache_dir) if cache_dir is not None else default_cache_dir()
+        self.log = log
+        self.logger = trt.Logger(trt.Logger.WARNING)
+        self.runtime = trt.Runtime(self.logger)
+
+    def path(self, manifest: Manifest, role: str, precision: str, limits: Limits) -> Path:
+        return self.cache_dir / engine_filename(role, model_hash(manifest, role), self.target,
+                                                precision, limits)
+
+    def build(self, manifest: Manifest, role: str, precision: str, limits: Limits) -> Path:
+        """Build and save one engine (replacing any cached one); returns its path."""
+        if precision not in PRECISIONS:
+            raise ValueError(f"precision must be one of {PRECISIONS}, not {precision!r}")
+        path = self.path(manifest, role, precision, limits)
+        mode = fp16_mode(self.trt, self.target.trt) if precision == "fp16" else "fp32"
+        source = onnx_for_build(manifest, role, precision, mode, self.cache_dir, self.log)
+        print(f"edgecap: building the TensorRT {precision} {role} engine for "
+              f"{self.target.gpu_name} (TensorRT {self.target.trt_version}); this takes a "
+              f"while, once -> {path}", file=self.log)
+        data = build_engine(self.trt, self.logger, source, role, limits, precision, self.target,
+                            timing_cache_path(self.cache_dir, self.target))
+        _atomic_write(path, data)
+        return path
+
+    def load(self, manifest: Manifest, role: str, precision: str, limits: Limits):
+        """The deserialized engine: from the cache, or built now (and rebuilt once when the
+        cached file does not load)."""
+        path = self.path(manifest, role, precision, limits)
+        if path.exists():
+            engine = deserialize(self.trt, self.runtime, path)
+            if engine is not None:
+                return self._checked(engine, role)
+            print(f"edgecap: cached engine {path.name} does not load with this TensorRT/GPU; "
+                  "rebuilding it", file=self.log)
+        else:
+            print(f"edgecap: no cached TensorRT engine for {manifest.path(role).name} "
+                  f"({precision}, {limits.tag(role)}) in {self.cache_dir}", file=self.log)
+        self.build(manifest, role, precision, limits)
+        engine = deserialize(self.trt, self.runtime, path)
+        if engine is None:
+            raise BackendError(f"the freshly built engine {path} does not deserialize; see "
+                               "TensorRT's log above")
+        return self._checked(engine, role)
+
+    def _checked(self, engine, role: str):
+        inputs, outputs = IO_NAMES[role]
+        names = [engine.get_tensor_name(i) for i in range(engine.num_io_tensors)]
+        found_in = {n for n in names
+                    if engine.get_tensor_mode(n) == self.trt.TensorIOMode.INPUT}
+        if found_in != set(inputs) or set(names) - found_in != set(outputs):
+            raise ModelError(f"{role} engine has I/O {sorted(names)}; the contract expects "
+                             f"inputs {list(inputs)} and outputs {list(outputs)}. "
+                             "Re-export the model")
+        return engine
+
+
+def build_all(manifest: Manifest, precision: str = "fp16", limits: Limits = Limits(),
+              cache_dir: Path | None = None, device=None, log=sys.stderr) -> list[Path]:
+    """``edgecap build``: build (or rebuild) both engines for this GPU; returns their paths."""
+    from edgecap.trt import import_tensorrt
+    from edgecap.trt.cuda import open_device
+
+    trt = import_tensorrt()
+    owned = device is None
+    device = device or open_device()
+    try:
+        target = Target(device.name, tuple(device.compute_capability), trt.__version__)
+        cache = EngineCache(trt, target, cache_dir, log)
+        return [cache.build(manifest, role, precision, limits) for role in ROLES]
+    finally:
+        if owned:
+            device.close()

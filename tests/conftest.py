@@ -1,0 +1,47 @@
+"""Shared fixtures. ``tiny_model_dir`` is a real export of a small, randomly initialised decoder
+on the real EfficientNet-Lite0 encoder: it exercises every code path quickly, its captions are
+nonsense. ``default_model_dir`` is the model shipped in the package."""
+
+from __future__ import annotations
+
+import sys
+from pathlib import Path
+
+import pytest
+
+sys.path.insert(0, str(Path(__file__).parent))
+
+EXAMPLES = Path(__file__).resolve().parents[1] / "edgecap" / "assets" / "examples"
+
+
+@pytest.fixture(scope="session")
+def tiny_model_dir(tmp_path_factory) -> Path:
+    torch = pytest.importorskip("torch")
+    pytest.importorskip("onnx")
+    from edgecap.export import export_modules
+    from edgecap.models.decoder import CaptionDecoder, DecoderConfig
+    from edgecap.models.efficientnet_lite import load_pretrained
+    from edgecap.preprocess import Preprocessing
+    from edgecap.vocab import Vocabulary
+
+    torch.manual_seed(0)
+    vocab = Vocabulary.build(["a dog runs on the grass", "a cat sits on a red mat",
+                              "two dogs play in the snow", "a man rides a bike"], min_count=1)
+    decoder = CaptionDecoder(DecoderConfig(vocab_size=len(vocab), hidden_dim=64, feature_dim=64,
+                                           embed_dim=32, attention_dim=32))
+    out = tmp_path_factory.mktemp("tiny-model")
+    export_modules(load_pretrained(), decoder, vocab, Preprocessing(), out, {"name": "tiny-random"})
+    return out
+
+
+@pytest.fixture(scope="session")
+def default_model_dir() -> Path:
+    path = Path(__file__).resolve().parents[1] / "edgecap" / "assets" / "default"
+    if not (path / "manifest.json").exists():
+        pytest.skip("the default model is not in edgecap/assets/default yet")
+    return path
+
+
+@pytest.fixture(scope="session")
+def example_images() -> list[Path]:
+    return sorted(p for p in EXAMPLES.iterdir() if p.suffix in {".png", ".jpg"})

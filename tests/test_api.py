@@ -1,0 +1,293 @@
+"""The public API on a real (tiny, randomly initialised) exported model.
+
+Needs the ``tiny_model_dir`` fixture (tests/conftest.py): a model directory from
+``edgecap.export.export_model``.
+"""
+
+from __future__ import annotations
+
+import json
+import shutil
+import sys
+from concurrent.futures import ThreadPoolExecutor
+from pathlib import Path
+
+import numpy as np
+import pytest
+from PIL import Image
+
+import edgecap
+from edgecap import BackendError, Caption, Captioner, InputError, ModelError
+from edgecap.backends import load_backend
+from edgecap.manifest import load_manifest
+
+EXAMPLES = Path(edgecap.__file__).parent / "assets" / "examples"
+
+
+@pytest.fixture(scope="module")
+def captioner(tiny_model_dir):
+    return Captioner(tiny_model_dir, backend="onnxruntime", max_length=8)
+
+
+@pytest.fixture(scope="module")
+def photos():
+    """Four inputs of different kinds: two paths, an array, a PIL image."""
+    rng = np.random.default_rng(0)
+    return [str(EXAMPLES / "chelsea.png"), str(EXAMPLES / "rocket.jpg"),
+            rng.integers(0, 256, (120, 90, 3), dtype=np.uint8),
+            Image.open(EXAMPLES / "coffee.png")]
+
+
+def _copy_model(src: Path, dst: Path) -> Path:
+    shutil.copytree(src, dst)
+    return dst
+
+
+def test_import_surface():
+    assert edgecap.__version__ == "0.1.0"
+    public = {"Captioner", "Caption", "InputError", "ModelError", "EdgecapError"}
+    assert public <= set(edgecap.__all__)
+
+
+def test_caption_fields(captioner):
+    cap = captioner.caption(str(EXAMPLES / "chelsea.png"))
+    assert isinstance(cap, Caption)
+    assert cap.text == " ".join(cap.tokens)
+    assert all(isinstance(w, str) and w not in ("<start>", "<end>", "<pad>") for w in cap.tokens)
+    assert 1 <= len(cap.tokens) <= 8
+    assert np.isfinite(cap.score) and cap.log_prob <= 0
+    assert set(cap.timings) == {"preprocess_ms", "encode_ms", "decode_ms"}
+    assert cap.attention is None and cap.alternatives == ()
+
+
+def test_attention_maps(captioner):
+    cap = captioner.caption(str(EXAMPLES / "chelsea.png"), return_attention=True)
+    assert cap.attention.shape == (len(cap.tokens), 7, 7)
+    assert cap.attention.dtype == np.float32
+    assert np.allclose(cap.attention.sum((1, 2)), 1.0, atol=1e-4)
+
+
+def test_bgr_frames(captioner):
+    rgb = np.asarray(Image.open(EXAMPLES / "chelsea.png").convert("RGB"))
+    assert captioner.caption(rgb[:, :, ::-1].copy(), color="bgr") == captioner.caption(rgb)
+
+
+def test_batch_matches_single(captioner, photos):
+    batch = captioner.caption_batch(photos)
+    for image, cap in zip(photos, batch):
+        alone = captioner.caption(image)
+        assert cap.text == alone.text
+        assert cap.score == pytest.approx(alone.score, abs=1e-4)
+
+
+def test_batch_size_does_not_change_results(tiny_model_dir, captioner, photos):
+    small = Captioner(tiny_model_dir, backend="onnxruntime", max_length=8, batch_size=3)
+    for a, b in zip(small.caption_batch(photos + photos), captioner.caption_batch(photos + photos)):
+        assert a.text == b.text and a.score == pytest.approx(b.score, abs=1e-4)
+
+
+def test_on_error_return_keeps_slots(captioner, photos, tmp_path):
+    empty = tmp_path / "empty.jpg"
+    empty.write_bytes(b"")
+    bad = [str(empty), np.zeros((4, 4, 2), np.uint8), str(tmp_path / "missing.png")]
+    mixed = [bad[0], photos[0], bad[1], photos[1], photos[2], bad[2]]
+    results = captioner.caption_batch(mixed, on_error="return")
+    assert [type(r) for r in results] == [InputError, Caption, InputError, Caption, Caption,
+                                          InputError]
+    assert results[0].source == str(empty) and "0 bytes" in results[0].problem
+    assert results[2].source == "<array (4, 4, 2) uint8>"
+    assert results[5].source == str(tmp_path / "missing.png")
+    # The good ones are exactly what they are without the bad ones around.
+    assert [results[1], results[3], results[4]] == captioner.caption_batch(photos[:3])
+
+
+def test_on_error_raise_names_input(captioner, photos, tmp_path):
+    path = tmp_path / "notes.jpg"
+    path.write_text("not a photo")
+    with pytest.raises(InputError, match="notes.jpg"):
+        captioner.caption_batch([photos[0], str(path)])
+    with pytest.raises(InputError, match="notes.jpg"):
+        captioner.caption(str(path))
+
+
+def test_bad_call_arguments(captioner, photos):
+    with pytest.raises(ValueError, match="on_error"):
+        captioner.caption_batch(photos, on_error="skip")
+    with pytest.raises(ValueError, match="color"):
+        captioner.caption(photos[2], color="hsv")
+    with pytest.raises(TypeError, match="caption\\(\\)"):
+        captioner.caption_batch(photos[0])
+    assert captioner.caption_batch([]) == []
+
+
+def test_n_best_alternatives(tiny_model_dir, photos):
+    cap = Captioner(tiny_model_dir, beam_size=4, n_best=3, max_length=6).caption(photos[0])
+    assert len(cap.alternatives) == 2
+    scores = [cap.score] + [a.score for a in cap.alternatives]
+    assert scores == sorted(scores, reverse=True)
+    assert len({tuple(a.tokens) for a in (cap, *cap.alternatives)}) == 3
+
+
+@pytest.mark.parametrize("options, word", [
+    ({"beam_size": 0}, "beam_size"),
+    ({"beam_size": 11}, "top_k"),
+    ({"beam_size": 2.5}, "beam_size"),
+    ({"max_length": 0}, "max_length"),
+    ({"batch_size": 0}, "batch_size"),
+    ({"n_best": 4}, "n_best"),
+    ({"length_penalty": -1.0}, "length_penalty"),
+])
+def test_option_validation(tiny_model_dir, options, word):
+    with pytest.raises(ValueError, match=word):
+        Captioner(tiny_model_dir, **options)
+
+
+def test_threads_give_sequential_results(captioner, photos):
+    inputs = photos * 3
+    sequential = [captioner.caption(im) for im in inputs]
+    with ThreadPoolExecutor(4) as pool:
+        threaded = list(pool.map(captioner.caption, inputs))
+    assert threaded == sequential
+
+
+# -- model loading errors ----------------------------------------------------------------------
+def test_missing_model_dir(tmp_path):
+    with pytest.raises(ModelError, match="not found"):
+        Captioner(tmp_path / "nowhere")
+
+
+def test_truncated_onnx(tiny_model_dir, tmp_path):
+    model = _copy_model(tiny_model_dir, tmp_path / "m")
+    step = model / "decoder_step.onnx"
+    step.write_bytes(step.read_bytes()[:1000])
+    with pytest.raises(ModelError, match="decoder_step.onnx"):
+        Captioner(model, backend="onnxruntime")
+
+
+def test_corrupt_onnx_without_checksums(tiny_model_dir, tmp_path):
+    model = _copy_model(tiny_model_dir, tmp_path / "m")
+    manifest = json.loads((model / "manifest.json").read_text())
+    manifest["sha256"] = {}
+    (model / "manifest.json").write_text(json.dumps(manifest))
+    (model / "encoder.onnx").write_bytes(b"\x08garbage" * 100)
+    with pytest.raises(ModelError, match="encoder.onnx.*re-export"):
+        Captioner(model, backend="onnxruntime")
+
+
+def test_vocab_mismatch(tiny_model_dir, tmp_path):
+    model = _copy_model(tiny_model_dir, tmp_path / "m")
+    words = json.loads((model / "vocab.json").read_text())["words"]
+    (model / "vocab.json").write_text(json.dumps({"words": words[:-1]}))
+    with pytest.raises(ModelError, match="vocab.json"):
+        Captioner(model)
+
+
+def test_dims_mismatch(tiny_model_dir, tmp_path):
+    model = _copy_model(tiny_model_dir, tmp_path / "m")
+    manifest = json.loads((model / "manifest.json").read_text())
+    manifest["dims"]["hidden_dim"] += 1
+    (model / "manifest.json").write_text(json.dumps(manifest))
+    with pytest.raises(ModelError, match="'h"):
+        Captioner(model, backend="onnxruntime")
+
+
+# -- backends ----------------------------------------------------------------------------------
+def test_unknown_backend(tiny_model_dir):
+    with pytest.raises(ValueError, match="onnxruntime"):
+        Captioner(tiny_model_dir, backend="tflite")
+
+
+def test_missing_runtime_names_the_extra(tiny_model_dir, monkeypatch):
+    monkeypatch.setitem(sys.modules, "onnxruntime", None)  # makes `import onnxruntime` fail
+    monkeypatch.delitem(sys.modules, "edgecap.backends.onnxruntime", raising=False)
+    with pytest.raises(BackendError, match=r"edgecap\[gpu\]"):
+        load_backend("onnxruntime", load_manifest(tiny_model_dir))
+
+
+def test_onnxruntime_describe_names_attached_provider(tiny_model_dir):
+    backend = load_backend("onnxruntime", load_manifest(tiny_model_dir), threads=1)
+    assert "CPUExecutionProvider" in backend.describe()
+    assert backend.providers[-1] == "CPUExecutionProvider"
+
+
+def test_torch_matches_onnxruntime(tiny_model_dir, captioner, photos):
+    torch = pytest.importorskip("torch")
+    pytest.importorskip("onnx")
+    torch.set_num_threads(1)
+    reference = Captioner(tiny_model_dir, backend="torch", max_length=8)
+    assert "torch" in reference.backend.describe()
+    for a, b in zip(reference.caption_batch(photos, return_attention=True),
+                    captioner.caption_batch(photos, return_attention=True)):
+        assert a.tokens == b.tokens
+        assert a.score == pytest.approx(b.score, abs=1e-4)
+        assert np.allclose(a.attention, b.attention, atol=1e-4)
+
+
+def test_torch_weights_must_match(tiny_model_dir, tmp_path):
+    pytest.importorskip("torch")
+    pytest.importorskip("onnx")
+    model = _copy_model(tiny_model_dir, tmp_path / "m")
+    manifest = json.loads((model / "manifest.json").read_text())
+    manifest["decoder_config"]["hidden_dim"] += 1
+    (model / "manifest.json").write_text(json.dumps(manifest))
+    with pytest.raises(ModelError, match="decoder.init_h.weight"):
+        load_backend("torch", load_manifest(model))
+
+
+def test_auto_falls_back_to_torch(monkeypatch):
+    from edgecap import backends
+
+    real = backends.importlib.util.find_spec
+    monkeypatch.setattr(backends.importlib.util, "find_spec",
+                        lambda name: None if name == "onnxruntime" else real(name))
+    expected = "torch" if real("torch") is not None else None
+    if expected:
+        assert backends.resolve("auto") == "torch"
+    else:
+        with pytest.raises(BackendError, match="onnxruntime"):
+            backends.resolve("auto")
+
+
+@pytest.mark.gpu
+def test_torch_cuda_fp16(tiny_model_dir, captioner, photos):
+    torch = pytest.importorskip("torch")
+    if not torch.cuda.is_available():
+        pytest.skip("no CUDA GPU")
+    gpu = Captioner(tiny_model_dir, backend="torch", device="cuda", max_length=8)
+    half = Captioner(tiny_model_dir, backend="torch", device="cuda", fp16=True, max_length=8)
+    for a, b, c in zip(gpu.caption_batch(photos), half.caption_batch(photos),
+                       captioner.caption_batch(photos)):
+        assert a.tokens == c.tokens and a.score == pytest.approx(c.score, abs=1e-3)
+        assert np.isfinite(b.score) and b.score == pytest.approx(c.score, abs=0.05)
+
+
+def test_default_model(default_model_dir):
+    cap = Captioner().caption(str(EXAMPLES / "chelsea.png"))
+    assert Captioner(default_model_dir).caption(str(EXAMPLES / "chelsea.png")) == cap
+    assert cap.text
+
+
+def test_cuda_request_without_gpu_runtime_falls_back_with_a_warning(tiny_model_dir):
+    import onnxruntime
+
+    if "CUDAExecutionProvider" in onnxruntime.get_available_providers():
+        pytest.skip("this onnxruntime has CUDA")
+    with pytest.warns(RuntimeWarning, match="CUDAExecutionProvider"):
+        backend = load_backend("onnxruntime", load_manifest(tiny_model_dir), device="cuda")
+    assert backend.providers == ["CPUExecutionProvider"]
+
+
+def test_tensorrt_options_and_missing_tensorrt(tiny_model_dir):
+    from edgecap.api import CaptionOptions, _backend_options
+
+    options = CaptionOptions(beam_size=3, batch_size=16)
+    assert _backend_options("tensorrt", "cuda", options, {}) == {"max_batch": 16, "max_beam": 5}
+    assert _backend_options("torch", "cuda", options, {"fp16": True}) == {"fp16": True,
+                                                                          "device": "cuda"}
+    with pytest.raises(ValueError, match="GPU only"):
+        _backend_options("tensorrt", "cpu", options, {})
+    try:
+        import tensorrt  # noqa: F401
+    except ImportError:
+        with pytest.raises(BackendError, match=r"edgecap\[tensorrt\]"):
+            Captioner(tiny_model_dir, backend="tensorrt")

@@ -1,0 +1,277 @@
+"""FP16 / int8 conversion of a model directory, checked on onnxruntime CPU against the FP32 model.
+
+Uses the session fixture ``tiny_model_dir`` (tests/conftest.py: a small randomly initialised
+exported model) when it exists; otherwise a contract-shaped model built here with onnx helpers
+(same I/O names and dtypes, same op types at the places the converter cares about).
+"""
+
+from __future__ import annotations
+
+import json
+import shutil
+from pathlib import Path
+
+import numpy as np
+import pytest
+
+onnx = pytest.importorskip("onnx")
+ort = pytest.importorskip("onnxruntime")
+
+from edgecap.convert import compare_stages, convert_model_dir, fp32_nodes  # noqa: E402
+from edgecap.errors import ModelError  # noqa: E402
+from edgecap.manifest import file_sha256, load_manifest, verify_files  # noqa: E402
+
+
+# -- a contract-shaped model built with onnx helpers -------------------------------------------
+
+def _contract_model_dir(directory: Path) -> Path:
+    from onnx import TensorProto, helper, numpy_helper
+
+    rng = np.random.default_rng(1)
+    C, F, A, H, E, V, K, size = 8, 8, 6, 10, 6, 20, 5, 16
+    L = (size // 8) ** 2
+    inits = []
+
+    def w(name, *shape, scale=0.5):
+        inits.append(numpy_helper.from_array((rng.standard_normal(shape) * scale)
+                                             .astype(np.float32), name))
+        return name
+
+    def i64(name, values):
+        inits.append(numpy_helper.from_array(np.asarray(values, np.int64), name))
+        return name
+
+    def linear(nodes, x, out, n_in, n_out, prefix):
+        nodes.append(helper.make_node("MatMul", [x, w(prefix + ".w", n_in, n_out)],
+                                      [prefix + ".mm"]))
+        nodes.append(helper.make_node("Add", [prefix + ".mm", w(prefix + ".b", n_out)], [out]))
+
+    n = helper.make_node
+    enc = [n("Conv", ["image", w("conv.w", C, 3, 8, 8, scale=0.1)], ["conv"], strides=[8, 8]),
+           n("Relu", ["conv"], ["relu"]),
+           n("Reshape", ["relu", i64("shape_ncl", [0, C, -1])], ["ncl"]),
+           n("Transpose", ["ncl"], ["fmap"], perm=[0, 2, 1])]
+    linear(enc, "fmap", "fp", C, F, "feature_proj")
+    enc += [n("Relu", ["fp"], ["fp_relu"]),
+            n("LayerNormalization", ["fp_relu", w("ln.g", F), w("ln.b", F)], ["features"],
+              axis=-1)]
+    linear(enc, "features", "att_proj", F, A, "att_feat")
+    enc.append(n("ReduceMean", ["features", i64("ax_l", [1])], ["mean"], keepdims=0))
+    for s in ("h", "c"):
+        linear(enc, "mean", f"{s}0_pre", F, H, f"init_{s}")
+        enc.append(n("Tanh", [f"{s}0_pre"], [f"{s}0"]))
+    f32, i32 = TensorProto.FLOAT, TensorProto.INT32
+    vi = helper.make_tensor_value_info
+    encoder = helper.make_graph(
+        enc, "encoder", [vi("image", f32, ["N", 3, size, size])],
+        [vi("features", f32, ["N", L, F]), vi("att_proj", f32, ["N", L, A]),
+         vi("h0", f32, ["N", H]), vi("c0", f32, ["N", H])], list(inits))
+
+    inits.clear()
+    st = [n("Gather", [w("embed", V, E), "tokens"], ["emb"]),
+          n("Gather", ["h", "source_rows"], ["hp"]), n("Gather", ["c", "source_rows"], ["cp"]),
+          n("Gather", ["features", "image_index"], ["f"]),
+          n("Gather", ["att_proj", "image_index"], ["ap"])]
+    linear(st, "hp", "ah", H, A, "att_hidden")
+    st += [n("Unsqueeze", ["ah", i64("ax1", [1])], ["ah1"]), n("Add", ["ah1", "ap"], ["e"]),
+           n("Tanh", ["e"], ["te"])]
+    linear(st, "te", "score", A, 1, "att_score")
+    st += [n("Squeeze", ["score", i64("ax2", [2])], ["scores"]),
+           n("Softmax", ["scores"], ["alpha"], axis=1),
+           n("Unsqueeze", ["alpha", "ax1"], ["alpha1"]), n("MatMul", ["alpha1", "f"], ["ctx1"]),
+           n("Squeeze", ["ctx1", "ax1"], ["ctx"]),
+           n("Concat", ["emb", "ctx", "hp"], ["x"], axis=1)]
+    linear(st, "x", "gates", E + F + H, 4 * H, "lstm")
+    st += [n("Split", ["gates"], ["gi", "gf", "gg", "go"], axis=1, num_outputs=4)]
+    st += [n("Sigmoid", ["gi"], ["si"]), n("Sigmoid", ["gf"], ["sf"]),
+           n("Tanh", ["gg"], ["tg"]), n("Sigmoid", ["go"], ["so"]),
+           n("Mul", ["sf", "cp"], ["fc"]), n("Mul", ["si", "tg"], ["ig"]),
+           n("Add", ["fc", "ig"], ["c_out"]), n("Tanh", ["c_out"], ["tc"]),
+           n("Mul", ["so", "tc"], ["h_out"])]
+    linear(st, "h_out", "deep", H, E, "out_hidden")
+    st.append(n("Tanh", ["deep"], ["tdeep"]))
+    linear(st, "tdeep", "logits", E, V, "out_vocab")
+    st += [n("LogSoftmax", ["logits"], ["logprobs"], axis=1),
+           n("TopK", ["logprobs", i64("k", [K])], ["topk_logprobs", "ids64"], axis=1),
+           n("Cast", ["ids64"], ["topk_ids"], to=i32)]
+    step = helper.make_graph(
+        st, "decoder_step",
+        [vi("tokens", i32, ["R"]), vi("h", f32, ["S", H]), vi("c", f32, ["S", H]),
+         vi("source_rows", i32, ["R"]), vi("features", f32, ["N", L, F]),
+         vi("att_proj", f32, ["N", L, A]), vi("image_index", i32, ["R"])],
+        [vi("topk_logprobs", f32, ["R", K]), vi("topk_ids", i32, ["R", K]),
+         vi("h_out", f32, ["R", H]), vi("c_out", f32, ["R", H]), vi("alpha", f32, ["R", L])],
+        list(inits))
+
+    directory.mkdir(parents=True, exist_ok=True)
+    for graph, name in ((encoder, "encoder.onnx"), (step, "decoder_step.onnx")):
+        model = helper.make_model(graph, opset_imports=[helper.make_opsetid("", 18)])
+        model.ir_version = 9
+        onnx.checker.check_model(model)
+        onnx.save(model, str(directory / name))
+    words = ["<pad>", "<start>", "<end>", "<unk>"] + [f"w{i}" for i in range(V - 4)]
+    (directory / "vocab.json").write_text(json.dumps(words))
+    files = {"encoder": "encoder.onnx", "decoder_step": "decoder_step.onnx",
+             "vocab": "vocab.json"}
+    manifest = {
+        "format": "edgecap-model/1", "files": files,
+        "dims": {"regions": L, "encoder_dim": C, "feature_dim": F, "attention_dim": A,
+                 "hidden_dim": H, "embed_dim": E, "vocab_size": V, "top_k": K},
+        "tokens": {"pad": 0, "start": 1, "end": 2, "unk": 3},
+        "preprocessing": {"size": [size, size], "mean": [127.5] * 3, "std": [127.5] * 3},
+        "precision": "fp32", "attention": True,
+        "sha256": {role: file_sha256(directory / f) for role, f in files.items()},
+    }
+    (directory / "manifest.json").write_text(json.dumps(manifest))
+    return directory
+
+
+@pytest.fixture(scope="module")
+def fp32_dir(request, tmp_path_factory) -> Path:
+    try:
+        return Path(request.getfixturevalue("tiny_model_dir"))
+    except pytest.FixtureLookupError:
+        return _contract_model_dir(tmp_path_factory.mktemp("contract-model"))
+
+
+@pytest.fixture(scope="module")
+def fp16_dir(fp32_dir, tmp_path_factory) -> Path:
+    out = tmp_path_factory.mktemp("fp16") / "model"
+    convert_model_dir(fp32_dir, out, "fp16")
+    return out
+
+
+# -- tests --------------------------------------------------------------------------------------
+
+def test_fp16_manifest_hashes_and_vocab(fp32_dir, fp16_dir):
+    src, m = load_manifest(fp32_dir), load_manifest(fp16_dir)
+    verify_files(m)  # the new sha256s match the written files
+    assert m.precision == "fp16"
+    assert m.dims == src.dims and m.tokens == src.tokens
+    assert m.info["converted_from"]["sha256"] == src.sha256
+    assert m.sha256["encoder"] != src.sha256["encoder"]
+    assert (fp16_dir / m.files["vocab"]).read_bytes() == src.path("vocab").read_bytes()
+
+
+def test_fp16_keeps_contract_io_and_fp32_islands(fp32_dir, fp16_dir):
+    m = load_manifest(fp16_dir)
+    for role in ("encoder", "decoder_step"):
+        before = onnx.load(str(load_manifest(fp32_dir).path(role)))
+        after = onnx.load(str(m.path(role)))
+        io = lambda g: {v.name: v.type.tensor_type.elem_type  # noqa: E731
+                        for v in list(g.input) + list(g.output)}
+        assert io(after.graph) == io(before.graph)
+        # the weights really are FP16 (most of the bytes)
+        dtypes = [t.data_type for t in after.graph.initializer if len(t.dims) >= 2]
+        assert dtypes.count(onnx.TensorProto.FLOAT16) > dtypes.count(onnx.TensorProto.FLOAT)
+
+    step = onnx.load(str(m.path("decoder_step")))
+    onnx.shape_inference.infer_shapes(step)
+    typed = {v.name: v.type.tensor_type.elem_type
+             for v in onnx.shape_inference.infer_shapes(step).graph.value_info}
+    typed.update({v.name: v.type.tensor_type.elem_type for v in step.graph.output})
+    for node in step.graph.node:
+        if node.op_type in ("Softmax", "LogSoftmax", "TopK"):
+            assert typed.get(node.input[0]) == onnx.TensorProto.FLOAT, node.name
+    # the attention logits are computed in FP32: the Softmax input chain is blocked
+    original = onnx.load(str(load_manifest(fp32_dir).path("decoder_step")))
+    from edgecap.convert import name_nodes
+    name_nodes(original.graph)
+    kept = fp32_nodes(original.graph)
+    assert any(original.graph.node[i].op_type in ("MatMul", "Gemm")
+               for i, nd in enumerate(original.graph.node) if nd.name in kept)
+
+
+def test_fp16_agrees_with_fp32_stage_by_stage(fp32_dir, fp16_dir):
+    diffs = compare_stages(load_manifest(fp32_dir), load_manifest(fp16_dir), n_images=3)
+    # Stated tolerances (largest absolute difference, random-noise images): the encoder's
+    # outputs are O(1) and pass through ~50 FP16 convolutions (measured on the tiny exported
+    # model: features 0.2 at most, ~1% mean on real photos); the decoder step is fed the FP32
+    # encoder outputs, so it is judged on its own: ~3 significant digits.
+    for name in ("features", "att_proj", "h0", "c0"):
+        assert diffs[name] < 0.3, (name, diffs)
+    for name in ("h_out", "c_out", "alpha"):
+        assert diffs[name] < 1e-2, (name, diffs)
+    assert diffs["topk_logprobs"] < 2e-2, diffs
+    assert diffs["topk_ids_agree"] >= 0.5, diffs
+
+
+def test_fp16_steps_chain_on_onnxruntime_cpu(fp32_dir, fp16_dir):
+    """Several steps with beam reordering: same top words as FP32 where they are not near-ties."""
+    def run(directory):
+        m = load_manifest(directory)
+        enc = ort.InferenceSession(str(m.path("encoder")), providers=["CPUExecutionProvider"])
+        step = ort.InferenceSession(str(m.path("decoder_step")),
+                                    providers=["CPUExecutionProvider"])
+        h, w = m.preprocessing.size
+        images = np.random.default_rng(3).uniform(-1, 1, (2, 3, h, w)).astype(np.float32)
+        features, att_proj, hs, cs = enc.run(None, {"image": images})
+        image_index = np.array([0, 0, 1, 1], np.int32)
+        source_rows, tokens = image_index.copy(), np.full(4, m.tokens["start"], np.int32)
+        out = []
+        for _ in range(4):
+            lp, ids, hs, cs, _alpha = step.run(None, {
+                "tokens": tokens, "h": hs, "c": cs, "source_rows": source_rows,
+                "features": features, "att_proj": att_proj, "image_index": image_index})
+            out.append(lp)
+            tokens = ids[:, 0].astype(np.int32)
+            source_rows = np.array([1, 0, 3, 2], np.int32)
+        return np.stack(out)
+
+    np.testing.assert_allclose(run(fp16_dir), run(fp32_dir), atol=0.1)
+
+
+def test_convert_refuses_bad_targets(fp32_dir, fp16_dir, tmp_path):
+    with pytest.raises(ModelError, match="must differ"):
+        convert_model_dir(fp32_dir, fp32_dir, "fp16")
+    with pytest.raises(ModelError, match="not empty"):
+        convert_model_dir(fp32_dir, fp16_dir, "fp16")
+    with pytest.raises(ModelError, match="precision is 'fp16'"):
+        convert_model_dir(fp16_dir, tmp_path / "again", "fp16")
+    with pytest.raises(ValueError, match="precision"):
+        convert_model_dir(fp32_dir, tmp_path / "x", "fp8")
+    with pytest.raises(ValueError, match="calibration"):
+        convert_model_dir(fp32_dir, tmp_path / "y", "fp16", calibration=tmp_path)
+
+
+def test_convert_detects_corrupt_source(fp32_dir, tmp_path):
+    copy = tmp_path / "copy"
+    shutil.copytree(fp32_dir, copy)
+    data = (copy / "encoder.onnx").read_bytes()
+    (copy / "encoder.onnx").write_bytes(data[:-10])
+    with pytest.raises(ModelError, match="checksum"):
+        convert_model_dir(copy, tmp_path / "out", "fp16")
+
+
+def test_int8_dynamic_step_and_static_encoder(fp32_dir, tmp_path):
+    from PIL import Image
+
+    calib = tmp_path / "calib"
+    calib.mkdir()
+    rng = np.random.default_rng(0)
+    for i in range(3):
+        Image.fromarray(rng.integers(0, 255, (40, 50, 3), dtype=np.uint8)).save(calib / f"{i}.png")
+    m = convert_model_dir(fp32_dir, tmp_path / "int8", "int8", calibration=calib)
+    verify_files(m)
+    assert m.precision == "int8"
+    assert "calibrated on 3 images" in m.info["converted_from"]["encoder"]
+    step_ops = {nd.op_type for nd in onnx.load(str(m.path("decoder_step"))).graph.node}
+    assert step_ops & {"MatMulInteger", "DynamicQuantizeLinear", "DynamicQuantizeMatMul"}
+    enc_ops = {nd.op_type for nd in onnx.load(str(m.path("encoder"))).graph.node}
+    assert "QuantizeLinear" in enc_ops
+    diffs = compare_stages(load_manifest(fp32_dir), m)
+    assert all(np.isfinite(v) for v in diffs.values())
+
+
+def test_cli_convert(fp32_dir, tmp_path, capsys):
+    import argparse
+
+    from edgecap.commands import convert as command
+
+    parser = argparse.ArgumentParser()
+    command.add_arguments(parser)
+    args = parser.parse_args([str(fp32_dir), "--precision", "fp16", "--out", str(tmp_path / "o")])
+    rc = command.run(args)
+    out = capsys.readouterr().out
+    assert rc == 0, out
+    assert "wrote fp16 model" in out and "best word agrees" in out

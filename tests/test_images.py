@@ -1,0 +1,289 @@
+"""Input robustness: every supported input becomes RGB uint8, every bad one an InputError naming it.
+
+Fixture files are made here with Pillow (never dataset photos).
+"""
+
+from __future__ import annotations
+
+import io
+import struct
+import zlib
+
+import numpy as np
+import pytest
+from PIL import Image
+
+from edgecap import images
+from edgecap.errors import InputError
+from edgecap.preprocess import Preprocessing
+
+
+@pytest.fixture(autouse=True)
+def _restore_pixel_limit(monkeypatch):
+    """set_max_pixels and the env var are process-wide: undo them after each test."""
+    monkeypatch.delenv(images.MAX_PIXELS_ENV, raising=False)
+    monkeypatch.setattr(images, "_max_pixels_override", None)
+    monkeypatch.setattr(Image, "MAX_IMAGE_PIXELS", Image.MAX_IMAGE_PIXELS)
+
+
+def _save(im: Image.Image, path, **kwargs):
+    im.save(path, **kwargs)
+    return path
+
+
+def _rgb(color=(200, 30, 40), size=(16, 12)) -> Image.Image:
+    return Image.new("RGB", size, color)
+
+
+def _assert_input_error(image, source: str, *words: str, color: str = "rgb") -> InputError:
+    with pytest.raises(InputError) as info:
+        images.load_rgb(image, color)
+    err = info.value
+    assert err.source == source
+    assert source in str(err)
+    for word in words:
+        assert word in err.problem, (word, err.problem)
+    return err
+
+
+# -- files that cannot be read -----------------------------------------------------------------
+def test_missing_path(tmp_path):
+    path = str(tmp_path / "nope.jpg")
+    _assert_input_error(path, path, "no such file")
+
+
+def test_directory(tmp_path):
+    _assert_input_error(str(tmp_path), str(tmp_path), "directory")
+
+
+def test_empty_file(tmp_path):
+    path = tmp_path / "empty.jpg"
+    path.write_bytes(b"")
+    _assert_input_error(path, str(path), "0 bytes")
+
+
+def test_text_file_named_jpg(tmp_path):
+    path = tmp_path / "notes.jpg"
+    path.write_text("this is not a photo\n")
+    _assert_input_error(path, str(path), "not an image")
+
+
+def test_truncated_jpeg(tmp_path):
+    buf = io.BytesIO()
+    noise = np.random.default_rng(0).integers(0, 256, (64, 64, 3), dtype=np.uint8)
+    Image.fromarray(noise).save(buf, "JPEG", quality=95)
+    path = tmp_path / "cut.jpg"
+    path.write_bytes(buf.getvalue()[: len(buf.getvalue()) // 2])
+    _assert_input_error(path, str(path), "truncated")
+
+
+def test_empty_bytes():
+    _assert_input_error(b"", "<bytes (0 bytes)>", "0 bytes")
+
+
+def test_garbage_bytes():
+    _assert_input_error(b"\x00\x01garbage", "<bytes (9 bytes)>", "not an image")
+
+
+def test_unsupported_type():
+    _assert_input_error(12345, "<int>", "unsupported input type")
+
+
+def test_bad_color_argument():
+    with pytest.raises(ValueError, match="color"):
+        images.load_rgb(np.zeros((4, 4, 3), np.uint8), color="rgba")
+
+
+# -- unusual but valid files -------------------------------------------------------------------
+def test_png_with_alpha_goes_over_white(tmp_path):
+    im = Image.new("RGBA", (8, 8), (255, 0, 0, 0))     # fully transparent red
+    im.putpixel((0, 0), (0, 0, 255, 255))               # one opaque blue pixel
+    x = images.load_rgb_array(_save(im, tmp_path / "a.png"))
+    assert x.dtype == np.uint8 and x.shape == (8, 8, 3)
+    assert tuple(x[1, 1]) == (255, 255, 255)
+    assert tuple(x[0, 0]) == (0, 0, 255)
+
+
+def test_palette_png(tmp_path):
+    im = _rgb((10, 120, 250)).convert("P", palette=Image.Palette.ADAPTIVE)
+    x = images.load_rgb_array(_save(im, tmp_path / "p.png"))
+    assert x.shape == (12, 16, 3)
+    assert np.abs(x[0, 0].astype(int) - (10, 120, 250)).max() <= 8
+
+
+def test_palette_with_transparency(tmp_path):
+    im = Image.new("P", (4, 4), 1)
+    im.putpalette([0, 0, 0, 255, 0, 0] + [0] * 762)
+    x = images.load_rgb_array(_save(im, tmp_path / "t.png", transparency=1))
+    assert tuple(x[0, 0]) == (255, 255, 255)
+
+
+def test_cmyk_jpeg(tmp_path):
+    im = Image.new("CMYK", (10, 10), (0, 255, 255, 0))  # red in CMYK
+    x = images.load_rgb_array(_save(im, tmp_path / "cmyk.jpg"))
+    assert x.shape == (10, 10, 3)
+    assert x[5, 5, 0] > 200 and x[5, 5, 1] < 60 and x[5, 5, 2] < 60
+
+
+def test_16bit_png_is_scaled_not_clipped(tmp_path):
+    im = Image.fromarray(np.full((4, 5), 40000, np.uint16))
+    path = _save(im, tmp_path / "deep.png")
+    x = images.load_rgb_array(path)
+    assert x.shape == (4, 5, 3)
+    assert (x == 40000 // 257).all()
+
+
+def test_exif_rotation(tmp_path):
+    im = _rgb(size=(20, 10))
+    exif = Image.Exif()
+    exif[0x0112] = 6  # orientation: rotate 90 degrees clockwise to display
+    x = images.load_rgb_array(_save(im, tmp_path / "rot.jpg", exif=exif))
+    assert x.shape == (20, 10, 3)
+
+
+def test_animated_gif_first_frame(tmp_path):
+    frames = [Image.new("RGB", (6, 6), (255, 0, 0)), Image.new("RGB", (6, 6), (0, 0, 255))]
+    path = tmp_path / "anim.gif"
+    frames[0].save(path, save_all=True, append_images=frames[1:], duration=100, loop=0)
+    x = images.load_rgb_array(path)
+    assert x[0, 0, 0] > 200 and x[0, 0, 2] < 50
+
+
+def test_webp(tmp_path):
+    pytest.importorskip("PIL.WebPImagePlugin")
+    x = images.load_rgb_array(_save(_rgb(), tmp_path / "a.webp", lossless=True))
+    assert tuple(x[0, 0]) == (200, 30, 40)
+
+
+def test_one_pixel_image(tmp_path):
+    path = _save(Image.new("RGB", (1, 1), (1, 2, 3)), tmp_path / "dot.png")
+    x = images.preprocess([images.load_rgb(path)], Preprocessing())
+    assert x.shape == (1, 3, 224, 224) and x.dtype == np.float32
+    assert np.isfinite(x).all()
+
+
+def test_bytes_and_pil_inputs_match_path(tmp_path):
+    path = _save(_rgb(), tmp_path / "a.png")
+    from_path = images.load_rgb_array(path)
+    assert np.array_equal(images.load_rgb_array(path.read_bytes()), from_path)
+    assert np.array_equal(images.load_rgb_array(Image.open(path)), from_path)
+    assert np.array_equal(images.load_rgb_array(str(path)), from_path)
+
+
+def test_pil_input_is_not_modified():
+    im = Image.new("RGBA", (3, 3), (0, 0, 0, 0))
+    images.load_rgb(im)
+    assert im.mode == "RGBA" and im.getpixel((0, 0)) == (0, 0, 0, 0)
+
+
+def test_bundled_example_photos():
+    from importlib.resources import files
+
+    examples = files("edgecap") / "assets" / "examples"
+    for name in ("chelsea.png", "rocket.jpg"):
+        with examples.joinpath(name).open("rb") as f:
+            x = images.load_rgb_array(f.read())
+        assert x.ndim == 3 and x.shape[2] == 3 and x.dtype == np.uint8
+
+
+# -- decompression bombs -----------------------------------------------------------------------
+def _png_header_only(width: int, height: int) -> bytes:
+    """A PNG that claims a huge size: Pillow reads the header and stops (no pixels are decoded)."""
+    def chunk(kind: bytes, data: bytes) -> bytes:
+        return (struct.pack(">I", len(data)) + kind + data
+                + struct.pack(">I", zlib.crc32(kind + data) & 0xFFFFFFFF))
+    ihdr = struct.pack(">IIBBBBB", width, height, 8, 0, 0, 0, 0)
+    return (b"\x89PNG\r\n\x1a\n" + chunk(b"IHDR", ihdr) + chunk(b"IDAT", zlib.compress(b"\0" * 8))
+            + chunk(b"IEND", b""))
+
+
+def test_decompression_bomb_far_over_limit(tmp_path):
+    path = tmp_path / "bomb.png"
+    path.write_bytes(_png_header_only(100_000, 100_000))
+    _assert_input_error(path, str(path), "set_max_pixels", "EDGECAP_MAX_PIXELS")
+
+
+def test_set_max_pixels(tmp_path):
+    path = _save(_rgb(size=(20, 20)), tmp_path / "a.png")
+    images.set_max_pixels(100)
+    _assert_input_error(path, str(path), "400 pixels", "set_max_pixels")
+    images.set_max_pixels(400)
+    assert images.load_rgb_array(path).shape == (20, 20, 3)
+
+
+def test_set_max_pixels_above_pillow_limit_lets_pillow_open(tmp_path):
+    path = tmp_path / "big.png"
+    path.write_bytes(_png_header_only(100_000, 100_000))
+    images.set_max_pixels(10**10)
+    # Pillow no longer refuses the header; the (fake) pixel data then fails to decode.
+    _assert_input_error(path, str(path), "truncated")
+
+
+def test_env_var_limit(tmp_path, monkeypatch):
+    path = _save(_rgb(size=(20, 20)), tmp_path / "a.png")
+    monkeypatch.setenv(images.MAX_PIXELS_ENV, "50")
+    _assert_input_error(path, str(path), "over the limit of 50")
+
+
+def test_bad_limits(monkeypatch):
+    with pytest.raises(ValueError):
+        images.set_max_pixels(0)
+    monkeypatch.setenv(images.MAX_PIXELS_ENV, "lots")
+    with pytest.raises(ValueError, match=images.MAX_PIXELS_ENV):
+        images.max_pixels()
+
+
+# -- arrays ------------------------------------------------------------------------------------
+def test_rgb_array_passes_through():
+    x = np.random.default_rng(1).integers(0, 256, (5, 7, 3), dtype=np.uint8)
+    assert np.array_equal(images.load_rgb_array(x), x)
+
+
+def test_bgr_array():
+    bgr = np.zeros((2, 2, 3), np.uint8)
+    bgr[..., 0] = 255  # blue in OpenCV order
+    assert tuple(images.load_rgb_array(bgr, color="bgr")[0, 0]) == (0, 0, 255)
+    assert tuple(images.load_rgb_array(bgr[:, ::-1], color="bgr")[0, 0]) == (0, 0, 255)
+
+
+def test_grayscale_arrays():
+    for gray in (np.full((3, 4), 77, np.uint8), np.full((3, 4, 1), 77, np.uint8)):
+        x = images.load_rgb_array(gray)
+        assert x.shape == (3, 4, 3) and (x == 77).all()
+
+
+def test_rgba_and_bgra_arrays_over_white():
+    rgba = np.zeros((2, 2, 4), np.uint8)
+    rgba[0, 0] = (255, 0, 0, 255)
+    x = images.load_rgb_array(rgba)
+    assert tuple(x[0, 0]) == (255, 0, 0) and tuple(x[1, 1]) == (255, 255, 255)
+    assert tuple(images.load_rgb_array(rgba, color="bgr")[0, 0]) == (0, 0, 255)
+
+
+def test_float_and_uint16_arrays():
+    assert (images.load_rgb_array(np.full((2, 2, 3), 0.5, np.float32)) == 128).all()
+    assert (images.load_rgb_array(np.full((2, 2, 3), 65535, np.uint16)) == 255).all()
+
+
+@pytest.mark.parametrize("array, words", [
+    (np.zeros((4, 4, 3), np.int64), ["dtype int64"]),
+    (np.zeros((4, 4, 3), bool), ["dtype bool"]),
+    (np.zeros((4, 4, 2), np.uint8), ["got 2"]),
+    (np.zeros((3, 8, 8), np.uint8), ["channels-first"]),
+    (np.zeros((2, 4, 4, 3), np.uint8), ["4 dimensions"]),
+    (np.zeros((5,), np.uint8), ["1 dimensions"]),
+    (np.zeros((0, 4, 3), np.uint8), ["empty"]),
+    (np.full((4, 4, 3), np.nan, np.float32), ["NaN"]),
+    (np.full((4, 4, 3), 200.0), ["[0, 1]"]),
+])
+def test_bad_arrays(array, words):
+    _assert_input_error(array, f"<array {tuple(array.shape)} {array.dtype}>", *words)
+
+
+def test_preprocess_batch():
+    pre = Preprocessing()
+    batch = images.preprocess([images.load_rgb(np.zeros((30, 40, 3), np.uint8)),
+                               images.load_rgb(np.full((224, 224), 255, np.uint8))], pre)
+    assert batch.shape == (2, 3, 224, 224) and batch.dtype == np.float32
+    assert np.allclose(batch[0], -1.0) and np.allclose(batch[1], 1.0)
+    assert images.preprocess([], pre).shape == (0, 3, 224, 224)

@@ -1,0 +1,193 @@
+"""onnxruntime GPU helpers: provider selection (pure logic), attachment warnings (fake sessions),
+and the I/O-binding decoder: run for real on onnxruntime's CPU provider (device 'cpu'), and
+checked with FAKE OrtValues / bindings for the 'cuda' device strings (fake-based: no
+onnxruntime-gpu here, so the CUDA path itself has not run)."""
+
+from __future__ import annotations
+
+import types
+import warnings
+from pathlib import Path
+
+import numpy as np
+import pytest
+
+from edgecap.backends.ort_gpu import (CPU, CUDA, TENSORRT, IOBindingDecoder, attached_provider,
+                                      provider_names, select_providers, trt_profile_options,
+                                      warn_if_fallback)
+
+ALL = [TENSORRT, CUDA, CPU]
+
+
+def test_select_all_available_in_preference_order(tmp_path):
+    providers = select_providers(None, ALL, tmp_path)
+    assert [p[0] if isinstance(p, tuple) else p for p in providers] == ALL
+    name, options = providers[0]
+    assert options["trt_fp16_enable"] is True
+    assert options["trt_engine_cache_enable"] is True
+    assert options["trt_engine_cache_path"] == str(tmp_path)
+    assert options["trt_timing_cache_enable"] is True
+    assert providers[1] == (CUDA, {"device_id": 0})
+
+
+def test_select_keeps_only_available_and_cpu_fallback(tmp_path):
+    assert select_providers(None, [CPU], tmp_path) == [CPU]
+    assert select_providers("auto", [CUDA, CPU], tmp_path) == [(CUDA, {"device_id": 0}), CPU]
+    assert select_providers("cpu", ALL, tmp_path) == [CPU]
+    got = select_providers("tensorrt", ALL, tmp_path, fp16=False)
+    assert got[0][0] == TENSORRT and got[0][1]["trt_fp16_enable"] is False and got[-1] == CPU
+    assert select_providers(["cuda", "cpu"], ALL, None)[0] == (CUDA, {"device_id": 0})
+
+
+def test_select_warns_when_requested_provider_missing(tmp_path):
+    with pytest.warns(RuntimeWarning,
+                      match=r"CUDAExecutionProvider is not available.*edgecap\[gpu\]"):
+        assert select_providers("cuda", [CPU], tmp_path) == [CPU]
+    with warnings.catch_warnings():
+        warnings.simplefilter("error")
+        select_providers(None, [CPU], tmp_path)  # auto: no warning
+
+
+def test_provider_names_aliases_and_errors():
+    assert provider_names("trt,cuda") == [TENSORRT, CUDA]
+    assert provider_names(["GPU", CPU, "cpu"]) == [CUDA, CPU]
+    assert provider_names("OpenVINOExecutionProvider") == ["OpenVINOExecutionProvider"]
+    with pytest.raises(ValueError, match="unknown execution provider"):
+        provider_names("tpu")
+
+
+def test_fake_session_attachment_warning():
+    session = types.SimpleNamespace(get_providers=lambda: [CPU])
+    assert attached_provider(session) == CPU
+    with pytest.warns(RuntimeWarning, match="could not use CUDAExecutionProvider"):
+        assert warn_if_fallback(session, [(CUDA, {}), CPU]) == CPU
+    gpu = types.SimpleNamespace(get_providers=lambda: [CUDA, CPU])
+    with warnings.catch_warnings():
+        warnings.simplefilter("error")
+        assert warn_if_fallback(gpu, [(CUDA, {}), CPU]) == CUDA
+
+
+def test_trt_profile_options_from_manifest():
+    manifest = types.SimpleNamespace(
+        dims={"regions": 49, "feature_dim": 512, "attention_dim": 256, "hidden_dim": 512},
+        preprocessing=types.SimpleNamespace(size=(224, 224)))
+    enc = trt_profile_options(manifest, "encoder", 8, 5)
+    assert enc["trt_profile_max_shapes"] == "image:8x3x224x224"
+    step = trt_profile_options(manifest, "decoder_step", 8, 5)
+    assert "h:40x512" in step["trt_profile_max_shapes"]
+    assert "features:8x49x512" in step["trt_profile_max_shapes"]
+    assert "tokens:5" in step["trt_profile_opt_shapes"]
+    assert "h:1x512" in step["trt_profile_min_shapes"]
+
+
+# -- the I/O-binding decoder --------------------------------------------------------------------
+
+@pytest.fixture(scope="module")
+def model_dir(request, tmp_path_factory) -> Path:
+    pytest.importorskip("onnx")
+    try:
+        return Path(request.getfixturevalue("tiny_model_dir"))
+    except pytest.FixtureLookupError:
+        from test_convert import _contract_model_dir
+
+        return _contract_model_dir(tmp_path_factory.mktemp("contract-model"))
+
+
+def test_iobinding_decoder_on_cpu_matches_plain_run(model_dir):
+    ort = pytest.importorskip("onnxruntime")
+    from edgecap.manifest import load_manifest
+
+    m = load_manifest(model_dir)
+    enc = ort.InferenceSession(str(m.path("encoder")), providers=[CPU])
+    step = ort.InferenceSession(str(m.path("decoder_step")), providers=[CPU])
+    h, w = m.preprocessing.size
+    images = np.random.default_rng(0).uniform(-1, 1, (2, 3, h, w)).astype(np.float32)
+    image_index = np.array([0, 0, 1, 1], np.int32)
+    steps = [(np.full(4, m.tokens["start"], np.int32), image_index.copy()),
+             (np.array([5, 6, 7, 8], np.int32), np.array([1, 0, 3, 2], np.int32)),
+             (np.array([9, 9, 4, 4], np.int32), np.array([0, 0, 2, 3], np.int32))]
+
+    decoder = IOBindingDecoder(enc, step, device="cpu")
+    session = decoder.start(decoder.encode(images), image_index, return_attention=True)
+    got = [session.step(t, s) for t, s in steps]
+
+    features, att_proj, hs, cs = enc.run(None, {"image": images})
+    for (tokens, source_rows), result in zip(steps, got):
+        lp, ids, hs, cs, alpha = step.run(None, {
+            "tokens": tokens, "h": hs, "c": cs, "source_rows": source_rows,
+            "features": features, "att_proj": att_proj, "image_index": image_index})
+        np.testing.assert_allclose(result.topk_logprobs, lp, rtol=1e-6, atol=1e-6)
+        np.testing.assert_array_equal(result.topk_ids, ids)
+        np.testing.assert_allclose(result.alpha, alpha, rtol=1e-6, atol=1e-6)
+
+
+class _FakeValue:
+    def __init__(self, shape, device, tag):
+        self._shape, self.device, self.tag = tuple(shape), device, tag
+
+    def shape(self):
+        return list(self._shape)
+
+    def numpy(self):
+        assert self.device == "cpu", "copied a device tensor to the host"
+        return np.zeros(self._shape, np.float32)
+
+
+def test_fake_iobinding_keeps_state_on_cuda():
+    made = []
+
+    def from_shape(shape, dtype, device, idx):
+        made.append(_FakeValue(shape, device, f"state{len(made)}"))
+        return made[-1]
+
+    fake_ort = types.SimpleNamespace(OrtValue=types.SimpleNamespace(
+        ortvalue_from_numpy=lambda a, d, i: _FakeValue(a.shape, d, "image_index"),
+        ortvalue_from_shape_and_type=from_shape))
+
+    class Binding:
+        def __init__(self):
+            self.inputs, self.outputs, self.log = {}, [], []
+
+        def bind_cpu_input(self, name, array):
+            self.inputs[name] = ("cpu", array)
+
+        def bind_ortvalue_input(self, name, value):
+            self.inputs[name] = (value.device, value)
+
+        def bind_output(self, name, device, device_id=0):
+            self.outputs.append((name, _FakeValue((4, 3), device, name)))
+
+        def bind_ortvalue_output(self, name, value):
+            self.outputs.append((name, value))
+
+        def get_outputs(self):
+            return [v for _, v in self.outputs]
+
+        def clear_binding_outputs(self):
+            self.log.append({n: v for n, v in self.outputs})
+            self.outputs = []
+
+    binding = Binding()
+    step_session = types.SimpleNamespace(io_binding=lambda: binding,
+                                         run_with_iobinding=lambda b: None)
+    decoder = IOBindingDecoder.__new__(IOBindingDecoder)
+    decoder._ort, decoder.step_session = fake_ort, step_session
+    decoder.device, decoder.device_id = "cuda", 0
+    encoded = {"features": _FakeValue((2, 4, 8), "cuda", "features"),
+               "att_proj": _FakeValue((2, 4, 6), "cuda", "att_proj"),
+               "h0": _FakeValue((2, 10), "cuda", "h0"), "c0": _FakeValue((2, 10), "cuda", "c0")}
+    session = decoder.start(encoded, np.array([0, 0, 1, 1], np.int32))
+    assert binding.inputs["features"] == ("cuda", encoded["features"])
+    assert binding.inputs["image_index"][0] == "cuda"
+    assert [v.device for v in made] == ["cuda"] * 4 and made[0].shape() == [4, 10]
+
+    reads = []
+    for _ in range(3):
+        result = session.step(np.zeros(4, np.int32), np.arange(4, dtype=np.int32))
+        reads.append(binding.inputs["h"][1].tag)
+        assert result.alpha is None
+    writes = [entry["h_out"].tag for entry in binding.log]
+    assert reads == ["h0", writes[0], writes[1]]           # state never leaves the device
+    assert writes[0] != writes[1] and writes[2] == writes[0]  # ping-pong
+    assert all(entry["alpha"].device == "cuda" for entry in binding.log)  # not copied back
+    assert all(entry["topk_ids"].device == "cpu" for entry in binding.log)

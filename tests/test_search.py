@@ -1,0 +1,133 @@
+"""Beam search: against a plain list-based reference on a prefix-dependent fake model."""
+
+from __future__ import annotations
+
+import numpy as np
+import pytest
+
+from edgecap.search import SearchOptions, beam_search, length_normalised
+from fakes import END, START, PrefixHashBackend
+
+
+def reference_beam_search(backend, seed, beam, max_length, penalty=None):
+    """Textbook beam search, one image, lists and the full distribution."""
+    live = [([], 0.0, PrefixHashBackend.next_state(seed, START))]
+    finished = []
+    for t in range(max_length):
+        cands = []
+        for words, lp, state in live:
+            dist = backend.logprobs(state)
+            top = np.argsort(-dist, kind="stable")[: backend.top_k][: beam + 1]
+            for w in top:
+                cands.append((lp + dist[w], words, int(w), state))
+        cands.sort(key=lambda c: -c[0])  # stable: ties keep beam-then-rank order
+        live = []
+        for score, words, w, state in cands:
+            if len(live) == beam:
+                break
+            if w == END:
+                if t == 0:
+                    continue
+                if len(finished) < beam:
+                    finished.append((words, score, True))
+                continue
+            live.append((words + [w], score, PrefixHashBackend.next_state(state, w)))
+        if len(finished) >= beam:
+            break
+    else:
+        finished += [(w, lp, False) for w, lp, _ in live][: beam - len(finished)]
+    ranked = sorted(finished, key=lambda f: (-length_normalised(f[1], len(f[0]) + f[2], penalty),
+                                             -f[1]))
+    return ranked
+
+
+@pytest.mark.parametrize("beam", [1, 2, 3, 5])
+@pytest.mark.parametrize("end_bias", [-1.0, 1.5])
+def test_matches_reference_for_every_image_of_a_batch(beam, end_bias):
+    backend = PrefixHashBackend(vocab_size=9, top_k=5, end_bias=end_bias)
+    seeds = np.array([3, 11, 42, 7])
+    opts = SearchOptions(beam_size=beam, max_length=8, n_best=beam)
+    result = beam_search(backend, backend.encode(seeds), opts, START, END)
+    assert len(result) == len(seeds)
+    for seed, hyps in zip(seeds, result):
+        ref = reference_beam_search(backend, int(seed), beam, 8)
+        assert [h.tokens for h in hyps] == [r[0] for r in ref]
+        np.testing.assert_allclose([h.log_prob for h in hyps], [r[1] for r in ref], rtol=1e-5)
+
+
+def test_batch_equals_images_alone():
+    backend = PrefixHashBackend(end_bias=0.5)
+    seeds = np.array([5, 6, 7, 8, 9])
+    opts = SearchOptions(beam_size=3, max_length=10)
+    together = beam_search(backend, backend.encode(seeds), opts, START, END)
+    for seed, hyps in zip(seeds, together):
+        alone = beam_search(backend, backend.encode(np.array([seed])), opts, START, END)[0]
+        assert [h.tokens for h in hyps] == [h.tokens for h in alone]
+
+
+def test_beam_one_is_greedy():
+    backend = PrefixHashBackend(end_bias=0.5)
+    hyp = beam_search(backend, backend.encode(np.array([13])), SearchOptions(beam_size=1),
+                      START, END)[0][0]
+    state, words = PrefixHashBackend.next_state(13, START), []
+    while True:
+        dist = backend.logprobs(state)
+        if len(words) == 0:
+            dist[END] = -np.inf
+        w = int(np.argmax(dist))
+        if w == END or len(words) == 20:
+            break
+        words.append(w)
+        state = PrefixHashBackend.next_state(state, w)
+    assert hyp.tokens == words
+
+
+def test_never_empty_and_cut_at_max_length_when_end_is_unlikely():
+    backend = PrefixHashBackend(end_bias=-50.0)  # <end> practically never wins
+    result = beam_search(backend, backend.encode(np.arange(3)), SearchOptions(max_length=6),
+                         START, END)
+    for hyps in result:
+        assert len(hyps[0].tokens) == 6 and not hyps[0].finished
+
+
+def test_first_word_is_never_end():
+    backend = PrefixHashBackend(end_bias=50.0)  # <end> always the likeliest word
+    for hyps in beam_search(backend, backend.encode(np.arange(4)), SearchOptions(beam_size=3),
+                            START, END):
+        assert len(hyps[0].tokens) == 1 and hyps[0].finished
+
+
+def test_stops_early_when_every_image_is_done():
+    backend = PrefixHashBackend(end_bias=3.0)
+    beam_search(backend, backend.encode(np.arange(2)), SearchOptions(max_length=20), START, END)
+    assert backend.steps < 20
+
+
+def test_n_best_sorted_and_deterministic():
+    backend = PrefixHashBackend(end_bias=0.5)
+    opts = SearchOptions(beam_size=4, n_best=4)
+    a = beam_search(backend, backend.encode(np.array([21])), opts, START, END)[0]
+    b = beam_search(backend, backend.encode(np.array([21])), opts, START, END)[0]
+    assert [h.tokens for h in a] == [h.tokens for h in b]
+    scores = [h.score for h in a]
+    assert scores == sorted(scores, reverse=True) and len(a) == 4
+
+
+def test_attention_follows_the_reordered_rows():
+    backend = PrefixHashBackend(end_bias=0.5)
+    hyps = beam_search(backend, backend.encode(np.array([4, 9])),
+                       SearchOptions(beam_size=3, return_attention=True), START, END)
+    for seed, (hyp,) in zip([4, 9], hyps):
+        state = PrefixHashBackend.next_state(seed, START)
+        assert hyp.attention.shape == (len(hyp.tokens), 4)
+        for i, w in enumerate(hyp.tokens):
+            assert hyp.attention[i, 0] == pytest.approx(0.25 + (state % 7) / 100.0, abs=1e-6)
+            state = PrefixHashBackend.next_state(state, w)
+
+
+@pytest.mark.parametrize("bad", [dict(beam_size=0), dict(beam_size=6), dict(max_length=0),
+                                 dict(n_best=4, beam_size=3), dict(length_penalty=-1.0)])
+def test_bad_options_are_rejected(bad):
+    backend = PrefixHashBackend(top_k=5)
+    with pytest.raises(ValueError):
+        beam_search(backend, backend.encode(np.array([1])), SearchOptions(**bad), START, END)

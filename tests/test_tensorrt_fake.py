@@ -1,0 +1,670 @@
+"""TensorRT backend and engine building, tested against FAKES (fake-based tests).
+
+No TensorRT or GPU here: ``FakeTRT`` implements exactly the calls edgecap makes (builder, network
+flags, parser, profile, timing cache, runtime, engine, execution context), with the attributes
+that differ between TensorRT 8.5, 8.6, 10.3, 10.12 and 11. Its "engine" executes the parsed
+ONNX with onnxruntime CPU, reading and writing a fake device memory at the addresses the backend
+set, so buffer bookkeeping, ping-pong state and the step loop are checked against plain
+onnxruntime. None of this proves the code runs on real TensorRT.
+"""
+
+from __future__ import annotations
+
+import base64
+import ctypes
+import io
+import json
+import sys
+import types
+from pathlib import Path
+
+import numpy as np
+import pytest
+
+onnx = pytest.importorskip("onnx")
+ort = pytest.importorskip("onnxruntime")
+
+from edgecap.backends.tensorrt import TensorRTBackend  # noqa: E402
+from edgecap.errors import BackendError  # noqa: E402
+from edgecap.manifest import load_manifest  # noqa: E402
+from edgecap.trt import check_version, import_tensorrt, parse_version  # noqa: E402
+from edgecap.trt.cuda import CudaDevice, CudaPythonDevice  # noqa: E402
+from edgecap.trt.engines import (EngineCache, Limits, Target, build_all,  # noqa: E402
+                                 engine_filename, profile_shapes)
+
+MAGIC = b"FAKE-TRT-ENGINE\n"
+
+
+# -- fakes --------------------------------------------------------------------------------------
+
+class FakeDevice(CudaDevice):
+    """Device memory as numpy byte arrays keyed by fake addresses; counts every call."""
+
+    def __init__(self, name="Orin", cc=(8, 7)):
+        self.name, self.compute_capability = name, cc
+        self.memory: dict[int, np.ndarray] = {}
+        self.pinned: list[int] = []
+        self.streams: list[str] = []
+        self.calls = {"htod": 0, "dtoh": 0, "sync": 0}
+        self._next = 0x10000
+        self.closed = False
+
+    def alloc(self, nbytes):
+        ptr = self._next
+        self._next += (nbytes + 0xFFF) // 0x1000 * 0x1000 + 0x1000
+        self.memory[ptr] = np.full(nbytes, 0xCD, np.uint8)  # garbage, like cudaMalloc
+        return ptr
+
+    def free(self, ptr):
+        del self.memory[ptr]  # KeyError on a double free
+
+    def host_array(self, shape, dtype):
+        array = np.zeros(shape, dtype)
+        self.pinned.append(id(array))
+        return array
+
+    def free_host(self, array):
+        self.pinned.remove(id(array))
+
+    def create_stream(self):
+        self.streams.append("stream")
+        return "stream"
+
+    def stream_handle(self, stream):
+        return 1234
+
+    def destroy_stream(self, stream):
+        self.streams.remove(stream)
+
+    def copy_to_device(self, dst, src, stream):
+        assert src.flags.c_contiguous
+        raw = src.view(np.uint8).ravel()
+        assert raw.size <= self.memory[dst].size, "copy past the end of a device buffer"
+        self.memory[dst][:raw.size] = raw
+        self.calls["htod"] += 1
+
+    def copy_to_host(self, dst, src, stream):
+        n = dst.nbytes
+        assert n <= self.memory[src].size
+        dst[...] = self.memory[src][:n].view(dst.dtype).reshape(dst.shape)
+        self.calls["dtoh"] += 1
+
+    def synchronize(self, stream):
+        self.calls["sync"] += 1
+
+    def close(self):
+        self.closed = True
+
+    # for the fake engine
+    def read(self, ptr, shape, dtype):
+        n = int(np.prod(shape)) * np.dtype(dtype).itemsize
+        return self.memory[ptr][:n].view(dtype).reshape(shape).copy()
+
+    def write(self, ptr, array):
+        raw = np.ascontiguousarray(array).view(np.uint8).ravel()
+        assert raw.size <= self.memory[ptr].size, "engine wrote past a buffer"
+        self.memory[ptr][:raw.size] = raw
+
+
+_ONNX_TO_NP = {1: np.float32, 6: np.int32, 7: np.int64, 10: np.float16}
+
+
+def make_fake_trt(version: str, device: FakeDevice):
+    """A ``tensorrt`` module with the attributes of ``version`` and the calls edgecap uses."""
+    v = parse_version(version)
+    trt = types.ModuleType("tensorrt")
+    trt.__version__ = version
+    trt.stats = {"builds": [], "deserialized": 0, "executions": []}
+
+    class Logger:
+        WARNING = "warning"
+
+        def __init__(self, level):
+            self.level = level
+
+    flags = {}
+    if v < (11, 0):
+        flags["EXPLICIT_BATCH"] = 0
+    if v >= (10, 0):
+        flags["STRONGLY_TYPED"] = 5
+    builder_flags = {"PREFER_PRECISION_CONSTRAINTS": 8}
+    if v < (11, 0):
+        builder_flags["FP16"] = 0
+    trt.Logger = Logger
+    trt.NetworkDefinitionCreationFlag = types.SimpleNamespace(**flags)
+    trt.BuilderFlag = types.SimpleNamespace(**builder_flags)
+    trt.MemoryPoolType = types.SimpleNamespace(WORKSPACE="workspace")
+    trt.TensorIOMode = types.SimpleNamespace(INPUT="input", OUTPUT="output")
+    trt.LayerType = types.SimpleNamespace(SOFTMAX="softmax", TOPK="topk", OTHER="other")
+    trt.float32, trt.float16, trt.int32, trt.int64 = 1, 10, 6, 7
+    trt.nptype = lambda dt: _ONNX_TO_NP[dt]
+
+    class Layer:
+        def __init__(self, kind):
+            self.type, self.precision, self.num_outputs, self.output_types = kind, None, 1, {}
+
+        def set_output_type(self, i, dtype):
+            self.output_types[i] = dtype
+
+    class Network:
+        def __init__(self, flags):
+            valid = sum(1 << f for f in flags_values)
+            assert flags & ~valid == 0, "unknown network flag"
+            self.flags, self.inputs, self.layers, self.onnx = flags, [], [], None
+
+        @property
+        def num_inputs(self):
+            return len(self.inputs)
+
+        def get_input(self, i):
+            return self.inputs[i]
+
+        @property
+        def num_layers(self):
+            return len(self.layers)
+
+        def get_layer(self, i):
+            return self.layers[i]
+
+    flags_values = list(flags.values())
+
+    class OnnxParser:
+        def __init__(self, network, logger):
+            self.network, self.errors = network, []
+
+        def parse(self, data):
+            try:
+                model = onnx.load_from_string(data)
+            except Exception as exc:  # noqa: BLE001
+                self.errors.append(str(exc))
+                return False
+            self.network.onnx = data
+            for vi in model.graph.input:
+                dims = tuple(d.dim_value if d.HasField("dim_value") else -1
+                             for d in vi.type.tensor_type.shape.dim)
+                self.network.inputs.append(types.SimpleNamespace(name=vi.name, shape=dims))
+            kinds = {"Softmax": "softmax", "LogSoftmax": "softmax", "TopK": "topk"}
+            self.network.layers = [Layer(kinds.get(n.op_type, "other")) for n in model.graph.node]
+            return True
+
+        @property
+        def num_errors(self):
+            return len(self.errors)
+
+        def get_error(self, i):
+            return self.errors[i]
+
+    class TimingCache:
+        def __init__(self, data):
+            self.data = bytes(data)
+
+        def serialize(self):
+            return self.data + b"t"
+
+    class Config:
+        def __init__(self):
+            self.flags, self.profiles, self.pool, self.cache = set(), [], {}, None
+
+        def set_flag(self, flag):
+            self.flags.add(flag)
+
+        def set_memory_pool_limit(self, pool, size):
+            self.pool[pool] = size
+
+        def add_optimization_profile(self, profile):
+            self.profiles.append(profile)
+            return len(self.profiles) - 1
+
+        def create_timing_cache(self, data):
+            return TimingCache(data)
+
+        def set_timing_cache(self, cache, ignore_mismatch):
+            self.cache = cache
+            return True
+
+        def get_timing_cache(self):
+            return self.cache
+
+    class Profile:
+        def __init__(self):
+            self.shapes = {}
+
+        def set_shape(self, name, lo, opt, hi):
+            assert all(a <= b <= c for a, b, c in zip(lo, opt, hi)), (name, lo, opt, hi)
+            self.shapes[name] = (tuple(lo), tuple(opt), tuple(hi))
+
+    class Builder:
+        def __init__(self, logger):
+            pass
+
+        def create_network(self, flags):
+            return Network(flags)
+
+        def create_builder_config(self):
+            return Config()
+
+        def create_optimization_profile(self):
+            return Profile()
+
+        def build_serialized_network(self, network, config):
+            assert len(config.profiles) == 1
+            model = onnx.load_from_string(network.onnx)
+            record = {
+                "version": version, "network_flags": network.flags,
+                "builder_flags": sorted(config.flags),
+                "profile": {k: [list(s) for s in v] for k, v in config.profiles[0].shapes.items()},
+                "fp16_weights": any(t.data_type == 10 for t in model.graph.initializer),
+                "pinned": [layer.type for layer in network.layers if layer.precision == 1],
+                "timing_cache_in": config.cache.data.decode() if config.cache else None,
+                "onnx": base64.b64encode(network.onnx).decode(),
+            }
+            trt.stats["builds"].append(record)
+            return MAGIC + json.dumps(record).encode()
+
+    class Engine:
+        def __init__(self, record):
+            self.record = record
+            model = onnx.load_from_string(base64.b64decode(record["onnx"]))
+            self.session = ort.InferenceSession(model.SerializeToString(),
+                                                providers=["CPUExecutionProvider"])
+            self.io = {}
+            for vi, mode in [(x, "input") for x in model.graph.input] + \
+                            [(x, "output") for x in model.graph.output]:
+                dims = tuple(d.dim_value if d.HasField("dim_value") else -1
+                             for d in vi.type.tensor_type.shape.dim)
+                self.io[vi.name] = (mode, vi.type.tensor_type.elem_type, dims)
+            self.names = list(self.io)
+
+        @property
+        def num_io_tensors(self):
+            return len(self.names)
+
+        def get_tensor_name(self, i):
+            return self.names[i]
+
+        def get_tensor_mode(self, name):
+            return self.io[name][0]
+
+        def get_tensor_dtype(self, name):
+            return self.io[name][1]
+
+        def get_tensor_shape(self, name):
+            return self.io[name][2]
+
+        def create_execution_context(self):
+            return Context(self)
+
+    class Context:
+        def __init__(self, engine):
+            self.engine, self.shapes, self.addresses = engine, {}, {}
+
+        def set_input_shape(self, name, shape):
+            lo, _, hi = self.engine.record["profile"][name]
+            if not all(a <= s <= b for a, s, b in zip(lo, shape, hi)):
+                return False
+            self.shapes[name] = tuple(shape)
+            return True
+
+        def set_tensor_address(self, name, ptr):
+            assert name in self.engine.io
+            self.addresses[name] = ptr
+            return True
+
+        def execute_async_v3(self, stream_handle):
+            assert stream_handle == 1234
+            feeds = {}
+            for name, (mode, dtype, _) in self.engine.io.items():
+                if mode == "input":
+                    feeds[name] = device.read(self.addresses[name], self.shapes[name],
+                                              _ONNX_TO_NP[dtype])
+            outputs = [n for n, (m, _, _) in self.engine.io.items() if m == "output"]
+            for name, value in zip(outputs, self.engine.session.run(outputs, feeds)):
+                device.write(self.addresses[name], value)
+            trt.stats["executions"].append(dict(self.addresses))
+            return True
+
+    class Runtime:
+        def __init__(self, logger):
+            pass
+
+        def deserialize_cuda_engine(self, data):
+            if not data.startswith(MAGIC):
+                return None
+            record = json.loads(data[len(MAGIC):])
+            if record["version"] != version:
+                return None
+            trt.stats["deserialized"] += 1
+            return Engine(record)
+
+    trt.Builder, trt.OnnxParser, trt.Runtime = Builder, OnnxParser, Runtime
+    return trt
+
+
+# -- fixtures -----------------------------------------------------------------------------------
+
+@pytest.fixture(scope="module")
+def model_dir(request, tmp_path_factory) -> Path:
+    try:
+        return Path(request.getfixturevalue("tiny_model_dir"))
+    except pytest.FixtureLookupError:
+        from test_convert import _contract_model_dir
+
+        return _contract_model_dir(tmp_path_factory.mktemp("contract-model"))
+
+
+@pytest.fixture
+def device():
+    return FakeDevice()
+
+
+def install(monkeypatch, version, device):
+    trt = make_fake_trt(version, device)
+    monkeypatch.setitem(sys.modules, "tensorrt", trt)
+    return trt
+
+
+def reference_run(manifest, images, image_index, steps):
+    """Plain onnxruntime: the numbers the TensorRT backend must reproduce."""
+    enc = ort.InferenceSession(str(manifest.path("encoder")), providers=["CPUExecutionProvider"])
+    step = ort.InferenceSession(str(manifest.path("decoder_step")),
+                                providers=["CPUExecutionProvider"])
+    features, att_proj, h, c = enc.run(None, {"image": images})
+    results = []
+    for tokens, source_rows in steps:
+        lp, ids, h, c, alpha = step.run(None, {
+            "tokens": tokens, "h": h, "c": c, "source_rows": source_rows, "features": features,
+            "att_proj": att_proj, "image_index": image_index})
+        results.append((lp, ids, alpha))
+    return results
+
+
+def some_steps(manifest, rows, n_steps=4, seed=0):
+    rng = np.random.default_rng(seed)
+    image_index = np.repeat(np.arange(rows // 3, dtype=np.int32), 3)
+    steps = [(np.full(rows, manifest.tokens["start"], np.int32), image_index.copy())]
+    for _ in range(n_steps - 1):
+        tokens = rng.integers(0, manifest.dims["vocab_size"], rows).astype(np.int32)
+        # reorder beams within each image, as the search does (integer source rows)
+        source = np.concatenate([3 * i + rng.permutation(3) for i in range(rows // 3)])
+        steps.append((tokens, source.astype(np.int32)))
+    return image_index, steps
+
+
+# -- version handling ---------------------------------------------------------------------------
+
+def test_fake_tensorrt_missing_names_the_extra(monkeypatch):
+    monkeypatch.setitem(sys.modules, "tensorrt", None)
+    with pytest.raises(BackendError,
+                       match=r"pip install 'edgecap\[tensorrt\]'.*python3-libnvinfer"):
+        import_tensorrt()
+
+
+@pytest.mark.parametrize("version", ["8.2.1.8", "7.1.3"])
+def test_fake_tensorrt_too_old(version):
+    with pytest.raises(BackendError, match="8.5 or newer.*JetPack 4.6"):
+        check_version(version)
+
+
+@pytest.mark.parametrize("version,explicit_batch,strongly_typed,fp16_flag,fp16_onnx", [
+    ("8.5.2.2", True, False, True, False),    # JetPack 5.1
+    ("8.6.2.3", True, False, True, False),    # JetPack 6.0
+    ("10.3.0.30", False, False, True, False),  # JetPack 6.1 / 6.2
+    ("10.12.0.36", False, True, False, True),  # FP16 flag deprecated: strongly typed FP16 ONNX
+    ("11.0.0.1", False, True, False, True),    # no FP16 flag, no explicit-batch flag
+])
+def test_fake_build_version_branches(monkeypatch, tmp_path, model_dir, device, version,
+                                     explicit_batch, strongly_typed, fp16_flag, fp16_onnx):
+    trt = install(monkeypatch, version, device)
+    manifest = load_manifest(model_dir)
+    paths = build_all(manifest, "fp16", Limits(4, 3), tmp_path, device=device, log=io.StringIO())
+    assert [p.exists() for p in paths] == [True, True]
+    for record in trt.stats["builds"]:
+        flags = record["network_flags"]
+        assert bool(flags & 1) == explicit_batch          # EXPLICIT_BATCH = bit 0
+        assert bool(flags & (1 << 5)) == strongly_typed    # STRONGLY_TYPED = bit 5
+        assert (0 in record["builder_flags"]) == fp16_flag  # BuilderFlag.FP16 = 0
+        assert record["fp16_weights"] == fp16_onnx
+    step = trt.stats["builds"][1]
+    if fp16_flag:  # weakly typed FP16: the step's softmaxes and top-k pinned to FP32
+        assert {"softmax", "topk"} <= set(step["pinned"])
+    assert not device.memory  # building allocates nothing on the device
+
+
+def test_fake_build_fp32_on_11_is_strongly_typed_without_fp16(monkeypatch, tmp_path, model_dir,
+                                                               device):
+    trt = install(monkeypatch, "11.0.0.1", device)
+    build_all(load_manifest(model_dir), "fp32", Limits(2, 2), tmp_path, device=device,
+              log=io.StringIO())
+    assert all(not r["fp16_weights"] and r["builder_flags"] == [] for r in trt.stats["builds"])
+
+
+# -- profile shapes and cache keys --------------------------------------------------------------
+
+def test_fake_profile_shapes_cover_rows_images_and_state():
+    limits = Limits(max_batch=8, max_beam=5)
+    step = profile_shapes("decoder_step", {
+        "tokens": (-1,), "h": (-1, 512), "c": (-1, 512), "source_rows": (-1,),
+        "features": (-1, 49, 512), "att_proj": (-1, 49, 256), "image_index": (-1,)}, limits)
+    assert step["tokens"] == ((1,), (5,), (40,))
+    assert step["h"] == ((1, 512), (5, 512), (40, 512))   # S: N on the first step, R after
+    assert step["features"] == ((1, 49, 512), (1, 49, 512), (8, 49, 512))
+    enc = profile_shapes("encoder", {"image": (-1, 3, 224, 224)}, limits)
+    assert enc["image"] == ((1, 3, 224, 224), (1, 3, 224, 224), (8, 3, 224, 224))
+    from edgecap.errors import ModelError
+    with pytest.raises(ModelError, match="only the first"):
+        profile_shapes("encoder", {"image": (-1, 3, -1, -1)}, limits)
+    with pytest.raises(ModelError, match="contract"):
+        profile_shapes("encoder", {"pixels": (-1, 3, 8, 8)}, limits)
+    with pytest.raises(ValueError):
+        Limits(0, 5)
+
+
+def test_fake_engine_filename_encodes_everything():
+    target = Target("NVIDIA GeForce RTX 4090", (8, 9), "10.3.0.26")
+    name = engine_filename("decoder_step", "ab" * 32, target, "fp16", Limits(8, 5))
+    assert name == ("decoder_step-abababababababab-nvidia-geforce-rtx-4090-sm89-trt10.3.0.26"
+                    "-fp16-b8k5.engine")
+    names = {engine_filename(r, h, t, p, lim)
+             for r in ("encoder", "decoder_step") for h in ("a" * 64, "b" * 64)
+             for t in (target, Target("Orin", (8, 7), "10.3.0.26"),
+                       Target("Orin", (8, 7), "8.6.2"))
+             for p in ("fp16", "fp32") for lim in (Limits(8, 5), Limits(8, 3), Limits(4, 5))}
+    # encoder names ignore max_beam (the encoder engine does not depend on it)
+    assert len(names) == 2 * 3 * 2 * (3 + 2)
+
+
+def test_fake_engine_cache_reuse_rebuild_and_timing_cache(monkeypatch, tmp_path, model_dir,
+                                                           device):
+    trt = install(monkeypatch, "10.3.0.30", device)
+    manifest = load_manifest(model_dir)
+    log = io.StringIO()
+    cache = EngineCache(trt, Target(device.name, device.compute_capability, trt.__version__),
+                        tmp_path, log)
+    limits = Limits(2, 3)
+    cache.load(manifest, "encoder", "fp16", limits)
+    assert len(trt.stats["builds"]) == 1 and "no cached TensorRT engine" in log.getvalue()
+    timing = list(tmp_path.glob("timing-orin-sm87-trt10.3.0.30.cache"))
+    assert timing and timing[0].read_bytes() == b"t"
+
+    cache.load(manifest, "encoder", "fp16", limits)            # from the cache: no build
+    assert len(trt.stats["builds"]) == 1
+
+    cache.load(manifest, "decoder_step", "fp16", limits)       # the timing cache is reused
+    assert trt.stats["builds"][-1]["timing_cache_in"] == "t"
+
+    engine_path = cache.path(manifest, "encoder", "fp16", limits)
+    engine_path.write_bytes(b"truncated")                      # fails to deserialize: rebuilt
+    cache.load(manifest, "encoder", "fp16", limits)
+    assert len(trt.stats["builds"]) == 3 and "rebuilding" in log.getvalue()
+    assert engine_path.read_bytes().startswith(MAGIC)
+
+    # an engine from another TensorRT version does not load there: rebuilt under a new name
+    trt11 = install(monkeypatch, "11.0.0.1", device)
+    other = EngineCache(trt11, Target(device.name, device.compute_capability, "11.0.0.1"),
+                        tmp_path, log)
+    assert other.path(manifest, "encoder", "fp16", limits) != engine_path
+
+
+# -- the backend: buffers, ping-pong state, the step loop ---------------------------------------
+
+@pytest.mark.parametrize("version,precision", [("8.6.2.3", "fp32"), ("10.12.0.36", "fp16")])
+def test_fake_backend_matches_onnxruntime(monkeypatch, tmp_path, model_dir, device, version,
+                                          precision):
+    trt = install(monkeypatch, version, device)
+    manifest = load_manifest(model_dir)
+    h, w = manifest.preprocessing.size
+    images = np.random.default_rng(1).uniform(-1, 1, (2, 3, h, w)).astype(np.float32)
+    image_index, steps = some_steps(manifest, rows=6)
+    err = io.StringIO()
+    backend = TensorRTBackend(manifest, precision=precision, max_batch=2, max_beam=3,
+                              cache_dir=tmp_path, device=device, log=err)
+    assert "building the TensorRT" in err.getvalue()
+    assert backend.top_k == manifest.dims["top_k"] and backend.n_regions == manifest.dims["regions"]
+    allocated = set(device.memory)
+
+    encoded = backend.encode(images)
+    session = backend.start(encoded, image_index, return_attention=True)
+    got = []
+    for tokens, source_rows in steps:
+        before = dict(device.calls)
+        got.append(session.step(tokens, source_rows))
+        assert device.calls["sync"] - before["sync"] == 1   # one sync per step
+        assert device.calls["dtoh"] - before["dtoh"] == 3   # logprobs, ids, alpha only
+        assert device.calls["htod"] - before["htod"] == 2   # tokens, source_rows only
+    assert set(device.memory) == allocated                 # nothing allocated per step
+
+    if precision == "fp32":  # the fake engine ran the same ONNX: identical numbers
+        for (lp, ids, alpha), r in zip(reference_run(manifest, images, image_index, steps), got):
+            np.testing.assert_allclose(r.topk_logprobs, lp, rtol=1e-6, atol=1e-6)
+            np.testing.assert_array_equal(r.topk_ids, ids)
+            np.testing.assert_allclose(r.alpha, alpha, rtol=1e-6, atol=1e-6)
+            assert r.topk_ids.dtype == np.int32 and r.topk_logprobs.dtype == np.float32
+    else:
+        ref = reference_run(manifest, images, image_index, steps)
+        for (lp, _, _), r in zip(ref, got):
+            np.testing.assert_allclose(r.topk_logprobs, lp, atol=0.05)
+
+    # ping-pong: h0 first, then the two state buffers alternate; never read and write one buffer
+    step_runs = [e for e in trt.stats["executions"] if "h_out" in e]
+    assert step_runs[0]["h"] != step_runs[0]["h_out"]
+    assert [e["h"] for e in step_runs[1:]] == [e["h_out"] for e in step_runs[:-1]]
+    assert step_runs[2]["h_out"] == step_runs[0]["h_out"] != step_runs[1]["h_out"]
+    assert len({e["h_out"] for e in step_runs}) == 2
+    assert all(e["h"] != e["h_out"] and e["c"] != e["c_out"] for e in step_runs)
+    # the step reads the image tensors where the encoder wrote them
+    enc_run = trt.stats["executions"][0]
+    assert step_runs[0]["features"] == enc_run["features"]
+    assert step_runs[0]["h"] == enc_run["h0"]
+
+    backend.close()
+    assert device.memory == {} and device.pinned == [] and device.streams == []
+    backend.close()  # idempotent
+    with pytest.raises(BackendError, match="closed"):
+        backend.encode(images)
+
+
+def test_fake_backend_skips_attention_copy_and_reuses_engines(monkeypatch, tmp_path, model_dir,
+                                                              device):
+    trt = install(monkeypatch, "10.3.0.30", device)
+    manifest = load_manifest(model_dir)
+    h, w = manifest.preprocessing.size
+    images = np.zeros((1, 3, h, w), np.float32)
+    with TensorRTBackend(manifest, "fp16", 1, 3, tmp_path, device=device,
+                         log=io.StringIO()) as backend:
+        session = backend.start(backend.encode(images), np.zeros(3, np.int32))
+        before = device.calls["dtoh"]
+        result = session.step(np.ones(3, np.int32), np.zeros(3, np.int32))
+        assert device.calls["dtoh"] - before == 2 and result.alpha is None
+        assert "tensorrt 10.3.0.30 fp16 on Orin (sm87)" in backend.describe()
+    assert device.memory == {}
+    builds = len(trt.stats["builds"])
+    err = io.StringIO()
+    with TensorRTBackend(manifest, "fp16", 1, 3, tmp_path, device=device, log=err):
+        pass
+    assert len(trt.stats["builds"]) == builds and err.getvalue() == ""  # loaded from cache
+
+
+def test_fake_backend_rejects_stale_and_oversized_use(monkeypatch, tmp_path, model_dir, device):
+    install(monkeypatch, "8.5.2.2", device)
+    manifest = load_manifest(model_dir)
+    h, w = manifest.preprocessing.size
+    images = np.zeros((2, 3, h, w), np.float32)
+    with TensorRTBackend(manifest, "fp16", 2, 2, tmp_path, device=device,
+                         log=io.StringIO()) as backend:
+        with pytest.raises(BackendError, match="1 to 2"):
+            backend.encode(np.zeros((3, 3, h, w), np.float32))
+        with pytest.raises(BackendError, match="images must be"):
+            backend.encode(np.zeros((1, 3, h + 1, w), np.float32))
+        first = backend.encode(images)
+        old = backend.start(first, np.array([0, 0, 1, 1], np.int32))
+        with pytest.raises(BackendError, match=r"\[0, 2\)"):
+            old.step(np.ones(4, np.int32), np.array([0, 1, 2, 3], np.int32))  # S = N = 2
+        new = backend.start(first, np.array([0, 1], np.int32))
+        with pytest.raises(BackendError, match="later start"):
+            old.step(np.ones(4, np.int32), np.zeros(4, np.int32))
+        with pytest.raises(BackendError, match="shape"):
+            new.step(np.ones(3, np.int32), np.zeros(3, np.int32))
+        backend.encode(images)
+        with pytest.raises(BackendError, match="overwritten"):
+            backend.start(first, np.zeros(2, np.int32))
+        with pytest.raises(BackendError, match="rows"):
+            backend.start(backend.encode(images), np.zeros(5, np.int32))
+
+
+# -- cuda-python device: every call checked -----------------------------------------------------
+
+def make_fake_cudart(fail: str | None = None):
+    rt = types.SimpleNamespace()
+    rt.cudaError_t = types.SimpleNamespace(cudaSuccess=0)
+    rt.cudaMemcpyKind = types.SimpleNamespace(cudaMemcpyHostToDevice=1, cudaMemcpyDeviceToHost=2)
+    rt.host = {}
+    rt.calls = []
+
+    def call(name, *values):
+        def fn(*args):
+            rt.calls.append((name, args))
+            return (2, *values) if name == fail else (0, *values)
+        return fn
+
+    def malloc_host(n):
+        buf = ctypes.create_string_buffer(n)
+        rt.host[ctypes.addressof(buf)] = buf
+        rt.calls.append(("cudaMallocHost", (n,)))
+        return (0, ctypes.addressof(buf))
+
+    rt.cudaSetDevice = call("cudaSetDevice")
+    rt.cudaGetDeviceProperties = call("cudaGetDeviceProperties", types.SimpleNamespace(
+        name=b"Orin\0\0\0", major=8, minor=7))
+    rt.cudaMalloc = call("cudaMalloc", 0xABC000)
+    rt.cudaFree = call("cudaFree")
+    rt.cudaMallocHost = malloc_host
+    rt.cudaFreeHost = call("cudaFreeHost")
+    rt.cudaStreamCreate = call("cudaStreamCreate", 77)
+    rt.cudaStreamDestroy = call("cudaStreamDestroy")
+    rt.cudaStreamSynchronize = call("cudaStreamSynchronize")
+    rt.cudaMemcpyAsync = call("cudaMemcpyAsync")
+    rt.cudaGetErrorString = lambda err: (0, b"out of memory")
+    return rt
+
+
+def test_fake_cuda_python_device_calls_and_checks():
+    rt = make_fake_cudart()
+    dev = CudaPythonDevice(0, cudart=rt)
+    assert dev.name == "Orin" and dev.compute_capability == (8, 7)
+    assert dev.alloc(100) == 0xABC000
+    host = dev.host_array((4, 5), np.float32)
+    host[...] = 3.0  # real (fake-pinned) memory behind the numpy view
+    assert host.shape == (4, 5) and host.dtype == np.float32 and host.sum() == 60
+    stream = dev.create_stream()
+    assert dev.stream_handle(stream) == 77
+    dev.copy_to_device(0xABC000, host, stream)
+    name, args = rt.calls[-1]
+    assert args[0] == 0xABC000 and args[1] == host.ctypes.data and args[2] == 80 and args[3] == 1
+    dev.copy_to_host(host[:2], 0xABC000, stream)
+    assert rt.calls[-1][1][2] == 40 and rt.calls[-1][1][3] == 2
+    dev.free_host(host)
+    assert rt.calls[-1][0] == "cudaFreeHost"
+
+    failing = CudaPythonDevice(0, cudart=make_fake_cudart(fail="cudaMalloc"))
+    with pytest.raises(BackendError, match="allocating 100 bytes.*out of memory"):
+        failing.alloc(100)
