@@ -24,7 +24,7 @@ NAMES = (*BACKENDS, "auto")
 
 # missing top-level package -> what to install
 INSTALL_HINTS = {
-    "onnxruntime": "pip install onnxruntime (CPU) or pip install 'edgecap[gpu]' (CUDA); "
+    "onnxruntime": "pip install 'edgecap[cpu]' (CPU) or 'edgecap[gpu]' (CUDA, without edgecap[cpu]); "
                    "on a Jetson use the TensorRT backend (pip install 'edgecap[tensorrt]')",
     "torch": "pip install 'edgecap[train]'",
     "onnx": "pip install 'edgecap[export]'",
