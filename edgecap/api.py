@@ -23,8 +23,8 @@ from edgecap.backends import load_backend
 from edgecap.backends import resolve as resolve_backend
 from edgecap.backends.base import Backend
 from edgecap.errors import InputError, ModelError
-from edgecap.images import ImageInput, load_rgb, preprocess
-from edgecap.manifest import Manifest, load_manifest
+from edgecap.images import ImageInput, load_rgb, max_pixels, preprocess
+from edgecap.manifest import Manifest, file_sha256, load_manifest
 from edgecap.search import Hypothesis, SearchOptions, beam_search
 from edgecap.vocab import Vocabulary
 
@@ -108,6 +108,12 @@ def load_vocabulary(manifest: Manifest) -> Vocabulary:
     if any(manifest.tokens.get(k, v) != v for k, v in ids.items()):
         raise ModelError(f"{path}: special token ids {ids} differ from the manifest's "
                          f"{manifest.tokens}; re-export the model")
+    # A vocabulary of the right size from another model gives fluent nonsense; its checksum
+    # (a small file, cheap to hash) tells it apart.
+    expected = manifest.sha256.get("vocab")
+    if expected and file_sha256(path) != expected:
+        raise ModelError(f"{path}: checksum mismatch: this is not the vocabulary the model was "
+                         "exported with; copy the whole model directory again or re-export it")
     return vocab
 
 
@@ -133,6 +139,7 @@ class Captioner:
                  beam_size: int = 3, max_length: int = 20, batch_size: int = 8,
                  length_penalty: float | None = None, device: str | None = None,
                  n_best: int = 1, **backend_options):
+        max_pixels()  # a malformed $EDGECAP_MAX_PIXELS is a ValueError now, not on every image
         self.manifest = load_manifest(default_model_dir() if model is None else model)
         self.options = CaptionOptions(beam_size=beam_size, max_length=max_length,
                                       batch_size=batch_size, length_penalty=length_penalty,

@@ -16,9 +16,11 @@ class InputError(EdgecapError, ValueError):
     """An input image that cannot be captioned. ``source`` names it (a path or a description)."""
 
     def __init__(self, source: str, problem: str):
+        # One line, always: the CLI prints ``edgecap: SOURCE: PROBLEM`` per failed input, and
+        # decoder messages (libtiff, libpng) sometimes carry newlines.
         self.source = source
-        self.problem = problem
-        super().__init__(f"{source}: {problem}")
+        self.problem = " ".join(str(problem).split())
+        super().__init__(f"{source}: {self.problem}")
 
 
 class ModelError(EdgecapError):

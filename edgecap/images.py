@@ -167,17 +167,27 @@ def _decode(data: bytes, source: str) -> Image.Image:
     except Image.DecompressionBombError as exc:
         raise InputError(source, f"{exc}; raise the limit with edgecap.images.set_max_pixels(n) "
                                  f"or {MAX_PIXELS_ENV}=n") from None
-    except (OSError, ValueError, SyntaxError) as exc:
-        raise InputError(source, f"corrupt image header ({exc})") from None
+    except Exception as exc:  # noqa: BLE001
+        # Pillow's plugins raise OSError, SyntaxError, but also NotImplementedError, struct.error,
+        # IndexError ... on hostile bytes: whatever the reason, these bytes are not a usable image.
+        raise InputError(source, f"corrupt image header ({_reason(exc)})") from exc
     with im:
         if im.width * im.height > limit:
             raise InputError(source, _bomb_problem(im.width, im.height, limit))
         try:
             im.seek(0)  # animated GIF / WebP / APNG: the first frame
             im.load()
-        except (OSError, ValueError, SyntaxError, EOFError) as exc:
-            raise InputError(source, f"truncated or corrupt image data ({exc})") from None
+        except MemoryError:
+            raise InputError(source, f"not enough memory to decode a {im.width}x{im.height} "
+                                     "image") from None
+        except Exception as exc:  # noqa: BLE001 (as above)
+            raise InputError(source, f"truncated or corrupt image data ({_reason(exc)})") from exc
         return pil_to_rgb(im, source)
+
+
+def _reason(exc: BaseException) -> str:
+    """An exception as a short reason: its message, or its type when it has none."""
+    return str(exc) or type(exc).__name__
 
 
 def pil_to_rgb(im: Image.Image, source: str) -> Image.Image:
@@ -185,8 +195,12 @@ def pil_to_rgb(im: Image.Image, source: str) -> Image.Image:
     if im.width < 1 or im.height < 1:
         raise InputError(source, f"image has no pixels ({im.width}x{im.height})")
     try:
+        im.load()  # a lazily opened PIL image reads its file only now
+    except Exception as exc:  # noqa: BLE001 (see _decode)
+        raise InputError(source, f"truncated or corrupt image data ({_reason(exc)})") from exc
+    try:
         im = ImageOps.exif_transpose(im)
-    except (OSError, ValueError, SyntaxError, KeyError, TypeError):
+    except Exception:  # noqa: BLE001
         pass  # broken EXIF is common and harmless: keep the stored orientation
     # exif_transpose returned a new image: the caller's image is never modified or closed.
     mode = im.mode
@@ -195,11 +209,14 @@ def pil_to_rgb(im: Image.Image, source: str) -> Image.Image:
     if mode in ("I", "I;16", "I;16B", "I;16L", "I;16N", "F"):
         gray = _gray_to_uint8(np.asarray(im), source)
         return Image.fromarray(gray).convert("RGB")
-    if _has_alpha(im):
-        rgba = im.convert("RGBA")
-        background = Image.new("RGBA", rgba.size, BACKGROUND + (255,))
-        return Image.alpha_composite(background, rgba).convert("RGB")
-    return im.convert("RGB")  # 1, L, P, CMYK, YCbCr, LAB, HSV
+    try:
+        if _has_alpha(im):
+            rgba = im.convert("RGBA")
+            background = Image.new("RGBA", rgba.size, BACKGROUND + (255,))
+            return Image.alpha_composite(background, rgba).convert("RGB")
+        return im.convert("RGB")  # 1, L, P, CMYK, YCbCr, LAB, HSV
+    except (ValueError, OSError) as exc:  # a mode Pillow cannot convert (e.g. "La")
+        raise InputError(source, f"cannot convert a {mode} image to RGB ({_reason(exc)})") from exc
 
 
 def _has_alpha(im: Image.Image) -> bool:
@@ -225,7 +242,7 @@ def _gray_to_uint8(x: np.ndarray, source: str) -> np.ndarray:
 def array_to_rgb(array: np.ndarray, color: str = "rgb", source: str | None = None) -> np.ndarray:
     """A numpy image -> uint8 (H, W, 3) RGB. Accepts (H, W), (H, W, 1), (H, W, 3), (H, W, 4)."""
     source = source or describe(array)
-    x = _check_shape(array, source)
+    x = _check_shape(np.asarray(array), source)  # np.matrix and other subclasses: plain arrays
     x = _to_uint8(x, source)
     channels = x.shape[2]
     if channels == 1:
@@ -257,6 +274,8 @@ def _check_shape(array: np.ndarray, source: str) -> np.ndarray:
 
 
 def _to_uint8(x: np.ndarray, source: str) -> np.ndarray:
+    if x.dtype.kind in "uif" and not x.dtype.isnative:  # big-endian data (FITS, network)
+        x = x.astype(x.dtype.newbyteorder("="))
     if x.dtype == np.uint8:
         return x
     if x.dtype == np.uint16:

@@ -12,6 +12,8 @@ import json
 from dataclasses import dataclass, field
 from pathlib import Path
 
+from PIL import Image
+
 from edgecap.errors import ModelError
 from edgecap.preprocess import Preprocessing
 
@@ -65,6 +67,9 @@ def load_manifest(directory: str | Path) -> Manifest:
         data = json.loads(path.read_text())
     except (json.JSONDecodeError, UnicodeDecodeError) as exc:
         raise ModelError(f"{path}: not valid JSON ({exc}); re-export the model") from exc
+    except OSError as exc:
+        raise ModelError(f"{path}: cannot read it ({exc.strerror or exc}); check the model "
+                         "directory's permissions or copy it again") from exc
     fmt = data.get("format") if isinstance(data, dict) else None
     if fmt != FORMAT:
         raise ModelError(f"{path}: unknown manifest format {fmt!r}; this edgecap reads {FORMAT}. "
@@ -81,19 +86,57 @@ def load_manifest(directory: str | Path) -> Manifest:
                             info={k: v for k, v in data.items() if k not in known})
     except (KeyError, TypeError, ValueError) as exc:
         raise ModelError(f"{path}: incomplete manifest ({exc!r}); re-export the model") from exc
+    problem = _field_problem(manifest)
+    if problem:
+        raise ModelError(f"{path}: {problem}; re-export the model")
     for role in ("encoder", "decoder_step", "vocab"):
         if role not in manifest.files:
             raise ModelError(f"{path}: the manifest names no {role} file; re-export the model")
+        name = manifest.files[role]
+        if not isinstance(name, str) or Path(name).is_absolute() or ".." in Path(name).parts:
+            raise ModelError(f"{path}: the {role} file {name!r} is not a file name inside the "
+                             "model directory; re-export the model")
         if not manifest.path(role).exists():
             raise ModelError(f"{manifest.path(role)}: missing from the model directory; "
                              "copy the whole directory or re-export the model")
     return manifest
 
 
+REQUIRED_DIMS = ("regions", "feature_dim", "attention_dim", "hidden_dim", "vocab_size", "top_k")
+
+
+def _field_problem(manifest: Manifest) -> str | None:
+    """What is wrong with the fields every runtime reads (None: nothing), so that a damaged
+    manifest fails here, once, rather than on every image."""
+    for name in REQUIRED_DIMS:
+        value = manifest.dims.get(name)
+        if isinstance(value, bool) or not isinstance(value, int) or value < 1:
+            return f"dims.{name} must be a positive integer, got {value!r}"
+    pre = manifest.preprocessing
+    numbers = (int, float)
+    if len(pre.size) != 2 or not all(isinstance(v, int) and v > 0 for v in pre.size):
+        return f"preprocessing.size must be [height, width], got {list(pre.size)}"
+    if (len(pre.mean) != 3 or len(pre.std) != 3
+            or not all(isinstance(v, numbers) for v in pre.mean + pre.std)
+            or not all(v > 0 for v in pre.std)):
+        return (f"preprocessing.mean and .std must be 3 numbers each (std > 0), got "
+                f"{list(pre.mean)} and {list(pre.std)}")
+    if not isinstance(pre.resample, str) or not hasattr(Image.Resampling, pre.resample.upper()):
+        return (f"preprocessing.resample must name a Pillow filter such as 'bilinear', got "
+                f"{pre.resample!r}")
+    return None
+
+
 def verify_files(manifest: Manifest) -> None:
     """Compare the files' SHA-256 with the manifest (a truncated or swapped file fails here)."""
     for role, expected in manifest.sha256.items():
-        actual = file_sha256(manifest.path(role))
+        if role not in manifest.files:
+            continue  # a checksum of a file this manifest no longer names
+        try:
+            actual = file_sha256(manifest.path(role))
+        except OSError as exc:
+            raise ModelError(f"{manifest.path(role)}: cannot read it ({exc.strerror or exc}); "
+                             "re-copy the model directory or re-export it") from exc
         if actual != expected:
             raise ModelError(f"{manifest.path(role)}: checksum mismatch (file corrupt, truncated or "
                              "replaced); re-copy the model directory or re-export it")

@@ -4,6 +4,17 @@ Prints ``PATH<TAB>caption`` per image, or with ``--json`` one JSON object per li
 ``caption``, ``score``; ``error`` and a null caption for an input that failed). A failed input is
 reported on stderr as ``edgecap: PATH: problem`` and the others are still captioned; the exit
 code is then 1.
+
+``edgecap caption IMG --attention OUT.png`` also writes the photo with each word's attention
+over it, one panel per word (``edgecap.viz``); nothing else is written anywhere.
+
+``edgecap caption --video FILE [--every SECONDS]`` and ``edgecap caption --camera INDEX`` print
+``SECONDS<TAB>caption`` per captioned frame (``12.40s<TAB>a dog runs``), or with ``--json``
+``time``, ``frame``, ``caption``, ``score``, ``timings`` (ms) and ``dropped``; a summary goes to
+stderr at the end. A video is read at the captioner's pace, every sampled frame is captioned and
+times are video time; a camera is live: the newest frame wins, older ones are dropped
+(``edgecap.stream``), and it runs until the camera stops or Ctrl-C. Both need OpenCV
+(``pip install 'edgecap[video]'``).
 """
 
 from __future__ import annotations
@@ -17,18 +28,32 @@ from collections.abc import Iterator
 from pathlib import Path
 
 IMAGE_EXTENSIONS = (".jpg", ".jpeg", ".png", ".bmp", ".gif", ".webp", ".tif", ".tiff")
-BACKENDS = ("auto", "onnxruntime", "torch", "tensorrt")
+from edgecap.commands._options import add_model_arguments
+
+
+EXIT_CODES = """exit status:
+  0  every input was captioned
+  1  some inputs could not be captioned (each is named on stderr: edgecap: PATH: problem);
+     the others were captioned
+  2  usage, model or backend error (bad option, unusable model directory, missing runtime)
+  130  interrupted (Ctrl-C)
+
+Images over 89,478,485 pixels are refused (a decompression-bomb guard); to caption larger
+trusted images set EDGECAP_MAX_PIXELS=N."""
 
 
 def add_arguments(p: argparse.ArgumentParser) -> None:
-    p.add_argument("paths", nargs="+", metavar="PATH",
+    p.epilog, p.formatter_class = EXIT_CODES, argparse.RawDescriptionHelpFormatter
+    p.add_argument("paths", nargs="*", metavar="PATH",
                    help="image files, folders (searched recursively) or quoted globs")
-    p.add_argument("--model", help="model directory (default: the model shipped with edgecap)")
-    p.add_argument("--backend", choices=BACKENDS, default="auto",
-                   help="auto: onnxruntime if installed, else torch")
-    p.add_argument("--device", choices=("cpu", "cuda"), help="where the backend runs")
-    p.add_argument("--beam-size", type=int, default=3)
-    p.add_argument("--max-length", type=int, default=20, help="most words per caption")
+    p.add_argument("--video", metavar="FILE", help="caption a video file's frames")
+    p.add_argument("--camera", metavar="INDEX", type=int,
+                   help="caption a live camera (0: the first one, /dev/video0 on Linux)")
+    p.add_argument("--every", metavar="SECONDS", type=float,
+                   help="with --video or --camera: at most one caption per SECONDS of video time")
+    p.add_argument("--attention", metavar="OUT.png",
+                   help="with one image: also write its attention figure, one panel per word")
+    add_model_arguments(p)
     p.add_argument("--batch-size", type=int, default=8, help="images per encoder run")
     p.add_argument("--json", action="store_true", help="one JSON object per line")
 
@@ -62,10 +87,19 @@ def _is_image_file(path: Path) -> bool:
 
 
 def run(args: argparse.Namespace) -> int:
+    import os
+
+    # The command writes only where told: onnxruntime (1.32 checked) otherwise writes a telemetry
+    # device id under ~/.cache/Microsoft when imported (ORT_DISABLE_TELEMETRY=0 to allow it).
+    os.environ.setdefault("ORT_DISABLE_TELEMETRY", "1")
     from edgecap.api import Captioner
     from edgecap.errors import InputError
     from PIL import Image
 
+    problem = _check_arguments(args)
+    if problem:
+        print(f"edgecap caption: error: {problem}", file=sys.stderr)
+        return 2
     # The command owns its process: Pillow's bomb warning would only repeat the InputError.
     warnings.simplefilter("ignore", Image.DecompressionBombWarning)
     try:
@@ -75,7 +109,11 @@ def run(args: argparse.Namespace) -> int:
     except ValueError as exc:  # a bad option value: report it like argparse would
         print(f"edgecap caption: error: {exc}", file=sys.stderr)
         return 2
+    if args.video is not None or args.camera is not None:
+        return _run_stream(captioner, args)
     inputs = [pair for arg in args.paths for pair in expand(arg)]
+    if args.attention is not None:
+        return _run_attention(captioner, inputs, args)
     failed = 0
     for start in range(0, len(inputs), args.batch_size):
         chunk = inputs[start:start + args.batch_size]
@@ -102,3 +140,77 @@ def _print(name: str, result, as_json: bool) -> None:
         print(json.dumps(line, ensure_ascii=False), flush=True)
     else:
         print(f"{name}\t{result.text}", flush=True)
+
+
+def _check_arguments(args: argparse.Namespace) -> str | None:
+    """What is wrong with the combination of arguments, or None."""
+    from PIL import Image
+
+    sources = bool(args.paths) + (args.video is not None) + (args.camera is not None)
+    if sources != 1:
+        return "give image PATHs, --video FILE or --camera INDEX (exactly one of them)"
+    if args.every is not None and args.video is None and args.camera is None:
+        return "--every needs --video or --camera"
+    if args.every is not None and not args.every > 0:
+        return f"--every must be a positive number of seconds, got {args.every}"
+    if args.attention is not None:
+        if not args.paths:
+            return "--attention needs one image PATH (not --video or --camera)"
+        if Path(args.attention).suffix.lower() not in Image.registered_extensions():
+            return (f"--attention {args.attention}: unknown image format; "
+                    "name a .png or .jpg file")
+    return None
+
+
+def _run_attention(captioner, inputs: list[tuple[str, object]], args) -> int:
+    """Caption one image and write its attention figure to ``args.attention``."""
+    from edgecap.errors import InputError
+    from edgecap.viz import save_attention
+
+    if len(inputs) != 1:
+        print(f"edgecap caption: error: --attention takes one image, got {len(inputs)}",
+              file=sys.stderr)
+        return 2
+    (name, item), = inputs
+    result = item if isinstance(item, InputError) else captioner.caption_batch(
+        [item], return_attention=True, on_error="return")[0]
+    _print(name, result, args.json)
+    if isinstance(result, InputError):
+        return 1
+    try:
+        save_attention(item, result, args.attention)
+    except (OSError, ValueError) as exc:
+        print(f"edgecap caption: error: cannot write {args.attention}: {exc}", file=sys.stderr)
+        return 2
+    return 0
+
+
+def _run_stream(captioner, args: argparse.Namespace) -> int:
+    """Caption a video file (every sampled frame, in order) or a camera (live)."""
+    from edgecap.stream import camera_frames, caption_stream, video_frames
+
+    if args.video is not None:
+        stream = caption_stream(captioner, video_frames(args.video), every=args.every, live=False)
+    else:
+        stream = caption_stream(captioner, camera_frames(args.camera), every=args.every, live=True)
+    try:
+        for event in stream:
+            _print_event(event, args.json)
+    except KeyboardInterrupt:
+        stream.close()
+        print(f"edgecap: {stream.stats}", file=sys.stderr)
+        return 130
+    print(f"edgecap: {stream.stats}", file=sys.stderr)
+    return 0
+
+
+def _print_event(event, as_json: bool) -> None:
+    caption = event.caption
+    if as_json:
+        line = {"time": round(event.timestamp, 3), "frame": event.frame_index,
+                "caption": caption.text, "score": round(caption.score, 4),
+                "timings": {k: round(v, 2) for k, v in caption.timings.items()},
+                "dropped": event.dropped}
+        print(json.dumps(line, ensure_ascii=False), flush=True)
+    else:
+        print(f"{event.timestamp:.2f}s\t{caption.text}", flush=True)

@@ -36,6 +36,10 @@ def add_arguments(p: argparse.ArgumentParser) -> None:
     p.add_argument("--seed", type=int, default=0)
     p.add_argument("--max-dev-images", type=int, default=0)
     p.add_argument("--no-progress", action="store_true")
+    p.add_argument("--scst-from", metavar="CHECKPOINT",
+                   help="self-critical training on CIDEr-D, starting from this cross-entropy "
+                        "checkpoint (OUT/best of a previous run); uses --epochs, --lr, --seed")
+    p.add_argument("--scst-samples", type=int, default=5, help="captions sampled per image")
 
 
 def run(args: argparse.Namespace) -> int:
@@ -45,6 +49,16 @@ def run(args: argparse.Namespace) -> int:
         from edgecap.errors import BackendError
 
         raise BackendError(f"training needs PyTorch: pip install 'edgecap[train]' ({exc})") from exc
+    if args.scst_from:
+        from edgecap.training.scst import ScstConfig, train_scst
+
+        best = train_scst(ScstConfig(
+            checkpoint=args.scst_from, data=args.data, out=args.out, images=args.images,
+            dataset=args.dataset, epochs=args.epochs, lr=args.lr, n_samples=args.scst_samples,
+            cache_dir=args.cache_dir, seed=args.seed, threads=args.threads,
+            progress=not args.no_progress))
+        print(json.dumps({"best_checkpoint": str(best)}))
+        return 0
     cfg = TrainConfig(
         data=args.data, out=args.out, images=args.images, dataset=args.dataset, epochs=args.epochs,
         batch_size=args.batch_size, lr=args.lr, lr_decay_epochs=args.lr_decay_epochs,

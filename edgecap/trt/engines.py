@@ -268,6 +268,7 @@ class EngineCache:
         if precision not in PRECISIONS:
             raise ValueError(f"precision must be one of {PRECISIONS}, not {precision!r}")
         path = self.path(manifest, role, precision, limits)
+        self._check_writable()
         mode = fp16_mode(self.trt, self.target.trt) if precision == "fp16" else "fp32"
         source = onnx_for_build(manifest, role, precision, mode, self.cache_dir, self.log)
         print(f"edgecap: building the TensorRT {precision} {role} engine for "
@@ -275,8 +276,25 @@ class EngineCache:
               f"while, once -> {path}", file=self.log)
         data = build_engine(self.trt, self.logger, source, role, limits, precision, self.target,
                             timing_cache_path(self.cache_dir, self.target))
-        _atomic_write(path, data)
+        try:
+            _atomic_write(path, data)
+        except OSError as exc:
+            raise self._unwritable(exc) from exc
         return path
+
+    def _check_writable(self) -> None:
+        """Fail before a long build, not after it, when the cache cannot take the engine."""
+        try:
+            self.cache_dir.mkdir(parents=True, exist_ok=True)
+            if not os.access(self.cache_dir, os.W_OK):
+                raise PermissionError("not writable")
+        except OSError as exc:
+            raise self._unwritable(exc) from exc
+
+    def _unwritable(self, exc: OSError) -> BackendError:
+        return BackendError(f"cannot save TensorRT engines in {self.cache_dir} ({exc}); choose "
+                            "a writable cache folder: cache_dir=DIR, `edgecap build --out DIR` "
+                            "or EDGECAP_CACHE=DIR")
 
     def load(self, manifest: Manifest, role: str, precision: str, limits: Limits):
         """The deserialized engine: from the cache, or built now (and rebuilt once when the

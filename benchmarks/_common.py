@@ -1,0 +1,328 @@
+"""What the benchmark scripts share: the model and its variants, a timing wrapper around a
+backend, statistics, and the results files (JSON + markdown, with the machine named).
+
+Variants (``VARIANTS``): one model directory run several ways.
+
+    torch-eager      PyTorch eager on the CPU (the reference; weights read from the ONNX files)
+    ort-fp32         onnxruntime, the exported FP32 graphs
+    ort-int8         onnxruntime, `edgecap convert --precision int8` without calibration:
+                     dynamic int8 decoder step, FP32 encoder
+    ort-int8-static  as ort-int8, plus the encoder statically quantised (QDQ) on calibration photos
+    ort-fp16         onnxruntime, `edgecap convert --precision fp16`
+    tensorrt-fp16    the TensorRT backend (only where tensorrt imports and a GPU is present)
+
+Converted model directories are cached under ``benchmarks/.cache/`` keyed by the source model's
+checksums, so only the first run pays for the conversion.
+"""
+
+from __future__ import annotations
+
+import contextlib
+import importlib.util
+import itertools
+import json
+import sys
+import time
+from dataclasses import dataclass, field
+from pathlib import Path
+
+import numpy as np
+
+REPO = Path(__file__).resolve().parents[1]
+if str(REPO) not in sys.path:  # run as `python benchmarks/NAME.py` from a checkout
+    sys.path.insert(0, str(REPO))
+
+from _machine import machine_info, machine_markdown  # noqa: E402
+
+from edgecap.backends.base import Backend, DecoderSession, Encoded, StepResult  # noqa: E402
+
+BENCH_DIR = Path(__file__).resolve().parent
+RESULTS_DIR = BENCH_DIR / "results"
+CACHE_DIR = BENCH_DIR / ".cache"
+DEFAULT_MODEL = REPO / "edgecap" / "assets" / "default"
+EXAMPLES = REPO / "edgecap" / "assets" / "examples"
+FLICKR8K = REPO.parent / "shared" / "data" / "flickr8k"
+
+VARIANTS = ("torch-eager", "ort-fp32", "ort-int8", "ort-int8-static", "ort-fp16", "tensorrt-fp16")
+DEFAULT_VARIANTS = VARIANTS
+CALIBRATION_IMAGES = 64
+
+
+# -- model and variants --------------------------------------------------------------------------
+
+def add_model_arguments(parser, variants=DEFAULT_VARIANTS) -> None:
+    parser.add_argument("--model", type=Path, default=None,
+                        help="model directory (default: the shipped model, edgecap/assets/default)")
+    parser.add_argument("--variants", default=",".join(variants),
+                        help=f"comma-separated, from {', '.join(VARIANTS)} (unavailable ones are "
+                             "skipped with a note)")
+    parser.add_argument("--threads", default=None,
+                        help="onnxruntime intra-op threads; a comma list (e.g. 1,2) runs each "
+                             "onnxruntime variant once per value (default: the backend's default)")
+    parser.add_argument("--spinning", default=None,
+                        help="onnxruntime intra-op thread spinning (session.intra_op."
+                             "allow_spinning): on, off, or on,off to run each onnxruntime "
+                             "variant both ways (default: onnxruntime's default, on)")
+    parser.add_argument("--calibration", type=Path, default=None,
+                        help="photos for ort-int8-static's encoder calibration (default: the "
+                             f"first {CALIBRATION_IMAGES} Flickr8k training photos when present, "
+                             "else the package's example photos)")
+
+
+def model_dir(path: Path | None) -> Path:
+    path = DEFAULT_MODEL if path is None else Path(path)
+    if not (path / "manifest.json").is_file():
+        sys.exit(f"no model at {path} (manifest.json missing): pass --model DIR, a directory "
+                 "written by `edgecap export`")
+    return path
+
+
+@dataclass
+class Variant:
+    name: str
+    backend: str
+    model: Path
+    options: dict = field(default_factory=dict)      # backend keyword arguments
+    session_config: dict = field(default_factory=dict)  # onnxruntime session config entries
+
+    def captioner(self, **caption_options):
+        from edgecap import Captioner
+
+        with _session_config(self.session_config):
+            return Captioner(self.model, backend=self.backend, **caption_options, **self.options)
+
+
+@contextlib.contextmanager
+def _session_config(entries: dict):
+    """Add onnxruntime session config entries to the sessions edgecap creates meanwhile: a
+    benchmark-only knob, so settings can be compared before one becomes the default."""
+    if not entries:
+        yield
+        return
+    from edgecap.backends import onnxruntime as ort_backend
+
+    original = ort_backend.session_options
+
+    def with_entries(threads):
+        options = original(threads)
+        for key, value in entries.items():
+            options.add_session_config_entry(key, value)
+        return options
+
+    ort_backend.session_options = with_entries
+    try:
+        yield
+    finally:
+        ort_backend.session_options = original
+
+
+def _threads(spec: str | None) -> list[int | None]:
+    if spec is None:
+        return [None]
+    return [int(t) for t in spec.split(",")]
+
+
+def _spinning(spec: str | None) -> list[str | None]:
+    if spec is None:
+        return [None]
+    values = [v.strip() for v in spec.split(",")]
+    if any(v not in ("on", "off") for v in values):
+        sys.exit(f"--spinning takes on, off or on,off; got {spec!r}")
+    return values
+
+
+def resolve_variants(args) -> tuple[list[Variant], list[str]]:
+    """-> (the variants to run, notes on the ones skipped)."""
+    source = model_dir(args.model)
+    wanted = [v.strip() for v in args.variants.split(",") if v.strip()]
+    unknown = [v for v in wanted if v not in VARIANTS]
+    if unknown:
+        sys.exit(f"unknown variants {unknown}; choose from {', '.join(VARIANTS)}")
+    threads, spinning = _threads(args.threads), _spinning(args.spinning)
+    variants, notes = [], []
+    for name in wanted:
+        why = _unavailable(name)
+        if why:
+            notes.append(f"{name} skipped: {why}")
+            continue
+        if name == "torch-eager":
+            variants.append(Variant(name, "torch", source, {"device": "cpu"}))
+        elif name == "tensorrt-fp16":
+            variants.append(Variant(name, "tensorrt", source))
+        else:
+            directory = source if name == "ort-fp32" else converted(source, name,
+                                                                     args.calibration)
+            for t, spin in itertools.product(threads, spinning):
+                label = name + (f"/t{t}" if len(threads) > 1 else "") + (
+                    f"/spin-{spin}" if spin is not None else "")
+                options = {"device": "cpu"} if t is None else {"device": "cpu", "threads": t}
+                config = {} if spin is None else {
+                    "session.intra_op.allow_spinning": "1" if spin == "on" else "0"}
+                variants.append(Variant(label, "onnxruntime", directory, options, config))
+    return variants, notes
+
+
+def _unavailable(name: str) -> str | None:
+    def missing(*modules):
+        return [m for m in modules if importlib.util.find_spec(m) is None]
+
+    if name == "torch-eager" and missing("torch", "onnx"):
+        return f"needs {', '.join(missing('torch', 'onnx'))} (pip install 'edgecap[train]')"
+    if name.startswith("ort-") and missing("onnxruntime"):
+        return "needs onnxruntime"
+    if name in ("ort-int8", "ort-int8-static", "ort-fp16") and missing("onnx"):
+        return "converting needs onnx (pip install 'edgecap[export]')"
+    if name == "tensorrt-fp16":
+        if missing("tensorrt"):
+            return "tensorrt is not installed here"
+        try:
+            import tensorrt  # noqa: F401
+        except Exception as exc:  # a stub wheel or missing libraries
+            return f"tensorrt does not import ({exc})"
+    return None
+
+
+def converted(source: Path, variant: str, calibration: Path | None) -> Path:
+    """The converted copy of ``source`` for ``variant``, made once and cached."""
+    from edgecap.convert import convert_model_dir
+    from edgecap.manifest import load_manifest
+
+    manifest = load_manifest(source)
+    key = manifest.sha256["encoder"][:8] + manifest.sha256["decoder_step"][:8]
+    out = CACHE_DIR / "models" / key / variant
+    if (out / "manifest.json").is_file():
+        return out
+    precision = "fp16" if variant == "ort-fp16" else "int8"
+    calibration_dir = None
+    if variant == "ort-int8-static":
+        calibration_dir = calibration or default_calibration()
+    print(f"[prepare] converting {source} -> {out} ({variant}"
+          + (f", calibrated on {calibration_dir}" if calibration_dir else "") + ")",
+          file=sys.stderr)
+    convert_model_dir(source, out, precision, calibration=calibration_dir, force=True)
+    return out
+
+
+def default_calibration() -> Path:
+    """A folder of links to the first Flickr8k training photos, else the example photos."""
+    train_list = FLICKR8K / "Flickr_8k.trainImages.txt"
+    if not train_list.is_file():
+        return EXAMPLES
+    names = [n.strip() for n in train_list.read_text().splitlines() if n.strip()]
+    folder = CACHE_DIR / "calibration"
+    folder.mkdir(parents=True, exist_ok=True)
+    for name in names[:CALIBRATION_IMAGES]:
+        link = folder / name
+        if not link.exists():
+            link.symlink_to(FLICKR8K / "images" / name)
+    return folder
+
+
+# -- inputs --------------------------------------------------------------------------------------
+
+def example_frames() -> list[np.ndarray]:
+    """The package's example photos as decoded RGB uint8 arrays (H, W, 3), like camera frames."""
+    from PIL import Image
+
+    frames = []
+    for path in sorted(EXAMPLES.iterdir()):
+        if path.suffix.lower() in {".png", ".jpg", ".jpeg"}:
+            with Image.open(path) as im:
+                frames.append(np.asarray(im.convert("RGB")))
+    return frames
+
+
+def image_files(folder: Path, limit: int | None) -> list[Path]:
+    files = sorted(p for p in Path(folder).iterdir()
+                   if p.suffix.lower() in {".jpg", ".jpeg", ".png"})
+    return files[:limit] if limit else files
+
+
+# -- timing ----------------------------------------------------------------------------------------
+
+class TimedBackend(Backend):
+    """Wraps a backend and adds up the wall time of its ``encode`` and of every decoder
+    ``step`` (which includes the backend's own small per-step conversions)."""
+
+    def __init__(self, inner: Backend):
+        self.inner = inner
+        self.name, self.top_k, self.n_regions = inner.name, inner.top_k, inner.n_regions
+        self.reset()
+
+    def reset(self) -> None:
+        self.encode_s = 0.0
+        self.step_times: list[float] = []
+
+    def encode(self, images: np.ndarray) -> Encoded:
+        t0 = time.perf_counter()
+        encoded = self.inner.encode(images)
+        self.encode_s += time.perf_counter() - t0
+        return encoded
+
+    def start(self, encoded: Encoded, image_index: np.ndarray,
+              return_attention: bool = False) -> DecoderSession:
+        return _TimedSession(self, self.inner.start(encoded, image_index, return_attention))
+
+    def describe(self) -> str:
+        return self.inner.describe()
+
+
+class _TimedSession(DecoderSession):
+    def __init__(self, owner: TimedBackend, inner: DecoderSession):
+        self.owner, self.inner = owner, inner
+
+    def step(self, tokens: np.ndarray, source_rows: np.ndarray) -> StepResult:
+        t0 = time.perf_counter()
+        result = self.inner.step(tokens, source_rows)
+        self.owner.step_times.append(time.perf_counter() - t0)
+        return result
+
+
+def percentile(values, q: float) -> float:
+    return float(np.percentile(np.asarray(values, dtype=np.float64), q)) if len(values) else float("nan")
+
+
+def median(values) -> float:
+    return percentile(values, 50)
+
+
+# -- results -------------------------------------------------------------------------------------
+
+def markdown_table(headers: list[str], rows: list[list]) -> str:
+    def cell(v):
+        if isinstance(v, float):
+            if v != v:  # NaN
+                return "-"
+            return f"{v:.3g}" if abs(v) < 10 else f"{v:.1f}" if abs(v) < 1000 else f"{v:.0f}"
+        return str(v)
+
+    lines = ["| " + " | ".join(headers) + " |", "|" + "---|" * len(headers)]
+    lines += ["| " + " | ".join(cell(v) for v in row) + " |" for row in rows]
+    return "\n".join(lines)
+
+
+def write_results(name: str, data: dict, markdown: str, argv: list[str] | None = None) -> Path:
+    """Write ``results/NAME.json`` and ``results/NAME.md`` (the machine and the command line
+    added to both), print the markdown, and return the markdown's path."""
+    RESULTS_DIR.mkdir(parents=True, exist_ok=True)
+    command = "python benchmarks/" + name + ".py " + " ".join(argv if argv is not None
+                                                              else sys.argv[1:])
+    info = machine_info()
+    stamp = time.strftime("%Y-%m-%d %H:%M:%S")
+    payload = {"benchmark": name, "command": command.strip(), "date": stamp, "machine": info,
+               **data}
+    (RESULTS_DIR / f"{name}.json").write_text(json.dumps(payload, indent=2, default=str) + "\n")
+    text = (f"# {name}\n\n`{command.strip()}` ({stamp})\n\n{machine_markdown(info)}\n\n"
+            f"{markdown.strip()}\n")
+    path = RESULTS_DIR / f"{name}.md"
+    path.write_text(text)
+    print(text)
+    return path
+
+
+def load_average() -> str:
+    """The 1-minute load average: a busy machine makes every timing here slower and noisier."""
+    try:
+        return Path("/proc/loadavg").read_text().split()[0]
+    except OSError:
+        return "?"

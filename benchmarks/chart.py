@@ -1,0 +1,62 @@
+"""A latency-breakdown chart drawn with Pillow alone (no matplotlib).
+
+    python benchmarks/chart.py            # redraw results/latency.png from results/latency.json
+
+One horizontal stacked bar per variant at one beam / batch setting: preprocessing, encoder,
+decoder steps, and the search's own Python work, in milliseconds per call.
+"""
+
+from __future__ import annotations
+
+import json
+import sys
+from pathlib import Path
+
+from PIL import Image, ImageDraw, ImageFont
+
+RESULTS = Path(__file__).resolve().parent / "results"
+PARTS = (("preprocess_ms", "preprocess", (120, 170, 220)),
+         ("encoder_ms", "encoder", (40, 100, 170)),
+         ("decode_ms", "decoder steps", (230, 140, 40)),
+         ("search_python_ms", "search (Python)", (150, 150, 150)))
+
+
+def latency_chart(data: dict, beam: int | None = None, batch: int | None = None,
+                  out: Path | None = None) -> Path:
+    beam = data["targets"]["beam"] if beam is None else beam
+    batch = data["targets"]["batch"] if batch is None else batch
+    rows = [r for r in data["results"] if r["beam"] == beam and r["batch"] == batch]
+    out = out or RESULTS / "latency.png"
+    font = ImageFont.load_default()
+    label_w, bar_h, gap, width, top = 170, 22, 10, 900, 50
+    height = top + len(rows) * (bar_h + gap) + 60
+    image = Image.new("RGB", (width, height), "white")
+    draw = ImageDraw.Draw(image)
+    draw.text((10, 10), f"latency per call, beam {beam}, batch {batch} (ms; median parts)",
+              fill="black", font=font)
+    longest = max((sum(max(r[k], 0.0) for k, _, _ in PARTS) for r in rows), default=1.0)
+    scale = (width - label_w - 90) / longest
+    for i, r in enumerate(rows):
+        y = top + i * (bar_h + gap)
+        draw.text((10, y + 5), r["variant"], fill="black", font=font)
+        x = float(label_w)
+        for key, _, color in PARTS:
+            w = max(r[key], 0.0) * scale
+            draw.rectangle([x, y, x + w, y + bar_h], fill=color)
+            x += w
+        draw.text((x + 6, y + 5), f"{r['e2e_p50_ms']:.1f}", fill="black", font=font)
+    x, y = 10, height - 35
+    for _, name, color in PARTS:
+        draw.rectangle([x, y, x + 14, y + 14], fill=color)
+        draw.text((x + 20, y + 2), name, fill="black", font=font)
+        x += 40 + int(draw.textlength(name, font=font))
+    RESULTS.mkdir(parents=True, exist_ok=True)
+    image.save(out)
+    return out
+
+
+if __name__ == "__main__":
+    source = RESULTS / "latency.json"
+    if not source.is_file():
+        sys.exit(f"{source} not found: run python benchmarks/latency.py first")
+    print(latency_chart(json.loads(source.read_text())))

@@ -1,0 +1,195 @@
+"""``edgecap eval``: caption a split and score it as coco-caption does (BLEU-1..4, METEOR,
+ROUGE-L, CIDEr; PyPI ``pycocoevalcap``, the ``eval`` extra).
+
+    edgecap eval --images DIR --references captions_val.json
+    edgecap eval --images DIR --captions Flickr8k.token.txt --split Flickr_8k.devImages.txt
+    edgecap eval --images DIR --references dataset_flickr8k.json --karpathy-split test
+
+Prints the metrics (fractions), the number of images, the model, the backend and the search
+options; ``--json`` prints them as one JSON object instead. ``--output`` writes the captions in
+coco-caption's results format. Without Java, METEOR is skipped (null in ``--json``) and the
+simple tokenizer replaces PTB; stderr and the ``tokenizer`` field say so.
+
+Exit codes: 0 scored; 2 nothing captioned (bad option, unreadable references, listed images
+missing, all named before captioning starts); 1 an image failed to decode while captioning (the
+split is not scored: a metric over part of it would not be comparable).
+"""
+
+from __future__ import annotations
+
+import argparse
+import importlib.util
+import json
+import sys
+import time
+import warnings
+from pathlib import Path
+
+from edgecap.commands._options import add_model_arguments
+
+
+def add_arguments(p: argparse.ArgumentParser) -> None:
+    p.add_argument("--images", required=True, metavar="DIR",
+                   help="folder the references' file names are relative to")
+    refs = p.add_argument_group("references (one of)")
+    refs.add_argument("--references", metavar="REFS.json",
+                      help="COCO caption JSON (images: id, file_name; annotations: image_id, "
+                           "caption), or a Karpathy dataset_*.json with --karpathy-split")
+    refs.add_argument("--captions", metavar="TOKENS.txt",
+                      help="Flickr8k.token.txt (with --split)")
+    refs.add_argument("--split", metavar="SPLIT.txt",
+                      help="Flickr8k split file, e.g. Flickr_8k.devImages.txt (image id = its "
+                           "0-based line index)")
+    refs.add_argument("--karpathy-split", choices=("train", "val", "test"),
+                      help="the split to score when --references is a Karpathy dataset JSON")
+    add_model_arguments(p)
+    p.add_argument("--length-penalty", type=float, default=None,
+                   help="GNMT length penalty alpha in [0, 2] (default: mean log-prob per word)")
+    p.add_argument("--batch-size", type=int, default=8, help="images per encoder run")
+    p.add_argument("--limit", type=int, metavar="N", help="score only the first N images")
+    p.add_argument("--output", metavar="RESULTS.json",
+                   help="write the captions as coco-caption results: "
+                        '[{"image_id": ..., "caption": ...}]')
+    p.add_argument("--json", action="store_true", help="print one JSON object")
+    p.add_argument("--no-progress", action="store_true", help="no progress bar on stderr")
+
+
+def run(args: argparse.Namespace) -> int:
+    from PIL import Image
+
+    from edgecap.api import Captioner
+    from edgecap.evaluate import (ImageFailure, caption_split, check_images, load_references,
+                                  results_json, score_split)
+
+    problem = _check_arguments(args)
+    if problem:
+        return _fail(problem)
+    if importlib.util.find_spec("pycocoevalcap") is None:  # before minutes of captioning
+        return _fail("scoring needs pycocoevalcap: pip install 'edgecap[eval]'")
+    try:
+        items = load_references(args.references, args.captions, args.split, args.karpathy_split)
+        items = items[:args.limit] if args.limit else items
+        check_images(items, args.images)
+    except (OSError, ValueError) as exc:
+        return _fail(str(exc))
+    warnings.simplefilter("ignore", Image.DecompressionBombWarning)  # the InputError says it
+    try:
+        captioner = Captioner(model=args.model, backend=args.backend, beam_size=args.beam_size,
+                              max_length=args.max_length, batch_size=args.batch_size,
+                              length_penalty=args.length_penalty, device=args.device)
+    except ValueError as exc:  # a bad option value: report it like argparse would
+        return _fail(str(exc))
+
+    started = time.perf_counter()
+    progress = _progress(len(items), enabled=not args.no_progress and sys.stderr.isatty())
+    try:
+        hyps = caption_split(captioner, items, args.images, on_progress=progress.update)
+    except ImageFailure as exc:
+        progress.close()
+        print(f"edgecap eval: error: {exc.problem}", file=sys.stderr)
+        return 1
+    progress.close()
+    seconds = time.perf_counter() - started
+
+    if args.output:
+        Path(args.output).write_text(json.dumps(results_json(items, hyps), ensure_ascii=False,
+                                                indent=1) + "\n", encoding="utf-8")
+    report = score_split(items, hyps)
+    summary = _summary(args, captioner, report, seconds)
+    if args.json:
+        print(json.dumps(summary, ensure_ascii=False))
+    else:
+        _print_table(summary)
+    return 0
+
+
+def _check_arguments(args: argparse.Namespace) -> str | None:
+    """The first bad combination of reference options, or None."""
+    if (args.references is None) == (args.captions is None):
+        return "give --references REFS.json, or --captions TOKENS.txt with --split SPLIT.txt"
+    if args.captions is not None and args.split is None:
+        return "--captions needs --split (e.g. Flickr_8k.devImages.txt)"
+    if args.references is not None and args.split is not None:
+        return "--split goes with --captions (for a Karpathy JSON use --karpathy-split)"
+    if args.captions is not None and args.karpathy_split is not None:
+        return "--karpathy-split goes with --references (a Karpathy dataset JSON)"
+    if args.limit is not None and args.limit < 1:
+        return f"--limit must be at least 1, got {args.limit}"
+    return None
+
+
+def _fail(problem: str) -> int:
+    print(f"edgecap eval: error: {problem}", file=sys.stderr)
+    return 2
+
+
+def _summary(args, captioner, report, seconds: float) -> dict:
+    from edgecap.metrics import METRIC_KEYS
+
+    manifest = captioner.manifest
+    return {
+        **{key: report.scores.get(key) for key in METRIC_KEYS},  # None: skipped (no Java)
+        "n_images": report.n_images,
+        "tokenizer": report.tokenizer,
+        "model": {"name": manifest.info.get("name"), "path": str(manifest.directory),
+                  "precision": manifest.precision},
+        "backend": captioner.backend.describe(),
+        "beam_size": captioner.options.beam_size,
+        "max_length": captioner.options.max_length,
+        "length_penalty": captioner.options.length_penalty,
+        "references": args.references or f"{args.captions} + {args.split}",
+        "caption_seconds": round(seconds, 2),
+    }
+
+
+def _print_table(summary: dict) -> None:
+    from edgecap.metrics import METRIC_KEYS
+
+    model = summary["model"]
+    penalty = summary["length_penalty"]
+    tokenizer = {"ptb": "ptb (coco-caption)",
+                 "simple": "simple (Java not found: not coco-caption-exact)"}[summary["tokenizer"]]
+    print(f"references:  {summary['references']}")
+    print(f"images:      {summary['n_images']} (captioned in {summary['caption_seconds']:.1f} s)")
+    print(f"model:       {model['name'] or '(unnamed)'} ({model['path']}, {model['precision']})")
+    print(f"backend:     {summary['backend']}")
+    print(f"search:      beam size {summary['beam_size']}, max length {summary['max_length']}, "
+          f"length penalty {'none (mean log-prob)' if penalty is None else penalty}")
+    print(f"tokenizer:   {tokenizer}")
+    for key in METRIC_KEYS:
+        value = summary[key]
+        print(f"{key + ':':<12} {'skipped (needs Java)' if value is None else f'{value:.4f}'}")
+
+
+class _Counter:
+    """Progress without tqdm: ``done/total images`` rewritten in place on stderr."""
+
+    def __init__(self, total: int, stream=None):
+        self.total, self.done, self.stream = total, 0, stream or sys.stderr
+
+    def update(self, n: int) -> None:
+        self.done += n
+        print(f"\r{self.done}/{self.total} images", end="", file=self.stream, flush=True)
+
+    def close(self) -> None:
+        if self.done:
+            print(file=self.stream, flush=True)
+
+
+class _NoProgress:
+    def update(self, n: int) -> None:
+        pass
+
+    def close(self) -> None:
+        pass
+
+
+def _progress(total: int, enabled: bool):
+    """A tqdm bar on stderr where tqdm is installed, else a ``_Counter``; nothing if disabled."""
+    if not enabled:
+        return _NoProgress()
+    try:
+        from tqdm import tqdm
+    except ImportError:
+        return _Counter(total)
+    return tqdm(total=total, unit="img", file=sys.stderr)

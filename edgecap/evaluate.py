@@ -1,0 +1,187 @@
+"""Score a model on a captioned split: the library side of ``edgecap eval``.
+
+    items = load_references(references="captions_val.json")  # or captions=, split=
+    check_images(items, images_root)                          # every listed file exists
+    hyps = caption_split(captioner, items, images_root)       # {image_id: caption}
+    report = score_split(items, hyps)                 # BLEU-1..4, METEOR, ROUGE-L, CIDEr
+
+Metrics are coco-caption's (``pycocoevalcap``, via ``edgecap.metrics.score``) with its PTB
+tokenizer. Where Java is absent, METEOR is skipped and the text is tokenised by the simple Python
+tokenizer instead; ``EvalReport.tokenizer`` says which one was used, because the numbers are then
+not coco-caption-exact.
+
+Failures are all-or-nothing: a metric over part of a split is not comparable with anything, so a
+listed image that is missing (``check_images``, before any captioning) or fails to decode
+(``caption_split``) raises instead of being skipped.
+"""
+
+from __future__ import annotations
+
+import json
+import sys
+from collections.abc import Callable
+from dataclasses import dataclass
+from pathlib import Path
+
+from edgecap import metrics
+from edgecap.data.readers import CaptionedImage, read_coco, read_flickr8k, read_karpathy
+from edgecap.errors import InputError
+
+KARPATHY_SPLITS = ("train", "val", "test")
+_SHOWN = 5  # missing or broken images named in an error message
+
+
+def load_references(references: str | Path | None = None, captions: str | Path | None = None,
+                    split: str | Path | None = None,
+                    karpathy_split: str | None = None) -> list[CaptionedImage]:
+    """Reference captions of one split, in the file's order.
+
+    ``references``: COCO caption JSON (``images`` with ``id`` / ``file_name``, ``annotations``
+    with ``image_id`` / ``caption``), or a Karpathy ``dataset_*.json`` together with
+    ``karpathy_split``. ``captions`` + ``split``: Flickr8k's ``Flickr8k.token.txt`` and a split
+    file such as ``Flickr_8k.devImages.txt`` (image id = 0-based line index in the split file).
+
+    Raises ``ValueError`` (naming the file) for an unreadable or malformed file, an image with no
+    reference caption or an empty split; ``FileNotFoundError`` for a missing file.
+    """
+    if (references is None) == (captions is None):
+        raise ValueError("give either references (COCO caption JSON) or captions + split "
+                         "(Flickr8k token file and split file)")
+    if captions is not None:
+        if split is None:
+            raise ValueError("captions (Flickr8k.token.txt) needs a split file, e.g. "
+                             "Flickr_8k.devImages.txt")
+        source = Path(captions)
+        items = _read(source, lambda: read_flickr8k(source, Path(split)))
+    else:
+        source = Path(references)
+        items = _read(source, lambda: _read_json_references(source, karpathy_split))
+    if not items:
+        raise ValueError(f"{source}: the split lists no images")
+    uncaptioned = [item.file_name for item in items if not item.captions]
+    if uncaptioned:
+        raise ValueError(f"{source}: {len(uncaptioned)} images have no reference caption: "
+                         f"{_some(uncaptioned)}")
+    return items
+
+
+def _read_json_references(path: Path, karpathy_split: str | None) -> list[CaptionedImage]:
+    data = json.loads(path.read_text(encoding="utf-8"))
+    images = data.get("images") if isinstance(data, dict) else None
+    is_karpathy = bool(images) and isinstance(images[0], dict) and "sentences" in images[0]
+    if is_karpathy:
+        if karpathy_split not in KARPATHY_SPLITS:
+            raise ValueError(f"{path} is a Karpathy dataset JSON: choose its split "
+                             f"({', '.join(KARPATHY_SPLITS)})")
+        return read_karpathy(path, karpathy_split)
+    if karpathy_split is not None:
+        raise ValueError(f"{path}: a Karpathy split was given, but this is not a Karpathy "
+                         "dataset JSON (no 'sentences' in its images)")
+    return read_coco(path)
+
+
+def _read(source: Path, reader: Callable[[], list[CaptionedImage]]) -> list[CaptionedImage]:
+    """Run a reader; turn the ways a malformed file fails into one ``ValueError`` naming it."""
+    try:
+        return reader()
+    except FileNotFoundError:
+        raise
+    except UnicodeDecodeError as exc:
+        raise ValueError(f"{source}: not a UTF-8 text file ({exc.reason})") from exc
+    except json.JSONDecodeError as exc:
+        raise ValueError(f"{source}: not valid JSON ({exc})") from exc
+    except (KeyError, TypeError, AttributeError) as exc:
+        raise ValueError(f"{source}: unexpected layout ({exc!r} missing or of the wrong type)") \
+            from exc
+
+
+def check_images(items: list[CaptionedImage], images_root: str | Path) -> None:
+    """Raise ``FileNotFoundError`` naming the listed images (the first few) that are not files."""
+    root = Path(images_root)
+    if not root.is_dir():
+        raise FileNotFoundError(f"images folder not found: {root}")
+    missing = [item.file_name for item in items if not (root / item.file_name).is_file()]
+    if missing:
+        raise FileNotFoundError(f"{len(missing)} of {len(items)} listed images are not in {root}: "
+                                f"{_some(missing)}")
+
+
+class ImageFailure(InputError):
+    """Listed images that could not be decoded; ``failures`` holds each one's ``InputError``."""
+
+    def __init__(self, failures: list[InputError]):
+        self.failures = failures
+        detail = "; ".join(f"{f.source}: {f.problem}" for f in failures[:_SHOWN])
+        more = f" (and {len(failures) - _SHOWN} more)" if len(failures) > _SHOWN else ""
+        super().__init__(failures[0].source,
+                         f"{len(failures)} images could not be read, so the split cannot be "
+                         f"scored (a metric over part of it would mislead): {detail}{more}")
+
+
+def caption_split(captioner, items: list[CaptionedImage], images_root: str | Path,
+                  on_progress: Callable[[int], None] | None = None) -> dict:
+    """Caption every listed image -> {image_id: caption text}, in the items' order.
+
+    ``captioner``: an ``edgecap.Captioner``; images go to it ``batch_size`` at a time and
+    ``on_progress(n)`` is called after each batch with the number of images it held. Raises
+    ``ImageFailure`` after the first batch holding images that fail to decode (all of that
+    batch's failures are named); nothing is scored then.
+    """
+    root = Path(images_root)
+    batch_size = captioner.options.batch_size
+    hyps = {}
+    for start in range(0, len(items), batch_size):
+        chunk = items[start:start + batch_size]
+        results = captioner.caption_batch([root / item.file_name for item in chunk],
+                                          on_error="return")
+        failures = [r for r in results if isinstance(r, InputError)]
+        if failures:
+            raise ImageFailure(failures)
+        hyps.update((item.image_id, caption.text) for item, caption in zip(chunk, results))
+        if on_progress is not None:
+            on_progress(len(chunk))
+    return hyps
+
+
+@dataclass(frozen=True)
+class EvalReport:
+    """Metric values (fractions, coco-caption's keys ``metrics.METRIC_KEYS``) over ``n_images``.
+
+    ``tokenizer``: "ptb" (coco-caption's, exact) or "simple" (the Java-free fallback).
+    ``skipped``: metrics that could not be computed here (METEOR without Java).
+    """
+
+    scores: dict[str, float]
+    n_images: int
+    tokenizer: str
+    skipped: tuple[str, ...] = ()
+
+
+def score_split(items: list[CaptionedImage], hyps: dict) -> EvalReport:
+    """Score ``hyps`` {image_id: caption} against the items' references with coco-caption.
+
+    Uses the PTB tokenizer and METEOR where Java is installed; otherwise the simple tokenizer and
+    no METEOR (a warning on stderr says so). BLEU, ROUGE-L and CIDEr never need Java.
+    """
+    refs = {item.image_id: item.captions for item in items}
+    if metrics.java_available():
+        tokenizer, wanted, skipped = "ptb", metrics.METRIC_KEYS, ()
+    else:
+        print("edgecap eval: warning: Java not found: METEOR skipped and the simple tokenizer used "
+              "instead of coco-caption's PTB tokenizer (BLEU / ROUGE-L / CIDEr are then close to, "
+              "but not exactly, coco-caption's); install a Java runtime for exact numbers",
+              file=sys.stderr)
+        tokenizer, skipped = "simple", ("METEOR",)
+        wanted = tuple(k for k in metrics.METRIC_KEYS if k not in skipped)
+    scores = metrics.score(refs, hyps, tokenizer=tokenizer, metrics=wanted)
+    return EvalReport(scores=scores, n_images=len(refs), tokenizer=tokenizer, skipped=skipped)
+
+
+def results_json(items: list[CaptionedImage], hyps: dict) -> list[dict]:
+    """coco-caption's results format ``[{"image_id": ..., "caption": ...}]``, in items' order."""
+    return [{"image_id": item.image_id, "caption": hyps[item.image_id]} for item in items]
+
+
+def _some(names: list[str]) -> str:
+    shown = ", ".join(names[:_SHOWN])
+    return shown + (f" (and {len(names) - _SHOWN} more)" if len(names) > _SHOWN else "")

@@ -1,0 +1,401 @@
+"""Caption a stream of frames (a camera, a video) without falling behind.
+
+    from edgecap import Captioner
+    from edgecap.stream import camera_frames, caption_stream
+
+    stream = caption_stream(Captioner(), camera_frames(0), every=0.5)
+    for event in stream:
+        print(f"{event.timestamp:.2f}s {event.caption.text} "
+              f"({event.caption.timings}, {event.dropped} frames dropped)")
+    print(stream.stats)
+
+Two ways to consume frames:
+
+- ``live=True`` (the default): a reader thread pulls frames from the source as fast as it gives
+  them and keeps only the newest; the captioning loop always takes the newest frame. When
+  captioning is slower than the frames arrive, older frames are **dropped** (counted, never
+  queued), so a caption is never more than one caption's time behind the camera.
+- ``live=False``: every frame (after ``every`` sampling) is captioned in order and the source
+  waits for the captioner: for video files processed offline, where the output must not depend on
+  the machine's speed.
+
+Frames are ``Frame`` objects (``video_frames`` and ``camera_frames`` yield them, with the source's
+own index and timestamp and OpenCV's BGR channel order) or bare images of any kind
+``Captioner.caption`` takes (numpy arrays, PIL images, paths, bytes), numbered from 0 and stamped
+with the seconds since the stream started when the reader got them.
+
+``every=SECONDS`` samples at most one frame per interval of frame time, on a grid that starts at
+the first frame's timestamp: for a video, one frame per ``every`` seconds of video time.
+
+OpenCV (``pip install 'edgecap[video]'``) is imported only by ``video_frames`` and
+``camera_frames``.
+"""
+
+from __future__ import annotations
+
+import os
+import threading
+import time
+import weakref
+from collections.abc import Iterable, Iterator
+from dataclasses import dataclass
+from pathlib import Path
+
+from edgecap.api import Caption
+from edgecap.errors import BackendError, InputError
+from edgecap.images import COLORS, ImageInput
+
+VIDEO_EXTRA = "pip install 'edgecap[video]' (opencv-python-headless)"
+READER_JOIN_S = 2.0  # how long closing a stream waits for the reader's current read to return
+_EPSILON_S = 1e-6    # timestamps computed as index / fps land on the `every` grid up to rounding
+
+__all__ = ["Frame", "StreamEvent", "StreamStats", "CaptionStream", "caption_stream",
+           "video_frames", "camera_frames"]
+
+
+@dataclass(frozen=True)
+class Frame:
+    """One frame of a stream. ``timestamp``: seconds (video time for a file, seconds since the
+    camera opened for a camera); ``color``: the channel order of ``image`` when it is an array."""
+
+    index: int
+    timestamp: float
+    image: ImageInput
+    color: str = "rgb"
+
+
+@dataclass(frozen=True)
+class StreamEvent:
+    """One captioned frame.
+
+    ``dropped``: frames that were due (after ``every`` sampling) but replaced by a newer frame
+    before the captioner was free, since the previous event; always 0 with ``live=False``.
+    ``latency_ms``: from the moment the reader got the frame to the moment its caption was ready
+    (waiting for the captioner included).
+    """
+
+    frame_index: int
+    timestamp: float
+    caption: Caption
+    dropped: int
+    latency_ms: float
+
+
+@dataclass(frozen=True)
+class StreamStats:
+    """Counts since the stream started. ``frames``: frames read from the source; ``skipped``: left
+    out by ``every`` sampling; ``dropped``: due but replaced by a newer frame (live streams only);
+    ``captioned``: frames captioned. ``elapsed_s``: wall-clock seconds since the first read."""
+
+    frames: int = 0
+    skipped: int = 0
+    dropped: int = 0
+    captioned: int = 0
+    elapsed_s: float = 0.0
+
+    @property
+    def captions_per_second(self) -> float:
+        return self.captioned / self.elapsed_s if self.elapsed_s > 0 else 0.0
+
+    @property
+    def frames_per_second(self) -> float:
+        """The rate the source delivered frames at."""
+        return self.frames / self.elapsed_s if self.elapsed_s > 0 else 0.0
+
+    def __str__(self) -> str:
+        return (f"{self.captioned} captions from {self.frames} frames in {self.elapsed_s:.2f} s "
+                f"({self.captions_per_second:.2f} captions/s, {self.frames_per_second:.1f} "
+                f"frames/s); {self.dropped} dropped, {self.skipped} skipped by sampling")
+
+
+class _Sampler:
+    """Keeps at most one frame per ``every`` seconds of frame time (all frames when None)."""
+
+    def __init__(self, every: float | None):
+        self.every = every
+        self.origin: float | None = None
+        self.next_slot = 0
+
+    def take(self, timestamp: float) -> bool:
+        if self.every is None:
+            return True
+        if self.origin is None:
+            self.origin = timestamp
+        slot = (timestamp - self.origin + _EPSILON_S) // self.every
+        if slot < self.next_slot:
+            return False
+        self.next_slot = int(slot) + 1
+        return True
+
+
+class CaptionStream:
+    """What ``caption_stream`` returns: iterate it for ``StreamEvent``s; ``stats`` any time.
+
+    Iterate it once, from one thread. Leaving the loop early (``break``, an exception) or
+    calling ``close()`` from that thread stops the reader and closes the frame source (releasing
+    a camera or video file).
+    """
+
+    def __init__(self, captioner, frames: Iterable, every: float | None = None,
+                 color: str = "rgb", live: bool = True, return_attention: bool = False):
+        if color not in COLORS:
+            raise ValueError(f"color must be one of {COLORS}, got {color!r}")
+        if every is not None and (isinstance(every, bool) or not isinstance(every, (int, float))
+                                  or not every > 0):
+            raise ValueError(f"every must be None or a positive number of seconds, got {every!r}")
+        self.captioner = captioner
+        self.frames = frames
+        self.every = every
+        self.color = color
+        self.live = live
+        self.return_attention = return_attention
+        self._lock = threading.Condition()
+        self._stop = threading.Event()
+        self._counts = {"frames": 0, "skipped": 0, "dropped": 0, "captioned": 0}
+        self._started: float | None = None
+        self._ended: float | None = None
+        self._started_iterating = False
+        # weakly held: a strong reference would make a cycle (the generator's frame holds self),
+        # and leaving a for loop early must close the generator, and the camera, at once
+        self._events: weakref.ref | None = None
+
+    @property
+    def stats(self) -> StreamStats:
+        with self._lock:
+            if self._started is None:
+                elapsed = 0.0
+            else:
+                elapsed = (self._ended or time.perf_counter()) - self._started
+            return StreamStats(elapsed_s=elapsed, **self._counts)
+
+    def __iter__(self) -> Iterator[StreamEvent]:
+        if self._started_iterating:
+            raise RuntimeError("a CaptionStream can be iterated once; make a new one")
+        self._started_iterating = True
+        events = self._live() if self.live else self._in_order()
+        self._events = weakref.ref(events)
+        return events
+
+    def close(self) -> None:
+        """Stop reading frames and close the source; safe to call more than once."""
+        self._stop.set()
+        events = self._events() if self._events is not None else None
+        if events is not None:
+            events.close()
+        elif self._events is None:  # never iterated: the source may hold a camera or file open
+            close = getattr(self.frames, "close", None)
+            if close is not None:
+                close()
+
+    def __enter__(self) -> "CaptionStream":
+        return self
+
+    def __exit__(self, *exc) -> None:
+        self.close()
+
+    # -- reading -----------------------------------------------------------------------------
+    def _read(self) -> Iterator[tuple[Frame, float]]:
+        """The source's frames that pass sampling, each with the perf_counter time it was read.
+        Counts frames and skips; closes the source when done or stopped."""
+        sampler = _Sampler(self.every)
+        source = iter(self.frames)
+        try:
+            with self._lock:
+                self._started = time.perf_counter()
+            position = 0
+            while not self._stop.is_set():
+                try:
+                    item = next(source)
+                except StopIteration:
+                    return
+                now = time.perf_counter()
+                frame = _as_frame(item, position, now - self._started, self.color)
+                position += 1
+                with self._lock:
+                    self._counts["frames"] += 1
+                    if not sampler.take(frame.timestamp):
+                        self._counts["skipped"] += 1
+                        continue
+                yield frame, now
+        finally:
+            close = getattr(source, "close", None)
+            if close is not None:
+                close()
+
+    def _caption(self, frame: Frame, read_at: float, dropped: int) -> StreamEvent:
+        caption = self.captioner.caption(frame.image, color=frame.color,
+                                         return_attention=self.return_attention)
+        with self._lock:
+            self._counts["captioned"] += 1
+        return StreamEvent(frame_index=frame.index, timestamp=frame.timestamp, caption=caption,
+                           dropped=dropped, latency_ms=(time.perf_counter() - read_at) * 1e3)
+
+    # -- offline: every sampled frame, in order ----------------------------------------------
+    def _in_order(self) -> Iterator[StreamEvent]:
+        reader = self._read()
+        try:
+            for frame, read_at in reader:
+                yield self._caption(frame, read_at, 0)
+        finally:
+            reader.close()
+            self._end()
+
+    # -- live: a reader thread keeps the newest frame ----------------------------------------
+    def _live(self) -> Iterator[StreamEvent]:
+        state = _Latest()
+        thread = threading.Thread(target=self._reader_thread, args=(state,),
+                                  name="edgecap-frame-reader", daemon=True)
+        thread.start()
+        try:
+            while True:
+                with self._lock:
+                    self._lock.wait_for(lambda: state.frame is not None or state.done)
+                    if state.frame is None:  # done and nothing left
+                        if state.error is not None:
+                            raise state.error
+                        return
+                    (frame, read_at), dropped = state.frame, state.dropped
+                    state.frame, state.dropped = None, 0
+                yield self._caption(frame, read_at, dropped)
+        finally:
+            self._stop.set()
+            thread.join(READER_JOIN_S)
+            self._end()
+
+    def _end(self) -> None:
+        with self._lock:
+            if self._started is not None and self._ended is None:
+                self._ended = time.perf_counter()
+
+    def _reader_thread(self, state: "_Latest") -> None:
+        try:
+            for item in self._read():
+                with self._lock:
+                    if state.frame is not None:  # the captioner is busy: the newest frame wins
+                        state.dropped += 1
+                        self._counts["dropped"] += 1
+                    state.frame = item
+                    self._lock.notify()
+        except BaseException as exc:  # handed to the captioning loop, which raises it
+            state.error = exc
+        finally:
+            with self._lock:
+                state.done = True
+                self._lock.notify()
+
+
+class _Latest:
+    """The slot shared by the reader thread and the captioning loop (guarded by the lock)."""
+
+    def __init__(self):
+        self.frame: tuple[Frame, float] | None = None
+        self.dropped = 0
+        self.done = False
+        self.error: BaseException | None = None
+
+
+def _as_frame(item, position: int, seconds: float, color: str) -> Frame:
+    if isinstance(item, Frame):
+        return item
+    return Frame(index=position, timestamp=seconds, image=item, color=color)
+
+
+def caption_stream(captioner, frames: Iterable, every: float | None = None, color: str = "rgb",
+                   live: bool = True, return_attention: bool = False) -> CaptionStream:
+    """Caption a stream of frames; iterate the result for ``StreamEvent``s.
+
+    Args:
+        captioner: a ``Captioner`` (anything with ``caption(image, color=, return_attention=)``).
+        frames: ``Frame``s or bare images (see the module docstring); a ``Frame``'s own
+            ``color`` applies to it, ``color`` to bare images.
+        every: seconds of frame time between captions (None: every frame that can be captioned).
+        live: True: the newest frame wins and older ones are dropped when captioning is slower
+            than the source; False: every sampled frame is captioned, in order.
+        return_attention: passed to ``captioner.caption``.
+    """
+    return CaptionStream(captioner, frames, every=every, color=color, live=live,
+                         return_attention=return_attention)
+
+
+# -- OpenCV sources ----------------------------------------------------------------------------
+def _cv2():
+    try:
+        import cv2
+    except ImportError as exc:
+        raise BackendError(f"reading videos and cameras needs OpenCV, which is not installed: "
+                           f"{VIDEO_EXTRA}") from exc
+    return cv2
+
+
+def video_frames(path: str | os.PathLike, realtime: bool = False) -> Iterator[Frame]:
+    """A video file's frames, decoded by OpenCV: ``Frame``s with BGR uint8 (H, W, 3) arrays,
+    ``index`` counted from 0 and ``timestamp = index / fps`` (the video's own time).
+
+    ``realtime=True`` paces the frames at the video's frame rate, as a camera would deliver them
+    (to try a live loop on a recording). Raises ``InputError`` when the file cannot be opened.
+    """
+    cv2 = _cv2()
+    source = os.fspath(path)
+    if not Path(source).is_file():
+        raise InputError(source, "no such file" if not Path(source).exists() else "not a file")
+    capture = cv2.VideoCapture(source)
+    if not capture.isOpened():
+        capture.release()
+        raise InputError(source, "cannot open it as a video (not a video, or a format OpenCV's "
+                                 "FFmpeg cannot read)")
+    fps = capture.get(cv2.CAP_PROP_FPS)
+    if not fps or fps != fps or fps <= 0:  # 0 or NaN: a container without a frame rate
+        capture.release()
+        raise InputError(source, "the video has no frame rate, so its frames have no timestamps")
+    return _video_frames(capture, fps, realtime)
+
+
+def _video_frames(capture, fps: float, realtime: bool) -> Iterator[Frame]:
+    start = time.perf_counter()
+
+    def timestamp(index: int) -> float:
+        stamp = index / fps
+        if realtime:  # play at the file's frame rate, as a camera would deliver it
+            wait = start + stamp - time.perf_counter()
+            if wait > 0:
+                time.sleep(wait)
+        return stamp
+
+    return _read_frames(capture, timestamp)
+
+
+def _read_frames(capture, timestamp) -> Iterator[Frame]:
+    """BGR frames from an OpenCV capture until it runs dry; ``timestamp(index)`` dates each."""
+    index = 0
+    try:
+        while True:
+            ok, image = capture.read()
+            if not ok:
+                return
+            yield Frame(index=index, timestamp=timestamp(index), image=image, color="bgr")
+            index += 1
+    finally:
+        capture.release()
+
+
+def camera_frames(index: int = 0, width: int | None = None,
+                  height: int | None = None) -> Iterator[Frame]:
+    """Frames from camera ``index`` (``/dev/video<index>`` on Linux) through OpenCV, until the
+    camera stops giving frames: ``Frame``s with BGR uint8 arrays, timestamps in seconds since the
+    camera opened. ``width`` / ``height`` request a capture size (the camera may choose another).
+    Raises ``InputError`` when the camera cannot be opened."""
+    cv2 = _cv2()
+    capture = cv2.VideoCapture(index)
+    if not capture.isOpened():
+        capture.release()
+        raise InputError(f"camera {index}", "cannot open the camera (is it connected, and free?)")
+    if width is not None:
+        capture.set(cv2.CAP_PROP_FRAME_WIDTH, width)
+    if height is not None:
+        capture.set(cv2.CAP_PROP_FRAME_HEIGHT, height)
+    return _camera_frames(capture)
+
+
+def _camera_frames(capture) -> Iterator[Frame]:
+    start = time.perf_counter()
+    return _read_frames(capture, lambda index: time.perf_counter() - start)

@@ -1,0 +1,141 @@
+"""Self-critical sequence training (Rennie et al. 2017) on CIDEr-D, after cross-entropy training.
+
+For each image, ``n_samples`` captions are sampled from the decoder; each sample's reward is its
+CIDEr-D against the image's references minus the mean reward of the image's other samples (the
+baseline of Luo 2020, no greedy pass needed). Cheap here because the encoder is frozen and its
+features are cached. The best epoch by dev CIDEr (greedy, simple tokenizer) is kept.
+"""
+
+from __future__ import annotations
+
+import json
+import random
+import time
+from dataclasses import asdict, dataclass
+from pathlib import Path
+
+import numpy as np
+import torch
+
+from edgecap.data.readers import read_dataset
+from edgecap.models.checkpoint import load_checkpoint, save_checkpoint
+from edgecap.training.cider import CiderD
+from edgecap.training.features import compute_features
+from edgecap.training.train import _bar, evaluate_dev
+from edgecap.vocab import tokenize
+
+
+@dataclass(frozen=True)
+class ScstConfig:
+    checkpoint: str                 # cross-entropy checkpoint to start from (OUT/best)
+    data: str
+    out: str
+    images: str | None = None
+    dataset: str = "flickr8k"
+    epochs: int = 5
+    images_per_batch: int = 25
+    n_samples: int = 5
+    lr: float = 2e-5
+    max_length: int = 16
+    cache_dir: str | None = None
+    seed: int = 0
+    threads: int = 0
+    progress: bool = True
+
+
+def sample_captions(decoder, fmap, n_samples: int, max_length: int, start: int, end: int):
+    """Sample ``n_samples`` captions per image -> tokens (R, T), summed log-probs (R,), mask (R, T)."""
+    features, att_proj, h, c = decoder.init_state(fmap)
+    index = torch.arange(fmap.shape[0]).repeat_interleave(n_samples)
+    features, att_proj, h, c = features[index], att_proj[index], h[index], c[index]
+    rows = index.shape[0]
+    token = torch.full((rows,), start, dtype=torch.long)
+    alive = torch.ones(rows, dtype=torch.bool)
+    tokens, logps, masks = [], [], []
+    for t in range(max_length):
+        logits, h, c, _ = decoder.logits(token, h, c, features, att_proj)
+        logits[:, :2] = -1e4   # never <pad> / <start>
+        logits[:, 3] = -1e4    # nor <unk>
+        if t == 0:
+            logits[:, end] = -1e4
+        logprobs = torch.log_softmax(logits, dim=1)
+        token = torch.multinomial(logprobs.detach().exp(), 1).squeeze(1)
+        masks.append(alive.clone())
+        logps.append(logprobs.gather(1, token[:, None]).squeeze(1) * alive)
+        tokens.append(torch.where(alive, token, torch.full_like(token, end)))
+        alive = alive & (token != end)
+        if not alive.any():
+            break
+    return torch.stack(tokens, 1), torch.stack(logps, 1).sum(1), torch.stack(masks, 1)
+
+
+def train_scst(cfg: ScstConfig, log=print) -> Path:
+    rng = random.Random(cfg.seed)
+    torch.manual_seed(cfg.seed)
+    if cfg.threads:
+        torch.set_num_threads(cfg.threads)
+    out = Path(cfg.out)
+    data = Path(cfg.data)
+    images = Path(cfg.images) if cfg.images else data / "images"
+    encoder, decoder, vocab, pre, meta = load_checkpoint(Path(cfg.checkpoint))
+    if meta.get("finetuned_encoder"):
+        raise ValueError("self-critical training runs on cached features: start from a checkpoint "
+                         "with a frozen encoder")
+    train_items = read_dataset(cfg.dataset, data, "train")
+    dev_items = read_dataset(cfg.dataset, data, "dev")
+    paths = [images / it.file_name for it in train_items + dev_items]
+    cache = Path(cfg.cache_dir) if cfg.cache_dir else out.parent / ".feature-cache"
+    fmaps, index = compute_features(paths, cache, pre, progress=cfg.progress)
+    train_rows = [index[p.name] for p in paths[: len(train_items)]]
+    dev_fmaps = np.stack([np.asarray(fmaps[index[p.name]]) for p in paths[len(train_items):]])
+    all_fmaps = torch.from_numpy(np.asarray(fmaps, dtype=np.float32))
+    refs = [[tokenize(c) for c in it.captions] for it in train_items]
+    cider = CiderD(refs)
+
+    optimizer = torch.optim.Adam(decoder.parameters(), lr=cfg.lr)
+    best = evaluate_dev(decoder, dev_fmaps, dev_items, vocab)
+    log(json.dumps({"epoch": 0, **{k: round(v, 4) for k, v in best.items()}}) + "  (start)")
+    history = [{"epoch": 0, **best}]
+    info_base = {k: meta[k] for k in ("train_state", "train_config", "training_data") if k in meta}
+    save_checkpoint(out / "best", decoder, vocab, pre,
+                    {**info_base, "dev_metrics_greedy": best, "scst": {"config": asdict(cfg),
+                                                                        "history": history}})
+    order = list(range(len(train_items)))
+    for epoch in range(1, cfg.epochs + 1):
+        rng.shuffle(order)
+        decoder.train()
+        t0, rewards = time.time(), []
+        n_batches = (len(order) + cfg.images_per_batch - 1) // cfg.images_per_batch
+        bar = _bar(n_batches, f"scst {epoch}", cfg.progress)
+        for start in range(0, len(order), cfg.images_per_batch):
+            batch = order[start:start + cfg.images_per_batch]
+            fmap = all_fmaps[[train_rows[i] for i in batch]]
+            tokens, logp, _ = sample_captions(decoder, fmap, cfg.n_samples, cfg.max_length,
+                                              vocab.start, vocab.end)
+            words = [vocab.decode(row).split() for row in tokens.tolist()]
+            reward = np.array([cider.score(w, refs[batch[r // cfg.n_samples]], batch[r // cfg.n_samples])
+                               for r, w in enumerate(words)]).reshape(len(batch), cfg.n_samples)
+            baseline = (reward.sum(1, keepdims=True) - reward) / (cfg.n_samples - 1)
+            advantage = torch.from_numpy((reward - baseline).reshape(-1)).float()
+            loss = -(advantage * logp).mean()
+            optimizer.zero_grad(set_to_none=True)
+            loss.backward()
+            torch.nn.utils.clip_grad_norm_(decoder.parameters(), 5.0)
+            optimizer.step()
+            rewards.append(float(reward.mean()))
+            bar.update(1)
+            bar.set_postfix(reward=f"{np.mean(rewards[-50:]):.3f}")
+        bar.close()
+        dev = evaluate_dev(decoder, dev_fmaps, dev_items, vocab)
+        record = {"epoch": epoch, "train_reward": round(float(np.mean(rewards)), 4),
+                  "seconds": round(time.time() - t0), **{k: round(v, 4) for k, v in dev.items()}}
+        history.append(record)
+        improved = dev["CIDEr"] > best["CIDEr"]
+        log(json.dumps(record) + ("  (best)" if improved else ""))
+        info = {**info_base, "dev_metrics_greedy": dev,
+                "scst": {"config": asdict(cfg), "history": history, "epoch": epoch}}
+        if improved:
+            best = dev
+            save_checkpoint(out / "best", decoder, vocab, pre, info)
+        save_checkpoint(out / "last", decoder, vocab, pre, info)
+    return out / "best"

@@ -1,0 +1,136 @@
+"""``edgecap caption --video / --camera / --attention`` and ``examples/robot_loop.py``, end to end
+in subprocesses, on a 2 s, 10 fps video made from the bundled example photos and on the
+``tiny_model_dir`` model (tests/conftest.py)."""
+
+from __future__ import annotations
+
+import json
+import os
+import subprocess
+import sys
+from pathlib import Path
+
+import pytest
+from PIL import Image
+
+import edgecap
+from edgecap import Captioner
+from test_stream import make_video
+from test_viz import GREEN, find_panels
+
+ROOT = Path(edgecap.__file__).resolve().parents[1]
+ENV = {**os.environ, "PYTHONPATH": os.pathsep.join(
+    [str(ROOT), os.environ.get("PYTHONPATH", "")])}
+
+
+def run(*args, cwd=None) -> subprocess.CompletedProcess:
+    return subprocess.run([sys.executable, *map(str, args)], capture_output=True, text=True,
+                          env=ENV, cwd=cwd)
+
+
+def edgecap_caption(*args, model, cwd=None) -> subprocess.CompletedProcess:
+    return run("-m", "edgecap", "caption", *args, "--model", model, "--max-length", "6", cwd=cwd)
+
+
+@pytest.fixture(scope="module")
+def video(tmp_path_factory) -> Path:
+    return make_video(tmp_path_factory.mktemp("video") / "clip.avi", seconds=2.0, fps=10.0)
+
+
+def test_video_every_prints_one_timestamped_caption_per_interval(tiny_model_dir, video, tmp_path):
+    out = edgecap_caption("--video", video, "--every", "0.5", model=tiny_model_dir, cwd=tmp_path)
+    assert out.returncode == 0, out.stderr
+    lines = [line.split("\t") for line in out.stdout.splitlines()]
+    assert [time for time, _ in lines] == ["0.00s", "0.50s", "1.00s", "1.50s"]
+    # the same frames, decoded the same way, captioned in this process
+    from edgecap.stream import video_frames
+
+    captioner = Captioner(tiny_model_dir, max_length=6, threads=1)
+    frames = [f for f in video_frames(video) if f.index in (0, 5, 10, 15)]
+    assert [text for _, text in lines] == [captioner.caption(f.image, color="bgr").text
+                                           for f in frames]
+    assert "4 captions from 20 frames" in out.stderr and "16 skipped" in out.stderr
+    assert list(tmp_path.iterdir()) == []  # wrote nothing
+
+
+def test_video_json_every_frame(tiny_model_dir, video):
+    out = edgecap_caption("--video", video, "--json", model=tiny_model_dir)
+    assert out.returncode == 0, out.stderr
+    records = [json.loads(line) for line in out.stdout.splitlines()]
+    assert [r["frame"] for r in records] == list(range(20))
+    assert [r["time"] for r in records] == [round(i / 10, 3) for i in range(20)]
+    for r in records:
+        assert isinstance(r["caption"], str) and r["caption"]
+        assert isinstance(r["score"], float) and r["dropped"] == 0
+        assert set(r["timings"]) == {"preprocess_ms", "encode_ms", "decode_ms"}
+
+
+@pytest.mark.parametrize("args, message", [
+    (["--video", "missing.mp4"], "missing.mp4: no such file"),
+    (["--video", "missing.mp4", "photo.jpg"], "exactly one of them"),
+    ([], "exactly one of them"),
+    (["photo.jpg", "--every", "1"], "--every needs --video or --camera"),
+    (["--video", "missing.mp4", "--every", "0"], "--every must be a positive number"),
+    (["--video", "missing.mp4", "--attention", "out.png"], "--attention needs one image PATH"),
+    (["photo.jpg", "--attention", "out.xyz"], "unknown image format"),
+])
+def test_bad_arguments_are_clean_errors(tiny_model_dir, tmp_path, args, message):
+    out = edgecap_caption(*args, model=tiny_model_dir, cwd=tmp_path)
+    assert out.returncode == 2
+    assert message in out.stderr and "Traceback" not in out.stderr
+    assert list(tmp_path.iterdir()) == []
+
+
+def test_missing_camera_is_a_clean_error(tiny_model_dir):
+    pytest.importorskip("cv2")
+    out = edgecap_caption("--camera", "99", model=tiny_model_dir)
+    assert out.returncode == 2
+    assert "camera 99: cannot open the camera" in out.stderr and "Traceback" not in out.stderr
+
+
+def test_video_without_opencv_names_the_extra(tiny_model_dir, video):
+    code = ("import sys\nsys.modules['cv2'] = None\nfrom edgecap.cli import main\n"
+            f"sys.exit(main(['caption', '--video', {str(video)!r}, "
+            f"'--model', {str(tiny_model_dir)!r}]))")
+    out = run("-c", code)
+    assert out.returncode == 2
+    assert "pip install 'edgecap[video]'" in out.stderr and "Traceback" not in out.stderr
+
+
+def test_attention_png_has_one_panel_per_word_at_the_photo_aspect(tiny_model_dir, tmp_path):
+    photos, work = tmp_path / "photos", tmp_path / "work"
+    photos.mkdir()
+    work.mkdir()
+    photo = photos / "green.png"
+    Image.new("RGB", (300, 200), GREEN).save(photo)
+    target = photos / "attention.png"
+    out = edgecap_caption(photo, "--attention", target, "--json", model=tiny_model_dir, cwd=work)
+    assert out.returncode == 0, out.stderr
+    record, = (json.loads(line) for line in out.stdout.splitlines())
+    n_words = len(record["caption"].split())
+    assert sorted(photos.iterdir()) == [target, photo] and list(work.iterdir()) == []
+    with Image.open(target) as figure:
+        assert figure.format == "PNG"
+        panels = find_panels(figure.convert("RGB"))
+    assert len(panels) == n_words
+    assert {(w, h) for _, _, w, h in panels} == {(224, 149)}  # 300 x 200 -> 224 x 149.33
+
+
+def test_attention_for_an_unreadable_image_writes_nothing(tiny_model_dir, tmp_path):
+    broken = tmp_path / "broken.png"
+    broken.write_bytes(b"not a png")
+    out = edgecap_caption(broken, "--attention", tmp_path / "out.png", model=tiny_model_dir)
+    assert out.returncode == 1
+    assert f"edgecap: {broken}: " in out.stderr
+    assert list(tmp_path.iterdir()) == [broken]
+
+
+def test_robot_loop_example(tiny_model_dir, video):
+    out = run(ROOT / "examples" / "robot_loop.py", video, "--model", tiny_model_dir,
+              "--every", "0.5")
+    assert out.returncode == 0, out.stderr
+    *events, summary = out.stdout.splitlines()
+    frames = [int(line.split("frame")[1].split()[0]) for line in events]
+    assert frames and frames == sorted(set(frames)) and set(frames) <= {0, 5, 10, 15}
+    assert all("encode" in line and "decode" in line and "dropped" in line for line in events)
+    assert summary.startswith("done: ") and "from 20 frames" in summary

@@ -1,0 +1,289 @@
+"""``edgecap eval`` and ``edgecap.evaluate``: reference readers, results format, metrics equal to
+pycocoevalcap run directly, and the command end to end on the bundled example photos (never
+Flickr8k photos) with the ``tiny_model_dir`` fixture (tests/conftest.py; its captions are
+nonsense, so the references below are written around whatever it says).
+
+Tests marked ``java`` run coco-caption's PTB tokenizer and METEOR (Java); they skip without it.
+"""
+
+from __future__ import annotations
+
+import io
+import json
+import os
+import subprocess
+import sys
+from pathlib import Path
+
+import pytest
+
+import edgecap
+from edgecap import metrics
+from edgecap.cli import main
+from edgecap.data.readers import read_coco, read_flickr8k, read_karpathy
+from edgecap.evaluate import check_images, load_references, results_json, score_split
+
+pytest.importorskip("pycocoevalcap")
+
+EXAMPLES = Path(edgecap.__file__).parent / "assets" / "examples"
+PHOTOS = ("astronaut.png", "chelsea.png", "coffee.png", "rocket.jpg")
+ENV = {**os.environ, "PYTHONPATH": os.pathsep.join(
+    [str(Path(edgecap.__file__).parent.parent), os.environ.get("PYTHONPATH", "")])}
+needs_java = pytest.mark.skipif(not metrics.java_available(), reason="needs Java (PTB, METEOR)")
+
+HUMAN = {
+    "astronaut.png": ["A woman in a space suit stands in front of a flag.",
+                      "An astronaut smiles for the camera."],
+    "chelsea.png": ["A tabby cat looks to the side.", "A cat sits on a wooden floor."],
+    "coffee.png": ["A cup of coffee on a saucer.", "A white cup of espresso on a table."],
+    "rocket.jpg": ["A rocket stands on the launch pad.", "A space shuttle before launch."],
+}
+
+
+def coco_json(path: Path, captions: dict[str, list[str]], ids: dict[str, int] | None = None):
+    """Write COCO caption JSON for {file_name: [captions]}; ids default to 10, 11, ..."""
+    ids = ids or {name: 10 + i for i, name in enumerate(captions)}
+    images = [{"id": ids[name], "file_name": name} for name in captions]
+    annotations = [{"id": 100 + k, "image_id": ids[name], "caption": c}
+                   for k, (name, c) in enumerate((n, c) for n, cs in captions.items() for c in cs)]
+    path.write_text(json.dumps({"images": images, "annotations": annotations}))
+    return path
+
+
+def flickr_files(root: Path, split: list[str]) -> tuple[Path, Path]:
+    tokens = root / "tokens.txt"
+    tokens.write_text("".join(f"{name}#{k}\t{c}\n" for name, cs in HUMAN.items()
+                              for k, c in enumerate(cs)))
+    split_file = root / "split.txt"
+    split_file.write_text("\n".join(split) + "\n")
+    return tokens, split_file
+
+
+# -- reference readers --------------------------------------------------------------------------
+def test_read_coco_groups_captions_by_image_in_images_order(tmp_path):
+    path = coco_json(tmp_path / "refs.json",
+                     {"b.jpg": [" Two dogs. ", "A dog."], "a.jpg": ["A cat."]},
+                     ids={"b.jpg": 7, "a.jpg": 3})
+    items = read_coco(path)
+    assert [(i.image_id, i.file_name, i.captions) for i in items] == [
+        (7, "b.jpg", ["Two dogs.", "A dog."]), (3, "a.jpg", ["A cat."])]
+
+
+def test_read_flickr8k_ids_are_split_line_indices(tmp_path):
+    tokens, split = flickr_files(tmp_path, ["coffee.png", "astronaut.png"])
+    items = read_flickr8k(tokens, split)
+    assert [(i.image_id, i.file_name) for i in items] == [(0, "coffee.png"), (1, "astronaut.png")]
+    assert items[0].captions == HUMAN["coffee.png"]
+
+
+def test_read_karpathy_keeps_one_split(tmp_path):
+    data = {"images": [
+        {"filename": "a.jpg", "imgid": 0, "split": "train", "sentences": [{"raw": "A cat. "}]},
+        {"filename": "b.jpg", "imgid": 1, "split": "test", "sentences": [{"raw": "A dog."}]},
+        {"filename": "c.jpg", "filepath": "val2014", "cocoid": 9, "imgid": 2, "split": "restval",
+         "sentences": [{"raw": "A bird."}, {"raw": "Birds."}]}]}
+    path = tmp_path / "dataset_tiny.json"
+    path.write_text(json.dumps(data))
+    assert [(i.image_id, i.file_name, i.captions) for i in read_karpathy(path, "test")] == [
+        (1, "b.jpg", ["A dog."])]
+    assert [(i.image_id, i.file_name) for i in read_karpathy(path, "train")] == [
+        (0, "a.jpg"), (9, "val2014/c.jpg")]
+    # load_references recognises the Karpathy layout and insists on a split
+    assert [i.file_name for i in load_references(path, karpathy_split="test")] == ["b.jpg"]
+    with pytest.raises(ValueError, match="Karpathy"):
+        load_references(path)
+
+
+def test_load_references_flickr8k_layout(tmp_path):
+    tokens, split = flickr_files(tmp_path, ["rocket.jpg", "chelsea.png"])
+    items = load_references(captions=tokens, split=split)
+    assert [(i.image_id, i.file_name) for i in items] == [(0, "rocket.jpg"), (1, "chelsea.png")]
+
+
+@pytest.mark.parametrize("content, problem", [
+    ("{not json", "not valid JSON"),
+    (json.dumps({"images": [{"id": 1}], "annotations": []}), "unexpected layout"),
+    (json.dumps({"images": [{"id": 1, "file_name": "a.jpg"}], "annotations": []}),
+     "no reference caption: a.jpg"),
+    (json.dumps({"images": [], "annotations": []}), "lists no images"),
+])
+def test_load_references_bad_files_name_the_file(tmp_path, content, problem):
+    path = tmp_path / "refs.json"
+    path.write_text(content)
+    with pytest.raises(ValueError, match=problem) as info:
+        load_references(path)
+    assert str(path) in str(info.value)
+
+
+def test_check_images_names_every_missing_image(tmp_path):
+    (tmp_path / "here.png").write_bytes(b"x")
+    items = read_coco(coco_json(tmp_path / "r.json",
+                                {"here.png": ["x"], "gone1.png": ["x"], "gone2.jpg": ["x"]}))
+    with pytest.raises(FileNotFoundError, match=r"2 of 3 .*gone1\.png, gone2\.jpg"):
+        check_images(items, tmp_path)
+    check_images(items[:1], tmp_path)  # all present: no error
+
+
+# -- results and metrics ------------------------------------------------------------------------
+def test_results_json_is_coco_results_format(tmp_path):
+    items = read_coco(coco_json(tmp_path / "r.json", {"a.png": ["A cat."], "b.png": ["A dog."]},
+                                ids={"a.png": 5, "b.png": 2}))
+    assert results_json(items, {2: "a dog", 5: "a cat"}) == [
+        {"image_id": 5, "caption": "a cat"}, {"image_id": 2, "caption": "a dog"}]
+
+
+REFS = {1: ["A dog runs across the green grass.", "A brown dog is running outside."],
+        2: ["Two children play in the snow.", "Kids playing in snow near a house."],
+        3: ["A man rides a red bike down the street.", "A cyclist on a city road."]}
+HYPS = {1: "a dog runs on the grass", 2: "two kids play in the snow", 3: "a man rides a bike"}
+
+
+@needs_java
+def test_score_equals_pycocoevalcap_run_directly():
+    from pycocoevalcap.bleu.bleu import Bleu
+    from pycocoevalcap.cider.cider import Cider
+    from pycocoevalcap.meteor.meteor import Meteor
+    from pycocoevalcap.rouge.rouge import Rouge
+    from pycocoevalcap.tokenizer.ptbtokenizer import PTBTokenizer
+
+    tok = PTBTokenizer()
+    gts = tok.tokenize({k: [{"caption": c} for c in v] for k, v in REFS.items()})
+    res = tok.tokenize({k: [{"caption": v}] for k, v in HYPS.items()})
+    bleu, _ = Bleu(4).compute_score(gts, res, verbose=0)
+    expected = {**{f"BLEU-{i + 1}": b for i, b in enumerate(bleu)},
+                "METEOR": Meteor().compute_score(gts, res)[0],
+                "ROUGE-L": Rouge().compute_score(gts, res)[0],
+                "CIDEr": Cider().compute_score(gts, res)[0]}
+
+    got = metrics.score(REFS, HYPS, tokenizer="ptb")
+    assert list(got) == list(metrics.METRIC_KEYS)
+    assert got == pytest.approx(expected, abs=1e-9)
+    assert 0 < got["BLEU-4"] < got["BLEU-1"] < 1
+
+
+def test_score_split_without_java_skips_only_meteor(monkeypatch, capsys, tmp_path):
+    monkeypatch.setattr(metrics, "java_available", lambda: False)
+    items = read_coco(coco_json(tmp_path / "r.json", {str(k): v for k, v in REFS.items()},
+                                ids={str(k): k for k in REFS}))
+    report = score_split(items, HYPS)
+    assert report.tokenizer == "simple" and report.skipped == ("METEOR",)
+    assert list(report.scores) == ["BLEU-1", "BLEU-2", "BLEU-3", "BLEU-4", "ROUGE-L", "CIDEr"]
+    assert report.n_images == 3
+    assert report.scores == metrics.score(REFS, HYPS, tokenizer="simple",
+                                          metrics=tuple(report.scores))
+    assert "Java not found" in capsys.readouterr().err
+
+
+# -- the command --------------------------------------------------------------------------------
+def edgecap_eval(*args) -> subprocess.CompletedProcess:
+    return subprocess.run([sys.executable, "-m", "edgecap", "eval", *map(str, args)],
+                          capture_output=True, text=True, timeout=300, env=ENV)
+
+
+@pytest.fixture(scope="module")
+def tiny_captions(tiny_model_dir) -> dict[str, str]:
+    """What the tiny model says about each example photo (beam 2, max 6 words)."""
+    from edgecap import Captioner
+
+    captioner = Captioner(tiny_model_dir, backend="onnxruntime", beam_size=2, max_length=6)
+    return {name: c.text for name, c in
+            zip(PHOTOS, captioner.caption_batch([EXAMPLES / n for n in PHOTOS]))}
+
+
+@needs_java
+def test_cli_json_and_results_end_to_end(tiny_model_dir, tiny_captions, tmp_path):
+    # Each image's references include the model's own caption, so BLEU-1 and ROUGE-L must be ~1
+    # if (and only if) captions are matched with their own image's references.
+    refs = coco_json(tmp_path / "refs.json",
+                     {name: [tiny_captions[name], *HUMAN[name]] for name in PHOTOS})
+    results = tmp_path / "results.json"
+    out = edgecap_eval("--images", EXAMPLES, "--references", refs, "--model", tiny_model_dir,
+                       "--backend", "onnxruntime", "--beam-size", 2, "--max-length", 6,
+                       "--batch-size", 3, "--output", results, "--json")
+    assert out.returncode == 0, out.stderr
+    assert len(out.stdout.splitlines()) == 1
+    summary = json.loads(out.stdout)
+    for key in metrics.METRIC_KEYS:
+        assert isinstance(summary[key], float) and 0 <= summary[key] <= 10, key
+    assert summary["BLEU-1"] > 0.99 and summary["ROUGE-L"] > 0.99
+    assert summary["n_images"] == 4 and summary["tokenizer"] == "ptb"
+    assert summary["beam_size"] == 2 and summary["backend"].startswith("onnxruntime")
+    assert summary["model"] == {"name": "tiny-random", "path": str(tiny_model_dir),
+                                "precision": "fp32"}
+    assert json.loads(results.read_text()) == [
+        {"image_id": 10 + i, "caption": tiny_captions[name]} for i, name in enumerate(PHOTOS)]
+
+
+def test_cli_flickr8k_layout_text_without_java(tiny_model_dir, tiny_captions, tmp_path,
+                                               monkeypatch, capsys):
+    monkeypatch.setattr(metrics, "java_available", lambda: False)
+    tokens, split = flickr_files(tmp_path, ["rocket.jpg", "chelsea.png", "coffee.png"])
+    results = tmp_path / "results.json"
+    rc = main(["eval", "--images", str(EXAMPLES), "--captions", str(tokens), "--split", str(split),
+               "--model", str(tiny_model_dir), "--backend", "onnxruntime", "--max-length", "6",
+               "--beam-size", "2", "--limit", "2", "--output", str(results)])
+    out = capsys.readouterr()
+    assert rc == 0, out.err
+    assert "Java not found" in out.err
+    lines = dict(line.split(":", 1) for line in out.out.splitlines())
+    assert lines["images"].split()[0] == "2"
+    assert lines["tokenizer"].strip().startswith("simple (Java not found")
+    assert lines["METEOR"].strip().startswith("skipped")
+    for key in ("BLEU-1", "BLEU-2", "BLEU-3", "BLEU-4", "ROUGE-L", "CIDEr"):
+        assert 0 <= float(lines[key]) <= 10, key
+    assert "tiny-random" in lines["model"] and str(tiny_model_dir) in lines["model"]
+    assert lines["backend"].strip().startswith("onnxruntime")
+    assert "beam size 2" in lines["search"]
+    assert json.loads(results.read_text()) == [
+        {"image_id": 0, "caption": tiny_captions["rocket.jpg"]},
+        {"image_id": 1, "caption": tiny_captions["chelsea.png"]}]
+
+
+def test_cli_missing_images_fail_before_captioning(tiny_model_dir, tmp_path):
+    refs = coco_json(tmp_path / "refs.json", {"chelsea.png": ["A cat."], "gone1.jpg": ["A dog."],
+                                              "rocket.jpg": ["A rocket."], "gone2.png": ["Snow."]})
+    results = tmp_path / "results.json"
+    out = edgecap_eval("--images", EXAMPLES, "--references", refs, "--model", tiny_model_dir,
+                       "--output", results)
+    assert out.returncode == 2
+    assert "Traceback" not in out.stderr and out.stdout == ""
+    assert "2 of 4 listed images" in out.stderr and "gone1.jpg, gone2.png" in out.stderr
+    assert not results.exists()
+
+
+def test_cli_undecodable_image_fails_without_scoring(tiny_model_dir, tmp_path, capsys):
+    (tmp_path / "broken.jpg").write_bytes(b"\xff\xd8\xff not a jpeg")
+    (tmp_path / "cat.png").write_bytes((EXAMPLES / "chelsea.png").read_bytes())
+    refs = coco_json(tmp_path / "refs.json", {"cat.png": ["A cat."], "broken.jpg": ["A dog."]})
+    results = tmp_path / "results.json"
+    rc = main(["eval", "--images", str(tmp_path), "--references", str(refs), "--model",
+               str(tiny_model_dir), "--max-length", "3", "--output", str(results), "--json"])
+    out = capsys.readouterr()
+    assert rc == 1
+    assert "broken.jpg" in out.err and "cannot be scored" in out.err
+    assert out.out == "" and not results.exists()
+
+
+@pytest.mark.parametrize("args, problem", [
+    ([], "give --references"),
+    (["--references", "r.json", "--captions", "t.txt", "--split", "s.txt"], "give --references"),
+    (["--captions", "t.txt"], "--captions needs --split"),
+    (["--references", "r.json", "--split", "s.txt"], "--split goes with --captions"),
+    (["--references", "r.json", "--limit", "0"], "--limit must be at least 1"),
+    (["--references", "nowhere.json"], "nowhere.json"),
+])
+def test_cli_bad_reference_options(args, problem, tmp_path, capsys):
+    rc = main(["eval", "--images", str(tmp_path), *args])
+    assert rc == 2
+    assert problem in capsys.readouterr().err
+
+
+def test_progress_counter_without_tqdm():
+    from edgecap.commands.eval import _Counter
+
+    stream = io.StringIO()
+    counter = _Counter(5, stream)
+    counter.update(3)
+    counter.update(2)
+    counter.close()
+    assert stream.getvalue() == "\r3/5 images\r5/5 images\n"

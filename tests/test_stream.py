@@ -1,0 +1,308 @@
+"""``edgecap.stream``: latest-frame-wins live streams, in-order streams, ``every`` sampling, and the
+OpenCV video source.
+
+The live-stream test drives the reader and the captioner with events, not sleeps, so what it
+checks does not depend on the machine's speed. Model-backed tests use ``tiny_model_dir``
+(tests/conftest.py); videos are made here from the bundled example photos.
+"""
+
+from __future__ import annotations
+
+import os
+import subprocess
+import sys
+import threading
+from pathlib import Path
+
+import numpy as np
+import pytest
+from PIL import Image
+
+import edgecap
+from edgecap import Captioner
+from edgecap.errors import BackendError, InputError
+from edgecap.stream import Frame, StreamStats, _Sampler, caption_stream, camera_frames, video_frames
+
+EXAMPLES = Path(edgecap.__file__).parent / "assets" / "examples"
+DEADLOCK_GUARD_S = 60  # only ever reached if the stream deadlocks; never a speed limit
+VIDEO_SIZE = (320, 240)
+
+
+def example_frames(size=VIDEO_SIZE) -> list[np.ndarray]:
+    """uint8 (H, W, 3) RGB frames of the bundled example photos, resized to ``size``."""
+    return [np.asarray(Image.open(EXAMPLES / name).convert("RGB").resize(size))
+            for name in ("chelsea.png", "coffee.png")]
+
+
+def make_video(path: Path, seconds: float = 2.0, fps: float = 10.0) -> Path:
+    """A Motion-JPEG AVI: the cat for the first half, the coffee cup for the second."""
+    cv2 = pytest.importorskip("cv2")
+    cat, coffee = example_frames()
+    n_frames = round(seconds * fps)
+    writer = cv2.VideoWriter(str(path), cv2.VideoWriter_fourcc(*"MJPG"), fps, VIDEO_SIZE)
+    assert writer.isOpened(), "OpenCV cannot write MJPG video here"
+    for i in range(n_frames):
+        writer.write(np.ascontiguousarray((cat if i < n_frames // 2 else coffee)[:, :, ::-1]))
+    writer.release()
+    return path
+
+
+class FakeCaptioner:
+    """Records what it captions; ``caption`` calls ``hook`` first (to block it)."""
+
+    def __init__(self, hook=None):
+        self.hook = hook
+        self.seen: list = []
+
+    def caption(self, image, color="rgb", return_attention=False):
+        if self.hook is not None:
+            self.hook(len(self.seen))
+        self.seen.append((image, color))
+        return edgecap.Caption(text=f"frame {image}", score=0.0, tokens=["frame"], log_prob=0.0)
+
+
+@pytest.fixture(scope="module")
+def captioner(tiny_model_dir):
+    return Captioner(tiny_model_dir, max_length=6, threads=1)
+
+
+# -- live: the newest frame wins ---------------------------------------------------------------
+def test_live_stream_drops_old_frames_and_keeps_no_backlog():
+    """Frame 0 is captioned slowly; meanwhile frames 1..49 arrive. Only the newest of them (49)
+    is captioned next; 1..48 are dropped, not queued."""
+    n = 50
+    captioning, all_read, source_closed = threading.Event(), threading.Event(), threading.Event()
+
+    def source():
+        try:
+            yield 0
+            assert captioning.wait(DEADLOCK_GUARD_S)
+            yield from range(1, n)
+            all_read.set()
+        finally:
+            source_closed.set()
+
+    def slow_first_caption(calls):
+        if calls == 0:
+            captioning.set()
+            assert all_read.wait(DEADLOCK_GUARD_S), "the reader stalled"
+
+    fake = FakeCaptioner(slow_first_caption)
+    stream = caption_stream(fake, source())
+    events = list(stream)
+    assert [(e.frame_index, e.dropped) for e in events] == [(0, 0), (n - 1, n - 2)]
+    assert [e.caption.text for e in events] == ["frame 0", f"frame {n - 1}"]
+    stats = stream.stats
+    assert (stats.frames, stats.captioned, stats.dropped, stats.skipped) == (n, 2, n - 2, 0)
+    assert source_closed.is_set()
+
+
+def test_leaving_a_live_stream_early_closes_the_source():
+    closed = threading.Event()
+
+    def endless():
+        try:
+            i = 0
+            while True:
+                yield i
+                i += 1
+        finally:
+            closed.set()
+
+    for event in caption_stream(FakeCaptioner(), endless()):
+        break
+    assert closed.wait(DEADLOCK_GUARD_S), "the camera / video would still be open"
+
+
+@pytest.mark.parametrize("live", [True, False])
+def test_source_errors_reach_the_caller(live):
+    def broken():
+        yield 0
+        raise RuntimeError("camera unplugged")
+
+    with pytest.raises(RuntimeError, match="camera unplugged"):
+        list(caption_stream(FakeCaptioner(), broken(), live=live))
+
+
+# -- in order: every sampled frame -------------------------------------------------------------
+def test_in_order_stream_samples_by_frame_time():
+    frames = [Frame(index=i, timestamp=i / 10, image=i, color="bgr") for i in range(20)]
+    fake = FakeCaptioner()
+    stream = caption_stream(fake, frames, every=0.5, live=False)
+    events = list(stream)
+    assert [e.frame_index for e in events] == [0, 5, 10, 15]
+    assert [e.timestamp for e in events] == [0.0, 0.5, 1.0, 1.5]
+    assert all(e.dropped == 0 and e.latency_ms >= 0 for e in events)
+    assert [color for _, color in fake.seen] == ["bgr"] * 4  # a Frame's own color applies
+    stats = stream.stats
+    assert (stats.frames, stats.captioned, stats.dropped, stats.skipped) == (20, 4, 0, 16)
+    assert stats.elapsed_s == stream.stats.elapsed_s  # frozen once the stream has ended
+    assert stats.captions_per_second > 0 and "4 captions from 20 frames" in str(stats)
+
+
+def test_bare_frames_are_numbered_and_take_the_stream_color():
+    fake = FakeCaptioner()
+    events = list(caption_stream(fake, ["a", "b", "c"], color="bgr", live=False))
+    assert [e.frame_index for e in events] == [0, 1, 2]
+    assert all(b >= a >= 0 for a, b in zip([e.timestamp for e in events],
+                                            [e.timestamp for e in events][1:]))
+    assert fake.seen == [("a", "bgr"), ("b", "bgr"), ("c", "bgr")]
+
+
+@pytest.mark.parametrize("fps, every, expected", [
+    (10.0, 0.5, [0, 5, 10, 15]),
+    (29.97, 1.0, [0, 30, 60, 90]),    # first frame at or after each whole second
+    (10.0, 0.25, [0, 3, 5, 8, 10, 13, 15, 18]),
+    (10.0, 0.05, list(range(20))),    # finer than the frame rate: every frame
+])
+def test_every_grid(fps, every, expected):
+    sampler = _Sampler(every)
+    n = 20 if fps == 10.0 else 100
+    taken = [i for i in range(n) if sampler.take(i / fps)]
+    assert taken == expected
+
+
+@pytest.mark.parametrize("kwargs", [{"every": 0}, {"every": -1.0}, {"every": True},
+                                    {"color": "bgra"}])
+def test_bad_arguments(kwargs):
+    with pytest.raises(ValueError):
+        caption_stream(FakeCaptioner(), [], **kwargs)
+
+
+def test_stats_before_start():
+    stats = caption_stream(FakeCaptioner(), []).stats
+    assert stats == StreamStats() and stats.captions_per_second == 0.0
+
+
+# -- with the model ----------------------------------------------------------------------------
+@pytest.mark.parametrize("live", [False, True])
+def test_rgb_and_bgr_frames_give_the_same_captions(captioner, live):
+    rgb = example_frames()
+    expected = [c.text for c in captioner.caption_batch(rgb)]
+
+    def texts(stream):
+        return [e.caption.text for e in stream]
+
+    if live:  # one frame per stream: a live stream may drop all but the newest of several
+        got_rgb = [texts(caption_stream(captioner, [f]))[0] for f in rgb]
+        got_bgr = [texts(caption_stream(captioner, [f[:, :, ::-1]], color="bgr"))[0] for f in rgb]
+    else:
+        got_rgb = texts(caption_stream(captioner, rgb, live=False))
+        got_bgr = texts(caption_stream(captioner, [f[:, :, ::-1] for f in rgb], color="bgr",
+                                       live=False))
+    assert got_rgb == got_bgr == expected
+    bgr_frames = [Frame(i, float(i), f[:, :, ::-1].copy(), "bgr") for i, f in enumerate(rgb)]
+    assert texts(caption_stream(captioner, bgr_frames, live=False)) == expected
+
+
+def test_stream_returns_attention_when_asked(captioner):
+    event, = caption_stream(captioner, example_frames()[:1], live=False, return_attention=True)
+    assert event.caption.attention.shape == (len(event.caption.tokens), 7, 7)
+    assert set(event.caption.timings) == {"preprocess_ms", "encode_ms", "decode_ms"}
+
+
+# -- OpenCV sources ----------------------------------------------------------------------------
+def test_video_frames(tmp_path):
+    video = make_video(tmp_path / "clip.avi")
+    frames = list(video_frames(video))
+    assert [f.index for f in frames] == list(range(20))
+    assert [f.timestamp for f in frames] == [i / 10 for i in range(20)]
+    assert all(f.color == "bgr" and f.image.shape == (240, 320, 3) and f.image.dtype == np.uint8
+               for f in frames)
+    cat = example_frames()[0].astype(np.float32)
+    first = frames[0].image.astype(np.float32)
+    # BGR, not RGB: the reversed frame is close to the photo (only JPEG loss), the frame is not
+    assert np.abs(first[:, :, ::-1] - cat).mean() < 8 < np.abs(first - cat).mean()
+
+
+def test_video_frames_bad_files(tmp_path):
+    pytest.importorskip("cv2")
+    with pytest.raises(InputError, match="no such file"):
+        video_frames(tmp_path / "missing.mp4")
+    not_video = tmp_path / "notes.mp4"
+    not_video.write_text("not a video")
+    with pytest.raises(InputError, match="cannot open it as a video"):
+        video_frames(not_video)
+
+
+def test_missing_opencv_names_the_extra(monkeypatch, tmp_path):
+    monkeypatch.setitem(sys.modules, "cv2", None)  # `import cv2` now raises ImportError
+    for open_source in (lambda: video_frames(tmp_path / "clip.avi"), lambda: camera_frames(0)):
+        with pytest.raises(BackendError, match=r"pip install 'edgecap\[video\]'"):
+            open_source()
+
+
+def test_importing_the_stream_module_does_not_import_opencv():
+    env = {**os.environ, "PYTHONPATH": os.pathsep.join(
+        [str(Path(edgecap.__file__).parent.parent), os.environ.get("PYTHONPATH", "")])}
+    code = "import sys, edgecap.stream, edgecap.viz; assert 'cv2' not in sys.modules"
+    out = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, env=env)
+    assert out.returncode == 0, out.stderr
+
+
+class FakeCv2:
+    """The few cv2 names ``camera_frames`` uses: a camera that gives ``n_frames`` frames. A fake:
+    no real camera is touched (none is attached to the test machines)."""
+
+    CAP_PROP_FRAME_WIDTH, CAP_PROP_FRAME_HEIGHT = 3, 4
+
+    def __init__(self, n_frames: int, opens: bool = True):
+        self.n_frames, self.opens = n_frames, opens
+        self.captures: list = []
+
+    def VideoCapture(self, index):  # noqa: N802 (OpenCV's name)
+        fake = self
+
+        class Capture:
+            def __init__(self):
+                self.index, self.read_count, self.props = index, 0, {}
+                self.released = threading.Event()
+                fake.captures.append(self)
+
+            def isOpened(self):  # noqa: N802
+                return fake.opens
+
+            def set(self, prop, value):
+                self.props[prop] = value
+
+            def read(self):
+                if self.read_count >= fake.n_frames:
+                    return False, None
+                self.read_count += 1
+                return True, np.full((4, 6, 3), self.read_count, np.uint8)
+
+            def release(self):
+                self.released.set()
+
+        return Capture()
+
+
+def test_camera_frames_with_a_fake_opencv(monkeypatch):
+    fake = FakeCv2(n_frames=5)
+    monkeypatch.setitem(sys.modules, "cv2", fake)
+    frames = list(camera_frames(2, width=640, height=480))
+    capture, = fake.captures
+    assert capture.index == 2 and capture.props == {3: 640, 4: 480}
+    assert capture.released.is_set()
+    assert [f.index for f in frames] == list(range(5))
+    assert all(f.color == "bgr" and f.image.shape == (4, 6, 3) for f in frames)
+    times = [f.timestamp for f in frames]
+    assert times == sorted(times) and times[0] >= 0
+
+
+def test_camera_is_released_when_a_live_loop_stops_early(monkeypatch):
+    fake = FakeCv2(n_frames=10**9)
+    monkeypatch.setitem(sys.modules, "cv2", fake)
+    for event in caption_stream(FakeCaptioner(), camera_frames(0)):
+        break
+    capture, = fake.captures
+    # the reader thread releases it after its current read
+    assert capture.released.wait(DEADLOCK_GUARD_S)
+
+
+def test_camera_that_does_not_open(monkeypatch):
+    fake = FakeCv2(n_frames=0, opens=False)
+    monkeypatch.setitem(sys.modules, "cv2", fake)
+    with pytest.raises(InputError, match="camera 7: cannot open the camera"):
+        camera_frames(7)
+    assert fake.captures[0].released.is_set()
