@@ -141,6 +141,8 @@ class Captioner:
                  n_best: int = 1, **backend_options):
         max_pixels()  # a malformed $EDGECAP_MAX_PIXELS is a ValueError now, not on every image
         self.manifest = load_manifest(default_model_dir() if model is None else model)
+        height, width = self.manifest.preprocessing.size
+        self._draft_size = (width, height)  # big JPEGs are decoded at a reduced scale
         self.options = CaptionOptions(beam_size=beam_size, max_length=max_length,
                                       batch_size=batch_size, length_penalty=length_penalty,
                                       n_best=n_best)
@@ -188,7 +190,7 @@ class Captioner:
         for image in images:
             t0 = time.perf_counter()
             try:
-                rgb = load_rgb(image, color)
+                rgb = load_rgb(image, color, draft_size=self._draft_size)
             except InputError as exc:
                 if on_error == "raise":
                     raise

@@ -8,6 +8,7 @@ from __future__ import annotations
 import io
 import struct
 import zlib
+from pathlib import Path
 
 import numpy as np
 import pytest
@@ -287,3 +288,18 @@ def test_preprocess_batch():
     assert batch.shape == (2, 3, 224, 224) and batch.dtype == np.float32
     assert np.allclose(batch[0], -1.0) and np.allclose(batch[1], 1.0)
     assert images.preprocess([], pre).shape == (0, 3, 224, 224)
+
+
+def test_large_jpeg_is_decoded_at_reduced_scale_with_the_same_model_input():
+    """draft_size: a 4000x3000 JPEG is decoded at 1/8 scale (both sides still >= 224), and the
+    224x224 model input barely changes."""
+    examples = Path(images.__file__).parent / "assets" / "examples"
+    big = Image.open(examples / "astronaut.png").convert("RGB").resize((4000, 3000))
+    buf = io.BytesIO()
+    big.save(buf, "JPEG", quality=90)
+    full = images.load_rgb(buf.getvalue())
+    reduced = images.load_rgb(buf.getvalue(), draft_size=(224, 224))
+    assert full.size == (4000, 3000)
+    assert reduced.size == (500, 375)
+    a, b = (images.preprocess([im], Preprocessing()) for im in (full, reduced))
+    assert np.abs(a - b).mean() < 0.01
