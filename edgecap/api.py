@@ -8,8 +8,10 @@
 
 from __future__ import annotations
 
+import contextlib
 import math
 import os
+import threading
 import time
 from collections.abc import Iterable
 from dataclasses import dataclass, field
@@ -129,7 +131,7 @@ class Captioner:
     Args:
         model: a model directory (``edgecap export``); None: the shipped default model.
         backend: "onnxruntime", "torch", "tensorrt" or "auto" (onnxruntime if installed,
-            else torch).
+            else tensorrt, else torch).
         beam_size, max_length, batch_size, length_penalty, n_best: see ``CaptionOptions``.
         device: "cpu" or "cuda", passed to the backend (None: the backend's default).
         **backend_options: passed to the backend class (e.g. ``threads=2``, ``fp16=True``).
@@ -151,6 +153,7 @@ class Captioner:
         name = resolve_backend(backend)
         self.backend: Backend = load_backend(
             name, self.manifest, **_backend_options(name, device, self.options, backend_options))
+        self._backend_lock = None if self.backend.thread_safe else threading.Lock()
 
     def __repr__(self) -> str:
         return (f"Captioner(model={str(self.manifest.directory)!r}, "
@@ -216,11 +219,14 @@ class Captioner:
                                 max_length=self.options.max_length,
                                 length_penalty=self.options.length_penalty,
                                 n_best=self.options.n_best, return_attention=return_attention)
-        t0 = time.perf_counter()
-        encoded = self.backend.encode(batch)
-        t1 = time.perf_counter()
-        hypotheses = beam_search(self.backend, encoded, options, self.vocab.start, self.vocab.end)
-        t2 = time.perf_counter()
+        # A backend with one set of device buffers (TensorRT) runs one batch at a time.
+        with self._backend_lock or contextlib.nullcontext():
+            t0 = time.perf_counter()
+            encoded = self.backend.encode(batch)
+            t1 = time.perf_counter()
+            hypotheses = beam_search(self.backend, encoded, options, self.vocab.start,
+                                     self.vocab.end)
+            t2 = time.perf_counter()
         return hypotheses, (t1 - t0) * 1e3, (t2 - t1) * 1e3
 
     def _to_caption(self, hyps: list[Hypothesis], timings: dict[str, float]) -> Caption:

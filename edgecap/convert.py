@@ -245,10 +245,11 @@ class _ImageReader:
     """onnxruntime.quantization's CalibrationDataReader protocol over preprocessed photos."""
 
     def __init__(self, paths: Iterable[Path], manifest: Manifest):
-        from edgecap.preprocess import load_image, to_model_input
+        from edgecap.images import load_rgb
+        from edgecap.preprocess import to_model_input
 
         self._batches = iter(
-            [{"image": to_model_input(load_image(p), manifest.preprocessing)[None]}
+            [{"image": to_model_input(load_rgb(p), manifest.preprocessing)[None]}
              for p in paths])
 
     def get_next(self):

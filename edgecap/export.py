@@ -10,6 +10,9 @@ ONNX files and a model directory needs no second copy of them.
 from __future__ import annotations
 
 import json
+import os
+import shutil
+import tempfile
 import time
 import warnings
 from pathlib import Path
@@ -20,7 +23,7 @@ from torch import nn
 
 from edgecap.backends.base import ENCODER_INPUTS, ENCODER_OUTPUTS, STEP_INPUTS, STEP_OUTPUTS
 from edgecap.errors import ModelError
-from edgecap.manifest import FORMAT, Manifest, file_sha256
+from edgecap.manifest import MANIFEST, Manifest, file_sha256, load_manifest
 from edgecap.models.decoder import CaptionDecoder
 from edgecap.models.efficientnet_lite import EfficientNetLite0
 from edgecap.preprocess import Preprocessing
@@ -102,9 +105,25 @@ def _set_output_dims(path: Path, dims: dict[str, list[int]]) -> None:
 def export_modules(encoder: EfficientNetLite0, decoder: CaptionDecoder, vocab: Vocabulary,
                    pre: Preprocessing, out_dir: Path, info: dict | None = None,
                    check_images: list[np.ndarray] | None = None, check: bool = True) -> Manifest:
-    """Write the model directory for these modules and check it; returns its manifest."""
-    out_dir = Path(out_dir)
-    out_dir.mkdir(parents=True, exist_ok=True)
+    """Write the model directory for these modules and check it; returns its manifest.
+
+    The files are written to a temporary directory beside ``out_dir`` and moved in only when
+    the check passes, so a failed export never leaves a half-written or unchecked model.
+    """
+    final_dir = Path(out_dir)
+    final_dir.parent.mkdir(parents=True, exist_ok=True)
+    out_dir = Path(tempfile.mkdtemp(prefix=f".{final_dir.name}.export-", dir=final_dir.parent))
+    try:
+        manifest = _write_and_check(encoder, decoder, vocab, pre, out_dir, info, check_images, check)
+        final_dir.mkdir(exist_ok=True)
+        for name in (*manifest.files.values(), MANIFEST):
+            os.replace(out_dir / name, final_dir / name)
+    finally:
+        shutil.rmtree(out_dir, ignore_errors=True)
+    return load_manifest(final_dir)
+
+
+def _write_and_check(encoder, decoder, vocab, pre, out_dir, info, check_images, check) -> Manifest:
     encoder, decoder = encoder.eval(), decoder.eval()
     if len(vocab) != decoder.cfg.vocab_size:
         raise ModelError(f"vocabulary has {len(vocab)} words but the decoder {decoder.cfg.vocab_size}")

@@ -1,4 +1,5 @@
-"""Image loading and preprocessing in numpy and Pillow (no torch)."""
+"""Preprocessing in numpy and Pillow (no torch): a decoded RGB photo -> the encoder input.
+Decoding any input to RGB is ``edgecap.images``."""
 
 from __future__ import annotations
 
@@ -29,12 +30,6 @@ class Preprocessing:
     def from_dict(cls, d: dict) -> "Preprocessing":
         return cls(size=tuple(d["size"]), mean=tuple(d["mean"]), std=tuple(d["std"]),
                    resample=d.get("resample", "bilinear"))
-
-
-def load_image(path: str | Path) -> Image.Image:
-    with Image.open(path) as im:
-        im.load()
-        return im.convert("RGB")
 
 
 def to_model_input(image: Image.Image, pre: Preprocessing) -> np.ndarray:

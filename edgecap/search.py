@@ -15,6 +15,7 @@ from dataclasses import dataclass
 import numpy as np
 
 from edgecap.backends.base import Backend, Encoded
+from edgecap.errors import BackendError
 
 NEG_INF = -np.inf
 
@@ -57,7 +58,8 @@ def length_normalised(log_prob: float, length: int, penalty: float | None) -> fl
 
 def beam_search(backend: Backend, encoded: Encoded, options: SearchOptions, start_id: int,
                 end_id: int) -> list[list[Hypothesis]]:
-    """-> for each image, ``n_best`` hypotheses, best first (never empty)."""
+    """-> for each image, up to ``n_best`` hypotheses, best first (never none, never an empty
+    caption). Raises ``BackendError`` when the step returns non-finite log-probabilities."""
     options.validate(backend.top_k)
     n_images, beam = encoded.n_images, options.beam_size
     rows = n_images * beam
@@ -80,6 +82,11 @@ def beam_search(backend: Backend, encoded: Encoded, options: SearchOptions, star
         result = session.step(tokens, source_rows)
         lp = result.topk_logprobs[:, :width].astype(np.float64)
         ids = result.topk_ids[:, :width]
+        if not np.isfinite(lp).all():
+            # NaN or overflow in the step (e.g. an FP16 engine out of range): fail loudly rather
+            # than return a caption built on garbage.
+            raise BackendError(f"the decoder step returned non-finite log-probabilities at word "
+                               f"{t + 1} ({backend.describe()})")
         if options.return_attention:
             step_alpha = result.alpha[:, None, :]
             alphas = step_alpha if alphas is None else np.concatenate([alphas, step_alpha], 1)
@@ -149,7 +156,7 @@ def _finish_at_limit(finished, seqs, sum_lp, alphas, beam, done, options) -> Non
 
 
 def _rank(hyps: list[Hypothesis], options: SearchOptions) -> list[Hypothesis]:
-    if not hyps:  # pragma: no cover - a live beam always survives until max_length
-        raise RuntimeError("beam search produced no hypothesis")
+    if not hyps:  # pragma: no cover - with finite scores a live beam survives to max_length
+        raise BackendError("beam search produced no hypothesis")
     ranked = sorted(hyps, key=lambda h: (-h.score, -h.log_prob))
     return ranked[: options.n_best]

@@ -234,18 +234,55 @@ def test_torch_weights_must_match(tiny_model_dir, tmp_path):
         load_backend("torch", load_manifest(model))
 
 
-def test_auto_falls_back_to_torch(monkeypatch):
+@pytest.mark.parametrize("installed, expected", [
+    ({"onnxruntime", "tensorrt", "torch"}, "onnxruntime"),
+    ({"tensorrt", "torch"}, "tensorrt"),      # a Jetson: JetPack's TensorRT, no onnxruntime-gpu
+    ({"torch"}, "torch"),
+])
+def test_auto_picks_the_first_installed_runtime(monkeypatch, installed, expected):
     from edgecap import backends
 
-    real = backends.importlib.util.find_spec
     monkeypatch.setattr(backends.importlib.util, "find_spec",
-                        lambda name: None if name == "onnxruntime" else real(name))
-    expected = "torch" if real("torch") is not None else None
-    if expected:
-        assert backends.resolve("auto") == "torch"
-    else:
-        with pytest.raises(BackendError, match="onnxruntime"):
-            backends.resolve("auto")
+                        lambda name: object() if name in installed else None)
+    assert backends.resolve("auto") == expected
+
+
+def test_auto_without_any_runtime_names_the_extras(monkeypatch):
+    from edgecap import backends
+
+    monkeypatch.setattr(backends.importlib.util, "find_spec", lambda name: None)
+    with pytest.raises(BackendError, match=r"edgecap\[cpu\]"):
+        backends.resolve("auto")
+
+
+def test_a_backend_that_is_not_thread_safe_is_serialised(tiny_model_dir, monkeypatch):
+    """Threads sharing a Captioner over a backend with shared buffers never interleave batches."""
+    import threading
+    import time as _time
+
+    from edgecap.backends.onnxruntime import OnnxRuntimeBackend
+
+    monkeypatch.setattr(OnnxRuntimeBackend, "thread_safe", False)  # as TensorRT's
+    captioner = Captioner(tiny_model_dir, backend="onnxruntime", beam_size=2, max_length=4)
+    inside, overlaps = [0], []
+    real_encode = captioner.backend.encode
+
+    def encode(batch):
+        inside[0] += 1
+        overlaps.append(inside[0])
+        _time.sleep(0.01)  # widen the window an unserialised second thread would hit
+        out = real_encode(batch)
+        inside[0] -= 1
+        return out
+
+    captioner.backend.encode = encode
+    photo = str(EXAMPLES / "coffee.png")
+    threads = [threading.Thread(target=captioner.caption, args=(photo,)) for _ in range(4)]
+    for t in threads:
+        t.start()
+    for t in threads:
+        t.join()
+    assert overlaps == [1, 1, 1, 1]
 
 
 @pytest.mark.gpu

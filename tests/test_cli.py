@@ -27,7 +27,7 @@ def edgecap_caption(*args, model=None) -> subprocess.CompletedProcess:
     model_args = ["--model", str(model)] if model is not None else []
     return subprocess.run([sys.executable, "-m", "edgecap", "caption", *map(str, args),
                            *model_args, "--max-length", "6"],
-                          capture_output=True, text=True, timeout=120, env=ENV)
+                          capture_output=True, text=True, timeout=600, env=ENV)
 
 
 @pytest.fixture(scope="module")

@@ -29,7 +29,7 @@ from edgecap.preprocess import Preprocessing  # noqa: E402
 
 EXAMPLES = Path(edgecap.__file__).parent / "assets" / "examples"
 SECONDS_PER_EXAMPLE = 30  # far above the slowest legitimate case; a hang fails instead of waiting
-FUZZ = settings(max_examples=60, deadline=None, derandomize=True,
+FUZZ = settings(max_examples=60, deadline=None, derandomize=True, database=None,
                 suppress_health_check=[HealthCheck.function_scoped_fixture,
                                        HealthCheck.too_slow, HealthCheck.data_too_large])
 

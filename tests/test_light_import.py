@@ -20,7 +20,7 @@ HEAVY = ("torch", "onnx", "tensorrt", "pycuda", "cv2")
 def _loaded_after(code: str) -> dict:
     probe = (f"{code}\nimport json, sys\n"
              f"print(json.dumps(sorted(m for m in {HEAVY!r} if m in sys.modules)))")
-    out = subprocess.run([sys.executable, "-c", probe], capture_output=True, text=True, timeout=120,
+    out = subprocess.run([sys.executable, "-c", probe], capture_output=True, text=True, timeout=600,
                          env=ENV)
     assert out.returncode == 0, out.stderr
     return json.loads(out.stdout.splitlines()[-1])

@@ -131,3 +131,17 @@ def test_bad_options_are_rejected(bad):
     backend = PrefixHashBackend(top_k=5)
     with pytest.raises(ValueError):
         beam_search(backend, backend.encode(np.array([1])), SearchOptions(**bad), START, END)
+
+
+def test_non_finite_step_output_is_a_backend_error():
+    from edgecap.errors import BackendError
+
+    class NaNBackend(PrefixHashBackend):
+        def logprobs(self, state):
+            out = super().logprobs(state)
+            out[:] = np.nan
+            return out
+
+    backend = NaNBackend()
+    with pytest.raises(BackendError, match="non-finite"):
+        beam_search(backend, backend.encode(np.array([1])), SearchOptions(), START, END)

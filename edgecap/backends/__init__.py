@@ -2,7 +2,7 @@
 ``import edgecap`` never imports onnxruntime, torch or tensorrt.
 
 ``load_backend(name, manifest, **options)`` with ``name`` one of ``BACKENDS`` or ``"auto"``
-(onnxruntime when it is installed, else torch).
+(onnxruntime when it is installed, else tensorrt, else torch).
 """
 
 from __future__ import annotations
@@ -37,10 +37,11 @@ INSTALL_HINTS = {
 def resolve(name: str) -> str:
     """``auto`` -> the backend that would be used; other names are checked and returned."""
     if name == "auto":
-        if importlib.util.find_spec("onnxruntime") is not None:
-            return "onnxruntime"
-        if importlib.util.find_spec("torch") is not None:
-            return "torch"
+        # onnxruntime first (the light runtime); then TensorRT, the GPU path on a Jetson where
+        # PyPI has no onnxruntime-gpu; the PyTorch reference last.
+        for candidate in ("onnxruntime", "tensorrt", "torch"):
+            if importlib.util.find_spec(candidate) is not None:
+                return candidate
         raise BackendError("no backend is installed: " + INSTALL_HINTS["onnxruntime"])
     if name not in BACKENDS:
         raise ValueError(f"unknown backend {name!r}; choose one of {', '.join(NAMES)}")

@@ -60,10 +60,12 @@ class Backend(ABC):
     """Runs the two graphs. Implementations: onnxruntime, torch, tensorrt.
 
     A backend is safe to share between threads when its ``encode`` and ``start`` are: the
-    per-batch decoding state lives in the ``DecoderSession``, never in the backend.
+    per-batch decoding state lives in the ``DecoderSession``, never in the backend. One that
+    keeps a batch in shared buffers (TensorRT) says ``thread_safe = False``.
     """
 
     name: str = "?"
+    thread_safe: bool = True  # False: Captioner runs one batch at a time (shared device buffers)
     top_k: int = 10           # K: the step graph returns this many best words per row
     n_regions: int = 49       # L
 

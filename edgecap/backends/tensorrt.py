@@ -10,7 +10,11 @@ freed by ``close()`` (or leaving a ``with`` block).
 
 One backend owns one set of device buffers, so it decodes one batch at a time: ``encode`` then
 ``start`` then ``step``... A newer ``encode`` or ``start`` makes older ``Encoded`` objects and
-sessions stale (using them raises ``BackendError``). Use one backend per thread.
+sessions stale (using them raises ``BackendError``): a session checks both that no later
+``start`` took over the step buffers and that no later ``encode`` overwrote its image tensors.
+The class sets ``thread_safe = False``; the ``Captioner`` serialises calls to it with a lock.
+Code driving the backend directly from several threads must do the same, or use one backend
+per thread.
 
 Not yet run on real TensorRT: tested with fakes of the calls used (tests/test_tensorrt_fake.py).
 """
@@ -52,6 +56,9 @@ class _EncodedOnDevice:
 
 class TensorRTBackend(Backend):
     name = "tensorrt"
+    # One set of device buffers and execution contexts: concurrent encode/start/step calls
+    # would overwrite each other's tensors. The Captioner serialises calls to such a backend.
+    thread_safe = False
 
     def __init__(self, manifest: Manifest, precision: str = "fp16", max_batch: int = 8,
                  max_beam: int = 5, cache_dir: str | Path | None = None, *, device=None,
@@ -211,7 +218,7 @@ class TensorRTBackend(Backend):
             raise BackendError(f"image_index must lie in [0, {handle.n_images})")
         self._upload("image_index", image_index.astype(np.int32))
         self._session_id += 1
-        return TensorRTSession(self, self._session_id, handle.n_images,
+        return TensorRTSession(self, self._session_id, handle.generation, handle.n_images,
                                image_index.astype(np.int32), return_attention)
 
     def describe(self) -> str:
@@ -260,10 +267,11 @@ class TensorRTBackend(Backend):
 class TensorRTSession(DecoderSession):
     """One batch's decoding on the device: the state stays in the backend's ping-pong buffers."""
 
-    def __init__(self, backend: TensorRTBackend, session_id: int, n_images: int,
-                 image_index: np.ndarray, return_attention: bool):
+    def __init__(self, backend: TensorRTBackend, session_id: int, generation: int,
+                 n_images: int, image_index: np.ndarray, return_attention: bool):
         self._backend = backend
         self._id = session_id
+        self._generation = generation  # the encode() whose features / att_proj / h0 it reads
         self._n_images = n_images
         self._rows = len(image_index)
         self._return_attention = return_attention
@@ -276,6 +284,10 @@ class TensorRTSession(DecoderSession):
         if self._id != b._session_id:
             raise BackendError("a later start() on this TensorRT backend took over its buffers; "
                                "decode one batch at a time per backend")
+        if self._generation != b._generation:
+            raise BackendError("this session's encoded images were overwritten by a later "
+                               "encode() on the same TensorRT backend; encode, start and step "
+                               "one batch at a time per backend")
         tokens, source_rows = np.asarray(tokens), np.asarray(source_rows)
         r = self._rows
         if tokens.shape != (r,) or source_rows.shape != (r,):

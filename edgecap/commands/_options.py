@@ -11,7 +11,7 @@ def add_model_arguments(p: argparse.ArgumentParser) -> None:
     """--model, --backend, --device, --beam-size, --max-length."""
     p.add_argument("--model", help="model directory (default: the model shipped with edgecap)")
     p.add_argument("--backend", choices=BACKENDS, default="auto",
-                   help="auto: onnxruntime if installed, else torch")
+                   help="auto: onnxruntime if installed, else tensorrt, else torch")
     p.add_argument("--device", choices=("cpu", "cuda"), help="where the backend runs")
     p.add_argument("--beam-size", type=int, default=3)
     p.add_argument("--max-length", type=int, default=20, help="most words per caption")

@@ -21,10 +21,15 @@ def run(args: argparse.Namespace) -> int:
         from edgecap.errors import BackendError
 
         raise BackendError(f"export needs PyTorch and onnx: pip install 'edgecap[export]' ({exc})") from exc
+    from edgecap.errors import ModelError
+
     extra = {}
     if args.metrics:
-        with open(args.metrics) as f:
-            extra["dev_metrics"] = json.load(f)
+        try:
+            with open(args.metrics) as f:
+                extra["dev_metrics"] = json.load(f)
+        except (OSError, ValueError) as exc:
+            raise ModelError(f"--metrics {args.metrics}: cannot read it as JSON ({exc})") from exc
     manifest = export_model(args.checkpoint, args.out, name=args.name, extra_info=extra)
     print(json.dumps({"model": str(manifest.directory),
                       "export_check": manifest.info.get("export_check", {}).get("max_abs_diff")}))

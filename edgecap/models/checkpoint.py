@@ -14,6 +14,7 @@ from pathlib import Path
 import torch
 from safetensors.torch import load_file, save_file
 
+from edgecap.errors import ModelError
 from edgecap.models.decoder import CaptionDecoder, DecoderConfig
 from edgecap.models.efficientnet_lite import EfficientNetLite0, load_pretrained
 from edgecap.preprocess import Preprocessing
@@ -44,20 +45,27 @@ def load_checkpoint(directory: Path):
     directory = Path(directory)
     meta_path = directory / "checkpoint.json"
     if not meta_path.exists():
-        raise FileNotFoundError(f"{directory}: not a checkpoint directory (no checkpoint.json)")
-    meta = json.loads(meta_path.read_text())
+        raise ModelError(f"{directory}: not a checkpoint directory (no checkpoint.json); pass "
+                         "the best/ or last/ folder that `edgecap train` wrote")
+    try:
+        meta = json.loads(meta_path.read_text())
+    except (OSError, ValueError) as exc:
+        raise ModelError(f"{meta_path}: unreadable ({exc})") from exc
     if meta.get("format") != FORMAT:
-        raise ValueError(f"{meta_path}: unknown checkpoint format {meta.get('format')!r}, "
+        raise ModelError(f"{meta_path}: unknown checkpoint format {meta.get('format')!r}, "
                          f"expected {FORMAT}")
-    tensors = load_file(str(directory / "model.safetensors"))
-    decoder = CaptionDecoder(DecoderConfig(**meta["decoder"]))
-    decoder.load_state_dict({k[8:]: v for k, v in tensors.items() if k.startswith("decoder.")})
-    encoder = load_pretrained()
-    enc = {k[8:]: v for k, v in tensors.items() if k.startswith("encoder.")}
-    if enc:
-        encoder.load_state_dict(enc)
-    vocab = Vocabulary.load(directory / "vocab.json")
+    try:
+        tensors = load_file(str(directory / "model.safetensors"))
+        decoder = CaptionDecoder(DecoderConfig(**meta["decoder"]))
+        decoder.load_state_dict({k[8:]: v for k, v in tensors.items() if k.startswith("decoder.")})
+        encoder = load_pretrained()
+        enc = {k[8:]: v for k, v in tensors.items() if k.startswith("encoder.")}
+        if enc:
+            encoder.load_state_dict(enc)
+        vocab = Vocabulary.load(directory / "vocab.json")
+    except Exception as exc:  # noqa: BLE001 - OSError, KeyError, torch's RuntimeError, SafetensorError
+        raise ModelError(f"{directory}: cannot load the checkpoint ({exc})") from exc
     if len(vocab) != decoder.cfg.vocab_size:
-        raise ValueError(f"{directory}: vocab.json has {len(vocab)} words, the decoder "
+        raise ModelError(f"{directory}: vocab.json has {len(vocab)} words, the decoder "
                          f"{decoder.cfg.vocab_size}")
     return encoder.eval(), decoder.eval(), vocab, Preprocessing.from_dict(meta["preprocessing"]), meta

@@ -33,6 +33,11 @@ class DecoderConfig:
     attention: bool = True   # False: Show-and-Tell baseline (mean image feature, no attention)
     top_k: int = 10          # the step graph returns this many best words per row
 
+    def __post_init__(self):
+        if self.vocab_size < self.top_k + 4:
+            raise ValueError(f"vocab_size {self.vocab_size} is too small for top_k {self.top_k}: "
+                             "the vocabulary needs more words than the step returns")
+
     def to_dict(self) -> dict:
         return asdict(self)
 
@@ -96,7 +101,9 @@ class CaptionDecoder(nn.Module):
             x = torch.cat([emb, context], dim=1)
         else:
             context = None
-            alpha = features.new_full((features.shape[0], features.shape[1]), 1.0 / features.shape[1])
+            # Uniform weights, computed from the image tensors so that an exported step graph
+            # keeps every input of the contract (the exporter drops unused inputs).
+            alpha = torch.softmax((features.sum(2) + att_proj.sum(2)) * 0.0, dim=1)
             x = emb
         h, c = self.lstm(x, (h, c))
         deep = emb + self.out_hidden(self.dropout(h))

@@ -12,7 +12,8 @@ from pathlib import Path
 
 import numpy as np
 
-from edgecap.preprocess import Preprocessing, load_image, to_model_input
+from edgecap.images import load_rgb
+from edgecap.preprocess import Preprocessing, to_model_input
 
 
 def cache_key(preprocessing: Preprocessing, encoder_tag: str) -> str:
@@ -44,7 +45,7 @@ def compute_features(image_paths: list[Path], cache_dir: Path, preprocessing: Pr
     with torch.inference_mode():
         for start in range(0, len(names), batch_size):
             chunk = image_paths[start:start + batch_size]
-            batch = np.stack([to_model_input(load_image(p), preprocessing) for p in chunk])
+            batch = np.stack([to_model_input(load_rgb(p), preprocessing) for p in chunk])
             fmap = model.features(torch.from_numpy(batch))  # (n, 1280, 7, 7)
             out[start:start + len(chunk)] = fmap.flatten(2).transpose(1, 2).numpy().astype(np.float16)
             bar.update(len(chunk))

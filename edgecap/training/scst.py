@@ -42,6 +42,11 @@ class ScstConfig:
     threads: int = 0
     progress: bool = True
 
+    def __post_init__(self):
+        if self.n_samples < 2:
+            raise ValueError(f"n_samples must be at least 2 (each sample's baseline is the mean "
+                             f"reward of the image's other samples), got {self.n_samples}")
+
 
 def sample_captions(decoder, fmap, n_samples: int, max_length: int, start: int, end: int):
     """Sample ``n_samples`` captions per image -> tokens (R, T), summed log-probs (R,), mask (R, T)."""

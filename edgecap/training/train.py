@@ -25,7 +25,8 @@ from edgecap.metrics import score
 from edgecap.models.checkpoint import load_checkpoint, save_checkpoint
 from edgecap.models.decoder import CaptionDecoder, DecoderConfig
 from edgecap.models.efficientnet_lite import load_pretrained
-from edgecap.preprocess import Preprocessing, load_image, to_model_input
+from edgecap.images import load_rgb
+from edgecap.preprocess import Preprocessing, to_model_input
 from edgecap.training.features import compute_features
 from edgecap.vocab import Vocabulary
 
@@ -119,6 +120,7 @@ def greedy_captions(decoder: CaptionDecoder, fmap: torch.Tensor, vocab: Vocabula
     out = []
     for _ in range(max_len):
         logits, h, c, _ = decoder.logits(token, h, c, features, att_proj)
+        logits[:, [vocab.pad, vocab.start, vocab.unk]] = -1e4  # as the exported step does
         token = logits.argmax(1)
         out.append(token)
     ids = torch.stack(out, 1).tolist()
@@ -232,7 +234,7 @@ def train(cfg: TrainConfig, log=print) -> Path:
             if encoder is None:
                 fmap = train_fmaps[rows]
             else:
-                x = np.stack([to_model_input(augment(load_image(row_to_path[r])), pre) for r in rows])
+                x = np.stack([to_model_input(augment(load_rgb(row_to_path[r])), pre) for r in rows])
                 fmap = encoder.features(torch.from_numpy(x)).flatten(2).transpose(1, 2)
             loss, ce = caption_loss(decoder, fmap, caps, image_index, vocab, cfg, sample_prob)
             optimizer.zero_grad(set_to_none=True)

@@ -6,11 +6,15 @@ precision and the profile limits, e.g.::
 
     decoder_step-3f2a9c0d1e2b4a5c-orin-sm87-trt10.3-fp16-b8k5.engine
 
-A file that fails to deserialize (another TensorRT build, a truncated write) is rebuilt. Builds
+Lookup reuses any cached engine of the same model, GPU, TensorRT version and precision whose
+limits cover the request (``EngineCache.covering``), so the 8-image x 5-beam engines that
+``edgecap build`` makes by default serve ``edgecap caption --backend tensorrt`` with any batch size
+up to 8 and beam size up to 5. Cached files that fail to deserialize (another TensorRT build, a
+truncated write) are skipped, and an engine for exactly the requested limits is built. Builds
 share one timing cache per GPU and TensorRT version (``timing-<gpu>-sm<cc>-trt<ver>.cache``).
 
-Precision: FP16 uses ``BuilderFlag.FP16`` on TensorRT < 10.12 (Softmax and TopK layers pinned to
-FP32), and from 10.12 (11 has no such flag) a strongly typed network built from the FP16 ONNX that
+Precision: FP16 uses ``BuilderFlag.FP16`` on TensorRT < 10.12 (Softmax, the Log of a LogSoftmax
+and TopK pinned to FP32), and from 10.12 (11 has no such flag) a strongly typed network built from the FP16 ONNX that
 ``edgecap convert`` writes (converted on the fly into the cache when the model is FP32).
 
 Not yet run on real TensorRT: tested with fakes of the calls below (tests/test_tensorrt_fake.py).
@@ -18,6 +22,7 @@ Not yet run on real TensorRT: tested with fakes of the calls below (tests/test_t
 
 from __future__ import annotations
 
+import glob
 import os
 import re
 import sys
@@ -105,6 +110,16 @@ class Target:
         return f"{_slug(self.gpu_name)}-sm{major}{minor}-trt{self.trt_version}"
 
 
+def parse_tag(role: str, tag: str) -> tuple[int, int | None] | None:
+    """``Limits.tag`` read back: 'b8k5' -> (8, 5) for the step, 'b8' -> (8, None) for the
+    encoder; None for anything else."""
+    pattern = r"b([1-9][0-9]*)" if role == "encoder" else r"b([1-9][0-9]*)k([1-9][0-9]*)"
+    match = re.fullmatch(pattern, tag)
+    if match is None:
+        return None
+    return int(match.group(1)), (int(match.group(2)) if role != "encoder" else None)
+
+
 def engine_filename(role: str, model_sha256: str, target: Target, precision: str,
                     limits: Limits) -> str:
     return (f"{role}-{model_sha256[:16]}-{target.tag()}-{precision}-{limits.tag(role)}.engine")
@@ -184,16 +199,36 @@ def _atomic_write(path: Path, data) -> None:
     os.replace(tmp, path)
 
 
+def _is_float(trt, dtype) -> bool:
+    return dtype in (trt.float32, trt.float16)
+
+
 def _pin_fp32_layers(trt, network) -> None:
-    """Weakly typed FP16 builds: keep Softmax / TopK layers (LogSoftmax is parsed into a
-    Softmax + log) in FP32, preferred rather than obeyed so a build never fails over it."""
-    pinned = {getattr(trt.LayerType, name) for name in ("SOFTMAX", "TOPK")
-              if hasattr(trt.LayerType, name)}
+    """Weakly typed FP16 builds: keep Softmax and TopK layers, and the Log (a unary layer) that
+    TensorRT's ONNX parser puts after the Softmax of a LogSoftmax, in FP32. Preferred rather
+    than obeyed (``PREFER_PRECISION_CONSTRAINTS``), so a build never fails over it. Only float
+    outputs are retyped: TopK's second output (the indices) is INT32 and stays so."""
+    kinds = trt.LayerType
+    pinned = {getattr(kinds, name) for name in ("SOFTMAX", "TOPK") if hasattr(kinds, name)}
+    unary = getattr(kinds, "UNARY", None)
+    shuffle = getattr(kinds, "SHUFFLE", None)
+    softmax_out: set[str] = set()  # tensors holding a Softmax's result (maybe reshaped)
     for i in range(network.num_layers):
         layer = network.get_layer(i)
-        if layer.type in pinned:
-            layer.precision = trt.float32
-            for j in range(layer.num_outputs):
+        pin = layer.type in pinned
+        if layer.type in (unary, shuffle) and layer.num_inputs > 0:
+            source = layer.get_input(0)
+            from_softmax = source is not None and source.name in softmax_out
+            if from_softmax and layer.type == shuffle:
+                softmax_out.update(layer.get_output(j).name for j in range(layer.num_outputs))
+            pin = pin or (from_softmax and layer.type == unary)
+        if layer.type == getattr(kinds, "SOFTMAX", None):
+            softmax_out.update(layer.get_output(j).name for j in range(layer.num_outputs))
+        if not pin:
+            continue
+        layer.precision = trt.float32
+        for j in range(layer.num_outputs):
+            if _is_float(trt, layer.get_output(j).dtype):
                 layer.set_output_type(j, trt.float32)
 
 
@@ -296,20 +331,37 @@ class EngineCache:
                             "a writable cache folder: cache_dir=DIR, `edgecap build --out DIR` "
                             "or EDGECAP_CACHE=DIR")
 
+    def covering(self, manifest: Manifest, role: str, precision: str, limits: Limits
+                 ) -> list[Path]:
+        """Cached engines for this model, GPU, TensorRT version and precision whose profile
+        covers ``limits`` (at least as many images, and for the step at least as many beams),
+        narrowest first: an engine built for 8 images x 5 beams serves a request for 4 x 3."""
+        prefix = (f"{role}-{model_hash(manifest, role)[:16]}-{self.target.tag()}-{precision}-")
+        found = []
+        for path in self.cache_dir.glob(glob.escape(prefix) + "b*.engine"):
+            cached = parse_tag(role, path.name[len(prefix):-len(".engine")])
+            if cached is None:
+                continue
+            batch, beam = cached
+            if batch >= limits.max_batch and (beam is None or beam >= limits.max_beam):
+                found.append(((batch * (beam or 1), batch, beam or 0), path))
+        return [path for _, path in sorted(found)]
+
     def load(self, manifest: Manifest, role: str, precision: str, limits: Limits):
-        """The deserialized engine: from the cache, or built now (and rebuilt once when the
-        cached file does not load)."""
-        path = self.path(manifest, role, precision, limits)
-        if path.exists():
+        """The deserialized engine: the narrowest cached one that covers ``limits``, else one
+        built now for exactly ``limits`` (also when no cached one loads)."""
+        candidates = self.covering(manifest, role, precision, limits)
+        for path in candidates:
             engine = deserialize(self.trt, self.runtime, path)
             if engine is not None:
                 return self._checked(engine, role)
             print(f"edgecap: cached engine {path.name} does not load with this TensorRT/GPU; "
-                  "rebuilding it", file=self.log)
-        else:
+                  "skipping it", file=self.log)
+        if not candidates:
             print(f"edgecap: no cached TensorRT engine for {manifest.path(role).name} "
-                  f"({precision}, {limits.tag(role)}) in {self.cache_dir}", file=self.log)
-        self.build(manifest, role, precision, limits)
+                  f"({precision}, {limits.tag(role)} or larger) in {self.cache_dir}",
+                  file=self.log)
+        path = self.build(manifest, role, precision, limits)
         engine = deserialize(self.trt, self.runtime, path)
         if engine is None:
             raise BackendError(f"the freshly built engine {path} does not deserialize; see "

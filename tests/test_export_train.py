@@ -1,0 +1,111 @@
+"""Training, checkpoints and export on a tiny Flickr8k-layout dataset made from the example photos."""
+
+from __future__ import annotations
+
+import dataclasses
+import json
+import shutil
+
+import numpy as np
+import pytest
+
+torch = pytest.importorskip("torch")
+pytest.importorskip("onnx")
+
+from edgecap.errors import ModelError  # noqa: E402
+
+CAPTIONS = {
+    "chelsea.png": ["a cat sits on a mat", "a brown cat looks up", "a cat on the floor"],
+    "coffee.png": ["a cup of coffee on a table", "coffee in a white cup", "a cup on a saucer"],
+    "astronaut.png": ["a woman in a space suit", "an astronaut smiles", "a woman with a flag"],
+    "rocket.jpg": ["a rocket launches into the sky", "a rocket and smoke", "a launch at dusk"],
+}
+
+
+@pytest.fixture(scope="module")
+def tiny_dataset(tmp_path_factory, example_images):
+    root = tmp_path_factory.mktemp("flickr-like")
+    (root / "images").mkdir()
+    for p in example_images:
+        shutil.copy(p, root / "images" / p.name)
+    lines = [f"{name}#{i}\t{cap}" for name, caps in CAPTIONS.items() for i, cap in enumerate(caps)]
+    (root / "Flickr8k.token.txt").write_text("\n".join(lines) + "\n")
+    (root / "Flickr_8k.trainImages.txt").write_text("\n".join(list(CAPTIONS)[:3]) + "\n")
+    (root / "Flickr_8k.devImages.txt").write_text("\n".join(list(CAPTIONS)[2:]) + "\n")
+    return root
+
+
+def _config(data, out, epochs, **kw):
+    from edgecap.training.train import TrainConfig
+
+    return TrainConfig(data=str(data), out=str(out), epochs=epochs, batch_size=6, min_word_count=1,
+                       progress=False, threads=1, cache_dir=str(out.parent / "cache"),
+                       decoder={"hidden_dim": 32, "feature_dim": 32, "embed_dim": 16,
+                                "attention_dim": 16}, **kw)
+
+
+def test_train_resume_and_export(tiny_dataset, tmp_path):
+    from edgecap import Captioner
+    from edgecap.export import export_model
+    from edgecap.models.checkpoint import load_checkpoint
+    from edgecap.training.train import train
+
+    out = tmp_path / "run"
+    best = train(_config(tiny_dataset, out, epochs=1), log=lambda *_: None)
+    meta = json.loads((out / "last" / "checkpoint.json").read_text())
+    assert meta["train_state"]["epoch"] == 1
+    assert not list(out.rglob("*.pt")) and not list(out.rglob("*.pkl"))  # safetensors + JSON only
+
+    # Resuming continues after epoch 1 instead of starting over.
+    logs = []
+    train(_config(tiny_dataset, out, epochs=2), log=logs.append)
+    assert any("resumed" in line and "epoch 1" in line for line in logs)
+    meta = json.loads((out / "last" / "checkpoint.json").read_text())
+    assert [h["epoch"] for h in meta["train_state"]["history"]] == [1, 2]
+
+    # The vocabulary comes from the train split only: "rocket" is a dev-only word.
+    _, _, vocab, _, _ = load_checkpoint(best)
+    assert "cat" in vocab.index and "rocket" not in vocab.index
+
+    model = tmp_path / "model"
+    manifest = export_model(best, model)
+    assert manifest.dims["vocab_size"] == len(vocab)
+    assert manifest.info["training"]["data"]["n_images"] == 3
+    assert set(manifest.info["export_check"]["max_abs_diff"]) >= {"features", "topk_logprobs"}
+    caption = Captioner(model, backend="onnxruntime").caption(str(tiny_dataset / "images" / "chelsea.png"))
+    assert caption.text and all(w in vocab.index for w in caption.tokens)
+
+
+def test_show_and_tell_baseline_trains_and_exports(tiny_dataset, tmp_path):
+    from edgecap import Captioner
+    from edgecap.export import export_model
+    from edgecap.training.train import train
+
+    out = tmp_path / "run"
+    cfg = dataclasses.replace(_config(tiny_dataset, out, epochs=1),
+                              decoder={"attention": False, "hidden_dim": 32, "feature_dim": 32,
+                                       "embed_dim": 16, "attention_dim": 16})
+    best = train(cfg, log=lambda *_: None)
+    manifest = export_model(best, tmp_path / "model")
+    assert manifest.attention is False
+    cap = Captioner(tmp_path / "model", backend="onnxruntime").caption(
+        str(tiny_dataset / "images" / "coffee.png"), return_attention=True)
+    # Without attention every region weighs the same.
+    assert np.allclose(cap.attention, 1.0 / 49, atol=1e-6)
+
+
+def test_failed_export_check_leaves_no_model(tmp_path, monkeypatch):
+    import edgecap.export as export
+    from edgecap.models.decoder import CaptionDecoder, DecoderConfig
+    from edgecap.models.efficientnet_lite import load_pretrained
+    from edgecap.preprocess import Preprocessing
+    from edgecap.vocab import Vocabulary
+
+    vocab = Vocabulary.build(["a cat sat on the mat", "a dog ran in the park today"], min_count=1)
+    decoder = CaptionDecoder(DecoderConfig(vocab_size=len(vocab), hidden_dim=16, feature_dim=16,
+                                           embed_dim=8, attention_dim=8))
+    monkeypatch.setattr(export, "TOLERANCE", {k: -1.0 for k in export.TOLERANCE})
+    with pytest.raises(ModelError, match="export check failed"):
+        export.export_modules(load_pretrained(), decoder, vocab, Preprocessing(), tmp_path / "m")
+    assert not (tmp_path / "m").exists()
+    assert list(tmp_path.iterdir()) == []  # no temporary directory left either
