@@ -246,6 +246,10 @@ def _backend_options(name: str, device: str | None, options: CaptionOptions,
                      extra: dict) -> dict:
     """The keyword arguments for backend ``name``'s class."""
     extra = dict(extra)
+    if name == "onnxruntime":
+        # Profile limits for onnxruntime's TensorRT provider, when one is asked for.
+        extra.setdefault("max_batch", max(8, options.batch_size))
+        extra.setdefault("max_beam", max(5, options.beam_size))
     if name != "tensorrt":
         if device is not None:
             extra["device"] = device

@@ -12,8 +12,11 @@ int8: the decoder step gets dynamic quantization of its MatMul / Gemm weights; t
 static quantization (BatchNorms folded first; QOperator form, uint8 activations, per-channel int8
 weights) calibrated on a folder of photos when one is given, and stays FP32 otherwise.
 
-Needs ``onnx`` and ``onnxruntime`` (its ``transformers.float16`` converter; ``onnxconverter-common``
-is used when that module is missing).
+Needs ``onnx`` (which brings ``ml_dtypes``) and ``onnxruntime`` (its ``transformers.float16``
+converter, which imports ``packaging``; ``onnxconverter-common`` is used when that module is
+missing). int8 also uses ``onnxruntime.quantization`` (imports ``ml_dtypes``), and the static
+encoder quantization (``calibration``) runs ``quant_pre_process``, whose symbolic shape inference
+needs ``sympy``.
 """
 
 from __future__ import annotations
@@ -282,7 +285,17 @@ def convert_int8(source: Manifest, out: str | Path, calibration: str | Path | No
                                               quantize_dynamic, quantize_static)
         from onnxruntime.quantization.shape_inference import quant_pre_process
     except ImportError as exc:
-        raise BackendError("int8 conversion needs onnxruntime: pip install onnxruntime") from exc
+        missing = (exc.name or "onnxruntime").split(".")[0]
+        raise BackendError(f"int8 conversion needs {missing}, which is not installed: "
+                           f"pip install {missing} (onnxruntime comes with edgecap[cpu] or "
+                           "edgecap[gpu]; the rest with edgecap[export])") from exc
+    if calibration is not None:
+        try:  # quant_pre_process imports it only once it runs: fail before any work is done
+            import sympy  # noqa: F401
+        except ImportError as exc:
+            raise BackendError("static int8 quantization of the encoder (--calibration) needs "
+                               "sympy for onnxruntime's symbolic shape inference: pip install "
+                               "sympy (part of edgecap[export])") from exc
     out = Path(out)
     _require_fp32(source)
     _prepare_out_dir(source, out, force)

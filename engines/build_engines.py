@@ -1,7 +1,7 @@
 #!/usr/bin/env python3
 """Build edgecap's TensorRT engines on this device: the same as ``edgecap build``.
 
-    python3 engines/build_engines.py --model path/to/model --precision fp16 --max-batch 4
+    python3 engines/build_engines.py --model path/to/model --precision fp16 --max-batch 8 --max-beam 5
 
 See engines/README.md. Not yet run on real TensorRT.
 """

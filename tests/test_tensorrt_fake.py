@@ -135,15 +135,42 @@ def make_fake_trt(version: str, device: FakeDevice):
     trt.BuilderFlag = types.SimpleNamespace(**builder_flags)
     trt.MemoryPoolType = types.SimpleNamespace(WORKSPACE="workspace")
     trt.TensorIOMode = types.SimpleNamespace(INPUT="input", OUTPUT="output")
-    trt.LayerType = types.SimpleNamespace(SOFTMAX="softmax", TOPK="topk", OTHER="other")
+    trt.LayerType = types.SimpleNamespace(SOFTMAX="softmax", TOPK="topk", UNARY="unary",
+                                          SHUFFLE="shuffle", OTHER="other")
     trt.float32, trt.float16, trt.int32, trt.int64 = 1, 10, 6, 7
     trt.nptype = lambda dt: _ONNX_TO_NP[dt]
 
+    class Tensor:
+        def __init__(self, name, dtype):
+            self.name, self.dtype = name, dtype
+
     class Layer:
-        def __init__(self, kind):
-            self.type, self.precision, self.num_outputs, self.output_types = kind, None, 1, {}
+        """A parsed layer with named, typed inputs and outputs (TopK: values FP32, indices
+        INT32, as TensorRT's ONNX parser makes them)."""
+
+        def __init__(self, kind, inputs=(), outputs=()):
+            self.type, self.precision, self.output_types = kind, None, {}
+            self.inputs = [Tensor(name, trt.float32) for name in inputs]
+            self.outputs = [Tensor(name, dtype) for name, dtype in outputs]
+
+        @property
+        def num_inputs(self):
+            return len(self.inputs)
+
+        @property
+        def num_outputs(self):
+            return len(self.outputs)
+
+        def get_input(self, i):
+            return self.inputs[i]
+
+        def get_output(self, i):
+            return self.outputs[i]
 
         def set_output_type(self, i, dtype):
+            # retyping TopK's INT32 indices (or any integer tensor) to a float is a bug
+            assert self.outputs[i].dtype in (trt.float32, trt.float16), \
+                f"set_output_type({i}, {dtype}) on an {self.outputs[i].dtype} output"
             self.output_types[i] = dtype
 
     class Network:
@@ -167,6 +194,24 @@ def make_fake_trt(version: str, device: FakeDevice):
             return self.layers[i]
 
     flags_values = list(flags.values())
+    shuffles = {"Squeeze", "Unsqueeze", "Reshape", "Flatten", "Transpose"}
+
+    def fake_layers(node):
+        """The layers TensorRT's ONNX parser makes of one node (LogSoftmax: Softmax + Log)."""
+        if node.op_type == "LogSoftmax":
+            mid = node.output[0] + "/softmax"
+            return [Layer("softmax", node.input[:1], [(mid, trt.float32)]),
+                    Layer("unary", [mid], [(node.output[0], trt.float32)])]
+        if node.op_type == "TopK":
+            return [Layer("topk", node.input[:1], [(node.output[0], trt.float32),
+                                                   (node.output[1], trt.int32)])]
+        if node.op_type == "Cast":
+            to = next(a.i for a in node.attribute if a.name == "to")
+            dtype = {6: trt.int32, 7: trt.int32, 10: trt.float16}.get(to, trt.float32)
+            return [Layer("other", node.input, [(node.output[0], dtype)])]
+        kind = {"Softmax": "softmax"}.get(node.op_type,
+                                          "shuffle" if node.op_type in shuffles else "other")
+        return [Layer(kind, node.input, [(o, trt.float32) for o in node.output])]
 
     class OnnxParser:
         def __init__(self, network, logger):
@@ -183,8 +228,9 @@ def make_fake_trt(version: str, device: FakeDevice):
                 dims = tuple(d.dim_value if d.HasField("dim_value") else -1
                              for d in vi.type.tensor_type.shape.dim)
                 self.network.inputs.append(types.SimpleNamespace(name=vi.name, shape=dims))
-            kinds = {"Softmax": "softmax", "LogSoftmax": "softmax", "TopK": "topk"}
-            self.network.layers = [Layer(kinds.get(n.op_type, "other")) for n in model.graph.node]
+            self.network.layers = []
+            for n in model.graph.node:
+                self.network.layers.extend(fake_layers(n))
             return True
 
         @property
@@ -255,6 +301,8 @@ def make_fake_trt(version: str, device: FakeDevice):
                 "profile": {k: [list(s) for s in v] for k, v in config.profiles[0].shapes.items()},
                 "fp16_weights": any(t.data_type == 10 for t in model.graph.initializer),
                 "pinned": [layer.type for layer in network.layers if layer.precision == 1],
+                "retyped": [[layer.type, j, t] for layer in network.layers
+                            for j, t in sorted(layer.output_types.items())],
                 "timing_cache_in": config.cache.data.decode() if config.cache else None,
                 "onnx": base64.b64encode(network.onnx).decode(),
             }
@@ -346,7 +394,7 @@ def make_fake_trt(version: str, device: FakeDevice):
 def model_dir(request, tmp_path_factory) -> Path:
     try:
         return Path(request.getfixturevalue("tiny_model_dir"))
-    except pytest.FixtureLookupError:
+    except pytest.skip.Exception:  # no torch: the tiny exported model is skipped
         from test_convert import _contract_model_dir
 
         return _contract_model_dir(tmp_path_factory.mktemp("contract-model"))
@@ -425,8 +473,14 @@ def test_fake_build_version_branches(monkeypatch, tmp_path, model_dir, device, v
         assert (0 in record["builder_flags"]) == fp16_flag  # BuilderFlag.FP16 = 0
         assert record["fp16_weights"] == fp16_onnx
     step = trt.stats["builds"][1]
-    if fp16_flag:  # weakly typed FP16: the step's softmaxes and top-k pinned to FP32
-        assert {"softmax", "topk"} <= set(step["pinned"])
+    if fp16_flag:  # weakly typed FP16: softmaxes, LogSoftmax's log and top-k pinned to FP32
+        assert {"softmax", "topk", "unary"} <= set(step["pinned"])
+        assert "shuffle" not in step["pinned"] and "other" not in step["pinned"]
+        # only float outputs retyped: TopK's values (output 0), never its INT32 indices
+        assert [[t, j] for t, j, _ in step["retyped"] if t == "topk"] == [["topk", 0]]
+        assert all(dtype == trt.float32 for _, _, dtype in step["retyped"])
+    else:
+        assert step["pinned"] == [] and step["retyped"] == []
     assert not device.memory  # building allocates nothing on the device
 
 
@@ -503,6 +557,112 @@ def test_fake_engine_cache_reuse_rebuild_and_timing_cache(monkeypatch, tmp_path,
     other = EngineCache(trt11, Target(device.name, device.compute_capability, "11.0.0.1"),
                         tmp_path, log)
     assert other.path(manifest, "encoder", "fp16", limits) != engine_path
+
+
+def _cache(trt, device, tmp_path, log):
+    return EngineCache(trt, Target(device.name, device.compute_capability, trt.__version__),
+                       tmp_path, log)
+
+
+def test_fake_engine_cache_reuses_any_covering_engine(monkeypatch, tmp_path, model_dir, device):
+    trt = install(monkeypatch, "10.3.0.30", device)
+    manifest = load_manifest(model_dir)
+    log = io.StringIO()
+    cache = _cache(trt, device, tmp_path, log)
+    for role in ("encoder", "decoder_step"):
+        cache.build(manifest, role, "fp16", Limits(8, 5))      # what `edgecap build` makes
+    assert len(trt.stats["builds"]) == 2
+    log.seek(0)
+    log.truncate()
+
+    def profile_max(engine, name):
+        return engine.record["profile"][name][2][0]
+
+    # smaller requests are served by the 8 x 5 engines: no build
+    for limits in (Limits(4, 3), Limits(8, 5), Limits(1, 1), Limits(8, 2)):
+        enc = cache.load(manifest, "encoder", "fp16", limits)
+        step = cache.load(manifest, "decoder_step", "fp16", limits)
+        assert profile_max(enc, "image") == 8 and profile_max(step, "tokens") == 40
+    assert len(trt.stats["builds"]) == 2 and log.getvalue() == ""
+
+    # not covered: more images, or more beams (the encoder ignores beams)
+    cache.load(manifest, "decoder_step", "fp16", Limits(8, 6))
+    assert len(trt.stats["builds"]) == 3
+    assert cache.load(manifest, "encoder", "fp16", Limits(8, 6)) and len(trt.stats["builds"]) == 3
+    cache.load(manifest, "decoder_step", "fp16", Limits(16, 5))
+    assert len(trt.stats["builds"]) == 4
+    # another precision never matches
+    cache.load(manifest, "encoder", "fp32", Limits(2, 2))
+    assert len(trt.stats["builds"]) == 5
+    # the narrowest covering engine wins: b8k5 (40 rows) over b8k6 and b16k5
+    assert profile_max(cache.load(manifest, "decoder_step", "fp16", Limits(2, 2)),
+                       "tokens") == 40
+    # a covering engine that does not load is skipped; an exact one is built
+    builds = len(trt.stats["builds"])
+    for path in cache.covering(manifest, "decoder_step", "fp16", Limits(7, 5)):
+        path.write_bytes(b"truncated")
+    step = cache.load(manifest, "decoder_step", "fp16", Limits(7, 5))
+    assert len(trt.stats["builds"]) == builds + 1 and "skipping it" in log.getvalue()
+    assert profile_max(step, "tokens") == 35
+    # other models' engines and unrelated files are never candidates
+    (tmp_path / "decoder_step-0000000000000000-orin-sm87-trt10.3.0.30-fp16-b9k9.engine"
+     ).write_bytes(b"x")
+    (tmp_path / (cache.path(manifest, "decoder_step", "fp16", Limits(9, 9)).name
+                 .replace("b9k9", "bXkY"))).write_bytes(b"x")
+    assert all("b9k9" not in p.name and "bXkY" not in p.name
+               for p in cache.covering(manifest, "decoder_step", "fp16", Limits(1, 1)))
+
+
+def test_fake_backend_runs_on_a_larger_cached_engine(monkeypatch, tmp_path, model_dir, device):
+    trt = install(monkeypatch, "8.6.2.3", device)
+    manifest = load_manifest(model_dir)
+    build_all(manifest, "fp32", Limits(4, 3), tmp_path, device=device, log=io.StringIO())
+    builds = len(trt.stats["builds"])
+    h, w = manifest.preprocessing.size
+    images = np.random.default_rng(2).uniform(-1, 1, (2, 3, h, w)).astype(np.float32)
+    image_index, steps = some_steps(manifest, rows=6)
+    err = io.StringIO()
+    with TensorRTBackend(manifest, "fp32", 2, 3, tmp_path, device=device, log=err) as backend:
+        assert len(trt.stats["builds"]) == builds and err.getvalue() == ""
+        session = backend.start(backend.encode(images), image_index, return_attention=True)
+        got = [session.step(t, r) for t, r in steps]
+    for (lp, ids, _), r in zip(reference_run(manifest, images, image_index, steps), got):
+        np.testing.assert_allclose(r.topk_logprobs, lp, rtol=1e-6, atol=1e-6)
+        np.testing.assert_array_equal(r.topk_ids, ids)
+
+
+def test_fake_build_defaults_match_what_caption_asks_for():
+    """`edgecap build` with no limits makes exactly the engines `edgecap caption --backend
+    tensorrt` (default batch and beam sizes) looks for, so they are reused, not rebuilt."""
+    import argparse
+
+    from edgecap.api import CaptionOptions, _backend_options
+    from edgecap.commands import build as command
+
+    parser = argparse.ArgumentParser()
+    command.add_arguments(parser)
+    args = parser.parse_args([])
+    wanted = _backend_options("tensorrt", None, CaptionOptions(), {})
+    assert (args.max_batch, args.max_beam) == (wanted["max_batch"], wanted["max_beam"])
+    assert Limits() == Limits(args.max_batch, args.max_beam)
+    assert TensorRTBackend.thread_safe is False
+
+
+def test_fake_build_command_uses_the_api_default_model(monkeypatch, tmp_path, model_dir, device):
+    import argparse
+
+    import edgecap.api
+    from edgecap.commands import build as command
+
+    install(monkeypatch, "10.3.0.30", device)
+    monkeypatch.setattr(edgecap.api, "default_model_dir", lambda: model_dir)
+    monkeypatch.setattr("edgecap.trt.cuda.open_device", lambda: device)
+    parser = argparse.ArgumentParser()
+    command.add_arguments(parser)
+    assert command.run(parser.parse_args(["--out", str(tmp_path)])) == 0
+    names = sorted(p.name for p in tmp_path.glob("*.engine"))
+    assert [n.rsplit("-", 1)[1] for n in names] == ["b8k5.engine", "b8.engine"]
+    assert not hasattr(command, "default_model_dir")
 
 
 # -- the backend: buffers, ping-pong state, the step loop ---------------------------------------
@@ -604,7 +764,11 @@ def test_fake_backend_rejects_stale_and_oversized_use(monkeypatch, tmp_path, mod
             old.step(np.ones(4, np.int32), np.zeros(4, np.int32))
         with pytest.raises(BackendError, match="shape"):
             new.step(np.ones(3, np.int32), np.zeros(3, np.int32))
+        new.step(np.ones(2, np.int32), np.array([0, 1], np.int32))
         backend.encode(images)
+        # the session's features / att_proj were overwritten by that encode: stale
+        with pytest.raises(BackendError, match="later encode"):
+            new.step(np.ones(2, np.int32), np.array([0, 1], np.int32))
         with pytest.raises(BackendError, match="overwritten"):
             backend.start(first, np.zeros(2, np.int32))
         with pytest.raises(BackendError, match="rows"):

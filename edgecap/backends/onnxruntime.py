@@ -7,11 +7,10 @@ several threads.
 
 from __future__ import annotations
 
-import warnings
-
 import numpy as np
 import onnxruntime as ort
 
+from edgecap.backends import ort_gpu
 from edgecap.backends._checks import check_graph_io, load_failure
 from edgecap.backends.base import (ENCODER_OUTPUTS, Backend, DecoderSession, Encoded,
                                    StepResult)
@@ -39,69 +38,42 @@ def session_options(threads: int | None) -> ort.SessionOptions:
     return so
 
 
-def _ort_gpu():
-    """``edgecap.backends.ort_gpu`` (provider choice, device-resident decoding), or None where
-    this install lacks it."""
-    try:
-        from edgecap.backends import ort_gpu
-    except ImportError:
-        return None
-    return ort_gpu
-
-
 def select_providers(requested: str | list | None, device: str | None, **gpu_options) -> list:
-    """The execution providers to ask for, best first, CPU last.
+    """The execution providers to ask for, best first, CPU last (``ort_gpu.select_providers``).
 
-    ``requested`` (provider names or aliases such as "cuda") wins over ``device`` ("cpu" or
-    "cuda"); with neither, the best this onnxruntime offers. ``ort_gpu.select_providers`` decides
-    when present (TensorRT / CUDA options, engine cache); otherwise the requested providers that
-    this onnxruntime has, then the CPU.
+    ``requested`` (provider names, aliases such as "cuda" / "tensorrt", or (name, options)
+    pairs) wins over ``device`` ("cpu" or "cuda"); with neither, CUDA when this onnxruntime
+    has it, then the CPU. The TensorRT execution provider is used only when requested.
+    ``gpu_options``: ``cache_dir``, ``fp16``, ``device_id`` (see ``ort_gpu``).
     """
     if device is not None and device not in DEVICE_PROVIDERS:
         raise ValueError(f"device must be one of {sorted(DEVICE_PROVIDERS)}, got {device!r}")
     if requested is None and device is not None:
         requested = DEVICE_PROVIDERS[device]
-    available = ort.get_available_providers()
-    ort_gpu = _ort_gpu()
-    if ort_gpu is not None:
-        return list(ort_gpu.select_providers(requested, available, gpu_options.get("cache_dir"),
-                                             fp16=gpu_options.get("fp16", True),
-                                             device_id=gpu_options.get("device_id", 0)))
-    if not requested:
-        return [CPU]
-    if isinstance(requested, str):
-        requested = requested.split(",")
-    chosen = [p for p in requested if _provider_name(p) in available]
-    dropped = [_provider_name(p) for p in requested if _provider_name(p) not in available]
-    if dropped:
-        warnings.warn(f"onnxruntime has no {', '.join(dropped)} here (it has "
-                      f"{', '.join(available)}); falling back to the CPU. For CUDA install "
-                      "'edgecap[gpu]' in an environment without the onnxruntime package",
-                      RuntimeWarning, stacklevel=3)
-    if CPU not in [_provider_name(p) for p in chosen]:
-        chosen.append(CPU)
-    return chosen
-
-
-def _provider_name(provider) -> str:
-    return provider[0] if isinstance(provider, (tuple, list)) else provider
+    return ort_gpu.select_providers(requested, ort.get_available_providers(),
+                                    gpu_options.get("cache_dir"),
+                                    fp16=gpu_options.get("fp16", True),
+                                    device_id=gpu_options.get("device_id", 0))
 
 
 class OnnxRuntimeBackend(Backend):
-    name = "onnxruntime"
-
     """Args: ``providers`` (names, aliases "cpu" / "cuda" / "tensorrt", or (name, options)
-    pairs), ``device`` ("cpu" / "cuda", used when ``providers`` is None), ``threads`` (intra-op
-    threads; None: one per physical core), and for GPU providers ``cache_dir`` (TensorRT engine
-    cache), ``fp16`` (TensorRT EP precision), ``device_id``.
+    pairs; default CUDA when available, then CPU; the TensorRT execution provider only when
+    listed), ``device`` ("cpu" / "cuda", used when ``providers`` is None), ``threads`` (intra-op
+    threads; None: one per physical core), and for GPU providers ``cache_dir`` (TensorRT EP
+    engine cache), ``fp16`` (TensorRT EP precision), ``device_id``, ``max_batch`` /
+    ``max_beam`` (the TensorRT EP's optimisation profile: images per batch, beams per image).
 
     On a GPU provider the image tensors and h/c stay on the device between steps
     (``ort_gpu.IOBindingDecoder``); on the CPU they are numpy arrays fed to ``run``.
     """
 
+    name = "onnxruntime"
+
     def __init__(self, manifest: Manifest, providers: str | list | None = None,
                  threads: int | None = None, device: str | None = None,
-                 cache_dir: str | None = None, fp16: bool = True, device_id: int = 0):
+                 cache_dir: str | None = None, fp16: bool = True, device_id: int = 0,
+                 max_batch: int = 8, max_beam: int = 5):
         if threads is not None and (isinstance(threads, bool) or not isinstance(threads, int)
                                     or threads < 1):
             raise ValueError(f"threads must be a positive integer or None, got {threads!r}")
@@ -111,17 +83,21 @@ class OnnxRuntimeBackend(Backend):
         self.threads = threads
         wanted = select_providers(providers, device, cache_dir=cache_dir, fp16=fp16,
                                   device_id=device_id)
-        self.encoder = self._session("encoder", wanted, threads)
-        self.decoder = self._session("decoder_step", wanted, threads)
+        # the TensorRT EP (when listed) gets each graph's own optimisation profile
+        per_role = {role: ort_gpu.providers_for_role(wanted, manifest, role, max_batch, max_beam)
+                    for role in ("encoder", "decoder_step")}
+        self.encoder = self._session("encoder", per_role["encoder"], threads)
+        self.decoder = self._session("decoder_step", per_role["decoder_step"], threads)
         self._input_types = {i.name: _NUMPY_TYPES.get(i.type, np.float32)
                              for s in (self.encoder, self.decoder) for i in s.get_inputs()}
-        self._warn_if_fell_back(wanted)
+        for role, session in (("encoder", self.encoder), ("decoder_step", self.decoder)):
+            ort_gpu.warn_if_fallback(session, wanted, role)
         self._device_decoder = self._make_device_decoder(device_id)
 
     def _make_device_decoder(self, device_id: int):
-        """ort_gpu's I/O-binding decoder when a GPU provider runs the step graph, else None."""
-        ort_gpu = _ort_gpu()
-        if ort_gpu is None or self.providers[0] == CPU:
+        """ort_gpu's I/O-binding decoder when a CUDA-memory provider (CUDA, TensorRT) runs the
+        step graph, else None (numpy feeds)."""
+        if self.providers[0] not in (ort_gpu.CUDA, ort_gpu.TENSORRT):
             return None
         return ort_gpu.IOBindingDecoder(self.encoder, self.decoder, device="cuda",
                                         device_id=device_id)
@@ -137,13 +113,6 @@ class OnnxRuntimeBackend(Backend):
         check_graph_io(self.manifest, role, {i.name: i.shape for i in session.get_inputs()},
                        {o.name: o.shape for o in session.get_outputs()})
         return session
-
-    def _warn_if_fell_back(self, wanted: list) -> None:
-        first = _provider_name(wanted[0])
-        attached = self.decoder.get_providers()
-        if attached[0] != first:
-            warnings.warn(f"onnxruntime could not attach {first}; running on {attached[0]}",
-                          RuntimeWarning, stacklevel=3)
 
     @property
     def providers(self) -> list[str]:

@@ -1,8 +1,9 @@
 """``edgecap build``: build the TensorRT engines for this GPU (run it on the target device).
 
 Engines are tied to the GPU and the TensorRT version, so they are built where they run and kept
-in a cache (default ``~/.cache/edgecap/engines``); the TensorRT backend finds them there, and
-builds them itself on first use when this was not run. Not yet run on real TensorRT.
+in a cache (default ``~/.cache/edgecap/engines``); the TensorRT backend finds them there (any
+cached engine whose limits cover what it needs), and builds them itself on first use when this
+was not run. Not yet run on real TensorRT.
 """
 
 from __future__ import annotations
@@ -12,26 +13,28 @@ import sys
 from pathlib import Path
 
 
-def default_model_dir() -> Path:
-    return Path(__file__).resolve().parent.parent / "assets" / "default"
-
-
 def add_arguments(parser: argparse.ArgumentParser) -> None:
     parser.add_argument("--model", metavar="DIR", default=None,
                         help="model directory (default: the model shipped with edgecap)")
     parser.add_argument("--precision", choices=("fp16", "fp32"), default="fp16",
                         help="engine precision (default fp16; softmax, log-softmax and top-k "
                         "stay FP32)")
+    # The defaults are what `edgecap caption --backend tensorrt` asks for (at least 8 images x
+    # 5 beams), so its engines are the ones built here; any engine whose limits cover a
+    # request is reused.
     parser.add_argument("--max-batch", type=int, default=8, metavar="N",
-                        help="most images per batch the engines accept (default 8)")
+                        help="most images per batch the engines accept (default 8, what "
+                        "edgecap caption uses up to --batch-size 8)")
     parser.add_argument("--max-beam", type=int, default=5, metavar="K",
-                        help="most beams per image the engines accept (default 5)")
+                        help="most beams per image the engines accept (default 5, what "
+                        "edgecap caption uses up to --beam-size 5)")
     parser.add_argument("--out", metavar="DIR", default=None,
                         help="engine cache directory (default: $EDGECAP_CACHE/engines or "
                         "~/.cache/edgecap/engines)")
 
 
 def run(args: argparse.Namespace) -> int:
+    from edgecap.api import default_model_dir
     from edgecap.manifest import load_manifest, verify_files
     from edgecap.trt.engines import Limits, build_all, default_cache_dir
 

@@ -15,8 +15,9 @@ MIN_VERSION = (8, 5)
 STRONGLY_TYPED_FP16_FROM = (10, 12)
 
 INSTALL_HINT = ("install it with pip install 'edgecap[tensorrt]' (desktop GPUs), or on a Jetson "
-                "use JetPack's TensorRT: sudo apt install python3-libnvinfer, then "
-                "pip install pycuda (see engines/README.md)")
+                "use JetPack 6's TensorRT (Python 3.10): sudo apt install python3-libnvinfer, "
+                "a venv with --system-site-packages, then pip install pycuda "
+                "(see engines/README.md)")
 
 
 def parse_version(text: str) -> tuple[int, int]:
@@ -44,7 +45,7 @@ def check_version(version: str) -> tuple[int, int]:
     parsed = parse_version(version)
     if parsed < MIN_VERSION:
         raise BackendError(
-            f"TensorRT {version} is too old: edgecap needs TensorRT 8.5 or newer (JetPack 5.1+). "
-            "JetPack 4.6 (TensorRT 8.2) is not supported for TensorRT; use the onnxruntime "
-            "backend (--backend onnxruntime) on that device")
+            f"TensorRT {version} is too old: edgecap needs TensorRT 8.5 or newer (on a Jetson: "
+            "JetPack 6). JetPack 4.6 (TensorRT 8.2) is not supported; upgrade TensorRT or use "
+            "the onnxruntime backend (--backend onnxruntime)")
     return parsed

@@ -13,9 +13,10 @@ up to 8 and beam size up to 5. Cached files that fail to deserialize (another Te
 truncated write) are skipped, and an engine for exactly the requested limits is built. Builds
 share one timing cache per GPU and TensorRT version (``timing-<gpu>-sm<cc>-trt<ver>.cache``).
 
-Precision: FP16 uses ``BuilderFlag.FP16`` on TensorRT < 10.12 (Softmax, the Log of a LogSoftmax
-and TopK pinned to FP32), and from 10.12 (11 has no such flag) a strongly typed network built from the FP16 ONNX that
-``edgecap convert`` writes (converted on the fly into the cache when the model is FP32).
+Precision: FP16 uses ``BuilderFlag.FP16`` on TensorRT < 10.12 (Softmax, the Log of a
+LogSoftmax and TopK pinned to FP32), and from 10.12 (11 has no such flag) a strongly typed
+network built from the FP16 ONNX that ``edgecap convert`` writes (converted on the fly into the
+cache when the model is FP32).
 
 Not yet run on real TensorRT: tested with fakes of the calls below (tests/test_tensorrt_fake.py).
 """
@@ -351,12 +352,13 @@ class EngineCache:
         """The deserialized engine: the narrowest cached one that covers ``limits``, else one
         built now for exactly ``limits`` (also when no cached one loads)."""
         candidates = self.covering(manifest, role, precision, limits)
+        exact = self.path(manifest, role, precision, limits)
         for path in candidates:
             engine = deserialize(self.trt, self.runtime, path)
             if engine is not None:
                 return self._checked(engine, role)
             print(f"edgecap: cached engine {path.name} does not load with this TensorRT/GPU; "
-                  "skipping it", file=self.log)
+                  + ("rebuilding it" if path == exact else "skipping it"), file=self.log)
         if not candidates:
             print(f"edgecap: no cached TensorRT engine for {manifest.path(role).name} "
                   f"({precision}, {limits.tag(role)} or larger) in {self.cache_dir}",
