@@ -109,3 +109,24 @@ def test_failed_export_check_leaves_no_model(tmp_path, monkeypatch):
         export.export_modules(load_pretrained(), decoder, vocab, Preprocessing(), tmp_path / "m")
     assert not (tmp_path / "m").exists()
     assert list(tmp_path.iterdir()) == []  # no temporary directory left either
+
+
+def test_finetune_encoder_trains_the_last_blocks_and_exports_them(tiny_dataset, tmp_path):
+    from edgecap.export import export_model
+    from edgecap.models.checkpoint import load_checkpoint
+    from edgecap.models.efficientnet_lite import load_pretrained
+    from edgecap.training.train import train
+
+    cfg = dataclasses.replace(_config(tiny_dataset, tmp_path / "run", epochs=1),
+                              finetune_encoder=True, finetune_blocks=1)
+    best = train(cfg, log=lambda *_: None)
+    encoder, _, _, _, meta = load_checkpoint(best)
+    assert meta["finetuned_encoder"] is True
+    pretrained = load_pretrained().state_dict()
+    tuned = encoder.state_dict()
+    # The last block moved, the frozen stem did not.
+    assert not torch.equal(tuned["_blocks.15._project_conv.weight"],
+                           pretrained["_blocks.15._project_conv.weight"])
+    assert torch.equal(tuned["_conv_stem.weight"], pretrained["_conv_stem.weight"])
+    manifest = export_model(best, tmp_path / "model")
+    assert manifest.info["export_check"]["max_abs_diff"]["features"] <= 1e-3

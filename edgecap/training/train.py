@@ -226,7 +226,9 @@ def train(cfg: TrainConfig, log=print) -> Path:
         sample_prob = cfg.scheduled_sampling * min(1.0, (epoch - 1) / max(1, cfg.epochs - 1))
         decoder.train()
         if encoder is not None:
-            encoder.train()
+            # BatchNorm keeps its ImageNet statistics: batches of ~20 photos would only add
+            # noise to them. The tuned blocks' weights still learn.
+            encoder.eval()
         t0 = time.time()
         total, count = 0.0, 0
         bar = _bar(n_steps, f"epoch {epoch}", cfg.progress)
