@@ -42,28 +42,29 @@ class CaptionOptions:
     batch_size: int = 8                  # images per encoder run and per search
     length_penalty: float | None = None  # None: rank by mean log-prob per word; a: GNMT ((5+n)/6)^a
     n_best: int = 1                      # hypotheses kept per image (the best + alternatives)
+    no_repeat_ngram: int = 0             # > 0: no caption repeats an n-gram of this size
 
 
 def validate_options(options: CaptionOptions, top_k: int) -> None:
-    """Raise ``ValueError`` naming the first bad option. ``top_k``: the model's step graph K."""
-    for name in ("beam_size", "max_length", "batch_size", "n_best"):
+    """Raise ``ValueError`` naming the first bad option. ``top_k``: the model's step graph K.
+    The search's own rules live in ``SearchOptions.validate``; this adds types and batching."""
+    for name in ("beam_size", "max_length", "batch_size", "n_best", "no_repeat_ngram"):
         value = getattr(options, name)
         if isinstance(value, bool) or not isinstance(value, int):
             raise ValueError(f"{name} must be an integer, got {value!r}")
-    if not 1 <= options.beam_size <= top_k:
-        raise ValueError(f"beam_size must be between 1 and {top_k} (the model's top_k: its step "
-                         f"graph returns {top_k} best words per row), got {options.beam_size}")
-    if not 1 <= options.max_length <= 200:
-        raise ValueError(f"max_length must be between 1 and 200 words, got {options.max_length}")
     if options.batch_size < 1:
         raise ValueError(f"batch_size must be at least 1, got {options.batch_size}")
-    if not 1 <= options.n_best <= options.beam_size:
-        raise ValueError(f"n_best must be between 1 and beam_size ({options.beam_size}), "
-                         f"got {options.n_best}")
     penalty = options.length_penalty
-    if penalty is not None and (isinstance(penalty, bool) or not isinstance(penalty, (int, float))
-                                or not 0 <= penalty <= 2):
+    if penalty is not None and (isinstance(penalty, bool) or not isinstance(penalty, (int, float))):
         raise ValueError(f"length_penalty must be None or a number in [0, 2], got {penalty!r}")
+    search_options(options).validate(top_k)
+
+
+def search_options(options: CaptionOptions, return_attention: bool = False) -> SearchOptions:
+    return SearchOptions(beam_size=options.beam_size, max_length=options.max_length,
+                         length_penalty=options.length_penalty, n_best=options.n_best,
+                         return_attention=return_attention,
+                         no_repeat_ngram=options.no_repeat_ngram)
 
 
 @dataclass(frozen=True)
@@ -132,7 +133,8 @@ class Captioner:
         model: a model directory (``edgecap export``); None: the shipped default model.
         backend: "onnxruntime", "torch", "tensorrt" or "auto" (onnxruntime if installed,
             else tensorrt, else torch).
-        beam_size, max_length, batch_size, length_penalty, n_best: see ``CaptionOptions``.
+        beam_size, max_length, batch_size, length_penalty, n_best, no_repeat_ngram: see
+            ``CaptionOptions``.
         device: "cpu" or "cuda", passed to the backend (None: the backend's default).
         **backend_options: passed to the backend class (e.g. ``threads=2``, ``fp16=True``).
     """
@@ -140,14 +142,14 @@ class Captioner:
     def __init__(self, model: str | os.PathLike | None = None, backend: str = "auto",
                  beam_size: int = 3, max_length: int = 20, batch_size: int = 8,
                  length_penalty: float | None = None, device: str | None = None,
-                 n_best: int = 1, **backend_options):
+                 n_best: int = 1, no_repeat_ngram: int = 0, **backend_options):
         max_pixels()  # a malformed $EDGECAP_MAX_PIXELS is a ValueError now, not on every image
         self.manifest = load_manifest(default_model_dir() if model is None else model)
         height, width = self.manifest.preprocessing.size
         self._draft_size = (width, height)  # big JPEGs are decoded at a reduced scale
         self.options = CaptionOptions(beam_size=beam_size, max_length=max_length,
                                       batch_size=batch_size, length_penalty=length_penalty,
-                                      n_best=n_best)
+                                      n_best=n_best, no_repeat_ngram=no_repeat_ngram)
         validate_options(self.options, int(self.manifest.dims["top_k"]))
         self.vocab = load_vocabulary(self.manifest)
         name = resolve_backend(backend)
@@ -215,10 +217,7 @@ class Captioner:
 
     def _search(self, batch: np.ndarray, return_attention: bool):
         """batch float32 (N, 3, H, W) -> (hypotheses per image, encode ms, decode ms)."""
-        options = SearchOptions(beam_size=self.options.beam_size,
-                                max_length=self.options.max_length,
-                                length_penalty=self.options.length_penalty,
-                                n_best=self.options.n_best, return_attention=return_attention)
+        options = search_options(self.options, return_attention)
         # A backend with one set of device buffers (TensorRT) runs one batch at a time.
         with self._backend_lock or contextlib.nullcontext():
             t0 = time.perf_counter()

@@ -27,16 +27,20 @@ class SearchOptions:
     length_penalty: float | None = None  # None: rank by mean log-prob; a: GNMT ((5+len)/6)^a
     n_best: int = 1
     return_attention: bool = False
+    no_repeat_ngram: int = 0       # > 0: a beam never repeats an n-gram of this size (0: off)
 
     def validate(self, top_k: int) -> None:
         if not 1 <= self.beam_size <= top_k:
-            raise ValueError(f"beam_size must be between 1 and {top_k} (the model's top_k), "
-                             f"got {self.beam_size}")
-        if self.max_length < 1:
-            raise ValueError(f"max_length must be at least 1, got {self.max_length}")
+            raise ValueError(f"beam_size must be between 1 and {top_k} (the model's top_k: its "
+                             f"step graph returns {top_k} best words per row), got {self.beam_size}")
+        if not 1 <= self.max_length <= 200:
+            raise ValueError(f"max_length must be between 1 and 200 words, got {self.max_length}")
         if not 1 <= self.n_best <= self.beam_size:
             raise ValueError(f"n_best must be between 1 and beam_size ({self.beam_size}), "
                              f"got {self.n_best}")
+        if not 0 <= self.no_repeat_ngram <= 10:
+            raise ValueError(f"no_repeat_ngram must be between 0 (off) and 10, "
+                             f"got {self.no_repeat_ngram}")
         if self.length_penalty is not None and not 0 <= self.length_penalty <= 2:
             raise ValueError(f"length_penalty must be None or in [0, 2], got {self.length_penalty}")
 
@@ -108,6 +112,8 @@ def beam_search(backend: Backend, encoded: Encoded, options: SearchOptions, star
                         break
                     src = base + flat // width
                     word = int(ids[src, flat % width])
+                    if word != end_id and _repeats(seqs[src], word, options.no_repeat_ngram):
+                        continue
                     if word == end_id:
                         if len(finished[img]) < beam:
                             finished[img].append(_hypothesis(seqs[src], score, True, alphas, src,
@@ -117,6 +123,13 @@ def beam_search(backend: Backend, encoded: Encoded, options: SearchOptions, star
                     new_tokens[base + filled] = word
                     new_lp[base + filled] = score
                     filled += 1
+                if filled == 0 and not finished[img]:
+                    # Every continuation was blocked (repeats) and none could end: keep what the
+                    # live beams have so far rather than return nothing.
+                    for row in range(base, base + beam):
+                        if sum_lp[row] != NEG_INF:
+                            finished[img].append(_hypothesis(seqs[row], sum_lp[row], False, alphas,
+                                                             row, options.length_penalty))
                 if len(finished[img]) >= beam or filled == 0:
                     done[img] = True
                     new_lp[base:base + beam] = NEG_INF
@@ -134,6 +147,14 @@ def beam_search(backend: Backend, encoded: Encoded, options: SearchOptions, star
         # Out of words: the live beams of unfinished images become (unfinished) hypotheses.
         _finish_at_limit(finished, seqs, sum_lp, alphas, beam, done, options)
     return [_rank(finished[img], options) for img in range(n_images)]
+
+
+def _repeats(seq: np.ndarray, word: int, n: int) -> bool:
+    """Would ``word`` after ``seq`` complete an n-gram that ``seq`` already holds?"""
+    if n <= 0 or len(seq) < n:
+        return False
+    tail = tuple(int(w) for w in seq[len(seq) - n + 1:]) + (word,)
+    return any(tuple(int(w) for w in seq[i:i + n]) == tail for i in range(len(seq) - n + 1))
 
 
 def _hypothesis(seq, log_prob, finished, alphas, row, penalty) -> Hypothesis:

@@ -105,7 +105,8 @@ def run(args: argparse.Namespace) -> int:
     try:
         captioner = Captioner(model=args.model, backend=args.backend, beam_size=args.beam_size,
                               max_length=args.max_length, batch_size=args.batch_size,
-                              device=args.device)
+                              device=args.device,
+                              no_repeat_ngram=args.no_repeat_ngram)
     except ValueError as exc:  # a bad option value: report it like argparse would
         print(f"edgecap caption: error: {exc}", file=sys.stderr)
         return 2

@@ -76,7 +76,8 @@ def run(args: argparse.Namespace) -> int:
     try:
         captioner = Captioner(model=args.model, backend=args.backend, beam_size=args.beam_size,
                               max_length=args.max_length, batch_size=args.batch_size,
-                              length_penalty=args.length_penalty, device=args.device)
+                              length_penalty=args.length_penalty, device=args.device,
+                              no_repeat_ngram=args.no_repeat_ngram)
     except ValueError as exc:  # a bad option value: report it like argparse would
         return _fail(str(exc))
 
@@ -137,6 +138,7 @@ def _summary(args, captioner, report, seconds: float) -> dict:
         "beam_size": captioner.options.beam_size,
         "max_length": captioner.options.max_length,
         "length_penalty": captioner.options.length_penalty,
+        "no_repeat_ngram": captioner.options.no_repeat_ngram,
         "references": args.references or f"{args.captions} + {args.split}",
         "caption_seconds": round(seconds, 2),
     }
@@ -154,7 +156,8 @@ def _print_table(summary: dict) -> None:
     print(f"model:       {model['name'] or '(unnamed)'} ({model['path']}, {model['precision']})")
     print(f"backend:     {summary['backend']}")
     print(f"search:      beam size {summary['beam_size']}, max length {summary['max_length']}, "
-          f"length penalty {'none (mean log-prob)' if penalty is None else penalty}")
+          f"length penalty {'none (mean log-prob)' if penalty is None else penalty}, "
+          f"no-repeat n-gram {summary['no_repeat_ngram'] or 'off'}")
     print(f"tokenizer:   {tokenizer}")
     for key in METRIC_KEYS:
         value = summary[key]
