@@ -42,7 +42,7 @@ class CaptionOptions:
     batch_size: int = 8                  # images per encoder run and per search
     length_penalty: float | None = None  # None: rank by mean log-prob per word; a: GNMT ((5+n)/6)^a
     n_best: int = 1                      # hypotheses kept per image (the best + alternatives)
-    no_repeat_ngram: int = 0             # > 0: no caption repeats an n-gram of this size
+    no_repeat_ngram: int = 3             # > 0: no caption repeats an n-gram of this size (0: off)
 
 
 def validate_options(options: CaptionOptions, top_k: int) -> None:
@@ -142,7 +142,7 @@ class Captioner:
     def __init__(self, model: str | os.PathLike | None = None, backend: str = "auto",
                  beam_size: int = 3, max_length: int = 20, batch_size: int = 8,
                  length_penalty: float | None = None, device: str | None = None,
-                 n_best: int = 1, no_repeat_ngram: int = 0, **backend_options):
+                 n_best: int = 1, no_repeat_ngram: int = 3, **backend_options):
         max_pixels()  # a malformed $EDGECAP_MAX_PIXELS is a ValueError now, not on every image
         self.manifest = load_manifest(default_model_dir() if model is None else model)
         height, width = self.manifest.preprocessing.size

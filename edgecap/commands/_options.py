@@ -15,5 +15,5 @@ def add_model_arguments(p: argparse.ArgumentParser) -> None:
     p.add_argument("--device", choices=("cpu", "cuda"), help="where the backend runs")
     p.add_argument("--beam-size", type=int, default=3)
     p.add_argument("--max-length", type=int, default=20, help="most words per caption")
-    p.add_argument("--no-repeat-ngram", type=int, default=0, metavar="N",
-                   help="never repeat a phrase of N words within a caption (0: off)")
+    p.add_argument("--no-repeat-ngram", type=int, default=3, metavar="N",
+                   help="never repeat a phrase of N words within a caption (default 3; 0: off)")
