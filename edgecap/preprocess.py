@@ -37,6 +37,11 @@ def to_model_input(image: Image.Image, pre: Preprocessing) -> np.ndarray:
     h, w = pre.size
     if image.size != (w, h):
         image = image.resize((w, h), getattr(Image.Resampling, pre.resample.upper()))
-    x = np.asarray(image, dtype=np.float32)
-    x = (x - np.asarray(pre.mean, np.float32)) / np.asarray(pre.std, np.float32)
-    return np.ascontiguousarray(x.transpose(2, 0, 1))
+    # (x - mean) / std as one multiply-add, written straight into the (3, H, W) layout.
+    scale = 1.0 / np.asarray(pre.std, np.float32)
+    offset = -np.asarray(pre.mean, np.float32) * scale
+    pixels = np.asarray(image).transpose(2, 0, 1)
+    out = np.empty(pixels.shape, np.float32)
+    np.multiply(pixels, scale[:, None, None], out=out)
+    out += offset[:, None, None]
+    return out

@@ -77,7 +77,7 @@ def beam_search(backend: Backend, encoded: Encoded, options: SearchOptions, star
     source_rows = image_index.copy()          # first step: h0/c0 are per image
     sum_lp = np.full(rows, NEG_INF)
     sum_lp[::beam] = 0.0                      # one live beam per image at the start
-    seqs = np.zeros((rows, 0), dtype=np.int32)
+    seqs: list[list[int]] = [[] for _ in range(rows)]  # words so far, per row
     alphas = None
     finished: list[list[Hypothesis]] = [[] for _ in range(n_images)]
     done = np.zeros(n_images, dtype=bool)
@@ -98,21 +98,26 @@ def beam_search(backend: Backend, encoded: Encoded, options: SearchOptions, star
         if t == 0:
             # Never an empty caption: <end> cannot be the first word.
             cand = np.where(ids.reshape(n_images, beam * width) == end_id, NEG_INF, cand)
-        order = np.argsort(-cand, axis=1, kind="stable")
+        # Python lists: the candidate loop below reads single values, which is several times
+        # cheaper from a list than from a numpy array.
+        order = np.argsort(-cand, axis=1, kind="stable").tolist()
+        cand_l, ids_l = cand.tolist(), ids.tolist()
         new_source = np.empty(rows, dtype=np.int64)
         new_tokens = np.full(rows, end_id, dtype=np.int32)
         new_lp = np.full(rows, NEG_INF)
+        seen_ngrams: dict[int, set] = {}
         for img in range(n_images):
             base = img * beam
             filled = 0
             if not done[img]:
                 for flat in order[img]:
-                    score = cand[img, flat]
+                    score = cand_l[img][flat]
                     if score == NEG_INF or filled == beam:
                         break
                     src = base + flat // width
-                    word = int(ids[src, flat % width])
-                    if word != end_id and _repeats(seqs[src], word, options.no_repeat_ngram):
+                    word = ids_l[src][flat % width]
+                    if word != end_id and _repeats(seqs[src], word, options.no_repeat_ngram,
+                                                   seen_ngrams, src):
                         continue
                     if word == end_id:
                         if len(finished[img]) < beam:
@@ -137,7 +142,7 @@ def beam_search(backend: Backend, encoded: Encoded, options: SearchOptions, star
             new_source[base + filled: base + beam] = base
         if done.all():
             break
-        seqs = np.concatenate([seqs[new_source], new_tokens[:, None]], axis=1)
+        seqs = [seqs[src] + [word] for src, word in zip(new_source.tolist(), new_tokens.tolist())]
         if alphas is not None:
             alphas = alphas[new_source]
         tokens, sum_lp = new_tokens, new_lp
@@ -149,12 +154,15 @@ def beam_search(backend: Backend, encoded: Encoded, options: SearchOptions, star
     return [_rank(finished[img], options) for img in range(n_images)]
 
 
-def _repeats(seq: np.ndarray, word: int, n: int) -> bool:
-    """Would ``word`` after ``seq`` complete an n-gram that ``seq`` already holds?"""
+def _repeats(seq: list[int], word: int, n: int, cache: dict[int, set], row: int) -> bool:
+    """Would ``word`` after ``seq`` complete an n-gram that ``seq`` already holds? ``cache``
+    keeps each row's n-grams for the current step."""
     if n <= 0 or len(seq) < n:
         return False
-    tail = tuple(int(w) for w in seq[len(seq) - n + 1:]) + (word,)
-    return any(tuple(int(w) for w in seq[i:i + n]) == tail for i in range(len(seq) - n + 1))
+    grams = cache.get(row)
+    if grams is None:
+        grams = cache[row] = set(zip(*(seq[i:] for i in range(n))))
+    return (*seq[len(seq) - n + 1:], word) in grams
 
 
 def _hypothesis(seq, log_prob, finished, alphas, row, penalty) -> Hypothesis:
