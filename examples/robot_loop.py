@@ -30,7 +30,7 @@ def main(argv: list[str] | None = None) -> int:
         captioner = Captioner(args.model, beam_size=3, max_length=12)
         stream = caption_stream(captioner, video_frames(args.video, realtime=True),
                                 every=args.every)
-    except EdgecapError as exc:
+    except (EdgecapError, ValueError) as exc:  # ValueError: a bad --every
         print(f"robot_loop: {exc}", file=sys.stderr)
         return 2
     try:
