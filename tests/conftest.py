@@ -45,3 +45,15 @@ def default_model_dir() -> Path:
 @pytest.fixture(scope="session")
 def example_images() -> list[Path]:
     return sorted(p for p in EXAMPLES.iterdir() if p.suffix in {".png", ".jpg"})
+
+
+@pytest.fixture(scope="module")
+def any_model_dir(request, tmp_path_factory) -> Path:
+    """``tiny_model_dir`` where torch is installed, else a contract-shaped model built with onnx
+    helpers only, so the conversion and fake-backend tests run without torch too."""
+    try:
+        return Path(request.getfixturevalue("tiny_model_dir"))
+    except pytest.skip.Exception:
+        from test_convert import _contract_model_dir
+
+        return _contract_model_dir(tmp_path_factory.mktemp("contract-model"))

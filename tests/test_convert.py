@@ -127,11 +127,8 @@ def _contract_model_dir(directory: Path) -> Path:
 
 
 @pytest.fixture(scope="module")
-def fp32_dir(request, tmp_path_factory) -> Path:
-    try:
-        return Path(request.getfixturevalue("tiny_model_dir"))
-    except pytest.skip.Exception:  # no torch: the tiny exported model is skipped
-        return _contract_model_dir(tmp_path_factory.mktemp("contract-model"))
+def fp32_dir(any_model_dir) -> Path:
+    return any_model_dir
 
 
 @pytest.fixture(scope="module")

@@ -187,14 +187,8 @@ def test_fake_onnxruntime_backend_passes_role_profiles(monkeypatch, model_dir):
 # -- the I/O-binding decoder --------------------------------------------------------------------
 
 @pytest.fixture(scope="module")
-def model_dir(request, tmp_path_factory) -> Path:
-    pytest.importorskip("onnx")
-    try:
-        return Path(request.getfixturevalue("tiny_model_dir"))
-    except pytest.skip.Exception:  # no torch: the tiny exported model is skipped
-        from test_convert import _contract_model_dir
-
-        return _contract_model_dir(tmp_path_factory.mktemp("contract-model"))
+def model_dir(any_model_dir) -> Path:
+    return any_model_dir
 
 
 def test_iobinding_decoder_on_cpu_matches_plain_run(model_dir):

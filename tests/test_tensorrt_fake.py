@@ -391,13 +391,8 @@ def make_fake_trt(version: str, device: FakeDevice):
 # -- fixtures -----------------------------------------------------------------------------------
 
 @pytest.fixture(scope="module")
-def model_dir(request, tmp_path_factory) -> Path:
-    try:
-        return Path(request.getfixturevalue("tiny_model_dir"))
-    except pytest.skip.Exception:  # no torch: the tiny exported model is skipped
-        from test_convert import _contract_model_dir
-
-        return _contract_model_dir(tmp_path_factory.mktemp("contract-model"))
+def model_dir(any_model_dir) -> Path:
+    return any_model_dir
 
 
 @pytest.fixture

@@ -9,7 +9,6 @@ features are cached. The best epoch by dev CIDEr (greedy, simple tokenizer) is k
 from __future__ import annotations
 
 import json
-import random
 import time
 from dataclasses import asdict, dataclass
 from pathlib import Path
@@ -21,7 +20,7 @@ from edgecap.data.readers import read_dataset
 from edgecap.models.checkpoint import load_checkpoint, save_checkpoint
 from edgecap.training.cider import CiderD
 from edgecap.training.features import compute_features
-from edgecap.training.train import _bar, evaluate_dev
+from edgecap.training.train import _bar, evaluate_dev, seeded
 from edgecap.vocab import tokenize
 
 
@@ -75,10 +74,7 @@ def sample_captions(decoder, fmap, n_samples: int, max_length: int, start: int, 
 
 
 def train_scst(cfg: ScstConfig, log=print) -> Path:
-    rng = random.Random(cfg.seed)
-    torch.manual_seed(cfg.seed)
-    if cfg.threads:
-        torch.set_num_threads(cfg.threads)
+    rng = seeded(cfg.seed, cfg.threads)
     out = Path(cfg.out)
     data = Path(cfg.data)
     images = Path(cfg.images) if cfg.images else data / "images"

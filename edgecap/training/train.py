@@ -155,12 +155,17 @@ class _Augment:
         return image
 
 
+def seeded(seed: int, threads: int) -> random.Random:
+    """Seed Python and torch, set torch's threads (0: its default); -> the run's RNG."""
+    torch.manual_seed(seed)
+    if threads:
+        torch.set_num_threads(threads)
+    return random.Random(seed)
+
+
 def train(cfg: TrainConfig, log=print) -> Path:
     """Train and return the directory of the best checkpoint."""
-    rng = random.Random(cfg.seed)
-    torch.manual_seed(cfg.seed)
-    if cfg.threads:
-        torch.set_num_threads(cfg.threads)
+    rng = seeded(cfg.seed, cfg.threads)
     out = Path(cfg.out)
     out.mkdir(parents=True, exist_ok=True)
     data = Path(cfg.data)
