@@ -245,21 +245,18 @@ def _backend_options(name: str, device: str | None, options: CaptionOptions,
                      extra: dict) -> dict:
     """The keyword arguments for backend ``name``'s class."""
     extra = dict(extra)
-    if name == "onnxruntime":
-        # Profile limits for onnxruntime's TensorRT provider, when one is asked for.
+    if name in ("onnxruntime", "tensorrt"):
+        # Engines (TensorRT, or onnxruntime's TensorRT provider when asked for) are built for a
+        # largest batch and beam: never smaller than the default engine's (8 images x 5 beams,
+        # so `edgecap build`'s engines are reused) nor than this Captioner needs.
         extra.setdefault("max_batch", max(8, options.batch_size))
         extra.setdefault("max_beam", max(5, options.beam_size))
     if name != "tensorrt":
         if device is not None:
             extra["device"] = device
-        return extra
-    # TensorRT runs on the GPU only (its ``device`` argument is an opened CUDA device), and its
-    # engines are built for a largest batch and beam: never smaller than the default engine's
-    # (8 images x 5 beams, so `edgecap build`'s engines are reused) nor than this Captioner needs.
-    if device not in (None, "cuda"):
+    elif device not in (None, "cuda"):
+        # TensorRT runs on the GPU only (its ``device`` argument is an opened CUDA device).
         raise ValueError(f"the tensorrt backend runs on the GPU only; got device={device!r}")
-    extra.setdefault("max_batch", max(8, options.batch_size))
-    extra.setdefault("max_beam", max(5, options.beam_size))
     return extra
 
 

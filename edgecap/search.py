@@ -131,10 +131,7 @@ def beam_search(backend: Backend, encoded: Encoded, options: SearchOptions, star
                 if filled == 0 and not finished[img]:
                     # Every continuation was blocked (repeats) and none could end: keep what the
                     # live beams have so far rather than return nothing.
-                    for row in range(base, base + beam):
-                        if sum_lp[row] != NEG_INF:
-                            finished[img].append(_hypothesis(seqs[row], sum_lp[row], False, alphas,
-                                                             row, options.length_penalty))
+                    _keep_live(finished[img], img, seqs, sum_lp, alphas, beam, options)
                 if len(finished[img]) >= beam or filled == 0:
                     done[img] = True
                     new_lp[base:base + beam] = NEG_INF
@@ -176,12 +173,16 @@ def _hypothesis(seq, log_prob, finished, alphas, row, penalty) -> Hypothesis:
 def _finish_at_limit(finished, seqs, sum_lp, alphas, beam, done, options) -> None:
     """Add the live beams of images that have fewer than ``beam`` finished hypotheses."""
     for img in range(len(finished)):
-        if done[img]:
-            continue
-        for row in range(img * beam, img * beam + beam):
-            if sum_lp[row] != NEG_INF and len(finished[img]) < beam:
-                finished[img].append(_hypothesis(seqs[row], sum_lp[row], False, alphas, row,
-                                                 options.length_penalty))
+        if not done[img]:
+            _keep_live(finished[img], img, seqs, sum_lp, alphas, beam, options)
+
+
+def _keep_live(hyps, img, seqs, sum_lp, alphas, beam, options) -> None:
+    """Image ``img``'s live beams become unfinished hypotheses, up to ``beam`` in all."""
+    for row in range(img * beam, img * beam + beam):
+        if sum_lp[row] != NEG_INF and len(hyps) < beam:
+            hyps.append(_hypothesis(seqs[row], sum_lp[row], False, alphas, row,
+                                    options.length_penalty))
 
 
 def _rank(hyps: list[Hypothesis], options: SearchOptions) -> list[Hypothesis]:

@@ -41,7 +41,7 @@ def compute_features(image_paths: list[Path], cache_dir: Path, preprocessing: Pr
     model = load_pretrained()
     out = np.lib.format.open_memmap(array_path.with_suffix(".partial.npy"), mode="w+",
                                     dtype=np.float16, shape=(len(names), 49, 1280))
-    bar = _progress(len(names), "encoding images", progress)
+    bar = progress_bar(len(names), "encoding images", progress, unit="img")
     with torch.inference_mode():
         for start in range(0, len(names), batch_size):
             chunk = image_paths[start:start + batch_size]
@@ -58,14 +58,37 @@ def compute_features(image_paths: list[Path], cache_dir: Path, preprocessing: Pr
     return np.load(array_path, mmap_mode="r"), index
 
 
-def _progress(total: int, desc: str, enabled: bool):
+def split_features(train_items, dev_items, images: Path, cache_dir: Path,
+                   preprocessing: Preprocessing, progress: bool = True):
+    """The cached features of a train and a dev split (computed on first use).
+
+    -> (train_rows: the cache row of each train item, dev_fmaps float16 (n_dev, 49, 1280),
+        all_fmaps float32 tensor (n_cached, 49, 1280)). The float32 copy lives in memory: the
+    per-batch fp16 -> fp32 conversion of a memmap is slower.
+    """
+    import torch
+
+    paths = [images / it.file_name for it in train_items + dev_items]
+    missing = [str(p) for p in paths if not p.exists()]
+    if missing:
+        raise FileNotFoundError(f"{len(missing)} images are missing, e.g. {missing[:3]}")
+    fmaps, index = compute_features(paths, cache_dir, preprocessing, progress=progress)
+    train_rows = [index[p.name] for p in paths[: len(train_items)]]
+    dev_fmaps = np.stack([np.asarray(fmaps[index[p.name]]) for p in paths[len(train_items):]])
+    return train_rows, dev_fmaps, torch.from_numpy(np.asarray(fmaps, dtype=np.float32))
+
+
+def progress_bar(total: int, desc: str, enabled: bool, unit: str = "batch"):
+    """A tqdm bar, or an object with the same three methods that shows nothing."""
     try:
         from tqdm import tqdm
     except ImportError:  # pragma: no cover
         enabled = False
-    if not enabled:
-        class _Null:
-            def update(self, n): pass
-            def close(self): pass
-        return _Null()
-    return tqdm(total=total, desc=desc, unit="img")
+    if enabled:
+        return tqdm(total=total, desc=desc, unit=unit, mininterval=5)
+
+    class _Null:
+        def update(self, n): pass
+        def set_postfix(self, **kw): pass
+        def close(self): pass
+    return _Null()

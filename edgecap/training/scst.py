@@ -19,8 +19,8 @@ import torch
 from edgecap.data.readers import read_dataset
 from edgecap.models.checkpoint import load_checkpoint, save_checkpoint
 from edgecap.training.cider import CiderD
-from edgecap.training.features import compute_features
-from edgecap.training.train import _bar, evaluate_dev, seeded
+from edgecap.training.features import progress_bar, split_features
+from edgecap.training.train import evaluate_dev, seeded
 from edgecap.vocab import tokenize
 
 
@@ -84,12 +84,9 @@ def train_scst(cfg: ScstConfig, log=print) -> Path:
                          "with a frozen encoder")
     train_items = read_dataset(cfg.dataset, data, "train")
     dev_items = read_dataset(cfg.dataset, data, "dev")
-    paths = [images / it.file_name for it in train_items + dev_items]
     cache = Path(cfg.cache_dir) if cfg.cache_dir else out.parent / ".feature-cache"
-    fmaps, index = compute_features(paths, cache, pre, progress=cfg.progress)
-    train_rows = [index[p.name] for p in paths[: len(train_items)]]
-    dev_fmaps = np.stack([np.asarray(fmaps[index[p.name]]) for p in paths[len(train_items):]])
-    all_fmaps = torch.from_numpy(np.asarray(fmaps, dtype=np.float32))
+    train_rows, dev_fmaps, all_fmaps = split_features(train_items, dev_items, images, cache, pre,
+                                                      cfg.progress)
     refs = [[tokenize(c) for c in it.captions] for it in train_items]
     cider = CiderD(refs)
 
@@ -107,7 +104,7 @@ def train_scst(cfg: ScstConfig, log=print) -> Path:
         decoder.train()
         t0, rewards = time.time(), []
         n_batches = (len(order) + cfg.images_per_batch - 1) // cfg.images_per_batch
-        bar = _bar(n_batches, f"scst {epoch}", cfg.progress)
+        bar = progress_bar(n_batches, f"scst {epoch}", cfg.progress)
         for start in range(0, len(order), cfg.images_per_batch):
             batch = order[start:start + cfg.images_per_batch]
             fmap = all_fmaps[[train_rows[i] for i in batch]]

@@ -27,7 +27,7 @@ from edgecap.models.decoder import CaptionDecoder, DecoderConfig
 from edgecap.models.efficientnet_lite import load_pretrained
 from edgecap.images import load_rgb
 from edgecap.preprocess import Preprocessing, to_model_input
-from edgecap.training.features import compute_features
+from edgecap.training.features import progress_bar, split_features
 from edgecap.vocab import Vocabulary
 
 
@@ -179,17 +179,9 @@ def train(cfg: TrainConfig, log=print) -> Path:
     vocab = Vocabulary.build((c for it in train_items for c in it.captions), cfg.min_word_count)
     log(f"train {len(train_items)} images, dev {len(dev_items)} images, vocabulary {len(vocab)} words")
 
-    all_paths = [images / it.file_name for it in train_items + dev_items]
-    missing = [str(p) for p in all_paths if not p.exists()]
-    if missing:
-        raise FileNotFoundError(f"{len(missing)} images are missing, e.g. {missing[:3]}")
     cache = Path(cfg.cache_dir) if cfg.cache_dir else out.parent / ".feature-cache"
-    fmaps, index = compute_features(all_paths, cache, pre, progress=cfg.progress)
-    train_rows = [index[p.name] for p in all_paths[: len(train_items)]]
-    dev_fmaps = np.stack([np.asarray(fmaps[index[images.joinpath(it.file_name).name]])
-                          for it in dev_items])
-    # float32 copy in memory: the per-batch fp16 -> fp32 conversion of a memmap is slower.
-    train_fmaps = torch.from_numpy(np.asarray(fmaps, dtype=np.float32))
+    train_rows, dev_fmaps, train_fmaps = split_features(train_items, dev_items, images, cache, pre,
+                                                        cfg.progress)
 
     dcfg = DecoderConfig(vocab_size=len(vocab), **cfg.decoder)
     decoder = CaptionDecoder(dcfg)
@@ -222,8 +214,7 @@ def train(cfg: TrainConfig, log=print) -> Path:
     batches = _Batches(train_items, train_rows, vocab, cfg.max_caption_words)
     augment = _Augment(rng)
     n_steps = math.ceil(len(batches) / (cfg.batch_size // 5 * 5 or 1))
-    train_paths = all_paths[: len(train_items)]
-    row_to_path = {r: p for r, p in zip(train_rows, train_paths)}
+    row_to_path = {r: images / it.file_name for r, it in zip(train_rows, train_items)}
     for epoch in range(state["epoch"] + 1, cfg.epochs + 1):
         decay = 0.5 ** ((epoch - 1) // cfg.lr_decay_epochs)
         for group, base in zip(optimizer.param_groups, [cfg.lr, cfg.encoder_lr]):
@@ -236,7 +227,7 @@ def train(cfg: TrainConfig, log=print) -> Path:
             encoder.eval()
         t0 = time.time()
         total, count = 0.0, 0
-        bar = _bar(n_steps, f"epoch {epoch}", cfg.progress)
+        bar = progress_bar(n_steps, f"epoch {epoch}", cfg.progress)
         for rows, caps, image_index in batches.iterate(cfg.batch_size, rng):
             if encoder is None:
                 fmap = train_fmaps[rows]
@@ -302,18 +293,3 @@ def _load_optimizer(optimizer, tensor_path: Path, meta_path: Path) -> None:
         pid, name = key.split(".", 1)
         state.setdefault(int(pid), {})[name] = v
     optimizer.load_state_dict({"state": state, "param_groups": meta["param_groups"]})
-
-
-def _bar(total: int, desc: str, enabled: bool):
-    try:
-        from tqdm import tqdm
-    except ImportError:  # pragma: no cover
-        enabled = False
-    if enabled:
-        return tqdm(total=total, desc=desc, unit="batch", mininterval=5)
-
-    class _Null:
-        def update(self, n): pass
-        def set_postfix(self, **kw): pass
-        def close(self): pass
-    return _Null()
