@@ -130,3 +130,71 @@ def test_finetune_encoder_trains_the_last_blocks_and_exports_them(tiny_dataset, 
     assert torch.equal(tuned["_conv_stem.weight"], pretrained["_conv_stem.weight"])
     manifest = export_model(best, tmp_path / "model")
     assert manifest.info["export_check"]["max_abs_diff"]["features"] <= 1e-3
+
+
+def test_encoder_prefix_then_tail_is_the_whole_encoder():
+    from edgecap.models.efficientnet_lite import load_pretrained
+
+    encoder = load_pretrained()
+    x = torch.randn(2, 3, 224, 224)
+    with torch.inference_mode():
+        whole = encoder.features(x)
+        for k in (0, 11, 16):
+            assert torch.equal(encoder.tail(encoder.prefix(x, k), k), whole)
+        assert encoder.prefix(x, 11).shape == (2, 112, 14, 14)
+
+
+def test_finetune_on_cached_activations_trains_only_the_tail(tiny_dataset, tmp_path):
+    from edgecap.export import export_model
+    from edgecap.models.checkpoint import load_checkpoint
+    from edgecap.models.efficientnet_lite import load_pretrained
+    from edgecap.training.train import train
+
+    cfg = dataclasses.replace(_config(tiny_dataset, tmp_path / "run", epochs=2),
+                              finetune_encoder=True, finetune_blocks=5, finetune_cached=True,
+                              encoder_lr=1e-3)
+    best = train(cfg, log=lambda *_: None)
+    # The cache holds the frozen blocks' activations (112 x 14 x 14 after block 11).
+    caches = [np.load(p, mmap_mode="r") for p in (tmp_path / "cache").glob("features-*.npy")]
+    assert [c.shape[1:] for c in caches] == [(112, 14, 14)]
+    encoder, _, _, _, meta = load_checkpoint(tmp_path / "run" / "last")
+    assert meta["finetuned_encoder"] is True
+    pretrained = load_pretrained().state_dict()
+    tuned = encoder.state_dict()
+    for name in ("_blocks.11._expand_conv.weight", "_blocks.15._project_conv.weight",
+                 "_conv_head.weight"):
+        assert not torch.equal(tuned[name], pretrained[name]), name
+    for name in ("_conv_stem.weight", "_blocks.10._project_conv.weight"):
+        assert torch.equal(tuned[name], pretrained[name]), name
+    manifest = export_model(best, tmp_path / "model")
+    assert manifest.info["export_check"]["max_abs_diff"]["features"] <= 1e-3
+
+
+def test_init_from_starts_from_a_checkpoint(tiny_dataset, tmp_path):
+    from edgecap.models.checkpoint import load_checkpoint
+    from edgecap.training.train import train
+
+    first = train(_config(tiny_dataset, tmp_path / "a", epochs=1), log=lambda *_: None)
+    _, start, _, _, _ = load_checkpoint(first)
+    # lr 0: the weights stay where they started, so they must be the checkpoint's.
+    logs = []
+    cfg = dataclasses.replace(_config(tiny_dataset, tmp_path / "b", epochs=1, lr=0.0,
+                                      seed=1), init_from=str(first))
+    _, after, _, _, _ = load_checkpoint(train(cfg, log=logs.append))
+    assert any("initialised from" in line for line in logs)
+    for (name, a), b in zip(start.state_dict().items(), after.state_dict().values()):
+        assert torch.equal(a, b), name
+    # Without init_from the same run starts from fresh weights.
+    cfg = _config(tiny_dataset, tmp_path / "c", epochs=1, lr=0.0, seed=1)
+    _, fresh, _, _, _ = load_checkpoint(train(cfg, log=lambda *_: None))
+    assert not torch.equal(fresh.state_dict()["embed.weight"], start.state_dict()["embed.weight"])
+
+
+def test_init_from_refuses_a_checkpoint_with_another_vocabulary(tiny_dataset, tmp_path):
+    from edgecap.training.train import train
+
+    first = train(_config(tiny_dataset, tmp_path / "a", epochs=1), log=lambda *_: None)
+    cfg = dataclasses.replace(_config(tiny_dataset, tmp_path / "b", epochs=1),
+                              min_word_count=2, init_from=str(first))
+    with pytest.raises(ValueError, match="vocabulary differs"):
+        train(cfg, log=lambda *_: None)

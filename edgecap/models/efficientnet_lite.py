@@ -84,8 +84,18 @@ class EfficientNetLite0(nn.Module):
         self._fc = nn.Linear(FEATURE_CHANNELS, n_classes)
 
     def features(self, x: torch.Tensor) -> torch.Tensor:
+        return self.tail(self.prefix(x, len(self._blocks)), len(self._blocks))
+
+    def prefix(self, x: torch.Tensor, n_blocks: int) -> torch.Tensor:
+        """The stem and the first ``n_blocks`` blocks: image -> intermediate map."""
         x = F.relu6(self._bn0(self._conv_stem(x)))
-        for block in self._blocks:
+        for block in self._blocks[:n_blocks]:
+            x = block(x)
+        return x
+
+    def tail(self, x: torch.Tensor, start: int) -> torch.Tensor:
+        """Blocks ``start`` .. end and the head: ``tail(prefix(x, k), k) == features(x)``."""
+        for block in self._blocks[start:]:
             x = block(x)
         return F.relu6(self._bn1(self._conv_head(x)))
 

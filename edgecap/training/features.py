@@ -2,6 +2,8 @@
 
 The cache is one float16 ``.npy`` array (n_images, 49, 1280) plus a JSON index of file names,
 keyed by the preprocessing so a change of input size or scaling never reuses stale features.
+With ``split_at=k`` it holds the activations after the first k encoder blocks instead
+((n_images, C, H, W), e.g. 112x14x14 for k=11), for fine-tuning the blocks after them.
 """
 
 from __future__ import annotations
@@ -22,14 +24,22 @@ def cache_key(preprocessing: Preprocessing, encoder_tag: str) -> str:
 
 
 def compute_features(image_paths: list[Path], cache_dir: Path, preprocessing: Preprocessing,
-                     batch_size: int = 32, progress: bool = True) -> tuple[np.ndarray, dict[str, int]]:
-    """Return (features float16 (n, 49, 1280), {file name: row}) from the cache or the encoder."""
+                     batch_size: int = 32, progress: bool = True,
+                     split_at: int | None = None) -> tuple[np.ndarray, dict[str, int]]:
+    """Return (float16 maps, {file name: row}) from the cache or the encoder.
+
+    ``split_at`` None: the encoder's features (n, 49, 1280); k: the activations after its first
+    k blocks (n, C, H, W).
+    """
     import torch
 
     from edgecap.models.efficientnet_lite import load_pretrained
 
     cache_dir.mkdir(parents=True, exist_ok=True)
-    key = cache_key(preprocessing, "efficientnet-lite0-imagenet")
+    tag = "efficientnet-lite0-imagenet"
+    if split_at is not None:
+        tag += f"/blocks<{split_at}"
+    key = cache_key(preprocessing, tag)
     array_path = cache_dir / f"features-{key}.npy"
     index_path = cache_dir / f"features-{key}.json"
     names = [p.name for p in image_paths]
@@ -39,32 +49,43 @@ def compute_features(image_paths: list[Path], cache_dir: Path, preprocessing: Pr
             return np.load(array_path, mmap_mode="r"), index
 
     model = load_pretrained()
-    out = np.lib.format.open_memmap(array_path.with_suffix(".partial.npy"), mode="w+",
-                                    dtype=np.float16, shape=(len(names), 49, 1280))
+
+    def encode(batch):
+        x = torch.from_numpy(batch)
+        if split_at is None:
+            return model.features(x).flatten(2).transpose(1, 2)  # (n, 49, 1280)
+        return model.prefix(x, split_at)
+
+    out = None
+    partial = array_path.with_suffix(".partial.npy")
     bar = progress_bar(len(names), "encoding images", progress, unit="img")
     with torch.inference_mode():
         for start in range(0, len(names), batch_size):
             chunk = image_paths[start:start + batch_size]
-            batch = np.stack([to_model_input(load_rgb(p), preprocessing) for p in chunk])
-            fmap = model.features(torch.from_numpy(batch))  # (n, 1280, 7, 7)
-            out[start:start + len(chunk)] = fmap.flatten(2).transpose(1, 2).numpy().astype(np.float16)
+            fmap = encode(np.stack([to_model_input(load_rgb(p), preprocessing) for p in chunk]))
+            if out is None:
+                out = np.lib.format.open_memmap(partial, mode="w+", dtype=np.float16,
+                                                shape=(len(names), *fmap.shape[1:]))
+            out[start:start + len(chunk)] = fmap.numpy().astype(np.float16)
             bar.update(len(chunk))
     bar.close()
     out.flush()
     del out
-    array_path.with_suffix(".partial.npy").replace(array_path)
+    partial.replace(array_path)
     index = {n: i for i, n in enumerate(names)}
     index_path.write_text(json.dumps(index))
     return np.load(array_path, mmap_mode="r"), index
 
 
 def split_features(train_items, dev_items, images: Path, cache_dir: Path,
-                   preprocessing: Preprocessing, progress: bool = True):
+                   preprocessing: Preprocessing, progress: bool = True,
+                   split_at: int | None = None):
     """The cached features of a train and a dev split (computed on first use).
 
     -> (train_rows: the cache row of each train item, dev_fmaps float16 (n_dev, 49, 1280),
         all_fmaps float32 tensor (n_cached, 49, 1280)). The float32 copy lives in memory: the
-    per-batch fp16 -> fp32 conversion of a memmap is slower.
+    per-batch fp16 -> fp32 conversion of a memmap is slower. ``split_at``: the maps after that
+    many encoder blocks instead (see ``compute_features``).
     """
     import torch
 
@@ -72,7 +93,8 @@ def split_features(train_items, dev_items, images: Path, cache_dir: Path,
     missing = [str(p) for p in paths if not p.exists()]
     if missing:
         raise FileNotFoundError(f"{len(missing)} images are missing, e.g. {missing[:3]}")
-    fmaps, index = compute_features(paths, cache_dir, preprocessing, progress=progress)
+    fmaps, index = compute_features(paths, cache_dir, preprocessing, progress=progress,
+                                    split_at=split_at)
     train_rows = [index[p.name] for p in paths[: len(train_items)]]
     dev_fmaps = np.stack([np.asarray(fmaps[index[p.name]]) for p in paths[len(train_items):]])
     return train_rows, dev_fmaps, torch.from_numpy(np.asarray(fmaps, dtype=np.float32))

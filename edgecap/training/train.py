@@ -3,7 +3,10 @@
 Frozen encoder (default): the 7x7x1280 features of every image are computed once
 (``features.py``) and the decoder trains on them. ``finetune_encoder``: the last encoder blocks
 train too, on augmented photos (mirror, small rotation, colour jitter), which is ~50x slower on
-a CPU. After each epoch the dev split is captioned greedily and scored (BLEU-4, CIDEr); the best
+a CPU; with ``finetune_cached`` they train on cached activations of the frozen blocks before
+them instead (mirror augmentation only, applied to the cached map), a few times slower than a
+frozen encoder. ``init_from`` starts from the weights of an earlier checkpoint (e.g. fine-tune
+the encoder under a decoder trained on frozen features). After each epoch the dev split is captioned greedily and scored (BLEU-4, CIDEr); the best
 epoch by CIDEr is kept in ``OUT/best`` and the latest in ``OUT/last`` (resumable).
 """
 
@@ -24,7 +27,7 @@ from edgecap.data.readers import CaptionedImage, read_dataset
 from edgecap.metrics import score
 from edgecap.models.checkpoint import load_checkpoint, save_checkpoint
 from edgecap.models.decoder import CaptionDecoder, DecoderConfig
-from edgecap.models.efficientnet_lite import load_pretrained
+from edgecap.models.efficientnet_lite import EfficientNetLite0, load_pretrained
 from edgecap.images import load_rgb
 from edgecap.preprocess import Preprocessing, to_model_input
 from edgecap.training.features import progress_bar, split_features
@@ -51,6 +54,8 @@ class TrainConfig:
     finetune_encoder: bool = False
     finetune_blocks: int = 3        # last N encoder blocks (+ head) trained when fine-tuning
     encoder_lr: float = 1e-4
+    finetune_cached: bool = False   # fine-tune on cached activations of the frozen blocks
+    init_from: str | None = None    # start from this checkpoint's weights (not its optimizer)
     cache_dir: str | None = None    # feature cache (default: OUT/../.feature-cache)
     seed: int = 0
     threads: int = 0                # torch threads (0: torch's default)
@@ -180,18 +185,36 @@ def train(cfg: TrainConfig, log=print) -> Path:
     log(f"train {len(train_items)} images, dev {len(dev_items)} images, vocabulary {len(vocab)} words")
 
     cache = Path(cfg.cache_dir) if cfg.cache_dir else out.parent / ".feature-cache"
-    train_rows, dev_fmaps, train_fmaps = split_features(train_items, dev_items, images, cache, pre,
-                                                        cfg.progress)
-
-    dcfg = DecoderConfig(vocab_size=len(vocab), **cfg.decoder)
-    decoder = CaptionDecoder(dcfg)
-    encoder = None
-    params = [{"params": decoder.parameters(), "lr": cfg.lr}]
+    # Fine-tuning: the blocks before the tuned ones are frozen, so their activations are cached
+    # (the train photos' are used by --finetune-cached, the dev photos' by the dev check).
+    split_at = None
     if cfg.finetune_encoder:
-        encoder = load_pretrained()
+        split_at = len(EfficientNetLite0()._blocks) - cfg.finetune_blocks
+    train_rows, dev_maps, train_maps = split_features(train_items, dev_items, images, cache, pre,
+                                                      cfg.progress, split_at=split_at)
+
+    last = out / "last"
+    resuming = (last / "checkpoint.json").exists()
+    source = last if resuming else (Path(cfg.init_from) if cfg.init_from else None)
+    encoder = load_pretrained() if cfg.finetune_encoder else None
+    meta = {}
+    if source is None:
+        decoder = CaptionDecoder(DecoderConfig(vocab_size=len(vocab), **cfg.decoder))
+    else:
+        # The checkpoint's decoder sizes win over the command line's.
+        loaded_encoder, decoder, loaded_vocab, _, meta = load_checkpoint(source)
+        if loaded_vocab.words != vocab.words:
+            raise ValueError(f"{source}: its vocabulary differs from the one built from this "
+                             "training data")
+        if encoder is not None and meta.get("finetuned_encoder"):
+            encoder = loaded_encoder
+        if not resuming:
+            log(f"initialised from {source}")
+    params = [{"params": list(decoder.parameters()), "lr": cfg.lr}]
+    if encoder is not None:
         for p in encoder.parameters():
             p.requires_grad_(False)
-        tuned = list(encoder._blocks[-cfg.finetune_blocks:]) + [encoder._conv_head, encoder._bn1]
+        tuned = list(encoder._blocks[split_at:]) + [encoder._conv_head, encoder._bn1]
         for m in tuned:
             for p in m.parameters():
                 p.requires_grad_(True)
@@ -199,12 +222,7 @@ def train(cfg: TrainConfig, log=print) -> Path:
     optimizer = torch.optim.Adam(params)
 
     state = {"epoch": 0, "best_cider": -1.0, "best_epoch": 0, "history": []}
-    last = out / "last"
-    if (last / "checkpoint.json").exists():
-        enc_l, decoder_l, _, _, meta = load_checkpoint(last)
-        decoder.load_state_dict(decoder_l.state_dict())
-        if encoder is not None:
-            encoder.load_state_dict(enc_l.state_dict())
+    if resuming:
         opt_file = last / "optimizer.safetensors"
         if opt_file.exists():
             _load_optimizer(optimizer, opt_file, last / "optimizer.json")
@@ -230,21 +248,26 @@ def train(cfg: TrainConfig, log=print) -> Path:
         bar = progress_bar(n_steps, f"epoch {epoch}", cfg.progress)
         for rows, caps, image_index in batches.iterate(cfg.batch_size, rng):
             if encoder is None:
-                fmap = train_fmaps[rows]
+                fmap = train_maps[rows]
+            elif cfg.finetune_cached:
+                x = train_maps[rows]
+                flip = torch.tensor([rng.random() < 0.5 for _ in rows])
+                x = torch.where(flip[:, None, None, None], x.flip(3), x)
+                fmap = encoder.tail(x, split_at).flatten(2).transpose(1, 2)
             else:
                 x = np.stack([to_model_input(augment(load_rgb(row_to_path[r])), pre) for r in rows])
                 fmap = encoder.features(torch.from_numpy(x)).flatten(2).transpose(1, 2)
             loss, ce = caption_loss(decoder, fmap, caps, image_index, vocab, cfg, sample_prob)
             optimizer.zero_grad(set_to_none=True)
             loss.backward()
-            torch.nn.utils.clip_grad_norm_([p for g in params for p in g["params"]] if encoder
-                                           else decoder.parameters(), cfg.grad_clip)
+            torch.nn.utils.clip_grad_norm_([p for g in params for p in g["params"]], cfg.grad_clip)
             optimizer.step()
             total += ce.item() * len(caps)
             count += len(caps)
             bar.update(1)
             bar.set_postfix(loss=f"{total / count:.3f}")
         bar.close()
+        dev_fmaps = dev_maps if encoder is None else _tail_features(encoder, split_at, dev_maps)
         dev = evaluate_dev(decoder, dev_fmaps, dev_items, vocab)
         record = {"epoch": epoch, "train_ce": round(total / count, 4), "seconds": round(time.time() - t0),
                   **{k: round(v, 4) for k, v in dev.items()}}
@@ -266,6 +289,17 @@ def train(cfg: TrainConfig, log=print) -> Path:
             log(f"no better dev CIDEr for {cfg.patience} epochs: stopping")
             break
     return out / "best"
+
+
+@torch.inference_mode()
+def _tail_features(encoder, split_at: int, maps: np.ndarray, batch_size: int = 100) -> np.ndarray:
+    """Cached activations after ``split_at`` blocks -> encoder features (n, 49, 1280) float32."""
+    encoder.eval()
+    out = []
+    for start in range(0, len(maps), batch_size):
+        x = torch.from_numpy(np.asarray(maps[start:start + batch_size], dtype=np.float32))
+        out.append(encoder.tail(x, split_at).flatten(2).transpose(1, 2).numpy())
+    return np.concatenate(out)
 
 
 def _save_optimizer(optimizer, tensor_path: Path, meta_path: Path) -> None:
