@@ -154,9 +154,10 @@ def test_finetune_on_cached_activations_trains_only_the_tail(tiny_dataset, tmp_p
                               finetune_encoder=True, finetune_blocks=5, finetune_cached=True,
                               encoder_lr=1e-3)
     best = train(cfg, log=lambda *_: None)
-    # The cache holds the frozen blocks' activations (112 x 14 x 14 after block 11).
+    # The caches hold the frozen blocks' activations (112 x 14 x 14 after block 11) of the
+    # photos and of their mirror images.
     caches = [np.load(p, mmap_mode="r") for p in (tmp_path / "cache").glob("features-*.npy")]
-    assert [c.shape[1:] for c in caches] == [(112, 14, 14)]
+    assert sorted(c.shape for c in caches) == [(3, 112, 14, 14), (5, 112, 14, 14)]
     encoder, _, _, _, meta = load_checkpoint(tmp_path / "run" / "last")
     assert meta["finetuned_encoder"] is True
     pretrained = load_pretrained().state_dict()
@@ -198,3 +199,22 @@ def test_init_from_refuses_a_checkpoint_with_another_vocabulary(tiny_dataset, tm
                               min_word_count=2, init_from=str(first))
     with pytest.raises(ValueError, match="vocabulary differs"):
         train(cfg, log=lambda *_: None)
+
+
+def test_mirrored_activation_cache_is_the_mirrored_photos(example_images, tmp_path):
+    from edgecap.images import load_rgb
+    from edgecap.models.efficientnet_lite import load_pretrained
+    from edgecap.preprocess import Preprocessing, to_model_input
+    from edgecap.training.features import compute_features
+
+    pre = Preprocessing()
+    paths = list(example_images)[:2]
+    plain, _ = compute_features(paths, tmp_path, pre, progress=False, split_at=11)
+    mirrored, index = compute_features(paths, tmp_path, pre, progress=False, split_at=11,
+                                       mirrored=True)
+    x = torch.from_numpy(np.stack([to_model_input(load_rgb(p), pre) for p in paths]))
+    with torch.inference_mode():
+        expected = load_pretrained().prefix(x.flip(3), 11).numpy()
+    got = np.asarray(mirrored[[index[p.name] for p in paths]], dtype=np.float32)
+    np.testing.assert_allclose(got, expected, atol=0.05, rtol=1e-2)  # float16 storage
+    assert not np.allclose(np.asarray(plain, dtype=np.float32), got, atol=0.05)

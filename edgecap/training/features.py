@@ -25,11 +25,12 @@ def cache_key(preprocessing: Preprocessing, encoder_tag: str) -> str:
 
 def compute_features(image_paths: list[Path], cache_dir: Path, preprocessing: Preprocessing,
                      batch_size: int = 32, progress: bool = True,
-                     split_at: int | None = None) -> tuple[np.ndarray, dict[str, int]]:
+                     split_at: int | None = None,
+                     mirrored: bool = False) -> tuple[np.ndarray, dict[str, int]]:
     """Return (float16 maps, {file name: row}) from the cache or the encoder.
 
     ``split_at`` None: the encoder's features (n, 49, 1280); k: the activations after its first
-    k blocks (n, C, H, W).
+    k blocks (n, C, H, W). ``mirrored``: of the left-right mirrored photos (augmentation).
     """
     import torch
 
@@ -39,6 +40,8 @@ def compute_features(image_paths: list[Path], cache_dir: Path, preprocessing: Pr
     tag = "efficientnet-lite0-imagenet"
     if split_at is not None:
         tag += f"/blocks<{split_at}"
+    if mirrored:
+        tag += "/mirrored"
     key = cache_key(preprocessing, tag)
     array_path = cache_dir / f"features-{key}.npy"
     index_path = cache_dir / f"features-{key}.json"
@@ -52,6 +55,8 @@ def compute_features(image_paths: list[Path], cache_dir: Path, preprocessing: Pr
 
     def encode(batch):
         x = torch.from_numpy(batch)
+        if mirrored:
+            x = x.flip(3)
         if split_at is None:
             return model.features(x).flatten(2).transpose(1, 2)  # (n, 49, 1280)
         return model.prefix(x, split_at)

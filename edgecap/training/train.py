@@ -4,8 +4,8 @@ Frozen encoder (default): the 7x7x1280 features of every image are computed once
 (``features.py``) and the decoder trains on them. ``finetune_encoder``: the last encoder blocks
 train too, on augmented photos (mirror, small rotation, colour jitter), which is ~50x slower on
 a CPU; with ``finetune_cached`` they train on cached activations of the frozen blocks before
-them instead (mirror augmentation only, applied to the cached map), a few times slower than a
-frozen encoder. ``init_from`` starts from the weights of an earlier checkpoint (e.g. fine-tune
+them instead (of the photos and of their mirror images: mirroring is the only augmentation), a
+few times slower than a frozen encoder. ``init_from`` starts from the weights of an earlier checkpoint (e.g. fine-tune
 the encoder under a decoder trained on frozen features). After each epoch the dev split is captioned greedily and scored (BLEU-4, CIDEr); the best
 epoch by CIDEr is kept in ``OUT/best`` and the latest in ``OUT/last`` (resumable).
 """
@@ -30,7 +30,7 @@ from edgecap.models.decoder import CaptionDecoder, DecoderConfig
 from edgecap.models.efficientnet_lite import EfficientNetLite0, load_pretrained
 from edgecap.images import load_rgb
 from edgecap.preprocess import Preprocessing, to_model_input
-from edgecap.training.features import progress_bar, split_features
+from edgecap.training.features import compute_features, progress_bar, split_features
 from edgecap.vocab import Vocabulary
 
 
@@ -192,6 +192,12 @@ def train(cfg: TrainConfig, log=print) -> Path:
         split_at = len(EfficientNetLite0()._blocks) - cfg.finetune_blocks
     train_rows, dev_maps, train_maps = split_features(train_items, dev_items, images, cache, pre,
                                                       cfg.progress, split_at=split_at)
+    if cfg.finetune_cached:
+        maps, index = compute_features([images / it.file_name for it in train_items], cache, pre,
+                                       progress=cfg.progress, split_at=split_at, mirrored=True)
+        mirror_maps = torch.from_numpy(np.asarray(maps, dtype=np.float32))
+        mirror_row = np.zeros(len(train_maps), dtype=np.int64)  # cache row -> mirrored cache row
+        mirror_row[train_rows] = [index[it.file_name] for it in train_items]
 
     last = out / "last"
     resuming = (last / "checkpoint.json").exists()
@@ -250,9 +256,9 @@ def train(cfg: TrainConfig, log=print) -> Path:
             if encoder is None:
                 fmap = train_maps[rows]
             elif cfg.finetune_cached:
-                x = train_maps[rows]
                 flip = torch.tensor([rng.random() < 0.5 for _ in rows])
-                x = torch.where(flip[:, None, None, None], x.flip(3), x)
+                x = torch.where(flip[:, None, None, None], mirror_maps[mirror_row[rows]],
+                                train_maps[rows])
                 fmap = encoder.tail(x, split_at).flatten(2).transpose(1, 2)
             else:
                 x = np.stack([to_model_input(augment(load_rgb(row_to_path[r])), pre) for r in rows])
