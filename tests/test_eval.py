@@ -287,3 +287,26 @@ def test_progress_counter_without_tqdm():
     counter.update(2)
     counter.close()
     assert stream.getvalue() == "\r3/5 images\r5/5 images\n"
+
+
+def test_per_image_cider_averages_to_the_corpus_cider():
+    per_image = metrics.per_image_cider(REFS, HYPS, tokenizer="simple")
+    assert set(per_image) == set(REFS)
+    corpus = metrics.score(REFS, HYPS, tokenizer="simple", metrics=("CIDEr",))["CIDEr"]
+    assert sum(per_image.values()) / len(per_image) == pytest.approx(corpus, abs=1e-9)
+    # The exact caption of image 2 scores higher than the loose one of image 3.
+    assert per_image[2] > per_image[3]
+
+
+def test_paired_bootstrap_separates_a_real_gain_from_noise():
+    import numpy as np
+
+    rng = np.random.default_rng(1)
+    a = rng.uniform(0, 1, 500)
+    clear = metrics.paired_bootstrap(a, a + 0.05 + rng.normal(0, 0.05, 500), 2000)
+    assert 0 < clear["low"] < clear["difference"] < clear["high"]
+    assert clear["p_not_better"] == 0.0
+    noise = metrics.paired_bootstrap(a, a + rng.normal(0, 0.3, 500), 2000)
+    assert noise["low"] < 0 < noise["high"] and 0.05 < noise["p_not_better"] < 0.95
+    with pytest.raises(ValueError, match="paired"):
+        metrics.paired_bootstrap(a, a[:10])
