@@ -4,10 +4,11 @@ Frozen encoder (default): the 7x7x1280 features of every image are computed once
 (``features.py``) and the decoder trains on them. ``finetune_encoder``: the last encoder blocks
 train too, on augmented photos (mirror, small rotation, colour jitter), which is ~50x slower on
 a CPU; with ``finetune_cached`` they train on cached activations of the frozen blocks before
-them instead (of the photos and of their mirror images: mirroring is the only augmentation), a
-few times slower than a frozen encoder. ``init_from`` starts from the weights of an earlier checkpoint (e.g. fine-tune
-the encoder under a decoder trained on frozen features). After each epoch the dev split is captioned greedily and scored (BLEU-4, CIDEr); the best
-epoch by CIDEr is kept in ``OUT/best`` and the latest in ``OUT/last`` (resumable).
+them (of the photos and of their mirror images: mirroring is the only augmentation), about
+1.5x the time of a frozen-encoder epoch. ``init_from`` starts from the weights of an earlier
+checkpoint (e.g. to fine-tune the encoder under a decoder trained on frozen features). After
+each epoch the dev split is captioned greedily and scored (BLEU-4, CIDEr); the best epoch by
+CIDEr is kept in ``OUT/best`` and the latest in ``OUT/last`` (resumable).
 """
 
 from __future__ import annotations
