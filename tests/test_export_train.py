@@ -197,7 +197,7 @@ def test_init_from_refuses_a_checkpoint_with_another_vocabulary(tiny_dataset, tm
     first = train(_config(tiny_dataset, tmp_path / "a", epochs=1), log=lambda *_: None)
     cfg = dataclasses.replace(_config(tiny_dataset, tmp_path / "b", epochs=1),
                               min_word_count=2, init_from=str(first))
-    with pytest.raises(ValueError, match="vocabulary differs"):
+    with pytest.raises(ModelError, match="vocabulary differs"):
         train(cfg, log=lambda *_: None)
 
 
@@ -218,3 +218,15 @@ def test_mirrored_activation_cache_is_the_mirrored_photos(example_images, tmp_pa
     got = np.asarray(mirrored[[index[p.name] for p in paths]], dtype=np.float32)
     np.testing.assert_allclose(got, expected, atol=0.05, rtol=1e-2)  # float16 storage
     assert not np.allclose(np.asarray(plain, dtype=np.float32), got, atol=0.05)
+
+
+@pytest.mark.parametrize("flags, problem", [
+    (["--finetune-cached"], "--finetune-cached needs --finetune-encoder"),
+    (["--finetune-encoder", "--finetune-blocks", "17"], "--finetune-blocks must be 1..16"),
+])
+def test_train_rejects_inconsistent_finetune_flags(tmp_path, capsys, flags, problem):
+    from edgecap.cli import main
+
+    assert main(["train", "--data", str(tmp_path), "--out", str(tmp_path / "run"), *flags]) == 2
+    assert problem in capsys.readouterr().err
+    assert not (tmp_path / "run").exists()

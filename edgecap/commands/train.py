@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import argparse
 import json
+import sys
 
 
 def add_arguments(p: argparse.ArgumentParser) -> None:
@@ -68,6 +69,13 @@ def run(args: argparse.Namespace) -> int:
             progress=not args.no_progress))
         print(json.dumps({"best_checkpoint": str(best)}))
         return 0
+    if args.finetune_cached and not args.finetune_encoder:
+        print("edgecap train: error: --finetune-cached needs --finetune-encoder", file=sys.stderr)
+        return 2
+    if args.finetune_encoder and not 1 <= args.finetune_blocks <= 16:
+        print(f"edgecap train: error: --finetune-blocks must be 1..16 (EfficientNet-Lite0 has 16 "
+              f"blocks), got {args.finetune_blocks}", file=sys.stderr)
+        return 2
     cfg = TrainConfig(
         data=args.data, out=args.out, images=args.images, dataset=args.dataset, epochs=args.epochs,
         batch_size=args.batch_size, lr=args.lr, lr_decay_epochs=args.lr_decay_epochs,

@@ -25,6 +25,7 @@ import torch
 from torch.nn import functional as F
 
 from edgecap.data.readers import CaptionedImage, read_dataset
+from edgecap.errors import ModelError
 from edgecap.metrics import score
 from edgecap.models.checkpoint import load_checkpoint, save_checkpoint
 from edgecap.models.decoder import CaptionDecoder, DecoderConfig
@@ -63,6 +64,13 @@ class TrainConfig:
     progress: bool = True
     max_dev_images: int = 0         # 0: the whole dev split
     decoder: dict = field(default_factory=dict)  # DecoderConfig overrides (hidden_dim, ...)
+
+    def __post_init__(self):
+        if self.finetune_cached and not self.finetune_encoder:
+            raise ValueError("finetune_cached fine-tunes the encoder: set finetune_encoder too")
+        if self.finetune_encoder and not 1 <= self.finetune_blocks <= 16:
+            raise ValueError(f"finetune_blocks must be 1..16 (EfficientNet-Lite0 has 16 blocks), "
+                             f"got {self.finetune_blocks}")
 
 
 class _Batches:
@@ -211,8 +219,8 @@ def train(cfg: TrainConfig, log=print) -> Path:
         # The checkpoint's decoder sizes win over the command line's.
         loaded_encoder, decoder, loaded_vocab, _, meta = load_checkpoint(source)
         if loaded_vocab.words != vocab.words:
-            raise ValueError(f"{source}: its vocabulary differs from the one built from this "
-                             "training data")
+            raise ModelError(f"{source}: its vocabulary differs from the one built from this "
+                             "training data (another dataset or --min-word-count?)")
         if encoder is not None and meta.get("finetuned_encoder"):
             encoder = loaded_encoder
         if not resuming:
