@@ -21,6 +21,10 @@ def java_available() -> bool:
 
 
 def _tokenize(refs, hyps, tokenizer):
+    if tokenizer == "ptb" and not java_available():
+        warnings.warn("Java not found: using the simple tokenizer instead of PTB; "
+                      "install a JRE for coco-caption-exact numbers", stacklevel=3)
+        tokenizer = "simple"
     if tokenizer == "ptb":
         from pycocoevalcap.tokenizer.ptbtokenizer import PTBTokenizer
 
@@ -48,10 +52,6 @@ def score(refs: dict, hyps: dict, tokenizer: str = "ptb",
         raise ValueError(f"{len(missing)} images have references but no caption, e.g. {missing[:3]}")
     if not refs:
         raise ValueError("nothing to score: no references")
-    if tokenizer == "ptb" and not java_available():
-        warnings.warn("Java not found: using the simple tokenizer instead of PTB; "
-                      "install a JRE for coco-caption-exact numbers", stacklevel=2)
-        tokenizer = "simple"
     refs_t, hyps_t = _tokenize(refs, hyps, tokenizer)
     out: dict[str, float] = {}
     if any(m.startswith("BLEU") for m in metrics):
@@ -78,8 +78,6 @@ def per_image_cider(refs: dict, hyps: dict, tokenizer: str = "ptb") -> dict:
     frequencies come from all of ``refs``, as in the corpus score)."""
     from pycocoevalcap.cider.cider import Cider
 
-    if tokenizer == "ptb" and not java_available():
-        tokenizer = "simple"
     refs_t, hyps_t = _tokenize(refs, hyps, tokenizer)
     _, per_image = Cider().compute_score(refs_t, hyps_t)
     return {k: float(v) for k, v in zip(refs_t, per_image)}

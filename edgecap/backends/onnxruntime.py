@@ -17,8 +17,7 @@ from edgecap.backends.base import (ENCODER_OUTPUTS, Backend, DecoderSession, Enc
 from edgecap.errors import BackendError
 from edgecap.manifest import Manifest
 
-CPU = "CPUExecutionProvider"
-DEVICE_PROVIDERS = {"cpu": [CPU], "cuda": ["CUDAExecutionProvider", CPU]}  # device= -> providers
+DEVICE_PROVIDERS = {"cpu": [ort_gpu.CPU], "cuda": [ort_gpu.CUDA, ort_gpu.CPU]}  # device= -> providers
 STEP_RESULT_OUTPUTS = ["topk_logprobs", "topk_ids", "h_out", "c_out"]
 
 _NUMPY_TYPES = {"tensor(float)": np.float32, "tensor(float16)": np.float16,

@@ -24,6 +24,7 @@ LITE0_BLOCKS = (
     (4, 5, 2, 6, 112, 192),
     (1, 3, 1, 6, 192, 320),
 )
+N_BLOCKS = sum(repeats for repeats, *_ in LITE0_BLOCKS)  # 16
 BN_EPS = 1e-3
 BN_MOMENTUM = 0.01
 FEATURE_CHANNELS = 1280

@@ -29,7 +29,7 @@ from edgecap.errors import ModelError
 from edgecap.metrics import score
 from edgecap.models.checkpoint import load_checkpoint, save_checkpoint
 from edgecap.models.decoder import CaptionDecoder, DecoderConfig
-from edgecap.models.efficientnet_lite import EfficientNetLite0, load_pretrained
+from edgecap.models.efficientnet_lite import N_BLOCKS, load_pretrained
 from edgecap.images import load_rgb
 from edgecap.preprocess import Preprocessing, to_model_input
 from edgecap.training.features import compute_features, progress_bar, split_features
@@ -68,9 +68,9 @@ class TrainConfig:
     def __post_init__(self):
         if self.finetune_cached and not self.finetune_encoder:
             raise ValueError("finetune_cached fine-tunes the encoder: set finetune_encoder too")
-        if self.finetune_encoder and not 1 <= self.finetune_blocks <= 16:
-            raise ValueError(f"finetune_blocks must be 1..16 (EfficientNet-Lite0 has 16 blocks), "
-                             f"got {self.finetune_blocks}")
+        if self.finetune_encoder and not 1 <= self.finetune_blocks <= N_BLOCKS:
+            raise ValueError(f"finetune_blocks must be 1..{N_BLOCKS} (EfficientNet-Lite0 has "
+                             f"{N_BLOCKS} blocks), got {self.finetune_blocks}")
 
 
 class _Batches:
@@ -198,7 +198,7 @@ def train(cfg: TrainConfig, log=print) -> Path:
     # (the train photos' are used by --finetune-cached, the dev photos' by the dev check).
     split_at = None
     if cfg.finetune_encoder:
-        split_at = len(EfficientNetLite0()._blocks) - cfg.finetune_blocks
+        split_at = N_BLOCKS - cfg.finetune_blocks
     train_rows, dev_maps, train_maps = split_features(train_items, dev_items, images, cache, pre,
                                                       cfg.progress, split_at=split_at)
     if cfg.finetune_cached:
@@ -211,18 +211,18 @@ def train(cfg: TrainConfig, log=print) -> Path:
     last = out / "last"
     resuming = (last / "checkpoint.json").exists()
     source = last if resuming else (Path(cfg.init_from) if cfg.init_from else None)
-    encoder = load_pretrained() if cfg.finetune_encoder else None
     meta = {}
     if source is None:
         decoder = CaptionDecoder(DecoderConfig(vocab_size=len(vocab), **cfg.decoder))
+        encoder = load_pretrained() if cfg.finetune_encoder else None
     else:
         # The checkpoint's decoder sizes win over the command line's.
         loaded_encoder, decoder, loaded_vocab, _, meta = load_checkpoint(source)
         if loaded_vocab.words != vocab.words:
             raise ModelError(f"{source}: its vocabulary differs from the one built from this "
                              "training data (another dataset or --min-word-count?)")
-        if encoder is not None and meta.get("finetuned_encoder"):
-            encoder = loaded_encoder
+        # The pretrained encoder, with the checkpoint's tuned blocks where it has them.
+        encoder = loaded_encoder if cfg.finetune_encoder else None
         if not resuming:
             log(f"initialised from {source}")
     params = [{"params": list(decoder.parameters()), "lr": cfg.lr}]
