@@ -246,7 +246,7 @@ class TimedBackend(Backend):
 
     def __init__(self, inner: Backend):
         self.inner = inner
-        self.name, self.top_k, self.n_regions = inner.name, inner.top_k, inner.n_regions
+        self.name, self.top_k = inner.name, inner.top_k
         self.reset()
 
     def reset(self) -> None:

@@ -217,7 +217,7 @@ def main(argv=None) -> None:
                          "bound": "compute" if compute_ms >= memory_ms else "memory",
                          "measured_over_floor": ms / floor_ms}
     dram = copy_bandwidth(512 * 2 ** 20, repeats=5)
-    data = {"model": str(model), "dims": manifest.dims, "beam": args.beam, "batch": args.batch,
+    data = {"model": str(model), "dims": manifest.dims.to_dict(), "beam": args.beam, "batch": args.batch,
             "rows": rows, "backend": measured["describe"], "load_average": C.load_average(),
             "peaks": {"ort_matmul_gflops": peak_threads, "ort_matmul_gflops_1_thread": peak_one,
                       "numpy_matmul_gflops": peak_numpy, "dram_copy_gb_per_s": dram},

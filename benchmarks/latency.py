@@ -154,7 +154,7 @@ def _reuse(base, timed, beam: int, batch: int, max_length: int):
 
     runner = copy.copy(base)
     runner.options = replace(base.options, beam_size=beam, batch_size=batch, max_length=max_length)
-    validate_options(runner.options, int(base.manifest.dims["top_k"]))
+    validate_options(runner.options, base.manifest.dims.top_k)
     runner.backend = timed
     return runner
 

@@ -24,6 +24,7 @@ from PIL import Image
 from edgecap.backends import load_backend
 from edgecap.backends import resolve as resolve_backend
 from edgecap.backends.base import Backend
+from edgecap.contract import Limits
 from edgecap.errors import InputError, ModelError
 from edgecap.images import ImageInput, load_rgb, max_pixels, preprocess
 from edgecap.manifest import Manifest, file_sha256, load_manifest
@@ -103,9 +104,9 @@ def load_vocabulary(manifest: Manifest) -> Vocabulary:
         vocab = Vocabulary.load(path)
     except (OSError, ValueError, KeyError, TypeError) as exc:
         raise ModelError(f"{path}: unreadable vocabulary ({exc}); re-export the model") from exc
-    if len(vocab) != manifest.dims["vocab_size"]:
+    if len(vocab) != manifest.dims.vocab_size:
         raise ModelError(f"{path}: {len(vocab)} words, but the manifest's decoder has "
-                         f"{manifest.dims['vocab_size']}; the vocabulary belongs to another model: "
+                         f"{manifest.dims.vocab_size}; the vocabulary belongs to another model: "
                          "copy the whole model directory again or re-export it")
     ids = {"pad": vocab.pad, "start": vocab.start, "end": vocab.end, "unk": vocab.unk}
     if any(manifest.tokens.get(k, v) != v for k, v in ids.items()):
@@ -150,11 +151,11 @@ class Captioner:
         self.options = CaptionOptions(beam_size=beam_size, max_length=max_length,
                                       batch_size=batch_size, length_penalty=length_penalty,
                                       n_best=n_best, no_repeat_ngram=no_repeat_ngram)
-        validate_options(self.options, int(self.manifest.dims["top_k"]))
+        validate_options(self.options, self.manifest.dims.top_k)
         self.vocab = load_vocabulary(self.manifest)
-        name = resolve_backend(backend)
         self.backend: Backend = load_backend(
-            name, self.manifest, **_backend_options(name, device, self.options, backend_options))
+            resolve_backend(backend), self.manifest, device=device,
+            limits=Limits(self.options.batch_size, self.options.beam_size), **backend_options)
         self._backend_lock = None if self.backend.thread_safe else threading.Lock()
 
     def __repr__(self) -> str:
@@ -239,25 +240,6 @@ class Captioner:
         return Caption(text=" ".join(words), score=float(hyp.score), tokens=words,
                        log_prob=float(hyp.log_prob), alternatives=alternatives, timings=timings,
                        attention=_attention_maps(hyp.attention))
-
-
-def _backend_options(name: str, device: str | None, options: CaptionOptions,
-                     extra: dict) -> dict:
-    """The keyword arguments for backend ``name``'s class."""
-    extra = dict(extra)
-    if name in ("onnxruntime", "tensorrt"):
-        # Engines (TensorRT, or onnxruntime's TensorRT provider when asked for) are built for a
-        # largest batch and beam: never smaller than the default engine's (8 images x 5 beams,
-        # so `edgecap build`'s engines are reused) nor than this Captioner needs.
-        extra.setdefault("max_batch", max(8, options.batch_size))
-        extra.setdefault("max_beam", max(5, options.beam_size))
-    if name != "tensorrt":
-        if device is not None:
-            extra["device"] = device
-    elif device not in (None, "cuda"):
-        # TensorRT runs on the GPU only (its ``device`` argument is an opened CUDA device).
-        raise ValueError(f"the tensorrt backend runs on the GPU only; got device={device!r}")
-    return extra
 
 
 def _attention_maps(attention: np.ndarray | None) -> np.ndarray | None:

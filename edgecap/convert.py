@@ -3,7 +3,7 @@
 FP16 keeps the numerically delicate parts in FP32: every Softmax, LogSoftmax and TopK, and the
 attention logits (the nodes computing the Softmax input, up to and including the projection that
 produces them). Graph inputs and outputs stay float32 / int32, so the backend contract in
-``edgecap.backends.base`` holds for a converted directory and every backend runs it unchanged.
+``edgecap.contract`` holds for a converted directory and every backend runs it unchanged.
 
 The FP16 ONNX is also what a strongly typed TensorRT network is built from (TensorRT >= 10.12,
 where ``BuilderFlag.FP16`` is deprecated, and 11, where it is gone).
@@ -31,11 +31,11 @@ from pathlib import Path
 
 import numpy as np
 
+from edgecap.contract import FILE_ROLES, ROLES, VOCAB
 from edgecap.errors import BackendError, ModelError
 from edgecap.manifest import Manifest, file_sha256, load_manifest, verify_files
 
 PRECISIONS = ("fp16", "int8")
-ROLES = ("encoder", "decoder_step")
 
 # Kept in FP32 wherever they occur: reductions over a whole row, where FP16 loses the most.
 FP32_OP_TYPES = ("Softmax", "LogSoftmax", "TopK")
@@ -200,8 +200,8 @@ def _prepare_out_dir(source: Manifest, out: Path, force: bool) -> None:
 
 
 def _write_manifest(source: Manifest, out: Path, precision: str, note: dict) -> Manifest:
-    shutil.copy2(source.path("vocab"), out / source.files["vocab"])
-    sha = {role: file_sha256(out / source.files[role]) for role in (*ROLES, "vocab")}
+    shutil.copy2(source.path(VOCAB), out / source.files[VOCAB])
+    sha = {role: file_sha256(out / source.files[role]) for role in FILE_ROLES}
     info = dict(source.info)
     info["converted_from"] = {"precision": source.precision, "sha256": dict(source.sha256),
                               "tool": "edgecap convert", **note}

@@ -9,7 +9,7 @@ ONNX files and a model directory needs no second copy of them.
 
 from __future__ import annotations
 
-import json
+import math
 import os
 import shutil
 import tempfile
@@ -21,11 +21,13 @@ import numpy as np
 import torch
 from torch import nn
 
-from edgecap.backends.base import ENCODER_INPUTS, ENCODER_OUTPUTS, STEP_INPUTS, STEP_OUTPUTS
+from edgecap.contract import (DECODER_STEP, ENCODER, ENCODER_INPUTS, ENCODER_OUTPUTS, ROLES,
+                              STEP_INPUTS, STEP_OUTPUTS, VOCAB, ModelDimensions)
 from edgecap.errors import ModelError
 from edgecap.manifest import MANIFEST, Manifest, file_sha256, load_manifest
 from edgecap.models.decoder import CaptionDecoder
 from edgecap.models.efficientnet_lite import EfficientNetLite0
+from edgecap.models.graphs import EncoderGraph, StepGraph
 from edgecap.preprocess import Preprocessing
 from edgecap.vocab import Vocabulary
 
@@ -35,35 +37,10 @@ TOLERANCE = {"features": 1e-3, "att_proj": 1e-3, "h0": 1e-4, "c0": 1e-4,
              "topk_logprobs": 1e-3, "h_out": 1e-4, "c_out": 1e-4, "alpha": 1e-4}
 
 
-class EncoderGraph(nn.Module):
-    """image (N, 3, H, W) -> features (N, L, F), att_proj (N, L, A), h0, c0 (N, H)."""
-
-    def __init__(self, encoder: EfficientNetLite0, decoder: CaptionDecoder):
-        super().__init__()
-        self.encoder = encoder
-        self.decoder = decoder
-
-    def forward(self, image):
-        fmap = self.encoder.features(image).flatten(2).transpose(1, 2)
-        return self.decoder.init_state(fmap)
-
-
-class StepGraph(nn.Module):
-    """One word for R rows; see ``edgecap.backends.base`` for the contract."""
-
-    def __init__(self, decoder: CaptionDecoder):
-        super().__init__()
-        self.decoder = decoder
-
-    def forward(self, tokens, h, c, source_rows, features, att_proj, image_index):
-        h = torch.index_select(h, 0, source_rows)
-        c = torch.index_select(c, 0, source_rows)
-        values, ids, h, c, alpha = self.decoder.step(tokens, h, c, features, att_proj, image_index)
-        return values, ids.to(torch.int32), h, c, alpha
-
-
-def example_step_inputs(decoder: CaptionDecoder, n_images: int = 2, n_beams: int = 3, seed: int = 0):
-    """Random but valid step inputs (torch tensors), after the first step (S = R)."""
+def example_step_inputs(decoder: CaptionDecoder, regions: int, n_images: int = 2,
+                        n_beams: int = 3, seed: int = 0):
+    """Random but valid step inputs (torch tensors), after the first step (S = R), for images
+    of ``regions`` attention regions."""
     g = torch.Generator().manual_seed(seed)
     cfg = decoder.cfg
     rows = n_images * n_beams
@@ -71,9 +48,15 @@ def example_step_inputs(decoder: CaptionDecoder, n_images: int = 2, n_beams: int
             torch.randn(rows, cfg.hidden_dim, generator=g) * 0.5,
             torch.randn(rows, cfg.hidden_dim, generator=g) * 0.5,
             torch.randint(0, rows, (rows,), generator=g, dtype=torch.int32),
-            torch.randn(n_images, 49, cfg.feature_dim, generator=g),
-            torch.randn(n_images, 49, cfg.attention_dim, generator=g),
+            torch.randn(n_images, regions, cfg.feature_dim, generator=g),
+            torch.randn(n_images, regions, cfg.attention_dim, generator=g),
             torch.arange(n_images, dtype=torch.int32).repeat_interleave(n_beams))
+
+
+def regions_of(pre: Preprocessing) -> int:
+    """Attention regions of the encoder's map for the input size (EfficientNet: stride 32)."""
+    h, w = pre.size
+    return math.ceil(h / 32) * math.ceil(w / 32)
 
 
 def _export(module: nn.Module, args: tuple, path: Path, inputs, outputs, dynamic_axes) -> None:
@@ -128,31 +111,34 @@ def _write_and_check(encoder, decoder, vocab, pre, out_dir, info, check_images, 
     if len(vocab) != decoder.cfg.vocab_size:
         raise ModelError(f"vocabulary has {len(vocab)} words but the decoder {decoder.cfg.vocab_size}")
     h, w = pre.size
+    cfg = decoder.cfg
+    dims = ModelDimensions(regions=regions_of(pre), feature_dim=cfg.feature_dim,
+                           attention_dim=cfg.attention_dim, hidden_dim=cfg.hidden_dim,
+                           vocab_size=cfg.vocab_size, top_k=cfg.top_k,
+                           encoder_dim=cfg.encoder_dim, embed_dim=cfg.embed_dim)
+    files = {**{role: f"{role}.onnx" for role in ROLES}, VOCAB: "vocab.json"}
+    paths = {role: out_dir / name for role, name in files.items()}
     with torch.no_grad():
-        _export(EncoderGraph(encoder, decoder), (torch.zeros(1, 3, h, w),), out_dir / "encoder.onnx",
+        _export(EncoderGraph(encoder, decoder), (torch.zeros(1, 3, h, w),), paths[ENCODER],
                 ENCODER_INPUTS, ENCODER_OUTPUTS,
                 {"image": {0: "n"}, **{k: {0: "n"} for k in ENCODER_OUTPUTS}})
-        regions = (h // 32) * (w // 32)
-        _set_output_dims(out_dir / "encoder.onnx",
-                         {"features": [regions, decoder.cfg.feature_dim],
-                          "att_proj": [regions, decoder.cfg.attention_dim]})
-        _export(StepGraph(decoder), example_step_inputs(decoder), out_dir / "decoder_step.onnx",
-                STEP_INPUTS, STEP_OUTPUTS,
+        tails = dims.tails(pre.size)
+        _set_output_dims(paths[ENCODER],
+                         {name: list(tails[name]) for name in ("features", "att_proj")})
+        _export(StepGraph(decoder), example_step_inputs(decoder, dims.regions),
+                paths[DECODER_STEP], STEP_INPUTS, STEP_OUTPUTS,
                 {"tokens": {0: "r"}, "h": {0: "s"}, "c": {0: "s"}, "source_rows": {0: "r"},
                  "features": {0: "n"}, "att_proj": {0: "n"}, "image_index": {0: "r"},
                  **{k: {0: "r"} for k in STEP_OUTPUTS}})
-    vocab.save(out_dir / "vocab.json")
-    cfg = decoder.cfg
-    files = {"encoder": "encoder.onnx", "decoder_step": "decoder_step.onnx", "vocab": "vocab.json"}
+    vocab.save(paths[VOCAB])
     manifest = Manifest(
         directory=out_dir, files=files,
-        dims={"regions": 49, "encoder_dim": cfg.encoder_dim, "feature_dim": cfg.feature_dim,
-              "attention_dim": cfg.attention_dim, "hidden_dim": cfg.hidden_dim,
-              "embed_dim": cfg.embed_dim, "vocab_size": cfg.vocab_size, "top_k": cfg.top_k},
+        dims=dims,
         tokens={"pad": vocab.pad, "start": vocab.start, "end": vocab.end, "unk": vocab.unk},
-        preprocessing=pre, precision="fp32", attention=cfg.attention,
-        sha256={role: file_sha256(out_dir / name) for role, name in files.items()},
-        info={"decoder_config": cfg.to_dict(), "encoder": "efficientnet-lite0",
+        preprocessing=pre, precision="fp32",
+        sha256={role: file_sha256(path) for role, path in paths.items()},
+        info={"attention": cfg.attention, "decoder_config": cfg.to_dict(),
+              "encoder": "efficientnet-lite0",
               "exported": time.strftime("%Y-%m-%dT%H:%M:%SZ", time.gmtime()), **(info or {})})
     manifest.save()
     if check:
@@ -182,7 +168,7 @@ def check_export(encoder, decoder, out_dir: Path, pre: Preprocessing,
         got = enc.run(list(ENCODER_OUTPUTS), {"image": x.numpy()})
         for name, r, o in zip(ENCODER_OUTPUTS, ref, got):
             diffs[name] = float(np.abs(r.numpy() - o).max())
-        args = example_step_inputs(decoder)
+        args = example_step_inputs(decoder, regions_of(pre))
         ref = StepGraph(decoder)(*args)
         got = step.run(list(STEP_OUTPUTS), {k: v.numpy() for k, v in zip(STEP_INPUTS, args)})
         for name, r, o in zip(STEP_OUTPUTS, ref, got):

@@ -14,6 +14,7 @@ from pathlib import Path
 
 from PIL import Image
 
+from edgecap.contract import FILE_ROLES, ModelDimensions
 from edgecap.errors import ModelError
 from edgecap.preprocess import Preprocessing
 
@@ -25,12 +26,10 @@ MANIFEST = "manifest.json"
 class Manifest:
     directory: Path
     files: dict[str, str]          # role (encoder, decoder_step, vocab) -> file name
-    dims: dict[str, int]           # regions, encoder_dim, feature_dim, attention_dim, hidden_dim,
-                                   # embed_dim, vocab_size, top_k
+    dims: ModelDimensions
     tokens: dict[str, int]         # pad, start, end, unk
     preprocessing: Preprocessing
     precision: str = "fp32"        # fp32 | fp16 | int8
-    attention: bool = True
     sha256: dict[str, str] = field(default_factory=dict)
     info: dict = field(default_factory=dict)  # training data, metrics, provenance
 
@@ -38,9 +37,10 @@ class Manifest:
         return self.directory / self.files[role]
 
     def to_dict(self) -> dict:
-        return {"format": FORMAT, "files": self.files, "dims": self.dims, "tokens": self.tokens,
+        return {"format": FORMAT, "files": self.files, "dims": self.dims.to_dict(),
+                "tokens": self.tokens,
                 "preprocessing": self.preprocessing.to_dict(), "precision": self.precision,
-                "attention": self.attention, "sha256": self.sha256, **self.info}
+                "sha256": self.sha256, **self.info}
 
     def save(self) -> None:
         (self.directory / MANIFEST).write_text(json.dumps(self.to_dict(), indent=2) + "\n")
@@ -75,13 +75,16 @@ def load_manifest(directory: str | Path) -> Manifest:
         raise ModelError(f"{path}: unknown manifest format {fmt!r}; this edgecap reads {FORMAT}. "
                          "Upgrade edgecap or re-export the model with this version")
     try:
-        known = {"format", "files", "dims", "tokens", "preprocessing", "precision", "attention",
-                 "sha256"}
-        manifest = Manifest(directory=directory, files=dict(data["files"]), dims=dict(data["dims"]),
+        dims = ModelDimensions.from_dict(data.get("dims"))
+    except ValueError as exc:
+        raise ModelError(f"{path}: {exc}; re-export the model") from exc
+    try:
+        known = {"format", "files", "dims", "tokens", "preprocessing", "precision", "sha256"}
+        manifest = Manifest(directory=directory, files=dict(data["files"]),
+                            dims=dims,
                             tokens=dict(data["tokens"]),
                             preprocessing=Preprocessing.from_dict(data["preprocessing"]),
                             precision=data.get("precision", "fp32"),
-                            attention=bool(data.get("attention", True)),
                             sha256=dict(data.get("sha256", {})),
                             info={k: v for k, v in data.items() if k not in known})
     except (KeyError, TypeError, ValueError) as exc:
@@ -89,7 +92,7 @@ def load_manifest(directory: str | Path) -> Manifest:
     problem = _field_problem(manifest)
     if problem:
         raise ModelError(f"{path}: {problem}; re-export the model")
-    for role in ("encoder", "decoder_step", "vocab"):
+    for role in FILE_ROLES:
         if role not in manifest.files:
             raise ModelError(f"{path}: the manifest names no {role} file; re-export the model")
         name = manifest.files[role]
@@ -102,16 +105,9 @@ def load_manifest(directory: str | Path) -> Manifest:
     return manifest
 
 
-REQUIRED_DIMS = ("regions", "feature_dim", "attention_dim", "hidden_dim", "vocab_size", "top_k")
-
-
 def _field_problem(manifest: Manifest) -> str | None:
     """What is wrong with the fields every runtime reads (None: nothing), so that a damaged
     manifest fails here, once, rather than on every image."""
-    for name in REQUIRED_DIMS:
-        value = manifest.dims.get(name)
-        if isinstance(value, bool) or not isinstance(value, int) or value < 1:
-            return f"dims.{name} must be a positive integer, got {value!r}"
     pre = manifest.preprocessing
     numbers = (int, float)
     if len(pre.size) != 2 or not all(isinstance(v, int) and v > 0 for v in pre.size):

@@ -16,6 +16,7 @@ import numpy as np
 
 from edgecap.backends.base import Backend, Encoded
 from edgecap.errors import BackendError
+from edgecap.vocab import NEVER_FIRST_IDS
 
 NEG_INF = -np.inf
 
@@ -96,8 +97,9 @@ def beam_search(backend: Backend, encoded: Encoded, options: SearchOptions, star
             alphas = step_alpha if alphas is None else np.concatenate([alphas, step_alpha], 1)
         cand = (sum_lp[:, None] + lp).reshape(n_images, beam * width)
         if t == 0:
-            # Never an empty caption: <end> cannot be the first word.
-            cand = np.where(ids.reshape(n_images, beam * width) == end_id, NEG_INF, cand)
+            # Never an empty caption (the step graph already never outputs NEVER_GENERATED_IDS).
+            cand = np.where(np.isin(ids.reshape(n_images, beam * width), NEVER_FIRST_IDS),
+                            NEG_INF, cand)
         # Python lists: the candidate loop below reads single values, which is several times
         # cheaper from a list than from a numpy array.
         order = np.argsort(-cand, axis=1, kind="stable").tolist()

@@ -9,7 +9,13 @@ from collections.abc import Iterable
 from pathlib import Path
 
 PAD, START, END, UNK = "<pad>", "<start>", "<end>", "<unk>"
-SPECIALS = (PAD, START, END, UNK)
+SPECIALS = (PAD, START, END, UNK)  # always the first four words, so their ids are fixed
+PAD_ID, START_ID, END_ID, UNK_ID = range(len(SPECIALS))
+
+# What a caption can never hold, written once: the step graph, the search, the dev check during
+# training and SCST sampling follow these rules.
+NEVER_GENERATED_IDS = (PAD_ID, START_ID, UNK_ID)  # words the decoder never outputs
+NEVER_FIRST_IDS = (END_ID,)                       # never the first word: no empty caption
 
 _WORD = re.compile(r"[a-z0-9]+(?:'[a-z]+)?")
 

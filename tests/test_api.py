@@ -19,6 +19,7 @@ from PIL import Image
 import edgecap
 from edgecap import BackendError, Caption, Captioner, InputError, ModelError
 from edgecap.backends import load_backend
+from edgecap.contract import Limits
 from edgecap.manifest import load_manifest
 
 EXAMPLES = Path(edgecap.__file__).parent / "assets" / "examples"
@@ -314,15 +315,30 @@ def test_cuda_request_without_gpu_runtime_falls_back_with_a_warning(tiny_model_d
     assert backend.providers == ["CPUExecutionProvider"]
 
 
-def test_tensorrt_options_and_missing_tensorrt(tiny_model_dir):
-    from edgecap.api import CaptionOptions, _backend_options
+def test_backend_limits_device_and_missing_tensorrt(monkeypatch, tiny_model_dir):
+    import edgecap.api
 
-    options = CaptionOptions(beam_size=3, batch_size=16)
-    assert _backend_options("tensorrt", "cuda", options, {}) == {"max_batch": 16, "max_beam": 5}
-    assert _backend_options("torch", "cuda", options, {"fp16": True}) == {"fp16": True,
-                                                                          "device": "cuda"}
+    asked = {}
+
+    def fake_load_backend(name, manifest, *, device=None, limits=None, **options):
+        asked.update(name=name, device=device, limits=limits, options=options)
+        raise BackendError("stop here")
+
+    monkeypatch.setattr(edgecap.api, "load_backend", fake_load_backend)
+    with pytest.raises(BackendError, match="stop here"):
+        Captioner(tiny_model_dir, backend="torch", device="cuda", beam_size=3, batch_size=16,
+                  fp16=True)
+    assert asked == {"name": "torch", "device": "cuda", "limits": Limits(16, 3),
+                     "options": {"fp16": True}}
+    monkeypatch.undo()
+    # what a backend builds for: at least the default engine's limits, so `edgecap build`'s
+    # engines serve smaller requests
+    assert Limits(16, 3).covering_default() == Limits(16, 5)
+    assert Limits(2, 7).covering_default() == Limits(8, 7)
+    from edgecap.backends.tensorrt import TensorRTBackend
+
     with pytest.raises(ValueError, match="GPU only"):
-        _backend_options("tensorrt", "cpu", options, {})
+        TensorRTBackend(load_manifest(tiny_model_dir), device="cpu")
     try:
         import tensorrt  # noqa: F401
     except ImportError:

@@ -69,7 +69,7 @@ def test_train_resume_and_export(tiny_dataset, tmp_path):
 
     model = tmp_path / "model"
     manifest = export_model(best, model)
-    assert manifest.dims["vocab_size"] == len(vocab)
+    assert manifest.dims.vocab_size == len(vocab)
     assert manifest.info["training"]["data"]["n_images"] == 3
     assert set(manifest.info["export_check"]["max_abs_diff"]) >= {"features", "topk_logprobs"}
     caption = Captioner(model, backend="onnxruntime").caption(str(tiny_dataset / "images" / "chelsea.png"))
@@ -87,7 +87,7 @@ def test_show_and_tell_baseline_trains_and_exports(tiny_dataset, tmp_path):
                                        "embed_dim": 16, "attention_dim": 16})
     best = train(cfg, log=lambda *_: None)
     manifest = export_model(best, tmp_path / "model")
-    assert manifest.attention is False
+    assert manifest.info["attention"] is False
     cap = Captioner(tmp_path / "model", backend="onnxruntime").caption(
         str(tiny_dataset / "images" / "coffee.png"), return_attention=True)
     # Without attention every region weighs the same.

@@ -12,9 +12,12 @@ from pathlib import Path
 import numpy as np
 import pytest
 
-from edgecap.backends.ort_gpu import (CPU, CUDA, TENSORRT, IOBindingDecoder, attached_provider,
-                                      provider_names, providers_for_role, select_providers,
-                                      trt_profile_options, warn_if_fallback)
+from edgecap.backends.ort_gpu import IOBindingDecoder
+from edgecap.backends.ort_providers import (CPU, CUDA, TENSORRT, attached_provider,
+                                            provider_entries, providers_for_role,
+                                            select_providers, trt_profile_options,
+                                            warn_if_fallback)
+from edgecap.contract import Limits, ModelDimensions
 
 ALL = [TENSORRT, CUDA, CPU]
 
@@ -81,12 +84,15 @@ def test_select_warns_when_requested_provider_missing(tmp_path):
         select_providers(None, [CPU], tmp_path)  # auto: no warning
 
 
-def test_provider_names_aliases_and_errors():
-    assert provider_names("trt,cuda") == [TENSORRT, CUDA]
-    assert provider_names(["GPU", CPU, "cpu"]) == [CUDA, CPU]
-    assert provider_names("OpenVINOExecutionProvider") == ["OpenVINOExecutionProvider"]
+def test_provider_entries_aliases_and_errors():
+    def names(request):
+        return [name for name, _ in provider_entries(request)]
+
+    assert names("trt,cuda") == [TENSORRT, CUDA]
+    assert names(["GPU", CPU, "cpu"]) == [CUDA, CPU]
+    assert names("OpenVINOExecutionProvider") == ["OpenVINOExecutionProvider"]
     with pytest.raises(ValueError, match="unknown execution provider"):
-        provider_names("tpu")
+        provider_entries("tpu")
 
 
 def test_fake_session_attachment_warning():
@@ -101,12 +107,10 @@ def test_fake_session_attachment_warning():
 
 
 def test_trt_profile_options_from_manifest():
-    manifest = types.SimpleNamespace(
-        dims={"regions": 49, "feature_dim": 512, "attention_dim": 256, "hidden_dim": 512},
-        preprocessing=types.SimpleNamespace(size=(224, 224)))
-    enc = trt_profile_options(manifest, "encoder", 8, 5)
+    manifest = MANIFEST
+    enc = trt_profile_options(manifest, "encoder", Limits(8, 5))
     assert enc["trt_profile_max_shapes"] == "image:8x3x224x224"
-    step = trt_profile_options(manifest, "decoder_step", 8, 5)
+    step = trt_profile_options(manifest, "decoder_step", Limits(8, 5))
     assert "h:40x512" in step["trt_profile_max_shapes"]
     assert "features:8x49x512" in step["trt_profile_max_shapes"]
     assert "tokens:5" in step["trt_profile_opt_shapes"]
@@ -114,14 +118,15 @@ def test_trt_profile_options_from_manifest():
 
 
 MANIFEST = types.SimpleNamespace(
-    dims={"regions": 49, "feature_dim": 512, "attention_dim": 256, "hidden_dim": 512},
+    dims=ModelDimensions(regions=49, feature_dim=512, attention_dim=256, hidden_dim=512,
+                         vocab_size=100, top_k=10),
     preprocessing=types.SimpleNamespace(size=(224, 224)))
 
 
 def test_providers_for_role_wires_profiles_into_tensorrt_only(tmp_path):
     providers = select_providers("tensorrt", ALL, tmp_path)
-    enc = providers_for_role(providers, MANIFEST, "encoder", 8, 5)
-    step = providers_for_role(providers, MANIFEST, "decoder_step", 4, 3)
+    enc = providers_for_role(providers, MANIFEST, "encoder", Limits(8, 5))
+    step = providers_for_role(providers, MANIFEST, "decoder_step", Limits(4, 3))
     assert enc[0][1]["trt_profile_max_shapes"] == "image:8x3x224x224"
     shapes = {key: dict(part.split(":") for part in step[0][1][key].split(","))
               for key in ("trt_profile_min_shapes", "trt_profile_opt_shapes",
@@ -165,14 +170,14 @@ def test_fake_onnxruntime_backend_passes_role_profiles(monkeypatch, model_dir):
     with pytest.warns(RuntimeWarning, match="could not use TensorrtExecutionProvider"):
         backend = ort_backend.OnnxRuntimeBackend(
             m, providers=[("tensorrt", {"trt_fp16_enable": False})], threads=1,
-            max_batch=2, max_beam=3)
+            limits=Limits(2, 3))
     (enc_file, enc_providers), (step_file, step_providers) = asked
     assert enc_file == m.files["encoder"] and step_file == m.files["decoder_step"]
     enc_opts, step_opts = enc_providers[0][1], step_providers[0][1]
     assert enc_opts["trt_fp16_enable"] is False and step_opts["trt_fp16_enable"] is False
     h, w = m.preprocessing.size
     assert enc_opts["trt_profile_max_shapes"] == f"image:2x3x{h}x{w}"
-    assert f"h:6x{m.dims['hidden_dim']}" in step_opts["trt_profile_max_shapes"]
+    assert f"h:6x{m.dims.hidden_dim}" in step_opts["trt_profile_max_shapes"]
     assert _names(enc_providers) == [TENSORRT, CUDA, CPU]
     assert backend._device_decoder is None  # CPU attached: numpy feeds
 

@@ -360,7 +360,8 @@ def test_engine_from_another_tensorrt_or_gpu_is_rebuilt(monkeypatch, tmp_path, t
     pytest.importorskip("onnx")
     from test_tensorrt_fake import FakeDevice, install
 
-    from edgecap.trt.engines import EngineCache, Limits, Target
+    from edgecap.contract import Limits
+    from edgecap.trt.engines import EngineCache, Target
 
     device, log, limits = FakeDevice(), io.StringIO(), Limits(2, 3)
     manifest = load_manifest(tiny_model_dir)
@@ -386,7 +387,8 @@ def test_unwritable_engine_cache_fails_before_building(monkeypatch, tmp_path, ti
     pytest.importorskip("onnx")
     from test_tensorrt_fake import FakeDevice, install
 
-    from edgecap.trt.engines import EngineCache, Limits, Target
+    from edgecap.contract import Limits
+    from edgecap.trt.engines import EngineCache, Target
 
     device = FakeDevice()
     trt = install(monkeypatch, "10.3.0.30", device)

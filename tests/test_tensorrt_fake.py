@@ -29,7 +29,8 @@ from edgecap.errors import BackendError  # noqa: E402
 from edgecap.manifest import load_manifest  # noqa: E402
 from edgecap.trt import check_version, import_tensorrt, parse_version  # noqa: E402
 from edgecap.trt.cuda import CudaDevice, CudaPythonDevice  # noqa: E402
-from edgecap.trt.engines import (EngineCache, Limits, Target, build_all,  # noqa: E402
+from edgecap.contract import Limits  # noqa: E402
+from edgecap.trt.engines import (EngineCache, Target, build_all,  # noqa: E402
                                  engine_filename, profile_shapes)
 
 MAGIC = b"FAKE-TRT-ENGINE\n"
@@ -426,7 +427,7 @@ def some_steps(manifest, rows, n_steps=4, seed=0):
     image_index = np.repeat(np.arange(rows // 3, dtype=np.int32), 3)
     steps = [(np.full(rows, manifest.tokens["start"], np.int32), image_index.copy())]
     for _ in range(n_steps - 1):
-        tokens = rng.integers(0, manifest.dims["vocab_size"], rows).astype(np.int32)
+        tokens = rng.integers(0, manifest.dims.vocab_size, rows).astype(np.int32)
         # reorder beams within each image, as the search does (integer source rows)
         source = np.concatenate([3 * i + rng.permutation(3) for i in range(rows // 3)])
         steps.append((tokens, source.astype(np.int32)))
@@ -617,7 +618,8 @@ def test_fake_backend_runs_on_a_larger_cached_engine(monkeypatch, tmp_path, mode
     images = np.random.default_rng(2).uniform(-1, 1, (2, 3, h, w)).astype(np.float32)
     image_index, steps = some_steps(manifest, rows=6)
     err = io.StringIO()
-    with TensorRTBackend(manifest, "fp32", 2, 3, tmp_path, device=device, log=err) as backend:
+    with TensorRTBackend(manifest, "fp32", Limits(2, 3), tmp_path, cuda_device=device,
+                         log=err) as backend:
         assert len(trt.stats["builds"]) == builds and err.getvalue() == ""
         session = backend.start(backend.encode(images), image_index, return_attention=True)
         got = [session.step(t, r) for t, r in steps]
@@ -631,15 +633,15 @@ def test_fake_build_defaults_match_what_caption_asks_for():
     tensorrt` (default batch and beam sizes) looks for, so they are reused, not rebuilt."""
     import argparse
 
-    from edgecap.api import CaptionOptions, _backend_options
+    from edgecap.api import CaptionOptions
     from edgecap.commands import build as command
 
     parser = argparse.ArgumentParser()
     command.add_arguments(parser)
     args = parser.parse_args([])
-    wanted = _backend_options("tensorrt", None, CaptionOptions(), {})
-    assert (args.max_batch, args.max_beam) == (wanted["max_batch"], wanted["max_beam"])
-    assert Limits() == Limits(args.max_batch, args.max_beam)
+    options = CaptionOptions()
+    wanted = Limits(options.batch_size, options.beam_size).covering_default()
+    assert Limits(args.max_batch, args.max_beam) == wanted == Limits()
     assert TensorRTBackend.thread_safe is False
 
 
@@ -671,10 +673,10 @@ def test_fake_backend_matches_onnxruntime(monkeypatch, tmp_path, model_dir, devi
     images = np.random.default_rng(1).uniform(-1, 1, (2, 3, h, w)).astype(np.float32)
     image_index, steps = some_steps(manifest, rows=6)
     err = io.StringIO()
-    backend = TensorRTBackend(manifest, precision=precision, max_batch=2, max_beam=3,
-                              cache_dir=tmp_path, device=device, log=err)
+    backend = TensorRTBackend(manifest, precision=precision, limits=Limits(2, 3),
+                              cache_dir=tmp_path, cuda_device=device, log=err)
     assert "building the TensorRT" in err.getvalue()
-    assert backend.top_k == manifest.dims["top_k"] and backend.n_regions == manifest.dims["regions"]
+    assert backend.top_k == manifest.dims.top_k
     allocated = set(device.memory)
 
     encoded = backend.encode(images)
@@ -724,7 +726,7 @@ def test_fake_backend_skips_attention_copy_and_reuses_engines(monkeypatch, tmp_p
     manifest = load_manifest(model_dir)
     h, w = manifest.preprocessing.size
     images = np.zeros((1, 3, h, w), np.float32)
-    with TensorRTBackend(manifest, "fp16", 1, 3, tmp_path, device=device,
+    with TensorRTBackend(manifest, "fp16", Limits(1, 3), tmp_path, cuda_device=device,
                          log=io.StringIO()) as backend:
         session = backend.start(backend.encode(images), np.zeros(3, np.int32))
         before = device.calls["dtoh"]
@@ -734,7 +736,7 @@ def test_fake_backend_skips_attention_copy_and_reuses_engines(monkeypatch, tmp_p
     assert device.memory == {}
     builds = len(trt.stats["builds"])
     err = io.StringIO()
-    with TensorRTBackend(manifest, "fp16", 1, 3, tmp_path, device=device, log=err):
+    with TensorRTBackend(manifest, "fp16", Limits(1, 3), tmp_path, cuda_device=device, log=err):
         pass
     assert len(trt.stats["builds"]) == builds and err.getvalue() == ""  # loaded from cache
 
@@ -744,7 +746,7 @@ def test_fake_backend_rejects_stale_and_oversized_use(monkeypatch, tmp_path, mod
     manifest = load_manifest(model_dir)
     h, w = manifest.preprocessing.size
     images = np.zeros((2, 3, h, w), np.float32)
-    with TensorRTBackend(manifest, "fp16", 2, 2, tmp_path, device=device,
+    with TensorRTBackend(manifest, "fp16", Limits(2, 2), tmp_path, cuda_device=device,
                          log=io.StringIO()) as backend:
         with pytest.raises(BackendError, match="1 to 2"):
             backend.encode(np.zeros((3, 3, h, w), np.float32))

@@ -1,8 +1,11 @@
 """Backend registry. Each backend lives in its own module, imported only when chosen, so
 ``import edgecap`` never imports onnxruntime, torch or tensorrt.
 
-``load_backend(name, manifest, **options)`` with ``name`` one of ``BACKENDS`` or ``"auto"``
-(onnxruntime when it is installed, else tensorrt, else torch).
+``load_backend(name, manifest, device=..., limits=..., **options)`` with ``name`` one of
+``BACKENDS`` or ``"auto"`` (onnxruntime when it is installed, else tensorrt, else torch). Every
+backend class takes ``device`` ("cpu" / "cuda" / None for its default) and ``limits`` (the largest
+batch and beam it must serve; backends with fixed-size engines or buffers build for them, the
+others ignore them), and maps them to its own settings.
 """
 
 from __future__ import annotations
@@ -11,6 +14,7 @@ import importlib
 import importlib.util
 
 from edgecap.backends.base import Backend
+from edgecap.contract import Limits
 from edgecap.errors import BackendError
 from edgecap.manifest import Manifest
 
@@ -65,7 +69,14 @@ def backend_class(name: str) -> type[Backend]:
     return getattr(module, class_name)
 
 
-def load_backend(name: str, manifest: Manifest, **options) -> Backend:
-    """A ready backend for the model in ``manifest``. ``options`` go to the backend's class
-    (onnxruntime: providers, threads, device; torch: device, fp16; tensorrt: see its module)."""
-    return backend_class(name)(manifest, **options)
+def load_backend(name: str, manifest: Manifest, *, device: str | None = None,
+                 limits: Limits | None = None, **options) -> Backend:
+    """A ready backend for the model in ``manifest``.
+
+    ``limits``: the largest batch and beam the caller will use; engines are built for at least
+    the default engine's (``Limits.covering_default``), so that the engines of ``edgecap build``
+    are reused. ``options`` go to the backend's class (onnxruntime: providers, threads,
+    cache_dir, fp16, device_id; torch: fp16; tensorrt: precision, cache_dir).
+    """
+    limits = (limits or Limits()).covering_default()
+    return backend_class(name)(manifest, device=device, limits=limits, **options)

@@ -1,21 +1,6 @@
 """The encoder / decoder-step interface every backend implements, and the one the search uses.
 
-The contract of the exported graphs (a model directory's ``encoder.onnx`` and
-``decoder_step.onnx``; names are the ONNX tensor names):
-
-encoder: ``image`` float32 (N, 3, H, W)
-    -> ``features`` (N, L, F), ``att_proj`` (N, L, A), ``h0`` (N, H), ``c0`` (N, H), all float32
-decoder step: ``tokens`` int32 (R,), ``h`` (S, H), ``c`` (S, H), ``source_rows`` int32 (R,),
-    ``features`` (N, L, F), ``att_proj`` (N, L, A), ``image_index`` int32 (R,)
-    -> ``topk_logprobs`` float32 (R, K), ``topk_ids`` int32 (R, K), ``h_out`` (R, H),
-       ``c_out`` (R, H), ``alpha`` float32 (R, L)
-
-Rows R are (image x beam) flattened, image-major. The step first gathers the previous state
-by ``source_rows`` (beam reordering happens inside the graph, so a GPU backend keeps the state
-on the device), and each row's image tensors by ``image_index`` (the image features are passed
-once per batch, never copied per beam). On the first step ``h``/``c`` are the encoder's
-per-image ``h0``/``c0`` (S = N) and ``source_rows`` equals ``image_index``; afterwards S = R.
-Indices are int32 because TensorRT does not take int64 I/O on older versions.
+The graphs a backend runs and their tensors are ``edgecap.contract``'s.
 """
 
 from __future__ import annotations
@@ -25,11 +10,6 @@ from dataclasses import dataclass
 from typing import Any
 
 import numpy as np
-
-ENCODER_INPUTS = ("image",)
-ENCODER_OUTPUTS = ("features", "att_proj", "h0", "c0")
-STEP_INPUTS = ("tokens", "h", "c", "source_rows", "features", "att_proj", "image_index")
-STEP_OUTPUTS = ("topk_logprobs", "topk_ids", "h_out", "c_out", "alpha")
 
 
 @dataclass
@@ -67,7 +47,6 @@ class Backend(ABC):
     name: str = "?"
     thread_safe: bool = True  # False: Captioner runs one batch at a time (shared device buffers)
     top_k: int = 10           # K: the step graph returns this many best words per row
-    n_regions: int = 49       # L
 
     @abstractmethod
     def encode(self, images: np.ndarray) -> Encoded:

@@ -10,14 +10,14 @@ from __future__ import annotations
 import numpy as np
 import onnxruntime as ort
 
-from edgecap.backends import ort_gpu
+from edgecap.backends import ort_gpu, ort_providers
 from edgecap.backends._checks import check_graph_io, load_failure
-from edgecap.backends.base import (ENCODER_OUTPUTS, Backend, DecoderSession, Encoded,
-                                   StepResult)
+from edgecap.backends.base import Backend, DecoderSession, Encoded, StepResult
+from edgecap.contract import ENCODER_OUTPUTS, ROLES, Limits
 from edgecap.errors import BackendError
 from edgecap.manifest import Manifest
 
-DEVICE_PROVIDERS = {"cpu": [ort_gpu.CPU], "cuda": [ort_gpu.CUDA, ort_gpu.CPU]}  # device= -> providers
+DEVICE_PROVIDERS = {"cpu": [ort_providers.CPU], "cuda": [ort_providers.CUDA, ort_providers.CPU]}  # device= -> providers
 STEP_RESULT_OUTPUTS = ["topk_logprobs", "topk_ids", "h_out", "c_out"]
 
 _NUMPY_TYPES = {"tensor(float)": np.float32, "tensor(float16)": np.float16,
@@ -38,18 +38,19 @@ def session_options(threads: int | None) -> ort.SessionOptions:
 
 
 def select_providers(requested: str | list | None, device: str | None, **gpu_options) -> list:
-    """The execution providers to ask for, best first, CPU last (``ort_gpu.select_providers``).
+    """The execution providers to ask for, best first, CPU last
+    (``ort_providers.select_providers``).
 
     ``requested`` (provider names, aliases such as "cuda" / "tensorrt", or (name, options)
     pairs) wins over ``device`` ("cpu" or "cuda"); with neither, CUDA when this onnxruntime
     has it, then the CPU. The TensorRT execution provider is used only when requested.
-    ``gpu_options``: ``cache_dir``, ``fp16``, ``device_id`` (see ``ort_gpu``).
+    ``gpu_options``: ``cache_dir``, ``fp16``, ``device_id`` (see ``ort_providers``).
     """
     if device is not None and device not in DEVICE_PROVIDERS:
         raise ValueError(f"device must be one of {sorted(DEVICE_PROVIDERS)}, got {device!r}")
     if requested is None and device is not None:
         requested = DEVICE_PROVIDERS[device]
-    return ort_gpu.select_providers(requested, ort.get_available_providers(),
+    return ort_providers.select_providers(requested, ort.get_available_providers(),
                                     gpu_options.get("cache_dir"),
                                     fp16=gpu_options.get("fp16", True),
                                     device_id=gpu_options.get("device_id", 0))
@@ -60,8 +61,8 @@ class OnnxRuntimeBackend(Backend):
     pairs; default CUDA when available, then CPU; the TensorRT execution provider only when
     listed), ``device`` ("cpu" / "cuda", used when ``providers`` is None), ``threads`` (intra-op
     threads; None: one per physical core), and for GPU providers ``cache_dir`` (TensorRT EP
-    engine cache), ``fp16`` (TensorRT EP precision), ``device_id``, ``max_batch`` /
-    ``max_beam`` (the TensorRT EP's optimisation profile: images per batch, beams per image).
+    engine cache), ``fp16`` (TensorRT EP precision), ``device_id``, ``limits`` (the largest
+    batch and beam the TensorRT EP's optimisation profile takes; default 8 x 5).
 
     On a GPU provider the image tensors and h/c stay on the device between steps
     (``ort_gpu.IOBindingDecoder``); on the CPU they are numpy arrays fed to ``run``.
@@ -72,31 +73,31 @@ class OnnxRuntimeBackend(Backend):
     def __init__(self, manifest: Manifest, providers: str | list | None = None,
                  threads: int | None = None, device: str | None = None,
                  cache_dir: str | None = None, fp16: bool = True, device_id: int = 0,
-                 max_batch: int = 8, max_beam: int = 5):
+                 limits: Limits | None = None):
         if threads is not None and (isinstance(threads, bool) or not isinstance(threads, int)
                                     or threads < 1):
             raise ValueError(f"threads must be a positive integer or None, got {threads!r}")
         self.manifest = manifest
-        self.top_k = int(manifest.dims["top_k"])
-        self.n_regions = int(manifest.dims["regions"])
+        self.top_k = manifest.dims.top_k
         self.threads = threads
+        limits = limits or Limits()
         wanted = select_providers(providers, device, cache_dir=cache_dir, fp16=fp16,
                                   device_id=device_id)
         # the TensorRT EP (when listed) gets each graph's own optimisation profile
-        per_role = {role: ort_gpu.providers_for_role(wanted, manifest, role, max_batch, max_beam)
-                    for role in ("encoder", "decoder_step")}
+        per_role = {role: ort_providers.providers_for_role(wanted, manifest, role, limits)
+                    for role in ROLES}
         self.encoder = self._session("encoder", per_role["encoder"], threads)
         self.decoder = self._session("decoder_step", per_role["decoder_step"], threads)
         self._input_types = {i.name: _NUMPY_TYPES.get(i.type, np.float32)
                              for s in (self.encoder, self.decoder) for i in s.get_inputs()}
         for role, session in (("encoder", self.encoder), ("decoder_step", self.decoder)):
-            ort_gpu.warn_if_fallback(session, wanted, role)
+            ort_providers.warn_if_fallback(session, wanted, role)
         self._device_decoder = self._make_device_decoder(device_id)
 
     def _make_device_decoder(self, device_id: int):
         """ort_gpu's I/O-binding decoder when a CUDA-memory provider (CUDA, TensorRT) runs the
         step graph, else None (numpy feeds)."""
-        if self.providers[0] not in (ort_gpu.CUDA, ort_gpu.TENSORRT):
+        if self.providers[0] not in (ort_providers.CUDA, ort_providers.TENSORRT):
             return None
         return ort_gpu.IOBindingDecoder(self.encoder, self.decoder, device="cuda",
                                         device_id=device_id)

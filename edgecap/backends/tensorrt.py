@@ -27,13 +27,10 @@ from pathlib import Path
 
 import numpy as np
 
-from edgecap.backends.base import (ENCODER_INPUTS, ENCODER_OUTPUTS,
-                                   Backend, DecoderSession, Encoded, StepResult)
+from edgecap.backends.base import Backend, DecoderSession, Encoded, StepResult
+from edgecap.contract import ENCODER_INPUTS, ENCODER_OUTPUTS, ROLES, Limits, tensor_dtype
 from edgecap.errors import BackendError
 from edgecap.manifest import Manifest
-
-CONTRACT_DTYPES = {"tokens": np.int32, "source_rows": np.int32, "image_index": np.int32,
-                   "topk_ids": np.int32}  # everything else is float32
 
 
 @dataclass
@@ -60,20 +57,24 @@ class TensorRTBackend(Backend):
     # would overwrite each other's tensors. The Captioner serialises calls to such a backend.
     thread_safe = False
 
-    def __init__(self, manifest: Manifest, precision: str = "fp16", max_batch: int = 8,
-                 max_beam: int = 5, cache_dir: str | Path | None = None, *, device=None,
-                 log=sys.stderr):
+    def __init__(self, manifest: Manifest, precision: str = "fp16", limits: Limits | None = None,
+                 cache_dir: str | Path | None = None, *, device: str | None = None,
+                 cuda_device=None, log=sys.stderr):
+        """``limits``: the largest batch and beam the engines take (default 8 x 5); ``device``: None or "cuda" (TensorRT runs on the
+        GPU only); ``cuda_device``: an opened ``edgecap.trt.cuda`` device (default: GPU 0)."""
         from edgecap.trt import import_tensorrt
         from edgecap.trt.cuda import open_device
-        from edgecap.trt.engines import EngineCache, Limits, Target
+        from edgecap.trt.engines import EngineCache, Target
 
+        if device not in (None, "cuda"):
+            raise ValueError(f"the tensorrt backend runs on the GPU only; got device={device!r}")
         self.manifest = manifest
         self.precision = precision
-        self.limits = Limits(max_batch, max_beam)
+        self.limits = limits or Limits()
         trt = import_tensorrt()
         self._trt = trt
-        self._owns_device = device is None
-        self._device = device or open_device()
+        self._owns_device = cuda_device is None
+        self._device = cuda_device or open_device()
         self._buffers: list[int] = []
         self._host: dict[str, np.ndarray] = {}
         self._stream = None
@@ -83,7 +84,7 @@ class TensorRTBackend(Backend):
                             trt.__version__)
             self._cache = EngineCache(trt, target, cache_dir, log)
             self._engines = {role: self._cache.load(manifest, role, precision, self.limits)
-                             for role in ("encoder", "decoder_step")}
+                             for role in ROLES}
             self._contexts = {role: engine.create_execution_context()
                               for role, engine in self._engines.items()}
             self._stream = self._device.create_stream()
@@ -92,7 +93,6 @@ class TensorRTBackend(Backend):
             self.close()
             raise
         self.top_k = self._tensors["topk_ids"].tail[0]
-        self.n_regions = self._tensors["alpha"].tail[0]
         self._generation = 0   # bumped by encode: older Encoded objects are stale
         self._session_id = 0   # bumped by start: older sessions are stale
         self._shapes: dict[tuple[str, str], tuple[int, ...]] = {}
@@ -101,13 +101,13 @@ class TensorRTBackend(Backend):
     def _tensor_info(self, role: str, name: str) -> tuple[np.dtype, tuple[int, ...]]:
         engine = self._engines[role]
         dtype = np.dtype(self._trt.nptype(engine.get_tensor_dtype(name)))
-        expected = np.dtype(CONTRACT_DTYPES.get(name, np.float32))
+        expected = tensor_dtype(name)
         if dtype != expected:
             raise BackendError(f"{role} engine tensor {name!r} is {dtype}, the contract says "
                                f"{expected}; rebuild the engines from an edgecap model")
         # Inner dimensions come from the manifest; the engine reports -1 for those its ONNX
         # left symbolic (e.g. the regions axis of the encoder's outputs) and must agree on the rest.
-        expected_tail = self._manifest_tails()[name]
+        expected_tail = self.manifest.dims.tails(self.manifest.preprocessing.size)[name]
         found = tuple(int(d) for d in engine.get_tensor_shape(name)[1:])
         if len(found) != len(expected_tail) or any(
                 f >= 0 and f != e for f, e in zip(found, expected_tail)):
@@ -115,15 +115,6 @@ class TensorRTBackend(Backend):
                                f"manifest says {expected_tail}. Rebuild the engines "
                                "(edgecap build) or re-export the model")
         return dtype, expected_tail
-
-    def _manifest_tails(self) -> dict[str, tuple[int, ...]]:
-        d = self.manifest.dims
-        h, w = self.manifest.preprocessing.size
-        regions, hidden, k = d["regions"], d["hidden_dim"], d["top_k"]
-        return {"image": (3, h, w), "features": (regions, d["feature_dim"]),
-                "att_proj": (regions, d["attention_dim"]), "h0": (hidden,), "c0": (hidden,),
-                "h_out": (hidden,), "c_out": (hidden,), "tokens": (), "source_rows": (),
-                "image_index": (), "topk_logprobs": (k,), "topk_ids": (k,), "alpha": (regions,)}
 
     def _new_tensor(self, role: str, name: str, rows: int) -> _DeviceTensor:
         dtype, tail = self._tensor_info(role, name)
@@ -276,7 +267,6 @@ class TensorRTSession(DecoderSession):
         self._rows = len(image_index)
         self._return_attention = return_attention
         self._current: int | None = None  # which ping-pong pair holds the state; None: h0/c0
-        self.steps = 0
 
     def step(self, tokens: np.ndarray, source_rows: np.ndarray) -> StepResult:
         b = self._backend
@@ -322,7 +312,6 @@ class TensorRTSession(DecoderSession):
             b._device.copy_to_host(b._host[name][:r], t[name].ptr, b._stream)
         b._device.synchronize(b._stream)
         self._current = dst
-        self.steps += 1
         return StepResult(topk_logprobs=b._host["topk_logprobs"][:r].copy(),
                           topk_ids=b._host["topk_ids"][:r].copy(),
                           alpha=b._host["alpha"][:r].copy() if self._return_attention else None)

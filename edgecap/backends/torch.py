@@ -20,10 +20,12 @@ from onnx import numpy_helper
 
 from edgecap.backends._checks import load_failure
 from edgecap.backends.base import Backend, DecoderSession, Encoded, StepResult
+from edgecap.contract import ENCODER_OUTPUTS, ROLES, Limits
 from edgecap.errors import BackendError, ModelError
 from edgecap.manifest import Manifest
 from edgecap.models.decoder import CaptionDecoder, DecoderConfig
 from edgecap.models.efficientnet_lite import EfficientNetLite0
+from edgecap.models.graphs import EncoderGraph, StepGraph
 
 # State-dict keys the encoder graph does not need, so its ONNX file does not hold them.
 ENCODER_UNUSED = ("_fc.",)
@@ -33,7 +35,7 @@ UNUSED_SUFFIXES = (".num_batches_tracked",)
 def read_initializers(manifest: Manifest) -> dict[str, np.ndarray]:
     """All initializers of both graphs, by name (float16 files come back as float16)."""
     weights: dict[str, np.ndarray] = {}
-    for role in ("encoder", "decoder_step"):
+    for role in ROLES:
         path = manifest.path(role)
         try:
             model = onnx.load(str(path))
@@ -68,24 +70,51 @@ def _load(module: torch.nn.Module, weights: dict[str, np.ndarray], prefix: str,
     module.load_state_dict(own, strict=True)
 
 
+def _checked_device(device: str | None, fp16: bool) -> str:
+    device = device or "cpu"
+    if device.startswith("cuda") and not torch.cuda.is_available():
+        raise BackendError("device='cuda' but this torch has no usable CUDA GPU; use "
+                           "device='cpu' or install a CUDA build of torch")
+    if fp16 and not device.startswith("cuda"):
+        raise ValueError("fp16=True needs device='cuda' (FP16 on the CPU is slow and inexact)")
+    return device
+
+
 class TorchBackend(Backend):
+    """Args: ``device`` ("cpu", "cuda" or "cuda:N"; None: the CPU), ``fp16`` (on CUDA only).
+    ``limits`` is accepted for the common backend signature and unused: nothing here has a
+    fixed size."""
+
     name = "torch"
 
-    def __init__(self, manifest: Manifest, device: str | None = "cpu", fp16: bool = False):
-        device = device or "cpu"
-        if device.startswith("cuda") and not torch.cuda.is_available():
-            raise BackendError("device='cuda' but this torch has no usable CUDA GPU; use "
-                               "device='cpu' or install a CUDA build of torch")
-        if fp16 and not device.startswith("cuda"):
-            raise ValueError("fp16=True needs device='cuda' (FP16 on the CPU is slow and inexact)")
+    def __init__(self, manifest: Manifest, device: str | None = "cpu", fp16: bool = False,
+                 limits: Limits | None = None):
+        device = _checked_device(device, fp16)
+        encoder, decoder = self._build(manifest)
+        self._setup(encoder, decoder, device, fp16)
         self.manifest = manifest
+
+    @classmethod
+    def from_modules(cls, encoder: EfficientNetLite0 | None, decoder: CaptionDecoder,
+                     device: str | None = "cpu") -> "TorchBackend":
+        """A backend over modules in memory (training's dev check); ``encoder`` may be None when
+        only ``encode_regions`` is used. The modules are used as they are (no copy)."""
+        backend = cls.__new__(cls)
+        backend._setup(encoder, decoder, _checked_device(device, False), fp16=False)
+        backend.manifest = None
+        return backend
+
+    def _setup(self, encoder, decoder, device: str, fp16: bool) -> None:
         self.device = torch.device(device)
         self.dtype = torch.float16 if fp16 else torch.float32
-        self.top_k = int(manifest.dims["top_k"])
-        self.n_regions = int(manifest.dims["regions"])
-        self.encoder, self.decoder = self._build(manifest)
+        self.top_k = decoder.cfg.top_k
+        self.decoder = decoder.to(self.device, self.dtype)
+        self.encoder = None if encoder is None else encoder.to(self.device, self.dtype)
+        self.encoder_graph = None if encoder is None else EncoderGraph(self.encoder, self.decoder)
+        self.step_graph = StepGraph(self.decoder)
 
-    def _build(self, manifest: Manifest) -> tuple[EfficientNetLite0, CaptionDecoder]:
+    @staticmethod
+    def _build(manifest: Manifest) -> tuple[EfficientNetLite0, CaptionDecoder]:
         config = manifest.info.get("decoder_config")
         if not isinstance(config, dict):
             raise ModelError(f"{manifest.directory}: manifest.json has no decoder_config; the "
@@ -99,8 +128,7 @@ class TorchBackend(Backend):
         weights = read_initializers(manifest)
         _load(encoder, weights, "encoder.", ENCODER_UNUSED, manifest)
         _load(decoder, weights, "decoder.", (), manifest)
-        return (encoder.to(self.device, self.dtype).eval(),
-                decoder.to(self.device, self.dtype).eval())
+        return encoder.eval(), decoder.eval()
 
     def describe(self) -> str:
         where = torch.cuda.get_device_name(self.device) if self.device.type == "cuda" else "CPU"
@@ -109,13 +137,20 @@ class TorchBackend(Backend):
 
     @torch.inference_mode()
     def encode(self, images: np.ndarray) -> Encoded:
-        """images float32 (N, 3, H, W) -> Encoded with torch tensors on the device: features
-        (N, L, F), att_proj (N, L, A), h0, c0 (N, H)."""
+        """images float32 (N, 3, H, W) -> Encoded with the encoder graph's outputs as torch
+        tensors on the device."""
         x = torch.from_numpy(np.ascontiguousarray(images, np.float32)).to(self.device, self.dtype)
-        fmap = self.encoder.features(x).flatten(2).transpose(1, 2)  # (N, L, 1280)
-        features, att_proj, h0, c0 = self.decoder.init_state(fmap)
-        return Encoded(n_images=int(images.shape[0]),
-                       tensors={"features": features, "att_proj": att_proj, "h0": h0, "c0": c0})
+        return self._encoded(self.encoder_graph(x))
+
+    @torch.inference_mode()
+    def encode_regions(self, regions: torch.Tensor) -> Encoded:
+        """The encoder graph from its CNN's regions (N, L, C) on (training's cached features)."""
+        return self._encoded(self.decoder.init_state(regions.to(self.device, self.dtype)))
+
+    @staticmethod
+    def _encoded(outputs) -> Encoded:
+        tensors = dict(zip(ENCODER_OUTPUTS, outputs))
+        return Encoded(n_images=int(tensors["h0"].shape[0]), tensors=tensors)
 
     def start(self, encoded: Encoded, image_index: np.ndarray,
               return_attention: bool = False) -> "TorchDecoderSession":
@@ -127,7 +162,7 @@ class TorchDecoderSession(DecoderSession):
 
     def __init__(self, backend: TorchBackend, tensors: dict, image_index: np.ndarray,
                  return_attention: bool):
-        self.decoder = backend.decoder
+        self.step_graph = backend.step_graph
         self.device = backend.device
         self.return_attention = return_attention
         self.h, self.c = tensors["h0"], tensors["c0"]
@@ -135,15 +170,13 @@ class TorchDecoderSession(DecoderSession):
         self.image_index = self._rows(image_index)
 
     def _rows(self, x: np.ndarray) -> torch.Tensor:
-        return torch.from_numpy(np.asarray(x, dtype=np.int64)).to(self.device)
+        return torch.from_numpy(np.asarray(x, dtype=np.int32)).to(self.device)
 
     @torch.inference_mode()
     def step(self, tokens: np.ndarray, source_rows: np.ndarray) -> StepResult:
-        # The exported step's semantics: gather the previous state by source_rows, then one word.
-        h = self.h.index_select(0, self._rows(source_rows))
-        c = self.c.index_select(0, self._rows(source_rows))
-        values, ids, self.h, self.c, alpha = self.decoder.step(
-            self._rows(tokens), h, c, self.features, self.att_proj, self.image_index)
+        values, ids, self.h, self.c, alpha = self.step_graph(
+            self._rows(tokens), self.h, self.c, self._rows(source_rows), self.features,
+            self.att_proj, self.image_index)
         return StepResult(topk_logprobs=values.float().cpu().numpy(),  # log-softmax ran in fp32
-                          topk_ids=ids.to(torch.int32).cpu().numpy(),
+                          topk_ids=ids.cpu().numpy(),
                           alpha=alpha.float().cpu().numpy() if self.return_attention else None)

@@ -27,6 +27,7 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
 
 def run(args: argparse.Namespace) -> int:
     from edgecap.convert import compare_stages, convert_model_dir
+    from edgecap.contract import ROLES
     from edgecap.manifest import load_manifest
 
     try:
@@ -36,7 +37,7 @@ def run(args: argparse.Namespace) -> int:
         print(f"edgecap convert: error: {exc}", file=sys.stderr)
         return 2
     print(f"wrote {args.precision} model to {manifest.directory}")
-    for role in ("encoder", "decoder_step"):
+    for role in ROLES:
         print(f"  {manifest.files[role]}: {manifest.path(role).stat().st_size / 1e6:.1f} MB")
     if not args.no_check:
         diffs = compare_stages(load_manifest(args.model_dir), manifest)

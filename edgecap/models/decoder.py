@@ -20,6 +20,19 @@ import torch
 from torch import nn
 from torch.nn import functional as F
 
+from edgecap.vocab import NEVER_FIRST_IDS, NEVER_GENERATED_IDS
+
+LOGIT_FLOOR = -1e4  # a finite "never": -inf would overflow to NaN in FP16 graphs
+
+
+def mask_logits(logits: torch.Tensor, first_word: bool = False) -> torch.Tensor:
+    """logits (R, V) with the words a caption never holds (``edgecap.vocab``) floored, and
+    <end> too when ``first_word``. Out of place, so it traces into the step graph."""
+    banned = set(NEVER_GENERATED_IDS + (NEVER_FIRST_IDS if first_word else ()))
+    # built from a Python list, so an exported graph holds it as one constant
+    mask = torch.tensor([i in banned for i in range(logits.shape[1])], device=logits.device)
+    return torch.where(mask, torch.full_like(logits[:, :1], LOGIT_FLOOR), logits)
+
 
 @dataclass(frozen=True)
 class DecoderConfig:
@@ -120,11 +133,7 @@ class CaptionDecoder(nn.Module):
         """
         logits, h, c, alpha = self.logits(tokens, h, c, torch.index_select(features, 0, image_index),
                                           torch.index_select(att_proj, 0, image_index))
-        # <pad>, <start> and <unk> (ids 0, 1, 3: see Vocabulary) are never generated. A finite
-        # floor, not -inf, so the graph stays safe in FP16.
-        floor = torch.full_like(logits[:, :1], -1e4)
-        logits = torch.cat([floor, floor, logits[:, 2:3], floor, logits[:, 4:]], dim=1)
-        logprobs = torch.log_softmax(logits.float(), dim=1)
+        logprobs = torch.log_softmax(mask_logits(logits).float(), dim=1)
         values, ids = logprobs.topk(self.cfg.top_k, dim=1)
         return values, ids, h, c, alpha
 

@@ -85,7 +85,12 @@ class EfficientNetLite0(nn.Module):
         self._fc = nn.Linear(FEATURE_CHANNELS, n_classes)
 
     def features(self, x: torch.Tensor) -> torch.Tensor:
+        """image (N, 3, H, W) -> feature map (N, 1280, H/32, W/32)."""
         return self.tail(self.prefix(x, len(self._blocks)), len(self._blocks))
+
+    def regions(self, x: torch.Tensor) -> torch.Tensor:
+        """image (N, 3, H, W) -> the decoder's attention regions (N, L, 1280)."""
+        return as_regions(self.features(x))
 
     def prefix(self, x: torch.Tensor, n_blocks: int) -> torch.Tensor:
         """The stem and the first ``n_blocks`` blocks: image -> intermediate map."""
@@ -102,6 +107,11 @@ class EfficientNetLite0(nn.Module):
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
         return self._fc(self.features(x).mean((2, 3)))
+
+
+def as_regions(fmap: torch.Tensor) -> torch.Tensor:
+    """feature map (N, C, h, w) -> regions (N, h * w, C), row-major over the map."""
+    return fmap.flatten(2).transpose(1, 2)
 
 
 def pretrained_state_dict() -> dict[str, torch.Tensor]:

@@ -58,7 +58,7 @@ def compute_features(image_paths: list[Path], cache_dir: Path, preprocessing: Pr
         if mirrored:
             x = x.flip(3)
         if split_at is None:
-            return model.features(x).flatten(2).transpose(1, 2)  # (n, 49, 1280)
+            return model.regions(x)  # (n, L, 1280)
         return model.prefix(x, split_at)
 
     out = None

@@ -18,6 +18,7 @@ import torch
 
 from edgecap.data.readers import read_dataset
 from edgecap.models.checkpoint import load_checkpoint, save_checkpoint
+from edgecap.models.decoder import mask_logits
 from edgecap.training.cider import CiderD
 from edgecap.training.features import progress_bar, split_features
 from edgecap.training.train import evaluate_dev, seeded
@@ -58,11 +59,7 @@ def sample_captions(decoder, fmap, n_samples: int, max_length: int, start: int, 
     tokens, logps, masks = [], [], []
     for t in range(max_length):
         logits, h, c, _ = decoder.logits(token, h, c, features, att_proj)
-        logits[:, :2] = -1e4   # never <pad> / <start>
-        logits[:, 3] = -1e4    # nor <unk>
-        if t == 0:
-            logits[:, end] = -1e4
-        logprobs = torch.log_softmax(logits, dim=1)
+        logprobs = torch.log_softmax(mask_logits(logits, first_word=t == 0), dim=1)
         token = torch.multinomial(logprobs.detach().exp(), 1).squeeze(1)
         masks.append(alive.clone())
         logps.append(logprobs.gather(1, token[:, None]).squeeze(1) * alive)

@@ -29,7 +29,7 @@ from edgecap.errors import ModelError
 from edgecap.metrics import score
 from edgecap.models.checkpoint import load_checkpoint, save_checkpoint
 from edgecap.models.decoder import CaptionDecoder, DecoderConfig
-from edgecap.models.efficientnet_lite import N_BLOCKS, load_pretrained
+from edgecap.models.efficientnet_lite import N_BLOCKS, as_regions, load_pretrained
 from edgecap.images import load_rgb
 from edgecap.preprocess import Preprocessing, to_model_input
 from edgecap.training.features import compute_features, progress_bar, split_features
@@ -125,20 +125,17 @@ def caption_loss(decoder: CaptionDecoder, fmap, caps, image_index, vocab, cfg: T
     return loss, ce
 
 
-@torch.inference_mode()
 def greedy_captions(decoder: CaptionDecoder, fmap: torch.Tensor, vocab: Vocabulary,
                     max_len: int = 20) -> list[str]:
-    """Greedy captions of a batch of feature maps (the per-epoch dev check)."""
-    features, att_proj, h, c = decoder.init_state(fmap)
-    token = torch.full((fmap.shape[0],), vocab.start, dtype=torch.long)
-    out = []
-    for _ in range(max_len):
-        logits, h, c, _ = decoder.logits(token, h, c, features, att_proj)
-        logits[:, [vocab.pad, vocab.start, vocab.unk]] = -1e4  # as the exported step does
-        token = logits.argmax(1)
-        out.append(token)
-    ids = torch.stack(out, 1).tolist()
-    return [vocab.decode(row) for row in ids]
+    """Greedy captions of a batch of feature maps (N, L, C) (the per-epoch dev check): the
+    runtime's own search (beam 1, no n-gram rule) over the PyTorch backend's step graph."""
+    from edgecap.backends.torch import TorchBackend
+    from edgecap.search import SearchOptions, beam_search
+
+    backend = TorchBackend.from_modules(None, decoder, device=str(fmap.device))
+    options = SearchOptions(beam_size=1, max_length=max_len, no_repeat_ngram=0)
+    hypotheses = beam_search(backend, backend.encode_regions(fmap), options, vocab.start, vocab.end)
+    return [" ".join(vocab.words[i] for i in hyps[0].tokens) for hyps in hypotheses]
 
 
 def evaluate_dev(decoder, dev_fmaps, dev_items, vocab, batch_size=250) -> dict[str, float]:
@@ -147,7 +144,7 @@ def evaluate_dev(decoder, dev_fmaps, dev_items, vocab, batch_size=250) -> dict[s
     for start in range(0, len(dev_items), batch_size):
         fmap = torch.from_numpy(np.asarray(dev_fmaps[start:start + batch_size], dtype=np.float32))
         for item, cap in zip(dev_items[start:start + batch_size], greedy_captions(decoder, fmap, vocab)):
-            hyps[item.file_name] = cap or "a"
+            hyps[item.file_name] = cap
     refs = {it.file_name: it.captions for it in dev_items}
     return score(refs, hyps, tokenizer="simple", metrics=("BLEU-1", "BLEU-4", "CIDEr"))
 
@@ -268,10 +265,10 @@ def train(cfg: TrainConfig, log=print) -> Path:
                 flip = torch.tensor([rng.random() < 0.5 for _ in rows])
                 x = torch.where(flip[:, None, None, None], mirror_maps[mirror_row[rows]],
                                 train_maps[rows])
-                fmap = encoder.tail(x, split_at).flatten(2).transpose(1, 2)
+                fmap = as_regions(encoder.tail(x, split_at))
             else:
                 x = np.stack([to_model_input(augment(load_rgb(row_to_path[r])), pre) for r in rows])
-                fmap = encoder.features(torch.from_numpy(x)).flatten(2).transpose(1, 2)
+                fmap = encoder.regions(torch.from_numpy(x))
             loss, ce = caption_loss(decoder, fmap, caps, image_index, vocab, cfg, sample_prob)
             optimizer.zero_grad(set_to_none=True)
             loss.backward()
@@ -313,7 +310,7 @@ def _tail_features(encoder, split_at: int, maps: np.ndarray, batch_size: int = 1
     out = []
     for start in range(0, len(maps), batch_size):
         x = torch.from_numpy(np.asarray(maps[start:start + batch_size], dtype=np.float32))
-        out.append(encoder.tail(x, split_at).flatten(2).transpose(1, 2).numpy())
+        out.append(as_regions(encoder.tail(x, split_at)).numpy())
     return np.concatenate(out)
 
 

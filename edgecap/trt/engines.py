@@ -30,46 +30,14 @@ import sys
 from dataclasses import dataclass
 from pathlib import Path
 
-from edgecap.backends.base import ENCODER_INPUTS, ENCODER_OUTPUTS, STEP_INPUTS, STEP_OUTPUTS
+from edgecap.cache import cache_root
+from edgecap.contract import IO, ROLES, Limits
 from edgecap.errors import BackendError, ModelError
 from edgecap.manifest import Manifest, file_sha256
 from edgecap.trt import STRONGLY_TYPED_FP16_FROM, parse_version
 
-ROLES = ("encoder", "decoder_step")
-IO_NAMES = {"encoder": (ENCODER_INPUTS, ENCODER_OUTPUTS),
-            "decoder_step": (STEP_INPUTS, STEP_OUTPUTS)}
 PRECISIONS = ("fp16", "fp32")
 WORKSPACE_BYTES = 1 << 30  # the builder's scratch space; 1 GiB fits the smallest Orin Nano
-
-
-@dataclass(frozen=True)
-class Limits:
-    """The optimisation profile's row ranges: images per batch and beams per image."""
-
-    max_batch: int = 8
-    max_beam: int = 5
-
-    def __post_init__(self):
-        if self.max_batch < 1 or self.max_beam < 1:
-            raise ValueError(f"max_batch and max_beam must be >= 1, not "
-                             f"{self.max_batch} and {self.max_beam}")
-
-    @property
-    def max_rows(self) -> int:
-        return self.max_batch * self.max_beam
-
-    def row_ranges(self, role: str) -> dict[str, tuple[int, int, int]]:
-        """(min, opt, max) of each input's first dimension. Images: N; step rows: R, optimised
-        for one image with a full beam; ``h``/``c`` have S rows (N on the first step, R after)."""
-        images = (1, 1, self.max_batch)
-        if role == "encoder":
-            return {"image": images}
-        rows = (1, min(self.max_beam, self.max_rows), self.max_rows)
-        return {"tokens": rows, "source_rows": rows, "image_index": rows, "h": rows, "c": rows,
-                "features": images, "att_proj": images}
-
-    def tag(self, role: str) -> str:
-        return f"b{self.max_batch}" if role == "encoder" else f"b{self.max_batch}k{self.max_beam}"
 
 
 def profile_shapes(role: str, input_shapes: dict[str, tuple[int, ...]], limits: Limits
@@ -133,10 +101,7 @@ def timing_cache_path(cache_dir: Path, target: Target) -> Path:
 def default_cache_dir() -> Path:
     """``$EDGECAP_CACHE/engines``, else ``$XDG_CACHE_HOME/edgecap/engines``, else
     ``~/.cache/edgecap/engines``."""
-    if os.environ.get("EDGECAP_CACHE"):
-        return Path(os.environ["EDGECAP_CACHE"]).expanduser() / "engines"
-    base = os.environ.get("XDG_CACHE_HOME") or Path.home() / ".cache"
-    return Path(base).expanduser() / "edgecap" / "engines"
+    return cache_root() / "engines"
 
 
 def fp16_mode(trt, version: tuple[int, int]) -> str:
@@ -371,7 +336,7 @@ class EngineCache:
         return self._checked(engine, role)
 
     def _checked(self, engine, role: str):
-        inputs, outputs = IO_NAMES[role]
+        inputs, outputs = IO[role]
         names = [engine.get_tensor_name(i) for i in range(engine.num_io_tensors)]
         found_in = {n for n in names
                     if engine.get_tensor_mode(n) == self.trt.TensorIOMode.INPUT}

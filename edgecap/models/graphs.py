@@ -1,0 +1,37 @@
+"""The two graphs of the model contract (``edgecap.contract``) as PyTorch modules: what
+``edgecap export`` traces to ONNX and what the PyTorch backend runs, written once."""
+
+from __future__ import annotations
+
+import torch
+from torch import nn
+
+from edgecap.models.decoder import CaptionDecoder
+from edgecap.models.efficientnet_lite import EfficientNetLite0
+
+
+class EncoderGraph(nn.Module):
+    """image (N, 3, H, W) -> features (N, L, F), att_proj (N, L, A), h0, c0 (N, H)."""
+
+    def __init__(self, encoder: EfficientNetLite0, decoder: CaptionDecoder):
+        super().__init__()
+        self.encoder = encoder
+        self.decoder = decoder
+
+    def forward(self, image):
+        return self.decoder.init_state(self.encoder.regions(image))
+
+
+class StepGraph(nn.Module):
+    """One word for R rows: gather the previous state by ``source_rows``, then the decoder's
+    step -> topk_logprobs (R, K), topk_ids int32 (R, K), h_out, c_out (R, H), alpha (R, L)."""
+
+    def __init__(self, decoder: CaptionDecoder):
+        super().__init__()
+        self.decoder = decoder
+
+    def forward(self, tokens, h, c, source_rows, features, att_proj, image_index):
+        h = torch.index_select(h, 0, source_rows)
+        c = torch.index_select(c, 0, source_rows)
+        values, ids, h, c, alpha = self.decoder.step(tokens, h, c, features, att_proj, image_index)
+        return values, ids.to(torch.int32), h, c, alpha
