@@ -130,11 +130,6 @@ def load_rgb(image: ImageInput, color: str = "rgb",
                              "a PIL image or a numpy array")
 
 
-def load_rgb_array(image: ImageInput, color: str = "rgb") -> np.ndarray:
-    """Any supported input -> uint8 (H, W, 3) RGB."""
-    return np.asarray(load_rgb(image, color))
-
-
 def _read_file(path: Path, source: str) -> bytes:
     """The file's bytes; missing, directory, unreadable and empty files are InputErrors.
 

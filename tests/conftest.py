@@ -8,10 +8,22 @@ import sys
 from pathlib import Path
 
 import pytest
+from PIL import Image
 
 sys.path.insert(0, str(Path(__file__).parent))
 
+from edgecap import images  # noqa: E402
+
 EXAMPLES = Path(__file__).resolve().parents[1] / "edgecap" / "assets" / "examples"
+
+
+@pytest.fixture(autouse=True)
+def _restore_pixel_limit(monkeypatch):
+    """The pixel limit is process-wide state (``images.set_max_pixels``, the environment
+    variable, Pillow's own guard): every test starts from the defaults and leaves them so."""
+    monkeypatch.delenv(images.MAX_PIXELS_ENV, raising=False)
+    monkeypatch.setattr(images, "_max_pixels_override", None)
+    monkeypatch.setattr(Image, "MAX_IMAGE_PIXELS", Image.MAX_IMAGE_PIXELS)
 
 
 @pytest.fixture(scope="session")

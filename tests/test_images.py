@@ -17,14 +17,7 @@ from PIL import Image
 from edgecap import images
 from edgecap.errors import InputError
 from edgecap.preprocess import Preprocessing
-
-
-@pytest.fixture(autouse=True)
-def _restore_pixel_limit(monkeypatch):
-    """set_max_pixels and the env var are process-wide: undo them after each test."""
-    monkeypatch.delenv(images.MAX_PIXELS_ENV, raising=False)
-    monkeypatch.setattr(images, "_max_pixels_override", None)
-    monkeypatch.setattr(Image, "MAX_IMAGE_PIXELS", Image.MAX_IMAGE_PIXELS)
+from helpers import rgb_array
 
 
 def _save(im: Image.Image, path, **kwargs):
@@ -99,7 +92,7 @@ def test_bad_color_argument():
 def test_png_with_alpha_goes_over_white(tmp_path):
     im = Image.new("RGBA", (8, 8), (255, 0, 0, 0))     # fully transparent red
     im.putpixel((0, 0), (0, 0, 255, 255))               # one opaque blue pixel
-    x = images.load_rgb_array(_save(im, tmp_path / "a.png"))
+    x = rgb_array(_save(im, tmp_path / "a.png"))
     assert x.dtype == np.uint8 and x.shape == (8, 8, 3)
     assert tuple(x[1, 1]) == (255, 255, 255)
     assert tuple(x[0, 0]) == (0, 0, 255)
@@ -107,7 +100,7 @@ def test_png_with_alpha_goes_over_white(tmp_path):
 
 def test_palette_png(tmp_path):
     im = _rgb((10, 120, 250)).convert("P", palette=Image.Palette.ADAPTIVE)
-    x = images.load_rgb_array(_save(im, tmp_path / "p.png"))
+    x = rgb_array(_save(im, tmp_path / "p.png"))
     assert x.shape == (12, 16, 3)
     assert np.abs(x[0, 0].astype(int) - (10, 120, 250)).max() <= 8
 
@@ -115,13 +108,13 @@ def test_palette_png(tmp_path):
 def test_palette_with_transparency(tmp_path):
     im = Image.new("P", (4, 4), 1)
     im.putpalette([0, 0, 0, 255, 0, 0] + [0] * 762)
-    x = images.load_rgb_array(_save(im, tmp_path / "t.png", transparency=1))
+    x = rgb_array(_save(im, tmp_path / "t.png", transparency=1))
     assert tuple(x[0, 0]) == (255, 255, 255)
 
 
 def test_cmyk_jpeg(tmp_path):
     im = Image.new("CMYK", (10, 10), (0, 255, 255, 0))  # red in CMYK
-    x = images.load_rgb_array(_save(im, tmp_path / "cmyk.jpg"))
+    x = rgb_array(_save(im, tmp_path / "cmyk.jpg"))
     assert x.shape == (10, 10, 3)
     assert x[5, 5, 0] > 200 and x[5, 5, 1] < 60 and x[5, 5, 2] < 60
 
@@ -129,7 +122,7 @@ def test_cmyk_jpeg(tmp_path):
 def test_16bit_png_is_scaled_not_clipped(tmp_path):
     im = Image.fromarray(np.full((4, 5), 40000, np.uint16))
     path = _save(im, tmp_path / "deep.png")
-    x = images.load_rgb_array(path)
+    x = rgb_array(path)
     assert x.shape == (4, 5, 3)
     assert (x == 40000 // 257).all()
 
@@ -138,7 +131,7 @@ def test_exif_rotation(tmp_path):
     im = _rgb(size=(20, 10))
     exif = Image.Exif()
     exif[0x0112] = 6  # orientation: rotate 90 degrees clockwise to display
-    x = images.load_rgb_array(_save(im, tmp_path / "rot.jpg", exif=exif))
+    x = rgb_array(_save(im, tmp_path / "rot.jpg", exif=exif))
     assert x.shape == (20, 10, 3)
 
 
@@ -146,13 +139,13 @@ def test_animated_gif_first_frame(tmp_path):
     frames = [Image.new("RGB", (6, 6), (255, 0, 0)), Image.new("RGB", (6, 6), (0, 0, 255))]
     path = tmp_path / "anim.gif"
     frames[0].save(path, save_all=True, append_images=frames[1:], duration=100, loop=0)
-    x = images.load_rgb_array(path)
+    x = rgb_array(path)
     assert x[0, 0, 0] > 200 and x[0, 0, 2] < 50
 
 
 def test_webp(tmp_path):
     pytest.importorskip("PIL.WebPImagePlugin")
-    x = images.load_rgb_array(_save(_rgb(), tmp_path / "a.webp", lossless=True))
+    x = rgb_array(_save(_rgb(), tmp_path / "a.webp", lossless=True))
     assert tuple(x[0, 0]) == (200, 30, 40)
 
 
@@ -165,10 +158,10 @@ def test_one_pixel_image(tmp_path):
 
 def test_bytes_and_pil_inputs_match_path(tmp_path):
     path = _save(_rgb(), tmp_path / "a.png")
-    from_path = images.load_rgb_array(path)
-    assert np.array_equal(images.load_rgb_array(path.read_bytes()), from_path)
-    assert np.array_equal(images.load_rgb_array(Image.open(path)), from_path)
-    assert np.array_equal(images.load_rgb_array(str(path)), from_path)
+    from_path = rgb_array(path)
+    assert np.array_equal(rgb_array(path.read_bytes()), from_path)
+    assert np.array_equal(rgb_array(Image.open(path)), from_path)
+    assert np.array_equal(rgb_array(str(path)), from_path)
 
 
 def test_pil_input_is_not_modified():
@@ -183,7 +176,7 @@ def test_bundled_example_photos():
     examples = files("edgecap") / "assets" / "examples"
     for name in ("chelsea.png", "rocket.jpg"):
         with examples.joinpath(name).open("rb") as f:
-            x = images.load_rgb_array(f.read())
+            x = rgb_array(f.read())
         assert x.ndim == 3 and x.shape[2] == 3 and x.dtype == np.uint8
 
 
@@ -209,7 +202,7 @@ def test_set_max_pixels(tmp_path):
     images.set_max_pixels(100)
     _assert_input_error(path, str(path), "400 pixels", "set_max_pixels")
     images.set_max_pixels(400)
-    assert images.load_rgb_array(path).shape == (20, 20, 3)
+    assert rgb_array(path).shape == (20, 20, 3)
 
 
 def test_set_max_pixels_above_pillow_limit_lets_pillow_open(tmp_path):
@@ -237,33 +230,33 @@ def test_bad_limits(monkeypatch):
 # -- arrays ------------------------------------------------------------------------------------
 def test_rgb_array_passes_through():
     x = np.random.default_rng(1).integers(0, 256, (5, 7, 3), dtype=np.uint8)
-    assert np.array_equal(images.load_rgb_array(x), x)
+    assert np.array_equal(rgb_array(x), x)
 
 
 def test_bgr_array():
     bgr = np.zeros((2, 2, 3), np.uint8)
     bgr[..., 0] = 255  # blue in OpenCV order
-    assert tuple(images.load_rgb_array(bgr, color="bgr")[0, 0]) == (0, 0, 255)
-    assert tuple(images.load_rgb_array(bgr[:, ::-1], color="bgr")[0, 0]) == (0, 0, 255)
+    assert tuple(rgb_array(bgr, color="bgr")[0, 0]) == (0, 0, 255)
+    assert tuple(rgb_array(bgr[:, ::-1], color="bgr")[0, 0]) == (0, 0, 255)
 
 
 def test_grayscale_arrays():
     for gray in (np.full((3, 4), 77, np.uint8), np.full((3, 4, 1), 77, np.uint8)):
-        x = images.load_rgb_array(gray)
+        x = rgb_array(gray)
         assert x.shape == (3, 4, 3) and (x == 77).all()
 
 
 def test_rgba_and_bgra_arrays_over_white():
     rgba = np.zeros((2, 2, 4), np.uint8)
     rgba[0, 0] = (255, 0, 0, 255)
-    x = images.load_rgb_array(rgba)
+    x = rgb_array(rgba)
     assert tuple(x[0, 0]) == (255, 0, 0) and tuple(x[1, 1]) == (255, 255, 255)
-    assert tuple(images.load_rgb_array(rgba, color="bgr")[0, 0]) == (0, 0, 255)
+    assert tuple(rgb_array(rgba, color="bgr")[0, 0]) == (0, 0, 255)
 
 
 def test_float_and_uint16_arrays():
-    assert (images.load_rgb_array(np.full((2, 2, 3), 0.5, np.float32)) == 128).all()
-    assert (images.load_rgb_array(np.full((2, 2, 3), 65535, np.uint16)) == 255).all()
+    assert (rgb_array(np.full((2, 2, 3), 0.5, np.float32)) == 128).all()
+    assert (rgb_array(np.full((2, 2, 3), 65535, np.uint16)) == 255).all()
 
 
 @pytest.mark.parametrize("array, words", [

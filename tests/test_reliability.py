@@ -28,19 +28,12 @@ from edgecap import BackendError, Caption, Captioner, InputError, ModelError
 from edgecap import images
 from edgecap.cli import main as cli_main
 from edgecap.manifest import load_manifest
+from helpers import rgb_array
 
 PACKAGE = Path(edgecap.__file__).parent
 EXAMPLES = PACKAGE / "assets" / "examples"
 ENV = {**os.environ, "PYTHONPATH": os.pathsep.join(
     [str(PACKAGE.parent), os.environ.get("PYTHONPATH", "")])}
-
-
-@pytest.fixture(autouse=True)
-def _restore_pixel_limit(monkeypatch):
-    """set_max_pixels and the env var are process-wide: undo them after each test."""
-    monkeypatch.delenv(images.MAX_PIXELS_ENV, raising=False)
-    monkeypatch.setattr(images, "_max_pixels_override", None)
-    monkeypatch.setattr(Image, "MAX_IMAGE_PIXELS", Image.MAX_IMAGE_PIXELS)
 
 
 @pytest.fixture(scope="module")
@@ -144,9 +137,9 @@ def test_missing_path_and_directory(captioner, tmp_path):
 
 def test_16bit_files_are_scaled(zoo):
     photo = np.asarray(_chelsea())
-    assert np.array_equal(images.load_rgb_array(zoo / "rgb48.png"), photo)
+    assert np.array_equal(rgb_array(zoo / "rgb48.png"), photo)
     gray = np.asarray(_chelsea().convert("L"))
-    assert np.array_equal(images.load_rgb_array(zoo / "gray16.png")[..., 0], gray)
+    assert np.array_equal(rgb_array(zoo / "gray16.png")[..., 0], gray)
 
 
 @pytest.mark.parametrize("orientation, stored_as", [
@@ -160,7 +153,7 @@ def test_exif_orientation_gives_the_upright_pixels(tmp_path, orientation, stored
     exif[0x0112] = orientation
     path = tmp_path / "stored.png"  # lossless, so pixels can be compared exactly
     upright.transpose(stored_as).save(path, exif=exif)
-    assert np.array_equal(images.load_rgb_array(path), np.asarray(upright))
+    assert np.array_equal(rgb_array(path), np.asarray(upright))
 
 
 def test_exif_rotated_file_is_captioned_like_the_upright_pixels(captioner, tmp_path):
@@ -243,7 +236,7 @@ def test_unusual_but_valid_arrays(captioner):
     big_endian = (rgb.astype(np.uint16) * 257).astype(">u2")
     assert captioner.caption(big_endian) == reference
     assert captioner.caption(np.zeros((1, 1, 3), np.uint8)).text
-    assert images.load_rgb_array(np.matrix(rgb[..., 0])).shape == (40, 30, 3)
+    assert rgb_array(np.matrix(rgb[..., 0])).shape == (40, 30, 3)
 
 
 # -- decompression bombs -------------------------------------------------------------------------
