@@ -14,7 +14,7 @@ import os
 import threading
 import time
 from collections.abc import Iterable
-from dataclasses import dataclass, field
+from dataclasses import dataclass, field, fields, replace
 from importlib import resources
 from pathlib import Path
 
@@ -27,44 +27,10 @@ from edgecap.backends.base import Backend
 from edgecap.errors import InputError, ModelError
 from edgecap.images import ImageInput, load_rgb, max_pixels, preprocess
 from edgecap.manifest import Manifest, file_sha256, load_manifest
-from edgecap.search import Hypothesis, SearchOptions, beam_search
+from edgecap.search import CaptionOptions, Hypothesis, beam_search
 from edgecap.vocab import Vocabulary
 
 ON_ERROR = ("raise", "return")
-
-
-@dataclass(frozen=True)
-class CaptionOptions:
-    """How captions are searched for; checked by ``validate_options``."""
-
-    beam_size: int = 3
-    max_length: int = 20                 # words, not counting <end>
-    batch_size: int = 8                  # images per encoder run and per search
-    length_penalty: float | None = None  # None: rank by mean log-prob per word; a: GNMT ((5+n)/6)^a
-    n_best: int = 1                      # hypotheses kept per image (the best + alternatives)
-    no_repeat_ngram: int = 3             # > 0: no caption repeats an n-gram of this size (0: off)
-
-
-def validate_options(options: CaptionOptions, top_k: int) -> None:
-    """Raise ``ValueError`` naming the first bad option. ``top_k``: the model's step graph K.
-    The search's own rules live in ``SearchOptions.validate``; this adds types and batching."""
-    for name in ("beam_size", "max_length", "batch_size", "n_best", "no_repeat_ngram"):
-        value = getattr(options, name)
-        if isinstance(value, bool) or not isinstance(value, int):
-            raise ValueError(f"{name} must be an integer, got {value!r}")
-    if options.batch_size < 1:
-        raise ValueError(f"batch_size must be at least 1, got {options.batch_size}")
-    penalty = options.length_penalty
-    if penalty is not None and (isinstance(penalty, bool) or not isinstance(penalty, (int, float))):
-        raise ValueError(f"length_penalty must be None or a number in [0, 2], got {penalty!r}")
-    search_options(options).validate(top_k)
-
-
-def search_options(options: CaptionOptions, return_attention: bool = False) -> SearchOptions:
-    return SearchOptions(beam_size=options.beam_size, max_length=options.max_length,
-                         length_penalty=options.length_penalty, n_best=options.n_best,
-                         return_attention=return_attention,
-                         no_repeat_ngram=options.no_repeat_ngram)
 
 
 @dataclass(frozen=True)
@@ -133,24 +99,23 @@ class Captioner:
         model: a model directory (``edgecap export``); None: the shipped default model.
         backend: "onnxruntime", "torch", "tensorrt" or "auto" (onnxruntime if installed,
             else tensorrt, else torch).
-        beam_size, max_length, batch_size, length_penalty, n_best, no_repeat_ngram: see
-            ``CaptionOptions``.
+        options: a ``CaptionOptions`` (beam size, max length, batch size, length penalty, n-best,
+            no-repeat n-gram); None: its defaults.
         device: "cpu" or "cuda", passed to the backend (None: the backend's default).
-        **backend_options: passed to the backend class (e.g. ``threads=2``, ``fp16=True``).
+        **keywords: a ``CaptionOptions`` field by name (``beam_size=5``) overrides that field of
+            ``options`` (``dataclasses.replace``), so ``Captioner(options=opts, beam_size=5)`` is
+            ``opts`` with beam 5. The other keywords go to the backend class (e.g.
+            ``threads=2``, ``fp16=True``).
     """
 
-    def __init__(self, model: str | os.PathLike | None = None, backend: str = "auto",
-                 beam_size: int = 3, max_length: int = 20, batch_size: int = 8,
-                 length_penalty: float | None = None, device: str | None = None,
-                 n_best: int = 1, no_repeat_ngram: int = 3, **backend_options):
+    def __init__(self, model: str | os.PathLike | None = None, backend: str = "auto", *,
+                 options: CaptionOptions | None = None, device: str | None = None, **keywords):
         max_pixels()  # a malformed $EDGECAP_MAX_PIXELS is a ValueError now, not on every image
         self.manifest = load_manifest(default_model_dir() if model is None else model)
         height, width = self.manifest.preprocessing.size
         self._draft_size = (width, height)  # big JPEGs are decoded at a reduced scale
-        self.options = CaptionOptions(beam_size=beam_size, max_length=max_length,
-                                      batch_size=batch_size, length_penalty=length_penalty,
-                                      n_best=n_best, no_repeat_ngram=no_repeat_ngram)
-        validate_options(self.options, int(self.manifest.dims["top_k"]))
+        self.options, backend_options = _split_options(options, keywords)
+        self.options.validate(int(self.manifest.dims["top_k"]))
         self.vocab = load_vocabulary(self.manifest)
         name = resolve_backend(backend)
         self.backend: Backend = load_backend(
@@ -217,14 +182,13 @@ class Captioner:
 
     def _search(self, batch: np.ndarray, return_attention: bool):
         """batch float32 (N, 3, H, W) -> (hypotheses per image, encode ms, decode ms)."""
-        options = search_options(self.options, return_attention)
         # A backend with one set of device buffers (TensorRT) runs one batch at a time.
         with self._backend_lock or contextlib.nullcontext():
             t0 = time.perf_counter()
             encoded = self.backend.encode(batch)
             t1 = time.perf_counter()
-            hypotheses = beam_search(self.backend, encoded, options, self.vocab.start,
-                                     self.vocab.end)
+            hypotheses = beam_search(self.backend, encoded, self.options, self.vocab.start,
+                                     self.vocab.end, return_attention)
             t2 = time.perf_counter()
         return hypotheses, (t1 - t0) * 1e3, (t2 - t1) * 1e3
 
@@ -239,6 +203,17 @@ class Captioner:
         return Caption(text=" ".join(words), score=float(hyp.score), tokens=words,
                        log_prob=float(hyp.log_prob), alternatives=alternatives, timings=timings,
                        attention=_attention_maps(hyp.attention))
+
+
+def _split_options(options: CaptionOptions | None, keywords: dict) -> tuple[CaptionOptions, dict]:
+    """-> (``options`` with the keywords that name its fields applied, the other keywords)."""
+    if options is None:
+        options = CaptionOptions()
+    elif not isinstance(options, CaptionOptions):
+        raise TypeError(f"options must be a CaptionOptions, got {type(options).__name__}")
+    names = {f.name for f in fields(CaptionOptions)}
+    overrides = {k: v for k, v in keywords.items() if k in names}
+    return replace(options, **overrides), {k: v for k, v in keywords.items() if k not in names}
 
 
 def _backend_options(name: str, device: str | None, options: CaptionOptions,

@@ -27,8 +27,9 @@ import warnings
 from collections.abc import Iterator
 from pathlib import Path
 
+from edgecap.commands._options import add_model_arguments, load_captioner
+
 IMAGE_EXTENSIONS = (".jpg", ".jpeg", ".png", ".bmp", ".gif", ".webp", ".tif", ".tiff")
-from edgecap.commands._options import add_model_arguments
 
 
 EXIT_CODES = """exit status:
@@ -54,7 +55,6 @@ def add_arguments(p: argparse.ArgumentParser) -> None:
     p.add_argument("--attention", metavar="OUT.png",
                    help="with one image: also write its attention figure, one panel per word")
     add_model_arguments(p)
-    p.add_argument("--batch-size", type=int, default=8, help="images per encoder run")
     p.add_argument("--json", action="store_true", help="one JSON object per line")
 
 
@@ -92,7 +92,6 @@ def run(args: argparse.Namespace) -> int:
     # The command writes only where told: onnxruntime (1.32 checked) otherwise writes a telemetry
     # device id under ~/.cache/Microsoft when imported (ORT_DISABLE_TELEMETRY=0 to allow it).
     os.environ.setdefault("ORT_DISABLE_TELEMETRY", "1")
-    from edgecap.api import Captioner
     from edgecap.errors import InputError
     from PIL import Image
 
@@ -103,10 +102,7 @@ def run(args: argparse.Namespace) -> int:
     # The command owns its process: Pillow's bomb warning would only repeat the InputError.
     warnings.simplefilter("ignore", Image.DecompressionBombWarning)
     try:
-        captioner = Captioner(model=args.model, backend=args.backend, beam_size=args.beam_size,
-                              max_length=args.max_length, batch_size=args.batch_size,
-                              device=args.device,
-                              no_repeat_ngram=args.no_repeat_ngram)
+        captioner = load_captioner(args)
     except ValueError as exc:  # a bad option value: report it like argparse would
         print(f"edgecap caption: error: {exc}", file=sys.stderr)
         return 2
