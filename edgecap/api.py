@@ -4,16 +4,19 @@
     captioner = Captioner()                       # the shipped model, onnxruntime on the CPU
     print(captioner.caption("photo.jpg").text)
     captions = captioner.caption_batch(frames, color="bgr", on_error="return")
+    for caption in captioner.iter_captions(many_paths):   # each batch as soon as it is done
+        print(caption.text)
 """
 
 from __future__ import annotations
 
 import contextlib
+import itertools
 import math
 import os
 import threading
 import time
-from collections.abc import Iterable
+from collections.abc import Iterable, Iterator
 from dataclasses import dataclass, field, fields, replace
 from importlib import resources
 from pathlib import Path
@@ -141,17 +144,23 @@ class Captioner:
         ``on_error="return"``: its slot holds the ``InputError`` instead and the other images are
         captioned as if it were not there.
         """
+        return list(self.iter_captions(images, color, return_attention, on_error))
+
+    def iter_captions(self, images: Iterable[ImageInput], color: str = "rgb",
+                      return_attention: bool = False,
+                      on_error: str = "raise") -> Iterator[Caption | InputError]:
+        """``caption_batch``, lazily: yields one result per image, in the input order, as soon as
+        its batch of ``batch_size`` images is captioned. ``images`` may be any iterable: a generator
+        is read one batch at a time, never all at once. ``on_error`` as in ``caption_batch``. Bad
+        arguments raise here; an unusable image (with "raise") while iterating."""
         if on_error not in ON_ERROR:
             raise ValueError(f"on_error must be one of {ON_ERROR}, got {on_error!r}")
         if isinstance(images, (str, bytes, os.PathLike, Image.Image)) or (
                 isinstance(images, np.ndarray) and images.ndim != 4):
-            raise TypeError("caption_batch takes a list of images; use caption() for one image")
-        images = list(images)
-        results: list[Caption | InputError] = []
-        for start in range(0, len(images), self.options.batch_size):
-            chunk = images[start:start + self.options.batch_size]
-            results.extend(self._caption_chunk(chunk, color, return_attention, on_error))
-        return results
+            raise TypeError("caption_batch and iter_captions take a list of images; "
+                            "use caption() for one image")
+        return (result for chunk in batched(images, self.options.batch_size)
+                for result in self._caption_chunk(chunk, color, return_attention, on_error))
 
     def _caption_chunk(self, images: list, color: str, return_attention: bool,
                        on_error: str) -> list[Caption | InputError]:
@@ -203,6 +212,14 @@ class Captioner:
         return Caption(text=" ".join(words), score=float(hyp.score), tokens=words,
                        log_prob=float(hyp.log_prob), alternatives=alternatives, timings=timings,
                        attention=_attention_maps(hyp.attention))
+
+
+def batched(items: Iterable, size: int) -> Iterator[list]:
+    """Consecutive lists of ``size`` items (the last may be shorter), reading ``items`` one list
+    at a time (``itertools.batched`` of Python 3.12, as lists)."""
+    iterator = iter(items)
+    while chunk := list(itertools.islice(iterator, size)):
+        yield chunk
 
 
 def _split_options(options: CaptionOptions | None, keywords: dict) -> tuple[CaptionOptions, dict]:

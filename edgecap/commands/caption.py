@@ -24,7 +24,8 @@ import glob
 import json
 import sys
 import warnings
-from collections.abc import Iterator
+from collections import deque
+from collections.abc import Iterable, Iterator
 from pathlib import Path
 
 from edgecap.commands._options import add_model_arguments, load_captioner
@@ -108,19 +109,36 @@ def run(args: argparse.Namespace) -> int:
         return 2
     if args.video is not None or args.camera is not None:
         return _run_stream(captioner, args)
-    inputs = [pair for arg in args.paths for pair in expand(arg)]
+    inputs = (pair for arg in args.paths for pair in expand(arg))
     if args.attention is not None:
-        return _run_attention(captioner, inputs, args)
+        return _run_attention(captioner, list(inputs), args)
     failed = 0
-    for start in range(0, len(inputs), args.batch_size):
-        chunk = inputs[start:start + args.batch_size]
-        todo = [item for _, item in chunk if not isinstance(item, InputError)]
-        captions = iter(captioner.caption_batch(todo, on_error="return"))
-        for name, item in chunk:
-            result = item if isinstance(item, InputError) else next(captions)
-            failed += isinstance(result, InputError)
-            _print(name, result, args.json)
+    for name, result in _captions(captioner, inputs):
+        failed += isinstance(result, InputError)
+        _print(name, result, args.json)
     return 1 if failed else 0
+
+
+def _captions(captioner, inputs: Iterable[tuple[str, object]]) -> Iterator[tuple[str, object]]:
+    """(name, input) pairs -> (name, Caption or InputError), in order, each batch as soon as the
+    captioner is done with it. An input that is already an ``InputError`` (an empty folder, an
+    unmatched glob) keeps its place without going to the captioner."""
+    from edgecap.errors import InputError
+
+    pulled: deque = deque()  # (name, its InputError or None) read by the captioner, not yet out
+
+    def images():
+        for name, item in inputs:
+            failed = isinstance(item, InputError)
+            pulled.append((name, item if failed else None))
+            if not failed:
+                yield item
+
+    for result in captioner.iter_captions(images(), on_error="return"):
+        while pulled[0][1] is not None:
+            yield pulled.popleft()
+        yield pulled.popleft()[0], result
+    yield from pulled
 
 
 def _print(name: str, result, as_json: bool) -> None:
