@@ -150,11 +150,9 @@ def _reuse(base, timed, beam: int, batch: int, max_length: int):
     import copy
     from dataclasses import replace
 
-    from edgecap.api import validate_options
-
     runner = copy.copy(base)
     runner.options = replace(base.options, beam_size=beam, batch_size=batch, max_length=max_length)
-    validate_options(runner.options, base.manifest.dims.top_k)
+    runner.options.validate(base.manifest.dims.top_k)
     runner.backend = timed
     return runner
 

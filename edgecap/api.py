@@ -4,17 +4,20 @@
     captioner = Captioner()                       # the shipped model, onnxruntime on the CPU
     print(captioner.caption("photo.jpg").text)
     captions = captioner.caption_batch(frames, color="bgr", on_error="return")
+    for caption in captioner.iter_captions(many_paths):   # each batch as soon as it is done
+        print(caption.text)
 """
 
 from __future__ import annotations
 
 import contextlib
+import itertools
 import math
 import os
 import threading
 import time
-from collections.abc import Iterable
-from dataclasses import dataclass, field
+from collections.abc import Iterable, Iterator
+from dataclasses import dataclass, field, fields, replace
 from importlib import resources
 from pathlib import Path
 
@@ -28,44 +31,10 @@ from edgecap.contract import Limits
 from edgecap.errors import InputError, ModelError
 from edgecap.images import ImageInput, load_rgb, max_pixels, preprocess
 from edgecap.manifest import Manifest, file_sha256, load_manifest
-from edgecap.search import Hypothesis, SearchOptions, beam_search
+from edgecap.search import CaptionOptions, Hypothesis, beam_search
 from edgecap.vocab import Vocabulary
 
 ON_ERROR = ("raise", "return")
-
-
-@dataclass(frozen=True)
-class CaptionOptions:
-    """How captions are searched for; checked by ``validate_options``."""
-
-    beam_size: int = 3
-    max_length: int = 20                 # words, not counting <end>
-    batch_size: int = 8                  # images per encoder run and per search
-    length_penalty: float | None = None  # None: rank by mean log-prob per word; a: GNMT ((5+n)/6)^a
-    n_best: int = 1                      # hypotheses kept per image (the best + alternatives)
-    no_repeat_ngram: int = 3             # > 0: no caption repeats an n-gram of this size (0: off)
-
-
-def validate_options(options: CaptionOptions, top_k: int) -> None:
-    """Raise ``ValueError`` naming the first bad option. ``top_k``: the model's step graph K.
-    The search's own rules live in ``SearchOptions.validate``; this adds types and batching."""
-    for name in ("beam_size", "max_length", "batch_size", "n_best", "no_repeat_ngram"):
-        value = getattr(options, name)
-        if isinstance(value, bool) or not isinstance(value, int):
-            raise ValueError(f"{name} must be an integer, got {value!r}")
-    if options.batch_size < 1:
-        raise ValueError(f"batch_size must be at least 1, got {options.batch_size}")
-    penalty = options.length_penalty
-    if penalty is not None and (isinstance(penalty, bool) or not isinstance(penalty, (int, float))):
-        raise ValueError(f"length_penalty must be None or a number in [0, 2], got {penalty!r}")
-    search_options(options).validate(top_k)
-
-
-def search_options(options: CaptionOptions, return_attention: bool = False) -> SearchOptions:
-    return SearchOptions(beam_size=options.beam_size, max_length=options.max_length,
-                         length_penalty=options.length_penalty, n_best=options.n_best,
-                         return_attention=return_attention,
-                         no_repeat_ngram=options.no_repeat_ngram)
 
 
 @dataclass(frozen=True)
@@ -134,24 +103,23 @@ class Captioner:
         model: a model directory (``edgecap export``); None: the shipped default model.
         backend: "onnxruntime", "torch", "tensorrt" or "auto" (onnxruntime if installed,
             else tensorrt, else torch).
-        beam_size, max_length, batch_size, length_penalty, n_best, no_repeat_ngram: see
-            ``CaptionOptions``.
+        options: a ``CaptionOptions`` (beam size, max length, batch size, length penalty, n-best,
+            no-repeat n-gram); None: its defaults.
         device: "cpu" or "cuda", passed to the backend (None: the backend's default).
-        **backend_options: passed to the backend class (e.g. ``threads=2``, ``fp16=True``).
+        **keywords: a ``CaptionOptions`` field by name (``beam_size=5``) overrides that field of
+            ``options`` (``dataclasses.replace``), so ``Captioner(options=opts, beam_size=5)`` is
+            ``opts`` with beam 5. The other keywords go to the backend class (e.g.
+            ``threads=2``, ``fp16=True``).
     """
 
-    def __init__(self, model: str | os.PathLike | None = None, backend: str = "auto",
-                 beam_size: int = 3, max_length: int = 20, batch_size: int = 8,
-                 length_penalty: float | None = None, device: str | None = None,
-                 n_best: int = 1, no_repeat_ngram: int = 3, **backend_options):
+    def __init__(self, model: str | os.PathLike | None = None, backend: str = "auto", *,
+                 options: CaptionOptions | None = None, device: str | None = None, **keywords):
         max_pixels()  # a malformed $EDGECAP_MAX_PIXELS is a ValueError now, not on every image
         self.manifest = load_manifest(default_model_dir() if model is None else model)
         height, width = self.manifest.preprocessing.size
         self._draft_size = (width, height)  # big JPEGs are decoded at a reduced scale
-        self.options = CaptionOptions(beam_size=beam_size, max_length=max_length,
-                                      batch_size=batch_size, length_penalty=length_penalty,
-                                      n_best=n_best, no_repeat_ngram=no_repeat_ngram)
-        validate_options(self.options, self.manifest.dims.top_k)
+        self.options, backend_options = _split_options(options, keywords)
+        self.options.validate(self.manifest.dims.top_k)
         self.vocab = load_vocabulary(self.manifest)
         self.backend: Backend = load_backend(
             resolve_backend(backend), self.manifest, device=device,
@@ -177,17 +145,23 @@ class Captioner:
         ``on_error="return"``: its slot holds the ``InputError`` instead and the other images are
         captioned as if it were not there.
         """
+        return list(self.iter_captions(images, color, return_attention, on_error))
+
+    def iter_captions(self, images: Iterable[ImageInput], color: str = "rgb",
+                      return_attention: bool = False,
+                      on_error: str = "raise") -> Iterator[Caption | InputError]:
+        """``caption_batch``, lazily: yields one result per image, in the input order, as soon as
+        its batch of ``batch_size`` images is captioned. ``images`` may be any iterable: a generator
+        is read one batch at a time, never all at once. ``on_error`` as in ``caption_batch``. Bad
+        arguments raise here; an unusable image (with "raise") while iterating."""
         if on_error not in ON_ERROR:
             raise ValueError(f"on_error must be one of {ON_ERROR}, got {on_error!r}")
         if isinstance(images, (str, bytes, os.PathLike, Image.Image)) or (
                 isinstance(images, np.ndarray) and images.ndim != 4):
-            raise TypeError("caption_batch takes a list of images; use caption() for one image")
-        images = list(images)
-        results: list[Caption | InputError] = []
-        for start in range(0, len(images), self.options.batch_size):
-            chunk = images[start:start + self.options.batch_size]
-            results.extend(self._caption_chunk(chunk, color, return_attention, on_error))
-        return results
+            raise TypeError("caption_batch and iter_captions take a list of images; "
+                            "use caption() for one image")
+        return (result for chunk in batched(images, self.options.batch_size)
+                for result in self._caption_chunk(chunk, color, return_attention, on_error))
 
     def _caption_chunk(self, images: list, color: str, return_attention: bool,
                        on_error: str) -> list[Caption | InputError]:
@@ -218,14 +192,13 @@ class Captioner:
 
     def _search(self, batch: np.ndarray, return_attention: bool):
         """batch float32 (N, 3, H, W) -> (hypotheses per image, encode ms, decode ms)."""
-        options = search_options(self.options, return_attention)
         # A backend with one set of device buffers (TensorRT) runs one batch at a time.
         with self._backend_lock or contextlib.nullcontext():
             t0 = time.perf_counter()
             encoded = self.backend.encode(batch)
             t1 = time.perf_counter()
-            hypotheses = beam_search(self.backend, encoded, options, self.vocab.start,
-                                     self.vocab.end)
+            hypotheses = beam_search(self.backend, encoded, self.options, self.vocab.start,
+                                     self.vocab.end, return_attention)
             t2 = time.perf_counter()
         return hypotheses, (t1 - t0) * 1e3, (t2 - t1) * 1e3
 
@@ -240,6 +213,25 @@ class Captioner:
         return Caption(text=" ".join(words), score=float(hyp.score), tokens=words,
                        log_prob=float(hyp.log_prob), alternatives=alternatives, timings=timings,
                        attention=_attention_maps(hyp.attention))
+
+
+def batched(items: Iterable, size: int) -> Iterator[list]:
+    """Consecutive lists of ``size`` items (the last may be shorter), reading ``items`` one list
+    at a time (``itertools.batched`` of Python 3.12, as lists)."""
+    iterator = iter(items)
+    while chunk := list(itertools.islice(iterator, size)):
+        yield chunk
+
+
+def _split_options(options: CaptionOptions | None, keywords: dict) -> tuple[CaptionOptions, dict]:
+    """-> (``options`` with the keywords that name its fields applied, the other keywords)."""
+    if options is None:
+        options = CaptionOptions()
+    elif not isinstance(options, CaptionOptions):
+        raise TypeError(f"options must be a CaptionOptions, got {type(options).__name__}")
+    names = {f.name for f in fields(CaptionOptions)}
+    overrides = {k: v for k, v in keywords.items() if k in names}
+    return replace(options, **overrides), {k: v for k, v in keywords.items() if k not in names}
 
 
 def _attention_maps(attention: np.ndarray | None) -> np.ndarray | None:

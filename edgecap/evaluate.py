@@ -24,6 +24,7 @@ from dataclasses import dataclass
 from pathlib import Path
 
 from edgecap import metrics
+from edgecap.api import batched
 from edgecap.data.readers import CaptionedImage, read_coco, read_flickr8k, read_karpathy
 from edgecap.errors import InputError
 
@@ -128,16 +129,14 @@ def caption_split(captioner, items: list[CaptionedImage], images_root: str | Pat
     batch's failures are named); nothing is scored then.
     """
     root = Path(images_root)
-    batch_size = captioner.options.batch_size
+    results = captioner.iter_captions((root / item.file_name for item in items), on_error="return")
     hyps = {}
-    for start in range(0, len(items), batch_size):
-        chunk = items[start:start + batch_size]
-        results = captioner.caption_batch([root / item.file_name for item in chunk],
-                                          on_error="return")
-        failures = [r for r in results if isinstance(r, InputError)]
+    # iter_captions yields a batch's results together: regroup them to report batch by batch.
+    for chunk in batched(zip(items, results), captioner.options.batch_size):
+        failures = [result for _, result in chunk if isinstance(result, InputError)]
         if failures:
             raise ImageFailure(failures)
-        hyps.update((item.image_id, caption.text) for item, caption in zip(chunk, results))
+        hyps.update((item.image_id, caption.text) for item, caption in chunk)
         if on_progress is not None:
             on_progress(len(chunk))
     return hyps

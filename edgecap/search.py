@@ -22,15 +22,29 @@ NEG_INF = -np.inf
 
 
 @dataclass(frozen=True)
-class SearchOptions:
+class CaptionOptions:
+    """How captions are searched for and batched: the defaults of ``Captioner`` and of the
+    ``edgecap`` commands, written only here. ``validate`` checks them against a model."""
+
     beam_size: int = 3
-    max_length: int = 20           # words, not counting <end>
-    length_penalty: float | None = None  # None: rank by mean log-prob; a: GNMT ((5+len)/6)^a
-    n_best: int = 1
-    return_attention: bool = False
-    no_repeat_ngram: int = 0       # > 0: a beam never repeats an n-gram of this size (0: off)
+    max_length: int = 20                 # words, not counting <end>
+    batch_size: int = 8                  # images per encoder run and per search
+    length_penalty: float | None = None  # None: rank by mean log-prob per word; a: GNMT ((5+n)/6)^a
+    n_best: int = 1                      # hypotheses kept per image (the best + alternatives)
+    no_repeat_ngram: int = 3             # > 0: no caption repeats an n-gram of this size (0: off)
 
     def validate(self, top_k: int) -> None:
+        """Raise ``ValueError`` naming the first bad option. ``top_k``: the model's step graph K."""
+        for name in ("beam_size", "max_length", "batch_size", "n_best", "no_repeat_ngram"):
+            value = getattr(self, name)
+            if isinstance(value, bool) or not isinstance(value, int):
+                raise ValueError(f"{name} must be an integer, got {value!r}")
+        if self.batch_size < 1:
+            raise ValueError(f"batch_size must be at least 1, got {self.batch_size}")
+        penalty = self.length_penalty
+        if penalty is not None and (isinstance(penalty, bool)
+                                    or not isinstance(penalty, (int, float))):
+            raise ValueError(f"length_penalty must be None or a number in [0, 2], got {penalty!r}")
         if not 1 <= self.beam_size <= top_k:
             raise ValueError(f"beam_size must be between 1 and {top_k} (the model's top_k: its "
                              f"step graph returns {top_k} best words per row), got {self.beam_size}")
@@ -42,8 +56,8 @@ class SearchOptions:
         if not 0 <= self.no_repeat_ngram <= 10:
             raise ValueError(f"no_repeat_ngram must be between 0 (off) and 10, "
                              f"got {self.no_repeat_ngram}")
-        if self.length_penalty is not None and not 0 <= self.length_penalty <= 2:
-            raise ValueError(f"length_penalty must be None or in [0, 2], got {self.length_penalty}")
+        if penalty is not None and not 0 <= penalty <= 2:
+            raise ValueError(f"length_penalty must be None or in [0, 2], got {penalty}")
 
 
 @dataclass
@@ -61,10 +75,11 @@ def length_normalised(log_prob: float, length: int, penalty: float | None) -> fl
     return log_prob / (((5.0 + length) / 6.0) ** penalty)
 
 
-def beam_search(backend: Backend, encoded: Encoded, options: SearchOptions, start_id: int,
-                end_id: int) -> list[list[Hypothesis]]:
+def beam_search(backend: Backend, encoded: Encoded, options: CaptionOptions, start_id: int,
+                end_id: int, return_attention: bool = False) -> list[list[Hypothesis]]:
     """-> for each image, up to ``n_best`` hypotheses, best first (never none, never an empty
-    caption). Raises ``BackendError`` when the step returns non-finite log-probabilities."""
+    caption); each with its attention (n_words, L) when ``return_attention``. Raises
+    ``BackendError`` when the step returns non-finite log-probabilities."""
     options.validate(backend.top_k)
     n_images, beam = encoded.n_images, options.beam_size
     rows = n_images * beam
@@ -72,7 +87,7 @@ def beam_search(backend: Backend, encoded: Encoded, options: SearchOptions, star
     # even when one of its best words is <end>.
     width = min(beam + 1, backend.top_k)
     image_index = np.repeat(np.arange(n_images, dtype=np.int32), beam)
-    session = backend.start(encoded, image_index, return_attention=options.return_attention)
+    session = backend.start(encoded, image_index, return_attention=return_attention)
 
     tokens = np.full(rows, start_id, dtype=np.int32)
     source_rows = image_index.copy()          # first step: h0/c0 are per image
@@ -92,7 +107,7 @@ def beam_search(backend: Backend, encoded: Encoded, options: SearchOptions, star
             # than return a caption built on garbage.
             raise BackendError(f"the decoder step returned non-finite log-probabilities at word "
                                f"{t + 1} ({backend.describe()})")
-        if options.return_attention:
+        if return_attention:
             step_alpha = result.alpha[:, None, :]
             alphas = step_alpha if alphas is None else np.concatenate([alphas, step_alpha], 1)
         cand = (sum_lp[:, None] + lp).reshape(n_images, beam * width)
@@ -187,7 +202,7 @@ def _keep_live(hyps, img, seqs, sum_lp, alphas, beam, options) -> None:
                                     options.length_penalty))
 
 
-def _rank(hyps: list[Hypothesis], options: SearchOptions) -> list[Hypothesis]:
+def _rank(hyps: list[Hypothesis], options: CaptionOptions) -> list[Hypothesis]:
     if not hyps:  # pragma: no cover - with finite scores a live beam survives to max_length
         raise BackendError("beam search produced no hypothesis")
     ranked = sorted(hyps, key=lambda h: (-h.score, -h.log_prob))

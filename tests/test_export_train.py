@@ -222,11 +222,55 @@ def test_mirrored_activation_cache_is_the_mirrored_photos(example_images, tmp_pa
 
 @pytest.mark.parametrize("flags, problem", [
     (["--finetune-cached"], "--finetune-cached needs --finetune-encoder"),
-    (["--finetune-encoder", "--finetune-blocks", "17"], "--finetune-blocks must be 1..16"),
+    (["--finetune-encoder", "--finetune-blocks", "17"],
+     "--finetune-blocks must be 1..16 (EfficientNet-Lite0 has 16 blocks), got 17"),
+    (["--finetune-encoder", "--finetune-blocks", "0"],
+     "--finetune-blocks must be 1..16 (EfficientNet-Lite0 has 16 blocks), got 0"),
 ])
 def test_train_rejects_inconsistent_finetune_flags(tmp_path, capsys, flags, problem):
     from edgecap.cli import main
 
     assert main(["train", "--data", str(tmp_path), "--out", str(tmp_path / "run"), *flags]) == 2
-    assert problem in capsys.readouterr().err
+    assert capsys.readouterr().err == f"edgecap train: error: {problem}\n"  # one line
     assert not (tmp_path / "run").exists()
+
+
+def test_train_command_builds_the_config_from_its_flags(tmp_path, monkeypatch, capsys):
+    from edgecap.cli import build_parser, main
+    from edgecap.training import train as training
+    from edgecap.training.train import TrainConfig
+
+    given = []
+    monkeypatch.setattr(training, "train", lambda cfg: given.append(cfg) or tmp_path / "best")
+    base = ["train", "--data", "DATA", "--out", "RUN"]
+    assert main(base) == 0
+    decoder = {"attention": True, "hidden_dim": 512, "feature_dim": 512, "embed_dim": 256,
+               "attention_dim": 256, "dropout": 0.5}
+    assert given[-1] == TrainConfig(data="DATA", out="RUN", decoder=decoder)  # the defaults
+    # Each flag named like a field reaches it; the others are the decoder's and --no-progress.
+    args = build_parser().parse_args(base)
+    flagged = {f.name for f in dataclasses.fields(TrainConfig) if hasattr(args, f.name)}
+    assert {f.name for f in dataclasses.fields(TrainConfig)} - flagged == {
+        "max_caption_words", "grad_clip", "progress", "decoder"}
+    assert main([*base, "--epochs", "3", "--lr", "0.01", "--finetune-encoder",
+                 "--finetune-blocks", "5", "--cache-dir", "C", "--max-dev-images", "9",
+                 "--no-progress", "--hidden-dim", "768", "--no-attention"]) == 0
+    assert given[-1] == TrainConfig(
+        data="DATA", out="RUN", epochs=3, lr=0.01, finetune_encoder=True, finetune_blocks=5,
+        cache_dir="C", max_dev_images=9, progress=False,
+        decoder={**decoder, "attention": False, "hidden_dim": 768})
+    assert "best_checkpoint" in capsys.readouterr().out
+
+
+def test_scst_command_builds_its_config_from_the_flags(tmp_path, monkeypatch):
+    from edgecap.cli import main
+    from edgecap.training import scst
+    from edgecap.training.scst import ScstConfig
+
+    given = []
+    monkeypatch.setattr(scst, "train_scst", lambda cfg: given.append(cfg) or tmp_path / "best")
+    assert main(["train", "--data", "DATA", "--out", "RUN", "--scst-from", "CK", "--seed", "4",
+                 "--scst-samples", "3", "--no-progress"]) == 0
+    # --epochs and --lr default to the train command's, not ScstConfig's.
+    assert given == [ScstConfig(checkpoint="CK", data="DATA", out="RUN", epochs=20, lr=4e-4,
+                                n_samples=3, seed=4, progress=False)]

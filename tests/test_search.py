@@ -5,8 +5,14 @@ from __future__ import annotations
 import numpy as np
 import pytest
 
-from edgecap.search import SearchOptions, beam_search, length_normalised
+from edgecap.search import CaptionOptions, beam_search, length_normalised
 from fakes import END, START, PrefixHashBackend
+
+
+def search_options(**fields) -> CaptionOptions:
+    """Options with repeated n-grams allowed (the default blocks trigrams), as the reference
+    search below allows them; ``fields`` override."""
+    return CaptionOptions(**{"no_repeat_ngram": 0, **fields})
 
 
 def reference_beam_search(backend, seed, beam, max_length, penalty=None):
@@ -46,7 +52,7 @@ def reference_beam_search(backend, seed, beam, max_length, penalty=None):
 def test_matches_reference_for_every_image_of_a_batch(beam, end_bias):
     backend = PrefixHashBackend(vocab_size=9, top_k=5, end_bias=end_bias)
     seeds = np.array([3, 11, 42, 7])
-    opts = SearchOptions(beam_size=beam, max_length=8, n_best=beam)
+    opts = search_options(beam_size=beam, max_length=8, n_best=beam)
     result = beam_search(backend, backend.encode(seeds), opts, START, END)
     assert len(result) == len(seeds)
     for seed, hyps in zip(seeds, result):
@@ -58,7 +64,7 @@ def test_matches_reference_for_every_image_of_a_batch(beam, end_bias):
 def test_batch_equals_images_alone():
     backend = PrefixHashBackend(end_bias=0.5)
     seeds = np.array([5, 6, 7, 8, 9])
-    opts = SearchOptions(beam_size=3, max_length=10)
+    opts = search_options(beam_size=3, max_length=10)
     together = beam_search(backend, backend.encode(seeds), opts, START, END)
     for seed, hyps in zip(seeds, together):
         alone = beam_search(backend, backend.encode(np.array([seed])), opts, START, END)[0]
@@ -67,7 +73,7 @@ def test_batch_equals_images_alone():
 
 def test_beam_one_is_greedy():
     backend = PrefixHashBackend(end_bias=0.5)
-    hyp = beam_search(backend, backend.encode(np.array([13])), SearchOptions(beam_size=1),
+    hyp = beam_search(backend, backend.encode(np.array([13])), search_options(beam_size=1),
                       START, END)[0][0]
     state, words = PrefixHashBackend.next_state(13, START), []
     while True:
@@ -84,7 +90,7 @@ def test_beam_one_is_greedy():
 
 def test_never_empty_and_cut_at_max_length_when_end_is_unlikely():
     backend = PrefixHashBackend(end_bias=-50.0)  # <end> practically never wins
-    result = beam_search(backend, backend.encode(np.arange(3)), SearchOptions(max_length=6),
+    result = beam_search(backend, backend.encode(np.arange(3)), search_options(max_length=6),
                          START, END)
     for hyps in result:
         assert len(hyps[0].tokens) == 6 and not hyps[0].finished
@@ -92,20 +98,20 @@ def test_never_empty_and_cut_at_max_length_when_end_is_unlikely():
 
 def test_first_word_is_never_end():
     backend = PrefixHashBackend(end_bias=50.0)  # <end> always the likeliest word
-    for hyps in beam_search(backend, backend.encode(np.arange(4)), SearchOptions(beam_size=3),
+    for hyps in beam_search(backend, backend.encode(np.arange(4)), search_options(beam_size=3),
                             START, END):
         assert len(hyps[0].tokens) == 1 and hyps[0].finished
 
 
 def test_stops_early_when_every_image_is_done():
     backend = PrefixHashBackend(end_bias=3.0)
-    beam_search(backend, backend.encode(np.arange(2)), SearchOptions(max_length=20), START, END)
+    beam_search(backend, backend.encode(np.arange(2)), search_options(max_length=20), START, END)
     assert backend.steps < 20
 
 
 def test_n_best_sorted_and_deterministic():
     backend = PrefixHashBackend(end_bias=0.5)
-    opts = SearchOptions(beam_size=4, n_best=4)
+    opts = search_options(beam_size=4, n_best=4)
     a = beam_search(backend, backend.encode(np.array([21])), opts, START, END)[0]
     b = beam_search(backend, backend.encode(np.array([21])), opts, START, END)[0]
     assert [h.tokens for h in a] == [h.tokens for h in b]
@@ -116,7 +122,8 @@ def test_n_best_sorted_and_deterministic():
 def test_attention_follows_the_reordered_rows():
     backend = PrefixHashBackend(end_bias=0.5)
     hyps = beam_search(backend, backend.encode(np.array([4, 9])),
-                       SearchOptions(beam_size=3, return_attention=True), START, END)
+                       search_options(beam_size=3), START, END,
+                       return_attention=True)
     for seed, (hyp,) in zip([4, 9], hyps):
         state = PrefixHashBackend.next_state(seed, START)
         assert hyp.attention.shape == (len(hyp.tokens), 4)
@@ -130,7 +137,7 @@ def test_attention_follows_the_reordered_rows():
 def test_bad_options_are_rejected(bad):
     backend = PrefixHashBackend(top_k=5)
     with pytest.raises(ValueError):
-        beam_search(backend, backend.encode(np.array([1])), SearchOptions(**bad), START, END)
+        beam_search(backend, backend.encode(np.array([1])), search_options(**bad), START, END)
 
 
 def test_non_finite_step_output_is_a_backend_error():
@@ -144,7 +151,7 @@ def test_non_finite_step_output_is_a_backend_error():
 
     backend = NaNBackend()
     with pytest.raises(BackendError, match="non-finite"):
-        beam_search(backend, backend.encode(np.array([1])), SearchOptions(), START, END)
+        beam_search(backend, backend.encode(np.array([1])), search_options(), START, END)
 
 
 def _has_repeated_ngram(words, n):
@@ -156,9 +163,12 @@ def test_no_repeat_ngram_blocks_repeated_trigrams():
     # A small vocabulary and no <end>: long captions repeat themselves without the block.
     backend = PrefixHashBackend(vocab_size=5, top_k=4, end_bias=-50.0)
     seeds = np.arange(6)
-    plain = beam_search(backend, backend.encode(seeds), SearchOptions(max_length=15), START, END)
+    plain = beam_search(backend, backend.encode(seeds), search_options(max_length=15), START, END)
     assert any(_has_repeated_ngram(h[0].tokens, 3) for h in plain)
     blocked = beam_search(backend, backend.encode(seeds),
-                          SearchOptions(max_length=15, no_repeat_ngram=3), START, END)
+                          search_options(max_length=15, no_repeat_ngram=3), START, END)
     for hyps in blocked:
         assert hyps and not _has_repeated_ngram(hyps[0].tokens, 3)
+    # Trigrams are blocked by default.
+    default = beam_search(backend, backend.encode(seeds), CaptionOptions(max_length=15), START, END)
+    assert [h[0].tokens for h in default] == [h[0].tokens for h in blocked]

@@ -1,19 +1,42 @@
-"""Options shared by the commands that caption (caption, eval)."""
+"""Options shared by the commands that caption (caption, eval). The defaults are
+``CaptionOptions``' and the backend names the registry's: neither is written again here."""
 
 from __future__ import annotations
 
 import argparse
+from dataclasses import fields
 
-BACKENDS = ("auto", "onnxruntime", "torch", "tensorrt")
+from edgecap.backends import NAMES
+from edgecap.search import CaptionOptions
+
+DEFAULTS = {f.name: f.default for f in fields(CaptionOptions)}
 
 
 def add_model_arguments(p: argparse.ArgumentParser) -> None:
-    """--model, --backend, --device, --beam-size, --max-length, --no-repeat-ngram."""
+    """--model, --backend, --device, --beam-size, --max-length, --no-repeat-ngram, --batch-size."""
     p.add_argument("--model", help="model directory (default: the model shipped with edgecap)")
-    p.add_argument("--backend", choices=BACKENDS, default="auto",
-                   help="auto: onnxruntime if installed, else tensorrt, else torch")
+    p.add_argument("--backend", choices=sorted(NAMES, key=lambda name: name != "auto"),
+                   default="auto", help="auto: onnxruntime if installed, else tensorrt, else torch")
     p.add_argument("--device", choices=("cpu", "cuda"), help="where the backend runs")
-    p.add_argument("--beam-size", type=int, default=3)
-    p.add_argument("--max-length", type=int, default=20, help="most words per caption")
-    p.add_argument("--no-repeat-ngram", type=int, default=3, metavar="N",
-                   help="never repeat a phrase of N words within a caption (default 3; 0: off)")
+    p.add_argument("--beam-size", type=int, default=DEFAULTS["beam_size"])
+    p.add_argument("--max-length", type=int, default=DEFAULTS["max_length"],
+                   help="most words per caption")
+    p.add_argument("--no-repeat-ngram", type=int, default=DEFAULTS["no_repeat_ngram"], metavar="N",
+                   help="never repeat a phrase of N words within a caption "
+                        f"(default {DEFAULTS['no_repeat_ngram']}; 0: off)")
+    p.add_argument("--batch-size", type=int, default=DEFAULTS["batch_size"],
+                   help="images per encoder run")
+
+
+def caption_options(args: argparse.Namespace) -> CaptionOptions:
+    """The command line's caption options; a field the command has no flag for keeps its
+    default."""
+    return CaptionOptions(**{name: getattr(args, name) for name in DEFAULTS if hasattr(args, name)})
+
+
+def load_captioner(args: argparse.Namespace):
+    """The ``Captioner`` the arguments ask for. Raises ``ValueError`` for a bad option value."""
+    from edgecap.api import Captioner
+
+    return Captioner(model=args.model, backend=args.backend, device=args.device,
+                     options=caption_options(args))

@@ -24,11 +24,13 @@ import glob
 import json
 import sys
 import warnings
-from collections.abc import Iterator
+from collections import deque
+from collections.abc import Iterable, Iterator
 from pathlib import Path
 
+from edgecap.commands._options import add_model_arguments, load_captioner
+
 IMAGE_EXTENSIONS = (".jpg", ".jpeg", ".png", ".bmp", ".gif", ".webp", ".tif", ".tiff")
-from edgecap.commands._options import add_model_arguments
 
 
 EXIT_CODES = """exit status:
@@ -54,7 +56,6 @@ def add_arguments(p: argparse.ArgumentParser) -> None:
     p.add_argument("--attention", metavar="OUT.png",
                    help="with one image: also write its attention figure, one panel per word")
     add_model_arguments(p)
-    p.add_argument("--batch-size", type=int, default=8, help="images per encoder run")
     p.add_argument("--json", action="store_true", help="one JSON object per line")
 
 
@@ -92,7 +93,6 @@ def run(args: argparse.Namespace) -> int:
     # The command writes only where told: onnxruntime (1.32 checked) otherwise writes a telemetry
     # device id under ~/.cache/Microsoft when imported (ORT_DISABLE_TELEMETRY=0 to allow it).
     os.environ.setdefault("ORT_DISABLE_TELEMETRY", "1")
-    from edgecap.api import Captioner
     from edgecap.errors import InputError
     from PIL import Image
 
@@ -103,28 +103,42 @@ def run(args: argparse.Namespace) -> int:
     # The command owns its process: Pillow's bomb warning would only repeat the InputError.
     warnings.simplefilter("ignore", Image.DecompressionBombWarning)
     try:
-        captioner = Captioner(model=args.model, backend=args.backend, beam_size=args.beam_size,
-                              max_length=args.max_length, batch_size=args.batch_size,
-                              device=args.device,
-                              no_repeat_ngram=args.no_repeat_ngram)
+        captioner = load_captioner(args)
     except ValueError as exc:  # a bad option value: report it like argparse would
         print(f"edgecap caption: error: {exc}", file=sys.stderr)
         return 2
     if args.video is not None or args.camera is not None:
         return _run_stream(captioner, args)
-    inputs = [pair for arg in args.paths for pair in expand(arg)]
+    inputs = (pair for arg in args.paths for pair in expand(arg))
     if args.attention is not None:
-        return _run_attention(captioner, inputs, args)
+        return _run_attention(captioner, list(inputs), args)
     failed = 0
-    for start in range(0, len(inputs), args.batch_size):
-        chunk = inputs[start:start + args.batch_size]
-        todo = [item for _, item in chunk if not isinstance(item, InputError)]
-        captions = iter(captioner.caption_batch(todo, on_error="return"))
-        for name, item in chunk:
-            result = item if isinstance(item, InputError) else next(captions)
-            failed += isinstance(result, InputError)
-            _print(name, result, args.json)
+    for name, result in _captions(captioner, inputs):
+        failed += isinstance(result, InputError)
+        _print(name, result, args.json)
     return 1 if failed else 0
+
+
+def _captions(captioner, inputs: Iterable[tuple[str, object]]) -> Iterator[tuple[str, object]]:
+    """(name, input) pairs -> (name, Caption or InputError), in order, each batch as soon as the
+    captioner is done with it. An input that is already an ``InputError`` (an empty folder, an
+    unmatched glob) keeps its place without going to the captioner."""
+    from edgecap.errors import InputError
+
+    pulled: deque = deque()  # (name, its InputError or None) read by the captioner, not yet out
+
+    def images():
+        for name, item in inputs:
+            failed = isinstance(item, InputError)
+            pulled.append((name, item if failed else None))
+            if not failed:
+                yield item
+
+    for result in captioner.iter_captions(images(), on_error="return"):
+        while pulled[0][1] is not None:
+            yield pulled.popleft()
+        yield pulled.popleft()[0], result
+    yield from pulled
 
 
 def _print(name: str, result, as_json: bool) -> None:

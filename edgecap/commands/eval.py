@@ -25,7 +25,7 @@ import time
 import warnings
 from pathlib import Path
 
-from edgecap.commands._options import add_model_arguments
+from edgecap.commands._options import DEFAULTS, add_model_arguments, load_captioner
 
 
 def add_arguments(p: argparse.ArgumentParser) -> None:
@@ -43,9 +43,8 @@ def add_arguments(p: argparse.ArgumentParser) -> None:
     refs.add_argument("--karpathy-split", choices=("train", "val", "test"),
                       help="the split to score when --references is a Karpathy dataset JSON")
     add_model_arguments(p)
-    p.add_argument("--length-penalty", type=float, default=None,
+    p.add_argument("--length-penalty", type=float, default=DEFAULTS["length_penalty"],
                    help="GNMT length penalty alpha in [0, 2] (default: mean log-prob per word)")
-    p.add_argument("--batch-size", type=int, default=8, help="images per encoder run")
     p.add_argument("--limit", type=int, metavar="N", help="score only the first N images")
     p.add_argument("--output", metavar="RESULTS.json",
                    help="write the captions as coco-caption results: "
@@ -57,7 +56,6 @@ def add_arguments(p: argparse.ArgumentParser) -> None:
 def run(args: argparse.Namespace) -> int:
     from PIL import Image
 
-    from edgecap.api import Captioner
     from edgecap.evaluate import (ImageFailure, caption_split, check_images, load_references,
                                   results_json, score_split)
 
@@ -74,10 +72,7 @@ def run(args: argparse.Namespace) -> int:
         return _fail(str(exc))
     warnings.simplefilter("ignore", Image.DecompressionBombWarning)  # the InputError says it
     try:
-        captioner = Captioner(model=args.model, backend=args.backend, beam_size=args.beam_size,
-                              max_length=args.max_length, batch_size=args.batch_size,
-                              length_penalty=args.length_penalty, device=args.device,
-                              no_repeat_ngram=args.no_repeat_ngram)
+        captioner = load_captioner(args)
     except ValueError as exc:  # a bad option value: report it like argparse would
         return _fail(str(exc))
 

@@ -4,7 +4,9 @@ from __future__ import annotations
 
 import argparse
 import json
+import re
 import sys
+from dataclasses import fields
 
 
 def add_arguments(p: argparse.ArgumentParser) -> None:
@@ -59,35 +61,34 @@ def run(args: argparse.Namespace) -> int:
         from edgecap.errors import BackendError
 
         raise BackendError(f"training needs PyTorch: pip install 'edgecap[train]' ({exc})") from exc
-    if args.scst_from:
-        from edgecap.training.scst import ScstConfig, train_scst
+    try:
+        if args.scst_from:
+            from edgecap.training.scst import ScstConfig, train_scst
 
-        best = train_scst(ScstConfig(
-            checkpoint=args.scst_from, data=args.data, out=args.out, images=args.images,
-            dataset=args.dataset, epochs=args.epochs, lr=args.lr, n_samples=args.scst_samples,
-            cache_dir=args.cache_dir, seed=args.seed, threads=args.threads,
-            progress=not args.no_progress))
-        print(json.dumps({"best_checkpoint": str(best)}))
-        return 0
-    if args.finetune_cached and not args.finetune_encoder:
-        print("edgecap train: error: --finetune-cached needs --finetune-encoder", file=sys.stderr)
+            cfg = _config(ScstConfig, args, checkpoint=args.scst_from, n_samples=args.scst_samples)
+            run_training = train_scst
+        else:
+            cfg = _config(TrainConfig, args, decoder={
+                "attention": not args.no_attention, "hidden_dim": args.hidden_dim,
+                "feature_dim": args.feature_dim, "embed_dim": args.embed_dim,
+                "attention_dim": args.attention_dim, "dropout": args.dropout})
+            run_training = train
+    except ValueError as exc:  # the config's own checks, in the command line's words
+        print(f"edgecap train: error: {_in_flags(str(exc), args)}", file=sys.stderr)
         return 2
-    if args.finetune_encoder and not 1 <= args.finetune_blocks <= 16:
-        print(f"edgecap train: error: --finetune-blocks must be 1..16 (EfficientNet-Lite0 has 16 "
-              f"blocks), got {args.finetune_blocks}", file=sys.stderr)
-        return 2
-    cfg = TrainConfig(
-        data=args.data, out=args.out, images=args.images, dataset=args.dataset, epochs=args.epochs,
-        batch_size=args.batch_size, lr=args.lr, lr_decay_epochs=args.lr_decay_epochs,
-        min_word_count=args.min_word_count, label_smoothing=args.label_smoothing,
-        scheduled_sampling=args.scheduled_sampling, alpha_c=args.alpha_c, patience=args.patience,
-        finetune_encoder=args.finetune_encoder, finetune_blocks=args.finetune_blocks,
-        finetune_cached=args.finetune_cached, encoder_lr=args.encoder_lr, init_from=args.init_from,
-        cache_dir=args.cache_dir, threads=args.threads, seed=args.seed,
-        max_dev_images=args.max_dev_images, progress=not args.no_progress,
-        decoder={"attention": not args.no_attention, "hidden_dim": args.hidden_dim,
-                 "feature_dim": args.feature_dim, "embed_dim": args.embed_dim,
-                 "attention_dim": args.attention_dim, "dropout": args.dropout})
-    best = train(cfg)
+    best = run_training(cfg)
     print(json.dumps({"best_checkpoint": str(best)}))
     return 0
+
+
+def _config(cls, args: argparse.Namespace, **given):
+    """The dataclass ``cls`` from ``given``, ``progress`` (no ``--no-progress``) and the arguments
+    named like its other fields; a field with none of them keeps its default."""
+    values = {f.name: getattr(args, f.name) for f in fields(cls) if hasattr(args, f.name)}
+    return cls(**{**values, "progress": not args.no_progress, **given})
+
+
+def _in_flags(message: str, args: argparse.Namespace) -> str:
+    """A config error names fields (``finetune_blocks``); say the flags (``--finetune-blocks``)."""
+    return re.sub(r"\b[a-z]\w*_\w+\b", lambda m: "--" + m[0].replace("_", "-")
+                  if hasattr(args, m[0]) else m[0], message)

@@ -66,8 +66,9 @@ class TrainConfig:
     decoder: dict = field(default_factory=dict)  # DecoderConfig overrides (hidden_dim, ...)
 
     def __post_init__(self):
+        # Field names in the messages: `edgecap train` shows them as its flags.
         if self.finetune_cached and not self.finetune_encoder:
-            raise ValueError("finetune_cached fine-tunes the encoder: set finetune_encoder too")
+            raise ValueError("finetune_cached needs finetune_encoder")
         if self.finetune_encoder and not 1 <= self.finetune_blocks <= N_BLOCKS:
             raise ValueError(f"finetune_blocks must be 1..{N_BLOCKS} (EfficientNet-Lite0 has "
                              f"{N_BLOCKS} blocks), got {self.finetune_blocks}")

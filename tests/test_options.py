@@ -1,0 +1,213 @@
+"""One ``CaptionOptions``: what the Captioner, the search and the command line get from it, and
+``Captioner.iter_captions``' batching. Runs the shipped model's manifest and vocabulary over a
+fake backend (``CycleBackend``, not a model), except the CLI-vs-API check on the real model."""
+
+from __future__ import annotations
+
+import argparse
+import json
+from dataclasses import fields, replace
+
+import numpy as np
+import pytest
+
+from edgecap import Caption, CaptionOptions, Captioner, InputError
+from edgecap import api
+from edgecap.backends import NAMES
+from edgecap.backends.base import Backend, DecoderSession, Encoded, StepResult
+from edgecap.cli import build_parser, main
+
+CYCLE = (4, 5, 6)          # word ids: the fake's best path is 4 5 6 4 5 6 ...
+OTHERS = (7, 8, 9, 10, 11, 12, 13, 14)
+IMAGE = np.full((8, 8, 3), 128, np.uint8)
+
+
+class CycleBackend(Backend):
+    """Fake: after word w the best next word is the one after w in CYCLE; <end> is never among
+    the candidates, so every caption runs to max_length and, unblocked, repeats a trigram."""
+
+    name = "fake-cycle"
+    top_k = 10
+
+    def encode(self, images):
+        return Encoded(len(images), None)
+
+    def start(self, encoded, image_index, return_attention=False):
+        return _CycleSession()
+
+
+class _CycleSession(DecoderSession):
+    def step(self, tokens, source_rows):
+        best = [CYCLE[(CYCLE.index(t) + 1) % 3] if t in CYCLE else CYCLE[0] for t in tokens.tolist()]
+        ids = np.array([[b, *(w for w in OTHERS if w != b)][:9] + [2] for b in best], np.int32)
+        logprobs = np.tile(np.array([-0.1, *np.linspace(-3, -4, 8), -50.0], np.float32),
+                           (len(tokens), 1))
+        return StepResult(logprobs, ids, None)
+
+
+@pytest.fixture
+def backend_calls(monkeypatch) -> list[dict]:
+    """Captioner(...) gets a CycleBackend; the list records the keywords each backend got."""
+    calls = []
+
+    def load_backend(name, manifest, **options):
+        calls.append(options)
+        return CycleBackend()
+
+    monkeypatch.setattr(api, "load_backend", load_backend)
+    return calls
+
+
+def _has_repeated_ngram(words, n):
+    grams = [tuple(words[i:i + n]) for i in range(len(words) - n + 1)]
+    return len(grams) != len(set(grams))
+
+
+# -- options -----------------------------------------------------------------------------------
+def test_default_no_repeat_ngram_reaches_the_search(backend_calls):
+    words = Captioner().caption(IMAGE).tokens
+    assert len(words) == CaptionOptions().max_length
+    assert not _has_repeated_ngram(words, 3)
+    # The fake does repeat itself when allowed to.
+    assert _has_repeated_ngram(Captioner(no_repeat_ngram=0).caption(IMAGE).tokens, 3)
+
+
+def test_options_object_is_honoured_and_keywords_override_it(backend_calls):
+    options = CaptionOptions(max_length=5, beam_size=2, n_best=2, no_repeat_ngram=0)
+    captioner = Captioner(options=options)
+    assert captioner.options == options
+    caption = captioner.caption(IMAGE)
+    assert len(caption.tokens) == 5 and len(caption.alternatives) == 1
+
+    captioner = Captioner(options=options, max_length=7, threads=2)
+    assert captioner.options == replace(options, max_length=7)
+    caption = captioner.caption(IMAGE)
+    assert len(caption.tokens) == 7 and len(caption.alternatives) == 1
+    # Keywords that are not options go to the backend, and only those.
+    assert backend_calls[-1]["threads"] == 2 and "max_length" not in backend_calls[-1]
+
+
+def test_options_object_is_validated(backend_calls):
+    with pytest.raises(ValueError, match="beam_size"):
+        Captioner(options=CaptionOptions(beam_size=0))
+    with pytest.raises(ValueError, match="n_best"):
+        Captioner(options=CaptionOptions(beam_size=2), n_best=3)
+    with pytest.raises(TypeError, match="CaptionOptions"):
+        Captioner(options={"beam_size": 2})
+
+
+def _subcommand(parser: argparse.ArgumentParser, name: str) -> argparse.ArgumentParser:
+    sub = next(a for a in parser._actions if isinstance(a, argparse._SubParsersAction))
+    return sub.choices[name]
+
+
+@pytest.mark.parametrize("argv, flagged", [
+    (["caption", "photo.jpg"], {"beam_size", "max_length", "no_repeat_ngram", "batch_size"}),
+    (["eval", "--images", "photos"],
+     {"beam_size", "max_length", "no_repeat_ngram", "batch_size", "length_penalty"}),
+])
+def test_cli_defaults_are_the_options_defaults(argv, flagged):
+    parser = build_parser()
+    args = parser.parse_args(argv)
+    defaults = {f.name: f.default for f in fields(CaptionOptions)}
+    given = {name: getattr(args, name) for name in defaults if hasattr(args, name)}
+    assert set(given) == flagged
+    assert given == {name: defaults[name] for name in flagged}
+    backend = next(a for a in _subcommand(parser, argv[0])._actions if a.dest == "backend")
+    assert set(backend.choices) == set(NAMES) and backend.default == "auto"
+
+
+def test_cli_flags_reach_the_captioner(backend_calls, tmp_path, capsys):
+    from PIL import Image
+
+    from edgecap.commands._options import caption_options
+
+    photo = tmp_path / "photo.png"
+    Image.fromarray(IMAGE).save(photo)
+    for flags, repeats in [([], False), (["--no-repeat-ngram", "0"], True)]:
+        assert main(["caption", "--json", "--max-length", "6", *flags, str(photo)]) == 0
+        words = json.loads(capsys.readouterr().out)["caption"].split()
+        assert len(words) == 6 and _has_repeated_ngram(words, 3) == repeats
+    assert main(["caption", "--beam-size", "0", str(photo)]) == 2
+    assert "beam_size" in capsys.readouterr().err
+    args = build_parser().parse_args(["eval", "--images", "photos", "--length-penalty", "0.5",
+                                      "--beam-size", "2", "--batch-size", "4"])
+    assert caption_options(args) == CaptionOptions(length_penalty=0.5, beam_size=2, batch_size=4)
+
+
+# -- iter_captions -----------------------------------------------------------------------------
+def test_iter_captions_reads_one_batch_at_a_time(backend_calls):
+    captioner = Captioner(batch_size=2)
+    pulled = []
+
+    def images():
+        for i in range(5):
+            pulled.append(i)
+            yield IMAGE
+
+    results = captioner.iter_captions(images())
+    assert pulled == []
+    assert isinstance(next(results), Caption) and pulled == [0, 1]
+    next(results)
+    assert pulled == [0, 1]
+    next(results)
+    assert pulled == [0, 1, 2, 3]
+    assert len(list(results)) == 2 and pulled == [0, 1, 2, 3, 4]
+
+
+def test_iter_captions_keeps_failed_slots(backend_calls):
+    captioner = Captioner(batch_size=2)
+    inputs = [IMAGE, b"", IMAGE, np.zeros((4, 4, 2), np.uint8), IMAGE]
+    results = list(captioner.iter_captions(iter(inputs), on_error="return"))
+    assert [type(r) for r in results] == [Caption, InputError, Caption, InputError, Caption]
+    assert results[3].source == "<array (4, 4, 2) uint8>"
+    again = captioner.caption_batch(inputs, on_error="return")
+    assert [r if isinstance(r, Caption) else str(r) for r in again] == \
+        [r if isinstance(r, Caption) else str(r) for r in results]
+
+
+def test_iter_captions_raises_at_the_bad_input_after_earlier_batches(backend_calls):
+    results = Captioner(batch_size=2).iter_captions([IMAGE, IMAGE, b""])
+    assert isinstance(next(results), Caption) and isinstance(next(results), Caption)
+    with pytest.raises(InputError, match="0 bytes"):
+        next(results)
+
+
+def test_iter_captions_checks_its_arguments_when_called(backend_calls):
+    captioner = Captioner()
+    with pytest.raises(ValueError, match="on_error"):
+        captioner.iter_captions([IMAGE], on_error="skip")
+    with pytest.raises(TypeError, match="caption\\(\\)"):
+        captioner.iter_captions(IMAGE)
+
+
+def test_caption_command_prints_each_batch_before_reading_on(backend_calls):
+    from edgecap.commands.caption import _captions
+
+    captioner = Captioner(batch_size=2)
+    empty = InputError("empty/", "folder holds no image files")
+    inputs = [("a", IMAGE), ("empty/", empty), ("b", IMAGE), ("c", IMAGE), ("bad", b""),
+              ("none*", InputError("none*", "the pattern matches no image files"))]
+    pulled = []
+
+    def pairs():
+        for pair in inputs:
+            pulled.append(pair[0])
+            yield pair
+
+    out = _captions(captioner, pairs())
+    assert next(out)[0] == "a" and pulled == ["a", "empty/", "b"]
+    assert next(out) == ("empty/", empty)
+    rest = list(out)
+    assert [name for name, _ in rest] == ["b", "c", "bad", "none*"]
+    assert [type(r) for _, r in rest] == [Caption, Caption, InputError, InputError]
+
+
+# -- the real model: the API's defaults are the command line's -----------------------------------
+def test_api_defaults_give_the_cli_default_captions(example_images, capsys):
+    expected = Captioner().caption_batch(example_images)
+    assert main(["caption", "--json", str(example_images[0].parent)]) == 0
+    lines = [json.loads(line) for line in capsys.readouterr().out.splitlines()]
+    assert [line["path"] for line in lines] == [str(p) for p in example_images]
+    assert [line["caption"] for line in lines] == [c.text for c in expected]
+    assert [line["score"] for line in lines] == [round(c.score, 4) for c in expected]
