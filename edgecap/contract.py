@@ -6,9 +6,11 @@ TensorRT engine builder.
 Graphs (names are the ONNX tensor names):
 
 encoder: ``image`` float32 (N, 3, H, W)
-    -> ``features`` (N, L, F), ``att_proj`` (N, L, A), ``h0`` (N, Hd), ``c0`` (N, Hd), float32
+    -> ``features`` (N, L, F), ``att_proj`` (N, L, A), ``h0`` (N, Hd), ``c0`` (N, Hd),
+       ``class_probs`` (N, C), all float32
 decoder step: ``tokens`` int32 (R,), ``h`` (S, Hd), ``c`` (S, Hd), ``source_rows`` int32 (R,),
-    ``features`` (N, L, F), ``att_proj`` (N, L, A), ``image_index`` int32 (R,)
+    ``features`` (N, L, F), ``att_proj`` (N, L, A), ``image_index`` int32 (R,),
+    ``word_bias`` float32 (R, V)
     -> ``topk_logprobs`` float32 (R, K), ``topk_ids`` int32 (R, K), ``h_out`` (R, Hd),
        ``c_out`` (R, Hd), ``alpha`` float32 (R, L)
 
@@ -18,6 +20,12 @@ on the device), and each row's image tensors by ``image_index`` (the image featu
 once per batch, never copied per beam). On the first step ``h``/``c`` are the encoder's
 per-image ``h0``/``c0`` (S = N) and ``source_rows`` equals ``image_index``; afterwards S = R.
 Indices are int32 because TensorRT does not take int64 I/O on older versions.
+
+``class_probs`` are the encoder CNN's own ImageNet class probabilities (its pooled feature map
+and classifier, in the same pass): object tags that come free with every caption.
+``topk_ids`` are the K best words by log-probability plus ``word_bias`` (zeros: plain
+log-probability); ``topk_logprobs`` are their log-probabilities without the bias. The bias
+lets a search steer toward words (the object tags' words) that would not be in the plain top K.
 
 Only the first (row) dimension of a tensor is dynamic; ``ModelDimensions.tails`` gives the
 rest.
@@ -35,8 +43,9 @@ ROLES = (ENCODER, DECODER_STEP)        # the graphs
 FILE_ROLES = (*ROLES, VOCAB)           # the files a manifest names
 
 ENCODER_INPUTS = ("image",)
-ENCODER_OUTPUTS = ("features", "att_proj", "h0", "c0")
-STEP_INPUTS = ("tokens", "h", "c", "source_rows", "features", "att_proj", "image_index")
+ENCODER_OUTPUTS = ("features", "att_proj", "h0", "c0", "class_probs")
+STEP_INPUTS = ("tokens", "h", "c", "source_rows", "features", "att_proj", "image_index",
+               "word_bias")
 STEP_OUTPUTS = ("topk_logprobs", "topk_ids", "h_out", "c_out", "alpha")
 IO = {ENCODER: (ENCODER_INPUTS, ENCODER_OUTPUTS), DECODER_STEP: (STEP_INPUTS, STEP_OUTPUTS)}
 
@@ -58,6 +67,7 @@ class ModelDimensions:
     hidden_dim: int     # Hd: LSTM state
     vocab_size: int     # V
     top_k: int          # K: best words per row that the step graph returns
+    n_classes: int      # C: the encoder's image classes (ImageNet-1k: 1000)
     encoder_dim: int | None = None  # channels of the CNN's feature map (informative)
     embed_dim: int | None = None    # word embedding (informative)
 
@@ -88,7 +98,9 @@ class ModelDimensions:
         state = (Hd,)
         return {"image": (3, height, width), "features": (L, self.feature_dim),
                 "att_proj": (L, self.attention_dim), "h0": state, "c0": state,
+                "class_probs": (self.n_classes,),
                 "tokens": (), "h": state, "c": state, "source_rows": (), "image_index": (),
+                "word_bias": (self.vocab_size,),
                 "topk_logprobs": (self.top_k,), "topk_ids": (self.top_k,), "h_out": state,
                 "c_out": state, "alpha": (L,)}
 
@@ -132,7 +144,7 @@ class Limits:
             return {"image": images}
         rows = (1, min(self.max_beam, self.max_rows), self.max_rows)
         return {"tokens": rows, "source_rows": rows, "image_index": rows, "h": rows, "c": rows,
-                "features": images, "att_proj": images}
+                "word_bias": rows, "features": images, "att_proj": images}
 
     def tag(self, role: str) -> str:
         return f"b{self.max_batch}" if role == ENCODER else f"b{self.max_batch}k{self.max_beam}"

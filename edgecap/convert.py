@@ -1,8 +1,9 @@
 """Precision conversion of a model directory: FP32 ONNX -> FP16 (or int8) ONNX, without torch.
 
-FP16 keeps the numerically delicate parts in FP32: every Softmax, LogSoftmax and TopK, and the
+FP16 keeps the numerically delicate parts in FP32: every Softmax, LogSoftmax and TopK, the
 attention logits (the nodes computing the Softmax input, up to and including the projection that
-produces them). Graph inputs and outputs stay float32 / int32, so the backend contract in
+produces them; the same rule keeps the image classifier in FP32), and what reads the step's
+log-probabilities (the word bias ``Add``, the ``GatherElements`` of the top K). Graph inputs and outputs stay float32 / int32, so the backend contract in
 ``edgecap.contract`` holds for a converted directory and every backend runs it unchanged.
 
 The FP16 ONNX is also what a strongly typed TensorRT network is built from (TensorRT >= 10.12,
@@ -31,7 +32,7 @@ from pathlib import Path
 
 import numpy as np
 
-from edgecap.contract import FILE_ROLES, ROLES, VOCAB
+from edgecap.contract import ENCODER_OUTPUTS, FILE_ROLES, ROLES, STEP_OUTPUTS, VOCAB
 from edgecap.errors import BackendError, ModelError
 from edgecap.manifest import Manifest, file_sha256, load_manifest, verify_files
 
@@ -92,7 +93,10 @@ def fp32_nodes(graph) -> list[str]:
         if node.name not in keep:
             keep.append(node.name)
 
+    log_softmax_outputs = {o for n in graph.node if n.op_type == "LogSoftmax" for o in n.output}
     for node in graph.node:
+        if node.op_type in ("Add", "GatherElements") and log_softmax_outputs & set(node.input):
+            add(node)  # the step's word bias and the gathered log-probabilities stay exact
         if node.op_type not in FP32_OP_TYPES:
             continue
         add(node)
@@ -373,7 +377,7 @@ def compare_stages(reference: Manifest, candidate: Manifest, n_images: int = 2,
     def session(manifest: Manifest, role: str):
         return ort.InferenceSession(str(manifest.path(role)), providers=["CPUExecutionProvider"])
 
-    names = ("features", "att_proj", "h0", "c0")
+    names = ENCODER_OUTPUTS
     ref_enc = dict(zip(names, session(reference, "encoder").run(list(names), {"image": images})))
     cand_enc = dict(zip(names, session(candidate, "encoder").run(list(names), {"image": images})))
     diffs = {k: float(np.abs(ref_enc[k] - cand_enc[k]).max()) for k in names}
@@ -383,8 +387,9 @@ def compare_stages(reference: Manifest, candidate: Manifest, n_images: int = 2,
     feeds = {"tokens": np.full(rows, reference.tokens["start"], np.int32),
              "h": ref_enc["h0"], "c": ref_enc["c0"], "source_rows": image_index.copy(),
              "features": ref_enc["features"], "att_proj": ref_enc["att_proj"],
-             "image_index": image_index}
-    outs = ("topk_logprobs", "topk_ids", "h_out", "c_out", "alpha")
+             "image_index": image_index,
+             "word_bias": np.zeros((rows, reference.dims.vocab_size), np.float32)}
+    outs = STEP_OUTPUTS
     ref_step = dict(zip(outs, session(reference, "decoder_step").run(list(outs), feeds)))
     cand_step = dict(zip(outs, session(candidate, "decoder_step").run(list(outs), feeds)))
     for k in ("topk_logprobs", "h_out", "c_out", "alpha"):

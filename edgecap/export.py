@@ -33,14 +33,14 @@ from edgecap.vocab import Vocabulary
 
 OPSET = 17
 # Export check tolerances (max abs difference, FP32 onnxruntime vs FP32 PyTorch on the CPU).
-TOLERANCE = {"features": 1e-3, "att_proj": 1e-3, "h0": 1e-4, "c0": 1e-4,
+TOLERANCE = {"features": 1e-3, "att_proj": 1e-3, "h0": 1e-4, "c0": 1e-4, "class_probs": 1e-4,
              "topk_logprobs": 1e-3, "h_out": 1e-4, "c_out": 1e-4, "alpha": 1e-4}
 
 
 def example_step_inputs(decoder: CaptionDecoder, regions: int, n_images: int = 2,
                         n_beams: int = 3, seed: int = 0):
     """Random but valid step inputs (torch tensors), after the first step (S = R), for images
-    of ``regions`` attention regions."""
+    of ``regions`` attention regions; a word bias that moves some words into the top K."""
     g = torch.Generator().manual_seed(seed)
     cfg = decoder.cfg
     rows = n_images * n_beams
@@ -50,7 +50,8 @@ def example_step_inputs(decoder: CaptionDecoder, regions: int, n_images: int = 2
             torch.randint(0, rows, (rows,), generator=g, dtype=torch.int32),
             torch.randn(n_images, regions, cfg.feature_dim, generator=g),
             torch.randn(n_images, regions, cfg.attention_dim, generator=g),
-            torch.arange(n_images, dtype=torch.int32).repeat_interleave(n_beams))
+            torch.arange(n_images, dtype=torch.int32).repeat_interleave(n_beams),
+            (torch.rand(rows, cfg.vocab_size, generator=g) < 0.01).float() * 20.0)
 
 
 def regions_of(pre: Preprocessing) -> int:
@@ -85,6 +86,79 @@ def _set_output_dims(path: Path, dims: dict[str, list[int]]) -> None:
     onnx.save(model, str(path))
 
 
+def _fold_static_padding(path: Path, image_size: tuple[int, int]) -> None:
+    """Put the encoder's "same" padding into its convolutions.
+
+    The tracer computes each padding from the input's runtime shape (Shape, Sub, Cast ... into a
+    Pad node), which onnxruntime cannot fold while the batch dimension is dynamic. The input size
+    is fixed by the manifest, so the paddings are constants: read them once (one run on a
+    1-image batch), fold each zero ``Pad`` that feeds a ``Conv`` into the Conv's ``pads``, and
+    drop the arithmetic that computed them.
+    """
+    import onnx
+    import onnxruntime as ort
+    from onnx import helper, numpy_helper
+
+    model = onnx.load(str(path))
+    graph = model.graph
+    pads = [n for n in graph.node if n.op_type == "Pad"]
+    if not pads:
+        return
+    probe = onnx.ModelProto.FromString(model.SerializeToString())
+    # a Pad's inputs: data, pads (int64), the fill value (the data's type: float here)
+    types = {n.input[i]: t for n in pads for i, t in ((1, onnx.TensorProto.INT64),
+                                                      (2, onnx.TensorProto.FLOAT))
+             if i < len(n.input) and n.input[i]}
+    wanted = list(types)
+    del probe.graph.output[:]
+    probe.graph.output.extend(helper.make_tensor_value_info(name, types[name], None)
+                              for name in wanted)
+    session = ort.InferenceSession(probe.SerializeToString(), providers=["CPUExecutionProvider"])
+    feed = {graph.input[0].name: np.zeros((1, 3, *image_size), np.float32)}
+    values = dict(zip(wanted, session.run(wanted, feed)))
+    users: dict[str, list] = {}
+    for node in graph.node:
+        for name in node.input:
+            users.setdefault(name, []).append(node)
+    for pad in pads:
+        amounts = values[pad.input[1]].astype(np.int64)
+        rank = len(amounts) // 2
+        mode = next((a.s for a in pad.attribute if a.name == "mode"), b"constant")
+        fill = values[pad.input[2]] if len(pad.input) > 2 and pad.input[2] else 0.0
+        consumers = users.get(pad.output[0], [])
+        spatial_only = not amounts[:2].any() and not amounts[rank:rank + 2].any()
+        if (mode == b"constant" and float(np.asarray(fill)) == 0.0 and spatial_only
+                and len(consumers) == 1 and consumers[0].op_type == "Conv"):
+            conv = consumers[0]
+            old = next((list(a.ints) for a in conv.attribute if a.name == "pads"), None)
+            extra = [int(v) for v in (*amounts[2:rank], *amounts[rank + 2:])]
+            merged = [a + b for a, b in zip(old or [0] * len(extra), extra)]
+            for attribute in [a for a in conv.attribute if a.name in ("pads", "auto_pad")]:
+                conv.attribute.remove(attribute)
+            conv.attribute.append(helper.make_attribute("pads", merged))
+            conv.input[0] = pad.input[0]
+        else:  # keep the Pad, with its amounts as a constant
+            constant = numpy_helper.from_array(amounts, f"{pad.name or pad.output[0]}_pads")
+            graph.initializer.append(constant)
+            pad.input[1] = constant.name
+    _drop_dead_nodes(graph)
+    onnx.save(model, str(path))
+
+
+def _drop_dead_nodes(graph) -> None:
+    """Remove the nodes no graph output depends on."""
+    needed = {o.name for o in graph.output}
+    live = set()
+    for index in range(len(graph.node) - 1, -1, -1):
+        node = graph.node[index]
+        if any(name in needed for name in node.output):
+            live.add(index)
+            needed.update(node.input)
+    for index in range(len(graph.node) - 1, -1, -1):
+        if index not in live:
+            del graph.node[index]
+
+
 def export_modules(encoder: EfficientNetLite0, decoder: CaptionDecoder, vocab: Vocabulary,
                    pre: Preprocessing, out_dir: Path, info: dict | None = None,
                    check_images: list[np.ndarray] | None = None, check: bool = True) -> Manifest:
@@ -115,6 +189,7 @@ def _write_and_check(encoder, decoder, vocab, pre, out_dir, info, check_images, 
     dims = ModelDimensions(regions=regions_of(pre), feature_dim=cfg.feature_dim,
                            attention_dim=cfg.attention_dim, hidden_dim=cfg.hidden_dim,
                            vocab_size=cfg.vocab_size, top_k=cfg.top_k,
+                           n_classes=encoder._fc.out_features,
                            encoder_dim=cfg.encoder_dim, embed_dim=cfg.embed_dim)
     files = {**{role: f"{role}.onnx" for role in ROLES}, VOCAB: "vocab.json"}
     paths = {role: out_dir / name for role, name in files.items()}
@@ -122,13 +197,15 @@ def _write_and_check(encoder, decoder, vocab, pre, out_dir, info, check_images, 
         _export(EncoderGraph(encoder, decoder), (torch.zeros(1, 3, h, w),), paths[ENCODER],
                 ENCODER_INPUTS, ENCODER_OUTPUTS,
                 {"image": {0: "n"}, **{k: {0: "n"} for k in ENCODER_OUTPUTS}})
+        _fold_static_padding(paths[ENCODER], pre.size)
         tails = dims.tails(pre.size)
         _set_output_dims(paths[ENCODER],
-                         {name: list(tails[name]) for name in ("features", "att_proj")})
+                         {name: list(tails[name]) for name in ENCODER_OUTPUTS})
         _export(StepGraph(decoder), example_step_inputs(decoder, dims.regions),
                 paths[DECODER_STEP], STEP_INPUTS, STEP_OUTPUTS,
                 {"tokens": {0: "r"}, "h": {0: "s"}, "c": {0: "s"}, "source_rows": {0: "r"},
                  "features": {0: "n"}, "att_proj": {0: "n"}, "image_index": {0: "r"},
+                 "word_bias": {0: "r"},
                  **{k: {0: "r"} for k in STEP_OUTPUTS}})
     vocab.save(paths[VOCAB])
     manifest = Manifest(

@@ -18,7 +18,7 @@ from edgecap.contract import FILE_ROLES, ModelDimensions
 from edgecap.errors import ModelError
 from edgecap.preprocess import Preprocessing
 
-FORMAT = "edgecap-model/1"
+FORMAT = "edgecap-model/2"  # 2: the encoder's class_probs, the step's word_bias
 MANIFEST = "manifest.json"
 
 
@@ -71,6 +71,10 @@ def load_manifest(directory: str | Path) -> Manifest:
         raise ModelError(f"{path}: cannot read it ({exc.strerror or exc}); check the model "
                          "directory's permissions or copy it again") from exc
     fmt = data.get("format") if isinstance(data, dict) else None
+    if fmt == "edgecap-model/1":
+        raise ModelError(f"{path}: unknown manifest format {fmt!r} (an older edgecap's, without "
+                         f"object tags); this edgecap reads {FORMAT}: re-export the model, or "
+                         "upgrade the directory with `python export/upgrade_model.py`")
     if fmt != FORMAT:
         raise ModelError(f"{path}: unknown manifest format {fmt!r}; this edgecap reads {FORMAT}. "
                          "Upgrade edgecap or re-export the model with this version")

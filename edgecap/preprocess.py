@@ -4,7 +4,6 @@ Decoding any input to RGB is ``edgecap.images``."""
 from __future__ import annotations
 
 from dataclasses import asdict, dataclass
-from pathlib import Path
 
 import numpy as np
 from PIL import Image

@@ -66,6 +66,6 @@ def any_model_dir(request, tmp_path_factory) -> Path:
     try:
         return Path(request.getfixturevalue("tiny_model_dir"))
     except pytest.skip.Exception:
-        from test_convert import _contract_model_dir
+        from helpers import contract_model_dir
 
-        return _contract_model_dir(tmp_path_factory.mktemp("contract-model"))
+        return contract_model_dir(tmp_path_factory.mktemp("contract-model"))

@@ -119,7 +119,7 @@ def test_trt_profile_options_from_manifest():
 
 MANIFEST = types.SimpleNamespace(
     dims=ModelDimensions(regions=49, feature_dim=512, attention_dim=256, hidden_dim=512,
-                         vocab_size=100, top_k=10),
+                         vocab_size=100, top_k=10, n_classes=1000),
     preprocessing=types.SimpleNamespace(size=(224, 224)))
 
 
@@ -133,7 +133,9 @@ def test_providers_for_role_wires_profiles_into_tensorrt_only(tmp_path):
                           "trt_profile_max_shapes")}
     # every dynamic step input has a range; h/c take S rows: N (first step) up to R = N x K
     assert set(shapes["trt_profile_max_shapes"]) == {"tokens", "source_rows", "image_index",
-                                                    "h", "c", "features", "att_proj"}
+                                                    "h", "c", "features", "att_proj",
+                                                    "word_bias"}
+    assert shapes["trt_profile_max_shapes"]["word_bias"] == "12x100"
     assert shapes["trt_profile_max_shapes"]["h"] == "12x512"
     assert shapes["trt_profile_min_shapes"]["c"] == "1x512"
     assert shapes["trt_profile_opt_shapes"]["tokens"] == "3"
@@ -210,15 +212,25 @@ def test_iobinding_decoder_on_cpu_matches_plain_run(model_dir):
              (np.array([5, 6, 7, 8], np.int32), np.array([1, 0, 3, 2], np.int32)),
              (np.array([9, 9, 4, 4], np.int32), np.array([0, 0, 2, 3], np.int32))]
 
-    decoder = IOBindingDecoder(enc, step, device="cpu")
-    session = decoder.start(decoder.encode(images), image_index, return_attention=True)
-    got = [session.step(t, s) for t, s in steps]
+    V = m.dims.vocab_size
+    bias = np.zeros((4, V), np.float32)
+    bias[:, V - 1] = 30.0  # steers every row to the last word
+    biases = [None, bias, None]  # and back: the zeros are bound again
 
-    features, att_proj, hs, cs = enc.run(None, {"image": images})
-    for (tokens, source_rows), result in zip(steps, got):
+    decoder = IOBindingDecoder(enc, step, V, device="cpu")
+    encoded = decoder.encode(images)
+    session = decoder.start(encoded, image_index, return_attention=True)
+    got = [session.step(t, s, b) for (t, s), b in zip(steps, biases)]
+
+    features, att_proj, hs, cs, probs = enc.run(None, {"image": images})
+    np.testing.assert_allclose(encoded["class_probs"].numpy(), probs, rtol=1e-6, atol=1e-7)
+    for (tokens, source_rows), b, result in zip(steps, biases, got):
         lp, ids, hs, cs, alpha = step.run(None, {
             "tokens": tokens, "h": hs, "c": cs, "source_rows": source_rows,
-            "features": features, "att_proj": att_proj, "image_index": image_index})
+            "features": features, "att_proj": att_proj, "image_index": image_index,
+            "word_bias": np.zeros((4, V), np.float32) if b is None else b})
+        if b is not None:
+            assert (ids[:, 0] == V - 1).all()
         np.testing.assert_allclose(result.topk_logprobs, lp, rtol=1e-6, atol=1e-6)
         np.testing.assert_array_equal(result.topk_ids, ids)
         np.testing.assert_allclose(result.alpha, alpha, rtol=1e-6, atol=1e-6)
@@ -275,7 +287,7 @@ def test_fake_iobinding_keeps_state_on_cuda():
                                          run_with_iobinding=lambda b: None)
     decoder = IOBindingDecoder.__new__(IOBindingDecoder)
     decoder._ort, decoder.step_session = fake_ort, step_session
-    decoder.device, decoder.device_id = "cuda", 0
+    decoder.device, decoder.device_id, decoder.vocab_size = "cuda", 0, 20
     encoded = {"features": _FakeValue((2, 4, 8), "cuda", "features"),
                "att_proj": _FakeValue((2, 4, 6), "cuda", "att_proj"),
                "h0": _FakeValue((2, 10), "cuda", "h0"), "c0": _FakeValue((2, 10), "cuda", "c0")}
@@ -289,6 +301,7 @@ def test_fake_iobinding_keeps_state_on_cuda():
         result = session.step(np.zeros(4, np.int32), np.arange(4, dtype=np.int32))
         reads.append(binding.inputs["h"][1].tag)
         assert result.alpha is None
+        assert binding.inputs["word_bias"][0] == "cuda"  # no bias: device zeros, no upload
     writes = [entry["h_out"].tag for entry in binding.log]
     assert reads == ["h0", writes[0], writes[1]]           # state never leaves the device
     assert writes[0] != writes[1] and writes[2] == writes[0]  # ping-pong

@@ -280,7 +280,8 @@ def _set(keys, value):
 
 
 @pytest.mark.parametrize("edit, words", [
-    (_set(["format"], "edgecap-model/2"), "unknown manifest format 'edgecap-model/2'.*Upgrade"),
+    (_set(["format"], "edgecap-model/9"), "unknown manifest format 'edgecap-model/9'.*Upgrade"),
+    (_set(["format"], "edgecap-model/1"), "unknown manifest format 'edgecap-model/1'.*re-export"),
     (_set(["format"], None), "unknown manifest format None"),
     (lambda d: d["dims"].pop("top_k"), "dims.top_k must be a positive integer.*re-export"),
     (_set(["dims", "regions"], "49"), "dims.regions must be a positive integer"),

@@ -412,25 +412,39 @@ def reference_run(manifest, images, image_index, steps):
     enc = ort.InferenceSession(str(manifest.path("encoder")), providers=["CPUExecutionProvider"])
     step = ort.InferenceSession(str(manifest.path("decoder_step")),
                                 providers=["CPUExecutionProvider"])
-    features, att_proj, h, c = enc.run(None, {"image": images})
+    features, att_proj, h, c, _ = enc.run(None, {"image": images})
     results = []
-    for tokens, source_rows in steps:
+    for tokens, source_rows, bias in steps:
+        if bias is None:
+            bias = np.zeros((len(tokens), manifest.dims.vocab_size), np.float32)
         lp, ids, h, c, alpha = step.run(None, {
             "tokens": tokens, "h": h, "c": c, "source_rows": source_rows, "features": features,
-            "att_proj": att_proj, "image_index": image_index})
+            "att_proj": att_proj, "image_index": image_index, "word_bias": bias})
         results.append((lp, ids, alpha))
     return results
 
 
+def class_probs(manifest, images):
+    enc = ort.InferenceSession(str(manifest.path("encoder")), providers=["CPUExecutionProvider"])
+    return enc.run(["class_probs"], {"image": images})[0]
+
+
 def some_steps(manifest, rows, n_steps=4, seed=0):
+    """(tokens, source_rows, word_bias) per step; the third step steers every row to the last
+    word of the vocabulary, the others have no bias."""
     rng = np.random.default_rng(seed)
+    V = manifest.dims.vocab_size
     image_index = np.repeat(np.arange(rows // 3, dtype=np.int32), 3)
-    steps = [(np.full(rows, manifest.tokens["start"], np.int32), image_index.copy())]
-    for _ in range(n_steps - 1):
-        tokens = rng.integers(0, manifest.dims.vocab_size, rows).astype(np.int32)
+    steps = [(np.full(rows, manifest.tokens["start"], np.int32), image_index.copy(), None)]
+    for i in range(n_steps - 1):
+        tokens = rng.integers(0, V, rows).astype(np.int32)
         # reorder beams within each image, as the search does (integer source rows)
         source = np.concatenate([3 * i + rng.permutation(3) for i in range(rows // 3)])
-        steps.append((tokens, source.astype(np.int32)))
+        bias = None
+        if i == 1:
+            bias = np.zeros((rows, V), np.float32)
+            bias[:, V - 1] = 50.0
+        steps.append((tokens, source.astype(np.int32), bias))
     return image_index, steps
 
 
@@ -494,8 +508,10 @@ def test_fake_profile_shapes_cover_rows_images_and_state():
     limits = Limits(max_batch=8, max_beam=5)
     step = profile_shapes("decoder_step", {
         "tokens": (-1,), "h": (-1, 512), "c": (-1, 512), "source_rows": (-1,),
-        "features": (-1, 49, 512), "att_proj": (-1, 49, 256), "image_index": (-1,)}, limits)
+        "features": (-1, 49, 512), "att_proj": (-1, 49, 256), "image_index": (-1,),
+        "word_bias": (-1, 2538)}, limits)
     assert step["tokens"] == ((1,), (5,), (40,))
+    assert step["word_bias"] == ((1, 2538), (5, 2538), (40, 2538))
     assert step["h"] == ((1, 512), (5, 512), (40, 512))   # S: N on the first step, R after
     assert step["features"] == ((1, 49, 512), (1, 49, 512), (8, 49, 512))
     enc = profile_shapes("encoder", {"image": (-1, 3, 224, 224)}, limits)
@@ -622,7 +638,7 @@ def test_fake_backend_runs_on_a_larger_cached_engine(monkeypatch, tmp_path, mode
                          log=err) as backend:
         assert len(trt.stats["builds"]) == builds and err.getvalue() == ""
         session = backend.start(backend.encode(images), image_index, return_attention=True)
-        got = [session.step(t, r) for t, r in steps]
+        got = [session.step(t, r, b) for t, r, b in steps]
     for (lp, ids, _), r in zip(reference_run(manifest, images, image_index, steps), got):
         np.testing.assert_allclose(r.topk_logprobs, lp, rtol=1e-6, atol=1e-6)
         np.testing.assert_array_equal(r.topk_ids, ids)
@@ -680,14 +696,22 @@ def test_fake_backend_matches_onnxruntime(monkeypatch, tmp_path, model_dir, devi
     allocated = set(device.memory)
 
     encoded = backend.encode(images)
+    # fp16: the whole FP16 encoder's features feed the (FP32) classifier
+    np.testing.assert_allclose(encoded.class_probs, class_probs(manifest, images),
+                               atol=1e-6 if precision == "fp32" else 0.02)
     session = backend.start(encoded, image_index, return_attention=True)
     got = []
-    for tokens, source_rows in steps:
+    uploads = []
+    for tokens, source_rows, bias in steps:
         before = dict(device.calls)
-        got.append(session.step(tokens, source_rows))
+        got.append(session.step(tokens, source_rows, bias))
         assert device.calls["sync"] - before["sync"] == 1   # one sync per step
         assert device.calls["dtoh"] - before["dtoh"] == 3   # logprobs, ids, alpha only
-        assert device.calls["htod"] - before["htod"] == 2   # tokens, source_rows only
+        uploads.append(device.calls["htod"] - before["htod"])
+    # tokens and source_rows; the word bias when given, and zeros once after it (and before
+    # the first step: fresh buffers are not known to hold zeros)
+    assert uploads == [3, 2, 3, 3]
+    assert (got[2].topk_ids[:, 0] == manifest.dims.vocab_size - 1).all()  # the bias steered
     assert set(device.memory) == allocated                 # nothing allocated per step
 
     if precision == "fp32":  # the fake engine ran the same ONNX: identical numbers

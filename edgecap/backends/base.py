@@ -15,10 +15,11 @@ import numpy as np
 @dataclass
 class Encoded:
     """A batch of encoded images. ``tensors`` is backend-owned (numpy arrays, torch tensors or
-    device buffers); the search only reads ``n_images``."""
+    device buffers); the search reads ``n_images``, the caller ``class_probs``."""
 
     n_images: int
     tensors: Any
+    class_probs: np.ndarray | None = None  # float32 (N, C) on the host: the image classes
 
 
 @dataclass
@@ -32,8 +33,11 @@ class DecoderSession(ABC):
     """The decoding state of one batch: created by ``Backend.start``, advanced by ``step``."""
 
     @abstractmethod
-    def step(self, tokens: np.ndarray, source_rows: np.ndarray) -> StepResult:
-        """Feed ``tokens`` (R,) int32 to the rows whose previous state is ``source_rows`` (R,)."""
+    def step(self, tokens: np.ndarray, source_rows: np.ndarray,
+             word_bias: np.ndarray | None = None) -> StepResult:
+        """Feed ``tokens`` (R,) int32 to the rows whose previous state is ``source_rows`` (R,).
+        ``word_bias`` float32 (R, V): added to the log-probabilities when choosing the top K
+        (None: zeros); the returned log-probabilities never include it."""
 
 
 class Backend(ABC):

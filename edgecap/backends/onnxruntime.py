@@ -99,7 +99,8 @@ class OnnxRuntimeBackend(Backend):
         step graph, else None (numpy feeds)."""
         if self.providers[0] not in (ort_providers.CUDA, ort_providers.TENSORRT):
             return None
-        return ort_gpu.IOBindingDecoder(self.encoder, self.decoder, device="cuda",
+        return ort_gpu.IOBindingDecoder(self.encoder, self.decoder, self.manifest.dims.vocab_size,
+                                        device="cuda",
                                         device_id=device_id)
 
     def _session(self, role: str, providers: list, threads: int | None) -> ort.InferenceSession:
@@ -128,11 +129,13 @@ class OnnxRuntimeBackend(Backend):
         """images float32 (N, 3, H, W) -> Encoded with numpy features (N, L, F), att_proj
         (N, L, A), h0, c0 (N, H)."""
         if self._device_decoder is not None:
-            return Encoded(n_images=int(images.shape[0]),
-                           tensors=self._device_decoder.encode(images))
+            tensors = self._device_decoder.encode(images)
+            return Encoded(n_images=int(images.shape[0]), tensors=tensors,
+                           class_probs=tensors["class_probs"].numpy())
         image = np.ascontiguousarray(images, dtype=self._input_types["image"])
-        outputs = self.encoder.run(list(ENCODER_OUTPUTS), {"image": image})
-        return Encoded(n_images=int(images.shape[0]), tensors=dict(zip(ENCODER_OUTPUTS, outputs)))
+        tensors = dict(zip(ENCODER_OUTPUTS, self.encoder.run(list(ENCODER_OUTPUTS), {"image": image})))
+        return Encoded(n_images=int(images.shape[0]), tensors=tensors,
+                       class_probs=tensors["class_probs"].astype(np.float32, copy=False))
 
     def start(self, encoded: Encoded, image_index: np.ndarray,
               return_attention: bool = False) -> DecoderSession:
@@ -152,11 +155,16 @@ class OnnxDecoderSession(DecoderSession):
         self.h, self.c = tensors["h0"], tensors["c0"]  # S = N until the first step
         self._fixed = {"features": tensors["features"], "att_proj": tensors["att_proj"],
                        "image_index": np.ascontiguousarray(image_index, dtype=np.int32)}
+        self._no_bias = np.zeros((len(image_index), backend.manifest.dims.vocab_size),
+                                 self._types["word_bias"])
 
-    def step(self, tokens: np.ndarray, source_rows: np.ndarray) -> StepResult:
+    def step(self, tokens: np.ndarray, source_rows: np.ndarray,
+             word_bias: np.ndarray | None = None) -> StepResult:
+        bias = (self._no_bias if word_bias is None
+                else np.ascontiguousarray(word_bias, dtype=self._types["word_bias"]))
         feed = {"tokens": np.ascontiguousarray(tokens, dtype=self._types["tokens"]),
                 "source_rows": np.ascontiguousarray(source_rows, dtype=self._types["source_rows"]),
-                "h": self.h, "c": self.c, **self._fixed}
+                "h": self.h, "c": self.c, "word_bias": bias, **self._fixed}
         outputs = self._run(self._outputs, feed)
         logprobs, ids, self.h, self.c = outputs[:4]
         alpha = outputs[4].astype(np.float32, copy=False) if len(outputs) > 4 else None

@@ -19,11 +19,13 @@ from edgecap.contract import ENCODER_OUTPUTS
 class IOBindingDecoder:
     """Encoder and decoder step on one device with the state kept there between steps."""
 
-    def __init__(self, encoder_session, step_session, device: str = "cuda", device_id: int = 0):
+    def __init__(self, encoder_session, step_session, vocab_size: int, device: str = "cuda",
+                 device_id: int = 0):
         import onnxruntime as ort
 
         self._ort = ort
         self.encoder, self.step_session = encoder_session, step_session
+        self.vocab_size = vocab_size
         self.device, self.device_id = device, device_id
 
     def encode(self, images: np.ndarray) -> dict:
@@ -31,7 +33,11 @@ class IOBindingDecoder:
         io = self.encoder.io_binding()
         io.bind_cpu_input("image", np.ascontiguousarray(images, dtype=np.float32))
         for name in ENCODER_OUTPUTS:
-            io.bind_output(name, self.device, self.device_id)
+            # the class probabilities are read on the host; the rest stays on the device
+            if name == "class_probs":
+                io.bind_output(name, "cpu")
+            else:
+                io.bind_output(name, self.device, self.device_id)
         self.encoder.run_with_iobinding(io)
         return dict(zip(ENCODER_OUTPUTS, io.get_outputs()))
 
@@ -62,11 +68,19 @@ class IOBindingSession(DecoderSession):
             (self._rows, hidden), np.float32, dev, idx) for _ in range(2)) for _ in range(2)]
         self._current = (h0, encoded["c0"])
         self._next = 0
+        # no bias: one device-resident block of zeros, bound without a copy per step
+        self._no_bias = ort.OrtValue.ortvalue_from_numpy(
+            np.zeros((self._rows, owner.vocab_size), np.float32), dev, idx)
 
-    def step(self, tokens: np.ndarray, source_rows: np.ndarray) -> StepResult:
+    def step(self, tokens: np.ndarray, source_rows: np.ndarray,
+             word_bias: np.ndarray | None = None) -> StepResult:
         io, dev, idx = self._io, self._owner.device, self._owner.device_id
         io.bind_cpu_input("tokens", np.ascontiguousarray(tokens, dtype=np.int32))
         io.bind_cpu_input("source_rows", np.ascontiguousarray(source_rows, dtype=np.int32))
+        if word_bias is None:
+            io.bind_ortvalue_input("word_bias", self._no_bias)
+        else:
+            io.bind_cpu_input("word_bias", np.ascontiguousarray(word_bias, dtype=np.float32))
         h, c = self._current
         io.bind_ortvalue_input("h", h)
         io.bind_ortvalue_input("c", c)

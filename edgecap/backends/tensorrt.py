@@ -126,9 +126,9 @@ class TensorRTBackend(Backend):
     def _allocate(self) -> None:
         n, r = self.limits.max_batch, self.limits.max_rows
         t: dict[str, _DeviceTensor] = {}
-        for name in ENCODER_INPUTS + ENCODER_OUTPUTS:          # image, features, att_proj, h0, c0
+        for name in ENCODER_INPUTS + ENCODER_OUTPUTS:  # image, features, ..., class_probs
             t[name] = self._new_tensor("encoder", name, n)
-        for name in ("tokens", "source_rows", "image_index"):
+        for name in ("tokens", "source_rows", "image_index", "word_bias"):
             t[name] = self._new_tensor("decoder_step", name, r)
         for name in ("topk_logprobs", "topk_ids", "alpha"):
             t[name] = self._new_tensor("decoder_step", name, r)
@@ -137,17 +137,18 @@ class TensorRTBackend(Backend):
                         self._new_tensor("decoder_step", "c_out", r)) for _ in range(2)]
         self._tensors = t
         # pinned host staging for what crosses the bus
-        for name in ("image", "tokens", "source_rows", "image_index", "topk_logprobs",
-                     "topk_ids", "alpha"):
+        for name in ("image", "class_probs", "tokens", "source_rows", "image_index", "word_bias",
+                     "topk_logprobs", "topk_ids", "alpha"):
             self._host[name] = self._device.host_array((t[name].max_rows, *t[name].tail),
                                                        t[name].dtype)
         # fixed addresses: the step reads the encoder's outputs in place
         enc, step = self._contexts["encoder"], self._contexts["decoder_step"]
         for name in ENCODER_INPUTS + ENCODER_OUTPUTS:
             self._set_address(enc, name, t[name].ptr)
-        for name in ("tokens", "source_rows", "image_index", "features", "att_proj",
-                     "topk_logprobs", "topk_ids", "alpha"):
+        for name in ("tokens", "source_rows", "image_index", "word_bias", "features",
+                     "att_proj", "topk_logprobs", "topk_ids", "alpha"):
             self._set_address(step, name, t[name].ptr)
+        self._bias_rows_zero = 0  # word_bias rows known to hold zeros on the device
 
     @staticmethod
     def _set_address(context, name: str, ptr: int) -> None:
@@ -187,10 +188,13 @@ class TensorRTBackend(Backend):
         self._upload("image", images)
         self._set_shape("encoder", "image", images.shape)
         self._execute("encoder")
+        probs = self._host["class_probs"][:n]
+        self._device.copy_to_host(probs, self._tensors["class_probs"].ptr, self._stream)
         # the pinned image buffer is reused by the next call: wait for the copy to finish
         self._device.synchronize(self._stream)
         self._generation += 1
-        return Encoded(n_images=n, tensors=_EncodedOnDevice(self._generation, n))
+        return Encoded(n_images=n, tensors=_EncodedOnDevice(self._generation, n),
+                       class_probs=probs.copy())
 
     def start(self, encoded: Encoded, image_index: np.ndarray,
               return_attention: bool = False) -> DecoderSession:
@@ -268,7 +272,8 @@ class TensorRTSession(DecoderSession):
         self._return_attention = return_attention
         self._current: int | None = None  # which ping-pong pair holds the state; None: h0/c0
 
-    def step(self, tokens: np.ndarray, source_rows: np.ndarray) -> StepResult:
+    def step(self, tokens: np.ndarray, source_rows: np.ndarray,
+             word_bias: np.ndarray | None = None) -> StepResult:
         b = self._backend
         b._check_open()
         if self._id != b._session_id:
@@ -296,8 +301,10 @@ class TensorRTSession(DecoderSession):
 
         b._upload("tokens", tokens.astype(np.int32))
         b._upload("source_rows", source_rows.astype(np.int32))
+        self._upload_bias(word_bias)
         hidden = h_src.tail
         for name, shape in (("tokens", (r,)), ("source_rows", (r,)), ("image_index", (r,)),
+                            ("word_bias", (r, *t["word_bias"].tail)),
                             ("h", (s, *hidden)), ("c", (s, *hidden)),
                             ("features", (self._n_images, *t["features"].tail)),
                             ("att_proj", (self._n_images, *t["att_proj"].tail))):
@@ -315,6 +322,24 @@ class TensorRTSession(DecoderSession):
         return StepResult(topk_logprobs=b._host["topk_logprobs"][:r].copy(),
                           topk_ids=b._host["topk_ids"][:r].copy(),
                           alpha=b._host["alpha"][:r].copy() if self._return_attention else None)
+
+
+    def _upload_bias(self, word_bias: np.ndarray | None) -> None:
+        """Upload this step's word bias; with none, zeros, uploaded only when the device rows
+        may hold an earlier bias (no copy per step while nothing steers the search)."""
+        b, r = self._backend, self._rows
+        if word_bias is None:
+            if b._bias_rows_zero >= r:
+                return
+            b._upload("word_bias", np.zeros((r, *b._tensors["word_bias"].tail), np.float32))
+            b._bias_rows_zero = r
+            return
+        word_bias = np.asarray(word_bias, dtype=np.float32)
+        if word_bias.shape != (r, *b._tensors["word_bias"].tail):
+            raise BackendError(f"word_bias must have shape ({r}, "
+                               f"{b._tensors['word_bias'].tail[0]}), got {word_bias.shape}")
+        b._upload("word_bias", word_bias)
+        b._bias_rows_zero = 0
 
 
 __all__ = ["TensorRTBackend", "TensorRTSession"]

@@ -27,8 +27,6 @@ from edgecap.models.decoder import CaptionDecoder, DecoderConfig
 from edgecap.models.efficientnet_lite import EfficientNetLite0
 from edgecap.models.graphs import EncoderGraph, StepGraph
 
-# State-dict keys the encoder graph does not need, so its ONNX file does not hold them.
-ENCODER_UNUSED = ("_fc.",)
 UNUSED_SUFFIXES = (".num_batches_tracked",)
 
 
@@ -126,7 +124,7 @@ class TorchBackend(Backend):
                              f"this edgecap ({exc}); upgrade edgecap or re-export the model") from exc
         encoder = EfficientNetLite0()
         weights = read_initializers(manifest)
-        _load(encoder, weights, "encoder.", ENCODER_UNUSED, manifest)
+        _load(encoder, weights, "encoder.", (), manifest)
         _load(decoder, weights, "decoder.", (), manifest)
         return encoder.eval(), decoder.eval()
 
@@ -149,8 +147,10 @@ class TorchBackend(Backend):
 
     @staticmethod
     def _encoded(outputs) -> Encoded:
-        tensors = dict(zip(ENCODER_OUTPUTS, outputs))
-        return Encoded(n_images=int(tensors["h0"].shape[0]), tensors=tensors)
+        tensors = dict(zip(ENCODER_OUTPUTS, outputs))  # no class_probs from regions
+        probs = tensors.get("class_probs")
+        return Encoded(n_images=int(tensors["h0"].shape[0]), tensors=tensors,
+                       class_probs=None if probs is None else probs.float().cpu().numpy())
 
     def start(self, encoded: Encoded, image_index: np.ndarray,
               return_attention: bool = False) -> "TorchDecoderSession":
@@ -168,15 +168,20 @@ class TorchDecoderSession(DecoderSession):
         self.h, self.c = tensors["h0"], tensors["c0"]
         self.features, self.att_proj = tensors["features"], tensors["att_proj"]
         self.image_index = self._rows(image_index)
+        self.no_bias = torch.zeros(len(image_index), backend.decoder.cfg.vocab_size,
+                                   device=self.device)
 
     def _rows(self, x: np.ndarray) -> torch.Tensor:
         return torch.from_numpy(np.asarray(x, dtype=np.int32)).to(self.device)
 
     @torch.inference_mode()
-    def step(self, tokens: np.ndarray, source_rows: np.ndarray) -> StepResult:
+    def step(self, tokens: np.ndarray, source_rows: np.ndarray,
+             word_bias: np.ndarray | None = None) -> StepResult:
+        bias = (self.no_bias if word_bias is None
+                else torch.from_numpy(np.asarray(word_bias, np.float32)).to(self.device))
         values, ids, self.h, self.c, alpha = self.step_graph(
             self._rows(tokens), self.h, self.c, self._rows(source_rows), self.features,
-            self.att_proj, self.image_index)
+            self.att_proj, self.image_index, bias)
         return StepResult(topk_logprobs=values.float().cpu().numpy(),  # log-softmax ran in fp32
                           topk_ids=ids.cpu().numpy(),
                           alpha=alpha.float().cpu().numpy() if self.return_attention else None)

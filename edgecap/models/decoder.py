@@ -125,16 +125,22 @@ class CaptionDecoder(nn.Module):
         logits = self.out_vocab(self.dropout(torch.tanh(deep)))
         return logits, h, c, alpha
 
-    def step(self, tokens, h, c, features, att_proj, image_index):
+    def step(self, tokens, h, c, features, att_proj, image_index, word_bias=None):
         """The exported step: rows gather their image's tensors by ``image_index``.
 
-        tokens (R,) int64, h/c (R, H), features (N, L, F), att_proj (N, L, A), image_index (R,)
-        -> topk_logprobs (R, K), topk_ids (R, K) int64, h, c (R, H), alpha (R, L).
+        tokens (R,) int64, h/c (R, H), features (N, L, F), att_proj (N, L, A), image_index (R,),
+        word_bias (R, V) or None -> topk_logprobs (R, K), topk_ids (R, K) int64, h, c (R, H),
+        alpha (R, L). The top K are chosen by log-probability + ``word_bias``; the values are
+        the log-probabilities without it.
         """
         logits, h, c, alpha = self.logits(tokens, h, c, torch.index_select(features, 0, image_index),
                                           torch.index_select(att_proj, 0, image_index))
         logprobs = torch.log_softmax(mask_logits(logits).float(), dim=1)
-        values, ids = logprobs.topk(self.cfg.top_k, dim=1)
+        if word_bias is None:
+            values, ids = logprobs.topk(self.cfg.top_k, dim=1)
+        else:
+            _, ids = (logprobs + word_bias.float()).topk(self.cfg.top_k, dim=1)
+            values = logprobs.gather(1, ids)
         return values, ids, h, c, alpha
 
     # -- training ---------------------------------------------------------------------------

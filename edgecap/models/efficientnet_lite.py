@@ -105,13 +105,19 @@ class EfficientNetLite0(nn.Module):
             x = block(x)
         return F.relu6(self._bn1(self._conv_head(x)))
 
+    def class_probs(self, fmap: torch.Tensor) -> torch.Tensor:
+        """feature map (N, 1280, h, w) -> ImageNet class probabilities (N, 1000)."""
+        return torch.softmax(self._fc(fmap.mean((2, 3))).float(), dim=1)
+
     def forward(self, x: torch.Tensor) -> torch.Tensor:
         return self._fc(self.features(x).mean((2, 3)))
 
 
 def as_regions(fmap: torch.Tensor) -> torch.Tensor:
     """feature map (N, C, h, w) -> regions (N, h * w, C), row-major over the map."""
-    return fmap.flatten(2).transpose(1, 2)
+    # int(): the sizes are constants of the model, so an exported graph computes no shapes
+    channels, height, width = (int(d) for d in fmap.shape[1:])
+    return fmap.reshape(-1, channels, height * width).transpose(1, 2)
 
 
 def pretrained_state_dict() -> dict[str, torch.Tensor]:

@@ -7,11 +7,12 @@ import torch
 from torch import nn
 
 from edgecap.models.decoder import CaptionDecoder
-from edgecap.models.efficientnet_lite import EfficientNetLite0
+from edgecap.models.efficientnet_lite import EfficientNetLite0, as_regions
 
 
 class EncoderGraph(nn.Module):
-    """image (N, 3, H, W) -> features (N, L, F), att_proj (N, L, A), h0, c0 (N, H)."""
+    """image (N, 3, H, W) -> features (N, L, F), att_proj (N, L, A), h0, c0 (N, H),
+    class_probs (N, C)."""
 
     def __init__(self, encoder: EfficientNetLite0, decoder: CaptionDecoder):
         super().__init__()
@@ -19,19 +20,23 @@ class EncoderGraph(nn.Module):
         self.decoder = decoder
 
     def forward(self, image):
-        return self.decoder.init_state(self.encoder.regions(image))
+        fmap = self.encoder.features(image)
+        return (*self.decoder.init_state(as_regions(fmap)), self.encoder.class_probs(fmap))
 
 
 class StepGraph(nn.Module):
     """One word for R rows: gather the previous state by ``source_rows``, then the decoder's
-    step -> topk_logprobs (R, K), topk_ids int32 (R, K), h_out, c_out (R, H), alpha (R, L)."""
+    step -> topk_logprobs (R, K), topk_ids int32 (R, K), h_out, c_out (R, H), alpha (R, L).
+    ``word_bias`` (R, V) picks the top K by log-probability + bias; the log-probabilities come
+    back without it."""
 
     def __init__(self, decoder: CaptionDecoder):
         super().__init__()
         self.decoder = decoder
 
-    def forward(self, tokens, h, c, source_rows, features, att_proj, image_index):
+    def forward(self, tokens, h, c, source_rows, features, att_proj, image_index, word_bias):
         h = torch.index_select(h, 0, source_rows)
         c = torch.index_select(c, 0, source_rows)
-        values, ids, h, c, alpha = self.decoder.step(tokens, h, c, features, att_proj, image_index)
+        values, ids, h, c, alpha = self.decoder.step(tokens, h, c, features, att_proj, image_index,
+                                                     word_bias)
         return values, ids.to(torch.int32), h, c, alpha
