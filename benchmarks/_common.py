@@ -271,9 +271,10 @@ class _TimedSession(DecoderSession):
     def __init__(self, owner: TimedBackend, inner: DecoderSession):
         self.owner, self.inner = owner, inner
 
-    def step(self, tokens: np.ndarray, source_rows: np.ndarray) -> StepResult:
+    def step(self, tokens: np.ndarray, source_rows: np.ndarray,
+             word_bias: np.ndarray | None = None) -> StepResult:
         t0 = time.perf_counter()
-        result = self.inner.step(tokens, source_rows)
+        result = self.inner.step(tokens, source_rows, word_bias)
         self.owner.step_times.append(time.perf_counter() - t0)
         return result
 

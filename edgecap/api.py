@@ -31,6 +31,7 @@ from edgecap.contract import Limits
 from edgecap.errors import InputError, ModelError
 from edgecap.images import ImageInput, load_rgb, max_pixels, preprocess
 from edgecap.manifest import Manifest, file_sha256, load_manifest
+from edgecap.objects import ObjectClasses
 from edgecap.search import CaptionOptions, Hypothesis, beam_search
 from edgecap.vocab import Vocabulary
 
@@ -41,11 +42,15 @@ ON_ERROR = ("raise", "return")
 class Caption:
     """One image's caption.
 
-    ``score`` is the length-normalised log-probability used to rank hypotheses (higher is better),
-    ``log_prob`` the plain sum. ``alternatives``: the next best captions when ``n_best`` > 1.
+    ``score`` is the length-normalised log-probability (higher is better), ``log_prob`` the plain
+    sum, both the caption model's own. ``alternatives``: the next best captions when ``n_best``
+    > 1, in the search's order (by ``score``; with object guidance, by ``score`` plus the bonus
+    of the tag words the caption names).
     ``timings`` (milliseconds): ``preprocess_ms`` for this image; ``encode_ms`` and ``decode_ms``
     its share of its batch's encoder run and search. ``attention``: float32 (n_words, 7, 7), the
-    attention over the image's regions for each word, when asked for.
+    attention over the image's regions for each word, when asked for. ``objects``: the image's
+    most probable object classes as (name, probability), best first, from the encoder's own
+    classifier (ImageNet's 1000 classes), whatever the caption says.
     """
 
     text: str
@@ -53,6 +58,7 @@ class Caption:
     tokens: list[str]
     log_prob: float
     alternatives: tuple["Caption", ...] = ()
+    objects: tuple[tuple[str, float], ...] = field(default=(), compare=False)
     timings: dict[str, float] = field(default_factory=dict, compare=False)
     attention: np.ndarray | None = field(default=None, compare=False, repr=False)
 
@@ -121,6 +127,8 @@ class Captioner:
         self.options, backend_options = _split_options(options, keywords)
         self.options.validate(self.manifest.dims.top_k)
         self.vocab = load_vocabulary(self.manifest)
+        self.classes = ObjectClasses.load(self.manifest.path("classes"), self.vocab.index,
+                                          self.manifest.dims.n_classes)
         self.backend: Backend = load_backend(
             resolve_backend(backend), self.manifest, device=device,
             limits=Limits(self.options.batch_size, self.options.beam_size), **backend_options)
@@ -181,38 +189,49 @@ class Captioner:
             results.append(None)  # filled below, in order
         if not loaded:
             return results
-        hypotheses, encode_ms, decode_ms = self._search(np.stack(loaded), return_attention)
+        hypotheses, probs, encode_ms, decode_ms = self._search(np.stack(loaded), return_attention)
         shares = {"encode_ms": encode_ms / len(loaded), "decode_ms": decode_ms / len(loaded)}
-        good = iter(zip(hypotheses, prep_ms))
+        tags = ([()] * len(loaded) if probs is None
+                else [self.classes.tags(p, self.options.objects) for p in probs])
+        good = iter(zip(hypotheses, tags, prep_ms))
         for i, slot in enumerate(results):
             if slot is None:
-                hyps, ms = next(good)
-                results[i] = self._to_caption(hyps, {"preprocess_ms": ms, **shares})
+                hyps, objects, ms = next(good)
+                results[i] = self._to_caption(hyps, objects, {"preprocess_ms": ms, **shares})
         return results
 
     def _search(self, batch: np.ndarray, return_attention: bool):
-        """batch float32 (N, 3, H, W) -> (hypotheses per image, encode ms, decode ms)."""
+        """batch float32 (N, 3, H, W) -> (hypotheses per image, class probabilities (N, C),
+        encode ms, decode ms)."""
+        options = self.options
         # A backend with one set of device buffers (TensorRT) runs one batch at a time.
         with self._backend_lock or contextlib.nullcontext():
             t0 = time.perf_counter()
             encoded = self.backend.encode(batch)
             t1 = time.perf_counter()
-            hypotheses = beam_search(self.backend, encoded, self.options, self.vocab.start,
-                                     self.vocab.end, return_attention)
+            guidance = None
+            if options.guidance_bonus > 0 and encoded.class_probs is not None:
+                guidance = self.classes.guidance(encoded.class_probs, len(self.vocab),
+                                                 options.guidance_tags,
+                                                 options.guidance_min_prob,
+                                                 options.guidance_bonus)
+            hypotheses = beam_search(self.backend, encoded, options, self.vocab.start,
+                                     self.vocab.end, return_attention, guidance)
             t2 = time.perf_counter()
-        return hypotheses, (t1 - t0) * 1e3, (t2 - t1) * 1e3
+        return hypotheses, encoded.class_probs, (t1 - t0) * 1e3, (t2 - t1) * 1e3
 
-    def _to_caption(self, hyps: list[Hypothesis], timings: dict[str, float]) -> Caption:
+    def _to_caption(self, hyps: list[Hypothesis], objects: tuple,
+                    timings: dict[str, float]) -> Caption:
         best, *rest = hyps
-        alternatives = tuple(self._hypothesis_caption(h, {}) for h in rest)
-        return self._hypothesis_caption(best, timings, alternatives)
+        alternatives = tuple(self._hypothesis_caption(h, objects, {}) for h in rest)
+        return self._hypothesis_caption(best, objects, timings, alternatives)
 
-    def _hypothesis_caption(self, hyp: Hypothesis, timings: dict[str, float],
+    def _hypothesis_caption(self, hyp: Hypothesis, objects: tuple, timings: dict[str, float],
                             alternatives: tuple[Caption, ...] = ()) -> Caption:
         words = [self.vocab.words[i] for i in hyp.tokens]
         return Caption(text=" ".join(words), score=float(hyp.score), tokens=words,
-                       log_prob=float(hyp.log_prob), alternatives=alternatives, timings=timings,
-                       attention=_attention_maps(hyp.attention))
+                       log_prob=float(hyp.log_prob), alternatives=alternatives, objects=objects,
+                       timings=timings, attention=_attention_maps(hyp.attention))
 
 
 def batched(items: Iterable, size: int) -> Iterator[list]:

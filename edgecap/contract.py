@@ -38,9 +38,9 @@ from dataclasses import asdict, dataclass, fields
 
 import numpy as np
 
-ENCODER, DECODER_STEP, VOCAB = "encoder", "decoder_step", "vocab"
+ENCODER, DECODER_STEP, VOCAB, CLASSES = "encoder", "decoder_step", "vocab", "classes"
 ROLES = (ENCODER, DECODER_STEP)        # the graphs
-FILE_ROLES = (*ROLES, VOCAB)           # the files a manifest names
+FILE_ROLES = (*ROLES, VOCAB, CLASSES)  # the files a manifest names (classes: edgecap.objects)
 
 ENCODER_INPUTS = ("image",)
 ENCODER_OUTPUTS = ("features", "att_proj", "h0", "c0", "class_probs")

@@ -32,7 +32,7 @@ from pathlib import Path
 
 import numpy as np
 
-from edgecap.contract import ENCODER_OUTPUTS, FILE_ROLES, ROLES, STEP_OUTPUTS, VOCAB
+from edgecap.contract import CLASSES, ENCODER_OUTPUTS, FILE_ROLES, ROLES, STEP_OUTPUTS, VOCAB
 from edgecap.errors import BackendError, ModelError
 from edgecap.manifest import Manifest, file_sha256, load_manifest, verify_files
 
@@ -204,7 +204,8 @@ def _prepare_out_dir(source: Manifest, out: Path, force: bool) -> None:
 
 
 def _write_manifest(source: Manifest, out: Path, precision: str, note: dict) -> Manifest:
-    shutil.copy2(source.path(VOCAB), out / source.files[VOCAB])
+    for role in (VOCAB, CLASSES):  # the JSON files come along unchanged
+        shutil.copy2(source.path(role), out / source.files[role])
     sha = {role: file_sha256(out / source.files[role]) for role in FILE_ROLES}
     info = dict(source.info)
     info["converted_from"] = {"precision": source.precision, "sha256": dict(source.sha256),

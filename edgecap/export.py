@@ -21,13 +21,14 @@ import numpy as np
 import torch
 from torch import nn
 
-from edgecap.contract import (DECODER_STEP, ENCODER, ENCODER_INPUTS, ENCODER_OUTPUTS, ROLES,
-                              STEP_INPUTS, STEP_OUTPUTS, VOCAB, ModelDimensions)
+from edgecap.contract import (CLASSES, DECODER_STEP, ENCODER, ENCODER_INPUTS, ENCODER_OUTPUTS,
+                              ROLES, STEP_INPUTS, STEP_OUTPUTS, VOCAB, ModelDimensions)
 from edgecap.errors import ModelError
 from edgecap.manifest import MANIFEST, Manifest, file_sha256, load_manifest
 from edgecap.models.decoder import CaptionDecoder
 from edgecap.models.efficientnet_lite import EfficientNetLite0
 from edgecap.models.graphs import EncoderGraph, StepGraph
+from edgecap.objects import IMAGENET_CLASSES
 from edgecap.preprocess import Preprocessing
 from edgecap.vocab import Vocabulary
 
@@ -191,7 +192,8 @@ def _write_and_check(encoder, decoder, vocab, pre, out_dir, info, check_images, 
                            vocab_size=cfg.vocab_size, top_k=cfg.top_k,
                            n_classes=encoder._fc.out_features,
                            encoder_dim=cfg.encoder_dim, embed_dim=cfg.embed_dim)
-    files = {**{role: f"{role}.onnx" for role in ROLES}, VOCAB: "vocab.json"}
+    files = {**{role: f"{role}.onnx" for role in ROLES}, VOCAB: "vocab.json",
+             CLASSES: "classes.json"}
     paths = {role: out_dir / name for role, name in files.items()}
     with torch.no_grad():
         _export(EncoderGraph(encoder, decoder), (torch.zeros(1, 3, h, w),), paths[ENCODER],
@@ -208,6 +210,7 @@ def _write_and_check(encoder, decoder, vocab, pre, out_dir, info, check_images, 
                  "word_bias": {0: "r"},
                  **{k: {0: "r"} for k in STEP_OUTPUTS}})
     vocab.save(paths[VOCAB])
+    shutil.copyfile(IMAGENET_CLASSES, paths[CLASSES])
     manifest = Manifest(
         directory=out_dir, files=files,
         dims=dims,

@@ -22,6 +22,7 @@ class PrefixHashBackend(Backend):
         self.vocab_size, self.top_k, self.end_bias, self.seed = vocab_size, top_k, end_bias, seed
         self.n_regions = 4
         self.steps = 0
+        self.biases: list = []  # the word_bias of every step (None: none)
 
     def encode(self, images: np.ndarray) -> Encoded:
         # Each "image" is a seed: its first pixel value.
@@ -50,13 +51,16 @@ class _Session(DecoderSession):
         self.image_index = image_index
         self.return_attention = return_attention
 
-    def step(self, tokens, source_rows):
+    def step(self, tokens, source_rows, word_bias=None):
         assert source_rows.dtype == np.int32 and tokens.dtype == np.int32
         self.backend.steps += 1
+        self.backend.biases.append(None if word_bias is None else np.array(word_bias))
         h = np.array([PrefixHashBackend.next_state(int(s), int(t))
                       for s, t in zip(self.h[source_rows], tokens)])
         lp = np.stack([self.backend.logprobs(int(s)) for s in h])
-        ids = np.argsort(-lp, axis=1, kind="stable")[:, : self.backend.top_k]
+        # the contract: the top K by log-probability + bias, their log-probabilities unbiased
+        ranked = lp if word_bias is None else lp + word_bias
+        ids = np.argsort(-ranked, axis=1, kind="stable")[:, : self.backend.top_k]
         self.h = h
         alpha = None
         if self.return_attention:

@@ -113,8 +113,10 @@ def contract_model_dir(directory: Path) -> Path:
         onnx.save(model, str(directory / name))
     words = ["<pad>", "<start>", "<end>", "<unk>"] + [f"w{i}" for i in range(V - 4)]
     (directory / "vocab.json").write_text(json.dumps({"words": words}))  # Vocabulary's format
+    classes = [{"name": f"class {i}", "words": [f"w{i}"]} for i in range(NC)]
+    (directory / "classes.json").write_text(json.dumps({"classes": classes}))  # edgecap.objects
     files = {"encoder": "encoder.onnx", "decoder_step": "decoder_step.onnx",
-             "vocab": "vocab.json"}
+             "vocab": "vocab.json", "classes": "classes.json"}
     manifest = {
         "format": FORMAT, "files": files,
         "dims": {"regions": L, "encoder_dim": C, "feature_dim": F, "attention_dim": A,

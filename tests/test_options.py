@@ -37,7 +37,7 @@ class CycleBackend(Backend):
 
 
 class _CycleSession(DecoderSession):
-    def step(self, tokens, source_rows):
+    def step(self, tokens, source_rows, word_bias=None):
         best = [CYCLE[(CYCLE.index(t) + 1) % 3] if t in CYCLE else CYCLE[0] for t in tokens.tolist()]
         ids = np.array([[b, *(w for w in OTHERS if w != b)][:9] + [2] for b in best], np.int32)
         logprobs = np.tile(np.array([-0.1, *np.linspace(-3, -4, 8), -50.0], np.float32),
@@ -102,9 +102,11 @@ def _subcommand(parser: argparse.ArgumentParser, name: str) -> argparse.Argument
 
 
 @pytest.mark.parametrize("argv, flagged", [
-    (["caption", "photo.jpg"], {"beam_size", "max_length", "no_repeat_ngram", "batch_size"}),
+    (["caption", "photo.jpg"], {"beam_size", "max_length", "no_repeat_ngram", "batch_size",
+                                "guidance_bonus"}),
     (["eval", "--images", "photos"],
-     {"beam_size", "max_length", "no_repeat_ngram", "batch_size", "length_penalty"}),
+     {"beam_size", "max_length", "no_repeat_ngram", "batch_size", "length_penalty",
+      "guidance_bonus"}),
 ])
 def test_cli_defaults_are_the_options_defaults(argv, flagged):
     parser = build_parser()

@@ -13,7 +13,8 @@ DEFAULTS = {f.name: f.default for f in fields(CaptionOptions)}
 
 
 def add_model_arguments(p: argparse.ArgumentParser) -> None:
-    """--model, --backend, --device, --beam-size, --max-length, --no-repeat-ngram, --batch-size."""
+    """--model, --backend, --device, --beam-size, --max-length, --no-repeat-ngram, --batch-size,
+    --guidance-bonus / --no-objects-guidance."""
     p.add_argument("--model", help="model directory (default: the model shipped with edgecap)")
     p.add_argument("--backend", choices=sorted(NAMES, key=lambda name: name != "auto"),
                    default="auto", help="auto: onnxruntime if installed, else tensorrt, else torch")
@@ -26,6 +27,12 @@ def add_model_arguments(p: argparse.ArgumentParser) -> None:
                         f"(default {DEFAULTS['no_repeat_ngram']}; 0: off)")
     p.add_argument("--batch-size", type=int, default=DEFAULTS["batch_size"],
                    help="images per encoder run")
+    p.add_argument("--guidance-bonus", type=float, default=DEFAULTS["guidance_bonus"],
+                   metavar="X", help="steer the caption toward naming the photo's object tags: "
+                   "X is added to the log-probability of their words until a beam says one "
+                   f"(default {DEFAULTS['guidance_bonus']})")
+    p.add_argument("--no-objects-guidance", dest="guidance_bonus", action="store_const",
+                   const=0.0, help="no steering: the caption model alone (--guidance-bonus 0)")
 
 
 def caption_options(args: argparse.Namespace) -> CaptionOptions:

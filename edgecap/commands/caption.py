@@ -1,7 +1,9 @@
 """``edgecap caption PATH...``: caption image files, folders (searched recursively) and globs.
 
-Prints ``PATH<TAB>caption`` per image, or with ``--json`` one JSON object per line (``path``,
-``caption``, ``score``; ``error`` and a null caption for an input that failed). A failed input is
+Prints ``PATH<TAB>caption`` per image (``--objects``: then ``<TAB>`` and the object tags, e.g.
+``Egyptian Mau 0.79, tiger cat 0.09``), or with ``--json`` one JSON object per line (``path``,
+``caption``, ``score``, ``objects`` as [name, probability] pairs; ``error`` and a null caption for
+an input that failed). A failed input is
 reported on stderr as ``edgecap: PATH: problem`` and the others are still captioned; the exit
 code is then 1.
 
@@ -57,6 +59,9 @@ def add_arguments(p: argparse.ArgumentParser) -> None:
                    help="with one image: also write its attention figure, one panel per word")
     add_model_arguments(p)
     p.add_argument("--json", action="store_true", help="one JSON object per line")
+    p.add_argument("--objects", dest="show_objects", action="store_true",
+                   help="also print each photo's object tags (the encoder's own ImageNet "
+                        "classes with their probabilities; always in --json)")
 
 
 def expand(arg: str) -> Iterator[tuple[str, object]]:
@@ -115,7 +120,7 @@ def run(args: argparse.Namespace) -> int:
     failed = 0
     for name, result in _captions(captioner, inputs):
         failed += isinstance(result, InputError)
-        _print(name, result, args.json)
+        _print(name, result, args.json, args.show_objects)
     return 1 if failed else 0
 
 
@@ -141,18 +146,23 @@ def _captions(captioner, inputs: Iterable[tuple[str, object]]) -> Iterator[tuple
     yield from pulled
 
 
-def _print(name: str, result, as_json: bool) -> None:
+def _print(name: str, result, as_json: bool, objects: bool = False) -> None:
     from edgecap.errors import InputError
 
     if isinstance(result, InputError):
         print(f"edgecap: {name}: {result.problem}", file=sys.stderr, flush=True)
         if as_json:
-            line = {"path": name, "caption": None, "score": None, "error": result.problem}
+            line = {"path": name, "caption": None, "score": None, "objects": None,
+                    "error": result.problem}
             print(json.dumps(line, ensure_ascii=False), flush=True)
         return
     if as_json:
-        line = {"path": name, "caption": result.text, "score": round(result.score, 4)}
+        line = {"path": name, "caption": result.text, "score": round(result.score, 4),
+                "objects": [[tag, round(p, 4)] for tag, p in result.objects]}
         print(json.dumps(line, ensure_ascii=False), flush=True)
+    elif objects:
+        tags = ", ".join(f"{tag} {p:.2f}" for tag, p in result.objects)
+        print(f"{name}\t{result.text}\t{tags}", flush=True)
     else:
         print(f"{name}\t{result.text}", flush=True)
 
@@ -189,7 +199,7 @@ def _run_attention(captioner, inputs: list[tuple[str, object]], args) -> int:
     (name, item), = inputs
     result = item if isinstance(item, InputError) else captioner.caption_batch(
         [item], return_attention=True, on_error="return")[0]
-    _print(name, result, args.json)
+    _print(name, result, args.json, args.show_objects)
     if isinstance(result, InputError):
         return 1
     try:

@@ -1,0 +1,76 @@
+"""Object tags: the encoder CNN's own image classes, read from the same encoder pass as the
+caption, and the caption words that name them.
+
+A model directory's ``classes.json`` (manifest role ``classes``) lists the classes of the
+encoder's ``class_probs`` in order, each with a readable name and the caption words that name it
+(``trolleybus``: ``bus``; ``Egyptian Mau``: ``cat``; ``giant panda``: ``bear``, the nearest word the
+caption vocabulary has). ``ObjectClasses`` turns a batch's class probabilities into tags and into
+the word bias that steers the search toward naming them (``edgecap.search``).
+"""
+
+from __future__ import annotations
+
+import json
+from dataclasses import dataclass
+from pathlib import Path
+
+import numpy as np
+
+from edgecap.errors import ModelError
+
+# The readable class list a new model directory gets (``edgecap export``).
+IMAGENET_CLASSES = Path(__file__).parent / "assets" / "imagenet_classes.json"
+
+
+@dataclass(frozen=True)
+class Guidance:
+    """One batch's steering: ``bias`` float32 (N, V), the bonus on each image's tag words, and
+    ``words`` (per image, the ids that end the steering of a beam once it has said one)."""
+
+    bias: np.ndarray
+    words: tuple[frozenset[int], ...]
+
+
+@dataclass(frozen=True)
+class ObjectClasses:
+    names: tuple[str, ...]              # readable class names, in class_probs order
+    word_ids: tuple[tuple[int, ...], ...]  # per class: the vocabulary ids of its words
+
+    @classmethod
+    def load(cls, path: Path, vocab_index: dict[str, int], n_classes: int) -> "ObjectClasses":
+        """Read ``classes.json``; words the vocabulary lacks are left out (a model with its own
+        vocabulary still gets every tag, and guidance where the words exist)."""
+        try:
+            entries = json.loads(Path(path).read_text())["classes"]
+            names = tuple(str(e["name"]) for e in entries)
+            words = tuple(tuple(vocab_index[w] for w in e["words"] if w in vocab_index)
+                          for e in entries)
+        except (OSError, ValueError, KeyError, TypeError) as exc:
+            raise ModelError(f"{path}: unreadable class list ({exc}); re-export the model") from exc
+        if len(names) != n_classes:
+            raise ModelError(f"{path}: {len(names)} classes, but the encoder has {n_classes}; "
+                             "copy the whole model directory again or re-export it")
+        return cls(names, words)
+
+    def tags(self, probs: np.ndarray, n: int) -> tuple[tuple[str, float], ...]:
+        """probs (C,) -> the ``n`` most probable classes as (name, probability), best first."""
+        if n <= 0:
+            return ()
+        best = np.argsort(-probs, kind="stable")[:n]
+        return tuple((self.names[i], round(float(probs[i]), 4)) for i in best)
+
+    def guidance(self, probs: np.ndarray, vocab_size: int, n_tags: int, min_prob: float,
+                 bonus: float) -> Guidance | None:
+        """probs (N, C) -> the bias that steers each image's beams toward the words of its
+        ``n_tags`` most probable classes of at least ``min_prob``; None when no image has any."""
+        bias = np.zeros((len(probs), vocab_size), np.float32)
+        words: list[frozenset[int]] = []
+        for row, image_probs in enumerate(probs):
+            best = np.argsort(-image_probs, kind="stable")[:n_tags]
+            ids = frozenset(w for c in best if image_probs[c] >= min_prob
+                            for w in self.word_ids[c])
+            bias[row, list(ids)] = bonus
+            words.append(ids)
+        if not any(words):
+            return None
+        return Guidance(bias, tuple(words))

@@ -1,0 +1,197 @@
+"""Object tags (``Caption.objects``, ``edgecap.objects``) and object guidance in the search.
+
+Expected tags come from outside this code: the pretrained EfficientNet-Lite0 classifier was run
+on scikit-image's photos by itself (PyTorch, the package's ImageNet weights) while the class list
+was checked: chelsea.png -> Egyptian cat 0.794, coffee.png -> espresso 0.902.
+"""
+
+from __future__ import annotations
+
+import json
+from pathlib import Path
+
+import numpy as np
+import pytest
+
+from edgecap import Captioner
+from edgecap.cli import main as cli_main
+from edgecap.objects import IMAGENET_CLASSES, Guidance, ObjectClasses
+from edgecap.search import CaptionOptions, beam_search
+from fakes import END, START, PrefixHashBackend
+
+EXAMPLES = Path(__file__).resolve().parents[1] / "edgecap" / "assets" / "examples"
+
+
+@pytest.fixture(scope="module")
+def default_captioner():
+    return Captioner(backend="onnxruntime")
+
+
+# -- tags ------------------------------------------------------------------------------------------
+
+def test_tags_of_the_example_photos(default_captioner):
+    cat = default_captioner.caption(EXAMPLES / "chelsea.png")
+    coffee = default_captioner.caption(EXAMPLES / "coffee.png")
+    assert cat.objects[0][0] == "Egyptian Mau" and cat.objects[0][1] == pytest.approx(0.794, abs=0.01)
+    assert {"tiger cat", "tabby cat"} <= {name for name, _ in cat.objects[:3]}
+    assert coffee.objects[0][0] == "espresso" and coffee.objects[0][1] == pytest.approx(0.902, abs=0.01)
+    assert len(cat.objects) == CaptionOptions().objects == 5
+    assert [p for _, p in cat.objects] == sorted((p for _, p in cat.objects), reverse=True)
+
+
+def test_number_of_tags_is_an_option(default_captioner):
+    photo = EXAMPLES / "coffee.png"
+    assert Captioner(objects=2).caption(photo).objects == default_captioner.caption(photo).objects[:2]
+    assert Captioner(objects=0).caption(photo).objects == ()
+
+
+def test_shipped_class_list():
+    table = json.loads(IMAGENET_CLASSES.read_text())
+    assert "imagenet-classes" in table["about"] and "WordNet" in table["licence"]
+    names = [c["name"] for c in table["classes"]]
+    assert len(names) == 1000
+    # ImageNet's class order (indices from the ILSVRC-2012 synset list)
+    assert (names[0], names[285], names[874], names[967]) == (
+        "tench", "Egyptian Mau", "trolleybus", "espresso")
+    words = {c["name"]: c["words"] for c in table["classes"]}
+    assert words["trolleybus"] == ["bus"] and words["tiger cat"] == ["cat"]
+    assert "bear" in words["giant panda"]  # not in the vocabulary: its nearest word that is
+
+
+def test_class_list_must_match_the_encoder(tmp_path):
+    path = tmp_path / "classes.json"
+    path.write_text(json.dumps({"classes": [{"name": "a", "words": ["dog", "zebra"]}]}))
+    classes = ObjectClasses.load(path, {"dog": 7}, n_classes=1)
+    assert classes.names == ("a",) and classes.word_ids == ((7,),)  # unknown words left out
+    from edgecap.errors import ModelError
+
+    with pytest.raises(ModelError, match="1 classes, but the encoder has 1000"):
+        ObjectClasses.load(path, {"dog": 7}, n_classes=1000)
+
+
+def test_guidance_from_class_probabilities():
+    classes = ObjectClasses(("bus", "cat", "cup"), ((5,), (6, 7), ()))
+    probs = np.array([[0.6, 0.3, 0.1], [0.05, 0.05, 0.9], [0.5, 0.08, 0.42]], np.float32)
+    g = classes.guidance(probs, vocab_size=9, n_tags=2, min_prob=0.1, bonus=2.0)
+    assert g.words == (frozenset({5, 6, 7}), frozenset(), frozenset({5}))
+    expected = np.zeros((3, 9), np.float32)
+    expected[0, [5, 6, 7]] = 2.0
+    expected[2, 5] = 2.0
+    np.testing.assert_array_equal(g.bias, expected)
+    assert classes.guidance(probs[1:2], 9, 2, 0.1, 2.0) is None  # no tag names a word
+
+
+# -- guidance in the search ------------------------------------------------------------------------
+
+def _search(backend, seed, guidance=None, **options):
+    encoded = backend.encode(np.array([seed]))
+    opts = CaptionOptions(**{"no_repeat_ngram": 0, **options})
+    return beam_search(backend, encoded, opts, START, END, guidance=guidance)[0][0]
+
+
+def _word_outside_top_k(backend, seed):
+    """A word the plain search never says for this image."""
+    plain = _search(backend, seed)
+    said = set(plain.tokens)
+    return next(w for w in range(backend.vocab_size - 1, 3, -1) if w not in said), plain
+
+
+def test_guidance_steers_to_a_word_outside_the_plain_top_k():
+    backend = PrefixHashBackend(vocab_size=40, top_k=5, end_bias=1.0)
+    word, plain = _word_outside_top_k(backend, 11)
+    bias = np.zeros((1, 40), np.float32)
+    bias[0, word] = 8.0
+    backend.biases.clear()
+    steered = _search(backend, 11, Guidance(bias, (frozenset({word}),)))
+    assert word in steered.tokens and word not in plain.tokens
+    assert backend.biases[0][:, word].max() == 8.0  # the step got it, to reach past its top K
+
+
+def test_guidance_stops_once_a_beam_has_said_a_tag_word():
+    """A bonus that stayed on would make the word repeat ("a bus bus"); it must switch off."""
+    backend = PrefixHashBackend(vocab_size=40, top_k=5, end_bias=-3.0)
+    word, _ = _word_outside_top_k(backend, 5)
+    bias = np.zeros((1, 40), np.float32)
+    bias[0, word] = 30.0  # overwhelming: with the bonus on, every word would be this one
+    backend.biases.clear()
+    steered = _search(backend, 5, Guidance(bias, (frozenset({word}),)), beam_size=1,
+                      max_length=8)
+    assert steered.tokens.count(word) == 1
+    first = steered.tokens.index(word)
+    assert all(b is not None for b in backend.biases[:first + 1])
+    assert all(b is None for b in backend.biases[first + 1:])  # steering off: no bias sent
+
+
+def test_guided_hypothesis_reports_the_models_own_log_probability():
+    backend = PrefixHashBackend(vocab_size=40, top_k=5, end_bias=1.0)
+    word, _ = _word_outside_top_k(backend, 3)
+    bias = np.zeros((1, 40), np.float32)
+    bias[0, word] = 8.0
+    hyp = _search(backend, 3, Guidance(bias, (frozenset({word}),)), beam_size=1)
+    # the caption's log-probability, recomputed from the fake's own distributions
+    state, total, prev = 3, 0.0, START
+    for token in [*hyp.tokens, END]:
+        state = PrefixHashBackend.next_state(state, prev)
+        total += float(backend.logprobs(state)[token])
+        prev = token
+    assert hyp.log_prob == pytest.approx(total, abs=1e-4)
+    assert hyp.score == pytest.approx(total / (len(hyp.tokens) + 1), abs=1e-4)
+    assert hyp.rank_score == pytest.approx((total + 8.0) / (len(hyp.tokens) + 1), abs=1e-4)
+
+
+def test_no_guidance_sends_no_bias():
+    backend = PrefixHashBackend(vocab_size=12, top_k=5)
+    backend.biases.clear()
+    _search(backend, 2)
+    assert backend.biases and all(b is None for b in backend.biases)
+
+
+# -- the shipped model and the command line --------------------------------------------------------
+
+def test_guidance_is_on_by_default_and_can_be_turned_off(default_captioner, tmp_path):
+    """The default steers (the coffee photo's espresso tag names 'coffee' / 'cup'); with the
+    bonus at 0 the captions are the caption model's alone."""
+    assert default_captioner.options.guidance_bonus == 2.0
+    off = Captioner(guidance_bonus=0.0)
+    strong = Captioner(guidance_bonus=5.0)
+    photo = EXAMPLES / "chelsea.png"
+    assert "cat" not in off.caption(photo).tokens
+    assert "cat" in strong.caption(photo).tokens
+
+
+def test_cli_objects_and_no_guidance_flag(capsys):
+    photo = str(EXAMPLES / "coffee.png")
+    assert cli_main(["caption", "--json", photo]) == 0
+    line = json.loads(capsys.readouterr().out)
+    assert line["objects"][0][0] == "espresso" and len(line["objects"]) == 5
+    assert cli_main(["caption", "--objects", photo]) == 0
+    path, caption, tags = capsys.readouterr().out.rstrip("\n").split("\t")
+    assert path == photo and tags.startswith("espresso 0.90, ")
+    assert cli_main(["caption", "--no-objects-guidance", "--json", photo]) == 0
+    unguided = json.loads(capsys.readouterr().out)
+    assert unguided["caption"] == Captioner(guidance_bonus=0).caption(photo).text
+
+
+@pytest.mark.parametrize("field, value", [("guidance_bonus", -1.0), ("guidance_bonus", 11),
+                                          ("guidance_min_prob", 1.5), ("guidance_tags", 0),
+                                          ("objects", -1), ("objects", 2.5)])
+def test_guidance_options_are_validated(field, value):
+    with pytest.raises(ValueError, match=field):
+        CaptionOptions(**{field: value}).validate(top_k=10)
+
+
+def test_guided_hypotheses_are_ranked_with_the_bonus():
+    """Ranked by the steered score: a caption naming the tag comes first even where the model
+    alone prefers another (its own ``score`` is lower)."""
+    backend = PrefixHashBackend(vocab_size=40, top_k=5, end_bias=1.0)
+    for seed in range(20):
+        word, plain = _word_outside_top_k(backend, seed)
+        bias = np.zeros((1, 40), np.float32)
+        bias[0, word] = 8.0
+        encoded = backend.encode(np.array([seed]))
+        hyps = beam_search(backend, encoded, CaptionOptions(no_repeat_ngram=0, n_best=3),
+                           START, END, guidance=Guidance(bias, (frozenset({word}),)))[0]
+        assert [h.rank_score for h in hyps] == sorted((h.rank_score for h in hyps), reverse=True)
+        if word in hyps[0].tokens and hyps[0].score < max(h.score for h in hyps[1:]):
+            return  # found the case that tells the two rankings apart
+    pytest.fail("no seed where the bonus changes the ranking")
