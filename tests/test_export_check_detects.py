@@ -1,0 +1,112 @@
+"""The export's PyTorch-vs-onnxruntime check (``edgecap.export.check_export``) with its own
+tolerances: it passes a faithful export and fails one whose graphs really compute something
+else (one weight moved by 0.01, 100 times the tolerance of the output it reaches).
+
+A small random model (64 x 64 images, a 16-wide decoder) keeps the export to a few seconds.
+"""
+
+from __future__ import annotations
+
+import copy
+import shutil
+
+import numpy as np
+import pytest
+
+torch = pytest.importorskip("torch")
+onnx = pytest.importorskip("onnx")
+pytest.importorskip("onnxruntime")
+
+from onnx import numpy_helper  # noqa: E402
+
+from edgecap.errors import ModelError  # noqa: E402
+from edgecap.export import check_export, export_modules  # noqa: E402
+from edgecap.models.decoder import CaptionDecoder, DecoderConfig  # noqa: E402
+from edgecap.models.efficientnet_lite import EfficientNetLite0  # noqa: E402
+from edgecap.preprocess import Preprocessing  # noqa: E402
+from edgecap.vocab import Vocabulary  # noqa: E402
+
+PRE = Preprocessing(size=(64, 64))
+NUDGE = 0.01  # tolerances: 1e-3 (features, att_proj, topk_logprobs), 1e-4 (h0, c0, h_out, c_out)
+
+
+@pytest.fixture(scope="module")
+def exported(tmp_path_factory):
+    """(encoder, decoder, model dir): modules and their export, which passed the check."""
+    torch.manual_seed(0)
+    vocab = Vocabulary.build(["a cat sat on the mat", "a dog ran in the park today"], min_count=1)
+    decoder = CaptionDecoder(DecoderConfig(vocab_size=len(vocab), hidden_dim=16, feature_dim=16,
+                                           embed_dim=8, attention_dim=8))
+    encoder = EfficientNetLite0()
+    out = tmp_path_factory.mktemp("export-check") / "model"
+    manifest = export_modules(encoder, decoder, vocab, PRE, out)  # raises if the check fails
+    assert "export_check" in manifest.info
+    return encoder, decoder, out
+
+
+def test_a_faithful_export_passes_with_the_default_tolerance(exported):
+    encoder, decoder, out = exported
+    report = check_export(encoder, decoder, out, PRE)
+    diffs, tolerance = report["max_abs_diff"], report["tolerance"]
+    assert set(tolerance) <= set(diffs)
+    assert all(diffs[k] <= tolerance[k] for k in tolerance)
+    assert diffs["topk_ids_agree"] == 1.0
+
+
+def _nudged(module: torch.nn.Module, name: str, amount: float = NUDGE) -> torch.nn.Module:
+    """A copy of ``module`` with the first element of parameter ``name`` moved by ``amount``."""
+    module = copy.deepcopy(module)
+    with torch.no_grad():
+        dict(module.named_parameters())[name].view(-1)[0] += amount
+    return module
+
+
+# Each weight reaches only some outputs, so every part of the comparison is exercised:
+#   decoder init_h.bias    -> h0 (encoder graph), by exactly 0.01
+#   decoder lstm.bias_hh   -> h_out, c_out (step graph), by ~0.01 * the gate's slope
+#   decoder att_feat.bias  -> att_proj (encoder graph), by exactly 0.01 (att_proj is
+#                             projected from features; the step's inputs are its own, random)
+#   encoder's last BN bias -> features and everything after them in the encoder graph
+#                             (in a randomly initialised EfficientNet a single conv weight
+#                             often changes nothing: the activations saturate)
+@pytest.mark.parametrize("which, name", [
+    ("decoder", "init_h.bias"),
+    ("decoder", "lstm.bias_hh"),
+    ("decoder", "att_feat.bias"),
+    ("encoder", None),
+])
+def test_pytorch_changed_after_export_fails_the_check(exported, which, name):
+    encoder, decoder, out = exported
+    if which == "decoder":
+        decoder = _nudged(decoder, name)
+    else:
+        # the last parameter the features use (the classifier _fc is not part of the graph)
+        last = [n for n, _ in encoder.named_parameters() if not n.startswith("_fc.")][-1]
+        encoder = _nudged(encoder, last)
+    with pytest.raises(ModelError, match="export check failed"):
+        check_export(encoder, decoder, out, PRE)
+
+
+def test_a_change_far_below_the_tolerance_passes(exported):
+    encoder, decoder, out = exported
+    check_export(encoder, _nudged(decoder, "init_h.bias", 1e-6), out, PRE)
+
+
+@pytest.mark.parametrize("graph, initializer", [
+    ("encoder.onnx", "decoder.init_c.bias"),       # c0
+    ("decoder_step.onnx", "decoder.out_hidden.bias"),  # topk_logprobs
+])
+def test_an_onnx_initializer_changed_after_export_fails_the_check(exported, tmp_path, graph,
+                                                                   initializer):
+    encoder, decoder, out = exported
+    model_dir = tmp_path / "model"
+    shutil.copytree(out, model_dir)
+    model = onnx.load(str(model_dir / graph))
+    (init,) = [i for i in model.graph.initializer if i.name == initializer]
+    value = numpy_helper.to_array(init).copy()
+    value.flat[0] += 0.02
+    init.CopyFrom(numpy_helper.from_array(value.astype(np.float32), initializer))
+    onnx.save(model, str(model_dir / graph))
+    with pytest.raises(ModelError, match="export check failed"):
+        check_export(encoder, decoder, model_dir, PRE)
+    check_export(encoder, decoder, out, PRE)  # the untouched copy still passes

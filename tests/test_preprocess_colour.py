@@ -1,0 +1,154 @@
+"""The encoder's input for images whose three channels differ: channel order (RGB, never BGR),
+normalisation and the (3, H, W) layout, against values computed by hand.
+
+The shipped model's preprocessing (edgecap/assets/default/manifest.json, copied here as
+literals): size 224 x 224, bilinear, mean (127.5, 127.5, 127.5), std (127.5, 127.5, 127.5) on
+the 0-255 scale, so input = (x - 127.5) / 127.5 = 2 * (x / 255) - 1:
+    R = 255 -> (255 - 127.5) / 127.5 =  1.0
+    G =   0 -> (  0 - 127.5) / 127.5 = -1.0
+    B = 128 -> (128 - 127.5) / 127.5 =  0.5 / 127.5 = 0.0039215686
+Images of one solid colour, so resizing (bilinear) keeps every pixel value.
+"""
+
+from __future__ import annotations
+
+import json
+from pathlib import Path
+
+import numpy as np
+import pytest
+from PIL import Image
+
+import edgecap
+from edgecap import Captioner
+from edgecap.images import load_rgb, preprocess
+from edgecap.preprocess import Preprocessing
+from helpers import TableBackend, encoded_bytes, solid
+
+MANIFEST = Path(edgecap.__file__).parent / "assets" / "default" / "manifest.json"
+SHIPPED = Preprocessing(size=(224, 224), mean=(127.5, 127.5, 127.5), std=(127.5, 127.5, 127.5),
+                        resample="bilinear")
+COLOUR = (255, 0, 128)                      # R, G, B
+EXPECTED = (1.0, -1.0, 0.0039215686)        # per channel, worked out above
+JPEG_TOL = 4 / 127.5                        # JPEG may move a solid colour by a few levels
+
+
+def test_the_literals_are_the_shipped_manifests():
+    pre = json.loads(MANIFEST.read_text())["preprocessing"]
+    assert pre == {"size": [224, 224], "mean": [127.5, 127.5, 127.5],
+                   "std": [127.5, 127.5, 127.5], "resample": "bilinear"}
+
+
+def _model_input(image, color="rgb", pre=SHIPPED) -> np.ndarray:
+    out = preprocess([load_rgb(image, color)], pre)
+    assert out.shape == (1, 3, 224, 224) and out.dtype == np.float32
+    return out[0]
+
+
+def _assert_channels(x: np.ndarray, expected, tol=1e-6):
+    for channel, value in enumerate(expected):
+        np.testing.assert_allclose(x[channel], value, atol=tol, err_msg=f"channel {channel}")
+
+
+def _png_path(tmp_path, array) -> str:
+    path = tmp_path / "solid.png"
+    Image.fromarray(array).save(path)
+    return str(path)
+
+
+@pytest.mark.parametrize("kind", ["rgb array", "bgr array", "pil", "png bytes", "png path"])
+def test_solid_colour_is_normalised_per_channel_in_rgb_order(kind, tmp_path):
+    rgb = solid(COLOUR)
+    image, color = {
+        "rgb array": (rgb, "rgb"),
+        "bgr array": (np.ascontiguousarray(rgb[:, :, ::-1]), "bgr"),
+        "pil": (Image.fromarray(rgb), "rgb"),
+        "png bytes": (encoded_bytes(rgb, "PNG"), "rgb"),
+        "png path": (_png_path(tmp_path, rgb), "rgb"),
+    }[kind]
+    _assert_channels(_model_input(image, color), EXPECTED)
+
+
+@pytest.mark.parametrize("as_path", [False, True])
+def test_solid_colour_jpeg(as_path, tmp_path):
+    data = encoded_bytes(solid(COLOUR), "JPEG", quality=95)
+    if as_path:
+        (tmp_path / "solid.jpg").write_bytes(data)
+        data = str(tmp_path / "solid.jpg")
+    _assert_channels(_model_input(data), EXPECTED, tol=JPEG_TOL)
+
+
+def test_rgb_array_read_as_bgr_swaps_red_and_blue():
+    # The same bytes declared BGR: the first stored channel (255) is blue, the last (128) red.
+    #   R = 128 -> 0.0039215686, G = 0 -> -1.0, B = 255 -> 1.0
+    _assert_channels(_model_input(solid(COLOUR), "bgr"), (0.0039215686, -1.0, 1.0))
+
+
+def test_distinct_mean_and_std_per_channel():
+    # ImageNet-style values on the 0-255 scale, so each channel has its own mean and std:
+    #   R: (255 - 123.675) / 58.395 = 131.325 / 58.395 =  2.2489083
+    #   G: (  0 - 116.28)  / 57.12  = -116.28 / 57.12  = -2.0357143
+    #   B: (128 - 103.53)  / 57.375 =  24.47  / 57.375 =  0.4264924
+    pre = Preprocessing(size=(224, 224), mean=(123.675, 116.28, 103.53),
+                        std=(58.395, 57.12, 57.375))
+    _assert_channels(_model_input(solid(COLOUR), pre=pre), (2.2489083, -2.0357143, 0.4264924),
+                     tol=1e-5)
+
+
+def test_layout_is_channels_height_width():
+    # A 224 x 224 image (no resize): top half (R, G, B) = (255, 0, 128), bottom half
+    # (0, 255, 64), left and right alike. (3, H, W): rows 0-111 hold the first colour.
+    #   bottom: R 0 -> -1.0, G 255 -> 1.0, B 64 -> (64 - 127.5) / 127.5 = -0.4980392
+    image = np.zeros((224, 224, 3), np.uint8)
+    image[:112] = COLOUR
+    image[112:] = (0, 255, 64)
+    x = _model_input(image)
+    _assert_channels(x[:, :112, :], EXPECTED)
+    _assert_channels(x[:, 112:, :], (-1.0, 1.0, -0.4980392))
+
+
+def test_resize_to_the_model_size_keeps_a_solid_colour():
+    for size in [(7, 5), (224, 224), (640, 480), (300, 1000)]:
+        _assert_channels(_model_input(solid(COLOUR, size)), EXPECTED)
+
+
+# -- through the Captioner: what reaches the encoder ------------------------------------------
+@pytest.fixture
+def recording_captioner(monkeypatch):
+    """Captioner() on the shipped model's manifest, its backend a TableBackend that records
+    each batch given to ``encode``."""
+    words = json.loads((MANIFEST.parent / "vocab.json").read_text())["words"]
+    backend = TableBackend(words, lambda prefix: {"a": -0.1, "<end>": -0.2}, top_k=10)
+    monkeypatch.setattr(edgecap.api, "load_backend", lambda name, manifest, **kw: backend)
+    return Captioner(backend="onnxruntime"), backend
+
+
+def test_the_encoder_gets_rgb_channels_from_every_kind_of_input(recording_captioner, tmp_path):
+    captioner, backend = recording_captioner
+    rgb = solid(COLOUR)
+    inputs = [(rgb, "rgb"), (np.ascontiguousarray(rgb[:, :, ::-1]), "bgr"),
+              (encoded_bytes(rgb, "PNG"), "rgb"), (_png_path(tmp_path, rgb), "rgb"),
+              (Image.fromarray(rgb), "rgb")]
+    for image, color in inputs:
+        captioner.caption(image, color=color)
+        (x,) = backend.encoded_batches[-1]
+        assert x.shape == (3, 224, 224)
+        _assert_channels(x, EXPECTED)
+    captioner.caption(encoded_bytes(rgb, "JPEG", quality=95))
+    _assert_channels(backend.encoded_batches[-1][0], EXPECTED, tol=JPEG_TOL)
+    # The RGB array declared BGR reaches the encoder with red and blue swapped.
+    captioner.caption(rgb, color="bgr")
+    _assert_channels(backend.encoded_batches[-1][0], (0.0039215686, -1.0, 1.0))
+
+
+def test_caption_batch_keeps_each_images_colour(recording_captioner):
+    captioner, backend = recording_captioner
+    # (10, 20, 250): -117.5 / 127.5 = -0.9215686, -107.5 / 127.5 = -0.8431373,
+    #                 122.5 / 127.5 =  0.9607843
+    colours = {(255, 0, 128): EXPECTED, (0, 255, 64): (-1.0, 1.0, -0.4980392),
+               (10, 20, 250): (-0.9215686, -0.8431373, 0.9607843)}
+    captioner.caption_batch([solid(c) for c in colours])
+    (batch,) = backend.encoded_batches
+    assert batch.shape == (3, 3, 224, 224)
+    for x, expected in zip(batch, colours.values()):
+        _assert_channels(x, expected)

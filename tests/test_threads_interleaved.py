@@ -1,0 +1,180 @@
+"""One Captioner shared by several threads gives the same captions as sequential calls, with
+the threads forced to interleave, so shared state mixes their images every time, not only when
+the scheduler happens to interleave them:
+
+- ``helpers.LockstepSessions``: a barrier before every decoder step, so the searches run word by
+  word together (decoding state kept on the backend instead of the session: h/c);
+- ``helpers.LineLockstep``: every line of the package's Python code in turn, so anything two
+  calls share (an attribute of the Captioner, a module-level cache) is written between each
+  other's lines.
+"""
+
+from __future__ import annotations
+
+import json
+import threading
+from pathlib import Path
+
+import numpy as np
+import pytest
+from PIL import Image
+
+import edgecap
+from edgecap import Captioner
+from helpers import LineLockstep, LockstepSessions, TableBackend, solid
+
+EXAMPLES = Path(edgecap.__file__).parent / "assets" / "examples"
+CHELSEA, ROCKET, COFFEE, ASTRONAUT = (str(EXAMPLES / n) for n in (
+    "chelsea.png", "rocket.jpg", "coffee.png", "astronaut.png"))
+
+
+@pytest.fixture(scope="module", params=["onnxruntime", "torch"])
+def captioner(request):
+    pytest.importorskip(request.param)
+    if request.param == "torch":
+        pytest.importorskip("onnx")
+    captioner = Captioner(backend=request.param)
+    # A backend that is not thread-safe is serialised by the Captioner: lockstep would wait
+    # for a thread that cannot start. The backends tested here share no per-call state.
+    assert captioner.backend.thread_safe
+    return captioner
+
+
+def _in_lockstep(captioner, calls):
+    """Run ``calls`` (functions of the captioner), one thread each, their searches in lockstep.
+    -> (results in order, decoder steps taken by all threads together)."""
+    original_start = captioner.backend.start
+    lockstep = LockstepSessions(captioner.backend, len(calls))
+    results, errors = [None] * len(calls), []
+
+    def work(i, call):
+        try:
+            results[i] = call(captioner)
+        except BaseException as exc:  # noqa: BLE001 - reported below
+            errors.append(exc)
+        finally:
+            lockstep.leave()  # the others go on without this thread
+
+    threads = [threading.Thread(target=work, args=(i, c)) for i, c in enumerate(calls)]
+    try:
+        for t in threads:
+            t.start()
+        for t in threads:
+            t.join()
+    finally:
+        captioner.backend.start = original_start
+    if errors:
+        raise errors[0]
+    return results, lockstep.steps_together
+
+
+def _check(captioner, calls):
+    sequential = [call(captioner) for call in calls]
+    together, steps = _in_lockstep(captioner, calls)
+    # The searches really ran word by word together (each caption here has at least 8 words).
+    assert steps >= 8
+    assert together == sequential
+
+
+@pytest.mark.parametrize("calls", [
+    # two single images
+    [lambda c: c.caption(CHELSEA), lambda c: c.caption(ROCKET)],
+    # a batch of two beside one image (different row counts)
+    [lambda c: c.caption_batch([COFFEE, ASTRONAUT]), lambda c: c.caption(CHELSEA)],
+], ids=["two-images", "batch-beside-image"])
+def test_interleaved_searches_give_sequential_captions(captioner, calls):
+    _check(captioner, calls)
+
+
+def test_four_threads_in_lockstep():
+    """onnxruntime only: four torch threads on a small CPU oversubscribe it (slow, not wrong)."""
+    pytest.importorskip("onnxruntime")
+    _check(Captioner(backend="onnxruntime"),
+           [lambda c, p=p: c.caption(p) for p in (CHELSEA, ROCKET, COFFEE, ASTRONAUT)])
+
+
+def _same_size_arrays(*paths, size=(320, 240)) -> list[np.ndarray]:
+    """Photos as RGB arrays of one size: different pictures that take the same code path up to
+    the search, so line-by-line turns keep the threads at the same line until then."""
+    return [np.asarray(Image.open(p).convert("RGB").resize(size)) for p in paths]
+
+
+def _line_by_line(captioner, calls):
+    """Run ``calls`` (functions of the captioner), one thread each, every line of package code
+    in turn. -> (results in order, number of turns)."""
+    assert captioner.backend.thread_safe  # else the Captioner's lock would hold the baton
+    lockstep = LineLockstep(Path(edgecap.__file__).parent, len(calls))
+    results, errors = [None] * len(calls), []
+
+    def work(i, call):
+        try:
+            results[i] = lockstep.run(lambda: call(captioner))
+        except BaseException as exc:  # noqa: BLE001 - reported below
+            errors.append(exc)
+
+    threads = [threading.Thread(target=work, args=(i, c)) for i, c in enumerate(calls)]
+    for t in threads:
+        t.start()
+    for t in threads:
+        t.join()
+    if errors:
+        raise errors[0]
+    return results, lockstep.switches
+
+
+def _with_attention_flag(caption):
+    # Caption equality ignores the attention maps: say whether they came back.
+    return caption, caption.attention is not None
+
+
+@pytest.mark.parametrize("case", ["two-images", "two-batches", "attention-beside-none"])
+def test_package_code_interleaved_line_by_line_gives_sequential_captions(case):
+    pytest.importorskip("onnxruntime")
+    a, b, c, d = _same_size_arrays(CHELSEA, ROCKET, COFFEE, ASTRONAUT)
+    calls = {
+        "two-images": [lambda cap: cap.caption(a), lambda cap: cap.caption(b)],
+        "two-batches": [lambda cap: cap.caption_batch([a, c]),
+                        lambda cap: cap.caption_batch([d, b])],
+        "attention-beside-none": [
+            lambda cap: _with_attention_flag(cap.caption(a, return_attention=True)),
+            lambda cap: _with_attention_flag(cap.caption(b))],
+    }[case]
+    captioner = Captioner(backend="onnxruntime")
+    sequential = [call(captioner) for call in calls]
+    together, switches = _line_by_line(captioner, calls)
+    assert switches > 1000  # really interleaved, line by line
+    assert together == sequential
+
+
+# Two tables of the same shape over different words, chosen by the image's colour: the two
+# threads' searches take the same path line for line, so they stay aligned to the end, and each
+# would repeat its two words forever without the trigram block (<end> is likely only after
+# "fast", which is 2.0 less likely than the cycle's next word).
+def _cycle_of(w1: str, w2: str):
+    return {None: {w1: -0.1, w2: -2.0, "fast": -3.0},
+            w1: {w2: -0.1, "fast": -2.0, "<end>": -4.0},
+            w2: {w1: -0.1, "fast": -2.0, "<end>": -3.0},
+            "fast": {"<end>": -0.1, w1: -2.0, w2: -3.0}}
+
+
+TABLES = {"red": _cycle_of("a", "dog"), "blue": _cycle_of("cat", "runs")}
+
+
+def _by_colour(prefix, key):
+    table = TABLES["red" if key > 0 else "blue"]  # channel 0: red 255 -> 1.0, 0 -> -1.0
+    return table.get(prefix[-1] if prefix else None, {"<end>": -0.1})
+
+
+def test_searches_of_a_fake_model_interleaved_line_by_line(monkeypatch):
+    words = json.loads((Path(edgecap.__file__).parent / "assets" / "default" /
+                        "vocab.json").read_text())["words"]
+    monkeypatch.setattr(edgecap.api, "load_backend", lambda name, manifest, **kw: TableBackend(
+        words, _by_colour, top_k=10, keyed=True))
+    captioner = Captioner(backend="onnxruntime")
+    red, blue = solid((255, 0, 0)), solid((0, 0, 255))
+    calls = [lambda cap: cap.caption(red), lambda cap: cap.caption(blue)]
+    sequential = [call(captioner) for call in calls]
+    assert [s.text.split()[:2] for s in sequential] == [["a", "dog"], ["cat", "runs"]]
+    together, switches = _line_by_line(captioner, calls)
+    assert switches > 1000
+    assert together == sequential
