@@ -184,7 +184,7 @@ def _unavailable(name: str) -> str | None:
 
 def converted(source: Path, variant: str, calibration: Path | None) -> Path:
     """The converted copy of ``source`` for ``variant``, made once and cached."""
-    from edgecap.convert import convert_model_dir
+    from edgecap.build.convert import convert_model_dir
     from edgecap.manifest import load_manifest
 
     manifest = load_manifest(source)

@@ -29,8 +29,9 @@ def main(argv=None) -> None:
     p.add_argument("--resamples", type=int, default=10000)
     args = p.parse_args(argv)
 
-    from edgecap.evaluate import load_references
-    from edgecap.metrics import paired_bootstrap, per_image_cider
+    from edgecap.evaluation.evaluate import load_references
+    from _stats import paired_bootstrap
+    from edgecap.evaluation.metrics import per_image_cider
 
     if args.references:
         items = load_references(references=args.references)

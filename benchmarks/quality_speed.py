@@ -35,8 +35,8 @@ def parse_args(argv=None):
 
 def main(argv=None) -> None:
     args = parse_args(argv)
-    from edgecap import metrics
-    from edgecap.evaluate import caption_split, check_images, load_references
+    from edgecap.evaluation import metrics
+    from edgecap.evaluation.evaluate import caption_split, check_images, load_references
 
     items = load_references(captions=args.data / "Flickr8k.token.txt",
                             split=args.data / "Flickr_8k.devImages.txt")

@@ -3,7 +3,7 @@
 
     python export/export_onnx.py runs/sat/best --out models/my-model [--name NAME] [--metrics M.json]
 
-The library code is edgecap/export.py; this script exists so the pipeline's stages are visible
+The library code is edgecap/build/export.py; this script exists so the pipeline's stages are visible
 at the top level (export/ here, engines/ for TensorRT).
 """
 

@@ -25,7 +25,7 @@ import torch
 
 from edgecap.backends.torch import read_initializers
 from edgecap.contract import ModelDimensions
-from edgecap.export import export_modules
+from edgecap.build.export import export_modules
 from edgecap.manifest import Manifest
 from edgecap.models.decoder import CaptionDecoder, DecoderConfig
 from edgecap.models.efficientnet_lite import load_pretrained

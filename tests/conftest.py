@@ -30,7 +30,7 @@ def _restore_pixel_limit(monkeypatch):
 def tiny_model_dir(tmp_path_factory) -> Path:
     torch = pytest.importorskip("torch")
     pytest.importorskip("onnx")
-    from edgecap.export import export_modules
+    from edgecap.build.export import export_modules
     from edgecap.models.decoder import CaptionDecoder, DecoderConfig
     from edgecap.models.efficientnet_lite import load_pretrained
     from edgecap.preprocess import Preprocessing

@@ -1,7 +1,7 @@
 """The public API on a real (tiny, randomly initialised) exported model.
 
 Needs the ``tiny_model_dir`` fixture (tests/conftest.py): a model directory from
-``edgecap.export.export_model``.
+``edgecap.build.export.export_model``.
 """
 
 from __future__ import annotations

@@ -17,7 +17,7 @@ import pytest
 onnx = pytest.importorskip("onnx")
 ort = pytest.importorskip("onnxruntime")
 
-from edgecap.convert import compare_stages, convert_model_dir, fp32_nodes  # noqa: E402
+from edgecap.build.convert import compare_stages, convert_model_dir, fp32_nodes  # noqa: E402
 from edgecap.errors import ModelError  # noqa: E402
 from edgecap.manifest import load_manifest, verify_files  # noqa: E402
 
@@ -70,7 +70,7 @@ def test_fp16_keeps_contract_io_and_fp32_islands(fp32_dir, fp16_dir):
     # projection (MatMul / Gemm) producing the logits, reads and writes float32 in the
     # converted graph (the block list; without it these would be FP16)
     original = onnx.load(str(load_manifest(fp32_dir).path("decoder_step")))
-    from edgecap.convert import name_nodes
+    from edgecap.build.convert import name_nodes
     name_nodes(original.graph)
     kept = set(fp32_nodes(original.graph))
     projections = [nd.name for nd in original.graph.node

@@ -1,4 +1,4 @@
-"""``edgecap eval`` and ``edgecap.evaluate``: reference readers, results format, metrics equal to
+"""``edgecap eval`` and ``edgecap.evaluation.evaluate``: reference readers, results format, metrics equal to
 pycocoevalcap run directly, and the command end to end on the bundled example photos (never
 Flickr8k photos) with the ``tiny_model_dir`` fixture (tests/conftest.py; its captions are
 nonsense, so the references below are written around whatever it says).
@@ -18,10 +18,10 @@ from pathlib import Path
 import pytest
 
 import edgecap
-from edgecap import metrics
+from edgecap.evaluation import metrics
 from edgecap.cli import main
 from edgecap.data.readers import read_coco, read_flickr8k, read_karpathy
-from edgecap.evaluate import check_images, load_references, results_json, score_split
+from edgecap.evaluation.evaluate import check_images, load_references, results_json, score_split
 
 pytest.importorskip("pycocoevalcap")
 
@@ -296,17 +296,3 @@ def test_per_image_cider_averages_to_the_corpus_cider():
     assert sum(per_image.values()) / len(per_image) == pytest.approx(corpus, abs=1e-9)
     # The exact caption of image 2 scores higher than the loose one of image 3.
     assert per_image[2] > per_image[3]
-
-
-def test_paired_bootstrap_separates_a_real_gain_from_noise():
-    import numpy as np
-
-    rng = np.random.default_rng(1)
-    a = rng.uniform(0, 1, 500)
-    clear = metrics.paired_bootstrap(a, a + 0.05 + rng.normal(0, 0.05, 500), 2000)
-    assert 0 < clear["low"] < clear["difference"] < clear["high"]
-    assert clear["p_not_better"] == 0.0
-    noise = metrics.paired_bootstrap(a, a + rng.normal(0, 0.3, 500), 2000)
-    assert noise["low"] < 0 < noise["high"] and 0.05 < noise["p_not_better"] < 0.95
-    with pytest.raises(ValueError, match="paired"):
-        metrics.paired_bootstrap(a, a[:10])

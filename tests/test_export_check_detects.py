@@ -1,4 +1,4 @@
-"""The export's PyTorch-vs-onnxruntime check (``edgecap.export.check_export``) with its own
+"""The export's PyTorch-vs-onnxruntime check (``edgecap.build.export.check_export``) with its own
 tolerances: it passes a faithful export and fails one whose graphs really compute something
 else (one weight moved by 0.01, 100 times the tolerance of the output it reaches).
 
@@ -20,7 +20,7 @@ pytest.importorskip("onnxruntime")
 from onnx import numpy_helper  # noqa: E402
 
 from edgecap.errors import ModelError  # noqa: E402
-from edgecap.export import check_export, export_modules  # noqa: E402
+from edgecap.build.export import check_export, export_modules  # noqa: E402
 from edgecap.models.decoder import CaptionDecoder, DecoderConfig  # noqa: E402
 from edgecap.models.efficientnet_lite import EfficientNetLite0  # noqa: E402
 from edgecap.preprocess import Preprocessing  # noqa: E402

@@ -46,7 +46,7 @@ def _config(data, out, epochs, **kw):
 
 def test_train_resume_and_export(tiny_dataset, tmp_path):
     from edgecap import Captioner
-    from edgecap.export import export_model
+    from edgecap.build.export import export_model
     from edgecap.models.checkpoint import load_checkpoint
     from edgecap.training.train import train
 
@@ -78,7 +78,7 @@ def test_train_resume_and_export(tiny_dataset, tmp_path):
 
 def test_show_and_tell_baseline_trains_and_exports(tiny_dataset, tmp_path):
     from edgecap import Captioner
-    from edgecap.export import export_model
+    from edgecap.build.export import export_model
     from edgecap.training.train import train
 
     out = tmp_path / "run"
@@ -95,7 +95,7 @@ def test_show_and_tell_baseline_trains_and_exports(tiny_dataset, tmp_path):
 
 
 def test_failed_export_check_leaves_no_model(tmp_path, monkeypatch):
-    import edgecap.export as export
+    import edgecap.build.export as export
     from edgecap.models.decoder import CaptionDecoder, DecoderConfig
     from edgecap.models.efficientnet_lite import load_pretrained
     from edgecap.preprocess import Preprocessing
@@ -112,7 +112,7 @@ def test_failed_export_check_leaves_no_model(tmp_path, monkeypatch):
 
 
 def test_finetune_encoder_trains_the_last_blocks_and_exports_them(tiny_dataset, tmp_path):
-    from edgecap.export import export_model
+    from edgecap.build.export import export_model
     from edgecap.models.checkpoint import load_checkpoint
     from edgecap.models.efficientnet_lite import load_pretrained
     from edgecap.training.train import train
@@ -145,7 +145,7 @@ def test_encoder_prefix_then_tail_is_the_whole_encoder():
 
 
 def test_finetune_on_cached_activations_trains_only_the_tail(tiny_dataset, tmp_path):
-    from edgecap.export import export_model
+    from edgecap.build.export import export_model
     from edgecap.models.checkpoint import load_checkpoint
     from edgecap.models.efficientnet_lite import load_pretrained
     from edgecap.training.train import train

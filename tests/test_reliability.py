@@ -355,7 +355,7 @@ def test_engine_from_another_tensorrt_or_gpu_is_rebuilt(monkeypatch, tmp_path, t
     from test_tensorrt_fake import FakeDevice, install
 
     from edgecap.contract import Limits
-    from edgecap.trt.engines import EngineCache, Target
+    from edgecap.build.engines import EngineCache, Target
 
     device, log, limits = FakeDevice(), io.StringIO(), Limits(2, 3)
     manifest = load_manifest(tiny_model_dir)
@@ -382,7 +382,7 @@ def test_unwritable_engine_cache_fails_before_building(monkeypatch, tmp_path, ti
     from test_tensorrt_fake import FakeDevice, install
 
     from edgecap.contract import Limits
-    from edgecap.trt.engines import EngineCache, Target
+    from edgecap.build.engines import EngineCache, Target
 
     device = FakeDevice()
     trt = install(monkeypatch, "10.3.0.30", device)

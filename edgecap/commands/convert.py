@@ -26,7 +26,7 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
 
 
 def run(args: argparse.Namespace) -> int:
-    from edgecap.convert import compare_stages, convert_model_dir
+    from edgecap.build.convert import compare_stages, convert_model_dir
     from edgecap.contract import ROLES
     from edgecap.manifest import load_manifest
 

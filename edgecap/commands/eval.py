@@ -56,7 +56,7 @@ def add_arguments(p: argparse.ArgumentParser) -> None:
 def run(args: argparse.Namespace) -> int:
     from PIL import Image
 
-    from edgecap.evaluate import (ImageFailure, caption_split, check_images, load_references,
+    from edgecap.evaluation.evaluate import (ImageFailure, caption_split, check_images, load_references,
                                   results_json, score_split)
 
     problem = _check_arguments(args)
@@ -120,7 +120,7 @@ def _fail(problem: str) -> int:
 
 
 def _summary(args, captioner, report, seconds: float) -> dict:
-    from edgecap.metrics import METRIC_KEYS
+    from edgecap.evaluation.metrics import METRIC_KEYS
 
     manifest = captioner.manifest
     return {
@@ -140,7 +140,7 @@ def _summary(args, captioner, report, seconds: float) -> dict:
 
 
 def _print_table(summary: dict) -> None:
-    from edgecap.metrics import METRIC_KEYS
+    from edgecap.evaluation.metrics import METRIC_KEYS
 
     model = summary["model"]
     penalty = summary["length_penalty"]

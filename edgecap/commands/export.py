@@ -16,7 +16,7 @@ def add_arguments(p: argparse.ArgumentParser) -> None:
 
 def run(args: argparse.Namespace) -> int:
     try:
-        from edgecap.export import export_model
+        from edgecap.build.export import export_model
     except ImportError as exc:
         from edgecap.errors import BackendError
 

@@ -26,7 +26,7 @@ from torch.nn import functional as F
 
 from edgecap.data.readers import CaptionedImage, read_dataset
 from edgecap.errors import ModelError
-from edgecap.metrics import score
+from edgecap.evaluation.metrics import score
 from edgecap.models.checkpoint import load_checkpoint, save_checkpoint
 from edgecap.models.decoder import CaptionDecoder, DecoderConfig
 from edgecap.models.efficientnet_lite import N_BLOCKS, as_regions, load_pretrained

@@ -147,7 +147,7 @@ def onnx_for_build(manifest: Manifest, role: str, precision: str, mode: str,
         try:
             import onnx
 
-            from edgecap.convert import to_fp16
+            from edgecap.build.convert import to_fp16
         except ImportError as exc:
             raise BackendError("FP16 engines on TensorRT >= 10.12 are built from an FP16 "
                                "model: run `edgecap convert MODEL --precision fp16 --out DIR` "

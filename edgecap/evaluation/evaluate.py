@@ -5,7 +5,7 @@
     hyps = caption_split(captioner, items, images_root)       # {image_id: caption}
     report = score_split(items, hyps)                 # BLEU-1..4, METEOR, ROUGE-L, CIDEr
 
-Metrics are coco-caption's (``pycocoevalcap``, via ``edgecap.metrics.score``) with its PTB
+Metrics are coco-caption's (``pycocoevalcap``, via ``edgecap.evaluation.metrics.score``) with its PTB
 tokenizer. Where Java is absent, METEOR is skipped and the text is tokenised by the simple Python
 tokenizer instead; ``EvalReport.tokenizer`` says which one was used, because the numbers are then
 not coco-caption-exact.
@@ -23,7 +23,7 @@ from collections.abc import Callable
 from dataclasses import dataclass
 from pathlib import Path
 
-from edgecap import metrics
+from edgecap.evaluation import metrics
 from edgecap.api import batched
 from edgecap.data.readers import CaptionedImage, read_coco, read_flickr8k, read_karpathy
 from edgecap.errors import InputError
