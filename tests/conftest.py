@@ -55,6 +55,26 @@ def default_model_dir() -> Path:
 
 
 @pytest.fixture(scope="session")
+def zoo(tmp_path_factory) -> Path:
+    """A folder with one file of every kind of input (``helpers.make_zoo``)."""
+    from helpers import make_zoo
+
+    return make_zoo(tmp_path_factory.mktemp("zoo"))
+
+
+@pytest.fixture(scope="module")
+def photos():
+    """Four inputs of different kinds: two paths, an array, a PIL image."""
+    import numpy as np
+    from PIL import Image
+
+    rng = np.random.default_rng(0)
+    return [str(EXAMPLES / "chelsea.png"), str(EXAMPLES / "rocket.jpg"),
+            rng.integers(0, 256, (120, 90, 3), dtype=np.uint8),
+            Image.open(EXAMPLES / "coffee.png")]
+
+
+@pytest.fixture(scope="session")
 def example_images() -> list[Path]:
     return sorted(p for p in EXAMPLES.iterdir() if p.suffix in {".png", ".jpg"})
 

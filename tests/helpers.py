@@ -12,8 +12,11 @@ from __future__ import annotations
 
 import io
 import json
+import shutil
+import struct
 import sys
 import threading
+import zlib
 from collections.abc import Callable
 from pathlib import Path
 
@@ -23,6 +26,8 @@ from PIL import Image
 from edgecap import images
 from edgecap.backends.base import Backend, DecoderSession, Encoded, StepResult
 from edgecap.manifest import FORMAT, file_sha256
+
+EXAMPLES = Path(images.__file__).parent / "assets" / "examples"
 
 FILL = -30.0  # log-prob of every word a table does not name (far below any named word)
 
@@ -316,3 +321,101 @@ def contract_model_dir(directory: Path) -> Path:
     }
     (directory / "manifest.json").write_text(json.dumps(manifest))
     return directory
+
+
+# -- a folder of every kind of image file ----------------------------------------------------
+def chelsea(size=(96, 64)) -> Image.Image:
+    """The bundled cat photo (scikit-image, public domain), small."""
+    with Image.open(EXAMPLES / "chelsea.png") as im:
+        return im.convert("RGB").resize(size)
+
+
+def _png_16bit_rgb(rgb16: np.ndarray) -> bytes:
+    """A 48-bit (16 bits per channel) RGB PNG, which Pillow cannot write itself."""
+    def chunk(kind: bytes, data: bytes) -> bytes:
+        return (struct.pack(">I", len(data)) + kind + data
+                + struct.pack(">I", zlib.crc32(kind + data) & 0xFFFFFFFF))
+    h, w, _ = rgb16.shape
+    rows = b"".join(b"\0" + row.astype(">u2").tobytes() for row in rgb16)
+    return (b"\x89PNG\r\n\x1a\n" + chunk(b"IHDR", struct.pack(">IIBBBBB", w, h, 16, 2, 0, 0, 0))
+            + chunk(b"IDAT", zlib.compress(rows)) + chunk(b"IEND", b""))
+
+
+def png_header_only(width: int, height: int) -> bytes:
+    """A tiny PNG that claims to be width x height (a decompression bomb's header)."""
+    def chunk(kind: bytes, data: bytes) -> bytes:
+        return (struct.pack(">I", len(data)) + kind + data
+                + struct.pack(">I", zlib.crc32(kind + data) & 0xFFFFFFFF))
+    return (b"\x89PNG\r\n\x1a\n" + chunk(b"IHDR", struct.pack(">IIBBBBB", width, height, 8, 0, 0,
+                                                               0, 0))
+            + chunk(b"IDAT", zlib.compress(b"\0" * 8)) + chunk(b"IEND", b""))
+
+
+GOOD = ("photo.png", "alpha.png", "gray.png", "gray_alpha.png", "palette.png",
+        "palette_transparent.png", "cmyk.jpg", "gray16.png", "rgb48.png", "exif_rotated.jpg",
+        "animated.gif", "photo.webp", "dot.png", "sliver.png", "photo.bmp", "photo.tif")
+
+
+BAD = {"empty.jpg": "0 bytes", "truncated.jpg": "truncated", "notes.jpg": "not an image",
+       "bomb.png": images.MAX_PIXELS_ENV}
+
+
+def make_zoo(root: Path) -> Path:
+    """One file of each kind of input in ``root``: GOOD ones are captioned, BAD ones refused
+    with an error whose problem holds BAD's words."""
+    photo = chelsea()
+    photo.save(root / "photo.png")
+    rgba = photo.convert("RGBA")
+    rgba.putalpha(Image.linear_gradient("L").resize(photo.size))
+    rgba.save(root / "alpha.png")
+    photo.convert("L").save(root / "gray.png")
+    photo.convert("LA").save(root / "gray_alpha.png")
+    photo.convert("P", palette=Image.Palette.ADAPTIVE).save(root / "palette.png")
+    photo.convert("P", palette=Image.Palette.ADAPTIVE).save(root / "palette_transparent.png",
+                                                            transparency=0)
+    photo.convert("CMYK").save(root / "cmyk.jpg")
+    gray16 = (np.asarray(photo.convert("L"), np.uint16) * 257).astype(np.uint16)
+    Image.fromarray(gray16).save(root / "gray16.png")
+    (root / "rgb48.png").write_bytes(_png_16bit_rgb(np.asarray(photo, np.uint16) * 257))
+    exif = Image.Exif()
+    exif[0x0112] = 6
+    photo.transpose(Image.Transpose.ROTATE_90).save(root / "exif_rotated.jpg", exif=exif)
+    frames = [photo, photo.transpose(Image.Transpose.FLIP_LEFT_RIGHT)]
+    frames[0].save(root / "animated.gif", save_all=True, append_images=frames[1:], duration=50)
+    photo.save(root / "photo.webp")
+    Image.new("RGB", (1, 1), (120, 80, 40)).save(root / "dot.png")
+    photo.resize((2000, 3)).save(root / "sliver.png")
+    photo.save(root / "photo.bmp")
+    photo.save(root / "photo.tif")
+    (root / "empty.jpg").write_bytes(b"")
+    buf = io.BytesIO()
+    photo.save(buf, "JPEG", quality=95)
+    (root / "truncated.jpg").write_bytes(buf.getvalue()[: len(buf.getvalue()) // 2])
+    (root / "notes.jpg").write_text("shopping list: eggs, milk\n")
+    (root / "bomb.png").write_bytes(png_header_only(100_000, 100_000))
+    assert sorted(p.name for p in root.iterdir()) == sorted([*GOOD, *BAD])
+    return root
+
+
+# -- editing a copy of a model directory -----------------------------------------------------
+def copy_model(src: Path, dst: Path) -> Path:
+    shutil.copytree(src, dst)
+    return dst
+
+
+def edit_manifest(model: Path, edit) -> None:
+    """Apply ``edit(data)`` to the manifest.json of ``model``."""
+    path = model / "manifest.json"
+    data = json.loads(path.read_text())
+    edit(data)
+    path.write_text(json.dumps(data))
+
+
+def set_field(keys, value):
+    """An ``edit_manifest`` edit that sets ``data[k0][k1]... = value``."""
+    def edit(data):
+        target = data
+        for key in keys[:-1]:
+            target = target[key]
+        target[keys[-1]] = value
+    return edit

@@ -12,10 +12,14 @@ import subprocess
 import sys
 from pathlib import Path
 
+import numpy as np
 import pytest
 from PIL import Image
 
 import edgecap
+from edgecap import BackendError, InputError, images
+from edgecap.cli import main as cli_main
+from helpers import BAD, GOOD, copy_model, edit_manifest, set_field
 
 EXAMPLES = Path(edgecap.__file__).parent / "assets" / "examples"
 # The subprocess imports the edgecap under test, installed or not.
@@ -105,3 +109,143 @@ def test_bad_option_is_a_clean_error(tiny_model_dir):
     out = edgecap_caption(EXAMPLES / "chelsea.png", "--beam-size", "0", model=tiny_model_dir)
     assert out.returncode == 2
     assert "beam_size" in out.stderr and "Traceback" not in out.stderr
+
+
+# -- messages and exit codes ----------------------------------------------------------------
+
+def _run_cli(capsys, *args) -> tuple[int, str, str]:
+    code = cli_main(["caption", *map(str, args)])
+    out, err = capsys.readouterr()
+    return code, out, err
+
+
+def test_help_documents_exit_codes(capsys):
+    with pytest.raises(SystemExit):
+        cli_main(["caption", "--help"])
+    text = capsys.readouterr().out
+    for line in ("exit status:", "0  every input was captioned", "1  some inputs",
+                 "2  usage, model or backend error", images.MAX_PIXELS_ENV):
+        assert line in text
+
+
+def test_exit_codes(capsys, tiny_model_dir, tmp_path, monkeypatch):
+    photo = EXAMPLES / "chelsea.png"
+    model = ["--model", tiny_model_dir, "--max-length", "4"]
+    assert _run_cli(capsys, photo, *model)[0] == 0
+
+    code, out, err = _run_cli(capsys, photo, tmp_path / "missing.jpg", *model)
+    assert code == 1 and out.startswith(f"{photo}\t")
+    assert err == f"edgecap: {tmp_path / 'missing.jpg'}: no such file\n"
+
+    bad_model = copy_model(tiny_model_dir, tmp_path / "m")
+    edit_manifest(bad_model, set_field(["format"], "edgecap-model/9"))
+    code, out, err = _run_cli(capsys, photo, "--model", bad_model)
+    assert (code, out) == (2, "") and err.startswith("edgecap caption: error: ")
+    assert "unknown manifest format" in err and err.count("\n") == 1
+
+    code, _, err = _run_cli(capsys, photo, *model, "--batch-size", "0")
+    assert code == 2 and "batch_size" in err
+
+    monkeypatch.setenv(images.MAX_PIXELS_ENV, "-3")
+    code, _, err = _run_cli(capsys, photo, *model)
+    assert code == 2 and images.MAX_PIXELS_ENV in err
+    monkeypatch.delenv(images.MAX_PIXELS_ENV)
+
+    def no_runtime(*args, **kwargs):
+        raise BackendError("the tensorrt backend needs tensorrt, which is not installed")
+
+    monkeypatch.setattr("edgecap.api.Captioner", no_runtime)
+    code, out, err = _run_cli(capsys, photo, *model)
+    assert (code, out) == (2, "")
+    assert err == ("edgecap caption: error: the tensorrt backend needs tensorrt, which is not "
+                   "installed\n")
+
+
+def test_cli_on_the_zoo(tiny_model_dir, zoo, tmp_path):
+    """The whole zoo, a missing path and an image-less folder in one run: no traceback, exit 1,
+    every good file captioned, every bad one named once on stderr; nothing written anywhere."""
+    empty = tmp_path / "no-images"
+    empty.mkdir()
+    (empty / "readme.txt").write_text("no photos here")
+    missing = tmp_path / "missing.jpg"
+    cwd, home = tmp_path / "cwd", tmp_path / "home"
+    cwd.mkdir()
+    home.mkdir()
+    before = {p: p.stat().st_mtime_ns for p in zoo.iterdir()}
+    env = {**ENV, "HOME": str(home), "XDG_CACHE_HOME": str(home / ".cache"),
+           "EDGECAP_CACHE": str(home / "edgecap")}
+    out = subprocess.run([sys.executable, "-m", "edgecap", "caption", str(zoo), str(missing),
+                          str(empty), "--json", "--model", str(tiny_model_dir), "--max-length",
+                          "4", "--batch-size", "4"],
+                         capture_output=True, text=True, timeout=300, env=env, cwd=cwd)
+    assert out.returncode == 1, out.stderr
+    assert "Traceback" not in out.stderr and "Warning" not in out.stderr, out.stderr
+    records = {r["path"]: r for r in map(json.loads, out.stdout.splitlines())}
+    for name in GOOD:
+        record = records[str(zoo / name)]
+        assert isinstance(record["caption"], str) and record["caption"], record
+    failed = {**{str(zoo / n): w for n, w in BAD.items()}, str(missing): "no such file",
+              str(empty): "no image files"}
+    assert len(records) == len(GOOD) + len(failed)
+    errors = out.stderr.splitlines()
+    assert len(errors) == len(failed), out.stderr
+    for path, words in failed.items():
+        assert records[path]["caption"] is None and words in records[path]["error"]
+        [line] = [e for e in errors if e.startswith(f"edgecap: {path}: ")]
+        assert words in line
+    # the CLI writes only to stdout / stderr: no cache, no temp files, inputs untouched
+    assert list(cwd.iterdir()) == [] and list(home.iterdir()) == []
+    assert {p: p.stat().st_mtime_ns for p in zoo.iterdir()} == before
+
+
+@pytest.fixture(scope="module")
+def captioner(tiny_model_dir):
+    from edgecap import Captioner
+
+    return Captioner(tiny_model_dir, backend="onnxruntime", max_length=6)
+
+
+# -- a bad file in a batch of 100 ---------------------------------------------------------------
+
+def make_variants(n: int, out_dir: Path, seed: int = 0) -> list[Path]:
+    """``n`` small JPEG/PNG images: random crops, flips and sizes of the bundled example photos."""
+    rng = np.random.default_rng(seed)
+    sources = []
+    for p in sorted(EXAMPLES.iterdir()):
+        if p.suffix in (".png", ".jpg"):
+            with Image.open(p) as im:
+                sources.append(im.convert("RGB").resize((160, 160)))
+    paths = []
+    for i in range(n):
+        im = sources[i % len(sources)]
+        x0, y0 = rng.integers(0, 60, 2)
+        side = int(rng.integers(80, 160 - max(x0, y0) + 1))
+        im = im.crop((int(x0), int(y0), int(x0) + side, int(y0) + side))
+        if rng.random() < 0.5:
+            im = im.transpose(Image.Transpose.FLIP_LEFT_RIGHT)
+        im = im.resize((int(rng.integers(48, 128)), int(rng.integers(48, 128))))
+        path = out_dir / f"img{i:03d}.{'png' if i % 2 else 'jpg'}"
+        im.save(path)
+        paths.append(path)
+    return paths
+
+
+def test_bad_file_in_a_batch_of_100_changes_nothing_else(captioner, tmp_path, capsys):
+    paths = make_variants(100, tmp_path)
+    bad = paths[37]
+    bad.write_bytes(b"\xff\xd8\xff\xe0 not really a jpeg")
+    alone = {p: captioner.caption(p) for p in paths if p != bad}
+
+    batch = captioner.caption_batch(paths, on_error="return")
+    assert isinstance(batch[37], InputError) and batch[37].source == str(bad)
+    for path, result in zip(paths, batch):
+        if path != bad:
+            assert result.text == alone[path].text, path
+            assert result.score == pytest.approx(alone[path].score, abs=1e-4), path
+
+    code, out, err = _run_cli(capsys, tmp_path, "--model", captioner.manifest.directory,
+                              "--max-length", "6")
+    assert code == 1
+    assert err.startswith(f"edgecap: {bad}: ") and err.count("\n") == 1
+    lines = dict(line.split("\t", 1) for line in out.splitlines())
+    assert lines == {str(p): alone[p].text for p in paths if p != bad}

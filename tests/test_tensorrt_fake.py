@@ -14,6 +14,7 @@ import base64
 import ctypes
 import io
 import json
+import shutil
 import sys
 import types
 from pathlib import Path
@@ -154,13 +155,8 @@ def make_fake_trt(version: str, device: FakeDevice):
             self.inputs = [Tensor(name, trt.float32) for name in inputs]
             self.outputs = [Tensor(name, dtype) for name, dtype in outputs]
 
-        @property
-        def num_inputs(self):
-            return len(self.inputs)
-
-        @property
-        def num_outputs(self):
-            return len(self.outputs)
+        num_inputs = property(lambda self: len(self.inputs))
+        num_outputs = property(lambda self: len(self.outputs))
 
         def get_input(self, i):
             return self.inputs[i]
@@ -324,9 +320,7 @@ def make_fake_trt(version: str, device: FakeDevice):
                 self.io[vi.name] = (mode, vi.type.tensor_type.elem_type, dims)
             self.names = list(self.io)
 
-        @property
-        def num_io_tensors(self):
-            return len(self.names)
+        num_io_tensors = property(lambda self: len(self.names))
 
         def get_tensor_name(self, i):
             return self.names[i]
@@ -853,3 +847,51 @@ def test_fake_cuda_python_device_calls_and_checks():
     failing = CudaPythonDevice(0, cudart=make_fake_cudart(fail="cudaMalloc"))
     with pytest.raises(BackendError, match="allocating 100 bytes.*out of memory"):
         failing.alloc(100)
+
+
+# -- the engine cache across TensorRT versions and GPUs -------------------------------------
+
+def test_engine_from_another_tensorrt_or_gpu_is_rebuilt(monkeypatch, tmp_path, tiny_model_dir):
+    """FAKE TensorRT (tests/test_tensorrt_fake.py): an engine file that another TensorRT
+    version / GPU wrote under this cache name does not deserialize, so it is rebuilt, once."""
+    pytest.importorskip("onnx")
+    from test_tensorrt_fake import FakeDevice, install
+
+    from edgecap.contract import Limits
+    from edgecap.build.engines import EngineCache, Target
+
+    device, log, limits = FakeDevice(), io.StringIO(), Limits(2, 3)
+    manifest = load_manifest(tiny_model_dir)
+    old_trt = install(monkeypatch, "8.6.2.3", device)
+    old = EngineCache(old_trt, Target("Xavier", (7, 2), old_trt.__version__), tmp_path / "old", log)
+    old_engine = old.build(manifest, "encoder", "fp32", limits)
+
+    trt = install(monkeypatch, "10.3.0.30", device)
+    cache = EngineCache(trt, Target(device.name, device.compute_capability, trt.__version__),
+                        tmp_path / "new", log)
+    path = cache.path(manifest, "encoder", "fp32", limits)
+    path.parent.mkdir()
+    shutil.copy(old_engine, path)  # e.g. a cache folder copied from another device
+    assert cache.load(manifest, "encoder", "fp32", limits) is not None
+    assert "does not load with this TensorRT/GPU; rebuilding it" in log.getvalue()
+    assert len(trt.stats["builds"]) == 1
+    cache.load(manifest, "encoder", "fp32", limits)  # the rebuilt engine is reused
+    assert len(trt.stats["builds"]) == 1
+
+
+def test_unwritable_engine_cache_fails_before_building(monkeypatch, tmp_path, tiny_model_dir):
+    """FAKE TensorRT, as above."""
+    pytest.importorskip("onnx")
+    from test_tensorrt_fake import FakeDevice, install
+
+    from edgecap.contract import Limits
+    from edgecap.build.engines import EngineCache, Target
+
+    device = FakeDevice()
+    trt = install(monkeypatch, "10.3.0.30", device)
+    (tmp_path / "a-file").write_text("")
+    cache = EngineCache(trt, Target(device.name, device.compute_capability, trt.__version__),
+                        tmp_path / "a-file" / "engines", io.StringIO())
+    with pytest.raises(BackendError, match="cannot save TensorRT engines.*EDGECAP_CACHE"):
+        cache.load(load_manifest(tiny_model_dir), "encoder", "fp32", Limits(2, 3))
+    assert trt.stats["builds"] == []

@@ -221,3 +221,48 @@ def test_nothing_in_the_package_can_unpickle():
                 for p in unpickling_problems(path.read_text(encoding="utf-8"),
                                              str(path.relative_to(PACKAGE.parent)))]
     assert problems == []
+
+
+# -- imports and loads, by name (the first line of defence) ------------------------------
+
+UNSAFE_MODULES = {"pickle", "cPickle", "_pickle", "dill", "cloudpickle", "joblib", "shelve",
+                  "marshal"}
+
+
+def _calls(tree: ast.AST, module: str, function: str):
+    for node in ast.walk(tree):
+        if (isinstance(node, ast.Call) and isinstance(node.func, ast.Attribute)
+                and node.func.attr == function and isinstance(node.func.value, ast.Name)
+                and node.func.value.id == module):
+            yield node
+
+
+def _keyword_value(call: ast.Call, name: str):
+    for kw in call.keywords:
+        if kw.arg == name:
+            return kw.value.value if isinstance(kw.value, ast.Constant) else kw.value
+    return None
+
+
+def test_nothing_in_the_package_unpickles():
+    problems = []
+    for path in sorted(PACKAGE.rglob("*.py")):
+        tree = ast.parse(path.read_text(), str(path))
+        where = path.relative_to(PACKAGE.parent)
+        for node in ast.walk(tree):
+            names = ([a.name for a in node.names] if isinstance(node, ast.Import)
+                     else [node.module or ""] if isinstance(node, ast.ImportFrom) else [])
+            if any(n.split(".")[0] in UNSAFE_MODULES for n in names):
+                problems.append(f"{where}:{node.lineno} imports {names}")
+            if isinstance(node, ast.Name) and node.id in UNSAFE_MODULES:
+                problems.append(f"{where}:{node.lineno} uses {node.id}")
+        for call in _calls(tree, "torch", "load"):
+            if _keyword_value(call, "weights_only") is not True:
+                problems.append(f"{where}:{call.lineno} torch.load without weights_only=True")
+        for call in _calls(tree, "np", "load"):
+            if _keyword_value(call, "allow_pickle") not in (None, False):
+                problems.append(f"{where}:{call.lineno} np.load with allow_pickle")
+        text = path.read_text()
+        if "torch.load(" in text and "weights_only=True" not in text:
+            problems.append(f"{where}: torch.load( without weights_only=True")
+    assert problems == []

@@ -41,6 +41,18 @@ def table(rows: dict[tuple[str, ...], dict[str, float]]):
     return lambda prefix: rows.get(prefix, default)
 
 
+def two_captions(dog, cat, dog_end, cat_runs, runs_fast, fast_end):
+    """The table of the three cases below: S = "dog <end>" against L = "cat runs fast <end>",
+    with the log-probability of each of their words; every other word far less likely."""
+    return {
+        (): {"dog": dog, "cat": cat, "a": -4.0},
+        ("dog",): {"<end>": dog_end, "a": -5.0, "runs": -6.0},
+        ("cat",): {"runs": cat_runs, "a": -5.0, "fast": -6.0},
+        ("cat", "runs"): {"fast": runs_fast, "a": -5.0, "dog": -6.0},
+        ("cat", "runs", "fast"): {"<end>": fast_end, "a": -5.0, "dog": -6.0},
+    }
+
+
 def search(rows, **options) -> list:
     backend = TableBackend(WORDS, table(rows), top_k=4)
     opts = SearchOptions(**{"beam_size": 2, "n_best": 2, "max_length": 10, **options})
@@ -58,13 +70,8 @@ def search(rows, **options) -> list:
 #   word 2: cat runs -1.4 live; dog <end> -1.6 finished (S); dog a -6.0 live (filler)
 #   word 3: cat runs fast -1.7 live; cat runs a -6.4 live (filler -6.0 -5 = -11.0 is out)
 #   word 4: cat runs fast <end> -2.0 finished (L): two finished = beam, the search stops.
-CASE_A = {
-    (): {"dog": -1.0, "cat": -1.1, "a": -4.0},
-    ("dog",): {"<end>": -0.6, "a": -5.0, "runs": -6.0},
-    ("cat",): {"runs": -0.3, "a": -5.0, "fast": -6.0},
-    ("cat", "runs"): {"fast": -0.3, "a": -5.0, "dog": -6.0},
-    ("cat", "runs", "fast"): {"<end>": -0.3, "a": -5.0, "dog": -6.0},
-}
+CASE_A = two_captions(dog=-1.0, cat=-1.1, dog_end=-0.6, cat_runs=-0.3, runs_fast=-0.3,
+                      fast_end=-0.3)
 
 # Case B: counting <end> in the length decides.
 #   S = "dog <end>":           -0.4 - 0.6             = -1.0; /2 = -0.5; without <end> /1 = -1.0
@@ -72,25 +79,15 @@ CASE_A = {
 # Counting <end> (the default): S wins (-0.5 > -0.6); not counting it, L would (-0.8 > -1.0).
 # Search: word 1 dog -0.4, cat -0.5; word 2 dog <end> -1.0 finished, cat runs -1.1, dog a -5.4;
 # word 3 cat runs fast -1.7, cat runs a -6.1; word 4 cat runs fast <end> -2.4 finished.
-CASE_B = {
-    (): {"dog": -0.4, "cat": -0.5, "a": -4.0},
-    ("dog",): {"<end>": -0.6, "a": -5.0, "runs": -6.0},
-    ("cat",): {"runs": -0.6, "a": -5.0, "fast": -6.0},
-    ("cat", "runs"): {"fast": -0.6, "a": -5.0, "dog": -6.0},
-    ("cat", "runs", "fast"): {"<end>": -0.7, "a": -5.0, "dog": -6.0},
-}
+CASE_B = two_captions(dog=-0.4, cat=-0.5, dog_end=-0.6, cat_runs=-0.6, runs_fast=-0.6,
+                      fast_end=-0.7)
 
 # Case C: a tie on the mean, broken by the higher total.
 #   S = "dog <end>": -0.5 * 2 = -1.0 ; mean -0.5
 #   L = "cat runs fast <end>": -0.5 * 4 = -2.0 ; mean -0.5   (all exact in binary floating point)
 # Tie on the score -> the higher total (S, -1.0) first.
-CASE_C = {
-    (): {"dog": -0.5, "cat": -0.5, "a": -4.0},
-    ("dog",): {"<end>": -0.5, "a": -5.0, "runs": -6.0},
-    ("cat",): {"runs": -0.5, "a": -5.0, "fast": -6.0},
-    ("cat", "runs"): {"fast": -0.5, "a": -5.0, "dog": -6.0},
-    ("cat", "runs", "fast"): {"<end>": -0.5, "a": -5.0, "dog": -6.0},
-}
+CASE_C = two_captions(dog=-0.5, cat=-0.5, dog_end=-0.5, cat_runs=-0.5, runs_fast=-0.5,
+                      fast_end=-0.5)
 
 APPROX = dict(abs=1e-6)  # the table's values pass through float32
 

@@ -1,0 +1,164 @@
+"""Every kind of input through the API: each supported one becomes a caption, each bad one an
+``InputError`` whose one-line message names it; decompression bombs are refused before decoding.
+
+Uses the ``tiny_model_dir`` and ``zoo`` fixtures (tests/conftest.py). Test images are made with
+Pillow from the bundled example photos; never dataset photos.
+"""
+
+from __future__ import annotations
+
+import struct
+
+import numpy as np
+import pytest
+from PIL import Image
+
+from edgecap import Caption, Captioner, InputError
+from edgecap import images
+from helpers import BAD, GOOD, chelsea, rgb_array
+
+
+@pytest.fixture(scope="module")
+def captioner(tiny_model_dir):
+    return Captioner(tiny_model_dir, backend="onnxruntime", max_length=6)
+
+
+def test_every_good_file_is_captioned(captioner, zoo):
+    for name in GOOD:
+        caption = captioner.caption(str(zoo / name))
+        assert isinstance(caption, Caption) and caption.text, name
+
+
+@pytest.mark.parametrize("name", sorted(BAD))
+def test_every_bad_file_is_a_one_line_input_error(captioner, zoo, name):
+    path = str(zoo / name)
+    with pytest.raises(InputError) as info:
+        captioner.caption(path)
+    assert info.value.source == path and str(info.value).startswith(f"{path}: ")
+    assert BAD[name] in info.value.problem and "\n" not in str(info.value)
+
+
+def test_missing_path_and_directory(captioner, tmp_path):
+    with pytest.raises(InputError, match="no such file"):
+        captioner.caption(tmp_path / "nope.jpg")
+    with pytest.raises(InputError, match="directory"):
+        captioner.caption(tmp_path)
+
+
+def test_16bit_files_are_scaled(zoo):
+    photo = np.asarray(chelsea())
+    assert np.array_equal(rgb_array(zoo / "rgb48.png"), photo)
+    gray = np.asarray(chelsea().convert("L"))
+    assert np.array_equal(rgb_array(zoo / "gray16.png")[..., 0], gray)
+
+
+@pytest.mark.parametrize("orientation, stored_as", [
+    (2, Image.Transpose.FLIP_LEFT_RIGHT), (3, Image.Transpose.ROTATE_180),
+    (4, Image.Transpose.FLIP_TOP_BOTTOM), (5, Image.Transpose.TRANSPOSE),
+    (6, Image.Transpose.ROTATE_90), (7, Image.Transpose.TRANSVERSE),
+    (8, Image.Transpose.ROTATE_270)])
+def test_exif_orientation_gives_the_upright_pixels(tmp_path, orientation, stored_as):
+    upright = chelsea((90, 60))
+    exif = Image.Exif()
+    exif[0x0112] = orientation
+    path = tmp_path / "stored.png"  # lossless, so pixels can be compared exactly
+    upright.transpose(stored_as).save(path, exif=exif)
+    assert np.array_equal(rgb_array(path), np.asarray(upright))
+
+
+def test_exif_rotated_file_is_captioned_like_the_upright_pixels(captioner, tmp_path):
+    upright = chelsea((120, 80))
+    exif = Image.Exif()
+    exif[0x0112] = 6  # "rotate 90 degrees clockwise to display"
+    path = tmp_path / "rotated.png"
+    upright.transpose(Image.Transpose.ROTATE_90).save(path, exif=exif)
+    rotated_caption = captioner.caption(path)
+    assert rotated_caption == captioner.caption(np.asarray(upright))
+    # ... and the orientation matters to the model: the stored pixels caption differently.
+    stored = captioner.caption(np.asarray(upright.transpose(Image.Transpose.ROTATE_90)))
+    assert stored.score != rotated_caption.score
+
+
+@pytest.mark.parametrize("exc", [NotImplementedError("unknown pixel format"),
+                                 struct.error("unpack requires a buffer"), IndexError(),
+                                 MemoryError()])
+def test_any_decoder_failure_is_an_input_error(monkeypatch, tmp_path, exc):
+    path = tmp_path / "odd.png"
+    chelsea().save(path)
+
+    def fail(*args, **kwargs):
+        raise exc
+
+    monkeypatch.setattr(Image.Image, "load", fail)
+    with pytest.raises(InputError, match="odd.png") as info:
+        images.load_rgb(path)
+    assert "\n" not in str(info.value)
+    monkeypatch.undo()
+    monkeypatch.setattr(Image, "open", fail)
+    with pytest.raises(InputError, match="corrupt image header"):
+        images.load_rgb(path.read_bytes())
+
+
+def test_lazily_opened_truncated_pil_image(captioner, zoo):
+    with Image.open(zoo / "truncated.jpg") as im:  # opens (header only); pixels are missing
+        with pytest.raises(InputError, match="truncated"):
+            captioner.caption(im)
+
+
+def test_pil_mode_that_cannot_become_rgb():
+    im = Image.new("La", (4, 4))
+    with pytest.raises(InputError, match="La"):
+        images.load_rgb(im)
+
+
+def test_multiline_problems_are_one_line():
+    err = InputError("x.tif", "TIFFReadDirectory: bad\nTIFFFetch: worse\r\n")
+    assert str(err) == "x.tif: TIFFReadDirectory: bad TIFFFetch: worse"
+
+
+@pytest.mark.parametrize("array, words", [
+    (np.zeros((8, 8, 3), np.int32), "dtype int32"),
+    (np.zeros((8, 8, 3), np.complex64), "dtype complex64"),
+    (np.zeros((8, 8, 3), object), "dtype object"),
+    (np.zeros((8, 8, 5), np.uint8), "got 5"),
+    (np.zeros((3, 16, 16), np.float32), "channels-first"),
+    (np.zeros((1, 8, 8, 3), np.uint8), "4 dimensions"),
+    (np.zeros((0, 8, 3), np.uint8), "empty"),
+    (np.full((8, 8, 3), np.nan, np.float32), "NaN"),
+    (np.full((8, 8, 3), np.inf, np.float64), "infinite"),
+    (np.full((8, 8), -0.5, np.float16), "[0, 1]"),
+])
+def test_bad_arrays_through_the_api(captioner, array, words):
+    with pytest.raises(InputError, match=r"<array .*>") as info:
+        captioner.caption(array)
+    assert words in info.value.problem
+
+
+@pytest.mark.filterwarnings("ignore::PendingDeprecationWarning")  # np.matrix, on purpose
+def test_unusual_but_valid_arrays(captioner):
+    rng = np.random.default_rng(0)
+    rgb = rng.integers(0, 256, (40, 30, 3), dtype=np.uint8)
+    reference = captioner.caption(rgb)
+    assert captioner.caption(np.asfortranarray(rgb)) == reference
+    assert captioner.caption(rgb[::-1].copy()[::-1]) == reference        # negative strides
+    big_endian = (rgb.astype(np.uint16) * 257).astype(">u2")
+    assert captioner.caption(big_endian) == reference
+    assert captioner.caption(np.zeros((1, 1, 3), np.uint8)).text
+    assert rgb_array(np.matrix(rgb[..., 0])).shape == (40, 30, 3)
+
+
+def test_bomb_limit_is_clear_and_can_be_raised(captioner, tmp_path, monkeypatch):
+    path = tmp_path / "big.png"
+    chelsea((400, 300)).save(path)  # 120,000 pixels
+    monkeypatch.setenv(images.MAX_PIXELS_ENV, "100000")
+    with pytest.raises(InputError, match="120,000 pixels.*over the limit of 100,000") as info:
+        captioner.caption(path)
+    assert "set_max_pixels" in info.value.problem and images.MAX_PIXELS_ENV in info.value.problem
+    images.set_max_pixels(200_000)  # the documented way to raise it, in code
+    assert captioner.caption(path).text
+
+
+def test_malformed_limit_fails_at_construction(tiny_model_dir, monkeypatch):
+    monkeypatch.setenv(images.MAX_PIXELS_ENV, "a lot")
+    with pytest.raises(ValueError, match=images.MAX_PIXELS_ENV):
+        Captioner(tiny_model_dir)

@@ -1,0 +1,100 @@
+"""The backend registry and the backends against each other: ``auto`` picks the first installed
+runtime, a missing runtime names the extra to install, the PyTorch reference gives the same
+captions as onnxruntime from the same ONNX weights.
+
+Uses the ``tiny_model_dir`` fixture (tests/conftest.py).
+"""
+
+from __future__ import annotations
+
+import json
+import sys
+
+import numpy as np
+import pytest
+
+from edgecap import BackendError, Captioner, ModelError
+from edgecap.backends import load_backend
+from edgecap.manifest import load_manifest
+from helpers import copy_model
+
+
+@pytest.fixture(scope="module")
+def captioner(tiny_model_dir):
+    return Captioner(tiny_model_dir, backend="onnxruntime", max_length=8)
+
+
+def test_unknown_backend(tiny_model_dir):
+    with pytest.raises(ValueError, match="onnxruntime"):
+        Captioner(tiny_model_dir, backend="tflite")
+
+
+def test_missing_runtime_names_the_extra(tiny_model_dir, monkeypatch):
+    monkeypatch.setitem(sys.modules, "onnxruntime", None)  # makes `import onnxruntime` fail
+    monkeypatch.delitem(sys.modules, "edgecap.backends.onnxruntime", raising=False)
+    with pytest.raises(BackendError, match=r"edgecap\[gpu\]"):
+        load_backend("onnxruntime", load_manifest(tiny_model_dir))
+
+
+def test_onnxruntime_describe_names_attached_provider(tiny_model_dir):
+    backend = load_backend("onnxruntime", load_manifest(tiny_model_dir), threads=1)
+    assert "CPUExecutionProvider" in backend.describe()
+    assert backend.providers[-1] == "CPUExecutionProvider"
+
+
+def test_torch_matches_onnxruntime(tiny_model_dir, captioner, photos):
+    torch = pytest.importorskip("torch")
+    pytest.importorskip("onnx")
+    torch.set_num_threads(1)
+    reference = Captioner(tiny_model_dir, backend="torch", max_length=8)
+    assert "torch" in reference.backend.describe()
+    for a, b in zip(reference.caption_batch(photos, return_attention=True),
+                    captioner.caption_batch(photos, return_attention=True)):
+        assert a.tokens == b.tokens
+        assert a.score == pytest.approx(b.score, abs=1e-4)
+        assert np.allclose(a.attention, b.attention, atol=1e-4)
+
+
+def test_torch_weights_must_match(tiny_model_dir, tmp_path):
+    pytest.importorskip("torch")
+    pytest.importorskip("onnx")
+    model = copy_model(tiny_model_dir, tmp_path / "m")
+    manifest = json.loads((model / "manifest.json").read_text())
+    manifest["decoder_config"]["hidden_dim"] += 1
+    (model / "manifest.json").write_text(json.dumps(manifest))
+    with pytest.raises(ModelError, match="decoder.init_h.weight"):
+        load_backend("torch", load_manifest(model))
+
+
+@pytest.mark.parametrize("installed, expected", [
+    ({"onnxruntime", "tensorrt", "torch"}, "onnxruntime"),
+    ({"tensorrt", "torch"}, "tensorrt"),      # a Jetson: JetPack's TensorRT, no onnxruntime-gpu
+    ({"torch"}, "torch"),
+])
+def test_auto_picks_the_first_installed_runtime(monkeypatch, installed, expected):
+    from edgecap import backends
+
+    monkeypatch.setattr(backends.importlib.util, "find_spec",
+                        lambda name: object() if name in installed else None)
+    assert backends.resolve("auto") == expected
+
+
+def test_auto_without_any_runtime_names_the_extras(monkeypatch):
+    from edgecap import backends
+
+    monkeypatch.setattr(backends.importlib.util, "find_spec", lambda name: None)
+    with pytest.raises(BackendError, match=r"edgecap\[cpu\]"):
+        backends.resolve("auto")
+
+
+@pytest.mark.gpu
+def test_torch_cuda_fp16(tiny_model_dir, captioner, photos):
+    torch = pytest.importorskip("torch")
+    if not torch.cuda.is_available():
+        pytest.skip("no CUDA GPU")
+    gpu = Captioner(tiny_model_dir, backend="torch", device="cuda", max_length=8)
+    half = Captioner(tiny_model_dir, backend="torch", device="cuda", fp16=True, max_length=8)
+    for a, b, c in zip(gpu.caption_batch(photos), half.caption_batch(photos),
+                       captioner.caption_batch(photos)):
+        assert a.tokens == c.tokens and a.score == pytest.approx(c.score, abs=1e-3)
+        assert np.isfinite(b.score) and b.score == pytest.approx(c.score, abs=0.05)
