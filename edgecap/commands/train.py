@@ -8,62 +8,72 @@ import re
 import sys
 from dataclasses import fields
 
+from edgecap.models.config import DecoderConfig
+from edgecap.training.config import ScstConfig, TrainConfig
+
+# The defaults are the configurations' own (torch-free modules), never written again here.
+TRAIN = {f.name: f.default for f in fields(TrainConfig)}
+DECODER = {f.name: f.default for f in fields(DecoderConfig)}
+SCST = {f.name: f.default for f in fields(ScstConfig)}
+
 
 def add_arguments(p: argparse.ArgumentParser) -> None:
     p.add_argument("--data", required=True,
                    help="dataset root (Flickr8k: token + split files; coco: captions_{train,val}.json; "
                         "karpathy: dataset_*.json)")
     p.add_argument("--images", help="images root (default: DATA/images)")
-    p.add_argument("--dataset", choices=["flickr8k", "coco", "karpathy"], default="flickr8k")
+    p.add_argument("--dataset", choices=["flickr8k", "coco", "karpathy"], default=TRAIN["dataset"])
     p.add_argument("--out", required=True, help="checkpoint directory (OUT/best, OUT/last)")
-    p.add_argument("--epochs", type=int, default=20)
-    p.add_argument("--batch-size", type=int, default=64, help="captions per batch")
-    p.add_argument("--lr", type=float, default=4e-4)
-    p.add_argument("--lr-decay-epochs", type=int, default=8)
-    p.add_argument("--min-word-count", type=int, default=5)
-    p.add_argument("--label-smoothing", type=float, default=0.0)
-    p.add_argument("--scheduled-sampling", type=float, default=0.0)
-    p.add_argument("--alpha-c", type=float, default=1.0, help="doubly stochastic attention weight")
-    p.add_argument("--patience", type=int, default=6)
+    p.add_argument("--epochs", type=int, default=TRAIN["epochs"])
+    p.add_argument("--batch-size", type=int, default=TRAIN["batch_size"], help="captions per batch")
+    p.add_argument("--lr", type=float, default=TRAIN["lr"])
+    p.add_argument("--lr-decay-epochs", type=int, default=TRAIN["lr_decay_epochs"])
+    p.add_argument("--min-word-count", type=int, default=TRAIN["min_word_count"])
+    p.add_argument("--label-smoothing", type=float, default=TRAIN["label_smoothing"])
+    p.add_argument("--scheduled-sampling", type=float, default=TRAIN["scheduled_sampling"])
+    p.add_argument("--alpha-c", type=float, default=TRAIN["alpha_c"],
+                   help="doubly stochastic attention weight")
+    p.add_argument("--patience", type=int, default=TRAIN["patience"])
     p.add_argument("--no-attention", action="store_true", help="Show-and-Tell baseline")
-    p.add_argument("--hidden-dim", type=int, default=512)
-    p.add_argument("--feature-dim", type=int, default=512)
-    p.add_argument("--embed-dim", type=int, default=256)
-    p.add_argument("--attention-dim", type=int, default=256)
-    p.add_argument("--dropout", type=float, default=0.5)
+    p.add_argument("--hidden-dim", type=int, default=DECODER["hidden_dim"])
+    p.add_argument("--feature-dim", type=int, default=DECODER["feature_dim"])
+    p.add_argument("--embed-dim", type=int, default=DECODER["embed_dim"])
+    p.add_argument("--attention-dim", type=int, default=DECODER["attention_dim"])
+    p.add_argument("--dropout", type=float, default=DECODER["dropout"])
     p.add_argument("--finetune-encoder", action="store_true",
                    help="also train the encoder's last blocks, on augmented photos (slow on a CPU)")
-    p.add_argument("--finetune-blocks", type=int, default=3)
+    p.add_argument("--finetune-blocks", type=int, default=TRAIN["finetune_blocks"])
     p.add_argument("--finetune-cached", action="store_true",
                    help="with --finetune-encoder: train the last blocks on cached activations of "
                         "the frozen blocks before them (mirror augmentation only; ~1.5x a "
                         "frozen-encoder epoch, ~30x faster than from photos)")
-    p.add_argument("--encoder-lr", type=float, default=1e-4,
+    p.add_argument("--encoder-lr", type=float, default=TRAIN["encoder_lr"],
                    help="learning rate of the fine-tuned encoder blocks")
     p.add_argument("--init-from", metavar="CHECKPOINT",
                    help="start from this checkpoint's weights (and its decoder sizes), e.g. to "
                         "fine-tune the encoder under a decoder trained on frozen features")
     p.add_argument("--cache-dir", help="feature cache directory (default: OUT/../.feature-cache)")
-    p.add_argument("--threads", type=int, default=0)
-    p.add_argument("--seed", type=int, default=0)
-    p.add_argument("--max-dev-images", type=int, default=0)
+    p.add_argument("--threads", type=int, default=TRAIN["threads"])
+    p.add_argument("--seed", type=int, default=TRAIN["seed"])
+    p.add_argument("--max-dev-images", type=int, default=TRAIN["max_dev_images"])
     p.add_argument("--no-progress", action="store_true")
     p.add_argument("--scst-from", metavar="CHECKPOINT",
                    help="self-critical training on CIDEr-D, starting from this cross-entropy "
                         "checkpoint (OUT/best of a previous run); uses --epochs, --lr, --seed")
-    p.add_argument("--scst-samples", type=int, default=5, help="captions sampled per image")
+    p.add_argument("--scst-samples", type=int, default=SCST["n_samples"],
+                   help="captions sampled per image")
 
 
 def run(args: argparse.Namespace) -> int:
     try:
-        from edgecap.training.train import TrainConfig, train
+        from edgecap.training.train import train
     except ImportError as exc:
         from edgecap.errors import BackendError
 
         raise BackendError(f"training needs PyTorch: pip install 'edgecap[train]' ({exc})") from exc
     try:
         if args.scst_from:
-            from edgecap.training.scst import ScstConfig, train_scst
+            from edgecap.training.scst import train_scst
 
             cfg = _config(ScstConfig, args, checkpoint=args.scst_from, n_samples=args.scst_samples)
             run_training = train_scst

@@ -14,12 +14,11 @@ E = embedding dim, V = vocabulary size.
 
 from __future__ import annotations
 
-from dataclasses import asdict, dataclass
-
 import torch
 from torch import nn
 from torch.nn import functional as F
 
+from edgecap.models.config import DecoderConfig
 from edgecap.vocab import NEVER_FIRST_IDS, NEVER_GENERATED_IDS
 
 LOGIT_FLOOR = -1e4  # a finite "never": -inf would overflow to NaN in FP16 graphs
@@ -32,27 +31,6 @@ def mask_logits(logits: torch.Tensor, first_word: bool = False) -> torch.Tensor:
     # built from a Python list, so an exported graph holds it as one constant
     mask = torch.tensor([i in banned for i in range(logits.shape[1])], device=logits.device)
     return torch.where(mask, torch.full_like(logits[:, :1], LOGIT_FLOOR), logits)
-
-
-@dataclass(frozen=True)
-class DecoderConfig:
-    vocab_size: int
-    encoder_dim: int = 1280  # channels of the encoder's feature map
-    feature_dim: int = 512   # image features are projected to this before attention / the LSTM
-    attention_dim: int = 256
-    embed_dim: int = 256
-    hidden_dim: int = 512
-    dropout: float = 0.5
-    attention: bool = True   # False: Show-and-Tell baseline (mean image feature, no attention)
-    top_k: int = 10          # the step graph returns this many best words per row
-
-    def __post_init__(self):
-        if self.vocab_size < self.top_k + 4:
-            raise ValueError(f"vocab_size {self.vocab_size} is too small for top_k {self.top_k}: "
-                             "the vocabulary needs more words than the step returns")
-
-    def to_dict(self) -> dict:
-        return asdict(self)
 
 
 class CaptionDecoder(nn.Module):

@@ -14,17 +14,8 @@ import torch
 from torch import nn
 from torch.nn import functional as F
 
-# (repeats, kernel, stride, expand ratio, in channels, out channels) for EfficientNet-Lite0.
-LITE0_BLOCKS = (
-    (1, 3, 1, 1, 32, 16),
-    (2, 3, 2, 6, 16, 24),
-    (2, 5, 2, 6, 24, 40),
-    (3, 3, 2, 6, 40, 80),
-    (3, 5, 1, 6, 80, 112),
-    (4, 5, 2, 6, 112, 192),
-    (1, 3, 1, 6, 192, 320),
-)
-N_BLOCKS = sum(repeats for repeats, *_ in LITE0_BLOCKS)  # 16
+from edgecap.models.config import LITE0_BLOCKS
+
 BN_EPS = 1e-3
 BN_MOMENTUM = 0.01
 FEATURE_CHANNELS = 1280

@@ -10,7 +10,7 @@ from __future__ import annotations
 
 import json
 import time
-from dataclasses import asdict, dataclass
+from dataclasses import asdict
 from pathlib import Path
 
 import numpy as np
@@ -20,32 +20,10 @@ from edgecap.data.readers import read_dataset
 from edgecap.models.checkpoint import load_checkpoint, save_checkpoint
 from edgecap.models.decoder import mask_logits
 from edgecap.training.cider import CiderD
+from edgecap.training.config import ScstConfig  # noqa: F401 - re-exported
 from edgecap.training.features import progress_bar, split_features
 from edgecap.training.train import evaluate_dev, seeded
 from edgecap.vocab import tokenize
-
-
-@dataclass(frozen=True)
-class ScstConfig:
-    checkpoint: str                 # cross-entropy checkpoint to start from (OUT/best)
-    data: str
-    out: str
-    images: str | None = None
-    dataset: str = "flickr8k"
-    epochs: int = 5
-    images_per_batch: int = 25
-    n_samples: int = 5
-    lr: float = 2e-5
-    max_length: int = 16
-    cache_dir: str | None = None
-    seed: int = 0
-    threads: int = 0
-    progress: bool = True
-
-    def __post_init__(self):
-        if self.n_samples < 2:
-            raise ValueError(f"n_samples must be at least 2 (each sample's baseline is the mean "
-                             f"reward of the image's other samples), got {self.n_samples}")
 
 
 def sample_captions(decoder, fmap, n_samples: int, max_length: int, start: int, end: int):

@@ -17,7 +17,7 @@ import json
 import math
 import random
 import time
-from dataclasses import asdict, dataclass, field
+from dataclasses import asdict
 from pathlib import Path
 
 import numpy as np
@@ -29,49 +29,13 @@ from edgecap.errors import ModelError
 from edgecap.evaluation.metrics import score
 from edgecap.models.checkpoint import load_checkpoint, save_checkpoint
 from edgecap.models.decoder import CaptionDecoder, DecoderConfig
-from edgecap.models.efficientnet_lite import N_BLOCKS, as_regions, load_pretrained
+from edgecap.models.config import N_BLOCKS
+from edgecap.models.efficientnet_lite import as_regions, load_pretrained
 from edgecap.images import load_rgb
 from edgecap.preprocess import Preprocessing, to_model_input
+from edgecap.training.config import TrainConfig  # noqa: F401 - re-exported
 from edgecap.training.features import compute_features, progress_bar, split_features
 from edgecap.vocab import Vocabulary
-
-
-@dataclass(frozen=True)
-class TrainConfig:
-    data: str                       # dataset root
-    out: str                        # checkpoint directory
-    images: str | None = None       # images root (default: DATA/images)
-    dataset: str = "flickr8k"       # flickr8k | coco | karpathy
-    epochs: int = 20
-    batch_size: int = 64
-    lr: float = 4e-4
-    lr_decay_epochs: int = 8        # halve the learning rate every N epochs
-    min_word_count: int = 5
-    max_caption_words: int = 22     # longer training captions are cut
-    alpha_c: float = 1.0            # doubly stochastic attention regularisation weight
-    label_smoothing: float = 0.0
-    scheduled_sampling: float = 0.0  # final probability of feeding the model's own word
-    grad_clip: float = 5.0
-    patience: int = 6               # stop after this many epochs without a better dev CIDEr
-    finetune_encoder: bool = False
-    finetune_blocks: int = 3        # last N encoder blocks (+ head) trained when fine-tuning
-    encoder_lr: float = 1e-4
-    finetune_cached: bool = False   # fine-tune on cached activations of the frozen blocks
-    init_from: str | None = None    # start from this checkpoint's weights (not its optimizer)
-    cache_dir: str | None = None    # feature cache (default: OUT/../.feature-cache)
-    seed: int = 0
-    threads: int = 0                # torch threads (0: torch's default)
-    progress: bool = True
-    max_dev_images: int = 0         # 0: the whole dev split
-    decoder: dict = field(default_factory=dict)  # DecoderConfig overrides (hidden_dim, ...)
-
-    def __post_init__(self):
-        # Field names in the messages: `edgecap train` shows them as its flags.
-        if self.finetune_cached and not self.finetune_encoder:
-            raise ValueError("finetune_cached needs finetune_encoder")
-        if self.finetune_encoder and not 1 <= self.finetune_blocks <= N_BLOCKS:
-            raise ValueError(f"finetune_blocks must be 1..{N_BLOCKS} (EfficientNet-Lite0 has "
-                             f"{N_BLOCKS} blocks), got {self.finetune_blocks}")
 
 
 class _Batches:

@@ -1,0 +1,39 @@
+"""The models' sizes, without torch: what the command line and the training configuration read
+(``edgecap train --help`` must not import torch)."""
+
+from __future__ import annotations
+
+from dataclasses import asdict, dataclass
+
+# (repeats, kernel, stride, expand ratio, in channels, out channels) for EfficientNet-Lite0.
+LITE0_BLOCKS = (
+    (1, 3, 1, 1, 32, 16),
+    (2, 3, 2, 6, 16, 24),
+    (2, 5, 2, 6, 24, 40),
+    (3, 3, 2, 6, 40, 80),
+    (3, 5, 1, 6, 80, 112),
+    (4, 5, 2, 6, 112, 192),
+    (1, 3, 1, 6, 192, 320),
+)
+N_BLOCKS = sum(repeats for repeats, *_ in LITE0_BLOCKS)  # 16
+
+
+@dataclass(frozen=True)
+class DecoderConfig:
+    vocab_size: int
+    encoder_dim: int = 1280  # channels of the encoder's feature map
+    feature_dim: int = 512   # image features are projected to this before attention / the LSTM
+    attention_dim: int = 256
+    embed_dim: int = 256
+    hidden_dim: int = 512
+    dropout: float = 0.5
+    attention: bool = True   # False: Show-and-Tell baseline (mean image feature, no attention)
+    top_k: int = 10          # the step graph returns this many best words per row
+
+    def __post_init__(self):
+        if self.vocab_size < self.top_k + 4:
+            raise ValueError(f"vocab_size {self.vocab_size} is too small for top_k {self.top_k}: "
+                             "the vocabulary needs more words than the step returns")
+
+    def to_dict(self) -> dict:
+        return asdict(self)

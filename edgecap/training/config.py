@@ -1,0 +1,69 @@
+"""What ``edgecap train`` runs, as dataclasses (no torch: the command line reads its defaults
+here). Each rule about the values is checked once, in ``__post_init__``."""
+
+from __future__ import annotations
+
+from dataclasses import dataclass, field
+
+from edgecap.models.config import N_BLOCKS
+
+
+@dataclass(frozen=True)
+class TrainConfig:
+    data: str                       # dataset root
+    out: str                        # checkpoint directory
+    images: str | None = None       # images root (default: DATA/images)
+    dataset: str = "flickr8k"       # flickr8k | coco | karpathy
+    epochs: int = 20
+    batch_size: int = 64
+    lr: float = 4e-4
+    lr_decay_epochs: int = 8        # halve the learning rate every N epochs
+    min_word_count: int = 5
+    max_caption_words: int = 22     # longer training captions are cut
+    alpha_c: float = 1.0            # doubly stochastic attention regularisation weight
+    label_smoothing: float = 0.0
+    scheduled_sampling: float = 0.0  # final probability of feeding the model's own word
+    grad_clip: float = 5.0
+    patience: int = 6               # stop after this many epochs without a better dev CIDEr
+    finetune_encoder: bool = False
+    finetune_blocks: int = 3        # last N encoder blocks (+ head) trained when fine-tuning
+    encoder_lr: float = 1e-4
+    finetune_cached: bool = False   # fine-tune on cached activations of the frozen blocks
+    init_from: str | None = None    # start from this checkpoint's weights (not its optimizer)
+    cache_dir: str | None = None    # feature cache (default: OUT/../.feature-cache)
+    seed: int = 0
+    threads: int = 0                # torch threads (0: torch's default)
+    progress: bool = True
+    max_dev_images: int = 0         # 0: the whole dev split
+    decoder: dict = field(default_factory=dict)  # DecoderConfig overrides (hidden_dim, ...)
+
+    def __post_init__(self):
+        # Field names in the messages: `edgecap train` shows them as its flags.
+        if self.finetune_cached and not self.finetune_encoder:
+            raise ValueError("finetune_cached needs finetune_encoder")
+        if self.finetune_encoder and not 1 <= self.finetune_blocks <= N_BLOCKS:
+            raise ValueError(f"finetune_blocks must be 1..{N_BLOCKS} (EfficientNet-Lite0 has "
+                             f"{N_BLOCKS} blocks), got {self.finetune_blocks}")
+
+
+@dataclass(frozen=True)
+class ScstConfig:
+    checkpoint: str                 # cross-entropy checkpoint to start from (OUT/best)
+    data: str
+    out: str
+    images: str | None = None
+    dataset: str = "flickr8k"
+    epochs: int = 5
+    images_per_batch: int = 25
+    n_samples: int = 5
+    lr: float = 2e-5
+    max_length: int = 16
+    cache_dir: str | None = None
+    seed: int = 0
+    threads: int = 0
+    progress: bool = True
+
+    def __post_init__(self):
+        if self.n_samples < 2:
+            raise ValueError(f"n_samples must be at least 2 (each sample's baseline is the mean "
+                             f"reward of the image's other samples), got {self.n_samples}")
