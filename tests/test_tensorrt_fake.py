@@ -32,7 +32,7 @@ from edgecap.trt import check_version, import_tensorrt, parse_version  # noqa: E
 from edgecap.trt.cuda import CudaDevice, CudaPythonDevice  # noqa: E402
 from edgecap.contract import Limits  # noqa: E402
 from edgecap.build.engines import (EngineCache, Target, build_all,  # noqa: E402
-                                 engine_filename, profile_shapes)
+                                  engine_filename, profile_shapes)
 
 MAGIC = b"FAKE-TRT-ENGINE\n"
 

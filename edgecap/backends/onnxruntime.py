@@ -17,7 +17,8 @@ from edgecap.contract import ENCODER_OUTPUTS, ROLES, Limits
 from edgecap.errors import BackendError
 from edgecap.manifest import Manifest
 
-DEVICE_PROVIDERS = {"cpu": [ort_providers.CPU], "cuda": [ort_providers.CUDA, ort_providers.CPU]}  # device= -> providers
+# device= -> providers
+DEVICE_PROVIDERS = {"cpu": [ort_providers.CPU], "cuda": [ort_providers.CUDA, ort_providers.CPU]}
 STEP_RESULT_OUTPUTS = ["topk_logprobs", "topk_ids", "h_out", "c_out"]
 
 _NUMPY_TYPES = {"tensor(float)": np.float32, "tensor(float16)": np.float16,
@@ -51,9 +52,9 @@ def select_providers(requested: str | list | None, device: str | None, **gpu_opt
     if requested is None and device is not None:
         requested = DEVICE_PROVIDERS[device]
     return ort_providers.select_providers(requested, ort.get_available_providers(),
-                                    gpu_options.get("cache_dir"),
-                                    fp16=gpu_options.get("fp16", True),
-                                    device_id=gpu_options.get("device_id", 0))
+                                          gpu_options.get("cache_dir"),
+                                          fp16=gpu_options.get("fp16", True),
+                                          device_id=gpu_options.get("device_id", 0))
 
 
 class OnnxRuntimeBackend(Backend):
@@ -100,8 +101,7 @@ class OnnxRuntimeBackend(Backend):
         if self.providers[0] not in (ort_providers.CUDA, ort_providers.TENSORRT):
             return None
         return ort_gpu.IOBindingDecoder(self.encoder, self.decoder, self.manifest.dims.vocab_size,
-                                        device="cuda",
-                                        device_id=device_id)
+                                        device="cuda", device_id=device_id)
 
     def _session(self, role: str, providers: list, threads: int | None) -> ort.InferenceSession:
         try:
@@ -133,7 +133,8 @@ class OnnxRuntimeBackend(Backend):
             return Encoded(n_images=int(images.shape[0]), tensors=tensors,
                            class_probs=tensors["class_probs"].numpy())
         image = np.ascontiguousarray(images, dtype=self._input_types["image"])
-        tensors = dict(zip(ENCODER_OUTPUTS, self.encoder.run(list(ENCODER_OUTPUTS), {"image": image})))
+        outputs = self.encoder.run(list(ENCODER_OUTPUTS), {"image": image})
+        tensors = dict(zip(ENCODER_OUTPUTS, outputs))
         return Encoded(n_images=int(images.shape[0]), tensors=tensors,
                        class_probs=tensors["class_probs"].astype(np.float32, copy=False))
 

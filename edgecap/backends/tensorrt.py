@@ -60,8 +60,9 @@ class TensorRTBackend(Backend):
     def __init__(self, manifest: Manifest, precision: str = "fp16", limits: Limits | None = None,
                  cache_dir: str | Path | None = None, *, device: str | None = None,
                  cuda_device=None, log=sys.stderr):
-        """``limits``: the largest batch and beam the engines take (default 8 x 5); ``device``: None or "cuda" (TensorRT runs on the
-        GPU only); ``cuda_device``: an opened ``edgecap.trt.cuda`` device (default: GPU 0)."""
+        """``limits``: the largest batch and beam the engines take (default 8 x 5);
+        ``device``: None or "cuda" (TensorRT runs on the GPU only); ``cuda_device``: an opened
+        ``edgecap.trt.cuda`` device (default: GPU 0)."""
         from edgecap.trt import import_tensorrt
         from edgecap.trt.cuda import open_device
         from edgecap.build.engines import EngineCache, Target

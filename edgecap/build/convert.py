@@ -2,22 +2,23 @@
 
 FP16 keeps the numerically delicate parts in FP32: every Softmax, LogSoftmax and TopK, the
 attention logits (the nodes computing the Softmax input, up to and including the projection that
-produces them; the same rule keeps the image classifier in FP32), and what reads the step's
-log-probabilities (the word bias ``Add``, the ``GatherElements`` of the top K). Graph inputs and outputs stay float32 / int32, so the backend contract in
-``edgecap.contract`` holds for a converted directory and every backend runs it unchanged.
+produces them; the same rule keeps the image classifier in FP32), and what reads the step's log-
+probabilities (the word bias ``Add``, the ``GatherElements`` of the top K). Graph inputs and
+outputs stay float32 / int32, so the backend contract in ``edgecap.contract`` holds for a
+converted directory and every backend runs it unchanged.
 
 The FP16 ONNX is also what a strongly typed TensorRT network is built from (TensorRT >= 10.12,
 where ``BuilderFlag.FP16`` is deprecated, and 11, where it is gone).
 
 int8: the decoder step gets dynamic quantization of its MatMul / Gemm weights; the encoder gets
-static quantization (BatchNorms folded first; QOperator form, uint8 activations, per-channel int8
-weights) calibrated on a folder of photos when one is given, and stays FP32 otherwise.
+static quantization (BatchNorms folded first; QOperator form, uint8 activations, per-channel
+int8 weights) calibrated on a folder of photos when one is given, and stays FP32 otherwise.
 
 Needs ``onnx`` (which brings ``ml_dtypes``) and ``onnxruntime`` (its ``transformers.float16``
 converter, which imports ``packaging``; ``onnxconverter-common`` is used when that module is
 missing). int8 also uses ``onnxruntime.quantization`` (imports ``ml_dtypes``), and the static
-encoder quantization (``calibration``) runs ``quant_pre_process``, whose symbolic shape inference
-needs ``sympy``.
+encoder quantization (``calibration``) runs ``quant_pre_process``, whose symbolic shape
+inference needs ``sympy``.
 """
 
 from __future__ import annotations

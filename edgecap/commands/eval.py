@@ -56,8 +56,8 @@ def add_arguments(p: argparse.ArgumentParser) -> None:
 def run(args: argparse.Namespace) -> int:
     from PIL import Image
 
-    from edgecap.evaluation.evaluate import (ImageFailure, caption_split, check_images, load_references,
-                                  results_json, score_split)
+    from edgecap.evaluation.evaluate import (ImageFailure, caption_split, check_images,
+                                             load_references, results_json, score_split)
 
     problem = _check_arguments(args)
     if problem:

@@ -5,9 +5,9 @@
     hyps = caption_split(captioner, items, images_root)       # {image_id: caption}
     report = score_split(items, hyps)                 # BLEU-1..4, METEOR, ROUGE-L, CIDEr
 
-Metrics are coco-caption's (``pycocoevalcap``, via ``edgecap.evaluation.metrics.score``) with its PTB
-tokenizer. Where Java is absent, METEOR is skipped and the text is tokenised by the simple Python
-tokenizer instead; ``EvalReport.tokenizer`` says which one was used, because the numbers are then
+Metrics are coco-caption's (``pycocoevalcap``, via ``edgecap.evaluation.metrics.score``) with
+its PTB tokenizer. Where Java is absent, METEOR is skipped and the text is tokenised by the simple
+Python tokenizer instead; ``EvalReport.tokenizer`` says which one was used, because the numbers are then
 not coco-caption-exact.
 
 Failures are all-or-nothing: a metric over part of a split is not comparable with anything, so a
