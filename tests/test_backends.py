@@ -98,3 +98,25 @@ def test_torch_cuda_fp16(tiny_model_dir, captioner, photos):
                        captioner.caption_batch(photos)):
         assert a.tokens == c.tokens and a.score == pytest.approx(c.score, abs=1e-3)
         assert np.isfinite(b.score) and b.score == pytest.approx(c.score, abs=0.05)
+
+
+def test_load_backend_builds_at_least_the_default_engine_limits(monkeypatch, tiny_model_dir):
+    """A backend with fixed-size engines is asked for at least 8 images x 5 beams, so the
+    engines `edgecap build` makes by default serve smaller requests; larger ones get theirs."""
+    import edgecap.backends as registry
+    from edgecap.contract import Limits
+
+    got = []
+
+    class Recorder:
+        def __init__(self, manifest, device=None, limits=None, **options):
+            got.append((device, limits, options))
+
+    monkeypatch.setattr(registry, "backend_class", lambda name: Recorder)
+    manifest = load_manifest(tiny_model_dir)
+    load_backend("tensorrt", manifest, limits=Limits(2, 3))
+    load_backend("tensorrt", manifest, device="cuda", limits=Limits(16, 3), precision="fp32")
+    load_backend("onnxruntime", manifest)
+    assert got == [(None, Limits(8, 5), {}), ("cuda", Limits(16, 5), {"precision": "fp32"}),
+                   (None, Limits(8, 5), {})]
+

@@ -9,6 +9,7 @@ from __future__ import annotations
 
 import copy
 import shutil
+from pathlib import Path
 
 import numpy as np
 import pytest
@@ -27,6 +28,7 @@ from edgecap.preprocess import Preprocessing  # noqa: E402
 from edgecap.vocab import Vocabulary  # noqa: E402
 
 PRE = Preprocessing(size=(64, 64))
+EXAMPLES = Path(__file__).resolve().parents[1] / "edgecap" / "assets" / "examples"
 NUDGE = 0.01  # tolerances: 1e-3 (features, att_proj, topk_logprobs), 1e-4 (h0, c0, h_out, c_out)
 
 
@@ -110,3 +112,31 @@ def test_an_onnx_initializer_changed_after_export_fails_the_check(exported, tmp_
     with pytest.raises(ModelError, match="export check failed"):
         check_export(encoder, decoder, model_dir, PRE)
     check_export(encoder, decoder, out, PRE)  # the untouched copy still passes
+
+
+def test_the_encoder_graph_has_no_shape_arithmetic(tiny_model_dir):
+    """The "same" padding is folded into the convolutions at export: the graph computes no
+    shapes (onnxruntime could not fold them while the batch is dynamic) and has no Pad."""
+    import collections
+
+    graph = onnx.load(str(tiny_model_dir / "encoder.onnx")).graph
+    ops = collections.Counter(node.op_type for node in graph.node)
+    assert not {"Shape", "Pad", "ConstantOfShape", "Gather", "Slice", "Concat"} & set(ops), ops
+    assert ops["Conv"] == 49
+
+
+def test_the_folded_padding_matches_pytorch_on_a_photo(tiny_model_dir):
+    """A one-pixel error in the folded padding shifts every feature map: a real photo through
+    the pretrained encoder shows it where random inputs may not."""
+    import onnxruntime as ort
+
+    from edgecap.backends.torch import TorchBackend
+    from edgecap.images import load_rgb, preprocess
+    from edgecap.manifest import load_manifest
+
+    manifest = load_manifest(tiny_model_dir)
+    x = preprocess([load_rgb(EXAMPLES / "chelsea.png")], manifest.preprocessing)
+    session = ort.InferenceSession(str(manifest.path("encoder")), providers=["CPUExecutionProvider"])
+    features, = session.run(["features"], {"image": x})
+    reference = TorchBackend(manifest).encode(x).tensors["features"].numpy()
+    assert np.abs(features - reference).max() < 1e-3

@@ -21,6 +21,8 @@ from helpers import copy_model, edit_manifest, set_field
     (set_field(["format"], None), "unknown manifest format None"),
     (lambda d: d["dims"].pop("top_k"), "dims.top_k must be a positive integer.*re-export"),
     (set_field(["dims", "regions"], "49"), "dims.regions must be a positive integer"),
+    (set_field(["dims", "top_k"], True), "dims.top_k must be a positive integer"),
+    (lambda d: d["dims"].pop("n_classes"), "dims.n_classes must be a positive integer"),
     (set_field(["preprocessing", "size"], [224]), r"preprocessing.size must be \[height, width\]"),
     (set_field(["preprocessing", "std"], [0, 1, 1]), "std > 0"),
     (set_field(["preprocessing", "resample"], "smooth"), "resample must name a Pillow filter"),

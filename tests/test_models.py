@@ -1,0 +1,59 @@
+"""The PyTorch modules' rules that every exported model carries (``edgecap.models``)."""
+
+from __future__ import annotations
+
+import pytest
+
+torch = pytest.importorskip("torch")
+
+from edgecap.models.decoder import CaptionDecoder, mask_logits  # noqa: E402
+from edgecap.models.config import DecoderConfig  # noqa: E402
+from edgecap.models.graphs import StepGraph  # noqa: E402
+
+PAD, START, END, UNK = 0, 1, 2, 3  # the Vocabulary's fixed special ids
+
+
+def test_the_step_never_outputs_pad_start_or_unk():
+    """Even where the model favours them most, <pad>, <start> and <unk> never reach the top K."""
+    torch.manual_seed(0)
+    decoder = CaptionDecoder(DecoderConfig(vocab_size=30, hidden_dim=16, feature_dim=8,
+                                           embed_dim=8, attention_dim=8, top_k=10)).eval()
+    with torch.no_grad():
+        decoder.out_vocab.bias[[PAD, START, UNK]] = 50.0  # the favourites, by far
+        rows, regions = 4, 5
+        args = (torch.randint(4, 30, (rows,), dtype=torch.int32), torch.randn(rows, 16),
+                torch.randn(rows, 16), torch.arange(rows, dtype=torch.int32),
+                torch.randn(2, regions, 8), torch.randn(2, regions, 8),
+                torch.tensor([0, 0, 1, 1], dtype=torch.int32), torch.zeros(rows, 30))
+        values, ids, *_ = StepGraph(decoder)(*args)
+    assert not set(ids.flatten().tolist()) & {PAD, START, UNK}
+    assert torch.isfinite(values).all()
+
+
+def test_mask_logits_bans_end_only_as_the_first_word():
+    logits = torch.zeros(2, 8)
+    later, first = mask_logits(logits), mask_logits(logits, first_word=True)
+    assert later[:, [PAD, START, UNK]].max() < -1e3 and later[:, END].min() == 0
+    assert first[:, [PAD, START, END, UNK]].max() < -1e3
+    assert later[:, 4:].eq(0).all() and first[:, 4:].eq(0).all()  # every other word untouched
+
+
+def test_word_bias_picks_the_top_k_but_values_stay_unbiased():
+    torch.manual_seed(1)
+    decoder = CaptionDecoder(DecoderConfig(vocab_size=30, hidden_dim=16, feature_dim=8,
+                                           embed_dim=8, attention_dim=8, top_k=5)).eval()
+    rows = 2
+    tokens = torch.tensor([4, 5], dtype=torch.int32)
+    h, c = torch.randn(rows, 16), torch.randn(rows, 16)
+    features, att_proj = torch.randn(1, 3, 8), torch.randn(1, 3, 8)
+    index = torch.zeros(rows, dtype=torch.int32)
+    bias = torch.zeros(rows, 30)
+    bias[:, 29] = 100.0  # steer both rows to word 29
+    with torch.no_grad():
+        plain, plain_ids, *_ = decoder.step(tokens, h, c, features, att_proj, index)
+        values, ids, *_ = decoder.step(tokens, h, c, features, att_proj, index, bias)
+        logits, *_ = decoder.logits(tokens, h, c, features[index], att_proj[index])
+        logprobs = torch.log_softmax(mask_logits(logits), dim=1)
+    assert (ids[:, 0] == 29).all() and not (plain_ids == 29).any()
+    torch.testing.assert_close(values, logprobs.gather(1, ids))        # the model's own values
+    torch.testing.assert_close(plain, logprobs.topk(5, dim=1).values)
