@@ -262,3 +262,18 @@ def test_e2e_variants_map_to_captioner_settings(tmp_path):
     assert e2e.variant_spec("ort-fp32-b", args).kwargs["model"] == str(e2e.C.DEFAULT_MODEL)
     with pytest.raises(SystemExit):
         e2e.variant_spec("torch-eager/spin-off", args)
+
+
+@pytest.mark.skipif(importlib.util.find_spec("onnxruntime") is None, reason="needs onnxruntime")
+def test_step_compare_worker_runs_the_current_model_format():
+    from _common import DEFAULT_MODEL
+
+    worker = I.Worker(I.Spec("A", "step_compare:make_task",
+                             {"model": str(DEFAULT_MODEL), "threads": 1}))
+    try:
+        assert set(worker.measures) == {"step", "encoder"}
+        assert len(worker.request(op="run", measure="step", n=2)["times_ms"]) == 2
+        assert len(worker.request(op="run", measure="encoder", n=1)["times_ms"]) == 1
+    finally:
+        worker.close()
+    assert _my_workers() == []
