@@ -302,12 +302,14 @@ def markdown_table(headers: list[str], rows: list[list]) -> str:
     return "\n".join(lines)
 
 
-def write_results(name: str, data: dict, markdown: str, argv: list[str] | None = None) -> Path:
+def write_results(name: str, data: dict, markdown: str, argv: list[str] | None = None,
+                  script: str | None = None) -> Path:
     """Write ``results/NAME.json`` and ``results/NAME.md`` (the machine and the command line
-    added to both), print the markdown, and return the markdown's path."""
+    added to both), print the markdown, and return the markdown's path. ``script``: the
+    benchmark's file name without .py, where it is not ``name``."""
     RESULTS_DIR.mkdir(parents=True, exist_ok=True)
-    command = "python benchmarks/" + name + ".py " + " ".join(argv if argv is not None
-                                                              else sys.argv[1:])
+    command = f"python benchmarks/{script or name}.py " + " ".join(argv if argv is not None
+                                                                   else sys.argv[1:])
     info = machine_info()
     stamp = time.strftime("%Y-%m-%d %H:%M:%S")
     payload = {"benchmark": name, "command": command.strip(), "date": stamp, "machine": info,

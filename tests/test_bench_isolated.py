@@ -1,0 +1,279 @@
+"""benchmarks/_isolated.py: every variant in its own worker process, interleaved rounds with one
+worker running at a time, each variant alone with no other worker alive, nothing left running
+afterwards, errors reported instead of hangs, and the alone / interleaved flag. No timing is
+asserted anywhere: the tasks here do nothing measurable, only record who ran when."""
+
+from __future__ import annotations
+
+import importlib.util
+import json
+import os
+import sys
+from pathlib import Path
+
+import pytest
+
+BENCH = Path(__file__).resolve().parents[1] / "benchmarks"
+sys.path.insert(0, str(BENCH))
+
+import _isolated as I  # noqa: E402
+
+TESTS = str(Path(__file__).resolve().parent)
+
+
+# -- tasks, built in the workers (this module is imported there by name) -------------------------
+
+def _worker_siblings() -> int:
+    """Other live harness workers with the same parent as this process."""
+    count = 0
+    for entry in os.listdir("/proc"):
+        if not entry.isdigit() or int(entry) == os.getpid():
+            continue
+        try:
+            stat = Path(f"/proc/{entry}/stat").read_text()
+            cmdline = Path(f"/proc/{entry}/cmdline").read_bytes().split(b"\0")
+        except OSError:
+            continue
+        state, ppid = stat.rsplit(")", 1)[1].split()[:2]
+        if int(ppid) == os.getppid() and b"--worker" in cmdline and state != "Z":
+            count += 1
+    return count
+
+
+class RecordingTask:
+    """Appends one JSON line per call (variant, measure, pid, live sibling workers) to ``log``."""
+
+    def __init__(self, name: str, log: str):
+        self.name, self.log = name, log
+        self.info = {"pid": os.getpid()}
+        self.measures = {"a": lambda: self._record("a"), "b": lambda: self._record("b")}
+
+    def _record(self, measure: str) -> None:
+        with open(self.log, "a") as f:
+            f.write(json.dumps({"variant": self.name, "measure": measure, "pid": os.getpid(),
+                                "siblings": _worker_siblings()}) + "\n")
+
+
+def recording_task(name: str, log: str) -> RecordingTask:
+    return RecordingTask(name, log)
+
+
+def failing_setup(**_):
+    raise ValueError("broken on purpose")
+
+
+class _Failing:
+    info: dict = {}
+
+    def __init__(self, how: str):
+        def call():
+            if how == "raise":
+                raise RuntimeError("call broken on purpose")
+            os._exit(3)  # the worker dies without a reply
+
+        self.measures = {"a": call}
+
+
+def failing_call(how: str) -> _Failing:
+    return _Failing(how)
+
+
+# -- helpers -------------------------------------------------------------------------------------
+
+def _spec(name: str, log: Path) -> I.Spec:
+    return I.Spec(name, "test_bench_isolated:recording_task", {"name": name, "log": str(log)},
+                  paths=[TESTS])
+
+
+def _alive(pid: int) -> bool:
+    try:
+        os.kill(pid, 0)
+    except ProcessLookupError:
+        return False
+    return True
+
+
+def _my_workers() -> list[int]:
+    """Live (not zombie) children of this process started as harness workers."""
+    found = []
+    for entry in os.listdir("/proc"):
+        if not entry.isdigit():
+            continue
+        try:
+            stat = Path(f"/proc/{entry}/stat").read_text()
+            cmdline = Path(f"/proc/{entry}/cmdline").read_bytes()
+        except OSError:
+            continue
+        fields = stat.rsplit(")", 1)[1].split()
+        if int(fields[1]) == os.getpid() and b"--worker" in cmdline and fields[0] != "Z":
+            found.append(int(entry))
+    return found
+
+
+def _run(tmp_path, names=("x", "y", "z"), **kwargs):
+    log = tmp_path / "calls.jsonl"
+    settings = dict(measures=["a", "b"], rounds=3, per_round=2, warmup=1,
+                    idle_windows_s=(0.01,), settle_s=0.0, log=lambda _m: None)
+    settings.update(kwargs)
+    result = I.run_isolated([_spec(n, log) for n in names], **settings)
+    calls = [json.loads(line) for line in log.read_text().splitlines()]
+    return result, calls
+
+
+pytestmark = pytest.mark.skipif(not Path("/proc/self/stat").exists(), reason="needs /proc")
+
+
+# -- tests -----------------------------------------------------------------------------------------
+
+def test_each_variant_runs_in_its_own_process_and_none_is_left(tmp_path):
+    result, calls = _run(tmp_path)
+    variants = result["variants"]
+    interleaved = [variants[n]["pid_interleaved"] for n in "xyz"]
+    alone = [variants[n]["pid_alone"] for n in "xyz"]
+    assert len(set(interleaved + alone + [os.getpid()])) == 7
+    assert [variants[n]["info"]["pid"] for n in "xyz"] == interleaved  # the task ran there
+    for call in calls:  # every call ran in its own variant's worker
+        pids = (variants[call["variant"]]["pid_interleaved"], variants[call["variant"]]["pid_alone"])
+        assert call["pid"] in pids
+    assert not any(_alive(pid) for pid in interleaved + alone)
+    assert _my_workers() == []
+
+
+def test_rounds_interleave_and_alone_means_no_other_worker(tmp_path):
+    result, calls = _run(tmp_path)
+    variants = result["variants"]
+    inter = [c for c in calls if c["pid"] == variants[c["variant"]]["pid_interleaved"]]
+    alone = [c for c in calls if c["pid"] == variants[c["variant"]]["pid_alone"]]
+    # warm-up (1 call per measure) worker by worker, then each worker's idle check (1 call)
+    warm = 3 * (2 + 1)
+    assert [c["variant"] for c in inter[:warm]] == list("xxyyzz" + "xyz")
+    turns = [inter[warm + 4 * i: warm + 4 * (i + 1)] for i in range(9)]
+    order = [t[0]["variant"] for t in turns]
+    assert order == list("xyz" + "yzx" + "zxy")  # round r starts at the r-th variant
+    for turn in turns:  # per_round calls of each measure, one variant per turn
+        assert len({c["variant"] for c in turn}) == 1
+        assert [c["measure"] for c in turn] == ["a", "a", "b", "b"]
+    assert all(c["siblings"] == 2 for c in inter)  # the other workers alive (and waiting)
+    assert all(c["siblings"] == 0 for c in alone)  # alone: no other worker alive
+    assert len(alone) == 3 * (3 + 3 * 2 * 2)
+    for m in ("a", "b"):
+        for n in "xyz":
+            entry = result["measures"][m][n]
+            assert entry["interleaved"]["n"] == entry["alone"]["n"] == 6
+            assert "flagged" in entry
+        assert set(result["ratios"][m]) == set("xyz") and result["ratios"][m]["x"] == 1.0
+
+
+def test_without_alone_pass_there_is_no_flag(tmp_path):
+    result, calls = _run(tmp_path, names=("x", "y"), alone=False, rounds=1, warmup=0)
+    assert all("alone" not in e and "flagged" not in e
+               for per in result["measures"].values() for e in per.values())
+    assert result["flags"] == []
+    assert _my_workers() == []
+
+
+def test_flag_marks_20_percent_not_5():
+    assert I.differs(120.0, 100.0) and I.differs(80.0, 100.0)
+    assert not I.differs(105.0, 100.0) and not I.differs(95.0, 100.0)
+    assert not I.differs(114.0, 100.0) and I.differs(116.0, 100.0)
+    assert I.differs(105.0, 100.0, tolerance=0.04)
+    assert I.relative_difference(120.0, 100.0) == pytest.approx(0.2)
+
+
+def test_summary_median_and_p95():
+    s = I.summary([float(v) for v in range(1, 101)])
+    assert s["n"] == 100 and s["median_ms"] == pytest.approx(50.5)
+    assert s["p95_ms"] == pytest.approx(95.05) and s["min_ms"] == 1.0
+    assert I.summary([])["n"] == 0
+
+
+def test_a_worker_that_raises_while_loading_reports_it(tmp_path):
+    specs = [_spec("fine", tmp_path / "log"),
+             I.Spec("broken", "test_bench_isolated:failing_setup", {}, paths=[TESTS])]
+    with pytest.raises(I.WorkerError, match="broken: ValueError: broken on purpose"):
+        I.run_isolated(specs, ["a"], rounds=1, per_round=1, warmup=0, log=lambda _m: None)
+    assert _my_workers() == []  # the worker started before it was ended too
+
+
+def test_a_worker_that_raises_in_a_call_reports_it(tmp_path):
+    spec = I.Spec("bad-call", "test_bench_isolated:failing_call", {"how": "raise"},
+                  paths=[TESTS])
+    with pytest.raises(I.WorkerError, match="RuntimeError: call broken on purpose"):
+        I.run_isolated([_spec("fine", tmp_path / "log"), spec], ["a"], rounds=1, per_round=1,
+                       warmup=0, log=lambda _m: None)
+    assert _my_workers() == []
+
+
+def test_a_worker_that_dies_is_reported_with_its_exit_code():
+    spec = I.Spec("dies", "test_bench_isolated:failing_call", {"how": "exit"}, paths=[TESTS])
+    worker = I.Worker(spec)
+    try:
+        with pytest.raises(I.WorkerError, match=r"dies: worker exited \(code 3\)"):
+            worker.request(op="run", measure="a", n=1)
+    finally:
+        worker.close()
+    assert not worker.alive() and _my_workers() == []
+
+
+def test_unknown_factory_is_an_error_not_a_hang():
+    with pytest.raises(I.WorkerError, match="ModuleNotFoundError"):
+        I.Worker(I.Spec("nowhere", "no_such_module_here:make", {}))
+    assert _my_workers() == []
+
+
+def test_idle_request_reads_the_workers_own_cpu_time(tmp_path):
+    worker = I.Worker(_spec("x", tmp_path / "log"))
+    try:
+        reply = worker.request(op="idle", windows=[0.01, 0.01], after_call="a")
+        assert reply["windows_s"] == [0.01, 0.01] and len(reply["cpu_ms"]) == 2
+        assert all(c >= 0 for c in reply["cpu_ms"])
+        assert worker.cpu_s() is not None
+    finally:
+        worker.close()
+
+
+@pytest.mark.skipif(importlib.util.find_spec("onnxruntime") is None, reason="needs onnxruntime")
+@pytest.mark.parametrize("spin, expected", [("off", "0"), ("on", "1")])
+def test_e2e_worker_gets_the_spinning_setting(spin, expected):
+    import e2e
+
+    args = e2e.parse_args([])
+    spec = e2e.variant_spec(f"ort-fp32/spin-{spin}", args)
+    worker = I.Worker(spec)
+    try:
+        assert worker.info["allow_spinning"] == expected  # read back from the live session
+        assert set(worker.measures) == {"e2e", "encoder"}
+        worker.request(op="run", measure="e2e", n=1)
+        worker.request(op="run", measure="encoder", n=1)
+    finally:
+        worker.close()
+    assert _my_workers() == []
+
+
+def test_e2e_variants_map_to_captioner_settings(tmp_path):
+    import e2e
+
+    args = e2e.parse_args(["--beam", "5", "--model-b", str(e2e.C.DEFAULT_MODEL)])
+    torch_spec = e2e.variant_spec("torch-eager", args)
+    assert torch_spec.kwargs["backend"] == "torch" and torch_spec.kwargs["session_config"] == {}
+    noguide = e2e.variant_spec("ort-fp32-noguide", args)
+    assert noguide.kwargs["caption_options"] == {"guidance_bonus": 0.0}
+    assert noguide.kwargs["beam"] == 5
+    assert e2e.variant_spec("ort-fp32-b", args).kwargs["model"] == str(e2e.C.DEFAULT_MODEL)
+    with pytest.raises(SystemExit):
+        e2e.variant_spec("torch-eager/spin-off", args)
+
+
+@pytest.mark.skipif(importlib.util.find_spec("onnxruntime") is None, reason="needs onnxruntime")
+def test_step_compare_worker_runs_the_current_model_format():
+    from _common import DEFAULT_MODEL
+
+    worker = I.Worker(I.Spec("A", "step_compare:make_task",
+                             {"model": str(DEFAULT_MODEL), "threads": 1}))
+    try:
+        assert set(worker.measures) == {"step", "encoder"}
+        assert len(worker.request(op="run", measure="step", n=2)["times_ms"]) == 2
+        assert len(worker.request(op="run", measure="encoder", n=1)["times_ms"]) == 1
+    finally:
+        worker.close()
+    assert _my_workers() == []
