@@ -81,6 +81,9 @@ def parse_args(argv=None):
     p.add_argument("--beams", default=None, help="comma list (default 1,3)")
     p.add_argument("--batches", default=None, help="comma list (default 1,8)")
     p.add_argument("--max-length", type=int, default=20)
+    p.add_argument("--flickr8k", type=Path, default=C.FLICKR8K,
+                   help="folder with images/, Flickr_8k.devImages.txt and Flickr8k.token.txt "
+                        "(default ../shared/data/flickr8k; absent: the example photos)")
     p.add_argument("--skip-tests", action="store_true", help="do not run pytest -m gpu")
     p.add_argument("--budget-s", type=float, default=300.0,
                    help="skip sections that would start after this many seconds")
@@ -187,16 +190,17 @@ def gpu_tests(report: Report, timeout_s: float) -> dict | None:
 
 # -- photos and references -------------------------------------------------------------------------
 
-def photos(n: int, report: Report) -> tuple[list[str], list[np.ndarray], dict | None, str]:
+def photos(n: int, report: Report, flickr8k: Path) -> tuple[list[str], list[np.ndarray],
+                                                           dict | None, str]:
     """-> (ids, RGB frames, references {id: [captions]} or None, where they came from)."""
     from PIL import Image
 
-    dev_list = C.FLICKR8K / "Flickr_8k.devImages.txt"
-    token_file = C.FLICKR8K / "Flickr8k.token.txt"
-    if dev_list.is_file() and (C.FLICKR8K / "images").is_dir():
+    dev_list = flickr8k / "Flickr_8k.devImages.txt"
+    token_file = flickr8k / "Flickr8k.token.txt"
+    if dev_list.is_file() and (flickr8k / "images").is_dir():
         names = [x.strip() for x in dev_list.read_text().splitlines() if x.strip()][:n]
-        paths = [C.FLICKR8K / "images" / name for name in names]
-        source = f"Flickr8k dev, first {len(names)} ({C.FLICKR8K})"
+        paths = [flickr8k / "images" / name for name in names]
+        source = f"Flickr8k dev, first {len(names)} ({flickr8k})"
         refs = _flickr_refs(token_file, set(names))
         if refs is None:
             report.skip("CIDEr", f"no references: {token_file} is absent")
@@ -206,9 +210,9 @@ def photos(n: int, report: Report) -> tuple[list[str], list[np.ndarray], dict | 
         paths = [examples[i % len(examples)] for i in range(n)]
         names = [f"{p.name}#{i}" for i, p in enumerate(paths)]
         source = (f"the {len(examples)} bundled example photos repeated to {n} "
-                  f"({C.FLICKR8K} is absent here)")
+                  f"({flickr8k} is absent here)")
         refs = None
-        report.skip("CIDEr", f"no references: {C.FLICKR8K} (Flickr8k dev) is absent here")
+        report.skip("CIDEr", f"no references: {flickr8k} (Flickr8k dev) is absent here")
     frames = []
     for path in paths:
         with Image.open(path) as im:
@@ -558,7 +562,7 @@ def main(argv=None) -> int:
         data["gpu_tests"] = gpu_tests(report, timeout_s=max(30.0, min(150.0,
                                       args.budget_s - (time.perf_counter() - T0) - 120)))
 
-    ids, frames, refs, source = photos(args.n, report)
+    ids, frames, refs, source = photos(args.n, report, args.flickr8k)
     data["photos"] = {"n": len(frames), "source": source, "references": refs is not None}
     log(f"{len(frames)} photos: {source}")
 
