@@ -89,3 +89,20 @@ def any_model_dir(request, tmp_path_factory) -> Path:
         from helpers import contract_model_dir
 
         return contract_model_dir(tmp_path_factory.mktemp("contract-model"))
+
+
+def pytest_collection_modifyitems(config, items):
+    """``gpu``-marked tests skip before their fixtures are built where torch sees no CUDA GPU,
+    so ``pytest -m gpu`` (``benchmarks/gpu_check.py``) is quick on a CPU-only machine."""
+    gpu_items = [item for item in items if item.get_closest_marker("gpu")]
+    if not gpu_items:
+        return
+    try:
+        import torch
+
+        reason = None if torch.cuda.is_available() else "no CUDA GPU (torch sees none)"
+    except ImportError:
+        reason = "torch is not installed"
+    if reason:
+        for item in gpu_items:
+            item.add_marker(pytest.mark.skip(reason=reason))

@@ -76,7 +76,7 @@ def load_backend(name: str, manifest: Manifest, *, device: str | None = None,
     ``limits``: the largest batch and beam the caller will use; engines are built for at least
     the default engine's (``Limits.covering_default``), so that the engines of ``edgecap build``
     are reused. ``options`` go to the backend's class (onnxruntime: providers, threads,
-    cache_dir, fp16, device_id; torch: fp16; tensorrt: precision, cache_dir).
+    cache_dir, fp16, device_id; torch: fp16, cuda_graphs; tensorrt: precision, cache_dir).
     """
     limits = (limits or Limits()).covering_default()
     return backend_class(name)(manifest, device=device, limits=limits, **options)

@@ -1,6 +1,14 @@
 """The PyTorch reference backend (needs ``edgecap[train]`` for torch and ``onnx`` to read the
 weights; runs on the CPU or, with ``device="cuda"``, on a GPU, optionally in FP16).
 
+On CUDA, ``cuda_graphs=True`` captures the encoder per batch size and the decoder step per rows
+shape in CUDA graphs over static buffers, with one device-to-host copy and one synchronisation
+per step (``edgecap.backends.torch_graphs``). ``fp16=True`` runs the weights and activations in
+FP16 with the FP32 islands of ``edgecap convert --precision fp16``: the attention-score
+projection and softmax, the image classifier and its softmax, the log-softmax, the word bias and
+the top K. NEITHER HAS RUN ON A GPU YET: the graph bookkeeping is tested on the CPU with a
+stand-in graph, and ``benchmarks/gpu_check.py`` is the command that will measure them.
+
 It rebuilds ``EfficientNetLite0`` and ``CaptionDecoder`` from the manifest and loads their weights
 from the ONNX files' initializers, which the exporter names by the PyTorch state-dict keys
 (``encoder.<key>`` in ``encoder.onnx``; ``decoder.<key>`` split between both graphs). So a model
@@ -20,6 +28,8 @@ from onnx import numpy_helper
 
 from edgecap.backends._checks import load_failure
 from edgecap.backends.base import Backend, DecoderSession, Encoded, StepResult
+from edgecap.backends.torch_graphs import (CudaGraph, EncoderGraphs, GraphedSession,
+                                           GraphFactory, StepGraphs, keep_fp32)
 from edgecap.contract import ENCODER_OUTPUTS, ROLES, Limits
 from edgecap.errors import BackendError, ModelError
 from edgecap.manifest import Manifest
@@ -68,29 +78,49 @@ def _load(module: torch.nn.Module, weights: dict[str, np.ndarray], prefix: str,
     module.load_state_dict(own, strict=True)
 
 
-def _checked_device(device: str | None, fp16: bool) -> str:
+def _checked_device(device: str | None, fp16: bool, cuda_graphs: bool = False,
+                    graph_factory: GraphFactory | None = None) -> str:
     device = device or "cpu"
     if device.startswith("cuda") and not torch.cuda.is_available():
         raise BackendError("device='cuda' but this torch has no usable CUDA GPU; use "
                            "device='cpu' or install a CUDA build of torch")
     if fp16 and not device.startswith("cuda"):
         raise ValueError("fp16=True needs device='cuda' (FP16 on the CPU is slow and inexact)")
+    if cuda_graphs and graph_factory is None and not device.startswith("cuda"):
+        raise ValueError("cuda_graphs=True needs device='cuda'")
     return device
 
 
 class TorchBackend(Backend):
-    """Args: ``device`` ("cpu", "cuda" or "cuda:N"; None: the CPU), ``fp16`` (on CUDA only).
-    ``limits`` is accepted for the common backend signature and unused: nothing here has a
-    fixed size."""
+    """Args: ``device`` ("cpu", "cuda" or "cuda:N"; None: the CPU), ``fp16`` (on CUDA only),
+    ``cuda_graphs`` (on CUDA only; not yet run on a GPU, see the module doc). ``limits`` is
+    accepted for the common backend signature and unused: graphs are captured for the shapes
+    met. ``graph_factory`` replaces ``CudaGraph`` with another ``capture(fn) -> graph`` (the
+    tests' ``EagerGraph``, on any device) and implies ``cuda_graphs``.
+
+    With graphs the backend holds one set of buffers per shape, so it serves one search at a
+    time (``thread_safe`` is False and ``Captioner`` serialises its batches)."""
 
     name = "torch"
 
     def __init__(self, manifest: Manifest, device: str | None = "cpu", fp16: bool = False,
-                 limits: Limits | None = None):
-        device = _checked_device(device, fp16)
+                 limits: Limits | None = None, cuda_graphs: bool = False,
+                 graph_factory: GraphFactory | None = None):
+        device = _checked_device(device, fp16, cuda_graphs, graph_factory)
         encoder, decoder = self._build(manifest)
         self._setup(encoder, decoder, device, fp16)
         self.manifest = manifest
+        if cuda_graphs or graph_factory is not None:
+            self.enable_graphs(graph_factory or CudaGraph)
+
+    def enable_graphs(self, capture: GraphFactory) -> None:
+        """Run the encoder and the decoder step through graphs made by ``capture``."""
+        self.thread_safe = False
+        self.graph_factory = capture
+        self.encoder_graphs = (None if self.encoder_graph is None else
+                               EncoderGraphs(self.encoder_graph, self.device, self.dtype, capture))
+        self.step_graphs = StepGraphs(self.step_graph, self.decoder.cfg.vocab_size, self.top_k,
+                                      self.device, self.dtype, capture)
 
     @classmethod
     def from_modules(cls, encoder: EfficientNetLite0 | None, decoder: CaptionDecoder,
@@ -108,8 +138,14 @@ class TorchBackend(Backend):
         self.top_k = decoder.cfg.top_k
         self.decoder = decoder.to(self.device, self.dtype)
         self.encoder = None if encoder is None else encoder.to(self.device, self.dtype)
+        if fp16:  # the FP32 islands of the FP16 ONNX (edgecap.build.convert.fp32_nodes)
+            if self.decoder.cfg.attention:
+                keep_fp32(self.decoder.att_score)
+            if self.encoder is not None:
+                keep_fp32(self.encoder._fc)
         self.encoder_graph = None if encoder is None else EncoderGraph(self.encoder, self.decoder)
         self.step_graph = StepGraph(self.decoder)
+        self.graph_factory: GraphFactory | None = None
 
     @staticmethod
     def _build(manifest: Manifest) -> tuple[EfficientNetLite0, CaptionDecoder]:
@@ -131,12 +167,21 @@ class TorchBackend(Backend):
     def describe(self) -> str:
         where = torch.cuda.get_device_name(self.device) if self.device.type == "cuda" else "CPU"
         precision = "fp16" if self.dtype == torch.float16 else "fp32"
-        return f"torch {torch.__version__} ({where}, {precision})"
+        mode = ""
+        if self.graph_factory is not None:
+            mode = (", CUDA graphs" if self.graph_factory is CudaGraph
+                    else f", graphs: {getattr(self.graph_factory, '__name__', 'custom')}")
+        return f"torch {torch.__version__} ({where}, {precision}{mode})"
 
-    @torch.inference_mode()
     def encode(self, images: np.ndarray) -> Encoded:
         """images float32 (N, 3, H, W) -> Encoded with the encoder graph's outputs as torch
         tensors on the device."""
+        if self.graph_factory is not None and self.encoder_graphs is not None:
+            return self._encoded(self.encoder_graphs.run(images))
+        return self._encode_eager(images)
+
+    @torch.inference_mode()
+    def _encode_eager(self, images: np.ndarray) -> Encoded:
         x = torch.from_numpy(np.ascontiguousarray(images, np.float32)).to(self.device, self.dtype)
         return self._encoded(self.encoder_graph(x))
 
@@ -153,7 +198,10 @@ class TorchBackend(Backend):
                        class_probs=None if probs is None else probs.float().cpu().numpy())
 
     def start(self, encoded: Encoded, image_index: np.ndarray,
-              return_attention: bool = False) -> "TorchDecoderSession":
+              return_attention: bool = False) -> DecoderSession:
+        if self.graph_factory is not None:
+            return GraphedSession(self.step_graphs, encoded.tensors, image_index,
+                                  return_attention)
         return TorchDecoderSession(self, encoded.tensors, image_index, return_attention)
 
 

@@ -27,10 +27,20 @@ LOGIT_FLOOR = -1e4  # a finite "never": -inf would overflow to NaN in FP16 graph
 def mask_logits(logits: torch.Tensor, first_word: bool = False) -> torch.Tensor:
     """logits (R, V) with the words a caption never holds (``edgecap.vocab``) floored, and
     <end> too when ``first_word``. Out of place, so it traces into the step graph."""
-    banned = set(NEVER_GENERATED_IDS + (NEVER_FIRST_IDS if first_word else ()))
-    # built from a Python list, so an exported graph holds it as one constant
-    mask = torch.tensor([i in banned for i in range(logits.shape[1])], device=logits.device)
+    size = int(logits.shape[1])
+    key = (size, str(logits.device), first_word)
+    mask = None if torch.jit.is_tracing() else _MASKS.get(key)
+    if mask is None:
+        banned = set(NEVER_GENERATED_IDS + (NEVER_FIRST_IDS if first_word else ()))
+        # built from a Python list, so an exported graph holds it as one constant
+        mask = torch.tensor([i in banned for i in range(size)], device=logits.device)
+        if not torch.jit.is_tracing():
+            # kept: a CUDA graph capture may not copy from the host (its warm-up runs fill this)
+            _MASKS[key] = mask
     return torch.where(mask, torch.full_like(logits[:, :1], LOGIT_FLOOR), logits)
+
+
+_MASKS: dict[tuple, torch.Tensor] = {}
 
 
 class CaptionDecoder(nn.Module):

@@ -1,0 +1,613 @@
+"""The GPU check in one command: one report, ``results/gpu.md`` + ``results/gpu.json``.
+
+    python benchmarks/gpu_check.py --out benchmarks/results            # on a CUDA machine
+    python benchmarks/gpu_check.py --device cpu --quick --n 4 --out /tmp/r   # CPU-only (CI)
+
+NOT YET RUN ON A GPU: written and tested on a CPU-only machine (tests/test_gpu_check.py runs the
+``--device cpu`` form); the first session with a GPU runs the command in benchmarks/README.md.
+
+It needs only what the GPU machine's stock Python has (torch with CUDA, numpy, Pillow, onnx,
+onnxruntime CPU): it puts the repository on ``sys.path`` itself and skips, naming the reason,
+whatever it cannot do (CIDEr without pycocoevalcap, the gpu tests without pytest, TensorRT and
+onnxruntime's CUDA provider where they are missing). The report holds:
+
+1. the machine: GPU, driver, CUDA, and the versions of torch / onnxruntime / onnx / numpy /
+   Pillow;
+2. ``pytest -m gpu`` run in a subprocess: passed / failed / skipped counts;
+3. captions of ``--n`` photos (the Flickr8k dev photos where ``../shared/data/flickr8k`` exists,
+   else the package's example photos repeated) by each torch mode (eager / CUDA graphs, FP32 /
+   FP16) against onnxruntime CPU FP32: the identical-caption rate, and CIDEr where references
+   and pycocoevalcap exist;
+4. latency, beam 1 and 3 x batch 1 and 8: encoder, one decoder step, end to end (p50 / p95),
+   each mode side by side, and what the graphs buy over eager; timed regions are bracketed by
+   ``torch.cuda.synchronize()``; warm-up calls first;
+5. peak GPU memory per mode (``torch.cuda.max_memory_allocated``);
+6. the same rows for the TensorRT backend and onnxruntime's CUDA provider where they run;
+7. the targets (beam 3, batch 1, FP16 CUDA graphs): end to end <= 4 ms, one step <= 0.1 ms,
+   encoder <= 1 ms, FP16 captions identical to CPU FP32 on >= 97% of the photos;
+8. what was skipped, and why.
+
+``--budget-s`` (default 300) bounds the run: a section that would start after it is skipped
+with that reason, so the whole check ends inside the device tool's limits.
+"""
+
+from __future__ import annotations
+
+import argparse
+import copy
+import importlib
+import importlib.util
+import json
+import platform
+import re
+import shutil
+import subprocess
+import sys
+import time
+from dataclasses import replace
+from pathlib import Path
+
+BENCH_DIR = Path(__file__).resolve().parent
+REPO = BENCH_DIR.parent
+for path in (str(REPO), str(BENCH_DIR)):  # a plain checkout, no pip install
+    if path not in sys.path:
+        sys.path.insert(0, path)
+
+import numpy as np  # noqa: E402
+
+import _common as C  # noqa: E402
+
+TARGETS = {"e2e_p50_ms": 4.0, "step_p50_ms": 0.1, "encoder_p50_ms": 1.0, "identical": 0.97}
+T0 = time.perf_counter()
+
+
+def log(message: str) -> None:
+    print(f"[gpu_check {time.perf_counter() - T0:6.1f}s] {message}", file=sys.stderr, flush=True)
+
+
+def parse_args(argv=None):
+    p = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
+    p.add_argument("--device", choices=("auto", "cuda", "cpu"), default="auto",
+                   help="auto: cuda where torch sees a GPU, else cpu (CUDA items skipped)")
+    p.add_argument("--out", type=Path, default=C.RESULTS_DIR, help="folder for the report")
+    p.add_argument("--name", default=None,
+                   help="report file name without suffix (default: gpu, or gpu-cpu on the CPU)")
+    p.add_argument("--model", type=Path, default=None, help="model directory (default: shipped)")
+    p.add_argument("--quick", action="store_true",
+                   help="fewer photos, repeats and settings (CPU: beam 3 x batch 1 only)")
+    p.add_argument("--n", type=int, default=None, help="photos captioned (default 200; quick 48)")
+    p.add_argument("--repeats", type=int, default=None, help="timed calls per setting (20; quick 5)")
+    p.add_argument("--warmup", type=int, default=None, help="untimed calls first (3; quick 1)")
+    p.add_argument("--beams", default=None, help="comma list (default 1,3)")
+    p.add_argument("--batches", default=None, help="comma list (default 1,8)")
+    p.add_argument("--max-length", type=int, default=20)
+    p.add_argument("--flickr8k", type=Path, default=C.FLICKR8K,
+                   help="folder with images/, Flickr_8k.devImages.txt and Flickr8k.token.txt "
+                        "(default ../shared/data/flickr8k; absent: the example photos)")
+    p.add_argument("--skip-tests", action="store_true", help="do not run pytest -m gpu")
+    p.add_argument("--budget-s", type=float, default=300.0,
+                   help="skip sections that would start after this many seconds")
+    args = p.parse_args(argv)
+    cpu_quick = args.quick and args.device == "cpu"
+    args.n = args.n if args.n is not None else (48 if args.quick else 200)
+    args.repeats = args.repeats if args.repeats is not None else (5 if args.quick else 20)
+    args.warmup = args.warmup if args.warmup is not None else (1 if args.quick else 3)
+    args.beams = [int(b) for b in (args.beams or ("3" if cpu_quick else "1,3")).split(",")]
+    args.batches = [int(b) for b in (args.batches or ("1" if cpu_quick else "1,8")).split(",")]
+    return args
+
+
+class Report:
+    def __init__(self, budget_s: float):
+        self.budget_s = budget_s
+        self.data: dict = {"skipped": []}
+
+    def skip(self, item: str, reason: str) -> None:
+        self.data["skipped"].append({"item": item, "reason": reason})
+        log(f"skipped {item}: {reason}")
+
+    def over_budget(self, item: str) -> bool:
+        spent = time.perf_counter() - T0
+        if spent > self.budget_s:
+            self.skip(item, f"time budget: {spent:.0f} s spent of --budget-s {self.budget_s:.0f}")
+            return True
+        return False
+
+
+# -- 1. the machine ------------------------------------------------------------------------------
+
+def _version(module: str) -> str | None:
+    try:
+        return getattr(importlib.import_module(module), "__version__", "?")
+    except Exception as exc:  # missing, or broken
+        return f"not importable ({type(exc).__name__})"
+
+
+def environment(device: str, report: Report) -> dict:
+    import torch
+
+    env = {"python": platform.python_version(), "platform": platform.platform(),
+           "cpu": C.machine_info()["cpu"], "device": device,
+           "versions": {m: _version(m) for m in ("torch", "onnxruntime", "onnx", "numpy", "PIL")},
+           "torch_cuda": torch.version.cuda, "cuda_available": torch.cuda.is_available()}
+    try:
+        import onnxruntime
+
+        env["onnxruntime_providers"] = onnxruntime.get_available_providers()
+    except Exception as exc:
+        env["onnxruntime_providers"] = f"not importable ({exc})"
+    if device != "cuda":
+        report.skip("GPU, driver and CUDA versions", "no CUDA device (--device cpu, or torch "
+                    "sees no GPU)")
+        return env
+    props = torch.cuda.get_device_properties(0)
+    env.update(gpu=torch.cuda.get_device_name(0), capability=".".join(
+        map(str, torch.cuda.get_device_capability(0))), gpu_memory_gib=round(
+        props.total_memory / 2**30, 1), multiprocessors=props.multi_processor_count,
+        cudnn=torch.backends.cudnn.version())
+    smi = shutil.which("nvidia-smi")
+    if smi is None:
+        report.skip("driver version", "nvidia-smi is not on the PATH")
+    else:
+        try:
+            out = subprocess.run([smi, "--query-gpu=name,driver_version,clocks.max.sm",
+                                  "--format=csv,noheader"], capture_output=True, text=True,
+                                 timeout=30).stdout.strip()
+            env["nvidia_smi"] = out
+            env["driver"] = out.split(",")[1].strip() if "," in out else out
+        except Exception as exc:
+            report.skip("driver version", f"nvidia-smi failed ({exc})")
+    return env
+
+
+# -- 2. the gpu tests ------------------------------------------------------------------------------
+
+def gpu_tests(report: Report, timeout_s: float) -> dict | None:
+    if importlib.util.find_spec("pytest") is None:
+        report.skip("pytest -m gpu", "pytest is not installed")
+        return None
+    command = [sys.executable, "-m", "pytest", "-m", "gpu", "-q", "-p", "no:cacheprovider",
+               "-rs", str(REPO / "tests")]
+    log("running " + " ".join(command[1:]))
+    t0 = time.perf_counter()
+    try:
+        proc = subprocess.run(command, cwd=REPO, capture_output=True, text=True,
+                              timeout=timeout_s)
+    except subprocess.TimeoutExpired:
+        report.skip("pytest -m gpu", f"did not finish in {timeout_s:.0f} s")
+        return None
+    output = proc.stdout + proc.stderr
+    lines = [line for line in output.strip().splitlines() if line.strip()]
+    summary = lines[-1] if lines else ""
+    counts = {word: int(n) for n, word in re.findall(
+        r"(\d+) (passed|failed|skipped|deselected|errors?|xfailed|xpassed)", summary)}
+    failures = [line for line in lines if line.startswith(("FAILED", "ERROR"))][:20]
+    skips = [line for line in lines if line.startswith("SKIPPED")][:10]
+    return {"command": "python " + " ".join(command[1:]), "returncode": proc.returncode, "summary": summary,
+            "counts": counts, "failures": failures, "skip_reasons": skips,
+            "seconds": round(time.perf_counter() - t0, 1)}
+
+
+# -- photos and references -------------------------------------------------------------------------
+
+def photos(n: int, report: Report, flickr8k: Path) -> tuple[list[str], list[np.ndarray],
+                                                           dict | None, str]:
+    """-> (ids, RGB frames, references {id: [captions]} or None, where they came from)."""
+    from PIL import Image
+
+    dev_list = flickr8k / "Flickr_8k.devImages.txt"
+    token_file = flickr8k / "Flickr8k.token.txt"
+    if dev_list.is_file() and (flickr8k / "images").is_dir():
+        names = [x.strip() for x in dev_list.read_text().splitlines() if x.strip()][:n]
+        paths = [flickr8k / "images" / name for name in names]
+        source = f"Flickr8k dev, first {len(names)} ({flickr8k})"
+        refs = _flickr_refs(token_file, set(names))
+        if refs is None:
+            report.skip("CIDEr", f"no references: {token_file} is absent")
+    else:
+        examples = [p for p in sorted(C.EXAMPLES.iterdir())
+                    if p.suffix.lower() in {".png", ".jpg", ".jpeg"}]
+        paths = [examples[i % len(examples)] for i in range(n)]
+        names = [f"{p.name}#{i}" for i, p in enumerate(paths)]
+        source = (f"the {len(examples)} bundled example photos repeated to {n} "
+                  f"({flickr8k} is absent here)")
+        refs = None
+        report.skip("CIDEr", f"no references: {flickr8k} (Flickr8k dev) is absent here")
+    frames = []
+    for path in paths:
+        with Image.open(path) as im:
+            frames.append(np.asarray(im.convert("RGB")))
+    return names, frames, refs, source
+
+
+def _flickr_refs(token_file: Path, names: set) -> dict | None:
+    if not token_file.is_file():
+        return None
+    refs: dict[str, list[str]] = {}
+    for line in token_file.read_text(encoding="utf-8").splitlines():
+        key, _, caption = line.partition("\t")
+        name = key.rpartition("#")[0]
+        if name in names:
+            refs.setdefault(name, []).append(caption.strip())
+    return refs
+
+
+# -- the modes -----------------------------------------------------------------------------------
+
+def modes(device: str) -> list[dict]:
+    """The torch modes measured: label, Captioner keywords."""
+    if device == "cuda":
+        return [{"label": "torch-cuda-fp32-eager", "options": {"device": "cuda"}},
+                {"label": "torch-cuda-fp32-graphs", "options": {"device": "cuda",
+                                                                "cuda_graphs": True}},
+                {"label": "torch-cuda-fp16-eager", "options": {"device": "cuda", "fp16": True}},
+                {"label": "torch-cuda-fp16-graphs", "options": {"device": "cuda", "fp16": True,
+                                                                "cuda_graphs": True}}]
+    from edgecap.backends.torch_graphs import EagerGraph
+
+    return [{"label": "torch-cpu-fp32-eager", "options": {"device": "cpu"}},
+            {"label": "torch-cpu-fp32-graphs-emulated",
+             "options": {"device": "cpu", "graph_factory": EagerGraph}}]
+
+
+def other_backends(device: str, report: Report) -> list[dict]:
+    """TensorRT and onnxruntime's CUDA provider, where they can run."""
+    out = []
+    if device != "cuda":
+        report.skip("TensorRT and onnxruntime-gpu rows", "no CUDA device")
+        return out
+    try:
+        import onnxruntime
+
+        providers = onnxruntime.get_available_providers()
+        if "CUDAExecutionProvider" in providers:
+            out.append({"label": "onnxruntime-cuda-fp32", "backend": "onnxruntime",
+                        "options": {"providers": "cuda", "fp16": False}})
+        else:
+            report.skip("onnxruntime CUDA provider rows", "this onnxruntime has no "
+                        f"CUDAExecutionProvider (it has {', '.join(providers)}): the CPU "
+                        "package, not onnxruntime-gpu")
+    except Exception as exc:
+        report.skip("onnxruntime CUDA provider rows", f"onnxruntime does not import ({exc})")
+    if importlib.util.find_spec("tensorrt") is None:
+        report.skip("TensorRT rows", "tensorrt is not installed here")
+    else:
+        try:
+            import tensorrt  # noqa: F401
+
+            out.append({"label": "tensorrt-fp16", "backend": "tensorrt",
+                        "options": {"precision": "fp16"}})
+        except Exception as exc:
+            report.skip("TensorRT rows", f"tensorrt does not import ({exc})")
+    return out
+
+
+def _sync():
+    import torch
+
+    if torch.cuda.is_available() and torch.cuda.is_initialized():
+        torch.cuda.synchronize()
+
+
+class SyncTimedBackend(C.TimedBackend):
+    """``TimedBackend`` whose encode is bracketed by ``torch.cuda.synchronize()`` (an eager CUDA
+    encode returns before its kernels finish; each step ends with a device-to-host copy)."""
+
+    def encode(self, images):
+        _sync()
+        t0 = time.perf_counter()
+        encoded = self.inner.encode(images)
+        _sync()
+        self.encode_s += time.perf_counter() - t0
+        return encoded
+
+
+def captioner(model: Path, backend: str, options: dict, beam: int, batch: int, max_length: int):
+    from edgecap import Captioner
+
+    return Captioner(model, backend=backend, beam_size=beam, batch_size=batch,
+                     max_length=max_length, **options)
+
+
+def caption_all(cap, frames: list) -> tuple[list[str], float]:
+    _sync()
+    t0 = time.perf_counter()
+    texts = [c.text for c in cap.caption_batch(frames)]
+    _sync()
+    return texts, time.perf_counter() - t0
+
+
+def latency(cap, timed: SyncTimedBackend, frames: list, args) -> list[dict]:
+    rows = []
+    for beam in args.beams:
+        for batch in args.batches:
+            runner = copy.copy(cap)
+            runner.options = replace(cap.options, beam_size=beam, batch_size=batch,
+                                     max_length=args.max_length)
+            runner.backend = timed
+            images = [frames[i % len(frames)] for i in range(batch)]
+            encoder, steps, e2e, pre = [], [], [], []
+            for rep in range(args.warmup + args.repeats):
+                timed.reset()
+                _sync()
+                t0 = time.perf_counter()
+                captions = runner.caption_batch(images)
+                _sync()
+                ms = (time.perf_counter() - t0) * 1e3
+                if rep < args.warmup:
+                    continue
+                e2e.append(ms)
+                encoder.append(timed.encode_s * 1e3)
+                steps.extend(s * 1e3 for s in timed.step_times)
+                pre.append(sum(c.timings["preprocess_ms"] for c in captions))
+            rows.append({"beam": beam, "batch": batch, "calls": len(e2e),
+                         "encoder_p50_ms": C.percentile(encoder, 50),
+                         "encoder_p95_ms": C.percentile(encoder, 95),
+                         "step_p50_ms": C.percentile(steps, 50),
+                         "step_p95_ms": C.percentile(steps, 95),
+                         "steps_per_call": len(steps) / max(len(e2e), 1),
+                         "preprocess_p50_ms": C.percentile(pre, 50),
+                         "e2e_p50_ms": C.percentile(e2e, 50), "e2e_p95_ms": C.percentile(e2e, 95)})
+    return rows
+
+
+def run_mode(mode: dict, model: Path, frames: list, reference: list[str] | None, refs, ids,
+             args, report: Report, device: str) -> dict:
+    import torch
+
+    label, backend = mode["label"], mode.get("backend", "torch")
+    result: dict = {"label": label, "backend": backend,
+                    "options": {k: (getattr(v, "__name__", v) if k == "graph_factory" else v)
+                                for k, v in mode["options"].items()}}
+    cuda = device == "cuda"
+    if cuda:
+        _sync()
+        torch.cuda.empty_cache()
+        torch.cuda.reset_peak_memory_stats()
+    t0 = time.perf_counter()
+    cap = captioner(model, backend, mode["options"], 3, 8, args.max_length)
+    result["load_s"] = round(time.perf_counter() - t0, 2)
+    timed = SyncTimedBackend(cap.backend)
+    result["describe"] = timed.describe()
+    log(f"{label}: {result['describe']}")
+    if not report.over_budget(f"{label} captions"):
+        texts, seconds = caption_all(cap, frames)
+        result["captions"] = {"n": len(texts), "seconds": round(seconds, 2),
+                              "images_per_s": len(texts) / seconds if seconds else None,
+                              "examples": texts[:3]}
+        if reference is not None:
+            same = sum(a == b for a, b in zip(texts, reference))
+            result["captions"].update(identical=same / len(texts), identical_n=same,
+                                      differing=[{"id": i, "this": a, "ort_cpu_fp32": b}
+                                                 for i, a, b in zip(ids, texts, reference)
+                                                 if a != b][:5])
+        result["captions"]["cider"] = cider(refs, ids, texts)
+        result["texts"] = texts
+    if not report.over_budget(f"{label} latency"):
+        result["latency"] = latency(cap, timed, frames, args)
+    if cuda:
+        result["peak_gpu_mib"] = torch.cuda.max_memory_allocated() / 2**20
+    return result
+
+
+_CIDER_NOTE: dict = {}
+
+
+def cider(refs: dict | None, ids: list[str], texts: list[str]) -> float | None:
+    if refs is None:
+        return None
+    if "skip" in _CIDER_NOTE:
+        return None
+    try:
+        from edgecap.evaluation.metrics import java_available, score
+
+        tokenizer = "ptb" if java_available() else "simple"
+        _CIDER_NOTE.setdefault("tokenizer", tokenizer)
+        hyps = {i: t for i, t in zip(ids, texts) if i in refs}
+        return score({i: refs[i] for i in hyps}, hyps, tokenizer=tokenizer,
+                     metrics=("CIDEr",))["CIDEr"]
+    except ImportError as exc:
+        _CIDER_NOTE["skip"] = f"pycocoevalcap does not import ({exc})"
+        return None
+
+
+# -- the report ----------------------------------------------------------------------------------
+
+def targets(results: list[dict], device: str) -> list[dict]:
+    out = []
+    fast = next((r for r in results if r["label"] == "torch-cuda-fp16-graphs"), None)
+    row = None
+    if fast is not None:
+        row = next((x for x in fast.get("latency", []) if x["beam"] == 3 and x["batch"] == 1),
+                   None)
+    for key, what in (("e2e_p50_ms", "end to end p50 (ms)"), ("step_p50_ms", "one step p50 (ms)"),
+                      ("encoder_p50_ms", "encoder p50 (ms)")):
+        value = None if row is None else row[key]
+        out.append({"target": f"{what}, beam 3 batch 1, FP16 graphs", "limit": TARGETS[key],
+                    "value": value, "met": None if value is None else value <= TARGETS[key]})
+    ident = None if fast is None else fast.get("captions", {}).get("identical")
+    out.append({"target": "FP16 graph captions identical to onnxruntime CPU FP32", "limit":
+                TARGETS["identical"], "value": ident,
+                "met": None if ident is None else ident >= TARGETS["identical"]})
+    if device != "cuda":
+        for t in out:
+            t["note"] = "not measured: no CUDA device"
+    return out
+
+
+def speedups(results: list[dict]) -> list[dict]:
+    """What the graphs buy: eager / graphs, per precision and setting."""
+    by = {r["label"]: r for r in results}
+    out = []
+    for eager_label in [label for label in by if label.endswith("-eager")]:
+        graphs = by.get(eager_label.replace("-eager", "-graphs")) or by.get(
+            eager_label.replace("-eager", "-graphs-emulated"))
+        if graphs is None:
+            continue
+        for a, b in zip(by[eager_label].get("latency", []), graphs.get("latency", [])):
+            out.append({"eager": eager_label, "graphs": graphs["label"], "beam": a["beam"],
+                        "batch": a["batch"],
+                        **{f"{k}_x": a[k] / b[k] if b[k] else float("nan")
+                           for k in ("encoder_p50_ms", "step_p50_ms", "e2e_p50_ms")}})
+    return out
+
+
+def markdown(data: dict) -> str:
+    env = data["environment"]
+    lines = [f"# GPU check ({data['device']})", "",
+             f"`{data['command']}` ({data['date']}; {data['seconds']:.0f} s)", "",
+             "## Machine", ""]
+    if data["device"] == "cuda":
+        lines += [f"- GPU: {env.get('gpu')} (compute {env.get('capability')}, "
+                  f"{env.get('gpu_memory_gib')} GiB, {env.get('multiprocessors')} SMs)",
+                  f"- driver {env.get('driver', '?')}; torch CUDA {env.get('torch_cuda')}; "
+                  f"cuDNN {env.get('cudnn')}"]
+    else:
+        lines += ["- no CUDA device: CUDA items skipped (see Skipped)"]
+    lines += [f"- CPU: {env['cpu']}; Python {env['python']}; {env['platform']}",
+              "- " + ", ".join(f"{k} {v}" for k, v in env["versions"].items()),
+              f"- onnxruntime providers: {env.get('onnxruntime_providers')}", "",
+              "## gpu-marked tests", ""]
+    tests = data.get("gpu_tests")
+    if tests:
+        lines += [f"`{tests['command']}`: {tests['summary']} (exit {tests['returncode']}, "
+                  f"{tests['seconds']} s)", ""]
+        lines += [f"- {x}" for x in tests["failures"] + tests["skip_reasons"]]
+    else:
+        lines += ["not run (see Skipped)"]
+    photos_info = data["photos"]
+    lines += ["", "## Captions", "",
+              f"{photos_info['n']} photos: {photos_info['source']}; beam 3, batch 8, "
+              f"max length {data['settings']['max_length']}. Reference: onnxruntime CPU FP32 "
+              f"({data['reference'].get('describe', '?')}).", ""]
+    rows = [["onnxruntime-cpu-fp32 (reference)", "-", data["reference"].get("cider"),
+             data["reference"].get("images_per_s")]]
+    for r in data["modes"]:
+        c = r.get("captions", {})
+        ident = c.get("identical")
+        rows.append([r["label"], "-" if ident is None else
+                     f"{ident:.1%} ({c.get('identical_n')}/{c.get('n')})", c.get("cider"),
+                     c.get("images_per_s")])
+    lines += [C.markdown_table(["mode", "identical to ort CPU FP32", "CIDEr", "images/s"],
+                               [[x if x is not None else "-" for x in row] for row in rows])]
+    lines += ["", "## Latency (ms)", "",
+              f"Captioner.caption_batch on in-memory photos (end to end includes preprocessing); "
+              f"{data['settings']['warmup']} warm-up calls, then {data['settings']['repeats']} "
+              "timed; synchronised around timed regions. step: one decoder step, all steps of "
+              "all calls pooled.", ""]
+    table = []
+    for r in data["modes"]:
+        for x in r.get("latency", []):
+            table.append([r["label"], x["beam"], x["batch"], x["encoder_p50_ms"],
+                          x["encoder_p95_ms"], x["step_p50_ms"], x["step_p95_ms"],
+                          x["steps_per_call"], x["preprocess_p50_ms"], x["e2e_p50_ms"],
+                          x["e2e_p95_ms"]])
+    lines += [C.markdown_table(["mode", "beam", "batch", "encoder p50", "p95", "step p50", "p95",
+                                "steps", "preprocess p50", "e2e p50", "p95"], table)]
+    if data["device"] != "cuda":
+        lines += ["", "On the CPU these timings say nothing about a GPU: the graphs are emulated "
+                  "(EagerGraph replays by running the step eagerly), and a shared CPU is noisy."]
+    if data["speedups"]:
+        lines += ["", "### What the graphs buy (eager / graphs, p50)", "",
+                  C.markdown_table(["eager", "graphs", "beam", "batch", "encoder x", "step x",
+                                    "e2e x"],
+                                   [[s["eager"], s["graphs"], s["beam"], s["batch"],
+                                     s["encoder_p50_ms_x"], s["step_p50_ms_x"],
+                                     s["e2e_p50_ms_x"]] for s in data["speedups"]])]
+    lines += ["", "## Peak GPU memory", ""]
+    mem = [[r["label"], r["peak_gpu_mib"]] for r in data["modes"] if "peak_gpu_mib" in r]
+    lines += [C.markdown_table(["mode", "max_memory_allocated (MiB)"], mem) if mem
+              else "not measured (no CUDA device)"]
+    lines += ["", "## Targets", "",
+              C.markdown_table(["target", "limit", "measured", "met"],
+                               [[t["target"], t["limit"], "-" if t["value"] is None
+                                 else t["value"], {True: "yes", False: "**no**",
+                                                   None: t.get("note", "not measured")}[t["met"]]]
+                                for t in data["targets"]])]
+    lines += ["", "## Skipped", ""]
+    lines += [f"- {s['item']}: {s['reason']}" for s in data["skipped"]] or ["- nothing"]
+    return "\n".join(lines) + "\n"
+
+
+def main(argv=None) -> int:
+    args = parse_args(argv)
+    report = Report(args.budget_s)
+    log("importing torch")
+    import torch
+
+    device = args.device
+    if device == "auto":
+        device = "cuda" if torch.cuda.is_available() else "cpu"
+    elif device == "cuda" and not torch.cuda.is_available():
+        sys.exit("--device cuda: torch sees no CUDA GPU here; use --device cpu")
+    if device == "cuda":
+        torch.cuda.init()
+    name = args.name or ("gpu" if device == "cuda" else "gpu-cpu")
+    model = C.model_dir(args.model)
+    data: dict = {"device": device, "command": "python benchmarks/gpu_check.py "
+                  + " ".join(sys.argv[1:] if argv is None else argv),
+                  "date": time.strftime("%Y-%m-%d %H:%M:%S"), "model": str(model),
+                  "settings": {k: v for k, v in vars(args).items()
+                               if k in ("n", "repeats", "warmup", "beams", "batches",
+                                        "max_length", "quick", "budget_s")}}
+    data["environment"] = environment(device, report)
+    log(f"device {device}: {data['environment'].get('gpu', data['environment']['cpu'])}")
+
+    if args.skip_tests:
+        report.skip("pytest -m gpu", "--skip-tests")
+    elif device != "cuda":
+        # still run, so CI keeps this path working: the gpu tests skip before their fixtures
+        data["gpu_tests"] = gpu_tests(report, timeout_s=120)
+    else:
+        data["gpu_tests"] = gpu_tests(report, timeout_s=max(30.0, min(150.0,
+                                      args.budget_s - (time.perf_counter() - T0) - 120)))
+
+    ids, frames, refs, source = photos(args.n, report, args.flickr8k)
+    data["photos"] = {"n": len(frames), "source": source, "references": refs is not None}
+    log(f"{len(frames)} photos: {source}")
+
+    reference: list[str] | None = None
+    data["reference"] = {}
+    try:
+        ort = captioner(model, "onnxruntime", {"device": "cpu"}, 3, 8, args.max_length)
+        texts, seconds = caption_all(ort, frames)
+        reference = texts
+        data["reference"] = {"describe": ort.backend.describe(), "seconds": round(seconds, 2),
+                             "images_per_s": len(texts) / seconds, "texts": texts,
+                             "cider": cider(refs, ids, texts)}
+        log(f"onnxruntime CPU FP32 reference: {seconds:.1f} s")
+    except Exception as exc:
+        report.skip("onnxruntime CPU FP32 reference captions", f"{type(exc).__name__}: {exc}")
+
+    results = []
+    for mode in modes(device) + other_backends(device, report):
+        if report.over_budget(mode["label"]):
+            continue
+        try:
+            results.append(run_mode(mode, model, frames, reference, refs, ids, args, report,
+                                    device))
+        except Exception as exc:  # one mode failing must not lose the report
+            report.skip(mode["label"], f"failed: {type(exc).__name__}: {exc}")
+    if refs is not None and "skip" in _CIDER_NOTE:
+        report.skip("CIDEr", _CIDER_NOTE["skip"])
+    data["cider_tokenizer"] = _CIDER_NOTE.get("tokenizer")
+    data["modes"] = results
+    data["speedups"] = speedups(results)
+    data["targets"] = targets(results, device)
+    data["seconds"] = time.perf_counter() - T0
+    data["skipped"] = report.data["skipped"]
+
+    args.out.mkdir(parents=True, exist_ok=True)
+    (args.out / f"{name}.json").write_text(json.dumps(data, indent=2, default=str) + "\n")
+    text = markdown(data)
+    (args.out / f"{name}.md").write_text(text)
+    print(text)
+    print("skipped:" if data["skipped"] else "skipped: nothing")
+    for s in data["skipped"]:
+        print(f"  - {s['item']}: {s['reason']}")
+    log(f"wrote {args.out / (name + '.md')} and .json")
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())

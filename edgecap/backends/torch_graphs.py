@@ -1,0 +1,298 @@
+"""CUDA graphs for the torch backend: the encoder captured per batch size, the decoder step per
+rows shape, over static input / output buffers (``TorchBackend(..., cuda_graphs=True)``).
+
+NOT YET RUN ON A GPU. Everything here except ``CudaGraph`` itself is exercised on the CPU by
+the test suite with ``EagerGraph``, a stand-in that "replays" by calling the captured function
+again on the same static buffers (``tests/test_torch_graphs.py``); the real capture is tested by
+the ``gpu``-marked tests and ``benchmarks/gpu_check.py``, which no session has run yet.
+
+Why: at this model's size a GPU decoder step is ~70 small kernels, and launching them one by one
+from Python costs far more than running them. A captured graph launches all of them at once.
+
+The interface between the bookkeeping and the graph machinery is one callable,
+``capture(fn) -> graph``: ``fn`` takes no arguments, reads only static input buffers and writes
+only static output buffers (it returns nothing); ``graph.replay()`` runs it again. Both
+``CudaGraph`` and ``EagerGraph`` fit it.
+
+Step buffers, per key (n_images N, rows R), owned by a ``StepGraphs``:
+
+- inputs: ``index`` int32 (2R,) = tokens then source_rows (one host-to-device copy per step),
+  ``word_bias`` float32 (R, V) (zeroed once when a step passes None after one that did not),
+  the batch's image tensors ``features`` (N, L, F), ``att_proj`` (N, L, A), ``image_index`` (R,)
+  and ``h0`` / ``c0`` (N, H), copied in once per search by ``load``;
+- the LSTM state ping-pongs between two slots of (R, H): the first step reads h0/c0 (S = N
+  rows) and writes slot 0; step t >= 1 reads slot (t - 1) % 2 and writes slot t % 2. So three
+  graphs per key: ``first``, ``from0``, ``from1``, and the state never leaves the device;
+- outputs: one flat float32 buffer ``[topk_logprobs (R*K) | topk_ids as int32 bits (R*K) |
+  alpha (R*L)]``, copied to pinned host memory in one device-to-host copy per step (its first
+  2RK values, or all of it when the attention is asked for), followed by the step's only
+  synchronisation.
+
+The buffers of a key are shared by every search of that shape, so a graphed backend serves one
+search at a time (``thread_safe = False``; ``Captioner`` serialises its batches). A session whose
+buffers were taken over by a later session of the same shape raises ``BackendError`` rather than
+read another search's state.
+"""
+
+from __future__ import annotations
+
+from collections import OrderedDict
+from collections.abc import Callable
+from typing import Protocol
+
+import numpy as np
+import torch
+
+from edgecap.errors import BackendError
+
+MAX_KEYS = 8  # step-graph shapes kept (least recently used dropped beyond this)
+
+
+class Graph(Protocol):
+    def replay(self) -> None: ...
+
+
+GraphFactory = Callable[[Callable[[], None]], Graph]
+
+
+class CudaGraph:
+    """A real CUDA graph of ``fn``: a few warm-up runs on a side stream (cuBLAS workspaces,
+    lazy initialisation), then the capture. The warm-up runs write the static outputs, as the
+    replays will. Not yet run on a GPU (see the module doc)."""
+
+    WARMUP = 2
+
+    def __init__(self, fn: Callable[[], None]):
+        stream = torch.cuda.Stream()
+        stream.wait_stream(torch.cuda.current_stream())
+        with torch.cuda.stream(stream):
+            for _ in range(self.WARMUP):
+                fn()
+        torch.cuda.current_stream().wait_stream(stream)
+        self.graph = torch.cuda.CUDAGraph()
+        with torch.cuda.graph(self.graph):
+            fn()
+
+    def replay(self) -> None:
+        self.graph.replay()
+
+
+class EagerGraph:
+    """A stand-in for ``CudaGraph`` on any device: capturing runs ``fn`` once (as the real
+    warm-up does, writing the outputs) and ``replay`` runs it again on the same buffers. What
+    the tests use on the CPU to check the buffer bookkeeping; ``gpu_check.py --device cpu``
+    runs it as the "graphs (emulated)" mode."""
+
+    def __init__(self, fn: Callable[[], None]):
+        self.fn = fn
+        self.captures = 1
+        self.replays = 0
+        fn()
+
+    def replay(self) -> None:
+        self.replays += 1
+        self.fn()
+
+
+def _pinned(shape, dtype, device: torch.device) -> torch.Tensor:
+    return torch.zeros(shape, dtype=dtype, pin_memory=device.type == "cuda")
+
+
+def _sync(device: torch.device) -> None:
+    if device.type == "cuda":
+        torch.cuda.current_stream(device).synchronize()
+
+
+class EncoderGraphs:
+    """The encoder graph captured per batch size N: a static image buffer (float32, cast to the
+    model's dtype inside the graph) and static outputs; ``run`` returns clones of the outputs,
+    so an ``Encoded`` stays valid after the next batch of the same size is encoded."""
+
+    def __init__(self, encoder_graph: torch.nn.Module, device: torch.device, dtype: torch.dtype,
+                 capture: GraphFactory):
+        self.module, self.device, self.dtype, self.capture = encoder_graph, device, dtype, capture
+        self.graphs: dict[tuple, tuple[Graph, torch.Tensor, torch.Tensor, tuple]] = {}
+
+    @torch.no_grad()
+    def run(self, images: np.ndarray) -> tuple[torch.Tensor, ...]:
+        key = tuple(images.shape)
+        if key not in self.graphs:
+            self.graphs[key] = self._capture(key)
+        graph, staging, image, outputs = self.graphs[key]
+        staging.copy_(torch.from_numpy(np.ascontiguousarray(images, np.float32)))
+        image.copy_(staging, non_blocking=True)
+        graph.replay()
+        return tuple(o.clone() for o in outputs)
+
+    def _capture(self, shape: tuple):
+        image = torch.zeros(shape, dtype=torch.float32, device=self.device)
+        staging = _pinned(shape, torch.float32, self.device)
+        probe = self.module(image.to(self.dtype))
+        outputs = tuple(torch.empty_like(p) for p in probe)
+
+        def fn() -> None:
+            for out, value in zip(outputs, self.module(image.to(self.dtype))):
+                out.copy_(value)
+
+        return self.capture(fn), staging, image, outputs
+
+
+class StepBuffers:
+    """The static buffers and the three graphs of one (N, R) shape (see the module doc)."""
+
+    def __init__(self, step_graph: torch.nn.Module, n_images: int, rows: int,
+                 tails: dict[str, tuple[int, ...]], top_k: int, device: torch.device,
+                 dtype: torch.dtype, capture: GraphFactory):
+        """``tails``: the shapes after the row dimension of ``features``, ``att_proj``, ``state``
+        (h / c) and ``vocab`` (a word-bias row, (V,))."""
+        self.n_images, self.rows, self.top_k, self.device = n_images, rows, top_k, device
+        R, K, L = rows, top_k, tails["features"][0]
+        self.regions = L
+
+        def zeros(shape, dt=dtype):
+            return torch.zeros(shape, dtype=dt, device=device)
+
+        # inputs (zeros: indices in range, so a warm-up run on fresh buffers is valid)
+        self.index = zeros((2 * R,), torch.int32)
+        self.index_host = _pinned((2 * R,), torch.int32, device)
+        self.word_bias = zeros((R, tails["vocab"][0]), torch.float32)
+        self.bias_host = _pinned((R, tails["vocab"][0]), torch.float32, device)
+        self.bias_zero = True
+        self.image_index = zeros((R,), torch.int32)
+        self.features = zeros((n_images, *tails["features"]))
+        self.att_proj = zeros((n_images, *tails["att_proj"]))
+        self.h0, self.c0 = zeros((n_images, *tails["state"])), zeros((n_images, *tails["state"]))
+        self.h = [zeros((R, *tails["state"])) for _ in range(2)]
+        self.c = [zeros((R, *tails["state"])) for _ in range(2)]
+        # outputs: [values | ids (int32 bits) | alpha], float32
+        self.out = zeros((R * (2 * K + L),), torch.float32)
+        self.out_host = _pinned((R * (2 * K + L),), torch.float32, device)
+        self.owner: object | None = None
+
+        tokens, source_rows = self.index[:R], self.index[R:]
+        values_out = self.out[:R * K].view(R, K)
+        ids_out = self.out[R * K:2 * R * K].view(torch.int32).view(R, K)
+        alpha_out = self.out[2 * R * K:].view(R, L)
+
+        def step_fn(h_in, c_in, h_out, c_out):
+            def fn() -> None:
+                values, ids, h, c, alpha = step_graph(tokens, h_in, c_in, source_rows,
+                                                      self.features, self.att_proj,
+                                                      self.image_index, self.word_bias)
+                h_out.copy_(h)
+                c_out.copy_(c)
+                values_out.copy_(values)
+                ids_out.copy_(ids)
+                alpha_out.copy_(alpha)
+            return fn
+
+        with torch.no_grad():
+            self.first = capture(step_fn(self.h0, self.c0, self.h[0], self.c[0]))
+            self.from_slot = [capture(step_fn(self.h[0], self.c[0], self.h[1], self.c[1])),
+                              capture(step_fn(self.h[1], self.c[1], self.h[0], self.c[0]))]
+
+    def load(self, owner: object, tensors: dict, image_index: np.ndarray) -> None:
+        """Copy a search's image tensors in (device to device) and make ``owner`` the user."""
+        self.features.copy_(tensors["features"])
+        self.att_proj.copy_(tensors["att_proj"])
+        self.h0.copy_(tensors["h0"])
+        self.c0.copy_(tensors["c0"])
+        self.image_index.copy_(torch.from_numpy(np.asarray(image_index, np.int32)))
+        self.owner = owner
+
+    def run(self, t: int, tokens: np.ndarray, source_rows: np.ndarray,
+            word_bias: np.ndarray | None, attention: bool):
+        """Step ``t`` of the search -> (topk_logprobs, topk_ids, alpha or None) on the host."""
+        R, K = self.rows, self.top_k
+        host = self.index_host.numpy()
+        host[:R], host[R:] = tokens, source_rows
+        self.index.copy_(self.index_host, non_blocking=True)
+        if word_bias is not None:
+            self.bias_host.numpy()[...] = word_bias
+            self.word_bias.copy_(self.bias_host, non_blocking=True)
+            self.bias_zero = False
+        elif not self.bias_zero:
+            self.word_bias.zero_()
+            self.bias_zero = True
+        graph = self.first if t == 0 else self.from_slot[(t - 1) % 2]
+        graph.replay()
+        n = R * (2 * K + self.regions) if attention else 2 * R * K
+        self.out_host[:n].copy_(self.out[:n], non_blocking=True)
+        _sync(self.device)  # the step's one synchronisation
+        flat = self.out_host.numpy()
+        values = flat[:R * K].reshape(R, K).copy()
+        ids = flat[R * K:2 * R * K].view(np.int32).reshape(R, K).copy()
+        alpha = flat[2 * R * K:n].reshape(R, self.regions).copy() if attention else None
+        return values, ids, alpha
+
+
+class StepGraphs:
+    """``StepBuffers`` per (N, R), made on first use and kept (up to ``MAX_KEYS``, least
+    recently used dropped): a search whose rows differ from the last one's (a smaller last
+    batch, another beam size) gets its own graphs, and comes back to them the next time."""
+
+    def __init__(self, step_graph: torch.nn.Module, vocab_size: int, top_k: int,
+                 device: torch.device, dtype: torch.dtype, capture: GraphFactory):
+        self.step_graph, self.vocab_size, self.top_k = step_graph, vocab_size, top_k
+        self.device, self.dtype, self.capture = device, dtype, capture
+        self.keys: OrderedDict[tuple, StepBuffers] = OrderedDict()
+        self.captured = 0  # StepBuffers made (each captures three graphs)
+
+    def get(self, tensors: dict, rows: int) -> StepBuffers:
+        """The buffers for a search of ``rows`` rows over the encoder outputs ``tensors``."""
+        n_images = int(tensors["h0"].shape[0])
+        tails = {"features": tuple(tensors["features"].shape[1:]),
+                 "att_proj": tuple(tensors["att_proj"].shape[1:]),
+                 "state": tuple(tensors["h0"].shape[1:]), "vocab": (self.vocab_size,)}
+        key = (n_images, rows, *tails.values())
+        buffers = self.keys.get(key)
+        if buffers is None:
+            buffers = StepBuffers(self.step_graph, n_images, rows, tails, self.top_k,
+                                  self.device, self.dtype, self.capture)
+            self.captured += 1
+            self.keys[key] = buffers
+            while len(self.keys) > MAX_KEYS:
+                self.keys.popitem(last=False)
+        self.keys.move_to_end(key)
+        return buffers
+
+
+class GraphedSession:
+    """A search over ``StepBuffers``: the ``DecoderSession`` of a graphed torch backend."""
+
+    def __init__(self, graphs: StepGraphs, tensors: dict, image_index: np.ndarray,
+                 return_attention: bool):
+        self.buffers = graphs.get(tensors, len(image_index))
+        with torch.no_grad():
+            self.buffers.load(self, tensors, image_index)
+        self.return_attention = return_attention
+        self.t = 0
+
+    @torch.no_grad()
+    def step(self, tokens: np.ndarray, source_rows: np.ndarray,
+             word_bias: np.ndarray | None = None):
+        from edgecap.backends.base import StepResult
+
+        if self.buffers.owner is not self:
+            raise BackendError("this CUDA-graph search's buffers were taken by a later search of "
+                               "the same shape: a graphed torch backend runs one search at a "
+                               "time (use one Captioner per thread)")
+        values, ids, alpha = self.buffers.run(self.t, tokens, source_rows, word_bias,
+                                              self.return_attention)
+        self.t += 1
+        return StepResult(topk_logprobs=values, topk_ids=ids, alpha=alpha)
+
+
+def keep_fp32(module: torch.nn.Module) -> torch.nn.Module:
+    """An FP32 island in an FP16 model: ``module``'s weights stay float32 and its floating
+    inputs are cast to float32 (its output stays float32). Used for the attention-score
+    projection and the image classifier, the projections ``edgecap convert --precision fp16``
+    keeps in FP32 (``edgecap.build.convert.fp32_nodes``)."""
+    module.float()
+
+    def to_fp32(_module, args):
+        return tuple(a.float() if torch.is_tensor(a) and a.is_floating_point() else a
+                     for a in args)
+
+    module.register_forward_pre_hook(to_fp32)
+    return module

@@ -1,0 +1,88 @@
+"""benchmarks/gpu_check.py in its CPU-only form, so CI keeps the GPU check working until a
+session with a GPU runs it (``--device cpu``: CUDA items skipped, each with its reason)."""
+
+from __future__ import annotations
+
+import json
+import subprocess
+import sys
+from pathlib import Path
+
+import pytest
+
+pytest.importorskip("torch")
+pytest.importorskip("onnx")
+pytest.importorskip("onnxruntime")
+
+SCRIPT = Path(__file__).resolve().parents[1] / "benchmarks" / "gpu_check.py"
+SECTIONS = ("## Machine", "## gpu-marked tests", "## Captions", "## Latency (ms)",
+            "## Peak GPU memory", "## Targets", "## Skipped")
+
+
+def test_gpu_check_on_the_cpu(tmp_path):
+    proc = subprocess.run([sys.executable, str(SCRIPT), "--device", "cpu", "--quick", "--n", "2",
+                           "--repeats", "1", "--out", str(tmp_path)],
+                          capture_output=True, text=True, timeout=600, cwd=tmp_path)
+    assert proc.returncode == 0, proc.stderr[-3000:]
+    text = (tmp_path / "gpu-cpu.md").read_text()
+    data = json.loads((tmp_path / "gpu-cpu.json").read_text())
+    for section in SECTIONS:
+        assert section in text, section
+    assert data["device"] == "cpu"
+    # the gpu tests ran in a subprocess and skipped (no CUDA), none failed
+    assert data["gpu_tests"]["counts"].get("failed", 0) == 0
+    assert data["gpu_tests"]["counts"].get("skipped", 0) >= 1
+    labels = [m["label"] for m in data["modes"]]
+    assert labels == ["torch-cpu-fp32-eager", "torch-cpu-fp32-graphs-emulated"]
+    for mode in data["modes"]:
+        # the same model on the CPU: the captions are onnxruntime's
+        assert mode["captions"]["n"] == 2 and mode["captions"]["identical"] == 1.0
+        (row,) = mode["latency"]
+        assert (row["beam"], row["batch"]) == (3, 1) and row["e2e_p50_ms"] > 0
+        assert "peak_gpu_mib" not in mode
+    assert all(t["met"] is None for t in data["targets"])
+    skipped = {s["item"]: s["reason"] for s in data["skipped"]}
+    assert "TensorRT and onnxruntime-gpu rows" in skipped
+    assert "GPU, driver and CUDA versions" in skipped
+    assert all(reason.strip() for reason in skipped.values())
+    for item, reason in skipped.items():
+        assert f"- {item}: {reason}" in text
+        assert f"{item}: {reason}" in proc.stdout
+
+
+def test_gpu_report_formats_cuda_results():
+    """The CUDA-only branches of the report (machine, memory, targets, speed-ups), fed
+    results shaped as a GPU run would give them: they cannot run here otherwise."""
+    sys.path.insert(0, str(SCRIPT.parent))
+    import gpu_check
+
+    def latency(scale):
+        return [{"beam": beam, "batch": batch, "calls": 3, "encoder_p50_ms": 0.9 * scale,
+                 "encoder_p95_ms": 1.0 * scale, "step_p50_ms": 0.08 * scale,
+                 "step_p95_ms": 0.1 * scale, "steps_per_call": 12.0, "preprocess_p50_ms": 0.5,
+                 "e2e_p50_ms": 3.5 * scale, "e2e_p95_ms": 4.0 * scale}
+                for beam in (1, 3) for batch in (1, 8)]
+
+    modes = [{"label": label, "latency": latency(scale), "peak_gpu_mib": 120.0,
+              "captions": {"n": 200, "identical": ident, "identical_n": int(ident * 200),
+                           "cider": None, "images_per_s": 900.0}}
+             for label, scale, ident in (("torch-cuda-fp16-eager", 4.0, 0.975),
+                                         ("torch-cuda-fp16-graphs", 1.0, 0.96))]
+    data = {"device": "cuda", "command": "python benchmarks/gpu_check.py", "date": "now",
+            "seconds": 100.0, "settings": {"max_length": 20, "warmup": 3, "repeats": 20},
+            "environment": {"gpu": "NVIDIA H100 80GB HBM3", "capability": "9.0",
+                            "gpu_memory_gib": 79.2, "multiprocessors": 132, "driver": "580",
+                            "torch_cuda": "13.0", "cudnn": 91000, "cpu": "x86", "python": "3.12",
+                            "platform": "linux", "versions": {"torch": "2.11"},
+                            "onnxruntime_providers": ["CPUExecutionProvider"]},
+            "gpu_tests": {"command": "python -m pytest -m gpu", "summary": "6 passed",
+                          "returncode": 0, "seconds": 20.0, "failures": [], "skip_reasons": []},
+            "photos": {"n": 200, "source": "examples"}, "reference": {"describe": "ort"},
+            "modes": modes, "skipped": [{"item": "TensorRT rows", "reason": "not installed"}]}
+    data["speedups"] = gpu_check.speedups(modes)
+    data["targets"] = gpu_check.targets(modes, "cuda")
+    assert [t["met"] for t in data["targets"]] == [True, True, True, False]
+    assert data["speedups"][0]["step_p50_ms_x"] == pytest.approx(4.0)
+    text = gpu_check.markdown(data)
+    assert "NVIDIA H100 80GB HBM3" in text and "| torch-cuda-fp16-graphs | 120.0 |" in text
+    assert "**no**" in text and "- TensorRT rows: not installed" in text
