@@ -176,9 +176,11 @@ def _unavailable(name: str) -> str | None:
         if missing("tensorrt"):
             return "tensorrt is not installed here"
         try:
-            import tensorrt  # noqa: F401
+            import tensorrt
         except Exception as exc:  # a stub wheel or missing libraries
             return f"tensorrt does not import ({exc})"
+        if not isinstance(getattr(tensorrt, "__version__", None), str):
+            return "tensorrt is only type stubs here (tensorrt-stubs), not the library"
     return None
 
 

@@ -273,8 +273,10 @@ def other_backends(device: str, report: Report) -> list[dict]:
         report.skip("TensorRT rows", "tensorrt is not installed here")
     else:
         try:
-            import tensorrt  # noqa: F401
+            import tensorrt
 
+            if not isinstance(getattr(tensorrt, "__version__", None), str):
+                raise ImportError("only type stubs (tensorrt-stubs), not the library")
             out.append({"label": "tensorrt-fp16", "backend": "tensorrt",
                         "options": {"precision": "fp16"}})
         except Exception as exc:

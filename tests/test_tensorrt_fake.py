@@ -451,6 +451,17 @@ def test_fake_tensorrt_missing_names_the_extra(monkeypatch):
         import_tensorrt()
 
 
+def test_tensorrt_stubs_alone_are_not_tensorrt(monkeypatch):
+    """pip install tensorrt-stubs (CI installs it for the type check) makes ``import tensorrt``
+    find a namespace package of .pyi files: no __version__, no API."""
+    from edgecap.trt import tensorrt_importable
+
+    monkeypatch.setitem(sys.modules, "tensorrt", types.ModuleType("tensorrt"))
+    with pytest.raises(BackendError, match=r"type stubs, not the library.*edgecap\[tensorrt\]"):
+        import_tensorrt()
+    assert not tensorrt_importable()
+
+
 @pytest.mark.parametrize("version", ["8.2.1.8", "7.1.3"])
 def test_fake_tensorrt_too_old(version):
     with pytest.raises(BackendError, match="8.5 or newer.*JetPack 4.6"):

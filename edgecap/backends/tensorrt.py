@@ -24,6 +24,7 @@ from __future__ import annotations
 import sys
 from dataclasses import dataclass
 from pathlib import Path
+from typing import TYPE_CHECKING
 
 import numpy as np
 
@@ -31,6 +32,11 @@ from edgecap.backends.base import Backend, DecoderSession, Encoded, StepResult
 from edgecap.contract import ENCODER_INPUTS, ENCODER_OUTPUTS, ROLES, Limits, tensor_dtype
 from edgecap.errors import BackendError
 from edgecap.manifest import Manifest
+
+if TYPE_CHECKING:  # the TensorRT API's types (tensorrt-stubs); never imported at run time
+    import tensorrt
+
+    from edgecap.trt import TensorRTModule
 
 
 @dataclass
@@ -73,7 +79,7 @@ class TensorRTBackend(Backend):
         self.precision = precision
         self.limits = limits or Limits()
         trt = import_tensorrt()
-        self._trt = trt
+        self._trt: TensorRTModule = trt
         self._owns_device = cuda_device is None
         self._device = cuda_device or open_device()
         self._buffers: list[int] = []
@@ -84,9 +90,9 @@ class TensorRTBackend(Backend):
             target = Target(self._device.name, tuple(self._device.compute_capability),
                             trt.__version__)
             self._cache = EngineCache(trt, target, cache_dir, log)
-            self._engines = {role: self._cache.load(manifest, role, precision, self.limits)
+            self._engines: dict[str, tensorrt.ICudaEngine] = {role: self._cache.load(manifest, role, precision, self.limits)
                              for role in ROLES}
-            self._contexts = {role: engine.create_execution_context()
+            self._contexts: dict[str, tensorrt.IExecutionContext] = {role: engine.create_execution_context()
                               for role, engine in self._engines.items()}
             self._stream = self._device.create_stream()
             self._allocate()
@@ -152,7 +158,7 @@ class TensorRTBackend(Backend):
         self._bias_rows_zero = 0  # word_bias rows known to hold zeros on the device
 
     @staticmethod
-    def _set_address(context, name: str, ptr: int) -> None:
+    def _set_address(context: tensorrt.IExecutionContext, name: str, ptr: int) -> None:
         if not context.set_tensor_address(name, ptr):
             raise BackendError(f"TensorRT refused the address of tensor {name!r}")
 

@@ -29,12 +29,18 @@ import re
 import sys
 from dataclasses import dataclass
 from pathlib import Path
+from typing import TYPE_CHECKING
 
 from edgecap.cache import cache_root
 from edgecap.contract import IO, ROLES, Limits
 from edgecap.errors import BackendError, ModelError
 from edgecap.manifest import Manifest, file_sha256
 from edgecap.trt import STRONGLY_TYPED_FP16_FROM, parse_version
+
+if TYPE_CHECKING:  # the TensorRT API's types (tensorrt-stubs); never imported at run time
+    import tensorrt
+
+    from edgecap.trt import TensorRTModule
 
 PRECISIONS = ("fp16", "fp32")
 WORKSPACE_BYTES = 1 << 30  # the builder's scratch space; 1 GiB fits the smallest Orin Nano
@@ -54,7 +60,8 @@ def profile_shapes(role: str, input_shapes: dict[str, tuple[int, ...]], limits: 
         if any(d < 0 for d in tail):
             raise ModelError(f"{role}: input {name!r} has shape {tuple(shape)}; only the first "
                              "(row) dimension may be dynamic. Re-export the model")
-        shapes[name] = tuple((n, *tail) for n in ranges[name])
+        lo, opt, hi = ranges[name]
+        shapes[name] = ((lo, *tail), (opt, *tail), (hi, *tail))
     return shapes
 
 
@@ -104,14 +111,14 @@ def default_cache_dir() -> Path:
     return cache_root() / "engines"
 
 
-def fp16_mode(trt, version: tuple[int, int]) -> str:
+def fp16_mode(trt: TensorRTModule, version: tuple[int, int]) -> str:
     """'flag' (BuilderFlag.FP16 on an FP32 network) or 'strongly_typed' (FP16 ONNX)."""
     if version >= STRONGLY_TYPED_FP16_FROM or not hasattr(trt.BuilderFlag, "FP16"):
         return "strongly_typed"
     return "flag"
 
 
-def network_flags(trt, version: tuple[int, int], strongly_typed: bool) -> int:
+def network_flags(trt: TensorRTModule, version: tuple[int, int], strongly_typed: bool) -> int:
     flags = 0
     kinds = trt.NetworkDefinitionCreationFlag
     if version < (10, 0):  # explicit batch: required on 8.x, the only mode (deprecated) later
@@ -165,11 +172,11 @@ def _atomic_write(path: Path, data) -> None:
     os.replace(tmp, path)
 
 
-def _is_float(trt, dtype) -> bool:
+def _is_float(trt: TensorRTModule, dtype: tensorrt.DataType) -> bool:
     return dtype in (trt.float32, trt.float16)
 
 
-def _pin_fp32_layers(trt, network) -> None:
+def _pin_fp32_layers(trt: TensorRTModule, network: tensorrt.INetworkDefinition) -> None:
     """Weakly typed FP16 builds: keep Softmax and TopK layers, and the Log (a unary layer) that
     TensorRT's ONNX parser puts after the Softmax of a LogSoftmax, in FP32. Preferred rather
     than obeyed (``PREFER_PRECISION_CONSTRAINTS``), so a build never fails over it. Only float
@@ -198,7 +205,12 @@ def _pin_fp32_layers(trt, network) -> None:
                 layer.set_output_type(j, trt.float32)
 
 
-def build_engine(trt, logger, onnx_path: Path, role: str, limits: Limits, precision: str,
+def _dims(shape: tensorrt.Dims) -> tuple[int, ...]:
+    """A ``Dims`` as a tuple (``Dims`` is indexable and sized; its stub declares no __iter__)."""
+    return tuple(int(shape[j]) for j in range(len(shape)))
+
+
+def build_engine(trt: TensorRTModule, logger: tensorrt.ILogger, onnx_path: Path, role: str, limits: Limits, precision: str,
                  target: Target, timing_cache: Path | None) -> bytes:
     """Parse ``onnx_path`` and build a serialized engine with one optimisation profile."""
     version = target.trt
@@ -212,7 +224,7 @@ def build_engine(trt, logger, onnx_path: Path, role: str, limits: Limits, precis
         errors = "; ".join(str(parser.get_error(i)) for i in range(parser.num_errors))
         raise BackendError(f"TensorRT could not parse {onnx_path}: {errors}")
 
-    inputs = {network.get_input(i).name: tuple(network.get_input(i).shape)
+    inputs = {network.get_input(i).name: _dims(network.get_input(i).shape)
               for i in range(network.num_inputs)}
     config = builder.create_builder_config()
     config.set_memory_pool_limit(trt.MemoryPoolType.WORKSPACE, WORKSPACE_BYTES)
@@ -223,7 +235,9 @@ def build_engine(trt, logger, onnx_path: Path, role: str, limits: Limits, precis
             _pin_fp32_layers(trt, network)
     profile = builder.create_optimization_profile()
     for name, (lo, opt, hi) in profile_shapes(role, inputs, limits).items():
-        profile.set_shape(name, lo, opt, hi)
+        # tuples for Dims: TensorRT's bindings convert any int sequence (8.5 through 10.13; the
+        # stubs say so in Dims' docstring but type the parameters as Dims only)
+        profile.set_shape(name, lo, opt, hi)  # type: ignore[arg-type]
     config.add_optimization_profile(profile)
 
     cache = None
@@ -240,7 +254,8 @@ def build_engine(trt, logger, onnx_path: Path, role: str, limits: Limits, precis
     return bytes(serialized)
 
 
-def deserialize(trt, runtime, path: Path):
+def deserialize(trt: TensorRTModule, runtime: tensorrt.Runtime, path: Path
+                ) -> tensorrt.ICudaEngine | None:
     """The engine in ``path``, or None when it cannot be loaded (another TensorRT or GPU,
     a truncated file)."""
     try:
@@ -252,7 +267,8 @@ def deserialize(trt, runtime, path: Path):
 class EngineCache:
     """Loads engines from ``cache_dir``, building (and saving) the ones missing or unloadable."""
 
-    def __init__(self, trt, target: Target, cache_dir: Path | None = None, log=sys.stderr):
+    def __init__(self, trt: TensorRTModule, target: Target, cache_dir: str | Path | None = None,
+                 log=sys.stderr):
         self.trt = trt
         self.target = target
         self.cache_dir = Path(cache_dir) if cache_dir is not None else default_cache_dir()
@@ -313,7 +329,8 @@ class EngineCache:
                 found.append(((batch * (beam or 1), batch, beam or 0), path))
         return [path for _, path in sorted(found)]
 
-    def load(self, manifest: Manifest, role: str, precision: str, limits: Limits):
+    def load(self, manifest: Manifest, role: str, precision: str, limits: Limits
+             ) -> tensorrt.ICudaEngine:
         """The deserialized engine: the narrowest cached one that covers ``limits``, else one
         built now for exactly ``limits`` (also when no cached one loads)."""
         candidates = self.covering(manifest, role, precision, limits)
@@ -335,7 +352,7 @@ class EngineCache:
                                "TensorRT's log above")
         return self._checked(engine, role)
 
-    def _checked(self, engine, role: str):
+    def _checked(self, engine: tensorrt.ICudaEngine, role: str) -> tensorrt.ICudaEngine:
         inputs, outputs = IO[role]
         names = [engine.get_tensor_name(i) for i in range(engine.num_io_tensors)]
         found_in = {n for n in names

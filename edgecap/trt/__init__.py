@@ -3,11 +3,58 @@
 Written against the TensorRT Python API that exists from 8.5 through 11 (named I/O tensors,
 ``set_input_shape``, ``set_tensor_address``, ``execute_async_v3``). Its logic is unit-tested
 with fakes of exactly the calls it makes; it has not yet run on real TensorRT.
+
+Typing: the ``tensorrt`` module is passed around as ``trt: TensorRTModule``, a protocol listing
+the names edgecap takes from it, each typed by the real API's stubs (``tensorrt-stubs``, the
+TensorRT 10.13 Python API), so mypy checks every TensorRT call, argument and enum member
+(tests/test_typing.py, ``[tool.mypy]`` in pyproject.toml). At run time nothing here imports
+tensorrt until ``import_tensorrt()`` is called.
 """
 
 from __future__ import annotations
 
+from typing import TYPE_CHECKING, Protocol, cast
+
 from edgecap.errors import BackendError
+
+if TYPE_CHECKING:
+    import tensorrt
+
+    class TensorRTAPI(Protocol):
+        """What edgecap uses of the ``tensorrt`` module. ``import_tensorrt`` assigns the module
+        to this type, so mypy checks that the real module (its stubs) has each name with this
+        type; a name not listed here is an error wherever ``trt.NAME`` is used."""
+
+        float16: tensorrt.DataType
+        float32: tensorrt.DataType
+
+        @property
+        def Builder(self) -> type[tensorrt.Builder]: ...
+        @property
+        def BuilderFlag(self) -> type[tensorrt.BuilderFlag]: ...
+        @property
+        def LayerType(self) -> type[tensorrt.LayerType]: ...
+        @property
+        def Logger(self) -> type[tensorrt.Logger]: ...
+        @property
+        def MemoryPoolType(self) -> type[tensorrt.MemoryPoolType]: ...
+        @property
+        def NetworkDefinitionCreationFlag(self) -> type[tensorrt.NetworkDefinitionCreationFlag]:
+            ...
+        @property
+        def OnnxParser(self) -> type[tensorrt.OnnxParser]: ...
+        @property
+        def Runtime(self) -> type[tensorrt.Runtime]: ...
+        @property
+        def TensorIOMode(self) -> type[tensorrt.TensorIOMode]: ...
+
+        def nptype(self, trt_type: tensorrt.DataType) -> type: ...
+
+    class TensorRTModule(TensorRTAPI, Protocol):
+        """``TensorRTAPI`` and the version string (mypy does not match a module's dunder names
+        against a protocol, so ``import_tensorrt`` checks this one at run time)."""
+
+        __version__: str
 
 MIN_VERSION = (8, 5)
 # From 10.12 ``BuilderFlag.FP16`` is deprecated (removed in 11, where every network is strongly
@@ -31,14 +78,30 @@ def parse_version(text: str) -> tuple[int, int]:
     return parts[0], parts[1]
 
 
-def import_tensorrt():
+def import_tensorrt() -> TensorRTModule:
     """The ``tensorrt`` module, checked to be new enough; ``BackendError`` says what to do."""
     try:
         import tensorrt as trt
     except ImportError as exc:
         raise BackendError(f"TensorRT is not installed: {INSTALL_HINT}") from exc
+    # Type stubs alone (pip install tensorrt-stubs: a ``tensorrt`` folder of .pyi files) import
+    # as an empty namespace package: no __version__, no API.
+    if not isinstance(getattr(trt, "__version__", None), str):
+        raise BackendError("TensorRT is not installed (the `tensorrt` module found has no "
+                           f"__version__: type stubs, not the library): {INSTALL_HINT}")
     check_version(trt.__version__)
-    return trt
+    api: TensorRTAPI = trt  # mypy: the real module has every name edgecap uses, so typed
+    return cast("TensorRTModule", api)
+
+
+def tensorrt_importable() -> bool:
+    """Whether ``import_tensorrt()`` would find a TensorRT library (any version): not just
+    type stubs. Imports tensorrt when it is there."""
+    try:
+        import tensorrt as trt
+    except Exception:  # ImportError, or a wheel whose libraries are missing
+        return False
+    return isinstance(getattr(trt, "__version__", None), str)
 
 
 def check_version(version: str) -> tuple[int, int]:
