@@ -45,11 +45,12 @@ IMAGE_EXTENSIONS = (".jpg", ".jpeg", ".png", ".bmp", ".gif", ".webp", ".tif", ".
 
 EXIT_CODES = """output:
   one record per line, always UTF-8. Plain: PATH<TAB>caption (--objects: <TAB>tags). In each
-  field a backslash is written \\\\, a TAB \\t, a newline \\n, a carriage return \\r, any other
-  control character, line separator or bidirectional override \\xHH or \\uHHHH, and each byte
-  of a file name that is not valid UTF-8 \\xHH: a file name can never forge a field or a
-  record. --json: one JSON object per line; a path that is not valid UTF-8 has U+FFFD for each
-  bad byte in "path" and its exact bytes in "path_base64". Errors go to stderr, escaped alike.
+  field a backslash is written \\\\, a TAB \\t, a newline \\n, a carriage return \\r, another
+  ASCII control character \\xHH, a C1 control, line separator or bidirectional override
+  \\uHHHH, and each byte of a file name that is not valid UTF-8 \\xHH (\\xHH: one byte,
+  \\uHHHH: one character): a file name can never forge a field or a record. --json: one JSON
+  object per line; a path that is not valid UTF-8 has U+FFFD for each bad byte in "path" and
+  its exact bytes in "path_base64". Errors go to stderr, escaped alike.
 
 paths:
   folders are searched recursively, following links to folders; each folder is searched and
@@ -367,13 +368,16 @@ def _escape_char(match: re.Match) -> str:
     code = ord(char)
     if 0xDC80 <= code <= 0xDCFF:  # a byte of a file name that is not UTF-8 (surrogateescape)
         return f"\\x{code - 0xDC00:02x}"
-    return f"\\x{code:02x}" if code < 0x100 else f"\\u{code:04x}"
+    # \xHH is a byte: ASCII controls, and the bytes of names that are not UTF-8 (above); every
+    # other character is \uHHHH, so that the two never mean the same thing
+    return f"\\x{code:02x}" if code < 0x80 else f"\\u{code:04x}"
 
 
 def escape_field(text: str) -> str:
-    """A plain-output field: backslash, TAB, newline, CR as \\\\ \\t \\n \\r; other control
-    characters, line separators and bidirectional overrides as \\xHH / \\uHHHH; each byte of a
-    file name that is not valid UTF-8 as \\xHH. Everything else as is."""
+    """A plain-output field: backslash, TAB, newline, CR as \\\\ \\t \\n \\r; other ASCII
+    control characters as \\xHH; C1 controls, line separators and bidirectional overrides as
+    \\uHHHH; each byte of a file name that is not valid UTF-8 as \\xHH. Everything else as is:
+    \\xHH is always one byte of the name, \\uHHHH one character."""
     return _UNSAFE.sub(_escape_char, text)
 
 
