@@ -1,7 +1,8 @@
 """Reading files that edgecap did not write: only regular files, and never more than a ceiling.
 
 Every file edgecap reads whole (an image, ``manifest.json``, ``vocab.json``, ``classes.json``) and
-every model file it hashes goes through ``open_regular`` / ``read_regular``:
+every model file it hashes goes through ``open_regular`` / ``read_regular`` (``read_json`` for
+JSON, which also bounds the nesting):
 
 - the path is checked with ``stat`` (symbolic links followed) before it is opened, so a named
   pipe, a character or block device, a socket or a folder is refused without being opened
@@ -17,9 +18,10 @@ Failures are ``FileProblem(problem)``; callers turn them into ``InputError`` (im
 
 from __future__ import annotations
 
+import json
 import os
+import re
 import stat
-from pathlib import Path
 
 _OPEN_FLAGS = (os.O_RDONLY | getattr(os, "O_NONBLOCK", 0) | getattr(os, "O_NOCTTY", 0)
                | getattr(os, "O_CLOEXEC", 0) | getattr(os, "O_BINARY", 0))
@@ -101,10 +103,35 @@ def read_regular(path: str | os.PathLike, max_bytes: int, what: str = "file") ->
     return data
 
 
-def is_inside(path: Path, directory: Path) -> bool:
-    """Whether ``path`` (not resolved) names something under ``directory`` lexically."""
+MAX_JSON_DEPTH = 32  # edgecap's own JSON files nest 4 deep
+
+
+def read_json(path: str | os.PathLike, max_bytes: int, max_depth: int = MAX_JSON_DEPTH):
+    """A JSON file that edgecap did not write: a regular file of at most ``max_bytes``, UTF-8,
+    nested at most ``max_depth`` deep (checked without recursion); ``FileProblem`` otherwise."""
+    data = read_regular(path, max_bytes, "JSON file")
     try:
-        Path(os.path.normpath(path)).relative_to(os.path.normpath(directory))
-    except ValueError:
-        return False
-    return True
+        text = data.decode("utf-8")
+    except UnicodeDecodeError as exc:
+        raise FileProblem(f"not UTF-8 text ({exc.reason} at byte {exc.start})") from None
+    depth = _bracket_depth(text)
+    if depth > max_depth:
+        raise FileProblem(f"JSON nested {depth} deep, over the limit of {max_depth}")
+    try:
+        return json.loads(text)
+    except (ValueError, RecursionError) as exc:
+        raise FileProblem(f"not valid JSON ({exc})") from None
+
+
+_STRING = re.compile(r'"(?:[^"\\]|\\.)*"')
+
+
+def _bracket_depth(text: str) -> int:
+    """The deepest nesting of [ and { outside strings (an upper bound for invalid JSON), in
+    linear time without recursion."""
+    import numpy as np
+
+    codes = np.frombuffer(_STRING.sub('""', text).encode("utf-8"), np.uint8)
+    opens = ((codes == 0x5B) | (codes == 0x7B)).view(np.int8)
+    closes = ((codes == 0x5D) | (codes == 0x7D)).view(np.int8)
+    return int(np.cumsum(opens - closes, dtype=np.int32).max(initial=0))
