@@ -37,14 +37,15 @@ def _load(module: str):
 
 
 def main(argv: list[str] | None = None) -> int:
-    args = build_parser().parse_args(argv)
-    from edgecap.errors import EdgecapError
+    try:  # Ctrl-C at any moment, the imports of the first fraction of a second included
+        args = build_parser().parse_args(argv)
+        from edgecap.errors import EdgecapError
 
-    try:
-        return int(_load(args._module).run(args) or 0)
-    except EdgecapError as exc:
-        print(f"edgecap {args.command}: error: {exc}", file=sys.stderr)
-        return 2
+        try:
+            return int(_load(args._module).run(args) or 0)
+        except EdgecapError as exc:
+            print(f"edgecap {args.command}: error: {exc}", file=sys.stderr)
+            return 2
     except KeyboardInterrupt:
         return 130
 

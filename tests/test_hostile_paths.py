@@ -80,6 +80,18 @@ def test_link_to_a_sibling_folder_captions_each_photo_once(tmp_path):
     assert "already captioned" in skipped[str(root / "real" / "a.png")]
 
 
+def test_the_same_folder_twice_and_a_glob_over_it(tmp_path):
+    root = tmp_path / "photos"
+    root.mkdir()
+    _photo(root / "a.png")
+    pattern = f"{root}/**/*.png"
+    pairs = list(expand_all([str(root), pattern, str(root / "a.png"), str(root)]))
+    good, skipped = _split(pairs)
+    assert good == [str(root / "a.png")]
+    assert [name for name, _ in pairs[1:]] == [str(root / "a.png")] * 3
+    assert all("the same file as" in item.problem for _, item in pairs[1:])
+
+
 def test_broken_links_and_unreadable_folders_are_reported(tmp_path, monkeypatch):
     root = tmp_path / "photos"
     (root / "locked").mkdir(parents=True)

@@ -110,11 +110,10 @@ def expand_all(args: Iterable[str]) -> Iterator[tuple[str, object]]:
 
 
 class _Seen:
-    """What the run has already searched or captioned: (st_dev, st_ino) -> the first name."""
+    """What the run has already captioned: (st_dev, st_ino) -> the first name."""
 
     def __init__(self):
         self.files: dict[tuple[int, int], str] = {}
-        self.folders: dict[tuple[int, int], str] = {}
 
 
 def _key(st: os.stat_result) -> tuple[int, int]:
@@ -134,7 +133,7 @@ def _expand_one(arg: str, state: _Seen) -> Iterator[tuple[str, object]]:
         found = False
         for name, item in _walk(path, lambda rel: _has_image_suffix(rel[-1]),
                                 lambda rel: True, state):
-            found = found or not isinstance(item, InputError)
+            found = found or _is_match(item)
             yield name, item
         if not found:
             yield arg, InputError(arg, "folder holds no image files "
@@ -155,10 +154,11 @@ def _checked_file(name: str, state: _Seen) -> Iterator[tuple[str, object]]:
         yield name, name  # the captioner says what is wrong with it
         return
     if stat.S_ISREG(st.st_mode):
-        first = state.files.setdefault(_key(st), name)
-        if first != name:
-            yield name, InputError(name, f"skipped: the same file as {first}, already captioned")
+        if _key(st) in state.files:
+            yield name, InputError(name, f"skipped: the same file as {state.files[_key(st)]}, "
+                                         "already captioned")
             return
+        state.files[_key(st)] = name
     yield name, name
 
 
@@ -176,7 +176,7 @@ def _expand_glob(pattern: str, state: _Seen) -> Iterator[tuple[str, object]]:
         for name, item in _walk(base, lambda rel: _has_image_suffix(rel[-1])
                                 and _match(rest, rel),
                                 lambda rel: _may_descend(rest, rel), state):
-            found = found or not isinstance(item, InputError)
+            found = found or _is_match(item)
             yield name, item
     if not found:
         yield pattern, InputError(pattern, "the pattern matches no image files")
@@ -223,11 +223,7 @@ def _walk(top: Path, want_file, want_dir, state: _Seen) -> Iterator[tuple[str, o
     except OSError as exc:
         yield str(top), InputError(str(top), f"cannot read the folder ({exc.strerror or exc})")
         return
-    first = state.folders.setdefault(_key(top_stat), str(top))
-    if first != str(top):
-        yield str(top), InputError(str(top), f"skipped: the same folder as {first}, "
-                                             "already searched")
-        return
+    folders = {_key(top_stat): str(top)}  # this walk's: a glob may search a folder again
     # each frame: (folder path, its relative parts, its key, the sorted entries left)
     stack = [(top, (), _key(top_stat), None)]
     while stack:
@@ -269,19 +265,20 @@ def _walk(top: Path, want_file, want_dir, state: _Seen) -> Iterator[tuple[str, o
                 yield str(path), InputError(str(path), "skipped: a symbolic link loop (it leads "
                                                        f"back to {ancestors[_key(st)]})")
                 continue
-            first = state.folders.setdefault(_key(st), str(path))
-            if first != str(path):
-                yield str(path), InputError(str(path), f"skipped: the same folder as {first}, "
-                                                       "already searched")
+            if _key(st) in folders:
+                yield str(path), InputError(str(path), "skipped: the same folder as "
+                                                       f"{folders[_key(st)]}, already searched")
                 continue
+            folders[_key(st)] = str(path)
             stack.append((path, parts, _key(st), None))
         elif want_file(parts):
+            if stat.S_ISREG(st.st_mode) and _key(st) in state.files:
+                yield str(path), InputError(str(path), "skipped: the same file as "
+                                                       f"{state.files[_key(st)]}, already "
+                                                       "captioned")
+                continue
             if stat.S_ISREG(st.st_mode):
-                first = state.files.setdefault(_key(st), str(path))
-                if first != str(path):
-                    yield str(path), InputError(str(path), f"skipped: the same file as {first}, "
-                                                           "already captioned")
-                    continue
+                state.files[_key(st)] = str(path)
             yield str(path), str(path)  # a special file: the captioner says what it is
 
 
@@ -292,13 +289,21 @@ def _readlink(path: Path) -> str:
         return "?"
 
 
+def _is_match(item: object) -> bool:
+    """An image the walk found: one to caption, or one already captioned under another name."""
+    from edgecap.errors import InputError
+
+    return not isinstance(item, InputError) or item.problem.startswith("skipped: the same file")
+
+
 def _has_image_suffix(name: str) -> bool:
     return Path(name).suffix.lower() in IMAGE_EXTENSIONS
 
 
 def run(args: argparse.Namespace) -> int:
     # The command writes only where told: onnxruntime (1.32 checked) otherwise writes a telemetry
-    # device id under ~/.cache/Microsoft when imported (ORT_DISABLE_TELEMETRY=0 to allow it).
+    # device id under ~/.cache/Microsoft when imported (ORT_DISABLE_TELEMETRY=0 to allow it);
+    # the onnxruntime backend sets the same default for library users.
     os.environ.setdefault("ORT_DISABLE_TELEMETRY", "1")
     from PIL import Image
 
@@ -506,6 +511,10 @@ def _run_attention(captioner, inputs: list[tuple[str, object]], args) -> int:
               file=sys.stderr)
         return 2
     (name, item), = inputs
+    if not isinstance(item, InputError) and _same_file(args.attention, item):
+        print(f"edgecap caption: error: --attention {escape_field(args.attention)} is the input "
+              "photo itself; name another file", file=sys.stderr)
+        return 2
     result = item if isinstance(item, InputError) else captioner.caption_batch(
         [item], return_attention=True, on_error="return")[0]
     _print(name, result, args.json, args.show_objects)
@@ -517,6 +526,14 @@ def _run_attention(captioner, inputs: list[tuple[str, object]], args) -> int:
         print(f"edgecap caption: error: cannot write {args.attention}: {exc}", file=sys.stderr)
         return 2
     return 0
+
+
+def _same_file(a: str, b: str) -> bool:
+    """Whether two paths name the same existing file (links and hard links included)."""
+    try:
+        return os.path.samefile(a, b)
+    except (OSError, ValueError):
+        return False
 
 
 def _run_stream(captioner, args: argparse.Namespace) -> int:
