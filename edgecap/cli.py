@@ -44,10 +44,29 @@ def main(argv: list[str] | None = None) -> int:
         try:
             return int(_load(args._module).run(args) or 0)
         except EdgecapError as exc:
+            if _interrupted(exc):
+                return 130
             print(f"edgecap {args.command}: error: {exc}", file=sys.stderr)
             return 2
     except KeyboardInterrupt:
         return 130
+    except Exception as exc:
+        # A C extension interrupted while it initialises (onnxruntime) raises ImportError
+        # "initialization failed" from the KeyboardInterrupt: still a Ctrl-C.
+        if _interrupted(exc):
+            return 130
+        raise
+
+
+def _interrupted(exc: BaseException) -> bool:
+    """Whether ``exc`` was caused, directly or not, by a KeyboardInterrupt."""
+    seen: set[int] = set()
+    while exc is not None and id(exc) not in seen:
+        if isinstance(exc, KeyboardInterrupt):
+            return True
+        seen.add(id(exc))
+        exc = exc.__cause__ or exc.__context__
+    return False
 
 
 if __name__ == "__main__":  # pragma: no cover

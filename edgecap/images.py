@@ -4,7 +4,8 @@ Inputs:
 
 - a path (``str`` or ``os.PathLike``) to an image file, or its encoded ``bytes``: JPEG (and
   MPO), PNG, GIF, WebP, TIFF or BMP (``ACCEPTED_FORMATS``; see "Hostile files" below). EXIF
-  orientation is applied, an animated image gives its first frame, palette / CMYK / 16-bit images are converted to 8-bit RGB.
+  orientation is applied, an animated image gives its first frame, palette / CMYK / 16-bit
+  images are converted to 8-bit RGB.
 - a ``PIL.Image.Image`` (EXIF orientation is applied too).
 - a numpy array: (H, W, 3) RGB, (H, W) grayscale, (H, W, 1), or (H, W, 4) RGBA; ``color="bgr"``
   reads 3/4-channel arrays as BGR/BGRA (OpenCV frames). dtype uint8 (0-255), uint16 (0-65535) or

@@ -95,7 +95,8 @@ def load_manifest(directory: str | Path) -> Manifest:
         data = read_json(path, MAX_MANIFEST_BYTES)
     except FileProblem as exc:
         problem = str(exc)
-        if problem.startswith(("permission denied", "cannot read", "no such")) or "regular" in problem:
+        if (problem.startswith(("permission denied", "cannot read", "no such"))
+                or "regular" in problem):
             raise ModelError(f"{path}: cannot read it ({problem}); check the model directory's "
                              "permissions or copy it again") from None
         if problem.startswith("not valid JSON"):
