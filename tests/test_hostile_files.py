@@ -94,6 +94,40 @@ def test_file_size_limit_is_configurable(tmp_path, monkeypatch):
         images.set_max_file_bytes(0)
 
 
+def test_a_file_that_grows_is_read_no_further_than_the_limit(tmp_path, monkeypatch):
+    """The size check happens before the read; a file that grows after it (or reports size 0,
+    as /proc files do) is still read at most one byte past the limit."""
+    from edgecap import files
+
+    path = tmp_path / "growing.png"
+    path.write_bytes(b"\x89PNG" + b"\0" * 100_000)
+    real_fstat, real_fdopen, asked = os.fstat, os.fdopen, []
+    monkeypatch.setattr(files.os, "fstat",
+                        lambda fd: os.stat_result((*real_fstat(fd)[:6], 0, *real_fstat(fd)[7:])))
+
+    class Recorder:
+        def __init__(self, f):
+            self.f = f
+
+        def read(self, n=-1):
+            asked.append(n)
+            return self.f.read(n)
+
+        def __enter__(self):
+            return self
+
+        def __exit__(self, *exc):
+            self.f.close()
+
+    monkeypatch.setattr(files.os, "fdopen", lambda fd, mode: Recorder(real_fdopen(fd, mode)))
+    images.set_max_file_bytes(1000)
+    try:
+        _refused(path, "grew past the limit of 1,000 bytes")
+    finally:
+        images.set_max_file_bytes(None)
+    assert asked == [1001]
+
+
 def test_folder_is_refused(tmp_path):
     _refused(tmp_path, "directory")
 
