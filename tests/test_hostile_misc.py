@@ -121,3 +121,24 @@ def test_the_package_imports_nothing_heavy_before_the_cli_handler():
     out = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, env=ENV)
     assert out.returncode == 0, out.stderr
     assert out.stdout.splitlines() == ["[]", "edgecap.api True"]
+
+
+@pytest.mark.parametrize("wrapper", [ImportError, "BackendError"])
+def test_an_interrupted_import_is_still_a_ctrl_c(monkeypatch, capsys, wrapper):
+    """onnxruntime's C extension, interrupted while it initialises, raises ImportError
+    ("initialization failed") from the KeyboardInterrupt; a backend may wrap that again."""
+    from edgecap import cli
+    from edgecap.commands import caption as caption_command
+    from edgecap.errors import BackendError
+
+    error = BackendError if wrapper == "BackendError" else wrapper
+
+    def interrupted(args):
+        try:
+            raise KeyboardInterrupt
+        except KeyboardInterrupt as exc:
+            raise error("initialization failed") from exc
+
+    monkeypatch.setattr(caption_command, "run", interrupted)
+    assert cli.main(["caption", "photo.png"]) == 130
+    assert capsys.readouterr().err == ""

@@ -143,6 +143,23 @@ def test_vocabulary_that_disagrees_with_the_graph(any_model_dir, tmp_path):
         Captioner(model, backend="onnxruntime")
 
 
+def test_vocabulary_checked_against_a_graph_with_a_symbolic_size(any_model_dir, tmp_path):
+    """A step graph whose vocabulary dimension is symbolic cannot be checked against vocab.json:
+    only the row dimension may be dynamic, so it is refused at load, not an IndexError later."""
+    onnx = pytest.importorskip("onnx")
+    model = _copy(any_model_dir, tmp_path / "m")
+    graph = onnx.load(str(model / "decoder_step.onnx"))
+    for value in graph.graph.input:
+        if value.name == "word_bias":
+            value.type.tensor_type.shape.dim[1].dim_param = "V"
+    onnx.save(graph, str(model / "decoder_step.onnx"))
+    _edit_manifest(model, lambda data: data["sha256"].pop("decoder_step", None))
+    words = json.loads((model / "vocab.json").read_text())["words"]
+    _rewrite_vocab(model, words[:-1])
+    with pytest.raises(ModelError, match="tensor 'word_bias' has shape .*'V'"):
+        Captioner(model, backend="onnxruntime")
+
+
 def test_cli_exit_2_one_line(any_model_dir, tmp_path):
     model = _copy(any_model_dir, tmp_path / "m")
     (model / "vocab.json").write_text(f'{{"words": {_deep(50000)}}}')
