@@ -6,6 +6,8 @@ from __future__ import annotations
 
 import argparse
 import importlib
+import os
+import signal
 import sys
 
 # name -> (module, one-line help)
@@ -37,12 +39,47 @@ def _load(module: str):
 
 
 def main(argv: list[str] | None = None) -> int:
+    # Ctrl-C while the command starts (imports, the model loading) just ends it, exit 130:
+    # a KeyboardInterrupt raised inside the import machinery or a C extension's initialisation
+    # can surface as "Exception ignored" noise or an ImportError. A command that has output to
+    # finish properly (caption) calls ``interrupt_normally()`` once it is ready.
+    previous = _quiet_interrupts()
+    try:
+        return _main(argv)
+    finally:
+        if previous is not None:
+            signal.signal(signal.SIGINT, previous)
+
+
+def _quiet_interrupts():
+    """Make SIGINT end the process at once with status 130; -> the previous handler (None when
+    not on the main thread, where handlers cannot be set)."""
+    try:
+        return signal.signal(signal.SIGINT, _exit_130)
+    except ValueError:
+        return None
+
+
+def _exit_130(signum, frame):  # pragma: no cover (ends the process)
+    os._exit(130)
+
+
+def interrupt_normally() -> None:
+    """From here on Ctrl-C raises KeyboardInterrupt again (the command handles it)."""
+    if signal.getsignal(signal.SIGINT) is _exit_130:
+        signal.signal(signal.SIGINT, signal.default_int_handler)
+
+
+def _main(argv: list[str] | None) -> int:
     try:  # Ctrl-C at any moment, the imports of the first fraction of a second included
         args = build_parser().parse_args(argv)
         from edgecap.errors import EdgecapError
 
         try:
-            return int(_load(args._module).run(args) or 0)
+            module = _load(args._module)
+            if not getattr(module, "FINISHES_ON_INTERRUPT", False):
+                interrupt_normally()
+            return int(module.run(args) or 0)
         except EdgecapError as exc:
             if _interrupted(exc):
                 return 130
@@ -59,15 +96,6 @@ def main(argv: list[str] | None = None) -> int:
 
 
 def _interrupted(exc: BaseException) -> bool:
-    """Whether ``exc`` was caused, directly or not, by a KeyboardInterrupt."""
-    seen: set[int] = set()
-    while exc is not None and id(exc) not in seen:
-        if isinstance(exc, KeyboardInterrupt):
-            return True
-        seen.add(id(exc))
-        exc = exc.__cause__ or exc.__context__
-    return False
+    from edgecap.errors import caused_by_interrupt
 
-
-if __name__ == "__main__":  # pragma: no cover
-    sys.exit(main())
+    return caused_by_interrupt(exc)

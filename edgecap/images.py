@@ -49,7 +49,7 @@ from typing import Union
 import numpy as np
 from PIL import Image, ImageOps, UnidentifiedImageError
 
-from edgecap.errors import InputError
+from edgecap.errors import InputError, caused_by_interrupt
 from edgecap.files import FileProblem, read_regular
 from edgecap.preprocess import Preprocessing, to_model_input
 
@@ -165,9 +165,13 @@ def load_rgb(image: ImageInput, color: str = "rgb",
     source = describe(image)
     try:
         return _load_rgb(image, color, draft_size, source)
-    except InputError:
+    except InputError as exc:
+        if caused_by_interrupt(exc):  # Ctrl-C inside a decoder or a lazy plugin import
+            raise KeyboardInterrupt from exc
         raise
     except Exception as exc:  # noqa: BLE001
+        if caused_by_interrupt(exc):
+            raise KeyboardInterrupt from exc
         # Whatever else goes wrong with one input (a path the OS refuses, memory for one huge
         # image) belongs to that input: callers such as caption_batch(on_error="return") rely
         # on every per-input failure being an InputError.

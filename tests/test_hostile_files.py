@@ -293,3 +293,17 @@ def test_unexpected_failure_of_one_input_is_still_its_own(captioner, tmp_path, m
     assert all(isinstance(r, Caption) for r in (results[0], results[2]))
     with pytest.raises(InputError):
         captioner.caption(tmp_path / "bad.png")
+
+
+def test_a_ctrl_c_inside_a_decoder_is_not_an_input_error(tmp_path, monkeypatch):
+    """The safety net above must not turn Ctrl-C (surfacing as another exception from a lazy
+    plugin import) into a per-input error."""
+    def interrupted(path, *args):
+        try:
+            raise KeyboardInterrupt
+        except KeyboardInterrupt as exc:
+            raise RuntimeError("Error calling __set_name__") from exc
+
+    monkeypatch.setattr(images, "read_regular", interrupted)
+    with pytest.raises(KeyboardInterrupt):
+        images.load_rgb(tmp_path / "photo.png")

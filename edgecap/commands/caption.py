@@ -38,7 +38,10 @@ from collections import deque
 from collections.abc import Iterable, Iterator
 from pathlib import Path
 
+from edgecap.cli import interrupt_normally
 from edgecap.commands._options import add_model_arguments, load_captioner
+
+FINISHES_ON_INTERRUPT = True  # edgecap.cli: Ctrl-C before the model is loaded just exits
 
 IMAGE_EXTENSIONS = (".jpg", ".jpeg", ".png", ".bmp", ".gif", ".webp", ".tif", ".tiff")
 
@@ -323,6 +326,7 @@ def run(args: argparse.Namespace) -> int:
     except ValueError as exc:  # a bad option value: report it like argparse would
         print(f"edgecap caption: error: {exc}", file=sys.stderr)
         return 2
+    interrupt_normally()  # output starts: Ctrl-C from here is a KeyboardInterrupt (stats, 130)
     try:
         if args.video is not None or args.camera is not None:
             return _run_stream(captioner, args)
