@@ -7,10 +7,21 @@ Importing edgecap loads numpy and Pillow only; onnxruntime, torch and tensorrt a
 a backend that needs them is created.
 """
 
-from edgecap.api import Caption, CaptionOptions, Captioner
 from edgecap.errors import BackendError, EdgecapError, InputError, ModelError
 
 __version__ = "0.1.0"
+_API = ("Caption", "CaptionOptions", "Captioner")
+
+
+def __getattr__(name: str):
+    # ``edgecap.api`` (numpy, Pillow) is imported on first use, not with the package: the
+    # command line's ``python -m edgecap`` then imports nothing heavy before its Ctrl-C handler
+    # is in place.
+    if name in _API:
+        from edgecap import api
+
+        return getattr(api, name)
+    raise AttributeError(f"module 'edgecap' has no attribute {name!r}")
 
 __all__ = ["Caption", "CaptionOptions", "Captioner", "EdgecapError", "InputError", "ModelError",
            "BackendError", "__version__"]

@@ -1,5 +1,9 @@
 import sys
 
-from edgecap.cli import main
+try:
+    from edgecap.cli import main
 
-sys.exit(main())
+    code = main()
+except KeyboardInterrupt:  # Ctrl-C while Python is still importing: no traceback
+    code = 130
+sys.exit(code)

@@ -228,6 +228,11 @@ class Captioner:
 
     def _hypothesis_caption(self, hyp: Hypothesis, objects: tuple, timings: dict[str, float],
                             alternatives: tuple[Caption, ...] = ()) -> Caption:
+        if any(not 0 <= i < len(self.vocab) for i in hyp.tokens):
+            raise ModelError(f"{self.manifest.directory}: the decoder step graph returned word "
+                             f"ids {list(hyp.tokens)} beyond its {len(self.vocab)}-word "
+                             "vocabulary; the graph and vocab.json do not belong together: "
+                             "re-export the model")
         words = [self.vocab.words[i] for i in hyp.tokens]
         return Caption(text=" ".join(words), score=float(hyp.score), tokens=words,
                        log_prob=float(hyp.log_prob), alternatives=alternatives, objects=objects,

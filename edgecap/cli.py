@@ -6,6 +6,8 @@ from __future__ import annotations
 
 import argparse
 import importlib
+import os
+import signal
 import sys
 
 # name -> (module, one-line help)
@@ -37,17 +39,63 @@ def _load(module: str):
 
 
 def main(argv: list[str] | None = None) -> int:
-    args = build_parser().parse_args(argv)
-    from edgecap.errors import EdgecapError
-
+    # Ctrl-C while the command starts (imports, the model loading) just ends it, exit 130:
+    # a KeyboardInterrupt raised inside the import machinery or a C extension's initialisation
+    # can surface as "Exception ignored" noise or an ImportError. A command that has output to
+    # finish properly (caption) calls ``interrupt_normally()`` once it is ready.
+    previous = _quiet_interrupts()
     try:
-        return int(_load(args._module).run(args) or 0)
-    except EdgecapError as exc:
-        print(f"edgecap {args.command}: error: {exc}", file=sys.stderr)
-        return 2
+        return _main(argv)
+    finally:
+        if previous is not None:
+            signal.signal(signal.SIGINT, previous)
+
+
+def _quiet_interrupts():
+    """Make SIGINT end the process at once with status 130; -> the previous handler (None when
+    not on the main thread, where handlers cannot be set)."""
+    try:
+        return signal.signal(signal.SIGINT, _exit_130)
+    except ValueError:
+        return None
+
+
+def _exit_130(signum, frame):  # pragma: no cover (ends the process)
+    os._exit(130)
+
+
+def interrupt_normally() -> None:
+    """From here on Ctrl-C raises KeyboardInterrupt again (the command handles it)."""
+    if signal.getsignal(signal.SIGINT) is _exit_130:
+        signal.signal(signal.SIGINT, signal.default_int_handler)
+
+
+def _main(argv: list[str] | None) -> int:
+    try:  # Ctrl-C at any moment, the imports of the first fraction of a second included
+        args = build_parser().parse_args(argv)
+        from edgecap.errors import EdgecapError
+
+        try:
+            module = _load(args._module)
+            if not getattr(module, "FINISHES_ON_INTERRUPT", False):
+                interrupt_normally()
+            return int(module.run(args) or 0)
+        except EdgecapError as exc:
+            if _interrupted(exc):
+                return 130
+            print(f"edgecap {args.command}: error: {exc}", file=sys.stderr)
+            return 2
     except KeyboardInterrupt:
         return 130
+    except Exception as exc:
+        # A C extension interrupted while it initialises (onnxruntime) raises ImportError
+        # "initialization failed" from the KeyboardInterrupt: still a Ctrl-C.
+        if _interrupted(exc):
+            return 130
+        raise
 
 
-if __name__ == "__main__":  # pragma: no cover
-    sys.exit(main())
+def _interrupted(exc: BaseException) -> bool:
+    from edgecap.errors import caused_by_interrupt
+
+    return caused_by_interrupt(exc)

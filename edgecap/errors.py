@@ -29,3 +29,15 @@ class ModelError(EdgecapError):
 
 class BackendError(EdgecapError):
     """A backend that is not installed or failed to run."""
+
+
+def caused_by_interrupt(exc: BaseException | None) -> bool:
+    """Whether ``exc`` is, or was caused (directly or not) by, a KeyboardInterrupt: a Ctrl-C
+    that arrives inside an import or a C extension can surface as another exception."""
+    seen: set[int] = set()
+    while exc is not None and id(exc) not in seen:
+        if isinstance(exc, KeyboardInterrupt):
+            return True
+        seen.add(id(exc))
+        exc = exc.__cause__ or exc.__context__
+    return False

@@ -2,9 +2,10 @@
 
 Inputs:
 
-- a path (``str`` or ``os.PathLike``) to an image file, or its encoded ``bytes``: anything Pillow
-  reads (JPEG, PNG, GIF, WebP, BMP, TIFF ...). EXIF orientation is applied, an animated image gives
-  its first frame, palette / CMYK / 16-bit images are converted to 8-bit RGB.
+- a path (``str`` or ``os.PathLike``) to an image file, or its encoded ``bytes``: JPEG (and
+  MPO), PNG, GIF, WebP, TIFF or BMP (``ACCEPTED_FORMATS``; see "Hostile files" below). EXIF
+  orientation is applied, an animated image gives its first frame, palette / CMYK / 16-bit
+  images are converted to 8-bit RGB.
 - a ``PIL.Image.Image`` (EXIF orientation is applied too).
 - a numpy array: (H, W, 3) RGB, (H, W) grayscale, (H, W, 1), or (H, W, 4) RGBA; ``color="bgr"``
   reads 3/4-channel arrays as BGR/BGRA (OpenCV frames). dtype uint8 (0-255), uint16 (0-65535) or
@@ -17,33 +18,59 @@ white far more often than on black, and the colour under a fully transparent pix
 Every failure raises ``edgecap.errors.InputError(source, problem)``, ``source`` naming the input
 (the path, or a description such as ``<array (480, 640, 2) uint8>``).
 
-Decompression bombs: an image of more than ``max_pixels()`` pixels (Pillow's default limit,
-89,478,485) is refused before it is decoded. Raise the limit with ``set_max_pixels(n)`` or the
-environment variable ``EDGECAP_MAX_PIXELS=n``; both also raise Pillow's own process-wide guard
-(``PIL.Image.MAX_IMAGE_PIXELS``) so Pillow does not refuse what edgecap allows.
+Hostile files (paths and encoded bytes; arrays and PIL images are already decoded):
+
+- only regular files are read (a named pipe, a device, a socket or a folder is refused without
+  being read: ``edgecap.files``), and a file over ``max_file_bytes()`` (128 MiB; raise it with
+  ``set_max_file_bytes(n)`` or ``EDGECAP_MAX_FILE_BYTES=n``) is refused before it is read;
+- only ``ACCEPTED_FORMATS`` are parsed at all (the formats cameras and photo libraries write:
+  JPEG (with MPO), PNG, GIF, WebP, TIFF, and BMP); Pillow's other plugins never see the bytes;
+- the size is read from the header before any pixel is decoded: an image of more than
+  ``max_pixels()`` pixels (89,478,485, Pillow's default) is refused. Raise the limit with
+  ``set_max_pixels(n)`` or ``EDGECAP_MAX_PIXELS=n``; both also raise Pillow's own process-wide
+  guard (``PIL.Image.MAX_IMAGE_PIXELS``) so Pillow does not refuse what edgecap allows. edgecap
+  keeps its own default: a program that sets ``PIL.Image.MAX_IMAGE_PIXELS = None`` changes
+  Pillow's guard, not edgecap's;
+- decoding work is bounded before decoding, from the headers: a JPEG may have at most
+  ``MAX_JPEG_SCANS`` scans (a progressive JPEG has about 10; each scan is a pass over the whole
+  image), a TIFF only the compressions in ``TIFF_COMPRESSIONS`` (linear-time codecs), a BMP no
+  RLE compression (Pillow decodes it in Python). Every accepted codec is then linear in the
+  file size and the pixel count, both bounded.
 """
 
 from __future__ import annotations
 
 import io
 import os
+import re
 from collections.abc import Sequence
-from pathlib import Path
 from typing import Union
 
 import numpy as np
 from PIL import Image, ImageOps, UnidentifiedImageError
 
-from edgecap.errors import InputError
+from edgecap.errors import InputError, caused_by_interrupt
+from edgecap.files import FileProblem, read_regular
 from edgecap.preprocess import Preprocessing, to_model_input
 
 ImageInput = Union[str, os.PathLike, bytes, bytearray, memoryview, Image.Image, np.ndarray]
 
 COLORS = ("rgb", "bgr")
 MAX_PIXELS_ENV = "EDGECAP_MAX_PIXELS"
+MAX_FILE_BYTES_ENV = "EDGECAP_MAX_FILE_BYTES"
 BACKGROUND = (255, 255, 255)  # transparency is flattened onto white (see the module docstring)
-_PILLOW_DEFAULT_MAX_PIXELS = Image.MAX_IMAGE_PIXELS
+# Pillow's default, written down rather than copied from ``Image.MAX_IMAGE_PIXELS`` at import:
+# a program may have set that to None (no limit) before importing edgecap.
+DEFAULT_MAX_PIXELS = 89_478_485
+DEFAULT_MAX_FILE_BYTES = 128 * 1024 * 1024
+# Pillow format names: what cameras and photo libraries write (a camera's multi-picture JPEG
+# opens as JPEG, format "MPO"). ICO, PSD, PDF, EPS, SGI, TGA, PCX, XPM, ... are refused without
+# being parsed.
+ACCEPTED_FORMATS = ("JPEG", "PNG", "GIF", "WEBP", "TIFF", "BMP")
+MAX_JPEG_SCANS = 64
+TIFF_COMPRESSIONS = ("raw", "packbits", "tiff_lzw", "tiff_adobe_deflate", "tiff_deflate")
 _max_pixels_override: int | None = None
+_max_file_bytes_override: int | None = None
 
 
 # -- the decompression-bomb limit --------------------------------------------------------------
@@ -64,16 +91,37 @@ def max_pixels() -> int:
     ``$EDGECAP_MAX_PIXELS``, else Pillow's default (89,478,485)."""
     if _max_pixels_override is not None:
         return _max_pixels_override
-    env = os.environ.get(MAX_PIXELS_ENV)
-    if env:
-        try:
-            value = int(env)
-        except ValueError:
-            raise ValueError(f"{MAX_PIXELS_ENV} must be a positive integer, got {env!r}") from None
-        if value < 1:
-            raise ValueError(f"{MAX_PIXELS_ENV} must be a positive integer, got {env!r}")
-        return value
-    return _PILLOW_DEFAULT_MAX_PIXELS
+    return _env_limit(MAX_PIXELS_ENV, DEFAULT_MAX_PIXELS)
+
+
+def set_max_file_bytes(n: int | None) -> None:
+    """Read image files of up to ``n`` bytes (None: back to the environment / the default,
+    128 MiB). Process-wide."""
+    global _max_file_bytes_override
+    if n is not None and (isinstance(n, bool) or not isinstance(n, int) or n < 1):
+        raise ValueError(f"max file bytes must be a positive integer or None, got {n!r}")
+    _max_file_bytes_override = n
+
+
+def max_file_bytes() -> int:
+    """The largest image file edgecap reads: ``set_max_file_bytes``, else
+    ``$EDGECAP_MAX_FILE_BYTES``, else 128 MiB (134,217,728 bytes)."""
+    if _max_file_bytes_override is not None:
+        return _max_file_bytes_override
+    return _env_limit(MAX_FILE_BYTES_ENV, DEFAULT_MAX_FILE_BYTES)
+
+
+def _env_limit(name: str, default: int) -> int:
+    env = os.environ.get(name)
+    if not env:
+        return default
+    try:
+        value = int(env)
+    except ValueError:
+        raise ValueError(f"{name} must be a positive integer, got {env!r}") from None
+    if value < 1:
+        raise ValueError(f"{name} must be a positive integer, got {env!r}")
+    return value
 
 
 def _raise_pillow_limit(limit: int) -> None:
@@ -115,12 +163,29 @@ def load_rgb(image: ImageInput, color: str = "rgb",
     if color not in COLORS:
         raise ValueError(f"color must be one of {COLORS}, got {color!r}")
     source = describe(image)
+    try:
+        return _load_rgb(image, color, draft_size, source)
+    except InputError as exc:
+        if caused_by_interrupt(exc):  # Ctrl-C inside a decoder or a lazy plugin import
+            raise KeyboardInterrupt from exc
+        raise
+    except Exception as exc:  # noqa: BLE001
+        if caused_by_interrupt(exc):
+            raise KeyboardInterrupt from exc
+        # Whatever else goes wrong with one input (a path the OS refuses, memory for one huge
+        # image) belongs to that input: callers such as caption_batch(on_error="return") rely
+        # on every per-input failure being an InputError.
+        raise InputError(source, f"cannot load this input ({_reason(exc)})") from exc
+
+
+def _load_rgb(image: ImageInput, color: str, draft_size: tuple[int, int] | None,
+              source: str) -> Image.Image:
     if isinstance(image, np.ndarray):
         return Image.fromarray(array_to_rgb(image, color, source))
     if isinstance(image, Image.Image):
         return pil_to_rgb(image, source)
     if isinstance(image, (str, os.PathLike)):
-        return _decode(_read_file(Path(image), source), source, draft_size)
+        return _decode(_read_file(image, source), source, draft_size)
     if isinstance(image, (bytes, bytearray, memoryview)):
         data = bytes(image)
         if not data:
@@ -130,39 +195,39 @@ def load_rgb(image: ImageInput, color: str = "rgb",
                              "a PIL image or a numpy array")
 
 
-def _read_file(path: Path, source: str) -> bytes:
-    """The file's bytes; missing, directory, unreadable and empty files are InputErrors.
+def _read_file(path: str | os.PathLike, source: str) -> bytes:
+    """The file's bytes: a regular file of at most ``max_file_bytes()`` (``edgecap.files``); a
+    missing, special, unreadable, oversized or empty file is an InputError.
 
     Reading the bytes first (rather than handing Pillow the path) keeps the file closed before
     decoding starts and gives each failure its own message.
     """
+    limit = max_file_bytes()
     try:
-        data = path.read_bytes()
-    except FileNotFoundError:
-        raise InputError(source, "no such file") from None
-    except IsADirectoryError:
-        raise InputError(source, "is a directory, not an image file") from None
-    except PermissionError:
-        raise InputError(source, "permission denied") from None
-    except OSError as exc:
-        if path.is_dir():  # Windows raises PermissionError / OSError for directories
-            raise InputError(source, "is a directory, not an image file") from None
-        raise InputError(source, f"cannot read the file ({exc.strerror or exc})") from None
+        data = read_regular(path, limit, "file")
+    except FileProblem as exc:
+        problem = str(exc)
+        if "over the limit" in problem or "past the limit" in problem:
+            problem += (f"; if you trust it, raise the limit with "
+                        f"edgecap.images.set_max_file_bytes(n) or {MAX_FILE_BYTES_ENV}=n")
+        raise InputError(source, problem) from None
     if not data:
         raise InputError(source, "file is empty (0 bytes)")
     return data
 
 
 def _decode(data: bytes, source: str, draft_size: tuple[int, int] | None = None) -> Image.Image:
-    """Encoded image bytes -> RGB, checking the pixel count before decoding any pixels."""
+    """Encoded image bytes -> RGB: an accepted format, its size and decoding work checked from
+    the headers before any pixel is decoded."""
     limit = max_pixels()
     _raise_pillow_limit(limit)
     try:
         # Pillow's limit is kept >= ours, so its DecompressionBombWarning only ever comes with an
-        # image that our check below refuses anyway.
-        im = Image.open(io.BytesIO(data))
+        # image that our check below refuses anyway. ``formats``: no other plugin sees the bytes.
+        im = Image.open(io.BytesIO(data), formats=ACCEPTED_FORMATS)
     except UnidentifiedImageError:
-        raise InputError(source, "not an image (or a format Pillow cannot read)") from None
+        raise InputError(source, "not an image in an accepted format "
+                                 f"({', '.join(ACCEPTED_FORMATS)})") from None
     except Image.DecompressionBombError as exc:
         raise InputError(source, f"{exc}; raise the limit with edgecap.images.set_max_pixels(n) "
                                  f"or {MAX_PIXELS_ENV}=n") from None
@@ -173,9 +238,12 @@ def _decode(data: bytes, source: str, draft_size: tuple[int, int] | None = None)
     with im:
         if im.width * im.height > limit:
             raise InputError(source, _bomb_problem(im.width, im.height, limit))
+        problem = _decoding_work_problem(im, data)
+        if problem:
+            raise InputError(source, problem)
         try:
             im.seek(0)  # animated GIF / WebP / APNG: the first frame
-            if draft_size and im.format == "JPEG":
+            if draft_size and im.format in ("JPEG", "MPO"):
                 side = min(draft_size)  # square: the EXIF rotation may swap the sides later
                 im.draft(None, (side, side))
             im.load()
@@ -186,6 +254,53 @@ def _decode(data: bytes, source: str, draft_size: tuple[int, int] | None = None)
             raise InputError(source, f"truncated or corrupt image data ({_reason(exc)})") from exc
         return pil_to_rgb(im, source)
 
+
+def _decoding_work_problem(im: Image.Image, data: bytes) -> str | None:
+    """Why decoding this opened (not yet decoded) image could cost far more than its pixel count
+    and file size say, or None."""
+    if im.format in ("JPEG", "MPO"):
+        scans = jpeg_scans(data, MAX_JPEG_SCANS)
+        if scans > MAX_JPEG_SCANS:
+            return (f"JPEG with more than {MAX_JPEG_SCANS} scans (progressive JPEGs have about "
+                    "10; each scan is another pass over the image)")
+    elif im.format == "TIFF":
+        compression = im.info.get("compression", "raw")
+        if compression not in TIFF_COMPRESSIONS:
+            return (f"TIFF compression {compression!r} is not accepted (accepted: "
+                    f"{', '.join(TIFF_COMPRESSIONS)})")
+    elif im.format == "BMP":
+        if any(tile[0] == "bmp_rle" for tile in im.tile):
+            return "BMP with RLE compression is not accepted (Pillow decodes it in Python)"
+    return None
+
+
+_JPEG_MARKER = re.compile(rb"\xff+([^\x00\xd0-\xd7\xff])")
+
+
+def jpeg_scans(data: bytes, stop_after: int) -> int:
+    """The number of scans (SOS markers) of the first JPEG image in ``data``, counted from the
+    markers without decoding; counting stops past ``stop_after``."""
+    if data.count(b"\xff\xda") <= stop_after:  # an upper bound (thumbnails add to it): done
+        return data.count(b"\xff\xda")
+    scans, pos, n = 0, 2, len(data)
+    segments = 0
+    while pos < n and scans <= stop_after:
+        match = _JPEG_MARKER.search(data, pos)
+        if match is None:
+            break
+        marker, pos = match.group(1)[0], match.end()
+        segments += 1
+        if marker == 0xD9 or segments > 64 * stop_after:  # EOI, or absurdly many segments
+            return scans if marker == 0xD9 else stop_after + 1
+        if marker == 0xD8 or marker == 0x01:  # SOI, TEM: no length
+            continue
+        if pos + 2 > n:
+            break
+        length = int.from_bytes(data[pos:pos + 2], "big")
+        if marker == 0xDA:
+            scans += 1
+        pos += length  # the entropy-coded data after an SOS is skipped by the marker search
+    return scans
 
 def _reason(exc: BaseException) -> str:
     """An exception as a short reason: its message, or its type when it has none."""

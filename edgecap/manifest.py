@@ -1,14 +1,24 @@
 """The model directory's ``manifest.json``: everything a runtime needs to use the ONNX files.
 
-A model directory holds ``manifest.json``, ``encoder.onnx``, ``decoder_step.onnx`` and
-``vocab.json``. The manifest records dimensions, preprocessing, special tokens, the precision,
-file hashes, and where the model came from (training data, dev metrics).
+A model directory holds ``manifest.json``, ``encoder.onnx``, ``decoder_step.onnx``,
+``vocab.json`` and ``classes.json``. The manifest records dimensions, preprocessing, special
+tokens, the precision, file hashes, and where the model came from (training data, dev metrics).
+
+What a model directory may make edgecap open: only the files of the known roles
+(``contract.FILE_ROLES``), each named by a relative path inside the directory (no absolute path,
+no ``..``); a role the manifest names beyond those is ignored and never opened or hashed. A
+model file may be a symbolic link (a shared model store, a download cache) if it resolves to a
+regular file, wherever that is: the link was put in the directory by whoever made it. A link
+to a device, a pipe, a socket or a folder is refused, and so is anything else that is not a
+regular file. The JSON files are read with a size and nesting bound (``MAX_MANIFEST_BYTES``,
+``MAX_VOCAB_BYTES``, ``files.MAX_JSON_DEPTH``). Each refusal is a ``ModelError``.
 """
 
 from __future__ import annotations
 
 import hashlib
 import json
+import os
 from dataclasses import dataclass, field
 from pathlib import Path
 
@@ -16,10 +26,13 @@ from PIL import Image
 
 from edgecap.contract import FILE_ROLES, ModelDimensions
 from edgecap.errors import ModelError
+from edgecap.files import FileProblem, check_regular, open_regular, read_json
 from edgecap.preprocess import Preprocessing
 
 FORMAT = "edgecap-model/2"  # 2: the encoder's class_probs, the step's word_bias
 MANIFEST = "manifest.json"
+MAX_MANIFEST_BYTES = 1 << 20   # the shipped one is 2 KB
+MAX_VOCAB_BYTES = 16 << 20     # vocab.json and classes.json: the shipped ones are 30-60 KB
 
 
 @dataclass(frozen=True)
@@ -34,6 +47,8 @@ class Manifest:
     info: dict = field(default_factory=dict)  # training data, metrics, provenance
 
     def path(self, role: str) -> Path:
+        if role not in FILE_ROLES:  # the manifest's other entries are never opened
+            raise KeyError(f"unknown model file role {role!r} (known: {', '.join(FILE_ROLES)})")
         return self.directory / self.files[role]
 
     def to_dict(self) -> dict:
@@ -47,11 +62,24 @@ class Manifest:
 
 
 def file_sha256(path: Path) -> str:
+    """The file's SHA-256; only a regular file is opened (``OSError`` otherwise)."""
     h = hashlib.sha256()
-    with open(path, "rb") as f:
+    try:
+        f, _ = open_regular(path, None)
+    except FileProblem as exc:
+        raise OSError(str(exc)) from None
+    with f:
         for chunk in iter(lambda: f.read(1 << 20), b""):
             h.update(chunk)
     return h.hexdigest()
+
+
+def read_model_json(path: Path, max_bytes: int, what: str):
+    """A model directory's JSON file, bounded (``files.read_json``); ``ModelError`` naming it."""
+    try:
+        return read_json(path, max_bytes)
+    except FileProblem as exc:
+        raise ModelError(f"{path}: unusable {what} ({exc}); re-export the model") from None
 
 
 def load_manifest(directory: str | Path) -> Manifest:
@@ -60,16 +88,20 @@ def load_manifest(directory: str | Path) -> Manifest:
     path = directory / MANIFEST
     if not directory.is_dir():
         raise ModelError(f"model directory not found: {directory}")
-    if not path.exists():
+    if not os.path.lexists(path):
         raise ModelError(f"{directory}: not an edgecap model directory (no {MANIFEST}); "
                          "create one with `edgecap export`")
     try:
-        data = json.loads(path.read_text())
-    except (json.JSONDecodeError, UnicodeDecodeError) as exc:
-        raise ModelError(f"{path}: not valid JSON ({exc}); re-export the model") from exc
-    except OSError as exc:
-        raise ModelError(f"{path}: cannot read it ({exc.strerror or exc}); check the model "
-                         "directory's permissions or copy it again") from exc
+        data = read_json(path, MAX_MANIFEST_BYTES)
+    except FileProblem as exc:
+        problem = str(exc)
+        if (problem.startswith(("permission denied", "cannot read", "no such"))
+                or "regular" in problem):
+            raise ModelError(f"{path}: cannot read it ({problem}); check the model directory's "
+                             "permissions or copy it again") from None
+        if problem.startswith("not valid JSON"):
+            raise ModelError(f"{path}: {problem}; re-export the model") from None
+        raise ModelError(f"{path}: unusable manifest ({problem}); re-export the model") from None
     fmt = data.get("format") if isinstance(data, dict) else None
     if fmt == "edgecap-model/1":
         raise ModelError(f"{path}: unknown manifest format {fmt!r} (an older edgecap's, without "
@@ -84,12 +116,16 @@ def load_manifest(directory: str | Path) -> Manifest:
         raise ModelError(f"{path}: {exc}; re-export the model") from exc
     try:
         known = {"format", "files", "dims", "tokens", "preprocessing", "precision", "sha256"}
-        manifest = Manifest(directory=directory, files=dict(data["files"]),
+        files = {role: name for role, name in dict(data["files"]).items()
+                 if role in FILE_ROLES}  # other roles: ignored, never opened
+        sha256 = {role: digest for role, digest in dict(data.get("sha256", {})).items()
+                  if role in FILE_ROLES}
+        manifest = Manifest(directory=directory, files=files,
                             dims=dims,
                             tokens=dict(data["tokens"]),
                             preprocessing=Preprocessing.from_dict(data["preprocessing"]),
                             precision=data.get("precision", "fp32"),
-                            sha256=dict(data.get("sha256", {})),
+                            sha256=sha256,
                             info={k: v for k, v in data.items() if k not in known})
     except (KeyError, TypeError, ValueError) as exc:
         raise ModelError(f"{path}: incomplete manifest ({exc!r}); re-export the model") from exc
@@ -106,6 +142,11 @@ def load_manifest(directory: str | Path) -> Manifest:
         if not manifest.path(role).exists():
             raise ModelError(f"{manifest.path(role)}: missing from the model directory; "
                              "copy the whole directory or re-export the model")
+        try:
+            check_regular(manifest.path(role))  # a link may lead anywhere, to a regular file
+        except FileProblem as exc:
+            raise ModelError(f"{manifest.path(role)}: the {role} file {exc}; re-copy the "
+                             "model directory or re-export it") from None
     return manifest
 
 
@@ -130,8 +171,8 @@ def _field_problem(manifest: Manifest) -> str | None:
 def verify_files(manifest: Manifest) -> None:
     """Compare the files' SHA-256 with the manifest (a truncated or swapped file fails here)."""
     for role, expected in manifest.sha256.items():
-        if role not in manifest.files:
-            continue  # a checksum of a file this manifest no longer names
+        if role not in FILE_ROLES or role not in manifest.files:
+            continue  # a checksum of a file this edgecap does not use: never opened
         try:
             actual = file_sha256(manifest.path(role))
         except OSError as exc:

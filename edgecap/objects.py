@@ -10,7 +10,6 @@ the word bias that steers the search toward naming them (``edgecap.search``).
 
 from __future__ import annotations
 
-import json
 from dataclasses import dataclass
 from pathlib import Path
 
@@ -40,9 +39,18 @@ class ObjectClasses:
     def load(cls, path: Path, vocab_index: dict[str, int], n_classes: int) -> "ObjectClasses":
         """Read ``classes.json``; words the vocabulary lacks are left out (a model with its own
         vocabulary still gets every tag, and guidance where the words exist)."""
+        from edgecap.files import FileProblem, read_json
+
         try:
-            entries = json.loads(Path(path).read_text())["classes"]
-            names = tuple(str(e["name"]) for e in entries)
+            try:
+                entries = read_json(path, 16 << 20)["classes"]
+            except FileProblem as exc:
+                raise ValueError(str(exc)) from None
+            if not isinstance(entries, list) or not all(
+                    isinstance(e, dict) and isinstance(e.get("name"), str)
+                    and isinstance(e.get("words"), list) for e in entries):
+                raise ValueError("classes must be a list of {name: text, words: [...]}")
+            names = tuple(e["name"] for e in entries)
             words = tuple(tuple(vocab_index[w] for w in e["words"] if w in vocab_index)
                           for e in entries)
         except (OSError, ValueError, KeyError, TypeError) as exc:

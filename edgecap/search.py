@@ -28,6 +28,9 @@ from edgecap.vocab import NEVER_FIRST_IDS
 NEG_INF = -np.inf
 
 
+MAX_BATCH_SIZE = 64  # the shipped model, CPU: a 64-image batch peaks at about 0.8 GB
+
+
 @dataclass(frozen=True)
 class CaptionOptions:
     """How captions are searched for and batched: the defaults of ``Captioner`` and of the
@@ -63,8 +66,10 @@ class CaptionOptions:
             raise ValueError(f"objects must be between 0 and 100, got {self.objects}")
         if not 1 <= self.guidance_tags <= 20:
             raise ValueError(f"guidance_tags must be between 1 and 20, got {self.guidance_tags}")
-        if self.batch_size < 1:
-            raise ValueError(f"batch_size must be at least 1, got {self.batch_size}")
+        if not 1 <= self.batch_size <= MAX_BATCH_SIZE:
+            raise ValueError(f"batch_size must be between 1 and {MAX_BATCH_SIZE}, got "
+                             f"{self.batch_size} (each image of a batch holds its activations "
+                             "and beams in memory until the batch is done)")
         penalty = self.length_penalty
         if penalty is not None and (isinstance(penalty, bool)
                                     or not isinstance(penalty, (int, float))):

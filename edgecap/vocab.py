@@ -27,6 +27,11 @@ def tokenize(caption: str) -> list[str]:
 
 class Vocabulary:
     def __init__(self, words: list[str]):
+        if not isinstance(words, (list, tuple)):
+            raise ValueError(f"vocabulary must be a list of words, got {type(words).__name__}")
+        bad = next((w for w in words if not isinstance(w, str) or not w), None)
+        if bad is not None or "" in words:
+            raise ValueError(f"vocabulary words must be non-empty strings, got {bad!r}")
         if list(words[: len(SPECIALS)]) != list(SPECIALS):
             raise ValueError(f"vocabulary must start with {SPECIALS}, got {words[:4]}")
         if len(set(words)) != len(words):
@@ -64,5 +69,13 @@ class Vocabulary:
         Path(path).write_text(json.dumps({"words": self.words}, indent=0))
 
     @classmethod
-    def load(cls, path: Path) -> "Vocabulary":
-        return cls(json.loads(Path(path).read_text())["words"])
+    def load(cls, path: Path, max_bytes: int = 16 << 20) -> "Vocabulary":
+        """Read ``vocab.json`` (a regular file of at most ``max_bytes``, bounded nesting);
+        ``ValueError`` / ``KeyError`` / ``TypeError`` for anything else."""
+        from edgecap.files import FileProblem, read_json
+
+        try:
+            data = read_json(path, max_bytes)
+        except FileProblem as exc:
+            raise ValueError(str(exc)) from None
+        return cls(data["words"])

@@ -169,13 +169,18 @@ def test_default_model(default_model_dir):
     assert cap.text
 
 
-def test_cuda_request_without_gpu_runtime_falls_back_with_a_warning(tiny_model_dir):
+def test_cuda_request_without_gpu_runtime_fails_or_falls_back_with_a_warning(tiny_model_dir):
+    """device="cuda" is a requirement (issue 16: a BackendError, as on torch); a providers=
+    list is a preference, with the CPU as the warned fallback."""
     import onnxruntime
 
     if "CUDAExecutionProvider" in onnxruntime.get_available_providers():
         pytest.skip("this onnxruntime has CUDA")
+    with pytest.raises(BackendError, match="device='cuda' but this onnxruntime has no CUDA"):
+        load_backend("onnxruntime", load_manifest(tiny_model_dir), device="cuda")
     with pytest.warns(RuntimeWarning, match="CUDAExecutionProvider"):
-        backend = load_backend("onnxruntime", load_manifest(tiny_model_dir), device="cuda")
+        backend = load_backend("onnxruntime", load_manifest(tiny_model_dir),
+                               providers=["cuda", "cpu"])
     assert backend.providers == ["CPUExecutionProvider"]
 
 

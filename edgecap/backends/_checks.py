@@ -26,8 +26,11 @@ def check_graph_io(manifest: Manifest, role: str, inputs: Mapping[str, Shape],
     shapes = {**inputs, **outputs}
     for name, expected in manifest.dims.shapes(manifest.preprocessing.size)[role].items():
         actual = tuple(shapes[name])
+        # Only the row dimension may be dynamic (the contract): a symbolic size where the
+        # manifest has a number (the vocabulary's V, the classes' C) could not be checked.
         if len(actual) != len(expected) or any(
-                isinstance(a, int) and e is not None and a != e for a, e in zip(actual, expected)):
+                e is not None and (not isinstance(a, int) or a != e)
+                for a, e in zip(actual, expected)):
             raise ModelError(f"{path}: tensor {name!r} has shape {list(actual)} but the manifest "
                              f"says {[e if e is not None else '?' for e in expected]}; the ONNX "
                              "files and manifest.json do not belong together: re-export the "

@@ -7,8 +7,15 @@ several threads.
 
 from __future__ import annotations
 
-import numpy as np
-import onnxruntime as ort
+import os
+
+# onnxruntime (1.32 checked) writes a telemetry device id under ~/.cache/Microsoft when it is
+# imported; edgecap turns that off unless the variable is already set (ORT_DISABLE_TELEMETRY=0
+# allows it). Only effective when edgecap is the first to import onnxruntime.
+os.environ.setdefault("ORT_DISABLE_TELEMETRY", "1")
+
+import numpy as np  # noqa: E402
+import onnxruntime as ort  # noqa: E402
 
 from edgecap.backends import ort_gpu, ort_providers
 from edgecap.backends._checks import check_graph_io, load_failure
@@ -82,6 +89,11 @@ class OnnxRuntimeBackend(Backend):
         self.top_k = manifest.dims.top_k
         self.threads = threads
         limits = limits or Limits()
+        cuda_required = providers is None and device == "cuda"
+        if cuda_required and ort_providers.CUDA not in ort.get_available_providers():
+            raise BackendError("device='cuda' but this onnxruntime has no CUDA provider (it has "
+                               f"{', '.join(ort.get_available_providers())}); install "
+                               "onnxruntime-gpu (pip install 'edgecap[gpu]') or use device='cpu'")
         wanted = select_providers(providers, device, cache_dir=cache_dir, fp16=fp16,
                                   device_id=device_id)
         # the TensorRT EP (when listed) gets each graph's own optimisation profile
@@ -92,6 +104,10 @@ class OnnxRuntimeBackend(Backend):
         self._input_types = {i.name: _NUMPY_TYPES.get(i.type, np.float32)
                              for s in (self.encoder, self.decoder) for i in s.get_inputs()}
         for role, session in (("encoder", self.encoder), ("decoder_step", self.decoder)):
+            if cuda_required and session.get_providers()[0] != ort_providers.CUDA:
+                raise BackendError(f"device='cuda' but onnxruntime could not use CUDA for the "
+                                   f"{role} graph (check the CUDA and cuDNN libraries "
+                                   "onnxruntime-gpu needs); use device='cpu' to run on the CPU")
             ort_providers.warn_if_fallback(session, wanted, role)
         self._device_decoder = self._make_device_decoder(device_id)
 

@@ -1,0 +1,137 @@
+"""Reading files that edgecap did not write: only regular files, and never more than a ceiling.
+
+Every file edgecap reads whole (an image, ``manifest.json``, ``vocab.json``, ``classes.json``) and
+every model file it hashes goes through ``open_regular`` / ``read_regular`` (``read_json`` for
+JSON, which also bounds the nesting):
+
+- the path is checked with ``stat`` (symbolic links followed) before it is opened, so a named
+  pipe, a character or block device, a socket or a folder is refused without being opened
+  (opening a FIFO blocks until a writer comes; reading a device may never end);
+- the file is then opened non-blocking and checked again with ``fstat`` (the path may have been
+  swapped in between);
+- its size is compared with the ceiling before anything is read, and the read itself stops one
+  byte past the ceiling, so a file that grows while it is read is refused too.
+
+Failures are ``FileProblem(problem)``; callers turn them into ``InputError`` (images) or
+``ModelError`` (model files), which name the file.
+"""
+
+from __future__ import annotations
+
+import json
+import os
+import re
+import stat
+
+_OPEN_FLAGS = (os.O_RDONLY | getattr(os, "O_NONBLOCK", 0) | getattr(os, "O_NOCTTY", 0)
+               | getattr(os, "O_CLOEXEC", 0) | getattr(os, "O_BINARY", 0))
+
+
+class FileProblem(Exception):
+    """A file that cannot be read as a regular file; the message is the problem, one line."""
+
+
+def kind_of(mode: int) -> str:
+    """What a ``st_mode`` is, in words."""
+    for test, name in ((stat.S_ISDIR, "a directory"), (stat.S_ISFIFO, "a named pipe (FIFO)"),
+                       (stat.S_ISCHR, "a character device"), (stat.S_ISBLK, "a block device"),
+                       (stat.S_ISSOCK, "a socket")):
+        if test(mode):
+            return name
+    return "not a regular file"
+
+
+def _os_problem(exc: BaseException) -> str:
+    if isinstance(exc, FileNotFoundError):
+        return "no such file"
+    if isinstance(exc, PermissionError):
+        return "permission denied"
+    if isinstance(exc, OSError):
+        return f"cannot read the file ({exc.strerror or exc})"
+    if isinstance(exc, UnicodeError):  # a str path the file system encoding cannot hold
+        return "the path cannot be encoded for this file system"
+    if isinstance(exc, ValueError):    # embedded NUL byte
+        return "the path contains a NUL byte"
+    return f"cannot read the file ({exc})"
+
+
+def check_regular(path: str | os.PathLike) -> os.stat_result:
+    """``stat`` the path (following symbolic links); ``FileProblem`` unless a regular file."""
+    try:
+        st = os.stat(path)
+    except (OSError, ValueError) as exc:
+        raise FileProblem(_os_problem(exc)) from None
+    if not stat.S_ISREG(st.st_mode):
+        raise FileProblem(f"is {kind_of(st.st_mode)}, not a regular file")
+    return st
+
+
+def open_regular(path: str | os.PathLike, max_bytes: int | None, what: str = "file"):
+    """Open a regular file for reading in binary mode after the checks above; returns
+    (file object, size). ``max_bytes`` None: no ceiling."""
+    check_regular(path)
+    try:
+        fd = os.open(path, _OPEN_FLAGS)
+    except (OSError, ValueError) as exc:
+        raise FileProblem(_os_problem(exc)) from None
+    try:
+        st = os.fstat(fd)
+        if not stat.S_ISREG(st.st_mode):  # swapped between the stat and the open
+            raise FileProblem(f"is {kind_of(st.st_mode)}, not a regular file")
+        if max_bytes is not None and st.st_size > max_bytes:
+            raise FileProblem(f"{what} is {st.st_size:,} bytes, over the limit of "
+                              f"{max_bytes:,}")
+        if hasattr(os, "set_blocking"):
+            os.set_blocking(fd, True)  # regular files never block; plain reads from here
+        return os.fdopen(fd, "rb"), st.st_size
+    except BaseException:
+        os.close(fd)
+        raise
+
+
+def read_regular(path: str | os.PathLike, max_bytes: int, what: str = "file") -> bytes:
+    """The whole file, at most ``max_bytes`` (``FileProblem`` otherwise, before or while
+    reading)."""
+    f, size = open_regular(path, max_bytes, what)
+    with f:
+        try:
+            data = f.read(max_bytes + 1)
+        except OSError as exc:
+            raise FileProblem(_os_problem(exc)) from None
+    if len(data) > max_bytes:
+        raise FileProblem(f"{what} grew past the limit of {max_bytes:,} bytes while being read")
+    return data
+
+
+MAX_JSON_DEPTH = 32  # edgecap's own JSON files nest 4 deep
+
+
+def read_json(path: str | os.PathLike, max_bytes: int, max_depth: int = MAX_JSON_DEPTH):
+    """A JSON file that edgecap did not write: a regular file of at most ``max_bytes``, UTF-8,
+    nested at most ``max_depth`` deep (checked without recursion); ``FileProblem`` otherwise."""
+    data = read_regular(path, max_bytes, "JSON file")
+    try:
+        text = data.decode("utf-8")
+    except UnicodeDecodeError as exc:
+        raise FileProblem(f"not UTF-8 text ({exc.reason} at byte {exc.start})") from None
+    depth = _bracket_depth(text)
+    if depth > max_depth:
+        raise FileProblem(f"JSON nested {depth} deep, over the limit of {max_depth}")
+    try:
+        return json.loads(text)
+    except (ValueError, RecursionError) as exc:
+        raise FileProblem(f"not valid JSON ({exc})") from None
+
+
+_STRING = re.compile(r'"(?:[^"\\]|\\.)*"')
+
+
+def _bracket_depth(text: str) -> int:
+    """The deepest nesting of [ and { outside strings (an upper bound for invalid JSON), in
+    linear time without recursion."""
+    import numpy as np
+
+    codes = np.frombuffer(_STRING.sub('""', text).encode("utf-8"), np.uint8)
+    opens = ((codes == 0x5B) | (codes == 0x7B)).view(np.int8)
+    closes = ((codes == 0x5D) | (codes == 0x7D)).view(np.int8)
+    return int(np.cumsum(opens - closes, dtype=np.int32).max(initial=0))

@@ -1,0 +1,309 @@
+"""Hostile image files (issue 16, classes 1, 2 and 6): special files and oversized files are
+refused before they are read, only the accepted formats are parsed, decoding work is bounded from
+the headers, and every failure of one input lands in that input's slot.
+
+Every hostile file is built here, in tmp_path.
+"""
+
+from __future__ import annotations
+
+import io
+import os
+import re
+import struct
+import subprocess
+import sys
+from pathlib import Path
+
+import numpy as np
+import pytest
+from PIL import Image
+
+import edgecap
+from edgecap import Caption, Captioner, InputError
+from edgecap import images
+
+PACKAGE = Path(edgecap.__file__).parent
+ENV = {**os.environ, "PYTHONPATH": os.pathsep.join(
+    [str(PACKAGE.parent), os.environ.get("PYTHONPATH", "")])}
+POSIX = pytest.mark.skipif(os.name != "posix", reason="POSIX special files")
+
+
+@pytest.fixture(scope="module")
+def captioner(tiny_model_dir):
+    return Captioner(tiny_model_dir, backend="onnxruntime", max_length=4)
+
+
+def _photo(size=(64, 48)) -> Image.Image:
+    x = np.linspace(0, 255, size[0] * size[1] * 3).reshape(size[1], size[0], 3)
+    return Image.fromarray(x.astype(np.uint8))
+
+
+def _refused(path_or_bytes, *words) -> InputError:
+    with pytest.raises(InputError) as info:
+        images.load_rgb(path_or_bytes)
+    err = info.value
+    assert "\n" not in str(err)
+    for word in words:
+        assert word in err.problem, (word, err.problem)
+    return err
+
+
+# -- class 1: what is read ---------------------------------------------------------------------
+@POSIX
+def test_named_pipe_is_refused_without_blocking(tmp_path):
+    fifo = tmp_path / "pipe.jpg"
+    os.mkfifo(fifo)  # opening it for reading would wait for a writer forever
+    err = _refused(fifo, "named pipe", "not a regular file")
+    assert err.source == str(fifo)
+
+
+@POSIX
+@pytest.mark.skipif(not os.path.exists("/dev/zero"), reason="needs /dev/zero")
+def test_character_device_behind_a_link_is_refused(tmp_path):
+    link = tmp_path / "zero.jpg"
+    link.symlink_to("/dev/zero")  # read whole, it never ends
+    _refused(link, "character device", "not a regular file")
+
+
+def test_huge_sparse_file_is_refused_before_reading(tmp_path):
+    big = tmp_path / "huge.jpg"
+    with open(big, "wb") as f:
+        f.truncate(images.max_file_bytes() + 1)  # sparse: no disk used
+    _refused(big, "134,217,729 bytes", "over the limit of 134,217,728",
+             images.MAX_FILE_BYTES_ENV, "set_max_file_bytes")
+
+
+def test_file_size_limit_is_configurable(tmp_path, monkeypatch):
+    path = tmp_path / "photo.png"
+    _photo().save(path)
+    size = path.stat().st_size
+    monkeypatch.setattr(images, "_max_file_bytes_override", None)
+    monkeypatch.setenv(images.MAX_FILE_BYTES_ENV, str(size - 1))
+    _refused(path, "over the limit")
+    monkeypatch.setenv(images.MAX_FILE_BYTES_ENV, str(size))
+    assert images.load_rgb(path).size == (64, 48)
+    images.set_max_file_bytes(10)
+    _refused(path, "over the limit of 10")
+    images.set_max_file_bytes(None)
+    assert images.load_rgb(path).size == (64, 48)
+    monkeypatch.setenv(images.MAX_FILE_BYTES_ENV, "lots")
+    with pytest.raises(ValueError, match=images.MAX_FILE_BYTES_ENV):
+        images.max_file_bytes()
+    with pytest.raises(ValueError):
+        images.set_max_file_bytes(0)
+
+
+def test_a_file_that_grows_is_read_no_further_than_the_limit(tmp_path, monkeypatch):
+    """The size check happens before the read; a file that grows after it (or reports size 0,
+    as /proc files do) is still read at most one byte past the limit."""
+    from edgecap import files
+
+    path = tmp_path / "growing.png"
+    path.write_bytes(b"\x89PNG" + b"\0" * 100_000)
+    real_fstat, real_fdopen, asked = os.fstat, os.fdopen, []
+    monkeypatch.setattr(files.os, "fstat",
+                        lambda fd: os.stat_result((*real_fstat(fd)[:6], 0, *real_fstat(fd)[7:])))
+
+    class Recorder:
+        def __init__(self, f):
+            self.f = f
+
+        def read(self, n=-1):
+            asked.append(n)
+            return self.f.read(n)
+
+        def __enter__(self):
+            return self
+
+        def __exit__(self, *exc):
+            self.f.close()
+
+    monkeypatch.setattr(files.os, "fdopen", lambda fd, mode: Recorder(real_fdopen(fd, mode)))
+    images.set_max_file_bytes(1000)
+    try:
+        _refused(path, "grew past the limit of 1,000 bytes")
+    finally:
+        images.set_max_file_bytes(None)
+    assert asked == [1001]
+
+
+def test_folder_is_refused(tmp_path):
+    _refused(tmp_path, "directory")
+
+
+# -- class 2: what is parsed and how much work decoding may take -------------------------------
+def test_icon_wrapping_a_png_is_not_parsed(tmp_path):
+    ico = tmp_path / "icon.jpg"
+    _photo((256, 256)).save(ico, format="ICO", sizes=[(256, 256)])
+    assert Image.open(ico).format == "ICO"  # Pillow would read it
+    _refused(ico, "not an image in an accepted format", "JPEG, PNG")
+
+
+@pytest.mark.parametrize("fmt", ["PPM", "TGA", "PCX", "SGI"])
+def test_formats_outside_the_list_are_refused(fmt):
+    buf = io.BytesIO()
+    _photo().save(buf, format=fmt)
+    _refused(buf.getvalue(), "accepted format")
+
+
+@pytest.mark.parametrize("fmt", images.ACCEPTED_FORMATS)
+def test_every_accepted_format_is_read(fmt):
+    buf = io.BytesIO()
+    _photo().save(buf, format=fmt)
+    assert images.load_rgb(buf.getvalue()).size == (64, 48)
+
+
+def _jpeg_segments(data: bytes) -> list[tuple[int, int, int]]:
+    """(marker, start, end) of each segment; an SOS segment includes its entropy-coded data."""
+    out, pos = [], 2
+    while data[pos + 1] != 0xD9:
+        marker = data[pos + 1]
+        end = pos + 2 + int.from_bytes(data[pos + 2:pos + 4], "big")
+        if marker == 0xDA:
+            end = re.compile(rb"\xff[^\x00\xd0-\xd7]").search(data, end).start()
+        out.append((marker, pos, end))
+        pos = end
+    return out
+
+
+def _jpeg_with_scans(n: int) -> bytes:
+    """A progressive JPEG whose last scan is repeated until it has ``n`` scans."""
+    buf = io.BytesIO()
+    _photo((96, 96)).save(buf, "JPEG", progressive=True, quality=90)
+    data = buf.getvalue()
+    scans = [s for s in _jpeg_segments(data) if s[0] == 0xDA]
+    _, start, end = scans[-1]
+    assert len(scans) < n
+    return data[:end] + data[start:end] * (n - len(scans)) + data[end:]
+
+
+def test_jpeg_scans_are_bounded_before_decoding():
+    bomb = _jpeg_with_scans(images.MAX_JPEG_SCANS + 1)
+    assert images.jpeg_scans(bomb, images.MAX_JPEG_SCANS) == images.MAX_JPEG_SCANS + 1
+    with Image.open(io.BytesIO(bomb)) as im:
+        im.load()  # Pillow decodes it, every scan
+    _refused(bomb, f"more than {images.MAX_JPEG_SCANS} scans")
+    assert images.load_rgb(_jpeg_with_scans(images.MAX_JPEG_SCANS)).size == (96, 96)
+
+
+def test_scan_count_reads_markers_not_bytes():
+    """SOS-like bytes inside an APP segment (metadata) are not scans."""
+    buf = io.BytesIO()
+    _photo().save(buf, "JPEG", progressive=True)
+    data = buf.getvalue()
+    payload = b"\xff\xda" * 200
+    app = b"\xff\xe9" + struct.pack(">H", len(payload) + 2) + payload
+    tricky = data[:2] + app + data[2:]
+    assert images.jpeg_scans(tricky, images.MAX_JPEG_SCANS) == images.jpeg_scans(data, 1000)
+    assert images.load_rgb(tricky).size == (64, 48)
+
+
+def test_tiff_codecs_outside_the_list_are_refused(tmp_path):
+    path = tmp_path / "photo.tif"
+    _photo().save(path, compression="jpeg")
+    _refused(path, "TIFF compression 'jpeg' is not accepted")
+    _photo().save(path, compression="tiff_lzw")
+    assert images.load_rgb(path).size == (64, 48)
+
+
+def _bmp_rle8(width: int, height: int) -> bytes:
+    rows = b"".join(bytes([width, 7, 0, 0]) for _ in range(height)) + b"\x00\x01"
+    palette = b"".join(bytes([i, i, i, 0]) for i in range(256))
+    offset = 14 + 40 + len(palette)
+    info = struct.pack("<IiiHHIIiiII", 40, width, height, 1, 8, 1, len(rows), 2835, 2835, 256, 0)
+    return b"BM" + struct.pack("<IHHI", offset + len(rows), 0, 0, offset) + info + palette + rows
+
+
+def test_bmp_rle_is_refused():
+    data = _bmp_rle8(20, 10)
+    with Image.open(io.BytesIO(data)) as im:
+        im.load()  # a valid RLE8 bitmap: Pillow reads it (in Python)
+    _refused(data, "RLE")
+
+
+def test_pixel_limit_survives_pillow_guard_set_to_none(tmp_path):
+    """A program that turns Pillow's guard off before importing edgecap keeps edgecap's."""
+    good = tmp_path / "good.png"
+    _photo().save(good)
+    code = ("import PIL.Image\nPIL.Image.MAX_IMAGE_PIXELS = None\n"
+            "from edgecap import images, InputError\n"
+            f"print(images.load_rgb({str(good)!r}).size)\n"
+            "images.set_max_pixels(100)\n"
+            "try:\n"
+            f"    images.load_rgb({str(good)!r})\n"
+            "except InputError as exc:\n"
+            "    print('refused', exc.problem)\n"
+            "images.set_max_pixels(None)\n"
+            "print(images.max_pixels())\n")
+    out = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, env=ENV)
+    assert out.returncode == 0, out.stderr
+    lines = out.stdout.splitlines()
+    assert lines[0] == "(64, 48)"
+    assert lines[1].startswith("refused image is 64x48") and "limit of 100" in lines[1]
+    assert lines[2] == "89478485"
+
+
+# -- class 6: every per-input failure in its own slot ------------------------------------------
+def test_every_path_failure_lands_in_its_slot(captioner, tmp_path):
+    good = tmp_path / "good.png"
+    _photo().save(good)
+    big = tmp_path / "big.png"
+    with open(big, "wb") as f:
+        f.truncate(images.max_file_bytes() + 1)
+    hostile = {
+        "nul": (str(tmp_path / "a\0b.png"), "NUL byte"),
+        "unencodable": (str(tmp_path) + "/\ud800.png", "cannot be encoded"),
+        "oversized": (big, "over the limit"),
+        "bytes_path": (b"", "0 bytes"),
+        "other_type": (12345, "unsupported input type"),
+    }
+    if hasattr(os, "mkfifo"):
+        os.mkfifo(tmp_path / "pipe.png")
+        hostile["fifo"] = (tmp_path / "pipe.png", "named pipe")
+    batch = [good]
+    for item, _ in hostile.values():
+        batch += [item, good]
+    results = captioner.caption_batch(batch, on_error="return")
+    assert len(results) == len(batch)
+    alone = captioner.caption(good)
+    for i, (item, words) in enumerate(hostile.values()):
+        slot = results[2 * i + 1]
+        assert isinstance(slot, InputError), (item, slot)
+        assert words in slot.problem, (words, slot.problem)
+    for good_slot in results[::2]:
+        assert isinstance(good_slot, Caption) and good_slot.text == alone.text
+
+
+def test_unexpected_failure_of_one_input_is_still_its_own(captioner, tmp_path, monkeypatch):
+    """The mechanism, not the examples: anything one input raises while loading is an
+    InputError in its slot (here a MemoryError from the reader)."""
+    good = tmp_path / "good.png"
+    _photo().save(good)
+    real = images.read_regular
+
+    def flaky(path, *args):
+        if str(path).endswith("bad.png"):
+            raise MemoryError()
+        return real(path, *args)
+
+    monkeypatch.setattr(images, "read_regular", flaky)
+    results = captioner.caption_batch([good, tmp_path / "bad.png", good], on_error="return")
+    assert isinstance(results[1], InputError) and "MemoryError" in results[1].problem
+    assert all(isinstance(r, Caption) for r in (results[0], results[2]))
+    with pytest.raises(InputError):
+        captioner.caption(tmp_path / "bad.png")
+
+
+def test_a_ctrl_c_inside_a_decoder_is_not_an_input_error(tmp_path, monkeypatch):
+    """The safety net above must not turn Ctrl-C (surfacing as another exception from a lazy
+    plugin import) into a per-input error."""
+    def interrupted(path, *args):
+        try:
+            raise KeyboardInterrupt
+        except KeyboardInterrupt as exc:
+            raise RuntimeError("Error calling __set_name__") from exc
+
+    monkeypatch.setattr(images, "read_regular", interrupted)
+    with pytest.raises(KeyboardInterrupt):
+        images.load_rgb(tmp_path / "photo.png")

@@ -1,0 +1,144 @@
+"""The smaller hostile cases of issue 16 (class 7): --batch-size bound, --attention over its own
+input, --device cuda without CUDA, Ctrl-C at start-up, onnxruntime telemetry from the library.
+(Pillow's guard set to None before importing edgecap: tests/test_hostile_files.py.)
+"""
+
+from __future__ import annotations
+
+import os
+import signal
+import subprocess
+import sys
+import time
+from pathlib import Path
+
+import numpy as np
+import pytest
+from PIL import Image
+
+import edgecap
+from edgecap.search import MAX_BATCH_SIZE, CaptionOptions
+
+ENV = {**os.environ, "PYTHONPATH": os.pathsep.join(
+    [str(Path(edgecap.__file__).parent.parent), os.environ.get("PYTHONPATH", "")])}
+
+
+def cli(*args, model=None, env=ENV):
+    model_args = ["--model", str(model)] if model else []
+    return subprocess.run([sys.executable, "-m", "edgecap", "caption", *map(str, args),
+                           *model_args, "--max-length", "4"],
+                          capture_output=True, text=True, env=env)
+
+
+@pytest.fixture
+def photo(tmp_path) -> Path:
+    path = tmp_path / "photo.png"
+    Image.fromarray(np.full((24, 32, 3), 120, np.uint8)).save(path)
+    return path
+
+
+def test_batch_size_has_an_upper_bound(any_model_dir, photo):
+    with pytest.raises(ValueError, match=f"between 1 and {MAX_BATCH_SIZE}"):
+        CaptionOptions(batch_size=MAX_BATCH_SIZE + 1).validate(top_k=5)
+    CaptionOptions(batch_size=MAX_BATCH_SIZE).validate(top_k=5)
+    out = cli(photo, "--batch-size", "100000", model=any_model_dir)
+    assert out.returncode == 2 and out.stdout == ""
+    assert out.stderr.splitlines() == [
+        f"edgecap caption: error: batch_size must be between 1 and {MAX_BATCH_SIZE}, got 100000 "
+        "(each image of a batch holds its activations and beams in memory until the batch is "
+        "done)"]
+
+
+@pytest.mark.parametrize("how", ["same", "link"])
+def test_attention_never_overwrites_its_input(any_model_dir, photo, tmp_path, how):
+    before = photo.read_bytes()
+    out_path = photo
+    if how == "link":
+        out_path = tmp_path / "figure.png"
+        os.link(photo, out_path)
+    out = cli(photo, "--attention", out_path, model=any_model_dir)
+    assert out.returncode == 2
+    assert "is the input photo itself" in out.stderr and len(out.stderr.splitlines()) == 1
+    assert photo.read_bytes() == before
+
+
+def test_device_cuda_without_cuda_is_exit_2(any_model_dir, photo):
+    import onnxruntime as ort
+
+    if "CUDAExecutionProvider" in ort.get_available_providers():
+        pytest.skip("this onnxruntime has CUDA")
+    out = cli(photo, "--device", "cuda", "--backend", "onnxruntime", model=any_model_dir)
+    assert out.returncode == 2 and out.stdout == ""
+    assert len(out.stderr.splitlines()) == 1
+    assert "device='cuda' but this onnxruntime has no CUDA provider" in out.stderr
+    assert "Traceback" not in out.stderr and "Warning" not in out.stderr
+
+
+@pytest.mark.skipif(os.name != "posix", reason="SIGINT")
+def test_ctrl_c_at_start_up_is_no_traceback(any_model_dir, photo):
+    """Ctrl-C at several moments of ``edgecap caption``'s first second, started as the console
+    script starts it (``from edgecap.cli import main; sys.exit(main())``): the heavy imports
+    (numpy, Pillow, onnxruntime) all happen inside ``main``. (A Ctrl-C inside the interpreter's
+    own start-up, before any edgecap code, is Python's to report.)"""
+    start = ("import sys\nfrom edgecap.cli import main\n"
+             "sys.stdout.write('ready\\n'); sys.stdout.flush()\n"
+             f"sys.exit(main(['caption', {str(photo)!r}, '--model', {str(any_model_dir)!r}]))\n")
+    for delay in (0.02, 0.05, 0.1, 0.2, 0.4, 0.8):
+        proc = subprocess.Popen([sys.executable, "-c", start], stdout=subprocess.PIPE,
+                                stderr=subprocess.PIPE, env=ENV)
+        assert proc.stdout.readline() == b"ready\n"
+        time.sleep(delay)
+        proc.send_signal(signal.SIGINT)
+        _, err = proc.communicate()
+        # 0: it was done; -SIGINT: it was in Python's own shutdown (default handler again)
+        assert proc.returncode in (130, 0, -signal.SIGINT), (delay, proc.returncode, err)
+        assert b"Traceback" not in err and b"KeyboardInterrupt" not in err, (delay, err)
+
+
+def test_library_does_not_write_telemetry(any_model_dir, photo, tmp_path):
+    home = tmp_path / "home"
+    home.mkdir()
+    env = {k: v for k, v in ENV.items() if k != "ORT_DISABLE_TELEMETRY"}
+    env.update(HOME=str(home), XDG_CACHE_HOME=str(home / ".cache"))
+    code = ("import os\nfrom edgecap import Captioner\n"
+            f"c = Captioner({str(any_model_dir)!r}, backend='onnxruntime', max_length=3)\n"
+            f"print(c.caption({str(photo)!r}).text)\n"
+            "print(os.environ['ORT_DISABLE_TELEMETRY'])\n")
+    out = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, env=env,
+                         cwd=tmp_path)
+    assert out.returncode == 0, out.stderr
+    assert out.stdout.splitlines()[-1] == "1"
+    assert [str(p.relative_to(home)) for p in home.rglob("*")] == []
+
+
+def test_the_package_imports_nothing_heavy_before_the_cli_handler():
+    """``python -m edgecap`` imports the package before ``edgecap.__main__`` can catch Ctrl-C:
+    the package itself must import no numpy, Pillow or runtime (they come with ``Captioner``)."""
+    code = ("import sys, edgecap, edgecap.cli\n"
+            "print(sorted(m for m in ('numpy', 'PIL', 'onnxruntime') if m in sys.modules))\n"
+            "from edgecap import Captioner, Caption, CaptionOptions\n"
+            "print(Captioner.__module__, 'numpy' in sys.modules)\n")
+    out = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, env=ENV)
+    assert out.returncode == 0, out.stderr
+    assert out.stdout.splitlines() == ["[]", "edgecap.api True"]
+
+
+@pytest.mark.parametrize("wrapper", [ImportError, "BackendError"])
+def test_an_interrupted_import_is_still_a_ctrl_c(monkeypatch, capsys, wrapper):
+    """onnxruntime's C extension, interrupted while it initialises, raises ImportError
+    ("initialization failed") from the KeyboardInterrupt; a backend may wrap that again."""
+    from edgecap import cli
+    from edgecap.commands import caption as caption_command
+    from edgecap.errors import BackendError
+
+    error = BackendError if wrapper == "BackendError" else wrapper
+
+    def interrupted(args):
+        try:
+            raise KeyboardInterrupt
+        except KeyboardInterrupt as exc:
+            raise error("initialization failed") from exc
+
+    monkeypatch.setattr(caption_command, "run", interrupted)
+    assert cli.main(["caption", "photo.png"]) == 130
+    assert capsys.readouterr().err == ""

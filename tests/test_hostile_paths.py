@@ -1,0 +1,164 @@
+"""Path expansion in ``edgecap caption`` (issue 16, class 3): link loops end, each file is
+captioned once, every skipped entry is reported (exit 1), an empty PATH is an error.
+
+Every folder and link is built here, in tmp_path.
+"""
+
+from __future__ import annotations
+
+import os
+import subprocess
+import sys
+from pathlib import Path
+
+import numpy as np
+import pytest
+from PIL import Image
+
+import edgecap
+from edgecap.commands import caption as caption_command
+from edgecap.commands.caption import expand_all
+from edgecap.errors import InputError
+
+ENV = {**os.environ, "PYTHONPATH": os.pathsep.join(
+    [str(Path(edgecap.__file__).parent.parent), os.environ.get("PYTHONPATH", "")])}
+pytestmark = pytest.mark.skipif(os.name != "posix", reason="POSIX symbolic links")
+
+
+def _photo(path: Path, shade: int = 90) -> Path:
+    Image.fromarray(np.full((24, 32, 3), shade, np.uint8)).save(path)
+    return path
+
+
+def _split(pairs):
+    good = [name for name, item in pairs if not isinstance(item, InputError)]
+    skipped = {name: item.problem for name, item in pairs if isinstance(item, InputError)}
+    return good, skipped
+
+
+def run_cli(*args, model, cwd=None):
+    return subprocess.run([sys.executable, "-m", "edgecap", "caption", *map(str, args),
+                           "--model", str(model), "--max-length", "4"],
+                          capture_output=True, text=True, env=ENV, cwd=cwd)
+
+
+def test_folder_with_two_links_to_itself_ends_and_captions_once(tmp_path):
+    root = tmp_path / "photos"
+    root.mkdir()
+    _photo(root / "a.png")
+    (root / "loop1").symlink_to(".")
+    (root / "loop2").symlink_to(root)
+    good, skipped = _split(list(expand_all([str(root)])))
+    assert good == [str(root / "a.png")]
+    assert set(skipped) == {str(root / "loop1"), str(root / "loop2")}
+    assert all("symbolic link loop" in problem and str(root) in problem
+               for problem in skipped.values())
+
+
+def test_glob_through_a_loop_ends_and_matches_once(tmp_path):
+    root = tmp_path / "photos"
+    (root / "sub").mkdir(parents=True)
+    _photo(root / "sub" / "b.png")
+    (root / "sub" / "up").symlink_to("..")
+    (root / "again").symlink_to("sub")
+    good, skipped = _split(list(expand_all([f"{root}/**/*.png"])))
+    assert good == [str(root / "again" / "b.png")]  # "again" sorts first: sub is reached there
+    assert "already searched" in skipped[str(root / "sub")]
+    assert "symbolic link loop" in skipped[str(root / "again" / "up")]
+
+
+def test_link_to_a_sibling_folder_captions_each_photo_once(tmp_path):
+    root = tmp_path / "photos"
+    (root / "real").mkdir(parents=True)
+    _photo(root / "real" / "a.png")
+    (root / "alias").symlink_to("real")
+    os.link(root / "real" / "a.png", root / "real" / "hard.png")
+    good, skipped = _split(list(expand_all([str(root), str(root / "real" / "a.png")])))
+    assert good == [str(root / "alias" / "a.png")]
+    assert skipped[str(root / "real")].startswith("skipped: the same folder as")
+    assert skipped[str(root / "alias" / "hard.png")].startswith("skipped: the same file as")
+    assert "already captioned" in skipped[str(root / "real" / "a.png")]
+
+
+def test_the_same_folder_twice_and_a_glob_over_it(tmp_path):
+    root = tmp_path / "photos"
+    root.mkdir()
+    _photo(root / "a.png")
+    pattern = f"{root}/**/*.png"
+    pairs = list(expand_all([str(root), pattern, str(root / "a.png"), str(root)]))
+    good, skipped = _split(pairs)
+    assert good == [str(root / "a.png")]
+    assert [name for name, _ in pairs[1:]] == [str(root / "a.png")] * 3
+    assert all("the same file as" in item.problem for _, item in pairs[1:])
+
+
+def test_broken_links_and_unreadable_folders_are_reported(tmp_path, monkeypatch):
+    root = tmp_path / "photos"
+    (root / "locked").mkdir(parents=True)
+    _photo(root / "a.png")
+    (root / "gone.jpg").symlink_to("nowhere.jpg")
+    (root / "gone").symlink_to("nowhere")
+    (root / "self.jpg").symlink_to("self.jpg")
+    real_scandir = os.scandir
+
+    def scandir(path):  # root ignores permissions: refuse like chmod 000 would
+        if Path(path) == root / "locked":
+            raise PermissionError(13, "Permission denied", str(path))
+        return real_scandir(path)
+
+    monkeypatch.setattr(caption_command.os, "scandir", scandir)
+    good, skipped = _split(list(expand_all([str(root)])))
+    assert good == [str(root / "a.png")]
+    assert "broken symbolic link (to nowhere.jpg)" in skipped[str(root / "gone.jpg")]
+    assert "broken symbolic link (to nowhere)" in skipped[str(root / "gone")]
+    assert "a loop of symbolic links" in skipped[str(root / "self.jpg")]
+    assert "cannot read the folder (permission denied)" in skipped[str(root / "locked")]
+
+
+def test_a_very_deep_folder_is_no_recursion_error(tmp_path):
+    folder = tmp_path / "deep"
+    folder.mkdir()
+    os.chdir(folder)  # relative steps keep each path short
+    try:
+        for _ in range(1200):
+            os.mkdir("d")
+            os.chdir("d")
+        _photo(Path("bottom.png"))
+    finally:
+        os.chdir(tmp_path)
+    try:
+        good, skipped = _split(list(expand_all(["deep"])))
+    finally:  # pytest's own clean-up recurses: take the tree down here, level by level
+        os.chdir(folder)
+        for _ in range(1200):
+            os.chdir("d")
+        os.remove("bottom.png")
+        for _ in range(1200):
+            os.chdir("..")
+            os.rmdir("d")
+        os.chdir(tmp_path)
+    assert len(good) == 1 and good[0].endswith("/d/bottom.png") and not skipped
+
+
+def test_empty_path_is_an_error_not_the_current_folder(tmp_path):
+    _photo(tmp_path / "here.png")
+    pairs = list(expand_all([""]))
+    assert len(pairs) == 1 and isinstance(pairs[0][1], InputError)
+    assert "empty PATH" in pairs[0][1].problem
+
+
+def test_cli_reports_every_skip_and_captions_the_rest(tiny_model_dir, tmp_path):
+    root = tmp_path / "photos"
+    root.mkdir()
+    _photo(root / "a.png")
+    _photo(tmp_path / "cwd_photo.png", 30)
+    (root / "loop").symlink_to(".")
+    (root / "gone.png").symlink_to("nowhere.png")
+    out = run_cli(root, "", model=tiny_model_dir, cwd=tmp_path)
+    assert out.returncode == 1, out.stderr
+    assert [line.split("\t")[0] for line in out.stdout.splitlines()] == [str(root / "a.png")]
+    errors = out.stderr.splitlines()
+    assert errors[0].startswith(f"edgecap: {root / 'gone.png'}: skipped: broken symbolic link")
+    assert errors[1].startswith(f"edgecap: {root / 'loop'}: skipped: a symbolic link loop")
+    assert errors[2].startswith("edgecap: : empty PATH argument")
+    assert "Traceback" not in out.stderr and "cwd_photo" not in out.stdout

@@ -1,0 +1,153 @@
+"""Output framing of ``edgecap caption`` (issue 16, class 4): a file name cannot forge a record,
+output is always valid UTF-8 / JSON, a closed pipe stops quietly, an unwritable output is exit 2.
+
+Every hostile file name is made here, in tmp_path.
+"""
+
+from __future__ import annotations
+
+import base64
+import json
+import os
+import re
+import subprocess
+import sys
+from pathlib import Path
+
+import numpy as np
+import pytest
+from PIL import Image
+
+import edgecap
+from edgecap.commands.caption import EXIT_PIPE_CLOSED, escape_field
+
+ENV = {**os.environ, "PYTHONPATH": os.pathsep.join(
+    [str(Path(edgecap.__file__).parent.parent), os.environ.get("PYTHONPATH", "")])}
+pytestmark = pytest.mark.skipif(os.name != "posix", reason="POSIX file names and pipes")
+
+
+def _photo(path, shade: int = 90):
+    Image.fromarray(np.full((24, 32, 3), shade, np.uint8)).save(path, format="PNG")
+    return path
+
+
+def cli(*args, model, env=ENV, stdout=subprocess.PIPE):
+    return subprocess.run([sys.executable, "-m", "edgecap", "caption", *args,
+                           "--model", str(model), "--max-length", "4"],
+                          stdout=stdout, stderr=subprocess.PIPE, env=env)
+
+
+def _unescape(field: str) -> bytes:
+    """The reverse of the documented rules, written independently: -> the file name's bytes."""
+    out, i = bytearray(), 0
+    while i < len(field):
+        c = field[i]
+        if c != "\\":
+            out += c.encode("utf-8")
+            i += 1
+            continue
+        kind = field[i + 1]
+        if kind in "\\tnr":
+            out += {"\\": b"\\", "t": b"\t", "n": b"\n", "r": b"\r"}[kind]
+            i += 2
+        elif kind == "x":
+            out.append(int(field[i + 2:i + 4], 16))  # one byte
+            i += 4
+        else:
+            assert kind == "u"
+            out += chr(int(field[i + 2:i + 6], 16)).encode("utf-8")
+            i += 6
+    return bytes(out)
+
+
+HOSTILE_NAMES = [
+    "two\nlines.png", "tab\there.png", "back\\slash.png", "esc\x1b[31mred.png",
+    "bidi\u202egnp.png", "c1\x85x.png", "cr\rx.png",
+]
+
+
+def test_plain_records_cannot_be_forged(tiny_model_dir, tmp_path):
+    paths = [_photo(tmp_path / name, 40 + 10 * i) for i, name in enumerate(HOSTILE_NAMES)]
+    out = cli(*map(str, paths), model=tiny_model_dir)
+    assert out.returncode == 0, out.stderr
+    lines = out.stdout.decode("utf-8").split("\n")
+    assert lines[-1] == "" and len(lines) - 1 == len(paths)  # one record per image
+    for path, line in zip(paths, lines):
+        name, caption = line.split("\t")  # exactly two fields
+        assert _unescape(name) == os.fsencode(path)
+        assert not re.search(r"[\x00-\x1f\x7f-\x9f\u202e]", name + caption)
+        assert caption
+
+
+def test_non_utf8_name_in_json_and_plain_output(tiny_model_dir, tmp_path):
+    raw = os.fsencode(tmp_path) + b"/caf\xe9\n.png"
+    _photo(raw)
+    broken = os.fsencode(tmp_path) + b"/\xff.png"
+    Path(os.fsdecode(broken)).write_bytes(b"not an image")
+    out = cli(os.fsdecode(raw), os.fsdecode(broken), "--json", model=tiny_model_dir)
+    assert out.returncode == 1
+    records = [json.loads(line) for line in out.stdout.decode("utf-8").splitlines()]
+    assert len(records) == 2
+    assert records[0]["path"].endswith("caf\ufffd\n.png") and records[0]["caption"]
+    assert base64.b64decode(records[0]["path_base64"]) == raw
+    assert base64.b64decode(records[1]["path_base64"]) == broken and records[1]["error"]
+    out.stderr.decode("utf-8")  # stderr is escaped too: valid UTF-8, one line per input
+    assert out.stderr.count(b"\n") == 1 and b"\\xff.png: not an image" in out.stderr
+    plain = cli(os.fsdecode(raw), model=tiny_model_dir)
+    assert plain.returncode == 0
+    assert _unescape(plain.stdout.decode("utf-8").split("\t")[0]) == raw
+
+
+def test_strict_ascii_locale_still_gives_utf8(tiny_model_dir, tmp_path):
+    path = _photo(tmp_path / "café.png")
+    env = {**ENV, "PYTHONIOENCODING": "ascii:strict", "LC_ALL": "C"}
+    for args in ((), ("--json",)):
+        out = cli(str(path), *args, model=tiny_model_dir, env=env)
+        assert out.returncode == 0, out.stderr
+        assert "café.png" in out.stdout.decode("utf-8")
+
+
+def test_escape_field_leaves_ordinary_text_alone():
+    assert escape_field("photos/été 2024/IMG_0001.JPG") == "photos/été 2024/IMG_0001.JPG"
+    assert escape_field("a\\b\tc\n") == "a\\\\b\\tc\\n"
+
+
+@pytest.fixture(scope="module")
+def many_photos(tmp_path_factory):
+    root = tmp_path_factory.mktemp("many")
+    for i in range(60):
+        _photo(root / f"p{i:02d}.png", i)
+    return root
+
+
+def test_closed_pipe_stops_quietly(tiny_model_dir, many_photos):
+    """``edgecap caption DIR | head -1``: no traceback, the SIGPIPE status."""
+    proc = subprocess.Popen([sys.executable, "-m", "edgecap", "caption", str(many_photos),
+                             "--model", str(tiny_model_dir), "--batch-size", "1"],
+                            stdout=subprocess.PIPE, stderr=subprocess.PIPE, env=ENV)
+    first = proc.stdout.readline()
+    proc.stdout.close()  # the reader goes away after one line, like head -1
+    stderr = proc.stderr.read()
+    proc.wait()
+    assert first.startswith(str(many_photos / "p00.png").encode())
+    assert proc.returncode == EXIT_PIPE_CLOSED == 141
+    assert stderr == b""
+
+
+@pytest.mark.skipif(not os.path.exists("/dev/full"), reason="needs /dev/full")
+def test_full_disk_is_exit_2_in_one_line(tiny_model_dir, many_photos):
+    with open("/dev/full", "w") as full:
+        out = cli(str(many_photos / "p00.png"), model=tiny_model_dir, stdout=full)
+    assert out.returncode == 2
+    assert out.stderr.decode().splitlines() == [
+        "edgecap caption: error: cannot write the output (No space left on device)"]
+
+
+def test_closed_stdout_is_exit_2_not_silence(tiny_model_dir, many_photos):
+    out = subprocess.run([sys.executable, "-m", "edgecap", "caption",
+                          str(many_photos / "p00.png"), "--model", str(tiny_model_dir)],
+                         stdout=None, stderr=subprocess.PIPE, env=ENV,
+                         preexec_fn=lambda: os.close(1))
+    assert out.returncode == 2
+    assert out.stderr.decode().splitlines() == [
+        "edgecap caption: error: cannot write the output: standard output is closed"]
