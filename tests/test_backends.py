@@ -120,3 +120,12 @@ def test_load_backend_builds_at_least_the_default_engine_limits(monkeypatch, tin
     assert got == [(None, Limits(8, 5), {}), ("cuda", Limits(16, 5), {"precision": "fp32"}),
                    (None, Limits(8, 5), {})]
 
+
+def test_onnxruntime_threads_do_not_spin_between_runs(tiny_model_dir):
+    """Spin-waiting worker threads burn a robot's cores between captions and, on a small CPU,
+    slow the search between the step runs (benchmarks/results/spinning.md): off by default."""
+    backend = load_backend("onnxruntime", load_manifest(tiny_model_dir), threads=2)
+    for session in (backend.encoder, backend.decoder):
+        options = session.get_session_options()
+        assert options.get_session_config_entry("session.intra_op.allow_spinning") == "0"
+

@@ -32,6 +32,9 @@ _NUMPY_TYPES = {"tensor(float)": np.float32, "tensor(float16)": np.float16,
                 "tensor(int32)": np.int32, "tensor(int64)": np.int64}
 
 
+SPINNING = "session.intra_op.allow_spinning"
+
+
 def session_options(threads: int | None) -> ort.SessionOptions:
     """Options for small-batch latency: all graph optimisations, one sequential executor."""
     so = ort.SessionOptions()
@@ -42,6 +45,11 @@ def session_options(threads: int | None) -> ort.SessionOptions:
     so.intra_op_num_threads = 0 if threads is None else threads
     so.inter_op_num_threads = 1  # the graphs are chains: nothing runs in parallel between ops
     so.log_severity_level = 3    # errors only; warnings about unused initializers are noise
+    # No spin-waiting worker threads: after each run they burned ~70 ms of CPU in the next 200 ms
+    # (a robot's other models lose those cores), and the spinning took the cores from the search
+    # running between the step runs: end to end 27.0 vs 34.2 ms, encoder 6.9 vs 12.5 ms with
+    # spinning off vs on (2-core CPU, each in its own process; benchmarks/results/spinning.md).
+    so.add_session_config_entry(SPINNING, "0")
     return so
 
 
