@@ -140,3 +140,38 @@ def test_the_folded_padding_matches_pytorch_on_a_photo(tiny_model_dir):
     features, = session.run(["features"], {"image": x})
     reference = TorchBackend(manifest).encode(x).tensors["features"].numpy()
     assert np.abs(features - reference).max() < 1e-3
+
+
+@pytest.mark.parametrize("role", ["encoder", "decoder_step"])
+def test_constant_folding_for_tensorrt_keeps_the_outputs(tiny_model_dir, role):
+    """The copy TensorRT parses (``fold_constants``): no node left whose inputs are all
+    constants (the parser rejects e.g. a Slice whose axes are computed), the same outputs."""
+    import onnxruntime as ort
+
+    from edgecap.build.convert import fold_constants
+    from edgecap.build.export import example_step_inputs
+    from edgecap.manifest import load_manifest
+
+    manifest = load_manifest(tiny_model_dir)
+    original = onnx.load(str(manifest.path(role)))
+    folded = fold_constants(onnx.load(str(manifest.path(role))))
+    onnx.checker.check_model(folded)
+    constants = {t.name for t in folded.graph.initializer}
+    assert all(any(name not in constants for name in node.input if name)
+               for node in folded.graph.node), "a node with only constant inputs is left"
+    assert not any(node.op_type == "Constant" for node in folded.graph.node)
+    assert len(folded.graph.node) < len(original.graph.node)  # there was something to fold
+    if role == "encoder":
+        feeds = {"image": np.random.default_rng(0).uniform(-1, 1, (2, 3, 224, 224))
+                 .astype(np.float32)}
+    else:
+        from edgecap.backends.torch import TorchBackend
+        from edgecap.contract import STEP_INPUTS
+
+        decoder = TorchBackend(manifest).decoder
+        feeds = {name: value.numpy() for name, value in
+                 zip(STEP_INPUTS, example_step_inputs(decoder, manifest.dims.regions))}
+    run = [ort.InferenceSession(m.SerializeToString(), providers=["CPUExecutionProvider"])
+           .run(None, feeds) for m in (original, folded)]
+    for before, after in zip(*run):
+        np.testing.assert_array_equal(before, after)

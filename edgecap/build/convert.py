@@ -162,6 +162,44 @@ def drop_cast_round_trips(graph) -> None:
         graph.node.remove(node)
 
 
+def fold_constants(model):
+    """``model`` (an ``onnx.ModelProto``, changed in place and returned) with every node whose
+    inputs are all constants (initializers, Constant nodes, or outputs of nodes folded before)
+    replaced by initializers holding its outputs, evaluated with onnx's reference runtime.
+
+    The exporter writes no constant folding (so the initializers keep the PyTorch names), which
+    leaves small constant chains such as ``Unsqueeze(Constant)`` feeding a Slice's axes or a
+    ``Reshape(Constant)`` feeding TopK's K. TensorRT's ONNX parser wants those as stored
+    constants (8.5 to 10.x reject a Slice whose axes are computed); onnxruntime folds them
+    itself, so the engines are built from a folded copy (``edgecap.build.engines``)."""
+    from onnx import numpy_helper
+    from onnx.reference import ReferenceEvaluator
+
+    graph = model.graph
+    values = {t.name: numpy_helper.to_array(t) for t in graph.initializer}
+    outputs = {o.name for o in graph.output}
+    kept, folded = [], []
+    for node in graph.node:
+        inputs = [name for name in node.input if name]
+        if (node.domain not in ("", "ai.onnx") or not set(node.output).isdisjoint(outputs)
+                or not all(name in values for name in inputs)):
+            kept.append(node)
+            continue
+        results = ReferenceEvaluator(node).run(None, {name: values[name] for name in inputs})
+        for name, value in zip(node.output, results):
+            values[name] = np.asarray(value)
+            folded.append(numpy_helper.from_array(np.asarray(value), name))
+    if folded:
+        del graph.node[:]
+        graph.node.extend(kept)
+        graph.initializer.extend(folded)
+        used = {name for node in graph.node for name in node.input} | outputs
+        live = [t for t in graph.initializer if t.name in used]
+        del graph.initializer[:]
+        graph.initializer.extend(live)
+    return model
+
+
 def sort_nodes(graph) -> None:
     """Reorder ``graph.node`` topologically (stable: keeps the given order where it is valid)."""
     available = {i.name for i in graph.input} | {t.name for t in graph.initializer} | {""}

@@ -137,31 +137,34 @@ def model_hash(manifest: Manifest, role: str) -> str:
 
 def onnx_for_build(manifest: Manifest, role: str, precision: str, mode: str,
                    cache_dir: Path, log=sys.stderr) -> Path:
-    """The ONNX file to parse: the model's own, or for a strongly typed FP16 build of an FP32
-    model its FP16 conversion (made once, kept in the cache)."""
+    """The ONNX file to parse, made once and kept in the cache: the model's graph with its
+    constant chains folded (``edgecap.build.convert.fold_constants``: TensorRT's parser wants
+    stored constants where the exporter left small computations), converted to FP16 first for a
+    strongly typed FP16 build of an FP32 model."""
     if manifest.precision == "int8":
         raise ModelError(f"{manifest.directory}: TensorRT engines are built from an fp32 or "
                          "fp16 model directory, not int8")
     if precision == "fp32" and manifest.precision != "fp32":
         raise ModelError(f"{manifest.directory} is {manifest.precision}; build fp32 engines "
                          "from the fp32 model directory")
-    if precision == "fp32" or manifest.precision == "fp16" or mode == "flag":
-        return manifest.path(role)
-    converted = cache_dir / f"{role}-{model_hash(manifest, role)[:16]}-fp16.onnx"
-    if not converted.exists():
-        print(f"edgecap: converting {manifest.path(role).name} to FP16 for a strongly typed "
-              f"TensorRT build -> {converted}", file=log)
+    to_half = precision == "fp16" and manifest.precision == "fp32" and mode != "flag"
+    kind = "fp16" if to_half else manifest.precision
+    prepared = cache_dir / f"{role}-{model_hash(manifest, role)[:16]}-{kind}-folded.onnx"
+    if not prepared.exists():
+        what = "converting to FP16 and folding" if to_half else "folding the constants of"
+        print(f"edgecap: {what} {manifest.path(role).name} for TensorRT -> {prepared}", file=log)
         try:
             import onnx
 
-            from edgecap.build.convert import to_fp16
+            from edgecap.build.convert import fold_constants, to_fp16
         except ImportError as exc:
-            raise BackendError("FP16 engines on TensorRT >= 10.12 are built from an FP16 "
-                               "model: run `edgecap convert MODEL --precision fp16 --out DIR` "
-                               "and build from DIR, or pip install onnx") from exc
-        _atomic_write(converted, to_fp16(onnx.load(str(manifest.path(role))))
-                      .SerializeToString())
-    return converted
+            raise BackendError("building TensorRT engines needs onnx to prepare the graphs: "
+                               "pip install 'edgecap[tensorrt]' (or pip install onnx)") from exc
+        model = onnx.load(str(manifest.path(role)))
+        if to_half:
+            model = to_fp16(model)
+        _atomic_write(prepared, fold_constants(model).SerializeToString())
+    return prepared
 
 
 def _atomic_write(path: Path, data) -> None:
