@@ -3,8 +3,9 @@
     from edgecap import Captioner
     print(Captioner().caption("photo.jpg").text)
 
-Importing edgecap loads numpy and Pillow only; onnxruntime, torch and tensorrt are imported when
-a backend that needs them is created.
+Importing edgecap loads its error classes only; the first use of ``Captioner`` loads numpy and
+Pillow, and onnxruntime, torch or tensorrt are imported when a backend that needs them is
+created.
 """
 
 from edgecap.errors import BackendError, EdgecapError, InputError, ModelError
@@ -22,6 +23,7 @@ def __getattr__(name: str):
 
         return getattr(api, name)
     raise AttributeError(f"module 'edgecap' has no attribute {name!r}")
+
 
 __all__ = ["Caption", "CaptionOptions", "Captioner", "EdgecapError", "InputError", "ModelError",
            "BackendError", "__version__"]
