@@ -175,3 +175,23 @@ def test_constant_folding_for_tensorrt_keeps_the_outputs(tiny_model_dir, role):
            .run(None, feeds) for m in (original, folded)]
     for before, after in zip(*run):
         np.testing.assert_array_equal(before, after)
+
+
+def test_fp16_keeps_the_encoders_stem_and_first_blocks_in_fp32(tiny_model_dir, tmp_path):
+    """What moved the FP16 captions was the encoder's early layers (README, FP16 section)."""
+    from edgecap.build.convert import ENCODER_FP32_BLOCKS, convert_model_dir, fp32_nodes
+
+    graph = onnx.load(str(tiny_model_dir / "encoder.onnx")).graph
+    kept = set(fp32_nodes(graph))
+    assert "/_conv_stem/Conv" in kept
+    early = [n.name for n in graph.node if n.name.startswith(("/_blocks.0/", "/_blocks.3/"))]
+    late = [n.name for n in graph.node if n.name.startswith(f"/_blocks.{ENCODER_FP32_BLOCKS}/")]
+    assert early and set(early) <= kept and late and not set(late) & kept
+    fp16 = convert_model_dir(tiny_model_dir, tmp_path / "fp16", "fp16")
+    weights = {t.name: t.data_type for t in onnx.load(str(fp16.path("encoder"))).graph.initializer}
+    stem = next(n for n in onnx.load(str(fp16.path("encoder"))).graph.node
+                if n.name == "/_conv_stem/Conv")
+    late_conv = next(n for n in onnx.load(str(fp16.path("encoder"))).graph.node
+                     if n.name == f"/_blocks.{ENCODER_FP32_BLOCKS}/_expand_conv/Conv")
+    assert weights[stem.input[1]] == onnx.TensorProto.FLOAT
+    assert weights[late_conv.input[1]] == onnx.TensorProto.FLOAT16
