@@ -19,27 +19,16 @@ import pytest
 import edgecap
 from edgecap import Captioner, ModelError
 from edgecap.manifest import file_sha256, load_manifest, verify_files
+from helpers import copy_model, edit_manifest
 
 ENV = {**os.environ, "PYTHONPATH": os.pathsep.join(
     [str(Path(edgecap.__file__).parent.parent), os.environ.get("PYTHONPATH", "")])}
 POSIX = pytest.mark.skipif(os.name != "posix", reason="POSIX links and pipes")
 
 
-def _copy(model: Path, to: Path) -> Path:
-    shutil.copytree(model, to)
-    return to
-
-
-def _edit_manifest(model: Path, edit) -> None:
-    path = model / "manifest.json"
-    data = json.loads(path.read_text())
-    edit(data)
-    path.write_text(json.dumps(data))
-
-
 @POSIX
 def test_unknown_roles_are_ignored_never_opened(any_model_dir, tmp_path):
-    model = _copy(any_model_dir, tmp_path / "m")
+    model = copy_model(any_model_dir, tmp_path / "m")
     outside = tmp_path / "outside"
     outside.mkdir()
     os.mkfifo(outside / "pipe")  # opening it would block for ever
@@ -48,7 +37,7 @@ def test_unknown_roles_are_ignored_never_opened(any_model_dir, tmp_path):
         data["files"]["extra"] = str(outside / "pipe")
         data["files"]["sneaky"] = "../outside/pipe"
         data["sha256"]["extra"] = "0" * 64
-    _edit_manifest(model, edit)
+    edit_manifest(model, edit)
     manifest = load_manifest(model)
     assert set(manifest.files) == {"encoder", "decoder_step", "vocab", "classes"}
     verify_files(manifest)  # hashes the known files only
@@ -59,7 +48,7 @@ def test_unknown_roles_are_ignored_never_opened(any_model_dir, tmp_path):
 @POSIX
 @pytest.mark.parametrize("target", ["fifo", "device", "folder"])
 def test_model_file_linked_to_a_special_file_is_refused(any_model_dir, tmp_path, target):
-    model = _copy(any_model_dir, tmp_path / "m")
+    model = copy_model(any_model_dir, tmp_path / "m")
     special = tmp_path / "special"
     if target == "fifo":
         os.mkfifo(special)
@@ -80,7 +69,7 @@ def test_model_file_linked_to_a_special_file_is_refused(any_model_dir, tmp_path,
 def test_link_to_a_regular_file_elsewhere_is_used(any_model_dir, tmp_path):
     """The documented decision: a link inside the folder may lead to a regular file anywhere
     (a model store, a download cache)."""
-    model = _copy(any_model_dir, tmp_path / "m")
+    model = copy_model(any_model_dir, tmp_path / "m")
     store = tmp_path / "store"
     store.mkdir()
     shutil.move(model / "encoder.onnx", store / "encoder.onnx")
@@ -94,7 +83,7 @@ def _deep(n: int) -> str:
 
 @pytest.mark.parametrize("where", ["manifest", "vocab", "classes"])
 def test_deeply_nested_json_is_a_model_error(any_model_dir, tmp_path, where):
-    model = _copy(any_model_dir, tmp_path / "m")
+    model = copy_model(any_model_dir, tmp_path / "m")
     if where == "manifest":
         text = (model / "manifest.json").read_text().rstrip()[:-1] + f', "x": {_deep(100000)}}}'
         (model / "manifest.json").write_text(text)
@@ -110,7 +99,7 @@ def test_deeply_nested_json_is_a_model_error(any_model_dir, tmp_path, where):
 
 @pytest.mark.parametrize("name", ["manifest.json", "vocab.json", "classes.json"])
 def test_oversized_json_is_refused_before_reading(any_model_dir, tmp_path, name):
-    model = _copy(any_model_dir, tmp_path / "m")
+    model = copy_model(any_model_dir, tmp_path / "m")
     with open(model / name, "r+b") as f:
         f.truncate(200 * 1024 * 1024)  # sparse: 200 MB that are never read
     with pytest.raises(ModelError, match=f"{name}: .*209,715,200 bytes, over the limit"):
@@ -123,11 +112,11 @@ def _rewrite_vocab(model: Path, words: list) -> None:
     def edit(data):
         data["dims"]["vocab_size"] = len(words)
         data["sha256"]["vocab"] = file_sha256(model / "vocab.json")
-    _edit_manifest(model, edit)
+    edit_manifest(model, edit)
 
 
 def test_vocabulary_with_non_string_entries(any_model_dir, tmp_path):
-    model = _copy(any_model_dir, tmp_path / "m")
+    model = copy_model(any_model_dir, tmp_path / "m")
     words = json.loads((model / "vocab.json").read_text())["words"]
     _rewrite_vocab(model, [*words[:-2], 7, None])
     with pytest.raises(ModelError, match="vocab.json: unreadable vocabulary .*non-empty strings"):
@@ -136,7 +125,7 @@ def test_vocabulary_with_non_string_entries(any_model_dir, tmp_path):
 
 def test_vocabulary_that_disagrees_with_the_graph(any_model_dir, tmp_path):
     """vocab.json and the manifest agree with each other, not with the step graph."""
-    model = _copy(any_model_dir, tmp_path / "m")
+    model = copy_model(any_model_dir, tmp_path / "m")
     words = json.loads((model / "vocab.json").read_text())["words"]
     _rewrite_vocab(model, words[:-1])
     with pytest.raises(ModelError, match="decoder_step.onnx: tensor 'word_bias' has shape"):
@@ -147,13 +136,13 @@ def test_vocabulary_checked_against_a_graph_with_a_symbolic_size(any_model_dir, 
     """A step graph whose vocabulary dimension is symbolic cannot be checked against vocab.json:
     only the row dimension may be dynamic, so it is refused at load, not an IndexError later."""
     onnx = pytest.importorskip("onnx")
-    model = _copy(any_model_dir, tmp_path / "m")
+    model = copy_model(any_model_dir, tmp_path / "m")
     graph = onnx.load(str(model / "decoder_step.onnx"))
     for value in graph.graph.input:
         if value.name == "word_bias":
             value.type.tensor_type.shape.dim[1].dim_param = "V"
     onnx.save(graph, str(model / "decoder_step.onnx"))
-    _edit_manifest(model, lambda data: data["sha256"].pop("decoder_step", None))
+    edit_manifest(model, lambda data: data["sha256"].pop("decoder_step", None))
     words = json.loads((model / "vocab.json").read_text())["words"]
     _rewrite_vocab(model, words[:-1])
     with pytest.raises(ModelError, match="tensor 'word_bias' has shape .*'V'"):
@@ -161,7 +150,7 @@ def test_vocabulary_checked_against_a_graph_with_a_symbolic_size(any_model_dir, 
 
 
 def test_cli_exit_2_one_line(any_model_dir, tmp_path):
-    model = _copy(any_model_dir, tmp_path / "m")
+    model = copy_model(any_model_dir, tmp_path / "m")
     (model / "vocab.json").write_text(f'{{"words": {_deep(50000)}}}')
     photo = Path(edgecap.__file__).parent / "assets" / "examples" / "chelsea.png"
     out = subprocess.run([sys.executable, "-m", "edgecap", "caption", str(photo), "--model",

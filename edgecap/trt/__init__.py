@@ -28,25 +28,15 @@ if TYPE_CHECKING:
         float16: tensorrt.DataType
         float32: tensorrt.DataType
 
-        @property
-        def Builder(self) -> type[tensorrt.Builder]: ...
-        @property
-        def BuilderFlag(self) -> type[tensorrt.BuilderFlag]: ...
-        @property
-        def LayerType(self) -> type[tensorrt.LayerType]: ...
-        @property
-        def Logger(self) -> type[tensorrt.Logger]: ...
-        @property
-        def MemoryPoolType(self) -> type[tensorrt.MemoryPoolType]: ...
-        @property
-        def NetworkDefinitionCreationFlag(self) -> type[tensorrt.NetworkDefinitionCreationFlag]:
-            ...
-        @property
-        def OnnxParser(self) -> type[tensorrt.OnnxParser]: ...
-        @property
-        def Runtime(self) -> type[tensorrt.Runtime]: ...
-        @property
-        def TensorIOMode(self) -> type[tensorrt.TensorIOMode]: ...
+        Builder: type[tensorrt.Builder]
+        BuilderFlag: type[tensorrt.BuilderFlag]
+        LayerType: type[tensorrt.LayerType]
+        Logger: type[tensorrt.Logger]
+        MemoryPoolType: type[tensorrt.MemoryPoolType]
+        NetworkDefinitionCreationFlag: type[tensorrt.NetworkDefinitionCreationFlag]
+        OnnxParser: type[tensorrt.OnnxParser]
+        Runtime: type[tensorrt.Runtime]
+        TensorIOMode: type[tensorrt.TensorIOMode]
 
         def nptype(self, trt_type: tensorrt.DataType) -> type: ...
 
