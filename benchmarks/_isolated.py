@@ -377,18 +377,21 @@ def run_isolated(specs: list[Spec], measures: list[str] | None = None, rounds: i
     return result
 
 
+HOW_IT_RAN = (
+    "Each variant in its own worker process (model loading not timed). Interleaved: all workers "
+    "alive, {rounds} rounds x {per_round} calls per measure, the variants in turn (first one "
+    "rotating), only one worker running at a time, after {warmup} warm-up calls each. Alone: "
+    "each variant again in a fresh worker with no other worker alive, the same calls. Flag: "
+    "interleaved median more than {tolerance_percent:.0f}% off the alone median. Ratios: "
+    "{baseline}'s interleaved median / the variant's, measured side by side.")
+
+
 def report_markdown(result: dict) -> str:
     """The tables of a ``run_isolated`` result."""
     from _common import markdown_table
 
     s = result["settings"]
-    lines = [f"Each variant in its own worker process (model loading not timed). Interleaved: all "
-             f"workers alive, {s['rounds']} rounds x {s['per_round']} calls per measure, the "
-             f"variants in turn (first one rotating), only one worker running at a time, after "
-             f"{s['warmup']} warm-up calls each. Alone: each variant again in a fresh worker with "
-             f"no other worker alive, the same calls. Flag: interleaved median more than "
-             f"{100 * s['tolerance']:.0f}% off the alone median. Ratios: {s['baseline']}'s "
-             f"interleaved median / the variant's, measured side by side.", ""]
+    lines = [HOW_IT_RAN.format(tolerance_percent=100 * s["tolerance"], **s), ""]
     rows = []
     for m, per_variant in result["measures"].items():
         for name, e in per_variant.items():
