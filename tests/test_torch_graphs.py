@@ -180,3 +180,29 @@ def test_cuda_graph_captions_on_the_gpu(tiny_model_dir, photos, fp16):
             assert a.tokens == b.tokens and b.score == pytest.approx(a.score, abs=1e-3)
         else:
             assert b.score == pytest.approx(a.score, abs=0.05)
+
+
+def test_fp16_keeps_the_same_fp32_islands_as_the_fp16_onnx(tiny_model_dir):
+    """The CUDA path's FP16 keeps FP32 where ``edgecap convert`` does: the encoder's stem and
+    first blocks, the classifier, the attention scores (run here on the CPU, which has the FP16
+    kernels these layers need, by setting the backend up directly)."""
+    import torch
+
+    from edgecap.backends.torch import TorchBackend
+    from edgecap.manifest import load_manifest
+    from edgecap.models.config import ENCODER_FP32_BLOCKS
+
+    manifest = load_manifest(tiny_model_dir)
+    reference = TorchBackend(manifest)
+    half = TorchBackend.__new__(TorchBackend)
+    encoder, decoder = TorchBackend._build(manifest)
+    half._setup(encoder, decoder, "cpu", fp16=True)
+    e = half.encoder
+    assert e._conv_stem.weight.dtype == torch.float32
+    assert e._blocks[ENCODER_FP32_BLOCKS - 1]._project_conv.weight.dtype == torch.float32
+    assert e._blocks[ENCODER_FP32_BLOCKS]._project_conv.weight.dtype == torch.float16
+    assert e._fc.weight.dtype == torch.float32
+    image = np.random.default_rng(0).uniform(-1, 1, (1, 3, 224, 224)).astype(np.float32)
+    got = half.encode(image).tensors["features"].float().numpy()
+    want = reference.encode(image).tensors["features"].numpy()
+    assert np.abs(got - want).max() < 0.5  # FP16 features, FP32 islands: close, not equal

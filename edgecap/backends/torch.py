@@ -29,10 +29,12 @@ from onnx import numpy_helper
 from edgecap.backends._checks import load_failure
 from edgecap.backends.base import Backend, DecoderSession, Encoded, StepResult
 from edgecap.backends.torch_graphs import (CudaGraph, EncoderGraphs, GraphedSession,
-                                           GraphFactory, StepGraphs, keep_fp32)
+                                           GraphFactory, StepGraphs, keep_fp32,
+                                           keep_fp32_span)
 from edgecap.contract import ENCODER_OUTPUTS, ROLES, Limits
 from edgecap.errors import BackendError, ModelError
 from edgecap.manifest import Manifest
+from edgecap.models.config import ENCODER_FP32_BLOCKS
 from edgecap.models.decoder import CaptionDecoder, DecoderConfig
 from edgecap.models.efficientnet_lite import EfficientNetLite0
 from edgecap.models.graphs import EncoderGraph, StepGraph
@@ -143,6 +145,9 @@ class TorchBackend(Backend):
                 keep_fp32(self.decoder.att_score)
             if self.encoder is not None:
                 keep_fp32(self.encoder._fc)
+                # the encoder's stem and first blocks, as the FP16 ONNX keeps them
+                keep_fp32_span([self.encoder._conv_stem, self.encoder._bn0,
+                                *self.encoder._blocks[:ENCODER_FP32_BLOCKS]], self.dtype)
         self.encoder_graph = None if encoder is None else EncoderGraph(self.encoder, self.decoder)
         self.step_graph = StepGraph(self.decoder)
         self.graph_factory: GraphFactory | None = None

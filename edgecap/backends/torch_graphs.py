@@ -296,3 +296,11 @@ def keep_fp32(module: torch.nn.Module) -> torch.nn.Module:
 
     module.register_forward_pre_hook(to_fp32)
     return module
+
+
+def keep_fp32_span(modules, dtype: torch.dtype) -> None:
+    """A chain of modules kept FP32 as one island (``keep_fp32`` each), whose last output goes
+    back to ``dtype`` for the FP16 modules after it."""
+    for module in modules:
+        keep_fp32(module)
+    modules[-1].register_forward_hook(lambda _module, _args, output: output.to(dtype))

@@ -37,6 +37,7 @@ import numpy as np
 from edgecap.contract import CLASSES, ENCODER_OUTPUTS, FILE_ROLES, ROLES, STEP_OUTPUTS, VOCAB
 from edgecap.errors import BackendError, ModelError
 from edgecap.manifest import Manifest, file_sha256, load_manifest, verify_files
+from edgecap.models.config import ENCODER_FP32_BLOCKS
 
 PRECISIONS = ("fp16", "int8")
 
@@ -45,11 +46,6 @@ FP32_OP_TYPES = ("Softmax", "LogSoftmax", "TopK")
 # Ops that only move data; walked through when looking for what computes a Softmax's input.
 _VIEW_OPS = {"Squeeze", "Unsqueeze", "Reshape", "Flatten", "Transpose", "Identity", "Cast"}
 _PROJECTION_OPS = {"MatMul", "Gemm"}
-# The encoder CNN's stem and first blocks stay FP32: their FP16 rounding, carried through the
-# rest of the network, is what moved the captions (dev split, beam 3: FP16 96.2% identical to
-# FP32; the whole encoder in FP32 99.7% on 300 photos, the whole decoder step in FP32 96.0%).
-# Stem + 4 blocks: 24% of the encoder's multiply-adds (0.094 of 0.386 GMAC) stay FP32.
-ENCODER_FP32_BLOCKS = 4
 _IMAGE_SUFFIXES = {".jpg", ".jpeg", ".png", ".bmp", ".webp", ".tif", ".tiff"}
 
 
