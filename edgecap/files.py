@@ -67,8 +67,8 @@ def check_regular(path: str | os.PathLike) -> os.stat_result:
 
 
 def open_regular(path: str | os.PathLike, max_bytes: int | None, what: str = "file"):
-    """Open a regular file for reading in binary mode after the checks above; returns
-    (file object, size). ``max_bytes`` None: no ceiling."""
+    """Open a regular file for reading in binary mode after the checks above (a file object).
+    ``max_bytes`` None: no ceiling."""
     check_regular(path)
     try:
         fd = os.open(path, _OPEN_FLAGS)
@@ -83,7 +83,7 @@ def open_regular(path: str | os.PathLike, max_bytes: int | None, what: str = "fi
                               f"{max_bytes:,}")
         if hasattr(os, "set_blocking"):
             os.set_blocking(fd, True)  # regular files never block; plain reads from here
-        return os.fdopen(fd, "rb"), st.st_size
+        return os.fdopen(fd, "rb")
     except BaseException:
         os.close(fd)
         raise
@@ -92,7 +92,7 @@ def open_regular(path: str | os.PathLike, max_bytes: int | None, what: str = "fi
 def read_regular(path: str | os.PathLike, max_bytes: int, what: str = "file") -> bytes:
     """The whole file, at most ``max_bytes`` (``FileProblem`` otherwise, before or while
     reading)."""
-    f, size = open_regular(path, max_bytes, what)
+    f = open_regular(path, max_bytes, what)
     with f:
         try:
             data = f.read(max_bytes + 1)
@@ -104,6 +104,7 @@ def read_regular(path: str | os.PathLike, max_bytes: int, what: str = "file") ->
 
 
 MAX_JSON_DEPTH = 32  # edgecap's own JSON files nest 4 deep
+MAX_VOCAB_BYTES = 16 << 20  # vocab.json and classes.json: the shipped ones are 30-60 KB
 
 
 def read_json(path: str | os.PathLike, max_bytes: int, max_depth: int = MAX_JSON_DEPTH):

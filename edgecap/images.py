@@ -165,13 +165,11 @@ def load_rgb(image: ImageInput, color: str = "rgb",
     source = describe(image)
     try:
         return _load_rgb(image, color, draft_size, source)
-    except InputError as exc:
+    except Exception as exc:  # noqa: BLE001
         if caused_by_interrupt(exc):  # Ctrl-C inside a decoder or a lazy plugin import
             raise KeyboardInterrupt from exc
-        raise
-    except Exception as exc:  # noqa: BLE001
-        if caused_by_interrupt(exc):
-            raise KeyboardInterrupt from exc
+        if isinstance(exc, InputError):
+            raise
         # Whatever else goes wrong with one input (a path the OS refuses, memory for one huge
         # image) belongs to that input: callers such as caption_batch(on_error="return") rely
         # on every per-input failure being an InputError.
@@ -280,8 +278,9 @@ _JPEG_MARKER = re.compile(rb"\xff+([^\x00\xd0-\xd7\xff])")
 def jpeg_scans(data: bytes, stop_after: int) -> int:
     """The number of scans (SOS markers) of the first JPEG image in ``data``, counted from the
     markers without decoding; counting stops past ``stop_after``."""
-    if data.count(b"\xff\xda") <= stop_after:  # an upper bound (thumbnails add to it): done
-        return data.count(b"\xff\xda")
+    upper_bound = data.count(b"\xff\xda")  # thumbnails and stray bytes add to it
+    if upper_bound <= stop_after:
+        return upper_bound
     scans, pos, n = 0, 2, len(data)
     segments = 0
     while pos < n and scans <= stop_after:

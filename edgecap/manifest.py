@@ -11,7 +11,7 @@ model file may be a symbolic link (a shared model store, a download cache) if it
 regular file, wherever that is: the link was put in the directory by whoever made it. A link
 to a device, a pipe, a socket or a folder is refused, and so is anything else that is not a
 regular file. The JSON files are read with a size and nesting bound (``MAX_MANIFEST_BYTES``,
-``MAX_VOCAB_BYTES``, ``files.MAX_JSON_DEPTH``). Each refusal is a ``ModelError``.
+``files.MAX_VOCAB_BYTES``, ``files.MAX_JSON_DEPTH``). Each refusal is a ``ModelError``.
 """
 
 from __future__ import annotations
@@ -32,7 +32,6 @@ from edgecap.preprocess import Preprocessing
 FORMAT = "edgecap-model/2"  # 2: the encoder's class_probs, the step's word_bias
 MANIFEST = "manifest.json"
 MAX_MANIFEST_BYTES = 1 << 20   # the shipped one is 2 KB
-MAX_VOCAB_BYTES = 16 << 20     # vocab.json and classes.json: the shipped ones are 30-60 KB
 
 
 @dataclass(frozen=True)
@@ -65,21 +64,13 @@ def file_sha256(path: Path) -> str:
     """The file's SHA-256; only a regular file is opened (``OSError`` otherwise)."""
     h = hashlib.sha256()
     try:
-        f, _ = open_regular(path, None)
+        f = open_regular(path, None)
     except FileProblem as exc:
         raise OSError(str(exc)) from None
     with f:
         for chunk in iter(lambda: f.read(1 << 20), b""):
             h.update(chunk)
     return h.hexdigest()
-
-
-def read_model_json(path: Path, max_bytes: int, what: str):
-    """A model directory's JSON file, bounded (``files.read_json``); ``ModelError`` naming it."""
-    try:
-        return read_json(path, max_bytes)
-    except FileProblem as exc:
-        raise ModelError(f"{path}: unusable {what} ({exc}); re-export the model") from None
 
 
 def load_manifest(directory: str | Path) -> Manifest:

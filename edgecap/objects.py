@@ -39,11 +39,11 @@ class ObjectClasses:
     def load(cls, path: Path, vocab_index: dict[str, int], n_classes: int) -> "ObjectClasses":
         """Read ``classes.json``; words the vocabulary lacks are left out (a model with its own
         vocabulary still gets every tag, and guidance where the words exist)."""
-        from edgecap.files import FileProblem, read_json
+        from edgecap.files import MAX_VOCAB_BYTES, FileProblem, read_json
 
         try:
             try:
-                entries = read_json(path, 16 << 20)["classes"]
+                entries = read_json(path, MAX_VOCAB_BYTES)["classes"]
             except FileProblem as exc:
                 raise ValueError(str(exc)) from None
             if not isinstance(entries, list) or not all(

@@ -134,10 +134,9 @@ def beam_search(backend: Backend, encoded: Encoded, options: CaptionOptions, sta
     finished: list[list[Hypothesis]] = [[] for _ in range(n_images)]
     done = np.zeros(n_images, dtype=bool)
 
+    row_bias = None if guidance is None else guidance.bias[image_index]  # (R, V), once
     for t in range(options.max_length):
-        word_bias = None
-        if steered.any():
-            word_bias = guidance.bias[image_index] * steered[:, None].astype(np.float32)
+        word_bias = row_bias * steered[:, None] if steered.any() else None
         result = session.step(tokens, source_rows, word_bias)
         lp = result.topk_logprobs[:, :width].astype(np.float64)
         ids = result.topk_ids[:, :width]

@@ -30,7 +30,7 @@ class Vocabulary:
         if not isinstance(words, (list, tuple)):
             raise ValueError(f"vocabulary must be a list of words, got {type(words).__name__}")
         bad = next((w for w in words if not isinstance(w, str) or not w), None)
-        if bad is not None or "" in words:
+        if bad is not None:
             raise ValueError(f"vocabulary words must be non-empty strings, got {bad!r}")
         if list(words[: len(SPECIALS)]) != list(SPECIALS):
             raise ValueError(f"vocabulary must start with {SPECIALS}, got {words[:4]}")
@@ -69,11 +69,13 @@ class Vocabulary:
         Path(path).write_text(json.dumps({"words": self.words}, indent=0))
 
     @classmethod
-    def load(cls, path: Path, max_bytes: int = 16 << 20) -> "Vocabulary":
+    def load(cls, path: Path, max_bytes: int | None = None) -> "Vocabulary":
         """Read ``vocab.json`` (a regular file of at most ``max_bytes``, bounded nesting);
-        ``ValueError`` / ``KeyError`` / ``TypeError`` for anything else."""
-        from edgecap.files import FileProblem, read_json
+        ``ValueError`` / ``KeyError`` / ``TypeError`` for anything else (``max_bytes`` None:
+        ``files.MAX_VOCAB_BYTES``)."""
+        from edgecap.files import MAX_VOCAB_BYTES, FileProblem, read_json
 
+        max_bytes = MAX_VOCAB_BYTES if max_bytes is None else max_bytes
         try:
             data = read_json(path, max_bytes)
         except FileProblem as exc:

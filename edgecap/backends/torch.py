@@ -221,8 +221,6 @@ class TorchDecoderSession(DecoderSession):
         self.h, self.c = tensors["h0"], tensors["c0"]
         self.features, self.att_proj = tensors["features"], tensors["att_proj"]
         self.image_index = self._rows(image_index)
-        self.no_bias = torch.zeros(len(image_index), backend.decoder.cfg.vocab_size,
-                                   device=self.device)
 
     def _rows(self, x: np.ndarray) -> torch.Tensor:
         return torch.from_numpy(np.asarray(x, dtype=np.int32)).to(self.device)
@@ -230,7 +228,7 @@ class TorchDecoderSession(DecoderSession):
     @torch.inference_mode()
     def step(self, tokens: np.ndarray, source_rows: np.ndarray,
              word_bias: np.ndarray | None = None) -> StepResult:
-        bias = (self.no_bias if word_bias is None
+        bias = (None if word_bias is None  # the step's plain top K
                 else torch.from_numpy(np.asarray(word_bias, np.float32)).to(self.device))
         values, ids, self.h, self.c, alpha = self.step_graph(
             self._rows(tokens), self.h, self.c, self._rows(source_rows), self.features,

@@ -43,6 +43,7 @@ from typing import Protocol
 import numpy as np
 import torch
 
+from edgecap.backends.base import StepResult
 from edgecap.errors import BackendError
 
 MAX_KEYS = 8  # step-graph shapes kept (least recently used dropped beyond this)
@@ -271,8 +272,6 @@ class GraphedSession:
     @torch.no_grad()
     def step(self, tokens: np.ndarray, source_rows: np.ndarray,
              word_bias: np.ndarray | None = None):
-        from edgecap.backends.base import StepResult
-
         if self.buffers.owner is not self:
             raise BackendError("this CUDA-graph search's buffers were taken by a later search of "
                                "the same shape: a graphed torch backend runs one search at a "

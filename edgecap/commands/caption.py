@@ -94,11 +94,6 @@ def add_arguments(p: argparse.ArgumentParser) -> None:
                         "classes with their probabilities; always in --json)")
 
 
-def expand(arg: str) -> Iterator[tuple[str, object]]:
-    """One command-line PATH -> (name, input) pairs (``expand_all`` of one PATH)."""
-    return expand_all([arg])
-
-
 def expand_all(args: Iterable[str]) -> Iterator[tuple[str, object]]:
     """Command-line PATHs -> (name, input) pairs, in order: a file (even a missing one: the
     captioner reports it), a folder's image files (searched recursively, sorted), or a glob's

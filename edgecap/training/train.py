@@ -100,7 +100,7 @@ def greedy_captions(decoder: CaptionDecoder, fmap: torch.Tensor, vocab: Vocabula
     backend = TorchBackend.from_modules(None, decoder, device=str(fmap.device))
     options = CaptionOptions(beam_size=1, max_length=max_len, no_repeat_ngram=0)
     hypotheses = beam_search(backend, backend.encode_regions(fmap), options, vocab.start, vocab.end)
-    return [" ".join(vocab.words[i] for i in hyps[0].tokens) for hyps in hypotheses]
+    return [vocab.decode(hyps[0].tokens) for hyps in hypotheses]
 
 
 def evaluate_dev(decoder, dev_fmaps, dev_items, vocab, batch_size=250) -> dict[str, float]:
