@@ -419,3 +419,9 @@ def set_field(keys, value):
             target = target[key]
         target[keys[-1]] = value
     return edit
+
+
+def has_repeated_ngram(words, n: int) -> bool:
+    """Does the word sequence hold some n-gram twice?"""
+    grams = [tuple(words[i:i + n]) for i in range(len(words) - n + 1)]
+    return len(grams) != len(set(grams))

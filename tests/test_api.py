@@ -127,9 +127,6 @@ def test_option_validation(tiny_model_dir, options, word):
         Captioner(tiny_model_dir, **options)
 
 
-# -- model loading errors ----------------------------------------------------------------------
-
-
 # -- backends ----------------------------------------------------------------------------------
 
 

@@ -89,7 +89,7 @@ def test_ctrl_c_at_start_up_is_no_traceback(any_model_dir, photo):
         assert proc.stdout.readline() == b"ready\n"
         time.sleep(delay)
         proc.send_signal(signal.SIGINT)
-        _, err = proc.communicate()
+        _, err = proc.communicate(timeout=120)  # a hang fails, it does not stall the run
         # 0: it was done; -SIGINT: it was in Python's own shutdown (default handler again)
         assert proc.returncode in (130, 0, -signal.SIGINT), (delay, proc.returncode, err)
         assert b"Traceback" not in err and b"KeyboardInterrupt" not in err, (delay, err)

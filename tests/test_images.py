@@ -6,8 +6,6 @@ Fixture files are made here with Pillow (never dataset photos).
 from __future__ import annotations
 
 import io
-import struct
-import zlib
 from pathlib import Path
 
 import numpy as np
@@ -17,7 +15,7 @@ from PIL import Image
 from edgecap import images
 from edgecap.errors import InputError
 from edgecap.preprocess import Preprocessing
-from helpers import rgb_array
+from helpers import png_header_only, rgb_array
 
 
 def _save(im: Image.Image, path, **kwargs):
@@ -181,19 +179,9 @@ def test_bundled_example_photos():
 
 
 # -- decompression bombs -----------------------------------------------------------------------
-def _png_header_only(width: int, height: int) -> bytes:
-    """A PNG that claims a huge size: Pillow reads the header and stops (no pixels are decoded)."""
-    def chunk(kind: bytes, data: bytes) -> bytes:
-        return (struct.pack(">I", len(data)) + kind + data
-                + struct.pack(">I", zlib.crc32(kind + data) & 0xFFFFFFFF))
-    ihdr = struct.pack(">IIBBBBB", width, height, 8, 0, 0, 0, 0)
-    return (b"\x89PNG\r\n\x1a\n" + chunk(b"IHDR", ihdr) + chunk(b"IDAT", zlib.compress(b"\0" * 8))
-            + chunk(b"IEND", b""))
-
-
 def test_decompression_bomb_far_over_limit(tmp_path):
     path = tmp_path / "bomb.png"
-    path.write_bytes(_png_header_only(100_000, 100_000))
+    path.write_bytes(png_header_only(100_000, 100_000))
     _assert_input_error(path, str(path), "set_max_pixels", "EDGECAP_MAX_PIXELS")
 
 
@@ -207,7 +195,7 @@ def test_set_max_pixels(tmp_path):
 
 def test_set_max_pixels_above_pillow_limit_lets_pillow_open(tmp_path):
     path = tmp_path / "big.png"
-    path.write_bytes(_png_header_only(100_000, 100_000))
+    path.write_bytes(png_header_only(100_000, 100_000))
     images.set_max_pixels(10**10)
     # Pillow no longer refuses the header; the (fake) pixel data then fails to decode.
     _assert_input_error(path, str(path), "truncated")

@@ -16,6 +16,7 @@ from edgecap import api
 from edgecap.backends import NAMES
 from edgecap.backends.base import Backend, DecoderSession, Encoded, StepResult
 from edgecap.cli import build_parser, main
+from helpers import has_repeated_ngram
 
 CYCLE = (4, 5, 6)          # word ids: the fake's best path is 4 5 6 4 5 6 ...
 OTHERS = (7, 8, 9, 10, 11, 12, 13, 14)
@@ -58,18 +59,13 @@ def backend_calls(monkeypatch) -> list[dict]:
     return calls
 
 
-def _has_repeated_ngram(words, n):
-    grams = [tuple(words[i:i + n]) for i in range(len(words) - n + 1)]
-    return len(grams) != len(set(grams))
-
-
 # -- options -----------------------------------------------------------------------------------
 def test_default_no_repeat_ngram_reaches_the_search(backend_calls):
     words = Captioner().caption(IMAGE).tokens
     assert len(words) == CaptionOptions().max_length
-    assert not _has_repeated_ngram(words, 3)
+    assert not has_repeated_ngram(words, 3)
     # The fake does repeat itself when allowed to.
-    assert _has_repeated_ngram(Captioner(no_repeat_ngram=0).caption(IMAGE).tokens, 3)
+    assert has_repeated_ngram(Captioner(no_repeat_ngram=0).caption(IMAGE).tokens, 3)
 
 
 def test_options_object_is_honoured_and_keywords_override_it(backend_calls):
@@ -129,7 +125,7 @@ def test_cli_flags_reach_the_captioner(backend_calls, tmp_path, capsys):
     for flags, repeats in [([], False), (["--no-repeat-ngram", "0"], True)]:
         assert main(["caption", "--json", "--max-length", "6", *flags, str(photo)]) == 0
         words = json.loads(capsys.readouterr().out)["caption"].split()
-        assert len(words) == 6 and _has_repeated_ngram(words, 3) == repeats
+        assert len(words) == 6 and has_repeated_ngram(words, 3) == repeats
     assert main(["caption", "--beam-size", "0", str(photo)]) == 2
     assert "beam_size" in capsys.readouterr().err
     args = build_parser().parse_args(["eval", "--images", "photos", "--length-penalty", "0.5",

@@ -7,6 +7,7 @@ import pytest
 
 from edgecap.search import CaptionOptions, beam_search, length_normalised
 from fakes import END, START, PrefixHashBackend
+from helpers import has_repeated_ngram
 
 
 def search_options(**fields) -> CaptionOptions:
@@ -154,21 +155,16 @@ def test_non_finite_step_output_is_a_backend_error():
         beam_search(backend, backend.encode(np.array([1])), search_options(), START, END)
 
 
-def _has_repeated_ngram(words, n):
-    grams = [tuple(words[i:i + n]) for i in range(len(words) - n + 1)]
-    return len(grams) != len(set(grams))
-
-
 def test_no_repeat_ngram_blocks_repeated_trigrams():
     # A small vocabulary and no <end>: long captions repeat themselves without the block.
     backend = PrefixHashBackend(vocab_size=5, top_k=4, end_bias=-50.0)
     seeds = np.arange(6)
     plain = beam_search(backend, backend.encode(seeds), search_options(max_length=15), START, END)
-    assert any(_has_repeated_ngram(h[0].tokens, 3) for h in plain)
+    assert any(has_repeated_ngram(h[0].tokens, 3) for h in plain)
     blocked = beam_search(backend, backend.encode(seeds),
                           search_options(max_length=15, no_repeat_ngram=3), START, END)
     for hyps in blocked:
-        assert hyps and not _has_repeated_ngram(hyps[0].tokens, 3)
+        assert hyps and not has_repeated_ngram(hyps[0].tokens, 3)
     # Trigrams are blocked by default.
     default = beam_search(backend, backend.encode(seeds), CaptionOptions(max_length=15), START, END)
     assert [h[0].tokens for h in default] == [h[0].tokens for h in blocked]
