@@ -76,6 +76,22 @@ def test_train_resume_and_export(tiny_dataset, tmp_path):
     assert caption.text and all(w in vocab.index for w in caption.tokens)
 
 
+def test_image_size_sets_the_input_and_the_attention_map(tiny_dataset, tmp_path):
+    from edgecap import Captioner
+    from edgecap.build.export import export_model
+    from edgecap.models.checkpoint import load_checkpoint
+    from edgecap.training.train import train
+
+    best = train(_config(tiny_dataset, tmp_path / "run", epochs=1, image_size=96), log=lambda *_: None)
+    assert load_checkpoint(best)[3].size == (96, 96)
+    manifest = export_model(best, tmp_path / "model")
+    assert manifest.preprocessing.size == (96, 96)
+    assert manifest.dims.regions == 9  # a 3 x 3 map: 96 / 32 a side
+    caption = Captioner(tmp_path / "model", backend="onnxruntime").caption(
+        str(tiny_dataset / "images" / "chelsea.png"), return_attention=True)
+    assert caption.attention.shape[1:] == (3, 3)
+
+
 def test_show_and_tell_baseline_trains_and_exports(tiny_dataset, tmp_path):
     from edgecap import Captioner
     from edgecap.build.export import export_model
@@ -226,6 +242,7 @@ def test_mirrored_activation_cache_is_the_mirrored_photos(example_images, tmp_pa
      "--finetune-blocks must be 1..16 (EfficientNet-Lite0 has 16 blocks), got 17"),
     (["--finetune-encoder", "--finetune-blocks", "0"],
      "--finetune-blocks must be 1..16 (EfficientNet-Lite0 has 16 blocks), got 0"),
+    (["--image-size", "300"], "--image-size must be a multiple of 32 (the encoder's stride), got 300"),
 ])
 def test_train_rejects_inconsistent_finetune_flags(tmp_path, capsys, flags, problem):
     from edgecap.cli import main

@@ -28,6 +28,9 @@ def add_arguments(p: argparse.ArgumentParser) -> None:
     p.add_argument("--batch-size", type=int, default=TRAIN["batch_size"], help="captions per batch")
     p.add_argument("--lr", type=float, default=TRAIN["lr"])
     p.add_argument("--lr-decay-epochs", type=int, default=TRAIN["lr_decay_epochs"])
+    p.add_argument("--image-size", type=int, default=TRAIN["image_size"],
+                   help="encoder input size in pixels, a multiple of 32 (224: a 7x7 attention map, "
+                        "320: 10x10)")
     p.add_argument("--min-word-count", type=int, default=TRAIN["min_word_count"])
     p.add_argument("--label-smoothing", type=float, default=TRAIN["label_smoothing"])
     p.add_argument("--scheduled-sampling", type=float, default=TRAIN["scheduled_sampling"])

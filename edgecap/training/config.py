@@ -20,6 +20,7 @@ class TrainConfig:
     lr_decay_epochs: int = 8        # halve the learning rate every N epochs
     min_word_count: int = 5
     max_caption_words: int = 22     # longer training captions are cut
+    image_size: int = 224           # encoder input (square); the attention map is size/32 a side
     alpha_c: float = 1.0            # doubly stochastic attention regularisation weight
     label_smoothing: float = 0.0
     scheduled_sampling: float = 0.0  # final probability of feeding the model's own word
@@ -39,6 +40,9 @@ class TrainConfig:
 
     def __post_init__(self):
         # Field names in the messages: `edgecap train` shows them as its flags.
+        if self.image_size < 32 or self.image_size % 32:
+            raise ValueError(f"image_size must be a multiple of 32 (the encoder's stride), "
+                             f"got {self.image_size}")
         if self.finetune_cached and not self.finetune_encoder:
             raise ValueError("finetune_cached needs finetune_encoder")
         if self.finetune_encoder and not 1 <= self.finetune_blocks <= N_BLOCKS:

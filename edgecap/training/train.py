@@ -146,7 +146,7 @@ def train(cfg: TrainConfig, log=print) -> Path:
     out.mkdir(parents=True, exist_ok=True)
     data = Path(cfg.data)
     images = Path(cfg.images) if cfg.images else data / "images"
-    pre = Preprocessing()
+    pre = Preprocessing(size=(cfg.image_size, cfg.image_size))
 
     train_items = read_dataset(cfg.dataset, data, "train")
     dev_items = read_dataset(cfg.dataset, data, "dev")
