@@ -19,8 +19,8 @@ flagged. images/s come from the interleaved medians.
 
 The floor: ``floor.py``'s floor (FLOPs / this machine's matmul peak, weight bytes / copy
 bandwidth, whichever is longer) of one encoder pass at the batch and of one decoder step at
-batch x beam rows, computed here with floor.py's code for the source (FP32) model, after the
-workers have ended. A variant's floor per image is (encoder floor + its measured steps per batch
+batch x beam rows, computed with floor.py's code for the source (FP32) model in a worker
+process of its own after the variants' workers have ended. A variant's floor per image is (encoder floor + its measured steps per batch
 x step floor) / batch; reported: the floor's images/s and the measured images/s as a share of it.
 
 Default photos: the first ``--limit`` (96) of Flickr8k's dev list (``Flickr_8k.devImages.txt``
@@ -175,14 +175,33 @@ def make_task(**kwargs) -> ThroughputTask:
 
 # -- in the parent ---------------------------------------------------------------------------------
 
+class FloorTask:
+    """floor.py's floor, computed in a worker of its own (``info``); nothing to time."""
+
+    def __init__(self, model: str, beam: int, batch: int, threads: int | None):
+        self.info = floor.stage_floors(Path(model), beam, batch, threads)
+        self.measures: dict = {}
+
+
+def make_floor_task(**kwargs) -> FloorTask:
+    return FloorTask(**kwargs)
+
+
 def floors(args) -> tuple[dict | None, str]:
-    """floor.py's floor of the source model at this beam / batch -> (floors, note)."""
+    """floor.py's floor of the source model at this beam / batch, measured in a worker process
+    of its own after the variants' workers have ended -> (floors, note)."""
     if args.no_floor:
         return None, "floor skipped (--no-floor)"
     if importlib.util.find_spec("onnx") is None:
         return None, "floor skipped: counting the graphs' FLOPs needs onnx"
     threads = C._threads(args.threads)[0]
-    return floor.stage_floors(C.model_dir(args.model), args.beam, args.batch, threads), ""
+    worker = I.Worker(I.Spec("floor", "throughput:make_floor_task",
+                             {"model": str(C.model_dir(args.model).resolve()), "beam": args.beam,
+                              "batch": args.batch, "threads": threads}))
+    try:
+        return worker.info, ""
+    finally:
+        worker.close()
 
 
 def main(argv=None) -> None:
