@@ -145,7 +145,8 @@ def main(argv=None) -> None:
     if not args.no_chart:
         try:
             import chart
-            print(f"chart: {chart.latency_chart(data, out=(args.out or C.RESULTS_DIR) / 'latency.png')}")
+            png = (args.out or C.RESULTS_DIR) / "latency.png"
+            print(f"chart: {chart.latency_chart(data, out=png)}")
         except ImportError as exc:  # Pillow missing
             print(f"no chart: {exc}", file=sys.stderr)
     if data["flags"]:

@@ -2,7 +2,7 @@
 variant in its own process, with the time split into image decoding / resizing, encoder, decoder
 steps and the search's own work, and set against this machine's floor.
 
-    python benchmarks/throughput.py                      # 96 dev photos: ort-fp32 and the int8 variants
+    python benchmarks/throughput.py           # 96 dev photos: ort-fp32 and the int8 variants
     python benchmarks/throughput.py --images DIR --limit 200 --variants ort-fp32,ort-int8
     python benchmarks/throughput.py --model-dir mine=scratch/int8   # and a model made by hand
     python benchmarks/throughput.py --rounds 1 --warmup 0 --limit 8  # a quick try, not a figure
@@ -20,8 +20,9 @@ flagged. images/s come from the interleaved medians.
 The floor: ``floor.py``'s floor (FLOPs / this machine's matmul peak, weight bytes / copy
 bandwidth, whichever is longer) of one encoder pass at the batch and of one decoder step at
 batch x beam rows, computed with floor.py's code for the source (FP32) model in a worker
-process of its own after the variants' workers have ended. A variant's floor per image is (encoder floor + its measured steps per batch
-x step floor) / batch; reported: the floor's images/s and the measured images/s as a share of it.
+process of its own after the variants' workers have ended. A variant's floor per image is
+(encoder floor + its measured steps per batch x step floor) / batch; reported: the floor's
+images/s and the measured images/s as a share of it.
 
 Default photos: the first ``--limit`` (96) of Flickr8k's dev list (``Flickr_8k.devImages.txt``
 order) at full resolution (``../shared/data/flickr8k-fullres-dev``: decoding them costs what a
