@@ -11,8 +11,16 @@ Variants (``VARIANTS``): one model directory run several ways.
     ort-fp16         onnxruntime, `edgecap convert --precision fp16`
     tensorrt-fp16    the TensorRT backend (only where tensorrt imports and a GPU is present)
 
+    NAME             ``--model-dir NAME=DIR``: any model directory (e.g. an int8 model made by
+                     hand), onnxruntime on the CPU
+
 Converted model directories are cached under ``benchmarks/.cache/`` keyed by the source model's
 checksums, so only the first run pays for the conversion.
+
+Each variant is timed in its own worker process through the isolated harness (``_isolated``):
+``Variant.spec`` makes its harness spec, ``add_harness_arguments`` / ``run_harness`` the shared
+options and call, ``harness_cells`` / ``isolation_markdown`` the alone and flag columns and the
+harness report of a table.
 """
 
 from __future__ import annotations
@@ -63,6 +71,9 @@ def add_model_arguments(parser, variants=DEFAULT_VARIANTS) -> None:
                         help="onnxruntime intra-op thread spinning (session.intra_op."
                              "allow_spinning): on, off, or on,off to run each onnxruntime "
                              "variant both ways (default: onnxruntime's default, on)")
+    parser.add_argument("--model-dir", action="append", default=[], metavar="NAME=DIR",
+                        help="a further variant NAME: model directory DIR on onnxruntime CPU "
+                             "(repeatable), e.g. an int8 model made by hand")
     parser.add_argument("--calibration", type=Path, default=None,
                         help="photos for ort-int8-static's encoder calibration (default: the "
                              f"first {CALIBRATION_IMAGES} Flickr8k training photos when present, "
@@ -90,6 +101,29 @@ class Variant:
 
         with _session_config(self.session_config):
             return Captioner(self.model, backend=self.backend, **caption_options, **self.options)
+
+    def timed_captioner(self, **caption_options):
+        """-> (a Captioner whose backend is a ``TimedBackend``, that backend)."""
+        captioner = self.captioner(**caption_options)
+        timed = TimedBackend(captioner.backend)
+        captioner.backend = timed
+        return captioner, timed
+
+    def to_json(self) -> dict:
+        return {"name": self.name, "backend": self.backend, "model": str(self.model),
+                "options": self.options, "session_config": self.session_config}
+
+    @classmethod
+    def from_json(cls, data: dict) -> "Variant":
+        return cls(data["name"], data["backend"], Path(data["model"]), dict(data["options"]),
+                   dict(data["session_config"]))
+
+    def spec(self, factory: str, **kwargs):
+        """The harness spec running this variant in a worker: ``factory(variant=<to_json()>,
+        **kwargs)``, the factory rebuilding it with ``Variant.from_json``."""
+        import _isolated
+
+        return _isolated.Spec(self.name, factory, {"variant": self.to_json(), **kwargs})
 
 
 @contextlib.contextmanager
@@ -131,6 +165,20 @@ def _spinning(spec: str | None) -> list[str | None]:
     return values
 
 
+def parse_model_dirs(values: list[str]) -> list[tuple[str, Path]]:
+    """``--model-dir NAME=DIR`` values -> [(NAME, DIR)], each DIR checked to hold a model."""
+    out = []
+    for value in values:
+        name, sep, directory = value.partition("=")
+        name = name.strip()
+        if not sep or not name or not directory:
+            sys.exit(f"--model-dir takes NAME=DIR, got {value!r}")
+        if name in VARIANTS or name in (n for n, _ in out):
+            sys.exit(f"--model-dir {value!r}: the name {name!r} is already a variant")
+        out.append((name, model_dir(Path(directory).resolve())))
+    return out
+
+
 def resolve_variants(args) -> tuple[list[Variant], list[str]]:
     """-> (the variants to run, notes on the ones skipped)."""
     source = model_dir(args.model)
@@ -140,6 +188,16 @@ def resolve_variants(args) -> tuple[list[Variant], list[str]]:
         sys.exit(f"unknown variants {unknown}; choose from {', '.join(VARIANTS)}")
     threads, spinning = _threads(args.threads), _spinning(args.spinning)
     variants, notes = [], []
+
+    def onnxruntime_variants(name: str, directory: Path) -> None:
+        for t, spin in itertools.product(threads, spinning):
+            label = name + (f"/t{t}" if len(threads) > 1 else "") + (
+                f"/spin-{spin}" if spin is not None else "")
+            options = {"device": "cpu"} if t is None else {"device": "cpu", "threads": t}
+            config = {} if spin is None else {
+                "session.intra_op.allow_spinning": "1" if spin == "on" else "0"}
+            variants.append(Variant(label, "onnxruntime", directory, options, config))
+
     for name in wanted:
         why = _unavailable(name)
         if why:
@@ -150,15 +208,13 @@ def resolve_variants(args) -> tuple[list[Variant], list[str]]:
         elif name == "tensorrt-fp16":
             variants.append(Variant(name, "tensorrt", source))
         else:
-            directory = source if name == "ort-fp32" else converted(source, name,
-                                                                     args.calibration)
-            for t, spin in itertools.product(threads, spinning):
-                label = name + (f"/t{t}" if len(threads) > 1 else "") + (
-                    f"/spin-{spin}" if spin is not None else "")
-                options = {"device": "cpu"} if t is None else {"device": "cpu", "threads": t}
-                config = {} if spin is None else {
-                    "session.intra_op.allow_spinning": "1" if spin == "on" else "0"}
-                variants.append(Variant(label, "onnxruntime", directory, options, config))
+            onnxruntime_variants(name, source if name == "ort-fp32" else
+                                 converted(source, name, args.calibration))
+    for name, directory in parse_model_dirs(getattr(args, "model_dir", [])):
+        if _unavailable("ort-fp32"):
+            notes.append(f"{name} skipped: {_unavailable('ort-fp32')}")
+        else:
+            onnxruntime_variants(name, directory)
     return variants, notes
 
 
@@ -289,6 +345,62 @@ def median(values) -> float:
     return percentile(values, 50)
 
 
+# -- the isolated harness, as the scripts use it ---------------------------------------------------
+
+def add_harness_arguments(parser, rounds: int, per_round: int, warmup: int) -> None:
+    """The harness options every script takes, with that script's defaults; and ``--out``."""
+    parser.add_argument("--rounds", type=int, default=rounds,
+                        help="interleaved rounds (and as many in the alone pass)")
+    parser.add_argument("--per-round", type=int, default=per_round,
+                        help="timed calls per variant, measure and round")
+    parser.add_argument("--warmup", type=int, default=warmup,
+                        help="unmeasured calls per worker and measure")
+    parser.add_argument("--no-alone", action="store_true",
+                        help="skip the alone pass (then nothing can be flagged)")
+    parser.add_argument("--settle", type=float, default=0.25,
+                        help="untimed pause (s) before each turn, longer than onnxruntime's "
+                             "spinning")
+    parser.add_argument("--out", type=Path, default=None,
+                        help="folder for the results files (default: benchmarks/results)")
+
+
+def run_harness(specs: list, measures: list[str], args) -> dict:
+    """``_isolated.run_isolated`` with the options of ``add_harness_arguments``."""
+    import _isolated
+
+    return _isolated.run_isolated(specs, measures, rounds=args.rounds, per_round=args.per_round,
+                                  warmup=args.warmup, alone=not args.no_alone,
+                                  settle_s=args.settle)
+
+
+HARNESS_HEADERS = ["alone p50", "vs alone", "flag"]
+
+
+def harness_cells(entry: dict, scale: float = 1.0) -> list:
+    """The alone median (times ``scale``), the interleaved-vs-alone difference and the flag of
+    one variant's ``run_isolated`` entry, as table cells."""
+    alone = entry.get("alone", {}).get("median_ms", float("nan")) * scale
+    diff = entry.get("interleaved_vs_alone")
+    return [alone, "-" if diff is None else f"{100 * diff:+.0f}%",
+            "FLAG" if entry.get("flagged") else ""]
+
+
+HOW_ISOLATED = ("Each variant in its own worker process (`benchmarks/_isolated.py`; model loading "
+                "not timed): {rounds} interleaved rounds x {per_round} calls per measure, one "
+                "worker running at a time, after {warmup} warm-up calls; then each variant alone "
+                "in a fresh worker, the same calls (alone: {alone}). `alone p50` / `vs alone` / "
+                "`flag`: a variant whose interleaved median is more than 15% off its alone "
+                "median is flagged. Ratios between variants come from the interleaved medians.")
+
+
+def isolation_markdown(result: dict) -> str:
+    """How the harness ran, its flags and its idleness table (idle and bystander CPU, pids)."""
+    import _isolated
+
+    return (HOW_ISOLATED.format(**result["settings"]) + "\n\n"
+            + _isolated.flags_and_idleness(result))
+
+
 # -- results -------------------------------------------------------------------------------------
 
 def markdown_table(headers: list[str], rows: list[list]) -> str:
@@ -305,21 +417,22 @@ def markdown_table(headers: list[str], rows: list[list]) -> str:
 
 
 def write_results(name: str, data: dict, markdown: str, argv: list[str] | None = None,
-                  script: str | None = None) -> Path:
+                  script: str | None = None, out: Path | None = None) -> Path:
     """Write ``results/NAME.json`` and ``results/NAME.md`` (the machine and the command line
-    added to both), print the markdown, and return the markdown's path. ``script``: the
-    benchmark's file name without .py, where it is not ``name``."""
-    RESULTS_DIR.mkdir(parents=True, exist_ok=True)
+    added to both; ``out``: another folder), print the markdown, and return the markdown's path.
+    ``script``: the benchmark's file name without .py, where it is not ``name``."""
+    out = RESULTS_DIR if out is None else Path(out)
+    out.mkdir(parents=True, exist_ok=True)
     command = f"python benchmarks/{script or name}.py " + " ".join(argv if argv is not None
                                                                    else sys.argv[1:])
     info = machine_info()
     stamp = time.strftime("%Y-%m-%d %H:%M:%S")
     payload = {"benchmark": name, "command": command.strip(), "date": stamp, "machine": info,
                **data}
-    (RESULTS_DIR / f"{name}.json").write_text(json.dumps(payload, indent=2, default=str) + "\n")
+    (out / f"{name}.json").write_text(json.dumps(payload, indent=2, default=str) + "\n")
     text = (f"# {name}\n\n`{command.strip()}` ({stamp})\n\n{machine_markdown(info)}\n\n"
             f"{markdown.strip()}\n")
-    path = RESULTS_DIR / f"{name}.md"
+    path = out / f"{name}.md"
     path.write_text(text)
     print(text)
     return path

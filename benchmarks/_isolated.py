@@ -12,6 +12,8 @@ how a 1.7x ratio was once reported as 6x. Here:
   arguments) called once in a fresh interpreter (``python benchmarks/_isolated.py --worker``); it
   loads the model and returns a *task*: an object whose ``measures`` maps a name ("e2e",
   "encoder") to a zero-argument callable, with an optional ``info`` dict. Loading is not timed.
+  A call may return a ``Fields`` dict (numbers it measured itself, e.g. the encoder's share of
+  an end-to-end call): those are kept beside the call's time, one dict per timed call.
   The parent drives the worker over its stdin/stdout pipes, one JSON line per request and reply.
 - **Interleaved.** All workers are started, each warmed up, then in round r every variant in turn
   (the first one rotating) makes ``per_round`` timed calls of each measure. Only the worker being
@@ -65,13 +67,30 @@ def differs(interleaved_median: float, alone_median: float, tolerance: float = T
     return abs(relative_difference(interleaved_median, alone_median)) > tolerance
 
 
-def summary(times_ms: list[float]) -> dict:
+class Fields(dict):
+    """What a measure's call may return: ``{name: number}`` measured inside the call (a stage's
+    time, a count), recorded beside the call's own time (``fields`` in the summaries: one list
+    of values per name, in call order). Any other return value is ignored."""
+
+
+def summary(times_ms: list[float], fields: list[dict] | None = None) -> dict:
     a = np.asarray(times_ms, dtype=np.float64)
     if not len(a):
-        return {"n": 0, "median_ms": float("nan"), "p95_ms": float("nan"), "times_ms": []}
-    return {"n": int(len(a)), "median_ms": float(np.median(a)),
-            "p95_ms": float(np.percentile(a, 95)), "min_ms": float(a.min()),
-            "times_ms": [round(float(t), 4) for t in a]}
+        out = {"n": 0, "median_ms": float("nan"), "p95_ms": float("nan"), "times_ms": []}
+    else:
+        out = {"n": int(len(a)), "median_ms": float(np.median(a)),
+               "p95_ms": float(np.percentile(a, 95)), "min_ms": float(a.min()),
+               "times_ms": [round(float(t), 4) for t in a]}
+    if fields:
+        out["fields"] = {k: [f.get(k, float("nan")) for f in fields]
+                         for k in dict.fromkeys(k for f in fields for k in f)}
+    return out
+
+
+def field_median(entry: dict, name: str) -> float:
+    """The median of one ``Fields`` entry over a summary's calls (NaN where none)."""
+    values = entry.get("fields", {}).get(name, [])
+    return float(np.median(values)) if len(values) else float("nan")
 
 
 # -- the worker side -----------------------------------------------------------------------------
@@ -86,6 +105,9 @@ def _load_factory(spec: str, paths: list[str]):
 
 def worker_main() -> None:
     """Serve requests from stdin until "exit" or end of input (the parent gone)."""
+    # this file runs as __main__ here: let the tasks' `import _isolated` (for ``Fields``) get
+    # this very module, not a second copy with classes of its own
+    sys.modules.setdefault("_isolated", sys.modules[__name__])
     replies = os.fdopen(os.dup(1), "w", buffering=1)
     os.dup2(2, 1)  # whatever the libraries print goes to stderr, not into the protocol
     sys.stdout = sys.stderr
@@ -105,13 +127,17 @@ def worker_main() -> None:
                          "measures": sorted(task.measures)}
             elif op == "run":
                 fn = task.measures[request["measure"]]
-                times = []
+                times, fields = [], []
                 cpu0 = time.process_time()
                 for _ in range(int(request["n"])):
                     t0 = time.perf_counter()
-                    fn()
+                    out = fn()
                     times.append((time.perf_counter() - t0) * 1e3)
+                    if isinstance(out, Fields):
+                        fields.append({k: float(v) for k, v in out.items()})
                 reply = {"times_ms": times, "cpu_ms": (time.process_time() - cpu0) * 1e3}
+                if fields:
+                    reply["fields"] = fields
             elif op == "idle":
                 # CPU time of the whole process (every thread) over consecutive windows of
                 # idleness, right after a call: what spinning threads burn between calls
@@ -255,9 +281,10 @@ def _measure_rounds(workers: dict[str, Worker], measures: list[str], rounds: int
     """Rounds over the workers (first one rotating), ``settle_s`` of nothing before each turn
     (so the threads of the worker before have stopped spinning). -> (times[name][measure],
     bystander CPU {name: {"cpu_ms", "wall_ms"}}: what the other workers used during that
-    variant's turns)."""
+    variant's turns, fields[name][measure]: the calls' ``Fields``)."""
     names = list(workers)
     times = {n: {m: [] for m in measures} for n in names}
+    fields = {n: {m: [] for m in measures} for n in names}
     bystander = {n: {"cpu_ms": 0.0, "wall_ms": 0.0, "known": True} for n in names}
     for r in range(rounds):
         order = names[r % len(names):] + names[:r % len(names)]
@@ -267,8 +294,9 @@ def _measure_rounds(workers: dict[str, Worker], measures: list[str], rounds: int
             before = [w.cpu_s() for w in others]
             t0 = time.perf_counter()
             for m in measures:
-                times[name][m] += workers[name].request(op="run", measure=m,
-                                                        n=per_round)["times_ms"]
+                reply = workers[name].request(op="run", measure=m, n=per_round)
+                times[name][m] += reply["times_ms"]
+                fields[name][m] += reply.get("fields", [])
             wall = time.perf_counter() - t0
             after = [w.cpu_s() for w in others]
             if any(v is None for v in before + after):
@@ -277,7 +305,7 @@ def _measure_rounds(workers: dict[str, Worker], measures: list[str], rounds: int
                 bystander[name]["cpu_ms"] += 1e3 * sum(a - b for a, b in zip(after, before))
             bystander[name]["wall_ms"] += wall * 1e3
         log(f"[isolated] round {r + 1}/{rounds}")
-    return times, bystander
+    return times, bystander, fields
 
 
 def _warm(worker: Worker, measures: list[str], warmup: int) -> None:
@@ -299,7 +327,8 @@ def run_isolated(specs: list[Spec], measures: list[str] | None = None, rounds: i
     Returns a JSON-able dict: ``variants`` (per variant: worker PIDs, the task's info, the CPU
     ms its worker burned in each idle window after a call, interleaved and alone, and the bystander CPU
     during its turns), ``measures`` (per measure and variant: interleaved / alone summaries, the
-    relative difference and the flag), ``ratios`` (per measure: baseline median / variant median,
+    relative difference and the flag; a summary holds ``fields`` where the calls returned
+    ``Fields``), ``ratios`` (per measure: baseline median / variant median,
     both interleaved) and ``flags`` (one line per flagged variant and measure)."""
     names = [s.name for s in specs]
     if len(set(names)) != len(names):
@@ -328,7 +357,8 @@ def run_isolated(specs: list[Spec], measures: list[str] | None = None, rounds: i
         for name, w in workers.items():  # each worker idle after a call, the others idle too
             result["variants"][name]["idle_interleaved"] = w.request(
                 op="idle", windows=list(idle_windows_s), after_call=measures[0])
-        inter, bystander = _measure_rounds(workers, measures, rounds, per_round, settle_s, log)
+        inter, bystander, inter_fields = _measure_rounds(workers, measures, rounds, per_round,
+                                                         settle_s, log)
     finally:
         _close_all(workers.values())
     for name in names:
@@ -340,6 +370,7 @@ def run_isolated(specs: list[Spec], measures: list[str] | None = None, rounds: i
 
     # alone: one worker at a time, nothing else of ours alive
     alone_times: dict = {}
+    alone_fields: dict = {}
     if alone:
         for spec in specs:
             log(f"[isolated] {spec.name} alone")
@@ -349,18 +380,18 @@ def run_isolated(specs: list[Spec], measures: list[str] | None = None, rounds: i
                 result["variants"][spec.name]["pid_alone"] = w.pid
                 result["variants"][spec.name]["idle_alone"] = w.request(
                     op="idle", windows=list(idle_windows_s), after_call=measures[0])
-                t, _ = _measure_rounds({spec.name: w}, measures, rounds, per_round, settle_s,
-                                       lambda _m: None)
-                alone_times[spec.name] = t[spec.name]
+                t, _, f = _measure_rounds({spec.name: w}, measures, rounds, per_round, settle_s,
+                                          lambda _m: None)
+                alone_times[spec.name], alone_fields[spec.name] = t[spec.name], f[spec.name]
             finally:
                 w.close()
 
     for m in measures:
         per_variant = {}
         for name in names:
-            entry = {"interleaved": summary(inter[name][m])}
+            entry = {"interleaved": summary(inter[name][m], inter_fields[name][m])}
             if name in alone_times:
-                entry["alone"] = summary(alone_times[name][m])
+                entry["alone"] = summary(alone_times[name][m], alone_fields[name][m])
                 i_med, a_med = entry["interleaved"]["median_ms"], entry["alone"]["median_ms"]
                 entry["interleaved_vs_alone"] = relative_difference(i_med, a_med)
                 entry["flagged"] = differs(i_med, a_med, tolerance)
@@ -404,9 +435,19 @@ def report_markdown(result: dict) -> str:
     lines.append(markdown_table(["variant", "measure", "interleaved p50 ms", "p95 ms",
                                  "alone p50 ms", "p95 ms", "interleaved vs alone", "",
                                  f"speed vs {s['baseline']}"], rows))
-    lines += ["", "Flags: " + ("; ".join(result["flags"]) if result["flags"] else
-                               "none (every interleaved median within tolerance of its alone "
-                               "one)"), ""]
+    return "\n".join(lines + ["", flags_and_idleness(result)])
+
+
+def flags_and_idleness(result: dict) -> str:
+    """The flags of a ``run_isolated`` result and its idleness table (idle CPU, bystander CPU,
+    pids): the part of its report that does not depend on what was timed."""
+    from _common import markdown_table
+
+    s = result["settings"]
+    lines = ["Flags: " + ("; ".join(result["flags"]) if result["flags"] else
+                          "none (every interleaved median within tolerance of its alone one)"),
+             ""]
+
     def idle(v, key):
         cpu = v.get(key, {}).get("cpu_ms")
         return " / ".join(f"{c:.1f}" for c in cpu) if cpu else "-"

@@ -188,6 +188,38 @@ def measure_stages(model, beam: int, batch: int, threads: int | None, repeats: i
             "describe": backend.describe()}
 
 
+def stage_floors(model, beam: int, batch: int, threads: int | None) -> dict:
+    """This machine's floor for one encoder pass (``batch`` images) and one decoder step
+    (``beam`` x ``batch`` rows) of ``model``: {"ort_matmul_gflops": the peak measured now,
+    "stages": {stage: FLOPs, weight bytes, the copy bandwidth at that size, the compute and
+    memory floors and ``floor_ms`` = their max, and which bounds it}}."""
+    from edgecap.manifest import load_manifest
+
+    manifest = load_manifest(model)
+    rows = beam * batch
+    costs = {"encoder": graph_cost(manifest.path("encoder"), {"n": batch}),
+             "decoder step": graph_cost(manifest.path("decoder_step"),
+                                        {"n": batch, "r": rows, "s": rows})}
+    peak = ort_matmul_peak(threads)
+    stages = {}
+    for stage, cost in costs.items():
+        bandwidth = copy_bandwidth(cost["weight_bytes"])
+        compute_ms = cost["flops"] / (peak * 1e9) * 1e3
+        memory_ms = cost["weight_bytes"] / (bandwidth * 1e9) * 1e3
+        stages[stage] = {**cost, "copy_bandwidth_gb_per_s": bandwidth,
+                         "compute_floor_ms": compute_ms, "memory_floor_ms": memory_ms,
+                         "floor_ms": max(compute_ms, memory_ms),
+                         "bound": "compute" if compute_ms >= memory_ms else "memory"}
+    return {"ort_matmul_gflops": peak, "stages": stages}
+
+
+def floor_ms_per_image(floors: dict, steps_per_batch: float, batch: int) -> float:
+    """The floor of captioning one image when a batch of ``batch`` takes one encoder pass and
+    ``steps_per_batch`` decoder steps (``floors``: ``stage_floors`` at that batch)."""
+    s = floors["stages"]
+    return (s["encoder"]["floor_ms"] + steps_per_batch * s["decoder step"]["floor_ms"]) / batch
+
+
 def main(argv=None) -> None:
     args = parse_args(argv)
     model = C.model_dir(args.model)
@@ -195,31 +227,23 @@ def main(argv=None) -> None:
 
     manifest = load_manifest(model)
     rows = args.beam * args.batch
-    costs = {"encoder": graph_cost(manifest.path("encoder"), {"n": args.batch}),
-             "decoder step": graph_cost(manifest.path("decoder_step"),
-                                        {"n": args.batch, "r": rows, "s": rows})}
-    peak_threads = ort_matmul_peak(args.threads)
+    floors = stage_floors(model, args.beam, args.batch, args.threads)
     peak_one = ort_matmul_peak(1)
     peak_numpy = numpy_matmul_peak()
     measured = measure_stages(model, args.beam, args.batch, args.threads, args.repeats)
     times = {"encoder": measured["encoder_ms"], "decoder step": measured["step_ms"]}
     stages = {}
-    for stage, cost in costs.items():
-        bandwidth = copy_bandwidth(cost["weight_bytes"])
-        compute_ms = cost["flops"] / (peak_threads * 1e9) * 1e3
-        memory_ms = cost["weight_bytes"] / (bandwidth * 1e9) * 1e3
-        floor_ms = max(compute_ms, memory_ms)
+    for stage, floor in floors["stages"].items():
         ms = times[stage]
-        stages[stage] = {**cost, "measured_ms": ms, "achieved_gflops": cost["flops"] / ms / 1e6,
-                         "weights_gb_per_s": cost["weight_bytes"] / ms / 1e6,
-                         "copy_bandwidth_gb_per_s": bandwidth, "compute_floor_ms": compute_ms,
-                         "memory_floor_ms": memory_ms, "floor_ms": floor_ms,
-                         "bound": "compute" if compute_ms >= memory_ms else "memory",
-                         "measured_over_floor": ms / floor_ms}
+        stages[stage] = {**floor, "measured_ms": ms,
+                         "achieved_gflops": floor["flops"] / ms / 1e6,
+                         "weights_gb_per_s": floor["weight_bytes"] / ms / 1e6,
+                         "measured_over_floor": ms / floor["floor_ms"]}
     dram = copy_bandwidth(512 * 2 ** 20, repeats=5)
     data = {"model": str(model), "dims": manifest.dims.to_dict(), "beam": args.beam, "batch": args.batch,
             "rows": rows, "backend": measured["describe"], "load_average": C.load_average(),
-            "peaks": {"ort_matmul_gflops": peak_threads, "ort_matmul_gflops_1_thread": peak_one,
+            "peaks": {"ort_matmul_gflops": floors["ort_matmul_gflops"],
+                      "ort_matmul_gflops_1_thread": peak_one,
                       "numpy_matmul_gflops": peak_numpy, "dram_copy_gb_per_s": dram},
             "stages": stages}
     C.write_results("floor", data, report(data), argv)

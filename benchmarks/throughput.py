@@ -1,23 +1,39 @@
-"""Images per second captioning a folder (beam 3, batch 8), with the time split into image
-decoding / resizing, encoder, decoder steps and the search's own work; and the same with the
-JPEG decoding moved to a thread pool that runs ahead of the model.
+"""Images per second captioning a folder (beam 3, batch 8, decoding in a prefetch thread), each
+variant in its own process, with the time split into image decoding / resizing, encoder, decoder
+steps and the search's own work, and set against this machine's floor.
 
-    python benchmarks/throughput.py                      # shipped model, ort-fp32 and int8
+    python benchmarks/throughput.py           # 96 dev photos: ort-fp32 and the int8 variants
     python benchmarks/throughput.py --images DIR --limit 200 --variants ort-fp32,ort-int8
-    python benchmarks/throughput.py --threads 1,2        # onnxruntime intra-op threads
+    python benchmarks/throughput.py --model-dir mine=scratch/int8   # and a model made by hand
+    python benchmarks/throughput.py --rounds 1 --warmup 0 --limit 8  # a quick try, not a figure
 
-Modes:
-    sequential   ``Captioner.caption_batch(paths)``: decode, then encode and search, batch by batch
+Modes (``--modes``, each a measure of the harness; one call captions every photo once):
     prefetch-N   N worker threads read, decode and resize photos (Pillow releases the GIL) while
-                 the main thread runs the model on the previous batch
+                 the main thread runs the model on the previous batch (default: prefetch-1)
+    sequential   ``Captioner.caption_batch(paths)``: decode, then encode and search, batch by batch
 
-Default folder: the 113 full-resolution Flickr8k dev photos when present (decoding them costs what
-a user's camera photos cost), else the Flickr8k photos, else the package's examples.
+Each variant runs in its own worker process (the isolated harness, ``_isolated.py``): rounds
+interleaved across the variants with one worker running at a time, then each variant alone in a
+fresh worker; a variant whose interleaved median is more than 15% off its alone median is
+flagged. images/s come from the interleaved medians.
+
+The floor: ``floor.py``'s floor (FLOPs / this machine's matmul peak, weight bytes / copy
+bandwidth, whichever is longer) of one encoder pass at the batch and of one decoder step at
+batch x beam rows, computed with floor.py's code for the source (FP32) model in a worker
+process of its own after the variants' workers have ended. A variant's floor per image is
+(encoder floor + its measured steps per batch x step floor) / batch; reported: the floor's
+images/s and the measured images/s as a share of it.
+
+Default photos: the first ``--limit`` (96) of Flickr8k's dev list (``Flickr_8k.devImages.txt``
+order) at full resolution (``../shared/data/flickr8k-fullres-dev``: decoding them costs what a
+user's camera photos cost), else the 224 x 224 Flickr8k copies, else the package's examples.
+The photos are only read.
 """
 
 from __future__ import annotations
 
 import argparse
+import importlib.util
 import sys
 import time
 from collections import deque
@@ -25,49 +41,73 @@ from concurrent.futures import ThreadPoolExecutor
 from pathlib import Path
 
 import _common as C
+import _isolated as I
+import floor
 
 FULLRES = C.REPO.parent / "shared" / "data" / "flickr8k-fullres-dev"
+DEV_LIST = C.FLICKR8K / "Flickr_8k.devImages.txt"
 
 
 def parse_args(argv=None):
     p = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
-    C.add_model_arguments(p, variants=("ort-fp32", "ort-int8-static"))
-    p.add_argument("--images", type=Path, default=None, help="folder of photos")
-    p.add_argument("--limit", type=int, default=96, help="photos to caption per mode")
+    C.add_model_arguments(p, variants=("ort-fp32", "ort-int8", "ort-int8-static"))
+    C.add_harness_arguments(p, rounds=3, per_round=1, warmup=1)
+    p.add_argument("--images", type=Path, default=None,
+                   help="folder of photos (default: the Flickr8k dev photos, see above)")
+    p.add_argument("--limit", type=int, default=96, help="photos captioned per call")
     p.add_argument("--beam", type=int, default=3)
     p.add_argument("--batch", type=int, default=8)
-    p.add_argument("--workers", default="1,2", help="decode threads for the prefetch modes")
+    p.add_argument("--modes", default="prefetch-1",
+                   help="comma-separated: prefetch-N (N decoding threads), sequential")
+    p.add_argument("--no-floor", action="store_true", help="skip the floor (needs onnx)")
     return p.parse_args(argv)
 
 
-def default_folder() -> Path:
-    for folder in (FULLRES, C.FLICKR8K / "images", C.EXAMPLES):
-        if folder.is_dir():
-            return folder
-    raise SystemExit("no photos found: pass --images DIR")
+def default_photos(limit: int) -> tuple[list[Path], str]:
+    """The first ``limit`` dev photos, at full resolution where present -> (paths, where)."""
+    if DEV_LIST.is_file():
+        names = [n.strip() for n in DEV_LIST.read_text().splitlines() if n.strip()]
+        for folder, what in ((FULLRES, "full resolution"), (C.FLICKR8K / "images", "224 x 224")):
+            found = [folder / n for n in names if (folder / n).is_file()][:limit]
+            if len(found) == min(limit, len(names)):
+                return found, f"the first {len(found)} Flickr8k dev photos ({what}, {folder})"
+    return C.image_files(C.EXAMPLES, limit), f"the example photos ({C.EXAMPLES})"
 
 
-def run_sequential(captioner, timed: C.TimedBackend, paths: list[Path]) -> dict:
+def parse_modes(spec: str) -> list[str]:
+    modes = [m.strip() for m in spec.split(",") if m.strip()]
+    for mode in modes:
+        n = mode.removeprefix("prefetch-")
+        if mode != "sequential" and not (mode.startswith("prefetch-") and n.isdigit()
+                                         and int(n) > 0):
+            sys.exit(f"--modes: {mode!r} is neither sequential nor prefetch-N (N >= 1)")
+    return modes
+
+
+# -- in the worker ---------------------------------------------------------------------------------
+
+def run_sequential(captioner, timed: C.TimedBackend, paths: list[Path]) -> I.Fields:
     timed.reset()
     t0 = time.perf_counter()
     captions = captioner.caption_batch(paths)
     wall = time.perf_counter() - t0
     decode = sum(c.timings["preprocess_ms"] for c in captions) / 1e3
-    return _split(len(paths), wall, timed, decode, decode_overlapped=False)
+    return _split(wall, timed, decode, decode_overlapped=False, batches=_batches(captioner, paths))
 
 
-def run_prefetch(captioner, timed: C.TimedBackend, paths: list[Path], workers: int) -> dict:
-    """Workers load and resize each batch ahead; the main thread captions the resized images."""
+def run_prefetch(captioner, timed: C.TimedBackend, paths: list[Path], workers: int) -> I.Fields:
+    """Workers load and resize each batch ahead; the main thread captions the resized images.
+    The pool is shut down (its threads joined) before the call returns."""
+    from PIL import Image
+
     from edgecap.images import load_rgb
 
     h, w = captioner.manifest.preprocessing.size
-    resample = captioner.manifest.preprocessing.resample.upper()
+    resample = getattr(Image.Resampling, captioner.manifest.preprocessing.resample.upper())
 
     def load(path):
         t0 = time.perf_counter()
-        from PIL import Image
-
-        image = load_rgb(path).resize((w, h), getattr(Image.Resampling, resample))
+        image = load_rgb(path).resize((w, h), resample)
         return image, time.perf_counter() - t0
 
     batch = captioner.options.batch_size
@@ -93,57 +133,163 @@ def run_prefetch(captioner, timed: C.TimedBackend, paths: list[Path], workers: i
             worker_s += sum(s for _, s in loaded)
             captioner.caption_batch([image for image, _ in loaded])
     wall = time.perf_counter() - t0
-    result = _split(len(paths), wall, timed, worker_s, decode_overlapped=True)
-    result["waiting_for_decode_s"] = waited
-    return result
+    fields = _split(wall, timed, worker_s, decode_overlapped=True, batches=len(chunks))
+    fields["waiting_for_decode_s"] = waited
+    return fields
 
 
-def _split(n: int, wall: float, timed: C.TimedBackend, decode_s: float,
-           decode_overlapped: bool) -> dict:
+def _batches(captioner, paths) -> int:
+    return -(-len(paths) // captioner.options.batch_size)
+
+
+def _split(wall: float, timed: C.TimedBackend, decode_s: float, decode_overlapped: bool,
+           batches: int) -> I.Fields:
     encoder, steps = timed.encode_s, sum(timed.step_times)
     main_thread_decode = 0.0 if decode_overlapped else decode_s
-    return {"images": n, "wall_s": wall, "images_per_s": n / wall, "decode_resize_s": decode_s,
-            "encoder_s": encoder, "decoder_s": steps,
-            "search_other_s": wall - main_thread_decode - encoder - steps,
-            "decode_overlapped": decode_overlapped}
+    return I.Fields(wall_s=wall, decode_resize_s=decode_s, encoder_s=encoder, decoder_s=steps,
+                    search_other_s=wall - main_thread_decode - encoder - steps,
+                    steps_per_batch=len(timed.step_times) / max(batches, 1))
+
+
+class ThroughputTask:
+    """One variant's Captioner (beam, batch) and one measure per mode, each captioning every
+    photo once."""
+
+    def __init__(self, variant: dict, paths: list[str], beam: int, batch: int, modes: list[str]):
+        v = C.Variant.from_json(variant)
+        captioner, timed = v.timed_captioner(beam_size=beam, batch_size=batch)
+        photos = [Path(p) for p in paths]
+        self.measures = {}
+        for mode in modes:
+            if mode == "sequential":
+                self.measures[mode] = lambda: run_sequential(captioner, timed, photos)
+            else:
+                n = int(mode.removeprefix("prefetch-"))
+                self.measures[mode] = lambda n=n: run_prefetch(captioner, timed, photos, n)
+        self.info = {"describe": timed.describe(), "model": str(v.model),
+                     "session_config": v.session_config}
+
+
+def make_task(**kwargs) -> ThroughputTask:
+    return ThroughputTask(**kwargs)
+
+
+# -- in the parent ---------------------------------------------------------------------------------
+
+class FloorTask:
+    """floor.py's floor, computed in a worker of its own (``info``); nothing to time."""
+
+    def __init__(self, model: str, beam: int, batch: int, threads: int | None):
+        self.info = floor.stage_floors(Path(model), beam, batch, threads)
+        self.measures: dict = {}
+
+
+def make_floor_task(**kwargs) -> FloorTask:
+    return FloorTask(**kwargs)
+
+
+def floors(args) -> tuple[dict | None, str]:
+    """floor.py's floor of the source model at this beam / batch, measured in a worker process
+    of its own after the variants' workers have ended -> (floors, note)."""
+    if args.no_floor:
+        return None, "floor skipped (--no-floor)"
+    if importlib.util.find_spec("onnx") is None:
+        return None, "floor skipped: counting the graphs' FLOPs needs onnx"
+    threads = C._threads(args.threads)[0]
+    worker = I.Worker(I.Spec("floor", "throughput:make_floor_task",
+                             {"model": str(C.model_dir(args.model).resolve()), "beam": args.beam,
+                              "batch": args.batch, "threads": threads}))
+    try:
+        return worker.info, ""
+    finally:
+        worker.close()
 
 
 def main(argv=None) -> None:
     args = parse_args(argv)
-    folder = args.images or default_folder()
-    paths = C.image_files(folder, args.limit)
+    if args.images:
+        paths, where = C.image_files(args.images, args.limit), str(args.images)
+    else:
+        paths, where = default_photos(args.limit)
     if not paths:
-        sys.exit(f"{folder}: no .jpg / .png photos")
+        sys.exit(f"{where}: no .jpg / .png photos")
+    modes = parse_modes(args.modes)
     variants, notes = C.resolve_variants(args)
-    workers = [int(w) for w in args.workers.split(",") if w.strip()]
+    if not variants:
+        sys.exit("no variant can run here: " + "; ".join(notes))
+    specs = [v.spec("throughput:make_task", paths=[str(p) for p in paths], beam=args.beam,
+                    batch=args.batch, modes=modes) for v in variants]
+    load_before = C.load_average()
+    harness = C.run_harness(specs, modes, args)
+    floor_data, floor_note = floors(args)  # after the workers: nothing else of ours runs
+    n = len(paths)
     results = []
-    for v in variants:
-        captioner = v.captioner(beam_size=args.beam, batch_size=args.batch)
-        timed = C.TimedBackend(captioner.backend)
-        captioner.backend = timed
-        captioner.caption_batch(paths[:args.batch])  # warm-up: sessions, caches, page-in
-        modes = [("sequential", lambda: run_sequential(captioner, timed, paths))]
-        modes += [(f"prefetch-{n}", lambda n=n: run_prefetch(captioner, timed, paths, n))
-                  for n in workers]
-        for mode, run in modes:
-            result = run()
-            results.append({"variant": v.name, "mode": mode, **result})
-            print(f"[throughput] {v.name} {mode}: {result['images_per_s']:.2f} images/s",
-                  file=sys.stderr)
-    data = {"folder": str(folder), "beam": args.beam, "batch": args.batch, "skipped": notes,
-            "load_average": C.load_average(), "results": results}
-    headers = ["variant", "mode", "images", "images/s", "wall s", "decode+resize s",
-               "encoder s", "decoder s", "search/other s"]
-    rows = [[r["variant"], r["mode"], r["images"], r["images_per_s"], r["wall_s"],
-             f"{r['decode_resize_s']:.2f}" + (" (overlapped)" if r["decode_overlapped"] else ""),
-             r["encoder_s"], r["decoder_s"], r["search_other_s"]] for r in results]
-    text = (f"{len(paths)} photos from {folder}, beam {args.beam}, batch {args.batch}; load "
-            f"average {data['load_average']}.\n\n" + "".join(f"- {n}\n" for n in notes) + "\n"
-            + C.markdown_table(headers, rows)
-            + "\n\nsearch/other = wall minus the main thread's decoding, encoder and decoder "
-              "steps (the search's numpy work, copies, and in prefetch modes waiting for a "
-              "decoded batch).")
-    C.write_results("throughput", data, text, argv)
+    for mode in modes:
+        for v in variants:
+            entry = harness["measures"][mode][v.name]
+            inter = entry["interleaved"]
+            r = {"variant": v.name, "mode": mode, "images": n,
+                 "images_per_s": n / (inter["median_ms"] / 1e3),
+                 "images_per_s_alone": n / (entry.get("alone", {}).get("median_ms", float("nan"))
+                                            / 1e3),
+                 "interleaved_vs_alone": entry.get("interleaved_vs_alone"),
+                 "flagged": bool(entry.get("flagged")),
+                 **{k: I.field_median(inter, k) for k in inter.get("fields", {})}}
+            if floor_data:
+                per_image = floor.floor_ms_per_image(floor_data, r["steps_per_batch"], args.batch)
+                r["floor_images_per_s"] = 1e3 / per_image
+                r["share_of_floor"] = r["images_per_s"] / r["floor_images_per_s"]
+            results.append(r)
+    data = {"photos": where, "beam": args.beam, "batch": args.batch, "modes": modes,
+            "skipped": notes, "load_average": [load_before, C.load_average()],
+            "settings": harness["settings"], "variants": harness["variants"],
+            "flags": harness["flags"], "floor": floor_data, "results": results}
+    C.write_results("throughput", data, report(data, floor_note), argv, out=args.out)
+    if data["flags"]:
+        print("FLAGGED: " + "; ".join(data["flags"]), file=sys.stderr)
+
+
+def report(data: dict, floor_note: str) -> str:
+    headers = ["variant", "mode", "images", "images/s", "images/s alone", "vs alone", "flag",
+               "decode+resize s", "encoder s", "decoder s", "search/other s", "steps/batch",
+               "floor images/s", "share of floor"]
+    rows = []
+    for r in data["results"]:
+        cells = C.harness_cells({"interleaved_vs_alone": r["interleaved_vs_alone"],
+                                 "flagged": r["flagged"]})[1:]
+        overlapped = " (overlapped)" if r["mode"] != "sequential" else ""
+        rows.append([r["variant"], r["mode"], r["images"], r["images_per_s"],
+                     r["images_per_s_alone"], *cells,
+                     f"{r['decode_resize_s']:.2f}{overlapped}", r["encoder_s"], r["decoder_s"],
+                     r["search_other_s"], r["steps_per_batch"],
+                     r.get("floor_images_per_s", float("nan")),
+                     f"{100 * r['share_of_floor']:.1f}%" if "share_of_floor" in r else "-"])
+    lines = [f"{data['results'][0]['images']} photos: {data['photos']}; beam {data['beam']}, "
+             f"batch {data['batch']}; load average before/after {data['load_average'][0]} / "
+             f"{data['load_average'][1]}.", ""]
+    for name, v in data["variants"].items():
+        lines.append(f"- {name}: {v['info'].get('describe')}; model {v['info'].get('model')}")
+    lines += [f"- {n}" for n in data["skipped"]]
+    lines += ["", C.markdown_table(headers, rows), "",
+              "images/s: photos / the interleaved median of a call captioning all of them; the "
+              "stage columns are medians over the calls of the main thread's time; "
+              "search/other = wall minus the main thread's decoding, encoder and decoder steps "
+              "(the search's numpy work, copies, and in prefetch modes waiting for a decoded "
+              "batch)."]
+    f = data["floor"]
+    if f:
+        s = f["stages"]
+        lines += ["", f"Floor (benchmarks/floor.py's, FP32 source model, onnxruntime MatMul "
+                  f"peak {f['ort_matmul_gflops']:.1f} GFLOP/s measured after the workers "
+                  f"ended): encoder at batch {data['batch']} {s['encoder']['floor_ms']:.2f} ms "
+                  f"({s['encoder']['bound']}-bound), decoder step at "
+                  f"{data['batch'] * data['beam']} rows {s['decoder step']['floor_ms']:.3f} ms "
+                  f"({s['decoder step']['bound']}-bound); floor per image = (encoder + steps/batch"
+                  " x step) / batch; share of floor = measured images/s / the floor's."]
+    else:
+        lines += ["", floor_note]
+    lines += ["", C.isolation_markdown(data)]
+    return "\n".join(lines)
 
 
 if __name__ == "__main__":

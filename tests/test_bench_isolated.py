@@ -277,3 +277,60 @@ def test_step_compare_worker_runs_the_current_model_format():
     finally:
         worker.close()
     assert _my_workers() == []
+
+
+# -- fields and threads ----------------------------------------------------------------------------
+
+class _FieldsTask:
+    info: dict = {}
+
+    def __init__(self):
+        self.calls = 0
+
+        def counted():
+            self.calls += 1
+            return I.Fields(call=self.calls, twice=2 * self.calls)
+
+        self.measures = {"a": counted, "b": lambda: {"plain": "dict, not Fields"}}
+
+
+def fields_task() -> _FieldsTask:
+    return _FieldsTask()
+
+
+def test_fields_a_call_returns_are_kept_beside_its_time():
+    spec = I.Spec("f", "test_bench_isolated:fields_task", {}, paths=[TESTS])
+    result = I.run_isolated([spec], ["a", "b"], rounds=2, per_round=2, warmup=1,
+                            idle_windows_s=(0.01,), settle_s=0.0, log=lambda _m: None)
+    a = result["measures"]["a"]["f"]
+    # warm-up call 1 and the idle check's call 2 are not kept; then calls 3..6 (each worker anew)
+    assert a["interleaved"]["fields"] == {"call": [3.0, 4.0, 5.0, 6.0],
+                                          "twice": [6.0, 8.0, 10.0, 12.0]}
+    assert a["alone"]["fields"]["call"] == [3.0, 4.0, 5.0, 6.0]
+    assert I.field_median(a["interleaved"], "twice") == 9.0
+    assert "fields" not in result["measures"]["b"]["f"]["interleaved"]  # not Fields: ignored
+    assert I.field_median(result["measures"]["b"]["f"]["interleaved"], "call") != \
+        I.field_median(result["measures"]["b"]["f"]["interleaved"], "call")  # NaN
+
+
+def _os_threads() -> int:
+    return len(os.listdir("/proc/self/task"))
+
+
+@pytest.mark.skipif(importlib.util.find_spec("onnxruntime") is None, reason="needs onnxruntime")
+def test_a_variants_runner_leaves_no_thread_pool_in_the_parent():
+    """onnxruntime variants timed through the harness: their intra-op pools live and die in
+    their workers; this process has no more threads afterwards than before, and no worker is
+    left."""
+    import e2e
+
+    args = e2e.parse_args(["--max-length", "3"])
+    specs = [e2e.variant_spec(v, args) for v in ("ort-fp32/spin-on", "ort-fp32/spin-off")]
+    before = _os_threads()
+    result = I.run_isolated(specs, ["encoder"], rounds=1, per_round=1, warmup=0,
+                            idle_windows_s=(0.01,), settle_s=0.0, log=lambda _m: None)
+    assert _os_threads() == before
+    assert _my_workers() == []
+    pids = [v[k] for v in result["variants"].values() for k in ("pid_interleaved", "pid_alone")]
+    assert not any(_alive(p) and Path(f"/proc/{p}/stat").read_text().rsplit(")", 1)[1].split()[0]
+                   != "Z" for p in pids)

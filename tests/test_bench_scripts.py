@@ -1,0 +1,174 @@
+"""latency.py, throughput.py and quality_speed.py go through the isolated harness: each script run
+with tiny settings on the bundled model (plus the same directory again as a ``--model-dir``
+variant) must time every variant in a worker process of its own (none of them this process,
+none shared), report the alone column and the flags, and leave no thread pool behind in this
+process. No timing is asserted: only who ran where and what the report holds."""
+
+from __future__ import annotations
+
+import importlib.util
+import json
+import os
+import shutil
+import sys
+import threading
+from pathlib import Path
+
+import pytest
+
+BENCH = Path(__file__).resolve().parents[1] / "benchmarks"
+sys.path.insert(0, str(BENCH))
+
+import _common as C  # noqa: E402
+
+pytestmark = [
+    pytest.mark.skipif(not Path("/proc/self/task").exists(), reason="needs /proc"),
+    pytest.mark.skipif(importlib.util.find_spec("onnxruntime") is None,
+                       reason="needs onnxruntime"),
+]
+
+HARNESS = ["--rounds", "1", "--per-round", "1", "--warmup", "0", "--settle", "0"]
+
+
+def _os_threads() -> int:
+    return len(os.listdir("/proc/self/task"))
+
+
+def _run(module: str, argv: list[str], out: Path) -> tuple[dict, str]:
+    """Run ``module.main`` with ``argv`` -> (its JSON, its markdown); checks that this process
+    has as many OS threads afterwards as before (no variant's pool was started here)."""
+    script = __import__(module)
+    before = _os_threads()
+    script.main(argv + HARNESS + ["--out", str(out)])
+    assert _os_threads() == before
+    name = {"latency": "latency", "throughput": "throughput",
+            "quality_speed": "quality_speed"}[module]
+    return json.loads((out / f"{name}.json").read_text()), (out / f"{name}.md").read_text()
+
+
+def _check_isolated(data: dict, names: list[str]) -> None:
+    """Every variant timed in two workers of its own (interleaved, alone), none shared, none
+    this process, none left alive."""
+    variants = data["variants"]
+    assert sorted(variants) == sorted(names)
+    pids = [variants[n][k] for n in names for k in ("pid_interleaved", "pid_alone")]
+    assert len(set(pids)) == len(pids) and os.getpid() not in pids
+    for pid in pids:
+        assert not Path(f"/proc/{pid}").exists() or \
+            Path(f"/proc/{pid}/stat").read_text().rsplit(")", 1)[1].split()[0] == "Z"
+    assert isinstance(data["flags"], list)
+
+
+def _variant_args() -> list[str]:
+    return ["--variants", "ort-fp32", "--model-dir", f"copy={C.DEFAULT_MODEL}"]
+
+
+def test_latency_times_each_variant_in_its_own_worker(tmp_path):
+    data, md = _run("latency", _variant_args() + [
+        "--beams", "1", "--batches", "1", "--max-length", "3",
+        "--quality", str(tmp_path / "none.json")], tmp_path)
+    _check_isolated(data, ["ort-fp32", "copy"])
+    assert {(r["variant"], r["beam"], r["batch"]) for r in data["results"]} == {
+        ("ort-fp32", 1, 1), ("copy", 1, 1)}
+    for r in data["results"]:
+        # the stages come back from the worker's calls (Fields), not from this process
+        assert r["encoder_ms"] > 0 and r["decode_ms"] > 0 and 1 <= r["steps"] <= 3
+        assert r["e2e_alone_p50_ms"] > 0 and isinstance(r["flagged"], bool)
+        assert r["interleaved_vs_alone"] is not None
+    assert "e2e alone p50" in md and "Flags:" in md and "bystander CPU" in md
+    assert ">= 5x met" not in md
+    # a --model-dir variant is held against the int8 target; its CIDEr is not known here
+    assert set(data["targets"]["int8"]) == {"copy"}
+    assert "dev CIDEr: no quality_speed.py figure" in md
+    assert (tmp_path / "latency.png").is_file()  # chart.py reads the new layout
+
+
+def test_latency_targets_use_cider_from_quality_speed():
+    import latency
+
+    rows = [{"variant": v, "beam": 3, "batch": 1, "e2e_p50_ms": ms, "step_ms": 1.0,
+             "encoder_ms": 10.0, "decode_ms": 5.0}
+            for v, ms in (("ort-fp32", 40.0), ("torch-eager", 60.0), ("ort-int8", 20.0))]
+    quality = {"source": "q.json", "cider": {"ort-fp32": 0.50, "ort-int8": 0.485}}
+    t = latency.targets(rows, [3], [1], quality)
+    assert t["ort_fp32_vs_torch_e2e"] == pytest.approx(1.5)
+    assert t["int8"]["ort-int8"]["e2e"] == pytest.approx(2.0)
+    assert t["int8"]["ort-int8"]["cider_delta"] == pytest.approx(-0.015)
+
+
+@pytest.mark.skipif(importlib.util.find_spec("onnx") is None, reason="the floor needs onnx")
+def test_throughput_times_each_variant_in_its_own_worker_against_the_floor(tmp_path):
+    data, md = _run("throughput", _variant_args() + [
+        "--images", str(C.EXAMPLES), "--limit", "2", "--batch", "2",
+        "--modes", "prefetch-1,sequential"], tmp_path)
+    _check_isolated(data, ["ort-fp32", "copy"])
+    assert {(r["variant"], r["mode"]) for r in data["results"]} == {
+        (v, m) for v in ("ort-fp32", "copy") for m in ("prefetch-1", "sequential")}
+    for r in data["results"]:
+        assert r["images"] == 2 and r["images_per_s_alone"] > 0 and r["steps_per_batch"] >= 1
+        assert r["floor_images_per_s"] > 0 and r["share_of_floor"] > 0
+    assert set(data["floor"]["stages"]) == {"encoder", "decoder step"}
+    assert "images/s alone" in md and "share of floor" in md and "Flags:" in md
+
+
+def test_throughput_prefetch_call_leaves_no_thread_behind():
+    import throughput
+
+    variant = C.Variant("ort-fp32", "onnxruntime", C.DEFAULT_MODEL, {"device": "cpu"})
+    task = throughput.make_task(variant=variant.to_json(),
+                                paths=[str(p) for p in C.image_files(C.EXAMPLES, 3)],
+                                beam=1, batch=2, modes=["prefetch-2"])
+    before = threading.enumerate()
+    fields = task.measures["prefetch-2"]()
+    assert threading.enumerate() == before  # the decoding pool is joined before returning
+    assert fields["steps_per_batch"] >= 1 and fields["encoder_s"] > 0
+
+
+def _tiny_flickr8k(root: Path) -> Path:
+    """A Flickr8k-shaped folder: the example photos, two references each, all in the dev list."""
+    (root / "images").mkdir(parents=True)
+    names = []
+    for path in C.image_files(C.EXAMPLES, None):
+        name = path.stem + ".jpg"
+        if path.suffix.lower() == ".png":
+            from PIL import Image
+
+            with Image.open(path) as im:
+                im.convert("RGB").save(root / "images" / name)
+        else:
+            shutil.copy(path, root / "images" / name)
+        names.append(name)
+    (root / "Flickr_8k.devImages.txt").write_text("\n".join(names) + "\n")
+    (root / "Flickr8k.token.txt").write_text("".join(
+        f"{n}#0\ta photo of something .\n{n}#1\tsomething in a picture .\n" for n in names))
+    return root
+
+
+@pytest.mark.skipif(importlib.util.find_spec("pycocoevalcap") is None,
+                    reason="scores need pycocoevalcap")
+def test_quality_speed_times_each_variant_in_its_own_worker(tmp_path):
+    data_dir = _tiny_flickr8k(tmp_path / "flickr8k")
+    data, md = _run("quality_speed", _variant_args() + [
+        "--data", str(data_dir), "--limit", "0", "--batch", "2"], tmp_path / "out")
+    _check_isolated(data, ["ort-fp32", "copy"])
+    by_name = {r["variant"]: r for r in data["results"]}
+    assert by_name.keys() == {"ort-fp32", "copy"}
+    for r in by_name.values():
+        assert r["images"] == 4 and r["ms_per_image_alone"] > 0 and "CIDEr" in r
+    # the same model directory gives the same captions: the quality pass used the directories
+    assert by_name["copy"]["identical_to_ort_fp32"] == 1.0
+    assert data["captions"]["copy"] == data["captions"]["ort-fp32"]
+    assert "identical to ort-fp32" in md and "alone p50" in md and "Flags:" in md
+
+
+def test_model_dir_option_names_a_variant_and_rejects_bad_values(tmp_path):
+    args = type("Args", (), {"model": None, "variants": "", "threads": None, "spinning": "on,off",
+                             "calibration": None,
+                             "model_dir": [f"mine={C.DEFAULT_MODEL}"]})()
+    variants, _ = C.resolve_variants(args)
+    assert [v.name for v in variants] == ["mine/spin-on", "mine/spin-off"]
+    assert all(v.model == C.DEFAULT_MODEL and v.backend == "onnxruntime" for v in variants)
+    assert C.Variant.from_json(variants[0].to_json()) == variants[0]
+    for bad in ("mine", f"ort-fp32={C.DEFAULT_MODEL}", f"x={tmp_path}"):
+        with pytest.raises(SystemExit):
+            C.parse_model_dirs([bad])
