@@ -172,21 +172,15 @@ def extract_shards(paths: Sequence[Path], directory: Path,
                    log=print, dist=None, load_threads: int = 4) -> ShardedFeatures:
     """The shard cache of ``paths`` (keyed by file name) in ``directory``, extracting what is
     missing: ``load(path)`` -> one model input, ``encode(stacked inputs)`` -> features (n, ...).
+
+    Every completed shard is checked against its record (size, shape, sha256) and recomputed
+    when it does not match, so a cache is read in full once per call (split across the ranks).
     ``dist`` (``distributed.Dist``): this rank extracts its share; rank 0 writes the index."""
     directory = Path(directory)
     rank, world = (dist.rank, dist.world) if dist is not None else (0, 1)
     barrier = dist.barrier if dist is not None else (lambda: None)
     names = [Path(p).name for p in paths]
     index_path = directory / "index.json"
-    if index_path.exists():
-        try:
-            cache = ShardedFeatures(directory)
-            if all(n in cache.names for n in names):
-                return cache
-            cache.close()
-        except FeatureCacheError as exc:
-            log(f"{exc}: extracting again")
-    barrier()  # every rank has looked at the old index before rank 0 replaces it
     plan_path = directory / "plan.json"
     if rank == 0:
         directory.mkdir(parents=True, exist_ok=True)
@@ -272,7 +266,8 @@ def image_encoder(device: str = "cpu"):
 
     from edgecap.models.efficientnet_lite import load_pretrained
 
-    model = load_pretrained().to(device).eval()
+    with torch.random.fork_rng(devices=[]):  # whether the cache was complete must not change
+        model = load_pretrained().to(device).eval()  # the seeded draws that come after
 
     def encode(x: np.ndarray) -> np.ndarray:
         with torch.inference_mode():
