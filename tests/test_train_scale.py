@@ -96,12 +96,17 @@ def test_two_processes_under_torchrun_train_like_one(noise_dataset, tmp_path):
     steps_one, steps_two = _steps(one), _steps(two)
     assert [(s["epoch"], s["step"]) for s in steps_one] == [(e, k) for e in (1, 2) for k in (1, 2, 3)]
     assert [(s["epoch"], s["step"]) for s in steps_two] == [(s["epoch"], s["step"]) for s in steps_one]
-    np.testing.assert_allclose([s["loss"] for s in steps_two], [s["loss"] for s in steps_one],
-                               rtol=1e-5)
+    for key in ("loss", "grad_norm"):  # Adam hides a wrongly scaled gradient; its norm does not
+        np.testing.assert_allclose([s[key] for s in steps_two], [s[key] for s in steps_one],
+                                   rtol=1e-5, err_msg=key)
     w1, w2 = _weights(one), _weights(two)
     assert w1.keys() == w2.keys()
     for name in w1:
-        torch.testing.assert_close(w2[name], w1[name], rtol=1e-4, atol=1e-5, msg=name)
+        if name == "decoder.att_score.bias":
+            # A constant added to every region's score: the softmax cancels it, so its gradient
+            # is rounding noise, which Adam turns into full-size steps of either sign.
+            continue
+        torch.testing.assert_close(w2[name], w1[name], rtol=1e-4, atol=2e-5, msg=name)
     # The weights moved (a run that learnt nothing would pass the comparisons above too).
     assert max(float((s["loss"])) for s in steps_one) > min(float(s["loss"]) for s in steps_one)
     # Rank 0 alone wrote the checkpoints and the log.

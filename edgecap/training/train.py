@@ -314,7 +314,8 @@ def train(cfg: TrainConfig, log=print) -> Path:
             optimizer.zero_grad(set_to_none=True)
             scaler.scale(loss * weight).backward()
             scaler.unscale_(optimizer)
-            torch.nn.utils.clip_grad_norm_([p for g in params for p in g["params"]], cfg.grad_clip)
+            norm = torch.nn.utils.clip_grad_norm_([p for g in params for p in g["params"]],
+                                                  cfg.grad_clip)  # of the averaged gradient
             scaler.step(optimizer)
             scaler.update()
             step_loss, step_ce = dist.all_sum([loss.item() * (weight > 0), ce.item() * (weight > 0)])
@@ -322,7 +323,7 @@ def train(cfg: TrainConfig, log=print) -> Path:
             count += totals[1]
             if dist.main:
                 steps.write(json.dumps({"epoch": epoch, "step": step, "loss": step_loss,
-                                        "ce": step_ce}) + "\n")
+                                        "ce": step_ce, "grad_norm": float(norm)}) + "\n")
             bar.update(1)
             bar.set_postfix(loss=f"{total / count:.3f}")
         bar.close()
