@@ -275,3 +275,25 @@ def test_each_rank_trains_on_a_disjoint_share_of_the_same_global_batches():
             assert sorted(r for m in mine for r in m[0]) == sorted(rows)  # disjoint, complete
             assert sum(len(m[1]) for m in mine) == len(caps)
             assert all(m[3] == totals and m[4] == world for m in mine)  # the global counts
+
+
+@pytest.mark.skipif(torch.cuda.is_available(), reason="the refusal is for machines without CUDA")
+def test_mixed_precision_without_cuda_is_refused_in_one_line(tmp_path, capsys):
+    from edgecap.cli import main
+
+    assert main(["train", "--data", str(tmp_path), "--out", str(tmp_path / "run"),
+                 "--precision", "bf16"]) == 2
+    assert capsys.readouterr().err == ("edgecap train: error: --precision bf16 needs a CUDA "
+                                       "device (mixed precision runs on GPUs only)\n")
+
+
+def test_under_torchrun_the_unsupported_modes_are_refused(tmp_path, monkeypatch, capsys):
+    from edgecap.cli import main
+
+    monkeypatch.setenv("WORLD_SIZE", "2")
+    monkeypatch.setattr("edgecap.training.train.setup",
+                        lambda env=None: pytest.fail("must refuse before starting a group"))
+    base = ["train", "--data", str(tmp_path), "--out", str(tmp_path / "run")]
+    for flags in (["--scst-from", str(tmp_path)], ["--finetune-encoder"]):
+        assert main([*base, *flags]) == 2
+        assert "runs in one process" in capsys.readouterr().err

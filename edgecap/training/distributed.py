@@ -55,9 +55,14 @@ class Dist:
             torch_dist.destroy_process_group()
 
 
+def world_size(env=os.environ) -> int:
+    """How many processes torchrun started (1 without torchrun)."""
+    return int(env.get("WORLD_SIZE", "1"))
+
+
 def setup(env=os.environ) -> Dist:
     """The Dist of this process, starting the process group when torchrun launched several."""
-    world = int(env.get("WORLD_SIZE", "1"))
+    world = world_size(env)
     rank = int(env.get("RANK", "0"))
     local_rank = int(env.get("LOCAL_RANK", "0"))
     cuda = torch.cuda.is_available()

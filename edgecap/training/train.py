@@ -27,7 +27,7 @@ import torch
 from torch.nn import functional as F
 
 from edgecap.data.readers import CaptionedImage, read_dataset
-from edgecap.errors import ModelError
+from edgecap.errors import BackendError, ModelError
 from edgecap.evaluation.metrics import score
 from edgecap.models.checkpoint import load_checkpoint, save_checkpoint
 from edgecap.models.decoder import CaptionDecoder, DecoderConfig
@@ -36,7 +36,7 @@ from edgecap.models.efficientnet_lite import as_regions, load_pretrained
 from edgecap.images import load_rgb
 from edgecap.preprocess import Preprocessing, to_model_input
 from edgecap.training.config import TrainConfig  # noqa: F401 - re-exported
-from edgecap.training.distributed import rank_share, setup
+from edgecap.training.distributed import rank_share, setup, world_size
 from edgecap.training.features import compute_features, progress_bar, split_features
 from edgecap.training.shards import streamed_split
 from edgecap.vocab import Vocabulary
@@ -180,15 +180,15 @@ def train(cfg: TrainConfig, log=print) -> Path:
     and a run on any number of processes see the same global batches.
     """
     seeded(cfg.seed, cfg.threads)
+    if world_size() > 1 and cfg.finetune_encoder:
+        raise BackendError("--finetune-encoder runs in one process: under torchrun only the "
+                           "decoder trains, on cached features")
     dist = setup()
     if not dist.main:
         log = _silent
-    if dist.active and cfg.finetune_encoder:
-        raise ValueError("finetune_encoder runs in one process: the distributed path trains "
-                         "the decoder on cached features")
     if cfg.precision != "fp32" and dist.device.type != "cuda":
-        raise ValueError(f"precision {cfg.precision} needs a CUDA device (mixed precision runs "
-                         "on GPUs only)")
+        raise BackendError(f"--precision {cfg.precision} needs a CUDA device (mixed precision "
+                           "runs on GPUs only)")
     out = Path(cfg.out)
     out.mkdir(parents=True, exist_ok=True)
     data = Path(cfg.data)
