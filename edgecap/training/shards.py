@@ -4,7 +4,8 @@
 ``CACHE/shards-KEY/`` (KEY: the preprocessing + encoder tag, as ``features.cache_key``):
 
 - ``plan.json``: the images and their order: image i is row ``i % shard_size`` of shard
-  ``i // shard_size``. Written first; a later request for images it lacks appends them.
+  ``i // shard_size``. Written first; a later request for images it lacks appends them (and
+  keeps the plan's shard size).
 - ``shard-00000.npy``: float16 ``(rows, *feature shape)``, written as ``.partial.npy`` and
   renamed when complete; ``shard-00000.json`` beside it (rows, shape, names digest, bytes,
   sha256) is written last, so a shard without one is redone.
@@ -68,10 +69,10 @@ def _names_digest(names: Sequence[str]) -> str:
 def _header(path: Path) -> tuple[tuple, np.dtype, int]:
     """An .npy file's (shape, dtype, data offset)."""
     with open(path, "rb") as f:
-        version = np.lib.format.read_magic(f)
-        read = (np.lib.format.read_array_header_1_0 if version == (1, 0)
-                else np.lib.format.read_array_header_2_0)
-        shape, fortran, dtype = read(f)
+        if np.lib.format.read_magic(f) == (1, 0):  # headers are literals, never pickles
+            shape, fortran, dtype = np.lib.format.read_array_header_1_0(f)
+        else:
+            shape, fortran, dtype = np.lib.format.read_array_header_2_0(f)
         if fortran:
             raise ValueError("Fortran order")
         return shape, dtype, f.tell()
