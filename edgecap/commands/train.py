@@ -9,7 +9,7 @@ import sys
 from dataclasses import fields
 
 from edgecap.models.config import DecoderConfig
-from edgecap.training.config import ScstConfig, TrainConfig
+from edgecap.training.config import PRECISIONS, ScstConfig, TrainConfig
 
 # The defaults are the configurations' own (torch-free modules), never written again here.
 TRAIN = {f.name: f.default for f in fields(TrainConfig)}
@@ -56,6 +56,10 @@ def add_arguments(p: argparse.ArgumentParser) -> None:
                    help="start from this checkpoint's weights (and its decoder sizes), e.g. to "
                         "fine-tune the encoder under a decoder trained on frozen features")
     p.add_argument("--cache-dir", help="feature cache directory (default: OUT/../.feature-cache)")
+    p.add_argument("--shard-size", type=int, default=TRAIN["shard_size"],
+                   help="images per shard of the disk feature cache")
+    p.add_argument("--precision", choices=PRECISIONS, default=TRAIN["precision"],
+                   help="mixed precision on CUDA (autocast; fp16 adds a gradient scaler)")
     p.add_argument("--threads", type=int, default=TRAIN["threads"])
     p.add_argument("--seed", type=int, default=TRAIN["seed"])
     p.add_argument("--max-dev-images", type=int, default=TRAIN["max_dev_images"])

@@ -7,6 +7,8 @@ from dataclasses import dataclass, field
 
 from edgecap.models.config import N_BLOCKS
 
+PRECISIONS = ("fp32", "bf16", "fp16")
+
 
 @dataclass(frozen=True)
 class TrainConfig:
@@ -32,6 +34,8 @@ class TrainConfig:
     finetune_cached: bool = False   # fine-tune on cached activations of the frozen blocks
     init_from: str | None = None    # start from this checkpoint's weights (not its optimizer)
     cache_dir: str | None = None    # feature cache (default: OUT/../.feature-cache)
+    shard_size: int = 1024          # images per shard of the disk feature cache
+    precision: str = "fp32"         # fp32 | bf16 | fp16 (autocast; CUDA only)
     seed: int = 0
     threads: int = 0                # torch threads (0: torch's default)
     progress: bool = True
@@ -43,6 +47,10 @@ class TrainConfig:
         if self.image_size < 32 or self.image_size % 32:
             raise ValueError(f"image_size must be a multiple of 32 (the encoder's stride), "
                              f"got {self.image_size}")
+        if self.precision not in PRECISIONS:
+            raise ValueError(f"precision must be one of {', '.join(PRECISIONS)}, got {self.precision}")
+        if self.shard_size < 1:
+            raise ValueError(f"shard_size must be at least 1, got {self.shard_size}")
         if self.finetune_cached and not self.finetune_encoder:
             raise ValueError("finetune_cached needs finetune_encoder")
         if self.finetune_encoder and not 1 <= self.finetune_blocks <= N_BLOCKS:

@@ -85,7 +85,9 @@ def compute_features(image_paths: list[Path], cache_dir: Path, preprocessing: Pr
 def split_features(train_items, dev_items, images: Path, cache_dir: Path,
                    preprocessing: Preprocessing, progress: bool = True,
                    split_at: int | None = None):
-    """The cached features of a train and a dev split (computed on first use).
+    """The cached features of a train and a dev split (computed on first use), all in memory:
+    encoder fine-tuning and self-critical training use it; frozen-encoder training streams
+    from ``shards.streamed_split`` instead.
 
     -> (train_rows: the cache row of each train item, dev_fmaps float16 (n_dev, 49, 1280),
         all_fmaps float32 tensor (n_cached, 49, 1280)). The float32 copy lives in memory: the

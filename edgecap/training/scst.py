@@ -17,9 +17,11 @@ import numpy as np
 import torch
 
 from edgecap.data.readers import read_dataset
+from edgecap.errors import BackendError
 from edgecap.models.checkpoint import load_checkpoint, save_checkpoint
 from edgecap.models.decoder import mask_logits
 from edgecap.training.cider import CiderD
+from edgecap.training.distributed import world_size
 from edgecap.training.config import ScstConfig  # noqa: F401 - re-exported
 from edgecap.training.features import progress_bar, split_features
 from edgecap.training.train import evaluate_dev, seeded
@@ -49,6 +51,9 @@ def sample_captions(decoder, fmap, n_samples: int, max_length: int, start: int, 
 
 
 def train_scst(cfg: ScstConfig, log=print) -> Path:
+    if world_size() > 1:
+        raise BackendError("self-critical training (--scst-from) runs in one process, not "
+                           "under torchrun")
     rng = seeded(cfg.seed, cfg.threads)
     out = Path(cfg.out)
     data = Path(cfg.data)

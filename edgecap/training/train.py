@@ -1,7 +1,8 @@
 """The training loop: teacher forcing on cached encoder features, dev check every epoch.
 
-Frozen encoder (default): the 7x7x1280 features of every image are computed once
-(``features.py``) and the decoder trains on them. ``finetune_encoder``: the last encoder blocks
+Frozen encoder (default): the 7x7x1280 features of every image are computed once into a disk
+cache in shards (``shards.py``) and the decoder trains on them, read a batch at a time; under
+torchrun on several processes (``distributed.py``). ``finetune_encoder``: the last encoder blocks
 train too, on augmented photos (mirror, small rotation, colour jitter), which is ~50x slower on
 a CPU; with ``finetune_cached`` they train on cached activations of the frozen blocks before
 them (of the photos and of their mirror images: mirroring is the only augmentation), about
@@ -13,10 +14,12 @@ CIDEr is kept in ``OUT/best`` and the latest in ``OUT/last`` (resumable).
 
 from __future__ import annotations
 
+import contextlib
 import json
 import math
 import random
 import time
+from concurrent.futures import ThreadPoolExecutor
 from dataclasses import asdict
 from pathlib import Path
 
@@ -25,7 +28,7 @@ import torch
 from torch.nn import functional as F
 
 from edgecap.data.readers import CaptionedImage, read_dataset
-from edgecap.errors import ModelError
+from edgecap.errors import BackendError, ModelError
 from edgecap.evaluation.metrics import score
 from edgecap.models.checkpoint import load_checkpoint, save_checkpoint
 from edgecap.models.decoder import CaptionDecoder, DecoderConfig
@@ -34,7 +37,9 @@ from edgecap.models.efficientnet_lite import as_regions, load_pretrained
 from edgecap.images import load_rgb
 from edgecap.preprocess import Preprocessing, to_model_input
 from edgecap.training.config import TrainConfig  # noqa: F401 - re-exported
+from edgecap.training.distributed import rank_share, setup, world_size
 from edgecap.training.features import compute_features, progress_bar, split_features
+from edgecap.training.shards import streamed_split
 from edgecap.vocab import Vocabulary
 
 
@@ -62,31 +67,57 @@ class _Batches:
     def __len__(self):
         return self.n_captions
 
-    def iterate(self, batch_size: int, rng: random.Random):
+    def chunks(self, batch_size: int, rng: random.Random):
+        """The global batches: lists of (feature row, caption ids) in ``rng``'s order."""
         per_image = max(1, round(self.n_captions / max(1, len(self.images))))
         n_images = max(1, batch_size // per_image)
         order = list(range(len(self.images)))
         rng.shuffle(order)
         for start in range(0, len(order), n_images):
-            chunk = [self.images[i] for i in order[start:start + n_images]]
-            all_caps = [(j, ids) for j, (_, caps) in enumerate(chunk) for ids in caps]
-            width = max(len(ids) for _, ids in all_caps)
-            caps = np.full((len(all_caps), width), self.pad, dtype=np.int64)
-            for k, (_, ids) in enumerate(all_caps):
-                caps[k, : len(ids)] = ids
-            yield (np.array([r for r, _ in chunk]), torch.from_numpy(caps),
-                   torch.tensor([j for j, _ in all_caps]))
+            yield [self.images[i] for i in order[start:start + n_images]]
+
+    def tensors(self, chunk):
+        all_caps = [(j, ids) for j, (_, caps) in enumerate(chunk) for ids in caps]
+        width = max(len(ids) for _, ids in all_caps)
+        caps = np.full((len(all_caps), width), self.pad, dtype=np.int64)
+        for k, (_, ids) in enumerate(all_caps):
+            caps[k, : len(ids)] = ids
+        return (np.array([r for r, _ in chunk]), torch.from_numpy(caps),
+                torch.tensor([j for j, _ in all_caps]))
+
+    def shares(self, batch_size: int, rng: random.Random, rank: int = 0, world: int = 1):
+        """This rank's part of each global batch: (rows, captions, image_index, totals, weight).
+
+        ``totals``: the (predicted words, captions) of the whole global batch, which the loss
+        divides its sums by, so the ranks' losses add up to the global batch's mean loss;
+        ``weight`` (``world``) turns DDP's average of the ranks' gradients into their sum. A rank
+        left without images (a last batch smaller than the world) runs one image at weight 0, so
+        every rank takes part in each gradient reduction.
+        """
+        for chunk in self.chunks(batch_size, rng):
+            totals = (sum(len(ids) - 1 for _, caps in chunk for ids in caps),
+                      sum(len(caps) for _, caps in chunk))
+            mine = [chunk[i] for i in rank_share(len(chunk), rank, world)]
+            weight = float(world)
+            if not mine:
+                mine, weight = chunk[:1], 0.0
+            yield (*self.tensors(mine), totals, weight)
 
 
 def caption_loss(decoder: CaptionDecoder, fmap, caps, image_index, vocab, cfg: TrainConfig,
-                 sample_prob: float):
+                 sample_prob: float, totals: tuple[int, int] | None = None):
+    """(loss, cross-entropy) of a batch: means over its words and captions, or sums divided by
+    ``totals`` (words, captions) of a global batch this one is a part of. ``decoder`` may be
+    wrapped in DistributedDataParallel."""
     logits, targets, alphas = decoder(fmap, caps, image_index, sample_prob=sample_prob)
-    ce = F.cross_entropy(logits, targets, label_smoothing=cfg.label_smoothing)
+    n_words, n_captions = totals or (len(targets), len(caps))
+    ce = F.cross_entropy(logits, targets, label_smoothing=cfg.label_smoothing,
+                         reduction="sum") / n_words
     loss = ce
-    if decoder.cfg.attention and cfg.alpha_c > 0:
+    if getattr(decoder, "module", decoder).cfg.attention and cfg.alpha_c > 0:
         # Doubly stochastic regularisation: every region gets ~1 unit of attention over the caption.
         att_sum = alphas.sum(1)  # zero past each caption's end
-        loss = loss + cfg.alpha_c * ((1.0 - att_sum) ** 2).mean()
+        loss = loss + cfg.alpha_c * ((1.0 - att_sum) ** 2).sum() / (n_captions * att_sum.shape[1])
     return loss, ce
 
 
@@ -105,9 +136,11 @@ def greedy_captions(decoder: CaptionDecoder, fmap: torch.Tensor, vocab: Vocabula
 
 def evaluate_dev(decoder, dev_fmaps, dev_items, vocab, batch_size=250) -> dict[str, float]:
     decoder.eval()
+    device = next(decoder.parameters()).device
     hyps = {}
     for start in range(0, len(dev_items), batch_size):
-        fmap = torch.from_numpy(np.asarray(dev_fmaps[start:start + batch_size], dtype=np.float32))
+        fmap = torch.from_numpy(np.asarray(dev_fmaps[start:start + batch_size],
+                                           dtype=np.float32)).to(device)
         for item, cap in zip(dev_items[start:start + batch_size], greedy_captions(decoder, fmap, vocab)):
             hyps[item.file_name] = cap
     refs = {it.file_name: it.captions for it in dev_items}
@@ -140,8 +173,23 @@ def seeded(seed: int, threads: int) -> random.Random:
 
 
 def train(cfg: TrainConfig, log=print) -> Path:
-    """Train and return the directory of the best checkpoint."""
-    rng = seeded(cfg.seed, cfg.threads)
+    """Train and return the directory of the best checkpoint.
+
+    Under torchrun (RANK / WORLD_SIZE / LOCAL_RANK set) each process trains on its share of
+    every global batch (DistributedDataParallel); rank 0 logs, checks the dev split and writes
+    the checkpoints. The data order is a function of the seed and the epoch, so a resumed run
+    and a run on any number of processes see the same global batches.
+    """
+    seeded(cfg.seed, cfg.threads)
+    if world_size() > 1 and cfg.finetune_encoder:
+        raise BackendError("--finetune-encoder runs in one process: under torchrun only the "
+                           "decoder trains, on cached features")
+    dist = setup()
+    if not dist.main:
+        log = _silent
+    if cfg.precision != "fp32" and dist.device.type != "cuda":
+        raise BackendError(f"--precision {cfg.precision} needs a CUDA device (mixed precision "
+                           "runs on GPUs only)")
     out = Path(cfg.out)
     out.mkdir(parents=True, exist_ok=True)
     data = Path(cfg.data)
@@ -158,11 +206,15 @@ def train(cfg: TrainConfig, log=print) -> Path:
     cache = Path(cfg.cache_dir) if cfg.cache_dir else out.parent / ".feature-cache"
     # Fine-tuning: the blocks before the tuned ones are frozen, so their activations are cached
     # (the train photos' are used by --finetune-cached, the dev photos' by the dev check).
+    # Frozen encoder: the features stream from the shard cache a batch at a time.
     split_at = None
     if cfg.finetune_encoder:
         split_at = N_BLOCKS - cfg.finetune_blocks
-    train_rows, dev_maps, train_maps = split_features(train_items, dev_items, images, cache, pre,
-                                                      cfg.progress, split_at=split_at)
+        train_rows, dev_maps, train_maps = split_features(train_items, dev_items, images, cache,
+                                                          pre, cfg.progress, split_at=split_at)
+    else:
+        train_rows, dev_maps, train_maps = streamed_split(
+            train_items, dev_items, images, cache, pre, cfg.progress, cfg.shard_size, dist, log)
     if cfg.finetune_cached:
         maps, index = compute_features([images / it.file_name for it in train_items], cache, pre,
                                        progress=cfg.progress, split_at=split_at, mirrored=True)
@@ -187,6 +239,14 @@ def train(cfg: TrainConfig, log=print) -> Path:
         encoder = loaded_encoder if cfg.finetune_encoder else None
         if not resuming:
             log(f"initialised from {source}")
+    device = dist.device
+    decoder.to(device)
+    if encoder is not None:
+        encoder.to(device)
+    model = decoder
+    if dist.active:
+        model = torch.nn.parallel.DistributedDataParallel(
+            decoder, device_ids=[device.index] if device.type == "cuda" else None)
     params = [{"params": list(decoder.parameters()), "lr": cfg.lr}]
     if encoder is not None:
         for p in encoder.parameters():
@@ -207,43 +267,73 @@ def train(cfg: TrainConfig, log=print) -> Path:
         log(f"resumed from {last} after epoch {state['epoch']}")
 
     batches = _Batches(train_items, train_rows, vocab, cfg.max_caption_words)
-    augment = _Augment(rng)
+    augment = _Augment(random.Random(cfg.seed))
     n_steps = math.ceil(len(batches) / (cfg.batch_size // 5 * 5 or 1))
     row_to_path = {r: images / it.file_name for r, it in zip(train_rows, train_items)}
+    amp = (torch.autocast(device.type, dtype=getattr(torch, {"bf16": "bfloat16", "fp16": "float16"}
+                                                     [cfg.precision]))
+           if cfg.precision != "fp32" else contextlib.nullcontext())
+    scaler = torch.amp.GradScaler(device.type, enabled=cfg.precision == "fp16")
+    steps_log = out / "steps.jsonl"  # every step's loss (rank 0)
+    if dist.main:
+        _keep_steps(steps_log, state["epoch"])
     for epoch in range(state["epoch"] + 1, cfg.epochs + 1):
         decay = 0.5 ** ((epoch - 1) // cfg.lr_decay_epochs)
         for group, base in zip(optimizer.param_groups, [cfg.lr, cfg.encoder_lr]):
             group["lr"] = base * decay
         sample_prob = cfg.scheduled_sampling * min(1.0, (epoch - 1) / max(1, cfg.epochs - 1))
-        decoder.train()
+        # The epoch's randomness (order, augmentation, dropout) depends on the seed and the
+        # epoch alone: a resumed run repeats it.
+        rng = augment.rng = random.Random(f"{cfg.seed}:{epoch}")
+        torch.manual_seed((cfg.seed * 1_000_003 + epoch) * 1009 + dist.rank)
+        model.train()
         if encoder is not None:
             # BatchNorm keeps its ImageNet statistics: batches of ~20 photos would only add
             # noise to them. The tuned blocks' weights still learn.
             encoder.eval()
         t0 = time.time()
         total, count = 0.0, 0
-        bar = progress_bar(n_steps, f"epoch {epoch}", cfg.progress)
-        for rows, caps, image_index in batches.iterate(cfg.batch_size, rng):
-            if encoder is None:
-                fmap = train_maps[rows]
-            elif cfg.finetune_cached:
+        bar = progress_bar(n_steps, f"epoch {epoch}", cfg.progress and dist.main)
+        shares = batches.shares(cfg.batch_size, rng, dist.rank, dist.world)
+        read = (lambda share: train_maps[share[0]]) if encoder is None else (lambda share: None)
+        steps = open(steps_log, "a") if dist.main else contextlib.nullcontext()
+        for step, ((rows, caps, image_index, totals, weight), fmap) in enumerate(
+                _prefetched(shares, read), 1):
+            # fmap: read ahead by _prefetched (frozen encoder) or computed here
+            if encoder is not None and cfg.finetune_cached:
                 flip = torch.tensor([rng.random() < 0.5 for _ in rows])
                 x = torch.where(flip[:, None, None, None], mirror_maps[mirror_row[rows]],
                                 train_maps[rows])
-                fmap = as_regions(encoder.tail(x, split_at))
-            else:
+                fmap = as_regions(encoder.tail(x.to(device), split_at))
+            elif encoder is not None:
                 x = np.stack([to_model_input(augment(load_rgb(row_to_path[r])), pre) for r in rows])
-                fmap = encoder.regions(torch.from_numpy(x))
-            loss, ce = caption_loss(decoder, fmap, caps, image_index, vocab, cfg, sample_prob)
+                fmap = encoder.regions(torch.from_numpy(x).to(device))
+            fmap, caps, image_index = fmap.to(device), caps.to(device), image_index.to(device)
+            with amp:
+                loss, ce = caption_loss(model, fmap, caps, image_index, vocab, cfg, sample_prob,
+                                        totals)
             optimizer.zero_grad(set_to_none=True)
-            loss.backward()
-            torch.nn.utils.clip_grad_norm_([p for g in params for p in g["params"]], cfg.grad_clip)
-            optimizer.step()
-            total += ce.item() * len(caps)
-            count += len(caps)
+            scaler.scale(loss * weight).backward()
+            scaler.unscale_(optimizer)
+            norm = torch.nn.utils.clip_grad_norm_([p for g in params for p in g["params"]],
+                                                  cfg.grad_clip)  # of the averaged gradient
+            scaler.step(optimizer)
+            scaler.update()
+            step_loss, step_ce = dist.all_sum([loss.item() * (weight > 0), ce.item() * (weight > 0)])
+            total += step_ce * totals[1]
+            count += totals[1]
+            if dist.main:
+                steps.write(json.dumps({"epoch": epoch, "step": step, "loss": step_loss,
+                                        "ce": step_ce, "grad_norm": float(norm)}) + "\n")
             bar.update(1)
             bar.set_postfix(loss=f"{total / count:.3f}")
         bar.close()
+        if dist.main:
+            steps.close()
+        else:  # rank 0 checks the dev split and writes the checkpoints
+            if dist.from_main(None):
+                break
+            continue
         dev_fmaps = dev_maps if encoder is None else _tail_features(encoder, split_at, dev_maps)
         dev = evaluate_dev(decoder, dev_fmaps, dev_items, vocab)
         record = {"epoch": epoch, "train_ce": round(total / count, 4), "seconds": round(time.time() - t0),
@@ -262,10 +352,38 @@ def train(cfg: TrainConfig, log=print) -> Path:
             save_checkpoint(out / "best", decoder, vocab, pre, info, encoder)
         save_checkpoint(last, decoder, vocab, pre, info, encoder)
         _save_optimizer(optimizer, last / "optimizer.safetensors", last / "optimizer.json")
-        if epoch - state["best_epoch"] >= cfg.patience:
+        if dist.from_main(epoch - state["best_epoch"] >= cfg.patience):
             log(f"no better dev CIDEr for {cfg.patience} epochs: stopping")
             break
+    dist.barrier()
+    dist.close()
     return out / "best"
+
+
+def _silent(*_args) -> None:
+    """The log of ranks other than 0."""
+
+
+def _prefetched(items, read):
+    """(item, read(item)) for each item, reading the next item's data on a thread while the
+    caller works on the current one (file reads release the GIL)."""
+    with ThreadPoolExecutor(1) as pool:
+        pending = None
+        for item in items:
+            future = pool.submit(read, item)
+            if pending is not None:
+                yield pending[0], pending[1].result()
+            pending = (item, future)
+        if pending is not None:
+            yield pending[0], pending[1].result()
+
+
+def _keep_steps(path: Path, epochs_done: int) -> None:
+    """The step log without the steps of epochs after ``epochs_done`` (those of an interrupted
+    epoch, which a resumed run repeats)."""
+    lines = path.read_text().splitlines() if path.exists() and epochs_done else []
+    kept = [ln for ln in lines if json.loads(ln)["epoch"] <= epochs_done]
+    path.write_text("".join(ln + "\n" for ln in kept))
 
 
 @torch.inference_mode()
@@ -273,9 +391,10 @@ def _tail_features(encoder, split_at: int, maps: np.ndarray, batch_size: int = 1
     """Cached activations after ``split_at`` blocks -> encoder features (n, 49, 1280) float32."""
     encoder.eval()
     out = []
+    device = next(encoder.parameters()).device
     for start in range(0, len(maps), batch_size):
         x = torch.from_numpy(np.asarray(maps[start:start + batch_size], dtype=np.float32))
-        out.append(as_regions(encoder.tail(x, split_at)).numpy())
+        out.append(as_regions(encoder.tail(x.to(device), split_at)).cpu().numpy())
     return np.concatenate(out)
 
 
@@ -287,7 +406,7 @@ def _save_optimizer(optimizer, tensor_path: Path, meta_path: Path) -> None:
     for pid, st in sd["state"].items():
         for k, v in st.items():
             if torch.is_tensor(v):
-                tensors[f"{pid}.{k}"] = v.contiguous()
+                tensors[f"{pid}.{k}"] = v.detach().cpu().contiguous()
             else:
                 scalars[f"{pid}.{k}"] = v
     save_file(tensors, str(tensor_path))

@@ -1,0 +1,70 @@
+"""Peak memory of training's feature input: the disk shard cache streamed a batch at a time
+against the old path (the whole cache as one float32 tensor in memory).
+
+    python benchmarks/feature_stream.py --images 30000 --dir /tmp/edgecap-shards [--old]
+
+writes a synthetic shard cache of IMAGES x 49 x 1280 float16 (2.4 GB per 10,000 images; skipped
+when DIR already holds one), then, in fresh processes, reads one epoch of shuffled batches of
+20 images (100 captions) and prints the peak resident memory (ru_maxrss) before and after, as
+JSON. ``--old`` also measures the old path (its float32 copy needs 2x the cache in memory).
+Delete DIR afterwards.
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import subprocess
+import sys
+import time
+from pathlib import Path
+
+import numpy as np
+
+_READ = """
+import json, resource, sys, time
+import numpy as np, torch
+directory, old = sys.argv[1], sys.argv[2] == "old"
+from edgecap.training.shards import ShardedFeatures
+features = ShardedFeatures(directory)
+peak = lambda: resource.getrusage(resource.RUSAGE_SELF).ru_maxrss // 1024
+before = peak()
+t0 = time.perf_counter()
+if old:  # what split_features did: every row as one float32 tensor
+    features = torch.from_numpy(features.read(np.arange(len(features))).astype(np.float32))
+order = np.random.default_rng(0).permutation(len(features))
+check = 0.0
+for start in range(0, len(order), 20):
+    check += float(features[order[start:start + 20]][:, 0, 0].sum())
+print(json.dumps({"path": "old in-memory" if old else "shards streamed",
+                  "peak_rss_mb_before": before, "peak_rss_mb_after": peak(),
+                  "seconds": round(time.perf_counter() - t0, 1)}))
+"""
+
+
+def main() -> None:
+    p = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    p.add_argument("--images", type=int, default=30000)
+    p.add_argument("--dir", type=Path, required=True)
+    p.add_argument("--shard-size", type=int, default=1024)
+    p.add_argument("--old", action="store_true")
+    args = p.parse_args()
+    from edgecap.training.shards import extract_shards
+
+    if not (args.dir / "index.json").exists():
+        rng = np.random.default_rng(0)
+        row = rng.standard_normal((49, 1280)).astype(np.float32)
+        t0 = time.perf_counter()
+        extract_shards([f"img-{i:07d}.jpg" for i in range(args.images)], args.dir,
+                       load=lambda path: np.zeros(1, np.float32),
+                       encode=lambda x: np.broadcast_to(row, (len(x), 49, 1280)),
+                       shard_size=args.shard_size, batch_size=256, log=print)
+        print(json.dumps({"written_gb": round(sum(f.stat().st_size for f in
+                                                  args.dir.glob("shard-*.npy")) / 1e9, 2),
+                          "seconds": round(time.perf_counter() - t0, 1)}))
+    for mode in ["new"] + (["old"] if args.old else []):
+        subprocess.run([sys.executable, "-c", _READ, str(args.dir), mode], check=True)
+
+
+if __name__ == "__main__":
+    main()

@@ -1,0 +1,304 @@
+"""Disk feature cache in shards, for feature sets that do not fit in memory (COCO: 123k images x
+49 x 1280 float16 = 15 GB).
+
+``CACHE/shards-KEY/`` (KEY: the preprocessing + encoder tag, as ``features.cache_key``):
+
+- ``plan.json``: the images and their order: image i is row ``i % shard_size`` of shard
+  ``i // shard_size``. Written first; a later request for images it lacks appends them (and
+  keeps the plan's shard size).
+- ``shard-00000.npy``: float16 ``(rows, *feature shape)``, written as ``.partial.npy`` and
+  renamed when complete; ``shard-00000.json`` beside it (rows, shape, names digest, bytes,
+  sha256) is written last, so a shard without one is redone.
+- ``index.json``: all shards' records and the shape, written by rank 0 once every shard is done.
+
+Extraction is resumable: an interrupted run keeps its completed shards (their checksums are
+verified on the rerun; a mismatch is recomputed) and redoes the partial one. Under torchrun each
+rank extracts the shards ``rank, rank + world, ...``. Training reads batches with ``readinto``
+grouped by shard and offset (runs of consecutive rows in one read), not through a memory map:
+the pages of a map count as the process's resident memory, the page cache's do not.
+"""
+
+from __future__ import annotations
+
+import hashlib
+import json
+import os
+from concurrent.futures import ThreadPoolExecutor
+from pathlib import Path
+from typing import Callable, Sequence
+
+import numpy as np
+
+from edgecap.errors import ModelError
+from edgecap.training.features import cache_key, progress_bar
+
+FORMAT = "edgecap-feature-shards/1"
+ENCODER_TAG = "efficientnet-lite0-imagenet"
+
+
+class FeatureCacheError(ModelError):
+    """A shard cache that cannot be used as it is; the message names the file and the fix."""
+
+
+def shard_dir(cache_dir: Path, preprocessing, encoder_tag: str = ENCODER_TAG) -> Path:
+    return Path(cache_dir) / f"shards-{cache_key(preprocessing, encoder_tag)}"
+
+
+def _shard_path(directory: Path, s: int, suffix: str = ".npy") -> Path:
+    return directory / f"shard-{s:05d}{suffix}"
+
+
+def _write_json(path: Path, data) -> None:
+    tmp = path.with_name(path.name + ".tmp")
+    tmp.write_text(json.dumps(data))
+    tmp.replace(path)
+
+
+def _sha256(path: Path) -> str:
+    digest = hashlib.sha256()
+    with open(path, "rb") as f:
+        for block in iter(lambda: f.read(1 << 22), b""):
+            digest.update(block)
+    return digest.hexdigest()
+
+
+def _names_digest(names: Sequence[str]) -> str:
+    return hashlib.sha1("\n".join(names).encode()).hexdigest()
+
+
+def _header(path: Path) -> tuple[tuple, np.dtype, int]:
+    """An .npy file's (shape, dtype, data offset)."""
+    with open(path, "rb") as f:
+        if np.lib.format.read_magic(f) == (1, 0):  # headers are literals, never pickles
+            shape, fortran, dtype = np.lib.format.read_array_header_1_0(f)
+        else:
+            shape, fortran, dtype = np.lib.format.read_array_header_2_0(f)
+        if fortran:
+            raise ValueError("Fortran order")
+        return shape, dtype, f.tell()
+
+
+def shard_problem(path: Path, record: dict, checksum: bool) -> str | None:
+    """What is wrong with a shard file against its record (None: nothing)."""
+    if not path.exists():
+        return "missing"
+    try:
+        shape, dtype, offset = _header(path)
+    except (OSError, ValueError) as exc:
+        return f"unreadable header ({exc})"
+    expected = (record["rows"], *record["shape"])
+    if tuple(shape) != expected or dtype != np.float16:
+        return f"shape {tuple(shape)} {dtype}, expected {expected} float16"
+    size = path.stat().st_size
+    if size != record["bytes"] or size != offset + int(np.prod(expected)) * 2:
+        return f"{size} bytes, expected {record['bytes']}"
+    if checksum and _sha256(path) != record["sha256"]:
+        return "checksum mismatch"
+    return None
+
+
+class ShardedFeatures:
+    """A complete shard cache, read a batch at a time: ``features[rows]`` -> float32 torch
+    tensor (n, *shape); ``read(rows)`` -> float16 numpy. Only the batch is ever in memory."""
+
+    def __init__(self, directory: Path):
+        self.directory = Path(directory)
+        index_path = self.directory / "index.json"
+        try:
+            index = json.loads(index_path.read_text())
+        except (OSError, ValueError) as exc:
+            raise FeatureCacheError(f"{index_path}: unreadable ({exc}); delete it and rerun "
+                                    "the extraction") from exc
+        self.shard_size = index["shard_size"]
+        self.shape = tuple(index["shape"])
+        self.records = index["shards"]
+        self.names = {n: i for i, n in enumerate(index["names"])}
+        self.row_bytes = int(np.prod(self.shape)) * 2
+        self._offsets = []
+        for s, record in enumerate(self.records):
+            path = _shard_path(self.directory, s)
+            problem = shard_problem(path, record, checksum=False)
+            if problem:
+                raise FeatureCacheError(f"{path}: corrupt feature shard ({problem}); rerun the "
+                                        "extraction (it recomputes bad shards) or delete it")
+            self._offsets.append(_header(path)[2])
+        self._files: dict[int, object] = {}
+
+    def __len__(self) -> int:
+        return len(self.names)
+
+    def read(self, rows) -> np.ndarray:
+        rows = np.asarray(rows, dtype=np.int64)
+        order = np.argsort(rows, kind="stable")
+        ordered = rows[order]
+        buf = np.empty((len(rows), *self.shape), dtype=np.float16)
+        flat = buf.reshape(len(rows), -1)
+        start = 0
+        while start < len(ordered):
+            shard, row = divmod(int(ordered[start]), self.shard_size)
+            end = start + 1  # a run: consecutive rows of one shard, one read
+            while (end < len(ordered) and ordered[end] == ordered[end - 1] + 1
+                   and ordered[end] // self.shard_size == shard):
+                end += 1
+            f = self._file(shard)
+            f.seek(self._offsets[shard] + row * self.row_bytes)
+            view = memoryview(flat[start:end]).cast("B")
+            if f.readinto(view) != len(view):
+                raise FeatureCacheError(f"{_shard_path(self.directory, shard)}: short read")
+            start = end
+        out = np.empty_like(buf)
+        out[order] = buf
+        return out
+
+    def __getitem__(self, rows):
+        import torch
+
+        return torch.from_numpy(self.read(rows)).float()
+
+    def _file(self, shard: int):
+        f = self._files.get(shard)
+        if f is None:
+            f = self._files[shard] = open(_shard_path(self.directory, shard), "rb", buffering=0)
+        return f
+
+    def close(self) -> None:
+        for f in self._files.values():
+            f.close()
+        self._files.clear()
+
+
+def extract_shards(paths: Sequence[Path], directory: Path,
+                   load: Callable[[Path], np.ndarray], encode: Callable[[np.ndarray], np.ndarray],
+                   shard_size: int = 1024, batch_size: int = 64, progress: bool = False,
+                   log=print, dist=None, load_threads: int = 4) -> ShardedFeatures:
+    """The shard cache of ``paths`` (keyed by file name) in ``directory``, extracting what is
+    missing: ``load(path)`` -> one model input, ``encode(stacked inputs)`` -> features (n, ...).
+
+    Every completed shard is checked against its record (size, shape, sha256) and recomputed
+    when it does not match, so a cache is read in full once per call (split across the ranks).
+    ``dist`` (``distributed.Dist``): this rank extracts its share; rank 0 writes the index."""
+    directory = Path(directory)
+    rank, world = (dist.rank, dist.world) if dist is not None else (0, 1)
+    barrier = dist.barrier if dist is not None else (lambda: None)
+    names = [Path(p).name for p in paths]
+    index_path = directory / "index.json"
+    plan_path = directory / "plan.json"
+    if rank == 0:
+        directory.mkdir(parents=True, exist_ok=True)
+        plan = _read_plan(plan_path, shard_size)
+        known = set(plan["names"])
+        for name, p in zip(names, paths):
+            if name not in known:
+                known.add(name)
+                plan["names"].append(name)
+                plan["paths"].append(str(p))
+        _write_json(plan_path, plan)
+        index_path.unlink(missing_ok=True)
+    barrier()
+    plan = json.loads(plan_path.read_text())
+    size = plan["shard_size"]
+    n_shards = -(-len(plan["names"]) // size)
+    mine = list(range(rank, n_shards, world))
+    bar = progress_bar(len(mine), f"extracting shards (rank {rank})", progress, unit="shard")
+    with ThreadPoolExecutor(load_threads) as pool:
+        for s in mine:
+            lo, hi = s * size, min((s + 1) * size, len(plan["names"]))
+            meta_path = _shard_path(directory, s, ".json")
+            if meta_path.exists():
+                record = json.loads(meta_path.read_text())
+                problem = (shard_problem(_shard_path(directory, s), record, checksum=True)
+                           if record["names"] == _names_digest(plan["names"][lo:hi])
+                           else "other images")
+                if problem is None:
+                    bar.update(1)
+                    continue
+                log(f"{_shard_path(directory, s)}: {problem}: recomputing it")
+                meta_path.unlink()
+            _extract_one(directory, s, plan["names"][lo:hi], plan["paths"][lo:hi], load, encode,
+                         batch_size, pool)
+            bar.update(1)
+    bar.close()
+    barrier()
+    if rank == 0:
+        records = [json.loads(_shard_path(directory, s, ".json").read_text())
+                   for s in range(n_shards)]
+        _write_json(index_path, {"format": FORMAT, "shard_size": size, "names": plan["names"],
+                                 "shape": records[0]["shape"] if records else [],
+                                 "shards": records})
+    barrier()
+    return ShardedFeatures(directory)
+
+
+def _read_plan(path: Path, shard_size: int) -> dict:
+    try:
+        plan = json.loads(path.read_text())
+        if plan.get("format") == FORMAT:
+            return plan
+    except (OSError, ValueError):
+        pass
+    return {"format": FORMAT, "shard_size": shard_size, "names": [], "paths": []}
+
+
+def _extract_one(directory: Path, s: int, names, paths, load, encode, batch_size, pool) -> None:
+    partial = _shard_path(directory, s, ".partial.npy")
+    out = None
+    for start in range(0, len(paths), batch_size):
+        chunk = paths[start:start + batch_size]
+        fmap = np.asarray(encode(np.stack(list(pool.map(load, chunk)))))
+        if out is None:
+            out = np.lib.format.open_memmap(partial, mode="w+", dtype=np.float16,
+                                            shape=(len(paths), *fmap.shape[1:]))
+        out[start:start + len(chunk)] = fmap.astype(np.float16)
+    assert out is not None
+    out.flush()
+    shape = list(out.shape[1:])
+    del out
+    final = _shard_path(directory, s)
+    partial.replace(final)
+    _write_json(_shard_path(directory, s, ".json"),
+                {"rows": len(paths), "shape": shape, "names": _names_digest(names),
+                 "bytes": final.stat().st_size, "sha256": _sha256(final)})
+
+
+def image_encoder(device: str = "cpu"):
+    """The real extraction encoder: EfficientNet-Lite0's 49 x 1280 regions, batched on ``device``
+    -> a function (n, 3, H, W) float32 numpy -> (n, 49, 1280) float32 numpy."""
+    import torch
+
+    from edgecap.models.efficientnet_lite import load_pretrained
+
+    with torch.random.fork_rng(devices=[]):  # whether the cache was complete must not change
+        model = load_pretrained().to(device).eval()  # the seeded draws that come after
+
+    def encode(x: np.ndarray) -> np.ndarray:
+        with torch.inference_mode():
+            return model.regions(torch.from_numpy(x).to(device)).float().cpu().numpy()
+    return encode
+
+
+def streamed_split(train_items, dev_items, images: Path, cache_dir: Path, preprocessing,
+                   progress: bool = True, shard_size: int = 1024, dist=None, log=print):
+    """``features.split_features`` over the shard cache: -> (train_rows, dev_fmaps float16
+    (n_dev, 49, 1280) in memory, ShardedFeatures read a batch at a time)."""
+    from edgecap.images import load_rgb
+    from edgecap.preprocess import to_model_input
+
+    paths = [images / it.file_name for it in train_items + dev_items]
+    missing = [str(p) for p in paths if not p.exists()]
+    if missing:
+        raise FileNotFoundError(f"{len(missing)} images are missing, e.g. {missing[:3]}")
+    device = str(dist.device) if dist is not None else "cpu"
+    encoder = []  # loaded on first use: a complete cache needs none
+
+    def encode(x):
+        if not encoder:
+            encoder.append(image_encoder(device))
+        return encoder[0](x)
+    features = extract_shards(paths, shard_dir(cache_dir, preprocessing),
+                              lambda p: to_model_input(load_rgb(p), preprocessing), encode,
+                              shard_size=shard_size, progress=progress, log=log, dist=dist,
+                              load_threads=min(8, os.cpu_count() or 1))
+    train_rows = [features.names[p.name] for p in paths[: len(train_items)]]
+    dev_fmaps = features.read([features.names[p.name] for p in paths[len(train_items):]])
+    return train_rows, dev_fmaps, features
+

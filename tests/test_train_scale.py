@@ -1,0 +1,299 @@
+"""Training at scale (issue 15): the disk feature cache in shards, torchrun / DDP, resuming.
+
+Everything here is synthetic: noise images and word-salad captions made by the tests, stand-in
+encoders where the real one is not the point, tiny decoders.
+"""
+
+from __future__ import annotations
+
+import json
+import os
+import subprocess
+import sys
+from pathlib import Path
+
+import numpy as np
+import pytest
+
+torch = pytest.importorskip("torch")
+
+from edgecap.training.shards import (  # noqa: E402
+    FeatureCacheError, ShardedFeatures, extract_shards, shard_dir)
+
+REPO = Path(__file__).resolve().parents[1]
+WORDS = "a the red blue dog cat runs sits on in grass snow park near big small".split()
+DECODER_FLAGS = ["--hidden-dim", "32", "--feature-dim", "32", "--embed-dim", "16",
+                 "--attention-dim", "16"]
+
+
+def _env() -> dict:
+    return {**os.environ, "PYTHONPATH": str(REPO), "OMP_NUM_THREADS": "1"}
+
+
+@pytest.fixture(scope="module")
+def noise_dataset(tmp_path_factory):
+    """9 noise photos (7 train, 2 dev) in the Flickr8k layout, 2 to 4 captions of varied
+    length each: ranks' shares of a batch differ in words and captions."""
+    from PIL import Image
+
+    root = tmp_path_factory.mktemp("noise-set")
+    (root / "images").mkdir()
+    rng = np.random.default_rng(7)
+    names, lines = [], []
+    for i in range(9):
+        name = f"noise{i}.png"
+        names.append(name)
+        pixels = rng.integers(0, 256, (30 + i, 40, 3), dtype=np.uint8)
+        Image.fromarray(pixels).save(root / "images" / name)
+        for j in range(2 + i % 3):
+            words = rng.choice(WORDS, size=3 + (i + j) % 6)
+            lines.append(f"{name}#{j}\t{' '.join(words)}")
+    (root / "Flickr8k.token.txt").write_text("\n".join(lines) + "\n")
+    (root / "Flickr_8k.trainImages.txt").write_text("\n".join(names[:7]) + "\n")
+    (root / "Flickr_8k.devImages.txt").write_text("\n".join(names[7:]) + "\n")
+    return root
+
+
+def _train_args(data: Path, out: Path, cache: Path, epochs: int = 2) -> list[str]:
+    return ["train", "--data", str(data), "--out", str(out), "--cache-dir", str(cache),
+            "--epochs", str(epochs), "--batch-size", "9", "--min-word-count", "1",
+            "--dropout", "0", "--threads", "1", "--no-progress", "--shard-size", "3",
+            "--lr", "0.01", *DECODER_FLAGS]
+
+
+def _weights(run: Path) -> dict:
+    from safetensors.torch import load_file
+
+    return load_file(str(run / "last" / "model.safetensors"))
+
+
+def _steps(run: Path) -> list[dict]:
+    return [json.loads(line) for line in (run / "steps.jsonl").read_text().splitlines()]
+
+
+def test_two_processes_under_torchrun_train_like_one(noise_dataset, tmp_path):
+    """Dropout 0: the rest of the run is deterministic, so 2 gloo processes splitting each
+    global batch must give one process's per-step losses and final weights."""
+    one, two = tmp_path / "one", tmp_path / "two"
+    subprocess.run([sys.executable, "-m", "edgecap",
+                    *_train_args(noise_dataset, one, tmp_path / "cache1")],
+                   env=_env(), check=True, capture_output=True, timeout=600)
+    done = subprocess.run([sys.executable, "-m", "torch.distributed.run", "--standalone",
+                           "--nproc-per-node", "2", "-m", "edgecap",
+                           *_train_args(noise_dataset, two, tmp_path / "cache2")],
+                          env=_env(), capture_output=True, text=True, timeout=600)
+    assert done.returncode == 0, done.stderr[-3000:]
+    # Each rank extracted its shards (3 shards of 3 images, rank 0: 0 and 2, rank 1: 1), the
+    # same features as one process.
+    from edgecap.preprocess import Preprocessing
+
+    a = ShardedFeatures(shard_dir(tmp_path / "cache1", Preprocessing()))
+    b = ShardedFeatures(shard_dir(tmp_path / "cache2", Preprocessing()))
+    assert len(b.records) == 3 and a.names == b.names
+    np.testing.assert_allclose(a.read(range(9)).astype(np.float32),
+                               b.read(range(9)).astype(np.float32), atol=2e-3)
+
+    steps_one, steps_two = _steps(one), _steps(two)
+    assert [(s["epoch"], s["step"]) for s in steps_one] == [(e, k) for e in (1, 2) for k in (1, 2, 3)]
+    assert [(s["epoch"], s["step"]) for s in steps_two] == [(s["epoch"], s["step"]) for s in steps_one]
+    for key in ("loss", "grad_norm"):  # Adam hides a wrongly scaled gradient; its norm does not
+        np.testing.assert_allclose([s[key] for s in steps_two], [s[key] for s in steps_one],
+                                   rtol=1e-5, err_msg=key)
+    w1, w2 = _weights(one), _weights(two)
+    assert w1.keys() == w2.keys()
+    for name in w1:
+        if name == "decoder.att_score.bias":
+            # A constant added to every region's score: the softmax cancels it, so its gradient
+            # is rounding noise, which Adam turns into full-size steps of either sign.
+            continue
+        torch.testing.assert_close(w2[name], w1[name], rtol=1e-4, atol=2e-5, msg=name)
+    # The weights moved (a run that learnt nothing would pass the comparisons above too).
+    assert max(float((s["loss"])) for s in steps_one) > min(float(s["loss"]) for s in steps_one)
+    # Rank 0 alone wrote the checkpoints and the log.
+    assert json.loads((two / "last" / "checkpoint.json").read_text())["train_state"]["epoch"] == 2
+
+
+def test_a_resumed_run_ends_with_the_uninterrupted_weights(noise_dataset, tmp_path):
+    """With dropout (0.5): its masks are seeded by seed and epoch, like the data order."""
+    import dataclasses
+
+    from edgecap.training.train import TrainConfig, train
+
+    def config(out, epochs):
+        return TrainConfig(data=str(noise_dataset), out=str(out), epochs=epochs, batch_size=9,
+                           min_word_count=1, progress=False, threads=1, shard_size=4, lr=0.01,
+                           cache_dir=str(tmp_path / "cache"),
+                           decoder={"hidden_dim": 32, "feature_dim": 32, "embed_dim": 16,
+                                    "attention_dim": 16, "dropout": 0.5})
+
+    whole, halves = tmp_path / "whole", tmp_path / "halves"
+    train(config(whole, 3), log=lambda *_: None)
+    train(config(halves, 1), log=lambda *_: None)
+    logs = []
+    train(dataclasses.replace(config(halves, 3)), log=logs.append)
+    assert any("resumed" in line for line in logs)
+    assert _steps(halves) == _steps(whole)
+    w1, w2 = _weights(whole), _weights(halves)
+    for name in w1:
+        assert torch.equal(w1[name], w2[name]), name
+
+
+def _fake_features(n_rows: int, shape=(49, 1280)):
+    """Stand-in load/encode: image i's features are all (i % 251)."""
+    def load(path):
+        return np.array([int(Path(path).stem.split("-")[1])], dtype=np.float32)
+
+    def encode(x):
+        return np.broadcast_to((x[:, 0] % 251)[:, None, None], (len(x), *shape)).astype(np.float32)
+    names = [f"img-{i:06d}.jpg" for i in range(n_rows)]
+    return names, load, encode
+
+
+_STREAM = """
+import resource, sys
+import numpy as np
+from edgecap.training.shards import ShardedFeatures
+features = ShardedFeatures(sys.argv[1])
+order = np.random.default_rng(0).permutation(len(features))
+total = float(features[order[:32]].double().sum())  # warm-up: the allocator's first batch
+before = resource.getrusage(resource.RUSAGE_SELF).ru_maxrss
+total = 0.0
+for start in range(0, len(order), 32):
+    total += float(features[order[start:start + 32]].double().sum())
+after = resource.getrusage(resource.RUSAGE_SELF).ru_maxrss
+print(before, after, total)
+"""
+
+
+def test_the_shard_cache_streams_in_bounded_memory(tmp_path):
+    n = 1200  # 1200 x 49 x 1280 float16: 150 MB on disk
+    names, load, encode = _fake_features(n)
+    cache = extract_shards(names, tmp_path / "shards", load, encode, shard_size=100,
+                           batch_size=50, log=lambda *_: None)
+    size = sum(r["bytes"] for r in cache.records)
+    assert size > 150e6
+    done = subprocess.run([sys.executable, "-c", _STREAM, str(tmp_path / "shards")], env=_env(),
+                          capture_output=True, text=True, timeout=600, check=True)
+    before_kb, after_kb, total = done.stdout.split()
+    # Every row was read (the sum of all features), in a peak memory far below the cache's.
+    assert float(total) == 49 * 1280 * sum(i % 251 for i in range(n))
+    assert (int(after_kb) - int(before_kb)) * 1024 < size / 8
+
+
+def test_extraction_resumes_after_an_interruption_and_recomputes_a_corrupt_shard(tmp_path):
+    names, load, encode = _fake_features(10, shape=(49, 8))
+    quiet = {"shard_size": 4, "batch_size": 2, "log": lambda *_: None}
+    reference = extract_shards(names, tmp_path / "whole", load, encode, **quiet).read(range(10))
+
+    calls = []
+
+    def failing(x):
+        if len(calls) == 3:  # shard 0 (2 batches) done, shard 1 half done
+            raise RuntimeError("injected failure")
+        calls.append(x[:, 0].astype(int).tolist())
+        return encode(x)
+    directory = tmp_path / "resumed"
+    with pytest.raises(RuntimeError, match="injected"):
+        extract_shards(names, directory, load, failing, **quiet)
+    assert (directory / "shard-00000.json").exists() and not (directory / "index.json").exists()
+    first = (directory / "shard-00000.npy").stat().st_mtime_ns
+
+    encoded = []
+
+    def counting(x):
+        encoded.extend(x[:, 0].astype(int).tolist())
+        return encode(x)
+    cache = extract_shards(names, directory, load, counting, **quiet)
+    assert encoded == list(range(4, 10))  # shard 0 kept, the partial shard 1 redone, then 2
+    assert (directory / "shard-00000.npy").stat().st_mtime_ns == first
+    np.testing.assert_array_equal(cache.read(range(10)), reference)
+    np.testing.assert_array_equal(cache.read([9, 0, 5, 4]), reference[[9, 0, 5, 4]])
+    cache.close()
+
+    # A flipped byte (same size): the checksum catches it and only that shard is redone.
+    shard = directory / "shard-00001.npy"
+    data = bytearray(shard.read_bytes())
+    data[-5] ^= 0xFF
+    shard.write_bytes(bytes(data))
+    encoded.clear()
+    logs = []
+    cache = extract_shards(names, directory, load, counting, **{**quiet, "log": logs.append})
+    assert encoded == [4, 5, 6, 7] and any("checksum mismatch" in line for line in logs)
+    np.testing.assert_array_equal(cache.read(range(10)), reference)
+    cache.close()
+
+    # A truncated shard: opening the cache says which file and what to do.
+    shard.write_bytes(shard.read_bytes()[:-100])
+    with pytest.raises(FeatureCacheError, match=r"shard-00001\.npy: corrupt feature shard .*rerun"):
+        ShardedFeatures(directory)
+
+
+def test_the_cache_is_keyed_by_the_preprocessing(tmp_path):
+    from edgecap.preprocess import Preprocessing
+
+    assert shard_dir(tmp_path, Preprocessing()) == shard_dir(tmp_path, Preprocessing())
+    assert shard_dir(tmp_path, Preprocessing()) != shard_dir(tmp_path, Preprocessing(size=(192, 192)))
+    assert shard_dir(tmp_path, Preprocessing()) != shard_dir(tmp_path, Preprocessing(),
+                                                             "another-encoder")
+
+
+def test_more_images_extend_the_cache_and_keep_its_full_shards(tmp_path):
+    names, load, encode = _fake_features(10, shape=(49, 8))
+    quiet = {"shard_size": 4, "batch_size": 4, "log": lambda *_: None}
+    extract_shards(names[:6], tmp_path, load, encode, **quiet).close()
+    encoded = []
+
+    def counting(x):
+        encoded.extend(x[:, 0].astype(int).tolist())
+        return encode(x)
+    cache = extract_shards(names, tmp_path, load, counting, **quiet)
+    assert encoded == [4, 5, 6, 7, 8, 9]  # shard 0 kept; shard 1 had 2 images, now 4
+    assert cache.names == {n: i for i, n in enumerate(names)}
+
+
+def test_each_rank_trains_on_a_disjoint_share_of_the_same_global_batches():
+    from edgecap.training.train import _Batches
+    from edgecap.vocab import Vocabulary
+
+    class Item:
+        def __init__(self, i):
+            self.file_name, self.captions = f"{i}.jpg", ["a cat"] * (1 + i % 3)
+    items = [Item(i) for i in range(11)]
+    vocab = Vocabulary.build(["a cat"], min_count=1)
+    batches = _Batches(items, list(range(100, 111)), vocab, 22)
+
+    def shares(rank, world):
+        import random
+        return list(batches.shares(8, random.Random("0:1"), rank, world))
+    whole = shares(0, 1)
+    for world in (2, 4):  # 4: the last batch (3 images) leaves one rank at weight 0
+        parts = [shares(r, world) for r in range(world)]
+        assert all(len(p) == len(whole) for p in parts)
+        for k, (rows, caps, _, totals, weight) in enumerate(whole):
+            assert weight == 1.0
+            mine = [p[k] for p in parts if p[k][4] > 0]
+            assert sorted(r for m in mine for r in m[0]) == sorted(rows)  # disjoint, complete
+            assert sum(len(m[1]) for m in mine) == len(caps)
+            assert all(m[3] == totals and m[4] == world for m in mine)  # the global counts
+
+
+@pytest.mark.skipif(torch.cuda.is_available(), reason="the refusal is for machines without CUDA")
+def test_mixed_precision_without_cuda_is_refused_in_one_line(tmp_path, capsys):
+    from edgecap.cli import main
+
+    assert main(["train", "--data", str(tmp_path), "--out", str(tmp_path / "run"),
+                 "--precision", "bf16"]) == 2
+    assert capsys.readouterr().err == ("edgecap train: error: --precision bf16 needs a CUDA "
+                                       "device (mixed precision runs on GPUs only)\n")
+
+
+def test_under_torchrun_the_unsupported_modes_are_refused(tmp_path, monkeypatch, capsys):
+    from edgecap.cli import main
+
+    monkeypatch.setenv("WORLD_SIZE", "2")
+    monkeypatch.setattr("edgecap.training.train.setup",
+                        lambda env=None: pytest.fail("must refuse before starting a group"))
+    base = ["train", "--data", str(tmp_path), "--out", str(tmp_path / "run")]
+    for flags in (["--scst-from", str(tmp_path)], ["--finetune-encoder"]):
+        assert main([*base, *flags]) == 2
+        assert "runs in one process" in capsys.readouterr().err
