@@ -188,6 +188,13 @@ def test_wrong_columns_stop_the_command_with_one_line(tmp_path, capsys, header, 
     assert not (tmp_path / "run" / "last").exists()
 
 
+def test_a_captions_file_that_is_not_utf8_names_its_line(tmp_path):
+    root = folder(tmp_path / "f", [], photos=["a.png"])
+    (root / "captions.csv").write_bytes(b"file,caption\na.png,a ball\na.png,un caf\xe9\n")
+    with pytest.raises(DataError, match=r"captions.csv:3: not UTF-8 text .*; save the file as UTF-8"):
+        read_folder(root)
+
+
 def test_command_detects_the_folder_and_checks_dev_fraction(tmp_path, monkeypatch, capsys):
     from edgecap.cli import main
     from edgecap.training import train as training
@@ -396,3 +403,28 @@ def test_init_from_default_is_the_folder_default(tmp_path):
     assert init_source(flickr) is None
     with pytest.raises(ModelError, match="no such directory; start from a checkpoint"):
         load_start(tmp_path / "nowhere")
+
+
+@torch_needed
+def test_a_model_directory_with_a_tuned_encoder_needs_finetune_encoder(tiny_model_dir, monkeypatch):
+    import torch
+
+    from edgecap.backends.torch import TorchBackend
+    from edgecap.errors import ModelError
+    from edgecap.training.start import load_start
+
+    build = TorchBackend._build
+
+    def tuned(manifest):
+        encoder, decoder = build(manifest)
+        with torch.no_grad():
+            encoder._conv_head.weight.add_(0.01)
+        return encoder, decoder
+
+    encoder, decoder, vocab, meta = load_start(tiny_model_dir)
+    assert meta == {} and len(vocab) == decoder.cfg.vocab_size
+    monkeypatch.setattr(TorchBackend, "_build", staticmethod(tuned))
+    with pytest.raises(ModelError, match="its encoder was fine-tuned.*add --finetune-encoder"):
+        load_start(tiny_model_dir)
+    tuned_encoder, _, _, _ = load_start(tiny_model_dir, finetune_encoder=True)
+    assert torch.allclose(tuned_encoder._conv_head.weight, encoder._conv_head.weight + 0.01)
