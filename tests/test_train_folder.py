@@ -175,6 +175,7 @@ def test_nothing_usable_is_one_error(tmp_path):
     ("image,text", "missing file, caption, found image,text"),
     ("file,captions", "missing caption, found file,captions"),
     ("", "missing file, caption, found an empty line"),
+    ("file;caption", "missing file, caption, found file;caption; separate the columns with commas"),
 ])
 def test_wrong_columns_stop_the_command_with_one_line(tmp_path, capsys, header, missing):
     from edgecap.cli import main

@@ -146,7 +146,8 @@ def read_folder(root: str | Path, images: str | Path | None = None,
         dev_names = dev_photos(list(photos), DEFAULT_DEV_FRACTION if dev_fraction is None
                                else dev_fraction, seed)
     return FolderData(source, [p for n, p in photos.items() if n not in dev_names],
-                      [p for n, p in photos.items() if n in dev_names], lines, problems)
+                      [p for n, p in photos.items() if n in dev_names],
+                      {n: lines[n] for n in photos}, problems)
 
 
 def dev_photos(names: list[str], fraction: float, seed: int) -> set[str]:
@@ -207,9 +208,12 @@ def _csv_records(path: Path, text: str):
         names = [h.strip().lower() for h in header]
         missing = [c for c in COLUMNS if c not in names]
         if missing:
+            found = ",".join(header)
+            hint = ("; separate the columns with commas" if len(header) == 1
+                    and any(d in found for d in ";\t") else "")
             raise DataError(f"{path}:1: the header line must name the columns file and caption "
                             f"(optionally split); missing {', '.join(missing)}, found "
-                            f"{','.join(header) or 'an empty line'}")
+                            f"{found or 'an empty line'}{hint}")
         yield "split" in names
         end = reader.line_num
         for record in reader:
