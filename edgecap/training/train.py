@@ -6,7 +6,8 @@ train too, on augmented photos (mirror, small rotation, colour jitter), which is
 a CPU; with ``finetune_cached`` they train on cached activations of the frozen blocks before
 them (of the photos and of their mirror images: mirroring is the only augmentation), about
 1.5x the time of a frozen-encoder epoch. ``init_from`` starts from the weights of an earlier
-checkpoint (e.g. to fine-tune the encoder under a decoder trained on frozen features). After
+checkpoint (e.g. to fine-tune the encoder under a decoder trained on frozen features) or model
+directory; a folder of your own photos starts from the shipped model (``start.py``). After
 each epoch the dev split is captioned greedily and scored (BLEU-4, CIDEr); the best epoch by
 CIDEr is kept in ``OUT/best`` and the latest in ``OUT/last`` (resumable).
 """
