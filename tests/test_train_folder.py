@@ -213,6 +213,8 @@ def test_command_detects_the_folder_and_checks_dev_fraction(tmp_path, monkeypatc
     assert "error: --dev-fraction is for a folder of photos" in capsys.readouterr().err
     assert main(["train", "--data", str(root), "--out", "RUN", "--dev-fraction", "1.5"]) == 2
     assert "--dev-fraction must be between 0 and 1, got 1.5" in capsys.readouterr().err
+    assert main(["train", "--data", str(root), "--out", "RUN", "--scst-from", "CK"]) == 2
+    assert "error: --scst-from does not read a folder of photos" in capsys.readouterr().err
 
 
 # -- vocabulary growth ---------------------------------------------------------------------------
