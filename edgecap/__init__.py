@@ -8,7 +8,7 @@ Pillow, and onnxruntime, torch or tensorrt are imported when a backend that need
 created.
 """
 
-from edgecap.errors import BackendError, EdgecapError, InputError, ModelError
+from edgecap.errors import BackendError, DataError, EdgecapError, InputError, ModelError
 
 __version__ = "0.1.0"
 _API = ("Caption", "CaptionOptions", "Captioner")
@@ -26,4 +26,4 @@ def __getattr__(name: str):
 
 
 __all__ = ["Caption", "CaptionOptions", "Captioner", "EdgecapError", "InputError", "ModelError",
-           "BackendError", "__version__"]
+           "BackendError", "DataError", "__version__"]

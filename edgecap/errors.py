@@ -3,6 +3,8 @@
 - ``InputError``: an image (path, bytes, array) that cannot be captioned; names the input.
 - ``ModelError``: a model directory, file, vocabulary or manifest that cannot be used.
 - ``BackendError``: a runtime that is missing or failed (names the extra to install).
+- ``DataError``: training data that cannot be used (a captions file with the wrong columns, no
+  usable photo); names the file and, where there is one, the line.
 """
 
 from __future__ import annotations
@@ -29,6 +31,10 @@ class ModelError(EdgecapError):
 
 class BackendError(EdgecapError):
     """A backend that is not installed or failed to run."""
+
+
+class DataError(EdgecapError, ValueError):
+    """Training data that cannot be used as a whole; the message names the file and line."""
 
 
 def caused_by_interrupt(exc: BaseException | None) -> bool:

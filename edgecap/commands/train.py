@@ -1,4 +1,4 @@
-"""``edgecap train``: train a captioning model on Flickr8k, Flickr30k or COCO."""
+"""``edgecap train``: train a captioning model on Flickr8k, Flickr30k, COCO or your own photos."""
 
 from __future__ import annotations
 
@@ -20,9 +20,16 @@ SCST = {f.name: f.default for f in fields(ScstConfig)}
 def add_arguments(p: argparse.ArgumentParser) -> None:
     p.add_argument("--data", required=True,
                    help="dataset root (Flickr8k: token + split files; coco: captions_{train,val}.json; "
-                        "karpathy: dataset_*.json)")
-    p.add_argument("--images", help="images root (default: DATA/images)")
-    p.add_argument("--dataset", choices=["flickr8k", "coco", "karpathy"], default=TRAIN["dataset"])
+                        "karpathy: dataset_*.json; folder: your photos and captions.csv or "
+                        "captions.jsonl with columns file,caption[,split])")
+    p.add_argument("--images", help="images root (default: DATA/images; a folder: DATA)")
+    p.add_argument("--dataset", choices=["flickr8k", "coco", "karpathy", "folder"],
+                   help="default: folder when DATA holds captions.csv or captions.jsonl, else "
+                        f"{TRAIN['dataset']}")
+    p.add_argument("--dev-fraction", type=float, metavar="X",
+                   help="folder without a split column: this share of the photos (never of the "
+                        "captions) is the dev split, chosen by a hash of the file names and "
+                        "--seed (default 0.2)")
     p.add_argument("--out", required=True, help="checkpoint directory (OUT/best, OUT/last)")
     p.add_argument("--epochs", type=int, default=TRAIN["epochs"])
     p.add_argument("--batch-size", type=int, default=TRAIN["batch_size"], help="captions per batch")
@@ -52,9 +59,11 @@ def add_arguments(p: argparse.ArgumentParser) -> None:
                         "frozen-encoder epoch, ~30x faster than from photos)")
     p.add_argument("--encoder-lr", type=float, default=TRAIN["encoder_lr"],
                    help="learning rate of the fine-tuned encoder blocks")
-    p.add_argument("--init-from", metavar="CHECKPOINT",
-                   help="start from this checkpoint's weights (and its decoder sizes), e.g. to "
-                        "fine-tune the encoder under a decoder trained on frozen features")
+    p.add_argument("--init-from", metavar="CHECKPOINT|MODEL_DIR|default|none",
+                   help="start from this checkpoint's or model directory's weights (and its "
+                        "decoder sizes), e.g. to fine-tune the encoder under a decoder trained on "
+                        "frozen features; 'default': the shipped model (a folder's default, its "
+                        "vocabulary grown by the folder's new words); 'none': fresh weights")
     p.add_argument("--cache-dir", help="feature cache directory (default: OUT/../.feature-cache)")
     p.add_argument("--shard-size", type=int, default=TRAIN["shard_size"],
                    help="images per shard of the disk feature cache")
@@ -78,8 +87,14 @@ def run(args: argparse.Namespace) -> int:
         from edgecap.errors import BackendError
 
         raise BackendError(f"training needs PyTorch: pip install 'edgecap[train]' ({exc})") from exc
+    if args.dataset is None:
+        from edgecap.data.folder import detect_dataset
+
+        args.dataset = detect_dataset(args.data)
     try:
         if args.scst_from:
+            if args.dataset == "folder":
+                raise ValueError("--scst-from does not read a folder of photos (--dataset folder)")
             from edgecap.training.scst import train_scst
 
             cfg = _config(ScstConfig, args, checkpoint=args.scst_from, n_samples=args.scst_samples)

@@ -14,8 +14,8 @@ PRECISIONS = ("fp32", "bf16", "fp16")
 class TrainConfig:
     data: str                       # dataset root
     out: str                        # checkpoint directory
-    images: str | None = None       # images root (default: DATA/images)
-    dataset: str = "flickr8k"       # flickr8k | coco | karpathy
+    images: str | None = None       # images root (default: DATA/images; a folder: DATA)
+    dataset: str = "flickr8k"       # flickr8k | coco | karpathy | folder (captions.csv/jsonl)
     epochs: int = 20
     batch_size: int = 64
     lr: float = 4e-4
@@ -32,7 +32,9 @@ class TrainConfig:
     finetune_blocks: int = 3        # last N encoder blocks (+ head) trained when fine-tuning
     encoder_lr: float = 1e-4
     finetune_cached: bool = False   # fine-tune on cached activations of the frozen blocks
-    init_from: str | None = None    # start from this checkpoint's weights (not its optimizer)
+    init_from: str | None = None    # start from this checkpoint's / model directory's weights
+                                    # (not its optimizer); "default": the shipped model, "none":
+                                    # fresh weights; None: "default" for a folder, else "none"
     cache_dir: str | None = None    # feature cache (default: OUT/../.feature-cache)
     shard_size: int = 1024          # images per shard of the disk feature cache
     precision: str = "fp32"         # fp32 | bf16 | fp16 (autocast; CUDA only)
@@ -41,6 +43,7 @@ class TrainConfig:
     progress: bool = True
     max_dev_images: int = 0         # 0: the whole dev split
     decoder: dict = field(default_factory=dict)  # DecoderConfig overrides (hidden_dim, ...)
+    dev_fraction: float | None = None  # folder without a split column: share of dev photos
 
     def __post_init__(self):
         # Field names in the messages: `edgecap train` shows them as its flags.
@@ -51,6 +54,12 @@ class TrainConfig:
             raise ValueError(f"precision must be one of {', '.join(PRECISIONS)}, got {self.precision}")
         if self.shard_size < 1:
             raise ValueError(f"shard_size must be at least 1, got {self.shard_size}")
+        if self.dev_fraction is not None:
+            if self.dataset != "folder":
+                raise ValueError("dev_fraction is for a folder of photos with a captions.csv "
+                                 "or captions.jsonl (dataset folder)")
+            if not 0 < self.dev_fraction < 1:
+                raise ValueError(f"dev_fraction must be between 0 and 1, got {self.dev_fraction}")
         if self.finetune_cached and not self.finetune_encoder:
             raise ValueError("finetune_cached needs finetune_encoder")
         if self.finetune_encoder and not 1 <= self.finetune_blocks <= N_BLOCKS:

@@ -7,7 +7,8 @@ train too, on augmented photos (mirror, small rotation, colour jitter), which is
 a CPU; with ``finetune_cached`` they train on cached activations of the frozen blocks before
 them (of the photos and of their mirror images: mirroring is the only augmentation), about
 1.5x the time of a frozen-encoder epoch. ``init_from`` starts from the weights of an earlier
-checkpoint (e.g. to fine-tune the encoder under a decoder trained on frozen features). After
+checkpoint (e.g. to fine-tune the encoder under a decoder trained on frozen features) or model
+directory; a folder of your own photos starts from the shipped model (``start.py``). After
 each epoch the dev split is captioned greedily and scored (BLEU-4, CIDEr); the best epoch by
 CIDEr is kept in ``OUT/best`` and the latest in ``OUT/last`` (resumable).
 """
@@ -27,19 +28,20 @@ import numpy as np
 import torch
 from torch.nn import functional as F
 
-from edgecap.data.readers import CaptionedImage, read_dataset
-from edgecap.errors import BackendError, ModelError
+from edgecap.data.readers import CaptionedImage
+from edgecap.errors import BackendError
 from edgecap.evaluation.metrics import score
-from edgecap.models.checkpoint import load_checkpoint, save_checkpoint
-from edgecap.models.decoder import CaptionDecoder, DecoderConfig
+from edgecap.models.checkpoint import save_checkpoint
+from edgecap.models.decoder import CaptionDecoder
 from edgecap.models.config import N_BLOCKS
-from edgecap.models.efficientnet_lite import as_regions, load_pretrained
+from edgecap.models.efficientnet_lite import as_regions
 from edgecap.images import load_rgb
 from edgecap.preprocess import Preprocessing, to_model_input
 from edgecap.training.config import TrainConfig  # noqa: F401 - re-exported
 from edgecap.training.distributed import rank_share, setup, world_size
 from edgecap.training.features import compute_features, progress_bar, split_features
 from edgecap.training.shards import streamed_split
+from edgecap.training.start import initial_model, training_items
 from edgecap.vocab import Vocabulary
 
 
@@ -193,14 +195,15 @@ def train(cfg: TrainConfig, log=print) -> Path:
     out = Path(cfg.out)
     out.mkdir(parents=True, exist_ok=True)
     data = Path(cfg.data)
-    images = Path(cfg.images) if cfg.images else data / "images"
+    images = Path(cfg.images) if cfg.images else data / ("" if cfg.dataset == "folder" else "images")
     pre = Preprocessing(size=(cfg.image_size, cfg.image_size))
 
-    train_items = read_dataset(cfg.dataset, data, "train")
-    dev_items = read_dataset(cfg.dataset, data, "dev")
+    train_items, dev_items = training_items(cfg, data, images, log)
     if cfg.max_dev_images:
         dev_items = dev_items[: cfg.max_dev_images]
-    vocab = Vocabulary.build((c for it in train_items for c in it.captions), cfg.min_word_count)
+    last = out / "last"
+    start = initial_model(cfg, train_items, last, log)
+    decoder, vocab, meta, resuming = start.decoder, start.vocab, start.meta, start.resuming
     log(f"train {len(train_items)} images, dev {len(dev_items)} images, vocabulary {len(vocab)} words")
 
     cache = Path(cfg.cache_dir) if cfg.cache_dir else out.parent / ".feature-cache"
@@ -222,23 +225,8 @@ def train(cfg: TrainConfig, log=print) -> Path:
         mirror_row = np.zeros(len(train_maps), dtype=np.int64)  # cache row -> mirrored cache row
         mirror_row[train_rows] = [index[it.file_name] for it in train_items]
 
-    last = out / "last"
-    resuming = (last / "checkpoint.json").exists()
-    source = last if resuming else (Path(cfg.init_from) if cfg.init_from else None)
-    meta = {}
-    if source is None:
-        decoder = CaptionDecoder(DecoderConfig(vocab_size=len(vocab), **cfg.decoder))
-        encoder = load_pretrained() if cfg.finetune_encoder else None
-    else:
-        # The checkpoint's decoder sizes win over the command line's.
-        loaded_encoder, decoder, loaded_vocab, _, meta = load_checkpoint(source)
-        if loaded_vocab.words != vocab.words:
-            raise ModelError(f"{source}: its vocabulary differs from the one built from this "
-                             "training data (another dataset or --min-word-count?)")
-        # The pretrained encoder, with the checkpoint's tuned blocks where it has them.
-        encoder = loaded_encoder if cfg.finetune_encoder else None
-        if not resuming:
-            log(f"initialised from {source}")
+    # The pretrained encoder, with the starting checkpoint's tuned blocks where it has them.
+    encoder = start.encoder
     device = dist.device
     decoder.to(device)
     if encoder is not None:

@@ -1,0 +1,63 @@
+"""Growing a trained model's vocabulary for fine-tuning on new captions.
+
+The new words (seen at least ``min_count`` times in the new training captions, not yet in the
+vocabulary) are appended after the old ones, most frequent first: every old word keeps its id,
+its embedding row and its output row, so the grown decoder gives every old word the same logit
+as before and its log-probabilities differ only by the softmax's normalisation over the longer
+vocabulary. A new word's embedding and output rows start at the mean of the old words' rows plus
+a little noise (``NOISE`` of their per-dimension spread), and its output bias at a low quantile of
+the old words' biases (``NEW_BIAS_QUANTILE``): a new word starts as a rare word that is never
+among the step's top words, so the grown model's captions are the old model's until training
+moves the new rows.
+"""
+
+from __future__ import annotations
+
+from collections import Counter
+from collections.abc import Iterable
+from dataclasses import replace
+
+import torch
+
+from edgecap.models.decoder import CaptionDecoder
+from edgecap.vocab import SPECIALS, Vocabulary, tokenize
+
+NOISE = 0.1
+NEW_BIAS_QUANTILE = 0.05
+
+
+def new_words(vocab: Vocabulary, captions: Iterable[str], min_count: int) -> list[str]:
+    """The words of ``captions`` seen at least ``min_count`` times that ``vocab`` lacks, most
+    frequent first (ties alphabetical, as ``Vocabulary.build`` orders them)."""
+    counts = Counter(w for c in captions for w in tokenize(c) if w not in vocab.index)
+    return sorted((w for w, n in counts.items() if n >= max(1, min_count)),
+                  key=lambda w: (-counts[w], w))
+
+
+def grow_vocabulary(vocab: Vocabulary, captions: Iterable[str], min_count: int) -> Vocabulary:
+    """``vocab`` with the new words of ``captions`` appended (old ids unchanged)."""
+    return Vocabulary(vocab.words + new_words(vocab, captions, min_count))
+
+
+@torch.no_grad()
+def grow_decoder(decoder: CaptionDecoder, vocab_size: int,
+                 generator: torch.Generator | None = None) -> CaptionDecoder:
+    """A copy of ``decoder`` for a vocabulary of ``vocab_size`` words whose first
+    ``decoder.cfg.vocab_size`` are the old ones (see the module doc for the new rows)."""
+    old = decoder.cfg.vocab_size
+    if vocab_size < old:
+        raise ValueError(f"a grown vocabulary cannot be smaller: {vocab_size} < {old}")
+    grown = CaptionDecoder(replace(decoder.cfg, vocab_size=vocab_size))
+    state = {k: v.clone() for k, v in decoder.state_dict().items()}
+    n_new = vocab_size - old
+    if n_new:
+        words = slice(len(SPECIALS), None)  # the mean of real words, never of <pad> / <start>
+        for key in ("embed.weight", "out_vocab.weight"):
+            rows = state[key][words]
+            noise = torch.randn(n_new, rows.shape[1], generator=generator, dtype=rows.dtype)
+            state[key] = torch.cat([state[key], rows.mean(0) + NOISE * rows.std(0) * noise])
+        bias = state["out_vocab.bias"]
+        low = torch.quantile(bias[words].float(), NEW_BIAS_QUANTILE).to(bias.dtype)
+        state["out_vocab.bias"] = torch.cat([bias, low.expand(n_new)])
+    grown.load_state_dict(state)
+    return grown.train(decoder.training)

@@ -1,0 +1,129 @@
+"""Where a training run starts: its photos and captions, its first weights and its vocabulary.
+
+Data: the dataset readers (``edgecap.data.readers``), or a folder of your own photos
+(``--dataset folder``, ``edgecap.data.folder``), whose bad rows and photos are reported on
+stderr and left out before any feature is computed.
+
+Weights (``init_from``): fresh ones, a training checkpoint (``checkpoint.json``), a model
+directory made by ``edgecap export`` (its PyTorch modules rebuilt from the ONNX initializers, as
+the torch backend does) or ``default``, the shipped model. A folder run starts from ``default``
+unless told otherwise (``none``: fresh weights). For a folder the starting model's vocabulary
+grows by the folder's new training words (``edgecap.training.grow``); for the other datasets the
+vocabulary is rebuilt from the training captions and must be the starting model's.
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass, replace
+from pathlib import Path
+
+import torch
+
+from edgecap.data.readers import CaptionedImage, read_dataset
+from edgecap.errors import ModelError
+from edgecap.models.checkpoint import load_checkpoint
+from edgecap.models.decoder import CaptionDecoder, DecoderConfig
+from edgecap.models.efficientnet_lite import EfficientNetLite0, load_pretrained
+from edgecap.preprocess import Preprocessing
+from edgecap.training.config import TrainConfig
+from edgecap.training.grow import grow_decoder, new_words
+from edgecap.vocab import Vocabulary
+
+DEFAULT = "default"  # init_from: the shipped model
+NONE = "none"        # init_from: fresh weights (a folder run's default is DEFAULT)
+
+
+def training_items(cfg: TrainConfig, data: Path, images: Path,
+                   log=print) -> tuple[list[CaptionedImage], list[CaptionedImage]]:
+    """The train and dev photos of ``cfg.dataset`` (a folder's bad rows reported on stderr)."""
+    if cfg.dataset != "folder":
+        return read_dataset(cfg.dataset, data, "train"), read_dataset(cfg.dataset, data, "dev")
+    from edgecap.data.folder import read_folder
+
+    folder = read_folder(data, images, cfg.dev_fraction, cfg.seed)
+    if folder.problems:
+        log(f"{folder.source}: {len(folder.problems)} rows or photos left out (listed on stderr)")
+    return folder.train, folder.dev
+
+
+@dataclass
+class Start:
+    encoder: EfficientNetLite0 | None  # the encoder to fine-tune (None: frozen, features cached)
+    decoder: CaptionDecoder
+    vocab: Vocabulary
+    meta: dict                         # the checkpoint's metadata when resuming, else {}
+    resuming: bool
+
+
+def initial_model(cfg: TrainConfig, train_items: list[CaptionedImage], last: Path,
+                  log=print) -> Start:
+    """The run's first weights: ``last`` when it holds a checkpoint (resuming), else
+    ``cfg.init_from`` (see the module doc)."""
+    captions = [c for it in train_items for c in it.captions]
+    resuming = (last / "checkpoint.json").exists()
+    source = last if resuming else init_source(cfg)
+    if source is None:
+        vocab = Vocabulary.build(captions, cfg.min_word_count)
+        decoder = CaptionDecoder(DecoderConfig(vocab_size=len(vocab), **cfg.decoder))
+        encoder = load_pretrained() if cfg.finetune_encoder else None
+        return Start(encoder, decoder, vocab, {}, False)
+    # The starting model's decoder sizes win over the command line's.
+    encoder, decoder, vocab, meta = load_start(source, cfg.finetune_encoder)
+    if cfg.dataset == "folder":
+        if not resuming:  # a resumed run's vocabulary has grown already
+            added = new_words(vocab, captions, cfg.min_word_count)
+            vocab = Vocabulary(vocab.words + added)
+            decoder = grow_decoder(decoder, len(vocab), torch.Generator().manual_seed(cfg.seed))
+            log(f"vocabulary: {len(vocab) - len(added)} words of {source} + {len(added)} new "
+                f"(seen {cfg.min_word_count}+ times): {' '.join(added[:20])}"
+                + (" ..." if len(added) > 20 else ""))
+    elif vocab.words != Vocabulary.build(captions, cfg.min_word_count).words:
+        raise ModelError(f"{source}: its vocabulary differs from the one built from this "
+                         "training data (another dataset or --min-word-count?)")
+    if not resuming:
+        log(f"initialised from {source}")
+    return Start(encoder if cfg.finetune_encoder else None, decoder, vocab, meta, resuming)
+
+
+def init_source(cfg: TrainConfig) -> Path | None:
+    """The checkpoint or model directory ``cfg.init_from`` names; None for fresh weights."""
+    name = cfg.init_from
+    if name is None:
+        name = DEFAULT if cfg.dataset == "folder" else NONE
+    if name == NONE:
+        return None
+    if name == DEFAULT:
+        from edgecap.api import default_model_dir
+
+        return Path(default_model_dir())
+    return Path(name)
+
+
+def load_start(source: Path, finetune_encoder: bool = False):
+    """A checkpoint or a model directory -> (encoder, decoder, vocab, checkpoint meta or {}),
+    the modules in eval mode on the CPU."""
+    if not source.is_dir():
+        raise ModelError(f"{source}: no such directory; start from a checkpoint (OUT/best), a "
+                         f"model directory, {DEFAULT!r} (the shipped model) or {NONE!r}")
+    if (source / "checkpoint.json").exists() or not (source / "manifest.json").exists():
+        encoder, decoder, vocab, _, meta = load_checkpoint(source)  # says what a checkpoint is
+        return encoder, decoder, vocab, meta
+    from edgecap.api import load_vocabulary
+    from edgecap.backends.torch import TorchBackend
+    from edgecap.manifest import load_manifest
+
+    manifest = load_manifest(source)
+    if manifest.precision != "fp32":
+        raise ModelError(f"{source}: a {manifest.precision} model directory; start from the "
+                         "FP32 one it was converted from")
+    # The input size may differ (--image-size): the decoder attends over any number of regions.
+    if replace(manifest.preprocessing, size=Preprocessing().size) != Preprocessing():
+        raise ModelError(f"{source}: its preprocessing {manifest.preprocessing.to_dict()} is not "
+                         "the one training uses")
+    encoder, decoder = TorchBackend._build(manifest)
+    if not finetune_encoder:
+        pretrained = load_pretrained().state_dict()
+        if any(not torch.equal(v, pretrained[k]) for k, v in encoder.state_dict().items()):
+            raise ModelError(f"{source}: its encoder was fine-tuned, but the decoder would train "
+                             "on the pretrained encoder's features; add --finetune-encoder")
+    return encoder, decoder, load_vocabulary(manifest), {}

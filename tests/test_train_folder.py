@@ -1,0 +1,433 @@
+"""Training on your own photos: a folder with captions.csv / captions.jsonl, the photo-level dev
+split, bad rows and photos reported and skipped, vocabulary growth from a trained model, and a
+tiny end-to-end run (train, export, caption). Photos and captions are made here."""
+
+from __future__ import annotations
+
+import csv
+import dataclasses
+import json
+import random
+
+import numpy as np
+import pytest
+from PIL import Image
+
+from edgecap.data.folder import detect_dataset, dev_photos, read_folder
+from edgecap.errors import DataError
+
+
+def photo(path, seed: int, size=(48, 36)) -> None:
+    """A small noisy synthetic photo (PNG or JPEG by the suffix)."""
+    rng = np.random.default_rng(seed)
+    w, h = size
+    base = rng.integers(0, 256, 3)
+    pixels = np.clip(base + rng.normal(0, 30, (h, w, 3)), 0, 255).astype(np.uint8)
+    Image.fromarray(pixels).save(path)
+
+
+def folder(root, rows, header=("file", "caption"), photos=None, kind="csv"):
+    """``root`` with synthetic photos (every file named in ``rows`` unless ``photos`` says
+    which) and ``captions.csv`` (rows: tuples in ``header`` order) or ``captions.jsonl``."""
+    root.mkdir(parents=True, exist_ok=True)
+    names = photos if photos is not None else sorted({r[0] for r in rows if r[0]})
+    for i, name in enumerate(names):
+        (root / name).parent.mkdir(parents=True, exist_ok=True)
+        photo(root / name, i)
+    if kind == "csv":
+        with open(root / "captions.csv", "w", newline="", encoding="utf-8") as f:
+            writer = csv.writer(f)
+            writer.writerow(header)
+            writer.writerows(rows)
+    else:
+        (root / "captions.jsonl").write_text(
+            "".join(json.dumps(dict(zip(header, r))) + "\n" for r in rows), encoding="utf-8")
+    return root
+
+
+ROWS = [("a.png", "a red ball on the grass"), ("b.jpg", "a dog runs"),
+        ("a.png", "a ball, red and round"), ("sub/c.png", "a cat sleeps"),
+        ("b.jpg", "a brown dog runs on sand"), ("d.png", "two birds")]
+
+
+def names(items):
+    return [it.file_name for it in items]
+
+
+def by_photo(data):
+    return {it.file_name: it.captions for it in data.train + data.dev}
+
+
+@pytest.mark.parametrize("kind", ["csv", "jsonl"])
+def test_reads_captions_grouped_by_photo(tmp_path, kind):
+    root = folder(tmp_path / "f", ROWS, kind=kind)
+    data = read_folder(root, dev_fraction=0.25, report=pytest.fail)
+    assert by_photo(data) == {"a.png": ["a red ball on the grass", "a ball, red and round"],
+                              "b.jpg": ["a dog runs", "a brown dog runs on sand"],
+                              "sub/c.png": ["a cat sleeps"], "d.png": ["two birds"]}
+    assert len(data.dev) == 1 and len(data.train) == 3
+    header = 1 if kind == "csv" else 0  # a JSONL file has no header line
+    assert data.lines == {"a.png": 1 + header, "b.jpg": 2 + header, "sub/c.png": 4 + header,
+                          "d.png": 6 + header}
+    assert detect_dataset(root) == "folder" and detect_dataset(tmp_path) == "flickr8k"
+
+
+def test_csv_header_order_case_extra_columns_bom_and_multiline_captions(tmp_path):
+    root = tmp_path / "f"
+    folder(root, [], photos=["x.png", "y.png"])
+    (root / "captions.csv").write_text(
+        '\ufeffNote, Caption ,FILE\nmine,"a long caption\nover two lines",x.png\n\n'
+        ',a small cup,y.png\n', encoding="utf-8")
+    data = read_folder(root, report=pytest.fail)
+    assert by_photo(data) == {"x.png": ["a long caption\nover two lines"], "y.png": ["a small cup"]}
+    assert data.lines == {"x.png": 2, "y.png": 5}  # the line each row starts on
+
+
+def test_split_column(tmp_path):
+    rows = [("a.png", "a ball", "train"), ("b.png", "a dog", "dev"), ("a.png", "a red ball", "TRAIN"),
+            ("c.png", "a cat", "val"), ("d.png", "a cup", "train")]
+    root = folder(tmp_path / "f", rows, header=("file", "caption", "split"))
+    data = read_folder(root, report=pytest.fail)
+    assert names(data.train) == ["a.png", "d.png"] and names(data.dev) == ["b.png", "c.png"]
+    assert data.train[0].captions == ["a ball", "a red ball"]
+    with pytest.raises(DataError, match="has a split column; leave out --dev-fraction"):
+        read_folder(root, dev_fraction=0.5)
+    only_train = folder(tmp_path / "g", [r for r in rows if r[2].lower() == "train"],
+                        header=("file", "caption", "split"))
+    with pytest.raises(DataError, match="no usable photo has split dev"):
+        read_folder(only_train)
+
+
+def test_dev_fraction_splits_photos_not_captions_deterministically(tmp_path):
+    photos = [f"p{i:02d}.png" for i in range(20)]
+    rows = [(p, f"caption {k} of photo {i}") for i, p in enumerate(photos) for k in range(3)]
+    root = folder(tmp_path / "f", rows)
+    first = read_folder(root, dev_fraction=0.25, seed=3, check_images=False)
+    assert len(first.dev) == 5 and len(first.train) == 15
+    # Every caption of a photo goes where the photo goes.
+    assert all(len(it.captions) == 3 for it in first.train + first.dev)
+    assert not set(names(first.train)) & set(names(first.dev))
+    # The same photos and seed give the same split whatever the row order ...
+    shuffled = rows[:]
+    random.Random(0).shuffle(shuffled)
+    again = folder(tmp_path / "g", shuffled, photos=photos)
+    assert set(names(read_folder(again, dev_fraction=0.25, seed=3, check_images=False).dev)) \
+        == set(names(first.dev))
+    # ... and another seed another split, of the same size.
+    other = read_folder(root, dev_fraction=0.25, seed=4, check_images=False)
+    assert len(other.dev) == 5 and set(names(other.dev)) != set(names(first.dev))
+    assert dev_photos(photos, 0.25, 3) == set(names(first.dev))
+    assert len(dev_photos(photos[:2], 0.01, 0)) == 1 and len(dev_photos(photos[:2], 0.99, 0)) == 1
+
+
+BAD_ROWS = [
+    # (rows, what to do to the folder, the problem reported, the row's line)
+    ([("gone.png", "a missing photo")], "missing", "gone.png: no such file; photo and its 1 caption skipped", 2),
+    ([("bad.png", "not a photo")], "garbage", "bad.png: not an image in an accepted format", 2),
+    ([("cut.png", "a cut photo")], "truncated", "cut.png: ", 2),
+    ([("a.png", "  ")], None, "a.png: empty caption; row skipped", 2),
+    ([("a.png", "?!")], None, "a.png: caption '?!' has no words; row skipped", 2),
+    ([("", "no file")], None, "(no file): no file name; row skipped", 2),
+    ([("a.png", "a ball", "test")], "split", "a.png: split 'test' is not one of train, dev, val, validation; row skipped", 2),
+    ([("a.png", "a ball", "dev")], "split", "a.png: split 'dev', but line 2 put this photo in 'train'; row skipped", 5),
+    ([("other/b.png", "a twin")], "twin", "other/b.png: same file name as b.png (line 3)", 5),
+]
+
+
+@pytest.mark.parametrize("bad, prepare, problem, line", BAD_ROWS)
+def test_a_bad_row_or_photo_is_reported_and_skipped(tmp_path, bad, prepare, problem, line):
+    good = [("a.png", "a red ball", "train"), ("b.png", "a dog", "dev"), ("c.png", "a cat", "train")]
+    header = ("file", "caption", "split")
+    if prepare != "split":
+        good, bad, header = [r[:2] for r in good], [r[:2] for r in bad], header[:2]
+    rows = bad + good if line == 2 else good + bad  # the bad row on line 2 or 5
+    root = folder(tmp_path / "f", rows, header=header,
+                  photos=["a.png", "b.png", "c.png"] + (["other/b.png"] if prepare == "twin" else []))
+    if prepare == "garbage":
+        (root / "bad.png").write_bytes(b"this is not an image")
+    elif prepare == "truncated":
+        photo(root / "cut.png", 9, size=(200, 150))
+        data = (root / "cut.png").read_bytes()
+        (root / "cut.png").write_bytes(data[: len(data) // 2])
+    reports = []
+    data = read_folder(root, dev_fraction=None if header[-1] == "split" else 0.3,
+                       report=reports.append)
+    assert len(reports) == 1 and data.problems == reports
+    assert reports[0].startswith(f"{root / 'captions.csv'}:{line}: {problem}"), reports[0]
+    assert {"a.png", "b.png", "c.png"} <= set(by_photo(data))  # the good photos stay
+    assert by_photo(data)["a.png"] == ["a red ball"]
+
+
+def test_nothing_usable_is_one_error(tmp_path):
+    root = folder(tmp_path / "f", [("a.png", ""), ("b.png", "")], photos=["a.png", "b.png"])
+    with pytest.raises(DataError, match="no usable photo"):
+        read_folder(root, report=lambda _: None)
+    (root / "captions.jsonl").write_text("[1, 2]\n{\"image\": \"a.png\"}\n")
+    with pytest.raises(DataError, match="has both captions.csv and captions.jsonl"):
+        read_folder(root)
+    (root / "captions.csv").unlink()
+    with pytest.raises(DataError, match=r"captions.jsonl: no line is a JSON object with the keys "
+                                        r"\"file\" and \"caption\" \(line 1: not a JSON object"):
+        read_folder(root)
+
+
+@pytest.mark.parametrize("header, missing", [
+    ("image,text", "missing file, caption, found image,text"),
+    ("file,captions", "missing caption, found file,captions"),
+    ("", "missing file, caption, found an empty line"),
+    ("file;caption", "missing file, caption, found file;caption; separate the columns with commas"),
+])
+def test_wrong_columns_stop_the_command_with_one_line(tmp_path, capsys, header, missing):
+    from edgecap.cli import main
+
+    root = folder(tmp_path / "f", [], photos=["a.png"])
+    (root / "captions.csv").write_text(f"{header}\na.png,a ball\n")
+    assert main(["train", "--data", str(root), "--out", str(tmp_path / "run"), "--no-progress"]) == 2
+    err = capsys.readouterr().err
+    assert err == (f"edgecap train: error: {root / 'captions.csv'}:1: the header line must name "
+                   f"the columns file and caption (optionally split); {missing}\n")
+    assert not (tmp_path / "run" / "last").exists()
+
+
+def test_a_captions_file_that_is_not_utf8_names_its_line(tmp_path):
+    root = folder(tmp_path / "f", [], photos=["a.png"])
+    (root / "captions.csv").write_bytes(b"file,caption\na.png,a ball\na.png,un caf\xe9\n")
+    with pytest.raises(DataError, match=r"captions.csv:3: not UTF-8 text .*; save the file as UTF-8"):
+        read_folder(root)
+
+
+def test_command_detects_the_folder_and_checks_dev_fraction(tmp_path, monkeypatch, capsys):
+    from edgecap.cli import main
+    from edgecap.training import train as training
+
+    given = []
+    monkeypatch.setattr(training, "train", lambda cfg: given.append(cfg) or tmp_path / "best")
+    root = folder(tmp_path / "f", ROWS)
+    assert main(["train", "--data", str(root), "--out", "RUN", "--dev-fraction", "0.3"]) == 0
+    assert given[-1].dataset == "folder" and given[-1].dev_fraction == 0.3
+    assert given[-1].init_from is None  # the run starts from the shipped model (start.py)
+    assert main(["train", "--data", str(tmp_path), "--out", "RUN"]) == 0
+    assert given[-1].dataset == "flickr8k"
+    capsys.readouterr()
+    assert main(["train", "--data", str(tmp_path), "--out", "RUN", "--dev-fraction", "0.3"]) == 2
+    assert "error: --dev-fraction is for a folder of photos" in capsys.readouterr().err
+    assert main(["train", "--data", str(root), "--out", "RUN", "--dev-fraction", "1.5"]) == 2
+    assert "--dev-fraction must be between 0 and 1, got 1.5" in capsys.readouterr().err
+    assert main(["train", "--data", str(root), "--out", "RUN", "--scst-from", "CK"]) == 2
+    assert "error: --scst-from does not read a folder of photos" in capsys.readouterr().err
+
+
+# -- vocabulary growth ---------------------------------------------------------------------------
+
+torch_needed = pytest.mark.skipif(
+    __import__("importlib.util").util.find_spec("torch") is None, reason="needs torch")
+
+
+@torch_needed
+def test_new_words_are_appended_after_the_old_ones():
+    from edgecap.training.grow import grow_vocabulary
+    from edgecap.vocab import Vocabulary
+
+    old = Vocabulary.build(["a dog runs", "a dog sits", "the cat"], min_count=1)
+    grown = grow_vocabulary(old, ["a pizza oven", "a pizza", "the oven", "one zebra", "a pizza"],
+                            min_count=2)
+    assert grown.words == old.words + ["pizza", "oven"]  # most frequent first; zebra seen once
+    assert all(grown.index[w] == i for i, w in enumerate(old.words))
+
+
+def _logprobs(decoder, fmap, tokens):
+    """Log-probabilities (T, N, V) of a teacher-forced word sequence (the step's masked
+    log-softmax)."""
+    import torch
+
+    from edgecap.models.decoder import mask_logits
+
+    with torch.no_grad():
+        features, att_proj, h, c = decoder.init_state(fmap)
+        out = []
+        for t in tokens:
+            logits, h, c, _ = decoder.logits(t.expand(len(fmap)), h, c, features, att_proj)
+            out.append(torch.log_softmax(mask_logits(logits), dim=1))
+        return torch.stack(out)
+
+
+@torch_needed
+def test_grown_decoder_keeps_old_rows_and_old_words_logprobs():
+    import torch
+
+    from edgecap.models.decoder import CaptionDecoder, DecoderConfig
+    from edgecap.training.grow import grow_decoder
+
+    torch.manual_seed(0)
+    old = CaptionDecoder(DecoderConfig(vocab_size=30, hidden_dim=32, feature_dim=32, embed_dim=16,
+                                       attention_dim=16)).eval()
+    with torch.no_grad():  # distinct biases, so that their quantile means something
+        old.out_vocab.bias.normal_(0, 1)
+    grown = grow_decoder(old, 36, torch.Generator().manual_seed(1)).eval()
+    assert grown.cfg == dataclasses.replace(old.cfg, vocab_size=36)
+    before, after = old.state_dict(), grown.state_dict()
+    for key, value in before.items():
+        if key in ("embed.weight", "out_vocab.weight", "out_vocab.bias"):
+            assert after[key].shape[0] == 36
+            assert torch.equal(after[key][:30], value), key  # old rows, exactly, in order
+        else:
+            assert torch.equal(after[key], value), key
+    # New rows: near the old words' mean, not copies of one another; low bias.
+    new_embed = after["embed.weight"][30:]
+    assert not torch.equal(new_embed[0], new_embed[1])
+    assert torch.allclose(new_embed.mean(0), before["embed.weight"][4:].mean(0), atol=0.2)
+    assert (after["out_vocab.bias"][30:] < before["out_vocab.bias"][4:].median()).all()
+
+    fmap = torch.randn(3, 49, 1280)
+    tokens = torch.tensor([1, 7, 12, 29, 5])  # <start> then old words
+    lp_old, lp_new = _logprobs(old, fmap, tokens), _logprobs(grown, fmap, tokens)
+    # Old words: the same log-probabilities but for one normalising constant per row and step
+    # (the new words' share of the softmax), so the same ranking of the old words.
+    shift = lp_new[..., :30] - lp_old
+    real = torch.ones(30, dtype=torch.bool)
+    real[[0, 1, 3]] = False  # <pad>, <start>, <unk>: floored, never generated
+    real_shift = shift[..., real]
+    assert torch.allclose(real_shift, real_shift[..., :1].expand_as(real_shift), atol=1e-5)
+    assert (real_shift < 0).all() and (real_shift > -0.5).all()
+    # A new word is no better than the old words' median at the start.
+    assert (lp_new[..., 30:].amax(-1) < lp_new[..., 4:30].median(-1).values).all()
+
+
+@torch_needed
+def test_the_grown_default_model_captions_as_before(example_images):
+    import torch
+
+    from edgecap.api import default_model_dir
+    from edgecap.backends.torch import TorchBackend
+    from edgecap.images import load_rgb
+    from edgecap.manifest import load_manifest
+    from edgecap.preprocess import to_model_input
+    from edgecap.search import CaptionOptions, beam_search
+    from edgecap.training.grow import grow_decoder
+    from edgecap.training.start import load_start
+
+    encoder, decoder, vocab, _ = load_start(default_model_dir())
+    grown = grow_decoder(decoder, len(vocab) + 25, torch.Generator().manual_seed(0)).eval()
+    pre = load_manifest(default_model_dir()).preprocessing
+    x = np.stack([to_model_input(load_rgb(p), pre) for p in example_images])
+
+    def captions(dec):
+        backend = TorchBackend.from_modules(encoder, dec)
+        hyps = beam_search(backend, backend.encode(x), CaptionOptions(beam_size=3), vocab.start,
+                           vocab.end)
+        return [h[0].tokens for h in hyps], np.array([h[0].score for h in hyps])
+
+    old, old_scores = captions(decoder)
+    new, new_scores = captions(grown)
+    assert new == old and all(len(tokens) > 3 for tokens in old)
+    # The scores move only by the new words' small share of each step's softmax.
+    assert np.all(new_scores <= old_scores) and np.allclose(new_scores, old_scores, atol=0.01)
+
+
+# -- end to end ------------------------------------------------------------------------------------
+
+def _tiny_config(data, out, **kw):
+    from edgecap.training.train import TrainConfig
+
+    return TrainConfig(**{"data": str(data), "out": str(out), "dataset": "folder", "epochs": 1,
+                          "batch_size": 6, "min_word_count": 2, "progress": False, "threads": 1,
+                          "cache_dir": str(out.parent / "cache"), **kw})
+
+
+SYNTHETIC = {
+    "red1.png": ["a red square on a table", "a red tile"],
+    "red2.png": ["a red tile on a table", "a red square"],
+    "blue1.jpg": ["a blue zorbl near a wall", "a blue zorbl"],
+    "blue2.jpg": ["a blue zorbl on the floor", "a small blue zorbl"],
+    "green1.png": ["a green quokka in a field", "a green quokka"],
+    "green2.png": ["a green quokka sits", "a quokka in green"],
+}
+
+
+@torch_needed
+def test_fine_tune_a_model_on_a_folder_export_and_caption(tmp_path, tiny_model_dir, capsys):
+    from edgecap import Captioner
+    from edgecap.api import load_vocabulary
+    from edgecap.build.export import export_model
+    from edgecap.manifest import load_manifest
+    from edgecap.models.checkpoint import load_checkpoint
+    from edgecap.training.train import train
+
+    rows = [(f, c) for f, caps in SYNTHETIC.items() for c in caps] + [("broken.png", "a ruin")]
+    root = folder(tmp_path / "mine", rows, photos=list(SYNTHETIC) + ["broken.png"])
+    (root / "broken.png").write_bytes(b"\x89PNG\r\n\x1a\n broken")
+    logs = []
+    out = tmp_path / "runs" / "mine"
+    best = train(_tiny_config(root, out, init_from=str(tiny_model_dir), dev_fraction=0.34),
+                 log=logs.append)
+    # The broken photo is reported (stderr, naming the row) and the run goes on without it.
+    err = capsys.readouterr().err
+    assert f"{root / 'captions.csv'}:14: broken.png: " in err and "photo and its 1 caption skipped" in err
+    assert any("train 4 images, dev 2 images" in line for line in logs)
+    assert any(f"initialised from {tiny_model_dir}" in line for line in logs)
+
+    _, _, vocab, _, meta = load_checkpoint(best)
+    tiny_words = load_vocabulary(load_manifest(tiny_model_dir)).words
+    assert vocab.words[: len(tiny_words)] == tiny_words
+    added = vocab.words[len(tiny_words):]
+    assert added and set(added) <= {w for caps in SYNTHETIC.values() for c in caps for w in c.split()}
+    assert "sits" not in added  # seen once: under --min-word-count 2
+    assert meta["train_config"]["dataset"] == "folder"
+
+    # Resuming keeps the grown vocabulary (it does not grow again).
+    logs.clear()
+    train(_tiny_config(root, out, init_from=str(tiny_model_dir), dev_fraction=0.34, epochs=2),
+          log=logs.append)
+    assert any("resumed" in line for line in logs)
+    assert load_checkpoint(out / "last")[2].words == vocab.words
+
+    model = tmp_path / "model"
+    manifest = export_model(best, model)
+    assert manifest.dims.vocab_size == len(vocab)
+    captions = {}
+    for backend in ("onnxruntime", "torch"):
+        cap = Captioner(model, backend=backend).caption(str(root / "blue1.jpg"))
+        assert cap.text and all(w in vocab.index for w in cap.tokens)
+        assert cap.objects  # the class list still loads with the grown vocabulary
+        captions[backend] = cap.text
+    assert captions["onnxruntime"] == captions["torch"]
+
+
+@torch_needed
+def test_init_from_default_is_the_folder_default(tmp_path):
+    from edgecap.api import default_model_dir
+    from edgecap.errors import ModelError
+    from edgecap.training.start import init_source, load_start
+
+    root = tmp_path / "f"
+    assert init_source(_tiny_config(root, tmp_path / "r")) == default_model_dir()
+    assert init_source(_tiny_config(root, tmp_path / "r", init_from="none")) is None
+    flickr = dataclasses.replace(_tiny_config(root, tmp_path / "r"), dataset="flickr8k")
+    assert init_source(flickr) is None
+    with pytest.raises(ModelError, match="no such directory; start from a checkpoint"):
+        load_start(tmp_path / "nowhere")
+
+
+@torch_needed
+def test_a_model_directory_with_a_tuned_encoder_needs_finetune_encoder(tiny_model_dir, monkeypatch):
+    import torch
+
+    from edgecap.backends.torch import TorchBackend
+    from edgecap.errors import ModelError
+    from edgecap.training.start import load_start
+
+    build = TorchBackend._build
+
+    def tuned(manifest):
+        encoder, decoder = build(manifest)
+        with torch.no_grad():
+            encoder._conv_head.weight.add_(0.01)
+        return encoder, decoder
+
+    encoder, decoder, vocab, meta = load_start(tiny_model_dir)
+    assert meta == {} and len(vocab) == decoder.cfg.vocab_size
+    monkeypatch.setattr(TorchBackend, "_build", staticmethod(tuned))
+    with pytest.raises(ModelError, match="its encoder was fine-tuned.*add --finetune-encoder"):
+        load_start(tiny_model_dir)
+    tuned_encoder, _, _, _ = load_start(tiny_model_dir, finetune_encoder=True)
+    assert torch.allclose(tuned_encoder._conv_head.weight, encoder._conv_head.weight + 0.01)
