@@ -18,6 +18,7 @@ import pytest
 torch = pytest.importorskip("torch")
 
 from edgecap.training.shards import (  # noqa: E402
+    cache_name,
     FeatureCacheError, ShardedFeatures, extract_shards, shard_dir)
 
 REPO = Path(__file__).resolve().parents[1]
@@ -248,7 +249,21 @@ def test_more_images_extend_the_cache_and_keep_its_full_shards(tmp_path):
         return encode(x)
     cache = extract_shards(names, tmp_path, load, counting, **quiet)
     assert encoded == [4, 5, 6, 7, 8, 9]  # shard 0 kept; shard 1 had 2 images, now 4
-    assert cache.names == {n: i for i, n in enumerate(names)}
+    assert cache.names == {cache_name(n): i for i, n in enumerate(names)}
+
+
+def test_photos_of_one_name_in_two_folders_keep_their_own_features(tmp_path):
+    # Two photo folders trained with one cache directory (the default: OUT/../.feature-cache).
+    def load(path):
+        return np.array([1.0 if Path(path).parent.name == "b" else 0.0], dtype=np.float32)
+
+    def encode(x):
+        return np.broadcast_to(x[:, 0][:, None, None], (len(x), 2, 3)).astype(np.float32)
+    quiet = {"shard_size": 4, "log": lambda *_: None}
+    extract_shards([tmp_path / "a" / "x.jpg"], tmp_path / "cache", load, encode, **quiet).close()
+    cache = extract_shards([tmp_path / "b" / "x.jpg"], tmp_path / "cache", load, encode, **quiet)
+    rows = [cache.names[cache_name(tmp_path / d / "x.jpg")] for d in "ab"]
+    assert cache.read(rows)[:, 0, 0].tolist() == [0.0, 1.0]
 
 
 def test_each_rank_trains_on_a_disjoint_share_of_the_same_global_batches():

@@ -44,6 +44,11 @@ def shard_dir(cache_dir: Path, preprocessing, encoder_tag: str = ENCODER_TAG) ->
     return Path(cache_dir) / f"shards-{cache_key(preprocessing, encoder_tag)}"
 
 
+def cache_name(path: Path) -> str:
+    """The name a photo has in the cache: its absolute path."""
+    return str(Path(path).resolve())
+
+
 def _shard_path(directory: Path, s: int, suffix: str = ".npy") -> Path:
     return directory / f"shard-{s:05d}{suffix}"
 
@@ -171,7 +176,8 @@ def extract_shards(paths: Sequence[Path], directory: Path,
                    load: Callable[[Path], np.ndarray], encode: Callable[[np.ndarray], np.ndarray],
                    shard_size: int = 1024, batch_size: int = 64, progress: bool = False,
                    log=print, dist=None, load_threads: int = 4) -> ShardedFeatures:
-    """The shard cache of ``paths`` (keyed by file name) in ``directory``, extracting what is
+    """The shard cache of ``paths`` (keyed by absolute path, so two folders' ``IMG_0001.jpg``
+    never share features) in ``directory``, extracting what is
     missing: ``load(path)`` -> one model input, ``encode(stacked inputs)`` -> features (n, ...).
 
     Every completed shard is checked against its record (size, shape, sha256) and recomputed
@@ -180,7 +186,7 @@ def extract_shards(paths: Sequence[Path], directory: Path,
     directory = Path(directory)
     rank, world = (dist.rank, dist.world) if dist is not None else (0, 1)
     barrier = dist.barrier if dist is not None else (lambda: None)
-    names = [Path(p).name for p in paths]
+    names = [cache_name(p) for p in paths]
     index_path = directory / "index.json"
     plan_path = directory / "plan.json"
     if rank == 0:
@@ -298,7 +304,8 @@ def streamed_split(train_items, dev_items, images: Path, cache_dir: Path, prepro
                               lambda p: to_model_input(load_rgb(p), preprocessing), encode,
                               shard_size=shard_size, progress=progress, log=log, dist=dist,
                               load_threads=min(8, os.cpu_count() or 1))
-    train_rows = [features.names[p.name] for p in paths[: len(train_items)]]
-    dev_fmaps = features.read([features.names[p.name] for p in paths[len(train_items):]])
+    rows = [features.names[cache_name(p)] for p in paths]
+    train_rows, dev_rows = rows[: len(train_items)], rows[len(train_items):]
+    dev_fmaps = features.read(dev_rows)
     return train_rows, dev_fmaps, features
 
