@@ -2,11 +2,15 @@
 against the old path (the whole cache as one float32 tensor in memory).
 
     python benchmarks/feature_stream.py --images 30000 --dir /tmp/edgecap-shards [--old]
+                                        [--memory-limit-mb 1500]
 
 writes a synthetic shard cache of IMAGES x 49 x 1280 float16 (2.4 GB per 10,000 images; skipped
 when DIR already holds one), then, in fresh processes, reads one epoch of shuffled batches of
 20 images (100 captions) and prints the peak resident memory (ru_maxrss) before and after, as
 JSON. ``--old`` also measures the old path (its float32 copy needs 2x the cache in memory).
+``--memory-limit-mb``: each reading process runs with that address-space limit (RLIMIT_AS), so
+a cache larger than the limit shows that the streamed path needs no memory for the cache (the old
+path then fails with a MemoryError, reported as such).
 Delete DIR afterwards.
 """
 
@@ -23,6 +27,9 @@ import numpy as np
 
 _READ = """
 import json, resource, sys, time
+limit = int(sys.argv[3]) << 20
+if limit:
+    resource.setrlimit(resource.RLIMIT_AS, (limit, limit))
 import numpy as np, torch
 directory, old = sys.argv[1], sys.argv[2] == "old"
 from edgecap.training.shards import ShardedFeatures
@@ -31,12 +38,18 @@ peak = lambda: resource.getrusage(resource.RUSAGE_SELF).ru_maxrss // 1024
 before = peak()
 t0 = time.perf_counter()
 if old:  # what split_features did: every row as one float32 tensor
-    features = torch.from_numpy(features.read(np.arange(len(features))).astype(np.float32))
+    try:
+        features = torch.from_numpy(features.read(np.arange(len(features))).astype(np.float32))
+    except MemoryError as exc:
+        print(json.dumps({"path": "old in-memory", "memory_limit_mb": limit >> 20,
+                          "failed": f"MemoryError: {exc}"}))
+        sys.exit(0)
 order = np.random.default_rng(0).permutation(len(features))
 check = 0.0
 for start in range(0, len(order), 20):
     check += float(features[order[start:start + 20]][:, 0, 0].sum())
 print(json.dumps({"path": "old in-memory" if old else "shards streamed",
+                  "memory_limit_mb": (limit >> 20) or None,
                   "peak_rss_mb_before": before, "peak_rss_mb_after": peak(),
                   "seconds": round(time.perf_counter() - t0, 1)}))
 """
@@ -48,6 +61,8 @@ def main() -> None:
     p.add_argument("--dir", type=Path, required=True)
     p.add_argument("--shard-size", type=int, default=1024)
     p.add_argument("--old", action="store_true")
+    p.add_argument("--memory-limit-mb", type=int, default=0,
+                   help="address-space limit of each reading process (0: none)")
     args = p.parse_args()
     from edgecap.training.shards import extract_shards
 
@@ -63,7 +78,8 @@ def main() -> None:
                                                   args.dir.glob("shard-*.npy")) / 1e9, 2),
                           "seconds": round(time.perf_counter() - t0, 1)}))
     for mode in ["new"] + (["old"] if args.old else []):
-        subprocess.run([sys.executable, "-c", _READ, str(args.dir), mode], check=True)
+        subprocess.run([sys.executable, "-c", _READ, str(args.dir), mode,
+                        str(args.memory_limit_mb)], check=True)
 
 
 if __name__ == "__main__":
