@@ -70,7 +70,7 @@ def add_model_arguments(parser, variants=DEFAULT_VARIANTS) -> None:
     parser.add_argument("--spinning", default=None,
                         help="onnxruntime intra-op thread spinning (session.intra_op."
                              "allow_spinning): on, off, or on,off to run each onnxruntime "
-                             "variant both ways (default: onnxruntime's default, on)")
+                             "variant both ways (default: the library's own setting, off)")
     parser.add_argument("--model-dir", action="append", default=[], metavar="NAME=DIR",
                         help="a further variant NAME: model directory DIR on onnxruntime CPU "
                              "(repeatable), e.g. an int8 model made by hand")
