@@ -1,8 +1,8 @@
 """The training loop: teacher forcing on cached encoder features, dev check every epoch.
 
-Frozen encoder (default): the 7x7x1280 features of every image are computed once into a disk
-cache in shards (``shards.py``) and the decoder trains on them, read a batch at a time; under
-torchrun on several processes (``distributed.py``). ``finetune_encoder``: the last encoder blocks
+Frozen encoder (default): the feature map of every image (7x7x1280 at 224 px) is computed once
+into a disk cache in shards (``shards.py``) and the decoder trains on them, read a batch at a
+time; under torchrun on several processes (``distributed.py``). ``finetune_encoder``: the last encoder blocks
 train too, on augmented photos (mirror, small rotation, colour jitter), which is ~50x slower on
 a CPU; with ``finetune_cached`` they train on cached activations of the frozen blocks before
 them (of the photos and of their mirror images: mirroring is the only augmentation), about
