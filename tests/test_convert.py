@@ -205,13 +205,13 @@ def test_static_int8_encoder_keeps_its_sensitive_layers_fp32_and_its_features_cl
         shutil.copy(p, calib / p.name)
     m = convert_model_dir(tiny_model_dir, tmp_path / "int8", "int8", calibration=calib)
     graph = onnx.load(str(m.path("encoder"))).graph
-    float_ops = {n.name: n.op_type for n in graph.node}
+    ops = {n.name: n.op_type for n in graph.node}
     # the stem, blocks 0-1 and the classifier stay float; block 2 on is int8 (QLinearConv)
-    assert float_ops["/_conv_stem/Conv"] == "Conv"
-    assert float_ops["/_blocks.1/_project_conv/Conv"] == "Conv"
-    assert float_ops["/_fc/Gemm"] == "Gemm"
-    assert "QLinearConv" in float_ops.values()
-    assert not any(name.startswith("/_blocks.2/") and op == "Conv" for name, op in float_ops.items())
+    assert ops["/_conv_stem/Conv"] == "Conv"
+    assert ops["/_blocks.1/_project_conv/Conv"] == "Conv"
+    assert ops["/_fc/Gemm"] == "Gemm"
+    assert "QLinearConv" in ops.values()
+    assert not any(name.startswith("/_blocks.2/") and op == "Conv" for name, op in ops.items())
     # stated tolerance: the decoder's features within 20% (relative L2) of FP32 on photos not
     # calibrated on (the shipped model: 13% on 48 dev photos)
     images = np.stack([to_model_input(load_rgb(p), m.preprocessing) for p in photos[2:]])

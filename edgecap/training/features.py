@@ -18,6 +18,9 @@ from edgecap.images import load_rgb
 from edgecap.preprocess import Preprocessing, to_model_input
 
 
+ENCODER_TAG = "efficientnet-lite0-imagenet"  # the encoder whose features a cache holds
+
+
 def cache_key(preprocessing: Preprocessing, encoder_tag: str) -> str:
     blob = json.dumps({"pre": preprocessing.to_dict(), "encoder": encoder_tag}, sort_keys=True)
     return hashlib.sha1(blob.encode()).hexdigest()[:12]
@@ -37,7 +40,7 @@ def compute_features(image_paths: list[Path], cache_dir: Path, preprocessing: Pr
     from edgecap.models.efficientnet_lite import load_pretrained
 
     cache_dir.mkdir(parents=True, exist_ok=True)
-    tag = "efficientnet-lite0-imagenet"
+    tag = ENCODER_TAG
     if split_at is not None:
         tag += f"/blocks<{split_at}"
     if mirrored:

@@ -30,10 +30,9 @@ from typing import Callable, Sequence
 import numpy as np
 
 from edgecap.errors import ModelError
-from edgecap.training.features import cache_key, progress_bar
+from edgecap.training.features import ENCODER_TAG, cache_key, progress_bar
 
 FORMAT = "edgecap-feature-shards/1"
-ENCODER_TAG = "efficientnet-lite0-imagenet"
 
 
 class FeatureCacheError(ModelError):
