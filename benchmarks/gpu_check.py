@@ -167,7 +167,7 @@ def gpu_tests(report: Report, timeout_s: float) -> dict | None:
         report.skip("pytest -m gpu", "pytest is not installed")
         return None
     command = [sys.executable, "-m", "pytest", "-m", "gpu", "-q", "-p", "no:cacheprovider",
-               "-rs", str(REPO / "tests")]
+               "-rfEs", "--tb=line", str(REPO / "tests")]
     log("running " + " ".join(command[1:]))
     t0 = time.perf_counter()
     try:
@@ -185,6 +185,7 @@ def gpu_tests(report: Report, timeout_s: float) -> dict | None:
     skips = [line for line in lines if line.startswith("SKIPPED")][:10]
     return {"command": "python " + " ".join(command[1:]), "returncode": proc.returncode, "summary": summary,
             "counts": counts, "failures": failures, "skip_reasons": skips,
+            "output_tail": lines[-40:] if proc.returncode else [],
             "seconds": round(time.perf_counter() - t0, 1)}
 
 
