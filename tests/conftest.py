@@ -28,22 +28,13 @@ def _restore_pixel_limit(monkeypatch):
 
 @pytest.fixture(scope="session")
 def tiny_model_dir(tmp_path_factory) -> Path:
-    torch = pytest.importorskip("torch")
+    pytest.importorskip("torch")
     pytest.importorskip("onnx")
-    from edgecap.build.export import export_modules
-    from edgecap.models.decoder import CaptionDecoder, DecoderConfig
-    from edgecap.models.efficientnet_lite import load_pretrained
-    from edgecap.preprocess import Preprocessing
-    from edgecap.vocab import Vocabulary
+    from helpers import tiny_export
 
-    torch.manual_seed(0)
-    vocab = Vocabulary.build(["a dog runs on the grass", "a cat sits on a red mat",
-                              "two dogs play in the snow", "a man rides a bike"], min_count=1)
-    decoder = CaptionDecoder(DecoderConfig(vocab_size=len(vocab), hidden_dim=64, feature_dim=64,
-                                           embed_dim=32, attention_dim=32))
-    out = tmp_path_factory.mktemp("tiny-model")
-    export_modules(load_pretrained(), decoder, vocab, Preprocessing(), out, {"name": "tiny-random"})
-    return out
+    from edgecap.models.efficientnet_lite import load_pretrained
+
+    return tiny_export(load_pretrained(), tmp_path_factory.mktemp("tiny-model"))
 
 
 @pytest.fixture(scope="session")

@@ -208,6 +208,28 @@ def rgb_array(image, color: str = "rgb") -> np.ndarray:
     return np.asarray(images.load_rgb(image, color))
 
 
+TINY_CAPTIONS = ["a dog runs on the grass", "a cat sits on a red mat",
+                 "two dogs play in the snow", "a man rides a bike"]
+
+
+def tiny_export(encoder, out: Path, preprocessing=None, width: int = 64, name: str = "tiny-random") -> Path:
+    """A real export of a small, randomly initialised decoder (seed 0; ``width`` its hidden and
+    feature sizes) on ``encoder``, into ``out`` (needs torch and onnx)."""
+    import torch
+
+    from edgecap.build.export import export_modules
+    from edgecap.models.decoder import CaptionDecoder, DecoderConfig
+    from edgecap.preprocess import Preprocessing
+    from edgecap.vocab import Vocabulary
+
+    torch.manual_seed(0)
+    vocab = Vocabulary.build(TINY_CAPTIONS, min_count=1)
+    decoder = CaptionDecoder(DecoderConfig(vocab_size=len(vocab), hidden_dim=width, feature_dim=width,
+                                           embed_dim=width // 2, attention_dim=width // 2))
+    export_modules(encoder, decoder, vocab, preprocessing or Preprocessing(), out, {"name": name})
+    return out
+
+
 def contract_model_dir(directory: Path) -> Path:
     """A model directory that fulfils the contract (``edgecap.contract``) with a few nodes of
     random weights, built with onnx helpers only (no torch)."""

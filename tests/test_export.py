@@ -23,7 +23,7 @@ from onnx import numpy_helper  # noqa: E402
 from edgecap.errors import ModelError  # noqa: E402
 from edgecap.build.export import check_export, export_modules  # noqa: E402
 from edgecap.models.decoder import CaptionDecoder, DecoderConfig  # noqa: E402
-from edgecap.models.efficientnet_lite import EfficientNetLite0  # noqa: E402
+from edgecap.models.efficientnet_lite import EfficientNetLite  # noqa: E402
 from edgecap.preprocess import Preprocessing  # noqa: E402
 from edgecap.vocab import Vocabulary  # noqa: E402
 
@@ -39,7 +39,7 @@ def exported(tmp_path_factory):
     vocab = Vocabulary.build(["a cat sat on the mat", "a dog ran in the park today"], min_count=1)
     decoder = CaptionDecoder(DecoderConfig(vocab_size=len(vocab), hidden_dim=16, feature_dim=16,
                                            embed_dim=8, attention_dim=8))
-    encoder = EfficientNetLite0()
+    encoder = EfficientNetLite()
     out = tmp_path_factory.mktemp("export-check") / "model"
     manifest = export_modules(encoder, decoder, vocab, PRE, out)  # raises if the check fails
     assert "export_check" in manifest.info

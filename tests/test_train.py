@@ -239,10 +239,10 @@ def test_mirrored_activation_cache_is_the_mirrored_photos(example_images, tmp_pa
 @pytest.mark.parametrize("flags, problem", [
     (["--finetune-cached"], "--finetune-cached needs --finetune-encoder"),
     (["--finetune-encoder", "--finetune-blocks", "17"],
-     "--finetune-blocks must be 1..16 (EfficientNet-Lite0 has 16 blocks), got 17"),
+     "--finetune-blocks must be 1..16 (efficientnet-lite0 has 16 blocks), got 17"),
     (["--finetune-encoder", "--finetune-blocks", "0"],
-     "--finetune-blocks must be 1..16 (EfficientNet-Lite0 has 16 blocks), got 0"),
-    (["--image-size", "300"], "--image-size must be a multiple of 32 (the encoder's stride), got 300"),
+     "--finetune-blocks must be 1..16 (efficientnet-lite0 has 16 blocks), got 0"),
+    (["--image-size", "16"], "--image-size must be at least 32 (the encoder's stride), got 16"),
 ])
 def test_train_rejects_inconsistent_finetune_flags(tmp_path, capsys, flags, problem):
     from edgecap.cli import main

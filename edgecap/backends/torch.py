@@ -10,7 +10,7 @@ the top K. Both have run on an NVIDIA H200 (the ``gpu`` tests and ``benchmarks/g
 ``benchmarks/results/gpu.md``); the graph bookkeeping is also tested on the CPU with a stand-in
 graph.
 
-It rebuilds ``EfficientNetLite0`` and ``CaptionDecoder`` from the manifest and loads their weights
+It rebuilds ``EfficientNetLite`` and ``CaptionDecoder`` from the manifest and loads their weights
 from the ONNX files' initializers, which the exporter names by the PyTorch state-dict keys
 (``encoder.<key>`` in ``encoder.onnx``; ``decoder.<key>`` split between both graphs). So a model
 directory needs no second copy of its weights, and this backend checks the exported graphs
@@ -35,9 +35,9 @@ from edgecap.backends.torch_graphs import (CudaGraph, EncoderGraphs, GraphedSess
 from edgecap.contract import ENCODER_OUTPUTS, ROLES, Limits
 from edgecap.errors import BackendError, ModelError
 from edgecap.manifest import Manifest
-from edgecap.models.config import ENCODER_FP32_BLOCKS
+from edgecap.models.config import DEFAULT_ENCODER, ENCODER_FP32_BLOCKS
 from edgecap.models.decoder import CaptionDecoder, DecoderConfig
-from edgecap.models.efficientnet_lite import EfficientNetLite0
+from edgecap.models.efficientnet_lite import EfficientNetLite
 from edgecap.models.graphs import EncoderGraph, StepGraph
 
 UNUSED_SUFFIXES = (".num_batches_tracked",)
@@ -126,7 +126,7 @@ class TorchBackend(Backend):
                                       self.device, self.dtype, capture)
 
     @classmethod
-    def from_modules(cls, encoder: EfficientNetLite0 | None, decoder: CaptionDecoder,
+    def from_modules(cls, encoder: EfficientNetLite | None, decoder: CaptionDecoder,
                      device: str | None = "cpu") -> "TorchBackend":
         """A backend over modules in memory (training's dev check); ``encoder`` may be None when
         only ``encode_regions`` is used. The modules are used as they are (no copy)."""
@@ -154,7 +154,7 @@ class TorchBackend(Backend):
         self.graph_factory: GraphFactory | None = None
 
     @staticmethod
-    def _build(manifest: Manifest) -> tuple[EfficientNetLite0, CaptionDecoder]:
+    def _build(manifest: Manifest) -> tuple[EfficientNetLite, CaptionDecoder]:
         config = manifest.info.get("decoder_config")
         if not isinstance(config, dict):
             raise ModelError(f"{manifest.directory}: manifest.json has no decoder_config; the "
@@ -164,7 +164,11 @@ class TorchBackend(Backend):
         except TypeError as exc:  # a key this edgecap's DecoderConfig does not know
             raise ModelError(f"{manifest.directory}: manifest.json's decoder_config does not fit "
                              f"this edgecap ({exc}); upgrade edgecap or re-export the model") from exc
-        encoder = EfficientNetLite0()
+        variant = manifest.info.get("encoder", DEFAULT_ENCODER)
+        try:
+            encoder = EfficientNetLite(variant)
+        except ValueError as exc:  # an encoder this edgecap does not know
+            raise ModelError(f"{manifest.directory}: manifest.json: {exc}; upgrade edgecap") from exc
         weights = read_initializers(manifest)
         _load(encoder, weights, "encoder.", (), manifest)
         _load(decoder, weights, "decoder.", (), manifest)

@@ -26,7 +26,7 @@ from edgecap.contract import (CLASSES, DECODER_STEP, ENCODER, ENCODER_INPUTS, EN
 from edgecap.errors import ModelError
 from edgecap.manifest import MANIFEST, Manifest, file_sha256, load_manifest
 from edgecap.models.decoder import CaptionDecoder
-from edgecap.models.efficientnet_lite import EfficientNetLite0
+from edgecap.models.efficientnet_lite import EfficientNetLite
 from edgecap.models.graphs import EncoderGraph, StepGraph
 from edgecap.objects import IMAGENET_CLASSES
 from edgecap.preprocess import Preprocessing
@@ -160,7 +160,7 @@ def _drop_dead_nodes(graph) -> None:
             del graph.node[index]
 
 
-def export_modules(encoder: EfficientNetLite0, decoder: CaptionDecoder, vocab: Vocabulary,
+def export_modules(encoder: EfficientNetLite, decoder: CaptionDecoder, vocab: Vocabulary,
                    pre: Preprocessing, out_dir: Path, info: dict | None = None,
                    check_images: list[np.ndarray] | None = None, check: bool = True) -> Manifest:
     """Write the model directory for these modules and check it; returns its manifest.
@@ -218,7 +218,7 @@ def _write_and_check(encoder, decoder, vocab, pre, out_dir, info, check_images, 
         preprocessing=pre, precision="fp32",
         sha256={role: file_sha256(path) for role, path in paths.items()},
         info={"attention": cfg.attention, "decoder_config": cfg.to_dict(),
-              "encoder": "efficientnet-lite0",
+              "encoder": encoder.variant,
               "exported": time.strftime("%Y-%m-%dT%H:%M:%SZ", time.gmtime()), **(info or {})})
     manifest.save()
     if check:

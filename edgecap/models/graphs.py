@@ -7,14 +7,14 @@ import torch
 from torch import nn
 
 from edgecap.models.decoder import CaptionDecoder
-from edgecap.models.efficientnet_lite import EfficientNetLite0, as_regions
+from edgecap.models.efficientnet_lite import EfficientNetLite, as_regions
 
 
 class EncoderGraph(nn.Module):
     """image (N, 3, H, W) -> features (N, L, F), att_proj (N, L, A), h0, c0 (N, H),
     class_probs (N, C)."""
 
-    def __init__(self, encoder: EfficientNetLite0, decoder: CaptionDecoder):
+    def __init__(self, encoder: EfficientNetLite, decoder: CaptionDecoder):
         super().__init__()
         self.encoder = encoder
         self.decoder = decoder

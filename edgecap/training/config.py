@@ -5,7 +5,7 @@ from __future__ import annotations
 
 from dataclasses import dataclass, field
 
-from edgecap.models.config import N_BLOCKS
+from edgecap.models.config import DEFAULT_ENCODER, ENCODERS, encoder_spec
 
 PRECISIONS = ("fp32", "bf16", "fp16")
 
@@ -22,7 +22,9 @@ class TrainConfig:
     lr_decay_epochs: int = 8        # halve the learning rate every N epochs
     min_word_count: int = 5
     max_caption_words: int = 22     # longer training captions are cut
-    image_size: int = 224           # encoder input (square); the attention map is size/32 a side
+    encoder: str = DEFAULT_ENCODER  # efficientnet-lite0 | efficientnet-lite2 (config.ENCODERS)
+    image_size: int | None = None   # encoder input (square; None: the encoder's own, 224 / 260);
+                                    # the attention map is ceil(size / 32) a side
     alpha_c: float = 1.0            # doubly stochastic attention regularisation weight
     label_smoothing: float = 0.0
     scheduled_sampling: float = 0.0  # final probability of feeding the model's own word
@@ -47,8 +49,12 @@ class TrainConfig:
 
     def __post_init__(self):
         # Field names in the messages: `edgecap train` shows them as its flags.
-        if self.image_size < 32 or self.image_size % 32:
-            raise ValueError(f"image_size must be a multiple of 32 (the encoder's stride), "
+        if self.encoder not in ENCODERS:
+            raise ValueError(f"encoder must be one of {', '.join(ENCODERS)}, got {self.encoder}")
+        if self.image_size is None:  # frozen: set once, here
+            object.__setattr__(self, "image_size", encoder_spec(self.encoder).image_size)
+        if self.image_size < 32:
+            raise ValueError(f"image_size must be at least 32 (the encoder's stride), "
                              f"got {self.image_size}")
         if self.precision not in PRECISIONS:
             raise ValueError(f"precision must be one of {', '.join(PRECISIONS)}, got {self.precision}")
@@ -62,9 +68,10 @@ class TrainConfig:
                 raise ValueError(f"dev_fraction must be between 0 and 1, got {self.dev_fraction}")
         if self.finetune_cached and not self.finetune_encoder:
             raise ValueError("finetune_cached needs finetune_encoder")
-        if self.finetune_encoder and not 1 <= self.finetune_blocks <= N_BLOCKS:
-            raise ValueError(f"finetune_blocks must be 1..{N_BLOCKS} (EfficientNet-Lite0 has "
-                             f"{N_BLOCKS} blocks), got {self.finetune_blocks}")
+        n_blocks = encoder_spec(self.encoder).n_blocks
+        if self.finetune_encoder and not 1 <= self.finetune_blocks <= n_blocks:
+            raise ValueError(f"finetune_blocks must be 1..{n_blocks} ({self.encoder} has "
+                             f"{n_blocks} blocks), got {self.finetune_blocks}")
 
 
 @dataclass(frozen=True)

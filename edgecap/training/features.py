@@ -18,7 +18,15 @@ from edgecap.images import load_rgb
 from edgecap.preprocess import Preprocessing, to_model_input
 
 
-ENCODER_TAG = "efficientnet-lite0-imagenet"  # the encoder whose features a cache holds
+from edgecap.models.config import DEFAULT_ENCODER
+
+
+def encoder_tag(encoder: str = DEFAULT_ENCODER) -> str:
+    """The name of the encoder whose features a cache holds (part of its key)."""
+    return f"{encoder}-imagenet"
+
+
+ENCODER_TAG = encoder_tag()  # EfficientNet-Lite0's: the key every earlier cache was made with
 
 
 def cache_key(preprocessing: Preprocessing, encoder_tag: str) -> str:
@@ -29,18 +37,20 @@ def cache_key(preprocessing: Preprocessing, encoder_tag: str) -> str:
 def compute_features(image_paths: list[Path], cache_dir: Path, preprocessing: Preprocessing,
                      batch_size: int = 32, progress: bool = True,
                      split_at: int | None = None,
-                     mirrored: bool = False) -> tuple[np.ndarray, dict[str, int]]:
+                     mirrored: bool = False,
+                     encoder: str = DEFAULT_ENCODER) -> tuple[np.ndarray, dict[str, int]]:
     """Return (float16 maps, {file name: row}) from the cache or the encoder.
 
     ``split_at`` None: the encoder's features (n, 49, 1280); k: the activations after its first
     k blocks (n, C, H, W). ``mirrored``: of the left-right mirrored photos (augmentation).
+    ``encoder``: which one (``config.ENCODERS``).
     """
     import torch
 
     from edgecap.models.efficientnet_lite import load_pretrained
 
     cache_dir.mkdir(parents=True, exist_ok=True)
-    tag = ENCODER_TAG
+    tag = encoder_tag(encoder)
     if split_at is not None:
         tag += f"/blocks<{split_at}"
     if mirrored:
@@ -54,7 +64,7 @@ def compute_features(image_paths: list[Path], cache_dir: Path, preprocessing: Pr
         if all(n in index for n in names):
             return np.load(array_path, mmap_mode="r"), index
 
-    model = load_pretrained()
+    model = load_pretrained(encoder)
 
     def encode(batch):
         x = torch.from_numpy(batch)
@@ -87,7 +97,7 @@ def compute_features(image_paths: list[Path], cache_dir: Path, preprocessing: Pr
 
 def split_features(train_items, dev_items, images: Path, cache_dir: Path,
                    preprocessing: Preprocessing, progress: bool = True,
-                   split_at: int | None = None):
+                   split_at: int | None = None, encoder: str = DEFAULT_ENCODER):
     """The cached features of a train and a dev split (computed on first use), all in memory:
     encoder fine-tuning and self-critical training use it; frozen-encoder training streams
     from ``shards.streamed_split`` instead.
@@ -104,7 +114,7 @@ def split_features(train_items, dev_items, images: Path, cache_dir: Path,
     if missing:
         raise FileNotFoundError(f"{len(missing)} images are missing, e.g. {missing[:3]}")
     fmaps, index = compute_features(paths, cache_dir, preprocessing, progress=progress,
-                                    split_at=split_at)
+                                    split_at=split_at, encoder=encoder)
     train_rows = [index[p.name] for p in paths[: len(train_items)]]
     dev_fmaps = np.stack([np.asarray(fmaps[index[p.name]]) for p in paths[len(train_items):]])
     return train_rows, dev_fmaps, torch.from_numpy(np.asarray(fmaps, dtype=np.float32))

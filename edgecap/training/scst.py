@@ -65,8 +65,9 @@ def train_scst(cfg: ScstConfig, log=print) -> Path:
     train_items = read_dataset(cfg.dataset, data, "train")
     dev_items = read_dataset(cfg.dataset, data, "dev")
     cache = Path(cfg.cache_dir) if cfg.cache_dir else out.parent / ".feature-cache"
+    encoder_name = encoder.variant  # the checkpoint's pretrained encoder
     train_rows, dev_fmaps, all_fmaps = split_features(train_items, dev_items, images, cache, pre,
-                                                      cfg.progress)
+                                                      cfg.progress, encoder=encoder_name)
     refs = [[tokenize(c) for c in it.captions] for it in train_items]
     cider = CiderD(refs)
 
@@ -77,7 +78,8 @@ def train_scst(cfg: ScstConfig, log=print) -> Path:
     info_base = {k: meta[k] for k in ("train_state", "train_config", "training_data") if k in meta}
     save_checkpoint(out / "best", decoder, vocab, pre,
                     {**info_base, "dev_metrics_greedy": best, "scst": {"config": asdict(cfg),
-                                                                        "history": history}})
+                                                                        "history": history}},
+                    encoder_name=encoder_name)
     order = list(range(len(train_items)))
     for epoch in range(1, cfg.epochs + 1):
         rng.shuffle(order)
@@ -114,6 +116,6 @@ def train_scst(cfg: ScstConfig, log=print) -> Path:
                 "scst": {"config": asdict(cfg), "history": history, "epoch": epoch}}
         if improved:
             best = dev
-            save_checkpoint(out / "best", decoder, vocab, pre, info)
-        save_checkpoint(out / "last", decoder, vocab, pre, info)
+            save_checkpoint(out / "best", decoder, vocab, pre, info, encoder_name=encoder_name)
+        save_checkpoint(out / "last", decoder, vocab, pre, info, encoder_name=encoder_name)
     return out / "best"

@@ -30,7 +30,8 @@ from typing import Callable, Sequence
 import numpy as np
 
 from edgecap.errors import ModelError
-from edgecap.training.features import ENCODER_TAG, cache_key, progress_bar
+from edgecap.models.config import DEFAULT_ENCODER
+from edgecap.training.features import ENCODER_TAG, cache_key, encoder_tag, progress_bar
 
 FORMAT = "edgecap-feature-shards/1"
 
@@ -265,15 +266,15 @@ def _extract_one(directory: Path, s: int, names, paths, load, encode, batch_size
                  "bytes": final.stat().st_size, "sha256": _sha256(final)})
 
 
-def image_encoder(device: str = "cpu"):
-    """The real extraction encoder: EfficientNet-Lite0's 49 x 1280 regions, batched on ``device``
-    -> a function (n, 3, H, W) float32 numpy -> (n, 49, 1280) float32 numpy."""
+def image_encoder(device: str = "cpu", variant: str = DEFAULT_ENCODER):
+    """The real extraction encoder: EfficientNet-Lite0's 49 x 1280 regions (or ``variant``'s L x
+    1280), batched on ``device`` -> a function (n, 3, H, W) float32 numpy -> (n, L, 1280)."""
     import torch
 
     from edgecap.models.efficientnet_lite import load_pretrained
 
     with torch.random.fork_rng(devices=[]):  # whether the cache was complete must not change
-        model = load_pretrained().to(device).eval()  # the seeded draws that come after
+        model = load_pretrained(variant).to(device).eval()  # the seeded draws that come after
 
     def encode(x: np.ndarray) -> np.ndarray:
         with torch.inference_mode():
@@ -282,7 +283,8 @@ def image_encoder(device: str = "cpu"):
 
 
 def streamed_split(train_items, dev_items, images: Path, cache_dir: Path, preprocessing,
-                   progress: bool = True, shard_size: int = 1024, dist=None, log=print):
+                   progress: bool = True, shard_size: int = 1024, dist=None, log=print,
+                   encoder_name: str = DEFAULT_ENCODER):
     """``features.split_features`` over the shard cache: -> (train_rows, dev_fmaps float16
     (n_dev, 49, 1280) in memory, ShardedFeatures read a batch at a time)."""
     from edgecap.images import load_rgb
@@ -297,9 +299,9 @@ def streamed_split(train_items, dev_items, images: Path, cache_dir: Path, prepro
 
     def encode(x):
         if not encoder:
-            encoder.append(image_encoder(device))
+            encoder.append(image_encoder(device, encoder_name))
         return encoder[0](x)
-    features = extract_shards(paths, shard_dir(cache_dir, preprocessing),
+    features = extract_shards(paths, shard_dir(cache_dir, preprocessing, encoder_tag(encoder_name)),
                               lambda p: to_model_input(load_rgb(p), preprocessing), encode,
                               shard_size=shard_size, progress=progress, log=log, dist=dist,
                               load_threads=min(8, os.cpu_count() or 1))

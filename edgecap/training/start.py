@@ -23,7 +23,7 @@ from edgecap.data.readers import CaptionedImage, read_dataset
 from edgecap.errors import ModelError
 from edgecap.models.checkpoint import load_checkpoint
 from edgecap.models.decoder import CaptionDecoder, DecoderConfig
-from edgecap.models.efficientnet_lite import EfficientNetLite0, load_pretrained
+from edgecap.models.efficientnet_lite import EfficientNetLite, load_pretrained
 from edgecap.preprocess import Preprocessing
 from edgecap.training.config import TrainConfig
 from edgecap.training.grow import grow_decoder, new_words
@@ -48,7 +48,7 @@ def training_items(cfg: TrainConfig, data: Path, images: Path,
 
 @dataclass
 class Start:
-    encoder: EfficientNetLite0 | None  # the encoder to fine-tune (None: frozen, features cached)
+    encoder: EfficientNetLite | None  # the encoder to fine-tune (None: frozen, features cached)
     decoder: CaptionDecoder
     vocab: Vocabulary
     meta: dict                         # the checkpoint's metadata when resuming, else {}
@@ -65,10 +65,13 @@ def initial_model(cfg: TrainConfig, train_items: list[CaptionedImage], last: Pat
     if source is None:
         vocab = Vocabulary.build(captions, cfg.min_word_count)
         decoder = CaptionDecoder(DecoderConfig(vocab_size=len(vocab), **cfg.decoder))
-        encoder = load_pretrained() if cfg.finetune_encoder else None
+        encoder = load_pretrained(cfg.encoder) if cfg.finetune_encoder else None
         return Start(encoder, decoder, vocab, {}, False)
     # The starting model's decoder sizes win over the command line's.
     encoder, decoder, vocab, meta = load_start(source, cfg.finetune_encoder)
+    if encoder.variant != cfg.encoder:
+        raise ModelError(f"{source}: its decoder was trained on {encoder.variant}'s features, not "
+                         f"{cfg.encoder}'s; start from a model of that encoder or from 'none'")
     if cfg.dataset == "folder":
         if not resuming:  # a resumed run's vocabulary has grown already
             added = new_words(vocab, captions, cfg.min_word_count)
@@ -122,7 +125,7 @@ def load_start(source: Path, finetune_encoder: bool = False):
                          "the one training uses")
     encoder, decoder = TorchBackend._build(manifest)
     if not finetune_encoder:
-        pretrained = load_pretrained().state_dict()
+        pretrained = load_pretrained(encoder.variant).state_dict()
         if any(not torch.equal(v, pretrained[k]) for k, v in encoder.state_dict().items()):
             raise ModelError(f"{source}: its encoder was fine-tuned, but the decoder would train "
                              "on the pretrained encoder's features; add --finetune-encoder")

@@ -33,7 +33,7 @@ from edgecap.errors import BackendError
 from edgecap.evaluation.metrics import score
 from edgecap.models.checkpoint import save_checkpoint
 from edgecap.models.decoder import CaptionDecoder
-from edgecap.models.config import N_BLOCKS
+from edgecap.models.config import encoder_spec
 from edgecap.models.efficientnet_lite import as_regions
 from edgecap.images import load_rgb
 from edgecap.preprocess import Preprocessing, to_model_input
@@ -212,15 +212,18 @@ def train(cfg: TrainConfig, log=print) -> Path:
     # Frozen encoder: the features stream from the shard cache a batch at a time.
     split_at = None
     if cfg.finetune_encoder:
-        split_at = N_BLOCKS - cfg.finetune_blocks
+        split_at = encoder_spec(cfg.encoder).n_blocks - cfg.finetune_blocks
         train_rows, dev_maps, train_maps = split_features(train_items, dev_items, images, cache,
-                                                          pre, cfg.progress, split_at=split_at)
+                                                          pre, cfg.progress, split_at=split_at,
+                                                          encoder=cfg.encoder)
     else:
         train_rows, dev_maps, train_maps = streamed_split(
-            train_items, dev_items, images, cache, pre, cfg.progress, cfg.shard_size, dist, log)
+            train_items, dev_items, images, cache, pre, cfg.progress, cfg.shard_size, dist, log,
+            encoder_name=cfg.encoder)
     if cfg.finetune_cached:
         maps, index = compute_features([images / it.file_name for it in train_items], cache, pre,
-                                       progress=cfg.progress, split_at=split_at, mirrored=True)
+                                       progress=cfg.progress, split_at=split_at, mirrored=True,
+                                       encoder=cfg.encoder)
         mirror_maps = torch.from_numpy(np.asarray(maps, dtype=np.float32))
         mirror_row = np.zeros(len(train_maps), dtype=np.int64)  # cache row -> mirrored cache row
         mirror_row[train_rows] = [index[it.file_name] for it in train_items]
@@ -337,8 +340,8 @@ def train(cfg: TrainConfig, log=print) -> Path:
                                   "n_images": len(train_items)},
                 "dev_metrics_greedy": dev}
         if improved:
-            save_checkpoint(out / "best", decoder, vocab, pre, info, encoder)
-        save_checkpoint(last, decoder, vocab, pre, info, encoder)
+            save_checkpoint(out / "best", decoder, vocab, pre, info, encoder, cfg.encoder)
+        save_checkpoint(last, decoder, vocab, pre, info, encoder, cfg.encoder)
         _save_optimizer(optimizer, last / "optimizer.safetensors", last / "optimizer.json")
         if dist.from_main(epoch - state["best_epoch"] >= cfg.patience):
             log(f"no better dev CIDEr for {cfg.patience} epochs: stopping")
