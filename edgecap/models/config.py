@@ -57,6 +57,8 @@ def encoder_spec(name: str) -> EncoderSpec:
         return ENCODERS[name]
     except KeyError:
         raise ValueError(f"unknown encoder {name!r} (known: {', '.join(ENCODERS)})") from None
+
+
 # In FP16 (``edgecap convert``, the CUDA path), the encoder's stem and first blocks stay FP32:
 # their FP16 rounding, carried through the rest of the network, is what moved the captions (dev
 # split, beam 3: FP16 96.2% identical to FP32, 97.6% with these FP32; the whole encoder in FP32

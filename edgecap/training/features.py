@@ -16,10 +16,8 @@ from pathlib import Path
 import numpy as np
 
 from edgecap.images import load_rgb
-from edgecap.preprocess import Preprocessing, to_model_input
-
-
 from edgecap.models.config import DEFAULT_ENCODER
+from edgecap.preprocess import Preprocessing, to_model_input
 
 
 def encoder_tag(encoder: str = DEFAULT_ENCODER) -> str:
