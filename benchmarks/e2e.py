@@ -18,6 +18,7 @@ Variants:
     ort-fp32          Captioner(): onnxruntime on the CPU, the library's defaults
     torch-eager       Captioner(backend="torch")
     ort-fp32-noguide  Captioner(guidance_bonus=0): object-guided decoding off
+    ort-fp32-constrained  Captioner(constrained=True): constrained beam search on the tags
     ort-fp32-b        Captioner(MODEL_B): the model directory given with --model-b
     NAME/spin-on, NAME/spin-off   an onnxruntime variant with session.intra_op.allow_spinning
                                   set to 1 / 0 (default: onnxruntime's own default, on)
@@ -35,7 +36,8 @@ from pathlib import Path
 import _common as C
 import _isolated as I
 
-BASE_VARIANTS = ("ort-fp32", "torch-eager", "ort-fp32-noguide", "ort-fp32-b")
+BASE_VARIANTS = ("ort-fp32", "torch-eager", "ort-fp32-noguide", "ort-fp32-constrained",
+                 "ort-fp32-b")
 DEFAULT_VARIANTS = ("ort-fp32", "torch-eager", "ort-fp32-noguide")
 SPINNING = {"on": "1", "off": "0"}
 
@@ -106,6 +108,8 @@ def variant_spec(label: str, args) -> I.Spec:
         backend = "torch"
     elif name == "ort-fp32-noguide":
         caption_options = {"guidance_bonus": 0.0}
+    elif name == "ort-fp32-constrained":
+        caption_options = {"constrained": True}
     elif name == "ort-fp32-b":
         if args.model_b is None:
             sys.exit("ort-fp32-b needs --model-b DIR")

@@ -32,6 +32,7 @@ from edgecap.errors import InputError, ModelError
 from edgecap.images import ImageInput, load_rgb, max_pixels, preprocess
 from edgecap.manifest import Manifest, file_sha256, load_manifest
 from edgecap.objects import ObjectClasses
+from edgecap.constrained import constrained_beam_search
 from edgecap.search import CaptionOptions, Hypothesis, beam_search
 from edgecap.vocab import Vocabulary
 
@@ -131,7 +132,7 @@ class Captioner:
                                           self.manifest.dims.n_classes)
         self.backend: Backend = load_backend(
             resolve_backend(backend), self.manifest, device=device,
-            limits=Limits(self.options.batch_size, self.options.beam_size), **backend_options)
+            limits=Limits(self.options.batch_size, self.options.rows_per_image), **backend_options)
         self._backend_lock = None if self.backend.thread_safe else threading.Lock()
 
     def __repr__(self) -> str:
@@ -210,6 +211,14 @@ class Captioner:
             encoded = self.backend.encode(batch)
             t1 = time.perf_counter()
             guidance = None
+            if options.constrained and encoded.class_probs is not None:
+                words = self.classes.tag_words(encoded.class_probs, options.guidance_tags,
+                                               options.constraint_min_prob)
+                hypotheses = constrained_beam_search(
+                    self.backend, encoded, options, self.vocab.start, self.vocab.end, words,
+                    len(self.vocab), return_attention)
+                return hypotheses, encoded.class_probs, (t1 - t0) * 1e3, \
+                    (time.perf_counter() - t1) * 1e3
             if options.guidance_bonus > 0 and encoded.class_probs is not None:
                 guidance = self.classes.guidance(encoded.class_probs, len(self.vocab),
                                                  options.guidance_tags,

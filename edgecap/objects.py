@@ -67,18 +67,25 @@ class ObjectClasses:
         best = np.argsort(-probs, kind="stable")[:n]
         return tuple((self.names[i], round(float(probs[i]), 4)) for i in best)
 
+    def tag_words(self, probs: np.ndarray, n_tags: int,
+                  min_prob: float) -> tuple[frozenset[int], ...]:
+        """probs (N, C) -> per image, the word ids of its ``n_tags`` most probable classes of
+        at least ``min_prob``."""
+        words = []
+        for image_probs in probs:
+            best = np.argsort(-image_probs, kind="stable")[:n_tags]
+            words.append(frozenset(w for c in best if image_probs[c] >= min_prob
+                                   for w in self.word_ids[c]))
+        return tuple(words)
+
     def guidance(self, probs: np.ndarray, vocab_size: int, n_tags: int, min_prob: float,
                  bonus: float) -> Guidance | None:
         """probs (N, C) -> the bias that steers each image's beams toward the words of its
         ``n_tags`` most probable classes of at least ``min_prob``; None when no image has any."""
-        bias = np.zeros((len(probs), vocab_size), np.float32)
-        words: list[frozenset[int]] = []
-        for row, image_probs in enumerate(probs):
-            best = np.argsort(-image_probs, kind="stable")[:n_tags]
-            ids = frozenset(w for c in best if image_probs[c] >= min_prob
-                            for w in self.word_ids[c])
-            bias[row, list(ids)] = bonus
-            words.append(ids)
+        words = self.tag_words(probs, n_tags, min_prob)
         if not any(words):
             return None
-        return Guidance(bias, tuple(words))
+        bias = np.zeros((len(probs), vocab_size), np.float32)
+        for row, ids in enumerate(words):
+            bias[row, list(ids)] = bonus
+        return Guidance(bias, words)

@@ -49,6 +49,17 @@ class CaptionOptions:
     guidance_bonus: float = 2.0
     guidance_tags: int = 3
     guidance_min_prob: float = 0.1
+    # Constrained beam search instead (``edgecap.constrained``): the caption must say a word of
+    # one of the image's ``guidance_tags`` most probable classes of at least
+    # ``constraint_min_prob`` (another threshold: a forced word costs more than a bonus).
+    constrained: bool = False
+    constraint_min_prob: float = 0.3
+
+    @property
+    def rows_per_image(self) -> int:
+        """Decoder-step rows an image takes: its beams (twice that, constrained: a beam per
+        state), what a backend with fixed-size engines is built for."""
+        return self.beam_size * (2 if self.constrained else 1)
 
     def validate(self, top_k: int) -> None:
         """Raise ``ValueError`` naming the first bad option. ``top_k``: the model's step graph K."""
@@ -57,7 +68,10 @@ class CaptionOptions:
             value = getattr(self, name)
             if isinstance(value, bool) or not isinstance(value, int):
                 raise ValueError(f"{name} must be an integer, got {value!r}")
-        for name, low, high in (("guidance_bonus", 0, 10), ("guidance_min_prob", 0, 1)):
+        if not isinstance(self.constrained, bool):
+            raise ValueError(f"constrained must be True or False, got {self.constrained!r}")
+        for name, low, high in (("guidance_bonus", 0, 10), ("guidance_min_prob", 0, 1),
+                                ("constraint_min_prob", 0, 1)):
             value = getattr(self, name)
             if (isinstance(value, bool) or not isinstance(value, (int, float))
                     or not low <= value <= high):
@@ -140,14 +154,7 @@ def beam_search(backend: Backend, encoded: Encoded, options: CaptionOptions, sta
         result = session.step(tokens, source_rows, word_bias)
         lp = result.topk_logprobs[:, :width].astype(np.float64)
         ids = result.topk_ids[:, :width]
-        if not np.isfinite(lp).all():
-            # NaN or overflow in the step (e.g. an FP16 engine out of range): fail loudly rather
-            # than return a caption built on garbage.
-            raise BackendError(f"the decoder step returned non-finite log-probabilities at word "
-                               f"{t + 1} ({backend.describe()})")
-        if return_attention:
-            step_alpha = result.alpha[:, None, :]
-            alphas = step_alpha if alphas is None else np.concatenate([alphas, step_alpha], 1)
+        alphas = checked_step(lp, result, t, backend, alphas, return_attention)
         true_cand = true_lp[:, None] + lp
         if word_bias is not None:
             lp = lp + np.take_along_axis(word_bias, ids.astype(np.int64), axis=1)
@@ -215,6 +222,21 @@ def beam_search(backend: Backend, encoded: Encoded, options: CaptionOptions, sta
             if not done[img]:
                 _keep_live(finished[img], img, seqs, sum_lp, true_lp, alphas, beam, options)
     return [_rank(finished[img], options) for img in range(n_images)]
+
+
+def checked_step(lp: np.ndarray, result, t: int, backend: Backend, alphas: np.ndarray | None,
+                 return_attention: bool) -> np.ndarray | None:
+    """Raise ``BackendError`` when step ``t``'s log-probabilities ``lp`` are not finite; -> the
+    attention so far (rows, words, L) with this step's appended (None without attention)."""
+    if not np.isfinite(lp).all():
+        # NaN or overflow in the step (e.g. an FP16 engine out of range): fail loudly rather
+        # than return a caption built on garbage.
+        raise BackendError(f"the decoder step returned non-finite log-probabilities at word "
+                           f"{t + 1} ({backend.describe()})")
+    if not return_attention:
+        return alphas
+    step_alpha = result.alpha[:, None, :]
+    return step_alpha if alphas is None else np.concatenate([alphas, step_alpha], 1)
 
 
 def _repeats(seq: list[int], word: int, n: int, cache: dict[int, set], row: int) -> bool:

@@ -99,10 +99,10 @@ def _subcommand(parser: argparse.ArgumentParser, name: str) -> argparse.Argument
 
 @pytest.mark.parametrize("argv, flagged", [
     (["caption", "photo.jpg"], {"beam_size", "max_length", "no_repeat_ngram", "batch_size",
-                                "guidance_bonus"}),
+                                "guidance_bonus", "constrained"}),
     (["eval", "--images", "photos"],
      {"beam_size", "max_length", "no_repeat_ngram", "batch_size", "length_penalty",
-      "guidance_bonus"}),
+      "guidance_bonus", "constrained"}),
 ])
 def test_cli_defaults_are_the_options_defaults(argv, flagged):
     parser = build_parser()

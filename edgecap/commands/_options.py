@@ -33,6 +33,11 @@ def add_model_arguments(p: argparse.ArgumentParser) -> None:
                    f"(default {DEFAULTS['guidance_bonus']})")
     p.add_argument("--no-objects-guidance", dest="guidance_bonus", action="store_const",
                    const=0.0, help="no steering: the caption model alone (--guidance-bonus 0)")
+    p.add_argument("--constrained", action="store_true",
+                   help="constrained beam search instead: the caption must say a word of one of "
+                        "the photo's top 3 object tags of probability "
+                        f"{DEFAULTS['constraint_min_prob']} or more (2 x beam-size rows per "
+                        "photo; see the README)")
 
 
 def caption_options(args: argparse.Namespace) -> CaptionOptions:

@@ -1,0 +1,133 @@
+"""Constrained beam search (``edgecap.constrained``): the caption says one of the image's tag
+words when any caption can; without tags it is the plain beam search, exactly."""
+
+from __future__ import annotations
+
+import json
+import subprocess
+import sys
+
+import numpy as np
+import pytest
+
+from edgecap.constrained import constrained_beam_search
+from edgecap.search import CaptionOptions, beam_search
+from fakes import END, START, PrefixHashBackend
+from helpers import EXAMPLES, TableBackend
+
+WORDS = ["<pad>", "<start>", "<end>", "<unk>", "a", "dog", "cat", "runs", "sits", "on", "mat"]
+
+
+def _table(prefix):
+    """A model that would rather say "a dog runs" and rarely "cat" (log-prob -4 anywhere)."""
+    if not prefix:
+        return {"a": -0.1, "cat": -4.0}
+    if prefix[-1] == "a":
+        return {"dog": -0.2, "cat": -4.0}
+    if prefix[-1] in ("dog", "cat"):
+        return {"runs": -0.3, "sits": -1.0, "cat": -4.0}
+    return {"<end>": -0.05, "cat": -4.0}
+
+
+@pytest.mark.parametrize("beam", [1, 2, 3, 5])
+@pytest.mark.parametrize("end_bias", [-1.0, 1.5])
+def test_without_tags_it_is_the_plain_beam_search(beam, end_bias):
+    backend = PrefixHashBackend(vocab_size=12, top_k=8, end_bias=end_bias)
+    seeds = np.array([3, 11, 42, 7])
+    opts = CaptionOptions(beam_size=beam, max_length=8, n_best=beam, no_repeat_ngram=2)
+    plain = beam_search(backend, backend.encode(seeds), opts, START, END)
+    free = constrained_beam_search(backend, backend.encode(seeds), opts, START, END,
+                                   (frozenset(),) * len(seeds), backend.vocab_size)
+    for a, b in zip(plain, free):
+        assert [(h.tokens, h.finished) for h in a] == [(h.tokens, h.finished) for h in b]
+        assert [h.log_prob for h in a] == pytest.approx([h.log_prob for h in b], abs=1e-9)
+
+
+def test_the_caption_says_a_tag_word_the_model_ranks_low():
+    backend = TableBackend(WORDS, _table, top_k=4)
+    cat = WORDS.index("cat")
+    encoded = backend.encode(np.zeros((2, 3, 4, 4), np.float32))
+    opts = CaptionOptions(beam_size=2, max_length=6, n_best=2)
+    hyps = constrained_beam_search(backend, encoded, opts, WORDS.index("<start>"),
+                                   WORDS.index("<end>"), (frozenset({cat}), frozenset()),
+                                   len(WORDS))
+    said = [" ".join(WORDS[w] for w in h.tokens) for h in hyps[0]]
+    # Hand-computed from the table, beam 2 in the said-"cat" state: after 2 words it holds "a
+    # cat" (-4.1) and "cat runs" (-4.3); "cat runs <end>" (-4.35) and then "a cat runs <end>"
+    # (-4.45) finish first, so the state is full before "a cat sits" (-5.15) can. Per token
+    # with <end>: -4.45/4 = -1.11 ranks above -4.35/3 = -1.45.
+    assert said == ["a cat runs", "cat runs"]
+    assert hyps[0][0].log_prob == pytest.approx(-0.1 - 4.0 - 0.3 - 0.05)
+    assert hyps[0][0].score == pytest.approx(hyps[0][0].log_prob / 4)  # the model's own: no bonus
+    # The image without tags gets the model's favourite caption.
+    assert [WORDS[w] for w in hyps[1][0].tokens] == ["a", "dog", "runs"]
+
+
+def test_no_tags_at_all_gives_the_unguided_captions_on_the_shipped_model():
+    from edgecap import Captioner
+
+    photos = [str(EXAMPLES / n) for n in ("chelsea.png", "coffee.png", "rocket.jpg")]
+    plain = Captioner(options=CaptionOptions(guidance_bonus=0)).caption_batch(photos)
+    # A threshold no tag reaches: every image unconstrained.
+    free = Captioner(options=CaptionOptions(constrained=True, constraint_min_prob=1.0))
+    assert [c.text for c in free.caption_batch(photos)] == [c.text for c in plain]
+
+
+def test_options_are_checked():
+    with pytest.raises(ValueError, match="constrained must be True or False"):
+        CaptionOptions(constrained="yes").validate(10)
+    with pytest.raises(ValueError, match="constraint_min_prob"):
+        CaptionOptions(constraint_min_prob=1.5).validate(10)
+
+
+def test_the_command_line_flag_makes_the_caption_name_the_coffee():
+    """coffee.png: the classifier's top class is espresso (0.90, see test_objects), whose caption
+    words are coffee and cup; the shipped model's unguided caption says neither."""
+    run = subprocess.run([sys.executable, "-m", "edgecap", "caption", "--constrained", "--json",
+                          str(EXAMPLES / "coffee.png")], capture_output=True, text=True)
+    assert run.returncode == 0, run.stderr
+    caption = json.loads(run.stdout)["caption"].split()
+    assert "cup" in caption or "coffee" in caption
+
+
+def test_fixed_size_engines_are_asked_for_a_beam_per_state(monkeypatch):
+    """A TensorRT engine is built for a number of rows: constrained, an image takes 2 x beam."""
+    from edgecap import api
+    from edgecap.contract import Limits
+
+    asked = []
+
+    def record(name, manifest, device=None, limits=None, **options):
+        asked.append(limits)
+        raise RuntimeError("recorded")
+
+    monkeypatch.setattr(api, "load_backend", record)
+    for constrained in (False, True):
+        with pytest.raises(RuntimeError, match="recorded"):
+            api.Captioner(options=CaptionOptions(batch_size=8, beam_size=5,
+                                                 constrained=constrained))
+    assert asked == [Limits(8, 5), Limits(8, 10)]
+
+
+def test_attention_follows_the_constrained_caption():
+    from edgecap import Captioner
+
+    caption = Captioner(constrained=True).caption(str(EXAMPLES / "coffee.png"),
+                                                  return_attention=True)
+    assert caption.attention.shape == (len(caption.tokens), 7, 7)
+    np.testing.assert_allclose(caption.attention.sum(axis=(1, 2)), 1.0, atol=1e-4)
+    plain = Captioner().caption(str(EXAMPLES / "coffee.png"), return_attention=True)
+    assert caption.tokens != plain.tokens  # a different caption, its own maps
+    assert plain.attention.shape == (len(plain.tokens), 7, 7)
+
+
+def test_without_tags_the_attention_maps_are_the_plain_searchs():
+    from edgecap import Captioner
+
+    photos = [str(EXAMPLES / n) for n in ("chelsea.png", "rocket.jpg")]
+    plain = Captioner(guidance_bonus=0).caption_batch(photos, return_attention=True)
+    free = Captioner(constrained=True, constraint_min_prob=1.0).caption_batch(
+        photos, return_attention=True)
+    for a, b in zip(plain, free):
+        assert a.tokens == b.tokens
+        np.testing.assert_array_equal(a.attention, b.attention)
