@@ -3,8 +3,8 @@
     python benchmarks/gpu_check.py --out benchmarks/results            # on a CUDA machine
     python benchmarks/gpu_check.py --device cpu --quick --n 4 --out /tmp/r   # CPU-only (CI)
 
-NOT YET RUN ON A GPU: written and tested on a CPU-only machine (tests/test_gpu_check.py runs the
-``--device cpu`` form); the first session with a GPU runs the command in benchmarks/README.md.
+Run on an NVIDIA H200 (results/gpu.md; the device command is in benchmarks/README.md) and kept
+working on CPU-only machines by tests/test_gpu_check.py, which runs the ``--device cpu`` form.
 
 It needs only what the GPU machine's stock Python has (torch with CUDA, numpy, Pillow, onnx,
 onnxruntime CPU): it puts the repository on ``sys.path`` itself and skips, naming the reason,
