@@ -33,6 +33,11 @@ class BackendError(EdgecapError):
     """A backend that is not installed or failed to run."""
 
 
+class MissingPackageError(BackendError, ImportError):
+    """An optional package a command needs is not installed; the message names the pip command
+    (an ``ImportError`` too, for code that checks for one)."""
+
+
 class DataError(EdgecapError, ValueError):
     """Training data that cannot be used as a whole; the message names the file and line."""
 

