@@ -28,11 +28,11 @@ from edgecap.backends import load_backend
 from edgecap.backends import resolve as resolve_backend
 from edgecap.backends.base import Backend
 from edgecap.contract import Limits
+from edgecap.constrained import constrained_beam_search
 from edgecap.errors import InputError, ModelError
 from edgecap.images import ImageInput, load_rgb, max_pixels, preprocess
 from edgecap.manifest import Manifest, file_sha256, load_manifest
 from edgecap.objects import ObjectClasses
-from edgecap.constrained import constrained_beam_search
 from edgecap.search import CaptionOptions, Hypothesis, beam_search
 from edgecap.vocab import Vocabulary
 
@@ -210,22 +210,21 @@ class Captioner:
             t0 = time.perf_counter()
             encoded = self.backend.encode(batch)
             t1 = time.perf_counter()
-            guidance = None
             if options.constrained and encoded.class_probs is not None:
                 words = self.classes.tag_words(encoded.class_probs, options.guidance_tags,
                                                options.constraint_min_prob)
                 hypotheses = constrained_beam_search(
                     self.backend, encoded, options, self.vocab.start, self.vocab.end, words,
                     len(self.vocab), return_attention)
-                return hypotheses, encoded.class_probs, (t1 - t0) * 1e3, \
-                    (time.perf_counter() - t1) * 1e3
-            if options.guidance_bonus > 0 and encoded.class_probs is not None:
-                guidance = self.classes.guidance(encoded.class_probs, len(self.vocab),
-                                                 options.guidance_tags,
-                                                 options.guidance_min_prob,
-                                                 options.guidance_bonus)
-            hypotheses = beam_search(self.backend, encoded, options, self.vocab.start,
-                                     self.vocab.end, return_attention, guidance)
+            else:
+                guidance = None
+                if options.guidance_bonus > 0 and encoded.class_probs is not None:
+                    guidance = self.classes.guidance(encoded.class_probs, len(self.vocab),
+                                                     options.guidance_tags,
+                                                     options.guidance_min_prob,
+                                                     options.guidance_bonus)
+                hypotheses = beam_search(self.backend, encoded, options, self.vocab.start,
+                                         self.vocab.end, return_attention, guidance)
             t2 = time.perf_counter()
         return hypotheses, encoded.class_probs, (t1 - t0) * 1e3, (t2 - t1) * 1e3
 

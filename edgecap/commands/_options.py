@@ -35,7 +35,7 @@ def add_model_arguments(p: argparse.ArgumentParser) -> None:
                    const=0.0, help="no steering: the caption model alone (--guidance-bonus 0)")
     p.add_argument("--constrained", action="store_true",
                    help="constrained beam search instead: the caption must say a word of one of "
-                        "the photo's top 3 object tags of probability "
+                        f"the photo's top {DEFAULTS['guidance_tags']} object tags of probability "
                         f"{DEFAULTS['constraint_min_prob']} or more (2 x beam-size rows per "
                         "photo; see the README)")
 
