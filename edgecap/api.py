@@ -28,7 +28,7 @@ from edgecap.backends import load_backend
 from edgecap.backends import resolve as resolve_backend
 from edgecap.backends.base import Backend
 from edgecap.contract import Limits
-from edgecap.constrained import constrained_beam_search
+from edgecap.constrained import SURFACE, constrained_beam_search
 from edgecap.errors import InputError, ModelError
 from edgecap.images import ImageInput, load_rgb, max_pixels, preprocess
 from edgecap.manifest import Manifest, file_sha256, load_manifest
@@ -210,19 +210,18 @@ class Captioner:
             t0 = time.perf_counter()
             encoded = self.backend.encode(batch)
             t1 = time.perf_counter()
-            if options.constrained and encoded.class_probs is not None:
-                words = self.classes.tag_words(encoded.class_probs, options.guidance_tags,
-                                               options.constraint_min_prob)
-                hypotheses = constrained_beam_search(
-                    self.backend, encoded, options, self.vocab.start, self.vocab.end, words,
-                    len(self.vocab), return_attention)
-            else:
-                guidance = None
-                if options.guidance_bonus > 0 and encoded.class_probs is not None:
-                    guidance = self.classes.guidance(encoded.class_probs, len(self.vocab),
-                                                     options.guidance_tags,
-                                                     options.guidance_min_prob,
-                                                     options.guidance_bonus)
+            guidance = None
+            if encoded.class_probs is not None and (options.constrained
+                                                    or options.guidance_bonus > 0):
+                min_prob, bonus = ((options.constraint_min_prob, SURFACE) if options.constrained
+                                   else (options.guidance_min_prob, options.guidance_bonus))
+                guidance = self.classes.guidance(encoded.class_probs, len(self.vocab),
+                                                 options.guidance_tags, min_prob, bonus)
+            if options.constrained and guidance is not None:
+                hypotheses = constrained_beam_search(self.backend, encoded, options,
+                                                     self.vocab.start, self.vocab.end, guidance,
+                                                     return_attention)
+            else:  # a batch without a confident tag is searched plainly (the same captions)
                 hypotheses = beam_search(self.backend, encoded, options, self.vocab.start,
                                          self.vocab.end, return_attention, guidance)
             t2 = time.perf_counter()

@@ -21,20 +21,21 @@ import numpy as np
 
 from edgecap.backends.base import Backend, Encoded
 from edgecap.errors import BackendError
-from edgecap.search import (NEG_INF, CaptionOptions, Hypothesis, _hypothesis, _repeats,
-                            checked_step)
+from edgecap.objects import Guidance
+from edgecap.search import (NEG_INF, CaptionOptions, Hypothesis, _hypothesis, _keep_live,
+                            _ranked, _repeats, checked_step)
 from edgecap.vocab import NEVER_FIRST_IDS
 
 SURFACE = 100.0  # the word_bias that puts a state-0 row's tag words first in its top K
 
 
 def constrained_beam_search(backend: Backend, encoded: Encoded, options: CaptionOptions,
-                            start_id: int, end_id: int, words: tuple[frozenset[int], ...],
-                            vocab_size: int,
+                            start_id: int, end_id: int, guidance: Guidance,
                             return_attention: bool = False) -> list[list[Hypothesis]]:
     """-> for each image, up to ``n_best`` hypotheses, best first; those that say one of
-    ``words[image]`` come before those that do not. ``words``: per image, the tag-word ids (an
-    empty set: no constraint). Raises ``BackendError`` on non-finite log-probabilities."""
+    ``guidance.words[image]`` come before those that do not (an empty set: no constraint).
+    ``guidance.bias``: per image, ``SURFACE`` on its tag words (``ObjectClasses.guidance``).
+    Raises ``BackendError`` on non-finite log-probabilities."""
     options.validate(backend.top_k)
     n_images, beam = encoded.n_images, options.beam_size
     group = 2 * beam                           # rows per image: beam in state 0, beam in state 1
@@ -52,12 +53,9 @@ def constrained_beam_search(backend: Backend, encoded: Encoded, options: Caption
     met: list[list[Hypothesis]] = [[] for _ in range(n_images)]    # said a tag word
     unmet: list[list[Hypothesis]] = [[] for _ in range(n_images)]  # did not
     done = np.zeros(n_images, dtype=bool)
-    word_bias = None
-    if any(words):
-        word_bias = np.zeros((rows, vocab_size), np.float32)
-        for img, ids in enumerate(words):
-            if ids:
-                word_bias[img * group: img * group + beam, sorted(ids)] = SURFACE
+    words = guidance.words
+    state0 = np.arange(rows) % group < beam   # the first beam rows of each image
+    word_bias = guidance.bias[image_index] * state0[:, None]  # constant: rows keep their state
 
     for t in range(options.max_length):
         result = session.step(tokens, source_rows, word_bias)
@@ -77,6 +75,7 @@ def constrained_beam_search(backend: Backend, encoded: Encoded, options: Caption
                 continue
             tags = words[img]
             into: tuple[list, list] = ([], [])  # candidates (score, source row, word) per state
+            live = False
             for state in (0, 1):
                 for src in range(base + state * beam, base + state * beam + beam):
                     if not live_l[src]:
@@ -91,6 +90,8 @@ def constrained_beam_search(backend: Backend, encoded: Encoded, options: Caption
                         elif plain < width:
                             plain += 1
                             into[state].append((cand_l[src][k], src, word))
+                        else:  # tag words come first (SURFACE): nothing after is used
+                            break
             for state in (0, 1):
                 hyps = met[img] if state else unmet[img]
                 filled = 0
@@ -112,10 +113,10 @@ def constrained_beam_search(backend: Backend, encoded: Encoded, options: Caption
                     filled += 1
                 # Masked rows keep a valid source row so the step's gather stays in range.
                 new_source[base + state * beam + filled: base + state * beam + beam] = base
-            live = bool(np.isfinite(new_lp[base:base + group]).any())
+                live = live or filled > 0
             if len(met[img]) >= beam or (not tags and len(unmet[img]) >= beam) or not live:
                 if not live and not met[img] and not unmet[img]:
-                    _keep(met[img], unmet[img], img, group, beam, seqs, sum_lp, alphas, options)
+                    _keep(met[img], unmet[img], img, seqs, sum_lp, alphas, beam, options)
                 done[img] = True
                 new_lp[base:base + group] = NEG_INF
         if done.all():
@@ -128,25 +129,22 @@ def constrained_beam_search(backend: Backend, encoded: Encoded, options: Caption
     else:
         for img in range(n_images):
             if not done[img]:
-                _keep(met[img], unmet[img], img, group, beam, seqs, sum_lp, alphas, options)
+                _keep(met[img], unmet[img], img, seqs, sum_lp, alphas, beam, options)
     return [_best(met[img], unmet[img], options) for img in range(n_images)]
 
 
-def _keep(met, unmet, img, group, beam, seqs, sum_lp, alphas, options) -> None:
-    """Image ``img``'s live beams become unfinished hypotheses of their state."""
-    for row in range(img * group, img * group + group):
-        hyps = met if row >= img * group + beam else unmet
-        if sum_lp[row] != NEG_INF and len(hyps) < beam:
-            hyps.append(_hypothesis(seqs[row], sum_lp[row], sum_lp[row], False, alphas, row,
-                                    options.length_penalty))
+def _keep(met, unmet, img, seqs, sum_lp, alphas, beam, options) -> None:
+    """Image ``img``'s live beams become unfinished hypotheses of their state: its rows are two
+    blocks of ``beam``, state 0's then state 1's, as the plain search's images are."""
+    _keep_live(unmet, 2 * img, seqs, sum_lp, sum_lp, alphas, beam, options)
+    _keep_live(met, 2 * img + 1, seqs, sum_lp, sum_lp, alphas, beam, options)
 
 
 def _best(met: list[Hypothesis], unmet: list[Hypothesis],
           options: CaptionOptions) -> list[Hypothesis]:
-    """The hypotheses that say a tag word, best first, then the others."""
-    def ranked(hyps):
-        return sorted(hyps, key=lambda h: (-h.score, -h.log_prob))
-    out = (ranked(met) + ranked(unmet))[: options.n_best]
+    """The hypotheses that say a tag word, best first, then the others (no bonus: ranked by
+    the model's own score)."""
+    out = (_ranked(met) + _ranked(unmet))[: options.n_best]
     if not out:  # pragma: no cover - with finite scores a live beam survives to max_length
         raise BackendError("beam search produced no hypothesis")
     return out

@@ -267,8 +267,11 @@ def _keep_live(hyps, img, seqs, sum_lp, true_lp, alphas, beam, options) -> None:
                                     options.length_penalty))
 
 
+def _ranked(hyps: list[Hypothesis]) -> list[Hypothesis]:
+    return sorted(hyps, key=lambda h: (-h.rank_score, -h.log_prob))
+
+
 def _rank(hyps: list[Hypothesis], options: CaptionOptions) -> list[Hypothesis]:
     if not hyps:  # pragma: no cover - with finite scores a live beam survives to max_length
         raise BackendError("beam search produced no hypothesis")
-    ranked = sorted(hyps, key=lambda h: (-h.rank_score, -h.log_prob))
-    return ranked[: options.n_best]
+    return _ranked(hyps)[: options.n_best]

@@ -10,10 +10,19 @@ import sys
 import numpy as np
 import pytest
 
-from edgecap.constrained import constrained_beam_search
+from edgecap.constrained import SURFACE, constrained_beam_search
+from edgecap.objects import Guidance
 from edgecap.search import CaptionOptions, beam_search
 from fakes import END, START, PrefixHashBackend
 from helpers import EXAMPLES, TableBackend
+
+def _guidance(words: list[set[int]], vocab_size: int) -> Guidance:
+    """Per image, its tag-word ids, as ``ObjectClasses.guidance`` gives them to the search."""
+    bias = np.zeros((len(words), vocab_size), np.float32)
+    for row, ids in enumerate(words):
+        bias[row, sorted(ids)] = SURFACE
+    return Guidance(bias, tuple(frozenset(ids) for ids in words))
+
 
 WORDS = ["<pad>", "<start>", "<end>", "<unk>", "a", "dog", "cat", "runs", "sits", "on", "mat"]
 
@@ -37,7 +46,7 @@ def test_without_tags_it_is_the_plain_beam_search(beam, end_bias):
     opts = CaptionOptions(beam_size=beam, max_length=8, n_best=beam, no_repeat_ngram=2)
     plain = beam_search(backend, backend.encode(seeds), opts, START, END)
     free = constrained_beam_search(backend, backend.encode(seeds), opts, START, END,
-                                   (frozenset(),) * len(seeds), backend.vocab_size)
+                                   _guidance([set()] * len(seeds), backend.vocab_size))
     for a, b in zip(plain, free):
         assert [(h.tokens, h.finished) for h in a] == [(h.tokens, h.finished) for h in b]
         assert [h.log_prob for h in a] == pytest.approx([h.log_prob for h in b], abs=1e-9)
@@ -49,8 +58,7 @@ def test_the_caption_says_a_tag_word_the_model_ranks_low():
     encoded = backend.encode(np.zeros((2, 3, 4, 4), np.float32))
     opts = CaptionOptions(beam_size=2, max_length=6, n_best=2)
     hyps = constrained_beam_search(backend, encoded, opts, WORDS.index("<start>"),
-                                   WORDS.index("<end>"), (frozenset({cat}), frozenset()),
-                                   len(WORDS))
+                                   WORDS.index("<end>"), _guidance([{cat}, set()], len(WORDS)))
     said = [" ".join(WORDS[w] for w in h.tokens) for h in hyps[0]]
     # Hand-computed from the table, beam 2 in the said-"cat" state: after 2 words it holds "a
     # cat" (-4.1) and "cat runs" (-4.3); "cat runs <end>" (-4.35) and then "a cat runs <end>"
@@ -122,12 +130,41 @@ def test_attention_follows_the_constrained_caption():
 
 
 def test_without_tags_the_attention_maps_are_the_plain_searchs():
+    """On the shipped model (a batch without tags is searched plainly by the Captioner, so the
+    constrained search is called here directly)."""
     from edgecap import Captioner
+    from edgecap.images import load_rgb
+    from edgecap.preprocess import to_model_input
 
-    photos = [str(EXAMPLES / n) for n in ("chelsea.png", "rocket.jpg")]
-    plain = Captioner(guidance_bonus=0).caption_batch(photos, return_attention=True)
-    free = Captioner(constrained=True, constraint_min_prob=1.0).caption_batch(
-        photos, return_attention=True)
-    for a, b in zip(plain, free):
+    captioner = Captioner(guidance_bonus=0)
+    photos = [load_rgb(EXAMPLES / n) for n in ("chelsea.png", "rocket.jpg")]
+    encoded = captioner.backend.encode(np.stack(
+        [to_model_input(p, captioner.manifest.preprocessing) for p in photos]))
+    vocab = captioner.vocab
+    opts = captioner.options
+    plain = beam_search(captioner.backend, encoded, opts, vocab.start, vocab.end, True)
+    free = constrained_beam_search(captioner.backend, encoded, opts, vocab.start, vocab.end,
+                                   _guidance([set(), set()], len(vocab)), True)
+    for [a], [b] in zip(plain, free):
         assert a.tokens == b.tokens
         np.testing.assert_array_equal(a.attention, b.attention)
+
+
+def test_the_captioner_runs_the_constrained_search_on_the_tags_it_asks_for():
+    """The Captioner's constrained captions are this module's search over its photo's tags
+    (top 3 of p >= 0.3: coffee.png's espresso), not a steered plain search."""
+    from edgecap import Captioner
+    from edgecap.images import load_rgb
+    from edgecap.preprocess import to_model_input
+
+    captioner = Captioner(constrained=True, n_best=3)
+    photo = load_rgb(EXAMPLES / "coffee.png")
+    encoded = captioner.backend.encode(to_model_input(photo, captioner.manifest.preprocessing)[None])
+    guidance = captioner.classes.guidance(encoded.class_probs, len(captioner.vocab), 3, 0.3,
+                                          SURFACE)
+    [expected] = constrained_beam_search(captioner.backend, encoded, captioner.options,
+                                         captioner.vocab.start, captioner.vocab.end, guidance)
+    got = captioner.caption(photo)
+    words = captioner.vocab.words
+    assert [got.tokens] + [a.tokens for a in got.alternatives] == \
+        [[words[w] for w in h.tokens] for h in expected]
