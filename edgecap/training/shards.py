@@ -30,6 +30,7 @@ from typing import Callable, Sequence
 import numpy as np
 
 from edgecap.errors import ModelError
+from edgecap.manifest import file_sha256
 from edgecap.models.config import DEFAULT_ENCODER
 from edgecap.training.features import ENCODER_TAG, cache_key, encoder_tag, progress_bar
 
@@ -57,14 +58,6 @@ def _write_json(path: Path, data) -> None:
     tmp = path.with_name(path.name + ".tmp")
     tmp.write_text(json.dumps(data))
     tmp.replace(path)
-
-
-def _sha256(path: Path) -> str:
-    digest = hashlib.sha256()
-    with open(path, "rb") as f:
-        for block in iter(lambda: f.read(1 << 22), b""):
-            digest.update(block)
-    return digest.hexdigest()
 
 
 def _names_digest(names: Sequence[str]) -> str:
@@ -97,7 +90,7 @@ def shard_problem(path: Path, record: dict, checksum: bool) -> str | None:
     size = path.stat().st_size
     if size != record["bytes"] or size != offset + int(np.prod(expected)) * 2:
         return f"{size} bytes, expected {record['bytes']}"
-    if checksum and _sha256(path) != record["sha256"]:
+    if checksum and file_sha256(path) != record["sha256"]:
         return "checksum mismatch"
     return None
 
@@ -263,7 +256,7 @@ def _extract_one(directory: Path, s: int, names, paths, load, encode, batch_size
     partial.replace(final)
     _write_json(_shard_path(directory, s, ".json"),
                 {"rows": len(paths), "shape": shape, "names": _names_digest(names),
-                 "bytes": final.stat().st_size, "sha256": _sha256(final)})
+                 "bytes": final.stat().st_size, "sha256": file_sha256(final)})
 
 
 def image_encoder(device: str = "cpu", variant: str = DEFAULT_ENCODER):

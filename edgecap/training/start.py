@@ -26,7 +26,7 @@ from edgecap.models.decoder import CaptionDecoder, DecoderConfig
 from edgecap.models.efficientnet_lite import EfficientNetLite, load_pretrained
 from edgecap.preprocess import Preprocessing
 from edgecap.training.config import TrainConfig
-from edgecap.training.grow import grow_decoder, new_words
+from edgecap.training.grow import grow_decoder, grow_vocabulary
 from edgecap.vocab import Vocabulary
 
 DEFAULT = "default"  # init_from: the shipped model
@@ -74,8 +74,8 @@ def initial_model(cfg: TrainConfig, train_items: list[CaptionedImage], last: Pat
                          f"{cfg.encoder}'s; start from a model of that encoder or from 'none'")
     if cfg.dataset == "folder":
         if not resuming:  # a resumed run's vocabulary has grown already
-            added = new_words(vocab, captions, cfg.min_word_count)
-            vocab = Vocabulary(vocab.words + added)
+            grown = grow_vocabulary(vocab, captions, cfg.min_word_count)
+            added, vocab = grown.words[len(vocab):], grown
             decoder = grow_decoder(decoder, len(vocab), torch.Generator().manual_seed(cfg.seed))
             log(f"vocabulary: {len(vocab) - len(added)} words of {source} + {len(added)} new "
                 f"(seen {cfg.min_word_count}+ times): {' '.join(added[:20])}"
