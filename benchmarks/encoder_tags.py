@@ -25,14 +25,12 @@ import _common as C
 
 
 def reference_words(references: Path) -> dict[str, set[str]]:
-    """COCO caption JSON -> {file name: the words of its reference captions}."""
-    data = json.loads(references.read_text())
-    names = {im["id"]: im["file_name"] for im in data["images"]}
-    words: dict[str, set[str]] = {}
-    for ann in data["annotations"]:
-        words.setdefault(names[ann["image_id"]], set()).update(
-            re.findall(r"[a-z]+", ann["caption"].lower()))
-    return words
+    """COCO caption JSON -> {file name: the words of its reference captions} (letters only:
+    "dog's" counts as "dog")."""
+    from edgecap.evaluation.evaluate import load_references
+
+    return {item.file_name: {w for c in item.captions for w in re.findall(r"[a-z]+", c.lower())}
+            for item in load_references(references=references)}
 
 
 def hit_rate(probs: np.ndarray, files: list[str], words: dict[str, set[str]],
@@ -54,13 +52,14 @@ def main(argv=None) -> None:
 
     import torch
 
-    from edgecap.images import load_rgb
+    from edgecap.images import load_rgb, preprocess
     from edgecap.models.efficientnet_lite import load_pretrained
-    from edgecap.preprocess import Preprocessing, to_model_input
+    from edgecap.objects import IMAGENET_CLASSES
+    from edgecap.preprocess import Preprocessing
 
     if args.threads:
         torch.set_num_threads(args.threads)
-    classes = json.loads((C.REPO / "edgecap" / "assets" / "imagenet_classes.json").read_text())
+    classes = json.loads(IMAGENET_CLASSES.read_text())
     class_words = [set(c["words"]) for c in classes["classes"]]
     names = [c["name"] for c in classes["classes"]]
     words = reference_words(args.references)
@@ -71,7 +70,7 @@ def main(argv=None) -> None:
         encoder, size = item.split("@")
         model = load_pretrained(encoder)
         pre = Preprocessing(size=(int(size), int(size)))
-        x = torch.from_numpy(np.stack([to_model_input(f, pre) for f in frames]))
+        x = torch.from_numpy(preprocess(frames, pre))
         with torch.inference_mode():
             probs = model.class_probs(model.features(x)).numpy()
         entry = {"top1": hit_rate(probs, files, words, class_words, 1),

@@ -41,9 +41,7 @@ def _run(module: str, argv: list[str], out: Path) -> tuple[dict, str]:
     before = _os_threads()
     script.main(argv + HARNESS + ["--out", str(out)])
     assert _os_threads() == before
-    name = {"latency": "latency", "throughput": "throughput",
-            "quality_speed": "quality_speed"}[module]
-    return json.loads((out / f"{name}.json").read_text()), (out / f"{name}.md").read_text()
+    return json.loads((out / f"{module}.json").read_text()), (out / f"{module}.md").read_text()
 
 
 def _check_isolated(data: dict, names: list[str]) -> None:
