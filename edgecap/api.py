@@ -28,12 +28,11 @@ from edgecap.backends import load_backend
 from edgecap.backends import resolve as resolve_backend
 from edgecap.backends.base import Backend
 from edgecap.contract import Limits
-from edgecap.constrained import SURFACE, constrained_beam_search
 from edgecap.errors import InputError, ModelError
 from edgecap.images import ImageInput, load_rgb, max_pixels, preprocess
 from edgecap.manifest import Manifest, file_sha256, load_manifest
 from edgecap.objects import ObjectClasses
-from edgecap.search import CaptionOptions, Hypothesis, beam_search
+from edgecap.decoding import CaptionOptions, Hypothesis, search
 from edgecap.vocab import Vocabulary
 
 ON_ERROR = ("raise", "return")
@@ -210,20 +209,9 @@ class Captioner:
             t0 = time.perf_counter()
             encoded = self.backend.encode(batch)
             t1 = time.perf_counter()
-            guidance = None
-            if encoded.class_probs is not None and (options.constrained
-                                                    or options.guidance_bonus > 0):
-                min_prob, bonus = ((options.constraint_min_prob, SURFACE) if options.constrained
-                                   else (options.guidance_min_prob, options.guidance_bonus))
-                guidance = self.classes.guidance(encoded.class_probs, len(self.vocab),
-                                                 options.guidance_tags, min_prob, bonus)
-            if options.constrained and guidance is not None:
-                hypotheses = constrained_beam_search(self.backend, encoded, options,
-                                                     self.vocab.start, self.vocab.end, guidance,
-                                                     return_attention)
-            else:  # a batch without a confident tag is searched plainly (the same captions)
-                hypotheses = beam_search(self.backend, encoded, options, self.vocab.start,
-                                         self.vocab.end, return_attention, guidance)
+            hypotheses = search(self.backend, encoded, options, self.vocab.start, self.vocab.end,
+                                len(self.vocab), self.classes,
+                                return_attention=return_attention)
             t2 = time.perf_counter()
         return hypotheses, encoded.class_probs, (t1 - t0) * 1e3, (t2 - t1) * 1e3
 

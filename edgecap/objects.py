@@ -5,7 +5,7 @@ A model directory's ``classes.json`` (manifest role ``classes``) lists the class
 encoder's ``class_probs`` in order, each with a readable name and the caption words that name it
 (``trolleybus``: ``bus``; ``Egyptian Mau``: ``cat``; ``giant panda``: ``bear``, the nearest word the
 caption vocabulary has). ``ObjectClasses`` turns a batch's class probabilities into tags and into
-the word bias that steers the search toward naming them (``edgecap.search``).
+the tag words the search steers toward (``edgecap.decoding``).
 """
 
 from __future__ import annotations
@@ -19,15 +19,6 @@ from edgecap.errors import ModelError
 
 # The readable class list a new model directory gets (``edgecap export``).
 IMAGENET_CLASSES = Path(__file__).parent / "assets" / "imagenet_classes.json"
-
-
-@dataclass(frozen=True)
-class Guidance:
-    """One batch's steering: ``bias`` float32 (N, V), the bonus on each image's tag words, and
-    ``words`` (per image, the ids that end the steering of a beam once it has said one)."""
-
-    bias: np.ndarray
-    words: tuple[frozenset[int], ...]
 
 
 @dataclass(frozen=True)
@@ -77,15 +68,3 @@ class ObjectClasses:
             words.append(frozenset(w for c in best if image_probs[c] >= min_prob
                                    for w in self.word_ids[c]))
         return tuple(words)
-
-    def guidance(self, probs: np.ndarray, vocab_size: int, n_tags: int, min_prob: float,
-                 bonus: float) -> Guidance | None:
-        """probs (N, C) -> the bias that steers each image's beams toward the words of its
-        ``n_tags`` most probable classes of at least ``min_prob``; None when no image has any."""
-        words = self.tag_words(probs, n_tags, min_prob)
-        if not any(words):
-            return None
-        bias = np.zeros((len(probs), vocab_size), np.float32)
-        for row, ids in enumerate(words):
-            bias[row, list(ids)] = bonus
-        return Guidance(bias, words)

@@ -5,7 +5,7 @@
     python engines/check_types.py                              # exit status 0: clean
 
 What is checked and how is set in ``[tool.mypy]`` of pyproject.toml (the files:
-edgecap/trt, edgecap/build/engines.py, edgecap/backends/tensorrt.py). The tensorrt-stubs wheel
+edgecap/trt, edgecap/trt/engines.py, edgecap/backends/tensorrt.py). The tensorrt-stubs wheel
 (10.13.0.35.x: the TensorRT 10.13 API) installs ``tensorrt/__init__.pyi`` and
 ``tensorrt_bindings/*.pyi`` without a ``py.typed`` marker, so mypy would skip them as an
 untyped installed package; this script copies them into a temporary stub folder on MYPYPATH,

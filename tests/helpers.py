@@ -447,3 +447,24 @@ def has_repeated_ngram(words, n: int) -> bool:
     """Does the word sequence hold some n-gram twice?"""
     grams = [tuple(words[i:i + n]) for i in range(len(words) - n + 1)]
     return len(grams) != len(set(grams))
+
+
+def plain_search(backend, encoded, options, start_id, end_id, return_attention=False,
+                 tag_words=None):
+    """The decoding layer's search over ``backend`` with the rules ``options`` asks for and,
+    given per image, ``tag_words`` (the fakes have no image classes); vocabulary size from the
+    backend (``vocab_size``) or its model."""
+    from edgecap.decoding import search_with_tags
+
+    vocab_size = vocab_size_of(backend) if tag_words else 0  # only tags need it
+    return search_with_tags(backend, encoded, options, start_id, end_id, vocab_size, tag_words,
+                            return_attention=return_attention)
+
+
+def vocab_size_of(backend) -> int:
+    """A fake's vocabulary size (``vocab_size`` or its ``words``), or a real backend's model's."""
+    if hasattr(backend, "vocab_size"):
+        return backend.vocab_size
+    if hasattr(backend, "words"):
+        return len(backend.words)
+    return backend.manifest.dims.vocab_size

@@ -1,4 +1,4 @@
-"""Constrained beam search (``edgecap.constrained``): the caption says one of the image's tag
+"""Constrained beam search (``edgecap.decoding``): the caption says one of the image's tag
 words when any caption can; without tags it is the plain beam search, exactly."""
 
 from __future__ import annotations
@@ -10,18 +10,21 @@ import sys
 import numpy as np
 import pytest
 
-from edgecap.constrained import SURFACE, constrained_beam_search
-from edgecap.objects import Guidance
-from edgecap.search import CaptionOptions, beam_search
+from edgecap.decoding import CaptionOptions, search_with_tags
 from fakes import END, START, PrefixHashBackend
 from helpers import EXAMPLES, TableBackend
+from helpers import plain_search as beam_search
+from helpers import vocab_size_of
 
-def _guidance(words: list[set[int]], vocab_size: int) -> Guidance:
-    """Per image, its tag-word ids, as ``ObjectClasses.guidance`` gives them to the search."""
-    bias = np.zeros((len(words), vocab_size), np.float32)
-    for row, ids in enumerate(words):
-        bias[row, sorted(ids)] = SURFACE
-    return Guidance(bias, tuple(frozenset(ids) for ids in words))
+
+def constrained_beam_search(backend, encoded, options, start_id, end_id, words,
+                            return_attention=False):
+    """The decoding layer's constrained search with per image ``words`` (its tag-word ids)."""
+    from dataclasses import replace
+
+    return search_with_tags(backend, encoded, replace(options, constrained=True), start_id,
+                            end_id, vocab_size_of(backend), tuple(frozenset(ids) for ids in words),
+                            return_attention=return_attention)
 
 
 WORDS = ["<pad>", "<start>", "<end>", "<unk>", "a", "dog", "cat", "runs", "sits", "on", "mat"]
@@ -46,7 +49,7 @@ def test_without_tags_it_is_the_plain_beam_search(beam, end_bias):
     opts = CaptionOptions(beam_size=beam, max_length=8, n_best=beam, no_repeat_ngram=2)
     plain = beam_search(backend, backend.encode(seeds), opts, START, END)
     free = constrained_beam_search(backend, backend.encode(seeds), opts, START, END,
-                                   _guidance([set()] * len(seeds), backend.vocab_size))
+                                   [set()] * len(seeds))
     for a, b in zip(plain, free):
         assert [(h.tokens, h.finished) for h in a] == [(h.tokens, h.finished) for h in b]
         assert [h.log_prob for h in a] == pytest.approx([h.log_prob for h in b], abs=1e-9)
@@ -58,7 +61,7 @@ def test_the_caption_says_a_tag_word_the_model_ranks_low():
     encoded = backend.encode(np.zeros((2, 3, 4, 4), np.float32))
     opts = CaptionOptions(beam_size=2, max_length=6, n_best=2)
     hyps = constrained_beam_search(backend, encoded, opts, WORDS.index("<start>"),
-                                   WORDS.index("<end>"), _guidance([{cat}, set()], len(WORDS)))
+                                   WORDS.index("<end>"), [{cat}, set()])
     said = [" ".join(WORDS[w] for w in h.tokens) for h in hyps[0]]
     # Hand-computed from the table, beam 2 in the said-"cat" state: after 2 words it holds "a
     # cat" (-4.1) and "cat runs" (-4.3); "cat runs <end>" (-4.35) and then "a cat runs <end>"
@@ -144,7 +147,7 @@ def test_without_tags_the_attention_maps_are_the_plain_searchs():
     opts = captioner.options
     plain = beam_search(captioner.backend, encoded, opts, vocab.start, vocab.end, True)
     free = constrained_beam_search(captioner.backend, encoded, opts, vocab.start, vocab.end,
-                                   _guidance([set(), set()], len(vocab)), True)
+                                   [set(), set()], True)
     for [a], [b] in zip(plain, free):
         assert a.tokens == b.tokens
         np.testing.assert_array_equal(a.attention, b.attention)
@@ -160,8 +163,7 @@ def test_the_captioner_runs_the_constrained_search_on_the_tags_it_asks_for():
     captioner = Captioner(constrained=True, n_best=3)
     photo = load_rgb(EXAMPLES / "coffee.png")
     encoded = captioner.backend.encode(to_model_input(photo, captioner.manifest.preprocessing)[None])
-    guidance = captioner.classes.guidance(encoded.class_probs, len(captioner.vocab), 3, 0.3,
-                                          SURFACE)
+    guidance = captioner.classes.tag_words(encoded.class_probs, 3, 0.3)
     [expected] = constrained_beam_search(captioner.backend, encoded, captioner.options,
                                          captioner.vocab.start, captioner.vocab.end, guidance)
     got = captioner.caption(photo)

@@ -87,6 +87,22 @@ def test_fp16_keeps_contract_io_and_fp32_islands(fp32_dir, fp16_dir):
             assert all(types.get(t) == onnx.TensorProto.FLOAT for t in tensors), (name, tensors)
     for name in projections:
         assert converted[name].op_type in ("MatMul", "Gemm")
+    # The word bias is added in FP32, found from the graph itself (not from the block list):
+    # from the ``word_bias`` input, only casts to float32 lead to an Add on float32 tensors
+    # (a cast to FP16 on the way would round a fused language model's bias to 3 digits).
+    tensor, adds = "word_bias", []
+    while not adds:
+        readers = [nd for nd in step.graph.node if tensor in nd.input]
+        assert len(readers) == 1, readers
+        (reader,) = readers
+        if reader.op_type == "Add":
+            adds.append(reader)
+            break
+        assert reader.op_type == "Cast", reader
+        assert [a.i for a in reader.attribute if a.name == "to"] == [onnx.TensorProto.FLOAT]
+        tensor = reader.output[0]
+    assert all(types.get(t) == onnx.TensorProto.FLOAT
+               for t in [*adds[0].input, *adds[0].output]), adds[0]
 
 
 def _tensor_types(model) -> dict[str, int]:

@@ -17,7 +17,7 @@ import pytest
 from PIL import Image
 
 import edgecap
-from edgecap.search import MAX_BATCH_SIZE, CaptionOptions
+from edgecap.decoding import MAX_BATCH_SIZE, CaptionOptions
 
 ENV = {**os.environ, "PYTHONPATH": os.pathsep.join(
     [str(Path(edgecap.__file__).parent.parent), os.environ.get("PYTHONPATH", "")])}

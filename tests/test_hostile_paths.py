@@ -17,7 +17,7 @@ from PIL import Image
 
 import edgecap
 from edgecap.commands import caption as caption_command
-from edgecap.commands.caption import expand_all
+from edgecap.paths import expand_all
 from edgecap.errors import InputError
 
 ENV = {**os.environ, "PYTHONPATH": os.pathsep.join(

@@ -8,6 +8,7 @@ was checked: chelsea.png -> Egyptian cat 0.794, coffee.png -> espresso 0.902.
 from __future__ import annotations
 
 import json
+from functools import partial
 from pathlib import Path
 
 import numpy as np
@@ -15,8 +16,10 @@ import pytest
 
 from edgecap import Captioner
 from edgecap.cli import main as cli_main
-from edgecap.objects import IMAGENET_CLASSES, Guidance, ObjectClasses
-from edgecap.search import CaptionOptions, beam_search
+from edgecap.decoding import CaptionOptions, TagBonus, beam_search
+from edgecap.decoding.rules import NeverFirst, tag_bias
+from edgecap.objects import IMAGENET_CLASSES, ObjectClasses
+from edgecap.vocab import NEVER_FIRST_IDS
 from fakes import END, START, PrefixHashBackend
 
 EXAMPLES = Path(__file__).resolve().parents[1] / "edgecap" / "assets" / "examples"
@@ -69,24 +72,30 @@ def test_class_list_must_match_the_encoder(tmp_path):
         ObjectClasses.load(path, {"dog": 7}, n_classes=1000)
 
 
-def test_guidance_from_class_probabilities():
+def test_tag_words_and_their_bias_from_class_probabilities():
     classes = ObjectClasses(("bus", "cat", "cup"), ((5,), (6, 7), ()))
     probs = np.array([[0.6, 0.3, 0.1], [0.05, 0.05, 0.9], [0.5, 0.08, 0.42]], np.float32)
-    g = classes.guidance(probs, vocab_size=9, n_tags=2, min_prob=0.1, bonus=2.0)
-    assert g.words == (frozenset({5, 6, 7}), frozenset(), frozenset({5}))
+    words = classes.tag_words(probs, n_tags=2, min_prob=0.1)
+    assert words == (frozenset({5, 6, 7}), frozenset(), frozenset({5}))
     expected = np.zeros((3, 9), np.float32)
     expected[0, [5, 6, 7]] = 2.0
     expected[2, 5] = 2.0
-    np.testing.assert_array_equal(g.bias, expected)
-    assert classes.guidance(probs[1:2], 9, 2, 0.1, 2.0) is None  # no tag names a word
+    np.testing.assert_array_equal(tag_bias(words, 9, 2.0), expected)
+    assert not any(classes.tag_words(probs[1:2], 2, 0.1))  # no tag names a word
+    assert classes.tag_words(probs[:1], 2, 0.35) == (frozenset({5}),)  # cat's 0.3 is below
 
 
 # -- guidance in the search ------------------------------------------------------------------------
 
-def _search(backend, seed, guidance=None, **options):
+def _search(backend, seed, tag_word=None, bonus=8.0, **options):
+    """One image's best hypothesis; with ``tag_word``, the tag bonus on it (the search's own
+    rule, at a bonus the options would refuse: the fake's distributions are not a model's)."""
     encoded = backend.encode(np.array([seed]))
     opts = CaptionOptions(**{"no_repeat_ngram": 0, **options})
-    return beam_search(backend, encoded, opts, START, END, guidance=guidance)[0][0]
+    scorers = [] if tag_word is None else [
+        partial(TagBonus, (frozenset({tag_word}),), backend.vocab_size, bonus)]
+    return beam_search(backend, encoded, opts, START, END, filters=[NeverFirst(NEVER_FIRST_IDS)],
+                       scorers=scorers)[0][0]
 
 
 def _word_outside_top_k(backend, seed):
@@ -99,10 +108,8 @@ def _word_outside_top_k(backend, seed):
 def test_guidance_steers_to_a_word_outside_the_plain_top_k():
     backend = PrefixHashBackend(vocab_size=40, top_k=5, end_bias=1.0)
     word, plain = _word_outside_top_k(backend, 11)
-    bias = np.zeros((1, 40), np.float32)
-    bias[0, word] = 8.0
     backend.biases.clear()
-    steered = _search(backend, 11, Guidance(bias, (frozenset({word}),)))
+    steered = _search(backend, 11, word)
     assert word in steered.tokens and word not in plain.tokens
     assert backend.biases[0][:, word].max() == 8.0  # the step got it, to reach past its top K
 
@@ -111,11 +118,9 @@ def test_guidance_stops_once_a_beam_has_said_a_tag_word():
     """A bonus that stayed on would make the word repeat ("a bus bus"); it must switch off."""
     backend = PrefixHashBackend(vocab_size=40, top_k=5, end_bias=-3.0)
     word, _ = _word_outside_top_k(backend, 5)
-    bias = np.zeros((1, 40), np.float32)
-    bias[0, word] = 30.0  # overwhelming: with the bonus on, every word would be this one
     backend.biases.clear()
-    steered = _search(backend, 5, Guidance(bias, (frozenset({word}),)), beam_size=1,
-                      max_length=8)
+    # overwhelming: with the bonus on, every word would be this one
+    steered = _search(backend, 5, word, bonus=30.0, beam_size=1, max_length=8)
     assert steered.tokens.count(word) == 1
     first = steered.tokens.index(word)
     assert all(b is not None for b in backend.biases[:first + 1])
@@ -125,9 +130,7 @@ def test_guidance_stops_once_a_beam_has_said_a_tag_word():
 def test_guided_hypothesis_reports_the_models_own_log_probability():
     backend = PrefixHashBackend(vocab_size=40, top_k=5, end_bias=1.0)
     word, _ = _word_outside_top_k(backend, 3)
-    bias = np.zeros((1, 40), np.float32)
-    bias[0, word] = 8.0
-    hyp = _search(backend, 3, Guidance(bias, (frozenset({word}),)), beam_size=1)
+    hyp = _search(backend, 3, word, beam_size=1)
     # the caption's log-probability, recomputed from the fake's own distributions
     state, total, prev = 3, 0.0, START
     for token in [*hyp.tokens, END]:
@@ -186,11 +189,9 @@ def test_guided_hypotheses_are_ranked_with_the_bonus():
     backend = PrefixHashBackend(vocab_size=40, top_k=5, end_bias=1.0)
     for seed in range(20):
         word, plain = _word_outside_top_k(backend, seed)
-        bias = np.zeros((1, 40), np.float32)
-        bias[0, word] = 8.0
         encoded = backend.encode(np.array([seed]))
         hyps = beam_search(backend, encoded, CaptionOptions(no_repeat_ngram=0, n_best=3),
-                           START, END, guidance=Guidance(bias, (frozenset({word}),)))[0]
+                           START, END, scorers=[partial(TagBonus, (frozenset({word}),), 40, 8.0)])[0]
         assert [h.rank_score for h in hyps] == sorted((h.rank_score for h in hyps), reverse=True)
         if word in hyps[0].tokens and hyps[0].score < max(h.score for h in hyps[1:]):
             return  # found the case that tells the two rankings apart

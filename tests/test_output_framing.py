@@ -19,7 +19,7 @@ import pytest
 from PIL import Image
 
 import edgecap
-from edgecap.commands.caption import EXIT_PIPE_CLOSED, escape_field
+from edgecap.commands.output import EXIT_PIPE_CLOSED, escape_field
 
 ENV = {**os.environ, "PYTHONPATH": os.pathsep.join(
     [str(Path(edgecap.__file__).parent.parent), os.environ.get("PYTHONPATH", "")])}
@@ -151,3 +151,20 @@ def test_closed_stdout_is_exit_2_not_silence(tiny_model_dir, many_photos):
     assert out.returncode == 2
     assert out.stderr.decode().splitlines() == [
         "edgecap caption: error: cannot write the output: standard output is closed"]
+
+
+def test_every_non_utf8_byte_of_a_name_is_one_escape():
+    """The lowest (0x80) and highest (0xff) bytes that are never UTF-8 on their own come out as
+    \\x80 and \\xff, never as a surrogate (\\udc80) or a character."""
+    name = os.fsdecode(b"a\x80b\xffc\xc3.png")
+    assert escape_field(name) == "a\\x80b\\xffc\\xc3.png"
+    assert _unescape(escape_field(name)) == b"a\x80b\xffc\xc3.png"
+
+
+def test_attention_on_a_bad_photo_fails_and_writes_nothing(tiny_model_dir, tmp_path):
+    bad = tmp_path / "broken.png"
+    bad.write_bytes(b"not an image")
+    figure = tmp_path / "figure.png"
+    out = cli(str(bad), "--attention", str(figure), model=tiny_model_dir)
+    assert out.returncode == 1, out.stderr
+    assert b"broken.png: not an image" in out.stderr and not figure.exists()

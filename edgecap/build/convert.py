@@ -119,6 +119,11 @@ def fp32_nodes(graph) -> list[str]:
     for node in graph.node:
         if node.op_type in ("Add", "GatherElements") and log_softmax_outputs & set(node.input):
             add(node)  # the step's word bias and the gathered log-probabilities stay exact
+            for name in node.input:  # and so does the bias on its way in (the export's Cast)
+                src = producer.get(name)
+                while src is not None and src.op_type in _VIEW_OPS:
+                    add(src)
+                    src = producer.get(src.input[0])
         if node.op_type not in FP32_OP_TYPES:
             continue
         add(node)
@@ -206,7 +211,7 @@ def fold_constants(model):
     leaves small constant chains such as ``Unsqueeze(Constant)`` feeding a Slice's axes or a
     ``Reshape(Constant)`` feeding TopK's K. TensorRT's ONNX parser wants those as stored
     constants (8.5 to 10.x reject a Slice whose axes are computed); onnxruntime folds them
-    itself, so the engines are built from a folded copy (``edgecap.build.engines``)."""
+    itself, so the engines are built from a folded copy (``edgecap.trt.engines``)."""
     from onnx import numpy_helper
     from onnx.reference import ReferenceEvaluator
 

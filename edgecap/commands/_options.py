@@ -7,7 +7,7 @@ import argparse
 from dataclasses import fields
 
 from edgecap.backends import NAMES
-from edgecap.search import CaptionOptions
+from edgecap.decoding import CaptionOptions
 
 DEFAULTS = {f.name: f.default for f in fields(CaptionOptions)}
 

@@ -37,7 +37,7 @@ def run(args: argparse.Namespace) -> int:
     from edgecap.api import default_model_dir
     from edgecap.manifest import load_manifest, verify_files
     from edgecap.contract import Limits
-    from edgecap.build.engines import build_all, default_cache_dir
+    from edgecap.trt.engines import build_all, default_cache_dir
 
     manifest = load_manifest(args.model or default_model_dir())
     verify_files(manifest)

@@ -128,11 +128,12 @@ def greedy_captions(decoder: CaptionDecoder, fmap: torch.Tensor, vocab: Vocabula
     """Greedy captions of a batch of feature maps (N, L, C) (the per-epoch dev check): the
     runtime's own search (beam 1, no n-gram rule) over the PyTorch backend's step graph."""
     from edgecap.backends.torch import TorchBackend
-    from edgecap.search import CaptionOptions, beam_search
+    from edgecap.decoding import CaptionOptions, search
 
     backend = TorchBackend.from_modules(None, decoder, device=str(fmap.device))
     options = CaptionOptions(beam_size=1, max_length=max_len, no_repeat_ngram=0)
-    hypotheses = beam_search(backend, backend.encode_regions(fmap), options, vocab.start, vocab.end)
+    hypotheses = search(backend, backend.encode_regions(fmap), options, vocab.start, vocab.end,
+                        len(vocab))
     return [vocab.decode(hyps[0].tokens) for hyps in hypotheses]
 
 

@@ -1,0 +1,76 @@
+"""``edgecap caption``'s runs other than a list of photos: one photo with its attention figure
+(``--attention``), and a video file or a live camera (``--video``, ``--camera``)."""
+
+from __future__ import annotations
+
+import argparse
+import os
+import sys
+
+from edgecap.commands.output import escape_field, json_line, print_result, write
+
+
+def run_attention(captioner, inputs: list[tuple[str, object]], args) -> int:
+    """Caption one image and write its attention figure to ``args.attention``."""
+    from edgecap.errors import InputError
+    from edgecap.viz import save_attention
+
+    if len(inputs) != 1:
+        print(f"edgecap caption: error: --attention takes one image, got {len(inputs)}",
+              file=sys.stderr)
+        return 2
+    (name, item), = inputs
+    if not isinstance(item, InputError) and _same_file(args.attention, item):
+        print(f"edgecap caption: error: --attention {escape_field(args.attention)} is the input "
+              "photo itself; name another file", file=sys.stderr)
+        return 2
+    result = item if isinstance(item, InputError) else captioner.caption_batch(
+        [item], return_attention=True, on_error="return")[0]
+    print_result(name, result, args.json, args.show_objects)
+    if isinstance(result, InputError):
+        return 1
+    try:
+        save_attention(item, result, args.attention)
+    except (OSError, ValueError) as exc:
+        print(f"edgecap caption: error: cannot write {args.attention}: {exc}", file=sys.stderr)
+        return 2
+    return 0
+
+
+def _same_file(a: str, b: str) -> bool:
+    """Whether two paths name the same existing file (links and hard links included)."""
+    try:
+        return os.path.samefile(a, b)
+    except (OSError, ValueError):
+        return False
+
+
+def run_stream(captioner, args: argparse.Namespace) -> int:
+    """Caption a video file (every sampled frame, in order) or a camera (live)."""
+    from edgecap.stream import camera_frames, caption_stream, video_frames
+
+    if args.video is not None:
+        stream = caption_stream(captioner, video_frames(args.video), every=args.every, live=False)
+    else:
+        stream = caption_stream(captioner, camera_frames(args.camera), every=args.every, live=True)
+    try:
+        for event in stream:
+            _print_event(event, args.json)
+    except KeyboardInterrupt:
+        stream.close()
+        print(f"edgecap: {stream.stats}", file=sys.stderr)
+        return 130
+    print(f"edgecap: {stream.stats}", file=sys.stderr)
+    return 0
+
+
+def _print_event(event, as_json: bool) -> None:
+    caption = event.caption
+    if as_json:
+        line = {"time": round(event.timestamp, 3), "frame": event.frame_index,
+                "caption": caption.text, "score": round(caption.score, 4),
+                "timings": {k: round(v, 2) for k, v in caption.timings.items()},
+                "dropped": event.dropped}
+        write(json_line(line))
+    else:
+        write(f"{event.timestamp:.2f}s\t{escape_field(caption.text)}")

@@ -1,0 +1,120 @@
+"""``edgecap caption``'s output: every record one line, unambiguous, UTF-8 (``escape_field`` for
+the plain form, ``json_line`` for ``--json``), written and flushed one record at a time, with a
+write failure turned into ``OutputFailed`` (a closed pipe: ``EXIT_PIPE_CLOSED``)."""
+
+from __future__ import annotations
+
+import base64
+import json
+import os
+import re
+import sys
+
+
+# -- output: every record one line, unambiguous, UTF-8 ----------------------------------------
+EXIT_PIPE_CLOSED = 141  # what a shell reports for a Unix tool stopped by SIGPIPE (128 + 13)
+_UNSAFE = re.compile(r"[\\\x00-\x1f\x7f-\x9f\u2028\u2029\u202a-\u202e\u2066-\u2069"
+                     r"\ud800-\udfff]")
+_JSON_UNSAFE = re.compile(r"[\x7f-\x9f\u2028\u2029\u202a-\u202e\u2066-\u2069\ud800-\udfff]")
+_SHORT = {"\\": "\\\\", "\t": "\\t", "\n": "\\n", "\r": "\\r"}
+
+
+class OutputFailed(Exception):
+    """Standard output could not be written (``error``: the OSError)."""
+
+    def __init__(self, error: OSError):
+        super().__init__(str(error))
+        self.error = error
+
+
+def _escape_char(match: re.Match) -> str:
+    char = match.group()
+    if char in _SHORT:
+        return _SHORT[char]
+    code = ord(char)
+    if 0xDC80 <= code <= 0xDCFF:  # a byte of a file name that is not UTF-8 (surrogateescape)
+        return f"\\x{code - 0xDC00:02x}"
+    # \xHH is a byte: ASCII controls, and the bytes of names that are not UTF-8 (above); every
+    # other character is \uHHHH, so that the two never mean the same thing
+    return f"\\x{code:02x}" if code < 0x80 else f"\\u{code:04x}"
+
+
+def escape_field(text: str) -> str:
+    """A plain-output field: backslash, TAB, newline, CR as \\\\ \\t \\n \\r; other ASCII
+    control characters as \\xHH; C1 controls, line separators and bidirectional overrides as
+    \\uHHHH; each byte of a file name that is not valid UTF-8 as \\xHH. Everything else as is:
+    \\xHH is always one byte of the name, \\uHHHH one character."""
+    return _UNSAFE.sub(_escape_char, text)
+
+
+def json_line(record: dict) -> str:
+    """One JSON object on one line, pure UTF-8: a ``path`` that is not valid UTF-8 holds U+FFFD
+    for each bad byte and ``path_base64`` holds the exact bytes; control characters, line
+    separators, bidirectional overrides and lone surrogates are \\u escapes."""
+    path = record.get("path")
+    try:
+        raw = os.fsencode(path) if isinstance(path, str) else None
+    except UnicodeError:  # not a name the OS could give: its lone surrogates are \u escapes
+        raw = None
+    if raw is not None and raw.decode("utf-8", "replace") != path:
+        record = {**record, "path": raw.decode("utf-8", "replace")}
+        if not _is_utf8(raw):
+            record["path_base64"] = base64.b64encode(raw).decode("ascii")
+    line = json.dumps(record, ensure_ascii=False)
+    return _JSON_UNSAFE.sub(lambda m: f"\\u{ord(m.group()):04x}", line)
+
+
+def _is_utf8(raw: bytes) -> bool:
+    try:
+        raw.decode("utf-8")
+    except UnicodeDecodeError:
+        return False
+    return True
+
+
+def write(line: str | None) -> None:
+    """One record on stdout, flushed (None: only flush); a failed write is ``OutputFailed``."""
+    try:
+        if line is not None:
+            sys.stdout.write(line + "\n")
+        sys.stdout.flush()
+    except OSError as exc:  # BrokenPipeError, ENOSPC, EIO, EBADF ...
+        raise OutputFailed(exc) from None
+
+
+def utf8_stdout() -> None:
+    """Records are UTF-8 whatever the locale (all that could not be encoded is escaped)."""
+    try:
+        sys.stdout.reconfigure(encoding="utf-8", errors="strict")
+    except (AttributeError, ValueError, OSError):
+        pass  # a replaced sys.stdout (tests, embedding): written as it is
+
+
+def discard_stdout() -> None:
+    """Point stdout at the null device so that Python's own flush at exit is silent."""
+    try:
+        devnull = os.open(os.devnull, os.O_WRONLY)
+        os.dup2(devnull, sys.stdout.fileno())
+        os.close(devnull)
+    except (OSError, ValueError, AttributeError):
+        pass
+
+
+def print_result(name: str, result, as_json: bool, objects: bool = False) -> None:
+    from edgecap.errors import InputError
+
+    if isinstance(result, InputError):
+        print(f"edgecap: {escape_field(name)}: {escape_field(result.problem)}", file=sys.stderr,
+              flush=True)
+        if as_json:
+            write(json_line({"path": name, "caption": None, "score": None, "objects": None,
+                              "error": result.problem}))
+        return
+    if as_json:
+        write(json_line({"path": name, "caption": result.text, "score": round(result.score, 4),
+                          "objects": [[tag, round(p, 4)] for tag, p in result.objects]}))
+        return
+    fields = [name, result.text]
+    if objects:
+        fields.append(", ".join(f"{tag} {p:.2f}" for tag, p in result.objects))
+    write("\t".join(escape_field(f) for f in fields))

@@ -1,0 +1,66 @@
+"""Decoding: from a batch of encoded images to ranked caption hypotheses.
+
+- ``options``: ``CaptionOptions``, the one place the search's settings and defaults are written;
+- ``beam``: the one beam loop over the encoder / decoder-step interface, and the ranking;
+- ``rules``: what the loop applies at each step (never-first words, no repeated n-grams, the tag
+  bonus, a fused caption language model: ``fusion``);
+- ``constraint``: beam-state partitions (the tag constraint).
+
+``search`` turns the options into rules and runs the loop: the API asks it for captions and knows
+no thresholds.
+"""
+
+from __future__ import annotations
+
+from functools import partial
+
+from edgecap.backends.base import Backend, Encoded
+from edgecap.decoding.beam import Hypothesis, beam_search, length_normalised
+from edgecap.decoding.constraint import SURFACE, TagConstraint, Unconstrained
+from edgecap.decoding.options import MAX_BATCH_SIZE, CaptionOptions
+from edgecap.decoding.rules import Filter, NeverFirst, NoRepeatNgram, Scorer, TagBonus
+from edgecap.vocab import NEVER_FIRST_IDS
+
+
+def search(backend: Backend, encoded: Encoded, options: CaptionOptions, start_id: int,
+           end_id: int, vocab_size: int, classes=None, fusion=None,
+           return_attention: bool = False) -> list[list[Hypothesis]]:
+    """Caption hypotheses for each image of ``encoded`` (best first, up to ``n_best``), with the
+    rules ``options`` asks for. ``classes`` (``edgecap.objects.ObjectClasses``): the image
+    classes whose words the tag bonus or the tag constraint use, read from the encoder's class
+    probabilities (None: neither); ``fusion`` (``edgecap.decoding.fusion.Fusion``): a caption
+    language model fused into each step's scores when ``options.fusion_weight`` > 0."""
+    tag_words = None
+    probs = encoded.class_probs
+    if classes is not None and probs is not None and (options.constrained
+                                                      or options.guidance_bonus > 0):
+        min_prob = options.constraint_min_prob if options.constrained else options.guidance_min_prob
+        tag_words = classes.tag_words(probs, options.guidance_tags, min_prob)
+    return search_with_tags(backend, encoded, options, start_id, end_id, vocab_size, tag_words,
+                            fusion=fusion, return_attention=return_attention)
+
+
+def search_with_tags(backend: Backend, encoded: Encoded, options: CaptionOptions, start_id: int,
+                     end_id: int, vocab_size: int, tag_words: tuple[frozenset[int], ...] | None,
+                     fusion=None, return_attention: bool = False) -> list[list[Hypothesis]]:
+    """``search`` with each image's tag words given (None or all empty: no tags): the caption
+    must say one with ``options.constrained``, else they get ``options.guidance_bonus``."""
+    filters: list[Filter] = [NeverFirst(NEVER_FIRST_IDS)]
+    if options.no_repeat_ngram > 0:
+        filters.append(NoRepeatNgram(options.no_repeat_ngram, end_id))
+    scorers: list = []
+    partition = None
+    if tag_words is not None and any(tag_words):  # else searched plainly (the same captions)
+        if options.constrained:
+            partition = TagConstraint(tag_words, vocab_size)
+        elif options.guidance_bonus > 0:
+            scorers.append(partial(TagBonus, tag_words, vocab_size, options.guidance_bonus))
+    if fusion is not None and options.fusion_weight > 0:
+        scorers.append(partial(fusion.scorer, options.fusion_weight))
+    return beam_search(backend, encoded, options, start_id, end_id, filters=filters,
+                       scorers=scorers, partition=partition, return_attention=return_attention)
+
+
+__all__ = ["CaptionOptions", "Hypothesis", "MAX_BATCH_SIZE", "SURFACE", "Filter", "NeverFirst",
+           "NoRepeatNgram", "Scorer", "TagBonus", "TagConstraint", "Unconstrained",
+           "beam_search", "length_normalised", "search", "search_with_tags"]

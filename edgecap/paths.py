@@ -1,0 +1,220 @@
+"""Command-line PATHs -> the image files they name: files, folders searched recursively and
+globs, each folder searched and each file yielded once (by device and inode), with link loops,
+broken links and unreadable folders reported as ``InputError`` pairs instead of followed or
+raised. What ``edgecap caption`` captions (the files themselves are read by ``edgecap.files``)."""
+
+from __future__ import annotations
+
+import errno
+import fnmatch
+import glob
+import os
+import stat
+from collections.abc import Iterable, Iterator
+from pathlib import Path
+
+IMAGE_EXTENSIONS = (".jpg", ".jpeg", ".png", ".bmp", ".gif", ".webp", ".tif", ".tiff")
+
+
+def expand_all(args: Iterable[str]) -> Iterator[tuple[str, object]]:
+    """Command-line PATHs -> (name, input) pairs, in order: a file (even a missing one: the
+    captioner reports it), a folder's image files (searched recursively, sorted), or a glob's
+    image files (sorted; ``**`` for any depth). Symbolic links to folders are followed, but each
+    folder is searched once and each file (by device and inode) captioned once over the whole
+    run; everything skipped comes as a (name, InputError) pair that says why: a link loop, a
+    folder or file already seen under another name, a broken link, an unreadable folder, an
+    empty PATH, a folder or glob with no images."""
+    state = _Seen()
+    for arg in args:
+        yield from _expand_one(arg, state)
+
+
+class _Seen:
+    """What the run has already captioned: (st_dev, st_ino) -> the first name."""
+
+    def __init__(self):
+        self.files: dict[tuple[int, int], str] = {}
+
+
+def _key(st: os.stat_result) -> tuple[int, int]:
+    return st.st_dev, st.st_ino
+
+
+def _expand_one(arg: str, state: _Seen) -> Iterator[tuple[str, object]]:
+    from edgecap.errors import InputError
+
+    if arg == "":
+        yield arg, InputError(arg, "empty PATH argument (an unset shell variable?); "
+                                   "write . for the current folder")
+        return
+    path = Path(arg)
+    literal = glob.has_magic(arg) and not os.path.lexists(arg)
+    if not literal and path.is_dir():
+        found = False
+        for name, item in _walk(path, lambda rel: _has_image_suffix(rel[-1]),
+                                lambda rel: True, state):
+            found = found or _is_match(item)
+            yield name, item
+        if not found:
+            yield arg, InputError(arg, "folder holds no image files "
+                                       f"({', '.join(IMAGE_EXTENSIONS)})")
+    elif not literal:
+        yield from _checked_file(arg, state)
+    else:
+        yield from _expand_glob(arg, state)
+
+
+def _checked_file(name: str, state: _Seen) -> Iterator[tuple[str, object]]:
+    """A file to caption, or why it is skipped (the same file as one already captioned)."""
+    from edgecap.errors import InputError
+
+    try:
+        st = os.stat(name)
+    except (OSError, ValueError):
+        yield name, name  # the captioner says what is wrong with it
+        return
+    if stat.S_ISREG(st.st_mode):
+        if _key(st) in state.files:
+            yield name, InputError(name, f"skipped: the same file as {state.files[_key(st)]}, "
+                                         "already captioned")
+            return
+        state.files[_key(st)] = name
+    yield name, name
+
+
+def _expand_glob(pattern: str, state: _Seen) -> Iterator[tuple[str, object]]:
+    from edgecap.errors import InputError
+
+    parts = Path(pattern).parts
+    fixed = 0
+    while fixed < len(parts) - 1 and not glob.has_magic(parts[fixed]):
+        fixed += 1
+    base = Path(*parts[:fixed]) if fixed else Path()
+    rest = parts[fixed:]
+    found = False
+    if base == Path() or base.is_dir():
+        for name, item in _walk(base, lambda rel: _has_image_suffix(rel[-1])
+                                and _match(rest, rel),
+                                lambda rel: _may_descend(rest, rel), state):
+            found = found or _is_match(item)
+            yield name, item
+    if not found:
+        yield pattern, InputError(pattern, "the pattern matches no image files")
+
+
+def _match_part(pattern: str, name: str) -> bool:
+    # as glob: a wildcard does not match a leading dot
+    return fnmatch.fnmatch(name, pattern) and (not name.startswith(".")
+                                                or pattern.startswith("."))
+
+
+def _match(pattern: tuple[str, ...], rel: tuple[str, ...]) -> bool:
+    """Whether the relative path ``rel`` matches the pattern's parts (``**``: any folders)."""
+    if not pattern:
+        return not rel
+    if pattern[0] == "**":
+        return any(_match(pattern[1:], rel[i:]) for i in range(len(rel) + 1)
+                   if all(not part.startswith(".") for part in rel[:i]))
+    return bool(rel) and _match_part(pattern[0], rel[0]) and _match(pattern[1:], rel[1:])
+
+
+def _may_descend(pattern: tuple[str, ...], rel: tuple[str, ...]) -> bool:
+    """Whether a folder at ``rel`` may hold matches: its parts match the pattern's leading parts
+    (up to a ``**``) and the pattern is deep enough."""
+    for i, part in enumerate(rel):
+        if i >= len(pattern) - 1:
+            return False
+        if pattern[i] == "**":
+            return not part.startswith(".") and all(not p.startswith(".") for p in rel[i:])
+        if not _match_part(pattern[i], part):
+            return False
+    return True
+
+
+def _walk(top: Path, want_file, want_dir, state: _Seen) -> Iterator[tuple[str, object]]:
+    """Depth first, each folder's entries sorted by name: (name, name) for each file that
+    ``want_file(relative parts)`` takes, (name, InputError) for each entry skipped. Folders
+    (and links to folders) are entered when ``want_dir(relative parts)``; never twice, and a
+    link back to a folder being searched is reported as a loop. Iterative: any depth."""
+    from edgecap.errors import InputError
+
+    try:
+        top_stat = os.stat(top)
+    except OSError as exc:
+        yield str(top), InputError(str(top), f"cannot read the folder ({exc.strerror or exc})")
+        return
+    folders = {_key(top_stat): str(top)}  # this walk's: a glob may search a folder again
+    # each frame: (folder path, its relative parts, its key, the sorted entries left)
+    stack = [(top, (), _key(top_stat), None)]
+    while stack:
+        folder, rel, key, entries = stack[-1]
+        if entries is None:
+            try:
+                with os.scandir(folder) as it:
+                    entries = iter(sorted(((e.name, e.is_symlink()) for e in it)))
+            except OSError as exc:
+                stack.pop()
+                reason = "permission denied" if isinstance(exc, PermissionError) else (
+                    exc.strerror or str(exc))
+                yield str(folder), InputError(str(folder), f"skipped: cannot read the folder "
+                                                           f"({reason})")
+                continue
+            stack[-1] = (folder, rel, key, entries)
+        entry = next(entries, None)
+        if entry is None:
+            stack.pop()
+            continue
+        name, is_link = entry
+        path, parts = folder / name, (*rel, name)
+        try:
+            st = os.stat(path)
+        except OSError as exc:
+            if is_link and (want_file(parts) or want_dir(parts)):
+                why = ("a loop of symbolic links" if getattr(exc, "errno", None) == errno.ELOOP
+                       else "broken symbolic link")
+                target = _readlink(path)
+                yield str(path), InputError(str(path), f"skipped: {why} (to {target})")
+            elif not is_link and want_file(parts):
+                yield str(path), str(path)  # vanished: the captioner reports it
+            continue
+        if stat.S_ISDIR(st.st_mode):
+            if not want_dir(parts):
+                continue
+            ancestors = {frame[2]: frame[0] for frame in stack}
+            if _key(st) in ancestors:
+                yield str(path), InputError(str(path), "skipped: a symbolic link loop (it leads "
+                                                       f"back to {ancestors[_key(st)]})")
+                continue
+            if _key(st) in folders:
+                yield str(path), InputError(str(path), "skipped: the same folder as "
+                                                       f"{folders[_key(st)]}, already searched")
+                continue
+            folders[_key(st)] = str(path)
+            stack.append((path, parts, _key(st), None))
+        elif want_file(parts):
+            if stat.S_ISREG(st.st_mode) and _key(st) in state.files:
+                yield str(path), InputError(str(path), "skipped: the same file as "
+                                                       f"{state.files[_key(st)]}, already "
+                                                       "captioned")
+                continue
+            if stat.S_ISREG(st.st_mode):
+                state.files[_key(st)] = str(path)
+            yield str(path), str(path)  # a special file: the captioner says what it is
+
+
+def _readlink(path: Path) -> str:
+    try:
+        return os.readlink(path)
+    except OSError:
+        return "?"
+
+
+def _is_match(item: object) -> bool:
+    """An image the walk found: one to caption, or one already captioned under another name."""
+    from edgecap.errors import InputError
+
+    return not isinstance(item, InputError) or item.problem.startswith("skipped: the same file")
+
+
+def _has_image_suffix(name: str) -> bool:
+    return Path(name).suffix.lower() in IMAGE_EXTENSIONS

@@ -1,0 +1,169 @@
+"""Train a caption language model on text only, for fusion at decoding time
+(``edgecap.decoding.fusion``).
+
+A small word-level LSTM over a caption model's own vocabulary (words it lacks become ``<unk>``),
+trained to predict each next word of a caption from ``<start>``. Its weights are written as a
+``.npz`` of plain arrays (``edgecap.decoding.fusion.CaptionLM`` runs it in numpy; no pickle) with
+a JSON sidecar holding its dimensions, the vocabulary's checksum and its training figures.
+
+    python -m edgecap.training.language_model --text captions.txt --model MODEL_DIR \\
+        --out coco_lm.npz [--epochs 6] [--hidden 256] [--embed 128]
+
+``--text`` is one caption per line; ``--flickr8k TOKENS --split TRAIN_IMAGES`` reads the training
+captions of a Flickr8k-style token file instead (the in-domain model of the density ratio).
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import math
+import random
+import sys
+import time
+from pathlib import Path
+
+import numpy as np
+
+from edgecap.manifest import file_sha256, load_manifest
+from edgecap.vocab import Vocabulary
+
+
+def read_captions(args) -> list[str]:
+    if args.text:
+        return [line.strip() for line in Path(args.text).read_text("utf-8").splitlines()
+                if line.strip()]
+    from edgecap.data.readers import read_flickr8k
+
+    return [c for item in read_flickr8k(Path(args.flickr8k), Path(args.split))
+            for c in item.captions]
+
+
+def encode_all(captions: list[str], vocab: Vocabulary, max_words: int) -> list[list[int]]:
+    """Captions -> id lists with <start> and <end>, at most ``max_words`` words."""
+    out = []
+    for caption in captions:
+        ids = vocab.encode(caption)
+        if len(ids) > 2:
+            out.append(ids[: max_words + 1] + [vocab.end] if len(ids) > max_words + 2 else ids)
+    return out
+
+
+def train(args) -> dict:
+    import torch
+    from torch import nn
+
+    torch.manual_seed(args.seed)
+    random.seed(args.seed)
+    torch.set_num_threads(args.threads)
+    manifest = load_manifest(args.model)
+    vocab = Vocabulary.load(manifest.path("vocab"))
+    data = encode_all(read_captions(args), vocab, args.max_words)
+    random.shuffle(data)
+    n_dev = max(1, int(len(data) * args.dev_fraction))
+    dev, train_set = data[:n_dev], data[n_dev:]
+    V = len(vocab)
+
+    class LM(nn.Module):
+        def __init__(self):
+            super().__init__()
+            self.embed = nn.Embedding(V, args.embed)
+            self.lstm = nn.LSTM(args.embed, args.hidden, batch_first=True)
+            self.drop = nn.Dropout(args.dropout)
+            self.out = nn.Linear(args.hidden, V)
+
+        def forward(self, x):
+            h, _ = self.lstm(self.drop(self.embed(x)))
+            return self.out(self.drop(h))
+
+    model = LM()
+    optimiser = torch.optim.Adam(model.parameters(), lr=args.lr)
+    loss_fn = nn.CrossEntropyLoss(ignore_index=vocab.pad, reduction="sum")
+
+    def batches(rows, shuffle):
+        order = list(range(len(rows)))
+        if shuffle:
+            random.shuffle(order)
+        for i in range(0, len(order), args.batch_size):
+            chunk = [rows[j] for j in order[i:i + args.batch_size]]
+            width = max(len(r) for r in chunk)
+            x = torch.full((len(chunk), width), vocab.pad, dtype=torch.long)
+            for k, r in enumerate(chunk):
+                x[k, : len(r)] = torch.tensor(r)
+            yield x[:, :-1], x[:, 1:]
+
+    def dev_perplexity() -> float:
+        model.eval()
+        total, count = 0.0, 0
+        with torch.no_grad():
+            for x, y in batches(dev, False):
+                total += float(loss_fn(model(x).reshape(-1, V), y.reshape(-1)))
+                count += int((y != vocab.pad).sum())
+        model.train()
+        return math.exp(total / count)
+
+    best, history = float("inf"), []
+    for epoch in range(1, args.epochs + 1):
+        t0 = time.time()
+        for x, y in batches(train_set, True):
+            optimiser.zero_grad()
+            loss = loss_fn(model(x).reshape(-1, V), y.reshape(-1)) / int((y != vocab.pad).sum())
+            loss.backward()
+            nn.utils.clip_grad_norm_(model.parameters(), 5.0)
+            optimiser.step()
+        ppl = dev_perplexity()
+        history.append({"epoch": epoch, "dev_perplexity": round(ppl, 3),
+                        "seconds": round(time.time() - t0, 1)})
+        print(json.dumps(history[-1]), flush=True)
+        if ppl < best:
+            best = ppl
+            save(model, args, vocab, manifest, history, len(train_set), len(dev))
+        for group in optimiser.param_groups:
+            group["lr"] *= args.lr_decay
+    return {"best_dev_perplexity": best}
+
+
+def save(model, args, vocab, manifest, history, n_train, n_dev) -> None:
+    """Write the ``.npz`` (float32 arrays, torch's gate order i, f, g, o) and its JSON."""
+    sd = {k: v.detach().numpy().astype(np.float32) for k, v in model.state_dict().items()}
+    out = Path(args.out)
+    out.parent.mkdir(parents=True, exist_ok=True)
+    np.savez(out, embed=sd["embed.weight"], w_ih=sd["lstm.weight_ih_l0"],
+             w_hh=sd["lstm.weight_hh_l0"], bias=sd["lstm.bias_ih_l0"] + sd["lstm.bias_hh_l0"],
+             out_w=sd["out.weight"], out_b=sd["out.bias"])
+    meta = {"format": "edgecap-caption-lm/1", "vocab_size": len(vocab), "embed": args.embed,
+            "hidden": args.hidden, "vocab_sha256": file_sha256(manifest.path("vocab")),
+            "weights_sha256": file_sha256(out),
+            "trained_on": args.text or f"{args.flickr8k} ({args.split})",
+            "captions": {"train": n_train, "dev": n_dev}, "history": history}
+    out.with_suffix(".json").write_text(json.dumps(meta, indent=1) + "\n", "utf-8")
+
+
+def main(argv=None) -> int:
+    parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
+    source = parser.add_mutually_exclusive_group(required=True)
+    source.add_argument("--text", help="one caption per line")
+    source.add_argument("--flickr8k", help="a Flickr8k token file (with --split)")
+    parser.add_argument("--split", help="the image list whose captions to train on")
+    parser.add_argument("--model", required=True, help="model directory whose vocabulary to use")
+    parser.add_argument("--out", required=True, help="weights file to write (.npz)")
+    parser.add_argument("--epochs", type=int, default=6, help="(default: %(default)s)")
+    parser.add_argument("--embed", type=int, default=128, help="(default: %(default)s)")
+    parser.add_argument("--hidden", type=int, default=256, help="(default: %(default)s)")
+    parser.add_argument("--dropout", type=float, default=0.2, help="(default: %(default)s)")
+    parser.add_argument("--lr", type=float, default=2e-3, help="(default: %(default)s)")
+    parser.add_argument("--lr-decay", type=float, default=0.7, help="per epoch (default: %(default)s)")
+    parser.add_argument("--batch-size", type=int, default=128, help="(default: %(default)s)")
+    parser.add_argument("--max-words", type=int, default=30, help="(default: %(default)s)")
+    parser.add_argument("--dev-fraction", type=float, default=0.02, help="(default: %(default)s)")
+    parser.add_argument("--threads", type=int, default=1, help="(default: %(default)s)")
+    parser.add_argument("--seed", type=int, default=0, help="(default: %(default)s)")
+    args = parser.parse_args(argv)
+    if args.flickr8k and not args.split:
+        parser.error("--flickr8k needs --split")
+    print(json.dumps(train(args)))
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())
