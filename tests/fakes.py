@@ -51,7 +51,7 @@ class _Session(DecoderSession):
         self.image_index = image_index
         self.return_attention = return_attention
 
-    def step(self, tokens, source_rows, word_bias=None):
+    def _step(self, tokens, source_rows, word_bias=None):
         assert source_rows.dtype == np.int32 and tokens.dtype == np.int32
         self.backend.steps += 1
         self.backend.biases.append(None if word_bias is None else np.array(word_bias))

@@ -76,7 +76,7 @@ class TableSession(DecoderSession):
         self.row_keys = [keys[i] for i in np.asarray(image_index).tolist()]
         self.return_attention = return_attention
 
-    def step(self, tokens, source_rows, word_bias=None):
+    def _step(self, tokens, source_rows, word_bias=None):
         b = self.backend
         new = []
         for src, tok in zip(source_rows.tolist(), tokens.tolist()):
@@ -134,7 +134,7 @@ class _LockstepSession(DecoderSession):
     def __init__(self, owner: LockstepSessions, inner: DecoderSession):
         self.owner, self.inner = owner, inner
 
-    def step(self, tokens, source_rows, word_bias=None):
+    def _step(self, tokens, source_rows, word_bias=None):
         try:
             if self.owner.barrier.wait() == 0:
                 with self.owner._lock:

@@ -163,3 +163,29 @@ def test_partial_factories_are_the_scorer_contract():
     [hyps] = beam_search(backend, backend.encode(np.array([4])), options, START, END,
                          scorers=[partial(TagBonus, (frozenset({9}),), 12, 10.0)])
     assert 9 in hyps[0].tokens
+
+
+# -- the word_bias contract, one place for every backend ------------------------------------------
+
+
+def test_every_backend_gets_the_word_bias_checked_by_the_base_session(any_model_dir):
+    from edgecap.backends.onnxruntime import OnnxRuntimeBackend
+    from edgecap.errors import BackendError
+    from edgecap.manifest import load_manifest
+
+    manifest = load_manifest(any_model_dir)
+    backend = OnnxRuntimeBackend(manifest)
+    h, w = manifest.preprocessing.size
+    encoded = backend.encode(np.zeros((1, 3, h, w), np.float32))
+    session = backend.start(encoded, np.zeros(2, np.int32))
+    tokens, rows = np.full(2, START, np.int32), np.zeros(2, np.int32)
+    V = manifest.dims.vocab_size
+    with pytest.raises(BackendError, match=r"shape \(2, vocabulary size\)"):
+        session.step(tokens, rows, np.zeros((3, V), np.float32))
+    with pytest.raises(BackendError, match="non-finite"):
+        session.step(tokens, rows, np.full((2, V), np.nan, np.float32))
+    # float64 and None both work: converted once, in the base class
+    plain = session.step(tokens, rows, None)
+    session = backend.start(encoded, np.zeros(2, np.int32))
+    zeros = session.step(tokens, rows, np.zeros((2, V), np.float64))
+    np.testing.assert_array_equal(plain.topk_ids, zeros.topk_ids)

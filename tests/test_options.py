@@ -38,7 +38,7 @@ class CycleBackend(Backend):
 
 
 class _CycleSession(DecoderSession):
-    def step(self, tokens, source_rows, word_bias=None):
+    def _step(self, tokens, source_rows, word_bias=None):
         best = [CYCLE[(CYCLE.index(t) + 1) % 3] if t in CYCLE else CYCLE[0] for t in tokens.tolist()]
         ids = np.array([[b, *(w for w in OTHERS if w != b)][:9] + [2] for b in best], np.int32)
         logprobs = np.tile(np.array([-0.1, *np.linspace(-3, -4, 8), -50.0], np.float32),

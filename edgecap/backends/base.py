@@ -11,6 +11,8 @@ from typing import Any
 
 import numpy as np
 
+from edgecap.errors import BackendError
+
 
 @dataclass
 class Encoded:
@@ -30,14 +32,36 @@ class StepResult:
 
 
 class DecoderSession(ABC):
-    """The decoding state of one batch: created by ``Backend.start``, advanced by ``step``."""
+    """The decoding state of one batch: created by ``Backend.start``, advanced by ``step``.
 
-    @abstractmethod
+    ``step`` is the one place the ``word_bias`` contract is checked and "no bias" decided;
+    each backend implements ``_step``, which gets either None or a checked array."""
+
     def step(self, tokens: np.ndarray, source_rows: np.ndarray,
              word_bias: np.ndarray | None = None) -> StepResult:
         """Feed ``tokens`` (R,) int32 to the rows whose previous state is ``source_rows`` (R,).
-        ``word_bias`` float32 (R, V): added to the log-probabilities when choosing the top K
-        (None: zeros); the returned log-probabilities never include it."""
+        ``word_bias`` float32 (R, V): added to the log-probabilities when choosing the top K;
+        None: no bias (zeros). The returned log-probabilities never include it."""
+        return self._step(tokens, source_rows, checked_word_bias(word_bias, len(tokens)))
+
+    @abstractmethod
+    def _step(self, tokens: np.ndarray, source_rows: np.ndarray,
+              word_bias: np.ndarray | None) -> StepResult:
+        """``step`` with ``word_bias`` None or float32 C-contiguous (R, V), finite."""
+
+
+def checked_word_bias(word_bias, rows: int) -> np.ndarray | None:
+    """The ``word_bias`` contract of every backend: None (no bias), or an (R, V) array of finite
+    numbers, returned as float32 C-contiguous; anything else is a ``BackendError``."""
+    if word_bias is None:
+        return None
+    bias = np.ascontiguousarray(word_bias, dtype=np.float32)
+    if bias.ndim != 2 or bias.shape[0] != rows:
+        raise BackendError(f"word_bias must have shape ({rows}, vocabulary size), "
+                           f"got {bias.shape}")
+    if not np.isfinite(bias).all():
+        raise BackendError("word_bias holds a non-finite value (inf or NaN)")
+    return bias
 
 
 class Backend(ABC):

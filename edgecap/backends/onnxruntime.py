@@ -183,10 +183,9 @@ class OnnxDecoderSession(DecoderSession):
         self._no_bias = np.zeros((len(image_index), backend.manifest.dims.vocab_size),
                                  self._types["word_bias"])
 
-    def step(self, tokens: np.ndarray, source_rows: np.ndarray,
-             word_bias: np.ndarray | None = None) -> StepResult:
-        bias = (self._no_bias if word_bias is None
-                else np.ascontiguousarray(word_bias, dtype=self._types["word_bias"]))
+    def _step(self, tokens: np.ndarray, source_rows: np.ndarray,
+              word_bias: np.ndarray | None) -> StepResult:
+        bias = self._no_bias if word_bias is None else word_bias
         feed = {"tokens": np.ascontiguousarray(tokens, dtype=self._types["tokens"]),
                 "source_rows": np.ascontiguousarray(source_rows, dtype=self._types["source_rows"]),
                 "h": self.h, "c": self.c, "word_bias": bias, **self._fixed}

@@ -72,15 +72,15 @@ class IOBindingSession(DecoderSession):
         self._no_bias = ort.OrtValue.ortvalue_from_numpy(
             np.zeros((self._rows, owner.vocab_size), np.float32), dev, idx)
 
-    def step(self, tokens: np.ndarray, source_rows: np.ndarray,
-             word_bias: np.ndarray | None = None) -> StepResult:
+    def _step(self, tokens: np.ndarray, source_rows: np.ndarray,
+              word_bias: np.ndarray | None) -> StepResult:
         io, dev, idx = self._io, self._owner.device, self._owner.device_id
         io.bind_cpu_input("tokens", np.ascontiguousarray(tokens, dtype=np.int32))
         io.bind_cpu_input("source_rows", np.ascontiguousarray(source_rows, dtype=np.int32))
         if word_bias is None:
             io.bind_ortvalue_input("word_bias", self._no_bias)
         else:
-            io.bind_cpu_input("word_bias", np.ascontiguousarray(word_bias, dtype=np.float32))
+            io.bind_cpu_input("word_bias", word_bias)
         h, c = self._current
         io.bind_ortvalue_input("h", h)
         io.bind_ortvalue_input("c", c)

@@ -279,8 +279,8 @@ class TensorRTSession(DecoderSession):
         self._return_attention = return_attention
         self._current: int | None = None  # which ping-pong pair holds the state; None: h0/c0
 
-    def step(self, tokens: np.ndarray, source_rows: np.ndarray,
-             word_bias: np.ndarray | None = None) -> StepResult:
+    def _step(self, tokens: np.ndarray, source_rows: np.ndarray,
+              word_bias: np.ndarray | None) -> StepResult:
         b = self._backend
         b._check_open()
         if self._id != b._session_id:
@@ -341,7 +341,6 @@ class TensorRTSession(DecoderSession):
             b._upload("word_bias", np.zeros((r, *b._tensors["word_bias"].tail), np.float32))
             b._bias_rows_zero = r
             return
-        word_bias = np.asarray(word_bias, dtype=np.float32)
         if word_bias.shape != (r, *b._tensors["word_bias"].tail):
             raise BackendError(f"word_bias must have shape ({r}, "
                                f"{b._tensors['word_bias'].tail[0]}), got {word_bias.shape}")

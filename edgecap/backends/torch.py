@@ -231,10 +231,10 @@ class TorchDecoderSession(DecoderSession):
         return torch.from_numpy(np.asarray(x, dtype=np.int32)).to(self.device)
 
     @torch.inference_mode()
-    def step(self, tokens: np.ndarray, source_rows: np.ndarray,
-             word_bias: np.ndarray | None = None) -> StepResult:
+    def _step(self, tokens: np.ndarray, source_rows: np.ndarray,
+              word_bias: np.ndarray | None) -> StepResult:
         bias = (None if word_bias is None  # the step's plain top K
-                else torch.from_numpy(np.asarray(word_bias, np.float32)).to(self.device))
+                else torch.from_numpy(word_bias).to(self.device))
         values, ids, self.h, self.c, alpha = self.step_graph(
             self._rows(tokens), self.h, self.c, self._rows(source_rows), self.features,
             self.att_proj, self.image_index, bias)

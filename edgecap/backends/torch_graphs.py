@@ -44,7 +44,7 @@ from typing import Protocol
 import numpy as np
 import torch
 
-from edgecap.backends.base import StepResult
+from edgecap.backends.base import DecoderSession, StepResult
 from edgecap.errors import BackendError
 
 MAX_KEYS = 8  # step-graph shapes kept (least recently used dropped beyond this)
@@ -259,7 +259,7 @@ class StepGraphs:
         return buffers
 
 
-class GraphedSession:
+class GraphedSession(DecoderSession):
     """A search over ``StepBuffers``: the ``DecoderSession`` of a graphed torch backend."""
 
     def __init__(self, graphs: StepGraphs, tensors: dict, image_index: np.ndarray,
@@ -271,8 +271,8 @@ class GraphedSession:
         self.t = 0
 
     @torch.no_grad()
-    def step(self, tokens: np.ndarray, source_rows: np.ndarray,
-             word_bias: np.ndarray | None = None):
+    def _step(self, tokens: np.ndarray, source_rows: np.ndarray,
+              word_bias: np.ndarray | None):
         if self.buffers.owner is not self:
             raise BackendError("this CUDA-graph search's buffers were taken by a later search of "
                                "the same shape: a graphed torch backend runs one search at a "
