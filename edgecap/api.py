@@ -33,6 +33,7 @@ from edgecap.images import ImageInput, load_rgb, max_pixels, preprocess
 from edgecap.manifest import Manifest, file_sha256, load_manifest
 from edgecap.objects import ObjectClasses
 from edgecap.decoding import CaptionOptions, Hypothesis, search
+from edgecap.decoding.fusion import Fusion
 from edgecap.vocab import Vocabulary
 
 ON_ERROR = ("raise", "return")
@@ -129,6 +130,7 @@ class Captioner:
         self.vocab = load_vocabulary(self.manifest)
         self.classes = ObjectClasses.load(self.manifest.path("classes"), self.vocab.index,
                                           self.manifest.dims.n_classes)
+        self.fusion = Fusion.load(self.manifest.directory, len(self.vocab))
         self.backend: Backend = load_backend(
             resolve_backend(backend), self.manifest, device=device,
             limits=Limits(self.options.batch_size, self.options.rows_per_image), **backend_options)
@@ -210,7 +212,7 @@ class Captioner:
             encoded = self.backend.encode(batch)
             t1 = time.perf_counter()
             hypotheses = search(self.backend, encoded, options, self.vocab.start, self.vocab.end,
-                                len(self.vocab), self.classes,
+                                len(self.vocab), self.classes, self.fusion,
                                 return_attention=return_attention)
             t2 = time.perf_counter()
         return hypotheses, encoded.class_probs, (t1 - t0) * 1e3, (t2 - t1) * 1e3

@@ -33,6 +33,12 @@ def add_model_arguments(p: argparse.ArgumentParser) -> None:
                    f"(default {DEFAULTS['guidance_bonus']})")
     p.add_argument("--no-objects-guidance", dest="guidance_bonus", action="store_const",
                    const=0.0, help="no steering: the caption model alone (--guidance-bonus 0)")
+    p.add_argument("--fusion-weight", type=float, default=DEFAULTS["fusion_weight"], metavar="X",
+                   help="weight of the everyday caption language model fused into the search "
+                        "(X * (log p_everyday - log p_in-domain) on each word; default: the "
+                        "model's own, from its fusion.json; a model without one has none)")
+    p.add_argument("--no-fusion", dest="fusion_weight", action="store_const", const=0.0,
+                   help="no language-model fusion (--fusion-weight 0)")
     p.add_argument("--constrained", action="store_true",
                    help="constrained beam search instead: the caption must say a word of one of "
                         f"the photo's top {DEFAULTS['guidance_tags']} object tags of probability "

@@ -55,8 +55,10 @@ def search_with_tags(backend: Backend, encoded: Encoded, options: CaptionOptions
             partition = TagConstraint(tag_words, vocab_size)
         elif options.guidance_bonus > 0:
             scorers.append(partial(TagBonus, tag_words, vocab_size, options.guidance_bonus))
-    if fusion is not None and options.fusion_weight > 0:
-        scorers.append(partial(fusion.scorer, options.fusion_weight))
+    if fusion is not None:
+        weight = fusion.weight if options.fusion_weight is None else options.fusion_weight
+        if weight > 0:
+            scorers.append(partial(fusion.scorer, weight))
     return beam_search(backend, encoded, options, start_id, end_id, filters=filters,
                        scorers=scorers, partition=partition, return_attention=return_attention)
 

@@ -31,8 +31,9 @@ class CaptionOptions:
     constrained: bool = False
     constraint_min_prob: float = 0.3
     # Fusion with the model's caption language models (``edgecap.decoding.fusion``): each step's
-    # scores get fusion_weight * (log p_everyday - log p_in-domain) (0: off, or no such models).
-    fusion_weight: float = 0.0
+    # scores get fusion_weight * (log p_everyday - log p_in-domain). None: the weight chosen for
+    # the model (its fusion.json); 0: off. A model without language models has no fusion.
+    fusion_weight: float | None = None
 
     @property
     def rows_per_image(self) -> int:
@@ -52,6 +53,8 @@ class CaptionOptions:
         for name, low, high in (("guidance_bonus", 0, 10), ("guidance_min_prob", 0, 1),
                                 ("constraint_min_prob", 0, 1), ("fusion_weight", 0, 2)):
             value = getattr(self, name)
+            if name == "fusion_weight" and value is None:
+                continue
             if (isinstance(value, bool) or not isinstance(value, (int, float))
                     or not low <= value <= high):
                 raise ValueError(f"{name} must be a number in [{low}, {high}], got {value!r}")

@@ -11,6 +11,12 @@ a JSON sidecar holding its dimensions, the vocabulary's checksum and its trainin
 
 ``--text`` is one caption per line; ``--flickr8k TOKENS --split TRAIN_IMAGES`` reads the training
 captions of a Flickr8k-style token file instead (the in-domain model of the density ratio).
+
+Then put both into a model directory (``fusion.json`` and the two weight files), with the fusion
+weight chosen for it:
+
+    python -m edgecap.training.language_model install --model MODEL_DIR \
+        --everyday coco_lm.npz --in-domain flickr8k_lm.npz --weight 0.35
 """
 
 from __future__ import annotations
@@ -139,7 +145,45 @@ def save(model, args, vocab, manifest, history, n_train, n_dev) -> None:
     out.with_suffix(".json").write_text(json.dumps(meta, indent=1) + "\n", "utf-8")
 
 
+def install(model_dir: Path, everyday: Path, in_domain: Path, weight: float) -> Path:
+    """Copy the two language models into ``model_dir`` and write its ``fusion.json``; both
+    must have been trained on the model's vocabulary. -> the fusion file's path."""
+    import shutil
+
+    from edgecap.decoding.fusion import FORMAT, FUSION_FILE, Fusion
+
+    manifest = load_manifest(model_dir)
+    vocab_sha = file_sha256(manifest.path("vocab"))
+    spec: dict = {"format": FORMAT, "weight": weight,
+                  "method": "density ratio: weight * (log p_everyday - log p_in_domain)"}
+    for role, source in (("everyday", Path(everyday)), ("in_domain", Path(in_domain))):
+        meta = json.loads(source.with_suffix(".json").read_text("utf-8"))
+        if meta.get("vocab_sha256") != vocab_sha:
+            raise SystemExit(f"{source}: trained on another vocabulary than {model_dir}'s")
+        name = f"lm_{role}.npz"
+        shutil.copyfile(source, Path(model_dir) / name)
+        spec[role] = {"file": name, "sha256": file_sha256(Path(model_dir) / name),
+                      "trained_on": meta.get("trained_on"), "captions": meta.get("captions"),
+                      "hidden": meta.get("hidden"), "embed": meta.get("embed"),
+                      "dev_perplexity": min(e["dev_perplexity"] for e in meta["history"])}
+    path = Path(model_dir) / FUSION_FILE
+    path.write_text(json.dumps(spec, indent=1) + "\n", "utf-8")
+    Fusion.load(Path(model_dir), manifest.dims.vocab_size)  # it loads as written
+    return path
+
+
 def main(argv=None) -> int:
+    argv = list(sys.argv[1:] if argv is None else argv)
+    if argv[:1] == ["install"]:
+        parser = argparse.ArgumentParser(prog="language_model install",
+                                         description="put two caption LMs into a model directory")
+        parser.add_argument("--model", required=True, type=Path)
+        parser.add_argument("--everyday", required=True, type=Path)
+        parser.add_argument("--in-domain", required=True, type=Path)
+        parser.add_argument("--weight", required=True, type=float)
+        args = parser.parse_args(argv[1:])
+        print(install(args.model, args.everyday, args.in_domain, args.weight))
+        return 0
     parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
     source = parser.add_mutually_exclusive_group(required=True)
     source.add_argument("--text", help="one caption per line")

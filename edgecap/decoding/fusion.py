@@ -1,0 +1,165 @@
+"""Fusion with caption language models: everyday language from caption text, at decoding time.
+
+The density-ratio method (McDermott et al., "A Density Ratio Approach to Language Model Fusion
+in End-to-End Automatic Speech Recognition", 2019): each step's log-probabilities get
+
+    weight * (log p_everyday(word | words so far) - log p_in_domain(word | words so far))
+
+where ``p_everyday`` is a caption language model trained on everyday caption text (COCO's) and
+``p_in_domain`` one trained on the caption model's own training captions (Flickr8k's): the
+caption model's language prior is swapped for the everyday one, while what it sees in the photo
+stays. Both are small word-level LSTMs over the caption model's vocabulary, run here in numpy on
+the host, so fusion works on every backend (it reaches the step through ``word_bias``, as the tag
+bonus does). Trained by ``edgecap.training.language_model``.
+
+A model directory carries them as ``fusion.json`` (``edgecap-fusion/1``: the two ``.npz`` files,
+their SHA-256, the weight chosen for the model) beside the two weight files.
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+from pathlib import Path
+
+import numpy as np
+
+from edgecap.decoding.rules import Scorer
+from edgecap.errors import ModelError
+
+FUSION_FILE = "fusion.json"
+FORMAT = "edgecap-fusion/1"
+MAX_LM_BYTES = 64 << 20  # a caption LM of the supported sizes is a few MB
+ARRAYS = ("embed", "w_ih", "w_hh", "bias", "out_w", "out_b")
+
+
+class CaptionLM:
+    """A word-level LSTM language model over a caption vocabulary (numpy).
+
+    Arrays (torch's LSTM layout, gates i, f, g, o): ``embed`` (V, E), ``w_ih`` (4H, E), ``w_hh``
+    (4H, H), ``bias`` (4H,), ``out_w`` (V, H), ``out_b`` (V,). The input projection of every
+    word is computed once at load time (``_input``, (V, 4H)), so a step is a row gather and two
+    matrix products."""
+
+    def __init__(self, arrays: dict[str, np.ndarray]):
+        embed, w_ih, w_hh = arrays["embed"], arrays["w_ih"], arrays["w_hh"]
+        bias, out_w, out_b = arrays["bias"], arrays["out_w"], arrays["out_b"]
+        V, E = embed.shape
+        H = w_hh.shape[1]
+        shapes = {"w_ih": (4 * H, E), "w_hh": (4 * H, H), "bias": (4 * H,), "out_w": (V, H),
+                  "out_b": (V,)}
+        for name, shape in shapes.items():
+            if arrays[name].shape != shape:
+                raise ValueError(f"{name} has shape {arrays[name].shape}, expected {shape}")
+        self.vocab_size, self.hidden = V, H
+        self._input = (embed @ w_ih.T + bias).astype(np.float32)  # (V, 4H)
+        self._w_hh_t = np.ascontiguousarray(w_hh.T, np.float32)     # (H, 4H)
+        self._out_t = np.ascontiguousarray(out_w.T, np.float32)     # (H, V)
+        self._out_b = out_b.astype(np.float32)
+
+    @classmethod
+    def load(cls, path: Path, vocab_size: int, sha256: str | None = None) -> "CaptionLM":
+        import hashlib
+        import io
+
+        from edgecap.files import FileProblem, read_regular
+
+        try:  # a regular file of a sane size, read once: what is hashed is what is loaded
+            raw = read_regular(path, MAX_LM_BYTES, "caption language model")
+        except FileProblem as exc:
+            raise ModelError(f"{path}: {exc}") from None
+        if sha256 is not None and hashlib.sha256(raw).hexdigest() != sha256:
+            raise ModelError(f"{path}: checksum mismatch: not the language model this model "
+                             "directory was made with; copy the whole directory again")
+        try:
+            with np.load(io.BytesIO(raw), allow_pickle=False) as data:
+                arrays = {name: np.asarray(data[name], np.float32) for name in ARRAYS}
+            lm = cls(arrays)
+        except (OSError, ValueError, KeyError) as exc:
+            raise ModelError(f"{path}: unreadable caption language model ({exc})") from exc
+        if lm.vocab_size != vocab_size:
+            raise ModelError(f"{path}: a language model of {lm.vocab_size} words, but the "
+                             f"caption model has {vocab_size}; it belongs to another model")
+        return lm
+
+    def zero_state(self, rows: int) -> tuple[np.ndarray, np.ndarray]:
+        return (np.zeros((rows, self.hidden), np.float32),
+                np.zeros((rows, self.hidden), np.float32))
+
+    def step(self, tokens: np.ndarray, h: np.ndarray, c: np.ndarray):
+        """tokens (R,) -> (log-probabilities of the next word (R, V) float32, h, c)."""
+        gates = self._input[tokens] + h @ self._w_hh_t
+        H = self.hidden
+        i, f = _sigmoid(gates[:, :H]), _sigmoid(gates[:, H:2 * H])
+        g, o = np.tanh(gates[:, 2 * H:3 * H]), _sigmoid(gates[:, 3 * H:])
+        c = f * c + i * g
+        h = o * np.tanh(c)
+        logits = h @ self._out_t + self._out_b
+        top = logits.max(axis=1, keepdims=True)
+        logp = logits - (top + np.log(np.exp(logits - top).sum(axis=1, keepdims=True)))
+        return logp, h, c
+
+
+def _sigmoid(x: np.ndarray) -> np.ndarray:
+    return 0.5 * (np.tanh(0.5 * x) + 1.0)  # no overflow warning for large |x|
+
+
+@dataclass(frozen=True)
+class Fusion:
+    """A model directory's two caption language models and its chosen weight."""
+
+    everyday: CaptionLM
+    in_domain: CaptionLM
+    weight: float  # the weight chosen for this model (``CaptionOptions.fusion_weight`` default)
+    info: dict
+
+    @classmethod
+    def load(cls, directory: Path, vocab_size: int) -> "Fusion | None":
+        """The model directory's fusion (``fusion.json``), or None when it has none."""
+        from edgecap.files import MAX_VOCAB_BYTES, FileProblem, read_json
+
+        path = Path(directory) / FUSION_FILE
+        if not path.exists():
+            return None
+        try:
+            spec = read_json(path, MAX_VOCAB_BYTES)
+        except FileProblem as exc:
+            raise ModelError(f"{path}: {exc}") from None
+        try:
+            if spec.get("format") != FORMAT:
+                raise ValueError(f"format is {spec.get('format')!r}, expected {FORMAT!r}")
+            models = {}
+            for role in ("everyday", "in_domain"):
+                entry = spec[role]
+                name = entry["file"]
+                if not isinstance(name, str) or Path(name).name != name:
+                    raise ValueError(f"{role}.file must be a file name in the model directory")
+                models[role] = CaptionLM.load(Path(directory) / name, vocab_size,
+                                              entry.get("sha256"))
+            weight = float(spec["weight"])
+            if not 0 <= weight <= 2:
+                raise ValueError(f"weight must be in [0, 2], got {weight}")
+        except (KeyError, TypeError, ValueError, AttributeError) as exc:
+            raise ModelError(f"{path}: malformed fusion file ({exc}); re-make it") from None
+        return cls(models["everyday"], models["in_domain"], weight, spec)
+
+    def scorer(self, weight: float, image_index: np.ndarray) -> "FusionScorer":
+        return FusionScorer(self, weight, len(image_index))
+
+
+class FusionScorer(Scorer):
+    """One search's fusion: both language models' states per row, reordered with the rows."""
+
+    def __init__(self, fusion: Fusion, weight: float, rows: int):
+        self.fusion, self.weight = fusion, np.float32(weight)
+        self.states = [fusion.everyday.zero_state(rows), fusion.in_domain.zero_state(rows)]
+
+    def bias(self, t: int, tokens: np.ndarray, source_rows: np.ndarray) -> np.ndarray:
+        logps = []
+        for k, lm in enumerate((self.fusion.everyday, self.fusion.in_domain)):
+            h, c = self.states[k]
+            if t > 0:  # the first step's source rows are images, and every state is zero
+                h, c = h[source_rows], c[source_rows]
+            logp, h, c = lm.step(tokens, h, c)
+            self.states[k] = (h, c)
+            logps.append(logp)
+        return self.weight * (logps[0] - logps[1])

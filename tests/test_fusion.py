@@ -1,0 +1,154 @@
+"""Language-model fusion (``edgecap.decoding.fusion``): the numpy LSTM against PyTorch's, the
+scorer's rows reordered with the beams, the model directory's fusion file checked, and fusion
+as one more rule of the one beam loop."""
+
+from __future__ import annotations
+
+import json
+import shutil
+from functools import partial
+
+import numpy as np
+import pytest
+
+from edgecap.decoding import CaptionOptions, beam_search
+from edgecap.decoding.fusion import ARRAYS, CaptionLM, Fusion, FusionScorer
+from edgecap.decoding.rules import NeverFirst
+from edgecap.errors import ModelError
+from fakes import END, START, PrefixHashBackend
+
+torch = pytest.importorskip("torch")
+
+V, E, H = 14, 6, 5
+
+
+def _torch_lm(seed: int):
+    torch.manual_seed(seed)
+    embed, lstm, out = torch.nn.Embedding(V, E), torch.nn.LSTM(E, H, batch_first=True), \
+        torch.nn.Linear(H, V)
+    arrays = {"embed": embed.weight, "w_ih": lstm.weight_ih_l0, "w_hh": lstm.weight_hh_l0,
+              "bias": lstm.bias_ih_l0 + lstm.bias_hh_l0, "out_w": out.weight, "out_b": out.bias}
+    return (embed, lstm, out), {k: v.detach().numpy().astype(np.float32) for k, v in arrays.items()}
+
+
+def test_the_numpy_lm_is_pytorchs_lstm():
+    (embed, lstm, out), arrays = _torch_lm(0)
+    words = torch.tensor([[1, 5, 7, 9, 2], [1, 4, 4, 13, 6]])
+    with torch.no_grad():
+        expected = torch.log_softmax(out(lstm(embed(words))[0]), -1).numpy()
+    lm = CaptionLM(arrays)
+    h, c = lm.zero_state(2)
+    for t in range(words.shape[1]):
+        logp, h, c = lm.step(words[:, t].numpy(), h, c)
+        np.testing.assert_allclose(logp, expected[:, t], atol=1e-5)
+
+
+def _fusion(tmp_path, weight=0.5):
+    for role, seed in (("everyday", 1), ("in_domain", 2)):
+        np.savez(tmp_path / f"lm_{role}.npz", **_torch_lm(seed)[1])
+    spec = {"format": "edgecap-fusion/1", "weight": weight,
+            "everyday": {"file": "lm_everyday.npz"}, "in_domain": {"file": "lm_in_domain.npz"}}
+    (tmp_path / "fusion.json").write_text(json.dumps(spec))
+    return Fusion.load(tmp_path, V)
+
+
+def test_the_scorer_follows_its_rows_and_gives_the_density_ratio(tmp_path):
+    fusion = _fusion(tmp_path)
+    scorer = FusionScorer(fusion, 0.5, rows=3)
+    image_index = np.zeros(3, np.int32)
+    first = scorer.bias(0, np.full(3, START, np.int32), image_index)
+    # step 2: rows 0 and 1 continue row 2 (word 5), row 2 continues row 0 (word 7)
+    second = scorer.bias(1, np.array([5, 5, 7], np.int32), np.array([2, 2, 0], np.int32))
+    # step 3: row 0 continues row 2 ("7"), row 1 row 0 ("5"), row 2 row 1 ("5")
+    third = scorer.bias(2, np.array([8, 9, 8], np.int32), np.array([2, 0, 1], np.int32))
+
+    def alone(words):  # each LM run on one row's words by itself
+        out = []
+        for lm in (fusion.everyday, fusion.in_domain):
+            h, c = lm.zero_state(1)
+            for w in words:
+                logp, h, c = lm.step(np.array([w]), h, c)
+            out.append(logp[0])
+        return 0.5 * (out[0] - out[1])
+
+    np.testing.assert_allclose(first[0], alone([START]), atol=1e-6)
+    np.testing.assert_allclose(second[0], alone([START, 5]), atol=1e-6)
+    np.testing.assert_allclose(second[2], alone([START, 7]), atol=1e-6)
+    np.testing.assert_allclose(third[0], alone([START, 7, 8]), atol=1e-6)
+    np.testing.assert_allclose(third[1], alone([START, 5, 9]), atol=1e-6)
+    np.testing.assert_allclose(third[2], alone([START, 5, 8]), atol=1e-6)
+    assert second.dtype == np.float32 and second.shape == (3, V)
+
+
+def test_fusion_is_one_more_rule_of_the_loop(tmp_path):
+    """Weight 0 is the plain search exactly; a weight changes some captions, and the captions'
+    own scores stay the caption model's (the fused part only ranks)."""
+    fusion = _fusion(tmp_path)
+    backend = PrefixHashBackend(vocab_size=V, top_k=8, end_bias=-1.0)
+    seeds = np.arange(12)
+    options = CaptionOptions(beam_size=3, max_length=8, no_repeat_ngram=0)
+
+    def captions(weight):
+        scorers = [] if weight is None else [partial(fusion.scorer, weight)]
+        return beam_search(backend, backend.encode(seeds), options, START, END,
+                           filters=[NeverFirst([END])], scorers=scorers)
+
+    plain, zero, fused = captions(None), captions(0.0), captions(2.0)
+    assert [h[0].tokens for h in zero] == [h[0].tokens for h in plain]
+    assert [h[0].tokens for h in fused] != [h[0].tokens for h in plain]
+    for hyps in fused:  # log_prob is the fake model's own, recomputed from its distributions
+        state, total, prev = int(seeds[fused.index(hyps)]), 0.0, START
+        for token in [*hyps[0].tokens, END] if hyps[0].finished else hyps[0].tokens:
+            state = PrefixHashBackend.next_state(state, prev)
+            total += float(backend.logprobs(state)[token])
+            prev = token
+        assert hyps[0].log_prob == pytest.approx(total, abs=1e-4)
+
+
+def test_a_broken_fusion_file_is_a_model_error_naming_it(tmp_path):
+    _fusion(tmp_path)
+    assert Fusion.load(tmp_path / "nowhere", V) is None  # no fusion.json: no fusion
+    with pytest.raises(ModelError, match="belongs to another model"):
+        Fusion.load(tmp_path, V + 1)
+    spec = json.loads((tmp_path / "fusion.json").read_text())
+    for change, message in (({"format": "other"}, "format"), ({"weight": 7}, "weight"),
+                            ({"everyday": {"file": "../x.npz"}}, "file name"),
+                            ({"everyday": {"file": "lm_everyday.npz", "sha256": "0" * 64}},
+                             "checksum")):
+        (tmp_path / "fusion.json").write_text(json.dumps({**spec, **change}))
+        with pytest.raises(ModelError, match=message):
+            Fusion.load(tmp_path, V)
+    (tmp_path / "fusion.json").write_text(json.dumps(spec))
+    np.savez(tmp_path / "lm_everyday.npz", **{k: np.zeros(3) for k in ARRAYS})
+    with pytest.raises(ModelError, match="lm_everyday.npz: unreadable"):
+        Fusion.load(tmp_path, V)
+
+
+def test_the_captioner_uses_its_models_fusion(default_model_dir, tmp_path):
+    """A model directory with a fusion file: the Captioner loads it and its weight is the
+    default; --fusion-weight 0 gives the captions without it."""
+    from edgecap import Captioner
+    from edgecap.training.language_model import install
+
+    model = tmp_path / "model"
+    shutil.copytree(default_model_dir, model, ignore=shutil.ignore_patterns("fusion.json",
+                                                                           "lm_*.npz"))
+    vocab_size = json.loads((model / "manifest.json").read_text())["dims"]["vocab_size"]
+    for role, seed in (("everyday", 3), ("in_domain", 4)):
+        rng = np.random.default_rng(seed)
+        arrays = {"embed": rng.normal(size=(vocab_size, 4)), "w_ih": rng.normal(size=(12, 4)),
+                  "w_hh": rng.normal(size=(12, 3)), "bias": np.zeros(12),
+                  "out_w": rng.normal(size=(vocab_size, 3)) * 3, "out_b": np.zeros(vocab_size)}
+        np.savez(tmp_path / f"{role}.npz", **arrays)
+        from edgecap.manifest import file_sha256
+        (tmp_path / f"{role}.json").write_text(json.dumps({
+            "vocab_sha256": file_sha256(model / "vocab.json"),
+            "history": [{"dev_perplexity": 1.0}]}))
+    install(model, tmp_path / "everyday.npz", tmp_path / "in_domain.npz", 1.5)
+    photo = "edgecap/assets/examples/coffee.png"
+    fused = Captioner(model)
+    assert fused.fusion is not None and fused.fusion.weight == 1.5
+    off = Captioner(model, fusion_weight=0.0)
+    plain = Captioner(default_model_dir, fusion_weight=0.0)
+    assert off.caption(photo).text == plain.caption(photo).text
+    assert fused.caption(photo).text != off.caption(photo).text  # random LMs, weight 1.5
