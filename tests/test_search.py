@@ -21,10 +21,18 @@ def reference_beam_search(backend, seed, beam, max_length, penalty=None):
     """Textbook beam search, one image, lists and the full distribution."""
     live = [([], 0.0, PrefixHashBackend.next_state(seed, START))]
     finished = []
+    ending = None  # the best caption any live beam could have ended as (<end> in its top K)
     for t in range(max_length):
         cands = []
         for words, lp, state in live:
             dist = backend.logprobs(state)
+            if t > 0 and not finished and END in np.argsort(-dist, kind="stable")[: backend.top_k]:
+                option = (words, lp + dist[END], True)
+                if ending is None or (length_normalised(option[1], len(words) + 1, penalty),
+                                      option[1]) > (length_normalised(ending[1],
+                                                                      len(ending[0]) + 1, penalty),
+                                                    ending[1]):
+                    ending = option
             top = np.argsort(-dist, kind="stable")[: backend.top_k][: beam + 1]
             for w in top:
                 cands.append((lp + dist[w], words, int(w), state))
@@ -44,9 +52,13 @@ def reference_beam_search(backend, seed, beam, max_length, penalty=None):
             break
     else:
         finished += [(w, lp, False) for w, lp, _ in live][: beam - len(finished)]
-    ranked = sorted(finished, key=lambda f: (-length_normalised(f[1], len(f[0]) + f[2], penalty),
+    if ending is not None and not any(f[2] for f in finished):
+        finished.append(ending)  # never a caption cut mid-phrase when one could have ended
+    # captions that ended first, then those cut at max_length; each by normalised score
+    ranked = sorted(finished, key=lambda f: (not f[2],
+                                             -length_normalised(f[1], len(f[0]) + f[2], penalty),
                                              -f[1]))
-    return ranked
+    return ranked[:beam]
 
 
 @pytest.mark.parametrize("beam", [1, 2, 3, 5])

@@ -190,9 +190,12 @@ IMAGE = solid((10, 20, 30))
 #   next "a" would repeat (a, dog, a): blocked; the other candidate, runs (-2.0), is taken
 #   after runs: <end> (-0.1)
 #   total = -0.1 * 4 - 2.0 - 0.1 = -2.5 over 5 words + <end> = 6 -> score -0.4166667
-# Without the block: "a dog" x 10 (20 words, cut at max_length), total -2.0, score -2.0/20 = -0.1
+# Without the block: "a dog" x 10 fills max_length (20 words) and no beam ever ends, so the
+# caption is the best place it could have ended (<end> is in every row's top K): after "a dog"
+# x k, -0.2 k - 3.0 over 2k + 1; after "a dog" x k + "a", -0.2 k - 0.1 - 4.0 over 2k + 2. The
+# best is k = 9 (18 words): -4.8 / 19 = -0.2526316, not a caption cut mid-phrase.
 BLOCKED = ("a dog a dog runs", -0.4166667, -2.5)
-UNBLOCKED = (" ".join(["a", "dog"] * 10), -0.1, -2.0)
+UNBLOCKED = (" ".join(["a", "dog"] * 9), -4.8 / 19, -4.8)
 
 
 def test_api_blocks_repeated_trigrams_by_default(fake_captioner):

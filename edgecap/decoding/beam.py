@@ -78,6 +78,9 @@ def beam_search(backend: Backend, encoded: Encoded, options: CaptionOptions, sta
                                               for _ in range(n_images)]
     done = np.zeros(n_images, dtype=bool)
     goals = [partition.goal(image) for image in range(n_images)]
+    # Per image, the best place any beam could have ended (<end> in its top K but not taken):
+    # the caption when no hypothesis finishes before max_length, instead of one cut mid-phrase.
+    could_end: list[tuple[Hypothesis, int] | None] = [None] * n_images  # (it, its state)
 
     for t in range(options.max_length):
         biases = [b for b in (s.bias(t, tokens, source_rows) for s in active) if b is not None]
@@ -107,6 +110,9 @@ def beam_search(backend: Backend, encoded: Encoded, options: CaptionOptions, sta
                 new_source[base:base + group] = base
                 continue
             into = _candidates(partition, img, base, beam, width, live_l, cand_l, true_cand, ids_l)
+            if t > 0 and not any(finished[img]):
+                could_end[img] = _best_ending(could_end[img], base, beam, group, end_id, live_l,
+                                              cand_l, true_cand, ids_l, seqs, alphas, options)
             live = False
             for state in range(n_states):
                 hyps = finished[img][state]
@@ -154,7 +160,27 @@ def beam_search(backend: Backend, encoded: Encoded, options: CaptionOptions, sta
             if not done[img]:
                 _keep_live(finished[img], img * group, beam, seqs, sum_lp, true_lp, alphas,
                            options)
+    for img, ending in enumerate(could_end):
+        if ending is not None and not any(h.finished for state in finished[img] for h in state):
+            hyp, state = ending
+            finished[img][state].append(hyp)
     return [_rank(finished[img], goals[img], options) for img in range(n_images)]
+
+
+def _best_ending(best, base, beam, group, end_id, live_l, cand_l, true_l, ids_l, seqs, alphas,
+                 options) -> tuple[Hypothesis, int] | None:
+    """``best`` or, if better ranked, the best ending (<end> among the top K) of an image's
+    live rows at this step, with the state of its row."""
+    for src in range(base, base + group):
+        if not live_l[src] or end_id not in ids_l[src]:
+            continue
+        k = ids_l[src].index(end_id)
+        hyp = _hypothesis(seqs[src], cand_l[src][k], true_l[src][k], True, alphas, src,
+                          options.length_penalty)
+        if best is None or (hyp.rank_score, hyp.log_prob) > (best[0].rank_score,
+                                                              best[0].log_prob):
+            best = (hyp, (src - base) // beam)
+    return best
 
 
 def _candidates(partition, img, base, beam, width, live_l, cand_l, true_l, ids_l) -> list[list]:
@@ -220,8 +246,11 @@ def ranked(hyps: list[Hypothesis]) -> list[Hypothesis]:
 
 def _rank(by_state: list[list[Hypothesis]], goal: int,
           options: CaptionOptions) -> list[Hypothesis]:
-    """The goal state's hypotheses best first, then the other states', from the goal down."""
+    """Finished captions before captions cut at ``max_length`` (a sentence cut mid-phrase is
+    never chosen over one that ended); within each, the goal state's hypotheses best first,
+    then the other states', from the goal down."""
     out = [h for state in range(goal, -1, -1) for h in ranked(by_state[state])]
+    out.sort(key=lambda h: not h.finished)  # stable: the order above within each
     if not out:  # pragma: no cover - with finite scores a live beam survives to max_length
         raise BackendError("beam search produced no hypothesis")
     return out[: options.n_best]
