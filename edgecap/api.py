@@ -30,9 +30,11 @@ from edgecap.backends.base import Backend
 from edgecap.contract import Limits
 from edgecap.errors import InputError, ModelError
 from edgecap.images import ImageInput, load_rgb, max_pixels, preprocess
+from edgecap.preprocess import recognisable
 from edgecap.manifest import Manifest, file_sha256, load_manifest
 from edgecap.objects import ObjectClasses
 from edgecap.decoding import CaptionOptions, Hypothesis, search
+from edgecap.confidence import ConfidenceModel, signals
 from edgecap.decoding.fusion import Fusion
 from edgecap.vocab import Vocabulary
 
@@ -48,7 +50,11 @@ class Caption:
     > 1, in the search's order (by ``score``; with object guidance, by ``score`` plus the bonus
     of the tag words the caption names).
     ``timings`` (milliseconds): ``preprocess_ms`` for this image; ``encode_ms`` and ``decode_ms``
-    its share of its batch's encoder run and search. ``attention``: float32 (n_words, 7, 7), the
+    its share of its batch's encoder run and search. ``confidence``: the probability that the
+    caption is right (``edgecap.confidence``; None for a model without a confidence model).
+    ``recognisable``: False for a frame with nothing to caption (uniform, or blurred past any
+    detail: ``edgecap.preprocess.recognisable``); its ``text`` is then ``NOTHING_RECOGNISABLE``,
+    ``tokens`` empty and ``confidence`` 0. ``attention``: float32 (n_words, 7, 7), the
     attention over the image's regions for each word, when asked for. ``objects``: the image's
     most probable object classes as (name, probability), best first, from the encoder's own
     classifier (ImageNet's 1000 classes), whatever the caption says.
@@ -62,6 +68,11 @@ class Caption:
     objects: tuple[tuple[str, float], ...] = field(default=(), compare=False)
     timings: dict[str, float] = field(default_factory=dict, compare=False)
     attention: np.ndarray | None = field(default=None, compare=False, repr=False)
+    confidence: float | None = field(default=None, compare=False)
+    recognisable: bool = field(default=True, compare=False)
+
+
+NOTHING_RECOGNISABLE = "nothing recognisable"
 
 
 def default_model_dir() -> Path:
@@ -131,6 +142,7 @@ class Captioner:
         self.classes = ObjectClasses.load(self.manifest.path("classes"), self.vocab.index,
                                           self.manifest.dims.n_classes)
         self.fusion = Fusion.load(self.manifest.directory, len(self.vocab))
+        self.confidence_model = ConfidenceModel.load(self.manifest.directory)
         self.backend: Backend = load_backend(
             resolve_backend(backend), self.manifest, device=device,
             limits=Limits(self.options.batch_size, self.options.rows_per_image), **backend_options)
@@ -176,7 +188,7 @@ class Captioner:
     def _caption_chunk(self, images: list, color: str, return_attention: bool,
                        on_error: str) -> list[Caption | InputError]:
         """Load, encode and search one batch of at most ``batch_size`` images."""
-        loaded, results, prep_ms = [], [], []
+        loaded, seen, results, prep_ms = [], [], [], []
         for image in images:
             t0 = time.perf_counter()
             try:
@@ -187,6 +199,7 @@ class Captioner:
                 results.append(exc)
                 continue
             loaded.append(preprocess([rgb], self.manifest.preprocessing)[0])
+            seen.append(recognisable(loaded[-1], self.manifest.preprocessing))
             prep_ms.append((time.perf_counter() - t0) * 1e3)
             results.append(None)  # filled below, in order
         if not loaded:
@@ -195,11 +208,14 @@ class Captioner:
         shares = {"encode_ms": encode_ms / len(loaded), "decode_ms": decode_ms / len(loaded)}
         tags = ([()] * len(loaded) if probs is None
                 else [self.classes.tags(p, self.options.objects) for p in probs])
-        good = iter(zip(hypotheses, tags, prep_ms))
+        class_probs = [None] * len(loaded) if probs is None else list(probs)
+        good = iter(zip(hypotheses, tags, class_probs, seen, prep_ms))
         for i, slot in enumerate(results):
             if slot is None:
-                hyps, objects, ms = next(good)
-                results[i] = self._to_caption(hyps, objects, {"preprocess_ms": ms, **shares})
+                hyps, objects, image_probs, visible, ms = next(good)
+                timings = {"preprocess_ms": ms, **shares}
+                results[i] = (self._to_caption(hyps, objects, image_probs, timings) if visible
+                              else self._nothing(hyps[0], objects, timings))
         return results
 
     def _search(self, batch: np.ndarray, return_attention: bool):
@@ -217,13 +233,14 @@ class Captioner:
             t2 = time.perf_counter()
         return hypotheses, encoded.class_probs, (t1 - t0) * 1e3, (t2 - t1) * 1e3
 
-    def _to_caption(self, hyps: list[Hypothesis], objects: tuple,
+    def _to_caption(self, hyps: list[Hypothesis], objects: tuple, probs: np.ndarray | None,
                     timings: dict[str, float]) -> Caption:
         best, *rest = hyps
-        alternatives = tuple(self._hypothesis_caption(h, objects, {}) for h in rest)
-        return self._hypothesis_caption(best, objects, timings, alternatives)
+        alternatives = tuple(self._hypothesis_caption(h, objects, probs, {}) for h in rest)
+        return self._hypothesis_caption(best, objects, probs, timings, alternatives)
 
-    def _hypothesis_caption(self, hyp: Hypothesis, objects: tuple, timings: dict[str, float],
+    def _hypothesis_caption(self, hyp: Hypothesis, objects: tuple, probs: np.ndarray | None,
+                            timings: dict[str, float],
                             alternatives: tuple[Caption, ...] = ()) -> Caption:
         if any(not 0 <= i < len(self.vocab) for i in hyp.tokens):
             raise ModelError(f"{self.manifest.directory}: the decoder step graph returned word "
@@ -231,9 +248,22 @@ class Captioner:
                              "vocabulary; the graph and vocab.json do not belong together: "
                              "re-export the model")
         words = [self.vocab.words[i] for i in hyp.tokens]
+        confidence = None
+        if self.confidence_model is not None and probs is not None:
+            language = (None if self.fusion is None else
+                        self.fusion.sentence_scores(hyp.tokens, self.vocab.start, self.vocab.end))
+            confidence = round(self.confidence_model.predict(
+                signals(hyp.tokens, hyp.score, probs, self.classes.word_ids, language)), 4)
         return Caption(text=" ".join(words), score=float(hyp.score), tokens=words,
                        log_prob=float(hyp.log_prob), alternatives=alternatives, objects=objects,
-                       timings=timings, attention=_attention_maps(hyp.attention))
+                       timings=timings, attention=_attention_maps(hyp.attention),
+                       confidence=confidence)
+
+    def _nothing(self, hyp: Hypothesis, objects: tuple, timings: dict[str, float]) -> Caption:
+        """A frame with nothing to caption: no invented scene (its search ran with the batch)."""
+        return Caption(text=NOTHING_RECOGNISABLE, score=float(hyp.score), tokens=[],
+                       log_prob=float(hyp.log_prob), objects=objects, timings=timings,
+                       confidence=0.0, recognisable=False)
 
 
 def batched(items: Iterable, size: int) -> Iterator[list]:

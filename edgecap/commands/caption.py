@@ -84,6 +84,10 @@ def add_arguments(p: argparse.ArgumentParser) -> None:
                    help="with one image: also write its attention figure, one panel per word")
     add_model_arguments(p)
     p.add_argument("--json", action="store_true", help="one JSON object per line")
+    p.add_argument("--min-confidence", type=float, metavar="X",
+                   help="mark captions whose confidence (0-1: the chance the caption is right, "
+                        "from the model's confidence.json) is below X: --json adds "
+                        '"low_confidence": true, plain output a last field "low confidence"')
     p.add_argument("--objects", dest="show_objects", action="store_true",
                    help="also print each photo's object tags (the encoder's own ImageNet "
                         "classes with their probabilities; always in --json)")
@@ -135,7 +139,7 @@ def _run_paths(captioner, args: argparse.Namespace) -> int:
     failed = 0
     for name, result in _captions(captioner, inputs):
         failed += isinstance(result, InputError)
-        print_result(name, result, args.json, args.show_objects)
+        print_result(name, result, args.json, args.show_objects, args.min_confidence)
     write(None)  # the last flush
     return 1 if failed else 0
 
@@ -171,6 +175,8 @@ def _check_arguments(args: argparse.Namespace) -> str | None:
         return "give image PATHs, --video FILE or --camera INDEX (exactly one of them)"
     if args.every is not None and args.video is None and args.camera is None:
         return "--every needs --video or --camera"
+    if args.min_confidence is not None and not 0 <= args.min_confidence <= 1:
+        return f"--min-confidence must be between 0 and 1, got {args.min_confidence}"
     if args.every is not None and not args.every > 0:
         return f"--every must be a positive number of seconds, got {args.every}"
     if args.attention is not None:

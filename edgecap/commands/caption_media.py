@@ -26,7 +26,7 @@ def run_attention(captioner, inputs: list[tuple[str, object]], args) -> int:
         return 2
     result = item if isinstance(item, InputError) else captioner.caption_batch(
         [item], return_attention=True, on_error="return")[0]
-    print_result(name, result, args.json, args.show_objects)
+    print_result(name, result, args.json, args.show_objects, args.min_confidence)
     if isinstance(result, InputError):
         return 1
     try:
@@ -69,6 +69,7 @@ def _print_event(event, as_json: bool) -> None:
     if as_json:
         line = {"time": round(event.timestamp, 3), "frame": event.frame_index,
                 "caption": caption.text, "score": round(caption.score, 4),
+                "confidence": caption.confidence, "recognisable": caption.recognisable,
                 "timings": {k: round(v, 2) for k, v in caption.timings.items()},
                 "dropped": event.dropped}
         write(json_line(line))

@@ -100,7 +100,11 @@ def discard_stdout() -> None:
         pass
 
 
-def print_result(name: str, result, as_json: bool, objects: bool = False) -> None:
+def print_result(name: str, result, as_json: bool, objects: bool = False,
+                 min_confidence: float | None = None) -> None:
+    """One input's record: its caption (or its error, also on stderr). ``--json`` adds
+    ``confidence`` and ``recognisable``; with ``min_confidence``, a caption below it is marked
+    (``"low_confidence": true``; plain: a last field ``low confidence``)."""
     from edgecap.errors import InputError
 
     if isinstance(result, InputError):
@@ -108,13 +112,21 @@ def print_result(name: str, result, as_json: bool, objects: bool = False) -> Non
               flush=True)
         if as_json:
             write(json_line({"path": name, "caption": None, "score": None, "objects": None,
-                              "error": result.problem}))
+                             "error": result.problem}))
         return
+    low = (min_confidence is not None and result.confidence is not None
+           and result.confidence < min_confidence)
     if as_json:
-        write(json_line({"path": name, "caption": result.text, "score": round(result.score, 4),
-                          "objects": [[tag, round(p, 4)] for tag, p in result.objects]}))
+        record = {"path": name, "caption": result.text, "score": round(result.score, 4),
+                  "objects": [[tag, round(p, 4)] for tag, p in result.objects],
+                  "confidence": result.confidence, "recognisable": result.recognisable}
+        if min_confidence is not None:
+            record["low_confidence"] = low
+        write(json_line(record))
         return
     fields = [name, result.text]
     if objects:
         fields.append(", ".join(f"{tag} {p:.2f}" for tag, p in result.objects))
+    if low:
+        fields.append("low confidence")
     write("\t".join(escape_field(f) for f in fields))

@@ -142,6 +142,20 @@ class Fusion:
             raise ModelError(f"{path}: malformed fusion file ({exc}); re-make it") from None
         return cls(models["everyday"], models["in_domain"], weight, spec)
 
+    def sentence_scores(self, tokens: list[int], start_id: int, end_id: int) -> tuple[float, float]:
+        """A caption's mean log-probability per word (with <end>) under the everyday and the
+        in-domain language model."""
+        words = [start_id, *tokens, end_id]
+        out = []
+        for lm in (self.everyday, self.in_domain):
+            h, c = lm.zero_state(1)
+            total = 0.0
+            for prev, word in zip(words[:-1], words[1:]):
+                logp, h, c = lm.step(np.array([prev]), h, c)
+                total += float(logp[0, word])
+            out.append(total / (len(words) - 1))
+        return out[0], out[1]
+
     def scorer(self, weight: float, image_index: np.ndarray) -> "FusionScorer":
         return FusionScorer(self, weight, len(image_index))
 

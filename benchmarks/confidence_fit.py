@@ -1,0 +1,133 @@
+"""Fit and check ``Caption.confidence``: does it tell right captions from wrong ones on photos it
+was not fitted on?
+
+    python benchmarks/confidence_fit.py --data ../shared/data --out results-dir \\
+        [--model DIR] [--flickr8k-limit N] [--threshold 0.5] [--write MODEL_DIR]
+
+Captions the everyday dev photos (coco-ood-dev + coco-ood-dev-b, 160) and Flickr8k dev with the
+model's default decoding; a caption is "right" when its per-photo CIDEr-D (coco-caption, within
+its own folder) is at least ``--threshold``. Five-fold cross-validation over the everyday photos
+(each fold's model fitted on the other everyday folds and all the Flickr8k photos): the AUROC on
+the everyday photos alone, against the caption's own mean log-probability, and the coverage
+table (keep the X% most confident everyday captions: their mean CIDEr). ``--write`` fits on all
+the photos and writes ``confidence.json`` into a model directory. Results go to
+``OUT/confidence.md`` / ``.json`` only.
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import sys
+from pathlib import Path
+
+import numpy as np
+
+sys.path.insert(0, str(Path(__file__).resolve().parent))
+
+
+def collect(captioner, items, root: Path):
+    """-> (signals (N, S), per-photo captions {image_id: text}) for the items' photos."""
+    from edgecap.confidence import signals
+    from edgecap.images import load_rgb, preprocess
+
+    rows, texts = [], {}
+    batch = captioner.options.batch_size
+    for start in range(0, len(items), batch):
+        chunk = items[start:start + batch]
+        paths = [root / item.file_name for item in chunk]
+        captions = captioner.caption_batch(paths)
+        x = preprocess([load_rgb(p) for p in paths], captioner.manifest.preprocessing)
+        probs = captioner.backend.encode(x).class_probs
+        for item, caption, p in zip(chunk, captions, probs):
+            ids = [captioner.vocab.index[w] for w in caption.tokens]
+            language = (None if captioner.fusion is None else captioner.fusion.sentence_scores(
+                ids, captioner.vocab.start, captioner.vocab.end))
+            rows.append(signals(ids, caption.score, p, captioner.classes.word_ids, language))
+            texts[item.image_id] = caption.text
+    return np.array(rows), texts
+
+
+def main(argv=None) -> int:
+    p = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
+    p.add_argument("--data", type=Path, required=True)
+    p.add_argument("--out", type=Path, required=True)
+    p.add_argument("--model", type=Path, help="model directory (default: the shipped one)")
+    p.add_argument("--flickr8k-limit", type=int, help="only the first N Flickr8k dev photos")
+    p.add_argument("--threshold", type=float, default=0.5,
+                   help="per-photo CIDEr from which a caption is right (default: %(default)s)")
+    p.add_argument("--l2", type=float, default=1.0, help="(default: %(default)s)")
+    p.add_argument("--write", type=Path, metavar="MODEL_DIR",
+                   help="also fit on every photo and write MODEL_DIR/confidence.json")
+    args = p.parse_args(argv)
+
+    from decoding_choice import load_sets
+
+    from edgecap import Captioner
+    from edgecap.confidence import SIGNALS, ConfidenceModel, auroc, fit, write
+    from edgecap.evaluation.metrics import per_image_cider
+
+    args.out.mkdir(parents=True, exist_ok=True)
+    captioner = Captioner(args.model)
+    sets = load_sets(args.data, args.flickr8k_limit)
+    data = {}
+    for name, (items, root) in sets.items():
+        x, texts = collect(captioner, items, root)
+        refs = {item.image_id: item.captions for item in items}
+        cider = per_image_cider(refs, texts)
+        data[name] = (x, np.array([cider[item.image_id] for item in items]))
+        print(f"{name}: {len(items)} photos, {np.mean(data[name][1] >= args.threshold):.2f} right",
+              flush=True)
+    everyday_x = np.vstack([data[s][0] for s in ("coco-ood-dev", "coco-ood-dev-b")])
+    everyday_c = np.concatenate([data[s][1] for s in ("coco-ood-dev", "coco-ood-dev-b")])
+    flickr_x, flickr_c = data["flickr8k-dev"]
+    labels = everyday_c >= args.threshold
+
+    folds = np.random.default_rng(0).permutation(len(everyday_x)) % 5
+    predicted = np.zeros(len(everyday_x))
+    for k in range(5):
+        train = folds != k
+        mean, std, w, b = fit(np.vstack([everyday_x[train], flickr_x]),
+                              np.concatenate([labels[train], flickr_c >= args.threshold]), args.l2)
+        model = ConfidenceModel(mean, std, w, b, {})
+        predicted[~train] = [model.predict(row) for row in everyday_x[~train]]
+    result = {
+        "right": f"per-photo CIDEr-D >= {args.threshold}",
+        "everyday photos": len(everyday_x), "everyday right": int(labels.sum()),
+        "auroc_everyday_cross_validated": round(auroc(predicted, labels), 4),
+        "auroc_everyday_mean_log_prob": round(auroc(everyday_x[:, 0], labels), 4),
+        "coverage": [], "signals": list(SIGNALS)}
+    for keep in (1.0, 0.8, 0.6, 0.4, 0.2):
+        n = max(1, int(round(keep * len(predicted))))
+        best = np.argsort(-predicted, kind="stable")[:n]
+        result["coverage"].append({"keep": keep, "photos": n,
+                                   "mean CIDEr": round(float(everyday_c[best].mean()), 4),
+                                   "right": round(float(labels[best].mean()), 4)})
+    if args.write:
+        all_x = np.vstack([everyday_x, flickr_x])
+        all_y = np.concatenate([labels, flickr_c >= args.threshold])
+        mean, std, w, b = fit(all_x, all_y, args.l2)
+        info = {"right": result["right"], "fitted_on": {
+            "everyday": "coco-ood-dev + coco-ood-dev-b", "in_domain": "Flickr8k dev",
+            "photos": len(all_x)},
+            "auroc_everyday_cross_validated": result["auroc_everyday_cross_validated"]}
+        path = write(args.write, ConfidenceModel(mean, std, w, b, info))
+        result["written"] = str(path)
+        result["weights"] = dict(zip(SIGNALS, np.round(w, 4).tolist()))
+    (args.out / "confidence.json").write_text(json.dumps(result, indent=1) + "\n")
+    lines = [f"`python benchmarks/confidence_fit.py {' '.join(sys.argv[1:] if argv is None else argv)}`",
+             "", f"Right: {result['right']}. Everyday photos: {len(everyday_x)} "
+             f"({int(labels.sum())} right).", "",
+             f"AUROC on everyday photos, cross-validated (5 folds): "
+             f"**{result['auroc_everyday_cross_validated']:.3f}**; the caption's mean "
+             f"log-probability alone: {result['auroc_everyday_mean_log_prob']:.3f}.", "",
+             "| keep the most confident | photos | mean CIDEr | right |", "|---|---|---|---|"]
+    lines += [f"| {c['keep']:.0%} | {c['photos']} | {c['mean CIDEr']:.3f} | {c['right']:.2f} |"
+              for c in result["coverage"]]
+    (args.out / "confidence.md").write_text("\n".join(lines) + "\n")
+    print("\n".join(lines))
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())

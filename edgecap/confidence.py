@@ -1,0 +1,144 @@
+"""How far a caption can be trusted: ``Caption.confidence``, a probability in [0, 1] that the
+caption is right, from what the model already knows about it.
+
+Signals (``signals``): the caption's mean log-probability per word (its score), the encoder's
+most probable class and the entropy of its class distribution (a photo the classifier knows
+well, or one it cannot place), whether the caption names one of the photo's confident tags, how
+many of its object words no tag supports (the Flickr8k model invents dogs and people), its
+length, and, where the model has caption language models (``edgecap.decoding.fusion``), how
+everyday the sentence reads: its mean log-probability per word under the everyday model and
+that minus the in-domain model's (a typical Flickr8k sentence on an everyday photo is suspect). A logistic model over them, fitted on dev photos (``benchmarks/confidence_fit.py``),
+ships with a model directory as ``confidence.json``; without one ``confidence`` is None.
+"""
+
+from __future__ import annotations
+
+import json
+import math
+from dataclasses import dataclass
+from pathlib import Path
+
+import numpy as np
+
+from edgecap.errors import ModelError
+
+CONFIDENCE_FILE = "confidence.json"
+FORMAT = "edgecap-confidence/1"
+SIGNALS = ("score", "top_class_prob", "class_entropy", "names_a_tag", "unsupported_words",
+           "n_words", "lm_everyday", "lm_ratio")
+TAG_MIN_PROB = 0.1   # a tag is "confident" from this probability (the guidance threshold)
+SUPPORT_TAGS = 5     # the tags whose words count as support for an object word
+
+
+def signals(tokens: list[int], score: float, probs: np.ndarray, word_ids,
+            language=None) -> np.ndarray:
+    """One caption's signals, float64 (len(SIGNALS),). ``tokens``: its word ids; ``probs``
+    (C,): the photo's class probabilities; ``word_ids``: per class, its caption word ids
+    (``ObjectClasses.word_ids``); ``language``: (everyday, in-domain) mean log-probabilities
+    per word of the caption (``Fusion.sentence_scores``), None for a model without them."""
+    probs = np.asarray(probs, np.float64)
+    order = np.argsort(-probs, kind="stable")
+    confident = {w for c in order[:3] if probs[c] >= TAG_MIN_PROB for w in word_ids[c]}
+    supported = {w for c in order[:SUPPORT_TAGS] for w in word_ids[c]}
+    object_words = _object_words(word_ids)
+    said = set(tokens)
+    entropy = float(-(probs * np.log(np.clip(probs, 1e-12, 1.0))).sum())
+    everyday, in_domain = language if language is not None else (0.0, 0.0)
+    return np.array([score, float(probs[order[0]]), entropy, float(bool(said & confident)),
+                     float(len((said & object_words) - supported)), float(len(tokens)),
+                     everyday, everyday - in_domain])
+
+
+_OBJECT_WORDS: dict[int, frozenset[int]] = {}
+
+
+def _object_words(word_ids) -> frozenset[int]:
+    """Every word that names some class: the caption's object words."""
+    key = id(word_ids)
+    if key not in _OBJECT_WORDS:
+        _OBJECT_WORDS.clear()  # one model's list at a time
+        _OBJECT_WORDS[key] = frozenset(w for ids in word_ids for w in ids)
+    return _OBJECT_WORDS[key]
+
+
+@dataclass(frozen=True)
+class ConfidenceModel:
+    """A logistic model over standardised ``SIGNALS``."""
+
+    mean: np.ndarray
+    std: np.ndarray
+    weights: np.ndarray
+    bias: float
+    info: dict
+
+    def predict(self, x: np.ndarray) -> float:
+        z = float(((np.asarray(x) - self.mean) / self.std) @ self.weights + self.bias)
+        return 1.0 / (1.0 + math.exp(-max(-50.0, min(50.0, z))))
+
+    def to_json(self) -> dict:
+        return {"format": FORMAT, "signals": list(SIGNALS), "mean": self.mean.tolist(),
+                "std": self.std.tolist(), "weights": self.weights.tolist(), "bias": self.bias,
+                **self.info}
+
+    @classmethod
+    def load(cls, directory: Path) -> "ConfidenceModel | None":
+        """The model directory's confidence model, or None when it has none."""
+        from edgecap.files import MAX_VOCAB_BYTES, FileProblem, read_json
+
+        path = Path(directory) / CONFIDENCE_FILE
+        if not path.exists():
+            return None
+        try:
+            spec = read_json(path, MAX_VOCAB_BYTES)
+            if spec.get("format") != FORMAT or spec.get("signals") != list(SIGNALS):
+                raise ValueError(f"not an {FORMAT} file over the signals {list(SIGNALS)}")
+            arrays = [np.asarray(spec[k], np.float64) for k in ("mean", "std", "weights")]
+            if any(a.shape != (len(SIGNALS),) or not np.isfinite(a).all() for a in arrays):
+                raise ValueError(f"mean, std and weights must be {len(SIGNALS)} numbers each")
+            if (arrays[1] <= 0).any():
+                raise ValueError("std must be positive")
+            bias = float(spec["bias"])
+            if not math.isfinite(bias):
+                raise ValueError("bias must be a number")
+        except FileProblem as exc:
+            raise ModelError(f"{path}: {exc}") from None
+        except (KeyError, TypeError, ValueError, AttributeError) as exc:
+            raise ModelError(f"{path}: malformed confidence model ({exc})") from None
+        info = {k: v for k, v in spec.items()
+                if k not in ("format", "signals", "mean", "std", "weights", "bias")}
+        return cls(*arrays, bias, info)
+
+
+def fit(x: np.ndarray, y: np.ndarray, l2: float = 1.0, steps: int = 50) -> tuple:
+    """Logistic regression by Newton's method on standardised ``x`` (N, S) with an L2 penalty
+    ``l2`` on the weights: -> (mean, std, weights, bias)."""
+    mean, std = x.mean(0), x.std(0)
+    std = np.where(std > 0, std, 1.0)
+    z = np.hstack([(x - mean) / std, np.ones((len(x), 1))])
+    w = np.zeros(z.shape[1])
+    penalty = np.full(z.shape[1], l2)
+    penalty[-1] = 0.0  # not on the bias
+    for _ in range(steps):
+        p = 1.0 / (1.0 + np.exp(-np.clip(z @ w, -50, 50)))
+        grad = z.T @ (p - y) + penalty * w
+        hess = (z * (p * (1 - p))[:, None]).T @ z + np.diag(penalty)
+        w -= np.linalg.solve(hess, grad)
+    return mean, std, w[:-1], float(w[-1])
+
+
+def auroc(scores, labels) -> float:
+    """Area under the ROC curve (ties count half): the chance that a right caption is scored
+    above a wrong one."""
+    scores, labels = np.asarray(scores, np.float64), np.asarray(labels, bool)
+    pos, neg = scores[labels], scores[~labels]
+    if not len(pos) or not len(neg):
+        raise ValueError("AUROC needs both right and wrong captions")
+    greater = (pos[:, None] > neg[None, :]).sum()
+    ties = (pos[:, None] == neg[None, :]).sum()
+    return float((greater + 0.5 * ties) / (len(pos) * len(neg)))
+
+
+def write(directory: Path, model: ConfidenceModel) -> Path:
+    path = Path(directory) / CONFIDENCE_FILE
+    path.write_text(json.dumps(model.to_json(), indent=1) + "\n", "utf-8")
+    return path

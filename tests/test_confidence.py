@@ -1,0 +1,123 @@
+"""``Caption.confidence`` and ``recognisable``: a frame with nothing in it is said to be so, the
+confidence model is read from the model directory and marks captions on the command line."""
+
+from __future__ import annotations
+
+import json
+import shutil
+import subprocess
+import sys
+
+import numpy as np
+import pytest
+from PIL import Image, ImageFilter
+
+from edgecap.confidence import SIGNALS, ConfidenceModel, auroc, fit, signals, write
+from edgecap.errors import ModelError
+from helpers import EXAMPLES
+
+
+@pytest.fixture(scope="module")
+def captioner():
+    from edgecap import Captioner
+
+    return Captioner()
+
+
+def _blurred(name: str, radius_at_224: float) -> np.ndarray:
+    image = Image.open(EXAMPLES / name).convert("RGB")
+    return np.asarray(image.filter(ImageFilter.GaussianBlur(radius_at_224 * max(image.size) / 224)))
+
+
+def test_blank_and_blurred_frames_are_nothing_recognisable(captioner):
+    from edgecap.api import NOTHING_RECOGNISABLE
+
+    rng = np.random.default_rng(0)
+    frames = {"black": np.zeros((240, 320, 3), np.uint8),
+              "white": np.full((240, 320, 3), 255, np.uint8),
+              "one colour": np.broadcast_to(np.array([30, 90, 160], np.uint8), (200, 200, 3)),
+              "faint noise": np.clip(128 + rng.normal(0, 3, (240, 320, 3)), 0, 255).astype(np.uint8),
+              "blurred": _blurred("coffee.png", 6)}
+    results = captioner.caption_batch(list(frames.values()) + [str(EXAMPLES / "chelsea.png")])
+    for name, caption in zip(frames, results):
+        assert not caption.recognisable and caption.text == NOTHING_RECOGNISABLE, name
+        assert caption.tokens == [] and caption.confidence == 0.0
+    photo = results[-1]  # the photo in the same batch keeps its own caption
+    assert photo.recognisable and photo.text == captioner.caption(str(EXAMPLES / "chelsea.png")).text
+
+
+def test_real_photos_are_recognisable(captioner):
+    for path in sorted(EXAMPLES.glob("*.*g")):
+        assert captioner.caption(str(path)).recognisable, path
+    # a photo blurred a little still is (radius 1 px at 224)
+    assert captioner.caption(_blurred("astronaut.png", 1)).recognisable
+
+
+def test_auroc_and_fit_on_known_cases():
+    assert auroc([0.9, 0.8, 0.1], [True, True, False]) == 1.0
+    assert auroc([0.1, 0.2, 0.9], [True, True, False]) == 0.0
+    assert auroc([0.5, 0.5], [True, False]) == 0.5
+    rng = np.random.default_rng(0)
+    informative = rng.normal(size=400)
+    noise = rng.normal(size=400)
+    y = (informative + 0.3 * rng.normal(size=400)) > 0
+    mean, std, w, b = fit(np.stack([noise, informative], 1), y.astype(float))
+    assert w[1] > 2.0 and abs(w[0]) < 0.5  # the informative signal carries the model
+    model = ConfidenceModel(mean, std, w, b, {})
+    assert model.predict([0.0, 2.0]) > 0.95 and model.predict([0.0, -2.0]) < 0.05
+
+
+def test_signals_from_the_classes_and_the_caption():
+    word_ids = ((10,), (11, 12), (13,), ())
+    probs = np.array([0.7, 0.2, 0.05, 0.05])
+    x = signals([5, 10, 13], -1.25, probs, word_ids)
+    got = dict(zip(SIGNALS, x))
+    assert got["score"] == -1.25 and got["top_class_prob"] == pytest.approx(0.7)
+    assert got["names_a_tag"] == 1.0          # word 10 names the top class (p 0.7 >= 0.1)
+    assert got["unsupported_words"] == 0.0    # 13 names a class among the top 5
+    assert got["n_words"] == 3.0
+    expected_entropy = -sum(p * np.log(p) for p in probs)
+    assert got["class_entropy"] == pytest.approx(expected_entropy)
+    x = signals([5], -1.0, np.array([0.05, 0.05, 0.45, 0.45]), word_ids)
+    assert dict(zip(SIGNALS, x))["names_a_tag"] == 0.0
+
+
+def _model_with_confidence(tmp_path, default_model_dir, bias: float) -> str:
+    model = tmp_path / "model"
+    shutil.copytree(default_model_dir, model)
+    n = len(SIGNALS)
+    write(model, ConfidenceModel(np.zeros(n), np.ones(n), np.zeros(n), bias, {"right": "test"}))
+    return str(model)
+
+
+def test_the_model_directorys_confidence_marks_captions(tmp_path, default_model_dir):
+    from edgecap import Captioner
+
+    sure = _model_with_confidence(tmp_path / "a", default_model_dir, bias=3.0)
+    assert Captioner(sure).caption(str(EXAMPLES / "chelsea.png")).confidence == pytest.approx(
+        1 / (1 + np.exp(-3.0)), abs=1e-4)
+    unsure = _model_with_confidence(tmp_path / "b", default_model_dir, bias=-3.0)
+    photo = str(EXAMPLES / "chelsea.png")
+    run = lambda model, *extra: subprocess.run(  # noqa: E731
+        [sys.executable, "-m", "edgecap", "caption", photo, "--model", model, *extra],
+        capture_output=True, text=True)
+    out = run(unsure, "--json", "--min-confidence", "0.5")
+    record = json.loads(out.stdout)
+    assert record["confidence"] == pytest.approx(0.0474, abs=1e-4) and record["low_confidence"]
+    plain = run(unsure, "--min-confidence", "0.5").stdout.rstrip("\n").split("\t")
+    assert plain[-1] == "low confidence" and len(plain) == 3
+    plain = run(sure, "--min-confidence", "0.5").stdout.rstrip("\n").split("\t")
+    assert len(plain) == 2  # not marked
+
+
+def test_a_malformed_confidence_file_is_a_model_error(tmp_path):
+    (tmp_path / "confidence.json").write_text(json.dumps({"format": "edgecap-confidence/1"}))
+    with pytest.raises(ModelError, match="confidence.json: malformed"):
+        ConfidenceModel.load(tmp_path)
+    n = len(SIGNALS)
+    spec = {"format": "edgecap-confidence/1", "signals": list(SIGNALS), "mean": [0] * n,
+            "std": [0] * n, "weights": [0] * n, "bias": 0}
+    (tmp_path / "confidence.json").write_text(json.dumps(spec))
+    with pytest.raises(ModelError, match="std must be positive"):
+        ConfidenceModel.load(tmp_path)
+    assert ConfidenceModel.load(tmp_path / "none") is None
