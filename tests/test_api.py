@@ -105,11 +105,24 @@ def test_bad_call_arguments(captioner, photos):
 
 def test_n_best_alternatives(tiny_model_dir, photos):
     # without object guidance: with it they are ordered by the steered score
-    cap = Captioner(tiny_model_dir, beam_size=4, n_best=3, max_length=6,
-                    guidance_bonus=0.0).caption(photos[0])
+    captioner = Captioner(tiny_model_dir, beam_size=4, n_best=3, max_length=6,
+                          guidance_bonus=0.0)
+    cap = captioner.caption(photos[0])
     assert len(cap.alternatives) == 2
-    scores = [cap.score] + [a.score for a in cap.alternatives]
-    assert scores == sorted(scores, reverse=True)
+    # ranked as the search ranks them: captions that ended first, each group by score
+    from edgecap.images import load_rgb, preprocess
+
+    encoded = captioner.backend.encode(preprocess([load_rgb(photos[0])],
+                                                  captioner.manifest.preprocessing))
+    from edgecap.decoding import search
+
+    hyps = search(captioner.backend, encoded, captioner.options, captioner.vocab.start,
+                  captioner.vocab.end, len(captioner.vocab))[0]
+    assert [h.score for h in hyps] == pytest.approx([cap.score] + [a.score for a in cap.alternatives])
+    ended = [h.score for h in hyps if h.finished]
+    cut = [h.score for h in hyps if not h.finished]
+    assert [h.finished for h in hyps] == sorted((h.finished for h in hyps), reverse=True)
+    assert ended == sorted(ended, reverse=True) and cut == sorted(cut, reverse=True)
     assert len({tuple(a.tokens) for a in (cap, *cap.alternatives)}) == 3
 
 
