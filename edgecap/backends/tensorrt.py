@@ -57,6 +57,136 @@ class _EncodedOnDevice:
     n_images: int
 
 
+class DeviceBuffers:
+    """Everything a batch writes on the device, for one backend: every tensor (allocated once,
+    for the largest shapes the engines accept), its pinned host staging, the ping-pong decoder
+    state, the execution contexts' addresses and input shapes, and the stream. The backend's
+    encode and its sessions' steps use it only through these methods; ``close`` frees it all."""
+
+    def __init__(self, device, contexts: dict[str, tensorrt.IExecutionContext],
+                 tensor_info, limits: Limits):
+        """``tensor_info(role, name)`` -> (dtype, inner shape) of an engine tensor."""
+        self._device = device
+        self._contexts = contexts
+        self._pointers: list[int] = []
+        self._host: dict[str, np.ndarray] = {}
+        self._shapes: dict[tuple[str, str], tuple[int, ...]] = {}
+        self.stream = None
+        self._closed = False
+        try:
+            self.stream = device.create_stream()
+            self._allocate(tensor_info, limits)
+        except BaseException:
+            self.close()
+            raise
+
+    def _new(self, tensor_info, role: str, name: str, rows: int) -> _DeviceTensor:
+        dtype, tail = tensor_info(role, name)
+        tensor = _DeviceTensor(name, 0, dtype, tail, rows)
+        tensor.ptr = self._device.alloc(tensor.nbytes(rows))
+        self._pointers.append(tensor.ptr)
+        return tensor
+
+    def _allocate(self, tensor_info, limits: Limits) -> None:
+        n, r = limits.max_batch, limits.max_rows
+        t: dict[str, _DeviceTensor] = {}
+        for name in ENCODER_INPUTS + ENCODER_OUTPUTS:  # image, features, ..., class_probs
+            t[name] = self._new(tensor_info, "encoder", name, n)
+        for name in ("tokens", "source_rows", "image_index", "word_bias",
+                     "topk_logprobs", "topk_ids", "alpha"):
+            t[name] = self._new(tensor_info, "decoder_step", name, r)
+        # ping-pong decoder state: a step reads one pair and writes the other
+        self._state = [(self._new(tensor_info, "decoder_step", "h_out", r),
+                        self._new(tensor_info, "decoder_step", "c_out", r)) for _ in range(2)]
+        self._tensors = t
+        # pinned host staging for what crosses the bus
+        for name in ("image", "class_probs", "tokens", "source_rows", "image_index", "word_bias",
+                     "topk_logprobs", "topk_ids", "alpha"):
+            self._host[name] = self._device.host_array((t[name].max_rows, *t[name].tail),
+                                                       t[name].dtype)
+        # fixed addresses: the step reads the encoder's outputs in place
+        for name in ENCODER_INPUTS + ENCODER_OUTPUTS:
+            self.bind("encoder", name, t[name])
+        for name in ("tokens", "source_rows", "image_index", "word_bias", "features",
+                     "att_proj", "topk_logprobs", "topk_ids", "alpha"):
+            self.bind("decoder_step", name, t[name])
+        self._bias_rows_zero = 0  # word_bias rows known to hold zeros on the device
+
+    def tensor(self, name: str) -> _DeviceTensor:
+        return self._tensors[name]
+
+    def state(self, pair: int) -> tuple[_DeviceTensor, _DeviceTensor]:
+        """Ping-pong pair ``pair`` (0 or 1) of the decoder state: (h, c)."""
+        return self._state[pair]
+
+    def bind(self, role: str, name: str, tensor: _DeviceTensor) -> None:
+        if not self._contexts[role].set_tensor_address(name, tensor.ptr):
+            raise BackendError(f"TensorRT refused the address of tensor {name!r}")
+
+    def set_shape(self, role: str, name: str, shape: tuple[int, ...], limits: Limits) -> None:
+        if self._shapes.get((role, name)) == shape:
+            return
+        if not self._contexts[role].set_input_shape(name, shape):
+            raise BackendError(f"TensorRT refused shape {shape} for {role} input {name!r} "
+                               f"(engine limits: {limits}); rebuild with larger "
+                               "--max-batch / --max-beam")
+        self._shapes[(role, name)] = shape
+
+    def execute(self, role: str) -> None:
+        if not self._contexts[role].execute_async_v3(self._device.stream_handle(self.stream)):
+            raise BackendError(f"TensorRT failed to run the {role} engine")
+
+    def upload(self, name: str, values: np.ndarray) -> None:
+        host = self._host[name][:len(values)]
+        host[...] = values
+        self._device.copy_to_device(self._tensors[name].ptr, host, self.stream)
+
+    def upload_bias(self, word_bias: np.ndarray | None, rows: int) -> None:
+        """This step's word bias (checked by ``DecoderSession.step``); with none, zeros, uploaded
+        only when the device rows may hold an earlier bias (no copy per step while nothing
+        steers the search)."""
+        tail = self._tensors["word_bias"].tail
+        if word_bias is None:
+            if self._bias_rows_zero >= rows:
+                return
+            self.upload("word_bias", np.zeros((rows, *tail), np.float32))
+            self._bias_rows_zero = rows
+            return
+        if word_bias.shape != (rows, *tail):
+            raise BackendError(f"word_bias must have shape ({rows}, {tail[0]}), "
+                               f"got {word_bias.shape}")
+        self.upload("word_bias", word_bias)
+        self._bias_rows_zero = 0
+
+    def download(self, name: str, rows: int) -> np.ndarray:
+        """Queue the copy of ``rows`` rows of ``name`` to its pinned host buffer; -> that buffer
+        (valid after ``synchronize``)."""
+        host = self._host[name][:rows]
+        self._device.copy_to_host(host, self._tensors[name].ptr, self.stream)
+        return host
+
+    def synchronize(self) -> None:
+        self._device.synchronize(self.stream)
+
+    def close(self) -> None:
+        """Free every device and pinned buffer and the stream; idempotent."""
+        if self._closed:
+            return
+        self._closed = True
+        device = self._device
+        if self.stream is not None:
+            device.synchronize(self.stream)
+        for array in self._host.values():
+            device.free_host(array)
+        self._host.clear()
+        for ptr in self._pointers:
+            device.free(ptr)
+        self._pointers.clear()
+        if self.stream is not None:
+            device.destroy_stream(self.stream)
+            self.stream = None
+
+
 class TensorRTBackend(Backend):
     name = "tensorrt"
     # One set of device buffers and execution contexts: concurrent encode/start/step calls
@@ -82,29 +212,25 @@ class TensorRTBackend(Backend):
         self._trt: TensorRTModule = trt
         self._owns_device = cuda_device is None
         self._device = cuda_device or open_device()
-        self._buffers: list[int] = []
-        self._host: dict[str, np.ndarray] = {}
-        self._stream = None
+        self.buffers: DeviceBuffers | None = None
         self._closed = False
         try:
             target = Target(self._device.name, tuple(self._device.compute_capability),
                             trt.__version__)
             self._cache = EngineCache(trt, target, cache_dir, log)
-            self._engines: dict[str, tensorrt.ICudaEngine] = {role: self._cache.load(manifest, role, precision, self.limits)
-                             for role in ROLES}
-            self._contexts: dict[str, tensorrt.IExecutionContext] = {role: engine.create_execution_context()
-                              for role, engine in self._engines.items()}
-            self._stream = self._device.create_stream()
-            self._allocate()
+            self._engines: dict[str, tensorrt.ICudaEngine] = {
+                role: self._cache.load(manifest, role, precision, self.limits) for role in ROLES}
+            self._contexts: dict[str, tensorrt.IExecutionContext] = {
+                role: engine.create_execution_context() for role, engine in self._engines.items()}
+            self.buffers = DeviceBuffers(self._device, self._contexts, self._tensor_info,
+                                         self.limits)
         except BaseException:
             self.close()
             raise
-        self.top_k = self._tensors["topk_ids"].tail[0]
+        self.top_k = self.buffers.tensor("topk_ids").tail[0]
         self._generation = 0   # bumped by encode: older Encoded objects are stale
         self._session_id = 0   # bumped by start: older sessions are stale
-        self._shapes: dict[tuple[str, str], tuple[int, ...]] = {}
 
-    # -- buffers -------------------------------------------------------------------------------
     def _tensor_info(self, role: str, name: str) -> tuple[np.dtype, tuple[int, ...]]:
         engine = self._engines[role]
         dtype = np.dtype(self._trt.nptype(engine.get_tensor_dtype(name)))
@@ -123,68 +249,29 @@ class TensorRTBackend(Backend):
                                "(edgecap build) or re-export the model")
         return dtype, expected_tail
 
-    def _new_tensor(self, role: str, name: str, rows: int) -> _DeviceTensor:
-        dtype, tail = self._tensor_info(role, name)
-        tensor = _DeviceTensor(name, 0, dtype, tail, rows)
-        tensor.ptr = self._device.alloc(tensor.nbytes(rows))
-        self._buffers.append(tensor.ptr)
-        return tensor
+    def _open_buffers(self) -> DeviceBuffers:
+        if self._closed or self.buffers is None:
+            raise BackendError("this TensorRT backend was closed")
+        return self.buffers
 
-    def _allocate(self) -> None:
-        n, r = self.limits.max_batch, self.limits.max_rows
-        t: dict[str, _DeviceTensor] = {}
-        for name in ENCODER_INPUTS + ENCODER_OUTPUTS:  # image, features, ..., class_probs
-            t[name] = self._new_tensor("encoder", name, n)
-        for name in ("tokens", "source_rows", "image_index", "word_bias"):
-            t[name] = self._new_tensor("decoder_step", name, r)
-        for name in ("topk_logprobs", "topk_ids", "alpha"):
-            t[name] = self._new_tensor("decoder_step", name, r)
-        # ping-pong decoder state: a step reads one pair and writes the other
-        self._state = [(self._new_tensor("decoder_step", "h_out", r),
-                        self._new_tensor("decoder_step", "c_out", r)) for _ in range(2)]
-        self._tensors = t
-        # pinned host staging for what crosses the bus
-        for name in ("image", "class_probs", "tokens", "source_rows", "image_index", "word_bias",
-                     "topk_logprobs", "topk_ids", "alpha"):
-            self._host[name] = self._device.host_array((t[name].max_rows, *t[name].tail),
-                                                       t[name].dtype)
-        # fixed addresses: the step reads the encoder's outputs in place
-        enc, step = self._contexts["encoder"], self._contexts["decoder_step"]
-        for name in ENCODER_INPUTS + ENCODER_OUTPUTS:
-            self._set_address(enc, name, t[name].ptr)
-        for name in ("tokens", "source_rows", "image_index", "word_bias", "features",
-                     "att_proj", "topk_logprobs", "topk_ids", "alpha"):
-            self._set_address(step, name, t[name].ptr)
-        self._bias_rows_zero = 0  # word_bias rows known to hold zeros on the device
-
-    @staticmethod
-    def _set_address(context: tensorrt.IExecutionContext, name: str, ptr: int) -> None:
-        if not context.set_tensor_address(name, ptr):
-            raise BackendError(f"TensorRT refused the address of tensor {name!r}")
-
-    def _set_shape(self, role: str, name: str, shape: tuple[int, ...]) -> None:
-        if self._shapes.get((role, name)) == shape:
-            return
-        if not self._contexts[role].set_input_shape(name, shape):
-            raise BackendError(f"TensorRT refused shape {shape} for {role} input {name!r} "
-                               f"(engine limits: {self.limits}); rebuild with larger "
-                               "--max-batch / --max-beam")
-        self._shapes[(role, name)] = shape
-
-    def _execute(self, role: str) -> None:
-        if not self._contexts[role].execute_async_v3(self._device.stream_handle(self._stream)):
-            raise BackendError(f"TensorRT failed to run the {role} engine")
-
-    def _upload(self, name: str, values: np.ndarray) -> None:
-        host = self._host[name][:len(values)]
-        host[...] = values
-        self._device.copy_to_device(self._tensors[name].ptr, host, self._stream)
+    def check_session(self, session_id: int, generation: int) -> DeviceBuffers:
+        """The buffers, for the session ``session_id`` of the encode ``generation``; raises
+        ``BackendError`` when a later start() or encode() took them over, or after close()."""
+        buffers = self._open_buffers()
+        if session_id != self._session_id:
+            raise BackendError("a later start() on this TensorRT backend took over its buffers; "
+                               "decode one batch at a time per backend")
+        if generation != self._generation:
+            raise BackendError("this session's encoded images were overwritten by a later "
+                               "encode() on the same TensorRT backend; encode, start and step "
+                               "one batch at a time per backend")
+        return buffers
 
     # -- Backend -------------------------------------------------------------------------------
     def encode(self, images: np.ndarray) -> Encoded:
-        self._check_open()
+        buffers = self._open_buffers()
         images = np.asarray(images, dtype=np.float32)
-        tail = self._tensors["image"].tail
+        tail = buffers.tensor("image").tail
         if images.ndim != 4 or images.shape[1:] != tail:
             raise BackendError(f"images must be float32 (N, {', '.join(map(str, tail))}); "
                                f"got {images.shape}")
@@ -192,20 +279,19 @@ class TensorRTBackend(Backend):
         if not 1 <= n <= self.limits.max_batch:
             raise BackendError(f"{n} images in one batch; these engines take 1 to "
                                f"{self.limits.max_batch} (edgecap build --max-batch N)")
-        self._upload("image", images)
-        self._set_shape("encoder", "image", images.shape)
-        self._execute("encoder")
-        probs = self._host["class_probs"][:n]
-        self._device.copy_to_host(probs, self._tensors["class_probs"].ptr, self._stream)
+        buffers.upload("image", images)
+        buffers.set_shape("encoder", "image", images.shape, self.limits)
+        buffers.execute("encoder")
+        probs = buffers.download("class_probs", n)
         # the pinned image buffer is reused by the next call: wait for the copy to finish
-        self._device.synchronize(self._stream)
+        buffers.synchronize()
         self._generation += 1
         return Encoded(n_images=n, tensors=_EncodedOnDevice(self._generation, n),
                        class_probs=probs.copy())
 
     def start(self, encoded: Encoded, image_index: np.ndarray,
               return_attention: bool = False) -> DecoderSession:
-        self._check_open()
+        buffers = self._open_buffers()
         handle = encoded.tensors
         if not isinstance(handle, _EncodedOnDevice) or handle.generation != self._generation:
             raise BackendError("this batch's encoded images were overwritten by a later encode() "
@@ -218,7 +304,7 @@ class TensorRTBackend(Backend):
                                "(edgecap build --max-batch N --max-beam K)")
         if image_index.min() < 0 or image_index.max() >= handle.n_images:
             raise BackendError(f"image_index must lie in [0, {handle.n_images})")
-        self._upload("image_index", image_index.astype(np.int32))
+        buffers.upload("image_index", image_index.astype(np.int32))
         self._session_id += 1
         return TensorRTSession(self, self._session_id, handle.generation, handle.n_images,
                                image_index.astype(np.int32), return_attention)
@@ -230,10 +316,6 @@ class TensorRTBackend(Backend):
                 f"{self._cache.cache_dir}")
 
     # -- lifetime ------------------------------------------------------------------------------
-    def _check_open(self) -> None:
-        if self._closed:
-            raise BackendError("this TensorRT backend was closed")
-
     def close(self) -> None:
         """Free every device and pinned buffer and the stream; idempotent."""
         if self._closed:
@@ -241,17 +323,8 @@ class TensorRTBackend(Backend):
         self._closed = True
         device = self._device
         try:
-            if self._stream is not None:
-                device.synchronize(self._stream)
-            for array in self._host.values():
-                device.free_host(array)
-            self._host.clear()
-            for ptr in self._buffers:
-                device.free(ptr)
-            self._buffers.clear()
-            if self._stream is not None:
-                device.destroy_stream(self._stream)
-                self._stream = None
+            if self.buffers is not None:
+                self.buffers.close()
         finally:
             # contexts before engines, engines before the runtime
             self.__dict__.pop("_contexts", None)
@@ -267,7 +340,8 @@ class TensorRTBackend(Backend):
 
 
 class TensorRTSession(DecoderSession):
-    """One batch's decoding on the device: the state stays in the backend's ping-pong buffers."""
+    """One batch's decoding on the device: the state stays in the backend's ping-pong buffers,
+    which it reaches through ``DeviceBuffers``' methods only."""
 
     def __init__(self, backend: TensorRTBackend, session_id: int, generation: int,
                  n_images: int, image_index: np.ndarray, return_attention: bool):
@@ -281,71 +355,44 @@ class TensorRTSession(DecoderSession):
 
     def _step(self, tokens: np.ndarray, source_rows: np.ndarray,
               word_bias: np.ndarray | None) -> StepResult:
-        b = self._backend
-        b._check_open()
-        if self._id != b._session_id:
-            raise BackendError("a later start() on this TensorRT backend took over its buffers; "
-                               "decode one batch at a time per backend")
-        if self._generation != b._generation:
-            raise BackendError("this session's encoded images were overwritten by a later "
-                               "encode() on the same TensorRT backend; encode, start and step "
-                               "one batch at a time per backend")
+        buffers = self._backend.check_session(self._id, self._generation)
+        limits = self._backend.limits
         tokens, source_rows = np.asarray(tokens), np.asarray(source_rows)
         r = self._rows
         if tokens.shape != (r,) or source_rows.shape != (r,):
             raise BackendError(f"tokens and source_rows must have shape ({r},), got "
                                f"{tokens.shape} and {source_rows.shape}")
-        t = b._tensors
         if self._current is None:
-            h_src, c_src, s = t["h0"], t["c0"], self._n_images
-            dst = 0
+            h_src, c_src = buffers.tensor("h0"), buffers.tensor("c0")
+            s, dst = self._n_images, 0
         else:
-            (h_src, c_src), s = b._state[self._current], r
+            (h_src, c_src), s = buffers.state(self._current), r
             dst = 1 - self._current
         if source_rows.min() < 0 or source_rows.max() >= s:
             raise BackendError(f"source_rows must lie in [0, {s}) at this step")
-        h_dst, c_dst = b._state[dst]
+        h_dst, c_dst = buffers.state(dst)
 
-        b._upload("tokens", tokens.astype(np.int32))
-        b._upload("source_rows", source_rows.astype(np.int32))
-        self._upload_bias(word_bias)
+        buffers.upload("tokens", tokens.astype(np.int32))
+        buffers.upload("source_rows", source_rows.astype(np.int32))
+        buffers.upload_bias(word_bias, r)
         hidden = h_src.tail
         for name, shape in (("tokens", (r,)), ("source_rows", (r,)), ("image_index", (r,)),
-                            ("word_bias", (r, *t["word_bias"].tail)),
+                            ("word_bias", (r, *buffers.tensor("word_bias").tail)),
                             ("h", (s, *hidden)), ("c", (s, *hidden)),
-                            ("features", (self._n_images, *t["features"].tail)),
-                            ("att_proj", (self._n_images, *t["att_proj"].tail))):
-            b._set_shape("decoder_step", name, shape)
-        context = b._contexts["decoder_step"]
+                            ("features", (self._n_images, *buffers.tensor("features").tail)),
+                            ("att_proj", (self._n_images, *buffers.tensor("att_proj").tail))):
+            buffers.set_shape("decoder_step", name, shape, limits)
         for name, tensor in (("h", h_src), ("c", c_src), ("h_out", h_dst), ("c_out", c_dst)):
-            b._set_address(context, name, tensor.ptr)
-        b._execute("decoder_step")
+            buffers.bind("decoder_step", name, tensor)
+        buffers.execute("decoder_step")
 
-        wanted = ("topk_logprobs", "topk_ids") + (("alpha",) if self._return_attention else ())
-        for name in wanted:
-            b._device.copy_to_host(b._host[name][:r], t[name].ptr, b._stream)
-        b._device.synchronize(b._stream)
+        logprobs = buffers.download("topk_logprobs", r)
+        ids = buffers.download("topk_ids", r)
+        alpha = buffers.download("alpha", r) if self._return_attention else None
+        buffers.synchronize()
         self._current = dst
-        return StepResult(topk_logprobs=b._host["topk_logprobs"][:r].copy(),
-                          topk_ids=b._host["topk_ids"][:r].copy(),
-                          alpha=b._host["alpha"][:r].copy() if self._return_attention else None)
+        return StepResult(topk_logprobs=logprobs.copy(), topk_ids=ids.copy(),
+                          alpha=alpha.copy() if alpha is not None else None)
 
 
-    def _upload_bias(self, word_bias: np.ndarray | None) -> None:
-        """Upload this step's word bias; with none, zeros, uploaded only when the device rows
-        may hold an earlier bias (no copy per step while nothing steers the search)."""
-        b, r = self._backend, self._rows
-        if word_bias is None:
-            if b._bias_rows_zero >= r:
-                return
-            b._upload("word_bias", np.zeros((r, *b._tensors["word_bias"].tail), np.float32))
-            b._bias_rows_zero = r
-            return
-        if word_bias.shape != (r, *b._tensors["word_bias"].tail):
-            raise BackendError(f"word_bias must have shape ({r}, "
-                               f"{b._tensors['word_bias'].tail[0]}), got {word_bias.shape}")
-        b._upload("word_bias", word_bias)
-        b._bias_rows_zero = 0
-
-
-__all__ = ["TensorRTBackend", "TensorRTSession"]
+__all__ = ["DeviceBuffers", "TensorRTBackend", "TensorRTSession"]
