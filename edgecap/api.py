@@ -250,8 +250,12 @@ class Captioner:
         words = [self.vocab.words[i] for i in hyp.tokens]
         confidence = None
         if self.confidence_model is not None and probs is not None:
-            language = (None if self.fusion is None else
-                        self.fusion.sentence_scores(hyp.tokens, self.vocab.start, self.vocab.end))
+            language = None
+            if "lm_everyday" in hyp.values:  # the fused search kept them
+                language = (hyp.values["lm_everyday"], hyp.values["lm_in_domain"])
+            elif self.fusion is not None:
+                language = self.fusion.sentence_scores(hyp.tokens, self.vocab.start,
+                                                       self.vocab.end)
             confidence = round(self.confidence_model.predict(
                 signals(hyp.tokens, hyp.score, probs, self.classes.word_ids, language)), 4)
         return Caption(text=" ".join(words), score=float(hyp.score), tokens=words,

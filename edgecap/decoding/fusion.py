@@ -161,11 +161,16 @@ class Fusion:
 
 
 class FusionScorer(Scorer):
-    """One search's fusion: both language models' states per row, reordered with the rows."""
+    """One search's fusion: both language models' states per row, reordered with the rows, and
+    each row's running log-probability under each (``values``: ``lm_everyday`` and
+    ``lm_in_domain``, the caption's mean log-probability per word, with <end> when it ended)."""
 
     def __init__(self, fusion: Fusion, weight: float, rows: int):
         self.fusion, self.weight = fusion, np.float32(weight)
         self.states = [fusion.everyday.zero_state(rows), fusion.in_domain.zero_state(rows)]
+        self.totals = np.zeros((rows, 2))   # per row: the sums of its words' log-probabilities
+        self.counts = np.zeros(rows)        # and how many words they hold
+        self.logps: list[np.ndarray] = []   # this step's (R, V) of each model
 
     def bias(self, t: int, tokens: np.ndarray, source_rows: np.ndarray) -> np.ndarray:
         logps = []
@@ -176,4 +181,18 @@ class FusionScorer(Scorer):
             logp, h, c = lm.step(tokens, h, c)
             self.states[k] = (h, c)
             logps.append(logp)
+        self.logps = logps
         return self.weight * (logps[0] - logps[1])
+
+    def update(self, source_rows: np.ndarray, words: np.ndarray, live: np.ndarray) -> None:
+        chosen = np.stack([lp[source_rows, words] for lp in self.logps], 1)
+        self.totals = self.totals[source_rows] + chosen
+        self.counts = self.counts[source_rows] + 1
+
+    def values(self, row: int, word: int | None) -> dict[str, float]:
+        totals, count = self.totals[row].copy(), self.counts[row]
+        if word is not None:
+            totals += [lp[row, word] for lp in self.logps]
+            count += 1
+        count = max(count, 1)
+        return {"lm_everyday": float(totals[0] / count), "lm_in_domain": float(totals[1] / count)}
