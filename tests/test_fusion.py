@@ -54,7 +54,7 @@ def _fusion(tmp_path, weight=0.5):
 
 def test_the_scorer_follows_its_rows_and_gives_the_density_ratio(tmp_path):
     fusion = _fusion(tmp_path)
-    scorer = FusionScorer(fusion, 0.5, rows=3)
+    scorer = FusionScorer(fusion, np.full(3, 0.5))
     image_index = np.zeros(3, np.int32)
     first = scorer.bias(0, np.full(3, START, np.int32), image_index)
     # step 2: rows 0 and 1 continue row 2 (word 5), row 2 continues row 0 (word 7)
@@ -171,3 +171,27 @@ def test_the_search_keeps_each_captions_language_model_scores(tmp_path):
                 assert hyp.values["lm_in_domain"] == pytest.approx(in_domain, abs=1e-5)
                 checked += 1
     assert checked >= 6
+
+
+def test_the_gate_gives_training_like_photos_no_fusion(tmp_path):
+    """Gate.fit on "training photos" whose classes are mostly 0 and 1: a photo of class 0 is
+    typical (no fusion: its captions are the plain search's), one of class 3 is not (the full
+    weight), one in between gets a share."""
+    from edgecap.decoding.fusion import Gate
+
+    rng = np.random.default_rng(0)
+    train = np.zeros((200, 4))
+    train[np.arange(200), rng.choice([0, 1, 2], 200, p=[0.6, 0.35, 0.05])] = 1.0
+    gate = Gate.fit(train * 0.9 + 0.025)
+    typical, unusual = np.array([[0.925, 0.025, 0.025, 0.025]]), np.array([[0.0, 0.0, 0.0, 1.0]])
+    assert gate(typical)[0] == 0.0 and gate(unusual)[0] == 1.0
+    middle = 0.5 * typical + 0.5 * unusual
+    assert 0.0 < gate(middle)[0] < 1.0
+    # in the search: per image, the gate's share of the weight
+    fusion = _fusion(tmp_path)
+    fusion = Fusion(fusion.everyday, fusion.in_domain, fusion.weight, fusion.info, gate)
+    scorer = fusion.scorer(2.0, np.array([0, 0, 1, 1], np.int32),
+                           class_probs=np.vstack([typical, unusual]))
+    np.testing.assert_array_equal(scorer.weights[:, 0], [0.0, 0.0, 2.0, 2.0])
+    bias = scorer.bias(0, np.full(4, START, np.int32), np.array([0, 0, 1, 1], np.int32))
+    assert not bias[:2].any() and bias[2:].any()

@@ -58,7 +58,7 @@ def search_with_tags(backend: Backend, encoded: Encoded, options: CaptionOptions
     if fusion is not None:
         weight = fusion.weight if options.fusion_weight is None else options.fusion_weight
         if weight > 0:
-            scorers.append(partial(fusion.scorer, weight))
+            scorers.append(partial(fusion.scorer, weight, class_probs=encoded.class_probs))
     return beam_search(backend, encoded, options, start_id, end_id, filters=filters,
                        scorers=scorers, partition=partition, return_attention=return_attention)
 

@@ -13,7 +13,14 @@ the host, so fusion works on every backend (it reaches the step through ``word_b
 bonus does). Trained by ``edgecap.training.language_model``.
 
 A model directory carries them as ``fusion.json`` (``edgecap-fusion/1``: the two ``.npz`` files,
-their SHA-256, the weight chosen for the model) beside the two weight files.
+their SHA-256, the weight chosen for the model, and the gate below) beside the two weight files.
+
+The gate: the caption model's own prior is right for photos like its training photos, so the
+fusion weight of each photo shrinks with how typical the photo is of the training photos. A
+photo's typicality is ``sum_c p(c) log(1000 q(c))``, ``p`` its encoder class probabilities and
+``q`` the mean class probabilities of the training photos; its weight is the full weight below
+``full_below`` (a typicality lower than 95% of the training photos'), none above ``none_above``
+(the median training photo's), linear between. Both bounds come from the training photos only.
 """
 
 from __future__ import annotations
@@ -111,6 +118,7 @@ class Fusion:
     in_domain: CaptionLM
     weight: float  # the weight chosen for this model (``CaptionOptions.fusion_weight`` default)
     info: dict
+    gate: "Gate | None" = None
 
     @classmethod
     def load(cls, directory: Path, vocab_size: int) -> "Fusion | None":
@@ -138,9 +146,11 @@ class Fusion:
             weight = float(spec["weight"])
             if not 0 <= weight <= 2:
                 raise ValueError(f"weight must be in [0, 2], got {weight}")
+            gate = None if spec.get("gate") is None else Gate.from_json(spec["gate"])
         except (KeyError, TypeError, ValueError, AttributeError) as exc:
             raise ModelError(f"{path}: malformed fusion file ({exc}); re-make it") from None
-        return cls(models["everyday"], models["in_domain"], weight, spec)
+        info = {k: v for k, v in spec.items() if k != "gate"}
+        return cls(models["everyday"], models["in_domain"], weight, info, gate)
 
     def sentence_scores(self, tokens: list[int], start_id: int, end_id: int) -> tuple[float, float]:
         """A caption's mean log-probability per word (with <end>) under the everyday and the
@@ -156,8 +166,52 @@ class Fusion:
             out.append(total / (len(words) - 1))
         return out[0], out[1]
 
-    def scorer(self, weight: float, image_index: np.ndarray) -> "FusionScorer":
-        return FusionScorer(self, weight, len(image_index))
+    def scorer(self, weight: float, image_index: np.ndarray,
+               class_probs: np.ndarray | None = None) -> "FusionScorer":
+        """A search's scorer; with a gate and the images' ``class_probs`` (N, C), each image's
+        weight is ``weight`` times its gate."""
+        weights = np.full(len(image_index), weight, np.float32)
+        if self.gate is not None and class_probs is not None:
+            weights *= self.gate(class_probs)[image_index]
+        return FusionScorer(self, weights)
+
+
+@dataclass(frozen=True)
+class Gate:
+    """Per photo, the share of the fusion weight it gets (see the module doc)."""
+
+    class_log_prior: np.ndarray  # (C,): log(C q(c)), q the training photos' mean class probs
+    full_below: float
+    none_above: float
+
+    @classmethod
+    def from_json(cls, spec: dict) -> "Gate":
+        prior = np.asarray(spec["class_log_prior"], np.float64)
+        low, high = float(spec["full_below"]), float(spec["none_above"])
+        if prior.ndim != 1 or not np.isfinite(prior).all() or not low < high:
+            raise ValueError("gate: class_log_prior must be finite numbers and "
+                             "full_below < none_above")
+        return cls(prior, low, high)
+
+    @classmethod
+    def fit(cls, train_class_probs: np.ndarray) -> "Gate":
+        """From the training photos' class probabilities (N, C)."""
+        prior = np.log(train_class_probs.mean(0) * train_class_probs.shape[1] + 1e-9)
+        typical = train_class_probs @ prior
+        return cls(prior, float(np.percentile(typical, 5)), float(np.percentile(typical, 50)))
+
+    def to_json(self) -> dict:
+        return {"class_log_prior": [round(float(v), 5) for v in self.class_log_prior],
+                "full_below": self.full_below, "none_above": self.none_above}
+
+    def typicality(self, class_probs: np.ndarray) -> np.ndarray:
+        return np.asarray(class_probs, np.float64) @ self.class_log_prior
+
+    def __call__(self, class_probs: np.ndarray) -> np.ndarray:
+        """(N, C) -> (N,) in [0, 1]."""
+        share = (self.none_above - self.typicality(class_probs)) / (self.none_above
+                                                                    - self.full_below)
+        return np.clip(share, 0.0, 1.0).astype(np.float32)
 
 
 class FusionScorer(Scorer):
@@ -165,8 +219,10 @@ class FusionScorer(Scorer):
     each row's running log-probability under each (``values``: ``lm_everyday`` and
     ``lm_in_domain``, the caption's mean log-probability per word, with <end> when it ended)."""
 
-    def __init__(self, fusion: Fusion, weight: float, rows: int):
-        self.fusion, self.weight = fusion, np.float32(weight)
+    def __init__(self, fusion: Fusion, weights: np.ndarray):
+        """``weights`` (R,): each row's fusion weight."""
+        rows = len(weights)
+        self.fusion, self.weights = fusion, np.asarray(weights, np.float32)[:, None]
         self.states = [fusion.everyday.zero_state(rows), fusion.in_domain.zero_state(rows)]
         self.totals = np.zeros((rows, 2))   # per row: the sums of its words' log-probabilities
         self.counts = np.zeros(rows)        # and how many words they hold
@@ -182,7 +238,7 @@ class FusionScorer(Scorer):
             self.states[k] = (h, c)
             logps.append(logp)
         self.logps = logps
-        return self.weight * (logps[0] - logps[1])
+        return self.weights * (logps[0] - logps[1])
 
     def update(self, source_rows: np.ndarray, words: np.ndarray, live: np.ndarray) -> None:
         chosen = np.stack([lp[source_rows, words] for lp in self.logps], 1)

@@ -145,9 +145,12 @@ def save(model, args, vocab, manifest, history, n_train, n_dev) -> None:
     out.with_suffix(".json").write_text(json.dumps(meta, indent=1) + "\n", "utf-8")
 
 
-def install(model_dir: Path, everyday: Path, in_domain: Path, weight: float) -> Path:
+def install(model_dir: Path, everyday: Path, in_domain: Path, weight: float,
+            gate_photos: list[Path] | None = None) -> Path:
     """Copy the two language models into ``model_dir`` and write its ``fusion.json``; both
-    must have been trained on the model's vocabulary. -> the fusion file's path."""
+    must have been trained on the model's vocabulary. ``gate_photos``: the caption model's
+    training photos, whose class probabilities set the per-photo gate (None: no gate).
+    -> the fusion file's path."""
     import shutil
 
     from edgecap.decoding.fusion import FORMAT, FUSION_FILE, Fusion
@@ -166,10 +169,28 @@ def install(model_dir: Path, everyday: Path, in_domain: Path, weight: float) -> 
                       "trained_on": meta.get("trained_on"), "captions": meta.get("captions"),
                       "hidden": meta.get("hidden"), "embed": meta.get("embed"),
                       "dev_perplexity": min(e["dev_perplexity"] for e in meta["history"])}
+    if gate_photos:
+        spec["gate"] = {**gate_from_photos(model_dir, gate_photos).to_json(),
+                        "fitted_on": f"{len(gate_photos)} training photos of the caption model"}
     path = Path(model_dir) / FUSION_FILE
     path.write_text(json.dumps(spec, indent=1) + "\n", "utf-8")
     Fusion.load(Path(model_dir), manifest.dims.vocab_size)  # it loads as written
     return path
+
+
+def gate_from_photos(model_dir: Path, photos: list[Path]):
+    """The fusion gate fitted on ``photos`` (the caption model's training photos)."""
+    from edgecap.api import Captioner
+    from edgecap.decoding.fusion import Gate
+    from edgecap.images import load_rgb, preprocess
+
+    captioner = Captioner(model_dir, fusion_weight=0.0)
+    probs = []
+    for start in range(0, len(photos), 32):
+        x = preprocess([load_rgb(p) for p in photos[start:start + 32]],
+                       captioner.manifest.preprocessing)
+        probs.append(captioner.backend.encode(x).class_probs)
+    return Gate.fit(np.concatenate(probs))
 
 
 def main(argv=None) -> int:
@@ -181,8 +202,17 @@ def main(argv=None) -> int:
         parser.add_argument("--everyday", required=True, type=Path)
         parser.add_argument("--in-domain", required=True, type=Path)
         parser.add_argument("--weight", required=True, type=float)
+        parser.add_argument("--gate-images", type=Path,
+                            help="folder of the caption model's training photos (with "
+                                 "--gate-list: the names to use) for the per-photo gate")
+        parser.add_argument("--gate-list", type=Path, help="file naming one photo per line")
         args = parser.parse_args(argv[1:])
-        print(install(args.model, args.everyday, args.in_domain, args.weight))
+        photos = None
+        if args.gate_images:
+            names = ([n.strip() for n in args.gate_list.read_text().splitlines() if n.strip()]
+                     if args.gate_list else sorted(p.name for p in args.gate_images.iterdir()))
+            photos = [args.gate_images / n for n in names]
+        print(install(args.model, args.everyday, args.in_domain, args.weight, photos))
         return 0
     parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
     source = parser.add_mutually_exclusive_group(required=True)
