@@ -28,23 +28,11 @@ sys.path.insert(0, str(Path(__file__).resolve().parent))
 
 def collect(captioner, items, root: Path):
     """-> (signals (N, S), per-photo captions {image_id: text}) for the items' photos."""
-    from edgecap.confidence import signals
-    from edgecap.images import load_rgb, preprocess
-
     rows, texts = [], {}
-    batch = captioner.options.batch_size
-    for start in range(0, len(items), batch):
-        chunk = items[start:start + batch]
-        paths = [root / item.file_name for item in chunk]
-        captions = captioner.caption_batch(paths)
-        x = preprocess([load_rgb(p) for p in paths], captioner.manifest.preprocessing)
-        probs = captioner.backend.encode(x).class_probs
-        for item, caption, p in zip(chunk, captions, probs):
-            ids = [captioner.vocab.index[w] for w in caption.tokens]
-            language = (None if captioner.fusion is None else captioner.fusion.sentence_scores(
-                ids, captioner.vocab.start, captioner.vocab.end))
-            rows.append(signals(ids, caption.score, p, captioner.classes.word_ids, language))
-            texts[item.image_id] = caption.text
+    paths = [root / item.file_name for item in items]
+    for item, caption in zip(items, captioner.iter_captions(paths)):
+        rows.append(caption.signals)
+        texts[item.image_id] = caption.text
     return np.array(rows), texts
 
 
@@ -57,27 +45,38 @@ def main(argv=None) -> int:
     p.add_argument("--threshold", type=float, default=0.5,
                    help="per-photo CIDEr from which a caption is right (default: %(default)s)")
     p.add_argument("--l2", type=float, default=1.0, help="(default: %(default)s)")
+    p.add_argument("--fit-on", choices=("everyday", "all"), default="all",
+                   help="the photos the model is fitted on besides the everyday folds: all "
+                        "(with Flickr8k dev) or everyday only (default: %(default)s)")
+    p.add_argument("--reuse", action="store_true",
+                   help="refit on OUT/signals.npz from an earlier run instead of captioning")
     p.add_argument("--write", type=Path, metavar="MODEL_DIR",
                    help="also fit on every photo and write MODEL_DIR/confidence.json")
     args = p.parse_args(argv)
 
-    from decoding_choice import load_sets
+    from decoding_choice import SETS, load_sets
 
     from edgecap import Captioner
     from edgecap.confidence import SIGNALS, ConfidenceModel, auroc, fit, write
     from edgecap.evaluation.metrics import per_image_cider
 
     args.out.mkdir(parents=True, exist_ok=True)
-    captioner = Captioner(args.model)
-    sets = load_sets(args.data, args.flickr8k_limit)
+    cache = args.out / "signals.npz"
     data = {}
-    for name, (items, root) in sets.items():
-        x, texts = collect(captioner, items, root)
-        refs = {item.image_id: item.captions for item in items}
-        cider = per_image_cider(refs, texts)
-        data[name] = (x, np.array([cider[item.image_id] for item in items]))
-        print(f"{name}: {len(items)} photos, {np.mean(data[name][1] >= args.threshold):.2f} right",
-              flush=True)
+    if args.reuse:
+        with np.load(cache) as saved:
+            data = {name: (saved[f"{name}/x"], saved[f"{name}/cider"]) for name, _ in SETS}
+    else:
+        captioner = Captioner(args.model)
+        for name, (items, root) in load_sets(args.data, args.flickr8k_limit).items():
+            x, texts = collect(captioner, items, root)
+            refs = {item.image_id: item.captions for item in items}
+            cider = per_image_cider(refs, texts)
+            data[name] = (x, np.array([cider[item.image_id] for item in items]))
+        np.savez(cache, **{f"{n}/{k}": v for n, (x, c) in data.items()
+                           for k, v in (("x", x), ("cider", c))})
+    for name, (x, cider) in data.items():
+        print(f"{name}: {len(x)} photos, {np.mean(cider >= args.threshold):.2f} right", flush=True)
     everyday_x = np.vstack([data[s][0] for s in ("coco-ood-dev", "coco-ood-dev-b")])
     everyday_c = np.concatenate([data[s][1] for s in ("coco-ood-dev", "coco-ood-dev-b")])
     flickr_x, flickr_c = data["flickr8k-dev"]
@@ -87,8 +86,10 @@ def main(argv=None) -> int:
     predicted = np.zeros(len(everyday_x))
     for k in range(5):
         train = folds != k
-        mean, std, w, b = fit(np.vstack([everyday_x[train], flickr_x]),
-                              np.concatenate([labels[train], flickr_c >= args.threshold]), args.l2)
+        extra_x, extra_y = ((flickr_x, flickr_c >= args.threshold) if args.fit_on == "all"
+                            else (flickr_x[:0], flickr_c[:0] >= args.threshold))
+        mean, std, w, b = fit(np.vstack([everyday_x[train], extra_x]),
+                              np.concatenate([labels[train], extra_y]), args.l2)
         model = ConfidenceModel(mean, std, w, b, {})
         predicted[~train] = [model.predict(row) for row in everyday_x[~train]]
     result = {
@@ -104,11 +105,13 @@ def main(argv=None) -> int:
                                    "mean CIDEr": round(float(everyday_c[best].mean()), 4),
                                    "right": round(float(labels[best].mean()), 4)})
     if args.write:
-        all_x = np.vstack([everyday_x, flickr_x])
-        all_y = np.concatenate([labels, flickr_c >= args.threshold])
+        all_x = np.vstack([everyday_x, flickr_x]) if args.fit_on == "all" else everyday_x
+        all_y = (np.concatenate([labels, flickr_c >= args.threshold]) if args.fit_on == "all"
+                 else labels)
         mean, std, w, b = fit(all_x, all_y, args.l2)
         info = {"right": result["right"], "fitted_on": {
-            "everyday": "coco-ood-dev + coco-ood-dev-b", "in_domain": "Flickr8k dev",
+            "everyday": "coco-ood-dev + coco-ood-dev-b",
+            "in_domain": "Flickr8k dev" if args.fit_on == "all" else None,
             "photos": len(all_x)},
             "auroc_everyday_cross_validated": result["auroc_everyday_cross_validated"]}
         path = write(args.write, ConfidenceModel(mean, std, w, b, info))

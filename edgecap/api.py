@@ -54,7 +54,8 @@ class Caption:
     caption is right (``edgecap.confidence``; None for a model without a confidence model).
     ``recognisable``: False for a frame with nothing to caption (uniform, or blurred past any
     detail: ``edgecap.preprocess.recognisable``); its ``text`` is then ``NOTHING_RECOGNISABLE``,
-    ``tokens`` empty and ``confidence`` 0. ``attention``: float32 (n_words, 7, 7), the
+    ``tokens`` empty and ``confidence`` 0. ``signals``: what ``confidence`` is computed from
+    (``edgecap.confidence.SIGNALS``), for fitting a confidence model. ``attention``: float32 (n_words, 7, 7), the
     attention over the image's regions for each word, when asked for. ``objects``: the image's
     most probable object classes as (name, probability), best first, from the encoder's own
     classifier (ImageNet's 1000 classes), whatever the caption says.
@@ -70,6 +71,7 @@ class Caption:
     attention: np.ndarray | None = field(default=None, compare=False, repr=False)
     confidence: float | None = field(default=None, compare=False)
     recognisable: bool = field(default=True, compare=False)
+    signals: np.ndarray | None = field(default=None, compare=False, repr=False)
 
 
 NOTHING_RECOGNISABLE = "nothing recognisable"
@@ -248,20 +250,24 @@ class Captioner:
                              "vocabulary; the graph and vocab.json do not belong together: "
                              "re-export the model")
         words = [self.vocab.words[i] for i in hyp.tokens]
-        confidence = None
-        if self.confidence_model is not None and probs is not None:
+        confidence, x = None, None
+        if probs is not None:
             language = None
             if "lm_everyday" in hyp.values:  # the fused search kept them
                 language = (hyp.values["lm_everyday"], hyp.values["lm_in_domain"])
-            elif self.fusion is not None:
+            elif self.fusion is not None and self.confidence_model is not None:
                 language = self.fusion.sentence_scores(hyp.tokens, self.vocab.start,
                                                        self.vocab.end)
-            confidence = round(self.confidence_model.predict(
-                signals(hyp.tokens, hyp.score, probs, self.classes.word_ids, language)), 4)
+            typicality = (0.0 if self.fusion is None or self.fusion.gate is None
+                          else float(self.fusion.gate.typicality(probs[None])[0]))
+            x = signals(hyp.tokens, hyp.score, probs, self.classes.word_ids, language,
+                        hyp.rank_score, typicality)
+            if self.confidence_model is not None:
+                confidence = round(self.confidence_model.predict(x), 4)
         return Caption(text=" ".join(words), score=float(hyp.score), tokens=words,
                        log_prob=float(hyp.log_prob), alternatives=alternatives, objects=objects,
                        timings=timings, attention=_attention_maps(hyp.attention),
-                       confidence=confidence)
+                       confidence=confidence, signals=x)
 
     def _nothing(self, hyp: Hypothesis, objects: tuple, timings: dict[str, float]) -> Caption:
         """A frame with nothing to caption: no invented scene (its search ran with the batch)."""

@@ -20,7 +20,9 @@ fusion weight of each photo shrinks with how typical the photo is of the trainin
 photo's typicality is ``sum_c p(c) log(1000 q(c))``, ``p`` its encoder class probabilities and
 ``q`` the mean class probabilities of the training photos; its weight is the full weight below
 ``full_below`` (a typicality lower than 95% of the training photos'), none above ``none_above``
-(the median training photo's), linear between. Both bounds come from the training photos only.
+(lower than 85% of theirs), linear between. Both bounds are percentiles of the training photos;
+which percentiles (5 and 15, against 5 and 25 or 50) was chosen on the dev photos
+(benchmarks/results/decoding_choice*.md).
 """
 
 from __future__ import annotations
@@ -194,11 +196,14 @@ class Gate:
         return cls(prior, low, high)
 
     @classmethod
-    def fit(cls, train_class_probs: np.ndarray) -> "Gate":
-        """From the training photos' class probabilities (N, C)."""
+    def fit(cls, train_class_probs: np.ndarray, full_below: float = 5.0,
+            none_above: float = 15.0) -> "Gate":
+        """From the training photos' class probabilities (N, C): full weight below the
+        ``full_below`` percentile of their typicality, none above the ``none_above`` one."""
         prior = np.log(train_class_probs.mean(0) * train_class_probs.shape[1] + 1e-9)
         typical = train_class_probs @ prior
-        return cls(prior, float(np.percentile(typical, 5)), float(np.percentile(typical, 50)))
+        return cls(prior, float(np.percentile(typical, full_below)),
+                   float(np.percentile(typical, none_above)))
 
     def to_json(self) -> dict:
         return {"class_log_prior": [round(float(v), 5) for v in self.class_log_prior],

@@ -151,8 +151,6 @@ def install(model_dir: Path, everyday: Path, in_domain: Path, weight: float,
     must have been trained on the model's vocabulary. ``gate_photos``: the caption model's
     training photos, whose class probabilities set the per-photo gate (None: no gate).
     -> the fusion file's path."""
-    import shutil
-
     from edgecap.decoding.fusion import FORMAT, FUSION_FILE, Fusion
 
     manifest = load_manifest(model_dir)
@@ -164,7 +162,11 @@ def install(model_dir: Path, everyday: Path, in_domain: Path, weight: float,
         if meta.get("vocab_sha256") != vocab_sha:
             raise SystemExit(f"{source}: trained on another vocabulary than {model_dir}'s")
         name = f"lm_{role}.npz"
-        shutil.copyfile(source, Path(model_dir) / name)
+        # stored as float16 (half the bytes of a model that ships in the package; the numpy
+        # runtime computes in float32)
+        with np.load(source, allow_pickle=False) as arrays:
+            np.savez_compressed(Path(model_dir) / name,
+                                **{k: arrays[k].astype(np.float16) for k in arrays.files})
         spec[role] = {"file": name, "sha256": file_sha256(Path(model_dir) / name),
                       "trained_on": meta.get("trained_on"), "captions": meta.get("captions"),
                       "hidden": meta.get("hidden"), "embed": meta.get("embed"),
