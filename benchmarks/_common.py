@@ -329,8 +329,8 @@ class _TimedSession(DecoderSession):
     def __init__(self, owner: TimedBackend, inner: DecoderSession):
         self.owner, self.inner = owner, inner
 
-    def step(self, tokens: np.ndarray, source_rows: np.ndarray,
-             word_bias: np.ndarray | None = None) -> StepResult:
+    def _step(self, tokens: np.ndarray, source_rows: np.ndarray,
+              word_bias: np.ndarray | None) -> StepResult:
         t0 = time.perf_counter()
         result = self.inner.step(tokens, source_rows, word_bias)
         self.owner.step_times.append(time.perf_counter() - t0)

@@ -201,7 +201,8 @@ class Captioner:
                 results.append(exc)
                 continue
             loaded.append(preprocess([rgb], self.manifest.preprocessing)[0])
-            seen.append(recognisable(loaded[-1], self.manifest.preprocessing))
+            seen.append(not self.options.blank_check
+                        or recognisable(loaded[-1], self.manifest.preprocessing))
             prep_ms.append((time.perf_counter() - t0) * 1e3)
             results.append(None)  # filled below, in order
         if not loaded:

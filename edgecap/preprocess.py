@@ -47,19 +47,24 @@ def to_model_input(image: Image.Image, pre: Preprocessing) -> np.ndarray:
 
 
 # A frame with nothing to recognise: uniform (black, white, a lens cap, one colour) or blurred
-# past any detail. Measured on the encoder input of the shipped model, in pixel levels (0-255),
-# grey image: over 1,160 real photos (coco-ood-dev, coco-ood-dev-b, 1,000 Flickr8k dev) the
-# lowest standard deviation was 18.0 and the lowest mean |Laplacian| 2.70; a uniform frame gives
-# 0 and 0, faint noise (sigma 3) 0.97 and 2.74; the example photos blurred by a Gaussian of
-# radius 4 px (at 224 px) 0.67-1.19 |Laplacian|, of radius 2 px 0.98-2.82 (some still show it).
+# past any detail. Measured on the encoder input of the shipped model in pixel levels (0-255),
+# on the grey image averaged over 4x4 blocks (56x56 at 224 px, so that small photos scaled up
+# are not taken for blurred ones): over 1,160 real photos (coco-ood-dev, coco-ood-dev-b, 600
+# Flickr8k dev) the lowest standard deviation was 15.6 and the lowest mean |Laplacian| 5.27;
+# a uniform frame gives 0 and 0; the example photos blurred by a Gaussian of radius 16 px (at
+# 224 px) give 0.28-1.17, radius 8 px 0.76-4.9, radius 4 px 2.4-13.6; shrunk to 32 px wide
+# 3.1-17.4, to 16 px 0.96-6.7.
 MIN_PIXEL_STD = 6.4
 MIN_DETAIL = 1.5
+BLOCK = 4
 
 
 def frame_statistics(x: np.ndarray, pre: Preprocessing) -> tuple[float, float]:
-    """Encoder input (3, H, W) -> (standard deviation, mean |Laplacian| of the grey image), both
-    in pixel levels."""
+    """Encoder input (3, H, W) -> (standard deviation, mean |Laplacian|) of its grey image
+    averaged over ``BLOCK`` x ``BLOCK`` pixels, both in pixel levels."""
     grey = (x * np.asarray(pre.std, np.float32)[:, None, None]).mean(0)
+    h, w = grey.shape[0] // BLOCK * BLOCK, grey.shape[1] // BLOCK * BLOCK
+    grey = grey[:h, :w].reshape(h // BLOCK, BLOCK, w // BLOCK, BLOCK).mean((1, 3))
     laplacian = (4 * grey[1:-1, 1:-1] - grey[:-2, 1:-1] - grey[2:, 1:-1] - grey[1:-1, :-2]
                  - grey[1:-1, 2:])
     return float(grey.std()), float(np.abs(laplacian).mean())

@@ -10,6 +10,7 @@ import subprocess
 import sys
 from pathlib import Path
 
+import numpy as np
 import pytest
 from PIL import Image
 
@@ -102,7 +103,11 @@ def test_attention_png_has_one_panel_per_word_at_the_photo_aspect(tiny_model_dir
     photos.mkdir()
     work.mkdir()
     photo = photos / "green.png"
-    Image.new("RGB", (300, 200), GREEN).save(photo)
+    # green checks of two shades: something to recognise, and every panel still green
+    squares = (np.indices((200, 300)) // 10).sum(0) % 2
+    pixels = np.zeros((200, 300, 3), np.uint8)
+    pixels[..., 1] = np.where(squares, 255, 190)
+    Image.fromarray(pixels).save(photo)
     target = photos / "attention.png"
     out = edgecap_caption(photo, "--attention", target, "--json", model=tiny_model_dir, cwd=work)
     assert out.returncode == 0, out.stderr
@@ -134,3 +139,13 @@ def test_robot_loop_example(tiny_model_dir, video):
     assert frames and frames == sorted(set(frames)) and set(frames) <= {0, 5, 10, 15}
     assert all("encode" in line and "decode" in line and "dropped" in line for line in events)
     assert summary.startswith("done: ") and "from 20 frames" in summary
+
+
+def test_attention_of_a_blank_photo_says_so_and_writes_nothing(tiny_model_dir, tmp_path):
+    photo = tmp_path / "green.png"
+    Image.new("RGB", (300, 200), GREEN).save(photo)
+    target = tmp_path / "attention.png"
+    out = edgecap_caption(photo, "--attention", target, model=tiny_model_dir, cwd=tmp_path)
+    assert out.returncode == 1
+    assert "nothing recognisable: no attention figure written" in out.stderr
+    assert not target.exists()

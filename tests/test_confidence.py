@@ -37,7 +37,7 @@ def test_blank_and_blurred_frames_are_nothing_recognisable(captioner):
               "white": np.full((240, 320, 3), 255, np.uint8),
               "one colour": np.broadcast_to(np.array([30, 90, 160], np.uint8), (200, 200, 3)),
               "faint noise": np.clip(128 + rng.normal(0, 3, (240, 320, 3)), 0, 255).astype(np.uint8),
-              "blurred": _blurred("coffee.png", 6)}
+              "badly blurred": _blurred("coffee.png", 16)}
     results = captioner.caption_batch(list(frames.values()) + [str(EXAMPLES / "chelsea.png")])
     for name, caption in zip(frames, results):
         assert not caption.recognisable and caption.text == NOTHING_RECOGNISABLE, name
@@ -49,8 +49,10 @@ def test_blank_and_blurred_frames_are_nothing_recognisable(captioner):
 def test_real_photos_are_recognisable(captioner):
     for path in sorted(EXAMPLES.glob("*.*g")):
         assert captioner.caption(str(path)).recognisable, path
-    # a photo blurred a little still is (radius 1 px at 224)
-    assert captioner.caption(_blurred("astronaut.png", 1)).recognisable
+    # a photo blurred a little still is (radius 2 px at 224), and so is a small one scaled up
+    assert captioner.caption(_blurred("astronaut.png", 2)).recognisable
+    small = Image.open(EXAMPLES / "rocket.jpg").convert("RGB").resize((48, 32))
+    assert captioner.caption(np.asarray(small)).recognisable
 
 
 def test_auroc_and_fit_on_known_cases():

@@ -18,13 +18,13 @@ from helpers import vocab_size_of
 
 
 def constrained_beam_search(backend, encoded, options, start_id, end_id, words,
-                            return_attention=False):
+                            return_attention=False, fusion=None):
     """The decoding layer's constrained search with per image ``words`` (its tag-word ids)."""
     from dataclasses import replace
 
     return search_with_tags(backend, encoded, replace(options, constrained=True), start_id,
                             end_id, vocab_size_of(backend), tuple(frozenset(ids) for ids in words),
-                            return_attention=return_attention)
+                            fusion=fusion, return_attention=return_attention)
 
 
 WORDS = ["<pad>", "<start>", "<end>", "<unk>", "a", "dog", "cat", "runs", "sits", "on", "mat"]
@@ -123,11 +123,12 @@ def test_fixed_size_engines_are_asked_for_a_beam_per_state(monkeypatch):
 def test_attention_follows_the_constrained_caption():
     from edgecap import Captioner
 
-    caption = Captioner(constrained=True).caption(str(EXAMPLES / "coffee.png"),
-                                                  return_attention=True)
+    caption = Captioner(constrained=True, fusion_weight=0.0).caption(
+        str(EXAMPLES / "coffee.png"), return_attention=True)
     assert caption.attention.shape == (len(caption.tokens), 7, 7)
     np.testing.assert_allclose(caption.attention.sum(axis=(1, 2)), 1.0, atol=1e-4)
-    plain = Captioner().caption(str(EXAMPLES / "coffee.png"), return_attention=True)
+    plain = Captioner(fusion_weight=0.0).caption(str(EXAMPLES / "coffee.png"),
+                                                 return_attention=True)
     assert caption.tokens != plain.tokens  # a different caption, its own maps
     assert plain.attention.shape == (len(plain.tokens), 7, 7)
 
@@ -165,7 +166,8 @@ def test_the_captioner_runs_the_constrained_search_on_the_tags_it_asks_for():
     encoded = captioner.backend.encode(to_model_input(photo, captioner.manifest.preprocessing)[None])
     guidance = captioner.classes.tag_words(encoded.class_probs, 3, 0.3)
     [expected] = constrained_beam_search(captioner.backend, encoded, captioner.options,
-                                         captioner.vocab.start, captioner.vocab.end, guidance)
+                                         captioner.vocab.start, captioner.vocab.end, guidance,
+                                         fusion=captioner.fusion)
     got = captioner.caption(photo)
     words = captioner.vocab.words
     assert [got.tokens] + [a.tokens for a in got.alternatives] == \

@@ -153,10 +153,11 @@ def test_no_guidance_sends_no_bias():
 
 def test_guidance_is_on_by_default_and_can_be_turned_off(default_captioner, tmp_path):
     """The default steers (the coffee photo's espresso tag names 'coffee' / 'cup'); with the
-    bonus at 0 the captions are the caption model's alone."""
+    bonus at 0 the captions are the caption model's alone (the language-model fusion, which
+    has its own switch, off in both)."""
     assert default_captioner.options.guidance_bonus == 2.0
-    off = Captioner(guidance_bonus=0.0)
-    strong = Captioner(guidance_bonus=5.0)
+    off = Captioner(guidance_bonus=0.0, fusion_weight=0.0)
+    strong = Captioner(guidance_bonus=5.0, fusion_weight=0.0)
     photo = EXAMPLES / "chelsea.png"
     assert "cat" not in off.caption(photo).tokens
     assert "cat" in strong.caption(photo).tokens

@@ -20,12 +20,13 @@ from helpers import has_repeated_ngram
 
 CYCLE = (4, 5, 6)          # word ids: the fake's best path is 4 5 6 4 5 6 ...
 OTHERS = (7, 8, 9, 10, 11, 12, 13, 14)
-IMAGE = np.full((8, 8, 3), 128, np.uint8)
+IMAGE = np.random.default_rng(0).integers(0, 256, (8, 8, 3), dtype=np.uint8)  # not blank
 
 
 class CycleBackend(Backend):
     """Fake: after word w the best next word is the one after w in CYCLE; <end> is never among
-    the candidates, so every caption runs to max_length and, unblocked, repeats a trigram."""
+    the step's top K (nowhere the caption could end), so every caption runs to max_length and,
+    unblocked, repeats a trigram."""
 
     name = "fake-cycle"
     top_k = 10
@@ -40,7 +41,7 @@ class CycleBackend(Backend):
 class _CycleSession(DecoderSession):
     def _step(self, tokens, source_rows, word_bias=None):
         best = [CYCLE[(CYCLE.index(t) + 1) % 3] if t in CYCLE else CYCLE[0] for t in tokens.tolist()]
-        ids = np.array([[b, *(w for w in OTHERS if w != b)][:9] + [2] for b in best], np.int32)
+        ids = np.array([[b, *(w for w in OTHERS if w != b)][:9] + [15] for b in best], np.int32)
         logprobs = np.tile(np.array([-0.1, *np.linspace(-3, -4, 8), -50.0], np.float32),
                            (len(tokens), 1))
         return StepResult(logprobs, ids, None)
@@ -99,10 +100,11 @@ def _subcommand(parser: argparse.ArgumentParser, name: str) -> argparse.Argument
 
 @pytest.mark.parametrize("argv, flagged", [
     (["caption", "photo.jpg"], {"beam_size", "max_length", "no_repeat_ngram", "batch_size",
-                                "guidance_bonus", "constrained"}),
+                                "guidance_bonus", "constrained", "fusion_weight",
+                                "blank_check"}),
     (["eval", "--images", "photos"],
      {"beam_size", "max_length", "no_repeat_ngram", "batch_size", "length_penalty",
-      "guidance_bonus", "constrained"}),
+      "guidance_bonus", "constrained", "fusion_weight", "blank_check"}),
 ])
 def test_cli_defaults_are_the_options_defaults(argv, flagged):
     parser = build_parser()

@@ -39,6 +39,9 @@ def add_model_arguments(p: argparse.ArgumentParser) -> None:
                         "model's own, from its fusion.json; a model without one has none)")
     p.add_argument("--no-fusion", dest="fusion_weight", action="store_const", const=0.0,
                    help="no language-model fusion (--fusion-weight 0)")
+    p.add_argument("--no-blank-check", dest="blank_check", action="store_false",
+                   help="caption every frame, even one with nothing to recognise (uniform or "
+                        "blurred past any detail), instead of saying 'nothing recognisable'")
     p.add_argument("--constrained", action="store_true",
                    help="constrained beam search instead: the caption must say a word of one of "
                         f"the photo's top {DEFAULTS['guidance_tags']} object tags of probability "

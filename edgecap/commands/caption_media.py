@@ -29,6 +29,10 @@ def run_attention(captioner, inputs: list[tuple[str, object]], args) -> int:
     print_result(name, result, args.json, args.show_objects, args.min_confidence)
     if isinstance(result, InputError):
         return 1
+    if not result.recognisable:
+        print(f"edgecap: {escape_field(name)}: nothing recognisable: no attention figure "
+              "written", file=sys.stderr)
+        return 1
     try:
         save_attention(item, result, args.attention)
     except (OSError, ValueError) as exc:

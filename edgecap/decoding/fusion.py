@@ -170,11 +170,12 @@ class Fusion:
 
     def scorer(self, weight: float, image_index: np.ndarray,
                class_probs: np.ndarray | None = None) -> "FusionScorer":
-        """A search's scorer; with a gate and the images' ``class_probs`` (N, C), each image's
-        weight is ``weight`` times its gate."""
+        """A search's scorer; with a gate, each image's weight is ``weight`` times its gate's
+        share from the images' ``class_probs`` (N, C); without class probabilities (a backend
+        that gives none) a gated fusion cannot tell the photos apart and adds nothing."""
         weights = np.full(len(image_index), weight, np.float32)
-        if self.gate is not None and class_probs is not None:
-            weights *= self.gate(class_probs)[image_index]
+        if self.gate is not None:
+            weights *= (0.0 if class_probs is None else self.gate(class_probs)[image_index])
         return FusionScorer(self, weights)
 
 

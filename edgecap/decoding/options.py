@@ -34,6 +34,9 @@ class CaptionOptions:
     # scores get fusion_weight * (log p_everyday - log p_in-domain). None: the weight chosen for
     # the model (its fusion.json); 0: off. A model without language models has no fusion.
     fusion_weight: float | None = None
+    # A frame with nothing to recognise (uniform, or blurred past any detail) gets the text
+    # "nothing recognisable" instead of an invented scene (``edgecap.preprocess.recognisable``).
+    blank_check: bool = True
 
     @property
     def rows_per_image(self) -> int:
@@ -48,8 +51,9 @@ class CaptionOptions:
             value = getattr(self, name)
             if isinstance(value, bool) or not isinstance(value, int):
                 raise ValueError(f"{name} must be an integer, got {value!r}")
-        if not isinstance(self.constrained, bool):
-            raise ValueError(f"constrained must be True or False, got {self.constrained!r}")
+        for name in ("constrained", "blank_check"):
+            if not isinstance(getattr(self, name), bool):
+                raise ValueError(f"{name} must be True or False, got {getattr(self, name)!r}")
         for name, low, high in (("guidance_bonus", 0, 10), ("guidance_min_prob", 0, 1),
                                 ("constraint_min_prob", 0, 1), ("fusion_weight", 0, 2)):
             value = getattr(self, name)
