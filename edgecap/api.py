@@ -253,16 +253,10 @@ class Captioner:
         words = [self.vocab.words[i] for i in hyp.tokens]
         confidence, x = None, None
         if probs is not None:
-            language = None
-            if "lm_everyday" in hyp.values:  # the fused search kept them
-                language = (hyp.values["lm_everyday"], hyp.values["lm_in_domain"])
-            elif self.fusion is not None and self.confidence_model is not None:
-                language = self.fusion.sentence_scores(hyp.tokens, self.vocab.start,
-                                                       self.vocab.end)
             typicality = (0.0 if self.fusion is None or self.fusion.gate is None
                           else float(self.fusion.gate.typicality(probs[None])[0]))
-            x = signals(hyp.tokens, hyp.score, probs, self.classes.word_ids, language,
-                        hyp.rank_score, typicality)
+            x = signals(hyp.tokens, hyp.score, probs, self.classes.word_ids, hyp.rank_score,
+                        typicality)
             if self.confidence_model is not None:
                 confidence = round(self.confidence_model.predict(x), 4)
         return Caption(text=" ".join(words), score=float(hyp.score), tokens=words,

@@ -5,10 +5,10 @@ Signals (``signals``): the caption's mean log-probability per word (its score), 
 most probable class and the entropy of its class distribution (a photo the classifier knows
 well, or one it cannot place), whether the caption names one of the photo's confident tags, how
 many of its object words no tag supports (the Flickr8k model invents dogs and people), its
-length, the score the search ranked it by, and, where the model has caption language models
-(``edgecap.decoding.fusion``), how everyday the sentence reads (its mean log-probability per word
-under the everyday model, and that minus the in-domain model's) and how like the training photos
-the photo looks (the fusion gate's typicality). A logistic model over them, fitted on dev photos (``benchmarks/confidence_fit.py``),
+length, the score the search ranked it by, and how like the training photos the photo looks (the
+fusion gate's typicality, where the model has one: ``edgecap.decoding.fusion``). The sentence's
+scores under the two caption language models were tried as signals too and left out: they
+lowered the cross-validated AUROC on everyday photos (0.672 with them, 0.689 without). A logistic model over them, fitted on dev photos (``benchmarks/confidence_fit.py``),
 ships with a model directory as ``confidence.json``; without one ``confidence`` is None.
 """
 
@@ -26,20 +26,19 @@ from edgecap.errors import ModelError
 CONFIDENCE_FILE = "confidence.json"
 FORMAT = "edgecap-confidence/1"
 SIGNALS = ("score", "rank_score", "top_class_prob", "class_entropy", "names_a_tag",
-           "unsupported_words", "n_words", "lm_everyday", "lm_ratio", "typicality")
+           "unsupported_words", "n_words", "typicality")
 TAG_MIN_PROB = 0.1   # a tag is "confident" from this probability (the guidance threshold)
 SUPPORT_TAGS = 5     # the tags whose words count as support for an object word
 
 
 def signals(tokens: list[int], score: float, probs: np.ndarray, word_ids,
-            language=None, rank_score: float | None = None, typicality: float = 0.0) -> np.ndarray:
+            rank_score: float | None = None, typicality: float = 0.0) -> np.ndarray:
     """One caption's signals, float64 (len(SIGNALS),). ``tokens``: its word ids; ``score``:
     its mean log-probability; ``rank_score``: what the search ranked it by (with the tag bonus
     and the fused language models; None: ``score``); ``probs`` (C,): the photo's class
     probabilities; ``word_ids``: per class, its caption word ids (``ObjectClasses.word_ids``);
-    ``language``: (everyday, in-domain) mean log-probabilities per word of the caption
-    (``Fusion.sentence_scores``), None for a model without them; ``typicality``: how like the
-    training photos the photo looks (``fusion.Gate.typicality``; 0 without a gate)."""
+    ``typicality``: how like the training photos the photo looks (``fusion.Gate.typicality``; 0
+    without a gate)."""
     probs = np.asarray(probs, np.float64)
     order = np.argsort(-probs, kind="stable")
     confident = {w for c in order[:3] if probs[c] >= TAG_MIN_PROB for w in word_ids[c]}
@@ -47,11 +46,10 @@ def signals(tokens: list[int], score: float, probs: np.ndarray, word_ids,
     object_words = _object_words(word_ids)
     said = set(tokens)
     entropy = float(-(probs * np.log(np.clip(probs, 1e-12, 1.0))).sum())
-    everyday, in_domain = language if language is not None else (0.0, 0.0)
     return np.array([score, score if rank_score is None else rank_score, float(probs[order[0]]),
                      entropy, float(bool(said & confident)),
                      float(len((said & object_words) - supported)), float(len(tokens)),
-                     everyday, everyday - in_domain, typicality])
+                     typicality])
 
 
 _OBJECT_WORDS: dict[int, frozenset[int]] = {}

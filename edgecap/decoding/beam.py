@@ -13,7 +13,7 @@ at least one non-empty hypothesis.
 from __future__ import annotations
 
 from collections.abc import Callable, Sequence
-from dataclasses import dataclass, field
+from dataclasses import dataclass
 
 import numpy as np
 
@@ -34,7 +34,6 @@ class Hypothesis:
     finished: bool                 # ended with <end> (False: cut at max_length)
     attention: np.ndarray | None = None  # (n_words, L)
     rank_score: float | None = None  # what ranks it: ``score`` with the scorers' bonuses (if any)
-    values: dict = field(default_factory=dict)  # what the scorers know of it (``Scorer.values``)
 
 
 def length_normalised(log_prob: float, length: int, penalty: float | None) -> float:
@@ -113,8 +112,7 @@ def beam_search(backend: Backend, encoded: Encoded, options: CaptionOptions, sta
             into = _candidates(partition, img, base, beam, width, live_l, cand_l, true_cand, ids_l)
             if t > 0 and not any(finished[img]):
                 could_end[img] = _best_ending(could_end[img], base, beam, group, end_id, live_l,
-                                              cand_l, true_cand, ids_l, seqs, alphas, options,
-                                              active)
+                                              cand_l, true_cand, ids_l, seqs, alphas, options)
             live = False
             for state in range(n_states):
                 hyps = finished[img][state]
@@ -130,8 +128,7 @@ def beam_search(backend: Backend, encoded: Encoded, options: CaptionOptions, sta
                     if word == end_id:
                         if len(hyps) < beam:
                             hyps.append(_hypothesis(seqs[src], score, model_lp, True, alphas,
-                                                    src, options.length_penalty,
-                                                    _values(active, src, word)))
+                                                    src, options.length_penalty))
                         continue
                     row = first + filled
                     new_source[row], new_tokens[row] = src, word
@@ -144,8 +141,7 @@ def beam_search(backend: Backend, encoded: Encoded, options: CaptionOptions, sta
                 if not live and not any(finished[img]):
                     # Every continuation was blocked (repeats) and none could end: keep what
                     # the live beams have so far rather than return nothing.
-                    _keep_live(finished[img], base, beam, seqs, sum_lp, true_lp, alphas, options,
-                               active)
+                    _keep_live(finished[img], base, beam, seqs, sum_lp, true_lp, alphas, options)
                 done[img] = True
                 new_lp[base:base + group] = NEG_INF
         if done.all():
@@ -163,7 +159,7 @@ def beam_search(backend: Backend, encoded: Encoded, options: CaptionOptions, sta
         for img in range(n_images):
             if not done[img]:
                 _keep_live(finished[img], img * group, beam, seqs, sum_lp, true_lp, alphas,
-                           options, active)
+                           options)
     for img, ending in enumerate(could_end):
         if ending is not None and not any(h.finished for state in finished[img] for h in state):
             hyp, state = ending
@@ -172,7 +168,7 @@ def beam_search(backend: Backend, encoded: Encoded, options: CaptionOptions, sta
 
 
 def _best_ending(best, base, beam, group, end_id, live_l, cand_l, true_l, ids_l, seqs, alphas,
-                 options, scorers) -> tuple[Hypothesis, int] | None:
+                 options) -> tuple[Hypothesis, int] | None:
     """``best`` or, if better ranked, the best ending (<end> among the top K) of an image's
     live rows at this step, with the state of its row."""
     for src in range(base, base + group):
@@ -180,7 +176,7 @@ def _best_ending(best, base, beam, group, end_id, live_l, cand_l, true_l, ids_l,
             continue
         k = ids_l[src].index(end_id)
         hyp = _hypothesis(seqs[src], cand_l[src][k], true_l[src][k], True, alphas, src,
-                          options.length_penalty, _values(scorers, src, end_id))
+                          options.length_penalty)
         if best is None or (hyp.rank_score, hyp.log_prob) > (best[0].rank_score,
                                                               best[0].log_prob):
             best = (hyp, (src - base) // beam)
@@ -224,32 +220,23 @@ def checked_step(lp: np.ndarray, result, t: int, backend: Backend, alphas: np.nd
     return step_alpha if alphas is None else np.concatenate([alphas, step_alpha], 1)
 
 
-def _hypothesis(seq, rank_lp, log_prob, finished, alphas, row, penalty,
-                values: dict | None = None) -> Hypothesis:
+def _hypothesis(seq, rank_lp, log_prob, finished, alphas, row, penalty) -> Hypothesis:
     words = [int(w) for w in seq]
     length = max(len(words) + (1 if finished else 0), 1)
     attention = None if alphas is None else np.array(alphas[row, : len(words)])
     return Hypothesis(words, float(log_prob), length_normalised(float(log_prob), length, penalty),
                       finished, attention,
-                      rank_score=length_normalised(float(rank_lp), length, penalty),
-                      values=values or {})
+                      rank_score=length_normalised(float(rank_lp), length, penalty))
 
 
-def _values(scorers, row: int, word: int | None) -> dict:
-    out: dict = {}
-    for scorer in scorers:
-        out.update(scorer.values(row, word))
-    return out
-
-
-def _keep_live(by_state, base, beam, seqs, sum_lp, true_lp, alphas, options, scorers) -> None:
+def _keep_live(by_state, base, beam, seqs, sum_lp, true_lp, alphas, options) -> None:
     """An image's live beams become unfinished hypotheses of their state, up to ``beam`` per
     state; the image's rows start at ``base``, one block of ``beam`` per state."""
     for state, hyps in enumerate(by_state):
         for row in range(base + state * beam, base + state * beam + beam):
             if sum_lp[row] != NEG_INF and len(hyps) < beam:
                 hyps.append(_hypothesis(seqs[row], sum_lp[row], true_lp[row], False, alphas, row,
-                                        options.length_penalty, _values(scorers, row, None)))
+                                        options.length_penalty))
 
 
 def ranked(hyps: list[Hypothesis]) -> list[Hypothesis]:

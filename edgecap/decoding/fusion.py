@@ -61,8 +61,8 @@ class CaptionLM:
                 raise ValueError(f"{name} has shape {arrays[name].shape}, expected {shape}")
         self.vocab_size, self.hidden = V, H
         self._input = (embed @ w_ih.T + bias).astype(np.float32)  # (V, 4H)
-        self._w_hh_t = np.ascontiguousarray(w_hh.T, np.float32)     # (H, 4H)
-        self._out_t = np.ascontiguousarray(out_w.T, np.float32)     # (H, V)
+        self._w_hh = np.ascontiguousarray(w_hh, np.float32)         # (4H, H)
+        self._out_w = np.ascontiguousarray(out_w, np.float32)       # (V, H)
         self._out_b = out_b.astype(np.float32)
 
     @classmethod
@@ -94,18 +94,44 @@ class CaptionLM:
         return (np.zeros((rows, self.hidden), np.float32),
                 np.zeros((rows, self.hidden), np.float32))
 
-    def step(self, tokens: np.ndarray, h: np.ndarray, c: np.ndarray):
-        """tokens (R,) -> (log-probabilities of the next word (R, V) float32, h, c)."""
-        gates = self._input[tokens] + h @ self._w_hh_t
+    def step_logits(self, tokens: np.ndarray, h: np.ndarray, c: np.ndarray):
+        """tokens (R,) -> (logits of the next word (R, V) float32, their log-normaliser (R, 1),
+        h, c): the log-probabilities are ``logits - normaliser``."""
+        gates = self._input[tokens] + _product(h, self._w_hh)
         H = self.hidden
         i, f = _sigmoid(gates[:, :H]), _sigmoid(gates[:, H:2 * H])
         g, o = np.tanh(gates[:, 2 * H:3 * H]), _sigmoid(gates[:, 3 * H:])
         c = f * c + i * g
         h = o * np.tanh(c)
-        logits = h @ self._out_t + self._out_b
+        logits = _product(h, self._out_w)
+        logits += self._out_b
         top = logits.max(axis=1, keepdims=True)
-        logp = logits - (top + np.log(np.exp(logits - top).sum(axis=1, keepdims=True)))
-        return logp, h, c
+        norm = top + np.log(np.exp(logits - top).sum(axis=1, keepdims=True))
+        return logits, norm, h, c
+
+    def step(self, tokens: np.ndarray, h: np.ndarray, c: np.ndarray):
+        """tokens (R,) -> (log-probabilities of the next word (R, V) float32, h, c)."""
+        logits, norm, h, c = self.step_logits(tokens, h, c)
+        return logits - norm, h, c
+
+
+# Products at most this many multiply-adds each, which numpy's OpenBLAS runs on one thread: on
+# more it starts its thread pool, whose threads then spin for ~100 ms after each call and take
+# the CPU from the decoder step (measured, 2-core AMD EPYC: (3, 128) x (128, 2538) in one call
+# 0.12 ms on 2 threads, then 100 ms of a spinning core; in 512-row blocks 0.17 ms, no spinning).
+_ONE_THREAD_MACS = 196_608
+
+
+def _product(x: np.ndarray, weight: np.ndarray) -> np.ndarray:
+    """x (R, H) @ weight.T for ``weight`` (N, H), float32 (R, N), in blocks of ``weight``'s rows
+    small enough to stay on one BLAS thread."""
+    rows, hidden = x.shape
+    block = max(8, _ONE_THREAD_MACS // max(1, rows * hidden))
+    out = np.empty((weight.shape[0], rows), np.float32)
+    x_t = np.ascontiguousarray(x.T)
+    for start in range(0, weight.shape[0], block):
+        np.matmul(weight[start:start + block], x_t, out=out[start:start + block])
+    return out.T
 
 
 def _sigmoid(x: np.ndarray) -> np.ndarray:
@@ -153,20 +179,6 @@ class Fusion:
             raise ModelError(f"{path}: malformed fusion file ({exc}); re-make it") from None
         info = {k: v for k, v in spec.items() if k != "gate"}
         return cls(models["everyday"], models["in_domain"], weight, info, gate)
-
-    def sentence_scores(self, tokens: list[int], start_id: int, end_id: int) -> tuple[float, float]:
-        """A caption's mean log-probability per word (with <end>) under the everyday and the
-        in-domain language model."""
-        words = [start_id, *tokens, end_id]
-        out = []
-        for lm in (self.everyday, self.in_domain):
-            h, c = lm.zero_state(1)
-            total = 0.0
-            for prev, word in zip(words[:-1], words[1:]):
-                logp, h, c = lm.step(np.array([prev]), h, c)
-                total += float(logp[0, word])
-            out.append(total / (len(words) - 1))
-        return out[0], out[1]
 
     def scorer(self, weight: float, image_index: np.ndarray,
                class_probs: np.ndarray | None = None) -> "FusionScorer":
@@ -221,40 +233,30 @@ class Gate:
 
 
 class FusionScorer(Scorer):
-    """One search's fusion: both language models' states per row, reordered with the rows, and
-    each row's running log-probability under each (``values``: ``lm_everyday`` and
-    ``lm_in_domain``, the caption's mean log-probability per word, with <end> when it ended)."""
+    """One search's fusion: both language models' states per row, reordered with the rows.
+    When no row has a weight (every photo typical of the training photos) it costs nothing."""
 
     def __init__(self, fusion: Fusion, weights: np.ndarray):
         """``weights`` (R,): each row's fusion weight."""
         rows = len(weights)
         self.fusion, self.weights = fusion, np.asarray(weights, np.float32)[:, None]
+        self.active = bool(self.weights.any())
         self.states = [fusion.everyday.zero_state(rows), fusion.in_domain.zero_state(rows)]
-        self.totals = np.zeros((rows, 2))   # per row: the sums of its words' log-probabilities
-        self.counts = np.zeros(rows)        # and how many words they hold
-        self.logps: list[np.ndarray] = []   # this step's (R, V) of each model
 
-    def bias(self, t: int, tokens: np.ndarray, source_rows: np.ndarray) -> np.ndarray:
-        logps = []
+    def bias(self, t: int, tokens: np.ndarray, source_rows: np.ndarray) -> np.ndarray | None:
+        if not self.active:
+            return None
+        logits, norms = [], []
         for k, lm in enumerate((self.fusion.everyday, self.fusion.in_domain)):
             h, c = self.states[k]
             if t > 0:  # the first step's source rows are images, and every state is zero
                 h, c = h[source_rows], c[source_rows]
-            logp, h, c = lm.step(tokens, h, c)
+            row_logits, norm, h, c = lm.step_logits(tokens, h, c)
             self.states[k] = (h, c)
-            logps.append(logp)
-        self.logps = logps
-        return self.weights * (logps[0] - logps[1])
-
-    def update(self, source_rows: np.ndarray, words: np.ndarray, live: np.ndarray) -> None:
-        chosen = np.stack([lp[source_rows, words] for lp in self.logps], 1)
-        self.totals = self.totals[source_rows] + chosen
-        self.counts = self.counts[source_rows] + 1
-
-    def values(self, row: int, word: int | None) -> dict[str, float]:
-        totals, count = self.totals[row].copy(), self.counts[row]
-        if word is not None:
-            totals += [lp[row, word] for lp in self.logps]
-            count += 1
-        count = max(count, 1)
-        return {"lm_everyday": float(totals[0] / count), "lm_in_domain": float(totals[1] / count)}
+            logits.append(row_logits)
+            norms.append(norm)
+        # log p_everyday - log p_in_domain, normalisers apart: two passes over (R, V) fewer
+        ratio = logits[0] - logits[1]
+        ratio -= norms[0] - norms[1]
+        ratio *= self.weights
+        return ratio

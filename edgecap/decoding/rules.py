@@ -43,11 +43,6 @@ class Scorer:
         """The loop chose ``words`` (R,) for the rows, continuing rows ``source_rows`` (R,);
         ``live`` (R,) bool: the rows that hold a beam (the others are masked)."""
 
-    def values(self, row: int, word: int | None) -> dict[str, float]:
-        """What this rule knows of the caption of ``row`` ended by ``word`` at this step (None:
-        cut where it is), kept with its hypothesis (``Hypothesis.values``); none by default."""
-        return {}
-
 
 class NeverFirst(Filter):
     """No caption starts with these words (``<end>``: never an empty caption)."""
