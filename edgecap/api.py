@@ -27,15 +27,15 @@ from PIL import Image
 from edgecap.backends import load_backend
 from edgecap.backends import resolve as resolve_backend
 from edgecap.backends.base import Backend
+from edgecap.confidence import ConfidenceModel, object_words, signals
 from edgecap.contract import Limits
+from edgecap.decoding import CaptionOptions, Hypothesis, search
+from edgecap.decoding.fusion import Fusion
 from edgecap.errors import InputError, ModelError
 from edgecap.images import ImageInput, load_rgb, max_pixels, preprocess
-from edgecap.preprocess import recognisable
 from edgecap.manifest import Manifest, file_sha256, load_manifest
 from edgecap.objects import ObjectClasses
-from edgecap.decoding import CaptionOptions, Hypothesis, search
-from edgecap.confidence import ConfidenceModel, signals
-from edgecap.decoding.fusion import Fusion
+from edgecap.preprocess import recognisable
 from edgecap.vocab import Vocabulary
 
 ON_ERROR = ("raise", "return")
@@ -145,6 +145,7 @@ class Captioner:
                                           self.manifest.dims.n_classes)
         self.fusion = Fusion.load(self.manifest.directory, len(self.vocab))
         self.confidence_model = ConfidenceModel.load(self.manifest.directory)
+        self._object_words = object_words(self.classes.word_ids)
         self.backend: Backend = load_backend(
             resolve_backend(backend), self.manifest, device=device,
             limits=Limits(self.options.batch_size, self.options.rows_per_image), **backend_options)
@@ -256,7 +257,7 @@ class Captioner:
             typicality = (0.0 if self.fusion is None or self.fusion.gate is None
                           else float(self.fusion.gate.typicality(probs[None])[0]))
             x = signals(hyp.tokens, hyp.score, probs, self.classes.word_ids, hyp.rank_score,
-                        typicality)
+                        typicality, self._object_words)
             if self.confidence_model is not None:
                 confidence = round(self.confidence_model.predict(x), 4)
         return Caption(text=" ".join(words), score=float(hyp.score), tokens=words,

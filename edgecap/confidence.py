@@ -32,36 +32,32 @@ SUPPORT_TAGS = 5     # the tags whose words count as support for an object word
 
 
 def signals(tokens: list[int], score: float, probs: np.ndarray, word_ids,
-            rank_score: float | None = None, typicality: float = 0.0) -> np.ndarray:
+            rank_score: float | None = None, typicality: float = 0.0,
+            objects: frozenset[int] | None = None) -> np.ndarray:
     """One caption's signals, float64 (len(SIGNALS),). ``tokens``: its word ids; ``score``:
     its mean log-probability; ``rank_score``: what the search ranked it by (with the tag bonus
     and the fused language models; None: ``score``); ``probs`` (C,): the photo's class
     probabilities; ``word_ids``: per class, its caption word ids (``ObjectClasses.word_ids``);
     ``typicality``: how like the training photos the photo looks (``fusion.Gate.typicality``; 0
-    without a gate)."""
+    without a gate); ``objects``: ``object_words(word_ids)`` (computed here when None)."""
     probs = np.asarray(probs, np.float64)
     order = np.argsort(-probs, kind="stable")
     confident = {w for c in order[:3] if probs[c] >= TAG_MIN_PROB for w in word_ids[c]}
     supported = {w for c in order[:SUPPORT_TAGS] for w in word_ids[c]}
-    object_words = _object_words(word_ids)
+    if objects is None:
+        objects = object_words(word_ids)
     said = set(tokens)
     entropy = float(-(probs * np.log(np.clip(probs, 1e-12, 1.0))).sum())
     return np.array([score, score if rank_score is None else rank_score, float(probs[order[0]]),
                      entropy, float(bool(said & confident)),
-                     float(len((said & object_words) - supported)), float(len(tokens)),
+                     float(len((said & objects) - supported)), float(len(tokens)),
                      typicality])
 
 
-_OBJECT_WORDS: dict[int, frozenset[int]] = {}
-
-
-def _object_words(word_ids) -> frozenset[int]:
-    """Every word that names some class: the caption's object words."""
-    key = id(word_ids)
-    if key not in _OBJECT_WORDS:
-        _OBJECT_WORDS.clear()  # one model's list at a time
-        _OBJECT_WORDS[key] = frozenset(w for ids in word_ids for w in ids)
-    return _OBJECT_WORDS[key]
+def object_words(word_ids) -> frozenset[int]:
+    """Every word that names some class (``word_ids``: per class, its caption word ids): the
+    caption's object words. Computed once per model by its caller."""
+    return frozenset(w for ids in word_ids for w in ids)
 
 
 @dataclass(frozen=True)
