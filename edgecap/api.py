@@ -143,7 +143,8 @@ class Captioner:
         self.vocab = load_vocabulary(self.manifest)
         self.classes = ObjectClasses.load(self.manifest.path("classes"), self.vocab.index,
                                           self.manifest.dims.n_classes)
-        self.fusion = Fusion.load(self.manifest.directory, len(self.vocab))
+        self.fusion = Fusion.load(self.manifest.directory, len(self.vocab),
+                                  self.manifest.dims.n_classes)
         self.confidence_model = ConfidenceModel.load(self.manifest.directory)
         self._object_words = object_words(self.classes.word_ids)
         self.backend: Backend = load_backend(

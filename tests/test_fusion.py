@@ -118,6 +118,11 @@ def test_a_broken_fusion_file_is_a_model_error_naming_it(tmp_path):
         (tmp_path / "fusion.json").write_text(json.dumps({**spec, **change}))
         with pytest.raises(ModelError, match=message):
             Fusion.load(tmp_path, V)
+    gate = {"class_log_prior": [0.0] * 10, "full_below": -1.0, "none_above": 1.0}
+    (tmp_path / "fusion.json").write_text(json.dumps({**spec, "gate": gate}))
+    with pytest.raises(ModelError, match="10 classes, the encoder 1000"):
+        Fusion.load(tmp_path, V, n_classes=1000)
+    assert Fusion.load(tmp_path, V, n_classes=10).gate is not None
     (tmp_path / "fusion.json").write_text(json.dumps(spec))
     np.savez(tmp_path / "lm_everyday.npz", **{k: np.zeros(3) for k in ARRAYS})
     with pytest.raises(ModelError, match="lm_everyday.npz: unreadable"):

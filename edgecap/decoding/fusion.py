@@ -149,8 +149,10 @@ class Fusion:
     gate: "Gate | None" = None
 
     @classmethod
-    def load(cls, directory: Path, vocab_size: int) -> "Fusion | None":
-        """The model directory's fusion (``fusion.json``), or None when it has none."""
+    def load(cls, directory: Path, vocab_size: int,
+             n_classes: int | None = None) -> "Fusion | None":
+        """The model directory's fusion (``fusion.json``), or None when it has none.
+        ``n_classes``: the encoder's classes, which the gate's prior must match."""
         from edgecap.files import MAX_VOCAB_BYTES, FileProblem, read_json
 
         path = Path(directory) / FUSION_FILE
@@ -175,6 +177,9 @@ class Fusion:
             if not 0 <= weight <= 2:
                 raise ValueError(f"weight must be in [0, 2], got {weight}")
             gate = None if spec.get("gate") is None else Gate.from_json(spec["gate"])
+            if gate is not None and n_classes is not None and len(gate.class_log_prior) != n_classes:
+                raise ValueError(f"the gate's prior has {len(gate.class_log_prior)} classes, "
+                                 f"the encoder {n_classes}")
         except (KeyError, TypeError, ValueError, AttributeError) as exc:
             raise ModelError(f"{path}: malformed fusion file ({exc}); re-make it") from None
         info = {k: v for k, v in spec.items() if k != "gate"}
