@@ -118,7 +118,8 @@ def main(argv=None) -> int:
         result["written"] = str(path)
         result["weights"] = dict(zip(SIGNALS, np.round(w, 4).tolist()))
     (args.out / "confidence.json").write_text(json.dumps(result, indent=1) + "\n")
-    lines = [f"`python benchmarks/confidence_fit.py {' '.join(sys.argv[1:] if argv is None else argv)}`",
+    command = " ".join(sys.argv[1:] if argv is None else argv)
+    lines = [f"`python benchmarks/confidence_fit.py {command}`",
              "", f"Right: {result['right']}. Everyday photos: {len(everyday_x)} "
              f"({int(labels.sum())} right).", "",
              f"AUROC on everyday photos, cross-validated (5 folds): "

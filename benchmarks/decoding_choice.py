@@ -58,7 +58,7 @@ def caption_all(captioner, items, root: Path) -> dict:
     paths = [root / item.file_name for item in items]
     for item, caption in zip(items, captioner.iter_captions(paths, on_error="raise")):
         out[item.image_id] = {"caption": caption.text, "score": round(caption.score, 5),
-                              "confidence": getattr(caption, "confidence", None),
+                              "confidence": caption.confidence,
                               "objects": [[n, p] for n, p in caption.objects]}
     return out
 

@@ -47,18 +47,18 @@ class Caption:
 
     ``score`` is the length-normalised log-probability (higher is better), ``log_prob`` the plain
     sum, both the caption model's own. ``alternatives``: the next best captions when ``n_best``
-    > 1, in the search's order (by ``score``; with object guidance, by ``score`` plus the bonus
-    of the tag words the caption names).
+    > 1, in the search's order (captions that ended before any cut at ``max_length``; each by
+    ``score``, plus the bonuses of the tag words and the fused language models that steered it).
     ``timings`` (milliseconds): ``preprocess_ms`` for this image; ``encode_ms`` and ``decode_ms``
     its share of its batch's encoder run and search. ``confidence``: the probability that the
     caption is right (``edgecap.confidence``; None for a model without a confidence model).
     ``recognisable``: False for a frame with nothing to caption (uniform, or blurred past any
     detail: ``edgecap.preprocess.recognisable``); its ``text`` is then ``NOTHING_RECOGNISABLE``,
     ``tokens`` empty and ``confidence`` 0. ``signals``: what ``confidence`` is computed from
-    (``edgecap.confidence.SIGNALS``), for fitting a confidence model. ``attention``: float32 (n_words, 7, 7), the
-    attention over the image's regions for each word, when asked for. ``objects``: the image's
-    most probable object classes as (name, probability), best first, from the encoder's own
-    classifier (ImageNet's 1000 classes), whatever the caption says.
+    (``edgecap.confidence.SIGNALS``), for fitting a confidence model. ``attention``: float32
+    (n_words, 7, 7), the attention over the image's regions for each word, when asked for.
+    ``objects``: the image's most probable object classes as (name, probability), best first,
+    from the encoder's own classifier (ImageNet's 1000 classes), whatever the caption says.
     """
 
     text: str
@@ -241,11 +241,14 @@ class Captioner:
     def _to_caption(self, hyps: list[Hypothesis], objects: tuple, probs: np.ndarray | None,
                     timings: dict[str, float]) -> Caption:
         best, *rest = hyps
-        alternatives = tuple(self._hypothesis_caption(h, objects, probs, {}) for h in rest)
-        return self._hypothesis_caption(best, objects, probs, timings, alternatives)
+        typicality = (0.0 if probs is None or self.fusion is None or self.fusion.gate is None
+                      else float(self.fusion.gate.typicality(probs[None])[0]))
+        alternatives = tuple(self._hypothesis_caption(h, objects, probs, typicality, {})
+                             for h in rest)
+        return self._hypothesis_caption(best, objects, probs, typicality, timings, alternatives)
 
     def _hypothesis_caption(self, hyp: Hypothesis, objects: tuple, probs: np.ndarray | None,
-                            timings: dict[str, float],
+                            typicality: float, timings: dict[str, float],
                             alternatives: tuple[Caption, ...] = ()) -> Caption:
         if any(not 0 <= i < len(self.vocab) for i in hyp.tokens):
             raise ModelError(f"{self.manifest.directory}: the decoder step graph returned word "
@@ -255,8 +258,6 @@ class Captioner:
         words = [self.vocab.words[i] for i in hyp.tokens]
         confidence, x = None, None
         if probs is not None:
-            typicality = (0.0 if self.fusion is None or self.fusion.gate is None
-                          else float(self.fusion.gate.typicality(probs[None])[0]))
             x = signals(hyp.tokens, hyp.score, probs, self.classes.word_ids, hyp.rank_score,
                         typicality, self._object_words)
             if self.confidence_model is not None:

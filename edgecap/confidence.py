@@ -8,8 +8,9 @@ many of its object words no tag supports (the Flickr8k model invents dogs and pe
 length, the score the search ranked it by, and how like the training photos the photo looks (the
 fusion gate's typicality, where the model has one: ``edgecap.decoding.fusion``). The sentence's
 scores under the two caption language models were tried as signals too and left out: they
-lowered the cross-validated AUROC on everyday photos (0.672 with them, 0.689 without). A logistic model over them, fitted on dev photos (``benchmarks/confidence_fit.py``),
-ships with a model directory as ``confidence.json``; without one ``confidence`` is None.
+lowered the cross-validated AUROC on everyday photos (0.672 with them, 0.689 without). A
+logistic model over the signals, fitted on dev photos (``benchmarks/confidence_fit.py``), ships
+with a model directory as ``confidence.json``; without one ``confidence`` is None.
 """
 
 from __future__ import annotations

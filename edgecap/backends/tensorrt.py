@@ -68,6 +68,7 @@ class DeviceBuffers:
         """``tensor_info(role, name)`` -> (dtype, inner shape) of an engine tensor."""
         self._device = device
         self._contexts = contexts
+        self._limits = limits
         self._pointers: list[int] = []
         self._host: dict[str, np.ndarray] = {}
         self._shapes: dict[tuple[str, str], tuple[int, ...]] = {}
@@ -123,12 +124,12 @@ class DeviceBuffers:
         if not self._contexts[role].set_tensor_address(name, tensor.ptr):
             raise BackendError(f"TensorRT refused the address of tensor {name!r}")
 
-    def set_shape(self, role: str, name: str, shape: tuple[int, ...], limits: Limits) -> None:
+    def set_shape(self, role: str, name: str, shape: tuple[int, ...]) -> None:
         if self._shapes.get((role, name)) == shape:
             return
         if not self._contexts[role].set_input_shape(name, shape):
             raise BackendError(f"TensorRT refused shape {shape} for {role} input {name!r} "
-                               f"(engine limits: {limits}); rebuild with larger "
+                               f"(engine limits: {self._limits}); rebuild with larger "
                                "--max-batch / --max-beam")
         self._shapes[(role, name)] = shape
 
@@ -280,7 +281,7 @@ class TensorRTBackend(Backend):
             raise BackendError(f"{n} images in one batch; these engines take 1 to "
                                f"{self.limits.max_batch} (edgecap build --max-batch N)")
         buffers.upload("image", images)
-        buffers.set_shape("encoder", "image", images.shape, self.limits)
+        buffers.set_shape("encoder", "image", images.shape)
         buffers.execute("encoder")
         probs = buffers.download("class_probs", n)
         # the pinned image buffer is reused by the next call: wait for the copy to finish
@@ -356,7 +357,6 @@ class TensorRTSession(DecoderSession):
     def _step(self, tokens: np.ndarray, source_rows: np.ndarray,
               word_bias: np.ndarray | None) -> StepResult:
         buffers = self._backend.check_session(self._id, self._generation)
-        limits = self._backend.limits
         tokens, source_rows = np.asarray(tokens), np.asarray(source_rows)
         r = self._rows
         if tokens.shape != (r,) or source_rows.shape != (r,):
@@ -381,7 +381,7 @@ class TensorRTSession(DecoderSession):
                             ("h", (s, *hidden)), ("c", (s, *hidden)),
                             ("features", (self._n_images, *buffers.tensor("features").tail)),
                             ("att_proj", (self._n_images, *buffers.tensor("att_proj").tail))):
-            buffers.set_shape("decoder_step", name, shape, limits)
+            buffers.set_shape("decoder_step", name, shape)
         for name, tensor in (("h", h_src), ("c", c_src), ("h_out", h_dst), ("c_out", c_dst)):
             buffers.bind("decoder_step", name, tensor)
         buffers.execute("decoder_step")

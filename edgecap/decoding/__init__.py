@@ -28,8 +28,9 @@ def search(backend: Backend, encoded: Encoded, options: CaptionOptions, start_id
     """Caption hypotheses for each image of ``encoded`` (best first, up to ``n_best``), with the
     rules ``options`` asks for. ``classes`` (``edgecap.objects.ObjectClasses``): the image
     classes whose words the tag bonus or the tag constraint use, read from the encoder's class
-    probabilities (None: neither); ``fusion`` (``edgecap.decoding.fusion.Fusion``): a caption
-    language model fused into each step's scores when ``options.fusion_weight`` > 0."""
+    probabilities (None: neither); ``fusion`` (``edgecap.decoding.fusion.Fusion``): the model's
+    caption language models, fused into each step's scores at ``options.fusion_weight`` (None:
+    the model's own weight; 0: off)."""
     tag_words = None
     probs = encoded.class_probs
     if classes is not None and probs is not None and (options.constrained

@@ -175,11 +175,13 @@ def _best_ending(best, base, beam, group, end_id, live_l, cand_l, true_l, ids_l,
         if not live_l[src] or end_id not in ids_l[src]:
             continue
         k = ids_l[src].index(end_id)
-        hyp = _hypothesis(seqs[src], cand_l[src][k], true_l[src][k], True, alphas, src,
-                          options.length_penalty)
-        if best is None or (hyp.rank_score, hyp.log_prob) > (best[0].rank_score,
-                                                              best[0].log_prob):
-            best = (hyp, (src - base) // beam)
+        # ranked as _hypothesis would rank it; the hypothesis (and its attention copy) is made
+        # only for a better ending
+        rank = (length_normalised(cand_l[src][k], len(seqs[src]) + 1, options.length_penalty),
+                true_l[src][k])
+        if best is None or rank > (best[0].rank_score, best[0].log_prob):
+            best = (_hypothesis(seqs[src], cand_l[src][k], true_l[src][k], True, alphas, src,
+                                options.length_penalty), (src - base) // beam)
     return best
 
 

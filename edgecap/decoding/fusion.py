@@ -17,9 +17,9 @@ their SHA-256, the weight chosen for the model, and the gate below) beside the t
 
 The gate: the caption model's own prior is right for photos like its training photos, so the
 fusion weight of each photo shrinks with how typical the photo is of the training photos. A
-photo's typicality is ``sum_c p(c) log(1000 q(c))``, ``p`` its encoder class probabilities and
-``q`` the mean class probabilities of the training photos; its weight is the full weight below
-``full_below`` (a typicality lower than 95% of the training photos'), none above ``none_above``
+photo's typicality is ``sum_c p(c) log(C q(c))``, ``p`` its encoder class probabilities over
+the C classes and ``q`` the mean class probabilities of the training photos; its weight is the
+full weight below ``full_below`` (a typicality lower than 95% of the training photos'), none above ``none_above``
 (lower than 85% of theirs), linear between. Both bounds are percentiles of the training photos;
 which percentiles (5 and 15, against 5 and 25 or 50) was chosen on the dev photos
 (benchmarks/results/decoding_choice*.md).
@@ -177,7 +177,8 @@ class Fusion:
             if not 0 <= weight <= 2:
                 raise ValueError(f"weight must be in [0, 2], got {weight}")
             gate = None if spec.get("gate") is None else Gate.from_json(spec["gate"])
-            if gate is not None and n_classes is not None and len(gate.class_log_prior) != n_classes:
+            if (gate is not None and n_classes is not None
+                    and len(gate.class_log_prior) != n_classes):
                 raise ValueError(f"the gate's prior has {len(gate.class_log_prior)} classes, "
                                  f"the encoder {n_classes}")
         except (KeyError, TypeError, ValueError, AttributeError) as exc:

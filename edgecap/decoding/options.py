@@ -25,8 +25,8 @@ class CaptionOptions:
     guidance_bonus: float = 2.0
     guidance_tags: int = 3
     guidance_min_prob: float = 0.1
-    # Constrained beam search instead (``edgecap.decoding.constraint``): the caption must say a word of
-    # one of the image's ``guidance_tags`` most probable classes of at least
+    # Constrained beam search instead (``edgecap.decoding.constraint``): the caption must say a
+    # word of one of the image's ``guidance_tags`` most probable classes of at least
     # ``constraint_min_prob`` (another threshold: a forced word costs more than a bonus).
     constrained: bool = False
     constraint_min_prob: float = 0.3

@@ -228,7 +228,8 @@ def main(argv=None) -> int:
     parser.add_argument("--hidden", type=int, default=256, help="(default: %(default)s)")
     parser.add_argument("--dropout", type=float, default=0.2, help="(default: %(default)s)")
     parser.add_argument("--lr", type=float, default=2e-3, help="(default: %(default)s)")
-    parser.add_argument("--lr-decay", type=float, default=0.7, help="per epoch (default: %(default)s)")
+    parser.add_argument("--lr-decay", type=float, default=0.7,
+                        help="per epoch (default: %(default)s)")
     parser.add_argument("--batch-size", type=int, default=128, help="(default: %(default)s)")
     parser.add_argument("--max-words", type=int, default=30, help="(default: %(default)s)")
     parser.add_argument("--dev-fraction", type=float, default=0.02, help="(default: %(default)s)")
