@@ -123,15 +123,17 @@ _ONE_THREAD_MACS = 196_608
 
 
 def _product(x: np.ndarray, weight: np.ndarray) -> np.ndarray:
-    """x (R, H) @ weight.T for ``weight`` (N, H), float32 (R, N), in blocks of ``weight``'s rows
-    small enough to stay on one BLAS thread."""
+    """x (R, H) @ weight.T for ``weight`` (N, H), float32 (R, N) C-contiguous, in blocks of
+    ``weight``'s rows small enough to stay on one BLAS thread. C-contiguous because numpy's
+    reductions along the rows of the transposed (column-major) result are ~60x slower (measured:
+    the max of a (3, 2538) result 156 us transposed, 2.5 us contiguous; copying costs ~5 us)."""
     rows, hidden = x.shape
     block = max(8, _ONE_THREAD_MACS // max(1, rows * hidden))
     out = np.empty((weight.shape[0], rows), np.float32)
     x_t = np.ascontiguousarray(x.T)
     for start in range(0, weight.shape[0], block):
         np.matmul(weight[start:start + block], x_t, out=out[start:start + block])
-    return out.T
+    return np.ascontiguousarray(out.T)
 
 
 def _sigmoid(x: np.ndarray) -> np.ndarray:
