@@ -33,7 +33,9 @@ from pathlib import Path
 
 from edgecap.cli import interrupt_normally
 from edgecap.commands._options import add_model_arguments, load_captioner
+from edgecap.commands.caption_bag import run_bag
 from edgecap.commands.caption_media import run_attention, run_stream
+from edgecap.commands.progress import add_progress_argument, open_progress, progress_enabled
 from edgecap.commands.output import (EXIT_PIPE_CLOSED, OutputFailed, discard_stdout,
                                      print_result, utf8_stdout, write)
 from edgecap.paths import expand_all
@@ -72,14 +74,23 @@ and only regular files (not pipes or devices)."""
 
 
 def add_arguments(p: argparse.ArgumentParser) -> None:
-    p.epilog, p.formatter_class = EXIT_CODES, argparse.RawDescriptionHelpFormatter
+    p.epilog = EXIT_CODES  # edgecap.cli's formatter keeps its layout
     p.add_argument("paths", nargs="*", metavar="PATH",
                    help="image files, folders (searched recursively) or quoted globs")
     p.add_argument("--video", metavar="FILE", help="caption a video file's frames")
     p.add_argument("--camera", metavar="INDEX", type=int,
                    help="caption a live camera (0: the first one, /dev/video0 on Linux)")
+    p.add_argument("--bag", metavar="PATH",
+                   help="caption a robot recording's image topics: a ROS 2 bag folder, a .mcap "
+                        "or .db3 file, or a ROS 1 .bag (needs edgecap[ros]; see docs/recordings.md)")
+    p.add_argument("--topic", metavar="T", action="append",
+                   help="with --bag: caption this image topic (repeat for more; default: all)")
+    p.add_argument("--write-bag", metavar="OUT",
+                   help="with --bag: also write a copy of the recording with each caption as a "
+                        "std_msgs/String on TOPIC/caption at its frame's time")
     p.add_argument("--every", metavar="SECONDS", type=float,
-                   help="with --video or --camera: at most one caption per SECONDS of video time")
+                   help="with --video, --camera or --bag: at most one caption per SECONDS of "
+                        "video (recording) time, per topic")
     p.add_argument("--attention", metavar="OUT.png",
                    help="with one image: also write its attention figure, one panel per word")
     add_model_arguments(p)
@@ -91,6 +102,7 @@ def add_arguments(p: argparse.ArgumentParser) -> None:
     p.add_argument("--objects", dest="show_objects", action="store_true",
                    help="also print each photo's object tags (the encoder's own ImageNet "
                         "classes with their probabilities; always in --json)")
+    add_progress_argument(p)
 
 
 def run(args: argparse.Namespace) -> int:
@@ -118,6 +130,8 @@ def run(args: argparse.Namespace) -> int:
         return 2
     interrupt_normally()  # output starts: Ctrl-C from here is a KeyboardInterrupt (stats, 130)
     try:
+        if args.bag is not None:
+            return run_bag(captioner, args)
         if args.video is not None or args.camera is not None:
             return run_stream(captioner, args)
         return _run_paths(captioner, args)
@@ -137,9 +151,15 @@ def _run_paths(captioner, args: argparse.Namespace) -> int:
     if args.attention is not None:
         return run_attention(captioner, list(inputs), args)
     failed = 0
-    for name, result in _captions(captioner, inputs):
-        failed += isinstance(result, InputError)
-        print_result(name, result, args.json, args.show_objects, args.min_confidence)
+    progress = open_progress(None, progress_enabled(args))  # a folder's size is not known
+    try:
+        for name, result in _captions(captioner, inputs):
+            failed += isinstance(result, InputError)
+            with progress.paused():  # stdout and stderr may be the same terminal
+                print_result(name, result, args.json, args.show_objects, args.min_confidence)
+            progress.update(1)
+    finally:
+        progress.close()
     write(None)  # the last flush
     return 1 if failed else 0
 
@@ -170,11 +190,15 @@ def _check_arguments(args: argparse.Namespace) -> str | None:
     """What is wrong with the combination of arguments, or None."""
     from PIL import Image
 
-    sources = bool(args.paths) + (args.video is not None) + (args.camera is not None)
+    sources = (bool(args.paths) + (args.video is not None) + (args.camera is not None)
+               + (args.bag is not None))
     if sources != 1:
-        return "give image PATHs, --video FILE or --camera INDEX (exactly one of them)"
-    if args.every is not None and args.video is None and args.camera is None:
-        return "--every needs --video or --camera"
+        return "give image PATHs, --video FILE, --camera INDEX or --bag PATH (exactly one of them)"
+    if args.every is not None and args.video is None and args.camera is None and args.bag is None:
+        return "--every needs --video, --camera or --bag"
+    for flag, value in (("--topic", args.topic), ("--write-bag", args.write_bag)):
+        if value is not None and args.bag is None:
+            return f"{flag} needs --bag"
     if args.min_confidence is not None and not 0 <= args.min_confidence <= 1:
         return f"--min-confidence must be between 0 and 1, got {args.min_confidence}"
     if args.every is not None and not args.every > 0:

@@ -108,25 +108,48 @@ def print_result(name: str, result, as_json: bool, objects: bool = False,
     from edgecap.errors import InputError
 
     if isinstance(result, InputError):
-        print(f"edgecap: {escape_field(name)}: {escape_field(result.problem)}", file=sys.stderr,
-              flush=True)
+        report_error(name, result.problem)
         if as_json:
-            write(json_line({"path": name, "caption": None, "score": None, "objects": None,
-                             "error": result.problem}))
+            write(json_line({"path": name, **error_record(result.problem)}))
         return
-    low = (min_confidence is not None and result.confidence is not None
-           and result.confidence < min_confidence)
     if as_json:
-        record = {"path": name, "caption": result.text, "score": round(result.score, 4),
-                  "objects": [[tag, round(p, 4)] for tag, p in result.objects],
-                  "confidence": result.confidence, "recognisable": result.recognisable}
-        if min_confidence is not None:
-            record["low_confidence"] = low
-        write(json_line(record))
+        write(json_line({"path": name, **caption_record(result, min_confidence)}))
         return
-    fields = [name, result.text]
+    write("\t".join(escape_field(f) for f in [name, *caption_fields(result, objects,
+                                                                      min_confidence)]))
+
+
+def report_error(name: str, problem: str) -> None:
+    """``edgecap: NAME: problem`` on stderr, escaped."""
+    print(f"edgecap: {escape_field(name)}: {escape_field(problem)}", file=sys.stderr, flush=True)
+
+
+def error_record(problem: str) -> dict:
+    """The ``--json`` fields of an input that failed."""
+    return {"caption": None, "score": None, "objects": None, "error": problem}
+
+
+def caption_record(result, min_confidence: float | None = None) -> dict:
+    """The ``--json`` fields of a caption (after the fields that name the input)."""
+    record = {"caption": result.text, "score": round(result.score, 4),
+              "objects": [[tag, round(p, 4)] for tag, p in result.objects],
+              "confidence": result.confidence, "recognisable": result.recognisable}
+    if min_confidence is not None:
+        record["low_confidence"] = _low(result, min_confidence)
+    return record
+
+
+def caption_fields(result, objects: bool = False,
+                   min_confidence: float | None = None) -> list[str]:
+    """The plain fields of a caption (after the fields that name the input), not yet escaped."""
+    fields = [result.text]
     if objects:
         fields.append(", ".join(f"{tag} {p:.2f}" for tag, p in result.objects))
-    if low:
+    if _low(result, min_confidence):
         fields.append("low confidence")
-    write("\t".join(escape_field(f) for f in fields))
+    return fields
+
+
+def _low(result, min_confidence: float | None) -> bool:
+    return (min_confidence is not None and result.confidence is not None
+            and result.confidence < min_confidence)

@@ -1,0 +1,77 @@
+"""``edgecap caption --bag PATH [--topic T ...] [--every SECONDS] [--write-bag OUT]``: caption the
+image topics of a robot recording (``edgecap.recordings``: ROS 1 bags, ROS 2 bags with sqlite3 or
+MCAP storage, plain MCAP files).
+
+One record per captioned frame: plain ``TOPIC<TAB>TIME<TAB>STAMP<TAB>caption`` (times in seconds
+with nine decimals: the message's log time and its header stamp), or with ``--json`` ``bag``,
+``topic``, ``time_ns``, ``stamp_ns`` (integers, nanoseconds) and the caption fields of
+``edgecap caption --json``. A frame that cannot be captioned is reported on stderr as
+``edgecap: BAG: TOPIC at TIME: problem`` and the others are kept (exit 1). ``--write-bag OUT``
+then writes a copy of the recording with each caption as a ``std_msgs/String`` on
+``TOPIC/caption``, at its frame's log time.
+"""
+
+from __future__ import annotations
+
+import argparse
+import sys
+
+from edgecap.commands.output import (caption_fields, caption_record, error_record, escape_field,
+                                     json_line, report_error, write)
+
+
+def run_bag(captioner, args: argparse.Namespace) -> int:
+    from edgecap.commands.caption import _captions
+    from edgecap.errors import InputError
+    from edgecap.recordings import (RecordingError, caption_topic, open_recording,
+                                    output_problem, write_captions)
+
+    if args.write_bag is not None:
+        problem = output_problem(args.bag, args.write_bag)
+        if problem:
+            print(f"edgecap caption: error: --write-bag {escape_field(problem)}", file=sys.stderr)
+            return 2
+    failed, broken = 0, False
+    captions: dict[tuple[str, int], str] = {}
+    with open_recording(args.bag) as recording:
+        frames = recording.frames(recording.check_topics(args.topic), args.every)
+        try:
+            for frame, result in _captions(captioner, ((f, f.image) for f in frames)):
+                if isinstance(result, InputError):
+                    failed += 1
+                else:
+                    captions[(frame.topic, frame.index)] = result.text
+                _print_frame(args.bag, frame, result, args)
+        except RecordingError as exc:  # the captions so far are out; the copy is not written
+            report_error(args.bag, str(exc).removeprefix(f"{args.bag}: "))
+            broken = True
+        write(None)
+        if args.write_bag is not None and not broken:
+            count = write_captions(recording, args.write_bag, captions)
+            topics = ", ".join(sorted({caption_topic(t) for t, _ in captions})) or "no topic"
+            print(f"edgecap: wrote {escape_field(args.write_bag)}: a copy of "
+                  f"{escape_field(args.bag)} with {count} captions ({topics})", file=sys.stderr)
+    if broken and args.write_bag is not None:
+        print(f"edgecap: {escape_field(args.write_bag)} not written: the recording could not "
+              "be read to its end", file=sys.stderr)
+    return 1 if failed or broken else 0
+
+
+def _print_frame(bag: str, frame, result, args: argparse.Namespace) -> None:
+    from edgecap.errors import InputError
+    from edgecap.recordings import seconds_text
+
+    if isinstance(result, InputError):
+        report_error(bag, str(result))  # str: "TOPIC at TIME: problem"
+        if args.json:
+            write(json_line({"bag": bag, "topic": frame.topic, "time_ns": frame.time_ns,
+                             "stamp_ns": frame.stamp_ns, **error_record(result.problem)}))
+        return
+    if args.json:
+        write(json_line({"bag": bag, "topic": frame.topic, "time_ns": frame.time_ns,
+                         "stamp_ns": frame.stamp_ns,
+                         **caption_record(result, args.min_confidence)}))
+        return
+    fields = [frame.topic, seconds_text(frame.time_ns), seconds_text(frame.stamp_ns),
+              *caption_fields(result, args.show_objects, args.min_confidence)]
+    write("\t".join(escape_field(f) for f in fields))

@@ -1,0 +1,433 @@
+"""Camera frames from robot recordings, and captions written back next to them.
+
+    from edgecap import Captioner
+    from edgecap.recordings import open_recording
+
+    captioner = Captioner()
+    with open_recording("run_0412/") as recording:        # a ROS 2 bag folder
+        frames = list(recording.frames(every=1.0))         # at most one frame a second a topic
+    results = captioner.caption_batch([f.image for f in frames], on_error="return")
+
+Recordings (read by ``rosbags``, pure Python: ``pip install 'edgecap[ros]'``):
+
+- a ROS 2 bag: its folder (``metadata.yaml`` with sqlite3 or MCAP storage), or one of its
+  ``.db3`` / ``.mcap`` files on its own; a plain ``.mcap`` file recorded with the ROS 2 profile;
+- a ROS 1 bag (``.bag``, also with bz2 / lz4 chunks).
+
+Frames come from ``sensor_msgs/Image`` and ``sensor_msgs/CompressedImage`` topics. Raw encodings
+(``RAW_ENCODINGS``): rgb8, bgr8, rgba8, bgra8, mono8, mono16, rgb16, bgr16, rgba16, bgra16, 8UC1,
+8UC3, 8UC4, the 8- and 16-bit Bayer patterns (demosaicked at half resolution, plenty for the
+model's 224-pixel input) and YUV 4:2:2 (``yuv422`` / ``uyvy``, ``yuv422_yuy2`` / ``yuyv``).
+Compressed frames (JPEG, PNG, ...) are decoded by ``edgecap.images`` with its format and size
+limits. Depth images (16UC1, 32FC1, ``compressedDepth``) are not pictures a caption describes and
+are refused. Each frame that cannot be used (an unknown encoding, data of the wrong size, corrupt
+compressed bytes, a message that does not deserialise) carries its ``InputError``, naming the
+topic and the time; the other frames are unaffected.
+
+Captions go back as ``std_msgs/String`` messages on ``<image topic>/caption`` (``write_captions``),
+each with the log time of the frame it describes. Why ``String`` and not a message with a
+header: every ROS 1 and ROS 2 install, ``ros2 bag play``, ``rostopic echo`` and Foxglove decode it
+without a custom message package (a sqlite3 bag written before ROS 2 Iron carries no message
+definitions, so a custom type would be unreadable there), and players and viewers line messages
+up by their log time, which is the frame's own. The frame's header stamp is in the caption
+records (``Frame.stamp_ns``).
+"""
+
+from __future__ import annotations
+
+import contextlib
+import os
+import shutil
+from collections.abc import Iterable, Iterator
+from dataclasses import dataclass
+from pathlib import Path
+
+import numpy as np
+
+from edgecap.errors import EdgecapError, InputError, MissingPackageError
+from edgecap.images import array_to_rgb, max_pixels
+
+ROS_EXTRA = "pip install 'edgecap[ros]' (rosbags)"
+IMAGE = "sensor_msgs/msg/Image"
+COMPRESSED = "sensor_msgs/msg/CompressedImage"
+IMAGE_TYPES = (IMAGE, COMPRESSED)
+STRING = "std_msgs/msg/String"
+CAPTION_SUFFIX = "/caption"
+
+# encoding -> (channels, numpy dtype, channel order): what array_to_rgb turns into RGB
+RAW_ENCODINGS = {
+    "rgb8": (3, np.uint8, "rgb"), "bgr8": (3, np.uint8, "bgr"),
+    "rgba8": (4, np.uint8, "rgb"), "bgra8": (4, np.uint8, "bgr"),
+    "mono8": (1, np.uint8, "rgb"), "8uc1": (1, np.uint8, "rgb"),
+    # OpenCV's channel order, as cv_bridge reads these
+    "8uc3": (3, np.uint8, "bgr"), "8uc4": (4, np.uint8, "bgr"),
+    "mono16": (1, np.uint16, "rgb"),
+    "rgb16": (3, np.uint16, "rgb"), "bgr16": (3, np.uint16, "bgr"),
+    "rgba16": (4, np.uint16, "rgb"), "bgra16": (4, np.uint16, "bgr"),
+}
+BAYER = {f"bayer_{p}{bits}": (p, dtype) for p in ("rggb", "bggr", "gbrg", "grbg")
+         for bits, dtype in (("8", np.uint8), ("16", np.uint16))}
+YUV422 = {"yuv422": "uyvy", "uyvy": "uyvy", "yuv422_yuy2": "yuyv", "yuyv": "yuyv"}
+DEPTH = ("16uc1", "32fc1")
+
+
+class RecordingError(EdgecapError):
+    """A recording that cannot be read or written as a whole (missing, corrupt, not a bag, no
+    such topic); the message names it and says what is wrong."""
+
+
+@dataclass(frozen=True)
+class Frame:
+    """One image message. ``time_ns``: its log time (when it was recorded; what players and
+    viewers order by); ``stamp_ns``: its header stamp (when the camera took it). ``image``: an
+    RGB uint8 (H, W, 3) array for a raw frame, the encoded bytes of a compressed one, or the
+    ``InputError`` saying why it cannot be used. ``index``: its position among its topic's
+    messages (0-based), which tells frames with equal times apart."""
+
+    topic: str
+    time_ns: int
+    stamp_ns: int
+    index: int
+    image: np.ndarray | bytes | InputError
+
+    @property
+    def name(self) -> str:
+        """How errors name the frame: ``TOPIC at SECONDS``."""
+        return f"{self.topic} at {seconds_text(self.time_ns)}"
+
+
+def seconds_text(ns: int) -> str:
+    """Nanoseconds -> exact seconds with nine decimals (``1700000000.050000000``)."""
+    sign = "-" if ns < 0 else ""
+    whole, frac = divmod(abs(int(ns)), 1_000_000_000)
+    return f"{sign}{whole}.{frac:09d}"
+
+
+def _rosbags():
+    try:
+        from rosbags import highlevel, rosbag1, rosbag2, typesys
+    except ImportError as exc:
+        raise MissingPackageError(f"reading recordings needs rosbags: {ROS_EXTRA} ({exc})") from exc
+    return highlevel, rosbag1, rosbag2, typesys
+
+
+def kind_of(path: str | os.PathLike) -> str:
+    """"ros1" (a .bag file), "mcap" or "sqlite3" (a ROS 2 bag folder, or one storage file)."""
+    path = Path(path)
+    if path.is_dir():
+        if any(path.glob("*.mcap")):
+            return "mcap"
+        return "sqlite3"
+    suffix = path.suffix.lower()
+    if suffix == ".bag":
+        return "ros1"
+    if suffix in (".mcap", ".db3"):
+        return "mcap" if suffix == ".mcap" else "sqlite3"
+    raise RecordingError(f"{path}: not a recording edgecap reads (a ROS 1 .bag file, a ROS 2 bag "
+                         "folder, or a .mcap / .db3 file)")
+
+
+def open_recording(path: str | os.PathLike) -> Recording:
+    """Open a recording (see the module docstring); ``RecordingError`` when it cannot be read.
+    Use it as a context manager."""
+    return Recording(path)
+
+
+class Recording:
+    """An open recording: ``image_topics``, ``frames(...)``, ``connections``."""
+
+    def __init__(self, path: str | os.PathLike):
+        highlevel, _, _, typesys = _rosbags()
+        self.path = Path(path)
+        if not self.path.exists():
+            raise RecordingError(f"{self.path}: no such file or folder")
+        self.kind = kind_of(self.path)
+        # A ROS 2 sqlite3 bag recorded before Iron carries no message definitions: the standard
+        # ones (sensor_msgs, std_msgs) come from rosbags' own ROS 2 type store.
+        default = typesys.get_typestore(typesys.Stores.ROS2_HUMBLE)
+        try:
+            self.reader = highlevel.AnyReader([self.path], default_typestore=default)
+            self.reader.open()
+        except Exception as exc:  # noqa: BLE001 (rosbags raises many kinds on corrupt files)
+            raise RecordingError(f"{self.path}: cannot read this recording "
+                                 f"({_reason(exc)})") from None
+
+    def __enter__(self):
+        return self
+
+    def __exit__(self, *exc) -> None:
+        self.close()
+
+    def close(self) -> None:
+        if self.reader.stack is not None:
+            self.reader.close()
+
+    @property
+    def connections(self) -> list:
+        return self.reader.connections
+
+    @property
+    def image_topics(self) -> dict[str, str]:
+        """topic -> message type, for the topics that hold images, sorted by topic."""
+        return dict(sorted((c.topic, c.msgtype) for c in self.connections
+                           if c.msgtype in IMAGE_TYPES))
+
+    def check_topics(self, topics: Iterable[str] | None) -> list[str]:
+        """The image topics to read: ``topics`` (each must be an image topic of the recording),
+        or all of them when None; ``RecordingError`` otherwise."""
+        available = self.image_topics
+        if not available:
+            others = ", ".join(sorted({f"{c.topic} ({c.msgtype})" for c in self.connections}))
+            raise RecordingError(f"{self.path}: no sensor_msgs/Image or CompressedImage topic "
+                                 f"(topics: {others or 'none'})")
+        if topics is None:
+            return list(available)
+        wanted = list(dict.fromkeys(topics))
+        for topic in wanted:
+            if topic not in available:
+                types = {c.topic: c.msgtype for c in self.connections}
+                what = (f"is a {types[topic]} topic, not an image topic" if topic in types
+                        else "is not in the recording")
+                raise RecordingError(f"{self.path}: topic {topic} {what}; image topics: "
+                                     f"{', '.join(available)}")
+        return wanted
+
+    def frames(self, topics: Iterable[str] | None = None,
+               every: float | None = None) -> Iterator[Frame]:
+        """The image messages of ``topics`` (None: every image topic) in log-time order, at most
+        one per ``every`` seconds of log time on each topic (None: all). A message that cannot
+        be used is a ``Frame`` whose ``image`` is its ``InputError``. A recording that breaks
+        while it is read raises ``RecordingError``."""
+        from edgecap.stream import _Sampler  # the sampling grid of --video's --every
+
+        chosen = self.check_topics(topics)
+        connections = [c for c in self.connections if c.topic in chosen]
+        samplers = {topic: _Sampler(every) for topic in chosen}
+        counts = dict.fromkeys(chosen, 0)
+        for connection, time_ns, raw in self._messages(connections):
+            index = counts[connection.topic]
+            counts[connection.topic] += 1
+            if not samplers[connection.topic].take(time_ns / 1e9):
+                continue
+            yield self._frame(connection, time_ns, raw, index)
+
+    def messages(self) -> Iterator[tuple[object, int, bytes]]:
+        """Every message, raw: (connection, log time ns, serialised bytes), in log-time order."""
+        return self._messages(())
+
+    def _messages(self, connections) -> Iterator[tuple[object, int, bytes]]:
+        try:
+            yield from self.reader.messages(connections=connections)
+        except Exception as exc:  # noqa: BLE001 (a corrupt chunk, a truncated file)
+            raise RecordingError(f"{self.path}: the recording breaks off while being read "
+                                 f"({_reason(exc)})") from None
+
+    def _frame(self, connection, time_ns: int, raw: bytes, index: int) -> Frame:
+        name = f"{connection.topic} at {seconds_text(time_ns)}"
+        stamp_ns = 0
+        try:
+            msg = self.reader.deserialize(raw, connection.msgtype)
+        except Exception as exc:  # noqa: BLE001 (a message that does not match its type)
+            image: np.ndarray | bytes | InputError = InputError(
+                name, f"cannot deserialise this {connection.msgtype} message ({_reason(exc)})")
+        else:
+            stamp = msg.header.stamp
+            stamp_ns = int(stamp.sec) * 1_000_000_000 + int(stamp.nanosec)
+            try:
+                image = (bytes(msg.data) if connection.msgtype == COMPRESSED
+                         and _check_compressed(msg.format, name) else raw_to_rgb(msg, name))
+            except InputError as exc:
+                image = exc
+        if isinstance(image, bytes) and not image:
+            image = InputError(name, "no image data (0 bytes)")
+        return Frame(connection.topic, time_ns, stamp_ns, index, image)
+
+
+def _check_compressed(fmt: str, name: str) -> bool:
+    if "compresseddepth" in fmt.lower().replace(" ", ""):
+        raise InputError(name, f"a compressed depth image ({fmt!r}), not a picture to caption")
+    return True
+
+
+def raw_to_rgb(msg, name: str) -> np.ndarray:
+    """A ``sensor_msgs/Image`` (any object with its fields) -> RGB uint8 (H, W, 3); ``InputError``
+    naming the frame for an unknown encoding or data of the wrong size."""
+    encoding = str(msg.encoding).strip().lower()
+    height, width, step = int(msg.height), int(msg.width), int(msg.step)
+    if height < 1 or width < 1:
+        raise InputError(name, f"image has no pixels ({width}x{height})")
+    if height * width > max_pixels():
+        raise InputError(name, f"image is {width}x{height}, over the limit of "
+                               f"{max_pixels():,} pixels")
+    if encoding in DEPTH:
+        raise InputError(name, f"a depth image ({msg.encoding}), not a picture to caption")
+    if encoding in RAW_ENCODINGS:
+        channels, dtype, color = RAW_ENCODINGS[encoding]
+    elif encoding in BAYER:
+        channels, dtype, color = 1, BAYER[encoding][1], "rgb"
+    elif encoding in YUV422:
+        channels, dtype, color = 2, np.uint8, "rgb"
+    else:
+        known = sorted([*RAW_ENCODINGS, *BAYER, *YUV422])
+        raise InputError(name, f"unknown image encoding {msg.encoding!r} (known: "
+                               f"{', '.join(known)})")
+    dtype = np.dtype(dtype).newbyteorder(">" if msg.is_bigendian else "<")
+    row_bytes = width * channels * dtype.itemsize
+    data = np.asarray(msg.data, dtype=np.uint8).reshape(-1)
+    if step < row_bytes:
+        raise InputError(name, f"step {step} is shorter than a row of {width} {msg.encoding} "
+                               f"pixels ({row_bytes} bytes)")
+    if data.size != step * height:
+        raise InputError(name, f"data is {data.size:,} bytes, but {width}x{height} "
+                               f"{msg.encoding} with step {step} needs {step * height:,}")
+    rows = data.reshape(height, step)[:, :row_bytes]
+    pixels = np.ascontiguousarray(rows).view(dtype).reshape(height, width, channels)
+    if encoding in BAYER:
+        pixels = demosaic_half(pixels[:, :, 0], BAYER[encoding][0], name)
+    elif encoding in YUV422:
+        return yuv422_to_rgb(pixels.reshape(height, width * 2), YUV422[encoding], name)
+    return array_to_rgb(pixels, color, name)
+
+
+def demosaic_half(mosaic: np.ndarray, pattern: str, name: str) -> np.ndarray:
+    """A Bayer mosaic (H, W) -> RGB (H // 2, W // 2, 3) of the same dtype: each 2x2 cell gives
+    one pixel (its red, the mean of its two greens, its blue). ``pattern``: the cell's colours
+    row by row ("rggb")."""
+    h, w = mosaic.shape[0] // 2 * 2, mosaic.shape[1] // 2 * 2
+    if h == 0 or w == 0:
+        raise InputError(name, f"a Bayer image needs at least 2x2 pixels, got "
+                               f"{mosaic.shape[1]}x{mosaic.shape[0]}")
+    cells = {(0, 0): mosaic[0:h:2, 0:w:2], (0, 1): mosaic[0:h:2, 1:w:2],
+             (1, 0): mosaic[1:h:2, 0:w:2], (1, 1): mosaic[1:h:2, 1:w:2]}
+    where = dict(zip(((0, 0), (0, 1), (1, 0), (1, 1)), pattern))
+    greens = [cells[k].astype(np.uint32) for k, c in where.items() if c == "g"]
+    red = next(cells[k] for k, c in where.items() if c == "r")
+    blue = next(cells[k] for k, c in where.items() if c == "b")
+    green = ((greens[0] + greens[1] + 1) // 2).astype(mosaic.dtype)
+    return np.stack([red, green, blue], axis=2)
+
+
+def yuv422_to_rgb(packed: np.ndarray, order: str, name: str) -> np.ndarray:
+    """Packed YUV 4:2:2, uint8 (H, 2 W) -> RGB uint8 (H, W, 3), BT.601 limited range (the
+    conversion OpenCV's ``COLOR_YUV2RGB_UYVY`` / ``_YUYV`` does, so cv_bridge's). ``order``:
+    "uyvy" or "yuyv"."""
+    height, n = packed.shape
+    if n % 4:
+        raise InputError(name, f"YUV 4:2:2 needs an even width, got {n // 2}")
+    quads = packed.reshape(height, n // 4, 4).astype(np.float32)
+    if order == "uyvy":
+        u, y0, v, y1 = (quads[:, :, i] for i in range(4))
+    else:
+        y0, u, y1, v = (quads[:, :, i] for i in range(4))
+    y = np.stack([y0, y1], axis=2).reshape(height, n // 2) - 16.0
+    u = np.repeat(u - 128.0, 2, axis=1)
+    v = np.repeat(v - 128.0, 2, axis=1)
+    y *= 1.164
+    rgb = np.stack([y + 1.596 * v, y - 0.391 * u - 0.813 * v, y + 2.018 * u], axis=2)
+    return np.clip(np.rint(rgb), 0, 255).astype(np.uint8)
+
+
+# -- captions back into a recording ------------------------------------------------------------
+def output_problem(source: str | os.PathLike, out: str | os.PathLike) -> str | None:
+    """What is wrong with writing ``out`` as the captioned copy of ``source``, or None.
+    A ROS 1 bag gives a ROS 1 ``.bag`` file; a ROS 2 bag or MCAP file gives a ROS 2 bag folder
+    with the same storage (sqlite3 or MCAP)."""
+    out = Path(out)
+    if os.path.lexists(out):
+        return f"{out} exists already; name a new file or folder"
+    ros1_in = kind_of(source) == "ros1"
+    if ros1_in != (out.suffix.lower() == ".bag"):
+        return (f"{out}: a ROS 1 bag is written to a .bag file" if ros1_in else
+                f"{out}: a ROS 2 recording is written to a ROS 2 bag folder (a name without .bag)")
+    if not out.parent.is_dir():
+        return f"{out}: folder {out.parent} does not exist"
+    return None
+
+
+def caption_topic(topic: str) -> str:
+    return topic.rstrip("/") + CAPTION_SUFFIX
+
+
+def write_captions(recording: Recording, out: str | os.PathLike,
+                   captions: dict[tuple[str, int], str]) -> int:
+    """Write a copy of ``recording`` to ``out`` with, for each ``(topic, index): text`` of
+    ``captions``, a ``std_msgs/String`` on ``caption_topic(topic)`` at the log time of that
+    frame (the ``index``-th message of ``topic``). Every message is copied unchanged, in order,
+    each caption just after its frame. -> the number of captions written. ``RecordingError`` when
+    the copy cannot be written; a half-written copy is removed."""
+    _, rosbag1, rosbag2, typesys = _rosbags()
+    problem = output_problem(recording.path, out)
+    if problem:
+        raise RecordingError(problem)
+    ros1 = recording.kind == "ros1"
+    topics = {topic for topic, _ in captions}
+    taken = {c.topic for c in recording.connections} & {caption_topic(t) for t in topics}
+    if taken:
+        raise RecordingError(f"{recording.path}: already has a topic {min(taken)}; "
+                             "captions would be mixed into it")
+    store = typesys.get_typestore(typesys.Stores.ROS1_NOETIC if ros1
+                                  else typesys.Stores.ROS2_HUMBLE)
+    string_type = store.types[STRING]
+    serialize = store.serialize_ros1 if ros1 else store.serialize_cdr
+    if ros1:
+        writer = rosbag1.Writer(out)
+    else:
+        plugin = (rosbag2.StoragePlugin.MCAP if recording.kind == "mcap"
+                  else rosbag2.StoragePlugin.SQLITE3)
+        writer = rosbag2.Writer(out, version=9, storage_plugin=plugin)
+    written = 0
+    try:
+        writer.open()
+        copies = {id(c): _copy_connection(writer, c, recording.reader.typestore, ros1)
+                  for c in recording.connections}
+        outputs = {t: writer.add_connection(caption_topic(t), STRING, typestore=store)
+                   for t in sorted(topics)}
+        counts: dict[str, int] = {}
+        for connection, time_ns, raw in recording.messages():
+            writer.write(copies[id(connection)], time_ns, raw)
+            index = counts.get(connection.topic, 0)
+            counts[connection.topic] = index + 1
+            text = captions.get((connection.topic, index))
+            if text is not None:
+                writer.write(outputs[connection.topic], time_ns,
+                             bytes(serialize(string_type(data=text), STRING)))
+                written += 1
+        writer.close()
+    except BaseException as exc:
+        _abort(writer, out)
+        if isinstance(exc, RecordingError) or not isinstance(exc, Exception):
+            raise
+        raise RecordingError(f"{out}: cannot write the captioned copy ({_reason(exc)})") from None
+    return written
+
+
+def _copy_connection(writer, connection, typestore, ros1: bool):
+    """The writer's connection for a copy of ``connection``, its definition and digest kept."""
+    has_definition = bool(connection.msgdef.data) and bool(connection.digest)
+    definition = ({"msgdef": connection.msgdef.data} if has_definition
+                  else {"typestore": typestore})
+    if ros1:
+        extra = {"md5sum": connection.digest, "callerid": connection.ext.callerid,
+                 "latching": connection.ext.latching}
+    else:
+        extra = {"rihs01": connection.digest,
+                 "serialization_format": connection.ext.serialization_format,
+                 "offered_qos_profiles": connection.ext.offered_qos_profiles}
+    if not has_definition:
+        extra.pop("md5sum" if ros1 else "rihs01")
+    return writer.add_connection(connection.topic, connection.msgtype, **definition, **extra)
+
+
+def _abort(writer, out) -> None:
+    with contextlib.suppress(Exception):  # already failing; the partial output goes below
+        writer.abort()
+    out = Path(out)
+    if out.is_dir():
+        shutil.rmtree(out, ignore_errors=True)
+    elif out.exists():
+        out.unlink()
+
+
+def _reason(exc: BaseException) -> str:
+    text = " ".join(str(exc).split())
+    return text or type(exc).__name__
