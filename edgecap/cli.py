@@ -12,12 +12,15 @@ import sys
 
 # name -> (module, one-line help)
 COMMANDS = {
-    "caption": ("edgecap.commands.caption", "caption photos, folders, globs, a video or a camera"),
+    "caption": ("edgecap.commands.caption",
+                "caption photos, folders, globs, a video, a camera or a ROS bag / MCAP recording"),
     "eval": ("edgecap.commands.eval", "score a model on a captioned split (BLEU, METEOR, ROUGE-L, CIDEr)"),
     "train": ("edgecap.commands.train", "train a captioning model (needs edgecap[train])"),
     "export": ("edgecap.commands.export", "export a checkpoint to an ONNX model directory"),
     "convert": ("edgecap.commands.convert", "convert a model directory to FP16 or int8"),
     "build": ("edgecap.commands.build", "build TensorRT engines from a model directory"),
+    "serve": ("edgecap.commands.serve",
+              "a local HTTP caption service for other processes (needs edgecap[serve])"),
 }
 
 

@@ -62,7 +62,7 @@ def _print_frame(bag: str, frame, result, args: argparse.Namespace) -> None:
     from edgecap.recordings import seconds_text
 
     if isinstance(result, InputError):
-        report_error(bag, str(result))  # str: "TOPIC at TIME: problem"
+        report_error(bag, f"{frame.name}: {result.problem}")  # the captioner names bytes only
         if args.json:
             write(json_line({"bag": bag, "topic": frame.topic, "time_ns": frame.time_ns,
                              "stamp_ns": frame.stamp_ns, **error_record(result.problem)}))

@@ -1,0 +1,307 @@
+"""A local caption service: other processes (C++, Rust, a shell) POST an image and get its caption.
+
+    edgecap serve                                   # http://127.0.0.1:8765, the shipped model
+    curl -s --data-binary @photo.jpg -H 'Content-Type: image/jpeg' http://127.0.0.1:8765/caption
+    {"caption": "a dog runs through the grass", "score": -0.61, "objects": [["golden retriever",
+     0.81], ...], "confidence": 0.55, "recognisable": true, "timings": {...}, "batch": 1}
+
+Endpoints: ``POST /caption`` (the body: the image file's bytes, any format ``edgecap.images``
+accepts; ``Content-Type: image/...`` or ``application/octet-stream``) and ``GET /health``. The
+caption fields are those of ``edgecap caption --json`` (``edgecap.commands.output``) and equal to
+``Captioner.caption`` on the same bytes; ``timings`` (ms) add ``queue_ms`` (waiting for the model)
+and ``total_ms`` (from the body read to the answer), ``batch`` the number of images captioned
+together with this one.
+
+Built on aiohttp: asyncio, so a slow client costs one coroutine, not a thread, and batching is a
+queue read with a bounded wait; its request parser is the C llhttp one, and its body limit answers
+413 by itself. Requests that arrive together are captioned together (``Batcher``): the worker
+takes what is queued, waits at most ``max_wait_ms`` for more, up to ``max_batch`` images, and runs
+them as one ``Captioner.caption_batch`` in its own thread while the event loop keeps reading
+requests. Limits, each a clear JSON error (``{"error": "..."}``) after which the service keeps
+serving:
+
+- 413: a body over ``max_body_bytes`` (refused from its Content-Length before it is read, or
+  while a chunked body is read);
+- 503 (with ``Retry-After``): ``max_pending`` requests are already being read, queued or
+  captioned; memory stays below ``max_pending x max_body_bytes`` for bodies;
+- 408: a body not received within ``read_timeout_s`` (a client that stalls);
+- 415: a Content-Type that is not an image (a form, JSON, text); 400: a body that is not an
+  image edgecap can decode, or an empty one.
+
+The service listens on loopback (127.0.0.1) unless told otherwise: it has no authentication.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import contextlib
+import functools
+import ipaddress
+import signal
+import sys
+import time
+from concurrent.futures import ThreadPoolExecutor
+from dataclasses import dataclass
+
+from edgecap.errors import InputError, MissingPackageError
+
+SERVE_EXTRA = "pip install 'edgecap[serve]' (aiohttp)"
+DEFAULT_HOST = "127.0.0.1"
+DEFAULT_PORT = 8765
+MIB = 1024 * 1024
+
+
+@dataclass(frozen=True)
+class ServiceOptions:
+    """The service's limits. ``max_batch`` None: the captioner's ``batch_size``; 1: no batching
+    (one image per model run). ``max_wait_ms``: how long a batch waits for more requests after
+    its first one."""
+
+    max_body_bytes: int = 16 * MIB
+    max_pending: int = 64
+    max_batch: int | None = None
+    max_wait_ms: float = 5.0
+    read_timeout_s: float = 10.0
+
+    def validate(self) -> None:
+        for name in ("max_body_bytes", "max_pending"):
+            value = getattr(self, name)
+            if isinstance(value, bool) or not isinstance(value, int) or value < 1:
+                raise ValueError(f"{name} must be a positive integer, got {value!r}")
+        if self.max_batch is not None and (isinstance(self.max_batch, bool)
+                                           or not isinstance(self.max_batch, int)
+                                           or self.max_batch < 1):
+            raise ValueError(f"max_batch must be None or a positive integer, got {self.max_batch!r}")
+        if not 0 <= self.max_wait_ms <= 1000:
+            raise ValueError(f"max_wait_ms must be between 0 and 1000, got {self.max_wait_ms!r}")
+        if not self.read_timeout_s > 0:
+            raise ValueError(f"read_timeout_s must be positive, got {self.read_timeout_s!r}")
+
+
+def _aiohttp():
+    try:
+        from aiohttp import web
+    except ImportError as exc:
+        raise MissingPackageError(f"edgecap serve needs aiohttp: {SERVE_EXTRA} ({exc})") from exc
+    return web
+
+
+class Batcher:
+    """Captions queued images in batches on one worker thread.
+
+    ``await submit(data)`` -> (``Caption`` or ``InputError``, the batch's size, ms queued). Run
+    ``await run()`` as a task: it takes the first queued image, then whatever else is queued,
+    waiting at most ``max_wait_s`` for more, up to ``max_batch`` images."""
+
+    def __init__(self, captioner, max_batch: int, max_wait_s: float):
+        self.captioner = captioner
+        self.max_batch = max_batch
+        self.max_wait_s = max_wait_s
+        self.queue: asyncio.Queue = asyncio.Queue()
+        self.executor = ThreadPoolExecutor(1, thread_name_prefix="edgecap-serve-model")
+
+    async def submit(self, data: bytes):
+        future = asyncio.get_running_loop().create_future()
+        self.queue.put_nowait((data, future, time.perf_counter()))
+        return await future
+
+    async def run(self) -> None:
+        loop = asyncio.get_running_loop()
+        while True:
+            batch = [await self.queue.get()]
+            deadline = loop.time() + self.max_wait_s
+            while len(batch) < self.max_batch:
+                if not self.queue.empty():
+                    batch.append(self.queue.get_nowait())
+                    continue
+                remaining = deadline - loop.time()
+                if remaining <= 0:
+                    break
+                try:
+                    batch.append(await asyncio.wait_for(self.queue.get(), remaining))
+                except asyncio.TimeoutError:
+                    break
+            started = time.perf_counter()
+            try:
+                images = [data for data, _, _ in batch]
+                results = await loop.run_in_executor(
+                    self.executor, functools.partial(self.captioner.caption_batch, images,
+                                                     on_error="return"))
+            except Exception as exc:  # noqa: BLE001 (the model failed: every request hears it)
+                for _, future, _ in batch:
+                    if not future.done():
+                        future.set_exception(exc)
+                continue
+            for (_, future, queued), result in zip(batch, results):
+                if not future.done():  # a request whose client went away is dropped here
+                    future.set_result((result, len(batch), (started - queued) * 1e3))
+
+    def close(self) -> None:
+        self.executor.shutdown(wait=True, cancel_futures=True)
+
+
+class CaptionService:
+    """The aiohttp application around a ``Captioner`` (``app``); ``pending``: requests being read,
+    queued or captioned now."""
+
+    def __init__(self, captioner, options: ServiceOptions | None = None):
+        web = _aiohttp()
+        self.options = options or ServiceOptions()
+        self.options.validate()
+        self.captioner = captioner
+        self.max_batch = self.options.max_batch or captioner.options.batch_size
+        self.pending = 0
+        self.batcher: Batcher | None = None
+        self._worker: asyncio.Task | None = None
+        self.app = web.Application(client_max_size=self.options.max_body_bytes,
+                                   middlewares=[_json_errors(web)])
+        self.app.router.add_post("/caption", self.caption)
+        self.app.router.add_get("/health", self.health)
+        self.app.on_startup.append(self._start)
+        self.app.on_cleanup.append(self._stop)
+
+    async def _start(self, app) -> None:
+        self.batcher = Batcher(self.captioner, self.max_batch, self.options.max_wait_ms / 1e3)
+        self._worker = asyncio.get_running_loop().create_task(self.batcher.run())
+
+    async def _stop(self, app) -> None:
+        if self._worker is not None:
+            self._worker.cancel()
+        if self.batcher is not None:
+            await asyncio.get_running_loop().run_in_executor(None, self.batcher.close)
+
+    async def health(self, request):
+        web = _aiohttp()
+        return web.json_response({
+            "status": "ok", "model": str(self.captioner.manifest.directory),
+            "backend": self.captioner.backend.describe(), "pending": self.pending,
+            "max_pending": self.options.max_pending, "max_batch": self.max_batch,
+            "max_wait_ms": self.options.max_wait_ms,
+            "max_body_bytes": self.options.max_body_bytes})
+
+    async def caption(self, request):
+        from edgecap.commands.output import caption_record
+
+        web = _aiohttp()
+        options = self.options
+        kind = request.content_type  # aiohttp: application/octet-stream when none is given
+        if not (kind == "application/octet-stream" or kind.startswith("image/")):
+            return _error(web, 415, f"Content-Type {kind} is not an image: send the image file's "
+                                    "bytes as the body with Content-Type image/jpeg, image/png, "
+                                    "... or application/octet-stream")
+        if request.content_length is not None and request.content_length > options.max_body_bytes:
+            return _too_large(web, request.content_length, options.max_body_bytes)
+        if self.pending >= options.max_pending:
+            return _error(web, 503, f"busy: {self.pending} requests are already waiting "
+                                    f"(max_pending {options.max_pending}); retry later",
+                          headers={"Retry-After": "1"})
+        self.pending += 1
+        try:
+            t0 = time.perf_counter()
+            try:
+                data = await asyncio.wait_for(request.read(), options.read_timeout_s)
+            except asyncio.TimeoutError:
+                return _error(web, 408, f"the body did not arrive within "
+                                        f"{options.read_timeout_s:g} s")
+            except web.HTTPRequestEntityTooLarge:
+                return _too_large(web, None, options.max_body_bytes)
+            if not data:
+                return _error(web, 400, "empty body: send the image file's bytes")
+            assert self.batcher is not None
+            result, batch, queue_ms = await self.batcher.submit(data)
+            if isinstance(result, InputError):
+                return _error(web, 400, f"not a usable image: {result.problem}")
+            record = caption_record(result)
+            record["timings"] = {**{k: round(v, 2) for k, v in result.timings.items()},
+                                 "queue_ms": round(queue_ms, 2),
+                                 "total_ms": round((time.perf_counter() - t0) * 1e3, 2)}
+            record["batch"] = batch
+            return web.json_response(record)
+        finally:
+            self.pending -= 1
+
+
+def _error(web, status: int, message: str, headers: dict | None = None):
+    return web.json_response({"error": message}, status=status, headers=headers)
+
+
+def _too_large(web, size: int | None, limit: int):
+    what = f"{size:,} bytes" if size is not None else "larger"
+    return _error(web, 413, f"the body is {what}, over the limit of {limit:,} bytes "
+                            "(edgecap serve --max-body-mb)")
+
+
+def _json_errors(web):
+    """aiohttp's own errors (404, 405, a malformed request) as ``{"error": ...}`` too."""
+
+    @web.middleware
+    async def middleware(request, handler):
+        try:
+            return await handler(request)
+        except web.HTTPException as exc:
+            if exc.status < 400:
+                raise
+            return _error(web, exc.status, exc.reason if not exc.text
+                          or exc.text.startswith(f"{exc.status}:") else exc.text)
+
+    return middleware
+
+
+def warm_up(captioner) -> None:
+    """One caption before the first request: the runtime's first run (memory, kernels) is several
+    times slower than the next ones, and a model that cannot run fails here, before listening."""
+    import numpy as np
+
+    captioner.caption(np.random.default_rng(0).integers(0, 256, (224, 224, 3), dtype=np.uint8))
+
+
+def is_loopback(host: str) -> bool:
+    if host == "localhost":
+        return True
+    try:
+        return ipaddress.ip_address(host).is_loopback
+    except ValueError:
+        return False
+
+
+async def start(service: CaptionService, host: str = DEFAULT_HOST, port: int = DEFAULT_PORT):
+    """Start serving (in the running event loop); -> (the runner, the port it listens on: the
+    one the system chose when ``port`` is 0). Stop with ``await runner.cleanup()``."""
+    web = _aiohttp()
+    # keepalive: an idle connection is closed after 75 s; no decompression of bodies (a
+    # gzip-encoded body would be a decompression bomb past the body limit)
+    runner = web.AppRunner(service.app, access_log=None, keepalive_timeout=75,
+                           auto_decompress=False)
+    await runner.setup()
+    site = web.TCPSite(runner, host, port)
+    await site.start()
+    return runner, runner.addresses[0][1]
+
+
+def serve(service: CaptionService, host: str = DEFAULT_HOST, port: int = DEFAULT_PORT,
+          ready=None) -> int:
+    """Serve until SIGINT or SIGTERM; -> the signal's number. ``ready(port)`` is called once it
+    listens."""
+
+    async def main() -> int:
+        runner, bound = await start(service, host, port)
+        stopped: asyncio.Future = asyncio.get_running_loop().create_future()
+        loop = asyncio.get_running_loop()
+        for sig in (signal.SIGINT, signal.SIGTERM):
+            with contextlib.suppress(NotImplementedError, RuntimeError, ValueError):  # Windows
+                loop.add_signal_handler(
+                    sig, lambda s=sig: stopped.done() or stopped.set_result(int(s)))
+        if ready is not None:
+            ready(bound)
+        try:
+            return await stopped
+        finally:
+            await runner.cleanup()
+
+    return asyncio.run(main())
+
+
+def announce(host: str, port: int) -> None:
+    shown = f"[{host}]" if ":" in host else host
+    print(f"edgecap serve: listening on http://{shown}:{port} (POST /caption, GET /health)",
+          file=sys.stderr, flush=True)

@@ -1,0 +1,353 @@
+"""``edgecap caption --bag`` and ``edgecap.recordings``: real recordings written here by rosbags
+(ROS 1 bags, ROS 2 bags with sqlite3 and MCAP storage, a plain .mcap file) from the bundled
+example photos, captioned by the shipped model in a subprocess, and the captioned copies read
+back with rosbags' own reader. Expected captions come from ``Captioner.caption`` on the photo."""
+
+from __future__ import annotations
+
+import json
+import os
+import subprocess
+import sys
+from pathlib import Path
+
+import numpy as np
+import pytest
+from PIL import Image
+
+pytest.importorskip("rosbags")
+
+from rosbags.highlevel import AnyReader
+from rosbags.rosbag1 import Writer as Writer1
+from rosbags.rosbag2 import StoragePlugin
+from rosbags.rosbag2 import Writer as Writer2
+from rosbags.typesys import Stores, get_typestore
+
+import edgecap
+from edgecap import Captioner
+from edgecap.commands.output import caption_record
+from edgecap.errors import InputError
+from edgecap.recordings import (RecordingError, demosaic_half, open_recording,
+                                raw_to_rgb, yuv422_to_rgb)
+from helpers import EXAMPLES, encoded_bytes
+
+ROOT = Path(edgecap.__file__).resolve().parents[1]
+ENV = {**os.environ, "PYTHONPATH": os.pathsep.join([str(ROOT), os.environ.get("PYTHONPATH", "")])}
+SECOND = 1_000_000_000
+T0 = 1_700_000_000 * SECOND  # log times; header stamps are 0.25 s earlier (the camera's clock)
+KINDS = ("ros1", "sqlite3", "mcap", "mcap-file")
+
+
+def photo(name: str, size=(160, 120)) -> np.ndarray:
+    return np.asarray(Image.open(EXAMPLES / name).convert("RGB").resize(size))
+
+
+CHELSEA, COFFEE = photo("chelsea.png"), photo("coffee.png")
+GRAY = np.asarray(Image.fromarray(COFFEE).convert("L"))
+
+
+# -- writing recordings with rosbags -----------------------------------------------------------
+def image_msg(store, encoding: str, pixels: np.ndarray, stamp_ns: int, step: int | None = None,
+              data: np.ndarray | None = None, bigendian: bool = False):
+    height, width = pixels.shape[:2]
+    raw = np.ascontiguousarray(pixels).view(np.uint8).reshape(height, -1)
+    step = raw.shape[1] if step is None else step
+    rows = np.zeros((height, step), np.uint8)
+    rows[:, :raw.shape[1]] = raw
+    return store.types["sensor_msgs/msg/Image"](
+        header=header(store, stamp_ns), height=height, width=width, encoding=encoding,
+        is_bigendian=int(bigendian), step=step, data=rows.reshape(-1) if data is None else data)
+
+
+def compressed_msg(store, fmt: str, data: bytes, stamp_ns: int):
+    return store.types["sensor_msgs/msg/CompressedImage"](
+        header=header(store, stamp_ns), format=fmt, data=np.frombuffer(data, np.uint8))
+
+
+def header(store, stamp_ns: int):
+    fields = {"stamp": store.types["builtin_interfaces/msg/Time"](
+        sec=stamp_ns // SECOND, nanosec=stamp_ns % SECOND), "frame_id": "camera"}
+    if "seq" in store.types["std_msgs/msg/Header"].__dataclass_fields__:
+        fields["seq"] = 0
+    return store.types["std_msgs/msg/Header"](**fields)
+
+
+def store_for(kind: str):
+    return get_typestore(Stores.ROS1_NOETIC if kind == "ros1" else Stores.ROS2_HUMBLE)
+
+
+def write_recording(folder: Path, kind: str, messages) -> Path:
+    """``messages``: (topic, message type, log time ns, message object) in any order. -> the
+    path to give ``--bag`` (for "mcap-file": the .mcap file inside the bag folder)."""
+    store = store_for(kind)
+    if kind == "ros1":
+        path = folder / "run.bag"
+        writer = Writer1(path)
+    else:
+        path = folder / "run"
+        plugin = StoragePlugin.SQLITE3 if kind == "sqlite3" else StoragePlugin.MCAP
+        writer = Writer2(path, version=9, storage_plugin=plugin)
+    serialize = store.serialize_ros1 if kind == "ros1" else store.serialize_cdr
+    with writer:
+        connections = {}
+        for topic, msgtype, time_ns, msg in sorted(messages, key=lambda m: m[2]):
+            if topic not in connections:
+                connections[topic] = writer.add_connection(topic, msgtype, typestore=store)
+            writer.write(connections[topic], time_ns, bytes(serialize(msg, msgtype)))
+    return path / "run.mcap" if kind == "mcap-file" else path
+
+
+def camera_messages(kind: str):
+    """Two frames on each of four image topics (rgb8, bgr8, mono8, JPEG) and a log topic.
+    -> (messages, {(topic, index): (log time, stamp, what Captioner.caption is given)})."""
+    store = store_for(kind)
+    jpeg = [encoded_bytes(p, "JPEG", quality=92) for p in (CHELSEA, COFFEE)]
+    messages, frames = [], {}
+    for i, (rgb, gray) in enumerate(((CHELSEA, GRAY), (COFFEE, GRAY[::-1].copy()))):
+        for j, (topic, encoding, data, expected) in enumerate((
+                ("/cam/rgb", "rgb8", rgb, rgb), ("/cam/bgr", "bgr8", rgb[:, :, ::-1], rgb),
+                ("/cam/mono", "mono8", gray, gray), ("/cam/jpeg", "jpeg", jpeg[i], jpeg[i]))):
+            time_ns = T0 + i * SECOND + j * 1000
+            stamp_ns = time_ns - SECOND // 4
+            if encoding == "jpeg":
+                msgtype = "sensor_msgs/msg/CompressedImage"
+                msg = compressed_msg(store, "jpeg", data, stamp_ns)
+            else:
+                msgtype, msg = "sensor_msgs/msg/Image", image_msg(store, encoding, data, stamp_ns)
+            messages.append((topic, msgtype, time_ns, msg))
+            frames[(topic, i)] = (time_ns, stamp_ns, expected)
+    messages.append(("/log", "std_msgs/msg/String", T0 + 5,
+                     store.types["std_msgs/msg/String"](data="recording started")))
+    return messages, frames
+
+
+def edgecap_caption(*args) -> subprocess.CompletedProcess:
+    return subprocess.run([sys.executable, "-m", "edgecap", "caption", *map(str, args)],
+                          capture_output=True, text=True, env=ENV, check=False)
+
+
+def read_back(path: Path):
+    """Every message of a recording via rosbags' AnyReader: (topic, log time, raw bytes, msg)."""
+    with AnyReader([path], default_typestore=get_typestore(Stores.ROS2_HUMBLE)) as reader:
+        return [(c.topic, t, raw, reader.deserialize(raw, c.msgtype))
+                for c, t, raw in reader.messages()]
+
+
+@pytest.fixture(scope="module")
+def captioner(default_model_dir):
+    return Captioner(default_model_dir)
+
+
+# -- the issue's "done when": each kind captioned, the copy holds the captions ------------------
+@pytest.mark.parametrize("kind", KINDS)
+def test_recording_captioned_and_written_back(kind, tmp_path, captioner):
+    messages, frames = camera_messages(kind)
+    bag = write_recording(tmp_path, kind, messages)
+    out = tmp_path / ("captioned.bag" if kind == "ros1" else "captioned")
+    done = edgecap_caption("--bag", bag, "--json", "--write-bag", out)
+    assert done.returncode == 0, done.stderr
+    records = [json.loads(line) for line in done.stdout.splitlines()]
+    assert len(records) == len(frames)  # the /log topic is not an image topic
+    for record in records:
+        index = 0 if record["time_ns"] < T0 + SECOND else 1
+        time_ns, stamp_ns, image = frames[(record["topic"], index)]
+        assert (record["time_ns"], record["stamp_ns"]) == (time_ns, stamp_ns)
+        assert record["bag"] == str(bag)
+        fields = {k: v for k, v in record.items() if k not in ("bag", "topic", "time_ns",
+                                                                 "stamp_ns")}
+        assert fields == caption_record(captioner.caption(image)), record["topic"]
+    # the copy: every original message unchanged, and one caption per frame at its log time
+    original = read_back(bag)
+    copied = read_back(out)
+    assert [m[:3] for m in copied if not m[0].endswith("/caption")] == [m[:3] for m in original]
+    captions = sorted((m[0], m[1], m[3].data) for m in copied if m[0].endswith("/caption"))
+    assert captions == sorted((r["topic"] + "/caption", r["time_ns"], r["caption"])
+                              for r in records)
+    with AnyReader([out]) as reader:
+        types = {c.topic: c.msgtype for c in reader.connections}
+    assert types["/cam/rgb/caption"] == "std_msgs/msg/String"
+
+
+def test_plain_output_and_topic_choice(tmp_path, captioner):
+    messages, frames = camera_messages("mcap")
+    bag = write_recording(tmp_path, "mcap", messages)
+    done = edgecap_caption("--bag", bag, "--topic", "/cam/jpeg", "--topic", "/cam/mono")
+    assert done.returncode == 0, done.stderr
+    lines = [line.split("\t") for line in done.stdout.splitlines()]
+    expected = []
+    for (topic, i), (time_ns, stamp_ns, image) in sorted(frames.items(), key=lambda f: f[1][0]):
+        if topic in ("/cam/jpeg", "/cam/mono"):
+            expected.append([topic, f"{time_ns // SECOND}.{time_ns % SECOND:09d}",
+                             f"{stamp_ns // SECOND}.{stamp_ns % SECOND:09d}",
+                             captioner.caption(image).text])
+    assert lines == expected
+    assert lines[0][1] == "1700000000.000002000" and lines[0][2] == "1699999999.750002000"
+
+
+# -- bad frames: one line each with topic and time, the others kept -----------------------------
+def test_bad_frames_reported_and_skipped(tmp_path, captioner):
+    store = store_for("sqlite3")
+    good = image_msg(store, "rgb8", CHELSEA, T0)
+    truncated = image_msg(store, "rgb8", CHELSEA, T0, data=good.data[:-7])
+    messages = [
+        ("/cam/raw", "sensor_msgs/msg/Image", T0, good),
+        ("/cam/raw", "sensor_msgs/msg/Image", T0 + SECOND, truncated),
+        ("/cam/raw", "sensor_msgs/msg/Image", T0 + 2 * SECOND,
+         image_msg(store, "weird8", CHELSEA, T0)),
+        ("/cam/depth", "sensor_msgs/msg/Image", T0 + 3 * SECOND,
+         image_msg(store, "16UC1", GRAY.astype(np.uint16), T0)),
+        ("/cam/jpeg", "sensor_msgs/msg/CompressedImage", T0 + 4 * SECOND,
+         compressed_msg(store, "jpeg", encoded_bytes(COFFEE, "JPEG")[:300], T0)),
+        ("/cam/jpeg", "sensor_msgs/msg/CompressedImage", T0 + 5 * SECOND,
+         compressed_msg(store, "jpeg", encoded_bytes(COFFEE, "JPEG"), T0)),
+    ]
+    bag = write_recording(tmp_path, "sqlite3", messages)
+    out = tmp_path / "out"
+    done = edgecap_caption("--bag", bag, "--write-bag", out)
+    assert done.returncode == 1
+    captioned = [line.split("\t")[:2] for line in done.stdout.splitlines()]
+    assert captioned == [["/cam/raw", "1700000000.000000000"],
+                         ["/cam/jpeg", "1700000005.000000000"]]
+    problems = [line for line in done.stderr.splitlines() if not line.startswith("edgecap: wrote")]
+    assert len(problems) == 4, done.stderr
+    for line, (topic, seconds, why) in zip(problems, [
+            ("/cam/raw", 1, "but 160x120 rgb8 with step 480 needs 57,600"),
+            ("/cam/raw", 2, "unknown image encoding 'weird8'"),
+            ("/cam/depth", 3, "depth image"),
+            ("/cam/jpeg", 4, "corrupt")]):
+        assert line.startswith(f"edgecap: {bag}: {topic} at 170000000{seconds}.000000000: ")
+        assert why in line
+    # the copy holds the two captions, and all six frames
+    copied = read_back(out)
+    assert len([m for m in copied if m[0].endswith("/caption")]) == 2
+    assert len([m for m in copied if not m[0].endswith("/caption")]) == 6
+
+
+def test_every_samples_each_topic_on_its_own_grid(tmp_path):
+    store = store_for("mcap")
+    messages = [(topic, "sensor_msgs/msg/Image", T0 + offset + k * 4 * SECOND // 10,
+                 image_msg(store, "mono8", GRAY, T0))
+                for topic, offset in (("/a", 0), ("/b", SECOND // 10)) for k in range(5)]
+    bag = write_recording(tmp_path, "mcap", messages)
+    with open_recording(bag) as recording:
+        taken = [(f.topic, f.time_ns - T0, f.index) for f in recording.frames(every=1.0)]
+    # 0, 0.4, 0.8, 1.2, 1.6 s (and 0.1 s later on /b): the first of each 1 s slot
+    assert sorted(taken) == [("/a", 0, 0), ("/a", 12 * SECOND // 10, 3),
+                             ("/b", SECOND // 10, 0), ("/b", 13 * SECOND // 10, 3)]
+
+
+# -- whole-recording problems: one line, exit 2 -------------------------------------------------
+def test_recording_problems(tmp_path):
+    messages, _ = camera_messages("ros1")
+    bag = write_recording(tmp_path, "ros1", messages)
+    fake = tmp_path / "notes.bag"
+    fake.write_text("not a bag")
+    for args, message in [
+            (["--bag", tmp_path / "missing.bag"], "missing.bag: no such file or folder"),
+            (["--bag", fake], "notes.bag: cannot read this recording"),
+            (["--bag", bag, "--topic", "/log"], ("topic /log is a std_msgs/msg/String topic, not "
+                                                 "an image topic; image topics: /cam/bgr, "
+                                                 "/cam/jpeg, /cam/mono, /cam/rgb")),
+            (["--bag", bag, "--write-bag", tmp_path / "copy"], "a ROS 1 bag is written to a .bag"),
+            (["--bag", bag, "--write-bag", bag], "exists already"),
+            (["--topic", "/cam/rgb", str(EXAMPLES / "coffee.png")], "--topic needs --bag")]:
+        done = edgecap_caption(*args)
+        assert done.returncode == 2, (args, done.stderr)
+        assert len(done.stderr.splitlines()) == 1 and message in done.stderr, done.stderr
+        assert done.stdout == ""
+    store = store_for("mcap")
+    only_text = write_recording(tmp_path, "mcap", [("/log", "std_msgs/msg/String", T0,
+                                                    store.types["std_msgs/msg/String"](data="x"))])
+    with pytest.raises(RecordingError, match=r"no sensor_msgs/Image or CompressedImage topic "
+                                             r"\(topics: /log \(std_msgs/msg/String\)\)"):
+        open_recording(only_text).check_topics(None)
+
+
+def test_existing_caption_topic_is_not_mixed_into(tmp_path):
+    store = store_for("sqlite3")
+    bag = write_recording(tmp_path, "sqlite3", [
+        ("/cam", "sensor_msgs/msg/Image", T0, image_msg(store, "mono8", GRAY, T0)),
+        ("/cam/caption", "std_msgs/msg/String", T0, store.types["std_msgs/msg/String"](data="x"))])
+    done = edgecap_caption("--bag", bag, "--write-bag", tmp_path / "copy")
+    assert done.returncode == 2 and "already has a topic /cam/caption" in done.stderr
+    assert not (tmp_path / "copy").exists()
+
+
+# -- raw encodings --------------------------------------------------------------------------------
+def decode(encoding: str, pixels: np.ndarray, **kw) -> np.ndarray:
+    return raw_to_rgb(image_msg(store_for("mcap"), encoding, pixels, T0, **kw), "/t at 0")
+
+
+def test_raw_encodings_give_the_photo():
+    assert np.array_equal(decode("rgb8", CHELSEA), CHELSEA)
+    assert np.array_equal(decode("bgr8", CHELSEA[:, :, ::-1]), CHELSEA)
+    assert np.array_equal(decode("8UC3", CHELSEA[:, :, ::-1]), CHELSEA)  # OpenCV's order
+    rgba = np.dstack([CHELSEA, np.full(GRAY.shape, 255, np.uint8)])
+    assert np.array_equal(decode("bgra8", rgba[:, :, [2, 1, 0, 3]]), CHELSEA)
+    assert np.array_equal(decode("mono8", GRAY), np.dstack([GRAY] * 3))
+    # rows padded past the pixels (step > width x bytes per pixel)
+    assert np.array_equal(decode("rgb8", CHELSEA, step=CHELSEA.shape[1] * 3 + 32), CHELSEA)
+    # 16 bits, both byte orders
+    wide = GRAY.astype(np.uint16) * 257
+    assert np.array_equal(decode("mono16", wide), np.dstack([GRAY] * 3))
+    assert np.array_equal(decode("mono16", wide.astype(">u2"), bigendian=True),
+                          np.dstack([GRAY] * 3))
+
+
+def test_bayer_is_demosaicked_at_half_resolution():
+    mosaic = np.zeros((120, 160), np.uint8)
+    # RGGB: red at (even, even), green at (even, odd) and (odd, even), blue at (odd, odd)
+    mosaic[0::2, 0::2] = CHELSEA[0::2, 0::2, 0]
+    mosaic[0::2, 1::2] = CHELSEA[0::2, 1::2, 1]
+    mosaic[1::2, 0::2] = CHELSEA[1::2, 0::2, 1]
+    mosaic[1::2, 1::2] = CHELSEA[1::2, 1::2, 2]
+    rgb = decode("bayer_rggb8", mosaic)
+    assert rgb.shape == (60, 80, 3)
+    assert np.array_equal(rgb[:, :, 0], CHELSEA[0::2, 0::2, 0])
+    assert np.array_equal(rgb[:, :, 2], CHELSEA[1::2, 1::2, 2])
+    greens = (CHELSEA[0::2, 1::2, 1].astype(int) + CHELSEA[1::2, 0::2, 1] + 1) // 2
+    assert np.array_equal(rgb[:, :, 1], greens)
+    # the same mosaic read as BGGR swaps red and blue
+    assert np.array_equal(demosaic_half(mosaic, "bggr", "x")[:, :, 0], rgb[:, :, 2])
+
+
+def test_yuv422_matches_opencv():
+    cv2 = pytest.importorskip("cv2")
+    rng = np.random.default_rng(0)
+    uyvy = rng.integers(16, 240, (6, 16), dtype=np.uint8)  # 6 rows of 8 pixels
+    expected = cv2.cvtColor(uyvy.reshape(6, 8, 2), cv2.COLOR_YUV2RGB_UYVY)
+    assert np.abs(yuv422_to_rgb(uyvy, "uyvy", "x").astype(int) - expected).max() <= 1
+    yuyv = uyvy.reshape(6, 4, 4)[:, :, [1, 0, 3, 2]].reshape(6, 16)
+    assert np.abs(yuv422_to_rgb(yuyv, "yuyv", "x").astype(int) - expected).max() <= 1
+    assert np.array_equal(decode("yuv422", uyvy.reshape(6, 8, 2)),
+                          yuv422_to_rgb(uyvy, "uyvy", "x"))
+
+
+def test_wrong_sizes_are_input_errors():
+    store = store_for("mcap")
+    short = image_msg(store, "rgb8", CHELSEA, T0)
+    with pytest.raises(InputError, match="step 100 is shorter than a row of 160 rgb8"):
+        raw_to_rgb(store.types["sensor_msgs/msg/Image"](
+            header=short.header, height=120, width=160, encoding="rgb8", is_bigendian=0,
+            step=100, data=short.data), "/t at 0")
+    with pytest.raises(InputError, match=r"no pixels \(0x120\)"):
+        raw_to_rgb(store.types["sensor_msgs/msg/Image"](
+            header=short.header, height=120, width=0, encoding="rgb8", is_bigendian=0,
+            step=0, data=short.data[:0]), "/t at 0")
+
+
+def test_missing_rosbags_names_the_extra(monkeypatch, tmp_path):
+    import builtins
+
+    real_import = builtins.__import__
+
+    def no_rosbags(name, *args, **kwargs):
+        if name == "rosbags" or name.startswith("rosbags."):
+            raise ImportError("No module named 'rosbags'")
+        return real_import(name, *args, **kwargs)
+
+    monkeypatch.setattr(builtins, "__import__", no_rosbags)
+    from edgecap.errors import MissingPackageError
+
+    with pytest.raises(MissingPackageError, match=r"pip install 'edgecap\[ros\]'"):
+        open_recording(tmp_path)
