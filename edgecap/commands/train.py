@@ -10,7 +10,7 @@ from dataclasses import fields
 
 from edgecap.data.folder import DEFAULT_DEV_FRACTION
 from edgecap.models.config import ENCODERS, DecoderConfig
-from edgecap.training.config import PRECISIONS, ScstConfig, TrainConfig
+from edgecap.training.config import PRECISIONS, ScstConfig, TrainConfig, check_folders
 
 # The defaults are the configurations' own (torch-free modules), never written again here.
 TRAIN = {f.name: f.default for f in fields(TrainConfig)}
@@ -24,6 +24,11 @@ def add_arguments(p: argparse.ArgumentParser) -> None:
                         "karpathy: dataset_*.json; folder: your photos and captions.csv or "
                         "captions.jsonl with columns file,caption[,split])")
     p.add_argument("--images", help="images root (default: DATA/images; a folder: DATA)")
+    p.add_argument("--allow-outside-data", action="store_true",
+                   help="also train on photos outside the images folder: rows naming an absolute "
+                        "path, a path through '..' or a symbolic link that leads out (default: "
+                        "such rows are reported and left out, so that a captions file cannot "
+                        "make the run read files elsewhere on the machine)")
     p.add_argument("--dataset", choices=["flickr8k", "coco", "karpathy", "folder"],
                    help="default: folder when DATA holds captions.csv or captions.jsonl, else "
                         f"{TRAIN['dataset']}")
@@ -113,6 +118,7 @@ def run(args: argparse.Namespace) -> int:
                 "feature_dim": args.feature_dim, "embed_dim": args.embed_dim,
                 "attention_dim": args.attention_dim, "dropout": args.dropout})
             run_training = train
+        check_folders(args.out, args.cache_dir, ("--out", "--cache-dir"))
     except ValueError as exc:  # the config's own checks, in the command line's words
         print(f"edgecap train: error: {_in_flags(str(exc), args)}", file=sys.stderr)
         return 2

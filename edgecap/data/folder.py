@@ -11,7 +11,17 @@ split, whatever the row order.
 
 A captions file that cannot be read as a whole (the wrong columns, not UTF-8) is a ``DataError``.
 A bad row (an empty caption, no file name, an unknown split) or a bad photo (missing, unreadable,
-not an image) is reported, naming the file and line, and left out; the rest is used.
+not an image) is reported, naming the file and line, and left out; the rest is used. The reports
+escape names as ``edgecap caption`` does (a newline in a file name cannot forge a report line);
+after the first ``MAX_REPORTED`` the rest are only counted, in one closing line.
+
+Photos must lie inside the images folder: a row naming an absolute path, a path through ``..``
+or a symbolic link that leads out of the folder is left out (reported) unless
+``allow_outside=True`` (``edgecap train --allow-outside-data``): a captions file someone else
+wrote must not make the run read, and train on, files elsewhere on the machine.
+
+``captions.jsonl`` lines end at a newline only: a caption may hold U+2028, U+0085 or any other
+character that ``str.splitlines`` would split at.
 """
 
 from __future__ import annotations
@@ -25,6 +35,7 @@ from collections.abc import Callable
 from dataclasses import dataclass, field
 from pathlib import Path
 
+from edgecap.commands.output import escape_field
 from edgecap.data.readers import CaptionedImage
 from edgecap.errors import DataError, InputError
 from edgecap.files import FileProblem, read_regular
@@ -35,13 +46,14 @@ DEFAULT_DEV_FRACTION = 0.2
 SPLIT_NAMES = {"train": "train", "dev": "dev", "val": "dev", "validation": "dev"}
 MAX_CAPTIONS_BYTES = 256 << 20
 COLUMNS = ("file", "caption")
+MAX_REPORTED = 200  # problem lines shown one by one; the rest are counted
 
 
 def caption_file(root: str | Path) -> Path | None:
     """The folder's ``captions.csv`` or ``captions.jsonl``; None when it has neither."""
     found = [Path(root) / name for name in CAPTION_FILES if (Path(root) / name).is_file()]
     if len(found) > 1:
-        raise DataError(f"{root}: has both {' and '.join(CAPTION_FILES)}; keep one")
+        raise DataError(f"{escape_field(str(root))}: has both {' and '.join(CAPTION_FILES)}; keep one")
     return found[0] if found else None
 
 
@@ -64,34 +76,89 @@ class FolderData:
     train: list[CaptionedImage]
     dev: list[CaptionedImage]
     lines: dict[str, int] = field(default_factory=dict)   # photo -> line of its first row
-    problems: list[str] = field(default_factory=list)     # one line per row / photo left out
+    problems: list[str] = field(default_factory=list)     # the first MAX_REPORTED problems
+    n_problems: int = 0                                   # rows and photos left out, in all
 
 
-def _stderr(message: str) -> None:
+def report_stderr(message: str) -> None:
     print(message, file=sys.stderr, flush=True)
+
+
+class Problems:
+    """Problem lines passed to ``report`` one by one up to ``limit``, then only counted;
+    ``close()`` reports the count of those not shown (one line)."""
+
+    def __init__(self, report: Callable[[str], None], limit: int = MAX_REPORTED):
+        self.report, self.limit = report, limit
+        self.shown: list[str] = []
+        self.count = 0
+
+    def __call__(self, message: str) -> None:
+        self.count += 1
+        if self.count <= self.limit:
+            self.shown.append(message)
+            self.report(message)
+
+    def close(self, what: str) -> None:
+        hidden = self.count - len(self.shown)
+        if hidden:
+            self.report(f"{what}: {hidden:,} more problems not listed ({self.count:,} in all)")
+
+
+def outside_problem(root: Path, name: str) -> str | None:
+    """Why the photo ``name`` (relative to the images folder ``root``, resolved) is not inside
+    that folder: an absolute path, a ``..`` component or a symbolic link leading out (None: it
+    is inside, or does not exist, which the photo check reports)."""
+    path = Path(name)
+    if path.is_absolute():
+        return "an absolute path, outside the images folder"
+    if ".." in path.parts:
+        return "a path through '..', outside the images folder"
+    try:
+        resolved = (root / path).resolve()
+    except (OSError, RuntimeError, ValueError):  # a link loop, a name the OS refuses
+        return None
+    if resolved != root and not resolved.is_relative_to(root):
+        return "a symbolic link that leads out of the images folder"
+    return None
+
+
+OUTSIDE_HINT = "pass --allow-outside-data to train on it"
 
 
 def read_folder(root: str | Path, images: str | Path | None = None,
                 dev_fraction: float | None = None, seed: int = 0, check_images: bool = True,
-                report: Callable[[str], None] = _stderr) -> FolderData:
+                report: Callable[[str], None] = report_stderr,
+                allow_outside: bool = False) -> FolderData:
     """Read the folder's captions file into train and dev ``CaptionedImage`` lists.
 
     ``images``: the photos' root (default ``root``). ``dev_fraction``: the share of photos in
     dev when the file has no split column (default ``DEFAULT_DEV_FRACTION``; an error with a
     split column). ``check_images``: decode every photo once (``edgecap.images.load_rgb``) and
     leave out those that fail. Each row or photo left out is passed to ``report`` (one line:
-    ``FILE:LINE: photo: problem; ... skipped``)."""
+    ``FILE:LINE: photo: problem; ... skipped``; after ``MAX_REPORTED`` of them, one line with
+    the count of the rest). ``allow_outside``: also use photos outside the images folder."""
     root = Path(root)
     source = caption_file(root)
     if source is None:
-        raise DataError(f"{root}: no {' or '.join(CAPTION_FILES)}")
+        raise DataError(f"{escape_field(str(root))}: no {' or '.join(CAPTION_FILES)}")
     images = Path(images) if images is not None else root
-    rows, has_split, problems = read_rows(source)
-    for problem in problems:
-        report(problem)
+    problems = Problems(report)
+    try:
+        return _read_folder(source, images, dev_fraction, seed, check_images, problems,
+                            allow_outside)
+    finally:
+        problems.close(escape_field(str(source)))
+
+
+def _read_folder(source: Path, images: Path, dev_fraction: float | None, seed: int,
+                 check_images: bool, problems: Problems, allow_outside: bool) -> FolderData:
+    rows, has_split = read_rows(source, problems)
+    shown_source = escape_field(str(source))
     if has_split and dev_fraction is not None:
-        raise DataError(f"{source}: has a split column; leave out --dev-fraction (or drop the "
-                        "column to split by a fraction of the photos)")
+        raise DataError(f"{shown_source}: has a split column; leave out --dev-fraction (or drop "
+                        "the column to split by a fraction of the photos)")
+    inside = None if allow_outside else images.resolve()
 
     photos: dict[str, CaptionedImage] = {}
     lines: dict[str, int] = {}
@@ -99,17 +166,19 @@ def read_folder(root: str | Path, images: str | Path | None = None,
     by_name: dict[str, str] = {}
 
     def skip(line: int, file: str, why: str, what: str = "row") -> None:
-        message = f"{source}:{line}: {file}: {why}; {what} skipped"
-        problems.append(message)
-        report(message)
+        problems(f"{shown_source}:{line}: {escape_field(file)}: {why}; {what} skipped")
 
     for row in rows:
         if row.file not in photos:
+            outside = inside is not None and outside_problem(inside, row.file)
+            if outside:
+                skip(row.line, row.file, f"{outside}; {OUTSIDE_HINT}")
+                continue
             other = by_name.get(Path(row.file).name)
             if other is not None:
                 # the feature cache (edgecap.training.features) keys photos by file name
-                skip(row.line, row.file, f"same file name as {other} (line {lines[other]}); "
-                                         "photos need distinct file names")
+                skip(row.line, row.file, f"same file name as {escape_field(other)} (line "
+                                         f"{lines[other]}); photos need distinct file names")
                 continue
             by_name[Path(row.file).name] = row.file
             photos[row.file] = CaptionedImage(row.file, [], image_id=len(photos))
@@ -128,26 +197,26 @@ def read_folder(root: str | Path, images: str | Path | None = None,
                 load_rgb(images / name)
             except InputError as exc:
                 n = len(photos[name].captions)
-                skip(lines[name], name, exc.problem,
+                skip(lines[name], name, escape_field(exc.problem),
                      f"photo and its {n} caption{'s' if n > 1 else ''}")
                 del photos[name]
     if not photos:
-        raise DataError(f"{source}: no usable photo (see the problems above)" if problems
-                        else f"{source}: no rows")
+        raise DataError(f"{shown_source}: no usable photo (see the problems above)"
+                        if problems.count else f"{shown_source}: no rows")
     if has_split:
         dev_names = {n for n in photos if splits[n] == "dev"}
         for split, names in (("dev", dev_names), ("train", set(photos) - dev_names)):
             if not names:
-                raise DataError(f"{source}: no usable photo has split {split}; the run needs "
-                                "train and dev photos")
+                raise DataError(f"{shown_source}: no usable photo has split {split}; the run "
+                                "needs train and dev photos")
     else:
         if len(photos) < 2:
-            raise DataError(f"{source}: one usable photo; a train and a dev split need two")
+            raise DataError(f"{shown_source}: one usable photo; a train and a dev split need two")
         dev_names = dev_photos(list(photos), DEFAULT_DEV_FRACTION if dev_fraction is None
                                else dev_fraction, seed)
     return FolderData(source, [p for n, p in photos.items() if n not in dev_names],
                       [p for n, p in photos.items() if n in dev_names],
-                      {n: lines[n] for n in photos}, problems)
+                      {n: lines[n] for n in photos}, problems.shown, problems.count)
 
 
 def dev_photos(names: list[str], fraction: float, seed: int) -> set[str]:
@@ -160,24 +229,26 @@ def dev_photos(names: list[str], fraction: float, seed: int) -> set[str]:
     return set(ranked[:n_dev])
 
 
-def read_rows(path: Path) -> tuple[list[Row], bool, list[str]]:
-    """-> (the usable rows, whether the file has a split column, one line per row left out)."""
+def read_rows(path: Path, report: Callable[[str], None]) -> tuple[list[Row], bool]:
+    """-> (the usable rows, whether the file has a split column); each row left out is passed
+    to ``report`` (one line)."""
+    shown = escape_field(str(path))
     try:
         data = read_regular(path, MAX_CAPTIONS_BYTES, "captions file")
     except FileProblem as exc:
-        raise DataError(f"{path}: {exc}") from None
+        raise DataError(f"{shown}: {exc}") from None
     try:
         text = data.decode("utf-8-sig")
     except UnicodeDecodeError as exc:
         line = data[:exc.start].count(b"\n") + 1
-        raise DataError(f"{path}:{line}: not UTF-8 text ({exc.reason}); save the file as "
+        raise DataError(f"{shown}:{line}: not UTF-8 text ({exc.reason}); save the file as "
                         "UTF-8") from None
     records = _jsonl_records(path, text) if path.suffix == ".jsonl" else _csv_records(path, text)
-    has_split, records = next(records), list(records)
-    rows, problems = [], []
+    has_split = next(records)
+    rows = []
     for line, fields in records:
         if isinstance(fields, str):  # a row that could not be read at all
-            problems.append(f"{path}:{line}: {fields}; row skipped")
+            report(f"{shown}:{line}: {escape_field(fields)}; row skipped")
             continue
         file, caption = (str(fields.get(k) or "").strip() for k in COLUMNS)
         split = str(fields.get("split") or "").strip().lower() if has_split else None
@@ -187,15 +258,17 @@ def read_rows(path: Path) -> tuple[list[Row], bool, list[str]]:
         elif not caption:
             problem = "empty caption"
         elif not tokenize(caption):
-            problem = f"caption {caption!r} has no words"
+            problem = f"caption {escape_field(repr(caption))} has no words"
         elif has_split and split not in SPLIT_NAMES:
-            problem = (f"split {split!r} is not one of {', '.join(SPLIT_NAMES)}" if split
+            problem = (f"split {escape_field(repr(split))} is not one of "
+                       f"{', '.join(SPLIT_NAMES)}" if split
                        else "no split (the file has a split column)")
         if problem:
-            problems.append(f"{path}:{line}: {file or '(no file)'}: {problem}; row skipped")
+            report(f"{shown}:{line}: {escape_field(file) or '(no file)'}: {problem}; "
+                   "row skipped")
             continue
         rows.append(Row(line, file, caption, SPLIT_NAMES[split] if has_split else None))
-    return rows, has_split, problems
+    return rows, has_split
 
 
 def _csv_records(path: Path, text: str):
@@ -204,16 +277,16 @@ def _csv_records(path: Path, text: str):
     try:
         header = next(reader, None)
         if header is None:
-            raise DataError(f"{path}: empty; the first line must name the columns file,caption")
+            raise DataError(f"{escape_field(str(path))}: empty; the first line must name the columns file,caption")
         names = [h.strip().lower() for h in header]
         missing = [c for c in COLUMNS if c not in names]
         if missing:
             found = ",".join(header)
             hint = ("; separate the columns with commas" if len(header) == 1
                     and any(d in found for d in ";\t") else "")
-            raise DataError(f"{path}:1: the header line must name the columns file and caption "
+            raise DataError(f"{escape_field(str(path))}:1: the header line must name the columns file and caption "
                             f"(optionally split); missing {', '.join(missing)}, found "
-                            f"{found or 'an empty line'}{hint}")
+                            f"{escape_field(found) or 'an empty line'}{hint}")
         yield "split" in names
         end = reader.line_num
         for record in reader:
@@ -221,18 +294,20 @@ def _csv_records(path: Path, text: str):
             if any(v.strip() for v in record):
                 yield start, dict(zip(names, record))
     except csv.Error as exc:
-        raise DataError(f"{path}:{reader.line_num}: not CSV ({exc})") from None
+        raise DataError(f"{escape_field(str(path))}:{reader.line_num}: not CSV ({exc})") from None
 
 
 def _jsonl_records(path: Path, text: str):
     """Like ``_csv_records``; a line that is not a JSON object is a string (its problem)."""
     records: list[tuple[int, dict | str]] = []
-    for line, raw in enumerate(text.splitlines(), 1):
+    # JSON Lines end at "\n" (and "\r\n"); str.splitlines would also split inside a caption at
+    # U+2028, U+0085, form feeds and the like, which JSON allows unescaped in strings.
+    for line, raw in enumerate(text.split("\n"), 1):
         if not raw.strip():
             continue
         try:
             value = json.loads(raw)
-        except ValueError as exc:
+        except (ValueError, RecursionError) as exc:
             records.append((line, f"not JSON ({exc})"))
             continue
         if not isinstance(value, dict):
@@ -242,7 +317,7 @@ def _jsonl_records(path: Path, text: str):
         else:
             records.append((line, value))
     if records and not any(isinstance(r, dict) for _, r in records):
-        raise DataError(f"{path}: no line is a JSON object with the keys \"file\" and "
+        raise DataError(f"{escape_field(str(path))}: no line is a JSON object with the keys \"file\" and "
                         f"\"caption\" (line {records[0][0]}: {records[0][1]})")
     yield any(isinstance(r, dict) and "split" in r for _, r in records)
     yield from records

@@ -4,14 +4,22 @@
 - COCO caption JSON: ``images`` (``id``, ``file_name``) and ``annotations`` (``image_id``, ``caption``).
 - Karpathy ``dataset_flickr8k.json`` / ``dataset_flickr30k.json`` / ``dataset_coco.json``:
   ``images`` with ``filename``, optional ``filepath``, ``split`` and ``sentences[].raw``.
+
+Every file is read as ``edgecap.files`` reads files it did not write (a regular file, under a
+size ceiling); a file that is missing, too big or not in its layout is a ``DataError`` naming it.
 """
 
 from __future__ import annotations
 
-import json
 from collections import defaultdict
 from dataclasses import dataclass, field
 from pathlib import Path
+
+from edgecap.commands.output import escape_field
+from edgecap.errors import DataError
+from edgecap.files import FileProblem, read_json, read_regular
+
+MAX_DATASET_BYTES = 1 << 30  # COCO's captions_train2014.json is 66 MB, dataset_coco.json 144 MB
 
 
 @dataclass
@@ -24,54 +32,63 @@ class CaptionedImage:
 def read_flickr8k(token_file: Path, split_file: Path | None = None) -> list[CaptionedImage]:
     """Images of ``split_file`` (all captioned images if None), in the split file's order."""
     captions: dict[str, list[str]] = defaultdict(list)
-    for line_no, line in enumerate(Path(token_file).read_text(encoding="utf-8").splitlines(), 1):
+    for line_no, line in enumerate(_text(token_file).split("\n"), 1):
         if not line.strip():
             continue
         key, sep, caption = line.partition("\t")
         name, hash_sep, _ = key.rpartition("#")
         if not sep or not hash_sep:
-            raise ValueError(f"{token_file}:{line_no}: expected 'file.jpg#N<TAB>caption'")
+            raise DataError(f"{_shown(token_file)}:{line_no}: expected 'file.jpg#N<TAB>caption'")
         captions[name].append(caption.strip())
     if split_file is None:
         names = sorted(captions)
     else:
-        names = [n.strip() for n in Path(split_file).read_text().splitlines() if n.strip()]
+        names = [n.strip() for n in _text(split_file).split("\n") if n.strip()]
     missing = [n for n in names if n not in captions]
     if missing:
-        raise ValueError(f"{split_file}: {len(missing)} images have no captions in {token_file}, "
-                         f"e.g. {missing[:3]}")
+        raise DataError(f"{_shown(split_file)}: {len(missing)} images have no captions in "
+                        f"{_shown(token_file)}, e.g. {escape_field(', '.join(missing[:3]))}")
     return [CaptionedImage(n, captions[n], image_id=i) for i, n in enumerate(names)]
 
 
 def read_coco(json_file: Path) -> list[CaptionedImage]:
     """COCO caption JSON (``captions_*.json``), in the order of its ``images`` list."""
-    data = json.loads(Path(json_file).read_text(encoding="utf-8"))
+    data = _json(json_file)
     if not isinstance(data, dict) or "images" not in data or "annotations" not in data:
-        raise ValueError(f"{json_file}: not COCO caption JSON (needs 'images' and 'annotations')")
-    by_id = {img["id"]: CaptionedImage(img["file_name"], [], img["id"]) for img in data["images"]}
-    for ann in data["annotations"]:
-        if ann["image_id"] not in by_id:
-            raise ValueError(f"{json_file}: annotation {ann.get('id')} names unknown image_id "
-                             f"{ann['image_id']!r}")
-        by_id[ann["image_id"]].captions.append(ann["caption"].strip())
+        raise DataError(f"{_shown(json_file)}: not COCO caption JSON (needs 'images' and "
+                        "'annotations')")
+    try:
+        by_id = {img["id"]: CaptionedImage(str(img["file_name"]), [], img["id"])
+                 for img in data["images"]}
+        for ann in data["annotations"]:
+            if ann["image_id"] not in by_id:
+                raise DataError(f"{_shown(json_file)}: annotation {ann.get('id')!r} names "
+                                f"unknown image_id {ann['image_id']!r}")
+            by_id[ann["image_id"]].captions.append(ann["caption"].strip())
+    except (KeyError, TypeError, AttributeError) as exc:
+        raise DataError(f"{_shown(json_file)}: not COCO caption JSON ({_layout(exc)})") from None
     return list(by_id.values())
 
 
 def read_karpathy(json_file: Path, split: str) -> list[CaptionedImage]:
     """Karpathy split JSON; ``split`` is train / val / test (``restval`` counts as train)."""
-    data = json.loads(Path(json_file).read_text(encoding="utf-8"))
+    data = _json(json_file)
     if not isinstance(data, dict) or "images" not in data:
-        raise ValueError(f"{json_file}: not a Karpathy dataset JSON (needs 'images')")
+        raise DataError(f"{_shown(json_file)}: not a Karpathy dataset JSON (needs 'images')")
     wanted = {"train": {"train", "restval"}}.get(split, {split})
     out = []
-    for img in data["images"]:
-        if img.get("split") not in wanted:
-            continue
-        name = img["filename"]
-        if img.get("filepath"):
-            name = f"{img['filepath']}/{name}"
-        out.append(CaptionedImage(name, [s["raw"].strip() for s in img["sentences"]],
-                                  img.get("cocoid", img.get("imgid"))))
+    try:
+        for img in data["images"]:
+            if img.get("split") not in wanted:
+                continue
+            name = str(img["filename"])
+            if img.get("filepath"):
+                name = f"{img['filepath']}/{name}"
+            out.append(CaptionedImage(name, [s["raw"].strip() for s in img["sentences"]],
+                                      img.get("cocoid", img.get("imgid"))))
+    except (KeyError, TypeError, AttributeError) as exc:
+        raise DataError(f"{_shown(json_file)}: not a Karpathy dataset JSON "
+                        f"({_layout(exc)})") from None
     return out
 
 
@@ -82,14 +99,49 @@ def read_dataset(kind: str, root: Path, split: str) -> list[CaptionedImage]:
     coco: ``root`` holds ``captions_{split}.json``. karpathy: ``root`` holds ``dataset_*.json``.
     """
     root = Path(root)
+    if not root.is_dir():
+        raise DataError(f"{_shown(root)}: " + ("not a folder" if root.exists() else
+                                               "no such folder") + "; --data names the dataset's "
+                        "folder")
     if kind == "flickr8k":
         split_name = {"train": "train", "dev": "dev", "val": "dev", "test": "test"}[split]
-        return read_flickr8k(root / "Flickr8k.token.txt", root / f"Flickr_8k.{split_name}Images.txt")
+        token = root / "Flickr8k.token.txt"
+        if not token.exists():
+            raise DataError(f"{_shown(root)}: no captions.csv or captions.jsonl (a folder of "
+                            "your photos) and no Flickr8k.token.txt (Flickr8k); name the "
+                            "folder that holds one, or give --dataset")
+        return read_flickr8k(token, root / f"Flickr_8k.{split_name}Images.txt")
     if kind == "coco":
         return read_coco(root / f"captions_{split}.json")
     if kind == "karpathy":
         files = sorted(root.glob("dataset_*.json"))
         if not files:
-            raise FileNotFoundError(f"{root}: no dataset_*.json")
+            raise DataError(f"{_shown(root)}: no dataset_*.json")
         return read_karpathy(files[0], {"dev": "val"}.get(split, split))
     raise ValueError(f"unknown dataset kind {kind!r}: use flickr8k, coco or karpathy")
+
+
+def _shown(path) -> str:
+    return escape_field(str(path))
+
+
+def _layout(exc: BaseException) -> str:
+    return f"missing key {exc}" if isinstance(exc, KeyError) else f"wrong type: {exc}"
+
+
+def _text(path: Path) -> str:
+    """A dataset text file (UTF-8, a regular file under ``MAX_DATASET_BYTES``)."""
+    try:
+        return read_regular(path, MAX_DATASET_BYTES, "dataset file").decode("utf-8")
+    except FileProblem as exc:
+        raise DataError(f"{_shown(path)}: {exc}") from None
+    except UnicodeDecodeError as exc:
+        raise DataError(f"{_shown(path)}: not UTF-8 text ({exc.reason} at byte "
+                        f"{exc.start})") from None
+
+
+def _json(path: Path):
+    try:
+        return read_json(path, MAX_DATASET_BYTES)
+    except FileProblem as exc:
+        raise DataError(f"{_shown(path)}: {exc}") from None

@@ -9,15 +9,19 @@ config, preprocessing, training state and metrics). ``optimizer.safetensors`` +
 from __future__ import annotations
 
 import json
+import os
 from pathlib import Path
 
 from safetensors.torch import load_file, save_file
 
+from edgecap.commands.output import escape_field
 from edgecap.errors import ModelError
 from edgecap.models.config import DEFAULT_ENCODER
 from edgecap.models.decoder import CaptionDecoder, DecoderConfig
 from edgecap.models.efficientnet_lite import EfficientNetLite, load_pretrained
 from edgecap.preprocess import Preprocessing
+from edgecap.training.config import check_decoder, check_preprocessing
+from edgecap.training.records import read_record, safetensors_shapes, shown
 from edgecap.vocab import Vocabulary
 
 FORMAT = "edgecap-checkpoint/1"
@@ -48,28 +52,52 @@ def load_checkpoint(directory: Path):
     """-> (encoder, decoder, vocab, preprocessing, meta); models in eval mode on the CPU."""
     directory = Path(directory)
     meta_path = directory / "checkpoint.json"
-    if not meta_path.exists():
-        raise ModelError(f"{directory}: not a checkpoint directory (no checkpoint.json); pass "
-                         "the best/ or last/ folder that `edgecap train` wrote")
-    try:
-        meta = json.loads(meta_path.read_text())
-    except (OSError, ValueError) as exc:
-        raise ModelError(f"{meta_path}: unreadable ({exc})") from exc
+    if not os.path.lexists(meta_path):
+        raise ModelError(f"{shown(directory)}: not a checkpoint directory (no checkpoint.json); "
+                         "pass the best/ or last/ folder that `edgecap train` wrote")
+    record = read_record(meta_path)  # a regular file, bounded, an object: ModelError otherwise
+    meta = record.data
     if meta.get("format") != FORMAT:
-        raise ModelError(f"{meta_path}: unknown checkpoint format {meta.get('format')!r}, "
-                         f"expected {FORMAT}")
+        raise ModelError(f"{shown(meta_path)}: unknown checkpoint format "
+                         f"{escape_field(repr(meta.get('format')))}, expected {FORMAT}")
+    sizes = record.dict("decoder")
     try:
-        tensors = load_file(str(directory / "model.safetensors"))
-        decoder = CaptionDecoder(DecoderConfig(**meta["decoder"]))
+        check_decoder(sizes)
+        decoder_cfg = DecoderConfig(**sizes)
+        pre = check_preprocessing(record.dict("preprocessing"))
+    except (TypeError, ValueError, KeyError) as exc:
+        raise record.fail(f"decoder or preprocessing: {exc}") from None
+    weights = directory / "model.safetensors"
+    _check_shapes(weights, decoder_cfg)  # before any weight is allocated
+    try:
+        tensors = load_file(str(weights))
+        decoder = CaptionDecoder(decoder_cfg)
         decoder.load_state_dict({k[8:]: v for k, v in tensors.items() if k.startswith("decoder.")})
         encoder = load_pretrained(meta.get("encoder", DEFAULT_ENCODER))  # older: Lite0
         enc = {k[8:]: v for k, v in tensors.items() if k.startswith("encoder.")}
         if enc:
             encoder.load_state_dict(enc)
         vocab = Vocabulary.load(directory / "vocab.json")
-    except Exception as exc:  # noqa: BLE001 - OSError, KeyError, torch's RuntimeError, SafetensorError
+    except Exception as exc:  # OSError, KeyError, torch's RuntimeError, SafetensorError
         raise ModelError(f"{directory}: cannot load the checkpoint ({exc})") from exc
     if len(vocab) != decoder.cfg.vocab_size:
         raise ModelError(f"{directory}: vocab.json has {len(vocab)} words, the decoder "
                          f"{decoder.cfg.vocab_size}")
-    return encoder.eval(), decoder.eval(), vocab, Preprocessing.from_dict(meta["preprocessing"]), meta
+    return encoder.eval(), decoder.eval(), vocab, pre, meta
+
+
+def _check_shapes(weights: Path, cfg: DecoderConfig) -> None:
+    """``ModelError`` unless the decoder tensors ``weights`` declares are those of ``cfg``
+    (read from the file's header; the expected shapes from a decoder on torch's meta device,
+    which allocates nothing)."""
+    import torch
+
+    declared = safetensors_shapes(weights)
+    with torch.device("meta"):
+        expected = {f"decoder.{k}": tuple(v.shape)
+                    for k, v in CaptionDecoder(cfg).state_dict().items()}
+    for name, shape in expected.items():
+        if declared.get(name) != shape:
+            raise ModelError(f"{shown(weights)}: {name} is "
+                             f"{declared.get(name, 'missing')}, "
+                             f"checkpoint.json's decoder sizes need {shape}")

@@ -3,11 +3,57 @@ here). Each rule about the values is checked once, in ``__post_init__``."""
 
 from __future__ import annotations
 
-from dataclasses import dataclass, field
+import math
+import os
+from dataclasses import dataclass, field, fields
+from pathlib import Path
 
-from edgecap.models.config import DEFAULT_ENCODER, ENCODERS, encoder_spec
+from edgecap.models.config import DEFAULT_ENCODER, ENCODERS, DecoderConfig, encoder_spec
 
 PRECISIONS = ("fp32", "bf16", "fp16")
+MAX_IMAGE_SIZE = 1024    # 32x32 attention regions; the encoder's activations grow as size^2
+MAX_SHARD_SIZE = 65536   # images per shard: 8 GB of Lite0 features at 224 px
+MAX_DECODER_DIM = 8192   # hidden / feature / embedding / attention units (the shipped model: 512)
+MAX_SEED = 2**32 - 1
+
+
+def _check(name: str, value, low=None, high=None, low_open=False, high_open=False,
+           integer=False) -> None:
+    """``ValueError`` naming the field unless ``value`` is a number (an int when ``integer``)
+    within the bounds (open ones exclusive)."""
+    kind = "an integer" if integer else "a number"
+    if isinstance(value, bool) or not isinstance(value, int if integer else (int, float)) \
+            or (not integer and not math.isfinite(value)):
+        raise ValueError(f"{name} must be {kind}, got {value!r}")
+    if low is not None and (value <= low if low_open else value < low):
+        raise ValueError(f"{name} must be {'more than' if low_open else 'at least'} {low}, "
+                         f"got {value}")
+    if high is not None and (value >= high if high_open else value > high):
+        raise ValueError(f"{name} must be {'less than' if high_open else 'at most'} {high}, "
+                         f"got {value}")
+
+
+def _check_common(cfg) -> None:
+    _check("epochs", cfg.epochs, 1, integer=True)
+    _check("lr", cfg.lr, 0)
+    _check("threads", cfg.threads, 0, 1024, integer=True)
+    _check("seed", cfg.seed, 0, MAX_SEED, integer=True)
+
+
+def check_folders(out: str, cache_dir: str | None,
+                  names: tuple[str, str] = ("out", "cache_dir")) -> None:
+    """``ValueError`` unless ``out`` and the feature cache can be folders: each is a folder or
+    does not exist yet, below a folder (nothing is created here)."""
+    cache = Path(cache_dir) if cache_dir else Path(out).parent / ".feature-cache"
+    for flag, path in zip(names, (Path(out), cache)):
+        existing = path
+        while not os.path.lexists(existing) and existing != existing.parent:
+            existing = existing.parent
+        if existing.is_dir():
+            continue
+        what = "a file" if existing.exists() else "a broken link"
+        raise ValueError(f"{flag} {path}: " + (f"is {what}, not a folder" if existing == path
+                                               else f"{existing} is {what}, not a folder"))
 
 
 @dataclass(frozen=True)
@@ -46,6 +92,7 @@ class TrainConfig:
     max_dev_images: int = 0         # 0: the whole dev split
     decoder: dict = field(default_factory=dict)  # DecoderConfig overrides (hidden_dim, ...)
     dev_fraction: float | None = None  # folder without a split column: share of dev photos
+    allow_outside_data: bool = False   # photos outside the images folder (../, absolute, links)
 
     def __post_init__(self):
         # Field names in the messages: `edgecap train` shows them as its flags.
@@ -53,13 +100,26 @@ class TrainConfig:
             raise ValueError(f"encoder must be one of {', '.join(ENCODERS)}, got {self.encoder}")
         if self.image_size is None:  # frozen: set once, here
             object.__setattr__(self, "image_size", encoder_spec(self.encoder).image_size)
-        if self.image_size < 32:
+        if isinstance(self.image_size, int) and self.image_size < 32:
             raise ValueError(f"image_size must be at least 32 (the encoder's stride), "
                              f"got {self.image_size}")
+        _check("image_size", self.image_size, 32, MAX_IMAGE_SIZE, integer=True)
+        _check_common(self)
+        _check("batch_size", self.batch_size, 1, 1 << 20, integer=True)
+        _check("lr_decay_epochs", self.lr_decay_epochs, 1, integer=True)
+        _check("min_word_count", self.min_word_count, 0, integer=True)
+        _check("max_caption_words", self.max_caption_words, 1, 1000, integer=True)
+        _check("alpha_c", self.alpha_c, 0)
+        _check("label_smoothing", self.label_smoothing, 0, 1, high_open=True)
+        _check("scheduled_sampling", self.scheduled_sampling, 0, 1)
+        _check("grad_clip", self.grad_clip, 0, low_open=True)
+        _check("patience", self.patience, 1, integer=True)
+        _check("encoder_lr", self.encoder_lr, 0)
+        _check("max_dev_images", self.max_dev_images, 0, integer=True)
+        _check("shard_size", self.shard_size, 1, MAX_SHARD_SIZE, integer=True)
+        check_decoder(self.decoder)
         if self.precision not in PRECISIONS:
             raise ValueError(f"precision must be one of {', '.join(PRECISIONS)}, got {self.precision}")
-        if self.shard_size < 1:
-            raise ValueError(f"shard_size must be at least 1, got {self.shard_size}")
         if self.dev_fraction is not None:
             if self.dataset != "folder":
                 raise ValueError("dev_fraction is for a folder of photos with a captions.csv "
@@ -90,8 +150,53 @@ class ScstConfig:
     seed: int = 0
     threads: int = 0
     progress: bool = True
+    allow_outside_data: bool = False
 
     def __post_init__(self):
+        _check_common(self)
+        _check("images_per_batch", self.images_per_batch, 1, 1 << 20, integer=True)
+        _check("max_length", self.max_length, 1, 1000, integer=True)
         if self.n_samples < 2:
             raise ValueError(f"n_samples must be at least 2 (each sample's baseline is the mean "
                              f"reward of the image's other samples), got {self.n_samples}")
+
+
+def check_decoder(sizes: dict) -> None:
+    """``ValueError`` unless ``sizes`` are ``DecoderConfig`` fields with sane values (the sizes
+    a checkpoint or the command line gives, checked before any weight is allocated)."""
+    if not isinstance(sizes, dict):
+        raise ValueError(f"decoder sizes must be a mapping, got {type(sizes).__name__}")  # noqa: TRY004
+    known = {f.name: f for f in fields(DecoderConfig)}
+    for name, value in sizes.items():
+        if name not in known:
+            raise ValueError(f"unknown decoder setting {name!r}")
+        if name == "dropout":
+            _check("dropout", value, 0, 1, high_open=True)
+        elif name == "attention":
+            if not isinstance(value, bool):
+                raise ValueError(f"attention must be true or false, got {value!r}")
+        elif name == "vocab_size":
+            _check(name, value, 1, 1 << 22, integer=True)
+        else:
+            _check(name, value, 1, MAX_DECODER_DIM, integer=True)
+
+
+def check_preprocessing(d: dict):
+    """A checkpoint's ``preprocessing`` record -> ``Preprocessing``; ``ValueError`` unless its
+    size is two integers within 32..``MAX_IMAGE_SIZE``, its mean and std three finite numbers
+    (std above 0) and its resampling one Pillow knows."""
+    from edgecap.preprocess import Preprocessing
+
+    pre = Preprocessing.from_dict(d)
+    if len(pre.size) != 2:
+        raise ValueError(f"size must be [height, width], got {list(pre.size)}")
+    for side in pre.size:
+        _check("size", side, 32, MAX_IMAGE_SIZE, integer=True)
+    for name, values in (("mean", pre.mean), ("std", pre.std)):
+        if len(values) != 3:
+            raise ValueError(f"{name} must be 3 numbers, got {len(values)}")
+        for v in values:
+            _check(name, v, 0 if name == "std" else None, low_open=True)
+    if pre.resample not in ("nearest", "bilinear", "bicubic", "lanczos", "box", "hamming"):
+        raise ValueError(f"unknown resampling {pre.resample!r}")
+    return pre

@@ -3,6 +3,10 @@ Lite2 at 260 px), computed once.
 
 The cache is one float16 ``.npy`` array (n_images, 49, 1280) plus a JSON index of file names,
 keyed by the encoder and the preprocessing so a change of either never reuses stale features.
+The index also records the array's shape, size and SHA-256, checked before the cache is used:
+an array overwritten since (or an index or array that is not a regular file, too big, or not
+of the recorded shape) is recomputed, never trained on. Checking costs one read of the array
+(~0.3 s a GB).
 With ``split_at=k`` it holds the activations after the first k encoder blocks instead
 ((n_images, C, H, W), e.g. 112x14x14 for k=11), for fine-tuning the blocks after them.
 """
@@ -11,6 +15,8 @@ from __future__ import annotations
 
 import hashlib
 import json
+import os
+import sys
 from pathlib import Path
 
 import numpy as np
@@ -26,6 +32,7 @@ def encoder_tag(encoder: str = DEFAULT_ENCODER) -> str:
 
 
 ENCODER_TAG = encoder_tag()  # EfficientNet-Lite0's: the key every earlier cache was made with
+CACHE_FORMAT = "edgecap-feature-cache/1"
 
 
 def cache_key(preprocessing: Preprocessing, encoder_tag: str) -> str:
@@ -58,10 +65,12 @@ def compute_features(image_paths: list[Path], cache_dir: Path, preprocessing: Pr
     array_path = cache_dir / f"features-{key}.npy"
     index_path = cache_dir / f"features-{key}.json"
     names = [p.name for p in image_paths]
-    if array_path.exists() and index_path.exists():
-        index = json.loads(index_path.read_text())
-        if all(n in index for n in names):
+    if os.path.lexists(array_path) and os.path.lexists(index_path):
+        index, problem = _cached_index(index_path, array_path)
+        if problem is None and all(n in index for n in names):
             return np.load(array_path, mmap_mode="r"), index
+        if problem is not None:
+            print(f"{problem}: recomputing the feature cache", file=sys.stderr, flush=True)
 
     model = load_pretrained(encoder)
 
@@ -90,8 +99,51 @@ def compute_features(image_paths: list[Path], cache_dir: Path, preprocessing: Pr
     del out
     partial.replace(array_path)
     index = {n: i for i, n in enumerate(names)}
-    index_path.write_text(json.dumps(index))
+    from edgecap.manifest import file_sha256
+
+    tmp = index_path.with_name(index_path.name + ".tmp")
+    tmp.write_text(json.dumps({"format": CACHE_FORMAT, "names": index,
+                               "shape": [len(names), *fmap.shape[1:]],
+                               "bytes": os.stat(array_path).st_size,
+                               "sha256": file_sha256(array_path)}))
+    tmp.replace(index_path)
     return np.load(array_path, mmap_mode="r"), index
+
+
+def _cached_index(index_path: Path, array_path: Path) -> tuple[dict[str, int], str | None]:
+    """A fine-tuning cache's index ({file name: row}) and what is wrong with the cache (None:
+    nothing; the index and the array checked as files, the array's header, size and checksum
+    against the index)."""
+    from edgecap.manifest import file_sha256
+    from edgecap.training.records import (
+        MAX_RECORD_BYTES,
+        check_file,
+        read_record,
+        shown,
+    )
+    from edgecap.training.shards import FeatureCacheError, _header
+
+    try:
+        record = read_record(index_path, FeatureCacheError, MAX_RECORD_BYTES)
+        if record.data.get("format") != CACHE_FORMAT:
+            return {}, f"{shown(index_path)}: an index of another format"
+        index = record.dict("names")
+        shape = tuple(record.ints("shape", 0, 1 << 30))
+        if not shape or not all(isinstance(r, int) and not isinstance(r, bool) and 0 <= r < shape[0]
+                   for r in index.values()):
+            return {}, f"{shown(index_path)}: 'names' holds rows outside the array"
+        size = check_file(array_path, FeatureCacheError, None)
+        try:
+            header = _header(array_path)
+        except (OSError, ValueError) as exc:
+            return {}, f"{shown(array_path)}: unreadable header ({exc})"
+        if tuple(header[0]) != shape or header[1] != np.float16:
+            return {}, f"{shown(array_path)}: shape {header[0]}, the index says {shape}"
+        if size != record.int("bytes") or file_sha256(array_path) != record.str("sha256"):
+            return {}, f"{shown(array_path)}: changed since it was written (checksum)"
+    except (FeatureCacheError, OSError) as exc:
+        return {}, str(exc)
+    return index, None
 
 
 def split_features(train_items, dev_items, images: Path, cache_dir: Path,
@@ -108,10 +160,10 @@ def split_features(train_items, dev_items, images: Path, cache_dir: Path,
     """
     import torch
 
+    from edgecap.training.shards import missing_photos
+
     paths = [images / it.file_name for it in train_items + dev_items]
-    missing = [str(p) for p in paths if not p.exists()]
-    if missing:
-        raise FileNotFoundError(f"{len(missing)} images are missing, e.g. {missing[:3]}")
+    missing_photos(paths)
     fmaps, index = compute_features(paths, cache_dir, preprocessing, progress=progress,
                                     split_at=split_at, encoder=encoder)
     train_rows = [index[p.name] for p in paths[: len(train_items)]]

@@ -16,14 +16,14 @@ from pathlib import Path
 import numpy as np
 import torch
 
-from edgecap.data.readers import read_dataset
 from edgecap.errors import BackendError
 from edgecap.models.checkpoint import load_checkpoint, save_checkpoint
 from edgecap.models.decoder import mask_logits
 from edgecap.training.cider import CiderD
+from edgecap.training.config import ScstConfig
 from edgecap.training.distributed import world_size
-from edgecap.training.config import ScstConfig  # noqa: F401 - re-exported
 from edgecap.training.features import progress_bar, split_features
+from edgecap.training.start import dataset_items
 from edgecap.training.train import evaluate_dev, seeded
 from edgecap.vocab import tokenize
 
@@ -62,8 +62,7 @@ def train_scst(cfg: ScstConfig, log=print) -> Path:
     if meta.get("finetuned_encoder"):
         raise ValueError("self-critical training runs on cached features: start from a checkpoint "
                          "with a frozen encoder")
-    train_items = read_dataset(cfg.dataset, data, "train")
-    dev_items = read_dataset(cfg.dataset, data, "dev")
+    train_items, dev_items = dataset_items(cfg.dataset, data, images, cfg.allow_outside_data)
     cache = Path(cfg.cache_dir) if cfg.cache_dir else out.parent / ".feature-cache"
     encoder_name = encoder.variant  # the checkpoint's pretrained encoder
     train_rows, dev_fmaps, all_fmaps = split_features(train_items, dev_items, images, cache, pre,

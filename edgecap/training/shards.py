@@ -12,7 +12,12 @@
 - ``index.json``: all shards' records and the shape, written by rank 0 once every shard is done.
 
 Extraction is resumable: an interrupted run keeps its completed shards (their checksums are
-verified on the rerun; a mismatch is recomputed) and redoes the partial one. Under torchrun each
+verified on the rerun; a mismatch is recomputed) and redoes the partial one. A shard being
+computed may hold photos of earlier runs that are gone from the disk since: their rows are left
+empty and listed in the record (``absent``), and the shard is recomputed if a later run asks for
+one of them again. Every file of the cache is read as ``edgecap.files`` reads files (a regular
+file under a ceiling, types and sizes checked before use, ``training.records``): a broken plan
+starts a new one, a broken shard record redoes its shard, a broken index is one error naming it. Under torchrun each
 rank extracts the shards ``rank, rank + world, ...``. Training reads batches with ``readinto``
 grouped by shard and offset (runs of consecutive rows in one read), not through a memory map:
 the pages of a map count as the process's resident memory, the page cache's do not.
@@ -23,18 +28,22 @@ from __future__ import annotations
 import hashlib
 import json
 import os
+from collections.abc import Callable, Sequence
 from concurrent.futures import ThreadPoolExecutor
 from pathlib import Path
-from typing import Callable, Sequence
 
 import numpy as np
 
-from edgecap.errors import ModelError
+from edgecap.errors import DataError, ModelError
+from edgecap.files import FileProblem, check_regular, open_regular
 from edgecap.manifest import file_sha256
 from edgecap.models.config import DEFAULT_ENCODER
+from edgecap.training.config import MAX_SHARD_SIZE
 from edgecap.training.features import ENCODER_TAG, cache_key, encoder_tag, progress_bar
+from edgecap.training.records import MAX_RECORD_BYTES, Record, read_record, shown
 
 FORMAT = "edgecap-feature-shards/1"
+MAX_FEATURE_DIM = 1 << 16  # each dimension of a feature row (Lite0: 49 x 1280)
 
 
 class FeatureCacheError(ModelError):
@@ -65,8 +74,12 @@ def _names_digest(names: Sequence[str]) -> str:
 
 
 def _header(path: Path) -> tuple[tuple, np.dtype, int]:
-    """An .npy file's (shape, dtype, data offset)."""
-    with open(path, "rb") as f:
+    """An .npy file's (shape, dtype, data offset); a regular file only (``ValueError``)."""
+    try:
+        f = open_regular(path, None, "feature shard")
+    except FileProblem as exc:
+        raise ValueError(str(exc)) from None
+    with f:
         if np.lib.format.read_magic(f) == (1, 0):  # headers are literals, never pickles
             shape, fortran, dtype = np.lib.format.read_array_header_1_0(f)
         else:
@@ -78,8 +91,12 @@ def _header(path: Path) -> tuple[tuple, np.dtype, int]:
 
 def shard_problem(path: Path, record: dict, checksum: bool) -> str | None:
     """What is wrong with a shard file against its record (None: nothing)."""
-    if not path.exists():
+    if not os.path.lexists(path):
         return "missing"
+    try:
+        check_regular(path)
+    except FileProblem as exc:
+        return str(exc)
     try:
         shape, dtype, offset = _header(path)
     except (OSError, ValueError) as exc:
@@ -87,7 +104,7 @@ def shard_problem(path: Path, record: dict, checksum: bool) -> str | None:
     expected = (record["rows"], *record["shape"])
     if tuple(shape) != expected or dtype != np.float16:
         return f"shape {tuple(shape)} {dtype}, expected {expected} float16"
-    size = path.stat().st_size
+    size = os.stat(path).st_size
     if size != record["bytes"] or size != offset + int(np.prod(expected)) * 2:
         return f"{size} bytes, expected {record['bytes']}"
     if checksum and file_sha256(path) != record["sha256"]:
@@ -102,23 +119,29 @@ class ShardedFeatures:
     def __init__(self, directory: Path):
         self.directory = Path(directory)
         index_path = self.directory / "index.json"
-        try:
-            index = json.loads(index_path.read_text())
-        except (OSError, ValueError) as exc:
-            raise FeatureCacheError(f"{index_path}: unreadable ({exc}); delete it and rerun "
-                                    "the extraction") from exc
-        self.shard_size = index["shard_size"]
-        self.shape = tuple(index["shape"])
-        self.records = index["shards"]
-        self.names = {n: i for i, n in enumerate(index["names"])}
+        index = read_record(index_path, FeatureCacheError, MAX_RECORD_BYTES)
+        self.shard_size = index.int("shard_size", 1, MAX_SHARD_SIZE)
+        self.shape = tuple(index.ints("shape", 1, MAX_FEATURE_DIM))
+        names = index.strings("names")
+        shards = index.get("shards", list, "a list")
+        if len(shards) != -(-len(names) // self.shard_size):
+            raise index.fail(f"{len(shards)} shards for {len(names)} images of "
+                             f"{self.shard_size}; rerun the extraction")
+        if not all(isinstance(r, dict) for r in shards):
+            raise index.fail("a shard record is not an object")
+        self.records = [_record(Record(index_path, r, FeatureCacheError)) for r in shards]
+        self.names = {n: i for i, n in enumerate(names)}
         self.row_bytes = int(np.prod(self.shape)) * 2
         self._offsets = []
         for s, record in enumerate(self.records):
             path = _shard_path(self.directory, s)
             problem = shard_problem(path, record, checksum=False)
+            if problem is None and tuple(record["shape"]) != self.shape:
+                problem = f"rows of {record['shape']}, the index says {list(self.shape)}"
             if problem:
-                raise FeatureCacheError(f"{path}: corrupt feature shard ({problem}); rerun the "
-                                        "extraction (it recomputes bad shards) or delete it")
+                raise FeatureCacheError(f"{shown(path)}: corrupt feature shard ({problem}); "
+                                        "rerun the extraction (it recomputes bad shards) or "
+                                        "delete it")
             self._offsets.append(_header(path)[2])
         self._files: dict[int, object] = {}
 
@@ -156,7 +179,11 @@ class ShardedFeatures:
     def _file(self, shard: int):
         f = self._files.get(shard)
         if f is None:
-            f = self._files[shard] = open(_shard_path(self.directory, shard), "rb", buffering=0)
+            path = _shard_path(self.directory, shard)
+            try:  # checked at __init__; a regular file still (never a FIFO swapped in since)
+                f = self._files[shard] = open_regular(path, None, "feature shard")
+            except FileProblem as exc:
+                raise FeatureCacheError(f"{shown(path)}: {exc}") from None
         return f
 
     def close(self) -> None:
@@ -182,9 +209,10 @@ def extract_shards(paths: Sequence[Path], directory: Path,
     names = [cache_name(p) for p in paths]
     index_path = directory / "index.json"
     plan_path = directory / "plan.json"
+    wanted = set(names)
     if rank == 0:
         directory.mkdir(parents=True, exist_ok=True)
-        plan = _read_plan(plan_path, shard_size)
+        plan = _read_plan(plan_path, shard_size, log)
         known = set(plan["names"])
         for name, p in zip(names, paths):
             if name not in known:
@@ -194,7 +222,7 @@ def extract_shards(paths: Sequence[Path], directory: Path,
         _write_json(plan_path, plan)
         index_path.unlink(missing_ok=True)
     barrier()
-    plan = json.loads(plan_path.read_text())
+    plan = _read_plan(plan_path, shard_size, log, strict=True)
     size = plan["shard_size"]
     n_shards = -(-len(plan["names"]) // size)
     mine = list(range(rank, n_shards, world))
@@ -203,23 +231,21 @@ def extract_shards(paths: Sequence[Path], directory: Path,
         for s in mine:
             lo, hi = s * size, min((s + 1) * size, len(plan["names"]))
             meta_path = _shard_path(directory, s, ".json")
-            if meta_path.exists():
-                record = json.loads(meta_path.read_text())
-                problem = (shard_problem(_shard_path(directory, s), record, checksum=True)
-                           if record["names"] == _names_digest(plan["names"][lo:hi])
-                           else "other images")
+            if os.path.lexists(meta_path):
+                problem = _stale(meta_path, _shard_path(directory, s), plan["names"][lo:hi],
+                                 wanted)
                 if problem is None:
                     bar.update(1)
                     continue
-                log(f"{_shard_path(directory, s)}: {problem}: recomputing it")
+                log(f"{shown(_shard_path(directory, s))}: {problem}: recomputing it")
                 meta_path.unlink()
             _extract_one(directory, s, plan["names"][lo:hi], plan["paths"][lo:hi], load, encode,
-                         batch_size, pool)
+                         batch_size, pool, wanted)
             bar.update(1)
     bar.close()
     barrier()
     if rank == 0:
-        records = [json.loads(_shard_path(directory, s, ".json").read_text())
+        records = [_record(read_record(_shard_path(directory, s, ".json"), FeatureCacheError))
                    for s in range(n_shards)]
         _write_json(index_path, {"format": FORMAT, "shard_size": size, "names": plan["names"],
                                  "shape": records[0]["shape"] if records else [],
@@ -228,27 +254,80 @@ def extract_shards(paths: Sequence[Path], directory: Path,
     return ShardedFeatures(directory)
 
 
-def _read_plan(path: Path, shard_size: int) -> dict:
-    try:
-        plan = json.loads(path.read_text())
-        if plan.get("format") == FORMAT:
+def _read_plan(path: Path, shard_size: int, log=print, strict: bool = False) -> dict:
+    """The plan in ``path``, its types checked; a new, empty one when there is none or it is
+    broken (reported; ``strict``: a ``FeatureCacheError`` instead)."""
+    if os.path.lexists(path) or strict:
+        try:
+            record = read_record(path, FeatureCacheError, MAX_RECORD_BYTES)
+            if record.data.get("format") != FORMAT:
+                raise record.fail(f"format {record.data.get('format')!r}, not {FORMAT}")
+            plan = {"format": FORMAT, "shard_size": record.int("shard_size", 1, MAX_SHARD_SIZE),
+                    "names": record.strings("names"), "paths": record.strings("paths")}
+            if len(plan["names"]) != len(plan["paths"]):
+                raise record.fail("'names' and 'paths' differ in length")
             return plan
-    except (OSError, ValueError):
-        pass
+        except FeatureCacheError as exc:
+            if strict:
+                raise
+            log(f"{exc}: starting a new plan (the shards are recomputed)")
     return {"format": FORMAT, "shard_size": shard_size, "names": [], "paths": []}
 
 
-def _extract_one(directory: Path, s: int, names, paths, load, encode, batch_size, pool) -> None:
+def _record(record: Record) -> dict:
+    """A shard's record, its types checked (``FeatureCacheError`` naming the file)."""
+    rows = record.int("rows", 1, MAX_SHARD_SIZE)
+    return {"rows": rows, "shape": record.ints("shape", 1, MAX_FEATURE_DIM),
+            "names": record.str("names"), "bytes": record.int("bytes", 0),
+            "sha256": record.str("sha256"),
+            "absent": record.ints("absent", 0, rows - 1) if "absent" in record.data else []}
+
+
+def _stale(meta_path: Path, path: Path, names: Sequence[str], wanted: set[str]) -> str | None:
+    """Why a completed shard must be recomputed (None: it is current): its record is broken
+    or lists other images, a photo it lacks is wanted again, or its file does not match."""
+    try:
+        record = _record(read_record(meta_path, FeatureCacheError))
+    except FeatureCacheError as exc:
+        return f"its record is unusable ({exc})"
+    if record["names"] != _names_digest(names):
+        return "other images"
+    if any(names[i] in wanted for i in record["absent"]):
+        return "photos it lacked are wanted again"
+    return shard_problem(path, record, checksum=True)
+
+
+def _extract_one(directory: Path, s: int, names, paths, load, encode, batch_size, pool,
+                 wanted: set[str]) -> None:
+    """Compute shard ``s``. A photo of an earlier run that this run does not ask for and that
+    can no longer be read gets an empty row, listed as ``absent`` in the record."""
+    absent: list[int] = []
+
+    def load_row(i: int):
+        if names[i] in wanted:
+            return load(paths[i])
+        try:
+            return load(paths[i])
+        except (OSError, ValueError):  # InputError is a ValueError: gone, or no photo now
+            absent.append(i)
+            return None
+
     partial = _shard_path(directory, s, ".partial.npy")
-    out = None
+    out = None  # a new memory-mapped file: zeros until written, the absent rows stay so
     for start in range(0, len(paths), batch_size):
-        chunk = paths[start:start + batch_size]
-        fmap = np.asarray(encode(np.stack(list(pool.map(load, chunk)))))
+        rows = range(start, min(start + batch_size, len(paths)))
+        loaded = list(pool.map(load_row, rows))
+        present = [i for i, x in zip(rows, loaded) if x is not None]
+        if not present:
+            continue
+        fmap = np.asarray(encode(np.stack([x for x in loaded if x is not None])))
         if out is None:
             out = np.lib.format.open_memmap(partial, mode="w+", dtype=np.float16,
                                             shape=(len(paths), *fmap.shape[1:]))
-        out[start:start + len(chunk)] = fmap.astype(np.float16)
-    assert out is not None
+        out[present] = fmap.astype(np.float16)
+    if out is None:  # no photo of this shard can be read, and none is wanted
+        raise DataError(f"{shown(paths[0])}: no photo of feature shard {s} can be read any "
+                        "more; delete the feature cache (--cache-dir) and rerun")
     out.flush()
     shape = list(out.shape[1:])
     del out
@@ -256,7 +335,8 @@ def _extract_one(directory: Path, s: int, names, paths, load, encode, batch_size
     partial.replace(final)
     _write_json(_shard_path(directory, s, ".json"),
                 {"rows": len(paths), "shape": shape, "names": _names_digest(names),
-                 "bytes": final.stat().st_size, "sha256": file_sha256(final)})
+                 "bytes": os.stat(final).st_size, "sha256": file_sha256(final),
+                 "absent": sorted(absent)})
 
 
 def image_encoder(device: str = "cpu", variant: str = DEFAULT_ENCODER):
@@ -284,9 +364,7 @@ def streamed_split(train_items, dev_items, images: Path, cache_dir: Path, prepro
     from edgecap.preprocess import to_model_input
 
     paths = [images / it.file_name for it in train_items + dev_items]
-    missing = [str(p) for p in paths if not p.exists()]
-    if missing:
-        raise FileNotFoundError(f"{len(missing)} images are missing, e.g. {missing[:3]}")
+    missing_photos(paths)
     device = str(dist.device) if dist is not None else "cpu"
     encoder = []  # loaded on first use: a complete cache needs none
 
@@ -303,3 +381,11 @@ def streamed_split(train_items, dev_items, images: Path, cache_dir: Path, prepro
     dev_fmaps = features.read(dev_rows)
     return train_rows, dev_fmaps, features
 
+
+
+def missing_photos(paths: Sequence[Path]) -> None:
+    """``DataError`` (one line, the first few named) when any of ``paths`` does not exist."""
+    missing = [p for p in paths if not p.exists()]
+    if missing:
+        raise DataError(f"{len(missing)} photos are missing, e.g. "
+                        f"{', '.join(shown(p) for p in missing[:3])}")

@@ -19,14 +19,16 @@ from pathlib import Path
 
 import torch
 
+from edgecap.commands.output import escape_field
 from edgecap.data.readers import CaptionedImage, read_dataset
-from edgecap.errors import ModelError
+from edgecap.errors import DataError, ModelError
 from edgecap.models.checkpoint import load_checkpoint
 from edgecap.models.decoder import CaptionDecoder, DecoderConfig
 from edgecap.models.efficientnet_lite import EfficientNetLite, load_pretrained
 from edgecap.preprocess import Preprocessing
 from edgecap.training.config import TrainConfig
 from edgecap.training.grow import grow_decoder, grow_vocabulary
+from edgecap.training.records import shown
 from edgecap.vocab import Vocabulary
 
 DEFAULT = "default"  # init_from: the shipped model
@@ -35,15 +37,56 @@ NONE = "none"        # init_from: fresh weights (a folder run's default is DEFAU
 
 def training_items(cfg: TrainConfig, data: Path, images: Path,
                    log=print) -> tuple[list[CaptionedImage], list[CaptionedImage]]:
-    """The train and dev photos of ``cfg.dataset`` (a folder's bad rows reported on stderr)."""
+    """The train and dev photos of ``cfg.dataset`` (a folder's bad rows reported on stderr).
+    Photos outside ``images`` (absolute paths, ``..``, links leading out) are left out and
+    reported unless ``cfg.allow_outside_data``."""
+    if not data.is_dir():
+        raise DataError(f"{shown(data)}: " + ("not a folder" if data.exists() else
+                                              "no such folder") + "; --data names the folder "
+                        "that holds the captions")
     if cfg.dataset != "folder":
-        return read_dataset(cfg.dataset, data, "train"), read_dataset(cfg.dataset, data, "dev")
+        return dataset_items(cfg.dataset, data, images, cfg.allow_outside_data)
     from edgecap.data.folder import read_folder
 
-    folder = read_folder(data, images, cfg.dev_fraction, cfg.seed)
-    if folder.problems:
-        log(f"{folder.source}: {len(folder.problems)} rows or photos left out (listed on stderr)")
+    folder = read_folder(data, images, cfg.dev_fraction, cfg.seed,
+                         allow_outside=cfg.allow_outside_data)
+    if folder.n_problems:
+        log(f"{shown(folder.source)}: {folder.n_problems} rows or photos left out (listed on "
+            "stderr)")
     return folder.train, folder.dev
+
+
+def dataset_items(kind: str, data: Path, images: Path, allow_outside: bool = False,
+                  report=None) -> tuple[list[CaptionedImage], list[CaptionedImage]]:
+    """The train and dev photos of a Flickr8k / COCO / Karpathy dataset; those outside
+    ``images`` are reported (one line each, then a count) and left out unless
+    ``allow_outside``."""
+    from edgecap.data.folder import (
+        OUTSIDE_HINT,
+        Problems,
+        outside_problem,
+        report_stderr,
+    )
+
+    splits = read_dataset(kind, data, "train"), read_dataset(kind, data, "dev")
+    if allow_outside:
+        return splits
+    root = images.resolve()
+    problems = Problems(report or report_stderr)
+    kept: tuple[list[CaptionedImage], list[CaptionedImage]] = ([], [])
+    for split, items in zip(kept, splits):
+        for item in items:
+            problem = outside_problem(root, item.file_name)
+            if problem:
+                problems(f"{shown(data)}: {escape_field(item.file_name)}: {problem}; "
+                         f"{OUTSIDE_HINT}; photo skipped")
+            else:
+                split.append(item)
+    problems.close(shown(data))
+    for name, split in zip(("train", "dev"), kept):
+        if not split:
+            raise DataError(f"{shown(data)}: no usable {name} photo")
+    return kept
 
 
 @dataclass

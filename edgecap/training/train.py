@@ -18,6 +18,7 @@ from __future__ import annotations
 import contextlib
 import json
 import math
+import os
 import random
 import time
 from concurrent.futures import ThreadPoolExecutor
@@ -29,17 +30,19 @@ import torch
 from torch.nn import functional as F
 
 from edgecap.data.readers import CaptionedImage
-from edgecap.errors import BackendError
+from edgecap.errors import BackendError, ModelError
 from edgecap.evaluation.metrics import score
-from edgecap.models.checkpoint import save_checkpoint
-from edgecap.models.decoder import CaptionDecoder
-from edgecap.models.config import encoder_spec
-from edgecap.models.efficientnet_lite import as_regions
+from edgecap.files import FileProblem, read_regular
 from edgecap.images import load_rgb
+from edgecap.models.checkpoint import save_checkpoint
+from edgecap.models.config import encoder_spec
+from edgecap.models.decoder import CaptionDecoder
+from edgecap.models.efficientnet_lite import as_regions
 from edgecap.preprocess import Preprocessing, to_model_input
-from edgecap.training.config import TrainConfig  # noqa: F401 - re-exported
+from edgecap.training.config import TrainConfig, check_folders
 from edgecap.training.distributed import rank_share, setup, world_size
 from edgecap.training.features import compute_features, progress_bar, split_features
+from edgecap.training.records import MAX_RECORD_BYTES, shown
 from edgecap.training.shards import streamed_split
 from edgecap.training.start import initial_model, training_items
 from edgecap.vocab import Vocabulary
@@ -183,6 +186,7 @@ def train(cfg: TrainConfig, log=print) -> Path:
     the checkpoints. The data order is a function of the seed and the epoch, so a resumed run
     and a run on any number of processes see the same global batches.
     """
+    check_folders(cfg.out, cfg.cache_dir)
     seeded(cfg.seed, cfg.threads)
     if world_size() > 1 and cfg.finetune_encoder:
         raise BackendError("--finetune-encoder runs in one process: under torchrun only the "
@@ -193,8 +197,7 @@ def train(cfg: TrainConfig, log=print) -> Path:
     if cfg.precision != "fp32" and dist.device.type != "cuda":
         raise BackendError(f"--precision {cfg.precision} needs a CUDA device (mixed precision "
                            "runs on GPUs only)")
-    out = Path(cfg.out)
-    out.mkdir(parents=True, exist_ok=True)
+    out = Path(cfg.out)  # made once the data and the features are ready: no empty run folder
     data = Path(cfg.data)
     images = Path(cfg.images) if cfg.images else data / ("" if cfg.dataset == "folder" else "images")
     pre = Preprocessing(size=(cfg.image_size, cfg.image_size))
@@ -229,6 +232,7 @@ def train(cfg: TrainConfig, log=print) -> Path:
         mirror_row = np.zeros(len(train_maps), dtype=np.int64)  # cache row -> mirrored cache row
         mirror_row[train_rows] = [index[it.file_name] for it in train_items]
 
+    out.mkdir(parents=True, exist_ok=True)
     # The pretrained encoder, with the starting checkpoint's tuned blocks where it has them.
     encoder = start.encoder
     device = dist.device
@@ -255,7 +259,7 @@ def train(cfg: TrainConfig, log=print) -> Path:
         opt_file = last / "optimizer.safetensors"
         if opt_file.exists():
             _load_optimizer(optimizer, opt_file, last / "optimizer.json")
-        state = meta["train_state"]
+        state = _train_state(meta, last / "checkpoint.json")
         log(f"resumed from {last} after epoch {state['epoch']}")
 
     batches = _Batches(train_items, train_rows, vocab, cfg.max_caption_words)
@@ -349,6 +353,10 @@ def train(cfg: TrainConfig, log=print) -> Path:
             break
     dist.barrier()
     dist.close()
+    if not (out / "best" / "checkpoint.json").exists():
+        raise ModelError(f"{shown(out / 'best')}: no best checkpoint (the run in {shown(out)} "
+                         f"had finished {state['epoch']} epochs of --epochs {cfg.epochs}); "
+                         "raise --epochs, or start in another --out")
     return out / "best"
 
 
@@ -372,10 +380,39 @@ def _prefetched(items, read):
 
 def _keep_steps(path: Path, epochs_done: int) -> None:
     """The step log without the steps of epochs after ``epochs_done`` (those of an interrupted
-    epoch, which a resumed run repeats)."""
-    lines = path.read_text().splitlines() if path.exists() and epochs_done else []
-    kept = [ln for ln in lines if json.loads(ln)["epoch"] <= epochs_done]
+    epoch, which a resumed run repeats) and without lines that are not step records."""
+    lines = []
+    if epochs_done and os.path.lexists(path):
+        try:
+            text = read_regular(path, MAX_RECORD_BYTES, "step log")
+        except FileProblem as exc:
+            raise ModelError(f"{shown(path)}: {exc}") from None
+        lines = text.decode("utf-8", "replace").split("\n")
+    kept = [ln for ln in lines if _step_epoch(ln) <= epochs_done]
     path.write_text("".join(ln + "\n" for ln in kept))
+
+
+def _step_epoch(line: str) -> float:
+    """The epoch of a step record (infinite for a line that is not one: dropped)."""
+    try:
+        epoch = json.loads(line).get("epoch")
+    except (ValueError, RecursionError, AttributeError):
+        return math.inf
+    return epoch if isinstance(epoch, int) and not isinstance(epoch, bool) else math.inf
+
+
+def _train_state(meta: dict, path: Path) -> dict:
+    """A resumed checkpoint's ``train_state``, its types checked (``ModelError`` otherwise)."""
+    from edgecap.training.records import Record
+
+    state = Record(path, meta, ModelError).dict("train_state")
+    record = Record(path, state, ModelError)
+    record.int("epoch", 0, 1 << 20)
+    record.int("best_epoch", 0, 1 << 20)
+    if not math.isfinite(record.get("best_cider", (int, float), "a number")):
+        raise record.fail("'best_cider' is not a finite number")
+    record.get("history", list, "a list")
+    return state
 
 
 @torch.inference_mode()
@@ -406,12 +443,30 @@ def _save_optimizer(optimizer, tensor_path: Path, meta_path: Path) -> None:
 
 
 def _load_optimizer(optimizer, tensor_path: Path, meta_path: Path) -> None:
+    """Adam's state from a resumed run, each moment checked against its parameter's shape
+    (from the file's header, before anything is read); ``ModelError`` naming the file."""
     from safetensors.torch import load_file
 
-    tensors = load_file(str(tensor_path))
-    meta = json.loads(meta_path.read_text())
-    state: dict = {}
-    for key, v in list(tensors.items()) + list(meta["scalars"].items()):
-        pid, name = key.split(".", 1)
-        state.setdefault(int(pid), {})[name] = v
-    optimizer.load_state_dict({"state": state, "param_groups": meta["param_groups"]})
+    from edgecap.training.records import read_record, safetensors_shapes
+
+    params = [p for g in optimizer.param_groups for p in g["params"]]
+    for key, shape in safetensors_shapes(tensor_path).items():
+        pid, _, name = key.partition(".")
+        expected = (() if name == "step" else tuple(params[int(pid)].shape)
+                    if pid.isdigit() and int(pid) < len(params) else None)
+        if shape != expected:
+            raise ModelError(f"{shown(tensor_path)}: {key} is {shape}, not the state of this "
+                             "run's parameters; delete it (and optimizer.json) to resume with "
+                             "a fresh optimizer")
+    record = read_record(meta_path)
+    scalars, groups = record.dict("scalars"), record.get("param_groups", list, "a list")
+    try:
+        tensors = load_file(str(tensor_path))
+        state: dict = {}
+        for key, v in list(tensors.items()) + list(scalars.items()):
+            pid, name = key.split(".", 1)
+            state.setdefault(int(pid), {})[name] = v
+        optimizer.load_state_dict({"state": state, "param_groups": groups})
+    except Exception as exc:  # noqa: BLE001 - ValueError, KeyError, TypeError, SafetensorError
+        raise ModelError(f"{shown(meta_path)}: cannot restore the optimizer ({exc}); delete it "
+                         "and optimizer.safetensors to resume with a fresh optimizer") from None
