@@ -316,7 +316,8 @@ def _warm(worker: Worker, measures: list[str], warmup: int) -> None:
 
 def run_isolated(specs: list[Spec], measures: list[str] | None = None, rounds: int = 10,
                  per_round: int = 4, warmup: int = 3, alone: bool = True,
-                 idle_windows_s: tuple = (0.2, 1.0), settle_s: float = 0.25, tolerance: float = TOLERANCE, baseline: str | None = None,
+                 idle_windows_s: tuple = (0.2, 1.0), settle_s: float = 0.25,
+                 tolerance: float = TOLERANCE, baseline: str | None = None,
                  timeout_s: float | None = None, log=_log) -> dict:
     """Time every spec's measures interleaved (``rounds`` x ``per_round`` calls each, after
     ``warmup``), then (``alone``) each in a fresh worker alone; see the module docstring.

@@ -81,7 +81,7 @@ class ConfidenceModel:
                 **self.info}
 
     @classmethod
-    def load(cls, directory: Path) -> "ConfidenceModel | None":
+    def load(cls, directory: Path) -> ConfidenceModel | None:
         """The model directory's confidence model, or None when it has none."""
         from edgecap.files import MAX_VOCAB_BYTES, FileProblem, read_json
 

@@ -72,7 +72,7 @@ class ModelDimensions:
     embed_dim: int | None = None    # word embedding (informative)
 
     @classmethod
-    def from_dict(cls, data: Mapping) -> "ModelDimensions":
+    def from_dict(cls, data: Mapping) -> ModelDimensions:
         """Read ``manifest.json``'s ``dims``; raises ``ValueError`` naming the first bad field.
         Unknown keys are ignored (a newer exporter may record more)."""
         if not isinstance(data, Mapping):
@@ -130,7 +130,7 @@ class Limits:
     def max_rows(self) -> int:
         return self.max_batch * self.max_beam
 
-    def covering_default(self) -> "Limits":
+    def covering_default(self) -> Limits:
         """These limits, raised to at least the default engine's (8 images x 5 beams) so that
         the engines ``edgecap build`` makes by default are reused by smaller requests."""
         default = Limits()

@@ -44,7 +44,6 @@ import io
 import os
 import re
 from collections.abc import Sequence
-from typing import Union
 
 import numpy as np
 from PIL import Image, ImageOps, UnidentifiedImageError
@@ -53,7 +52,7 @@ from edgecap.errors import InputError, caused_by_interrupt
 from edgecap.files import FileProblem, read_regular
 from edgecap.preprocess import Preprocessing, to_model_input
 
-ImageInput = Union[str, os.PathLike, bytes, bytearray, memoryview, Image.Image, np.ndarray]
+ImageInput = str | os.PathLike | bytes | bytearray | memoryview | Image.Image | np.ndarray
 
 COLORS = ("rgb", "bgr")
 MAX_PIXELS_ENV = "EDGECAP_MAX_PIXELS"

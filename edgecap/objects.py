@@ -27,7 +27,7 @@ class ObjectClasses:
     word_ids: tuple[tuple[int, ...], ...]  # per class: the vocabulary ids of its words
 
     @classmethod
-    def load(cls, path: Path, vocab_index: dict[str, int], n_classes: int) -> "ObjectClasses":
+    def load(cls, path: Path, vocab_index: dict[str, int], n_classes: int) -> ObjectClasses:
         """Read ``classes.json``; words the vocabulary lacks are left out (a model with its own
         vocabulary still gets every tag, and guidance where the words exist)."""
         from edgecap.files import MAX_VOCAB_BYTES, FileProblem, read_json

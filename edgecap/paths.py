@@ -151,7 +151,7 @@ def _walk(top: Path, want_file, want_dir, state: _Seen) -> Iterator[tuple[str, o
         if entries is None:
             try:
                 with os.scandir(folder) as it:
-                    entries = iter(sorted(((e.name, e.is_symlink()) for e in it)))
+                    entries = iter(sorted((e.name, e.is_symlink()) for e in it))
             except OSError as exc:
                 stack.pop()
                 reason = "permission denied" if isinstance(exc, PermissionError) else (

@@ -187,7 +187,7 @@ class CaptionStream:
             if close is not None:
                 close()
 
-    def __enter__(self) -> "CaptionStream":
+    def __enter__(self) -> CaptionStream:
         return self
 
     def __exit__(self, *exc) -> None:
@@ -267,7 +267,7 @@ class CaptionStream:
             if self._started is not None and self._ended is None:
                 self._ended = time.perf_counter()
 
-    def _reader_thread(self, state: "_Latest") -> None:
+    def _reader_thread(self, state: _Latest) -> None:
         try:
             for item in self._read():
                 with self._lock:

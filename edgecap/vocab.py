@@ -44,7 +44,7 @@ class Vocabulary:
         return len(self.words)
 
     @classmethod
-    def build(cls, captions: Iterable[str], min_count: int = 5) -> "Vocabulary":
+    def build(cls, captions: Iterable[str], min_count: int = 5) -> Vocabulary:
         counts = Counter(w for c in captions for w in tokenize(c))
         kept = sorted((w for w, n in counts.items() if n >= min_count), key=lambda w: (-counts[w], w))
         return cls(list(SPECIALS) + kept)
@@ -69,7 +69,7 @@ class Vocabulary:
         Path(path).write_text(json.dumps({"words": self.words}, indent=0))
 
     @classmethod
-    def load(cls, path: Path, max_bytes: int | None = None) -> "Vocabulary":
+    def load(cls, path: Path, max_bytes: int | None = None) -> Vocabulary:
         """Read ``vocab.json`` (a regular file of at most ``max_bytes``, bounded nesting);
         ``ValueError`` / ``KeyError`` / ``TypeError`` for anything else (``max_bytes`` None:
         ``files.MAX_VOCAB_BYTES``)."""

@@ -20,6 +20,7 @@ import pytest
 import edgecap
 from edgecap import Captioner
 from edgecap.decoding import CaptionOptions
+from helpers import TableBackend, solid
 from helpers import plain_search as beam_search
 
 
@@ -27,7 +28,7 @@ def SearchOptions(**fields) -> CaptionOptions:  # noqa: N802 - the search's opti
     """The search's options as these tests were written for: no n-gram block unless asked for,
     no object guidance."""
     return CaptionOptions(**{"no_repeat_ngram": 0, **fields})
-from helpers import TableBackend, solid
+
 
 WORDS = ["<pad>", "<start>", "<end>", "a", "dog", "cat", "runs", "fast"]
 START, END = 1, 2

@@ -109,7 +109,7 @@ def test_leaving_a_live_stream_early_closes_the_source():
         finally:
             closed.set()
 
-    for event in caption_stream(FakeCaptioner(), endless()):
+    for _event in caption_stream(FakeCaptioner(), endless()):
         break
     assert closed.wait(DEADLOCK_GUARD_S), "the camera / video would still be open"
 
@@ -293,7 +293,7 @@ def test_camera_frames_with_a_fake_opencv(monkeypatch):
 def test_camera_is_released_when_a_live_loop_stops_early(monkeypatch):
     fake = FakeCv2(n_frames=10**9)
     monkeypatch.setitem(sys.modules, "cv2", fake)
-    for event in caption_stream(FakeCaptioner(), camera_frames(0)):
+    for _event in caption_stream(FakeCaptioner(), camera_frames(0)):
         break
     capture, = fake.captures
     # the reader thread releases it after its current read

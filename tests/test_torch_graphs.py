@@ -156,7 +156,7 @@ def test_cuda_graphs_match_eager_on_the_gpu(tiny_model_dir):
     index = np.repeat(np.arange(2, dtype=np.int32), 3)
     a, b = eager.start(enc_e, index, True), graphed.start(enc_g, index, True)
     source = index.copy()
-    for t in range(6):
+    for _ in range(6):
         tokens = rng.integers(0, eager.decoder.cfg.vocab_size, 6).astype(np.int32)
         ra, rb = a.step(tokens, source), b.step(tokens, source)
         np.testing.assert_array_equal(ra.topk_ids, rb.topk_ids)

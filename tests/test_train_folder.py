@@ -122,14 +122,17 @@ def test_dev_fraction_splits_photos_not_captions_deterministically(tmp_path):
 
 BAD_ROWS = [
     # (rows, what to do to the folder, the problem reported, the row's line)
-    ([("gone.png", "a missing photo")], "missing", "gone.png: no such file; photo and its 1 caption skipped", 2),
+    ([("gone.png", "a missing photo")], "missing",
+     "gone.png: no such file; photo and its 1 caption skipped", 2),
     ([("bad.png", "not a photo")], "garbage", "bad.png: not an image in an accepted format", 2),
     ([("cut.png", "a cut photo")], "truncated", "cut.png: ", 2),
     ([("a.png", "  ")], None, "a.png: empty caption; row skipped", 2),
     ([("a.png", "?!")], None, "a.png: caption '?!' has no words; row skipped", 2),
     ([("", "no file")], None, "(no file): no file name; row skipped", 2),
-    ([("a.png", "a ball", "test")], "split", "a.png: split 'test' is not one of train, dev, val, validation; row skipped", 2),
-    ([("a.png", "a ball", "dev")], "split", "a.png: split 'dev', but line 2 put this photo in 'train'; row skipped", 5),
+    ([("a.png", "a ball", "test")], "split",
+     "a.png: split 'test' is not one of train, dev, val, validation; row skipped", 2),
+    ([("a.png", "a ball", "dev")], "split",
+     "a.png: split 'dev', but line 2 put this photo in 'train'; row skipped", 5),
     ([("other/b.png", "a twin")], "twin", "other/b.png: same file name as b.png (line 3)", 5),
 ]
 

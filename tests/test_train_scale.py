@@ -109,7 +109,7 @@ def test_two_processes_under_torchrun_train_like_one(noise_dataset, tmp_path):
             continue
         torch.testing.assert_close(w2[name], w1[name], rtol=1e-4, atol=2e-5, msg=name)
     # The weights moved (a run that learnt nothing would pass the comparisons above too).
-    assert max(float((s["loss"])) for s in steps_one) > min(float(s["loss"]) for s in steps_one)
+    assert max(float(s["loss"]) for s in steps_one) > min(float(s["loss"]) for s in steps_one)
     # Rank 0 alone wrote the checkpoints and the log.
     assert json.loads((two / "last" / "checkpoint.json").read_text())["train_state"]["epoch"] == 2
 

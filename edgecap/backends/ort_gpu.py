@@ -42,7 +42,7 @@ class IOBindingDecoder:
         return dict(zip(ENCODER_OUTPUTS, io.get_outputs()))
 
     def start(self, encoded: dict, image_index: np.ndarray,
-              return_attention: bool = False) -> "IOBindingSession":
+              return_attention: bool = False) -> IOBindingSession:
         return IOBindingSession(self, encoded, np.asarray(image_index, dtype=np.int32),
                                 return_attention)
 

@@ -13,9 +13,10 @@ where ``BuilderFlag.FP16`` is deprecated, and 11, where it is gone).
 
 int8: the decoder step gets dynamic quantization of its MatMul / Gemm weights; the encoder gets
 static quantization (BatchNorms folded first; QOperator form, uint8 activations, per-channel
-7-bit int8 weights (``REDUCE_RANGE``), 99.999th-percentile activation ranges) calibrated on a folder of photos when one is
-given, and stays FP32 otherwise. The statically quantised encoder keeps its stem, first 2 blocks
-and everything after the CNN in FP32 (see ``INT8_ENCODER_FP32_BLOCKS``).
+7-bit int8 weights (``REDUCE_RANGE``), 99.999th-percentile activation ranges) calibrated on a
+folder of photos when one is given, and stays FP32 otherwise. The statically quantised encoder
+keeps its stem, first 2 blocks and everything after the CNN in FP32 (see
+``INT8_ENCODER_FP32_BLOCKS``).
 
 Needs ``onnx`` (which brings ``ml_dtypes``) and ``onnxruntime`` (its ``transformers.float16``
 converter, which imports ``packaging``; ``onnxconverter-common`` is used when that module is
@@ -43,9 +44,10 @@ from edgecap.models.config import ENCODER_FP32_BLOCKS, INT8_ENCODER_FP32_BLOCKS
 
 PRECISIONS = ("fp16", "int8")
 
-# The static encoder's int8 weights are quantised to 7 bits (onnxruntime's ``reduce_range``). The uint8 x int8 kernels
-# of x86 CPUs without VNNI (AVX2, AVX-512 without VNNI) add pairs of products in 16 bits, which
-# saturates with 8-bit weights (2 * 255 * 127 > 32767) but not with 7-bit ones (2 * 255 * 63).
+# The static encoder's int8 weights are quantised to 7 bits (onnxruntime's ``reduce_range``).
+# The uint8 x int8 kernels of x86 CPUs without VNNI (AVX2, AVX-512 without VNNI) add pairs of
+# products in 16 bits, which saturates with 8-bit weights (2 * 255 * 127 > 32767) but not with
+# 7-bit ones (2 * 255 * 63).
 # A model file moves between machines, so the one format that is right on all of them is written.
 # Measured on the shipped encoder (2-core AMD EPYC, AVX2, no VNNI; calibrated on 2 example
 # photos, 28 photos checked): 8-bit weights gave feature error 0.43 on onnxruntime where the exact

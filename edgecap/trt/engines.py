@@ -213,8 +213,9 @@ def _dims(shape: tensorrt.Dims) -> tuple[int, ...]:
     return tuple(int(shape[j]) for j in range(len(shape)))
 
 
-def build_engine(trt: TensorRTModule, logger: tensorrt.ILogger, onnx_path: Path, role: str, limits: Limits, precision: str,
-                 target: Target, timing_cache: Path | None) -> bytes:
+def build_engine(trt: TensorRTModule, logger: tensorrt.ILogger, onnx_path: Path, role: str,
+                 limits: Limits, precision: str, target: Target,
+                 timing_cache: Path | None) -> bytes:
     """Parse ``onnx_path`` and build a serialized engine with one optimisation profile."""
     version = target.trt
     mode = fp16_mode(trt, version) if precision == "fp16" else None
