@@ -28,7 +28,13 @@ with the seconds since the stream started when the reader got them.
 the first frame's timestamp: for a video, one frame per ``every`` seconds of video time.
 
 OpenCV (``pip install 'edgecap[video]'``) is imported only by ``video_frames`` and
-``camera_frames``.
+``camera_frames``; FFmpeg's and OpenCV's own log lines are silenced (``OPENCV_FFMPEG_LOGLEVEL``,
+``OPENCV_LOG_LEVEL``, unless set) so that a damaged video gives one error, not decoder noise.
+
+Video frames obey the still photos' pixel limit (``edgecap.images.max_pixels``): a video whose
+frames are larger is refused from its header, before any frame is decoded. A video that ends
+before the frame count its header gives (truncated, or frames the decoder cannot read) raises
+``InputError`` after its readable frames; one that yields no frame at all raises it at once.
 """
 
 from __future__ import annotations
@@ -43,11 +49,17 @@ from pathlib import Path
 
 from edgecap.api import Caption
 from edgecap.errors import BackendError, InputError
-from edgecap.images import COLORS, ImageInput
+from edgecap.images import COLORS, MAX_PIXELS_ENV, ImageInput, max_pixels
 
 VIDEO_EXTRA = "pip install 'edgecap[video]' (opencv-python-headless)"
 READER_JOIN_S = 2.0  # how long closing a stream waits for the reader's current read to return
 _EPSILON_S = 1e-6    # timestamps computed as index / fps land on the `every` grid up to rounding
+MAX_CAMERA_INDEX = 1023  # /dev/video<N>; OpenCV reads a negative index as "any camera" (which
+                         # crashes some builds without a camera: refused)
+MAX_CAPTURE_SIDE = 1 << 15
+# Frames missing at the end of a video before it counts as cut short: containers whose frame
+# count is an estimate (from the duration) may be off by a few frames.
+_MISSING_FRAMES_OK = 2
 
 __all__ = ["Frame", "StreamEvent", "StreamStats", "CaptionStream", "caption_stream",
            "video_frames", "camera_frames"]
@@ -319,6 +331,9 @@ def caption_stream(captioner, frames: Iterable, every: float | None = None, colo
 
 # -- OpenCV sources ----------------------------------------------------------------------------
 def _cv2():
+    # Read by OpenCV when it first loads FFmpeg / logs: decoder messages would reach stderr raw
+    os.environ.setdefault("OPENCV_FFMPEG_LOGLEVEL", "-8")  # AV_LOG_QUIET
+    os.environ.setdefault("OPENCV_LOG_LEVEL", "SILENT")
     try:
         import cv2
     except ImportError as exc:
@@ -347,10 +362,29 @@ def video_frames(path: str | os.PathLike, realtime: bool = False) -> Iterator[Fr
     if not fps or fps != fps or fps <= 0:  # 0 or NaN: a container without a frame rate
         capture.release()
         raise InputError(source, "the video has no frame rate, so its frames have no timestamps")
-    return _video_frames(capture, fps, realtime)
+    width, height = (int(capture.get(p) or 0) for p in (cv2.CAP_PROP_FRAME_WIDTH,
+                                                        cv2.CAP_PROP_FRAME_HEIGHT))
+    problem = _frame_size_problem(width, height)
+    if problem:
+        capture.release()
+        raise InputError(source, problem)
+    count = capture.get(cv2.CAP_PROP_FRAME_COUNT)
+    count = int(count) if count == count and 0 < count < 1 << 40 else 0  # 0: unknown
+    return _video_frames(capture, fps, realtime, source, count)
 
 
-def _video_frames(capture, fps: float, realtime: bool) -> Iterator[Frame]:
+def _frame_size_problem(width: int, height: int) -> str | None:
+    """Why frames of this size are refused (the still photos' pixel limit); None: they are not."""
+    limit = max_pixels()
+    if width * height > limit:
+        return (f"video frames are {width}x{height} = {width * height:,} pixels, over the limit "
+                f"of {limit:,}; raise it with edgecap.images.set_max_pixels(n) or "
+                f"{MAX_PIXELS_ENV}=n")
+    return None
+
+
+def _video_frames(capture, fps: float, realtime: bool, source: str,
+                  count: int) -> Iterator[Frame]:
     start = time.perf_counter()
 
     def timestamp(index: int) -> float:
@@ -361,21 +395,40 @@ def _video_frames(capture, fps: float, realtime: bool) -> Iterator[Frame]:
                 time.sleep(wait)
         return stamp
 
-    return _read_frames(capture, timestamp)
+    return _read_frames(capture, timestamp, source, count)
 
 
-def _read_frames(capture, timestamp) -> Iterator[Frame]:
-    """BGR frames from an OpenCV capture until it runs dry; ``timestamp(index)`` dates each."""
+def _read_frames(capture, timestamp, source: str, count: int | None = None) -> Iterator[Frame]:
+    """BGR frames from an OpenCV capture until it runs dry; ``timestamp(index)`` dates each.
+    A video (``count``: its header's frame count, 0 unknown) that gives no frame, or ends more
+    than a few frames short of its count, raises ``InputError`` after its last good frame; so
+    does a frame over the pixel limit (a stream whose size changes)."""
     index = 0
     try:
         while True:
             ok, image = capture.read()
             if not ok:
-                return
+                break
+            problem = _frame_size_problem(*_size(image))
+            if problem:
+                raise InputError(source, f"frame {index}: {problem}")
             yield Frame(index=index, timestamp=timestamp(index), image=image, color="bgr")
             index += 1
     finally:
         capture.release()
+    if count is None:
+        return
+    if index == 0:
+        raise InputError(source, "no frame could be decoded (a damaged video, or a codec "
+                                 "OpenCV's FFmpeg lacks)")
+    if count and index < count - _MISSING_FRAMES_OK:
+        raise InputError(source, f"the video ends after {index} of its {count} frames (cut "
+                                 "short, or frames the decoder cannot read)")
+
+
+def _size(image) -> tuple[int, int]:
+    shape = getattr(image, "shape", (0, 0))
+    return (int(shape[1]), int(shape[0])) if len(shape) >= 2 else (0, 0)
 
 
 def camera_frames(index: int = 0, width: int | None = None,
@@ -383,7 +436,17 @@ def camera_frames(index: int = 0, width: int | None = None,
     """Frames from camera ``index`` (``/dev/video<index>`` on Linux) through OpenCV, until the
     camera stops giving frames: ``Frame``s with BGR uint8 arrays, timestamps in seconds since the
     camera opened. ``width`` / ``height`` request a capture size (the camera may choose another).
-    Raises ``InputError`` when the camera cannot be opened."""
+    Raises ``InputError`` (a ``ValueError``) when the camera cannot be opened, or for an index
+    or a size that is not a whole number in range (0..1023; 1..32768)."""
+    if isinstance(index, bool) or not isinstance(index, int) \
+            or not 0 <= index <= MAX_CAMERA_INDEX:
+        raise InputError(f"camera {index!r}", "the camera index must be a whole number from 0 "
+                                              f"to {MAX_CAMERA_INDEX}")
+    for name, side in (("width", width), ("height", height)):
+        if side is not None and (isinstance(side, bool) or not isinstance(side, int)
+                                 or not 0 < side <= MAX_CAPTURE_SIDE):
+            raise InputError(f"camera {index}", f"the {name} must be a whole number from 1 to "
+                                                f"{MAX_CAPTURE_SIDE}, got {side!r}")
     cv2 = _cv2()
     capture = cv2.VideoCapture(index)
     if not capture.isOpened():
@@ -393,9 +456,9 @@ def camera_frames(index: int = 0, width: int | None = None,
         capture.set(cv2.CAP_PROP_FRAME_WIDTH, width)
     if height is not None:
         capture.set(cv2.CAP_PROP_FRAME_HEIGHT, height)
-    return _camera_frames(capture)
+    return _camera_frames(capture, index)
 
 
-def _camera_frames(capture) -> Iterator[Frame]:
+def _camera_frames(capture, index: int) -> Iterator[Frame]:
     start = time.perf_counter()
-    return _read_frames(capture, lambda index: time.perf_counter() - start)
+    return _read_frames(capture, lambda i: time.perf_counter() - start, f"camera {index}")

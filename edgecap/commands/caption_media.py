@@ -51,6 +51,7 @@ def _same_file(a: str, b: str) -> bool:
 
 def run_stream(captioner, args: argparse.Namespace) -> int:
     """Caption a video file (every sampled frame, in order) or a camera (live)."""
+    from edgecap.errors import InputError
     from edgecap.stream import camera_frames, caption_stream, video_frames
 
     if args.video is not None:
@@ -64,6 +65,11 @@ def run_stream(captioner, args: argparse.Namespace) -> int:
         stream.close()
         print(f"edgecap: {stream.stats}", file=sys.stderr)
         return 130
+    except InputError as exc:  # a damaged or cut video, after its readable frames' captions
+        print(f"edgecap: {escape_field(exc.source)}: {escape_field(exc.problem)}",
+              file=sys.stderr)
+        print(f"edgecap: {stream.stats}", file=sys.stderr)
+        return 1
     print(f"edgecap: {stream.stats}", file=sys.stderr)
     return 0
 
