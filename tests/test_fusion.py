@@ -31,13 +31,14 @@ def _torch_lm(seed: int):
     return (embed, lstm, out), {k: v.detach().numpy().astype(np.float32) for k, v in arrays.items()}
 
 
-def test_the_numpy_lm_is_pytorchs_lstm():
+@pytest.mark.parametrize("rows", [2, 7])  # a matrix-vector product per row / blocked products
+def test_the_numpy_lm_is_pytorchs_lstm(rows):
     (embed, lstm, out), arrays = _torch_lm(0)
-    words = torch.tensor([[1, 5, 7, 9, 2], [1, 4, 4, 13, 6]])
+    words = torch.tensor([[1, 5, 7, 9, 2], [1, 4, 4, 13, 6]] * 3 + [[1, 3, 8, 8, 12]])[:rows]
     with torch.no_grad():
         expected = torch.log_softmax(out(lstm(embed(words))[0]), -1).numpy()
     lm = CaptionLM(arrays)
-    h, c = lm.zero_state(2)
+    h, c = lm.zero_state(rows)
     for t in range(words.shape[1]):
         logp, h, c = lm.step(words[:, t].numpy(), h, c)
         np.testing.assert_allclose(logp, expected[:, t], atol=1e-5)
