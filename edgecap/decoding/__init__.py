@@ -56,6 +56,13 @@ def search_with_tags(backend: Backend, encoded: Encoded, options: CaptionOptions
             partition = TagConstraint(tag_words, vocab_size)
         elif options.guidance_bonus > 0:
             scorers.append(partial(TagBonus, tag_words, vocab_size, options.guidance_bonus))
+    on_device = getattr(backend, "search_on_device", None)
+    if on_device is not None and partition is None and not return_attention:
+        # a backend that runs the same search over its own tensors (the torch backend on
+        # CUDA: edgecap.decoding.device); None: it searches on the host after all
+        found = on_device(encoded, options, start_id, end_id, tag_words, fusion)
+        if found is not None:
+            return found
     if fusion is not None:
         weight = fusion.weight if options.fusion_weight is None else options.fusion_weight
         if weight > 0:

@@ -1,0 +1,574 @@
+"""The beam search on the device: ``edgecap.decoding.beam``'s loop and rules over torch tensors.
+
+The same search as the numpy loop, so the same captions (``tests/test_device_search.py``;
+``benchmarks/device_search_check.py`` on 200 Flickr8k dev photos), with no host round trip per
+word: scores, the top candidates of beam x width, the rules, the finished hypotheses and the
+back-pointer reorder of every per-row state all stay on the device, and the caption's tokens
+come back in one copy per batch. What it keeps of the numpy loop, rule by rule:
+
+- candidates: each live row's first ``width`` = beam + 1 words of the step's top K (ranked by
+  log-probability + word bias), its image's candidates sorted best first, ties in row order
+  (a stable sort), as the numpy loop's ``sorted``;
+- filters: ``NeverFirst`` (the first word) and ``NoRepeatNgram`` (against each row's token
+  history, kept on the device and reordered with the rows); a blocked candidate is skipped;
+- selection: an image's ``beam`` best unblocked candidates that are not ``<end>`` continue; an
+  ``<end>`` ranked before the last of them finishes a hypothesis while the image has fewer than
+  ``beam``; an image is done with ``beam`` finished hypotheses or no live candidate (then, with
+  none finished, its live beams become unfinished hypotheses); a done image's rows are masked
+  (-inf) and keep their shape;
+- scorers: ``TagBonus`` (a per-row "steered" flag, off once the row said a tag word) and the
+  fused caption language models (``edgecap.decoding.fusion``: both LSTMs' steps as torch ops,
+  their states reordered with the rows, ``weight * (log p_everyday - log p_in_domain)`` per
+  row with the gate's weight) add to the step's ``word_bias`` and to the ranking score, never
+  to the caption's own log-probability;
+- ranking: finished captions before those cut at ``max_length``; when no beam ended, the best
+  place one could have ended (``<end>`` in its top K) is the caption; the length penalty only
+  when ranking. The final ranking of at most ``beam + 1`` hypotheses per image runs on the host
+  after the one copy, with ``edgecap.decoding.beam.ranked``.
+
+Scores are summed in float64, as the numpy loop sums them, so equal inputs rank equally.
+
+Not here: the tag constraint (``TagConstraint``: per candidate a state transition, and a state
+dropped once it has enough captions, a data-dependent partition of the candidates that the numpy
+loop keeps) and the attention maps; ``search_on_device`` callers fall back to the host loop for
+both.
+
+``fixed=True`` runs all ``max_length`` steps with finished images masked and never reads a value
+back until the end: the form a CUDA graph can capture (``DecodeGraphs``); ``fixed=False`` stops
+when every image is done (one read-back per step, what the CPU wants). Both give the same
+hypotheses (tested).
+"""
+
+from __future__ import annotations
+
+from collections import OrderedDict
+from collections.abc import Callable
+from dataclasses import dataclass
+from typing import Any, Protocol
+
+import numpy as np
+import torch
+
+from edgecap.decoding.beam import Hypothesis, length_normalised, ranked
+from edgecap.decoding.options import CaptionOptions
+from edgecap.errors import BackendError
+from edgecap.vocab import NEVER_FIRST_IDS
+
+NEG_INF = float("-inf")
+MAX_GRAPHS = 8  # whole-decode graphs kept (least recently used dropped beyond this)
+
+
+class DeviceStep(Protocol):
+    """One decoder step over device tensors: what the device search drives."""
+
+    def first_state(self) -> Any:
+        """The per-image state before the first word (the rows' source at step 0: images)."""
+
+    def __call__(self, state: Any, tokens: torch.Tensor, source_rows: torch.Tensor,
+                 word_bias: torch.Tensor | None) -> tuple[torch.Tensor, torch.Tensor, Any]:
+        """tokens, source_rows int32 (R,), word_bias float32 (R, V) or None -> (top-K
+        log-probabilities float32 (R, K) ranked by log-probability + bias, their ids (R, K),
+        the new state)."""
+
+
+class TorchStep:
+    """``DeviceStep`` over the torch backend's ``StepGraph``: the state is the LSTM's h / c."""
+
+    def __init__(self, step_graph: torch.nn.Module, tensors: dict, image_index: torch.Tensor):
+        self.step_graph = step_graph
+        self.tensors = tensors
+        self.features, self.att_proj = tensors["features"], tensors["att_proj"]
+        self.image_index = image_index
+
+    def first_state(self):
+        return self.tensors["h0"], self.tensors["c0"]
+
+    def __call__(self, state, tokens, source_rows, word_bias):
+        h, c = state
+        values, ids, h, c, _ = self.step_graph(tokens, h, c, source_rows, self.features,
+                                               self.att_proj, self.image_index, word_bias)
+        return values, ids, (h, c)
+
+
+class SessionStep:
+    """``DeviceStep`` over any backend's numpy ``DecoderSession`` (one host round trip per
+    step): the device search's bookkeeping checked against the numpy loop on the fake and
+    onnxruntime backends of the tests, not a fast path."""
+
+    def __init__(self, session):
+        self.session = session
+
+    def first_state(self):
+        return None
+
+    def __call__(self, state, tokens, source_rows, word_bias):
+        bias = None if word_bias is None else word_bias.cpu().numpy()
+        result = self.session.step(tokens.cpu().numpy(), source_rows.cpu().numpy(), bias)
+        device = tokens.device
+        return (torch.from_numpy(np.asarray(result.topk_logprobs, np.float32)).to(device),
+                torch.from_numpy(np.asarray(result.topk_ids, np.int64)).to(device), None)
+
+
+@dataclass(frozen=True)
+class Rules:
+    """The scorers of one search, as the numpy loop would get them (``rules_for``)."""
+
+    tag_words: tuple[frozenset[int], ...] | None = None  # per image, for the tag bonus
+    fusion: Any = None                                   # ``fusion.Fusion``, when it runs
+    fusion_weights: np.ndarray | None = None             # (R,) float32: each row's weight
+
+
+def rules_for(options: CaptionOptions, n_images: int, tag_words, fusion,
+              class_probs: np.ndarray | None) -> Rules:
+    """What ``edgecap.decoding.search_with_tags`` turns into scorers for an unconstrained
+    search: the tag bonus when an image has tag words and the bonus is on; the fusion with the
+    option's weight (None: the model's) times each photo's gate, when any row gets weight."""
+    tags = (tag_words if tag_words is not None and any(tag_words) and options.guidance_bonus > 0
+            else None)
+    weights = None
+    if fusion is not None:
+        weight = fusion.weight if options.fusion_weight is None else options.fusion_weight
+        if weight > 0:
+            index = np.repeat(np.arange(n_images, dtype=np.int32), options.beam_size)
+            scorer = fusion.scorer(weight, index, class_probs=class_probs)
+            if scorer.active:
+                weights = scorer.weights[:, 0]
+    return Rules(tags, fusion if weights is not None else None, weights)
+
+
+class TorchLM:
+    """``fusion.CaptionLM``'s step as torch ops (the same arrays and the same math:
+    sigmoid as 0.5 (tanh(x / 2) + 1), the normaliser as max + log-sum-exp)."""
+
+    def __init__(self, lm, device: torch.device):
+        def tensor(array):
+            return torch.from_numpy(np.ascontiguousarray(array, np.float32)).to(device)
+
+        self.hidden = lm.hidden
+        self.input = tensor(lm._input)     # (V, 4H): embedding @ w_ih.T + bias, per word
+        self.w_hh_t = tensor(lm._w_hh.T)   # (H, 4H)
+        self.out_w_t = tensor(lm._out_w.T)  # (H, V)
+        self.out_b = tensor(lm._out_b)
+
+    def step_logits(self, tokens: torch.Tensor, h: torch.Tensor, c: torch.Tensor):
+        """-> (logits (R, V), log-normaliser (R, 1), h, c), as ``CaptionLM.step_logits``."""
+        gates = self.input.index_select(0, tokens) + h @ self.w_hh_t
+        H = self.hidden
+        i, f = _sigmoid(gates[:, :H]), _sigmoid(gates[:, H:2 * H])
+        g, o = torch.tanh(gates[:, 2 * H:3 * H]), _sigmoid(gates[:, 3 * H:])
+        c = f * c + i * g
+        h = o * torch.tanh(c)
+        logits = h @ self.out_w_t + self.out_b
+        top = logits.max(dim=1, keepdim=True).values
+        norm = top + torch.log(torch.exp(logits - top).sum(dim=1, keepdim=True))
+        return logits, norm, h, c
+
+
+def _sigmoid(x: torch.Tensor) -> torch.Tensor:
+    return 0.5 * (torch.tanh(0.5 * x) + 1.0)
+
+
+@dataclass(frozen=True)
+class Plan:
+    """What shapes one search (a whole-decode graph is captured per plan)."""
+
+    n_images: int
+    beam: int
+    max_length: int
+    width: int                 # candidates per row: min(beam + 1, K)
+    no_repeat_ngram: int
+    penalty: float | None
+    start_id: int
+    end_id: int
+    tag_bonus: float | None    # None: no tag bonus in this search
+    fusion: bool               # the fused language models run
+
+
+@dataclass
+class Inputs:
+    """A search's device tensors (static buffers, for a captured graph)."""
+
+    state: Any                         # the step's first state
+    image_index: torch.Tensor          # (R,) int32
+    tag_words: torch.Tensor | None     # (N, V) bool: each image's tag words
+    fusion_weights: torch.Tensor | None  # (R, 1) float32: each row's fusion weight
+
+
+class DeviceBeamSearch:
+    """The device search over one ``DeviceStep``; ``lms``: the fused models as ``TorchLM``
+    (everyday, in-domain) or None."""
+
+    def __init__(self, vocab_size: int, device: torch.device,
+                 never_first: tuple[int, ...] = NEVER_FIRST_IDS):
+        self.device = torch.device(device)
+        mask = np.zeros(vocab_size, bool)
+        mask[list(never_first)] = True
+        self.never_first = torch.from_numpy(mask).to(self.device)
+        self.vocab_size = vocab_size
+        self._lms: dict[int, tuple[object, tuple[TorchLM, TorchLM]]] = {}
+
+    def lms(self, fusion) -> tuple[TorchLM, TorchLM]:
+        """The fusion's two language models on the device (made once per ``Fusion``)."""
+        kept = self._lms.get(id(fusion))
+        if kept is None or kept[0] is not fusion:
+            kept = (fusion, (TorchLM(fusion.everyday, self.device),
+                             TorchLM(fusion.in_domain, self.device)))
+            self._lms[id(fusion)] = kept
+        return kept[1]
+
+    def plan(self, n_images: int, options: CaptionOptions, top_k: int, start_id: int,
+             end_id: int, tag_words, fusion_weights) -> Plan:
+        return Plan(n_images, options.beam_size, options.max_length,
+                    min(options.beam_size + 1, top_k), options.no_repeat_ngram,
+                    options.length_penalty, start_id, end_id,
+                    options.guidance_bonus if tag_words is not None else None,
+                    fusion_weights is not None)
+
+    def inputs(self, plan: Plan, state, tag_words, fusion_weights) -> Inputs:
+        """Host inputs to device tensors: ``tag_words`` (N,) frozensets or None,
+        ``fusion_weights`` (R,) float32 or None."""
+        image_index = torch.from_numpy(np.repeat(np.arange(plan.n_images, dtype=np.int32),
+                                                 plan.beam)).to(self.device)
+        tags = None
+        if tag_words is not None:
+            mask = np.zeros((plan.n_images, self.vocab_size), bool)
+            for image, words in enumerate(tag_words):
+                mask[image, list(words)] = True
+            tags = torch.from_numpy(mask).to(self.device)
+        weights = None if fusion_weights is None else torch.from_numpy(
+            np.asarray(fusion_weights, np.float32).reshape(-1, 1)).to(self.device)
+        return Inputs(state, image_index, tags, weights)
+
+    def run(self, step: DeviceStep, plan: Plan, inputs: Inputs, lms=None,
+            fixed: bool = False) -> torch.Tensor:
+        """The search's result, packed (``unpack``): float64 on the device."""
+        return _decode(step, plan, inputs, self.never_first, lms, fixed)
+
+    def search(self, make_step: Callable[[torch.Tensor], DeviceStep], n_images: int,
+               options: CaptionOptions, top_k: int, start_id: int, end_id: int,
+               rules: Rules = Rules(), describe: Callable[[], str] = lambda: "device search",
+               fixed: bool = False) -> list[list[Hypothesis]]:
+        """Each image's hypotheses, best first (as ``beam.beam_search`` without a partition
+        or attention). ``make_step``: the rows' image index (R,) int32 -> the step."""
+        options.validate(top_k)
+        plan = self.plan(n_images, options, top_k, start_id, end_id, rules.tag_words,
+                         rules.fusion_weights)
+        inputs = self.inputs(plan, None, rules.tag_words, rules.fusion_weights)
+        step = make_step(inputs.image_index)
+        inputs.state = step.first_state()
+        lms = None if rules.fusion is None else self.lms(rules.fusion)
+        packed = self.run(step, plan, inputs, lms, fixed)
+        return unpack(packed.cpu().numpy(), plan, options.n_best, describe)
+
+
+def _denominator(length: int, penalty: float | None) -> float:
+    """What ``length_normalised`` divides by, computed as it computes it (a Python float)."""
+    return float(length) if penalty is None else ((5.0 + length) / 6.0) ** penalty
+
+
+def _repeats(history: torch.Tensor, words: torch.Tensor, n: int) -> torch.Tensor:
+    """history (R, t) int64 with t >= n, words (R, W) -> (R, W) bool: the word would repeat an
+    n-gram of the row's words (``NoRepeatNgram.blocks``)."""
+    t = history.shape[1]
+    if n == 1:
+        match = torch.ones_like(history, dtype=torch.bool)
+        following = history
+    else:
+        prefixes = history.unfold(1, n - 1, 1)[:, :t - n + 1]        # (R, t-n+1, n-1)
+        match = (prefixes == history[:, None, t - n + 1:]).all(2)    # (R, t-n+1)
+        following = history[:, n - 1:]                              # (R, t-n+1)
+    return ((following[:, :, None] == words[:, None, :]) & match[:, :, None]).any(1)
+
+
+class _Pool:
+    """Per image, up to ``beam + 1`` hypotheses (finished ones first, in the order they
+    finished), plus a scratch slot that scatters of unused candidates write to."""
+
+    def __init__(self, n: int, beam: int, length: int, device):
+        slots = beam + 2
+        self.beam = beam
+        self.tokens = torch.zeros((n, slots, length), dtype=torch.int64, device=device)
+        self.length = torch.zeros((n, slots), dtype=torch.int64, device=device)
+        self.rank_lp = torch.zeros((n, slots), dtype=torch.float64, device=device)
+        self.log_prob = torch.zeros((n, slots), dtype=torch.float64, device=device)
+        self.finished = torch.zeros((n, slots), dtype=torch.bool, device=device)
+        self.count = torch.zeros(n, dtype=torch.int64, device=device)
+
+    def put(self, add: torch.Tensor, pos: torch.Tensor, tokens, length, rank_lp, log_prob,
+            finished: bool) -> None:
+        """Write the entries ``add`` (N, M) at slots ``pos`` (N, M); tokens (N, M, T)."""
+        index = torch.where(add, pos, self.beam + 1)  # unused: the scratch slot
+        self.tokens.scatter_(1, index[:, :, None].expand_as(tokens), tokens)
+        self.length.scatter_(1, index, torch.full_like(index, length))
+        self.rank_lp.scatter_(1, index, rank_lp)
+        self.log_prob.scatter_(1, index, log_prob)
+        self.finished.scatter_(1, index, torch.full_like(add, finished))
+        self.count += add.sum(1)
+
+    def keep_live(self, images: torch.Tensor, live: torch.Tensor, history, t: int, sum_lp,
+                  true_lp) -> None:
+        """The live rows (R,) of ``images`` (N,) bool become unfinished hypotheses, in row
+        order, while the image has fewer than ``beam`` (``beam._keep_live``)."""
+        n, beam = images.shape[0], self.beam
+        rows = live.view(n, beam) & images[:, None]
+        pos = self.count[:, None] + rows.long().cumsum(1) - 1
+        add = rows & (pos < beam)
+        self.put(add, pos, history.view(n, beam, -1), t, sum_lp.view(n, beam),
+                 true_lp.view(n, beam), False)
+
+
+def _decode(step: DeviceStep, plan: Plan, x: Inputs, never_first: torch.Tensor, lms,
+            fixed: bool) -> torch.Tensor:
+    N, B, T, W = plan.n_images, plan.beam, plan.max_length, plan.width
+    R, C, end = N * B, B * W, plan.end_id
+    device = x.image_index.device
+    image_rows = x.image_index.long()
+    tokens = torch.full((R,), plan.start_id, dtype=torch.int32, device=device)
+    source = x.image_index
+    state = x.state
+    row_in_image = torch.arange(R, device=device) % B
+    sum_lp = torch.where(row_in_image == 0, 0.0, NEG_INF).to(torch.float64)
+    true_lp = torch.zeros(R, dtype=torch.float64, device=device)
+    history = torch.zeros((R, T), dtype=torch.int64, device=device)
+    rows_of_candidates = torch.arange(R, device=device)[:, None].expand(R, W).reshape(N, C)
+    image_first = torch.arange(N, device=device)[:, None] * B  # (N, 1)
+    done = torch.zeros(N, dtype=torch.bool, device=device)
+    pool = _Pool(N, B, T, device)
+    # the best place a beam could have ended, while no hypothesis of the image has finished
+    ending_tokens = torch.zeros((N, T), dtype=torch.int64, device=device)
+    ending_length = torch.zeros(N, dtype=torch.int64, device=device)
+    ending_rank = torch.full((N,), NEG_INF, dtype=torch.float64, device=device)
+    ending_rank_lp = torch.zeros(N, dtype=torch.float64, device=device)
+    ending_lp = torch.full((N,), NEG_INF, dtype=torch.float64, device=device)
+    first_bad = torch.full((), -1, dtype=torch.int64, device=device)
+    tag_rows = steered = None
+    if plan.tag_bonus is not None:
+        tag_rows = x.tag_words.index_select(0, image_rows)                # (R, V) bool
+        tag_bias = tag_rows.to(torch.float32) * np.float32(plan.tag_bonus)
+        steered = tag_rows.any(1)
+    lm_states = None
+    if plan.fusion:
+        hidden = lms[0].hidden
+        lm_states = [(torch.zeros((R, hidden), device=device),
+                      torch.zeros((R, hidden), device=device)) for _ in lms]
+
+    for t in range(T):
+        running = ~done.all()  # any image left: the numpy loop ran this step
+        parts = []
+        if steered is not None:
+            parts.append(tag_bias * steered[:, None])
+        if lm_states is not None:
+            logits, norms = [], []
+            for k, lm in enumerate(lms):
+                h, c = lm_states[k]
+                if t > 0:  # the first step's source rows are images, and every state is zero
+                    h, c = h.index_select(0, source), c.index_select(0, source)
+                row_logits, norm, h, c = lm.step_logits(tokens, h, c)
+                lm_states[k] = (h, c)
+                logits.append(row_logits)
+                norms.append(norm)
+            ratio = logits[0] - logits[1]
+            ratio = ratio - (norms[0] - norms[1])
+            parts.append(ratio * x.fusion_weights)
+        bias = parts[0] if len(parts) == 1 else (parts[0] + parts[1] if parts else None)
+        values, ids, state = step(state, tokens, source, bias)
+        ids = ids.long()
+        bad = running & ~torch.isfinite(values).all()
+        first_bad = torch.where(bad & (first_bad < 0), t, first_bad)
+        lp = values.to(torch.float64)
+        ranked_lp = lp if bias is None else lp + bias.gather(1, ids).to(torch.float64)
+        live = sum_lp != NEG_INF
+        candidates = sum_lp[:, None] + ranked_lp        # (R, K): what ranks
+        model_lp = true_lp[:, None] + lp                # (R, K): the model's own
+        if t > 0:
+            _best_ending(plan, t, ids, live, candidates, model_lp, history, done, pool,
+                         (ending_tokens, ending_length, ending_rank, ending_rank_lp, ending_lp))
+        words = ids[:, :W]
+        blocked = never_first[words] if t == 0 else torch.zeros_like(words, dtype=torch.bool)
+        if plan.no_repeat_ngram > 0 and t >= plan.no_repeat_ngram:
+            blocked = blocked | (_repeats(history[:, :t], words, plan.no_repeat_ngram)
+                                 & (words != end))
+        ok = torch.isfinite(candidates[:, :W]) & ~blocked
+        score = candidates[:, :W].reshape(N, C)
+        order = torch.sort(score, dim=1, descending=True, stable=True).indices
+        s_score = score.gather(1, order)
+        s_model = model_lp[:, :W].reshape(N, C).gather(1, order)
+        s_word = words.reshape(N, C).gather(1, order)
+        s_row = rows_of_candidates.gather(1, order)
+        s_ok = ok.reshape(N, C).gather(1, order) & ~done[:, None]
+        is_end = s_word == end
+        going = s_ok & ~is_end
+        going_before = going.long().cumsum(1)           # continuations up to here, inclusive
+        taken = going & (going_before <= B)
+        # an <end> before the beam's last continuation finishes, while there is room
+        ending = s_ok & is_end & (going_before < B)
+        pos = pool.count[:, None] + ending.long().cumsum(1) - 1
+        add = ending & (pos < B)
+        pool.put(add, pos, history.index_select(0, s_row.reshape(-1)).view(N, C, T), t,
+                 s_score, s_model, True)
+        slot = torch.where(taken, going_before - 1, B)  # B: a scratch column
+        new_source = image_first.expand(N, B + 1).clone().scatter_(1, slot, s_row)
+        new_tokens = torch.full((N, B + 1), end, dtype=torch.int64,
+                                device=device).scatter_(1, slot, s_word)
+        new_lp = torch.full((N, B + 1), NEG_INF, dtype=torch.float64,
+                            device=device).scatter_(1, slot, s_score)
+        new_true = torch.zeros((N, B + 1), dtype=torch.float64,
+                               device=device).scatter_(1, slot, s_model)
+        image_live = going.any(1)
+        # every continuation blocked and nothing finished: keep what the live beams have
+        pool.keep_live(~done & ~image_live & (pool.count == 0), live, history, t, sum_lp,
+                       true_lp)
+        done = done | (pool.count >= B) | ~image_live
+        new_source = new_source[:, :B].reshape(R)
+        new_tokens = new_tokens[:, :B].reshape(R)
+        new_lp = torch.where(done.index_select(0, image_rows), NEG_INF,
+                             new_lp[:, :B].reshape(R))
+        if steered is not None:
+            said = tag_rows.gather(1, new_tokens[:, None])[:, 0]
+            steered = steered.index_select(0, new_source) & (new_lp != NEG_INF) & ~said
+        history = history.index_select(0, new_source)
+        history[:, t] = new_tokens
+        tokens, source = new_tokens.to(torch.int32), new_source.to(torch.int32)
+        sum_lp, true_lp = new_lp, new_true[:, :B].reshape(R)
+        if not fixed and bool(done.all()):
+            break
+    # out of words: the live beams of unfinished images become (unfinished) hypotheses
+    pool.keep_live(~done, sum_lp != NEG_INF, history, T, sum_lp, true_lp)
+    return torch.cat([pool.tokens[:, :B + 1].reshape(-1).to(torch.float64),
+                      pool.length[:, :B + 1].reshape(-1).to(torch.float64),
+                      pool.rank_lp[:, :B + 1].reshape(-1), pool.log_prob[:, :B + 1].reshape(-1),
+                      pool.finished[:, :B + 1].reshape(-1).to(torch.float64),
+                      pool.count.to(torch.float64), ending_tokens.reshape(-1).to(torch.float64),
+                      ending_length.to(torch.float64), ending_rank_lp, ending_lp,
+                      (ending_rank != NEG_INF).to(torch.float64),
+                      first_bad.reshape(1).to(torch.float64)])
+
+
+def _best_ending(plan: Plan, t: int, ids, live, candidates, model_lp, history, done, pool,
+                 ending) -> None:
+    """Per image with no finished hypothesis, keep the best ``<end>`` of its live rows' top K
+    at step ``t`` if it ranks above the one kept (``beam._best_ending``: by rank score, then
+    log-probability; the first one on ties)."""
+    tokens, length, rank, rank_lp, log_prob = ending
+    N, B = plan.n_images, plan.beam
+    is_end = ids == plan.end_id
+    has = is_end.any(1) & live
+    k = is_end.to(torch.int32).argmax(1, keepdim=True)  # its first <end>
+    e_lp = candidates.gather(1, k)[:, 0].view(N, B)
+    e_rank = torch.where(has.view(N, B), e_lp / _denominator(t + 1, plan.penalty), NEG_INF)
+    e_model = torch.where(has.view(N, B), model_lp.gather(1, k)[:, 0].view(N, B), NEG_INF)
+    best = e_rank.max(1).values
+    best_model = torch.where(e_rank == best[:, None], e_model, NEG_INF).max(1).values
+    pick = ((e_rank == best[:, None]) & (e_model == best_model[:, None])
+            & has.view(N, B)).to(torch.int32).argmax(1)
+    better = (pool.count == 0) & ~done & ((best > rank) | ((best == rank)
+                                                          & (best_model > log_prob)))
+    row = torch.arange(N, device=ids.device) * B + pick
+    tokens.copy_(torch.where(better[:, None], history.index_select(0, row), tokens))
+    length.copy_(torch.where(better, t, length))
+    rank_lp.copy_(torch.where(better, e_lp.gather(1, pick[:, None])[:, 0], rank_lp))
+    rank.copy_(torch.where(better, best, rank))
+    log_prob.copy_(torch.where(better, best_model, log_prob))
+
+
+def unpack(packed: np.ndarray, plan: Plan, n_best: int, describe: Callable[[], str]
+           ) -> list[list[Hypothesis]]:
+    """The packed result (read back once) -> each image's hypotheses, best first (``n_best``).
+    Raises ``BackendError`` when a step returned non-finite log-probabilities."""
+    N, B, T = plan.n_images, plan.beam, plan.max_length
+    S = B + 1
+    sizes = [N * S * T, N * S, N * S, N * S, N * S, N, N * T, N, N, N, N, 1]
+    parts = np.split(packed, np.cumsum(sizes)[:-1])
+    tokens = parts[0].reshape(N, S, T).astype(np.int64)
+    length, rank_lp, log_prob = (p.reshape(N, S) for p in parts[1:4])
+    finished = parts[4].reshape(N, S) != 0
+    count = parts[5].astype(np.int64)
+    e_tokens = parts[6].reshape(N, T).astype(np.int64)
+    e_length, e_rank_lp, e_lp, e_valid = parts[7], parts[8], parts[9], parts[10] != 0
+    first_bad = int(parts[11][0])
+    if first_bad >= 0:
+        raise BackendError(f"the decoder step returned non-finite log-probabilities at word "
+                           f"{first_bad + 1} ({describe()})")
+    penalty = plan.penalty
+    out = []
+    for image in range(N):
+        hyps = [_hypothesis(tokens[image, j], int(length[image, j]), rank_lp[image, j],
+                            log_prob[image, j], bool(finished[image, j]), penalty)
+                for j in range(int(count[image]))]
+        if e_valid[image] and not any(h.finished for h in hyps):
+            hyps.append(_hypothesis(e_tokens[image], int(e_length[image]), e_rank_lp[image],
+                                    e_lp[image], True, penalty))
+        best = ranked(hyps)
+        best.sort(key=lambda h: not h.finished)  # stable: finished captions first
+        if not best:  # pragma: no cover - with finite scores a live beam survives
+            raise BackendError("beam search produced no hypothesis")
+        out.append(best[:n_best])
+    return out
+
+
+def _hypothesis(tokens, n_words: int, rank_lp: float, log_prob: float, finished: bool,
+                penalty) -> Hypothesis:
+    """As ``beam._hypothesis`` makes it (no attention)."""
+    length = max(n_words + (1 if finished else 0), 1)
+    log_prob = float(log_prob)
+    return Hypothesis([int(w) for w in tokens[:n_words]], log_prob,
+                      length_normalised(log_prob, length, penalty), finished, None,
+                      rank_score=length_normalised(float(rank_lp), length, penalty))
+
+
+class DecodeGraphs:
+    """The whole decode captured as one graph per ``Plan`` (``capture(fn) -> graph``:
+    ``torch_graphs.CudaGraph`` on a GPU, ``EagerGraph`` in the CPU tests): static input
+    buffers (the encoder outputs, the tag words, the fusion weights), the ``max_length``
+    steps with finished images masked (``fixed=True``), the packed result in a static output
+    buffer. A replay launches the search's every kernel at once; the host waits once, for the
+    result's copy."""
+
+    def __init__(self, search: DeviceBeamSearch, step_graph: torch.nn.Module,
+                 capture: Callable[[Callable[[], None]], Any]):
+        self.search, self.step_graph, self.capture = search, step_graph, capture
+        self.graphs: OrderedDict[tuple, tuple[Any, dict, Inputs, torch.Tensor]] = OrderedDict()
+        self.captured = 0
+
+    def run(self, plan: Plan, tensors: dict, inputs: Inputs, lms) -> torch.Tensor:
+        key = (plan, *((name, tuple(v.shape), v.dtype) for name, v in sorted(tensors.items())
+                       if name != "class_probs"))
+        entry = self.graphs.get(key)
+        if entry is None:
+            entry = self._capture(plan, tensors, inputs, lms)
+            self.graphs[key] = entry
+            self.captured += 1
+            while len(self.graphs) > MAX_GRAPHS:
+                self.graphs.popitem(last=False)
+        self.graphs.move_to_end(key)
+        graph, static, static_inputs, out = entry
+        for name, buffer in static.items():
+            buffer.copy_(tensors[name])
+        for mine, theirs in ((static_inputs.tag_words, inputs.tag_words),
+                             (static_inputs.fusion_weights, inputs.fusion_weights)):
+            if mine is not None:
+                mine.copy_(theirs)
+        graph.replay()
+        return out
+
+    def _capture(self, plan: Plan, tensors: dict, inputs: Inputs, lms):
+        static = {name: torch.zeros_like(tensors[name])
+                  for name in ("features", "att_proj", "h0", "c0")}
+        static_inputs = Inputs(None, inputs.image_index.clone(),
+                               None if inputs.tag_words is None else inputs.tag_words.clone(),
+                               None if inputs.fusion_weights is None
+                               else inputs.fusion_weights.clone())
+        step = TorchStep(self.step_graph, static, static_inputs.image_index)
+        static_inputs.state = step.first_state()
+        out = torch.empty(0, dtype=torch.float64, device=inputs.image_index.device)
+        holder = [out]
+
+        def fn() -> None:
+            result = self.search.run(step, plan, static_inputs, lms, fixed=True)
+            if holder[0].shape != result.shape:  # the first (warm-up) run sizes the output
+                holder[0] = torch.empty_like(result)
+            holder[0].copy_(result)
+
+        with torch.no_grad():
+            graph = self.capture(fn)
+        return graph, static, static_inputs, holder[0]
