@@ -24,12 +24,15 @@ def run(args: argparse.Namespace) -> int:
     from edgecap.errors import ModelError
 
     extra = {}
-    if args.metrics:
+    if args.metrics:  # a regular file under a ceiling (a pipe would hang the export)
+        from edgecap.files import FileProblem, read_json
+        from edgecap.training.records import MAX_SMALL_BYTES, shown
+
         try:
-            with open(args.metrics) as f:
-                extra["dev_metrics"] = json.load(f)
-        except (OSError, ValueError) as exc:
-            raise ModelError(f"--metrics {args.metrics}: cannot read it as JSON ({exc})") from exc
+            extra["dev_metrics"] = read_json(args.metrics, MAX_SMALL_BYTES)
+        except FileProblem as exc:
+            raise ModelError(f"--metrics {shown(args.metrics)}: cannot read it as JSON "
+                             f"({exc})") from None
     manifest = export_model(args.checkpoint, args.out, name=args.name, extra_info=extra)
     print(json.dumps({"model": str(manifest.directory),
                       "export_check": manifest.info.get("export_check", {}).get("max_abs_diff")}))

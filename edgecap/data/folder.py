@@ -258,9 +258,9 @@ def read_rows(path: Path, report: Callable[[str], None]) -> tuple[list[Row], boo
         elif not caption:
             problem = "empty caption"
         elif not tokenize(caption):
-            problem = f"caption {escape_field(repr(caption))} has no words"
+            problem = f"caption '{escape_field(caption)}' has no words"
         elif has_split and split not in SPLIT_NAMES:
-            problem = (f"split {escape_field(repr(split))} is not one of "
+            problem = (f"split '{escape_field(split)}' is not one of "
                        f"{', '.join(SPLIT_NAMES)}" if split
                        else "no split (the file has a split column)")
         if problem:
@@ -277,15 +277,17 @@ def _csv_records(path: Path, text: str):
     try:
         header = next(reader, None)
         if header is None:
-            raise DataError(f"{escape_field(str(path))}: empty; the first line must name the columns file,caption")
+            raise DataError(f"{escape_field(str(path))}: empty; the first line must name the "
+                            "columns file,caption")
         names = [h.strip().lower() for h in header]
         missing = [c for c in COLUMNS if c not in names]
         if missing:
             found = ",".join(header)
             hint = ("; separate the columns with commas" if len(header) == 1
                     and any(d in found for d in ";\t") else "")
-            raise DataError(f"{escape_field(str(path))}:1: the header line must name the columns file and caption "
-                            f"(optionally split); missing {', '.join(missing)}, found "
+            raise DataError(f"{escape_field(str(path))}:1: the header line must name the "
+                            "columns file and caption (optionally split); missing "
+                            f"{', '.join(missing)}, found "
                             f"{escape_field(found) or 'an empty line'}{hint}")
         yield "split" in names
         end = reader.line_num
@@ -317,7 +319,7 @@ def _jsonl_records(path: Path, text: str):
         else:
             records.append((line, value))
     if records and not any(isinstance(r, dict) for _, r in records):
-        raise DataError(f"{escape_field(str(path))}: no line is a JSON object with the keys \"file\" and "
-                        f"\"caption\" (line {records[0][0]}: {records[0][1]})")
+        raise DataError(f"{escape_field(str(path))}: no line is a JSON object with the keys "
+                        f"\"file\" and \"caption\" (line {records[0][0]}: {records[0][1]})")
     yield any(isinstance(r, dict) and "split" in r for _, r in records)
     yield from records

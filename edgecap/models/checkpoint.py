@@ -67,6 +67,10 @@ def load_checkpoint(directory: Path):
         pre = check_preprocessing(record.dict("preprocessing"))
     except (TypeError, ValueError, KeyError) as exc:
         raise record.fail(f"decoder or preprocessing: {exc}") from None
+    try:
+        vocab = Vocabulary.load(directory / "vocab.json")
+    except (ValueError, KeyError, TypeError) as exc:
+        raise ModelError(f"{shown(directory / 'vocab.json')}: cannot load it ({exc})") from None
     weights = directory / "model.safetensors"
     _check_shapes(weights, decoder_cfg)  # before any weight is allocated
     try:
@@ -77,7 +81,6 @@ def load_checkpoint(directory: Path):
         enc = {k[8:]: v for k, v in tensors.items() if k.startswith("encoder.")}
         if enc:
             encoder.load_state_dict(enc)
-        vocab = Vocabulary.load(directory / "vocab.json")
     except Exception as exc:  # OSError, KeyError, torch's RuntimeError, SafetensorError
         raise ModelError(f"{directory}: cannot load the checkpoint ({exc})") from exc
     if len(vocab) != decoder.cfg.vocab_size:

@@ -17,10 +17,10 @@ computed may hold photos of earlier runs that are gone from the disk since: thei
 empty and listed in the record (``absent``), and the shard is recomputed if a later run asks for
 one of them again. Every file of the cache is read as ``edgecap.files`` reads files (a regular
 file under a ceiling, types and sizes checked before use, ``training.records``): a broken plan
-starts a new one, a broken shard record redoes its shard, a broken index is one error naming it. Under torchrun each
-rank extracts the shards ``rank, rank + world, ...``. Training reads batches with ``readinto``
-grouped by shard and offset (runs of consecutive rows in one read), not through a memory map:
-the pages of a map count as the process's resident memory, the page cache's do not.
+starts a new one, a broken shard record redoes its shard, a broken index is one error naming it.
+Under torchrun each rank extracts the shards ``rank, rank + world, ...``. Training reads
+batches with ``readinto`` grouped by shard and offset (runs of consecutive rows in one read), not
+through a memory map: the pages of a map count as the process's resident memory, the page cache's do not.
 """
 
 from __future__ import annotations

@@ -1,0 +1,556 @@
+"""Hostile training inputs (issue 25; issue 23's ``train --data`` item): training's own files
+(checkpoints, optimizer state, feature shards and their records, the cache plan, the fine-tune
+cache) read with the discipline of ``edgecap.files``, photos outside the data folder, a warm
+cache after photos are removed, options out of range, problem reports that cannot be forged,
+JSON Lines with unusual line separators, and a flood of bad rows. Videos and cameras:
+``test_hostile_video.py``.
+
+Every hostile file is built here, in tmp_path; photos are generated.
+"""
+
+from __future__ import annotations
+
+import csv
+import json
+import os
+from pathlib import Path
+
+import numpy as np
+import pytest
+from PIL import Image
+
+from edgecap.data.folder import MAX_REPORTED, read_folder
+from edgecap.errors import DataError, ModelError
+
+POSIX = pytest.mark.skipif(os.name != "posix", reason="POSIX special files")
+torch_needed = pytest.mark.skipif(
+    __import__("importlib.util").util.find_spec("torch") is None, reason="needs torch")
+
+
+def photo(path: Path, seed: int) -> Path:
+    rng = np.random.default_rng(seed)
+    pixels = np.clip(rng.integers(0, 256, 3) + rng.normal(0, 30, (36, 48, 3)), 0, 255)
+    path.parent.mkdir(parents=True, exist_ok=True)
+    Image.fromarray(pixels.astype(np.uint8)).save(path)
+    return path
+
+
+def captions_csv(root: Path, rows, photos=None) -> Path:
+    root.mkdir(parents=True, exist_ok=True)
+    for i, name in enumerate(photos if photos is not None else sorted({r[0] for r in rows})):
+        photo(root / name, i)
+    with open(root / "captions.csv", "w", newline="", encoding="utf-8") as f:
+        writer = csv.writer(f)
+        writer.writerow(("file", "caption"))
+        writer.writerows(rows)
+    return root
+
+
+GOOD = [("a.png", "a red ball"), ("b.png", "a brown dog"), ("c.png", "a cat sleeps")]
+
+
+def special(path: Path, kind: str) -> None:
+    """Replace ``path`` by a named pipe, a link to /dev/zero or a huge sparse file."""
+    if os.path.lexists(path):
+        path.unlink()
+    if kind == "fifo":
+        os.mkfifo(path)  # opening it for reading would wait for a writer forever
+    elif kind == "device":
+        path.symlink_to("/dev/zero")  # read whole, it never ends
+    else:
+        with open(path, "wb") as f:
+            f.truncate(300 << 20)  # sparse: 300 MB that must never be read
+
+
+# -- class 1: training's own files -------------------------------------------------------------
+@pytest.fixture
+def checkpoint(tmp_path) -> Path:
+    """A real (tiny) checkpoint: safetensors + vocab.json + checkpoint.json."""
+    pytest.importorskip("torch")
+    from helpers import TINY_CAPTIONS
+
+    from edgecap.models.checkpoint import save_checkpoint
+    from edgecap.models.decoder import CaptionDecoder, DecoderConfig
+    from edgecap.preprocess import Preprocessing
+    from edgecap.vocab import Vocabulary
+
+    vocab = Vocabulary.build(TINY_CAPTIONS, min_count=1)
+    decoder = CaptionDecoder(DecoderConfig(vocab_size=len(vocab), hidden_dim=16, feature_dim=16,
+                                           embed_dim=8, attention_dim=8))
+    save_checkpoint(tmp_path / "ck", decoder, vocab, Preprocessing(), {"train_state": {}})
+    return tmp_path / "ck"
+
+
+def _meta(checkpoint: Path, **changes) -> None:
+    path = checkpoint / "checkpoint.json"
+    meta = json.loads(path.read_text())
+    for key, value in changes.items():
+        if isinstance(value, dict) and isinstance(meta.get(key), dict):
+            meta[key] = {**meta[key], **value}
+        else:
+            meta[key] = value
+    path.write_text(json.dumps(meta))
+
+
+@torch_needed
+def test_the_tiny_checkpoint_loads(checkpoint):
+    from edgecap.models.checkpoint import load_checkpoint
+
+    _, decoder, vocab, pre, _ = load_checkpoint(checkpoint)
+    assert decoder.cfg.hidden_dim == 16 and len(vocab) == decoder.cfg.vocab_size
+    assert pre.size == (224, 224)
+
+
+@POSIX
+@torch_needed
+@pytest.mark.parametrize("name", ["checkpoint.json", "model.safetensors", "vocab.json"])
+@pytest.mark.parametrize("kind, problem", [("fifo", "named pipe"),
+                                           ("device", "character device"),
+                                           ("huge", "over the limit")])
+def test_checkpoint_files_that_are_special_or_huge_are_refused(checkpoint, name, kind, problem):
+    from edgecap.models.checkpoint import load_checkpoint
+
+    if kind == "huge" and name == "model.safetensors":
+        with open(checkpoint / name, "r+b") as f:
+            f.truncate(5 << 30)  # sparse 5 GB: over the weights' ceiling, never read
+        problem = "5,368,709,120 bytes, over the limit"
+    else:
+        special(checkpoint / name, kind)
+    with pytest.raises(ModelError) as info:
+        load_checkpoint(checkpoint)
+    message = str(info.value)
+    assert name in message and problem in message and "\n" not in message
+
+
+@torch_needed
+@pytest.mark.parametrize("text, problem", [
+    ("[1, 2]", "not a JSON object (list)"),
+    ('{"a": ' + "[" * 5000 + "]" * 5000 + "}", "nested 5001 deep"),
+    ("{not json", "not valid JSON"),
+])
+def test_malformed_checkpoint_json_is_one_model_error(checkpoint, text, problem):
+    from edgecap.models.checkpoint import load_checkpoint
+
+    (checkpoint / "checkpoint.json").write_text(text)
+    with pytest.raises(ModelError, match="checkpoint.json: .*" + problem.replace("(", r"\(")
+                       .replace(")", r"\)")):
+        load_checkpoint(checkpoint)
+
+
+@torch_needed
+@pytest.mark.parametrize("changes, problem", [
+    ({"decoder": None}, "'decoder' is not an object"),
+    ({"decoder": {"hidden_dim": "wide"}}, "hidden_dim must be an integer"),
+    ({"decoder": {"hidden_dim": 100_000}}, "hidden_dim must be at most 8192"),
+    ({"decoder": {"dropout": 7}}, "dropout must be less than 1"),
+    ({"decoder": {"colour": 1}}, "unknown decoder setting 'colour'"),
+    ({"preprocessing": {"size": [100_000, 100_000]}}, "size must be at most 1024"),
+    ({"preprocessing": {"std": [0, 1, 1]}}, "std must be more than 0"),
+    ({"preprocessing": {"mean": None}}, "preprocessing"),
+])
+def test_sizes_in_checkpoint_json_are_checked(checkpoint, changes, problem):
+    from edgecap.models.checkpoint import load_checkpoint
+
+    _meta(checkpoint, **changes)
+    with pytest.raises(ModelError, match=problem):
+        load_checkpoint(checkpoint)
+
+
+@torch_needed
+def test_sizes_that_disagree_with_the_weights_allocate_nothing(checkpoint, monkeypatch):
+    """A hidden size of thousands in checkpoint.json (the weights are 16 wide): refused from the
+    weights' header, before any tensor is read or any decoder built."""
+    from edgecap.models import checkpoint as module
+
+    def never(*args, **kwargs):
+        raise AssertionError("weights read / decoder built before the shapes were checked")
+
+    monkeypatch.setattr(module, "load_file", never)
+    monkeypatch.setattr(module, "load_pretrained", never)
+    _meta(checkpoint, decoder={"hidden_dim": 8000})
+    with pytest.raises(ModelError, match=r"model.safetensors: decoder.init_h.weight is "
+                                         r"\(16, 16\), checkpoint.json's decoder sizes need "
+                                         r"\(8000, 16\)"):
+        module.load_checkpoint(checkpoint)
+
+
+@torch_needed
+def test_a_weights_file_whose_header_lies_is_refused(checkpoint):
+    from edgecap.models.checkpoint import load_checkpoint
+
+    weights = checkpoint / "model.safetensors"
+    data = weights.read_bytes()
+    weights.write_bytes((10**12).to_bytes(8, "little") + data[8:])  # a 1 TB header
+    with pytest.raises(ModelError, match="not a safetensors file"):
+        load_checkpoint(checkpoint)
+
+
+@torch_needed
+def test_export_refuses_a_checkpoint_pipe_and_a_metrics_pipe_in_one_line(checkpoint, tmp_path,
+                                                                         capsys):
+    pytest.importorskip("onnx")
+    from edgecap.cli import main
+
+    metrics = tmp_path / "metrics.json"
+    os.mkfifo(metrics)
+    assert main(["export", str(checkpoint), "--out", str(tmp_path / "m"),
+                 "--metrics", str(metrics)]) == 2
+    err = capsys.readouterr().err
+    assert err.count("\n") == 1 and "metrics.json" in err and "named pipe" in err
+    special(checkpoint / "checkpoint.json", "fifo")
+    assert main(["export", str(checkpoint), "--out", str(tmp_path / "m")]) == 2
+    err = capsys.readouterr().err
+    assert err.count("\n") == 1 and "checkpoint.json" in err and "named pipe" in err
+    assert not (tmp_path / "m").exists()
+
+
+@torch_needed
+def test_optimizer_state_of_other_shapes_is_a_model_error(tmp_path):
+    import torch
+
+    from edgecap.training.train import _load_optimizer, _save_optimizer
+
+    small = torch.nn.Linear(3, 2)
+    opt = torch.optim.Adam(small.parameters())
+    small(torch.ones(1, 3)).sum().backward()
+    opt.step()
+    _save_optimizer(opt, tmp_path / "o.safetensors", tmp_path / "o.json")
+    same = torch.optim.Adam(torch.nn.Linear(3, 2).parameters())
+    _load_optimizer(same, tmp_path / "o.safetensors", tmp_path / "o.json")  # the good case
+    assert same.state_dict()["state"][0]["exp_avg"].shape == (2, 3)
+    wide = torch.optim.Adam(torch.nn.Linear(3, 4000).parameters())
+    with pytest.raises(ModelError, match=r"o.safetensors: 0.exp_avg is \(2, 3\), not the state"):
+        _load_optimizer(wide, tmp_path / "o.safetensors", tmp_path / "o.json")
+    (tmp_path / "o.json").write_text('{"scalars": []}')
+    with pytest.raises(ModelError, match="o.json: 'scalars' is not an object"):
+        _load_optimizer(same, tmp_path / "o.safetensors", tmp_path / "o.json")
+
+
+@torch_needed
+def test_resumed_train_state_and_step_log_are_checked(tmp_path):
+    from edgecap.training.train import _keep_steps, _train_state
+
+    good = {"epoch": 2, "best_epoch": 1, "best_cider": 0.5, "history": []}
+    assert _train_state({"train_state": good}, tmp_path / "c.json") == good
+    for bad, problem in (({**good, "epoch": "2"}, "'epoch' is not an integer"),
+                         ({**good, "best_cider": float("nan")}, "'best_cider' is not a finite"),
+                         ({k: v for k, v in good.items() if k != "history"}, "no 'history'")):
+        with pytest.raises(ModelError, match=problem):
+            _train_state({"train_state": bad}, tmp_path / "c.json")
+    log = tmp_path / "steps.jsonl"
+    log.write_text('{"epoch": 1, "step": 1}\n[[[\n{"epoch": "x"}\n{"epoch": 3}\n7\n')
+    _keep_steps(log, 2)
+    assert log.read_text() == '{"epoch": 1, "step": 1}\n'
+    special(log, "fifo")
+    with pytest.raises(ModelError, match="steps.jsonl: is a named pipe"):
+        _keep_steps(log, 2)
+
+
+def _fake_features(path):
+    """A feature row per 'photo': a text file holding a number."""
+    return np.full((2, 3), float(Path(path).read_text()), np.float32)
+
+
+def _shards(paths, directory, log=None, shard_size=2):
+    from edgecap.training.shards import extract_shards
+
+    logs = [] if log is None else log
+    return extract_shards(paths, directory, _fake_features, lambda x: x, shard_size=shard_size,
+                          log=logs.append)
+
+
+def _numbers(tmp_path, values) -> list[Path]:
+    paths = []
+    for v in values:
+        (tmp_path / f"p{v}.txt").write_text(str(v))
+        paths.append(tmp_path / f"p{v}.txt")
+    return paths
+
+
+def _rows(features, paths):
+    from edgecap.training.shards import cache_name
+
+    return features.read([features.names[cache_name(p)] for p in paths])[:, 0, 0].tolist()
+
+
+@POSIX
+@pytest.mark.parametrize("name", ["plan.json", "shard-00000.json", "shard-00000.npy"])
+@pytest.mark.parametrize("kind", ["fifo", "device", "huge"])
+def test_a_broken_plan_or_shard_is_redone(tmp_path, name, kind):
+    paths = _numbers(tmp_path, [1, 2, 3])
+    cache = tmp_path / "cache"
+    _shards(paths, cache)
+    special(cache / name, kind)
+    logs = []
+    features = _shards(paths, cache, logs)
+    assert _rows(features, paths) == [1, 2, 3]
+    assert any(name.split(".")[0] in line for line in logs), logs
+
+
+@pytest.mark.parametrize("name, change", [
+    ("plan.json", {"shard_size": 0}),
+    ("plan.json", {"names": {"a": 1}}),
+    ("plan.json", {"paths": []}),
+    ("shard-00000.json", {"rows": "2"}),
+    ("shard-00000.json", {"shape": [10**9, 10**9]}),
+    ("shard-00000.json", {"absent": [5]}),
+])
+def test_malformed_plan_or_record_is_redone_not_a_traceback(tmp_path, name, change):
+    paths = _numbers(tmp_path, [1, 2, 3])
+    cache = tmp_path / "cache"
+    _shards(paths, cache)
+    record = json.loads((cache / name).read_text())
+    (cache / name).write_text(json.dumps({**record, **change}))
+    assert _rows(_shards(paths, cache), paths) == [1, 2, 3]
+
+
+@pytest.mark.parametrize("change, problem", [
+    ({"shard_size": 0}, "'shard_size' is 0, outside 1..65536"),
+    ({"shape": [0]}, "'shape' holds something other than integers in 1..65536"),
+    ({"names": "p1"}, "'names' is not a list"),
+    ({"shards": []}, "0 shards for 3 images"),
+])
+def test_a_malformed_index_is_one_cache_error(tmp_path, change, problem):
+    from edgecap.training.shards import FeatureCacheError, ShardedFeatures
+
+    paths = _numbers(tmp_path, [1, 2, 3])
+    cache = tmp_path / "cache"
+    _shards(paths, cache)
+    index = json.loads((cache / "index.json").read_text())
+    (cache / "index.json").write_text(json.dumps({**index, **change}))
+    with pytest.raises(FeatureCacheError, match="index.json: " + problem):
+        ShardedFeatures(cache)
+    special(cache / "index.json", "fifo")
+    with pytest.raises(FeatureCacheError, match="index.json: is a named pipe"):
+        ShardedFeatures(cache)
+
+
+# -- class 5: a warm cache after photos are removed; an overwritten fine-tune cache -------------
+def test_a_warm_shard_cache_survives_a_removed_photo(tmp_path):
+    paths = _numbers(tmp_path, [1, 2, 3, 4, 5])
+    cache = tmp_path / "cache"
+    _shards(paths, cache)
+    # p5 (in the last, partly filled shard) leaves the data and the disk; p6 arrives and
+    # lands in that shard, which must be recomputed without p5
+    paths[-1].unlink()
+    now = paths[:-1] + _numbers(tmp_path, [6])
+    assert _rows(_shards(now, cache), now) == [1, 2, 3, 4, 6]
+    # p5 is back: its shard is recomputed with it
+    again = now + _numbers(tmp_path, [5])
+    logs = []
+    assert _rows(_shards(again, cache, logs), again) == [1, 2, 3, 4, 6, 5]
+    assert any("photos it lacked are wanted again" in line for line in logs)
+
+
+def test_a_photo_the_run_needs_that_is_gone_is_one_data_error(tmp_path):
+    from edgecap.training.shards import missing_photos
+
+    paths = _numbers(tmp_path, [1, 2])
+    paths[1].unlink()
+    with pytest.raises(DataError, match=r"1 photos are missing, e\.g\. .*p2\.txt$"):
+        missing_photos(paths)
+
+
+@torch_needed
+def test_overwritten_values_in_the_finetune_cache_are_recomputed(tmp_path, example_images,
+                                                                 capsys):
+    from edgecap.preprocess import Preprocessing
+    from edgecap.training.features import compute_features
+
+    pre = Preprocessing()
+    paths = example_images[:2]
+    first, index = compute_features(paths, tmp_path, pre, progress=False, split_at=14)
+    first = np.array(first, dtype=np.float32)
+    array = next(tmp_path.glob("features-*.npy"))
+    cached = np.load(array, mmap_mode="r+")
+    cached[index[paths[0].name]] = 7.0  # overwritten in place: same size, same header
+    cached.flush()
+    del cached
+    again, _ = compute_features(paths, tmp_path, pre, progress=False, split_at=14)
+    assert np.array_equal(np.asarray(again, dtype=np.float32), first)
+    assert "changed since it was written (checksum): recomputing" in capsys.readouterr().err
+
+
+# -- class 2: photos outside the data folder ---------------------------------------------------
+@POSIX
+def test_photos_outside_the_folder_are_refused_unless_allowed(tmp_path):
+    outside = photo(tmp_path / "private" / "secret.png", 7)
+    root = captions_csv(tmp_path / "data", GOOD + [
+        ("../private/secret.png", "a secret"), (str(outside), "the same secret"),
+        ("link.png", "a secret through a link"), ("inner/ok.png", "a photo in a subfolder")],
+        photos=["a.png", "b.png", "c.png", "inner/ok.png"])
+    (root / "link.png").symlink_to(outside)
+    (root / "inner" / "up.png").symlink_to("../a.png")  # a link that stays inside: fine
+    with open(root / "captions.csv", "a", newline="") as f:
+        csv.writer(f).writerow(("inner/up.png", "a red ball again"))
+    reports = []
+    data = read_folder(root, dev_fraction=0.3, report=reports.append)
+    used = {it.file_name for it in data.train + data.dev}
+    assert used == {"a.png", "b.png", "c.png", "inner/ok.png", "inner/up.png"}
+    assert [r.split(": ", 2)[1:] for r in reports] == [
+        ["../private/secret.png", "a path through '..', outside the images folder; pass "
+         "--allow-outside-data to train on it; row skipped"],
+        [str(outside), "an absolute path, outside the images folder; pass "
+         "--allow-outside-data to train on it; row skipped"],
+        ["link.png", "a symbolic link that leads out of the images folder; pass "
+         "--allow-outside-data to train on it; row skipped"]]
+    reports.clear()
+    allowed = read_folder(root, dev_fraction=0.3, report=reports.append, allow_outside=True)
+    assert len(allowed.train + allowed.dev) == 7  # the absolute path repeats secret.png's name
+    assert len(reports) == 1 and "same file name as ../private/secret.png" in reports[0]
+
+
+def test_flickr_layout_rows_outside_the_images_folder_are_refused(tmp_path):
+    from edgecap.training.start import dataset_items
+
+    root = tmp_path / "flickr"
+    for i, name in enumerate(["a.jpg", "b.jpg"]):
+        photo(root / "images" / name, i)
+    photo(tmp_path / "elsewhere.jpg", 3)
+    names = ["a.jpg", "../../elsewhere.jpg", "b.jpg"]
+    (root / "Flickr8k.token.txt").write_text(
+        "".join(f"{n}#0\tcaption {i}\n" for i, n in enumerate(names)))
+    (root / "Flickr_8k.trainImages.txt").write_text("a.jpg\n../../elsewhere.jpg\n")
+    (root / "Flickr_8k.devImages.txt").write_text("b.jpg\n")
+    reports = []
+    train, dev = dataset_items("flickr8k", root, root / "images", report=reports.append)
+    assert [it.file_name for it in train] == ["a.jpg"] and [it.file_name for it in dev] == ["b.jpg"]
+    assert len(reports) == 1 and "../../elsewhere.jpg: a path through '..'" in reports[0]
+    train, _ = dataset_items("flickr8k", root, root / "images", allow_outside=True)
+    assert len(train) == 2
+
+
+def test_train_help_names_the_rule_and_the_option(capsys):
+    from edgecap.cli import main
+
+    with pytest.raises(SystemExit):
+        main(["train", "--help"])
+    text = " ".join(capsys.readouterr().out.split())
+    assert "--allow-outside-data" in text and "symbolic link that leads out" in text
+
+
+# -- class 6 and issue 23: options and --data in one line, no empty output folder -----------------
+@pytest.fixture
+def folder_data(tmp_path) -> Path:
+    return captions_csv(tmp_path / "data", GOOD)
+
+
+@pytest.mark.parametrize("flags, problem", [
+    (["--image-size", "100000"], "--image-size must be at most 1024, got 100000"),
+    (["--max-dev-images", "-1"], "--max-dev-images must be at least 0, got -1"),
+    (["--label-smoothing", "1.5"], "--label-smoothing must be less than 1, got 1.5"),
+    (["--label-smoothing", "nan"], "--label-smoothing must be a number, got nan"),
+    (["--epochs", "0"], "epochs must be at least 1, got 0"),
+    (["--lr-decay-epochs", "0"], "--lr-decay-epochs must be at least 1, got 0"),
+    (["--hidden-dim", "100000"], "--hidden-dim must be at most 8192, got 100000"),
+    (["--dropout", "1"], "dropout must be less than 1, got 1.0"),
+    (["--seed", "-1"], "seed must be at least 0, got -1"),
+    (["--shard-size", "0"], "--shard-size must be at least 1, got 0"),
+    (["--batch-size", "0"], "--batch-size must be at least 1, got 0"),
+    (["--threads", "-2"], "threads must be at least 0, got -2"),
+    (["--scheduled-sampling", "2"], "--scheduled-sampling must be at most 1, got 2.0"),
+])
+def test_out_of_range_options_are_one_line(tmp_path, folder_data, capsys, flags, problem):
+    from edgecap.cli import main
+
+    out = tmp_path / "run"
+    assert main(["train", "--data", str(folder_data), "--out", str(out), *flags]) == 2
+    err = capsys.readouterr().err
+    assert err.startswith("edgecap train: error: ") and err.count("\n") == 1, err
+    assert problem in err
+    assert not out.exists()
+
+
+def test_out_or_cache_dir_that_is_a_file_is_one_line(tmp_path, folder_data, capsys):
+    from edgecap.cli import main
+
+    a_file = tmp_path / "notes.txt"
+    a_file.write_text("x")
+    assert main(["train", "--data", str(folder_data), "--out", str(a_file)]) == 2
+    assert capsys.readouterr().err == (f"edgecap train: error: --out {a_file}: is a file, not "
+                                       "a folder\n")
+    out = tmp_path / "run"
+    assert main(["train", "--data", str(folder_data), "--out", str(out),
+                 "--cache-dir", str(a_file / "cache")]) == 2
+    assert capsys.readouterr().err == (f"edgecap train: error: --cache-dir {a_file / 'cache'}: "
+                                       f"{a_file} is a file, not a folder\n")
+    assert not out.exists()
+
+
+@torch_needed
+@pytest.mark.parametrize("make, problem", [
+    (lambda tmp: tmp / "mistyped", "mistyped: no such folder; --data names the folder"),
+    (lambda tmp: photo(tmp / "photos" / "a.png", 1).parent,
+     "photos: no captions.csv or captions.jsonl (a folder of your photos) and no "
+     "Flickr8k.token.txt (Flickr8k)"),
+    (lambda tmp: photo(tmp / "one.png", 1), "one.png: not a folder"),
+])
+def test_train_data_that_is_not_a_dataset_is_one_line_and_leaves_no_folder(tmp_path, capsys,
+                                                                          make, problem):
+    from edgecap.cli import main
+
+    data = make(tmp_path)
+    out = tmp_path / "runs" / "first"
+    assert main(["train", "--data", str(data), "--out", str(out), "--no-progress"]) == 2
+    err = capsys.readouterr().err
+    assert err.startswith("edgecap train: error: ") and err.count("\n") == 1, err
+    assert problem in err and "Traceback" not in err
+    assert not (tmp_path / "runs").exists()
+
+
+# -- class 7: problem reports cannot be forged ----------------------------------------------------
+def test_problem_reports_escape_names_as_caption_output_does(tmp_path):
+    from edgecap.commands.output import escape_field
+
+    forged = "x.png: fine; row skipped\n/etc/passwd:1: z.png"
+    escape = "\x1b[2J\x1b[31mred.png"
+    root = captions_csv(tmp_path / "data", GOOD + [(forged, "a photo"), (escape, "a photo"),
+                                                   ("d.png", "\x1b\x07!")],
+                        photos=["a.png", "b.png", "c.png"])
+    reports = []
+    read_folder(root, dev_fraction=0.3, report=reports.append)
+    assert len(reports) == 3
+    for line in reports:
+        assert "\n" not in line and "\x1b" not in line and "\x07" not in line
+    by_line = {int(r.split(":")[1]): r for r in reports}  # the rows' lines in captions.csv
+    assert escape_field(forged) in by_line[5] and "\\n/etc/passwd" in by_line[5]
+    assert by_line[7].split(": ")[1] == "\\x1b[2J\\x1b[31mred.png"
+    assert "caption '\\x1b\\x07!' has no words" in by_line[8]
+
+
+# -- class 8: JSON Lines split at newlines only ---------------------------------------------------
+@pytest.mark.parametrize("separator", ["\u2028", "\u2029", "\x85", "\x0c", "\x1c", "\x1e"])
+def test_jsonl_captions_with_unusual_line_separators_are_read(tmp_path, separator):
+    root = tmp_path / "data"
+    for i, (name, _) in enumerate(GOOD):
+        photo(root / name, i)
+    lines = [json.dumps({"file": n, "caption": f"{c}{separator}and more"}, ensure_ascii=False)
+             for n, c in GOOD]
+    (root / "captions.jsonl").write_text("\n".join(lines) + "\r\n", encoding="utf-8")
+    data = read_folder(root, dev_fraction=0.3, report=pytest.fail)
+    assert sorted(c for it in data.train + data.dev for c in it.captions) == sorted(
+        f"{c}{separator}and more" for _, c in GOOD)
+
+
+@pytest.mark.parametrize("separator", ["\u2028", "\u2029", "\x85", "\x0c", "\x1c", "\x0b"])
+def test_jsonl_output_stays_one_line_for_every_line_splitter(separator):
+    from edgecap.commands.output import json_line
+
+    record = {"path": f"a{separator}b.png", "caption": f"a cat{separator}sits"}
+    line = json_line(record)
+    assert line.splitlines() == [line] and len(line.split("\n")) == 1
+    assert json.loads(line) == record
+
+
+# -- class 9: a flood of bad rows is summarised ---------------------------------------------------
+def test_thousands_of_bad_rows_are_summarised_with_their_count(tmp_path):
+    n_bad = 5000
+    root = captions_csv(tmp_path / "data", GOOD + [(f"gone{i}.png", "?!") for i in range(n_bad)],
+                        photos=["a.png", "b.png", "c.png"])
+    reports = []
+    data = read_folder(root, dev_fraction=0.3, report=reports.append)
+    assert len(reports) == MAX_REPORTED + 1
+    assert reports[-1] == (f"{root / 'captions.csv'}: {n_bad - MAX_REPORTED:,} more problems "
+                           f"not listed ({n_bad:,} in all)")
+    assert data.n_problems == n_bad and len(data.problems) == MAX_REPORTED
+    assert len(data.train + data.dev) == 3
