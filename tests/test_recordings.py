@@ -288,10 +288,10 @@ def test_raw_encodings_give_the_photo():
     # rows padded past the pixels (step > width x bytes per pixel)
     assert np.array_equal(decode("rgb8", CHELSEA, step=CHELSEA.shape[1] * 3 + 32), CHELSEA)
     # 16 bits, both byte orders
-    wide = GRAY.astype(np.uint16) * 257
-    assert np.array_equal(decode("mono16", wide), np.dstack([GRAY] * 3))
-    assert np.array_equal(decode("mono16", wide.astype(">u2"), bigendian=True),
-                          np.dstack([GRAY] * 3))
+    wide = GRAY.astype(np.uint16) * 256 + 3  # the two bytes differ: a swap changes the value
+    scaled = np.dstack([wide // 257] * 3).astype(np.uint8)  # 0..65535 -> 0..255
+    assert np.array_equal(decode("mono16", wide), scaled)
+    assert np.array_equal(decode("mono16", wide.astype(">u2"), bigendian=True), scaled)
 
 
 def test_bayer_is_demosaicked_at_half_resolution():

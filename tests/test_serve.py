@@ -1,0 +1,350 @@
+"""``edgecap serve`` (``edgecap.serve``): the service started on a free loopback port and called
+from many threads at once with the bundled example photos; its answers compared with
+``Captioner.caption`` on the same bytes; hostile requests (a huge body, not an image, a wrong
+Content-Type, a client that stalls, a full queue) each get their 4xx / 503 and the service keeps
+serving. Batching and the queue bound are checked with a captioner that blocks on command, so
+that no test depends on timing."""
+
+from __future__ import annotations
+
+import asyncio
+import http.client
+import json
+import os
+import signal
+import socket
+import subprocess
+import sys
+import threading
+from concurrent.futures import ThreadPoolExecutor
+from pathlib import Path
+from types import SimpleNamespace
+
+import numpy as np
+import pytest
+
+pytest.importorskip("aiohttp")
+
+import edgecap
+from edgecap import Captioner
+from edgecap.commands.output import caption_record
+from edgecap.errors import InputError
+from edgecap.serve import CaptionService, ServiceOptions, start
+from helpers import EXAMPLES
+
+ROOT = Path(edgecap.__file__).resolve().parents[1]
+ENV = {**os.environ, "PYTHONPATH": os.pathsep.join([str(ROOT), os.environ.get("PYTHONPATH", "")])}
+PHOTOS = [(EXAMPLES / name).read_bytes() for name in
+          ("chelsea.png", "coffee.png", "astronaut.png", "rocket.jpg")]
+TYPES = ["image/png", "image/png", "image/png", "image/jpeg"]
+CLIENT_TIMEOUT_S = 120  # a hung service fails the test instead of hanging it
+
+
+class Running:
+    """A ``CaptionService`` listening on a free loopback port, its event loop in a thread."""
+
+    def __init__(self, captioner, options: ServiceOptions):
+        self.service = CaptionService(captioner, options)
+        self.loop = asyncio.new_event_loop()
+        ready = threading.Event()
+
+        def main():
+            asyncio.set_event_loop(self.loop)
+            runner, self.port = self.loop.run_until_complete(start(self.service, "127.0.0.1", 0))
+            ready.set()
+            self.loop.run_forever()
+            self.loop.run_until_complete(runner.cleanup())
+
+        self.thread = threading.Thread(target=main, daemon=True)
+        self.thread.start()
+        ready.wait()
+
+    def stop(self):
+        self.loop.call_soon_threadsafe(self.loop.stop)
+        self.thread.join()
+
+
+def request(port: int, method: str, path: str, body: bytes | None = None,
+            content_type: str | None = "image/png", headers: dict | None = None):
+    """-> (status, JSON body, headers)."""
+    connection = http.client.HTTPConnection("127.0.0.1", port, timeout=CLIENT_TIMEOUT_S)
+    try:
+        sent = dict(headers or {})
+        if content_type is not None:
+            sent["Content-Type"] = content_type
+        connection.request(method, path, body=body, headers=sent)
+        response = connection.getresponse()
+        return response.status, json.loads(response.read()), dict(response.getheaders())
+    finally:
+        connection.close()
+
+
+def post(port: int, body: bytes, content_type: str | None = "image/png", **kw):
+    return request(port, "POST", "/caption", body, content_type, **kw)
+
+
+class BlockingCaptioner:
+    """Stands in for a Captioner: ``caption_batch`` records each batch's size and, while
+    ``gate`` is clear, waits for it (the model is "busy")."""
+
+    def __init__(self, batch_size: int = 8):
+        self.options = SimpleNamespace(batch_size=batch_size)
+        self.manifest = SimpleNamespace(directory=Path("fake-model"))
+        self.backend = SimpleNamespace(describe=lambda: "fake")
+        self.gate = threading.Event()
+        self.entered = threading.Semaphore(0)
+        self.batches: list[int] = []
+
+    def caption_batch(self, images, on_error="raise"):
+        self.batches.append(len(images))
+        self.entered.release()
+        assert self.gate.wait(CLIENT_TIMEOUT_S)
+        return [InputError("<bytes>", "fake") if data == b"bad" else
+                SimpleNamespace(text=f"{len(data)} bytes", score=-1.0, objects=(),
+                                confidence=None, recognisable=True, timings={})
+                for data in images]
+
+
+@pytest.fixture(scope="module")
+def captioner(default_model_dir):
+    return Captioner(default_model_dir)
+
+
+@pytest.fixture(scope="module")
+def running(captioner):
+    service = Running(captioner, ServiceOptions(max_wait_ms=20, max_body_bytes=4 << 20))
+    yield service
+    service.stop()
+
+
+def answer_fields(answer: dict) -> dict:
+    return {k: v for k, v in answer.items() if k not in ("timings", "batch")}
+
+
+# -- answers --------------------------------------------------------------------------------------
+def test_concurrent_answers_equal_the_api(running, captioner):
+    expected = [caption_record(captioner.caption(photo)) for photo in PHOTOS]
+    jobs = [i % len(PHOTOS) for i in range(16)]
+    with ThreadPoolExecutor(len(jobs)) as pool:
+        answers = list(pool.map(lambda i: post(running.port, PHOTOS[i], TYPES[i]), jobs))
+    for i, (status, answer, _) in zip(jobs, answers):
+        assert status == 200, answer
+        assert answer_fields(answer) == expected[i]
+        assert set(answer["timings"]) == {"preprocess_ms", "encode_ms", "decode_ms", "queue_ms",
+                                          "total_ms"}
+        assert 1 <= answer["batch"] <= captioner.options.batch_size
+    assert running.service.pending == 0
+
+
+def test_health(running, captioner):
+    status, answer, _ = request(running.port, "GET", "/health")
+    assert status == 200
+    assert answer["status"] == "ok" and answer["pending"] == 0
+    assert answer["max_batch"] == captioner.options.batch_size
+    assert answer["max_body_bytes"] == 4 << 20
+    assert answer["backend"] == captioner.backend.describe()
+
+
+# -- hostile requests: a clear 4xx, and the service keeps serving --------------------------------
+def test_hostile_requests_get_4xx_and_service_keeps_serving(running, captioner):
+    port = running.port
+    huge = b"\xff" * (5 << 20)
+    status, answer, _ = post(port, huge)  # refused from its Content-Length, before reading
+    assert (status, answer["error"]) == (413, "the body is 5,242,880 bytes, over the limit of "
+                                              "4,194,304 bytes (edgecap serve --max-body-mb)")
+    status, answer, _ = post(port, iter([huge[:1 << 20]] * 5))  # chunked: refused while read
+    assert status == 413 and "over the limit of 4,194,304 bytes" in answer["error"]
+    status, answer, _ = post(port, b"just some text, not a picture")
+    assert (status, answer["error"]) == (400, "not a usable image: not an image in an accepted "
+                                              "format (JPEG, PNG, GIF, WEBP, TIFF, BMP)")
+    status, answer, _ = post(port, b"")
+    assert status == 400 and "empty body" in answer["error"]
+    for kind in ("application/json", "text/plain", "multipart/form-data; boundary=x",
+                 "application/x-www-form-urlencoded"):
+        status, answer, _ = post(port, PHOTOS[0], kind)
+        assert status == 415 and "is not an image" in answer["error"]
+    status, answer, _ = request(port, "GET", "/caption")
+    assert status == 405 and answer == {"error": "Method Not Allowed"}
+    # none of it disturbed the service
+    status, answer, _ = post(port, PHOTOS[1], content_type=None)  # octet-stream by default
+    assert status == 200 and answer_fields(answer) == caption_record(captioner.caption(PHOTOS[1]))
+
+
+def test_slow_client_does_not_block_others(running, captioner):
+    slow = socket.create_connection(("127.0.0.1", running.port), timeout=CLIENT_TIMEOUT_S)
+    try:
+        body = PHOTOS[2]
+        slow.sendall(b"POST /caption HTTP/1.1\r\nHost: x\r\nContent-Type: image/png\r\n"
+                     b"Content-Length: %d\r\n\r\n" % len(body) + body[:100])
+        # while the slow client holds its request open, another is answered
+        status, answer, _ = post(running.port, PHOTOS[0])
+        assert status == 200 and answer_fields(answer) == caption_record(
+            captioner.caption(PHOTOS[0]))
+        slow.sendall(body[100:])  # ... and the slow one is still being read, then answered
+        reply = read_http_reply(slow)
+    finally:
+        slow.close()
+    assert reply[0] == 200 and answer_fields(reply[1]) == caption_record(captioner.caption(body))
+
+
+def read_http_reply(sock: socket.socket) -> tuple[int, dict]:
+    data = b""
+    while b"\r\n\r\n" not in data:
+        chunk = sock.recv(65536)
+        assert chunk, f"connection closed after {data!r}"
+        data += chunk
+    head, rest = data.split(b"\r\n\r\n", 1)
+    length = int(next(line.split(b":")[1] for line in head.split(b"\r\n")
+                      if line.lower().startswith(b"content-length")))
+    while len(rest) < length:
+        rest += sock.recv(65536)
+    return int(head.split()[1]), json.loads(rest[:length])
+
+
+def test_stalled_body_times_out_with_408():
+    fake = BlockingCaptioner()
+    fake.gate.set()
+    running = Running(fake, ServiceOptions(read_timeout_s=0.3))
+    try:
+        with socket.create_connection(("127.0.0.1", running.port),
+                                      timeout=CLIENT_TIMEOUT_S) as slow:
+            slow.sendall(b"POST /caption HTTP/1.1\r\nHost: x\r\nContent-Length: 1000\r\n\r\n"
+                         b"only 20 bytes so far")
+            status, answer = read_http_reply(slow)
+        assert status == 408 and answer == {"error": "the body did not arrive within 0.3 s"}
+        status, answer, _ = post(running.port, b"12345")
+        assert (status, answer["caption"]) == (200, "5 bytes")
+        assert running.service.pending == 0
+    finally:
+        running.stop()
+
+
+# -- batching and the queue bound, with a captioner that blocks on command -----------------------
+def test_requests_that_arrive_together_are_batched():
+    fake = BlockingCaptioner(batch_size=4)
+    running = Running(fake, ServiceOptions(max_wait_ms=0))
+    try:
+        with ThreadPoolExecutor(7) as pool:
+            first = pool.submit(post, running.port, b"a" * 10)
+            assert fake.entered.acquire(timeout=CLIENT_TIMEOUT_S)  # the model is busy with it
+            rest = [pool.submit(post, running.port, b"b" * (11 + i)) for i in range(6)]
+            wait_until(lambda: running.service.batcher.queue.qsize() == 6)
+            fake.gate.set()
+            answers = [first.result()] + [f.result() for f in rest]
+    finally:
+        running.stop()
+    # the six that waited are captioned four, then two (max_batch: the captioner's batch size)
+    assert fake.batches == [1, 4, 2]
+    assert [a[1]["caption"] for a in answers] == [f"{n} bytes" for n in [10, *range(11, 17)]]
+    assert sorted(a[1]["batch"] for a in answers) == [1, 2, 2, 4, 4, 4, 4]
+
+
+def test_no_batching_with_max_batch_1():
+    fake = BlockingCaptioner(batch_size=8)
+    running = Running(fake, ServiceOptions(max_batch=1, max_wait_ms=50))
+    try:
+        with ThreadPoolExecutor(4) as pool:
+            first = pool.submit(post, running.port, b"a")
+            assert fake.entered.acquire(timeout=CLIENT_TIMEOUT_S)
+            rest = [pool.submit(post, running.port, b"b") for _ in range(3)]
+            wait_until(lambda: running.service.batcher.queue.qsize() == 3)
+            fake.gate.set()
+            assert all(f.result()[0] == 200 for f in [first, *rest])
+    finally:
+        running.stop()
+    assert fake.batches == [1, 1, 1, 1]
+
+
+def test_full_queue_is_503_and_nothing_is_lost():
+    fake = BlockingCaptioner()
+    running = Running(fake, ServiceOptions(max_pending=3, max_batch=1))
+    try:
+        with ThreadPoolExecutor(3) as pool:
+            waiting = [pool.submit(post, running.port, b"x" * (i + 1)) for i in range(3)]
+            wait_until(lambda: running.service.pending == 3)
+            status, answer, headers = post(running.port, b"one too many")
+            assert status == 503 and headers["Retry-After"] == "1"
+            assert "busy: 3 requests are already waiting (max_pending 3)" in answer["error"]
+            fake.gate.set()
+            assert [f.result()[1]["caption"] for f in waiting] == ["1 bytes", "2 bytes",
+                                                                   "3 bytes"]
+        assert post(running.port, b"after")[0] == 200
+    finally:
+        running.stop()
+
+
+def test_a_bad_image_in_a_batch_fails_alone():
+    fake = BlockingCaptioner()
+    running = Running(fake, ServiceOptions())
+    try:
+        with ThreadPoolExecutor(3) as pool:
+            first = pool.submit(post, running.port, b"first")
+            assert fake.entered.acquire(timeout=CLIENT_TIMEOUT_S)
+            bad, good = pool.submit(post, running.port, b"bad"), pool.submit(post, running.port,
+                                                                              b"good")
+            wait_until(lambda: running.service.batcher.queue.qsize() == 2)
+            fake.gate.set()
+            assert first.result()[0] == 200
+            assert bad.result()[:2] == (400, {"error": "not a usable image: fake"})
+            assert good.result()[1]["caption"] == "4 bytes" and good.result()[1]["batch"] == 2
+    finally:
+        running.stop()
+
+
+def wait_until(condition) -> None:
+    """Poll ``condition`` (state set by the service's thread); fail after CLIENT_TIMEOUT_S."""
+    event = threading.Event()
+    for _ in range(CLIENT_TIMEOUT_S * 100):
+        if condition():
+            return
+        event.wait(0.01)
+    raise AssertionError("condition never became true")
+
+
+def test_options_are_checked():
+    for bad in ({"max_body_bytes": 0}, {"max_pending": -1}, {"max_batch": 0},
+                {"max_wait_ms": -1.0}, {"read_timeout_s": 0.0}):
+        with pytest.raises(ValueError, match=next(iter(bad))):
+            ServiceOptions(**bad).validate()
+
+
+# -- the command --------------------------------------------------------------------------------
+def test_edgecap_serve_command(default_model_dir, captioner):
+    server = subprocess.Popen([sys.executable, "-m", "edgecap", "serve", "--port", "0",
+                               "--model", str(default_model_dir)],
+                              stderr=subprocess.PIPE, text=True, env=ENV)
+    try:
+        line = server.stderr.readline()
+        assert line.startswith("edgecap serve: listening on http://127.0.0.1:"), line
+        port = int(line.split("127.0.0.1:")[1].split()[0])
+        assert request(port, "GET", "/health")[1]["status"] == "ok"
+        status, answer, _ = post(port, PHOTOS[3], "image/jpeg")
+        assert status == 200 and answer_fields(answer) == caption_record(
+            captioner.caption(PHOTOS[3]))
+        # the port is taken: a second service says so in one line
+        taken = subprocess.run([sys.executable, "-m", "edgecap", "serve", "--port", str(port),
+                                "--model", str(default_model_dir)],
+                               capture_output=True, text=True, env=ENV, check=False)
+        assert taken.returncode == 2
+        assert taken.stderr.startswith(f"edgecap serve: error: cannot listen on 127.0.0.1:{port}")
+        assert len(taken.stderr.splitlines()) == 1
+    finally:
+        server.send_signal(signal.SIGINT)
+        assert server.wait(CLIENT_TIMEOUT_S) == 130
+        server.stderr.close()
+
+
+def test_edgecap_serve_bad_option_is_one_line():
+    done = subprocess.run([sys.executable, "-m", "edgecap", "serve", "--max-pending", "0"],
+                          capture_output=True, text=True, env=ENV, check=False)
+    assert done.returncode == 2
+    assert done.stderr == ("edgecap serve: error: max_pending must be a positive integer, "
+                           "got 0\n")
+
+
+def test_not_loopback_warns():
+    from edgecap.serve import is_loopback
+
+    assert is_loopback("127.0.0.1") and is_loopback("::1") and is_loopback("localhost")
+    assert not is_loopback("0.0.0.0") and not is_loopback("192.168.1.5")
+    assert np.all([is_loopback(f"127.0.0.{i}") for i in (2, 255)])
