@@ -1,0 +1,163 @@
+"""Load test of ``edgecap serve``: N concurrent clients on loopback for a bounded time.
+
+    python benchmarks/serve_load.py                          # 1, 4, 16 clients, batched and not
+    python benchmarks/serve_load.py --clients 1 4 16 --seconds 20 --rounds 3 --out benchmarks/results
+
+For each round, each service setting (``batched``: ``--max-batch`` 8, ``--max-wait-ms`` 5, the
+defaults; ``unbatched``: ``--max-batch 1``) starts ``edgecap serve`` on a free loopback port in a
+process of its own, then for each client count runs that many clients for ``--seconds``: each
+client POSTs the example photos (the encoded files, in turn) one request at a time, as fast as
+the answers come. A request still in flight when the time is up is waited for, never dropped:
+every request sent must get its answer (``lost`` counts those that did not), and every answer
+must be a 200 with a caption (``errors``). Latency is measured by the client, from sending the
+request to reading the whole answer. Rounds interleave the settings; the tables give the median
+over rounds of each round's p50, p99 and throughput, and the load average of the machine.
+
+Needs aiohttp (``pip install 'edgecap[serve]'``), the client and the server's library.
+"""
+
+from __future__ import annotations
+
+import argparse
+import asyncio
+import os
+import subprocess
+import sys
+import time
+from pathlib import Path
+
+from _common import (DEFAULT_MODEL, EXAMPLES, REPO, add_out_argument, load_average,
+                     markdown_table, median, percentile, write_results)
+
+SETTINGS = {"batched": [], "unbatched": ["--max-batch", "1"]}
+TYPES = {".png": "image/png", ".jpg": "image/jpeg", ".jpeg": "image/jpeg"}
+
+
+def photos() -> list[tuple[bytes, str]]:
+    return [(p.read_bytes(), TYPES[p.suffix.lower()]) for p in sorted(EXAMPLES.iterdir())
+            if p.suffix.lower() in TYPES]
+
+
+class Server:
+    """``edgecap serve`` in a process of its own, on a free loopback port."""
+
+    def __init__(self, model: Path, extra: list[str]):
+        env = {**os.environ, "PYTHONPATH": os.pathsep.join([str(REPO),
+                                                            os.environ.get("PYTHONPATH", "")])}
+        self.process = subprocess.Popen(
+            [sys.executable, "-m", "edgecap", "serve", "--port", "0", "--model", str(model),
+             *extra], stderr=subprocess.PIPE, text=True, env=env)
+        line = self.process.stderr.readline()
+        if "listening on http://127.0.0.1:" not in line:
+            self.process.kill()
+            raise SystemExit(f"edgecap serve did not start: {line}{self.process.stderr.read()}")
+        self.port = int(line.split("127.0.0.1:")[1].split()[0])
+
+    def stop(self) -> None:
+        self.process.terminate()
+        self.process.wait(60)
+        self.process.stderr.close()
+
+
+async def load(port: int, clients: int, seconds: float, images) -> dict:
+    """``clients`` clients for ``seconds``; -> counts and latencies (ms)."""
+    import aiohttp
+
+    url = f"http://127.0.0.1:{port}/caption"
+    latencies: list[float] = []
+    batches: list[int] = []
+    counts = {"sent": 0, "ok": 0, "errors": 0}
+    error_samples: list[str] = []
+
+    async def client(session, offset: int, until: float) -> None:
+        i = offset
+        while time.perf_counter() < until:
+            data, kind = images[i % len(images)]
+            i += 1
+            counts["sent"] += 1
+            t0 = time.perf_counter()
+            try:
+                async with session.post(url, data=data, headers={"Content-Type": kind}) as reply:
+                    answer = await reply.json()
+                    ok = reply.status == 200 and isinstance(answer.get("caption"), str)
+            except (aiohttp.ClientError, ValueError) as exc:
+                ok, answer = False, {"error": repr(exc)}
+            latencies.append((time.perf_counter() - t0) * 1e3)
+            if ok:
+                counts["ok"] += 1
+                batches.append(answer["batch"])
+            else:
+                counts["errors"] += 1
+                error_samples.append(str(answer)[:200])
+
+    timeout = aiohttp.ClientTimeout(total=None)
+    connector = aiohttp.TCPConnector(limit=clients)
+    async with aiohttp.ClientSession(timeout=timeout, connector=connector) as session:
+        started = time.perf_counter()
+        until = started + seconds
+        await asyncio.gather(*(client(session, k, until) for k in range(clients)))
+        elapsed = time.perf_counter() - started
+    return {**counts, "lost": counts["sent"] - counts["ok"] - counts["errors"],
+            "elapsed_s": elapsed, "throughput": counts["ok"] / elapsed,
+            "p50_ms": percentile(latencies, 50), "p99_ms": percentile(latencies, 99),
+            "mean_batch": sum(batches) / len(batches) if batches else float("nan"),
+            "error_samples": error_samples[:3]}
+
+
+def main(argv: list[str] | None = None) -> int:
+    parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
+    parser.add_argument("--clients", type=int, nargs="+", default=[1, 4, 16])
+    parser.add_argument("--seconds", type=float, default=20.0, help="length of each run")
+    parser.add_argument("--warmup", type=float, default=3.0,
+                        help="untimed load before each setting's first run (s)")
+    parser.add_argument("--rounds", type=int, default=3)
+    parser.add_argument("--settings", nargs="+", choices=sorted(SETTINGS),
+                        default=list(SETTINGS))
+    parser.add_argument("--model", type=Path, default=DEFAULT_MODEL)
+    parser.add_argument("--name", default="serve_load")
+    add_out_argument(parser)
+    args = parser.parse_args(argv)
+    images = photos()
+    runs: list[dict] = []
+    for round_ in range(args.rounds):
+        for setting in args.settings:
+            server = Server(args.model, SETTINGS[setting])
+            try:
+                asyncio.run(load(server.port, max(args.clients), args.warmup, images))
+                for clients in args.clients:
+                    before = load_average()
+                    result = asyncio.run(load(server.port, clients, args.seconds, images))
+                    runs.append({"round": round_, "setting": setting, "clients": clients,
+                                 "load_before": before, "load_after": load_average(), **result})
+                    print(f"round {round_} {setting:9s} {clients:2d} clients: "
+                          f"{result['throughput']:.2f}/s p50 {result['p50_ms']:.0f} ms "
+                          f"p99 {result['p99_ms']:.0f} ms batch {result['mean_batch']:.2f} "
+                          f"errors {result['errors']} lost {result['lost']} "
+                          f"(load {before})", file=sys.stderr, flush=True)
+            finally:
+                server.stop()
+    rows = []
+    for setting in args.settings:
+        for clients in args.clients:
+            mine = [r for r in runs if r["setting"] == setting and r["clients"] == clients]
+            rows.append([setting, clients, f"{median([r['throughput'] for r in mine]):.2f}",
+                         f"{median([r['p50_ms'] for r in mine]):.0f}",
+                         f"{median([r['p99_ms'] for r in mine]):.0f}",
+                         f"{median([r['mean_batch'] for r in mine]):.2f}",
+                         sum(r["ok"] for r in mine), sum(r["errors"] for r in mine),
+                         sum(r["lost"] for r in mine),
+                         " / ".join(sorted({r["load_before"] for r in mine}))])
+    table = markdown_table(["service", "clients", "captions/s", "p50 ms", "p99 ms",
+                            "mean batch", "answered", "errors", "lost",
+                            "load average (1 min) before each run"], rows)
+    markdown = (f"{args.rounds} rounds x {args.seconds:g} s per cell, medians over rounds; the "
+                f"{len(images)} example photos (PNG / JPEG files) in turn; client and server on "
+                "the same machine (loopback), the clients in one asyncio process.\n\n" + table)
+    write_results(args.name, {"runs": runs, "settings": SETTINGS, "args": vars(args)}, markdown,
+                  argv=argv, script="serve_load", out=args.out)
+    bad = sum(r["errors"] + r["lost"] for r in runs)
+    return 1 if bad else 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())
