@@ -26,8 +26,8 @@ import sys
 import time
 from pathlib import Path
 
-from _common import (DEFAULT_MODEL, EXAMPLES, REPO, add_out_argument, load_average,
-                     markdown_table, median, percentile, write_results)
+from _common import (DEFAULT_MODEL, EXAMPLES, REPO, load_average, markdown_table, median,
+                     percentile, write_results)
 
 SETTINGS = {"batched": [], "unbatched": ["--max-batch", "1"]}
 TYPES = {".png": "image/png", ".jpg": "image/jpeg", ".jpeg": "image/jpeg"}
@@ -115,7 +115,9 @@ def main(argv: list[str] | None = None) -> int:
                         default=list(SETTINGS))
     parser.add_argument("--model", type=Path, default=DEFAULT_MODEL)
     parser.add_argument("--name", default="serve_load")
-    add_out_argument(parser)
+    parser.add_argument("--out", type=Path, default=None, metavar="DIR",
+                        help="folder for the results files (default: as the other benchmarks; "
+                             "--out benchmarks/results replaces the committed figures)")
     args = parser.parse_args(argv)
     images = photos()
     runs: list[dict] = []
