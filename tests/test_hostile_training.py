@@ -498,6 +498,56 @@ def test_train_data_that_is_not_a_dataset_is_one_line_and_leaves_no_folder(tmp_p
     assert not (tmp_path / "runs").exists()
 
 
+@torch_needed
+def test_a_folder_dataset_that_is_missing_is_one_line(tmp_path, capsys):
+    from edgecap.cli import main
+
+    out = tmp_path / "run"
+    assert main(["train", "--data", str(tmp_path / "nowhere"), "--dataset", "folder",
+                 "--out", str(out)]) == 2
+    assert capsys.readouterr().err == (f"edgecap train: error: {tmp_path / 'nowhere'}: no such "
+                                       "folder; --data names the folder that holds the "
+                                       "captions\n")
+    assert not out.exists()
+
+
+@torch_needed
+def test_too_few_words_for_fresh_weights_is_a_data_error(tmp_path):
+    from edgecap.data.readers import CaptionedImage
+    from edgecap.training.start import initial_model
+    from edgecap.training.train import TrainConfig
+
+    cfg = TrainConfig(data=str(tmp_path), out=str(tmp_path / "run"), dataset="folder",
+                      init_from="none", min_word_count=1)
+    items = [CaptionedImage("a.png", ["a red ball"]), CaptionedImage("b.png", ["a dog"])]
+    with pytest.raises(DataError, match=r"the training captions give 8 words with "
+                                        r"--min-word-count 1 .*add captions"):
+        initial_model(cfg, items, tmp_path / "run" / "last")
+
+
+@torch_needed
+def test_a_run_that_trains_no_epoch_is_an_error_not_a_missing_checkpoint(tmp_path):
+    import shutil
+
+    from edgecap.training.train import TrainConfig, train
+
+    words = "red green blue dog cat ball mat grass sky tree car house boat bird man woman".split()
+    rows = [(f"p{i}.png", f"a {words[i]} and a {words[i + 1]} near the {words[i + 2]}")
+            for i in range(6)]
+    root = captions_csv(tmp_path / "data", rows)
+    out = tmp_path / "run"
+    cfg = TrainConfig(data=str(root), out=str(out), dataset="folder", init_from="none",
+                      epochs=1, batch_size=6, min_word_count=1, progress=False, threads=1,
+                      cache_dir=str(tmp_path / "cache"),
+                      decoder={"hidden_dim": 16, "feature_dim": 16, "embed_dim": 8,
+                               "attention_dim": 8})
+    assert train(cfg, log=lambda *_: None) == out / "best"
+    shutil.rmtree(out / "best")  # last/ says epoch 1 is done: --epochs 1 trains nothing more
+    with pytest.raises(ModelError, match=r"run/best: no best checkpoint \(the run in .* had "
+                                         r"finished 1 epochs of --epochs 1\)"):
+        train(cfg, log=lambda *_: None)
+
+
 # -- class 7: problem reports cannot be forged ----------------------------------------------------
 def test_problem_reports_escape_names_as_caption_output_does(tmp_path):
     from edgecap.commands.output import escape_field

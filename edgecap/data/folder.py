@@ -33,6 +33,7 @@ import json
 import sys
 from collections.abc import Callable
 from dataclasses import dataclass, field
+from functools import partial
 from pathlib import Path
 
 from edgecap.commands.output import escape_field
@@ -86,18 +87,21 @@ def report_stderr(message: str) -> None:
 
 class Problems:
     """Problem lines passed to ``report`` one by one up to ``limit``, then only counted;
-    ``close()`` reports the count of those not shown (one line)."""
+    ``close()`` reports the count of those not shown (one line). A problem may be given as a
+    function that makes its line, called only when the line is shown (a million bad rows cost
+    no million escaped lines)."""
 
     def __init__(self, report: Callable[[str], None], limit: int = MAX_REPORTED):
         self.report, self.limit = report, limit
         self.shown: list[str] = []
         self.count = 0
 
-    def __call__(self, message: str) -> None:
+    def __call__(self, message: str | Callable[[], str]) -> None:
         self.count += 1
         if self.count <= self.limit:
-            self.shown.append(message)
-            self.report(message)
+            line = message() if callable(message) else message
+            self.shown.append(line)
+            self.report(line)
 
     def close(self, what: str) -> None:
         hidden = self.count - len(self.shown)
@@ -139,6 +143,9 @@ def read_folder(root: str | Path, images: str | Path | None = None,
     ``FILE:LINE: photo: problem; ... skipped``; after ``MAX_REPORTED`` of them, one line with
     the count of the rest). ``allow_outside``: also use photos outside the images folder."""
     root = Path(root)
+    if not root.is_dir():
+        raise DataError(f"{escape_field(str(root))}: " + ("not a folder" if root.exists() else
+                        "no such folder") + "; --data names the folder that holds the captions")
     source = caption_file(root)
     if source is None:
         raise DataError(f"{escape_field(str(root))}: no {' or '.join(CAPTION_FILES)}")
@@ -166,7 +173,7 @@ def _read_folder(source: Path, images: Path, dev_fraction: float | None, seed: i
     by_name: dict[str, str] = {}
 
     def skip(line: int, file: str, why: str, what: str = "row") -> None:
-        problems(f"{shown_source}:{line}: {escape_field(file)}: {why}; {what} skipped")
+        problems(lambda: f"{shown_source}:{line}: {escape_field(file)}: {why}; {what} skipped")
 
     for row in rows:
         if row.file not in photos:
@@ -229,9 +236,10 @@ def dev_photos(names: list[str], fraction: float, seed: int) -> set[str]:
     return set(ranked[:n_dev])
 
 
-def read_rows(path: Path, report: Callable[[str], None]) -> tuple[list[Row], bool]:
+def read_rows(path: Path, report: Callable[[str | Callable[[], str]], None]
+              ) -> tuple[list[Row], bool]:
     """-> (the usable rows, whether the file has a split column); each row left out is passed
-    to ``report`` (one line)."""
+    to ``report`` (its line, or a function that makes it: ``Problems``)."""
     shown = escape_field(str(path))
     try:
         data = read_regular(path, MAX_CAPTIONS_BYTES, "captions file")
@@ -248,7 +256,7 @@ def read_rows(path: Path, report: Callable[[str], None]) -> tuple[list[Row], boo
     rows = []
     for line, fields in records:
         if isinstance(fields, str):  # a row that could not be read at all
-            report(f"{shown}:{line}: {escape_field(fields)}; row skipped")
+            report(partial(_row_line, shown, line, None, fields))
             continue
         file, caption = (str(fields.get(k) or "").strip() for k in COLUMNS)
         split = str(fields.get("split") or "").strip().lower() if has_split else None
@@ -258,17 +266,25 @@ def read_rows(path: Path, report: Callable[[str], None]) -> tuple[list[Row], boo
         elif not caption:
             problem = "empty caption"
         elif not tokenize(caption):
-            problem = f"caption '{escape_field(caption)}' has no words"
+            problem = "caption '{}' has no words"
         elif has_split and split not in SPLIT_NAMES:
-            problem = (f"split '{escape_field(split)}' is not one of "
-                       f"{', '.join(SPLIT_NAMES)}" if split
+            problem = ("split '{}' is not one of " + ", ".join(SPLIT_NAMES) if split
                        else "no split (the file has a split column)")
         if problem:
-            report(f"{shown}:{line}: {escape_field(file) or '(no file)'}: {problem}; "
-                   "row skipped")
+            value = caption if problem.startswith("caption") else split or ""
+            report(partial(_row_line, shown, line, file, problem, value))
             continue
         rows.append(Row(line, file, caption, SPLIT_NAMES[split] if has_split else None))
     return rows, has_split
+
+
+def _row_line(source: str, line: int, file: str | None, problem: str, value: str = "") -> str:
+    """A left-out row's report line; ``value`` (escaped) fills the ``{}`` of ``problem``;
+    ``file`` None: a row that could not be read (its problem, escaped, is the whole message)."""
+    if file is None:
+        return f"{source}:{line}: {escape_field(problem)}; row skipped"
+    return (f"{source}:{line}: {escape_field(file) or '(no file)'}: "
+            f"{problem.format(escape_field(value))}; row skipped")
 
 
 def _csv_records(path: Path, text: str):

@@ -101,8 +101,8 @@ def read_dataset(kind: str, root: Path, split: str) -> list[CaptionedImage]:
     root = Path(root)
     if not root.is_dir():
         raise DataError(f"{_shown(root)}: " + ("not a folder" if root.exists() else
-                                               "no such folder") + "; --data names the dataset's "
-                        "folder")
+                                               "no such folder") + "; --data names the folder "
+                        "that holds the captions")
     if kind == "flickr8k":
         split_name = {"train": "train", "dev": "dev", "val": "dev", "test": "test"}[split]
         token = root / "Flickr8k.token.txt"

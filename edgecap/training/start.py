@@ -39,11 +39,8 @@ def training_items(cfg: TrainConfig, data: Path, images: Path,
                    log=print) -> tuple[list[CaptionedImage], list[CaptionedImage]]:
     """The train and dev photos of ``cfg.dataset`` (a folder's bad rows reported on stderr).
     Photos outside ``images`` (absolute paths, ``..``, links leading out) are left out and
-    reported unless ``cfg.allow_outside_data``."""
-    if not data.is_dir():
-        raise DataError(f"{shown(data)}: " + ("not a folder" if data.exists() else
-                                              "no such folder") + "; --data names the folder "
-                        "that holds the captions")
+    reported unless ``cfg.allow_outside_data``. A ``data`` that is no folder is a ``DataError``
+    (the readers')."""
     if cfg.dataset != "folder":
         return dataset_items(cfg.dataset, data, images, cfg.allow_outside_data)
     from edgecap.data.folder import read_folder
@@ -107,7 +104,13 @@ def initial_model(cfg: TrainConfig, train_items: list[CaptionedImage], last: Pat
     source = last if resuming else init_source(cfg)
     if source is None:
         vocab = Vocabulary.build(captions, cfg.min_word_count)
-        decoder = CaptionDecoder(DecoderConfig(vocab_size=len(vocab), **cfg.decoder))
+        try:
+            decoder = CaptionDecoder(DecoderConfig(vocab_size=len(vocab), **cfg.decoder))
+        except ValueError as exc:  # a vocabulary smaller than the step's top words
+            raise DataError(f"{shown(cfg.data)}: the training captions give {len(vocab)} "
+                            f"words with --min-word-count {cfg.min_word_count} ({exc}); add "
+                            "captions, lower --min-word-count or start from a trained model "
+                            "(--init-from)") from None
         encoder = load_pretrained(cfg.encoder) if cfg.finetune_encoder else None
         return Start(encoder, decoder, vocab, {}, False)
     # The starting model's decoder sizes win over the command line's.
