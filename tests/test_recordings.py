@@ -351,3 +351,34 @@ def test_missing_rosbags_names_the_extra(monkeypatch, tmp_path):
 
     with pytest.raises(MissingPackageError, match=r"pip install 'edgecap\[ros\]'"):
         open_recording(tmp_path)
+
+
+def test_recording_that_breaks_off_keeps_the_captions_so_far(tmp_path, monkeypatch, capsys,
+                                                            default_model_dir):
+    """A reader error in the middle (rosbags raises on a corrupt chunk; simulated here after two
+    messages): the captions so far are printed, one line says what broke, no copy, exit 1."""
+    from rosbags.highlevel import AnyReader as Reader
+
+    from edgecap.cli import main
+
+    messages, _ = camera_messages("mcap")
+    bag = write_recording(tmp_path, "mcap", messages)
+    real = Reader.messages
+
+    def breaks_off(self, *args, **kwargs):
+        for n, item in enumerate(real(self, *args, **kwargs)):
+            if n == 2:
+                raise ValueError("Chunk checksum mismatch.")
+            yield item
+
+    monkeypatch.setattr(Reader, "messages", breaks_off)
+    out = tmp_path / "copy"
+    code = main(["caption", "--bag", str(bag), "--write-bag", str(out), "--model",
+                 str(default_model_dir)])
+    captured = capsys.readouterr()
+    assert code == 1
+    assert [line.split("\t")[0] for line in captured.out.splitlines()] == ["/cam/rgb", "/cam/bgr"]
+    assert captured.err.splitlines() == [
+        f"edgecap: {bag}: the recording breaks off while being read (Chunk checksum mismatch.)",
+        f"edgecap: {out} not written: the recording could not be read to its end"]
+    assert not out.exists()

@@ -31,21 +31,30 @@ def run_bag(captioner, args: argparse.Namespace) -> int:
         if problem:
             print(f"edgecap caption: error: --write-bag {escape_field(problem)}", file=sys.stderr)
             return 2
-    failed, broken = 0, False
+    failed = 0
+    broken: list[RecordingError] = []
     captions: dict[tuple[str, int], str] = {}
+
+    def frames_until_broken(frames):
+        # a reader error ends the frames, not the batch the captioner is filling: the frames
+        # read before it are still captioned
+        try:
+            yield from frames
+        except RecordingError as exc:
+            broken.append(exc)
+
     with open_recording(args.bag) as recording:
         frames = recording.frames(recording.check_topics(args.topic), args.every)
-        try:
-            for frame, result in _captions(captioner, ((f, f.image) for f in frames)):
-                if isinstance(result, InputError):
-                    failed += 1
-                else:
-                    captions[(frame.topic, frame.index)] = result.text
-                _print_frame(args.bag, frame, result, args)
-        except RecordingError as exc:  # the captions so far are out; the copy is not written
-            report_error(args.bag, str(exc).removeprefix(f"{args.bag}: "))
-            broken = True
+        for frame, result in _captions(captioner, ((f, f.image)
+                                                   for f in frames_until_broken(frames))):
+            if isinstance(result, InputError):
+                failed += 1
+            else:
+                captions[(frame.topic, frame.index)] = result.text
+            _print_frame(args.bag, frame, result, args)
         write(None)
+        if broken:  # the captions so far are out; the copy is not written
+            report_error(args.bag, str(broken[0]).removeprefix(f"{args.bag}: "))
         if args.write_bag is not None and not broken:
             count = write_captions(recording, args.write_bag, captions)
             topics = ", ".join(sorted({caption_topic(t) for t, _ in captions})) or "no topic"
