@@ -45,7 +45,8 @@ from _machine import machine_info, machine_markdown  # noqa: E402
 from edgecap.backends.base import Backend, DecoderSession, Encoded, StepResult  # noqa: E402
 
 BENCH_DIR = Path(__file__).resolve().parent
-RESULTS_DIR = BENCH_DIR / "results"
+RESULTS_DIR = BENCH_DIR / "results"  # the committed figures: written only with --out
+RUNS_DIR = BENCH_DIR / "runs"        # each run's own folder by default (git ignores runs/)
 CACHE_DIR = BENCH_DIR / ".cache"
 DEFAULT_MODEL = REPO / "edgecap" / "assets" / "default"
 EXAMPLES = REPO / "edgecap" / "assets" / "examples"
@@ -360,8 +361,33 @@ def add_harness_arguments(parser, rounds: int, per_round: int, warmup: int) -> N
     parser.add_argument("--settle", type=float, default=0.25,
                         help="untimed pause (s) before each turn, longer than onnxruntime's "
                              "spinning")
-    parser.add_argument("--out", type=Path, default=None,
-                        help="folder for the results files (default: benchmarks/results)")
+    add_out_argument(parser)
+
+
+OUT_HELP = ("folder for the results files (default: a new folder benchmarks/runs/DATE-TIME, "
+            "which git ignores; --out benchmarks/results replaces the committed figures)")
+
+
+def add_out_argument(parser) -> None:
+    """``--out DIR``, the same in every script: where its results files go (``output_dir``)."""
+    parser.add_argument("--out", type=Path, default=None, metavar="DIR", help=OUT_HELP)
+
+
+def output_dir(out: Path | None) -> Path:
+    """``out`` (created), or by default a fresh folder ``benchmarks/runs/YYYYmmdd-HHMMSS[-N]``:
+    a run never replaces the committed files in ``benchmarks/results/`` unless told to."""
+    if out is not None:
+        Path(out).mkdir(parents=True, exist_ok=True)
+        return Path(out)
+    stamp = time.strftime("%Y%m%d-%H%M%S")
+    for n in itertools.count():
+        path = RUNS_DIR / (stamp if n == 0 else f"{stamp}-{n}")
+        try:
+            path.mkdir(parents=True)
+        except FileExistsError:
+            continue
+        return path
+    raise AssertionError("unreachable")
 
 
 def run_harness(specs: list, measures: list[str], args) -> dict:
@@ -417,12 +443,12 @@ def markdown_table(headers: list[str], rows: list[list]) -> str:
 
 
 def write_results(name: str, data: dict, markdown: str, argv: list[str] | None = None,
-                  script: str | None = None, out: Path | None = None) -> Path:
-    """Write ``results/NAME.json`` and ``results/NAME.md`` (the machine and the command line
-    added to both; ``out``: another folder), print the markdown, and return the markdown's path.
+                  script: str | None = None, out: Path | None = None, echo: bool = True) -> Path:
+    """Write ``NAME.json`` and ``NAME.md`` into ``out`` (the machine and the command line added
+    to both; None: a fresh ``output_dir``), print the markdown (unless not ``echo``: stdout is the
+script's own), say on stderr where they went, and return the markdown's path.
     ``script``: the benchmark's file name without .py, where it is not ``name``."""
-    out = RESULTS_DIR if out is None else Path(out)
-    out.mkdir(parents=True, exist_ok=True)
+    out = output_dir(out)
     command = f"python benchmarks/{script or name}.py " + " ".join(argv if argv is not None
                                                                    else sys.argv[1:])
     info = machine_info()
@@ -434,7 +460,9 @@ def write_results(name: str, data: dict, markdown: str, argv: list[str] | None =
             f"{markdown.strip()}\n")
     path = out / f"{name}.md"
     path.write_text(text)
-    print(text)
+    if echo:
+        print(text)
+    print(f"wrote {out / (name + '.json')} and {path}", file=sys.stderr)
     return path
 
 

@@ -1,6 +1,8 @@
 """A latency-breakdown chart drawn with Pillow alone (no matplotlib).
 
-    python benchmarks/chart.py            # redraw results/latency.png from results/latency.json
+    python benchmarks/chart.py                          # results/latency.json -> runs/.../latency.png
+    python benchmarks/chart.py --out benchmarks/results  # redraw the committed chart
+    python benchmarks/chart.py --json runs/X/latency.json --out runs/X
 
 One horizontal stacked bar per variant at one beam / batch setting: preprocessing, encoder,
 decoder steps, and the search's own Python work, in milliseconds per call.
@@ -8,6 +10,7 @@ decoder steps, and the search's own Python work, in milliseconds per call.
 
 from __future__ import annotations
 
+import argparse
 import json
 import sys
 from pathlib import Path
@@ -26,7 +29,7 @@ def latency_chart(data: dict, beam: int | None = None, batch: int | None = None,
     beam = data["targets"]["beam"] if beam is None else beam
     batch = data["targets"]["batch"] if batch is None else batch
     rows = [r for r in data["results"] if r["beam"] == beam and r["batch"] == batch]
-    out = out or RESULTS / "latency.png"
+    out = Path(out) if out is not None else RESULTS / "latency.png"
     font = ImageFont.load_default()
     label_w, bar_h, gap, width, top = 170, 22, 10, 900, 50
     height = top + len(rows) * (bar_h + gap) + 60
@@ -50,13 +53,24 @@ def latency_chart(data: dict, beam: int | None = None, batch: int | None = None,
         draw.rectangle([x, y, x + 14, y + 14], fill=color)
         draw.text((x + 20, y + 2), name, fill="black", font=font)
         x += 40 + int(draw.textlength(name, font=font))
-    RESULTS.mkdir(parents=True, exist_ok=True)
+    out.parent.mkdir(parents=True, exist_ok=True)
     image.save(out)
     return out
 
 
+def main(argv=None) -> None:
+    import _common as C
+
+    p = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
+    p.add_argument("--json", type=Path, default=RESULTS / "latency.json", metavar="FILE",
+                   help="latency.py's results (default: the committed results/latency.json)")
+    C.add_out_argument(p)
+    args = p.parse_args(argv)
+    if not args.json.is_file():
+        sys.exit(f"{args.json} not found: run python benchmarks/latency.py first")
+    print(latency_chart(json.loads(args.json.read_text()),
+                        out=C.output_dir(args.out) / "latency.png"))
+
+
 if __name__ == "__main__":
-    source = RESULTS / "latency.json"
-    if not source.is_file():
-        sys.exit(f"{source} not found: run python benchmarks/latency.py first")
-    print(latency_chart(json.loads(source.read_text())))
+    main()

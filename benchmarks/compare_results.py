@@ -7,8 +7,10 @@
 Both files are ``edgecap eval --output`` results (``[{"image_id", "caption"}]``) of the same
 photos. Prints each model's CIDEr-D, the difference B - A with a 95% interval from resampling the
 photos (10,000 resamples; the document frequencies stay those of the whole split) and the share
-of resamples where B is not better. On the 1,000-photo Flickr8k dev split the interval of two
-close models is about +-0.016 CIDEr wide: a smaller gain is within the noise.
+of resamples where B is not better, as one JSON line on stdout; also compare_results.json / .md
+in ``--out DIR`` (default: a new folder under benchmarks/runs/). On the 1,000-photo Flickr8k dev
+split the interval of two close models is about +-0.016 CIDEr wide: a smaller gain is within
+the noise.
 """
 
 from __future__ import annotations
@@ -27,6 +29,7 @@ def main(argv=None) -> None:
     p.add_argument("--references", type=Path, help="COCO caption JSON (default: Flickr8k dev)")
     p.add_argument("--data", type=Path, default=C.FLICKR8K, help="Flickr8k folder")
     p.add_argument("--resamples", type=int, default=10000)
+    C.add_out_argument(p)
     args = p.parse_args(argv)
 
     from edgecap.evaluation.evaluate import load_references
@@ -54,6 +57,11 @@ def main(argv=None) -> None:
     out = {"n_images": len(ids), "CIDEr A": round(sum(a) / len(a), 4),
            "CIDEr B": round(sum(b) / len(b), 4), **{k: round(v, 4) for k, v in result.items()}}
     print(json.dumps(out))
+    table = C.markdown_table(list(out), [list(out.values())])
+    C.write_results("compare_results", {"a": str(args.a), "b": str(args.b), **out},
+                    f"Per-photo CIDEr-D of {args.a} (A) and {args.b} (B), paired bootstrap over "
+                    f"the photos ({args.resamples} resamples).\n\n{table}", argv, out=args.out,
+                    echo=False)
 
 
 if __name__ == "__main__":

@@ -25,6 +25,8 @@ import numpy as np
 
 sys.path.insert(0, str(Path(__file__).resolve().parent))
 
+import _common as C  # noqa: E402
+
 
 def collect(captioner, items, root: Path):
     """-> (signals (N, S), per-photo captions {image_id: text}) for the items' photos."""
@@ -39,7 +41,7 @@ def collect(captioner, items, root: Path):
 def main(argv=None) -> int:
     p = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
     p.add_argument("--data", type=Path, required=True)
-    p.add_argument("--out", type=Path, required=True)
+    C.add_out_argument(p)
     p.add_argument("--model", type=Path, help="model directory (default: the shipped one)")
     p.add_argument("--flickr8k-limit", type=int, help="only the first N Flickr8k dev photos")
     p.add_argument("--threshold", type=float, default=0.5,
@@ -53,6 +55,7 @@ def main(argv=None) -> int:
     p.add_argument("--write", type=Path, metavar="MODEL_DIR",
                    help="also fit on every photo and write MODEL_DIR/confidence.json")
     args = p.parse_args(argv)
+    args.out = C.output_dir(args.out)
 
     from decoding_choice import SETS, load_sets
 

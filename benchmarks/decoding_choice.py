@@ -24,6 +24,8 @@ from pathlib import Path
 
 sys.path.insert(0, str(Path(__file__).resolve().parent))
 
+import _common as C  # noqa: E402
+
 SETS = (("coco-ood-dev", "everyday"), ("coco-ood-dev-b", "everyday"), ("flickr8k-dev", "in domain"))
 
 
@@ -66,13 +68,14 @@ def caption_all(captioner, items, root: Path) -> dict:
 def main(argv=None) -> int:
     p = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
     p.add_argument("--data", type=Path, required=True, help="folder holding the data sets")
-    p.add_argument("--out", type=Path, required=True, help="folder for the results")
+    C.add_out_argument(p)
     p.add_argument("--model", help="model directory (default: the shipped one)")
     p.add_argument("--variant", action="append", required=True, metavar="NAME=OPT=V,...",
                    help="a decoding to measure; the first is the baseline")
     p.add_argument("--flickr8k-limit", type=int, help="only the first N Flickr8k dev photos")
     p.add_argument("--resamples", type=int, default=10000, help="(default: %(default)s)")
     args = p.parse_args(argv)
+    args.out = C.output_dir(args.out)
 
     from _stats import paired_bootstrap
 

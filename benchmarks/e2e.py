@@ -23,7 +23,9 @@ Variants:
     NAME/spin-on, NAME/spin-off   an onnxruntime variant with session.intra_op.allow_spinning
                                   set to 1 / 0 (default: onnxruntime's own default, on)
 
-Writes results/NAME.json and results/NAME.md (NAME: ``--name``, default e2e).
+Writes NAME.json and NAME.md (NAME: ``--name``, default e2e) into ``--out DIR``, by default a
+new folder under benchmarks/runs/ (git ignores it): ``--out benchmarks/results`` replaces the
+committed figures.
 """
 
 from __future__ import annotations
@@ -158,7 +160,8 @@ def parse_args(argv=None):
                         "worker's CPU time is read")
     p.add_argument("--settle", type=float, default=0.25,
                    help="untimed pause (s) before each turn, longer than onnxruntime's spinning")
-    p.add_argument("--name", default="e2e", help="results/NAME.json and .md")
+    p.add_argument("--name", default="e2e", help="results file names: NAME.json and NAME.md")
+    C.add_out_argument(p)
     return p.parse_args(argv)
 
 
@@ -189,7 +192,7 @@ def main(argv=None) -> None:
             f"before/after: {settings['load_average'][0]} / {settings['load_average'][1]} (a "
             "busy machine inflates and scatters every figure).\n\n" + variants + "\n\n"
             + I.report_markdown(data))
-    C.write_results(args.name, data, text, argv, script="e2e")
+    C.write_results(args.name, data, text, argv, script="e2e", out=args.out)
     if data["flags"]:
         print("FLAGGED: " + "; ".join(data["flags"]), file=sys.stderr)
 

@@ -47,7 +47,7 @@ def main(argv=None) -> None:
     p.add_argument("--encoders", default="efficientnet-lite0@224,efficientnet-lite2@260",
                    help="comma-separated ENCODER@SIZE")
     p.add_argument("--threads", type=int, default=0, help="torch threads (0: torch's default)")
-    p.add_argument("--out", type=Path, default=C.RESULTS_DIR)
+    C.add_out_argument(p)
     args = p.parse_args(argv)
 
     import torch

@@ -10,7 +10,8 @@ when DIR already holds one), then, in fresh processes, reads one epoch of shuffl
 JSON. ``--old`` also measures the old path (its float32 copy needs 2x the cache in memory).
 ``--memory-limit-mb``: each reading process runs with that address-space limit (RLIMIT_AS), so
 a cache larger than the limit shows that the streamed path needs no memory for the cache (the old
-path then fails with a MemoryError, reported as such).
+path then fails with a MemoryError, reported as such). The figures also go to
+feature_stream.json / .md in ``--out DIR`` (default: a new folder under benchmarks/runs/).
 Delete DIR afterwards.
 """
 
@@ -24,6 +25,8 @@ import time
 from pathlib import Path
 
 import numpy as np
+
+import _common as C
 
 _READ = """
 import json, resource, sys, time
@@ -55,7 +58,7 @@ print(json.dumps({"path": "old in-memory" if old else "shards streamed",
 """
 
 
-def main() -> None:
+def main(argv=None) -> None:
     p = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     p.add_argument("--images", type=int, default=30000)
     p.add_argument("--dir", type=Path, required=True)
@@ -63,7 +66,8 @@ def main() -> None:
     p.add_argument("--old", action="store_true")
     p.add_argument("--memory-limit-mb", type=int, default=0,
                    help="address-space limit of each reading process (0: none)")
-    args = p.parse_args()
+    C.add_out_argument(p)
+    args = p.parse_args(argv)
     from edgecap.training.shards import extract_shards
 
     if not (args.dir / "index.json").exists():
@@ -77,9 +81,18 @@ def main() -> None:
         print(json.dumps({"written_gb": round(sum(f.stat().st_size for f in
                                                   args.dir.glob("shard-*.npy")) / 1e9, 2),
                           "seconds": round(time.perf_counter() - t0, 1)}))
+    runs = []
     for mode in ["new"] + (["old"] if args.old else []):
-        subprocess.run([sys.executable, "-c", _READ, str(args.dir), mode,
-                        str(args.memory_limit_mb)], check=True)
+        done = subprocess.run([sys.executable, "-c", _READ, str(args.dir), mode,
+                               str(args.memory_limit_mb)], check=True, capture_output=True,
+                              text=True)
+        print(done.stdout, end="")
+        runs.append(json.loads(done.stdout.strip().splitlines()[-1]))
+    keys = sorted({k for r in runs for k in r})
+    C.write_results("feature_stream", {"images": args.images, "shard_size": args.shard_size,
+                                       "runs": runs},
+                    C.markdown_table(keys, [[r.get(k, "") for k in keys] for r in runs]), argv,
+                    out=args.out, echo=False)
 
 
 if __name__ == "__main__":

@@ -36,6 +36,7 @@ def parse_args(argv=None):
     p.add_argument("--threads", type=int, default=None,
                    help="onnxruntime intra-op threads (default: the backend's default)")
     p.add_argument("--repeats", type=int, default=50)
+    C.add_out_argument(p)
     return p.parse_args(argv)
 
 
@@ -246,7 +247,7 @@ def main(argv=None) -> None:
                       "ort_matmul_gflops_1_thread": peak_one,
                       "numpy_matmul_gflops": peak_numpy, "dram_copy_gb_per_s": dram},
             "stages": stages}
-    C.write_results("floor", data, report(data), argv)
+    C.write_results("floor", data, report(data), argv, out=args.out)
 
 
 def report(data: dict) -> str:

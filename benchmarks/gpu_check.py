@@ -69,7 +69,7 @@ def parse_args(argv=None):
     p = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
     p.add_argument("--device", choices=("auto", "cuda", "cpu"), default="auto",
                    help="auto: cuda where torch sees a GPU, else cpu (CUDA items skipped)")
-    p.add_argument("--out", type=Path, default=C.RESULTS_DIR, help="folder for the report")
+    C.add_out_argument(p)
     p.add_argument("--name", default=None,
                    help="report file name without suffix (default: gpu, or gpu-cpu on the CPU)")
     p.add_argument("--model", type=Path, default=None, help="model directory (default: shipped)")
@@ -600,15 +600,15 @@ def main(argv=None) -> int:
     data["seconds"] = time.perf_counter() - T0
     data["skipped"] = report.data["skipped"]
 
-    args.out.mkdir(parents=True, exist_ok=True)
-    (args.out / f"{name}.json").write_text(json.dumps(data, indent=2, default=str) + "\n")
+    out = C.output_dir(args.out)
+    (out / f"{name}.json").write_text(json.dumps(data, indent=2, default=str) + "\n")
     text = markdown(data)
-    (args.out / f"{name}.md").write_text(text)
+    (out / f"{name}.md").write_text(text)
     print(text)
     print("skipped:" if data["skipped"] else "skipped: nothing")
     for s in data["skipped"]:
         print(f"  - {s['item']}: {s['reason']}")
-    log(f"wrote {args.out / (name + '.md')} and .json")
+    log(f"wrote {out / (name + '.md')} and .json")
     return 0
 
 

@@ -141,11 +141,11 @@ def main(argv=None) -> None:
             "targets": targets(results, beams, batches, quality(args.quality))}
     data["variants"] = {n: {**v, "describe": v.get("info", {}).get("describe", "")}
                         for n, v in data["variants"].items()}
-    C.write_results("latency", data, report(data), argv, out=args.out)
+    written = C.write_results("latency", data, report(data), argv, out=args.out)
     if not args.no_chart:
         try:
             import chart
-            png = (args.out or C.RESULTS_DIR) / "latency.png"
+            png = written.parent / "latency.png"
             print(f"chart: {chart.latency_chart(data, out=png)}")
         except ImportError as exc:  # Pillow missing
             print(f"no chart: {exc}", file=sys.stderr)

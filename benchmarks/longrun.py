@@ -150,6 +150,7 @@ def main(argv: list[str] | None = None) -> int:
                    help="RSS growth after warm-up above which the run fails (default 5)")
     p.add_argument("--seed", type=int, default=0)
     p.add_argument("--threads", type=int, default=None, help="onnxruntime intra-op threads")
+    C.add_out_argument(p)
     args = p.parse_args(argv)
     if args.n_images < 1 or args.batch_size < 1:
         p.error("--n-images and --batch-size must be at least 1")
@@ -216,7 +217,7 @@ def main(argv: list[str] | None = None) -> int:
                 "failed_inputs": failed}
     C.write_results("longrun", {"settings": settings, "summary": summary, "verdict": verdict,
                                 "samples": samples},
-                    markdown(settings, summary, samples, verdict), argv)
+                    markdown(settings, summary, samples, verdict), argv, out=args.out)
     return 0 if verdict == "flat" and failed == 0 else 1
 
 

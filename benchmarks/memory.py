@@ -69,6 +69,7 @@ def run_case(stage: str, variant: C.Variant | None, images: list[str]) -> dict:
 def main(argv=None) -> None:
     p = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
     C.add_model_arguments(p)
+    C.add_out_argument(p)
     args = p.parse_args(argv)
     variants, notes = C.resolve_variants(args)
     images = [str(path) for path in sorted(C.EXAMPLES.iterdir())
@@ -93,7 +94,7 @@ def main(argv=None) -> None:
                               "error"], rows)
     text = ("Each case in a fresh interpreter; peak = VmHWM (high-water RSS) at the end.\n\n"
             + "".join(f"- {n}\n" for n in notes) + "\n" + table)
-    C.write_results("memory", data, text, argv)
+    C.write_results("memory", data, text, argv, out=args.out)
 
 
 if __name__ == "__main__":

@@ -8,8 +8,9 @@ with 1 intra-op thread (``--threads``), each model in its own worker process (th
 harness, ``benchmarks/_isolated.py``): rounds interleaved across the two models with one worker
 running at a time, then each model alone; a model whose interleaved median is more than 15% off
 its alone median is flagged. Prints the medians and the step-time ratio B / A (from the
-interleaved medians); writes nothing. Use it to see what a bigger decoder costs per word before
-training one to the end.
+interleaved medians) and writes them with every timed call to step_compare.json / .md in
+``--out DIR`` (default: a new folder under benchmarks/runs/, which git ignores). Use it to see
+what a bigger decoder costs per word before training one to the end.
 """
 
 from __future__ import annotations
@@ -20,6 +21,7 @@ from pathlib import Path
 
 import numpy as np
 
+import _common as C
 import _isolated as I
 
 
@@ -65,21 +67,27 @@ def main(argv=None) -> None:
     p.add_argument("--per-round", type=int, default=30, help="steps (and encoder passes) per "
                    "model and round")
     p.add_argument("--warmup", type=int, default=20)
+    C.add_out_argument(p)
     args = p.parse_args(argv)
     specs = [I.Spec(label, "step_compare:make_task",
                     {"model": str(d.resolve()), "threads": args.threads})
              for label, d in (("A", args.a), ("B", args.b))]
     result = I.run_isolated(specs, ["step", "encoder"], rounds=args.rounds,
                             per_round=args.per_round, warmup=args.warmup)
+    lines = []
     for label, d in (("A", args.a), ("B", args.b)):
         step = result["measures"]["step"][label]
         encoder = result["measures"]["encoder"][label]
-        print(f"{label} {d}: step {step['interleaved']['median_ms']:.3f} ms "
-              f"(alone {step['alone']['median_ms']:.3f}), encoder "
-              f"{encoder['interleaved']['median_ms']:.2f} ms "
-              f"(alone {encoder['alone']['median_ms']:.2f})")
-    print(f"step ratio B / A: {1 / result['ratios']['step']['B']:.2f} "
-          "(interleaved medians, separate processes)")
+        lines.append(f"{label} {d}: step {step['interleaved']['median_ms']:.3f} ms "
+                     f"(alone {step['alone']['median_ms']:.3f}), encoder "
+                     f"{encoder['interleaved']['median_ms']:.2f} ms "
+                     f"(alone {encoder['alone']['median_ms']:.2f})")
+    ratio = 1 / result["ratios"]["step"]["B"]
+    lines.append(f"step ratio B / A: {ratio:.2f} (interleaved medians, separate processes)")
+    data = {"models": {"A": str(args.a), "B": str(args.b)}, "threads": args.threads,
+            "step_ratio_b_over_a": ratio, **result}
+    C.write_results("step_compare", data, "\n\n".join(lines) + "\n\n"
+                    + I.report_markdown(result), argv, out=args.out)
     for flag in result["flags"]:
         print(f"FLAG {flag}", file=sys.stderr)
 

@@ -26,6 +26,7 @@ from PIL import Image
 
 from edgecap.backends import load_backend
 from edgecap.backends import resolve as resolve_backend
+from edgecap.backends._checks import check_threads
 from edgecap.backends.base import Backend
 from edgecap.confidence import ConfidenceModel, object_words, signals
 from edgecap.contract import Limits
@@ -39,6 +40,7 @@ from edgecap.preprocess import recognisable
 from edgecap.vocab import Vocabulary
 
 ON_ERROR = ("raise", "return")
+DEFAULT_THREADS = None  # the backend's own default; see docs/performance-options.md
 
 
 @dataclass(frozen=True)
@@ -126,15 +128,21 @@ class Captioner:
         options: a ``CaptionOptions`` (beam size, max length, batch size, length penalty, n-best,
             no-repeat n-gram); None: its defaults.
         device: "cpu" or "cuda", passed to the backend (None: the backend's default).
+        threads: intra-op threads of the backend's CPU work (onnxruntime's sessions, torch's
+            pool), a positive integer; None: DEFAULT_THREADS. torch's setting is process-wide
+            (``torch.set_num_threads``): a torch Captioner changes it for the whole process.
+            The TensorRT backend has no CPU pool to set. See docs/performance-options.md.
         **keywords: a ``CaptionOptions`` field by name (``beam_size=5``) overrides that field of
             ``options`` (``dataclasses.replace``), so ``Captioner(options=opts, beam_size=5)`` is
             ``opts`` with beam 5. The other keywords go to the backend class (e.g.
-            ``threads=2``, ``fp16=True``).
+            ``fp16=True``).
     """
 
     def __init__(self, model: str | os.PathLike | None = None, backend: str = "auto", *,
-                 options: CaptionOptions | None = None, device: str | None = None, **keywords):
+                 options: CaptionOptions | None = None, device: str | None = None,
+                 threads: int | None = None, **keywords):
         max_pixels()  # a malformed $EDGECAP_MAX_PIXELS is a ValueError now, not on every image
+        check_threads(threads)  # before minutes of loading
         self.manifest = load_manifest(default_model_dir() if model is None else model)
         height, width = self.manifest.preprocessing.size
         self._draft_size = (width, height)  # big JPEGs are decoded at a reduced scale
@@ -149,7 +157,8 @@ class Captioner:
         self._object_words = object_words(self.classes.word_ids)
         self.backend: Backend = load_backend(
             resolve_backend(backend), self.manifest, device=device,
-            limits=Limits(self.options.batch_size, self.options.rows_per_image), **backend_options)
+            limits=Limits(self.options.batch_size, self.options.rows_per_image),
+            threads=DEFAULT_THREADS if threads is None else threads, **backend_options)
         self._backend_lock = None if self.backend.thread_safe else threading.Lock()
 
     def __repr__(self) -> str:

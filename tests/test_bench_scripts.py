@@ -193,3 +193,118 @@ def test_encoder_tags_counts_photos_whose_top_class_names_a_reference_word(tmp_p
     assert data["n"] == 4 and entry["top1"] == 0.5 and entry["top5"] == 0.5
     assert entry["top1_classes"]["chelsea.png"] == "Egyptian Mau"
     assert "| efficientnet-lite0@224 | 0.500 | 0.500 |" in md
+
+
+# -- --out: every script takes it; nothing replaces the committed results by default ---------
+
+SCRIPTS = sorted(p.stem for p in BENCH.glob("[a-z]*.py"))
+TINY_E2E = ["--variants", "ort-fp32", "--rounds", "1", "--per-round", "1", "--warmup", "0",
+            "--no-alone", "--no-encoder", "--settle", "0", "--max-length", "3"]
+
+
+def _committed_results() -> dict[str, bytes]:
+    return {p.name: p.read_bytes() for p in C.RESULTS_DIR.iterdir() if p.is_file()}
+
+
+@pytest.fixture
+def runs_dir(tmp_path, monkeypatch) -> Path:
+    """benchmarks/runs/ moved to a temporary folder for the test."""
+    runs = tmp_path / "runs"
+    monkeypatch.setattr(C, "RUNS_DIR", runs)
+    return runs
+
+
+@pytest.mark.parametrize("script", SCRIPTS)
+def test_every_script_takes_out(script):
+    import subprocess
+
+    done = subprocess.run([sys.executable, str(BENCH / f"{script}.py"), "--help"],
+                          capture_output=True, text=True, timeout=300)
+    assert done.returncode == 0, done.stderr
+    assert "--out DIR" in done.stdout
+
+
+def test_default_output_is_a_fresh_folder_git_ignores(runs_dir):
+    import subprocess
+
+    first, second = C.output_dir(None), C.output_dir(None)
+    assert first != second and first.parent == second.parent == runs_dir
+    assert first.is_dir() and not any(first.iterdir())
+    # the real runs/ folder is outside version control
+    probe = C.BENCH_DIR.relative_to(C.REPO) / "runs" / "x" / "e2e.md"
+    ignored = subprocess.run(["git", "check-ignore", "-q", str(probe)], cwd=C.REPO)
+    if ignored.returncode == 128:
+        pytest.skip("not a git checkout")
+    assert ignored.returncode == 0
+
+
+def test_e2e_writes_to_out_and_by_default_never_to_results(tmp_path, runs_dir):
+    import e2e
+
+    before = _committed_results()
+    e2e.main(TINY_E2E + ["--out", str(tmp_path / "mine"), "--name", "try"])
+    data = json.loads((tmp_path / "mine" / "try.json").read_text())
+    assert set(data["variants"]) == {"ort-fp32"} and (tmp_path / "mine" / "try.md").is_file()
+    e2e.main(TINY_E2E)  # the default name, e2e, whose committed results must stay
+    (run,) = runs_dir.iterdir()
+    assert {p.name for p in run.iterdir()} == {"e2e.json", "e2e.md"}
+    assert _committed_results() == before
+
+
+def test_step_compare_writes_to_out(tmp_path, runs_dir):
+    import step_compare
+
+    before = _committed_results()
+    quick = ["--rounds", "1", "--per-round", "1", "--warmup", "0"]
+    step_compare.main([str(C.DEFAULT_MODEL), str(C.DEFAULT_MODEL), *quick,
+                       "--out", str(tmp_path)])
+    data = json.loads((tmp_path / "step_compare.json").read_text())
+    assert data["step_ratio_b_over_a"] > 0 and set(data["models"]) == {"A", "B"}
+    step_compare.main([str(C.DEFAULT_MODEL), str(C.DEFAULT_MODEL), *quick])
+    (run,) = runs_dir.iterdir()
+    assert (run / "step_compare.md").is_file()
+    assert _committed_results() == before
+
+
+def test_chart_redraws_into_out_not_over_the_committed_chart(tmp_path, runs_dir):
+    import chart
+
+    before = _committed_results()
+    chart.main([])
+    (run,) = runs_dir.iterdir()
+    assert (run / "latency.png").stat().st_size > 0
+    chart.main(["--out", str(tmp_path)])
+    assert (tmp_path / "latency.png").is_file()
+    assert _committed_results() == before
+
+
+def test_threads_runs_each_variant_in_its_own_process_and_ends_its_burners(tmp_path):
+    import threads
+
+    children_before = _children()
+    threads.main(["--backends", "onnxruntime", "--threads", "1,2", "--rounds", "1",
+                  "--calls", "1", "--warmup", "0", "--out", str(tmp_path)])
+    data = json.loads((tmp_path / "threads.json").read_text())
+    variants = data["variants"]
+    assert set(variants) == {f"onnxruntime/{t}/{load}" for t in (1, 2)
+                             for load in ("quiet", "busy")}
+    pids = [pid for v in variants.values() for pid in v["pids"]]
+    assert len(set(pids)) == 4 and os.getpid() not in pids
+    for v in variants.values():
+        assert len(v["ms"]) == 1 and v["ms"][0] > 0
+        assert f"intra-op threads: {v['threads']}" in v["describe"]  # the worker's own setting
+    assert _children() == children_before  # the burners were ended
+
+
+def _children() -> set[int]:
+    """This process's live child processes (from /proc)."""
+    me = str(os.getpid())
+    kids = set()
+    for stat in Path("/proc").glob("[0-9]*/stat"):
+        try:
+            fields = stat.read_text().rsplit(")", 1)[1].split()
+        except OSError:
+            continue
+        if fields[1] == me and fields[0] != "Z":
+            kids.add(int(stat.parent.name))
+    return kids

@@ -8,7 +8,6 @@ Tests marked ``java`` run coco-caption's PTB tokenizer and METEOR (Java); they s
 
 from __future__ import annotations
 
-import io
 import json
 import os
 import subprocess
@@ -276,17 +275,6 @@ def test_cli_bad_reference_options(args, problem, tmp_path, capsys):
     rc = main(["eval", "--images", str(tmp_path), *args])
     assert rc == 2
     assert problem in capsys.readouterr().err
-
-
-def test_progress_counter_without_tqdm():
-    from edgecap.commands.eval import _Counter
-
-    stream = io.StringIO()
-    counter = _Counter(5, stream)
-    counter.update(3)
-    counter.update(2)
-    counter.close()
-    assert stream.getvalue() == "\r3/5 images\r5/5 images\n"
 
 
 def test_per_image_cider_averages_to_the_corpus_cider():

@@ -46,3 +46,12 @@ def load_failure(manifest: Manifest, role: str, exc: BaseException) -> ModelErro
     return ModelError(f"{manifest.path(role)}: cannot load the graph ({exc}); the file may be "
                       "corrupt or truncated, or need a newer runtime: re-copy the model directory "
                       "or re-export it")
+
+
+def check_threads(threads: object) -> int | None:
+    """A backend's ``threads`` argument: None (the backend's default) or a positive integer;
+    anything else raises ``ValueError`` naming the value."""
+    if threads is not None and (isinstance(threads, bool) or not isinstance(threads, int)
+                                or threads < 1):
+        raise ValueError(f"threads must be a positive integer or None, got {threads!r}")
+    return threads

@@ -18,7 +18,7 @@ import numpy as np  # noqa: E402
 import onnxruntime as ort  # noqa: E402
 
 from edgecap.backends import ort_gpu, ort_providers
-from edgecap.backends._checks import check_graph_io, load_failure
+from edgecap.backends._checks import check_graph_io, check_threads, load_failure
 from edgecap.backends.base import Backend, DecoderSession, Encoded, StepResult
 from edgecap.contract import ENCODER_OUTPUTS, ROLES, Limits
 from edgecap.errors import BackendError
@@ -90,9 +90,7 @@ class OnnxRuntimeBackend(Backend):
                  threads: int | None = None, device: str | None = None,
                  cache_dir: str | None = None, fp16: bool = True, device_id: int = 0,
                  limits: Limits | None = None):
-        if threads is not None and (isinstance(threads, bool) or not isinstance(threads, int)
-                                    or threads < 1):
-            raise ValueError(f"threads must be a positive integer or None, got {threads!r}")
+        check_threads(threads)
         self.manifest = manifest
         self.top_k = manifest.dims.top_k
         self.threads = threads

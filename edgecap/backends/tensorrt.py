@@ -28,6 +28,7 @@ from typing import TYPE_CHECKING
 
 import numpy as np
 
+from edgecap.backends._checks import check_threads
 from edgecap.backends.base import Backend, DecoderSession, Encoded, StepResult
 from edgecap.contract import ENCODER_INPUTS, ENCODER_OUTPUTS, ROLES, Limits, tensor_dtype
 from edgecap.errors import BackendError
@@ -196,10 +197,13 @@ class TensorRTBackend(Backend):
 
     def __init__(self, manifest: Manifest, precision: str = "fp16", limits: Limits | None = None,
                  cache_dir: str | Path | None = None, *, device: str | None = None,
-                 cuda_device=None, log=sys.stderr):
+                 cuda_device=None, log=sys.stderr, threads: int | None = None):
         """``limits``: the largest batch and beam the engines take (default 8 x 5);
         ``device``: None or "cuda" (TensorRT runs on the GPU only); ``cuda_device``: an opened
-        ``edgecap.trt.cuda`` device (default: GPU 0)."""
+        ``edgecap.trt.cuda`` device (default: GPU 0). ``threads`` is checked like the other
+        backends' and has nothing to set: the engines run on the GPU, and the CPU side (the
+        beam search) is one Python thread."""
+        check_threads(threads)
         from edgecap.trt import import_tensorrt
         from edgecap.trt.cuda import open_device
         from edgecap.trt.engines import EngineCache, Target

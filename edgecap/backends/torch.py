@@ -27,7 +27,7 @@ import onnx
 import torch
 from onnx import numpy_helper
 
-from edgecap.backends._checks import load_failure
+from edgecap.backends._checks import check_threads, load_failure
 from edgecap.backends.base import Backend, DecoderSession, Encoded, StepResult
 from edgecap.backends.torch_graphs import (CudaGraph, EncoderGraphs, GraphedSession,
                                            GraphFactory, StepGraphs, keep_fp32,
@@ -96,7 +96,9 @@ def _checked_device(device: str | None, fp16: bool, cuda_graphs: bool = False,
 
 class TorchBackend(Backend):
     """Args: ``device`` ("cpu", "cuda" or "cuda:N"; None: the CPU), ``fp16`` (on CUDA only),
-    ``cuda_graphs`` (on CUDA only; see the module doc). ``limits`` is
+    ``cuda_graphs`` (on CUDA only; see the module doc), ``threads`` (torch's intra-op threads,
+    set with ``torch.set_num_threads``: that setting is process-wide, so it also changes every
+    other torch computation in this process; None leaves torch's setting as it is). ``limits`` is
     accepted for the common backend signature and unused: graphs are captured for the shapes
     met. ``graph_factory`` replaces ``CudaGraph`` with another ``capture(fn) -> graph`` (the
     tests' ``EagerGraph``, on any device) and implies ``cuda_graphs``.
@@ -108,8 +110,10 @@ class TorchBackend(Backend):
 
     def __init__(self, manifest: Manifest, device: str | None = "cpu", fp16: bool = False,
                  limits: Limits | None = None, cuda_graphs: bool = False,
-                 graph_factory: GraphFactory | None = None):
+                 graph_factory: GraphFactory | None = None, threads: int | None = None):
         device = _checked_device(device, fp16, cuda_graphs, graph_factory)
+        if check_threads(threads) is not None:
+            torch.set_num_threads(threads)
         encoder, decoder = self._build(manifest)
         self._setup(encoder, decoder, device, fp16)
         self.manifest = manifest
@@ -181,7 +185,8 @@ class TorchBackend(Backend):
         if self.graph_factory is not None:
             mode = (", CUDA graphs" if self.graph_factory is CudaGraph
                     else f", graphs: {getattr(self.graph_factory, '__name__', 'custom')}")
-        return f"torch {torch.__version__} ({where}, {precision}{mode})"
+        return (f"torch {torch.__version__} ({where}, {precision}{mode}; intra-op threads: "
+                f"{torch.get_num_threads()}, process-wide)")
 
     def encode(self, images: np.ndarray) -> Encoded:
         """images float32 (N, 3, H, W) -> Encoded with the encoder graph's outputs as torch

@@ -7,26 +7,66 @@ import argparse
 from dataclasses import fields
 
 from edgecap.backends import NAMES
+from edgecap.contract import Limits
 from edgecap.decoding import CaptionOptions
+from edgecap.decoding.options import MAX_BATCH_SIZE
+from edgecap.models.config import DecoderConfig
 
 DEFAULTS = {f.name: f.default for f in fields(CaptionOptions)}
+# The most beams a search takes is the model's top_k (its step graph's K best words per row):
+# the shipped model's and every `edgecap train` model's is DecoderConfig's default.
+MAX_BEAM = DecoderConfig.__dataclass_fields__["top_k"].default
+# What TensorRT engines are built for unless told otherwise (`edgecap build`'s defaults).
+ENGINE = Limits()
+ENGINE_BEYOND = ("with --backend tensorrt, a run that needs more rows than the cached engines "
+                 "take (more beams x images; constrained: 2 x beams) builds engines for "
+                 "exactly its own beam and batch on first use, which takes minutes, and keeps "
+                 "them in the engine cache")
+
+
+def threads_value(text: str | None) -> int | None:
+    """``--threads N`` -> N, a positive integer (None: not given); anything else is a
+    ``ValueError`` in the command line's words (reported in one line, exit 2)."""
+    if text is None:
+        return None
+    try:
+        value = int(text)
+    except ValueError:
+        value = 0
+    if value < 1:
+        raise ValueError(f"--threads must be a positive integer (CPU threads), got {text!r}")
+    return value
 
 
 def add_model_arguments(p: argparse.ArgumentParser) -> None:
-    """--model, --backend, --device, --beam-size, --max-length, --no-repeat-ngram, --batch-size,
-    --guidance-bonus / --no-objects-guidance."""
-    p.add_argument("--model", help="model directory (default: the model shipped with edgecap)")
+    """--model, --backend, --device, --threads, --beam-size, --max-length, --no-repeat-ngram,
+    --batch-size, --guidance-bonus / --no-objects-guidance, --fusion-weight / --no-fusion,
+    --no-blank-check, --constrained."""
+    p.add_argument("--model", metavar="DIR",
+                   help="model directory (default: the model shipped with edgecap)")
     p.add_argument("--backend", choices=sorted(NAMES, key=lambda name: name != "auto"),
                    default="auto", help="auto: onnxruntime if installed, else tensorrt, else torch")
-    p.add_argument("--device", choices=("cpu", "cuda"), help="where the backend runs")
-    p.add_argument("--beam-size", type=int, default=DEFAULTS["beam_size"])
-    p.add_argument("--max-length", type=int, default=DEFAULTS["max_length"],
-                   help="most words per caption")
+    p.add_argument("--device", choices=("cpu", "cuda"),
+                   help="where the backend runs (default: the backend's own: onnxruntime CUDA "
+                        "when it has it, else the CPU; torch the CPU; tensorrt the GPU)")
+    p.add_argument("--threads", metavar="N",
+                   help="CPU threads each onnxruntime or torch computation may use (intra-op; "
+                        "default: the library's, see docs/performance-options.md); on a "
+                        "machine shared with other busy programs 1 is often fastest")
+    p.add_argument("--beam-size", type=int, default=DEFAULTS["beam_size"], metavar="K",
+                   help=f"captions kept and extended at each word; 1 to the model's top_k "
+                        f"({MAX_BEAM} for the shipped model); wider is slower; "
+                        f"{ENGINE_BEYOND} (edgecap build makes them for "
+                        f"{ENGINE.max_beam} beams x {ENGINE.max_batch} images)")
+    p.add_argument("--max-length", type=int, default=DEFAULTS["max_length"], metavar="N",
+                   help="most words per caption (not counting its end)")
     p.add_argument("--no-repeat-ngram", type=int, default=DEFAULTS["no_repeat_ngram"], metavar="N",
                    help="never repeat a phrase of N words within a caption "
                         f"(default {DEFAULTS['no_repeat_ngram']}; 0: off)")
-    p.add_argument("--batch-size", type=int, default=DEFAULTS["batch_size"],
-                   help="images per encoder run")
+    p.add_argument("--batch-size", type=int, default=DEFAULTS["batch_size"], metavar="N",
+                   help=f"photos encoded and searched together, 1 to {MAX_BATCH_SIZE}: larger "
+                        "batches give more photos per second and more memory; results come "
+                        "a batch at a time")
     p.add_argument("--guidance-bonus", type=float, default=DEFAULTS["guidance_bonus"],
                    metavar="X", help="steer the caption toward naming the photo's object tags: "
                    "X is added to the log-probability of their words until a beam says one "
@@ -59,5 +99,6 @@ def load_captioner(args: argparse.Namespace):
     """The ``Captioner`` the arguments ask for. Raises ``ValueError`` for a bad option value."""
     from edgecap.api import Captioner
 
+    threads = threads_value(args.threads)
     return Captioner(model=args.model, backend=args.backend, device=args.device,
-                     options=caption_options(args))
+                     threads=threads, options=caption_options(args))

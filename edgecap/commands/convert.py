@@ -6,13 +6,27 @@ import argparse
 import sys
 
 
+def precision_help() -> str:
+    """What each precision converts and keeps in FP32, from the converter's own constants."""
+    from edgecap.build.convert import (ENCODER_FP32_BLOCKS, FP32_OP_TYPES,
+                                       INT8_ENCODER_FP32_BLOCKS)
+
+    return ("fp16: half-precision weights and activations; kept in FP32: the encoder's stem and "
+            f"first {ENCODER_FP32_BLOCKS} blocks, every {' / '.join(FP32_OP_TYPES)}, the "
+            "projections computing a Softmax's input (the attention logits, the image "
+            "classifier), and the word-bias Add and the gather that read the log-probabilities; "
+            "inputs and outputs stay float32. int8: the decoder step's MatMul / Gemm weights "
+            "quantised dynamically (its attention logits stay FP32); with --calibration also "
+            "the encoder, statically, with its stem, first "
+            f"{INT8_ENCODER_FP32_BLOCKS} blocks and every layer after the CNN in FP32; without "
+            "--calibration the encoder stays FP32")
+
+
 def add_arguments(parser: argparse.ArgumentParser) -> None:
     parser.add_argument("model_dir", metavar="MODEL_DIR", help="an FP32 model directory "
                         "(written by `edgecap export`)")
     parser.add_argument("--precision", choices=("fp16", "int8"), default="fp16",
-                        help="fp16: half-precision weights and activations, with softmax, "
-                        "log-softmax, top-k and the attention logits kept in FP32 (default); "
-                        "int8: dynamic int8 decoder step, static int8 encoder with --calibration")
+                        help=precision_help())
     parser.add_argument("--out", required=True, metavar="OUT_DIR",
                         help="where to write the converted model directory")
     parser.add_argument("--calibration", metavar="DIR", default=None,

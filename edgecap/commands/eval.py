@@ -26,6 +26,7 @@ import warnings
 from pathlib import Path
 
 from edgecap.commands._options import DEFAULTS, add_model_arguments, load_captioner
+from edgecap.commands.progress import add_progress_argument, open_progress, progress_enabled
 
 
 def add_arguments(p: argparse.ArgumentParser) -> None:
@@ -50,7 +51,7 @@ def add_arguments(p: argparse.ArgumentParser) -> None:
                    help="write the captions as coco-caption results: "
                         '[{"image_id": ..., "caption": ...}]')
     p.add_argument("--json", action="store_true", help="print one JSON object")
-    p.add_argument("--no-progress", action="store_true", help="no progress bar on stderr")
+    add_progress_argument(p)
 
 
 def run(args: argparse.Namespace) -> int:
@@ -77,7 +78,7 @@ def run(args: argparse.Namespace) -> int:
         return _fail(str(exc))
 
     started = time.perf_counter()
-    progress = _progress(len(items), enabled=not args.no_progress and sys.stderr.isatty())
+    progress = open_progress(len(items), progress_enabled(args))
     try:
         hyps = caption_split(captioner, items, args.images, on_progress=progress.update)
     except ImageFailure as exc:
@@ -157,37 +158,3 @@ def _print_table(summary: dict) -> None:
     for key in METRIC_KEYS:
         value = summary[key]
         print(f"{key + ':':<12} {'skipped (needs Java)' if value is None else f'{value:.4f}'}")
-
-
-class _Counter:
-    """Progress without tqdm: ``done/total images`` rewritten in place on stderr."""
-
-    def __init__(self, total: int, stream=None):
-        self.total, self.done, self.stream = total, 0, stream or sys.stderr
-
-    def update(self, n: int) -> None:
-        self.done += n
-        print(f"\r{self.done}/{self.total} images", end="", file=self.stream, flush=True)
-
-    def close(self) -> None:
-        if self.done:
-            print(file=self.stream, flush=True)
-
-
-class _NoProgress:
-    def update(self, n: int) -> None:
-        pass
-
-    def close(self) -> None:
-        pass
-
-
-def _progress(total: int, enabled: bool):
-    """A tqdm bar on stderr where tqdm is installed, else a ``_Counter``; nothing if disabled."""
-    if not enabled:
-        return _NoProgress()
-    try:
-        from tqdm import tqdm
-    except ImportError:
-        return _Counter(total)
-    return tqdm(total=total, unit="img", file=sys.stderr)

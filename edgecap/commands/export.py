@@ -8,10 +8,11 @@ import json
 
 def add_arguments(p: argparse.ArgumentParser) -> None:
     p.add_argument("checkpoint", help="checkpoint directory (edgecap train's OUT/best)")
-    p.add_argument("--out", required=True, help="model directory to write")
+    p.add_argument("--out", required=True, metavar="DIR", help="model directory to write")
     p.add_argument("--name", help="model name recorded in the manifest")
-    p.add_argument("--metrics", help="JSON file of dev metrics to record in the manifest "
-                                     "(as written by edgecap eval --json)")
+    p.add_argument("--metrics", metavar="FILE.json",
+                   help="JSON file of dev metrics to record in the manifest (as written by "
+                        "edgecap eval --json)")
 
 
 def run(args: argparse.Namespace) -> int:

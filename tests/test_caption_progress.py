@@ -1,0 +1,158 @@
+"""Progress of long ``edgecap caption`` runs: on stderr, only when stderr is a terminal and
+``--no-progress`` was not given; stdout (plain records or JSON) is the same with or without it.
+The terminal is a real pseudo-terminal in the subprocess tests."""
+
+from __future__ import annotations
+
+import io
+import os
+import shutil
+import subprocess
+import sys
+from pathlib import Path
+
+import pytest
+
+import edgecap
+from edgecap.cli import main
+from edgecap.commands import progress
+
+EXAMPLES = Path(edgecap.__file__).parent / "assets" / "examples"
+ENV = {**os.environ, "PYTHONPATH": os.pathsep.join(
+    [str(Path(edgecap.__file__).parent.parent), os.environ.get("PYTHONPATH", "")])}
+
+
+class FakeClock:
+    def __init__(self):
+        self.now = 100.0
+
+    def __call__(self) -> float:
+        return self.now
+
+
+def test_counter_waits_then_counts_and_clears_for_other_lines():
+    clock, stream = FakeClock(), io.StringIO()
+    counter = progress.Counter(None, stream, delay=1.0, clock=clock)
+    counter.update(1)
+    assert stream.getvalue() == ""  # a short run shows nothing
+    clock.now += 1.0
+    counter.update(1)
+    assert stream.getvalue() == "\r2 images, 2.0/s\x1b[K"
+    with counter.paused():  # the line is cleared before another line is written
+        assert stream.getvalue().endswith("\r\x1b[K")
+    assert stream.getvalue().endswith("\r2 images, 2.0/s\x1b[K")  # and drawn again
+    counter.close()
+    assert stream.getvalue().endswith("\n")
+
+
+def test_counter_with_a_total_gives_the_time_left():
+    clock, stream = FakeClock(), io.StringIO()
+    counter = progress.Counter(30, stream, delay=0.0, clock=clock)
+    clock.now += 10.0
+    counter.update(10)  # 1 image/s, 20 to go
+    assert stream.getvalue() == "\r10/30 images, 1.0/s, 0:20 left\x1b[K"
+    counter.close()
+    assert stream.getvalue().endswith("\n")
+
+
+def test_nothing_shown_is_nothing_closed():
+    stream = io.StringIO()
+    counter = progress.Counter(5, stream, delay=60.0)
+    counter.update(5)
+    with counter.paused():
+        pass
+    counter.close()
+    assert stream.getvalue() == ""
+
+
+class _Terminal(io.StringIO):
+    def isatty(self) -> bool:
+        return True
+
+
+@pytest.fixture(scope="module")
+def many_photos(tmp_path_factory) -> Path:
+    """12 photos in a folder, and a file that is not a photo (an error line on stderr)."""
+    root = tmp_path_factory.mktemp("many")
+    for i in range(3):
+        for photo in sorted(EXAMPLES.iterdir()):
+            shutil.copy(photo, root / f"{i}-{photo.name}")
+    (root / "z-broken.jpg").write_bytes(b"not a jpeg")
+    return root
+
+
+@pytest.mark.parametrize("json_output", [False, True], ids=["plain", "json"])
+def test_stdout_is_the_same_with_progress_on(json_output, many_photos, tiny_model_dir,
+                                             monkeypatch, capsys):
+    monkeypatch.setattr(progress, "DELAY_S", 0.0)
+    args = ["caption", str(many_photos), "--model", str(tiny_model_dir), "--max-length", "4",
+            "--batch-size", "5", *(["--json"] if json_output else [])]
+    runs = {}
+    for stderr in ("terminal", "file"):
+        terminal = _Terminal() if stderr == "terminal" else io.StringIO()
+        monkeypatch.setattr(sys, "stderr", terminal)
+        code = main(args)
+        runs[stderr] = code, capsys.readouterr().out, terminal.getvalue()
+    (code_tty, out_tty, err_tty), (code_file, out_file, err_file) = runs["terminal"], runs["file"]
+    assert code_tty == code_file == 1  # the broken file
+    # a record per photo; --json also one for the broken file (plain: stderr only)
+    assert out_tty == out_file and len(out_tty.splitlines()) == (13 if json_output else 12)
+    assert "images, " not in out_tty and "\x1b" not in out_tty
+    assert "12 images, " in err_tty and err_tty.endswith("\n")
+    assert "images, " not in err_file  # not a terminal: no progress
+    for err in (err_tty, err_file):  # the error line is whole in both
+        assert "z-broken.jpg" in err
+
+
+def test_no_progress_switches_it_off_on_a_terminal(many_photos, tiny_model_dir, monkeypatch,
+                                                   capsys):
+    monkeypatch.setattr(progress, "DELAY_S", 0.0)
+    terminal = _Terminal()
+    monkeypatch.setattr(sys, "stderr", terminal)
+    main(["caption", str(many_photos), "--model", str(tiny_model_dir), "--max-length", "4",
+          "--no-progress"])
+    assert "images, " not in terminal.getvalue()
+    assert len(capsys.readouterr().out.splitlines()) == 12
+
+
+_RUN = ("import sys; from edgecap.commands import progress; progress.DELAY_S = 0.0; "
+        "from edgecap.cli import main; sys.exit(main(sys.argv[1:]))")
+
+
+def _caption(folder: Path, model: Path, stderr_tty: bool) -> tuple[str, str]:
+    """Run ``edgecap caption`` in a subprocess, stdout a pipe, stderr a pseudo-terminal or a
+    pipe -> (stdout, stderr)."""
+    import pty
+
+    command = [sys.executable, "-c", _RUN, "caption", str(folder), "--model", str(model),
+               "--max-length", "4", "--json"]
+    if not stderr_tty:
+        done = subprocess.run(command, capture_output=True, text=True, env=ENV, timeout=600)
+        return done.stdout, done.stderr
+    master, slave = pty.openpty()
+    try:
+        proc = subprocess.Popen(command, stdout=subprocess.PIPE, stderr=slave, env=ENV)
+        os.close(slave)
+        err = b""
+        while True:
+            try:
+                chunk = os.read(master, 4096)
+            except OSError:  # the child closed the terminal (EIO)
+                break
+            if not chunk:
+                break
+            err += chunk
+        out = proc.stdout.read().decode()
+        proc.wait(timeout=600)
+    finally:
+        os.close(master)
+    return out, err.decode(errors="replace")
+
+
+@pytest.mark.skipif(sys.platform == "win32", reason="needs a pseudo-terminal")
+def test_progress_only_on_a_real_terminal(many_photos, tiny_model_dir):
+    out_tty, err_tty = _caption(many_photos, tiny_model_dir, stderr_tty=True)
+    out_pipe, err_pipe = _caption(many_photos, tiny_model_dir, stderr_tty=False)
+    assert out_tty == out_pipe and len(out_tty.splitlines()) == 13
+    assert "12 images, " in err_tty
+    assert "images, " not in err_pipe and "z-broken.jpg" in err_pipe

@@ -1,0 +1,107 @@
+"""Every option of every ``edgecap`` command explains itself: help text, and the default shown
+where there is one; ``convert --help`` names what the converter keeps in FP32 from its own
+constants; ``build --max-beam`` and ``caption --beam-size`` tell the same story."""
+
+from __future__ import annotations
+
+import argparse
+
+import pytest
+
+from edgecap import cli
+from edgecap.cli import build_parser, main
+
+
+def _commands() -> dict[str, argparse.ArgumentParser]:
+    sub = next(a for a in build_parser()._actions if isinstance(a, argparse._SubParsersAction))
+    return dict(sub.choices)
+
+
+def _options(parser: argparse.ArgumentParser):
+    return [a for a in parser._actions if not isinstance(a, argparse._HelpAction)]
+
+
+def _help_of(parser: argparse.ArgumentParser, action: argparse.Action) -> str:
+    """The rendered help of one option, as ``--help`` prints it (one line)."""
+    formatter = parser._get_formatter()
+    return " ".join(formatter._expand_help(action).split())
+
+
+def test_every_command_is_walked():
+    assert set(_commands()) == set(cli.COMMANDS)
+
+
+@pytest.mark.parametrize("command", sorted(cli.COMMANDS))
+def test_every_option_has_help_and_shows_its_default(command):
+    parser = _commands()[command]
+    missing, hidden = [], []
+    for action in _options(parser):
+        name = action.option_strings[0] if action.option_strings else action.dest
+        if not (action.help or "").strip() or action.help == argparse.SUPPRESS:
+            missing.append(name)
+            continue
+        default = action.default
+        if default is None or isinstance(default, bool) or default is argparse.SUPPRESS:
+            continue  # nothing to show: the help says what happens without the option
+        if str(default) not in _help_of(parser, action):
+            hidden.append(f"{name} (default {default!r})")
+    assert not missing, f"edgecap {command}: options without help: {missing}"
+    assert not hidden, f"edgecap {command}: defaults not shown: {hidden}"
+
+
+def test_help_shows_the_default_after_the_text(capsys):
+    with pytest.raises(SystemExit):
+        main(["caption", "--help"])
+    text = " ".join(capsys.readouterr().out.split())
+    from edgecap.decoding import CaptionOptions
+
+    assert f"(default: {CaptionOptions().beam_size})" in text
+    assert f"(default: {CaptionOptions().batch_size})" in text
+    assert "--threads N" in text and "--no-progress" in text
+
+
+def test_convert_help_lists_what_the_converter_keeps_in_fp32(monkeypatch):
+    from edgecap.build import convert as converter
+    from edgecap.commands.convert import precision_help
+
+    text = precision_help()
+    for op in converter.FP32_OP_TYPES:
+        assert op in text
+    assert f"first {converter.ENCODER_FP32_BLOCKS} blocks" in text
+    assert f"first {converter.INT8_ENCODER_FP32_BLOCKS} blocks" in text
+    # read from the converter's constants, not written again
+    monkeypatch.setattr(converter, "ENCODER_FP32_BLOCKS", 7)
+    monkeypatch.setattr(converter, "FP32_OP_TYPES", (*converter.FP32_OP_TYPES, "Erf"))
+    changed = precision_help()
+    assert "first 7 blocks" in changed and "Erf" in changed
+
+
+def test_build_and_caption_agree_on_beams_and_engines():
+    from edgecap.api import default_model_dir
+    from edgecap.contract import Limits
+    from edgecap.manifest import load_manifest
+
+    top_k = load_manifest(default_model_dir()).dims.top_k
+    commands = _commands()
+    build = {a.dest: a for a in _options(commands["build"])}
+    caption = {a.dest: a for a in _options(commands["caption"])}
+    assert build["max_beam"].default == Limits().max_beam
+    assert build["max_batch"].default == Limits().max_batch
+    beam_help = _help_of(commands["caption"], caption["beam_size"])
+    max_beam_help = _help_of(commands["build"], build["max_beam"])
+    # both give the shipped model's real top_k, and what a larger request does to the engines
+    for text in (beam_help, max_beam_help):
+        assert f"top_k ({top_k} for the shipped model)" in text
+        assert "builds engines for exactly its own beam and batch on first use" in text
+    assert f"{Limits().max_beam} beams x {Limits().max_batch} images" in beam_help
+
+
+def test_build_refuses_more_beams_than_the_model_searches(capsys):
+    from edgecap.api import default_model_dir
+    from edgecap.manifest import load_manifest
+
+    top_k = load_manifest(default_model_dir()).dims.top_k
+    assert main(["build", "--max-beam", str(2 * top_k + 1)]) == 2
+    err = capsys.readouterr().err.strip()
+    assert len(err.splitlines()) == 1
+    assert f"--max-beam {2 * top_k + 1}" in err and f"at most {top_k} beams" in err

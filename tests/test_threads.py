@@ -1,0 +1,112 @@
+"""``threads``: ``Captioner(threads=N)`` and ``edgecap caption / eval --threads N`` reach the
+backend's real settings (onnxruntime's session options, torch's intra-op pool), and bad values
+are refused in one line (exit 2) before any model is loaded."""
+
+from __future__ import annotations
+
+from pathlib import Path
+
+import pytest
+
+import edgecap
+from edgecap import Captioner, api
+from edgecap.cli import main
+
+CHELSEA = str(Path(edgecap.__file__).parent / "assets" / "examples" / "chelsea.png")
+
+
+def _ort_threads(captioner) -> list[int]:
+    """intra_op_num_threads as the live sessions have it (encoder, decoder step)."""
+    return [s.get_session_options().intra_op_num_threads
+            for s in (captioner.backend.encoder, captioner.backend.decoder)]
+
+
+@pytest.fixture
+def torch_threads():
+    """torch's process-wide intra-op threads, restored after the test."""
+    torch = pytest.importorskip("torch")
+    pytest.importorskip("onnx")
+    before = torch.get_num_threads()
+    yield torch
+    torch.set_num_threads(before)
+
+
+@pytest.fixture
+def built(monkeypatch):
+    """The Captioners the commands build, kept for inspection."""
+    made = []
+
+    class Recorded(api.Captioner):
+        def __init__(self, *args, **kwargs):
+            super().__init__(*args, **kwargs)
+            made.append(self)
+
+    monkeypatch.setattr(api, "Captioner", Recorded)
+    return made
+
+
+@pytest.mark.parametrize("threads", [1, 2])
+def test_onnxruntime_sessions_get_the_threads(threads):
+    pytest.importorskip("onnxruntime")
+    captioner = Captioner(backend="onnxruntime", device="cpu", threads=threads)
+    assert _ort_threads(captioner) == [threads, threads]
+    assert f"intra-op threads: {threads}" in captioner.backend.describe()
+
+
+def test_onnxruntime_default_is_the_librarys():
+    pytest.importorskip("onnxruntime")
+    captioner = Captioner(backend="onnxruntime", device="cpu")
+    # onnxruntime reads 0 as "one per physical core"
+    expected = 0 if api.DEFAULT_THREADS is None else api.DEFAULT_THREADS
+    assert _ort_threads(captioner) == [expected, expected]
+
+
+@pytest.mark.parametrize("threads", [1, 2])
+def test_torch_pool_gets_the_threads(torch_threads, threads):
+    torch_threads.set_num_threads(3)  # something else, so the backend must change it
+    captioner = Captioner(backend="torch", threads=threads)
+    assert torch_threads.get_num_threads() == threads
+    assert f"intra-op threads: {threads}, process-wide" in captioner.backend.describe()
+
+
+def test_caption_threads_option_reaches_the_sessions(built, capsys):
+    pytest.importorskip("onnxruntime")
+    assert main(["caption", CHELSEA, "--backend", "onnxruntime", "--threads", "1",
+                 "--max-length", "4", "--no-progress"]) == 0
+    assert _ort_threads(built[-1]) == [1, 1]
+    assert capsys.readouterr().out.startswith(CHELSEA + "\t")
+
+
+def test_caption_threads_option_reaches_torch(built, torch_threads, capsys):
+    torch_threads.set_num_threads(3)
+    assert main(["caption", CHELSEA, "--backend", "torch", "--threads", "1",
+                 "--max-length", "4"]) == 0
+    assert torch_threads.get_num_threads() == 1
+    assert built[-1].backend.name == "torch"
+
+
+def test_eval_takes_threads_too():
+    from edgecap.cli import build_parser
+
+    args = build_parser().parse_args(["eval", "--images", "x", "--references", "r.json",
+                                      "--threads", "2"])
+    from edgecap.commands._options import threads_value
+
+    assert threads_value(args.threads) == 2
+
+
+@pytest.mark.parametrize("value", ["0", "-1", "two", "1.5", ""])
+def test_bad_threads_are_one_line_exit_2(value, built, capsys):
+    assert main(["caption", CHELSEA, "--threads", value]) == 2
+    out, err = capsys.readouterr()
+    assert out == ""
+    assert err.count("\n") == 1 and "Traceback" not in err
+    assert err.startswith("edgecap caption: error: --threads must be a positive integer")
+    assert repr(value) in err
+    assert built == []  # refused before any model was loaded
+
+
+@pytest.mark.parametrize("value", [0, -2, 1.5, True, "2"])
+def test_api_refuses_bad_threads(value):
+    with pytest.raises(ValueError, match="threads must be a positive integer"):
+        Captioner(threads=value)
