@@ -106,7 +106,8 @@ class ConfidenceModel:
             raise ModelError(f"{path}: malformed confidence model ({exc})") from None
         info = {k: v for k, v in spec.items()
                 if k not in ("format", "signals", "mean", "std", "weights", "bias")}
-        return cls(*arrays, bias, info)
+        mean, std, weights = arrays
+        return cls(mean, std, weights, bias, info)
 
 
 def fit(x: np.ndarray, y: np.ndarray, l2: float = 1.0, steps: int = 50) -> tuple:

@@ -266,7 +266,7 @@ def _decoding_work_problem(im: Image.Image, data: bytes) -> str | None:
             return (f"TIFF compression {compression!r} is not accepted (accepted: "
                     f"{', '.join(TIFF_COMPRESSIONS)})")
     elif im.format == "BMP":
-        if any(tile[0] == "bmp_rle" for tile in im.tile):
+        if any(tile[0] == "bmp_rle" for tile in getattr(im, "tile", ())):  # opened: an ImageFile
             return "BMP with RLE compression is not accepted (Pillow decodes it in Python)"
     return None
 

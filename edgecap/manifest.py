@@ -120,9 +120,9 @@ def load_manifest(directory: str | Path) -> Manifest:
                             info={k: v for k, v in data.items() if k not in known})
     except (KeyError, TypeError, ValueError) as exc:
         raise ModelError(f"{path}: incomplete manifest ({exc!r}); re-export the model") from exc
-    problem = _field_problem(manifest)
-    if problem:
-        raise ModelError(f"{path}: {problem}; re-export the model")
+    field_problem = _field_problem(manifest)
+    if field_problem:
+        raise ModelError(f"{path}: {field_problem}; re-export the model")
     for role in FILE_ROLES:
         if role not in manifest.files:
             raise ModelError(f"{path}: the manifest names no {role} file; re-export the model")

@@ -145,6 +145,7 @@ def _walk(top: Path, want_file, want_dir, state: _Seen) -> Iterator[tuple[str, o
         return
     folders = {_key(top_stat): str(top)}  # this walk's: a glob may search a folder again
     # each frame: (folder path, its relative parts, its key, the sorted entries left)
+    stack: list[tuple[Path, tuple[str, ...], tuple[int, int], Iterator[tuple[str, bool]] | None]]
     stack = [(top, (), _key(top_stat), None)]
     while stack:
         folder, rel, key, entries = stack[-1]

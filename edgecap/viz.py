@@ -134,8 +134,8 @@ def _overlay(photo: np.ndarray, weights: np.ndarray) -> Image.Image:
     """photo float32 (h, w, 3) and one word's map (s, s) -> the panel: bright where the word
     attends, dimmed elsewhere."""
     height, width = photo.shape[:2]
-    heat = Image.fromarray(np.ascontiguousarray(weights, dtype=np.float32))
-    heat = np.asarray(heat.resize((width, height), Image.Resampling.BILINEAR), np.float32)
+    small = Image.fromarray(np.ascontiguousarray(weights, dtype=np.float32))
+    heat = np.asarray(small.resize((width, height), Image.Resampling.BILINEAR), np.float32)
     peak = float(heat.max())
     heat = np.clip(heat / peak, 0.0, 1.0) if peak > 0 else np.zeros_like(heat)
     heat = heat[:, :, None]

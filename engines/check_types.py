@@ -1,22 +1,22 @@
 #!/usr/bin/env python3
-"""Type-check edgecap's TensorRT and CUDA code against the TensorRT Python API's stubs.
+"""Type-check edgecap (mypy), its TensorRT and CUDA code against the TensorRT Python API's stubs.
 
     pip install mypy && pip install --no-deps tensorrt-stubs   # the stubs pin tensorrt itself
     python engines/check_types.py                              # exit status 0: clean
 
-What is checked and how is set in ``[tool.mypy]`` of pyproject.toml (the files:
-edgecap/trt, edgecap/trt/engines.py, edgecap/backends/tensorrt.py). The tensorrt-stubs wheel
-(10.13.0.35.x: the TensorRT 10.13 API) installs ``tensorrt/__init__.pyi`` and
-``tensorrt_bindings/*.pyi`` without a ``py.typed`` marker, so mypy would skip them as an
-untyped installed package; this script copies them into a temporary stub folder on MYPYPATH,
-repairing on the way the two kinds of invalid Python that the 10.13.0.35.1 stubs contain (mypy
-stops at a syntax error): parameters named ``in`` (plugin methods; renamed ``in_``) and a parameter
-without a default after ones with defaults (``add_scale_nd``'s ``channel_axis``; given ``= ...``).
-Neither touches a call edgecap makes. The stubs also declare the module constant ``bool`` (the
-``DataType.BOOL`` alias), which shadows the builtin in every ``-> bool`` of the stubs; those
-annotations are rewritten to ``builtins.bool`` so that return types like ``execute_async_v3``'s
-are checked rather than unknown. Remaining complaints inside the stubs are silenced in
-pyproject.toml (``ignore_errors`` for tensorrt and tensorrt_bindings).
+What is checked and how is set in ``[tool.mypy]`` of pyproject.toml (the files: the whole edgecap
+package; tests/test_typing.py passes edgecap/trt and edgecap/backends/tensorrt.py alone). The
+tensorrt-stubs wheel (10.13.0.35.x: the TensorRT 10.13 API) installs ``tensorrt/__init__.pyi`` and
+``tensorrt_bindings/*.pyi`` without a ``py.typed`` marker, so mypy would skip them as an untyped
+installed package; this script copies them into a temporary stub folder on MYPYPATH, repairing on
+the way the two kinds of invalid Python that the 10.13.0.35.1 stubs contain (mypy stops at a syntax
+error): parameters named ``in`` (plugin methods; renamed ``in_``) and a parameter without a default
+after ones with defaults (``add_scale_nd``'s ``channel_axis``; given ``= ...``). Neither touches a
+call edgecap makes. The stubs also declare the module constant ``bool`` (the ``DataType.BOOL``
+alias), which shadows the builtin in every ``-> bool`` of the stubs; those annotations are
+rewritten to ``builtins.bool`` so that return types like ``execute_async_v3``'s are checked rather
+than unknown. Remaining complaints inside the stubs are silenced in pyproject.toml
+(``ignore_errors`` for tensorrt and tensorrt_bindings).
 Extra arguments go to mypy (e.g. a scratch copy's path instead of the configured files).
 Exit status 2 with a message when mypy or the stubs are missing.
 """

@@ -82,9 +82,26 @@ def any_model_dir(request, tmp_path_factory) -> Path:
         return contract_model_dir(tmp_path_factory.mktemp("contract-model"))
 
 
+# The quick subset for the edit-test loop, ``pytest -m "not slow"``: the tests that build the tiny
+# model or train (these fixtures) and those listed in slow_tests.txt are marked ``slow``.
+SLOW_FIXTURES = {"tiny_model_dir", "any_model_dir", "tiny_dataset", "noise_dataset"}
+SLOW_TESTS = Path(__file__).with_name("slow_tests.txt")
+
+
+def slow_test_ids() -> set[str]:
+    lines = SLOW_TESTS.read_text(encoding="utf-8").splitlines()
+    return {line.strip() for line in lines if line.strip() and not line.startswith("#")}
+
+
 def pytest_collection_modifyitems(config, items):
-    """``gpu``-marked tests skip before their fixtures are built where torch sees no CUDA GPU,
-    so ``pytest -m gpu`` (``benchmarks/gpu_check.py``) is quick on a CPU-only machine."""
+    """``slow``: see ``SLOW_FIXTURES``. ``gpu``-marked tests skip before their fixtures are built
+    where torch sees no CUDA GPU, so ``pytest -m gpu`` (``benchmarks/gpu_check.py``) is quick on
+    a CPU-only machine."""
+    slow_ids = slow_test_ids()
+    for item in items:
+        if SLOW_FIXTURES & set(getattr(item, "fixturenames", ())) or \
+                item.nodeid.split("[")[0] in slow_ids:
+            item.add_marker(pytest.mark.slow)
     gpu_items = [item for item in items if item.get_closest_marker("gpu")]
     if not gpu_items:
         return

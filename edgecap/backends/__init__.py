@@ -12,6 +12,7 @@ from __future__ import annotations
 
 import importlib
 import importlib.util
+from collections.abc import Callable
 
 from edgecap.backends.base import Backend
 from edgecap.contract import Limits
@@ -79,4 +80,6 @@ def load_backend(name: str, manifest: Manifest, *, device: str | None = None,
     cache_dir, fp16, device_id; torch: fp16, cuda_graphs; tensorrt: precision, cache_dir).
     """
     limits = (limits or Limits()).covering_default()
-    return backend_class(name)(manifest, device=device, limits=limits, **options)
+    # each backend's constructor takes its own options (the base class declares none)
+    make: Callable[..., Backend] = backend_class(name)
+    return make(manifest, device=device, limits=limits, **options)

@@ -152,7 +152,7 @@ def _encoder_stem_and_first_blocks(graph, n_blocks: int) -> list:
     other graph. The graph is a chain in topological order, so "before" is list order."""
     if not any(node.name == "/_conv_stem/Conv" for node in graph.node):
         return []
-    first = []
+    first: list = []
     for node in graph.node:
         if node.name.startswith(f"/_blocks.{n_blocks}/"):
             return first

@@ -55,6 +55,7 @@ def load_references(references: str | Path | None = None, captions: str | Path |
         source = Path(captions)
         items = _read(source, lambda: read_flickr8k(source, Path(split)))
     else:
+        assert references is not None  # exactly one of the two, checked above
         source = Path(references)
         items = _read(source, lambda: _read_json_references(source, karpathy_split))
     if not items:
@@ -69,7 +70,8 @@ def load_references(references: str | Path | None = None, captions: str | Path |
 def _read_json_references(path: Path, karpathy_split: str | None) -> list[CaptionedImage]:
     data = json.loads(path.read_text(encoding="utf-8"))
     images = data.get("images") if isinstance(data, dict) else None
-    is_karpathy = bool(images) and isinstance(images[0], dict) and "sentences" in images[0]
+    is_karpathy = (isinstance(images, list) and bool(images) and isinstance(images[0], dict)
+                   and "sentences" in images[0])
     if is_karpathy:
         if karpathy_split not in KARPATHY_SPLITS:
             raise ValueError(f"{path} is a Karpathy dataset JSON: choose its split "
@@ -130,7 +132,7 @@ def caption_split(captioner, items: list[CaptionedImage], images_root: str | Pat
     """
     root = Path(images_root)
     results = captioner.iter_captions((root / item.file_name for item in items), on_error="return")
-    hyps = {}
+    hyps: dict = {}
     # iter_captions yields a batch's results together: regroup them to report batch by batch.
     for chunk in batched(zip(items, results), captioner.options.batch_size):
         failures = [result for _, result in chunk if isinstance(result, InputError)]
@@ -163,6 +165,8 @@ def score_split(items: list[CaptionedImage], hyps: dict) -> EvalReport:
     no METEOR (a warning on stderr says so). BLEU, ROUGE-L and CIDEr never need Java.
     """
     refs = {item.image_id: item.captions for item in items}
+    wanted: tuple[str, ...]
+    skipped: tuple[str, ...]
     if metrics.java_available():
         tokenizer, wanted, skipped = "ptb", metrics.METRIC_KEYS, ()
     else:

@@ -108,7 +108,7 @@ class CaptionDecoder(nn.Module):
             x = emb
         h, c = self.lstm(x, (h, c))
         deep = emb + self.out_hidden(self.dropout(h))
-        if context is not None:
+        if context is not None and self.out_context is not None:  # both exist with attention
             deep = deep + self.out_context(context)
         logits = self.out_vocab(self.dropout(torch.tanh(deep)))
         return logits, h, c, alpha
