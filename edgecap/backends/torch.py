@@ -29,6 +29,7 @@ from onnx import numpy_helper
 
 from edgecap.backends._checks import check_threads, load_failure
 from edgecap.backends.base import Backend, DecoderSession, Encoded, StepResult
+from edgecap.backends.torch_search import TorchDeviceSearch, checked_search
 from edgecap.backends.torch_graphs import (CudaGraph, EncoderGraphs, GraphedSession,
                                            GraphFactory, StepGraphs, keep_fp32,
                                            keep_fp32_span)
@@ -101,7 +102,10 @@ class TorchBackend(Backend):
     other torch computation in this process; None leaves torch's setting as it is). ``limits`` is
     accepted for the common backend signature and unused: graphs are captured for the shapes
     met. ``graph_factory`` replaces ``CudaGraph`` with another ``capture(fn) -> graph`` (the
-    tests' ``EagerGraph``, on any device) and implies ``cuda_graphs``.
+    tests' ``EagerGraph``, on any device) and implies ``cuda_graphs``. ``search``: where the
+    beam search runs, "device" (torch tensors on the backend's device, no host round trip per
+    word), "host" (the numpy loop) or "auto" (device on CUDA, host on the CPU); see
+    ``edgecap.backends.torch_search`` and docs/gpu-search.md.
 
     With graphs the backend holds one set of buffers per shape, so it serves one search at a
     time (``thread_safe`` is False and ``Captioner`` serialises its batches)."""
@@ -110,15 +114,20 @@ class TorchBackend(Backend):
 
     def __init__(self, manifest: Manifest, device: str | None = "cpu", fp16: bool = False,
                  limits: Limits | None = None, cuda_graphs: bool = False,
-                 graph_factory: GraphFactory | None = None, threads: int | None = None):
+                 graph_factory: GraphFactory | None = None, threads: int | None = None,
+                 search: str = "auto"):
         device = _checked_device(device, fp16, cuda_graphs, graph_factory)
+        on_device = checked_search(search, torch.device(device))
         if check_threads(threads) is not None:
             torch.set_num_threads(threads)
         encoder, decoder = self._build(manifest)
         self._setup(encoder, decoder, device, fp16)
         self.manifest = manifest
+        self.on_device = on_device
         if cuda_graphs or graph_factory is not None:
             self.enable_graphs(graph_factory or CudaGraph)
+        elif self.on_device:
+            self.device_search = TorchDeviceSearch(self)
 
     def enable_graphs(self, capture: GraphFactory) -> None:
         """Run the encoder and the decoder step through graphs made by ``capture``."""
@@ -128,6 +137,8 @@ class TorchBackend(Backend):
                                EncoderGraphs(self.encoder_graph, self.device, self.dtype, capture))
         self.step_graphs = StepGraphs(self.step_graph, self.decoder.cfg.vocab_size, self.top_k,
                                       self.device, self.dtype, capture)
+        if self.on_device:  # the whole decode as one graph per shape
+            self.device_search = TorchDeviceSearch(self, capture)
 
     @classmethod
     def from_modules(cls, encoder: EfficientNetLite | None, decoder: CaptionDecoder,
@@ -137,6 +148,7 @@ class TorchBackend(Backend):
         backend = cls.__new__(cls)
         backend._setup(encoder, decoder, _checked_device(device, False), fp16=False)
         backend.manifest = None
+        backend.on_device = False
         return backend
 
     def _setup(self, encoder, decoder, device: str, fp16: bool) -> None:
@@ -211,6 +223,14 @@ class TorchBackend(Backend):
         probs = tensors.get("class_probs")
         return Encoded(n_images=int(tensors["h0"].shape[0]), tensors=tensors,
                        class_probs=None if probs is None else probs.float().cpu().numpy())
+
+    def search_on_device(self, encoded: Encoded, options, start_id: int, end_id: int,
+                         tag_words, fusion):
+        """The hook of ``edgecap.decoding.search_with_tags``: each image's hypotheses from the
+        beam search on the device (``edgecap.backends.torch_search``), or None where this
+        backend searches on the host (``search="host"``, or ``"auto"`` on the CPU)."""
+        return self.device_search(encoded, options, start_id, end_id, tag_words,
+                                  fusion) if self.on_device else None
 
     def start(self, encoded: Encoded, image_index: np.ndarray,
               return_attention: bool = False) -> DecoderSession:

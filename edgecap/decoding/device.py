@@ -395,7 +395,7 @@ def _decode(step: DeviceStep, plan: Plan, x: Inputs, never_first: torch.Tensor, 
         s_model = model_lp[:, :W].reshape(N, C).gather(1, order)
         s_word = words.reshape(N, C).gather(1, order)
         s_row = rows_of_candidates.gather(1, order)
-        s_ok = ok.reshape(N, C).gather(1, order) & ~done[:, None]
+        s_ok = ok.reshape(N, C).gather(1, order)  # a done image's rows are masked: none
         is_end = s_word == end
         going = s_ok & ~is_end
         going_before = going.long().cumsum(1)           # continuations up to here, inclusive

@@ -1,0 +1,311 @@
+"""The beam search on the device (``edgecap.decoding.device``) against the numpy loop
+(``edgecap.decoding.beam``), run here on torch CPU tensors: the same captions, finished flags and
+scores. The numpy loop is the reference: the expected hypotheses come from it, not from the code
+under test.
+
+Three drivers: fake backends through ``SessionStep`` (random prefix-hash models over many
+settings, and hand-made tables for the rare paths: no beam ever ends, every continuation
+blocked), the shipped model on the example photos through the torch backend, and the
+whole-decode graph (``DecodeGraphs``) with ``EagerGraph`` standing in for a CUDA graph.
+"""
+
+from __future__ import annotations
+
+from dataclasses import replace
+
+import numpy as np
+import pytest
+
+torch = pytest.importorskip("torch")
+pytest.importorskip("onnx")
+
+from edgecap import Captioner  # noqa: E402
+from edgecap.backends.base import Backend  # noqa: E402
+from edgecap.backends.torch import TorchBackend  # noqa: E402
+from edgecap.backends.torch_graphs import EagerGraph  # noqa: E402
+from edgecap.backends.torch_search import TorchDeviceSearch  # noqa: E402
+from edgecap.decoding import CaptionOptions, search, search_with_tags  # noqa: E402
+from edgecap.decoding.device import (DeviceBeamSearch, Rules, SessionStep,  # noqa: E402
+                                     TorchStep, rules_for)
+from edgecap.decoding.fusion import CaptionLM, Fusion  # noqa: E402
+from edgecap.errors import BackendError  # noqa: E402
+from edgecap.images import load_rgb, preprocess  # noqa: E402
+from edgecap.manifest import load_manifest  # noqa: E402
+from fakes import END, START, PrefixHashBackend  # noqa: E402
+from helpers import TableBackend  # noqa: E402
+
+
+def _device(backend: Backend, encoded, options, tag_words=None, fusion=None, fixed=False,
+            vocab_size=None):
+    """The device search over ``backend``'s own session (one host round trip per step)."""
+    vocab_size = vocab_size or backend.vocab_size
+    rules = rules_for(options, encoded.n_images, tag_words, fusion, encoded.class_probs)
+    search = DeviceBeamSearch(vocab_size, torch.device("cpu"))
+    return search.search(lambda index: SessionStep(backend.start(encoded, index.numpy())),
+                         encoded.n_images, options, backend.top_k, START, END, rules,
+                         fixed=fixed)
+
+
+def _same(host, device, exact: bool = True):
+    for want, got in zip(host, device, strict=True):
+        assert [h.tokens for h in got] == [h.tokens for h in want]
+        assert [h.finished for h in got] == [h.finished for h in want]
+        for a, b in zip(want, got):
+            if exact:  # the same float64 sums of the same float32 step outputs
+                assert (b.log_prob, b.score, b.rank_score) == (a.log_prob, a.score, a.rank_score)
+            else:
+                assert b.score == pytest.approx(a.score, abs=1e-5)
+                assert b.rank_score == pytest.approx(a.rank_score, abs=1e-5)
+
+
+def _lm(rng, vocab: int, hidden: int = 8, embed: int = 6) -> CaptionLM:
+    def normal(*shape):
+        return rng.normal(size=shape).astype(np.float32)
+
+    return CaptionLM({"embed": normal(vocab, embed), "w_ih": normal(4 * hidden, embed),
+                      "w_hh": normal(4 * hidden, hidden) * 0.5, "bias": normal(4 * hidden),
+                      "out_w": normal(vocab, hidden), "out_b": normal(vocab)})
+
+
+def _random_case(seed: int):
+    rng = np.random.default_rng(seed)
+    vocab = int(rng.integers(10, 30))
+    top_k = int(rng.integers(4, 10))
+    beam = int(rng.integers(1, min(top_k, 5) + 1))
+    backend = PrefixHashBackend(vocab_size=vocab, top_k=top_k,
+                                end_bias=float(rng.uniform(-3, 1.5)), seed=seed)
+    options = CaptionOptions(beam_size=beam, max_length=int(rng.integers(2, 14)),
+                             n_best=int(rng.integers(1, beam + 1)),
+                             no_repeat_ngram=int(rng.integers(0, 4)),
+                             length_penalty=[None, 0.7, 1.5][seed % 3],
+                             guidance_bonus=float(rng.choice([0.0, 1.0, 3.0])),
+                             fusion_weight=float(rng.choice([0.0, 0.6])))
+    n_images = int(rng.integers(1, 5))
+    tag_words = tuple(frozenset(int(w) for w in rng.choice(np.arange(3, vocab),
+                                                           int(rng.integers(0, 3))))
+                      for _ in range(n_images))
+    fusion = Fusion(_lm(rng, vocab), _lm(rng, vocab), 0.5, {})
+    return backend, options, rng.integers(0, 1000, n_images), tag_words, fusion, vocab
+
+
+@pytest.mark.parametrize("seed", range(30))
+def test_device_search_is_the_numpy_search_on_random_models(seed):
+    backend, options, seeds, tag_words, fusion, vocab = _random_case(seed)
+    host = search_with_tags(backend, backend.encode(seeds), options, START, END, vocab,
+                            tag_words, fusion=fusion)
+    for fixed in (False, True):  # the early-exit loop and the fixed-shape masked one
+        device = _device(backend, backend.encode(seeds), options, tag_words, fusion, fixed)
+        # with fusion, torch's matrix products round differently from numpy's
+        _same(host, device, exact=not options.fusion_weight)
+
+
+WORDS = ["<pad>", "<start>", "<end>", "<unk>", "a", "b", "c"]
+
+
+def _table(rule, top_k=2):
+    return TableBackend(WORDS, rule, top_k=top_k)
+
+
+def _both(backend, options, fixed=False):
+    encoded = backend.encode(np.zeros((1, 3, 4, 4), np.float32))
+    host = search_with_tags(backend, encoded, options, START, END, len(WORDS), None)
+    encoded = backend.encode(np.zeros((1, 3, 4, 4), np.float32))
+    return host, _device(backend, encoded, options, fixed=fixed, vocab_size=len(WORDS))
+
+
+@pytest.mark.parametrize("fixed", [False, True])
+def test_every_continuation_blocked_keeps_the_live_beam(fixed):
+    """"a" then "b", then both repeat a word (no_repeat_ngram=1) and <end> is not in the top
+    K: the live beam "a b" is the caption, unfinished."""
+    backend = _table(lambda prefix: {"a": -0.1, "b": -0.2})
+    host, device = _both(backend, CaptionOptions(beam_size=1, no_repeat_ngram=1), fixed)
+    assert [WORDS[w] for w in host[0][0].tokens] == ["a", "b"] and not host[0][0].finished
+    _same(host, device)
+
+
+@pytest.mark.parametrize("fixed", [False, True])
+def test_no_beam_ends_gives_the_best_place_to_end(fixed):
+    """No beam takes <end> before max_length (it is third in every top K); the caption is the
+    best ending seen, a finished hypothesis, not the cut beam."""
+    def rule(prefix):
+        return {"a": -0.1, "b": -0.3, "<end>": -2.0 - 0.5 * (len(prefix) == 3)}
+
+    backend = _table(rule, top_k=4)
+    host, device = _both(backend, CaptionOptions(beam_size=2, max_length=5,
+                                                 no_repeat_ngram=0, n_best=2), fixed)
+    assert host[0][0].finished and len(host[0][0].tokens) < 5
+    _same(host, device)
+
+
+@pytest.mark.parametrize("fixed", [False, True])
+def test_equal_candidates_keep_the_numpy_order(fixed):
+    """"a" and "b" tie as first words: the numpy loop takes the one first in the step's top K
+    (its sort is stable), so must the device search."""
+    backend = _table(lambda prefix: {"a": -0.5, "b": -0.5} if not prefix else {"<end>": -0.5})
+    host, device = _both(backend, CaptionOptions(beam_size=1), fixed)
+    assert [WORDS[w] for w in host[0][0].tokens] == ["a"]
+    _same(host, device)
+
+
+@pytest.mark.parametrize("fixed", [False, True])
+def test_equal_endings_keep_the_first(fixed):
+    """No beam ends; the endings after "a" (step 2) and after "a c c" (step 4) rank the same
+    (0 with the tag bonus of 4 on "a") and have the same log-probability (-4): the numpy loop
+    keeps the first one it saw."""
+    ends = {1: -3.5, 2: -5.0, 3: -3.0}
+
+    def rule(prefix):
+        if not prefix:
+            return {"a": -0.5, "b": -1.0}
+        return {"c": -0.25, "<end>": ends.get(len(prefix), -9.0)}
+
+    backend = TableBackend(WORDS, rule, top_k=3)
+    options = CaptionOptions(beam_size=1, max_length=5, no_repeat_ngram=0, guidance_bonus=4.0)
+    tags = (frozenset({WORDS.index("a")}),)
+    encoded = backend.encode(np.zeros((1, 3, 4, 4), np.float32))
+    host = search_with_tags(backend, encoded, options, START, END, len(WORDS), tags)
+    assert [WORDS[w] for w in host[0][0].tokens] == ["a"] and host[0][0].finished
+    assert (host[0][0].rank_score, host[0][0].log_prob) == (0.0, -4.0)
+    device = _device(backend, backend.encode(np.zeros((1, 3, 4, 4), np.float32)), options,
+                     tags, fixed=fixed, vocab_size=len(WORDS))
+    _same(host, device)
+
+
+def test_a_non_finite_step_is_an_error_naming_the_word():
+    class NaNAt:
+        def __init__(self, inner, bad):
+            self.inner, self.bad, self.t = inner, bad, 0
+
+        def first_state(self):
+            return None
+
+        def __call__(self, state, tokens, source_rows, word_bias):
+            values, ids, state = self.inner(state, tokens, source_rows, word_bias)
+            self.t += 1
+            if self.t == self.bad:
+                values = values.clone()
+                values[0, 0] = float("nan")
+            return values, ids, state
+
+    backend = PrefixHashBackend(vocab_size=12, top_k=5, end_bias=-5.0)
+    encoded = backend.encode(np.array([3]))
+    search = DeviceBeamSearch(12, torch.device("cpu"))
+    options = CaptionOptions(beam_size=2, max_length=6, no_repeat_ngram=0)
+    for fixed in (False, True):
+        with pytest.raises(BackendError, match="non-finite log-probabilities at word 3"):
+            search.search(lambda index: NaNAt(SessionStep(backend.start(encoded,
+                                                                         index.numpy())), 3),
+                          1, options, 5, START, END, Rules(), fixed=fixed)
+
+
+# -- the shipped model on the example photos ---------------------------------------------------
+
+OPTIONS = [dict(), dict(n_best=3), dict(beam_size=5, n_best=5, max_length=8),
+           dict(length_penalty=0.7, no_repeat_ngram=1), dict(fusion_weight=0),
+           dict(guidance_bonus=0, beam_size=1)]
+
+
+@pytest.fixture(scope="module")
+def shipped(default_model_dir, example_images):
+    """The shipped model's torch backend (device search) and the example photos, encoded."""
+    captioner = Captioner(default_model_dir, backend="torch", device="cpu", search="device")
+    photos = [str(p) for p in example_images]
+    batch = np.stack([preprocess([load_rgb(p)], captioner.manifest.preprocessing)[0]
+                      for p in photos])
+    return captioner, captioner.backend.encode(batch), photos
+
+
+def _search(captioner, encoded, options, on_device: bool):
+    backend = captioner.backend
+    backend.on_device = on_device
+    try:
+        return search(backend, encoded, options, captioner.vocab.start, captioner.vocab.end,
+                      len(captioner.vocab), captioner.classes, captioner.fusion)
+    finally:
+        backend.on_device = True
+
+
+@pytest.mark.parametrize("options", OPTIONS, ids=lambda o: ",".join(f"{k}={v}" for k, v in
+                                                                     o.items()) or "defaults")
+def test_device_search_captions_the_examples_as_the_numpy_search(shipped, options):
+    captioner, encoded, _ = shipped
+    options = replace(CaptionOptions(), **options)
+    host = _search(captioner, encoded, options, on_device=False)
+    device = _search(captioner, encoded, options, on_device=True)
+    _same(host, device, exact=False)  # the fused language models: torch's products round apart
+
+
+def test_the_whole_decode_graph_captions_as_the_numpy_search(shipped):
+    """``DecodeGraphs`` with ``EagerGraph``: the fixed-shape search over static buffers,
+    captured once per shape and replayed; another shape gets its own graph."""
+    captioner, encoded, _ = shipped
+    backend = captioner.backend
+    options = CaptionOptions(n_best=2)
+    host = _search(captioner, encoded, options, on_device=False)
+    kept = backend.device_search
+    backend.device_search = graphed = TorchDeviceSearch(backend, EagerGraph)
+    try:
+        _same(host, _search(captioner, encoded, options, on_device=True), exact=False)
+        _same(host, _search(captioner, encoded, options, on_device=True), exact=False)
+        graphs = graphed.graphs
+        assert graphs.captured == 1  # the same shape: one graph, replayed
+        (graph, *_rest), = graphs.graphs.values()
+        assert graph.replays == 2
+        short = replace(options, max_length=6)  # another plan: its own graph, the first kept
+        _same(_search(captioner, encoded, short, on_device=False),
+              _search(captioner, encoded, short, on_device=True), exact=False)
+        assert graphs.captured == 2 and len(graphs.graphs) == 2
+    finally:
+        backend.device_search = kept
+
+
+def test_the_captioner_uses_the_device_search(shipped, monkeypatch):
+    """A torch Captioner with search="device" runs it for plain captions, and the numpy loop
+    for the attention maps and the tag constraint."""
+    captioner, _, photos = shipped
+    host = Captioner(captioner.manifest.directory, backend="torch", device="cpu")
+    assert not host.backend.on_device  # "auto" on the CPU: the numpy loop
+    calls = []
+    original = captioner.backend.device_search
+
+    def spy(*args):
+        calls.append(1)
+        return original(*args)
+
+    monkeypatch.setattr(captioner.backend, "device_search", spy)
+    want = host.caption_batch(photos[:2])
+    got = captioner.caption_batch(photos[:2])
+    assert [c.text for c in got] == [c.text for c in want] and calls == [1]
+    caption = captioner.caption(photos[0], return_attention=True)
+    assert caption.attention is not None and calls == [1]
+    monkeypatch.setattr(captioner, "options", replace(CaptionOptions(), constrained=True,
+                                                      constraint_min_prob=0.01))
+    captioner.caption(photos[1])
+    assert calls == [1]
+
+
+def test_search_option(tiny_model_dir):
+    manifest = load_manifest(tiny_model_dir)
+    with pytest.raises(ValueError, match="search must be one of auto, host, device, got 'gpu'"):
+        TorchBackend(manifest, device="cpu", search="gpu")
+    assert TorchBackend(manifest, device="cpu").on_device is False  # auto on the CPU: host
+    backend = TorchBackend(manifest, device="cpu", search="device")
+    assert backend.on_device and backend.device_search.graphs is None
+
+
+def test_torch_step_is_the_backend_session(tiny_model_dir):
+    """``TorchStep`` (what the device search drives on a GPU) and the backend's own session
+    give the same search on a tiny random model (a step with h/c on the device)."""
+    backend = TorchBackend(load_manifest(tiny_model_dir), device="cpu")
+    images = np.random.default_rng(0).normal(size=(3, 3, 224, 224)).astype(np.float32)
+    encoded = backend.encode(images)
+    vocab = backend.decoder.cfg.vocab_size
+    options = CaptionOptions(beam_size=3, max_length=7, n_best=2)
+    host = search_with_tags(backend, encoded, options, START, END, vocab, None)
+    search = DeviceBeamSearch(vocab, torch.device("cpu"))
+    for fixed in (False, True):
+        with torch.inference_mode():
+            device = search.search(lambda index: TorchStep(backend.step_graph, encoded.tensors,
+                                                           index), 3, options, backend.top_k,
+                                   START, END, Rules(), fixed=fixed)
+        _same(host, device, exact=True)
