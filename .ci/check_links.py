@@ -67,32 +67,35 @@ def check(path: Path, cache: dict[Path, set[str]], root: Path = ROOT) -> list[st
     """One line per broken link of the Markdown file ``path`` (links must stay inside ``root``)."""
     problems = []
     rel = path.relative_to(root) if path.is_relative_to(root) else path
-    for number, line in prose_lines(path.read_text(encoding="utf-8")):
-        line = re.sub(r"`[^`]*`", "``", line)  # a link inside inline code is not a link
-        for match in LINK.finditer(line):
-            target = match.group(1)
-            if target.startswith(EXTERNAL):
-                continue
-            if re.match(r"^[a-z][a-z0-9+.-]*:", target):
-                problems.append(f"{rel}:{number}: {target}: unknown link scheme")
-                continue
-            file_part, _, anchor = target.partition("#")
-            dest = (path.parent / file_part).resolve() if file_part else path
-            if file_part.startswith("/"):
-                problems.append(f"{rel}:{number}: {target}: absolute path; use a relative link")
-                continue
-            if not dest.exists():
-                problems.append(f"{rel}:{number}: {target}: no such file or folder")
-                continue
-            if not dest.is_relative_to(root):
-                problems.append(f"{rel}:{number}: {target}: points outside the repository")
-                continue
-            if anchor:
-                if dest.suffix != ".md" or dest.is_dir():
-                    problems.append(f"{rel}:{number}: {target}: an anchor into a non-Markdown file")
-                elif anchor not in anchors(dest, cache):
-                    problems.append(f"{rel}:{number}: {target}: no heading with anchor "
-                                    f"#{anchor} in {dest.relative_to(root)}")
+    # the prose as one text (a link's words may run over two lines), fenced code blanked out
+    lines = dict(prose_lines(path.read_text(encoding="utf-8")))
+    text = "\n".join(lines.get(n, "") for n in range(1, max(lines, default=0) + 1))
+    text = re.sub(r"`[^`\n]*`", "``", text)  # a link inside inline code is not a link
+    for match in LINK.finditer(text):
+        number = text.count("\n", 0, match.start()) + 1
+        target = match.group(1)
+        if target.startswith(EXTERNAL):
+            continue
+        if re.match(r"^[a-z][a-z0-9+.-]*:", target):
+            problems.append(f"{rel}:{number}: {target}: unknown link scheme")
+            continue
+        file_part, _, anchor = target.partition("#")
+        dest = (path.parent / file_part).resolve() if file_part else path
+        if file_part.startswith("/"):
+            problems.append(f"{rel}:{number}: {target}: absolute path; use a relative link")
+            continue
+        if not dest.exists():
+            problems.append(f"{rel}:{number}: {target}: no such file or folder")
+            continue
+        if not dest.is_relative_to(root):
+            problems.append(f"{rel}:{number}: {target}: points outside the repository")
+            continue
+        if anchor:
+            if dest.suffix != ".md" or dest.is_dir():
+                problems.append(f"{rel}:{number}: {target}: an anchor into a non-Markdown file")
+            elif anchor not in anchors(dest, cache):
+                problems.append(f"{rel}:{number}: {target}: no heading with anchor "
+                                f"#{anchor} in {dest.relative_to(root)}")
     return problems
 
 

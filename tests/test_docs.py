@@ -78,7 +78,7 @@ def test_the_readmes_setup_and_test_commands_are_the_ones_ci_runs():
                 for line in (ROOT / ".ci" / "run").read_text(encoding="utf-8").splitlines()]
     commands = fenced_commands(README)
     install = [c for c in commands if c.startswith(".venv/bin/pip install")]
-    test = [c for c in commands if "pytest" in c and " -m " not in c]  # not the quick subset
+    test = [c for c in commands if "pytest" in c and "slow" not in c]  # not the quick subset
     assert install and test
     for command in install + test:  # the whole command, at the end of a line of .ci/run
         assert any(line.endswith(" " + command) for line in ci_lines), \
@@ -103,3 +103,10 @@ def test_images_and_links_are_both_checked(tmp_path, line):
     page = tmp_path / "page.md"
     page.write_text(line + "\n")
     assert len(check_links.check(page, {}, root=tmp_path)) == 1
+
+
+def test_a_link_whose_text_runs_over_two_lines_is_checked(tmp_path):
+    page = tmp_path / "page.md"
+    page.write_text("# Page\n\nSee [the other\npage](gone.md) and [this one](#page).\n")
+    assert check_links.check(page, {}, root=tmp_path) == [
+        "page.md:3: gone.md: no such file or folder"]
