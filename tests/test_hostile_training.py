@@ -548,6 +548,18 @@ def test_a_run_that_trains_no_epoch_is_an_error_not_a_missing_checkpoint(tmp_pat
         train(cfg, log=lambda *_: None)
 
 
+@POSIX
+@pytest.mark.parametrize("kind, problem", [("fifo", "is a named pipe (FIFO), not a regular file"),
+                                           ("huge", "captions file is 314,572,800 bytes, over "
+                                                    "the limit of 268,435,456")])
+def test_a_captions_file_that_is_a_pipe_or_huge_is_one_error(tmp_path, kind, problem):
+    root = captions_csv(tmp_path / "data", GOOD)
+    special(root / "captions.csv", kind)
+    with pytest.raises(DataError) as info:
+        read_folder(root)
+    assert str(info.value) == f"{root / 'captions.csv'}: {problem}"
+
+
 # -- class 7: problem reports cannot be forged ----------------------------------------------------
 def test_problem_reports_escape_names_as_caption_output_does(tmp_path):
     from edgecap.commands.output import escape_field

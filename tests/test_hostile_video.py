@@ -64,7 +64,7 @@ def _cut(clip, keep: float):
 
 def _garbled(clip):
     data = bytearray(clip.read_bytes())
-    for i in range(4000, len(data), 97):  # past the AVI header: every frame's JPEG damaged
+    for i in range(1000, len(data), 97):  # past the AVI header: every frame's JPEG damaged
         data[i] ^= 0x55
     bad = clip.with_name("garbled.avi")
     bad.write_bytes(bytes(data))

@@ -30,6 +30,7 @@ import csv
 import hashlib
 import io
 import json
+import os
 import sys
 from collections.abc import Callable
 from dataclasses import dataclass, field
@@ -51,10 +52,13 @@ MAX_REPORTED = 200  # problem lines shown one by one; the rest are counted
 
 
 def caption_file(root: str | Path) -> Path | None:
-    """The folder's ``captions.csv`` or ``captions.jsonl``; None when it has neither."""
-    found = [Path(root) / name for name in CAPTION_FILES if (Path(root) / name).is_file()]
+    """The folder's ``captions.csv`` or ``captions.jsonl``; None when it has neither. Any entry
+    of that name counts (a pipe or a broken link too: reading it then says what it is)."""
+    found = [Path(root) / name for name in CAPTION_FILES
+             if os.path.lexists(Path(root) / name)]
     if len(found) > 1:
-        raise DataError(f"{escape_field(str(root))}: has both {' and '.join(CAPTION_FILES)}; keep one")
+        raise DataError(f"{escape_field(str(root))}: has both {' and '.join(CAPTION_FILES)}; "
+                        "keep one")
     return found[0] if found else None
 
 
