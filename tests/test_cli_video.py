@@ -70,7 +70,7 @@ def test_video_json_every_frame(tiny_model_dir, video):
     (["--video", "missing.mp4"], "missing.mp4: no such file"),
     (["--video", "missing.mp4", "photo.jpg"], "exactly one of them"),
     ([], "exactly one of them"),
-    (["photo.jpg", "--every", "1"], "--every needs --video or --camera"),
+    (["photo.jpg", "--every", "1"], "--every needs --video, --camera or --bag"),
     (["--video", "missing.mp4", "--every", "0"], "--every must be a positive number"),
     (["--video", "missing.mp4", "--attention", "out.png"], "--attention needs one image PATH"),
     (["photo.jpg", "--attention", "out.xyz"], "unknown image format"),
