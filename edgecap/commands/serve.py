@@ -28,8 +28,8 @@ def add_arguments(p: argparse.ArgumentParser) -> None:
     defaults = ServiceOptions()
     p.epilog = EPILOG  # edgecap.cli's formatter keeps its layout
     p.add_argument("--host", default=DEFAULT_HOST,
-                   help="address to listen on (default loopback only: the service has no "
-                        "authentication)")
+                   help="address to listen on: keep the loopback default unless the network "
+                        "is trusted (the service has no authentication)")
     p.add_argument("--port", type=int, default=DEFAULT_PORT, help="0: any free port")
     p.add_argument("--max-body-mb", type=float, default=defaults.max_body_bytes / MIB,
                    metavar="MB", help="largest image accepted (413 above)")
