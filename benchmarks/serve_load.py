@@ -1,17 +1,20 @@
 """Load test of ``edgecap serve``: N concurrent clients on loopback for a bounded time.
 
     python benchmarks/serve_load.py                          # 1, 4, 16 clients, batched and not
-    python benchmarks/serve_load.py --clients 1 4 16 --seconds 20 --rounds 3 --out benchmarks/results
+    python benchmarks/serve_load.py --clients 1 4 16 --seconds 10 --rounds 5 --out benchmarks/results
 
-For each round, each service setting (``batched``: ``--max-batch`` 8, ``--max-wait-ms`` 5, the
-defaults; ``unbatched``: ``--max-batch 1``) starts ``edgecap serve`` on a free loopback port in a
-process of its own, then for each client count runs that many clients for ``--seconds``: each
-client POSTs the example photos (the encoded files, in turn) one request at a time, as fast as
-the answers come. A request still in flight when the time is up is waited for, never dropped:
-every request sent must get its answer (``lost`` counts those that did not), and every answer
-must be a 200 with a caption (``errors``). Latency is measured by the client, from sending the
-request to reading the whole answer. Rounds interleave the settings; the tables give the median
-over rounds of each round's p50, p99 and throughput, and the load average of the machine.
+Each service setting (``batched``: ``--max-batch`` 8, ``--max-wait-ms`` 5, the defaults;
+``unbatched``: ``--max-batch 1``) runs as ``edgecap serve`` on a free loopback port in a process
+of its own, all started (and warmed up) before the first run; only one is loaded at a time. Each
+round runs, for each client count, each setting in turn (the order alternating between rounds),
+so that the two settings of a pair ran seconds apart under the same machine load: that many
+clients for ``--seconds``, each POSTing the example photos (the encoded files, in turn) one
+request at a time, as fast as the answers come. A request still in flight when the time is up
+is waited for, never dropped: every request sent must get its answer (``lost`` counts those
+that did not), and every answer must be a 200 with a caption (``errors``). Latency is measured
+by the client, from sending the request to reading the whole answer. The tables give the median
+over rounds of each round's p50, p99 and throughput, the load average of the machine, and the
+batched / unbatched throughput ratio of each round's pair.
 
 Needs aiohttp (``pip install 'edgecap[serve]'``), the client and the server's library.
 """
@@ -121,14 +124,18 @@ def main(argv: list[str] | None = None) -> int:
     args = parser.parse_args(argv)
     images = photos()
     runs: list[dict] = []
-    for round_ in range(args.rounds):
+    servers: dict[str, Server] = {}
+    try:
         for setting in args.settings:
-            server = Server(args.model, SETTINGS[setting])
-            try:
-                asyncio.run(load(server.port, max(args.clients), args.warmup, images))
-                for clients in args.clients:
+            servers[setting] = Server(args.model, SETTINGS[setting])
+            asyncio.run(load(servers[setting].port, max(args.clients), args.warmup, images))
+        for round_ in range(args.rounds):
+            for clients in args.clients:
+                order = args.settings if round_ % 2 == 0 else args.settings[::-1]
+                for setting in order:
                     before = load_average()
-                    result = asyncio.run(load(server.port, clients, args.seconds, images))
+                    result = asyncio.run(load(servers[setting].port, clients, args.seconds,
+                                              images))
                     runs.append({"round": round_, "setting": setting, "clients": clients,
                                  "load_before": before, "load_after": load_average(), **result})
                     print(f"round {round_} {setting:9s} {clients:2d} clients: "
@@ -136,8 +143,9 @@ def main(argv: list[str] | None = None) -> int:
                           f"p99 {result['p99_ms']:.0f} ms batch {result['mean_batch']:.2f} "
                           f"errors {result['errors']} lost {result['lost']} "
                           f"(load {before})", file=sys.stderr, flush=True)
-            finally:
-                server.stop()
+    finally:
+        for server in servers.values():
+            server.stop()
     rows = []
     for setting in args.settings:
         for clients in args.clients:
@@ -152,6 +160,17 @@ def main(argv: list[str] | None = None) -> int:
     table = markdown_table(["service", "clients", "captions/s", "p50 ms", "p99 ms",
                             "mean batch", "answered", "errors", "lost",
                             "load average (1 min) before each run"], rows)
+    if {"batched", "unbatched"} <= set(args.settings):
+        ratios = []
+        for clients in args.clients:
+            pairs = [[r["throughput"] for r in runs if r["round"] == k and r["clients"] == clients
+                      and r["setting"] == s] for k in range(args.rounds)
+                     for s in ("batched", "unbatched")]
+            per_round = [b[0] / u[0] for b, u in zip(pairs[0::2], pairs[1::2])]
+            ratios.append([clients, f"{median(per_round):.2f}",
+                           ", ".join(f"{x:.2f}" for x in per_round)])
+        table += ("\n\nBatched over unbatched throughput, each round's pair (run seconds apart):"
+                  "\n\n" + markdown_table(["clients", "median ratio", "per round"], ratios))
     markdown = (f"{args.rounds} rounds x {args.seconds:g} s per cell, medians over rounds; the "
                 f"{len(images)} example photos (PNG / JPEG files) in turn; client and server on "
                 "the same machine (loopback), the clients in one asyncio process.\n\n" + table)
