@@ -33,7 +33,8 @@ def test_gpu_check_on_the_cpu(tmp_path):
     assert data["gpu_tests"]["counts"].get("failed", 0) == 0
     assert data["gpu_tests"]["counts"].get("skipped", 0) >= 1
     labels = [m["label"] for m in data["modes"]]
-    assert labels == ["torch-cpu-fp32-eager", "torch-cpu-fp32-graphs-emulated"]
+    assert labels == ["torch-cpu-fp32-eager", "torch-cpu-fp32-graphs-emulated",
+                      "torch-cpu-fp32-eager-device"]
     for mode in data["modes"]:
         # the same model on the CPU: the captions are onnxruntime's
         assert mode["captions"]["n"] == 2 and mode["captions"]["identical"] == 1.0
@@ -51,8 +52,9 @@ def test_gpu_check_on_the_cpu(tmp_path):
 
 
 def test_gpu_report_formats_cuda_results():
-    """The CUDA-only branches of the report (machine, memory, targets, speed-ups), fed
-    results shaped as a GPU run would give them: they cannot run here otherwise."""
+    """The CUDA-only branches of the report (machine, memory, targets, speed-ups, FP16 against
+    FP32, throughput), fed results shaped as a GPU run would give them: they cannot run here
+    otherwise."""
     sys.path.insert(0, str(SCRIPT.parent))
     import gpu_check
 
@@ -60,29 +62,59 @@ def test_gpu_report_formats_cuda_results():
         return [{"beam": beam, "batch": batch, "calls": 3, "encoder_p50_ms": 0.9 * scale,
                  "encoder_p95_ms": 1.0 * scale, "step_p50_ms": 0.08 * scale,
                  "step_p95_ms": 0.1 * scale, "steps_per_call": 12.0, "preprocess_p50_ms": 0.5,
-                 "e2e_p50_ms": 3.5 * scale, "e2e_p95_ms": 4.0 * scale}
+                 "search_p50_ms": 1.0 * scale, "e2e_p50_ms": 2.0 * scale,
+                 "e2e_p95_ms": 3.0 * scale}
                 for beam in (1, 3) for batch in (1, 8)]
 
-    modes = [{"label": label, "latency": latency(scale), "peak_gpu_mib": 120.0,
-              "captions": {"n": 200, "identical": ident, "identical_n": int(ident * 200),
-                           "cider": None, "images_per_s": 900.0}}
-             for label, scale, ident in (("torch-cuda-fp16-eager", 4.0, 0.975),
-                                         ("torch-cuda-fp16-graphs", 1.0, 0.96))]
-    data = {"device": "cuda", "command": "python benchmarks/gpu_check.py", "date": "now",
-            "seconds": 100.0, "settings": {"max_length": 20, "warmup": 3, "repeats": 20},
-            "environment": {"gpu": "NVIDIA H100 80GB HBM3", "capability": "9.0",
-                            "gpu_memory_gib": 79.2, "multiprocessors": 132, "driver": "580",
-                            "torch_cuda": "13.0", "cudnn": 91000, "cpu": "x86", "python": "3.12",
-                            "platform": "linux", "versions": {"torch": "2.11"},
-                            "onnxruntime_providers": ["CPUExecutionProvider"]},
-            "gpu_tests": {"command": "python -m pytest -m gpu", "summary": "6 passed",
-                          "returncode": 0, "seconds": 20.0, "failures": [], "skip_reasons": []},
-            "photos": {"n": 200, "source": "examples"}, "reference": {"describe": "ort"},
-            "modes": modes, "skipped": [{"item": "TensorRT rows", "reason": "not installed"}]}
-    data["speedups"] = gpu_check.speedups(modes)
-    data["targets"] = gpu_check.targets(modes, "cuda")
-    assert [t["met"] for t in data["targets"]] == [True, True, True, False]
-    assert data["speedups"][0]["step_p50_ms_x"] == pytest.approx(4.0)
+    texts = [f"caption {i}" for i in range(200)]
+
+    def mode(label, scale, ident, fp16_same=200, rate=None):
+        out = {"label": label, "latency": latency(scale), "peak_gpu_mib": 120.0,
+               "texts": texts[:fp16_same] + ["other"] * (200 - fp16_same),
+               "captions": {"n": 200, "identical": ident, "identical_n": int(ident * 200),
+                            "cider": None, "images_per_s": 900.0}}
+        if rate is not None:
+            out["throughput"] = [{"batch": 64, "input": "frames", "calls": 20,
+                                  "p50_ms": 64e3 / rate, "captions_per_s": rate},
+                                 {"batch": 64, "input": "tensors", "calls": 20,
+                                  "p50_ms": 64e3 / (rate * 1.5), "captions_per_s": rate * 1.5}]
+        return out
+
+    def report(fp16_same):
+        modes = [mode("torch-cuda-fp32-graphs-host", 3.0, 0.99, rate=2000.0),
+                 mode("torch-cuda-fp32-graphs-device", 1.2, 0.99, rate=5200.0),
+                 mode("torch-cuda-fp16-graphs-device", 1.0, 0.95, fp16_same, rate=6000.0)]
+        data = {"device": "cuda", "command": "python benchmarks/gpu_check.py", "date": "now",
+                "seconds": 100.0, "settings": {"max_length": 20, "warmup": 3, "repeats": 20},
+                "environment": {"gpu": "NVIDIA H100 80GB HBM3", "capability": "9.0",
+                                "gpu_memory_gib": 79.2, "multiprocessors": 132, "driver": "580",
+                                "torch_cuda": "13.0", "cudnn": 91000, "cpu": "x86",
+                                "python": "3.12", "platform": "linux",
+                                "versions": {"torch": "2.11"},
+                                "onnxruntime_providers": ["CPUExecutionProvider"]},
+                "gpu_tests": {"command": "python -m pytest -m gpu", "summary": "6 passed",
+                              "returncode": 0, "seconds": 20.0, "failures": [],
+                              "skip_reasons": []},
+                "photos": {"n": 200, "source": "examples"}, "reference": {"describe": "ort"},
+                "modes": modes,
+                "skipped": [{"item": "TensorRT rows", "reason": "not installed"}]}
+        data["speedups"] = gpu_check.speedups(modes)
+        data["search_speedups"] = gpu_check.search_speedups(modes)
+        data["fp16_identity"] = gpu_check.fp16_identity(modes)
+        data["targets"] = gpu_check.targets(modes, "cuda", data["fp16_identity"])
+        return data
+
+    data = report(fp16_same=198)  # FP16 keeps 99% of FP32's captions: the faster one counts
+    assert [t["met"] for t in data["targets"]] == [True, True, True]
+    assert [t["value"] for t in data["targets"]] == [2.0, 6000.0, 0.99]
+    assert data["search_speedups"][0]["e2e_p50_ms_x"] == pytest.approx(2.5)
     text = gpu_check.markdown(data)
-    assert "NVIDIA H100 80GB HBM3" in text and "| torch-cuda-fp16-graphs | 120.0 |" in text
-    assert "**no**" in text and "- TensorRT rows: not installed" in text
+    assert "NVIDIA H100 80GB HBM3" in text and "| torch-cuda-fp16-graphs-device | 120.0 |" in text
+    assert "| torch-cuda-fp16-graphs-device | torch-cuda-fp32-graphs-device | 99.0% (198/200) |" \
+        in text
+    assert "- TensorRT rows: not installed" in text and "## Throughput, batch 64" in text
+    data = report(fp16_same=190)  # 95%: FP16 does not keep the captions, FP32's time counts
+    assert [t["met"] for t in data["targets"]] == [True, True, False]
+    assert data["targets"][0]["value"] == pytest.approx(2.4)
+    assert "torch-cuda-fp32-graphs-device" in data["targets"][0]["target"]
+    assert "**no**" in gpu_check.markdown(data)
