@@ -20,6 +20,7 @@ from collections.abc import Iterable, Iterator
 from dataclasses import dataclass, field, fields, replace
 from importlib import resources
 from pathlib import Path
+from typing import cast
 
 import numpy as np
 from PIL import Image
@@ -67,7 +68,7 @@ class Caption:
     score: float
     tokens: list[str]
     log_prob: float
-    alternatives: tuple["Caption", ...] = ()
+    alternatives: tuple[Caption, ...] = ()
     objects: tuple[tuple[str, float], ...] = field(default=(), compare=False)
     timings: dict[str, float] = field(default_factory=dict, compare=False)
     attention: np.ndarray | None = field(default=None, compare=False, repr=False)
@@ -81,7 +82,7 @@ NOTHING_RECOGNISABLE = "nothing recognisable"
 
 def default_model_dir() -> Path:
     """The model shipped in the package (``edgecap/assets/default``)."""
-    directory = resources.files("edgecap").joinpath("assets", "default")
+    directory = resources.files("edgecap").joinpath("assets").joinpath("default")
     if not isinstance(directory, Path) or not directory.joinpath("manifest.json").is_file():
         raise ModelError("this edgecap install has no default model (edgecap/assets/default); "
                          "pass model=DIRECTORY, a directory made by `edgecap export`")
@@ -143,7 +144,7 @@ class Captioner:
                  threads: int | None = None, **keywords):
         max_pixels()  # a malformed $EDGECAP_MAX_PIXELS is a ValueError now, not on every image
         check_threads(threads)  # before minutes of loading
-        self.manifest = load_manifest(default_model_dir() if model is None else model)
+        self.manifest = load_manifest(default_model_dir() if model is None else Path(model))
         height, width = self.manifest.preprocessing.size
         self._draft_size = (width, height)  # big JPEGs are decoded at a reduced scale
         self.options, backend_options = _split_options(options, keywords)
@@ -169,7 +170,8 @@ class Captioner:
                 return_attention: bool = False) -> Caption:
         """Caption one image: a path, encoded bytes, a PIL image or a numpy array (H, W, 3) uint8
         (``color="bgr"`` for OpenCV frames). Raises ``InputError`` for an unusable image."""
-        return self.caption_batch([image], color, return_attention, on_error="raise")[0]
+        result = self.caption_batch([image], color, return_attention, on_error="raise")[0]
+        return cast(Caption, result)  # on_error="raise": never an InputError
 
     def caption_batch(self, images: Iterable[ImageInput], color: str = "rgb",
                       return_attention: bool = False,
@@ -201,7 +203,8 @@ class Captioner:
     def _caption_chunk(self, images: list, color: str, return_attention: bool,
                        on_error: str) -> list[Caption | InputError]:
         """Load, encode and search one batch of at most ``batch_size`` images."""
-        loaded, seen, results, prep_ms = [], [], [], []
+        loaded, seen, prep_ms = [], [], []
+        results: list = []  # Caption | InputError, None until its batch is captioned
         for image in images:
             t0 = time.perf_counter()
             try:

@@ -41,6 +41,7 @@ import shutil
 from collections.abc import Iterable, Iterator
 from dataclasses import dataclass
 from pathlib import Path
+from typing import Any
 
 import numpy as np
 
@@ -211,11 +212,11 @@ class Recording:
                 continue
             yield self._frame(connection, time_ns, raw, index)
 
-    def messages(self) -> Iterator[tuple[object, int, bytes]]:
+    def messages(self) -> Iterator[tuple[Any, int, bytes]]:  # (rosbags Connection, ...)
         """Every message, raw: (connection, log time ns, serialised bytes), in log-time order."""
         return self._messages(())
 
-    def _messages(self, connections) -> Iterator[tuple[object, int, bytes]]:
+    def _messages(self, connections) -> Iterator[tuple[Any, int, bytes]]:
         try:
             yield from self.reader.messages(connections=connections)
         except Exception as exc:  # noqa: BLE001 (a corrupt chunk, a truncated file)

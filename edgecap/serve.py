@@ -278,6 +278,12 @@ async def start(service: CaptionService, host: str = DEFAULT_HOST, port: int = D
     return runner, runner.addresses[0][1]
 
 
+def _stop(stopped: asyncio.Future, signal_number: int) -> None:
+    """A signal handler: the server's main() returns the signal's number (once)."""
+    if not stopped.done():
+        stopped.set_result(signal_number)
+
+
 def serve(service: CaptionService, host: str = DEFAULT_HOST, port: int = DEFAULT_PORT,
           ready=None) -> int:
     """Serve until SIGINT or SIGTERM; -> the signal's number. ``ready(port)`` is called once it
@@ -289,8 +295,7 @@ def serve(service: CaptionService, host: str = DEFAULT_HOST, port: int = DEFAULT
         loop = asyncio.get_running_loop()
         for sig in (signal.SIGINT, signal.SIGTERM):
             with contextlib.suppress(NotImplementedError, RuntimeError, ValueError):  # Windows
-                loop.add_signal_handler(
-                    sig, lambda s=sig: stopped.done() or stopped.set_result(int(s)))
+                loop.add_signal_handler(sig, _stop, stopped, int(sig))
         if ready is not None:
             ready(bound)
         try:

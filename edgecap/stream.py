@@ -43,7 +43,7 @@ import os
 import threading
 import time
 import weakref
-from collections.abc import Iterable, Iterator
+from collections.abc import Generator, Iterable, Iterator
 from dataclasses import dataclass
 from pathlib import Path
 
@@ -206,7 +206,7 @@ class CaptionStream:
         self.close()
 
     # -- reading -----------------------------------------------------------------------------
-    def _read(self) -> Iterator[tuple[Frame, float]]:
+    def _read(self) -> Generator[tuple[Frame, float], None, None]:
         """The source's frames that pass sampling, each with the perf_counter time it was read.
         Counts frames and skips; closes the source when done or stopped."""
         sampler = _Sampler(self.every)

@@ -111,6 +111,8 @@ class TorchBackend(Backend):
     time (``thread_safe`` is False and ``Captioner`` serialises its batches)."""
 
     name = "torch"
+    manifest: Manifest | None  # None: made from modules in memory (from_modules)
+    graph_factory: GraphFactory | None
 
     def __init__(self, manifest: Manifest, device: str | None = "cpu", fp16: bool = False,
                  limits: Limits | None = None, cuda_graphs: bool = False,
@@ -118,8 +120,9 @@ class TorchBackend(Backend):
                  search: str = "auto"):
         device = _checked_device(device, fp16, cuda_graphs, graph_factory)
         on_device = checked_search(search, torch.device(device))
-        if check_threads(threads) is not None:
-            torch.set_num_threads(threads)
+        n_threads = check_threads(threads)
+        if n_threads is not None:
+            torch.set_num_threads(n_threads)
         encoder, decoder = self._build(manifest)
         self._setup(encoder, decoder, device, fp16)
         self.manifest = manifest
@@ -142,7 +145,7 @@ class TorchBackend(Backend):
 
     @classmethod
     def from_modules(cls, encoder: EfficientNetLite | None, decoder: CaptionDecoder,
-                     device: str | None = "cpu") -> "TorchBackend":
+                     device: str | None = "cpu") -> TorchBackend:
         """A backend over modules in memory (training's dev check); ``encoder`` may be None when
         only ``encode_regions`` is used. The modules are used as they are (no copy)."""
         backend = cls.__new__(cls)
@@ -165,9 +168,10 @@ class TorchBackend(Backend):
                 # the encoder's stem and first blocks, as the FP16 ONNX keeps them
                 keep_fp32_span([self.encoder._conv_stem, self.encoder._bn0,
                                 *self.encoder._blocks[:ENCODER_FP32_BLOCKS]], self.dtype)
-        self.encoder_graph = None if encoder is None else EncoderGraph(self.encoder, self.decoder)
+        self.encoder_graph = (None if self.encoder is None
+                              else EncoderGraph(self.encoder, self.decoder))
         self.step_graph = StepGraph(self.decoder)
-        self.graph_factory: GraphFactory | None = None
+        self.graph_factory = None
 
     @staticmethod
     def _build(manifest: Manifest) -> tuple[EfficientNetLite, CaptionDecoder]:
@@ -209,6 +213,9 @@ class TorchBackend(Backend):
 
     @torch.inference_mode()
     def _encode_eager(self, images: np.ndarray) -> Encoded:
+        if self.encoder_graph is None:
+            raise BackendError("this torch backend has no encoder (made from a decoder alone: "
+                               "use encode_regions)")
         x = torch.from_numpy(np.ascontiguousarray(images, np.float32)).to(self.device, self.dtype)
         return self._encoded(self.encoder_graph(x))
 
