@@ -115,7 +115,7 @@ class Variant:
                 "options": self.options, "session_config": self.session_config}
 
     @classmethod
-    def from_json(cls, data: dict) -> "Variant":
+    def from_json(cls, data: dict) -> Variant:
         return cls(data["name"], data["backend"], Path(data["model"]), dict(data["options"]),
                    dict(data["session_config"]))
 

@@ -175,7 +175,7 @@ def test_plain_output_and_topic_choice(tmp_path, captioner):
     assert done.returncode == 0, done.stderr
     lines = [line.split("\t") for line in done.stdout.splitlines()]
     expected = []
-    for (topic, i), (time_ns, stamp_ns, image) in sorted(frames.items(), key=lambda f: f[1][0]):
+    for (topic, _), (time_ns, stamp_ns, image) in sorted(frames.items(), key=lambda f: f[1][0]):
         if topic in ("/cam/jpeg", "/cam/mono"):
             expected.append([topic, f"{time_ns // SECOND}.{time_ns % SECOND:09d}",
                              f"{stamp_ns // SECOND}.{stamp_ns % SECOND:09d}",

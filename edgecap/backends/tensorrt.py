@@ -337,7 +337,7 @@ class TensorRTBackend(Backend):
             if self._owns_device:
                 device.close()
 
-    def __enter__(self) -> "TensorRTBackend":
+    def __enter__(self) -> TensorRTBackend:
         return self
 
     def __exit__(self, *exc) -> None:
