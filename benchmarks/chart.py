@@ -62,10 +62,11 @@ def main(argv=None) -> None:
     import _common as C
 
     p = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
-    p.add_argument("--json", type=Path, default=RESULTS / "latency.json", metavar="FILE",
+    p.add_argument("--json", type=Path, default=None, metavar="FILE",
                    help="latency.py's results (default: the committed results/latency.json)")
     C.add_out_argument(p)
     args = p.parse_args(argv)
+    args.json = args.json or C.RESULTS_DIR / "latency.json"
     if not args.json.is_file():
         sys.exit(f"{args.json} not found: run python benchmarks/latency.py first")
     print(latency_chart(json.loads(args.json.read_text()),

@@ -61,9 +61,13 @@ def run_variant(backend: str, threads: str, burners: int, args) -> dict:
         if spinning:
             time.sleep(0.5)  # the burners are on the CPU before the worker starts
         load = C.load_average()
-        done = subprocess.run([sys.executable, __file__, "--worker", backend, threads,
-                               "--warmup", str(args.warmup), "--calls", str(args.calls)],
-                              capture_output=True, text=True, timeout=args.timeout)
+        try:
+            done = subprocess.run([sys.executable, __file__, "--worker", backend, threads,
+                                   "--warmup", str(args.warmup), "--calls", str(args.calls)],
+                                  capture_output=True, text=True, timeout=args.timeout)
+        except subprocess.TimeoutExpired:  # the worker was killed: a result of its own
+            return {"ms": [], "timed_out": True, "load_average": load, "pid": None,
+                    "describe": None, "first_caption": None}
     finally:
         for proc in spinning:
             proc.kill()
@@ -71,7 +75,8 @@ def run_variant(backend: str, threads: str, burners: int, args) -> dict:
     if done.returncode != 0:
         sys.exit(f"{backend} threads={threads}: the worker failed (exit {done.returncode}):\n"
                  + done.stderr[-2000:])
-    return {**json.loads(done.stdout.strip().splitlines()[-1]), "load_average": load}
+    return {**json.loads(done.stdout.strip().splitlines()[-1]), "load_average": load,
+            "timed_out": False}
 
 
 def parse_args(argv=None):
@@ -88,7 +93,9 @@ def parse_args(argv=None):
     p.add_argument("--rounds", type=int, default=3, help="fresh processes per variant")
     p.add_argument("--calls", type=int, default=12, help="timed captions per process")
     p.add_argument("--warmup", type=int, default=3, help="untimed captions per process first")
-    p.add_argument("--timeout", type=float, default=300, help="seconds a worker may take")
+    p.add_argument("--timeout", type=float, default=300,
+                   help="seconds a worker may take; one that takes longer is killed and "
+                        "reported as timed out")
     p.add_argument("--name", default="threads", help="results file name, without suffix")
     C.add_out_argument(p)
     return p.parse_args(argv)
@@ -97,10 +104,11 @@ def parse_args(argv=None):
 def report(data: dict) -> str:
     rows = []
     for v in data["variants"].values():
+        medians = v["round_medians"]
+        spread = f"{min(medians):.0f}-{max(medians):.0f}" if medians else "-"
         rows.append([v["backend"], v["threads"], v["load"], C.median(v["ms"]),
-                     C.percentile(v["ms"], 90),
-                     f"{min(v['round_medians']):.0f}-{max(v['round_medians']):.0f}",
-                     len(v["ms"]), v["describe"]])
+                     C.percentile(v["ms"], 90), spread, len(v["ms"]),
+                     v["timed_out"] or "", v.get("describe") or ""])
     s = data["settings"]
     return (f"Caption of one in-memory example frame (beam 3, batch 1), {s['calls']} timed calls "
             f"after {s['warmup']} untimed per process, {s['rounds']} rounds, every variant in a "
@@ -109,7 +117,10 @@ def report(data: dict) -> str:
             + ", ".join(sorted({str(v) for r in data["variants"].values()
                                 for v in r["load_averages"]})) + ".\n\n"
             + C.markdown_table(["backend", "threads", "load", "median ms", "p90 ms",
-                                "round medians", "calls", "backend says"], rows))
+                                "round medians", "calls", "workers timed out",
+                                "backend says"], rows)
+            + f"\n\nA worker that took over {s['timeout']:.0f} s was killed: its calls are "
+            "missing from the median (which is then too low) and it is counted as timed out.")
 
 
 def main(argv=None) -> None:
@@ -123,20 +134,27 @@ def main(argv=None) -> None:
     keys = list(itertools.product([b.strip() for b in args.backends.split(",")],
                                   [t.strip() for t in args.threads.split(",")], loads))
     variants = {"/".join(k): {"backend": k[0], "threads": k[1], "load": k[2], "ms": [],
-                              "round_medians": [], "load_averages": [], "pids": []}
+                              "round_medians": [], "load_averages": [], "pids": [],
+                              "timed_out": 0}
                 for k in keys}
     for r in range(args.rounds):
         for backend, threads, load in keys[r % len(keys):] + keys[:r % len(keys)]:
             got = run_variant(backend, threads, args.burners if load == "busy" else 0, args)
             v = variants[f"{backend}/{threads}/{load}"]
+            v["load_averages"].append(got["load_average"])
+            if got["timed_out"]:
+                v["timed_out"] += 1
+                print(f"[round {r + 1}] {backend} threads={threads} {load}: timed out",
+                      file=sys.stderr)
+                continue
             v["ms"] += got["ms"]
             v["round_medians"].append(C.median(got["ms"]))
-            v["load_averages"].append(got["load_average"])
             v["pids"].append(got["pid"])
             v["describe"], v["first_caption"] = got["describe"], got["first_caption"]
             print(f"[round {r + 1}] {backend} threads={threads} {load}: "
                   f"{C.median(got['ms']):.1f} ms", file=sys.stderr)
-    settings = {k: getattr(args, k) for k in ("rounds", "calls", "warmup", "burners")}
+    settings = {k: getattr(args, k) for k in ("rounds", "calls", "warmup", "burners",
+                                              "timeout")}
     data = {"settings": settings, "variants": variants}
     C.write_results(args.name, data, report(data), argv, script="threads", out=args.out)
 

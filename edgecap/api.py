@@ -41,7 +41,12 @@ from edgecap.preprocess import recognisable
 from edgecap.vocab import Vocabulary
 
 ON_ERROR = ("raise", "return")
-DEFAULT_THREADS = None  # the backend's own default; see docs/performance-options.md
+# Intra-op threads when Captioner(threads=None), per backend; None: the backend's own default
+# (onnxruntime: one per physical core). torch: 1, since its pool collapses when the cores are
+# shared: on a loaded 2-core AMD EPYC one caption took 9.9 s with torch's default of 2 threads
+# and 1.3 s with 1, beside a busy process 15.1 vs 1.8 s, while onnxruntime did best with its
+# default (0.37 s; 1 thread 0.53 s). benchmarks/threads.py; docs/performance-options.md.
+DEFAULT_THREADS = {"onnxruntime": None, "torch": 1, "tensorrt": None}
 
 
 @dataclass(frozen=True)
@@ -130,9 +135,11 @@ class Captioner:
             no-repeat n-gram); None: its defaults.
         device: "cpu" or "cuda", passed to the backend (None: the backend's default).
         threads: intra-op threads of the backend's CPU work (onnxruntime's sessions, torch's
-            pool), a positive integer; None: DEFAULT_THREADS. torch's setting is process-wide
-            (``torch.set_num_threads``): a torch Captioner changes it for the whole process.
-            The TensorRT backend has no CPU pool to set. See docs/performance-options.md.
+            pool), a positive integer; None: ``DEFAULT_THREADS`` of the backend (onnxruntime:
+            one per physical core; torch: 1). torch's setting is process-wide
+            (``torch.set_num_threads``): a torch Captioner sets it for the whole process, also
+            by default. The TensorRT backend has no CPU pool to set. See
+            docs/performance-options.md.
         **keywords: a ``CaptionOptions`` field by name (``beam_size=5``) overrides that field of
             ``options`` (``dataclasses.replace``), so ``Captioner(options=opts, beam_size=5)`` is
             ``opts`` with beam 5. The other keywords go to the backend class (e.g.
@@ -156,10 +163,11 @@ class Captioner:
                                   self.manifest.dims.n_classes)
         self.confidence_model = ConfidenceModel.load(self.manifest.directory)
         self._object_words = object_words(self.classes.word_ids)
+        name = resolve_backend(backend)
         self.backend: Backend = load_backend(
-            resolve_backend(backend), self.manifest, device=device,
+            name, self.manifest, device=device,
             limits=Limits(self.options.batch_size, self.options.rows_per_image),
-            threads=DEFAULT_THREADS if threads is None else threads, **backend_options)
+            threads=DEFAULT_THREADS.get(name) if threads is None else threads, **backend_options)
         self._backend_lock = None if self.backend.thread_safe else threading.Lock()
 
     def __repr__(self) -> str:

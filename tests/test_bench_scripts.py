@@ -208,20 +208,35 @@ def _committed_results() -> dict[str, bytes]:
 
 @pytest.fixture
 def runs_dir(tmp_path, monkeypatch) -> Path:
-    """benchmarks/runs/ moved to a temporary folder for the test."""
+    """benchmarks/runs/ moved to a temporary folder for the test, and benchmarks/results/ to a
+    copy of it: a script that wrote to results/ by default would change the copy (the check)
+    and never the committed files."""
     runs = tmp_path / "runs"
     monkeypatch.setattr(C, "RUNS_DIR", runs)
+    results = tmp_path / "results"
+    shutil.copytree(C.RESULTS_DIR, results)
+    monkeypatch.setattr(C, "RESULTS_DIR", results)
     return runs
+
+
+def _help(script: str, *command: str) -> str:
+    import subprocess
+
+    done = subprocess.run([sys.executable, str(BENCH / f"{script}.py"), *command, "--help"],
+                          capture_output=True, text=True, timeout=300)
+    assert done.returncode == 0, done.stderr
+    return done.stdout
 
 
 @pytest.mark.parametrize("script", SCRIPTS)
 def test_every_script_takes_out(script):
-    import subprocess
+    import re
 
-    done = subprocess.run([sys.executable, str(BENCH / f"{script}.py"), "--help"],
-                          capture_output=True, text=True, timeout=300)
-    assert done.returncode == 0, done.stderr
-    assert "--out DIR" in done.stdout
+    text = _help(script)
+    usage = text.split("\n\n")[0]
+    commands = re.search(r"\{([\w,-]+)\}", usage)  # a script with subcommands: each of them
+    for command in commands.group(1).split(",") if commands else [None]:
+        assert "--out DIR" in (_help(script, command) if command else text), (script, command)
 
 
 def test_default_output_is_a_fresh_folder_git_ignores(runs_dir):

@@ -57,8 +57,17 @@ def test_onnxruntime_default_is_the_librarys():
     pytest.importorskip("onnxruntime")
     captioner = Captioner(backend="onnxruntime", device="cpu")
     # onnxruntime reads 0 as "one per physical core"
-    expected = 0 if api.DEFAULT_THREADS is None else api.DEFAULT_THREADS
+    expected = api.DEFAULT_THREADS["onnxruntime"] or 0
+    assert expected == 0  # the measured default (docs/performance-options.md)
     assert _ort_threads(captioner) == [expected, expected]
+
+
+def test_torch_default_is_one_thread(torch_threads):
+    """torch's default pool (one thread per core) collapses on a shared machine; the Captioner
+    sets 1 unless told otherwise (measured: docs/performance-options.md)."""
+    torch_threads.set_num_threads(2)
+    Captioner(backend="torch")
+    assert torch_threads.get_num_threads() == api.DEFAULT_THREADS["torch"] == 1
 
 
 @pytest.mark.parametrize("threads", [1, 2])
@@ -107,6 +116,9 @@ def test_bad_threads_are_one_line_exit_2(value, built, capsys):
 
 
 @pytest.mark.parametrize("value", [0, -2, 1.5, True, "2"])
-def test_api_refuses_bad_threads(value):
+def test_api_refuses_bad_threads_before_loading(value, tmp_path):
     with pytest.raises(ValueError, match="threads must be a positive integer"):
         Captioner(threads=value)
+    # before the model is even looked for
+    with pytest.raises(ValueError, match="threads must be a positive integer"):
+        Captioner(tmp_path / "no-model-here", threads=value)

@@ -51,8 +51,8 @@ def add_model_arguments(p: argparse.ArgumentParser) -> None:
                         "when it has it, else the CPU; torch the CPU; tensorrt the GPU)")
     p.add_argument("--threads", metavar="N",
                    help="CPU threads each onnxruntime or torch computation may use (intra-op; "
-                        "default: the library's, see docs/performance-options.md); on a "
-                        "machine shared with other busy programs 1 is often fastest")
+                        "default: onnxruntime one per physical core, torch 1, the fastest "
+                        "measured on a busy 2-core machine; see docs/performance-options.md)")
     p.add_argument("--beam-size", type=int, default=DEFAULTS["beam_size"], metavar="K",
                    help=f"captions kept and extended at each word; 1 to the model's top_k "
                         f"({MAX_BEAM} for the shipped model); wider is slower; "
