@@ -66,7 +66,8 @@ def read_coco(json_file: Path) -> list[CaptionedImage]:
                                 f"unknown image_id {ann['image_id']!r}")
             by_id[ann["image_id"]].captions.append(ann["caption"].strip())
     except (KeyError, TypeError, AttributeError) as exc:
-        raise DataError(f"{_shown(json_file)}: not COCO caption JSON ({_layout(exc)})") from None
+        raise DataError(f"{_shown(json_file)}: unexpected layout for COCO caption JSON "
+                        f"({_layout(exc)})") from None
     return list(by_id.values())
 
 
@@ -87,7 +88,7 @@ def read_karpathy(json_file: Path, split: str) -> list[CaptionedImage]:
             out.append(CaptionedImage(name, [s["raw"].strip() for s in img["sentences"]],
                                       img.get("cocoid", img.get("imgid"))))
     except (KeyError, TypeError, AttributeError) as exc:
-        raise DataError(f"{_shown(json_file)}: not a Karpathy dataset JSON "
+        raise DataError(f"{_shown(json_file)}: unexpected layout for a Karpathy dataset JSON "
                         f"({_layout(exc)})") from None
     return out
 

@@ -6,7 +6,7 @@ keyed by the encoder and the preprocessing so a change of either never reuses st
 The index also records the array's shape, size and SHA-256, checked before the cache is used:
 an array overwritten since (or an index or array that is not a regular file, too big, or not
 of the recorded shape) is recomputed, never trained on. Checking costs one read of the array
-(~0.3 s a GB).
+per run (its SHA-256), as the shard cache's check does.
 With ``split_at=k`` it holds the activations after the first k encoder blocks instead
 ((n_images, C, H, W), e.g. 112x14x14 for k=11), for fine-tuning the blocks after them.
 """
