@@ -243,7 +243,8 @@ def _keep_live(by_state, base, beam, seqs, sum_lp, true_lp, alphas, options) -> 
 
 def ranked(hyps: list[Hypothesis]) -> list[Hypothesis]:
     """Best first: by the ranking score (the model's score plus any bonus), then log-prob."""
-    return sorted(hyps, key=lambda h: (-h.rank_score, -h.log_prob))
+    return sorted(hyps, key=lambda h: (-(h.score if h.rank_score is None else h.rank_score),
+                                       -h.log_prob))
 
 
 def _rank(by_state: list[list[Hypothesis]], goal: int,

@@ -19,10 +19,10 @@ The gate: the caption model's own prior is right for photos like its training ph
 fusion weight of each photo shrinks with how typical the photo is of the training photos. A
 photo's typicality is ``sum_c p(c) log(C q(c))``, ``p`` its encoder class probabilities over
 the C classes and ``q`` the mean class probabilities of the training photos; its weight is the
-full weight below ``full_below`` (a typicality lower than 95% of the training photos'), none above ``none_above``
-(lower than 85% of theirs), linear between. Both bounds are percentiles of the training photos;
-which percentiles (5 and 15, against 5 and 25 or 50) was chosen on the dev photos
-(benchmarks/results/decoding_choice*.md).
+full weight below ``full_below`` (a typicality lower than 95% of the training photos'), none
+above ``none_above`` (lower than 85% of theirs), linear between. Both bounds are percentiles of
+the training photos; which percentiles (5 and 15, against 5 and 25 or 50) was chosen on the dev
+photos (benchmarks/results/decoding_choice*.md).
 """
 
 from __future__ import annotations
@@ -66,7 +66,7 @@ class CaptionLM:
         self._out_b = out_b.astype(np.float32)
 
     @classmethod
-    def load(cls, path: Path, vocab_size: int, sha256: str | None = None) -> "CaptionLM":
+    def load(cls, path: Path, vocab_size: int, sha256: str | None = None) -> CaptionLM:
         import hashlib
         import io
 
@@ -157,11 +157,11 @@ class Fusion:
     in_domain: CaptionLM
     weight: float  # the weight chosen for this model (``CaptionOptions.fusion_weight`` default)
     info: dict
-    gate: "Gate | None" = None
+    gate: Gate | None = None
 
     @classmethod
     def load(cls, directory: Path, vocab_size: int,
-             n_classes: int | None = None) -> "Fusion | None":
+             n_classes: int | None = None) -> Fusion | None:
         """The model directory's fusion (``fusion.json``), or None when it has none.
         ``n_classes``: the encoder's classes, which the gate's prior must match."""
         from edgecap.files import MAX_VOCAB_BYTES, FileProblem, read_json
@@ -198,7 +198,7 @@ class Fusion:
         return cls(models["everyday"], models["in_domain"], weight, info, gate)
 
     def scorer(self, weight: float, image_index: np.ndarray,
-               class_probs: np.ndarray | None = None) -> "FusionScorer":
+               class_probs: np.ndarray | None = None) -> FusionScorer:
         """A search's scorer; with a gate, each image's weight is ``weight`` times its gate's
         share from the images' ``class_probs`` (N, C); without class probabilities (a backend
         that gives none) a gated fusion cannot tell the photos apart and adds nothing."""
@@ -217,7 +217,7 @@ class Gate:
     none_above: float
 
     @classmethod
-    def from_json(cls, spec: dict) -> "Gate":
+    def from_json(cls, spec: dict) -> Gate:
         prior = np.asarray(spec["class_log_prior"], np.float64)
         low, high = float(spec["full_below"]), float(spec["none_above"])
         if prior.ndim != 1 or not np.isfinite(prior).all() or not low < high:
@@ -227,7 +227,7 @@ class Gate:
 
     @classmethod
     def fit(cls, train_class_probs: np.ndarray, full_below: float = 5.0,
-            none_above: float = 15.0) -> "Gate":
+            none_above: float = 15.0) -> Gate:
         """From the training photos' class probabilities (N, C): full weight below the
         ``full_below`` percentile of their typicality, none above the ``none_above`` one."""
         prior = np.log(train_class_probs.mean(0) * train_class_probs.shape[1] + 1e-9)

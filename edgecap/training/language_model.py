@@ -191,7 +191,11 @@ def gate_from_photos(model_dir: Path, photos: list[Path]):
     for start in range(0, len(photos), 32):
         x = preprocess([load_rgb(p) for p in photos[start:start + 32]],
                        captioner.manifest.preprocessing)
-        probs.append(captioner.backend.encode(x).class_probs)
+        class_probs = captioner.backend.encode(x).class_probs
+        if class_probs is None:
+            raise SystemExit(f"{model_dir}: its encoder gives no class probabilities; the "
+                             "fusion gate is fitted on them")
+        probs.append(class_probs)
     return Gate.fit(np.concatenate(probs))
 
 
