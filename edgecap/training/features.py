@@ -95,7 +95,9 @@ def compute_features(image_paths: list[Path], cache_dir: Path, preprocessing: Pr
             out[start:start + len(chunk)] = fmap.numpy().astype(np.float16)
             bar.update(len(chunk))
     bar.close()
+    assert out is not None  # at least one photo (the callers' lists)
     out.flush()
+    shape = list(out.shape)
     del out
     partial.replace(array_path)
     index = {n: i for i, n in enumerate(names)}
@@ -103,7 +105,7 @@ def compute_features(image_paths: list[Path], cache_dir: Path, preprocessing: Pr
 
     tmp = index_path.with_name(index_path.name + ".tmp")
     tmp.write_text(json.dumps({"format": CACHE_FORMAT, "names": index,
-                               "shape": [len(names), *fmap.shape[1:]],
+                               "shape": shape,
                                "bytes": os.stat(array_path).st_size,
                                "sha256": file_sha256(array_path)}))
     tmp.replace(index_path)
