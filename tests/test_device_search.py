@@ -309,3 +309,52 @@ def test_torch_step_is_the_backend_session(tiny_model_dir):
                                                            index), 3, options, backend.top_k,
                                    START, END, Rules(), fixed=fixed)
         _same(host, device, exact=True)
+
+
+def test_an_fp16_decoder_behind_an_fp32_encoder_keeps_the_captions(shipped):
+    """FP16 as the CUDA path runs it (``fp16=True, fp32_encoder=True``: the log-softmax, the
+    attention softmax and the word bias in FP32 inside the step, the scores summed in float64
+    by the search), emulated on the CPU: the example photos' captions are FP32's."""
+    captioner, encoded, photos = shipped
+    manifest = captioner.manifest
+    half = TorchBackend.__new__(TorchBackend)
+    half._setup(*TorchBackend._build(manifest), "cpu", fp16=True, fp32_encoder=True)
+    half.on_device, half.manifest = True, manifest
+    half.device_search = TorchDeviceSearch(half)
+    assert half.encoder._conv_head.weight.dtype == torch.float32
+    assert half.decoder.out_vocab.weight.dtype == torch.float16
+    assert "fp16 decoder, fp32 encoder" in half.describe()
+    batch = np.stack([preprocess([load_rgb(p)], manifest.preprocessing)[0] for p in photos])
+    with torch.inference_mode():
+        encoded16 = half.encode(batch)
+    assert encoded16.tensors["features"].dtype == torch.float16
+    np.testing.assert_allclose(encoded16.class_probs, encoded.class_probs, atol=1e-5)
+    options = CaptionOptions()
+    want = _search(captioner, encoded, options, on_device=False)
+    got = search(half, encoded16, options, captioner.vocab.start, captioner.vocab.end,
+                 len(captioner.vocab), captioner.classes, captioner.fusion)
+    assert [h[0].tokens for h in got] == [h[0].tokens for h in want]
+    assert [h[0].score for h in got] == pytest.approx([h[0].score for h in want], abs=0.01)
+    with pytest.raises(ValueError, match="fp32_encoder=True goes with fp16=True"):
+        TorchBackend(manifest, device="cpu", fp32_encoder=True)
+
+
+# -- on a real GPU (``pytest -m gpu``; deselected by default, run by benchmarks/gpu_check.py) ----
+
+@pytest.mark.gpu
+@pytest.mark.parametrize("graphs", [False, True])
+def test_the_device_search_on_the_gpu_captions_as_the_host_search(default_model_dir,
+                                                                   example_images, graphs):
+    if not torch.cuda.is_available():
+        pytest.skip("no CUDA GPU")
+    photos = [str(p) for p in example_images] * 3  # batches of 8 and 4
+    host = Captioner(default_model_dir, backend="torch", device="cuda", search="host",
+                     cuda_graphs=graphs)
+    device = Captioner(default_model_dir, backend="torch", device="cuda", cuda_graphs=graphs)
+    assert device.backend.on_device  # "auto" on CUDA
+    for _ in range(2):  # the second time through the captured graphs
+        want, got = host.caption_batch(photos), device.caption_batch(photos)
+        assert [c.text for c in got] == [c.text for c in want]
+        assert [c.score for c in got] == pytest.approx([c.score for c in want], abs=1e-4)
+    if graphs:
+        assert device.backend.device_search.graphs.captured == 2

@@ -22,6 +22,8 @@ holds its own h/c, so one backend serves several threads.
 
 from __future__ import annotations
 
+import copy
+
 import numpy as np
 import onnx
 import torch
@@ -105,7 +107,9 @@ class TorchBackend(Backend):
     tests' ``EagerGraph``, on any device) and implies ``cuda_graphs``. ``search``: where the
     beam search runs, "device" (torch tensors on the backend's device, no host round trip per
     word), "host" (the numpy loop) or "auto" (device on CUDA, host on the CPU); see
-    ``edgecap.backends.torch_search`` and docs/gpu-search.md.
+    ``edgecap.backends.torch_search`` and docs/gpu-search.md. ``fp32_encoder`` (with ``fp16``):
+    the whole encoder in FP32 and only the decoder in FP16, the FP16 that keeps the captions
+    on the CPU emulation (docs/gpu-search.md).
 
     With graphs the backend holds one set of buffers per shape, so it serves one search at a
     time (``thread_safe`` is False and ``Captioner`` serialises its batches)."""
@@ -117,14 +121,17 @@ class TorchBackend(Backend):
     def __init__(self, manifest: Manifest, device: str | None = "cpu", fp16: bool = False,
                  limits: Limits | None = None, cuda_graphs: bool = False,
                  graph_factory: GraphFactory | None = None, threads: int | None = None,
-                 search: str = "auto"):
+                 search: str = "auto", fp32_encoder: bool = False):
         device = _checked_device(device, fp16, cuda_graphs, graph_factory)
         on_device = checked_search(search, torch.device(device))
         n_threads = check_threads(threads)
         if n_threads is not None:
             torch.set_num_threads(n_threads)
         encoder, decoder = self._build(manifest)
-        self._setup(encoder, decoder, device, fp16)
+        if fp32_encoder and not fp16:
+            raise ValueError("fp32_encoder=True goes with fp16=True (an FP16 decoder behind an "
+                             "FP32 encoder); without fp16 everything is FP32 already")
+        self._setup(encoder, decoder, device, fp16, fp32_encoder)
         self.manifest = manifest
         self.on_device = on_device
         if cuda_graphs or graph_factory is not None:
@@ -137,7 +144,8 @@ class TorchBackend(Backend):
         self.thread_safe = False
         self.graph_factory = capture
         self.encoder_graphs = (None if self.encoder_graph is None else
-                               EncoderGraphs(self.encoder_graph, self.device, self.dtype, capture))
+                               EncoderGraphs(self.encoder_graph, self.device, self.image_dtype,
+                                             capture))
         self.step_graphs = StepGraphs(self.step_graph, self.decoder.cfg.vocab_size, self.top_k,
                                       self.device, self.dtype, capture)
         if self.on_device:  # the whole decode as one graph per shape
@@ -154,22 +162,34 @@ class TorchBackend(Backend):
         backend.on_device = False
         return backend
 
-    def _setup(self, encoder, decoder, device: str, fp16: bool) -> None:
+    def _setup(self, encoder, decoder, device: str, fp16: bool,
+               fp32_encoder: bool = False) -> None:
         self.device = torch.device(device)
         self.dtype = torch.float16 if fp16 else torch.float32
+        self.fp32_encoder = fp32_encoder
+        self.image_dtype = torch.float32 if fp32_encoder else self.dtype  # the encoder's input
         self.top_k = decoder.cfg.top_k
+        # with fp32_encoder, the encoder graph (the CNN and the decoder's once-per-image
+        # init_state) runs on an FP32 copy of the modules and hands FP16 tensors to the decoder
+        init = copy.deepcopy(decoder).to(self.device) if fp32_encoder else None
         self.decoder = decoder.to(self.device, self.dtype)
-        self.encoder = None if encoder is None else encoder.to(self.device, self.dtype)
+        self.encoder = None if encoder is None else encoder.to(
+            self.device, torch.float32 if fp32_encoder else self.dtype)
+        if fp32_encoder:
+            self.encoder_graph = (None if self.encoder is None
+                                  else MixedEncoderGraph(EncoderGraph(self.encoder, init),
+                                                         self.dtype))
         if fp16:  # the FP32 islands of the FP16 ONNX (edgecap.build.convert.fp32_nodes)
             if self.decoder.cfg.attention:
                 keep_fp32(self.decoder.att_score)
-            if self.encoder is not None:
+            if self.encoder is not None and not fp32_encoder:
                 keep_fp32(self.encoder._fc)
                 # the encoder's stem and first blocks, as the FP16 ONNX keeps them
                 keep_fp32_span([self.encoder._conv_stem, self.encoder._bn0,
                                 *self.encoder._blocks[:ENCODER_FP32_BLOCKS]], self.dtype)
-        self.encoder_graph = (None if self.encoder is None
-                              else EncoderGraph(self.encoder, self.decoder))
+        if not fp32_encoder:
+            self.encoder_graph = (None if self.encoder is None
+                                  else EncoderGraph(self.encoder, self.decoder))
         self.step_graph = StepGraph(self.decoder)
         self.graph_factory = None
 
@@ -197,6 +217,8 @@ class TorchBackend(Backend):
     def describe(self) -> str:
         where = torch.cuda.get_device_name(self.device) if self.device.type == "cuda" else "CPU"
         precision = "fp16" if self.dtype == torch.float16 else "fp32"
+        if precision == "fp16" and self.fp32_encoder:
+            precision = "fp16 decoder, fp32 encoder"
         mode = ""
         if self.graph_factory is not None:
             mode = (", CUDA graphs" if self.graph_factory is CudaGraph
@@ -216,7 +238,8 @@ class TorchBackend(Backend):
         if self.encoder_graph is None:
             raise BackendError("this torch backend has no encoder (made from a decoder alone: "
                                "use encode_regions)")
-        x = torch.from_numpy(np.ascontiguousarray(images, np.float32)).to(self.device, self.dtype)
+        x = torch.from_numpy(np.ascontiguousarray(images, np.float32)).to(self.device,
+                                                                          self.image_dtype)
         return self._encoded(self.encoder_graph(x))
 
     @torch.inference_mode()
@@ -245,6 +268,19 @@ class TorchBackend(Backend):
             return GraphedSession(self.step_graphs, encoded.tensors, image_index,
                                   return_attention)
         return TorchDecoderSession(self, encoded.tensors, image_index, return_attention)
+
+
+class MixedEncoderGraph(torch.nn.Module):
+    """An FP32 encoder graph in front of an FP16 decoder: the image in FP32, the decoder's
+    tensors (features, att_proj, h0, c0) out in ``dtype``, the class probabilities FP32."""
+
+    def __init__(self, graph: EncoderGraph, dtype: torch.dtype):
+        super().__init__()
+        self.graph, self.dtype = graph, dtype
+
+    def forward(self, image):
+        *state, probs = self.graph(image.float())
+        return (*(t.to(self.dtype) for t in state), probs)
 
 
 class TorchDecoderSession(DecoderSession):
