@@ -12,7 +12,9 @@ Recordings (read by ``rosbags``, pure Python: ``pip install 'edgecap[ros]'``):
 
 - a ROS 2 bag: its folder (``metadata.yaml`` with sqlite3 or MCAP storage), or one of its
   ``.db3`` / ``.mcap`` files on its own; a plain ``.mcap`` file recorded with the ROS 2 profile;
-- a ROS 1 bag (``.bag``, also with bz2 / lz4 chunks).
+- a ROS 1 bag (``.bag``, also with bz2 / lz4 chunks);
+- a ``.mcap`` file with the ROS 1 profile (``mcap convert`` of a ROS 1 bag), read with the
+  ``mcap`` package (``Ros1McapReader``); captions are not written back into these.
 
 Frames come from ``sensor_msgs/Image`` and ``sensor_msgs/CompressedImage`` topics. Raw encodings
 (``RAW_ENCODINGS``): rgb8, bgr8, rgba8, bgra8, mono8, mono16, rgb16, bgr16, rgba16, bgra16, 8UC1,
@@ -122,10 +124,25 @@ def kind_of(path: str | os.PathLike) -> str:
     suffix = path.suffix.lower()
     if suffix == ".bag":
         return "ros1"
-    if suffix in (".mcap", ".db3"):
-        return "mcap" if suffix == ".mcap" else "sqlite3"
+    if suffix == ".mcap":
+        return "mcap-ros1" if mcap_profile(path) == "ros1" else "mcap"
+    if suffix == ".db3":
+        return "sqlite3"
     raise RecordingError(f"{path}: not a recording edgecap reads (a ROS 1 .bag file, a ROS 2 bag "
                          "folder, or a .mcap / .db3 file)")
+
+
+def mcap_profile(path: Path) -> str | None:
+    """The profile in an MCAP file's header ("ros2", "ros1", ...), None when unreadable."""
+    try:
+        with open(path, "rb") as f:
+            head = f.read(8 + 1 + 8 + 4 + 64)
+    except OSError:
+        return None
+    if not head.startswith(b"\x89MCAP0\r\n") or len(head) < 21 or head[8] != 0x01:
+        return None
+    size = int.from_bytes(head[17:21], "little")
+    return head[21:21 + size].decode("utf-8", "replace") if size <= 64 else None
 
 
 def open_recording(path: str | os.PathLike) -> Recording:
@@ -147,8 +164,11 @@ class Recording:
         # ones (sensor_msgs, std_msgs) come from rosbags' own ROS 2 type store.
         default = typesys.get_typestore(typesys.Stores.ROS2_HUMBLE)
         try:
-            self.reader = highlevel.AnyReader([self.path], default_typestore=default)
-            self.reader.open()
+            if self.kind == "mcap-ros1":
+                self.reader: Any = Ros1McapReader(self.path)  # AnyReader's interface, in part
+            else:
+                self.reader = highlevel.AnyReader([self.path], default_typestore=default)
+                self.reader.open()
         except Exception as exc:  # noqa: BLE001 (rosbags raises many kinds on corrupt files)
             raise RecordingError(f"{self.path}: cannot read this recording "
                                  f"({_reason(exc)})") from None
@@ -244,6 +264,69 @@ class Recording:
         return Frame(connection.topic, time_ns, stamp_ns, index, image)
 
 
+class Ros1McapReader:
+    """The part of rosbags' ``AnyReader`` that ``Recording`` uses, for an MCAP file with the
+    ROS 1 profile (what ``mcap convert`` makes of a ROS 1 bag), which rosbags does not read: the
+    ``mcap`` package reads the records, rosbags' type system deserialises the ROS 1 messages
+    from the definitions the file carries."""
+
+    def __init__(self, path: Path):
+        try:
+            from mcap.reader import make_reader
+        except ImportError as exc:
+            raise MissingPackageError(f"reading a ROS 1-profile MCAP file needs mcap: {ROS_EXTRA}"
+                                      f" ({exc})") from exc
+        _, _, _, typesys = _rosbags()
+        self.file = open(path, "rb")  # noqa: SIM115 (closed by close())
+        self.stack: bool | None = True
+        try:
+            self._reader = make_reader(self.file)
+            summary = self._reader.get_summary()
+            if summary is None:
+                raise RecordingError(f"{path}: MCAP file without a summary section")
+            types: dict = {}
+            self.connections = []
+            for channel in sorted(summary.channels.values(), key=lambda c: c.id):
+                schema = summary.schemas.get(channel.schema_id)
+                if schema is None or schema.encoding != "ros1msg":
+                    continue  # not a ROS 1 message: not an image topic either
+                msgtype = _ros2_name(schema.name)
+                types.update(typesys.get_types_from_msg(schema.data.decode(), msgtype))
+                self.connections.append(_Channel(channel.id, channel.topic, msgtype))
+            self.typestore = typesys.get_typestore(typesys.Stores.EMPTY)
+            self.typestore.register(types)
+        except BaseException:
+            self.close()
+            raise
+
+    def messages(self, connections=()):
+        wanted = {c.id: c for c in (connections or self.connections)}
+        for _, channel, message in self._reader.iter_messages(
+                topics=sorted({c.topic for c in wanted.values()}), log_time_order=True):
+            if channel.id in wanted:
+                yield wanted[channel.id], message.log_time, message.data
+
+    def deserialize(self, raw: bytes, msgtype: str):
+        return self.typestore.deserialize_ros1(raw, msgtype)
+
+    def close(self) -> None:
+        self.stack = None
+        self.file.close()
+
+
+@dataclass(frozen=True)
+class _Channel:
+    id: int
+    topic: str
+    msgtype: str
+
+
+def _ros2_name(name: str) -> str:
+    """ROS 1 type names (sensor_msgs/Image) as rosbags spells every type (sensor_msgs/msg/Image)."""
+    package, _, message = name.rpartition("/")
+    return name if "/msg/" in name or not package else f"{package}/msg/{message}"
+
+
 def _check_compressed(fmt: str, name: str) -> bool:
     if "compresseddepth" in fmt.lower().replace(" ", ""):
         raise InputError(name, f"a compressed depth image ({fmt!r}), not a picture to caption")
@@ -336,6 +419,9 @@ def output_problem(source: str | os.PathLike, out: str | os.PathLike) -> str | N
     out = Path(out)
     if os.path.lexists(out):
         return f"{out} exists already; name a new file or folder"
+    if kind_of(source) == "mcap-ros1":
+        return (f"{out}: captions are not written into a copy of a ROS 1-profile MCAP file; "
+                "caption the ROS 1 bag it was converted from")
     ros1_in = kind_of(source) == "ros1"
     if ros1_in != (out.suffix.lower() == ".bag"):
         return (f"{out}: a ROS 1 bag is written to a .bag file" if ros1_in else
@@ -360,6 +446,7 @@ def write_captions(recording: Recording, out: str | os.PathLike,
     problem = output_problem(recording.path, out)
     if problem:
         raise RecordingError(problem)
+
     ros1 = recording.kind == "ros1"
     topics = {topic for topic, _ in captions}
     taken = {c.topic for c in recording.connections} & {caption_topic(t) for t in topics}

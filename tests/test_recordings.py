@@ -382,3 +382,41 @@ def test_recording_that_breaks_off_keeps_the_captions_so_far(tmp_path, monkeypat
         f"edgecap: {bag}: the recording breaks off while being read (Chunk checksum mismatch.)",
         f"edgecap: {out} not written: the recording could not be read to its end"]
     assert not out.exists()
+
+
+def test_ros1_profile_mcap_file_is_read(tmp_path, captioner):
+    """An MCAP file with the ROS 1 profile (what ``mcap convert`` makes of a ROS 1 bag), written
+    here with the mcap package: its frames are captioned like the ROS 1 bag's; no copy into it."""
+    from mcap.writer import Writer
+
+    store = store_for("ros1")
+    messages, frames = camera_messages("ros1")
+    path = tmp_path / "converted.mcap"
+    with open(path, "wb") as f:
+        writer = Writer(f)
+        writer.start(profile="ros1", library="test")
+        channels = {}
+        for topic, msgtype, time_ns, msg in sorted(messages, key=lambda m: m[2]):
+            if topic not in channels:
+                definition, _ = store.generate_msgdef(msgtype)
+                schema = writer.register_schema(name=msgtype.replace("/msg/", "/"),
+                                                encoding="ros1msg", data=definition.encode())
+                channels[topic] = writer.register_channel(topic=topic, message_encoding="ros1",
+                                                          schema_id=schema)
+            writer.add_message(channel_id=channels[topic], log_time=time_ns, publish_time=time_ns,
+                               data=bytes(store.serialize_ros1(msg, msgtype)))
+        writer.finish()
+    done = edgecap_caption("--bag", path, "--json")
+    assert done.returncode == 0, done.stderr
+    records = [json.loads(line) for line in done.stdout.splitlines()]
+    assert len(records) == len(frames)
+    assert [r["time_ns"] for r in records] == sorted(t for t, _, _ in frames.values())
+    for record in records:
+        index = 0 if record["time_ns"] < T0 + SECOND else 1
+        time_ns, stamp_ns, image = frames[(record["topic"], index)]
+        assert (record["time_ns"], record["stamp_ns"]) == (time_ns, stamp_ns)
+        fields = {k: v for k, v in record.items() if k not in ("bag", "topic", "time_ns",
+                                                                 "stamp_ns")}
+        assert fields == caption_record(captioner.caption(image)), record["topic"]
+    refused = edgecap_caption("--bag", path, "--write-bag", tmp_path / "copy")
+    assert refused.returncode == 2 and "ROS 1-profile MCAP" in refused.stderr
