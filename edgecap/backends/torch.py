@@ -117,6 +117,7 @@ class TorchBackend(Backend):
     name = "torch"
     manifest: Manifest | None  # None: made from modules in memory (from_modules)
     graph_factory: GraphFactory | None
+    encoder_graph: EncoderGraph | MixedEncoderGraph | None
 
     def __init__(self, manifest: Manifest, device: str | None = "cpu", fp16: bool = False,
                  limits: Limits | None = None, cuda_graphs: bool = False,
@@ -175,7 +176,7 @@ class TorchBackend(Backend):
         self.decoder = decoder.to(self.device, self.dtype)
         self.encoder = None if encoder is None else encoder.to(
             self.device, torch.float32 if fp32_encoder else self.dtype)
-        if fp32_encoder:
+        if init is not None:  # fp32_encoder
             self.encoder_graph = (None if self.encoder is None
                                   else MixedEncoderGraph(EncoderGraph(self.encoder, init),
                                                          self.dtype))

@@ -30,6 +30,7 @@ import warnings
 from collections import deque
 from collections.abc import Iterable, Iterator
 from pathlib import Path
+from typing import Any, TypeVar
 
 from edgecap.cli import interrupt_normally
 from edgecap.commands._options import add_model_arguments, load_captioner
@@ -164,7 +165,10 @@ def _run_paths(captioner, args: argparse.Namespace) -> int:
     return 1 if failed else 0
 
 
-def _captions(captioner, inputs: Iterable[tuple[str, object]]) -> Iterator[tuple[str, object]]:
+Name = TypeVar("Name")  # what names an input: a path's text, a recording's frame
+
+
+def _captions(captioner, inputs: Iterable[tuple[Name, object]]) -> Iterator[tuple[Name, Any]]:
     """(name, input) pairs -> (name, Caption or InputError), in order, each batch as soon as the
     captioner is done with it. An input that is already an ``InputError`` (an empty folder, an
     unmatched glob) keeps its place without going to the captioner."""

@@ -6,11 +6,12 @@ from __future__ import annotations
 import argparse
 import os
 import sys
+from typing import Any
 
 from edgecap.commands.output import escape_field, json_line, print_result, write
 
 
-def run_attention(captioner, inputs: list[tuple[str, object]], args) -> int:
+def run_attention(captioner, inputs: list[tuple[str, Any]], args) -> int:  # (name, path or InputError)
     """Caption one image and write its attention figure to ``args.attention``."""
     from edgecap.errors import InputError
     from edgecap.viz import save_attention

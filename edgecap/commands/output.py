@@ -85,7 +85,7 @@ def write(line: str | None) -> None:
 def utf8_stdout() -> None:
     """Records are UTF-8 whatever the locale (all that could not be encoded is escaped)."""
     try:
-        sys.stdout.reconfigure(encoding="utf-8", errors="strict")
+        sys.stdout.reconfigure(encoding="utf-8", errors="strict")  # type: ignore[union-attr]
     except (AttributeError, ValueError, OSError):
         pass  # a replaced sys.stdout (tests, embedding): written as it is
 

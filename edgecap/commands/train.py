@@ -6,7 +6,9 @@ import argparse
 import json
 import re
 import sys
+from collections.abc import Callable
 from dataclasses import fields
+from pathlib import Path
 
 from edgecap.data.folder import DEFAULT_DEV_FRACTION
 from edgecap.models.config import ENCODERS, DecoderConfig
@@ -124,6 +126,7 @@ def run(args: argparse.Namespace) -> int:
         from edgecap.data.folder import detect_dataset
 
         args.dataset = detect_dataset(args.data)
+    run_training: Callable[..., Path]  # train or train_scst: a config in, the best checkpoint out
     try:
         if args.scst_from:
             if args.dataset == "folder":

@@ -278,7 +278,7 @@ def read_rows(path: Path, report: Callable[[str | Callable[[], str]], None]
             value = caption if problem.startswith("caption") else split or ""
             report(partial(_row_line, shown, line, file, problem, value))
             continue
-        rows.append(Row(line, file, caption, SPLIT_NAMES[split] if has_split else None))
+        rows.append(Row(line, file, caption, SPLIT_NAMES[split] if has_split and split else None))
     return rows, has_split
 
 

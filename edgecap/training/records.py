@@ -9,6 +9,7 @@ checked). Each failure is one line naming the file: the error class the caller p
 
 from __future__ import annotations
 
+import builtins
 import json
 import os
 import struct
@@ -56,16 +57,18 @@ class Record:
     def str(self, key: str) -> str:
         return self.get(key, str, "a string")
 
-    def dict(self, key: str) -> dict:
+    # below the methods named str and int: the builtins spelt out for the type checker
+    def dict(self, key: builtins.str) -> dict:
         return self.get(key, dict, "an object")
 
-    def strings(self, key: str) -> list[str]:
+    def strings(self, key: builtins.str) -> list[builtins.str]:
         value = self.get(key, list, "a list")
         if not all(isinstance(v, str) for v in value):
             raise self.fail(f"{key!r} holds something other than strings")
         return value
 
-    def ints(self, key: str, low: int = 0, high: int | None = None) -> list[int]:
+    def ints(self, key: builtins.str, low: builtins.int = 0,
+             high: builtins.int | None = None) -> list[builtins.int]:
         value = self.get(key, list, "a list")
         if not all(isinstance(v, int) and not isinstance(v, bool) and v >= low
                    and (high is None or v <= high) for v in value):

@@ -143,7 +143,7 @@ class ShardedFeatures:
                                         "rerun the extraction (it recomputes bad shards) or "
                                         "delete it")
             self._offsets.append(_header(path)[2])
-        self._files: dict[int, object] = {}
+        self._files: dict = {}  # shard -> its open file
 
     def __len__(self) -> int:
         return len(self.names)
@@ -163,7 +163,8 @@ class ShardedFeatures:
                 end += 1
             f = self._file(shard)
             f.seek(self._offsets[shard] + row * self.row_bytes)
-            view = memoryview(flat[start:end]).cast("B")
+            # numpy's stubs give ndarray the buffer protocol from Python 3.12 only
+            view = memoryview(flat[start:end]).cast("B")  # type: ignore[arg-type]
             if f.readinto(view) != len(view):
                 raise FeatureCacheError(f"{_shard_path(self.directory, shard)}: short read")
             start = end
@@ -262,7 +263,7 @@ def _read_plan(path: Path, shard_size: int, log=print, strict: bool = False) -> 
             record = read_record(path, FeatureCacheError, MAX_RECORD_BYTES)
             if record.data.get("format") != FORMAT:
                 raise record.fail(f"format {record.data.get('format')!r}, not {FORMAT}")
-            plan = {"format": FORMAT, "shard_size": record.int("shard_size", 1, MAX_SHARD_SIZE),
+            plan: dict = {"format": FORMAT, "shard_size": record.int("shard_size", 1, MAX_SHARD_SIZE),
                     "names": record.strings("names"), "paths": record.strings("paths")}
             if len(plan["names"]) != len(plan["paths"]):
                 raise record.fail("'names' and 'paths' differ in length")
@@ -366,7 +367,7 @@ def streamed_split(train_items, dev_items, images: Path, cache_dir: Path, prepro
     paths = [images / it.file_name for it in train_items + dev_items]
     missing_photos(paths)
     device = str(dist.device) if dist is not None else "cpu"
-    encoder = []  # loaded on first use: a complete cache needs none
+    encoder: list = []  # loaded on first use: a complete cache needs none
 
     def encode(x):
         if not encoder:
