@@ -350,8 +350,9 @@ def test_the_device_search_on_the_gpu_captions_as_the_host_search(default_model_
     photos = [str(p) for p in example_images] * 3  # batches of 8 and 4
     host = Captioner(default_model_dir, backend="torch", device="cuda", search="host",
                      cuda_graphs=graphs)
-    device = Captioner(default_model_dir, backend="torch", device="cuda", cuda_graphs=graphs)
-    assert device.backend.on_device  # "auto" on CUDA
+    device = Captioner(default_model_dir, backend="torch", device="cuda", search="device",
+                       cuda_graphs=graphs)
+    assert device.backend.on_device
     for _ in range(2):  # the second time through the captured graphs
         want, got = host.caption_batch(photos), device.caption_batch(photos)
         assert [c.text for c in got] == [c.text for c in want]

@@ -106,7 +106,7 @@ class TorchBackend(Backend):
     met. ``graph_factory`` replaces ``CudaGraph`` with another ``capture(fn) -> graph`` (the
     tests' ``EagerGraph``, on any device) and implies ``cuda_graphs``. ``search``: where the
     beam search runs, "device" (torch tensors on the backend's device, no host round trip per
-    word), "host" (the numpy loop) or "auto" (device on CUDA, host on the CPU); see
+    word), "host" (the numpy loop) or "auto" (host until the device search is measured on a GPU); see
     ``edgecap.backends.torch_search`` and docs/gpu-search.md. ``fp32_encoder`` (with ``fp16``):
     the whole encoder in FP32 and only the decoder in FP16, the FP16 that keeps the captions
     on the CPU emulation (docs/gpu-search.md).
@@ -259,7 +259,7 @@ class TorchBackend(Backend):
                          tag_words, fusion):
         """The hook of ``edgecap.decoding.search_with_tags``: each image's hypotheses from the
         beam search on the device (``edgecap.backends.torch_search``), or None where this
-        backend searches on the host (``search="host"``, or ``"auto"`` on the CPU)."""
+        backend searches on the host (``search="host"`` or ``"auto"``)."""
         return self.device_search(encoded, options, start_id, end_id, tag_words,
                                   fusion) if self.on_device else None
 
