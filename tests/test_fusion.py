@@ -5,6 +5,7 @@ as one more rule of the one beam loop."""
 from __future__ import annotations
 
 import json
+import os
 import shutil
 from functools import partial
 
@@ -185,3 +186,22 @@ def test_the_gate_gives_training_like_photos_no_fusion(tmp_path):
     # only typical photos: no language-model work at all, no bias
     idle = fusion.scorer(2.0, np.array([0, 0], np.int32), class_probs=typical)
     assert idle.bias(0, np.full(2, START, np.int32), np.array([0, 0], np.int32)) is None
+
+
+@pytest.mark.parametrize("kind", ["fifo", "binary"])
+def test_the_lm_trainer_refuses_caption_text_it_cannot_read_in_one_line(tmp_path, kind,
+                                                                       default_model_dir):
+    from edgecap.training.language_model import main
+
+    text = tmp_path / "captions.txt"
+    if kind == "fifo":
+        os.mkfifo(text)  # read whole, a pipe would hang the trainer
+    else:
+        text.write_bytes(b"a dog runs\n\xff\xfe on grass\n")
+    with pytest.raises(SystemExit) as raised:
+        main(["--text", str(text), "--model", str(default_model_dir),
+              "--out", str(tmp_path / "lm.npz")])
+    message = str(raised.value)
+    assert message.startswith(f"{text}: ") and "\n" not in message
+    assert ("not a regular file" in message) if kind == "fifo" else ("not UTF-8" in message)
+    assert not (tmp_path / "lm.npz").exists()

@@ -35,9 +35,28 @@ from edgecap.manifest import file_sha256, load_manifest
 from edgecap.vocab import Vocabulary
 
 
+MAX_TEXT_BYTES = 256 << 20  # caption text: COCO's 600k training captions are ~35 MB
+MAX_META_BYTES = 1 << 20
+
+
+def read_text(path: Path, what: str) -> str:
+    """A regular UTF-8 text file of at most ``MAX_TEXT_BYTES`` (a one-line exit otherwise: not a
+    pipe or a device that would hang or fill memory, not binary)."""
+    from edgecap.files import FileProblem, read_regular
+    from edgecap.training.records import shown
+
+    try:
+        return read_regular(path, MAX_TEXT_BYTES, what).decode("utf-8")
+    except FileProblem as exc:
+        raise SystemExit(f"{shown(path)}: {exc}") from None
+    except UnicodeDecodeError as exc:
+        raise SystemExit(f"{shown(path)}: not UTF-8 text ({exc.reason} at byte {exc.start})") \
+            from None
+
+
 def read_captions(args) -> list[str]:
     if args.text:
-        return [line.strip() for line in Path(args.text).read_text("utf-8").splitlines()
+        return [line.strip() for line in read_text(Path(args.text), "caption text").split("\n")
                 if line.strip()]
     from edgecap.data.readers import read_flickr8k
 
@@ -158,7 +177,15 @@ def install(model_dir: Path, everyday: Path, in_domain: Path, weight: float,
     spec: dict = {"format": FORMAT, "weight": weight,
                   "method": "density ratio: weight * (log p_everyday - log p_in_domain)"}
     for role, source in (("everyday", Path(everyday)), ("in_domain", Path(in_domain))):
-        meta = json.loads(source.with_suffix(".json").read_text("utf-8"))
+        from edgecap.files import FileProblem, read_json
+        from edgecap.training.records import shown
+
+        try:
+            meta = read_json(source.with_suffix(".json"), MAX_META_BYTES)
+        except FileProblem as exc:
+            raise SystemExit(f"{shown(source.with_suffix('.json'))}: {exc}") from None
+        if not isinstance(meta, dict):
+            raise SystemExit(f"{shown(source.with_suffix('.json'))}: not a JSON object")
         if meta.get("vocab_sha256") != vocab_sha:
             raise SystemExit(f"{source}: trained on another vocabulary than {model_dir}'s")
         name = f"lm_{role}.npz"
@@ -215,7 +242,8 @@ def main(argv=None) -> int:
         args = parser.parse_args(argv[1:])
         photos = None
         if args.gate_images:
-            names = ([n.strip() for n in args.gate_list.read_text().splitlines() if n.strip()]
+            names = ([n.strip() for n in read_text(args.gate_list, "photo list").split("\n")
+                      if n.strip()]
                      if args.gate_list else sorted(p.name for p in args.gate_images.iterdir()))
             photos = [args.gate_images / n for n in names]
         print(install(args.model, args.everyday, args.in_domain, args.weight, photos))
