@@ -104,13 +104,14 @@ def test_stdout_is_the_same_with_progress_on(json_output, many_photos, tiny_mode
         assert "z-broken.jpg" in err
 
 
+@pytest.mark.parametrize("flag", ["--no-progress", "--quiet"])
 def test_no_progress_switches_it_off_on_a_terminal(many_photos, tiny_model_dir, monkeypatch,
-                                                   capsys):
+                                                   capsys, flag):
     monkeypatch.setattr(progress, "DELAY_S", 0.0)
     terminal = _Terminal()
     monkeypatch.setattr(sys, "stderr", terminal)
     main(["caption", str(many_photos), "--model", str(tiny_model_dir), "--max-length", "4",
-          "--no-progress"])
+          flag])
     assert "images, " not in terminal.getvalue()
     assert len(capsys.readouterr().out.splitlines()) == 12
 

@@ -21,7 +21,7 @@ _REDRAW_S = 0.1
 
 
 def add_progress_argument(p: argparse.ArgumentParser) -> None:
-    p.add_argument("--no-progress", action="store_true",
+    p.add_argument("--no-progress", "--quiet", dest="no_progress", action="store_true",
                    help="no progress line on stderr (it is shown only when stderr is a "
                         "terminal, never on stdout)")
 
