@@ -343,6 +343,7 @@ def _decode(step: DeviceStep, plan: Plan, x: Inputs, never_first: torch.Tensor, 
     first_bad = torch.full((), -1, dtype=torch.int64, device=device)
     tag_rows = steered = None
     if plan.tag_bonus is not None:
+        assert x.tag_words is not None  # the plan has a tag bonus only with tag words
         tag_rows = x.tag_words.index_select(0, image_rows)                # (R, V) bool
         tag_bias = tag_rows.to(torch.float32) * np.float32(plan.tag_bonus)
         steered = tag_rows.any(1)
@@ -423,7 +424,7 @@ def _decode(step: DeviceStep, plan: Plan, x: Inputs, never_first: torch.Tensor, 
         new_tokens = new_tokens[:, :B].reshape(R)
         new_lp = torch.where(done.index_select(0, image_rows), NEG_INF,
                              new_lp[:, :B].reshape(R))
-        if steered is not None:
+        if steered is not None and tag_rows is not None:
             said = tag_rows.gather(1, new_tokens[:, None])[:, 0]
             steered = steered.index_select(0, new_source) & (new_lp != NEG_INF) & ~said
         history = history.index_select(0, new_source)
@@ -547,6 +548,7 @@ class DecodeGraphs:
         for mine, theirs in ((static_inputs.tag_words, inputs.tag_words),
                              (static_inputs.fusion_weights, inputs.fusion_weights)):
             if mine is not None:
+                assert theirs is not None  # graphs are keyed by plan: the same inputs exist
                 mine.copy_(theirs)
         graph.replay()
         return out
