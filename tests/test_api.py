@@ -208,7 +208,7 @@ def test_backend_limits_device_and_missing_tensorrt(monkeypatch, tiny_model_dir)
         Captioner(tiny_model_dir, backend="torch", device="cuda", beam_size=3, batch_size=16,
                   fp16=True)
     assert asked == {"name": "torch", "device": "cuda", "limits": Limits(16, 3),
-                     "options": {"threads": None, "fp16": True}}
+                     "options": {"threads": 1, "fp16": True}}  # torch: 1 thread by default
     monkeypatch.undo()
     # what a backend builds for: at least the default engine's limits, so `edgecap build`'s
     # engines serve smaller requests
