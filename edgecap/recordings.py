@@ -225,12 +225,15 @@ class Recording:
         connections = [c for c in self.connections if c.topic in chosen]
         samplers = {topic: _Sampler(every) for topic in chosen}
         counts = dict.fromkeys(chosen, 0)
+        # a recording defines its own types: one whose sensor_msgs/Image lacks the standard
+        # fields (or has them with other types) gives frames that each carry that problem
+        problems = {c.id: _type_problem(self.reader.typestore, c.msgtype) for c in connections}
         for connection, time_ns, raw in self._messages(connections):
             index = counts[connection.topic]
             counts[connection.topic] += 1
             if not samplers[connection.topic].take(time_ns / 1e9):
                 continue
-            yield self._frame(connection, time_ns, raw, index)
+            yield self._frame(connection, time_ns, raw, index, problems.get(connection.id))
 
     def messages(self) -> Iterator[tuple[Any, int, bytes]]:  # (rosbags Connection, ...)
         """Every message, raw: (connection, log time ns, serialised bytes), in log-time order."""
@@ -243,22 +246,31 @@ class Recording:
             raise RecordingError(f"{self.path}: the recording breaks off while being read "
                                  f"({_reason(exc)})") from None
 
-    def _frame(self, connection, time_ns: int, raw: bytes, index: int) -> Frame:
+    def _frame(self, connection, time_ns: int, raw: bytes, index: int,
+               type_problem: str | None = None) -> Frame:
         name = f"{connection.topic} at {seconds_text(time_ns)}"
         stamp_ns = 0
+        image: np.ndarray | bytes | InputError
+        if type_problem is not None:
+            return Frame(connection.topic, time_ns, 0, index, InputError(name, type_problem))
         try:
             msg = self.reader.deserialize(raw, connection.msgtype)
         except Exception as exc:  # noqa: BLE001 (a message that does not match its type)
-            image: np.ndarray | bytes | InputError = InputError(
+            image = InputError(
                 name, f"cannot deserialise this {connection.msgtype} message ({_reason(exc)})")
         else:
-            stamp = msg.header.stamp
-            stamp_ns = int(stamp.sec) * 1_000_000_000 + int(stamp.nanosec)
             try:
+                stamp = msg.header.stamp
+                stamp_ns = int(stamp.sec) * 1_000_000_000 + int(stamp.nanosec)
                 image = (bytes(msg.data) if connection.msgtype == COMPRESSED
                          and _check_compressed(msg.format, name) else raw_to_rgb(msg, name))
             except InputError as exc:
                 image = exc
+            except (AttributeError, TypeError, ValueError, OverflowError) as exc:
+                # the checks of _type_problem passed, yet a field is not what it should be
+                stamp_ns = 0
+                image = InputError(name, f"message lacks the standard sensor_msgs fields: "
+                                         f"{_reason(exc)}")
         if isinstance(image, bytes) and not image:
             image = InputError(name, "no image data (0 bytes)")
         return Frame(connection.topic, time_ns, stamp_ns, index, image)
@@ -319,6 +331,51 @@ class _Channel:
     id: int
     topic: str
     msgtype: str
+
+
+_INT = ("int8", "uint8", "int16", "uint16", "int32", "uint32", "int64", "uint64", "bool")
+# the fields edgecap reads, as (name, what it must be): "int", "string", "uint8[]" or a type
+_FIELDS = {
+    IMAGE: (("header", "std_msgs/msg/Header"), ("height", "int"), ("width", "int"),
+            ("encoding", "string"), ("is_bigendian", "int"), ("step", "int"),
+            ("data", "uint8[]")),
+    COMPRESSED: (("header", "std_msgs/msg/Header"), ("format", "string"), ("data", "uint8[]")),
+    "std_msgs/msg/Header": (("stamp", "builtin_interfaces/msg/Time"),),
+    "builtin_interfaces/msg/Time": (("sec", "int"), ("nanosec", "int")),
+}
+
+
+def _type_problem(typestore, msgtype: str) -> str | None:
+    """None when the recording's definition of ``msgtype`` (an image type) has the standard
+    fields edgecap reads, with their types; else the problem, e.g. "message lacks the standard
+    sensor_msgs fields: header, height (std_msgs/msg/Header, uint32)"."""
+    wrong: list[str] = []
+
+    def check(typename: str, prefix: str) -> None:
+        fields = dict(getattr(typestore, "fielddefs", {}).get(typename, ((), ()))[1])
+        for field, want in _FIELDS[typename]:
+            node = fields.get(field)
+            kind, details = node if node is not None else (None, None)
+            kind = getattr(kind, "name", kind)
+            if want == "int":
+                ok = kind == "BASE" and details[0] in _INT
+            elif want == "string":
+                ok = kind == "BASE" and details[0] == "string"
+            elif want == "uint8[]":
+                ok = (kind in ("SEQUENCE", "ARRAY") and getattr(details[0][0], "name", None)
+                      == "BASE" and details[0][1][0] in ("uint8", "int8", "char", "byte"))
+            else:
+                ok = kind == "NAME" and details == want
+                if ok:
+                    check(want, f"{prefix}{field}.")
+                    continue
+            if not ok:
+                wrong.append(f"{prefix}{field} ({want})")
+
+    check(msgtype, "")
+    if not wrong:
+        return None
+    return f"message lacks the standard sensor_msgs fields: {', '.join(wrong)}"
 
 
 def _ros2_name(name: str) -> str:

@@ -420,3 +420,66 @@ def test_ros1_profile_mcap_file_is_read(tmp_path, captioner):
         assert fields == caption_record(captioner.caption(image)), record["topic"]
     refused = edgecap_caption("--bag", path, "--write-bag", tmp_path / "copy")
     assert refused.returncode == 2 and "ROS 1-profile MCAP" in refused.stderr
+
+
+@pytest.mark.parametrize("definition", ["string encoding\nuint8[] data",
+                                        "std_msgs/Header header\nstring height\nuint32 width\n"
+                                        "string encoding\nuint8 is_bigendian\nuint32 step\n"
+                                        "uint8[] data"])
+def test_image_type_without_the_standard_fields_is_one_line_a_frame(definition, tmp_path,
+                                                                     captioner):
+    """A recording defines its own types: a sensor_msgs/Image without header/height/... (or
+    with height a string) is refused frame by frame, naming topic and time; the others kept."""
+    from rosbags.typesys import get_types_from_msg
+
+    store = store_for("mcap")
+    hostile = get_typestore(Stores.EMPTY)
+    hostile.register({k: v for k, v in store.fielddefs.items()
+                      if k in ("std_msgs/msg/Header", "builtin_interfaces/msg/Time")})
+    hostile.register(get_types_from_msg(definition, "sensor_msgs/msg/Image"))
+    fields = hostile.fielddefs["sensor_msgs/msg/Image"][1]
+    values = {name: {"encoding": "rgb8", "data": CHELSEA.reshape(-1), "height": "120",
+                     "header": header(hostile, T0), "width": 160, "step": 480,
+                     "is_bigendian": 0}[name] for name, _ in fields}
+    bad = hostile.types["sensor_msgs/msg/Image"](**values)
+    path = tmp_path / "run"
+    with Writer2(path, version=9, storage_plugin=StoragePlugin.MCAP) as writer:
+        raw = writer.add_connection("/cam/raw", "sensor_msgs/msg/Image", typestore=hostile)
+        jpeg = writer.add_connection("/cam/jpeg", "sensor_msgs/msg/CompressedImage",
+                                     typestore=store)
+        for i in range(2):
+            writer.write(raw, T0 + 2 * i * SECOND,
+                         bytes(hostile.serialize_cdr(bad, "sensor_msgs/msg/Image")))
+            writer.write(jpeg, T0 + (2 * i + 1) * SECOND, bytes(store.serialize_cdr(
+                compressed_msg(store, "jpeg", encoded_bytes(COFFEE, "JPEG"), T0),
+                "sensor_msgs/msg/CompressedImage")))
+    done = edgecap_caption("--bag", path)
+    assert done.returncode == 1, done.stderr
+    assert "Traceback" not in done.stderr
+    assert [line.split("\t")[:2] for line in done.stdout.splitlines()] == [
+        ["/cam/jpeg", "1700000001.000000000"], ["/cam/jpeg", "1700000003.000000000"]]
+    problems = done.stderr.splitlines()
+    assert len(problems) == 2, done.stderr
+    for line, seconds in zip(problems, (0, 2)):
+        assert line.startswith(f"edgecap: {path}: /cam/raw at 170000000{seconds}.000000000: "
+                               "message lacks the standard sensor_msgs fields: "), line
+        assert "height" in line
+
+
+def test_field_of_the_wrong_kind_is_an_input_error_not_a_traceback():
+    """Past the type check, a field that does not convert (a height "tall") is the frame's
+    InputError."""
+    from types import SimpleNamespace
+
+    from edgecap.recordings import Recording
+
+    msg = SimpleNamespace(header=SimpleNamespace(stamp=SimpleNamespace(sec=1, nanosec=0)),
+                          height="tall", width=2, step=6, encoding="rgb8", is_bigendian=0,
+                          data=b"\0" * 12)
+    recording = Recording.__new__(Recording)
+    recording.reader = SimpleNamespace(deserialize=lambda raw, msgtype: msg)
+    connection = SimpleNamespace(topic="/cam", msgtype="sensor_msgs/msg/Image", id=1)
+    frame = recording._frame(connection, T0, b"", 0)
+    assert isinstance(frame.image, InputError)
+    assert str(frame.image).startswith("/cam at 1700000000.000000000: message lacks the "
+                                       "standard sensor_msgs fields: ")
