@@ -26,7 +26,9 @@ serving:
   captioned; memory stays below ``max_pending x max_body_bytes`` for bodies;
 - 408: a body not received within ``read_timeout_s`` (a client that stalls);
 - 415: a Content-Type that is not an image (a form, JSON, text); 400: a body that is not an
-  image edgecap can decode, or an empty one.
+  image edgecap can decode, or an empty one;
+- 500: the model raised on this image (out of memory, ...): one line and one log line; a batch
+  that fails is retried one image at a time, so the other requests of it are answered.
 
 The service listens on loopback (127.0.0.1) unless told otherwise: it has no authentication.
 """
@@ -86,6 +88,20 @@ def _aiohttp():
     return web
 
 
+class ModelError(Exception):
+    """The model raised on an image (out of memory, a runtime failure): its request answers 500
+    with this one-line message; the service keeps serving."""
+
+
+def one_line(exc: BaseException) -> str:
+    text = " ".join(str(exc).split())
+    return f"{type(exc).__name__}: {text}" if text else type(exc).__name__
+
+
+def log(message: str) -> None:
+    print(f"edgecap serve: error: {message}", file=sys.stderr, flush=True)
+
+
 class Batcher:
     """Captions queued images in batches on one worker thread.
 
@@ -123,18 +139,36 @@ class Batcher:
                     break
             started = time.perf_counter()
             try:
-                images = [data for data, _, _ in batch]
-                results = await loop.run_in_executor(
-                    self.executor, functools.partial(self.captioner.caption_batch, images,
-                                                     on_error="return"))
-            except Exception as exc:  # noqa: BLE001 (the model failed: every request hears it)
-                for _, future, _ in batch:
-                    if not future.done():
-                        future.set_exception(exc)
+                results = await self._caption([data for data, _, _ in batch])
+            except Exception as exc:  # noqa: BLE001 (the model failed on one of them, or all)
+                log(f"the model failed on a batch of {len(batch)} ({one_line(exc)})"
+                    + ("; captioning its images one at a time" if len(batch) > 1 else ""))
+                await self._one_at_a_time(batch, started)
                 continue
             for (_, future, queued), result in zip(batch, results):
                 if not future.done():  # a request whose client went away is dropped here
                     future.set_result((result, len(batch), (started - queued) * 1e3))
+
+    async def _caption(self, images: list[bytes]) -> list:
+        return await asyncio.get_running_loop().run_in_executor(
+            self.executor, functools.partial(self.captioner.caption_batch, images,
+                                             on_error="return"))
+
+    async def _one_at_a_time(self, batch: list, started: float) -> None:
+        """After a batch failed: each image alone, so that only the request whose image the
+        model fails on hears of it (its result: the ``ModelError``)."""
+        for data, future, queued in batch:
+            if future.done():
+                continue
+            try:
+                result = (await self._caption([data]))[0]
+            except Exception as exc:  # noqa: BLE001 (this image's request answers 500)
+                if len(batch) > 1:
+                    log(f"the model failed on one image of {len(data):,} bytes "
+                        f"({one_line(exc)})")
+                result = ModelError(one_line(exc))
+            if not future.done():
+                future.set_result((result, 1, (started - queued) * 1e3))
 
     def close(self) -> None:
         self.executor.shutdown(wait=True, cancel_futures=True)
@@ -149,7 +183,12 @@ class CaptionService:
         self.options = options or ServiceOptions()
         self.options.validate()
         self.captioner = captioner
-        self.max_batch = self.options.max_batch or captioner.options.batch_size
+        batch_size = captioner.options.batch_size
+        if self.options.max_batch is not None and self.options.max_batch > batch_size:
+            raise ValueError(f"max_batch {self.options.max_batch} is over the captioner's batch "
+                             f"size {batch_size}: the model runs at most {batch_size} images "
+                             "at once (raise --batch-size with it)")
+        self.max_batch = self.options.max_batch or batch_size
         self.pending = 0
         self.batcher: Batcher | None = None
         self._worker: asyncio.Task | None = None
@@ -211,6 +250,8 @@ class CaptionService:
             result, batch, queue_ms = await self.batcher.submit(data)
             if isinstance(result, InputError):
                 return _error(web, 400, f"not a usable image: {result.problem}")
+            if isinstance(result, ModelError):
+                return _error(web, 500, f"the model failed on this image ({result})")
             record = caption_record(result)
             record["timings"] = {**{k: round(v, 2) for k, v in result.timings.items()},
                                  "queue_ms": round(queue_ms, 2),
@@ -243,6 +284,9 @@ def _json_errors(web):
                 raise
             return _error(web, exc.status, exc.reason if not exc.text
                           or exc.text.startswith(f"{exc.status}:") else exc.text)
+        except Exception as exc:  # noqa: BLE001 (a bug: a JSON 500 and one log line, no traceback)
+            log(f"{request.method} {request.path} failed ({one_line(exc)})")
+            return _error(web, 500, f"internal error ({one_line(exc)})")
 
     return middleware
 
@@ -272,10 +316,14 @@ async def start(service: CaptionService, host: str = DEFAULT_HOST, port: int = D
     # gzip-encoded body would be a decompression bomb past the body limit)
     runner = web.AppRunner(service.app, access_log=None, keepalive_timeout=75,
                            auto_decompress=False)
-    await runner.setup()
-    site = web.TCPSite(runner, host, port)
-    await site.start()
-    return runner, runner.addresses[0][1]
+    await runner.setup()  # starts the Batcher's task and thread: stopped again on failure
+    try:
+        site = web.TCPSite(runner, host, port)
+        await site.start()
+        return runner, runner.addresses[0][1]
+    except BaseException:
+        await runner.cleanup()
+        raise
 
 
 def _stop(stopped: asyncio.Future, signal_number: int) -> None:

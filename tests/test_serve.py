@@ -291,6 +291,69 @@ def test_a_bad_image_in_a_batch_fails_alone():
         running.stop()
 
 
+class FailingCaptioner(BlockingCaptioner):
+    """A model that raises (as a GPU out of memory would) on any batch holding b"boom"."""
+
+    def caption_batch(self, images, on_error="raise"):
+        results = super().caption_batch(images, on_error)
+        if b"boom" in images:
+            raise RuntimeError("CUDA out of memory.\nTried to allocate 2.00 GiB")
+        return results
+
+
+def test_a_model_failure_is_a_json_500_for_its_image_alone(capfd):
+    fake = FailingCaptioner()
+    running = Running(fake, ServiceOptions())
+    try:
+        with ThreadPoolExecutor(3) as pool:
+            first = pool.submit(post, running.port, b"first")
+            assert fake.entered.acquire(timeout=CLIENT_TIMEOUT_S)
+            boom, good = pool.submit(post, running.port, b"boom"), pool.submit(post, running.port,
+                                                                                b"good")
+            wait_until(lambda: running.service.batcher.queue.qsize() == 2)
+            fake.gate.set()
+            assert first.result()[0] == 200
+            status, answer, headers = boom.result()
+            assert status == 500 and headers["Content-Type"].startswith("application/json")
+            assert answer == {"error": "the model failed on this image (RuntimeError: CUDA out "
+                                       "of memory. Tried to allocate 2.00 GiB)"}
+            assert good.result()[0] == 200 and good.result()[1]["caption"] == "4 bytes"
+        assert post(running.port, b"after")[1]["caption"] == "5 bytes"  # still serving
+    finally:
+        running.stop()
+    # the batch of two, then each of its images alone
+    assert fake.batches == [1, 2, 1, 1, 1]
+    logged = capfd.readouterr().err.splitlines()
+    assert logged == ["edgecap serve: error: the model failed on a batch of 2 (RuntimeError: "
+                      "CUDA out of memory. Tried to allocate 2.00 GiB); captioning its images "
+                      "one at a time",
+                      "edgecap serve: error: the model failed on one image of 4 bytes "
+                      "(RuntimeError: CUDA out of memory. Tried to allocate 2.00 GiB)"]
+
+
+def test_max_batch_over_the_batch_size_is_refused():
+    with pytest.raises(ValueError, match="max_batch 32 is over the captioner's batch size 8"):
+        CaptionService(BlockingCaptioner(batch_size=8), ServiceOptions(max_batch=32))
+    assert CaptionService(BlockingCaptioner(batch_size=8), ServiceOptions(max_batch=8)).max_batch == 8
+
+
+def test_a_port_in_use_leaves_no_worker_behind():
+    """start() that cannot bind stops the Batcher's task and thread it had started."""
+    service = CaptionService(BlockingCaptioner(), ServiceOptions())
+    with socket.socket() as taken:
+        taken.bind(("127.0.0.1", 0))
+        taken.listen()
+
+        async def main():
+            with pytest.raises(OSError):
+                await start(service, "127.0.0.1", taken.getsockname()[1])
+            return service._worker.done()
+
+        assert asyncio.run(main())
+    with pytest.raises(RuntimeError, match="shutdown"):
+        service.batcher.executor.submit(int)
+
+
 def wait_until(condition) -> None:
     """Poll ``condition`` (state set by the service's thread); fail after CLIENT_TIMEOUT_S."""
     event = threading.Event()
@@ -340,6 +403,29 @@ def test_edgecap_serve_bad_option_is_one_line():
     assert done.returncode == 2
     assert done.stderr == ("edgecap serve: error: max_pending must be a positive integer, "
                            "got 0\n")
+
+
+@pytest.mark.parametrize("args, problem", [
+    (["--max-body-mb", "inf"], "--max-body-mb must be a positive number of MB, got inf"),
+    (["--max-body-mb", "nan"], "--max-body-mb must be a positive number of MB, got nan"),
+    (["--max-body-mb", "0"], "--max-body-mb must be a positive number of MB, got 0"),
+    (["--max-body-mb", "-3"], "--max-body-mb must be a positive number of MB, got -3"),
+])
+def test_edgecap_serve_bad_body_limit_is_one_line(args, problem):
+    done = subprocess.run([sys.executable, "-m", "edgecap", "serve", *args],
+                          capture_output=True, text=True, env=ENV, check=False)
+    assert (done.returncode, done.stderr) == (2, f"edgecap serve: error: {problem}\n")
+
+
+def test_edgecap_serve_max_batch_over_batch_size_is_one_line(default_model_dir):
+    done = subprocess.run([sys.executable, "-m", "edgecap", "serve", "--max-batch", "32",
+                           "--batch-size", "8", "--model", str(default_model_dir)],
+                          capture_output=True, text=True, env=ENV, check=False,
+                          timeout=CLIENT_TIMEOUT_S)  # a service that starts fails, not hangs
+    assert done.returncode == 2
+    assert done.stderr.startswith("edgecap serve: error: max_batch 32 is over the captioner's "
+                                  "batch size 8"), done.stderr
+    assert len(done.stderr.splitlines()) == 1
 
 
 def test_not_loopback_warns():

@@ -5,6 +5,7 @@
 from __future__ import annotations
 
 import argparse
+import math
 import os
 import signal
 import sys
@@ -16,7 +17,8 @@ EPILOG = """examples:
   curl -s --data-binary @photo.jpg -H 'Content-Type: image/jpeg' http://127.0.0.1:8765/caption
 
 answers (JSON): 200 the caption; 400 not an image; 408 the body did not arrive in time;
-413 the body is too large; 415 not an image Content-Type; 503 busy (retry later).
+413 the body is too large; 415 not an image Content-Type; 500 the model failed on this
+image (logged; the others of its batch are captioned); 503 busy (retry later).
 
 exit status: 0 stopped by SIGTERM; 2 usage, model or address error (the port in use);
 130 stopped by Ctrl-C"""
@@ -36,7 +38,8 @@ def add_arguments(p: argparse.ArgumentParser) -> None:
     p.add_argument("--max-pending", type=int, default=defaults.max_pending, metavar="N",
                    help="requests read, queued or captioned at once (503 above)")
     p.add_argument("--max-batch", type=int, metavar="N",
-                   help="most images captioned together (default: --batch-size; 1: no batching)")
+                   help="most images captioned together, at most --batch-size (default: "
+                        "--batch-size; 1: no batching); above it is refused")
     p.add_argument("--max-wait-ms", type=float, default=defaults.max_wait_ms, metavar="MS",
                    help="how long a batch waits for more requests after its first")
     p.add_argument("--read-timeout", type=float, default=defaults.read_timeout_s, metavar="S",
@@ -50,7 +53,10 @@ def run(args: argparse.Namespace) -> int:
                                serve, warm_up)
 
     try:
-        options = ServiceOptions(max_body_bytes=max(1, int(args.max_body_mb * MIB)),
+        if not (math.isfinite(args.max_body_mb) and args.max_body_mb > 0):
+            raise ValueError(f"--max-body-mb must be a positive number of MB, got "
+                             f"{args.max_body_mb:g}")
+        options = ServiceOptions(max_body_bytes=math.ceil(args.max_body_mb * MIB),
                                  max_pending=args.max_pending, max_batch=args.max_batch,
                                  max_wait_ms=args.max_wait_ms, read_timeout_s=args.read_timeout)
         options.validate()
