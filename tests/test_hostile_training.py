@@ -413,11 +413,12 @@ def test_flickr_layout_rows_outside_the_images_folder_are_refused(tmp_path):
     (root / "Flickr_8k.trainImages.txt").write_text("a.jpg\n../../elsewhere.jpg\n")
     (root / "Flickr_8k.devImages.txt").write_text("b.jpg\n")
     reports = []
-    train, dev = dataset_items("flickr8k", root, root / "images", report=reports.append)
+    train, dev, left_out = dataset_items("flickr8k", root, root / "images", report=reports.append)
     assert [it.file_name for it in train] == ["a.jpg"] and [it.file_name for it in dev] == ["b.jpg"]
     assert len(reports) == 1 and "../../elsewhere.jpg: a path through '..'" in reports[0]
-    train, _ = dataset_items("flickr8k", root, root / "images", allow_outside=True)
-    assert len(train) == 2
+    assert left_out == 1
+    train, _, none_left = dataset_items("flickr8k", root, root / "images", allow_outside=True)
+    assert len(train) == 2 and none_left == 0
 
 
 def test_train_help_names_the_rule_and_the_option(capsys):
@@ -616,3 +617,28 @@ def test_thousands_of_bad_rows_are_summarised_with_their_count(tmp_path):
                            f"not listed ({n_bad:,} in all)")
     assert data.n_problems == n_bad and len(data.problems) == MAX_REPORTED
     assert len(data.train + data.dev) == 3
+
+
+@torch_needed
+def test_a_run_with_rows_left_out_trains_on_the_rest_and_exits_1(tmp_path, capsys):
+    """As caption does when some inputs were skipped: the run is made, each left-out row was
+    reported, the exit status is 1 and the best checkpoint records how many were left out."""
+    from edgecap.cli import main
+
+    words = "red green blue dog cat ball mat grass sky tree car house boat bird man woman".split()
+    rows = [(f"p{i}.png", f"a {words[i]} and a {words[i + 1]} near the {words[i + 2]}")
+            for i in range(6)]
+    root = captions_csv(tmp_path / "data", rows + [("../outside.png", "a secret")])
+    photo(tmp_path / "outside.png", 9)
+    out = tmp_path / "run"
+    flags = ["--init-from", "none", "--epochs", "1", "--batch-size", "6", "--min-word-count",
+             "1", "--no-progress", "--threads", "1", "--cache-dir", str(tmp_path / "cache"),
+             "--hidden-dim", "16", "--feature-dim", "16", "--embed-dim", "8",
+             "--attention-dim", "8"]
+    assert main(["train", "--data", str(root), "--out", str(out), *flags]) == 1
+    captured = capsys.readouterr()
+    assert "../outside.png" in captured.err and "row skipped" in captured.err
+    assert json.loads(captured.out.splitlines()[-1]) == {"best_checkpoint": str(out / "best"),
+                                                         "left_out": 1}
+    meta = json.loads((out / "best" / "checkpoint.json").read_text())
+    assert meta["training_data"]["left_out"] == 1

@@ -146,8 +146,23 @@ def run(args: argparse.Namespace) -> int:
         print(f"edgecap train: error: {_in_flags(str(exc), args)}", file=sys.stderr)
         return 2
     best = run_training(cfg)
-    print(json.dumps({"best_checkpoint": str(best)}))
-    return 0
+    left_out = _left_out(best)
+    print(json.dumps({"best_checkpoint": str(best), **({"left_out": left_out} if left_out else {})}))
+    return 1 if left_out else 0  # as caption: some inputs were skipped (each reported)
+
+
+def _left_out(best: Path) -> int:
+    """How many rows or photos the run left out (reported as they were met), from its best
+    checkpoint's record; 0 when it says nothing."""
+    from edgecap.errors import ModelError
+    from edgecap.training.records import read_record
+
+    try:
+        data = read_record(Path(best) / "checkpoint.json").data.get("training_data")
+    except ModelError:
+        return 0
+    value = data.get("left_out") if isinstance(data, dict) else None
+    return value if isinstance(value, int) and not isinstance(value, bool) and value > 0 else 0
 
 
 def _config(cls, args: argparse.Namespace, **given):

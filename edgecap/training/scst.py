@@ -62,7 +62,8 @@ def train_scst(cfg: ScstConfig, log=print) -> Path:
     if meta.get("finetuned_encoder"):
         raise ValueError("self-critical training runs on cached features: start from a checkpoint "
                          "with a frozen encoder")
-    train_items, dev_items = dataset_items(cfg.dataset, data, images, cfg.allow_outside_data)
+    train_items, dev_items, left_out = dataset_items(cfg.dataset, data, images,
+                                                     cfg.allow_outside_data)
     cache = Path(cfg.cache_dir) if cfg.cache_dir else out.parent / ".feature-cache"
     encoder_name = encoder.variant  # the checkpoint's pretrained encoder
     train_rows, dev_fmaps, all_fmaps = split_features(train_items, dev_items, images, cache, pre,
@@ -75,6 +76,7 @@ def train_scst(cfg: ScstConfig, log=print) -> Path:
     log(json.dumps({"epoch": 0, **{k: round(v, 4) for k, v in best.items()}}) + "  (start)")
     history = [{"epoch": 0, **best}]
     info_base = {k: meta[k] for k in ("train_state", "train_config", "training_data") if k in meta}
+    info_base["training_data"] = {**info_base.get("training_data", {}), "left_out": left_out}
     save_checkpoint(out / "best", decoder, vocab, pre,
                     {**info_base, "dev_metrics_greedy": best, "scst": {"config": asdict(cfg),
                                                                         "history": history}},

@@ -36,8 +36,9 @@ NONE = "none"        # init_from: fresh weights (a folder run's default is DEFAU
 
 
 def training_items(cfg: TrainConfig, data: Path, images: Path,
-                   log=print) -> tuple[list[CaptionedImage], list[CaptionedImage]]:
-    """The train and dev photos of ``cfg.dataset`` (a folder's bad rows reported on stderr).
+                   log=print) -> tuple[list[CaptionedImage], list[CaptionedImage], int]:
+    """The train and dev photos of ``cfg.dataset`` (a folder's bad rows reported on stderr), and
+    how many rows or photos were left out (reported; ``edgecap train`` then exits 1).
     Photos outside ``images`` (absolute paths, ``..``, links leading out) are left out and
     reported unless ``cfg.allow_outside_data``. A ``data`` that is no folder is a ``DataError``
     (the readers')."""
@@ -50,14 +51,14 @@ def training_items(cfg: TrainConfig, data: Path, images: Path,
     if folder.n_problems:
         log(f"{shown(folder.source)}: {folder.n_problems} rows or photos left out (listed on "
             "stderr)")
-    return folder.train, folder.dev
+    return folder.train, folder.dev, folder.n_problems
 
 
 def dataset_items(kind: str, data: Path, images: Path, allow_outside: bool = False,
-                  report=None) -> tuple[list[CaptionedImage], list[CaptionedImage]]:
-    """The train and dev photos of a Flickr8k / COCO / Karpathy dataset; those outside
-    ``images`` are reported (one line each, then a count) and left out unless
-    ``allow_outside``."""
+                  report=None) -> tuple[list[CaptionedImage], list[CaptionedImage], int]:
+    """The train and dev photos of a Flickr8k / COCO / Karpathy dataset, and how many were left
+    out: those outside ``images`` are reported (one line each, then a count) and left out
+    unless ``allow_outside``."""
     from edgecap.data.folder import (
         OUTSIDE_HINT,
         Problems,
@@ -67,7 +68,7 @@ def dataset_items(kind: str, data: Path, images: Path, allow_outside: bool = Fal
 
     splits = read_dataset(kind, data, "train"), read_dataset(kind, data, "dev")
     if allow_outside:
-        return splits
+        return splits[0], splits[1], 0
     root = images.resolve()
     problems = Problems(report or report_stderr)
     kept: tuple[list[CaptionedImage], list[CaptionedImage]] = ([], [])
@@ -83,7 +84,7 @@ def dataset_items(kind: str, data: Path, images: Path, allow_outside: bool = Fal
     for name, split in zip(("train", "dev"), kept):
         if not split:
             raise DataError(f"{shown(data)}: no usable {name} photo")
-    return kept
+    return kept[0], kept[1], problems.count
 
 
 @dataclass

@@ -202,7 +202,7 @@ def train(cfg: TrainConfig, log=print) -> Path:
     images = Path(cfg.images) if cfg.images else data / ("" if cfg.dataset == "folder" else "images")
     pre = Preprocessing(size=(cfg.image_size, cfg.image_size))
 
-    train_items, dev_items = training_items(cfg, data, images, log)
+    train_items, dev_items, left_out = training_items(cfg, data, images, log)
     if cfg.max_dev_images:
         dev_items = dev_items[: cfg.max_dev_images]
     last = out / "last"
@@ -342,6 +342,7 @@ def train(cfg: TrainConfig, log=print) -> Path:
         log(json.dumps(record) + ("  (best)" if improved else ""))
         info = {"train_state": state, "train_config": asdict(cfg),
                 "training_data": {"dataset": cfg.dataset, "root": str(data), "split": "train",
+                                  "left_out": left_out,
                                   "n_images": len(train_items)},
                 "dev_metrics_greedy": dev}
         if improved:
