@@ -355,6 +355,8 @@ def _type_problem(typestore, msgtype: str) -> str | None:
         fields = dict(getattr(typestore, "fielddefs", {}).get(typename, ((), ()))[1])
         for field, want in _FIELDS[typename]:
             node = fields.get(field)
+            kind: Any
+            details: Any  # rosbags' field definition: (kind, details), details by kind
             kind, details = node if node is not None else (None, None)
             kind = getattr(kind, "name", kind)
             if want == "int":
