@@ -131,6 +131,16 @@ def _raise_pillow_limit(limit: int) -> None:
         Image.MAX_IMAGE_PIXELS = limit
 
 
+def pixel_limit_problem(width: int, height: int, subject: str = "image is") -> str | None:
+    """Why a picture of this size is refused (over ``max_pixels()``), for pictures that do not
+    come from a file Pillow opens (video frames, raw recording frames); None: it is not."""
+    limit = max_pixels()
+    if width * height <= limit:
+        return None
+    return (f"{subject} {width}x{height} = {width * height:,} pixels, over the limit of {limit:,}; "
+            f"raise it with edgecap.images.set_max_pixels(n) or {MAX_PIXELS_ENV}=n")
+
+
 def _bomb_problem(width: int, height: int, limit: int) -> str:
     return (f"image is {width}x{height} = {width * height:,} pixels, over the limit of {limit:,} "
             "(a guard against decompression bombs); if you trust it, raise the limit with "

@@ -48,7 +48,7 @@ from typing import Any
 import numpy as np
 
 from edgecap.errors import EdgecapError, InputError, MissingPackageError
-from edgecap.images import array_to_rgb, max_pixels
+from edgecap.images import array_to_rgb, pixel_limit_problem
 
 ROS_EXTRA = "pip install 'edgecap[ros]' (rosbags)"
 IMAGE = "sensor_msgs/msg/Image"
@@ -399,9 +399,9 @@ def raw_to_rgb(msg, name: str) -> np.ndarray:
     height, width, step = int(msg.height), int(msg.width), int(msg.step)
     if height < 1 or width < 1:
         raise InputError(name, f"image has no pixels ({width}x{height})")
-    if height * width > max_pixels():
-        raise InputError(name, f"image is {width}x{height}, over the limit of "
-                               f"{max_pixels():,} pixels")
+    too_big = pixel_limit_problem(width, height)
+    if too_big:
+        raise InputError(name, too_big)
     if encoding in DEPTH:
         raise InputError(name, f"a depth image ({msg.encoding}), not a picture to caption")
     if encoding in RAW_ENCODINGS:

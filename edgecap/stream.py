@@ -49,7 +49,7 @@ from pathlib import Path
 
 from edgecap.api import Caption
 from edgecap.errors import BackendError, InputError
-from edgecap.images import COLORS, MAX_PIXELS_ENV, ImageInput, max_pixels
+from edgecap.images import COLORS, ImageInput, pixel_limit_problem
 
 VIDEO_EXTRA = "pip install 'edgecap[video]' (opencv-python-headless)"
 READER_JOIN_S = 2.0  # how long closing a stream waits for the reader's current read to return
@@ -375,12 +375,7 @@ def video_frames(path: str | os.PathLike, realtime: bool = False) -> Iterator[Fr
 
 def _frame_size_problem(width: int, height: int) -> str | None:
     """Why frames of this size are refused (the still photos' pixel limit); None: they are not."""
-    limit = max_pixels()
-    if width * height > limit:
-        return (f"video frames are {width}x{height} = {width * height:,} pixels, over the limit "
-                f"of {limit:,}; raise it with edgecap.images.set_max_pixels(n) or "
-                f"{MAX_PIXELS_ENV}=n")
-    return None
+    return pixel_limit_problem(width, height, "video frames are")
 
 
 def _video_frames(capture, fps: float, realtime: bool, source: str,
