@@ -70,16 +70,15 @@ def _print_frame(bag: str, frame, result, args: argparse.Namespace) -> None:
     from edgecap.errors import InputError
     from edgecap.recordings import seconds_text
 
+    head = {"bag": bag, "topic": frame.topic, "time_ns": frame.time_ns,
+            "stamp_ns": frame.stamp_ns}
     if isinstance(result, InputError):
         report_error(bag, f"{frame.name}: {result.problem}")  # the captioner names bytes only
         if args.json:
-            write(json_line({"bag": bag, "topic": frame.topic, "time_ns": frame.time_ns,
-                             "stamp_ns": frame.stamp_ns, **error_record(result.problem)}))
+            write(json_line({**head, **error_record(result.problem)}))
         return
     if args.json:
-        write(json_line({"bag": bag, "topic": frame.topic, "time_ns": frame.time_ns,
-                         "stamp_ns": frame.stamp_ns,
-                         **caption_record(result, args.min_confidence)}))
+        write(json_line({**head, **caption_record(result, args.min_confidence)}))
         return
     fields = [frame.topic, seconds_text(frame.time_ns), seconds_text(frame.stamp_ns),
               *caption_fields(result, args.show_objects, args.min_confidence)]
