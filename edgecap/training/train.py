@@ -24,10 +24,12 @@ import time
 from concurrent.futures import ThreadPoolExecutor
 from dataclasses import asdict
 from pathlib import Path
+from typing import Any, TextIO, TypedDict
 
 import numpy as np
 import torch
 from torch.nn import functional as F
+from torch.nn.parallel import DistributedDataParallel
 
 from edgecap.data.readers import CaptionedImage
 from edgecap.errors import BackendError, ModelError
@@ -46,6 +48,15 @@ from edgecap.training.records import MAX_RECORD_BYTES, shown
 from edgecap.training.shards import streamed_split
 from edgecap.training.start import initial_model, training_items
 from edgecap.vocab import Vocabulary
+
+
+class TrainState(TypedDict):
+    """What a run has done so far (``train_state`` of checkpoint.json; a resumed run reads it)."""
+
+    epoch: int  # epochs finished
+    best_cider: float  # the best dev CIDEr so far (-1.0 before the first epoch)
+    best_epoch: int  # its epoch (0: none yet)
+    history: list[dict]  # one record per epoch: train cross-entropy, seconds, dev scores
 
 
 class _Batches:
@@ -109,8 +120,8 @@ class _Batches:
             yield (*self.tensors(mine), totals, weight)
 
 
-def caption_loss(decoder: CaptionDecoder, fmap, caps, image_index, vocab, cfg: TrainConfig,
-                 sample_prob: float, totals: tuple[int, int] | None = None):
+def caption_loss(decoder: CaptionDecoder | DistributedDataParallel, fmap, caps, image_index,
+                 vocab, cfg: TrainConfig, sample_prob: float, totals: tuple[int, int] | None = None):
     """(loss, cross-entropy) of a batch: means over its words and captions, or sums divided by
     ``totals`` (words, captions) of a global batch this one is a part of. ``decoder`` may be
     wrapped in DistributedDataParallel."""
@@ -119,7 +130,8 @@ def caption_loss(decoder: CaptionDecoder, fmap, caps, image_index, vocab, cfg: T
     ce = F.cross_entropy(logits, targets, label_smoothing=cfg.label_smoothing,
                          reduction="sum") / n_words
     loss = ce
-    if getattr(decoder, "module", decoder).cfg.attention and cfg.alpha_c > 0:
+    inner = decoder.module if isinstance(decoder, DistributedDataParallel) else decoder
+    if inner.cfg.attention and cfg.alpha_c > 0:
         # Doubly stochastic regularisation: every region gets ~1 unit of attention over the caption.
         att_sum = alphas.sum(1)  # zero past each caption's end
         loss = loss + cfg.alpha_c * ((1.0 - att_sum) ** 2).sum() / (n_captions * att_sum.shape[1])
@@ -200,6 +212,8 @@ def train(cfg: TrainConfig, log=print) -> Path:
     out = Path(cfg.out)  # made once the data and the features are ready: no empty run folder
     data = Path(cfg.data)
     images = Path(cfg.images) if cfg.images else data / ("" if cfg.dataset == "folder" else "images")
+    if cfg.image_size is None:  # TrainConfig settles it (the encoder's own size) when made
+        raise ValueError("TrainConfig.image_size is None: a TrainConfig made without its checks")
     pre = Preprocessing(size=(cfg.image_size, cfg.image_size))
 
     train_items, dev_items, left_out = training_items(cfg, data, images, log)
@@ -214,9 +228,10 @@ def train(cfg: TrainConfig, log=print) -> Path:
     # Fine-tuning: the blocks before the tuned ones are frozen, so their activations are cached
     # (the train photos' are used by --finetune-cached, the dev photos' by the dev check).
     # Frozen encoder: the features stream from the shard cache a batch at a time.
-    split_at = None
+    # split_at: the first tuned block, used only when fine-tuning (start.encoder is None
+    # otherwise, and --finetune-cached needs --finetune-encoder).
+    split_at = encoder_spec(cfg.encoder).n_blocks - cfg.finetune_blocks
     if cfg.finetune_encoder:
-        split_at = encoder_spec(cfg.encoder).n_blocks - cfg.finetune_blocks
         train_rows, dev_maps, train_maps = split_features(train_items, dev_items, images, cache,
                                                           pre, cfg.progress, split_at=split_at,
                                                           encoder=cfg.encoder)
@@ -239,11 +254,11 @@ def train(cfg: TrainConfig, log=print) -> Path:
     decoder.to(device)
     if encoder is not None:
         encoder.to(device)
-    model = decoder
+    model: CaptionDecoder | DistributedDataParallel = decoder
     if dist.active:
         model = torch.nn.parallel.DistributedDataParallel(
             decoder, device_ids=[device.index] if device.type == "cuda" else None)
-    params = [{"params": list(decoder.parameters()), "lr": cfg.lr}]
+    params: list[dict[str, Any]] = [{"params": list(decoder.parameters()), "lr": cfg.lr}]
     if encoder is not None:
         for p in encoder.parameters():
             p.requires_grad_(False)
@@ -254,7 +269,7 @@ def train(cfg: TrainConfig, log=print) -> Path:
         params.append({"params": [p for m in tuned for p in m.parameters()], "lr": cfg.encoder_lr})
     optimizer = torch.optim.Adam(params)
 
-    state = {"epoch": 0, "best_cider": -1.0, "best_epoch": 0, "history": []}
+    state: TrainState = {"epoch": 0, "best_cider": -1.0, "best_epoch": 0, "history": []}
     if resuming:
         opt_file = last / "optimizer.safetensors"
         if opt_file.exists():
@@ -292,7 +307,7 @@ def train(cfg: TrainConfig, log=print) -> Path:
         bar = progress_bar(n_steps, f"epoch {epoch}", cfg.progress and dist.main)
         shares = batches.shares(cfg.batch_size, rng, dist.rank, dist.world)
         read = (lambda share: train_maps[share[0]]) if encoder is None else (lambda share: None)
-        steps = open(steps_log, "a") if dist.main else contextlib.nullcontext()
+        steps: TextIO | None = open(steps_log, "a") if dist.main else None
         for step, ((rows, caps, image_index, totals, weight), fmap) in enumerate(
                 _prefetched(shares, read), 1):
             # fmap: read ahead by _prefetched (frozen encoder) or computed here
@@ -302,8 +317,9 @@ def train(cfg: TrainConfig, log=print) -> Path:
                                 train_maps[rows])
                 fmap = as_regions(encoder.tail(x.to(device), split_at))
             elif encoder is not None:
-                x = np.stack([to_model_input(augment(load_rgb(row_to_path[r])), pre) for r in rows])
-                fmap = encoder.regions(torch.from_numpy(x).to(device))
+                photos = np.stack([to_model_input(augment(load_rgb(row_to_path[r])), pre)
+                                   for r in rows])
+                fmap = encoder.regions(torch.from_numpy(photos).to(device))
             fmap, caps, image_index = fmap.to(device), caps.to(device), image_index.to(device)
             with amp:
                 loss, ce = caption_loss(model, fmap, caps, image_index, vocab, cfg, sample_prob,
@@ -318,15 +334,15 @@ def train(cfg: TrainConfig, log=print) -> Path:
             step_loss, step_ce = dist.all_sum([loss.item() * (weight > 0), ce.item() * (weight > 0)])
             total += step_ce * totals[1]
             count += totals[1]
-            if dist.main:
+            if steps is not None:
                 steps.write(json.dumps({"epoch": epoch, "step": step, "loss": step_loss,
                                         "ce": step_ce, "grad_norm": float(norm)}) + "\n")
             bar.update(1)
             bar.set_postfix(loss=f"{total / count:.3f}")
         bar.close()
-        if dist.main:
+        if steps is not None:
             steps.close()
-        else:  # rank 0 checks the dev split and writes the checkpoints
+        if not dist.main:  # rank 0 checks the dev split and writes the checkpoints
             if dist.from_main(None):
                 break
             continue
@@ -402,18 +418,17 @@ def _step_epoch(line: str) -> float:
     return epoch if isinstance(epoch, int) and not isinstance(epoch, bool) else math.inf
 
 
-def _train_state(meta: dict, path: Path) -> dict:
+def _train_state(meta: dict, path: Path) -> TrainState:
     """A resumed checkpoint's ``train_state``, its types checked (``ModelError`` otherwise)."""
     from edgecap.training.records import Record
 
-    state = Record(path, meta, ModelError).dict("train_state")
-    record = Record(path, state, ModelError)
-    record.int("epoch", 0, 1 << 20)
-    record.int("best_epoch", 0, 1 << 20)
-    if not math.isfinite(record.get("best_cider", (int, float), "a number")):
+    record = Record(path, Record(path, meta, ModelError).dict("train_state"), ModelError)
+    epoch, best_epoch = record.int("epoch", 0, 1 << 20), record.int("best_epoch", 0, 1 << 20)
+    best_cider = record.get("best_cider", (int, float), "a number")
+    if isinstance(best_cider, bool) or not math.isfinite(best_cider):
         raise record.fail("'best_cider' is not a finite number")
-    record.get("history", list, "a list")
-    return state
+    return {"epoch": epoch, "best_cider": float(best_cider), "best_epoch": best_epoch,
+            "history": record.get("history", list, "a list")}
 
 
 @torch.inference_mode()
