@@ -17,7 +17,7 @@ os.environ.setdefault("ORT_DISABLE_TELEMETRY", "1")
 import numpy as np  # noqa: E402
 import onnxruntime as ort  # noqa: E402
 
-from edgecap.backends import ort_gpu, ort_providers
+from edgecap.backends import ort_beam, ort_gpu, ort_providers
 from edgecap.backends._checks import check_graph_io, check_threads, load_failure
 from edgecap.backends.base import Backend, DecoderSession, Encoded, StepResult
 from edgecap.contract import ENCODER_OUTPUTS, ROLES, Limits
@@ -78,7 +78,10 @@ class OnnxRuntimeBackend(Backend):
     listed), ``device`` ("cpu" / "cuda", used when ``providers`` is None), ``threads`` (intra-op
     threads; None: one per physical core), and for GPU providers ``cache_dir`` (TensorRT EP
     engine cache), ``fp16`` (TensorRT EP precision), ``device_id``, ``limits`` (the largest
-    batch and beam the TensorRT EP's optimisation profile takes; default 8 x 5).
+    batch and beam the TensorRT EP's optimisation profile takes; default 8 x 5). ``search``:
+    "host" (default: the numpy loop between steps) or "graph" (the beam bookkeeping inside a
+    step graph derived from the model's, ``edgecap.backends.ort_beam``; CPU provider only, needs
+    the onnx package; docs/gpu-search.md).
 
     On a GPU provider the image tensors and h/c stay on the device between steps
     (``ort_gpu.IOBindingDecoder``); on the CPU they are numpy arrays fed to ``run``.
@@ -89,8 +92,11 @@ class OnnxRuntimeBackend(Backend):
     def __init__(self, manifest: Manifest, providers: str | list | None = None,
                  threads: int | None = None, device: str | None = None,
                  cache_dir: str | None = None, fp16: bool = True, device_id: int = 0,
-                 limits: Limits | None = None):
+                 limits: Limits | None = None, search: str = "host"):
         check_threads(threads)
+        if search not in ort_beam.SEARCH_MODES:
+            raise ValueError(f"search must be one of {', '.join(ort_beam.SEARCH_MODES)}, "
+                             f"got {search!r}")
         self.manifest = manifest
         self.top_k = manifest.dims.top_k
         self.threads = threads
@@ -116,6 +122,9 @@ class OnnxRuntimeBackend(Backend):
                                    "onnxruntime-gpu needs); use device='cpu' to run on the CPU")
             ort_providers.warn_if_fallback(session, wanted, role)
         self._device_decoder = self._make_device_decoder(device_id)
+        # the graph search feeds numpy arrays: on a GPU provider the host search stays
+        self._graph_search = (ort_beam.OnnxGraphSearch(self)
+                              if search == "graph" and self._device_decoder is None else None)
 
     def _make_device_decoder(self, device_id: int):
         """ort_gpu's I/O-binding decoder when a CUDA-memory provider (CUDA, TensorRT) runs the
@@ -159,6 +168,14 @@ class OnnxRuntimeBackend(Backend):
         tensors = dict(zip(ENCODER_OUTPUTS, outputs))
         return Encoded(n_images=int(images.shape[0]), tensors=tensors,
                        class_probs=tensors["class_probs"].astype(np.float32, copy=False))
+
+    def search_on_device(self, encoded: Encoded, options, start_id: int, end_id: int,
+                         tag_words, fusion):
+        """The hook of ``edgecap.decoding.search_with_tags``: each image's hypotheses from the
+        beam-step graph (``search="graph"``), or None: the numpy loop searches."""
+        if self._graph_search is None:
+            return None
+        return self._graph_search(encoded, options, start_id, end_id, tag_words, fusion)
 
     def start(self, encoded: Encoded, image_index: np.ndarray,
               return_attention: bool = False) -> DecoderSession:

@@ -1,0 +1,162 @@
+"""The beam-step graph: the decoder step graph with the beam bookkeeping appended, for runtimes
+that keep the decoder state on a device (TensorRT, onnxruntime with a GPU provider).
+
+Derived from a model directory's ``decoder_step.onnx`` with onnx helpers (no torch, no
+re-export), for one beam size; the step's weights are not copied into another file. After the
+step's own nodes (gather h/c by ``source_rows``, one LSTM step, log-softmax, the top K by
+log-probability + ``word_bias``) it does what ``edgecap.decoding.beam``'s loop does per word:
+
+- candidates: each row's first ``width`` = min(beam + 1, K) words of its top K, scored
+  ``scores[row] + (log-prob + word_bias)``; a candidate is dropped when ``word_block`` marks its
+  word for its row (the words a caption never starts with, repeated n-grams: the host knows
+  them before the step) and ``<end>`` never continues a beam;
+- per image, a top-``beam`` over its beam x width candidates (TopK with a constant K, ties to
+  the lower index: the numpy loop's stable sort) -> the words that continue, their source rows
+  (the back-pointers), their scores and log-probabilities;
+- ``h`` / ``c`` reordered by those back-pointers inside the graph, so the next step feeds them
+  back unchanged (``source_rows`` is then the identity);
+- per row, where ``<end>`` stands in its top K and its log-probability: the host decides which
+  of them finish a hypothesis (a few values a row, not the K candidates).
+
+Inputs: the step graph's (``edgecap.contract``) plus ``scores`` float32 (R,) (each row's running
+ranking score, -inf for a masked row: a finished beam or a done image) and ``word_block`` float32
+(R, V) (1: that word may not follow that row). Outputs (all (R,), rows image-major, ``beam`` per
+image): ``next_tokens`` int32, ``back_pointers`` int32 (the source row of each chosen
+candidate), ``choices`` int32 (its position among its image's beam x width candidates, for
+ordering ties as the numpy loop does), ``next_scores`` float32 (-inf: no candidate for that
+row), ``next_logprobs`` float32 (the word's log-probability, without the bias), ``end_logprobs``
+float32 and ``end_positions`` int32 (``<end>``'s log-probability and place in the row's top K,
+K when absent), ``logprob_check`` float32 (0, or NaN when the row's log-probabilities are not
+finite); and ``h_next``, ``c_next`` (R, Hd), already reordered.
+
+Everything appended works on the step's float32 outputs (an FP16 model directory's step graph
+returns float32 too), so the scores, the candidate top-k and the comparisons are FP32, as the
+TensorRT pitfalls ask (FP16 scores lose ties; TopK needs a constant K).
+"""
+
+from __future__ import annotations
+
+import numpy as np
+
+from edgecap.contract import STEP_INPUTS
+
+BEAM_INPUTS = (*STEP_INPUTS, "scores", "word_block")
+BEAM_OUTPUTS = ("next_tokens", "back_pointers", "choices", "next_scores", "next_logprobs",
+                "end_logprobs", "end_positions", "logprob_check", "h_next", "c_next")
+PREFIX = "beam/"  # names of the appended nodes and constants
+
+
+def beam_width(beam: int, top_k: int) -> int:
+    """Candidates a row offers: one more than the beam (so a beam keeps ``beam`` continuations
+    when one of its best words is ``<end>``), at most the step's K."""
+    return min(beam + 1, top_k)
+
+
+def beam_step_model(step_model, beam: int, end_id: int, top_k: int, hidden_dim: int,
+                    vocab_size: int):
+    """``decoder_step.onnx`` (an ``onnx.ModelProto``) -> the beam-step graph for ``beam`` beams
+    per image (a new ModelProto; ``step_model`` is not changed)."""
+    import onnx
+    from onnx import TensorProto, helper, numpy_helper
+
+    if not 1 <= beam <= top_k:
+        raise ValueError(f"beam must be between 1 and the model's top_k ({top_k}), got {beam}")
+    model = onnx.ModelProto()
+    model.CopyFrom(step_model)
+    graph = model.graph
+    width = beam_width(beam, top_k)
+    constants: dict[str, np.ndarray] = {
+        "width": np.array([width], np.int64), "zero": np.array([0], np.int64),
+        "one": np.array([1], np.int64), "beam_k": np.array([beam], np.int64),
+        "candidates": np.array([-1, beam * width], np.int64),
+        "images": np.array([-1, beam], np.int64), "flat": np.array([-1], np.int64),
+        "width_scalar": np.array(width, np.int64), "beam_scalar": np.array(beam, np.int32),
+        "end": np.array(end_id, np.int32), "neg_inf": np.array(-np.inf, np.float32),
+        "half": np.array(0.5, np.float32), "top_k": np.array(top_k, np.int32)}
+    graph.initializer.extend(numpy_helper.from_array(v, PREFIX + k) for k, v in constants.items())
+    nodes = []
+
+    def op(kind: str, inputs: list[str], name: str, n_out: int = 1, **attrs) -> list[str]:
+        outputs = [PREFIX + name] if n_out == 1 else [f"{PREFIX}{name}_{i}" for i in range(n_out)]
+        nodes.append(helper.make_node(kind, [i if i.startswith(PREFIX) or i in names else
+                                             PREFIX + i for i in inputs],
+                                      outputs, name=PREFIX + name, **attrs))
+        return outputs
+
+    names = {*STEP_INPUTS, "scores", "word_block", "topk_logprobs", "topk_ids", "h_out", "c_out"}
+    # every candidate of the top K: the ranking score, and where <end> stands
+    op("Cast", ["topk_ids"], "ids64", to=TensorProto.INT64)
+    op("GatherElements", ["word_bias", "ids64"], "bias_k", axis=1)
+    op("Add", ["topk_logprobs", "bias_k"], "ranked_k")
+    op("Unsqueeze", ["scores", "one"], "scores_col")
+    op("Add", ["scores_col", "ranked_k"], "cand_k")
+    op("Equal", ["topk_ids", "end"], "is_end_k")
+    op("Where", ["is_end_k", "topk_logprobs", "neg_inf"], "end_lp_k")
+    op("ReduceMax", ["end_lp_k"], "end_logprobs", axes=[1], keepdims=0)
+    op("Cast", ["is_end_k"], "is_end_f", to=TensorProto.FLOAT)
+    op("ArgMax", ["is_end_f"], "end_first", axis=1, keepdims=0)
+    op("ReduceMax", ["is_end_f"], "has_end_f", axes=[1], keepdims=0)
+    op("Greater", ["has_end_f", "half"], "has_end")
+    op("Cast", ["end_first"], "end_first32", to=TensorProto.INT32)
+    op("Where", ["has_end", "end_first32", "top_k"], "end_positions")
+    # x - x is 0 for a finite x, NaN for inf or NaN: one value a row says the step is sound
+    op("Sub", ["topk_logprobs", "topk_logprobs"], "finite_k")
+    op("ReduceSum", ["finite_k", "one"], "logprob_check", keepdims=0)
+    # the row's first ``width`` candidates; <end> and blocked words never continue
+    op("Slice", ["cand_k", "zero", "width", "one"], "cand")
+    op("Slice", ["topk_ids", "zero", "width", "one"], "ids")
+    op("Slice", ["topk_logprobs", "zero", "width", "one"], "lp")
+    op("Slice", ["ids64", "zero", "width", "one"], "ids_w64")
+    op("GatherElements", ["word_block", "ids_w64"], "block", axis=1)
+    op("Greater", ["block", "half"], "blocked")
+    op("Equal", ["ids", "end"], "is_end")
+    op("Or", ["blocked", "is_end"], "dropped")
+    op("Where", ["dropped", "neg_inf", "cand"], "going")
+    # per image: the best ``beam`` of its beam x width candidates, in the loop's order
+    op("Reshape", ["going", "candidates"], "going_image")
+    op("TopK", ["going_image", "beam_k"], "top", n_out=2, axis=1, largest=1, sorted=1)
+    op("Reshape", ["top_0", "flat"], "next_scores")
+    op("Reshape", ["ids", "candidates"], "ids_image")
+    op("Reshape", ["lp", "candidates"], "lp_image")
+    op("GatherElements", ["ids_image", "top_1"], "words_image", axis=1)
+    op("GatherElements", ["lp_image", "top_1"], "lp_chosen", axis=1)
+    op("Reshape", ["words_image", "flat"], "next_tokens")
+    op("Reshape", ["lp_chosen", "flat"], "next_logprobs")
+    op("Cast", ["top_1"], "choice32", to=TensorProto.INT32)
+    op("Reshape", ["choice32", "flat"], "choices")
+    # back-pointers: the image's first row + the candidate's row within the image; the image
+    # of each row from ``image_index`` (image-major, ``beam`` rows an image)
+    op("Div", ["top_1", "width_scalar"], "row_in_image")
+    op("Cast", ["row_in_image"], "row_in_image32", to=TensorProto.INT32)
+    op("Reshape", ["image_index", "images"], "index_image")
+    op("Mul", ["index_image", "beam_scalar"], "first_rows")
+    op("Add", ["first_rows", "row_in_image32"], "pointers_image")
+    op("Reshape", ["pointers_image", "flat"], "back_pointers")
+    # the state follows its beam: reordered here, fed back unchanged next step
+    op("Gather", ["h_out", "back_pointers"], "h_next", axis=0)
+    op("Gather", ["c_out", "back_pointers"], "c_next", axis=0)
+
+    rows = "r"
+    del graph.output[:]
+    kinds = {"next_tokens": TensorProto.INT32, "back_pointers": TensorProto.INT32,
+             "choices": TensorProto.INT32, "end_positions": TensorProto.INT32}
+    for name in BEAM_OUTPUTS:
+        shape: list[str | int] = [rows, hidden_dim] if name in ("h_next", "c_next") else [rows]
+        out = helper.make_tensor_value_info(name, kinds.get(name, TensorProto.FLOAT), shape)
+        graph.output.append(out)
+        # the graph names its results with the prefix: rename the last writer of each output
+        for node in nodes:
+            for i, produced in enumerate(node.output):
+                if produced == PREFIX + name:
+                    node.output[i] = name
+        for node in nodes:
+            for i, used in enumerate(node.input):
+                if used == PREFIX + name:
+                    node.input[i] = name
+    graph.node.extend(nodes)  # copies: after the renaming
+    graph.input.extend([
+        helper.make_tensor_value_info("scores", TensorProto.FLOAT, [rows]),
+        helper.make_tensor_value_info("word_block", TensorProto.FLOAT, [rows, vocab_size])])
+    graph.name = f"{graph.name or 'decoder_step'}_beam{beam}"
+    onnx.checker.check_model(model)
+    return model

@@ -1,0 +1,239 @@
+"""The beam search with its bookkeeping in the step graph (``edgecap.build.beam_step``): the host
+side, for runtimes that keep the decoder state on a device (onnxruntime, TensorRT).
+
+Per word the graph scores every candidate, takes each image's best ``beam`` continuations
+(a constant-K top-k), and reorders h / c by their back-pointers; what comes back to the host is
+a few values a row (``BeamStepResult``): the chosen words, back-pointers, positions, scores
+and log-probabilities, and where ``<end>`` stood in each row's top K. The host keeps what is
+cheap and per row: each row's words so far, the finished hypotheses, the float64 score sums
+(recomputed from the returned float32 log-probabilities, as the numpy loop sums them), and the
+inputs of the next step that depend on the words chosen:
+
+- ``word_bias`` (R, V): the scorers' bias, from the same ``Scorer`` objects the numpy loop uses
+  (the tag bonus; the fused caption language models, whose LSTMs step on the host);
+- ``word_block`` (R, V): the words that may not follow each row, known before the step: the
+  words a caption never starts with (first word) and those that would repeat an n-gram of the
+  row (``NoRepeatNgram``'s rule);
+- ``scores`` (R,): the rows' running scores, -inf for masked rows (done images, rows with no
+  beam).
+
+So the same rules as ``edgecap.decoding.beam``'s loop for an unconstrained search, and the same
+captions (``tests/test_graph_search.py``), except where two candidates' scores differ by less
+than float32 can tell apart: the graph ranks in float32, the numpy loop in float64. Not here
+(the caller runs the numpy loop): the tag constraint (its candidates are split between beam
+states by rules the numpy loop applies word by word) and the attention maps.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Callable, Collection, Sequence
+from dataclasses import dataclass
+from typing import Protocol
+
+import numpy as np
+
+from edgecap.decoding.beam import Hypothesis, length_normalised, ranked
+from edgecap.decoding.options import CaptionOptions
+from edgecap.decoding.rules import Scorer
+from edgecap.errors import BackendError
+
+NEG_INF = -np.inf
+
+
+@dataclass
+class BeamStepResult:
+    """One beam step's results, each (R,) (``edgecap.build.beam_step``)."""
+
+    next_tokens: np.ndarray    # int32
+    back_pointers: np.ndarray  # int32: each chosen candidate's source row
+    choices: np.ndarray        # int32: its position among its image's beam x width candidates
+    next_scores: np.ndarray    # float32: -inf where the image had no candidate for the row
+    next_logprobs: np.ndarray  # float32
+    end_logprobs: np.ndarray   # float32
+    end_positions: np.ndarray  # int32: <end>'s place in the row's top K (K: absent)
+    logprob_check: np.ndarray  # float32: 0, or NaN when the row's log-probabilities are not
+
+
+class BeamStepSession(Protocol):
+    """One batch on a beam-step graph: the decoder state stays with the session."""
+
+    def step(self, tokens: np.ndarray, source_rows: np.ndarray, scores: np.ndarray,
+             word_bias: np.ndarray | None, word_block: np.ndarray | None) -> BeamStepResult:
+        """tokens, source_rows int32 (R,) (the first step: ``source_rows`` = the rows' image;
+        then the identity: the graph reordered the state), scores float32 (R,), word_bias and
+        word_block float32 (R, V) or None (zeros)."""
+
+
+@dataclass
+class _Image:
+    """One image's finished hypotheses and the best place a beam could have ended."""
+
+    finished: list[Hypothesis]
+    could_end: Hypothesis | None = None
+    done: bool = False
+
+
+def graph_beam_search(session: BeamStepSession, n_images: int, options: CaptionOptions,
+                      top_k: int, width: int, start_id: int, end_id: int, vocab_size: int, *,
+                      never_first: Collection[int] = (),
+                      scorers: Sequence[Callable[[np.ndarray], Scorer]] = (),
+                      describe: Callable[[], str] = lambda: "beam-step graph"
+                      ) -> list[list[Hypothesis]]:
+    """Each image's hypotheses, best first (``beam.beam_search`` without a partition or
+    attention). ``width``: candidates per row the graph was made with; ``scorers``: factories
+    called with the rows' image index, as ``beam_search`` takes them."""
+    beam, penalty, n = options.beam_size, options.length_penalty, options.no_repeat_ngram
+    rows = n_images * beam
+    image_index = np.repeat(np.arange(n_images, dtype=np.int32), beam)
+    active = [make(image_index) for make in scorers]
+    never = np.array(sorted(never_first), np.int64)
+    tokens = np.full(rows, start_id, np.int32)
+    source_rows = chosen = image_index.copy()
+    identity = np.arange(rows, dtype=np.int32)
+    sum_lp = np.full(rows, NEG_INF)
+    sum_lp[::beam] = 0.0
+    true_lp = np.zeros(rows)
+    seqs: list[list[int]] = [[] for _ in range(rows)]
+    images = [_Image([]) for _ in range(n_images)]
+
+    for t in range(options.max_length):
+        # the scorers get the step's inputs as the numpy loop gives them: the back-pointers
+        biases = [b for b in (s.bias(t, tokens, chosen) for s in active) if b is not None]
+        bonus = sum(biases[1:], biases[0]) if biases else None
+        block = _blocked(t, seqs, sum_lp, never, n, end_id, vocab_size)
+        result = session.step(tokens, source_rows, sum_lp.astype(np.float32), bonus, block)
+        if not np.isfinite(result.logprob_check).all():
+            raise BackendError(f"the decoder step returned non-finite log-probabilities at word "
+                               f"{t + 1} ({describe()})")
+        end_lp = result.end_logprobs.astype(np.float64)
+        end_bias = 0.0 if bonus is None else bonus[:, end_id].astype(np.float64)
+        # the numpy loop's sums, in its order: score + (log-prob + bias)
+        end_rank = sum_lp + (end_lp + end_bias)
+        end_true = true_lp + end_lp
+        lp = result.next_logprobs.astype(np.float64)
+        src = result.back_pointers.astype(np.int64)
+        words = result.next_tokens.astype(np.int64)
+        word_bias = 0.0 if bonus is None else bonus[src, words].astype(np.float64)
+        cont_rank = sum_lp[src] + (lp + word_bias)
+        cont_true = true_lp[src] + lp
+        new_source = np.empty(rows, np.int64)
+        new_tokens = np.full(rows, end_id, np.int32)
+        new_lp = np.full(rows, NEG_INF)
+        new_true = np.zeros(rows)
+        for img, state in enumerate(images):
+            base = img * beam
+            if state.done:
+                new_source[base:base + beam] = base
+                continue
+            span = range(base, base + beam)
+            live = [row for row in span if sum_lp[row] != NEG_INF]
+            if t > 0 and not state.finished:
+                state.could_end = _best_ending(state.could_end, live, result.end_positions,
+                                               top_k, end_rank, end_true, seqs, penalty)
+            taken = [row for row in span if result.next_scores[row] != NEG_INF]
+            last = None if len(taken) < beam else (cont_rank[taken[-1]],
+                                                   int(result.choices[taken[-1]]))
+            # an <end> among the row's first ``width`` words, unblocked, ranked before the
+            # last continuation: the numpy loop meets it before the beam is full
+            ends = []
+            for row in live:
+                k = int(result.end_positions[row])
+                if k >= width or (block is not None and block[row, end_id] > 0.5):
+                    continue
+                at = (row - base) * width + k
+                if last is None or (end_rank[row], -at) > (last[0], -last[1]):
+                    ends.append((-end_rank[row], at, row))
+            for _, _, row in sorted(ends):
+                if len(state.finished) < beam:
+                    state.finished.append(_hypothesis(seqs[row], end_rank[row], end_true[row],
+                                                      True, penalty))
+            for j, row in enumerate(taken):
+                new_source[base + j], new_tokens[base + j] = src[row], words[row]
+                new_lp[base + j], new_true[base + j] = cont_rank[row], cont_true[row]
+            # masked rows keep a valid source row (the image's first)
+            new_source[base + len(taken):base + beam] = base
+            if len(state.finished) >= beam or not taken:
+                if not taken and not state.finished:
+                    # every continuation blocked and none could end: keep the live beams
+                    _keep_live(state, live, seqs, sum_lp, true_lp, beam, penalty)
+                state.done = True
+                new_lp[base:base + beam] = NEG_INF
+        if all(state.done for state in images):
+            break
+        live_rows = new_lp != NEG_INF
+        for scorer in active:
+            scorer.update(new_source, new_tokens, live_rows)
+        seqs = [seqs[s] + [w] for s, w in zip(new_source.tolist(), new_tokens.tolist())]
+        tokens, sum_lp, true_lp = new_tokens, new_lp, new_true
+        chosen = new_source.astype(np.int32)
+        source_rows = identity  # the graph reordered its state by the back-pointers
+    else:
+        for img, state in enumerate(images):  # out of words: the live beams of the others
+            if not state.done:
+                live = [row for row in range(img * beam, img * beam + beam)
+                        if sum_lp[row] != NEG_INF]
+                _keep_live(state, live, seqs, sum_lp, true_lp, beam, penalty)
+    out = []
+    for state in images:
+        hyps = list(state.finished)
+        if state.could_end is not None and not any(h.finished for h in hyps):
+            hyps.append(state.could_end)
+        best = ranked(hyps)
+        best.sort(key=lambda h: not h.finished)  # stable: finished captions first
+        if not best:  # pragma: no cover - with finite scores a live beam survives
+            raise BackendError("beam search produced no hypothesis")
+        out.append(best[:options.n_best])
+    return out
+
+
+def _blocked(t: int, seqs: list[list[int]], sum_lp: np.ndarray, never: np.ndarray, n: int,
+             end_id: int, vocab_size: int) -> np.ndarray | None:
+    """float32 (R, V): 1 where a word may not follow a row (``NeverFirst`` at the first word,
+    ``NoRepeatNgram``: the word would repeat an n-gram of the row; never ``<end>``); None when
+    nothing is blocked."""
+    rows = len(seqs)
+    block = None
+    if t == 0 and len(never):
+        block = np.zeros((rows, vocab_size), np.float32)
+        block[:, never] = 1.0
+    if n <= 0 or t < n:
+        return block
+    for row, words in enumerate(seqs):
+        if sum_lp[row] == NEG_INF:
+            continue
+        tail = words[len(words) - n + 1:] if n > 1 else []
+        following = [words[i + n - 1] for i in range(len(words) - n + 1)
+                     if words[i:i + n - 1] == tail]
+        if following:
+            if block is None:
+                block = np.zeros((rows, vocab_size), np.float32)
+            block[row, following] = 1.0
+            block[row, end_id] = 0.0
+    return block
+
+
+def _best_ending(best, live, end_positions, top_k, end_rank, end_true, seqs, penalty):
+    """``best`` or, if better ranked, the best ``<end>`` in the top K of an image's live rows
+    (``beam._best_ending``)."""
+    for row in live:
+        if int(end_positions[row]) >= top_k:
+            continue
+        rank = (length_normalised(end_rank[row], len(seqs[row]) + 1, penalty), end_true[row])
+        if best is None or rank > (best.rank_score, best.log_prob):
+            best = _hypothesis(seqs[row], end_rank[row], end_true[row], True, penalty)
+    return best
+
+
+def _keep_live(state: _Image, live, seqs, sum_lp, true_lp, beam: int, penalty) -> None:
+    for row in live:
+        if len(state.finished) < beam:
+            state.finished.append(_hypothesis(seqs[row], sum_lp[row], true_lp[row], False,
+                                              penalty))
+
+
+def _hypothesis(seq, rank_lp, log_prob, finished: bool, penalty) -> Hypothesis:
+    """As ``beam._hypothesis`` makes it (no attention)."""
+    words = [int(w) for w in seq]
+    length = max(len(words) + (1 if finished else 0), 1)
+    return Hypothesis(words, float(log_prob), length_normalised(float(log_prob), length, penalty),
+                      finished, None, rank_score=length_normalised(float(rank_lp), length, penalty))

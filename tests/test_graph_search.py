@@ -1,0 +1,308 @@
+"""The beam search with its bookkeeping in the step graph (``edgecap.build.beam_step``,
+``edgecap.decoding.graph_search``, ``OnnxRuntimeBackend(search="graph")``) against the numpy loop
+(``edgecap.decoding.beam``) on onnxruntime CPU: the same hypotheses, finished flags and scores.
+The numpy loop is the reference: the expected hypotheses come from it, not from the code under
+test. The graph is what a TensorRT engine would be built from; it runs here on onnxruntime only.
+"""
+
+from __future__ import annotations
+
+from dataclasses import replace
+
+import numpy as np
+import pytest
+
+onnx = pytest.importorskip("onnx")
+
+from edgecap import Captioner  # noqa: E402
+from edgecap.backends.onnxruntime import OnnxRuntimeBackend  # noqa: E402
+from edgecap.build.beam_step import BEAM_INPUTS, BEAM_OUTPUTS, beam_step_model  # noqa: E402
+from edgecap.build.convert import fold_constants  # noqa: E402
+from edgecap.decoding import CaptionOptions, search_with_tags  # noqa: E402
+from edgecap.decoding.fusion import CaptionLM, Fusion  # noqa: E402
+from edgecap.decoding.graph_search import BeamStepResult, graph_beam_search  # noqa: E402
+from edgecap.errors import BackendError  # noqa: E402
+from edgecap.images import load_rgb, preprocess  # noqa: E402
+from edgecap.manifest import load_manifest  # noqa: E402
+from fakes import PrefixHashBackend  # noqa: E402
+from helpers import TableBackend  # noqa: E402
+
+START, END = 1, 2
+
+
+def _same(host, graph):
+    """The same hypotheses: words, finished flags and (bit for bit) scores."""
+    for want, got in zip(host, graph, strict=True):
+        assert [h.tokens for h in got] == [h.tokens for h in want]
+        assert [h.finished for h in got] == [h.finished for h in want]
+        assert ([(h.log_prob, h.score, h.rank_score) for h in got]
+                == [(h.log_prob, h.score, h.rank_score) for h in want])
+
+
+def _random_lm(rng, vocab: int, hidden: int = 8, embed: int = 6) -> CaptionLM:
+    arrays = {"embed": (vocab, embed), "w_ih": (4 * hidden, embed), "w_hh": (4 * hidden, hidden),
+              "bias": (4 * hidden,), "out_w": (vocab, hidden), "out_b": (vocab,)}
+    return CaptionLM({k: rng.normal(size=shape).astype(np.float32)
+                      for k, shape in arrays.items()})
+
+
+@pytest.fixture(scope="module")
+def tiny(tiny_model_dir):
+    """The tiny model on onnxruntime CPU, both searches, three encoded random images."""
+    manifest = load_manifest(tiny_model_dir)
+    host = OnnxRuntimeBackend(manifest, device="cpu", threads=1)
+    graph = OnnxRuntimeBackend(manifest, device="cpu", threads=1, search="graph")
+    rng = np.random.default_rng(0)
+    images = rng.uniform(-1, 1, (3, 3, *manifest.preprocessing.size)).astype(np.float32)
+    return manifest, host, graph, images
+
+
+# beam, no_repeat_ngram, length_penalty, n_best, max_length, guidance bonus, fusion weight
+CASES = [(1, 0, None, 1, 20, 0.0, 0.0), (1, 1, None, 1, 20, 0.0, 0.0),
+         (2, 2, 0.7, 2, 12, 2.0, 0.0), (3, 3, None, 3, 20, 2.0, 0.6),
+         (3, 0, 1.5, 1, 3, 0.0, 0.0), (4, 1, None, 2, 8, 3.0, 0.6),
+         (5, 2, 0.7, 5, 15, 1.0, 0.0), (10, 3, None, 4, 10, 2.0, 0.3)]
+
+
+@pytest.mark.parametrize("case", CASES, ids=lambda c: "-".join(map(str, c)))
+def test_graph_search_is_the_numpy_search_on_the_tiny_model(tiny, case):
+    manifest, host, graph, images = tiny
+    beam, ngram, penalty, n_best, max_length, bonus, weight = case
+    options = CaptionOptions(beam_size=beam, no_repeat_ngram=ngram, length_penalty=penalty,
+                             n_best=n_best, max_length=max_length, guidance_bonus=bonus,
+                             fusion_weight=weight)
+    vocab = manifest.dims.vocab_size
+    rng = np.random.default_rng(beam)
+    fusion = Fusion(_random_lm(rng, vocab), _random_lm(rng, vocab), 0.5, {})
+    tags = (frozenset({5, 9}), frozenset(), frozenset({11}))
+    want = search_with_tags(host, host.encode(images), options, START, END, vocab, tags,
+                            fusion=fusion)
+    got = search_with_tags(graph, graph.encode(images), options, START, END, vocab, tags,
+                           fusion=fusion)
+    _same(want, got)
+
+
+def test_the_graph_keeps_its_bookkeeping_in_fp32_with_a_constant_k(tiny):
+    """What TensorRT needs of it: TopK's K a stored constant (the beam for the candidates, the
+    model's K in the step), every appended float tensor FP32, int32 indices at the I/O."""
+    manifest = tiny[0]
+    dims = manifest.dims
+    step = onnx.load(str(manifest.path("decoder_step")))
+    model = beam_step_model(step, 3, END, dims.top_k, dims.hidden_dim, dims.vocab_size)
+    model = fold_constants(model)  # as the TensorRT build prepares every graph
+    graph = model.graph
+    assert [i.name for i in graph.input] == list(BEAM_INPUTS)
+    assert [o.name for o in graph.output] == list(BEAM_OUTPUTS)
+    stored = {t.name: onnx.numpy_helper.to_array(t) for t in graph.initializer}
+    topks = [n for n in graph.node if n.op_type == "TopK"]
+    assert len(topks) == 2
+    assert all(n.input[1] in stored for n in topks)
+    assert int(stored["beam/beam_k"][0]) == 3
+    inferred = onnx.shape_inference.infer_shapes(model).graph
+    types = {v.name: v.type.tensor_type.elem_type
+             for v in (*inferred.value_info, *inferred.output)}
+    appended = [o for n in graph.node if n.name.startswith("beam/") for o in n.output]
+    floats = {onnx.TensorProto.FLOAT, onnx.TensorProto.FLOAT16, onnx.TensorProto.DOUBLE}
+    assert {types[name] for name in appended if types.get(name) in floats} == {
+        onnx.TensorProto.FLOAT}
+    int_io = {o.name for o in graph.output if o.type.tensor_type.elem_type == onnx.TensorProto.INT32}
+    assert int_io == {"next_tokens", "back_pointers", "choices", "end_positions"}
+
+
+class _Emulated:
+    """The beam-step graph's arithmetic (``edgecap.build.beam_step``) in numpy over a fake
+    backend's session: drives the host side on hand-made tables and prefix-hash models, where
+    the rare paths are easy to reach. The fake gathers its state by ``source_rows`` when a step
+    starts; given the last step's back-pointers it is in the state the graph's reorder leaves."""
+
+    def __init__(self, session, beam: int, width: int, top_k: int):
+        self.session, self.beam, self.width, self.top_k = session, beam, width, top_k
+        self.pointers = None
+
+    def step(self, tokens, source_rows, scores, word_bias, word_block):
+        beam, width = self.beam, self.width
+        rows = source_rows if self.pointers is None else self.pointers[source_rows]
+        result = self.session.step(tokens, rows.astype(np.int32), word_bias)
+        lp, ids = result.topk_logprobs.astype(np.float32), result.topk_ids
+        bias = 0 if word_bias is None else np.take_along_axis(word_bias, ids.astype(np.int64), 1)
+        cand = scores[:, None] + (lp + bias)
+        is_end = ids == END
+        blocked = (np.zeros(ids[:, :width].shape, bool) if word_block is None
+                   else np.take_along_axis(word_block, ids[:, :width].astype(np.int64), 1) > 0.5)
+        going = np.where(blocked | is_end[:, :width], -np.inf, cand[:, :width])
+        going = going.reshape(-1, beam * width)
+        choice = np.argsort(-going, axis=1, kind="stable")[:, :beam]
+        first = np.arange(len(going))[:, None] * beam
+        self.pointers = (first + choice // width).reshape(-1).astype(np.int32)
+
+        def pick(values):
+            return np.take_along_axis(values[:, :width].reshape(-1, beam * width), choice,
+                                      1).reshape(-1)
+
+        return BeamStepResult(pick(ids).astype(np.int32), self.pointers,
+                              choice.reshape(-1).astype(np.int32),
+                              np.take_along_axis(going, choice, 1).reshape(-1), pick(lp),
+                              np.where(is_end, lp, -np.inf).max(1),
+                              np.where(is_end.any(1), is_end.argmax(1), self.top_k).astype(
+                                  np.int32), (lp - lp).sum(1))
+
+
+def _emulated_search(backend, encoded, options, vocab, tags=None, fusion=None):
+    from edgecap.backends.ort_beam import scorers_for
+    from edgecap.build.beam_step import beam_width
+    from edgecap.vocab import NEVER_FIRST_IDS
+
+    beam, top_k = options.beam_size, backend.top_k
+    index = np.repeat(np.arange(encoded.n_images, dtype=np.int32), beam)
+    session = _Emulated(backend.start(encoded, index), beam, beam_width(beam, top_k), top_k)
+    return graph_beam_search(session, encoded.n_images, options, top_k, beam_width(beam, top_k),
+                             START, END, vocab, never_first=NEVER_FIRST_IDS,
+                             scorers=scorers_for(options, vocab, tags, fusion,
+                                                 encoded.class_probs))
+
+
+# the settings a random case draws from (beam and n_best are drawn to fit the model's K)
+DRAWS = {"max_length": [2, 3, 5, 8, 13], "no_repeat_ngram": [0, 1, 2, 3],
+         "length_penalty": [None, 0.7, 1.5], "guidance_bonus": [0.0, 1.0, 3.0],
+         "fusion_weight": [0.0, 0.6]}
+
+
+@pytest.mark.parametrize("seed", range(12))
+def test_host_side_is_the_numpy_search_on_random_fake_models(seed):
+    """Random prefix-hash models (a row's next word depends on its whole prefix, so a wrong
+    back-pointer changes the caption) with random rules and options."""
+    rng = np.random.default_rng(100 + seed)
+    vocab, top_k, n_images = (int(v) for v in rng.integers([10, 4, 1], [30, 10, 5]))
+    beam = int(rng.integers(1, min(top_k, 5) + 1))
+    drawn = {name: values[int(rng.integers(len(values)))] for name, values in DRAWS.items()}
+    options = CaptionOptions(beam_size=beam, n_best=int(rng.integers(1, beam + 1)), **drawn)
+    backend = PrefixHashBackend(vocab, top_k, end_bias=float(rng.uniform(-3, 1.5)), seed=seed)
+    tags = tuple(frozenset(rng.integers(3, vocab, int(rng.integers(0, 3))).tolist())
+                 for _ in range(n_images))
+    fusion = Fusion(_random_lm(rng, vocab), _random_lm(rng, vocab), 0.5, {})
+    images = rng.integers(0, 1000, n_images)
+    want = search_with_tags(backend, backend.encode(images), options, START, END, vocab, tags,
+                            fusion=fusion)
+    _same(want, _emulated_search(backend, backend.encode(images), options, vocab, tags, fusion))
+
+
+WORDS = ["<pad>", "<start>", "<end>", "<unk>", "a", "b", "c"]
+
+
+def _tables(rule, options, top_k=2, tags=None):
+    backend = TableBackend(WORDS, rule, top_k=top_k)
+    image = np.zeros((1, 3, 4, 4), np.float32)
+    want = search_with_tags(backend, backend.encode(image), options, START, END, len(WORDS),
+                            tags)
+    return want, _emulated_search(backend, backend.encode(image), options, len(WORDS), tags)
+
+
+def test_every_continuation_blocked_keeps_the_live_beam():
+    """"a" then "b", then both repeat a word (no_repeat_ngram=1) and <end> is not in the top
+    K: the live beam "a b" is the caption, unfinished."""
+    want, got = _tables(lambda prefix: {"a": -0.1, "b": -0.2},
+                        CaptionOptions(beam_size=1, no_repeat_ngram=1))
+    assert [WORDS[w] for w in want[0][0].tokens] == ["a", "b"] and not want[0][0].finished
+    _same(want, got)
+
+
+def test_no_beam_ends_gives_the_best_place_to_end():
+    """<end> is third in every top K, so no beam takes it before max_length: the caption is the
+    best ending seen, a finished hypothesis, not the cut beam."""
+    def rule(prefix):
+        return {"a": -0.1, "b": -0.3, "<end>": -2.0 - 0.5 * (len(prefix) == 3)}
+
+    want, got = _tables(rule, CaptionOptions(beam_size=2, max_length=5, no_repeat_ngram=0,
+                                             n_best=2), top_k=4)
+    assert want[0][0].finished and len(want[0][0].tokens) < 5
+    _same(want, got)
+
+
+def test_equal_candidates_and_endings_keep_the_numpy_order():
+    """Beam 2: "a" and "b" tie as first words; then an ending ties with the beam's second
+    continuation. Where the ending comes first among the candidates (its row is first) it
+    finishes a hypothesis; where it comes after the second continuation the numpy loop never
+    reaches it."""
+    def run(ending_row):
+        def rule(prefix):
+            if not prefix:
+                return {"a": -0.5, "b": -0.5}
+            if len(prefix) == 1:
+                return {"<end>": -0.5} if prefix[0] == ending_row else {"a": -0.5, "c": -0.5}
+            return {"<end>": -0.1}
+
+        want, got = _tables(rule, CaptionOptions(beam_size=2, max_length=4, n_best=2))
+        _same(want, got)
+        return [[WORDS[w] for w in h.tokens] for h in want[0]]
+
+    assert ["a"] in run("a")       # <end> at candidate 0: before both continuations
+    assert ["b"] not in run("b")   # <end> at candidate 2: after the second, never met
+
+
+class _NaNStep:
+    """A beam step whose log-probabilities went non-finite (an FP16 engine out of range)."""
+
+    def step(self, tokens, source_rows, scores, word_bias, word_block):
+        rows = len(tokens)
+        ints, floats = np.zeros(rows, np.int32), np.zeros(rows, np.float32)
+        return BeamStepResult(ints + 4, ints, ints, floats, floats, floats, ints + 5,
+                              np.full(rows, np.nan, np.float32))
+
+
+def test_non_finite_log_probabilities_fail_loudly():
+    with pytest.raises(BackendError, match="non-finite log-probabilities at word 1"):
+        graph_beam_search(_NaNStep(), 1, CaptionOptions(beam_size=2), 5, 3, START, END, 8)
+
+
+def test_search_must_be_host_or_graph(tiny):
+    with pytest.raises(ValueError, match="search must be one of host, graph"):
+        OnnxRuntimeBackend(tiny[0], device="cpu", search="device")
+
+
+@pytest.fixture(scope="module")
+def shipped(default_model_dir, example_images):
+    """The shipped model's host and graph Captioners, and the example photos preprocessed."""
+    host = Captioner(default_model_dir, backend="onnxruntime", threads=1)
+    graph = Captioner(default_model_dir, backend="onnxruntime", threads=1, search="graph")
+    batch = np.stack([preprocess([load_rgb(p)], host.manifest.preprocessing)[0]
+                      for p in example_images])
+    return host, graph, batch
+
+
+@pytest.mark.parametrize("options", [{}, {"fusion_weight": 0.0},
+                                     {"n_best": 3, "length_penalty": 0.7}],
+                         ids=["default", "no-fusion", "n-best-3-penalty-0.7"])
+def test_shipped_model_graph_search_gives_the_numpy_captions(shipped, options):
+    """The example photos with the default rules (the tag bonus, the fused language models with
+    the gate, no repeated trigram) and two variations."""
+    from edgecap.decoding import search
+
+    host, graph, batch = shipped
+    opts = replace(host.options, **options)
+    vocab = host.vocab
+    want = search(host.backend, host.backend.encode(batch), opts, vocab.start, vocab.end,
+                  len(vocab), host.classes, host.fusion)
+    got = search(graph.backend, graph.backend.encode(batch), opts, vocab.start, vocab.end,
+                 len(vocab), graph.classes, graph.fusion)
+    _same(want, got)
+
+
+def test_constrained_search_and_attention_stay_on_the_host(shipped, example_images,
+                                                          monkeypatch):
+    """The tag constraint and the attention maps are the numpy loop's: the graph search is not
+    asked, and the captions (and maps) are the host Captioner's."""
+    host, graph, _ = shipped
+
+    def refuse(*args):
+        raise AssertionError("the graph search was asked")
+
+    monkeypatch.setattr(graph.backend, "_graph_search", refuse)
+    photos = [str(p) for p in example_images[:2]]
+    want = [host.caption(p, return_attention=True) for p in photos]
+    got = [graph.caption(p, return_attention=True) for p in photos]
+    assert [c.text for c in got] == [c.text for c in want]
+    assert all(np.array_equal(a.attention, b.attention) for a, b in zip(got, want))
+    for captioner in (host, graph):
+        monkeypatch.setattr(captioner, "options", replace(captioner.options, constrained=True))
+    assert ([c.text for c in graph.caption_batch(photos)]
+            == [c.text for c in host.caption_batch(photos)])
