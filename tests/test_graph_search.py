@@ -306,3 +306,85 @@ def test_constrained_search_and_attention_stay_on_the_host(shipped, example_imag
         monkeypatch.setattr(captioner, "options", replace(captioner.options, constrained=True))
     assert ([c.text for c in graph.caption_batch(photos)]
             == [c.text for c in host.caption_batch(photos)])
+
+
+# -- TensorRT, with the fake TensorRT of tests/test_tensorrt_fake.py (its engines run the parsed
+# ONNX on onnxruntime): the buffer bookkeeping, not real TensorRT ----------------------------
+
+def _fake_tensorrt(monkeypatch, version):
+    import sys
+
+    from test_tensorrt_fake import FakeDevice, make_fake_trt
+
+    device = FakeDevice()
+    trt = make_fake_trt(version, device)
+    monkeypatch.setitem(sys.modules, "tensorrt", trt)
+    return trt, device
+
+
+def test_fake_tensorrt_graph_search_gives_the_numpy_captions(monkeypatch, tmp_path, tiny):
+    import io
+
+    from edgecap.backends.tensorrt import TensorRTBackend
+
+    trt, device = _fake_tensorrt(monkeypatch, "10.3.0.26")
+    manifest, host, _, images = tiny
+    log = io.StringIO()
+    backend = TensorRTBackend(manifest, precision="fp32", cache_dir=tmp_path, cuda_device=device,
+                              log=log, search="graph")
+    vocab = manifest.dims.vocab_size
+    tags = (frozenset({5, 9}), frozenset(), frozenset({11}))
+    searches = []
+    for beam, ngram in ((1, 0), (3, 3), (5, 1)):
+        options = CaptionOptions(beam_size=beam, no_repeat_ngram=ngram, n_best=beam,
+                                 max_length=10)
+        want = search_with_tags(host, host.encode(images), options, START, END, vocab, tags)
+        encoded = backend.encode(images)
+        before, runs = dict(device.calls), len(trt.stats["executions"])
+        got = search_with_tags(backend, encoded, options, START, END, vocab, tags)
+        _same(want, got)
+        steps = len(trt.stats["executions"]) - runs
+        assert device.calls["sync"] - before["sync"] == steps           # one sync a word
+        assert device.calls["dtoh"] - before["dtoh"] == 8 * steps       # eight (R,) results
+        searches.append(trt.stats["executions"][runs:])
+        if ngram == 0:  # the last step blocked no word (only the first word has blocks)
+            last = searches[-1][-1]
+            rows = encoded.n_images * beam
+            assert not device.read(last["word_block"], (rows, vocab), np.float32).any()
+    assert "beam-step engine (5 beams)" in log.getvalue()
+    for runs in searches:
+        # h / c ping-pong: the first step reads the encoder's h0, each next one what the last
+        # wrote, never in place
+        assert runs[0]["h"] == trt.stats["executions"][0]["h0"]
+        assert [e["h"] for e in runs[1:]] == [e["h_next"] for e in runs[:-1]]
+        assert all(e["h"] != e["h_next"] and e["c"] != e["c_next"] for e in runs)
+    backend.close()
+    assert device.memory == {} and device.pinned == [] and device.streams == []
+
+
+def test_fake_tensorrt_fp16_keeps_the_bookkeeping_in_fp32(monkeypatch, tmp_path, tiny):
+    """TensorRT < 10.12 (BuilderFlag.FP16): the appended layers are pinned to FP32; 10.12+
+    (strongly typed FP16 ONNX): the appended nodes read the step's float32 outputs."""
+    import base64
+    import io
+
+    from edgecap.backends.tensorrt import TensorRTBackend
+
+    manifest, _, _, images = tiny
+    options = CaptionOptions(beam_size=2, max_length=4)
+    for version, typed in (("10.3.0.26", False), ("10.12.0.36", True)):
+        trt, device = _fake_tensorrt(monkeypatch, version)
+        with TensorRTBackend(manifest, precision="fp16", cache_dir=tmp_path / version,
+                             cuda_device=device, log=io.StringIO(), search="graph") as backend:
+            search_with_tags(backend, backend.encode(images), options, START, END,
+                             manifest.dims.vocab_size, None)
+        build = trt.stats["builds"][-1]
+        assert "scores" in build["profile"]
+        model = onnx.load_from_string(base64.b64decode(build["onnx"]))
+        assert build["fp16_weights"] == typed
+        inferred = onnx.shape_inference.infer_shapes(model).graph
+        types = {v.name: v.type.tensor_type.elem_type for v in inferred.value_info}
+        assert onnx.TensorProto.FLOAT16 not in {types.get(o) for n in model.graph.node
+                                                if n.name.startswith("beam/") for o in n.output}
+        if not typed:
+            assert build["pinned"].count("other") >= 10

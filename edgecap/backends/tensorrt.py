@@ -37,6 +37,7 @@ from edgecap.manifest import Manifest
 if TYPE_CHECKING:  # the TensorRT API's types (tensorrt-stubs); never imported at run time
     import tensorrt
 
+    from edgecap.backends.tensorrt_beam import TensorRTGraphSearch
     from edgecap.trt import TensorRTModule
 
 
@@ -197,13 +198,18 @@ class TensorRTBackend(Backend):
 
     def __init__(self, manifest: Manifest, precision: str = "fp16", limits: Limits | None = None,
                  cache_dir: str | Path | None = None, *, device: str | None = None,
-                 cuda_device=None, log=sys.stderr, threads: int | None = None):
+                 cuda_device=None, log=sys.stderr, threads: int | None = None,
+                 search: str = "host"):
         """``limits``: the largest batch and beam the engines take (default 8 x 5);
         ``device``: None or "cuda" (TensorRT runs on the GPU only); ``cuda_device``: an opened
         ``edgecap.trt.cuda`` device (default: GPU 0). ``threads`` is checked like the other
         backends' and has nothing to set: the engines run on the GPU, and the CPU side (the
-        beam search) is one Python thread."""
+        beam search) is one Python thread. ``search``: "host" (the numpy loop between steps)
+        or "graph" (the beam bookkeeping in a beam-step engine, ``edgecap.backends.tensorrt_beam``;
+        docs/gpu-search.md)."""
         check_threads(threads)
+        if search not in ("host", "graph"):
+            raise ValueError(f"search must be one of host, graph, got {search!r}")
         from edgecap.trt import import_tensorrt
         from edgecap.trt.cuda import open_device
         from edgecap.trt.engines import EngineCache, Target
@@ -218,6 +224,7 @@ class TensorRTBackend(Backend):
         self._owns_device = cuda_device is None
         self._device = cuda_device or open_device()
         self.buffers: DeviceBuffers | None = None
+        self._graph_search: TensorRTGraphSearch | None = None
         self._closed = False
         try:
             target = Target(self._device.name, tuple(self._device.compute_capability),
@@ -233,6 +240,10 @@ class TensorRTBackend(Backend):
             self.close()
             raise
         self.top_k = self.buffers.tensor("topk_ids").tail[0]
+        if search == "graph":
+            from edgecap.backends.tensorrt_beam import TensorRTGraphSearch
+
+            self._graph_search = TensorRTGraphSearch(self)
         self._generation = 0   # bumped by encode: older Encoded objects are stale
         self._session_id = 0   # bumped by start: older sessions are stale
 
@@ -314,6 +325,15 @@ class TensorRTBackend(Backend):
         return TensorRTSession(self, self._session_id, handle.generation, handle.n_images,
                                image_index.astype(np.int32), return_attention)
 
+    def search_on_device(self, encoded: Encoded, options, start_id: int, end_id: int,
+                         tag_words, fusion):
+        """The hook of ``edgecap.decoding.search_with_tags``: each image's hypotheses from the
+        beam-step engine (``search="graph"``), or None: the numpy loop searches."""
+        if self._graph_search is None:
+            return None
+        self._open_buffers()
+        return self._graph_search(encoded, options, start_id, end_id, tag_words, fusion)
+
     def describe(self) -> str:
         d = self._device
         return (f"tensorrt {self._trt.__version__} {self.precision} on {d.name} "
@@ -328,6 +348,8 @@ class TensorRTBackend(Backend):
         self._closed = True
         device = self._device
         try:
+            if self._graph_search is not None:
+                self._graph_search.close()
             if self.buffers is not None:
                 self.buffers.close()
         finally:

@@ -38,12 +38,19 @@ from __future__ import annotations
 
 import numpy as np
 
-from edgecap.contract import STEP_INPUTS
+from edgecap.contract import DECODER_STEP, STEP_INPUTS, Limits
 
 BEAM_INPUTS = (*STEP_INPUTS, "scores", "word_block")
 BEAM_OUTPUTS = ("next_tokens", "back_pointers", "choices", "next_scores", "next_logprobs",
                 "end_logprobs", "end_positions", "logprob_check", "h_next", "c_next")
 PREFIX = "beam/"  # names of the appended nodes and constants
+
+
+def row_ranges(limits: Limits) -> dict[str, tuple[int, int, int]]:
+    """(min, opt, max) rows of each input, for a TensorRT optimisation profile: the step's,
+    and the rows' scores and blocked words."""
+    ranges = limits.row_ranges(DECODER_STEP)
+    return {**ranges, "scores": ranges["tokens"], "word_block": ranges["tokens"]}
 
 
 def beam_width(beam: int, top_k: int) -> int:

@@ -32,7 +32,7 @@ from pathlib import Path
 from typing import TYPE_CHECKING
 
 from edgecap.cache import cache_root
-from edgecap.contract import IO, ROLES, Limits
+from edgecap.contract import DECODER_STEP, IO, ROLES, Limits
 from edgecap.errors import BackendError, ModelError
 from edgecap.manifest import Manifest, file_sha256
 from edgecap.trt import STRONGLY_TYPED_FP16_FROM, parse_version
@@ -46,11 +46,12 @@ PRECISIONS = ("fp16", "fp32")
 WORKSPACE_BYTES = 1 << 30  # the builder's scratch space; 1 GiB fits the smallest Orin Nano
 
 
-def profile_shapes(role: str, input_shapes: dict[str, tuple[int, ...]], limits: Limits
+def profile_shapes(role: str, input_shapes: dict[str, tuple[int, ...]], limits: Limits,
+                   ranges: dict[str, tuple[int, int, int]] | None = None
                    ) -> dict[str, tuple[tuple[int, ...], tuple[int, ...], tuple[int, ...]]]:
-    """(min, opt, max) shapes per network input: the row dimension from ``limits``, the others
-    must be static in the ONNX."""
-    ranges = limits.row_ranges(role)
+    """(min, opt, max) shapes per network input: the row dimension from ``limits`` (or
+    ``ranges``: input -> (min, opt, max) rows), the others must be static in the ONNX."""
+    ranges = ranges or limits.row_ranges(role)
     if set(input_shapes) != set(ranges):
         raise ModelError(f"{role}: the ONNX inputs are {sorted(input_shapes)}, the contract "
                          f"expects {sorted(ranges)}; re-export the model")
@@ -167,6 +168,28 @@ def onnx_for_build(manifest: Manifest, role: str, precision: str, mode: str,
     return prepared
 
 
+def beam_step_onnx(manifest: Manifest, beam: int, end_id: int, precision: str, mode: str,
+                   cache_dir: Path, log=sys.stderr) -> Path:
+    """The beam-step graph to parse, made once and kept in the cache: the step graph as
+    ``onnx_for_build`` prepares it (folded; FP16 for a strongly typed FP16 build), then the beam
+    bookkeeping appended, in FP32, on its float32 outputs (``edgecap.build.beam_step``)."""
+    step = onnx_for_build(manifest, DECODER_STEP, precision, mode, cache_dir, log)
+    prepared = step.with_name(f"beam{beam}-end{end_id}-{step.name}")
+    if not prepared.exists():
+        try:
+            import onnx
+
+            from edgecap.build.beam_step import beam_step_model
+        except ImportError as exc:
+            raise BackendError("building TensorRT engines needs onnx to prepare the graphs: "
+                               "pip install 'edgecap[tensorrt]' (or pip install onnx)") from exc
+        dims = manifest.dims
+        model = beam_step_model(onnx.load(str(step)), beam, end_id, dims.top_k,
+                                dims.hidden_dim, dims.vocab_size)
+        _atomic_write(prepared, model.SerializeToString())
+    return prepared
+
+
 def _atomic_write(path: Path, data) -> None:
     path.parent.mkdir(parents=True, exist_ok=True)
     tmp = path.with_name(f".{path.name}.{os.getpid()}.tmp")
@@ -180,8 +203,9 @@ def _is_float(trt: TensorRTModule, dtype: tensorrt.DataType) -> bool:
 
 
 def _pin_fp32_layers(trt: TensorRTModule, network: tensorrt.INetworkDefinition) -> None:
-    """Weakly typed FP16 builds: keep Softmax and TopK layers, and the Log (a unary layer) that
-    TensorRT's ONNX parser puts after the Softmax of a LogSoftmax, in FP32. Preferred rather
+    """Weakly typed FP16 builds: keep Softmax and TopK layers, the Log (a unary layer) that
+    TensorRT's ONNX parser puts after the Softmax of a LogSoftmax, and the beam-step graph's
+    bookkeeping (scores, comparisons, its top-k) in FP32. Preferred rather
     than obeyed (``PREFER_PRECISION_CONSTRAINTS``), so a build never fails over it. Only float
     outputs are retyped: TopK's second output (the indices) is INT32 and stays so."""
     kinds = trt.LayerType
@@ -198,6 +222,9 @@ def _pin_fp32_layers(trt: TensorRTModule, network: tensorrt.INetworkDefinition) 
             if from_softmax and layer.type == shuffle:
                 softmax_out.update(layer.get_output(j).name for j in range(layer.num_outputs))
             pin = pin or (from_softmax and layer.type == unary)
+        # the beam-step graph's scores and comparisons (edgecap.build.beam_step)
+        pin = pin or any(_beam_tensor(layer.get_output(j).name)
+                         for j in range(layer.num_outputs))
         if layer.type == getattr(kinds, "SOFTMAX", None):
             softmax_out.update(layer.get_output(j).name for j in range(layer.num_outputs))
         if not pin:
@@ -208,6 +235,13 @@ def _pin_fp32_layers(trt: TensorRTModule, network: tensorrt.INetworkDefinition) 
                 layer.set_output_type(j, trt.float32)
 
 
+def _beam_tensor(name: str) -> bool:
+    """A tensor of the beam bookkeeping that ``edgecap.build.beam_step`` appends."""
+    from edgecap.build.beam_step import BEAM_OUTPUTS, PREFIX
+
+    return name.startswith(PREFIX) or name in BEAM_OUTPUTS
+
+
 def _dims(shape: tensorrt.Dims) -> tuple[int, ...]:
     """A ``Dims`` as a tuple (``Dims`` is indexable and sized; its stub declares no __iter__)."""
     return tuple(int(shape[j]) for j in range(len(shape)))
@@ -215,8 +249,10 @@ def _dims(shape: tensorrt.Dims) -> tuple[int, ...]:
 
 def build_engine(trt: TensorRTModule, logger: tensorrt.ILogger, onnx_path: Path, role: str,
                  limits: Limits, precision: str, target: Target,
-                 timing_cache: Path | None) -> bytes:
-    """Parse ``onnx_path`` and build a serialized engine with one optimisation profile."""
+                 timing_cache: Path | None,
+                 ranges: dict[str, tuple[int, int, int]] | None = None) -> bytes:
+    """Parse ``onnx_path`` and build a serialized engine with one optimisation profile
+    (``ranges``: its inputs' rows, when not the role's ``Limits.row_ranges``)."""
     version = target.trt
     mode = fp16_mode(trt, version) if precision == "fp16" else None
     strongly_typed = mode == "strongly_typed" or (
@@ -238,7 +274,7 @@ def build_engine(trt: TensorRTModule, logger: tensorrt.ILogger, onnx_path: Path,
             config.set_flag(trt.BuilderFlag.PREFER_PRECISION_CONSTRAINTS)
             _pin_fp32_layers(trt, network)
     profile = builder.create_optimization_profile()
-    for name, (lo, opt, hi) in profile_shapes(role, inputs, limits).items():
+    for name, (lo, opt, hi) in profile_shapes(role, inputs, limits, ranges).items():
         # tuples for Dims: TensorRT's bindings convert any int sequence (8.5 through 10.13; the
         # stubs say so in Dims' docstring but type the parameters as Dims only)
         profile.set_shape(name, lo, opt, hi)  # type: ignore[arg-type]
@@ -356,8 +392,42 @@ class EngineCache:
                                "TensorRT's log above")
         return self._checked(engine, role)
 
-    def _checked(self, engine: tensorrt.ICudaEngine, role: str) -> tensorrt.ICudaEngine:
-        inputs, outputs = IO[role]
+    def load_beam(self, manifest: Manifest, beam: int, end_id: int, precision: str,
+                  limits: Limits) -> tensorrt.ICudaEngine:
+        """The beam-step engine (``edgecap.build.beam_step``) for ``beam`` beams per image and
+        exactly ``limits``: the cached one, else one built now from the step graph as the step
+        engine's build prepares it, with the bookkeeping appended."""
+        from edgecap.build.beam_step import BEAM_INPUTS, BEAM_OUTPUTS, row_ranges
+
+        role = f"beam_step{beam}-end{end_id}"
+        path = self.cache_dir / engine_filename(role, model_hash(manifest, DECODER_STEP),
+                                                self.target, precision, limits)
+        engine = deserialize(self.trt, self.runtime, path) if path.exists() else None
+        if engine is None:
+            self._check_writable()
+            mode = fp16_mode(self.trt, self.target.trt) if precision == "fp16" else "fp32"
+            source = beam_step_onnx(manifest, beam, end_id, precision, mode, self.cache_dir,
+                                    self.log)
+            print(f"edgecap: building the TensorRT {precision} beam-step engine ({beam} beams) "
+                  f"for {self.target.gpu_name}; this takes a while, once -> {path}",
+                  file=self.log)
+            data = build_engine(self.trt, self.logger, source, role, limits, precision,
+                                self.target, timing_cache_path(self.cache_dir, self.target),
+                                ranges=row_ranges(limits))
+            try:
+                _atomic_write(path, data)
+            except OSError as exc:
+                raise self._unwritable(exc) from exc
+            engine = deserialize(self.trt, self.runtime, path)
+            if engine is None:
+                raise BackendError(f"the freshly built engine {path} does not deserialize; "
+                                   "see TensorRT's log above")
+        return self._checked(engine, role, (BEAM_INPUTS, BEAM_OUTPUTS))
+
+    def _checked(self, engine: tensorrt.ICudaEngine, role: str,
+                 io: tuple[tuple[str, ...], tuple[str, ...]] | None = None
+                 ) -> tensorrt.ICudaEngine:
+        inputs, outputs = io or IO[role]
         names = [engine.get_tensor_name(i) for i in range(engine.num_io_tensors)]
         found_in = {n for n in names
                     if engine.get_tensor_mode(n) == self.trt.TensorIOMode.INPUT}
