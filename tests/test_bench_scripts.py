@@ -30,6 +30,19 @@ pytestmark = [
 HARNESS = ["--rounds", "1", "--per-round", "1", "--warmup", "0", "--settle", "0"]
 
 
+@pytest.fixture(autouse=True)
+def _short_idle_checks(monkeypatch):
+    """The harness sleeps through its idle windows after a call (0.2 + 1.0 s, each worker,
+    interleaved and alone) and settles 0.25 s before each turn where a script has no --settle:
+    measurement settings, which windows of 10 ms exercise alike here, where nothing is timed."""
+    import functools
+
+    import _isolated
+
+    monkeypatch.setattr(_isolated, "run_isolated", functools.partial(
+        _isolated.run_isolated, idle_windows_s=(0.01, 0.01), settle_s=0.0))
+
+
 def _os_threads() -> int:
     return len(os.listdir("/proc/self/task"))
 
@@ -142,9 +155,31 @@ def _tiny_flickr8k(root: Path) -> Path:
     return root
 
 
+@pytest.fixture
+def one_meteor(monkeypatch):
+    """metrics.score starts a METEOR Java process (seconds of start-up) for each call and ends
+    it: here every call gets the same one, which scores each request on its own, ended after."""
+    from pycocoevalcap.meteor import meteor as meteor_module
+
+    from edgecap.evaluation import metrics
+
+    started, start, close = [], meteor_module.Meteor, metrics._close_meteor
+
+    def meteor():
+        if not started:
+            started.append(start())
+        return started[0]
+
+    monkeypatch.setattr(meteor_module, "Meteor", meteor)
+    monkeypatch.setattr(metrics, "_close_meteor", lambda _meteor: None)
+    yield
+    for meteor in started:
+        close(meteor)
+
+
 @pytest.mark.skipif(importlib.util.find_spec("pycocoevalcap") is None,
                     reason="scores need pycocoevalcap")
-def test_quality_speed_times_each_variant_in_its_own_worker(tmp_path):
+def test_quality_speed_times_each_variant_in_its_own_worker(tmp_path, one_meteor):
     data_dir = _tiny_flickr8k(tmp_path / "flickr8k")
     data, md = _run("quality_speed", _variant_args() + [
         "--data", str(data_dir), "--limit", "0", "--batch", "2"], tmp_path / "out")
@@ -199,7 +234,8 @@ def test_encoder_tags_counts_photos_whose_top_class_names_a_reference_word(tmp_p
 
 SCRIPTS = sorted(p.stem for p in BENCH.glob("[a-z]*.py"))
 TINY_E2E = ["--variants", "ort-fp32", "--rounds", "1", "--per-round", "1", "--warmup", "0",
-            "--no-alone", "--no-encoder", "--settle", "0", "--max-length", "3"]
+            "--no-alone", "--no-encoder", "--settle", "0", "--idle-windows", "0.01,0.01",
+            "--max-length", "3"]
 
 
 def _committed_results() -> dict[str, bytes]:
@@ -219,24 +255,49 @@ def runs_dir(tmp_path, monkeypatch) -> Path:
     return runs
 
 
-def _help(script: str, *command: str) -> str:
+# Each script run as `python benchmarks/SCRIPT.py [COMMAND] --help` would run it (as __main__,
+# its folder first on sys.path), all in one interpreter: one start-up and one import of
+# onnxruntime and numpy instead of one per script. -> JSON {script: {COMMAND: its help}} for a
+# script with subcommands, else {script: {"": its help}}
+HELP_TEXTS = r"""
+import contextlib, io, json, re, runpy, sys
+
+def help_text(path, command):
+    sys.argv, out = [path, *command, "--help"], io.StringIO()
+    with contextlib.redirect_stdout(out):
+        try:
+            runpy.run_path(path, run_name="__main__")
+        except SystemExit as exit_:
+            assert exit_.code in (0, None), (path, command, exit_.code)
+    return out.getvalue()
+
+bench, scripts = sys.argv[1], sys.argv[2:]
+sys.path.insert(0, bench)
+texts = {}
+for script in scripts:
+    path = f"{bench}/{script}.py"
+    top = help_text(path, [])
+    commands = re.search(r"\{([\w,-]+)\}", top.split("\n\n")[0])  # subcommands: each
+    texts[script] = ({c: help_text(path, [c]) for c in commands.group(1).split(",")}
+                     if commands else {"": top})
+print(json.dumps(texts))
+"""
+
+
+@pytest.fixture(scope="module")
+def help_texts() -> dict[str, dict[str, str]]:
     import subprocess
 
-    done = subprocess.run([sys.executable, str(BENCH / f"{script}.py"), *command, "--help"],
+    done = subprocess.run([sys.executable, "-c", HELP_TEXTS, str(BENCH), *SCRIPTS],
                           capture_output=True, text=True, timeout=300)
     assert done.returncode == 0, done.stderr
-    return done.stdout
+    return json.loads(done.stdout)
 
 
 @pytest.mark.parametrize("script", SCRIPTS)
-def test_every_script_takes_out(script):
-    import re
-
-    text = _help(script)
-    usage = text.split("\n\n")[0]
-    commands = re.search(r"\{([\w,-]+)\}", usage)  # a script with subcommands: each of them
-    for command in commands.group(1).split(",") if commands else [None]:
-        assert "--out DIR" in (_help(script, command) if command else text), (script, command)
+def test_every_script_takes_out(script, help_texts):
+    for command, text in help_texts[script].items():
+        assert "--out DIR" in text, (script, command)
 
 
 def test_default_output_is_a_fresh_folder_git_ignores(runs_dir):
