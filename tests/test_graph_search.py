@@ -109,6 +109,23 @@ def test_the_graph_keeps_its_bookkeeping_in_fp32_with_a_constant_k(tiny):
     assert int_io == {"next_tokens", "back_pointers", "choices", "end_positions"}
 
 
+def test_fp16_model_graph_search_gives_its_numpy_captions(tiny, tmp_path):
+    """An FP16 model directory (``edgecap convert``): the bookkeeping is appended to its step's
+    float32 outputs, and its captions are the FP16 model's own numpy-search captions."""
+    from edgecap.build.convert import convert_fp16
+
+    manifest, _, _, images = tiny
+    half = convert_fp16(manifest, tmp_path / "fp16")
+    host = OnnxRuntimeBackend(half, device="cpu", threads=1)
+    graph = OnnxRuntimeBackend(half, device="cpu", threads=1, search="graph")
+    for beam in (1, 3):
+        options = CaptionOptions(beam_size=beam, n_best=beam)
+        _same(search_with_tags(host, host.encode(images), options, START, END,
+                               half.dims.vocab_size, None),
+              search_with_tags(graph, graph.encode(images), options, START, END,
+                               half.dims.vocab_size, None))
+
+
 class _Emulated:
     """The beam-step graph's arithmetic (``edgecap.build.beam_step``) in numpy over a fake
     backend's session: drives the host side on hand-made tables and prefix-hash models, where
