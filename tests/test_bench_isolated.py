@@ -191,7 +191,8 @@ def test_a_worker_that_raises_while_loading_reports_it(tmp_path):
     specs = [_spec("fine", tmp_path / "log"),
              I.Spec("broken", "test_bench_isolated:failing_setup", {}, paths=[TESTS])]
     with pytest.raises(I.WorkerError, match="broken: ValueError: broken on purpose"):
-        I.run_isolated(specs, ["a"], rounds=1, per_round=1, warmup=0, log=lambda _m: None)
+        I.run_isolated(specs, ["a"], rounds=1, per_round=1, warmup=0, idle_windows_s=(0.01,),
+                       settle_s=0.0, log=lambda _m: None)
     assert _my_workers() == []  # the worker started before it was ended too
 
 
@@ -200,7 +201,7 @@ def test_a_worker_that_raises_in_a_call_reports_it(tmp_path):
                   paths=[TESTS])
     with pytest.raises(I.WorkerError, match="RuntimeError: call broken on purpose"):
         I.run_isolated([_spec("fine", tmp_path / "log"), spec], ["a"], rounds=1, per_round=1,
-                       warmup=0, log=lambda _m: None)
+                       warmup=0, idle_windows_s=(0.01,), settle_s=0.0, log=lambda _m: None)
     assert _my_workers() == []
 
 
