@@ -16,7 +16,8 @@ import math
 import os
 import threading
 import time
-from collections.abc import Iterable, Iterator
+from collections.abc import Generator, Iterable, Iterator
+from concurrent.futures import ThreadPoolExecutor
 from dataclasses import dataclass, field, fields, replace
 from importlib import resources
 from pathlib import Path
@@ -26,6 +27,7 @@ import numpy as np
 from PIL import Image
 
 from edgecap.backends import load_backend
+from edgecap.backends import ort_providers
 from edgecap.backends import resolve as resolve_backend
 from edgecap.backends._checks import check_threads
 from edgecap.backends.base import Backend
@@ -37,6 +39,7 @@ from edgecap.errors import InputError, ModelError
 from edgecap.images import ImageInput, load_rgb, max_pixels, preprocess
 from edgecap.manifest import Manifest, file_sha256, load_manifest
 from edgecap.objects import ObjectClasses
+from edgecap.prefetch import check_decode_workers, default_decode_workers, prefetched_batches, window
 from edgecap.preprocess import recognisable
 from edgecap.vocab import Vocabulary
 
@@ -134,6 +137,15 @@ class Captioner:
         options: a ``CaptionOptions`` (beam size, max length, batch size, length penalty, n-best,
             no-repeat n-gram); None: its defaults.
         device: "cpu" or "cuda", passed to the backend (None: the backend's default).
+        decode_workers: threads that read, decode and preprocess the photos of the next batches
+            while the backend works on the current one (0: each batch is decoded in the calling
+            thread before it is captioned, nothing overlaps). The results are the same and come
+            in the same order either way; at most ``batch_size + max(batch_size, 2 x
+            decode_workers)`` photos are decoded ahead, whatever the input's length. None: on
+            a GPU (device "cuda", the tensorrt backend, onnxruntime's CUDA or TensorRT
+            provider) one per usable CPU core less one, at most 8; on the CPU
+            ``edgecap.prefetch.DEFAULT_CPU_DECODE_WORKERS``. The attribute ``decode_workers``
+            may be changed between calls. See docs/performance-options.md.
         threads: intra-op threads of the backend's CPU work (onnxruntime's sessions, torch's
             pool), a positive integer; None: ``DEFAULT_THREADS`` of the backend (onnxruntime:
             one per physical core; torch: 1). torch's setting is process-wide
@@ -148,9 +160,10 @@ class Captioner:
 
     def __init__(self, model: str | os.PathLike | None = None, backend: str = "auto", *,
                  options: CaptionOptions | None = None, device: str | None = None,
-                 threads: int | None = None, **keywords):
+                 threads: int | None = None, decode_workers: int | None = None, **keywords):
         max_pixels()  # a malformed $EDGECAP_MAX_PIXELS is a ValueError now, not on every image
         check_threads(threads)  # before minutes of loading
+        check_decode_workers(decode_workers)
         self.manifest = load_manifest(default_model_dir() if model is None else Path(model))
         height, width = self.manifest.preprocessing.size
         self._draft_size = (width, height)  # big JPEGs are decoded at a reduced scale
@@ -169,6 +182,11 @@ class Captioner:
             limits=Limits(self.options.batch_size, self.options.rows_per_image),
             threads=DEFAULT_THREADS.get(name) if threads is None else threads, **backend_options)
         self._backend_lock = None if self.backend.thread_safe else threading.Lock()
+        self.decode_workers = (default_decode_workers(_on_gpu(name, device, self.backend))
+                               if decode_workers is None else decode_workers)
+        # the decoding workers by their number, each pool made on first use
+        self._pools: dict[int, ThreadPoolExecutor] = {}
+        self._pool_lock = threading.Lock()
 
     def __repr__(self) -> str:
         return (f"Captioner(model={str(self.manifest.directory)!r}, "
@@ -205,42 +223,75 @@ class Captioner:
                 isinstance(images, np.ndarray) and images.ndim != 4):
             raise TypeError("caption_batch and iter_captions take a list of images; "
                             "use caption() for one image")
-        return (result for chunk in batched(images, self.options.batch_size)
-                for result in self._caption_chunk(chunk, color, return_attention, on_error))
+        return self._results(images, color, return_attention, on_error)
 
-    def _caption_chunk(self, images: list, color: str, return_attention: bool,
-                       on_error: str) -> list[Caption | InputError]:
-        """Load, encode and search one batch of at most ``batch_size`` images."""
-        loaded, seen, prep_ms = [], [], []
-        results: list = []  # Caption | InputError, None until its batch is captioned
+    def _results(self, images: Iterable[ImageInput], color: str, return_attention: bool,
+                 on_error: str) -> Iterator[Caption | InputError]:
+        iterator = iter(images)
+        # One photo (caption()) has nothing to overlap with: no hand-over to a worker.
+        head = list(itertools.islice(iterator, 2)) if self.decode_workers else []
+        inputs = itertools.chain(head, iterator)
+        batch = self.options.batch_size
+        chunks: Generator[list, None, None] = (
+            prefetched_batches(self._workers(), lambda image: self._prepare(image, color),
+                               inputs, batch, window(batch, self.decode_workers), InputError)
+            if len(head) > 1 else
+            (self._prepared(chunk, color) for chunk in batched(inputs, batch)))
+        with contextlib.closing(chunks):  # a consumer that stops early stops the workers too
+            for chunk in chunks:
+                failed = next((p for p in chunk if isinstance(p, InputError)), None)
+                if failed is not None and on_error == "raise":
+                    raise failed
+                yield from self._caption_chunk(chunk, return_attention)
+
+    def _prepare(self, image: ImageInput, color: str) -> _Prepared:
+        """One input -> its encoder input (``InputError`` for an unusable one); runs in a
+        decoding worker or in the calling thread."""
+        t0 = time.perf_counter()
+        rgb = load_rgb(image, color, draft_size=self._draft_size)
+        x = preprocess([rgb], self.manifest.preprocessing)[0]
+        visible = not self.options.blank_check or recognisable(x, self.manifest.preprocessing)
+        return _Prepared(x, visible, (time.perf_counter() - t0) * 1e3)
+
+    def _prepared(self, images: list, color: str) -> list[_Prepared | InputError]:
+        """One batch prepared in the calling thread (no decoding workers)."""
+        out: list[_Prepared | InputError] = []
         for image in images:
-            t0 = time.perf_counter()
             try:
-                rgb = load_rgb(image, color, draft_size=self._draft_size)
+                out.append(self._prepare(image, color))
             except InputError as exc:
-                if on_error == "raise":
-                    raise
-                results.append(exc)
-                continue
-            loaded.append(preprocess([rgb], self.manifest.preprocessing)[0])
-            seen.append(not self.options.blank_check
-                        or recognisable(loaded[-1], self.manifest.preprocessing))
-            prep_ms.append((time.perf_counter() - t0) * 1e3)
-            results.append(None)  # filled below, in order
-        if not loaded:
-            return results
+                out.append(exc)
+        return out
+
+    def _workers(self) -> ThreadPoolExecutor:
+        with self._pool_lock:
+            n = self.decode_workers
+            if n not in self._pools:
+                self._pools[n] = ThreadPoolExecutor(n, thread_name_prefix="edgecap-decode")
+            return self._pools[n]
+
+    def _caption_chunk(self, prepared: list[_Prepared | InputError],
+                       return_attention: bool) -> list[Caption | InputError]:
+        """Encode and search one batch of at most ``batch_size`` prepared images."""
+        good = [p for p in prepared if isinstance(p, _Prepared)]
+        if not good:
+            return [p for p in prepared if isinstance(p, InputError)]  # all of them
+        loaded = [p.x for p in good]
         hypotheses, probs, encode_ms, decode_ms = self._search(np.stack(loaded), return_attention)
         shares = {"encode_ms": encode_ms / len(loaded), "decode_ms": decode_ms / len(loaded)}
         tags = ([()] * len(loaded) if probs is None
                 else [self.classes.tags(p, self.options.objects) for p in probs])
         class_probs = [None] * len(loaded) if probs is None else list(probs)
-        good = iter(zip(hypotheses, tags, class_probs, seen, prep_ms))
-        for i, slot in enumerate(results):
-            if slot is None:
-                hyps, objects, image_probs, visible, ms = next(good)
-                timings = {"preprocess_ms": ms, **shares}
-                results[i] = (self._to_caption(hyps, objects, image_probs, timings) if visible
-                              else self._nothing(hyps[0], objects, timings))
+        done = iter(zip(good, hypotheses, tags, class_probs))
+        results: list[Caption | InputError] = []
+        for slot in prepared:
+            if isinstance(slot, InputError):
+                results.append(slot)
+                continue
+            image, hyps, objects, image_probs = next(done)
+            timings = {"preprocess_ms": image.ms, **shares}
+            results.append(self._to_caption(hyps, objects, image_probs, timings) if image.visible
+                           else self._nothing(hyps[0], objects, timings))
         return results
 
     def _search(self, batch: np.ndarray, return_attention: bool):
@@ -292,6 +343,27 @@ class Captioner:
         return Caption(text=NOTHING_RECOGNISABLE, score=float(hyp.score), tokens=[],
                        log_prob=float(hyp.log_prob), objects=objects, timings=timings,
                        confidence=0.0, recognisable=False)
+
+
+@dataclass(frozen=True)
+class _Prepared:
+    """One photo ready for the encoder: its input (3, H, W), whether it holds anything to
+    caption (``recognisable``), the milliseconds it took to load and preprocess."""
+
+    x: np.ndarray
+    visible: bool
+    ms: float
+
+
+def _on_gpu(name: str, device: str | None, backend: Backend) -> bool:
+    """Whether the backend runs the model on a GPU: asked for (device "cuda"), TensorRT, or
+    onnxruntime's default that found a CUDA / TensorRT provider."""
+    if device is not None:
+        return device.startswith("cuda")
+    if name == "tensorrt":
+        return True
+    providers = getattr(backend, "providers", None) or [ort_providers.CPU]
+    return providers[0] in (ort_providers.CUDA, ort_providers.TENSORRT)
 
 
 def batched(items: Iterable, size: int) -> Iterator[list]:

@@ -11,6 +11,7 @@ from edgecap.contract import Limits
 from edgecap.decoding import CaptionOptions
 from edgecap.decoding.options import MAX_BATCH_SIZE
 from edgecap.models.config import DecoderConfig
+from edgecap.prefetch import DEFAULT_CPU_DECODE_WORKERS, MAX_GPU_DECODE_WORKERS
 
 DEFAULTS = {f.name: f.default for f in fields(CaptionOptions)}
 # The most beams a search takes is the model's top_k (its step graph's K best words per row):
@@ -38,9 +39,23 @@ def threads_value(text: str | None) -> int | None:
     return value
 
 
+def decode_workers_value(text: str | None) -> int | None:
+    """``--decode-workers N`` -> N, a whole number >= 0 (None: not given); anything else is a
+    ``ValueError`` in the command line's words."""
+    if text is None:
+        return None
+    try:
+        value = int(text)
+    except ValueError:
+        value = -1
+    if value < 0:
+        raise ValueError(f"--decode-workers must be a whole number >= 0 (threads), got {text!r}")
+    return value
+
+
 def add_model_arguments(p: argparse.ArgumentParser) -> None:
-    """--model, --backend, --device, --threads, --beam-size, --max-length, --no-repeat-ngram,
-    --batch-size, --guidance-bonus / --no-objects-guidance, --fusion-weight / --no-fusion,
+    """--model, --backend, --device, --threads, --decode-workers, --beam-size, --max-length,
+    --no-repeat-ngram, --batch-size, --guidance-bonus / --no-objects-guidance, --fusion-weight / --no-fusion,
     --no-blank-check, --constrained."""
     p.add_argument("--model", metavar="DIR",
                    help="model directory (default: the model shipped with edgecap)")
@@ -53,6 +68,12 @@ def add_model_arguments(p: argparse.ArgumentParser) -> None:
                    help="CPU threads each onnxruntime or torch computation may use (intra-op; "
                         "default: onnxruntime one per physical core, torch 1, the fastest "
                         "measured on a busy 2-core machine; see docs/performance-options.md)")
+    p.add_argument("--decode-workers", metavar="N",
+                   help="threads that read, decode and resize the next photos while the model "
+                        "works on a batch; 0: none (default: on a GPU one per CPU core less "
+                        f"one, at most {MAX_GPU_DECODE_WORKERS}; on the CPU "
+                        f"{DEFAULT_CPU_DECODE_WORKERS}, the fastest measured on a busy 2-core "
+                        "machine; see docs/performance-options.md)")
     p.add_argument("--beam-size", type=int, default=DEFAULTS["beam_size"], metavar="K",
                    help=f"captions kept and extended at each word; 1 to the model's top_k "
                         f"({MAX_BEAM} for the shipped model); wider is slower; "
@@ -100,5 +121,6 @@ def load_captioner(args: argparse.Namespace):
     from edgecap.api import Captioner
 
     threads = threads_value(args.threads)
+    workers = decode_workers_value(getattr(args, "decode_workers", None))
     return Captioner(model=args.model, backend=args.backend, device=args.device,
-                     threads=threads, options=caption_options(args))
+                     threads=threads, decode_workers=workers, options=caption_options(args))

@@ -1,0 +1,281 @@
+"""Decoding workers (``Captioner(decode_workers=N)``, ``--decode-workers N``): photos are read,
+decoded and preprocessed in threads while the model works on a batch. Users rely on the
+results being those of ``decode_workers=0``: in the input order, a bad photo's error in its own
+slot with every other photo captioned, and on a bounded read-ahead (a generator of frames or a
+huge folder is never read far ahead of the captions).
+
+Most tests run a fake model (``helpers.TableBackend``) whose caption of a solid red frame names
+its red level: the expected captions come from the table, not from the captioner."""
+
+from __future__ import annotations
+
+import json
+import threading
+import time
+from pathlib import Path
+
+import numpy as np
+import pytest
+from PIL import Image
+
+import edgecap
+from edgecap import Caption, Captioner, InputError, api
+from edgecap.backends import ort_providers
+from edgecap.cli import main
+from edgecap.prefetch import DEFAULT_CPU_DECODE_WORKERS, default_decode_workers
+from helpers import TableBackend, solid
+
+EXAMPLES = Path(edgecap.__file__).parent / "assets" / "examples"
+WORDS = json.loads((Path(edgecap.__file__).parent / "assets" / "default" /
+                    "vocab.json").read_text())["words"]
+FIRST = 200  # the caption of red level 5 * i is the one word WORDS[FIRST + i]
+STEP = 5
+
+
+def red(i: int) -> np.ndarray:
+    return solid((STEP * i, 0, 0))
+
+
+def word(i: int) -> str:
+    return WORDS[FIRST + i]
+
+
+def _by_red_level(prefix, key):
+    if prefix:
+        return {"<end>": -0.1}
+    level = round((key * 127.5 + 127.5) / STEP)  # channel 0 of the encoder input, back to i
+    return {WORDS[FIRST + level]: -0.1}
+
+
+class RecordingBackend(TableBackend):
+    """TableBackend that calls ``on_encode(batch)`` before encoding a batch."""
+
+    on_encode = staticmethod(lambda images: None)
+
+    def encode(self, images):
+        self.on_encode(images)
+        return super().encode(images)
+
+
+@pytest.fixture
+def fake(monkeypatch):
+    """Captioner(...) over the red-level table; ``started``: (input index or None, thread name)
+    of each decode, in the order they started; each decode of red(i) may be slowed down by
+    ``delay(i)`` seconds."""
+    backend = RecordingBackend(WORDS, _by_red_level, top_k=10, keyed=True)
+    monkeypatch.setattr(api, "load_backend", lambda name, manifest, **kw: backend)
+    state = {"started": [], "delay": lambda i: 0.0, "backend": backend}
+    real_load = api.load_rgb
+    lock = threading.Lock()
+
+    def load_rgb(image, *args, **kwargs):
+        i = (int(image[0, 0, 0]) // STEP if isinstance(image, np.ndarray) else None)
+        with lock:
+            state["started"].append((i, threading.current_thread().name))
+        if i is not None:
+            time.sleep(state["delay"](i))
+        return real_load(image, *args, **kwargs)
+
+    monkeypatch.setattr(api, "load_rgb", load_rgb)
+    return state
+
+
+def captioner(workers: int, batch: int) -> Captioner:
+    return Captioner(backend="onnxruntime", blank_check=False, batch_size=batch,
+                     decode_workers=workers)
+
+
+def texts(results) -> list:
+    return [r.text if isinstance(r, Caption) else f"error: {r}" for r in results]
+
+
+@pytest.mark.parametrize("batch", [1, 3])
+def test_results_keep_the_input_order_when_later_photos_decode_first(fake, batch):
+    fake["delay"] = lambda i: 0.002 * (12 - i)  # the earlier the photo, the slower its decode
+    frames = [red(i) for i in range(12)]
+    results = captioner(workers=3, batch=batch).caption_batch(frames)
+    assert texts(results) == [word(i) for i in range(12)]
+    # and the decoding did run in the workers, not in the calling thread
+    names = {name for _, name in fake["started"]}
+    assert names and all(name.startswith("edgecap-decode") for name in names)
+
+
+def test_without_workers_everything_is_decoded_in_the_calling_thread(fake):
+    results = captioner(workers=0, batch=2).caption_batch([red(i) for i in range(5)])
+    assert texts(results) == [word(i) for i in range(5)]
+    assert {name for _, name in fake["started"]} == {threading.current_thread().name}
+
+
+def test_one_photo_is_decoded_in_the_calling_thread(fake):
+    cap = captioner(workers=2, batch=4)
+    assert cap.caption(red(3)).text == word(3)
+    assert {name for _, name in fake["started"]} == {threading.current_thread().name}
+
+
+def test_the_next_batch_decodes_while_the_model_works(fake):
+    batch, workers = 2, 2
+    seen = []
+
+    def on_encode(images):
+        # give the workers up to 2 s to start on the photos after this batch
+        deadline = time.monotonic() + 2.0
+        while len(fake["started"]) <= batch and time.monotonic() < deadline:
+            time.sleep(0.005)
+        seen.append(len(fake["started"]))
+
+    fake["backend"].on_encode = on_encode
+    results = captioner(workers, batch).caption_batch([red(i) for i in range(8)])
+    assert texts(results) == [word(i) for i in range(8)]
+    assert seen[0] > batch  # photos of the next batch were being decoded during the first
+
+
+@pytest.mark.parametrize("workers", [0, 2])
+def test_a_bad_photo_gives_its_error_and_the_others_their_captions(fake, tmp_path, workers):
+    missing = tmp_path / "gone.jpg"
+    inputs = [red(0), red(1), b"", red(3), red(4), red(5), red(6), str(missing), red(8)]
+    results = captioner(workers, batch=2).caption_batch(inputs, on_error="return")
+    assert [type(r) for r in results] == [Caption] * 2 + [InputError] + [Caption] * 4 + \
+        [InputError, Caption]
+    assert texts(results)[:2] + texts(results)[3:7] + texts(results)[8:] == \
+        [word(i) for i in (0, 1, 3, 4, 5, 6, 8)]
+    assert "0 bytes" in str(results[2]) and results[7].source == str(missing)
+
+
+@pytest.mark.parametrize("workers", [0, 2])
+def test_with_raise_the_bad_photo_raises_after_the_batches_before_it(fake, workers):
+    inputs = [red(0), red(1), red(2), red(3), b"", red(5), red(6)]
+    results = captioner(workers, batch=2).iter_captions(iter(inputs))
+    assert [next(results).text for _ in range(4)] == [word(i) for i in range(4)]
+    with pytest.raises(InputError, match="0 bytes"):
+        next(results)
+
+
+def test_the_read_ahead_is_bounded(fake):
+    batch, workers = 2, 2
+    ahead = max(batch, 2 * workers)  # the documented window
+    pulled = []
+
+    def endless():
+        i = 0
+        while True:
+            pulled.append(i)
+            yield red(i % 40)
+            i += 1
+
+    results = captioner(workers, batch).iter_captions(endless())
+    assert pulled == []  # nothing is read before the first result is asked for
+    for k in range(20):
+        assert next(results).text == word(k % 40)
+        # the batch of result k, and at most `ahead` photos beyond it
+        assert len(pulled) <= (k // batch + 1) * batch + ahead
+    assert len(pulled) == 20 + ahead  # a full window, not less: the workers are kept busy
+
+
+def test_closing_early_cancels_the_photos_not_yet_decoding(fake):
+    fake["delay"] = lambda i: 0.2
+    frames = iter([red(i) for i in range(30)])
+    results = captioner(workers=2, batch=2).iter_captions(frames)
+    assert next(results).text == word(0)
+    read = 30 - len(list(frames))  # what the captioner took from the iterator
+    results.close()
+    time.sleep(0.5)  # what was running finishes
+    assert len(fake["started"]) < read  # the queued ones were cancelled, never decoded
+
+
+def test_same_captions_with_and_without_workers_on_the_real_model(tmp_path):
+    pytest.importorskip("onnxruntime")
+    photos = sorted(str(p) for p in EXAMPLES.iterdir() if p.suffix in (".jpg", ".png"))
+    (tmp_path / "broken.jpg").write_bytes(b"\xff\xd8\xff not a jpeg")
+    big = tmp_path / "big.jpg"  # a camera-size JPEG: decoded at a reduced scale
+    Image.open(EXAMPLES / "astronaut.png").convert("RGB").resize((1600, 1200)).save(big)
+    inputs = photos + [str(tmp_path / "broken.jpg"), Path(photos[0]).read_bytes(), str(big),
+                       photos[1]]
+    plain = Captioner(batch_size=2, decode_workers=0).caption_batch(inputs, on_error="return")
+    workers = Captioner(batch_size=2, decode_workers=2).caption_batch(inputs, on_error="return")
+    assert [type(r) for r in workers] == [type(r) for r in plain]
+    assert isinstance(plain[len(photos)], InputError)
+    # Caption equality: text, score, tokens, log-probability, alternatives
+    assert [r if isinstance(r, Caption) else str(r) for r in workers] == \
+        [r if isinstance(r, Caption) else str(r) for r in plain]
+
+
+def test_caption_command_output_is_the_same_with_workers(tmp_path, capsys):
+    pytest.importorskip("onnxruntime")
+    folder = tmp_path / "photos"
+    folder.mkdir()
+    for p in sorted(EXAMPLES.iterdir()):
+        if p.suffix in (".jpg", ".png"):
+            (folder / p.name).write_bytes(p.read_bytes())
+    (folder / "empty.jpg").write_bytes(b"")
+    outputs = []
+    for workers in ("0", "2"):
+        code = main(["caption", "--json", "--batch-size", "2", "--decode-workers", workers,
+                     "--no-progress", str(folder)])
+        captured = capsys.readouterr()
+        outputs.append((code, captured.out, captured.err))
+    assert outputs[0] == outputs[1]
+    code, out, err = outputs[0]
+    assert code == 1 and len(out.splitlines()) == 5 and "empty.jpg" in err
+
+
+@pytest.mark.parametrize("value", ["-1", "two", "1.5"])
+def test_a_bad_decode_workers_option_is_one_line(value, capsys):
+    assert main(["caption", "--decode-workers", value, "x.jpg"]) == 2
+    err = capsys.readouterr().err
+    assert "--decode-workers must be a whole number >= 0" in err and len(err.splitlines()) == 1
+
+
+@pytest.mark.parametrize("value", [-1, True, 1.5, "2"])
+def test_a_bad_decode_workers_argument_fails_before_loading(value, monkeypatch):
+    monkeypatch.setattr(api, "load_manifest", lambda *a: pytest.fail("loaded the model"))
+    with pytest.raises(ValueError, match="decode_workers must be a whole number"):
+        Captioner(decode_workers=value)
+
+
+@pytest.mark.parametrize("cores, expected", [(1, 1), (2, 1), (4, 3), (16, 8)])
+def test_default_workers_on_a_gpu_leave_a_core_to_the_model(monkeypatch, cores, expected):
+    monkeypatch.setattr("os.sched_getaffinity", lambda pid: set(range(cores)), raising=False)
+    assert default_decode_workers(on_gpu=True) == expected
+    assert default_decode_workers(on_gpu=False) == DEFAULT_CPU_DECODE_WORKERS
+
+
+class _Providers:
+    def __init__(self, *providers):
+        self.providers = list(providers)
+
+
+@pytest.mark.parametrize("name, device, backend, on_gpu", [
+    ("torch", "cuda", None, True), ("torch", "cuda:1", None, True),
+    ("torch", "cpu", None, False), ("torch", None, None, False),
+    ("tensorrt", None, None, True),
+    ("onnxruntime", None, _Providers(ort_providers.CUDA, ort_providers.CPU), True),
+    ("onnxruntime", None, _Providers(ort_providers.TENSORRT, ort_providers.CPU), True),
+    ("onnxruntime", None, _Providers(ort_providers.CPU), False),
+    ("onnxruntime", "cpu", _Providers(ort_providers.CPU), False)])
+def test_where_the_model_runs_decides_the_default(name, device, backend, on_gpu):
+    assert api._on_gpu(name, device, backend) is on_gpu
+
+
+def test_the_default_follows_the_device(fake, monkeypatch):
+    monkeypatch.setattr(api, "default_decode_workers", lambda on_gpu: 5 if on_gpu else 0)
+    assert Captioner(backend="onnxruntime", device="cuda").decode_workers == 5
+    assert Captioner(backend="onnxruntime", device="cpu").decode_workers == 0
+    assert Captioner(backend="onnxruntime", device="cuda", decode_workers=1).decode_workers == 1
+
+
+def test_the_file_rate_benchmark_reports_files_and_memory_for_every_setting(tmp_path):
+    pytest.importorskip("onnxruntime")
+    import sys
+
+    sys.path.insert(0, str(Path(__file__).resolve().parents[1] / "benchmarks"))
+    import file_rate
+
+    file_rate.main(["--images", str(EXAMPLES), "--n", "3", "--batches", "1,2", "--workers",
+                    "0,2,default", "--rounds", "1", "--out", str(tmp_path)])
+    data = json.loads((tmp_path / "file_rate.json").read_text())
+    assert {(r["batch"], r["workers"], r["input"]) for r in data["results"]} == {
+        (b, w, what) for b in (1, 2) for w in ("0", "2", f"{DEFAULT_CPU_DECODE_WORKERS} (default)")
+        for what in ("files", "memory")}
+    assert all(r["photos"] == 3 and r["captions_per_s"] > 0 and r["same"] == 1.0
+               for r in data["results"])
+    assert "| 2 | 2 |" in (tmp_path / "file_rate.md").read_text()
