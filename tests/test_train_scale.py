@@ -75,10 +75,16 @@ def _steps(run: Path) -> list[dict]:
 def test_two_processes_under_torchrun_train_like_one(noise_dataset, tmp_path):
     """Dropout 0: the rest of the run is deterministic, so 2 gloo processes splitting each
     global batch must give one process's per-step losses and final weights."""
+    from edgecap.cli import main
+
     one, two = tmp_path / "one", tmp_path / "two"
-    subprocess.run([sys.executable, "-m", "edgecap",
-                    *_train_args(noise_dataset, one, tmp_path / "cache1")],
-                   env=_env(), check=True, capture_output=True, timeout=600)
+    # The one-process run in this process (the command's own entry point; --threads 1, as
+    # OMP_NUM_THREADS=1 sets for torchrun's): one interpreter and torch import fewer.
+    threads = torch.get_num_threads()
+    try:
+        assert main(_train_args(noise_dataset, one, tmp_path / "cache1")) == 0
+    finally:
+        torch.set_num_threads(threads)
     done = subprocess.run([sys.executable, "-m", "torch.distributed.run", "--standalone",
                            "--nproc-per-node", "2", "-m", "edgecap",
                            *_train_args(noise_dataset, two, tmp_path / "cache2")],
