@@ -25,7 +25,11 @@ onnxruntime's CUDA provider where they are missing). The report holds:
    what the device search buys over the host's; timed regions are bracketed by
    ``torch.cuda.synchronize()``; warm-up calls first;
 5. throughput at batch 64, beam 3 (``THROUGHPUT_MODES``): captions/s from in-memory frames and
-   from preprocessed tensors;
+   from preprocessed tensors; and files against in-memory frames (``FILE_RATE_MODES``, beam 3,
+   batch 1, 8 and 64, ``file_rate.measure``): captions/s of JPEG files (the photos written
+   once at quality 90) and of the same photos decoded in memory, with no decoding workers and
+   with the Captioner's default (the next photos decoded in threads while the GPU works); on
+   the CPU with --quick, batch 1 of the first mode with 0 and 2 workers, to keep it working;
 6. peak GPU memory per mode (``torch.cuda.max_memory_allocated``);
 7. the same rows for the TensorRT backend and onnxruntime's CUDA provider where they run;
 8. issue 24's targets: beam 3 batch 1 end to end <= 2.5 ms in the faster precision that keeps
@@ -48,6 +52,7 @@ import re
 import shutil
 import subprocess
 import sys
+import tempfile
 import time
 from dataclasses import replace
 from pathlib import Path
@@ -61,12 +66,17 @@ for path in (str(REPO), str(BENCH_DIR)):  # a plain checkout, no pip install
 import numpy as np  # noqa: E402
 
 import _common as C  # noqa: E402
+import file_rate  # noqa: E402
 
 # issue 24's: beam 3 batch 1 end to end in the faster precision that keeps >= 98% of the
 # captions; captions/s at batch 64 from in-memory frames; FP16 captions identical to FP32's
 TARGETS = {"e2e_p50_ms": 2.5, "captions_per_s_b64": 5000.0, "fp16_identical": 0.98}
 THROUGHPUT_MODES = ("torch-cuda-fp32-graphs-host", "torch-cuda-fp32-graphs-device",
                     "torch-cuda-fp16-graphs-device", "torch-cuda-fp16-fp32enc-graphs-device")
+# files against in-memory frames (issue 24: the files-to-captions rate close to the in-memory
+# rate), with and without decoding workers, at these batch sizes
+FILE_RATE_MODES = ("torch-cuda-fp32-graphs-device",)
+FILE_RATE_BATCHES = (1, 8, 64)
 # the FP16 modes of the whole-decode graph: all FP16 but the islands, and an FP16 decoder behind
 # an FP32 encoder (``fp32_encoder=True``: 64/64 captions of FP32's in the CPU emulation)
 FP16_GRAPH_MODES = ("torch-cuda-fp16-graphs-device", "torch-cuda-fp16-fp32enc-graphs-device")
@@ -389,7 +399,7 @@ def latency(cap, timed: SyncTimedBackend, frames: list, args) -> list[dict]:
 
 
 def run_mode(mode: dict, model: Path, frames: list, reference: list[str] | None, refs, ids,
-             args, report: Report, device: str) -> dict:
+             args, report: Report, device: str, files: list[Path] | None = None) -> dict:
     import torch
 
     label, backend = mode["label"], mode.get("backend", "torch")
@@ -425,6 +435,8 @@ def run_mode(mode: dict, model: Path, frames: list, reference: list[str] | None,
     if cuda and mode["label"] in THROUGHPUT_MODES and not report.over_budget(
             f"{label} throughput"):
         result["throughput"] = throughput(cap, frames, args)
+    if files and not report.over_budget(f"{label} files against memory"):
+        result["file_rate"] = files_against_memory(cap, files, cuda)
     if cuda:
         result["peak_gpu_mib"] = torch.cuda.max_memory_allocated() / 2**20
     return result
@@ -550,6 +562,28 @@ def throughput(cap, frames: list, args, batch: int = 64) -> list[dict]:
     return out
 
 
+def jpeg_files(frames: list, folder: Path) -> list[Path]:
+    """The photos as JPEG files (quality 90), one per distinct frame, repeated as ``frames`` is."""
+    from PIL import Image
+
+    written: dict[int, Path] = {}
+    for frame in frames:
+        if id(frame) not in written:
+            written[id(frame)] = folder / f"photo{len(written)}.jpg"
+            Image.fromarray(frame).save(written[id(frame)], quality=90)
+    return [written[id(frame)] for frame in frames]
+
+
+def files_against_memory(cap, files: list[Path], cuda: bool) -> list[dict]:
+    """``file_rate.measure``: captions/s of the JPEG files and of the same photos decoded in
+    memory, beam 3, with no decoding workers and with the Captioner's default (on the CPU: 2,
+    the CPU's default being none)."""
+    if cuda:
+        return file_rate.measure(cap, [0, None], files, file_rate.decoded(files),
+                                 list(FILE_RATE_BATCHES), rounds=3, beam=3, sync=_sync)
+    return file_rate.measure(cap, [0, 2], files, file_rate.decoded(files), [1], rounds=1, beam=3)
+
+
 def speedups(results: list[dict]) -> list[dict]:
     """What the graphs buy: eager / graphs, per precision and setting."""
     by = {r["label"]: r for r in results}
@@ -670,6 +704,15 @@ def markdown(data: dict) -> str:
               + "\n\nframes: `caption_batch` of in-memory RGB frames (host preprocessing "
               "included); tensors: preprocessed, encoder + search only." if rates
               else "not measured (no CUDA device)"]
+    file_rows = [r for r in data["modes"] if r.get("file_rate")]
+    lines += ["", "## Files against in-memory frames, beam 3", ""]
+    for r in file_rows:
+        lines += [f"{r['label']}:", "", file_rate.table(r["file_rate"]), ""]
+    lines += ["files: `caption_batch` of JPEG paths (the photos written at quality 90: read, "
+              "decode, preprocess, encoder, search); memory: of the same photos decoded "
+              "beforehand; decode workers 0: each batch decoded before it is captioned; the "
+              "default: decoded in threads while the model works." if file_rows
+              else "not measured"]
     lines += ["", "## Peak GPU memory", ""]
     mem = [[r["label"], r["peak_gpu_mib"]] for r in data["modes"] if "peak_gpu_mib" in r]
     lines += [C.markdown_table(["mode", "max_memory_allocated (MiB)"], mem) if mem
@@ -721,6 +764,10 @@ def main(argv=None) -> int:
     ids, frames, refs, source = photos(args.n, report, args.flickr8k)
     data["photos"] = {"n": len(frames), "source": source, "references": refs is not None}
     log(f"{len(frames)} photos: {source}")
+    scratch = tempfile.TemporaryDirectory()
+    files = jpeg_files(frames, Path(scratch.name))
+    file_rate_modes = (FILE_RATE_MODES if device == "cuda" else
+                       [modes(device)[0]["label"]] if args.quick else [])
 
     reference: list[str] | None = None
     data["reference"] = {}
@@ -741,9 +788,10 @@ def main(argv=None) -> int:
             continue
         try:
             results.append(run_mode(mode, model, frames, reference, refs, ids, args, report,
-                                    device))
+                                    device, files if mode["label"] in file_rate_modes else None))
         except Exception as exc:  # one mode failing must not lose the report
             report.skip(mode["label"], f"failed: {type(exc).__name__}: {exc}")
+    scratch.cleanup()
     if refs is not None and "skip" in _CIDER_NOTE:
         report.skip("CIDEr", _CIDER_NOTE["skip"])
     data["cider_tokenizer"] = _CIDER_NOTE.get("tokenizer")

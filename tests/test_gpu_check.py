@@ -16,7 +16,8 @@ pytest.importorskip("onnxruntime")
 
 SCRIPT = Path(__file__).resolve().parents[1] / "benchmarks" / "gpu_check.py"
 SECTIONS = ("## Machine", "## gpu-marked tests", "## Captions", "## Latency (ms)",
-            "## Peak GPU memory", "## Targets", "## Skipped")
+            "## Files against in-memory frames, beam 3", "## Peak GPU memory", "## Targets",
+            "## Skipped")
 
 
 def test_gpu_check_on_the_cpu(tmp_path):
@@ -41,6 +42,13 @@ def test_gpu_check_on_the_cpu(tmp_path):
         (row,) = mode["latency"]
         assert (row["beam"], row["batch"]) == (3, 1) and row["e2e_p50_ms"] > 0
         assert "peak_gpu_mib" not in mode
+    # files against in-memory frames: the first mode, batch 1, without and with 2 workers
+    rates = data["modes"][0]["file_rate"]
+    assert {(r["batch"], r["workers"], r["input"]) for r in rates} == {
+        (1, w, what) for w in ("0", "2") for what in ("files", "memory")}
+    assert all(r["photos"] == 2 and r["captions_per_s"] > 0 and r["same"] == 1.0 for r in rates)
+    assert all("file_rate" not in mode for mode in data["modes"][1:])
+    assert "| 1 | 2 |" in text
     assert all(t["met"] is None for t in data["targets"])
     skipped = {s["item"]: s["reason"] for s in data["skipped"]}
     assert "TensorRT and onnxruntime-gpu rows" in skipped
@@ -80,6 +88,11 @@ def test_gpu_report_formats_cuda_results():
                                   "p50_ms": 64e3 / (rate * 1.5), "captions_per_s": rate * 1.5}]
         return out
 
+    def file_rate(batch, workers, what, rate):
+        return {"batch": batch, "workers": workers, "input": what, "photos": 200, "calls": 3,
+                "median_s": 200 / rate, "captions_per_s": rate, "preprocess_ms_per_photo": 1.0,
+                "same": 1.0, "of_memory": rate / 5000.0 if what == "files" else 1.0}
+
     def report(fp16_same):
         modes = [mode("torch-cuda-fp32-graphs-host", 3.0, 0.99, rate=2000.0),
                  mode("torch-cuda-fp32-graphs-device", 1.2, 0.99, rate=5200.0),
@@ -98,6 +111,9 @@ def test_gpu_report_formats_cuda_results():
                 "photos": {"n": 200, "source": "examples"}, "reference": {"describe": "ort"},
                 "modes": modes,
                 "skipped": [{"item": "TensorRT rows", "reason": "not installed"}]}
+        modes[1]["file_rate"] = [file_rate(64, w, what, rate) for w, what, rate in (
+            ("0", "files", 1500.0), ("0", "memory", 5000.0), ("7 (default)", "files", 4500.0),
+            ("7 (default)", "memory", 5000.0))]
         data["speedups"] = gpu_check.speedups(modes)
         data["search_speedups"] = gpu_check.search_speedups(modes)
         data["fp16_identity"] = gpu_check.fp16_identity(modes)
@@ -113,6 +129,9 @@ def test_gpu_report_formats_cuda_results():
     assert "| torch-cuda-fp16-graphs-device | torch-cuda-fp32-graphs-device | 99.0% (198/200) |" \
         in text
     assert "- TensorRT rows: not installed" in text and "## Throughput, batch 64" in text
+    assert "torch-cuda-fp32-graphs-device:" in text
+    assert "| 64 | 0 | 1500 | 5000 | 0.30 |" in text
+    assert "| 64 | 7 (default) | 4500 | 5000 | 0.90 |" in text
     data = report(fp16_same=190)  # 95%: FP16 does not keep the captions, FP32's time counts
     assert [t["met"] for t in data["targets"]] == [True, True, False]
     assert data["targets"][0]["value"] == pytest.approx(2.4)
