@@ -126,6 +126,52 @@ def test_fp16_model_graph_search_gives_its_numpy_captions(tiny, tmp_path):
                                half.dims.vocab_size, None))
 
 
+def test_io_binding_graph_search_gives_the_numpy_captions(tiny, monkeypatch):
+    """The device path of onnxruntime (I/O binding: the image tensors and h / c as device
+    ``OrtValue``s between steps), run here on the CPU provider with device 'cpu'; the 'cuda'
+    strings are the same calls on another device."""
+    from edgecap.backends.ort_beam import IOBindingBeamSession
+    from edgecap.backends.ort_gpu import IOBindingDecoder
+
+    manifest, host, _, images = tiny
+    graph = OnnxRuntimeBackend(manifest, device="cpu", threads=1, search="graph")
+    vocab = manifest.dims.vocab_size
+    graph._device_decoder = IOBindingDecoder(graph.encoder, graph.decoder, vocab, device="cpu")
+    sessions = []
+    real_step = IOBindingBeamSession.step
+
+    def step(self, *args):
+        sessions.append(self)
+        return real_step(self, *args)
+
+    monkeypatch.setattr(IOBindingBeamSession, "step", step)
+    tags = (frozenset({5, 9}), frozenset(), frozenset({11}))
+    for beam, ngram in ((1, 0), (3, 3)):
+        options = CaptionOptions(beam_size=beam, no_repeat_ngram=ngram, n_best=beam,
+                                 guidance_bonus=2.0)
+        want = search_with_tags(host, host.encode(images), options, START, END, vocab, tags)
+        encoded = graph.encode(images)
+        assert not isinstance(encoded.tensors["h0"], np.ndarray)  # device tensors
+        _same(want, search_with_tags(graph, encoded, options, START, END, vocab, tags))
+    assert sessions  # the binding session ran the steps
+
+
+def test_graph_session_on_a_gpu_keeps_cuda_and_leaves_out_the_tensorrt_provider():
+    """The beam-step graph has inputs the TensorRT execution provider's profile (made for the
+    step graph) does not know: it runs on the step's CUDA provider, with its options."""
+    from types import SimpleNamespace
+
+    from edgecap.backends.ort_beam import OnnxGraphSearch
+    from edgecap.backends.ort_providers import CPU, CUDA, TENSORRT
+
+    options = {TENSORRT: {"trt_fp16_enable": "1"}, CUDA: {"device_id": "1"}, CPU: {}}
+    backend = SimpleNamespace(_device_decoder=object(), providers=[TENSORRT, CUDA, CPU],
+                              decoder=SimpleNamespace(get_provider_options=lambda: options))
+    assert OnnxGraphSearch(backend)._providers() == [(CUDA, {"device_id": "1"}), (CPU, {})]
+    backend._device_decoder = None
+    assert OnnxGraphSearch(backend)._providers() == [CPU]
+
+
 class _Emulated:
     """The beam-step graph's arithmetic (``edgecap.build.beam_step``) in numpy over a fake
     backend's session: drives the host side on hand-made tables and prefix-hash models, where

@@ -80,8 +80,8 @@ class OnnxRuntimeBackend(Backend):
     engine cache), ``fp16`` (TensorRT EP precision), ``device_id``, ``limits`` (the largest
     batch and beam the TensorRT EP's optimisation profile takes; default 8 x 5). ``search``:
     "host" (default: the numpy loop between steps) or "graph" (the beam bookkeeping inside a
-    step graph derived from the model's, ``edgecap.backends.ort_beam``; CPU provider only, needs
-    the onnx package; docs/gpu-search.md).
+    step graph derived from the model's, ``edgecap.backends.ort_beam``; needs the onnx
+    package; docs/gpu-search.md).
 
     On a GPU provider the image tensors and h/c stay on the device between steps
     (``ort_gpu.IOBindingDecoder``); on the CPU they are numpy arrays fed to ``run``.
@@ -122,9 +122,7 @@ class OnnxRuntimeBackend(Backend):
                                    "onnxruntime-gpu needs); use device='cpu' to run on the CPU")
             ort_providers.warn_if_fallback(session, wanted, role)
         self._device_decoder = self._make_device_decoder(device_id)
-        # the graph search feeds numpy arrays: on a GPU provider the host search stays
-        self._graph_search = (ort_beam.OnnxGraphSearch(self)
-                              if search == "graph" and self._device_decoder is None else None)
+        self._graph_search = ort_beam.OnnxGraphSearch(self) if search == "graph" else None
 
     def _make_device_decoder(self, device_id: int):
         """ort_gpu's I/O-binding decoder when a CUDA-memory provider (CUDA, TensorRT) runs the

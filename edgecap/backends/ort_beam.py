@@ -3,10 +3,13 @@
 ``edgecap.decoding.graph_search``).
 
 The beam-step graph is derived from the model's ``decoder_step.onnx`` once per beam size, in
-memory (needs the ``onnx`` package: ``pip install onnx``), and run with numpy feeds: this is
-the CPU form, which checks the graph's bookkeeping against the numpy loop. On a GPU provider
-the backend keeps the host search (its I/O-binding decoder is not wired to the beam-step graph
-yet).
+memory (needs the ``onnx`` package: ``pip install onnx``). On the CPU provider it runs with
+numpy feeds (``OnnxBeamSession``). Where the backend decodes on a device (a CUDA or TensorRT
+provider: ``ort_gpu.IOBindingDecoder``) it runs with I/O binding on the CUDA provider
+(``IOBindingBeamSession``): the image tensors and h / c stay on the device, the (R,) results
+come back. The TensorRT execution provider is not used for it (its optimisation profile is the
+step graph's). The binding path is tested on the CPU provider (device 'cpu'); the 'cuda' path
+has not run (no onnxruntime-gpu on our machines).
 """
 
 from __future__ import annotations
@@ -62,6 +65,58 @@ class OnnxBeamSession:
         return BeamStepResult(**outputs)
 
 
+class IOBindingBeamSession:
+    """``BeamStepSession`` with I/O binding: the encoder's device tensors (``OrtValue``) read in
+    place, h / c in two pairs of device tensors used in turn (the graph writes the reordered
+    state into the pair it does not read), zeros for no bias / no block kept on the device,
+    only the (R,) results bound to the host."""
+
+    def __init__(self, step_session, tensors: dict, image_index: np.ndarray, vocab_size: int,
+                 device: str, device_id: int):
+        import onnxruntime as ort
+
+        self._session, self._device, self._device_id = step_session, device, device_id
+        rows = len(image_index)
+        self._io = step_session.io_binding()
+        self._io.bind_ortvalue_input("features", tensors["features"])
+        self._io.bind_ortvalue_input("att_proj", tensors["att_proj"])
+        self._io.bind_ortvalue_input("image_index", ort.OrtValue.ortvalue_from_numpy(
+            np.ascontiguousarray(image_index, np.int32), device, device_id))
+        hidden = tensors["h0"].shape()[1]
+        self._pairs = [tuple(ort.OrtValue.ortvalue_from_shape_and_type(
+            (rows, hidden), np.float32, device, device_id) for _ in range(2)) for _ in range(2)]
+        self._current = (tensors["h0"], tensors["c0"])
+        self._next = 0
+        self._zeros = ort.OrtValue.ortvalue_from_numpy(
+            np.zeros((rows, vocab_size), np.float32), device, device_id)
+
+    def step(self, tokens, source_rows, scores, word_bias, word_block) -> BeamStepResult:
+        io = self._io
+        io.bind_cpu_input("tokens", np.ascontiguousarray(tokens, np.int32))
+        io.bind_cpu_input("source_rows", np.ascontiguousarray(source_rows, np.int32))
+        io.bind_cpu_input("scores", np.ascontiguousarray(scores, np.float32))
+        for name, value in (("word_bias", word_bias), ("word_block", word_block)):
+            if value is None:
+                io.bind_ortvalue_input(name, self._zeros)
+            else:
+                io.bind_cpu_input(name, np.ascontiguousarray(value, np.float32))
+        io.bind_ortvalue_input("h", self._current[0])
+        io.bind_ortvalue_input("c", self._current[1])
+        h_next, c_next = self._pairs[self._next]
+        io.bind_ortvalue_output("h_next", h_next)
+        io.bind_ortvalue_output("c_next", c_next)
+        results = [name for name in BEAM_OUTPUTS if name not in ("h_next", "c_next")]
+        for name in results:
+            io.bind_output(name, "cpu")
+        self._session.run_with_iobinding(io)
+        # get_outputs() follows the order of the bind calls above
+        values = [value.numpy() for value in io.get_outputs()[2:]]
+        io.clear_binding_outputs()
+        self._current = (h_next, c_next)
+        self._next = 1 - self._next
+        return BeamStepResult(**dict(zip(results, values)))
+
+
 class OnnxGraphSearch:
     """The graph search of one onnxruntime backend: one beam-step session per beam size."""
 
@@ -88,8 +143,19 @@ class OnnxGraphSearch:
                                     end_id, dims.top_k, dims.hidden_dim, dims.vocab_size)
             self._sessions[key] = ort.InferenceSession(model.SerializeToString(),
                                                        session_options(backend.threads),
-                                                       providers=["CPUExecutionProvider"])
+                                                       providers=self._providers())
         return self._sessions[key]
+
+    def _providers(self) -> list:
+        """The step graph's providers and their options, without the TensorRT execution
+        provider (whose profile is the step graph's); the CPU provider alone on the CPU."""
+        from edgecap.backends.ort_providers import CPU, TENSORRT
+
+        if self.backend._device_decoder is None:
+            return [CPU]
+        options = self.backend.decoder.get_provider_options()
+        return [(name, options.get(name, {})) for name in self.backend.providers
+                if name != TENSORRT]
 
     def __call__(self, encoded, options: CaptionOptions, start_id: int, end_id: int, tag_words,
                  fusion):
@@ -99,8 +165,14 @@ class OnnxGraphSearch:
         options.validate(dims.top_k)
         beam = options.beam_size
         image_index = np.repeat(np.arange(encoded.n_images, dtype=np.int32), beam)
-        session = OnnxBeamSession(self.session(beam, end_id).run, encoded.tensors, image_index,
-                                  dims.vocab_size)
+        step = self.session(beam, end_id)
+        decoder = backend._device_decoder
+        session: OnnxBeamSession | IOBindingBeamSession
+        if decoder is None:
+            session = OnnxBeamSession(step.run, encoded.tensors, image_index, dims.vocab_size)
+        else:
+            session = IOBindingBeamSession(step, encoded.tensors, image_index, dims.vocab_size,
+                                           decoder.device, decoder.device_id)
         scorers = scorers_for(options, dims.vocab_size, tag_words, fusion, encoded.class_probs)
         return graph_beam_search(session, encoded.n_images, options, dims.top_k,
                                  beam_width(beam, dims.top_k), start_id, end_id, dims.vocab_size,
