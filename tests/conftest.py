@@ -82,6 +82,38 @@ def any_model_dir(request, tmp_path_factory) -> Path:
         return contract_model_dir(tmp_path_factory.mktemp("contract-model"))
 
 
+@pytest.fixture(scope="session")
+def _meteor_process():
+    """pycocoevalcap's METEOR scorer, a Java process that loads its tables for seconds: one for
+    the whole session (it scores each request on its own); None without Java."""
+    from edgecap.evaluation import metrics
+
+    if not metrics.java_available():
+        yield None
+        return
+    from pycocoevalcap.meteor.meteor import Meteor
+
+    meteor = Meteor()
+    yield meteor
+    metrics._close_meteor(meteor)
+
+
+@pytest.fixture
+def one_meteor(_meteor_process, monkeypatch):
+    """``metrics.score`` starts a METEOR for each call and ends it (``metrics._close_meteor``):
+    here every call gets the session's, and what it would end is recorded in ``.closed``."""
+    from types import SimpleNamespace
+
+    from pycocoevalcap.meteor import meteor as meteor_module
+
+    from edgecap.evaluation import metrics
+
+    closed: list = []
+    monkeypatch.setattr(meteor_module, "Meteor", lambda: _meteor_process)
+    monkeypatch.setattr(metrics, "_close_meteor", closed.append)
+    return SimpleNamespace(process=_meteor_process, closed=closed)
+
+
 # The quick subset for the edit-test loop, ``pytest -m "not slow"``: the tests that build the tiny
 # model or train (these fixtures) and those listed in slow_tests.txt are marked ``slow``.
 SLOW_FIXTURES = {"tiny_model_dir", "any_model_dir", "tiny_dataset", "noise_dataset"}

@@ -155,28 +155,6 @@ def _tiny_flickr8k(root: Path) -> Path:
     return root
 
 
-@pytest.fixture
-def one_meteor(monkeypatch):
-    """metrics.score starts a METEOR Java process (seconds of start-up) for each call and ends
-    it: here every call gets the same one, which scores each request on its own, ended after."""
-    from pycocoevalcap.meteor import meteor as meteor_module
-
-    from edgecap.evaluation import metrics
-
-    started, start, close = [], meteor_module.Meteor, metrics._close_meteor
-
-    def meteor():
-        if not started:
-            started.append(start())
-        return started[0]
-
-    monkeypatch.setattr(meteor_module, "Meteor", meteor)
-    monkeypatch.setattr(metrics, "_close_meteor", lambda _meteor: None)
-    yield
-    for meteor in started:
-        close(meteor)
-
-
 @pytest.mark.skipif(importlib.util.find_spec("pycocoevalcap") is None,
                     reason="scores need pycocoevalcap")
 def test_quality_speed_times_each_variant_in_its_own_worker(tmp_path, one_meteor):

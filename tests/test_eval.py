@@ -138,10 +138,9 @@ HYPS = {1: "a dog runs on the grass", 2: "two kids play in the snow", 3: "a man 
 
 
 @needs_java
-def test_score_equals_pycocoevalcap_run_directly(monkeypatch):
+def test_score_equals_pycocoevalcap_run_directly(one_meteor):
     from pycocoevalcap.bleu.bleu import Bleu
     from pycocoevalcap.cider.cider import Cider
-    from pycocoevalcap.meteor import meteor as meteor_module
     from pycocoevalcap.rouge.rouge import Rouge
     from pycocoevalcap.tokenizer.ptbtokenizer import PTBTokenizer
 
@@ -149,17 +148,15 @@ def test_score_equals_pycocoevalcap_run_directly(monkeypatch):
     gts = tok.tokenize({k: [{"caption": c} for c in v] for k, v in REFS.items()})
     res = tok.tokenize({k: [{"caption": v}] for k, v in HYPS.items()})
     bleu, _ = Bleu(4).compute_score(gts, res, verbose=0)
-    # One METEOR (a Java process whose start-up is most of this test's time) for both sides: it
-    # scores each EVAL request on its own, and metrics.score is handed it instead of starting one.
-    meteor = meteor_module.Meteor()
+    # One METEOR (a Java process whose start-up is most of this test's time) for both sides:
+    # metrics.score is handed the session's (conftest.py) instead of starting one.
     expected = {**{f"BLEU-{i + 1}": b for i, b in enumerate(bleu)},
-                "METEOR": meteor.compute_score(gts, res)[0],
+                "METEOR": one_meteor.process.compute_score(gts, res)[0],
                 "ROUGE-L": Rouge().compute_score(gts, res)[0],
                 "CIDEr": Cider().compute_score(gts, res)[0]}
 
-    monkeypatch.setattr(meteor_module, "Meteor", lambda: meteor)
     got = metrics.score(REFS, HYPS, tokenizer="ptb")
-    assert meteor.meteor_p.poll() is not None  # metrics.score ended the Java process it used
+    assert one_meteor.closed == [one_meteor.process]  # it ends the METEOR it used
     assert list(got) == list(metrics.METRIC_KEYS)
     assert got == pytest.approx(expected, abs=1e-9)
     assert 0 < got["BLEU-4"] < got["BLEU-1"] < 1
