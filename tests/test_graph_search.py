@@ -211,7 +211,7 @@ class _Emulated:
 
 
 def _emulated_search(backend, encoded, options, vocab, tags=None, fusion=None):
-    from edgecap.backends.ort_beam import scorers_for
+    from edgecap.decoding import scorers_for
     from edgecap.build.beam_step import beam_width
     from edgecap.vocab import NEVER_FIRST_IDS
 

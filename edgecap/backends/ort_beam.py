@@ -14,32 +14,18 @@ has not run (no onnxruntime-gpu on our machines).
 
 from __future__ import annotations
 
-from functools import partial
 
 import numpy as np
 
 from edgecap.build.beam_step import BEAM_OUTPUTS, beam_step_model, beam_width
 from edgecap.contract import DECODER_STEP
+from edgecap.decoding import scorers_for
 from edgecap.decoding.graph_search import BeamStepResult, graph_beam_search
 from edgecap.decoding.options import CaptionOptions
-from edgecap.decoding.rules import TagBonus
 from edgecap.errors import BackendError
 from edgecap.vocab import NEVER_FIRST_IDS
 
 SEARCH_MODES = ("host", "graph")
-
-
-def scorers_for(options: CaptionOptions, vocab_size: int, tag_words, fusion, class_probs):
-    """The scorers ``edgecap.decoding.search_with_tags`` makes for an unconstrained search: the
-    tag bonus, and the fused language models with the option's weight (None: the model's)."""
-    scorers: list = []
-    if tag_words is not None and any(tag_words) and options.guidance_bonus > 0:
-        scorers.append(partial(TagBonus, tag_words, vocab_size, options.guidance_bonus))
-    if fusion is not None:
-        weight = fusion.weight if options.fusion_weight is None else options.fusion_weight
-        if weight > 0:
-            scorers.append(partial(fusion.scorer, weight, class_probs=class_probs))
-    return scorers
 
 
 class OnnxBeamSession:

@@ -21,8 +21,8 @@ from typing import TYPE_CHECKING
 
 import numpy as np
 
-from edgecap.backends.ort_beam import scorers_for
 from edgecap.build.beam_step import BEAM_OUTPUTS, beam_width
+from edgecap.decoding import scorers_for
 from edgecap.decoding.graph_search import BeamStepResult, graph_beam_search
 from edgecap.errors import BackendError
 from edgecap.vocab import NEVER_FIRST_IDS

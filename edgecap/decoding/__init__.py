@@ -49,13 +49,9 @@ def search_with_tags(backend: Backend, encoded: Encoded, options: CaptionOptions
     filters: list[Filter] = [NeverFirst(NEVER_FIRST_IDS)]
     if options.no_repeat_ngram > 0:
         filters.append(NoRepeatNgram(options.no_repeat_ngram, end_id))
-    scorers: list = []
     partition = None
-    if tag_words is not None and any(tag_words):  # else searched plainly (the same captions)
-        if options.constrained:
-            partition = TagConstraint(tag_words, vocab_size)
-        elif options.guidance_bonus > 0:
-            scorers.append(partial(TagBonus, tag_words, vocab_size, options.guidance_bonus))
+    if options.constrained and tag_words is not None and any(tag_words):
+        partition = TagConstraint(tag_words, vocab_size)  # else searched plainly (the same captions)
     on_device = getattr(backend, "search_on_device", None)
     if on_device is not None and partition is None and not return_attention:
         # a backend that runs the same search over its own tensors (the torch backend on
@@ -63,14 +59,37 @@ def search_with_tags(backend: Backend, encoded: Encoded, options: CaptionOptions
         found = on_device(encoded, options, start_id, end_id, tag_words, fusion)
         if found is not None:
             return found
-    if fusion is not None:
-        weight = fusion.weight if options.fusion_weight is None else options.fusion_weight
-        if weight > 0:
-            scorers.append(partial(fusion.scorer, weight, class_probs=encoded.class_probs))
+    scorers = scorers_for(options, vocab_size, None if options.constrained else tag_words,
+                          fusion, encoded.class_probs)
     return beam_search(backend, encoded, options, start_id, end_id, filters=filters,
                        scorers=scorers, partition=partition, return_attention=return_attention)
 
 
+def fusion_weight(options: CaptionOptions, fusion) -> float:
+    """The fusion weight a search uses: the option's, or the model's own when the option is
+    None; 0 without language models."""
+    if fusion is None:
+        return 0.0
+    return fusion.weight if options.fusion_weight is None else options.fusion_weight
+
+
+def scorers_for(options: CaptionOptions, vocab_size: int,
+                tag_words: tuple[frozenset[int], ...] | None, fusion,
+                class_probs) -> list:
+    """The scorers of an unconstrained search, as factories of the rows' image index (what
+    ``beam_search`` takes): the tag bonus when an image has tag words and the bonus is on, the
+    fused language models when their weight (``fusion_weight``) is above 0. Every search that
+    applies the rules (the numpy loop, the step-graph searches) takes them from here."""
+    scorers: list = []
+    if tag_words is not None and any(tag_words) and options.guidance_bonus > 0:
+        scorers.append(partial(TagBonus, tag_words, vocab_size, options.guidance_bonus))
+    weight = fusion_weight(options, fusion)
+    if weight > 0:
+        scorers.append(partial(fusion.scorer, weight, class_probs=class_probs))
+    return scorers
+
+
 __all__ = ["CaptionOptions", "Hypothesis", "MAX_BATCH_SIZE", "SURFACE", "Filter", "NeverFirst",
            "NoRepeatNgram", "Scorer", "TagBonus", "TagConstraint", "Unconstrained",
-           "beam_search", "length_normalised", "search", "search_with_tags"]
+           "beam_search", "fusion_weight", "length_normalised", "scorers_for", "search",
+           "search_with_tags"]

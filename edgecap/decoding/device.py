@@ -49,6 +49,7 @@ from typing import Any, Protocol
 import numpy as np
 import torch
 
+from edgecap.decoding import fusion_weight
 from edgecap.decoding.beam import Hypothesis, length_normalised, ranked
 from edgecap.decoding.options import CaptionOptions
 from edgecap.errors import BackendError
@@ -126,13 +127,12 @@ def rules_for(options: CaptionOptions, n_images: int, tag_words, fusion,
     tags = (tag_words if tag_words is not None and any(tag_words) and options.guidance_bonus > 0
             else None)
     weights = None
-    if fusion is not None:
-        weight = fusion.weight if options.fusion_weight is None else options.fusion_weight
-        if weight > 0:
-            index = np.repeat(np.arange(n_images, dtype=np.int32), options.beam_size)
-            scorer = fusion.scorer(weight, index, class_probs=class_probs)
-            if scorer.active:
-                weights = scorer.weights[:, 0]
+    weight = fusion_weight(options, fusion)
+    if weight > 0:
+        index = np.repeat(np.arange(n_images, dtype=np.int32), options.beam_size)
+        scorer = fusion.scorer(weight, index, class_probs=class_probs)
+        if scorer.active:
+            weights = scorer.weights[:, 0]
     return Rules(tags, fusion if weights is not None else None, weights)
 
 
