@@ -44,7 +44,7 @@ def prose_lines(text: str) -> list[tuple[int, str]]:
 
 def slugs(heading: str) -> set[str]:
     """The anchors GitHub and mkdocs (python-markdown's toc) give a heading."""
-    text = re.sub(r"\[([^\]]*)\]\([^)]*\)", r"\1", heading)   # a link: its text
+    text = re.sub(r"\[([^\]]*)\]\([^)]*\)", r"\1", heading)  # a link: its text
     text = text.replace("`", "").replace("*", "")
     github = re.sub(r"[^\w\- ]", "", text.strip().lower()).replace(" ", "-")
     plain = unicodedata.normalize("NFKD", text).encode("ascii", "ignore").decode()
@@ -94,8 +94,9 @@ def check(path: Path, cache: dict[Path, set[str]], root: Path = ROOT) -> list[st
             if dest.suffix != ".md" or dest.is_dir():
                 problems.append(f"{rel}:{number}: {target}: an anchor into a non-Markdown file")
             elif anchor not in anchors(dest, cache):
-                problems.append(f"{rel}:{number}: {target}: no heading with anchor "
-                                f"#{anchor} in {dest.relative_to(root)}")
+                problems.append(
+                    f"{rel}:{number}: {target}: no heading with anchor #{anchor} in {dest.relative_to(root)}"
+                )
     return problems
 
 

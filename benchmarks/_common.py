@@ -46,7 +46,7 @@ from edgecap.backends.base import Backend, DecoderSession, Encoded, StepResult  
 
 BENCH_DIR = Path(__file__).resolve().parent
 RESULTS_DIR = BENCH_DIR / "results"  # the committed figures: written only with --out
-RUNS_DIR = BENCH_DIR / "runs"        # each run's own folder by default (git ignores runs/)
+RUNS_DIR = BENCH_DIR / "runs"  # each run's own folder by default (git ignores runs/)
 CACHE_DIR = BENCH_DIR / ".cache"
 DEFAULT_MODEL = REPO / "edgecap" / "assets" / "default"
 EXAMPLES = REPO / "edgecap" / "assets" / "examples"
@@ -59,33 +59,57 @@ CALIBRATION_IMAGES = 64
 
 # -- model and variants --------------------------------------------------------------------------
 
+
 def add_model_arguments(parser, variants=DEFAULT_VARIANTS) -> None:
-    parser.add_argument("--model", type=Path, default=None,
-                        help="model directory (default: the shipped model, edgecap/assets/default)")
-    parser.add_argument("--variants", default=",".join(variants),
-                        help=f"comma-separated, from {', '.join(VARIANTS)} (unavailable ones are "
-                             "skipped with a note)")
-    parser.add_argument("--threads", default=None,
-                        help="onnxruntime intra-op threads; a comma list (e.g. 1,2) runs each "
-                             "onnxruntime variant once per value (default: the backend's default)")
-    parser.add_argument("--spinning", default=None,
-                        help="onnxruntime intra-op thread spinning (session.intra_op."
-                             "allow_spinning): on, off, or on,off to run each onnxruntime "
-                             "variant both ways (default: the library's own setting, off)")
-    parser.add_argument("--model-dir", action="append", default=[], metavar="NAME=DIR",
-                        help="a further variant NAME: model directory DIR on onnxruntime CPU "
-                             "(repeatable), e.g. an int8 model made by hand")
-    parser.add_argument("--calibration", type=Path, default=None,
-                        help="photos for ort-int8-static's encoder calibration (default: the "
-                             f"first {CALIBRATION_IMAGES} Flickr8k training photos when present, "
-                             "else the package's example photos)")
+    parser.add_argument(
+        "--model",
+        type=Path,
+        default=None,
+        help="model directory (default: the shipped model, edgecap/assets/default)",
+    )
+    parser.add_argument(
+        "--variants",
+        default=",".join(variants),
+        help=f"comma-separated, from {', '.join(VARIANTS)} (unavailable ones are skipped with a note)",
+    )
+    parser.add_argument(
+        "--threads",
+        default=None,
+        help="onnxruntime intra-op threads; a comma list (e.g. 1,2) runs each "
+        "onnxruntime variant once per value (default: the backend's default)",
+    )
+    parser.add_argument(
+        "--spinning",
+        default=None,
+        help="onnxruntime intra-op thread spinning (session.intra_op."
+        "allow_spinning): on, off, or on,off to run each onnxruntime "
+        "variant both ways (default: the library's own setting, off)",
+    )
+    parser.add_argument(
+        "--model-dir",
+        action="append",
+        default=[],
+        metavar="NAME=DIR",
+        help="a further variant NAME: model directory DIR on onnxruntime CPU "
+        "(repeatable), e.g. an int8 model made by hand",
+    )
+    parser.add_argument(
+        "--calibration",
+        type=Path,
+        default=None,
+        help="photos for ort-int8-static's encoder calibration (default: the "
+        f"first {CALIBRATION_IMAGES} Flickr8k training photos when present, "
+        "else the package's example photos)",
+    )
 
 
 def model_dir(path: Path | None) -> Path:
     path = DEFAULT_MODEL if path is None else Path(path)
     if not (path / "manifest.json").is_file():
-        sys.exit(f"no model at {path} (manifest.json missing): pass --model DIR, a directory "
-                 "written by `edgecap export`")
+        sys.exit(
+            f"no model at {path} (manifest.json missing): pass --model DIR, a directory "
+            "written by `edgecap export`"
+        )
     return path
 
 
@@ -94,7 +118,7 @@ class Variant:
     name: str
     backend: str
     model: Path
-    options: dict = field(default_factory=dict)      # backend keyword arguments
+    options: dict = field(default_factory=dict)  # backend keyword arguments
     session_config: dict = field(default_factory=dict)  # onnxruntime session config entries
 
     def captioner(self, **caption_options):
@@ -111,13 +135,23 @@ class Variant:
         return captioner, timed
 
     def to_json(self) -> dict:
-        return {"name": self.name, "backend": self.backend, "model": str(self.model),
-                "options": self.options, "session_config": self.session_config}
+        return {
+            "name": self.name,
+            "backend": self.backend,
+            "model": str(self.model),
+            "options": self.options,
+            "session_config": self.session_config,
+        }
 
     @classmethod
     def from_json(cls, data: dict) -> Variant:
-        return cls(data["name"], data["backend"], Path(data["model"]), dict(data["options"]),
-                   dict(data["session_config"]))
+        return cls(
+            data["name"],
+            data["backend"],
+            Path(data["model"]),
+            dict(data["options"]),
+            dict(data["session_config"]),
+        )
 
     def spec(self, factory: str, **kwargs):
         """The harness spec running this variant in a worker: ``factory(variant=<to_json()>,
@@ -192,11 +226,11 @@ def resolve_variants(args) -> tuple[list[Variant], list[str]]:
 
     def onnxruntime_variants(name: str, directory: Path) -> None:
         for t, spin in itertools.product(threads, spinning):
-            label = name + (f"/t{t}" if len(threads) > 1 else "") + (
-                f"/spin-{spin}" if spin is not None else "")
+            label = (
+                name + (f"/t{t}" if len(threads) > 1 else "") + (f"/spin-{spin}" if spin is not None else "")
+            )
             options = {"device": "cpu"} if t is None else {"device": "cpu", "threads": t}
-            config = {} if spin is None else {
-                "session.intra_op.allow_spinning": "1" if spin == "on" else "0"}
+            config = {} if spin is None else {"session.intra_op.allow_spinning": "1" if spin == "on" else "0"}
             variants.append(Variant(label, "onnxruntime", directory, options, config))
 
     for name in wanted:
@@ -209,8 +243,9 @@ def resolve_variants(args) -> tuple[list[Variant], list[str]]:
         elif name == "tensorrt-fp16":
             variants.append(Variant(name, "tensorrt", source))
         else:
-            onnxruntime_variants(name, source if name == "ort-fp32" else
-                                 converted(source, name, args.calibration))
+            onnxruntime_variants(
+                name, source if name == "ort-fp32" else converted(source, name, args.calibration)
+            )
     for name, directory in parse_model_dirs(getattr(args, "model_dir", [])):
         if _unavailable("ort-fp32"):
             notes.append(f"{name} skipped: {_unavailable('ort-fp32')}")
@@ -255,9 +290,12 @@ def converted(source: Path, variant: str, calibration: Path | None) -> Path:
     calibration_dir = None
     if variant == "ort-int8-static":
         calibration_dir = calibration or default_calibration()
-    print(f"[prepare] converting {source} -> {out} ({variant}"
-          + (f", calibrated on {calibration_dir}" if calibration_dir else "") + ")",
-          file=sys.stderr)
+    print(
+        f"[prepare] converting {source} -> {out} ({variant}"
+        + (f", calibrated on {calibration_dir}" if calibration_dir else "")
+        + ")",
+        file=sys.stderr,
+    )
     convert_model_dir(source, out, precision, calibration=calibration_dir, force=True)
     return out
 
@@ -279,6 +317,7 @@ def default_calibration() -> Path:
 
 # -- inputs --------------------------------------------------------------------------------------
 
+
 def example_frames() -> list[np.ndarray]:
     """The package's example photos as decoded RGB uint8 arrays (H, W, 3), like camera frames."""
     from PIL import Image
@@ -292,12 +331,12 @@ def example_frames() -> list[np.ndarray]:
 
 
 def image_files(folder: Path, limit: int | None) -> list[Path]:
-    files = sorted(p for p in Path(folder).iterdir()
-                   if p.suffix.lower() in {".jpg", ".jpeg", ".png"})
+    files = sorted(p for p in Path(folder).iterdir() if p.suffix.lower() in {".jpg", ".jpeg", ".png"})
     return files[:limit] if limit else files
 
 
 # -- timing ----------------------------------------------------------------------------------------
+
 
 class TimedBackend(Backend):
     """Wraps a backend and adds up the wall time of its ``encode`` and of every decoder
@@ -318,8 +357,9 @@ class TimedBackend(Backend):
         self.encode_s += time.perf_counter() - t0
         return encoded
 
-    def start(self, encoded: Encoded, image_index: np.ndarray,
-              return_attention: bool = False) -> DecoderSession:
+    def start(
+        self, encoded: Encoded, image_index: np.ndarray, return_attention: bool = False
+    ) -> DecoderSession:
         return _TimedSession(self, self.inner.start(encoded, image_index, return_attention))
 
     def describe(self) -> str:
@@ -330,8 +370,7 @@ class _TimedSession(DecoderSession):
     def __init__(self, owner: TimedBackend, inner: DecoderSession):
         self.owner, self.inner = owner, inner
 
-    def _step(self, tokens: np.ndarray, source_rows: np.ndarray,
-              word_bias: np.ndarray | None) -> StepResult:
+    def _step(self, tokens: np.ndarray, source_rows: np.ndarray, word_bias: np.ndarray | None) -> StepResult:
         t0 = time.perf_counter()
         result = self.inner.step(tokens, source_rows, word_bias)
         self.owner.step_times.append(time.perf_counter() - t0)
@@ -348,24 +387,32 @@ def median(values) -> float:
 
 # -- the isolated harness, as the scripts use it ---------------------------------------------------
 
+
 def add_harness_arguments(parser, rounds: int, per_round: int, warmup: int) -> None:
     """The harness options every script takes, with that script's defaults; and ``--out``."""
-    parser.add_argument("--rounds", type=int, default=rounds,
-                        help="interleaved rounds (and as many in the alone pass)")
-    parser.add_argument("--per-round", type=int, default=per_round,
-                        help="timed calls per variant, measure and round")
-    parser.add_argument("--warmup", type=int, default=warmup,
-                        help="unmeasured calls per worker and measure")
-    parser.add_argument("--no-alone", action="store_true",
-                        help="skip the alone pass (then nothing can be flagged)")
-    parser.add_argument("--settle", type=float, default=0.25,
-                        help="untimed pause (s) before each turn, longer than onnxruntime's "
-                             "spinning")
+    parser.add_argument(
+        "--rounds", type=int, default=rounds, help="interleaved rounds (and as many in the alone pass)"
+    )
+    parser.add_argument(
+        "--per-round", type=int, default=per_round, help="timed calls per variant, measure and round"
+    )
+    parser.add_argument("--warmup", type=int, default=warmup, help="unmeasured calls per worker and measure")
+    parser.add_argument(
+        "--no-alone", action="store_true", help="skip the alone pass (then nothing can be flagged)"
+    )
+    parser.add_argument(
+        "--settle",
+        type=float,
+        default=0.25,
+        help="untimed pause (s) before each turn, longer than onnxruntime's spinning",
+    )
     add_out_argument(parser)
 
 
-OUT_HELP = ("folder for the results files (default: a new folder benchmarks/runs/DATE-TIME, "
-            "which git ignores; --out benchmarks/results replaces the committed figures)")
+OUT_HELP = (
+    "folder for the results files (default: a new folder benchmarks/runs/DATE-TIME, "
+    "which git ignores; --out benchmarks/results replaces the committed figures)"
+)
 
 
 def add_out_argument(parser) -> None:
@@ -394,9 +441,15 @@ def run_harness(specs: list, measures: list[str], args) -> dict:
     """``_isolated.run_isolated`` with the options of ``add_harness_arguments``."""
     import _isolated
 
-    return _isolated.run_isolated(specs, measures, rounds=args.rounds, per_round=args.per_round,
-                                  warmup=args.warmup, alone=not args.no_alone,
-                                  settle_s=args.settle)
+    return _isolated.run_isolated(
+        specs,
+        measures,
+        rounds=args.rounds,
+        per_round=args.per_round,
+        warmup=args.warmup,
+        alone=not args.no_alone,
+        settle_s=args.settle,
+    )
 
 
 HARNESS_HEADERS = ["alone p50", "vs alone", "flag"]
@@ -407,27 +460,28 @@ def harness_cells(entry: dict, scale: float = 1.0) -> list:
     one variant's ``run_isolated`` entry, as table cells."""
     alone = entry.get("alone", {}).get("median_ms", float("nan")) * scale
     diff = entry.get("interleaved_vs_alone")
-    return [alone, "-" if diff is None else f"{100 * diff:+.0f}%",
-            "FLAG" if entry.get("flagged") else ""]
+    return [alone, "-" if diff is None else f"{100 * diff:+.0f}%", "FLAG" if entry.get("flagged") else ""]
 
 
-HOW_ISOLATED = ("Each variant in its own worker process (`benchmarks/_isolated.py`; model loading "
-                "not timed): {rounds} interleaved rounds x {per_round} calls per measure, one "
-                "worker running at a time, after {warmup} warm-up calls; then each variant alone "
-                "in a fresh worker, the same calls (alone: {alone}). `alone p50` / `vs alone` / "
-                "`flag`: a variant whose interleaved median is more than 15% off its alone "
-                "median is flagged. Ratios between variants come from the interleaved medians.")
+HOW_ISOLATED = (
+    "Each variant in its own worker process (`benchmarks/_isolated.py`; model loading "
+    "not timed): {rounds} interleaved rounds x {per_round} calls per measure, one "
+    "worker running at a time, after {warmup} warm-up calls; then each variant alone "
+    "in a fresh worker, the same calls (alone: {alone}). `alone p50` / `vs alone` / "
+    "`flag`: a variant whose interleaved median is more than 15% off its alone "
+    "median is flagged. Ratios between variants come from the interleaved medians."
+)
 
 
 def isolation_markdown(result: dict) -> str:
     """How the harness ran, its flags and its idleness table (idle and bystander CPU, pids)."""
     import _isolated
 
-    return (HOW_ISOLATED.format(**result["settings"]) + "\n\n"
-            + _isolated.flags_and_idleness(result))
+    return HOW_ISOLATED.format(**result["settings"]) + "\n\n" + _isolated.flags_and_idleness(result)
 
 
 # -- results -------------------------------------------------------------------------------------
+
 
 def markdown_table(headers: list[str], rows: list[list]) -> str:
     def cell(v):
@@ -442,22 +496,26 @@ def markdown_table(headers: list[str], rows: list[list]) -> str:
     return "\n".join(lines)
 
 
-def write_results(name: str, data: dict, markdown: str, argv: list[str] | None = None,
-                  script: str | None = None, out: Path | None = None, echo: bool = True) -> Path:
+def write_results(
+    name: str,
+    data: dict,
+    markdown: str,
+    argv: list[str] | None = None,
+    script: str | None = None,
+    out: Path | None = None,
+    echo: bool = True,
+) -> Path:
     """Write ``NAME.json`` and ``NAME.md`` into ``out`` (the machine and the command line added
-    to both; None: a fresh ``output_dir``), print the markdown (unless not ``echo``: stdout is the
-script's own), say on stderr where they went, and return the markdown's path.
-    ``script``: the benchmark's file name without .py, where it is not ``name``."""
+        to both; None: a fresh ``output_dir``), print the markdown (unless not ``echo``: stdout is the
+    script's own), say on stderr where they went, and return the markdown's path.
+        ``script``: the benchmark's file name without .py, where it is not ``name``."""
     out = output_dir(out)
-    command = f"python benchmarks/{script or name}.py " + " ".join(argv if argv is not None
-                                                                   else sys.argv[1:])
+    command = f"python benchmarks/{script or name}.py " + " ".join(argv if argv is not None else sys.argv[1:])
     info = machine_info()
     stamp = time.strftime("%Y-%m-%d %H:%M:%S")
-    payload = {"benchmark": name, "command": command.strip(), "date": stamp, "machine": info,
-               **data}
+    payload = {"benchmark": name, "command": command.strip(), "date": stamp, "machine": info, **data}
     (out / f"{name}.json").write_text(json.dumps(payload, indent=2, default=str) + "\n")
-    text = (f"# {name}\n\n`{command.strip()}` ({stamp})\n\n{machine_markdown(info)}\n\n"
-            f"{markdown.strip()}\n")
+    text = f"# {name}\n\n`{command.strip()}` ({stamp})\n\n{machine_markdown(info)}\n\n{markdown.strip()}\n"
     path = out / f"{name}.md"
     path.write_text(text)
     if echo:

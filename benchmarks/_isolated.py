@@ -57,6 +57,7 @@ TOLERANCE = 0.15  # interleaved vs alone median, relative to alone
 
 # -- the pure parts ----------------------------------------------------------------------------
 
+
 def relative_difference(interleaved_median: float, alone_median: float) -> float:
     """(interleaved - alone) / alone."""
     return interleaved_median / alone_median - 1.0
@@ -78,12 +79,17 @@ def summary(times_ms: list[float], fields: list[dict] | None = None) -> dict:
     if not len(a):
         out = {"n": 0, "median_ms": float("nan"), "p95_ms": float("nan"), "times_ms": []}
     else:
-        out = {"n": int(len(a)), "median_ms": float(np.median(a)),
-               "p95_ms": float(np.percentile(a, 95)), "min_ms": float(a.min()),
-               "times_ms": [round(float(t), 4) for t in a]}
+        out = {
+            "n": int(len(a)),
+            "median_ms": float(np.median(a)),
+            "p95_ms": float(np.percentile(a, 95)),
+            "min_ms": float(a.min()),
+            "times_ms": [round(float(t), 4) for t in a],
+        }
     if fields:
-        out["fields"] = {k: [f.get(k, float("nan")) for f in fields]
-                         for k in dict.fromkeys(k for f in fields for k in f)}
+        out["fields"] = {
+            k: [f.get(k, float("nan")) for f in fields] for k in dict.fromkeys(k for f in fields for k in f)
+        }
     return out
 
 
@@ -94,6 +100,7 @@ def field_median(entry: dict, name: str) -> float:
 
 
 # -- the worker side -----------------------------------------------------------------------------
+
 
 def _load_factory(spec: str, paths: list[str]):
     for p in reversed(paths):
@@ -122,9 +129,13 @@ def worker_main() -> None:
         try:
             if op == "setup":
                 task = _load_factory(request["factory"], request.get("paths", []))(
-                    **request.get("kwargs", {}))
-                reply = {"pid": os.getpid(), "info": getattr(task, "info", {}) or {},
-                         "measures": sorted(task.measures)}
+                    **request.get("kwargs", {})
+                )
+                reply = {
+                    "pid": os.getpid(),
+                    "info": getattr(task, "info", {}) or {},
+                    "measures": sorted(task.measures),
+                }
             elif op == "run":
                 fn = task.measures[request["measure"]]
                 times, fields = [], []
@@ -157,14 +168,18 @@ def worker_main() -> None:
                 raise ValueError(f"unknown request {op!r}")
             reply["ok"] = True
         except BaseException as exc:  # report it; the parent decides
-            reply = {"ok": False, "error": f"{type(exc).__name__}: {exc}",
-                     "traceback": traceback.format_exc()}
+            reply = {
+                "ok": False,
+                "error": f"{type(exc).__name__}: {exc}",
+                "traceback": traceback.format_exc(),
+            }
         replies.write(json.dumps(reply) + "\n")
         if op == "exit":
             break
 
 
 # -- the parent side -------------------------------------------------------------------------------
+
 
 class WorkerError(RuntimeError):
     def __init__(self, variant: str, message: str):
@@ -176,6 +191,7 @@ class WorkerError(RuntimeError):
 class Spec:
     """A variant: ``factory`` ("module:function", importable in the worker with ``paths`` and
     benchmarks/ on its path) called with ``kwargs`` (JSON values) returns its task."""
+
     name: str
     factory: str
     kwargs: dict = field(default_factory=dict)
@@ -202,13 +218,19 @@ class Worker:
         self.spec, self.timeout_s = spec, timeout_s
         self._stderr = tempfile.TemporaryFile()
         env = {**os.environ, **spec.env}
-        self.proc = subprocess.Popen([sys.executable, "-u", str(Path(__file__).resolve()),
-                                      "--worker"], stdin=subprocess.PIPE, stdout=subprocess.PIPE,
-                                     stderr=self._stderr, env=env, text=True)
+        self.proc = subprocess.Popen(
+            [sys.executable, "-u", str(Path(__file__).resolve()), "--worker"],
+            stdin=subprocess.PIPE,
+            stdout=subprocess.PIPE,
+            stderr=self._stderr,
+            env=env,
+            text=True,
+        )
         self.pid = self.proc.pid
         try:
-            reply = self.request(op="setup", factory=spec.factory, kwargs=spec.kwargs,
-                                 paths=[str(p) for p in spec.paths])
+            reply = self.request(
+                op="setup", factory=spec.factory, kwargs=spec.kwargs, paths=[str(p) for p in spec.paths]
+            )
         except BaseException:
             self.close()
             raise
@@ -223,8 +245,7 @@ class Worker:
         if self.timeout_s is not None:
             ready, _, _ = select.select([self.proc.stdout], [], [], self.timeout_s)
             if not ready:
-                raise WorkerError(self.spec.name, f"no reply to {request.get('op')!r} in "
-                                  f"{self.timeout_s} s")
+                raise WorkerError(self.spec.name, f"no reply to {request.get('op')!r} in {self.timeout_s} s")
         line = self.proc.stdout.readline()
         if not line:
             raise WorkerError(self.spec.name, self._died())
@@ -276,8 +297,9 @@ def _close_all(workers) -> None:
         w.close()
 
 
-def _measure_rounds(workers: dict[str, Worker], measures: list[str], rounds: int,
-                    per_round: int, settle_s: float, log) -> tuple[dict, dict]:
+def _measure_rounds(
+    workers: dict[str, Worker], measures: list[str], rounds: int, per_round: int, settle_s: float, log
+) -> tuple[dict, dict]:
     """Rounds over the workers (first one rotating), ``settle_s`` of nothing before each turn
     (so the threads of the worker before have stopped spinning). -> (times[name][measure],
     bystander CPU {name: {"cpu_ms", "wall_ms"}}: what the other workers used during that
@@ -287,7 +309,7 @@ def _measure_rounds(workers: dict[str, Worker], measures: list[str], rounds: int
     fields = {n: {m: [] for m in measures} for n in names}
     bystander = {n: {"cpu_ms": 0.0, "wall_ms": 0.0, "known": True} for n in names}
     for r in range(rounds):
-        order = names[r % len(names):] + names[:r % len(names)]
+        order = names[r % len(names) :] + names[: r % len(names)]
         for name in order:
             time.sleep(settle_s)
             others = [w for n, w in workers.items() if n != name]
@@ -314,11 +336,20 @@ def _warm(worker: Worker, measures: list[str], warmup: int) -> None:
             worker.request(op="run", measure=m, n=warmup)
 
 
-def run_isolated(specs: list[Spec], measures: list[str] | None = None, rounds: int = 10,
-                 per_round: int = 4, warmup: int = 3, alone: bool = True,
-                 idle_windows_s: tuple = (0.2, 1.0), settle_s: float = 0.25,
-                 tolerance: float = TOLERANCE, baseline: str | None = None,
-                 timeout_s: float | None = None, log=_log) -> dict:
+def run_isolated(
+    specs: list[Spec],
+    measures: list[str] | None = None,
+    rounds: int = 10,
+    per_round: int = 4,
+    warmup: int = 3,
+    alone: bool = True,
+    idle_windows_s: tuple = (0.2, 1.0),
+    settle_s: float = 0.25,
+    tolerance: float = TOLERANCE,
+    baseline: str | None = None,
+    timeout_s: float | None = None,
+    log=_log,
+) -> dict:
     """Time every spec's measures interleaved (``rounds`` x ``per_round`` calls each, after
     ``warmup``), then (``alone``) each in a fresh worker alone; see the module docstring.
     ``settle_s``: a pause before each turn, not timed, longer than onnxruntime's spinning tail
@@ -335,11 +366,23 @@ def run_isolated(specs: list[Spec], measures: list[str] | None = None, rounds: i
     if len(set(names)) != len(names):
         raise ValueError(f"variant names must differ: {names}")
     baseline = baseline or names[0]
-    result = {"settings": {"rounds": rounds, "per_round": per_round, "warmup": warmup,
-                           "alone": alone, "idle_windows_s": list(idle_windows_s),
-                           "settle_s": settle_s, "tolerance": tolerance,
-                           "baseline": baseline, "order": "interleaved, then each alone"},
-              "variants": {n: {} for n in names}, "measures": {}, "ratios": {}, "flags": []}
+    result = {
+        "settings": {
+            "rounds": rounds,
+            "per_round": per_round,
+            "warmup": warmup,
+            "alone": alone,
+            "idle_windows_s": list(idle_windows_s),
+            "settle_s": settle_s,
+            "tolerance": tolerance,
+            "baseline": baseline,
+            "order": "interleaved, then each alone",
+        },
+        "variants": {n: {} for n in names},
+        "measures": {},
+        "ratios": {},
+        "flags": [],
+    }
 
     # interleaved: every worker alive, one driven at a time
     workers: dict[str, Worker] = {}
@@ -357,17 +400,18 @@ def run_isolated(specs: list[Spec], measures: list[str] | None = None, rounds: i
             result["variants"][name].update(pid_interleaved=w.pid, info=w.info)
         for name, w in workers.items():  # each worker idle after a call, the others idle too
             result["variants"][name]["idle_interleaved"] = w.request(
-                op="idle", windows=list(idle_windows_s), after_call=measures[0])
-        inter, bystander, inter_fields = _measure_rounds(workers, measures, rounds, per_round,
-                                                         settle_s, log)
+                op="idle", windows=list(idle_windows_s), after_call=measures[0]
+            )
+        inter, bystander, inter_fields = _measure_rounds(workers, measures, rounds, per_round, settle_s, log)
     finally:
         _close_all(workers.values())
     for name in names:
         b = bystander[name]
         result["variants"][name]["bystander_cpu"] = {
-            "cpu_ms": b["cpu_ms"] if b["known"] else None, "wall_ms": b["wall_ms"],
-            "share_of_one_core": (b["cpu_ms"] / b["wall_ms"]) if b["known"] and b["wall_ms"]
-            else None}
+            "cpu_ms": b["cpu_ms"] if b["known"] else None,
+            "wall_ms": b["wall_ms"],
+            "share_of_one_core": (b["cpu_ms"] / b["wall_ms"]) if b["known"] and b["wall_ms"] else None,
+        }
 
     # alone: one worker at a time, nothing else of ours alive
     alone_times: dict = {}
@@ -380,9 +424,11 @@ def run_isolated(specs: list[Spec], measures: list[str] | None = None, rounds: i
                 _warm(w, measures, warmup)
                 result["variants"][spec.name]["pid_alone"] = w.pid
                 result["variants"][spec.name]["idle_alone"] = w.request(
-                    op="idle", windows=list(idle_windows_s), after_call=measures[0])
-                t, _, f = _measure_rounds({spec.name: w}, measures, rounds, per_round, settle_s,
-                                          lambda _m: None)
+                    op="idle", windows=list(idle_windows_s), after_call=measures[0]
+                )
+                t, _, f = _measure_rounds(
+                    {spec.name: w}, measures, rounds, per_round, settle_s, lambda _m: None
+                )
                 alone_times[spec.name], alone_fields[spec.name] = t[spec.name], f[spec.name]
             finally:
                 w.close()
@@ -400,12 +446,12 @@ def run_isolated(specs: list[Spec], measures: list[str] | None = None, rounds: i
                     result["flags"].append(
                         f"{name} {m}: interleaved median {i_med:.2f} ms is "
                         f"{100 * entry['interleaved_vs_alone']:+.0f}% off its alone median "
-                        f"{a_med:.2f} ms (tolerance {100 * tolerance:.0f}%)")
+                        f"{a_med:.2f} ms (tolerance {100 * tolerance:.0f}%)"
+                    )
             per_variant[name] = entry
         result["measures"][m] = per_variant
         base = per_variant[baseline]["interleaved"]["median_ms"]
-        result["ratios"][m] = {name: base / e["interleaved"]["median_ms"]
-                               for name, e in per_variant.items()}
+        result["ratios"][m] = {name: base / e["interleaved"]["median_ms"] for name, e in per_variant.items()}
     return result
 
 
@@ -415,7 +461,8 @@ HOW_IT_RAN = (
     "rotating), only one worker running at a time, after {warmup} warm-up calls each. Alone: "
     "each variant again in a fresh worker with no other worker alive, the same calls. Flag: "
     "interleaved median more than {tolerance_percent:.0f}% off the alone median. Ratios: "
-    "{baseline}'s interleaved median / the variant's, measured side by side.")
+    "{baseline}'s interleaved median / the variant's, measured side by side."
+)
 
 
 def report_markdown(result: dict) -> str:
@@ -428,14 +475,35 @@ def report_markdown(result: dict) -> str:
     for m, per_variant in result["measures"].items():
         for name, e in per_variant.items():
             i, a = e["interleaved"], e.get("alone", {})
-            rows.append([name, m, i["median_ms"], i["p95_ms"], a.get("median_ms", float("nan")),
-                         a.get("p95_ms", float("nan")),
-                         (f"{100 * e['interleaved_vs_alone']:+.0f}%"
-                          if "interleaved_vs_alone" in e else "-"),
-                         "FLAG" if e.get("flagged") else "", f"{result['ratios'][m][name]:.2f}x"])
-    lines.append(markdown_table(["variant", "measure", "interleaved p50 ms", "p95 ms",
-                                 "alone p50 ms", "p95 ms", "interleaved vs alone", "",
-                                 f"speed vs {s['baseline']}"], rows))
+            rows.append(
+                [
+                    name,
+                    m,
+                    i["median_ms"],
+                    i["p95_ms"],
+                    a.get("median_ms", float("nan")),
+                    a.get("p95_ms", float("nan")),
+                    (f"{100 * e['interleaved_vs_alone']:+.0f}%" if "interleaved_vs_alone" in e else "-"),
+                    "FLAG" if e.get("flagged") else "",
+                    f"{result['ratios'][m][name]:.2f}x",
+                ]
+            )
+    lines.append(
+        markdown_table(
+            [
+                "variant",
+                "measure",
+                "interleaved p50 ms",
+                "p95 ms",
+                "alone p50 ms",
+                "p95 ms",
+                "interleaved vs alone",
+                "",
+                f"speed vs {s['baseline']}",
+            ],
+            rows,
+        )
+    )
     return "\n".join(lines + ["", flags_and_idleness(result)])
 
 
@@ -445,9 +513,15 @@ def flags_and_idleness(result: dict) -> str:
     from _common import markdown_table
 
     s = result["settings"]
-    lines = ["Flags: " + ("; ".join(result["flags"]) if result["flags"] else
-                          "none (every interleaved median within tolerance of its alone one)"),
-             ""]
+    lines = [
+        "Flags: "
+        + (
+            "; ".join(result["flags"])
+            if result["flags"]
+            else "none (every interleaved median within tolerance of its alone one)"
+        ),
+        "",
+    ]
 
     def idle(v, key):
         cpu = v.get(key, {}).get("cpu_ms")
@@ -458,18 +532,38 @@ def flags_and_idleness(result: dict) -> str:
     for name, v in result["variants"].items():
         b = v.get("bystander_cpu", {})
         share = b.get("share_of_one_core")
-        rows.append([name, idle(v, "idle_interleaved"), idle(v, "idle_alone"),
-                     float("nan") if b.get("cpu_ms") is None else b["cpu_ms"],
-                     b.get("wall_ms", float("nan")),
-                     "-" if share is None else f"{100 * share:.1f}%",
-                     v.get("pid_interleaved", "-"), v.get("pid_alone", "-")])
-    lines += [f"Idleness: CPU ms a worker burns (all its threads together) while it sits idle "
-              f"after a call, in consecutive windows of {windows}; bystander CPU: what all the "
-              "other workers used during this variant's interleaved turns (/proc, 10 ms ticks), "
-              f"as a share of one core; {1e3 * s['settle_s']:.0f} ms pause before each turn.", "",
-              markdown_table(["variant", "idle CPU ms (interleaved)", "idle CPU ms (alone)",
-                              "bystander CPU ms", "turns wall ms", "bystander share", "pid",
-                              "pid alone"], rows)]
+        rows.append(
+            [
+                name,
+                idle(v, "idle_interleaved"),
+                idle(v, "idle_alone"),
+                float("nan") if b.get("cpu_ms") is None else b["cpu_ms"],
+                b.get("wall_ms", float("nan")),
+                "-" if share is None else f"{100 * share:.1f}%",
+                v.get("pid_interleaved", "-"),
+                v.get("pid_alone", "-"),
+            ]
+        )
+    lines += [
+        f"Idleness: CPU ms a worker burns (all its threads together) while it sits idle "
+        f"after a call, in consecutive windows of {windows}; bystander CPU: what all the "
+        "other workers used during this variant's interleaved turns (/proc, 10 ms ticks), "
+        f"as a share of one core; {1e3 * s['settle_s']:.0f} ms pause before each turn.",
+        "",
+        markdown_table(
+            [
+                "variant",
+                "idle CPU ms (interleaved)",
+                "idle CPU ms (alone)",
+                "bystander CPU ms",
+                "turns wall ms",
+                "bystander share",
+                "pid",
+                "pid alone",
+            ],
+            rows,
+        ),
+    ]
     return "\n".join(lines)
 
 

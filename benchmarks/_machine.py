@@ -70,9 +70,9 @@ def machine_markdown(info: dict | None = None) -> str:
         cores += f", {info['physical_cores']} physical"
     cores += f", {info['usable_cores']} usable by this process"
     packages = ", ".join(f"{k} {v}" for k, v in info["packages"].items())
-    return "\n".join([f"- CPU: {info['cpu']} ({cores})",
-                      f"- OS: {info['os']}",
-                      f"- Python {info['python']}; {packages}"])
+    return "\n".join(
+        [f"- CPU: {info['cpu']} ({cores})", f"- OS: {info['os']}", f"- Python {info['python']}; {packages}"]
+    )
 
 
 if __name__ == "__main__":

@@ -16,5 +16,9 @@ def paired_bootstrap(a, b, n_resamples: int = 10000, seed: int = 0) -> dict[str,
     rng = np.random.default_rng(seed)
     means = diff[rng.integers(0, len(diff), size=(n_resamples, len(diff)))].mean(1)
     low, high = np.percentile(means, [2.5, 97.5])
-    return {"difference": float(diff.mean()), "low": float(low), "high": float(high),
-            "p_not_better": float((means <= 0).mean())}
+    return {
+        "difference": float(diff.mean()),
+        "low": float(low),
+        "high": float(high),
+        "p_not_better": float((means <= 0).mean()),
+    }

@@ -18,14 +18,17 @@ from pathlib import Path
 from PIL import Image, ImageDraw, ImageFont
 
 RESULTS = Path(__file__).resolve().parent / "results"
-PARTS = (("preprocess_ms", "preprocess", (120, 170, 220)),
-         ("encoder_ms", "encoder", (40, 100, 170)),
-         ("decode_ms", "decoder steps", (230, 140, 40)),
-         ("search_python_ms", "search (Python)", (150, 150, 150)))
+PARTS = (
+    ("preprocess_ms", "preprocess", (120, 170, 220)),
+    ("encoder_ms", "encoder", (40, 100, 170)),
+    ("decode_ms", "decoder steps", (230, 140, 40)),
+    ("search_python_ms", "search (Python)", (150, 150, 150)),
+)
 
 
-def latency_chart(data: dict, beam: int | None = None, batch: int | None = None,
-                  out: Path | None = None) -> Path:
+def latency_chart(
+    data: dict, beam: int | None = None, batch: int | None = None, out: Path | None = None
+) -> Path:
     beam = data["targets"]["beam"] if beam is None else beam
     batch = data["targets"]["batch"] if batch is None else batch
     rows = [r for r in data["results"] if r["beam"] == beam and r["batch"] == batch]
@@ -35,8 +38,9 @@ def latency_chart(data: dict, beam: int | None = None, batch: int | None = None,
     height = top + len(rows) * (bar_h + gap) + 60
     image = Image.new("RGB", (width, height), "white")
     draw = ImageDraw.Draw(image)
-    draw.text((10, 10), f"latency per call, beam {beam}, batch {batch} (ms; median parts)",
-              fill="black", font=font)
+    draw.text(
+        (10, 10), f"latency per call, beam {beam}, batch {batch} (ms; median parts)", fill="black", font=font
+    )
     longest = max((sum(max(r[k], 0.0) for k, _, _ in PARTS) for r in rows), default=1.0)
     scale = (width - label_w - 90) / longest
     for i, r in enumerate(rows):
@@ -62,15 +66,19 @@ def main(argv=None) -> None:
     import _common as C
 
     p = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
-    p.add_argument("--json", type=Path, default=None, metavar="FILE",
-                   help="latency.py's results (default: the committed results/latency.json)")
+    p.add_argument(
+        "--json",
+        type=Path,
+        default=None,
+        metavar="FILE",
+        help="latency.py's results (default: the committed results/latency.json)",
+    )
     C.add_out_argument(p)
     args = p.parse_args(argv)
     args.json = args.json or C.RESULTS_DIR / "latency.json"
     if not args.json.is_file():
         sys.exit(f"{args.json} not found: run python benchmarks/latency.py first")
-    print(latency_chart(json.loads(args.json.read_text()),
-                        out=C.output_dir(args.out) / "latency.png"))
+    print(latency_chart(json.loads(args.json.read_text()), out=C.output_dir(args.out) / "latency.png"))
 
 
 if __name__ == "__main__":

@@ -39,29 +39,38 @@ def main(argv=None) -> None:
     if args.references:
         items = load_references(references=args.references)
     else:
-        items = load_references(captions=args.data / "Flickr8k.token.txt",
-                                split=args.data / "Flickr_8k.devImages.txt")
+        items = load_references(
+            captions=args.data / "Flickr8k.token.txt", split=args.data / "Flickr_8k.devImages.txt"
+        )
     refs = {item.image_id: item.captions for item in items}
     scores = {}
     for name, path in (("A", args.a), ("B", args.b)):
         hyps = {r["image_id"]: r["caption"] for r in json.loads(path.read_text())}
         missing = [k for k in refs if k not in hyps]
         if missing:
-            raise SystemExit(f"{path}: no caption for {len(missing)} reference images, "
-                             f"e.g. {missing[:3]}")
+            raise SystemExit(f"{path}: no caption for {len(missing)} reference images, e.g. {missing[:3]}")
         scores[name] = per_image_cider(refs, hyps)
     ids = list(refs)
     a = [scores["A"][k] for k in ids]
     b = [scores["B"][k] for k in ids]
     result = paired_bootstrap(a, b, args.resamples)
-    out = {"n_images": len(ids), "CIDEr A": round(sum(a) / len(a), 4),
-           "CIDEr B": round(sum(b) / len(b), 4), **{k: round(v, 4) for k, v in result.items()}}
+    out = {
+        "n_images": len(ids),
+        "CIDEr A": round(sum(a) / len(a), 4),
+        "CIDEr B": round(sum(b) / len(b), 4),
+        **{k: round(v, 4) for k, v in result.items()},
+    }
     print(json.dumps(out))
     table = C.markdown_table(list(out), [list(out.values())])
-    C.write_results("compare_results", {"a": str(args.a), "b": str(args.b), **out},
-                    f"Per-photo CIDEr-D of {args.a} (A) and {args.b} (B), paired bootstrap over "
-                    f"the photos ({args.resamples} resamples).\n\n{table}", argv, out=args.out,
-                    echo=False)
+    C.write_results(
+        "compare_results",
+        {"a": str(args.a), "b": str(args.b), **out},
+        f"Per-photo CIDEr-D of {args.a} (A) and {args.b} (B), paired bootstrap over "
+        f"the photos ({args.resamples} resamples).\n\n{table}",
+        argv,
+        out=args.out,
+        echo=False,
+    )
 
 
 if __name__ == "__main__":

@@ -44,16 +44,31 @@ def main(argv=None) -> int:
     C.add_out_argument(p)
     p.add_argument("--model", type=Path, help="model directory (default: the shipped one)")
     p.add_argument("--flickr8k-limit", type=int, help="only the first N Flickr8k dev photos")
-    p.add_argument("--threshold", type=float, default=0.5,
-                   help="per-photo CIDEr from which a caption is right (default: %(default)s)")
+    p.add_argument(
+        "--threshold",
+        type=float,
+        default=0.5,
+        help="per-photo CIDEr from which a caption is right (default: %(default)s)",
+    )
     p.add_argument("--l2", type=float, default=1.0, help="(default: %(default)s)")
-    p.add_argument("--fit-on", choices=("everyday", "all"), default="all",
-                   help="the photos the model is fitted on besides the everyday folds: all "
-                        "(with Flickr8k dev) or everyday only (default: %(default)s)")
-    p.add_argument("--reuse", action="store_true",
-                   help="refit on OUT/signals.npz from an earlier run instead of captioning")
-    p.add_argument("--write", type=Path, metavar="MODEL_DIR",
-                   help="also fit on every photo and write MODEL_DIR/confidence.json")
+    p.add_argument(
+        "--fit-on",
+        choices=("everyday", "all"),
+        default="all",
+        help="the photos the model is fitted on besides the everyday folds: all "
+        "(with Flickr8k dev) or everyday only (default: %(default)s)",
+    )
+    p.add_argument(
+        "--reuse",
+        action="store_true",
+        help="refit on OUT/signals.npz from an earlier run instead of captioning",
+    )
+    p.add_argument(
+        "--write",
+        type=Path,
+        metavar="MODEL_DIR",
+        help="also fit on every photo and write MODEL_DIR/confidence.json",
+    )
     args = p.parse_args(argv)
     args.out = C.output_dir(args.out)
 
@@ -76,8 +91,7 @@ def main(argv=None) -> int:
             refs = {item.image_id: item.captions for item in items}
             cider = per_image_cider(refs, texts)
             data[name] = (x, np.array([cider[item.image_id] for item in items]))
-        np.savez(cache, **{f"{n}/{k}": v for n, (x, c) in data.items()
-                           for k, v in (("x", x), ("cider", c))})
+        np.savez(cache, **{f"{n}/{k}": v for n, (x, c) in data.items() for k, v in (("x", x), ("cider", c))})
     for name, (x, cider) in data.items():
         print(f"{name}: {len(x)} photos, {np.mean(cider >= args.threshold):.2f} right", flush=True)
     everyday_x = np.vstack([data[s][0] for s in ("coco-ood-dev", "coco-ood-dev-b")])
@@ -89,48 +103,70 @@ def main(argv=None) -> int:
     predicted = np.zeros(len(everyday_x))
     for k in range(5):
         train = folds != k
-        extra_x, extra_y = ((flickr_x, flickr_c >= args.threshold) if args.fit_on == "all"
-                            else (flickr_x[:0], flickr_c[:0] >= args.threshold))
-        mean, std, w, b = fit(np.vstack([everyday_x[train], extra_x]),
-                              np.concatenate([labels[train], extra_y]), args.l2)
+        extra_x, extra_y = (
+            (flickr_x, flickr_c >= args.threshold)
+            if args.fit_on == "all"
+            else (flickr_x[:0], flickr_c[:0] >= args.threshold)
+        )
+        mean, std, w, b = fit(
+            np.vstack([everyday_x[train], extra_x]), np.concatenate([labels[train], extra_y]), args.l2
+        )
         model = ConfidenceModel(mean, std, w, b, {})
         predicted[~train] = [model.predict(row) for row in everyday_x[~train]]
     result = {
         "right": f"per-photo CIDEr-D >= {args.threshold}",
-        "everyday photos": len(everyday_x), "everyday right": int(labels.sum()),
+        "everyday photos": len(everyday_x),
+        "everyday right": int(labels.sum()),
         "auroc_everyday_cross_validated": round(auroc(predicted, labels), 4),
         "auroc_everyday_mean_log_prob": round(auroc(everyday_x[:, 0], labels), 4),
-        "coverage": [], "signals": list(SIGNALS)}
+        "coverage": [],
+        "signals": list(SIGNALS),
+    }
     for keep in (1.0, 0.8, 0.6, 0.4, 0.2):
         n = max(1, int(round(keep * len(predicted))))
         best = np.argsort(-predicted, kind="stable")[:n]
-        result["coverage"].append({"keep": keep, "photos": n,
-                                   "mean CIDEr": round(float(everyday_c[best].mean()), 4),
-                                   "right": round(float(labels[best].mean()), 4)})
+        result["coverage"].append(
+            {
+                "keep": keep,
+                "photos": n,
+                "mean CIDEr": round(float(everyday_c[best].mean()), 4),
+                "right": round(float(labels[best].mean()), 4),
+            }
+        )
     if args.write:
         all_x = np.vstack([everyday_x, flickr_x]) if args.fit_on == "all" else everyday_x
-        all_y = (np.concatenate([labels, flickr_c >= args.threshold]) if args.fit_on == "all"
-                 else labels)
+        all_y = np.concatenate([labels, flickr_c >= args.threshold]) if args.fit_on == "all" else labels
         mean, std, w, b = fit(all_x, all_y, args.l2)
-        info = {"right": result["right"], "fitted_on": {
-            "everyday": "coco-ood-dev + coco-ood-dev-b",
-            "in_domain": "Flickr8k dev" if args.fit_on == "all" else None,
-            "photos": len(all_x)},
-            "auroc_everyday_cross_validated": result["auroc_everyday_cross_validated"]}
+        info = {
+            "right": result["right"],
+            "fitted_on": {
+                "everyday": "coco-ood-dev + coco-ood-dev-b",
+                "in_domain": "Flickr8k dev" if args.fit_on == "all" else None,
+                "photos": len(all_x),
+            },
+            "auroc_everyday_cross_validated": result["auroc_everyday_cross_validated"],
+        }
         path = write(args.write, ConfidenceModel(mean, std, w, b, info))
         result["written"] = str(path)
         result["weights"] = dict(zip(SIGNALS, np.round(w, 4).tolist()))
     (args.out / "confidence.json").write_text(json.dumps(result, indent=1) + "\n")
     command = " ".join(sys.argv[1:] if argv is None else argv)
-    lines = [f"`python benchmarks/confidence_fit.py {command}`",
-             "", f"Right: {result['right']}. Everyday photos: {len(everyday_x)} "
-             f"({int(labels.sum())} right).", "",
-             f"AUROC on everyday photos, cross-validated (5 folds): "
-             f"**{result['auroc_everyday_cross_validated']:.3f}**; the caption's mean "
-             f"log-probability alone: {result['auroc_everyday_mean_log_prob']:.3f}.", "",
-             "| keep the most confident | photos | mean CIDEr | right |", "|---|---|---|---|"]
-    lines += [f"| {c['keep']:.0%} | {c['photos']} | {c['mean CIDEr']:.3f} | {c['right']:.2f} |"
-              for c in result["coverage"]]
+    lines = [
+        f"`python benchmarks/confidence_fit.py {command}`",
+        "",
+        f"Right: {result['right']}. Everyday photos: {len(everyday_x)} ({int(labels.sum())} right).",
+        "",
+        f"AUROC on everyday photos, cross-validated (5 folds): "
+        f"**{result['auroc_everyday_cross_validated']:.3f}**; the caption's mean "
+        f"log-probability alone: {result['auroc_everyday_mean_log_prob']:.3f}.",
+        "",
+        "| keep the most confident | photos | mean CIDEr | right |",
+        "|---|---|---|---|",
+    ]
+    lines += [
+        f"| {c['keep']:.0%} | {c['photos']} | {c['mean CIDEr']:.3f} | {c['right']:.2f} |"
+        for c in result["coverage"]
+    ]
     (args.out / "confidence.md").write_text("\n".join(lines) + "\n")
     print("\n".join(lines))
     return 0

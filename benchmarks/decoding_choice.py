@@ -34,9 +34,17 @@ def parse_variant(text: str) -> tuple[str, dict]:
     options = {}
     for part in filter(None, spec.split(",")):
         key, _, value = part.partition("=")
-        options[key] = None if value == "None" else (
-            value == "True" if value in ("True", "False") else float(value)
-            if "." in value else int(value))
+        options[key] = (
+            None
+            if value == "None"
+            else (
+                value == "True"
+                if value in ("True", "False")
+                else float(value)
+                if "." in value
+                else int(value)
+            )
+        )
     return name, options
 
 
@@ -46,8 +54,10 @@ def load_sets(data: Path, flickr8k_limit: int | None):
     sets = {}
     for name, _ in SETS:
         if name == "flickr8k-dev":
-            items = load_references(captions=data / "flickr8k" / "Flickr8k.token.txt",
-                                    split=data / "flickr8k" / "Flickr_8k.devImages.txt")
+            items = load_references(
+                captions=data / "flickr8k" / "Flickr8k.token.txt",
+                split=data / "flickr8k" / "Flickr_8k.devImages.txt",
+            )
             sets[name] = (items[:flickr8k_limit], data / "flickr8k" / "images")
         else:
             items = load_references(references=data / name / "captions_cocofmt.json")
@@ -59,9 +69,12 @@ def caption_all(captioner, items, root: Path) -> dict:
     out = {}
     paths = [root / item.file_name for item in items]
     for item, caption in zip(items, captioner.iter_captions(paths, on_error="raise")):
-        out[item.image_id] = {"caption": caption.text, "score": round(caption.score, 5),
-                              "confidence": caption.confidence,
-                              "objects": [[n, p] for n, p in caption.objects]}
+        out[item.image_id] = {
+            "caption": caption.text,
+            "score": round(caption.score, 5),
+            "confidence": caption.confidence,
+            "objects": [[n, p] for n, p in caption.objects],
+        }
     return out
 
 
@@ -70,8 +83,13 @@ def main(argv=None) -> int:
     p.add_argument("--data", type=Path, required=True, help="folder holding the data sets")
     C.add_out_argument(p)
     p.add_argument("--model", help="model directory (default: the shipped one)")
-    p.add_argument("--variant", action="append", required=True, metavar="NAME=OPT=V,...",
-                   help="a decoding to measure; the first is the baseline")
+    p.add_argument(
+        "--variant",
+        action="append",
+        required=True,
+        metavar="NAME=OPT=V,...",
+        help="a decoding to measure; the first is the baseline",
+    )
     p.add_argument("--flickr8k-limit", type=int, help="only the first N Flickr8k dev photos")
     p.add_argument("--resamples", type=int, default=10000, help="(default: %(default)s)")
     args = p.parse_args(argv)
@@ -99,7 +117,9 @@ def main(argv=None) -> int:
             metrics = score(refs, text, metrics=("BLEU-4", "METEOR", "CIDEr"))
             per_image[(name, set_name)] = per_image_cider(refs, text)
             results["sets"].setdefault(set_name, {})[name] = {
-                **{k: round(v, 4) for k, v in metrics.items()}, "seconds": round(seconds, 1)}
+                **{k: round(v, 4) for k, v in metrics.items()},
+                "seconds": round(seconds, 1),
+            }
             captions[set_name] = {str(k): v for k, v in hyps.items()}
             print(json.dumps({"variant": name, "set": set_name, **metrics}), flush=True)
         (args.out / f"captions-{name}.json").write_text(json.dumps(captions) + "\n")
@@ -109,34 +129,43 @@ def main(argv=None) -> int:
     for name, _ in variants[1:]:
         row = {}
         for set_name in [s for s, _ in SETS] + ["everyday (160)"]:
-            parts = ([s for s, kind in SETS if kind == "everyday"]
-                     if set_name == "everyday (160)" else [set_name])
+            parts = (
+                [s for s, kind in SETS if kind == "everyday"] if set_name == "everyday (160)" else [set_name]
+            )
             a = [v for s in parts for _, v in sorted(per_image[(base, s)].items())]
             b = [v for s in parts for _, v in sorted(per_image[(name, s)].items())]
-            row[set_name] = {k: round(v, 4) for k, v in
-                             paired_bootstrap(a, b, args.resamples).items()}
+            row[set_name] = {k: round(v, 4) for k, v in paired_bootstrap(a, b, args.resamples).items()}
             row[set_name]["CIDEr"] = round(sum(b) / len(b), 4)
         comparisons[name] = row
     results["vs_" + base] = comparisons
     (args.out / "decoding_choice.json").write_text(json.dumps(results, indent=1) + "\n")
-    lines = ["| variant | set | BLEU-4 | METEOR | CIDEr | CIDEr vs " + base + " [95%] |",
-             "|---|---|---|---|---|---|"]
+    lines = [
+        "| variant | set | BLEU-4 | METEOR | CIDEr | CIDEr vs " + base + " [95%] |",
+        "|---|---|---|---|---|---|",
+    ]
     for name, _ in variants:
         for set_name, _ in SETS:
             m = results["sets"][set_name][name]
             diff = comparisons.get(name, {}).get(set_name)
-            cell = "" if diff is None else (f"{diff['difference']:+.3f} "
-                                           f"[{diff['low']:+.3f}, {diff['high']:+.3f}]")
-            lines.append(f"| {name} | {set_name} | {m['BLEU-4']:.3f} | {m['METEOR']:.4f} | "
-                         f"{m['CIDEr']:.3f} | {cell} |")
+            cell = (
+                ""
+                if diff is None
+                else (f"{diff['difference']:+.3f} [{diff['low']:+.3f}, {diff['high']:+.3f}]")
+            )
+            lines.append(
+                f"| {name} | {set_name} | {m['BLEU-4']:.3f} | {m['METEOR']:.4f} | {m['CIDEr']:.3f} | {cell} |"
+            )
         diff = comparisons.get(name, {}).get("everyday (160)")
         if diff is not None:
-            lines.append(f"| {name} | everyday (160) | | | {diff['CIDEr']:.3f} | "
-                         f"{diff['difference']:+.3f} [{diff['low']:+.3f}, {diff['high']:+.3f}] |")
+            lines.append(
+                f"| {name} | everyday (160) | | | {diff['CIDEr']:.3f} | "
+                f"{diff['difference']:+.3f} [{diff['low']:+.3f}, {diff['high']:+.3f}] |"
+            )
     table = "\n".join(lines)
     (args.out / "decoding_choice.md").write_text(
         f"`python benchmarks/decoding_choice.py {' '.join(sys.argv[1:] if argv is None else argv)}`"
-        f"\n\n{table}\n")
+        f"\n\n{table}\n"
+    )
     print(table)
     return 0
 

@@ -35,9 +35,13 @@ import numpy as np  # noqa: E402
 import _common as C  # noqa: E402
 import _isolated as I  # noqa: E402
 
-OPTION_SETS = {"default": {}, "no-fusion": {"fusion_weight": 0.0},
-               "n-best-3": {"n_best": 3}, "beam-5": {"beam_size": 5},
-               "penalty-0.7": {"length_penalty": 0.7}}
+OPTION_SETS = {
+    "default": {},
+    "no-fusion": {"fusion_weight": 0.0},
+    "n-best-3": {"n_best": 3},
+    "beam-5": {"beam_size": 5},
+    "penalty-0.7": {"length_penalty": 0.7},
+}
 
 
 def _search(captioner, encoded, options, on_device: bool):
@@ -45,8 +49,16 @@ def _search(captioner, encoded, options, on_device: bool):
 
     backend = captioner.backend
     backend.on_device = on_device
-    return search(backend, encoded, options, captioner.vocab.start, captioner.vocab.end,
-                  len(captioner.vocab), captioner.classes, captioner.fusion)
+    return search(
+        backend,
+        encoded,
+        options,
+        captioner.vocab.start,
+        captioner.vocab.end,
+        len(captioner.vocab),
+        captioner.classes,
+        captioner.fusion,
+    )
 
 
 def _load_device_captioner(model: Path, **options):
@@ -56,6 +68,7 @@ def _load_device_captioner(model: Path, **options):
 
 
 # -- check -----------------------------------------------------------------------------------------
+
 
 def check(args) -> None:
     import torch
@@ -68,24 +81,40 @@ def check(args) -> None:
     model = C.model_dir(args.model)
     names_file = args.flickr8k / "Flickr_8k.devImages.txt"
     if not names_file.is_file():
-        sys.exit(f"{names_file} is absent: the check needs the Flickr8k dev photos "
-                 "(--flickr8k DIR)")
-    names = [x.strip() for x in names_file.read_text().splitlines() if x.strip()][:args.n]
+        sys.exit(f"{names_file} is absent: the check needs the Flickr8k dev photos (--flickr8k DIR)")
+    names = [x.strip() for x in names_file.read_text().splitlines() if x.strip()][: args.n]
     captioner = _load_device_captioner(model)
     sets = [s.strip() for s in args.options.split(",") if s.strip()]
     unknown = [s for s in sets if s not in OPTION_SETS]
     if unknown:
         sys.exit(f"unknown option sets {unknown}; choose from {', '.join(OPTION_SETS)}")
     rows, examples = [], []
-    stats = {s: {"n": 0, "same_tokens": 0, "same_all": 0, "max_score_diff": 0.0,
-                 "host_s": 0.0, "device_s": 0.0, "fused_images": 0} for s in sets}
+    stats = {
+        s: {
+            "n": 0,
+            "same_tokens": 0,
+            "same_all": 0,
+            "max_score_diff": 0.0,
+            "host_s": 0.0,
+            "device_s": 0.0,
+            "fused_images": 0,
+        }
+        for s in sets
+    }
     for start in range(0, len(names), args.batch):
-        chunk = names[start:start + args.batch]
-        batch = np.stack([preprocess([load_rgb(str(args.flickr8k / "images" / n))],
-                                     captioner.manifest.preprocessing)[0] for n in chunk])
+        chunk = names[start : start + args.batch]
+        batch = np.stack(
+            [
+                preprocess([load_rgb(str(args.flickr8k / "images" / n))], captioner.manifest.preprocessing)[0]
+                for n in chunk
+            ]
+        )
         encoded = captioner.backend.encode(batch)
-        gate = None if captioner.fusion is None or captioner.fusion.gate is None else \
-            captioner.fusion.gate(encoded.class_probs)
+        gate = (
+            None
+            if captioner.fusion is None or captioner.fusion.gate is None
+            else captioner.fusion.gate(encoded.class_probs)
+        )
         for name in sets:
             options = replace(CaptionOptions(), **OPTION_SETS[name])
             s = stats[name]
@@ -105,39 +134,73 @@ def check(args) -> None:
                 s["same_tokens"] += tokens
                 s["same_all"] += tokens and [h.finished for h in a] == [h.finished for h in b]
                 if tokens:
-                    s["max_score_diff"] = max(s["max_score_diff"], *(
-                        abs(x.score - y.score) for x, y in zip(a, b)),
-                        *(abs(x.rank_score - y.rank_score) for x, y in zip(a, b)))
+                    s["max_score_diff"] = max(
+                        s["max_score_diff"],
+                        *(abs(x.score - y.score) for x, y in zip(a, b)),
+                        *(abs(x.rank_score - y.rank_score) for x, y in zip(a, b)),
+                    )
                 elif len(examples) < 10:
-                    examples.append({"set": name, "photo": photo,
-                                     "host": captioner.vocab.decode(a[0].tokens),
-                                     "device": captioner.vocab.decode(b[0].tokens)})
+                    examples.append(
+                        {
+                            "set": name,
+                            "photo": photo,
+                            "host": captioner.vocab.decode(a[0].tokens),
+                            "device": captioner.vocab.decode(b[0].tokens),
+                        }
+                    )
         print(f"{start + len(chunk)}/{len(names)}", file=sys.stderr, flush=True)
     for name in sets:
         s = stats[name]
-        rows.append([name, s["n"], f"{s['same_tokens']}/{s['n']}", f"{s['same_all']}/{s['n']}",
-                     f"{s['max_score_diff']:.2e}", s["fused_images"],
-                     1e3 * s["host_s"] / s["n"], 1e3 * s["device_s"] / s["n"]])
-    text = (f"The first {len(names)} Flickr8k dev photos ({args.flickr8k}), the shipped model "
-            f"(`{model}`), torch backend on the CPU, FP32; batches of {args.batch}; each batch's "
-            "encoder outputs searched by the numpy loop (host) and by the device search on "
-            "torch CPU tensors. `same hypotheses`: every hypothesis' tokens (n_best of them) "
-            "equal; `+ finished`: and their finished flags; `max |score diff|`: over score and "
-            "rank score of equal hypotheses; `fused photos`: photos the gate gave fusion weight "
-            "(the LM path ran). ms per caption: the search alone, one process, host and device "
-            "one after the other per batch (a rough figure; `time` measures it properly).\n\n"
-            + C.markdown_table(["options", "photos", "same hypotheses", "+ finished",
-                                "max |score diff|", "fused photos", "host ms/caption",
-                                "device ms/caption"], rows))
+        rows.append(
+            [
+                name,
+                s["n"],
+                f"{s['same_tokens']}/{s['n']}",
+                f"{s['same_all']}/{s['n']}",
+                f"{s['max_score_diff']:.2e}",
+                s["fused_images"],
+                1e3 * s["host_s"] / s["n"],
+                1e3 * s["device_s"] / s["n"],
+            ]
+        )
+    text = (
+        f"The first {len(names)} Flickr8k dev photos ({args.flickr8k}), the shipped model "
+        f"(`{model}`), torch backend on the CPU, FP32; batches of {args.batch}; each batch's "
+        "encoder outputs searched by the numpy loop (host) and by the device search on "
+        "torch CPU tensors. `same hypotheses`: every hypothesis' tokens (n_best of them) "
+        "equal; `+ finished`: and their finished flags; `max |score diff|`: over score and "
+        "rank score of equal hypotheses; `fused photos`: photos the gate gave fusion weight "
+        "(the LM path ran). ms per caption: the search alone, one process, host and device "
+        "one after the other per batch (a rough figure; `time` measures it properly).\n\n"
+        + C.markdown_table(
+            [
+                "options",
+                "photos",
+                "same hypotheses",
+                "+ finished",
+                "max |score diff|",
+                "fused photos",
+                "host ms/caption",
+                "device ms/caption",
+            ],
+            rows,
+        )
+    )
     if examples:
-        text += "\n\nDiffering:\n\n" + "\n".join(f"- {e['set']} {e['photo']}: host "
-                                                  f"\"{e['host']}\" / device \"{e['device']}\""
-                                                  for e in examples)
-    C.write_results(args.name or "device_search_check", {"stats": stats, "differing": examples},
-                    text, out=args.out, script="device_search")
+        text += "\n\nDiffering:\n\n" + "\n".join(
+            f'- {e["set"]} {e["photo"]}: host "{e["host"]}" / device "{e["device"]}"' for e in examples
+        )
+    C.write_results(
+        args.name or "device_search_check",
+        {"stats": stats, "differing": examples},
+        text,
+        out=args.out,
+        script="device_search",
+    )
 
 
 # -- time (in the worker) --------------------------------------------------------------------------
+
 
 class SearchTask:
     """One search mode's Captioner and pre-encoded batches of the example photos; the measure
@@ -149,26 +212,32 @@ class SearchTask:
         from edgecap.images import load_rgb, preprocess
 
         self.torch = torch
-        self.captioner = _load_device_captioner(Path(model), beam_size=beam, batch_size=batch,
-                                                max_length=max_length)
+        self.captioner = _load_device_captioner(
+            Path(model), beam_size=beam, batch_size=batch, max_length=max_length
+        )
         self.on_device = mode == "device"
         frames = C.example_frames()
-        pre = [preprocess([load_rgb(f, "rgb")], self.captioner.manifest.preprocessing)[0]
-               for f in frames]
+        pre = [preprocess([load_rgb(f, "rgb")], self.captioner.manifest.preprocessing)[0] for f in frames]
         # as many distinct batches as photos: batch i starts at photo i
-        self.encoded = [self.captioner.backend.encode(np.stack(
-            [pre[(i + j) % len(pre)] for j in range(batch)])) for i in range(len(pre))]
+        self.encoded = [
+            self.captioner.backend.encode(np.stack([pre[(i + j) % len(pre)] for j in range(batch)]))
+            for i in range(len(pre))
+        ]
         self._next = itertools.cycle(range(len(self.encoded)))
         first = self.search()
-        self.info = {"describe": self.captioner.backend.describe(), "mode": mode,
-                     "first_caption": self.captioner.vocab.decode(first[0][0].tokens),
-                     "options": repr(self.captioner.options)}
+        self.info = {
+            "describe": self.captioner.backend.describe(),
+            "mode": mode,
+            "first_caption": self.captioner.vocab.decode(first[0][0].tokens),
+            "options": repr(self.captioner.options),
+        }
         self.measures = {"search": self.search}
 
     def search(self):
         with self.torch.inference_mode():
-            return _search(self.captioner, self.encoded[next(self._next)],
-                           self.captioner.options, self.on_device)
+            return _search(
+                self.captioner, self.encoded[next(self._next)], self.captioner.options, self.on_device
+            )
 
 
 def make_task(**kwargs) -> SearchTask:
@@ -178,40 +247,59 @@ def make_task(**kwargs) -> SearchTask:
 def time_searches(args) -> None:
     model = str(C.model_dir(args.model))
     batches = [int(b) for b in args.batches.split(",")]
-    specs = [I.Spec(f"{mode}-b{batch}", "device_search:make_task",
-                    {"model": model, "mode": mode, "batch": batch, "beam": args.beam,
-                     "max_length": args.max_length})
-             for batch in batches for mode in ("host", "device")]
+    specs = [
+        I.Spec(
+            f"{mode}-b{batch}",
+            "device_search:make_task",
+            {"model": model, "mode": mode, "batch": batch, "beam": args.beam, "max_length": args.max_length},
+        )
+        for batch in batches
+        for mode in ("host", "device")
+    ]
     load_before = C.load_average()
     result = C.run_harness(specs, ["search"], args)
-    data = {"settings": {"beam": args.beam, "batches": batches, "max_length": args.max_length,
-                         "load_average": [load_before, C.load_average()],
-                         **result.pop("settings")}, **result}
+    data = {
+        "settings": {
+            "beam": args.beam,
+            "batches": batches,
+            "max_length": args.max_length,
+            "load_average": [load_before, C.load_average()],
+            **result.pop("settings"),
+        },
+        **result,
+    }
     rows, per = [], data["measures"]["search"]
     for label, entry in per.items():
         batch = int(label.rpartition("-b")[2])
-        rows.append([label, batch, entry["interleaved"]["median_ms"] / batch,
-                     entry["interleaved"]["p95_ms"] / batch,
-                     *C.harness_cells(entry, 1.0 / batch)])
+        rows.append(
+            [
+                label,
+                batch,
+                entry["interleaved"]["median_ms"] / batch,
+                entry["interleaved"]["p95_ms"] / batch,
+                *C.harness_cells(entry, 1.0 / batch),
+            ]
+        )
     ratios = []
     for batch in batches:
         host = per[f"host-b{batch}"]["interleaved"]["median_ms"]
         device = per[f"device-b{batch}"]["interleaved"]["median_ms"]
         ratios.append([batch, host / batch, device / batch, device / host])
-    text = (f"The search alone (`edgecap.decoding.search` on a pre-encoded batch of the example "
-            f"photos, default options: tag bonus, fused language models where the gate gives "
-            f"weight), torch backend on the CPU, FP32, beam {args.beam}, max "
-            f"{args.max_length} words. host: the numpy loop over the torch step; device: the "
-            "device search on torch CPU tensors (early exit). ms per caption = a call's ms / "
-            f"batch. Load average before/after: {data['settings']['load_average'][0]} / "
-            f"{data['settings']['load_average'][1]}.\n\n"
-            + C.markdown_table(["variant", "batch", "p50 ms/caption", "p95 ms/caption",
-                                *C.HARNESS_HEADERS], rows)
-            + "\n\n" + C.markdown_table(["batch", "host ms/caption", "device ms/caption",
-                                         "device / host"], ratios)
-            + "\n\n" + C.isolation_markdown(data))
-    C.write_results(args.name or "device_search_time", data, text, out=args.out,
-                    script="device_search")
+    text = (
+        f"The search alone (`edgecap.decoding.search` on a pre-encoded batch of the example "
+        f"photos, default options: tag bonus, fused language models where the gate gives "
+        f"weight), torch backend on the CPU, FP32, beam {args.beam}, max "
+        f"{args.max_length} words. host: the numpy loop over the torch step; device: the "
+        "device search on torch CPU tensors (early exit). ms per caption = a call's ms / "
+        f"batch. Load average before/after: {data['settings']['load_average'][0]} / "
+        f"{data['settings']['load_average'][1]}.\n\n"
+        + C.markdown_table(["variant", "batch", "p50 ms/caption", "p95 ms/caption", *C.HARNESS_HEADERS], rows)
+        + "\n\n"
+        + C.markdown_table(["batch", "host ms/caption", "device ms/caption", "device / host"], ratios)
+        + "\n\n"
+        + C.isolation_markdown(data)
+    )
+    C.write_results(args.name or "device_search_time", data, text, out=args.out, script="device_search")
 
 
 def parse_args(argv=None):
@@ -220,11 +308,11 @@ def parse_args(argv=None):
     c = sub.add_parser("check", help="captions of Flickr8k dev photos: device vs host search")
     c.add_argument("--n", type=int, default=200)
     c.add_argument("--batch", type=int, default=8)
-    c.add_argument("--options", default="default,no-fusion",
-                   help=f"comma list of option sets: {', '.join(OPTION_SETS)}")
+    c.add_argument(
+        "--options", default="default,no-fusion", help=f"comma list of option sets: {', '.join(OPTION_SETS)}"
+    )
     c.add_argument("--flickr8k", type=Path, default=C.FLICKR8K)
-    c.add_argument("--threads", type=int, default=None,
-                   help="torch intra-op threads (default: torch's)")
+    c.add_argument("--threads", type=int, default=None, help="torch intra-op threads (default: torch's)")
     t = sub.add_parser("time", help="search ms per caption, each variant in its own process")
     t.add_argument("--beam", type=int, default=3)
     t.add_argument("--batches", default="1,8")

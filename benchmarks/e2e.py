@@ -38,39 +38,53 @@ from pathlib import Path
 import _common as C
 import _isolated as I
 
-BASE_VARIANTS = ("ort-fp32", "torch-eager", "ort-fp32-noguide", "ort-fp32-constrained",
-                 "ort-fp32-b")
+BASE_VARIANTS = ("ort-fp32", "torch-eager", "ort-fp32-noguide", "ort-fp32-constrained", "ort-fp32-b")
 DEFAULT_VARIANTS = ("ort-fp32", "torch-eager", "ort-fp32-noguide")
 SPINNING = {"on": "1", "off": "0"}
 
 
 # -- in the worker ---------------------------------------------------------------------------------
 
+
 class CaptionTask:
     """A Captioner and the calls timed on it: ``e2e`` (caption_batch of the next ``batch``
     frames) and ``encoder`` (backend.encode of one preprocessed frame)."""
 
-    def __init__(self, model: str | None, backend: str, beam: int, batch: int, max_length: int,
-                 caption_options: dict, backend_options: dict, session_config: dict):
+    def __init__(
+        self,
+        model: str | None,
+        backend: str,
+        beam: int,
+        batch: int,
+        max_length: int,
+        caption_options: dict,
+        backend_options: dict,
+        session_config: dict,
+    ):
         import numpy as np
 
         from edgecap.images import load_rgb, preprocess
 
-        variant = C.Variant("worker", backend, Path(model) if model else C.DEFAULT_MODEL,
-                            backend_options, session_config)
-        self.captioner = variant.captioner(beam_size=beam, batch_size=batch,
-                                           max_length=max_length, **caption_options)
+        variant = C.Variant(
+            "worker", backend, Path(model) if model else C.DEFAULT_MODEL, backend_options, session_config
+        )
+        self.captioner = variant.captioner(
+            beam_size=beam, batch_size=batch, max_length=max_length, **caption_options
+        )
         self.frames = C.example_frames()
         self.batch = batch
         self._next = itertools.cycle(range(len(self.frames)))
-        one = preprocess([load_rgb(self.frames[0], "rgb")],
-                         self.captioner.manifest.preprocessing)[0]
+        one = preprocess([load_rgb(self.frames[0], "rgb")], self.captioner.manifest.preprocessing)[0]
         self.encoder_input = np.ascontiguousarray(one[None])
         first = self.captioner.caption_batch([self.frames[0]])[0]
-        self.info = {"describe": self.captioner.backend.describe(),
-                     "model": str(self.captioner.manifest.directory),
-                     "options": repr(self.captioner.options), "session_config": session_config,
-                     "first_caption": first.text, "allow_spinning": self._spinning()}
+        self.info = {
+            "describe": self.captioner.backend.describe(),
+            "model": str(self.captioner.manifest.directory),
+            "options": repr(self.captioner.options),
+            "session_config": session_config,
+            "first_caption": first.text,
+            "allow_spinning": self._spinning(),
+        }
         self.measures = {"e2e": self.e2e, "encoder": self.encoder}
 
     def _spinning(self) -> str | None:
@@ -80,14 +94,12 @@ class CaptionTask:
         if not hasattr(session, "get_session_options"):
             return None
         try:
-            return session.get_session_options().get_session_config_entry(
-                "session.intra_op.allow_spinning")
+            return session.get_session_options().get_session_config_entry("session.intra_op.allow_spinning")
         except Exception:  # not set
             return "default"
 
     def e2e(self):
-        return self.captioner.caption_batch([self.frames[next(self._next)]
-                                             for _ in range(self.batch)])
+        return self.captioner.caption_batch([self.frames[next(self._next)] for _ in range(self.batch)])
 
     def encoder(self):
         return self.captioner.backend.encode(self.encoder_input)
@@ -99,11 +111,14 @@ def make_task(**kwargs) -> CaptionTask:
 
 # -- in the parent ---------------------------------------------------------------------------------
 
+
 def variant_spec(label: str, args) -> I.Spec:
     name, _, spin = label.partition("/")
     if name not in BASE_VARIANTS:
-        sys.exit(f"unknown variant {label!r}; choose from {', '.join(BASE_VARIANTS)} "
-                 "(optionally with /spin-on or /spin-off)")
+        sys.exit(
+            f"unknown variant {label!r}; choose from {', '.join(BASE_VARIANTS)} "
+            "(optionally with /spin-on or /spin-off)"
+        )
     model = str(C.model_dir(args.model))
     backend, caption_options, backend_options = "onnxruntime", {}, {"device": "cpu"}
     if name == "torch-eager":
@@ -125,41 +140,69 @@ def variant_spec(label: str, args) -> I.Spec:
         session_config = {"session.intra_op.allow_spinning": SPINNING[spin.removeprefix("spin-")]}
     elif args.spinning != "default" and backend == "onnxruntime":
         session_config = {"session.intra_op.allow_spinning": SPINNING[args.spinning]}
-    kwargs = {"model": model, "backend": backend, "beam": args.beam, "batch": args.batch,
-              "max_length": args.max_length, "caption_options": caption_options,
-              "backend_options": backend_options, "session_config": session_config}
+    kwargs = {
+        "model": model,
+        "backend": backend,
+        "beam": args.beam,
+        "batch": args.batch,
+        "max_length": args.max_length,
+        "caption_options": caption_options,
+        "backend_options": backend_options,
+        "session_config": session_config,
+    }
     return I.Spec(label, "e2e:make_task", kwargs)
 
 
 def parse_args(argv=None):
     p = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
-    p.add_argument("--model", type=Path, default=None,
-                   help="model directory (default: the shipped model)")
-    p.add_argument("--model-b", type=Path, default=None,
-                   help="a second model directory, run as variant ort-fp32-b")
-    p.add_argument("--variants", default=None,
-                   help=f"comma-separated, from {', '.join(BASE_VARIANTS)}, each optionally "
-                        f"with /spin-on or /spin-off (default: {','.join(DEFAULT_VARIANTS)}, "
-                        "plus ort-fp32-b with --model-b); the first is the ratios' baseline")
+    p.add_argument("--model", type=Path, default=None, help="model directory (default: the shipped model)")
+    p.add_argument(
+        "--model-b", type=Path, default=None, help="a second model directory, run as variant ort-fp32-b"
+    )
+    p.add_argument(
+        "--variants",
+        default=None,
+        help=f"comma-separated, from {', '.join(BASE_VARIANTS)}, each optionally "
+        f"with /spin-on or /spin-off (default: {','.join(DEFAULT_VARIANTS)}, "
+        "plus ort-fp32-b with --model-b); the first is the ratios' baseline",
+    )
     p.add_argument("--beam", type=int, default=3)
     p.add_argument("--batch", type=int, default=1)
     p.add_argument("--max-length", type=int, default=20)
-    p.add_argument("--threads", type=int, default=None,
-                   help="onnxruntime intra-op threads (default: the library's, physical cores)")
-    p.add_argument("--spinning", choices=("default", "on", "off"), default="default",
-                   help="onnxruntime intra-op spinning in the onnxruntime variants without a "
-                        "/spin- suffix (default: the library's default, i.e. what a user gets)")
+    p.add_argument(
+        "--threads",
+        type=int,
+        default=None,
+        help="onnxruntime intra-op threads (default: the library's, physical cores)",
+    )
+    p.add_argument(
+        "--spinning",
+        choices=("default", "on", "off"),
+        default="default",
+        help="onnxruntime intra-op spinning in the onnxruntime variants without a "
+        "/spin- suffix (default: the library's default, i.e. what a user gets)",
+    )
     p.add_argument("--rounds", type=int, default=15)
-    p.add_argument("--per-round", type=int, default=4,
-                   help="calls per variant, measure and round (4 = each example photo once)")
+    p.add_argument(
+        "--per-round",
+        type=int,
+        default=4,
+        help="calls per variant, measure and round (4 = each example photo once)",
+    )
     p.add_argument("--warmup", type=int, default=3, help="unmeasured calls per worker and measure")
     p.add_argument("--no-alone", action="store_true", help="skip the alone pass (no flags)")
     p.add_argument("--no-encoder", action="store_true", help="time end to end only")
-    p.add_argument("--idle-windows", default="0.2,1.0",
-                   help="consecutive windows (s) of idleness after a call over which each "
-                        "worker's CPU time is read")
-    p.add_argument("--settle", type=float, default=0.25,
-                   help="untimed pause (s) before each turn, longer than onnxruntime's spinning")
+    p.add_argument(
+        "--idle-windows",
+        default="0.2,1.0",
+        help="consecutive windows (s) of idleness after a call over which each worker's CPU time is read",
+    )
+    p.add_argument(
+        "--settle",
+        type=float,
+        default=0.25,
+        help="untimed pause (s) before each turn, longer than onnxruntime's spinning",
+    )
     p.add_argument("--name", default="e2e", help="results file names: NAME.json and NAME.md")
     C.add_out_argument(p)
     return p.parse_args(argv)
@@ -167,31 +210,46 @@ def parse_args(argv=None):
 
 def main(argv=None) -> None:
     args = parse_args(argv)
-    labels = ([v.strip() for v in args.variants.split(",") if v.strip()] if args.variants
-              else list(DEFAULT_VARIANTS) + (["ort-fp32-b"] if args.model_b else []))
+    labels = (
+        [v.strip() for v in args.variants.split(",") if v.strip()]
+        if args.variants
+        else list(DEFAULT_VARIANTS) + (["ort-fp32-b"] if args.model_b else [])
+    )
     specs = [variant_spec(label, args) for label in labels]
     measures = ["e2e"] if args.no_encoder else ["e2e", "encoder"]
     load_before = C.load_average()
-    result = I.run_isolated(specs, measures, rounds=args.rounds, per_round=args.per_round,
-                            warmup=args.warmup, alone=not args.no_alone,
-                            idle_windows_s=[float(w) for w in args.idle_windows.split(",")],
-                            settle_s=args.settle)
-    settings = {"beam": args.beam, "batch": args.batch, "max_length": args.max_length,
-                "input": "frames of the example photos, cycled",
-                "load_average": [load_before, C.load_average()]}
+    result = I.run_isolated(
+        specs,
+        measures,
+        rounds=args.rounds,
+        per_round=args.per_round,
+        warmup=args.warmup,
+        alone=not args.no_alone,
+        idle_windows_s=[float(w) for w in args.idle_windows.split(",")],
+        settle_s=args.settle,
+    )
+    settings = {
+        "beam": args.beam,
+        "batch": args.batch,
+        "max_length": args.max_length,
+        "input": "frames of the example photos, cycled",
+        "load_average": [load_before, C.load_average()],
+    }
     data = {"settings": {**settings, **result.pop("settings")}, **result}
-    variants = "\n".join(f"- {n}: {v['info'].get('describe')}; "
-                         + "".join(f"{k}={val}; " for k, val in
-                                   v["info"].get("session_config", {}).items())
-                         + f"model {v['info'].get('model')}; first caption "
-                           f"\"{v['info'].get('first_caption')}\""
-                         for n, v in data["variants"].items())
-    text = (f"Beam {args.beam}, batch {args.batch}, max {args.max_length} words; e2e = "
-            "`Captioner.caption_batch` on in-memory frames of the example photos (each call the "
-            "next photo), encoder = `backend.encode` of one preprocessed frame. Load average "
-            f"before/after: {settings['load_average'][0]} / {settings['load_average'][1]} (a "
-            "busy machine inflates and scatters every figure).\n\n" + variants + "\n\n"
-            + I.report_markdown(data))
+    variants = "\n".join(
+        f"- {n}: {v['info'].get('describe')}; "
+        + "".join(f"{k}={val}; " for k, val in v["info"].get("session_config", {}).items())
+        + f"model {v['info'].get('model')}; first caption "
+        f'"{v["info"].get("first_caption")}"'
+        for n, v in data["variants"].items()
+    )
+    text = (
+        f"Beam {args.beam}, batch {args.batch}, max {args.max_length} words; e2e = "
+        "`Captioner.caption_batch` on in-memory frames of the example photos (each call the "
+        "next photo), encoder = `backend.encode` of one preprocessed frame. Load average "
+        f"before/after: {settings['load_average'][0]} / {settings['load_average'][1]} (a "
+        "busy machine inflates and scatters every figure).\n\n" + variants + "\n\n" + I.report_markdown(data)
+    )
     C.write_results(args.name, data, text, argv, script="e2e", out=args.out)
     if data["flags"]:
         print("FLAGGED: " + "; ".join(data["flags"]), file=sys.stderr)

@@ -29,12 +29,15 @@ def reference_words(references: Path) -> dict[str, set[str]]:
     "dog's" counts as "dog")."""
     from edgecap.evaluation.evaluate import load_references
 
-    return {item.file_name: {w for c in item.captions for w in re.findall(r"[a-z]+", c.lower())}
-            for item in load_references(references=references)}
+    return {
+        item.file_name: {w for c in item.captions for w in re.findall(r"[a-z]+", c.lower())}
+        for item in load_references(references=references)
+    }
 
 
-def hit_rate(probs: np.ndarray, files: list[str], words: dict[str, set[str]],
-             class_words: list[set[str]], k: int) -> float:
+def hit_rate(
+    probs: np.ndarray, files: list[str], words: dict[str, set[str]], class_words: list[set[str]], k: int
+) -> float:
     """The share of photos with a caption word of one of their top-k classes in a reference."""
     hits = [any(class_words[c] & words[f] for c in np.argsort(-p)[:k]) for p, f in zip(probs, files)]
     return float(np.mean(hits))
@@ -44,8 +47,11 @@ def main(argv=None) -> None:
     p = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
     p.add_argument("--images", type=Path, required=True)
     p.add_argument("--references", type=Path, required=True, help="COCO caption JSON")
-    p.add_argument("--encoders", default="efficientnet-lite0@224,efficientnet-lite2@260",
-                   help="comma-separated ENCODER@SIZE")
+    p.add_argument(
+        "--encoders",
+        default="efficientnet-lite0@224,efficientnet-lite2@260",
+        help="comma-separated ENCODER@SIZE",
+    )
     p.add_argument("--threads", type=int, default=0, help="torch threads (0: torch's default)")
     C.add_out_argument(p)
     args = p.parse_args(argv)
@@ -73,19 +79,26 @@ def main(argv=None) -> None:
         x = torch.from_numpy(preprocess(frames, pre))
         with torch.inference_mode():
             probs = model.class_probs(model.features(x)).numpy()
-        entry = {"top1": hit_rate(probs, files, words, class_words, 1),
-                 "top5": hit_rate(probs, files, words, class_words, 5),
-                 "mean_top1_probability": float(probs.max(1).mean()),
-                 "top1_classes": {f: names[int(q.argmax())] for f, q in zip(files, probs)}}
+        entry = {
+            "top1": hit_rate(probs, files, words, class_words, 1),
+            "top5": hit_rate(probs, files, words, class_words, 5),
+            "mean_top1_probability": float(probs.max(1).mean()),
+            "top1_classes": {f: names[int(q.argmax())] for f, q in zip(files, probs)},
+        }
         data["encoders"][item] = entry
-        rows.append([item, f"{entry['top1']:.3f}", f"{entry['top5']:.3f}",
-                     f"{entry['mean_top1_probability']:.3f}"])
-        print(f"{item}: top-1 {entry['top1']:.3f}, top-5 {entry['top5']:.3f}, "
-              f"mean top-1 probability {entry['mean_top1_probability']:.3f}", flush=True)
-    md = (f"{len(files)} photos of `{args.images}`; a hit: "
-          "a caption word of one of the top-k ImageNet classes is in a reference caption.\n\n"
-          + C.markdown_table(["encoder@size", "top-1 hit", "top-5 hit", "mean top-1 probability"],
-                             rows))
+        rows.append(
+            [item, f"{entry['top1']:.3f}", f"{entry['top5']:.3f}", f"{entry['mean_top1_probability']:.3f}"]
+        )
+        print(
+            f"{item}: top-1 {entry['top1']:.3f}, top-5 {entry['top5']:.3f}, "
+            f"mean top-1 probability {entry['mean_top1_probability']:.3f}",
+            flush=True,
+        )
+    md = (
+        f"{len(files)} photos of `{args.images}`; a hit: "
+        "a caption word of one of the top-k ImageNet classes is in a reference caption.\n\n"
+        + C.markdown_table(["encoder@size", "top-1 hit", "top-5 hit", "mean top-1 probability"], rows)
+    )
     C.write_results("encoder_tags", data, md, argv, out=args.out)
 
 

@@ -64,8 +64,9 @@ def main(argv=None) -> None:
     p.add_argument("--dir", type=Path, required=True)
     p.add_argument("--shard-size", type=int, default=1024)
     p.add_argument("--old", action="store_true")
-    p.add_argument("--memory-limit-mb", type=int, default=0,
-                   help="address-space limit of each reading process (0: none)")
+    p.add_argument(
+        "--memory-limit-mb", type=int, default=0, help="address-space limit of each reading process (0: none)"
+    )
     C.add_out_argument(p)
     args = p.parse_args(argv)
     from edgecap.training.shards import extract_shards
@@ -74,25 +75,42 @@ def main(argv=None) -> None:
         rng = np.random.default_rng(0)
         row = rng.standard_normal((49, 1280)).astype(np.float32)
         t0 = time.perf_counter()
-        extract_shards([f"img-{i:07d}.jpg" for i in range(args.images)], args.dir,
-                       load=lambda path: np.zeros(1, np.float32),
-                       encode=lambda x: np.broadcast_to(row, (len(x), 49, 1280)),
-                       shard_size=args.shard_size, batch_size=256, log=print)
-        print(json.dumps({"written_gb": round(sum(f.stat().st_size for f in
-                                                  args.dir.glob("shard-*.npy")) / 1e9, 2),
-                          "seconds": round(time.perf_counter() - t0, 1)}))
+        extract_shards(
+            [f"img-{i:07d}.jpg" for i in range(args.images)],
+            args.dir,
+            load=lambda path: np.zeros(1, np.float32),
+            encode=lambda x: np.broadcast_to(row, (len(x), 49, 1280)),
+            shard_size=args.shard_size,
+            batch_size=256,
+            log=print,
+        )
+        print(
+            json.dumps(
+                {
+                    "written_gb": round(sum(f.stat().st_size for f in args.dir.glob("shard-*.npy")) / 1e9, 2),
+                    "seconds": round(time.perf_counter() - t0, 1),
+                }
+            )
+        )
     runs = []
     for mode in ["new"] + (["old"] if args.old else []):
-        done = subprocess.run([sys.executable, "-c", _READ, str(args.dir), mode,
-                               str(args.memory_limit_mb)], check=True, capture_output=True,
-                              text=True)
+        done = subprocess.run(
+            [sys.executable, "-c", _READ, str(args.dir), mode, str(args.memory_limit_mb)],
+            check=True,
+            capture_output=True,
+            text=True,
+        )
         print(done.stdout, end="")
         runs.append(json.loads(done.stdout.strip().splitlines()[-1]))
     keys = sorted({k for r in runs for k in r})
-    C.write_results("feature_stream", {"images": args.images, "shard_size": args.shard_size,
-                                       "runs": runs},
-                    C.markdown_table(keys, [[r.get(k, "") for k in keys] for r in runs]), argv,
-                    out=args.out, echo=False)
+    C.write_results(
+        "feature_stream",
+        {"images": args.images, "shard_size": args.shard_size, "runs": runs},
+        C.markdown_table(keys, [[r.get(k, "") for k in keys] for r in runs]),
+        argv,
+        out=args.out,
+        echo=False,
+    )
 
 
 if __name__ == "__main__":

@@ -50,12 +50,14 @@ def parse_args(argv=None):
     p.add_argument("--backend", default="onnxruntime", help="Captioner backend (default onnxruntime)")
     p.add_argument("--device", default=None, help="cpu or cuda (default: the backend's own)")
     p.add_argument("--model", type=Path, default=None, help="model directory (default: shipped)")
-    p.add_argument("--images", type=Path, default=None,
-                   help="folder of JPEG photos (default: see above)")
+    p.add_argument("--images", type=Path, default=None, help="folder of JPEG photos (default: see above)")
     p.add_argument("--n", type=int, default=128, help="photos per call (default 128)")
     p.add_argument("--batches", default="1,8,64", help="comma list (default 1,8,64)")
-    p.add_argument("--workers", default="0,1,2",
-                   help="comma list of decode_workers; 'default': the Captioner's own choice")
+    p.add_argument(
+        "--workers",
+        default="0,1,2",
+        help="comma list of decode_workers; 'default': the Captioner's own choice",
+    )
     p.add_argument("--beam", type=int, default=3)
     p.add_argument("--rounds", type=int, default=3, help="timed calls per setting (default 3)")
     C.add_out_argument(p)
@@ -93,9 +95,16 @@ def decoded(paths: list[Path]) -> list[np.ndarray]:
     return [frames[p] for p in paths]
 
 
-def measure(cap, workers: list[int | None], paths: list[Path], frames: list[np.ndarray],
-            batches: list[int], rounds: int, beam: int = 3,
-            sync: Callable[[], None] = lambda: None) -> list[dict]:
+def measure(
+    cap,
+    workers: list[int | None],
+    paths: list[Path],
+    frames: list[np.ndarray],
+    batches: list[int],
+    rounds: int,
+    beam: int = 3,
+    sync: Callable[[], None] = lambda: None,
+) -> list[dict]:
     """captions/s of files and of in-memory frames by ``cap`` (a Captioner) for each batch size
     and each number of decoding workers (None: ``cap``'s own), interleaved over ``rounds``;
     ``sync`` brackets each timed call (``torch.cuda.synchronize`` on a GPU). ``same``: the
@@ -109,12 +118,21 @@ def measure(cap, workers: list[int | None], paths: list[Path], frames: list[np.n
             runner.decode_workers = cap.decode_workers if n is None else n
             label = f"{runner.decode_workers}" + (" (default)" if n is None else "")
             for what, inputs in (("files", paths), ("memory", frames)):
-                settings.append({"batch": batch, "workers": label, "input": what,
-                                 "runner": runner, "inputs": inputs, "seconds": [],
-                                 "preprocess_ms": [], "same": []})
+                settings.append(
+                    {
+                        "batch": batch,
+                        "workers": label,
+                        "input": what,
+                        "runner": runner,
+                        "inputs": inputs,
+                        "seconds": [],
+                        "preprocess_ms": [],
+                        "same": [],
+                    }
+                )
     expected: dict[tuple[int, str], list[str]] = {}
     for s in settings:  # warm-up: each setting's first batch (buffers, pools)
-        s["runner"].caption_batch(s["inputs"][:s["batch"]])
+        s["runner"].caption_batch(s["inputs"][: s["batch"]])
     for _ in range(rounds):
         for s in settings:
             sync()
@@ -122,21 +140,27 @@ def measure(cap, workers: list[int | None], paths: list[Path], frames: list[np.n
             captions = s["runner"].caption_batch(s["inputs"])
             sync()
             s["seconds"].append(time.perf_counter() - t0)
-            s["preprocess_ms"].append(sum(c.timings["preprocess_ms"] for c in captions)
-                                      / len(captions))
+            s["preprocess_ms"].append(sum(c.timings["preprocess_ms"] for c in captions) / len(captions))
             texts = [c.text for c in captions]
             first = expected.setdefault((s["batch"], s["input"]), texts)
             s["same"].append(sum(a == b for a, b in zip(texts, first)) / len(texts))
     rows = []
     for s in settings:
         median = float(np.median(s["seconds"]))
-        rows.append({"batch": s["batch"], "workers": s["workers"], "input": s["input"],
-                     "photos": len(s["inputs"]), "calls": len(s["seconds"]),
-                     "median_s": median, "captions_per_s": len(s["inputs"]) / median,
-                     "preprocess_ms_per_photo": float(np.median(s["preprocess_ms"])),
-                     "same": min(s["same"])})
-    memory = {(r["batch"], r["workers"]): r["captions_per_s"] for r in rows
-              if r["input"] == "memory"}
+        rows.append(
+            {
+                "batch": s["batch"],
+                "workers": s["workers"],
+                "input": s["input"],
+                "photos": len(s["inputs"]),
+                "calls": len(s["seconds"]),
+                "median_s": median,
+                "captions_per_s": len(s["inputs"]) / median,
+                "preprocess_ms_per_photo": float(np.median(s["preprocess_ms"])),
+                "same": min(s["same"]),
+            }
+        )
+    memory = {(r["batch"], r["workers"]): r["captions_per_s"] for r in rows if r["input"] == "memory"}
     for r in rows:
         r["of_memory"] = r["captions_per_s"] / memory[(r["batch"], r["workers"])]
     return rows
@@ -150,12 +174,31 @@ def table(rows: list[dict]) -> str:
         if what != "files":
             continue
         m = by[(batch, workers, "memory")]
-        lines.append([batch, workers, r["captions_per_s"], m["captions_per_s"],
-                      f"{r['of_memory']:.2f}", r["preprocess_ms_per_photo"],
-                      m["preprocess_ms_per_photo"], f"{min(r['same'], m['same']):.0%}"])
-    return C.markdown_table(["batch", "decode workers", "files captions/s", "memory captions/s",
-                             "files / memory", "files: load+preprocess ms/photo",
-                             "memory: preprocess ms/photo", "same captions"], lines)
+        lines.append(
+            [
+                batch,
+                workers,
+                r["captions_per_s"],
+                m["captions_per_s"],
+                f"{r['of_memory']:.2f}",
+                r["preprocess_ms_per_photo"],
+                m["preprocess_ms_per_photo"],
+                f"{min(r['same'], m['same']):.0%}",
+            ]
+        )
+    return C.markdown_table(
+        [
+            "batch",
+            "decode workers",
+            "files captions/s",
+            "memory captions/s",
+            "files / memory",
+            "files: load+preprocess ms/photo",
+            "memory: preprocess ms/photo",
+            "same captions",
+        ],
+        lines,
+    )
 
 
 def main(argv=None) -> None:
@@ -170,15 +213,23 @@ def main(argv=None) -> None:
         cap = Captioner(model, backend=args.backend, device=args.device)
         describe = cap.backend.describe()
         rows = measure(cap, args.workers, paths, frames, args.batches, args.rounds, args.beam)
-    data = {"photos": where, "backend": describe, "beam": args.beam, "rounds": args.rounds,
-            "cpus": len(os.sched_getaffinity(0)) if hasattr(os, "sched_getaffinity") else None,
-            "load_average": [load_before, C.load_average()], "results": rows}
-    text = (f"{where}; {describe}; beam {args.beam}; median of {args.rounds} calls per setting, "
-            f"rounds interleaved; load average before/after {load_before} / "
-            f"{data['load_average'][1]}.\n\n{table(rows)}\n\nfiles: `caption_batch(paths)`; "
-            "memory: `caption_batch(frames)` of the same photos decoded beforehand; ms/photo: "
-            "the captions' preprocess_ms (in a worker's own time when workers decode); same captions: "
-            "the share identical to the first worker setting's at that batch and input.")
+    data = {
+        "photos": where,
+        "backend": describe,
+        "beam": args.beam,
+        "rounds": args.rounds,
+        "cpus": len(os.sched_getaffinity(0)) if hasattr(os, "sched_getaffinity") else None,
+        "load_average": [load_before, C.load_average()],
+        "results": rows,
+    }
+    text = (
+        f"{where}; {describe}; beam {args.beam}; median of {args.rounds} calls per setting, "
+        f"rounds interleaved; load average before/after {load_before} / "
+        f"{data['load_average'][1]}.\n\n{table(rows)}\n\nfiles: `caption_batch(paths)`; "
+        "memory: `caption_batch(frames)` of the same photos decoded beforehand; ms/photo: "
+        "the captions' preprocess_ms (in a worker's own time when workers decode); same captions: "
+        "the share identical to the first worker setting's at that batch and input."
+    )
     C.write_results("file_rate", data, text, argv, out=args.out)
 
 

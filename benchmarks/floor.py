@@ -33,14 +33,19 @@ def parse_args(argv=None):
     p.add_argument("--model", default=None, help="model directory (default: the shipped model)")
     p.add_argument("--beam", type=int, default=3)
     p.add_argument("--batch", type=int, default=1)
-    p.add_argument("--threads", type=int, default=None,
-                   help="onnxruntime intra-op threads (default: the backend's default)")
+    p.add_argument(
+        "--threads",
+        type=int,
+        default=None,
+        help="onnxruntime intra-op threads (default: the backend's default)",
+    )
     p.add_argument("--repeats", type=int, default=50)
     C.add_out_argument(p)
     return p.parse_args(argv)
 
 
 # -- counting ------------------------------------------------------------------------------------
+
 
 def graph_cost(path, dims: dict[str, int]) -> dict:
     """FLOPs and weight bytes of one run of the ONNX graph at ``path`` with its symbolic input
@@ -68,8 +73,11 @@ def graph_cost(path, dims: dict[str, int]) -> dict:
                 weight_bytes += rows * array.nbytes // max(array.shape[0], 1)
             else:
                 weight_bytes += array.nbytes
-    return {"flops": int(flops), "weight_bytes": int(weight_bytes),
-            "flops_by_op": {k: int(v) for k, v in by_op.items() if v}}
+    return {
+        "flops": int(flops),
+        "weight_bytes": int(weight_bytes),
+        "flops_by_op": {k: int(v) for k, v in by_op.items() if v},
+    }
 
 
 def tensor_shapes(model, dims: dict[str, int]) -> dict[str, list[int]]:
@@ -87,12 +95,17 @@ def tensor_shapes(model, dims: dict[str, int]) -> dict[str, list[int]]:
                 listed.add(name)
     options = ort.SessionOptions()
     options.graph_optimization_level = ort.GraphOptimizationLevel.ORT_DISABLE_ALL  # keep names
-    session = ort.InferenceSession(model.SerializeToString(), options,
-                                   providers=["CPUExecutionProvider"])
-    types = {"tensor(float)": np.float32, "tensor(int32)": np.int32, "tensor(int64)": np.int64,
-             "tensor(float16)": np.float16}
-    feeds = {i.name: np.zeros([d if isinstance(d, int) else dims[d] for d in i.shape],
-                              types[i.type]) for i in session.get_inputs()}
+    session = ort.InferenceSession(model.SerializeToString(), options, providers=["CPUExecutionProvider"])
+    types = {
+        "tensor(float)": np.float32,
+        "tensor(int32)": np.int32,
+        "tensor(int64)": np.int64,
+        "tensor(float16)": np.float16,
+    }
+    feeds = {
+        i.name: np.zeros([d if isinstance(d, int) else dims[d] for d in i.shape], types[i.type])
+        for i in session.get_inputs()
+    }
     names = [o.name for o in session.get_outputs()]
     return {name: list(value.shape) for name, value in zip(names, session.run(names, feeds))}
 
@@ -113,6 +126,7 @@ def _node_flops(node, shapes) -> int:
 
 # -- this machine ----------------------------------------------------------------------------------
 
+
 def ort_matmul_peak(threads: int | None, size: int = 1024, repeats: int = 10) -> float:
     """GFLOP/s of onnxruntime's FP32 MatMul, (size x size) @ (size x size), best of ``repeats``."""
     import onnx
@@ -123,18 +137,22 @@ def ort_matmul_peak(threads: int | None, size: int = 1024, repeats: int = 10) ->
 
     rng = np.random.default_rng(0)
     b = numpy_helper.from_array(rng.standard_normal((size, size)).astype(np.float32), "B")
-    graph = helper.make_graph([helper.make_node("MatMul", ["A", "B"], ["Y"])], "peak",
-                              [helper.make_tensor_value_info("A", TensorProto.FLOAT, [size, size])],
-                              [helper.make_tensor_value_info("Y", TensorProto.FLOAT, [size, size])],
-                              [b])
+    graph = helper.make_graph(
+        [helper.make_node("MatMul", ["A", "B"], ["Y"])],
+        "peak",
+        [helper.make_tensor_value_info("A", TensorProto.FLOAT, [size, size])],
+        [helper.make_tensor_value_info("Y", TensorProto.FLOAT, [size, size])],
+        [b],
+    )
     model = helper.make_model(graph, opset_imports=[helper.make_opsetid("", 17)])
     model.ir_version = min(model.ir_version, onnx.IR_VERSION)
-    session = ort.InferenceSession(model.SerializeToString(), session_options(threads),
-                                   providers=["CPUExecutionProvider"])
+    session = ort.InferenceSession(
+        model.SerializeToString(), session_options(threads), providers=["CPUExecutionProvider"]
+    )
     a = rng.standard_normal((size, size)).astype(np.float32)
     session.run(None, {"A": a})
     best = min(_timed(lambda: session.run(None, {"A": a})) for _ in range(repeats))
-    return 2 * size ** 3 / best / 1e9
+    return 2 * size**3 / best / 1e9
 
 
 def numpy_matmul_peak(size: int = 1024, repeats: int = 10) -> float:
@@ -143,7 +161,7 @@ def numpy_matmul_peak(size: int = 1024, repeats: int = 10) -> float:
     b = rng.standard_normal((size, size)).astype(np.float32)
     a @ b
     best = min(_timed(lambda: a @ b) for _ in range(repeats))
-    return 2 * size ** 3 / best / 1e9
+    return 2 * size**3 / best / 1e9
 
 
 def copy_bandwidth(n_bytes: int, repeats: int = 20) -> float:
@@ -162,6 +180,7 @@ def _timed(fn) -> float:
 
 
 # -- the stages ------------------------------------------------------------------------------------
+
 
 def measure_stages(model, beam: int, batch: int, threads: int | None, repeats: int) -> dict:
     """Median ms of one encoder run (``batch`` images) and one decoder step (batch x beam rows),
@@ -185,8 +204,11 @@ def measure_stages(model, beam: int, batch: int, threads: int | None, repeats: i
     for _ in range(5):
         session.step(tokens, rows)
     step = [_timed(lambda: session.step(tokens, rows)) for _ in range(repeats)]
-    return {"encoder_ms": C.median(encoder) * 1e3, "step_ms": C.median(step) * 1e3,
-            "describe": backend.describe()}
+    return {
+        "encoder_ms": C.median(encoder) * 1e3,
+        "step_ms": C.median(step) * 1e3,
+        "describe": backend.describe(),
+    }
 
 
 def stage_floors(model, beam: int, batch: int, threads: int | None) -> dict:
@@ -198,19 +220,24 @@ def stage_floors(model, beam: int, batch: int, threads: int | None) -> dict:
 
     manifest = load_manifest(model)
     rows = beam * batch
-    costs = {"encoder": graph_cost(manifest.path("encoder"), {"n": batch}),
-             "decoder step": graph_cost(manifest.path("decoder_step"),
-                                        {"n": batch, "r": rows, "s": rows})}
+    costs = {
+        "encoder": graph_cost(manifest.path("encoder"), {"n": batch}),
+        "decoder step": graph_cost(manifest.path("decoder_step"), {"n": batch, "r": rows, "s": rows}),
+    }
     peak = ort_matmul_peak(threads)
     stages = {}
     for stage, cost in costs.items():
         bandwidth = copy_bandwidth(cost["weight_bytes"])
         compute_ms = cost["flops"] / (peak * 1e9) * 1e3
         memory_ms = cost["weight_bytes"] / (bandwidth * 1e9) * 1e3
-        stages[stage] = {**cost, "copy_bandwidth_gb_per_s": bandwidth,
-                         "compute_floor_ms": compute_ms, "memory_floor_ms": memory_ms,
-                         "floor_ms": max(compute_ms, memory_ms),
-                         "bound": "compute" if compute_ms >= memory_ms else "memory"}
+        stages[stage] = {
+            **cost,
+            "copy_bandwidth_gb_per_s": bandwidth,
+            "compute_floor_ms": compute_ms,
+            "memory_floor_ms": memory_ms,
+            "floor_ms": max(compute_ms, memory_ms),
+            "bound": "compute" if compute_ms >= memory_ms else "memory",
+        }
     return {"ort_matmul_gflops": peak, "stages": stages}
 
 
@@ -236,42 +263,78 @@ def main(argv=None) -> None:
     stages = {}
     for stage, floor in floors["stages"].items():
         ms = times[stage]
-        stages[stage] = {**floor, "measured_ms": ms,
-                         "achieved_gflops": floor["flops"] / ms / 1e6,
-                         "weights_gb_per_s": floor["weight_bytes"] / ms / 1e6,
-                         "measured_over_floor": ms / floor["floor_ms"]}
-    dram = copy_bandwidth(512 * 2 ** 20, repeats=5)
-    data = {"model": str(model), "dims": manifest.dims.to_dict(), "beam": args.beam, "batch": args.batch,
-            "rows": rows, "backend": measured["describe"], "load_average": C.load_average(),
-            "peaks": {"ort_matmul_gflops": floors["ort_matmul_gflops"],
-                      "ort_matmul_gflops_1_thread": peak_one,
-                      "numpy_matmul_gflops": peak_numpy, "dram_copy_gb_per_s": dram},
-            "stages": stages}
+        stages[stage] = {
+            **floor,
+            "measured_ms": ms,
+            "achieved_gflops": floor["flops"] / ms / 1e6,
+            "weights_gb_per_s": floor["weight_bytes"] / ms / 1e6,
+            "measured_over_floor": ms / floor["floor_ms"],
+        }
+    dram = copy_bandwidth(512 * 2**20, repeats=5)
+    data = {
+        "model": str(model),
+        "dims": manifest.dims.to_dict(),
+        "beam": args.beam,
+        "batch": args.batch,
+        "rows": rows,
+        "backend": measured["describe"],
+        "load_average": C.load_average(),
+        "peaks": {
+            "ort_matmul_gflops": floors["ort_matmul_gflops"],
+            "ort_matmul_gflops_1_thread": peak_one,
+            "numpy_matmul_gflops": peak_numpy,
+            "dram_copy_gb_per_s": dram,
+        },
+        "stages": stages,
+    }
     C.write_results("floor", data, report(data), argv, out=args.out)
 
 
 def report(data: dict) -> str:
     p = data["peaks"]
-    lines = [f"Model {data['model']} (hidden {data['dims']['hidden_dim']}, vocab "
-             f"{data['dims']['vocab_size']}); encoder at batch {data['batch']}, decoder step at "
-             f"{data['rows']} rows (beam {data['beam']} x batch {data['batch']}); "
-             f"{data['backend']}; load average {data['load_average']}.", "",
-             f"This machine: onnxruntime FP32 MatMul peak {p['ort_matmul_gflops']:.1f} GFLOP/s "
-             f"(1 thread: {p['ort_matmul_gflops_1_thread']:.1f}), numpy "
-             f"{p['numpy_matmul_gflops']:.1f} GFLOP/s; 512 MiB copy "
-             f"{p['dram_copy_gb_per_s']:.1f} GB/s.", ""]
-    headers = ["stage", "GFLOP", "weights MB", "measured ms", "achieved GFLOP/s",
-               "weights GB/s", "copy GB/s at that size", "floor ms", "bound",
-               "measured / floor"]
-    rows = [[stage, s["flops"] / 1e9, s["weight_bytes"] / 1e6, s["measured_ms"],
-             s["achieved_gflops"], s["weights_gb_per_s"], s["copy_bandwidth_gb_per_s"],
-             s["floor_ms"], s["bound"], s["measured_over_floor"]]
-            for stage, s in data["stages"].items()]
+    lines = [
+        f"Model {data['model']} (hidden {data['dims']['hidden_dim']}, vocab "
+        f"{data['dims']['vocab_size']}); encoder at batch {data['batch']}, decoder step at "
+        f"{data['rows']} rows (beam {data['beam']} x batch {data['batch']}); "
+        f"{data['backend']}; load average {data['load_average']}.",
+        "",
+        f"This machine: onnxruntime FP32 MatMul peak {p['ort_matmul_gflops']:.1f} GFLOP/s "
+        f"(1 thread: {p['ort_matmul_gflops_1_thread']:.1f}), numpy "
+        f"{p['numpy_matmul_gflops']:.1f} GFLOP/s; 512 MiB copy "
+        f"{p['dram_copy_gb_per_s']:.1f} GB/s.",
+        "",
+    ]
+    headers = [
+        "stage",
+        "GFLOP",
+        "weights MB",
+        "measured ms",
+        "achieved GFLOP/s",
+        "weights GB/s",
+        "copy GB/s at that size",
+        "floor ms",
+        "bound",
+        "measured / floor",
+    ]
+    rows = [
+        [
+            stage,
+            s["flops"] / 1e9,
+            s["weight_bytes"] / 1e6,
+            s["measured_ms"],
+            s["achieved_gflops"],
+            s["weights_gb_per_s"],
+            s["copy_bandwidth_gb_per_s"],
+            s["floor_ms"],
+            s["bound"],
+            s["measured_over_floor"],
+        ]
+        for stage, s in data["stages"].items()
+    ]
     lines.append(C.markdown_table(headers, rows))
     for stage, s in data["stages"].items():
         top = sorted(s["flops_by_op"].items(), key=lambda kv: -kv[1])[:4]
-        lines.append(f"\n{stage} FLOPs by op: " + ", ".join(f"{k} {v / 1e6:.1f} M" for k, v in top)
-                     )
+        lines.append(f"\n{stage} FLOPs by op: " + ", ".join(f"{k} {v / 1e6:.1f} M" for k, v in top))
     return "\n".join(lines)
 
 

@@ -71,8 +71,12 @@ import file_rate  # noqa: E402
 # issue 24's: beam 3 batch 1 end to end in the faster precision that keeps >= 98% of the
 # captions; captions/s at batch 64 from in-memory frames; FP16 captions identical to FP32's
 TARGETS = {"e2e_p50_ms": 2.5, "captions_per_s_b64": 5000.0, "fp16_identical": 0.98}
-THROUGHPUT_MODES = ("torch-cuda-fp32-graphs-host", "torch-cuda-fp32-graphs-device",
-                    "torch-cuda-fp16-graphs-device", "torch-cuda-fp16-fp32enc-graphs-device")
+THROUGHPUT_MODES = (
+    "torch-cuda-fp32-graphs-host",
+    "torch-cuda-fp32-graphs-device",
+    "torch-cuda-fp16-graphs-device",
+    "torch-cuda-fp16-fp32enc-graphs-device",
+)
 # files against in-memory frames (issue 24: the files-to-captions rate close to the in-memory
 # rate), with and without decoding workers, at these batch sizes
 FILE_RATE_MODES = ("torch-cuda-fp32-graphs-device",)
@@ -89,26 +93,37 @@ def log(message: str) -> None:
 
 def parse_args(argv=None):
     p = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
-    p.add_argument("--device", choices=("auto", "cuda", "cpu"), default="auto",
-                   help="auto: cuda where torch sees a GPU, else cpu (CUDA items skipped)")
+    p.add_argument(
+        "--device",
+        choices=("auto", "cuda", "cpu"),
+        default="auto",
+        help="auto: cuda where torch sees a GPU, else cpu (CUDA items skipped)",
+    )
     C.add_out_argument(p)
-    p.add_argument("--name", default=None,
-                   help="report file name without suffix (default: gpu, or gpu-cpu on the CPU)")
+    p.add_argument(
+        "--name", default=None, help="report file name without suffix (default: gpu, or gpu-cpu on the CPU)"
+    )
     p.add_argument("--model", type=Path, default=None, help="model directory (default: shipped)")
-    p.add_argument("--quick", action="store_true",
-                   help="fewer photos, repeats and settings (CPU: beam 3 x batch 1 only)")
+    p.add_argument(
+        "--quick", action="store_true", help="fewer photos, repeats and settings (CPU: beam 3 x batch 1 only)"
+    )
     p.add_argument("--n", type=int, default=None, help="photos captioned (default 200; quick 48)")
     p.add_argument("--repeats", type=int, default=None, help="timed calls per setting (20; quick 5)")
     p.add_argument("--warmup", type=int, default=None, help="untimed calls first (3; quick 1)")
     p.add_argument("--beams", default=None, help="comma list (default 1,3)")
     p.add_argument("--batches", default=None, help="comma list (default 1,8)")
     p.add_argument("--max-length", type=int, default=20)
-    p.add_argument("--flickr8k", type=Path, default=C.FLICKR8K,
-                   help="folder with images/, Flickr_8k.devImages.txt and Flickr8k.token.txt "
-                        "(default ../shared/data/flickr8k; absent: the example photos)")
+    p.add_argument(
+        "--flickr8k",
+        type=Path,
+        default=C.FLICKR8K,
+        help="folder with images/, Flickr_8k.devImages.txt and Flickr8k.token.txt "
+        "(default ../shared/data/flickr8k; absent: the example photos)",
+    )
     p.add_argument("--skip-tests", action="store_true", help="do not run pytest -m gpu")
-    p.add_argument("--budget-s", type=float, default=300.0,
-                   help="skip sections that would start after this many seconds")
+    p.add_argument(
+        "--budget-s", type=float, default=300.0, help="skip sections that would start after this many seconds"
+    )
     args = p.parse_args(argv)
     cpu_quick = args.quick and args.device == "cpu"
     args.n = args.n if args.n is not None else (48 if args.quick else 200)
@@ -138,6 +153,7 @@ class Report:
 
 # -- 1. the machine ------------------------------------------------------------------------------
 
+
 def _version(module: str) -> str | None:
     try:
         return getattr(importlib.import_module(module), "__version__", "?")
@@ -148,10 +164,15 @@ def _version(module: str) -> str | None:
 def environment(device: str, report: Report) -> dict:
     import torch
 
-    env = {"python": platform.python_version(), "platform": platform.platform(),
-           "cpu": C.machine_info()["cpu"], "device": device,
-           "versions": {m: _version(m) for m in ("torch", "onnxruntime", "onnx", "numpy", "PIL")},
-           "torch_cuda": torch.version.cuda, "cuda_available": torch.cuda.is_available()}
+    env = {
+        "python": platform.python_version(),
+        "platform": platform.platform(),
+        "cpu": C.machine_info()["cpu"],
+        "device": device,
+        "versions": {m: _version(m) for m in ("torch", "onnxruntime", "onnx", "numpy", "PIL")},
+        "torch_cuda": torch.version.cuda,
+        "cuda_available": torch.cuda.is_available(),
+    }
     try:
         import onnxruntime
 
@@ -159,22 +180,27 @@ def environment(device: str, report: Report) -> dict:
     except Exception as exc:
         env["onnxruntime_providers"] = f"not importable ({exc})"
     if device != "cuda":
-        report.skip("GPU, driver and CUDA versions", "no CUDA device (--device cpu, or torch "
-                    "sees no GPU)")
+        report.skip("GPU, driver and CUDA versions", "no CUDA device (--device cpu, or torch sees no GPU)")
         return env
     props = torch.cuda.get_device_properties(0)
-    env.update(gpu=torch.cuda.get_device_name(0), capability=".".join(
-        map(str, torch.cuda.get_device_capability(0))), gpu_memory_gib=round(
-        props.total_memory / 2**30, 1), multiprocessors=props.multi_processor_count,
-        cudnn=torch.backends.cudnn.version())
+    env.update(
+        gpu=torch.cuda.get_device_name(0),
+        capability=".".join(map(str, torch.cuda.get_device_capability(0))),
+        gpu_memory_gib=round(props.total_memory / 2**30, 1),
+        multiprocessors=props.multi_processor_count,
+        cudnn=torch.backends.cudnn.version(),
+    )
     smi = shutil.which("nvidia-smi")
     if smi is None:
         report.skip("driver version", "nvidia-smi is not on the PATH")
     else:
         try:
-            out = subprocess.run([smi, "--query-gpu=name,driver_version,clocks.max.sm",
-                                  "--format=csv,noheader"], capture_output=True, text=True,
-                                 timeout=30).stdout.strip()
+            out = subprocess.run(
+                [smi, "--query-gpu=name,driver_version,clocks.max.sm", "--format=csv,noheader"],
+                capture_output=True,
+                text=True,
+                timeout=30,
+            ).stdout.strip()
             env["nvidia_smi"] = out
             env["driver"] = out.split(",")[1].strip() if "," in out else out
         except Exception as exc:
@@ -184,37 +210,58 @@ def environment(device: str, report: Report) -> dict:
 
 # -- 2. the gpu tests ------------------------------------------------------------------------------
 
+
 def gpu_tests(report: Report, timeout_s: float) -> dict | None:
     if importlib.util.find_spec("pytest") is None:
         report.skip("pytest -m gpu", "pytest is not installed")
         return None
-    command = [sys.executable, "-m", "pytest", "-m", "gpu", "-q", "-p", "no:cacheprovider",
-               "-rfEs", "--tb=line", str(REPO / "tests")]
+    command = [
+        sys.executable,
+        "-m",
+        "pytest",
+        "-m",
+        "gpu",
+        "-q",
+        "-p",
+        "no:cacheprovider",
+        "-rfEs",
+        "--tb=line",
+        str(REPO / "tests"),
+    ]
     log("running " + " ".join(command[1:]))
     t0 = time.perf_counter()
     try:
-        proc = subprocess.run(command, cwd=REPO, capture_output=True, text=True,
-                              timeout=timeout_s)
+        proc = subprocess.run(command, cwd=REPO, capture_output=True, text=True, timeout=timeout_s)
     except subprocess.TimeoutExpired:
         report.skip("pytest -m gpu", f"did not finish in {timeout_s:.0f} s")
         return None
     output = proc.stdout + proc.stderr
     lines = [line for line in output.strip().splitlines() if line.strip()]
     summary = lines[-1] if lines else ""
-    counts = {word: int(n) for n, word in re.findall(
-        r"(\d+) (passed|failed|skipped|deselected|errors?|xfailed|xpassed)", summary)}
+    counts = {
+        word: int(n)
+        for n, word in re.findall(
+            r"(\d+) (passed|failed|skipped|deselected|errors?|xfailed|xpassed)", summary
+        )
+    }
     failures = [line for line in lines if line.startswith(("FAILED", "ERROR"))][:20]
     skips = [line for line in lines if line.startswith("SKIPPED")][:10]
-    return {"command": "python " + " ".join(command[1:]), "returncode": proc.returncode, "summary": summary,
-            "counts": counts, "failures": failures, "skip_reasons": skips,
-            "output_tail": lines[-40:] if proc.returncode else [],
-            "seconds": round(time.perf_counter() - t0, 1)}
+    return {
+        "command": "python " + " ".join(command[1:]),
+        "returncode": proc.returncode,
+        "summary": summary,
+        "counts": counts,
+        "failures": failures,
+        "skip_reasons": skips,
+        "output_tail": lines[-40:] if proc.returncode else [],
+        "seconds": round(time.perf_counter() - t0, 1),
+    }
 
 
 # -- photos and references -------------------------------------------------------------------------
 
-def photos(n: int, report: Report, flickr8k: Path) -> tuple[list[str], list[np.ndarray],
-                                                           dict | None, str]:
+
+def photos(n: int, report: Report, flickr8k: Path) -> tuple[list[str], list[np.ndarray], dict | None, str]:
     """-> (ids, RGB frames, references {id: [captions]} or None, where they came from)."""
     from PIL import Image
 
@@ -228,12 +275,10 @@ def photos(n: int, report: Report, flickr8k: Path) -> tuple[list[str], list[np.n
         if refs is None:
             report.skip("CIDEr", f"no references: {token_file} is absent")
     else:
-        examples = [p for p in sorted(C.EXAMPLES.iterdir())
-                    if p.suffix.lower() in {".png", ".jpg", ".jpeg"}]
+        examples = [p for p in sorted(C.EXAMPLES.iterdir()) if p.suffix.lower() in {".png", ".jpg", ".jpeg"}]
         paths = [examples[i % len(examples)] for i in range(n)]
         names = [f"{p.name}#{i}" for i, p in enumerate(paths)]
-        source = (f"the {len(examples)} bundled example photos repeated to {n} "
-                  f"({flickr8k} is absent here)")
+        source = f"the {len(examples)} bundled example photos repeated to {n} ({flickr8k} is absent here)"
         refs = None
         report.skip("CIDEr", f"no references: {flickr8k} (Flickr8k dev) is absent here")
     frames = []
@@ -257,6 +302,7 @@ def _flickr_refs(token_file: Path, names: set) -> dict | None:
 
 # -- the modes -----------------------------------------------------------------------------------
 
+
 def modes(device: str) -> list[dict]:
     """The torch modes measured: label, Captioner keywords. ``-host``: the numpy beam search
     between steps (one device-to-host copy and synchronisation per step); ``-device``: the
@@ -272,19 +318,30 @@ def modes(device: str) -> list[dict]:
                         options["fp16"] = True
                     if graphs == "graphs":
                         options["cuda_graphs"] = True
-                    out.append({"label": f"torch-cuda-{precision}-{graphs}-{search}",
-                                "options": options})
-        out.append({"label": "torch-cuda-fp16-fp32enc-graphs-device",
-                    "options": {"device": "cuda", "search": "device", "fp16": True,
-                                "fp32_encoder": True, "cuda_graphs": True}})
+                    out.append({"label": f"torch-cuda-{precision}-{graphs}-{search}", "options": options})
+        out.append(
+            {
+                "label": "torch-cuda-fp16-fp32enc-graphs-device",
+                "options": {
+                    "device": "cuda",
+                    "search": "device",
+                    "fp16": True,
+                    "fp32_encoder": True,
+                    "cuda_graphs": True,
+                },
+            }
+        )
         return out
     from edgecap.backends.torch_graphs import EagerGraph
 
-    return [{"label": "torch-cpu-fp32-eager", "options": {"device": "cpu"}},
-            {"label": "torch-cpu-fp32-graphs-emulated",
-             "options": {"device": "cpu", "graph_factory": EagerGraph}},
-            {"label": "torch-cpu-fp32-eager-device",
-             "options": {"device": "cpu", "search": "device"}}]
+    return [
+        {"label": "torch-cpu-fp32-eager", "options": {"device": "cpu"}},
+        {
+            "label": "torch-cpu-fp32-graphs-emulated",
+            "options": {"device": "cpu", "graph_factory": EagerGraph},
+        },
+        {"label": "torch-cpu-fp32-eager-device", "options": {"device": "cpu", "search": "device"}},
+    ]
 
 
 def other_backends(device: str, report: Report) -> list[dict]:
@@ -298,12 +355,20 @@ def other_backends(device: str, report: Report) -> list[dict]:
 
         providers = onnxruntime.get_available_providers()
         if "CUDAExecutionProvider" in providers:
-            out.append({"label": "onnxruntime-cuda-fp32", "backend": "onnxruntime",
-                        "options": {"providers": "cuda", "fp16": False}})
+            out.append(
+                {
+                    "label": "onnxruntime-cuda-fp32",
+                    "backend": "onnxruntime",
+                    "options": {"providers": "cuda", "fp16": False},
+                }
+            )
         else:
-            report.skip("onnxruntime CUDA provider rows", "this onnxruntime has no "
-                        f"CUDAExecutionProvider (it has {', '.join(providers)}): the CPU "
-                        "package, not onnxruntime-gpu")
+            report.skip(
+                "onnxruntime CUDA provider rows",
+                "this onnxruntime has no "
+                f"CUDAExecutionProvider (it has {', '.join(providers)}): the CPU "
+                "package, not onnxruntime-gpu",
+            )
     except Exception as exc:
         report.skip("onnxruntime CUDA provider rows", f"onnxruntime does not import ({exc})")
     if importlib.util.find_spec("tensorrt") is None:
@@ -314,8 +379,7 @@ def other_backends(device: str, report: Report) -> list[dict]:
 
             if not isinstance(getattr(tensorrt, "__version__", None), str):
                 raise ImportError("only type stubs (tensorrt-stubs), not the library")
-            out.append({"label": "tensorrt-fp16", "backend": "tensorrt",
-                        "options": {"precision": "fp16"}})
+            out.append({"label": "tensorrt-fp16", "backend": "tensorrt", "options": {"precision": "fp16"}})
         except Exception as exc:
             report.skip("TensorRT rows", f"tensorrt does not import ({exc})")
     return out
@@ -350,8 +414,9 @@ class SyncTimedBackend(C.TimedBackend):
 def captioner(model: Path, backend: str, options: dict, beam: int, batch: int, max_length: int):
     from edgecap import Captioner
 
-    return Captioner(model, backend=backend, beam_size=beam, batch_size=batch,
-                     max_length=max_length, **options)
+    return Captioner(
+        model, backend=backend, beam_size=beam, batch_size=batch, max_length=max_length, **options
+    )
 
 
 def caption_all(cap, frames: list) -> tuple[list[str], float]:
@@ -367,8 +432,9 @@ def latency(cap, timed: SyncTimedBackend, frames: list, args) -> list[dict]:
     for beam in args.beams:
         for batch in args.batches:
             runner = copy.copy(cap)
-            runner.options = replace(cap.options, beam_size=beam, batch_size=batch,
-                                     max_length=args.max_length)
+            runner.options = replace(
+                cap.options, beam_size=beam, batch_size=batch, max_length=args.max_length
+            )
             runner.backend = timed
             images = [frames[i % len(frames)] for i in range(batch)]
             encoder, steps, e2e, pre, decode = [], [], [], [], []
@@ -386,26 +452,47 @@ def latency(cap, timed: SyncTimedBackend, frames: list, args) -> list[dict]:
                 steps.extend(s * 1e3 for s in timed.step_times)
                 pre.append(sum(c.timings["preprocess_ms"] for c in captions))
                 decode.append(sum(c.timings["decode_ms"] for c in captions))
-            rows.append({"beam": beam, "batch": batch, "calls": len(e2e),
-                         "encoder_p50_ms": C.percentile(encoder, 50),
-                         "encoder_p95_ms": C.percentile(encoder, 95),
-                         "step_p50_ms": C.percentile(steps, 50),
-                         "step_p95_ms": C.percentile(steps, 95),
-                         "steps_per_call": len(steps) / max(len(e2e), 1),
-                         "preprocess_p50_ms": C.percentile(pre, 50),
-                         "search_p50_ms": C.percentile(decode, 50),
-                         "e2e_p50_ms": C.percentile(e2e, 50), "e2e_p95_ms": C.percentile(e2e, 95)})
+            rows.append(
+                {
+                    "beam": beam,
+                    "batch": batch,
+                    "calls": len(e2e),
+                    "encoder_p50_ms": C.percentile(encoder, 50),
+                    "encoder_p95_ms": C.percentile(encoder, 95),
+                    "step_p50_ms": C.percentile(steps, 50),
+                    "step_p95_ms": C.percentile(steps, 95),
+                    "steps_per_call": len(steps) / max(len(e2e), 1),
+                    "preprocess_p50_ms": C.percentile(pre, 50),
+                    "search_p50_ms": C.percentile(decode, 50),
+                    "e2e_p50_ms": C.percentile(e2e, 50),
+                    "e2e_p95_ms": C.percentile(e2e, 95),
+                }
+            )
     return rows
 
 
-def run_mode(mode: dict, model: Path, frames: list, reference: list[str] | None, refs, ids,
-             args, report: Report, device: str, files: list[Path] | None = None) -> dict:
+def run_mode(
+    mode: dict,
+    model: Path,
+    frames: list,
+    reference: list[str] | None,
+    refs,
+    ids,
+    args,
+    report: Report,
+    device: str,
+    files: list[Path] | None = None,
+) -> dict:
     import torch
 
     label, backend = mode["label"], mode.get("backend", "torch")
-    result: dict = {"label": label, "backend": backend,
-                    "options": {k: (getattr(v, "__name__", v) if k == "graph_factory" else v)
-                                for k, v in mode["options"].items()}}
+    result: dict = {
+        "label": label,
+        "backend": backend,
+        "options": {
+            k: (getattr(v, "__name__", v) if k == "graph_factory" else v) for k, v in mode["options"].items()
+        },
+    }
     cuda = device == "cuda"
     if cuda:
         _sync()
@@ -419,21 +506,28 @@ def run_mode(mode: dict, model: Path, frames: list, reference: list[str] | None,
     log(f"{label}: {result['describe']}")
     if not report.over_budget(f"{label} captions"):
         texts, seconds = caption_all(cap, frames)
-        result["captions"] = {"n": len(texts), "seconds": round(seconds, 2),
-                              "images_per_s": len(texts) / seconds if seconds else None,
-                              "examples": texts[:3]}
+        result["captions"] = {
+            "n": len(texts),
+            "seconds": round(seconds, 2),
+            "images_per_s": len(texts) / seconds if seconds else None,
+            "examples": texts[:3],
+        }
         if reference is not None:
             same = sum(a == b for a, b in zip(texts, reference))
-            result["captions"].update(identical=same / len(texts), identical_n=same,
-                                      differing=[{"id": i, "this": a, "ort_cpu_fp32": b}
-                                                 for i, a, b in zip(ids, texts, reference)
-                                                 if a != b][:5])
+            result["captions"].update(
+                identical=same / len(texts),
+                identical_n=same,
+                differing=[
+                    {"id": i, "this": a, "ort_cpu_fp32": b}
+                    for i, a, b in zip(ids, texts, reference)
+                    if a != b
+                ][:5],
+            )
         result["captions"]["cider"] = cider(refs, ids, texts)
         result["texts"] = texts
     if not report.over_budget(f"{label} latency"):
         result["latency"] = latency(cap, timed, frames, args)
-    if cuda and mode["label"] in THROUGHPUT_MODES and not report.over_budget(
-            f"{label} throughput"):
+    if cuda and mode["label"] in THROUGHPUT_MODES and not report.over_budget(f"{label} throughput"):
         result["throughput"] = throughput(cap, frames, args)
     if files and not report.over_budget(f"{label} files against memory"):
         result["file_rate"] = files_against_memory(cap, files, cuda)
@@ -456,14 +550,14 @@ def cider(refs: dict | None, ids: list[str], texts: list[str]) -> float | None:
         tokenizer = "ptb" if java_available() else "simple"
         _CIDER_NOTE.setdefault("tokenizer", tokenizer)
         hyps = {i: t for i, t in zip(ids, texts) if i in refs}
-        return score({i: refs[i] for i in hyps}, hyps, tokenizer=tokenizer,
-                     metrics=("CIDEr",))["CIDEr"]
+        return score({i: refs[i] for i in hyps}, hyps, tokenizer=tokenizer, metrics=("CIDEr",))["CIDEr"]
     except ImportError as exc:
         _CIDER_NOTE["skip"] = f"pycocoevalcap does not import ({exc})"
         return None
 
 
 # -- the report ----------------------------------------------------------------------------------
+
 
 def fp16_identity(results: list[dict]) -> list[dict]:
     """Each FP16 mode's captions against the FP32 mode of the same graphs and search."""
@@ -474,16 +568,22 @@ def fp16_identity(results: list[dict]) -> list[dict]:
         if "-fp16-" not in label or twin is None or "texts" not in r or "texts" not in twin:
             continue
         same = sum(a == b for a, b in zip(r["texts"], twin["texts"]))
-        out.append({"fp16": label, "fp32": twin["label"], "n": len(r["texts"]),
-                    "identical_n": same, "identical": same / max(len(r["texts"]), 1)})
+        out.append(
+            {
+                "fp16": label,
+                "fp32": twin["label"],
+                "n": len(r["texts"]),
+                "identical_n": same,
+                "identical": same / max(len(r["texts"]), 1),
+            }
+        )
     return out
 
 
 def _row(result: dict | None, beam: int, batch: int) -> dict | None:
     if result is None:
         return None
-    return next((x for x in result.get("latency", []) if x["beam"] == beam
-                 and x["batch"] == batch), None)
+    return next((x for x in result.get("latency", []) if x["beam"] == beam and x["batch"] == batch), None)
 
 
 def targets(results: list[dict], device: str, identity: list[dict] | None = None) -> list[dict]:
@@ -497,30 +597,49 @@ def targets(results: list[dict], device: str, identity: list[dict] | None = None
     fp16_same = None if fp16_best is None else fp16_best[0]
     kept = []  # (e2e p50, label) of the precisions that keep the captions
     fp32 = by.get("torch-cuda-fp32-graphs-device")
-    if fp32 is not None and fp32.get("captions", {}).get("identical", 0) >= TARGETS[
-            "fp16_identical"] and _row(fp32, 3, 1):
+    if (
+        fp32 is not None
+        and fp32.get("captions", {}).get("identical", 0) >= TARGETS["fp16_identical"]
+        and _row(fp32, 3, 1)
+    ):
         kept.append((_row(fp32, 3, 1)["e2e_p50_ms"], fp32["label"]))
     for label, value in same.items():
         if value >= TARGETS["fp16_identical"] and _row(by[label], 3, 1):
             kept.append((_row(by[label], 3, 1)["e2e_p50_ms"], label))
     best = min(kept) if kept else None
-    out = [{"target": "end to end p50 (ms), beam 3 batch 1, whole-decode graph, the faster "
-                      "precision that keeps >= 98% of the captions"
-                      + ("" if best is None else f" ({best[1]})"),
-            "limit": TARGETS["e2e_p50_ms"], "value": None if best is None else best[0],
-            "met": None if best is None else best[0] <= TARGETS["e2e_p50_ms"]}]
-    rates = [(t["captions_per_s"], r["label"]) for r in results
-             for t in r.get("throughput", []) if t["batch"] == 64 and t["input"] == "frames"]
+    out = [
+        {
+            "target": "end to end p50 (ms), beam 3 batch 1, whole-decode graph, the faster "
+            "precision that keeps >= 98% of the captions" + ("" if best is None else f" ({best[1]})"),
+            "limit": TARGETS["e2e_p50_ms"],
+            "value": None if best is None else best[0],
+            "met": None if best is None else best[0] <= TARGETS["e2e_p50_ms"],
+        }
+    ]
+    rates = [
+        (t["captions_per_s"], r["label"])
+        for r in results
+        for t in r.get("throughput", [])
+        if t["batch"] == 64 and t["input"] == "frames"
+    ]
     rate = max(rates) if rates else None
-    out.append({"target": "captions/s at batch 64, in-memory frames"
-                          + ("" if rate is None else f" ({rate[1]})"),
-                "limit": TARGETS["captions_per_s_b64"], "value": None if rate is None
-                else rate[0], "met": None if rate is None
-                else rate[0] >= TARGETS["captions_per_s_b64"]})
-    out.append({"target": "FP16 captions identical to FP32 (whole-decode graph modes, the "
-                          "better FP16)" + ("" if fp16_best is None else f" ({fp16_best[1]})"),
-                "limit": TARGETS["fp16_identical"], "value": fp16_same,
-                "met": None if fp16_same is None else fp16_same >= TARGETS["fp16_identical"]})
+    out.append(
+        {
+            "target": "captions/s at batch 64, in-memory frames" + ("" if rate is None else f" ({rate[1]})"),
+            "limit": TARGETS["captions_per_s_b64"],
+            "value": None if rate is None else rate[0],
+            "met": None if rate is None else rate[0] >= TARGETS["captions_per_s_b64"],
+        }
+    )
+    out.append(
+        {
+            "target": "FP16 captions identical to FP32 (whole-decode graph modes, the "
+            "better FP16)" + ("" if fp16_best is None else f" ({fp16_best[1]})"),
+            "limit": TARGETS["fp16_identical"],
+            "value": fp16_same,
+            "met": None if fp16_same is None else fp16_same >= TARGETS["fp16_identical"],
+        }
+    )
     if device != "cuda":
         for t in out:
             t["note"] = "not measured on a GPU: no CUDA device"
@@ -534,20 +653,25 @@ def throughput(cap, frames: list, args, batch: int = 64) -> list[dict]:
     from edgecap.images import load_rgb, preprocess
 
     runner = copy.copy(cap)
-    runner.options = replace(cap.options, beam_size=3, batch_size=batch,
-                             max_length=args.max_length)
+    runner.options = replace(cap.options, beam_size=3, batch_size=batch, max_length=args.max_length)
     images = [frames[i % len(frames)] for i in range(batch)]
-    tensors = np.stack([preprocess([load_rgb(f, "rgb")], cap.manifest.preprocessing)[0]
-                        for f in images])
+    tensors = np.stack([preprocess([load_rgb(f, "rgb")], cap.manifest.preprocessing)[0] for f in images])
 
     def from_tensors():
         encoded = runner.backend.encode(tensors)
-        search(runner.backend, encoded, runner.options, runner.vocab.start, runner.vocab.end,
-               len(runner.vocab), runner.classes, runner.fusion)
+        search(
+            runner.backend,
+            encoded,
+            runner.options,
+            runner.vocab.start,
+            runner.vocab.end,
+            len(runner.vocab),
+            runner.classes,
+            runner.fusion,
+        )
 
     out = []
-    for what, call in (("frames", lambda: runner.caption_batch(images)),
-                       ("tensors", from_tensors)):
+    for what, call in (("frames", lambda: runner.caption_batch(images)), ("tensors", from_tensors)):
         times = []
         for rep in range(args.warmup + args.repeats):
             _sync()
@@ -557,8 +681,15 @@ def throughput(cap, frames: list, args, batch: int = 64) -> list[dict]:
             if rep >= args.warmup:
                 times.append(time.perf_counter() - t0)
         median = float(np.median(times))
-        out.append({"batch": batch, "input": what, "calls": len(times),
-                    "p50_ms": median * 1e3, "captions_per_s": batch / median})
+        out.append(
+            {
+                "batch": batch,
+                "input": what,
+                "calls": len(times),
+                "p50_ms": median * 1e3,
+                "captions_per_s": batch / median,
+            }
+        )
     return out
 
 
@@ -579,8 +710,16 @@ def files_against_memory(cap, files: list[Path], cuda: bool) -> list[dict]:
     memory, beam 3, with no decoding workers and with the Captioner's default (on the CPU: 2,
     the CPU's default being none)."""
     if cuda:
-        return file_rate.measure(cap, [0, None], files, file_rate.decoded(files),
-                                 list(FILE_RATE_BATCHES), rounds=3, beam=3, sync=_sync)
+        return file_rate.measure(
+            cap,
+            [0, None],
+            files,
+            file_rate.decoded(files),
+            list(FILE_RATE_BATCHES),
+            rounds=3,
+            beam=3,
+            sync=_sync,
+        )
     return file_rate.measure(cap, [0, 2], files, file_rate.decoded(files), [1], rounds=1, beam=3)
 
 
@@ -590,14 +729,23 @@ def speedups(results: list[dict]) -> list[dict]:
     out = []
     for eager_label in [label for label in by if "-eager" in label]:
         graphs = by.get(eager_label.replace("-eager", "-graphs")) or by.get(
-            eager_label.replace("-eager", "-graphs-emulated"))
+            eager_label.replace("-eager", "-graphs-emulated")
+        )
         if graphs is None:
             continue
         for a, b in zip(by[eager_label].get("latency", []), graphs.get("latency", [])):
-            out.append({"eager": eager_label, "graphs": graphs["label"], "beam": a["beam"],
-                        "batch": a["batch"],
-                        **{f"{k}_x": a[k] / b[k] if b[k] else float("nan")
-                           for k in ("encoder_p50_ms", "step_p50_ms", "e2e_p50_ms")}})
+            out.append(
+                {
+                    "eager": eager_label,
+                    "graphs": graphs["label"],
+                    "beam": a["beam"],
+                    "batch": a["batch"],
+                    **{
+                        f"{k}_x": a[k] / b[k] if b[k] else float("nan")
+                        for k in ("encoder_p50_ms", "step_p50_ms", "e2e_p50_ms")
+                    },
+                }
+            )
     return out
 
 
@@ -610,119 +758,248 @@ def search_speedups(results: list[dict]) -> list[dict]:
         if device is None:
             continue
         for a, b in zip(by[host_label].get("latency", []), device.get("latency", [])):
-            out.append({"host": host_label, "device": device["label"], "beam": a["beam"],
-                        "batch": a["batch"], "e2e_p50_ms_x": a["e2e_p50_ms"] / b["e2e_p50_ms"]
-                        if b["e2e_p50_ms"] else float("nan"),
-                        "search_p50_ms_x": a["search_p50_ms"] / b["search_p50_ms"]
-                        if b.get("search_p50_ms") else float("nan")})
+            out.append(
+                {
+                    "host": host_label,
+                    "device": device["label"],
+                    "beam": a["beam"],
+                    "batch": a["batch"],
+                    "e2e_p50_ms_x": a["e2e_p50_ms"] / b["e2e_p50_ms"] if b["e2e_p50_ms"] else float("nan"),
+                    "search_p50_ms_x": a["search_p50_ms"] / b["search_p50_ms"]
+                    if b.get("search_p50_ms")
+                    else float("nan"),
+                }
+            )
     return out
 
 
 def markdown(data: dict) -> str:
     env = data["environment"]
-    lines = [f"# GPU check ({data['device']})", "",
-             f"`{data['command']}` ({data['date']}; {data['seconds']:.0f} s)", "",
-             "## Machine", ""]
+    lines = [
+        f"# GPU check ({data['device']})",
+        "",
+        f"`{data['command']}` ({data['date']}; {data['seconds']:.0f} s)",
+        "",
+        "## Machine",
+        "",
+    ]
     if data["device"] == "cuda":
-        lines += [f"- GPU: {env.get('gpu')} (compute {env.get('capability')}, "
-                  f"{env.get('gpu_memory_gib')} GiB, {env.get('multiprocessors')} SMs)",
-                  f"- driver {env.get('driver', '?')}; torch CUDA {env.get('torch_cuda')}; "
-                  f"cuDNN {env.get('cudnn')}"]
+        lines += [
+            f"- GPU: {env.get('gpu')} (compute {env.get('capability')}, "
+            f"{env.get('gpu_memory_gib')} GiB, {env.get('multiprocessors')} SMs)",
+            f"- driver {env.get('driver', '?')}; torch CUDA {env.get('torch_cuda')}; "
+            f"cuDNN {env.get('cudnn')}",
+        ]
     else:
         lines += ["- no CUDA device: CUDA items skipped (see Skipped)"]
-    lines += [f"- CPU: {env['cpu']}; Python {env['python']}; {env['platform']}",
-              "- " + ", ".join(f"{k} {v}" for k, v in env["versions"].items()),
-              f"- onnxruntime providers: {env.get('onnxruntime_providers')}", "",
-              "## gpu-marked tests", ""]
+    lines += [
+        f"- CPU: {env['cpu']}; Python {env['python']}; {env['platform']}",
+        "- " + ", ".join(f"{k} {v}" for k, v in env["versions"].items()),
+        f"- onnxruntime providers: {env.get('onnxruntime_providers')}",
+        "",
+        "## gpu-marked tests",
+        "",
+    ]
     tests = data.get("gpu_tests")
     if tests:
-        lines += [f"`{tests['command']}`: {tests['summary']} (exit {tests['returncode']}, "
-                  f"{tests['seconds']} s)", ""]
+        lines += [
+            f"`{tests['command']}`: {tests['summary']} (exit {tests['returncode']}, {tests['seconds']} s)",
+            "",
+        ]
         lines += [f"- {x}" for x in tests["failures"] + tests["skip_reasons"]]
     else:
         lines += ["not run (see Skipped)"]
     photos_info = data["photos"]
-    lines += ["", "## Captions", "",
-              f"{photos_info['n']} photos: {photos_info['source']}; beam 3, batch 8, "
-              f"max length {data['settings']['max_length']}. Reference: onnxruntime CPU FP32 "
-              f"({data['reference'].get('describe', '?')}).", ""]
-    rows = [["onnxruntime-cpu-fp32 (reference)", "-", data["reference"].get("cider"),
-             data["reference"].get("images_per_s")]]
+    lines += [
+        "",
+        "## Captions",
+        "",
+        f"{photos_info['n']} photos: {photos_info['source']}; beam 3, batch 8, "
+        f"max length {data['settings']['max_length']}. Reference: onnxruntime CPU FP32 "
+        f"({data['reference'].get('describe', '?')}).",
+        "",
+    ]
+    rows = [
+        [
+            "onnxruntime-cpu-fp32 (reference)",
+            "-",
+            data["reference"].get("cider"),
+            data["reference"].get("images_per_s"),
+        ]
+    ]
     for r in data["modes"]:
         c = r.get("captions", {})
         ident = c.get("identical")
-        rows.append([r["label"], "-" if ident is None else
-                     f"{ident:.1%} ({c.get('identical_n')}/{c.get('n')})", c.get("cider"),
-                     c.get("images_per_s")])
-    lines += [C.markdown_table(["mode", "identical to ort CPU FP32", "CIDEr", "images/s"],
-                               [[x if x is not None else "-" for x in row] for row in rows])]
-    lines += ["", "## Latency (ms)", "",
-              f"Captioner.caption_batch on in-memory photos (end to end includes preprocessing); "
-              f"{data['settings']['warmup']} warm-up calls, then {data['settings']['repeats']} "
-              "timed; synchronised around timed regions. step: one decoder step, all steps of "
-              "all calls pooled.", ""]
+        rows.append(
+            [
+                r["label"],
+                "-" if ident is None else f"{ident:.1%} ({c.get('identical_n')}/{c.get('n')})",
+                c.get("cider"),
+                c.get("images_per_s"),
+            ]
+        )
+    lines += [
+        C.markdown_table(
+            ["mode", "identical to ort CPU FP32", "CIDEr", "images/s"],
+            [[x if x is not None else "-" for x in row] for row in rows],
+        )
+    ]
+    lines += [
+        "",
+        "## Latency (ms)",
+        "",
+        f"Captioner.caption_batch on in-memory photos (end to end includes preprocessing); "
+        f"{data['settings']['warmup']} warm-up calls, then {data['settings']['repeats']} "
+        "timed; synchronised around timed regions. step: one decoder step, all steps of "
+        "all calls pooled.",
+        "",
+    ]
     table = []
     for r in data["modes"]:
         for x in r.get("latency", []):
-            table.append([r["label"], x["beam"], x["batch"], x["encoder_p50_ms"],
-                          x["encoder_p95_ms"], x["step_p50_ms"], x["step_p95_ms"],
-                          x["steps_per_call"], x["preprocess_p50_ms"],
-                          x.get("search_p50_ms", float("nan")), x["e2e_p50_ms"],
-                          x["e2e_p95_ms"]])
-    lines += [C.markdown_table(["mode", "beam", "batch", "encoder p50", "p95", "step p50", "p95",
-                                "steps", "preprocess p50", "search p50", "e2e p50", "p95"],
-                               table)]
-    lines += ["", "steps: host steps per call (none with the search on the device: no step "
-              "returns to the host); search: the whole beam search of a call (its captions' "
-              "decode_ms)."]
+            table.append(
+                [
+                    r["label"],
+                    x["beam"],
+                    x["batch"],
+                    x["encoder_p50_ms"],
+                    x["encoder_p95_ms"],
+                    x["step_p50_ms"],
+                    x["step_p95_ms"],
+                    x["steps_per_call"],
+                    x["preprocess_p50_ms"],
+                    x.get("search_p50_ms", float("nan")),
+                    x["e2e_p50_ms"],
+                    x["e2e_p95_ms"],
+                ]
+            )
+    lines += [
+        C.markdown_table(
+            [
+                "mode",
+                "beam",
+                "batch",
+                "encoder p50",
+                "p95",
+                "step p50",
+                "p95",
+                "steps",
+                "preprocess p50",
+                "search p50",
+                "e2e p50",
+                "p95",
+            ],
+            table,
+        )
+    ]
+    lines += [
+        "",
+        "steps: host steps per call (none with the search on the device: no step "
+        "returns to the host); search: the whole beam search of a call (its captions' "
+        "decode_ms).",
+    ]
     if data["device"] != "cuda":
-        lines += ["", "On the CPU these timings say nothing about a GPU: the graphs are emulated "
-                  "(EagerGraph replays by running the step eagerly), and a shared CPU is noisy."]
+        lines += [
+            "",
+            "On the CPU these timings say nothing about a GPU: the graphs are emulated "
+            "(EagerGraph replays by running the step eagerly), and a shared CPU is noisy.",
+        ]
     if data["speedups"]:
-        lines += ["", "### What the graphs buy (eager / graphs, p50)", "",
-                  C.markdown_table(["eager", "graphs", "beam", "batch", "encoder x", "step x",
-                                    "e2e x"],
-                                   [[s["eager"], s["graphs"], s["beam"], s["batch"],
-                                     s["encoder_p50_ms_x"], s["step_p50_ms_x"],
-                                     s["e2e_p50_ms_x"]] for s in data["speedups"]])]
+        lines += [
+            "",
+            "### What the graphs buy (eager / graphs, p50)",
+            "",
+            C.markdown_table(
+                ["eager", "graphs", "beam", "batch", "encoder x", "step x", "e2e x"],
+                [
+                    [
+                        s["eager"],
+                        s["graphs"],
+                        s["beam"],
+                        s["batch"],
+                        s["encoder_p50_ms_x"],
+                        s["step_p50_ms_x"],
+                        s["e2e_p50_ms_x"],
+                    ]
+                    for s in data["speedups"]
+                ],
+            ),
+        ]
     if data.get("search_speedups"):
-        lines += ["", "### What the search on the device buys (host / device, p50)", "",
-                  C.markdown_table(["host", "device", "beam", "batch", "search x", "e2e x"],
-                                   [[s["host"], s["device"], s["beam"], s["batch"],
-                                     s["search_p50_ms_x"], s["e2e_p50_ms_x"]]
-                                    for s in data["search_speedups"]])]
+        lines += [
+            "",
+            "### What the search on the device buys (host / device, p50)",
+            "",
+            C.markdown_table(
+                ["host", "device", "beam", "batch", "search x", "e2e x"],
+                [
+                    [s["host"], s["device"], s["beam"], s["batch"], s["search_p50_ms_x"], s["e2e_p50_ms_x"]]
+                    for s in data["search_speedups"]
+                ],
+            ),
+        ]
     if data.get("fp16_identity"):
-        lines += ["", "### FP16 captions against FP32's (same graphs, same search)", "",
-                  C.markdown_table(["fp16", "fp32", "identical"],
-                                   [[i["fp16"], i["fp32"], f"{i['identical']:.1%} "
-                                     f"({i['identical_n']}/{i['n']})"]
-                                    for i in data["fp16_identity"]])]
-    rates = [[r["label"], t["input"], t["batch"], t["p50_ms"], t["captions_per_s"]]
-             for r in data["modes"] for t in r.get("throughput", [])]
+        lines += [
+            "",
+            "### FP16 captions against FP32's (same graphs, same search)",
+            "",
+            C.markdown_table(
+                ["fp16", "fp32", "identical"],
+                [
+                    [i["fp16"], i["fp32"], f"{i['identical']:.1%} ({i['identical_n']}/{i['n']})"]
+                    for i in data["fp16_identity"]
+                ],
+            ),
+        ]
+    rates = [
+        [r["label"], t["input"], t["batch"], t["p50_ms"], t["captions_per_s"]]
+        for r in data["modes"]
+        for t in r.get("throughput", [])
+    ]
     lines += ["", "## Throughput, batch 64, beam 3", ""]
-    lines += [C.markdown_table(["mode", "input", "batch", "call p50 (ms)", "captions/s"], rates)
-              + "\n\nframes: `caption_batch` of in-memory RGB frames (host preprocessing "
-              "included); tensors: preprocessed, encoder + search only." if rates
-              else "not measured (no CUDA device)"]
+    lines += [
+        C.markdown_table(["mode", "input", "batch", "call p50 (ms)", "captions/s"], rates)
+        + "\n\nframes: `caption_batch` of in-memory RGB frames (host preprocessing "
+        "included); tensors: preprocessed, encoder + search only."
+        if rates
+        else "not measured (no CUDA device)"
+    ]
     file_rows = [r for r in data["modes"] if r.get("file_rate")]
     lines += ["", "## Files against in-memory frames, beam 3", ""]
     for r in file_rows:
         lines += [f"{r['label']}:", "", file_rate.table(r["file_rate"]), ""]
-    lines += ["files: `caption_batch` of JPEG paths (the photos written at quality 90: read, "
-              "decode, preprocess, encoder, search); memory: of the same photos decoded "
-              "beforehand; decode workers 0: each batch decoded before it is captioned; the "
-              "default: decoded in threads while the model works." if file_rows
-              else "not measured"]
+    lines += [
+        "files: `caption_batch` of JPEG paths (the photos written at quality 90: read, "
+        "decode, preprocess, encoder, search); memory: of the same photos decoded "
+        "beforehand; decode workers 0: each batch decoded before it is captioned; the "
+        "default: decoded in threads while the model works."
+        if file_rows
+        else "not measured"
+    ]
     lines += ["", "## Peak GPU memory", ""]
     mem = [[r["label"], r["peak_gpu_mib"]] for r in data["modes"] if "peak_gpu_mib" in r]
-    lines += [C.markdown_table(["mode", "max_memory_allocated (MiB)"], mem) if mem
-              else "not measured (no CUDA device)"]
-    lines += ["", "## Targets", "",
-              C.markdown_table(["target", "limit", "measured", "met"],
-                               [[t["target"], t["limit"], "-" if t["value"] is None
-                                 else t["value"], {True: "yes", False: "**no**",
-                                                   None: t.get("note", "not measured")}[t["met"]]]
-                                for t in data["targets"]])]
+    lines += [
+        C.markdown_table(["mode", "max_memory_allocated (MiB)"], mem)
+        if mem
+        else "not measured (no CUDA device)"
+    ]
+    lines += [
+        "",
+        "## Targets",
+        "",
+        C.markdown_table(
+            ["target", "limit", "measured", "met"],
+            [
+                [
+                    t["target"],
+                    t["limit"],
+                    "-" if t["value"] is None else t["value"],
+                    {True: "yes", False: "**no**", None: t.get("note", "not measured")}[t["met"]],
+                ]
+                for t in data["targets"]
+            ],
+        ),
+    ]
     lines += ["", "## Skipped", ""]
     lines += [f"- {s['item']}: {s['reason']}" for s in data["skipped"]] or ["- nothing"]
     return "\n".join(lines) + "\n"
@@ -743,12 +1020,17 @@ def main(argv=None) -> int:
         torch.cuda.init()
     name = args.name or ("gpu" if device == "cuda" else "gpu-cpu")
     model = C.model_dir(args.model)
-    data: dict = {"device": device, "command": "python benchmarks/gpu_check.py "
-                  + " ".join(sys.argv[1:] if argv is None else argv),
-                  "date": time.strftime("%Y-%m-%d %H:%M:%S"), "model": str(model),
-                  "settings": {k: v for k, v in vars(args).items()
-                               if k in ("n", "repeats", "warmup", "beams", "batches",
-                                        "max_length", "quick", "budget_s")}}
+    data: dict = {
+        "device": device,
+        "command": "python benchmarks/gpu_check.py " + " ".join(sys.argv[1:] if argv is None else argv),
+        "date": time.strftime("%Y-%m-%d %H:%M:%S"),
+        "model": str(model),
+        "settings": {
+            k: v
+            for k, v in vars(args).items()
+            if k in ("n", "repeats", "warmup", "beams", "batches", "max_length", "quick", "budget_s")
+        },
+    }
     data["environment"] = environment(device, report)
     log(f"device {device}: {data['environment'].get('gpu', data['environment']['cpu'])}")
 
@@ -758,16 +1040,18 @@ def main(argv=None) -> int:
         # still run, so CI keeps this path working: the gpu tests skip before their fixtures
         data["gpu_tests"] = gpu_tests(report, timeout_s=120)
     else:
-        data["gpu_tests"] = gpu_tests(report, timeout_s=max(30.0, min(150.0,
-                                      args.budget_s - (time.perf_counter() - T0) - 120)))
+        data["gpu_tests"] = gpu_tests(
+            report, timeout_s=max(30.0, min(150.0, args.budget_s - (time.perf_counter() - T0) - 120))
+        )
 
     ids, frames, refs, source = photos(args.n, report, args.flickr8k)
     data["photos"] = {"n": len(frames), "source": source, "references": refs is not None}
     log(f"{len(frames)} photos: {source}")
     scratch = tempfile.TemporaryDirectory()
     files = jpeg_files(frames, Path(scratch.name))
-    file_rate_modes = (FILE_RATE_MODES if device == "cuda" else
-                       [modes(device)[0]["label"]] if args.quick else [])
+    file_rate_modes = (
+        FILE_RATE_MODES if device == "cuda" else [modes(device)[0]["label"]] if args.quick else []
+    )
 
     reference: list[str] | None = None
     data["reference"] = {}
@@ -775,9 +1059,13 @@ def main(argv=None) -> int:
         ort = captioner(model, "onnxruntime", {"device": "cpu"}, 3, 8, args.max_length)
         texts, seconds = caption_all(ort, frames)
         reference = texts
-        data["reference"] = {"describe": ort.backend.describe(), "seconds": round(seconds, 2),
-                             "images_per_s": len(texts) / seconds, "texts": texts,
-                             "cider": cider(refs, ids, texts)}
+        data["reference"] = {
+            "describe": ort.backend.describe(),
+            "seconds": round(seconds, 2),
+            "images_per_s": len(texts) / seconds,
+            "texts": texts,
+            "cider": cider(refs, ids, texts),
+        }
         log(f"onnxruntime CPU FP32 reference: {seconds:.1f} s")
     except Exception as exc:
         report.skip("onnxruntime CPU FP32 reference captions", f"{type(exc).__name__}: {exc}")
@@ -787,8 +1075,20 @@ def main(argv=None) -> int:
         if report.over_budget(mode["label"]):
             continue
         try:
-            results.append(run_mode(mode, model, frames, reference, refs, ids, args, report,
-                                    device, files if mode["label"] in file_rate_modes else None))
+            results.append(
+                run_mode(
+                    mode,
+                    model,
+                    frames,
+                    reference,
+                    refs,
+                    ids,
+                    args,
+                    report,
+                    device,
+                    files if mode["label"] in file_rate_modes else None,
+                )
+            )
         except Exception as exc:  # one mode failing must not lose the report
             report.skip(mode["label"], f"failed: {type(exc).__name__}: {exc}")
     scratch.cleanup()

@@ -50,8 +50,12 @@ def parse_args(argv=None):
     p.add_argument("--max-length", type=int, default=20)
     p.add_argument("--input", choices=("frame", "jpeg"), default="frame")
     p.add_argument("--no-chart", action="store_true", help="skip results/latency.png")
-    p.add_argument("--quality", type=Path, default=C.RESULTS_DIR / "quality_speed.json",
-                   help="quality_speed.py's JSON, for the dev CIDEr beside the int8 target")
+    p.add_argument(
+        "--quality",
+        type=Path,
+        default=C.RESULTS_DIR / "quality_speed.json",
+        help="quality_speed.py's JSON, for the dev CIDEr beside the int8 target",
+    )
     return p.parse_args(argv)
 
 
@@ -80,9 +84,15 @@ def measure_once(captioner, timed: C.TimedBackend, images: list) -> I.Fields:
     encoder = timed.encode_s * 1e3
     steps = [s * 1e3 for s in timed.step_times]
     decode = sum(steps)
-    return I.Fields(e2e_ms=e2e, preprocess_ms=preprocess, encoder_ms=encoder, decode_ms=decode,
-                    steps=len(steps), step_ms=C.median(steps),
-                    search_python_ms=e2e - preprocess - encoder - decode)
+    return I.Fields(
+        e2e_ms=e2e,
+        preprocess_ms=preprocess,
+        encoder_ms=encoder,
+        decode_ms=decode,
+        steps=len(steps),
+        step_ms=C.median(steps),
+        search_python_ms=e2e - preprocess - encoder - decode,
+    )
 
 
 def setting_name(beam: int, batch: int) -> str:
@@ -91,23 +101,28 @@ def setting_name(beam: int, batch: int) -> str:
 
 # -- in the worker ---------------------------------------------------------------------------------
 
+
 class LatencyTask:
     """One variant's Captioner (loaded once) and one measure per beam / batch setting: a
     ``caption_batch`` call on that setting's inputs, returning its stage timings."""
 
-    def __init__(self, variant: dict, beams: list[int], batches: list[int], max_length: int,
-                 input: str):
+    def __init__(self, variant: dict, beams: list[int], batches: list[int], max_length: int, input: str):
         v = C.Variant.from_json(variant)
-        base, timed = v.timed_captioner(beam_size=max(beams), max_length=max_length,
-                                        batch_size=max(batches))
+        base, timed = v.timed_captioner(beam_size=max(beams), max_length=max_length, batch_size=max(batches))
         images = {batch: inputs(input, batch) for batch in batches}
         self.measures = {}
         for beam, batch in itertools.product(beams, batches):
             runner = _reuse(base, timed, beam, batch, max_length)
-            self.measures[setting_name(beam, batch)] = (
-                lambda runner=runner, batch=batch: measure_once(runner, timed, images[batch]))
-        self.info = {"describe": timed.describe(), "model": str(v.model), "backend": v.backend,
-                     "options": v.options, "session_config": v.session_config}
+            self.measures[setting_name(beam, batch)] = lambda runner=runner, batch=batch: measure_once(
+                runner, timed, images[batch]
+            )
+        self.info = {
+            "describe": timed.describe(),
+            "model": str(v.model),
+            "backend": v.backend,
+            "options": v.options,
+            "session_config": v.session_config,
+        }
 
 
 def make_task(**kwargs) -> LatencyTask:
@@ -115,6 +130,7 @@ def make_task(**kwargs) -> LatencyTask:
 
 
 # -- in the parent ---------------------------------------------------------------------------------
+
 
 def main(argv=None) -> None:
     args = parse_args(argv)
@@ -124,27 +140,56 @@ def main(argv=None) -> None:
     beams = [int(b) for b in args.beams.split(",")]
     batches = [int(b) for b in args.batches.split(",")]
     settings = list(itertools.product(beams, batches))
-    specs = [v.spec("latency:make_task", beams=beams, batches=batches,
-                    max_length=args.max_length, input=args.input) for v in variants]
+    specs = [
+        v.spec(
+            "latency:make_task", beams=beams, batches=batches, max_length=args.max_length, input=args.input
+        )
+        for v in variants
+    ]
     load_before = C.load_average()
     harness = C.run_harness(specs, [setting_name(b, n) for b, n in settings], args)
-    results = [{"variant": v.name, "beam": beam, "batch": batch,
-                **summarise(harness["measures"][setting_name(beam, batch)][v.name], batch)}
-               for beam, batch in settings for v in variants]
-    data = {"settings": {"beams": beams, "batches": batches, "max_length": args.max_length,
-                         "input": args.input, "load_average": [load_before, C.load_average()],
-                         **harness["settings"]},
-            "variants": {v.name: {"backend": v.backend, "model": str(v.model),
-                                  "options": v.options, "session_config": v.session_config,
-                                  **harness["variants"][v.name]} for v in variants},
-            "skipped": notes, "results": results, "flags": harness["flags"],
-            "targets": targets(results, beams, batches, quality(args.quality))}
-    data["variants"] = {n: {**v, "describe": v.get("info", {}).get("describe", "")}
-                        for n, v in data["variants"].items()}
+    results = [
+        {
+            "variant": v.name,
+            "beam": beam,
+            "batch": batch,
+            **summarise(harness["measures"][setting_name(beam, batch)][v.name], batch),
+        }
+        for beam, batch in settings
+        for v in variants
+    ]
+    data = {
+        "settings": {
+            "beams": beams,
+            "batches": batches,
+            "max_length": args.max_length,
+            "input": args.input,
+            "load_average": [load_before, C.load_average()],
+            **harness["settings"],
+        },
+        "variants": {
+            v.name: {
+                "backend": v.backend,
+                "model": str(v.model),
+                "options": v.options,
+                "session_config": v.session_config,
+                **harness["variants"][v.name],
+            }
+            for v in variants
+        },
+        "skipped": notes,
+        "results": results,
+        "flags": harness["flags"],
+        "targets": targets(results, beams, batches, quality(args.quality)),
+    }
+    data["variants"] = {
+        n: {**v, "describe": v.get("info", {}).get("describe", "")} for n, v in data["variants"].items()
+    }
     written = C.write_results("latency", data, report(data), argv, out=args.out)
     if not args.no_chart:
         try:
             import chart
+
             png = written.parent / "latency.png"
             print(f"chart: {chart.latency_chart(data, out=png)}")
         except ImportError as exc:  # Pillow missing
@@ -161,16 +206,24 @@ def summarise(entry: dict, batch: int) -> dict:
     out = {k: I.field_median(inter, k) for k in STAGES}
     e2e = inter["median_ms"]
     fields = inter.get("fields", {})
-    shares = [(p + s) / e for p, s, e in zip(fields.get("preprocess_ms", []),
-                                              fields.get("search_python_ms", []),
-                                              fields.get("e2e_ms", [])) if e > 0]
-    out.update(e2e_p50_ms=e2e, e2e_p95_ms=inter["p95_ms"], per_image_ms=e2e / batch,
-               python_share=C.median(shares) if shares else float("nan"),
-               steps_vs_encoder=out["decode_ms"] / out["encoder_ms"],
-               e2e_alone_p50_ms=entry.get("alone", {}).get("median_ms", float("nan")),
-               e2e_alone_p95_ms=entry.get("alone", {}).get("p95_ms", float("nan")),
-               interleaved_vs_alone=entry.get("interleaved_vs_alone"),
-               flagged=bool(entry.get("flagged")))
+    shares = [
+        (p + s) / e
+        for p, s, e in zip(
+            fields.get("preprocess_ms", []), fields.get("search_python_ms", []), fields.get("e2e_ms", [])
+        )
+        if e > 0
+    ]
+    out.update(
+        e2e_p50_ms=e2e,
+        e2e_p95_ms=inter["p95_ms"],
+        per_image_ms=e2e / batch,
+        python_share=C.median(shares) if shares else float("nan"),
+        steps_vs_encoder=out["decode_ms"] / out["encoder_ms"],
+        e2e_alone_p50_ms=entry.get("alone", {}).get("median_ms", float("nan")),
+        e2e_alone_p95_ms=entry.get("alone", {}).get("p95_ms", float("nan")),
+        interleaved_vs_alone=entry.get("interleaved_vs_alone"),
+        flagged=bool(entry.get("flagged")),
+    )
     return out
 
 
@@ -191,8 +244,10 @@ def quality(path: Path | None) -> dict:
     there is none)."""
     try:
         data = json.loads(Path(path).read_text())
-        return {"source": f"{path} ({data.get('date', '?')}, {data['images']} photos)",
-                "cider": {r["variant"]: r["CIDEr"] for r in data["results"]}}
+        return {
+            "source": f"{path} ({data.get('date', '?')}, {data['images']} photos)",
+            "cider": {r["variant"]: r["CIDEr"] for r in data["results"]},
+        }
     except (OSError, TypeError, ValueError, KeyError):
         return {}
 
@@ -221,9 +276,11 @@ def targets(results: list[dict], beams, batches, quality: dict | None = None) ->
     cider = (quality or {}).get("cider", {})
     for name, r in at.items():
         if _base(name) in ("ort-int8", "ort-int8-static") or _base(name) not in builtin:
-            entry = {"e2e": fp32["e2e_p50_ms"] / r["e2e_p50_ms"],
-                     "step": fp32["step_ms"] / r["step_ms"],
-                     "encoder": fp32["encoder_ms"] / r["encoder_ms"]}
+            entry = {
+                "e2e": fp32["e2e_p50_ms"] / r["e2e_p50_ms"],
+                "step": fp32["step_ms"] / r["step_ms"],
+                "encoder": fp32["encoder_ms"] / r["encoder_ms"],
+            }
             if name in cider and fp32_name in cider:
                 entry["cider_delta"] = cider[name] - cider[fp32_name]
                 entry["cider_source"] = quality["source"]
@@ -233,38 +290,93 @@ def targets(results: list[dict], beams, batches, quality: dict | None = None) ->
 
 def report(data: dict) -> str:
     s = data["settings"]
-    lines = [f"Input: {s['input']}s of the example photos; max {s['max_length']} words. "
-             f"Load average before/after: {s['load_average'][0]} / {s['load_average'][1]} "
-             "(a busy machine inflates and scatters every figure).", ""]
+    lines = [
+        f"Input: {s['input']}s of the example photos; max {s['max_length']} words. "
+        f"Load average before/after: {s['load_average'][0]} / {s['load_average'][1]} "
+        "(a busy machine inflates and scatters every figure).",
+        "",
+    ]
     for name, v in data["variants"].items():
         config = "".join(f"; {k}={val}" for k, val in v["session_config"].items())
         lines.append(f"- {name}: {v['describe']}{config}; model {v['model']}")
     lines += [f"- {note}" for note in data["skipped"]]
-    headers = ["variant", "beam", "batch", "encoder ms", "step ms", "steps", "decode ms",
-               "preproc ms", "search py ms", "e2e p50 ms", "e2e p95 ms", "ms/image",
-               "python share", "decode/encoder", *("e2e " + h for h in C.HARNESS_HEADERS)]
-    rows = [[r["variant"], r["beam"], r["batch"], r["encoder_ms"], r["step_ms"], r["steps"],
-             r["decode_ms"], r["preprocess_ms"], r["search_python_ms"], r["e2e_p50_ms"],
-             r["e2e_p95_ms"], r["per_image_ms"], f"{100 * r['python_share']:.0f}%",
-             r["steps_vs_encoder"],
-             *C.harness_cells({"alone": {"median_ms": r["e2e_alone_p50_ms"]},
-                               "interleaved_vs_alone": r["interleaved_vs_alone"],
-                               "flagged": r["flagged"]})]
-            for r in sorted(data["results"], key=lambda r: (r["beam"], r["batch"]))]
-    lines += ["", C.markdown_table(headers, rows), "",
-              "All interleaved medians except the alone column. encoder / step / decode: "
-              "medians; decode = all steps of one call; search py = end to end minus "
-              "preprocessing, encoder and steps (the search's own numpy work); python share = "
-              "(preprocessing + search py) / end to end.", "",
-              C.isolation_markdown({"settings": s, "flags": data["flags"],
-                                    "variants": data["variants"]}), ""]
+    headers = [
+        "variant",
+        "beam",
+        "batch",
+        "encoder ms",
+        "step ms",
+        "steps",
+        "decode ms",
+        "preproc ms",
+        "search py ms",
+        "e2e p50 ms",
+        "e2e p95 ms",
+        "ms/image",
+        "python share",
+        "decode/encoder",
+        *("e2e " + h for h in C.HARNESS_HEADERS),
+    ]
+    rows = [
+        [
+            r["variant"],
+            r["beam"],
+            r["batch"],
+            r["encoder_ms"],
+            r["step_ms"],
+            r["steps"],
+            r["decode_ms"],
+            r["preprocess_ms"],
+            r["search_python_ms"],
+            r["e2e_p50_ms"],
+            r["e2e_p95_ms"],
+            r["per_image_ms"],
+            f"{100 * r['python_share']:.0f}%",
+            r["steps_vs_encoder"],
+            *C.harness_cells(
+                {
+                    "alone": {"median_ms": r["e2e_alone_p50_ms"]},
+                    "interleaved_vs_alone": r["interleaved_vs_alone"],
+                    "flagged": r["flagged"],
+                }
+            ),
+        ]
+        for r in sorted(data["results"], key=lambda r: (r["beam"], r["batch"]))
+    ]
+    lines += [
+        "",
+        C.markdown_table(headers, rows),
+        "",
+        "All interleaved medians except the alone column. encoder / step / decode: "
+        "medians; decode = all steps of one call; search py = end to end minus "
+        "preprocessing, encoder and steps (the search's own numpy work); python share = "
+        "(preprocessing + search py) / end to end.",
+        "",
+        C.isolation_markdown({"settings": s, "flags": data["flags"], "variants": data["variants"]}),
+        "",
+    ]
     t = data["targets"]
-    checks = [("onnxruntime FP32 vs PyTorch eager, end to end", "ort_fp32_vs_torch_e2e", ">= 5x",
-               lambda x: x >= 5, "x"),
-              ("onnxruntime FP32: all steps of one caption / one encoder pass",
-               "ort_fp32_decode_over_encoder", "<= 1", lambda x: x <= 1, "")]
-    rows = [[label, f"{t[key]:.2f}{unit}", goal, "met" if ok(t[key]) else "NOT met"]
-            for label, key, goal, ok, unit in checks if key in t]
+    checks = [
+        (
+            "onnxruntime FP32 vs PyTorch eager, end to end",
+            "ort_fp32_vs_torch_e2e",
+            ">= 5x",
+            lambda x: x >= 5,
+            "x",
+        ),
+        (
+            "onnxruntime FP32: all steps of one caption / one encoder pass",
+            "ort_fp32_decode_over_encoder",
+            "<= 1",
+            lambda x: x <= 1,
+            "",
+        ),
+    ]
+    rows = [
+        [label, f"{t[key]:.2f}{unit}", goal, "met" if ok(t[key]) else "NOT met"]
+        for label, key, goal, ok, unit in checks
+        if key in t
+    ]
     for name, e in t.get("int8", {}).items():
         fast = e["e2e"] >= INT8_TARGET
         if "cider_delta" in e:
@@ -274,19 +386,29 @@ def report(data: dict) -> str:
         else:
             verdict = "speed met, CIDEr not measured" if fast else "NOT met"
             cider = "; dev CIDEr: no quality_speed.py figure"
-        rows += [[f"{name} vs FP32, end to end", f"{e['e2e']:.2f}x{cider}",
-                  f">= {INT8_TARGET}x with dev CIDEr within {CIDER_TOLERANCE}", verdict],
-                 [f"{name} vs FP32, one decoder step", f"{e['step']:.2f}x", "(for information)",
-                  ""],
-                 [f"{name} vs FP32, encoder", f"{e['encoder']:.2f}x", "(for information)", ""]]
-    sources = sorted({e["cider_source"] for e in t.get("int8", {}).values()
-                      if "cider_source" in e})
-    lines += [f"Targets at beam {t['beam']}, batch {t['batch']} (interleaved medians, each "
-              "variant in its own process):", "",
-              C.markdown_table(["ratio", "measured", "target", ""], rows)]
+        rows += [
+            [
+                f"{name} vs FP32, end to end",
+                f"{e['e2e']:.2f}x{cider}",
+                f">= {INT8_TARGET}x with dev CIDEr within {CIDER_TOLERANCE}",
+                verdict,
+            ],
+            [f"{name} vs FP32, one decoder step", f"{e['step']:.2f}x", "(for information)", ""],
+            [f"{name} vs FP32, encoder", f"{e['encoder']:.2f}x", "(for information)", ""],
+        ]
+    sources = sorted({e["cider_source"] for e in t.get("int8", {}).values() if "cider_source" in e})
+    lines += [
+        f"Targets at beam {t['beam']}, batch {t['batch']} (interleaved medians, each "
+        "variant in its own process):",
+        "",
+        C.markdown_table(["ratio", "measured", "target", ""], rows),
+    ]
     if sources:
-        lines += ["", "dev CIDEr from " + "; ".join(sources) + " (run quality_speed.py with the "
-                  "same variants for a current figure)."]
+        lines += [
+            "",
+            "dev CIDEr from " + "; ".join(sources) + " (run quality_speed.py with the "
+            "same variants for a current figure).",
+        ]
     return "\n".join(lines)
 
 

@@ -111,43 +111,63 @@ def summarise(samples: list[dict], warmup: int) -> dict:
 
 
 def markdown(settings: dict, summary: dict, samples: list[dict], verdict: str) -> str:
-    rows = ["| images | elapsed s | images/s (since last) | RSS MiB | open fds |",
-            "|---:|---:|---:|---:|---:|"]
+    rows = [
+        "| images | elapsed s | images/s (since last) | RSS MiB | open fds |",
+        "|---:|---:|---:|---:|---:|",
+    ]
     for s in samples:
-        rows.append(f"| {s['images']} | {s['elapsed_s']:.1f} | {s['images_per_s']:.1f} | "
-                    f"{s['rss_kib'] / 1024:.1f} | {s['fds']} |")
-    return "\n".join([
-        f"{settings['n_images']} images, batches of {settings['batch_size']}, beam "
-        f"{settings['beam_size']}, backend {settings['backend']}, model `{settings['model']}`; "
-        f"load average at start {settings['load_average']}.",
-        "",
-        f"**{verdict}**: after the first {summary['warmup_images']} images (baseline at "
-        f"{summary['baseline_at_images']}), RSS {summary['rss_baseline_mib']} -> "
-        f"{summary['rss_final_mib']} MiB ({summary['rss_growth_pct']:+.2f}%, slope "
-        f"{summary['rss_slope_kib_per_1000_images']:+.1f} KiB per 1000 images), open file "
-        f"descriptors {summary['fds_baseline']} -> {summary['fds_final']}; peak RSS "
-        f"{summary['rss_peak_mib']} MiB. Reference caption unchanged: "
-        f"{'yes' if settings['reference_unchanged'] else 'NO'}. Failed inputs: "
-        f"{settings['failed_inputs']}.",
-        "",
-        *rows,
-    ])
+        rows.append(
+            f"| {s['images']} | {s['elapsed_s']:.1f} | {s['images_per_s']:.1f} | "
+            f"{s['rss_kib'] / 1024:.1f} | {s['fds']} |"
+        )
+    return "\n".join(
+        [
+            f"{settings['n_images']} images, batches of {settings['batch_size']}, beam "
+            f"{settings['beam_size']}, backend {settings['backend']}, model `{settings['model']}`; "
+            f"load average at start {settings['load_average']}.",
+            "",
+            f"**{verdict}**: after the first {summary['warmup_images']} images (baseline at "
+            f"{summary['baseline_at_images']}), RSS {summary['rss_baseline_mib']} -> "
+            f"{summary['rss_final_mib']} MiB ({summary['rss_growth_pct']:+.2f}%, slope "
+            f"{summary['rss_slope_kib_per_1000_images']:+.1f} KiB per 1000 images), open file "
+            f"descriptors {summary['fds_baseline']} -> {summary['fds_final']}; peak RSS "
+            f"{summary['rss_peak_mib']} MiB. Reference caption unchanged: "
+            f"{'yes' if settings['reference_unchanged'] else 'NO'}. Failed inputs: "
+            f"{settings['failed_inputs']}.",
+            "",
+            *rows,
+        ]
+    )
 
 
 def main(argv: list[str] | None = None) -> int:
     p = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
-    p.add_argument("--model", type=Path, default=None,
-                   help="model directory (default: the shipped model)")
+    p.add_argument("--model", type=Path, default=None, help="model directory (default: the shipped model)")
     p.add_argument("--backend", default="onnxruntime")
     p.add_argument("--n-images", type=int, default=3000)
     p.add_argument("--batch-size", type=int, default=8)
     p.add_argument("--beam-size", type=int, default=3)
-    p.add_argument("--sample-every", type=int, default=None, metavar="N",
-                   help="images between samples (default: n-images / 30, at least one batch)")
-    p.add_argument("--warmup", type=int, default=None, metavar="N",
-                   help="images before growth is measured (default: 10%% of n-images)")
-    p.add_argument("--max-growth", type=float, default=5.0, metavar="PCT",
-                   help="RSS growth after warm-up above which the run fails (default 5)")
+    p.add_argument(
+        "--sample-every",
+        type=int,
+        default=None,
+        metavar="N",
+        help="images between samples (default: n-images / 30, at least one batch)",
+    )
+    p.add_argument(
+        "--warmup",
+        type=int,
+        default=None,
+        metavar="N",
+        help="images before growth is measured (default: 10%% of n-images)",
+    )
+    p.add_argument(
+        "--max-growth",
+        type=float,
+        default=5.0,
+        metavar="PCT",
+        help="RSS growth after warm-up above which the run fails (default 5)",
+    )
     p.add_argument("--seed", type=int, default=0)
     p.add_argument("--threads", type=int, default=None, help="onnxruntime intra-op threads")
     C.add_out_argument(p)
@@ -162,8 +182,9 @@ def main(argv: list[str] | None = None) -> int:
     print(machine_markdown(), flush=True)
     model = C.model_dir(args.model)
     options = {"threads": args.threads} if args.threads and args.backend == "onnxruntime" else {}
-    captioner = Captioner(model, backend=args.backend, batch_size=args.batch_size,
-                          beam_size=args.beam_size, **options)
+    captioner = Captioner(
+        model, backend=args.backend, batch_size=args.batch_size, beam_size=args.beam_size, **options
+    )
     photos = example_photos()
     reference = np.asarray(photos[0])
     first = captioner.caption(reference)
@@ -189,13 +210,20 @@ def main(argv: list[str] | None = None) -> int:
             done += size
             if done >= next_sample or done == args.n_images:
                 now = time.perf_counter()
-                samples.append({"images": done, "elapsed_s": round(now - t0, 2),
-                                "images_per_s": round((done - last_n) / max(now - last_t, 1e-9),
-                                                      2),
-                                "rss_kib": rss_kib(), "fds": open_fds()})
-                print(f"{done:>6} images  {samples[-1]['rss_kib'] / 1024:8.1f} MiB  "
-                      f"{samples[-1]['fds']:4d} fds  {samples[-1]['images_per_s']:6.1f} img/s",
-                      flush=True)
+                samples.append(
+                    {
+                        "images": done,
+                        "elapsed_s": round(now - t0, 2),
+                        "images_per_s": round((done - last_n) / max(now - last_t, 1e-9), 2),
+                        "rss_kib": rss_kib(),
+                        "fds": open_fds(),
+                    }
+                )
+                print(
+                    f"{done:>6} images  {samples[-1]['rss_kib'] / 1024:8.1f} MiB  "
+                    f"{samples[-1]['fds']:4d} fds  {samples[-1]['images_per_s']:6.1f} img/s",
+                    flush=True,
+                )
                 last_t, last_n = now, done
                 next_sample = done + every
     last = captioner.caption(reference)
@@ -204,20 +232,38 @@ def main(argv: list[str] | None = None) -> int:
     leaked = summary["fds_growth"] > 0
     grew = summary["rss_growth_pct"] > args.max_growth
     unchanged = last.text == first.text and abs(last.score - first.score) < 1e-4
-    verdict = ("flat" if not (leaked or grew) else
-               "RSS grew" if grew and not leaked else "descriptors leaked" if leaked and not grew
-               else "RSS grew and descriptors leaked")
+    verdict = (
+        "flat"
+        if not (leaked or grew)
+        else "RSS grew"
+        if grew and not leaked
+        else "descriptors leaked"
+        if leaked and not grew
+        else "RSS grew and descriptors leaked"
+    )
     if not unchanged:
         verdict += "; the reference caption changed"
-    settings = {"model": str(model), "backend": captioner.backend.describe(),
-                "n_images": args.n_images, "batch_size": args.batch_size,
-                "beam_size": args.beam_size, "sample_every": every, "seed": args.seed,
-                "max_growth_pct": args.max_growth, "load_average": load,
-                "reference_caption": first.text, "reference_unchanged": unchanged,
-                "failed_inputs": failed}
-    C.write_results("longrun", {"settings": settings, "summary": summary, "verdict": verdict,
-                                "samples": samples},
-                    markdown(settings, summary, samples, verdict), argv, out=args.out)
+    settings = {
+        "model": str(model),
+        "backend": captioner.backend.describe(),
+        "n_images": args.n_images,
+        "batch_size": args.batch_size,
+        "beam_size": args.beam_size,
+        "sample_every": every,
+        "seed": args.seed,
+        "max_growth_pct": args.max_growth,
+        "load_average": load,
+        "reference_caption": first.text,
+        "reference_unchanged": unchanged,
+        "failed_inputs": failed,
+    }
+    C.write_results(
+        "longrun",
+        {"settings": settings, "summary": summary, "verdict": verdict, "samples": samples},
+        markdown(settings, summary, samples, verdict),
+        argv,
+        out=args.out,
+    )
     return 0 if verdict == "flat" and failed == 0 else 1
 
 

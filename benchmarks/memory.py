@@ -55,12 +55,15 @@ print(json.dumps({{"peak_mib": peak_mib(), "marks": marks, "s": time.perf_counte
 
 
 def run_case(stage: str, variant: C.Variant | None, images: list[str]) -> dict:
-    code = CHILD.format(repo=str(C.REPO), stage=stage,
-                        model=str(variant.model) if variant else "",
-                        backend=variant.backend if variant else "",
-                        options=variant.options if variant else {}, images=images)
-    done = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True,
-                          timeout=600)
+    code = CHILD.format(
+        repo=str(C.REPO),
+        stage=stage,
+        model=str(variant.model) if variant else "",
+        backend=variant.backend if variant else "",
+        options=variant.options if variant else {},
+        images=images,
+    )
+    done = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, timeout=600)
     if done.returncode != 0:
         return {"error": done.stderr.strip().splitlines()[-1] if done.stderr else "failed"}
     return json.loads(done.stdout.strip().splitlines()[-1])
@@ -72,28 +75,39 @@ def main(argv=None) -> None:
     C.add_out_argument(p)
     args = p.parse_args(argv)
     variants, notes = C.resolve_variants(args)
-    images = [str(path) for path in sorted(C.EXAMPLES.iterdir())
-              if path.suffix.lower() in {".png", ".jpg"}]
+    images = [str(path) for path in sorted(C.EXAMPLES.iterdir()) if path.suffix.lower() in {".png", ".jpg"}]
     cases = [("python", None, "empty interpreter"), ("import", None, "import edgecap")]
     for v in variants:
-        cases += [("load", v, f"{v.name}: model loaded"),
-                  ("caption", v, f"{v.name}: one caption, beam 3"),
-                  ("batch", v, f"{v.name}: 8 captions, beam 3, batch 8")]
+        cases += [
+            ("load", v, f"{v.name}: model loaded"),
+            ("caption", v, f"{v.name}: one caption, beam 3"),
+            ("batch", v, f"{v.name}: 8 captions, beam 3, batch 8"),
+        ]
     results = []
     for stage, variant, label in cases:
         result = run_case(stage, variant, images)
-        results.append({"case": label, "stage": stage,
-                        "variant": variant.name if variant else None, **result})
+        results.append(
+            {"case": label, "stage": stage, "variant": variant.name if variant else None, **result}
+        )
         print(f"[memory] {label}: {result.get('peak_mib', result.get('error'))}", file=sys.stderr)
     data = {"skipped": notes, "results": results}
-    rows = [[r["case"], r.get("peak_mib", float("nan")),
-             r.get("marks", {}).get("import", float("nan")),
-             r.get("marks", {}).get("load", float("nan")), r.get("error", "")]
-            for r in results]
-    table = C.markdown_table(["case", "peak RSS MiB", "after import MiB", "after load MiB",
-                              "error"], rows)
-    text = ("Each case in a fresh interpreter; peak = VmHWM (high-water RSS) at the end.\n\n"
-            + "".join(f"- {n}\n" for n in notes) + "\n" + table)
+    rows = [
+        [
+            r["case"],
+            r.get("peak_mib", float("nan")),
+            r.get("marks", {}).get("import", float("nan")),
+            r.get("marks", {}).get("load", float("nan")),
+            r.get("error", ""),
+        ]
+        for r in results
+    ]
+    table = C.markdown_table(["case", "peak RSS MiB", "after import MiB", "after load MiB", "error"], rows)
+    text = (
+        "Each case in a fresh interpreter; peak = VmHWM (high-water RSS) at the end.\n\n"
+        + "".join(f"- {n}\n" for n in notes)
+        + "\n"
+        + table
+    )
     C.write_results("memory", data, text, argv, out=args.out)
 
 

@@ -32,8 +32,12 @@ def parse_args(argv=None):
     p = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
     C.add_model_arguments(p)
     C.add_harness_arguments(p, rounds=2, per_round=1, warmup=1)
-    p.add_argument("--data", type=Path, default=C.FLICKR8K,
-                   help="Flickr8k folder (images/, Flickr8k.token.txt, Flickr_8k.devImages.txt)")
+    p.add_argument(
+        "--data",
+        type=Path,
+        default=C.FLICKR8K,
+        help="Flickr8k folder (images/, Flickr8k.token.txt, Flickr_8k.devImages.txt)",
+    )
     p.add_argument("--limit", type=int, default=200, help="dev photos (0: all 1,000)")
     p.add_argument("--beam", type=int, default=3)
     p.add_argument("--batch", type=int, default=8)
@@ -41,6 +45,7 @@ def parse_args(argv=None):
 
 
 # -- in the worker ---------------------------------------------------------------------------------
+
 
 class CaptionSplitTask:
     """One variant's Captioner; measure ``split``: caption every listed photo once."""
@@ -63,8 +68,7 @@ def dev_items(data: Path, limit: int) -> tuple[list, Path]:
     """The first ``limit`` dev items with their references (all where 0), and the photos' folder."""
     from edgecap.evaluation.evaluate import check_images, load_references
 
-    items = load_references(captions=data / "Flickr8k.token.txt",
-                            split=data / "Flickr_8k.devImages.txt")
+    items = load_references(captions=data / "Flickr8k.token.txt", split=data / "Flickr_8k.devImages.txt")
     if limit:
         items = items[:limit]
     check_images(items, data / "images")
@@ -72,6 +76,7 @@ def dev_items(data: Path, limit: int) -> tuple[list, Path]:
 
 
 # -- in the parent ---------------------------------------------------------------------------------
+
 
 def main(argv=None) -> None:
     args = parse_args(argv)
@@ -85,8 +90,16 @@ def main(argv=None) -> None:
         sys.exit("no variant can run here: " + "; ".join(notes))
 
     # speed: each variant in its own worker
-    specs = [v.spec("quality_speed:make_task", data=str(args.data.resolve()), limit=args.limit,
-                    beam=args.beam, batch=args.batch) for v in variants]
+    specs = [
+        v.spec(
+            "quality_speed:make_task",
+            data=str(args.data.resolve()),
+            limit=args.limit,
+            beam=args.beam,
+            batch=args.batch,
+        )
+        for v in variants
+    ]
     load_before = C.load_average()
     harness = C.run_harness(specs, ["split"], args)
     load_after = C.load_average()
@@ -104,12 +117,17 @@ def main(argv=None) -> None:
         del captioner
         entry = harness["measures"]["split"][v.name]
         scores = metrics.score(refs, captions[v.name], tokenizer=tokenizer, metrics=wanted)
-        results.append({"variant": v.name, "images": len(items),
-                        "ms_per_image": entry["interleaved"]["median_ms"] / len(items),
-                        "ms_per_image_alone": entry.get("alone", {}).get(
-                            "median_ms", float("nan")) / len(items),
-                        "interleaved_vs_alone": entry.get("interleaved_vs_alone"),
-                        "flagged": bool(entry.get("flagged")), **scores})
+        results.append(
+            {
+                "variant": v.name,
+                "images": len(items),
+                "ms_per_image": entry["interleaved"]["median_ms"] / len(items),
+                "ms_per_image_alone": entry.get("alone", {}).get("median_ms", float("nan")) / len(items),
+                "interleaved_vs_alone": entry.get("interleaved_vs_alone"),
+                "flagged": bool(entry.get("flagged")),
+                **scores,
+            }
+        )
         print(f"[quality] {v.name}: CIDEr {scores['CIDEr']:.3f}", file=sys.stderr)
     reference = next((k for k in captions if k.split("/")[0] == "ort-fp32"), None)
     for r in results:
@@ -118,39 +136,78 @@ def main(argv=None) -> None:
             r["identical_to_ort_fp32"] = same / len(refs)
             r["captions_differing_from_ort_fp32"] = len(refs) - same
             r["cider_vs_ort_fp32"] = r["CIDEr"] - next(
-                x["CIDEr"] for x in results if x["variant"] == reference)
-    data = {"images": len(items), "split": "Flickr8k dev", "beam": args.beam,
-            "batch": args.batch, "tokenizer": tokenizer, "load_average": [load_before, load_after],
-            "skipped": notes, "settings": harness["settings"], "variants": harness["variants"],
-            "flags": harness["flags"], "results": results,
-            "captions": {k: {str(i): c for i, c in v.items()} for k, v in captions.items()}}
+                x["CIDEr"] for x in results if x["variant"] == reference
+            )
+    data = {
+        "images": len(items),
+        "split": "Flickr8k dev",
+        "beam": args.beam,
+        "batch": args.batch,
+        "tokenizer": tokenizer,
+        "load_average": [load_before, load_after],
+        "skipped": notes,
+        "settings": harness["settings"],
+        "variants": harness["variants"],
+        "flags": harness["flags"],
+        "results": results,
+        "captions": {k: {str(i): c for i, c in v.items()} for k, v in captions.items()},
+    }
     C.write_results("quality_speed", data, report(data), argv, out=args.out)
     if data["flags"]:
         print("FLAGGED: " + "; ".join(data["flags"]), file=sys.stderr)
 
 
 def report(data: dict) -> str:
-    headers = ["variant", "CIDEr-D", "vs ort-fp32", "BLEU-4", "METEOR", "ms / image",
-               *C.HARNESS_HEADERS, "identical to ort-fp32"]
-    rows = [[r["variant"], r["CIDEr"],
-             f"{r['cider_vs_ort_fp32']:+.3f}" if "cider_vs_ort_fp32" in r else "-",
-             r["BLEU-4"], r.get("METEOR", float("nan")), r["ms_per_image"],
-             *C.harness_cells({"alone": {"median_ms": r["ms_per_image_alone"]},
-                               "interleaved_vs_alone": r["interleaved_vs_alone"],
-                               "flagged": r["flagged"]}),
-             f"{100 * r['identical_to_ort_fp32']:.1f}%" if "identical_to_ort_fp32" in r
-             else "-"] for r in data["results"]]
-    lines = [f"First {data['images']} photos of the Flickr8k dev split, beam {data['beam']}, "
-             f"batch {data['batch']}; coco-caption scores with the {data['tokenizer']} tokenizer; "
-             f"load average before/after the timing {data['load_average'][0]} / "
-             f"{data['load_average'][1]}.", ""]
-    lines += [f"- {name}: {v['info'].get('describe')}; model {v['info'].get('model')}"
-              for name, v in data["variants"].items()]
+    headers = [
+        "variant",
+        "CIDEr-D",
+        "vs ort-fp32",
+        "BLEU-4",
+        "METEOR",
+        "ms / image",
+        *C.HARNESS_HEADERS,
+        "identical to ort-fp32",
+    ]
+    rows = [
+        [
+            r["variant"],
+            r["CIDEr"],
+            f"{r['cider_vs_ort_fp32']:+.3f}" if "cider_vs_ort_fp32" in r else "-",
+            r["BLEU-4"],
+            r.get("METEOR", float("nan")),
+            r["ms_per_image"],
+            *C.harness_cells(
+                {
+                    "alone": {"median_ms": r["ms_per_image_alone"]},
+                    "interleaved_vs_alone": r["interleaved_vs_alone"],
+                    "flagged": r["flagged"],
+                }
+            ),
+            f"{100 * r['identical_to_ort_fp32']:.1f}%" if "identical_to_ort_fp32" in r else "-",
+        ]
+        for r in data["results"]
+    ]
+    lines = [
+        f"First {data['images']} photos of the Flickr8k dev split, beam {data['beam']}, "
+        f"batch {data['batch']}; coco-caption scores with the {data['tokenizer']} tokenizer; "
+        f"load average before/after the timing {data['load_average'][0]} / "
+        f"{data['load_average'][1]}.",
+        "",
+    ]
+    lines += [
+        f"- {name}: {v['info'].get('describe')}; model {v['info'].get('model')}"
+        for name, v in data["variants"].items()
+    ]
     lines += [f"- {n}" for n in data["skipped"]]
-    lines += ["", C.markdown_table(headers, rows), "",
-              "ms / image: the interleaved median of a call captioning all the photos (JPEG "
-              "decoding included) / the photo count; alone p50 likewise per image.", "",
-              C.isolation_markdown(data)]
+    lines += [
+        "",
+        C.markdown_table(headers, rows),
+        "",
+        "ms / image: the interleaved median of a call captioning all the photos (JPEG "
+        "decoding included) / the photo count; alone p50 likewise per image.",
+        "",
+        C.isolation_markdown(data),
+    ]
     return "\n".join(lines)
 
 

@@ -29,27 +29,40 @@ import sys
 import time
 from pathlib import Path
 
-from _common import (DEFAULT_MODEL, EXAMPLES, REPO, load_average, markdown_table, median,
-                     percentile, write_results)
+from _common import (
+    DEFAULT_MODEL,
+    EXAMPLES,
+    REPO,
+    load_average,
+    markdown_table,
+    median,
+    percentile,
+    write_results,
+)
 
 SETTINGS = {"batched": [], "unbatched": ["--max-batch", "1"]}
 TYPES = {".png": "image/png", ".jpg": "image/jpeg", ".jpeg": "image/jpeg"}
 
 
 def photos() -> list[tuple[bytes, str]]:
-    return [(p.read_bytes(), TYPES[p.suffix.lower()]) for p in sorted(EXAMPLES.iterdir())
-            if p.suffix.lower() in TYPES]
+    return [
+        (p.read_bytes(), TYPES[p.suffix.lower()])
+        for p in sorted(EXAMPLES.iterdir())
+        if p.suffix.lower() in TYPES
+    ]
 
 
 class Server:
     """``edgecap serve`` in a process of its own, on a free loopback port."""
 
     def __init__(self, model: Path, extra: list[str]):
-        env = {**os.environ, "PYTHONPATH": os.pathsep.join([str(REPO),
-                                                            os.environ.get("PYTHONPATH", "")])}
+        env = {**os.environ, "PYTHONPATH": os.pathsep.join([str(REPO), os.environ.get("PYTHONPATH", "")])}
         self.process = subprocess.Popen(
-            [sys.executable, "-m", "edgecap", "serve", "--port", "0", "--model", str(model),
-             *extra], stderr=subprocess.PIPE, text=True, env=env)
+            [sys.executable, "-m", "edgecap", "serve", "--port", "0", "--model", str(model), *extra],
+            stderr=subprocess.PIPE,
+            text=True,
+            env=env,
+        )
         line = self.process.stderr.readline()
         if "listening on http://127.0.0.1:" not in line:
             self.process.kill()
@@ -100,27 +113,37 @@ async def load(port: int, clients: int, seconds: float, images) -> dict:
         until = started + seconds
         await asyncio.gather(*(client(session, k, until) for k in range(clients)))
         elapsed = time.perf_counter() - started
-    return {**counts, "lost": counts["sent"] - counts["ok"] - counts["errors"],
-            "elapsed_s": elapsed, "throughput": counts["ok"] / elapsed,
-            "p50_ms": percentile(latencies, 50), "p99_ms": percentile(latencies, 99),
-            "mean_batch": sum(batches) / len(batches) if batches else float("nan"),
-            "error_samples": error_samples[:3]}
+    return {
+        **counts,
+        "lost": counts["sent"] - counts["ok"] - counts["errors"],
+        "elapsed_s": elapsed,
+        "throughput": counts["ok"] / elapsed,
+        "p50_ms": percentile(latencies, 50),
+        "p99_ms": percentile(latencies, 99),
+        "mean_batch": sum(batches) / len(batches) if batches else float("nan"),
+        "error_samples": error_samples[:3],
+    }
 
 
 def main(argv: list[str] | None = None) -> int:
     parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
     parser.add_argument("--clients", type=int, nargs="+", default=[1, 4, 16])
     parser.add_argument("--seconds", type=float, default=20.0, help="length of each run")
-    parser.add_argument("--warmup", type=float, default=3.0,
-                        help="untimed load before each setting's first run (s)")
+    parser.add_argument(
+        "--warmup", type=float, default=3.0, help="untimed load before each setting's first run (s)"
+    )
     parser.add_argument("--rounds", type=int, default=3)
-    parser.add_argument("--settings", nargs="+", choices=sorted(SETTINGS),
-                        default=list(SETTINGS))
+    parser.add_argument("--settings", nargs="+", choices=sorted(SETTINGS), default=list(SETTINGS))
     parser.add_argument("--model", type=Path, default=DEFAULT_MODEL)
     parser.add_argument("--name", default="serve_load")
-    parser.add_argument("--out", type=Path, default=None, metavar="DIR",
-                        help="folder for the results files (default: as the other benchmarks; "
-                             "--out benchmarks/results replaces the committed figures)")
+    parser.add_argument(
+        "--out",
+        type=Path,
+        default=None,
+        metavar="DIR",
+        help="folder for the results files (default: as the other benchmarks; "
+        "--out benchmarks/results replaces the committed figures)",
+    )
     args = parser.parse_args(argv)
     images = photos()
     runs: list[dict] = []
@@ -134,15 +157,26 @@ def main(argv: list[str] | None = None) -> int:
                 order = args.settings if round_ % 2 == 0 else args.settings[::-1]
                 for setting in order:
                     before = load_average()
-                    result = asyncio.run(load(servers[setting].port, clients, args.seconds,
-                                              images))
-                    runs.append({"round": round_, "setting": setting, "clients": clients,
-                                 "load_before": before, "load_after": load_average(), **result})
-                    print(f"round {round_} {setting:9s} {clients:2d} clients: "
-                          f"{result['throughput']:.2f}/s p50 {result['p50_ms']:.0f} ms "
-                          f"p99 {result['p99_ms']:.0f} ms batch {result['mean_batch']:.2f} "
-                          f"errors {result['errors']} lost {result['lost']} "
-                          f"(load {before})", file=sys.stderr, flush=True)
+                    result = asyncio.run(load(servers[setting].port, clients, args.seconds, images))
+                    runs.append(
+                        {
+                            "round": round_,
+                            "setting": setting,
+                            "clients": clients,
+                            "load_before": before,
+                            "load_after": load_average(),
+                            **result,
+                        }
+                    )
+                    print(
+                        f"round {round_} {setting:9s} {clients:2d} clients: "
+                        f"{result['throughput']:.2f}/s p50 {result['p50_ms']:.0f} ms "
+                        f"p99 {result['p99_ms']:.0f} ms batch {result['mean_batch']:.2f} "
+                        f"errors {result['errors']} lost {result['lost']} "
+                        f"(load {before})",
+                        file=sys.stderr,
+                        flush=True,
+                    )
     finally:
         for server in servers.values():
             server.stop()
@@ -150,32 +184,66 @@ def main(argv: list[str] | None = None) -> int:
     for setting in args.settings:
         for clients in args.clients:
             mine = [r for r in runs if r["setting"] == setting and r["clients"] == clients]
-            rows.append([setting, clients, f"{median([r['throughput'] for r in mine]):.2f}",
-                         f"{median([r['p50_ms'] for r in mine]):.0f}",
-                         f"{median([r['p99_ms'] for r in mine]):.0f}",
-                         f"{median([r['mean_batch'] for r in mine]):.2f}",
-                         sum(r["ok"] for r in mine), sum(r["errors"] for r in mine),
-                         sum(r["lost"] for r in mine),
-                         " / ".join(sorted({r["load_before"] for r in mine}))])
-    table = markdown_table(["service", "clients", "captions/s", "p50 ms", "p99 ms",
-                            "mean batch", "answered", "errors", "lost",
-                            "load average (1 min) before each run"], rows)
+            rows.append(
+                [
+                    setting,
+                    clients,
+                    f"{median([r['throughput'] for r in mine]):.2f}",
+                    f"{median([r['p50_ms'] for r in mine]):.0f}",
+                    f"{median([r['p99_ms'] for r in mine]):.0f}",
+                    f"{median([r['mean_batch'] for r in mine]):.2f}",
+                    sum(r["ok"] for r in mine),
+                    sum(r["errors"] for r in mine),
+                    sum(r["lost"] for r in mine),
+                    " / ".join(sorted({r["load_before"] for r in mine})),
+                ]
+            )
+    table = markdown_table(
+        [
+            "service",
+            "clients",
+            "captions/s",
+            "p50 ms",
+            "p99 ms",
+            "mean batch",
+            "answered",
+            "errors",
+            "lost",
+            "load average (1 min) before each run",
+        ],
+        rows,
+    )
     if {"batched", "unbatched"} <= set(args.settings):
         ratios = []
         for clients in args.clients:
-            pairs = [[r["throughput"] for r in runs if r["round"] == k and r["clients"] == clients
-                      and r["setting"] == s] for k in range(args.rounds)
-                     for s in ("batched", "unbatched")]
+            pairs = [
+                [
+                    r["throughput"]
+                    for r in runs
+                    if r["round"] == k and r["clients"] == clients and r["setting"] == s
+                ]
+                for k in range(args.rounds)
+                for s in ("batched", "unbatched")
+            ]
             per_round = [b[0] / u[0] for b, u in zip(pairs[0::2], pairs[1::2])]
-            ratios.append([clients, f"{median(per_round):.2f}",
-                           ", ".join(f"{x:.2f}" for x in per_round)])
-        table += ("\n\nBatched over unbatched throughput, each round's pair (run seconds apart):"
-                  "\n\n" + markdown_table(["clients", "median ratio", "per round"], ratios))
-    markdown = (f"{args.rounds} rounds x {args.seconds:g} s per cell, medians over rounds; the "
-                f"{len(images)} example photos (PNG / JPEG files) in turn; client and server on "
-                "the same machine (loopback), the clients in one asyncio process.\n\n" + table)
-    write_results(args.name, {"runs": runs, "settings": SETTINGS, "args": vars(args)}, markdown,
-                  argv=argv, script="serve_load", out=args.out)
+            ratios.append([clients, f"{median(per_round):.2f}", ", ".join(f"{x:.2f}" for x in per_round)])
+        table += (
+            "\n\nBatched over unbatched throughput, each round's pair (run seconds apart):"
+            "\n\n" + markdown_table(["clients", "median ratio", "per round"], ratios)
+        )
+    markdown = (
+        f"{args.rounds} rounds x {args.seconds:g} s per cell, medians over rounds; the "
+        f"{len(images)} example photos (PNG / JPEG files) in turn; client and server on "
+        "the same machine (loopback), the clients in one asyncio process.\n\n" + table
+    )
+    write_results(
+        args.name,
+        {"runs": runs, "settings": SETTINGS, "args": vars(args)},
+        markdown,
+        argv=argv,
+        script="serve_load",
+        out=args.out,
+    )
     bad = sum(r["errors"] + r["lost"] for r in runs)
     return 1 if bad else 0
 

@@ -38,20 +38,23 @@ class StepTask:
         model = Path(model)
         encoder = ort.InferenceSession(str(model / "encoder.onnx"), options, providers=cpu)
         step = ort.InferenceSession(str(model / "decoder_step.onnx"), options, providers=cpu)
-        image = {encoder.get_inputs()[0].name:
-                 rng.uniform(-1, 1, (1, 3, 224, 224)).astype(np.float32)}
+        image = {encoder.get_inputs()[0].name: rng.uniform(-1, 1, (1, 3, 224, 224)).astype(np.float32)}
         out = dict(zip([o.name for o in encoder.get_outputs()], encoder.run(None, image)))
         rows = 3
         vocab = next((i.shape[1] for i in step.get_inputs() if i.name == "word_bias"), 1)
-        feed = {"tokens": np.full(rows, 1, np.int32), "h": np.repeat(out["h0"], rows, 0),
-                "c": np.repeat(out["c0"], rows, 0), "source_rows": np.zeros(rows, np.int32),
-                "features": out["features"], "att_proj": out["att_proj"],
-                "image_index": np.zeros(rows, np.int32),
-                "word_bias": np.zeros((rows, vocab), np.float32)}
+        feed = {
+            "tokens": np.full(rows, 1, np.int32),
+            "h": np.repeat(out["h0"], rows, 0),
+            "c": np.repeat(out["c0"], rows, 0),
+            "source_rows": np.zeros(rows, np.int32),
+            "features": out["features"],
+            "att_proj": out["att_proj"],
+            "image_index": np.zeros(rows, np.int32),
+            "word_bias": np.zeros((rows, vocab), np.float32),
+        }
         feed = {i.name: feed[i.name] for i in step.get_inputs()}
         self.info = {"model": str(model), "threads": threads}
-        self.measures = {"step": lambda: step.run(None, feed),
-                         "encoder": lambda: encoder.run(None, image)}
+        self.measures = {"step": lambda: step.run(None, feed), "encoder": lambda: encoder.run(None, image)}
 
 
 def make_task(**kwargs) -> StepTask:
@@ -64,30 +67,38 @@ def main(argv=None) -> None:
     p.add_argument("b", type=Path, help="model directory B")
     p.add_argument("--threads", type=int, default=1)
     p.add_argument("--rounds", type=int, default=10)
-    p.add_argument("--per-round", type=int, default=30, help="steps (and encoder passes) per "
-                   "model and round")
+    p.add_argument("--per-round", type=int, default=30, help="steps (and encoder passes) per model and round")
     p.add_argument("--warmup", type=int, default=20)
     C.add_out_argument(p)
     args = p.parse_args(argv)
-    specs = [I.Spec(label, "step_compare:make_task",
-                    {"model": str(d.resolve()), "threads": args.threads})
-             for label, d in (("A", args.a), ("B", args.b))]
-    result = I.run_isolated(specs, ["step", "encoder"], rounds=args.rounds,
-                            per_round=args.per_round, warmup=args.warmup)
+    specs = [
+        I.Spec(label, "step_compare:make_task", {"model": str(d.resolve()), "threads": args.threads})
+        for label, d in (("A", args.a), ("B", args.b))
+    ]
+    result = I.run_isolated(
+        specs, ["step", "encoder"], rounds=args.rounds, per_round=args.per_round, warmup=args.warmup
+    )
     lines = []
     for label, d in (("A", args.a), ("B", args.b)):
         step = result["measures"]["step"][label]
         encoder = result["measures"]["encoder"][label]
-        lines.append(f"{label} {d}: step {step['interleaved']['median_ms']:.3f} ms "
-                     f"(alone {step['alone']['median_ms']:.3f}), encoder "
-                     f"{encoder['interleaved']['median_ms']:.2f} ms "
-                     f"(alone {encoder['alone']['median_ms']:.2f})")
+        lines.append(
+            f"{label} {d}: step {step['interleaved']['median_ms']:.3f} ms "
+            f"(alone {step['alone']['median_ms']:.3f}), encoder "
+            f"{encoder['interleaved']['median_ms']:.2f} ms "
+            f"(alone {encoder['alone']['median_ms']:.2f})"
+        )
     ratio = 1 / result["ratios"]["step"]["B"]
     lines.append(f"step ratio B / A: {ratio:.2f} (interleaved medians, separate processes)")
-    data = {"models": {"A": str(args.a), "B": str(args.b)}, "threads": args.threads,
-            "step_ratio_b_over_a": ratio, **result}
-    C.write_results("step_compare", data, "\n\n".join(lines) + "\n\n"
-                    + I.report_markdown(result), argv, out=args.out)
+    data = {
+        "models": {"A": str(args.a), "B": str(args.b)},
+        "threads": args.threads,
+        "step_ratio_b_over_a": ratio,
+        **result,
+    }
+    C.write_results(
+        "step_compare", data, "\n\n".join(lines) + "\n\n" + I.report_markdown(result), argv, out=args.out
+    )
     for flag in result["flags"]:
         print(f"FLAG {flag}", file=sys.stderr)
 

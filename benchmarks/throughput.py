@@ -52,13 +52,18 @@ def parse_args(argv=None):
     p = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
     C.add_model_arguments(p, variants=("ort-fp32", "ort-int8", "ort-int8-static"))
     C.add_harness_arguments(p, rounds=3, per_round=1, warmup=1)
-    p.add_argument("--images", type=Path, default=None,
-                   help="folder of photos (default: the Flickr8k dev photos, see above)")
+    p.add_argument(
+        "--images",
+        type=Path,
+        default=None,
+        help="folder of photos (default: the Flickr8k dev photos, see above)",
+    )
     p.add_argument("--limit", type=int, default=96, help="photos captioned per call")
     p.add_argument("--beam", type=int, default=3)
     p.add_argument("--batch", type=int, default=8)
-    p.add_argument("--modes", default="prefetch-1",
-                   help="comma-separated: prefetch-N (N decoding threads), sequential")
+    p.add_argument(
+        "--modes", default="prefetch-1", help="comma-separated: prefetch-N (N decoding threads), sequential"
+    )
     p.add_argument("--no-floor", action="store_true", help="skip the floor (needs onnx)")
     return p.parse_args(argv)
 
@@ -78,13 +83,13 @@ def parse_modes(spec: str) -> list[str]:
     modes = [m.strip() for m in spec.split(",") if m.strip()]
     for mode in modes:
         n = mode.removeprefix("prefetch-")
-        if mode != "sequential" and not (mode.startswith("prefetch-") and n.isdigit()
-                                         and int(n) > 0):
+        if mode != "sequential" and not (mode.startswith("prefetch-") and n.isdigit() and int(n) > 0):
             sys.exit(f"--modes: {mode!r} is neither sequential nor prefetch-N (N >= 1)")
     return modes
 
 
 # -- in the worker ---------------------------------------------------------------------------------
+
 
 def run_sequential(captioner, timed: C.TimedBackend, paths: list[Path]) -> I.Fields:
     timed.reset()
@@ -111,7 +116,7 @@ def run_prefetch(captioner, timed: C.TimedBackend, paths: list[Path], workers: i
         return image, time.perf_counter() - t0
 
     batch = captioner.options.batch_size
-    chunks = [paths[i:i + batch] for i in range(0, len(paths), batch)]
+    chunks = [paths[i : i + batch] for i in range(0, len(paths), batch)]
     timed.reset()
     worker_s, waited = 0.0, 0.0
     t0 = time.perf_counter()
@@ -142,13 +147,19 @@ def _batches(captioner, paths) -> int:
     return -(-len(paths) // captioner.options.batch_size)
 
 
-def _split(wall: float, timed: C.TimedBackend, decode_s: float, decode_overlapped: bool,
-           batches: int) -> I.Fields:
+def _split(
+    wall: float, timed: C.TimedBackend, decode_s: float, decode_overlapped: bool, batches: int
+) -> I.Fields:
     encoder, steps = timed.encode_s, sum(timed.step_times)
     main_thread_decode = 0.0 if decode_overlapped else decode_s
-    return I.Fields(wall_s=wall, decode_resize_s=decode_s, encoder_s=encoder, decoder_s=steps,
-                    search_other_s=wall - main_thread_decode - encoder - steps,
-                    steps_per_batch=len(timed.step_times) / max(batches, 1))
+    return I.Fields(
+        wall_s=wall,
+        decode_resize_s=decode_s,
+        encoder_s=encoder,
+        decoder_s=steps,
+        search_other_s=wall - main_thread_decode - encoder - steps,
+        steps_per_batch=len(timed.step_times) / max(batches, 1),
+    )
 
 
 class ThroughputTask:
@@ -166,8 +177,7 @@ class ThroughputTask:
             else:
                 n = int(mode.removeprefix("prefetch-"))
                 self.measures[mode] = lambda n=n: run_prefetch(captioner, timed, photos, n)
-        self.info = {"describe": timed.describe(), "model": str(v.model),
-                     "session_config": v.session_config}
+        self.info = {"describe": timed.describe(), "model": str(v.model), "session_config": v.session_config}
 
 
 def make_task(**kwargs) -> ThroughputTask:
@@ -175,6 +185,7 @@ def make_task(**kwargs) -> ThroughputTask:
 
 
 # -- in the parent ---------------------------------------------------------------------------------
+
 
 class FloorTask:
     """floor.py's floor, computed in a worker of its own (``info``); nothing to time."""
@@ -196,9 +207,18 @@ def floors(args) -> tuple[dict | None, str]:
     if importlib.util.find_spec("onnx") is None:
         return None, "floor skipped: counting the graphs' FLOPs needs onnx"
     threads = C._threads(args.threads)[0]
-    worker = I.Worker(I.Spec("floor", "throughput:make_floor_task",
-                             {"model": str(C.model_dir(args.model).resolve()), "beam": args.beam,
-                              "batch": args.batch, "threads": threads}))
+    worker = I.Worker(
+        I.Spec(
+            "floor",
+            "throughput:make_floor_task",
+            {
+                "model": str(C.model_dir(args.model).resolve()),
+                "beam": args.beam,
+                "batch": args.batch,
+                "threads": threads,
+            },
+        )
+    )
     try:
         return worker.info, ""
     finally:
@@ -217,8 +237,16 @@ def main(argv=None) -> None:
     variants, notes = C.resolve_variants(args)
     if not variants:
         sys.exit("no variant can run here: " + "; ".join(notes))
-    specs = [v.spec("throughput:make_task", paths=[str(p) for p in paths], beam=args.beam,
-                    batch=args.batch, modes=modes) for v in variants]
+    specs = [
+        v.spec(
+            "throughput:make_task",
+            paths=[str(p) for p in paths],
+            beam=args.beam,
+            batch=args.batch,
+            modes=modes,
+        )
+        for v in variants
+    ]
     load_before = C.load_average()
     harness = C.run_harness(specs, modes, args)
     floor_data, floor_note = floors(args)  # after the workers: nothing else of ours runs
@@ -228,64 +256,111 @@ def main(argv=None) -> None:
         for v in variants:
             entry = harness["measures"][mode][v.name]
             inter = entry["interleaved"]
-            r = {"variant": v.name, "mode": mode, "images": n,
-                 "images_per_s": n / (inter["median_ms"] / 1e3),
-                 "images_per_s_alone": n / (entry.get("alone", {}).get("median_ms", float("nan"))
-                                            / 1e3),
-                 "interleaved_vs_alone": entry.get("interleaved_vs_alone"),
-                 "flagged": bool(entry.get("flagged")),
-                 **{k: I.field_median(inter, k) for k in inter.get("fields", {})}}
+            r = {
+                "variant": v.name,
+                "mode": mode,
+                "images": n,
+                "images_per_s": n / (inter["median_ms"] / 1e3),
+                "images_per_s_alone": n / (entry.get("alone", {}).get("median_ms", float("nan")) / 1e3),
+                "interleaved_vs_alone": entry.get("interleaved_vs_alone"),
+                "flagged": bool(entry.get("flagged")),
+                **{k: I.field_median(inter, k) for k in inter.get("fields", {})},
+            }
             if floor_data:
                 per_image = floor.floor_ms_per_image(floor_data, r["steps_per_batch"], args.batch)
                 r["floor_images_per_s"] = 1e3 / per_image
                 r["share_of_floor"] = r["images_per_s"] / r["floor_images_per_s"]
             results.append(r)
-    data = {"photos": where, "beam": args.beam, "batch": args.batch, "modes": modes,
-            "skipped": notes, "load_average": [load_before, C.load_average()],
-            "settings": harness["settings"], "variants": harness["variants"],
-            "flags": harness["flags"], "floor": floor_data, "results": results}
+    data = {
+        "photos": where,
+        "beam": args.beam,
+        "batch": args.batch,
+        "modes": modes,
+        "skipped": notes,
+        "load_average": [load_before, C.load_average()],
+        "settings": harness["settings"],
+        "variants": harness["variants"],
+        "flags": harness["flags"],
+        "floor": floor_data,
+        "results": results,
+    }
     C.write_results("throughput", data, report(data, floor_note), argv, out=args.out)
     if data["flags"]:
         print("FLAGGED: " + "; ".join(data["flags"]), file=sys.stderr)
 
 
 def report(data: dict, floor_note: str) -> str:
-    headers = ["variant", "mode", "images", "images/s", "images/s alone", "vs alone", "flag",
-               "decode+resize s", "encoder s", "decoder s", "search/other s", "steps/batch",
-               "floor images/s", "share of floor"]
+    headers = [
+        "variant",
+        "mode",
+        "images",
+        "images/s",
+        "images/s alone",
+        "vs alone",
+        "flag",
+        "decode+resize s",
+        "encoder s",
+        "decoder s",
+        "search/other s",
+        "steps/batch",
+        "floor images/s",
+        "share of floor",
+    ]
     rows = []
     for r in data["results"]:
-        cells = C.harness_cells({"interleaved_vs_alone": r["interleaved_vs_alone"],
-                                 "flagged": r["flagged"]})[1:]
+        cells = C.harness_cells({"interleaved_vs_alone": r["interleaved_vs_alone"], "flagged": r["flagged"]})[
+            1:
+        ]
         overlapped = " (overlapped)" if r["mode"] != "sequential" else ""
-        rows.append([r["variant"], r["mode"], r["images"], r["images_per_s"],
-                     r["images_per_s_alone"], *cells,
-                     f"{r['decode_resize_s']:.2f}{overlapped}", r["encoder_s"], r["decoder_s"],
-                     r["search_other_s"], r["steps_per_batch"],
-                     r.get("floor_images_per_s", float("nan")),
-                     f"{100 * r['share_of_floor']:.1f}%" if "share_of_floor" in r else "-"])
-    lines = [f"{data['results'][0]['images']} photos: {data['photos']}; beam {data['beam']}, "
-             f"batch {data['batch']}; load average before/after {data['load_average'][0]} / "
-             f"{data['load_average'][1]}.", ""]
+        rows.append(
+            [
+                r["variant"],
+                r["mode"],
+                r["images"],
+                r["images_per_s"],
+                r["images_per_s_alone"],
+                *cells,
+                f"{r['decode_resize_s']:.2f}{overlapped}",
+                r["encoder_s"],
+                r["decoder_s"],
+                r["search_other_s"],
+                r["steps_per_batch"],
+                r.get("floor_images_per_s", float("nan")),
+                f"{100 * r['share_of_floor']:.1f}%" if "share_of_floor" in r else "-",
+            ]
+        )
+    lines = [
+        f"{data['results'][0]['images']} photos: {data['photos']}; beam {data['beam']}, "
+        f"batch {data['batch']}; load average before/after {data['load_average'][0]} / "
+        f"{data['load_average'][1]}.",
+        "",
+    ]
     for name, v in data["variants"].items():
         lines.append(f"- {name}: {v['info'].get('describe')}; model {v['info'].get('model')}")
     lines += [f"- {n}" for n in data["skipped"]]
-    lines += ["", C.markdown_table(headers, rows), "",
-              "images/s: photos / the interleaved median of a call captioning all of them; the "
-              "stage columns are medians over the calls of the main thread's time; "
-              "search/other = wall minus the main thread's decoding, encoder and decoder steps "
-              "(the search's numpy work, copies, and in prefetch modes waiting for a decoded "
-              "batch)."]
+    lines += [
+        "",
+        C.markdown_table(headers, rows),
+        "",
+        "images/s: photos / the interleaved median of a call captioning all of them; the "
+        "stage columns are medians over the calls of the main thread's time; "
+        "search/other = wall minus the main thread's decoding, encoder and decoder steps "
+        "(the search's numpy work, copies, and in prefetch modes waiting for a decoded "
+        "batch).",
+    ]
     f = data["floor"]
     if f:
         s = f["stages"]
-        lines += ["", f"Floor (benchmarks/floor.py's, FP32 source model, onnxruntime MatMul "
-                  f"peak {f['ort_matmul_gflops']:.1f} GFLOP/s measured after the workers "
-                  f"ended): encoder at batch {data['batch']} {s['encoder']['floor_ms']:.2f} ms "
-                  f"({s['encoder']['bound']}-bound), decoder step at "
-                  f"{data['batch'] * data['beam']} rows {s['decoder step']['floor_ms']:.3f} ms "
-                  f"({s['decoder step']['bound']}-bound); floor per image = (encoder + steps/batch"
-                  " x step) / batch; share of floor = measured images/s / the floor's."]
+        lines += [
+            "",
+            f"Floor (benchmarks/floor.py's, FP32 source model, onnxruntime MatMul "
+            f"peak {f['ort_matmul_gflops']:.1f} GFLOP/s measured after the workers "
+            f"ended): encoder at batch {data['batch']} {s['encoder']['floor_ms']:.2f} ms "
+            f"({s['encoder']['bound']}-bound), decoder step at "
+            f"{data['batch'] * data['beam']} rows {s['decoder step']['floor_ms']:.3f} ms "
+            f"({s['decoder step']['bound']}-bound); floor per image = (encoder + steps/batch"
+            " x step) / batch; share of floor = measured images/s / the floor's.",
+        ]
     else:
         lines += ["", floor_note]
     lines += ["", C.isolation_markdown(data)]

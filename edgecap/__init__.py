@@ -25,5 +25,14 @@ def __getattr__(name: str):
     raise AttributeError(f"module 'edgecap' has no attribute {name!r}")
 
 
-__all__ = ["Caption", "CaptionOptions", "Captioner", "EdgecapError", "InputError", "ModelError",
-           "BackendError", "DataError", "__version__"]
+__all__ = [
+    "Caption",
+    "CaptionOptions",
+    "Captioner",
+    "EdgecapError",
+    "InputError",
+    "ModelError",
+    "BackendError",
+    "DataError",
+    "__version__",
+]

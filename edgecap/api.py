@@ -1,11 +1,11 @@
 """The public API: ``Captioner(...).caption(image) -> Caption``.
 
-    from edgecap import Captioner
-    captioner = Captioner()                       # the shipped model, onnxruntime on the CPU
-    print(captioner.caption("photo.jpg").text)
-    captions = captioner.caption_batch(frames, color="bgr", on_error="return")
-    for caption in captioner.iter_captions(many_paths):   # each batch as soon as it is done
-        print(caption.text)
+from edgecap import Captioner
+captioner = Captioner()                       # the shipped model, onnxruntime on the CPU
+print(captioner.caption("photo.jpg").text)
+captions = captioner.caption_batch(frames, color="bgr", on_error="return")
+for caption in captioner.iter_captions(many_paths):   # each batch as soon as it is done
+    print(caption.text)
 """
 
 from __future__ import annotations
@@ -92,8 +92,10 @@ def default_model_dir() -> Path:
     """The model shipped in the package (``edgecap/assets/default``)."""
     directory = resources.files("edgecap").joinpath("assets").joinpath("default")
     if not isinstance(directory, Path) or not directory.joinpath("manifest.json").is_file():
-        raise ModelError("this edgecap install has no default model (edgecap/assets/default); "
-                         "pass model=DIRECTORY, a directory made by `edgecap export`")
+        raise ModelError(
+            "this edgecap install has no default model (edgecap/assets/default); "
+            "pass model=DIRECTORY, a directory made by `edgecap export`"
+        )
     return directory
 
 
@@ -105,19 +107,25 @@ def load_vocabulary(manifest: Manifest) -> Vocabulary:
     except (OSError, ValueError, KeyError, TypeError) as exc:
         raise ModelError(f"{path}: unreadable vocabulary ({exc}); re-export the model") from exc
     if len(vocab) != manifest.dims.vocab_size:
-        raise ModelError(f"{path}: {len(vocab)} words, but the manifest's decoder has "
-                         f"{manifest.dims.vocab_size}; the vocabulary belongs to another model: "
-                         "copy the whole model directory again or re-export it")
+        raise ModelError(
+            f"{path}: {len(vocab)} words, but the manifest's decoder has "
+            f"{manifest.dims.vocab_size}; the vocabulary belongs to another model: "
+            "copy the whole model directory again or re-export it"
+        )
     ids = {"pad": vocab.pad, "start": vocab.start, "end": vocab.end, "unk": vocab.unk}
     if any(manifest.tokens.get(k, v) != v for k, v in ids.items()):
-        raise ModelError(f"{path}: special token ids {ids} differ from the manifest's "
-                         f"{manifest.tokens}; re-export the model")
+        raise ModelError(
+            f"{path}: special token ids {ids} differ from the manifest's "
+            f"{manifest.tokens}; re-export the model"
+        )
     # A vocabulary of the right size from another model gives fluent nonsense; its checksum
     # (a small file, cheap to hash) tells it apart.
     expected = manifest.sha256.get("vocab")
     if expected and file_sha256(path) != expected:
-        raise ModelError(f"{path}: checksum mismatch: this is not the vocabulary the model was "
-                         "exported with; copy the whole model directory again or re-export it")
+        raise ModelError(
+            f"{path}: checksum mismatch: this is not the vocabulary the model was "
+            "exported with; copy the whole model directory again or re-export it"
+        )
     return vocab
 
 
@@ -158,9 +166,17 @@ class Captioner:
             ``fp16=True``).
     """
 
-    def __init__(self, model: str | os.PathLike | None = None, backend: str = "auto", *,
-                 options: CaptionOptions | None = None, device: str | None = None,
-                 threads: int | None = None, decode_workers: int | None = None, **keywords):
+    def __init__(
+        self,
+        model: str | os.PathLike | None = None,
+        backend: str = "auto",
+        *,
+        options: CaptionOptions | None = None,
+        device: str | None = None,
+        threads: int | None = None,
+        decode_workers: int | None = None,
+        **keywords,
+    ):
         max_pixels()  # a malformed $EDGECAP_MAX_PIXELS is a ValueError now, not on every image
         check_threads(threads)  # before minutes of loading
         check_decode_workers(decode_workers)
@@ -170,38 +186,50 @@ class Captioner:
         self.options, backend_options = _split_options(options, keywords)
         self.options.validate(self.manifest.dims.top_k)
         self.vocab = load_vocabulary(self.manifest)
-        self.classes = ObjectClasses.load(self.manifest.path("classes"), self.vocab.index,
-                                          self.manifest.dims.n_classes)
-        self.fusion = Fusion.load(self.manifest.directory, len(self.vocab),
-                                  self.manifest.dims.n_classes)
+        self.classes = ObjectClasses.load(
+            self.manifest.path("classes"), self.vocab.index, self.manifest.dims.n_classes
+        )
+        self.fusion = Fusion.load(self.manifest.directory, len(self.vocab), self.manifest.dims.n_classes)
         self.confidence_model = ConfidenceModel.load(self.manifest.directory)
         self._object_words = object_words(self.classes.word_ids)
         name = resolve_backend(backend)
         self.backend: Backend = load_backend(
-            name, self.manifest, device=device,
+            name,
+            self.manifest,
+            device=device,
             limits=Limits(self.options.batch_size, self.options.rows_per_image),
-            threads=DEFAULT_THREADS.get(name) if threads is None else threads, **backend_options)
+            threads=DEFAULT_THREADS.get(name) if threads is None else threads,
+            **backend_options,
+        )
         self._backend_lock = None if self.backend.thread_safe else threading.Lock()
-        self.decode_workers = (default_decode_workers(_on_gpu(name, device, self.backend))
-                               if decode_workers is None else decode_workers)
+        self.decode_workers = (
+            default_decode_workers(_on_gpu(name, device, self.backend))
+            if decode_workers is None
+            else decode_workers
+        )
         # the decoding workers by their number, each pool made on first use
         self._pools: dict[int, ThreadPoolExecutor] = {}
         self._pool_lock = threading.Lock()
 
     def __repr__(self) -> str:
-        return (f"Captioner(model={str(self.manifest.directory)!r}, "
-                f"backend={self.backend.describe()!r}, options={self.options})")
+        return (
+            f"Captioner(model={str(self.manifest.directory)!r}, "
+            f"backend={self.backend.describe()!r}, options={self.options})"
+        )
 
-    def caption(self, image: ImageInput, color: str = "rgb",
-                return_attention: bool = False) -> Caption:
+    def caption(self, image: ImageInput, color: str = "rgb", return_attention: bool = False) -> Caption:
         """Caption one image: a path, encoded bytes, a PIL image or a numpy array (H, W, 3) uint8
         (``color="bgr"`` for OpenCV frames). Raises ``InputError`` for an unusable image."""
         result = self.caption_batch([image], color, return_attention, on_error="raise")[0]
         return cast(Caption, result)  # on_error="raise": never an InputError
 
-    def caption_batch(self, images: Iterable[ImageInput], color: str = "rgb",
-                      return_attention: bool = False,
-                      on_error: str = "raise") -> list[Caption | InputError]:
+    def caption_batch(
+        self,
+        images: Iterable[ImageInput],
+        color: str = "rgb",
+        return_attention: bool = False,
+        on_error: str = "raise",
+    ) -> list[Caption | InputError]:
         """Caption several images, ``batch_size`` at a time; results in the input order.
 
         ``on_error="raise"``: the first unusable image raises its ``InputError``.
@@ -210,9 +238,13 @@ class Captioner:
         """
         return list(self.iter_captions(images, color, return_attention, on_error))
 
-    def iter_captions(self, images: Iterable[ImageInput], color: str = "rgb",
-                      return_attention: bool = False,
-                      on_error: str = "raise") -> Iterator[Caption | InputError]:
+    def iter_captions(
+        self,
+        images: Iterable[ImageInput],
+        color: str = "rgb",
+        return_attention: bool = False,
+        on_error: str = "raise",
+    ) -> Iterator[Caption | InputError]:
         """``caption_batch``, lazily: yields one result per image, in the input order, as soon as
         its batch of ``batch_size`` images is captioned. ``images`` may be any iterable: a generator
         is read one batch at a time, never all at once. ``on_error`` as in ``caption_batch``. Bad
@@ -220,23 +252,33 @@ class Captioner:
         if on_error not in ON_ERROR:
             raise ValueError(f"on_error must be one of {ON_ERROR}, got {on_error!r}")
         if isinstance(images, (str, bytes, os.PathLike, Image.Image)) or (
-                isinstance(images, np.ndarray) and images.ndim != 4):
-            raise TypeError("caption_batch and iter_captions take a list of images; "
-                            "use caption() for one image")
+            isinstance(images, np.ndarray) and images.ndim != 4
+        ):
+            raise TypeError(
+                "caption_batch and iter_captions take a list of images; use caption() for one image"
+            )
         return self._results(images, color, return_attention, on_error)
 
-    def _results(self, images: Iterable[ImageInput], color: str, return_attention: bool,
-                 on_error: str) -> Iterator[Caption | InputError]:
+    def _results(
+        self, images: Iterable[ImageInput], color: str, return_attention: bool, on_error: str
+    ) -> Iterator[Caption | InputError]:
         iterator = iter(images)
         # One photo (caption()) has nothing to overlap with: no hand-over to a worker.
         head = list(itertools.islice(iterator, 2)) if self.decode_workers else []
         inputs = itertools.chain(head, iterator)
         batch = self.options.batch_size
         chunks: Generator[list, None, None] = (
-            prefetched_batches(self._workers(), lambda image: self._prepare(image, color),
-                               inputs, batch, window(batch, self.decode_workers), InputError)
-            if len(head) > 1 else
-            (self._prepared(chunk, color) for chunk in batched(inputs, batch)))
+            prefetched_batches(
+                self._workers(),
+                lambda image: self._prepare(image, color),
+                inputs,
+                batch,
+                window(batch, self.decode_workers),
+                InputError,
+            )
+            if len(head) > 1
+            else (self._prepared(chunk, color) for chunk in batched(inputs, batch))
+        )
         with contextlib.closing(chunks):  # a consumer that stops early stops the workers too
             for chunk in chunks:
                 failed = next((p for p in chunk if isinstance(p, InputError)), None)
@@ -270,8 +312,9 @@ class Captioner:
                 self._pools[n] = ThreadPoolExecutor(n, thread_name_prefix="edgecap-decode")
             return self._pools[n]
 
-    def _caption_chunk(self, prepared: list[_Prepared | InputError],
-                       return_attention: bool) -> list[Caption | InputError]:
+    def _caption_chunk(
+        self, prepared: list[_Prepared | InputError], return_attention: bool
+    ) -> list[Caption | InputError]:
         """Encode and search one batch of at most ``batch_size`` prepared images."""
         good = [p for p in prepared if isinstance(p, _Prepared)]
         if not good:
@@ -279,8 +322,11 @@ class Captioner:
         loaded = [p.x for p in good]
         hypotheses, probs, encode_ms, decode_ms = self._search(np.stack(loaded), return_attention)
         shares = {"encode_ms": encode_ms / len(loaded), "decode_ms": decode_ms / len(loaded)}
-        tags = ([()] * len(loaded) if probs is None
-                else [self.classes.tags(p, self.options.objects) for p in probs])
+        tags = (
+            [()] * len(loaded)
+            if probs is None
+            else [self.classes.tags(p, self.options.objects) for p in probs]
+        )
         class_probs = [None] * len(loaded) if probs is None else list(probs)
         done = iter(zip(good, hypotheses, tags, class_probs))
         results: list[Caption | InputError] = []
@@ -290,8 +336,11 @@ class Captioner:
                 continue
             image, hyps, objects, image_probs = next(done)
             timings = {"preprocess_ms": image.ms, **shares}
-            results.append(self._to_caption(hyps, objects, image_probs, timings) if image.visible
-                           else self._nothing(hyps[0], objects, timings))
+            results.append(
+                self._to_caption(hyps, objects, image_probs, timings)
+                if image.visible
+                else self._nothing(hyps[0], objects, timings)
+            )
         return results
 
     def _search(self, batch: np.ndarray, return_attention: bool):
@@ -303,46 +352,87 @@ class Captioner:
             t0 = time.perf_counter()
             encoded = self.backend.encode(batch)
             t1 = time.perf_counter()
-            hypotheses = search(self.backend, encoded, options, self.vocab.start, self.vocab.end,
-                                len(self.vocab), self.classes, self.fusion,
-                                return_attention=return_attention)
+            hypotheses = search(
+                self.backend,
+                encoded,
+                options,
+                self.vocab.start,
+                self.vocab.end,
+                len(self.vocab),
+                self.classes,
+                self.fusion,
+                return_attention=return_attention,
+            )
             t2 = time.perf_counter()
         return hypotheses, encoded.class_probs, (t1 - t0) * 1e3, (t2 - t1) * 1e3
 
-    def _to_caption(self, hyps: list[Hypothesis], objects: tuple, probs: np.ndarray | None,
-                    timings: dict[str, float]) -> Caption:
+    def _to_caption(
+        self, hyps: list[Hypothesis], objects: tuple, probs: np.ndarray | None, timings: dict[str, float]
+    ) -> Caption:
         best, *rest = hyps
-        typicality = (0.0 if probs is None or self.fusion is None or self.fusion.gate is None
-                      else float(self.fusion.gate.typicality(probs[None])[0]))
-        alternatives = tuple(self._hypothesis_caption(h, objects, probs, typicality, {})
-                             for h in rest)
+        typicality = (
+            0.0
+            if probs is None or self.fusion is None or self.fusion.gate is None
+            else float(self.fusion.gate.typicality(probs[None])[0])
+        )
+        alternatives = tuple(self._hypothesis_caption(h, objects, probs, typicality, {}) for h in rest)
         return self._hypothesis_caption(best, objects, probs, typicality, timings, alternatives)
 
-    def _hypothesis_caption(self, hyp: Hypothesis, objects: tuple, probs: np.ndarray | None,
-                            typicality: float, timings: dict[str, float],
-                            alternatives: tuple[Caption, ...] = ()) -> Caption:
+    def _hypothesis_caption(
+        self,
+        hyp: Hypothesis,
+        objects: tuple,
+        probs: np.ndarray | None,
+        typicality: float,
+        timings: dict[str, float],
+        alternatives: tuple[Caption, ...] = (),
+    ) -> Caption:
         if any(not 0 <= i < len(self.vocab) for i in hyp.tokens):
-            raise ModelError(f"{self.manifest.directory}: the decoder step graph returned word "
-                             f"ids {list(hyp.tokens)} beyond its {len(self.vocab)}-word "
-                             "vocabulary; the graph and vocab.json do not belong together: "
-                             "re-export the model")
+            raise ModelError(
+                f"{self.manifest.directory}: the decoder step graph returned word "
+                f"ids {list(hyp.tokens)} beyond its {len(self.vocab)}-word "
+                "vocabulary; the graph and vocab.json do not belong together: "
+                "re-export the model"
+            )
         words = [self.vocab.words[i] for i in hyp.tokens]
         confidence, x = None, None
         if probs is not None:
-            x = signals(hyp.tokens, hyp.score, probs, self.classes.word_ids, hyp.rank_score,
-                        typicality, self._object_words)
+            x = signals(
+                hyp.tokens,
+                hyp.score,
+                probs,
+                self.classes.word_ids,
+                hyp.rank_score,
+                typicality,
+                self._object_words,
+            )
             if self.confidence_model is not None:
                 confidence = round(self.confidence_model.predict(x), 4)
-        return Caption(text=" ".join(words), score=float(hyp.score), tokens=words,
-                       log_prob=float(hyp.log_prob), alternatives=alternatives, objects=objects,
-                       timings=timings, attention=_attention_maps(hyp.attention),
-                       confidence=confidence, signals=x)
+        return Caption(
+            text=" ".join(words),
+            score=float(hyp.score),
+            tokens=words,
+            log_prob=float(hyp.log_prob),
+            alternatives=alternatives,
+            objects=objects,
+            timings=timings,
+            attention=_attention_maps(hyp.attention),
+            confidence=confidence,
+            signals=x,
+        )
 
     def _nothing(self, hyp: Hypothesis, objects: tuple, timings: dict[str, float]) -> Caption:
         """A frame with nothing to caption: no invented scene (its search ran with the batch)."""
-        return Caption(text=NOTHING_RECOGNISABLE, score=float(hyp.score), tokens=[],
-                       log_prob=float(hyp.log_prob), objects=objects, timings=timings,
-                       confidence=0.0, recognisable=False)
+        return Caption(
+            text=NOTHING_RECOGNISABLE,
+            score=float(hyp.score),
+            tokens=[],
+            log_prob=float(hyp.log_prob),
+            objects=objects,
+            timings=timings,
+            confidence=0.0,
+            recognisable=False,
+        )
 
 
 @dataclass(frozen=True)

@@ -12,15 +12,19 @@ import sys
 
 # name -> (module, one-line help)
 COMMANDS = {
-    "caption": ("edgecap.commands.caption",
-                "caption photos, folders, globs, a video, a camera or a ROS bag / MCAP recording"),
+    "caption": (
+        "edgecap.commands.caption",
+        "caption photos, folders, globs, a video, a camera or a ROS bag / MCAP recording",
+    ),
     "eval": ("edgecap.commands.eval", "score a model on a captioned split (BLEU, METEOR, ROUGE-L, CIDEr)"),
     "train": ("edgecap.commands.train", "train a captioning model (needs edgecap[train])"),
     "export": ("edgecap.commands.export", "export a checkpoint to an ONNX model directory"),
     "convert": ("edgecap.commands.convert", "convert a model directory to FP16 or int8"),
     "build": ("edgecap.commands.build", "build TensorRT engines from a model directory"),
-    "serve": ("edgecap.commands.serve",
-              "a local HTTP caption service for other processes (needs edgecap[serve])"),
+    "serve": (
+        "edgecap.commands.serve",
+        "a local HTTP caption service for other processes (needs edgecap[serve])",
+    ),
 }
 
 
@@ -31,8 +35,13 @@ class HelpFormatter(argparse.RawDescriptionHelpFormatter):
 
     def _get_help_string(self, action: argparse.Action) -> str:
         text = action.help or ""
-        if ("%(default)" in text or "(default" in text or action.default is None
-                or action.default is argparse.SUPPRESS or isinstance(action.default, bool)):
+        if (
+            "%(default)" in text
+            or "(default" in text
+            or action.default is None
+            or action.default is argparse.SUPPRESS
+            or isinstance(action.default, bool)
+        ):
             return text
         return text + " (default: %(default)s)"
 
@@ -44,8 +53,7 @@ def build_parser() -> argparse.ArgumentParser:
     parser.add_argument("--version", action="version", version=f"edgecap {__version__}")
     sub = parser.add_subparsers(dest="command", metavar="COMMAND", required=True)
     for name, (module, help_text) in COMMANDS.items():
-        p = sub.add_parser(name, help=help_text, description=help_text,
-                           formatter_class=HelpFormatter)
+        p = sub.add_parser(name, help=help_text, description=help_text, formatter_class=HelpFormatter)
         p.set_defaults(_module=module)
         _load(module).add_arguments(p)
     return parser

@@ -26,15 +26,29 @@ from edgecap.errors import ModelError
 
 CONFIDENCE_FILE = "confidence.json"
 FORMAT = "edgecap-confidence/1"
-SIGNALS = ("score", "rank_score", "top_class_prob", "class_entropy", "names_a_tag",
-           "unsupported_words", "n_words", "typicality")
-TAG_MIN_PROB = 0.1   # a tag is "confident" from this probability (the guidance threshold)
-SUPPORT_TAGS = 5     # the tags whose words count as support for an object word
+SIGNALS = (
+    "score",
+    "rank_score",
+    "top_class_prob",
+    "class_entropy",
+    "names_a_tag",
+    "unsupported_words",
+    "n_words",
+    "typicality",
+)
+TAG_MIN_PROB = 0.1  # a tag is "confident" from this probability (the guidance threshold)
+SUPPORT_TAGS = 5  # the tags whose words count as support for an object word
 
 
-def signals(tokens: list[int], score: float, probs: np.ndarray, word_ids,
-            rank_score: float | None = None, typicality: float = 0.0,
-            objects: frozenset[int] | None = None) -> np.ndarray:
+def signals(
+    tokens: list[int],
+    score: float,
+    probs: np.ndarray,
+    word_ids,
+    rank_score: float | None = None,
+    typicality: float = 0.0,
+    objects: frozenset[int] | None = None,
+) -> np.ndarray:
     """One caption's signals, float64 (len(SIGNALS),). ``tokens``: its word ids; ``score``:
     its mean log-probability; ``rank_score``: what the search ranked it by (with the tag bonus
     and the fused language models; None: ``score``); ``probs`` (C,): the photo's class
@@ -49,10 +63,18 @@ def signals(tokens: list[int], score: float, probs: np.ndarray, word_ids,
         objects = object_words(word_ids)
     said = set(tokens)
     entropy = float(-(probs * np.log(np.clip(probs, 1e-12, 1.0))).sum())
-    return np.array([score, score if rank_score is None else rank_score, float(probs[order[0]]),
-                     entropy, float(bool(said & confident)),
-                     float(len((said & objects) - supported)), float(len(tokens)),
-                     typicality])
+    return np.array(
+        [
+            score,
+            score if rank_score is None else rank_score,
+            float(probs[order[0]]),
+            entropy,
+            float(bool(said & confident)),
+            float(len((said & objects) - supported)),
+            float(len(tokens)),
+            typicality,
+        ]
+    )
 
 
 def object_words(word_ids) -> frozenset[int]:
@@ -76,9 +98,15 @@ class ConfidenceModel:
         return 1.0 / (1.0 + math.exp(-max(-50.0, min(50.0, z))))
 
     def to_json(self) -> dict:
-        return {"format": FORMAT, "signals": list(SIGNALS), "mean": self.mean.tolist(),
-                "std": self.std.tolist(), "weights": self.weights.tolist(), "bias": self.bias,
-                **self.info}
+        return {
+            "format": FORMAT,
+            "signals": list(SIGNALS),
+            "mean": self.mean.tolist(),
+            "std": self.std.tolist(),
+            "weights": self.weights.tolist(),
+            "bias": self.bias,
+            **self.info,
+        }
 
     @classmethod
     def load(cls, directory: Path) -> ConfidenceModel | None:
@@ -104,8 +132,9 @@ class ConfidenceModel:
             raise ModelError(f"{path}: {exc}") from None
         except (KeyError, TypeError, ValueError, AttributeError) as exc:
             raise ModelError(f"{path}: malformed confidence model ({exc})") from None
-        info = {k: v for k, v in spec.items()
-                if k not in ("format", "signals", "mean", "std", "weights", "bias")}
+        info = {
+            k: v for k, v in spec.items() if k not in ("format", "signals", "mean", "std", "weights", "bias")
+        }
         mean, std, weights = arrays
         return cls(mean, std, weights, bias, info)
 

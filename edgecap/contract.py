@@ -39,13 +39,12 @@ from dataclasses import asdict, dataclass, fields
 import numpy as np
 
 ENCODER, DECODER_STEP, VOCAB, CLASSES = "encoder", "decoder_step", "vocab", "classes"
-ROLES = (ENCODER, DECODER_STEP)        # the graphs
+ROLES = (ENCODER, DECODER_STEP)  # the graphs
 FILE_ROLES = (*ROLES, VOCAB, CLASSES)  # the files a manifest names (classes: edgecap.objects)
 
 ENCODER_INPUTS = ("image",)
 ENCODER_OUTPUTS = ("features", "att_proj", "h0", "c0", "class_probs")
-STEP_INPUTS = ("tokens", "h", "c", "source_rows", "features", "att_proj", "image_index",
-               "word_bias")
+STEP_INPUTS = ("tokens", "h", "c", "source_rows", "features", "att_proj", "image_index", "word_bias")
 STEP_OUTPUTS = ("topk_logprobs", "topk_ids", "h_out", "c_out", "alpha")
 IO = {ENCODER: (ENCODER_INPUTS, ENCODER_OUTPUTS), DECODER_STEP: (STEP_INPUTS, STEP_OUTPUTS)}
 
@@ -61,15 +60,15 @@ def tensor_dtype(name: str) -> np.dtype:
 class ModelDimensions:
     """The sizes of a model's tensors, as its ``manifest.json`` records them (``dims``)."""
 
-    regions: int        # L: attention regions (7 x 7 = 49 for a 224-pixel input)
-    feature_dim: int    # F: image features after the projection
+    regions: int  # L: attention regions (7 x 7 = 49 for a 224-pixel input)
+    feature_dim: int  # F: image features after the projection
     attention_dim: int  # A
-    hidden_dim: int     # Hd: LSTM state
-    vocab_size: int     # V
-    top_k: int          # K: best words per row that the step graph returns
-    n_classes: int      # C: the encoder's image classes (ImageNet-1k: 1000)
+    hidden_dim: int  # Hd: LSTM state
+    vocab_size: int  # V
+    top_k: int  # K: best words per row that the step graph returns
+    n_classes: int  # C: the encoder's image classes (ImageNet-1k: 1000)
     encoder_dim: int | None = None  # channels of the CNN's feature map (informative)
-    embed_dim: int | None = None    # word embedding (informative)
+    embed_dim: int | None = None  # word embedding (informative)
 
     @classmethod
     def from_dict(cls, data: Mapping) -> ModelDimensions:
@@ -96,19 +95,33 @@ class ModelDimensions:
         height, width = image_size
         L, Hd = self.regions, self.hidden_dim
         state = (Hd,)
-        return {"image": (3, height, width), "features": (L, self.feature_dim),
-                "att_proj": (L, self.attention_dim), "h0": state, "c0": state,
-                "class_probs": (self.n_classes,),
-                "tokens": (), "h": state, "c": state, "source_rows": (), "image_index": (),
-                "word_bias": (self.vocab_size,),
-                "topk_logprobs": (self.top_k,), "topk_ids": (self.top_k,), "h_out": state,
-                "c_out": state, "alpha": (L,)}
+        return {
+            "image": (3, height, width),
+            "features": (L, self.feature_dim),
+            "att_proj": (L, self.attention_dim),
+            "h0": state,
+            "c0": state,
+            "class_probs": (self.n_classes,),
+            "tokens": (),
+            "h": state,
+            "c": state,
+            "source_rows": (),
+            "image_index": (),
+            "word_bias": (self.vocab_size,),
+            "topk_logprobs": (self.top_k,),
+            "topk_ids": (self.top_k,),
+            "h_out": state,
+            "c_out": state,
+            "alpha": (L,),
+        }
 
     def shapes(self, image_size: tuple[int, int]) -> dict[str, dict[str, tuple]]:
         """role -> tensor name -> shape, with None for the dynamic row dimension."""
         tails = self.tails(image_size)
-        return {role: {name: (None, *tails[name]) for name in (*inputs, *outputs)}
-                for role, (inputs, outputs) in IO.items()}
+        return {
+            role: {name: (None, *tails[name]) for name in (*inputs, *outputs)}
+            for role, (inputs, outputs) in IO.items()
+        }
 
 
 @dataclass(frozen=True)
@@ -143,8 +156,16 @@ class Limits:
         if role == ENCODER:
             return {"image": images}
         rows = (1, min(self.max_beam, self.max_rows), self.max_rows)
-        return {"tokens": rows, "source_rows": rows, "image_index": rows, "h": rows, "c": rows,
-                "word_bias": rows, "features": images, "att_proj": images}
+        return {
+            "tokens": rows,
+            "source_rows": rows,
+            "image_index": rows,
+            "h": rows,
+            "c": rows,
+            "word_bias": rows,
+            "features": images,
+            "att_proj": images,
+        }
 
     def tag(self, role: str) -> str:
         return f"b{self.max_batch}" if role == ENCODER else f"b{self.max_batch}k{self.max_beam}"

@@ -23,8 +23,13 @@ import os
 import re
 import stat
 
-_OPEN_FLAGS = (os.O_RDONLY | getattr(os, "O_NONBLOCK", 0) | getattr(os, "O_NOCTTY", 0)
-               | getattr(os, "O_CLOEXEC", 0) | getattr(os, "O_BINARY", 0))
+_OPEN_FLAGS = (
+    os.O_RDONLY
+    | getattr(os, "O_NONBLOCK", 0)
+    | getattr(os, "O_NOCTTY", 0)
+    | getattr(os, "O_CLOEXEC", 0)
+    | getattr(os, "O_BINARY", 0)
+)
 
 
 class FileProblem(Exception):
@@ -33,9 +38,13 @@ class FileProblem(Exception):
 
 def kind_of(mode: int) -> str:
     """What a ``st_mode`` is, in words."""
-    for test, name in ((stat.S_ISDIR, "a directory"), (stat.S_ISFIFO, "a named pipe (FIFO)"),
-                       (stat.S_ISCHR, "a character device"), (stat.S_ISBLK, "a block device"),
-                       (stat.S_ISSOCK, "a socket")):
+    for test, name in (
+        (stat.S_ISDIR, "a directory"),
+        (stat.S_ISFIFO, "a named pipe (FIFO)"),
+        (stat.S_ISCHR, "a character device"),
+        (stat.S_ISBLK, "a block device"),
+        (stat.S_ISSOCK, "a socket"),
+    ):
         if test(mode):
             return name
     return "not a regular file"
@@ -50,7 +59,7 @@ def _os_problem(exc: BaseException) -> str:
         return f"cannot read the file ({exc.strerror or exc})"
     if isinstance(exc, UnicodeError):  # a str path the file system encoding cannot hold
         return "the path cannot be encoded for this file system"
-    if isinstance(exc, ValueError):    # embedded NUL byte
+    if isinstance(exc, ValueError):  # embedded NUL byte
         return "the path contains a NUL byte"
     return f"cannot read the file ({exc})"
 
@@ -79,8 +88,7 @@ def open_regular(path: str | os.PathLike, max_bytes: int | None, what: str = "fi
         if not stat.S_ISREG(st.st_mode):  # swapped between the stat and the open
             raise FileProblem(f"is {kind_of(st.st_mode)}, not a regular file")
         if max_bytes is not None and st.st_size > max_bytes:
-            raise FileProblem(f"{what} is {st.st_size:,} bytes, over the limit of "
-                              f"{max_bytes:,}")
+            raise FileProblem(f"{what} is {st.st_size:,} bytes, over the limit of {max_bytes:,}")
         if hasattr(os, "set_blocking"):
             os.set_blocking(fd, True)  # regular files never block; plain reads from here
         return os.fdopen(fd, "rb")

@@ -137,14 +137,18 @@ def pixel_limit_problem(width: int, height: int, subject: str = "image is") -> s
     limit = max_pixels()
     if width * height <= limit:
         return None
-    return (f"{subject} {width}x{height} = {width * height:,} pixels, over the limit of {limit:,}; "
-            f"raise it with edgecap.images.set_max_pixels(n) or {MAX_PIXELS_ENV}=n")
+    return (
+        f"{subject} {width}x{height} = {width * height:,} pixels, over the limit of {limit:,}; "
+        f"raise it with edgecap.images.set_max_pixels(n) or {MAX_PIXELS_ENV}=n"
+    )
 
 
 def _bomb_problem(width: int, height: int, limit: int) -> str:
-    return (f"image is {width}x{height} = {width * height:,} pixels, over the limit of {limit:,} "
-            "(a guard against decompression bombs); if you trust it, raise the limit with "
-            f"edgecap.images.set_max_pixels(n) or {MAX_PIXELS_ENV}=n")
+    return (
+        f"image is {width}x{height} = {width * height:,} pixels, over the limit of {limit:,} "
+        "(a guard against decompression bombs); if you trust it, raise the limit with "
+        f"edgecap.images.set_max_pixels(n) or {MAX_PIXELS_ENV}=n"
+    )
 
 
 # -- naming inputs -----------------------------------------------------------------------------
@@ -162,8 +166,7 @@ def describe(image: object) -> str:
 
 
 # -- any input -> RGB PIL image ----------------------------------------------------------------
-def load_rgb(image: ImageInput, color: str = "rgb",
-             draft_size: tuple[int, int] | None = None) -> Image.Image:
+def load_rgb(image: ImageInput, color: str = "rgb", draft_size: tuple[int, int] | None = None) -> Image.Image:
     """Any supported input -> an 8-bit RGB PIL image. ``color`` applies to arrays only (files and
     PIL images carry their own channel order). ``draft_size`` (width, height): a JPEG file may be
     decoded at a reduced scale (1/2, 1/4, 1/8) as long as both sides stay at least this size,
@@ -185,8 +188,7 @@ def load_rgb(image: ImageInput, color: str = "rgb",
         raise InputError(source, f"cannot load this input ({_reason(exc)})") from exc
 
 
-def _load_rgb(image: ImageInput, color: str, draft_size: tuple[int, int] | None,
-              source: str) -> Image.Image:
+def _load_rgb(image: ImageInput, color: str, draft_size: tuple[int, int] | None, source: str) -> Image.Image:
     if isinstance(image, np.ndarray):
         return Image.fromarray(array_to_rgb(image, color, source))
     if isinstance(image, Image.Image):
@@ -198,8 +200,9 @@ def _load_rgb(image: ImageInput, color: str, draft_size: tuple[int, int] | None,
         if not data:
             raise InputError(source, "no image data (0 bytes)")
         return _decode(data, source, draft_size)
-    raise InputError(source, "unsupported input type; pass a file path, encoded bytes, "
-                             "a PIL image or a numpy array")
+    raise InputError(
+        source, "unsupported input type; pass a file path, encoded bytes, a PIL image or a numpy array"
+    )
 
 
 def _read_file(path: str | os.PathLike, source: str) -> bytes:
@@ -215,8 +218,10 @@ def _read_file(path: str | os.PathLike, source: str) -> bytes:
     except FileProblem as exc:
         problem = str(exc)
         if "over the limit" in problem or "past the limit" in problem:
-            problem += (f"; if you trust it, raise the limit with "
-                        f"edgecap.images.set_max_file_bytes(n) or {MAX_FILE_BYTES_ENV}=n")
+            problem += (
+                f"; if you trust it, raise the limit with "
+                f"edgecap.images.set_max_file_bytes(n) or {MAX_FILE_BYTES_ENV}=n"
+            )
         raise InputError(source, problem) from None
     if not data:
         raise InputError(source, "file is empty (0 bytes)")
@@ -233,11 +238,13 @@ def _decode(data: bytes, source: str, draft_size: tuple[int, int] | None = None)
         # image that our check below refuses anyway. ``formats``: no other plugin sees the bytes.
         im = Image.open(io.BytesIO(data), formats=ACCEPTED_FORMATS)
     except UnidentifiedImageError:
-        raise InputError(source, "not an image in an accepted format "
-                                 f"({', '.join(ACCEPTED_FORMATS)})") from None
+        raise InputError(
+            source, f"not an image in an accepted format ({', '.join(ACCEPTED_FORMATS)})"
+        ) from None
     except Image.DecompressionBombError as exc:
-        raise InputError(source, f"{exc}; raise the limit with edgecap.images.set_max_pixels(n) "
-                                 f"or {MAX_PIXELS_ENV}=n") from None
+        raise InputError(
+            source, f"{exc}; raise the limit with edgecap.images.set_max_pixels(n) or {MAX_PIXELS_ENV}=n"
+        ) from None
     except Exception as exc:  # noqa: BLE001
         # Pillow's plugins raise OSError, SyntaxError, but also NotImplementedError, struct.error,
         # IndexError ... on hostile bytes: whatever the reason, these bytes are not a usable image.
@@ -255,8 +262,7 @@ def _decode(data: bytes, source: str, draft_size: tuple[int, int] | None = None)
                 im.draft(None, (side, side))
             im.load()
         except MemoryError:
-            raise InputError(source, f"not enough memory to decode a {im.width}x{im.height} "
-                                     "image") from None
+            raise InputError(source, f"not enough memory to decode a {im.width}x{im.height} image") from None
         except Exception as exc:  # noqa: BLE001 (as above)
             raise InputError(source, f"truncated or corrupt image data ({_reason(exc)})") from exc
         return pil_to_rgb(im, source)
@@ -268,13 +274,16 @@ def _decoding_work_problem(im: Image.Image, data: bytes) -> str | None:
     if im.format in ("JPEG", "MPO"):
         scans = jpeg_scans(data, MAX_JPEG_SCANS)
         if scans > MAX_JPEG_SCANS:
-            return (f"JPEG with more than {MAX_JPEG_SCANS} scans (progressive JPEGs have about "
-                    "10; each scan is another pass over the image)")
+            return (
+                f"JPEG with more than {MAX_JPEG_SCANS} scans (progressive JPEGs have about "
+                "10; each scan is another pass over the image)"
+            )
     elif im.format == "TIFF":
         compression = im.info.get("compression", "raw")
         if compression not in TIFF_COMPRESSIONS:
-            return (f"TIFF compression {compression!r} is not accepted (accepted: "
-                    f"{', '.join(TIFF_COMPRESSIONS)})")
+            return (
+                f"TIFF compression {compression!r} is not accepted (accepted: {', '.join(TIFF_COMPRESSIONS)})"
+            )
     elif im.format == "BMP":
         if any(tile[0] == "bmp_rle" for tile in getattr(im, "tile", ())):  # opened: an ImageFile
             return "BMP with RLE compression is not accepted (Pillow decodes it in Python)"
@@ -304,11 +313,12 @@ def jpeg_scans(data: bytes, stop_after: int) -> int:
             continue
         if pos + 2 > n:
             break
-        length = int.from_bytes(data[pos:pos + 2], "big")
+        length = int.from_bytes(data[pos : pos + 2], "big")
         if marker == 0xDA:
             scans += 1
         pos += length  # the entropy-coded data after an SOS is skipped by the marker search
     return scans
+
 
 def _reason(exc: BaseException) -> str:
     """An exception as a short reason: its message, or its type when it has none."""
@@ -346,7 +356,8 @@ def pil_to_rgb(im: Image.Image, source: str) -> Image.Image:
 
 def _has_alpha(im: Image.Image) -> bool:
     return im.mode in ("RGBA", "RGBa", "LA", "La", "PA") or (
-        im.mode in ("P", "L", "RGB") and "transparency" in im.info)
+        im.mode in ("P", "L", "RGB") and "transparency" in im.info
+    )
 
 
 def _gray_to_uint8(x: np.ndarray, source: str) -> np.ndarray:
@@ -386,9 +397,11 @@ def _check_shape(array: np.ndarray, source: str) -> np.ndarray:
     if array.ndim == 2:
         return array[:, :, None]
     if array.ndim != 3:
-        raise InputError(source, f"expected an (H, W, 3) image array, got {array.ndim} dimensions"
-                         + ("; pass one image at a time or a list of images" if array.ndim == 4
-                            else ""))
+        raise InputError(
+            source,
+            f"expected an (H, W, 3) image array, got {array.ndim} dimensions"
+            + ("; pass one image at a time or a list of images" if array.ndim == 4 else ""),
+        )
     channels = array.shape[2]
     if channels in (1, 3, 4):
         return array
@@ -407,8 +420,7 @@ def _to_uint8(x: np.ndarray, source: str) -> np.ndarray:
         return (x // 257).astype(np.uint8)
     if x.dtype.kind == "f":
         return _float_to_uint8(x, source)
-    raise InputError(source, f"unsupported dtype {x.dtype}; pass uint8 (0-255), uint16 or "
-                             "float in [0, 1]")
+    raise InputError(source, f"unsupported dtype {x.dtype}; pass uint8 (0-255), uint16 or float in [0, 1]")
 
 
 def _float_to_uint8(x: np.ndarray, source: str) -> np.ndarray:
@@ -416,8 +428,10 @@ def _float_to_uint8(x: np.ndarray, source: str) -> np.ndarray:
         raise InputError(source, "array contains NaN or infinite values")
     lo, hi = float(x.min()), float(x.max())
     if lo < 0.0 or hi > 1.0:
-        raise InputError(source, f"float pixel values must lie in [0, 1], got [{lo:g}, {hi:g}]; "
-                                 "scale them, or pass uint8 (0-255)")
+        raise InputError(
+            source,
+            f"float pixel values must lie in [0, 1], got [{lo:g}, {hi:g}]; scale them, or pass uint8 (0-255)",
+        )
     return np.round(x.astype(np.float32) * 255.0).astype(np.uint8)
 
 

@@ -31,17 +31,17 @@ from edgecap.preprocess import Preprocessing
 
 FORMAT = "edgecap-model/2"  # 2: the encoder's class_probs, the step's word_bias
 MANIFEST = "manifest.json"
-MAX_MANIFEST_BYTES = 1 << 20   # the shipped one is 2 KB
+MAX_MANIFEST_BYTES = 1 << 20  # the shipped one is 2 KB
 
 
 @dataclass(frozen=True)
 class Manifest:
     directory: Path
-    files: dict[str, str]          # role (encoder, decoder_step, vocab) -> file name
+    files: dict[str, str]  # role (encoder, decoder_step, vocab) -> file name
     dims: ModelDimensions
-    tokens: dict[str, int]         # pad, start, end, unk
+    tokens: dict[str, int]  # pad, start, end, unk
     preprocessing: Preprocessing
-    precision: str = "fp32"        # fp32 | fp16 | int8
+    precision: str = "fp32"  # fp32 | fp16 | int8
     sha256: dict[str, str] = field(default_factory=dict)
     info: dict = field(default_factory=dict)  # training data, metrics, provenance
 
@@ -51,10 +51,16 @@ class Manifest:
         return self.directory / self.files[role]
 
     def to_dict(self) -> dict:
-        return {"format": FORMAT, "files": self.files, "dims": self.dims.to_dict(),
-                "tokens": self.tokens,
-                "preprocessing": self.preprocessing.to_dict(), "precision": self.precision,
-                "sha256": self.sha256, **self.info}
+        return {
+            "format": FORMAT,
+            "files": self.files,
+            "dims": self.dims.to_dict(),
+            "tokens": self.tokens,
+            "preprocessing": self.preprocessing.to_dict(),
+            "precision": self.precision,
+            "sha256": self.sha256,
+            **self.info,
+        }
 
     def save(self) -> None:
         (self.directory / MANIFEST).write_text(json.dumps(self.to_dict(), indent=2) + "\n")
@@ -80,44 +86,53 @@ def load_manifest(directory: str | Path) -> Manifest:
     if not directory.is_dir():
         raise ModelError(f"model directory not found: {directory}")
     if not os.path.lexists(path):
-        raise ModelError(f"{directory}: not an edgecap model directory (no {MANIFEST}); "
-                         "create one with `edgecap export`")
+        raise ModelError(
+            f"{directory}: not an edgecap model directory (no {MANIFEST}); create one with `edgecap export`"
+        )
     try:
         data = read_json(path, MAX_MANIFEST_BYTES)
     except FileProblem as exc:
         problem = str(exc)
-        if (problem.startswith(("permission denied", "cannot read", "no such"))
-                or "regular" in problem):
-            raise ModelError(f"{path}: cannot read it ({problem}); check the model directory's "
-                             "permissions or copy it again") from None
+        if problem.startswith(("permission denied", "cannot read", "no such")) or "regular" in problem:
+            raise ModelError(
+                f"{path}: cannot read it ({problem}); check the model directory's "
+                "permissions or copy it again"
+            ) from None
         if problem.startswith("not valid JSON"):
             raise ModelError(f"{path}: {problem}; re-export the model") from None
         raise ModelError(f"{path}: unusable manifest ({problem}); re-export the model") from None
     fmt = data.get("format") if isinstance(data, dict) else None
     if fmt == "edgecap-model/1":
-        raise ModelError(f"{path}: unknown manifest format {fmt!r} (an older edgecap's, without "
-                         f"object tags); this edgecap reads {FORMAT}: re-export the model, or "
-                         "upgrade the directory with `python export/upgrade_model.py`")
+        raise ModelError(
+            f"{path}: unknown manifest format {fmt!r} (an older edgecap's, without "
+            f"object tags); this edgecap reads {FORMAT}: re-export the model, or "
+            "upgrade the directory with `python export/upgrade_model.py`"
+        )
     if fmt != FORMAT:
-        raise ModelError(f"{path}: unknown manifest format {fmt!r}; this edgecap reads {FORMAT}. "
-                         "Upgrade edgecap or re-export the model with this version")
+        raise ModelError(
+            f"{path}: unknown manifest format {fmt!r}; this edgecap reads {FORMAT}. "
+            "Upgrade edgecap or re-export the model with this version"
+        )
     try:
         dims = ModelDimensions.from_dict(data.get("dims"))
     except ValueError as exc:
         raise ModelError(f"{path}: {exc}; re-export the model") from exc
     try:
         known = {"format", "files", "dims", "tokens", "preprocessing", "precision", "sha256"}
-        files = {role: name for role, name in dict(data["files"]).items()
-                 if role in FILE_ROLES}  # other roles: ignored, never opened
-        sha256 = {role: digest for role, digest in dict(data.get("sha256", {})).items()
-                  if role in FILE_ROLES}
-        manifest = Manifest(directory=directory, files=files,
-                            dims=dims,
-                            tokens=dict(data["tokens"]),
-                            preprocessing=Preprocessing.from_dict(data["preprocessing"]),
-                            precision=data.get("precision", "fp32"),
-                            sha256=sha256,
-                            info={k: v for k, v in data.items() if k not in known})
+        files = {
+            role: name for role, name in dict(data["files"]).items() if role in FILE_ROLES
+        }  # other roles: ignored, never opened
+        sha256 = {role: digest for role, digest in dict(data.get("sha256", {})).items() if role in FILE_ROLES}
+        manifest = Manifest(
+            directory=directory,
+            files=files,
+            dims=dims,
+            tokens=dict(data["tokens"]),
+            preprocessing=Preprocessing.from_dict(data["preprocessing"]),
+            precision=data.get("precision", "fp32"),
+            sha256=sha256,
+            info={k: v for k, v in data.items() if k not in known},
+        )
     except (KeyError, TypeError, ValueError) as exc:
         raise ModelError(f"{path}: incomplete manifest ({exc!r}); re-export the model") from exc
     field_problem = _field_problem(manifest)
@@ -128,16 +143,21 @@ def load_manifest(directory: str | Path) -> Manifest:
             raise ModelError(f"{path}: the manifest names no {role} file; re-export the model")
         name = manifest.files[role]
         if not isinstance(name, str) or Path(name).is_absolute() or ".." in Path(name).parts:
-            raise ModelError(f"{path}: the {role} file {name!r} is not a file name inside the "
-                             "model directory; re-export the model")
+            raise ModelError(
+                f"{path}: the {role} file {name!r} is not a file name inside the "
+                "model directory; re-export the model"
+            )
         if not manifest.path(role).exists():
-            raise ModelError(f"{manifest.path(role)}: missing from the model directory; "
-                             "copy the whole directory or re-export the model")
+            raise ModelError(
+                f"{manifest.path(role)}: missing from the model directory; "
+                "copy the whole directory or re-export the model"
+            )
         try:
             check_regular(manifest.path(role))  # a link may lead anywhere, to a regular file
         except FileProblem as exc:
-            raise ModelError(f"{manifest.path(role)}: the {role} file {exc}; re-copy the "
-                             "model directory or re-export it") from None
+            raise ModelError(
+                f"{manifest.path(role)}: the {role} file {exc}; re-copy the model directory or re-export it"
+            ) from None
     return manifest
 
 
@@ -148,14 +168,18 @@ def _field_problem(manifest: Manifest) -> str | None:
     numbers = (int, float)
     if len(pre.size) != 2 or not all(isinstance(v, int) and v > 0 for v in pre.size):
         return f"preprocessing.size must be [height, width], got {list(pre.size)}"
-    if (len(pre.mean) != 3 or len(pre.std) != 3
-            or not all(isinstance(v, numbers) for v in pre.mean + pre.std)
-            or not all(v > 0 for v in pre.std)):
-        return (f"preprocessing.mean and .std must be 3 numbers each (std > 0), got "
-                f"{list(pre.mean)} and {list(pre.std)}")
+    if (
+        len(pre.mean) != 3
+        or len(pre.std) != 3
+        or not all(isinstance(v, numbers) for v in pre.mean + pre.std)
+        or not all(v > 0 for v in pre.std)
+    ):
+        return (
+            f"preprocessing.mean and .std must be 3 numbers each (std > 0), got "
+            f"{list(pre.mean)} and {list(pre.std)}"
+        )
     if not isinstance(pre.resample, str) or not hasattr(Image.Resampling, pre.resample.upper()):
-        return (f"preprocessing.resample must name a Pillow filter such as 'bilinear', got "
-                f"{pre.resample!r}")
+        return f"preprocessing.resample must name a Pillow filter such as 'bilinear', got {pre.resample!r}"
     return None
 
 
@@ -167,8 +191,12 @@ def verify_files(manifest: Manifest) -> None:
         try:
             actual = file_sha256(manifest.path(role))
         except OSError as exc:
-            raise ModelError(f"{manifest.path(role)}: cannot read it ({exc.strerror or exc}); "
-                             "re-copy the model directory or re-export it") from exc
+            raise ModelError(
+                f"{manifest.path(role)}: cannot read it ({exc.strerror or exc}); "
+                "re-copy the model directory or re-export it"
+            ) from exc
         if actual != expected:
-            raise ModelError(f"{manifest.path(role)}: checksum mismatch (file corrupt, truncated or "
-                             "replaced); re-copy the model directory or re-export it")
+            raise ModelError(
+                f"{manifest.path(role)}: checksum mismatch (file corrupt, truncated or "
+                "replaced); re-copy the model directory or re-export it"
+            )

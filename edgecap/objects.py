@@ -23,7 +23,7 @@ IMAGENET_CLASSES = Path(__file__).parent / "assets" / "imagenet_classes.json"
 
 @dataclass(frozen=True)
 class ObjectClasses:
-    names: tuple[str, ...]              # readable class names, in class_probs order
+    names: tuple[str, ...]  # readable class names, in class_probs order
     word_ids: tuple[tuple[int, ...], ...]  # per class: the vocabulary ids of its words
 
     @classmethod
@@ -38,17 +38,19 @@ class ObjectClasses:
             except FileProblem as exc:
                 raise ValueError(str(exc)) from None
             if not isinstance(entries, list) or not all(
-                    isinstance(e, dict) and isinstance(e.get("name"), str)
-                    and isinstance(e.get("words"), list) for e in entries):
+                isinstance(e, dict) and isinstance(e.get("name"), str) and isinstance(e.get("words"), list)
+                for e in entries
+            ):
                 raise ValueError("classes must be a list of {name: text, words: [...]}")
             names = tuple(e["name"] for e in entries)
-            words = tuple(tuple(vocab_index[w] for w in e["words"] if w in vocab_index)
-                          for e in entries)
+            words = tuple(tuple(vocab_index[w] for w in e["words"] if w in vocab_index) for e in entries)
         except (OSError, ValueError, KeyError, TypeError) as exc:
             raise ModelError(f"{path}: unreadable class list ({exc}); re-export the model") from exc
         if len(names) != n_classes:
-            raise ModelError(f"{path}: {len(names)} classes, but the encoder has {n_classes}; "
-                             "copy the whole model directory again or re-export it")
+            raise ModelError(
+                f"{path}: {len(names)} classes, but the encoder has {n_classes}; "
+                "copy the whole model directory again or re-export it"
+            )
         return cls(names, words)
 
     def tags(self, probs: np.ndarray, n: int) -> tuple[tuple[str, float], ...]:
@@ -58,13 +60,11 @@ class ObjectClasses:
         best = np.argsort(-probs, kind="stable")[:n]
         return tuple((self.names[i], round(float(probs[i]), 4)) for i in best)
 
-    def tag_words(self, probs: np.ndarray, n_tags: int,
-                  min_prob: float) -> tuple[frozenset[int], ...]:
+    def tag_words(self, probs: np.ndarray, n_tags: int, min_prob: float) -> tuple[frozenset[int], ...]:
         """probs (N, C) -> per image, the word ids of its ``n_tags`` most probable classes of
         at least ``min_prob``."""
         words = []
         for image_probs in probs:
             best = np.argsort(-image_probs, kind="stable")[:n_tags]
-            words.append(frozenset(w for c in best if image_probs[c] >= min_prob
-                                   for w in self.word_ids[c]))
+            words.append(frozenset(w for c in best if image_probs[c] >= min_prob for w in self.word_ids[c]))
         return tuple(words)

@@ -44,20 +44,20 @@ def _expand_one(arg: str, state: _Seen) -> Iterator[tuple[str, object]]:
     from edgecap.errors import InputError
 
     if arg == "":
-        yield arg, InputError(arg, "empty PATH argument (an unset shell variable?); "
-                                   "write . for the current folder")
+        yield (
+            arg,
+            InputError(arg, "empty PATH argument (an unset shell variable?); write . for the current folder"),
+        )
         return
     path = Path(arg)
     literal = glob.has_magic(arg) and not os.path.lexists(arg)
     if not literal and path.is_dir():
         found = False
-        for name, item in _walk(path, lambda rel: _has_image_suffix(rel[-1]),
-                                lambda rel: True, state):
+        for name, item in _walk(path, lambda rel: _has_image_suffix(rel[-1]), lambda rel: True, state):
             found = found or _is_match(item)
             yield name, item
         if not found:
-            yield arg, InputError(arg, "folder holds no image files "
-                                       f"({', '.join(IMAGE_EXTENSIONS)})")
+            yield arg, InputError(arg, f"folder holds no image files ({', '.join(IMAGE_EXTENSIONS)})")
     elif not literal:
         yield from _checked_file(arg, state)
     else:
@@ -75,8 +75,10 @@ def _checked_file(name: str, state: _Seen) -> Iterator[tuple[str, object]]:
         return
     if stat.S_ISREG(st.st_mode):
         if _key(st) in state.files:
-            yield name, InputError(name, f"skipped: the same file as {state.files[_key(st)]}, "
-                                         "already captioned")
+            yield (
+                name,
+                InputError(name, f"skipped: the same file as {state.files[_key(st)]}, already captioned"),
+            )
             return
         state.files[_key(st)] = name
     yield name, name
@@ -93,9 +95,12 @@ def _expand_glob(pattern: str, state: _Seen) -> Iterator[tuple[str, object]]:
     rest = parts[fixed:]
     found = False
     if base == Path() or base.is_dir():
-        for name, item in _walk(base, lambda rel: _has_image_suffix(rel[-1])
-                                and _match(rest, rel),
-                                lambda rel: _may_descend(rest, rel), state):
+        for name, item in _walk(
+            base,
+            lambda rel: _has_image_suffix(rel[-1]) and _match(rest, rel),
+            lambda rel: _may_descend(rest, rel),
+            state,
+        ):
             found = found or _is_match(item)
             yield name, item
     if not found:
@@ -104,8 +109,7 @@ def _expand_glob(pattern: str, state: _Seen) -> Iterator[tuple[str, object]]:
 
 def _match_part(pattern: str, name: str) -> bool:
     # as glob: a wildcard does not match a leading dot
-    return fnmatch.fnmatch(name, pattern) and (not name.startswith(".")
-                                                or pattern.startswith("."))
+    return fnmatch.fnmatch(name, pattern) and (not name.startswith(".") or pattern.startswith("."))
 
 
 def _match(pattern: tuple[str, ...], rel: tuple[str, ...]) -> bool:
@@ -113,8 +117,11 @@ def _match(pattern: tuple[str, ...], rel: tuple[str, ...]) -> bool:
     if not pattern:
         return not rel
     if pattern[0] == "**":
-        return any(_match(pattern[1:], rel[i:]) for i in range(len(rel) + 1)
-                   if all(not part.startswith(".") for part in rel[:i]))
+        return any(
+            _match(pattern[1:], rel[i:])
+            for i in range(len(rel) + 1)
+            if all(not part.startswith(".") for part in rel[:i])
+        )
     return bool(rel) and _match_part(pattern[0], rel[0]) and _match(pattern[1:], rel[1:])
 
 
@@ -155,10 +162,10 @@ def _walk(top: Path, want_file, want_dir, state: _Seen) -> Iterator[tuple[str, o
                     entries = iter(sorted((e.name, e.is_symlink()) for e in it))
             except OSError as exc:
                 stack.pop()
-                reason = "permission denied" if isinstance(exc, PermissionError) else (
-                    exc.strerror or str(exc))
-                yield str(folder), InputError(str(folder), f"skipped: cannot read the folder "
-                                                           f"({reason})")
+                reason = (
+                    "permission denied" if isinstance(exc, PermissionError) else (exc.strerror or str(exc))
+                )
+                yield str(folder), InputError(str(folder), f"skipped: cannot read the folder ({reason})")
                 continue
             stack[-1] = (folder, rel, key, entries)
         entry = next(entries, None)
@@ -171,8 +178,11 @@ def _walk(top: Path, want_file, want_dir, state: _Seen) -> Iterator[tuple[str, o
             st = os.stat(path)
         except OSError as exc:
             if is_link and (want_file(parts) or want_dir(parts)):
-                why = ("a loop of symbolic links" if getattr(exc, "errno", None) == errno.ELOOP
-                       else "broken symbolic link")
+                why = (
+                    "a loop of symbolic links"
+                    if getattr(exc, "errno", None) == errno.ELOOP
+                    else "broken symbolic link"
+                )
                 target = _readlink(path)
                 yield str(path), InputError(str(path), f"skipped: {why} (to {target})")
             elif not is_link and want_file(parts):
@@ -183,20 +193,31 @@ def _walk(top: Path, want_file, want_dir, state: _Seen) -> Iterator[tuple[str, o
                 continue
             ancestors = {frame[2]: frame[0] for frame in stack}
             if _key(st) in ancestors:
-                yield str(path), InputError(str(path), "skipped: a symbolic link loop (it leads "
-                                                       f"back to {ancestors[_key(st)]})")
+                yield (
+                    str(path),
+                    InputError(
+                        str(path), f"skipped: a symbolic link loop (it leads back to {ancestors[_key(st)]})"
+                    ),
+                )
                 continue
             if _key(st) in folders:
-                yield str(path), InputError(str(path), "skipped: the same folder as "
-                                                       f"{folders[_key(st)]}, already searched")
+                yield (
+                    str(path),
+                    InputError(
+                        str(path), f"skipped: the same folder as {folders[_key(st)]}, already searched"
+                    ),
+                )
                 continue
             folders[_key(st)] = str(path)
             stack.append((path, parts, _key(st), None))
         elif want_file(parts):
             if stat.S_ISREG(st.st_mode) and _key(st) in state.files:
-                yield str(path), InputError(str(path), "skipped: the same file as "
-                                                       f"{state.files[_key(st)]}, already "
-                                                       "captioned")
+                yield (
+                    str(path),
+                    InputError(
+                        str(path), f"skipped: the same file as {state.files[_key(st)]}, already captioned"
+                    ),
+                )
                 continue
             if stat.S_ISREG(st.st_mode):
                 state.files[_key(st)] = str(path)

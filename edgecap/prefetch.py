@@ -42,8 +42,7 @@ def default_decode_workers(on_gpu: bool) -> int:
 
 def check_decode_workers(workers: object) -> None:
     """``decode_workers``: None or a whole number >= 0; anything else is a ``ValueError``."""
-    if workers is not None and (isinstance(workers, bool) or not isinstance(workers, int)
-                                or workers < 0):
+    if workers is not None and (isinstance(workers, bool) or not isinstance(workers, int) or workers < 0):
         raise ValueError(f"decode_workers must be a whole number >= 0 or None, got {workers!r}")
 
 
@@ -53,9 +52,14 @@ def window(batch: int, workers: int) -> int:
     return max(batch, 2 * workers)
 
 
-def prefetched_batches(pool: Executor, prepare: Callable[[Item], T], items: Iterator[Item],
-                       batch: int, ahead: int,
-                       keep: type[Exception]) -> Generator[list[T | Exception], None, None]:
+def prefetched_batches(
+    pool: Executor,
+    prepare: Callable[[Item], T],
+    items: Iterator[Item],
+    batch: int,
+    ahead: int,
+    keep: type[Exception],
+) -> Generator[list[T | Exception], None, None]:
     """Lists of ``batch`` results of ``prepare(item)`` (the last may be shorter), in ``items``'
     order, prepared on ``pool`` up to ``ahead`` items beyond the list handed out. An item whose
     ``prepare`` raises ``keep`` has that exception in its slot; any other exception is raised

@@ -27,8 +27,12 @@ class Preprocessing:
 
     @classmethod
     def from_dict(cls, d: dict) -> Preprocessing:
-        return cls(size=tuple(d["size"]), mean=tuple(d["mean"]), std=tuple(d["std"]),
-                   resample=d.get("resample", "bilinear"))
+        return cls(
+            size=tuple(d["size"]),
+            mean=tuple(d["mean"]),
+            std=tuple(d["std"]),
+            resample=d.get("resample", "bilinear"),
+        )
 
 
 def to_model_input(image: Image.Image, pre: Preprocessing) -> np.ndarray:
@@ -65,8 +69,7 @@ def frame_statistics(x: np.ndarray, pre: Preprocessing) -> tuple[float, float]:
     grey = (x * np.asarray(pre.std, np.float32)[:, None, None]).mean(0)
     h, w = grey.shape[0] // BLOCK * BLOCK, grey.shape[1] // BLOCK * BLOCK
     grey = grey[:h, :w].reshape(h // BLOCK, BLOCK, w // BLOCK, BLOCK).mean((1, 3))
-    laplacian = (4 * grey[1:-1, 1:-1] - grey[:-2, 1:-1] - grey[2:, 1:-1] - grey[1:-1, :-2]
-                 - grey[1:-1, 2:])
+    laplacian = 4 * grey[1:-1, 1:-1] - grey[:-2, 1:-1] - grey[2:, 1:-1] - grey[1:-1, :-2] - grey[1:-1, 2:]
     return float(grey.std()), float(np.abs(laplacian).mean())
 
 

@@ -59,17 +59,26 @@ CAPTION_SUFFIX = "/caption"
 
 # encoding -> (channels, numpy dtype, channel order): what array_to_rgb turns into RGB
 RAW_ENCODINGS = {
-    "rgb8": (3, np.uint8, "rgb"), "bgr8": (3, np.uint8, "bgr"),
-    "rgba8": (4, np.uint8, "rgb"), "bgra8": (4, np.uint8, "bgr"),
-    "mono8": (1, np.uint8, "rgb"), "8uc1": (1, np.uint8, "rgb"),
+    "rgb8": (3, np.uint8, "rgb"),
+    "bgr8": (3, np.uint8, "bgr"),
+    "rgba8": (4, np.uint8, "rgb"),
+    "bgra8": (4, np.uint8, "bgr"),
+    "mono8": (1, np.uint8, "rgb"),
+    "8uc1": (1, np.uint8, "rgb"),
     # OpenCV's channel order, as cv_bridge reads these
-    "8uc3": (3, np.uint8, "bgr"), "8uc4": (4, np.uint8, "bgr"),
+    "8uc3": (3, np.uint8, "bgr"),
+    "8uc4": (4, np.uint8, "bgr"),
     "mono16": (1, np.uint16, "rgb"),
-    "rgb16": (3, np.uint16, "rgb"), "bgr16": (3, np.uint16, "bgr"),
-    "rgba16": (4, np.uint16, "rgb"), "bgra16": (4, np.uint16, "bgr"),
+    "rgb16": (3, np.uint16, "rgb"),
+    "bgr16": (3, np.uint16, "bgr"),
+    "rgba16": (4, np.uint16, "rgb"),
+    "bgra16": (4, np.uint16, "bgr"),
 }
-BAYER = {f"bayer_{p}{bits}": (p, dtype) for p in ("rggb", "bggr", "gbrg", "grbg")
-         for bits, dtype in (("8", np.uint8), ("16", np.uint16))}
+BAYER = {
+    f"bayer_{p}{bits}": (p, dtype)
+    for p in ("rggb", "bggr", "gbrg", "grbg")
+    for bits, dtype in (("8", np.uint8), ("16", np.uint16))
+}
 YUV422 = {"yuv422": "uyvy", "uyvy": "uyvy", "yuv422_yuy2": "yuyv", "yuyv": "yuyv"}
 DEPTH = ("16uc1", "32fc1")
 
@@ -115,7 +124,7 @@ def _rosbags():
 
 
 def kind_of(path: str | os.PathLike) -> str:
-    """"ros1" (a .bag file), "mcap" or "sqlite3" (a ROS 2 bag folder, or one storage file)."""
+    """ "ros1" (a .bag file), "mcap" or "sqlite3" (a ROS 2 bag folder, or one storage file)."""
     path = Path(path)
     if path.is_dir():
         if any(path.glob("*.mcap")):
@@ -128,8 +137,10 @@ def kind_of(path: str | os.PathLike) -> str:
         return "mcap-ros1" if mcap_profile(path) == "ros1" else "mcap"
     if suffix == ".db3":
         return "sqlite3"
-    raise RecordingError(f"{path}: not a recording edgecap reads (a ROS 1 .bag file, a ROS 2 bag "
-                         "folder, or a .mcap / .db3 file)")
+    raise RecordingError(
+        f"{path}: not a recording edgecap reads (a ROS 1 .bag file, a ROS 2 bag "
+        "folder, or a .mcap / .db3 file)"
+    )
 
 
 def mcap_profile(path: Path) -> str | None:
@@ -142,7 +153,7 @@ def mcap_profile(path: Path) -> str | None:
     if not head.startswith(b"\x89MCAP0\r\n") or len(head) < 21 or head[8] != 0x01:
         return None
     size = int.from_bytes(head[17:21], "little")
-    return head[21:21 + size].decode("utf-8", "replace") if size <= 64 else None
+    return head[21 : 21 + size].decode("utf-8", "replace") if size <= 64 else None
 
 
 def open_recording(path: str | os.PathLike) -> Recording:
@@ -170,8 +181,7 @@ class Recording:
                 self.reader = highlevel.AnyReader([self.path], default_typestore=default)
                 self.reader.open()
         except Exception as exc:  # noqa: BLE001 (rosbags raises many kinds on corrupt files)
-            raise RecordingError(f"{self.path}: cannot read this recording "
-                                 f"({_reason(exc)})") from None
+            raise RecordingError(f"{self.path}: cannot read this recording ({_reason(exc)})") from None
 
     def __enter__(self):
         return self
@@ -190,8 +200,7 @@ class Recording:
     @property
     def image_topics(self) -> dict[str, str]:
         """topic -> message type, for the topics that hold images, sorted by topic."""
-        return dict(sorted((c.topic, c.msgtype) for c in self.connections
-                           if c.msgtype in IMAGE_TYPES))
+        return dict(sorted((c.topic, c.msgtype) for c in self.connections if c.msgtype in IMAGE_TYPES))
 
     def check_topics(self, topics: Iterable[str] | None) -> list[str]:
         """The image topics to read: ``topics`` (each must be an image topic of the recording),
@@ -199,22 +208,26 @@ class Recording:
         available = self.image_topics
         if not available:
             others = ", ".join(sorted({f"{c.topic} ({c.msgtype})" for c in self.connections}))
-            raise RecordingError(f"{self.path}: no sensor_msgs/Image or CompressedImage topic "
-                                 f"(topics: {others or 'none'})")
+            raise RecordingError(
+                f"{self.path}: no sensor_msgs/Image or CompressedImage topic (topics: {others or 'none'})"
+            )
         if topics is None:
             return list(available)
         wanted = list(dict.fromkeys(topics))
         for topic in wanted:
             if topic not in available:
                 types = {c.topic: c.msgtype for c in self.connections}
-                what = (f"is a {types[topic]} topic, not an image topic" if topic in types
-                        else "is not in the recording")
-                raise RecordingError(f"{self.path}: topic {topic} {what}; image topics: "
-                                     f"{', '.join(available)}")
+                what = (
+                    f"is a {types[topic]} topic, not an image topic"
+                    if topic in types
+                    else "is not in the recording"
+                )
+                raise RecordingError(
+                    f"{self.path}: topic {topic} {what}; image topics: {', '.join(available)}"
+                )
         return wanted
 
-    def frames(self, topics: Iterable[str] | None = None,
-               every: float | None = None) -> Iterator[Frame]:
+    def frames(self, topics: Iterable[str] | None = None, every: float | None = None) -> Iterator[Frame]:
         """The image messages of ``topics`` (None: every image topic) in log-time order, at most
         one per ``every`` seconds of log time on each topic (None: all). A message that cannot
         be used is a ``Frame`` whose ``image`` is its ``InputError``. A recording that breaks
@@ -243,11 +256,13 @@ class Recording:
         try:
             yield from self.reader.messages(connections=connections)
         except Exception as exc:  # noqa: BLE001 (a corrupt chunk, a truncated file)
-            raise RecordingError(f"{self.path}: the recording breaks off while being read "
-                                 f"({_reason(exc)})") from None
+            raise RecordingError(
+                f"{self.path}: the recording breaks off while being read ({_reason(exc)})"
+            ) from None
 
-    def _frame(self, connection, time_ns: int, raw: bytes, index: int,
-               type_problem: str | None = None) -> Frame:
+    def _frame(
+        self, connection, time_ns: int, raw: bytes, index: int, type_problem: str | None = None
+    ) -> Frame:
         name = f"{connection.topic} at {seconds_text(time_ns)}"
         stamp_ns = 0
         image: np.ndarray | bytes | InputError
@@ -256,21 +271,22 @@ class Recording:
         try:
             msg = self.reader.deserialize(raw, connection.msgtype)
         except Exception as exc:  # noqa: BLE001 (a message that does not match its type)
-            image = InputError(
-                name, f"cannot deserialise this {connection.msgtype} message ({_reason(exc)})")
+            image = InputError(name, f"cannot deserialise this {connection.msgtype} message ({_reason(exc)})")
         else:
             try:
                 stamp = msg.header.stamp
                 stamp_ns = int(stamp.sec) * 1_000_000_000 + int(stamp.nanosec)
-                image = (bytes(msg.data) if connection.msgtype == COMPRESSED
-                         and _check_compressed(msg.format, name) else raw_to_rgb(msg, name))
+                image = (
+                    bytes(msg.data)
+                    if connection.msgtype == COMPRESSED and _check_compressed(msg.format, name)
+                    else raw_to_rgb(msg, name)
+                )
             except InputError as exc:
                 image = exc
             except (AttributeError, TypeError, ValueError, OverflowError) as exc:
                 # the checks of _type_problem passed, yet a field is not what it should be
                 stamp_ns = 0
-                image = InputError(name, f"message lacks the standard sensor_msgs fields: "
-                                         f"{_reason(exc)}")
+                image = InputError(name, f"message lacks the standard sensor_msgs fields: {_reason(exc)}")
         if isinstance(image, bytes) and not image:
             image = InputError(name, "no image data (0 bytes)")
         return Frame(connection.topic, time_ns, stamp_ns, index, image)
@@ -286,8 +302,9 @@ class Ros1McapReader:
         try:
             from mcap.reader import make_reader
         except ImportError as exc:
-            raise MissingPackageError(f"reading a ROS 1-profile MCAP file needs mcap: {ROS_EXTRA}"
-                                      f" ({exc})") from exc
+            raise MissingPackageError(
+                f"reading a ROS 1-profile MCAP file needs mcap: {ROS_EXTRA} ({exc})"
+            ) from exc
         _, _, _, typesys = _rosbags()
         self.file = open(path, "rb")  # noqa: SIM115 (closed by close())
         self.stack: bool | None = True
@@ -314,7 +331,8 @@ class Ros1McapReader:
     def messages(self, connections=()):
         wanted = {c.id: c for c in (connections or self.connections)}
         for _, channel, message in self._reader.iter_messages(
-                topics=sorted({c.topic for c in wanted.values()}), log_time_order=True):
+            topics=sorted({c.topic for c in wanted.values()}), log_time_order=True
+        ):
             if channel.id in wanted:
                 yield wanted[channel.id], message.log_time, message.data
 
@@ -336,9 +354,15 @@ class _Channel:
 _INT = ("int8", "uint8", "int16", "uint16", "int32", "uint32", "int64", "uint64", "bool")
 # the fields edgecap reads, as (name, what it must be): "int", "string", "uint8[]" or a type
 _FIELDS = {
-    IMAGE: (("header", "std_msgs/msg/Header"), ("height", "int"), ("width", "int"),
-            ("encoding", "string"), ("is_bigendian", "int"), ("step", "int"),
-            ("data", "uint8[]")),
+    IMAGE: (
+        ("header", "std_msgs/msg/Header"),
+        ("height", "int"),
+        ("width", "int"),
+        ("encoding", "string"),
+        ("is_bigendian", "int"),
+        ("step", "int"),
+        ("data", "uint8[]"),
+    ),
     COMPRESSED: (("header", "std_msgs/msg/Header"), ("format", "string"), ("data", "uint8[]")),
     "std_msgs/msg/Header": (("stamp", "builtin_interfaces/msg/Time"),),
     "builtin_interfaces/msg/Time": (("sec", "int"), ("nanosec", "int")),
@@ -364,8 +388,11 @@ def _type_problem(typestore, msgtype: str) -> str | None:
             elif want == "string":
                 ok = kind == "BASE" and details[0] == "string"
             elif want == "uint8[]":
-                ok = (kind in ("SEQUENCE", "ARRAY") and getattr(details[0][0], "name", None)
-                      == "BASE" and details[0][1][0] in ("uint8", "int8", "char", "byte"))
+                ok = (
+                    kind in ("SEQUENCE", "ARRAY")
+                    and getattr(details[0][0], "name", None) == "BASE"
+                    and details[0][1][0] in ("uint8", "int8", "char", "byte")
+                )
             else:
                 ok = kind == "NAME" and details == want
                 if ok:
@@ -412,17 +439,20 @@ def raw_to_rgb(msg, name: str) -> np.ndarray:
         channels, dtype, color = 2, np.uint8, "rgb"
     else:
         known = sorted([*RAW_ENCODINGS, *BAYER, *YUV422])
-        raise InputError(name, f"unknown image encoding {msg.encoding!r} (known: "
-                               f"{', '.join(known)})")
+        raise InputError(name, f"unknown image encoding {msg.encoding!r} (known: {', '.join(known)})")
     dtype = np.dtype(dtype).newbyteorder(">" if msg.is_bigendian else "<")
     row_bytes = width * channels * dtype.itemsize
     data = np.asarray(msg.data, dtype=np.uint8).reshape(-1)
     if step < row_bytes:
-        raise InputError(name, f"step {step} is shorter than a row of {width} {msg.encoding} "
-                               f"pixels ({row_bytes} bytes)")
+        raise InputError(
+            name, f"step {step} is shorter than a row of {width} {msg.encoding} pixels ({row_bytes} bytes)"
+        )
     if data.size != step * height:
-        raise InputError(name, f"data is {data.size:,} bytes, but {width}x{height} "
-                               f"{msg.encoding} with step {step} needs {step * height:,}")
+        raise InputError(
+            name,
+            f"data is {data.size:,} bytes, but {width}x{height} "
+            f"{msg.encoding} with step {step} needs {step * height:,}",
+        )
     rows = data.reshape(height, step)[:, :row_bytes]
     pixels = np.ascontiguousarray(rows).view(dtype).reshape(height, width, channels)
     if encoding in BAYER:
@@ -438,10 +468,15 @@ def demosaic_half(mosaic: np.ndarray, pattern: str, name: str) -> np.ndarray:
     row by row ("rggb")."""
     h, w = mosaic.shape[0] // 2 * 2, mosaic.shape[1] // 2 * 2
     if h == 0 or w == 0:
-        raise InputError(name, f"a Bayer image needs at least 2x2 pixels, got "
-                               f"{mosaic.shape[1]}x{mosaic.shape[0]}")
-    cells = {(0, 0): mosaic[0:h:2, 0:w:2], (0, 1): mosaic[0:h:2, 1:w:2],
-             (1, 0): mosaic[1:h:2, 0:w:2], (1, 1): mosaic[1:h:2, 1:w:2]}
+        raise InputError(
+            name, f"a Bayer image needs at least 2x2 pixels, got {mosaic.shape[1]}x{mosaic.shape[0]}"
+        )
+    cells = {
+        (0, 0): mosaic[0:h:2, 0:w:2],
+        (0, 1): mosaic[0:h:2, 1:w:2],
+        (1, 0): mosaic[1:h:2, 0:w:2],
+        (1, 1): mosaic[1:h:2, 1:w:2],
+    }
     where = dict(zip(((0, 0), (0, 1), (1, 0), (1, 1)), pattern))
     greens = [cells[k].astype(np.uint32) for k, c in where.items() if c == "g"]
     red = next(cells[k] for k, c in where.items() if c == "r")
@@ -479,12 +514,17 @@ def output_problem(source: str | os.PathLike, out: str | os.PathLike) -> str | N
     if os.path.lexists(out):
         return f"{out} exists already; name a new file or folder"
     if kind_of(source) == "mcap-ros1":
-        return (f"{out}: captions are not written into a copy of a ROS 1-profile MCAP file; "
-                "caption the ROS 1 bag it was converted from")
+        return (
+            f"{out}: captions are not written into a copy of a ROS 1-profile MCAP file; "
+            "caption the ROS 1 bag it was converted from"
+        )
     ros1_in = kind_of(source) == "ros1"
     if ros1_in != (out.suffix.lower() == ".bag"):
-        return (f"{out}: a ROS 1 bag is written to a .bag file" if ros1_in else
-                f"{out}: a ROS 2 recording is written to a ROS 2 bag folder (a name without .bag)")
+        return (
+            f"{out}: a ROS 1 bag is written to a .bag file"
+            if ros1_in
+            else f"{out}: a ROS 2 recording is written to a ROS 2 bag folder (a name without .bag)"
+        )
     if not out.parent.is_dir():
         return f"{out}: folder {out.parent} does not exist"
     return None
@@ -494,8 +534,7 @@ def caption_topic(topic: str) -> str:
     return topic.rstrip("/") + CAPTION_SUFFIX
 
 
-def write_captions(recording: Recording, out: str | os.PathLike,
-                   captions: dict[tuple[str, int], str]) -> int:
+def write_captions(recording: Recording, out: str | os.PathLike, captions: dict[tuple[str, int], str]) -> int:
     """Write a copy of ``recording`` to ``out`` with, for each ``(topic, index): text`` of
     ``captions``, a ``std_msgs/String`` on ``caption_topic(topic)`` at the log time of that
     frame (the ``index``-th message of ``topic``). Every message is copied unchanged, in order,
@@ -510,25 +549,27 @@ def write_captions(recording: Recording, out: str | os.PathLike,
     topics = {topic for topic, _ in captions}
     taken = {c.topic for c in recording.connections} & {caption_topic(t) for t in topics}
     if taken:
-        raise RecordingError(f"{recording.path}: already has a topic {min(taken)}; "
-                             "captions would be mixed into it")
-    store = typesys.get_typestore(typesys.Stores.ROS1_NOETIC if ros1
-                                  else typesys.Stores.ROS2_HUMBLE)
+        raise RecordingError(
+            f"{recording.path}: already has a topic {min(taken)}; captions would be mixed into it"
+        )
+    store = typesys.get_typestore(typesys.Stores.ROS1_NOETIC if ros1 else typesys.Stores.ROS2_HUMBLE)
     string_type = store.types[STRING]
     serialize = store.serialize_ros1 if ros1 else store.serialize_cdr
     if ros1:
         writer = rosbag1.Writer(out)
     else:
-        plugin = (rosbag2.StoragePlugin.MCAP if recording.kind == "mcap"
-                  else rosbag2.StoragePlugin.SQLITE3)
+        plugin = rosbag2.StoragePlugin.MCAP if recording.kind == "mcap" else rosbag2.StoragePlugin.SQLITE3
         writer = rosbag2.Writer(out, version=9, storage_plugin=plugin)
     written = 0
     try:
         writer.open()
-        copies = {id(c): _copy_connection(writer, c, recording.reader.typestore, ros1)
-                  for c in recording.connections}
-        outputs = {t: writer.add_connection(caption_topic(t), STRING, typestore=store)
-                   for t in sorted(topics)}
+        copies = {
+            id(c): _copy_connection(writer, c, recording.reader.typestore, ros1)
+            for c in recording.connections
+        }
+        outputs = {
+            t: writer.add_connection(caption_topic(t), STRING, typestore=store) for t in sorted(topics)
+        }
         counts: dict[str, int] = {}
         for connection, time_ns, raw in recording.messages():
             writer.write(copies[id(connection)], time_ns, raw)
@@ -536,8 +577,9 @@ def write_captions(recording: Recording, out: str | os.PathLike,
             counts[connection.topic] = index + 1
             text = captions.get((connection.topic, index))
             if text is not None:
-                writer.write(outputs[connection.topic], time_ns,
-                             bytes(serialize(string_type(data=text), STRING)))
+                writer.write(
+                    outputs[connection.topic], time_ns, bytes(serialize(string_type(data=text), STRING))
+                )
                 written += 1
         writer.close()
     except BaseException as exc:
@@ -551,15 +593,19 @@ def write_captions(recording: Recording, out: str | os.PathLike,
 def _copy_connection(writer, connection, typestore, ros1: bool):
     """The writer's connection for a copy of ``connection``, its definition and digest kept."""
     has_definition = bool(connection.msgdef.data) and bool(connection.digest)
-    definition = ({"msgdef": connection.msgdef.data} if has_definition
-                  else {"typestore": typestore})
+    definition = {"msgdef": connection.msgdef.data} if has_definition else {"typestore": typestore}
     if ros1:
-        extra = {"md5sum": connection.digest, "callerid": connection.ext.callerid,
-                 "latching": connection.ext.latching}
+        extra = {
+            "md5sum": connection.digest,
+            "callerid": connection.ext.callerid,
+            "latching": connection.ext.latching,
+        }
     else:
-        extra = {"rihs01": connection.digest,
-                 "serialization_format": connection.ext.serialization_format,
-                 "offered_qos_profiles": connection.ext.offered_qos_profiles}
+        extra = {
+            "rihs01": connection.digest,
+            "serialization_format": connection.ext.serialization_format,
+            "offered_qos_profiles": connection.ext.offered_qos_profiles,
+        }
     if not has_definition:
         extra.pop("md5sum" if ros1 else "rihs01")
     return writer.add_connection(connection.topic, connection.msgtype, **definition, **extra)

@@ -70,9 +70,9 @@ class ServiceOptions:
             value = getattr(self, name)
             if isinstance(value, bool) or not isinstance(value, int) or value < 1:
                 raise ValueError(f"{name} must be a positive integer, got {value!r}")
-        if self.max_batch is not None and (isinstance(self.max_batch, bool)
-                                           or not isinstance(self.max_batch, int)
-                                           or self.max_batch < 1):
+        if self.max_batch is not None and (
+            isinstance(self.max_batch, bool) or not isinstance(self.max_batch, int) or self.max_batch < 1
+        ):
             raise ValueError(f"max_batch must be None or a positive integer, got {self.max_batch!r}")
         if not 0 <= self.max_wait_ms <= 1000:
             raise ValueError(f"max_wait_ms must be between 0 and 1000, got {self.max_wait_ms!r}")
@@ -141,8 +141,10 @@ class Batcher:
             try:
                 results = await self._caption([data for data, _, _ in batch])
             except Exception as exc:  # noqa: BLE001 (the model failed on one of them, or all)
-                log(f"the model failed on a batch of {len(batch)} ({one_line(exc)})"
-                    + ("; captioning its images one at a time" if len(batch) > 1 else ""))
+                log(
+                    f"the model failed on a batch of {len(batch)} ({one_line(exc)})"
+                    + ("; captioning its images one at a time" if len(batch) > 1 else "")
+                )
                 await self._one_at_a_time(batch, started)
                 continue
             for (_, future, queued), result in zip(batch, results):
@@ -151,8 +153,8 @@ class Batcher:
 
     async def _caption(self, images: list[bytes]) -> list:
         return await asyncio.get_running_loop().run_in_executor(
-            self.executor, functools.partial(self.captioner.caption_batch, images,
-                                             on_error="return"))
+            self.executor, functools.partial(self.captioner.caption_batch, images, on_error="return")
+        )
 
     async def _one_at_a_time(self, batch: list, started: float) -> None:
         """After a batch failed: each image alone, so that only the request whose image the
@@ -164,8 +166,7 @@ class Batcher:
                 result = (await self._caption([data]))[0]
             except Exception as exc:  # noqa: BLE001 (this image's request answers 500)
                 if len(batch) > 1:
-                    log(f"the model failed on one image of {len(data):,} bytes "
-                        f"({one_line(exc)})")
+                    log(f"the model failed on one image of {len(data):,} bytes ({one_line(exc)})")
                 result = ModelError(one_line(exc))
             if not future.done():
                 future.set_result((result, 1, (started - queued) * 1e3))
@@ -185,15 +186,18 @@ class CaptionService:
         self.captioner = captioner
         batch_size = captioner.options.batch_size
         if self.options.max_batch is not None and self.options.max_batch > batch_size:
-            raise ValueError(f"max_batch {self.options.max_batch} is over the captioner's batch "
-                             f"size {batch_size}: the model runs at most {batch_size} images "
-                             "at once (raise --batch-size with it)")
+            raise ValueError(
+                f"max_batch {self.options.max_batch} is over the captioner's batch "
+                f"size {batch_size}: the model runs at most {batch_size} images "
+                "at once (raise --batch-size with it)"
+            )
         self.max_batch = self.options.max_batch or batch_size
         self.pending = 0
         self.batcher: Batcher | None = None
         self._worker: asyncio.Task | None = None
-        self.app = web.Application(client_max_size=self.options.max_body_bytes,
-                                   middlewares=[_json_errors(web)])
+        self.app = web.Application(
+            client_max_size=self.options.max_body_bytes, middlewares=[_json_errors(web)]
+        )
         self.app.router.add_post("/caption", self.caption)
         self.app.router.add_get("/health", self.health)
         self.app.on_startup.append(self._start)
@@ -211,12 +215,18 @@ class CaptionService:
 
     async def health(self, request):
         web = _aiohttp()
-        return web.json_response({
-            "status": "ok", "model": str(self.captioner.manifest.directory),
-            "backend": self.captioner.backend.describe(), "pending": self.pending,
-            "max_pending": self.options.max_pending, "max_batch": self.max_batch,
-            "max_wait_ms": self.options.max_wait_ms,
-            "max_body_bytes": self.options.max_body_bytes})
+        return web.json_response(
+            {
+                "status": "ok",
+                "model": str(self.captioner.manifest.directory),
+                "backend": self.captioner.backend.describe(),
+                "pending": self.pending,
+                "max_pending": self.options.max_pending,
+                "max_batch": self.max_batch,
+                "max_wait_ms": self.options.max_wait_ms,
+                "max_body_bytes": self.options.max_body_bytes,
+            }
+        )
 
     async def caption(self, request):
         from edgecap.commands.output import caption_record
@@ -225,23 +235,30 @@ class CaptionService:
         options = self.options
         kind = request.content_type  # aiohttp: application/octet-stream when none is given
         if not (kind == "application/octet-stream" or kind.startswith("image/")):
-            return _error(web, 415, f"Content-Type {kind} is not an image: send the image file's "
-                                    "bytes as the body with Content-Type image/jpeg, image/png, "
-                                    "... or application/octet-stream")
+            return _error(
+                web,
+                415,
+                f"Content-Type {kind} is not an image: send the image file's "
+                "bytes as the body with Content-Type image/jpeg, image/png, "
+                "... or application/octet-stream",
+            )
         if request.content_length is not None and request.content_length > options.max_body_bytes:
             return _too_large(web, request.content_length, options.max_body_bytes)
         if self.pending >= options.max_pending:
-            return _error(web, 503, f"busy: {self.pending} requests are already waiting "
-                                    f"(max_pending {options.max_pending}); retry later",
-                          headers={"Retry-After": "1"})
+            return _error(
+                web,
+                503,
+                f"busy: {self.pending} requests are already waiting "
+                f"(max_pending {options.max_pending}); retry later",
+                headers={"Retry-After": "1"},
+            )
         self.pending += 1
         try:
             t0 = time.perf_counter()
             try:
                 data = await asyncio.wait_for(request.read(), options.read_timeout_s)
             except asyncio.TimeoutError:
-                return _error(web, 408, f"the body did not arrive within "
-                                        f"{options.read_timeout_s:g} s")
+                return _error(web, 408, f"the body did not arrive within {options.read_timeout_s:g} s")
             except web.HTTPRequestEntityTooLarge:
                 return _too_large(web, None, options.max_body_bytes)
             if not data:
@@ -253,9 +270,11 @@ class CaptionService:
             if isinstance(result, ModelError):
                 return _error(web, 500, f"the model failed on this image ({result})")
             record = caption_record(result)
-            record["timings"] = {**{k: round(v, 2) for k, v in result.timings.items()},
-                                 "queue_ms": round(queue_ms, 2),
-                                 "total_ms": round((time.perf_counter() - t0) * 1e3, 2)}
+            record["timings"] = {
+                **{k: round(v, 2) for k, v in result.timings.items()},
+                "queue_ms": round(queue_ms, 2),
+                "total_ms": round((time.perf_counter() - t0) * 1e3, 2),
+            }
             record["batch"] = batch
             return web.json_response(record)
         finally:
@@ -268,8 +287,9 @@ def _error(web, status: int, message: str, headers: dict | None = None):
 
 def _too_large(web, size: int | None, limit: int):
     what = f"{size:,} bytes" if size is not None else "larger"
-    return _error(web, 413, f"the body is {what}, over the limit of {limit:,} bytes "
-                            "(edgecap serve --max-body-mb)")
+    return _error(
+        web, 413, f"the body is {what}, over the limit of {limit:,} bytes (edgecap serve --max-body-mb)"
+    )
 
 
 def _json_errors(web):
@@ -282,8 +302,11 @@ def _json_errors(web):
         except web.HTTPException as exc:
             if exc.status < 400:
                 raise
-            return _error(web, exc.status, exc.reason if not exc.text
-                          or exc.text.startswith(f"{exc.status}:") else exc.text)
+            return _error(
+                web,
+                exc.status,
+                exc.reason if not exc.text or exc.text.startswith(f"{exc.status}:") else exc.text,
+            )
         except Exception as exc:  # noqa: BLE001 (a bug: a JSON 500 and one log line, no traceback)
             log(f"{request.method} {request.path} failed ({one_line(exc)})")
             return _error(web, 500, f"internal error ({one_line(exc)})")
@@ -314,8 +337,7 @@ async def start(service: CaptionService, host: str = DEFAULT_HOST, port: int = D
     web = _aiohttp()
     # keepalive: an idle connection is closed after 75 s; no decompression of bodies (a
     # gzip-encoded body would be a decompression bomb past the body limit)
-    runner = web.AppRunner(service.app, access_log=None, keepalive_timeout=75,
-                           auto_decompress=False)
+    runner = web.AppRunner(service.app, access_log=None, keepalive_timeout=75, auto_decompress=False)
     await runner.setup()  # starts the Batcher's task and thread: stopped again on failure
     try:
         site = web.TCPSite(runner, host, port)
@@ -332,8 +354,7 @@ def _stop(stopped: asyncio.Future, signal_number: int) -> None:
         stopped.set_result(signal_number)
 
 
-def serve(service: CaptionService, host: str = DEFAULT_HOST, port: int = DEFAULT_PORT,
-          ready=None) -> int:
+def serve(service: CaptionService, host: str = DEFAULT_HOST, port: int = DEFAULT_PORT, ready=None) -> int:
     """Serve until SIGINT or SIGTERM; -> the signal's number. ``ready(port)`` is called once it
     listens."""
 
@@ -356,5 +377,8 @@ def serve(service: CaptionService, host: str = DEFAULT_HOST, port: int = DEFAULT
 
 def announce(host: str, port: int) -> None:
     shown = f"[{host}]" if ":" in host else host
-    print(f"edgecap serve: listening on http://{shown}:{port} (POST /caption, GET /health)",
-          file=sys.stderr, flush=True)
+    print(
+        f"edgecap serve: listening on http://{shown}:{port} (POST /caption, GET /health)",
+        file=sys.stderr,
+        flush=True,
+    )

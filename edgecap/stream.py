@@ -53,16 +53,23 @@ from edgecap.images import COLORS, ImageInput, pixel_limit_problem
 
 VIDEO_EXTRA = "pip install 'edgecap[video]' (opencv-python-headless)"
 READER_JOIN_S = 2.0  # how long closing a stream waits for the reader's current read to return
-_EPSILON_S = 1e-6    # timestamps computed as index / fps land on the `every` grid up to rounding
+_EPSILON_S = 1e-6  # timestamps computed as index / fps land on the `every` grid up to rounding
 MAX_CAMERA_INDEX = 1023  # /dev/video<N>; OpenCV reads a negative index as "any camera" (which
-                         # crashes some builds without a camera: refused)
+# crashes some builds without a camera: refused)
 MAX_CAPTURE_SIDE = 1 << 15
 # Frames missing at the end of a video before it counts as cut short: containers whose frame
 # count is an estimate (from the duration) may be off by a few frames.
 _MISSING_FRAMES_OK = 2
 
-__all__ = ["Frame", "StreamEvent", "StreamStats", "CaptionStream", "caption_stream",
-           "video_frames", "camera_frames"]
+__all__ = [
+    "Frame",
+    "StreamEvent",
+    "StreamStats",
+    "CaptionStream",
+    "caption_stream",
+    "video_frames",
+    "camera_frames",
+]
 
 
 @dataclass(frozen=True)
@@ -115,9 +122,11 @@ class StreamStats:
         return self.frames / self.elapsed_s if self.elapsed_s > 0 else 0.0
 
     def __str__(self) -> str:
-        return (f"{self.captioned} captions from {self.frames} frames in {self.elapsed_s:.2f} s "
-                f"({self.captions_per_second:.2f} captions/s, {self.frames_per_second:.1f} "
-                f"frames/s); {self.dropped} dropped, {self.skipped} skipped by sampling")
+        return (
+            f"{self.captioned} captions from {self.frames} frames in {self.elapsed_s:.2f} s "
+            f"({self.captions_per_second:.2f} captions/s, {self.frames_per_second:.1f} "
+            f"frames/s); {self.dropped} dropped, {self.skipped} skipped by sampling"
+        )
 
 
 class _Sampler:
@@ -148,12 +157,20 @@ class CaptionStream:
     a camera or video file).
     """
 
-    def __init__(self, captioner, frames: Iterable, every: float | None = None,
-                 color: str = "rgb", live: bool = True, return_attention: bool = False):
+    def __init__(
+        self,
+        captioner,
+        frames: Iterable,
+        every: float | None = None,
+        color: str = "rgb",
+        live: bool = True,
+        return_attention: bool = False,
+    ):
         if color not in COLORS:
             raise ValueError(f"color must be one of {COLORS}, got {color!r}")
-        if every is not None and (isinstance(every, bool) or not isinstance(every, (int, float))
-                                  or not every > 0):
+        if every is not None and (
+            isinstance(every, bool) or not isinstance(every, (int, float)) or not every > 0
+        ):
             raise ValueError(f"every must be None or a positive number of seconds, got {every!r}")
         self.captioner = captioner
         self.frames = frames
@@ -235,12 +252,18 @@ class CaptionStream:
                 close()
 
     def _caption(self, frame: Frame, read_at: float, dropped: int) -> StreamEvent:
-        caption = self.captioner.caption(frame.image, color=frame.color,
-                                         return_attention=self.return_attention)
+        caption = self.captioner.caption(
+            frame.image, color=frame.color, return_attention=self.return_attention
+        )
         with self._lock:
             self._counts["captioned"] += 1
-        return StreamEvent(frame_index=frame.index, timestamp=frame.timestamp, caption=caption,
-                           dropped=dropped, latency_ms=(time.perf_counter() - read_at) * 1e3)
+        return StreamEvent(
+            frame_index=frame.index,
+            timestamp=frame.timestamp,
+            caption=caption,
+            dropped=dropped,
+            latency_ms=(time.perf_counter() - read_at) * 1e3,
+        )
 
     # -- offline: every sampled frame, in order ----------------------------------------------
     def _in_order(self) -> Iterator[StreamEvent]:
@@ -255,8 +278,9 @@ class CaptionStream:
     # -- live: a reader thread keeps the newest frame ----------------------------------------
     def _live(self) -> Iterator[StreamEvent]:
         state = _Latest()
-        thread = threading.Thread(target=self._reader_thread, args=(state,),
-                                  name="edgecap-frame-reader", daemon=True)
+        thread = threading.Thread(
+            target=self._reader_thread, args=(state,), name="edgecap-frame-reader", daemon=True
+        )
         thread.start()
         try:
             while True:
@@ -312,8 +336,14 @@ def _as_frame(item, position: int, seconds: float, color: str) -> Frame:
     return Frame(index=position, timestamp=seconds, image=item, color=color)
 
 
-def caption_stream(captioner, frames: Iterable, every: float | None = None, color: str = "rgb",
-                   live: bool = True, return_attention: bool = False) -> CaptionStream:
+def caption_stream(
+    captioner,
+    frames: Iterable,
+    every: float | None = None,
+    color: str = "rgb",
+    live: bool = True,
+    return_attention: bool = False,
+) -> CaptionStream:
     """Caption a stream of frames; iterate the result for ``StreamEvent``s.
 
     Args:
@@ -325,8 +355,9 @@ def caption_stream(captioner, frames: Iterable, every: float | None = None, colo
             than the source; False: every sampled frame is captioned, in order.
         return_attention: passed to ``captioner.caption``.
     """
-    return CaptionStream(captioner, frames, every=every, color=color, live=live,
-                         return_attention=return_attention)
+    return CaptionStream(
+        captioner, frames, every=every, color=color, live=live, return_attention=return_attention
+    )
 
 
 # -- OpenCV sources ----------------------------------------------------------------------------
@@ -337,8 +368,9 @@ def _cv2():
     try:
         import cv2
     except ImportError as exc:
-        raise BackendError(f"reading videos and cameras needs OpenCV, which is not installed: "
-                           f"{VIDEO_EXTRA}") from exc
+        raise BackendError(
+            f"reading videos and cameras needs OpenCV, which is not installed: {VIDEO_EXTRA}"
+        ) from exc
     return cv2
 
 
@@ -356,14 +388,14 @@ def video_frames(path: str | os.PathLike, realtime: bool = False) -> Iterator[Fr
     capture = cv2.VideoCapture(source)
     if not capture.isOpened():
         capture.release()
-        raise InputError(source, "cannot open it as a video (not a video, or a format OpenCV's "
-                                 "FFmpeg cannot read)")
+        raise InputError(
+            source, "cannot open it as a video (not a video, or a format OpenCV's FFmpeg cannot read)"
+        )
     fps = capture.get(cv2.CAP_PROP_FPS)
     if not fps or fps != fps or fps <= 0:  # 0 or NaN: a container without a frame rate
         capture.release()
         raise InputError(source, "the video has no frame rate, so its frames have no timestamps")
-    width, height = (int(capture.get(p) or 0) for p in (cv2.CAP_PROP_FRAME_WIDTH,
-                                                        cv2.CAP_PROP_FRAME_HEIGHT))
+    width, height = (int(capture.get(p) or 0) for p in (cv2.CAP_PROP_FRAME_WIDTH, cv2.CAP_PROP_FRAME_HEIGHT))
     problem = _frame_size_problem(width, height)
     if problem:
         capture.release()
@@ -378,8 +410,7 @@ def _frame_size_problem(width: int, height: int) -> str | None:
     return pixel_limit_problem(width, height, "video frames are")
 
 
-def _video_frames(capture, fps: float, realtime: bool, source: str,
-                  count: int) -> Iterator[Frame]:
+def _video_frames(capture, fps: float, realtime: bool, source: str, count: int) -> Iterator[Frame]:
     start = time.perf_counter()
 
     def timestamp(index: int) -> float:
@@ -414,11 +445,15 @@ def _read_frames(capture, timestamp, source: str, count: int | None = None) -> I
     if count is None:
         return
     if index == 0:
-        raise InputError(source, "no frame could be decoded (a damaged video, or a codec "
-                                 "OpenCV's FFmpeg lacks)")
+        raise InputError(
+            source, "no frame could be decoded (a damaged video, or a codec OpenCV's FFmpeg lacks)"
+        )
     if count and index < count - _MISSING_FRAMES_OK:
-        raise InputError(source, f"the video ends after {index} of its {count} frames (cut "
-                                 "short, or frames the decoder cannot read)")
+        raise InputError(
+            source,
+            f"the video ends after {index} of its {count} frames (cut "
+            "short, or frames the decoder cannot read)",
+        )
 
 
 def _size(image) -> tuple[int, int]:
@@ -426,22 +461,24 @@ def _size(image) -> tuple[int, int]:
     return (int(shape[1]), int(shape[0])) if len(shape) >= 2 else (0, 0)
 
 
-def camera_frames(index: int = 0, width: int | None = None,
-                  height: int | None = None) -> Iterator[Frame]:
+def camera_frames(index: int = 0, width: int | None = None, height: int | None = None) -> Iterator[Frame]:
     """Frames from camera ``index`` (``/dev/video<index>`` on Linux) through OpenCV, until the
     camera stops giving frames: ``Frame``s with BGR uint8 arrays, timestamps in seconds since the
     camera opened. ``width`` / ``height`` request a capture size (the camera may choose another).
     Raises ``InputError`` (a ``ValueError``) when the camera cannot be opened, or for an index
     or a size that is not a whole number in range (0..1023; 1..32768)."""
-    if isinstance(index, bool) or not isinstance(index, int) \
-            or not 0 <= index <= MAX_CAMERA_INDEX:
-        raise InputError(f"camera {index!r}", "the camera index must be a whole number from 0 "
-                                              f"to {MAX_CAMERA_INDEX}")
+    if isinstance(index, bool) or not isinstance(index, int) or not 0 <= index <= MAX_CAMERA_INDEX:
+        raise InputError(
+            f"camera {index!r}", f"the camera index must be a whole number from 0 to {MAX_CAMERA_INDEX}"
+        )
     for name, side in (("width", width), ("height", height)):
-        if side is not None and (isinstance(side, bool) or not isinstance(side, int)
-                                 or not 0 < side <= MAX_CAPTURE_SIDE):
-            raise InputError(f"camera {index}", f"the {name} must be a whole number from 1 to "
-                                                f"{MAX_CAPTURE_SIDE}, got {side!r}")
+        if side is not None and (
+            isinstance(side, bool) or not isinstance(side, int) or not 0 < side <= MAX_CAPTURE_SIDE
+        ):
+            raise InputError(
+                f"camera {index}",
+                f"the {name} must be a whole number from 1 to {MAX_CAPTURE_SIDE}, got {side!r}",
+            )
     cv2 = _cv2()
     capture = cv2.VideoCapture(index)
     if not capture.isOpened():

@@ -25,16 +25,16 @@ from edgecap.images import ImageInput, load_rgb
 
 BACKGROUND = (255, 255, 255)
 TEXT_COLOR = (0, 0, 0)
-MARGIN = 8       # pixels around and between panels
-DIM = 0.3        # brightness kept where a word attends least
-GLOW = 0.35      # white blended in where a word attends most
+MARGIN = 8  # pixels around and between panels
+DIM = 0.3  # brightness kept where a word attends least
+GLOW = 0.35  # white blended in where a word attends most
 
 __all__ = ["attention_figure", "save_attention", "panel_size_for"]
 
 
 @dataclass(frozen=True)
 class _Layout:
-    panel: tuple[int, int]   # (width, height) of each photo panel
+    panel: tuple[int, int]  # (width, height) of each photo panel
     columns: int
     rows: int
     line_height: int
@@ -51,8 +51,7 @@ class _Layout:
     @property
     def size(self) -> tuple[int, int]:
         width = MARGIN + self.columns * (self.panel[0] + MARGIN)
-        height = (MARGIN + self.header_height
-                  + self.rows * (self.panel[1] + self.label_height + MARGIN))
+        height = MARGIN + self.header_height + self.rows * (self.panel[1] + self.label_height + MARGIN)
         return width, height
 
     def panel_origin(self, i: int) -> tuple[int, int]:
@@ -70,8 +69,9 @@ def panel_size_for(photo_size: tuple[int, int], panel_size: int) -> tuple[int, i
     return max(1, round(width * scale)), max(1, round(height * scale))
 
 
-def attention_figure(image: ImageInput, caption, color: str = "rgb", panel_size: int = 224,
-                     columns: int = 5) -> Image.Image:
+def attention_figure(
+    image: ImageInput, caption, color: str = "rgb", panel_size: int = 224, columns: int = 5
+) -> Image.Image:
     """The photo with each word's attention over it, one panel per word (see the module
     docstring). ``image``: what was captioned (any input ``Captioner.caption`` takes, ``color``
     as there); ``caption``: a ``Caption`` made with ``return_attention=True``. -> RGB image."""
@@ -85,12 +85,21 @@ def attention_figure(image: ImageInput, caption, color: str = "rgb", panel_size:
     n_words = len(caption.tokens)
     panel = panel_size_for(photo.size, panel_size)
     columns = min(columns, n_words)
-    layout = _Layout(panel=panel, columns=columns, rows=math.ceil(n_words / columns),
-                     line_height=_line_height(font), header_lines=[])
+    layout = _Layout(
+        panel=panel,
+        columns=columns,
+        rows=math.ceil(n_words / columns),
+        line_height=_line_height(font),
+        header_lines=[],
+    )
     width = layout.size[0]
-    layout = _Layout(panel=panel, columns=columns, rows=layout.rows,
-                     line_height=layout.line_height,
-                     header_lines=_wrap(caption.text, font, width - 2 * MARGIN))
+    layout = _Layout(
+        panel=panel,
+        columns=columns,
+        rows=layout.rows,
+        line_height=layout.line_height,
+        header_lines=_wrap(caption.text, font, width - 2 * MARGIN),
+    )
 
     figure = Image.new("RGB", layout.size, BACKGROUND)
     draw = ImageDraw.Draw(figure)
@@ -102,8 +111,9 @@ def attention_figure(image: ImageInput, caption, color: str = "rgb", panel_size:
         figure.paste(_overlay(small, weights), (x, y))
         label = _fit(word, font, panel[0])
         label_width = draw.textlength(label, font=font)
-        draw.text((x + (panel[0] - label_width) / 2, y + panel[1] + MARGIN // 2), label,
-                  fill=TEXT_COLOR, font=font)
+        draw.text(
+            (x + (panel[0] - label_width) / 2, y + panel[1] + MARGIN // 2), label, fill=TEXT_COLOR, font=font
+        )
     return figure
 
 
@@ -119,12 +129,13 @@ def _check_attention(caption) -> np.ndarray:
     """The caption's maps as float32 (n_words, s, s), or a ValueError saying what to do."""
     attention = getattr(caption, "attention", None)
     if attention is None:
-        raise ValueError("the caption has no attention maps; caption the image with "
-                         "return_attention=True")
+        raise ValueError("the caption has no attention maps; caption the image with return_attention=True")
     attention = np.asarray(attention, dtype=np.float32)
     if attention.ndim != 3:
-        raise ValueError(f"expected attention maps of shape (n_words, s, s), got "
-                         f"{attention.shape}: this model's regions are not a square grid")
+        raise ValueError(
+            f"expected attention maps of shape (n_words, s, s), got "
+            f"{attention.shape}: this model's regions are not a square grid"
+        )
     if len(attention) != len(caption.tokens) or not caption.tokens:
         raise ValueError(f"{len(attention)} attention maps for {len(caption.tokens)} words")
     return attention

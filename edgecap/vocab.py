@@ -15,7 +15,7 @@ PAD_ID, START_ID, END_ID, UNK_ID = range(len(SPECIALS))
 # What a caption can never hold, written once: the step graph, the search, the dev check during
 # training and SCST sampling follow these rules.
 NEVER_GENERATED_IDS = (PAD_ID, START_ID, UNK_ID)  # words the decoder never outputs
-NEVER_FIRST_IDS = (END_ID,)                       # never the first word: no empty caption
+NEVER_FIRST_IDS = (END_ID,)  # never the first word: no empty caption
 
 _WORD = re.compile(r"[a-z0-9]+(?:'[a-z]+)?")
 

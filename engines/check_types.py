@@ -63,8 +63,7 @@ def _repair_def(line: str) -> str:
 
 
 def repair(text: str) -> str:
-    lines = [_repair_def(line) if line.lstrip().startswith("def ") else line
-             for line in text.split("\n")]
+    lines = [_repair_def(line) if line.lstrip().startswith("def ") else line for line in text.split("\n")]
     at = 1 if lines and lines[0].startswith("from __future__") else 0
     return "\n".join(lines[:at] + ["import builtins"] + lines[at:])
 
@@ -77,8 +76,7 @@ def copy_stubs(dest: Path) -> None:
         if file.suffix == ".pyi" and file.parts[0] in STUB_PACKAGES:
             target = dest.joinpath(*file.parts)
             target.parent.mkdir(parents=True, exist_ok=True)
-            target.write_text(repair(Path(str(file.locate())).read_text(encoding="utf-8")),
-                              encoding="utf-8")
+            target.write_text(repair(Path(str(file.locate())).read_text(encoding="utf-8")), encoding="utf-8")
             found += 1
     if not found:
         raise SystemExit("tensorrt-stubs is installed but has no tensorrt/*.pyi files")
@@ -104,8 +102,15 @@ def main(argv: list[str]) -> int:
         copy_stubs(Path(tmp))
         env = dict(os.environ, MYPYPATH=tmp)
         print(f"check_types: mypy against tensorrt-stubs {stubs_version()}", flush=True)
-        cmd = [sys.executable, "-m", "mypy", "--config-file", str(ROOT / "pyproject.toml"),
-               "--no-incremental", *argv]
+        cmd = [
+            sys.executable,
+            "-m",
+            "mypy",
+            "--config-file",
+            str(ROOT / "pyproject.toml"),
+            "--no-incremental",
+            *argv,
+        ]
         return subprocess.run(cmd, cwd=ROOT, env=env).returncode
 
 

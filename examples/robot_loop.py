@@ -28,18 +28,20 @@ def main(argv: list[str] | None = None) -> int:
 
     try:
         captioner = Captioner(args.model, beam_size=3, max_length=12)
-        stream = caption_stream(captioner, video_frames(args.video, realtime=True),
-                                every=args.every)
+        stream = caption_stream(captioner, video_frames(args.video, realtime=True), every=args.every)
     except (EdgecapError, ValueError) as exc:  # ValueError: a bad --every
         print(f"robot_loop: {exc}", file=sys.stderr)
         return 2
     try:
         for event in stream:
             t = event.caption.timings
-            print(f"{event.timestamp:6.2f}s frame {event.frame_index:5d}  "
-                  f"{event.caption.text!r}  [prep {t['preprocess_ms']:.1f} ms, encode "
-                  f"{t['encode_ms']:.1f} ms, decode {t['decode_ms']:.1f} ms, latency "
-                  f"{event.latency_ms:.0f} ms, dropped {event.dropped}]", flush=True)
+            print(
+                f"{event.timestamp:6.2f}s frame {event.frame_index:5d}  "
+                f"{event.caption.text!r}  [prep {t['preprocess_ms']:.1f} ms, encode "
+                f"{t['encode_ms']:.1f} ms, decode {t['decode_ms']:.1f} ms, latency "
+                f"{event.latency_ms:.0f} ms, dropped {event.dropped}]",
+                flush=True,
+            )
     except KeyboardInterrupt:  # Ctrl-C: stop the reader and release the video, then report
         stream.close()
     print(f"done: {stream.stats}", flush=True)

@@ -33,8 +33,20 @@ from edgecap.preprocess import Preprocessing
 from edgecap.vocab import Vocabulary
 
 # what ``export_modules`` writes itself; everything else in the old manifest is carried over
-REGENERATED = {"format", "files", "dims", "tokens", "preprocessing", "precision", "sha256",
-               "attention", "decoder_config", "encoder", "exported", "export_check"}
+REGENERATED = {
+    "format",
+    "files",
+    "dims",
+    "tokens",
+    "preprocessing",
+    "precision",
+    "sha256",
+    "attention",
+    "decoder_config",
+    "encoder",
+    "exported",
+    "export_check",
+}
 
 
 def upgrade(old_dir: Path, out_dir: Path) -> Manifest:
@@ -42,25 +54,42 @@ def upgrade(old_dir: Path, out_dir: Path) -> Manifest:
     if data.get("format") != "edgecap-model/1":
         raise SystemExit(f"{old_dir}: format {data.get('format')!r}, expected edgecap-model/1")
     encoder = load_pretrained()
-    old = Manifest(directory=old_dir, files=data["files"],
-                   dims=ModelDimensions.from_dict({**data["dims"], "n_classes": 1000}),
-                   tokens=data["tokens"],
-                   preprocessing=Preprocessing.from_dict(data["preprocessing"]))
+    old = Manifest(
+        directory=old_dir,
+        files=data["files"],
+        dims=ModelDimensions.from_dict({**data["dims"], "n_classes": 1000}),
+        tokens=data["tokens"],
+        preprocessing=Preprocessing.from_dict(data["preprocessing"]),
+    )
     weights = read_initializers(old)
     own = encoder.state_dict()
-    changed = [k for k, v in weights.items() if k.startswith("encoder.")
-               and not np.array_equal(v, own[k[len("encoder."):]].numpy())]
+    changed = [
+        k
+        for k, v in weights.items()
+        if k.startswith("encoder.") and not np.array_equal(v, own[k[len("encoder.") :]].numpy())
+    ]
     if changed:
         # a fine-tuned encoder: its classifier no longer matches its features
-        raise SystemExit(f"{old_dir}: the encoder differs from the pretrained one "
-                         f"({changed[:3]} ...); re-export it from its training checkpoint")
+        raise SystemExit(
+            f"{old_dir}: the encoder differs from the pretrained one "
+            f"({changed[:3]} ...); re-export it from its training checkpoint"
+        )
     decoder = CaptionDecoder(DecoderConfig(**data["decoder_config"]))
-    decoder.load_state_dict({k[len("decoder."):]: torch.from_numpy(np.array(v))
-                             for k, v in weights.items() if k.startswith("decoder.")}, strict=True)
+    decoder.load_state_dict(
+        {
+            k[len("decoder.") :]: torch.from_numpy(np.array(v))
+            for k, v in weights.items()
+            if k.startswith("decoder.")
+        },
+        strict=True,
+    )
     vocab = Vocabulary.load(old_dir / data["files"]["vocab"])
     info = {k: v for k, v in data.items() if k not in REGENERATED}
-    info["upgraded_from"] = {"format": data["format"], "exported": data.get("exported"),
-                             "sha256": data.get("sha256")}
+    info["upgraded_from"] = {
+        "format": data["format"],
+        "exported": data.get("exported"),
+        "sha256": data.get("sha256"),
+    }
     return export_modules(encoder, decoder.eval(), vocab, old.preprocessing, out_dir, info)
 
 

@@ -60,9 +60,12 @@ def photos():
     from PIL import Image
 
     rng = np.random.default_rng(0)
-    return [str(EXAMPLES / "chelsea.png"), str(EXAMPLES / "rocket.jpg"),
-            rng.integers(0, 256, (120, 90, 3), dtype=np.uint8),
-            Image.open(EXAMPLES / "coffee.png")]
+    return [
+        str(EXAMPLES / "chelsea.png"),
+        str(EXAMPLES / "rocket.jpg"),
+        rng.integers(0, 256, (120, 90, 3), dtype=np.uint8),
+        Image.open(EXAMPLES / "coffee.png"),
+    ]
 
 
 @pytest.fixture(scope="session")
@@ -131,8 +134,7 @@ def pytest_collection_modifyitems(config, items):
     a CPU-only machine."""
     slow_ids = slow_test_ids()
     for item in items:
-        if SLOW_FIXTURES & set(getattr(item, "fixturenames", ())) or \
-                item.nodeid.split("[")[0] in slow_ids:
+        if SLOW_FIXTURES & set(getattr(item, "fixturenames", ())) or item.nodeid.split("[")[0] in slow_ids:
             item.add_marker(pytest.mark.slow)
     gpu_items = [item for item in items if item.get_closest_marker("gpu")]
     if not gpu_items:

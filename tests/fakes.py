@@ -55,8 +55,9 @@ class _Session(DecoderSession):
         assert source_rows.dtype == np.int32 and tokens.dtype == np.int32
         self.backend.steps += 1
         self.backend.biases.append(None if word_bias is None else np.array(word_bias))
-        h = np.array([PrefixHashBackend.next_state(int(s), int(t))
-                      for s, t in zip(self.h[source_rows], tokens)])
+        h = np.array(
+            [PrefixHashBackend.next_state(int(s), int(t)) for s, t in zip(self.h[source_rows], tokens)]
+        )
         lp = np.stack([self.backend.logprobs(int(s)) for s in h])
         # the contract: the top K by log-probability + bias, their log-probabilities unbiased
         ranked = lp if word_bias is None else lp + word_bias

@@ -45,8 +45,14 @@ class TableBackend(Backend):
 
     name = "fake-table"
 
-    def __init__(self, words: list[str], rule: Callable[..., dict[str, float]],
-                 top_k: int = 4, start: str = "<start>", keyed: bool = False):
+    def __init__(
+        self,
+        words: list[str],
+        rule: Callable[..., dict[str, float]],
+        top_k: int = 4,
+        start: str = "<start>",
+        keyed: bool = False,
+    ):
         self.words, self.rule, self.top_k, self.start_word = list(words), rule, top_k, start
         self.keyed = keyed
         self.index = {w: i for i, w in enumerate(self.words)}
@@ -88,10 +94,10 @@ class TableSession(DecoderSession):
         lp = np.stack([b.logprobs(p, k) for p, k in zip(new, self.row_keys)])
         ranked = lp if word_bias is None else lp + word_bias  # the top K with the bias
         ids = np.argsort(-ranked, axis=1, kind="stable")[:, : b.top_k]
-        alpha = (np.full((len(new), b.n_regions), 1.0 / b.n_regions, np.float32)
-                 if self.return_attention else None)
-        return StepResult(np.take_along_axis(lp, ids, 1).astype(np.float32),
-                          ids.astype(np.int32), alpha)
+        alpha = (
+            np.full((len(new), b.n_regions), 1.0 / b.n_regions, np.float32) if self.return_attention else None
+        )
+        return StepResult(np.take_along_axis(lp, ids, 1).astype(np.float32), ids.astype(np.int32), alpha)
 
 
 def solid(rgb: tuple[int, int, int], size: tuple[int, int] = (40, 30)) -> np.ndarray:
@@ -163,8 +169,8 @@ class LineLockstep:
         self.prefix = str(directory)
         self.parties = parties
         self.cond = threading.Condition()
-        self.ring: list[int] = []   # threads inside run(), in turn order
-        self.joined = 0             # threads that have called run() (still in it or left)
+        self.ring: list[int] = []  # threads inside run(), in turn order
+        self.joined = 0  # threads that have called run() (still in it or left)
         self.turn: int | None = None
         self.switches = 0
 
@@ -208,8 +214,12 @@ def rgb_array(image, color: str = "rgb") -> np.ndarray:
     return np.asarray(images.load_rgb(image, color))
 
 
-TINY_CAPTIONS = ["a dog runs on the grass", "a cat sits on a red mat",
-                 "two dogs play in the snow", "a man rides a bike"]
+TINY_CAPTIONS = [
+    "a dog runs on the grass",
+    "a cat sits on a red mat",
+    "two dogs play in the snow",
+    "a man rides a bike",
+]
 
 
 def tiny_export(encoder, out: Path, preprocessing=None, width: int = 64, name: str = "tiny-random") -> Path:
@@ -224,8 +234,15 @@ def tiny_export(encoder, out: Path, preprocessing=None, width: int = 64, name: s
 
     torch.manual_seed(0)
     vocab = Vocabulary.build(TINY_CAPTIONS, min_count=1)
-    decoder = CaptionDecoder(DecoderConfig(vocab_size=len(vocab), hidden_dim=width, feature_dim=width,
-                                           embed_dim=width // 2, attention_dim=width // 2))
+    decoder = CaptionDecoder(
+        DecoderConfig(
+            vocab_size=len(vocab),
+            hidden_dim=width,
+            feature_dim=width,
+            embed_dim=width // 2,
+            attention_dim=width // 2,
+        )
+    )
     export_modules(encoder, decoder, vocab, preprocessing or Preprocessing(), out, {"name": name})
     return out
 
@@ -242,8 +259,7 @@ def contract_model_dir(directory: Path) -> Path:
     inits = []
 
     def w(name, *shape, scale=0.5):
-        inits.append(numpy_helper.from_array((rng.standard_normal(shape) * scale)
-                                             .astype(np.float32), name))
+        inits.append(numpy_helper.from_array((rng.standard_normal(shape) * scale).astype(np.float32), name))
         return name
 
     def i64(name, values):
@@ -251,19 +267,21 @@ def contract_model_dir(directory: Path) -> Path:
         return name
 
     def linear(nodes, x, out, n_in, n_out, prefix):
-        nodes.append(helper.make_node("MatMul", [x, w(prefix + ".w", n_in, n_out)],
-                                      [prefix + ".mm"]))
+        nodes.append(helper.make_node("MatMul", [x, w(prefix + ".w", n_in, n_out)], [prefix + ".mm"]))
         nodes.append(helper.make_node("Add", [prefix + ".mm", w(prefix + ".b", n_out)], [out]))
 
     n = helper.make_node
-    enc = [n("Conv", ["image", w("conv.w", C, 3, 8, 8, scale=0.1)], ["conv"], strides=[8, 8]),
-           n("Relu", ["conv"], ["relu"]),
-           n("Reshape", ["relu", i64("shape_ncl", [0, C, -1])], ["ncl"]),
-           n("Transpose", ["ncl"], ["fmap"], perm=[0, 2, 1])]
+    enc = [
+        n("Conv", ["image", w("conv.w", C, 3, 8, 8, scale=0.1)], ["conv"], strides=[8, 8]),
+        n("Relu", ["conv"], ["relu"]),
+        n("Reshape", ["relu", i64("shape_ncl", [0, C, -1])], ["ncl"]),
+        n("Transpose", ["ncl"], ["fmap"], perm=[0, 2, 1]),
+    ]
     linear(enc, "fmap", "fp", C, F, "feature_proj")
-    enc += [n("Relu", ["fp"], ["fp_relu"]),
-            n("LayerNormalization", ["fp_relu", w("ln.g", F), w("ln.b", F)], ["features"],
-              axis=-1)]
+    enc += [
+        n("Relu", ["fp"], ["fp_relu"]),
+        n("LayerNormalization", ["fp_relu", w("ln.g", F), w("ln.b", F)], ["features"], axis=-1),
+    ]
     linear(enc, "features", "att_proj", F, A, "att_feat")
     enc.append(n("ReduceMean", ["features", i64("ax_l", [1])], ["mean"], keepdims=0))
     enc.append(n("ReduceMean", ["fmap", "ax_l"], ["pooled"], keepdims=0))
@@ -275,49 +293,87 @@ def contract_model_dir(directory: Path) -> Path:
     f32, i32 = TensorProto.FLOAT, TensorProto.INT32
     vi = helper.make_tensor_value_info
     encoder = helper.make_graph(
-        enc, "encoder", [vi("image", f32, ["N", 3, size, size])],
-        [vi("features", f32, ["N", L, F]), vi("att_proj", f32, ["N", L, A]),
-         vi("h0", f32, ["N", H]), vi("c0", f32, ["N", H]), vi("class_probs", f32, ["N", NC])],
-        list(inits))
+        enc,
+        "encoder",
+        [vi("image", f32, ["N", 3, size, size])],
+        [
+            vi("features", f32, ["N", L, F]),
+            vi("att_proj", f32, ["N", L, A]),
+            vi("h0", f32, ["N", H]),
+            vi("c0", f32, ["N", H]),
+            vi("class_probs", f32, ["N", NC]),
+        ],
+        list(inits),
+    )
 
     inits.clear()
-    st = [n("Gather", [w("embed", V, E), "tokens"], ["emb"]),
-          n("Gather", ["h", "source_rows"], ["hp"]), n("Gather", ["c", "source_rows"], ["cp"]),
-          n("Gather", ["features", "image_index"], ["f"]),
-          n("Gather", ["att_proj", "image_index"], ["ap"])]
+    st = [
+        n("Gather", [w("embed", V, E), "tokens"], ["emb"]),
+        n("Gather", ["h", "source_rows"], ["hp"]),
+        n("Gather", ["c", "source_rows"], ["cp"]),
+        n("Gather", ["features", "image_index"], ["f"]),
+        n("Gather", ["att_proj", "image_index"], ["ap"]),
+    ]
     linear(st, "hp", "ah", H, A, "att_hidden")
-    st += [n("Unsqueeze", ["ah", i64("ax1", [1])], ["ah1"]), n("Add", ["ah1", "ap"], ["e"]),
-           n("Tanh", ["e"], ["te"])]
+    st += [
+        n("Unsqueeze", ["ah", i64("ax1", [1])], ["ah1"]),
+        n("Add", ["ah1", "ap"], ["e"]),
+        n("Tanh", ["e"], ["te"]),
+    ]
     linear(st, "te", "score", A, 1, "att_score")
-    st += [n("Squeeze", ["score", i64("ax2", [2])], ["scores"]),
-           n("Softmax", ["scores"], ["alpha"], axis=1),
-           n("Unsqueeze", ["alpha", "ax1"], ["alpha1"]), n("MatMul", ["alpha1", "f"], ["ctx1"]),
-           n("Squeeze", ["ctx1", "ax1"], ["ctx"]),
-           n("Concat", ["emb", "ctx", "hp"], ["x"], axis=1)]
+    st += [
+        n("Squeeze", ["score", i64("ax2", [2])], ["scores"]),
+        n("Softmax", ["scores"], ["alpha"], axis=1),
+        n("Unsqueeze", ["alpha", "ax1"], ["alpha1"]),
+        n("MatMul", ["alpha1", "f"], ["ctx1"]),
+        n("Squeeze", ["ctx1", "ax1"], ["ctx"]),
+        n("Concat", ["emb", "ctx", "hp"], ["x"], axis=1),
+    ]
     linear(st, "x", "gates", E + F + H, 4 * H, "lstm")
     st += [n("Split", ["gates"], ["gi", "gf", "gg", "go"], axis=1, num_outputs=4)]
-    st += [n("Sigmoid", ["gi"], ["si"]), n("Sigmoid", ["gf"], ["sf"]),
-           n("Tanh", ["gg"], ["tg"]), n("Sigmoid", ["go"], ["so"]),
-           n("Mul", ["sf", "cp"], ["fc"]), n("Mul", ["si", "tg"], ["ig"]),
-           n("Add", ["fc", "ig"], ["c_out"]), n("Tanh", ["c_out"], ["tc"]),
-           n("Mul", ["so", "tc"], ["h_out"])]
+    st += [
+        n("Sigmoid", ["gi"], ["si"]),
+        n("Sigmoid", ["gf"], ["sf"]),
+        n("Tanh", ["gg"], ["tg"]),
+        n("Sigmoid", ["go"], ["so"]),
+        n("Mul", ["sf", "cp"], ["fc"]),
+        n("Mul", ["si", "tg"], ["ig"]),
+        n("Add", ["fc", "ig"], ["c_out"]),
+        n("Tanh", ["c_out"], ["tc"]),
+        n("Mul", ["so", "tc"], ["h_out"]),
+    ]
     linear(st, "h_out", "deep", H, E, "out_hidden")
     st.append(n("Tanh", ["deep"], ["tdeep"]))
     linear(st, "tdeep", "logits", E, V, "out_vocab")
-    st += [n("LogSoftmax", ["logits"], ["logprobs"], axis=1),
-           n("Add", ["logprobs", "word_bias"], ["biased"]),
-           n("TopK", ["biased", i64("k", [K])], ["topk_biased", "ids64"], axis=1),
-           n("GatherElements", ["logprobs", "ids64"], ["topk_logprobs"], axis=1),
-           n("Cast", ["ids64"], ["topk_ids"], to=i32)]
+    st += [
+        n("LogSoftmax", ["logits"], ["logprobs"], axis=1),
+        n("Add", ["logprobs", "word_bias"], ["biased"]),
+        n("TopK", ["biased", i64("k", [K])], ["topk_biased", "ids64"], axis=1),
+        n("GatherElements", ["logprobs", "ids64"], ["topk_logprobs"], axis=1),
+        n("Cast", ["ids64"], ["topk_ids"], to=i32),
+    ]
     step = helper.make_graph(
-        st, "decoder_step",
-        [vi("tokens", i32, ["R"]), vi("h", f32, ["S", H]), vi("c", f32, ["S", H]),
-         vi("source_rows", i32, ["R"]), vi("features", f32, ["N", L, F]),
-         vi("att_proj", f32, ["N", L, A]), vi("image_index", i32, ["R"]),
-         vi("word_bias", f32, ["R", V])],
-        [vi("topk_logprobs", f32, ["R", K]), vi("topk_ids", i32, ["R", K]),
-         vi("h_out", f32, ["R", H]), vi("c_out", f32, ["R", H]), vi("alpha", f32, ["R", L])],
-        list(inits))
+        st,
+        "decoder_step",
+        [
+            vi("tokens", i32, ["R"]),
+            vi("h", f32, ["S", H]),
+            vi("c", f32, ["S", H]),
+            vi("source_rows", i32, ["R"]),
+            vi("features", f32, ["N", L, F]),
+            vi("att_proj", f32, ["N", L, A]),
+            vi("image_index", i32, ["R"]),
+            vi("word_bias", f32, ["R", V]),
+        ],
+        [
+            vi("topk_logprobs", f32, ["R", K]),
+            vi("topk_ids", i32, ["R", K]),
+            vi("h_out", f32, ["R", H]),
+            vi("c_out", f32, ["R", H]),
+            vi("alpha", f32, ["R", L]),
+        ],
+        list(inits),
+    )
 
     directory.mkdir(parents=True, exist_ok=True)
     for graph, name in ((encoder, "encoder.onnx"), (step, "decoder_step.onnx")):
@@ -329,16 +385,30 @@ def contract_model_dir(directory: Path) -> Path:
     (directory / "vocab.json").write_text(json.dumps({"words": words}))  # Vocabulary's format
     classes = [{"name": f"class {i}", "words": [f"w{i}"]} for i in range(NC)]
     (directory / "classes.json").write_text(json.dumps({"classes": classes}))  # edgecap.objects
-    files = {"encoder": "encoder.onnx", "decoder_step": "decoder_step.onnx",
-             "vocab": "vocab.json", "classes": "classes.json"}
+    files = {
+        "encoder": "encoder.onnx",
+        "decoder_step": "decoder_step.onnx",
+        "vocab": "vocab.json",
+        "classes": "classes.json",
+    }
     manifest = {
-        "format": FORMAT, "files": files,
-        "dims": {"regions": L, "encoder_dim": C, "feature_dim": F, "attention_dim": A,
-                 "hidden_dim": H, "embed_dim": E, "vocab_size": V, "top_k": K,
-                 "n_classes": NC},
+        "format": FORMAT,
+        "files": files,
+        "dims": {
+            "regions": L,
+            "encoder_dim": C,
+            "feature_dim": F,
+            "attention_dim": A,
+            "hidden_dim": H,
+            "embed_dim": E,
+            "vocab_size": V,
+            "top_k": K,
+            "n_classes": NC,
+        },
         "tokens": {"pad": 0, "start": 1, "end": 2, "unk": 3},
         "preprocessing": {"size": [size, size], "mean": [127.5] * 3, "std": [127.5] * 3},
-        "precision": "fp32", "attention": True,
+        "precision": "fp32",
+        "attention": True,
         "sha256": {role: file_sha256(directory / f) for role, f in files.items()},
     }
     (directory / "manifest.json").write_text(json.dumps(manifest))
@@ -354,32 +424,70 @@ def chelsea(size=(96, 64)) -> Image.Image:
 
 def _png_16bit_rgb(rgb16: np.ndarray) -> bytes:
     """A 48-bit (16 bits per channel) RGB PNG, which Pillow cannot write itself."""
+
     def chunk(kind: bytes, data: bytes) -> bytes:
-        return (struct.pack(">I", len(data)) + kind + data
-                + struct.pack(">I", zlib.crc32(kind + data) & 0xFFFFFFFF))
+        return (
+            struct.pack(">I", len(data))
+            + kind
+            + data
+            + struct.pack(">I", zlib.crc32(kind + data) & 0xFFFFFFFF)
+        )
+
     h, w, _ = rgb16.shape
     rows = b"".join(b"\0" + row.astype(">u2").tobytes() for row in rgb16)
-    return (b"\x89PNG\r\n\x1a\n" + chunk(b"IHDR", struct.pack(">IIBBBBB", w, h, 16, 2, 0, 0, 0))
-            + chunk(b"IDAT", zlib.compress(rows)) + chunk(b"IEND", b""))
+    return (
+        b"\x89PNG\r\n\x1a\n"
+        + chunk(b"IHDR", struct.pack(">IIBBBBB", w, h, 16, 2, 0, 0, 0))
+        + chunk(b"IDAT", zlib.compress(rows))
+        + chunk(b"IEND", b"")
+    )
 
 
 def png_header_only(width: int, height: int) -> bytes:
     """A tiny PNG that claims to be width x height (a decompression bomb's header)."""
+
     def chunk(kind: bytes, data: bytes) -> bytes:
-        return (struct.pack(">I", len(data)) + kind + data
-                + struct.pack(">I", zlib.crc32(kind + data) & 0xFFFFFFFF))
-    return (b"\x89PNG\r\n\x1a\n" + chunk(b"IHDR", struct.pack(">IIBBBBB", width, height, 8, 0, 0,
-                                                               0, 0))
-            + chunk(b"IDAT", zlib.compress(b"\0" * 8)) + chunk(b"IEND", b""))
+        return (
+            struct.pack(">I", len(data))
+            + kind
+            + data
+            + struct.pack(">I", zlib.crc32(kind + data) & 0xFFFFFFFF)
+        )
+
+    return (
+        b"\x89PNG\r\n\x1a\n"
+        + chunk(b"IHDR", struct.pack(">IIBBBBB", width, height, 8, 0, 0, 0, 0))
+        + chunk(b"IDAT", zlib.compress(b"\0" * 8))
+        + chunk(b"IEND", b"")
+    )
 
 
-GOOD = ("photo.png", "alpha.png", "gray.png", "gray_alpha.png", "palette.png",
-        "palette_transparent.png", "cmyk.jpg", "gray16.png", "rgb48.png", "exif_rotated.jpg",
-        "animated.gif", "photo.webp", "dot.png", "sliver.png", "photo.bmp", "photo.tif")
+GOOD = (
+    "photo.png",
+    "alpha.png",
+    "gray.png",
+    "gray_alpha.png",
+    "palette.png",
+    "palette_transparent.png",
+    "cmyk.jpg",
+    "gray16.png",
+    "rgb48.png",
+    "exif_rotated.jpg",
+    "animated.gif",
+    "photo.webp",
+    "dot.png",
+    "sliver.png",
+    "photo.bmp",
+    "photo.tif",
+)
 
 
-BAD = {"empty.jpg": "0 bytes", "truncated.jpg": "truncated", "notes.jpg": "not an image",
-       "bomb.png": images.MAX_PIXELS_ENV}
+BAD = {
+    "empty.jpg": "0 bytes",
+    "truncated.jpg": "truncated",
+    "notes.jpg": "not an image",
+    "bomb.png": images.MAX_PIXELS_ENV,
+}
 
 
 def make_zoo(root: Path) -> Path:
@@ -393,8 +501,7 @@ def make_zoo(root: Path) -> Path:
     photo.convert("L").save(root / "gray.png")
     photo.convert("LA").save(root / "gray_alpha.png")
     photo.convert("P", palette=Image.Palette.ADAPTIVE).save(root / "palette.png")
-    photo.convert("P", palette=Image.Palette.ADAPTIVE).save(root / "palette_transparent.png",
-                                                            transparency=0)
+    photo.convert("P", palette=Image.Palette.ADAPTIVE).save(root / "palette_transparent.png", transparency=0)
     photo.convert("CMYK").save(root / "cmyk.jpg")
     gray16 = (np.asarray(photo.convert("L"), np.uint16) * 257).astype(np.uint16)
     Image.fromarray(gray16).save(root / "gray16.png")
@@ -435,30 +542,32 @@ def edit_manifest(model: Path, edit) -> None:
 
 def set_field(keys, value):
     """An ``edit_manifest`` edit that sets ``data[k0][k1]... = value``."""
+
     def edit(data):
         target = data
         for key in keys[:-1]:
             target = target[key]
         target[keys[-1]] = value
+
     return edit
 
 
 def has_repeated_ngram(words, n: int) -> bool:
     """Does the word sequence hold some n-gram twice?"""
-    grams = [tuple(words[i:i + n]) for i in range(len(words) - n + 1)]
+    grams = [tuple(words[i : i + n]) for i in range(len(words) - n + 1)]
     return len(grams) != len(set(grams))
 
 
-def plain_search(backend, encoded, options, start_id, end_id, return_attention=False,
-                 tag_words=None):
+def plain_search(backend, encoded, options, start_id, end_id, return_attention=False, tag_words=None):
     """The decoding layer's search over ``backend`` with the rules ``options`` asks for and,
     given per image, ``tag_words`` (the fakes have no image classes); vocabulary size from the
     backend (``vocab_size``) or its model."""
     from edgecap.decoding import search_with_tags
 
     vocab_size = vocab_size_of(backend) if tag_words else 0  # only tags need it
-    return search_with_tags(backend, encoded, options, start_id, end_id, vocab_size, tag_words,
-                            return_attention=return_attention)
+    return search_with_tags(
+        backend, encoded, options, start_id, end_id, vocab_size, tag_words, return_attention=return_attention
+    )
 
 
 def vocab_size_of(backend) -> int:

@@ -75,8 +75,7 @@ def test_on_error_return_keeps_slots(captioner, photos, tmp_path):
     bad = [str(empty), np.zeros((4, 4, 2), np.uint8), str(tmp_path / "missing.png")]
     mixed = [bad[0], photos[0], bad[1], photos[1], photos[2], bad[2]]
     results = captioner.caption_batch(mixed, on_error="return")
-    assert [type(r) for r in results] == [InputError, Caption, InputError, Caption, Caption,
-                                          InputError]
+    assert [type(r) for r in results] == [InputError, Caption, InputError, Caption, Caption, InputError]
     assert results[0].source == str(empty) and "0 bytes" in results[0].problem
     assert results[2].source == "<array (4, 4, 2) uint8>"
     assert results[5].source == str(tmp_path / "missing.png")
@@ -105,19 +104,23 @@ def test_bad_call_arguments(captioner, photos):
 
 def test_n_best_alternatives(tiny_model_dir, photos):
     # without object guidance: with it they are ordered by the steered score
-    captioner = Captioner(tiny_model_dir, beam_size=4, n_best=3, max_length=6,
-                          guidance_bonus=0.0)
+    captioner = Captioner(tiny_model_dir, beam_size=4, n_best=3, max_length=6, guidance_bonus=0.0)
     cap = captioner.caption(photos[0])
     assert len(cap.alternatives) == 2
     # ranked as the search ranks them: captions that ended first, each group by score
     from edgecap.images import load_rgb, preprocess
 
-    encoded = captioner.backend.encode(preprocess([load_rgb(photos[0])],
-                                                  captioner.manifest.preprocessing))
+    encoded = captioner.backend.encode(preprocess([load_rgb(photos[0])], captioner.manifest.preprocessing))
     from edgecap.decoding import search
 
-    hyps = search(captioner.backend, encoded, captioner.options, captioner.vocab.start,
-                  captioner.vocab.end, len(captioner.vocab))[0]
+    hyps = search(
+        captioner.backend,
+        encoded,
+        captioner.options,
+        captioner.vocab.start,
+        captioner.vocab.end,
+        len(captioner.vocab),
+    )[0]
     assert [h.score for h in hyps] == pytest.approx([cap.score] + [a.score for a in cap.alternatives])
     ended = [h.score for h in hyps if h.finished]
     cut = [h.score for h in hyps if not h.finished]
@@ -126,15 +129,18 @@ def test_n_best_alternatives(tiny_model_dir, photos):
     assert len({tuple(a.tokens) for a in (cap, *cap.alternatives)}) == 3
 
 
-@pytest.mark.parametrize("options, word", [
-    ({"beam_size": 0}, "beam_size"),
-    ({"beam_size": 11}, "top_k"),
-    ({"beam_size": 2.5}, "beam_size"),
-    ({"max_length": 0}, "max_length"),
-    ({"batch_size": 0}, "batch_size"),
-    ({"n_best": 4}, "n_best"),
-    ({"length_penalty": -1.0}, "length_penalty"),
-])
+@pytest.mark.parametrize(
+    "options, word",
+    [
+        ({"beam_size": 0}, "beam_size"),
+        ({"beam_size": 11}, "top_k"),
+        ({"beam_size": 2.5}, "beam_size"),
+        ({"max_length": 0}, "max_length"),
+        ({"batch_size": 0}, "batch_size"),
+        ({"n_best": 4}, "n_best"),
+        ({"length_penalty": -1.0}, "length_penalty"),
+    ],
+)
 def test_option_validation(tiny_model_dir, options, word):
     with pytest.raises(ValueError, match=word):
         Captioner(tiny_model_dir, **options)
@@ -189,8 +195,7 @@ def test_cuda_request_without_gpu_runtime_fails_or_falls_back_with_a_warning(tin
     with pytest.raises(BackendError, match="device='cuda' but this onnxruntime has no CUDA"):
         load_backend("onnxruntime", load_manifest(tiny_model_dir), device="cuda")
     with pytest.warns(RuntimeWarning, match="CUDAExecutionProvider"):
-        backend = load_backend("onnxruntime", load_manifest(tiny_model_dir),
-                               providers=["cuda", "cpu"])
+        backend = load_backend("onnxruntime", load_manifest(tiny_model_dir), providers=["cuda", "cpu"])
     assert backend.providers == ["CPUExecutionProvider"]
 
 
@@ -205,10 +210,13 @@ def test_backend_limits_device_and_missing_tensorrt(monkeypatch, tiny_model_dir)
 
     monkeypatch.setattr(edgecap.api, "load_backend", fake_load_backend)
     with pytest.raises(BackendError, match="stop here"):
-        Captioner(tiny_model_dir, backend="torch", device="cuda", beam_size=3, batch_size=16,
-                  fp16=True)
-    assert asked == {"name": "torch", "device": "cuda", "limits": Limits(16, 3),
-                     "options": {"threads": 1, "fp16": True}}  # torch: 1 thread by default
+        Captioner(tiny_model_dir, backend="torch", device="cuda", beam_size=3, batch_size=16, fp16=True)
+    assert asked == {
+        "name": "torch",
+        "device": "cuda",
+        "limits": Limits(16, 3),
+        "options": {"threads": 1, "fp16": True},
+    }  # torch: 1 thread by default
     monkeypatch.undo()
     # what a backend builds for: at least the default engine's limits, so `edgecap build`'s
     # engines serve smaller requests

@@ -52,11 +52,18 @@ def test_16bit_files_are_scaled(zoo):
     assert np.array_equal(rgb_array(zoo / "gray16.png")[..., 0], gray)
 
 
-@pytest.mark.parametrize("orientation, stored_as", [
-    (2, Image.Transpose.FLIP_LEFT_RIGHT), (3, Image.Transpose.ROTATE_180),
-    (4, Image.Transpose.FLIP_TOP_BOTTOM), (5, Image.Transpose.TRANSPOSE),
-    (6, Image.Transpose.ROTATE_90), (7, Image.Transpose.TRANSVERSE),
-    (8, Image.Transpose.ROTATE_270)])
+@pytest.mark.parametrize(
+    "orientation, stored_as",
+    [
+        (2, Image.Transpose.FLIP_LEFT_RIGHT),
+        (3, Image.Transpose.ROTATE_180),
+        (4, Image.Transpose.FLIP_TOP_BOTTOM),
+        (5, Image.Transpose.TRANSPOSE),
+        (6, Image.Transpose.ROTATE_90),
+        (7, Image.Transpose.TRANSVERSE),
+        (8, Image.Transpose.ROTATE_270),
+    ],
+)
 def test_exif_orientation_gives_the_upright_pixels(tmp_path, orientation, stored_as):
     upright = chelsea((90, 60))
     exif = Image.Exif()
@@ -79,9 +86,15 @@ def test_exif_rotated_file_is_captioned_like_the_upright_pixels(captioner, tmp_p
     assert stored.score != rotated_caption.score
 
 
-@pytest.mark.parametrize("exc", [NotImplementedError("unknown pixel format"),
-                                 struct.error("unpack requires a buffer"), IndexError(),
-                                 MemoryError()])
+@pytest.mark.parametrize(
+    "exc",
+    [
+        NotImplementedError("unknown pixel format"),
+        struct.error("unpack requires a buffer"),
+        IndexError(),
+        MemoryError(),
+    ],
+)
 def test_any_decoder_failure_is_an_input_error(monkeypatch, tmp_path, exc):
     path = tmp_path / "odd.png"
     chelsea().save(path)
@@ -116,18 +129,21 @@ def test_multiline_problems_are_one_line():
     assert str(err) == "x.tif: TIFFReadDirectory: bad TIFFFetch: worse"
 
 
-@pytest.mark.parametrize("array, words", [
-    (np.zeros((8, 8, 3), np.int32), "dtype int32"),
-    (np.zeros((8, 8, 3), np.complex64), "dtype complex64"),
-    (np.zeros((8, 8, 3), object), "dtype object"),
-    (np.zeros((8, 8, 5), np.uint8), "got 5"),
-    (np.zeros((3, 16, 16), np.float32), "channels-first"),
-    (np.zeros((1, 8, 8, 3), np.uint8), "4 dimensions"),
-    (np.zeros((0, 8, 3), np.uint8), "empty"),
-    (np.full((8, 8, 3), np.nan, np.float32), "NaN"),
-    (np.full((8, 8, 3), np.inf, np.float64), "infinite"),
-    (np.full((8, 8), -0.5, np.float16), "[0, 1]"),
-])
+@pytest.mark.parametrize(
+    "array, words",
+    [
+        (np.zeros((8, 8, 3), np.int32), "dtype int32"),
+        (np.zeros((8, 8, 3), np.complex64), "dtype complex64"),
+        (np.zeros((8, 8, 3), object), "dtype object"),
+        (np.zeros((8, 8, 5), np.uint8), "got 5"),
+        (np.zeros((3, 16, 16), np.float32), "channels-first"),
+        (np.zeros((1, 8, 8, 3), np.uint8), "4 dimensions"),
+        (np.zeros((0, 8, 3), np.uint8), "empty"),
+        (np.full((8, 8, 3), np.nan, np.float32), "NaN"),
+        (np.full((8, 8, 3), np.inf, np.float64), "infinite"),
+        (np.full((8, 8), -0.5, np.float16), "[0, 1]"),
+    ],
+)
 def test_bad_arrays_through_the_api(captioner, array, words):
     with pytest.raises(InputError, match=r"<array .*>") as info:
         captioner.caption(array)
@@ -140,7 +156,7 @@ def test_unusual_but_valid_arrays(captioner):
     rgb = rng.integers(0, 256, (40, 30, 3), dtype=np.uint8)
     reference = captioner.caption(rgb)
     assert captioner.caption(np.asfortranarray(rgb)) == reference
-    assert captioner.caption(rgb[::-1].copy()[::-1]) == reference        # negative strides
+    assert captioner.caption(rgb[::-1].copy()[::-1]) == reference  # negative strides
     big_endian = (rgb.astype(np.uint16) * 257).astype(">u2")
     assert captioner.caption(big_endian) == reference
     assert captioner.caption(np.zeros((1, 1, 3), np.uint8)).text

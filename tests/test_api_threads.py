@@ -24,8 +24,9 @@ from edgecap import Captioner
 from helpers import LineLockstep, LockstepSessions, TableBackend, solid
 
 EXAMPLES = Path(edgecap.__file__).parent / "assets" / "examples"
-CHELSEA, ROCKET, COFFEE, ASTRONAUT = (str(EXAMPLES / n) for n in (
-    "chelsea.png", "rocket.jpg", "coffee.png", "astronaut.png"))
+CHELSEA, ROCKET, COFFEE, ASTRONAUT = (
+    str(EXAMPLES / n) for n in ("chelsea.png", "rocket.jpg", "coffee.png", "astronaut.png")
+)
 
 
 @pytest.fixture(scope="module", params=["onnxruntime", "torch"])
@@ -76,12 +77,16 @@ def _check(captioner, calls):
     assert together == sequential
 
 
-@pytest.mark.parametrize("calls", [
-    # two single images
-    [lambda c: c.caption(CHELSEA), lambda c: c.caption(ROCKET)],
-    # a batch of two beside one image (different row counts)
-    [lambda c: c.caption_batch([COFFEE, ASTRONAUT]), lambda c: c.caption(CHELSEA)],
-], ids=["two-images", "batch-beside-image"])
+@pytest.mark.parametrize(
+    "calls",
+    [
+        # two single images
+        [lambda c: c.caption(CHELSEA), lambda c: c.caption(ROCKET)],
+        # a batch of two beside one image (different row counts)
+        [lambda c: c.caption_batch([COFFEE, ASTRONAUT]), lambda c: c.caption(CHELSEA)],
+    ],
+    ids=["two-images", "batch-beside-image"],
+)
 def test_interleaved_searches_give_sequential_captions(captioner, calls):
     _check(captioner, calls)
 
@@ -89,8 +94,10 @@ def test_interleaved_searches_give_sequential_captions(captioner, calls):
 def test_four_threads_in_lockstep():
     """onnxruntime only: four torch threads on a small CPU oversubscribe it (slow, not wrong)."""
     pytest.importorskip("onnxruntime")
-    _check(Captioner(backend="onnxruntime"),
-           [lambda c, p=p: c.caption(p) for p in (CHELSEA, ROCKET, COFFEE, ASTRONAUT)])
+    _check(
+        Captioner(backend="onnxruntime"),
+        [lambda c, p=p: c.caption(p) for p in (CHELSEA, ROCKET, COFFEE, ASTRONAUT)],
+    )
 
 
 def _same_size_arrays(*paths, size=(320, 240)) -> list[np.ndarray]:
@@ -133,11 +140,11 @@ def test_package_code_interleaved_line_by_line_gives_sequential_captions(case):
     a, b, c, d = _same_size_arrays(CHELSEA, ROCKET, COFFEE, ASTRONAUT)
     calls = {
         "two-images": [lambda cap: cap.caption(a), lambda cap: cap.caption(b)],
-        "two-batches": [lambda cap: cap.caption_batch([a, c]),
-                        lambda cap: cap.caption_batch([d, b])],
+        "two-batches": [lambda cap: cap.caption_batch([a, c]), lambda cap: cap.caption_batch([d, b])],
         "attention-beside-none": [
             lambda cap: _with_attention_flag(cap.caption(a, return_attention=True)),
-            lambda cap: _with_attention_flag(cap.caption(b))],
+            lambda cap: _with_attention_flag(cap.caption(b)),
+        ],
     }[case]
     captioner = Captioner(backend="onnxruntime")
     sequential = [call(captioner) for call in calls]
@@ -151,10 +158,12 @@ def test_package_code_interleaved_line_by_line_gives_sequential_captions(case):
 # would repeat its two words forever without the trigram block (<end> is likely only after
 # "fast", which is 2.0 less likely than the cycle's next word).
 def _cycle_of(w1: str, w2: str):
-    return {None: {w1: -0.1, w2: -2.0, "fast": -3.0},
-            w1: {w2: -0.1, "fast": -2.0, "<end>": -4.0},
-            w2: {w1: -0.1, "fast": -2.0, "<end>": -3.0},
-            "fast": {"<end>": -0.1, w1: -2.0, w2: -3.0}}
+    return {
+        None: {w1: -0.1, w2: -2.0, "fast": -3.0},
+        w1: {w2: -0.1, "fast": -2.0, "<end>": -4.0},
+        w2: {w1: -0.1, "fast": -2.0, "<end>": -3.0},
+        "fast": {"<end>": -0.1, w1: -2.0, w2: -3.0},
+    }
 
 
 TABLES = {"red": _cycle_of("a", "dog"), "blue": _cycle_of("cat", "runs")}
@@ -166,10 +175,14 @@ def _by_colour(prefix, key):
 
 
 def test_searches_of_a_fake_model_interleaved_line_by_line(monkeypatch):
-    words = json.loads((Path(edgecap.__file__).parent / "assets" / "default" /
-                        "vocab.json").read_text())["words"]
-    monkeypatch.setattr(edgecap.api, "load_backend", lambda name, manifest, **kw: TableBackend(
-        words, _by_colour, top_k=10, keyed=True))
+    words = json.loads((Path(edgecap.__file__).parent / "assets" / "default" / "vocab.json").read_text())[
+        "words"
+    ]
+    monkeypatch.setattr(
+        edgecap.api,
+        "load_backend",
+        lambda name, manifest, **kw: TableBackend(words, _by_colour, top_k=10, keyed=True),
+    )
     captioner = Captioner(backend="onnxruntime", blank_check=False)  # one-colour frames
     red, blue = solid((255, 0, 0)), solid((0, 0, 255))
     calls = [lambda cap: cap.caption(red), lambda cap: cap.caption(blue)]

@@ -48,8 +48,10 @@ def test_torch_matches_onnxruntime(tiny_model_dir, captioner, photos):
     torch.set_num_threads(1)
     reference = Captioner(tiny_model_dir, backend="torch", max_length=8)
     assert "torch" in reference.backend.describe()
-    for a, b in zip(reference.caption_batch(photos, return_attention=True),
-                    captioner.caption_batch(photos, return_attention=True)):
+    for a, b in zip(
+        reference.caption_batch(photos, return_attention=True),
+        captioner.caption_batch(photos, return_attention=True),
+    ):
         assert a.tokens == b.tokens
         assert a.score == pytest.approx(b.score, abs=1e-4)
         assert np.allclose(a.attention, b.attention, atol=1e-4)
@@ -66,16 +68,20 @@ def test_torch_weights_must_match(tiny_model_dir, tmp_path):
         load_backend("torch", load_manifest(model))
 
 
-@pytest.mark.parametrize("installed, expected", [
-    ({"onnxruntime", "tensorrt", "torch"}, "onnxruntime"),
-    ({"tensorrt", "torch"}, "tensorrt"),      # a Jetson: JetPack's TensorRT, no onnxruntime-gpu
-    ({"torch"}, "torch"),
-])
+@pytest.mark.parametrize(
+    "installed, expected",
+    [
+        ({"onnxruntime", "tensorrt", "torch"}, "onnxruntime"),
+        ({"tensorrt", "torch"}, "tensorrt"),  # a Jetson: JetPack's TensorRT, no onnxruntime-gpu
+        ({"torch"}, "torch"),
+    ],
+)
 def test_auto_picks_the_first_installed_runtime(monkeypatch, installed, expected):
     from edgecap import backends
 
-    monkeypatch.setattr(backends.importlib.util, "find_spec",
-                        lambda name: object() if name in installed else None)
+    monkeypatch.setattr(
+        backends.importlib.util, "find_spec", lambda name: object() if name in installed else None
+    )
     assert backends.resolve("auto") == expected
 
 
@@ -94,8 +100,9 @@ def test_torch_cuda_fp16(tiny_model_dir, captioner, photos):
         pytest.skip("no CUDA GPU")
     gpu = Captioner(tiny_model_dir, backend="torch", device="cuda", max_length=8)
     half = Captioner(tiny_model_dir, backend="torch", device="cuda", fp16=True, max_length=8)
-    for a, b, c in zip(gpu.caption_batch(photos), half.caption_batch(photos),
-                       captioner.caption_batch(photos)):
+    for a, b, c in zip(
+        gpu.caption_batch(photos), half.caption_batch(photos), captioner.caption_batch(photos)
+    ):
         assert a.tokens == c.tokens and a.score == pytest.approx(c.score, abs=1e-3)
         assert np.isfinite(b.score) and b.score == pytest.approx(c.score, abs=0.05)
 
@@ -117,8 +124,11 @@ def test_load_backend_builds_at_least_the_default_engine_limits(monkeypatch, tin
     load_backend("tensorrt", manifest, limits=Limits(2, 3))
     load_backend("tensorrt", manifest, device="cuda", limits=Limits(16, 3), precision="fp32")
     load_backend("onnxruntime", manifest)
-    assert got == [(None, Limits(8, 5), {}), ("cuda", Limits(16, 5), {"precision": "fp32"}),
-                   (None, Limits(8, 5), {})]
+    assert got == [
+        (None, Limits(8, 5), {}),
+        ("cuda", Limits(16, 5), {"precision": "fp32"}),
+        (None, Limits(8, 5), {}),
+    ]
 
 
 def test_onnxruntime_threads_do_not_spin_between_runs(tiny_model_dir):
@@ -128,4 +138,3 @@ def test_onnxruntime_threads_do_not_spin_between_runs(tiny_model_dir):
     for session in (backend.encoder, backend.decoder):
         options = session.get_session_options()
         assert options.get_session_config_entry("session.intra_op.allow_spinning") == "0"
-

@@ -23,6 +23,7 @@ TESTS = str(Path(__file__).resolve().parent)
 
 # -- tasks, built in the workers (this module is imported there by name) -------------------------
 
+
 def _worker_siblings() -> int:
     """Other live harness workers with the same parent as this process."""
     count = 0
@@ -50,8 +51,17 @@ class RecordingTask:
 
     def _record(self, measure: str) -> None:
         with open(self.log, "a") as f:
-            f.write(json.dumps({"variant": self.name, "measure": measure, "pid": os.getpid(),
-                                "siblings": _worker_siblings()}) + "\n")
+            f.write(
+                json.dumps(
+                    {
+                        "variant": self.name,
+                        "measure": measure,
+                        "pid": os.getpid(),
+                        "siblings": _worker_siblings(),
+                    }
+                )
+                + "\n"
+            )
 
 
 def recording_task(name: str, log: str) -> RecordingTask:
@@ -80,9 +90,9 @@ def failing_call(how: str) -> _Failing:
 
 # -- helpers -------------------------------------------------------------------------------------
 
+
 def _spec(name: str, log: Path) -> I.Spec:
-    return I.Spec(name, "test_bench_isolated:recording_task", {"name": name, "log": str(log)},
-                  paths=[TESTS])
+    return I.Spec(name, "test_bench_isolated:recording_task", {"name": name, "log": str(log)}, paths=[TESTS])
 
 
 def _alive(pid: int) -> bool:
@@ -112,8 +122,15 @@ def _my_workers() -> list[int]:
 
 def _run(tmp_path, names=("x", "y", "z"), **kwargs):
     log = tmp_path / "calls.jsonl"
-    settings = dict(measures=["a", "b"], rounds=3, per_round=2, warmup=1,
-                    idle_windows_s=(0.01,), settle_s=0.0, log=lambda _m: None)
+    settings = dict(
+        measures=["a", "b"],
+        rounds=3,
+        per_round=2,
+        warmup=1,
+        idle_windows_s=(0.01,),
+        settle_s=0.0,
+        log=lambda _m: None,
+    )
     settings.update(kwargs)
     result = I.run_isolated([_spec(n, log) for n in names], **settings)
     calls = [json.loads(line) for line in log.read_text().splitlines()]
@@ -124,6 +141,7 @@ pytestmark = pytest.mark.skipif(not Path("/proc/self/stat").exists(), reason="ne
 
 
 # -- tests -----------------------------------------------------------------------------------------
+
 
 def test_each_variant_runs_in_its_own_process_and_none_is_left(tmp_path):
     result, calls = _run(tmp_path)
@@ -147,7 +165,7 @@ def test_rounds_interleave_and_alone_means_no_other_worker(tmp_path):
     # warm-up (1 call per measure) worker by worker, then each worker's idle check (1 call)
     warm = 3 * (2 + 1)
     assert [c["variant"] for c in inter[:warm]] == list("xxyyzz" + "xyz")
-    turns = [inter[warm + 4 * i: warm + 4 * (i + 1)] for i in range(9)]
+    turns = [inter[warm + 4 * i : warm + 4 * (i + 1)] for i in range(9)]
     order = [t[0]["variant"] for t in turns]
     assert order == list("xyz" + "yzx" + "zxy")  # round r starts at the r-th variant
     for turn in turns:  # per_round calls of each measure, one variant per turn
@@ -166,8 +184,9 @@ def test_rounds_interleave_and_alone_means_no_other_worker(tmp_path):
 
 def test_without_alone_pass_there_is_no_flag(tmp_path):
     result, calls = _run(tmp_path, names=("x", "y"), alone=False, rounds=1, warmup=0)
-    assert all("alone" not in e and "flagged" not in e
-               for per in result["measures"].values() for e in per.values())
+    assert all(
+        "alone" not in e and "flagged" not in e for per in result["measures"].values() for e in per.values()
+    )
     assert result["flags"] == []
     assert _my_workers() == []
 
@@ -188,20 +207,37 @@ def test_summary_median_and_p95():
 
 
 def test_a_worker_that_raises_while_loading_reports_it(tmp_path):
-    specs = [_spec("fine", tmp_path / "log"),
-             I.Spec("broken", "test_bench_isolated:failing_setup", {}, paths=[TESTS])]
+    specs = [
+        _spec("fine", tmp_path / "log"),
+        I.Spec("broken", "test_bench_isolated:failing_setup", {}, paths=[TESTS]),
+    ]
     with pytest.raises(I.WorkerError, match="broken: ValueError: broken on purpose"):
-        I.run_isolated(specs, ["a"], rounds=1, per_round=1, warmup=0, idle_windows_s=(0.01,),
-                       settle_s=0.0, log=lambda _m: None)
+        I.run_isolated(
+            specs,
+            ["a"],
+            rounds=1,
+            per_round=1,
+            warmup=0,
+            idle_windows_s=(0.01,),
+            settle_s=0.0,
+            log=lambda _m: None,
+        )
     assert _my_workers() == []  # the worker started before it was ended too
 
 
 def test_a_worker_that_raises_in_a_call_reports_it(tmp_path):
-    spec = I.Spec("bad-call", "test_bench_isolated:failing_call", {"how": "raise"},
-                  paths=[TESTS])
+    spec = I.Spec("bad-call", "test_bench_isolated:failing_call", {"how": "raise"}, paths=[TESTS])
     with pytest.raises(I.WorkerError, match="RuntimeError: call broken on purpose"):
-        I.run_isolated([_spec("fine", tmp_path / "log"), spec], ["a"], rounds=1, per_round=1,
-                       warmup=0, idle_windows_s=(0.01,), settle_s=0.0, log=lambda _m: None)
+        I.run_isolated(
+            [_spec("fine", tmp_path / "log"), spec],
+            ["a"],
+            rounds=1,
+            per_round=1,
+            warmup=0,
+            idle_windows_s=(0.01,),
+            settle_s=0.0,
+            log=lambda _m: None,
+        )
     assert _my_workers() == []
 
 
@@ -269,8 +305,7 @@ def test_e2e_variants_map_to_captioner_settings(tmp_path):
 def test_step_compare_worker_runs_the_current_model_format():
     from _common import DEFAULT_MODEL
 
-    worker = I.Worker(I.Spec("A", "step_compare:make_task",
-                             {"model": str(DEFAULT_MODEL), "threads": 1}))
+    worker = I.Worker(I.Spec("A", "step_compare:make_task", {"model": str(DEFAULT_MODEL), "threads": 1}))
     try:
         assert set(worker.measures) == {"step", "encoder"}
         assert len(worker.request(op="run", measure="step", n=2)["times_ms"]) == 2
@@ -281,6 +316,7 @@ def test_step_compare_worker_runs_the_current_model_format():
 
 
 # -- fields and threads ----------------------------------------------------------------------------
+
 
 class _FieldsTask:
     info: dict = {}
@@ -301,17 +337,25 @@ def fields_task() -> _FieldsTask:
 
 def test_fields_a_call_returns_are_kept_beside_its_time():
     spec = I.Spec("f", "test_bench_isolated:fields_task", {}, paths=[TESTS])
-    result = I.run_isolated([spec], ["a", "b"], rounds=2, per_round=2, warmup=1,
-                            idle_windows_s=(0.01,), settle_s=0.0, log=lambda _m: None)
+    result = I.run_isolated(
+        [spec],
+        ["a", "b"],
+        rounds=2,
+        per_round=2,
+        warmup=1,
+        idle_windows_s=(0.01,),
+        settle_s=0.0,
+        log=lambda _m: None,
+    )
     a = result["measures"]["a"]["f"]
     # warm-up call 1 and the idle check's call 2 are not kept; then calls 3..6 (each worker anew)
-    assert a["interleaved"]["fields"] == {"call": [3.0, 4.0, 5.0, 6.0],
-                                          "twice": [6.0, 8.0, 10.0, 12.0]}
+    assert a["interleaved"]["fields"] == {"call": [3.0, 4.0, 5.0, 6.0], "twice": [6.0, 8.0, 10.0, 12.0]}
     assert a["alone"]["fields"]["call"] == [3.0, 4.0, 5.0, 6.0]
     assert I.field_median(a["interleaved"], "twice") == 9.0
     assert "fields" not in result["measures"]["b"]["f"]["interleaved"]  # not Fields: ignored
-    assert I.field_median(result["measures"]["b"]["f"]["interleaved"], "call") != \
-        I.field_median(result["measures"]["b"]["f"]["interleaved"], "call")  # NaN
+    assert I.field_median(result["measures"]["b"]["f"]["interleaved"], "call") != I.field_median(
+        result["measures"]["b"]["f"]["interleaved"], "call"
+    )  # NaN
 
 
 def _os_threads() -> int:
@@ -328,10 +372,19 @@ def test_a_variants_runner_leaves_no_thread_pool_in_the_parent():
     args = e2e.parse_args(["--max-length", "3"])
     specs = [e2e.variant_spec(v, args) for v in ("ort-fp32/spin-on", "ort-fp32/spin-off")]
     before = _os_threads()
-    result = I.run_isolated(specs, ["encoder"], rounds=1, per_round=1, warmup=0,
-                            idle_windows_s=(0.01,), settle_s=0.0, log=lambda _m: None)
+    result = I.run_isolated(
+        specs,
+        ["encoder"],
+        rounds=1,
+        per_round=1,
+        warmup=0,
+        idle_windows_s=(0.01,),
+        settle_s=0.0,
+        log=lambda _m: None,
+    )
     assert _os_threads() == before
     assert _my_workers() == []
     pids = [v[k] for v in result["variants"].values() for k in ("pid_interleaved", "pid_alone")]
-    assert not any(_alive(p) and Path(f"/proc/{p}/stat").read_text().rsplit(")", 1)[1].split()[0]
-                   != "Z" for p in pids)
+    assert not any(
+        _alive(p) and Path(f"/proc/{p}/stat").read_text().rsplit(")", 1)[1].split()[0] != "Z" for p in pids
+    )

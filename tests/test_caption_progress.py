@@ -18,8 +18,12 @@ from edgecap.cli import main
 from edgecap.commands import progress
 
 EXAMPLES = Path(edgecap.__file__).parent / "assets" / "examples"
-ENV = {**os.environ, "PYTHONPATH": os.pathsep.join(
-    [str(Path(edgecap.__file__).parent.parent), os.environ.get("PYTHONPATH", "")])}
+ENV = {
+    **os.environ,
+    "PYTHONPATH": os.pathsep.join(
+        [str(Path(edgecap.__file__).parent.parent), os.environ.get("PYTHONPATH", "")]
+    ),
+}
 
 
 class FakeClock:
@@ -82,11 +86,19 @@ def many_photos(tmp_path_factory) -> Path:
 
 
 @pytest.mark.parametrize("json_output", [False, True], ids=["plain", "json"])
-def test_stdout_is_the_same_with_progress_on(json_output, many_photos, tiny_model_dir,
-                                             monkeypatch, capsys):
+def test_stdout_is_the_same_with_progress_on(json_output, many_photos, tiny_model_dir, monkeypatch, capsys):
     monkeypatch.setattr(progress, "DELAY_S", 0.0)
-    args = ["caption", str(many_photos), "--model", str(tiny_model_dir), "--max-length", "4",
-            "--batch-size", "5", *(["--json"] if json_output else [])]
+    args = [
+        "caption",
+        str(many_photos),
+        "--model",
+        str(tiny_model_dir),
+        "--max-length",
+        "4",
+        "--batch-size",
+        "5",
+        *(["--json"] if json_output else []),
+    ]
     runs = {}
     for stderr in ("terminal", "file"):
         terminal = _Terminal() if stderr == "terminal" else io.StringIO()
@@ -105,19 +117,19 @@ def test_stdout_is_the_same_with_progress_on(json_output, many_photos, tiny_mode
 
 
 @pytest.mark.parametrize("flag", ["--no-progress", "--quiet"])
-def test_no_progress_switches_it_off_on_a_terminal(many_photos, tiny_model_dir, monkeypatch,
-                                                   capsys, flag):
+def test_no_progress_switches_it_off_on_a_terminal(many_photos, tiny_model_dir, monkeypatch, capsys, flag):
     monkeypatch.setattr(progress, "DELAY_S", 0.0)
     terminal = _Terminal()
     monkeypatch.setattr(sys, "stderr", terminal)
-    main(["caption", str(many_photos), "--model", str(tiny_model_dir), "--max-length", "4",
-          flag])
+    main(["caption", str(many_photos), "--model", str(tiny_model_dir), "--max-length", "4", flag])
     assert "images, " not in terminal.getvalue()
     assert len(capsys.readouterr().out.splitlines()) == 12
 
 
-_RUN = ("import sys; from edgecap.commands import progress; progress.DELAY_S = 0.0; "
-        "from edgecap.cli import main; sys.exit(main(sys.argv[1:]))")
+_RUN = (
+    "import sys; from edgecap.commands import progress; progress.DELAY_S = 0.0; "
+    "from edgecap.cli import main; sys.exit(main(sys.argv[1:]))"
+)
 
 
 def _caption(folder: Path, model: Path, stderr_tty: bool) -> tuple[str, str]:
@@ -125,8 +137,18 @@ def _caption(folder: Path, model: Path, stderr_tty: bool) -> tuple[str, str]:
     pipe -> (stdout, stderr)."""
     import pty
 
-    command = [sys.executable, "-c", _RUN, "caption", str(folder), "--model", str(model),
-               "--max-length", "4", "--json"]
+    command = [
+        sys.executable,
+        "-c",
+        _RUN,
+        "caption",
+        str(folder),
+        "--model",
+        str(model),
+        "--max-length",
+        "4",
+        "--json",
+    ]
     if not stderr_tty:
         done = subprocess.run(command, capture_output=True, text=True, env=ENV, timeout=600)
         return done.stdout, done.stderr

@@ -23,15 +23,23 @@ from helpers import BAD, GOOD, copy_model, edit_manifest, set_field
 
 EXAMPLES = Path(edgecap.__file__).parent / "assets" / "examples"
 # The subprocess imports the edgecap under test, installed or not.
-ENV = {**os.environ, "PYTHONPATH": os.pathsep.join(
-    [str(Path(edgecap.__file__).parent.parent), os.environ.get("PYTHONPATH", "")])}
+ENV = {
+    **os.environ,
+    "PYTHONPATH": os.pathsep.join(
+        [str(Path(edgecap.__file__).parent.parent), os.environ.get("PYTHONPATH", "")]
+    ),
+}
 
 
 def edgecap_caption(*args, model=None) -> subprocess.CompletedProcess:
     model_args = ["--model", str(model)] if model is not None else []
-    return subprocess.run([sys.executable, "-m", "edgecap", "caption", *map(str, args),
-                           *model_args, "--max-length", "6"],
-                          capture_output=True, text=True, timeout=600, env=ENV)
+    return subprocess.run(
+        [sys.executable, "-m", "edgecap", "caption", *map(str, args), *model_args, "--max-length", "6"],
+        capture_output=True,
+        text=True,
+        timeout=600,
+        env=ENV,
+    )
 
 
 @pytest.fixture(scope="module")
@@ -60,8 +68,7 @@ def test_one_file(tiny_model_dir):
 def test_directory_recursive_sorted(tiny_model_dir, photo_dir):
     out = edgecap_caption(photo_dir, model=tiny_model_dir)
     assert out.returncode == 0, out.stderr
-    assert list(_plain_lines(out.stdout)) == [str(photo_dir / "a.png"),
-                                              str(photo_dir / "nested" / "b.jpg")]
+    assert list(_plain_lines(out.stdout)) == [str(photo_dir / "a.png"), str(photo_dir / "nested" / "b.jpg")]
 
 
 def test_glob(tiny_model_dir, photo_dir):
@@ -91,8 +98,7 @@ def test_json_and_failures(tiny_model_dir, photo_dir, tmp_path):
 def test_empty_directory_and_unmatched_glob(tiny_model_dir, tmp_path):
     empty = tmp_path / "empty"
     empty.mkdir()
-    out = edgecap_caption(empty, f"{tmp_path}/*.webp", EXAMPLES / "chelsea.png",
-                          model=tiny_model_dir)
+    out = edgecap_caption(empty, f"{tmp_path}/*.webp", EXAMPLES / "chelsea.png", model=tiny_model_dir)
     assert out.returncode == 1
     assert "no image files" in out.stderr and str(empty) in out.stderr
     assert f"{tmp_path}/*.webp" in out.stderr
@@ -113,6 +119,7 @@ def test_bad_option_is_a_clean_error(tiny_model_dir):
 
 # -- messages and exit codes ----------------------------------------------------------------
 
+
 def _run_cli(capsys, *args) -> tuple[int, str, str]:
     code = cli_main(["caption", *map(str, args)])
     out, err = capsys.readouterr()
@@ -123,8 +130,13 @@ def test_help_documents_exit_codes(capsys):
     with pytest.raises(SystemExit):
         cli_main(["caption", "--help"])
     text = capsys.readouterr().out
-    for line in ("exit status:", "0  every input was captioned", "1  some inputs",
-                 "2  usage, model or backend error", images.MAX_PIXELS_ENV):
+    for line in (
+        "exit status:",
+        "0  every input was captioned",
+        "1  some inputs",
+        "2  usage, model or backend error",
+        images.MAX_PIXELS_ENV,
+    ):
         assert line in text
 
 
@@ -157,8 +169,7 @@ def test_exit_codes(capsys, tiny_model_dir, tmp_path, monkeypatch):
     monkeypatch.setattr("edgecap.api.Captioner", no_runtime)
     code, out, err = _run_cli(capsys, photo, *model)
     assert (code, out) == (2, "")
-    assert err == ("edgecap caption: error: the tensorrt backend needs tensorrt, which is not "
-                   "installed\n")
+    assert err == ("edgecap caption: error: the tensorrt backend needs tensorrt, which is not installed\n")
 
 
 def test_cli_on_the_zoo(tiny_model_dir, zoo, tmp_path):
@@ -172,20 +183,46 @@ def test_cli_on_the_zoo(tiny_model_dir, zoo, tmp_path):
     cwd.mkdir()
     home.mkdir()
     before = {p: p.stat().st_mtime_ns for p in zoo.iterdir()}
-    env = {**ENV, "HOME": str(home), "XDG_CACHE_HOME": str(home / ".cache"),
-           "EDGECAP_CACHE": str(home / "edgecap")}
-    out = subprocess.run([sys.executable, "-m", "edgecap", "caption", str(zoo), str(missing),
-                          str(empty), "--json", "--model", str(tiny_model_dir), "--max-length",
-                          "4", "--batch-size", "4"],
-                         capture_output=True, text=True, timeout=300, env=env, cwd=cwd)
+    env = {
+        **ENV,
+        "HOME": str(home),
+        "XDG_CACHE_HOME": str(home / ".cache"),
+        "EDGECAP_CACHE": str(home / "edgecap"),
+    }
+    out = subprocess.run(
+        [
+            sys.executable,
+            "-m",
+            "edgecap",
+            "caption",
+            str(zoo),
+            str(missing),
+            str(empty),
+            "--json",
+            "--model",
+            str(tiny_model_dir),
+            "--max-length",
+            "4",
+            "--batch-size",
+            "4",
+        ],
+        capture_output=True,
+        text=True,
+        timeout=300,
+        env=env,
+        cwd=cwd,
+    )
     assert out.returncode == 1, out.stderr
     assert "Traceback" not in out.stderr and "Warning" not in out.stderr, out.stderr
     records = {r["path"]: r for r in map(json.loads, out.stdout.splitlines())}
     for name in GOOD:
         record = records[str(zoo / name)]
         assert isinstance(record["caption"], str) and record["caption"], record
-    failed = {**{str(zoo / n): w for n, w in BAD.items()}, str(missing): "no such file",
-              str(empty): "no image files"}
+    failed = {
+        **{str(zoo / n): w for n, w in BAD.items()},
+        str(missing): "no such file",
+        str(empty): "no image files",
+    }
     assert len(records) == len(GOOD) + len(failed)
     errors = out.stderr.splitlines()
     assert len(errors) == len(failed), out.stderr
@@ -206,6 +243,7 @@ def captioner(tiny_model_dir):
 
 
 # -- a bad file in a run of 24 (3 batches of 8, the bad file in the middle one) -----------------
+
 
 def make_variants(n: int, out_dir: Path, seed: int = 0) -> list[Path]:
     """``n`` small JPEG/PNG images: random crops, flips and sizes of the bundled example photos."""
@@ -244,8 +282,7 @@ def test_bad_file_in_a_run_of_24_changes_nothing_else(captioner, tmp_path, capsy
             assert result.text == alone[path].text, path
             assert result.score == pytest.approx(alone[path].score, abs=1e-4), path
 
-    code, out, err = _run_cli(capsys, tmp_path, "--model", captioner.manifest.directory,
-                              "--max-length", "6")
+    code, out, err = _run_cli(capsys, tmp_path, "--model", captioner.manifest.directory, "--max-length", "6")
     assert code == 1
     assert err.startswith(f"edgecap: {bad}: ") and err.count("\n") == 1
     lines = dict(line.split("\t", 1) for line in out.splitlines())

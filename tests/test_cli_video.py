@@ -20,13 +20,11 @@ from test_stream import make_video
 from test_viz import GREEN, find_panels
 
 ROOT = Path(edgecap.__file__).resolve().parents[1]
-ENV = {**os.environ, "PYTHONPATH": os.pathsep.join(
-    [str(ROOT), os.environ.get("PYTHONPATH", "")])}
+ENV = {**os.environ, "PYTHONPATH": os.pathsep.join([str(ROOT), os.environ.get("PYTHONPATH", "")])}
 
 
 def run(*args, cwd=None) -> subprocess.CompletedProcess:
-    return subprocess.run([sys.executable, *map(str, args)], capture_output=True, text=True,
-                          env=ENV, cwd=cwd)
+    return subprocess.run([sys.executable, *map(str, args)], capture_output=True, text=True, env=ENV, cwd=cwd)
 
 
 def edgecap_caption(*args, model, cwd=None) -> subprocess.CompletedProcess:
@@ -48,8 +46,7 @@ def test_video_every_prints_one_timestamped_caption_per_interval(tiny_model_dir,
 
     captioner = Captioner(tiny_model_dir, max_length=6, threads=1)
     frames = [f for f in video_frames(video) if f.index in (0, 5, 10, 15)]
-    assert [text for _, text in lines] == [captioner.caption(f.image, color="bgr").text
-                                           for f in frames]
+    assert [text for _, text in lines] == [captioner.caption(f.image, color="bgr").text for f in frames]
     assert "4 captions from 20 frames" in out.stderr and "16 skipped" in out.stderr
     assert list(tmp_path.iterdir()) == []  # wrote nothing
 
@@ -66,15 +63,18 @@ def test_video_json_every_frame(tiny_model_dir, video):
         assert set(r["timings"]) == {"preprocess_ms", "encode_ms", "decode_ms"}
 
 
-@pytest.mark.parametrize("args, message", [
-    (["--video", "missing.mp4"], "missing.mp4: no such file"),
-    (["--video", "missing.mp4", "photo.jpg"], "exactly one of them"),
-    ([], "exactly one of them"),
-    (["photo.jpg", "--every", "1"], "--every needs --video, --camera or --bag"),
-    (["--video", "missing.mp4", "--every", "0"], "--every must be a positive number"),
-    (["--video", "missing.mp4", "--attention", "out.png"], "--attention needs one image PATH"),
-    (["photo.jpg", "--attention", "out.xyz"], "unknown image format"),
-])
+@pytest.mark.parametrize(
+    "args, message",
+    [
+        (["--video", "missing.mp4"], "missing.mp4: no such file"),
+        (["--video", "missing.mp4", "photo.jpg"], "exactly one of them"),
+        ([], "exactly one of them"),
+        (["photo.jpg", "--every", "1"], "--every needs --video, --camera or --bag"),
+        (["--video", "missing.mp4", "--every", "0"], "--every must be a positive number"),
+        (["--video", "missing.mp4", "--attention", "out.png"], "--attention needs one image PATH"),
+        (["photo.jpg", "--attention", "out.xyz"], "unknown image format"),
+    ],
+)
 def test_bad_arguments_are_clean_errors(tiny_model_dir, tmp_path, args, message):
     out = edgecap_caption(*args, model=tiny_model_dir, cwd=tmp_path)
     assert out.returncode == 2
@@ -90,9 +90,11 @@ def test_missing_camera_is_a_clean_error(tiny_model_dir):
 
 
 def test_video_without_opencv_names_the_extra(tiny_model_dir, video):
-    code = ("import sys\nsys.modules['cv2'] = None\nfrom edgecap.cli import main\n"
-            f"sys.exit(main(['caption', '--video', {str(video)!r}, "
-            f"'--model', {str(tiny_model_dir)!r}]))")
+    code = (
+        "import sys\nsys.modules['cv2'] = None\nfrom edgecap.cli import main\n"
+        f"sys.exit(main(['caption', '--video', {str(video)!r}, "
+        f"'--model', {str(tiny_model_dir)!r}]))"
+    )
     out = run("-c", code)
     assert out.returncode == 2
     assert "pip install 'edgecap[video]'" in out.stderr and "Traceback" not in out.stderr
@@ -111,7 +113,7 @@ def test_attention_png_has_one_panel_per_word_at_the_photo_aspect(tiny_model_dir
     target = photos / "attention.png"
     out = edgecap_caption(photo, "--attention", target, "--json", model=tiny_model_dir, cwd=work)
     assert out.returncode == 0, out.stderr
-    record, = (json.loads(line) for line in out.stdout.splitlines())
+    (record,) = (json.loads(line) for line in out.stdout.splitlines())
     n_words = len(record["caption"].split())
     assert sorted(photos.iterdir()) == [target, photo] and list(work.iterdir()) == []
     with Image.open(target) as figure:
@@ -131,8 +133,7 @@ def test_attention_for_an_unreadable_image_writes_nothing(tiny_model_dir, tmp_pa
 
 
 def test_robot_loop_example(tiny_model_dir, video):
-    out = run(ROOT / "examples" / "robot_loop.py", video, "--model", tiny_model_dir,
-              "--every", "0.5")
+    out = run(ROOT / "examples" / "robot_loop.py", video, "--model", tiny_model_dir, "--every", "0.5")
     assert out.returncode == 0, out.stderr
     *events, summary = out.stdout.splitlines()
     frames = [int(line.split("frame")[1].split()[0]) for line in events]

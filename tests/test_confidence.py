@@ -33,11 +33,13 @@ def test_blank_and_blurred_frames_are_nothing_recognisable(captioner):
     from edgecap.api import NOTHING_RECOGNISABLE
 
     rng = np.random.default_rng(0)
-    frames = {"black": np.zeros((240, 320, 3), np.uint8),
-              "white": np.full((240, 320, 3), 255, np.uint8),
-              "one colour": np.broadcast_to(np.array([30, 90, 160], np.uint8), (200, 200, 3)),
-              "faint noise": np.clip(128 + rng.normal(0, 3, (240, 320, 3)), 0, 255).astype(np.uint8),
-              "badly blurred": _blurred("coffee.png", 16)}
+    frames = {
+        "black": np.zeros((240, 320, 3), np.uint8),
+        "white": np.full((240, 320, 3), 255, np.uint8),
+        "one colour": np.broadcast_to(np.array([30, 90, 160], np.uint8), (200, 200, 3)),
+        "faint noise": np.clip(128 + rng.normal(0, 3, (240, 320, 3)), 0, 255).astype(np.uint8),
+        "badly blurred": _blurred("coffee.png", 16),
+    }
     results = captioner.caption_batch(list(frames.values()) + [str(EXAMPLES / "chelsea.png")])
     for name, caption in zip(frames, results):
         assert not caption.recognisable and caption.text == NOTHING_RECOGNISABLE, name
@@ -75,8 +77,8 @@ def test_signals_from_the_classes_and_the_caption():
     x = signals([5, 10, 13], -1.25, probs, word_ids)
     got = dict(zip(SIGNALS, x))
     assert got["score"] == -1.25 and got["top_class_prob"] == pytest.approx(0.7)
-    assert got["names_a_tag"] == 1.0          # word 10 names the top class (p 0.7 >= 0.1)
-    assert got["unsupported_words"] == 0.0    # 13 names a class among the top 5
+    assert got["names_a_tag"] == 1.0  # word 10 names the top class (p 0.7 >= 0.1)
+    assert got["unsupported_words"] == 0.0  # 13 names a class among the top 5
     assert got["n_words"] == 3.0
     expected_entropy = -sum(p * np.log(p) for p in probs)
     assert got["class_entropy"] == pytest.approx(expected_entropy)
@@ -97,12 +99,15 @@ def test_the_model_directorys_confidence_marks_captions(tmp_path, default_model_
 
     sure = _model_with_confidence(tmp_path / "a", default_model_dir, bias=3.0)
     assert Captioner(sure).caption(str(EXAMPLES / "chelsea.png")).confidence == pytest.approx(
-        1 / (1 + np.exp(-3.0)), abs=1e-4)
+        1 / (1 + np.exp(-3.0)), abs=1e-4
+    )
     unsure = _model_with_confidence(tmp_path / "b", default_model_dir, bias=-3.0)
     photo = str(EXAMPLES / "chelsea.png")
     run = lambda model, *extra: subprocess.run(  # noqa: E731
         [sys.executable, "-m", "edgecap", "caption", photo, "--model", model, *extra],
-        capture_output=True, text=True)
+        capture_output=True,
+        text=True,
+    )
     out = run(unsure, "--json", "--min-confidence", "0.5")
     record = json.loads(out.stdout)
     assert record["confidence"] == pytest.approx(0.0474, abs=1e-4) and record["low_confidence"]
@@ -117,8 +122,14 @@ def test_a_malformed_confidence_file_is_a_model_error(tmp_path):
     with pytest.raises(ModelError, match="confidence.json: malformed"):
         ConfidenceModel.load(tmp_path)
     n = len(SIGNALS)
-    spec = {"format": "edgecap-confidence/1", "signals": list(SIGNALS), "mean": [0] * n,
-            "std": [0] * n, "weights": [0] * n, "bias": 0}
+    spec = {
+        "format": "edgecap-confidence/1",
+        "signals": list(SIGNALS),
+        "mean": [0] * n,
+        "std": [0] * n,
+        "weights": [0] * n,
+        "bias": 0,
+    }
     (tmp_path / "confidence.json").write_text(json.dumps(spec))
     with pytest.raises(ModelError, match="std must be positive"):
         ConfidenceModel.load(tmp_path)

@@ -17,14 +17,23 @@ from helpers import plain_search as beam_search
 from helpers import vocab_size_of
 
 
-def constrained_beam_search(backend, encoded, options, start_id, end_id, words,
-                            return_attention=False, fusion=None):
+def constrained_beam_search(
+    backend, encoded, options, start_id, end_id, words, return_attention=False, fusion=None
+):
     """The decoding layer's constrained search with per image ``words`` (its tag-word ids)."""
     from dataclasses import replace
 
-    return search_with_tags(backend, encoded, replace(options, constrained=True), start_id,
-                            end_id, vocab_size_of(backend), tuple(frozenset(ids) for ids in words),
-                            fusion=fusion, return_attention=return_attention)
+    return search_with_tags(
+        backend,
+        encoded,
+        replace(options, constrained=True),
+        start_id,
+        end_id,
+        vocab_size_of(backend),
+        tuple(frozenset(ids) for ids in words),
+        fusion=fusion,
+        return_attention=return_attention,
+    )
 
 
 WORDS = ["<pad>", "<start>", "<end>", "<unk>", "a", "dog", "cat", "runs", "sits", "on", "mat"]
@@ -48,8 +57,7 @@ def test_without_tags_it_is_the_plain_beam_search(beam, end_bias):
     seeds = np.array([3, 11, 42, 7])
     opts = CaptionOptions(beam_size=beam, max_length=8, n_best=beam, no_repeat_ngram=2)
     plain = beam_search(backend, backend.encode(seeds), opts, START, END)
-    free = constrained_beam_search(backend, backend.encode(seeds), opts, START, END,
-                                   [set()] * len(seeds))
+    free = constrained_beam_search(backend, backend.encode(seeds), opts, START, END, [set()] * len(seeds))
     for a, b in zip(plain, free):
         assert [(h.tokens, h.finished) for h in a] == [(h.tokens, h.finished) for h in b]
         assert [h.log_prob for h in a] == pytest.approx([h.log_prob for h in b], abs=1e-9)
@@ -60,8 +68,9 @@ def test_the_caption_says_a_tag_word_the_model_ranks_low():
     cat = WORDS.index("cat")
     encoded = backend.encode(np.zeros((2, 3, 4, 4), np.float32))
     opts = CaptionOptions(beam_size=2, max_length=6, n_best=2)
-    hyps = constrained_beam_search(backend, encoded, opts, WORDS.index("<start>"),
-                                   WORDS.index("<end>"), [{cat}, set()])
+    hyps = constrained_beam_search(
+        backend, encoded, opts, WORDS.index("<start>"), WORDS.index("<end>"), [{cat}, set()]
+    )
     said = [" ".join(WORDS[w] for w in h.tokens) for h in hyps[0]]
     # Hand-computed from the table, beam 2 in the said-"cat" state: after 2 words it holds "a
     # cat" (-4.1) and "cat runs" (-4.3); "cat runs <end>" (-4.35) and then "a cat runs <end>"
@@ -94,8 +103,11 @@ def test_options_are_checked():
 def test_the_command_line_flag_makes_the_caption_name_the_coffee():
     """coffee.png: the classifier's top class is espresso (0.90, see test_objects), whose caption
     words are coffee and cup; the shipped model's unguided caption says neither."""
-    run = subprocess.run([sys.executable, "-m", "edgecap", "caption", "--constrained", "--json",
-                          str(EXAMPLES / "coffee.png")], capture_output=True, text=True)
+    run = subprocess.run(
+        [sys.executable, "-m", "edgecap", "caption", "--constrained", "--json", str(EXAMPLES / "coffee.png")],
+        capture_output=True,
+        text=True,
+    )
     assert run.returncode == 0, run.stderr
     caption = json.loads(run.stdout)["caption"].split()
     assert "cup" in caption or "coffee" in caption
@@ -115,8 +127,7 @@ def test_fixed_size_engines_are_asked_for_a_beam_per_state(monkeypatch):
     monkeypatch.setattr(api, "load_backend", record)
     for constrained in (False, True):
         with pytest.raises(RuntimeError, match="recorded"):
-            api.Captioner(options=CaptionOptions(batch_size=8, beam_size=5,
-                                                 constrained=constrained))
+            api.Captioner(options=CaptionOptions(batch_size=8, beam_size=5, constrained=constrained))
     assert asked == [Limits(8, 5), Limits(8, 10)]
 
 
@@ -124,11 +135,11 @@ def test_attention_follows_the_constrained_caption():
     from edgecap import Captioner
 
     caption = Captioner(constrained=True, fusion_weight=0.0).caption(
-        str(EXAMPLES / "coffee.png"), return_attention=True)
+        str(EXAMPLES / "coffee.png"), return_attention=True
+    )
     assert caption.attention.shape == (len(caption.tokens), 7, 7)
     np.testing.assert_allclose(caption.attention.sum(axis=(1, 2)), 1.0, atol=1e-4)
-    plain = Captioner(fusion_weight=0.0).caption(str(EXAMPLES / "coffee.png"),
-                                                 return_attention=True)
+    plain = Captioner(fusion_weight=0.0).caption(str(EXAMPLES / "coffee.png"), return_attention=True)
     assert caption.tokens != plain.tokens  # a different caption, its own maps
     assert plain.attention.shape == (len(plain.tokens), 7, 7)
 
@@ -142,13 +153,15 @@ def test_without_tags_the_attention_maps_are_the_plain_searchs():
 
     captioner = Captioner(guidance_bonus=0)
     photos = [load_rgb(EXAMPLES / n) for n in ("chelsea.png", "rocket.jpg")]
-    encoded = captioner.backend.encode(np.stack(
-        [to_model_input(p, captioner.manifest.preprocessing) for p in photos]))
+    encoded = captioner.backend.encode(
+        np.stack([to_model_input(p, captioner.manifest.preprocessing) for p in photos])
+    )
     vocab = captioner.vocab
     opts = captioner.options
     plain = beam_search(captioner.backend, encoded, opts, vocab.start, vocab.end, True)
-    free = constrained_beam_search(captioner.backend, encoded, opts, vocab.start, vocab.end,
-                                   [set(), set()], True)
+    free = constrained_beam_search(
+        captioner.backend, encoded, opts, vocab.start, vocab.end, [set(), set()], True
+    )
     for [a], [b] in zip(plain, free):
         assert a.tokens == b.tokens
         np.testing.assert_array_equal(a.attention, b.attention)
@@ -165,10 +178,17 @@ def test_the_captioner_runs_the_constrained_search_on_the_tags_it_asks_for():
     photo = load_rgb(EXAMPLES / "coffee.png")
     encoded = captioner.backend.encode(to_model_input(photo, captioner.manifest.preprocessing)[None])
     guidance = captioner.classes.tag_words(encoded.class_probs, 3, 0.3)
-    [expected] = constrained_beam_search(captioner.backend, encoded, captioner.options,
-                                         captioner.vocab.start, captioner.vocab.end, guidance,
-                                         fusion=captioner.fusion)
+    [expected] = constrained_beam_search(
+        captioner.backend,
+        encoded,
+        captioner.options,
+        captioner.vocab.start,
+        captioner.vocab.end,
+        guidance,
+        fusion=captioner.fusion,
+    )
     got = captioner.caption(photo)
     words = captioner.vocab.words
-    assert [got.tokens] + [a.tokens for a in got.alternatives] == \
-        [[words[w] for w in h.tokens] for h in expected]
+    assert [got.tokens] + [a.tokens for a in got.alternatives] == [
+        [words[w] for w in h.tokens] for h in expected
+    ]

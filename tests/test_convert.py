@@ -36,6 +36,7 @@ def fp16_dir(fp32_dir, tmp_path_factory) -> Path:
 
 # -- tests --------------------------------------------------------------------------------------
 
+
 def test_fp16_manifest_hashes_and_vocab(fp32_dir, fp16_dir):
     src, m = load_manifest(fp32_dir), load_manifest(fp16_dir)
     verify_files(m)  # the new sha256s match the written files
@@ -51,8 +52,10 @@ def test_fp16_keeps_contract_io_and_fp32_islands(fp32_dir, fp16_dir):
     for role in ("encoder", "decoder_step"):
         before = onnx.load(str(load_manifest(fp32_dir).path(role)))
         after = onnx.load(str(m.path(role)))
-        io = lambda g: {v.name: v.type.tensor_type.elem_type  # noqa: E731
-                        for v in list(g.input) + list(g.output)}
+
+        def io(g):
+            return {v.name: v.type.tensor_type.elem_type for v in list(g.input) + list(g.output)}
+
         assert io(after.graph) == io(before.graph)
         # the weights really are FP16 (most of the bytes)
         dtypes = [t.data_type for t in after.graph.initializer if len(t.dims) >= 2]
@@ -60,8 +63,9 @@ def test_fp16_keeps_contract_io_and_fp32_islands(fp32_dir, fp16_dir):
 
     step = onnx.load(str(m.path("decoder_step")))
     onnx.shape_inference.infer_shapes(step)
-    typed = {v.name: v.type.tensor_type.elem_type
-             for v in onnx.shape_inference.infer_shapes(step).graph.value_info}
+    typed = {
+        v.name: v.type.tensor_type.elem_type for v in onnx.shape_inference.infer_shapes(step).graph.value_info
+    }
     typed.update({v.name: v.type.tensor_type.elem_type for v in step.graph.output})
     for node in step.graph.node:
         if node.op_type in ("Softmax", "LogSoftmax", "TopK"):
@@ -71,10 +75,12 @@ def test_fp16_keeps_contract_io_and_fp32_islands(fp32_dir, fp16_dir):
     # converted graph (the block list; without it these would be FP16)
     original = onnx.load(str(load_manifest(fp32_dir).path("decoder_step")))
     from edgecap.build.convert import name_nodes
+
     name_nodes(original.graph)
     kept = set(fp32_nodes(original.graph))
-    projections = [nd.name for nd in original.graph.node
-                   if nd.name in kept and nd.op_type in ("MatMul", "Gemm")]
+    projections = [
+        nd.name for nd in original.graph.node if nd.name in kept and nd.op_type in ("MatMul", "Gemm")
+    ]
     assert projections, "no attention-logit projection found before the Softmax"
     types = _tensor_types(step)
     converted = {nd.name: nd for nd in step.graph.node}
@@ -101,15 +107,16 @@ def test_fp16_keeps_contract_io_and_fp32_islands(fp32_dir, fp16_dir):
         assert reader.op_type == "Cast", reader
         assert [a.i for a in reader.attribute if a.name == "to"] == [onnx.TensorProto.FLOAT]
         tensor = reader.output[0]
-    assert all(types.get(t) == onnx.TensorProto.FLOAT
-               for t in [*adds[0].input, *adds[0].output]), adds[0]
+    assert all(types.get(t) == onnx.TensorProto.FLOAT for t in [*adds[0].input, *adds[0].output]), adds[0]
 
 
 def _tensor_types(model) -> dict[str, int]:
     """Element type of every tensor in ``model``: graph I/O, initializers, inferred values."""
     inferred = onnx.shape_inference.infer_shapes(model).graph
-    types = {v.name: v.type.tensor_type.elem_type
-             for v in list(inferred.value_info) + list(inferred.input) + list(inferred.output)}
+    types = {
+        v.name: v.type.tensor_type.elem_type
+        for v in list(inferred.value_info) + list(inferred.input) + list(inferred.output)
+    }
     types.update({t.name: t.data_type for t in model.graph.initializer})
     return types
 
@@ -141,11 +148,11 @@ def test_fp16_agrees_with_fp32_stage_by_stage(fp32_dir, fp16_dir):
 
 def test_fp16_steps_chain_on_onnxruntime_cpu(fp32_dir, fp16_dir):
     """Several steps with beam reordering: same top words as FP32 where they are not near-ties."""
+
     def run(directory):
         m = load_manifest(directory)
         enc = ort.InferenceSession(str(m.path("encoder")), providers=["CPUExecutionProvider"])
-        step = ort.InferenceSession(str(m.path("decoder_step")),
-                                    providers=["CPUExecutionProvider"])
+        step = ort.InferenceSession(str(m.path("decoder_step")), providers=["CPUExecutionProvider"])
         h, w = m.preprocessing.size
         images = np.random.default_rng(3).uniform(-1, 1, (2, 3, h, w)).astype(np.float32)
         features, att_proj, hs, cs, _probs = enc.run(None, {"image": images})
@@ -155,10 +162,19 @@ def test_fp16_steps_chain_on_onnxruntime_cpu(fp32_dir, fp16_dir):
         bias[:, -1] = 5.0  # the word bias is added in FP32 too
         out = []
         for _ in range(4):
-            lp, ids, hs, cs, _alpha = step.run(None, {
-                "tokens": tokens, "h": hs, "c": cs, "source_rows": source_rows,
-                "features": features, "att_proj": att_proj, "image_index": image_index,
-                "word_bias": bias})
+            lp, ids, hs, cs, _alpha = step.run(
+                None,
+                {
+                    "tokens": tokens,
+                    "h": hs,
+                    "c": cs,
+                    "source_rows": source_rows,
+                    "features": features,
+                    "att_proj": att_proj,
+                    "image_index": image_index,
+                    "word_bias": bias,
+                },
+            )
             out.append(lp)
             tokens = ids[:, 0].astype(np.int32)
             source_rows = np.array([1, 0, 3, 2], np.int32)
@@ -210,7 +226,8 @@ def test_int8_dynamic_step_and_static_encoder(fp32_dir, tmp_path):
 
 
 def test_static_int8_encoder_keeps_its_sensitive_layers_fp32_and_its_features_close(
-        tiny_model_dir, example_images, tmp_path):
+    tiny_model_dir, example_images, tmp_path
+):
     from edgecap.images import load_rgb
     from edgecap.preprocess import to_model_input
 
@@ -230,8 +247,8 @@ def test_static_int8_encoder_keeps_its_sensitive_layers_fp32_and_its_features_cl
     assert not any(name.startswith("/_blocks.2/") and op == "Conv" for name, op in ops.items())
     images = np.stack([to_model_input(load_rgb(p), m.preprocessing) for p in photos[2:]])
     run = lambda d: ort.InferenceSession(  # noqa: E731
-        str(load_manifest(d).path("encoder")), providers=["CPUExecutionProvider"]).run(
-        ["features"], {"image": images})[0]
+        str(load_manifest(d).path("encoder")), providers=["CPUExecutionProvider"]
+    ).run(["features"], {"image": images})[0]
     ref, got = run(tiny_model_dir), run(tmp_path / "int8")
     # The file is computed the same on every CPU: onnxruntime's kernels agree with the exact
     # integer arithmetic of onnx's reference evaluator, up to where each rounds when it
@@ -239,8 +256,11 @@ def test_static_int8_encoder_keeps_its_sensitive_layers_fp32_and_its_features_cl
     # weights and with int8 x int8; with 8-bit weights its uint8 x int8 kernels saturate: 0.42).
     exact = _exact_int8_run(model, images)
     assert np.linalg.norm(got - exact) / np.linalg.norm(exact) < 0.15
-    weights = [onnx.numpy_helper.to_array(t) for t in model.graph.initializer
-               if t.data_type == onnx.TensorProto.INT8 and len(t.dims) == 4]
+    weights = [
+        onnx.numpy_helper.to_array(t)
+        for t in model.graph.initializer
+        if t.data_type == onnx.TensorProto.INT8 and len(t.dims) == 4
+    ]
     assert weights and max(int(np.abs(w).max()) for w in weights) <= 64  # 7 bits
     # stated tolerance: the decoder's features within 30% (relative L2) of FP32 on photos not
     # calibrated on, after calibrating on two photos (measured on this tiny model: 0.27; the
@@ -256,15 +276,13 @@ def _exact_int8_run(model, images: np.ndarray) -> np.ndarray:
 
     def requantize(value, scale, zero_point):
         info = np.iinfo(zero_point.dtype)
-        return np.clip(np.rint(value / scale) + zero_point, info.min, info.max).astype(
-            zero_point.dtype)
+        return np.clip(np.rint(value / scale) + zero_point, info.min, info.max).astype(zero_point.dtype)
 
     class QLinearAdd(OpRun):
         op_domain = "com.microsoft"
 
         def _run(self, a, a_scale, a_zero, b, b_scale, b_zero, c_scale, c_zero):
-            value = ((a.astype(np.float32) - a_zero) * a_scale
-                     + (b.astype(np.float32) - b_zero) * b_scale)
+            value = (a.astype(np.float32) - a_zero) * a_scale + (b.astype(np.float32) - b_zero) * b_scale
             return (requantize(value, c_scale, c_zero),)
 
     model = onnx.ModelProto.FromString(model.SerializeToString())
@@ -272,8 +290,7 @@ def _exact_int8_run(model, images: np.ndarray) -> np.ndarray:
         if opset.domain in ("", "ai.onnx"):
             opset.version = max(opset.version, 19)  # the reference's Quantize/DequantizeLinear
     evaluator = ReferenceEvaluator(model, new_ops=[QLinearAdd])
-    return np.concatenate([evaluator.run(["features"], {"image": image[None]})[0]
-                           for image in images])
+    return np.concatenate([evaluator.run(["features"], {"image": image[None]})[0] for image in images])
 
 
 def test_cli_convert(fp32_dir, tmp_path, capsys):

@@ -26,8 +26,7 @@ from edgecap.prefetch import DEFAULT_CPU_DECODE_WORKERS, default_decode_workers
 from helpers import TableBackend, solid
 
 EXAMPLES = Path(edgecap.__file__).parent / "assets" / "examples"
-WORDS = json.loads((Path(edgecap.__file__).parent / "assets" / "default" /
-                    "vocab.json").read_text())["words"]
+WORDS = json.loads((Path(edgecap.__file__).parent / "assets" / "default" / "vocab.json").read_text())["words"]
 FIRST = 200  # the caption of red level 5 * i is the one word WORDS[FIRST + i]
 STEP = 5
 
@@ -69,7 +68,7 @@ def fake(monkeypatch):
     lock = threading.Lock()
 
     def load_rgb(image, *args, **kwargs):
-        i = (int(image[0, 0, 0]) // STEP if isinstance(image, np.ndarray) else None)
+        i = int(image[0, 0, 0]) // STEP if isinstance(image, np.ndarray) else None
         with lock:
             state["started"].append((i, threading.current_thread().name))
         if i is not None:
@@ -81,8 +80,7 @@ def fake(monkeypatch):
 
 
 def captioner(workers: int, batch: int) -> Captioner:
-    return Captioner(backend="onnxruntime", blank_check=False, batch_size=batch,
-                     decode_workers=workers)
+    return Captioner(backend="onnxruntime", blank_check=False, batch_size=batch, decode_workers=workers)
 
 
 def texts(results) -> list:
@@ -134,10 +132,10 @@ def test_a_bad_photo_gives_its_error_and_the_others_their_captions(fake, tmp_pat
     missing = tmp_path / "gone.jpg"
     inputs = [red(0), red(1), b"", red(3), red(4), red(5), red(6), str(missing), red(8)]
     results = captioner(workers, batch=2).caption_batch(inputs, on_error="return")
-    assert [type(r) for r in results] == [Caption] * 2 + [InputError] + [Caption] * 4 + \
-        [InputError, Caption]
-    assert texts(results)[:2] + texts(results)[3:7] + texts(results)[8:] == \
-        [word(i) for i in (0, 1, 3, 4, 5, 6, 8)]
+    assert [type(r) for r in results] == [Caption] * 2 + [InputError] + [Caption] * 4 + [InputError, Caption]
+    assert texts(results)[:2] + texts(results)[3:7] + texts(results)[8:] == [
+        word(i) for i in (0, 1, 3, 4, 5, 6, 8)
+    ]
     assert "0 bytes" in str(results[2]) and results[7].source == str(missing)
 
 
@@ -188,15 +186,15 @@ def test_same_captions_with_and_without_workers_on_the_real_model(tmp_path):
     (tmp_path / "broken.jpg").write_bytes(b"\xff\xd8\xff not a jpeg")
     big = tmp_path / "big.jpg"  # a camera-size JPEG: decoded at a reduced scale
     Image.open(EXAMPLES / "astronaut.png").convert("RGB").resize((1600, 1200)).save(big)
-    inputs = photos + [str(tmp_path / "broken.jpg"), Path(photos[0]).read_bytes(), str(big),
-                       photos[1]]
+    inputs = photos + [str(tmp_path / "broken.jpg"), Path(photos[0]).read_bytes(), str(big), photos[1]]
     plain = Captioner(batch_size=2, decode_workers=0).caption_batch(inputs, on_error="return")
     workers = Captioner(batch_size=2, decode_workers=2).caption_batch(inputs, on_error="return")
     assert [type(r) for r in workers] == [type(r) for r in plain]
     assert isinstance(plain[len(photos)], InputError)
     # Caption equality: text, score, tokens, log-probability, alternatives
-    assert [r if isinstance(r, Caption) else str(r) for r in workers] == \
-        [r if isinstance(r, Caption) else str(r) for r in plain]
+    assert [r if isinstance(r, Caption) else str(r) for r in workers] == [
+        r if isinstance(r, Caption) else str(r) for r in plain
+    ]
 
 
 def test_caption_command_output_is_the_same_with_workers(tmp_path, capsys):
@@ -209,8 +207,18 @@ def test_caption_command_output_is_the_same_with_workers(tmp_path, capsys):
     (folder / "empty.jpg").write_bytes(b"")
     outputs = []
     for workers in ("0", "2"):
-        code = main(["caption", "--json", "--batch-size", "2", "--decode-workers", workers,
-                     "--no-progress", str(folder)])
+        code = main(
+            [
+                "caption",
+                "--json",
+                "--batch-size",
+                "2",
+                "--decode-workers",
+                workers,
+                "--no-progress",
+                str(folder),
+            ]
+        )
         captured = capsys.readouterr()
         outputs.append((code, captured.out, captured.err))
     assert outputs[0] == outputs[1]
@@ -244,14 +252,20 @@ class _Providers:
         self.providers = list(providers)
 
 
-@pytest.mark.parametrize("name, device, backend, on_gpu", [
-    ("torch", "cuda", None, True), ("torch", "cuda:1", None, True),
-    ("torch", "cpu", None, False), ("torch", None, None, False),
-    ("tensorrt", None, None, True),
-    ("onnxruntime", None, _Providers(ort_providers.CUDA, ort_providers.CPU), True),
-    ("onnxruntime", None, _Providers(ort_providers.TENSORRT, ort_providers.CPU), True),
-    ("onnxruntime", None, _Providers(ort_providers.CPU), False),
-    ("onnxruntime", "cpu", _Providers(ort_providers.CPU), False)])
+@pytest.mark.parametrize(
+    "name, device, backend, on_gpu",
+    [
+        ("torch", "cuda", None, True),
+        ("torch", "cuda:1", None, True),
+        ("torch", "cpu", None, False),
+        ("torch", None, None, False),
+        ("tensorrt", None, None, True),
+        ("onnxruntime", None, _Providers(ort_providers.CUDA, ort_providers.CPU), True),
+        ("onnxruntime", None, _Providers(ort_providers.TENSORRT, ort_providers.CPU), True),
+        ("onnxruntime", None, _Providers(ort_providers.CPU), False),
+        ("onnxruntime", "cpu", _Providers(ort_providers.CPU), False),
+    ],
+)
 def test_where_the_model_runs_decides_the_default(name, device, backend, on_gpu):
     assert api._on_gpu(name, device, backend) is on_gpu
 
@@ -270,12 +284,28 @@ def test_the_file_rate_benchmark_reports_files_and_memory_for_every_setting(tmp_
     sys.path.insert(0, str(Path(__file__).resolve().parents[1] / "benchmarks"))
     import file_rate
 
-    file_rate.main(["--images", str(EXAMPLES), "--n", "3", "--batches", "1,2", "--workers",
-                    "0,2,default", "--rounds", "1", "--out", str(tmp_path)])
+    file_rate.main(
+        [
+            "--images",
+            str(EXAMPLES),
+            "--n",
+            "3",
+            "--batches",
+            "1,2",
+            "--workers",
+            "0,2,default",
+            "--rounds",
+            "1",
+            "--out",
+            str(tmp_path),
+        ]
+    )
     data = json.loads((tmp_path / "file_rate.json").read_text())
     assert {(r["batch"], r["workers"], r["input"]) for r in data["results"]} == {
-        (b, w, what) for b in (1, 2) for w in ("0", "2", f"{DEFAULT_CPU_DECODE_WORKERS} (default)")
-        for what in ("files", "memory")}
-    assert all(r["photos"] == 3 and r["captions_per_s"] > 0 and r["same"] == 1.0
-               for r in data["results"])
+        (b, w, what)
+        for b in (1, 2)
+        for w in ("0", "2", f"{DEFAULT_CPU_DECODE_WORKERS} (default)")
+        for what in ("files", "memory")
+    }
+    assert all(r["photos"] == 3 and r["captions_per_s"] > 0 and r["same"] == 1.0 for r in data["results"])
     assert "| 2 | 2 |" in (tmp_path / "file_rate.md").read_text()

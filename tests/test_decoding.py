@@ -71,9 +71,15 @@ def _slow_cat(prefix):
     if not prefix:
         return {"a": -0.1, **tail}
     last = prefix[-1]
-    table = {"a": {"dog": -0.2}, "dog": {"<end>": -0.05, "runs": -0.5}, "runs": {"<end>": -0.05},
-             "cat": {"sits": -0.3}, "sits": {"on": -0.1}, "on": {"mat": -0.1},
-             "mat": {"<end>": -0.05}}
+    table = {
+        "a": {"dog": -0.2},
+        "dog": {"<end>": -0.05, "runs": -0.5},
+        "runs": {"<end>": -0.05},
+        "cat": {"sits": -0.3},
+        "sits": {"on": -0.1},
+        "on": {"mat": -0.1},
+        "mat": {"<end>": -0.05},
+    }
     return {**table.get(last, {"<end>": -0.05}), **tail}
 
 
@@ -83,8 +89,9 @@ def test_a_constrained_image_is_not_done_when_its_plain_captions_are():
     backend = TableBackend(WORDS, _slow_cat, top_k=4)
     encoded = backend.encode(np.zeros((1, 3, 4, 4), np.float32))
     options = CaptionOptions(beam_size=2, max_length=10, no_repeat_ngram=0, constrained=True)
-    [hyps] = search_with_tags(backend, encoded, options, START, END, len(WORDS),
-                              (frozenset({WORDS.index("cat")}),))
+    [hyps] = search_with_tags(
+        backend, encoded, options, START, END, len(WORDS), (frozenset({WORDS.index("cat")}),)
+    )
     best = [WORDS[w] for w in hyps[0].tokens]
     assert "cat" in best and hyps[0].finished, best
 
@@ -92,8 +99,9 @@ def test_a_constrained_image_is_not_done_when_its_plain_captions_are():
 def test_without_the_constraint_the_same_table_gives_the_plain_caption():
     backend = TableBackend(WORDS, _slow_cat, top_k=4)
     encoded = backend.encode(np.zeros((1, 3, 4, 4), np.float32))
-    [hyps] = search_with_tags(backend, encoded, CaptionOptions(beam_size=2, no_repeat_ngram=0),
-                              START, END, len(WORDS), None)
+    [hyps] = search_with_tags(
+        backend, encoded, CaptionOptions(beam_size=2, no_repeat_ngram=0), START, END, len(WORDS), None
+    )
     assert [WORDS[w] for w in hyps[0].tokens] == ["a", "dog"]
 
 
@@ -129,8 +137,9 @@ def test_a_new_scorer_plugs_into_the_loop():
         made.append(_Ban(banned, 12, image_index))
         return made[-1]
 
-    ruled = beam_search(backend, backend.encode(seeds), options, START, END, filters=filters,
-                        scorers=[factory])
+    ruled = beam_search(
+        backend, backend.encode(seeds), options, START, END, filters=filters, scorers=[factory]
+    )
     assert all(banned not in hyps[0].tokens for hyps in ruled)
     assert made and made[0].updates > 0
     # the caption's own log-probability never includes a rule's bias
@@ -140,7 +149,7 @@ def test_a_new_scorer_plugs_into_the_loop():
 def test_filters_are_parts_too():
     rule = NoRepeatNgram(2, END)
     rule.begin_step(0)
-    assert rule.blocks(0, [4, 5, 4], 5, row=0)      # "4 5" again
+    assert rule.blocks(0, [4, 5, 4], 5, row=0)  # "4 5" again
     assert not rule.blocks(0, [4, 5, 4], 6, row=1)
     assert not rule.blocks(0, [4, 5, 4], END, row=2)  # <end> is never blocked
     assert NeverFirst([END]).blocks(0, [], END, 0) and not NeverFirst([END]).blocks(1, [4], END, 0)
@@ -151,8 +160,9 @@ def test_every_image_of_a_batch_keeps_its_own_rules():
     backend = PrefixHashBackend(vocab_size=14, top_k=8, end_bias=-1.0)
     seeds = np.array([3, 11])
     options = CaptionOptions(beam_size=3, max_length=8, no_repeat_ngram=0)
-    tagged = search_with_tags(backend, backend.encode(seeds), options, START, END, 14,
-                              (frozenset({9}), frozenset()))
+    tagged = search_with_tags(
+        backend, backend.encode(seeds), options, START, END, 14, (frozenset({9}), frozenset())
+    )
     alone = search_with_tags(backend, backend.encode(seeds[1:]), options, START, END, 14, None)
     assert [h.tokens for h in tagged[1]] == [h.tokens for h in alone[0]]
 
@@ -160,8 +170,14 @@ def test_every_image_of_a_batch_keeps_its_own_rules():
 def test_partial_factories_are_the_scorer_contract():
     backend = PrefixHashBackend(vocab_size=12, top_k=6)
     options = CaptionOptions(beam_size=2, max_length=5, no_repeat_ngram=0)
-    [hyps] = beam_search(backend, backend.encode(np.array([4])), options, START, END,
-                         scorers=[partial(TagBonus, (frozenset({9}),), 12, 10.0)])
+    [hyps] = beam_search(
+        backend,
+        backend.encode(np.array([4])),
+        options,
+        START,
+        END,
+        scorers=[partial(TagBonus, (frozenset({9}),), 12, 10.0)],
+    )
     assert 9 in hyps[0].tokens
 
 

@@ -25,8 +25,13 @@ from edgecap.backends.torch import TorchBackend  # noqa: E402
 from edgecap.backends.torch_graphs import EagerGraph  # noqa: E402
 from edgecap.backends.torch_search import TorchDeviceSearch  # noqa: E402
 from edgecap.decoding import CaptionOptions, search, search_with_tags  # noqa: E402
-from edgecap.decoding.device import (DeviceBeamSearch, Rules, SessionStep,  # noqa: E402
-                                     TorchStep, rules_for)
+from edgecap.decoding.device import (  # noqa: E402
+    DeviceBeamSearch,
+    Rules,
+    SessionStep,
+    TorchStep,
+    rules_for,
+)
 from edgecap.decoding.fusion import CaptionLM, Fusion  # noqa: E402
 from edgecap.errors import BackendError  # noqa: E402
 from edgecap.images import load_rgb, preprocess  # noqa: E402
@@ -35,15 +40,21 @@ from fakes import END, START, PrefixHashBackend  # noqa: E402
 from helpers import TableBackend  # noqa: E402
 
 
-def _device(backend: Backend, encoded, options, tag_words=None, fusion=None, fixed=False,
-            vocab_size=None):
+def _device(backend: Backend, encoded, options, tag_words=None, fusion=None, fixed=False, vocab_size=None):
     """The device search over ``backend``'s own session (one host round trip per step)."""
     vocab_size = vocab_size or backend.vocab_size
     rules = rules_for(options, encoded.n_images, tag_words, fusion, encoded.class_probs)
     search = DeviceBeamSearch(vocab_size, torch.device("cpu"))
-    return search.search(lambda index: SessionStep(backend.start(encoded, index.numpy())),
-                         encoded.n_images, options, backend.top_k, START, END, rules,
-                         fixed=fixed)
+    return search.search(
+        lambda index: SessionStep(backend.start(encoded, index.numpy())),
+        encoded.n_images,
+        options,
+        backend.top_k,
+        START,
+        END,
+        rules,
+        fixed=fixed,
+    )
 
 
 def _same(host, device, exact: bool = True):
@@ -62,9 +73,16 @@ def _lm(rng, vocab: int, hidden: int = 8, embed: int = 6) -> CaptionLM:
     def normal(*shape):
         return rng.normal(size=shape).astype(np.float32)
 
-    return CaptionLM({"embed": normal(vocab, embed), "w_ih": normal(4 * hidden, embed),
-                      "w_hh": normal(4 * hidden, hidden) * 0.5, "bias": normal(4 * hidden),
-                      "out_w": normal(vocab, hidden), "out_b": normal(vocab)})
+    return CaptionLM(
+        {
+            "embed": normal(vocab, embed),
+            "w_ih": normal(4 * hidden, embed),
+            "w_hh": normal(4 * hidden, hidden) * 0.5,
+            "bias": normal(4 * hidden),
+            "out_w": normal(vocab, hidden),
+            "out_b": normal(vocab),
+        }
+    )
 
 
 def _random_case(seed: int):
@@ -72,18 +90,23 @@ def _random_case(seed: int):
     vocab = int(rng.integers(10, 30))
     top_k = int(rng.integers(4, 10))
     beam = int(rng.integers(1, min(top_k, 5) + 1))
-    backend = PrefixHashBackend(vocab_size=vocab, top_k=top_k,
-                                end_bias=float(rng.uniform(-3, 1.5)), seed=seed)
-    options = CaptionOptions(beam_size=beam, max_length=int(rng.integers(2, 14)),
-                             n_best=int(rng.integers(1, beam + 1)),
-                             no_repeat_ngram=int(rng.integers(0, 4)),
-                             length_penalty=[None, 0.7, 1.5][seed % 3],
-                             guidance_bonus=float(rng.choice([0.0, 1.0, 3.0])),
-                             fusion_weight=float(rng.choice([0.0, 0.6])))
+    backend = PrefixHashBackend(
+        vocab_size=vocab, top_k=top_k, end_bias=float(rng.uniform(-3, 1.5)), seed=seed
+    )
+    options = CaptionOptions(
+        beam_size=beam,
+        max_length=int(rng.integers(2, 14)),
+        n_best=int(rng.integers(1, beam + 1)),
+        no_repeat_ngram=int(rng.integers(0, 4)),
+        length_penalty=[None, 0.7, 1.5][seed % 3],
+        guidance_bonus=float(rng.choice([0.0, 1.0, 3.0])),
+        fusion_weight=float(rng.choice([0.0, 0.6])),
+    )
     n_images = int(rng.integers(1, 5))
-    tag_words = tuple(frozenset(int(w) for w in rng.choice(np.arange(3, vocab),
-                                                           int(rng.integers(0, 3))))
-                      for _ in range(n_images))
+    tag_words = tuple(
+        frozenset(int(w) for w in rng.choice(np.arange(3, vocab), int(rng.integers(0, 3))))
+        for _ in range(n_images)
+    )
     fusion = Fusion(_lm(rng, vocab), _lm(rng, vocab), 0.5, {})
     return backend, options, rng.integers(0, 1000, n_images), tag_words, fusion, vocab
 
@@ -91,8 +114,9 @@ def _random_case(seed: int):
 @pytest.mark.parametrize("seed", range(30))
 def test_device_search_is_the_numpy_search_on_random_models(seed):
     backend, options, seeds, tag_words, fusion, vocab = _random_case(seed)
-    host = search_with_tags(backend, backend.encode(seeds), options, START, END, vocab,
-                            tag_words, fusion=fusion)
+    host = search_with_tags(
+        backend, backend.encode(seeds), options, START, END, vocab, tag_words, fusion=fusion
+    )
     for fixed in (False, True):  # the early-exit loop and the fixed-shape masked one
         device = _device(backend, backend.encode(seeds), options, tag_words, fusion, fixed)
         # with fusion, torch's matrix products round differently from numpy's
@@ -115,7 +139,7 @@ def _both(backend, options, fixed=False):
 
 @pytest.mark.parametrize("fixed", [False, True])
 def test_every_continuation_blocked_keeps_the_live_beam(fixed):
-    """"a" then "b", then both repeat a word (no_repeat_ngram=1) and <end> is not in the top
+    """ "a" then "b", then both repeat a word (no_repeat_ngram=1) and <end> is not in the top
     K: the live beam "a b" is the caption, unfinished."""
     backend = _table(lambda prefix: {"a": -0.1, "b": -0.2})
     host, device = _both(backend, CaptionOptions(beam_size=1, no_repeat_ngram=1), fixed)
@@ -127,19 +151,21 @@ def test_every_continuation_blocked_keeps_the_live_beam(fixed):
 def test_no_beam_ends_gives_the_best_place_to_end(fixed):
     """No beam takes <end> before max_length (it is third in every top K); the caption is the
     best ending seen, a finished hypothesis, not the cut beam."""
+
     def rule(prefix):
         return {"a": -0.1, "b": -0.3, "<end>": -2.0 - 0.5 * (len(prefix) == 3)}
 
     backend = _table(rule, top_k=4)
-    host, device = _both(backend, CaptionOptions(beam_size=2, max_length=5,
-                                                 no_repeat_ngram=0, n_best=2), fixed)
+    host, device = _both(
+        backend, CaptionOptions(beam_size=2, max_length=5, no_repeat_ngram=0, n_best=2), fixed
+    )
     assert host[0][0].finished and len(host[0][0].tokens) < 5
     _same(host, device)
 
 
 @pytest.mark.parametrize("fixed", [False, True])
 def test_equal_candidates_keep_the_numpy_order(fixed):
-    """"a" and "b" tie as first words: the numpy loop takes the one first in the step's top K
+    """ "a" and "b" tie as first words: the numpy loop takes the one first in the step's top K
     (its sort is stable), so must the device search."""
     backend = _table(lambda prefix: {"a": -0.5, "b": -0.5} if not prefix else {"<end>": -0.5})
     host, device = _both(backend, CaptionOptions(beam_size=1), fixed)
@@ -166,8 +192,14 @@ def test_equal_endings_keep_the_first(fixed):
     host = search_with_tags(backend, encoded, options, START, END, len(WORDS), tags)
     assert [WORDS[w] for w in host[0][0].tokens] == ["a"] and host[0][0].finished
     assert (host[0][0].rank_score, host[0][0].log_prob) == (0.0, -4.0)
-    device = _device(backend, backend.encode(np.zeros((1, 3, 4, 4), np.float32)), options,
-                     tags, fixed=fixed, vocab_size=len(WORDS))
+    device = _device(
+        backend,
+        backend.encode(np.zeros((1, 3, 4, 4), np.float32)),
+        options,
+        tags,
+        fixed=fixed,
+        vocab_size=len(WORDS),
+    )
     _same(host, device)
 
 
@@ -193,16 +225,28 @@ def test_a_non_finite_step_is_an_error_naming_the_word():
     options = CaptionOptions(beam_size=2, max_length=6, no_repeat_ngram=0)
     for fixed in (False, True):
         with pytest.raises(BackendError, match="non-finite log-probabilities at word 3"):
-            search.search(lambda index: NaNAt(SessionStep(backend.start(encoded,
-                                                                         index.numpy())), 3),
-                          1, options, 5, START, END, Rules(), fixed=fixed)
+            search.search(
+                lambda index: NaNAt(SessionStep(backend.start(encoded, index.numpy())), 3),
+                1,
+                options,
+                5,
+                START,
+                END,
+                Rules(),
+                fixed=fixed,
+            )
 
 
 # -- the shipped model on the example photos ---------------------------------------------------
 
-OPTIONS = [dict(), dict(n_best=3), dict(beam_size=5, n_best=5, max_length=8),
-           dict(length_penalty=0.7, no_repeat_ngram=1), dict(fusion_weight=0),
-           dict(guidance_bonus=0, beam_size=1)]
+OPTIONS = [
+    dict(),
+    dict(n_best=3),
+    dict(beam_size=5, n_best=5, max_length=8),
+    dict(length_penalty=0.7, no_repeat_ngram=1),
+    dict(fusion_weight=0),
+    dict(guidance_bonus=0, beam_size=1),
+]
 
 
 @pytest.fixture(scope="module")
@@ -210,8 +254,7 @@ def shipped(default_model_dir, example_images):
     """The shipped model's torch backend (device search) and the example photos, encoded."""
     captioner = Captioner(default_model_dir, backend="torch", device="cpu", search="device")
     photos = [str(p) for p in example_images]
-    batch = np.stack([preprocess([load_rgb(p)], captioner.manifest.preprocessing)[0]
-                      for p in photos])
+    batch = np.stack([preprocess([load_rgb(p)], captioner.manifest.preprocessing)[0] for p in photos])
     return captioner, captioner.backend.encode(batch), photos
 
 
@@ -219,14 +262,23 @@ def _search(captioner, encoded, options, on_device: bool):
     backend = captioner.backend
     backend.on_device = on_device
     try:
-        return search(backend, encoded, options, captioner.vocab.start, captioner.vocab.end,
-                      len(captioner.vocab), captioner.classes, captioner.fusion)
+        return search(
+            backend,
+            encoded,
+            options,
+            captioner.vocab.start,
+            captioner.vocab.end,
+            len(captioner.vocab),
+            captioner.classes,
+            captioner.fusion,
+        )
     finally:
         backend.on_device = True
 
 
-@pytest.mark.parametrize("options", OPTIONS, ids=lambda o: ",".join(f"{k}={v}" for k, v in
-                                                                     o.items()) or "defaults")
+@pytest.mark.parametrize(
+    "options", OPTIONS, ids=lambda o: ",".join(f"{k}={v}" for k, v in o.items()) or "defaults"
+)
 def test_device_search_captions_the_examples_as_the_numpy_search(shipped, options):
     captioner, encoded, _ = shipped
     options = replace(CaptionOptions(), **options)
@@ -249,11 +301,14 @@ def test_the_whole_decode_graph_captions_as_the_numpy_search(shipped):
         _same(host, _search(captioner, encoded, options, on_device=True), exact=False)
         graphs = graphed.graphs
         assert graphs.captured == 1  # the same shape: one graph, replayed
-        (graph, *_rest), = graphs.graphs.values()
+        ((graph, *_rest),) = graphs.graphs.values()
         assert graph.replays == 2
         short = replace(options, max_length=6)  # another plan: its own graph, the first kept
-        _same(_search(captioner, encoded, short, on_device=False),
-              _search(captioner, encoded, short, on_device=True), exact=False)
+        _same(
+            _search(captioner, encoded, short, on_device=False),
+            _search(captioner, encoded, short, on_device=True),
+            exact=False,
+        )
         assert graphs.captured == 2 and len(graphs.graphs) == 2
     finally:
         backend.device_search = kept
@@ -278,8 +333,9 @@ def test_the_captioner_uses_the_device_search(shipped, monkeypatch):
     assert [c.text for c in got] == [c.text for c in want] and calls == [1]
     caption = captioner.caption(photos[0], return_attention=True)
     assert caption.attention is not None and calls == [1]
-    monkeypatch.setattr(captioner, "options", replace(CaptionOptions(), constrained=True,
-                                                      constraint_min_prob=0.01))
+    monkeypatch.setattr(
+        captioner, "options", replace(CaptionOptions(), constrained=True, constraint_min_prob=0.01)
+    )
     captioner.caption(photos[1])
     assert calls == [1]
 
@@ -305,9 +361,16 @@ def test_torch_step_is_the_backend_session(tiny_model_dir):
     search = DeviceBeamSearch(vocab, torch.device("cpu"))
     for fixed in (False, True):
         with torch.inference_mode():
-            device = search.search(lambda index: TorchStep(backend.step_graph, encoded.tensors,
-                                                           index), 3, options, backend.top_k,
-                                   START, END, Rules(), fixed=fixed)
+            device = search.search(
+                lambda index: TorchStep(backend.step_graph, encoded.tensors, index),
+                3,
+                options,
+                backend.top_k,
+                START,
+                END,
+                Rules(),
+                fixed=fixed,
+            )
         _same(host, device, exact=True)
 
 
@@ -331,8 +394,16 @@ def test_an_fp16_decoder_behind_an_fp32_encoder_keeps_the_captions(shipped):
     np.testing.assert_allclose(encoded16.class_probs, encoded.class_probs, atol=1e-5)
     options = CaptionOptions()
     want = _search(captioner, encoded, options, on_device=False)
-    got = search(half, encoded16, options, captioner.vocab.start, captioner.vocab.end,
-                 len(captioner.vocab), captioner.classes, captioner.fusion)
+    got = search(
+        half,
+        encoded16,
+        options,
+        captioner.vocab.start,
+        captioner.vocab.end,
+        len(captioner.vocab),
+        captioner.classes,
+        captioner.fusion,
+    )
     assert [h[0].tokens for h in got] == [h[0].tokens for h in want]
     assert [h[0].score for h in got] == pytest.approx([h[0].score for h in want], abs=0.01)
     with pytest.raises(ValueError, match="fp32_encoder=True goes with fp16=True"):
@@ -341,17 +412,15 @@ def test_an_fp16_decoder_behind_an_fp32_encoder_keeps_the_captions(shipped):
 
 # -- on a real GPU (``pytest -m gpu``; deselected by default, run by benchmarks/gpu_check.py) ----
 
+
 @pytest.mark.gpu
 @pytest.mark.parametrize("graphs", [False, True])
-def test_the_device_search_on_the_gpu_captions_as_the_host_search(default_model_dir,
-                                                                   example_images, graphs):
+def test_the_device_search_on_the_gpu_captions_as_the_host_search(default_model_dir, example_images, graphs):
     if not torch.cuda.is_available():
         pytest.skip("no CUDA GPU")
     photos = [str(p) for p in example_images] * 3  # batches of 8 and 4
-    host = Captioner(default_model_dir, backend="torch", device="cuda", search="host",
-                     cuda_graphs=graphs)
-    device = Captioner(default_model_dir, backend="torch", device="cuda", search="device",
-                       cuda_graphs=graphs)
+    host = Captioner(default_model_dir, backend="torch", device="cuda", search="host", cuda_graphs=graphs)
+    device = Captioner(default_model_dir, backend="torch", device="cuda", search="device", cuda_graphs=graphs)
     assert device.backend.on_device
     for _ in range(2):  # the second time through the captured graphs
         want, got = host.caption_batch(photos), device.caption_batch(photos)

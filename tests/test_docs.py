@@ -48,11 +48,13 @@ def test_the_link_check_reports_missing_files_and_anchors(tmp_path):
         "[fine](#a-page) [fine](https://example.invalid/x) `[in code](gone.md)`\n"
         "[gone](gone.md)\n"
         "[no anchor](other.md#part-two)\n"
-        "```\n[in a code block](gone.md)\n```\n")
+        "```\n[in a code block](gone.md)\n```\n"
+    )
     problems = check_links.check(page, {}, root=tmp_path)
-    assert problems == ["page.md:3: gone.md: no such file or folder",
-                        "page.md:4: other.md#part-two: no heading with anchor #part-two in "
-                        "other.md"]
+    assert problems == [
+        "page.md:3: gone.md: no such file or folder",
+        "page.md:4: other.md#part-two: no heading with anchor #part-two in other.md",
+    ]
 
 
 def test_a_link_out_of_the_repository_is_reported(tmp_path):
@@ -62,7 +64,8 @@ def test_a_link_out_of_the_repository_is_reported(tmp_path):
     page = inside / "page.md"
     page.write_text("[out](../outside.md)\n")
     assert check_links.check(page, {}, root=inside) == [
-        "page.md:1: ../outside.md: points outside the repository"]
+        "page.md:1: ../outside.md: points outside the repository"
+    ]
 
 
 def test_the_readme_is_a_front_page_that_links_every_docs_page():
@@ -74,15 +77,18 @@ def test_the_readme_is_a_front_page_that_links_every_docs_page():
 
 
 def test_the_readmes_setup_and_test_commands_are_the_ones_ci_runs():
-    ci_lines = [line.split("  #")[0].rstrip()
-                for line in (ROOT / ".ci" / "run").read_text(encoding="utf-8").splitlines()]
+    ci_lines = [
+        line.split("  #")[0].rstrip()
+        for line in (ROOT / ".ci" / "run").read_text(encoding="utf-8").splitlines()
+    ]
     commands = fenced_commands(README)
     install = [c for c in commands if c.startswith(".venv/bin/pip install")]
     test = [c for c in commands if "pytest" in c and "slow" not in c]  # not the quick subset
     assert install and test
     for command in install + test:  # the whole command, at the end of a line of .ci/run
-        assert any(line.endswith(" " + command) for line in ci_lines), \
+        assert any(line.endswith(" " + command) for line in ci_lines), (
             f"the README's {command!r} is not what .ci/run runs"
+        )
 
 
 def test_each_test_listed_as_slow_exists():
@@ -92,8 +98,9 @@ def test_each_test_listed_as_slow_exists():
     for test_id in sorted(slow_test_ids()):
         file, _, name = test_id.partition("::")
         path = ROOT / file
-        if not path.is_file() or not re.search(rf"^\s*def {re.escape(name)}\(",
-                                                path.read_text(encoding="utf-8"), re.M):
+        if not path.is_file() or not re.search(
+            rf"^\s*def {re.escape(name)}\(", path.read_text(encoding="utf-8"), re.M
+        ):
             missing.append(test_id)
     assert missing == [], "tests/slow_tests.txt names tests that do not exist"
 
@@ -108,5 +115,4 @@ def test_images_and_links_are_both_checked(tmp_path, line):
 def test_a_link_whose_text_runs_over_two_lines_is_checked(tmp_path):
     page = tmp_path / "page.md"
     page.write_text("# Page\n\nSee [the other\npage](gone.md) and [this one](#page).\n")
-    assert check_links.check(page, {}, root=tmp_path) == [
-        "page.md:3: gone.md: no such file or folder"]
+    assert check_links.check(page, {}, root=tmp_path) == ["page.md:3: gone.md: no such file or folder"]

@@ -43,8 +43,9 @@ def lite2():
 def test_lite2_loads_its_imagenet_weights_and_names_the_example_photos(lite2):
     names = _names()
     pre = Preprocessing(size=(260, 260))
-    x = torch.from_numpy(np.stack([to_model_input(load_rgb(EXAMPLES / f), pre)
-                                   for f in ("chelsea.png", "coffee.png")]))
+    x = torch.from_numpy(
+        np.stack([to_model_input(load_rgb(EXAMPLES / f), pre) for f in ("chelsea.png", "coffee.png")])
+    )
     with torch.inference_mode():
         fmap = lite2.features(x)
         probs = lite2.class_probs(fmap).numpy()
@@ -61,8 +62,15 @@ def test_lite2_stages_halve_the_map_where_efficientnet_does(lite2):
     ends = np.cumsum([1, 3, 3, 4, 4, 5, 1])  # blocks per stage (depth x1.2, first / last kept)
     with torch.inference_mode():
         shapes = [tuple(lite2.prefix(x, int(n)).shape[1:]) for n in ends]
-    assert shapes == [(16, 130, 130), (24, 65, 65), (48, 33, 33), (88, 17, 17), (120, 17, 17),
-                      (208, 9, 9), (352, 9, 9)]
+    assert shapes == [
+        (16, 130, 130),
+        (24, 65, 65),
+        (48, 33, 33),
+        (88, 17, 17),
+        (120, 17, 17),
+        (208, 9, 9),
+        (352, 9, 9),
+    ]
 
 
 def test_each_encoder_trains_at_its_own_size_unless_told():
@@ -101,12 +109,13 @@ def test_a_checkpoint_remembers_its_encoder(tmp_path):
     from edgecap.models.decoder import CaptionDecoder, DecoderConfig
     from edgecap.vocab import Vocabulary
 
-    vocab = Vocabulary.build(["a dog runs on the grass", "a cat sits on a red mat",
-                              "two dogs play in the snow"], min_count=1)
-    decoder = CaptionDecoder(DecoderConfig(vocab_size=len(vocab), hidden_dim=16, feature_dim=16,
-                                           embed_dim=8, attention_dim=8))
-    save_checkpoint(tmp_path / "ck", decoder, vocab, Preprocessing(size=(260, 260)), {},
-                    encoder_name=LITE2)
+    vocab = Vocabulary.build(
+        ["a dog runs on the grass", "a cat sits on a red mat", "two dogs play in the snow"], min_count=1
+    )
+    decoder = CaptionDecoder(
+        DecoderConfig(vocab_size=len(vocab), hidden_dim=16, feature_dim=16, embed_dim=8, attention_dim=8)
+    )
+    save_checkpoint(tmp_path / "ck", decoder, vocab, Preprocessing(size=(260, 260)), {}, encoder_name=LITE2)
     encoder, _, _, pre, meta = load_checkpoint(tmp_path / "ck")
     assert encoder.variant == LITE2 and meta["encoder"] == LITE2 and pre.size == (260, 260)
 
@@ -116,8 +125,13 @@ def lite2_model_dir(lite2, tmp_path_factory):
     pytest.importorskip("onnxruntime")
     from helpers import tiny_export
 
-    return tiny_export(lite2, tmp_path_factory.mktemp("lite2-model"), Preprocessing(size=(260, 260)),
-                       width=32, name="tiny-random-lite2")
+    return tiny_export(
+        lite2,
+        tmp_path_factory.mktemp("lite2-model"),
+        Preprocessing(size=(260, 260)),
+        width=32,
+        name="tiny-random-lite2",
+    )
 
 
 def test_a_lite2_model_exports_and_captions_alike_on_onnxruntime_and_torch(lite2_model_dir):
@@ -140,8 +154,13 @@ def test_starting_from_a_model_of_another_encoder_is_refused(tiny_model_dir, tmp
     from edgecap.errors import ModelError
     from edgecap.training.start import initial_model
 
-    cfg = TrainConfig(data=str(tmp_path), out=str(tmp_path / "o"), encoder=LITE2,
-                      init_from=str(tiny_model_dir), min_word_count=1)
+    cfg = TrainConfig(
+        data=str(tmp_path),
+        out=str(tmp_path / "o"),
+        encoder=LITE2,
+        init_from=str(tiny_model_dir),
+        min_word_count=1,
+    )
     items = [CaptionedImage("x.jpg", ["a dog runs on the grass"])]
     with pytest.raises(ModelError, match="efficientnet-lite0's features, not efficientnet-lite2"):
         initial_model(cfg, items, tmp_path / "o" / "last", log=lambda *_: None)

@@ -26,13 +26,19 @@ pytest.importorskip("pycocoevalcap")
 
 EXAMPLES = Path(edgecap.__file__).parent / "assets" / "examples"
 PHOTOS = ("astronaut.png", "chelsea.png", "coffee.png", "rocket.jpg")
-ENV = {**os.environ, "PYTHONPATH": os.pathsep.join(
-    [str(Path(edgecap.__file__).parent.parent), os.environ.get("PYTHONPATH", "")])}
+ENV = {
+    **os.environ,
+    "PYTHONPATH": os.pathsep.join(
+        [str(Path(edgecap.__file__).parent.parent), os.environ.get("PYTHONPATH", "")]
+    ),
+}
 needs_java = pytest.mark.skipif(not metrics.java_available(), reason="needs Java (PTB, METEOR)")
 
 HUMAN = {
-    "astronaut.png": ["A woman in a space suit stands in front of a flag.",
-                      "An astronaut smiles for the camera."],
+    "astronaut.png": [
+        "A woman in a space suit stands in front of a flag.",
+        "An astronaut smiles for the camera.",
+    ],
     "chelsea.png": ["A tabby cat looks to the side.", "A cat sits on a wooden floor."],
     "coffee.png": ["A cup of coffee on a saucer.", "A white cup of espresso on a table."],
     "rocket.jpg": ["A rocket stands on the launch pad.", "A space shuttle before launch."],
@@ -43,16 +49,17 @@ def coco_json(path: Path, captions: dict[str, list[str]], ids: dict[str, int] | 
     """Write COCO caption JSON for {file_name: [captions]}; ids default to 10, 11, ..."""
     ids = ids or {name: 10 + i for i, name in enumerate(captions)}
     images = [{"id": ids[name], "file_name": name} for name in captions]
-    annotations = [{"id": 100 + k, "image_id": ids[name], "caption": c}
-                   for k, (name, c) in enumerate((n, c) for n, cs in captions.items() for c in cs)]
+    annotations = [
+        {"id": 100 + k, "image_id": ids[name], "caption": c}
+        for k, (name, c) in enumerate((n, c) for n, cs in captions.items() for c in cs)
+    ]
     path.write_text(json.dumps({"images": images, "annotations": annotations}))
     return path
 
 
 def flickr_files(root: Path, split: list[str]) -> tuple[Path, Path]:
     tokens = root / "tokens.txt"
-    tokens.write_text("".join(f"{name}#{k}\t{c}\n" for name, cs in HUMAN.items()
-                              for k, c in enumerate(cs)))
+    tokens.write_text("".join(f"{name}#{k}\t{c}\n" for name, cs in HUMAN.items() for k, c in enumerate(cs)))
     split_file = root / "split.txt"
     split_file.write_text("\n".join(split) + "\n")
     return tokens, split_file
@@ -60,12 +67,16 @@ def flickr_files(root: Path, split: list[str]) -> tuple[Path, Path]:
 
 # -- reference readers --------------------------------------------------------------------------
 def test_read_coco_groups_captions_by_image_in_images_order(tmp_path):
-    path = coco_json(tmp_path / "refs.json",
-                     {"b.jpg": [" Two dogs. ", "A dog."], "a.jpg": ["A cat."]},
-                     ids={"b.jpg": 7, "a.jpg": 3})
+    path = coco_json(
+        tmp_path / "refs.json",
+        {"b.jpg": [" Two dogs. ", "A dog."], "a.jpg": ["A cat."]},
+        ids={"b.jpg": 7, "a.jpg": 3},
+    )
     items = read_coco(path)
     assert [(i.image_id, i.file_name, i.captions) for i in items] == [
-        (7, "b.jpg", ["Two dogs.", "A dog."]), (3, "a.jpg", ["A cat."])]
+        (7, "b.jpg", ["Two dogs.", "A dog."]),
+        (3, "a.jpg", ["A cat."]),
+    ]
 
 
 def test_read_flickr8k_ids_are_split_line_indices(tmp_path):
@@ -76,17 +87,29 @@ def test_read_flickr8k_ids_are_split_line_indices(tmp_path):
 
 
 def test_read_karpathy_keeps_one_split(tmp_path):
-    data = {"images": [
-        {"filename": "a.jpg", "imgid": 0, "split": "train", "sentences": [{"raw": "A cat. "}]},
-        {"filename": "b.jpg", "imgid": 1, "split": "test", "sentences": [{"raw": "A dog."}]},
-        {"filename": "c.jpg", "filepath": "val2014", "cocoid": 9, "imgid": 2, "split": "restval",
-         "sentences": [{"raw": "A bird."}, {"raw": "Birds."}]}]}
+    data = {
+        "images": [
+            {"filename": "a.jpg", "imgid": 0, "split": "train", "sentences": [{"raw": "A cat. "}]},
+            {"filename": "b.jpg", "imgid": 1, "split": "test", "sentences": [{"raw": "A dog."}]},
+            {
+                "filename": "c.jpg",
+                "filepath": "val2014",
+                "cocoid": 9,
+                "imgid": 2,
+                "split": "restval",
+                "sentences": [{"raw": "A bird."}, {"raw": "Birds."}],
+            },
+        ]
+    }
     path = tmp_path / "dataset_tiny.json"
     path.write_text(json.dumps(data))
     assert [(i.image_id, i.file_name, i.captions) for i in read_karpathy(path, "test")] == [
-        (1, "b.jpg", ["A dog."])]
+        (1, "b.jpg", ["A dog."])
+    ]
     assert [(i.image_id, i.file_name) for i in read_karpathy(path, "train")] == [
-        (0, "a.jpg"), (9, "val2014/c.jpg")]
+        (0, "a.jpg"),
+        (9, "val2014/c.jpg"),
+    ]
     # load_references recognises the Karpathy layout and insists on a split
     assert [i.file_name for i in load_references(path, karpathy_split="test")] == ["b.jpg"]
     with pytest.raises(ValueError, match="Karpathy"):
@@ -99,13 +122,18 @@ def test_load_references_flickr8k_layout(tmp_path):
     assert [(i.image_id, i.file_name) for i in items] == [(0, "rocket.jpg"), (1, "chelsea.png")]
 
 
-@pytest.mark.parametrize("content, problem", [
-    ("{not json", "not valid JSON"),
-    (json.dumps({"images": [{"id": 1}], "annotations": []}), "unexpected layout"),
-    (json.dumps({"images": [{"id": 1, "file_name": "a.jpg"}], "annotations": []}),
-     "no reference caption: a.jpg"),
-    (json.dumps({"images": [], "annotations": []}), "lists no images"),
-])
+@pytest.mark.parametrize(
+    "content, problem",
+    [
+        ("{not json", "not valid JSON"),
+        (json.dumps({"images": [{"id": 1}], "annotations": []}), "unexpected layout"),
+        (
+            json.dumps({"images": [{"id": 1, "file_name": "a.jpg"}], "annotations": []}),
+            "no reference caption: a.jpg",
+        ),
+        (json.dumps({"images": [], "annotations": []}), "lists no images"),
+    ],
+)
 def test_load_references_bad_files_name_the_file(tmp_path, content, problem):
     path = tmp_path / "refs.json"
     path.write_text(content)
@@ -116,8 +144,9 @@ def test_load_references_bad_files_name_the_file(tmp_path, content, problem):
 
 def test_check_images_names_every_missing_image(tmp_path):
     (tmp_path / "here.png").write_bytes(b"x")
-    items = read_coco(coco_json(tmp_path / "r.json",
-                                {"here.png": ["x"], "gone1.png": ["x"], "gone2.jpg": ["x"]}))
+    items = read_coco(
+        coco_json(tmp_path / "r.json", {"here.png": ["x"], "gone1.png": ["x"], "gone2.jpg": ["x"]})
+    )
     with pytest.raises(FileNotFoundError, match=r"2 of 3 .*gone1\.png, gone2\.jpg"):
         check_images(items, tmp_path)
     check_images(items[:1], tmp_path)  # all present: no error
@@ -125,15 +154,22 @@ def test_check_images_names_every_missing_image(tmp_path):
 
 # -- results and metrics ------------------------------------------------------------------------
 def test_results_json_is_coco_results_format(tmp_path):
-    items = read_coco(coco_json(tmp_path / "r.json", {"a.png": ["A cat."], "b.png": ["A dog."]},
-                                ids={"a.png": 5, "b.png": 2}))
+    items = read_coco(
+        coco_json(
+            tmp_path / "r.json", {"a.png": ["A cat."], "b.png": ["A dog."]}, ids={"a.png": 5, "b.png": 2}
+        )
+    )
     assert results_json(items, {2: "a dog", 5: "a cat"}) == [
-        {"image_id": 5, "caption": "a cat"}, {"image_id": 2, "caption": "a dog"}]
+        {"image_id": 5, "caption": "a cat"},
+        {"image_id": 2, "caption": "a dog"},
+    ]
 
 
-REFS = {1: ["A dog runs across the green grass.", "A brown dog is running outside."],
-        2: ["Two children play in the snow.", "Kids playing in snow near a house."],
-        3: ["A man rides a red bike down the street.", "A cyclist on a city road."]}
+REFS = {
+    1: ["A dog runs across the green grass.", "A brown dog is running outside."],
+    2: ["Two children play in the snow.", "Kids playing in snow near a house."],
+    3: ["A man rides a red bike down the street.", "A cyclist on a city road."],
+}
 HYPS = {1: "a dog runs on the grass", 2: "two kids play in the snow", 3: "a man rides a bike"}
 
 
@@ -150,10 +186,12 @@ def test_score_equals_pycocoevalcap_run_directly(one_meteor):
     bleu, _ = Bleu(4).compute_score(gts, res, verbose=0)
     # One METEOR (a Java process whose start-up is most of this test's time) for both sides:
     # metrics.score is handed the session's (conftest.py) instead of starting one.
-    expected = {**{f"BLEU-{i + 1}": b for i, b in enumerate(bleu)},
-                "METEOR": one_meteor.process.compute_score(gts, res)[0],
-                "ROUGE-L": Rouge().compute_score(gts, res)[0],
-                "CIDEr": Cider().compute_score(gts, res)[0]}
+    expected = {
+        **{f"BLEU-{i + 1}": b for i, b in enumerate(bleu)},
+        "METEOR": one_meteor.process.compute_score(gts, res)[0],
+        "ROUGE-L": Rouge().compute_score(gts, res)[0],
+        "CIDEr": Cider().compute_score(gts, res)[0],
+    }
 
     got = metrics.score(REFS, HYPS, tokenizer="ptb")
     assert one_meteor.closed == [one_meteor.process]  # it ends the METEOR it used
@@ -164,21 +202,26 @@ def test_score_equals_pycocoevalcap_run_directly(one_meteor):
 
 def test_score_split_without_java_skips_only_meteor(monkeypatch, capsys, tmp_path):
     monkeypatch.setattr(metrics, "java_available", lambda: False)
-    items = read_coco(coco_json(tmp_path / "r.json", {str(k): v for k, v in REFS.items()},
-                                ids={str(k): k for k in REFS}))
+    items = read_coco(
+        coco_json(tmp_path / "r.json", {str(k): v for k, v in REFS.items()}, ids={str(k): k for k in REFS})
+    )
     report = score_split(items, HYPS)
     assert report.tokenizer == "simple" and report.skipped == ("METEOR",)
     assert list(report.scores) == ["BLEU-1", "BLEU-2", "BLEU-3", "BLEU-4", "ROUGE-L", "CIDEr"]
     assert report.n_images == 3
-    assert report.scores == metrics.score(REFS, HYPS, tokenizer="simple",
-                                          metrics=tuple(report.scores))
+    assert report.scores == metrics.score(REFS, HYPS, tokenizer="simple", metrics=tuple(report.scores))
     assert "Java not found" in capsys.readouterr().err
 
 
 # -- the command --------------------------------------------------------------------------------
 def edgecap_eval(*args) -> subprocess.CompletedProcess:
-    return subprocess.run([sys.executable, "-m", "edgecap", "eval", *map(str, args)],
-                          capture_output=True, text=True, timeout=300, env=ENV)
+    return subprocess.run(
+        [sys.executable, "-m", "edgecap", "eval", *map(str, args)],
+        capture_output=True,
+        text=True,
+        timeout=300,
+        env=ENV,
+    )
 
 
 @pytest.fixture(scope="module")
@@ -187,20 +230,34 @@ def tiny_captions(tiny_model_dir) -> dict[str, str]:
     from edgecap import Captioner
 
     captioner = Captioner(tiny_model_dir, backend="onnxruntime", beam_size=2, max_length=6)
-    return {name: c.text for name, c in
-            zip(PHOTOS, captioner.caption_batch([EXAMPLES / n for n in PHOTOS]))}
+    return {name: c.text for name, c in zip(PHOTOS, captioner.caption_batch([EXAMPLES / n for n in PHOTOS]))}
 
 
 @needs_java
 def test_cli_json_and_results_end_to_end(tiny_model_dir, tiny_captions, tmp_path):
     # Each image's references include the model's own caption, so BLEU-1 and ROUGE-L must be ~1
     # if (and only if) captions are matched with their own image's references.
-    refs = coco_json(tmp_path / "refs.json",
-                     {name: [tiny_captions[name], *HUMAN[name]] for name in PHOTOS})
+    refs = coco_json(tmp_path / "refs.json", {name: [tiny_captions[name], *HUMAN[name]] for name in PHOTOS})
     results = tmp_path / "results.json"
-    out = edgecap_eval("--images", EXAMPLES, "--references", refs, "--model", tiny_model_dir,
-                       "--backend", "onnxruntime", "--beam-size", 2, "--max-length", 6,
-                       "--batch-size", 3, "--output", results, "--json")
+    out = edgecap_eval(
+        "--images",
+        EXAMPLES,
+        "--references",
+        refs,
+        "--model",
+        tiny_model_dir,
+        "--backend",
+        "onnxruntime",
+        "--beam-size",
+        2,
+        "--max-length",
+        6,
+        "--batch-size",
+        3,
+        "--output",
+        results,
+        "--json",
+    )
     assert out.returncode == 0, out.stderr
     assert len(out.stdout.splitlines()) == 1
     summary = json.loads(out.stdout)
@@ -209,20 +266,39 @@ def test_cli_json_and_results_end_to_end(tiny_model_dir, tiny_captions, tmp_path
     assert summary["BLEU-1"] > 0.99 and summary["ROUGE-L"] > 0.99
     assert summary["n_images"] == 4 and summary["tokenizer"] == "ptb"
     assert summary["beam_size"] == 2 and summary["backend"].startswith("onnxruntime")
-    assert summary["model"] == {"name": "tiny-random", "path": str(tiny_model_dir),
-                                "precision": "fp32"}
+    assert summary["model"] == {"name": "tiny-random", "path": str(tiny_model_dir), "precision": "fp32"}
     assert json.loads(results.read_text()) == [
-        {"image_id": 10 + i, "caption": tiny_captions[name]} for i, name in enumerate(PHOTOS)]
+        {"image_id": 10 + i, "caption": tiny_captions[name]} for i, name in enumerate(PHOTOS)
+    ]
 
 
-def test_cli_flickr8k_layout_text_without_java(tiny_model_dir, tiny_captions, tmp_path,
-                                               monkeypatch, capsys):
+def test_cli_flickr8k_layout_text_without_java(tiny_model_dir, tiny_captions, tmp_path, monkeypatch, capsys):
     monkeypatch.setattr(metrics, "java_available", lambda: False)
     tokens, split = flickr_files(tmp_path, ["rocket.jpg", "chelsea.png", "coffee.png"])
     results = tmp_path / "results.json"
-    rc = main(["eval", "--images", str(EXAMPLES), "--captions", str(tokens), "--split", str(split),
-               "--model", str(tiny_model_dir), "--backend", "onnxruntime", "--max-length", "6",
-               "--beam-size", "2", "--limit", "2", "--output", str(results)])
+    rc = main(
+        [
+            "eval",
+            "--images",
+            str(EXAMPLES),
+            "--captions",
+            str(tokens),
+            "--split",
+            str(split),
+            "--model",
+            str(tiny_model_dir),
+            "--backend",
+            "onnxruntime",
+            "--max-length",
+            "6",
+            "--beam-size",
+            "2",
+            "--limit",
+            "2",
+            "--output",
+            str(results),
+        ]
+    )
     out = capsys.readouterr()
     assert rc == 0, out.err
     assert "Java not found" in out.err
@@ -237,15 +313,24 @@ def test_cli_flickr8k_layout_text_without_java(tiny_model_dir, tiny_captions, tm
     assert "beam size 2" in lines["search"]
     assert json.loads(results.read_text()) == [
         {"image_id": 0, "caption": tiny_captions["rocket.jpg"]},
-        {"image_id": 1, "caption": tiny_captions["chelsea.png"]}]
+        {"image_id": 1, "caption": tiny_captions["chelsea.png"]},
+    ]
 
 
 def test_cli_missing_images_fail_before_captioning(tiny_model_dir, tmp_path):
-    refs = coco_json(tmp_path / "refs.json", {"chelsea.png": ["A cat."], "gone1.jpg": ["A dog."],
-                                              "rocket.jpg": ["A rocket."], "gone2.png": ["Snow."]})
+    refs = coco_json(
+        tmp_path / "refs.json",
+        {
+            "chelsea.png": ["A cat."],
+            "gone1.jpg": ["A dog."],
+            "rocket.jpg": ["A rocket."],
+            "gone2.png": ["Snow."],
+        },
+    )
     results = tmp_path / "results.json"
-    out = edgecap_eval("--images", EXAMPLES, "--references", refs, "--model", tiny_model_dir,
-                       "--output", results)
+    out = edgecap_eval(
+        "--images", EXAMPLES, "--references", refs, "--model", tiny_model_dir, "--output", results
+    )
     assert out.returncode == 2
     assert "Traceback" not in out.stderr and out.stdout == ""
     assert "2 of 4 listed images" in out.stderr and "gone1.jpg, gone2.png" in out.stderr
@@ -257,22 +342,39 @@ def test_cli_undecodable_image_fails_without_scoring(tiny_model_dir, tmp_path, c
     (tmp_path / "cat.png").write_bytes((EXAMPLES / "chelsea.png").read_bytes())
     refs = coco_json(tmp_path / "refs.json", {"cat.png": ["A cat."], "broken.jpg": ["A dog."]})
     results = tmp_path / "results.json"
-    rc = main(["eval", "--images", str(tmp_path), "--references", str(refs), "--model",
-               str(tiny_model_dir), "--max-length", "3", "--output", str(results), "--json"])
+    rc = main(
+        [
+            "eval",
+            "--images",
+            str(tmp_path),
+            "--references",
+            str(refs),
+            "--model",
+            str(tiny_model_dir),
+            "--max-length",
+            "3",
+            "--output",
+            str(results),
+            "--json",
+        ]
+    )
     out = capsys.readouterr()
     assert rc == 1
     assert "broken.jpg" in out.err and "cannot be scored" in out.err
     assert out.out == "" and not results.exists()
 
 
-@pytest.mark.parametrize("args, problem", [
-    ([], "give --references"),
-    (["--references", "r.json", "--captions", "t.txt", "--split", "s.txt"], "give --references"),
-    (["--captions", "t.txt"], "--captions needs --split"),
-    (["--references", "r.json", "--split", "s.txt"], "--split goes with --captions"),
-    (["--references", "r.json", "--limit", "0"], "--limit must be at least 1"),
-    (["--references", "nowhere.json"], "nowhere.json"),
-])
+@pytest.mark.parametrize(
+    "args, problem",
+    [
+        ([], "give --references"),
+        (["--references", "r.json", "--captions", "t.txt", "--split", "s.txt"], "give --references"),
+        (["--captions", "t.txt"], "--captions needs --split"),
+        (["--references", "r.json", "--split", "s.txt"], "--split goes with --captions"),
+        (["--references", "r.json", "--limit", "0"], "--limit must be at least 1"),
+        (["--references", "nowhere.json"], "nowhere.json"),
+    ],
+)
 def test_cli_bad_reference_options(args, problem, tmp_path, capsys):
     rc = main(["eval", "--images", str(tmp_path), *args])
     assert rc == 2

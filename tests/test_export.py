@@ -37,8 +37,9 @@ def exported(tmp_path_factory):
     """(encoder, decoder, model dir): modules and their export, which passed the check."""
     torch.manual_seed(0)
     vocab = Vocabulary.build(["a cat sat on the mat", "a dog ran in the park today"], min_count=1)
-    decoder = CaptionDecoder(DecoderConfig(vocab_size=len(vocab), hidden_dim=16, feature_dim=16,
-                                           embed_dim=8, attention_dim=8))
+    decoder = CaptionDecoder(
+        DecoderConfig(vocab_size=len(vocab), hidden_dim=16, feature_dim=16, embed_dim=8, attention_dim=8)
+    )
     encoder = EfficientNetLite()
     out = tmp_path_factory.mktemp("export-check") / "model"
     manifest = export_modules(encoder, decoder, vocab, PRE, out)  # raises if the check fails
@@ -71,12 +72,15 @@ def _nudged(module: torch.nn.Module, name: str, amount: float = NUDGE) -> torch.
 #   encoder's last BN bias -> features and everything after them in the encoder graph
 #                             (in a randomly initialised EfficientNet a single conv weight
 #                             often changes nothing: the activations saturate)
-@pytest.mark.parametrize("which, name", [
-    ("decoder", "init_h.bias"),
-    ("decoder", "lstm.bias_hh"),
-    ("decoder", "att_feat.bias"),
-    ("encoder", None),
-])
+@pytest.mark.parametrize(
+    "which, name",
+    [
+        ("decoder", "init_h.bias"),
+        ("decoder", "lstm.bias_hh"),
+        ("decoder", "att_feat.bias"),
+        ("encoder", None),
+    ],
+)
 def test_pytorch_changed_after_export_fails_the_check(exported, which, name):
     encoder, decoder, out = exported
     if which == "decoder":
@@ -94,12 +98,14 @@ def test_a_change_far_below_the_tolerance_passes(exported):
     check_export(encoder, _nudged(decoder, "init_h.bias", 1e-6), out, PRE)
 
 
-@pytest.mark.parametrize("graph, initializer", [
-    ("encoder.onnx", "decoder.init_c.bias"),       # c0
-    ("decoder_step.onnx", "decoder.out_hidden.bias"),  # topk_logprobs
-])
-def test_an_onnx_initializer_changed_after_export_fails_the_check(exported, tmp_path, graph,
-                                                                   initializer):
+@pytest.mark.parametrize(
+    "graph, initializer",
+    [
+        ("encoder.onnx", "decoder.init_c.bias"),  # c0
+        ("decoder_step.onnx", "decoder.out_hidden.bias"),  # topk_logprobs
+    ],
+)
+def test_an_onnx_initializer_changed_after_export_fails_the_check(exported, tmp_path, graph, initializer):
     encoder, decoder, out = exported
     model_dir = tmp_path / "model"
     shutil.copytree(out, model_dir)
@@ -137,7 +143,7 @@ def test_the_folded_padding_matches_pytorch_on_a_photo(tiny_model_dir):
     manifest = load_manifest(tiny_model_dir)
     x = preprocess([load_rgb(EXAMPLES / "chelsea.png")], manifest.preprocessing)
     session = ort.InferenceSession(str(manifest.path("encoder")), providers=["CPUExecutionProvider"])
-    features, = session.run(["features"], {"image": x})
+    (features,) = session.run(["features"], {"image": x})
     reference = TorchBackend(manifest).encode(x).tensors["features"].numpy()
     assert np.abs(features - reference).max() < 1e-3
 
@@ -157,22 +163,26 @@ def test_constant_folding_for_tensorrt_keeps_the_outputs(tiny_model_dir, role):
     folded = fold_constants(onnx.load(str(manifest.path(role))))
     onnx.checker.check_model(folded)
     constants = {t.name for t in folded.graph.initializer}
-    assert all(any(name not in constants for name in node.input if name)
-               for node in folded.graph.node), "a node with only constant inputs is left"
+    assert all(any(name not in constants for name in node.input if name) for node in folded.graph.node), (
+        "a node with only constant inputs is left"
+    )
     assert not any(node.op_type == "Constant" for node in folded.graph.node)
     assert len(folded.graph.node) < len(original.graph.node)  # there was something to fold
     if role == "encoder":
-        feeds = {"image": np.random.default_rng(0).uniform(-1, 1, (2, 3, 224, 224))
-                 .astype(np.float32)}
+        feeds = {"image": np.random.default_rng(0).uniform(-1, 1, (2, 3, 224, 224)).astype(np.float32)}
     else:
         from edgecap.backends.torch import TorchBackend
         from edgecap.contract import STEP_INPUTS
 
         decoder = TorchBackend(manifest).decoder
-        feeds = {name: value.numpy() for name, value in
-                 zip(STEP_INPUTS, example_step_inputs(decoder, manifest.dims.regions))}
-    run = [ort.InferenceSession(m.SerializeToString(), providers=["CPUExecutionProvider"])
-           .run(None, feeds) for m in (original, folded)]
+        feeds = {
+            name: value.numpy()
+            for name, value in zip(STEP_INPUTS, example_step_inputs(decoder, manifest.dims.regions))
+        }
+    run = [
+        ort.InferenceSession(m.SerializeToString(), providers=["CPUExecutionProvider"]).run(None, feeds)
+        for m in (original, folded)
+    ]
     for before, after in zip(*run):
         np.testing.assert_array_equal(before, after)
 
@@ -189,9 +199,11 @@ def test_fp16_keeps_the_encoders_stem_and_first_blocks_in_fp32(tiny_model_dir, t
     assert early and set(early) <= kept and late and not set(late) & kept
     fp16 = convert_model_dir(tiny_model_dir, tmp_path / "fp16", "fp16")
     weights = {t.name: t.data_type for t in onnx.load(str(fp16.path("encoder"))).graph.initializer}
-    stem = next(n for n in onnx.load(str(fp16.path("encoder"))).graph.node
-                if n.name == "/_conv_stem/Conv")
-    late_conv = next(n for n in onnx.load(str(fp16.path("encoder"))).graph.node
-                     if n.name == f"/_blocks.{ENCODER_FP32_BLOCKS}/_expand_conv/Conv")
+    stem = next(n for n in onnx.load(str(fp16.path("encoder"))).graph.node if n.name == "/_conv_stem/Conv")
+    late_conv = next(
+        n
+        for n in onnx.load(str(fp16.path("encoder"))).graph.node
+        if n.name == f"/_blocks.{ENCODER_FP32_BLOCKS}/_expand_conv/Conv"
+    )
     assert weights[stem.input[1]] == onnx.TensorProto.FLOAT
     assert weights[late_conv.input[1]] == onnx.TensorProto.FLOAT16

@@ -25,10 +25,15 @@ V, E, H = 14, 6, 5
 
 def _torch_lm(seed: int):
     torch.manual_seed(seed)
-    embed, lstm, out = torch.nn.Embedding(V, E), torch.nn.LSTM(E, H, batch_first=True), \
-        torch.nn.Linear(H, V)
-    arrays = {"embed": embed.weight, "w_ih": lstm.weight_ih_l0, "w_hh": lstm.weight_hh_l0,
-              "bias": lstm.bias_ih_l0 + lstm.bias_hh_l0, "out_w": out.weight, "out_b": out.bias}
+    embed, lstm, out = torch.nn.Embedding(V, E), torch.nn.LSTM(E, H, batch_first=True), torch.nn.Linear(H, V)
+    arrays = {
+        "embed": embed.weight,
+        "w_ih": lstm.weight_ih_l0,
+        "w_hh": lstm.weight_hh_l0,
+        "bias": lstm.bias_ih_l0 + lstm.bias_hh_l0,
+        "out_w": out.weight,
+        "out_b": out.bias,
+    }
     return (embed, lstm, out), {k: v.detach().numpy().astype(np.float32) for k, v in arrays.items()}
 
 
@@ -48,8 +53,12 @@ def test_the_numpy_lm_is_pytorchs_lstm(rows):
 def _fusion(tmp_path, weight=0.5):
     for role, seed in (("everyday", 1), ("in_domain", 2)):
         np.savez(tmp_path / f"lm_{role}.npz", **_torch_lm(seed)[1])
-    spec = {"format": "edgecap-fusion/1", "weight": weight,
-            "everyday": {"file": "lm_everyday.npz"}, "in_domain": {"file": "lm_in_domain.npz"}}
+    spec = {
+        "format": "edgecap-fusion/1",
+        "weight": weight,
+        "everyday": {"file": "lm_everyday.npz"},
+        "in_domain": {"file": "lm_in_domain.npz"},
+    }
     (tmp_path / "fusion.json").write_text(json.dumps(spec))
     return Fusion.load(tmp_path, V)
 
@@ -92,8 +101,9 @@ def test_fusion_is_one_more_rule_of_the_loop(tmp_path):
 
     def captions(weight):
         scorers = [] if weight is None else [partial(fusion.scorer, weight)]
-        return beam_search(backend, backend.encode(seeds), options, START, END,
-                           filters=[NeverFirst([END])], scorers=scorers)
+        return beam_search(
+            backend, backend.encode(seeds), options, START, END, filters=[NeverFirst([END])], scorers=scorers
+        )
 
     plain, zero, fused = captions(None), captions(0.0), captions(2.0)
     assert [h[0].tokens for h in zero] == [h[0].tokens for h in plain]
@@ -113,10 +123,12 @@ def test_a_broken_fusion_file_is_a_model_error_naming_it(tmp_path):
     with pytest.raises(ModelError, match="belongs to another model"):
         Fusion.load(tmp_path, V + 1)
     spec = json.loads((tmp_path / "fusion.json").read_text())
-    for change, message in (({"format": "other"}, "format"), ({"weight": 7}, "weight"),
-                            ({"everyday": {"file": "../x.npz"}}, "file name"),
-                            ({"everyday": {"file": "lm_everyday.npz", "sha256": "0" * 64}},
-                             "checksum")):
+    for change, message in (
+        ({"format": "other"}, "format"),
+        ({"weight": 7}, "weight"),
+        ({"everyday": {"file": "../x.npz"}}, "file name"),
+        ({"everyday": {"file": "lm_everyday.npz", "sha256": "0" * 64}}, "checksum"),
+    ):
         (tmp_path / "fusion.json").write_text(json.dumps({**spec, **change}))
         with pytest.raises(ModelError, match=message):
             Fusion.load(tmp_path, V)
@@ -138,19 +150,26 @@ def test_the_captioner_uses_its_models_fusion(default_model_dir, tmp_path):
     from edgecap.training.language_model import install
 
     model = tmp_path / "model"
-    shutil.copytree(default_model_dir, model, ignore=shutil.ignore_patterns("fusion.json",
-                                                                           "lm_*.npz"))
+    shutil.copytree(default_model_dir, model, ignore=shutil.ignore_patterns("fusion.json", "lm_*.npz"))
     vocab_size = json.loads((model / "manifest.json").read_text())["dims"]["vocab_size"]
     for role, seed in (("everyday", 3), ("in_domain", 4)):
         rng = np.random.default_rng(seed)
-        arrays = {"embed": rng.normal(size=(vocab_size, 4)), "w_ih": rng.normal(size=(12, 4)),
-                  "w_hh": rng.normal(size=(12, 3)), "bias": np.zeros(12),
-                  "out_w": rng.normal(size=(vocab_size, 3)) * 3, "out_b": np.zeros(vocab_size)}
+        arrays = {
+            "embed": rng.normal(size=(vocab_size, 4)),
+            "w_ih": rng.normal(size=(12, 4)),
+            "w_hh": rng.normal(size=(12, 3)),
+            "bias": np.zeros(12),
+            "out_w": rng.normal(size=(vocab_size, 3)) * 3,
+            "out_b": np.zeros(vocab_size),
+        }
         np.savez(tmp_path / f"{role}.npz", **arrays)
         from edgecap.manifest import file_sha256
-        (tmp_path / f"{role}.json").write_text(json.dumps({
-            "vocab_sha256": file_sha256(model / "vocab.json"),
-            "history": [{"dev_perplexity": 1.0}]}))
+
+        (tmp_path / f"{role}.json").write_text(
+            json.dumps(
+                {"vocab_sha256": file_sha256(model / "vocab.json"), "history": [{"dev_perplexity": 1.0}]}
+            )
+        )
     install(model, tmp_path / "everyday.npz", tmp_path / "in_domain.npz", 1.5)
     photo = "edgecap/assets/examples/coffee.png"
     fused = Captioner(model)
@@ -178,8 +197,7 @@ def test_the_gate_gives_training_like_photos_no_fusion(tmp_path):
     # in the search: per image, the gate's share of the weight
     fusion = _fusion(tmp_path)
     fusion = Fusion(fusion.everyday, fusion.in_domain, fusion.weight, fusion.info, gate)
-    scorer = fusion.scorer(2.0, np.array([0, 0, 1, 1], np.int32),
-                           class_probs=np.vstack([typical, unusual]))
+    scorer = fusion.scorer(2.0, np.array([0, 0, 1, 1], np.int32), class_probs=np.vstack([typical, unusual]))
     np.testing.assert_array_equal(scorer.weights[:, 0], [0.0, 0.0, 2.0, 2.0])
     bias = scorer.bias(0, np.full(4, START, np.int32), np.array([0, 0, 1, 1], np.int32))
     assert not bias[:2].any() and bias[2:].any()
@@ -189,8 +207,7 @@ def test_the_gate_gives_training_like_photos_no_fusion(tmp_path):
 
 
 @pytest.mark.parametrize("kind", ["fifo", "binary"])
-def test_the_lm_trainer_refuses_caption_text_it_cannot_read_in_one_line(tmp_path, kind,
-                                                                       default_model_dir):
+def test_the_lm_trainer_refuses_caption_text_it_cannot_read_in_one_line(tmp_path, kind, default_model_dir):
     from edgecap.training.language_model import main
 
     text = tmp_path / "captions.txt"
@@ -199,8 +216,7 @@ def test_the_lm_trainer_refuses_caption_text_it_cannot_read_in_one_line(tmp_path
     else:
         text.write_bytes(b"a dog runs\n\xff\xfe on grass\n")
     with pytest.raises(SystemExit) as raised:
-        main(["--text", str(text), "--model", str(default_model_dir),
-              "--out", str(tmp_path / "lm.npz")])
+        main(["--text", str(text), "--model", str(default_model_dir), "--out", str(tmp_path / "lm.npz")])
     message = str(raised.value)
     assert message.startswith(f"{text}: ") and "\n" not in message
     assert ("not a regular file" in message) if kind == "fifo" else ("not UTF-8" in message)

@@ -29,9 +29,17 @@ from edgecap.preprocess import Preprocessing  # noqa: E402
 
 EXAMPLES = Path(edgecap.__file__).parent / "assets" / "examples"
 SECONDS_PER_EXAMPLE = 30  # far above the slowest legitimate case; a hang fails instead of waiting
-FUZZ = settings(max_examples=60, deadline=None, derandomize=True, database=None,
-                suppress_health_check=[HealthCheck.function_scoped_fixture,
-                                       HealthCheck.too_slow, HealthCheck.data_too_large])
+FUZZ = settings(
+    max_examples=60,
+    deadline=None,
+    derandomize=True,
+    database=None,
+    suppress_health_check=[
+        HealthCheck.function_scoped_fixture,
+        HealthCheck.too_slow,
+        HealthCheck.data_too_large,
+    ],
+)
 
 
 @contextmanager
@@ -58,10 +66,19 @@ def _encoded_examples() -> list[bytes]:
     with Image.open(EXAMPLES / "chelsea.png") as im:
         photo = im.convert("RGB").resize((24, 16))
     seeds = []
-    for mode, fmt, kwargs in [("RGB", "JPEG", {}), ("RGB", "PNG", {}), ("RGBA", "PNG", {}),
-                              ("P", "GIF", {}), ("RGB", "WEBP", {}), ("RGB", "BMP", {}),
-                              ("RGB", "TIFF", {}), ("CMYK", "JPEG", {}), ("L", "PNG", {}),
-                              ("I;16", "PNG", {}), ("RGB", "ICO", {})]:
+    for mode, fmt, kwargs in [
+        ("RGB", "JPEG", {}),
+        ("RGB", "PNG", {}),
+        ("RGBA", "PNG", {}),
+        ("P", "GIF", {}),
+        ("RGB", "WEBP", {}),
+        ("RGB", "BMP", {}),
+        ("RGB", "TIFF", {}),
+        ("CMYK", "JPEG", {}),
+        ("L", "PNG", {}),
+        ("I;16", "PNG", {}),
+        ("RGB", "ICO", {}),
+    ]:
         buf = io.BytesIO()
         try:
             photo.convert(mode).save(buf, fmt, **kwargs)
@@ -84,11 +101,11 @@ def damaged_files(draw) -> bytes:
         if op == "flip":
             data[pos] = draw(st.integers(0, 255))
         elif op == "cut":
-            del data[pos:pos + draw(st.integers(1, 32))]
+            del data[pos : pos + draw(st.integers(1, 32))]
         elif op == "insert":
             data[pos:pos] = draw(st.binary(min_size=1, max_size=16))
         else:
-            del data[max(pos, 1):]
+            del data[max(pos, 1) :]
         if not data:
             break
     return bytes(data)
@@ -130,9 +147,24 @@ def test_damaged_files_on_disk(tmp_path, data):
     _check_image_outcome(str(path))
 
 
-DTYPES = st.sampled_from([np.uint8, np.uint16, np.int8, np.int16, np.int32, np.int64,
-                          np.float16, np.float32, np.float64, np.bool_, np.complex64,
-                          ">u2", ">f4", "<f8"])
+DTYPES = st.sampled_from(
+    [
+        np.uint8,
+        np.uint16,
+        np.int8,
+        np.int16,
+        np.int32,
+        np.int64,
+        np.float16,
+        np.float32,
+        np.float64,
+        np.bool_,
+        np.complex64,
+        ">u2",
+        ">f4",
+        "<f8",
+    ]
+)
 SHAPES = hnp.array_shapes(min_dims=0, max_dims=4, min_side=0, max_side=12)
 IMAGE_SHAPES = st.tuples(st.integers(1, 40), st.integers(1, 40), st.sampled_from([1, 3, 4]))
 
@@ -144,9 +176,10 @@ def arrays(draw) -> np.ndarray:
     dtype = np.dtype(draw(DTYPES))
     shape = draw(st.one_of(SHAPES, IMAGE_SHAPES))
     if dtype.kind == "f":
-        elements = st.one_of(st.floats(0, 1, width=min(dtype.itemsize * 8, 64)),
-                             st.floats(allow_nan=True, allow_infinity=True,
-                                       width=min(dtype.itemsize * 8, 64)))
+        elements = st.one_of(
+            st.floats(0, 1, width=min(dtype.itemsize * 8, 64)),
+            st.floats(allow_nan=True, allow_infinity=True, width=min(dtype.itemsize * 8, 64)),
+        )
     else:
         elements = None
     array = draw(hnp.arrays(dtype, shape, elements=elements))

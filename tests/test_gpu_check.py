@@ -15,15 +15,38 @@ pytest.importorskip("onnx")
 pytest.importorskip("onnxruntime")
 
 SCRIPT = Path(__file__).resolve().parents[1] / "benchmarks" / "gpu_check.py"
-SECTIONS = ("## Machine", "## gpu-marked tests", "## Captions", "## Latency (ms)",
-            "## Files against in-memory frames, beam 3", "## Peak GPU memory", "## Targets",
-            "## Skipped")
+SECTIONS = (
+    "## Machine",
+    "## gpu-marked tests",
+    "## Captions",
+    "## Latency (ms)",
+    "## Files against in-memory frames, beam 3",
+    "## Peak GPU memory",
+    "## Targets",
+    "## Skipped",
+)
 
 
 def test_gpu_check_on_the_cpu(tmp_path):
-    proc = subprocess.run([sys.executable, str(SCRIPT), "--device", "cpu", "--quick", "--n", "2",
-                           "--repeats", "1", "--out", str(tmp_path)],
-                          capture_output=True, text=True, timeout=600, cwd=tmp_path)
+    proc = subprocess.run(
+        [
+            sys.executable,
+            str(SCRIPT),
+            "--device",
+            "cpu",
+            "--quick",
+            "--n",
+            "2",
+            "--repeats",
+            "1",
+            "--out",
+            str(tmp_path),
+        ],
+        capture_output=True,
+        text=True,
+        timeout=600,
+        cwd=tmp_path,
+    )
     assert proc.returncode == 0, proc.stderr[-3000:]
     text = (tmp_path / "gpu-cpu.md").read_text()
     data = json.loads((tmp_path / "gpu-cpu.json").read_text())
@@ -34,8 +57,7 @@ def test_gpu_check_on_the_cpu(tmp_path):
     assert data["gpu_tests"]["counts"].get("failed", 0) == 0
     assert data["gpu_tests"]["counts"].get("skipped", 0) >= 1
     labels = [m["label"] for m in data["modes"]]
-    assert labels == ["torch-cpu-fp32-eager", "torch-cpu-fp32-graphs-emulated",
-                      "torch-cpu-fp32-eager-device"]
+    assert labels == ["torch-cpu-fp32-eager", "torch-cpu-fp32-graphs-emulated", "torch-cpu-fp32-eager-device"]
     for mode in data["modes"]:
         # the same model on the CPU: the captions are onnxruntime's
         assert mode["captions"]["n"] == 2 and mode["captions"]["identical"] == 1.0
@@ -45,7 +67,8 @@ def test_gpu_check_on_the_cpu(tmp_path):
     # files against in-memory frames: the first mode, batch 1, without and with 2 workers
     rates = data["modes"][0]["file_rate"]
     assert {(r["batch"], r["workers"], r["input"]) for r in rates} == {
-        (1, w, what) for w in ("0", "2") for what in ("files", "memory")}
+        (1, w, what) for w in ("0", "2") for what in ("files", "memory")
+    }
     assert all(r["photos"] == 2 and r["captions_per_s"] > 0 and r["same"] == 1.0 for r in rates)
     assert all("file_rate" not in mode for mode in data["modes"][1:])
     assert "| 1 | 2 |" in text
@@ -67,53 +90,116 @@ def test_gpu_report_formats_cuda_results():
     import gpu_check
 
     def latency(scale):
-        return [{"beam": beam, "batch": batch, "calls": 3, "encoder_p50_ms": 0.9 * scale,
-                 "encoder_p95_ms": 1.0 * scale, "step_p50_ms": 0.08 * scale,
-                 "step_p95_ms": 0.1 * scale, "steps_per_call": 12.0, "preprocess_p50_ms": 0.5,
-                 "search_p50_ms": 1.0 * scale, "e2e_p50_ms": 2.0 * scale,
-                 "e2e_p95_ms": 3.0 * scale}
-                for beam in (1, 3) for batch in (1, 8)]
+        return [
+            {
+                "beam": beam,
+                "batch": batch,
+                "calls": 3,
+                "encoder_p50_ms": 0.9 * scale,
+                "encoder_p95_ms": 1.0 * scale,
+                "step_p50_ms": 0.08 * scale,
+                "step_p95_ms": 0.1 * scale,
+                "steps_per_call": 12.0,
+                "preprocess_p50_ms": 0.5,
+                "search_p50_ms": 1.0 * scale,
+                "e2e_p50_ms": 2.0 * scale,
+                "e2e_p95_ms": 3.0 * scale,
+            }
+            for beam in (1, 3)
+            for batch in (1, 8)
+        ]
 
     texts = [f"caption {i}" for i in range(200)]
 
     def mode(label, scale, ident, fp16_same=200, rate=None):
-        out = {"label": label, "latency": latency(scale), "peak_gpu_mib": 120.0,
-               "texts": texts[:fp16_same] + ["other"] * (200 - fp16_same),
-               "captions": {"n": 200, "identical": ident, "identical_n": int(ident * 200),
-                            "cider": None, "images_per_s": 900.0}}
+        out = {
+            "label": label,
+            "latency": latency(scale),
+            "peak_gpu_mib": 120.0,
+            "texts": texts[:fp16_same] + ["other"] * (200 - fp16_same),
+            "captions": {
+                "n": 200,
+                "identical": ident,
+                "identical_n": int(ident * 200),
+                "cider": None,
+                "images_per_s": 900.0,
+            },
+        }
         if rate is not None:
-            out["throughput"] = [{"batch": 64, "input": "frames", "calls": 20,
-                                  "p50_ms": 64e3 / rate, "captions_per_s": rate},
-                                 {"batch": 64, "input": "tensors", "calls": 20,
-                                  "p50_ms": 64e3 / (rate * 1.5), "captions_per_s": rate * 1.5}]
+            out["throughput"] = [
+                {"batch": 64, "input": "frames", "calls": 20, "p50_ms": 64e3 / rate, "captions_per_s": rate},
+                {
+                    "batch": 64,
+                    "input": "tensors",
+                    "calls": 20,
+                    "p50_ms": 64e3 / (rate * 1.5),
+                    "captions_per_s": rate * 1.5,
+                },
+            ]
         return out
 
     def file_rate(batch, workers, what, rate):
-        return {"batch": batch, "workers": workers, "input": what, "photos": 200, "calls": 3,
-                "median_s": 200 / rate, "captions_per_s": rate, "preprocess_ms_per_photo": 1.0,
-                "same": 1.0, "of_memory": rate / 5000.0 if what == "files" else 1.0}
+        return {
+            "batch": batch,
+            "workers": workers,
+            "input": what,
+            "photos": 200,
+            "calls": 3,
+            "median_s": 200 / rate,
+            "captions_per_s": rate,
+            "preprocess_ms_per_photo": 1.0,
+            "same": 1.0,
+            "of_memory": rate / 5000.0 if what == "files" else 1.0,
+        }
 
     def report(fp16_same):
-        modes = [mode("torch-cuda-fp32-graphs-host", 3.0, 0.99, rate=2000.0),
-                 mode("torch-cuda-fp32-graphs-device", 1.2, 0.99, rate=5200.0),
-                 mode("torch-cuda-fp16-graphs-device", 1.0, 0.95, fp16_same, rate=6000.0)]
-        data = {"device": "cuda", "command": "python benchmarks/gpu_check.py", "date": "now",
-                "seconds": 100.0, "settings": {"max_length": 20, "warmup": 3, "repeats": 20},
-                "environment": {"gpu": "NVIDIA H100 80GB HBM3", "capability": "9.0",
-                                "gpu_memory_gib": 79.2, "multiprocessors": 132, "driver": "580",
-                                "torch_cuda": "13.0", "cudnn": 91000, "cpu": "x86",
-                                "python": "3.12", "platform": "linux",
-                                "versions": {"torch": "2.11"},
-                                "onnxruntime_providers": ["CPUExecutionProvider"]},
-                "gpu_tests": {"command": "python -m pytest -m gpu", "summary": "6 passed",
-                              "returncode": 0, "seconds": 20.0, "failures": [],
-                              "skip_reasons": []},
-                "photos": {"n": 200, "source": "examples"}, "reference": {"describe": "ort"},
-                "modes": modes,
-                "skipped": [{"item": "TensorRT rows", "reason": "not installed"}]}
-        modes[1]["file_rate"] = [file_rate(64, w, what, rate) for w, what, rate in (
-            ("0", "files", 1500.0), ("0", "memory", 5000.0), ("7 (default)", "files", 4500.0),
-            ("7 (default)", "memory", 5000.0))]
+        modes = [
+            mode("torch-cuda-fp32-graphs-host", 3.0, 0.99, rate=2000.0),
+            mode("torch-cuda-fp32-graphs-device", 1.2, 0.99, rate=5200.0),
+            mode("torch-cuda-fp16-graphs-device", 1.0, 0.95, fp16_same, rate=6000.0),
+        ]
+        data = {
+            "device": "cuda",
+            "command": "python benchmarks/gpu_check.py",
+            "date": "now",
+            "seconds": 100.0,
+            "settings": {"max_length": 20, "warmup": 3, "repeats": 20},
+            "environment": {
+                "gpu": "NVIDIA H100 80GB HBM3",
+                "capability": "9.0",
+                "gpu_memory_gib": 79.2,
+                "multiprocessors": 132,
+                "driver": "580",
+                "torch_cuda": "13.0",
+                "cudnn": 91000,
+                "cpu": "x86",
+                "python": "3.12",
+                "platform": "linux",
+                "versions": {"torch": "2.11"},
+                "onnxruntime_providers": ["CPUExecutionProvider"],
+            },
+            "gpu_tests": {
+                "command": "python -m pytest -m gpu",
+                "summary": "6 passed",
+                "returncode": 0,
+                "seconds": 20.0,
+                "failures": [],
+                "skip_reasons": [],
+            },
+            "photos": {"n": 200, "source": "examples"},
+            "reference": {"describe": "ort"},
+            "modes": modes,
+            "skipped": [{"item": "TensorRT rows", "reason": "not installed"}],
+        }
+        modes[1]["file_rate"] = [
+            file_rate(64, w, what, rate)
+            for w, what, rate in (
+                ("0", "files", 1500.0),
+                ("0", "memory", 5000.0),
+                ("7 (default)", "files", 4500.0),
+                ("7 (default)", "memory", 5000.0),
+            )
+        ]
         data["speedups"] = gpu_check.speedups(modes)
         data["search_speedups"] = gpu_check.search_speedups(modes)
         data["fp16_identity"] = gpu_check.fp16_identity(modes)
@@ -126,8 +212,7 @@ def test_gpu_report_formats_cuda_results():
     assert data["search_speedups"][0]["e2e_p50_ms_x"] == pytest.approx(2.5)
     text = gpu_check.markdown(data)
     assert "NVIDIA H100 80GB HBM3" in text and "| torch-cuda-fp16-graphs-device | 120.0 |" in text
-    assert "| torch-cuda-fp16-graphs-device | torch-cuda-fp32-graphs-device | 99.0% (198/200) |" \
-        in text
+    assert "| torch-cuda-fp16-graphs-device | torch-cuda-fp32-graphs-device | 99.0% (198/200) |" in text
     assert "- TensorRT rows: not installed" in text and "## Throughput, batch 64" in text
     assert "torch-cuda-fp32-graphs-device:" in text
     assert "| 64 | 0 | 1500 | 5000 | 0.30 |" in text

@@ -35,15 +35,21 @@ def _same(host, graph):
     for want, got in zip(host, graph, strict=True):
         assert [h.tokens for h in got] == [h.tokens for h in want]
         assert [h.finished for h in got] == [h.finished for h in want]
-        assert ([(h.log_prob, h.score, h.rank_score) for h in got]
-                == [(h.log_prob, h.score, h.rank_score) for h in want])
+        assert [(h.log_prob, h.score, h.rank_score) for h in got] == [
+            (h.log_prob, h.score, h.rank_score) for h in want
+        ]
 
 
 def _random_lm(rng, vocab: int, hidden: int = 8, embed: int = 6) -> CaptionLM:
-    arrays = {"embed": (vocab, embed), "w_ih": (4 * hidden, embed), "w_hh": (4 * hidden, hidden),
-              "bias": (4 * hidden,), "out_w": (vocab, hidden), "out_b": (vocab,)}
-    return CaptionLM({k: rng.normal(size=shape).astype(np.float32)
-                      for k, shape in arrays.items()})
+    arrays = {
+        "embed": (vocab, embed),
+        "w_ih": (4 * hidden, embed),
+        "w_hh": (4 * hidden, hidden),
+        "bias": (4 * hidden,),
+        "out_w": (vocab, hidden),
+        "out_b": (vocab,),
+    }
+    return CaptionLM({k: rng.normal(size=shape).astype(np.float32) for k, shape in arrays.items()})
 
 
 @pytest.fixture(scope="module")
@@ -58,27 +64,37 @@ def tiny(tiny_model_dir):
 
 
 # beam, no_repeat_ngram, length_penalty, n_best, max_length, guidance bonus, fusion weight
-CASES = [(1, 0, None, 1, 20, 0.0, 0.0), (1, 1, None, 1, 20, 0.0, 0.0),
-         (2, 2, 0.7, 2, 12, 2.0, 0.0), (3, 3, None, 3, 20, 2.0, 0.6),
-         (3, 0, 1.5, 1, 3, 0.0, 0.0), (4, 1, None, 2, 8, 3.0, 0.6),
-         (5, 2, 0.7, 5, 15, 1.0, 0.0), (10, 3, None, 4, 10, 2.0, 0.3)]
+CASES = [
+    (1, 0, None, 1, 20, 0.0, 0.0),
+    (1, 1, None, 1, 20, 0.0, 0.0),
+    (2, 2, 0.7, 2, 12, 2.0, 0.0),
+    (3, 3, None, 3, 20, 2.0, 0.6),
+    (3, 0, 1.5, 1, 3, 0.0, 0.0),
+    (4, 1, None, 2, 8, 3.0, 0.6),
+    (5, 2, 0.7, 5, 15, 1.0, 0.0),
+    (10, 3, None, 4, 10, 2.0, 0.3),
+]
 
 
 @pytest.mark.parametrize("case", CASES, ids=lambda c: "-".join(map(str, c)))
 def test_graph_search_is_the_numpy_search_on_the_tiny_model(tiny, case):
     manifest, host, graph, images = tiny
     beam, ngram, penalty, n_best, max_length, bonus, weight = case
-    options = CaptionOptions(beam_size=beam, no_repeat_ngram=ngram, length_penalty=penalty,
-                             n_best=n_best, max_length=max_length, guidance_bonus=bonus,
-                             fusion_weight=weight)
+    options = CaptionOptions(
+        beam_size=beam,
+        no_repeat_ngram=ngram,
+        length_penalty=penalty,
+        n_best=n_best,
+        max_length=max_length,
+        guidance_bonus=bonus,
+        fusion_weight=weight,
+    )
     vocab = manifest.dims.vocab_size
     rng = np.random.default_rng(beam)
     fusion = Fusion(_random_lm(rng, vocab), _random_lm(rng, vocab), 0.5, {})
     tags = (frozenset({5, 9}), frozenset(), frozenset({11}))
-    want = search_with_tags(host, host.encode(images), options, START, END, vocab, tags,
-                            fusion=fusion)
-    got = search_with_tags(graph, graph.encode(images), options, START, END, vocab, tags,
-                           fusion=fusion)
+    want = search_with_tags(host, host.encode(images), options, START, END, vocab, tags, fusion=fusion)
+    got = search_with_tags(graph, graph.encode(images), options, START, END, vocab, tags, fusion=fusion)
     _same(want, got)
 
 
@@ -99,12 +115,10 @@ def test_the_graph_keeps_its_bookkeeping_in_fp32_with_a_constant_k(tiny):
     assert all(n.input[1] in stored for n in topks)
     assert int(stored["beam/beam_k"][0]) == 3
     inferred = onnx.shape_inference.infer_shapes(model).graph
-    types = {v.name: v.type.tensor_type.elem_type
-             for v in (*inferred.value_info, *inferred.output)}
+    types = {v.name: v.type.tensor_type.elem_type for v in (*inferred.value_info, *inferred.output)}
     appended = [o for n in graph.node if n.name.startswith("beam/") for o in n.output]
     floats = {onnx.TensorProto.FLOAT, onnx.TensorProto.FLOAT16, onnx.TensorProto.DOUBLE}
-    assert {types[name] for name in appended if types.get(name) in floats} == {
-        onnx.TensorProto.FLOAT}
+    assert {types[name] for name in appended if types.get(name) in floats} == {onnx.TensorProto.FLOAT}
     int_io = {o.name for o in graph.output if o.type.tensor_type.elem_type == onnx.TensorProto.INT32}
     assert int_io == {"next_tokens", "back_pointers", "choices", "end_positions"}
 
@@ -120,10 +134,10 @@ def test_fp16_model_graph_search_gives_its_numpy_captions(tiny, tmp_path):
     graph = OnnxRuntimeBackend(half, device="cpu", threads=1, search="graph")
     for beam in (1, 3):
         options = CaptionOptions(beam_size=beam, n_best=beam)
-        _same(search_with_tags(host, host.encode(images), options, START, END,
-                               half.dims.vocab_size, None),
-              search_with_tags(graph, graph.encode(images), options, START, END,
-                               half.dims.vocab_size, None))
+        _same(
+            search_with_tags(host, host.encode(images), options, START, END, half.dims.vocab_size, None),
+            search_with_tags(graph, graph.encode(images), options, START, END, half.dims.vocab_size, None),
+        )
 
 
 def test_io_binding_graph_search_gives_the_numpy_captions(tiny, monkeypatch):
@@ -147,8 +161,7 @@ def test_io_binding_graph_search_gives_the_numpy_captions(tiny, monkeypatch):
     monkeypatch.setattr(IOBindingBeamSession, "step", step)
     tags = (frozenset({5, 9}), frozenset(), frozenset({11}))
     for beam, ngram in ((1, 0), (3, 3)):
-        options = CaptionOptions(beam_size=beam, no_repeat_ngram=ngram, n_best=beam,
-                                 guidance_bonus=2.0)
+        options = CaptionOptions(beam_size=beam, no_repeat_ngram=ngram, n_best=beam, guidance_bonus=2.0)
         want = search_with_tags(host, host.encode(images), options, START, END, vocab, tags)
         encoded = graph.encode(images)
         assert not isinstance(encoded.tensors["h0"], np.ndarray)  # device tensors
@@ -165,8 +178,11 @@ def test_graph_session_on_a_gpu_keeps_cuda_and_leaves_out_the_tensorrt_provider(
     from edgecap.backends.ort_providers import CPU, CUDA, TENSORRT
 
     options = {TENSORRT: {"trt_fp16_enable": "1"}, CUDA: {"device_id": "1"}, CPU: {}}
-    backend = SimpleNamespace(_device_decoder=object(), providers=[TENSORRT, CUDA, CPU],
-                              decoder=SimpleNamespace(get_provider_options=lambda: options))
+    backend = SimpleNamespace(
+        _device_decoder=object(),
+        providers=[TENSORRT, CUDA, CPU],
+        decoder=SimpleNamespace(get_provider_options=lambda: options),
+    )
     assert OnnxGraphSearch(backend)._providers() == [(CUDA, {"device_id": "1"}), (CPU, {})]
     backend._device_decoder = None
     assert OnnxGraphSearch(backend)._providers() == [CPU]
@@ -190,8 +206,11 @@ class _Emulated:
         bias = 0 if word_bias is None else np.take_along_axis(word_bias, ids.astype(np.int64), 1)
         cand = scores[:, None] + (lp + bias)
         is_end = ids == END
-        blocked = (np.zeros(ids[:, :width].shape, bool) if word_block is None
-                   else np.take_along_axis(word_block, ids[:, :width].astype(np.int64), 1) > 0.5)
+        blocked = (
+            np.zeros(ids[:, :width].shape, bool)
+            if word_block is None
+            else np.take_along_axis(word_block, ids[:, :width].astype(np.int64), 1) > 0.5
+        )
         going = np.where(blocked | is_end[:, :width], -np.inf, cand[:, :width])
         going = going.reshape(-1, beam * width)
         choice = np.argsort(-going, axis=1, kind="stable")[:, :beam]
@@ -199,15 +218,18 @@ class _Emulated:
         self.pointers = (first + choice // width).reshape(-1).astype(np.int32)
 
         def pick(values):
-            return np.take_along_axis(values[:, :width].reshape(-1, beam * width), choice,
-                                      1).reshape(-1)
+            return np.take_along_axis(values[:, :width].reshape(-1, beam * width), choice, 1).reshape(-1)
 
-        return BeamStepResult(pick(ids).astype(np.int32), self.pointers,
-                              choice.reshape(-1).astype(np.int32),
-                              np.take_along_axis(going, choice, 1).reshape(-1), pick(lp),
-                              np.where(is_end, lp, -np.inf).max(1),
-                              np.where(is_end.any(1), is_end.argmax(1), self.top_k).astype(
-                                  np.int32), (lp - lp).sum(1))
+        return BeamStepResult(
+            pick(ids).astype(np.int32),
+            self.pointers,
+            choice.reshape(-1).astype(np.int32),
+            np.take_along_axis(going, choice, 1).reshape(-1),
+            pick(lp),
+            np.where(is_end, lp, -np.inf).max(1),
+            np.where(is_end.any(1), is_end.argmax(1), self.top_k).astype(np.int32),
+            (lp - lp).sum(1),
+        )
 
 
 def _emulated_search(backend, encoded, options, vocab, tags=None, fusion=None):
@@ -218,16 +240,28 @@ def _emulated_search(backend, encoded, options, vocab, tags=None, fusion=None):
     beam, top_k = options.beam_size, backend.top_k
     index = np.repeat(np.arange(encoded.n_images, dtype=np.int32), beam)
     session = _Emulated(backend.start(encoded, index), beam, beam_width(beam, top_k), top_k)
-    return graph_beam_search(session, encoded.n_images, options, top_k, beam_width(beam, top_k),
-                             START, END, vocab, never_first=NEVER_FIRST_IDS,
-                             scorers=scorers_for(options, vocab, tags, fusion,
-                                                 encoded.class_probs))
+    return graph_beam_search(
+        session,
+        encoded.n_images,
+        options,
+        top_k,
+        beam_width(beam, top_k),
+        START,
+        END,
+        vocab,
+        never_first=NEVER_FIRST_IDS,
+        scorers=scorers_for(options, vocab, tags, fusion, encoded.class_probs),
+    )
 
 
 # the settings a random case draws from (beam and n_best are drawn to fit the model's K)
-DRAWS = {"max_length": [2, 3, 5, 8, 13], "no_repeat_ngram": [0, 1, 2, 3],
-         "length_penalty": [None, 0.7, 1.5], "guidance_bonus": [0.0, 1.0, 3.0],
-         "fusion_weight": [0.0, 0.6]}
+DRAWS = {
+    "max_length": [2, 3, 5, 8, 13],
+    "no_repeat_ngram": [0, 1, 2, 3],
+    "length_penalty": [None, 0.7, 1.5],
+    "guidance_bonus": [0.0, 1.0, 3.0],
+    "fusion_weight": [0.0, 0.6],
+}
 
 
 @pytest.mark.parametrize("seed", range(12))
@@ -240,12 +274,10 @@ def test_host_side_is_the_numpy_search_on_random_fake_models(seed):
     drawn = {name: values[int(rng.integers(len(values)))] for name, values in DRAWS.items()}
     options = CaptionOptions(beam_size=beam, n_best=int(rng.integers(1, beam + 1)), **drawn)
     backend = PrefixHashBackend(vocab, top_k, end_bias=float(rng.uniform(-3, 1.5)), seed=seed)
-    tags = tuple(frozenset(rng.integers(3, vocab, int(rng.integers(0, 3))).tolist())
-                 for _ in range(n_images))
+    tags = tuple(frozenset(rng.integers(3, vocab, int(rng.integers(0, 3))).tolist()) for _ in range(n_images))
     fusion = Fusion(_random_lm(rng, vocab), _random_lm(rng, vocab), 0.5, {})
     images = rng.integers(0, 1000, n_images)
-    want = search_with_tags(backend, backend.encode(images), options, START, END, vocab, tags,
-                            fusion=fusion)
+    want = search_with_tags(backend, backend.encode(images), options, START, END, vocab, tags, fusion=fusion)
     _same(want, _emulated_search(backend, backend.encode(images), options, vocab, tags, fusion))
 
 
@@ -255,16 +287,14 @@ WORDS = ["<pad>", "<start>", "<end>", "<unk>", "a", "b", "c"]
 def _tables(rule, options, top_k=2, tags=None):
     backend = TableBackend(WORDS, rule, top_k=top_k)
     image = np.zeros((1, 3, 4, 4), np.float32)
-    want = search_with_tags(backend, backend.encode(image), options, START, END, len(WORDS),
-                            tags)
+    want = search_with_tags(backend, backend.encode(image), options, START, END, len(WORDS), tags)
     return want, _emulated_search(backend, backend.encode(image), options, len(WORDS), tags)
 
 
 def test_every_continuation_blocked_keeps_the_live_beam():
-    """"a" then "b", then both repeat a word (no_repeat_ngram=1) and <end> is not in the top
+    """ "a" then "b", then both repeat a word (no_repeat_ngram=1) and <end> is not in the top
     K: the live beam "a b" is the caption, unfinished."""
-    want, got = _tables(lambda prefix: {"a": -0.1, "b": -0.2},
-                        CaptionOptions(beam_size=1, no_repeat_ngram=1))
+    want, got = _tables(lambda prefix: {"a": -0.1, "b": -0.2}, CaptionOptions(beam_size=1, no_repeat_ngram=1))
     assert [WORDS[w] for w in want[0][0].tokens] == ["a", "b"] and not want[0][0].finished
     _same(want, got)
 
@@ -272,11 +302,11 @@ def test_every_continuation_blocked_keeps_the_live_beam():
 def test_no_beam_ends_gives_the_best_place_to_end():
     """<end> is third in every top K, so no beam takes it before max_length: the caption is the
     best ending seen, a finished hypothesis, not the cut beam."""
+
     def rule(prefix):
         return {"a": -0.1, "b": -0.3, "<end>": -2.0 - 0.5 * (len(prefix) == 3)}
 
-    want, got = _tables(rule, CaptionOptions(beam_size=2, max_length=5, no_repeat_ngram=0,
-                                             n_best=2), top_k=4)
+    want, got = _tables(rule, CaptionOptions(beam_size=2, max_length=5, no_repeat_ngram=0, n_best=2), top_k=4)
     assert want[0][0].finished and len(want[0][0].tokens) < 5
     _same(want, got)
 
@@ -286,6 +316,7 @@ def test_equal_candidates_and_endings_keep_the_numpy_order():
     continuation. Where the ending comes first among the candidates (its row is first) it
     finishes a hypothesis; where it comes after the second continuation the numpy loop never
     reaches it."""
+
     def run(ending_row):
         def rule(prefix):
             if not prefix:
@@ -298,8 +329,8 @@ def test_equal_candidates_and_endings_keep_the_numpy_order():
         _same(want, got)
         return [[WORDS[w] for w in h.tokens] for h in want[0]]
 
-    assert ["a"] in run("a")       # <end> at candidate 0: before both continuations
-    assert ["b"] not in run("b")   # <end> at candidate 2: after the second, never met
+    assert ["a"] in run("a")  # <end> at candidate 0: before both continuations
+    assert ["b"] not in run("b")  # <end> at candidate 2: after the second, never met
 
 
 class _NaNStep:
@@ -308,8 +339,9 @@ class _NaNStep:
     def step(self, tokens, source_rows, scores, word_bias, word_block):
         rows = len(tokens)
         ints, floats = np.zeros(rows, np.int32), np.zeros(rows, np.float32)
-        return BeamStepResult(ints + 4, ints, ints, floats, floats, floats, ints + 5,
-                              np.full(rows, np.nan, np.float32))
+        return BeamStepResult(
+            ints + 4, ints, ints, floats, floats, floats, ints + 5, np.full(rows, np.nan, np.float32)
+        )
 
 
 def test_non_finite_log_probabilities_fail_loudly():
@@ -327,14 +359,15 @@ def shipped(default_model_dir, example_images):
     """The shipped model's host and graph Captioners, and the example photos preprocessed."""
     host = Captioner(default_model_dir, backend="onnxruntime", threads=1)
     graph = Captioner(default_model_dir, backend="onnxruntime", threads=1, search="graph")
-    batch = np.stack([preprocess([load_rgb(p)], host.manifest.preprocessing)[0]
-                      for p in example_images])
+    batch = np.stack([preprocess([load_rgb(p)], host.manifest.preprocessing)[0] for p in example_images])
     return host, graph, batch
 
 
-@pytest.mark.parametrize("options", [{}, {"fusion_weight": 0.0},
-                                     {"n_best": 3, "length_penalty": 0.7}],
-                         ids=["default", "no-fusion", "n-best-3-penalty-0.7"])
+@pytest.mark.parametrize(
+    "options",
+    [{}, {"fusion_weight": 0.0}, {"n_best": 3, "length_penalty": 0.7}],
+    ids=["default", "no-fusion", "n-best-3-penalty-0.7"],
+)
 def test_shipped_model_graph_search_gives_the_numpy_captions(shipped, options):
     """The example photos with the default rules (the tag bonus, the fused language models with
     the gate, no repeated trigram) and two variations."""
@@ -343,15 +376,30 @@ def test_shipped_model_graph_search_gives_the_numpy_captions(shipped, options):
     host, graph, batch = shipped
     opts = replace(host.options, **options)
     vocab = host.vocab
-    want = search(host.backend, host.backend.encode(batch), opts, vocab.start, vocab.end,
-                  len(vocab), host.classes, host.fusion)
-    got = search(graph.backend, graph.backend.encode(batch), opts, vocab.start, vocab.end,
-                 len(vocab), graph.classes, graph.fusion)
+    want = search(
+        host.backend,
+        host.backend.encode(batch),
+        opts,
+        vocab.start,
+        vocab.end,
+        len(vocab),
+        host.classes,
+        host.fusion,
+    )
+    got = search(
+        graph.backend,
+        graph.backend.encode(batch),
+        opts,
+        vocab.start,
+        vocab.end,
+        len(vocab),
+        graph.classes,
+        graph.fusion,
+    )
     _same(want, got)
 
 
-def test_constrained_search_and_attention_stay_on_the_host(shipped, example_images,
-                                                          monkeypatch):
+def test_constrained_search_and_attention_stay_on_the_host(shipped, example_images, monkeypatch):
     """The tag constraint and the attention maps are the numpy loop's: the graph search is not
     asked, and the captions (and maps) are the host Captioner's."""
     host, graph, _ = shipped
@@ -367,12 +415,12 @@ def test_constrained_search_and_attention_stay_on_the_host(shipped, example_imag
     assert all(np.array_equal(a.attention, b.attention) for a, b in zip(got, want))
     for captioner in (host, graph):
         monkeypatch.setattr(captioner, "options", replace(captioner.options, constrained=True))
-    assert ([c.text for c in graph.caption_batch(photos)]
-            == [c.text for c in host.caption_batch(photos)])
+    assert [c.text for c in graph.caption_batch(photos)] == [c.text for c in host.caption_batch(photos)]
 
 
 # -- TensorRT, with the fake TensorRT of tests/test_tensorrt_fake.py (its engines run the parsed
 # ONNX on onnxruntime): the buffer bookkeeping, not real TensorRT ----------------------------
+
 
 def _fake_tensorrt(monkeypatch, version):
     import sys
@@ -393,22 +441,22 @@ def test_fake_tensorrt_graph_search_gives_the_numpy_captions(monkeypatch, tmp_pa
     trt, device = _fake_tensorrt(monkeypatch, "10.3.0.26")
     manifest, host, _, images = tiny
     log = io.StringIO()
-    backend = TensorRTBackend(manifest, precision="fp32", cache_dir=tmp_path, cuda_device=device,
-                              log=log, search="graph")
+    backend = TensorRTBackend(
+        manifest, precision="fp32", cache_dir=tmp_path, cuda_device=device, log=log, search="graph"
+    )
     vocab = manifest.dims.vocab_size
     tags = (frozenset({5, 9}), frozenset(), frozenset({11}))
     searches = []
     for beam, ngram in ((1, 0), (3, 3), (5, 1)):
-        options = CaptionOptions(beam_size=beam, no_repeat_ngram=ngram, n_best=beam,
-                                 max_length=10)
+        options = CaptionOptions(beam_size=beam, no_repeat_ngram=ngram, n_best=beam, max_length=10)
         want = search_with_tags(host, host.encode(images), options, START, END, vocab, tags)
         encoded = backend.encode(images)
         before, runs = dict(device.calls), len(trt.stats["executions"])
         got = search_with_tags(backend, encoded, options, START, END, vocab, tags)
         _same(want, got)
         steps = len(trt.stats["executions"]) - runs
-        assert device.calls["sync"] - before["sync"] == steps           # one sync a word
-        assert device.calls["dtoh"] - before["dtoh"] == 8 * steps       # eight (R,) results
+        assert device.calls["sync"] - before["sync"] == steps  # one sync a word
+        assert device.calls["dtoh"] - before["dtoh"] == 8 * steps  # eight (R,) results
         searches.append(trt.stats["executions"][runs:])
         if ngram == 0:  # the last step blocked no word (only the first word has blocks)
             last = searches[-1][-1]
@@ -437,17 +485,25 @@ def test_fake_tensorrt_fp16_keeps_the_bookkeeping_in_fp32(monkeypatch, tmp_path,
     options = CaptionOptions(beam_size=2, max_length=4)
     for version, typed in (("10.3.0.26", False), ("10.12.0.36", True)):
         trt, device = _fake_tensorrt(monkeypatch, version)
-        with TensorRTBackend(manifest, precision="fp16", cache_dir=tmp_path / version,
-                             cuda_device=device, log=io.StringIO(), search="graph") as backend:
-            search_with_tags(backend, backend.encode(images), options, START, END,
-                             manifest.dims.vocab_size, None)
+        with TensorRTBackend(
+            manifest,
+            precision="fp16",
+            cache_dir=tmp_path / version,
+            cuda_device=device,
+            log=io.StringIO(),
+            search="graph",
+        ) as backend:
+            search_with_tags(
+                backend, backend.encode(images), options, START, END, manifest.dims.vocab_size, None
+            )
         build = trt.stats["builds"][-1]
         assert "scores" in build["profile"]
         model = onnx.load_from_string(base64.b64decode(build["onnx"]))
         assert build["fp16_weights"] == typed
         inferred = onnx.shape_inference.infer_shapes(model).graph
         types = {v.name: v.type.tensor_type.elem_type for v in inferred.value_info}
-        assert onnx.TensorProto.FLOAT16 not in {types.get(o) for n in model.graph.node
-                                                if n.name.startswith("beam/") for o in n.output}
+        assert onnx.TensorProto.FLOAT16 not in {
+            types.get(o) for n in model.graph.node if n.name.startswith("beam/") for o in n.output
+        }
         if not typed:
             assert build["pinned"].count("other") >= 10

@@ -24,8 +24,7 @@ from edgecap import Caption, Captioner, InputError
 from edgecap import images
 
 PACKAGE = Path(edgecap.__file__).parent
-ENV = {**os.environ, "PYTHONPATH": os.pathsep.join(
-    [str(PACKAGE.parent), os.environ.get("PYTHONPATH", "")])}
+ENV = {**os.environ, "PYTHONPATH": os.pathsep.join([str(PACKAGE.parent), os.environ.get("PYTHONPATH", "")])}
 POSIX = pytest.mark.skipif(os.name != "posix", reason="POSIX special files")
 
 
@@ -70,8 +69,13 @@ def test_huge_sparse_file_is_refused_before_reading(tmp_path):
     big = tmp_path / "huge.jpg"
     with open(big, "wb") as f:
         f.truncate(images.max_file_bytes() + 1)  # sparse: no disk used
-    _refused(big, "134,217,729 bytes", "over the limit of 134,217,728",
-             images.MAX_FILE_BYTES_ENV, "set_max_file_bytes")
+    _refused(
+        big,
+        "134,217,729 bytes",
+        "over the limit of 134,217,728",
+        images.MAX_FILE_BYTES_ENV,
+        "set_max_file_bytes",
+    )
 
 
 def test_file_size_limit_is_configurable(tmp_path, monkeypatch):
@@ -102,8 +106,9 @@ def test_a_file_that_grows_is_read_no_further_than_the_limit(tmp_path, monkeypat
     path = tmp_path / "growing.png"
     path.write_bytes(b"\x89PNG" + b"\0" * 100_000)
     real_fstat, real_fdopen, asked = os.fstat, os.fdopen, []
-    monkeypatch.setattr(files.os, "fstat",
-                        lambda fd: os.stat_result((*real_fstat(fd)[:6], 0, *real_fstat(fd)[7:])))
+    monkeypatch.setattr(
+        files.os, "fstat", lambda fd: os.stat_result((*real_fstat(fd)[:6], 0, *real_fstat(fd)[7:]))
+    )
 
     class Recorder:
         def __init__(self, f):
@@ -159,7 +164,7 @@ def _jpeg_segments(data: bytes) -> list[tuple[int, int, int]]:
     out, pos = [], 2
     while data[pos + 1] != 0xD9:
         marker = data[pos + 1]
-        end = pos + 2 + int.from_bytes(data[pos + 2:pos + 4], "big")
+        end = pos + 2 + int.from_bytes(data[pos + 2 : pos + 4], "big")
         if marker == 0xDA:
             end = re.compile(rb"\xff[^\x00\xd0-\xd7]").search(data, end).start()
         out.append((marker, pos, end))
@@ -226,16 +231,18 @@ def test_pixel_limit_survives_pillow_guard_set_to_none(tmp_path):
     """A program that turns Pillow's guard off before importing edgecap keeps edgecap's."""
     good = tmp_path / "good.png"
     _photo().save(good)
-    code = ("import PIL.Image\nPIL.Image.MAX_IMAGE_PIXELS = None\n"
-            "from edgecap import images, InputError\n"
-            f"print(images.load_rgb({str(good)!r}).size)\n"
-            "images.set_max_pixels(100)\n"
-            "try:\n"
-            f"    images.load_rgb({str(good)!r})\n"
-            "except InputError as exc:\n"
-            "    print('refused', exc.problem)\n"
-            "images.set_max_pixels(None)\n"
-            "print(images.max_pixels())\n")
+    code = (
+        "import PIL.Image\nPIL.Image.MAX_IMAGE_PIXELS = None\n"
+        "from edgecap import images, InputError\n"
+        f"print(images.load_rgb({str(good)!r}).size)\n"
+        "images.set_max_pixels(100)\n"
+        "try:\n"
+        f"    images.load_rgb({str(good)!r})\n"
+        "except InputError as exc:\n"
+        "    print('refused', exc.problem)\n"
+        "images.set_max_pixels(None)\n"
+        "print(images.max_pixels())\n"
+    )
     out = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, env=ENV)
     assert out.returncode == 0, out.stderr
     lines = out.stdout.splitlines()
@@ -298,6 +305,7 @@ def test_unexpected_failure_of_one_input_is_still_its_own(captioner, tmp_path, m
 def test_a_ctrl_c_inside_a_decoder_is_not_an_input_error(tmp_path, monkeypatch):
     """The safety net above must not turn Ctrl-C (surfacing as another exception from a lazy
     plugin import) into a per-input error."""
+
     def interrupted(path, *args):
         try:
             raise KeyboardInterrupt

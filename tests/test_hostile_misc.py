@@ -19,15 +19,22 @@ from PIL import Image
 import edgecap
 from edgecap.decoding import MAX_BATCH_SIZE, CaptionOptions
 
-ENV = {**os.environ, "PYTHONPATH": os.pathsep.join(
-    [str(Path(edgecap.__file__).parent.parent), os.environ.get("PYTHONPATH", "")])}
+ENV = {
+    **os.environ,
+    "PYTHONPATH": os.pathsep.join(
+        [str(Path(edgecap.__file__).parent.parent), os.environ.get("PYTHONPATH", "")]
+    ),
+}
 
 
 def cli(*args, model=None, env=ENV):
     model_args = ["--model", str(model)] if model else []
-    return subprocess.run([sys.executable, "-m", "edgecap", "caption", *map(str, args),
-                           *model_args, "--max-length", "4"],
-                          capture_output=True, text=True, env=env)
+    return subprocess.run(
+        [sys.executable, "-m", "edgecap", "caption", *map(str, args), *model_args, "--max-length", "4"],
+        capture_output=True,
+        text=True,
+        env=env,
+    )
 
 
 @pytest.fixture
@@ -46,7 +53,8 @@ def test_batch_size_has_an_upper_bound(any_model_dir, photo):
     assert out.stderr.splitlines() == [
         f"edgecap caption: error: batch_size must be between 1 and {MAX_BATCH_SIZE}, got 100000 "
         "(each image of a batch holds its activations and beams in memory until the batch is "
-        "done)"]
+        "done)"
+    ]
 
 
 @pytest.mark.parametrize("how", ["same", "link"])
@@ -80,12 +88,15 @@ def test_ctrl_c_at_start_up_is_no_traceback(any_model_dir, photo):
     script starts it (``from edgecap.cli import main; sys.exit(main())``): the heavy imports
     (numpy, Pillow, onnxruntime) all happen inside ``main``. (A Ctrl-C inside the interpreter's
     own start-up, before any edgecap code, is Python's to report.)"""
-    start = ("import sys\nfrom edgecap.cli import main\n"
-             "sys.stdout.write('ready\\n'); sys.stdout.flush()\n"
-             f"sys.exit(main(['caption', {str(photo)!r}, '--model', {str(any_model_dir)!r}]))\n")
+    start = (
+        "import sys\nfrom edgecap.cli import main\n"
+        "sys.stdout.write('ready\\n'); sys.stdout.flush()\n"
+        f"sys.exit(main(['caption', {str(photo)!r}, '--model', {str(any_model_dir)!r}]))\n"
+    )
     for delay in (0.02, 0.05, 0.1, 0.2, 0.4, 0.8):
-        proc = subprocess.Popen([sys.executable, "-c", start], stdout=subprocess.PIPE,
-                                stderr=subprocess.PIPE, env=ENV)
+        proc = subprocess.Popen(
+            [sys.executable, "-c", start], stdout=subprocess.PIPE, stderr=subprocess.PIPE, env=ENV
+        )
         assert proc.stdout.readline() == b"ready\n"
         time.sleep(delay)
         proc.send_signal(signal.SIGINT)
@@ -100,12 +111,13 @@ def test_library_does_not_write_telemetry(any_model_dir, photo, tmp_path):
     home.mkdir()
     env = {k: v for k, v in ENV.items() if k != "ORT_DISABLE_TELEMETRY"}
     env.update(HOME=str(home), XDG_CACHE_HOME=str(home / ".cache"))
-    code = ("import os\nfrom edgecap import Captioner\n"
-            f"c = Captioner({str(any_model_dir)!r}, backend='onnxruntime', max_length=3)\n"
-            f"print(c.caption({str(photo)!r}).text)\n"
-            "print(os.environ['ORT_DISABLE_TELEMETRY'])\n")
-    out = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, env=env,
-                         cwd=tmp_path)
+    code = (
+        "import os\nfrom edgecap import Captioner\n"
+        f"c = Captioner({str(any_model_dir)!r}, backend='onnxruntime', max_length=3)\n"
+        f"print(c.caption({str(photo)!r}).text)\n"
+        "print(os.environ['ORT_DISABLE_TELEMETRY'])\n"
+    )
+    out = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, env=env, cwd=tmp_path)
     assert out.returncode == 0, out.stderr
     assert out.stdout.splitlines()[-1] == "1"
     assert [str(p.relative_to(home)) for p in home.rglob("*")] == []
@@ -114,10 +126,12 @@ def test_library_does_not_write_telemetry(any_model_dir, photo, tmp_path):
 def test_the_package_imports_nothing_heavy_before_the_cli_handler():
     """``python -m edgecap`` imports the package before ``edgecap.__main__`` can catch Ctrl-C:
     the package itself must import no numpy, Pillow or runtime (they come with ``Captioner``)."""
-    code = ("import sys, edgecap, edgecap.cli\n"
-            "print(sorted(m for m in ('numpy', 'PIL', 'onnxruntime') if m in sys.modules))\n"
-            "from edgecap import Captioner, Caption, CaptionOptions\n"
-            "print(Captioner.__module__, 'numpy' in sys.modules)\n")
+    code = (
+        "import sys, edgecap, edgecap.cli\n"
+        "print(sorted(m for m in ('numpy', 'PIL', 'onnxruntime') if m in sys.modules))\n"
+        "from edgecap import Captioner, Caption, CaptionOptions\n"
+        "print(Captioner.__module__, 'numpy' in sys.modules)\n"
+    )
     out = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, env=ENV)
     assert out.returncode == 0, out.stderr
     assert out.stdout.splitlines() == ["[]", "edgecap.api True"]

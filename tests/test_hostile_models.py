@@ -21,8 +21,12 @@ from edgecap import Captioner, ModelError
 from edgecap.manifest import file_sha256, load_manifest, verify_files
 from helpers import copy_model, edit_manifest
 
-ENV = {**os.environ, "PYTHONPATH": os.pathsep.join(
-    [str(Path(edgecap.__file__).parent.parent), os.environ.get("PYTHONPATH", "")])}
+ENV = {
+    **os.environ,
+    "PYTHONPATH": os.pathsep.join(
+        [str(Path(edgecap.__file__).parent.parent), os.environ.get("PYTHONPATH", "")]
+    ),
+}
 POSIX = pytest.mark.skipif(os.name != "posix", reason="POSIX links and pipes")
 
 
@@ -37,6 +41,7 @@ def test_unknown_roles_are_ignored_never_opened(any_model_dir, tmp_path):
         data["files"]["extra"] = str(outside / "pipe")
         data["files"]["sneaky"] = "../outside/pipe"
         data["sha256"]["extra"] = "0" * 64
+
     edit_manifest(model, edit)
     manifest = load_manifest(model)
     assert set(manifest.files) == {"encoder", "decoder_step", "vocab", "classes"}
@@ -112,6 +117,7 @@ def _rewrite_vocab(model: Path, words: list) -> None:
     def edit(data):
         data["dims"]["vocab_size"] = len(words)
         data["sha256"]["vocab"] = file_sha256(model / "vocab.json")
+
     edit_manifest(model, edit)
 
 
@@ -153,8 +159,12 @@ def test_cli_exit_2_one_line(any_model_dir, tmp_path):
     model = copy_model(any_model_dir, tmp_path / "m")
     (model / "vocab.json").write_text(f'{{"words": {_deep(50000)}}}')
     photo = Path(edgecap.__file__).parent / "assets" / "examples" / "chelsea.png"
-    out = subprocess.run([sys.executable, "-m", "edgecap", "caption", str(photo), "--model",
-                          str(model)], capture_output=True, text=True, env=ENV)
+    out = subprocess.run(
+        [sys.executable, "-m", "edgecap", "caption", str(photo), "--model", str(model)],
+        capture_output=True,
+        text=True,
+        env=ENV,
+    )
     assert out.returncode == 2
     assert len(out.stderr.splitlines()) == 1 and "nested 50001 deep" in out.stderr
     assert "Traceback" not in out.stderr and out.stdout == ""

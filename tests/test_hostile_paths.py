@@ -20,8 +20,12 @@ from edgecap.commands import caption as caption_command
 from edgecap.paths import expand_all
 from edgecap.errors import InputError
 
-ENV = {**os.environ, "PYTHONPATH": os.pathsep.join(
-    [str(Path(edgecap.__file__).parent.parent), os.environ.get("PYTHONPATH", "")])}
+ENV = {
+    **os.environ,
+    "PYTHONPATH": os.pathsep.join(
+        [str(Path(edgecap.__file__).parent.parent), os.environ.get("PYTHONPATH", "")]
+    ),
+}
 pytestmark = pytest.mark.skipif(os.name != "posix", reason="POSIX symbolic links")
 
 
@@ -37,9 +41,23 @@ def _split(pairs):
 
 
 def run_cli(*args, model, cwd=None):
-    return subprocess.run([sys.executable, "-m", "edgecap", "caption", *map(str, args),
-                           "--model", str(model), "--max-length", "4"],
-                          capture_output=True, text=True, env=ENV, cwd=cwd)
+    return subprocess.run(
+        [
+            sys.executable,
+            "-m",
+            "edgecap",
+            "caption",
+            *map(str, args),
+            "--model",
+            str(model),
+            "--max-length",
+            "4",
+        ],
+        capture_output=True,
+        text=True,
+        env=ENV,
+        cwd=cwd,
+    )
 
 
 def test_folder_with_two_links_to_itself_ends_and_captions_once(tmp_path):
@@ -51,8 +69,7 @@ def test_folder_with_two_links_to_itself_ends_and_captions_once(tmp_path):
     good, skipped = _split(list(expand_all([str(root)])))
     assert good == [str(root / "a.png")]
     assert set(skipped) == {str(root / "loop1"), str(root / "loop2")}
-    assert all("symbolic link loop" in problem and str(root) in problem
-               for problem in skipped.values())
+    assert all("symbolic link loop" in problem and str(root) in problem for problem in skipped.values())
 
 
 def test_glob_through_a_loop_ends_and_matches_once(tmp_path):

@@ -24,7 +24,8 @@ from edgecap.errors import DataError, ModelError
 
 POSIX = pytest.mark.skipif(os.name != "posix", reason="POSIX special files")
 torch_needed = pytest.mark.skipif(
-    __import__("importlib.util").util.find_spec("torch") is None, reason="needs torch")
+    __import__("importlib.util").util.find_spec("torch") is None, reason="needs torch"
+)
 
 
 def photo(path: Path, seed: int) -> Path:
@@ -75,8 +76,9 @@ def checkpoint(tmp_path) -> Path:
     from edgecap.vocab import Vocabulary
 
     vocab = Vocabulary.build(TINY_CAPTIONS, min_count=1)
-    decoder = CaptionDecoder(DecoderConfig(vocab_size=len(vocab), hidden_dim=16, feature_dim=16,
-                                           embed_dim=8, attention_dim=8))
+    decoder = CaptionDecoder(
+        DecoderConfig(vocab_size=len(vocab), hidden_dim=16, feature_dim=16, embed_dim=8, attention_dim=8)
+    )
     save_checkpoint(tmp_path / "ck", decoder, vocab, Preprocessing(), {"train_state": {}})
     return tmp_path / "ck"
 
@@ -104,9 +106,9 @@ def test_the_tiny_checkpoint_loads(checkpoint):
 @POSIX
 @torch_needed
 @pytest.mark.parametrize("name", ["checkpoint.json", "model.safetensors", "vocab.json"])
-@pytest.mark.parametrize("kind, problem", [("fifo", "named pipe"),
-                                           ("device", "character device"),
-                                           ("huge", "over the limit")])
+@pytest.mark.parametrize(
+    "kind, problem", [("fifo", "named pipe"), ("device", "character device"), ("huge", "over the limit")]
+)
 def test_checkpoint_files_that_are_special_or_huge_are_refused(checkpoint, name, kind, problem):
     from edgecap.models.checkpoint import load_checkpoint
 
@@ -123,31 +125,38 @@ def test_checkpoint_files_that_are_special_or_huge_are_refused(checkpoint, name,
 
 
 @torch_needed
-@pytest.mark.parametrize("text, problem", [
-    ("[1, 2]", "not a JSON object (list)"),
-    ('{"a": ' + "[" * 5000 + "]" * 5000 + "}", "nested 5001 deep"),
-    ("{not json", "not valid JSON"),
-])
+@pytest.mark.parametrize(
+    "text, problem",
+    [
+        ("[1, 2]", "not a JSON object (list)"),
+        ('{"a": ' + "[" * 5000 + "]" * 5000 + "}", "nested 5001 deep"),
+        ("{not json", "not valid JSON"),
+    ],
+)
 def test_malformed_checkpoint_json_is_one_model_error(checkpoint, text, problem):
     from edgecap.models.checkpoint import load_checkpoint
 
     (checkpoint / "checkpoint.json").write_text(text)
-    with pytest.raises(ModelError, match="checkpoint.json: .*" + problem.replace("(", r"\(")
-                       .replace(")", r"\)")):
+    with pytest.raises(
+        ModelError, match="checkpoint.json: .*" + problem.replace("(", r"\(").replace(")", r"\)")
+    ):
         load_checkpoint(checkpoint)
 
 
 @torch_needed
-@pytest.mark.parametrize("changes, problem", [
-    ({"decoder": None}, "'decoder' is not an object"),
-    ({"decoder": {"hidden_dim": "wide"}}, "hidden_dim must be an integer"),
-    ({"decoder": {"hidden_dim": 100_000}}, "hidden_dim must be at most 8192"),
-    ({"decoder": {"dropout": 7}}, "dropout must be less than 1"),
-    ({"decoder": {"colour": 1}}, "unknown decoder setting 'colour'"),
-    ({"preprocessing": {"size": [100_000, 100_000]}}, "size must be at most 1024"),
-    ({"preprocessing": {"std": [0, 1, 1]}}, "std must be more than 0"),
-    ({"preprocessing": {"mean": None}}, "preprocessing"),
-])
+@pytest.mark.parametrize(
+    "changes, problem",
+    [
+        ({"decoder": None}, "'decoder' is not an object"),
+        ({"decoder": {"hidden_dim": "wide"}}, "hidden_dim must be an integer"),
+        ({"decoder": {"hidden_dim": 100_000}}, "hidden_dim must be at most 8192"),
+        ({"decoder": {"dropout": 7}}, "dropout must be less than 1"),
+        ({"decoder": {"colour": 1}}, "unknown decoder setting 'colour'"),
+        ({"preprocessing": {"size": [100_000, 100_000]}}, "size must be at most 1024"),
+        ({"preprocessing": {"std": [0, 1, 1]}}, "std must be more than 0"),
+        ({"preprocessing": {"mean": None}}, "preprocessing"),
+    ],
+)
 def test_sizes_in_checkpoint_json_are_checked(checkpoint, changes, problem):
     from edgecap.models.checkpoint import load_checkpoint
 
@@ -168,9 +177,12 @@ def test_sizes_that_disagree_with_the_weights_allocate_nothing(checkpoint, monke
     monkeypatch.setattr(module, "load_file", never)
     monkeypatch.setattr(module, "load_pretrained", never)
     _meta(checkpoint, decoder={"hidden_dim": 8000})
-    with pytest.raises(ModelError, match=r"model.safetensors: decoder.init_h.weight is "
-                                         r"\(16, 16\), checkpoint.json's decoder sizes need "
-                                         r"\(8000, 16\)"):
+    with pytest.raises(
+        ModelError,
+        match=r"model.safetensors: decoder.init_h.weight is "
+        r"\(16, 16\), checkpoint.json's decoder sizes need "
+        r"\(8000, 16\)",
+    ):
         module.load_checkpoint(checkpoint)
 
 
@@ -186,15 +198,13 @@ def test_a_weights_file_whose_header_lies_is_refused(checkpoint):
 
 
 @torch_needed
-def test_export_refuses_a_checkpoint_pipe_and_a_metrics_pipe_in_one_line(checkpoint, tmp_path,
-                                                                         capsys):
+def test_export_refuses_a_checkpoint_pipe_and_a_metrics_pipe_in_one_line(checkpoint, tmp_path, capsys):
     pytest.importorskip("onnx")
     from edgecap.cli import main
 
     metrics = tmp_path / "metrics.json"
     os.mkfifo(metrics)
-    assert main(["export", str(checkpoint), "--out", str(tmp_path / "m"),
-                 "--metrics", str(metrics)]) == 2
+    assert main(["export", str(checkpoint), "--out", str(tmp_path / "m"), "--metrics", str(metrics)]) == 2
     err = capsys.readouterr().err
     assert err.count("\n") == 1 and "metrics.json" in err and "named pipe" in err
     special(checkpoint / "checkpoint.json", "fifo")
@@ -232,9 +242,11 @@ def test_resumed_train_state_and_step_log_are_checked(tmp_path):
 
     good = {"epoch": 2, "best_epoch": 1, "best_cider": 0.5, "history": []}
     assert _train_state({"train_state": good}, tmp_path / "c.json") == good
-    for bad, problem in (({**good, "epoch": "2"}, "'epoch' is not an integer"),
-                         ({**good, "best_cider": float("nan")}, "'best_cider' is not a finite"),
-                         ({k: v for k, v in good.items() if k != "history"}, "no 'history'")):
+    for bad, problem in (
+        ({**good, "epoch": "2"}, "'epoch' is not an integer"),
+        ({**good, "best_cider": float("nan")}, "'best_cider' is not a finite"),
+        ({k: v for k, v in good.items() if k != "history"}, "no 'history'"),
+    ):
         with pytest.raises(ModelError, match=problem):
             _train_state({"train_state": bad}, tmp_path / "c.json")
     log = tmp_path / "steps.jsonl"
@@ -255,8 +267,9 @@ def _shards(paths, directory, log=None, shard_size=2):
     from edgecap.training.shards import extract_shards
 
     logs = [] if log is None else log
-    return extract_shards(paths, directory, _fake_features, lambda x: x, shard_size=shard_size,
-                          log=logs.append)
+    return extract_shards(
+        paths, directory, _fake_features, lambda x: x, shard_size=shard_size, log=logs.append
+    )
 
 
 def _numbers(tmp_path, values) -> list[Path]:
@@ -287,14 +300,17 @@ def test_a_broken_plan_or_shard_is_redone(tmp_path, name, kind):
     assert any(name.split(".")[0] in line for line in logs), logs
 
 
-@pytest.mark.parametrize("name, change", [
-    ("plan.json", {"shard_size": 0}),
-    ("plan.json", {"names": {"a": 1}}),
-    ("plan.json", {"paths": []}),
-    ("shard-00000.json", {"rows": "2"}),
-    ("shard-00000.json", {"shape": [10**9, 10**9]}),
-    ("shard-00000.json", {"absent": [5]}),
-])
+@pytest.mark.parametrize(
+    "name, change",
+    [
+        ("plan.json", {"shard_size": 0}),
+        ("plan.json", {"names": {"a": 1}}),
+        ("plan.json", {"paths": []}),
+        ("shard-00000.json", {"rows": "2"}),
+        ("shard-00000.json", {"shape": [10**9, 10**9]}),
+        ("shard-00000.json", {"absent": [5]}),
+    ],
+)
 def test_malformed_plan_or_record_is_redone_not_a_traceback(tmp_path, name, change):
     paths = _numbers(tmp_path, [1, 2, 3])
     cache = tmp_path / "cache"
@@ -304,12 +320,15 @@ def test_malformed_plan_or_record_is_redone_not_a_traceback(tmp_path, name, chan
     assert _rows(_shards(paths, cache), paths) == [1, 2, 3]
 
 
-@pytest.mark.parametrize("change, problem", [
-    ({"shard_size": 0}, "'shard_size' is 0, outside 1..65536"),
-    ({"shape": [0]}, "'shape' holds something other than integers in 1..65536"),
-    ({"names": "p1"}, "'names' is not a list"),
-    ({"shards": []}, "0 shards for 3 images"),
-])
+@pytest.mark.parametrize(
+    "change, problem",
+    [
+        ({"shard_size": 0}, "'shard_size' is 0, outside 1..65536"),
+        ({"shape": [0]}, "'shape' holds something other than integers in 1..65536"),
+        ({"names": "p1"}, "'names' is not a list"),
+        ({"shards": []}, "0 shards for 3 images"),
+    ],
+)
 def test_a_malformed_index_is_one_cache_error(tmp_path, change, problem):
     from edgecap.training.shards import FeatureCacheError, ShardedFeatures
 
@@ -352,8 +371,7 @@ def test_a_photo_the_run_needs_that_is_gone_is_one_data_error(tmp_path):
 
 
 @torch_needed
-def test_overwritten_values_in_the_finetune_cache_are_recomputed(tmp_path, example_images,
-                                                                 capsys):
+def test_overwritten_values_in_the_finetune_cache_are_recomputed(tmp_path, example_images, capsys):
     from edgecap.preprocess import Preprocessing
     from edgecap.training.features import compute_features
 
@@ -375,10 +393,17 @@ def test_overwritten_values_in_the_finetune_cache_are_recomputed(tmp_path, examp
 @POSIX
 def test_photos_outside_the_folder_are_refused_unless_allowed(tmp_path):
     outside = photo(tmp_path / "private" / "secret.png", 7)
-    root = captions_csv(tmp_path / "data", GOOD + [
-        ("../private/secret.png", "a secret"), (str(outside), "the same secret"),
-        ("link.png", "a secret through a link"), ("inner/ok.png", "a photo in a subfolder")],
-        photos=["a.png", "b.png", "c.png", "inner/ok.png"])
+    root = captions_csv(
+        tmp_path / "data",
+        GOOD
+        + [
+            ("../private/secret.png", "a secret"),
+            (str(outside), "the same secret"),
+            ("link.png", "a secret through a link"),
+            ("inner/ok.png", "a photo in a subfolder"),
+        ],
+        photos=["a.png", "b.png", "c.png", "inner/ok.png"],
+    )
     (root / "link.png").symlink_to(outside)
     (root / "inner" / "up.png").symlink_to("../a.png")  # a link that stays inside: fine
     with open(root / "captions.csv", "a", newline="") as f:
@@ -388,12 +413,22 @@ def test_photos_outside_the_folder_are_refused_unless_allowed(tmp_path):
     used = {it.file_name for it in data.train + data.dev}
     assert used == {"a.png", "b.png", "c.png", "inner/ok.png", "inner/up.png"}
     assert [r.split(": ", 2)[1:] for r in reports] == [
-        ["../private/secret.png", "a path through '..', outside the images folder; pass "
-         "--allow-outside-data to train on it; row skipped"],
-        [str(outside), "an absolute path, outside the images folder; pass "
-         "--allow-outside-data to train on it; row skipped"],
-        ["link.png", "a symbolic link that leads out of the images folder; pass "
-         "--allow-outside-data to train on it; row skipped"]]
+        [
+            "../private/secret.png",
+            "a path through '..', outside the images folder; pass "
+            "--allow-outside-data to train on it; row skipped",
+        ],
+        [
+            str(outside),
+            "an absolute path, outside the images folder; pass "
+            "--allow-outside-data to train on it; row skipped",
+        ],
+        [
+            "link.png",
+            "a symbolic link that leads out of the images folder; pass "
+            "--allow-outside-data to train on it; row skipped",
+        ],
+    ]
     reports.clear()
     allowed = read_folder(root, dev_fraction=0.3, report=reports.append, allow_outside=True)
     assert len(allowed.train + allowed.dev) == 7  # the absolute path repeats secret.png's name
@@ -408,8 +443,7 @@ def test_flickr_layout_rows_outside_the_images_folder_are_refused(tmp_path):
         photo(root / "images" / name, i)
     photo(tmp_path / "elsewhere.jpg", 3)
     names = ["a.jpg", "../../elsewhere.jpg", "b.jpg"]
-    (root / "Flickr8k.token.txt").write_text(
-        "".join(f"{n}#0\tcaption {i}\n" for i, n in enumerate(names)))
+    (root / "Flickr8k.token.txt").write_text("".join(f"{n}#0\tcaption {i}\n" for i, n in enumerate(names)))
     (root / "Flickr_8k.trainImages.txt").write_text("a.jpg\n../../elsewhere.jpg\n")
     (root / "Flickr_8k.devImages.txt").write_text("b.jpg\n")
     reports = []
@@ -436,21 +470,24 @@ def folder_data(tmp_path) -> Path:
     return captions_csv(tmp_path / "data", GOOD)
 
 
-@pytest.mark.parametrize("flags, problem", [
-    (["--image-size", "100000"], "--image-size must be at most 1024, got 100000"),
-    (["--max-dev-images", "-1"], "--max-dev-images must be at least 0, got -1"),
-    (["--label-smoothing", "1.5"], "--label-smoothing must be less than 1, got 1.5"),
-    (["--label-smoothing", "nan"], "--label-smoothing must be a number, got nan"),
-    (["--epochs", "0"], "epochs must be at least 1, got 0"),
-    (["--lr-decay-epochs", "0"], "--lr-decay-epochs must be at least 1, got 0"),
-    (["--hidden-dim", "100000"], "--hidden-dim must be at most 8192, got 100000"),
-    (["--dropout", "1"], "dropout must be less than 1, got 1.0"),
-    (["--seed", "-1"], "seed must be at least 0, got -1"),
-    (["--shard-size", "0"], "--shard-size must be at least 1, got 0"),
-    (["--batch-size", "0"], "--batch-size must be at least 1, got 0"),
-    (["--threads", "-2"], "threads must be at least 0, got -2"),
-    (["--scheduled-sampling", "2"], "--scheduled-sampling must be at most 1, got 2.0"),
-])
+@pytest.mark.parametrize(
+    "flags, problem",
+    [
+        (["--image-size", "100000"], "--image-size must be at most 1024, got 100000"),
+        (["--max-dev-images", "-1"], "--max-dev-images must be at least 0, got -1"),
+        (["--label-smoothing", "1.5"], "--label-smoothing must be less than 1, got 1.5"),
+        (["--label-smoothing", "nan"], "--label-smoothing must be a number, got nan"),
+        (["--epochs", "0"], "epochs must be at least 1, got 0"),
+        (["--lr-decay-epochs", "0"], "--lr-decay-epochs must be at least 1, got 0"),
+        (["--hidden-dim", "100000"], "--hidden-dim must be at most 8192, got 100000"),
+        (["--dropout", "1"], "dropout must be less than 1, got 1.0"),
+        (["--seed", "-1"], "seed must be at least 0, got -1"),
+        (["--shard-size", "0"], "--shard-size must be at least 1, got 0"),
+        (["--batch-size", "0"], "--batch-size must be at least 1, got 0"),
+        (["--threads", "-2"], "threads must be at least 0, got -2"),
+        (["--scheduled-sampling", "2"], "--scheduled-sampling must be at most 1, got 2.0"),
+    ],
+)
 def test_out_of_range_options_are_one_line(tmp_path, folder_data, capsys, flags, problem):
     from edgecap.cli import main
 
@@ -468,26 +505,32 @@ def test_out_or_cache_dir_that_is_a_file_is_one_line(tmp_path, folder_data, caps
     a_file = tmp_path / "notes.txt"
     a_file.write_text("x")
     assert main(["train", "--data", str(folder_data), "--out", str(a_file)]) == 2
-    assert capsys.readouterr().err == (f"edgecap train: error: --out {a_file}: is a file, not "
-                                       "a folder\n")
+    assert capsys.readouterr().err == (f"edgecap train: error: --out {a_file}: is a file, not a folder\n")
     out = tmp_path / "run"
-    assert main(["train", "--data", str(folder_data), "--out", str(out),
-                 "--cache-dir", str(a_file / "cache")]) == 2
-    assert capsys.readouterr().err == (f"edgecap train: error: --cache-dir {a_file / 'cache'}: "
-                                       f"{a_file} is a file, not a folder\n")
+    assert (
+        main(["train", "--data", str(folder_data), "--out", str(out), "--cache-dir", str(a_file / "cache")])
+        == 2
+    )
+    assert capsys.readouterr().err == (
+        f"edgecap train: error: --cache-dir {a_file / 'cache'}: {a_file} is a file, not a folder\n"
+    )
     assert not out.exists()
 
 
 @torch_needed
-@pytest.mark.parametrize("make, problem", [
-    (lambda tmp: tmp / "mistyped", "mistyped: no such folder; --data names the folder"),
-    (lambda tmp: photo(tmp / "photos" / "a.png", 1).parent,
-     "photos: no captions.csv or captions.jsonl (a folder of your photos) and no "
-     "Flickr8k.token.txt (Flickr8k)"),
-    (lambda tmp: photo(tmp / "one.png", 1), "one.png: not a folder"),
-])
-def test_train_data_that_is_not_a_dataset_is_one_line_and_leaves_no_folder(tmp_path, capsys,
-                                                                          make, problem):
+@pytest.mark.parametrize(
+    "make, problem",
+    [
+        (lambda tmp: tmp / "mistyped", "mistyped: no such folder; --data names the folder"),
+        (
+            lambda tmp: photo(tmp / "photos" / "a.png", 1).parent,
+            "photos: no captions.csv or captions.jsonl (a folder of your photos) and no "
+            "Flickr8k.token.txt (Flickr8k)",
+        ),
+        (lambda tmp: photo(tmp / "one.png", 1), "one.png: not a folder"),
+    ],
+)
+def test_train_data_that_is_not_a_dataset_is_one_line_and_leaves_no_folder(tmp_path, capsys, make, problem):
     from edgecap.cli import main
 
     data = make(tmp_path)
@@ -504,11 +547,12 @@ def test_a_folder_dataset_that_is_missing_is_one_line(tmp_path, capsys):
     from edgecap.cli import main
 
     out = tmp_path / "run"
-    assert main(["train", "--data", str(tmp_path / "nowhere"), "--dataset", "folder",
-                 "--out", str(out)]) == 2
-    assert capsys.readouterr().err == (f"edgecap train: error: {tmp_path / 'nowhere'}: no such "
-                                       "folder; --data names the folder that holds the "
-                                       "captions\n")
+    assert main(["train", "--data", str(tmp_path / "nowhere"), "--dataset", "folder", "--out", str(out)]) == 2
+    assert capsys.readouterr().err == (
+        f"edgecap train: error: {tmp_path / 'nowhere'}: no such "
+        "folder; --data names the folder that holds the "
+        "captions\n"
+    )
     assert not out.exists()
 
 
@@ -518,11 +562,15 @@ def test_too_few_words_for_fresh_weights_is_a_data_error(tmp_path):
     from edgecap.training.start import initial_model
     from edgecap.training.train import TrainConfig
 
-    cfg = TrainConfig(data=str(tmp_path), out=str(tmp_path / "run"), dataset="folder",
-                      init_from="none", min_word_count=1)
+    cfg = TrainConfig(
+        data=str(tmp_path), out=str(tmp_path / "run"), dataset="folder", init_from="none", min_word_count=1
+    )
     items = [CaptionedImage("a.png", ["a red ball"]), CaptionedImage("b.png", ["a dog"])]
-    with pytest.raises(DataError, match=r"the training captions give 8 words with "
-                                        r"--min-word-count 1 .*add captions"):
+    with pytest.raises(
+        DataError,
+        match=r"the training captions give 8 words with "
+        r"--min-word-count 1 .*add captions",
+    ):
         initial_model(cfg, items, tmp_path / "run" / "last")
 
 
@@ -533,26 +581,40 @@ def test_a_run_that_trains_no_epoch_is_an_error_not_a_missing_checkpoint(tmp_pat
     from edgecap.training.train import TrainConfig, train
 
     words = "red green blue dog cat ball mat grass sky tree car house boat bird man woman".split()
-    rows = [(f"p{i}.png", f"a {words[i]} and a {words[i + 1]} near the {words[i + 2]}")
-            for i in range(6)]
+    rows = [(f"p{i}.png", f"a {words[i]} and a {words[i + 1]} near the {words[i + 2]}") for i in range(6)]
     root = captions_csv(tmp_path / "data", rows)
     out = tmp_path / "run"
-    cfg = TrainConfig(data=str(root), out=str(out), dataset="folder", init_from="none",
-                      epochs=1, batch_size=6, min_word_count=1, progress=False, threads=1,
-                      cache_dir=str(tmp_path / "cache"),
-                      decoder={"hidden_dim": 16, "feature_dim": 16, "embed_dim": 8,
-                               "attention_dim": 8})
+    cfg = TrainConfig(
+        data=str(root),
+        out=str(out),
+        dataset="folder",
+        init_from="none",
+        epochs=1,
+        batch_size=6,
+        min_word_count=1,
+        progress=False,
+        threads=1,
+        cache_dir=str(tmp_path / "cache"),
+        decoder={"hidden_dim": 16, "feature_dim": 16, "embed_dim": 8, "attention_dim": 8},
+    )
     assert train(cfg, log=lambda *_: None) == out / "best"
     shutil.rmtree(out / "best")  # last/ says epoch 1 is done: --epochs 1 trains nothing more
-    with pytest.raises(ModelError, match=r"run/best: no best checkpoint \(the run in .* had "
-                                         r"finished 1 epochs of --epochs 1\)"):
+    with pytest.raises(
+        ModelError,
+        match=r"run/best: no best checkpoint \(the run in .* had "
+        r"finished 1 epochs of --epochs 1\)",
+    ):
         train(cfg, log=lambda *_: None)
 
 
 @POSIX
-@pytest.mark.parametrize("kind, problem", [("fifo", "is a named pipe (FIFO), not a regular file"),
-                                           ("huge", "captions file is 314,572,800 bytes, over "
-                                                    "the limit of 268,435,456")])
+@pytest.mark.parametrize(
+    "kind, problem",
+    [
+        ("fifo", "is a named pipe (FIFO), not a regular file"),
+        ("huge", "captions file is 314,572,800 bytes, over the limit of 268,435,456"),
+    ],
+)
 def test_a_captions_file_that_is_a_pipe_or_huge_is_one_error(tmp_path, kind, problem):
     root = captions_csv(tmp_path / "data", GOOD)
     special(root / "captions.csv", kind)
@@ -567,9 +629,11 @@ def test_problem_reports_escape_names_as_caption_output_does(tmp_path):
 
     forged = "x.png: fine; row skipped\n/etc/passwd:1: z.png"
     escape = "\x1b[2J\x1b[31mred.png"
-    root = captions_csv(tmp_path / "data", GOOD + [(forged, "a photo"), (escape, "a photo"),
-                                                   ("d.png", "\x1b\x07!")],
-                        photos=["a.png", "b.png", "c.png"])
+    root = captions_csv(
+        tmp_path / "data",
+        GOOD + [(forged, "a photo"), (escape, "a photo"), ("d.png", "\x1b\x07!")],
+        photos=["a.png", "b.png", "c.png"],
+    )
     reports = []
     read_folder(root, dev_fraction=0.3, report=reports.append)
     assert len(reports) == 3
@@ -587,12 +651,14 @@ def test_jsonl_captions_with_unusual_line_separators_are_read(tmp_path, separato
     root = tmp_path / "data"
     for i, (name, _) in enumerate(GOOD):
         photo(root / name, i)
-    lines = [json.dumps({"file": n, "caption": f"{c}{separator}and more"}, ensure_ascii=False)
-             for n, c in GOOD]
+    lines = [
+        json.dumps({"file": n, "caption": f"{c}{separator}and more"}, ensure_ascii=False) for n, c in GOOD
+    ]
     (root / "captions.jsonl").write_text("\n".join(lines) + "\r\n", encoding="utf-8")
     data = read_folder(root, dev_fraction=0.3, report=pytest.fail)
     assert sorted(c for it in data.train + data.dev for c in it.captions) == sorted(
-        f"{c}{separator}and more" for _, c in GOOD)
+        f"{c}{separator}and more" for _, c in GOOD
+    )
 
 
 @pytest.mark.parametrize("separator", ["\u2028", "\u2029", "\x85", "\x0c", "\x1c", "\x0b"])
@@ -608,13 +674,17 @@ def test_jsonl_output_stays_one_line_for_every_line_splitter(separator):
 # -- class 9: a flood of bad rows is summarised ---------------------------------------------------
 def test_thousands_of_bad_rows_are_summarised_with_their_count(tmp_path):
     n_bad = 5000
-    root = captions_csv(tmp_path / "data", GOOD + [(f"gone{i}.png", "?!") for i in range(n_bad)],
-                        photos=["a.png", "b.png", "c.png"])
+    root = captions_csv(
+        tmp_path / "data",
+        GOOD + [(f"gone{i}.png", "?!") for i in range(n_bad)],
+        photos=["a.png", "b.png", "c.png"],
+    )
     reports = []
     data = read_folder(root, dev_fraction=0.3, report=reports.append)
     assert len(reports) == MAX_REPORTED + 1
-    assert reports[-1] == (f"{root / 'captions.csv'}: {n_bad - MAX_REPORTED:,} more problems "
-                           f"not listed ({n_bad:,} in all)")
+    assert reports[-1] == (
+        f"{root / 'captions.csv'}: {n_bad - MAX_REPORTED:,} more problems not listed ({n_bad:,} in all)"
+    )
     assert data.n_problems == n_bad and len(data.problems) == MAX_REPORTED
     assert len(data.train + data.dev) == 3
 
@@ -626,19 +696,36 @@ def test_a_run_with_rows_left_out_trains_on_the_rest_and_exits_1(tmp_path, capsy
     from edgecap.cli import main
 
     words = "red green blue dog cat ball mat grass sky tree car house boat bird man woman".split()
-    rows = [(f"p{i}.png", f"a {words[i]} and a {words[i + 1]} near the {words[i + 2]}")
-            for i in range(6)]
+    rows = [(f"p{i}.png", f"a {words[i]} and a {words[i + 1]} near the {words[i + 2]}") for i in range(6)]
     root = captions_csv(tmp_path / "data", rows + [("../outside.png", "a secret")])
     photo(tmp_path / "outside.png", 9)
     out = tmp_path / "run"
-    flags = ["--init-from", "none", "--epochs", "1", "--batch-size", "6", "--min-word-count",
-             "1", "--no-progress", "--threads", "1", "--cache-dir", str(tmp_path / "cache"),
-             "--hidden-dim", "16", "--feature-dim", "16", "--embed-dim", "8",
-             "--attention-dim", "8"]
+    flags = [
+        "--init-from",
+        "none",
+        "--epochs",
+        "1",
+        "--batch-size",
+        "6",
+        "--min-word-count",
+        "1",
+        "--no-progress",
+        "--threads",
+        "1",
+        "--cache-dir",
+        str(tmp_path / "cache"),
+        "--hidden-dim",
+        "16",
+        "--feature-dim",
+        "16",
+        "--embed-dim",
+        "8",
+        "--attention-dim",
+        "8",
+    ]
     assert main(["train", "--data", str(root), "--out", str(out), *flags]) == 1
     captured = capsys.readouterr()
     assert "../outside.png" in captured.err and "row skipped" in captured.err
-    assert json.loads(captured.out.splitlines()[-1]) == {"best_checkpoint": str(out / "best"),
-                                                         "left_out": 1}
+    assert json.loads(captured.out.splitlines()[-1]) == {"best_checkpoint": str(out / "best"), "left_out": 1}
     meta = json.loads((out / "best" / "checkpoint.json").read_text())
     assert meta["training_data"]["left_out"] == 1

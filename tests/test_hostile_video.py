@@ -34,16 +34,16 @@ def small_limit():
     images.set_max_pixels(None)
 
 
-def test_video_frames_over_the_pixel_limit_are_refused_from_the_header(clip, small_limit,
-                                                                       monkeypatch):
+def test_video_frames_over_the_pixel_limit_are_refused_from_the_header(clip, small_limit, monkeypatch):
     import cv2
 
     def never(self):
         raise AssertionError("a frame was decoded before the size was checked")
 
     monkeypatch.setattr(cv2.VideoCapture, "read", never, raising=False)
-    with pytest.raises(InputError, match=f"video frames are 320x240 = {PIXELS:,} pixels, over "
-                                         f"the limit of {PIXELS - 1:,}"):
+    with pytest.raises(
+        InputError, match=f"video frames are 320x240 = {PIXELS:,} pixels, over the limit of {PIXELS - 1:,}"
+    ):
         video_frames(clip)
 
 
@@ -85,13 +85,25 @@ def test_a_damaged_video_that_decodes_nothing_is_an_error(clip):
 
 
 def _caption(*args, model):
-    return subprocess.run([sys.executable, "-m", "edgecap", "caption", *map(str, args),
-                           "--model", str(model), "--max-length", "4"],
-                          capture_output=True, text=True, env=ENV)
+    return subprocess.run(
+        [
+            sys.executable,
+            "-m",
+            "edgecap",
+            "caption",
+            *map(str, args),
+            "--model",
+            str(model),
+            "--max-length",
+            "4",
+        ],
+        capture_output=True,
+        text=True,
+        env=ENV,
+    )
 
 
-def test_cli_damaged_and_cut_videos_are_one_line_exit_1_without_decoder_noise(clip,
-                                                                             tiny_model_dir):
+def test_cli_damaged_and_cut_videos_are_one_line_exit_1_without_decoder_noise(clip, tiny_model_dir):
     out = _caption("--video", _garbled(clip), model=tiny_model_dir)
     assert out.returncode == 1 and out.stdout == ""
     lines = out.stderr.splitlines()
@@ -134,5 +146,6 @@ def test_cli_negative_camera_index_is_one_line_exit_2_not_a_crash(tiny_model_dir
     pytest.importorskip("cv2")
     out = _caption("--camera=-1", model=tiny_model_dir)
     assert out.returncode == 2, out  # was -11 (SIGSEGV) where no camera is connected
-    assert out.stderr == ("edgecap caption: error: camera -1: the camera index must be a whole "
-                          "number from 0 to 1023\n")
+    assert out.stderr == (
+        "edgecap caption: error: camera -1: the camera index must be a whole number from 0 to 1023\n"
+    )

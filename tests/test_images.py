@@ -88,8 +88,8 @@ def test_bad_color_argument():
 
 # -- unusual but valid files -------------------------------------------------------------------
 def test_png_with_alpha_goes_over_white(tmp_path):
-    im = Image.new("RGBA", (8, 8), (255, 0, 0, 0))     # fully transparent red
-    im.putpixel((0, 0), (0, 0, 255, 255))               # one opaque blue pixel
+    im = Image.new("RGBA", (8, 8), (255, 0, 0, 0))  # fully transparent red
+    im.putpixel((0, 0), (0, 0, 255, 255))  # one opaque blue pixel
     x = rgb_array(_save(im, tmp_path / "a.png"))
     assert x.dtype == np.uint8 and x.shape == (8, 8, 3)
     assert tuple(x[1, 1]) == (255, 255, 255)
@@ -247,25 +247,33 @@ def test_float_and_uint16_arrays():
     assert (rgb_array(np.full((2, 2, 3), 65535, np.uint16)) == 255).all()
 
 
-@pytest.mark.parametrize("array, words", [
-    (np.zeros((4, 4, 3), np.int64), ["dtype int64"]),
-    (np.zeros((4, 4, 3), bool), ["dtype bool"]),
-    (np.zeros((4, 4, 2), np.uint8), ["got 2"]),
-    (np.zeros((3, 8, 8), np.uint8), ["channels-first"]),
-    (np.zeros((2, 4, 4, 3), np.uint8), ["4 dimensions"]),
-    (np.zeros((5,), np.uint8), ["1 dimensions"]),
-    (np.zeros((0, 4, 3), np.uint8), ["empty"]),
-    (np.full((4, 4, 3), np.nan, np.float32), ["NaN"]),
-    (np.full((4, 4, 3), 200.0), ["[0, 1]"]),
-])
+@pytest.mark.parametrize(
+    "array, words",
+    [
+        (np.zeros((4, 4, 3), np.int64), ["dtype int64"]),
+        (np.zeros((4, 4, 3), bool), ["dtype bool"]),
+        (np.zeros((4, 4, 2), np.uint8), ["got 2"]),
+        (np.zeros((3, 8, 8), np.uint8), ["channels-first"]),
+        (np.zeros((2, 4, 4, 3), np.uint8), ["4 dimensions"]),
+        (np.zeros((5,), np.uint8), ["1 dimensions"]),
+        (np.zeros((0, 4, 3), np.uint8), ["empty"]),
+        (np.full((4, 4, 3), np.nan, np.float32), ["NaN"]),
+        (np.full((4, 4, 3), 200.0), ["[0, 1]"]),
+    ],
+)
 def test_bad_arrays(array, words):
     _assert_input_error(array, f"<array {tuple(array.shape)} {array.dtype}>", *words)
 
 
 def test_preprocess_batch():
     pre = Preprocessing()
-    batch = images.preprocess([images.load_rgb(np.zeros((30, 40, 3), np.uint8)),
-                               images.load_rgb(np.full((224, 224), 255, np.uint8))], pre)
+    batch = images.preprocess(
+        [
+            images.load_rgb(np.zeros((30, 40, 3), np.uint8)),
+            images.load_rgb(np.full((224, 224), 255, np.uint8)),
+        ],
+        pre,
+    )
     assert batch.shape == (2, 3, 224, 224) and batch.dtype == np.float32
     assert np.allclose(batch[0], -1.0) and np.allclose(batch[1], 1.0)
     assert images.preprocess([], pre).shape == (0, 3, 224, 224)

@@ -15,21 +15,24 @@ from edgecap import Captioner, ModelError
 from helpers import copy_model, edit_manifest, set_field
 
 
-@pytest.mark.parametrize("edit, words", [
-    (set_field(["format"], "edgecap-model/9"), "unknown manifest format 'edgecap-model/9'.*Upgrade"),
-    (set_field(["format"], "edgecap-model/1"), "unknown manifest format 'edgecap-model/1'.*re-export"),
-    (set_field(["format"], None), "unknown manifest format None"),
-    (lambda d: d["dims"].pop("top_k"), "dims.top_k must be a positive integer.*re-export"),
-    (set_field(["dims", "regions"], "49"), "dims.regions must be a positive integer"),
-    (set_field(["dims", "top_k"], True), "dims.top_k must be a positive integer"),
-    (lambda d: d["dims"].pop("n_classes"), "dims.n_classes must be a positive integer"),
-    (set_field(["preprocessing", "size"], [224]), r"preprocessing.size must be \[height, width\]"),
-    (set_field(["preprocessing", "std"], [0, 1, 1]), "std > 0"),
-    (set_field(["preprocessing", "resample"], "smooth"), "resample must name a Pillow filter"),
-    (lambda d: d.pop("tokens"), "incomplete manifest.*re-export"),
-    (set_field(["files", "encoder"], "../encoder.onnx"), "not a file name inside the model directory"),
-    (set_field(["files", "encoder"], "/etc/hostname"), "not a file name inside the model directory"),
-])
+@pytest.mark.parametrize(
+    "edit, words",
+    [
+        (set_field(["format"], "edgecap-model/9"), "unknown manifest format 'edgecap-model/9'.*Upgrade"),
+        (set_field(["format"], "edgecap-model/1"), "unknown manifest format 'edgecap-model/1'.*re-export"),
+        (set_field(["format"], None), "unknown manifest format None"),
+        (lambda d: d["dims"].pop("top_k"), "dims.top_k must be a positive integer.*re-export"),
+        (set_field(["dims", "regions"], "49"), "dims.regions must be a positive integer"),
+        (set_field(["dims", "top_k"], True), "dims.top_k must be a positive integer"),
+        (lambda d: d["dims"].pop("n_classes"), "dims.n_classes must be a positive integer"),
+        (set_field(["preprocessing", "size"], [224]), r"preprocessing.size must be \[height, width\]"),
+        (set_field(["preprocessing", "std"], [0, 1, 1]), "std > 0"),
+        (set_field(["preprocessing", "resample"], "smooth"), "resample must name a Pillow filter"),
+        (lambda d: d.pop("tokens"), "incomplete manifest.*re-export"),
+        (set_field(["files", "encoder"], "../encoder.onnx"), "not a file name inside the model directory"),
+        (set_field(["files", "encoder"], "/etc/hostname"), "not a file name inside the model directory"),
+    ],
+)
 def test_bad_manifest_says_what_to_do(tiny_model_dir, tmp_path, edit, words):
     model = copy_model(tiny_model_dir, tmp_path / "m")
     edit_manifest(model, edit)

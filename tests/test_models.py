@@ -16,15 +16,22 @@ PAD, START, END, UNK = 0, 1, 2, 3  # the Vocabulary's fixed special ids
 def test_the_step_never_outputs_pad_start_or_unk():
     """Even where the model favours them most, <pad>, <start> and <unk> never reach the top K."""
     torch.manual_seed(0)
-    decoder = CaptionDecoder(DecoderConfig(vocab_size=30, hidden_dim=16, feature_dim=8,
-                                           embed_dim=8, attention_dim=8, top_k=10)).eval()
+    decoder = CaptionDecoder(
+        DecoderConfig(vocab_size=30, hidden_dim=16, feature_dim=8, embed_dim=8, attention_dim=8, top_k=10)
+    ).eval()
     with torch.no_grad():
         decoder.out_vocab.bias[[PAD, START, UNK]] = 50.0  # the favourites, by far
         rows, regions = 4, 5
-        args = (torch.randint(4, 30, (rows,), dtype=torch.int32), torch.randn(rows, 16),
-                torch.randn(rows, 16), torch.arange(rows, dtype=torch.int32),
-                torch.randn(2, regions, 8), torch.randn(2, regions, 8),
-                torch.tensor([0, 0, 1, 1], dtype=torch.int32), torch.zeros(rows, 30))
+        args = (
+            torch.randint(4, 30, (rows,), dtype=torch.int32),
+            torch.randn(rows, 16),
+            torch.randn(rows, 16),
+            torch.arange(rows, dtype=torch.int32),
+            torch.randn(2, regions, 8),
+            torch.randn(2, regions, 8),
+            torch.tensor([0, 0, 1, 1], dtype=torch.int32),
+            torch.zeros(rows, 30),
+        )
         values, ids, *_ = StepGraph(decoder)(*args)
     assert not set(ids.flatten().tolist()) & {PAD, START, UNK}
     assert torch.isfinite(values).all()
@@ -40,8 +47,9 @@ def test_mask_logits_bans_end_only_as_the_first_word():
 
 def test_word_bias_picks_the_top_k_but_values_stay_unbiased():
     torch.manual_seed(1)
-    decoder = CaptionDecoder(DecoderConfig(vocab_size=30, hidden_dim=16, feature_dim=8,
-                                           embed_dim=8, attention_dim=8, top_k=5)).eval()
+    decoder = CaptionDecoder(
+        DecoderConfig(vocab_size=30, hidden_dim=16, feature_dim=8, embed_dim=8, attention_dim=8, top_k=5)
+    ).eval()
     rows = 2
     tokens = torch.tensor([4, 5], dtype=torch.int32)
     h, c = torch.randn(rows, 16), torch.randn(rows, 16)
@@ -55,5 +63,5 @@ def test_word_bias_picks_the_top_k_but_values_stay_unbiased():
         logits, *_ = decoder.logits(tokens, h, c, features[index], att_proj[index])
         logprobs = torch.log_softmax(mask_logits(logits), dim=1)
     assert (ids[:, 0] == 29).all() and not (plain_ids == 29).any()
-    torch.testing.assert_close(values, logprobs.gather(1, ids))        # the model's own values
+    torch.testing.assert_close(values, logprobs.gather(1, ids))  # the model's own values
     torch.testing.assert_close(plain, logprobs.topk(5, dim=1).values)

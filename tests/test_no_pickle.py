@@ -27,13 +27,33 @@ import pytest
 import edgecap
 
 PACKAGE = Path(edgecap.__file__).parent
-UNSAFE_MODULES = {"pickle", "_pickle", "cPickle", "pickletools", "copyreg", "dill", "cloudpickle",
-                  "joblib", "shelve", "marshal", "jsonpickle"}
-UNSAFE_FUNCTIONS = {"pandas.read_pickle", "pandas.io.pickle.read_pickle", "numpy.loads",
-                    "torch.serialization._load", "torch._weights_only_unpickler"}
+UNSAFE_MODULES = {
+    "pickle",
+    "_pickle",
+    "cPickle",
+    "pickletools",
+    "copyreg",
+    "dill",
+    "cloudpickle",
+    "joblib",
+    "shelve",
+    "marshal",
+    "jsonpickle",
+}
+UNSAFE_FUNCTIONS = {
+    "pandas.read_pickle",
+    "pandas.io.pickle.read_pickle",
+    "numpy.loads",
+    "torch.serialization._load",
+    "torch._weights_only_unpickler",
+}
 TORCH_LOADS = {"torch.load", "torch.serialization.load"}
-NUMPY_LOADS = {"numpy.load", "numpy.lib.npyio.load", "numpy.lib.format.read_array",
-               "numpy.lib.format.read_array_header_1_0"}
+NUMPY_LOADS = {
+    "numpy.load",
+    "numpy.lib.npyio.load",
+    "numpy.lib.format.read_array",
+    "numpy.lib.format.read_array_header_1_0",
+}
 IMPORTERS = {"importlib.import_module", "__import__", "importlib.__import__"}
 
 
@@ -66,8 +86,7 @@ class _Resolver:
                 for a in node.names:
                     self.aliases[a.asname or a.name] = f"{node.module}.{a.name}"
         # Assignments of resolvable values (x = pickle.loads; y = x; ...), to a fixed point.
-        assigns = [n for n in ast.walk(tree) if isinstance(n, (ast.Assign, ast.AnnAssign,
-                                                                ast.NamedExpr))]
+        assigns = [n for n in ast.walk(tree) if isinstance(n, (ast.Assign, ast.AnnAssign, ast.NamedExpr))]
         # Bounded: a name bound to two values in turn (``f = a`` here, ``f = b`` there) would
         # flip forever; each binding still gets its turn to propagate.
         changed, rounds = True, 0
@@ -79,8 +98,7 @@ class _Resolver:
                 value = self.resolve(node.value)
                 targets = node.targets if isinstance(node, ast.Assign) else [node.target]
                 for target in targets:
-                    if (value and isinstance(target, ast.Name)
-                            and self.aliases.get(target.id) != value):
+                    if value and isinstance(target, ast.Name) and self.aliases.get(target.id) != value:
                         self.aliases[target.id] = value
                         changed = True
 
@@ -111,8 +129,7 @@ def _keyword(call: ast.Call, name: str):
 
 
 def _splat(call: ast.Call) -> bool:
-    return any(isinstance(a, ast.Starred) for a in call.args) or any(
-        kw.arg is None for kw in call.keywords)
+    return any(isinstance(a, ast.Starred) for a in call.args) or any(kw.arg is None for kw in call.keywords)
 
 
 def unpickling_problems(source: str, filename: str = "<source>") -> list[str]:
@@ -122,8 +139,7 @@ def unpickling_problems(source: str, filename: str = "<source>") -> list[str]:
     checked_calls: set[int] = set()  # ids of func nodes of calls judged below
 
     def unsafe_module(dotted: str | None) -> bool:
-        return bool(dotted) and (dotted.split(".")[0] in UNSAFE_MODULES
-                                 or dotted in UNSAFE_FUNCTIONS)
+        return bool(dotted) and (dotted.split(".")[0] in UNSAFE_MODULES or dotted in UNSAFE_FUNCTIONS)
 
     for node in ast.walk(tree):
         where = f"{filename}:{getattr(node, 'lineno', '?')}"
@@ -132,8 +148,9 @@ def unpickling_problems(source: str, filename: str = "<source>") -> list[str]:
                 if unsafe_module(a.name):
                     problems.append(f"{where} imports {a.name}")
         elif isinstance(node, ast.ImportFrom) and node.module:
-            if unsafe_module(node.module) or any(unsafe_module(f"{node.module}.{a.name}")
-                                                 for a in node.names):
+            if unsafe_module(node.module) or any(
+                unsafe_module(f"{node.module}.{a.name}") for a in node.names
+            ):
                 problems.append(f"{where} imports from {node.module}")
         elif isinstance(node, ast.Call):
             func = names.resolve(node.func)
@@ -217,23 +234,28 @@ def test_checker_passes_safe_loads(name):
 def test_nothing_in_the_package_can_unpickle():
     files = sorted(PACKAGE.rglob("*.py"))
     assert len(files) > 20  # the whole package, not an empty glob
-    problems = [p for path in files
-                for p in unpickling_problems(path.read_text(encoding="utf-8"),
-                                             str(path.relative_to(PACKAGE.parent)))]
+    problems = [
+        p
+        for path in files
+        for p in unpickling_problems(path.read_text(encoding="utf-8"), str(path.relative_to(PACKAGE.parent)))
+    ]
     assert problems == []
 
 
 # -- imports and loads, by name (the first line of defence) ------------------------------
 
-UNSAFE_MODULES = {"pickle", "cPickle", "_pickle", "dill", "cloudpickle", "joblib", "shelve",
-                  "marshal"}
+UNSAFE_MODULES = {"pickle", "cPickle", "_pickle", "dill", "cloudpickle", "joblib", "shelve", "marshal"}
 
 
 def _calls(tree: ast.AST, module: str, function: str):
     for node in ast.walk(tree):
-        if (isinstance(node, ast.Call) and isinstance(node.func, ast.Attribute)
-                and node.func.attr == function and isinstance(node.func.value, ast.Name)
-                and node.func.value.id == module):
+        if (
+            isinstance(node, ast.Call)
+            and isinstance(node.func, ast.Attribute)
+            and node.func.attr == function
+            and isinstance(node.func.value, ast.Name)
+            and node.func.value.id == module
+        ):
             yield node
 
 
@@ -250,8 +272,13 @@ def test_nothing_in_the_package_unpickles():
         tree = ast.parse(path.read_text(), str(path))
         where = path.relative_to(PACKAGE.parent)
         for node in ast.walk(tree):
-            names = ([a.name for a in node.names] if isinstance(node, ast.Import)
-                     else [node.module or ""] if isinstance(node, ast.ImportFrom) else [])
+            names = (
+                [a.name for a in node.names]
+                if isinstance(node, ast.Import)
+                else [node.module or ""]
+                if isinstance(node, ast.ImportFrom)
+                else []
+            )
             if any(n.split(".")[0] in UNSAFE_MODULES for n in names):
                 problems.append(f"{where}:{node.lineno} imports {names}")
             if isinstance(node, ast.Name) and node.id in UNSAFE_MODULES:

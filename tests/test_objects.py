@@ -32,6 +32,7 @@ def default_captioner():
 
 # -- tags ------------------------------------------------------------------------------------------
 
+
 def test_tags_of_the_example_photos(default_captioner):
     cat = default_captioner.caption(EXAMPLES / "chelsea.png")
     coffee = default_captioner.caption(EXAMPLES / "coffee.png")
@@ -55,7 +56,11 @@ def test_shipped_class_list():
     assert len(names) == 1000
     # ImageNet's class order (indices from the ILSVRC-2012 synset list)
     assert (names[0], names[285], names[874], names[967]) == (
-        "tench", "Egyptian Mau", "trolleybus", "espresso")
+        "tench",
+        "Egyptian Mau",
+        "trolleybus",
+        "espresso",
+    )
     words = {c["name"]: c["words"] for c in table["classes"]}
     assert words["trolleybus"] == ["bus"] and words["tiger cat"] == ["cat"]
     assert "bear" in words["giant panda"]  # not in the vocabulary: its nearest word that is
@@ -87,15 +92,18 @@ def test_tag_words_and_their_bias_from_class_probabilities():
 
 # -- guidance in the search ------------------------------------------------------------------------
 
+
 def _search(backend, seed, tag_word=None, bonus=8.0, **options):
     """One image's best hypothesis; with ``tag_word``, the tag bonus on it (the search's own
     rule, at a bonus the options would refuse: the fake's distributions are not a model's)."""
     encoded = backend.encode(np.array([seed]))
     opts = CaptionOptions(**{"no_repeat_ngram": 0, **options})
-    scorers = [] if tag_word is None else [
-        partial(TagBonus, (frozenset({tag_word}),), backend.vocab_size, bonus)]
-    return beam_search(backend, encoded, opts, START, END, filters=[NeverFirst(NEVER_FIRST_IDS)],
-                       scorers=scorers)[0][0]
+    scorers = (
+        [] if tag_word is None else [partial(TagBonus, (frozenset({tag_word}),), backend.vocab_size, bonus)]
+    )
+    return beam_search(
+        backend, encoded, opts, START, END, filters=[NeverFirst(NEVER_FIRST_IDS)], scorers=scorers
+    )[0][0]
 
 
 def _word_outside_top_k(backend, seed):
@@ -123,8 +131,8 @@ def test_guidance_stops_once_a_beam_has_said_a_tag_word():
     steered = _search(backend, 5, word, bonus=30.0, beam_size=1, max_length=8)
     assert steered.tokens.count(word) == 1
     first = steered.tokens.index(word)
-    assert all(b is not None for b in backend.biases[:first + 1])
-    assert all(b is None for b in backend.biases[first + 1:])  # steering off: no bias sent
+    assert all(b is not None for b in backend.biases[: first + 1])
+    assert all(b is None for b in backend.biases[first + 1 :])  # steering off: no bias sent
 
 
 def test_guided_hypothesis_reports_the_models_own_log_probability():
@@ -151,6 +159,7 @@ def test_no_guidance_sends_no_bias():
 
 # -- the shipped model and the command line --------------------------------------------------------
 
+
 def test_guidance_is_on_by_default_and_can_be_turned_off(default_captioner, tmp_path):
     """The default steers (the coffee photo's espresso tag names 'coffee' / 'cup'); with the
     bonus at 0 the captions are the caption model's alone (the language-model fusion, which
@@ -176,9 +185,17 @@ def test_cli_objects_and_no_guidance_flag(capsys):
     assert unguided["caption"] == Captioner(guidance_bonus=0).caption(photo).text
 
 
-@pytest.mark.parametrize("field, value", [("guidance_bonus", -1.0), ("guidance_bonus", 11),
-                                          ("guidance_min_prob", 1.5), ("guidance_tags", 0),
-                                          ("objects", -1), ("objects", 2.5)])
+@pytest.mark.parametrize(
+    "field, value",
+    [
+        ("guidance_bonus", -1.0),
+        ("guidance_bonus", 11),
+        ("guidance_min_prob", 1.5),
+        ("guidance_tags", 0),
+        ("objects", -1),
+        ("objects", 2.5),
+    ],
+)
 def test_guidance_options_are_validated(field, value):
     with pytest.raises(ValueError, match=field):
         CaptionOptions(**{field: value}).validate(top_k=10)
@@ -191,8 +208,14 @@ def test_guided_hypotheses_are_ranked_with_the_bonus():
     for seed in range(20):
         word, plain = _word_outside_top_k(backend, seed)
         encoded = backend.encode(np.array([seed]))
-        hyps = beam_search(backend, encoded, CaptionOptions(no_repeat_ngram=0, n_best=3),
-                           START, END, scorers=[partial(TagBonus, (frozenset({word}),), 40, 8.0)])[0]
+        hyps = beam_search(
+            backend,
+            encoded,
+            CaptionOptions(no_repeat_ngram=0, n_best=3),
+            START,
+            END,
+            scorers=[partial(TagBonus, (frozenset({word}),), 40, 8.0)],
+        )[0]
         assert [h.rank_score for h in hyps] == sorted((h.rank_score for h in hyps), reverse=True)
         if word in hyps[0].tokens and hyps[0].score < max(h.score for h in hyps[1:]):
             return  # found the case that tells the two rankings apart

@@ -18,7 +18,7 @@ from edgecap.backends.base import Backend, DecoderSession, Encoded, StepResult
 from edgecap.cli import build_parser, main
 from helpers import has_repeated_ngram
 
-CYCLE = (4, 5, 6)          # word ids: the fake's best path is 4 5 6 4 5 6 ...
+CYCLE = (4, 5, 6)  # word ids: the fake's best path is 4 5 6 4 5 6 ...
 OTHERS = (7, 8, 9, 10, 11, 12, 13, 14)
 IMAGE = np.random.default_rng(0).integers(0, 256, (8, 8, 3), dtype=np.uint8)  # not blank
 
@@ -42,8 +42,7 @@ class _CycleSession(DecoderSession):
     def _step(self, tokens, source_rows, word_bias=None):
         best = [CYCLE[(CYCLE.index(t) + 1) % 3] if t in CYCLE else CYCLE[0] for t in tokens.tolist()]
         ids = np.array([[b, *(w for w in OTHERS if w != b)][:9] + [15] for b in best], np.int32)
-        logprobs = np.tile(np.array([-0.1, *np.linspace(-3, -4, 8), -50.0], np.float32),
-                           (len(tokens), 1))
+        logprobs = np.tile(np.array([-0.1, *np.linspace(-3, -4, 8), -50.0], np.float32), (len(tokens), 1))
         return StepResult(logprobs, ids, None)
 
 
@@ -98,14 +97,38 @@ def _subcommand(parser: argparse.ArgumentParser, name: str) -> argparse.Argument
     return sub.choices[name]
 
 
-@pytest.mark.parametrize("argv, flagged", [
-    (["caption", "photo.jpg"], {"beam_size", "max_length", "no_repeat_ngram", "batch_size",
-                                "guidance_bonus", "constrained", "fusion_weight",
-                                "blank_check"}),
-    (["eval", "--images", "photos"],
-     {"beam_size", "max_length", "no_repeat_ngram", "batch_size", "length_penalty",
-      "guidance_bonus", "constrained", "fusion_weight", "blank_check"}),
-])
+@pytest.mark.parametrize(
+    "argv, flagged",
+    [
+        (
+            ["caption", "photo.jpg"],
+            {
+                "beam_size",
+                "max_length",
+                "no_repeat_ngram",
+                "batch_size",
+                "guidance_bonus",
+                "constrained",
+                "fusion_weight",
+                "blank_check",
+            },
+        ),
+        (
+            ["eval", "--images", "photos"],
+            {
+                "beam_size",
+                "max_length",
+                "no_repeat_ngram",
+                "batch_size",
+                "length_penalty",
+                "guidance_bonus",
+                "constrained",
+                "fusion_weight",
+                "blank_check",
+            },
+        ),
+    ],
+)
 def test_cli_defaults_are_the_options_defaults(argv, flagged):
     parser = build_parser()
     args = parser.parse_args(argv)
@@ -130,8 +153,9 @@ def test_cli_flags_reach_the_captioner(backend_calls, tmp_path, capsys):
         assert len(words) == 6 and has_repeated_ngram(words, 3) == repeats
     assert main(["caption", "--beam-size", "0", str(photo)]) == 2
     assert "beam_size" in capsys.readouterr().err
-    args = build_parser().parse_args(["eval", "--images", "photos", "--length-penalty", "0.5",
-                                      "--beam-size", "2", "--batch-size", "4"])
+    args = build_parser().parse_args(
+        ["eval", "--images", "photos", "--length-penalty", "0.5", "--beam-size", "2", "--batch-size", "4"]
+    )
     assert caption_options(args) == CaptionOptions(length_penalty=0.5, beam_size=2, batch_size=4)
 
 
@@ -162,8 +186,9 @@ def test_iter_captions_keeps_failed_slots(backend_calls):
     assert [type(r) for r in results] == [Caption, InputError, Caption, InputError, Caption]
     assert results[3].source == "<array (4, 4, 2) uint8>"
     again = captioner.caption_batch(inputs, on_error="return")
-    assert [r if isinstance(r, Caption) else str(r) for r in again] == \
-        [r if isinstance(r, Caption) else str(r) for r in results]
+    assert [r if isinstance(r, Caption) else str(r) for r in again] == [
+        r if isinstance(r, Caption) else str(r) for r in results
+    ]
 
 
 def test_iter_captions_raises_at_the_bad_input_after_earlier_batches(backend_calls):
@@ -186,8 +211,14 @@ def test_caption_command_prints_each_batch_before_reading_on(backend_calls):
 
     captioner = Captioner(batch_size=2)
     empty = InputError("empty/", "folder holds no image files")
-    inputs = [("a", IMAGE), ("empty/", empty), ("b", IMAGE), ("c", IMAGE), ("bad", b""),
-              ("none*", InputError("none*", "the pattern matches no image files"))]
+    inputs = [
+        ("a", IMAGE),
+        ("empty/", empty),
+        ("b", IMAGE),
+        ("c", IMAGE),
+        ("bad", b""),
+        ("none*", InputError("none*", "the pattern matches no image files")),
+    ]
     pulled = []
 
     def pairs():

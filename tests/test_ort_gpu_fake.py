@@ -13,10 +13,17 @@ import numpy as np
 import pytest
 
 from edgecap.backends.ort_gpu import IOBindingDecoder
-from edgecap.backends.ort_providers import (CPU, CUDA, TENSORRT, attached_provider,
-                                            provider_entries, providers_for_role,
-                                            select_providers, trt_profile_options,
-                                            warn_if_fallback)
+from edgecap.backends.ort_providers import (
+    CPU,
+    CUDA,
+    TENSORRT,
+    attached_provider,
+    provider_entries,
+    providers_for_role,
+    select_providers,
+    trt_profile_options,
+    warn_if_fallback,
+)
 from edgecap.contract import Limits, ModelDimensions
 
 ALL = [TENSORRT, CUDA, CPU]
@@ -51,9 +58,14 @@ def test_select_tensorrt_when_asked_with_cuda_fallback(tmp_path):
 
 def test_select_keeps_user_provider_options(tmp_path):
     providers = select_providers(
-        [("tensorrt", {"trt_fp16_enable": False, "trt_max_workspace_size": 123}),
-         (CUDA, {"arena_extend_strategy": "kSameAsRequested", "device_id": 2}),
-         ("cpu", {"arena_extend_strategy": "kNextPowerOfTwo"})], ALL, tmp_path)
+        [
+            ("tensorrt", {"trt_fp16_enable": False, "trt_max_workspace_size": 123}),
+            (CUDA, {"arena_extend_strategy": "kSameAsRequested", "device_id": 2}),
+            ("cpu", {"arena_extend_strategy": "kNextPowerOfTwo"}),
+        ],
+        ALL,
+        tmp_path,
+    )
     (trt_name, trt_opts), (cuda_name, cuda_opts), cpu = providers
     assert trt_name == TENSORRT and trt_opts["trt_fp16_enable"] is False
     assert trt_opts["trt_max_workspace_size"] == 123
@@ -76,8 +88,7 @@ def test_select_keeps_only_available_and_cpu_fallback(tmp_path):
 
 
 def test_select_warns_when_requested_provider_missing(tmp_path):
-    with pytest.warns(RuntimeWarning,
-                      match=r"CUDAExecutionProvider is not available.*edgecap\[gpu\]"):
+    with pytest.warns(RuntimeWarning, match=r"CUDAExecutionProvider is not available.*edgecap\[gpu\]"):
         assert select_providers("cuda", [CPU], tmp_path) == [CPU]
     with warnings.catch_warnings():
         warnings.simplefilter("error")
@@ -118,9 +129,17 @@ def test_trt_profile_options_from_manifest():
 
 
 MANIFEST = types.SimpleNamespace(
-    dims=ModelDimensions(regions=49, feature_dim=512, attention_dim=256, hidden_dim=512,
-                         vocab_size=100, top_k=10, n_classes=1000),
-    preprocessing=types.SimpleNamespace(size=(224, 224)))
+    dims=ModelDimensions(
+        regions=49,
+        feature_dim=512,
+        attention_dim=256,
+        hidden_dim=512,
+        vocab_size=100,
+        top_k=10,
+        n_classes=1000,
+    ),
+    preprocessing=types.SimpleNamespace(size=(224, 224)),
+)
 
 
 def test_providers_for_role_wires_profiles_into_tensorrt_only(tmp_path):
@@ -128,27 +147,36 @@ def test_providers_for_role_wires_profiles_into_tensorrt_only(tmp_path):
     enc = providers_for_role(providers, MANIFEST, "encoder", Limits(8, 5))
     step = providers_for_role(providers, MANIFEST, "decoder_step", Limits(4, 3))
     assert enc[0][1]["trt_profile_max_shapes"] == "image:8x3x224x224"
-    shapes = {key: dict(part.split(":") for part in step[0][1][key].split(","))
-              for key in ("trt_profile_min_shapes", "trt_profile_opt_shapes",
-                          "trt_profile_max_shapes")}
+    shapes = {
+        key: dict(part.split(":") for part in step[0][1][key].split(","))
+        for key in ("trt_profile_min_shapes", "trt_profile_opt_shapes", "trt_profile_max_shapes")
+    }
     # every dynamic step input has a range; h/c take S rows: N (first step) up to R = N x K
-    assert set(shapes["trt_profile_max_shapes"]) == {"tokens", "source_rows", "image_index",
-                                                    "h", "c", "features", "att_proj",
-                                                    "word_bias"}
+    assert set(shapes["trt_profile_max_shapes"]) == {
+        "tokens",
+        "source_rows",
+        "image_index",
+        "h",
+        "c",
+        "features",
+        "att_proj",
+        "word_bias",
+    }
     assert shapes["trt_profile_max_shapes"]["word_bias"] == "12x100"
     assert shapes["trt_profile_max_shapes"]["h"] == "12x512"
     assert shapes["trt_profile_min_shapes"]["c"] == "1x512"
     assert shapes["trt_profile_opt_shapes"]["tokens"] == "3"
     assert shapes["trt_profile_max_shapes"]["features"] == "4x49x512"
     assert enc[1:] == providers[1:] and step[1:] == providers[1:]  # CUDA / CPU untouched
-    assert "trt_profile_min_shapes" not in providers[0][1]          # no mutation
+    assert "trt_profile_min_shapes" not in providers[0][1]  # no mutation
     # the user's own profile shapes win
-    mine = {"trt_profile_min_shapes": "image:2x3x224x224",
-            "trt_profile_opt_shapes": "image:2x3x224x224",
-            "trt_profile_max_shapes": "image:2x3x224x224"}
+    mine = {
+        "trt_profile_min_shapes": "image:2x3x224x224",
+        "trt_profile_opt_shapes": "image:2x3x224x224",
+        "trt_profile_max_shapes": "image:2x3x224x224",
+    }
     own = select_providers([("tensorrt", mine)], ALL, tmp_path)
-    assert providers_for_role(own, MANIFEST, "encoder")[0][1]["trt_profile_max_shapes"] == \
-        "image:2x3x224x224"
+    assert providers_for_role(own, MANIFEST, "encoder")[0][1]["trt_profile_max_shapes"] == "image:2x3x224x224"
     assert providers_for_role([(CUDA, {}), CPU], MANIFEST, "encoder") == [(CUDA, {}), CPU]
 
 
@@ -171,8 +199,8 @@ def test_fake_onnxruntime_backend_passes_role_profiles(monkeypatch, model_dir):
     m = load_manifest(model_dir)
     with pytest.warns(RuntimeWarning, match="could not use TensorrtExecutionProvider"):
         backend = ort_backend.OnnxRuntimeBackend(
-            m, providers=[("tensorrt", {"trt_fp16_enable": False})], threads=1,
-            limits=Limits(2, 3))
+            m, providers=[("tensorrt", {"trt_fp16_enable": False})], threads=1, limits=Limits(2, 3)
+        )
     (enc_file, enc_providers), (step_file, step_providers) = asked
     assert enc_file == m.files["encoder"] and step_file == m.files["decoder_step"]
     enc_opts, step_opts = enc_providers[0][1], step_providers[0][1]
@@ -193,6 +221,7 @@ def test_fake_onnxruntime_backend_passes_role_profiles(monkeypatch, model_dir):
 
 # -- the I/O-binding decoder --------------------------------------------------------------------
 
+
 @pytest.fixture(scope="module")
 def model_dir(any_model_dir) -> Path:
     return any_model_dir
@@ -208,9 +237,11 @@ def test_iobinding_decoder_on_cpu_matches_plain_run(model_dir):
     h, w = m.preprocessing.size
     images = np.random.default_rng(0).uniform(-1, 1, (2, 3, h, w)).astype(np.float32)
     image_index = np.array([0, 0, 1, 1], np.int32)
-    steps = [(np.full(4, m.tokens["start"], np.int32), image_index.copy()),
-             (np.array([5, 6, 7, 8], np.int32), np.array([1, 0, 3, 2], np.int32)),
-             (np.array([9, 9, 4, 4], np.int32), np.array([0, 0, 2, 3], np.int32))]
+    steps = [
+        (np.full(4, m.tokens["start"], np.int32), image_index.copy()),
+        (np.array([5, 6, 7, 8], np.int32), np.array([1, 0, 3, 2], np.int32)),
+        (np.array([9, 9, 4, 4], np.int32), np.array([0, 0, 2, 3], np.int32)),
+    ]
 
     V = m.dims.vocab_size
     bias = np.zeros((4, V), np.float32)
@@ -225,10 +256,19 @@ def test_iobinding_decoder_on_cpu_matches_plain_run(model_dir):
     features, att_proj, hs, cs, probs = enc.run(None, {"image": images})
     np.testing.assert_allclose(encoded["class_probs"].numpy(), probs, rtol=1e-6, atol=1e-7)
     for (tokens, source_rows), b, result in zip(steps, biases, got):
-        lp, ids, hs, cs, alpha = step.run(None, {
-            "tokens": tokens, "h": hs, "c": cs, "source_rows": source_rows,
-            "features": features, "att_proj": att_proj, "image_index": image_index,
-            "word_bias": np.zeros((4, V), np.float32) if b is None else b})
+        lp, ids, hs, cs, alpha = step.run(
+            None,
+            {
+                "tokens": tokens,
+                "h": hs,
+                "c": cs,
+                "source_rows": source_rows,
+                "features": features,
+                "att_proj": att_proj,
+                "image_index": image_index,
+                "word_bias": np.zeros((4, V), np.float32) if b is None else b,
+            },
+        )
         if b is not None:
             assert (ids[:, 0] == V - 1).all()
         np.testing.assert_allclose(result.topk_logprobs, lp, rtol=1e-6, atol=1e-6)
@@ -255,9 +295,12 @@ def test_fake_iobinding_keeps_state_on_cuda():
         made.append(_FakeValue(shape, device, f"state{len(made)}"))
         return made[-1]
 
-    fake_ort = types.SimpleNamespace(OrtValue=types.SimpleNamespace(
-        ortvalue_from_numpy=lambda a, d, i: _FakeValue(a.shape, d, "image_index"),
-        ortvalue_from_shape_and_type=from_shape))
+    fake_ort = types.SimpleNamespace(
+        OrtValue=types.SimpleNamespace(
+            ortvalue_from_numpy=lambda a, d, i: _FakeValue(a.shape, d, "image_index"),
+            ortvalue_from_shape_and_type=from_shape,
+        )
+    )
 
     class Binding:
         def __init__(self):
@@ -283,14 +326,16 @@ def test_fake_iobinding_keeps_state_on_cuda():
             self.outputs = []
 
     binding = Binding()
-    step_session = types.SimpleNamespace(io_binding=lambda: binding,
-                                         run_with_iobinding=lambda b: None)
+    step_session = types.SimpleNamespace(io_binding=lambda: binding, run_with_iobinding=lambda b: None)
     decoder = IOBindingDecoder.__new__(IOBindingDecoder)
     decoder._ort, decoder.step_session = fake_ort, step_session
     decoder.device, decoder.device_id, decoder.vocab_size = "cuda", 0, 20
-    encoded = {"features": _FakeValue((2, 4, 8), "cuda", "features"),
-               "att_proj": _FakeValue((2, 4, 6), "cuda", "att_proj"),
-               "h0": _FakeValue((2, 10), "cuda", "h0"), "c0": _FakeValue((2, 10), "cuda", "c0")}
+    encoded = {
+        "features": _FakeValue((2, 4, 8), "cuda", "features"),
+        "att_proj": _FakeValue((2, 4, 6), "cuda", "att_proj"),
+        "h0": _FakeValue((2, 10), "cuda", "h0"),
+        "c0": _FakeValue((2, 10), "cuda", "c0"),
+    }
     session = decoder.start(encoded, np.array([0, 0, 1, 1], np.int32))
     assert binding.inputs["features"] == ("cuda", encoded["features"])
     assert binding.inputs["image_index"][0] == "cuda"
@@ -303,7 +348,7 @@ def test_fake_iobinding_keeps_state_on_cuda():
         assert result.alpha is None
         assert binding.inputs["word_bias"][0] == "cuda"  # no bias: device zeros, no upload
     writes = [entry["h_out"].tag for entry in binding.log]
-    assert reads == ["h0", writes[0], writes[1]]           # state never leaves the device
+    assert reads == ["h0", writes[0], writes[1]]  # state never leaves the device
     assert writes[0] != writes[1] and writes[2] == writes[0]  # ping-pong
     assert all(entry["alpha"].device == "cuda" for entry in binding.log)  # not copied back
     assert all(entry["topk_ids"].device == "cpu" for entry in binding.log)

@@ -21,8 +21,12 @@ from PIL import Image
 import edgecap
 from edgecap.commands.output import EXIT_PIPE_CLOSED, escape_field
 
-ENV = {**os.environ, "PYTHONPATH": os.pathsep.join(
-    [str(Path(edgecap.__file__).parent.parent), os.environ.get("PYTHONPATH", "")])}
+ENV = {
+    **os.environ,
+    "PYTHONPATH": os.pathsep.join(
+        [str(Path(edgecap.__file__).parent.parent), os.environ.get("PYTHONPATH", "")]
+    ),
+}
 pytestmark = pytest.mark.skipif(os.name != "posix", reason="POSIX file names and pipes")
 
 
@@ -32,9 +36,12 @@ def _photo(path, shade: int = 90):
 
 
 def cli(*args, model, env=ENV, stdout=subprocess.PIPE):
-    return subprocess.run([sys.executable, "-m", "edgecap", "caption", *args,
-                           "--model", str(model), "--max-length", "4"],
-                          stdout=stdout, stderr=subprocess.PIPE, env=env)
+    return subprocess.run(
+        [sys.executable, "-m", "edgecap", "caption", *args, "--model", str(model), "--max-length", "4"],
+        stdout=stdout,
+        stderr=subprocess.PIPE,
+        env=env,
+    )
 
 
 def _unescape(field: str) -> bytes:
@@ -51,18 +58,23 @@ def _unescape(field: str) -> bytes:
             out += {"\\": b"\\", "t": b"\t", "n": b"\n", "r": b"\r"}[kind]
             i += 2
         elif kind == "x":
-            out.append(int(field[i + 2:i + 4], 16))  # one byte
+            out.append(int(field[i + 2 : i + 4], 16))  # one byte
             i += 4
         else:
             assert kind == "u"
-            out += chr(int(field[i + 2:i + 6], 16)).encode("utf-8")
+            out += chr(int(field[i + 2 : i + 6], 16)).encode("utf-8")
             i += 6
     return bytes(out)
 
 
 HOSTILE_NAMES = [
-    "two\nlines.png", "tab\there.png", "back\\slash.png", "esc\x1b[31mred.png",
-    "bidi\u202egnp.png", "c1\x85x.png", "cr\rx.png",
+    "two\nlines.png",
+    "tab\there.png",
+    "back\\slash.png",
+    "esc\x1b[31mred.png",
+    "bidi\u202egnp.png",
+    "c1\x85x.png",
+    "cr\rx.png",
 ]
 
 
@@ -122,9 +134,22 @@ def many_photos(tmp_path_factory):
 
 def test_closed_pipe_stops_quietly(tiny_model_dir, many_photos):
     """``edgecap caption DIR | head -1``: no traceback, the SIGPIPE status."""
-    proc = subprocess.Popen([sys.executable, "-m", "edgecap", "caption", str(many_photos),
-                             "--model", str(tiny_model_dir), "--batch-size", "1"],
-                            stdout=subprocess.PIPE, stderr=subprocess.PIPE, env=ENV)
+    proc = subprocess.Popen(
+        [
+            sys.executable,
+            "-m",
+            "edgecap",
+            "caption",
+            str(many_photos),
+            "--model",
+            str(tiny_model_dir),
+            "--batch-size",
+            "1",
+        ],
+        stdout=subprocess.PIPE,
+        stderr=subprocess.PIPE,
+        env=ENV,
+    )
     first = proc.stdout.readline()
     proc.stdout.close()  # the reader goes away after one line, like head -1
     stderr = proc.stderr.read()
@@ -140,17 +165,30 @@ def test_full_disk_is_exit_2_in_one_line(tiny_model_dir, many_photos):
         out = cli(str(many_photos / "p00.png"), model=tiny_model_dir, stdout=full)
     assert out.returncode == 2
     assert out.stderr.decode().splitlines() == [
-        "edgecap caption: error: cannot write the output (No space left on device)"]
+        "edgecap caption: error: cannot write the output (No space left on device)"
+    ]
 
 
 def test_closed_stdout_is_exit_2_not_silence(tiny_model_dir, many_photos):
-    out = subprocess.run([sys.executable, "-m", "edgecap", "caption",
-                          str(many_photos / "p00.png"), "--model", str(tiny_model_dir)],
-                         stdout=None, stderr=subprocess.PIPE, env=ENV,
-                         preexec_fn=lambda: os.close(1))
+    out = subprocess.run(
+        [
+            sys.executable,
+            "-m",
+            "edgecap",
+            "caption",
+            str(many_photos / "p00.png"),
+            "--model",
+            str(tiny_model_dir),
+        ],
+        stdout=None,
+        stderr=subprocess.PIPE,
+        env=ENV,
+        preexec_fn=lambda: os.close(1),
+    )
     assert out.returncode == 2
     assert out.stderr.decode().splitlines() == [
-        "edgecap caption: error: cannot write the output: standard output is closed"]
+        "edgecap caption: error: cannot write the output: standard output is closed"
+    ]
 
 
 def test_every_non_utf8_byte_of_a_name_is_one_escape():

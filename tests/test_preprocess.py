@@ -26,17 +26,22 @@ from edgecap.preprocess import Preprocessing
 from helpers import TableBackend, encoded_bytes, solid
 
 MANIFEST = Path(edgecap.__file__).parent / "assets" / "default" / "manifest.json"
-SHIPPED = Preprocessing(size=(224, 224), mean=(127.5, 127.5, 127.5), std=(127.5, 127.5, 127.5),
-                        resample="bilinear")
-COLOUR = (255, 0, 128)                      # R, G, B
-EXPECTED = (1.0, -1.0, 0.0039215686)        # per channel, worked out above
-JPEG_TOL = 4 / 127.5                        # JPEG may move a solid colour by a few levels
+SHIPPED = Preprocessing(
+    size=(224, 224), mean=(127.5, 127.5, 127.5), std=(127.5, 127.5, 127.5), resample="bilinear"
+)
+COLOUR = (255, 0, 128)  # R, G, B
+EXPECTED = (1.0, -1.0, 0.0039215686)  # per channel, worked out above
+JPEG_TOL = 4 / 127.5  # JPEG may move a solid colour by a few levels
 
 
 def test_the_literals_are_the_shipped_manifests():
     pre = json.loads(MANIFEST.read_text())["preprocessing"]
-    assert pre == {"size": [224, 224], "mean": [127.5, 127.5, 127.5],
-                   "std": [127.5, 127.5, 127.5], "resample": "bilinear"}
+    assert pre == {
+        "size": [224, 224],
+        "mean": [127.5, 127.5, 127.5],
+        "std": [127.5, 127.5, 127.5],
+        "resample": "bilinear",
+    }
 
 
 def _model_input(image, color="rgb", pre=SHIPPED) -> np.ndarray:
@@ -89,10 +94,8 @@ def test_distinct_mean_and_std_per_channel():
     #   R: (255 - 123.675) / 58.395 = 131.325 / 58.395 =  2.2489083
     #   G: (  0 - 116.28)  / 57.12  = -116.28 / 57.12  = -2.0357143
     #   B: (128 - 103.53)  / 57.375 =  24.47  / 57.375 =  0.4264924
-    pre = Preprocessing(size=(224, 224), mean=(123.675, 116.28, 103.53),
-                        std=(58.395, 57.12, 57.375))
-    _assert_channels(_model_input(solid(COLOUR), pre=pre), (2.2489083, -2.0357143, 0.4264924),
-                     tol=1e-5)
+    pre = Preprocessing(size=(224, 224), mean=(123.675, 116.28, 103.53), std=(58.395, 57.12, 57.375))
+    _assert_channels(_model_input(solid(COLOUR), pre=pre), (2.2489083, -2.0357143, 0.4264924), tol=1e-5)
 
 
 def test_layout_is_channels_height_width():
@@ -126,9 +129,13 @@ def recording_captioner(monkeypatch):
 def test_the_encoder_gets_rgb_channels_from_every_kind_of_input(recording_captioner, tmp_path):
     captioner, backend = recording_captioner
     rgb = solid(COLOUR)
-    inputs = [(rgb, "rgb"), (np.ascontiguousarray(rgb[:, :, ::-1]), "bgr"),
-              (encoded_bytes(rgb, "PNG"), "rgb"), (_png_path(tmp_path, rgb), "rgb"),
-              (Image.fromarray(rgb), "rgb")]
+    inputs = [
+        (rgb, "rgb"),
+        (np.ascontiguousarray(rgb[:, :, ::-1]), "bgr"),
+        (encoded_bytes(rgb, "PNG"), "rgb"),
+        (_png_path(tmp_path, rgb), "rgb"),
+        (Image.fromarray(rgb), "rgb"),
+    ]
     for image, color in inputs:
         captioner.caption(image, color=color)
         (x,) = backend.encoded_batches[-1]
@@ -145,8 +152,11 @@ def test_caption_batch_keeps_each_images_colour(recording_captioner):
     captioner, backend = recording_captioner
     # (10, 20, 250): -117.5 / 127.5 = -0.9215686, -107.5 / 127.5 = -0.8431373,
     #                 122.5 / 127.5 =  0.9607843
-    colours = {(255, 0, 128): EXPECTED, (0, 255, 64): (-1.0, 1.0, -0.4980392),
-               (10, 20, 250): (-0.9215686, -0.8431373, 0.9607843)}
+    colours = {
+        (255, 0, 128): EXPECTED,
+        (0, 255, 64): (-1.0, 1.0, -0.4980392),
+        (10, 20, 250): (-0.9215686, -0.8431373, 0.9607843),
+    }
     captioner.caption_batch([solid(c) for c in colours])
     (batch,) = backend.encoded_batches
     assert batch.shape == (3, 3, 224, 224)

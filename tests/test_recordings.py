@@ -27,8 +27,7 @@ import edgecap
 from edgecap import Captioner
 from edgecap.commands.output import caption_record
 from edgecap.errors import InputError
-from edgecap.recordings import (RecordingError, demosaic_half, open_recording,
-                                raw_to_rgb, yuv422_to_rgb)
+from edgecap.recordings import RecordingError, demosaic_half, open_recording, raw_to_rgb, yuv422_to_rgb
 from helpers import EXAMPLES, encoded_bytes
 
 ROOT = Path(edgecap.__file__).resolve().parents[1]
@@ -47,26 +46,44 @@ GRAY = np.asarray(Image.fromarray(COFFEE).convert("L"))
 
 
 # -- writing recordings with rosbags -----------------------------------------------------------
-def image_msg(store, encoding: str, pixels: np.ndarray, stamp_ns: int, step: int | None = None,
-              data: np.ndarray | None = None, bigendian: bool = False):
+def image_msg(
+    store,
+    encoding: str,
+    pixels: np.ndarray,
+    stamp_ns: int,
+    step: int | None = None,
+    data: np.ndarray | None = None,
+    bigendian: bool = False,
+):
     height, width = pixels.shape[:2]
     raw = np.ascontiguousarray(pixels).view(np.uint8).reshape(height, -1)
     step = raw.shape[1] if step is None else step
     rows = np.zeros((height, step), np.uint8)
-    rows[:, :raw.shape[1]] = raw
+    rows[:, : raw.shape[1]] = raw
     return store.types["sensor_msgs/msg/Image"](
-        header=header(store, stamp_ns), height=height, width=width, encoding=encoding,
-        is_bigendian=int(bigendian), step=step, data=rows.reshape(-1) if data is None else data)
+        header=header(store, stamp_ns),
+        height=height,
+        width=width,
+        encoding=encoding,
+        is_bigendian=int(bigendian),
+        step=step,
+        data=rows.reshape(-1) if data is None else data,
+    )
 
 
 def compressed_msg(store, fmt: str, data: bytes, stamp_ns: int):
     return store.types["sensor_msgs/msg/CompressedImage"](
-        header=header(store, stamp_ns), format=fmt, data=np.frombuffer(data, np.uint8))
+        header=header(store, stamp_ns), format=fmt, data=np.frombuffer(data, np.uint8)
+    )
 
 
 def header(store, stamp_ns: int):
-    fields = {"stamp": store.types["builtin_interfaces/msg/Time"](
-        sec=stamp_ns // SECOND, nanosec=stamp_ns % SECOND), "frame_id": "camera"}
+    fields = {
+        "stamp": store.types["builtin_interfaces/msg/Time"](
+            sec=stamp_ns // SECOND, nanosec=stamp_ns % SECOND
+        ),
+        "frame_id": "camera",
+    }
     if "seq" in store.types["std_msgs/msg/Header"].__dataclass_fields__:
         fields["seq"] = 0
     return store.types["std_msgs/msg/Header"](**fields)
@@ -104,9 +121,14 @@ def camera_messages(kind: str):
     jpeg = [encoded_bytes(p, "JPEG", quality=92) for p in (CHELSEA, COFFEE)]
     messages, frames = [], {}
     for i, (rgb, gray) in enumerate(((CHELSEA, GRAY), (COFFEE, GRAY[::-1].copy()))):
-        for j, (topic, encoding, data, expected) in enumerate((
-                ("/cam/rgb", "rgb8", rgb, rgb), ("/cam/bgr", "bgr8", rgb[:, :, ::-1], rgb),
-                ("/cam/mono", "mono8", gray, gray), ("/cam/jpeg", "jpeg", jpeg[i], jpeg[i]))):
+        for j, (topic, encoding, data, expected) in enumerate(
+            (
+                ("/cam/rgb", "rgb8", rgb, rgb),
+                ("/cam/bgr", "bgr8", rgb[:, :, ::-1], rgb),
+                ("/cam/mono", "mono8", gray, gray),
+                ("/cam/jpeg", "jpeg", jpeg[i], jpeg[i]),
+            )
+        ):
             time_ns = T0 + i * SECOND + j * 1000
             stamp_ns = time_ns - SECOND // 4
             if encoding == "jpeg":
@@ -116,21 +138,26 @@ def camera_messages(kind: str):
                 msgtype, msg = "sensor_msgs/msg/Image", image_msg(store, encoding, data, stamp_ns)
             messages.append((topic, msgtype, time_ns, msg))
             frames[(topic, i)] = (time_ns, stamp_ns, expected)
-    messages.append(("/log", "std_msgs/msg/String", T0 + 5,
-                     store.types["std_msgs/msg/String"](data="recording started")))
+    messages.append(
+        ("/log", "std_msgs/msg/String", T0 + 5, store.types["std_msgs/msg/String"](data="recording started"))
+    )
     return messages, frames
 
 
 def edgecap_caption(*args) -> subprocess.CompletedProcess:
-    return subprocess.run([sys.executable, "-m", "edgecap", "caption", *map(str, args)],
-                          capture_output=True, text=True, env=ENV, check=False)
+    return subprocess.run(
+        [sys.executable, "-m", "edgecap", "caption", *map(str, args)],
+        capture_output=True,
+        text=True,
+        env=ENV,
+        check=False,
+    )
 
 
 def read_back(path: Path):
     """Every message of a recording via rosbags' AnyReader: (topic, log time, raw bytes, msg)."""
     with AnyReader([path], default_typestore=get_typestore(Stores.ROS2_HUMBLE)) as reader:
-        return [(c.topic, t, raw, reader.deserialize(raw, c.msgtype))
-                for c, t, raw in reader.messages()]
+        return [(c.topic, t, raw, reader.deserialize(raw, c.msgtype)) for c, t, raw in reader.messages()]
 
 
 @pytest.fixture(scope="module")
@@ -153,16 +180,14 @@ def test_recording_captioned_and_written_back(kind, tmp_path, captioner):
         time_ns, stamp_ns, image = frames[(record["topic"], index)]
         assert (record["time_ns"], record["stamp_ns"]) == (time_ns, stamp_ns)
         assert record["bag"] == str(bag)
-        fields = {k: v for k, v in record.items() if k not in ("bag", "topic", "time_ns",
-                                                                 "stamp_ns")}
+        fields = {k: v for k, v in record.items() if k not in ("bag", "topic", "time_ns", "stamp_ns")}
         assert fields == caption_record(captioner.caption(image)), record["topic"]
     # the copy: every original message unchanged, and one caption per frame at its log time
     original = read_back(bag)
     copied = read_back(out)
     assert [m[:3] for m in copied if not m[0].endswith("/caption")] == [m[:3] for m in original]
     captions = sorted((m[0], m[1], m[3].data) for m in copied if m[0].endswith("/caption"))
-    assert captions == sorted((r["topic"] + "/caption", r["time_ns"], r["caption"])
-                              for r in records)
+    assert captions == sorted((r["topic"] + "/caption", r["time_ns"], r["caption"]) for r in records)
     with AnyReader([out]) as reader:
         types = {c.topic: c.msgtype for c in reader.connections}
     assert types["/cam/rgb/caption"] == "std_msgs/msg/String"
@@ -177,9 +202,14 @@ def test_plain_output_and_topic_choice(tmp_path, captioner):
     expected = []
     for (topic, _), (time_ns, stamp_ns, image) in sorted(frames.items(), key=lambda f: f[1][0]):
         if topic in ("/cam/jpeg", "/cam/mono"):
-            expected.append([topic, f"{time_ns // SECOND}.{time_ns % SECOND:09d}",
-                             f"{stamp_ns // SECOND}.{stamp_ns % SECOND:09d}",
-                             captioner.caption(image).text])
+            expected.append(
+                [
+                    topic,
+                    f"{time_ns // SECOND}.{time_ns % SECOND:09d}",
+                    f"{stamp_ns // SECOND}.{stamp_ns % SECOND:09d}",
+                    captioner.caption(image).text,
+                ]
+            )
     assert lines == expected
     assert lines[0][1] == "1700000000.000002000" and lines[0][2] == "1699999999.750002000"
 
@@ -192,29 +222,43 @@ def test_bad_frames_reported_and_skipped(tmp_path, captioner):
     messages = [
         ("/cam/raw", "sensor_msgs/msg/Image", T0, good),
         ("/cam/raw", "sensor_msgs/msg/Image", T0 + SECOND, truncated),
-        ("/cam/raw", "sensor_msgs/msg/Image", T0 + 2 * SECOND,
-         image_msg(store, "weird8", CHELSEA, T0)),
-        ("/cam/depth", "sensor_msgs/msg/Image", T0 + 3 * SECOND,
-         image_msg(store, "16UC1", GRAY.astype(np.uint16), T0)),
-        ("/cam/jpeg", "sensor_msgs/msg/CompressedImage", T0 + 4 * SECOND,
-         compressed_msg(store, "jpeg", encoded_bytes(COFFEE, "JPEG")[:300], T0)),
-        ("/cam/jpeg", "sensor_msgs/msg/CompressedImage", T0 + 5 * SECOND,
-         compressed_msg(store, "jpeg", encoded_bytes(COFFEE, "JPEG"), T0)),
+        ("/cam/raw", "sensor_msgs/msg/Image", T0 + 2 * SECOND, image_msg(store, "weird8", CHELSEA, T0)),
+        (
+            "/cam/depth",
+            "sensor_msgs/msg/Image",
+            T0 + 3 * SECOND,
+            image_msg(store, "16UC1", GRAY.astype(np.uint16), T0),
+        ),
+        (
+            "/cam/jpeg",
+            "sensor_msgs/msg/CompressedImage",
+            T0 + 4 * SECOND,
+            compressed_msg(store, "jpeg", encoded_bytes(COFFEE, "JPEG")[:300], T0),
+        ),
+        (
+            "/cam/jpeg",
+            "sensor_msgs/msg/CompressedImage",
+            T0 + 5 * SECOND,
+            compressed_msg(store, "jpeg", encoded_bytes(COFFEE, "JPEG"), T0),
+        ),
     ]
     bag = write_recording(tmp_path, "sqlite3", messages)
     out = tmp_path / "out"
     done = edgecap_caption("--bag", bag, "--write-bag", out)
     assert done.returncode == 1
     captioned = [line.split("\t")[:2] for line in done.stdout.splitlines()]
-    assert captioned == [["/cam/raw", "1700000000.000000000"],
-                         ["/cam/jpeg", "1700000005.000000000"]]
+    assert captioned == [["/cam/raw", "1700000000.000000000"], ["/cam/jpeg", "1700000005.000000000"]]
     problems = [line for line in done.stderr.splitlines() if not line.startswith("edgecap: wrote")]
     assert len(problems) == 4, done.stderr
-    for line, (topic, seconds, why) in zip(problems, [
+    for line, (topic, seconds, why) in zip(
+        problems,
+        [
             ("/cam/raw", 1, "but 160x120 rgb8 with step 480 needs 57,600"),
             ("/cam/raw", 2, "unknown image encoding 'weird8'"),
             ("/cam/depth", 3, "depth image"),
-            ("/cam/jpeg", 4, "corrupt")]):
+            ("/cam/jpeg", 4, "corrupt"),
+        ],
+    ):
         assert line.startswith(f"edgecap: {bag}: {topic} at 170000000{seconds}.000000000: ")
         assert why in line
     # the copy holds the two captions, and all six frames
@@ -225,15 +269,26 @@ def test_bad_frames_reported_and_skipped(tmp_path, captioner):
 
 def test_every_samples_each_topic_on_its_own_grid(tmp_path):
     store = store_for("mcap")
-    messages = [(topic, "sensor_msgs/msg/Image", T0 + offset + k * 4 * SECOND // 10,
-                 image_msg(store, "mono8", GRAY, T0))
-                for topic, offset in (("/a", 0), ("/b", SECOND // 10)) for k in range(5)]
+    messages = [
+        (
+            topic,
+            "sensor_msgs/msg/Image",
+            T0 + offset + k * 4 * SECOND // 10,
+            image_msg(store, "mono8", GRAY, T0),
+        )
+        for topic, offset in (("/a", 0), ("/b", SECOND // 10))
+        for k in range(5)
+    ]
     bag = write_recording(tmp_path, "mcap", messages)
     with open_recording(bag) as recording:
         taken = [(f.topic, f.time_ns - T0, f.index) for f in recording.frames(every=1.0)]
     # 0, 0.4, 0.8, 1.2, 1.6 s (and 0.1 s later on /b): the first of each 1 s slot
-    assert sorted(taken) == [("/a", 0, 0), ("/a", 12 * SECOND // 10, 3),
-                             ("/b", SECOND // 10, 0), ("/b", 13 * SECOND // 10, 3)]
+    assert sorted(taken) == [
+        ("/a", 0, 0),
+        ("/a", 12 * SECOND // 10, 3),
+        ("/b", SECOND // 10, 0),
+        ("/b", 13 * SECOND // 10, 3),
+    ]
 
 
 # -- whole-recording problems: one line, exit 2 -------------------------------------------------
@@ -243,31 +298,46 @@ def test_recording_problems(tmp_path):
     fake = tmp_path / "notes.bag"
     fake.write_text("not a bag")
     for args, message in [
-            (["--bag", tmp_path / "missing.bag"], "missing.bag: no such file or folder"),
-            (["--bag", fake], "notes.bag: cannot read this recording"),
-            (["--bag", bag, "--topic", "/log"], ("topic /log is a std_msgs/msg/String topic, not "
-                                                 "an image topic; image topics: /cam/bgr, "
-                                                 "/cam/jpeg, /cam/mono, /cam/rgb")),
-            (["--bag", bag, "--write-bag", tmp_path / "copy"], "a ROS 1 bag is written to a .bag"),
-            (["--bag", bag, "--write-bag", bag], "exists already"),
-            (["--topic", "/cam/rgb", str(EXAMPLES / "coffee.png")], "--topic needs --bag")]:
+        (["--bag", tmp_path / "missing.bag"], "missing.bag: no such file or folder"),
+        (["--bag", fake], "notes.bag: cannot read this recording"),
+        (
+            ["--bag", bag, "--topic", "/log"],
+            (
+                "topic /log is a std_msgs/msg/String topic, not "
+                "an image topic; image topics: /cam/bgr, "
+                "/cam/jpeg, /cam/mono, /cam/rgb"
+            ),
+        ),
+        (["--bag", bag, "--write-bag", tmp_path / "copy"], "a ROS 1 bag is written to a .bag"),
+        (["--bag", bag, "--write-bag", bag], "exists already"),
+        (["--topic", "/cam/rgb", str(EXAMPLES / "coffee.png")], "--topic needs --bag"),
+    ]:
         done = edgecap_caption(*args)
         assert done.returncode == 2, (args, done.stderr)
         assert len(done.stderr.splitlines()) == 1 and message in done.stderr, done.stderr
         assert done.stdout == ""
     store = store_for("mcap")
-    only_text = write_recording(tmp_path, "mcap", [("/log", "std_msgs/msg/String", T0,
-                                                    store.types["std_msgs/msg/String"](data="x"))])
-    with pytest.raises(RecordingError, match=r"no sensor_msgs/Image or CompressedImage topic "
-                                             r"\(topics: /log \(std_msgs/msg/String\)\)"):
+    only_text = write_recording(
+        tmp_path, "mcap", [("/log", "std_msgs/msg/String", T0, store.types["std_msgs/msg/String"](data="x"))]
+    )
+    with pytest.raises(
+        RecordingError,
+        match=r"no sensor_msgs/Image or CompressedImage topic "
+        r"\(topics: /log \(std_msgs/msg/String\)\)",
+    ):
         open_recording(only_text).check_topics(None)
 
 
 def test_existing_caption_topic_is_not_mixed_into(tmp_path):
     store = store_for("sqlite3")
-    bag = write_recording(tmp_path, "sqlite3", [
-        ("/cam", "sensor_msgs/msg/Image", T0, image_msg(store, "mono8", GRAY, T0)),
-        ("/cam/caption", "std_msgs/msg/String", T0, store.types["std_msgs/msg/String"](data="x"))])
+    bag = write_recording(
+        tmp_path,
+        "sqlite3",
+        [
+            ("/cam", "sensor_msgs/msg/Image", T0, image_msg(store, "mono8", GRAY, T0)),
+            ("/cam/caption", "std_msgs/msg/String", T0, store.types["std_msgs/msg/String"](data="x")),
+        ],
+    )
     done = edgecap_caption("--bag", bag, "--write-bag", tmp_path / "copy")
     assert done.returncode == 2 and "already has a topic /cam/caption" in done.stderr
     assert not (tmp_path / "copy").exists()
@@ -319,21 +389,38 @@ def test_yuv422_matches_opencv():
     assert np.abs(yuv422_to_rgb(uyvy, "uyvy", "x").astype(int) - expected).max() <= 1
     yuyv = uyvy.reshape(6, 4, 4)[:, :, [1, 0, 3, 2]].reshape(6, 16)
     assert np.abs(yuv422_to_rgb(yuyv, "yuyv", "x").astype(int) - expected).max() <= 1
-    assert np.array_equal(decode("yuv422", uyvy.reshape(6, 8, 2)),
-                          yuv422_to_rgb(uyvy, "uyvy", "x"))
+    assert np.array_equal(decode("yuv422", uyvy.reshape(6, 8, 2)), yuv422_to_rgb(uyvy, "uyvy", "x"))
 
 
 def test_wrong_sizes_are_input_errors():
     store = store_for("mcap")
     short = image_msg(store, "rgb8", CHELSEA, T0)
     with pytest.raises(InputError, match="step 100 is shorter than a row of 160 rgb8"):
-        raw_to_rgb(store.types["sensor_msgs/msg/Image"](
-            header=short.header, height=120, width=160, encoding="rgb8", is_bigendian=0,
-            step=100, data=short.data), "/t at 0")
+        raw_to_rgb(
+            store.types["sensor_msgs/msg/Image"](
+                header=short.header,
+                height=120,
+                width=160,
+                encoding="rgb8",
+                is_bigendian=0,
+                step=100,
+                data=short.data,
+            ),
+            "/t at 0",
+        )
     with pytest.raises(InputError, match=r"no pixels \(0x120\)"):
-        raw_to_rgb(store.types["sensor_msgs/msg/Image"](
-            header=short.header, height=120, width=0, encoding="rgb8", is_bigendian=0,
-            step=0, data=short.data[:0]), "/t at 0")
+        raw_to_rgb(
+            store.types["sensor_msgs/msg/Image"](
+                header=short.header,
+                height=120,
+                width=0,
+                encoding="rgb8",
+                is_bigendian=0,
+                step=0,
+                data=short.data[:0],
+            ),
+            "/t at 0",
+        )
 
 
 def test_missing_rosbags_names_the_extra(monkeypatch, tmp_path):
@@ -353,8 +440,9 @@ def test_missing_rosbags_names_the_extra(monkeypatch, tmp_path):
         open_recording(tmp_path)
 
 
-def test_recording_that_breaks_off_keeps_the_captions_so_far(tmp_path, monkeypatch, capsys,
-                                                            default_model_dir):
+def test_recording_that_breaks_off_keeps_the_captions_so_far(
+    tmp_path, monkeypatch, capsys, default_model_dir
+):
     """A reader error in the middle (rosbags raises on a corrupt chunk; simulated here after two
     messages): the captions so far are printed, one line says what broke, no copy, exit 1."""
     from rosbags.highlevel import AnyReader as Reader
@@ -373,14 +461,14 @@ def test_recording_that_breaks_off_keeps_the_captions_so_far(tmp_path, monkeypat
 
     monkeypatch.setattr(Reader, "messages", breaks_off)
     out = tmp_path / "copy"
-    code = main(["caption", "--bag", str(bag), "--write-bag", str(out), "--model",
-                 str(default_model_dir)])
+    code = main(["caption", "--bag", str(bag), "--write-bag", str(out), "--model", str(default_model_dir)])
     captured = capsys.readouterr()
     assert code == 1
     assert [line.split("\t")[0] for line in captured.out.splitlines()] == ["/cam/rgb", "/cam/bgr"]
     assert captured.err.splitlines() == [
         f"edgecap: {bag}: the recording breaks off while being read (Chunk checksum mismatch.)",
-        f"edgecap: {out} not written: the recording could not be read to its end"]
+        f"edgecap: {out} not written: the recording could not be read to its end",
+    ]
     assert not out.exists()
 
 
@@ -399,12 +487,18 @@ def test_ros1_profile_mcap_file_is_read(tmp_path, captioner):
         for topic, msgtype, time_ns, msg in sorted(messages, key=lambda m: m[2]):
             if topic not in channels:
                 definition, _ = store.generate_msgdef(msgtype)
-                schema = writer.register_schema(name=msgtype.replace("/msg/", "/"),
-                                                encoding="ros1msg", data=definition.encode())
-                channels[topic] = writer.register_channel(topic=topic, message_encoding="ros1",
-                                                          schema_id=schema)
-            writer.add_message(channel_id=channels[topic], log_time=time_ns, publish_time=time_ns,
-                               data=bytes(store.serialize_ros1(msg, msgtype)))
+                schema = writer.register_schema(
+                    name=msgtype.replace("/msg/", "/"), encoding="ros1msg", data=definition.encode()
+                )
+                channels[topic] = writer.register_channel(
+                    topic=topic, message_encoding="ros1", schema_id=schema
+                )
+            writer.add_message(
+                channel_id=channels[topic],
+                log_time=time_ns,
+                publish_time=time_ns,
+                data=bytes(store.serialize_ros1(msg, msgtype)),
+            )
         writer.finish()
     done = edgecap_caption("--bag", path, "--json")
     assert done.returncode == 0, done.stderr
@@ -415,54 +509,80 @@ def test_ros1_profile_mcap_file_is_read(tmp_path, captioner):
         index = 0 if record["time_ns"] < T0 + SECOND else 1
         time_ns, stamp_ns, image = frames[(record["topic"], index)]
         assert (record["time_ns"], record["stamp_ns"]) == (time_ns, stamp_ns)
-        fields = {k: v for k, v in record.items() if k not in ("bag", "topic", "time_ns",
-                                                                 "stamp_ns")}
+        fields = {k: v for k, v in record.items() if k not in ("bag", "topic", "time_ns", "stamp_ns")}
         assert fields == caption_record(captioner.caption(image)), record["topic"]
     refused = edgecap_caption("--bag", path, "--write-bag", tmp_path / "copy")
     assert refused.returncode == 2 and "ROS 1-profile MCAP" in refused.stderr
 
 
-@pytest.mark.parametrize("definition", ["string encoding\nuint8[] data",
-                                        "std_msgs/Header header\nstring height\nuint32 width\n"
-                                        "string encoding\nuint8 is_bigendian\nuint32 step\n"
-                                        "uint8[] data"])
-def test_image_type_without_the_standard_fields_is_one_line_a_frame(definition, tmp_path,
-                                                                     captioner):
+@pytest.mark.parametrize(
+    "definition",
+    [
+        "string encoding\nuint8[] data",
+        "std_msgs/Header header\nstring height\nuint32 width\n"
+        "string encoding\nuint8 is_bigendian\nuint32 step\n"
+        "uint8[] data",
+    ],
+)
+def test_image_type_without_the_standard_fields_is_one_line_a_frame(definition, tmp_path, captioner):
     """A recording defines its own types: a sensor_msgs/Image without header/height/... (or
     with height a string) is refused frame by frame, naming topic and time; the others kept."""
     from rosbags.typesys import get_types_from_msg
 
     store = store_for("mcap")
     hostile = get_typestore(Stores.EMPTY)
-    hostile.register({k: v for k, v in store.fielddefs.items()
-                      if k in ("std_msgs/msg/Header", "builtin_interfaces/msg/Time")})
+    hostile.register(
+        {
+            k: v
+            for k, v in store.fielddefs.items()
+            if k in ("std_msgs/msg/Header", "builtin_interfaces/msg/Time")
+        }
+    )
     hostile.register(get_types_from_msg(definition, "sensor_msgs/msg/Image"))
     fields = hostile.fielddefs["sensor_msgs/msg/Image"][1]
-    values = {name: {"encoding": "rgb8", "data": CHELSEA.reshape(-1), "height": "120",
-                     "header": header(hostile, T0), "width": 160, "step": 480,
-                     "is_bigendian": 0}[name] for name, _ in fields}
+    values = {
+        name: {
+            "encoding": "rgb8",
+            "data": CHELSEA.reshape(-1),
+            "height": "120",
+            "header": header(hostile, T0),
+            "width": 160,
+            "step": 480,
+            "is_bigendian": 0,
+        }[name]
+        for name, _ in fields
+    }
     bad = hostile.types["sensor_msgs/msg/Image"](**values)
     path = tmp_path / "run"
     with Writer2(path, version=9, storage_plugin=StoragePlugin.MCAP) as writer:
         raw = writer.add_connection("/cam/raw", "sensor_msgs/msg/Image", typestore=hostile)
-        jpeg = writer.add_connection("/cam/jpeg", "sensor_msgs/msg/CompressedImage",
-                                     typestore=store)
+        jpeg = writer.add_connection("/cam/jpeg", "sensor_msgs/msg/CompressedImage", typestore=store)
         for i in range(2):
-            writer.write(raw, T0 + 2 * i * SECOND,
-                         bytes(hostile.serialize_cdr(bad, "sensor_msgs/msg/Image")))
-            writer.write(jpeg, T0 + (2 * i + 1) * SECOND, bytes(store.serialize_cdr(
-                compressed_msg(store, "jpeg", encoded_bytes(COFFEE, "JPEG"), T0),
-                "sensor_msgs/msg/CompressedImage")))
+            writer.write(raw, T0 + 2 * i * SECOND, bytes(hostile.serialize_cdr(bad, "sensor_msgs/msg/Image")))
+            writer.write(
+                jpeg,
+                T0 + (2 * i + 1) * SECOND,
+                bytes(
+                    store.serialize_cdr(
+                        compressed_msg(store, "jpeg", encoded_bytes(COFFEE, "JPEG"), T0),
+                        "sensor_msgs/msg/CompressedImage",
+                    )
+                ),
+            )
     done = edgecap_caption("--bag", path)
     assert done.returncode == 1, done.stderr
     assert "Traceback" not in done.stderr
     assert [line.split("\t")[:2] for line in done.stdout.splitlines()] == [
-        ["/cam/jpeg", "1700000001.000000000"], ["/cam/jpeg", "1700000003.000000000"]]
+        ["/cam/jpeg", "1700000001.000000000"],
+        ["/cam/jpeg", "1700000003.000000000"],
+    ]
     problems = done.stderr.splitlines()
     assert len(problems) == 2, done.stderr
     for line, seconds in zip(problems, (0, 2)):
-        assert line.startswith(f"edgecap: {path}: /cam/raw at 170000000{seconds}.000000000: "
-                               "message lacks the standard sensor_msgs fields: "), line
+        assert line.startswith(
+            f"edgecap: {path}: /cam/raw at 170000000{seconds}.000000000: "
+            "message lacks the standard sensor_msgs fields: "
+        ), line
         assert "height" in line
 
 
@@ -473,13 +593,20 @@ def test_field_of_the_wrong_kind_is_an_input_error_not_a_traceback():
 
     from edgecap.recordings import Recording
 
-    msg = SimpleNamespace(header=SimpleNamespace(stamp=SimpleNamespace(sec=1, nanosec=0)),
-                          height="tall", width=2, step=6, encoding="rgb8", is_bigendian=0,
-                          data=b"\0" * 12)
+    msg = SimpleNamespace(
+        header=SimpleNamespace(stamp=SimpleNamespace(sec=1, nanosec=0)),
+        height="tall",
+        width=2,
+        step=6,
+        encoding="rgb8",
+        is_bigendian=0,
+        data=b"\0" * 12,
+    )
     recording = Recording.__new__(Recording)
     recording.reader = SimpleNamespace(deserialize=lambda raw, msgtype: msg)
     connection = SimpleNamespace(topic="/cam", msgtype="sensor_msgs/msg/Image", id=1)
     frame = recording._frame(connection, T0, b"", 0)
     assert isinstance(frame.image, InputError)
-    assert str(frame.image).startswith("/cam at 1700000000.000000000: message lacks the "
-                                       "standard sensor_msgs fields: ")
+    assert str(frame.image).startswith(
+        "/cam at 1700000000.000000000: message lacks the standard sensor_msgs fields: "
+    )

@@ -28,10 +28,10 @@ def reference_beam_search(backend, seed, beam, max_length, penalty=None):
             dist = backend.logprobs(state)
             if t > 0 and not finished and END in np.argsort(-dist, kind="stable")[: backend.top_k]:
                 option = (words, lp + dist[END], True)
-                if ending is None or (length_normalised(option[1], len(words) + 1, penalty),
-                                      option[1]) > (length_normalised(ending[1],
-                                                                      len(ending[0]) + 1, penalty),
-                                                    ending[1]):
+                if ending is None or (length_normalised(option[1], len(words) + 1, penalty), option[1]) > (
+                    length_normalised(ending[1], len(ending[0]) + 1, penalty),
+                    ending[1],
+                ):
                     ending = option
             top = np.argsort(-dist, kind="stable")[: backend.top_k][: beam + 1]
             for w in top:
@@ -55,9 +55,9 @@ def reference_beam_search(backend, seed, beam, max_length, penalty=None):
     if ending is not None and not any(f[2] for f in finished):
         finished.append(ending)  # never a caption cut mid-phrase when one could have ended
     # captions that ended first, then those cut at max_length; each by normalised score
-    ranked = sorted(finished, key=lambda f: (not f[2],
-                                             -length_normalised(f[1], len(f[0]) + f[2], penalty),
-                                             -f[1]))
+    ranked = sorted(
+        finished, key=lambda f: (not f[2], -length_normalised(f[1], len(f[0]) + f[2], penalty), -f[1])
+    )
     return ranked[:beam]
 
 
@@ -87,8 +87,7 @@ def test_batch_equals_images_alone():
 
 def test_beam_one_is_greedy():
     backend = PrefixHashBackend(end_bias=0.5)
-    hyp = beam_search(backend, backend.encode(np.array([13])), search_options(beam_size=1),
-                      START, END)[0][0]
+    hyp = beam_search(backend, backend.encode(np.array([13])), search_options(beam_size=1), START, END)[0][0]
     state, words = PrefixHashBackend.next_state(13, START), []
     while True:
         dist = backend.logprobs(state)
@@ -104,16 +103,14 @@ def test_beam_one_is_greedy():
 
 def test_never_empty_and_cut_at_max_length_when_end_is_unlikely():
     backend = PrefixHashBackend(end_bias=-50.0)  # <end> practically never wins
-    result = beam_search(backend, backend.encode(np.arange(3)), search_options(max_length=6),
-                         START, END)
+    result = beam_search(backend, backend.encode(np.arange(3)), search_options(max_length=6), START, END)
     for hyps in result:
         assert len(hyps[0].tokens) == 6 and not hyps[0].finished
 
 
 def test_first_word_is_never_end():
     backend = PrefixHashBackend(end_bias=50.0)  # <end> always the likeliest word
-    for hyps in beam_search(backend, backend.encode(np.arange(4)), search_options(beam_size=3),
-                            START, END):
+    for hyps in beam_search(backend, backend.encode(np.arange(4)), search_options(beam_size=3), START, END):
         assert len(hyps[0].tokens) == 1 and hyps[0].finished
 
 
@@ -135,9 +132,14 @@ def test_n_best_sorted_and_deterministic():
 
 def test_attention_follows_the_reordered_rows():
     backend = PrefixHashBackend(end_bias=0.5)
-    hyps = beam_search(backend, backend.encode(np.array([4, 9])),
-                       search_options(beam_size=3), START, END,
-                       return_attention=True)
+    hyps = beam_search(
+        backend,
+        backend.encode(np.array([4, 9])),
+        search_options(beam_size=3),
+        START,
+        END,
+        return_attention=True,
+    )
     for seed, (hyp,) in zip([4, 9], hyps):
         state = PrefixHashBackend.next_state(seed, START)
         assert hyp.attention.shape == (len(hyp.tokens), 4)
@@ -146,8 +148,16 @@ def test_attention_follows_the_reordered_rows():
             state = PrefixHashBackend.next_state(state, w)
 
 
-@pytest.mark.parametrize("bad", [dict(beam_size=0), dict(beam_size=6), dict(max_length=0),
-                                 dict(n_best=4, beam_size=3), dict(length_penalty=-1.0)])
+@pytest.mark.parametrize(
+    "bad",
+    [
+        dict(beam_size=0),
+        dict(beam_size=6),
+        dict(max_length=0),
+        dict(n_best=4, beam_size=3),
+        dict(length_penalty=-1.0),
+    ],
+)
 def test_bad_options_are_rejected(bad):
     backend = PrefixHashBackend(top_k=5)
     with pytest.raises(ValueError):
@@ -174,8 +184,9 @@ def test_no_repeat_ngram_blocks_repeated_trigrams():
     seeds = np.arange(6)
     plain = beam_search(backend, backend.encode(seeds), search_options(max_length=15), START, END)
     assert any(has_repeated_ngram(h[0].tokens, 3) for h in plain)
-    blocked = beam_search(backend, backend.encode(seeds),
-                          search_options(max_length=15, no_repeat_ngram=3), START, END)
+    blocked = beam_search(
+        backend, backend.encode(seeds), search_options(max_length=15, no_repeat_ngram=3), START, END
+    )
     for hyps in blocked:
         assert hyps and not has_repeated_ngram(hyps[0].tokens, 3)
     # Trigrams are blocked by default.

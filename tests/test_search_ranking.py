@@ -58,8 +58,7 @@ def two_captions(dog, cat, dog_end, cat_runs, runs_fast, fast_end):
 def search(rows, **options) -> list:
     backend = TableBackend(WORDS, table(rows), top_k=4)
     opts = SearchOptions(**{"beam_size": 2, "n_best": 2, "max_length": 10, **options})
-    (hyps,) = beam_search(backend, backend.encode(np.zeros((1, 3, 2, 2), np.float32)), opts,
-                          START, END)
+    (hyps,) = beam_search(backend, backend.encode(np.zeros((1, 3, 2, 2), np.float32)), opts, START, END)
     return [(" ".join(WORDS[t] for t in h.tokens), h.score, h.log_prob, h.finished) for h in hyps]
 
 
@@ -72,8 +71,7 @@ def search(rows, **options) -> list:
 #   word 2: cat runs -1.4 live; dog <end> -1.6 finished (S); dog a -6.0 live (filler)
 #   word 3: cat runs fast -1.7 live; cat runs a -6.4 live (filler -6.0 -5 = -11.0 is out)
 #   word 4: cat runs fast <end> -2.0 finished (L): two finished = beam, the search stops.
-CASE_A = two_captions(dog=-1.0, cat=-1.1, dog_end=-0.6, cat_runs=-0.3, runs_fast=-0.3,
-                      fast_end=-0.3)
+CASE_A = two_captions(dog=-1.0, cat=-1.1, dog_end=-0.6, cat_runs=-0.3, runs_fast=-0.3, fast_end=-0.3)
 
 # Case B: counting <end> in the length decides.
 #   S = "dog <end>":           -0.4 - 0.6             = -1.0; /2 = -0.5; without <end> /1 = -1.0
@@ -81,15 +79,13 @@ CASE_A = two_captions(dog=-1.0, cat=-1.1, dog_end=-0.6, cat_runs=-0.3, runs_fast
 # Counting <end> (the default): S wins (-0.5 > -0.6); not counting it, L would (-0.8 > -1.0).
 # Search: word 1 dog -0.4, cat -0.5; word 2 dog <end> -1.0 finished, cat runs -1.1, dog a -5.4;
 # word 3 cat runs fast -1.7, cat runs a -6.1; word 4 cat runs fast <end> -2.4 finished.
-CASE_B = two_captions(dog=-0.4, cat=-0.5, dog_end=-0.6, cat_runs=-0.6, runs_fast=-0.6,
-                      fast_end=-0.7)
+CASE_B = two_captions(dog=-0.4, cat=-0.5, dog_end=-0.6, cat_runs=-0.6, runs_fast=-0.6, fast_end=-0.7)
 
 # Case C: a tie on the mean, broken by the higher total.
 #   S = "dog <end>": -0.5 * 2 = -1.0 ; mean -0.5
 #   L = "cat runs fast <end>": -0.5 * 4 = -2.0 ; mean -0.5   (all exact in binary floating point)
 # Tie on the score -> the higher total (S, -1.0) first.
-CASE_C = two_captions(dog=-0.5, cat=-0.5, dog_end=-0.5, cat_runs=-0.5, runs_fast=-0.5,
-                      fast_end=-0.5)
+CASE_C = two_captions(dog=-0.5, cat=-0.5, dog_end=-0.5, cat_runs=-0.5, runs_fast=-0.5, fast_end=-0.5)
 
 APPROX = dict(abs=1e-6)  # the table's values pass through float32
 
@@ -122,11 +118,14 @@ def test_ties_on_the_score_go_to_the_higher_total():
 #            S = -1.6 / 1.0801234 = -1.4813127 ; L = -2.0 / 1.2247449 = -1.6329932 -> S first
 #   a = 1.0: S = -1.6 / (7/6) = -1.3714286     ; L = -2.0 / 1.5       = -1.3333333 -> L first
 # GNMT, case B, a = 1.0: S = -1.0 / (7/6) = -0.8571429 ; L = -2.4 / 1.5 = -1.6 -> S first
-@pytest.mark.parametrize("rows, penalty, order, scores", [
-    (CASE_A, 0.5, ["dog", "cat runs fast"], [-1.4813127, -1.6329932]),
-    (CASE_A, 1.0, ["cat runs fast", "dog"], [-1.3333333, -1.3714286]),
-    (CASE_B, 1.0, ["dog", "cat runs fast"], [-0.8571429, -1.6]),
-])
+@pytest.mark.parametrize(
+    "rows, penalty, order, scores",
+    [
+        (CASE_A, 0.5, ["dog", "cat runs fast"], [-1.4813127, -1.6329932]),
+        (CASE_A, 1.0, ["cat runs fast", "dog"], [-1.3333333, -1.3714286]),
+        (CASE_B, 1.0, ["dog", "cat runs fast"], [-0.8571429, -1.6]),
+    ],
+)
 def test_gnmt_length_penalty(rows, penalty, order, scores):
     ranked = search(rows, length_penalty=penalty)
     assert [r[0] for r in ranked] == order
@@ -144,8 +143,13 @@ def test_caption_cut_at_max_length_is_scored_over_its_words():
     #   beam 1, max_length 3: "dog dog dog", -0.2 * 3 = -0.6 over 3 words -> -0.2
     rule = lambda prefix: {"dog": -0.2, "cat": -3.0}  # noqa: E731
     backend = TableBackend(WORDS, rule, top_k=4)
-    (hyp,), = beam_search(backend, backend.encode(np.zeros((1, 3, 2, 2), np.float32)),
-                          SearchOptions(beam_size=1, max_length=3), START, END)
+    ((hyp,),) = beam_search(
+        backend,
+        backend.encode(np.zeros((1, 3, 2, 2), np.float32)),
+        SearchOptions(beam_size=1, max_length=3),
+        START,
+        END,
+    )
     assert [WORDS[t] for t in hyp.tokens] == ["dog", "dog", "dog"] and not hyp.finished
     assert hyp.score == pytest.approx(-0.2, **APPROX)
     assert hyp.log_prob == pytest.approx(-0.6, **APPROX)
@@ -155,10 +159,12 @@ def test_caption_cut_at_max_length_is_scored_over_its_words():
 def cycle(prefix: tuple[str, ...]) -> dict[str, float]:
     """Next word by the last word: a -> dog -> a -> dog ...; only after "runs" is <end> likely."""
     last = prefix[-1] if prefix else None
-    return {None: {"a": -0.1, "dog": -2.0, "runs": -3.0},
-            "a": {"dog": -0.1, "runs": -2.0, "<end>": -4.0},
-            "dog": {"a": -0.1, "runs": -2.0, "<end>": -3.0},
-            "runs": {"<end>": -0.1, "a": -2.0, "dog": -3.0}}.get(last, {"<end>": -0.1})
+    return {
+        None: {"a": -0.1, "dog": -2.0, "runs": -3.0},
+        "a": {"dog": -0.1, "runs": -2.0, "<end>": -4.0},
+        "dog": {"a": -0.1, "runs": -2.0, "<end>": -3.0},
+        "runs": {"<end>": -0.1, "a": -2.0, "dog": -3.0},
+    }.get(last, {"<end>": -0.1})
 
 
 @pytest.fixture
@@ -218,10 +224,11 @@ def ends_after_a_repeat(prefix: tuple[str, ...]) -> dict[str, float]:
     if prefix == ("a", "dog", "a", "dog", "a"):
         return {"<end>": -0.05, "dog": -0.1, "runs": -2.0}
     last = prefix[-1] if prefix else None
-    return {None: {"a": -0.1, "dog": -2.0, "runs": -3.0, "cat": -4.0},
-            "a": {"dog": -0.1, "runs": -2.0, "cat": -3.0, "fast": -4.0},
-            "dog": {"a": -0.1, "runs": -2.0, "cat": -3.0, "fast": -4.0}}.get(
-                last, {"a": -0.5, "dog": -1.0, "cat": -2.0, "fast": -3.0})
+    return {
+        None: {"a": -0.1, "dog": -2.0, "runs": -3.0, "cat": -4.0},
+        "a": {"dog": -0.1, "runs": -2.0, "cat": -3.0, "fast": -4.0},
+        "dog": {"a": -0.1, "runs": -2.0, "cat": -3.0, "fast": -4.0},
+    }.get(last, {"a": -0.5, "dog": -1.0, "cat": -2.0, "fast": -3.0})
 
 
 def test_default_captioner_searches_with_trigram_block(fake_captioner):
@@ -231,14 +238,15 @@ def test_default_captioner_searches_with_trigram_block(fake_captioner):
     captioner = fake_captioner(rule=ends_after_a_repeat)
     cap = captioner.caption(IMAGE)
     words = cap.text.split()
-    trigrams = [tuple(words[i:i + 3]) for i in range(len(words) - 2)]
+    trigrams = [tuple(words[i : i + 3]) for i in range(len(words) - 2)]
     assert len(trigrams) == len(set(trigrams)), cap.text
     backend, encoded = captioner.backend, captioner.backend.encode(IMAGE[None])
     ids = {w: i for i, w in enumerate(backend.words)}
 
     def best(no_repeat):
-        (hyp, *_), = beam_search(backend, encoded, SearchOptions(no_repeat_ngram=no_repeat),
-                                 ids["<start>"], ids["<end>"])
+        ((hyp, *_),) = beam_search(
+            backend, encoded, SearchOptions(no_repeat_ngram=no_repeat), ids["<start>"], ids["<end>"]
+        )
         return " ".join(backend.words[t] for t in hyp.tokens)
 
     assert best(0) == "a dog a dog a"

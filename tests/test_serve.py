@@ -34,8 +34,9 @@ from helpers import EXAMPLES
 
 ROOT = Path(edgecap.__file__).resolve().parents[1]
 ENV = {**os.environ, "PYTHONPATH": os.pathsep.join([str(ROOT), os.environ.get("PYTHONPATH", "")])}
-PHOTOS = [(EXAMPLES / name).read_bytes() for name in
-          ("chelsea.png", "coffee.png", "astronaut.png", "rocket.jpg")]
+PHOTOS = [
+    (EXAMPLES / name).read_bytes() for name in ("chelsea.png", "coffee.png", "astronaut.png", "rocket.jpg")
+]
 TYPES = ["image/png", "image/png", "image/png", "image/jpeg"]
 CLIENT_TIMEOUT_S = 120  # a hung service fails the test instead of hanging it
 
@@ -64,8 +65,14 @@ class Running:
         self.thread.join()
 
 
-def request(port: int, method: str, path: str, body: bytes | None = None,
-            content_type: str | None = "image/png", headers: dict | None = None):
+def request(
+    port: int,
+    method: str,
+    path: str,
+    body: bytes | None = None,
+    content_type: str | None = "image/png",
+    headers: dict | None = None,
+):
     """-> (status, JSON body, headers)."""
     connection = http.client.HTTPConnection("127.0.0.1", port, timeout=CLIENT_TIMEOUT_S)
     try:
@@ -99,10 +106,19 @@ class BlockingCaptioner:
         self.batches.append(len(images))
         self.entered.release()
         assert self.gate.wait(CLIENT_TIMEOUT_S)
-        return [InputError("<bytes>", "fake") if data == b"bad" else
-                SimpleNamespace(text=f"{len(data)} bytes", score=-1.0, objects=(),
-                                confidence=None, recognisable=True, timings={})
-                for data in images]
+        return [
+            InputError("<bytes>", "fake")
+            if data == b"bad"
+            else SimpleNamespace(
+                text=f"{len(data)} bytes",
+                score=-1.0,
+                objects=(),
+                confidence=None,
+                recognisable=True,
+                timings={},
+            )
+            for data in images
+        ]
 
 
 @pytest.fixture(scope="module")
@@ -130,8 +146,7 @@ def test_concurrent_answers_equal_the_api(running, captioner):
     for i, (status, answer, _) in zip(jobs, answers):
         assert status == 200, answer
         assert answer_fields(answer) == expected[i]
-        assert set(answer["timings"]) == {"preprocess_ms", "encode_ms", "decode_ms", "queue_ms",
-                                          "total_ms"}
+        assert set(answer["timings"]) == {"preprocess_ms", "encode_ms", "decode_ms", "queue_ms", "total_ms"}
         assert 1 <= answer["batch"] <= captioner.options.batch_size
     assert running.service.pending == 0
 
@@ -150,17 +165,25 @@ def test_hostile_requests_get_4xx_and_service_keeps_serving(running, captioner):
     port = running.port
     huge = b"\xff" * (5 << 20)
     status, answer, _ = post(port, huge)  # refused from its Content-Length, before reading
-    assert (status, answer["error"]) == (413, "the body is 5,242,880 bytes, over the limit of "
-                                              "4,194,304 bytes (edgecap serve --max-body-mb)")
-    status, answer, _ = post(port, iter([huge[:1 << 20]] * 5))  # chunked: refused while read
+    assert (status, answer["error"]) == (
+        413,
+        "the body is 5,242,880 bytes, over the limit of 4,194,304 bytes (edgecap serve --max-body-mb)",
+    )
+    status, answer, _ = post(port, iter([huge[: 1 << 20]] * 5))  # chunked: refused while read
     assert status == 413 and "over the limit of 4,194,304 bytes" in answer["error"]
     status, answer, _ = post(port, b"just some text, not a picture")
-    assert (status, answer["error"]) == (400, "not a usable image: not an image in an accepted "
-                                              "format (JPEG, PNG, GIF, WEBP, TIFF, BMP)")
+    assert (status, answer["error"]) == (
+        400,
+        "not a usable image: not an image in an accepted format (JPEG, PNG, GIF, WEBP, TIFF, BMP)",
+    )
     status, answer, _ = post(port, b"")
     assert status == 400 and "empty body" in answer["error"]
-    for kind in ("application/json", "text/plain", "multipart/form-data; boundary=x",
-                 "application/x-www-form-urlencoded"):
+    for kind in (
+        "application/json",
+        "text/plain",
+        "multipart/form-data; boundary=x",
+        "application/x-www-form-urlencoded",
+    ):
         status, answer, _ = post(port, PHOTOS[0], kind)
         assert status == 415 and "is not an image" in answer["error"]
     status, answer, _ = request(port, "GET", "/caption")
@@ -174,12 +197,13 @@ def test_slow_client_does_not_block_others(running, captioner):
     slow = socket.create_connection(("127.0.0.1", running.port), timeout=CLIENT_TIMEOUT_S)
     try:
         body = PHOTOS[2]
-        slow.sendall(b"POST /caption HTTP/1.1\r\nHost: x\r\nContent-Type: image/png\r\n"
-                     b"Content-Length: %d\r\n\r\n" % len(body) + body[:100])
+        slow.sendall(
+            b"POST /caption HTTP/1.1\r\nHost: x\r\nContent-Type: image/png\r\n"
+            b"Content-Length: %d\r\n\r\n" % len(body) + body[:100]
+        )
         # while the slow client holds its request open, another is answered
         status, answer, _ = post(running.port, PHOTOS[0])
-        assert status == 200 and answer_fields(answer) == caption_record(
-            captioner.caption(PHOTOS[0]))
+        assert status == 200 and answer_fields(answer) == caption_record(captioner.caption(PHOTOS[0]))
         slow.sendall(body[100:])  # ... and the slow one is still being read, then answered
         reply = read_http_reply(slow)
     finally:
@@ -194,8 +218,11 @@ def read_http_reply(sock: socket.socket) -> tuple[int, dict]:
         assert chunk, f"connection closed after {data!r}"
         data += chunk
     head, rest = data.split(b"\r\n\r\n", 1)
-    length = int(next(line.split(b":")[1] for line in head.split(b"\r\n")
-                      if line.lower().startswith(b"content-length")))
+    length = int(
+        next(
+            line.split(b":")[1] for line in head.split(b"\r\n") if line.lower().startswith(b"content-length")
+        )
+    )
     while len(rest) < length:
         rest += sock.recv(65536)
     return int(head.split()[1]), json.loads(rest[:length])
@@ -206,10 +233,10 @@ def test_stalled_body_times_out_with_408():
     fake.gate.set()
     running = Running(fake, ServiceOptions(read_timeout_s=0.3))
     try:
-        with socket.create_connection(("127.0.0.1", running.port),
-                                      timeout=CLIENT_TIMEOUT_S) as slow:
-            slow.sendall(b"POST /caption HTTP/1.1\r\nHost: x\r\nContent-Length: 1000\r\n\r\n"
-                         b"only 20 bytes so far")
+        with socket.create_connection(("127.0.0.1", running.port), timeout=CLIENT_TIMEOUT_S) as slow:
+            slow.sendall(
+                b"POST /caption HTTP/1.1\r\nHost: x\r\nContent-Length: 1000\r\n\r\nonly 20 bytes so far"
+            )
             status, answer = read_http_reply(slow)
         assert status == 408 and answer == {"error": "the body did not arrive within 0.3 s"}
         status, answer, _ = post(running.port, b"12345")
@@ -266,8 +293,7 @@ def test_full_queue_is_503_and_nothing_is_lost():
             assert status == 503 and headers["Retry-After"] == "1"
             assert "busy: 3 requests are already waiting (max_pending 3)" in answer["error"]
             fake.gate.set()
-            assert [f.result()[1]["caption"] for f in waiting] == ["1 bytes", "2 bytes",
-                                                                   "3 bytes"]
+            assert [f.result()[1]["caption"] for f in waiting] == ["1 bytes", "2 bytes", "3 bytes"]
         assert post(running.port, b"after")[0] == 200
     finally:
         running.stop()
@@ -280,8 +306,7 @@ def test_a_bad_image_in_a_batch_fails_alone():
         with ThreadPoolExecutor(3) as pool:
             first = pool.submit(post, running.port, b"first")
             assert fake.entered.acquire(timeout=CLIENT_TIMEOUT_S)
-            bad, good = pool.submit(post, running.port, b"bad"), pool.submit(post, running.port,
-                                                                              b"good")
+            bad, good = pool.submit(post, running.port, b"bad"), pool.submit(post, running.port, b"good")
             wait_until(lambda: running.service.batcher.queue.qsize() == 2)
             fake.gate.set()
             assert first.result()[0] == 200
@@ -308,15 +333,16 @@ def test_a_model_failure_is_a_json_500_for_its_image_alone(capfd):
         with ThreadPoolExecutor(3) as pool:
             first = pool.submit(post, running.port, b"first")
             assert fake.entered.acquire(timeout=CLIENT_TIMEOUT_S)
-            boom, good = pool.submit(post, running.port, b"boom"), pool.submit(post, running.port,
-                                                                                b"good")
+            boom, good = pool.submit(post, running.port, b"boom"), pool.submit(post, running.port, b"good")
             wait_until(lambda: running.service.batcher.queue.qsize() == 2)
             fake.gate.set()
             assert first.result()[0] == 200
             status, answer, headers = boom.result()
             assert status == 500 and headers["Content-Type"].startswith("application/json")
-            assert answer == {"error": "the model failed on this image (RuntimeError: CUDA out "
-                                       "of memory. Tried to allocate 2.00 GiB)"}
+            assert answer == {
+                "error": "the model failed on this image (RuntimeError: CUDA out "
+                "of memory. Tried to allocate 2.00 GiB)"
+            }
             assert good.result()[0] == 200 and good.result()[1]["caption"] == "4 bytes"
         assert post(running.port, b"after")[1]["caption"] == "5 bytes"  # still serving
     finally:
@@ -324,11 +350,13 @@ def test_a_model_failure_is_a_json_500_for_its_image_alone(capfd):
     # the batch of two, then each of its images alone
     assert fake.batches == [1, 2, 1, 1, 1]
     logged = capfd.readouterr().err.splitlines()
-    assert logged == ["edgecap serve: error: the model failed on a batch of 2 (RuntimeError: "
-                      "CUDA out of memory. Tried to allocate 2.00 GiB); captioning its images "
-                      "one at a time",
-                      "edgecap serve: error: the model failed on one image of 4 bytes "
-                      "(RuntimeError: CUDA out of memory. Tried to allocate 2.00 GiB)"]
+    assert logged == [
+        "edgecap serve: error: the model failed on a batch of 2 (RuntimeError: "
+        "CUDA out of memory. Tried to allocate 2.00 GiB); captioning its images "
+        "one at a time",
+        "edgecap serve: error: the model failed on one image of 4 bytes "
+        "(RuntimeError: CUDA out of memory. Tried to allocate 2.00 GiB)",
+    ]
 
 
 def test_max_batch_over_the_batch_size_is_refused():
@@ -365,29 +393,49 @@ def wait_until(condition) -> None:
 
 
 def test_options_are_checked():
-    for bad in ({"max_body_bytes": 0}, {"max_pending": -1}, {"max_batch": 0},
-                {"max_wait_ms": -1.0}, {"read_timeout_s": 0.0}):
+    for bad in (
+        {"max_body_bytes": 0},
+        {"max_pending": -1},
+        {"max_batch": 0},
+        {"max_wait_ms": -1.0},
+        {"read_timeout_s": 0.0},
+    ):
         with pytest.raises(ValueError, match=next(iter(bad))):
             ServiceOptions(**bad).validate()
 
 
 # -- the command --------------------------------------------------------------------------------
 def test_edgecap_serve_command(default_model_dir, captioner):
-    server = subprocess.Popen([sys.executable, "-m", "edgecap", "serve", "--port", "0",
-                               "--model", str(default_model_dir)],
-                              stderr=subprocess.PIPE, text=True, env=ENV)
+    server = subprocess.Popen(
+        [sys.executable, "-m", "edgecap", "serve", "--port", "0", "--model", str(default_model_dir)],
+        stderr=subprocess.PIPE,
+        text=True,
+        env=ENV,
+    )
     try:
         line = server.stderr.readline()
         assert line.startswith("edgecap serve: listening on http://127.0.0.1:"), line
         port = int(line.split("127.0.0.1:")[1].split()[0])
         assert request(port, "GET", "/health")[1]["status"] == "ok"
         status, answer, _ = post(port, PHOTOS[3], "image/jpeg")
-        assert status == 200 and answer_fields(answer) == caption_record(
-            captioner.caption(PHOTOS[3]))
+        assert status == 200 and answer_fields(answer) == caption_record(captioner.caption(PHOTOS[3]))
         # the port is taken: a second service says so in one line
-        taken = subprocess.run([sys.executable, "-m", "edgecap", "serve", "--port", str(port),
-                                "--model", str(default_model_dir)],
-                               capture_output=True, text=True, env=ENV, check=False)
+        taken = subprocess.run(
+            [
+                sys.executable,
+                "-m",
+                "edgecap",
+                "serve",
+                "--port",
+                str(port),
+                "--model",
+                str(default_model_dir),
+            ],
+            capture_output=True,
+            text=True,
+            env=ENV,
+            check=False,
+        )
         assert taken.returncode == 2
         assert taken.stderr.startswith(f"edgecap serve: error: cannot listen on 127.0.0.1:{port}")
         assert len(taken.stderr.splitlines()) == 1
@@ -398,33 +446,61 @@ def test_edgecap_serve_command(default_model_dir, captioner):
 
 
 def test_edgecap_serve_bad_option_is_one_line():
-    done = subprocess.run([sys.executable, "-m", "edgecap", "serve", "--max-pending", "0"],
-                          capture_output=True, text=True, env=ENV, check=False)
+    done = subprocess.run(
+        [sys.executable, "-m", "edgecap", "serve", "--max-pending", "0"],
+        capture_output=True,
+        text=True,
+        env=ENV,
+        check=False,
+    )
     assert done.returncode == 2
-    assert done.stderr == ("edgecap serve: error: max_pending must be a positive integer, "
-                           "got 0\n")
+    assert done.stderr == ("edgecap serve: error: max_pending must be a positive integer, got 0\n")
 
 
-@pytest.mark.parametrize("args, problem", [
-    (["--max-body-mb", "inf"], "--max-body-mb must be a positive number of MB, got inf"),
-    (["--max-body-mb", "nan"], "--max-body-mb must be a positive number of MB, got nan"),
-    (["--max-body-mb", "0"], "--max-body-mb must be a positive number of MB, got 0"),
-    (["--max-body-mb", "-3"], "--max-body-mb must be a positive number of MB, got -3"),
-])
+@pytest.mark.parametrize(
+    "args, problem",
+    [
+        (["--max-body-mb", "inf"], "--max-body-mb must be a positive number of MB, got inf"),
+        (["--max-body-mb", "nan"], "--max-body-mb must be a positive number of MB, got nan"),
+        (["--max-body-mb", "0"], "--max-body-mb must be a positive number of MB, got 0"),
+        (["--max-body-mb", "-3"], "--max-body-mb must be a positive number of MB, got -3"),
+    ],
+)
 def test_edgecap_serve_bad_body_limit_is_one_line(args, problem):
-    done = subprocess.run([sys.executable, "-m", "edgecap", "serve", *args],
-                          capture_output=True, text=True, env=ENV, check=False)
+    done = subprocess.run(
+        [sys.executable, "-m", "edgecap", "serve", *args],
+        capture_output=True,
+        text=True,
+        env=ENV,
+        check=False,
+    )
     assert (done.returncode, done.stderr) == (2, f"edgecap serve: error: {problem}\n")
 
 
 def test_edgecap_serve_max_batch_over_batch_size_is_one_line(default_model_dir):
-    done = subprocess.run([sys.executable, "-m", "edgecap", "serve", "--max-batch", "32",
-                           "--batch-size", "8", "--model", str(default_model_dir)],
-                          capture_output=True, text=True, env=ENV, check=False,
-                          timeout=CLIENT_TIMEOUT_S)  # a service that starts fails, not hangs
+    done = subprocess.run(
+        [
+            sys.executable,
+            "-m",
+            "edgecap",
+            "serve",
+            "--max-batch",
+            "32",
+            "--batch-size",
+            "8",
+            "--model",
+            str(default_model_dir),
+        ],
+        capture_output=True,
+        text=True,
+        env=ENV,
+        check=False,
+        timeout=CLIENT_TIMEOUT_S,
+    )  # a service that starts fails, not hangs
     assert done.returncode == 2
-    assert done.stderr.startswith("edgecap serve: error: max_batch 32 is over the captioner's "
-                                  "batch size 8"), done.stderr
+    assert done.stderr.startswith(
+        "edgecap serve: error: max_batch 32 is over the captioner's batch size 8"
+    ), done.stderr
     assert len(done.stderr.splitlines()) == 1
 
 

@@ -30,8 +30,10 @@ VIDEO_SIZE = (320, 240)
 
 def example_frames(size=VIDEO_SIZE) -> list[np.ndarray]:
     """uint8 (H, W, 3) RGB frames of the bundled example photos, resized to ``size``."""
-    return [np.asarray(Image.open(EXAMPLES / name).convert("RGB").resize(size))
-            for name in ("chelsea.png", "coffee.png")]
+    return [
+        np.asarray(Image.open(EXAMPLES / name).convert("RGB").resize(size))
+        for name in ("chelsea.png", "coffee.png")
+    ]
 
 
 def make_video(path: Path, seconds: float = 2.0, fps: float = 10.0) -> Path:
@@ -144,17 +146,19 @@ def test_bare_frames_are_numbered_and_take_the_stream_color():
     fake = FakeCaptioner()
     events = list(caption_stream(fake, ["a", "b", "c"], color="bgr", live=False))
     assert [e.frame_index for e in events] == [0, 1, 2]
-    assert all(b >= a >= 0 for a, b in zip([e.timestamp for e in events],
-                                            [e.timestamp for e in events][1:]))
+    assert all(b >= a >= 0 for a, b in zip([e.timestamp for e in events], [e.timestamp for e in events][1:]))
     assert fake.seen == [("a", "bgr"), ("b", "bgr"), ("c", "bgr")]
 
 
-@pytest.mark.parametrize("fps, every, expected", [
-    (10.0, 0.5, [0, 5, 10, 15]),
-    (29.97, 1.0, [0, 30, 60, 90]),    # first frame at or after each whole second
-    (10.0, 0.25, [0, 3, 5, 8, 10, 13, 15, 18]),
-    (10.0, 0.05, list(range(20))),    # finer than the frame rate: every frame
-])
+@pytest.mark.parametrize(
+    "fps, every, expected",
+    [
+        (10.0, 0.5, [0, 5, 10, 15]),
+        (29.97, 1.0, [0, 30, 60, 90]),  # first frame at or after each whole second
+        (10.0, 0.25, [0, 3, 5, 8, 10, 13, 15, 18]),
+        (10.0, 0.05, list(range(20))),  # finer than the frame rate: every frame
+    ],
+)
 def test_every_grid(fps, every, expected):
     sampler = _Sampler(every)
     n = 20 if fps == 10.0 else 100
@@ -162,8 +166,7 @@ def test_every_grid(fps, every, expected):
     assert taken == expected
 
 
-@pytest.mark.parametrize("kwargs", [{"every": 0}, {"every": -1.0}, {"every": True},
-                                    {"color": "bgra"}])
+@pytest.mark.parametrize("kwargs", [{"every": 0}, {"every": -1.0}, {"every": True}, {"color": "bgra"}])
 def test_bad_arguments(kwargs):
     with pytest.raises(ValueError):
         caption_stream(FakeCaptioner(), [], **kwargs)
@@ -188,15 +191,14 @@ def test_rgb_and_bgr_frames_give_the_same_captions(captioner, live):
         got_bgr = [texts(caption_stream(captioner, [f[:, :, ::-1]], color="bgr"))[0] for f in rgb]
     else:
         got_rgb = texts(caption_stream(captioner, rgb, live=False))
-        got_bgr = texts(caption_stream(captioner, [f[:, :, ::-1] for f in rgb], color="bgr",
-                                       live=False))
+        got_bgr = texts(caption_stream(captioner, [f[:, :, ::-1] for f in rgb], color="bgr", live=False))
     assert got_rgb == got_bgr == expected
     bgr_frames = [Frame(i, float(i), f[:, :, ::-1].copy(), "bgr") for i, f in enumerate(rgb)]
     assert texts(caption_stream(captioner, bgr_frames, live=False)) == expected
 
 
 def test_stream_returns_attention_when_asked(captioner):
-    event, = caption_stream(captioner, example_frames()[:1], live=False, return_attention=True)
+    (event,) = caption_stream(captioner, example_frames()[:1], live=False, return_attention=True)
     assert event.caption.attention.shape == (len(event.caption.tokens), 7, 7)
     assert set(event.caption.timings) == {"preprocess_ms", "encode_ms", "decode_ms"}
 
@@ -207,8 +209,9 @@ def test_video_frames(tmp_path):
     frames = list(video_frames(video))
     assert [f.index for f in frames] == list(range(20))
     assert [f.timestamp for f in frames] == [i / 10 for i in range(20)]
-    assert all(f.color == "bgr" and f.image.shape == (240, 320, 3) and f.image.dtype == np.uint8
-               for f in frames)
+    assert all(
+        f.color == "bgr" and f.image.shape == (240, 320, 3) and f.image.dtype == np.uint8 for f in frames
+    )
     cat = example_frames()[0].astype(np.float32)
     first = frames[0].image.astype(np.float32)
     # BGR, not RGB: the reversed frame is close to the photo (only JPEG loss), the frame is not
@@ -233,8 +236,12 @@ def test_missing_opencv_names_the_extra(monkeypatch, tmp_path):
 
 
 def test_importing_the_stream_module_does_not_import_opencv():
-    env = {**os.environ, "PYTHONPATH": os.pathsep.join(
-        [str(Path(edgecap.__file__).parent.parent), os.environ.get("PYTHONPATH", "")])}
+    env = {
+        **os.environ,
+        "PYTHONPATH": os.pathsep.join(
+            [str(Path(edgecap.__file__).parent.parent), os.environ.get("PYTHONPATH", "")]
+        ),
+    }
     code = "import sys, edgecap.stream, edgecap.viz; assert 'cv2' not in sys.modules"
     out = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, env=env)
     assert out.returncode == 0, out.stderr
@@ -281,7 +288,7 @@ def test_camera_frames_with_a_fake_opencv(monkeypatch):
     fake = FakeCv2(n_frames=5)
     monkeypatch.setitem(sys.modules, "cv2", fake)
     frames = list(camera_frames(2, width=640, height=480))
-    capture, = fake.captures
+    (capture,) = fake.captures
     assert capture.index == 2 and capture.props == {3: 640, 4: 480}
     assert capture.released.is_set()
     assert [f.index for f in frames] == list(range(5))
@@ -295,7 +302,7 @@ def test_camera_is_released_when_a_live_loop_stops_early(monkeypatch):
     monkeypatch.setitem(sys.modules, "cv2", fake)
     for _event in caption_stream(FakeCaptioner(), camera_frames(0)):
         break
-    capture, = fake.captures
+    (capture,) = fake.captures
     # the reader thread releases it after its current read
     assert capture.released.wait(DEADLOCK_GUARD_S)
 

@@ -31,13 +31,19 @@ from edgecap.manifest import load_manifest  # noqa: E402
 from edgecap.trt import check_version, import_tensorrt, parse_version  # noqa: E402
 from edgecap.trt.cuda import CudaDevice, CudaPythonDevice  # noqa: E402
 from edgecap.contract import Limits  # noqa: E402
-from edgecap.trt.engines import (EngineCache, Target, build_all,  # noqa: E402
-                                  engine_filename, profile_shapes)
+from edgecap.trt.engines import (  # noqa: E402
+    EngineCache,
+    Target,
+    build_all,
+    engine_filename,
+    profile_shapes,
+)
 
 MAGIC = b"FAKE-TRT-ENGINE\n"
 
 
 # -- fakes --------------------------------------------------------------------------------------
+
 
 class FakeDevice(CudaDevice):
     """Device memory as numpy byte arrays keyed by fake addresses; counts every call."""
@@ -82,7 +88,7 @@ class FakeDevice(CudaDevice):
         assert src.flags.c_contiguous
         raw = src.view(np.uint8).ravel()
         assert raw.size <= self.memory[dst].size, "copy past the end of a device buffer"
-        self.memory[dst][:raw.size] = raw
+        self.memory[dst][: raw.size] = raw
         self.calls["htod"] += 1
 
     def copy_to_host(self, dst, src, stream):
@@ -105,7 +111,7 @@ class FakeDevice(CudaDevice):
     def write(self, ptr, array):
         raw = np.ascontiguousarray(array).view(np.uint8).ravel()
         assert raw.size <= self.memory[ptr].size, "engine wrote past a buffer"
-        self.memory[ptr][:raw.size] = raw
+        self.memory[ptr][: raw.size] = raw
 
 
 _ONNX_TO_NP = {1: np.float32, 6: np.int32, 7: np.int64, 10: np.float16}
@@ -137,8 +143,9 @@ def make_fake_trt(version: str, device: FakeDevice):
     trt.BuilderFlag = types.SimpleNamespace(**builder_flags)
     trt.MemoryPoolType = types.SimpleNamespace(WORKSPACE="workspace")
     trt.TensorIOMode = types.SimpleNamespace(INPUT="input", OUTPUT="output")
-    trt.LayerType = types.SimpleNamespace(SOFTMAX="softmax", TOPK="topk", UNARY="unary",
-                                          SHUFFLE="shuffle", OTHER="other")
+    trt.LayerType = types.SimpleNamespace(
+        SOFTMAX="softmax", TOPK="topk", UNARY="unary", SHUFFLE="shuffle", OTHER="other"
+    )
     trt.float32, trt.float16, trt.int32, trt.int64 = 1, 10, 6, 7
     trt.nptype = lambda dt: _ONNX_TO_NP[dt]
 
@@ -166,8 +173,9 @@ def make_fake_trt(version: str, device: FakeDevice):
 
         def set_output_type(self, i, dtype):
             # retyping TopK's INT32 indices (or any integer tensor) to a float is a bug
-            assert self.outputs[i].dtype in (trt.float32, trt.float16), \
+            assert self.outputs[i].dtype in (trt.float32, trt.float16), (
                 f"set_output_type({i}, {dtype}) on an {self.outputs[i].dtype} output"
+            )
             self.output_types[i] = dtype
 
     class Network:
@@ -197,17 +205,19 @@ def make_fake_trt(version: str, device: FakeDevice):
         """The layers TensorRT's ONNX parser makes of one node (LogSoftmax: Softmax + Log)."""
         if node.op_type == "LogSoftmax":
             mid = node.output[0] + "/softmax"
-            return [Layer("softmax", node.input[:1], [(mid, trt.float32)]),
-                    Layer("unary", [mid], [(node.output[0], trt.float32)])]
+            return [
+                Layer("softmax", node.input[:1], [(mid, trt.float32)]),
+                Layer("unary", [mid], [(node.output[0], trt.float32)]),
+            ]
         if node.op_type == "TopK":
-            return [Layer("topk", node.input[:1], [(node.output[0], trt.float32),
-                                                   (node.output[1], trt.int32)])]
+            return [
+                Layer("topk", node.input[:1], [(node.output[0], trt.float32), (node.output[1], trt.int32)])
+            ]
         if node.op_type == "Cast":
             to = next(a.i for a in node.attribute if a.name == "to")
             dtype = {6: trt.int32, 7: trt.int32, 10: trt.float16}.get(to, trt.float32)
             return [Layer("other", node.input, [(node.output[0], dtype)])]
-        kind = {"Softmax": "softmax"}.get(node.op_type,
-                                          "shuffle" if node.op_type in shuffles else "other")
+        kind = {"Softmax": "softmax"}.get(node.op_type, "shuffle" if node.op_type in shuffles else "other")
         return [Layer(kind, node.input, [(o, trt.float32) for o in node.output])]
 
     class OnnxParser:
@@ -222,8 +232,9 @@ def make_fake_trt(version: str, device: FakeDevice):
                 return False
             self.network.onnx = data
             for vi in model.graph.input:
-                dims = tuple(d.dim_value if d.HasField("dim_value") else -1
-                             for d in vi.type.tensor_type.shape.dim)
+                dims = tuple(
+                    d.dim_value if d.HasField("dim_value") else -1 for d in vi.type.tensor_type.shape.dim
+                )
                 self.network.inputs.append(types.SimpleNamespace(name=vi.name, shape=dims))
             self.network.layers = []
             for n in model.graph.node:
@@ -293,13 +304,17 @@ def make_fake_trt(version: str, device: FakeDevice):
             assert len(config.profiles) == 1
             model = onnx.load_from_string(network.onnx)
             record = {
-                "version": version, "network_flags": network.flags,
+                "version": version,
+                "network_flags": network.flags,
                 "builder_flags": sorted(config.flags),
                 "profile": {k: [list(s) for s in v] for k, v in config.profiles[0].shapes.items()},
                 "fp16_weights": any(t.data_type == 10 for t in model.graph.initializer),
                 "pinned": [layer.type for layer in network.layers if layer.precision == 1],
-                "retyped": [[layer.type, j, t] for layer in network.layers
-                            for j, t in sorted(layer.output_types.items())],
+                "retyped": [
+                    [layer.type, j, t]
+                    for layer in network.layers
+                    for j, t in sorted(layer.output_types.items())
+                ],
                 "timing_cache_in": config.cache.data.decode() if config.cache else None,
                 "onnx": base64.b64encode(network.onnx).decode(),
             }
@@ -310,13 +325,14 @@ def make_fake_trt(version: str, device: FakeDevice):
         def __init__(self, record):
             self.record = record
             model = onnx.load_from_string(base64.b64decode(record["onnx"]))
-            self.session = ort.InferenceSession(model.SerializeToString(),
-                                                providers=["CPUExecutionProvider"])
+            self.session = ort.InferenceSession(model.SerializeToString(), providers=["CPUExecutionProvider"])
             self.io = {}
-            for vi, mode in [(x, "input") for x in model.graph.input] + \
-                            [(x, "output") for x in model.graph.output]:
-                dims = tuple(d.dim_value if d.HasField("dim_value") else -1
-                             for d in vi.type.tensor_type.shape.dim)
+            for vi, mode in [(x, "input") for x in model.graph.input] + [
+                (x, "output") for x in model.graph.output
+            ]:
+                dims = tuple(
+                    d.dim_value if d.HasField("dim_value") else -1 for d in vi.type.tensor_type.shape.dim
+                )
                 self.io[vi.name] = (mode, vi.type.tensor_type.elem_type, dims)
             self.names = list(self.io)
 
@@ -358,8 +374,7 @@ def make_fake_trt(version: str, device: FakeDevice):
             feeds = {}
             for name, (mode, dtype, _) in self.engine.io.items():
                 if mode == "input":
-                    feeds[name] = device.read(self.addresses[name], self.shapes[name],
-                                              _ONNX_TO_NP[dtype])
+                    feeds[name] = device.read(self.addresses[name], self.shapes[name], _ONNX_TO_NP[dtype])
             outputs = [n for n, (m, _, _) in self.engine.io.items() if m == "output"]
             for name, value in zip(outputs, self.engine.session.run(outputs, feeds)):
                 device.write(self.addresses[name], value)
@@ -373,7 +388,7 @@ def make_fake_trt(version: str, device: FakeDevice):
         def deserialize_cuda_engine(self, data):
             if not data.startswith(MAGIC):
                 return None
-            record = json.loads(data[len(MAGIC):])
+            record = json.loads(data[len(MAGIC) :])
             if record["version"] != version:
                 return None
             trt.stats["deserialized"] += 1
@@ -384,6 +399,7 @@ def make_fake_trt(version: str, device: FakeDevice):
 
 
 # -- fixtures -----------------------------------------------------------------------------------
+
 
 @pytest.fixture(scope="module")
 def model_dir(any_model_dir) -> Path:
@@ -404,16 +420,25 @@ def install(monkeypatch, version, device):
 def reference_run(manifest, images, image_index, steps):
     """Plain onnxruntime: the numbers the TensorRT backend must reproduce."""
     enc = ort.InferenceSession(str(manifest.path("encoder")), providers=["CPUExecutionProvider"])
-    step = ort.InferenceSession(str(manifest.path("decoder_step")),
-                                providers=["CPUExecutionProvider"])
+    step = ort.InferenceSession(str(manifest.path("decoder_step")), providers=["CPUExecutionProvider"])
     features, att_proj, h, c, _ = enc.run(None, {"image": images})
     results = []
     for tokens, source_rows, bias in steps:
         if bias is None:
             bias = np.zeros((len(tokens), manifest.dims.vocab_size), np.float32)
-        lp, ids, h, c, alpha = step.run(None, {
-            "tokens": tokens, "h": h, "c": c, "source_rows": source_rows, "features": features,
-            "att_proj": att_proj, "image_index": image_index, "word_bias": bias})
+        lp, ids, h, c, alpha = step.run(
+            None,
+            {
+                "tokens": tokens,
+                "h": h,
+                "c": c,
+                "source_rows": source_rows,
+                "features": features,
+                "att_proj": att_proj,
+                "image_index": image_index,
+                "word_bias": bias,
+            },
+        )
         results.append((lp, ids, alpha))
     return results
 
@@ -444,10 +469,10 @@ def some_steps(manifest, rows, n_steps=4, seed=0):
 
 # -- version handling ---------------------------------------------------------------------------
 
+
 def test_fake_tensorrt_missing_names_the_extra(monkeypatch):
     monkeypatch.setitem(sys.modules, "tensorrt", None)
-    with pytest.raises(BackendError,
-                       match=r"pip install 'edgecap\[tensorrt\]'.*python3-libnvinfer"):
+    with pytest.raises(BackendError, match=r"pip install 'edgecap\[tensorrt\]'.*python3-libnvinfer"):
         import_tensorrt()
 
 
@@ -468,23 +493,27 @@ def test_fake_tensorrt_too_old(version):
         check_version(version)
 
 
-@pytest.mark.parametrize("version,explicit_batch,strongly_typed,fp16_flag,fp16_onnx", [
-    ("8.5.2.2", True, False, True, False),    # JetPack 5.1
-    ("8.6.2.3", True, False, True, False),    # JetPack 6.0
-    ("10.3.0.30", False, False, True, False),  # JetPack 6.1 / 6.2
-    ("10.12.0.36", False, True, False, True),  # FP16 flag deprecated: strongly typed FP16 ONNX
-    ("11.0.0.1", False, True, False, True),    # no FP16 flag, no explicit-batch flag
-])
-def test_fake_build_version_branches(monkeypatch, tmp_path, model_dir, device, version,
-                                     explicit_batch, strongly_typed, fp16_flag, fp16_onnx):
+@pytest.mark.parametrize(
+    "version,explicit_batch,strongly_typed,fp16_flag,fp16_onnx",
+    [
+        ("8.5.2.2", True, False, True, False),  # JetPack 5.1
+        ("8.6.2.3", True, False, True, False),  # JetPack 6.0
+        ("10.3.0.30", False, False, True, False),  # JetPack 6.1 / 6.2
+        ("10.12.0.36", False, True, False, True),  # FP16 flag deprecated: strongly typed FP16 ONNX
+        ("11.0.0.1", False, True, False, True),  # no FP16 flag, no explicit-batch flag
+    ],
+)
+def test_fake_build_version_branches(
+    monkeypatch, tmp_path, model_dir, device, version, explicit_batch, strongly_typed, fp16_flag, fp16_onnx
+):
     trt = install(monkeypatch, version, device)
     manifest = load_manifest(model_dir)
     paths = build_all(manifest, "fp16", Limits(4, 3), tmp_path, device=device, log=io.StringIO())
     assert [p.exists() for p in paths] == [True, True]
     for record in trt.stats["builds"]:
         flags = record["network_flags"]
-        assert bool(flags & 1) == explicit_batch          # EXPLICIT_BATCH = bit 0
-        assert bool(flags & (1 << 5)) == strongly_typed    # STRONGLY_TYPED = bit 5
+        assert bool(flags & 1) == explicit_batch  # EXPLICIT_BATCH = bit 0
+        assert bool(flags & (1 << 5)) == strongly_typed  # STRONGLY_TYPED = bit 5
         assert (0 in record["builder_flags"]) == fp16_flag  # BuilderFlag.FP16 = 0
         assert record["fp16_weights"] == fp16_onnx
     step = trt.stats["builds"][1]
@@ -499,29 +528,39 @@ def test_fake_build_version_branches(monkeypatch, tmp_path, model_dir, device, v
     assert not device.memory  # building allocates nothing on the device
 
 
-def test_fake_build_fp32_on_11_is_strongly_typed_without_fp16(monkeypatch, tmp_path, model_dir,
-                                                               device):
+def test_fake_build_fp32_on_11_is_strongly_typed_without_fp16(monkeypatch, tmp_path, model_dir, device):
     trt = install(monkeypatch, "11.0.0.1", device)
-    build_all(load_manifest(model_dir), "fp32", Limits(2, 2), tmp_path, device=device,
-              log=io.StringIO())
+    build_all(load_manifest(model_dir), "fp32", Limits(2, 2), tmp_path, device=device, log=io.StringIO())
     assert all(not r["fp16_weights"] and r["builder_flags"] == [] for r in trt.stats["builds"])
 
 
 # -- profile shapes and cache keys --------------------------------------------------------------
 
+
 def test_fake_profile_shapes_cover_rows_images_and_state():
     limits = Limits(max_batch=8, max_beam=5)
-    step = profile_shapes("decoder_step", {
-        "tokens": (-1,), "h": (-1, 512), "c": (-1, 512), "source_rows": (-1,),
-        "features": (-1, 49, 512), "att_proj": (-1, 49, 256), "image_index": (-1,),
-        "word_bias": (-1, 2538)}, limits)
+    step = profile_shapes(
+        "decoder_step",
+        {
+            "tokens": (-1,),
+            "h": (-1, 512),
+            "c": (-1, 512),
+            "source_rows": (-1,),
+            "features": (-1, 49, 512),
+            "att_proj": (-1, 49, 256),
+            "image_index": (-1,),
+            "word_bias": (-1, 2538),
+        },
+        limits,
+    )
     assert step["tokens"] == ((1,), (5,), (40,))
     assert step["word_bias"] == ((1, 2538), (5, 2538), (40, 2538))
-    assert step["h"] == ((1, 512), (5, 512), (40, 512))   # S: N on the first step, R after
+    assert step["h"] == ((1, 512), (5, 512), (40, 512))  # S: N on the first step, R after
     assert step["features"] == ((1, 49, 512), (1, 49, 512), (8, 49, 512))
     enc = profile_shapes("encoder", {"image": (-1, 3, 224, 224)}, limits)
     assert enc["image"] == ((1, 3, 224, 224), (1, 3, 224, 224), (8, 3, 224, 224))
     from edgecap.errors import ModelError
+
     with pytest.raises(ModelError, match="only the first"):
         profile_shapes("encoder", {"image": (-1, 3, -1, -1)}, limits)
     with pytest.raises(ModelError, match="contract"):
@@ -533,52 +572,52 @@ def test_fake_profile_shapes_cover_rows_images_and_state():
 def test_fake_engine_filename_encodes_everything():
     target = Target("NVIDIA GeForce RTX 4090", (8, 9), "10.3.0.26")
     name = engine_filename("decoder_step", "ab" * 32, target, "fp16", Limits(8, 5))
-    assert name == ("decoder_step-abababababababab-nvidia-geforce-rtx-4090-sm89-trt10.3.0.26"
-                    "-fp16-b8k5.engine")
-    names = {engine_filename(r, h, t, p, lim)
-             for r in ("encoder", "decoder_step") for h in ("a" * 64, "b" * 64)
-             for t in (target, Target("Orin", (8, 7), "10.3.0.26"),
-                       Target("Orin", (8, 7), "8.6.2"))
-             for p in ("fp16", "fp32") for lim in (Limits(8, 5), Limits(8, 3), Limits(4, 5))}
+    assert name == (
+        "decoder_step-abababababababab-nvidia-geforce-rtx-4090-sm89-trt10.3.0.26-fp16-b8k5.engine"
+    )
+    names = {
+        engine_filename(r, h, t, p, lim)
+        for r in ("encoder", "decoder_step")
+        for h in ("a" * 64, "b" * 64)
+        for t in (target, Target("Orin", (8, 7), "10.3.0.26"), Target("Orin", (8, 7), "8.6.2"))
+        for p in ("fp16", "fp32")
+        for lim in (Limits(8, 5), Limits(8, 3), Limits(4, 5))
+    }
     # encoder names ignore max_beam (the encoder engine does not depend on it)
     assert len(names) == 2 * 3 * 2 * (3 + 2)
 
 
-def test_fake_engine_cache_reuse_rebuild_and_timing_cache(monkeypatch, tmp_path, model_dir,
-                                                           device):
+def test_fake_engine_cache_reuse_rebuild_and_timing_cache(monkeypatch, tmp_path, model_dir, device):
     trt = install(monkeypatch, "10.3.0.30", device)
     manifest = load_manifest(model_dir)
     log = io.StringIO()
-    cache = EngineCache(trt, Target(device.name, device.compute_capability, trt.__version__),
-                        tmp_path, log)
+    cache = EngineCache(trt, Target(device.name, device.compute_capability, trt.__version__), tmp_path, log)
     limits = Limits(2, 3)
     cache.load(manifest, "encoder", "fp16", limits)
     assert len(trt.stats["builds"]) == 1 and "no cached TensorRT engine" in log.getvalue()
     timing = list(tmp_path.glob("timing-orin-sm87-trt10.3.0.30.cache"))
     assert timing and timing[0].read_bytes() == b"t"
 
-    cache.load(manifest, "encoder", "fp16", limits)            # from the cache: no build
+    cache.load(manifest, "encoder", "fp16", limits)  # from the cache: no build
     assert len(trt.stats["builds"]) == 1
 
-    cache.load(manifest, "decoder_step", "fp16", limits)       # the timing cache is reused
+    cache.load(manifest, "decoder_step", "fp16", limits)  # the timing cache is reused
     assert trt.stats["builds"][-1]["timing_cache_in"] == "t"
 
     engine_path = cache.path(manifest, "encoder", "fp16", limits)
-    engine_path.write_bytes(b"truncated")                      # fails to deserialize: rebuilt
+    engine_path.write_bytes(b"truncated")  # fails to deserialize: rebuilt
     cache.load(manifest, "encoder", "fp16", limits)
     assert len(trt.stats["builds"]) == 3 and "rebuilding" in log.getvalue()
     assert engine_path.read_bytes().startswith(MAGIC)
 
     # an engine from another TensorRT version does not load there: rebuilt under a new name
     trt11 = install(monkeypatch, "11.0.0.1", device)
-    other = EngineCache(trt11, Target(device.name, device.compute_capability, "11.0.0.1"),
-                        tmp_path, log)
+    other = EngineCache(trt11, Target(device.name, device.compute_capability, "11.0.0.1"), tmp_path, log)
     assert other.path(manifest, "encoder", "fp16", limits) != engine_path
 
 
 def _cache(trt, device, tmp_path, log):
-    return EngineCache(trt, Target(device.name, device.compute_capability, trt.__version__),
-                       tmp_path, log)
+    return EngineCache(trt, Target(device.name, device.compute_capability, trt.__version__), tmp_path, log)
 
 
 def test_fake_engine_cache_reuses_any_covering_engine(monkeypatch, tmp_path, model_dir, device):
@@ -587,7 +626,7 @@ def test_fake_engine_cache_reuses_any_covering_engine(monkeypatch, tmp_path, mod
     log = io.StringIO()
     cache = _cache(trt, device, tmp_path, log)
     for role in ("encoder", "decoder_step"):
-        cache.build(manifest, role, "fp16", Limits(8, 5))      # what `edgecap build` makes
+        cache.build(manifest, role, "fp16", Limits(8, 5))  # what `edgecap build` makes
     assert len(trt.stats["builds"]) == 2
     log.seek(0)
     log.truncate()
@@ -612,8 +651,7 @@ def test_fake_engine_cache_reuses_any_covering_engine(monkeypatch, tmp_path, mod
     cache.load(manifest, "encoder", "fp32", Limits(2, 2))
     assert len(trt.stats["builds"]) == 5
     # the narrowest covering engine wins: b8k5 (40 rows) over b8k6 and b16k5
-    assert profile_max(cache.load(manifest, "decoder_step", "fp16", Limits(2, 2)),
-                       "tokens") == 40
+    assert profile_max(cache.load(manifest, "decoder_step", "fp16", Limits(2, 2)), "tokens") == 40
     # a covering engine that does not load is skipped; an exact one is built
     builds = len(trt.stats["builds"])
     for path in cache.covering(manifest, "decoder_step", "fp16", Limits(7, 5)):
@@ -622,12 +660,14 @@ def test_fake_engine_cache_reuses_any_covering_engine(monkeypatch, tmp_path, mod
     assert len(trt.stats["builds"]) == builds + 1 and "skipping it" in log.getvalue()
     assert profile_max(step, "tokens") == 35
     # other models' engines and unrelated files are never candidates
-    (tmp_path / "decoder_step-0000000000000000-orin-sm87-trt10.3.0.30-fp16-b9k9.engine"
-     ).write_bytes(b"x")
-    (tmp_path / (cache.path(manifest, "decoder_step", "fp16", Limits(9, 9)).name
-                 .replace("b9k9", "bXkY"))).write_bytes(b"x")
-    assert all("b9k9" not in p.name and "bXkY" not in p.name
-               for p in cache.covering(manifest, "decoder_step", "fp16", Limits(1, 1)))
+    (tmp_path / "decoder_step-0000000000000000-orin-sm87-trt10.3.0.30-fp16-b9k9.engine").write_bytes(b"x")
+    (
+        tmp_path / (cache.path(manifest, "decoder_step", "fp16", Limits(9, 9)).name.replace("b9k9", "bXkY"))
+    ).write_bytes(b"x")
+    assert all(
+        "b9k9" not in p.name and "bXkY" not in p.name
+        for p in cache.covering(manifest, "decoder_step", "fp16", Limits(1, 1))
+    )
 
 
 def test_fake_backend_runs_on_a_larger_cached_engine(monkeypatch, tmp_path, model_dir, device):
@@ -639,8 +679,7 @@ def test_fake_backend_runs_on_a_larger_cached_engine(monkeypatch, tmp_path, mode
     images = np.random.default_rng(2).uniform(-1, 1, (2, 3, h, w)).astype(np.float32)
     image_index, steps = some_steps(manifest, rows=6)
     err = io.StringIO()
-    with TensorRTBackend(manifest, "fp32", Limits(2, 3), tmp_path, cuda_device=device,
-                         log=err) as backend:
+    with TensorRTBackend(manifest, "fp32", Limits(2, 3), tmp_path, cuda_device=device, log=err) as backend:
         assert len(trt.stats["builds"]) == builds and err.getvalue() == ""
         session = backend.start(backend.encode(images), image_index, return_attention=True)
         got = [session.step(t, r, b) for t, r, b in steps]
@@ -685,39 +724,41 @@ def test_fake_build_command_uses_the_api_default_model(monkeypatch, tmp_path, mo
 
 # -- the backend: buffers, ping-pong state, the step loop ---------------------------------------
 
+
 @pytest.mark.parametrize("version,precision", [("8.6.2.3", "fp32"), ("10.12.0.36", "fp16")])
-def test_fake_backend_matches_onnxruntime(monkeypatch, tmp_path, model_dir, device, version,
-                                          precision):
+def test_fake_backend_matches_onnxruntime(monkeypatch, tmp_path, model_dir, device, version, precision):
     trt = install(monkeypatch, version, device)
     manifest = load_manifest(model_dir)
     h, w = manifest.preprocessing.size
     images = np.random.default_rng(1).uniform(-1, 1, (2, 3, h, w)).astype(np.float32)
     image_index, steps = some_steps(manifest, rows=6)
     err = io.StringIO()
-    backend = TensorRTBackend(manifest, precision=precision, limits=Limits(2, 3),
-                              cache_dir=tmp_path, cuda_device=device, log=err)
+    backend = TensorRTBackend(
+        manifest, precision=precision, limits=Limits(2, 3), cache_dir=tmp_path, cuda_device=device, log=err
+    )
     assert "building the TensorRT" in err.getvalue()
     assert backend.top_k == manifest.dims.top_k
     allocated = set(device.memory)
 
     encoded = backend.encode(images)
     # fp16: the whole FP16 encoder's features feed the (FP32) classifier
-    np.testing.assert_allclose(encoded.class_probs, class_probs(manifest, images),
-                               atol=1e-6 if precision == "fp32" else 0.02)
+    np.testing.assert_allclose(
+        encoded.class_probs, class_probs(manifest, images), atol=1e-6 if precision == "fp32" else 0.02
+    )
     session = backend.start(encoded, image_index, return_attention=True)
     got = []
     uploads = []
     for tokens, source_rows, bias in steps:
         before = dict(device.calls)
         got.append(session.step(tokens, source_rows, bias))
-        assert device.calls["sync"] - before["sync"] == 1   # one sync per step
-        assert device.calls["dtoh"] - before["dtoh"] == 3   # logprobs, ids, alpha only
+        assert device.calls["sync"] - before["sync"] == 1  # one sync per step
+        assert device.calls["dtoh"] - before["dtoh"] == 3  # logprobs, ids, alpha only
         uploads.append(device.calls["htod"] - before["htod"])
     # tokens and source_rows; the word bias when given, and zeros once after it (and before
     # the first step: fresh buffers are not known to hold zeros)
     assert uploads == [3, 2, 3, 3]
     assert (got[2].topk_ids[:, 0] == manifest.dims.vocab_size - 1).all()  # the bias steered
-    assert set(device.memory) == allocated                 # nothing allocated per step
+    assert set(device.memory) == allocated  # nothing allocated per step
 
     if precision == "fp32":  # the fake engine ran the same ONNX: identical numbers
         for (lp, ids, alpha), r in zip(reference_run(manifest, images, image_index, steps), got):
@@ -749,14 +790,14 @@ def test_fake_backend_matches_onnxruntime(monkeypatch, tmp_path, model_dir, devi
         backend.encode(images)
 
 
-def test_fake_backend_skips_attention_copy_and_reuses_engines(monkeypatch, tmp_path, model_dir,
-                                                              device):
+def test_fake_backend_skips_attention_copy_and_reuses_engines(monkeypatch, tmp_path, model_dir, device):
     trt = install(monkeypatch, "10.3.0.30", device)
     manifest = load_manifest(model_dir)
     h, w = manifest.preprocessing.size
     images = np.zeros((1, 3, h, w), np.float32)
-    with TensorRTBackend(manifest, "fp16", Limits(1, 3), tmp_path, cuda_device=device,
-                         log=io.StringIO()) as backend:
+    with TensorRTBackend(
+        manifest, "fp16", Limits(1, 3), tmp_path, cuda_device=device, log=io.StringIO()
+    ) as backend:
         session = backend.start(backend.encode(images), np.zeros(3, np.int32))
         before = device.calls["dtoh"]
         result = session.step(np.ones(3, np.int32), np.zeros(3, np.int32))
@@ -775,8 +816,9 @@ def test_fake_backend_rejects_stale_and_oversized_use(monkeypatch, tmp_path, mod
     manifest = load_manifest(model_dir)
     h, w = manifest.preprocessing.size
     images = np.zeros((2, 3, h, w), np.float32)
-    with TensorRTBackend(manifest, "fp16", Limits(2, 2), tmp_path, cuda_device=device,
-                         log=io.StringIO()) as backend:
+    with TensorRTBackend(
+        manifest, "fp16", Limits(2, 2), tmp_path, cuda_device=device, log=io.StringIO()
+    ) as backend:
         with pytest.raises(BackendError, match="1 to 2"):
             backend.encode(np.zeros((3, 3, h, w), np.float32))
         with pytest.raises(BackendError, match="images must be"):
@@ -803,6 +845,7 @@ def test_fake_backend_rejects_stale_and_oversized_use(monkeypatch, tmp_path, mod
 
 # -- cuda-python device: every call checked -----------------------------------------------------
 
+
 def make_fake_cudart(fail: str | None = None):
     rt = types.SimpleNamespace()
     rt.cudaError_t = types.SimpleNamespace(cudaSuccess=0)
@@ -814,6 +857,7 @@ def make_fake_cudart(fail: str | None = None):
         def fn(*args):
             rt.calls.append((name, args))
             return (2, *values) if name == fail else (0, *values)
+
         return fn
 
     def malloc_host(n):
@@ -823,8 +867,9 @@ def make_fake_cudart(fail: str | None = None):
         return (0, ctypes.addressof(buf))
 
     rt.cudaSetDevice = call("cudaSetDevice")
-    rt.cudaGetDeviceProperties = call("cudaGetDeviceProperties", types.SimpleNamespace(
-        name=b"Orin\0\0\0", major=8, minor=7))
+    rt.cudaGetDeviceProperties = call(
+        "cudaGetDeviceProperties", types.SimpleNamespace(name=b"Orin\0\0\0", major=8, minor=7)
+    )
     rt.cudaMalloc = call("cudaMalloc", 0xABC000)
     rt.cudaFree = call("cudaFree")
     rt.cudaMallocHost = malloc_host
@@ -862,6 +907,7 @@ def test_fake_cuda_python_device_calls_and_checks():
 
 # -- the engine cache across TensorRT versions and GPUs -------------------------------------
 
+
 def test_engine_from_another_tensorrt_or_gpu_is_rebuilt(monkeypatch, tmp_path, tiny_model_dir):
     """FAKE TensorRT (tests/test_tensorrt_fake.py): an engine file that another TensorRT
     version / GPU wrote under this cache name does not deserialize, so it is rebuilt, once."""
@@ -878,8 +924,9 @@ def test_engine_from_another_tensorrt_or_gpu_is_rebuilt(monkeypatch, tmp_path, t
     old_engine = old.build(manifest, "encoder", "fp32", limits)
 
     trt = install(monkeypatch, "10.3.0.30", device)
-    cache = EngineCache(trt, Target(device.name, device.compute_capability, trt.__version__),
-                        tmp_path / "new", log)
+    cache = EngineCache(
+        trt, Target(device.name, device.compute_capability, trt.__version__), tmp_path / "new", log
+    )
     path = cache.path(manifest, "encoder", "fp32", limits)
     path.parent.mkdir()
     shutil.copy(old_engine, path)  # e.g. a cache folder copied from another device
@@ -901,8 +948,12 @@ def test_unwritable_engine_cache_fails_before_building(monkeypatch, tmp_path, ti
     device = FakeDevice()
     trt = install(monkeypatch, "10.3.0.30", device)
     (tmp_path / "a-file").write_text("")
-    cache = EngineCache(trt, Target(device.name, device.compute_capability, trt.__version__),
-                        tmp_path / "a-file" / "engines", io.StringIO())
+    cache = EngineCache(
+        trt,
+        Target(device.name, device.compute_capability, trt.__version__),
+        tmp_path / "a-file" / "engines",
+        io.StringIO(),
+    )
     with pytest.raises(BackendError, match="cannot save TensorRT engines.*EDGECAP_CACHE"):
         cache.load(load_manifest(tiny_model_dir), "encoder", "fp32", Limits(2, 3))
     assert trt.stats["builds"] == []

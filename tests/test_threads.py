@@ -17,8 +17,10 @@ CHELSEA = str(Path(edgecap.__file__).parent / "assets" / "examples" / "chelsea.p
 
 def _ort_threads(captioner) -> list[int]:
     """intra_op_num_threads as the live sessions have it (encoder, decoder step)."""
-    return [s.get_session_options().intra_op_num_threads
-            for s in (captioner.backend.encoder, captioner.backend.decoder)]
+    return [
+        s.get_session_options().intra_op_num_threads
+        for s in (captioner.backend.encoder, captioner.backend.decoder)
+    ]
 
 
 @pytest.fixture
@@ -80,16 +82,29 @@ def test_torch_pool_gets_the_threads(torch_threads, threads):
 
 def test_caption_threads_option_reaches_the_sessions(built, capsys):
     pytest.importorskip("onnxruntime")
-    assert main(["caption", CHELSEA, "--backend", "onnxruntime", "--threads", "1",
-                 "--max-length", "4", "--no-progress"]) == 0
+    assert (
+        main(
+            [
+                "caption",
+                CHELSEA,
+                "--backend",
+                "onnxruntime",
+                "--threads",
+                "1",
+                "--max-length",
+                "4",
+                "--no-progress",
+            ]
+        )
+        == 0
+    )
     assert _ort_threads(built[-1]) == [1, 1]
     assert capsys.readouterr().out.startswith(CHELSEA + "\t")
 
 
 def test_caption_threads_option_reaches_torch(built, torch_threads, capsys):
     torch_threads.set_num_threads(3)
-    assert main(["caption", CHELSEA, "--backend", "torch", "--threads", "1",
-                 "--max-length", "4"]) == 0
+    assert main(["caption", CHELSEA, "--backend", "torch", "--threads", "1", "--max-length", "4"]) == 0
     assert torch_threads.get_num_threads() == 1
     assert built[-1].backend.name == "torch"
 
@@ -97,8 +112,7 @@ def test_caption_threads_option_reaches_torch(built, torch_threads, capsys):
 def test_eval_takes_threads_too():
     from edgecap.cli import build_parser
 
-    args = build_parser().parse_args(["eval", "--images", "x", "--references", "r.json",
-                                      "--threads", "2"])
+    args = build_parser().parse_args(["eval", "--images", "x", "--references", "r.json", "--threads", "2"])
     from edgecap.commands._options import threads_value
 
     assert threads_value(args.threads) == 2

@@ -18,8 +18,12 @@ pytest.importorskip("onnx")
 
 from edgecap import Captioner  # noqa: E402
 from edgecap.backends.torch import TorchBackend, TorchDecoderSession  # noqa: E402
-from edgecap.backends.torch_graphs import (EagerGraph, GraphedSession, keep_fp32,  # noqa: E402
-                                           CudaGraph)
+from edgecap.backends.torch_graphs import (  # noqa: E402
+    EagerGraph,
+    GraphedSession,
+    keep_fp32,
+    CudaGraph,
+)
 from edgecap.errors import BackendError  # noqa: E402
 from edgecap.manifest import load_manifest  # noqa: E402
 
@@ -27,16 +31,17 @@ from edgecap.manifest import load_manifest  # noqa: E402
 @pytest.fixture(scope="module")
 def backends(tiny_model_dir):
     manifest = load_manifest(tiny_model_dir)
-    return (TorchBackend(manifest, device="cpu"),
-            TorchBackend(manifest, device="cpu", graph_factory=EagerGraph))
+    return (
+        TorchBackend(manifest, device="cpu"),
+        TorchBackend(manifest, device="cpu", graph_factory=EagerGraph),
+    )
 
 
 def _images(n: int, seed: int = 0) -> np.ndarray:
     return np.random.default_rng(seed).normal(size=(n, 3, 224, 224)).astype(np.float32)
 
 
-def _steps(eager, graphed, n_images: int, beam: int, steps: int, seed: int,
-           attention: bool = True) -> None:
+def _steps(eager, graphed, n_images: int, beam: int, steps: int, seed: int, attention: bool = True) -> None:
     """Drive an eager and a graphed session with the same random tokens, beam reorderings and
     word biases (some steps none), and compare every output."""
     rng = np.random.default_rng(seed)
@@ -78,9 +83,9 @@ def test_shape_changes_reuse_and_recapture(backends):
     eager, graphed = backends
     before = graphed.step_graphs.captured
     _steps(eager, graphed, n_images=3, beam=2, steps=4, seed=2, attention=False)
-    _steps(eager, graphed, n_images=1, beam=2, steps=5, seed=3)   # a smaller last batch
-    _steps(eager, graphed, n_images=3, beam=2, steps=3, seed=4)   # back to the first shape
-    _steps(eager, graphed, n_images=1, beam=1, steps=3, seed=5)   # R = S = N
+    _steps(eager, graphed, n_images=1, beam=2, steps=5, seed=3)  # a smaller last batch
+    _steps(eager, graphed, n_images=3, beam=2, steps=3, seed=4)  # back to the first shape
+    _steps(eager, graphed, n_images=1, beam=1, steps=3, seed=5)  # R = S = N
     assert graphed.step_graphs.captured == before + 3
     buffers = graphed.step_graphs.keys[next(k for k in graphed.step_graphs.keys if k[:2] == (3, 6))]
     # each replay of a graph of this shape is one step; the first step uses its own graph
@@ -113,12 +118,13 @@ def test_a_later_search_of_the_same_shape_takes_the_buffers(backends):
 def test_captioner_graphs_match_eager_across_batches(tiny_model_dir, photos):
     options = dict(beam_size=3, batch_size=3, max_length=8)
     eager = Captioner(tiny_model_dir, backend="torch", device="cpu", **options)
-    graphed = Captioner(tiny_model_dir, backend="torch", device="cpu", graph_factory=EagerGraph,
-                        **options)
+    graphed = Captioner(tiny_model_dir, backend="torch", device="cpu", graph_factory=EagerGraph, **options)
     # 5 images in batches of 3: shapes (3, 9) then (2, 6), then a beam of 1
     inputs = photos + photos[:1]
-    for a, b in zip(eager.caption_batch(inputs, return_attention=True),
-                    graphed.caption_batch(inputs, return_attention=True)):
+    for a, b in zip(
+        eager.caption_batch(inputs, return_attention=True),
+        graphed.caption_batch(inputs, return_attention=True),
+    ):
         assert a.tokens == b.tokens and a.score == b.score and a.objects == b.objects
         np.testing.assert_array_equal(a.attention, b.attention)
     assert "graphs: EagerGraph" in graphed.backend.describe()
@@ -137,6 +143,7 @@ def test_keep_fp32_island():
 
 
 # -- on a real GPU (``pytest -m gpu``; deselected by default) -------------------------------------
+
 
 def _cuda():
     if not torch.cuda.is_available():
@@ -171,10 +178,10 @@ def test_cuda_graph_captions_on_the_gpu(tiny_model_dir, photos, fp16):
     _cuda()
     options = dict(beam_size=3, batch_size=3, max_length=8)
     cpu = Captioner(tiny_model_dir, backend="torch", device="cpu", **options)
-    graphed = Captioner(tiny_model_dir, backend="torch", device="cuda", cuda_graphs=True,
-                        fp16=fp16, **options)
-    for a, b in zip(cpu.caption_batch(photos + photos[:1]),
-                    graphed.caption_batch(photos + photos[:1])):
+    graphed = Captioner(
+        tiny_model_dir, backend="torch", device="cuda", cuda_graphs=True, fp16=fp16, **options
+    )
+    for a, b in zip(cpu.caption_batch(photos + photos[:1]), graphed.caption_batch(photos + photos[:1])):
         assert np.isfinite(b.score)
         if not fp16:
             assert a.tokens == b.tokens and b.score == pytest.approx(a.score, abs=1e-3)

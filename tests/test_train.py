@@ -38,10 +38,18 @@ def tiny_dataset(tmp_path_factory, example_images):
 def _config(data, out, epochs, **kw):
     from edgecap.training.train import TrainConfig
 
-    return TrainConfig(data=str(data), out=str(out), epochs=epochs, batch_size=6, min_word_count=1,
-                       progress=False, threads=1, cache_dir=str(out.parent / "cache"),
-                       decoder={"hidden_dim": 32, "feature_dim": 32, "embed_dim": 16,
-                                "attention_dim": 16}, **kw)
+    return TrainConfig(
+        data=str(data),
+        out=str(out),
+        epochs=epochs,
+        batch_size=6,
+        min_word_count=1,
+        progress=False,
+        threads=1,
+        cache_dir=str(out.parent / "cache"),
+        decoder={"hidden_dim": 32, "feature_dim": 32, "embed_dim": 16, "attention_dim": 16},
+        **kw,
+    )
 
 
 def test_train_resume_and_export(tiny_dataset, tmp_path):
@@ -88,7 +96,8 @@ def test_image_size_sets_the_input_and_the_attention_map(tiny_dataset, tmp_path)
     assert manifest.preprocessing.size == (96, 96)
     assert manifest.dims.regions == 9  # a 3 x 3 map: 96 / 32 a side
     caption = Captioner(tmp_path / "model", backend="onnxruntime").caption(
-        str(tiny_dataset / "images" / "chelsea.png"), return_attention=True)
+        str(tiny_dataset / "images" / "chelsea.png"), return_attention=True
+    )
     assert caption.attention.shape[1:] == (3, 3)
 
 
@@ -98,14 +107,22 @@ def test_show_and_tell_baseline_trains_and_exports(tiny_dataset, tmp_path):
     from edgecap.training.train import train
 
     out = tmp_path / "run"
-    cfg = dataclasses.replace(_config(tiny_dataset, out, epochs=1),
-                              decoder={"attention": False, "hidden_dim": 32, "feature_dim": 32,
-                                       "embed_dim": 16, "attention_dim": 16})
+    cfg = dataclasses.replace(
+        _config(tiny_dataset, out, epochs=1),
+        decoder={
+            "attention": False,
+            "hidden_dim": 32,
+            "feature_dim": 32,
+            "embed_dim": 16,
+            "attention_dim": 16,
+        },
+    )
     best = train(cfg, log=lambda *_: None)
     manifest = export_model(best, tmp_path / "model")
     assert manifest.info["attention"] is False
     cap = Captioner(tmp_path / "model", backend="onnxruntime").caption(
-        str(tiny_dataset / "images" / "coffee.png"), return_attention=True)
+        str(tiny_dataset / "images" / "coffee.png"), return_attention=True
+    )
     # Without attention every region weighs the same.
     assert np.allclose(cap.attention, 1.0 / 49, atol=1e-6)
 
@@ -118,8 +135,9 @@ def test_failed_export_check_leaves_no_model(tmp_path, monkeypatch):
     from edgecap.vocab import Vocabulary
 
     vocab = Vocabulary.build(["a cat sat on the mat", "a dog ran in the park today"], min_count=1)
-    decoder = CaptionDecoder(DecoderConfig(vocab_size=len(vocab), hidden_dim=16, feature_dim=16,
-                                           embed_dim=8, attention_dim=8))
+    decoder = CaptionDecoder(
+        DecoderConfig(vocab_size=len(vocab), hidden_dim=16, feature_dim=16, embed_dim=8, attention_dim=8)
+    )
     monkeypatch.setattr(export, "TOLERANCE", {k: -1.0 for k in export.TOLERANCE})
     with pytest.raises(ModelError, match="export check failed"):
         export.export_modules(load_pretrained(), decoder, vocab, Preprocessing(), tmp_path / "m")
@@ -133,16 +151,18 @@ def test_finetune_encoder_trains_the_last_blocks_and_exports_them(tiny_dataset, 
     from edgecap.models.efficientnet_lite import load_pretrained
     from edgecap.training.train import train
 
-    cfg = dataclasses.replace(_config(tiny_dataset, tmp_path / "run", epochs=1),
-                              finetune_encoder=True, finetune_blocks=1)
+    cfg = dataclasses.replace(
+        _config(tiny_dataset, tmp_path / "run", epochs=1), finetune_encoder=True, finetune_blocks=1
+    )
     best = train(cfg, log=lambda *_: None)
     encoder, _, _, _, meta = load_checkpoint(best)
     assert meta["finetuned_encoder"] is True
     pretrained = load_pretrained().state_dict()
     tuned = encoder.state_dict()
     # The last block moved, the frozen stem did not.
-    assert not torch.equal(tuned["_blocks.15._project_conv.weight"],
-                           pretrained["_blocks.15._project_conv.weight"])
+    assert not torch.equal(
+        tuned["_blocks.15._project_conv.weight"], pretrained["_blocks.15._project_conv.weight"]
+    )
     assert torch.equal(tuned["_conv_stem.weight"], pretrained["_conv_stem.weight"])
     manifest = export_model(best, tmp_path / "model")
     assert manifest.info["export_check"]["max_abs_diff"]["features"] <= 1e-3
@@ -166,9 +186,13 @@ def test_finetune_on_cached_activations_trains_only_the_tail(tiny_dataset, tmp_p
     from edgecap.models.efficientnet_lite import load_pretrained
     from edgecap.training.train import train
 
-    cfg = dataclasses.replace(_config(tiny_dataset, tmp_path / "run", epochs=2),
-                              finetune_encoder=True, finetune_blocks=5, finetune_cached=True,
-                              encoder_lr=1e-3)
+    cfg = dataclasses.replace(
+        _config(tiny_dataset, tmp_path / "run", epochs=2),
+        finetune_encoder=True,
+        finetune_blocks=5,
+        finetune_cached=True,
+        encoder_lr=1e-3,
+    )
     best = train(cfg, log=lambda *_: None)
     # The caches hold the frozen blocks' activations (112 x 14 x 14 after block 11) of the
     # photos and of their mirror images.
@@ -178,8 +202,7 @@ def test_finetune_on_cached_activations_trains_only_the_tail(tiny_dataset, tmp_p
     assert meta["finetuned_encoder"] is True
     pretrained = load_pretrained().state_dict()
     tuned = encoder.state_dict()
-    for name in ("_blocks.11._expand_conv.weight", "_blocks.15._project_conv.weight",
-                 "_conv_head.weight"):
+    for name in ("_blocks.11._expand_conv.weight", "_blocks.15._project_conv.weight", "_conv_head.weight"):
         assert not torch.equal(tuned[name], pretrained[name]), name
     for name in ("_conv_stem.weight", "_blocks.10._project_conv.weight"):
         assert torch.equal(tuned[name], pretrained[name]), name
@@ -195,8 +218,9 @@ def test_init_from_starts_from_a_checkpoint(tiny_dataset, tmp_path):
     _, start, _, _, _ = load_checkpoint(first)
     # lr 0: the weights stay where they started, so they must be the checkpoint's.
     logs = []
-    cfg = dataclasses.replace(_config(tiny_dataset, tmp_path / "b", epochs=1, lr=0.0,
-                                      seed=1), init_from=str(first))
+    cfg = dataclasses.replace(
+        _config(tiny_dataset, tmp_path / "b", epochs=1, lr=0.0, seed=1), init_from=str(first)
+    )
     _, after, _, _, _ = load_checkpoint(train(cfg, log=logs.append))
     assert any("initialised from" in line for line in logs)
     for (name, a), b in zip(start.state_dict().items(), after.state_dict().values()):
@@ -211,8 +235,9 @@ def test_init_from_refuses_a_checkpoint_with_another_vocabulary(tiny_dataset, tm
     from edgecap.training.train import train
 
     first = train(_config(tiny_dataset, tmp_path / "a", epochs=1), log=lambda *_: None)
-    cfg = dataclasses.replace(_config(tiny_dataset, tmp_path / "b", epochs=1),
-                              min_word_count=2, init_from=str(first))
+    cfg = dataclasses.replace(
+        _config(tiny_dataset, tmp_path / "b", epochs=1), min_word_count=2, init_from=str(first)
+    )
     with pytest.raises(ModelError, match="vocabulary differs"):
         train(cfg, log=lambda *_: None)
 
@@ -226,8 +251,7 @@ def test_mirrored_activation_cache_is_the_mirrored_photos(example_images, tmp_pa
     pre = Preprocessing()
     paths = list(example_images)[:2]
     plain, _ = compute_features(paths, tmp_path, pre, progress=False, split_at=11)
-    mirrored, index = compute_features(paths, tmp_path, pre, progress=False, split_at=11,
-                                       mirrored=True)
+    mirrored, index = compute_features(paths, tmp_path, pre, progress=False, split_at=11, mirrored=True)
     x = torch.from_numpy(np.stack([to_model_input(load_rgb(p), pre) for p in paths]))
     with torch.inference_mode():
         expected = load_pretrained().prefix(x.flip(3), 11).numpy()
@@ -236,14 +260,21 @@ def test_mirrored_activation_cache_is_the_mirrored_photos(example_images, tmp_pa
     assert not np.allclose(np.asarray(plain, dtype=np.float32), got, atol=0.05)
 
 
-@pytest.mark.parametrize("flags, problem", [
-    (["--finetune-cached"], "--finetune-cached needs --finetune-encoder"),
-    (["--finetune-encoder", "--finetune-blocks", "17"],
-     "--finetune-blocks must be 1..16 (efficientnet-lite0 has 16 blocks), got 17"),
-    (["--finetune-encoder", "--finetune-blocks", "0"],
-     "--finetune-blocks must be 1..16 (efficientnet-lite0 has 16 blocks), got 0"),
-    (["--image-size", "16"], "--image-size must be at least 32 (the encoder's stride), got 16"),
-])
+@pytest.mark.parametrize(
+    "flags, problem",
+    [
+        (["--finetune-cached"], "--finetune-cached needs --finetune-encoder"),
+        (
+            ["--finetune-encoder", "--finetune-blocks", "17"],
+            "--finetune-blocks must be 1..16 (efficientnet-lite0 has 16 blocks), got 17",
+        ),
+        (
+            ["--finetune-encoder", "--finetune-blocks", "0"],
+            "--finetune-blocks must be 1..16 (efficientnet-lite0 has 16 blocks), got 0",
+        ),
+        (["--image-size", "16"], "--image-size must be at least 32 (the encoder's stride), got 16"),
+    ],
+)
 def test_train_rejects_inconsistent_finetune_flags(tmp_path, capsys, flags, problem):
     from edgecap.cli import main
 
@@ -261,21 +292,59 @@ def test_train_command_builds_the_config_from_its_flags(tmp_path, monkeypatch, c
     monkeypatch.setattr(training, "train", lambda cfg: given.append(cfg) or tmp_path / "best")
     base = ["train", "--data", "DATA", "--out", "RUN"]
     assert main(base) == 0
-    decoder = {"attention": True, "hidden_dim": 512, "feature_dim": 512, "embed_dim": 256,
-               "attention_dim": 256, "dropout": 0.5}
+    decoder = {
+        "attention": True,
+        "hidden_dim": 512,
+        "feature_dim": 512,
+        "embed_dim": 256,
+        "attention_dim": 256,
+        "dropout": 0.5,
+    }
     assert given[-1] == TrainConfig(data="DATA", out="RUN", decoder=decoder)  # the defaults
     # Each flag named like a field reaches it; the others are the decoder's and --no-progress.
     args = build_parser().parse_args(base)
     flagged = {f.name for f in dataclasses.fields(TrainConfig) if hasattr(args, f.name)}
     assert {f.name for f in dataclasses.fields(TrainConfig)} - flagged == {
-        "max_caption_words", "grad_clip", "progress", "decoder"}
-    assert main([*base, "--epochs", "3", "--lr", "0.01", "--finetune-encoder",
-                 "--finetune-blocks", "5", "--cache-dir", "C", "--max-dev-images", "9",
-                 "--no-progress", "--hidden-dim", "768", "--no-attention"]) == 0
+        "max_caption_words",
+        "grad_clip",
+        "progress",
+        "decoder",
+    }
+    assert (
+        main(
+            [
+                *base,
+                "--epochs",
+                "3",
+                "--lr",
+                "0.01",
+                "--finetune-encoder",
+                "--finetune-blocks",
+                "5",
+                "--cache-dir",
+                "C",
+                "--max-dev-images",
+                "9",
+                "--no-progress",
+                "--hidden-dim",
+                "768",
+                "--no-attention",
+            ]
+        )
+        == 0
+    )
     assert given[-1] == TrainConfig(
-        data="DATA", out="RUN", epochs=3, lr=0.01, finetune_encoder=True, finetune_blocks=5,
-        cache_dir="C", max_dev_images=9, progress=False,
-        decoder={**decoder, "attention": False, "hidden_dim": 768})
+        data="DATA",
+        out="RUN",
+        epochs=3,
+        lr=0.01,
+        finetune_encoder=True,
+        finetune_blocks=5,
+        cache_dir="C",
+        max_dev_images=9,
+        progress=False,
+        decoder={**decoder, "attention": False, "hidden_dim": 768},
+    )
     assert "best_checkpoint" in capsys.readouterr().out
 
 
@@ -286,8 +355,28 @@ def test_scst_command_builds_its_config_from_the_flags(tmp_path, monkeypatch):
 
     given = []
     monkeypatch.setattr(scst, "train_scst", lambda cfg: given.append(cfg) or tmp_path / "best")
-    assert main(["train", "--data", "DATA", "--out", "RUN", "--scst-from", "CK", "--seed", "4",
-                 "--scst-samples", "3", "--no-progress"]) == 0
+    assert (
+        main(
+            [
+                "train",
+                "--data",
+                "DATA",
+                "--out",
+                "RUN",
+                "--scst-from",
+                "CK",
+                "--seed",
+                "4",
+                "--scst-samples",
+                "3",
+                "--no-progress",
+            ]
+        )
+        == 0
+    )
     # --epochs and --lr default to the train command's, not ScstConfig's.
-    assert given == [ScstConfig(checkpoint="CK", data="DATA", out="RUN", epochs=20, lr=4e-4,
-                                n_samples=3, seed=4, progress=False)]
+    assert given == [
+        ScstConfig(
+            checkpoint="CK", data="DATA", out="RUN", epochs=20, lr=4e-4, n_samples=3, seed=4, progress=False
+        )
+    ]

@@ -41,13 +41,19 @@ def folder(root, rows, header=("file", "caption"), photos=None, kind="csv"):
             writer.writerows(rows)
     else:
         (root / "captions.jsonl").write_text(
-            "".join(json.dumps(dict(zip(header, r))) + "\n" for r in rows), encoding="utf-8")
+            "".join(json.dumps(dict(zip(header, r))) + "\n" for r in rows), encoding="utf-8"
+        )
     return root
 
 
-ROWS = [("a.png", "a red ball on the grass"), ("b.jpg", "a dog runs"),
-        ("a.png", "a ball, red and round"), ("sub/c.png", "a cat sleeps"),
-        ("b.jpg", "a brown dog runs on sand"), ("d.png", "two birds")]
+ROWS = [
+    ("a.png", "a red ball on the grass"),
+    ("b.jpg", "a dog runs"),
+    ("a.png", "a ball, red and round"),
+    ("sub/c.png", "a cat sleeps"),
+    ("b.jpg", "a brown dog runs on sand"),
+    ("d.png", "two birds"),
+]
 
 
 def names(items):
@@ -62,13 +68,20 @@ def by_photo(data):
 def test_reads_captions_grouped_by_photo(tmp_path, kind):
     root = folder(tmp_path / "f", ROWS, kind=kind)
     data = read_folder(root, dev_fraction=0.25, report=pytest.fail)
-    assert by_photo(data) == {"a.png": ["a red ball on the grass", "a ball, red and round"],
-                              "b.jpg": ["a dog runs", "a brown dog runs on sand"],
-                              "sub/c.png": ["a cat sleeps"], "d.png": ["two birds"]}
+    assert by_photo(data) == {
+        "a.png": ["a red ball on the grass", "a ball, red and round"],
+        "b.jpg": ["a dog runs", "a brown dog runs on sand"],
+        "sub/c.png": ["a cat sleeps"],
+        "d.png": ["two birds"],
+    }
     assert len(data.dev) == 1 and len(data.train) == 3
     header = 1 if kind == "csv" else 0  # a JSONL file has no header line
-    assert data.lines == {"a.png": 1 + header, "b.jpg": 2 + header, "sub/c.png": 4 + header,
-                          "d.png": 6 + header}
+    assert data.lines == {
+        "a.png": 1 + header,
+        "b.jpg": 2 + header,
+        "sub/c.png": 4 + header,
+        "d.png": 6 + header,
+    }
     assert detect_dataset(root) == "folder" and detect_dataset(tmp_path) == "flickr8k"
 
 
@@ -76,24 +89,31 @@ def test_csv_header_order_case_extra_columns_bom_and_multiline_captions(tmp_path
     root = tmp_path / "f"
     folder(root, [], photos=["x.png", "y.png"])
     (root / "captions.csv").write_text(
-        '\ufeffNote, Caption ,FILE\nmine,"a long caption\nover two lines",x.png\n\n'
-        ',a small cup,y.png\n', encoding="utf-8")
+        '\ufeffNote, Caption ,FILE\nmine,"a long caption\nover two lines",x.png\n\n,a small cup,y.png\n',
+        encoding="utf-8",
+    )
     data = read_folder(root, report=pytest.fail)
     assert by_photo(data) == {"x.png": ["a long caption\nover two lines"], "y.png": ["a small cup"]}
     assert data.lines == {"x.png": 2, "y.png": 5}  # the line each row starts on
 
 
 def test_split_column(tmp_path):
-    rows = [("a.png", "a ball", "train"), ("b.png", "a dog", "dev"), ("a.png", "a red ball", "TRAIN"),
-            ("c.png", "a cat", "val"), ("d.png", "a cup", "train")]
+    rows = [
+        ("a.png", "a ball", "train"),
+        ("b.png", "a dog", "dev"),
+        ("a.png", "a red ball", "TRAIN"),
+        ("c.png", "a cat", "val"),
+        ("d.png", "a cup", "train"),
+    ]
     root = folder(tmp_path / "f", rows, header=("file", "caption", "split"))
     data = read_folder(root, report=pytest.fail)
     assert names(data.train) == ["a.png", "d.png"] and names(data.dev) == ["b.png", "c.png"]
     assert data.train[0].captions == ["a ball", "a red ball"]
     with pytest.raises(DataError, match="has a split column; leave out --dev-fraction"):
         read_folder(root, dev_fraction=0.5)
-    only_train = folder(tmp_path / "g", [r for r in rows if r[2].lower() == "train"],
-                        header=("file", "caption", "split"))
+    only_train = folder(
+        tmp_path / "g", [r for r in rows if r[2].lower() == "train"], header=("file", "caption", "split")
+    )
     with pytest.raises(DataError, match="no usable photo has split dev"):
         read_folder(only_train)
 
@@ -111,8 +131,9 @@ def test_dev_fraction_splits_photos_not_captions_deterministically(tmp_path):
     shuffled = rows[:]
     random.Random(0).shuffle(shuffled)
     again = folder(tmp_path / "g", shuffled, photos=photos)
-    assert set(names(read_folder(again, dev_fraction=0.25, seed=3, check_images=False).dev)) \
-        == set(names(first.dev))
+    assert set(names(read_folder(again, dev_fraction=0.25, seed=3, check_images=False).dev)) == set(
+        names(first.dev)
+    )
     # ... and another seed another split, of the same size.
     other = read_folder(root, dev_fraction=0.25, seed=4, check_images=False)
     assert len(other.dev) == 5 and set(names(other.dev)) != set(names(first.dev))
@@ -122,17 +143,29 @@ def test_dev_fraction_splits_photos_not_captions_deterministically(tmp_path):
 
 BAD_ROWS = [
     # (rows, what to do to the folder, the problem reported, the row's line)
-    ([("gone.png", "a missing photo")], "missing",
-     "gone.png: no such file; photo and its 1 caption skipped", 2),
+    (
+        [("gone.png", "a missing photo")],
+        "missing",
+        "gone.png: no such file; photo and its 1 caption skipped",
+        2,
+    ),
     ([("bad.png", "not a photo")], "garbage", "bad.png: not an image in an accepted format", 2),
     ([("cut.png", "a cut photo")], "truncated", "cut.png: ", 2),
     ([("a.png", "  ")], None, "a.png: empty caption; row skipped", 2),
     ([("a.png", "?!")], None, "a.png: caption '?!' has no words; row skipped", 2),
     ([("", "no file")], None, "(no file): no file name; row skipped", 2),
-    ([("a.png", "a ball", "test")], "split",
-     "a.png: split 'test' is not one of train, dev, val, validation; row skipped", 2),
-    ([("a.png", "a ball", "dev")], "split",
-     "a.png: split 'dev', but line 2 put this photo in 'train'; row skipped", 5),
+    (
+        [("a.png", "a ball", "test")],
+        "split",
+        "a.png: split 'test' is not one of train, dev, val, validation; row skipped",
+        2,
+    ),
+    (
+        [("a.png", "a ball", "dev")],
+        "split",
+        "a.png: split 'dev', but line 2 put this photo in 'train'; row skipped",
+        5,
+    ),
     ([("other/b.png", "a twin")], "twin", "other/b.png: same file name as b.png (line 3)", 5),
 ]
 
@@ -144,8 +177,12 @@ def test_a_bad_row_or_photo_is_reported_and_skipped(tmp_path, bad, prepare, prob
     if prepare != "split":
         good, bad, header = [r[:2] for r in good], [r[:2] for r in bad], header[:2]
     rows = bad + good if line == 2 else good + bad  # the bad row on line 2 or 5
-    root = folder(tmp_path / "f", rows, header=header,
-                  photos=["a.png", "b.png", "c.png"] + (["other/b.png"] if prepare == "twin" else []))
+    root = folder(
+        tmp_path / "f",
+        rows,
+        header=header,
+        photos=["a.png", "b.png", "c.png"] + (["other/b.png"] if prepare == "twin" else []),
+    )
     if prepare == "garbage":
         (root / "bad.png").write_bytes(b"this is not an image")
     elif prepare == "truncated":
@@ -153,8 +190,7 @@ def test_a_bad_row_or_photo_is_reported_and_skipped(tmp_path, bad, prepare, prob
         data = (root / "cut.png").read_bytes()
         (root / "cut.png").write_bytes(data[: len(data) // 2])
     reports = []
-    data = read_folder(root, dev_fraction=None if header[-1] == "split" else 0.3,
-                       report=reports.append)
+    data = read_folder(root, dev_fraction=None if header[-1] == "split" else 0.3, report=reports.append)
     assert len(reports) == 1 and data.problems == reports
     assert reports[0].startswith(f"{root / 'captions.csv'}:{line}: {problem}"), reports[0]
     assert {"a.png", "b.png", "c.png"} <= set(by_photo(data))  # the good photos stay
@@ -165,21 +201,27 @@ def test_nothing_usable_is_one_error(tmp_path):
     root = folder(tmp_path / "f", [("a.png", ""), ("b.png", "")], photos=["a.png", "b.png"])
     with pytest.raises(DataError, match="no usable photo"):
         read_folder(root, report=lambda _: None)
-    (root / "captions.jsonl").write_text("[1, 2]\n{\"image\": \"a.png\"}\n")
+    (root / "captions.jsonl").write_text('[1, 2]\n{"image": "a.png"}\n')
     with pytest.raises(DataError, match="has both captions.csv and captions.jsonl"):
         read_folder(root)
     (root / "captions.csv").unlink()
-    with pytest.raises(DataError, match=r"captions.jsonl: no line is a JSON object with the keys "
-                                        r"\"file\" and \"caption\" \(line 1: not a JSON object"):
+    with pytest.raises(
+        DataError,
+        match=r"captions.jsonl: no line is a JSON object with the keys "
+        r"\"file\" and \"caption\" \(line 1: not a JSON object",
+    ):
         read_folder(root)
 
 
-@pytest.mark.parametrize("header, missing", [
-    ("image,text", "missing file, caption, found image,text"),
-    ("file,captions", "missing caption, found file,captions"),
-    ("", "missing file, caption, found an empty line"),
-    ("file;caption", "missing file, caption, found file;caption; separate the columns with commas"),
-])
+@pytest.mark.parametrize(
+    "header, missing",
+    [
+        ("image,text", "missing file, caption, found image,text"),
+        ("file,captions", "missing caption, found file,captions"),
+        ("", "missing file, caption, found an empty line"),
+        ("file;caption", "missing file, caption, found file;caption; separate the columns with commas"),
+    ],
+)
 def test_wrong_columns_stop_the_command_with_one_line(tmp_path, capsys, header, missing):
     from edgecap.cli import main
 
@@ -187,8 +229,10 @@ def test_wrong_columns_stop_the_command_with_one_line(tmp_path, capsys, header, 
     (root / "captions.csv").write_text(f"{header}\na.png,a ball\n")
     assert main(["train", "--data", str(root), "--out", str(tmp_path / "run"), "--no-progress"]) == 2
     err = capsys.readouterr().err
-    assert err == (f"edgecap train: error: {root / 'captions.csv'}:1: the header line must name "
-                   f"the columns file and caption (optionally split); {missing}\n")
+    assert err == (
+        f"edgecap train: error: {root / 'captions.csv'}:1: the header line must name "
+        f"the columns file and caption (optionally split); {missing}\n"
+    )
     assert not (tmp_path / "run" / "last").exists()
 
 
@@ -223,7 +267,8 @@ def test_command_detects_the_folder_and_checks_dev_fraction(tmp_path, monkeypatc
 # -- vocabulary growth ---------------------------------------------------------------------------
 
 torch_needed = pytest.mark.skipif(
-    __import__("importlib.util").util.find_spec("torch") is None, reason="needs torch")
+    __import__("importlib.util").util.find_spec("torch") is None, reason="needs torch"
+)
 
 
 @torch_needed
@@ -232,8 +277,7 @@ def test_new_words_are_appended_after_the_old_ones():
     from edgecap.vocab import Vocabulary
 
     old = Vocabulary.build(["a dog runs", "a dog sits", "the cat"], min_count=1)
-    grown = grow_vocabulary(old, ["a pizza oven", "a pizza", "the oven", "one zebra", "a pizza"],
-                            min_count=2)
+    grown = grow_vocabulary(old, ["a pizza oven", "a pizza", "the oven", "one zebra", "a pizza"], min_count=2)
     assert grown.words == old.words + ["pizza", "oven"]  # most frequent first; zebra seen once
     assert all(grown.index[w] == i for i, w in enumerate(old.words))
 
@@ -262,8 +306,9 @@ def test_grown_decoder_keeps_old_rows_and_old_words_logprobs():
     from edgecap.training.grow import grow_decoder
 
     torch.manual_seed(0)
-    old = CaptionDecoder(DecoderConfig(vocab_size=30, hidden_dim=32, feature_dim=32, embed_dim=16,
-                                       attention_dim=16)).eval()
+    old = CaptionDecoder(
+        DecoderConfig(vocab_size=30, hidden_dim=32, feature_dim=32, embed_dim=16, attention_dim=16)
+    ).eval()
     with torch.no_grad():  # distinct biases, so that their quantile means something
         old.out_vocab.bias.normal_(0, 1)
     grown = grow_decoder(old, 36, torch.Generator().manual_seed(1)).eval()
@@ -317,8 +362,7 @@ def test_the_grown_default_model_captions_as_before(example_images):
 
     def captions(dec):
         backend = TorchBackend.from_modules(encoder, dec)
-        hyps = beam_search(backend, backend.encode(x), CaptionOptions(beam_size=3), vocab.start,
-                           vocab.end)
+        hyps = beam_search(backend, backend.encode(x), CaptionOptions(beam_size=3), vocab.start, vocab.end)
         return [h[0].tokens for h in hyps], np.array([h[0].score for h in hyps])
 
     old, old_scores = captions(decoder)
@@ -330,12 +374,24 @@ def test_the_grown_default_model_captions_as_before(example_images):
 
 # -- end to end ------------------------------------------------------------------------------------
 
+
 def _tiny_config(data, out, **kw):
     from edgecap.training.train import TrainConfig
 
-    return TrainConfig(**{"data": str(data), "out": str(out), "dataset": "folder", "epochs": 1,
-                          "batch_size": 6, "min_word_count": 2, "progress": False, "threads": 1,
-                          "cache_dir": str(out.parent / "cache"), **kw})
+    return TrainConfig(
+        **{
+            "data": str(data),
+            "out": str(out),
+            "dataset": "folder",
+            "epochs": 1,
+            "batch_size": 6,
+            "min_word_count": 2,
+            "progress": False,
+            "threads": 1,
+            "cache_dir": str(out.parent / "cache"),
+            **kw,
+        }
+    )
 
 
 SYNTHETIC = {
@@ -362,8 +418,7 @@ def test_fine_tune_a_model_on_a_folder_export_and_caption(tmp_path, tiny_model_d
     (root / "broken.png").write_bytes(b"\x89PNG\r\n\x1a\n broken")
     logs = []
     out = tmp_path / "runs" / "mine"
-    best = train(_tiny_config(root, out, init_from=str(tiny_model_dir), dev_fraction=0.34),
-                 log=logs.append)
+    best = train(_tiny_config(root, out, init_from=str(tiny_model_dir), dev_fraction=0.34), log=logs.append)
     # The broken photo is reported (stderr, naming the row) and the run goes on without it.
     err = capsys.readouterr().err
     assert f"{root / 'captions.csv'}:14: broken.png: " in err and "photo and its 1 caption skipped" in err
@@ -373,15 +428,16 @@ def test_fine_tune_a_model_on_a_folder_export_and_caption(tmp_path, tiny_model_d
     _, _, vocab, _, meta = load_checkpoint(best)
     tiny_words = load_vocabulary(load_manifest(tiny_model_dir)).words
     assert vocab.words[: len(tiny_words)] == tiny_words
-    added = vocab.words[len(tiny_words):]
+    added = vocab.words[len(tiny_words) :]
     assert added and set(added) <= {w for caps in SYNTHETIC.values() for c in caps for w in c.split()}
     assert "sits" not in added  # seen once: under --min-word-count 2
     assert meta["train_config"]["dataset"] == "folder"
 
     # Resuming keeps the grown vocabulary (it does not grow again).
     logs.clear()
-    train(_tiny_config(root, out, init_from=str(tiny_model_dir), dev_fraction=0.34, epochs=2),
-          log=logs.append)
+    train(
+        _tiny_config(root, out, init_from=str(tiny_model_dir), dev_fraction=0.34, epochs=2), log=logs.append
+    )
     assert any("resumed" in line for line in logs)
     assert load_checkpoint(out / "last")[2].words == vocab.words
 

@@ -19,12 +19,15 @@ torch = pytest.importorskip("torch")
 
 from edgecap.training.shards import (  # noqa: E402
     cache_name,
-    FeatureCacheError, ShardedFeatures, extract_shards, shard_dir)
+    FeatureCacheError,
+    ShardedFeatures,
+    extract_shards,
+    shard_dir,
+)
 
 REPO = Path(__file__).resolve().parents[1]
 WORDS = "a the red blue dog cat runs sits on in grass snow park near big small".split()
-DECODER_FLAGS = ["--hidden-dim", "32", "--feature-dim", "32", "--embed-dim", "16",
-                 "--attention-dim", "16"]
+DECODER_FLAGS = ["--hidden-dim", "32", "--feature-dim", "32", "--embed-dim", "16", "--attention-dim", "16"]
 
 
 def _env() -> dict:
@@ -56,10 +59,31 @@ def noise_dataset(tmp_path_factory):
 
 
 def _train_args(data: Path, out: Path, cache: Path, epochs: int = 2) -> list[str]:
-    return ["train", "--data", str(data), "--out", str(out), "--cache-dir", str(cache),
-            "--epochs", str(epochs), "--batch-size", "9", "--min-word-count", "1",
-            "--dropout", "0", "--threads", "1", "--no-progress", "--shard-size", "3",
-            "--lr", "0.01", *DECODER_FLAGS]
+    return [
+        "train",
+        "--data",
+        str(data),
+        "--out",
+        str(out),
+        "--cache-dir",
+        str(cache),
+        "--epochs",
+        str(epochs),
+        "--batch-size",
+        "9",
+        "--min-word-count",
+        "1",
+        "--dropout",
+        "0",
+        "--threads",
+        "1",
+        "--no-progress",
+        "--shard-size",
+        "3",
+        "--lr",
+        "0.01",
+        *DECODER_FLAGS,
+    ]
 
 
 def _weights(run: Path) -> dict:
@@ -85,10 +109,23 @@ def test_two_processes_under_torchrun_train_like_one(noise_dataset, tmp_path):
         assert main(_train_args(noise_dataset, one, tmp_path / "cache1")) == 0
     finally:
         torch.set_num_threads(threads)
-    done = subprocess.run([sys.executable, "-m", "torch.distributed.run", "--standalone",
-                           "--nproc-per-node", "2", "-m", "edgecap",
-                           *_train_args(noise_dataset, two, tmp_path / "cache2")],
-                          env=_env(), capture_output=True, text=True, timeout=600)
+    done = subprocess.run(
+        [
+            sys.executable,
+            "-m",
+            "torch.distributed.run",
+            "--standalone",
+            "--nproc-per-node",
+            "2",
+            "-m",
+            "edgecap",
+            *_train_args(noise_dataset, two, tmp_path / "cache2"),
+        ],
+        env=_env(),
+        capture_output=True,
+        text=True,
+        timeout=600,
+    )
     assert done.returncode == 0, done.stderr[-3000:]
     # Each rank extracted its shards (3 shards of 3 images, rank 0: 0 and 2, rank 1: 1), the
     # same features as one process.
@@ -97,15 +134,17 @@ def test_two_processes_under_torchrun_train_like_one(noise_dataset, tmp_path):
     a = ShardedFeatures(shard_dir(tmp_path / "cache1", Preprocessing()))
     b = ShardedFeatures(shard_dir(tmp_path / "cache2", Preprocessing()))
     assert len(b.records) == 3 and a.names == b.names
-    np.testing.assert_allclose(a.read(range(9)).astype(np.float32),
-                               b.read(range(9)).astype(np.float32), atol=2e-3)
+    np.testing.assert_allclose(
+        a.read(range(9)).astype(np.float32), b.read(range(9)).astype(np.float32), atol=2e-3
+    )
 
     steps_one, steps_two = _steps(one), _steps(two)
     assert [(s["epoch"], s["step"]) for s in steps_one] == [(e, k) for e in (1, 2) for k in (1, 2, 3)]
     assert [(s["epoch"], s["step"]) for s in steps_two] == [(s["epoch"], s["step"]) for s in steps_one]
     for key in ("loss", "grad_norm"):  # Adam hides a wrongly scaled gradient; its norm does not
-        np.testing.assert_allclose([s[key] for s in steps_two], [s[key] for s in steps_one],
-                                   rtol=1e-5, err_msg=key)
+        np.testing.assert_allclose(
+            [s[key] for s in steps_two], [s[key] for s in steps_one], rtol=1e-5, err_msg=key
+        )
     w1, w2 = _weights(one), _weights(two)
     assert w1.keys() == w2.keys()
     for name in w1:
@@ -127,11 +166,25 @@ def test_a_resumed_run_ends_with_the_uninterrupted_weights(noise_dataset, tmp_pa
     from edgecap.training.train import TrainConfig, train
 
     def config(out, epochs):
-        return TrainConfig(data=str(noise_dataset), out=str(out), epochs=epochs, batch_size=9,
-                           min_word_count=1, progress=False, threads=1, shard_size=4, lr=0.01,
-                           cache_dir=str(tmp_path / "cache"),
-                           decoder={"hidden_dim": 32, "feature_dim": 32, "embed_dim": 16,
-                                    "attention_dim": 16, "dropout": 0.5})
+        return TrainConfig(
+            data=str(noise_dataset),
+            out=str(out),
+            epochs=epochs,
+            batch_size=9,
+            min_word_count=1,
+            progress=False,
+            threads=1,
+            shard_size=4,
+            lr=0.01,
+            cache_dir=str(tmp_path / "cache"),
+            decoder={
+                "hidden_dim": 32,
+                "feature_dim": 32,
+                "embed_dim": 16,
+                "attention_dim": 16,
+                "dropout": 0.5,
+            },
+        )
 
     whole, halves = tmp_path / "whole", tmp_path / "halves"
     train(config(whole, 3), log=lambda *_: None)
@@ -147,11 +200,13 @@ def test_a_resumed_run_ends_with_the_uninterrupted_weights(noise_dataset, tmp_pa
 
 def _fake_features(n_rows: int, shape=(49, 1280)):
     """Stand-in load/encode: image i's features are all (i % 251)."""
+
     def load(path):
         return np.array([int(Path(path).stem.split("-")[1])], dtype=np.float32)
 
     def encode(x):
         return np.broadcast_to((x[:, 0] % 251)[:, None, None], (len(x), *shape)).astype(np.float32)
+
     names = [f"img-{i:06d}.jpg" for i in range(n_rows)]
     return names, load, encode
 
@@ -175,12 +230,19 @@ print(before, after, total)
 def test_the_shard_cache_streams_in_bounded_memory(tmp_path):
     n = 1200  # 1200 x 49 x 1280 float16: 150 MB on disk
     names, load, encode = _fake_features(n)
-    cache = extract_shards(names, tmp_path / "shards", load, encode, shard_size=100,
-                           batch_size=50, log=lambda *_: None)
+    cache = extract_shards(
+        names, tmp_path / "shards", load, encode, shard_size=100, batch_size=50, log=lambda *_: None
+    )
     size = sum(r["bytes"] for r in cache.records)
     assert size > 150e6
-    done = subprocess.run([sys.executable, "-c", _STREAM, str(tmp_path / "shards")], env=_env(),
-                          capture_output=True, text=True, timeout=600, check=True)
+    done = subprocess.run(
+        [sys.executable, "-c", _STREAM, str(tmp_path / "shards")],
+        env=_env(),
+        capture_output=True,
+        text=True,
+        timeout=600,
+        check=True,
+    )
     before_kb, after_kb, total = done.stdout.split()
     # Every row was read (the sum of all features), in a peak memory far below the cache's.
     assert float(total) == 49 * 1280 * sum(i % 251 for i in range(n))
@@ -199,6 +261,7 @@ def test_extraction_resumes_after_an_interruption_and_recomputes_a_corrupt_shard
             raise RuntimeError("injected failure")
         calls.append(x[:, 0].astype(int).tolist())
         return encode(x)
+
     directory = tmp_path / "resumed"
     with pytest.raises(RuntimeError, match="injected"):
         extract_shards(names, directory, load, failing, **quiet)
@@ -210,6 +273,7 @@ def test_extraction_resumes_after_an_interruption_and_recomputes_a_corrupt_shard
     def counting(x):
         encoded.extend(x[:, 0].astype(int).tolist())
         return encode(x)
+
     cache = extract_shards(names, directory, load, counting, **quiet)
     assert encoded == list(range(4, 10))  # shard 0 kept, the partial shard 1 redone, then 2
     assert (directory / "shard-00000.npy").stat().st_mtime_ns == first
@@ -240,8 +304,7 @@ def test_the_cache_is_keyed_by_the_preprocessing(tmp_path):
 
     assert shard_dir(tmp_path, Preprocessing()) == shard_dir(tmp_path, Preprocessing())
     assert shard_dir(tmp_path, Preprocessing()) != shard_dir(tmp_path, Preprocessing(size=(192, 192)))
-    assert shard_dir(tmp_path, Preprocessing()) != shard_dir(tmp_path, Preprocessing(),
-                                                             "another-encoder")
+    assert shard_dir(tmp_path, Preprocessing()) != shard_dir(tmp_path, Preprocessing(), "another-encoder")
 
 
 def test_more_images_extend_the_cache_and_keep_its_full_shards(tmp_path):
@@ -253,6 +316,7 @@ def test_more_images_extend_the_cache_and_keep_its_full_shards(tmp_path):
     def counting(x):
         encoded.extend(x[:, 0].astype(int).tolist())
         return encode(x)
+
     cache = extract_shards(names, tmp_path, load, counting, **quiet)
     assert encoded == [4, 5, 6, 7, 8, 9]  # shard 0 kept; shard 1 had 2 images, now 4
     assert cache.names == {cache_name(n): i for i, n in enumerate(names)}
@@ -265,6 +329,7 @@ def test_photos_of_one_name_in_two_folders_keep_their_own_features(tmp_path):
 
     def encode(x):
         return np.broadcast_to(x[:, 0][:, None, None], (len(x), 2, 3)).astype(np.float32)
+
     quiet = {"shard_size": 4, "log": lambda *_: None}
     extract_shards([tmp_path / "a" / "x.jpg"], tmp_path / "cache", load, encode, **quiet).close()
     cache = extract_shards([tmp_path / "b" / "x.jpg"], tmp_path / "cache", load, encode, **quiet)
@@ -279,13 +344,16 @@ def test_each_rank_trains_on_a_disjoint_share_of_the_same_global_batches():
     class Item:
         def __init__(self, i):
             self.file_name, self.captions = f"{i}.jpg", ["a cat"] * (1 + i % 3)
+
     items = [Item(i) for i in range(11)]
     vocab = Vocabulary.build(["a cat"], min_count=1)
     batches = _Batches(items, list(range(100, 111)), vocab, 22)
 
     def shares(rank, world):
         import random
+
         return list(batches.shares(8, random.Random("0:1"), rank, world))
+
     whole = shares(0, 1)
     for world in (2, 4):  # 4: the last batch (3 images) leaves one rank at weight 0
         parts = [shares(r, world) for r in range(world)]
@@ -302,18 +370,21 @@ def test_each_rank_trains_on_a_disjoint_share_of_the_same_global_batches():
 def test_mixed_precision_without_cuda_is_refused_in_one_line(tmp_path, capsys):
     from edgecap.cli import main
 
-    assert main(["train", "--data", str(tmp_path), "--out", str(tmp_path / "run"),
-                 "--precision", "bf16"]) == 2
-    assert capsys.readouterr().err == ("edgecap train: error: --precision bf16 needs a CUDA "
-                                       "device (mixed precision runs on GPUs only)\n")
+    assert (
+        main(["train", "--data", str(tmp_path), "--out", str(tmp_path / "run"), "--precision", "bf16"]) == 2
+    )
+    assert capsys.readouterr().err == (
+        "edgecap train: error: --precision bf16 needs a CUDA device (mixed precision runs on GPUs only)\n"
+    )
 
 
 def test_under_torchrun_the_unsupported_modes_are_refused(tmp_path, monkeypatch, capsys):
     from edgecap.cli import main
 
     monkeypatch.setenv("WORLD_SIZE", "2")
-    monkeypatch.setattr("edgecap.training.train.setup",
-                        lambda env=None: pytest.fail("must refuse before starting a group"))
+    monkeypatch.setattr(
+        "edgecap.training.train.setup", lambda env=None: pytest.fail("must refuse before starting a group")
+    )
     base = ["train", "--data", str(tmp_path), "--out", str(tmp_path / "run")]
     for flags in (["--scst-from", str(tmp_path)], ["--finetune-encoder"]):
         assert main([*base, *flags]) == 2
@@ -339,8 +410,11 @@ def test_a_run_reads_the_shard_cache_of_its_own_encoder(tmp_path, monkeypatch):
     item = CaptionedImage("photo.png", ["a caption"])
     for name in ("efficientnet-lite0", "efficientnet-lite2"):
         with pytest.raises(RuntimeError, match="stop here"):
-            shards.streamed_split([item], [], tmp_path, tmp_path / "cache", Preprocessing(),
-                                  progress=False, encoder_name=name)
-    assert asked == [shard_dir(tmp_path / "cache", Preprocessing(), encoder_tag(name))
-                     for name in ("efficientnet-lite0", "efficientnet-lite2")]
+            shards.streamed_split(
+                [item], [], tmp_path, tmp_path / "cache", Preprocessing(), progress=False, encoder_name=name
+            )
+    assert asked == [
+        shard_dir(tmp_path / "cache", Preprocessing(), encoder_tag(name))
+        for name in ("efficientnet-lite0", "efficientnet-lite2")
+    ]
     assert asked[0] != asked[1]

@@ -27,9 +27,13 @@ def test_tensorrt_code_type_checks_against_the_stubs():
     why = check_types.missing()
     if why:
         pytest.skip(f"type check not run: {why}")
-    done = subprocess.run([sys.executable, str(ROOT / "engines" / "check_types.py"),
-                           "--follow-imports=silent", *TENSORRT_CODE],
-                          capture_output=True, text=True, timeout=300, cwd=ROOT)
+    done = subprocess.run(
+        [sys.executable, str(ROOT / "engines" / "check_types.py"), "--follow-imports=silent", *TENSORRT_CODE],
+        capture_output=True,
+        text=True,
+        timeout=300,
+        cwd=ROOT,
+    )
     assert done.returncode == 0, done.stdout + done.stderr
     assert "Success: no issues found" in done.stdout
 
@@ -38,8 +42,10 @@ def test_stub_repairs_make_valid_python():
     """The two kinds of invalid Python in the generated stubs, repaired (see check_types)."""
     import ast
 
-    lines = ["    def f(self, in: list[int], out: list[int]) -> bool:",
-             "    def g(self, a: int, b: int = None, c: int) -> int:"]
+    lines = [
+        "    def f(self, in: list[int], out: list[int]) -> bool:",
+        "    def g(self, a: int, b: int = None, c: int) -> int:",
+    ]
     fixed = check_types.repair("\n".join(["class A:"] + [f"{x}\n        ..." for x in lines]))
     ast.parse(fixed)
     assert "in_: list[int]" in fixed and "-> builtins.bool" in fixed

@@ -28,8 +28,7 @@ def fake_caption(n_words: int, attention: np.ndarray | None = None) -> Caption:
         attention = np.random.default_rng(0).random((n_words, 7, 7)).astype(np.float32)
         attention /= attention.sum((1, 2), keepdims=True)
     words = [f"w{i}" for i in range(n_words)]
-    return Caption(text=" ".join(words), score=-1.0, tokens=words, log_prob=-2.0,
-                   attention=attention)
+    return Caption(text=" ".join(words), score=-1.0, tokens=words, log_prob=-2.0, attention=attention)
 
 
 def find_panels(figure: Image.Image) -> list[tuple[int, int, int, int]]:
@@ -40,7 +39,7 @@ def find_panels(figure: Image.Image) -> list[tuple[int, int, int, int]]:
     panels = []
     for top, height in rows:
         for left, width in columns:
-            block = green[top:top + height, left:left + width]
+            block = green[top : top + height, left : left + width]
             if block.all():
                 panels.append((left, top, width, height))
             else:
@@ -54,14 +53,18 @@ def _runs(mask: np.ndarray) -> list[tuple[int, int]]:
     return [(int(a), int(b - a)) for a, b in zip(edges[::2], edges[1::2])]
 
 
-@pytest.mark.parametrize("photo_size, n_words, columns", [
-    ((300, 150), 7, 3),     # landscape 2:1, rows of 3, 3, 1
-    ((120, 240), 5, 5),     # portrait 1:2, one row
-    ((451, 300), 1, 5),     # one word: one panel, the figure one panel wide
-])
+@pytest.mark.parametrize(
+    "photo_size, n_words, columns",
+    [
+        ((300, 150), 7, 3),  # landscape 2:1, rows of 3, 3, 1
+        ((120, 240), 5, 5),  # portrait 1:2, one row
+        ((451, 300), 1, 5),  # one word: one panel, the figure one panel wide
+    ],
+)
 def test_one_panel_per_word_at_the_photo_aspect_ratio(photo_size, n_words, columns):
-    figure = attention_figure(green_photo(*photo_size), fake_caption(n_words), columns=columns,
-                              panel_size=200)
+    figure = attention_figure(
+        green_photo(*photo_size), fake_caption(n_words), columns=columns, panel_size=200
+    )
     panels = find_panels(figure)
     assert len(panels) == n_words
     width, height = panel_size_for(photo_size, 200)
@@ -81,11 +84,10 @@ def test_each_word_lights_the_region_it_attends():
     attention = np.zeros((len(cells), 7, 7), np.float32)
     for i, (r, c) in enumerate(cells):
         attention[i, r, c] = 1.0
-    figure = attention_figure(green_photo(280, 140), fake_caption(len(cells), attention),
-                              panel_size=280)
+    figure = attention_figure(green_photo(280, 140), fake_caption(len(cells), attention), panel_size=280)
     x = np.asarray(figure, dtype=np.float32)
     for (left, top, width, height), (r, c) in zip(find_panels(figure), cells):
-        brightness = x[top:top + height, left:left + width].sum(axis=2)
+        brightness = x[top : top + height, left : left + width].sum(axis=2)
         y, x_ = np.unravel_index(np.argmax(brightness), brightness.shape)
         assert (int(y * 7 // height), int(x_ * 7 // width)) == (r, c)
         # smooth: bilinear, not one hard-edged block
@@ -97,19 +99,18 @@ def test_bad_captions():
     with pytest.raises(ValueError, match="return_attention=True"):
         attention_figure(photo, dataclasses.replace(fake_caption(2), attention=None))
     with pytest.raises(ValueError, match="square grid"):
-        attention_figure(photo, dataclasses.replace(fake_caption(2),
-                                                    attention=np.ones((2, 10), np.float32)))
+        attention_figure(photo, dataclasses.replace(fake_caption(2), attention=np.ones((2, 10), np.float32)))
     with pytest.raises(ValueError, match="3 attention maps for 2 words"):
-        attention_figure(photo, dataclasses.replace(fake_caption(2),
-                                                    attention=np.ones((3, 7, 7), np.float32)))
+        attention_figure(
+            photo, dataclasses.replace(fake_caption(2), attention=np.ones((3, 7, 7), np.float32))
+        )
     with pytest.raises(ValueError, match="columns"):
         attention_figure(photo, fake_caption(2), columns=0)
 
 
 def test_real_caption_and_save(tiny_model_dir, example_images, tmp_path):
     photo = next(p for p in example_images if p.name == "chelsea.png")
-    caption = Captioner(tiny_model_dir, max_length=6, threads=1).caption(
-        photo, return_attention=True)
+    caption = Captioner(tiny_model_dir, max_length=6, threads=1).caption(photo, return_attention=True)
     path = save_attention(photo, caption, tmp_path / "attention.png")
     assert path == tmp_path / "attention.png" and list(tmp_path.iterdir()) == [path]
     with Image.open(path) as saved:
@@ -119,5 +120,7 @@ def test_real_caption_and_save(tiny_model_dir, example_images, tmp_path):
         assert saved.width == MARGIN + used * (width + MARGIN)
     # a BGR frame with color="bgr" draws the same figure as the RGB photo
     rgb = np.asarray(Image.open(photo).convert("RGB"))
-    assert np.array_equal(np.asarray(attention_figure(rgb, caption)),
-                          np.asarray(attention_figure(rgb[:, :, ::-1], caption, color="bgr")))
+    assert np.array_equal(
+        np.asarray(attention_figure(rgb, caption)),
+        np.asarray(attention_figure(rgb[:, :, ::-1], caption, color="bgr")),
+    )

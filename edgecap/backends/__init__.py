@@ -30,7 +30,7 @@ NAMES = (*BACKENDS, "auto")
 # missing top-level package -> what to install
 INSTALL_HINTS = {
     "onnxruntime": "pip install 'edgecap[cpu]' (CPU) or 'edgecap[gpu]' (CUDA, without edgecap[cpu]); "
-                   "on a Jetson use the TensorRT backend (pip install 'edgecap[tensorrt]')",
+    "on a Jetson use the TensorRT backend (pip install 'edgecap[tensorrt]')",
     "torch": "pip install 'edgecap[train]'",
     "onnx": "pip install 'edgecap[export]'",
     "tensorrt": "pip install 'edgecap[tensorrt]' (on a Jetson, TensorRT comes with JetPack)",
@@ -60,18 +60,21 @@ def backend_class(name: str) -> type[Backend]:
         module = importlib.import_module(module_name)
     except ImportError as exc:
         if exc.name == module_name:
-            raise BackendError(f"the {resolve(name)} backend is not part of this edgecap "
-                               "install; upgrade edgecap") from exc
+            raise BackendError(
+                f"the {resolve(name)} backend is not part of this edgecap install; upgrade edgecap"
+            ) from exc
         missing = (exc.name or "").split(".")[0]
         if missing not in INSTALL_HINTS:
             raise  # a bug or a broken install, not a missing extra: keep the traceback
-        raise BackendError(f"the {resolve(name)} backend needs {missing}, which is not "
-                           f"installed: {INSTALL_HINTS[missing]}") from exc
+        raise BackendError(
+            f"the {resolve(name)} backend needs {missing}, which is not installed: {INSTALL_HINTS[missing]}"
+        ) from exc
     return getattr(module, class_name)
 
 
-def load_backend(name: str, manifest: Manifest, *, device: str | None = None,
-                 limits: Limits | None = None, **options) -> Backend:
+def load_backend(
+    name: str, manifest: Manifest, *, device: str | None = None, limits: Limits | None = None, **options
+) -> Backend:
     """A ready backend for the model in ``manifest``.
 
     ``limits``: the largest batch and beam the caller will use; engines are built for at least

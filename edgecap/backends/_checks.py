@@ -11,8 +11,9 @@ from edgecap.manifest import Manifest, verify_files
 Shape = Sequence[object]  # ints for fixed dimensions, strings / None for dynamic ones
 
 
-def check_graph_io(manifest: Manifest, role: str, inputs: Mapping[str, Shape],
-                   outputs: Mapping[str, Shape]) -> None:
+def check_graph_io(
+    manifest: Manifest, role: str, inputs: Mapping[str, Shape], outputs: Mapping[str, Shape]
+) -> None:
     """Raise ModelError when a graph's tensor names or fixed dimensions contradict the contract
     (``edgecap.contract``) or the manifest's dims."""
     path = manifest.path(role)
@@ -20,21 +21,25 @@ def check_graph_io(manifest: Manifest, role: str, inputs: Mapping[str, Shape],
     for kind, want, have in (("inputs", want_in, inputs), ("outputs", want_out, outputs)):
         missing = [name for name in want if name not in have]
         if missing:
-            raise ModelError(f"{path}: the graph lacks the {kind} {missing} (it has "
-                             f"{sorted(have)}); it was not exported by this edgecap: re-export "
-                             "the model with `edgecap export`")
+            raise ModelError(
+                f"{path}: the graph lacks the {kind} {missing} (it has "
+                f"{sorted(have)}); it was not exported by this edgecap: re-export "
+                "the model with `edgecap export`"
+            )
     shapes = {**inputs, **outputs}
     for name, expected in manifest.dims.shapes(manifest.preprocessing.size)[role].items():
         actual = tuple(shapes[name])
         # Only the row dimension may be dynamic (the contract): a symbolic size where the
         # manifest has a number (the vocabulary's V, the classes' C) could not be checked.
         if len(actual) != len(expected) or any(
-                e is not None and (not isinstance(a, int) or a != e)
-                for a, e in zip(actual, expected)):
-            raise ModelError(f"{path}: tensor {name!r} has shape {list(actual)} but the manifest "
-                             f"says {[e if e is not None else '?' for e in expected]}; the ONNX "
-                             "files and manifest.json do not belong together: re-export the "
-                             "model or copy the whole directory again")
+            e is not None and (not isinstance(a, int) or a != e) for a, e in zip(actual, expected)
+        ):
+            raise ModelError(
+                f"{path}: tensor {name!r} has shape {list(actual)} but the manifest "
+                f"says {[e if e is not None else '?' for e in expected]}; the ONNX "
+                "files and manifest.json do not belong together: re-export the "
+                "model or copy the whole directory again"
+            )
 
 
 def load_failure(manifest: Manifest, role: str, exc: BaseException) -> ModelError:
@@ -43,15 +48,16 @@ def load_failure(manifest: Manifest, role: str, exc: BaseException) -> ModelErro
         verify_files(manifest)
     except ModelError as checksum_error:
         return checksum_error
-    return ModelError(f"{manifest.path(role)}: cannot load the graph ({exc}); the file may be "
-                      "corrupt or truncated, or need a newer runtime: re-copy the model directory "
-                      "or re-export it")
+    return ModelError(
+        f"{manifest.path(role)}: cannot load the graph ({exc}); the file may be "
+        "corrupt or truncated, or need a newer runtime: re-copy the model directory "
+        "or re-export it"
+    )
 
 
 def check_threads(threads: object) -> int | None:
     """A backend's ``threads`` argument: None (the backend's default) or a positive integer;
     anything else raises ``ValueError`` naming the value."""
-    if threads is not None and (isinstance(threads, bool) or not isinstance(threads, int)
-                                or threads < 1):
+    if threads is not None and (isinstance(threads, bool) or not isinstance(threads, int) or threads < 1):
         raise ValueError(f"threads must be a positive integer or None, got {threads!r}")
     return threads

@@ -27,8 +27,8 @@ class Encoded:
 @dataclass
 class StepResult:
     topk_logprobs: np.ndarray  # float32 (R, K), sorted best first
-    topk_ids: np.ndarray       # int32 (R, K)
-    alpha: np.ndarray | None   # float32 (R, L) attention weights, when asked for
+    topk_ids: np.ndarray  # int32 (R, K)
+    alpha: np.ndarray | None  # float32 (R, L) attention weights, when asked for
 
 
 class DecoderSession(ABC):
@@ -37,16 +37,16 @@ class DecoderSession(ABC):
     ``step`` is the one place the ``word_bias`` contract is checked and "no bias" decided;
     each backend implements ``_step``, which gets either None or a checked array."""
 
-    def step(self, tokens: np.ndarray, source_rows: np.ndarray,
-             word_bias: np.ndarray | None = None) -> StepResult:
+    def step(
+        self, tokens: np.ndarray, source_rows: np.ndarray, word_bias: np.ndarray | None = None
+    ) -> StepResult:
         """Feed ``tokens`` (R,) int32 to the rows whose previous state is ``source_rows`` (R,).
         ``word_bias`` float32 (R, V): added to the log-probabilities when choosing the top K;
         None: no bias (zeros). The returned log-probabilities never include it."""
         return self._step(tokens, source_rows, checked_word_bias(word_bias, len(tokens)))
 
     @abstractmethod
-    def _step(self, tokens: np.ndarray, source_rows: np.ndarray,
-              word_bias: np.ndarray | None) -> StepResult:
+    def _step(self, tokens: np.ndarray, source_rows: np.ndarray, word_bias: np.ndarray | None) -> StepResult:
         """``step`` with ``word_bias`` None or float32 C-contiguous (R, V), finite."""
 
 
@@ -57,8 +57,7 @@ def checked_word_bias(word_bias, rows: int) -> np.ndarray | None:
         return None
     bias = np.ascontiguousarray(word_bias, dtype=np.float32)
     if bias.ndim != 2 or bias.shape[0] != rows:
-        raise BackendError(f"word_bias must have shape ({rows}, vocabulary size), "
-                           f"got {bias.shape}")
+        raise BackendError(f"word_bias must have shape ({rows}, vocabulary size), got {bias.shape}")
     if not np.isfinite(bias).all():
         raise BackendError("word_bias holds a non-finite value (inf or NaN)")
     return bias
@@ -74,15 +73,16 @@ class Backend(ABC):
 
     name: str = "?"
     thread_safe: bool = True  # False: Captioner runs one batch at a time (shared device buffers)
-    top_k: int = 10           # K: the step graph returns this many best words per row
+    top_k: int = 10  # K: the step graph returns this many best words per row
 
     @abstractmethod
     def encode(self, images: np.ndarray) -> Encoded:
         """images float32 (N, 3, H, W), preprocessed as the manifest says."""
 
     @abstractmethod
-    def start(self, encoded: Encoded, image_index: np.ndarray,
-              return_attention: bool = False) -> DecoderSession:
+    def start(
+        self, encoded: Encoded, image_index: np.ndarray, return_attention: bool = False
+    ) -> DecoderSession:
         """A decoding session for rows mapped to images by ``image_index`` (R,) int32."""
 
     def describe(self) -> str:

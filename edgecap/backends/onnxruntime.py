@@ -28,8 +28,12 @@ from edgecap.manifest import Manifest
 DEVICE_PROVIDERS = {"cpu": [ort_providers.CPU], "cuda": [ort_providers.CUDA, ort_providers.CPU]}
 STEP_RESULT_OUTPUTS = ["topk_logprobs", "topk_ids", "h_out", "c_out"]
 
-_NUMPY_TYPES = {"tensor(float)": np.float32, "tensor(float16)": np.float16,
-                "tensor(int32)": np.int32, "tensor(int64)": np.int64}
+_NUMPY_TYPES = {
+    "tensor(float)": np.float32,
+    "tensor(float16)": np.float16,
+    "tensor(int32)": np.int32,
+    "tensor(int64)": np.int64,
+}
 
 
 SPINNING = "session.intra_op.allow_spinning"
@@ -44,7 +48,7 @@ def session_options(threads: int | None) -> ort.SessionOptions:
     # for these compute-bound graphs.
     so.intra_op_num_threads = 0 if threads is None else threads
     so.inter_op_num_threads = 1  # the graphs are chains: nothing runs in parallel between ops
-    so.log_severity_level = 3    # errors only; warnings about unused initializers are noise
+    so.log_severity_level = 3  # errors only; warnings about unused initializers are noise
     # No spin-waiting worker threads: after each run they burned ~70 ms of CPU in the next 200 ms
     # (a robot's other models lose those cores), and the spinning took the cores from the search
     # running between the step runs: end to end 27.0 vs 34.2 ms, encoder 6.9 vs 12.5 ms with
@@ -66,10 +70,13 @@ def select_providers(requested: str | list | None, device: str | None, **gpu_opt
         raise ValueError(f"device must be one of {sorted(DEVICE_PROVIDERS)}, got {device!r}")
     if requested is None and device is not None:
         requested = DEVICE_PROVIDERS[device]
-    return ort_providers.select_providers(requested, ort.get_available_providers(),
-                                          gpu_options.get("cache_dir"),
-                                          fp16=gpu_options.get("fp16", True),
-                                          device_id=gpu_options.get("device_id", 0))
+    return ort_providers.select_providers(
+        requested,
+        ort.get_available_providers(),
+        gpu_options.get("cache_dir"),
+        fp16=gpu_options.get("fp16", True),
+        device_id=gpu_options.get("device_id", 0),
+    )
 
 
 class OnnxRuntimeBackend(Backend):
@@ -89,37 +96,49 @@ class OnnxRuntimeBackend(Backend):
 
     name = "onnxruntime"
 
-    def __init__(self, manifest: Manifest, providers: str | list | None = None,
-                 threads: int | None = None, device: str | None = None,
-                 cache_dir: str | None = None, fp16: bool = True, device_id: int = 0,
-                 limits: Limits | None = None, search: str = "host"):
+    def __init__(
+        self,
+        manifest: Manifest,
+        providers: str | list | None = None,
+        threads: int | None = None,
+        device: str | None = None,
+        cache_dir: str | None = None,
+        fp16: bool = True,
+        device_id: int = 0,
+        limits: Limits | None = None,
+        search: str = "host",
+    ):
         check_threads(threads)
         if search not in ort_beam.SEARCH_MODES:
-            raise ValueError(f"search must be one of {', '.join(ort_beam.SEARCH_MODES)}, "
-                             f"got {search!r}")
+            raise ValueError(f"search must be one of {', '.join(ort_beam.SEARCH_MODES)}, got {search!r}")
         self.manifest = manifest
         self.top_k = manifest.dims.top_k
         self.threads = threads
         limits = limits or Limits()
         cuda_required = providers is None and device == "cuda"
         if cuda_required and ort_providers.CUDA not in ort.get_available_providers():
-            raise BackendError("device='cuda' but this onnxruntime has no CUDA provider (it has "
-                               f"{', '.join(ort.get_available_providers())}); install "
-                               "onnxruntime-gpu (pip install 'edgecap[gpu]') or use device='cpu'")
-        wanted = select_providers(providers, device, cache_dir=cache_dir, fp16=fp16,
-                                  device_id=device_id)
+            raise BackendError(
+                "device='cuda' but this onnxruntime has no CUDA provider (it has "
+                f"{', '.join(ort.get_available_providers())}); install "
+                "onnxruntime-gpu (pip install 'edgecap[gpu]') or use device='cpu'"
+            )
+        wanted = select_providers(providers, device, cache_dir=cache_dir, fp16=fp16, device_id=device_id)
         # the TensorRT EP (when listed) gets each graph's own optimisation profile
-        per_role = {role: ort_providers.providers_for_role(wanted, manifest, role, limits)
-                    for role in ROLES}
+        per_role = {role: ort_providers.providers_for_role(wanted, manifest, role, limits) for role in ROLES}
         self.encoder = self._session("encoder", per_role["encoder"], threads)
         self.decoder = self._session("decoder_step", per_role["decoder_step"], threads)
-        self._input_types = {i.name: _NUMPY_TYPES.get(i.type, np.float32)
-                             for s in (self.encoder, self.decoder) for i in s.get_inputs()}
+        self._input_types = {
+            i.name: _NUMPY_TYPES.get(i.type, np.float32)
+            for s in (self.encoder, self.decoder)
+            for i in s.get_inputs()
+        }
         for role, session in (("encoder", self.encoder), ("decoder_step", self.decoder)):
             if cuda_required and session.get_providers()[0] != ort_providers.CUDA:
-                raise BackendError(f"device='cuda' but onnxruntime could not use CUDA for the "
-                                   f"{role} graph (check the CUDA and cuDNN libraries "
-                                   "onnxruntime-gpu needs); use device='cpu' to run on the CPU")
+                raise BackendError(
+                    f"device='cuda' but onnxruntime could not use CUDA for the "
+                    f"{role} graph (check the CUDA and cuDNN libraries "
+                    "onnxruntime-gpu needs); use device='cpu' to run on the CPU"
+                )
             ort_providers.warn_if_fallback(session, wanted, role)
         self._device_decoder = self._make_device_decoder(device_id)
         self._graph_search = ort_beam.OnnxGraphSearch(self) if search == "graph" else None
@@ -129,19 +148,25 @@ class OnnxRuntimeBackend(Backend):
         step graph, else None (numpy feeds)."""
         if self.providers[0] not in (ort_providers.CUDA, ort_providers.TENSORRT):
             return None
-        return ort_gpu.IOBindingDecoder(self.encoder, self.decoder, self.manifest.dims.vocab_size,
-                                        device="cuda", device_id=device_id)
+        return ort_gpu.IOBindingDecoder(
+            self.encoder, self.decoder, self.manifest.dims.vocab_size, device="cuda", device_id=device_id
+        )
 
     def _session(self, role: str, providers: list, threads: int | None) -> ort.InferenceSession:
         try:
-            session = ort.InferenceSession(str(self.manifest.path(role)), session_options(threads),
-                                           providers=providers)
+            session = ort.InferenceSession(
+                str(self.manifest.path(role)), session_options(threads), providers=providers
+            )
         except (ValueError, TypeError) as exc:
             raise BackendError(f"onnxruntime refused the providers {providers}: {exc}") from exc
         except Exception as exc:  # onnxruntime's own exception types are not importable stably
             raise load_failure(self.manifest, role, exc) from exc
-        check_graph_io(self.manifest, role, {i.name: i.shape for i in session.get_inputs()},
-                       {o.name: o.shape for o in session.get_outputs()})
+        check_graph_io(
+            self.manifest,
+            role,
+            {i.name: i.shape for i in session.get_inputs()},
+            {o.name: o.shape for o in session.get_outputs()},
+        )
         return session
 
     @property
@@ -151,32 +176,35 @@ class OnnxRuntimeBackend(Backend):
 
     def describe(self) -> str:
         threads = "physical cores" if self.threads is None else str(self.threads)
-        return (f"onnxruntime {ort.__version__} ({', '.join(self.providers)}; intra-op threads: "
-                f"{threads})")
+        return f"onnxruntime {ort.__version__} ({', '.join(self.providers)}; intra-op threads: {threads})"
 
     def encode(self, images: np.ndarray) -> Encoded:
         """images float32 (N, 3, H, W) -> Encoded with numpy features (N, L, F), att_proj
         (N, L, A), h0, c0 (N, H)."""
         if self._device_decoder is not None:
             tensors = self._device_decoder.encode(images)
-            return Encoded(n_images=int(images.shape[0]), tensors=tensors,
-                           class_probs=tensors["class_probs"].numpy())
+            return Encoded(
+                n_images=int(images.shape[0]), tensors=tensors, class_probs=tensors["class_probs"].numpy()
+            )
         image = np.ascontiguousarray(images, dtype=self._input_types["image"])
         outputs = self.encoder.run(list(ENCODER_OUTPUTS), {"image": image})
         tensors = dict(zip(ENCODER_OUTPUTS, outputs))
-        return Encoded(n_images=int(images.shape[0]), tensors=tensors,
-                       class_probs=tensors["class_probs"].astype(np.float32, copy=False))
+        return Encoded(
+            n_images=int(images.shape[0]),
+            tensors=tensors,
+            class_probs=tensors["class_probs"].astype(np.float32, copy=False),
+        )
 
-    def search_on_device(self, encoded: Encoded, options, start_id: int, end_id: int,
-                         tag_words, fusion):
+    def search_on_device(self, encoded: Encoded, options, start_id: int, end_id: int, tag_words, fusion):
         """The hook of ``edgecap.decoding.search_with_tags``: each image's hypotheses from the
         beam-step graph (``search="graph"``), or None: the numpy loop searches."""
         if self._graph_search is None:
             return None
         return self._graph_search(encoded, options, start_id, end_id, tag_words, fusion)
 
-    def start(self, encoded: Encoded, image_index: np.ndarray,
-              return_attention: bool = False) -> DecoderSession:
+    def start(
+        self, encoded: Encoded, image_index: np.ndarray, return_attention: bool = False
+    ) -> DecoderSession:
         if self._device_decoder is not None:
             return self._device_decoder.start(encoded.tensors, image_index, return_attention)
         return OnnxDecoderSession(self, encoded.tensors, image_index, return_attention)
@@ -185,25 +213,37 @@ class OnnxRuntimeBackend(Backend):
 class OnnxDecoderSession(DecoderSession):
     """One batch's decoding state: h/c (S, H) between steps, the image tensors fed unchanged."""
 
-    def __init__(self, backend: OnnxRuntimeBackend, tensors: dict, image_index: np.ndarray,
-                 return_attention: bool):
+    def __init__(
+        self, backend: OnnxRuntimeBackend, tensors: dict, image_index: np.ndarray, return_attention: bool
+    ):
         self._run = backend.decoder.run
         self._types = backend._input_types
         self._outputs = STEP_RESULT_OUTPUTS + (["alpha"] if return_attention else [])
         self.h, self.c = tensors["h0"], tensors["c0"]  # S = N until the first step
-        self._fixed = {"features": tensors["features"], "att_proj": tensors["att_proj"],
-                       "image_index": np.ascontiguousarray(image_index, dtype=np.int32)}
-        self._no_bias = np.zeros((len(image_index), backend.manifest.dims.vocab_size),
-                                 self._types["word_bias"])
+        self._fixed = {
+            "features": tensors["features"],
+            "att_proj": tensors["att_proj"],
+            "image_index": np.ascontiguousarray(image_index, dtype=np.int32),
+        }
+        self._no_bias = np.zeros(
+            (len(image_index), backend.manifest.dims.vocab_size), self._types["word_bias"]
+        )
 
-    def _step(self, tokens: np.ndarray, source_rows: np.ndarray,
-              word_bias: np.ndarray | None) -> StepResult:
+    def _step(self, tokens: np.ndarray, source_rows: np.ndarray, word_bias: np.ndarray | None) -> StepResult:
         bias = self._no_bias if word_bias is None else word_bias
-        feed = {"tokens": np.ascontiguousarray(tokens, dtype=self._types["tokens"]),
-                "source_rows": np.ascontiguousarray(source_rows, dtype=self._types["source_rows"]),
-                "h": self.h, "c": self.c, "word_bias": bias, **self._fixed}
+        feed = {
+            "tokens": np.ascontiguousarray(tokens, dtype=self._types["tokens"]),
+            "source_rows": np.ascontiguousarray(source_rows, dtype=self._types["source_rows"]),
+            "h": self.h,
+            "c": self.c,
+            "word_bias": bias,
+            **self._fixed,
+        }
         outputs = self._run(self._outputs, feed)
         logprobs, ids, self.h, self.c = outputs[:4]
         alpha = outputs[4].astype(np.float32, copy=False) if len(outputs) > 4 else None
-        return StepResult(topk_logprobs=logprobs.astype(np.float32, copy=False),
-                          topk_ids=ids.astype(np.int32, copy=False), alpha=alpha)
+        return StepResult(
+            topk_logprobs=logprobs.astype(np.float32, copy=False),
+            topk_ids=ids.astype(np.int32, copy=False),
+            alpha=alpha,
+        )

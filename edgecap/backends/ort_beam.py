@@ -35,17 +35,24 @@ class OnnxBeamSession:
     def __init__(self, run, tensors: dict, image_index: np.ndarray, vocab_size: int):
         self._run = run
         self.h, self.c = tensors["h0"], tensors["c0"]  # S = N until the first step
-        self._fixed = {"features": tensors["features"], "att_proj": tensors["att_proj"],
-                       "image_index": np.ascontiguousarray(image_index, np.int32)}
+        self._fixed = {
+            "features": tensors["features"],
+            "att_proj": tensors["att_proj"],
+            "image_index": np.ascontiguousarray(image_index, np.int32),
+        }
         self._zeros = np.zeros((len(image_index), vocab_size), np.float32)
 
     def step(self, tokens, source_rows, scores, word_bias, word_block) -> BeamStepResult:
-        feed = {"tokens": np.ascontiguousarray(tokens, np.int32),
-                "source_rows": np.ascontiguousarray(source_rows, np.int32),
-                "h": self.h, "c": self.c, "scores": np.ascontiguousarray(scores, np.float32),
-                "word_bias": self._zeros if word_bias is None else
-                np.ascontiguousarray(word_bias, np.float32),
-                "word_block": self._zeros if word_block is None else word_block, **self._fixed}
+        feed = {
+            "tokens": np.ascontiguousarray(tokens, np.int32),
+            "source_rows": np.ascontiguousarray(source_rows, np.int32),
+            "h": self.h,
+            "c": self.c,
+            "scores": np.ascontiguousarray(scores, np.float32),
+            "word_bias": self._zeros if word_bias is None else np.ascontiguousarray(word_bias, np.float32),
+            "word_block": self._zeros if word_block is None else word_block,
+            **self._fixed,
+        }
         outputs = dict(zip(BEAM_OUTPUTS, self._run(list(BEAM_OUTPUTS), feed)))
         self.h, self.c = outputs.pop("h_next"), outputs.pop("c_next")
         return BeamStepResult(**outputs)
@@ -57,8 +64,15 @@ class IOBindingBeamSession:
     state into the pair it does not read), zeros for no bias / no block kept on the device,
     only the (R,) results bound to the host."""
 
-    def __init__(self, step_session, tensors: dict, image_index: np.ndarray, vocab_size: int,
-                 device: str, device_id: int):
+    def __init__(
+        self,
+        step_session,
+        tensors: dict,
+        image_index: np.ndarray,
+        vocab_size: int,
+        device: str,
+        device_id: int,
+    ):
         import onnxruntime as ort
 
         self._session, self._device, self._device_id = step_session, device, device_id
@@ -66,15 +80,23 @@ class IOBindingBeamSession:
         self._io = step_session.io_binding()
         self._io.bind_ortvalue_input("features", tensors["features"])
         self._io.bind_ortvalue_input("att_proj", tensors["att_proj"])
-        self._io.bind_ortvalue_input("image_index", ort.OrtValue.ortvalue_from_numpy(
-            np.ascontiguousarray(image_index, np.int32), device, device_id))
+        self._io.bind_ortvalue_input(
+            "image_index",
+            ort.OrtValue.ortvalue_from_numpy(np.ascontiguousarray(image_index, np.int32), device, device_id),
+        )
         hidden = tensors["h0"].shape()[1]
-        self._pairs = [tuple(ort.OrtValue.ortvalue_from_shape_and_type(
-            (rows, hidden), np.float32, device, device_id) for _ in range(2)) for _ in range(2)]
+        self._pairs = [
+            tuple(
+                ort.OrtValue.ortvalue_from_shape_and_type((rows, hidden), np.float32, device, device_id)
+                for _ in range(2)
+            )
+            for _ in range(2)
+        ]
         self._current = (tensors["h0"], tensors["c0"])
         self._next = 0
         self._zeros = ort.OrtValue.ortvalue_from_numpy(
-            np.zeros((rows, vocab_size), np.float32), device, device_id)
+            np.zeros((rows, vocab_size), np.float32), device, device_id
+        )
 
     def step(self, tokens, source_rows, scores, word_bias, word_block) -> BeamStepResult:
         io = self._io
@@ -117,19 +139,26 @@ class OnnxGraphSearch:
             try:
                 import onnx
             except ImportError as exc:
-                raise BackendError("search='graph' derives its step graph with the onnx "
-                                   "package: pip install onnx") from exc
+                raise BackendError(
+                    "search='graph' derives its step graph with the onnx package: pip install onnx"
+                ) from exc
             import onnxruntime as ort
 
             from edgecap.backends.onnxruntime import session_options
 
             backend = self.backend
             dims = backend.manifest.dims
-            model = beam_step_model(onnx.load(str(backend.manifest.path(DECODER_STEP))), beam,
-                                    end_id, dims.top_k, dims.hidden_dim, dims.vocab_size)
-            self._sessions[key] = ort.InferenceSession(model.SerializeToString(),
-                                                       session_options(backend.threads),
-                                                       providers=self._providers())
+            model = beam_step_model(
+                onnx.load(str(backend.manifest.path(DECODER_STEP))),
+                beam,
+                end_id,
+                dims.top_k,
+                dims.hidden_dim,
+                dims.vocab_size,
+            )
+            self._sessions[key] = ort.InferenceSession(
+                model.SerializeToString(), session_options(backend.threads), providers=self._providers()
+            )
         return self._sessions[key]
 
     def _providers(self) -> list:
@@ -140,11 +169,9 @@ class OnnxGraphSearch:
         if self.backend._device_decoder is None:
             return [CPU]
         options = self.backend.decoder.get_provider_options()
-        return [(name, options.get(name, {})) for name in self.backend.providers
-                if name != TENSORRT]
+        return [(name, options.get(name, {})) for name in self.backend.providers if name != TENSORRT]
 
-    def __call__(self, encoded, options: CaptionOptions, start_id: int, end_id: int, tag_words,
-                 fusion):
+    def __call__(self, encoded, options: CaptionOptions, start_id: int, end_id: int, tag_words, fusion):
         """Each image's hypotheses (``search_on_device``)."""
         backend = self.backend
         dims = backend.manifest.dims
@@ -157,10 +184,20 @@ class OnnxGraphSearch:
         if decoder is None:
             session = OnnxBeamSession(step.run, encoded.tensors, image_index, dims.vocab_size)
         else:
-            session = IOBindingBeamSession(step, encoded.tensors, image_index, dims.vocab_size,
-                                           decoder.device, decoder.device_id)
+            session = IOBindingBeamSession(
+                step, encoded.tensors, image_index, dims.vocab_size, decoder.device, decoder.device_id
+            )
         scorers = scorers_for(options, dims.vocab_size, tag_words, fusion, encoded.class_probs)
-        return graph_beam_search(session, encoded.n_images, options, dims.top_k,
-                                 beam_width(beam, dims.top_k), start_id, end_id, dims.vocab_size,
-                                 never_first=NEVER_FIRST_IDS, scorers=scorers,
-                                 describe=backend.describe)
+        return graph_beam_search(
+            session,
+            encoded.n_images,
+            options,
+            dims.top_k,
+            beam_width(beam, dims.top_k),
+            start_id,
+            end_id,
+            dims.vocab_size,
+            never_first=NEVER_FIRST_IDS,
+            scorers=scorers,
+            describe=backend.describe,
+        )

@@ -56,8 +56,10 @@ def provider_entries(requested: str | list | tuple | None) -> list[tuple[str, di
         key = str(item).strip()
         name = ALIASES.get(key.lower(), key)
         if name not in KNOWN and not name.endswith("ExecutionProvider"):
-            raise ValueError(f"unknown execution provider {key!r}; use one of "
-                             f"{', '.join(sorted(ALIASES))} or a full provider name")
+            raise ValueError(
+                f"unknown execution provider {key!r}; use one of "
+                f"{', '.join(sorted(ALIASES))} or a full provider name"
+            )
         if name in [n for n, _ in entries]:
             continue
         entries.append((name, dict(options)))
@@ -68,21 +70,33 @@ def _default_cache_dir() -> Path:
     return cache_root() / "engines" / "onnxruntime-tensorrt"
 
 
-def tensorrt_options(cache_dir: str | Path | None, fp16: bool = True, device_id: int = 0,
-                     extra: dict | None = None) -> dict:
+def tensorrt_options(
+    cache_dir: str | Path | None, fp16: bool = True, device_id: int = 0, extra: dict | None = None
+) -> dict:
     """TensorRT execution provider options: FP16, engine and timing caches in ``cache_dir``."""
     cache = str(Path(cache_dir) if cache_dir is not None else _default_cache_dir())
-    options = {"device_id": device_id, "trt_fp16_enable": bool(fp16),
-               "trt_engine_cache_enable": True, "trt_engine_cache_path": cache,
-               "trt_timing_cache_enable": True, "trt_timing_cache_path": cache,
-               "trt_max_workspace_size": 1 << 30}
+    options = {
+        "device_id": device_id,
+        "trt_fp16_enable": bool(fp16),
+        "trt_engine_cache_enable": True,
+        "trt_engine_cache_path": cache,
+        "trt_timing_cache_enable": True,
+        "trt_timing_cache_path": cache,
+        "trt_max_workspace_size": 1 << 30,
+    }
     options.update(extra or {})
     return options
 
 
-def select_providers(requested: str | list | None, available: list[str],
-                     cache_dir: str | Path | None, *, fp16: bool = True, device_id: int = 0,
-                     tensorrt_extra: dict | None = None) -> list:
+def select_providers(
+    requested: str | list | None,
+    available: list[str],
+    cache_dir: str | Path | None,
+    *,
+    fp16: bool = True,
+    device_id: int = 0,
+    tensorrt_extra: dict | None = None,
+) -> list:
     """The ``providers=`` list for ``onnxruntime.InferenceSession``: the requested providers
     (default: CUDA, CPU) that ``available`` offers, with their options (edgecap's defaults
     updated by the user's own), CPU last as the fallback. Warns when an explicitly requested
@@ -100,15 +114,23 @@ def select_providers(requested: str | list | None, available: list[str],
     for name, options in entries:
         if name not in available:
             if explicit and name not in implicit:
-                warnings.warn(f"{name} is not available in this onnxruntime "
-                              f"(available: {', '.join(available)}); "
-                              + ("install onnxruntime-gpu (pip install 'edgecap[gpu]') in an "
-                                 "environment without onnxruntime" if name in (CUDA, TENSORRT)
-                                 else "falling back"), RuntimeWarning, stacklevel=2)
+                warnings.warn(
+                    f"{name} is not available in this onnxruntime "
+                    f"(available: {', '.join(available)}); "
+                    + (
+                        "install onnxruntime-gpu (pip install 'edgecap[gpu]') in an "
+                        "environment without onnxruntime"
+                        if name in (CUDA, TENSORRT)
+                        else "falling back"
+                    ),
+                    RuntimeWarning,
+                    stacklevel=2,
+                )
             continue
         if name == TENSORRT:
-            providers.append((name, {**tensorrt_options(cache_dir, fp16, device_id,
-                                                        tensorrt_extra), **options}))
+            providers.append(
+                (name, {**tensorrt_options(cache_dir, fp16, device_id, tensorrt_extra), **options})
+            )
         elif name == CUDA:
             providers.append((name, {"device_id": device_id, **options}))
         else:
@@ -144,8 +166,7 @@ def providers_for_role(providers: list, manifest, role: str, limits: Limits = Li
         if provider_name(provider) == TENSORRT and isinstance(provider, (tuple, list)):
             name, options = provider
             if not any(key in options for key in PROFILE_KEYS):
-                options = {**options,
-                           **trt_profile_options(manifest, role, limits)}
+                options = {**options, **trt_profile_options(manifest, role, limits)}
             provider = (name, options)
         out.append(provider)
     return out
@@ -164,8 +185,11 @@ def warn_if_fallback(session, providers: list, what: str = "") -> str:
         first = provider_name(providers[0])
         if attached != first:
             graph = f" for the {what} graph" if what else ""
-            warnings.warn(f"onnxruntime could not use {first}{graph} and runs on {attached} "
-                          "instead (check the CUDA / TensorRT libraries onnxruntime-gpu needs; "
-                          "its log above says which one failed to load)", RuntimeWarning,
-                          stacklevel=3)
+            warnings.warn(
+                f"onnxruntime could not use {first}{graph} and runs on {attached} "
+                "instead (check the CUDA / TensorRT libraries onnxruntime-gpu needs; "
+                "its log above says which one failed to load)",
+                RuntimeWarning,
+                stacklevel=3,
+            )
     return attached

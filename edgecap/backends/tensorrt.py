@@ -65,8 +65,7 @@ class DeviceBuffers:
     state, the execution contexts' addresses and input shapes, and the stream. The backend's
     encode and its sessions' steps use it only through these methods; ``close`` frees it all."""
 
-    def __init__(self, device, contexts: dict[str, tensorrt.IExecutionContext],
-                 tensor_info, limits: Limits):
+    def __init__(self, device, contexts: dict[str, tensorrt.IExecutionContext], tensor_info, limits: Limits):
         """``tensor_info(role, name)`` -> (dtype, inner shape) of an engine tensor."""
         self._device = device
         self._contexts = contexts
@@ -95,23 +94,52 @@ class DeviceBuffers:
         t: dict[str, _DeviceTensor] = {}
         for name in ENCODER_INPUTS + ENCODER_OUTPUTS:  # image, features, ..., class_probs
             t[name] = self._new(tensor_info, "encoder", name, n)
-        for name in ("tokens", "source_rows", "image_index", "word_bias",
-                     "topk_logprobs", "topk_ids", "alpha"):
+        for name in (
+            "tokens",
+            "source_rows",
+            "image_index",
+            "word_bias",
+            "topk_logprobs",
+            "topk_ids",
+            "alpha",
+        ):
             t[name] = self._new(tensor_info, "decoder_step", name, r)
         # ping-pong decoder state: a step reads one pair and writes the other
-        self._state = [(self._new(tensor_info, "decoder_step", "h_out", r),
-                        self._new(tensor_info, "decoder_step", "c_out", r)) for _ in range(2)]
+        self._state = [
+            (
+                self._new(tensor_info, "decoder_step", "h_out", r),
+                self._new(tensor_info, "decoder_step", "c_out", r),
+            )
+            for _ in range(2)
+        ]
         self._tensors = t
         # pinned host staging for what crosses the bus
-        for name in ("image", "class_probs", "tokens", "source_rows", "image_index", "word_bias",
-                     "topk_logprobs", "topk_ids", "alpha"):
-            self._host[name] = self._device.host_array((t[name].max_rows, *t[name].tail),
-                                                       t[name].dtype)
+        for name in (
+            "image",
+            "class_probs",
+            "tokens",
+            "source_rows",
+            "image_index",
+            "word_bias",
+            "topk_logprobs",
+            "topk_ids",
+            "alpha",
+        ):
+            self._host[name] = self._device.host_array((t[name].max_rows, *t[name].tail), t[name].dtype)
         # fixed addresses: the step reads the encoder's outputs in place
         for name in ENCODER_INPUTS + ENCODER_OUTPUTS:
             self.bind("encoder", name, t[name])
-        for name in ("tokens", "source_rows", "image_index", "word_bias", "features",
-                     "att_proj", "topk_logprobs", "topk_ids", "alpha"):
+        for name in (
+            "tokens",
+            "source_rows",
+            "image_index",
+            "word_bias",
+            "features",
+            "att_proj",
+            "topk_logprobs",
+            "topk_ids",
+            "alpha",
+        ):
             self.bind("decoder_step", name, t[name])
         self._bias_rows_zero = 0  # word_bias rows known to hold zeros on the device
 
@@ -130,9 +158,11 @@ class DeviceBuffers:
         if self._shapes.get((role, name)) == shape:
             return
         if not self._contexts[role].set_input_shape(name, shape):
-            raise BackendError(f"TensorRT refused shape {shape} for {role} input {name!r} "
-                               f"(engine limits: {self._limits}); rebuild with larger "
-                               "--max-batch / --max-beam")
+            raise BackendError(
+                f"TensorRT refused shape {shape} for {role} input {name!r} "
+                f"(engine limits: {self._limits}); rebuild with larger "
+                "--max-batch / --max-beam"
+            )
         self._shapes[(role, name)] = shape
 
     def execute(self, role: str) -> None:
@@ -140,7 +170,7 @@ class DeviceBuffers:
             raise BackendError(f"TensorRT failed to run the {role} engine")
 
     def upload(self, name: str, values: np.ndarray) -> None:
-        host = self._host[name][:len(values)]
+        host = self._host[name][: len(values)]
         host[...] = values
         self._device.copy_to_device(self._tensors[name].ptr, host, self.stream)
 
@@ -156,8 +186,7 @@ class DeviceBuffers:
             self._bias_rows_zero = rows
             return
         if word_bias.shape != (rows, *tail):
-            raise BackendError(f"word_bias must have shape ({rows}, {tail[0]}), "
-                               f"got {word_bias.shape}")
+            raise BackendError(f"word_bias must have shape ({rows}, {tail[0]}), got {word_bias.shape}")
         self.upload("word_bias", word_bias)
         self._bias_rows_zero = 0
 
@@ -196,10 +225,19 @@ class TensorRTBackend(Backend):
     # would overwrite each other's tensors. The Captioner serialises calls to such a backend.
     thread_safe = False
 
-    def __init__(self, manifest: Manifest, precision: str = "fp16", limits: Limits | None = None,
-                 cache_dir: str | Path | None = None, *, device: str | None = None,
-                 cuda_device=None, log=sys.stderr, threads: int | None = None,
-                 search: str = "host"):
+    def __init__(
+        self,
+        manifest: Manifest,
+        precision: str = "fp16",
+        limits: Limits | None = None,
+        cache_dir: str | Path | None = None,
+        *,
+        device: str | None = None,
+        cuda_device=None,
+        log=sys.stderr,
+        threads: int | None = None,
+        search: str = "host",
+    ):
         """``limits``: the largest batch and beam the engines take (default 8 x 5);
         ``device``: None or "cuda" (TensorRT runs on the GPU only); ``cuda_device``: an opened
         ``edgecap.trt.cuda`` device (default: GPU 0). ``threads`` is checked like the other
@@ -227,15 +265,15 @@ class TensorRTBackend(Backend):
         self._graph_search: TensorRTGraphSearch | None = None
         self._closed = False
         try:
-            target = Target(self._device.name, tuple(self._device.compute_capability),
-                            trt.__version__)
+            target = Target(self._device.name, tuple(self._device.compute_capability), trt.__version__)
             self._cache = EngineCache(trt, target, cache_dir, log)
             self._engines: dict[str, tensorrt.ICudaEngine] = {
-                role: self._cache.load(manifest, role, precision, self.limits) for role in ROLES}
+                role: self._cache.load(manifest, role, precision, self.limits) for role in ROLES
+            }
             self._contexts: dict[str, tensorrt.IExecutionContext] = {
-                role: engine.create_execution_context() for role, engine in self._engines.items()}
-            self.buffers = DeviceBuffers(self._device, self._contexts, self._tensor_info,
-                                         self.limits)
+                role: engine.create_execution_context() for role, engine in self._engines.items()
+            }
+            self.buffers = DeviceBuffers(self._device, self._contexts, self._tensor_info, self.limits)
         except BaseException:
             self.close()
             raise
@@ -244,25 +282,28 @@ class TensorRTBackend(Backend):
             from edgecap.backends.tensorrt_beam import TensorRTGraphSearch
 
             self._graph_search = TensorRTGraphSearch(self)
-        self._generation = 0   # bumped by encode: older Encoded objects are stale
-        self._session_id = 0   # bumped by start: older sessions are stale
+        self._generation = 0  # bumped by encode: older Encoded objects are stale
+        self._session_id = 0  # bumped by start: older sessions are stale
 
     def _tensor_info(self, role: str, name: str) -> tuple[np.dtype, tuple[int, ...]]:
         engine = self._engines[role]
         dtype = np.dtype(self._trt.nptype(engine.get_tensor_dtype(name)))
         expected = tensor_dtype(name)
         if dtype != expected:
-            raise BackendError(f"{role} engine tensor {name!r} is {dtype}, the contract says "
-                               f"{expected}; rebuild the engines from an edgecap model")
+            raise BackendError(
+                f"{role} engine tensor {name!r} is {dtype}, the contract says "
+                f"{expected}; rebuild the engines from an edgecap model"
+            )
         # Inner dimensions come from the manifest; the engine reports -1 for those its ONNX
         # left symbolic (e.g. the regions axis of the encoder's outputs) and must agree on the rest.
         expected_tail = self.manifest.dims.tails(self.manifest.preprocessing.size)[name]
         found = tuple(int(d) for d in engine.get_tensor_shape(name)[1:])
-        if len(found) != len(expected_tail) or any(
-                f >= 0 and f != e for f, e in zip(found, expected_tail)):
-            raise BackendError(f"{role} engine tensor {name!r} has inner shape {found}; the "
-                               f"manifest says {expected_tail}. Rebuild the engines "
-                               "(edgecap build) or re-export the model")
+        if len(found) != len(expected_tail) or any(f >= 0 and f != e for f, e in zip(found, expected_tail)):
+            raise BackendError(
+                f"{role} engine tensor {name!r} has inner shape {found}; the "
+                f"manifest says {expected_tail}. Rebuild the engines "
+                "(edgecap build) or re-export the model"
+            )
         return dtype, expected_tail
 
     def _open_buffers(self) -> DeviceBuffers:
@@ -275,12 +316,16 @@ class TensorRTBackend(Backend):
         ``BackendError`` when a later start() or encode() took them over, or after close()."""
         buffers = self._open_buffers()
         if session_id != self._session_id:
-            raise BackendError("a later start() on this TensorRT backend took over its buffers; "
-                               "decode one batch at a time per backend")
+            raise BackendError(
+                "a later start() on this TensorRT backend took over its buffers; "
+                "decode one batch at a time per backend"
+            )
         if generation != self._generation:
-            raise BackendError("this session's encoded images were overwritten by a later "
-                               "encode() on the same TensorRT backend; encode, start and step "
-                               "one batch at a time per backend")
+            raise BackendError(
+                "this session's encoded images were overwritten by a later "
+                "encode() on the same TensorRT backend; encode, start and step "
+                "one batch at a time per backend"
+            )
         return buffers
 
     # -- Backend -------------------------------------------------------------------------------
@@ -289,12 +334,13 @@ class TensorRTBackend(Backend):
         images = np.asarray(images, dtype=np.float32)
         tail = buffers.tensor("image").tail
         if images.ndim != 4 or images.shape[1:] != tail:
-            raise BackendError(f"images must be float32 (N, {', '.join(map(str, tail))}); "
-                               f"got {images.shape}")
+            raise BackendError(f"images must be float32 (N, {', '.join(map(str, tail))}); got {images.shape}")
         n = images.shape[0]
         if not 1 <= n <= self.limits.max_batch:
-            raise BackendError(f"{n} images in one batch; these engines take 1 to "
-                               f"{self.limits.max_batch} (edgecap build --max-batch N)")
+            raise BackendError(
+                f"{n} images in one batch; these engines take 1 to "
+                f"{self.limits.max_batch} (edgecap build --max-batch N)"
+            )
         buffers.upload("image", images)
         buffers.set_shape("encoder", "image", images.shape)
         buffers.execute("encoder")
@@ -302,31 +348,40 @@ class TensorRTBackend(Backend):
         # the pinned image buffer is reused by the next call: wait for the copy to finish
         buffers.synchronize()
         self._generation += 1
-        return Encoded(n_images=n, tensors=_EncodedOnDevice(self._generation, n),
-                       class_probs=probs.copy())
+        return Encoded(n_images=n, tensors=_EncodedOnDevice(self._generation, n), class_probs=probs.copy())
 
-    def start(self, encoded: Encoded, image_index: np.ndarray,
-              return_attention: bool = False) -> DecoderSession:
+    def start(
+        self, encoded: Encoded, image_index: np.ndarray, return_attention: bool = False
+    ) -> DecoderSession:
         buffers = self._open_buffers()
         handle = encoded.tensors
         if not isinstance(handle, _EncodedOnDevice) or handle.generation != self._generation:
-            raise BackendError("this batch's encoded images were overwritten by a later encode() "
-                               "on the same TensorRT backend; encode, start and step one batch "
-                               "at a time (or use one backend per thread)")
+            raise BackendError(
+                "this batch's encoded images were overwritten by a later encode() "
+                "on the same TensorRT backend; encode, start and step one batch "
+                "at a time (or use one backend per thread)"
+            )
         image_index = np.asarray(image_index)
         rows = len(image_index)
         if image_index.ndim != 1 or not 1 <= rows <= self.limits.max_rows:
-            raise BackendError(f"{rows} rows; these engines take 1 to {self.limits.max_rows} "
-                               "(edgecap build --max-batch N --max-beam K)")
+            raise BackendError(
+                f"{rows} rows; these engines take 1 to {self.limits.max_rows} "
+                "(edgecap build --max-batch N --max-beam K)"
+            )
         if image_index.min() < 0 or image_index.max() >= handle.n_images:
             raise BackendError(f"image_index must lie in [0, {handle.n_images})")
         buffers.upload("image_index", image_index.astype(np.int32))
         self._session_id += 1
-        return TensorRTSession(self, self._session_id, handle.generation, handle.n_images,
-                               image_index.astype(np.int32), return_attention)
+        return TensorRTSession(
+            self,
+            self._session_id,
+            handle.generation,
+            handle.n_images,
+            image_index.astype(np.int32),
+            return_attention,
+        )
 
-    def search_on_device(self, encoded: Encoded, options, start_id: int, end_id: int,
-                         tag_words, fusion):
+    def search_on_device(self, encoded: Encoded, options, start_id: int, end_id: int, tag_words, fusion):
         """The hook of ``edgecap.decoding.search_with_tags``: each image's hypotheses from the
         beam-step engine (``search="graph"``), or None: the numpy loop searches."""
         if self._graph_search is None:
@@ -336,9 +391,11 @@ class TensorRTBackend(Backend):
 
     def describe(self) -> str:
         d = self._device
-        return (f"tensorrt {self._trt.__version__} {self.precision} on {d.name} "
-                f"(sm{d.compute_capability[0]}{d.compute_capability[1]}), engines in "
-                f"{self._cache.cache_dir}")
+        return (
+            f"tensorrt {self._trt.__version__} {self.precision} on {d.name} "
+            f"(sm{d.compute_capability[0]}{d.compute_capability[1]}), engines in "
+            f"{self._cache.cache_dir}"
+        )
 
     # -- lifetime ------------------------------------------------------------------------------
     def close(self) -> None:
@@ -370,8 +427,15 @@ class TensorRTSession(DecoderSession):
     """One batch's decoding on the device: the state stays in the backend's ping-pong buffers,
     which it reaches through ``DeviceBuffers``' methods only."""
 
-    def __init__(self, backend: TensorRTBackend, session_id: int, generation: int,
-                 n_images: int, image_index: np.ndarray, return_attention: bool):
+    def __init__(
+        self,
+        backend: TensorRTBackend,
+        session_id: int,
+        generation: int,
+        n_images: int,
+        image_index: np.ndarray,
+        return_attention: bool,
+    ):
         self._backend = backend
         self._id = session_id
         self._generation = generation  # the encode() whose features / att_proj / h0 it reads
@@ -380,14 +444,14 @@ class TensorRTSession(DecoderSession):
         self._return_attention = return_attention
         self._current: int | None = None  # which ping-pong pair holds the state; None: h0/c0
 
-    def _step(self, tokens: np.ndarray, source_rows: np.ndarray,
-              word_bias: np.ndarray | None) -> StepResult:
+    def _step(self, tokens: np.ndarray, source_rows: np.ndarray, word_bias: np.ndarray | None) -> StepResult:
         buffers = self._backend.check_session(self._id, self._generation)
         tokens, source_rows = np.asarray(tokens), np.asarray(source_rows)
         r = self._rows
         if tokens.shape != (r,) or source_rows.shape != (r,):
-            raise BackendError(f"tokens and source_rows must have shape ({r},), got "
-                               f"{tokens.shape} and {source_rows.shape}")
+            raise BackendError(
+                f"tokens and source_rows must have shape ({r},), got {tokens.shape} and {source_rows.shape}"
+            )
         if self._current is None:
             h_src, c_src = buffers.tensor("h0"), buffers.tensor("c0")
             s, dst = self._n_images, 0
@@ -402,11 +466,16 @@ class TensorRTSession(DecoderSession):
         buffers.upload("source_rows", source_rows.astype(np.int32))
         buffers.upload_bias(word_bias, r)
         hidden = h_src.tail
-        for name, shape in (("tokens", (r,)), ("source_rows", (r,)), ("image_index", (r,)),
-                            ("word_bias", (r, *buffers.tensor("word_bias").tail)),
-                            ("h", (s, *hidden)), ("c", (s, *hidden)),
-                            ("features", (self._n_images, *buffers.tensor("features").tail)),
-                            ("att_proj", (self._n_images, *buffers.tensor("att_proj").tail))):
+        for name, shape in (
+            ("tokens", (r,)),
+            ("source_rows", (r,)),
+            ("image_index", (r,)),
+            ("word_bias", (r, *buffers.tensor("word_bias").tail)),
+            ("h", (s, *hidden)),
+            ("c", (s, *hidden)),
+            ("features", (self._n_images, *buffers.tensor("features").tail)),
+            ("att_proj", (self._n_images, *buffers.tensor("att_proj").tail)),
+        ):
             buffers.set_shape("decoder_step", name, shape)
         for name, tensor in (("h", h_src), ("c", c_src), ("h_out", h_dst), ("c_out", c_dst)):
             buffers.bind("decoder_step", name, tensor)
@@ -417,8 +486,11 @@ class TensorRTSession(DecoderSession):
         alpha = buffers.download("alpha", r) if self._return_attention else None
         buffers.synchronize()
         self._current = dst
-        return StepResult(topk_logprobs=logprobs.copy(), topk_ids=ids.copy(),
-                          alpha=alpha.copy() if alpha is not None else None)
+        return StepResult(
+            topk_logprobs=logprobs.copy(),
+            topk_ids=ids.copy(),
+            alpha=alpha.copy() if alpha is not None else None,
+        )
 
 
 __all__ = ["DeviceBuffers", "TensorRTBackend", "TensorRTSession"]

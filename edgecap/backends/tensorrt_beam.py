@@ -47,9 +47,11 @@ class BeamEngine:
         self._pointers: list[int] = []
         self._host: dict[str, np.ndarray] = {}
         self.ptr: dict[str, int] = {}
-        shapes = {"scores": ((rows,), np.float32), "word_block": ((rows, vocab), np.float32),
-                  **{name: ((rows,), np.int32 if name in _INT32 else np.float32)
-                     for name in RESULTS}}
+        shapes = {
+            "scores": ((rows,), np.float32),
+            "word_block": ((rows, vocab), np.float32),
+            **{name: ((rows,), np.int32 if name in _INT32 else np.float32) for name in RESULTS},
+        }
         try:
             for name, (shape, dtype) in shapes.items():
                 self._host[name] = self._device.host_array(shape, dtype)
@@ -73,7 +75,7 @@ class BeamEngine:
         self._shapes[name] = shape
 
     def upload(self, name: str, values: np.ndarray, stream) -> None:
-        host = self._host[name][:len(values)]
+        host = self._host[name][: len(values)]
         host[...] = values
         self._device.copy_to_device(self.ptr[name], host, stream)
 
@@ -95,8 +97,15 @@ class TensorRTBeamSession:
     """``BeamStepSession`` on a beam-step engine: the state in the backend's ping-pong
     buffers, only (R,) results copied back."""
 
-    def __init__(self, backend: TensorRTBackend, engine: BeamEngine, session_id: int,
-                 generation: int, n_images: int, rows: int):
+    def __init__(
+        self,
+        backend: TensorRTBackend,
+        engine: BeamEngine,
+        session_id: int,
+        generation: int,
+        n_images: int,
+        rows: int,
+    ):
         self._backend, self._engine = backend, engine
         self._id, self._generation = session_id, generation
         self._n_images, self._rows = n_images, rows
@@ -106,8 +115,7 @@ class TensorRTBeamSession:
         buffers: DeviceBuffers = self._backend.check_session(self._id, self._generation)
         engine, r, stream = self._engine, self._rows, buffers.stream
         if self._current is None:
-            (h_src, c_src), s, dst = (buffers.tensor("h0"), buffers.tensor("c0")), \
-                self._n_images, 0
+            (h_src, c_src), s, dst = (buffers.tensor("h0"), buffers.tensor("c0")), self._n_images, 0
         else:
             (h_src, c_src), s, dst = buffers.state(self._current), r, 1 - self._current
         h_dst, c_dst = buffers.state(dst)
@@ -122,15 +130,20 @@ class TensorRTBeamSession:
         elif engine.block_rows_zero < r:
             engine.upload("word_block", np.zeros((r, *vocab), np.float32), stream)
             engine.block_rows_zero = r
-        for name, shape in (("tokens", (r,)), ("source_rows", (r,)), ("image_index", (r,)),
-                            ("scores", (r,)), ("word_bias", (r, *vocab)),
-                            ("word_block", (r, *vocab)), ("h", (s, *h_src.tail)),
-                            ("c", (s, *c_src.tail)),
-                            ("features", (self._n_images, *buffers.tensor("features").tail)),
-                            ("att_proj", (self._n_images, *buffers.tensor("att_proj").tail))):
+        for name, shape in (
+            ("tokens", (r,)),
+            ("source_rows", (r,)),
+            ("image_index", (r,)),
+            ("scores", (r,)),
+            ("word_bias", (r, *vocab)),
+            ("word_block", (r, *vocab)),
+            ("h", (s, *h_src.tail)),
+            ("c", (s, *c_src.tail)),
+            ("features", (self._n_images, *buffers.tensor("features").tail)),
+            ("att_proj", (self._n_images, *buffers.tensor("att_proj").tail)),
+        ):
             engine.set_shape(name, shape)
-        for name in ("tokens", "source_rows", "image_index", "word_bias", "features",
-                     "att_proj"):
+        for name in ("tokens", "source_rows", "image_index", "word_bias", "features", "att_proj"):
             engine.bind(name, buffers.tensor(name).ptr)
         for name, tensor in (("h", h_src), ("c", c_src), ("h_next", h_dst), ("c_next", c_dst)):
             engine.bind(name, tensor.ptr)
@@ -156,8 +169,9 @@ class TensorRTGraphSearch:
         key = (beam, end_id)
         if key not in self._engines:
             backend = self.backend
-            loaded = backend._cache.load_beam(backend.manifest, beam, end_id, backend.precision,
-                                              backend.limits)
+            loaded = backend._cache.load_beam(
+                backend.manifest, beam, end_id, backend.precision, backend.limits
+            )
             self._engines[key] = BeamEngine(backend, loaded)
         return self._engines[key]
 
@@ -172,14 +186,28 @@ class TensorRTGraphSearch:
         # start() checks the batch, uploads the image index and takes the buffers over (any
         # older session is stale from here)
         backend.start(encoded, image_index)
-        session = TensorRTBeamSession(backend, engine, backend._session_id,
-                                      encoded.tensors.generation, encoded.n_images,
-                                      len(image_index))
+        session = TensorRTBeamSession(
+            backend,
+            engine,
+            backend._session_id,
+            encoded.tensors.generation,
+            encoded.n_images,
+            len(image_index),
+        )
         scorers = scorers_for(options, dims.vocab_size, tag_words, fusion, encoded.class_probs)
-        return graph_beam_search(session, encoded.n_images, options, dims.top_k,
-                                 beam_width(beam, dims.top_k), start_id, end_id,
-                                 dims.vocab_size, never_first=NEVER_FIRST_IDS, scorers=scorers,
-                                 describe=backend.describe)
+        return graph_beam_search(
+            session,
+            encoded.n_images,
+            options,
+            dims.top_k,
+            beam_width(beam, dims.top_k),
+            start_id,
+            end_id,
+            dims.vocab_size,
+            never_first=NEVER_FIRST_IDS,
+            scorers=scorers,
+            describe=backend.describe,
+        )
 
     def close(self) -> None:
         for engine in self._engines.values():

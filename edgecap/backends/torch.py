@@ -32,9 +32,15 @@ from onnx import numpy_helper
 from edgecap.backends._checks import check_threads, load_failure
 from edgecap.backends.base import Backend, DecoderSession, Encoded, StepResult
 from edgecap.backends.torch_search import TorchDeviceSearch, checked_search
-from edgecap.backends.torch_graphs import (CudaGraph, EncoderGraphs, GraphedSession,
-                                           GraphFactory, StepGraphs, keep_fp32,
-                                           keep_fp32_span)
+from edgecap.backends.torch_graphs import (
+    CudaGraph,
+    EncoderGraphs,
+    GraphedSession,
+    GraphFactory,
+    StepGraphs,
+    keep_fp32,
+    keep_fp32_span,
+)
 from edgecap.contract import ENCODER_OUTPUTS, ROLES, Limits
 from edgecap.errors import BackendError, ModelError
 from edgecap.manifest import Manifest
@@ -60,36 +66,56 @@ def read_initializers(manifest: Manifest) -> dict[str, np.ndarray]:
     return weights
 
 
-def _load(module: torch.nn.Module, weights: dict[str, np.ndarray], prefix: str,
-          unused: tuple[str, ...], manifest: Manifest) -> None:
+def _load(
+    module: torch.nn.Module,
+    weights: dict[str, np.ndarray],
+    prefix: str,
+    unused: tuple[str, ...],
+    manifest: Manifest,
+) -> None:
     """Load ``prefix``-named initializers into ``module``, as strictly as the graphs allow: every
     key the graphs use must be present with its shape, and nothing else may be left over."""
-    state = {name[len(prefix):]: torch.from_numpy(np.array(value, dtype=np.float32
-                                                           if value.dtype == np.float16 else None))
-             for name, value in weights.items() if name.startswith(prefix)}
+    state = {
+        name[len(prefix) :]: torch.from_numpy(
+            np.array(value, dtype=np.float32 if value.dtype == np.float16 else None)
+        )
+        for name, value in weights.items()
+        if name.startswith(prefix)
+    }
     own = module.state_dict()
-    missing = [k for k in own if k not in state
-               and not k.startswith(unused) and not k.endswith(UNUSED_SUFFIXES)]
+    missing = [
+        k for k in own if k not in state and not k.startswith(unused) and not k.endswith(UNUSED_SUFFIXES)
+    ]
     unexpected = [k for k in state if k not in own]
-    wrong = [f"{k} {tuple(state[k].shape)} != {tuple(own[k].shape)}"
-             for k in state if k in own and state[k].shape != own[k].shape]
-    problems = [f"{what} {[prefix + k for k in keys[:5]]}" + (" ..." if len(keys) > 5 else "")
-                for what, keys in (("missing", missing), ("unexpected", unexpected),
-                                   ("wrong shape", wrong)) if keys]
+    wrong = [
+        f"{k} {tuple(state[k].shape)} != {tuple(own[k].shape)}"
+        for k in state
+        if k in own and state[k].shape != own[k].shape
+    ]
+    problems = [
+        f"{what} {[prefix + k for k in keys[:5]]}" + (" ..." if len(keys) > 5 else "")
+        for what, keys in (("missing", missing), ("unexpected", unexpected), ("wrong shape", wrong))
+        if keys
+    ]
     if problems:
-        raise ModelError(f"{manifest.directory}: the ONNX initializers do not match the PyTorch "
-                         f"{type(module).__name__} ({'; '.join(problems)}); the torch backend "
-                         "needs a model exported by this edgecap with `edgecap export`")
+        raise ModelError(
+            f"{manifest.directory}: the ONNX initializers do not match the PyTorch "
+            f"{type(module).__name__} ({'; '.join(problems)}); the torch backend "
+            "needs a model exported by this edgecap with `edgecap export`"
+        )
     own.update({k: v.to(own[k].dtype) for k, v in state.items()})
     module.load_state_dict(own, strict=True)
 
 
-def _checked_device(device: str | None, fp16: bool, cuda_graphs: bool = False,
-                    graph_factory: GraphFactory | None = None) -> str:
+def _checked_device(
+    device: str | None, fp16: bool, cuda_graphs: bool = False, graph_factory: GraphFactory | None = None
+) -> str:
     device = device or "cpu"
     if device.startswith("cuda") and not torch.cuda.is_available():
-        raise BackendError("device='cuda' but this torch has no usable CUDA GPU; use "
-                           "device='cpu' or install a CUDA build of torch")
+        raise BackendError(
+            "device='cuda' but this torch has no usable CUDA GPU; use "
+            "device='cpu' or install a CUDA build of torch"
+        )
     if fp16 and not device.startswith("cuda"):
         raise ValueError("fp16=True needs device='cuda' (FP16 on the CPU is slow and inexact)")
     if cuda_graphs and graph_factory is None and not device.startswith("cuda"):
@@ -119,10 +145,18 @@ class TorchBackend(Backend):
     graph_factory: GraphFactory | None
     encoder_graph: EncoderGraph | MixedEncoderGraph | None
 
-    def __init__(self, manifest: Manifest, device: str | None = "cpu", fp16: bool = False,
-                 limits: Limits | None = None, cuda_graphs: bool = False,
-                 graph_factory: GraphFactory | None = None, threads: int | None = None,
-                 search: str = "auto", fp32_encoder: bool = False):
+    def __init__(
+        self,
+        manifest: Manifest,
+        device: str | None = "cpu",
+        fp16: bool = False,
+        limits: Limits | None = None,
+        cuda_graphs: bool = False,
+        graph_factory: GraphFactory | None = None,
+        threads: int | None = None,
+        search: str = "auto",
+        fp32_encoder: bool = False,
+    ):
         device = _checked_device(device, fp16, cuda_graphs, graph_factory)
         on_device = checked_search(search, torch.device(device))
         n_threads = check_threads(threads)
@@ -130,8 +164,10 @@ class TorchBackend(Backend):
             torch.set_num_threads(n_threads)
         encoder, decoder = self._build(manifest)
         if fp32_encoder and not fp16:
-            raise ValueError("fp32_encoder=True goes with fp16=True (an FP16 decoder behind an "
-                             "FP32 encoder); without fp16 everything is FP32 already")
+            raise ValueError(
+                "fp32_encoder=True goes with fp16=True (an FP16 decoder behind an "
+                "FP32 encoder); without fp16 everything is FP32 already"
+            )
         self._setup(encoder, decoder, device, fp16, fp32_encoder)
         self.manifest = manifest
         self.on_device = on_device
@@ -144,17 +180,21 @@ class TorchBackend(Backend):
         """Run the encoder and the decoder step through graphs made by ``capture``."""
         self.thread_safe = False
         self.graph_factory = capture
-        self.encoder_graphs = (None if self.encoder_graph is None else
-                               EncoderGraphs(self.encoder_graph, self.device, self.image_dtype,
-                                             capture))
-        self.step_graphs = StepGraphs(self.step_graph, self.decoder.cfg.vocab_size, self.top_k,
-                                      self.device, self.dtype, capture)
+        self.encoder_graphs = (
+            None
+            if self.encoder_graph is None
+            else EncoderGraphs(self.encoder_graph, self.device, self.image_dtype, capture)
+        )
+        self.step_graphs = StepGraphs(
+            self.step_graph, self.decoder.cfg.vocab_size, self.top_k, self.device, self.dtype, capture
+        )
         if self.on_device:  # the whole decode as one graph per shape
             self.device_search = TorchDeviceSearch(self, capture)
 
     @classmethod
-    def from_modules(cls, encoder: EfficientNetLite | None, decoder: CaptionDecoder,
-                     device: str | None = "cpu") -> TorchBackend:
+    def from_modules(
+        cls, encoder: EfficientNetLite | None, decoder: CaptionDecoder, device: str | None = "cpu"
+    ) -> TorchBackend:
         """A backend over modules in memory (training's dev check); ``encoder`` may be None when
         only ``encode_regions`` is used. The modules are used as they are (no copy)."""
         backend = cls.__new__(cls)
@@ -163,8 +203,7 @@ class TorchBackend(Backend):
         backend.on_device = False
         return backend
 
-    def _setup(self, encoder, decoder, device: str, fp16: bool,
-               fp32_encoder: bool = False) -> None:
+    def _setup(self, encoder, decoder, device: str, fp16: bool, fp32_encoder: bool = False) -> None:
         self.device = torch.device(device)
         self.dtype = torch.float16 if fp16 else torch.float32
         self.fp32_encoder = fp32_encoder
@@ -174,23 +213,29 @@ class TorchBackend(Backend):
         # init_state) runs on an FP32 copy of the modules and hands FP16 tensors to the decoder
         init = copy.deepcopy(decoder).to(self.device) if fp32_encoder else None
         self.decoder = decoder.to(self.device, self.dtype)
-        self.encoder = None if encoder is None else encoder.to(
-            self.device, torch.float32 if fp32_encoder else self.dtype)
+        self.encoder = (
+            None
+            if encoder is None
+            else encoder.to(self.device, torch.float32 if fp32_encoder else self.dtype)
+        )
         if init is not None:  # fp32_encoder
-            self.encoder_graph = (None if self.encoder is None
-                                  else MixedEncoderGraph(EncoderGraph(self.encoder, init),
-                                                         self.dtype))
+            self.encoder_graph = (
+                None
+                if self.encoder is None
+                else MixedEncoderGraph(EncoderGraph(self.encoder, init), self.dtype)
+            )
         if fp16:  # the FP32 islands of the FP16 ONNX (edgecap.build.convert.fp32_nodes)
             if self.decoder.cfg.attention:
                 keep_fp32(self.decoder.att_score)
             if self.encoder is not None and not fp32_encoder:
                 keep_fp32(self.encoder._fc)
                 # the encoder's stem and first blocks, as the FP16 ONNX keeps them
-                keep_fp32_span([self.encoder._conv_stem, self.encoder._bn0,
-                                *self.encoder._blocks[:ENCODER_FP32_BLOCKS]], self.dtype)
+                keep_fp32_span(
+                    [self.encoder._conv_stem, self.encoder._bn0, *self.encoder._blocks[:ENCODER_FP32_BLOCKS]],
+                    self.dtype,
+                )
         if not fp32_encoder:
-            self.encoder_graph = (None if self.encoder is None
-                                  else EncoderGraph(self.encoder, self.decoder))
+            self.encoder_graph = None if self.encoder is None else EncoderGraph(self.encoder, self.decoder)
         self.step_graph = StepGraph(self.decoder)
         self.graph_factory = None
 
@@ -198,13 +243,17 @@ class TorchBackend(Backend):
     def _build(manifest: Manifest) -> tuple[EfficientNetLite, CaptionDecoder]:
         config = manifest.info.get("decoder_config")
         if not isinstance(config, dict):
-            raise ModelError(f"{manifest.directory}: manifest.json has no decoder_config; the "
-                             "torch backend needs a model exported by `edgecap export`")
+            raise ModelError(
+                f"{manifest.directory}: manifest.json has no decoder_config; the "
+                "torch backend needs a model exported by `edgecap export`"
+            )
         try:
             decoder = CaptionDecoder(DecoderConfig(**config))
         except TypeError as exc:  # a key this edgecap's DecoderConfig does not know
-            raise ModelError(f"{manifest.directory}: manifest.json's decoder_config does not fit "
-                             f"this edgecap ({exc}); upgrade edgecap or re-export the model") from exc
+            raise ModelError(
+                f"{manifest.directory}: manifest.json's decoder_config does not fit "
+                f"this edgecap ({exc}); upgrade edgecap or re-export the model"
+            ) from exc
         variant = manifest.info.get("encoder", DEFAULT_ENCODER)
         try:
             encoder = EfficientNetLite(variant)
@@ -222,10 +271,15 @@ class TorchBackend(Backend):
             precision = "fp16 decoder, fp32 encoder"
         mode = ""
         if self.graph_factory is not None:
-            mode = (", CUDA graphs" if self.graph_factory is CudaGraph
-                    else f", graphs: {getattr(self.graph_factory, '__name__', 'custom')}")
-        return (f"torch {torch.__version__} ({where}, {precision}{mode}; intra-op threads: "
-                f"{torch.get_num_threads()}, process-wide)")
+            mode = (
+                ", CUDA graphs"
+                if self.graph_factory is CudaGraph
+                else f", graphs: {getattr(self.graph_factory, '__name__', 'custom')}"
+            )
+        return (
+            f"torch {torch.__version__} ({where}, {precision}{mode}; intra-op threads: "
+            f"{torch.get_num_threads()}, process-wide)"
+        )
 
     def encode(self, images: np.ndarray) -> Encoded:
         """images float32 (N, 3, H, W) -> Encoded with the encoder graph's outputs as torch
@@ -237,10 +291,10 @@ class TorchBackend(Backend):
     @torch.inference_mode()
     def _encode_eager(self, images: np.ndarray) -> Encoded:
         if self.encoder_graph is None:
-            raise BackendError("this torch backend has no encoder (made from a decoder alone: "
-                               "use encode_regions)")
-        x = torch.from_numpy(np.ascontiguousarray(images, np.float32)).to(self.device,
-                                                                          self.image_dtype)
+            raise BackendError(
+                "this torch backend has no encoder (made from a decoder alone: use encode_regions)"
+            )
+        x = torch.from_numpy(np.ascontiguousarray(images, np.float32)).to(self.device, self.image_dtype)
         return self._encoded(self.encoder_graph(x))
 
     @torch.inference_mode()
@@ -252,22 +306,27 @@ class TorchBackend(Backend):
     def _encoded(outputs) -> Encoded:
         tensors = dict(zip(ENCODER_OUTPUTS, outputs))  # no class_probs from regions
         probs = tensors.get("class_probs")
-        return Encoded(n_images=int(tensors["h0"].shape[0]), tensors=tensors,
-                       class_probs=None if probs is None else probs.float().cpu().numpy())
+        return Encoded(
+            n_images=int(tensors["h0"].shape[0]),
+            tensors=tensors,
+            class_probs=None if probs is None else probs.float().cpu().numpy(),
+        )
 
-    def search_on_device(self, encoded: Encoded, options, start_id: int, end_id: int,
-                         tag_words, fusion):
+    def search_on_device(self, encoded: Encoded, options, start_id: int, end_id: int, tag_words, fusion):
         """The hook of ``edgecap.decoding.search_with_tags``: each image's hypotheses from the
         beam search on the device (``edgecap.backends.torch_search``), or None where this
         backend searches on the host (``search="host"`` or ``"auto"``)."""
-        return self.device_search(encoded, options, start_id, end_id, tag_words,
-                                  fusion) if self.on_device else None
+        return (
+            self.device_search(encoded, options, start_id, end_id, tag_words, fusion)
+            if self.on_device
+            else None
+        )
 
-    def start(self, encoded: Encoded, image_index: np.ndarray,
-              return_attention: bool = False) -> DecoderSession:
+    def start(
+        self, encoded: Encoded, image_index: np.ndarray, return_attention: bool = False
+    ) -> DecoderSession:
         if self.graph_factory is not None:
-            return GraphedSession(self.step_graphs, encoded.tensors, image_index,
-                                  return_attention)
+            return GraphedSession(self.step_graphs, encoded.tensors, image_index, return_attention)
         return TorchDecoderSession(self, encoded.tensors, image_index, return_attention)
 
 
@@ -287,8 +346,7 @@ class MixedEncoderGraph(torch.nn.Module):
 class TorchDecoderSession(DecoderSession):
     """One batch's decoding state: h/c (S, H) on the device between steps."""
 
-    def __init__(self, backend: TorchBackend, tensors: dict, image_index: np.ndarray,
-                 return_attention: bool):
+    def __init__(self, backend: TorchBackend, tensors: dict, image_index: np.ndarray, return_attention: bool):
         self.step_graph = backend.step_graph
         self.device = backend.device
         self.return_attention = return_attention
@@ -300,13 +358,24 @@ class TorchDecoderSession(DecoderSession):
         return torch.from_numpy(np.asarray(x, dtype=np.int32)).to(self.device)
 
     @torch.inference_mode()
-    def _step(self, tokens: np.ndarray, source_rows: np.ndarray,
-              word_bias: np.ndarray | None) -> StepResult:
-        bias = (None if word_bias is None  # the step's plain top K
-                else torch.from_numpy(word_bias).to(self.device))
+    def _step(self, tokens: np.ndarray, source_rows: np.ndarray, word_bias: np.ndarray | None) -> StepResult:
+        bias = (
+            None
+            if word_bias is None  # the step's plain top K
+            else torch.from_numpy(word_bias).to(self.device)
+        )
         values, ids, self.h, self.c, alpha = self.step_graph(
-            self._rows(tokens), self.h, self.c, self._rows(source_rows), self.features,
-            self.att_proj, self.image_index, bias)
-        return StepResult(topk_logprobs=values.float().cpu().numpy(),  # log-softmax ran in fp32
-                          topk_ids=ids.cpu().numpy(),
-                          alpha=alpha.float().cpu().numpy() if self.return_attention else None)
+            self._rows(tokens),
+            self.h,
+            self.c,
+            self._rows(source_rows),
+            self.features,
+            self.att_proj,
+            self.image_index,
+            bias,
+        )
+        return StepResult(
+            topk_logprobs=values.float().cpu().numpy(),  # log-softmax ran in fp32
+            topk_ids=ids.cpu().numpy(),
+            alpha=alpha.float().cpu().numpy() if self.return_attention else None,
+        )

@@ -110,8 +110,9 @@ class EncoderGraphs:
     model's dtype inside the graph) and static outputs; ``run`` returns clones of the outputs,
     so an ``Encoded`` stays valid after the next batch of the same size is encoded."""
 
-    def __init__(self, encoder_graph: torch.nn.Module, device: torch.device, dtype: torch.dtype,
-                 capture: GraphFactory):
+    def __init__(
+        self, encoder_graph: torch.nn.Module, device: torch.device, dtype: torch.dtype, capture: GraphFactory
+    ):
         self.module, self.device, self.dtype, self.capture = encoder_graph, device, dtype, capture
         self.graphs: dict[tuple, tuple[Graph, torch.Tensor, torch.Tensor, tuple]] = {}
 
@@ -142,9 +143,17 @@ class EncoderGraphs:
 class StepBuffers:
     """The static buffers and the three graphs of one (N, R) shape (see the module doc)."""
 
-    def __init__(self, step_graph: torch.nn.Module, n_images: int, rows: int,
-                 tails: dict[str, tuple[int, ...]], top_k: int, device: torch.device,
-                 dtype: torch.dtype, capture: GraphFactory):
+    def __init__(
+        self,
+        step_graph: torch.nn.Module,
+        n_images: int,
+        rows: int,
+        tails: dict[str, tuple[int, ...]],
+        top_k: int,
+        device: torch.device,
+        dtype: torch.dtype,
+        capture: GraphFactory,
+    ):
         """``tails``: the shapes after the row dimension of ``features``, ``att_proj``, ``state``
         (h / c) and ``vocab`` (a word-bias row, (V,))."""
         self.n_images, self.rows, self.top_k, self.device = n_images, rows, top_k, device
@@ -172,26 +181,36 @@ class StepBuffers:
         self.owner: object | None = None
 
         tokens, source_rows = self.index[:R], self.index[R:]
-        values_out = self.out[:R * K].view(R, K)
-        ids_out = self.out[R * K:2 * R * K].view(torch.int32).view(R, K)
-        alpha_out = self.out[2 * R * K:].view(R, L)
+        values_out = self.out[: R * K].view(R, K)
+        ids_out = self.out[R * K : 2 * R * K].view(torch.int32).view(R, K)
+        alpha_out = self.out[2 * R * K :].view(R, L)
 
         def step_fn(h_in, c_in, h_out, c_out):
             def fn() -> None:
-                values, ids, h, c, alpha = step_graph(tokens, h_in, c_in, source_rows,
-                                                      self.features, self.att_proj,
-                                                      self.image_index, self.word_bias)
+                values, ids, h, c, alpha = step_graph(
+                    tokens,
+                    h_in,
+                    c_in,
+                    source_rows,
+                    self.features,
+                    self.att_proj,
+                    self.image_index,
+                    self.word_bias,
+                )
                 h_out.copy_(h)
                 c_out.copy_(c)
                 values_out.copy_(values)
                 ids_out.copy_(ids)
                 alpha_out.copy_(alpha)
+
             return fn
 
         with torch.no_grad():
             self.first = capture(step_fn(self.h0, self.c0, self.h[0], self.c[0]))
-            self.from_slot = [capture(step_fn(self.h[0], self.c[0], self.h[1], self.c[1])),
-                              capture(step_fn(self.h[1], self.c[1], self.h[0], self.c[0]))]
+            self.from_slot = [
+                capture(step_fn(self.h[0], self.c[0], self.h[1], self.c[1])),
+                capture(step_fn(self.h[1], self.c[1], self.h[0], self.c[0])),
+            ]
 
     def load(self, owner: object, tensors: dict, image_index: np.ndarray) -> None:
         """Copy a search's image tensors in (device to device) and make ``owner`` the user."""
@@ -202,8 +221,14 @@ class StepBuffers:
         self.image_index.copy_(torch.from_numpy(np.asarray(image_index, np.int32)))
         self.owner = owner
 
-    def run(self, t: int, tokens: np.ndarray, source_rows: np.ndarray,
-            word_bias: np.ndarray | None, attention: bool):
+    def run(
+        self,
+        t: int,
+        tokens: np.ndarray,
+        source_rows: np.ndarray,
+        word_bias: np.ndarray | None,
+        attention: bool,
+    ):
         """Step ``t`` of the search -> (topk_logprobs, topk_ids, alpha or None) on the host."""
         R, K = self.rows, self.top_k
         host = self.index_host.numpy()
@@ -222,9 +247,9 @@ class StepBuffers:
         self.out_host[:n].copy_(self.out[:n], non_blocking=True)
         _sync(self.device)  # the step's one synchronisation
         flat = self.out_host.numpy()
-        values = flat[:R * K].reshape(R, K).copy()
-        ids = flat[R * K:2 * R * K].view(np.int32).reshape(R, K).copy()
-        alpha = flat[2 * R * K:n].reshape(R, self.regions).copy() if attention else None
+        values = flat[: R * K].reshape(R, K).copy()
+        ids = flat[R * K : 2 * R * K].view(np.int32).reshape(R, K).copy()
+        alpha = flat[2 * R * K : n].reshape(R, self.regions).copy() if attention else None
         return values, ids, alpha
 
 
@@ -233,8 +258,15 @@ class StepGraphs:
     recently used dropped): a search whose rows differ from the last one's (a smaller last
     batch, another beam size) gets its own graphs, and comes back to them the next time."""
 
-    def __init__(self, step_graph: torch.nn.Module, vocab_size: int, top_k: int,
-                 device: torch.device, dtype: torch.dtype, capture: GraphFactory):
+    def __init__(
+        self,
+        step_graph: torch.nn.Module,
+        vocab_size: int,
+        top_k: int,
+        device: torch.device,
+        dtype: torch.dtype,
+        capture: GraphFactory,
+    ):
         self.step_graph, self.vocab_size, self.top_k = step_graph, vocab_size, top_k
         self.device, self.dtype, self.capture = device, dtype, capture
         self.keys: OrderedDict[tuple, StepBuffers] = OrderedDict()
@@ -243,14 +275,18 @@ class StepGraphs:
     def get(self, tensors: dict, rows: int) -> StepBuffers:
         """The buffers for a search of ``rows`` rows over the encoder outputs ``tensors``."""
         n_images = int(tensors["h0"].shape[0])
-        tails = {"features": tuple(tensors["features"].shape[1:]),
-                 "att_proj": tuple(tensors["att_proj"].shape[1:]),
-                 "state": tuple(tensors["h0"].shape[1:]), "vocab": (self.vocab_size,)}
+        tails = {
+            "features": tuple(tensors["features"].shape[1:]),
+            "att_proj": tuple(tensors["att_proj"].shape[1:]),
+            "state": tuple(tensors["h0"].shape[1:]),
+            "vocab": (self.vocab_size,),
+        }
         key = (n_images, rows, *tails.values())
         buffers = self.keys.get(key)
         if buffers is None:
-            buffers = StepBuffers(self.step_graph, n_images, rows, tails, self.top_k,
-                                  self.device, self.dtype, self.capture)
+            buffers = StepBuffers(
+                self.step_graph, n_images, rows, tails, self.top_k, self.device, self.dtype, self.capture
+            )
             self.captured += 1
             self.keys[key] = buffers
             while len(self.keys) > MAX_KEYS:
@@ -262,8 +298,7 @@ class StepGraphs:
 class GraphedSession(DecoderSession):
     """A search over ``StepBuffers``: the ``DecoderSession`` of a graphed torch backend."""
 
-    def __init__(self, graphs: StepGraphs, tensors: dict, image_index: np.ndarray,
-                 return_attention: bool):
+    def __init__(self, graphs: StepGraphs, tensors: dict, image_index: np.ndarray, return_attention: bool):
         self.buffers = graphs.get(tensors, len(image_index))
         with torch.no_grad():
             self.buffers.load(self, tensors, image_index)
@@ -271,14 +306,14 @@ class GraphedSession(DecoderSession):
         self.t = 0
 
     @torch.no_grad()
-    def _step(self, tokens: np.ndarray, source_rows: np.ndarray,
-              word_bias: np.ndarray | None):
+    def _step(self, tokens: np.ndarray, source_rows: np.ndarray, word_bias: np.ndarray | None):
         if self.buffers.owner is not self:
-            raise BackendError("this CUDA-graph search's buffers were taken by a later search of "
-                               "the same shape: a graphed torch backend runs one search at a "
-                               "time (use one Captioner per thread)")
-        values, ids, alpha = self.buffers.run(self.t, tokens, source_rows, word_bias,
-                                              self.return_attention)
+            raise BackendError(
+                "this CUDA-graph search's buffers were taken by a later search of "
+                "the same shape: a graphed torch backend runs one search at a "
+                "time (use one Captioner per thread)"
+            )
+        values, ids, alpha = self.buffers.run(self.t, tokens, source_rows, word_bias, self.return_attention)
         self.t += 1
         return StepResult(topk_logprobs=values, topk_ids=ids, alpha=alpha)
 
@@ -291,8 +326,7 @@ def keep_fp32(module: torch.nn.Module) -> torch.nn.Module:
     module.float()
 
     def to_fp32(_module, args):
-        return tuple(a.float() if torch.is_tensor(a) and a.is_floating_point() else a
-                     for a in args)
+        return tuple(a.float() if torch.is_tensor(a) and a.is_floating_point() else a for a in args)
 
     module.register_forward_pre_hook(to_fp32)
     return module

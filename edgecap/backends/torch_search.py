@@ -14,8 +14,7 @@ from __future__ import annotations
 
 import torch
 
-from edgecap.decoding.device import (DecodeGraphs, DeviceBeamSearch, TorchStep, rules_for,
-                                     unpack)
+from edgecap.decoding.device import DecodeGraphs, DeviceBeamSearch, TorchStep, rules_for, unpack
 
 SEARCH_MODES = ("auto", "host", "device")
 
@@ -36,8 +35,7 @@ class TorchDeviceSearch:
     def __init__(self, backend, capture=None):
         self.backend = backend
         self.search = DeviceBeamSearch(backend.decoder.cfg.vocab_size, backend.device)
-        self.graphs = None if capture is None else DecodeGraphs(self.search, backend.step_graph,
-                                                                capture)
+        self.graphs = None if capture is None else DecodeGraphs(self.search, backend.step_graph, capture)
 
     def __call__(self, encoded, options, start_id: int, end_id: int, tag_words, fusion):
         """Each image's hypotheses (``search_on_device``)."""
@@ -45,8 +43,9 @@ class TorchDeviceSearch:
         options.validate(backend.top_k)
         rules = rules_for(options, encoded.n_images, tag_words, fusion, encoded.class_probs)
         search = self.search
-        plan = search.plan(encoded.n_images, options, backend.top_k, start_id, end_id,
-                           rules.tag_words, rules.fusion_weights)
+        plan = search.plan(
+            encoded.n_images, options, backend.top_k, start_id, end_id, rules.tag_words, rules.fusion_weights
+        )
         inputs = search.inputs(plan, None, rules.tag_words, rules.fusion_weights)
         lms = None if rules.fusion is None else search.lms(rules.fusion)
         if self.graphs is not None:
@@ -59,7 +58,6 @@ class TorchDeviceSearch:
                 inputs.state = step.first_state()
                 # on a GPU, no read-back per step (every step runs, finished images masked);
                 # on the CPU reading "all done?" is free and saves the steps after it
-                packed = search.run(step, plan, inputs, lms,
-                                    fixed=backend.device.type == "cuda")
+                packed = search.run(step, plan, inputs, lms, fixed=backend.device.type == "cuda")
                 result = packed.cpu()
         return unpack(result.numpy(), plan, options.n_best, backend.describe)

@@ -41,8 +41,18 @@ import numpy as np
 from edgecap.contract import DECODER_STEP, STEP_INPUTS, Limits
 
 BEAM_INPUTS = (*STEP_INPUTS, "scores", "word_block")
-BEAM_OUTPUTS = ("next_tokens", "back_pointers", "choices", "next_scores", "next_logprobs",
-                "end_logprobs", "end_positions", "logprob_check", "h_next", "c_next")
+BEAM_OUTPUTS = (
+    "next_tokens",
+    "back_pointers",
+    "choices",
+    "next_scores",
+    "next_logprobs",
+    "end_logprobs",
+    "end_positions",
+    "logprob_check",
+    "h_next",
+    "c_next",
+)
 PREFIX = "beam/"  # names of the appended nodes and constants
 
 
@@ -59,8 +69,7 @@ def beam_width(beam: int, top_k: int) -> int:
     return min(beam + 1, top_k)
 
 
-def beam_step_model(step_model, beam: int, end_id: int, top_k: int, hidden_dim: int,
-                    vocab_size: int):
+def beam_step_model(step_model, beam: int, end_id: int, top_k: int, hidden_dim: int, vocab_size: int):
     """``decoder_step.onnx`` (an ``onnx.ModelProto``) -> the beam-step graph for ``beam`` beams
     per image (a new ModelProto; ``step_model`` is not changed)."""
     import onnx
@@ -73,21 +82,34 @@ def beam_step_model(step_model, beam: int, end_id: int, top_k: int, hidden_dim: 
     graph = model.graph
     width = beam_width(beam, top_k)
     constants: dict[str, np.ndarray] = {
-        "width": np.array([width], np.int64), "zero": np.array([0], np.int64),
-        "one": np.array([1], np.int64), "beam_k": np.array([beam], np.int64),
+        "width": np.array([width], np.int64),
+        "zero": np.array([0], np.int64),
+        "one": np.array([1], np.int64),
+        "beam_k": np.array([beam], np.int64),
         "candidates": np.array([-1, beam * width], np.int64),
-        "images": np.array([-1, beam], np.int64), "flat": np.array([-1], np.int64),
-        "width_scalar": np.array(width, np.int64), "beam_scalar": np.array(beam, np.int32),
-        "end": np.array(end_id, np.int32), "neg_inf": np.array(-np.inf, np.float32),
-        "half": np.array(0.5, np.float32), "top_k": np.array(top_k, np.int32)}
+        "images": np.array([-1, beam], np.int64),
+        "flat": np.array([-1], np.int64),
+        "width_scalar": np.array(width, np.int64),
+        "beam_scalar": np.array(beam, np.int32),
+        "end": np.array(end_id, np.int32),
+        "neg_inf": np.array(-np.inf, np.float32),
+        "half": np.array(0.5, np.float32),
+        "top_k": np.array(top_k, np.int32),
+    }
     graph.initializer.extend(numpy_helper.from_array(v, PREFIX + k) for k, v in constants.items())
     nodes = []
 
     def op(kind: str, inputs: list[str], name: str, n_out: int = 1, **attrs) -> list[str]:
         outputs = [PREFIX + name] if n_out == 1 else [f"{PREFIX}{name}_{i}" for i in range(n_out)]
-        nodes.append(helper.make_node(kind, [i if i.startswith(PREFIX) or i in names else
-                                             PREFIX + i for i in inputs],
-                                      outputs, name=PREFIX + name, **attrs))
+        nodes.append(
+            helper.make_node(
+                kind,
+                [i if i.startswith(PREFIX) or i in names else PREFIX + i for i in inputs],
+                outputs,
+                name=PREFIX + name,
+                **attrs,
+            )
+        )
         return outputs
 
     names = {*STEP_INPUTS, "scores", "word_block", "topk_logprobs", "topk_ids", "h_out", "c_out"}
@@ -145,8 +167,12 @@ def beam_step_model(step_model, beam: int, end_id: int, top_k: int, hidden_dim: 
 
     rows = "r"
     del graph.output[:]
-    kinds = {"next_tokens": TensorProto.INT32, "back_pointers": TensorProto.INT32,
-             "choices": TensorProto.INT32, "end_positions": TensorProto.INT32}
+    kinds = {
+        "next_tokens": TensorProto.INT32,
+        "back_pointers": TensorProto.INT32,
+        "choices": TensorProto.INT32,
+        "end_positions": TensorProto.INT32,
+    }
     for name in BEAM_OUTPUTS:
         shape: list[str | int] = [rows, hidden_dim] if name in ("h_next", "c_next") else [rows]
         out = helper.make_tensor_value_info(name, kinds.get(name, TensorProto.FLOAT), shape)
@@ -161,9 +187,12 @@ def beam_step_model(step_model, beam: int, end_id: int, top_k: int, hidden_dim: 
                 if used == PREFIX + name:
                     node.input[i] = name
     graph.node.extend(nodes)  # copies: after the renaming
-    graph.input.extend([
-        helper.make_tensor_value_info("scores", TensorProto.FLOAT, [rows]),
-        helper.make_tensor_value_info("word_block", TensorProto.FLOAT, [rows, vocab_size])])
+    graph.input.extend(
+        [
+            helper.make_tensor_value_info("scores", TensorProto.FLOAT, [rows]),
+            helper.make_tensor_value_info("word_block", TensorProto.FLOAT, [rows, vocab_size]),
+        ]
+    )
     graph.name = f"{graph.name or 'decoder_step'}_beam{beam}"
     onnx.checker.check_model(model)
     return model

@@ -70,23 +70,24 @@ def _import_onnx():
     try:
         import onnx
     except ImportError as exc:
-        raise BackendError("converting a model needs onnx: pip install 'edgecap[convert]' "
-                           "(or pip install onnx)") from exc
+        raise BackendError(
+            "converting a model needs onnx: pip install 'edgecap[convert]' (or pip install onnx)"
+        ) from exc
     return onnx
 
 
 def _float16_converter():
     """The FP32 -> FP16 graph converter: onnxruntime's copy, else onnxconverter-common's."""
     try:
-        from onnxruntime.transformers.float16 import (DEFAULT_OP_BLOCK_LIST,
-                                                      convert_float_to_float16)
+        from onnxruntime.transformers.float16 import DEFAULT_OP_BLOCK_LIST, convert_float_to_float16
     except ImportError:
         try:
-            from onnxconverter_common.float16 import (DEFAULT_OP_BLOCK_LIST,
-                                                      convert_float_to_float16)
+            from onnxconverter_common.float16 import DEFAULT_OP_BLOCK_LIST, convert_float_to_float16
         except ImportError as exc:
-            raise BackendError("FP16 conversion needs onnxruntime (pip install onnxruntime) or "
-                               "onnxconverter-common (pip install onnxconverter-common)") from exc
+            raise BackendError(
+                "FP16 conversion needs onnxruntime (pip install onnxruntime) or "
+                "onnxconverter-common (pip install onnxconverter-common)"
+            ) from exc
     return convert_float_to_float16, list(DEFAULT_OP_BLOCK_LIST)
 
 
@@ -167,9 +168,12 @@ def to_fp16(model):
     model = onnx.ModelProto.FromString(model.SerializeToString())  # never touch the caller's
     name_nodes(model.graph)
     keep = fp32_nodes(model.graph)
-    converted = convert(model, keep_io_types=True,
-                        op_block_list=sorted(set(op_block_list) | set(FP32_OP_TYPES)),
-                        node_block_list=keep)
+    converted = convert(
+        model,
+        keep_io_types=True,
+        op_block_list=sorted(set(op_block_list) | set(FP32_OP_TYPES)),
+        node_block_list=keep,
+    )
     drop_cast_round_trips(converted.graph)
     # The converter appends its Cast nodes at the end; onnx's checker and TensorRT's parser
     # want the nodes in topological order.
@@ -198,8 +202,11 @@ def drop_cast_round_trips(graph) -> None:
             node.input[0] = first.input[0]
     consumed = {name for node in graph.node for name in node.input}
     outputs = {o.name for o in graph.output}
-    dead = [n for n in graph.node if cast_to(n) == TensorProto.FLOAT16
-            and n.output[0] not in consumed and n.output[0] not in outputs]
+    dead = [
+        n
+        for n in graph.node
+        if cast_to(n) == TensorProto.FLOAT16 and n.output[0] not in consumed and n.output[0] not in outputs
+    ]
     for node in dead:
         graph.node.remove(node)
 
@@ -223,8 +230,11 @@ def fold_constants(model):
     kept, folded = [], []
     for node in graph.node:
         inputs = [name for name in node.input if name]
-        if (node.domain not in ("", "ai.onnx") or not set(node.output).isdisjoint(outputs)
-                or not all(name in values for name in inputs)):
+        if (
+            node.domain not in ("", "ai.onnx")
+            or not set(node.output).isdisjoint(outputs)
+            or not all(name in values for name in inputs)
+        ):
             kept.append(node)
             continue
         results = ReferenceEvaluator(node).run(None, {name: values[name] for name in inputs})
@@ -266,21 +276,26 @@ def sort_nodes(graph) -> None:
 
 def _check_graph_io(original, converted, path: Path) -> None:
     """The converted graph must keep the contract's names and element types."""
+
     def io(model):
-        return {v.name: v.type.tensor_type.elem_type
-                for v in list(model.graph.input) + list(model.graph.output)}
+        return {
+            v.name: v.type.tensor_type.elem_type for v in list(model.graph.input) + list(model.graph.output)
+        }
 
     if io(original) != io(converted):
-        raise ModelError(f"{path}: conversion changed the graph inputs/outputs "
-                         f"({io(original)} -> {io(converted)}); please report this")
+        raise ModelError(
+            f"{path}: conversion changed the graph inputs/outputs "
+            f"({io(original)} -> {io(converted)}); please report this"
+        )
 
 
 def _prepare_out_dir(source: Manifest, out: Path, force: bool) -> None:
     if out.resolve() == source.directory.resolve():
         raise ModelError(f"{out}: the output directory must differ from the model directory")
     if out.exists() and any(out.iterdir()) and not force:
-        raise ModelError(f"{out}: directory exists and is not empty; choose another --out or "
-                         "pass --force to overwrite")
+        raise ModelError(
+            f"{out}: directory exists and is not empty; choose another --out or pass --force to overwrite"
+        )
     out.mkdir(parents=True, exist_ok=True)
 
 
@@ -289,8 +304,12 @@ def _write_manifest(source: Manifest, out: Path, precision: str, note: dict) -> 
         shutil.copy2(source.path(role), out / source.files[role])
     sha = {role: file_sha256(out / source.files[role]) for role in FILE_ROLES}
     info = dict(source.info)
-    info["converted_from"] = {"precision": source.precision, "sha256": dict(source.sha256),
-                              "tool": "edgecap convert", **note}
+    info["converted_from"] = {
+        "precision": source.precision,
+        "sha256": dict(source.sha256),
+        "tool": "edgecap convert",
+        **note,
+    }
     manifest = replace(source, directory=out, precision=precision, sha256=sha, info=info)
     manifest.save()
     return manifest
@@ -307,14 +326,15 @@ def convert_fp16(source: Manifest, out: str | Path, force: bool = False) -> Mani
         converted = to_fp16(original)
         _check_graph_io(original, converted, source.path(role))
         onnx.save(converted, str(out / source.files[role]))
-    return _write_manifest(source, out, "fp16", {
-        "fp32_ops": list(FP32_OP_TYPES) + ["attention logits"]})
+    return _write_manifest(source, out, "fp16", {"fp32_ops": list(FP32_OP_TYPES) + ["attention logits"]})
 
 
 def _require_fp32(source: Manifest) -> None:
     if source.precision != "fp32":
-        raise ModelError(f"{source.directory}: precision is {source.precision!r}; convert "
-                         "from the FP32 model directory that `edgecap export` wrote")
+        raise ModelError(
+            f"{source.directory}: precision is {source.precision!r}; convert "
+            "from the FP32 model directory that `edgecap export` wrote"
+        )
 
 
 def int8_fp32_nodes(graph) -> list[str]:
@@ -324,11 +344,12 @@ def int8_fp32_nodes(graph) -> list[str]:
     keep = [n.name for n in _encoder_stem_and_first_blocks(graph, INT8_ENCODER_FP32_BLOCKS)]
     names = [n.name for n in graph.node]
     if "/_conv_head/Conv" in names:
-        keep += names[names.index("/_conv_head/Conv") + 2:]
+        keep += names[names.index("/_conv_head/Conv") + 2 :]
     return keep
 
 
 # -- int8 --------------------------------------------------------------------------------------
+
 
 def calibration_images(directory: str | Path, limit: int = 64) -> list[Path]:
     """Up to ``limit`` photos from ``directory`` (sorted, so calibration is repeatable)."""
@@ -349,8 +370,8 @@ class _ImageReader:
         from edgecap.preprocess import to_model_input
 
         self._batches = iter(
-            [{"image": to_model_input(load_rgb(p), manifest.preprocessing)[None]}
-             for p in paths])
+            [{"image": to_model_input(load_rgb(p), manifest.preprocessing)[None]} for p in paths]
+        )
 
     def get_next(self):
         return next(self._batches, None)
@@ -371,28 +392,38 @@ def _quiet_root_logger():
         logger.setLevel(level)
 
 
-def convert_int8(source: Manifest, out: str | Path, calibration: str | Path | None = None,
-                 force: bool = False) -> Manifest:
+def convert_int8(
+    source: Manifest, out: str | Path, calibration: str | Path | None = None, force: bool = False
+) -> Manifest:
     """int8 copy of ``source``: dynamic int8 MatMul/Gemm weights in the decoder step (the
     attention-logit projection stays FP32); the encoder is statically quantized (QOperator, per
     channel) on ``calibration`` photos when given, else copied unchanged in FP32."""
     onnx = _import_onnx()
     try:
-        from onnxruntime.quantization import (CalibrationMethod, QuantFormat, QuantType,
-                                              quantize_dynamic, quantize_static)
+        from onnxruntime.quantization import (
+            CalibrationMethod,
+            QuantFormat,
+            QuantType,
+            quantize_dynamic,
+            quantize_static,
+        )
         from onnxruntime.quantization.shape_inference import quant_pre_process
     except ImportError as exc:
         missing = (exc.name or "onnxruntime").split(".")[0]
-        raise BackendError(f"int8 conversion needs {missing}, which is not installed: "
-                           f"pip install {missing} (onnxruntime comes with edgecap[cpu] or "
-                           "edgecap[gpu]; the rest with edgecap[convert])") from exc
+        raise BackendError(
+            f"int8 conversion needs {missing}, which is not installed: "
+            f"pip install {missing} (onnxruntime comes with edgecap[cpu] or "
+            "edgecap[gpu]; the rest with edgecap[convert])"
+        ) from exc
     if calibration is not None:
         try:  # quant_pre_process imports it only once it runs: fail before any work is done
             import sympy  # noqa: F401
         except ImportError as exc:
-            raise BackendError("static int8 quantization of the encoder (--calibration) needs "
-                               "sympy for onnxruntime's symbolic shape inference: pip install "
-                               "sympy (part of edgecap[convert])") from exc
+            raise BackendError(
+                "static int8 quantization of the encoder (--calibration) needs "
+                "sympy for onnxruntime's symbolic shape inference: pip install "
+                "sympy (part of edgecap[convert])"
+            ) from exc
     out = Path(out)
     _require_fp32(source)
     _prepare_out_dir(source, out, force)
@@ -403,10 +434,13 @@ def convert_int8(source: Manifest, out: str | Path, calibration: str | Path | No
     onnx.save(step_model, str(named_step))
     try:
         with _quiet_root_logger():
-            quantize_dynamic(str(named_step), str(out / source.files["decoder_step"]),
-                             op_types_to_quantize=["MatMul", "Gemm"],
-                             weight_type=QuantType.QInt8,
-                             nodes_to_exclude=fp32_nodes(step_model.graph))
+            quantize_dynamic(
+                str(named_step),
+                str(out / source.files["decoder_step"]),
+                op_types_to_quantize=["MatMul", "Gemm"],
+                weight_type=QuantType.QInt8,
+                nodes_to_exclude=fp32_nodes(step_model.graph),
+            )
     finally:
         named_step.unlink(missing_ok=True)
 
@@ -430,24 +464,38 @@ def convert_int8(source: Manifest, out: str | Path, calibration: str | Path | No
                 # Percentile (99.999, onnxruntime's default) ranges: feature error 0.218 vs 0.237
                 # for min-max with everything int8 (the entropy calibrator, given 2048 bins,
                 # clipped far too much: 0.81).
-                quantize_static(str(prepared), str(encoder_out), _ImageReader(paths, source),
-                                quant_format=QuantFormat.QOperator, per_channel=True,
-                                activation_type=QuantType.QUInt8, weight_type=QuantType.QInt8,
-                                reduce_range=REDUCE_RANGE,
-                                calibrate_method=CalibrationMethod.Percentile,
-                                nodes_to_exclude=int8_fp32_nodes(onnx.load(str(prepared)).graph))
+                quantize_static(
+                    str(prepared),
+                    str(encoder_out),
+                    _ImageReader(paths, source),
+                    quant_format=QuantFormat.QOperator,
+                    per_channel=True,
+                    activation_type=QuantType.QUInt8,
+                    weight_type=QuantType.QInt8,
+                    reduce_range=REDUCE_RANGE,
+                    calibrate_method=CalibrationMethod.Percentile,
+                    nodes_to_exclude=int8_fp32_nodes(onnx.load(str(prepared)).graph),
+                )
         finally:
             prepared.unlink(missing_ok=True)
-        encoder_note = (f"int8 static (QOperator, uint8 activations, per-channel 7-bit int8 weights, "
-                        f"percentile ranges; stem, first {INT8_ENCODER_FP32_BLOCKS} blocks and "
-                        f"the layers after the CNN in FP32), "
-                        f"calibrated on {len(paths)} images")
-    return _write_manifest(source, out, "int8", {
-        "encoder": encoder_note, "decoder_step": "int8 dynamic (MatMul/Gemm weights)"})
+        encoder_note = (
+            f"int8 static (QOperator, uint8 activations, per-channel 7-bit int8 weights, "
+            f"percentile ranges; stem, first {INT8_ENCODER_FP32_BLOCKS} blocks and "
+            f"the layers after the CNN in FP32), "
+            f"calibrated on {len(paths)} images"
+        )
+    return _write_manifest(
+        source, out, "int8", {"encoder": encoder_note, "decoder_step": "int8 dynamic (MatMul/Gemm weights)"}
+    )
 
 
-def convert_model_dir(model_dir: str | Path, out: str | Path, precision: str,
-                      calibration: str | Path | None = None, force: bool = False) -> Manifest:
+def convert_model_dir(
+    model_dir: str | Path,
+    out: str | Path,
+    precision: str,
+    calibration: str | Path | None = None,
+    force: bool = False,
+) -> Manifest:
     """``edgecap convert``: read and verify ``model_dir``, write the converted copy to ``out``."""
     if precision not in PRECISIONS:
         raise ValueError(f"precision must be one of {PRECISIONS}, not {precision!r}")
@@ -462,8 +510,10 @@ def convert_model_dir(model_dir: str | Path, out: str | Path, precision: str,
 
 # -- checking a converted model against its source, stage by stage ----------------------------
 
-def compare_stages(reference: Manifest, candidate: Manifest, n_images: int = 2,
-                   n_beams: int = 3, seed: int = 0) -> dict[str, float]:
+
+def compare_stages(
+    reference: Manifest, candidate: Manifest, n_images: int = 2, n_beams: int = 3, seed: int = 0
+) -> dict[str, float]:
     """Run both models on onnxruntime CPU with the same random inputs and return the largest
     absolute difference of each output: the encoder's four, then one decoder step (fed the
     reference encoder outputs so the two stages are judged apart). Also
@@ -484,20 +534,34 @@ def compare_stages(reference: Manifest, candidate: Manifest, n_images: int = 2,
 
     image_index = np.repeat(np.arange(n_images, dtype=np.int32), n_beams)
     rows = len(image_index)
-    feeds = {"tokens": np.full(rows, reference.tokens["start"], np.int32),
-             "h": ref_enc["h0"], "c": ref_enc["c0"], "source_rows": image_index.copy(),
-             "features": ref_enc["features"], "att_proj": ref_enc["att_proj"],
-             "image_index": image_index,
-             "word_bias": np.zeros((rows, reference.dims.vocab_size), np.float32)}
+    feeds = {
+        "tokens": np.full(rows, reference.tokens["start"], np.int32),
+        "h": ref_enc["h0"],
+        "c": ref_enc["c0"],
+        "source_rows": image_index.copy(),
+        "features": ref_enc["features"],
+        "att_proj": ref_enc["att_proj"],
+        "image_index": image_index,
+        "word_bias": np.zeros((rows, reference.dims.vocab_size), np.float32),
+    }
     outs = STEP_OUTPUTS
     ref_step = dict(zip(outs, session(reference, "decoder_step").run(list(outs), feeds)))
     cand_step = dict(zip(outs, session(candidate, "decoder_step").run(list(outs), feeds)))
     for k in ("topk_logprobs", "h_out", "c_out", "alpha"):
         diffs[k] = float(np.abs(ref_step[k] - cand_step[k]).max())
-    diffs["topk_ids_agree"] = float(np.mean(ref_step["topk_ids"][:, 0]
-                                            == cand_step["topk_ids"][:, 0]))
+    diffs["topk_ids_agree"] = float(np.mean(ref_step["topk_ids"][:, 0] == cand_step["topk_ids"][:, 0]))
     return diffs
 
 
-__all__ = ["PRECISIONS", "FP32_OP_TYPES", "convert_model_dir", "convert_fp16", "convert_int8",
-           "to_fp16", "fp32_nodes", "int8_fp32_nodes", "compare_stages", "calibration_images"]
+__all__ = [
+    "PRECISIONS",
+    "FP32_OP_TYPES",
+    "convert_model_dir",
+    "convert_fp16",
+    "convert_int8",
+    "to_fp16",
+    "fp32_nodes",
+    "int8_fp32_nodes",
+    "compare_stages",
+    "calibration_images",
+]

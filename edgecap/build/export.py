@@ -21,8 +21,18 @@ import numpy as np
 import torch
 from torch import nn
 
-from edgecap.contract import (CLASSES, DECODER_STEP, ENCODER, ENCODER_INPUTS, ENCODER_OUTPUTS,
-                              ROLES, STEP_INPUTS, STEP_OUTPUTS, VOCAB, ModelDimensions)
+from edgecap.contract import (
+    CLASSES,
+    DECODER_STEP,
+    ENCODER,
+    ENCODER_INPUTS,
+    ENCODER_OUTPUTS,
+    ROLES,
+    STEP_INPUTS,
+    STEP_OUTPUTS,
+    VOCAB,
+    ModelDimensions,
+)
 from edgecap.errors import ModelError
 from edgecap.manifest import MANIFEST, Manifest, file_sha256, load_manifest
 from edgecap.models.decoder import CaptionDecoder
@@ -34,25 +44,37 @@ from edgecap.vocab import Vocabulary
 
 OPSET = 17
 # Export check tolerances (max abs difference, FP32 onnxruntime vs FP32 PyTorch on the CPU).
-TOLERANCE = {"features": 1e-3, "att_proj": 1e-3, "h0": 1e-4, "c0": 1e-4, "class_probs": 1e-4,
-             "topk_logprobs": 1e-3, "h_out": 1e-4, "c_out": 1e-4, "alpha": 1e-4}
+TOLERANCE = {
+    "features": 1e-3,
+    "att_proj": 1e-3,
+    "h0": 1e-4,
+    "c0": 1e-4,
+    "class_probs": 1e-4,
+    "topk_logprobs": 1e-3,
+    "h_out": 1e-4,
+    "c_out": 1e-4,
+    "alpha": 1e-4,
+}
 
 
-def example_step_inputs(decoder: CaptionDecoder, regions: int, n_images: int = 2,
-                        n_beams: int = 3, seed: int = 0):
+def example_step_inputs(
+    decoder: CaptionDecoder, regions: int, n_images: int = 2, n_beams: int = 3, seed: int = 0
+):
     """Random but valid step inputs (torch tensors), after the first step (S = R), for images
     of ``regions`` attention regions; a word bias that moves some words into the top K."""
     g = torch.Generator().manual_seed(seed)
     cfg = decoder.cfg
     rows = n_images * n_beams
-    return (torch.randint(0, cfg.vocab_size, (rows,), generator=g, dtype=torch.int32),
-            torch.randn(rows, cfg.hidden_dim, generator=g) * 0.5,
-            torch.randn(rows, cfg.hidden_dim, generator=g) * 0.5,
-            torch.randint(0, rows, (rows,), generator=g, dtype=torch.int32),
-            torch.randn(n_images, regions, cfg.feature_dim, generator=g),
-            torch.randn(n_images, regions, cfg.attention_dim, generator=g),
-            torch.arange(n_images, dtype=torch.int32).repeat_interleave(n_beams),
-            (torch.rand(rows, cfg.vocab_size, generator=g) < 0.01).float() * 20.0)
+    return (
+        torch.randint(0, cfg.vocab_size, (rows,), generator=g, dtype=torch.int32),
+        torch.randn(rows, cfg.hidden_dim, generator=g) * 0.5,
+        torch.randn(rows, cfg.hidden_dim, generator=g) * 0.5,
+        torch.randint(0, rows, (rows,), generator=g, dtype=torch.int32),
+        torch.randn(n_images, regions, cfg.feature_dim, generator=g),
+        torch.randn(n_images, regions, cfg.attention_dim, generator=g),
+        torch.arange(n_images, dtype=torch.int32).repeat_interleave(n_beams),
+        (torch.rand(rows, cfg.vocab_size, generator=g) < 0.01).float() * 20.0,
+    )
 
 
 def regions_of(pre: Preprocessing) -> int:
@@ -66,9 +88,17 @@ def _export(module: nn.Module, args: tuple, path: Path, inputs, outputs, dynamic
     with warnings.catch_warnings():
         # The "same" padding is traced as constants: fine, the input size is fixed by the manifest.
         warnings.simplefilter("ignore", torch.jit.TracerWarning)
-        torch.onnx.export(module, args, str(path), input_names=list(inputs), output_names=list(outputs),
-                          dynamic_axes=dynamic_axes, opset_version=OPSET, do_constant_folding=False,
-                          dynamo=False)
+        torch.onnx.export(
+            module,
+            args,
+            str(path),
+            input_names=list(inputs),
+            output_names=list(outputs),
+            dynamic_axes=dynamic_axes,
+            opset_version=OPSET,
+            do_constant_folding=False,
+            dynamo=False,
+        )
 
 
 def _set_output_dims(path: Path, dims: dict[str, list[int]]) -> None:
@@ -107,13 +137,15 @@ def _fold_static_padding(path: Path, image_size: tuple[int, int]) -> None:
         return
     probe = onnx.ModelProto.FromString(model.SerializeToString())
     # a Pad's inputs: data, pads (int64), the fill value (the data's type: float here)
-    types = {n.input[i]: t for n in pads for i, t in ((1, onnx.TensorProto.INT64),
-                                                      (2, onnx.TensorProto.FLOAT))
-             if i < len(n.input) and n.input[i]}
+    types = {
+        n.input[i]: t
+        for n in pads
+        for i, t in ((1, onnx.TensorProto.INT64), (2, onnx.TensorProto.FLOAT))
+        if i < len(n.input) and n.input[i]
+    }
     wanted = list(types)
     del probe.graph.output[:]
-    probe.graph.output.extend(helper.make_tensor_value_info(name, types[name], None)
-                              for name in wanted)
+    probe.graph.output.extend(helper.make_tensor_value_info(name, types[name], None) for name in wanted)
     session = ort.InferenceSession(probe.SerializeToString(), providers=["CPUExecutionProvider"])
     feed = {graph.input[0].name: np.zeros((1, 3, *image_size), np.float32)}
     values = dict(zip(wanted, session.run(wanted, feed)))
@@ -127,12 +159,17 @@ def _fold_static_padding(path: Path, image_size: tuple[int, int]) -> None:
         mode = next((a.s for a in pad.attribute if a.name == "mode"), b"constant")
         fill = values[pad.input[2]] if len(pad.input) > 2 and pad.input[2] else 0.0
         consumers = users.get(pad.output[0], [])
-        spatial_only = not amounts[:2].any() and not amounts[rank:rank + 2].any()
-        if (mode == b"constant" and float(np.asarray(fill)) == 0.0 and spatial_only
-                and len(consumers) == 1 and consumers[0].op_type == "Conv"):
+        spatial_only = not amounts[:2].any() and not amounts[rank : rank + 2].any()
+        if (
+            mode == b"constant"
+            and float(np.asarray(fill)) == 0.0
+            and spatial_only
+            and len(consumers) == 1
+            and consumers[0].op_type == "Conv"
+        ):
             conv = consumers[0]
             old = next((list(a.ints) for a in conv.attribute if a.name == "pads"), None)
-            extra = [int(v) for v in (*amounts[2:rank], *amounts[rank + 2:])]
+            extra = [int(v) for v in (*amounts[2:rank], *amounts[rank + 2 :])]
             merged = [a + b for a, b in zip(old or [0] * len(extra), extra)]
             for attribute in [a for a in conv.attribute if a.name in ("pads", "auto_pad")]:
                 conv.attribute.remove(attribute)
@@ -160,9 +197,16 @@ def _drop_dead_nodes(graph) -> None:
             del graph.node[index]
 
 
-def export_modules(encoder: EfficientNetLite, decoder: CaptionDecoder, vocab: Vocabulary,
-                   pre: Preprocessing, out_dir: Path, info: dict | None = None,
-                   check_images: list[np.ndarray] | None = None, check: bool = True) -> Manifest:
+def export_modules(
+    encoder: EfficientNetLite,
+    decoder: CaptionDecoder,
+    vocab: Vocabulary,
+    pre: Preprocessing,
+    out_dir: Path,
+    info: dict | None = None,
+    check_images: list[np.ndarray] | None = None,
+    check: bool = True,
+) -> Manifest:
     """Write the model directory for these modules and check it; returns its manifest.
 
     The files are written to a temporary directory beside ``out_dir`` and moved in only when
@@ -187,39 +231,67 @@ def _write_and_check(encoder, decoder, vocab, pre, out_dir, info, check_images, 
         raise ModelError(f"vocabulary has {len(vocab)} words but the decoder {decoder.cfg.vocab_size}")
     h, w = pre.size
     cfg = decoder.cfg
-    dims = ModelDimensions(regions=regions_of(pre), feature_dim=cfg.feature_dim,
-                           attention_dim=cfg.attention_dim, hidden_dim=cfg.hidden_dim,
-                           vocab_size=cfg.vocab_size, top_k=cfg.top_k,
-                           n_classes=encoder._fc.out_features,
-                           encoder_dim=cfg.encoder_dim, embed_dim=cfg.embed_dim)
-    files = {**{role: f"{role}.onnx" for role in ROLES}, VOCAB: "vocab.json",
-             CLASSES: "classes.json"}
+    dims = ModelDimensions(
+        regions=regions_of(pre),
+        feature_dim=cfg.feature_dim,
+        attention_dim=cfg.attention_dim,
+        hidden_dim=cfg.hidden_dim,
+        vocab_size=cfg.vocab_size,
+        top_k=cfg.top_k,
+        n_classes=encoder._fc.out_features,
+        encoder_dim=cfg.encoder_dim,
+        embed_dim=cfg.embed_dim,
+    )
+    files = {**{role: f"{role}.onnx" for role in ROLES}, VOCAB: "vocab.json", CLASSES: "classes.json"}
     paths = {role: out_dir / name for role, name in files.items()}
     with torch.no_grad():
-        _export(EncoderGraph(encoder, decoder), (torch.zeros(1, 3, h, w),), paths[ENCODER],
-                ENCODER_INPUTS, ENCODER_OUTPUTS,
-                {"image": {0: "n"}, **{k: {0: "n"} for k in ENCODER_OUTPUTS}})
+        _export(
+            EncoderGraph(encoder, decoder),
+            (torch.zeros(1, 3, h, w),),
+            paths[ENCODER],
+            ENCODER_INPUTS,
+            ENCODER_OUTPUTS,
+            {"image": {0: "n"}, **{k: {0: "n"} for k in ENCODER_OUTPUTS}},
+        )
         _fold_static_padding(paths[ENCODER], pre.size)
         tails = dims.tails(pre.size)
-        _set_output_dims(paths[ENCODER],
-                         {name: list(tails[name]) for name in ENCODER_OUTPUTS})
-        _export(StepGraph(decoder), example_step_inputs(decoder, dims.regions),
-                paths[DECODER_STEP], STEP_INPUTS, STEP_OUTPUTS,
-                {"tokens": {0: "r"}, "h": {0: "s"}, "c": {0: "s"}, "source_rows": {0: "r"},
-                 "features": {0: "n"}, "att_proj": {0: "n"}, "image_index": {0: "r"},
-                 "word_bias": {0: "r"},
-                 **{k: {0: "r"} for k in STEP_OUTPUTS}})
+        _set_output_dims(paths[ENCODER], {name: list(tails[name]) for name in ENCODER_OUTPUTS})
+        _export(
+            StepGraph(decoder),
+            example_step_inputs(decoder, dims.regions),
+            paths[DECODER_STEP],
+            STEP_INPUTS,
+            STEP_OUTPUTS,
+            {
+                "tokens": {0: "r"},
+                "h": {0: "s"},
+                "c": {0: "s"},
+                "source_rows": {0: "r"},
+                "features": {0: "n"},
+                "att_proj": {0: "n"},
+                "image_index": {0: "r"},
+                "word_bias": {0: "r"},
+                **{k: {0: "r"} for k in STEP_OUTPUTS},
+            },
+        )
     vocab.save(paths[VOCAB])
     shutil.copyfile(IMAGENET_CLASSES, paths[CLASSES])
     manifest = Manifest(
-        directory=out_dir, files=files,
+        directory=out_dir,
+        files=files,
         dims=dims,
         tokens={"pad": vocab.pad, "start": vocab.start, "end": vocab.end, "unk": vocab.unk},
-        preprocessing=pre, precision="fp32",
+        preprocessing=pre,
+        precision="fp32",
         sha256={role: file_sha256(path) for role, path in paths.items()},
-        info={"attention": cfg.attention, "decoder_config": cfg.to_dict(),
-              "encoder": encoder.variant,
-              "exported": time.strftime("%Y-%m-%dT%H:%M:%SZ", time.gmtime()), **(info or {})})
+        info={
+            "attention": cfg.attention,
+            "decoder_config": cfg.to_dict(),
+            "encoder": encoder.variant,
+            "exported": time.strftime("%Y-%m-%dT%H:%M:%SZ", time.gmtime()),
+            **(info or {}),
+        },
+    )
     manifest.save()
     if check:
         report = check_export(encoder, decoder, out_dir, pre, check_images)
@@ -228,8 +300,9 @@ def _write_and_check(encoder, decoder, vocab, pre, out_dir, info, check_images, 
     return manifest
 
 
-def check_export(encoder, decoder, out_dir: Path, pre: Preprocessing,
-                 images: list[np.ndarray] | None = None) -> dict:
+def check_export(
+    encoder, decoder, out_dir: Path, pre: Preprocessing, images: list[np.ndarray] | None = None
+) -> dict:
     """Run PyTorch and onnxruntime on the same inputs; raise ModelError past ``TOLERANCE``."""
     import onnxruntime as ort
 
@@ -240,8 +313,7 @@ def check_export(encoder, decoder, out_dir: Path, pre: Preprocessing,
         x = torch.cat([x, torch.from_numpy(np.stack(images))])
     opts = ort.SessionOptions()
     enc = ort.InferenceSession(str(out_dir / "encoder.onnx"), opts, providers=["CPUExecutionProvider"])
-    step = ort.InferenceSession(str(out_dir / "decoder_step.onnx"), opts,
-                                providers=["CPUExecutionProvider"])
+    step = ort.InferenceSession(str(out_dir / "decoder_step.onnx"), opts, providers=["CPUExecutionProvider"])
     diffs = {}
     with torch.no_grad():
         ref = EncoderGraph(encoder, decoder)(x)
@@ -254,27 +326,34 @@ def check_export(encoder, decoder, out_dir: Path, pre: Preprocessing,
         for name, r, o in zip(STEP_OUTPUTS, ref, got):
             if name == "topk_ids":
                 # Ids may swap only between near-tied log-probabilities.
-                same = (r.numpy() == o)
+                same = r.numpy() == o
                 diffs["topk_ids_agree"] = float(same.mean())
                 continue
             diffs[name] = float(np.abs(r.numpy() - o).max())
     bad = {k: v for k, v in diffs.items() if k in TOLERANCE and not v <= TOLERANCE[k]}
     if bad or diffs["topk_ids_agree"] < 0.9:
-        raise ModelError(f"export check failed: onnxruntime differs from PyTorch past the tolerance "
-                         f"{TOLERANCE}: {diffs}")
+        raise ModelError(
+            f"export check failed: onnxruntime differs from PyTorch past the tolerance {TOLERANCE}: {diffs}"
+        )
     return {"max_abs_diff": {k: float(f"{v:.3g}") for k, v in diffs.items()}, "tolerance": TOLERANCE}
 
 
-def export_model(checkpoint: Path, out_dir: Path, name: str | None = None,
-                 extra_info: dict | None = None) -> Manifest:
+def export_model(
+    checkpoint: Path, out_dir: Path, name: str | None = None, extra_info: dict | None = None
+) -> Manifest:
     """Export a training checkpoint directory (``edgecap train``'s OUT/best) to ``out_dir``."""
     from edgecap.models.checkpoint import load_checkpoint
 
     encoder, decoder, vocab, pre, meta = load_checkpoint(Path(checkpoint))
-    info = {"name": name or Path(checkpoint).resolve().parent.name,
-            "training": {"data": meta.get("training_data"), "config": meta.get("train_config"),
-                         "epochs": meta.get("train_state", {}).get("epoch"),
-                         "best_epoch": meta.get("train_state", {}).get("best_epoch")},
-            "metrics": {"dev_greedy_simple_tokenizer": meta.get("dev_metrics_greedy")},
-            **(extra_info or {})}
+    info = {
+        "name": name or Path(checkpoint).resolve().parent.name,
+        "training": {
+            "data": meta.get("training_data"),
+            "config": meta.get("train_config"),
+            "epochs": meta.get("train_state", {}).get("epoch"),
+            "best_epoch": meta.get("train_state", {}).get("best_epoch"),
+        },
+        "metrics": {"dev_greedy_simple_tokenizer": meta.get("dev_metrics_greedy")},
+        **(extra_info or {}),
+    }
     return export_modules(encoder, decoder, vocab, pre, Path(out_dir), info)

@@ -19,10 +19,12 @@ DEFAULTS = {f.name: f.default for f in fields(CaptionOptions)}
 MAX_BEAM = DecoderConfig.__dataclass_fields__["top_k"].default
 # What TensorRT engines are built for unless told otherwise (`edgecap build`'s defaults).
 ENGINE = Limits()
-ENGINE_BEYOND = ("with --backend tensorrt, a run that needs more rows than the cached engines "
-                 "take (more beams x images; constrained: 2 x beams) builds engines for "
-                 "exactly its own beam and batch on first use, which takes minutes, and keeps "
-                 "them in the engine cache")
+ENGINE_BEYOND = (
+    "with --backend tensorrt, a run that needs more rows than the cached engines "
+    "take (more beams x images; constrained: 2 x beams) builds engines for "
+    "exactly its own beam and batch on first use, which takes minutes, and keeps "
+    "them in the engine cache"
+)
 
 
 def threads_value(text: str | None) -> int | None:
@@ -57,57 +59,116 @@ def add_model_arguments(p: argparse.ArgumentParser) -> None:
     """--model, --backend, --device, --threads, --decode-workers, --beam-size, --max-length,
     --no-repeat-ngram, --batch-size, --guidance-bonus / --no-objects-guidance, --fusion-weight / --no-fusion,
     --no-blank-check, --constrained."""
-    p.add_argument("--model", metavar="DIR",
-                   help="model directory (default: the model shipped with edgecap)")
-    p.add_argument("--backend", choices=sorted(NAMES, key=lambda name: name != "auto"),
-                   default="auto", help="auto: onnxruntime if installed, else tensorrt, else torch")
-    p.add_argument("--device", choices=("cpu", "cuda"),
-                   help="where the backend runs (default: the backend's own: onnxruntime CUDA "
-                        "when it has it, else the CPU; torch the CPU; tensorrt the GPU)")
-    p.add_argument("--threads", metavar="N",
-                   help="CPU threads each onnxruntime or torch computation may use (intra-op; "
-                        "default: onnxruntime one per physical core, torch 1, the fastest "
-                        "measured on a busy 2-core machine; see docs/performance-options.md)")
-    p.add_argument("--decode-workers", metavar="N",
-                   help="threads that read, decode and resize the next photos while the model "
-                        "works on a batch; 0: none (default: on a GPU one per CPU core less "
-                        f"one, at most {MAX_GPU_DECODE_WORKERS}; on the CPU "
-                        f"{DEFAULT_CPU_DECODE_WORKERS}, the fastest measured on a busy 2-core "
-                        "machine; see docs/performance-options.md)")
-    p.add_argument("--beam-size", type=int, default=DEFAULTS["beam_size"], metavar="K",
-                   help=f"captions kept and extended at each word; 1 to the model's top_k "
-                        f"({MAX_BEAM} for the shipped model); wider is slower; "
-                        f"{ENGINE_BEYOND} (edgecap build makes them for "
-                        f"{ENGINE.max_beam} beams x {ENGINE.max_batch} images)")
-    p.add_argument("--max-length", type=int, default=DEFAULTS["max_length"], metavar="N",
-                   help="most words per caption (not counting its end)")
-    p.add_argument("--no-repeat-ngram", type=int, default=DEFAULTS["no_repeat_ngram"], metavar="N",
-                   help="never repeat a phrase of N words within a caption "
-                        f"(default {DEFAULTS['no_repeat_ngram']}; 0: off)")
-    p.add_argument("--batch-size", type=int, default=DEFAULTS["batch_size"], metavar="N",
-                   help=f"photos encoded and searched together, 1 to {MAX_BATCH_SIZE}: larger "
-                        "batches give more photos per second and more memory; results come "
-                        "a batch at a time")
-    p.add_argument("--guidance-bonus", type=float, default=DEFAULTS["guidance_bonus"],
-                   metavar="X", help="steer the caption toward naming the photo's object tags: "
-                   "X is added to the log-probability of their words until a beam says one "
-                   f"(default {DEFAULTS['guidance_bonus']})")
-    p.add_argument("--no-objects-guidance", dest="guidance_bonus", action="store_const",
-                   const=0.0, help="no steering: the caption model alone (--guidance-bonus 0)")
-    p.add_argument("--fusion-weight", type=float, default=DEFAULTS["fusion_weight"], metavar="X",
-                   help="weight of the everyday caption language model fused into the search "
-                        "(X * (log p_everyday - log p_in-domain) on each word; default: the "
-                        "model's own, from its fusion.json; a model without one has none)")
-    p.add_argument("--no-fusion", dest="fusion_weight", action="store_const", const=0.0,
-                   help="no language-model fusion (--fusion-weight 0)")
-    p.add_argument("--no-blank-check", dest="blank_check", action="store_false",
-                   help="caption every frame, even one with nothing to recognise (uniform or "
-                        "blurred past any detail), instead of saying 'nothing recognisable'")
-    p.add_argument("--constrained", action="store_true",
-                   help="constrained beam search instead: the caption must say a word of one of "
-                        f"the photo's top {DEFAULTS['guidance_tags']} object tags of probability "
-                        f"{DEFAULTS['constraint_min_prob']} or more (2 x beam-size rows per "
-                        "photo; see the README)")
+    p.add_argument("--model", metavar="DIR", help="model directory (default: the model shipped with edgecap)")
+    p.add_argument(
+        "--backend",
+        choices=sorted(NAMES, key=lambda name: name != "auto"),
+        default="auto",
+        help="auto: onnxruntime if installed, else tensorrt, else torch",
+    )
+    p.add_argument(
+        "--device",
+        choices=("cpu", "cuda"),
+        help="where the backend runs (default: the backend's own: onnxruntime CUDA "
+        "when it has it, else the CPU; torch the CPU; tensorrt the GPU)",
+    )
+    p.add_argument(
+        "--threads",
+        metavar="N",
+        help="CPU threads each onnxruntime or torch computation may use (intra-op; "
+        "default: onnxruntime one per physical core, torch 1, the fastest "
+        "measured on a busy 2-core machine; see docs/performance-options.md)",
+    )
+    p.add_argument(
+        "--decode-workers",
+        metavar="N",
+        help="threads that read, decode and resize the next photos while the model "
+        "works on a batch; 0: none (default: on a GPU one per CPU core less "
+        f"one, at most {MAX_GPU_DECODE_WORKERS}; on the CPU "
+        f"{DEFAULT_CPU_DECODE_WORKERS}, the fastest measured on a busy 2-core "
+        "machine; see docs/performance-options.md)",
+    )
+    p.add_argument(
+        "--beam-size",
+        type=int,
+        default=DEFAULTS["beam_size"],
+        metavar="K",
+        help=f"captions kept and extended at each word; 1 to the model's top_k "
+        f"({MAX_BEAM} for the shipped model); wider is slower; "
+        f"{ENGINE_BEYOND} (edgecap build makes them for "
+        f"{ENGINE.max_beam} beams x {ENGINE.max_batch} images)",
+    )
+    p.add_argument(
+        "--max-length",
+        type=int,
+        default=DEFAULTS["max_length"],
+        metavar="N",
+        help="most words per caption (not counting its end)",
+    )
+    p.add_argument(
+        "--no-repeat-ngram",
+        type=int,
+        default=DEFAULTS["no_repeat_ngram"],
+        metavar="N",
+        help="never repeat a phrase of N words within a caption "
+        f"(default {DEFAULTS['no_repeat_ngram']}; 0: off)",
+    )
+    p.add_argument(
+        "--batch-size",
+        type=int,
+        default=DEFAULTS["batch_size"],
+        metavar="N",
+        help=f"photos encoded and searched together, 1 to {MAX_BATCH_SIZE}: larger "
+        "batches give more photos per second and more memory; results come "
+        "a batch at a time",
+    )
+    p.add_argument(
+        "--guidance-bonus",
+        type=float,
+        default=DEFAULTS["guidance_bonus"],
+        metavar="X",
+        help="steer the caption toward naming the photo's object tags: "
+        "X is added to the log-probability of their words until a beam says one "
+        f"(default {DEFAULTS['guidance_bonus']})",
+    )
+    p.add_argument(
+        "--no-objects-guidance",
+        dest="guidance_bonus",
+        action="store_const",
+        const=0.0,
+        help="no steering: the caption model alone (--guidance-bonus 0)",
+    )
+    p.add_argument(
+        "--fusion-weight",
+        type=float,
+        default=DEFAULTS["fusion_weight"],
+        metavar="X",
+        help="weight of the everyday caption language model fused into the search "
+        "(X * (log p_everyday - log p_in-domain) on each word; default: the "
+        "model's own, from its fusion.json; a model without one has none)",
+    )
+    p.add_argument(
+        "--no-fusion",
+        dest="fusion_weight",
+        action="store_const",
+        const=0.0,
+        help="no language-model fusion (--fusion-weight 0)",
+    )
+    p.add_argument(
+        "--no-blank-check",
+        dest="blank_check",
+        action="store_false",
+        help="caption every frame, even one with nothing to recognise (uniform or "
+        "blurred past any detail), instead of saying 'nothing recognisable'",
+    )
+    p.add_argument(
+        "--constrained",
+        action="store_true",
+        help="constrained beam search instead: the caption must say a word of one of "
+        f"the photo's top {DEFAULTS['guidance_tags']} object tags of probability "
+        f"{DEFAULTS['constraint_min_prob']} or more (2 x beam-size rows per "
+        "photo; see the README)",
+    )
 
 
 def caption_options(args: argparse.Namespace) -> CaptionOptions:
@@ -122,5 +183,11 @@ def load_captioner(args: argparse.Namespace):
 
     threads = threads_value(args.threads)
     workers = decode_workers_value(getattr(args, "decode_workers", None))
-    return Captioner(model=args.model, backend=args.backend, device=args.device,
-                     threads=threads, decode_workers=workers, options=caption_options(args))
+    return Captioner(
+        model=args.model,
+        backend=args.backend,
+        device=args.device,
+        threads=threads,
+        decode_workers=workers,
+        options=caption_options(args),
+    )

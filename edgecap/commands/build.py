@@ -17,27 +17,47 @@ from edgecap.trt import STRONGLY_TYPED_FP16_FROM
 
 
 def add_arguments(parser: argparse.ArgumentParser) -> None:
-    parser.add_argument("--model", metavar="DIR", default=None,
-                        help="model directory (default: the model shipped with edgecap)")
-    parser.add_argument("--precision", choices=("fp16", "fp32"), default="fp16",
-                        help="engine precision. fp16 on TensorRT "
-                        f"{'.'.join(map(str, STRONGLY_TYPED_FP16_FROM))} or later: built from "
-                        "the graphs of `edgecap convert --precision fp16`, with the parts that "
-                        "lists in FP32 (see edgecap convert --help); on older TensorRT the "
-                        "Softmax, LogSoftmax and TopK layers stay FP32")
+    parser.add_argument(
+        "--model",
+        metavar="DIR",
+        default=None,
+        help="model directory (default: the model shipped with edgecap)",
+    )
+    parser.add_argument(
+        "--precision",
+        choices=("fp16", "fp32"),
+        default="fp16",
+        help="engine precision. fp16 on TensorRT "
+        f"{'.'.join(map(str, STRONGLY_TYPED_FP16_FROM))} or later: built from "
+        "the graphs of `edgecap convert --precision fp16`, with the parts that "
+        "lists in FP32 (see edgecap convert --help); on older TensorRT the "
+        "Softmax, LogSoftmax and TopK layers stay FP32",
+    )
     # The defaults are the default engine's (edgecap.contract.Limits): what `edgecap caption
     # --backend tensorrt` asks for at least, so its engines are the ones built here; any
     # engine whose limits cover a request is reused.
-    parser.add_argument("--max-batch", type=int, default=ENGINE.max_batch, metavar="N",
-                        help="most images per batch the engines accept (edgecap caption's "
-                        "--batch-size)")
-    parser.add_argument("--max-beam", type=int, default=ENGINE.max_beam, metavar="K",
-                        help="most beams per image the engines accept: edgecap caption's "
-                        f"--beam-size, which goes up to the model's top_k ({MAX_BEAM} for the "
-                        f"shipped model), or 2 x it with --constrained; {ENGINE_BEYOND}")
-    parser.add_argument("--out", metavar="DIR", default=None,
-                        help="engine cache directory (default: $EDGECAP_CACHE/engines or "
-                        "~/.cache/edgecap/engines)")
+    parser.add_argument(
+        "--max-batch",
+        type=int,
+        default=ENGINE.max_batch,
+        metavar="N",
+        help="most images per batch the engines accept (edgecap caption's --batch-size)",
+    )
+    parser.add_argument(
+        "--max-beam",
+        type=int,
+        default=ENGINE.max_beam,
+        metavar="K",
+        help="most beams per image the engines accept: edgecap caption's "
+        f"--beam-size, which goes up to the model's top_k ({MAX_BEAM} for the "
+        f"shipped model), or 2 x it with --constrained; {ENGINE_BEYOND}",
+    )
+    parser.add_argument(
+        "--out",
+        metavar="DIR",
+        default=None,
+        help="engine cache directory (default: $EDGECAP_CACHE/engines or ~/.cache/edgecap/engines)",
+    )
 
 
 def run(args: argparse.Namespace) -> int:
@@ -55,8 +75,11 @@ def run(args: argparse.Namespace) -> int:
         return 2
     top_k = manifest.dims.top_k
     if args.max_beam > 2 * top_k:  # a constrained search takes 2 x its beam (at most top_k)
-        print(f"edgecap build: error: --max-beam {args.max_beam}: this model searches at most "
-              f"{top_k} beams (its top_k; 2 x {top_k} rows constrained)", file=sys.stderr)
+        print(
+            f"edgecap build: error: --max-beam {args.max_beam}: this model searches at most "
+            f"{top_k} beams (its top_k; 2 x {top_k} rows constrained)",
+            file=sys.stderr,
+        )
         return 2
     cache_dir = Path(args.out) if args.out else default_cache_dir()
     paths = build_all(manifest, args.precision, limits, cache_dir)

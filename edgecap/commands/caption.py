@@ -37,8 +37,14 @@ from edgecap.commands._options import add_model_arguments, load_captioner
 from edgecap.commands.caption_bag import run_bag
 from edgecap.commands.caption_media import run_attention, run_stream
 from edgecap.commands.progress import add_progress_argument, open_progress, progress_enabled
-from edgecap.commands.output import (EXIT_PIPE_CLOSED, OutputFailed, discard_stdout,
-                                     print_result, utf8_stdout, write)
+from edgecap.commands.output import (
+    EXIT_PIPE_CLOSED,
+    OutputFailed,
+    discard_stdout,
+    print_result,
+    utf8_stdout,
+    write,
+)
 from edgecap.paths import expand_all
 
 FINISHES_ON_INTERRUPT = True  # edgecap.cli: Ctrl-C before the model is loaded just exits
@@ -76,33 +82,63 @@ and only regular files (not pipes or devices)."""
 
 def add_arguments(p: argparse.ArgumentParser) -> None:
     p.epilog = EXIT_CODES  # edgecap.cli's formatter keeps its layout
-    p.add_argument("paths", nargs="*", metavar="PATH",
-                   help="image files, folders (searched recursively) or quoted globs")
+    p.add_argument(
+        "paths", nargs="*", metavar="PATH", help="image files, folders (searched recursively) or quoted globs"
+    )
     p.add_argument("--video", metavar="FILE", help="caption a video file's frames")
-    p.add_argument("--camera", metavar="INDEX", type=int,
-                   help="caption a live camera (0: the first one, /dev/video0 on Linux)")
-    p.add_argument("--bag", metavar="PATH",
-                   help="caption a robot recording's image topics: a ROS 2 bag folder, a .mcap "
-                        "or .db3 file, or a ROS 1 .bag (needs edgecap[ros]; see docs/recordings.md)")
-    p.add_argument("--topic", metavar="T", action="append",
-                   help="with --bag: caption this image topic (repeat for more; default: all)")
-    p.add_argument("--write-bag", metavar="OUT",
-                   help="with --bag: also write a copy of the recording with each caption as a "
-                        "std_msgs/String on TOPIC/caption at its frame's time")
-    p.add_argument("--every", metavar="SECONDS", type=float,
-                   help="with --video, --camera or --bag: at most one caption per SECONDS of "
-                        "video (recording) time, per topic")
-    p.add_argument("--attention", metavar="OUT.png",
-                   help="with one image: also write its attention figure, one panel per word")
+    p.add_argument(
+        "--camera",
+        metavar="INDEX",
+        type=int,
+        help="caption a live camera (0: the first one, /dev/video0 on Linux)",
+    )
+    p.add_argument(
+        "--bag",
+        metavar="PATH",
+        help="caption a robot recording's image topics: a ROS 2 bag folder, a .mcap "
+        "or .db3 file, or a ROS 1 .bag (needs edgecap[ros]; see docs/recordings.md)",
+    )
+    p.add_argument(
+        "--topic",
+        metavar="T",
+        action="append",
+        help="with --bag: caption this image topic (repeat for more; default: all)",
+    )
+    p.add_argument(
+        "--write-bag",
+        metavar="OUT",
+        help="with --bag: also write a copy of the recording with each caption as a "
+        "std_msgs/String on TOPIC/caption at its frame's time",
+    )
+    p.add_argument(
+        "--every",
+        metavar="SECONDS",
+        type=float,
+        help="with --video, --camera or --bag: at most one caption per SECONDS of "
+        "video (recording) time, per topic",
+    )
+    p.add_argument(
+        "--attention",
+        metavar="OUT.png",
+        help="with one image: also write its attention figure, one panel per word",
+    )
     add_model_arguments(p)
     p.add_argument("--json", action="store_true", help="one JSON object per line")
-    p.add_argument("--min-confidence", type=float, metavar="X",
-                   help="mark captions whose confidence (0-1: the chance the caption is right, "
-                        "from the model's confidence.json) is below X: --json adds "
-                        '"low_confidence": true, plain output a last field "low confidence"')
-    p.add_argument("--objects", dest="show_objects", action="store_true",
-                   help="also print each photo's object tags (the encoder's own ImageNet "
-                        "classes with their probabilities; always in --json)")
+    p.add_argument(
+        "--min-confidence",
+        type=float,
+        metavar="X",
+        help="mark captions whose confidence (0-1: the chance the caption is right, "
+        "from the model's confidence.json) is below X: --json adds "
+        '"low_confidence": true, plain output a last field "low confidence"',
+    )
+    p.add_argument(
+        "--objects",
+        dest="show_objects",
+        action="store_true",
+        help="also print each photo's object tags (the encoder's own ImageNet "
+        "classes with their probabilities; always in --json)",
+    )
     add_progress_argument(p)
 
 
@@ -118,8 +154,7 @@ def run(args: argparse.Namespace) -> int:
         print(f"edgecap caption: error: {problem}", file=sys.stderr)
         return 2
     if sys.stdout is None:  # started with stdout closed (>&-): nothing could be written
-        print("edgecap caption: error: cannot write the output: standard output is closed",
-              file=sys.stderr)
+        print("edgecap caption: error: cannot write the output: standard output is closed", file=sys.stderr)
         return 2
     utf8_stdout()
     # The command owns its process: Pillow's bomb warning would only repeat the InputError.
@@ -140,8 +175,10 @@ def run(args: argparse.Namespace) -> int:
         discard_stdout()  # what is still buffered must not fail again at exit
         if isinstance(failure.error, BrokenPipeError):
             return EXIT_PIPE_CLOSED  # the reader is gone (| head): stop quietly, like Unix tools
-        print(f"edgecap caption: error: cannot write the output "
-              f"({failure.error.strerror or failure.error})", file=sys.stderr)
+        print(
+            f"edgecap caption: error: cannot write the output ({failure.error.strerror or failure.error})",
+            file=sys.stderr,
+        )
         return 2
 
 
@@ -194,8 +231,7 @@ def _check_arguments(args: argparse.Namespace) -> str | None:
     """What is wrong with the combination of arguments, or None."""
     from PIL import Image
 
-    sources = (bool(args.paths) + (args.video is not None) + (args.camera is not None)
-               + (args.bag is not None))
+    sources = bool(args.paths) + (args.video is not None) + (args.camera is not None) + (args.bag is not None)
     if sources != 1:
         return "give image PATHs, --video FILE, --camera INDEX or --bag PATH (exactly one of them)"
     if args.every is not None and args.video is None and args.camera is None and args.bag is None:
@@ -211,6 +247,5 @@ def _check_arguments(args: argparse.Namespace) -> str | None:
         if not args.paths:
             return "--attention needs one image PATH (not --video or --camera)"
         if Path(args.attention).suffix.lower() not in Image.registered_extensions():
-            return (f"--attention {args.attention}: unknown image format; "
-                    "name a .png or .jpg file")
+            return f"--attention {args.attention}: unknown image format; name a .png or .jpg file"
     return None

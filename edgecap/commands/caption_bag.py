@@ -16,15 +16,27 @@ from __future__ import annotations
 import argparse
 import sys
 
-from edgecap.commands.output import (caption_fields, caption_record, error_record, escape_field,
-                                     json_line, report_error, write)
+from edgecap.commands.output import (
+    caption_fields,
+    caption_record,
+    error_record,
+    escape_field,
+    json_line,
+    report_error,
+    write,
+)
 
 
 def run_bag(captioner, args: argparse.Namespace) -> int:
     from edgecap.commands.caption import _captions
     from edgecap.errors import InputError
-    from edgecap.recordings import (RecordingError, caption_topic, open_recording,
-                                    output_problem, write_captions)
+    from edgecap.recordings import (
+        RecordingError,
+        caption_topic,
+        open_recording,
+        output_problem,
+        write_captions,
+    )
 
     if args.write_bag is not None:
         problem = output_problem(args.bag, args.write_bag)
@@ -45,8 +57,7 @@ def run_bag(captioner, args: argparse.Namespace) -> int:
 
     with open_recording(args.bag) as recording:
         frames = recording.frames(recording.check_topics(args.topic), args.every)
-        for frame, result in _captions(captioner, ((f, f.image)
-                                                   for f in frames_until_broken(frames))):
+        for frame, result in _captions(captioner, ((f, f.image) for f in frames_until_broken(frames))):
             if isinstance(result, InputError):
                 failed += 1
             else:
@@ -58,11 +69,17 @@ def run_bag(captioner, args: argparse.Namespace) -> int:
         if args.write_bag is not None and not broken:
             count = write_captions(recording, args.write_bag, captions)
             topics = ", ".join(sorted({caption_topic(t) for t, _ in captions})) or "no topic"
-            print(f"edgecap: wrote {escape_field(args.write_bag)}: a copy of "
-                  f"{escape_field(args.bag)} with {count} captions ({topics})", file=sys.stderr)
+            print(
+                f"edgecap: wrote {escape_field(args.write_bag)}: a copy of "
+                f"{escape_field(args.bag)} with {count} captions ({topics})",
+                file=sys.stderr,
+            )
     if broken and args.write_bag is not None:
-        print(f"edgecap: {escape_field(args.write_bag)} not written: the recording could not "
-              "be read to its end", file=sys.stderr)
+        print(
+            f"edgecap: {escape_field(args.write_bag)} not written: the recording could not "
+            "be read to its end",
+            file=sys.stderr,
+        )
     return 1 if failed or broken else 0
 
 
@@ -70,8 +87,7 @@ def _print_frame(bag: str, frame, result, args: argparse.Namespace) -> None:
     from edgecap.errors import InputError
     from edgecap.recordings import seconds_text
 
-    head = {"bag": bag, "topic": frame.topic, "time_ns": frame.time_ns,
-            "stamp_ns": frame.stamp_ns}
+    head = {"bag": bag, "topic": frame.topic, "time_ns": frame.time_ns, "stamp_ns": frame.stamp_ns}
     if isinstance(result, InputError):
         report_error(bag, f"{frame.name}: {result.problem}")  # the captioner names bytes only
         if args.json:
@@ -80,6 +96,10 @@ def _print_frame(bag: str, frame, result, args: argparse.Namespace) -> None:
     if args.json:
         write(json_line({**head, **caption_record(result, args.min_confidence)}))
         return
-    fields = [frame.topic, seconds_text(frame.time_ns), seconds_text(frame.stamp_ns),
-              *caption_fields(result, args.show_objects, args.min_confidence)]
+    fields = [
+        frame.topic,
+        seconds_text(frame.time_ns),
+        seconds_text(frame.stamp_ns),
+        *caption_fields(result, args.show_objects, args.min_confidence),
+    ]
     write("\t".join(escape_field(f) for f in fields))

@@ -17,22 +17,29 @@ def run_attention(captioner, inputs: list[tuple[str, Any]], args) -> int:  # (na
     from edgecap.viz import save_attention
 
     if len(inputs) != 1:
-        print(f"edgecap caption: error: --attention takes one image, got {len(inputs)}",
-              file=sys.stderr)
+        print(f"edgecap caption: error: --attention takes one image, got {len(inputs)}", file=sys.stderr)
         return 2
-    (name, item), = inputs
+    ((name, item),) = inputs
     if not isinstance(item, InputError) and _same_file(args.attention, item):
-        print(f"edgecap caption: error: --attention {escape_field(args.attention)} is the input "
-              "photo itself; name another file", file=sys.stderr)
+        print(
+            f"edgecap caption: error: --attention {escape_field(args.attention)} is the input "
+            "photo itself; name another file",
+            file=sys.stderr,
+        )
         return 2
-    result = item if isinstance(item, InputError) else captioner.caption_batch(
-        [item], return_attention=True, on_error="return")[0]
+    result = (
+        item
+        if isinstance(item, InputError)
+        else captioner.caption_batch([item], return_attention=True, on_error="return")[0]
+    )
     print_result(name, result, args.json, args.show_objects, args.min_confidence)
     if isinstance(result, InputError):
         return 1
     if not result.recognisable:
-        print(f"edgecap: {escape_field(name)}: nothing recognisable: no attention figure "
-              "written", file=sys.stderr)
+        print(
+            f"edgecap: {escape_field(name)}: nothing recognisable: no attention figure written",
+            file=sys.stderr,
+        )
         return 1
     try:
         save_attention(item, result, args.attention)
@@ -67,8 +74,7 @@ def run_stream(captioner, args: argparse.Namespace) -> int:
         print(f"edgecap: {stream.stats}", file=sys.stderr)
         return 130
     except InputError as exc:  # a damaged or cut video, after its readable frames' captions
-        print(f"edgecap: {escape_field(exc.source)}: {escape_field(exc.problem)}",
-              file=sys.stderr)
+        print(f"edgecap: {escape_field(exc.source)}: {escape_field(exc.problem)}", file=sys.stderr)
         print(f"edgecap: {stream.stats}", file=sys.stderr)
         return 1
     print(f"edgecap: {stream.stats}", file=sys.stderr)
@@ -78,11 +84,16 @@ def run_stream(captioner, args: argparse.Namespace) -> int:
 def _print_event(event, as_json: bool) -> None:
     caption = event.caption
     if as_json:
-        line = {"time": round(event.timestamp, 3), "frame": event.frame_index,
-                "caption": caption.text, "score": round(caption.score, 4),
-                "confidence": caption.confidence, "recognisable": caption.recognisable,
-                "timings": {k: round(v, 2) for k, v in caption.timings.items()},
-                "dropped": event.dropped}
+        line = {
+            "time": round(event.timestamp, 3),
+            "frame": event.frame_index,
+            "caption": caption.text,
+            "score": round(caption.score, 4),
+            "confidence": caption.confidence,
+            "recognisable": caption.recognisable,
+            "timings": {k: round(v, 2) for k, v in caption.timings.items()},
+            "dropped": event.dropped,
+        }
         write(json_line(line))
     else:
         write(f"{event.timestamp:.2f}s\t{escape_field(caption.text)}")

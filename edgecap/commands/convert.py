@@ -8,35 +8,42 @@ import sys
 
 def precision_help() -> str:
     """What each precision converts and keeps in FP32, from the converter's own constants."""
-    from edgecap.build.convert import (ENCODER_FP32_BLOCKS, FP32_OP_TYPES,
-                                       INT8_ENCODER_FP32_BLOCKS)
+    from edgecap.build.convert import ENCODER_FP32_BLOCKS, FP32_OP_TYPES, INT8_ENCODER_FP32_BLOCKS
 
-    return ("fp16: half-precision weights and activations; kept in FP32: the encoder's stem and "
-            f"first {ENCODER_FP32_BLOCKS} blocks, every {' / '.join(FP32_OP_TYPES)}, the "
-            "projections computing a Softmax's input (the attention logits, the image "
-            "classifier), and the word-bias Add and the gather that read the log-probabilities; "
-            "inputs and outputs stay float32. int8: the decoder step's MatMul / Gemm weights "
-            "quantised dynamically (its attention logits stay FP32); with --calibration also "
-            "the encoder, statically, with its stem, first "
-            f"{INT8_ENCODER_FP32_BLOCKS} blocks and every layer after the CNN in FP32; without "
-            "--calibration the encoder stays FP32")
+    return (
+        "fp16: half-precision weights and activations; kept in FP32: the encoder's stem and "
+        f"first {ENCODER_FP32_BLOCKS} blocks, every {' / '.join(FP32_OP_TYPES)}, the "
+        "projections computing a Softmax's input (the attention logits, the image "
+        "classifier), and the word-bias Add and the gather that read the log-probabilities; "
+        "inputs and outputs stay float32. int8: the decoder step's MatMul / Gemm weights "
+        "quantised dynamically (its attention logits stay FP32); with --calibration also "
+        "the encoder, statically, with its stem, first "
+        f"{INT8_ENCODER_FP32_BLOCKS} blocks and every layer after the CNN in FP32; without "
+        "--calibration the encoder stays FP32"
+    )
 
 
 def add_arguments(parser: argparse.ArgumentParser) -> None:
-    parser.add_argument("model_dir", metavar="MODEL_DIR", help="an FP32 model directory "
-                        "(written by `edgecap export`)")
-    parser.add_argument("--precision", choices=("fp16", "int8"), default="fp16",
-                        help=precision_help())
-    parser.add_argument("--out", required=True, metavar="OUT_DIR",
-                        help="where to write the converted model directory")
-    parser.add_argument("--calibration", metavar="DIR", default=None,
-                        help="int8 only: a folder of photos to calibrate the encoder on "
-                        "(up to 64 are used); without it the encoder stays FP32")
-    parser.add_argument("--force", action="store_true",
-                        help="write into OUT_DIR even when it is not empty")
-    parser.add_argument("--no-check", action="store_true",
-                        help="skip comparing the converted model with the original on "
-                        "onnxruntime CPU")
+    parser.add_argument(
+        "model_dir", metavar="MODEL_DIR", help="an FP32 model directory (written by `edgecap export`)"
+    )
+    parser.add_argument("--precision", choices=("fp16", "int8"), default="fp16", help=precision_help())
+    parser.add_argument(
+        "--out", required=True, metavar="OUT_DIR", help="where to write the converted model directory"
+    )
+    parser.add_argument(
+        "--calibration",
+        metavar="DIR",
+        default=None,
+        help="int8 only: a folder of photos to calibrate the encoder on "
+        "(up to 64 are used); without it the encoder stays FP32",
+    )
+    parser.add_argument("--force", action="store_true", help="write into OUT_DIR even when it is not empty")
+    parser.add_argument(
+        "--no-check",
+        action="store_true",
+        help="skip comparing the converted model with the original on onnxruntime CPU",
+    )
 
 
 def run(args: argparse.Namespace) -> int:
@@ -45,8 +52,9 @@ def run(args: argparse.Namespace) -> int:
     from edgecap.manifest import load_manifest
 
     try:
-        manifest = convert_model_dir(args.model_dir, args.out, args.precision,
-                                     calibration=args.calibration, force=args.force)
+        manifest = convert_model_dir(
+            args.model_dir, args.out, args.precision, calibration=args.calibration, force=args.force
+        )
     except ValueError as exc:
         print(f"edgecap convert: error: {exc}", file=sys.stderr)
         return 2

@@ -30,26 +30,40 @@ from edgecap.commands.progress import add_progress_argument, open_progress, prog
 
 
 def add_arguments(p: argparse.ArgumentParser) -> None:
-    p.add_argument("--images", required=True, metavar="DIR",
-                   help="folder the references' file names are relative to")
+    p.add_argument(
+        "--images", required=True, metavar="DIR", help="folder the references' file names are relative to"
+    )
     refs = p.add_argument_group("references (one of)")
-    refs.add_argument("--references", metavar="REFS.json",
-                      help="COCO caption JSON (images: id, file_name; annotations: image_id, "
-                           "caption), or a Karpathy dataset_*.json with --karpathy-split")
-    refs.add_argument("--captions", metavar="TOKENS.txt",
-                      help="Flickr8k.token.txt (with --split)")
-    refs.add_argument("--split", metavar="SPLIT.txt",
-                      help="Flickr8k split file, e.g. Flickr_8k.devImages.txt (image id = its "
-                           "0-based line index)")
-    refs.add_argument("--karpathy-split", choices=("train", "val", "test"),
-                      help="the split to score when --references is a Karpathy dataset JSON")
+    refs.add_argument(
+        "--references",
+        metavar="REFS.json",
+        help="COCO caption JSON (images: id, file_name; annotations: image_id, "
+        "caption), or a Karpathy dataset_*.json with --karpathy-split",
+    )
+    refs.add_argument("--captions", metavar="TOKENS.txt", help="Flickr8k.token.txt (with --split)")
+    refs.add_argument(
+        "--split",
+        metavar="SPLIT.txt",
+        help="Flickr8k split file, e.g. Flickr_8k.devImages.txt (image id = its 0-based line index)",
+    )
+    refs.add_argument(
+        "--karpathy-split",
+        choices=("train", "val", "test"),
+        help="the split to score when --references is a Karpathy dataset JSON",
+    )
     add_model_arguments(p)
-    p.add_argument("--length-penalty", type=float, default=DEFAULTS["length_penalty"],
-                   help="GNMT length penalty alpha in [0, 2] (default: mean log-prob per word)")
+    p.add_argument(
+        "--length-penalty",
+        type=float,
+        default=DEFAULTS["length_penalty"],
+        help="GNMT length penalty alpha in [0, 2] (default: mean log-prob per word)",
+    )
     p.add_argument("--limit", type=int, metavar="N", help="score only the first N images")
-    p.add_argument("--output", metavar="RESULTS.json",
-                   help="write the captions as coco-caption results: "
-                        '[{"image_id": ..., "caption": ...}]')
+    p.add_argument(
+        "--output",
+        metavar="RESULTS.json",
+        help='write the captions as coco-caption results: [{"image_id": ..., "caption": ...}]',
+    )
     p.add_argument("--json", action="store_true", help="print one JSON object")
     add_progress_argument(p)
 
@@ -57,8 +71,14 @@ def add_arguments(p: argparse.ArgumentParser) -> None:
 def run(args: argparse.Namespace) -> int:
     from PIL import Image
 
-    from edgecap.evaluation.evaluate import (ImageFailure, caption_split, check_images,
-                                             load_references, results_json, score_split)
+    from edgecap.evaluation.evaluate import (
+        ImageFailure,
+        caption_split,
+        check_images,
+        load_references,
+        results_json,
+        score_split,
+    )
 
     problem = _check_arguments(args)
     if problem:
@@ -67,7 +87,7 @@ def run(args: argparse.Namespace) -> int:
         return _fail("scoring needs pycocoevalcap: pip install 'edgecap[eval]'")
     try:
         items = load_references(args.references, args.captions, args.split, args.karpathy_split)
-        items = items[:args.limit] if args.limit else items
+        items = items[: args.limit] if args.limit else items
         check_images(items, args.images)
     except (OSError, ValueError) as exc:
         return _fail(str(exc))
@@ -89,8 +109,9 @@ def run(args: argparse.Namespace) -> int:
     seconds = time.perf_counter() - started
 
     if args.output:
-        Path(args.output).write_text(json.dumps(results_json(items, hyps), ensure_ascii=False,
-                                                indent=1) + "\n", encoding="utf-8")
+        Path(args.output).write_text(
+            json.dumps(results_json(items, hyps), ensure_ascii=False, indent=1) + "\n", encoding="utf-8"
+        )
     report = score_split(items, hyps)
     summary = _summary(args, captioner, report, seconds)
     if args.json:
@@ -128,8 +149,11 @@ def _summary(args, captioner, report, seconds: float) -> dict:
         **{key: report.scores.get(key) for key in METRIC_KEYS},  # None: skipped (no Java)
         "n_images": report.n_images,
         "tokenizer": report.tokenizer,
-        "model": {"name": manifest.info.get("name"), "path": str(manifest.directory),
-                  "precision": manifest.precision},
+        "model": {
+            "name": manifest.info.get("name"),
+            "path": str(manifest.directory),
+            "precision": manifest.precision,
+        },
         "backend": captioner.backend.describe(),
         "beam_size": captioner.options.beam_size,
         "max_length": captioner.options.max_length,
@@ -145,15 +169,18 @@ def _print_table(summary: dict) -> None:
 
     model = summary["model"]
     penalty = summary["length_penalty"]
-    tokenizer = {"ptb": "ptb (coco-caption)",
-                 "simple": "simple (Java not found: not coco-caption-exact)"}[summary["tokenizer"]]
+    tokenizer = {"ptb": "ptb (coco-caption)", "simple": "simple (Java not found: not coco-caption-exact)"}[
+        summary["tokenizer"]
+    ]
     print(f"references:  {summary['references']}")
     print(f"images:      {summary['n_images']} (captioned in {summary['caption_seconds']:.1f} s)")
     print(f"model:       {model['name'] or '(unnamed)'} ({model['path']}, {model['precision']})")
     print(f"backend:     {summary['backend']}")
-    print(f"search:      beam size {summary['beam_size']}, max length {summary['max_length']}, "
-          f"length penalty {'none (mean log-prob)' if penalty is None else penalty}, "
-          f"no-repeat n-gram {summary['no_repeat_ngram'] or 'off'}")
+    print(
+        f"search:      beam size {summary['beam_size']}, max length {summary['max_length']}, "
+        f"length penalty {'none (mean log-prob)' if penalty is None else penalty}, "
+        f"no-repeat n-gram {summary['no_repeat_ngram'] or 'off'}"
+    )
     print(f"tokenizer:   {tokenizer}")
     for key in METRIC_KEYS:
         value = summary[key]

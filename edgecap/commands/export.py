@@ -10,9 +10,11 @@ def add_arguments(p: argparse.ArgumentParser) -> None:
     p.add_argument("checkpoint", help="checkpoint directory (edgecap train's OUT/best)")
     p.add_argument("--out", required=True, metavar="DIR", help="model directory to write")
     p.add_argument("--name", help="model name recorded in the manifest")
-    p.add_argument("--metrics", metavar="FILE.json",
-                   help="JSON file of dev metrics to record in the manifest (as written by "
-                        "edgecap eval --json)")
+    p.add_argument(
+        "--metrics",
+        metavar="FILE.json",
+        help="JSON file of dev metrics to record in the manifest (as written by edgecap eval --json)",
+    )
 
 
 def run(args: argparse.Namespace) -> int:
@@ -32,9 +34,14 @@ def run(args: argparse.Namespace) -> int:
         try:
             extra["dev_metrics"] = read_json(args.metrics, MAX_SMALL_BYTES)
         except FileProblem as exc:
-            raise ModelError(f"--metrics {shown(args.metrics)}: cannot read it as JSON "
-                             f"({exc})") from None
+            raise ModelError(f"--metrics {shown(args.metrics)}: cannot read it as JSON ({exc})") from None
     manifest = export_model(args.checkpoint, args.out, name=args.name, extra_info=extra)
-    print(json.dumps({"model": str(manifest.directory),
-                      "export_check": manifest.info.get("export_check", {}).get("max_abs_diff")}))
+    print(
+        json.dumps(
+            {
+                "model": str(manifest.directory),
+                "export_check": manifest.info.get("export_check", {}).get("max_abs_diff"),
+            }
+        )
+    )
     return 0

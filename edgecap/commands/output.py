@@ -13,8 +13,10 @@ import sys
 
 # -- output: every record one line, unambiguous, UTF-8 ----------------------------------------
 EXIT_PIPE_CLOSED = 141  # what a shell reports for a Unix tool stopped by SIGPIPE (128 + 13)
-_UNSAFE = re.compile(r"[\\\x00-\x1f\x7f-\x9f\u2028\u2029\u202a-\u202e\u2066-\u2069"
-                     r"\ud800-\udfff]")
+_UNSAFE = re.compile(
+    r"[\\\x00-\x1f\x7f-\x9f\u2028\u2029\u202a-\u202e\u2066-\u2069"
+    r"\ud800-\udfff]"
+)
 _JSON_UNSAFE = re.compile(r"[\x7f-\x9f\u2028\u2029\u202a-\u202e\u2066-\u2069\ud800-\udfff]")
 _SHORT = {"\\": "\\\\", "\t": "\\t", "\n": "\\n", "\r": "\\r"}
 
@@ -100,8 +102,9 @@ def discard_stdout() -> None:
         pass
 
 
-def print_result(name: str, result, as_json: bool, objects: bool = False,
-                 min_confidence: float | None = None) -> None:
+def print_result(
+    name: str, result, as_json: bool, objects: bool = False, min_confidence: float | None = None
+) -> None:
     """One input's record: its caption (or its error, also on stderr). ``--json`` adds
     ``confidence`` and ``recognisable``; with ``min_confidence``, a caption below it is marked
     (``"low_confidence": true``; plain: a last field ``low confidence``)."""
@@ -115,8 +118,7 @@ def print_result(name: str, result, as_json: bool, objects: bool = False,
     if as_json:
         write(json_line({"path": name, **caption_record(result, min_confidence)}))
         return
-    write("\t".join(escape_field(f) for f in [name, *caption_fields(result, objects,
-                                                                      min_confidence)]))
+    write("\t".join(escape_field(f) for f in [name, *caption_fields(result, objects, min_confidence)]))
 
 
 def report_error(name: str, problem: str) -> None:
@@ -131,16 +133,19 @@ def error_record(problem: str) -> dict:
 
 def caption_record(result, min_confidence: float | None = None) -> dict:
     """The ``--json`` fields of a caption (after the fields that name the input)."""
-    record = {"caption": result.text, "score": round(result.score, 4),
-              "objects": [[tag, round(p, 4)] for tag, p in result.objects],
-              "confidence": result.confidence, "recognisable": result.recognisable}
+    record = {
+        "caption": result.text,
+        "score": round(result.score, 4),
+        "objects": [[tag, round(p, 4)] for tag, p in result.objects],
+        "confidence": result.confidence,
+        "recognisable": result.recognisable,
+    }
     if min_confidence is not None:
         record["low_confidence"] = _low(result, min_confidence)
     return record
 
 
-def caption_fields(result, objects: bool = False,
-                   min_confidence: float | None = None) -> list[str]:
+def caption_fields(result, objects: bool = False, min_confidence: float | None = None) -> list[str]:
     """The plain fields of a caption (after the fields that name the input), not yet escaped."""
     fields = [result.text]
     if objects:
@@ -151,5 +156,4 @@ def caption_fields(result, objects: bool = False,
 
 
 def _low(result, min_confidence: float | None) -> bool:
-    return (min_confidence is not None and result.confidence is not None
-            and result.confidence < min_confidence)
+    return min_confidence is not None and result.confidence is not None and result.confidence < min_confidence

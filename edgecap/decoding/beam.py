@@ -28,10 +28,10 @@ NEG_INF = -np.inf
 
 @dataclass
 class Hypothesis:
-    tokens: list[int]              # word ids, without <start> / <end>
-    log_prob: float                # sum of the log-probabilities (with <end> when finished)
-    score: float                   # length-normalised log-prob
-    finished: bool                 # ended with <end> (False: cut at max_length)
+    tokens: list[int]  # word ids, without <start> / <end>
+    log_prob: float  # sum of the log-probabilities (with <end> when finished)
+    score: float  # length-normalised log-prob
+    finished: bool  # ended with <end> (False: cut at max_length)
     attention: np.ndarray | None = None  # (n_words, L)
     rank_score: float | None = None  # what ranks it: ``score`` with the scorers' bonuses (if any)
 
@@ -42,10 +42,18 @@ def length_normalised(log_prob: float, length: int, penalty: float | None) -> fl
     return log_prob / (((5.0 + length) / 6.0) ** penalty)
 
 
-def beam_search(backend: Backend, encoded: Encoded, options: CaptionOptions, start_id: int,
-                end_id: int, *, filters: Sequence[Filter] = (),
-                scorers: Sequence[Callable[[np.ndarray], Scorer]] = (), partition=None,
-                return_attention: bool = False) -> list[list[Hypothesis]]:
+def beam_search(
+    backend: Backend,
+    encoded: Encoded,
+    options: CaptionOptions,
+    start_id: int,
+    end_id: int,
+    *,
+    filters: Sequence[Filter] = (),
+    scorers: Sequence[Callable[[np.ndarray], Scorer]] = (),
+    partition=None,
+    return_attention: bool = False,
+) -> list[list[Hypothesis]]:
     """-> for each image, up to ``n_best`` hypotheses, best first (never none); each with its
     attention (n_words, L) when ``return_attention``. The goal state's hypotheses come before the
     others. ``filters`` and ``scorers`` are the rules (``edgecap.decoding.rules``); a scorer is
@@ -56,7 +64,7 @@ def beam_search(backend: Backend, encoded: Encoded, options: CaptionOptions, sta
     partition = partition or Unconstrained()
     n_states = partition.n_states
     n_images, beam = encoded.n_images, options.beam_size
-    group = n_states * beam                   # rows per image
+    group = n_states * beam  # rows per image
     rows = n_images * group
     # One candidate more than the beam per row, so a beam keeps ``beam`` live continuations
     # even when one of its best words is <end>.
@@ -67,15 +75,14 @@ def beam_search(backend: Backend, encoded: Encoded, options: CaptionOptions, sta
     surfacing = partition.surfacing_bias(image_index, beam)
 
     tokens = np.full(rows, start_id, dtype=np.int32)
-    source_rows = image_index.copy()          # first step: h0/c0 are per image
-    sum_lp = np.full(rows, NEG_INF)           # what the search ranks by (with any bonus)
-    sum_lp[::group] = 0.0                     # one live beam per image at the start
-    true_lp = np.zeros(rows)                  # the model's own log-probability
+    source_rows = image_index.copy()  # first step: h0/c0 are per image
+    sum_lp = np.full(rows, NEG_INF)  # what the search ranks by (with any bonus)
+    sum_lp[::group] = 0.0  # one live beam per image at the start
+    true_lp = np.zeros(rows)  # the model's own log-probability
     seqs: list[list[int]] = [[] for _ in range(rows)]  # words so far, per row
     alphas = None
     # finished[image][state]: the hypotheses that ended in that state
-    finished: list[list[list[Hypothesis]]] = [[[] for _ in range(n_states)]
-                                              for _ in range(n_images)]
+    finished: list[list[list[Hypothesis]]] = [[[] for _ in range(n_states)] for _ in range(n_images)]
     done = np.zeros(n_images, dtype=bool)
     goals = [partition.goal(image) for image in range(n_images)]
     # Per image, the best place any beam could have ended (<end> in its top K but not taken):
@@ -85,8 +92,7 @@ def beam_search(backend: Backend, encoded: Encoded, options: CaptionOptions, sta
     for t in range(options.max_length):
         biases = [b for b in (s.bias(t, tokens, source_rows) for s in active) if b is not None]
         bonus = sum(biases[1:], biases[0]) if biases else None
-        word_bias = bonus if surfacing is None else (
-            surfacing if bonus is None else bonus + surfacing)
+        word_bias = bonus if surfacing is None else (surfacing if bonus is None else bonus + surfacing)
         result = session.step(tokens, source_rows, word_bias)
         lp = result.topk_logprobs.astype(np.float64)
         ids = result.topk_ids
@@ -107,12 +113,24 @@ def beam_search(backend: Backend, encoded: Encoded, options: CaptionOptions, sta
         for img in range(n_images):
             base = img * group
             if done[img]:
-                new_source[base:base + group] = base
+                new_source[base : base + group] = base
                 continue
             into = _candidates(partition, img, base, beam, width, live_l, cand_l, true_cand, ids_l)
             if t > 0 and not any(finished[img]):
-                could_end[img] = _best_ending(could_end[img], base, beam, group, end_id, live_l,
-                                              cand_l, true_cand, ids_l, seqs, alphas, options)
+                could_end[img] = _best_ending(
+                    could_end[img],
+                    base,
+                    beam,
+                    group,
+                    end_id,
+                    live_l,
+                    cand_l,
+                    true_cand,
+                    ids_l,
+                    seqs,
+                    alphas,
+                    options,
+                )
             live = False
             for state in range(n_states):
                 hyps = finished[img][state]
@@ -127,15 +145,18 @@ def beam_search(backend: Backend, encoded: Encoded, options: CaptionOptions, sta
                         continue
                     if word == end_id:
                         if len(hyps) < beam:
-                            hyps.append(_hypothesis(seqs[src], score, model_lp, True, alphas,
-                                                    src, options.length_penalty))
+                            hyps.append(
+                                _hypothesis(
+                                    seqs[src], score, model_lp, True, alphas, src, options.length_penalty
+                                )
+                            )
                         continue
                     row = first + filled
                     new_source[row], new_tokens[row] = src, word
                     new_lp[row], new_true[row] = score, model_lp
                     filled += 1
                 # Masked rows keep a valid source row so the step's gather stays in range.
-                new_source[first + filled: first + beam] = base
+                new_source[first + filled : first + beam] = base
                 live = live or filled > 0
             if len(finished[img][goals[img]]) >= beam or not live:
                 if not live and not any(finished[img]):
@@ -143,7 +164,7 @@ def beam_search(backend: Backend, encoded: Encoded, options: CaptionOptions, sta
                     # the live beams have so far rather than return nothing.
                     _keep_live(finished[img], base, beam, seqs, sum_lp, true_lp, alphas, options)
                 done[img] = True
-                new_lp[base:base + group] = NEG_INF
+                new_lp[base : base + group] = NEG_INF
         if done.all():
             break
         live_rows = new_lp != NEG_INF
@@ -158,8 +179,7 @@ def beam_search(backend: Backend, encoded: Encoded, options: CaptionOptions, sta
         # Out of words: the live beams of unfinished images become (unfinished) hypotheses.
         for img in range(n_images):
             if not done[img]:
-                _keep_live(finished[img], img * group, beam, seqs, sum_lp, true_lp, alphas,
-                           options)
+                _keep_live(finished[img], img * group, beam, seqs, sum_lp, true_lp, alphas, options)
     for img, ending in enumerate(could_end):
         if ending is not None and not any(h.finished for state in finished[img] for h in state):
             hyp, state = ending
@@ -167,8 +187,9 @@ def beam_search(backend: Backend, encoded: Encoded, options: CaptionOptions, sta
     return [_rank(finished[img], goals[img], options) for img in range(n_images)]
 
 
-def _best_ending(best, base, beam, group, end_id, live_l, cand_l, true_l, ids_l, seqs, alphas,
-                 options) -> tuple[Hypothesis, int] | None:
+def _best_ending(
+    best, base, beam, group, end_id, live_l, cand_l, true_l, ids_l, seqs, alphas, options
+) -> tuple[Hypothesis, int] | None:
     """``best`` or, if better ranked, the best ending (<end> among the top K) of an image's
     live rows at this step, with the state of its row."""
     for src in range(base, base + group):
@@ -177,11 +198,14 @@ def _best_ending(best, base, beam, group, end_id, live_l, cand_l, true_l, ids_l,
         k = ids_l[src].index(end_id)
         # ranked as _hypothesis would rank it; the hypothesis (and its attention copy) is made
         # only for a better ending
-        rank = (length_normalised(cand_l[src][k], len(seqs[src]) + 1, options.length_penalty),
-                true_l[src][k])
+        rank = (length_normalised(cand_l[src][k], len(seqs[src]) + 1, options.length_penalty), true_l[src][k])
         if best is None or rank > (best[0].rank_score, best[0].log_prob):
-            best = (_hypothesis(seqs[src], cand_l[src][k], true_l[src][k], True, alphas, src,
-                                options.length_penalty), (src - base) // beam)
+            best = (
+                _hypothesis(
+                    seqs[src], cand_l[src][k], true_l[src][k], True, alphas, src, options.length_penalty
+                ),
+                (src - base) // beam,
+            )
     return best
 
 
@@ -207,15 +231,17 @@ def _candidates(partition, img, base, beam, width, live_l, cand_l, true_l, ids_l
     return into
 
 
-def checked_step(lp: np.ndarray, result, t: int, backend: Backend, alphas: np.ndarray | None,
-                 return_attention: bool) -> np.ndarray | None:
+def checked_step(
+    lp: np.ndarray, result, t: int, backend: Backend, alphas: np.ndarray | None, return_attention: bool
+) -> np.ndarray | None:
     """Raise ``BackendError`` when step ``t``'s log-probabilities ``lp`` are not finite; -> the
     attention so far (rows, words, L) with this step's appended (None without attention)."""
     if not np.isfinite(lp).all():
         # NaN or overflow in the step (e.g. an FP16 engine out of range): fail loudly rather
         # than return a caption built on garbage.
-        raise BackendError(f"the decoder step returned non-finite log-probabilities at word "
-                           f"{t + 1} ({backend.describe()})")
+        raise BackendError(
+            f"the decoder step returned non-finite log-probabilities at word {t + 1} ({backend.describe()})"
+        )
     if not return_attention:
         return alphas
     step_alpha = result.alpha[:, None, :]
@@ -226,9 +252,14 @@ def _hypothesis(seq, rank_lp, log_prob, finished, alphas, row, penalty) -> Hypot
     words = [int(w) for w in seq]
     length = max(len(words) + (1 if finished else 0), 1)
     attention = None if alphas is None else np.array(alphas[row, : len(words)])
-    return Hypothesis(words, float(log_prob), length_normalised(float(log_prob), length, penalty),
-                      finished, attention,
-                      rank_score=length_normalised(float(rank_lp), length, penalty))
+    return Hypothesis(
+        words,
+        float(log_prob),
+        length_normalised(float(log_prob), length, penalty),
+        finished,
+        attention,
+        rank_score=length_normalised(float(rank_lp), length, penalty),
+    )
 
 
 def _keep_live(by_state, base, beam, seqs, sum_lp, true_lp, alphas, options) -> None:
@@ -237,18 +268,19 @@ def _keep_live(by_state, base, beam, seqs, sum_lp, true_lp, alphas, options) -> 
     for state, hyps in enumerate(by_state):
         for row in range(base + state * beam, base + state * beam + beam):
             if sum_lp[row] != NEG_INF and len(hyps) < beam:
-                hyps.append(_hypothesis(seqs[row], sum_lp[row], true_lp[row], False, alphas, row,
-                                        options.length_penalty))
+                hyps.append(
+                    _hypothesis(
+                        seqs[row], sum_lp[row], true_lp[row], False, alphas, row, options.length_penalty
+                    )
+                )
 
 
 def ranked(hyps: list[Hypothesis]) -> list[Hypothesis]:
     """Best first: by the ranking score (the model's score plus any bonus), then log-prob."""
-    return sorted(hyps, key=lambda h: (-(h.score if h.rank_score is None else h.rank_score),
-                                       -h.log_prob))
+    return sorted(hyps, key=lambda h: (-(h.score if h.rank_score is None else h.rank_score), -h.log_prob))
 
 
-def _rank(by_state: list[list[Hypothesis]], goal: int,
-          options: CaptionOptions) -> list[Hypothesis]:
+def _rank(by_state: list[list[Hypothesis]], goal: int, options: CaptionOptions) -> list[Hypothesis]:
     """Finished captions before captions cut at ``max_length`` (a sentence cut mid-phrase is
     never chosen over one that ended); within each, the goal state's hypotheses best first,
     then the other states', from the goal down."""

@@ -65,8 +65,9 @@ class DeviceStep(Protocol):
     def first_state(self) -> Any:
         """The per-image state before the first word (the rows' source at step 0: images)."""
 
-    def __call__(self, state: Any, tokens: torch.Tensor, source_rows: torch.Tensor,
-                 word_bias: torch.Tensor | None) -> tuple[torch.Tensor, torch.Tensor, Any]:
+    def __call__(
+        self, state: Any, tokens: torch.Tensor, source_rows: torch.Tensor, word_bias: torch.Tensor | None
+    ) -> tuple[torch.Tensor, torch.Tensor, Any]:
         """tokens, source_rows int32 (R,), word_bias float32 (R, V) or None -> (top-K
         log-probabilities float32 (R, K) ranked by log-probability + bias, their ids (R, K),
         the new state)."""
@@ -86,8 +87,9 @@ class TorchStep:
 
     def __call__(self, state, tokens, source_rows, word_bias):
         h, c = state
-        values, ids, h, c, _ = self.step_graph(tokens, h, c, source_rows, self.features,
-                                               self.att_proj, self.image_index, word_bias)
+        values, ids, h, c, _ = self.step_graph(
+            tokens, h, c, source_rows, self.features, self.att_proj, self.image_index, word_bias
+        )
         return values, ids, (h, c)
 
 
@@ -106,8 +108,11 @@ class SessionStep:
         bias = None if word_bias is None else word_bias.cpu().numpy()
         result = self.session.step(tokens.cpu().numpy(), source_rows.cpu().numpy(), bias)
         device = tokens.device
-        return (torch.from_numpy(np.asarray(result.topk_logprobs, np.float32)).to(device),
-                torch.from_numpy(np.asarray(result.topk_ids, np.int64)).to(device), None)
+        return (
+            torch.from_numpy(np.asarray(result.topk_logprobs, np.float32)).to(device),
+            torch.from_numpy(np.asarray(result.topk_ids, np.int64)).to(device),
+            None,
+        )
 
 
 @dataclass(frozen=True)
@@ -115,17 +120,17 @@ class Rules:
     """The scorers of one search, as the numpy loop would get them (``rules_for``)."""
 
     tag_words: tuple[frozenset[int], ...] | None = None  # per image, for the tag bonus
-    fusion: Any = None                                   # ``fusion.Fusion``, when it runs
-    fusion_weights: np.ndarray | None = None             # (R,) float32: each row's weight
+    fusion: Any = None  # ``fusion.Fusion``, when it runs
+    fusion_weights: np.ndarray | None = None  # (R,) float32: each row's weight
 
 
-def rules_for(options: CaptionOptions, n_images: int, tag_words, fusion,
-              class_probs: np.ndarray | None) -> Rules:
+def rules_for(
+    options: CaptionOptions, n_images: int, tag_words, fusion, class_probs: np.ndarray | None
+) -> Rules:
     """What ``edgecap.decoding.search_with_tags`` turns into scorers for an unconstrained
     search: the tag bonus when an image has tag words and the bonus is on; the fusion with the
     option's weight (None: the model's) times each photo's gate, when any row gets weight."""
-    tags = (tag_words if tag_words is not None and any(tag_words) and options.guidance_bonus > 0
-            else None)
+    tags = tag_words if tag_words is not None and any(tag_words) and options.guidance_bonus > 0 else None
     weights = None
     weight = fusion_weight(options, fusion)
     if weight > 0:
@@ -145,8 +150,8 @@ class TorchLM:
             return torch.from_numpy(np.ascontiguousarray(array, np.float32)).to(device)
 
         self.hidden = lm.hidden
-        self.input = tensor(lm._input)     # (V, 4H): embedding @ w_ih.T + bias, per word
-        self.w_hh_t = tensor(lm._w_hh.T)   # (H, 4H)
+        self.input = tensor(lm._input)  # (V, 4H): embedding @ w_ih.T + bias, per word
+        self.w_hh_t = tensor(lm._w_hh.T)  # (H, 4H)
         self.out_w_t = tensor(lm._out_w.T)  # (H, V)
         self.out_b = tensor(lm._out_b)
 
@@ -154,8 +159,8 @@ class TorchLM:
         """-> (logits (R, V), log-normaliser (R, 1), h, c), as ``CaptionLM.step_logits``."""
         gates = self.input.index_select(0, tokens) + h @ self.w_hh_t
         H = self.hidden
-        i, f = _sigmoid(gates[:, :H]), _sigmoid(gates[:, H:2 * H])
-        g, o = torch.tanh(gates[:, 2 * H:3 * H]), _sigmoid(gates[:, 3 * H:])
+        i, f = _sigmoid(gates[:, :H]), _sigmoid(gates[:, H : 2 * H])
+        g, o = torch.tanh(gates[:, 2 * H : 3 * H]), _sigmoid(gates[:, 3 * H :])
         c = f * c + i * g
         h = o * torch.tanh(c)
         logits = h @ self.out_w_t + self.out_b
@@ -175,22 +180,22 @@ class Plan:
     n_images: int
     beam: int
     max_length: int
-    width: int                 # candidates per row: min(beam + 1, K)
+    width: int  # candidates per row: min(beam + 1, K)
     no_repeat_ngram: int
     penalty: float | None
     start_id: int
     end_id: int
-    tag_bonus: float | None    # None: no tag bonus in this search
-    fusion: bool               # the fused language models run
+    tag_bonus: float | None  # None: no tag bonus in this search
+    fusion: bool  # the fused language models run
 
 
 @dataclass
 class Inputs:
     """A search's device tensors (static buffers, for a captured graph)."""
 
-    state: Any                         # the step's first state
-    image_index: torch.Tensor          # (R,) int32
-    tag_words: torch.Tensor | None     # (N, V) bool: each image's tag words
+    state: Any  # the step's first state
+    image_index: torch.Tensor  # (R,) int32
+    tag_words: torch.Tensor | None  # (N, V) bool: each image's tag words
     fusion_weights: torch.Tensor | None  # (R, 1) float32: each row's fusion weight
 
 
@@ -198,8 +203,7 @@ class DeviceBeamSearch:
     """The device search over one ``DeviceStep``; ``lms``: the fused models as ``TorchLM``
     (everyday, in-domain) or None."""
 
-    def __init__(self, vocab_size: int, device: torch.device,
-                 never_first: tuple[int, ...] = NEVER_FIRST_IDS):
+    def __init__(self, vocab_size: int, device: torch.device, never_first: tuple[int, ...] = NEVER_FIRST_IDS):
         self.device = torch.device(device)
         mask = np.zeros(vocab_size, bool)
         mask[list(never_first)] = True
@@ -211,48 +215,74 @@ class DeviceBeamSearch:
         """The fusion's two language models on the device (made once per ``Fusion``)."""
         kept = self._lms.get(id(fusion))
         if kept is None or kept[0] is not fusion:
-            kept = (fusion, (TorchLM(fusion.everyday, self.device),
-                             TorchLM(fusion.in_domain, self.device)))
+            kept = (fusion, (TorchLM(fusion.everyday, self.device), TorchLM(fusion.in_domain, self.device)))
             self._lms[id(fusion)] = kept
         return kept[1]
 
-    def plan(self, n_images: int, options: CaptionOptions, top_k: int, start_id: int,
-             end_id: int, tag_words, fusion_weights) -> Plan:
-        return Plan(n_images, options.beam_size, options.max_length,
-                    min(options.beam_size + 1, top_k), options.no_repeat_ngram,
-                    options.length_penalty, start_id, end_id,
-                    options.guidance_bonus if tag_words is not None else None,
-                    fusion_weights is not None)
+    def plan(
+        self,
+        n_images: int,
+        options: CaptionOptions,
+        top_k: int,
+        start_id: int,
+        end_id: int,
+        tag_words,
+        fusion_weights,
+    ) -> Plan:
+        return Plan(
+            n_images,
+            options.beam_size,
+            options.max_length,
+            min(options.beam_size + 1, top_k),
+            options.no_repeat_ngram,
+            options.length_penalty,
+            start_id,
+            end_id,
+            options.guidance_bonus if tag_words is not None else None,
+            fusion_weights is not None,
+        )
 
     def inputs(self, plan: Plan, state, tag_words, fusion_weights) -> Inputs:
         """Host inputs to device tensors: ``tag_words`` (N,) frozensets or None,
         ``fusion_weights`` (R,) float32 or None."""
-        image_index = torch.from_numpy(np.repeat(np.arange(plan.n_images, dtype=np.int32),
-                                                 plan.beam)).to(self.device)
+        image_index = torch.from_numpy(np.repeat(np.arange(plan.n_images, dtype=np.int32), plan.beam)).to(
+            self.device
+        )
         tags = None
         if tag_words is not None:
             mask = np.zeros((plan.n_images, self.vocab_size), bool)
             for image, words in enumerate(tag_words):
                 mask[image, list(words)] = True
             tags = torch.from_numpy(mask).to(self.device)
-        weights = None if fusion_weights is None else torch.from_numpy(
-            np.asarray(fusion_weights, np.float32).reshape(-1, 1)).to(self.device)
+        weights = (
+            None
+            if fusion_weights is None
+            else torch.from_numpy(np.asarray(fusion_weights, np.float32).reshape(-1, 1)).to(self.device)
+        )
         return Inputs(state, image_index, tags, weights)
 
-    def run(self, step: DeviceStep, plan: Plan, inputs: Inputs, lms=None,
-            fixed: bool = False) -> torch.Tensor:
+    def run(
+        self, step: DeviceStep, plan: Plan, inputs: Inputs, lms=None, fixed: bool = False
+    ) -> torch.Tensor:
         """The search's result, packed (``unpack``): float64 on the device."""
         return _decode(step, plan, inputs, self.never_first, lms, fixed)
 
-    def search(self, make_step: Callable[[torch.Tensor], DeviceStep], n_images: int,
-               options: CaptionOptions, top_k: int, start_id: int, end_id: int,
-               rules: Rules = Rules(), describe: Callable[[], str] = lambda: "device search",
-               fixed: bool = False) -> list[list[Hypothesis]]:
+    def search(
+        self,
+        make_step: Callable[[torch.Tensor], DeviceStep],
+        n_images: int,
+        options: CaptionOptions,
+        top_k: int,
+        start_id: int,
+        end_id: int,
+        rules: Rules = Rules(),
+        describe: Callable[[], str] = lambda: "device search",
+        fixed: bool = False,
+    ) -> list[list[Hypothesis]]:
         """Each image's hypotheses, best first (as ``beam.beam_search`` without a partition
         or attention). ``make_step``: the rows' image index (R,) int32 -> the step."""
         options.validate(top_k)
-        plan = self.plan(n_images, options, top_k, start_id, end_id, rules.tag_words,
-                         rules.fusion_weights)
+        plan = self.plan(n_images, options, top_k, start_id, end_id, rules.tag_words, rules.fusion_weights)
         inputs = self.inputs(plan, None, rules.tag_words, rules.fusion_weights)
         step = make_step(inputs.image_index)
         inputs.state = step.first_state()
@@ -274,9 +304,9 @@ def _repeats(history: torch.Tensor, words: torch.Tensor, n: int) -> torch.Tensor
         match = torch.ones_like(history, dtype=torch.bool)
         following = history
     else:
-        prefixes = history.unfold(1, n - 1, 1)[:, :t - n + 1]        # (R, t-n+1, n-1)
-        match = (prefixes == history[:, None, t - n + 1:]).all(2)    # (R, t-n+1)
-        following = history[:, n - 1:]                              # (R, t-n+1)
+        prefixes = history.unfold(1, n - 1, 1)[:, : t - n + 1]  # (R, t-n+1, n-1)
+        match = (prefixes == history[:, None, t - n + 1 :]).all(2)  # (R, t-n+1)
+        following = history[:, n - 1 :]  # (R, t-n+1)
     return ((following[:, :, None] == words[:, None, :]) & match[:, :, None]).any(1)
 
 
@@ -294,8 +324,9 @@ class _Pool:
         self.finished = torch.zeros((n, slots), dtype=torch.bool, device=device)
         self.count = torch.zeros(n, dtype=torch.int64, device=device)
 
-    def put(self, add: torch.Tensor, pos: torch.Tensor, tokens, length, rank_lp, log_prob,
-            finished: bool) -> None:
+    def put(
+        self, add: torch.Tensor, pos: torch.Tensor, tokens, length, rank_lp, log_prob, finished: bool
+    ) -> None:
         """Write the entries ``add`` (N, M) at slots ``pos`` (N, M); tokens (N, M, T)."""
         index = torch.where(add, pos, self.beam + 1)  # unused: the scratch slot
         self.tokens.scatter_(1, index[:, :, None].expand_as(tokens), tokens)
@@ -305,20 +336,19 @@ class _Pool:
         self.finished.scatter_(1, index, torch.full_like(add, finished))
         self.count += add.sum(1)
 
-    def keep_live(self, images: torch.Tensor, live: torch.Tensor, history, t: int, sum_lp,
-                  true_lp) -> None:
+    def keep_live(self, images: torch.Tensor, live: torch.Tensor, history, t: int, sum_lp, true_lp) -> None:
         """The live rows (R,) of ``images`` (N,) bool become unfinished hypotheses, in row
         order, while the image has fewer than ``beam`` (``beam._keep_live``)."""
         n, beam = images.shape[0], self.beam
         rows = live.view(n, beam) & images[:, None]
         pos = self.count[:, None] + rows.long().cumsum(1) - 1
         add = rows & (pos < beam)
-        self.put(add, pos, history.view(n, beam, -1), t, sum_lp.view(n, beam),
-                 true_lp.view(n, beam), False)
+        self.put(add, pos, history.view(n, beam, -1), t, sum_lp.view(n, beam), true_lp.view(n, beam), False)
 
 
-def _decode(step: DeviceStep, plan: Plan, x: Inputs, never_first: torch.Tensor, lms,
-            fixed: bool) -> torch.Tensor:
+def _decode(
+    step: DeviceStep, plan: Plan, x: Inputs, never_first: torch.Tensor, lms, fixed: bool
+) -> torch.Tensor:
     N, B, T, W = plan.n_images, plan.beam, plan.max_length, plan.width
     R, C, end = N * B, B * W, plan.end_id
     device = x.image_index.device
@@ -344,14 +374,15 @@ def _decode(step: DeviceStep, plan: Plan, x: Inputs, never_first: torch.Tensor, 
     tag_rows = steered = None
     if plan.tag_bonus is not None:
         assert x.tag_words is not None  # the plan has a tag bonus only with tag words
-        tag_rows = x.tag_words.index_select(0, image_rows)                # (R, V) bool
+        tag_rows = x.tag_words.index_select(0, image_rows)  # (R, V) bool
         tag_bias = tag_rows.to(torch.float32) * np.float32(plan.tag_bonus)
         steered = tag_rows.any(1)
     lm_states = None
     if plan.fusion:
         hidden = lms[0].hidden
-        lm_states = [(torch.zeros((R, hidden), device=device),
-                      torch.zeros((R, hidden), device=device)) for _ in lms]
+        lm_states = [
+            (torch.zeros((R, hidden), device=device), torch.zeros((R, hidden), device=device)) for _ in lms
+        ]
 
     for t in range(T):
         running = ~done.all()  # any image left: the numpy loop ran this step
@@ -379,16 +410,25 @@ def _decode(step: DeviceStep, plan: Plan, x: Inputs, never_first: torch.Tensor, 
         lp = values.to(torch.float64)
         ranked_lp = lp if bias is None else lp + bias.gather(1, ids).to(torch.float64)
         live = sum_lp != NEG_INF
-        candidates = sum_lp[:, None] + ranked_lp        # (R, K): what ranks
-        model_lp = true_lp[:, None] + lp                # (R, K): the model's own
+        candidates = sum_lp[:, None] + ranked_lp  # (R, K): what ranks
+        model_lp = true_lp[:, None] + lp  # (R, K): the model's own
         if t > 0:
-            _best_ending(plan, t, ids, live, candidates, model_lp, history, done, pool,
-                         (ending_tokens, ending_length, ending_rank, ending_rank_lp, ending_lp))
+            _best_ending(
+                plan,
+                t,
+                ids,
+                live,
+                candidates,
+                model_lp,
+                history,
+                done,
+                pool,
+                (ending_tokens, ending_length, ending_rank, ending_rank_lp, ending_lp),
+            )
         words = ids[:, :W]
         blocked = never_first[words] if t == 0 else torch.zeros_like(words, dtype=torch.bool)
         if plan.no_repeat_ngram > 0 and t >= plan.no_repeat_ngram:
-            blocked = blocked | (_repeats(history[:, :t], words, plan.no_repeat_ngram)
-                                 & (words != end))
+            blocked = blocked | (_repeats(history[:, :t], words, plan.no_repeat_ngram) & (words != end))
         ok = torch.isfinite(candidates[:, :W]) & ~blocked
         score = candidates[:, :W].reshape(N, C)
         order = torch.sort(score, dim=1, descending=True, stable=True).indices
@@ -399,31 +439,29 @@ def _decode(step: DeviceStep, plan: Plan, x: Inputs, never_first: torch.Tensor, 
         s_ok = ok.reshape(N, C).gather(1, order)  # a done image's rows are masked: none
         is_end = s_word == end
         going = s_ok & ~is_end
-        going_before = going.long().cumsum(1)           # continuations up to here, inclusive
+        going_before = going.long().cumsum(1)  # continuations up to here, inclusive
         taken = going & (going_before <= B)
         # an <end> before the beam's last continuation finishes, while there is room
         ending = s_ok & is_end & (going_before < B)
         pos = pool.count[:, None] + ending.long().cumsum(1) - 1
         add = ending & (pos < B)
-        pool.put(add, pos, history.index_select(0, s_row.reshape(-1)).view(N, C, T), t,
-                 s_score, s_model, True)
+        pool.put(
+            add, pos, history.index_select(0, s_row.reshape(-1)).view(N, C, T), t, s_score, s_model, True
+        )
         slot = torch.where(taken, going_before - 1, B)  # B: a scratch column
         new_source = image_first.expand(N, B + 1).clone().scatter_(1, slot, s_row)
-        new_tokens = torch.full((N, B + 1), end, dtype=torch.int64,
-                                device=device).scatter_(1, slot, s_word)
-        new_lp = torch.full((N, B + 1), NEG_INF, dtype=torch.float64,
-                            device=device).scatter_(1, slot, s_score)
-        new_true = torch.zeros((N, B + 1), dtype=torch.float64,
-                               device=device).scatter_(1, slot, s_model)
+        new_tokens = torch.full((N, B + 1), end, dtype=torch.int64, device=device).scatter_(1, slot, s_word)
+        new_lp = torch.full((N, B + 1), NEG_INF, dtype=torch.float64, device=device).scatter_(
+            1, slot, s_score
+        )
+        new_true = torch.zeros((N, B + 1), dtype=torch.float64, device=device).scatter_(1, slot, s_model)
         image_live = going.any(1)
         # every continuation blocked and nothing finished: keep what the live beams have
-        pool.keep_live(~done & ~image_live & (pool.count == 0), live, history, t, sum_lp,
-                       true_lp)
+        pool.keep_live(~done & ~image_live & (pool.count == 0), live, history, t, sum_lp, true_lp)
         done = done | (pool.count >= B) | ~image_live
         new_source = new_source[:, :B].reshape(R)
         new_tokens = new_tokens[:, :B].reshape(R)
-        new_lp = torch.where(done.index_select(0, image_rows), NEG_INF,
-                             new_lp[:, :B].reshape(R))
+        new_lp = torch.where(done.index_select(0, image_rows), NEG_INF, new_lp[:, :B].reshape(R))
         if steered is not None and tag_rows is not None:
             said = tag_rows.gather(1, new_tokens[:, None])[:, 0]
             steered = steered.index_select(0, new_source) & (new_lp != NEG_INF) & ~said
@@ -435,18 +473,25 @@ def _decode(step: DeviceStep, plan: Plan, x: Inputs, never_first: torch.Tensor, 
             break
     # out of words: the live beams of unfinished images become (unfinished) hypotheses
     pool.keep_live(~done, sum_lp != NEG_INF, history, T, sum_lp, true_lp)
-    return torch.cat([pool.tokens[:, :B + 1].reshape(-1).to(torch.float64),
-                      pool.length[:, :B + 1].reshape(-1).to(torch.float64),
-                      pool.rank_lp[:, :B + 1].reshape(-1), pool.log_prob[:, :B + 1].reshape(-1),
-                      pool.finished[:, :B + 1].reshape(-1).to(torch.float64),
-                      pool.count.to(torch.float64), ending_tokens.reshape(-1).to(torch.float64),
-                      ending_length.to(torch.float64), ending_rank_lp, ending_lp,
-                      (ending_rank != NEG_INF).to(torch.float64),
-                      first_bad.reshape(1).to(torch.float64)])
+    return torch.cat(
+        [
+            pool.tokens[:, : B + 1].reshape(-1).to(torch.float64),
+            pool.length[:, : B + 1].reshape(-1).to(torch.float64),
+            pool.rank_lp[:, : B + 1].reshape(-1),
+            pool.log_prob[:, : B + 1].reshape(-1),
+            pool.finished[:, : B + 1].reshape(-1).to(torch.float64),
+            pool.count.to(torch.float64),
+            ending_tokens.reshape(-1).to(torch.float64),
+            ending_length.to(torch.float64),
+            ending_rank_lp,
+            ending_lp,
+            (ending_rank != NEG_INF).to(torch.float64),
+            first_bad.reshape(1).to(torch.float64),
+        ]
+    )
 
 
-def _best_ending(plan: Plan, t: int, ids, live, candidates, model_lp, history, done, pool,
-                 ending) -> None:
+def _best_ending(plan: Plan, t: int, ids, live, candidates, model_lp, history, done, pool, ending) -> None:
     """Per image with no finished hypothesis, keep the best ``<end>`` of its live rows' top K
     at step ``t`` if it ranks above the one kept (``beam._best_ending``: by rank score, then
     log-probability; the first one on ties)."""
@@ -460,10 +505,12 @@ def _best_ending(plan: Plan, t: int, ids, live, candidates, model_lp, history, d
     e_model = torch.where(has.view(N, B), model_lp.gather(1, k)[:, 0].view(N, B), NEG_INF)
     best = e_rank.max(1).values
     best_model = torch.where(e_rank == best[:, None], e_model, NEG_INF).max(1).values
-    pick = ((e_rank == best[:, None]) & (e_model == best_model[:, None])
-            & has.view(N, B)).to(torch.int32).argmax(1)
-    better = (pool.count == 0) & ~done & ((best > rank) | ((best == rank)
-                                                          & (best_model > log_prob)))
+    pick = (
+        ((e_rank == best[:, None]) & (e_model == best_model[:, None]) & has.view(N, B))
+        .to(torch.int32)
+        .argmax(1)
+    )
+    better = (pool.count == 0) & ~done & ((best > rank) | ((best == rank) & (best_model > log_prob)))
     row = torch.arange(N, device=ids.device) * B + pick
     tokens.copy_(torch.where(better[:, None], history.index_select(0, row), tokens))
     length.copy_(torch.where(better, t, length))
@@ -472,8 +519,9 @@ def _best_ending(plan: Plan, t: int, ids, live, candidates, model_lp, history, d
     log_prob.copy_(torch.where(better, best_model, log_prob))
 
 
-def unpack(packed: np.ndarray, plan: Plan, n_best: int, describe: Callable[[], str]
-           ) -> list[list[Hypothesis]]:
+def unpack(
+    packed: np.ndarray, plan: Plan, n_best: int, describe: Callable[[], str]
+) -> list[list[Hypothesis]]:
     """The packed result (read back once) -> each image's hypotheses, best first (``n_best``).
     Raises ``BackendError`` when a step returned non-finite log-probabilities."""
     N, B, T = plan.n_images, plan.beam, plan.max_length
@@ -488,17 +536,29 @@ def unpack(packed: np.ndarray, plan: Plan, n_best: int, describe: Callable[[], s
     e_length, e_rank_lp, e_lp, e_valid = parts[7], parts[8], parts[9], parts[10] != 0
     first_bad = int(parts[11][0])
     if first_bad >= 0:
-        raise BackendError(f"the decoder step returned non-finite log-probabilities at word "
-                           f"{first_bad + 1} ({describe()})")
+        raise BackendError(
+            f"the decoder step returned non-finite log-probabilities at word {first_bad + 1} ({describe()})"
+        )
     penalty = plan.penalty
     out = []
     for image in range(N):
-        hyps = [_hypothesis(tokens[image, j], int(length[image, j]), rank_lp[image, j],
-                            log_prob[image, j], bool(finished[image, j]), penalty)
-                for j in range(int(count[image]))]
+        hyps = [
+            _hypothesis(
+                tokens[image, j],
+                int(length[image, j]),
+                rank_lp[image, j],
+                log_prob[image, j],
+                bool(finished[image, j]),
+                penalty,
+            )
+            for j in range(int(count[image]))
+        ]
         if e_valid[image] and not any(h.finished for h in hyps):
-            hyps.append(_hypothesis(e_tokens[image], int(e_length[image]), e_rank_lp[image],
-                                    e_lp[image], True, penalty))
+            hyps.append(
+                _hypothesis(
+                    e_tokens[image], int(e_length[image]), e_rank_lp[image], e_lp[image], True, penalty
+                )
+            )
         best = ranked(hyps)
         best.sort(key=lambda h: not h.finished)  # stable: finished captions first
         if not best:  # pragma: no cover - with finite scores a live beam survives
@@ -507,14 +567,18 @@ def unpack(packed: np.ndarray, plan: Plan, n_best: int, describe: Callable[[], s
     return out
 
 
-def _hypothesis(tokens, n_words: int, rank_lp: float, log_prob: float, finished: bool,
-                penalty) -> Hypothesis:
+def _hypothesis(tokens, n_words: int, rank_lp: float, log_prob: float, finished: bool, penalty) -> Hypothesis:
     """As ``beam._hypothesis`` makes it (no attention)."""
     length = max(n_words + (1 if finished else 0), 1)
     log_prob = float(log_prob)
-    return Hypothesis([int(w) for w in tokens[:n_words]], log_prob,
-                      length_normalised(log_prob, length, penalty), finished, None,
-                      rank_score=length_normalised(float(rank_lp), length, penalty))
+    return Hypothesis(
+        [int(w) for w in tokens[:n_words]],
+        log_prob,
+        length_normalised(log_prob, length, penalty),
+        finished,
+        None,
+        rank_score=length_normalised(float(rank_lp), length, penalty),
+    )
 
 
 class DecodeGraphs:
@@ -525,15 +589,25 @@ class DecodeGraphs:
     buffer. A replay launches the search's every kernel at once; the host waits once, for the
     result's copy."""
 
-    def __init__(self, search: DeviceBeamSearch, step_graph: torch.nn.Module,
-                 capture: Callable[[Callable[[], None]], Any]):
+    def __init__(
+        self,
+        search: DeviceBeamSearch,
+        step_graph: torch.nn.Module,
+        capture: Callable[[Callable[[], None]], Any],
+    ):
         self.search, self.step_graph, self.capture = search, step_graph, capture
         self.graphs: OrderedDict[tuple, tuple[Any, dict, Inputs, torch.Tensor]] = OrderedDict()
         self.captured = 0
 
     def run(self, plan: Plan, tensors: dict, inputs: Inputs, lms) -> torch.Tensor:
-        key = (plan, *((name, tuple(v.shape), v.dtype) for name, v in sorted(tensors.items())
-                       if name != "class_probs"))
+        key = (
+            plan,
+            *(
+                (name, tuple(v.shape), v.dtype)
+                for name, v in sorted(tensors.items())
+                if name != "class_probs"
+            ),
+        )
         entry = self.graphs.get(key)
         if entry is None:
             entry = self._capture(plan, tensors, inputs, lms)
@@ -545,8 +619,10 @@ class DecodeGraphs:
         graph, static, static_inputs, out = entry
         for name, buffer in static.items():
             buffer.copy_(tensors[name])
-        for mine, theirs in ((static_inputs.tag_words, inputs.tag_words),
-                             (static_inputs.fusion_weights, inputs.fusion_weights)):
+        for mine, theirs in (
+            (static_inputs.tag_words, inputs.tag_words),
+            (static_inputs.fusion_weights, inputs.fusion_weights),
+        ):
             if mine is not None:
                 assert theirs is not None  # graphs are keyed by plan: the same inputs exist
                 mine.copy_(theirs)
@@ -554,12 +630,13 @@ class DecodeGraphs:
         return out
 
     def _capture(self, plan: Plan, tensors: dict, inputs: Inputs, lms):
-        static = {name: torch.zeros_like(tensors[name])
-                  for name in ("features", "att_proj", "h0", "c0")}
-        static_inputs = Inputs(None, inputs.image_index.clone(),
-                               None if inputs.tag_words is None else inputs.tag_words.clone(),
-                               None if inputs.fusion_weights is None
-                               else inputs.fusion_weights.clone())
+        static = {name: torch.zeros_like(tensors[name]) for name in ("features", "att_proj", "h0", "c0")}
+        static_inputs = Inputs(
+            None,
+            inputs.image_index.clone(),
+            None if inputs.tag_words is None else inputs.tag_words.clone(),
+            None if inputs.fusion_weights is None else inputs.fusion_weights.clone(),
+        )
         step = TorchStep(self.step_graph, static, static_inputs.image_index)
         static_inputs.state = step.first_state()
         out = torch.empty(0, dtype=torch.float64, device=inputs.image_index.device)

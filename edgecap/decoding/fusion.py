@@ -54,15 +54,14 @@ class CaptionLM:
         bias, out_w, out_b = arrays["bias"], arrays["out_w"], arrays["out_b"]
         V, E = embed.shape
         H = w_hh.shape[1]
-        shapes = {"w_ih": (4 * H, E), "w_hh": (4 * H, H), "bias": (4 * H,), "out_w": (V, H),
-                  "out_b": (V,)}
+        shapes = {"w_ih": (4 * H, E), "w_hh": (4 * H, H), "bias": (4 * H,), "out_w": (V, H), "out_b": (V,)}
         for name, shape in shapes.items():
             if arrays[name].shape != shape:
                 raise ValueError(f"{name} has shape {arrays[name].shape}, expected {shape}")
         self.vocab_size, self.hidden = V, H
         self._input = (embed @ w_ih.T + bias).astype(np.float32)  # (V, 4H)
-        self._w_hh = np.ascontiguousarray(w_hh, np.float32)         # (4H, H)
-        self._out_w = np.ascontiguousarray(out_w, np.float32)       # (V, H)
+        self._w_hh = np.ascontiguousarray(w_hh, np.float32)  # (4H, H)
+        self._out_w = np.ascontiguousarray(out_w, np.float32)  # (V, H)
         self._out_b = out_b.astype(np.float32)
 
     @classmethod
@@ -77,8 +76,10 @@ class CaptionLM:
         except FileProblem as exc:
             raise ModelError(f"{path}: {exc}") from None
         if sha256 is not None and hashlib.sha256(raw).hexdigest() != sha256:
-            raise ModelError(f"{path}: checksum mismatch: not the language model this model "
-                             "directory was made with; copy the whole directory again")
+            raise ModelError(
+                f"{path}: checksum mismatch: not the language model this model "
+                "directory was made with; copy the whole directory again"
+            )
         try:
             with np.load(io.BytesIO(raw), allow_pickle=False) as data:
                 arrays = {name: np.asarray(data[name], np.float32) for name in ARRAYS}
@@ -86,21 +87,22 @@ class CaptionLM:
         except (OSError, ValueError, KeyError) as exc:
             raise ModelError(f"{path}: unreadable caption language model ({exc})") from exc
         if lm.vocab_size != vocab_size:
-            raise ModelError(f"{path}: a language model of {lm.vocab_size} words, but the "
-                             f"caption model has {vocab_size}; it belongs to another model")
+            raise ModelError(
+                f"{path}: a language model of {lm.vocab_size} words, but the "
+                f"caption model has {vocab_size}; it belongs to another model"
+            )
         return lm
 
     def zero_state(self, rows: int) -> tuple[np.ndarray, np.ndarray]:
-        return (np.zeros((rows, self.hidden), np.float32),
-                np.zeros((rows, self.hidden), np.float32))
+        return (np.zeros((rows, self.hidden), np.float32), np.zeros((rows, self.hidden), np.float32))
 
     def step_logits(self, tokens: np.ndarray, h: np.ndarray, c: np.ndarray):
         """tokens (R,) -> (logits of the next word (R, V) float32, their log-normaliser (R, 1),
         h, c): the log-probabilities are ``logits - normaliser``."""
         gates = self._input[tokens] + _product(h, self._w_hh)
         H = self.hidden
-        i, f = _sigmoid(gates[:, :H]), _sigmoid(gates[:, H:2 * H])
-        g, o = np.tanh(gates[:, 2 * H:3 * H]), _sigmoid(gates[:, 3 * H:])
+        i, f = _sigmoid(gates[:, :H]), _sigmoid(gates[:, H : 2 * H])
+        g, o = np.tanh(gates[:, 2 * H : 3 * H]), _sigmoid(gates[:, 3 * H :])
         c = f * c + i * g
         h = o * np.tanh(c)
         logits = _product(h, self._out_w)
@@ -141,7 +143,7 @@ def _product(x: np.ndarray, weight: np.ndarray) -> np.ndarray:
     out = np.empty((weight.shape[0], rows), np.float32)
     x_t = np.ascontiguousarray(x.T)
     for start in range(0, weight.shape[0], block):
-        np.matmul(weight[start:start + block], x_t, out=out[start:start + block])
+        np.matmul(weight[start : start + block], x_t, out=out[start : start + block])
     return np.ascontiguousarray(out.T)
 
 
@@ -160,8 +162,7 @@ class Fusion:
     gate: Gate | None = None
 
     @classmethod
-    def load(cls, directory: Path, vocab_size: int,
-             n_classes: int | None = None) -> Fusion | None:
+    def load(cls, directory: Path, vocab_size: int, n_classes: int | None = None) -> Fusion | None:
         """The model directory's fusion (``fusion.json``), or None when it has none.
         ``n_classes``: the encoder's classes, which the gate's prior must match."""
         from edgecap.files import MAX_VOCAB_BYTES, FileProblem, read_json
@@ -182,29 +183,29 @@ class Fusion:
                 name = entry["file"]
                 if not isinstance(name, str) or Path(name).name != name:
                     raise ValueError(f"{role}.file must be a file name in the model directory")
-                models[role] = CaptionLM.load(Path(directory) / name, vocab_size,
-                                              entry.get("sha256"))
+                models[role] = CaptionLM.load(Path(directory) / name, vocab_size, entry.get("sha256"))
             weight = float(spec["weight"])
             if not 0 <= weight <= 2:
                 raise ValueError(f"weight must be in [0, 2], got {weight}")
             gate = None if spec.get("gate") is None else Gate.from_json(spec["gate"])
-            if (gate is not None and n_classes is not None
-                    and len(gate.class_log_prior) != n_classes):
-                raise ValueError(f"the gate's prior has {len(gate.class_log_prior)} classes, "
-                                 f"the encoder {n_classes}")
+            if gate is not None and n_classes is not None and len(gate.class_log_prior) != n_classes:
+                raise ValueError(
+                    f"the gate's prior has {len(gate.class_log_prior)} classes, the encoder {n_classes}"
+                )
         except (KeyError, TypeError, ValueError, AttributeError) as exc:
             raise ModelError(f"{path}: malformed fusion file ({exc}); re-make it") from None
         info = {k: v for k, v in spec.items() if k != "gate"}
         return cls(models["everyday"], models["in_domain"], weight, info, gate)
 
-    def scorer(self, weight: float, image_index: np.ndarray,
-               class_probs: np.ndarray | None = None) -> FusionScorer:
+    def scorer(
+        self, weight: float, image_index: np.ndarray, class_probs: np.ndarray | None = None
+    ) -> FusionScorer:
         """A search's scorer; with a gate, each image's weight is ``weight`` times its gate's
         share from the images' ``class_probs`` (N, C); without class probabilities (a backend
         that gives none) a gated fusion cannot tell the photos apart and adds nothing."""
         weights = np.full(len(image_index), weight, np.float32)
         if self.gate is not None:
-            weights *= (0.0 if class_probs is None else self.gate(class_probs)[image_index])
+            weights *= 0.0 if class_probs is None else self.gate(class_probs)[image_index]
         return FusionScorer(self, weights)
 
 
@@ -221,31 +222,32 @@ class Gate:
         prior = np.asarray(spec["class_log_prior"], np.float64)
         low, high = float(spec["full_below"]), float(spec["none_above"])
         if prior.ndim != 1 or not np.isfinite(prior).all() or not low < high:
-            raise ValueError("gate: class_log_prior must be finite numbers and "
-                             "full_below < none_above")
+            raise ValueError("gate: class_log_prior must be finite numbers and full_below < none_above")
         return cls(prior, low, high)
 
     @classmethod
-    def fit(cls, train_class_probs: np.ndarray, full_below: float = 5.0,
-            none_above: float = 15.0) -> Gate:
+    def fit(cls, train_class_probs: np.ndarray, full_below: float = 5.0, none_above: float = 15.0) -> Gate:
         """From the training photos' class probabilities (N, C): full weight below the
         ``full_below`` percentile of their typicality, none above the ``none_above`` one."""
         prior = np.log(train_class_probs.mean(0) * train_class_probs.shape[1] + 1e-9)
         typical = train_class_probs @ prior
-        return cls(prior, float(np.percentile(typical, full_below)),
-                   float(np.percentile(typical, none_above)))
+        return cls(
+            prior, float(np.percentile(typical, full_below)), float(np.percentile(typical, none_above))
+        )
 
     def to_json(self) -> dict:
-        return {"class_log_prior": [round(float(v), 5) for v in self.class_log_prior],
-                "full_below": self.full_below, "none_above": self.none_above}
+        return {
+            "class_log_prior": [round(float(v), 5) for v in self.class_log_prior],
+            "full_below": self.full_below,
+            "none_above": self.none_above,
+        }
 
     def typicality(self, class_probs: np.ndarray) -> np.ndarray:
         return np.asarray(class_probs, np.float64) @ self.class_log_prior
 
     def __call__(self, class_probs: np.ndarray) -> np.ndarray:
         """(N, C) -> (N,) in [0, 1]."""
-        share = (self.none_above - self.typicality(class_probs)) / (self.none_above
-                                                                    - self.full_below)
+        share = (self.none_above - self.typicality(class_probs)) / (self.none_above - self.full_below)
         return np.clip(share, 0.0, 1.0).astype(np.float32)
 
 

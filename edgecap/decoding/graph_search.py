@@ -44,12 +44,12 @@ NEG_INF = -np.inf
 class BeamStepResult:
     """One beam step's results, each (R,) (``edgecap.build.beam_step``)."""
 
-    next_tokens: np.ndarray    # int32
+    next_tokens: np.ndarray  # int32
     back_pointers: np.ndarray  # int32: each chosen candidate's source row
-    choices: np.ndarray        # int32: its position among its image's beam x width candidates
-    next_scores: np.ndarray    # float32: -inf where the image had no candidate for the row
+    choices: np.ndarray  # int32: its position among its image's beam x width candidates
+    next_scores: np.ndarray  # float32: -inf where the image had no candidate for the row
     next_logprobs: np.ndarray  # float32
-    end_logprobs: np.ndarray   # float32
+    end_logprobs: np.ndarray  # float32
     end_positions: np.ndarray  # int32: <end>'s place in the row's top K (K: absent)
     logprob_check: np.ndarray  # float32: 0, or NaN when the row's log-probabilities are not
 
@@ -57,8 +57,14 @@ class BeamStepResult:
 class BeamStepSession(Protocol):
     """One batch on a beam-step graph: the decoder state stays with the session."""
 
-    def step(self, tokens: np.ndarray, source_rows: np.ndarray, scores: np.ndarray,
-             word_bias: np.ndarray | None, word_block: np.ndarray | None) -> BeamStepResult:
+    def step(
+        self,
+        tokens: np.ndarray,
+        source_rows: np.ndarray,
+        scores: np.ndarray,
+        word_bias: np.ndarray | None,
+        word_block: np.ndarray | None,
+    ) -> BeamStepResult:
         """tokens, source_rows int32 (R,) (the first step: ``source_rows`` = the rows' image;
         then the identity: the graph reordered the state), scores float32 (R,), word_bias and
         word_block float32 (R, V) or None (zeros)."""
@@ -73,12 +79,20 @@ class _Image:
     done: bool = False
 
 
-def graph_beam_search(session: BeamStepSession, n_images: int, options: CaptionOptions,
-                      top_k: int, width: int, start_id: int, end_id: int, vocab_size: int, *,
-                      never_first: Collection[int] = (),
-                      scorers: Sequence[Callable[[np.ndarray], Scorer]] = (),
-                      describe: Callable[[], str] = lambda: "beam-step graph"
-                      ) -> list[list[Hypothesis]]:
+def graph_beam_search(
+    session: BeamStepSession,
+    n_images: int,
+    options: CaptionOptions,
+    top_k: int,
+    width: int,
+    start_id: int,
+    end_id: int,
+    vocab_size: int,
+    *,
+    never_first: Collection[int] = (),
+    scorers: Sequence[Callable[[np.ndarray], Scorer]] = (),
+    describe: Callable[[], str] = lambda: "beam-step graph",
+) -> list[list[Hypothesis]]:
     """Each image's hypotheses, best first (``beam.beam_search`` without a partition or
     attention). ``width``: candidates per row the graph was made with; ``scorers``: factories
     called with the rows' image index, as ``beam_search`` takes them."""
@@ -103,8 +117,9 @@ def graph_beam_search(session: BeamStepSession, n_images: int, options: CaptionO
         block = _blocked(t, seqs, sum_lp, never, n, end_id, vocab_size)
         result = session.step(tokens, source_rows, sum_lp.astype(np.float32), bonus, block)
         if not np.isfinite(result.logprob_check).all():
-            raise BackendError(f"the decoder step returned non-finite log-probabilities at word "
-                               f"{t + 1} ({describe()})")
+            raise BackendError(
+                f"the decoder step returned non-finite log-probabilities at word {t + 1} ({describe()})"
+            )
         end_lp = result.end_logprobs.astype(np.float64)
         end_bias = 0.0 if bonus is None else bonus[:, end_id].astype(np.float64)
         # the numpy loop's sums, in its order: score + (log-prob + bias)
@@ -123,16 +138,16 @@ def graph_beam_search(session: BeamStepSession, n_images: int, options: CaptionO
         for img, state in enumerate(images):
             base = img * beam
             if state.done:
-                new_source[base:base + beam] = base
+                new_source[base : base + beam] = base
                 continue
             span = range(base, base + beam)
             live = [row for row in span if sum_lp[row] != NEG_INF]
             if t > 0 and not state.finished:
-                state.could_end = _best_ending(state.could_end, live, result.end_positions,
-                                               top_k, end_rank, end_true, seqs, penalty)
+                state.could_end = _best_ending(
+                    state.could_end, live, result.end_positions, top_k, end_rank, end_true, seqs, penalty
+                )
             taken = [row for row in span if result.next_scores[row] != NEG_INF]
-            last = None if len(taken) < beam else (cont_rank[taken[-1]],
-                                                   int(result.choices[taken[-1]]))
+            last = None if len(taken) < beam else (cont_rank[taken[-1]], int(result.choices[taken[-1]]))
             # an <end> among the row's first ``width`` words, unblocked, ranked before the
             # last continuation: the numpy loop meets it before the beam is full
             ends = []
@@ -145,19 +160,18 @@ def graph_beam_search(session: BeamStepSession, n_images: int, options: CaptionO
                     ends.append((-end_rank[row], at, row))
             for _, _, row in sorted(ends):
                 if len(state.finished) < beam:
-                    state.finished.append(_hypothesis(seqs[row], end_rank[row], end_true[row],
-                                                      True, penalty))
+                    state.finished.append(_hypothesis(seqs[row], end_rank[row], end_true[row], True, penalty))
             for j, row in enumerate(taken):
                 new_source[base + j], new_tokens[base + j] = src[row], words[row]
                 new_lp[base + j], new_true[base + j] = cont_rank[row], cont_true[row]
             # masked rows keep a valid source row (the image's first)
-            new_source[base + len(taken):base + beam] = base
+            new_source[base + len(taken) : base + beam] = base
             if len(state.finished) >= beam or not taken:
                 if not taken and not state.finished:
                     # every continuation blocked and none could end: keep the live beams
                     _keep_live(state, live, seqs, sum_lp, true_lp, beam, penalty)
                 state.done = True
-                new_lp[base:base + beam] = NEG_INF
+                new_lp[base : base + beam] = NEG_INF
         if all(state.done for state in images):
             break
         live_rows = new_lp != NEG_INF
@@ -170,8 +184,7 @@ def graph_beam_search(session: BeamStepSession, n_images: int, options: CaptionO
     else:
         for img, state in enumerate(images):  # out of words: the live beams of the others
             if not state.done:
-                live = [row for row in range(img * beam, img * beam + beam)
-                        if sum_lp[row] != NEG_INF]
+                live = [row for row in range(img * beam, img * beam + beam) if sum_lp[row] != NEG_INF]
                 _keep_live(state, live, seqs, sum_lp, true_lp, beam, penalty)
     out = []
     for state in images:
@@ -182,12 +195,13 @@ def graph_beam_search(session: BeamStepSession, n_images: int, options: CaptionO
         best.sort(key=lambda h: not h.finished)  # stable: finished captions first
         if not best:  # pragma: no cover - with finite scores a live beam survives
             raise BackendError("beam search produced no hypothesis")
-        out.append(best[:options.n_best])
+        out.append(best[: options.n_best])
     return out
 
 
-def _blocked(t: int, seqs: list[list[int]], sum_lp: np.ndarray, never: np.ndarray, n: int,
-             end_id: int, vocab_size: int) -> np.ndarray | None:
+def _blocked(
+    t: int, seqs: list[list[int]], sum_lp: np.ndarray, never: np.ndarray, n: int, end_id: int, vocab_size: int
+) -> np.ndarray | None:
     """float32 (R, V): 1 where a word may not follow a row (``NeverFirst`` at the first word,
     ``NoRepeatNgram``: the word would repeat an n-gram of the row; never ``<end>``); None when
     nothing is blocked."""
@@ -201,9 +215,8 @@ def _blocked(t: int, seqs: list[list[int]], sum_lp: np.ndarray, never: np.ndarra
     for row, words in enumerate(seqs):
         if sum_lp[row] == NEG_INF:
             continue
-        tail = words[len(words) - n + 1:] if n > 1 else []
-        following = [words[i + n - 1] for i in range(len(words) - n + 1)
-                     if words[i:i + n - 1] == tail]
+        tail = words[len(words) - n + 1 :] if n > 1 else []
+        following = [words[i + n - 1] for i in range(len(words) - n + 1) if words[i : i + n - 1] == tail]
         if following:
             if block is None:
                 block = np.zeros((rows, vocab_size), np.float32)
@@ -227,13 +240,18 @@ def _best_ending(best, live, end_positions, top_k, end_rank, end_true, seqs, pen
 def _keep_live(state: _Image, live, seqs, sum_lp, true_lp, beam: int, penalty) -> None:
     for row in live:
         if len(state.finished) < beam:
-            state.finished.append(_hypothesis(seqs[row], sum_lp[row], true_lp[row], False,
-                                              penalty))
+            state.finished.append(_hypothesis(seqs[row], sum_lp[row], true_lp[row], False, penalty))
 
 
 def _hypothesis(seq, rank_lp, log_prob, finished: bool, penalty) -> Hypothesis:
     """As ``beam._hypothesis`` makes it (no attention)."""
     words = [int(w) for w in seq]
     length = max(len(words) + (1 if finished else 0), 1)
-    return Hypothesis(words, float(log_prob), length_normalised(float(log_prob), length, penalty),
-                      finished, None, rank_score=length_normalised(float(rank_lp), length, penalty))
+    return Hypothesis(
+        words,
+        float(log_prob),
+        length_normalised(float(log_prob), length, penalty),
+        finished,
+        None,
+        rank_score=length_normalised(float(rank_lp), length, penalty),
+    )

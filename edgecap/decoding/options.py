@@ -13,12 +13,12 @@ class CaptionOptions:
     ``edgecap`` commands, written only here. ``validate`` checks them against a model."""
 
     beam_size: int = 3
-    max_length: int = 20                 # words, not counting <end>
-    batch_size: int = 8                  # images per encoder run and per search
+    max_length: int = 20  # words, not counting <end>
+    batch_size: int = 8  # images per encoder run and per search
     length_penalty: float | None = None  # None: rank by mean log-prob per word; a: GNMT ((5+n)/6)^a
-    n_best: int = 1                      # hypotheses kept per image (the best + alternatives)
-    no_repeat_ngram: int = 3             # > 0: no caption repeats an n-gram of this size (0: off)
-    objects: int = 5                     # object tags per caption (Caption.objects); 0: none
+    n_best: int = 1  # hypotheses kept per image (the best + alternatives)
+    no_repeat_ngram: int = 3  # > 0: no caption repeats an n-gram of this size (0: off)
+    objects: int = 5  # object tags per caption (Caption.objects); 0: none
     # Object guidance: the words of the image's ``guidance_tags`` most probable classes of at
     # least ``guidance_min_prob`` get ``guidance_bonus`` added to their log-probability until a
     # beam has said one (0: off). Chosen on Flickr8k dev and coco-ood-dev (see the README).
@@ -46,43 +46,55 @@ class CaptionOptions:
 
     def validate(self, top_k: int) -> None:
         """Raise ``ValueError`` naming the first bad option. ``top_k``: the model's step graph K."""
-        for name in ("beam_size", "max_length", "batch_size", "n_best", "no_repeat_ngram",
-                     "objects", "guidance_tags"):
+        for name in (
+            "beam_size",
+            "max_length",
+            "batch_size",
+            "n_best",
+            "no_repeat_ngram",
+            "objects",
+            "guidance_tags",
+        ):
             value = getattr(self, name)
             if isinstance(value, bool) or not isinstance(value, int):
                 raise ValueError(f"{name} must be an integer, got {value!r}")
         for name in ("constrained", "blank_check"):
             if not isinstance(getattr(self, name), bool):
                 raise ValueError(f"{name} must be True or False, got {getattr(self, name)!r}")
-        for name, low, high in (("guidance_bonus", 0, 10), ("guidance_min_prob", 0, 1),
-                                ("constraint_min_prob", 0, 1), ("fusion_weight", 0, 2)):
+        for name, low, high in (
+            ("guidance_bonus", 0, 10),
+            ("guidance_min_prob", 0, 1),
+            ("constraint_min_prob", 0, 1),
+            ("fusion_weight", 0, 2),
+        ):
             value = getattr(self, name)
             if name == "fusion_weight" and value is None:
                 continue
-            if (isinstance(value, bool) or not isinstance(value, (int, float))
-                    or not low <= value <= high):
+            if isinstance(value, bool) or not isinstance(value, (int, float)) or not low <= value <= high:
                 raise ValueError(f"{name} must be a number in [{low}, {high}], got {value!r}")
         if not 0 <= self.objects <= 100:
             raise ValueError(f"objects must be between 0 and 100, got {self.objects}")
         if not 1 <= self.guidance_tags <= 20:
             raise ValueError(f"guidance_tags must be between 1 and 20, got {self.guidance_tags}")
         if not 1 <= self.batch_size <= MAX_BATCH_SIZE:
-            raise ValueError(f"batch_size must be between 1 and {MAX_BATCH_SIZE}, got "
-                             f"{self.batch_size} (each image of a batch holds its activations "
-                             "and beams in memory until the batch is done)")
+            raise ValueError(
+                f"batch_size must be between 1 and {MAX_BATCH_SIZE}, got "
+                f"{self.batch_size} (each image of a batch holds its activations "
+                "and beams in memory until the batch is done)"
+            )
         penalty = self.length_penalty
-        if penalty is not None and (isinstance(penalty, bool)
-                                    or not isinstance(penalty, (int, float))
-                                    or not 0 <= penalty <= 2):
+        if penalty is not None and (
+            isinstance(penalty, bool) or not isinstance(penalty, (int, float)) or not 0 <= penalty <= 2
+        ):
             raise ValueError(f"length_penalty must be None or a number in [0, 2], got {penalty!r}")
         if not 1 <= self.beam_size <= top_k:
-            raise ValueError(f"beam_size must be between 1 and {top_k} (the model's top_k: its "
-                             f"step graph returns {top_k} best words per row), got {self.beam_size}")
+            raise ValueError(
+                f"beam_size must be between 1 and {top_k} (the model's top_k: its "
+                f"step graph returns {top_k} best words per row), got {self.beam_size}"
+            )
         if not 1 <= self.max_length <= 200:
             raise ValueError(f"max_length must be between 1 and 200 words, got {self.max_length}")
         if not 1 <= self.n_best <= self.beam_size:
-            raise ValueError(f"n_best must be between 1 and beam_size ({self.beam_size}), "
-                             f"got {self.n_best}")
+            raise ValueError(f"n_best must be between 1 and beam_size ({self.beam_size}), got {self.n_best}")
         if not 0 <= self.no_repeat_ngram <= 10:
-            raise ValueError(f"no_repeat_ngram must be between 0 (off) and 10, "
-                             f"got {self.no_repeat_ngram}")
+            raise ValueError(f"no_repeat_ngram must be between 0 (off) and 10, got {self.no_repeat_ngram}")

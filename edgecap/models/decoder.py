@@ -121,8 +121,13 @@ class CaptionDecoder(nn.Module):
         alpha (R, L). The top K are chosen by log-probability + ``word_bias``; the values are
         the log-probabilities without it.
         """
-        logits, h, c, alpha = self.logits(tokens, h, c, torch.index_select(features, 0, image_index),
-                                          torch.index_select(att_proj, 0, image_index))
+        logits, h, c, alpha = self.logits(
+            tokens,
+            h,
+            c,
+            torch.index_select(features, 0, image_index),
+            torch.index_select(att_proj, 0, image_index),
+        )
         logprobs = torch.log_softmax(mask_logits(logits).float(), dim=1)
         if word_bias is None:
             values, ids = logprobs.topk(self.cfg.top_k, dim=1)
@@ -132,8 +137,7 @@ class CaptionDecoder(nn.Module):
         return values, ids, h, c, alpha
 
     # -- training ---------------------------------------------------------------------------
-    def forward(self, fmap: torch.Tensor, captions: torch.Tensor, image_index=None,
-                sample_prob: float = 0.0):
+    def forward(self, fmap: torch.Tensor, captions: torch.Tensor, image_index=None, sample_prob: float = 0.0):
         """Teacher forcing. fmap (N, L, encoder_dim); captions (R, T) start with <start>;
         image_index (R,) maps captions to images (None: one caption per image)
         -> logits (M, V) and targets (M,) of the M real (non-padding) words, packed;

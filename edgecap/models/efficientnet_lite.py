@@ -73,8 +73,9 @@ class EfficientNetLite(nn.Module):
         blocks = []
         for repeats, kernel, stride, expand, c_in, c_out in spec.blocks:
             for i in range(repeats):
-                blocks.append(MBConvBlock(kernel, stride if i == 0 else 1, expand,
-                                          c_in if i == 0 else c_out, c_out))
+                blocks.append(
+                    MBConvBlock(kernel, stride if i == 0 else 1, expand, c_in if i == 0 else c_out, c_out)
+                )
         self._blocks = nn.ModuleList(blocks)
         self._conv_head = SameConv2d(spec.blocks[-1][-1], FEATURE_CHANNELS, 1, bias=False)
         self._bn1 = nn.BatchNorm2d(FEATURE_CHANNELS, eps=BN_EPS, momentum=BN_MOMENTUM)

@@ -37,6 +37,5 @@ class StepGraph(nn.Module):
     def forward(self, tokens, h, c, source_rows, features, att_proj, image_index, word_bias):
         h = torch.index_select(h, 0, source_rows)
         c = torch.index_select(c, 0, source_rows)
-        values, ids, h, c, alpha = self.decoder.step(tokens, h, c, features, att_proj, image_index,
-                                                     word_bias)
+        values, ids, h, c, alpha = self.decoder.step(tokens, h, c, features, att_proj, image_index, word_bias)
         return values, ids.to(torch.int32), h, c, alpha

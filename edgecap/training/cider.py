@@ -15,7 +15,7 @@ SIGMA = 6.0
 
 
 def _ngrams(words: list[str]) -> list[Counter]:
-    return [Counter(tuple(words[i:i + n]) for i in range(len(words) - n + 1)) for n in range(1, N + 1)]
+    return [Counter(tuple(words[i : i + n]) for i in range(len(words) - n + 1)) for n in range(1, N + 1)]
 
 
 class CiderD:
@@ -45,7 +45,7 @@ class CiderD:
             dot = sum(min(x, rv[n][g]) * rv[n][g] for g, x in hv[n].items() if g in rv[n])
             if hn[n] and rn[n]:
                 total += dot / (hn[n] * rn[n])
-        return total / N * math.exp(-(delta ** 2) / (2 * SIGMA ** 2))
+        return total / N * math.exp(-(delta**2) / (2 * SIGMA**2))
 
     def score(self, hyp: list[str], refs: list[list[str]], key: int | None = None) -> float:
         if key is not None and key in self._ref_cache:

@@ -11,26 +11,26 @@ from pathlib import Path
 from edgecap.models.config import DEFAULT_ENCODER, ENCODERS, DecoderConfig, encoder_spec
 
 PRECISIONS = ("fp32", "bf16", "fp16")
-MAX_IMAGE_SIZE = 1024    # 32x32 attention regions; the encoder's activations grow as size^2
-MAX_SHARD_SIZE = 65536   # images per shard: 8 GB of Lite0 features at 224 px
-MAX_DECODER_DIM = 8192   # hidden / feature / embedding / attention units (the shipped model: 512)
+MAX_IMAGE_SIZE = 1024  # 32x32 attention regions; the encoder's activations grow as size^2
+MAX_SHARD_SIZE = 65536  # images per shard: 8 GB of Lite0 features at 224 px
+MAX_DECODER_DIM = 8192  # hidden / feature / embedding / attention units (the shipped model: 512)
 MAX_SEED = 2**32 - 1
 
 
-def _check(name: str, value, low=None, high=None, low_open=False, high_open=False,
-           integer=False) -> None:
+def _check(name: str, value, low=None, high=None, low_open=False, high_open=False, integer=False) -> None:
     """``ValueError`` naming the field unless ``value`` is a number (an int when ``integer``)
     within the bounds (open ones exclusive)."""
     kind = "an integer" if integer else "a number"
-    if isinstance(value, bool) or not isinstance(value, int if integer else (int, float)) \
-            or (not integer and not math.isfinite(value)):
+    if (
+        isinstance(value, bool)
+        or not isinstance(value, int if integer else (int, float))
+        or (not integer and not math.isfinite(value))
+    ):
         raise ValueError(f"{name} must be {kind}, got {value!r}")
     if low is not None and (value <= low if low_open else value < low):
-        raise ValueError(f"{name} must be {'more than' if low_open else 'at least'} {low}, "
-                         f"got {value}")
+        raise ValueError(f"{name} must be {'more than' if low_open else 'at least'} {low}, got {value}")
     if high is not None and (value >= high if high_open else value > high):
-        raise ValueError(f"{name} must be {'less than' if high_open else 'at most'} {high}, "
-                         f"got {value}")
+        raise ValueError(f"{name} must be {'less than' if high_open else 'at most'} {high}, got {value}")
 
 
 def _check_common(cfg) -> None:
@@ -40,8 +40,7 @@ def _check_common(cfg) -> None:
     _check("seed", cfg.seed, 0, MAX_SEED, integer=True)
 
 
-def check_folders(out: str, cache_dir: str | None,
-                  names: tuple[str, str] = ("out", "cache_dir")) -> None:
+def check_folders(out: str, cache_dir: str | None, names: tuple[str, str] = ("out", "cache_dir")) -> None:
     """``ValueError`` unless ``out`` and the feature cache can be folders: each is a folder or
     does not exist yet, below a folder (nothing is created here)."""
     cache = Path(cache_dir) if cache_dir else Path(out).parent / ".feature-cache"
@@ -52,47 +51,49 @@ def check_folders(out: str, cache_dir: str | None,
         if existing.is_dir():
             continue
         what = "a file" if existing.exists() else "a broken link"
-        raise ValueError(f"{flag} {path}: " + (f"is {what}, not a folder" if existing == path
-                                               else f"{existing} is {what}, not a folder"))
+        raise ValueError(
+            f"{flag} {path}: "
+            + (f"is {what}, not a folder" if existing == path else f"{existing} is {what}, not a folder")
+        )
 
 
 @dataclass(frozen=True)
 class TrainConfig:
-    data: str                       # dataset root
-    out: str                        # checkpoint directory
-    images: str | None = None       # images root (default: DATA/images; a folder: DATA)
-    dataset: str = "flickr8k"       # flickr8k | coco | karpathy | folder (captions.csv/jsonl)
+    data: str  # dataset root
+    out: str  # checkpoint directory
+    images: str | None = None  # images root (default: DATA/images; a folder: DATA)
+    dataset: str = "flickr8k"  # flickr8k | coco | karpathy | folder (captions.csv/jsonl)
     epochs: int = 20
     batch_size: int = 64
     lr: float = 4e-4
-    lr_decay_epochs: int = 8        # halve the learning rate every N epochs
+    lr_decay_epochs: int = 8  # halve the learning rate every N epochs
     min_word_count: int = 5
-    max_caption_words: int = 22     # longer training captions are cut
+    max_caption_words: int = 22  # longer training captions are cut
     encoder: str = DEFAULT_ENCODER  # efficientnet-lite0 | efficientnet-lite2 (config.ENCODERS)
-    image_size: int | None = None   # encoder input (square; None: the encoder's own, 224 / 260);
-                                    # the attention map is ceil(size / 32) a side
-    alpha_c: float = 1.0            # doubly stochastic attention regularisation weight
+    image_size: int | None = None  # encoder input (square; None: the encoder's own, 224 / 260);
+    # the attention map is ceil(size / 32) a side
+    alpha_c: float = 1.0  # doubly stochastic attention regularisation weight
     label_smoothing: float = 0.0
     scheduled_sampling: float = 0.0  # final probability of feeding the model's own word
     grad_clip: float = 5.0
-    patience: int = 6               # stop after this many epochs without a better dev CIDEr
+    patience: int = 6  # stop after this many epochs without a better dev CIDEr
     finetune_encoder: bool = False
-    finetune_blocks: int = 3        # last N encoder blocks (+ head) trained when fine-tuning
+    finetune_blocks: int = 3  # last N encoder blocks (+ head) trained when fine-tuning
     encoder_lr: float = 1e-4
-    finetune_cached: bool = False   # fine-tune on cached activations of the frozen blocks
-    init_from: str | None = None    # start from this checkpoint's / model directory's weights
-                                    # (not its optimizer); "default": the shipped model, "none":
-                                    # fresh weights; None: "default" for a folder, else "none"
-    cache_dir: str | None = None    # feature cache (default: OUT/../.feature-cache)
-    shard_size: int = 1024          # images per shard of the disk feature cache
-    precision: str = "fp32"         # fp32 | bf16 | fp16 (autocast; CUDA only)
+    finetune_cached: bool = False  # fine-tune on cached activations of the frozen blocks
+    init_from: str | None = None  # start from this checkpoint's / model directory's weights
+    # (not its optimizer); "default": the shipped model, "none":
+    # fresh weights; None: "default" for a folder, else "none"
+    cache_dir: str | None = None  # feature cache (default: OUT/../.feature-cache)
+    shard_size: int = 1024  # images per shard of the disk feature cache
+    precision: str = "fp32"  # fp32 | bf16 | fp16 (autocast; CUDA only)
     seed: int = 0
-    threads: int = 0                # torch threads (0: torch's default)
+    threads: int = 0  # torch threads (0: torch's default)
     progress: bool = True
-    max_dev_images: int = 0         # 0: the whole dev split
+    max_dev_images: int = 0  # 0: the whole dev split
     decoder: dict = field(default_factory=dict)  # DecoderConfig overrides (hidden_dim, ...)
     dev_fraction: float | None = None  # folder without a split column: share of dev photos
-    allow_outside_data: bool = False   # photos outside the images folder (../, absolute, links)
+    allow_outside_data: bool = False  # photos outside the images folder (../, absolute, links)
 
     def __post_init__(self):
         # Field names in the messages: `edgecap train` shows them as its flags.
@@ -101,8 +102,7 @@ class TrainConfig:
         if self.image_size is None:  # frozen: set once, here
             object.__setattr__(self, "image_size", encoder_spec(self.encoder).image_size)
         if isinstance(self.image_size, int) and self.image_size < 32:
-            raise ValueError(f"image_size must be at least 32 (the encoder's stride), "
-                             f"got {self.image_size}")
+            raise ValueError(f"image_size must be at least 32 (the encoder's stride), got {self.image_size}")
         _check("image_size", self.image_size, 32, MAX_IMAGE_SIZE, integer=True)
         _check_common(self)
         _check("batch_size", self.batch_size, 1, 1 << 20, integer=True)
@@ -122,21 +122,25 @@ class TrainConfig:
             raise ValueError(f"precision must be one of {', '.join(PRECISIONS)}, got {self.precision}")
         if self.dev_fraction is not None:
             if self.dataset != "folder":
-                raise ValueError("dev_fraction is for a folder of photos with a captions.csv "
-                                 "or captions.jsonl (dataset folder)")
+                raise ValueError(
+                    "dev_fraction is for a folder of photos with a captions.csv "
+                    "or captions.jsonl (dataset folder)"
+                )
             if not 0 < self.dev_fraction < 1:
                 raise ValueError(f"dev_fraction must be between 0 and 1, got {self.dev_fraction}")
         if self.finetune_cached and not self.finetune_encoder:
             raise ValueError("finetune_cached needs finetune_encoder")
         n_blocks = encoder_spec(self.encoder).n_blocks
         if self.finetune_encoder and not 1 <= self.finetune_blocks <= n_blocks:
-            raise ValueError(f"finetune_blocks must be 1..{n_blocks} ({self.encoder} has "
-                             f"{n_blocks} blocks), got {self.finetune_blocks}")
+            raise ValueError(
+                f"finetune_blocks must be 1..{n_blocks} ({self.encoder} has "
+                f"{n_blocks} blocks), got {self.finetune_blocks}"
+            )
 
 
 @dataclass(frozen=True)
 class ScstConfig:
-    checkpoint: str                 # cross-entropy checkpoint to start from (OUT/best)
+    checkpoint: str  # cross-entropy checkpoint to start from (OUT/best)
     data: str
     out: str
     images: str | None = None
@@ -157,8 +161,10 @@ class ScstConfig:
         _check("images_per_batch", self.images_per_batch, 1, 1 << 20, integer=True)
         _check("max_length", self.max_length, 1, 1000, integer=True)
         if self.n_samples < 2:
-            raise ValueError(f"n_samples must be at least 2 (each sample's baseline is the mean "
-                             f"reward of the image's other samples), got {self.n_samples}")
+            raise ValueError(
+                f"n_samples must be at least 2 (each sample's baseline is the mean "
+                f"reward of the image's other samples), got {self.n_samples}"
+            )
 
 
 def check_decoder(sizes: dict) -> None:

@@ -40,11 +40,16 @@ def cache_key(preprocessing: Preprocessing, encoder_tag: str) -> str:
     return hashlib.sha1(blob.encode()).hexdigest()[:12]
 
 
-def compute_features(image_paths: list[Path], cache_dir: Path, preprocessing: Preprocessing,
-                     batch_size: int = 32, progress: bool = True,
-                     split_at: int | None = None,
-                     mirrored: bool = False,
-                     encoder: str = DEFAULT_ENCODER) -> tuple[np.ndarray, dict[str, int]]:
+def compute_features(
+    image_paths: list[Path],
+    cache_dir: Path,
+    preprocessing: Preprocessing,
+    batch_size: int = 32,
+    progress: bool = True,
+    split_at: int | None = None,
+    mirrored: bool = False,
+    encoder: str = DEFAULT_ENCODER,
+) -> tuple[np.ndarray, dict[str, int]]:
     """Return (float16 maps, {file name: row}) from the cache or the encoder.
 
     ``split_at`` None: the encoder's features (n, 49, 1280); k: the activations after its first
@@ -87,12 +92,13 @@ def compute_features(image_paths: list[Path], cache_dir: Path, preprocessing: Pr
     bar = progress_bar(len(names), "encoding images", progress, unit="img")
     with torch.inference_mode():
         for start in range(0, len(names), batch_size):
-            chunk = image_paths[start:start + batch_size]
+            chunk = image_paths[start : start + batch_size]
             fmap = encode(np.stack([to_model_input(load_rgb(p), preprocessing) for p in chunk]))
             if out is None:
-                out = np.lib.format.open_memmap(partial, mode="w+", dtype=np.float16,
-                                                shape=(len(names), *fmap.shape[1:]))
-            out[start:start + len(chunk)] = fmap.numpy().astype(np.float16)
+                out = np.lib.format.open_memmap(
+                    partial, mode="w+", dtype=np.float16, shape=(len(names), *fmap.shape[1:])
+                )
+            out[start : start + len(chunk)] = fmap.numpy().astype(np.float16)
             bar.update(len(chunk))
     bar.close()
     assert out is not None  # at least one photo (the callers' lists)
@@ -104,10 +110,17 @@ def compute_features(image_paths: list[Path], cache_dir: Path, preprocessing: Pr
     from edgecap.manifest import file_sha256
 
     tmp = index_path.with_name(index_path.name + ".tmp")
-    tmp.write_text(json.dumps({"format": CACHE_FORMAT, "names": index,
-                               "shape": shape,
-                               "bytes": os.stat(array_path).st_size,
-                               "sha256": file_sha256(array_path)}))
+    tmp.write_text(
+        json.dumps(
+            {
+                "format": CACHE_FORMAT,
+                "names": index,
+                "shape": shape,
+                "bytes": os.stat(array_path).st_size,
+                "sha256": file_sha256(array_path),
+            }
+        )
+    )
     tmp.replace(index_path)
     return np.load(array_path, mmap_mode="r"), index
 
@@ -131,8 +144,9 @@ def _cached_index(index_path: Path, array_path: Path) -> tuple[dict[str, int], s
             return {}, f"{shown(index_path)}: an index of another format"
         index = record.dict("names")
         shape = tuple(record.ints("shape", 0, 1 << 30))
-        if not shape or not all(isinstance(r, int) and not isinstance(r, bool) and 0 <= r < shape[0]
-                   for r in index.values()):
+        if not shape or not all(
+            isinstance(r, int) and not isinstance(r, bool) and 0 <= r < shape[0] for r in index.values()
+        ):
             return {}, f"{shown(index_path)}: 'names' holds rows outside the array"
         size = check_file(array_path, FeatureCacheError, None)
         try:
@@ -148,9 +162,16 @@ def _cached_index(index_path: Path, array_path: Path) -> tuple[dict[str, int], s
     return index, None
 
 
-def split_features(train_items, dev_items, images: Path, cache_dir: Path,
-                   preprocessing: Preprocessing, progress: bool = True,
-                   split_at: int | None = None, encoder: str = DEFAULT_ENCODER):
+def split_features(
+    train_items,
+    dev_items,
+    images: Path,
+    cache_dir: Path,
+    preprocessing: Preprocessing,
+    progress: bool = True,
+    split_at: int | None = None,
+    encoder: str = DEFAULT_ENCODER,
+):
     """The cached features of a train and a dev split (computed on first use), all in memory:
     encoder fine-tuning and self-critical training use it; frozen-encoder training streams
     from ``shards.streamed_split`` instead.
@@ -166,10 +187,11 @@ def split_features(train_items, dev_items, images: Path, cache_dir: Path,
 
     paths = [images / it.file_name for it in train_items + dev_items]
     missing_photos(paths)
-    fmaps, index = compute_features(paths, cache_dir, preprocessing, progress=progress,
-                                    split_at=split_at, encoder=encoder)
+    fmaps, index = compute_features(
+        paths, cache_dir, preprocessing, progress=progress, split_at=split_at, encoder=encoder
+    )
     train_rows = [index[p.name] for p in paths[: len(train_items)]]
-    dev_fmaps = np.stack([np.asarray(fmaps[index[p.name]]) for p in paths[len(train_items):]])
+    dev_fmaps = np.stack([np.asarray(fmaps[index[p.name]]) for p in paths[len(train_items) :]])
     return train_rows, dev_fmaps, torch.from_numpy(np.asarray(fmaps, dtype=np.float32))
 
 
@@ -183,7 +205,13 @@ def progress_bar(total: int, desc: str, enabled: bool, unit: str = "batch"):
         return tqdm(total=total, desc=desc, unit=unit, mininterval=5)
 
     class _Null:
-        def update(self, n): pass
-        def set_postfix(self, **kw): pass
-        def close(self): pass
+        def update(self, n):
+            pass
+
+        def set_postfix(self, **kw):
+            pass
+
+        def close(self):
+            pass
+
     return _Null()

@@ -30,8 +30,7 @@ def new_words(vocab: Vocabulary, captions: Iterable[str], min_count: int) -> lis
     """The words of ``captions`` seen at least ``min_count`` times that ``vocab`` lacks, most
     frequent first (ties alphabetical, as ``Vocabulary.build`` orders them)."""
     counts = Counter(w for c in captions for w in tokenize(c) if w not in vocab.index)
-    return sorted((w for w, n in counts.items() if n >= max(1, min_count)),
-                  key=lambda w: (-counts[w], w))
+    return sorted((w for w, n in counts.items() if n >= max(1, min_count)), key=lambda w: (-counts[w], w))
 
 
 def grow_vocabulary(vocab: Vocabulary, captions: Iterable[str], min_count: int) -> Vocabulary:
@@ -40,8 +39,9 @@ def grow_vocabulary(vocab: Vocabulary, captions: Iterable[str], min_count: int) 
 
 
 @torch.no_grad()
-def grow_decoder(decoder: CaptionDecoder, vocab_size: int,
-                 generator: torch.Generator | None = None) -> CaptionDecoder:
+def grow_decoder(
+    decoder: CaptionDecoder, vocab_size: int, generator: torch.Generator | None = None
+) -> CaptionDecoder:
     """A copy of ``decoder`` for a vocabulary of ``vocab_size`` words whose first
     ``decoder.cfg.vocab_size`` are the old ones (see the module doc for the new rows)."""
     old = decoder.cfg.vocab_size

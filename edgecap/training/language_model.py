@@ -50,18 +50,17 @@ def read_text(path: Path, what: str) -> str:
     except FileProblem as exc:
         raise SystemExit(f"{shown(path)}: {exc}") from None
     except UnicodeDecodeError as exc:
-        raise SystemExit(f"{shown(path)}: not UTF-8 text ({exc.reason} at byte {exc.start})") \
-            from None
+        raise SystemExit(f"{shown(path)}: not UTF-8 text ({exc.reason} at byte {exc.start})") from None
 
 
 def read_captions(args) -> list[str]:
     if args.text:
-        return [line.strip() for line in read_text(Path(args.text), "caption text").split("\n")
-                if line.strip()]
+        return [
+            line.strip() for line in read_text(Path(args.text), "caption text").split("\n") if line.strip()
+        ]
     from edgecap.data.readers import read_flickr8k
 
-    return [c for item in read_flickr8k(Path(args.flickr8k), Path(args.split))
-            for c in item.captions]
+    return [c for item in read_flickr8k(Path(args.flickr8k), Path(args.split)) for c in item.captions]
 
 
 def encode_all(captions: list[str], vocab: Vocabulary, max_words: int) -> list[list[int]]:
@@ -110,7 +109,7 @@ def train(args) -> dict:
         if shuffle:
             random.shuffle(order)
         for i in range(0, len(order), args.batch_size):
-            chunk = [rows[j] for j in order[i:i + args.batch_size]]
+            chunk = [rows[j] for j in order[i : i + args.batch_size]]
             width = max(len(r) for r in chunk)
             x = torch.full((len(chunk), width), vocab.pad, dtype=torch.long)
             for k, r in enumerate(chunk):
@@ -137,8 +136,9 @@ def train(args) -> dict:
             nn.utils.clip_grad_norm_(model.parameters(), 5.0)
             optimiser.step()
         ppl = dev_perplexity()
-        history.append({"epoch": epoch, "dev_perplexity": round(ppl, 3),
-                        "seconds": round(time.time() - t0, 1)})
+        history.append(
+            {"epoch": epoch, "dev_perplexity": round(ppl, 3), "seconds": round(time.time() - t0, 1)}
+        )
         print(json.dumps(history[-1]), flush=True)
         if ppl < best:
             best = ppl
@@ -153,19 +153,32 @@ def save(model, args, vocab, manifest, history, n_train, n_dev) -> None:
     sd = {k: v.detach().numpy().astype(np.float32) for k, v in model.state_dict().items()}
     out = Path(args.out)
     out.parent.mkdir(parents=True, exist_ok=True)
-    np.savez(out, embed=sd["embed.weight"], w_ih=sd["lstm.weight_ih_l0"],
-             w_hh=sd["lstm.weight_hh_l0"], bias=sd["lstm.bias_ih_l0"] + sd["lstm.bias_hh_l0"],
-             out_w=sd["out.weight"], out_b=sd["out.bias"])
-    meta = {"format": "edgecap-caption-lm/1", "vocab_size": len(vocab), "embed": args.embed,
-            "hidden": args.hidden, "vocab_sha256": file_sha256(manifest.path("vocab")),
-            "weights_sha256": file_sha256(out),
-            "trained_on": args.text or f"{args.flickr8k} ({args.split})",
-            "captions": {"train": n_train, "dev": n_dev}, "history": history}
+    np.savez(
+        out,
+        embed=sd["embed.weight"],
+        w_ih=sd["lstm.weight_ih_l0"],
+        w_hh=sd["lstm.weight_hh_l0"],
+        bias=sd["lstm.bias_ih_l0"] + sd["lstm.bias_hh_l0"],
+        out_w=sd["out.weight"],
+        out_b=sd["out.bias"],
+    )
+    meta = {
+        "format": "edgecap-caption-lm/1",
+        "vocab_size": len(vocab),
+        "embed": args.embed,
+        "hidden": args.hidden,
+        "vocab_sha256": file_sha256(manifest.path("vocab")),
+        "weights_sha256": file_sha256(out),
+        "trained_on": args.text or f"{args.flickr8k} ({args.split})",
+        "captions": {"train": n_train, "dev": n_dev},
+        "history": history,
+    }
     out.with_suffix(".json").write_text(json.dumps(meta, indent=1) + "\n", "utf-8")
 
 
-def install(model_dir: Path, everyday: Path, in_domain: Path, weight: float,
-            gate_photos: list[Path] | None = None) -> Path:
+def install(
+    model_dir: Path, everyday: Path, in_domain: Path, weight: float, gate_photos: list[Path] | None = None
+) -> Path:
     """Copy the two language models into ``model_dir`` and write its ``fusion.json``; both
     must have been trained on the model's vocabulary. ``gate_photos``: the caption model's
     training photos, whose class probabilities set the per-photo gate (None: no gate).
@@ -174,8 +187,11 @@ def install(model_dir: Path, everyday: Path, in_domain: Path, weight: float,
 
     manifest = load_manifest(model_dir)
     vocab_sha = file_sha256(manifest.path("vocab"))
-    spec: dict = {"format": FORMAT, "weight": weight,
-                  "method": "density ratio: weight * (log p_everyday - log p_in_domain)"}
+    spec: dict = {
+        "format": FORMAT,
+        "weight": weight,
+        "method": "density ratio: weight * (log p_everyday - log p_in_domain)",
+    }
     for role, source in (("everyday", Path(everyday)), ("in_domain", Path(in_domain))):
         from edgecap.files import FileProblem, read_json
         from edgecap.training.records import shown
@@ -192,15 +208,23 @@ def install(model_dir: Path, everyday: Path, in_domain: Path, weight: float,
         # stored as float16 (half the bytes of a model that ships in the package; the numpy
         # runtime computes in float32)
         with np.load(source, allow_pickle=False) as arrays:
-            np.savez_compressed(Path(model_dir) / name,
-                                **{k: arrays[k].astype(np.float16) for k in arrays.files})
-        spec[role] = {"file": name, "sha256": file_sha256(Path(model_dir) / name),
-                      "trained_on": meta.get("trained_on"), "captions": meta.get("captions"),
-                      "hidden": meta.get("hidden"), "embed": meta.get("embed"),
-                      "dev_perplexity": min(e["dev_perplexity"] for e in meta["history"])}
+            np.savez_compressed(
+                Path(model_dir) / name, **{k: arrays[k].astype(np.float16) for k in arrays.files}
+            )
+        spec[role] = {
+            "file": name,
+            "sha256": file_sha256(Path(model_dir) / name),
+            "trained_on": meta.get("trained_on"),
+            "captions": meta.get("captions"),
+            "hidden": meta.get("hidden"),
+            "embed": meta.get("embed"),
+            "dev_perplexity": min(e["dev_perplexity"] for e in meta["history"]),
+        }
     if gate_photos:
-        spec["gate"] = {**gate_from_photos(model_dir, gate_photos).to_json(),
-                        "fitted_on": f"{len(gate_photos)} training photos of the caption model"}
+        spec["gate"] = {
+            **gate_from_photos(model_dir, gate_photos).to_json(),
+            "fitted_on": f"{len(gate_photos)} training photos of the caption model",
+        }
     path = Path(model_dir) / FUSION_FILE
     path.write_text(json.dumps(spec, indent=1) + "\n", "utf-8")
     Fusion.load(Path(model_dir), manifest.dims.vocab_size)  # it loads as written
@@ -216,12 +240,12 @@ def gate_from_photos(model_dir: Path, photos: list[Path]):
     captioner = Captioner(model_dir, fusion_weight=0.0)
     probs = []
     for start in range(0, len(photos), 32):
-        x = preprocess([load_rgb(p) for p in photos[start:start + 32]],
-                       captioner.manifest.preprocessing)
+        x = preprocess([load_rgb(p) for p in photos[start : start + 32]], captioner.manifest.preprocessing)
         class_probs = captioner.backend.encode(x).class_probs
         if class_probs is None:
-            raise SystemExit(f"{model_dir}: its encoder gives no class probabilities; the "
-                             "fusion gate is fitted on them")
+            raise SystemExit(
+                f"{model_dir}: its encoder gives no class probabilities; the fusion gate is fitted on them"
+            )
         probs.append(class_probs)
     return Gate.fit(np.concatenate(probs))
 
@@ -229,22 +253,28 @@ def gate_from_photos(model_dir: Path, photos: list[Path]):
 def main(argv=None) -> int:
     argv = list(sys.argv[1:] if argv is None else argv)
     if argv[:1] == ["install"]:
-        parser = argparse.ArgumentParser(prog="language_model install",
-                                         description="put two caption LMs into a model directory")
+        parser = argparse.ArgumentParser(
+            prog="language_model install", description="put two caption LMs into a model directory"
+        )
         parser.add_argument("--model", required=True, type=Path)
         parser.add_argument("--everyday", required=True, type=Path)
         parser.add_argument("--in-domain", required=True, type=Path)
         parser.add_argument("--weight", required=True, type=float)
-        parser.add_argument("--gate-images", type=Path,
-                            help="folder of the caption model's training photos (with "
-                                 "--gate-list: the names to use) for the per-photo gate")
+        parser.add_argument(
+            "--gate-images",
+            type=Path,
+            help="folder of the caption model's training photos (with "
+            "--gate-list: the names to use) for the per-photo gate",
+        )
         parser.add_argument("--gate-list", type=Path, help="file naming one photo per line")
         args = parser.parse_args(argv[1:])
         photos = None
         if args.gate_images:
-            names = ([n.strip() for n in read_text(args.gate_list, "photo list").split("\n")
-                      if n.strip()]
-                     if args.gate_list else sorted(p.name for p in args.gate_images.iterdir()))
+            names = (
+                [n.strip() for n in read_text(args.gate_list, "photo list").split("\n") if n.strip()]
+                if args.gate_list
+                else sorted(p.name for p in args.gate_images.iterdir())
+            )
             photos = [args.gate_images / n for n in names]
         print(install(args.model, args.everyday, args.in_domain, args.weight, photos))
         return 0
@@ -260,8 +290,7 @@ def main(argv=None) -> int:
     parser.add_argument("--hidden", type=int, default=256, help="(default: %(default)s)")
     parser.add_argument("--dropout", type=float, default=0.2, help="(default: %(default)s)")
     parser.add_argument("--lr", type=float, default=2e-3, help="(default: %(default)s)")
-    parser.add_argument("--lr-decay", type=float, default=0.7,
-                        help="per epoch (default: %(default)s)")
+    parser.add_argument("--lr-decay", type=float, default=0.7, help="per epoch (default: %(default)s)")
     parser.add_argument("--batch-size", type=int, default=128, help="(default: %(default)s)")
     parser.add_argument("--max-words", type=int, default=30, help="(default: %(default)s)")
     parser.add_argument("--dev-fraction", type=float, default=0.02, help="(default: %(default)s)")

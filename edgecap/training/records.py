@@ -19,10 +19,10 @@ from edgecap.commands.output import escape_field
 from edgecap.errors import ModelError
 from edgecap.files import FileProblem, check_regular, open_regular, read_json
 
-MAX_RECORD_BYTES = 256 << 20   # plan.json / index.json of 123k COCO photos by absolute path: ~20 MB
-MAX_SMALL_BYTES = 16 << 20     # checkpoint.json, optimizer.json, a shard's record: a few KB
-MAX_WEIGHTS_BYTES = 4 << 30    # model / optimizer safetensors (the shipped decoder's: ~50 MB)
-MAX_HEADER_BYTES = 100 << 20   # a safetensors header (safetensors' own limit)
+MAX_RECORD_BYTES = 256 << 20  # plan.json / index.json of 123k COCO photos by absolute path: ~20 MB
+MAX_SMALL_BYTES = 16 << 20  # checkpoint.json, optimizer.json, a shard's record: a few KB
+MAX_WEIGHTS_BYTES = 4 << 30  # model / optimizer safetensors (the shipped decoder's: ~50 MB)
+MAX_HEADER_BYTES = 100 << 20  # a safetensors header (safetensors' own limit)
 
 
 def shown(path) -> str:
@@ -67,18 +67,21 @@ class Record:
             raise self.fail(f"{key!r} holds something other than strings")
         return value
 
-    def ints(self, key: builtins.str, low: builtins.int = 0,
-             high: builtins.int | None = None) -> list[builtins.int]:
+    def ints(
+        self, key: builtins.str, low: builtins.int = 0, high: builtins.int | None = None
+    ) -> list[builtins.int]:
         value = self.get(key, list, "a list")
-        if not all(isinstance(v, int) and not isinstance(v, bool) and v >= low
-                   and (high is None or v <= high) for v in value):
-            raise self.fail(f"{key!r} holds something other than integers in "
-                            f"{low}..{'' if high is None else high}")
+        if not all(
+            isinstance(v, int) and not isinstance(v, bool) and v >= low and (high is None or v <= high)
+            for v in value
+        ):
+            raise self.fail(
+                f"{key!r} holds something other than integers in {low}..{'' if high is None else high}"
+            )
         return value
 
 
-def read_record(path: Path, error: type[Exception] = ModelError,
-                max_bytes: int = MAX_SMALL_BYTES) -> Record:
+def read_record(path: Path, error: type[Exception] = ModelError, max_bytes: int = MAX_SMALL_BYTES) -> Record:
     """The JSON object in ``path`` (``error`` if it is not a regular file of at most
     ``max_bytes``, not JSON, nested too deep or not an object)."""
     try:
@@ -90,8 +93,9 @@ def read_record(path: Path, error: type[Exception] = ModelError,
     return Record(Path(path), data, error)
 
 
-def check_file(path: Path, error: type[Exception] = ModelError,
-               max_bytes: int | None = MAX_WEIGHTS_BYTES) -> int:
+def check_file(
+    path: Path, error: type[Exception] = ModelError, max_bytes: int | None = MAX_WEIGHTS_BYTES
+) -> int:
     """``error`` unless ``path`` is a regular file of at most ``max_bytes``; -> its size."""
     try:
         size = check_regular(path).st_size
@@ -113,8 +117,9 @@ def safetensors_shapes(path: Path, error: type[Exception] = ModelError) -> dict[
                 raise error(f"{shown(path)}: not a safetensors file ({size} bytes)")
             (n,) = struct.unpack("<Q", head)
             if n > min(MAX_HEADER_BYTES, size - 8):
-                raise error(f"{shown(path)}: not a safetensors file (a header of {n:,} bytes in "
-                            f"a file of {size:,})")
+                raise error(
+                    f"{shown(path)}: not a safetensors file (a header of {n:,} bytes in a file of {size:,})"
+                )
             header = json.loads(f.read(n).decode("utf-8"))
     except FileProblem as exc:
         raise error(f"{shown(path)}: {exc}") from None

@@ -52,22 +52,22 @@ def sample_captions(decoder, fmap, n_samples: int, max_length: int, start: int, 
 
 def train_scst(cfg: ScstConfig, log=print) -> Path:
     if world_size() > 1:
-        raise BackendError("self-critical training (--scst-from) runs in one process, not "
-                           "under torchrun")
+        raise BackendError("self-critical training (--scst-from) runs in one process, not under torchrun")
     rng = seeded(cfg.seed, cfg.threads)
     out = Path(cfg.out)
     data = Path(cfg.data)
     images = Path(cfg.images) if cfg.images else data / "images"
     encoder, decoder, vocab, pre, meta = load_checkpoint(Path(cfg.checkpoint))
     if meta.get("finetuned_encoder"):
-        raise ValueError("self-critical training runs on cached features: start from a checkpoint "
-                         "with a frozen encoder")
-    train_items, dev_items, left_out = dataset_items(cfg.dataset, data, images,
-                                                     cfg.allow_outside_data)
+        raise ValueError(
+            "self-critical training runs on cached features: start from a checkpoint with a frozen encoder"
+        )
+    train_items, dev_items, left_out = dataset_items(cfg.dataset, data, images, cfg.allow_outside_data)
     cache = Path(cfg.cache_dir) if cfg.cache_dir else out.parent / ".feature-cache"
     encoder_name = encoder.variant  # the checkpoint's pretrained encoder
-    train_rows, dev_fmaps, all_fmaps = split_features(train_items, dev_items, images, cache, pre,
-                                                      cfg.progress, encoder=encoder_name)
+    train_rows, dev_fmaps, all_fmaps = split_features(
+        train_items, dev_items, images, cache, pre, cfg.progress, encoder=encoder_name
+    )
     refs = [[tokenize(c) for c in it.captions] for it in train_items]
     cider = CiderD(refs)
 
@@ -77,10 +77,14 @@ def train_scst(cfg: ScstConfig, log=print) -> Path:
     history = [{"epoch": 0, **best}]
     info_base = {k: meta[k] for k in ("train_state", "train_config", "training_data") if k in meta}
     info_base["training_data"] = {**info_base.get("training_data", {}), "left_out": left_out}
-    save_checkpoint(out / "best", decoder, vocab, pre,
-                    {**info_base, "dev_metrics_greedy": best, "scst": {"config": asdict(cfg),
-                                                                        "history": history}},
-                    encoder_name=encoder_name)
+    save_checkpoint(
+        out / "best",
+        decoder,
+        vocab,
+        pre,
+        {**info_base, "dev_metrics_greedy": best, "scst": {"config": asdict(cfg), "history": history}},
+        encoder_name=encoder_name,
+    )
     order = list(range(len(train_items)))
     for epoch in range(1, cfg.epochs + 1):
         rng.shuffle(order)
@@ -89,13 +93,18 @@ def train_scst(cfg: ScstConfig, log=print) -> Path:
         n_batches = (len(order) + cfg.images_per_batch - 1) // cfg.images_per_batch
         bar = progress_bar(n_batches, f"scst {epoch}", cfg.progress)
         for start in range(0, len(order), cfg.images_per_batch):
-            batch = order[start:start + cfg.images_per_batch]
+            batch = order[start : start + cfg.images_per_batch]
             fmap = all_fmaps[[train_rows[i] for i in batch]]
-            tokens, logp, _ = sample_captions(decoder, fmap, cfg.n_samples, cfg.max_length,
-                                              vocab.start, vocab.end)
+            tokens, logp, _ = sample_captions(
+                decoder, fmap, cfg.n_samples, cfg.max_length, vocab.start, vocab.end
+            )
             words = [vocab.decode(row).split() for row in tokens.tolist()]
-            reward = np.array([cider.score(w, refs[batch[r // cfg.n_samples]], batch[r // cfg.n_samples])
-                               for r, w in enumerate(words)]).reshape(len(batch), cfg.n_samples)
+            reward = np.array(
+                [
+                    cider.score(w, refs[batch[r // cfg.n_samples]], batch[r // cfg.n_samples])
+                    for r, w in enumerate(words)
+                ]
+            ).reshape(len(batch), cfg.n_samples)
             baseline = (reward.sum(1, keepdims=True) - reward) / (cfg.n_samples - 1)
             advantage = torch.from_numpy((reward - baseline).reshape(-1)).float()
             loss = -(advantage * logp).mean()
@@ -108,13 +117,20 @@ def train_scst(cfg: ScstConfig, log=print) -> Path:
             bar.set_postfix(reward=f"{np.mean(rewards[-50:]):.3f}")
         bar.close()
         dev = evaluate_dev(decoder, dev_fmaps, dev_items, vocab)
-        record = {"epoch": epoch, "train_reward": round(float(np.mean(rewards)), 4),
-                  "seconds": round(time.time() - t0), **{k: round(v, 4) for k, v in dev.items()}}
+        record = {
+            "epoch": epoch,
+            "train_reward": round(float(np.mean(rewards)), 4),
+            "seconds": round(time.time() - t0),
+            **{k: round(v, 4) for k, v in dev.items()},
+        }
         history.append(record)
         improved = dev["CIDEr"] > best["CIDEr"]
         log(json.dumps(record) + ("  (best)" if improved else ""))
-        info = {**info_base, "dev_metrics_greedy": dev,
-                "scst": {"config": asdict(cfg), "history": history, "epoch": epoch}}
+        info = {
+            **info_base,
+            "dev_metrics_greedy": dev,
+            "scst": {"config": asdict(cfg), "history": history, "epoch": epoch},
+        }
         if improved:
             best = dev
             save_checkpoint(out / "best", decoder, vocab, pre, info, encoder_name=encoder_name)

@@ -125,8 +125,9 @@ class ShardedFeatures:
         names = index.strings("names")
         shards = index.get("shards", list, "a list")
         if len(shards) != -(-len(names) // self.shard_size):
-            raise index.fail(f"{len(shards)} shards for {len(names)} images of "
-                             f"{self.shard_size}; rerun the extraction")
+            raise index.fail(
+                f"{len(shards)} shards for {len(names)} images of {self.shard_size}; rerun the extraction"
+            )
         if not all(isinstance(r, dict) for r in shards):
             raise index.fail("a shard record is not an object")
         self.records = [_record(Record(index_path, r, FeatureCacheError)) for r in shards]
@@ -139,9 +140,11 @@ class ShardedFeatures:
             if problem is None and tuple(record["shape"]) != self.shape:
                 problem = f"rows of {record['shape']}, the index says {list(self.shape)}"
             if problem:
-                raise FeatureCacheError(f"{shown(path)}: corrupt feature shard ({problem}); "
-                                        "rerun the extraction (it recomputes bad shards) or "
-                                        "delete it")
+                raise FeatureCacheError(
+                    f"{shown(path)}: corrupt feature shard ({problem}); "
+                    "rerun the extraction (it recomputes bad shards) or "
+                    "delete it"
+                )
             self._offsets.append(_header(path)[2])
         self._files: dict = {}  # shard -> its open file
 
@@ -158,8 +161,11 @@ class ShardedFeatures:
         while start < len(ordered):
             shard, row = divmod(int(ordered[start]), self.shard_size)
             end = start + 1  # a run: consecutive rows of one shard, one read
-            while (end < len(ordered) and ordered[end] == ordered[end - 1] + 1
-                   and ordered[end] // self.shard_size == shard):
+            while (
+                end < len(ordered)
+                and ordered[end] == ordered[end - 1] + 1
+                and ordered[end] // self.shard_size == shard
+            ):
                 end += 1
             f = self._file(shard)
             f.seek(self._offsets[shard] + row * self.row_bytes)
@@ -193,10 +199,18 @@ class ShardedFeatures:
         self._files.clear()
 
 
-def extract_shards(paths: Sequence[Path], directory: Path,
-                   load: Callable[[Path], np.ndarray], encode: Callable[[np.ndarray], np.ndarray],
-                   shard_size: int = 1024, batch_size: int = 64, progress: bool = False,
-                   log=print, dist=None, load_threads: int = 4) -> ShardedFeatures:
+def extract_shards(
+    paths: Sequence[Path],
+    directory: Path,
+    load: Callable[[Path], np.ndarray],
+    encode: Callable[[np.ndarray], np.ndarray],
+    shard_size: int = 1024,
+    batch_size: int = 64,
+    progress: bool = False,
+    log=print,
+    dist=None,
+    load_threads: int = 4,
+) -> ShardedFeatures:
     """The shard cache of ``paths`` (keyed by absolute path, so two folders' ``IMG_0001.jpg``
     never share features) in ``directory``, extracting what is
     missing: ``load(path)`` -> one model input, ``encode(stacked inputs)`` -> features (n, ...).
@@ -233,24 +247,41 @@ def extract_shards(paths: Sequence[Path], directory: Path,
             lo, hi = s * size, min((s + 1) * size, len(plan["names"]))
             meta_path = _shard_path(directory, s, ".json")
             if os.path.lexists(meta_path):
-                problem = _stale(meta_path, _shard_path(directory, s), plan["names"][lo:hi],
-                                 wanted)
+                problem = _stale(meta_path, _shard_path(directory, s), plan["names"][lo:hi], wanted)
                 if problem is None:
                     bar.update(1)
                     continue
                 log(f"{shown(_shard_path(directory, s))}: {problem}: recomputing it")
                 meta_path.unlink()
-            _extract_one(directory, s, plan["names"][lo:hi], plan["paths"][lo:hi], load, encode,
-                         batch_size, pool, wanted)
+            _extract_one(
+                directory,
+                s,
+                plan["names"][lo:hi],
+                plan["paths"][lo:hi],
+                load,
+                encode,
+                batch_size,
+                pool,
+                wanted,
+            )
             bar.update(1)
     bar.close()
     barrier()
     if rank == 0:
-        records = [_record(read_record(_shard_path(directory, s, ".json"), FeatureCacheError))
-                   for s in range(n_shards)]
-        _write_json(index_path, {"format": FORMAT, "shard_size": size, "names": plan["names"],
-                                 "shape": records[0]["shape"] if records else [],
-                                 "shards": records})
+        records = [
+            _record(read_record(_shard_path(directory, s, ".json"), FeatureCacheError))
+            for s in range(n_shards)
+        ]
+        _write_json(
+            index_path,
+            {
+                "format": FORMAT,
+                "shard_size": size,
+                "names": plan["names"],
+                "shape": records[0]["shape"] if records else [],
+                "shards": records,
+            },
+        )
     barrier()
     return ShardedFeatures(directory)
 
@@ -263,8 +294,12 @@ def _read_plan(path: Path, shard_size: int, log=print, strict: bool = False) -> 
             record = read_record(path, FeatureCacheError, MAX_RECORD_BYTES)
             if record.data.get("format") != FORMAT:
                 raise record.fail(f"format {record.data.get('format')!r}, not {FORMAT}")
-            plan: dict = {"format": FORMAT, "shard_size": record.int("shard_size", 1, MAX_SHARD_SIZE),
-                    "names": record.strings("names"), "paths": record.strings("paths")}
+            plan: dict = {
+                "format": FORMAT,
+                "shard_size": record.int("shard_size", 1, MAX_SHARD_SIZE),
+                "names": record.strings("names"),
+                "paths": record.strings("paths"),
+            }
             if len(plan["names"]) != len(plan["paths"]):
                 raise record.fail("'names' and 'paths' differ in length")
             return plan
@@ -278,10 +313,14 @@ def _read_plan(path: Path, shard_size: int, log=print, strict: bool = False) -> 
 def _record(record: Record) -> dict:
     """A shard's record, its types checked (``FeatureCacheError`` naming the file)."""
     rows = record.int("rows", 1, MAX_SHARD_SIZE)
-    return {"rows": rows, "shape": record.ints("shape", 1, MAX_FEATURE_DIM),
-            "names": record.str("names"), "bytes": record.int("bytes", 0),
-            "sha256": record.str("sha256"),
-            "absent": record.ints("absent", 0, rows - 1) if "absent" in record.data else []}
+    return {
+        "rows": rows,
+        "shape": record.ints("shape", 1, MAX_FEATURE_DIM),
+        "names": record.str("names"),
+        "bytes": record.int("bytes", 0),
+        "sha256": record.str("sha256"),
+        "absent": record.ints("absent", 0, rows - 1) if "absent" in record.data else [],
+    }
 
 
 def _stale(meta_path: Path, path: Path, names: Sequence[str], wanted: set[str]) -> str | None:
@@ -298,8 +337,9 @@ def _stale(meta_path: Path, path: Path, names: Sequence[str], wanted: set[str]) 
     return shard_problem(path, record, checksum=True)
 
 
-def _extract_one(directory: Path, s: int, names, paths, load, encode, batch_size, pool,
-                 wanted: set[str]) -> None:
+def _extract_one(
+    directory: Path, s: int, names, paths, load, encode, batch_size, pool, wanted: set[str]
+) -> None:
     """Compute shard ``s``. A photo of an earlier run that this run does not ask for and that
     can no longer be read gets an empty row, listed as ``absent`` in the record."""
     absent: list[int] = []
@@ -323,21 +363,31 @@ def _extract_one(directory: Path, s: int, names, paths, load, encode, batch_size
             continue
         fmap = np.asarray(encode(np.stack([x for x in loaded if x is not None])))
         if out is None:
-            out = np.lib.format.open_memmap(partial, mode="w+", dtype=np.float16,
-                                            shape=(len(paths), *fmap.shape[1:]))
+            out = np.lib.format.open_memmap(
+                partial, mode="w+", dtype=np.float16, shape=(len(paths), *fmap.shape[1:])
+            )
         out[present] = fmap.astype(np.float16)
     if out is None:  # no photo of this shard can be read, and none is wanted
-        raise DataError(f"{shown(paths[0])}: no photo of feature shard {s} can be read any "
-                        "more; delete the feature cache (--cache-dir) and rerun")
+        raise DataError(
+            f"{shown(paths[0])}: no photo of feature shard {s} can be read any "
+            "more; delete the feature cache (--cache-dir) and rerun"
+        )
     out.flush()
     shape = list(out.shape[1:])
     del out
     final = _shard_path(directory, s)
     partial.replace(final)
-    _write_json(_shard_path(directory, s, ".json"),
-                {"rows": len(paths), "shape": shape, "names": _names_digest(names),
-                 "bytes": os.stat(final).st_size, "sha256": file_sha256(final),
-                 "absent": sorted(absent)})
+    _write_json(
+        _shard_path(directory, s, ".json"),
+        {
+            "rows": len(paths),
+            "shape": shape,
+            "names": _names_digest(names),
+            "bytes": os.stat(final).st_size,
+            "sha256": file_sha256(final),
+            "absent": sorted(absent),
+        },
+    )
 
 
 def image_encoder(device: str = "cpu", variant: str = DEFAULT_ENCODER):
@@ -353,12 +403,22 @@ def image_encoder(device: str = "cpu", variant: str = DEFAULT_ENCODER):
     def encode(x: np.ndarray) -> np.ndarray:
         with torch.inference_mode():
             return model.regions(torch.from_numpy(x).to(device)).float().cpu().numpy()
+
     return encode
 
 
-def streamed_split(train_items, dev_items, images: Path, cache_dir: Path, preprocessing,
-                   progress: bool = True, shard_size: int = 1024, dist=None, log=print,
-                   encoder_name: str = DEFAULT_ENCODER):
+def streamed_split(
+    train_items,
+    dev_items,
+    images: Path,
+    cache_dir: Path,
+    preprocessing,
+    progress: bool = True,
+    shard_size: int = 1024,
+    dist=None,
+    log=print,
+    encoder_name: str = DEFAULT_ENCODER,
+):
     """``features.split_features`` over the shard cache: -> (train_rows, dev_fmaps float16
     (n_dev, 49, 1280) in memory, ShardedFeatures read a batch at a time)."""
     from edgecap.images import load_rgb
@@ -373,20 +433,26 @@ def streamed_split(train_items, dev_items, images: Path, cache_dir: Path, prepro
         if not encoder:
             encoder.append(image_encoder(device, encoder_name))
         return encoder[0](x)
-    features = extract_shards(paths, shard_dir(cache_dir, preprocessing, encoder_tag(encoder_name)),
-                              lambda p: to_model_input(load_rgb(p), preprocessing), encode,
-                              shard_size=shard_size, progress=progress, log=log, dist=dist,
-                              load_threads=min(8, os.cpu_count() or 1))
+
+    features = extract_shards(
+        paths,
+        shard_dir(cache_dir, preprocessing, encoder_tag(encoder_name)),
+        lambda p: to_model_input(load_rgb(p), preprocessing),
+        encode,
+        shard_size=shard_size,
+        progress=progress,
+        log=log,
+        dist=dist,
+        load_threads=min(8, os.cpu_count() or 1),
+    )
     rows = [features.names[cache_name(p)] for p in paths]
-    train_rows, dev_rows = rows[: len(train_items)], rows[len(train_items):]
+    train_rows, dev_rows = rows[: len(train_items)], rows[len(train_items) :]
     dev_fmaps = features.read(dev_rows)
     return train_rows, dev_fmaps, features
-
 
 
 def missing_photos(paths: Sequence[Path]) -> None:
     """``DataError`` (one line, the first few named) when any of ``paths`` does not exist."""
     missing = [p for p in paths if not p.exists()]
     if missing:
-        raise DataError(f"{len(missing)} photos are missing, e.g. "
-                        f"{', '.join(shown(p) for p in missing[:3])}")
+        raise DataError(f"{len(missing)} photos are missing, e.g. {', '.join(shown(p) for p in missing[:3])}")

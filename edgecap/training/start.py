@@ -32,11 +32,12 @@ from edgecap.training.records import shown
 from edgecap.vocab import Vocabulary
 
 DEFAULT = "default"  # init_from: the shipped model
-NONE = "none"        # init_from: fresh weights (a folder run's default is DEFAULT)
+NONE = "none"  # init_from: fresh weights (a folder run's default is DEFAULT)
 
 
-def training_items(cfg: TrainConfig, data: Path, images: Path,
-                   log=print) -> tuple[list[CaptionedImage], list[CaptionedImage], int]:
+def training_items(
+    cfg: TrainConfig, data: Path, images: Path, log=print
+) -> tuple[list[CaptionedImage], list[CaptionedImage], int]:
     """The train and dev photos of ``cfg.dataset`` (a folder's bad rows reported on stderr), and
     how many rows or photos were left out (reported; ``edgecap train`` then exits 1).
     Photos outside ``images`` (absolute paths, ``..``, links leading out) are left out and
@@ -46,16 +47,15 @@ def training_items(cfg: TrainConfig, data: Path, images: Path,
         return dataset_items(cfg.dataset, data, images, cfg.allow_outside_data)
     from edgecap.data.folder import read_folder
 
-    folder = read_folder(data, images, cfg.dev_fraction, cfg.seed,
-                         allow_outside=cfg.allow_outside_data)
+    folder = read_folder(data, images, cfg.dev_fraction, cfg.seed, allow_outside=cfg.allow_outside_data)
     if folder.n_problems:
-        log(f"{shown(folder.source)}: {folder.n_problems} rows or photos left out (listed on "
-            "stderr)")
+        log(f"{shown(folder.source)}: {folder.n_problems} rows or photos left out (listed on stderr)")
     return folder.train, folder.dev, folder.n_problems
 
 
-def dataset_items(kind: str, data: Path, images: Path, allow_outside: bool = False,
-                  report=None) -> tuple[list[CaptionedImage], list[CaptionedImage], int]:
+def dataset_items(
+    kind: str, data: Path, images: Path, allow_outside: bool = False, report=None
+) -> tuple[list[CaptionedImage], list[CaptionedImage], int]:
     """The train and dev photos of a Flickr8k / COCO / Karpathy dataset, and how many were left
     out: those outside ``images`` are reported (one line each, then a count) and left out
     unless ``allow_outside``."""
@@ -76,8 +76,9 @@ def dataset_items(kind: str, data: Path, images: Path, allow_outside: bool = Fal
         for item in items:
             problem = outside_problem(root, item.file_name)
             if problem:
-                problems(f"{shown(data)}: {escape_field(item.file_name)}: {problem}; "
-                         f"{OUTSIDE_HINT}; photo skipped")
+                problems(
+                    f"{shown(data)}: {escape_field(item.file_name)}: {problem}; {OUTSIDE_HINT}; photo skipped"
+                )
             else:
                 split.append(item)
     problems.close(shown(data))
@@ -92,12 +93,11 @@ class Start:
     encoder: EfficientNetLite | None  # the encoder to fine-tune (None: frozen, features cached)
     decoder: CaptionDecoder
     vocab: Vocabulary
-    meta: dict                         # the checkpoint's metadata when resuming, else {}
+    meta: dict  # the checkpoint's metadata when resuming, else {}
     resuming: bool
 
 
-def initial_model(cfg: TrainConfig, train_items: list[CaptionedImage], last: Path,
-                  log=print) -> Start:
+def initial_model(cfg: TrainConfig, train_items: list[CaptionedImage], last: Path, log=print) -> Start:
     """The run's first weights: ``last`` when it holds a checkpoint (resuming), else
     ``cfg.init_from`` (see the module doc)."""
     captions = [c for it in train_items for c in it.captions]
@@ -108,28 +108,36 @@ def initial_model(cfg: TrainConfig, train_items: list[CaptionedImage], last: Pat
         try:
             decoder = CaptionDecoder(DecoderConfig(vocab_size=len(vocab), **cfg.decoder))
         except ValueError as exc:  # a vocabulary smaller than the step's top words
-            raise DataError(f"{shown(cfg.data)}: the training captions give {len(vocab)} "
-                            f"words with --min-word-count {cfg.min_word_count} ({exc}); add "
-                            "captions, lower --min-word-count or start from a trained model "
-                            "(--init-from)") from None
+            raise DataError(
+                f"{shown(cfg.data)}: the training captions give {len(vocab)} "
+                f"words with --min-word-count {cfg.min_word_count} ({exc}); add "
+                "captions, lower --min-word-count or start from a trained model "
+                "(--init-from)"
+            ) from None
         encoder = load_pretrained(cfg.encoder) if cfg.finetune_encoder else None
         return Start(encoder, decoder, vocab, {}, False)
     # The starting model's decoder sizes win over the command line's.
     encoder, decoder, vocab, meta = load_start(source, cfg.finetune_encoder)
     if encoder.variant != cfg.encoder:
-        raise ModelError(f"{source}: its decoder was trained on {encoder.variant}'s features, not "
-                         f"{cfg.encoder}'s; start from a model of that encoder or from 'none'")
+        raise ModelError(
+            f"{source}: its decoder was trained on {encoder.variant}'s features, not "
+            f"{cfg.encoder}'s; start from a model of that encoder or from 'none'"
+        )
     if cfg.dataset == "folder":
         if not resuming:  # a resumed run's vocabulary has grown already
             grown = grow_vocabulary(vocab, captions, cfg.min_word_count)
-            added, vocab = grown.words[len(vocab):], grown
+            added, vocab = grown.words[len(vocab) :], grown
             decoder = grow_decoder(decoder, len(vocab), torch.Generator().manual_seed(cfg.seed))
-            log(f"vocabulary: {len(vocab) - len(added)} words of {source} + {len(added)} new "
+            log(
+                f"vocabulary: {len(vocab) - len(added)} words of {source} + {len(added)} new "
                 f"(seen {cfg.min_word_count}+ times): {' '.join(added[:20])}"
-                + (" ..." if len(added) > 20 else ""))
+                + (" ..." if len(added) > 20 else "")
+            )
     elif vocab.words != Vocabulary.build(captions, cfg.min_word_count).words:
-        raise ModelError(f"{source}: its vocabulary differs from the one built from this "
-                         "training data (another dataset or --min-word-count?)")
+        raise ModelError(
+            f"{source}: its vocabulary differs from the one built from this "
+            "training data (another dataset or --min-word-count?)"
+        )
     if not resuming:
         log(f"initialised from {source}")
     return Start(encoder if cfg.finetune_encoder else None, decoder, vocab, meta, resuming)
@@ -153,8 +161,10 @@ def load_start(source: Path, finetune_encoder: bool = False):
     """A checkpoint or a model directory -> (encoder, decoder, vocab, checkpoint meta or {}),
     the modules in eval mode on the CPU."""
     if not source.is_dir():
-        raise ModelError(f"{source}: no such directory; start from a checkpoint (OUT/best), a "
-                         f"model directory, {DEFAULT!r} (the shipped model) or {NONE!r}")
+        raise ModelError(
+            f"{source}: no such directory; start from a checkpoint (OUT/best), a "
+            f"model directory, {DEFAULT!r} (the shipped model) or {NONE!r}"
+        )
     if (source / "checkpoint.json").exists() or not (source / "manifest.json").exists():
         encoder, decoder, vocab, _, meta = load_checkpoint(source)  # says what a checkpoint is
         return encoder, decoder, vocab, meta
@@ -164,16 +174,20 @@ def load_start(source: Path, finetune_encoder: bool = False):
 
     manifest = load_manifest(source)
     if manifest.precision != "fp32":
-        raise ModelError(f"{source}: a {manifest.precision} model directory; start from the "
-                         "FP32 one it was converted from")
+        raise ModelError(
+            f"{source}: a {manifest.precision} model directory; start from the FP32 one it was converted from"
+        )
     # The input size may differ (--image-size): the decoder attends over any number of regions.
     if replace(manifest.preprocessing, size=Preprocessing().size) != Preprocessing():
-        raise ModelError(f"{source}: its preprocessing {manifest.preprocessing.to_dict()} is not "
-                         "the one training uses")
+        raise ModelError(
+            f"{source}: its preprocessing {manifest.preprocessing.to_dict()} is not the one training uses"
+        )
     encoder, decoder = TorchBackend._build(manifest)
     if not finetune_encoder:
         pretrained = load_pretrained(encoder.variant).state_dict()
         if any(not torch.equal(v, pretrained[k]) for k, v in encoder.state_dict().items()):
-            raise ModelError(f"{source}: its encoder was fine-tuned, but the decoder would train "
-                             "on the pretrained encoder's features; add --finetune-encoder")
+            raise ModelError(
+                f"{source}: its encoder was fine-tuned, but the decoder would train "
+                "on the pretrained encoder's features; add --finetune-encoder"
+            )
     return encoder, decoder, load_vocabulary(manifest), {}

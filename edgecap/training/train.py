@@ -66,8 +66,7 @@ class _Batches:
     the per-image work (feature projection) is done once for all captions of an image.
     """
 
-    def __init__(self, items: list[CaptionedImage], rows: list[int], vocab: Vocabulary,
-                 max_words: int):
+    def __init__(self, items: list[CaptionedImage], rows: list[int], vocab: Vocabulary, max_words: int):
         self.images = []
         for item, row in zip(items, rows):
             caps = []
@@ -90,7 +89,7 @@ class _Batches:
         order = list(range(len(self.images)))
         rng.shuffle(order)
         for start in range(0, len(order), n_images):
-            yield [self.images[i] for i in order[start:start + n_images]]
+            yield [self.images[i] for i in order[start : start + n_images]]
 
     def tensors(self, chunk):
         all_caps = [(j, ids) for j, (_, caps) in enumerate(chunk) for ids in caps]
@@ -98,8 +97,11 @@ class _Batches:
         caps = np.full((len(all_caps), width), self.pad, dtype=np.int64)
         for k, (_, ids) in enumerate(all_caps):
             caps[k, : len(ids)] = ids
-        return (np.array([r for r, _ in chunk]), torch.from_numpy(caps),
-                torch.tensor([j for j, _ in all_caps]))
+        return (
+            np.array([r for r, _ in chunk]),
+            torch.from_numpy(caps),
+            torch.tensor([j for j, _ in all_caps]),
+        )
 
     def shares(self, batch_size: int, rng: random.Random, rank: int = 0, world: int = 1):
         """This rank's part of each global batch: (rows, captions, image_index, totals, weight).
@@ -111,8 +113,10 @@ class _Batches:
         every rank takes part in each gradient reduction.
         """
         for chunk in self.chunks(batch_size, rng):
-            totals = (sum(len(ids) - 1 for _, caps in chunk for ids in caps),
-                      sum(len(caps) for _, caps in chunk))
+            totals = (
+                sum(len(ids) - 1 for _, caps in chunk for ids in caps),
+                sum(len(caps) for _, caps in chunk),
+            )
             mine = [chunk[i] for i in rank_share(len(chunk), rank, world)]
             weight = float(world)
             if not mine:
@@ -120,15 +124,22 @@ class _Batches:
             yield (*self.tensors(mine), totals, weight)
 
 
-def caption_loss(decoder: CaptionDecoder | DistributedDataParallel, fmap, caps, image_index,
-                 vocab, cfg: TrainConfig, sample_prob: float, totals: tuple[int, int] | None = None):
+def caption_loss(
+    decoder: CaptionDecoder | DistributedDataParallel,
+    fmap,
+    caps,
+    image_index,
+    vocab,
+    cfg: TrainConfig,
+    sample_prob: float,
+    totals: tuple[int, int] | None = None,
+):
     """(loss, cross-entropy) of a batch: means over its words and captions, or sums divided by
     ``totals`` (words, captions) of a global batch this one is a part of. ``decoder`` may be
     wrapped in DistributedDataParallel."""
     logits, targets, alphas = decoder(fmap, caps, image_index, sample_prob=sample_prob)
     n_words, n_captions = totals or (len(targets), len(caps))
-    ce = F.cross_entropy(logits, targets, label_smoothing=cfg.label_smoothing,
-                         reduction="sum") / n_words
+    ce = F.cross_entropy(logits, targets, label_smoothing=cfg.label_smoothing, reduction="sum") / n_words
     loss = ce
     inner = decoder.module if isinstance(decoder, DistributedDataParallel) else decoder
     if inner.cfg.attention and cfg.alpha_c > 0:
@@ -138,8 +149,9 @@ def caption_loss(decoder: CaptionDecoder | DistributedDataParallel, fmap, caps, 
     return loss, ce
 
 
-def greedy_captions(decoder: CaptionDecoder, fmap: torch.Tensor, vocab: Vocabulary,
-                    max_len: int = 20) -> list[str]:
+def greedy_captions(
+    decoder: CaptionDecoder, fmap: torch.Tensor, vocab: Vocabulary, max_len: int = 20
+) -> list[str]:
     """Greedy captions of a batch of feature maps (N, L, C) (the per-epoch dev check): the
     runtime's own search (beam 1, no n-gram rule) over the PyTorch backend's step graph."""
     from edgecap.backends.torch import TorchBackend
@@ -147,8 +159,7 @@ def greedy_captions(decoder: CaptionDecoder, fmap: torch.Tensor, vocab: Vocabula
 
     backend = TorchBackend.from_modules(None, decoder, device=str(fmap.device))
     options = CaptionOptions(beam_size=1, max_length=max_len, no_repeat_ngram=0)
-    hypotheses = search(backend, backend.encode_regions(fmap), options, vocab.start, vocab.end,
-                        len(vocab))
+    hypotheses = search(backend, backend.encode_regions(fmap), options, vocab.start, vocab.end, len(vocab))
     return [vocab.decode(hyps[0].tokens) for hyps in hypotheses]
 
 
@@ -157,9 +168,10 @@ def evaluate_dev(decoder, dev_fmaps, dev_items, vocab, batch_size=250) -> dict[s
     device = next(decoder.parameters()).device
     hyps = {}
     for start in range(0, len(dev_items), batch_size):
-        fmap = torch.from_numpy(np.asarray(dev_fmaps[start:start + batch_size],
-                                           dtype=np.float32)).to(device)
-        for item, cap in zip(dev_items[start:start + batch_size], greedy_captions(decoder, fmap, vocab)):
+        fmap = torch.from_numpy(np.asarray(dev_fmaps[start : start + batch_size], dtype=np.float32)).to(
+            device
+        )
+        for item, cap in zip(dev_items[start : start + batch_size], greedy_captions(decoder, fmap, vocab)):
             hyps[item.file_name] = cap
     refs = {it.file_name: it.captions for it in dev_items}
     return score(refs, hyps, tokenizer="simple", metrics=("BLEU-1", "BLEU-4", "CIDEr"))
@@ -201,14 +213,17 @@ def train(cfg: TrainConfig, log=print) -> Path:
     check_folders(cfg.out, cfg.cache_dir)
     seeded(cfg.seed, cfg.threads)
     if world_size() > 1 and cfg.finetune_encoder:
-        raise BackendError("--finetune-encoder runs in one process: under torchrun only the "
-                           "decoder trains, on cached features")
+        raise BackendError(
+            "--finetune-encoder runs in one process: under torchrun only the "
+            "decoder trains, on cached features"
+        )
     dist = setup()
     if not dist.main:
         log = _silent
     if cfg.precision != "fp32" and dist.device.type != "cuda":
-        raise BackendError(f"--precision {cfg.precision} needs a CUDA device (mixed precision "
-                           "runs on GPUs only)")
+        raise BackendError(
+            f"--precision {cfg.precision} needs a CUDA device (mixed precision runs on GPUs only)"
+        )
     out = Path(cfg.out)  # made once the data and the features are ready: no empty run folder
     data = Path(cfg.data)
     images = Path(cfg.images) if cfg.images else data / ("" if cfg.dataset == "folder" else "images")
@@ -232,17 +247,32 @@ def train(cfg: TrainConfig, log=print) -> Path:
     # otherwise, and --finetune-cached needs --finetune-encoder).
     split_at = encoder_spec(cfg.encoder).n_blocks - cfg.finetune_blocks
     if cfg.finetune_encoder:
-        train_rows, dev_maps, train_maps = split_features(train_items, dev_items, images, cache,
-                                                          pre, cfg.progress, split_at=split_at,
-                                                          encoder=cfg.encoder)
+        train_rows, dev_maps, train_maps = split_features(
+            train_items, dev_items, images, cache, pre, cfg.progress, split_at=split_at, encoder=cfg.encoder
+        )
     else:
         train_rows, dev_maps, train_maps = streamed_split(
-            train_items, dev_items, images, cache, pre, cfg.progress, cfg.shard_size, dist, log,
-            encoder_name=cfg.encoder)
+            train_items,
+            dev_items,
+            images,
+            cache,
+            pre,
+            cfg.progress,
+            cfg.shard_size,
+            dist,
+            log,
+            encoder_name=cfg.encoder,
+        )
     if cfg.finetune_cached:
-        maps, index = compute_features([images / it.file_name for it in train_items], cache, pre,
-                                       progress=cfg.progress, split_at=split_at, mirrored=True,
-                                       encoder=cfg.encoder)
+        maps, index = compute_features(
+            [images / it.file_name for it in train_items],
+            cache,
+            pre,
+            progress=cfg.progress,
+            split_at=split_at,
+            mirrored=True,
+            encoder=cfg.encoder,
+        )
         mirror_maps = torch.from_numpy(np.asarray(maps, dtype=np.float32))
         mirror_row = np.zeros(len(train_maps), dtype=np.int64)  # cache row -> mirrored cache row
         mirror_row[train_rows] = [index[it.file_name] for it in train_items]
@@ -257,7 +287,8 @@ def train(cfg: TrainConfig, log=print) -> Path:
     model: CaptionDecoder | DistributedDataParallel = decoder
     if dist.active:
         model = torch.nn.parallel.DistributedDataParallel(
-            decoder, device_ids=[device.index] if device.type == "cuda" else None)
+            decoder, device_ids=[device.index] if device.type == "cuda" else None
+        )
     params: list[dict[str, Any]] = [{"params": list(decoder.parameters()), "lr": cfg.lr}]
     if encoder is not None:
         for p in encoder.parameters():
@@ -281,9 +312,13 @@ def train(cfg: TrainConfig, log=print) -> Path:
     augment = _Augment(random.Random(cfg.seed))
     n_steps = math.ceil(len(batches) / (cfg.batch_size // 5 * 5 or 1))
     row_to_path = {r: images / it.file_name for r, it in zip(train_rows, train_items)}
-    amp = (torch.autocast(device.type, dtype=getattr(torch, {"bf16": "bfloat16", "fp16": "float16"}
-                                                     [cfg.precision]))
-           if cfg.precision != "fp32" else contextlib.nullcontext())
+    amp = (
+        torch.autocast(
+            device.type, dtype=getattr(torch, {"bf16": "bfloat16", "fp16": "float16"}[cfg.precision])
+        )
+        if cfg.precision != "fp32"
+        else contextlib.nullcontext()
+    )
     scaler = torch.amp.GradScaler(device.type, enabled=cfg.precision == "fp16")
     steps_log = out / "steps.jsonl"  # every step's loss (rank 0)
     if dist.main:
@@ -309,34 +344,43 @@ def train(cfg: TrainConfig, log=print) -> Path:
         read = (lambda share: train_maps[share[0]]) if encoder is None else (lambda share: None)
         steps: TextIO | None = open(steps_log, "a") if dist.main else None
         for step, ((rows, caps, image_index, totals, weight), fmap) in enumerate(
-                _prefetched(shares, read), 1):
+            _prefetched(shares, read), 1
+        ):
             # fmap: read ahead by _prefetched (frozen encoder) or computed here
             if encoder is not None and cfg.finetune_cached:
                 flip = torch.tensor([rng.random() < 0.5 for _ in rows])
-                x = torch.where(flip[:, None, None, None], mirror_maps[mirror_row[rows]],
-                                train_maps[rows])
+                x = torch.where(flip[:, None, None, None], mirror_maps[mirror_row[rows]], train_maps[rows])
                 fmap = as_regions(encoder.tail(x.to(device), split_at))
             elif encoder is not None:
-                photos = np.stack([to_model_input(augment(load_rgb(row_to_path[r])), pre)
-                                   for r in rows])
+                photos = np.stack([to_model_input(augment(load_rgb(row_to_path[r])), pre) for r in rows])
                 fmap = encoder.regions(torch.from_numpy(photos).to(device))
             fmap, caps, image_index = fmap.to(device), caps.to(device), image_index.to(device)
             with amp:
-                loss, ce = caption_loss(model, fmap, caps, image_index, vocab, cfg, sample_prob,
-                                        totals)
+                loss, ce = caption_loss(model, fmap, caps, image_index, vocab, cfg, sample_prob, totals)
             optimizer.zero_grad(set_to_none=True)
             scaler.scale(loss * weight).backward()
             scaler.unscale_(optimizer)
-            norm = torch.nn.utils.clip_grad_norm_([p for g in params for p in g["params"]],
-                                                  cfg.grad_clip)  # of the averaged gradient
+            norm = torch.nn.utils.clip_grad_norm_(
+                [p for g in params for p in g["params"]], cfg.grad_clip
+            )  # of the averaged gradient
             scaler.step(optimizer)
             scaler.update()
             step_loss, step_ce = dist.all_sum([loss.item() * (weight > 0), ce.item() * (weight > 0)])
             total += step_ce * totals[1]
             count += totals[1]
             if steps is not None:
-                steps.write(json.dumps({"epoch": epoch, "step": step, "loss": step_loss,
-                                        "ce": step_ce, "grad_norm": float(norm)}) + "\n")
+                steps.write(
+                    json.dumps(
+                        {
+                            "epoch": epoch,
+                            "step": step,
+                            "loss": step_loss,
+                            "ce": step_ce,
+                            "grad_norm": float(norm),
+                        }
+                    )
+                    + "\n"
+                )
             bar.update(1)
             bar.set_postfix(loss=f"{total / count:.3f}")
         bar.close()
@@ -348,19 +392,30 @@ def train(cfg: TrainConfig, log=print) -> Path:
             continue
         dev_fmaps = dev_maps if encoder is None else _tail_features(encoder, split_at, dev_maps)
         dev = evaluate_dev(decoder, dev_fmaps, dev_items, vocab)
-        record = {"epoch": epoch, "train_ce": round(total / count, 4), "seconds": round(time.time() - t0),
-                  **{k: round(v, 4) for k, v in dev.items()}}
+        record = {
+            "epoch": epoch,
+            "train_ce": round(total / count, 4),
+            "seconds": round(time.time() - t0),
+            **{k: round(v, 4) for k, v in dev.items()},
+        }
         state["history"].append(record)
         state["epoch"] = epoch
         improved = dev["CIDEr"] > state["best_cider"]
         if improved:
             state["best_cider"], state["best_epoch"] = dev["CIDEr"], epoch
         log(json.dumps(record) + ("  (best)" if improved else ""))
-        info = {"train_state": state, "train_config": asdict(cfg),
-                "training_data": {"dataset": cfg.dataset, "root": str(data), "split": "train",
-                                  "left_out": left_out,
-                                  "n_images": len(train_items)},
-                "dev_metrics_greedy": dev}
+        info = {
+            "train_state": state,
+            "train_config": asdict(cfg),
+            "training_data": {
+                "dataset": cfg.dataset,
+                "root": str(data),
+                "split": "train",
+                "left_out": left_out,
+                "n_images": len(train_items),
+            },
+            "dev_metrics_greedy": dev,
+        }
         if improved:
             save_checkpoint(out / "best", decoder, vocab, pre, info, encoder, cfg.encoder)
         save_checkpoint(last, decoder, vocab, pre, info, encoder, cfg.encoder)
@@ -371,9 +426,11 @@ def train(cfg: TrainConfig, log=print) -> Path:
     dist.barrier()
     dist.close()
     if not (out / "best" / "checkpoint.json").exists():
-        raise ModelError(f"{shown(out / 'best')}: no best checkpoint (the run in {shown(out)} "
-                         f"had finished {state['epoch']} epochs of --epochs {cfg.epochs}); "
-                         "raise --epochs, or start in another --out")
+        raise ModelError(
+            f"{shown(out / 'best')}: no best checkpoint (the run in {shown(out)} "
+            f"had finished {state['epoch']} epochs of --epochs {cfg.epochs}); "
+            "raise --epochs, or start in another --out"
+        )
     return out / "best"
 
 
@@ -427,8 +484,12 @@ def _train_state(meta: dict, path: Path) -> TrainState:
     best_cider = record.get("best_cider", (int, float), "a number")
     if isinstance(best_cider, bool) or not math.isfinite(best_cider):
         raise record.fail("'best_cider' is not a finite number")
-    return {"epoch": epoch, "best_cider": float(best_cider), "best_epoch": best_epoch,
-            "history": record.get("history", list, "a list")}
+    return {
+        "epoch": epoch,
+        "best_cider": float(best_cider),
+        "best_epoch": best_epoch,
+        "history": record.get("history", list, "a list"),
+    }
 
 
 @torch.inference_mode()
@@ -438,7 +499,7 @@ def _tail_features(encoder, split_at: int, maps: np.ndarray, batch_size: int = 1
     out = []
     device = next(encoder.parameters()).device
     for start in range(0, len(maps), batch_size):
-        x = torch.from_numpy(np.asarray(maps[start:start + batch_size], dtype=np.float32))
+        x = torch.from_numpy(np.asarray(maps[start : start + batch_size], dtype=np.float32))
         out.append(as_regions(encoder.tail(x.to(device), split_at)).cpu().numpy())
     return np.concatenate(out)
 
@@ -468,12 +529,19 @@ def _load_optimizer(optimizer, tensor_path: Path, meta_path: Path) -> None:
     params = [p for g in optimizer.param_groups for p in g["params"]]
     for key, shape in safetensors_shapes(tensor_path).items():
         pid, _, name = key.partition(".")
-        expected = (() if name == "step" else tuple(params[int(pid)].shape)
-                    if pid.isdigit() and int(pid) < len(params) else None)
+        expected = (
+            ()
+            if name == "step"
+            else tuple(params[int(pid)].shape)
+            if pid.isdigit() and int(pid) < len(params)
+            else None
+        )
         if shape != expected:
-            raise ModelError(f"{shown(tensor_path)}: {key} is {shape}, not the state of this "
-                             "run's parameters; delete it (and optimizer.json) to resume with "
-                             "a fresh optimizer")
+            raise ModelError(
+                f"{shown(tensor_path)}: {key} is {shape}, not the state of this "
+                "run's parameters; delete it (and optimizer.json) to resume with "
+                "a fresh optimizer"
+            )
     record = read_record(meta_path)
     scalars, groups = record.dict("scalars"), record.get("param_groups", list, "a list")
     try:
@@ -484,5 +552,7 @@ def _load_optimizer(optimizer, tensor_path: Path, meta_path: Path) -> None:
             state.setdefault(int(pid), {})[name] = v
         optimizer.load_state_dict({"state": state, "param_groups": groups})
     except Exception as exc:  # noqa: BLE001 - ValueError, KeyError, TypeError, SafetensorError
-        raise ModelError(f"{shown(meta_path)}: cannot restore the optimizer ({exc}); delete it "
-                         "and optimizer.safetensors to resume with a fresh optimizer") from None
+        raise ModelError(
+            f"{shown(meta_path)}: cannot restore the optimizer ({exc}); delete it "
+            "and optimizer.safetensors to resume with a fresh optimizer"
+        ) from None

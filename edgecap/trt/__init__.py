@@ -46,15 +46,18 @@ if TYPE_CHECKING:
 
         __version__: str
 
+
 MIN_VERSION = (8, 5)
 # From 10.12 ``BuilderFlag.FP16`` is deprecated (removed in 11, where every network is strongly
 # typed): FP16 engines are then built from the FP16 ONNX as a strongly typed network.
 STRONGLY_TYPED_FP16_FROM = (10, 12)
 
-INSTALL_HINT = ("install it with pip install 'edgecap[tensorrt]' (desktop GPUs), or on a Jetson "
-                "use JetPack 6's TensorRT (Python 3.10): sudo apt install python3-libnvinfer, "
-                "a venv with --system-site-packages, then pip install pycuda "
-                "(see engines/README.md)")
+INSTALL_HINT = (
+    "install it with pip install 'edgecap[tensorrt]' (desktop GPUs), or on a Jetson "
+    "use JetPack 6's TensorRT (Python 3.10): sudo apt install python3-libnvinfer, "
+    "a venv with --system-site-packages, then pip install pycuda "
+    "(see engines/README.md)"
+)
 
 
 def parse_version(text: str) -> tuple[int, int]:
@@ -77,8 +80,10 @@ def import_tensorrt() -> TensorRTModule:
     # Type stubs alone (pip install tensorrt-stubs: a ``tensorrt`` folder of .pyi files) import
     # as an empty namespace package: no __version__, no API.
     if not isinstance(getattr(trt, "__version__", None), str):
-        raise BackendError("TensorRT is not installed (the `tensorrt` module found has no "
-                           f"__version__: type stubs, not the library): {INSTALL_HINT}")
+        raise BackendError(
+            "TensorRT is not installed (the `tensorrt` module found has no "
+            f"__version__: type stubs, not the library): {INSTALL_HINT}"
+        )
     check_version(trt.__version__)
     api: TensorRTAPI = trt  # mypy: the real module has every name edgecap uses, so typed
     return cast("TensorRTModule", api)
@@ -100,5 +105,6 @@ def check_version(version: str) -> tuple[int, int]:
         raise BackendError(
             f"TensorRT {version} is too old: edgecap needs TensorRT 8.5 or newer (on a Jetson: "
             "JetPack 6). JetPack 4.6 (TensorRT 8.2) is not supported; upgrade TensorRT or use "
-            "the onnxruntime backend (--backend onnxruntime)")
+            "the onnxruntime backend (--backend onnxruntime)"
+        )
     return parsed

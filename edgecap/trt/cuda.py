@@ -74,9 +74,11 @@ def open_device(index: int = 0) -> CudaDevice:
         return PycudaDevice(index)
     if _import_cudart() is not None:
         return CudaPythonDevice(index)
-    raise BackendError("the TensorRT backend needs pycuda or cuda-python for GPU memory: "
-                       "pip install pycuda (on a Jetson: pip install pycuda, with the CUDA "
-                       "toolkit on PATH), or pip install cuda-python")
+    raise BackendError(
+        "the TensorRT backend needs pycuda or cuda-python for GPU memory: "
+        "pip install pycuda (on a Jetson: pip install pycuda, with the CUDA "
+        "toolkit on PATH), or pip install cuda-python"
+    )
 
 
 def _import_cudart():
@@ -187,7 +189,7 @@ class CudaPythonDevice(CudaDevice):
         self._call("selecting the GPU", self._rt.cudaSetDevice, index)
         props = self._call("reading the GPU's properties", self._rt.cudaGetDeviceProperties, index)
         name = props.name
-        self.name = (name.split(b"\0", 1)[0].decode() if isinstance(name, bytes) else str(name))
+        self.name = name.split(b"\0", 1)[0].decode() if isinstance(name, bytes) else str(name)
         self.compute_capability = (int(props.major), int(props.minor))
 
     def _call(self, what: str, fn, *args):
@@ -202,8 +204,9 @@ class CudaPythonDevice(CudaDevice):
         return values[0] if len(values) == 1 else values
 
     def alloc(self, nbytes: int) -> int:
-        return int(self._call(f"allocating {nbytes} bytes on the GPU", self._rt.cudaMalloc,
-                              max(int(nbytes), 1)))
+        return int(
+            self._call(f"allocating {nbytes} bytes on the GPU", self._rt.cudaMalloc, max(int(nbytes), 1))
+        )
 
     def free(self, ptr: int) -> None:
         self._call("freeing GPU memory", self._rt.cudaFree, ptr)
@@ -213,13 +216,12 @@ class CudaPythonDevice(CudaDevice):
         nbytes = max(int(np.prod(shape)) * dtype.itemsize, 1)
         ptr = int(self._call("allocating pinned host memory", self._rt.cudaMallocHost, nbytes))
         raw = np.ctypeslib.as_array(ctypes.cast(ptr, ctypes.POINTER(ctypes.c_uint8)), (nbytes,))
-        array = raw[:int(np.prod(shape)) * dtype.itemsize].view(dtype).reshape(shape)
+        array = raw[: int(np.prod(shape)) * dtype.itemsize].view(dtype).reshape(shape)
         self._pinned[id(array)] = ptr
         return array
 
     def free_host(self, array: np.ndarray) -> None:
-        self._call("freeing pinned host memory", self._rt.cudaFreeHost,
-                   self._pinned.pop(id(array)))
+        self._call("freeing pinned host memory", self._rt.cudaFreeHost, self._pinned.pop(id(array)))
 
     def create_stream(self):
         return self._call("creating a CUDA stream", self._rt.cudaStreamCreate)
@@ -231,13 +233,26 @@ class CudaPythonDevice(CudaDevice):
         self._call("destroying the CUDA stream", self._rt.cudaStreamDestroy, stream)
 
     def copy_to_device(self, dst: int, src: np.ndarray, stream) -> None:
-        self._call("copying to the GPU", self._rt.cudaMemcpyAsync, dst, src.ctypes.data,
-                   src.nbytes, self._rt.cudaMemcpyKind.cudaMemcpyHostToDevice, stream)
+        self._call(
+            "copying to the GPU",
+            self._rt.cudaMemcpyAsync,
+            dst,
+            src.ctypes.data,
+            src.nbytes,
+            self._rt.cudaMemcpyKind.cudaMemcpyHostToDevice,
+            stream,
+        )
 
     def copy_to_host(self, dst: np.ndarray, src: int, stream) -> None:
-        self._call("copying from the GPU", self._rt.cudaMemcpyAsync, dst.ctypes.data, src,
-                   dst.nbytes, self._rt.cudaMemcpyKind.cudaMemcpyDeviceToHost, stream)
+        self._call(
+            "copying from the GPU",
+            self._rt.cudaMemcpyAsync,
+            dst.ctypes.data,
+            src,
+            dst.nbytes,
+            self._rt.cudaMemcpyKind.cudaMemcpyDeviceToHost,
+            stream,
+        )
 
     def synchronize(self, stream) -> None:
-        self._call("running on the GPU (stream synchronize)", self._rt.cudaStreamSynchronize,
-                   stream)
+        self._call("running on the GPU (stream synchronize)", self._rt.cudaStreamSynchronize, stream)

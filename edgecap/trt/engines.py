@@ -46,21 +46,28 @@ PRECISIONS = ("fp16", "fp32")
 WORKSPACE_BYTES = 1 << 30  # the builder's scratch space; 1 GiB fits the smallest Orin Nano
 
 
-def profile_shapes(role: str, input_shapes: dict[str, tuple[int, ...]], limits: Limits,
-                   ranges: dict[str, tuple[int, int, int]] | None = None
-                   ) -> dict[str, tuple[tuple[int, ...], tuple[int, ...], tuple[int, ...]]]:
+def profile_shapes(
+    role: str,
+    input_shapes: dict[str, tuple[int, ...]],
+    limits: Limits,
+    ranges: dict[str, tuple[int, int, int]] | None = None,
+) -> dict[str, tuple[tuple[int, ...], tuple[int, ...], tuple[int, ...]]]:
     """(min, opt, max) shapes per network input: the row dimension from ``limits`` (or
     ``ranges``: input -> (min, opt, max) rows), the others must be static in the ONNX."""
     ranges = ranges or limits.row_ranges(role)
     if set(input_shapes) != set(ranges):
-        raise ModelError(f"{role}: the ONNX inputs are {sorted(input_shapes)}, the contract "
-                         f"expects {sorted(ranges)}; re-export the model")
+        raise ModelError(
+            f"{role}: the ONNX inputs are {sorted(input_shapes)}, the contract "
+            f"expects {sorted(ranges)}; re-export the model"
+        )
     shapes = {}
     for name, shape in input_shapes.items():
         tail = tuple(int(d) for d in shape[1:])
         if any(d < 0 for d in tail):
-            raise ModelError(f"{role}: input {name!r} has shape {tuple(shape)}; only the first "
-                             "(row) dimension may be dynamic. Re-export the model")
+            raise ModelError(
+                f"{role}: input {name!r} has shape {tuple(shape)}; only the first "
+                "(row) dimension may be dynamic. Re-export the model"
+            )
         lo, opt, hi = ranges[name]
         shapes[name] = ((lo, *tail), (opt, *tail), (hi, *tail))
     return shapes
@@ -97,9 +104,8 @@ def parse_tag(role: str, tag: str) -> tuple[int, int | None] | None:
     return int(match.group(1)), (int(match.group(2)) if role != "encoder" else None)
 
 
-def engine_filename(role: str, model_sha256: str, target: Target, precision: str,
-                    limits: Limits) -> str:
-    return (f"{role}-{model_sha256[:16]}-{target.tag()}-{precision}-{limits.tag(role)}.engine")
+def engine_filename(role: str, model_sha256: str, target: Target, precision: str, limits: Limits) -> str:
+    return f"{role}-{model_sha256[:16]}-{target.tag()}-{precision}-{limits.tag(role)}.engine"
 
 
 def timing_cache_path(cache_dir: Path, target: Target) -> Path:
@@ -126,8 +132,10 @@ def network_flags(trt: TensorRTModule, version: tuple[int, int], strongly_typed:
         flags |= 1 << int(kinds.EXPLICIT_BATCH)
     if strongly_typed:
         if not hasattr(kinds, "STRONGLY_TYPED"):
-            raise BackendError(f"this TensorRT ({trt.__version__}) has neither BuilderFlag.FP16 "
-                               "nor strongly typed networks; build with --precision fp32")
+            raise BackendError(
+                f"this TensorRT ({trt.__version__}) has neither BuilderFlag.FP16 "
+                "nor strongly typed networks; build with --precision fp32"
+            )
         flags |= 1 << int(kinds.STRONGLY_TYPED)
     return flags
 
@@ -136,18 +144,21 @@ def model_hash(manifest: Manifest, role: str) -> str:
     return manifest.sha256.get(role) or file_sha256(manifest.path(role))
 
 
-def onnx_for_build(manifest: Manifest, role: str, precision: str, mode: str,
-                   cache_dir: Path, log=sys.stderr) -> Path:
+def onnx_for_build(
+    manifest: Manifest, role: str, precision: str, mode: str, cache_dir: Path, log=sys.stderr
+) -> Path:
     """The ONNX file to parse, made once and kept in the cache: the model's graph with its
     constant chains folded (``edgecap.build.convert.fold_constants``: TensorRT's parser wants
     stored constants where the exporter left small computations), converted to FP16 first for a
     strongly typed FP16 build of an FP32 model."""
     if manifest.precision == "int8":
-        raise ModelError(f"{manifest.directory}: TensorRT engines are built from an fp32 or "
-                         "fp16 model directory, not int8")
+        raise ModelError(
+            f"{manifest.directory}: TensorRT engines are built from an fp32 or fp16 model directory, not int8"
+        )
     if precision == "fp32" and manifest.precision != "fp32":
-        raise ModelError(f"{manifest.directory} is {manifest.precision}; build fp32 engines "
-                         "from the fp32 model directory")
+        raise ModelError(
+            f"{manifest.directory} is {manifest.precision}; build fp32 engines from the fp32 model directory"
+        )
     to_half = precision == "fp16" and manifest.precision == "fp32" and mode != "flag"
     kind = "fp16" if to_half else manifest.precision
     prepared = cache_dir / f"{role}-{model_hash(manifest, role)[:16]}-{kind}-folded.onnx"
@@ -159,8 +170,10 @@ def onnx_for_build(manifest: Manifest, role: str, precision: str, mode: str,
 
             from edgecap.build.convert import fold_constants, to_fp16
         except ImportError as exc:
-            raise BackendError("building TensorRT engines needs onnx to prepare the graphs: "
-                               "pip install 'edgecap[tensorrt]' (or pip install onnx)") from exc
+            raise BackendError(
+                "building TensorRT engines needs onnx to prepare the graphs: "
+                "pip install 'edgecap[tensorrt]' (or pip install onnx)"
+            ) from exc
         model = onnx.load(str(manifest.path(role)))
         if to_half:
             model = to_fp16(model)
@@ -168,8 +181,9 @@ def onnx_for_build(manifest: Manifest, role: str, precision: str, mode: str,
     return prepared
 
 
-def beam_step_onnx(manifest: Manifest, beam: int, end_id: int, precision: str, mode: str,
-                   cache_dir: Path, log=sys.stderr) -> Path:
+def beam_step_onnx(
+    manifest: Manifest, beam: int, end_id: int, precision: str, mode: str, cache_dir: Path, log=sys.stderr
+) -> Path:
     """The beam-step graph to parse, made once and kept in the cache: the step graph as
     ``onnx_for_build`` prepares it (folded; FP16 for a strongly typed FP16 build), then the beam
     bookkeeping appended, in FP32, on its float32 outputs (``edgecap.build.beam_step``)."""
@@ -181,11 +195,14 @@ def beam_step_onnx(manifest: Manifest, beam: int, end_id: int, precision: str, m
 
             from edgecap.build.beam_step import beam_step_model
         except ImportError as exc:
-            raise BackendError("building TensorRT engines needs onnx to prepare the graphs: "
-                               "pip install 'edgecap[tensorrt]' (or pip install onnx)") from exc
+            raise BackendError(
+                "building TensorRT engines needs onnx to prepare the graphs: "
+                "pip install 'edgecap[tensorrt]' (or pip install onnx)"
+            ) from exc
         dims = manifest.dims
-        model = beam_step_model(onnx.load(str(step)), beam, end_id, dims.top_k,
-                                dims.hidden_dim, dims.vocab_size)
+        model = beam_step_model(
+            onnx.load(str(step)), beam, end_id, dims.top_k, dims.hidden_dim, dims.vocab_size
+        )
         _atomic_write(prepared, model.SerializeToString())
     return prepared
 
@@ -223,8 +240,7 @@ def _pin_fp32_layers(trt: TensorRTModule, network: tensorrt.INetworkDefinition) 
                 softmax_out.update(layer.get_output(j).name for j in range(layer.num_outputs))
             pin = pin or (from_softmax and layer.type == unary)
         # the beam-step graph's scores and comparisons (edgecap.build.beam_step)
-        pin = pin or any(_beam_tensor(layer.get_output(j).name)
-                         for j in range(layer.num_outputs))
+        pin = pin or any(_beam_tensor(layer.get_output(j).name) for j in range(layer.num_outputs))
         if layer.type == getattr(kinds, "SOFTMAX", None):
             softmax_out.update(layer.get_output(j).name for j in range(layer.num_outputs))
         if not pin:
@@ -247,16 +263,24 @@ def _dims(shape: tensorrt.Dims) -> tuple[int, ...]:
     return tuple(int(shape[j]) for j in range(len(shape)))
 
 
-def build_engine(trt: TensorRTModule, logger: tensorrt.ILogger, onnx_path: Path, role: str,
-                 limits: Limits, precision: str, target: Target,
-                 timing_cache: Path | None,
-                 ranges: dict[str, tuple[int, int, int]] | None = None) -> bytes:
+def build_engine(
+    trt: TensorRTModule,
+    logger: tensorrt.ILogger,
+    onnx_path: Path,
+    role: str,
+    limits: Limits,
+    precision: str,
+    target: Target,
+    timing_cache: Path | None,
+    ranges: dict[str, tuple[int, int, int]] | None = None,
+) -> bytes:
     """Parse ``onnx_path`` and build a serialized engine with one optimisation profile
     (``ranges``: its inputs' rows, when not the role's ``Limits.row_ranges``)."""
     version = target.trt
     mode = fp16_mode(trt, version) if precision == "fp16" else None
     strongly_typed = mode == "strongly_typed" or (
-        version >= (11, 0) and hasattr(trt.NetworkDefinitionCreationFlag, "STRONGLY_TYPED"))
+        version >= (11, 0) and hasattr(trt.NetworkDefinitionCreationFlag, "STRONGLY_TYPED")
+    )
     builder = trt.Builder(logger)
     network = builder.create_network(network_flags(trt, version, strongly_typed))
     parser = trt.OnnxParser(network, logger)
@@ -264,8 +288,7 @@ def build_engine(trt: TensorRTModule, logger: tensorrt.ILogger, onnx_path: Path,
         errors = "; ".join(str(parser.get_error(i)) for i in range(parser.num_errors))
         raise BackendError(f"TensorRT could not parse {onnx_path}: {errors}")
 
-    inputs = {network.get_input(i).name: _dims(network.get_input(i).shape)
-              for i in range(network.num_inputs)}
+    inputs = {network.get_input(i).name: _dims(network.get_input(i).shape) for i in range(network.num_inputs)}
     config = builder.create_builder_config()
     config.set_memory_pool_limit(trt.MemoryPoolType.WORKSPACE, WORKSPACE_BYTES)
     if mode == "flag":
@@ -282,20 +305,19 @@ def build_engine(trt: TensorRTModule, logger: tensorrt.ILogger, onnx_path: Path,
 
     cache = None
     if timing_cache is not None:
-        cache = config.create_timing_cache(timing_cache.read_bytes()
-                                           if timing_cache.exists() else b"")
+        cache = config.create_timing_cache(timing_cache.read_bytes() if timing_cache.exists() else b"")
         config.set_timing_cache(cache, ignore_mismatch=True)
     serialized = builder.build_serialized_network(network, config)
     if serialized is None:
-        raise BackendError(f"TensorRT failed to build the {role} engine from {onnx_path} "
-                           "(its log above says why)")
+        raise BackendError(
+            f"TensorRT failed to build the {role} engine from {onnx_path} (its log above says why)"
+        )
     if timing_cache is not None:
         _atomic_write(timing_cache, config.get_timing_cache().serialize())
     return bytes(serialized)
 
 
-def deserialize(trt: TensorRTModule, runtime: tensorrt.Runtime, path: Path
-                ) -> tensorrt.ICudaEngine | None:
+def deserialize(trt: TensorRTModule, runtime: tensorrt.Runtime, path: Path) -> tensorrt.ICudaEngine | None:
     """The engine in ``path``, or None when it cannot be loaded (another TensorRT or GPU,
     a truncated file)."""
     try:
@@ -307,8 +329,9 @@ def deserialize(trt: TensorRTModule, runtime: tensorrt.Runtime, path: Path
 class EngineCache:
     """Loads engines from ``cache_dir``, building (and saving) the ones missing or unloadable."""
 
-    def __init__(self, trt: TensorRTModule, target: Target, cache_dir: str | Path | None = None,
-                 log=sys.stderr):
+    def __init__(
+        self, trt: TensorRTModule, target: Target, cache_dir: str | Path | None = None, log=sys.stderr
+    ):
         self.trt = trt
         self.target = target
         self.cache_dir = Path(cache_dir) if cache_dir is not None else default_cache_dir()
@@ -317,8 +340,9 @@ class EngineCache:
         self.runtime = trt.Runtime(self.logger)
 
     def path(self, manifest: Manifest, role: str, precision: str, limits: Limits) -> Path:
-        return self.cache_dir / engine_filename(role, model_hash(manifest, role), self.target,
-                                                precision, limits)
+        return self.cache_dir / engine_filename(
+            role, model_hash(manifest, role), self.target, precision, limits
+        )
 
     def build(self, manifest: Manifest, role: str, precision: str, limits: Limits) -> Path:
         """Build and save one engine (replacing any cached one); returns its path."""
@@ -328,11 +352,22 @@ class EngineCache:
         self._check_writable()
         mode = fp16_mode(self.trt, self.target.trt) if precision == "fp16" else "fp32"
         source = onnx_for_build(manifest, role, precision, mode, self.cache_dir, self.log)
-        print(f"edgecap: building the TensorRT {precision} {role} engine for "
-              f"{self.target.gpu_name} (TensorRT {self.target.trt_version}); this takes a "
-              f"while, once -> {path}", file=self.log)
-        data = build_engine(self.trt, self.logger, source, role, limits, precision, self.target,
-                            timing_cache_path(self.cache_dir, self.target))
+        print(
+            f"edgecap: building the TensorRT {precision} {role} engine for "
+            f"{self.target.gpu_name} (TensorRT {self.target.trt_version}); this takes a "
+            f"while, once -> {path}",
+            file=self.log,
+        )
+        data = build_engine(
+            self.trt,
+            self.logger,
+            source,
+            role,
+            limits,
+            precision,
+            self.target,
+            timing_cache_path(self.cache_dir, self.target),
+        )
         try:
             _atomic_write(path, data)
         except OSError as exc:
@@ -349,19 +384,20 @@ class EngineCache:
             raise self._unwritable(exc) from exc
 
     def _unwritable(self, exc: OSError) -> BackendError:
-        return BackendError(f"cannot save TensorRT engines in {self.cache_dir} ({exc}); choose "
-                            "a writable cache folder: cache_dir=DIR, `edgecap build --out DIR` "
-                            "or EDGECAP_CACHE=DIR")
+        return BackendError(
+            f"cannot save TensorRT engines in {self.cache_dir} ({exc}); choose "
+            "a writable cache folder: cache_dir=DIR, `edgecap build --out DIR` "
+            "or EDGECAP_CACHE=DIR"
+        )
 
-    def covering(self, manifest: Manifest, role: str, precision: str, limits: Limits
-                 ) -> list[Path]:
+    def covering(self, manifest: Manifest, role: str, precision: str, limits: Limits) -> list[Path]:
         """Cached engines for this model, GPU, TensorRT version and precision whose profile
         covers ``limits`` (at least as many images, and for the step at least as many beams),
         narrowest first: an engine built for 8 images x 5 beams serves a request for 4 x 3."""
-        prefix = (f"{role}-{model_hash(manifest, role)[:16]}-{self.target.tag()}-{precision}-")
+        prefix = f"{role}-{model_hash(manifest, role)[:16]}-{self.target.tag()}-{precision}-"
         found = []
         for path in self.cache_dir.glob(glob.escape(prefix) + "b*.engine"):
-            cached = parse_tag(role, path.name[len(prefix):-len(".engine")])
+            cached = parse_tag(role, path.name[len(prefix) : -len(".engine")])
             if cached is None:
                 continue
             batch, beam = cached
@@ -369,8 +405,7 @@ class EngineCache:
                 found.append(((batch * (beam or 1), batch, beam or 0), path))
         return [path for _, path in sorted(found)]
 
-    def load(self, manifest: Manifest, role: str, precision: str, limits: Limits
-             ) -> tensorrt.ICudaEngine:
+    def load(self, manifest: Manifest, role: str, precision: str, limits: Limits) -> tensorrt.ICudaEngine:
         """The deserialized engine: the narrowest cached one that covers ``limits``, else one
         built now for exactly ``limits`` (also when no cached one loads)."""
         candidates = self.covering(manifest, role, precision, limits)
@@ -379,67 +414,95 @@ class EngineCache:
             engine = deserialize(self.trt, self.runtime, path)
             if engine is not None:
                 return self._checked(engine, role)
-            print(f"edgecap: cached engine {path.name} does not load with this TensorRT/GPU; "
-                  + ("rebuilding it" if path == exact else "skipping it"), file=self.log)
+            print(
+                f"edgecap: cached engine {path.name} does not load with this TensorRT/GPU; "
+                + ("rebuilding it" if path == exact else "skipping it"),
+                file=self.log,
+            )
         if not candidates:
-            print(f"edgecap: no cached TensorRT engine for {manifest.path(role).name} "
-                  f"({precision}, {limits.tag(role)} or larger) in {self.cache_dir}",
-                  file=self.log)
+            print(
+                f"edgecap: no cached TensorRT engine for {manifest.path(role).name} "
+                f"({precision}, {limits.tag(role)} or larger) in {self.cache_dir}",
+                file=self.log,
+            )
         path = self.build(manifest, role, precision, limits)
         engine = deserialize(self.trt, self.runtime, path)
         if engine is None:
-            raise BackendError(f"the freshly built engine {path} does not deserialize; see "
-                               "TensorRT's log above")
+            raise BackendError(
+                f"the freshly built engine {path} does not deserialize; see TensorRT's log above"
+            )
         return self._checked(engine, role)
 
-    def load_beam(self, manifest: Manifest, beam: int, end_id: int, precision: str,
-                  limits: Limits) -> tensorrt.ICudaEngine:
+    def load_beam(
+        self, manifest: Manifest, beam: int, end_id: int, precision: str, limits: Limits
+    ) -> tensorrt.ICudaEngine:
         """The beam-step engine (``edgecap.build.beam_step``) for ``beam`` beams per image and
         exactly ``limits``: the cached one, else one built now from the step graph as the step
         engine's build prepares it, with the bookkeeping appended."""
         from edgecap.build.beam_step import BEAM_INPUTS, BEAM_OUTPUTS, row_ranges
 
         role = f"beam_step{beam}-end{end_id}"
-        path = self.cache_dir / engine_filename(role, model_hash(manifest, DECODER_STEP),
-                                                self.target, precision, limits)
+        path = self.cache_dir / engine_filename(
+            role, model_hash(manifest, DECODER_STEP), self.target, precision, limits
+        )
         engine = deserialize(self.trt, self.runtime, path) if path.exists() else None
         if engine is None:
             self._check_writable()
             mode = fp16_mode(self.trt, self.target.trt) if precision == "fp16" else "fp32"
-            source = beam_step_onnx(manifest, beam, end_id, precision, mode, self.cache_dir,
-                                    self.log)
-            print(f"edgecap: building the TensorRT {precision} beam-step engine ({beam} beams) "
-                  f"for {self.target.gpu_name}; this takes a while, once -> {path}",
-                  file=self.log)
-            data = build_engine(self.trt, self.logger, source, role, limits, precision,
-                                self.target, timing_cache_path(self.cache_dir, self.target),
-                                ranges=row_ranges(limits))
+            source = beam_step_onnx(manifest, beam, end_id, precision, mode, self.cache_dir, self.log)
+            print(
+                f"edgecap: building the TensorRT {precision} beam-step engine ({beam} beams) "
+                f"for {self.target.gpu_name}; this takes a while, once -> {path}",
+                file=self.log,
+            )
+            data = build_engine(
+                self.trt,
+                self.logger,
+                source,
+                role,
+                limits,
+                precision,
+                self.target,
+                timing_cache_path(self.cache_dir, self.target),
+                ranges=row_ranges(limits),
+            )
             try:
                 _atomic_write(path, data)
             except OSError as exc:
                 raise self._unwritable(exc) from exc
             engine = deserialize(self.trt, self.runtime, path)
             if engine is None:
-                raise BackendError(f"the freshly built engine {path} does not deserialize; "
-                                   "see TensorRT's log above")
+                raise BackendError(
+                    f"the freshly built engine {path} does not deserialize; see TensorRT's log above"
+                )
         return self._checked(engine, role, (BEAM_INPUTS, BEAM_OUTPUTS))
 
-    def _checked(self, engine: tensorrt.ICudaEngine, role: str,
-                 io: tuple[tuple[str, ...], tuple[str, ...]] | None = None
-                 ) -> tensorrt.ICudaEngine:
+    def _checked(
+        self,
+        engine: tensorrt.ICudaEngine,
+        role: str,
+        io: tuple[tuple[str, ...], tuple[str, ...]] | None = None,
+    ) -> tensorrt.ICudaEngine:
         inputs, outputs = io or IO[role]
         names = [engine.get_tensor_name(i) for i in range(engine.num_io_tensors)]
-        found_in = {n for n in names
-                    if engine.get_tensor_mode(n) == self.trt.TensorIOMode.INPUT}
+        found_in = {n for n in names if engine.get_tensor_mode(n) == self.trt.TensorIOMode.INPUT}
         if found_in != set(inputs) or set(names) - found_in != set(outputs):
-            raise ModelError(f"{role} engine has I/O {sorted(names)}; the contract expects "
-                             f"inputs {list(inputs)} and outputs {list(outputs)}. "
-                             "Re-export the model")
+            raise ModelError(
+                f"{role} engine has I/O {sorted(names)}; the contract expects "
+                f"inputs {list(inputs)} and outputs {list(outputs)}. "
+                "Re-export the model"
+            )
         return engine
 
 
-def build_all(manifest: Manifest, precision: str = "fp16", limits: Limits = Limits(),
-              cache_dir: Path | None = None, device=None, log=sys.stderr) -> list[Path]:
+def build_all(
+    manifest: Manifest,
+    precision: str = "fp16",
+    limits: Limits = Limits(),
+    cache_dir: Path | None = None,
+    device=None,
+    log=sys.stderr,
+) -> list[Path]:
     """``edgecap build``: build (or rebuild) both engines for this GPU; returns their paths."""
     from edgecap.trt import import_tensorrt
     from edgecap.trt.cuda import open_device
