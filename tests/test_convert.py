@@ -305,3 +305,58 @@ def test_cli_convert(fp32_dir, tmp_path, capsys):
     out = capsys.readouterr().out
     assert rc == 0, out
     assert "wrote fp16 model" in out and "best word agrees" in out
+
+
+def _with_decoding_files(fp32_dir, model: Path) -> Path:
+    """A copy of the FP32 model directory with fused caption LMs (random, over its vocabulary)
+    and the shipped model's confidence model."""
+    import hashlib
+    import json
+
+    shutil.copytree(fp32_dir, model)
+    vocab_size = load_manifest(model).dims.vocab_size
+    spec: dict = {"format": "edgecap-fusion/1", "weight": 0.6}
+    for role, seed in (("everyday", 5), ("in_domain", 6)):
+        rng = np.random.default_rng(seed)
+        np.savez(
+            model / f"lm_{role}.npz",
+            embed=rng.normal(size=(vocab_size, 4)),
+            w_ih=rng.normal(size=(12, 4)),
+            w_hh=rng.normal(size=(12, 3)),
+            bias=np.zeros(12),
+            out_w=rng.normal(size=(vocab_size, 3)),
+            out_b=np.zeros(vocab_size),
+        )
+        digest = hashlib.sha256((model / f"lm_{role}.npz").read_bytes()).hexdigest()
+        spec[role] = {"file": f"lm_{role}.npz", "sha256": digest}
+    (model / "fusion.json").write_text(json.dumps(spec))
+    shutil.copy2(Path("edgecap/assets/default/confidence.json"), model / "confidence.json")
+    return model
+
+
+DECODING_FILES = ("fusion.json", "lm_everyday.npz", "lm_in_domain.npz", "confidence.json")
+
+
+@pytest.mark.parametrize("precision", ["fp16", "int8"])
+def test_a_converted_model_keeps_its_fused_language_models_and_confidence(fp32_dir, tmp_path, precision):
+    """The everyday language and the confidence are the model's decoding, not its precision: a
+    converted directory captions with them as the FP32 one does."""
+    from edgecap import Captioner
+
+    source = _with_decoding_files(fp32_dir, tmp_path / "fp32")
+    out = tmp_path / precision
+    convert_model_dir(source, out, precision)
+    for name in DECODING_FILES:
+        assert (out / name).read_bytes() == (source / name).read_bytes(), name
+    converted = Captioner(out)
+    assert converted.fusion is not None and converted.fusion.weight == 0.6
+    assert converted.caption("edgecap/assets/examples/coffee.png").confidence is not None
+
+
+def test_a_broken_language_model_is_refused_before_anything_is_written(fp32_dir, tmp_path):
+    source = _with_decoding_files(fp32_dir, tmp_path / "fp32")
+    with (source / "lm_in_domain.npz").open("ab") as f:
+        f.write(b"\0")  # no longer the file fusion.json checksums
+    with pytest.raises(ModelError, match="lm_in_domain.npz"):
+        convert_model_dir(source, tmp_path / "out", "fp16")
+    assert not (tmp_path / "out").exists()

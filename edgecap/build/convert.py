@@ -296,12 +296,15 @@ def _prepare_out_dir(source: Manifest, out: Path, force: bool) -> None:
         raise ModelError(
             f"{out}: directory exists and is not empty; choose another --out or pass --force to overwrite"
         )
+    decoding_files(source)  # a broken one is refused before anything is written
     out.mkdir(parents=True, exist_ok=True)
 
 
 def _write_manifest(source: Manifest, out: Path, precision: str, note: dict) -> Manifest:
     for role in (VOCAB, CLASSES):  # the JSON files come along unchanged
         shutil.copy2(source.path(role), out / source.files[role])
+    for name in decoding_files(source):
+        shutil.copy2(Path(source.directory) / name, out / name)
     sha = {role: file_sha256(out / source.files[role]) for role in FILE_ROLES}
     info = dict(source.info)
     info["converted_from"] = {
@@ -313,6 +316,24 @@ def _write_manifest(source: Manifest, out: Path, precision: str, note: dict) -> 
     manifest = replace(source, directory=out, precision=precision, sha256=sha, info=info)
     manifest.save()
     return manifest
+
+
+def decoding_files(source: Manifest) -> list[str]:
+    """The files of the model's decoding that no precision changes, which a converted model
+    keeps: the fused caption language models (``fusion.json`` and the two weight files it names
+    and checksums) and the confidence model (``confidence.json``); without them a converted model
+    would caption without the everyday language and give no confidence. Each is loaded here, so
+    a broken one is a ``ModelError`` naming it."""
+    from edgecap.confidence import CONFIDENCE_FILE, ConfidenceModel
+    from edgecap.decoding.fusion import FUSION_FILE, Fusion
+
+    names = []
+    fusion = Fusion.load(source.directory, source.dims.vocab_size, source.dims.n_classes)
+    if fusion is not None:
+        names += [FUSION_FILE, fusion.info["everyday"]["file"], fusion.info["in_domain"]["file"]]
+    if ConfidenceModel.load(source.directory) is not None:
+        names.append(CONFIDENCE_FILE)
+    return names
 
 
 def convert_fp16(source: Manifest, out: str | Path, force: bool = False) -> Manifest:
