@@ -360,3 +360,18 @@ def test_a_broken_language_model_is_refused_before_anything_is_written(fp32_dir,
     with pytest.raises(ModelError, match="lm_in_domain.npz"):
         convert_model_dir(source, tmp_path / "out", "fp16")
     assert not (tmp_path / "out").exists()
+
+
+def test_force_over_a_converted_model_leaves_none_of_its_decoding_files(fp32_dir, tmp_path):
+    """--force over a folder that holds a converted model with fused LMs and a confidence model:
+    converting a model without them must not leave the old ones to be loaded with the new one."""
+    from edgecap import Captioner
+
+    out = tmp_path / "out"
+    convert_model_dir(_with_decoding_files(fp32_dir, tmp_path / "with"), out, "fp16")
+    assert Captioner(out).fusion is not None
+    convert_model_dir(fp32_dir, out, "fp16", force=True)  # the tiny model: no decoding files
+    converted = Captioner(out)
+    assert converted.fusion is None
+    assert converted.caption("edgecap/assets/examples/coffee.png").confidence is None
+    assert not (out / "fusion.json").exists() and not (out / "confidence.json").exists()

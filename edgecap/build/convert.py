@@ -290,14 +290,20 @@ def _check_graph_io(original, converted, path: Path) -> None:
 
 
 def _prepare_out_dir(source: Manifest, out: Path, force: bool) -> None:
+    from edgecap.confidence import CONFIDENCE_FILE
+    from edgecap.decoding.fusion import FUSION_FILE
+
     if out.resolve() == source.directory.resolve():
         raise ModelError(f"{out}: the output directory must differ from the model directory")
     if out.exists() and any(out.iterdir()) and not force:
         raise ModelError(
             f"{out}: directory exists and is not empty; choose another --out or pass --force to overwrite"
         )
-    decoding_files(source)  # a broken one is refused before anything is written
+    kept = decoding_files(source)  # a broken one is refused before anything is written
     out.mkdir(parents=True, exist_ok=True)
+    for name in (FUSION_FILE, CONFIDENCE_FILE):  # --force: an earlier model's would be loaded
+        if name not in kept:
+            (out / name).unlink(missing_ok=True)
 
 
 def _write_manifest(source: Manifest, out: Path, precision: str, note: dict) -> Manifest:
