@@ -246,9 +246,13 @@ class Captioner:
         on_error: str = "raise",
     ) -> Iterator[Caption | InputError]:
         """``caption_batch``, lazily: yields one result per image, in the input order, as soon as
-        its batch of ``batch_size`` images is captioned. ``images`` may be any iterable: a generator
-        is read one batch at a time, never all at once. ``on_error`` as in ``caption_batch``. Bad
-        arguments raise here; an unusable image (with "raise") while iterating."""
+        its batch of ``batch_size`` images is captioned. ``images`` may be any iterable and is never
+        read all at once: without decoding workers (``decode_workers=0``) a generator is read one
+        batch at a time; with N workers it is read ahead, up to ``max(batch_size, 2 * N)`` images
+        beyond the batch being captioned (``batch_size + max(batch_size, 2 * N)`` before the first
+        result: 22 frames at batch 8 with 7 workers). For a live source (a camera) use
+        ``caption()`` per frame or ``decode_workers=0``. ``on_error`` as in ``caption_batch``.
+        Bad arguments raise here; an unusable image (with "raise") while iterating."""
         if on_error not in ON_ERROR:
             raise ValueError(f"on_error must be one of {ON_ERROR}, got {on_error!r}")
         if isinstance(images, (str, bytes, os.PathLike, Image.Image)) or (
