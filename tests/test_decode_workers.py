@@ -170,14 +170,30 @@ def test_the_read_ahead_is_bounded(fake):
 
 
 def test_closing_early_cancels_the_photos_not_yet_decoding(fake):
-    fake["delay"] = lambda i: 0.2
+    # Photos after the first batch hold their worker until `release` is set, so when the loop
+    # stops both workers are busy (photos 2 and 3) and the rest read ahead are queued.
+    release, running = threading.Event(), threading.Semaphore(0)
+
+    def held(i):
+        if i >= 2:
+            running.release()
+            assert release.wait(30)
+        return 0.0
+
+    fake["delay"] = held
     frames = iter([red(i) for i in range(30)])
-    results = captioner(workers=2, batch=2).iter_captions(frames)
+    cap = captioner(workers=2, batch=2)
+    results = cap.iter_captions(frames)
     assert next(results).text == word(0)
     read = 30 - len(list(frames))  # what the captioner took from the iterator
+    assert read > 4  # photos beyond the two running were read ahead
+    for _ in range(2):
+        assert running.acquire(timeout=30)  # both workers are decoding (photos 2 and 3)
     results.close()
-    time.sleep(0.5)  # what was running finishes
-    assert len(fake["started"]) < read  # the queued ones were cancelled, never decoded
+    release.set()
+    cap._workers().shutdown(wait=True)  # runs whatever is still queued, then returns
+    # the two running photos finished; the queued ones were cancelled, never decoded
+    assert sorted(i for i, _ in fake["started"]) == [0, 1, 2, 3]
 
 
 def test_same_captions_with_and_without_workers_on_the_real_model(tmp_path):
