@@ -433,6 +433,26 @@ def _fake_tensorrt(monkeypatch, version):
     return trt, device
 
 
+def _fake_tensorrt_search(monkeypatch, version, manifest, precision, cache_dir, images):
+    """One beam-2 graph search on a fresh fake TensorRT ``version``; returns that fake."""
+    import io
+
+    from edgecap.backends.tensorrt import TensorRTBackend
+
+    trt, device = _fake_tensorrt(monkeypatch, version)
+    options = CaptionOptions(beam_size=2, max_length=4)
+    with TensorRTBackend(
+        manifest,
+        precision=precision,
+        cache_dir=cache_dir,
+        cuda_device=device,
+        log=io.StringIO(),
+        search="graph",
+    ) as backend:
+        search_with_tags(backend, backend.encode(images), options, START, END, manifest.dims.vocab_size, None)
+    return trt
+
+
 def test_fake_tensorrt_graph_search_gives_the_numpy_captions(monkeypatch, tmp_path, tiny):
     import io
 
@@ -477,25 +497,10 @@ def test_fake_tensorrt_fp16_keeps_the_bookkeeping_in_fp32(monkeypatch, tmp_path,
     """TensorRT < 10.12 (BuilderFlag.FP16): the appended layers are pinned to FP32; 10.12+
     (strongly typed FP16 ONNX): the appended nodes read the step's float32 outputs."""
     import base64
-    import io
-
-    from edgecap.backends.tensorrt import TensorRTBackend
 
     manifest, _, _, images = tiny
-    options = CaptionOptions(beam_size=2, max_length=4)
     for version, typed in (("10.3.0.26", False), ("10.12.0.36", True)):
-        trt, device = _fake_tensorrt(monkeypatch, version)
-        with TensorRTBackend(
-            manifest,
-            precision="fp16",
-            cache_dir=tmp_path / version,
-            cuda_device=device,
-            log=io.StringIO(),
-            search="graph",
-        ) as backend:
-            search_with_tags(
-                backend, backend.encode(images), options, START, END, manifest.dims.vocab_size, None
-            )
+        trt = _fake_tensorrt_search(monkeypatch, version, manifest, "fp16", tmp_path / version, images)
         build = trt.stats["builds"][-1]
         assert "scores" in build["profile"]
         model = onnx.load_from_string(base64.b64decode(build["onnx"]))
@@ -507,3 +512,25 @@ def test_fake_tensorrt_fp16_keeps_the_bookkeeping_in_fp32(monkeypatch, tmp_path,
         }
         if not typed:
             assert build["pinned"].count("other") >= 10
+
+
+def test_fake_tensorrt_a_new_beam_step_version_rebuilds_the_cached_graph(monkeypatch, tmp_path, tiny):
+    """The cached beam-step ONNX and engine are reused while the appended graph is the same, and
+    rebuilt (not silently reused) by an edgecap whose ``BEAM_STEP_VERSION`` differs."""
+    from edgecap.build import beam_step
+
+    manifest, _, _, images = tiny
+    prepared = []
+    real = beam_step.beam_step_model
+    monkeypatch.setattr(beam_step, "beam_step_model", lambda *a: prepared.append(1) or real(*a))
+
+    def caption_once():
+        trt = _fake_tensorrt_search(monkeypatch, "10.3.0.26", manifest, "fp32", tmp_path, images)
+        return len(trt.stats["builds"])
+
+    first = caption_once()  # the encoder, the step and the beam-step engines
+    assert first == 3 and len(prepared) == 1
+    assert caption_once() == 0 and len(prepared) == 1  # all from the cache
+    monkeypatch.setattr(beam_step, "BEAM_STEP_VERSION", beam_step.BEAM_STEP_VERSION + 1)
+    assert caption_once() == 1 and len(prepared) == 2  # the beam-step graph and engine, anew
+    assert caption_once() == 0 and len(prepared) == 2

@@ -54,6 +54,10 @@ BEAM_OUTPUTS = (
     "c_next",
 )
 PREFIX = "beam/"  # names of the appended nodes and constants
+# The version of the appended graph, part of the names of the cached beam-step ONNX files and
+# TensorRT engines (edgecap.trt.engines): bump it on any change of what beam_step_model appends
+# (its nodes, constants, inputs or outputs), so that caches made by an older edgecap are rebuilt.
+BEAM_STEP_VERSION = 1
 
 
 def row_ranges(limits: Limits) -> dict[str, tuple[int, int, int]]:

@@ -187,8 +187,10 @@ def beam_step_onnx(
     """The beam-step graph to parse, made once and kept in the cache: the step graph as
     ``onnx_for_build`` prepares it (folded; FP16 for a strongly typed FP16 build), then the beam
     bookkeeping appended, in FP32, on its float32 outputs (``edgecap.build.beam_step``)."""
+    from edgecap.build.beam_step import BEAM_STEP_VERSION
+
     step = onnx_for_build(manifest, DECODER_STEP, precision, mode, cache_dir, log)
-    prepared = step.with_name(f"beam{beam}-end{end_id}-{step.name}")
+    prepared = step.with_name(f"beam{beam}-end{end_id}-v{BEAM_STEP_VERSION}-{step.name}")
     if not prepared.exists():
         try:
             import onnx
@@ -439,9 +441,10 @@ class EngineCache:
         """The beam-step engine (``edgecap.build.beam_step``) for ``beam`` beams per image and
         exactly ``limits``: the cached one, else one built now from the step graph as the step
         engine's build prepares it, with the bookkeeping appended."""
-        from edgecap.build.beam_step import BEAM_INPUTS, BEAM_OUTPUTS, row_ranges
+        from edgecap.build.beam_step import BEAM_INPUTS, BEAM_OUTPUTS, BEAM_STEP_VERSION, row_ranges
 
-        role = f"beam_step{beam}-end{end_id}"
+        # the graph's version in the name: an edgecap that appends another graph builds anew
+        role = f"beam_step{beam}-end{end_id}-v{BEAM_STEP_VERSION}"
         path = self.cache_dir / engine_filename(
             role, model_hash(manifest, DECODER_STEP), self.target, precision, limits
         )
