@@ -202,14 +202,49 @@ class Captioner:
             **backend_options,
         )
         self._backend_lock = None if self.backend.thread_safe else threading.Lock()
-        self.decode_workers = (
-            default_decode_workers(_on_gpu(name, device, self.backend))
-            if decode_workers is None
-            else decode_workers
-        )
-        # the decoding workers by their number, each pool made on first use
-        self._pools: dict[int, ThreadPoolExecutor] = {}
+        # the decoding workers: one pool at a time, made on first use for the current number
+        # (``_workers``); a replaced one is shut down once the calls using it are done
+        self._pool: ThreadPoolExecutor | None = None
+        self._pool_size = 0
+        self._pool_users: dict[ThreadPoolExecutor, int] = {}
         self._pool_lock = threading.Lock()
+        self._closed = False
+        self._default_decode_workers = default_decode_workers(_on_gpu(name, device, self.backend))
+        self.decode_workers = decode_workers
+
+    @property
+    def decode_workers(self) -> int:
+        """The decoding workers (see the class); may be changed between calls. None: the
+        default for where the model runs."""
+        return self._decode_workers
+
+    @decode_workers.setter
+    def decode_workers(self, workers: int | None) -> None:
+        check_decode_workers(workers)
+        self._decode_workers = self._default_decode_workers if workers is None else workers
+
+    def close(self) -> None:
+        """Stop the decoding workers (photos queued for them are not decoded; the ones being
+        decoded finish first) and release the backend's resources where it has any (a TensorRT
+        backend's device buffers). Idempotent; the Captioner captions no more afterwards. A
+        ``with Captioner(...) as captioner:`` block closes it at its end."""
+        with self._pool_lock:
+            if self._closed:
+                return
+            self._closed = True
+            pools = {*self._pool_users, *([self._pool] if self._pool is not None else [])}
+            self._pool = None
+        for pool in pools:
+            pool.shutdown(wait=True, cancel_futures=True)
+        close = getattr(self.backend, "close", None)
+        if callable(close):
+            close()
+
+    def __enter__(self) -> Captioner:
+        return self
+
+    def __exit__(self, *exc) -> None:
+        self.close()
 
     def __repr__(self) -> str:
         return (
@@ -255,6 +290,8 @@ class Captioner:
         Bad arguments raise here; an unusable image (with "raise") while iterating."""
         if on_error not in ON_ERROR:
             raise ValueError(f"on_error must be one of {ON_ERROR}, got {on_error!r}")
+        if self._closed:
+            raise ValueError("this Captioner is closed")
         if isinstance(images, (str, bytes, os.PathLike, Image.Image)) or (
             isinstance(images, np.ndarray) and images.ndim != 4
         ):
@@ -271,19 +308,22 @@ class Captioner:
         head = list(itertools.islice(iterator, 2)) if self.decode_workers else []
         inputs = itertools.chain(head, iterator)
         batch = self.options.batch_size
-        chunks: Generator[list, None, None] = (
-            prefetched_batches(
-                self._workers(),
-                lambda image: self._prepare(image, color),
-                inputs,
-                batch,
-                window(batch, self.decode_workers),
-                InputError,
+        with contextlib.ExitStack() as stack:
+            chunks: Generator[list, None, None] = (
+                prefetched_batches(
+                    stack.enter_context(self._borrowed_workers()),
+                    lambda image: self._prepare(image, color),
+                    inputs,
+                    batch,
+                    window(batch, self.decode_workers),
+                    InputError,
+                )
+                if len(head) > 1
+                else (self._prepared(chunk, color) for chunk in batched(inputs, batch))
             )
-            if len(head) > 1
-            else (self._prepared(chunk, color) for chunk in batched(inputs, batch))
-        )
-        with contextlib.closing(chunks):  # a consumer that stops early stops the workers too
+            # a consumer that stops early stops the workers too (closed before the pool is
+            # handed back)
+            stack.enter_context(contextlib.closing(chunks))
             for chunk in chunks:
                 failed = next((p for p in chunk if isinstance(p, InputError)), None)
                 if failed is not None and on_error == "raise":
@@ -310,11 +350,37 @@ class Captioner:
         return out
 
     def _workers(self) -> ThreadPoolExecutor:
+        """The pool of ``decode_workers`` threads: the current one, or a new one when the number
+        changed (the old one is shut down now, or by the last call still using it)."""
         with self._pool_lock:
-            n = self.decode_workers
-            if n not in self._pools:
-                self._pools[n] = ThreadPoolExecutor(n, thread_name_prefix="edgecap-decode")
-            return self._pools[n]
+            return self._workers_locked()
+
+    def _workers_locked(self) -> ThreadPoolExecutor:
+        if self._closed:
+            raise ValueError("this Captioner is closed")
+        n = self.decode_workers
+        if self._pool is None or self._pool_size != n:
+            old, self._pool = self._pool, ThreadPoolExecutor(n, thread_name_prefix="edgecap-decode")
+            self._pool_size = n
+            if old is not None and old not in self._pool_users:
+                old.shutdown(wait=False)
+        return self._pool
+
+    @contextlib.contextmanager
+    def _borrowed_workers(self) -> Iterator[ThreadPoolExecutor]:
+        """``_workers()`` for one call: not shut down under it when the number changes."""
+        with self._pool_lock:
+            pool = self._workers_locked()
+            self._pool_users[pool] = self._pool_users.get(pool, 0) + 1
+        try:
+            yield pool
+        finally:
+            with self._pool_lock:
+                self._pool_users[pool] -= 1
+                if not self._pool_users[pool]:
+                    del self._pool_users[pool]
+                    if pool is not self._pool:  # replaced or closed meanwhile
+                        pool.shutdown(wait=False)
 
     def _caption_chunk(
         self, prepared: list[_Prepared | InputError], return_attention: bool

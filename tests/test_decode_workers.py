@@ -325,3 +325,69 @@ def test_the_file_rate_benchmark_reports_files_and_memory_for_every_setting(tmp_
     }
     assert all(r["photos"] == 3 and r["captions_per_s"] > 0 and r["same"] == 1.0 for r in data["results"])
     assert "| 2 | 2 |" in (tmp_path / "file_rate.md").read_text()
+
+
+def _decode_threads(before=frozenset()) -> set:
+    return {t for t in threading.enumerate() if t.name.startswith("edgecap-decode") and t not in before}
+
+
+def _settled(count, before, timeout=10.0) -> set:
+    """The decoding threads started since ``before``, once at most ``count`` are left alive
+    (a pool shut down without waiting lets its idle threads go shortly after)."""
+    deadline = time.monotonic() + timeout
+    while len(_decode_threads(before)) > count and time.monotonic() < deadline:
+        time.sleep(0.01)
+    return _decode_threads(before)
+
+
+@pytest.mark.parametrize("value", [-1, True, 1.5, "2"])
+def test_a_bad_decode_workers_attribute_fails_when_set(fake, value):
+    cap = captioner(workers=2, batch=2)
+    with pytest.raises(
+        ValueError, match=f"decode_workers must be a whole number >= 0 or None, got {value!r}"
+    ):
+        cap.decode_workers = value
+    assert cap.decode_workers == 2  # unchanged, and the captioner still works
+    assert texts(cap.caption_batch([red(i) for i in range(4)])) == [word(i) for i in range(4)]
+
+
+def test_decode_workers_none_is_the_default_again(fake, monkeypatch):
+    monkeypatch.setattr(api, "default_decode_workers", lambda on_gpu: 5 if on_gpu else 0)
+    cap = Captioner(backend="onnxruntime", device="cuda", decode_workers=1)
+    cap.decode_workers = None
+    assert cap.decode_workers == 5
+
+
+def test_changing_decode_workers_keeps_one_pool(fake):
+    before = frozenset(threading.enumerate())
+    cap = captioner(workers=1, batch=2)
+    for n in (1, 2, 3, 4):
+        cap.decode_workers = n
+        assert texts(cap.caption_batch([red(i) for i in range(12)])) == [word(i) for i in range(12)]
+    assert len(_settled(4, before)) <= 4  # the last pool's threads only (was 1 + 2 + 3 + 4)
+    cap.close()
+
+
+def test_a_call_keeps_its_workers_when_the_number_changes(fake):
+    cap = captioner(workers=2, batch=2)
+    first = cap.iter_captions([red(i) for i in range(10)])
+    assert next(first).text == word(0)
+    cap.decode_workers = 3  # another call now gets a new pool; this one keeps its own
+    assert texts(cap.caption_batch([red(i) for i in range(6)])) == [word(i) for i in range(6)]
+    assert texts(first) == [word(i) for i in range(1, 10)]
+    cap.close()
+
+
+def test_close_and_with_stop_the_workers_and_the_backend(fake):
+    closed = []
+    fake["backend"].close = lambda: closed.append(True)
+    before = frozenset(threading.enumerate())
+    with captioner(workers=3, batch=2) as cap:
+        assert texts(cap.caption_batch([red(i) for i in range(8)])) == [word(i) for i in range(8)]
+        assert _decode_threads(before)
+    assert not any(t.is_alive() for t in _decode_threads(before))  # none left running
+    assert closed == [True]
+    with pytest.raises(ValueError, match="closed"):
+        cap.caption_batch([red(0), red(1)])
+    cap.close()  # again: nothing to do
+    assert closed == [True]
