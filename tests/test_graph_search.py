@@ -534,3 +534,29 @@ def test_fake_tensorrt_a_new_beam_step_version_rebuilds_the_cached_graph(monkeyp
     monkeypatch.setattr(beam_step, "BEAM_STEP_VERSION", beam_step.BEAM_STEP_VERSION + 1)
     assert caption_once() == 1 and len(prepared) == 2  # the beam-step graph and engine, anew
     assert caption_once() == 0 and len(prepared) == 2
+
+
+def test_fake_tensorrt_close_releases_the_beam_step_engine_and_context(monkeypatch, tmp_path, tiny):
+    """close() lets go of the beam-step engine and its execution context, even while something
+    still holds the beam-step object (a search's session), before the device is released."""
+    import gc
+    import io
+    import weakref
+
+    from edgecap.backends.tensorrt import TensorRTBackend
+
+    trt, device = _fake_tensorrt(monkeypatch, "10.3.0.26")
+    manifest, _, _, images = tiny
+    backend = TensorRTBackend(
+        manifest, precision="fp32", cache_dir=tmp_path, cuda_device=device, log=io.StringIO(), search="graph"
+    )
+    options = CaptionOptions(beam_size=2, max_length=4)
+    search_with_tags(backend, backend.encode(images), options, START, END, manifest.dims.vocab_size, None)
+    held = backend._graph_search.engine(2, END)  # what a session of that search holds
+    engine, context = weakref.ref(held.context.engine), weakref.ref(held.context)
+    backend.close()
+    gc.collect()
+    assert engine() is None and context() is None
+    assert device.memory == {} and device.pinned == []
+    with pytest.raises(BackendError, match="closed"):
+        held.bind("scores", 0)

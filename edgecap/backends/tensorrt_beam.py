@@ -37,11 +37,15 @@ _INT32 = frozenset({"next_tokens", "back_pointers", "choices", "end_positions"})
 
 
 class BeamEngine:
-    """One beam-step engine's execution context and the buffers only it uses."""
+    """One beam-step engine, its execution context and the buffers only it uses."""
 
     def __init__(self, backend: TensorRTBackend, engine: tensorrt.ICudaEngine):
         self._device = backend._device
-        self.context = engine.create_execution_context()
+        # the engine is kept, not left to the context's hold on it: ``close`` releases the
+        # context, then the engine, before the backend releases the device (as TensorRTBackend
+        # does with its own contexts and engines)
+        self.engine: tensorrt.ICudaEngine | None = engine
+        self.context: tensorrt.IExecutionContext | None = engine.create_execution_context()
         rows = backend.limits.max_rows
         vocab = backend.manifest.dims.vocab_size
         self._pointers: list[int] = []
@@ -63,14 +67,19 @@ class BeamEngine:
         self.block_rows_zero = 0  # word_block rows known to hold zeros on the device
         self._shapes: dict[str, tuple[int, ...]] = {}
 
+    def live_context(self) -> tensorrt.IExecutionContext:
+        if self.context is None:
+            raise BackendError("the beam-step engine is closed")
+        return self.context
+
     def bind(self, name: str, ptr: int) -> None:
-        if not self.context.set_tensor_address(name, ptr):
+        if not self.live_context().set_tensor_address(name, ptr):
             raise BackendError(f"TensorRT refused the address of tensor {name!r}")
 
     def set_shape(self, name: str, shape: tuple[int, ...]) -> None:
         if self._shapes.get(name) == shape:
             return
-        if not self.context.set_input_shape(name, shape):
+        if not self.live_context().set_input_shape(name, shape):
             raise BackendError(f"TensorRT refused shape {shape} for beam-step input {name!r}")
         self._shapes[name] = shape
 
@@ -85,12 +94,17 @@ class BeamEngine:
         return host
 
     def close(self) -> None:
-        for array in self._host.values():
-            self._device.free_host(array)
-        self._host.clear()
-        for ptr in self._pointers:
-            self._device.free(ptr)
-        self._pointers.clear()
+        """Free the buffers, then release the context and then the engine; idempotent."""
+        try:
+            for array in self._host.values():
+                self._device.free_host(array)
+            self._host.clear()
+            for ptr in self._pointers:
+                self._device.free(ptr)
+            self._pointers.clear()
+        finally:
+            self.context = None  # contexts before engines
+            self.engine = None
 
 
 class TensorRTBeamSession:
@@ -150,7 +164,7 @@ class TensorRTBeamSession:
         for name in ("scores", "word_block", *RESULTS):
             engine.bind(name, engine.ptr[name])
         device = self._backend._device
-        if not engine.context.execute_async_v3(device.stream_handle(stream)):
+        if not engine.live_context().execute_async_v3(device.stream_handle(stream)):
             raise BackendError("TensorRT failed to run the beam-step engine")
         results = {name: engine.download(name, r, stream) for name in RESULTS}
         buffers.synchronize()
