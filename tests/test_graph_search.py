@@ -560,3 +560,41 @@ def test_fake_tensorrt_close_releases_the_beam_step_engine_and_context(monkeypat
     assert device.memory == {} and device.pinned == []
     with pytest.raises(BackendError, match="closed"):
         held.bind("scores", 0)
+
+
+@pytest.mark.parametrize("opset", [17, 18])
+def test_a_step_graph_of_opset_18_gives_the_numpy_captions(tiny, monkeypatch, opset):
+    """ReduceMax takes its axes as an input from opset 18 (the attribute is gone there): a step
+    graph converted to opset 18 gets a valid beam-step graph with the numpy loop's captions."""
+    from onnx import version_converter
+
+    from edgecap.backends import ort_beam
+
+    manifest, host, _, images = tiny
+    real = ort_beam.beam_step_model
+    converted = []
+
+    def at_opset(step, *args):
+        step = version_converter.convert_version(step, opset)
+        model = real(step, *args)
+        converted.append([o.version for o in model.opset_import if o.domain in ("", "ai.onnx")])
+        return model
+
+    monkeypatch.setattr(ort_beam, "beam_step_model", at_opset)
+    graph = OnnxRuntimeBackend(manifest, device="cpu", threads=1, search="graph")
+    vocab = manifest.dims.vocab_size
+    options = CaptionOptions(beam_size=3, n_best=3, max_length=8)
+    want = search_with_tags(host, host.encode(images), options, START, END, vocab, None)
+    _same(want, search_with_tags(graph, graph.encode(images), options, START, END, vocab, None))
+    assert converted == [[opset]]
+
+
+def test_a_step_graph_before_opset_13_is_refused_naming_its_opset(tiny):
+    manifest = tiny[0]
+    dims = manifest.dims
+    step = onnx.load(str(manifest.path("decoder_step")))
+    for imported in step.opset_import:
+        if imported.domain in ("", "ai.onnx"):
+            imported.version = 12
+    with pytest.raises(BackendError, match="opset is 12; the beam-step graph needs opset 13"):
+        beam_step_model(step, 3, END, dims.top_k, dims.hidden_dim, dims.vocab_size)

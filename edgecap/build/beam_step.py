@@ -39,6 +39,7 @@ from __future__ import annotations
 import numpy as np
 
 from edgecap.contract import DECODER_STEP, STEP_INPUTS, Limits
+from edgecap.errors import BackendError
 
 BEAM_INPUTS = (*STEP_INPUTS, "scores", "word_block")
 BEAM_OUTPUTS = (
@@ -54,6 +55,7 @@ BEAM_OUTPUTS = (
     "c_next",
 )
 PREFIX = "beam/"  # names of the appended nodes and constants
+MIN_OPSET = 13  # Unsqueeze, Slice and ReduceSum take their axes as inputs
 # The version of the appended graph, part of the names of the cached beam-step ONNX files and
 # TensorRT engines (edgecap.trt.engines): bump it on any change of what beam_step_model appends
 # (its nodes, constants, inputs or outputs), so that caches made by an older edgecap are rebuilt.
@@ -65,6 +67,14 @@ def row_ranges(limits: Limits) -> dict[str, tuple[int, int, int]]:
     and the rows' scores and blocked words."""
     ranges = limits.row_ranges(DECODER_STEP)
     return {**ranges, "scores": ranges["tokens"], "word_block": ranges["tokens"]}
+
+
+def onnx_opset(model) -> int:
+    """The default (ai.onnx) domain's opset of an ``onnx.ModelProto``."""
+    versions = [o.version for o in model.opset_import if o.domain in ("", "ai.onnx")]
+    if not versions:
+        raise BackendError("the step graph imports no ai.onnx opset")
+    return max(versions)
 
 
 def beam_width(beam: int, top_k: int) -> int:
@@ -81,6 +91,12 @@ def beam_step_model(step_model, beam: int, end_id: int, top_k: int, hidden_dim: 
 
     if not 1 <= beam <= top_k:
         raise ValueError(f"beam must be between 1 and the model's top_k ({top_k}), got {beam}")
+    opset = onnx_opset(step_model)
+    if opset < MIN_OPSET:
+        raise BackendError(
+            f"the step graph's ONNX opset is {opset}; the beam-step graph needs opset {MIN_OPSET} "
+            "or later (axes as inputs): re-export the model"
+        )
     model = onnx.ModelProto()
     model.CopyFrom(step_model)
     graph = model.graph
@@ -116,6 +132,14 @@ def beam_step_model(step_model, beam: int, end_id: int, top_k: int, hidden_dim: 
         )
         return outputs
 
+    def reduce_max(inputs: list[str], name: str) -> None:
+        """ReduceMax over axis 1: its axes an input from opset 18 (the attribute is gone
+        there), the attribute before (no such input)."""
+        if opset >= 18:
+            op("ReduceMax", [*inputs, "one"], name, keepdims=0)
+        else:
+            op("ReduceMax", inputs, name, axes=[1], keepdims=0)
+
     names = {*STEP_INPUTS, "scores", "word_block", "topk_logprobs", "topk_ids", "h_out", "c_out"}
     # every candidate of the top K: the ranking score, and where <end> stands
     op("Cast", ["topk_ids"], "ids64", to=TensorProto.INT64)
@@ -125,10 +149,10 @@ def beam_step_model(step_model, beam: int, end_id: int, top_k: int, hidden_dim: 
     op("Add", ["scores_col", "ranked_k"], "cand_k")
     op("Equal", ["topk_ids", "end"], "is_end_k")
     op("Where", ["is_end_k", "topk_logprobs", "neg_inf"], "end_lp_k")
-    op("ReduceMax", ["end_lp_k"], "end_logprobs", axes=[1], keepdims=0)
+    reduce_max(["end_lp_k"], "end_logprobs")
     op("Cast", ["is_end_k"], "is_end_f", to=TensorProto.FLOAT)
     op("ArgMax", ["is_end_f"], "end_first", axis=1, keepdims=0)
-    op("ReduceMax", ["is_end_f"], "has_end_f", axes=[1], keepdims=0)
+    reduce_max(["is_end_f"], "has_end_f")
     op("Greater", ["has_end_f", "half"], "has_end")
     op("Cast", ["end_first"], "end_first32", to=TensorProto.INT32)
     op("Where", ["has_end", "end_first32", "top_k"], "end_positions")
