@@ -598,3 +598,12 @@ def test_a_step_graph_before_opset_13_is_refused_naming_its_opset(tiny):
             imported.version = 12
     with pytest.raises(BackendError, match="opset is 12; the beam-step graph needs opset 13"):
         beam_step_model(step, 3, END, dims.top_k, dims.hidden_dim, dims.vocab_size)
+
+
+def test_search_graph_without_onnx_fails_when_the_backend_is_made(tiny, monkeypatch):
+    import sys
+
+    monkeypatch.setitem(sys.modules, "onnx", None)  # import onnx: ImportError
+    with pytest.raises(BackendError, match=r"onnx package: pip install onnx$"):
+        OnnxRuntimeBackend(tiny[0], device="cpu", threads=1, search="graph")
+    OnnxRuntimeBackend(tiny[0], device="cpu", threads=1)  # the host search needs no onnx

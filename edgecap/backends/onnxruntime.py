@@ -111,6 +111,8 @@ class OnnxRuntimeBackend(Backend):
         check_threads(threads)
         if search not in ort_beam.SEARCH_MODES:
             raise ValueError(f"search must be one of {', '.join(ort_beam.SEARCH_MODES)}, got {search!r}")
+        if search == "graph":
+            ort_beam.import_onnx()  # a missing onnx package now, not at the first caption
         self.manifest = manifest
         self.top_k = manifest.dims.top_k
         self.threads = threads

@@ -125,6 +125,18 @@ class IOBindingBeamSession:
         return BeamStepResult(**dict(zip(results, values)))
 
 
+def import_onnx():
+    """The onnx package, with which search='graph' derives its step graph; without it, one
+    BackendError naming ``pip install onnx`` (``OnnxRuntimeBackend`` asks when it is made)."""
+    try:
+        import onnx
+    except ImportError as exc:
+        raise BackendError(
+            "search='graph' derives its step graph with the onnx package: pip install onnx"
+        ) from exc
+    return onnx
+
+
 class OnnxGraphSearch:
     """The graph search of one onnxruntime backend: one beam-step session per beam size."""
 
@@ -136,12 +148,7 @@ class OnnxGraphSearch:
         """The onnxruntime session of the beam-step graph for ``beam`` (made once)."""
         key = (beam, end_id)
         if key not in self._sessions:
-            try:
-                import onnx
-            except ImportError as exc:
-                raise BackendError(
-                    "search='graph' derives its step graph with the onnx package: pip install onnx"
-                ) from exc
+            onnx = import_onnx()
             import onnxruntime as ort
 
             from edgecap.backends.onnxruntime import session_options
