@@ -65,6 +65,7 @@ def prefetched_batches(
     ``prepare`` raises ``keep`` has that exception in its slot; any other exception is raised
     when its batch is due. Closing the generator cancels what has not started."""
     pending: deque[Future] = deque()
+    futures: list[Future] = []  # the batch being handed out
     try:
         while True:
             for item in itertools.islice(items, batch + ahead - len(pending)):
@@ -80,5 +81,7 @@ def prefetched_batches(
                     chunk.append(exc)
             yield chunk
     finally:
-        for future in pending:  # inputs nobody will caption are not decoded
+        # inputs nobody will caption are not decoded: those after the batch, and the rest of
+        # the batch when one of its items raised (cancelling a finished one does nothing)
+        for future in itertools.chain(futures, pending):
             future.cancel()

@@ -391,3 +391,29 @@ def test_close_and_with_stop_the_workers_and_the_backend(fake):
         cap.caption_batch([red(0), red(1)])
     cap.close()  # again: nothing to do
     assert closed == [True]
+
+
+def test_an_error_that_ends_the_run_cancels_the_rest_of_its_batch():
+    """An exception other than the kept kind ends the batches; the batch's later photos, not
+    yet started, are cancelled rather than decoded for nothing (a pool that starts nothing:
+    what would run is then decided by the cancellation alone)."""
+    from concurrent.futures import Executor, Future
+
+    from edgecap.prefetch import prefetched_batches
+
+    class Queued(Executor):  # the first photo's decode has failed; the others wait their turn
+        def __init__(self):
+            self.futures: list[Future] = []
+
+        def submit(self, fn, /, *args, **kwargs):
+            future: Future = Future()
+            if not self.futures:
+                future.set_exception(RuntimeError("the model directory went away"))
+            self.futures.append(future)
+            return future
+
+    pool = Queued()
+    batches = prefetched_batches(pool, str, iter(range(6)), batch=4, ahead=2, keep=ValueError)
+    with pytest.raises(RuntimeError, match="went away"):
+        next(batches)
+    assert [f.cancelled() for f in pool.futures] == [False] + [True] * 5
