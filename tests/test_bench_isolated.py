@@ -358,8 +358,10 @@ def test_fields_a_call_returns_are_kept_beside_its_time():
     )  # NaN
 
 
-def _os_threads() -> int:
-    return len(os.listdir("/proc/self/task"))
+def _os_threads() -> set[str]:
+    """This process's OS threads (their ids): a thread another test left may end meanwhile, so
+    the check is that none was started, not that the count is unchanged."""
+    return set(os.listdir("/proc/self/task"))
 
 
 @pytest.mark.skipif(importlib.util.find_spec("onnxruntime") is None, reason="needs onnxruntime")
@@ -382,7 +384,7 @@ def test_a_variants_runner_leaves_no_thread_pool_in_the_parent():
         settle_s=0.0,
         log=lambda _m: None,
     )
-    assert _os_threads() == before
+    assert _os_threads() <= before  # no thread started here (none left running)
     assert _my_workers() == []
     pids = [v[k] for v in result["variants"].values() for k in ("pid_interleaved", "pid_alone")]
     assert not any(
