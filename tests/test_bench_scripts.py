@@ -157,9 +157,10 @@ def test_throughput_prefetch_call_leaves_no_thread_behind():
         batch=2,
         modes=["prefetch-2"],
     )
-    before = threading.enumerate()
+    before = set(threading.enumerate())
     fields = task.measures["prefetch-2"]()
-    assert threading.enumerate() == before  # the decoding pool is joined before returning
+    # the decoding pool is joined before returning (threads earlier tests left may end meanwhile)
+    assert set(threading.enumerate()) <= before
     assert fields["steps_per_batch"] >= 1 and fields["encoder_s"] > 0
 
 
