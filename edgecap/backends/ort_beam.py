@@ -17,13 +17,11 @@ from __future__ import annotations
 
 import numpy as np
 
-from edgecap.build.beam_step import BEAM_OUTPUTS, beam_step_model, beam_width
+from edgecap.build.beam_step import BEAM_OUTPUTS, beam_step_model
 from edgecap.contract import DECODER_STEP
-from edgecap.decoding import scorers_for
-from edgecap.decoding.graph_search import BeamStepResult, graph_beam_search
+from edgecap.decoding.graph_search import BeamStepResult, search_with_rules
 from edgecap.decoding.options import CaptionOptions
 from edgecap.errors import BackendError
-from edgecap.vocab import NEVER_FIRST_IDS
 
 SEARCH_MODES = ("host", "graph")
 
@@ -194,17 +192,15 @@ class OnnxGraphSearch:
             session = IOBindingBeamSession(
                 step, encoded.tensors, image_index, dims.vocab_size, decoder.device, decoder.device_id
             )
-        scorers = scorers_for(options, dims.vocab_size, tag_words, fusion, encoded.class_probs)
-        return graph_beam_search(
+        return search_with_rules(
             session,
             encoded.n_images,
             options,
-            dims.top_k,
-            beam_width(beam, dims.top_k),
+            dims,
             start_id,
             end_id,
-            dims.vocab_size,
-            never_first=NEVER_FIRST_IDS,
-            scorers=scorers,
-            describe=backend.describe,
+            tag_words,
+            fusion,
+            encoded.class_probs,
+            backend.describe,
         )

@@ -21,11 +21,9 @@ from typing import TYPE_CHECKING
 
 import numpy as np
 
-from edgecap.build.beam_step import BEAM_OUTPUTS, beam_width
-from edgecap.decoding import scorers_for
-from edgecap.decoding.graph_search import BeamStepResult, graph_beam_search
+from edgecap.build.beam_step import BEAM_OUTPUTS
+from edgecap.decoding.graph_search import BeamStepResult, search_with_rules
 from edgecap.errors import BackendError
-from edgecap.vocab import NEVER_FIRST_IDS
 
 if TYPE_CHECKING:
     import tensorrt
@@ -208,19 +206,17 @@ class TensorRTGraphSearch:
             encoded.n_images,
             len(image_index),
         )
-        scorers = scorers_for(options, dims.vocab_size, tag_words, fusion, encoded.class_probs)
-        return graph_beam_search(
+        return search_with_rules(
             session,
             encoded.n_images,
             options,
-            dims.top_k,
-            beam_width(beam, dims.top_k),
+            dims,
             start_id,
             end_id,
-            dims.vocab_size,
-            never_first=NEVER_FIRST_IDS,
-            scorers=scorers,
-            describe=backend.describe,
+            tag_words,
+            fusion,
+            encoded.class_probs,
+            backend.describe,
         )
 
     def close(self) -> None:

@@ -32,10 +32,13 @@ from typing import Protocol
 
 import numpy as np
 
+from edgecap.build.beam_step import beam_width
+from edgecap.decoding import scorers_for
 from edgecap.decoding.beam import Hypothesis, length_normalised, ranked
 from edgecap.decoding.options import CaptionOptions
 from edgecap.decoding.rules import Scorer
 from edgecap.errors import BackendError
+from edgecap.vocab import NEVER_FIRST_IDS
 
 NEG_INF = -np.inf
 
@@ -197,6 +200,36 @@ def graph_beam_search(
             raise BackendError("beam search produced no hypothesis")
         out.append(best[: options.n_best])
     return out
+
+
+def search_with_rules(
+    session: BeamStepSession,
+    n_images: int,
+    options: CaptionOptions,
+    dims,
+    start_id: int,
+    end_id: int,
+    tag_words,
+    fusion,
+    class_probs,
+    describe: Callable[[], str],
+) -> list[list[Hypothesis]]:
+    """``graph_beam_search`` over a beam-step graph made for ``options.beam_size`` (its width
+    ``beam_width``), with the rules of an unconstrained search: the never-first words and the
+    scorers ``edgecap.decoding.scorers_for`` makes. ``dims``: the model's ``ModelDimensions``."""
+    return graph_beam_search(
+        session,
+        n_images,
+        options,
+        dims.top_k,
+        beam_width(options.beam_size, dims.top_k),
+        start_id,
+        end_id,
+        dims.vocab_size,
+        never_first=NEVER_FIRST_IDS,
+        scorers=scorers_for(options, dims.vocab_size, tag_words, fusion, class_probs),
+        describe=describe,
+    )
 
 
 def _blocked(

@@ -360,6 +360,19 @@ class EngineCache:
             f"while, once -> {path}",
             file=self.log,
         )
+        self._build_into(path, source, role, limits, precision)
+        return path
+
+    def _build_into(
+        self,
+        path: Path,
+        source: Path,
+        role: str,
+        limits: Limits,
+        precision: str,
+        ranges: dict[str, tuple[int, int, int]] | None = None,
+    ) -> None:
+        """Build the engine of ``source`` and write it to ``path`` (atomically)."""
         data = build_engine(
             self.trt,
             self.logger,
@@ -369,12 +382,21 @@ class EngineCache:
             precision,
             self.target,
             timing_cache_path(self.cache_dir, self.target),
+            ranges=ranges,
         )
         try:
             _atomic_write(path, data)
         except OSError as exc:
             raise self._unwritable(exc) from exc
-        return path
+
+    def _fresh(self, path: Path) -> tensorrt.ICudaEngine:
+        """The engine just built at ``path``; one that does not deserialize is an error."""
+        engine = deserialize(self.trt, self.runtime, path)
+        if engine is None:
+            raise BackendError(
+                f"the freshly built engine {path} does not deserialize; see TensorRT's log above"
+            )
+        return engine
 
     def _check_writable(self) -> None:
         """Fail before a long build, not after it, when the cache cannot take the engine."""
@@ -427,13 +449,7 @@ class EngineCache:
                 f"({precision}, {limits.tag(role)} or larger) in {self.cache_dir}",
                 file=self.log,
             )
-        path = self.build(manifest, role, precision, limits)
-        engine = deserialize(self.trt, self.runtime, path)
-        if engine is None:
-            raise BackendError(
-                f"the freshly built engine {path} does not deserialize; see TensorRT's log above"
-            )
-        return self._checked(engine, role)
+        return self._checked(self._fresh(self.build(manifest, role, precision, limits)), role)
 
     def load_beam(
         self, manifest: Manifest, beam: int, end_id: int, precision: str, limits: Limits
@@ -458,26 +474,8 @@ class EngineCache:
                 f"for {self.target.gpu_name}; this takes a while, once -> {path}",
                 file=self.log,
             )
-            data = build_engine(
-                self.trt,
-                self.logger,
-                source,
-                role,
-                limits,
-                precision,
-                self.target,
-                timing_cache_path(self.cache_dir, self.target),
-                ranges=row_ranges(limits),
-            )
-            try:
-                _atomic_write(path, data)
-            except OSError as exc:
-                raise self._unwritable(exc) from exc
-            engine = deserialize(self.trt, self.runtime, path)
-            if engine is None:
-                raise BackendError(
-                    f"the freshly built engine {path} does not deserialize; see TensorRT's log above"
-                )
+            self._build_into(path, source, role, limits, precision, ranges=row_ranges(limits))
+            engine = self._fresh(path)
         return self._checked(engine, role, (BEAM_INPUTS, BEAM_OUTPUTS))
 
     def _checked(
