@@ -165,20 +165,27 @@ def onnx_for_build(
     if not prepared.exists():
         what = "converting to FP16 and folding" if to_half else "folding the constants of"
         print(f"edgecap: {what} {manifest.path(role).name} for TensorRT -> {prepared}", file=log)
-        try:
-            import onnx
+        onnx = _onnx_to_prepare_graphs()
+        from edgecap.build.convert import fold_constants, to_fp16
 
-            from edgecap.build.convert import fold_constants, to_fp16
-        except ImportError as exc:
-            raise BackendError(
-                "building TensorRT engines needs onnx to prepare the graphs: "
-                "pip install 'edgecap[tensorrt]' (or pip install onnx)"
-            ) from exc
         model = onnx.load(str(manifest.path(role)))
         if to_half:
             model = to_fp16(model)
         _atomic_write(prepared, fold_constants(model).SerializeToString())
     return prepared
+
+
+def _onnx_to_prepare_graphs():
+    """The onnx package, which preparing a graph for a TensorRT build needs (a ``BackendError``
+    saying how to install it when it is missing)."""
+    try:
+        import onnx
+    except ImportError as exc:
+        raise BackendError(
+            "building TensorRT engines needs onnx to prepare the graphs: "
+            "pip install 'edgecap[tensorrt]' (or pip install onnx)"
+        ) from exc
+    return onnx
 
 
 def beam_step_onnx(
@@ -192,15 +199,9 @@ def beam_step_onnx(
     step = onnx_for_build(manifest, DECODER_STEP, precision, mode, cache_dir, log)
     prepared = step.with_name(f"beam{beam}-end{end_id}-v{BEAM_STEP_VERSION}-{step.name}")
     if not prepared.exists():
-        try:
-            import onnx
+        onnx = _onnx_to_prepare_graphs()
+        from edgecap.build.beam_step import beam_step_model
 
-            from edgecap.build.beam_step import beam_step_model
-        except ImportError as exc:
-            raise BackendError(
-                "building TensorRT engines needs onnx to prepare the graphs: "
-                "pip install 'edgecap[tensorrt]' (or pip install onnx)"
-            ) from exc
         dims = manifest.dims
         model = beam_step_model(
             onnx.load(str(step)), beam, end_id, dims.top_k, dims.hidden_dim, dims.vocab_size
