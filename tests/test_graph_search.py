@@ -607,3 +607,38 @@ def test_search_graph_without_onnx_fails_when_the_backend_is_made(tiny, monkeypa
     with pytest.raises(BackendError, match=r"onnx package: pip install onnx$"):
         OnnxRuntimeBackend(tiny[0], device="cpu", threads=1, search="graph")
     OnnxRuntimeBackend(tiny[0], device="cpu", threads=1)  # the host search needs no onnx
+
+
+def test_threads_that_ask_for_a_new_beam_size_at_once_share_one_beam_step_session(tiny, monkeypatch):
+    """The onnxruntime backend is thread-safe: four threads that start a search at a beam size
+    not seen yet get one session between them, built once, not one each."""
+    import threading
+    import time
+
+    from edgecap.backends import ort_beam
+
+    manifest = tiny[0]
+    real = ort_beam.beam_step_model
+    built = []
+
+    def slow(*args):
+        built.append(args[1])
+        time.sleep(0.2)  # every thread reaches the check while the first one is still building
+        return real(*args)
+
+    monkeypatch.setattr(ort_beam, "beam_step_model", slow)
+    graph = OnnxRuntimeBackend(manifest, device="cpu", threads=1, search="graph")
+    start = threading.Barrier(4)
+    sessions = []
+
+    def ask():
+        start.wait()
+        sessions.append(graph._graph_search.session(3, END))
+
+    threads = [threading.Thread(target=ask) for _ in range(4)]
+    for thread in threads:
+        thread.start()
+    for thread in threads:
+        thread.join()
+    assert built == [3]
+    assert len(sessions) == 4 and all(s is sessions[0] for s in sessions)

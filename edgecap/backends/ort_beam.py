@@ -14,6 +14,7 @@ has not run (no onnxruntime-gpu on our machines).
 
 from __future__ import annotations
 
+import threading
 
 import numpy as np
 
@@ -136,16 +137,25 @@ def import_onnx():
 
 
 class OnnxGraphSearch:
-    """The graph search of one onnxruntime backend: one beam-step session per beam size."""
+    """The graph search of one onnxruntime backend: one beam-step session per beam size. The
+    backend is thread-safe (``Captioner`` lets several threads caption on it at once), so the
+    sessions are made under a lock: threads that ask for a new beam size together wait for one
+    session instead of each building its own."""
 
     def __init__(self, backend):
         self.backend = backend
         self._sessions: dict[tuple[int, int], object] = {}
+        self._lock = threading.Lock()
 
     def session(self, beam: int, end_id: int):
         """The onnxruntime session of the beam-step graph for ``beam`` (made once)."""
         key = (beam, end_id)
-        if key not in self._sessions:
+        found = self._sessions.get(key)
+        if found is not None:
+            return found
+        with self._lock:
+            if key in self._sessions:
+                return self._sessions[key]
             onnx = import_onnx()
             import onnxruntime as ort
 
