@@ -287,3 +287,18 @@ def test_bad_file_in_a_run_of_24_changes_nothing_else(captioner, tmp_path, capsy
     assert err.startswith(f"edgecap: {bad}: ") and err.count("\n") == 1
     lines = dict(line.split("\t", 1) for line in out.splitlines())
     assert lines == {str(p): alone[p].text for p in paths if p != bad}
+
+
+def test_caption_leaves_no_decoding_worker_running(tiny_model_dir, capsys):
+    """The command closes its Captioner when it is done: the decoding workers it started are
+    stopped (and a TensorRT backend's device buffers freed) before the process goes on."""
+    import threading
+
+    def workers() -> set[str]:
+        return {t.name for t in threading.enumerate() if t.name.startswith("edgecap-decode")}
+
+    before = workers()
+    code, out, err = _run_cli(capsys, EXAMPLES, "--model", tiny_model_dir, "--decode-workers", "2")
+    assert code == 0, err
+    assert str(EXAMPLES / "chelsea.png") in out and str(EXAMPLES / "rocket.jpg") in out
+    assert workers() <= before

@@ -388,3 +388,23 @@ def test_per_image_cider_averages_to_the_corpus_cider():
     assert sum(per_image.values()) / len(per_image) == pytest.approx(corpus, abs=1e-9)
     # The exact caption of image 2 scores higher than the loose one of image 3.
     assert per_image[2] > per_image[3]
+
+
+def test_cli_eval_leaves_no_decoding_worker_running(tiny_model_dir, tmp_path, capsys):
+    """Like caption, eval closes its Captioner: no decoding worker outlives the command, also
+    when a photo cannot be decoded and the command fails."""
+    import threading
+
+    def workers() -> set[str]:
+        return {t.name for t in threading.enumerate() if t.name.startswith("edgecap-decode")}
+
+    before = workers()
+    for name in ("cat.png", "cat2.png", "cat3.png"):
+        (tmp_path / name).write_bytes((EXAMPLES / "chelsea.png").read_bytes())
+    (tmp_path / "broken.jpg").write_bytes(b"\xff\xd8\xff not a jpeg")
+    names = ["cat.png", "cat2.png", "cat3.png", "broken.jpg"]
+    refs = coco_json(tmp_path / "refs.json", {name: ["A cat."] for name in names})
+    args = ["--images", str(tmp_path), "--references", str(refs), "--model", str(tiny_model_dir)]
+    rc = main(["eval", *args, "--max-length", "3", "--decode-workers", "2", "--json"])
+    assert rc == 1 and "broken.jpg" in capsys.readouterr().err
+    assert workers() <= before

@@ -166,11 +166,12 @@ def run(args: argparse.Namespace) -> int:
         return 2
     interrupt_normally()  # output starts: Ctrl-C from here is a KeyboardInterrupt (stats, 130)
     try:
-        if args.bag is not None:
-            return run_bag(captioner, args)
-        if args.video is not None or args.camera is not None:
-            return run_stream(captioner, args)
-        return _run_paths(captioner, args)
+        with captioner:  # its decoding workers stopped, a TensorRT backend's buffers freed
+            if args.bag is not None:
+                return run_bag(captioner, args)
+            if args.video is not None or args.camera is not None:
+                return run_stream(captioner, args)
+            return _run_paths(captioner, args)
     except OutputFailed as failure:
         discard_stdout()  # what is still buffered must not fail again at exit
         if isinstance(failure.error, BrokenPipeError):

@@ -100,7 +100,8 @@ def run(args: argparse.Namespace) -> int:
     started = time.perf_counter()
     progress = open_progress(len(items), progress_enabled(args))
     try:
-        hyps = caption_split(captioner, items, args.images, on_progress=progress.update)
+        with captioner:  # its decoding workers stopped, a TensorRT backend's buffers freed
+            hyps = caption_split(captioner, items, args.images, on_progress=progress.update)
     except ImageFailure as exc:
         progress.close()
         print(f"edgecap eval: error: {exc.problem}", file=sys.stderr)

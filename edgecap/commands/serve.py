@@ -104,7 +104,8 @@ def run(args: argparse.Namespace) -> int:
             file=sys.stderr,
         )
     try:
-        stopped_by = serve(service, args.host, args.port, ready=lambda port: announce(args.host, port))
+        with captioner:  # closed once the service has stopped
+            stopped_by = serve(service, args.host, args.port, ready=lambda port: announce(args.host, port))
     except OSError as exc:  # the port in use, an address this machine does not have
         print(
             f"edgecap serve: error: cannot listen on {args.host}:{args.port} ({exc.strerror or exc})",
