@@ -14,6 +14,13 @@ class EdgecapError(Exception):
     """Base class of every error edgecap raises on purpose."""
 
 
+def reason(exc: BaseException) -> str:
+    """An exception as a one-line reason to put in a message: its text with every run of
+    whitespace (newlines of a decoder's message included) one space, or its type's name when it
+    has no text."""
+    return " ".join(str(exc).split()) or type(exc).__name__
+
+
 class InputError(EdgecapError, ValueError):
     """An input image that cannot be captioned. ``source`` names it (a path or a description)."""
 

@@ -48,7 +48,7 @@ from collections.abc import Sequence
 import numpy as np
 from PIL import Image, ImageOps, UnidentifiedImageError
 
-from edgecap.errors import InputError, caused_by_interrupt
+from edgecap.errors import InputError, caused_by_interrupt, reason
 from edgecap.files import FileProblem, read_regular
 from edgecap.preprocess import Preprocessing, to_model_input
 
@@ -185,7 +185,7 @@ def load_rgb(image: ImageInput, color: str = "rgb", draft_size: tuple[int, int] 
         # Whatever else goes wrong with one input (a path the OS refuses, memory for one huge
         # image) belongs to that input: callers such as caption_batch(on_error="return") rely
         # on every per-input failure being an InputError.
-        raise InputError(source, f"cannot load this input ({_reason(exc)})") from exc
+        raise InputError(source, f"cannot load this input ({reason(exc)})") from exc
 
 
 def _load_rgb(image: ImageInput, color: str, draft_size: tuple[int, int] | None, source: str) -> Image.Image:
@@ -248,7 +248,7 @@ def _decode(data: bytes, source: str, draft_size: tuple[int, int] | None = None)
     except Exception as exc:  # noqa: BLE001
         # Pillow's plugins raise OSError, SyntaxError, but also NotImplementedError, struct.error,
         # IndexError ... on hostile bytes: whatever the reason, these bytes are not a usable image.
-        raise InputError(source, f"corrupt image header ({_reason(exc)})") from exc
+        raise InputError(source, f"corrupt image header ({reason(exc)})") from exc
     with im:
         if im.width * im.height > limit:
             raise InputError(source, _bomb_problem(im.width, im.height, limit))
@@ -264,7 +264,7 @@ def _decode(data: bytes, source: str, draft_size: tuple[int, int] | None = None)
         except MemoryError:
             raise InputError(source, f"not enough memory to decode a {im.width}x{im.height} image") from None
         except Exception as exc:  # noqa: BLE001 (as above)
-            raise InputError(source, f"truncated or corrupt image data ({_reason(exc)})") from exc
+            raise InputError(source, f"truncated or corrupt image data ({reason(exc)})") from exc
         return pil_to_rgb(im, source)
 
 
@@ -320,11 +320,6 @@ def jpeg_scans(data: bytes, stop_after: int) -> int:
     return scans
 
 
-def _reason(exc: BaseException) -> str:
-    """An exception as a short reason: its message, or its type when it has none."""
-    return str(exc) or type(exc).__name__
-
-
 def pil_to_rgb(im: Image.Image, source: str) -> Image.Image:
     """A decoded PIL image of any mode -> RGB, upright (EXIF), transparency over white."""
     if im.width < 1 or im.height < 1:
@@ -332,7 +327,7 @@ def pil_to_rgb(im: Image.Image, source: str) -> Image.Image:
     try:
         im.load()  # a lazily opened PIL image reads its file only now
     except Exception as exc:  # noqa: BLE001 (see _decode)
-        raise InputError(source, f"truncated or corrupt image data ({_reason(exc)})") from exc
+        raise InputError(source, f"truncated or corrupt image data ({reason(exc)})") from exc
     try:
         im = ImageOps.exif_transpose(im)
     except Exception:  # noqa: BLE001
@@ -351,7 +346,7 @@ def pil_to_rgb(im: Image.Image, source: str) -> Image.Image:
             return Image.alpha_composite(background, rgba).convert("RGB")
         return im.convert("RGB")  # 1, L, P, CMYK, YCbCr, LAB, HSV
     except (ValueError, OSError) as exc:  # a mode Pillow cannot convert (e.g. "La")
-        raise InputError(source, f"cannot convert a {mode} image to RGB ({_reason(exc)})") from exc
+        raise InputError(source, f"cannot convert a {mode} image to RGB ({reason(exc)})") from exc
 
 
 def _has_alpha(im: Image.Image) -> bool:

@@ -47,7 +47,7 @@ from typing import Any
 
 import numpy as np
 
-from edgecap.errors import EdgecapError, InputError, MissingPackageError
+from edgecap.errors import EdgecapError, InputError, MissingPackageError, reason
 from edgecap.images import array_to_rgb, pixel_limit_problem
 
 ROS_EXTRA = "pip install 'edgecap[ros]' (rosbags)"
@@ -181,7 +181,7 @@ class Recording:
                 self.reader = highlevel.AnyReader([self.path], default_typestore=default)
                 self.reader.open()
         except Exception as exc:  # noqa: BLE001 (rosbags raises many kinds on corrupt files)
-            raise RecordingError(f"{self.path}: cannot read this recording ({_reason(exc)})") from None
+            raise RecordingError(f"{self.path}: cannot read this recording ({reason(exc)})") from None
 
     def __enter__(self):
         return self
@@ -257,7 +257,7 @@ class Recording:
             yield from self.reader.messages(connections=connections)
         except Exception as exc:  # noqa: BLE001 (a corrupt chunk, a truncated file)
             raise RecordingError(
-                f"{self.path}: the recording breaks off while being read ({_reason(exc)})"
+                f"{self.path}: the recording breaks off while being read ({reason(exc)})"
             ) from None
 
     def _frame(
@@ -271,7 +271,7 @@ class Recording:
         try:
             msg = self.reader.deserialize(raw, connection.msgtype)
         except Exception as exc:  # noqa: BLE001 (a message that does not match its type)
-            image = InputError(name, f"cannot deserialise this {connection.msgtype} message ({_reason(exc)})")
+            image = InputError(name, f"cannot deserialise this {connection.msgtype} message ({reason(exc)})")
         else:
             try:
                 stamp = msg.header.stamp
@@ -286,7 +286,7 @@ class Recording:
             except (AttributeError, TypeError, ValueError, OverflowError) as exc:
                 # the checks of _type_problem passed, yet a field is not what it should be
                 stamp_ns = 0
-                image = InputError(name, f"message lacks the standard sensor_msgs fields: {_reason(exc)}")
+                image = InputError(name, f"message lacks the standard sensor_msgs fields: {reason(exc)}")
         if isinstance(image, bytes) and not image:
             image = InputError(name, "no image data (0 bytes)")
         return Frame(connection.topic, time_ns, stamp_ns, index, image)
@@ -586,7 +586,7 @@ def write_captions(recording: Recording, out: str | os.PathLike, captions: dict[
         _abort(writer, out)
         if isinstance(exc, RecordingError) or not isinstance(exc, Exception):
             raise
-        raise RecordingError(f"{out}: cannot write the captioned copy ({_reason(exc)})") from None
+        raise RecordingError(f"{out}: cannot write the captioned copy ({reason(exc)})") from None
     return written
 
 
@@ -619,8 +619,3 @@ def _abort(writer, out) -> None:
         shutil.rmtree(out, ignore_errors=True)
     elif out.exists():
         out.unlink()
-
-
-def _reason(exc: BaseException) -> str:
-    text = " ".join(str(exc).split())
-    return text or type(exc).__name__

@@ -45,7 +45,7 @@ import time
 from concurrent.futures import ThreadPoolExecutor
 from dataclasses import dataclass
 
-from edgecap.errors import InputError, MissingPackageError
+from edgecap.errors import InputError, MissingPackageError, reason
 
 SERVE_EXTRA = "pip install 'edgecap[serve]' (aiohttp)"
 DEFAULT_HOST = "127.0.0.1"
@@ -94,8 +94,8 @@ class ModelError(Exception):
 
 
 def one_line(exc: BaseException) -> str:
-    text = " ".join(str(exc).split())
-    return f"{type(exc).__name__}: {text}" if text else type(exc).__name__
+    """The exception's type and its one-line reason (``edgecap.errors.reason``)."""
+    return f"{type(exc).__name__}: {reason(exc)}" if str(exc).strip() else type(exc).__name__
 
 
 def log(message: str) -> None:

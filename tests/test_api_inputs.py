@@ -178,3 +178,18 @@ def test_malformed_limit_fails_at_construction(tiny_model_dir, monkeypatch):
     monkeypatch.setenv(images.MAX_PIXELS_ENV, "a lot")
     with pytest.raises(ValueError, match=images.MAX_PIXELS_ENV):
         Captioner(tiny_model_dir)
+
+
+@pytest.mark.parametrize(
+    "exc, want",
+    [
+        (OSError("libtiff: bad directory\n  at offset 8\r\n"), "libtiff: bad directory at offset 8"),
+        (ValueError(), "ValueError"),
+        (RuntimeError(" \n "), "RuntimeError"),
+    ],
+)
+def test_a_reason_in_a_message_is_one_line_or_the_exceptions_type(exc, want):
+    """What images, recordings and the service put after "(" in their errors."""
+    from edgecap.errors import reason
+
+    assert reason(exc) == want
