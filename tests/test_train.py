@@ -325,6 +325,10 @@ def test_train_command_builds_the_config_from_its_flags(tmp_path, monkeypatch, c
                 "C",
                 "--max-dev-images",
                 "9",
+                "--text",
+                "T",
+                "--text-share",
+                "0.3",
                 "--no-progress",
                 "--hidden-dim",
                 "768",
@@ -342,6 +346,8 @@ def test_train_command_builds_the_config_from_its_flags(tmp_path, monkeypatch, c
         finetune_blocks=5,
         cache_dir="C",
         max_dev_images=9,
+        text="T",
+        text_share=0.3,
         progress=False,
         decoder={**decoder, "attention": False, "hidden_dim": 768},
     )
@@ -380,3 +386,47 @@ def test_scst_command_builds_its_config_from_the_flags(tmp_path, monkeypatch):
             checkpoint="CK", data="DATA", out="RUN", epochs=20, lr=4e-4, n_samples=3, seed=4, progress=False
         )
     ]
+
+
+def test_text_batches_teach_the_decoder_through_a_no_image_input_the_model_does_not_hold(
+    tiny_dataset, tmp_path
+):
+    from safetensors.torch import load_file
+
+    from edgecap.models.checkpoint import load_checkpoint
+    from edgecap.models.decoder import CaptionDecoder
+    from edgecap.training.text_mix import NoImage
+    from edgecap.training.train import train
+
+    text = tmp_path / "captions.txt"  # the tiny photos' words, in a sentence none of their captions has
+    text.write_text("a cup on the floor\n" * 12 + "a zebra near a giraffe\n\n")
+    logs: list[str] = []
+    cfg = _config(tiny_dataset, tmp_path / "run", epochs=3, lr=1e-2, text=str(text), text_share=0.75)
+    cfg = dataclasses.replace(cfg, decoder={**cfg.decoder, "dropout": 0.0})
+    best = train(cfg, log=logs.append)
+    # 2 unknown words (zebra, giraffe): dropped; the empty line is no caption.
+    assert "text 12 captions (1 with more than one unknown word dropped), 75% of the batches" in logs
+    # 2 photo batches an epoch (2 of the 3 photos each), 3 text batches after each.
+    steps = [json.loads(line) for line in (tmp_path / "run" / "steps.jsonl").read_text().splitlines()]
+    assert sum("text_ce" in s for s in steps) == 3 * sum("ce" in s for s in steps) == 18
+    history = json.loads((best / "checkpoint.json").read_text())["train_state"]["history"]
+    assert history[-1]["text_ce"] < history[0]["text_ce"]
+    # The checkpoint holds the decoder alone: the exported graphs are those of a plain run.
+    _, decoder, vocab, _, _ = load_checkpoint(tmp_path / "run" / "last")
+    assert set(decoder.state_dict()) == set(CaptionDecoder(decoder.cfg).state_dict())
+    # The learned "no image" input, kept to resume, has moved from zero, and the decoder fed it
+    # says the text's sentence (greedy), which no photo caption is.
+    no_image = NoImage(decoder.cfg.feature_dim)
+    no_image.load_state_dict(load_file(str(tmp_path / "run" / "last" / "no_image.safetensors")))
+    assert no_image.features.abs().max() > 0
+    decoder.eval()
+    with torch.no_grad():
+        features, att_proj, h, c = no_image.state(decoder, 1)
+        token, words = torch.tensor([vocab.start]), []
+        for _ in range(8):
+            logits, h, c, _ = decoder.logits(token, h, c, features, att_proj)
+            token = logits.argmax(1)
+            if int(token) == vocab.end:
+                break
+            words.append(int(token))
+    assert vocab.decode(words) == "a cup on the floor"

@@ -207,6 +207,22 @@ def add_arguments(p: argparse.ArgumentParser) -> None:
         metavar="N",
         help="score each epoch on the first N dev photos (0: all of them)",
     )
+    p.add_argument(
+        "--text",
+        metavar="FILE",
+        help="caption text without photos (one caption a line, UTF-8) mixed in as text-only "
+        "batches: the decoder learns the text's language with a learned 'no image' input in place "
+        "of the photo, a training-only input that the exported model does not hold; the "
+        "vocabulary stays the run's, captions with more than one unknown word are dropped "
+        "(default: none)",
+    )
+    p.add_argument(
+        "--text-share",
+        type=float,
+        default=TRAIN["text_share"],
+        metavar="X",
+        help="with --text: the share of the batches that are text-only, in (0, 1)",
+    )
     p.add_argument("--no-progress", action="store_true", help="no progress bars on stderr")
     p.add_argument(
         "--scst-from",

@@ -74,7 +74,12 @@ class CaptionDecoder(nn.Module):
     # -- once per image ---------------------------------------------------------------------
     def init_state(self, fmap: torch.Tensor):
         """fmap (N, L, encoder_dim) -> features (N, L, F), att_proj (N, L, A), h0, c0 (N, H)."""
-        features = self.feature_norm(F.relu(self.feature_proj(fmap)))
+        return self.state_from(self.feature_norm(F.relu(self.feature_proj(fmap))))
+
+    def state_from(self, features: torch.Tensor):
+        """Projected region features (N, L', F) -> features, att_proj (N, L', A), h0, c0 (N, H):
+        the part of ``init_state`` after the projection (text-only training feeds a learned
+        "no image" region here, ``edgecap.training.text_mix``)."""
         mean = features.mean(1)
         if self.cfg.attention:
             h0 = torch.tanh(self.init_h(mean))
@@ -148,7 +153,12 @@ class CaptionDecoder(nn.Module):
         feeds the model's own greedy word instead of the true one with that probability
         (scheduled sampling).
         """
-        features, att_proj, h, c = self.init_state(fmap)
+        return self.teacher_forced(self.init_state(fmap), captions, image_index, sample_prob)
+
+    def teacher_forced(self, state, captions: torch.Tensor, image_index=None, sample_prob: float = 0.0):
+        """``forward`` from a per-image ``state`` (features, att_proj, h0, c0), as ``init_state`` or
+        ``state_from`` give it."""
+        features, att_proj, h, c = state
         if image_index is not None:
             features, att_proj = features[image_index], att_proj[image_index]
             h, c = h[image_index], c[image_index]

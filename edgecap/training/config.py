@@ -94,6 +94,8 @@ class TrainConfig:
     decoder: dict = field(default_factory=dict)  # DecoderConfig overrides (hidden_dim, ...)
     dev_fraction: float | None = None  # folder without a split column: share of dev photos
     allow_outside_data: bool = False  # photos outside the images folder (../, absolute, links)
+    text: str | None = None  # caption text (one a line) mixed in as text-only batches (text_mix.py)
+    text_share: float = 0.5  # with text: the share of the batches that are text-only
 
     def __post_init__(self):
         # Field names in the messages: `edgecap train` shows them as its flags.
@@ -128,6 +130,8 @@ class TrainConfig:
                 )
             if not 0 < self.dev_fraction < 1:
                 raise ValueError(f"dev_fraction must be between 0 and 1, got {self.dev_fraction}")
+        if not 0 < self.text_share < 1:
+            raise ValueError(f"text_share must be between 0 and 1, got {self.text_share}")
         if self.finetune_cached and not self.finetune_encoder:
             raise ValueError("finetune_cached needs finetune_encoder")
         n_blocks = encoder_spec(self.encoder).n_blocks

@@ -47,7 +47,11 @@ from edgecap.training.features import compute_features, progress_bar, split_feat
 from edgecap.training.records import MAX_RECORD_BYTES, shown
 from edgecap.training.shards import streamed_split
 from edgecap.training.start import initial_model, training_items
+from edgecap.training.text_mix import NoImage, clipped, read_text, text_batches, text_loss, text_steps
 from edgecap.vocab import Vocabulary
+
+
+NO_IMAGE_FILE = "no_image.safetensors"  # OUT/last: the training-only "no image" input (--text)
 
 
 class TrainState(TypedDict):
@@ -71,10 +75,7 @@ class _Batches:
         for item, row in zip(items, rows):
             caps = []
             for cap in item.captions:
-                ids = vocab.encode(cap)
-                if len(ids) > max_words + 2:
-                    ids = ids[: max_words + 1] + [vocab.end]
-                caps.append(ids)
+                caps.append(clipped(vocab.encode(cap), max_words, vocab.end))
             self.images.append((row, caps))
         self.n_captions = sum(len(c) for _, c in self.images)
         self.pad = vocab.pad
@@ -217,6 +218,8 @@ def train(cfg: TrainConfig, log=print) -> Path:
             "--finetune-encoder runs in one process: under torchrun only the "
             "decoder trains, on cached features"
         )
+    if world_size() > 1 and cfg.text:
+        raise BackendError("--text runs in one process, not under torchrun")
     dist = setup()
     if not dist.main:
         log = _silent
@@ -238,6 +241,13 @@ def train(cfg: TrainConfig, log=print) -> Path:
     start = initial_model(cfg, train_items, last, log)
     decoder, vocab, meta, resuming = start.decoder, start.vocab, start.meta, start.resuming
     log(f"train {len(train_items)} images, dev {len(dev_items)} images, vocabulary {len(vocab)} words")
+    text_captions: list[list[int]] = []
+    if cfg.text:
+        text_captions, dropped = read_text(cfg.text, vocab, cfg.max_caption_words)
+        log(
+            f"text {len(text_captions)} captions ({dropped} with more than one unknown word dropped), "
+            f"{cfg.text_share:.0%} of the batches"
+        )
 
     cache = Path(cfg.cache_dir) if cfg.cache_dir else out.parent / ".feature-cache"
     # Fine-tuning: the blocks before the tuned ones are frozen, so their activations are cached
@@ -290,6 +300,7 @@ def train(cfg: TrainConfig, log=print) -> Path:
             decoder, device_ids=[device.index] if device.type == "cuda" else None
         )
     params: list[dict[str, Any]] = [{"params": list(decoder.parameters()), "lr": cfg.lr}]
+    bases = [cfg.lr]  # each parameter group's learning rate before decay
     if encoder is not None:
         for p in encoder.parameters():
             p.requires_grad_(False)
@@ -298,6 +309,16 @@ def train(cfg: TrainConfig, log=print) -> Path:
             for p in m.parameters():
                 p.requires_grad_(True)
         params.append({"params": [p for m in tuned for p in m.parameters()], "lr": cfg.encoder_lr})
+        bases.append(cfg.encoder_lr)
+    no_image = None
+    if text_captions:  # training-only: kept in OUT/last to resume, never in a checkpoint
+        no_image = NoImage(decoder.cfg.feature_dim).to(device)
+        if resuming and (last / NO_IMAGE_FILE).exists():
+            from safetensors.torch import load_file
+
+            no_image.load_state_dict(load_file(str(last / NO_IMAGE_FILE)))
+        params.append({"params": list(no_image.parameters()), "lr": cfg.lr})
+        bases.append(cfg.lr)
     optimizer = torch.optim.Adam(params)
 
     state: TrainState = {"epoch": 0, "best_cider": -1.0, "best_epoch": 0, "history": []}
@@ -325,7 +346,7 @@ def train(cfg: TrainConfig, log=print) -> Path:
         _keep_steps(steps_log, state["epoch"])
     for epoch in range(state["epoch"] + 1, cfg.epochs + 1):
         decay = 0.5 ** ((epoch - 1) // cfg.lr_decay_epochs)
-        for group, base in zip(optimizer.param_groups, [cfg.lr, cfg.encoder_lr]):
+        for group, base in zip(optimizer.param_groups, bases):
             group["lr"] = base * decay
         sample_prob = cfg.scheduled_sampling * min(1.0, (epoch - 1) / max(1, cfg.epochs - 1))
         # The epoch's randomness (order, augmentation, dropout) depends on the seed and the
@@ -343,6 +364,10 @@ def train(cfg: TrainConfig, log=print) -> Path:
         shares = batches.shares(cfg.batch_size, rng, dist.rank, dist.world)
         read = (lambda share: train_maps[share[0]]) if encoder is None else (lambda share: None)
         steps: TextIO | None = open(steps_log, "a") if dist.main else None
+        texts = text_batches(
+            text_captions, cfg.batch_size, vocab.pad, random.Random(f"{cfg.seed}:{epoch}:text")
+        )
+        text_total, text_count = 0.0, 0
         for step, ((rows, caps, image_index, totals, weight), fmap) in enumerate(
             _prefetched(shares, read), 1
         ):
@@ -381,6 +406,11 @@ def train(cfg: TrainConfig, log=print) -> Path:
                     )
                     + "\n"
                 )
+            for _ in range(text_steps(step, cfg.text_share) if no_image is not None else 0):
+                text_ce = _text_step(decoder, no_image, next(texts), optimizer, params, cfg, amp, scaler)
+                text_total, text_count = text_total + text_ce, text_count + 1
+                if steps is not None:
+                    steps.write(json.dumps({"epoch": epoch, "step": step, "text_ce": text_ce}) + "\n")
             bar.update(1)
             bar.set_postfix(loss=f"{total / count:.3f}")
         bar.close()
@@ -395,6 +425,7 @@ def train(cfg: TrainConfig, log=print) -> Path:
         record = {
             "epoch": epoch,
             "train_ce": round(total / count, 4),
+            **({"text_ce": round(text_total / text_count, 4)} if text_count else {}),
             "seconds": round(time.time() - t0),
             **{k: round(v, 4) for k, v in dev.items()},
         }
@@ -420,6 +451,12 @@ def train(cfg: TrainConfig, log=print) -> Path:
             save_checkpoint(out / "best", decoder, vocab, pre, info, encoder, cfg.encoder)
         save_checkpoint(last, decoder, vocab, pre, info, encoder, cfg.encoder)
         _save_optimizer(optimizer, last / "optimizer.safetensors", last / "optimizer.json")
+        if no_image is not None:
+            from safetensors.torch import save_file
+
+            save_file(
+                {k: v.detach().cpu() for k, v in no_image.state_dict().items()}, str(last / NO_IMAGE_FILE)
+            )
         if dist.from_main(epoch - state["best_epoch"] >= cfg.patience):
             log(f"no better dev CIDEr for {cfg.patience} epochs: stopping")
             break
@@ -432,6 +469,20 @@ def train(cfg: TrainConfig, log=print) -> Path:
             "raise --epochs, or start in another --out"
         )
     return out / "best"
+
+
+def _text_step(decoder, no_image, caps, optimizer, params, cfg: TrainConfig, amp, scaler) -> float:
+    """One optimizer step on a text-only batch (``text_mix``); -> its cross-entropy."""
+    device = next(decoder.parameters()).device
+    with amp:
+        ce = text_loss(decoder, no_image, caps.to(device), cfg.label_smoothing)
+    optimizer.zero_grad(set_to_none=True)
+    scaler.scale(ce).backward()
+    scaler.unscale_(optimizer)
+    torch.nn.utils.clip_grad_norm_([p for g in params for p in g["params"]], cfg.grad_clip)
+    scaler.step(optimizer)
+    scaler.update()
+    return ce.item()
 
 
 def _silent(*_args) -> None:
