@@ -65,9 +65,10 @@ class Caption:
     caption is right (``edgecap.confidence``; None for a model without a confidence model).
     ``recognisable``: False for a frame with nothing to caption (uniform, or blurred past any
     detail: ``edgecap.preprocess.recognisable``); its ``text`` is then ``NOTHING_RECOGNISABLE``,
-    ``tokens`` empty and ``confidence`` 0. ``signals``: what ``confidence`` is computed from
-    (``edgecap.confidence.SIGNALS``), for fitting a confidence model. ``attention``: float32
-    (n_words, 7, 7), the attention over the image's regions for each word, when asked for.
+    ``tokens`` empty and ``confidence`` 0. ``signals``: every signal of ``edgecap.confidence.SIGNALS``
+    (``confidence`` is computed from those its model names), for fitting a confidence model.
+    ``attention``: float32 (n_words, 7, 7), the attention over the image's regions for each
+    word, when asked for.
     ``objects``: the image's most probable object classes as (name, probability), best first,
     from the encoder's own classifier (ImageNet's 1000 classes), whatever the caption says.
     """
@@ -440,23 +441,24 @@ class Captioner:
         self, hyps: list[Hypothesis], objects: tuple, probs: np.ndarray | None, timings: dict[str, float]
     ) -> Caption:
         best, *rest = hyps
-        typicality = (
-            0.0
-            if probs is None or self.fusion is None or self.fusion.gate is None
-            else float(self.fusion.gate.typicality(probs[None])[0])
-        )
-        alternatives = tuple(self._hypothesis_caption(h, objects, probs, typicality, {}) for h in rest)
-        return self._hypothesis_caption(best, objects, probs, typicality, timings, alternatives)
+        # the photo's typicality and the gate's share of the fusion weight (confidence signals)
+        photo = (0.0, 0.0)
+        if probs is not None and self.fusion is not None and self.fusion.gate is not None:
+            gate = self.fusion.gate
+            photo = (float(gate.typicality(probs[None])[0]), float(gate(probs[None])[0]))
+        alternatives = tuple(self._hypothesis_caption(h, objects, probs, photo, {}) for h in rest)
+        return self._hypothesis_caption(best, objects, probs, photo, timings, alternatives)
 
     def _hypothesis_caption(
         self,
         hyp: Hypothesis,
         objects: tuple,
         probs: np.ndarray | None,
-        typicality: float,
+        photo: tuple[float, float],
         timings: dict[str, float],
         alternatives: tuple[Caption, ...] = (),
     ) -> Caption:
+        """``photo``: its typicality and the fusion gate's share for it (0, 0 without a gate)."""
         if any(not 0 <= i < len(self.vocab) for i in hyp.tokens):
             raise ModelError(
                 f"{self.manifest.directory}: the decoder step graph returned word "
@@ -473,11 +475,12 @@ class Captioner:
                 probs,
                 self.classes.word_ids,
                 hyp.rank_score,
-                typicality,
+                photo[0],
                 self._object_words,
+                photo[1],
             )
             if self.confidence_model is not None:
-                confidence = round(self.confidence_model.predict(x), 4)
+                confidence = round(self.confidence_model.predict(self.confidence_model.select(x)), 4)
         return Caption(
             text=" ".join(words),
             score=float(hyp.score),

@@ -3,14 +3,22 @@ caption is right, from what the model already knows about it.
 
 Signals (``signals``): the caption's mean log-probability per word (its score), the encoder's
 most probable class and the entropy of its class distribution (a photo the classifier knows
-well, or one it cannot place), whether the caption names one of the photo's confident tags, how
-many of its object words no tag supports (the Flickr8k model invents dogs and people), its
-length, the score the search ranked it by, and how like the training photos the photo looks (the
-fusion gate's typicality, where the model has one: ``edgecap.decoding.fusion``). The sentence's
-scores under the two caption language models were tried as signals too and left out: they
-lowered the cross-validated AUROC on everyday photos (0.672 with them, 0.689 without). A
-logistic model over the signals, fitted on dev photos (``benchmarks/confidence_fit.py``), ships
-with a model directory as ``confidence.json``; without one ``confidence`` is None.
+well, or one it cannot place), whether the caption names one of the photo's confident tags and
+the probability of the most probable class it names (``named_tag_prob``: 0 when it names none),
+how many of its object words no tag supports (the Flickr8k model invents dogs and people), its
+length, the score the search ranked it by, how like the training photos the photo looks (the
+fusion gate's typicality, where the model has one: ``edgecap.decoding.fusion``) and ``typical``,
+1 minus the gate's share of the fusion weight (1: a photo like the training photos, 0: one the
+everyday language model fully steers; 1 without a gate), and the products of ``typical`` with
+the score and with ``named_tag_prob``. The products let one logistic model weigh the signals
+differently on the two kinds of photo: on photos like Flickr8k's the caption model's own score
+tracks whether the caption is right, on everyday photos it does not (its AUROC there is 0.466)
+while the tag the caption names does.
+
+A logistic model over some of the signals, fitted on dev photos (``benchmarks/confidence_fit.py``),
+ships with a model directory as ``confidence.json``, naming the signals it uses; without one
+``confidence`` is None. The shipped one uses ``named_tag_prob``, ``typical``,
+``score_if_typical`` and ``named_tag_prob_if_typical`` (docs/confidence.md has what was tried).
 """
 
 from __future__ import annotations
@@ -35,6 +43,10 @@ SIGNALS = (
     "unsupported_words",
     "n_words",
     "typicality",
+    "named_tag_prob",
+    "typical",
+    "score_if_typical",
+    "named_tag_prob_if_typical",
 )
 TAG_MIN_PROB = 0.1  # a tag is "confident" from this probability (the guidance threshold)
 SUPPORT_TAGS = 5  # the tags whose words count as support for an object word
@@ -48,13 +60,16 @@ def signals(
     rank_score: float | None = None,
     typicality: float = 0.0,
     objects: frozenset[int] | None = None,
+    fusion_share: float = 0.0,
 ) -> np.ndarray:
     """One caption's signals, float64 (len(SIGNALS),). ``tokens``: its word ids; ``score``:
     its mean log-probability; ``rank_score``: what the search ranked it by (with the tag bonus
     and the fused language models; None: ``score``); ``probs`` (C,): the photo's class
     probabilities; ``word_ids``: per class, its caption word ids (``ObjectClasses.word_ids``);
     ``typicality``: how like the training photos the photo looks (``fusion.Gate.typicality``; 0
-    without a gate); ``objects``: ``object_words(word_ids)`` (computed here when None)."""
+    without a gate); ``objects``: ``object_words(word_ids)`` (computed here when None);
+    ``fusion_share``: the gate's share of the fusion weight for the photo (``fusion.Gate``; 0
+    without a gate)."""
     probs = np.asarray(probs, np.float64)
     order = np.argsort(-probs, kind="stable")
     confident = {w for c in order[:3] if probs[c] >= TAG_MIN_PROB for w in word_ids[c]}
@@ -63,6 +78,11 @@ def signals(
         objects = object_words(word_ids)
     said = set(tokens)
     entropy = float(-(probs * np.log(np.clip(probs, 1e-12, 1.0))).sum())
+    # the most probable class whose words the caption says (most photos: among the first few)
+    named = 0.0
+    if said & objects:
+        named = next((float(probs[c]) for c in order if said.intersection(word_ids[c])), 0.0)
+    typical = 1.0 - float(fusion_share)
     return np.array(
         [
             score,
@@ -73,6 +93,10 @@ def signals(
             float(len((said & objects) - supported)),
             float(len(tokens)),
             typicality,
+            named,
+            typical,
+            score * typical,
+            named * typical,
         ]
     )
 
@@ -85,22 +109,29 @@ def object_words(word_ids) -> frozenset[int]:
 
 @dataclass(frozen=True)
 class ConfidenceModel:
-    """A logistic model over standardised ``SIGNALS``."""
+    """A logistic model over standardised signals: ``names``, some of ``SIGNALS`` (all of them
+    by default), in the order of ``mean``, ``std`` and ``weights``."""
 
     mean: np.ndarray
     std: np.ndarray
     weights: np.ndarray
     bias: float
     info: dict
+    names: tuple[str, ...] = SIGNALS
 
     def predict(self, x: np.ndarray) -> float:
+        """``x``: the model's own signals (``names``), in its order."""
         z = float(((np.asarray(x) - self.mean) / self.std) @ self.weights + self.bias)
         return 1.0 / (1.0 + math.exp(-max(-50.0, min(50.0, z))))
+
+    def select(self, x: np.ndarray) -> np.ndarray:
+        """All the ``SIGNALS`` of a caption (``Caption.signals``) -> the model's own."""
+        return np.asarray(x)[..., [SIGNALS.index(name) for name in self.names]]
 
     def to_json(self) -> dict:
         return {
             "format": FORMAT,
-            "signals": list(SIGNALS),
+            "signals": list(self.names),
             "mean": self.mean.tolist(),
             "std": self.std.tolist(),
             "weights": self.weights.tolist(),
@@ -118,11 +149,20 @@ class ConfidenceModel:
             return None
         try:
             spec = read_json(path, MAX_VOCAB_BYTES)
-            if spec.get("format") != FORMAT or spec.get("signals") != list(SIGNALS):
-                raise ValueError(f"not an {FORMAT} file over the signals {list(SIGNALS)}")
+            if spec.get("format") != FORMAT:
+                raise ValueError(f"not an {FORMAT} file")
+            names = spec.get("signals")
+            if (
+                not isinstance(names, list)
+                or not names
+                or len(set(map(str, names))) != len(names)
+                or not set(names) <= set(SIGNALS)
+            ):
+                raise ValueError(f"signals must be some of {list(SIGNALS)}, each once")
+            n = len(names)
             arrays = [np.asarray(spec[k], np.float64) for k in ("mean", "std", "weights")]
-            if any(a.shape != (len(SIGNALS),) or not np.isfinite(a).all() for a in arrays):
-                raise ValueError(f"mean, std and weights must be {len(SIGNALS)} numbers each")
+            if any(a.shape != (n,) or not np.isfinite(a).all() for a in arrays):
+                raise ValueError(f"mean, std and weights must be {n} numbers each (one per signal)")
             if (arrays[1] <= 0).any():
                 raise ValueError("std must be positive")
             bias = float(spec["bias"])
@@ -136,7 +176,7 @@ class ConfidenceModel:
             k: v for k, v in spec.items() if k not in ("format", "signals", "mean", "std", "weights", "bias")
         }
         mean, std, weights = arrays
-        return cls(mean, std, weights, bias, info)
+        return cls(mean, std, weights, bias, info, tuple(names))
 
 
 def fit(x: np.ndarray, y: np.ndarray, l2: float = 1.0, steps: int = 50) -> tuple:

@@ -86,6 +86,24 @@ def test_signals_from_the_classes_and_the_caption():
     assert dict(zip(SIGNALS, x))["names_a_tag"] == 0.0
 
 
+def test_the_named_tag_and_how_typical_the_photo_is():
+    """``named_tag_prob``: the probability of the most probable class the caption names;
+    ``typical``: 1 minus the fusion gate's share, and the score and named tag times it."""
+    word_ids = ((10,), (11, 12), (13,), ())
+    probs = np.array([0.1, 0.6, 0.25, 0.05])
+    # says 13 (class 2, 0.25) and 10 (class 0, 0.1): the most probable class it names is class 2
+    got = dict(zip(SIGNALS, signals([5, 13, 10], -2.0, probs, word_ids, fusion_share=0.25)))
+    assert got["named_tag_prob"] == pytest.approx(0.25)
+    assert got["typical"] == pytest.approx(0.75)
+    assert got["score_if_typical"] == pytest.approx(-1.5)  # -2.0 * 0.75
+    assert got["named_tag_prob_if_typical"] == pytest.approx(0.1875)  # 0.25 * 0.75
+    # says 12, the second word of the most probable class (0.6)
+    assert dict(zip(SIGNALS, signals([12], -1.0, probs, word_ids)))["named_tag_prob"] == pytest.approx(0.6)
+    # names no class: 0; without a gate (share 0) the photo counts as typical
+    got = dict(zip(SIGNALS, signals([5, 7], -1.0, probs, word_ids)))
+    assert got["named_tag_prob"] == 0.0 and got["typical"] == 1.0 and got["score_if_typical"] == -1.0
+
+
 def _model_with_confidence(tmp_path, default_model_dir, bias: float) -> str:
     model = tmp_path / "model"
     shutil.copytree(default_model_dir, model)
@@ -117,6 +135,35 @@ def test_the_model_directorys_confidence_marks_captions(tmp_path, default_model_
     assert len(plain) == 2  # not marked
 
 
+def test_a_confidence_model_over_some_signals_uses_those(tmp_path, default_model_dir):
+    """confidence.json names its signals: a model over the caption's length alone gives
+    1 / (1 + exp(-(n_words - 10) / 2)) for every caption."""
+    from edgecap import Captioner
+
+    model = tmp_path / "model"
+    shutil.copytree(default_model_dir, model)
+    write(model, ConfidenceModel(np.array([10.0]), np.array([2.0]), np.array([1.0]), 0.0, {}, ("n_words",)))
+    spec = json.loads((model / "confidence.json").read_text())
+    assert spec["signals"] == ["n_words"]
+    for caption in Captioner(model).caption_batch(
+        [str(EXAMPLES / "chelsea.png"), str(EXAMPLES / "coffee.png")]
+    ):
+        expected = 1 / (1 + np.exp(-(len(caption.tokens) - 10) / 2))
+        assert caption.confidence == pytest.approx(expected, abs=1e-4)
+
+
+def test_the_shipped_confidence_model_and_its_signals(captioner):
+    """The shipped model reads the signals it names from each caption's full set."""
+    model = captioner.confidence_model
+    assert model is not None and set(model.names) <= set(SIGNALS)
+    caption = captioner.caption(str(EXAMPLES / "coffee.png"))
+    got = dict(zip(SIGNALS, caption.signals))
+    assert 0.0 <= got["typical"] <= 1.0 and 0.0 <= got["named_tag_prob"] <= got["top_class_prob"]
+    assert got["score_if_typical"] == pytest.approx(caption.score * got["typical"])
+    expected = model.predict(np.array([got[name] for name in model.names]))
+    assert caption.confidence == pytest.approx(expected, abs=1e-4)
+
+
 def test_a_malformed_confidence_file_is_a_model_error(tmp_path):
     (tmp_path / "confidence.json").write_text(json.dumps({"format": "edgecap-confidence/1"}))
     with pytest.raises(ModelError, match="confidence.json: malformed"):
@@ -133,4 +180,11 @@ def test_a_malformed_confidence_file_is_a_model_error(tmp_path):
     (tmp_path / "confidence.json").write_text(json.dumps(spec))
     with pytest.raises(ModelError, match="std must be positive"):
         ConfidenceModel.load(tmp_path)
+    for signals_, match in (
+        (["score", "no such signal"], "signals must be some of"),
+        (["score"], "1 numbers each"),
+    ):
+        (tmp_path / "confidence.json").write_text(json.dumps({**spec, "signals": signals_, "std": [1] * n}))
+        with pytest.raises(ModelError, match=match):
+            ConfidenceModel.load(tmp_path)
     assert ConfidenceModel.load(tmp_path / "none") is None
