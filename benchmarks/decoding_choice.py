@@ -7,9 +7,10 @@
 Each variant is ``CaptionOptions`` overrides (``fused=fusion_weight=0.35``,
 ``plain=guidance_bonus=0,fusion_weight=0``). Prints, and writes to ``OUT/decoding_choice.md`` /
 ``.json``, each set's CIDEr-D, METEOR and BLEU-4 (coco-caption, PTB tokenizer with Java), and
-for every variant after the first its per-photo CIDEr difference with a 95% paired-bootstrap
-interval on each set and on the 160 everyday photos together (per-photo CIDEr computed within
-each folder, then pooled). Also writes each variant's captions (``OUT/captions-NAME.json``: the
+for every variant after the first its per-photo CIDEr and METEOR differences with 95%
+paired-bootstrap intervals on each set and on the 160 everyday photos together (per-photo
+scores computed within each folder, then pooled; the 160 photos' METEOR is also scored as one
+corpus). Also writes each variant's captions (``OUT/captions-NAME.json``: the
 caption, its score and object tags per photo) for later analysis. Nothing is written anywhere
 else.
 """
@@ -98,13 +99,15 @@ def main(argv=None) -> int:
     from _stats import paired_bootstrap
 
     from edgecap import Captioner
-    from edgecap.evaluation.metrics import per_image_cider, score
+    from edgecap.evaluation.metrics import per_image_cider, per_image_meteor, score
 
     args.out.mkdir(parents=True, exist_ok=True)
     variants = [parse_variant(v) for v in args.variant]
     sets = load_sets(args.data, args.flickr8k_limit)
     results: dict = {"variants": dict(variants), "sets": {}}
     per_image: dict = {}
+    per_image_m: dict = {}
+    everyday_text: dict = {}
     for name, options in variants:
         captioner = Captioner(args.model, **options)
         captions = {}
@@ -116,6 +119,11 @@ def main(argv=None) -> int:
             text = {k: v["caption"] for k, v in hyps.items()}
             metrics = score(refs, text, metrics=("BLEU-4", "METEOR", "CIDEr"))
             per_image[(name, set_name)] = per_image_cider(refs, text)
+            per_image_m[(name, set_name)] = per_image_meteor(refs, text)
+            if dict(SETS)[set_name] == "everyday":
+                everyday_text.setdefault(name, ({}, {}))
+                everyday_text[name][0].update({(set_name, k): v for k, v in refs.items()})
+                everyday_text[name][1].update({(set_name, k): v for k, v in text.items()})
             results["sets"].setdefault(set_name, {})[name] = {
                 **{k: round(v, 4) for k, v in metrics.items()},
                 "seconds": round(seconds, 1),
@@ -123,6 +131,18 @@ def main(argv=None) -> int:
             captions[set_name] = {str(k): v for k, v in hyps.items()}
             print(json.dumps({"variant": name, "set": set_name, **metrics}), flush=True)
         (args.out / f"captions-{name}.json").write_text(json.dumps(captions) + "\n")
+        refs_e, text_e = everyday_text[name]
+        keys = {key: f"{key[0]}/{key[1]}" for key in refs_e}
+        results["sets"].setdefault("everyday (160)", {})[name] = {
+            "METEOR": round(
+                score(
+                    {keys[k]: v for k, v in refs_e.items()},
+                    {keys[k]: v for k, v in text_e.items()},
+                    metrics=("METEOR",),
+                )["METEOR"],
+                4,
+            )
+        }
 
     base = variants[0][0]
     comparisons = {}
@@ -136,13 +156,23 @@ def main(argv=None) -> int:
             b = [v for s in parts for _, v in sorted(per_image[(name, s)].items())]
             row[set_name] = {k: round(v, 4) for k, v in paired_bootstrap(a, b, args.resamples).items()}
             row[set_name]["CIDEr"] = round(sum(b) / len(b), 4)
+            a = [v for s in parts for _, v in sorted(per_image_m[(base, s)].items())]
+            b = [v for s in parts for _, v in sorted(per_image_m[(name, s)].items())]
+            row[set_name]["METEOR"] = {
+                k: round(v, 4) for k, v in paired_bootstrap(a, b, args.resamples).items()
+            }
         comparisons[name] = row
     results["vs_" + base] = comparisons
     (args.out / "decoding_choice.json").write_text(json.dumps(results, indent=1) + "\n")
     lines = [
-        "| variant | set | BLEU-4 | METEOR | CIDEr | CIDEr vs " + base + " [95%] |",
-        "|---|---|---|---|---|---|",
+        f"| variant | set | BLEU-4 | METEOR | CIDEr | CIDEr vs {base} [95%] "
+        f"| per-photo METEOR vs {base} [95%] |",
+        "|---|---|---|---|---|---|---|",
     ]
+
+    def interval(d) -> str:
+        return f"{d['difference']:+.4f} [{d['low']:+.4f}, {d['high']:+.4f}]"
+
     for name, _ in variants:
         for set_name, _ in SETS:
             m = results["sets"][set_name][name]
@@ -152,15 +182,21 @@ def main(argv=None) -> int:
                 if diff is None
                 else (f"{diff['difference']:+.3f} [{diff['low']:+.3f}, {diff['high']:+.3f}]")
             )
+            m_cell = "" if diff is None else interval(diff["METEOR"])
             lines.append(
-                f"| {name} | {set_name} | {m['BLEU-4']:.3f} | {m['METEOR']:.4f} | {m['CIDEr']:.3f} | {cell} |"
+                f"| {name} | {set_name} | {m['BLEU-4']:.3f} | {m['METEOR']:.4f} | {m['CIDEr']:.3f} | {cell} "
+                f"| {m_cell} |"
             )
         diff = comparisons.get(name, {}).get("everyday (160)")
+        meteor = results["sets"]["everyday (160)"][name]["METEOR"]
         if diff is not None:
             lines.append(
-                f"| {name} | everyday (160) | | | {diff['CIDEr']:.3f} | "
-                f"{diff['difference']:+.3f} [{diff['low']:+.3f}, {diff['high']:+.3f}] |"
+                f"| {name} | everyday (160) | | {meteor:.4f} | {diff['CIDEr']:.3f} | "
+                f"{diff['difference']:+.3f} [{diff['low']:+.3f}, {diff['high']:+.3f}] "
+                f"| {interval(diff['METEOR'])} |"
             )
+        else:
+            lines.append(f"| {name} | everyday (160) | | {meteor:.4f} | | | |")
     table = "\n".join(lines)
     (args.out / "decoding_choice.md").write_text(
         f"`python benchmarks/decoding_choice.py {' '.join(sys.argv[1:] if argv is None else argv)}`"

@@ -19,6 +19,7 @@ Variants:
     torch-eager       Captioner(backend="torch")
     ort-fp32-noguide  Captioner(guidance_bonus=0): object-guided decoding off
     ort-fp32-constrained  Captioner(constrained=True): constrained beam search on the tags
+    ort-fp32-noconsensus  Captioner(consensus=False): the search's own best caption, no consensus choice
     ort-fp32-b        Captioner(MODEL_B): the model directory given with --model-b
     NAME/spin-on, NAME/spin-off   an onnxruntime variant with session.intra_op.allow_spinning
                                   set to 1 / 0 (default: onnxruntime's own default, on)
@@ -38,7 +39,14 @@ from pathlib import Path
 import _common as C
 import _isolated as I
 
-BASE_VARIANTS = ("ort-fp32", "torch-eager", "ort-fp32-noguide", "ort-fp32-constrained", "ort-fp32-b")
+BASE_VARIANTS = (
+    "ort-fp32",
+    "torch-eager",
+    "ort-fp32-noguide",
+    "ort-fp32-constrained",
+    "ort-fp32-noconsensus",
+    "ort-fp32-b",
+)
 DEFAULT_VARIANTS = ("ort-fp32", "torch-eager", "ort-fp32-noguide")
 SPINNING = {"on": "1", "off": "0"}
 
@@ -127,6 +135,8 @@ def variant_spec(label: str, args) -> I.Spec:
         caption_options = {"guidance_bonus": 0.0}
     elif name == "ort-fp32-constrained":
         caption_options = {"constrained": True}
+    elif name == "ort-fp32-noconsensus":
+        caption_options = {"consensus": False}
     elif name == "ort-fp32-b":
         if args.model_b is None:
             sys.exit("ort-fp32-b needs --model-b DIR")

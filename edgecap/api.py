@@ -58,8 +58,10 @@ class Caption:
 
     ``score`` is the length-normalised log-probability (higher is better), ``log_prob`` the plain
     sum, both the caption model's own. ``alternatives``: the next best captions when ``n_best``
-    > 1, in the search's order (captions that ended before any cut at ``max_length``; each by
-    ``score``, plus the bonuses of the tag words and the fused language models that steered it).
+    > 1, in the order the caption was chosen in (captions that ended before any cut at
+    ``max_length``; by the consensus choice, ``edgecap.decoding.consensus``, or with
+    ``consensus=False`` by ``score`` plus the bonuses of the tag words and the fused language
+    models that steered it).
     ``timings`` (milliseconds): ``preprocess_ms`` for this image; ``encode_ms`` and ``decode_ms``
     its share of its batch's encoder run and search. ``confidence``: the probability that the
     caption is right (``edgecap.confidence``; None for a model without a confidence model).

@@ -25,6 +25,9 @@ IMAGENET_CLASSES = Path(__file__).parent / "assets" / "imagenet_classes.json"
 class ObjectClasses:
     names: tuple[str, ...]  # readable class names, in class_probs order
     word_ids: tuple[tuple[int, ...], ...]  # per class: the vocabulary ids of its words
+    # the vocabulary ids of the words the consensus choice counts as function words
+    # (``edgecap.decoding.consensus.FUNCTION_WORDS``)
+    function_ids: frozenset[int] = frozenset()
 
     @classmethod
     def load(cls, path: Path, vocab_index: dict[str, int], n_classes: int) -> ObjectClasses:
@@ -51,7 +54,9 @@ class ObjectClasses:
                 f"{path}: {len(names)} classes, but the encoder has {n_classes}; "
                 "copy the whole model directory again or re-export it"
             )
-        return cls(names, words)
+        from edgecap.decoding.consensus import FUNCTION_WORDS
+
+        return cls(names, words, frozenset(vocab_index[w] for w in FUNCTION_WORDS if w in vocab_index))
 
     def tags(self, probs: np.ndarray, n: int) -> tuple[tuple[str, float], ...]:
         """probs (C,) -> the ``n`` most probable classes as (name, probability), best first."""

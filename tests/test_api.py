@@ -103,8 +103,11 @@ def test_bad_call_arguments(captioner, photos):
 
 
 def test_n_best_alternatives(tiny_model_dir, photos):
-    # without object guidance: with it they are ordered by the steered score
-    captioner = Captioner(tiny_model_dir, beam_size=4, n_best=3, max_length=6, guidance_bonus=0.0)
+    # without object guidance (with it they are ordered by the steered score) and without the
+    # consensus choice (with it, by agreement: test_consensus)
+    captioner = Captioner(
+        tiny_model_dir, beam_size=4, n_best=3, max_length=6, guidance_bonus=0.0, consensus=False
+    )
     cap = captioner.caption(photos[0])
     assert len(cap.alternatives) == 2
     # ranked as the search ranks them: captions that ended first, each group by score

@@ -40,7 +40,16 @@ from fakes import END, START, PrefixHashBackend  # noqa: E402
 from helpers import TableBackend  # noqa: E402
 
 
-def _device(backend: Backend, encoded, options, tag_words=None, fusion=None, fixed=False, vocab_size=None):
+def _device(
+    backend: Backend,
+    encoded,
+    options,
+    tag_words=None,
+    fusion=None,
+    fixed=False,
+    vocab_size=None,
+    endings=False,
+):
     """The device search over ``backend``'s own session (one host round trip per step)."""
     vocab_size = vocab_size or backend.vocab_size
     rules = rules_for(options, encoded.n_images, tag_words, fusion, encoded.class_probs)
@@ -54,6 +63,7 @@ def _device(backend: Backend, encoded, options, tag_words=None, fusion=None, fix
         END,
         rules,
         fixed=fixed,
+        endings=endings,
     )
 
 
@@ -120,6 +130,19 @@ def test_device_search_is_the_numpy_search_on_random_models(seed):
     for fixed in (False, True):  # the early-exit loop and the fixed-shape masked one
         device = _device(backend, backend.encode(seeds), options, tag_words, fusion, fixed)
         # with fusion, torch's matrix products round differently from numpy's
+        _same(host, device, exact=not options.fusion_weight)
+
+
+@pytest.mark.parametrize("seed", range(10))
+def test_device_endings_are_the_numpy_searchs(seed):
+    """Every place the search could have ended (what the consensus choice chooses among), as
+    the numpy loop collects them."""
+    from edgecap.decoding import _search
+
+    backend, options, seeds, tag_words, fusion, vocab = _random_case(seed)
+    host = _search(backend, backend.encode(seeds), options, START, END, vocab, tag_words, fusion, False)
+    for fixed in (False, True):
+        device = _device(backend, backend.encode(seeds), options, tag_words, fusion, fixed, endings=True)
         _same(host, device, exact=not options.fusion_weight)
 
 

@@ -232,7 +232,7 @@ class _Emulated:
         )
 
 
-def _emulated_search(backend, encoded, options, vocab, tags=None, fusion=None):
+def _emulated_search(backend, encoded, options, vocab, tags=None, fusion=None, endings=False):
     from edgecap.decoding import scorers_for
     from edgecap.build.beam_step import beam_width
     from edgecap.vocab import NEVER_FIRST_IDS
@@ -251,6 +251,7 @@ def _emulated_search(backend, encoded, options, vocab, tags=None, fusion=None):
         vocab,
         never_first=NEVER_FIRST_IDS,
         scorers=scorers_for(options, vocab, tags, fusion, encoded.class_probs),
+        endings=endings,
     )
 
 
@@ -279,6 +280,26 @@ def test_host_side_is_the_numpy_search_on_random_fake_models(seed):
     images = rng.integers(0, 1000, n_images)
     want = search_with_tags(backend, backend.encode(images), options, START, END, vocab, tags, fusion=fusion)
     _same(want, _emulated_search(backend, backend.encode(images), options, vocab, tags, fusion))
+
+
+@pytest.mark.parametrize("seed", range(8))
+def test_host_side_endings_are_the_numpy_searchs(seed):
+    """Every place the search could have ended (what the consensus choice chooses among), as
+    the numpy loop collects them: the same words, scores and order."""
+    from edgecap.decoding import _search
+
+    rng = np.random.default_rng(200 + seed)
+    vocab, top_k, n_images = (int(v) for v in rng.integers([10, 4, 1], [30, 10, 5]))
+    beam = int(rng.integers(1, min(top_k, 5) + 1))
+    drawn = {name: values[int(rng.integers(len(values)))] for name, values in DRAWS.items()}
+    options = CaptionOptions(beam_size=beam, **drawn)
+    backend = PrefixHashBackend(vocab, top_k, end_bias=float(rng.uniform(-3, 1.5)), seed=seed)
+    tags = tuple(frozenset(rng.integers(3, vocab, int(rng.integers(0, 3))).tolist()) for _ in range(n_images))
+    fusion = Fusion(_random_lm(rng, vocab), _random_lm(rng, vocab), 0.5, {})
+    images = rng.integers(0, 1000, n_images)
+    want = _search(backend, backend.encode(images), options, START, END, vocab, tags, fusion, False)
+    assert sum(len(h) for h in want) > n_images * options.n_best or options.max_length < 3
+    _same(want, _emulated_search(backend, backend.encode(images), options, vocab, tags, fusion, endings=True))
 
 
 WORDS = ["<pad>", "<start>", "<end>", "<unk>", "a", "b", "c"]

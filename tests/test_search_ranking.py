@@ -232,10 +232,12 @@ def ends_after_a_repeat(prefix: tuple[str, ...]) -> dict[str, float]:
 
 
 def test_default_captioner_searches_with_trigram_block(fake_captioner):
-    """All defaults (beam 3): the caption has no repeated trigram, and it is what the search
-    gives with no_repeat_ngram=3 (and not what it gives without the block, which ends after
-    the repeated "a dog a dog a")."""
-    captioner = fake_captioner(rule=ends_after_a_repeat)
+    """All defaults (beam 3): the caption has no repeated trigram, and (the consensus choice
+    off) it is what the search gives with no_repeat_ngram=3 (and not what it gives without the
+    block, which ends after the repeated "a dog a dog a")."""
+    default = fake_captioner(rule=ends_after_a_repeat).caption(IMAGE).text.split()
+    assert len(set(zip(default, default[1:], default[2:]))) == len(default) - 2, default
+    captioner = fake_captioner(rule=ends_after_a_repeat, consensus=False)
     cap = captioner.caption(IMAGE)
     words = cap.text.split()
     trigrams = [tuple(words[i : i + 3]) for i in range(len(words) - 2)]

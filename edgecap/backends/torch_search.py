@@ -44,7 +44,14 @@ class TorchDeviceSearch:
         rules = rules_for(options, encoded.n_images, tag_words, fusion, encoded.class_probs)
         search = self.search
         plan = search.plan(
-            encoded.n_images, options, backend.top_k, start_id, end_id, rules.tag_words, rules.fusion_weights
+            encoded.n_images,
+            options,
+            backend.top_k,
+            start_id,
+            end_id,
+            rules.tag_words,
+            rules.fusion_weights,
+            endings=options.consensus,
         )
         inputs = search.inputs(plan, None, rules.tag_words, rules.fusion_weights)
         lms = None if rules.fusion is None else search.lms(rules.fusion)

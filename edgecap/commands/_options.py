@@ -58,7 +58,7 @@ def decode_workers_value(text: str | None) -> int | None:
 def add_model_arguments(p: argparse.ArgumentParser) -> None:
     """--model, --backend, --device, --threads, --decode-workers, --beam-size, --max-length,
     --no-repeat-ngram, --batch-size, --guidance-bonus / --no-objects-guidance, --fusion-weight / --no-fusion,
-    --no-blank-check, --constrained."""
+    --no-consensus, --no-blank-check, --constrained."""
     p.add_argument("--model", metavar="DIR", help="model directory (default: the model shipped with edgecap)")
     p.add_argument(
         "--backend",
@@ -153,6 +153,13 @@ def add_model_arguments(p: argparse.ArgumentParser) -> None:
         action="store_const",
         const=0.0,
         help="no language-model fusion (--fusion-weight 0)",
+    )
+    p.add_argument(
+        "--no-consensus",
+        dest="consensus",
+        action="store_false",
+        help="the search's own best caption, not the consensus choice among the places "
+        "it could have ended (see docs/everyday-photos.md)",
     )
     p.add_argument(
         "--no-blank-check",

@@ -4,7 +4,8 @@
 - ``beam``: the one beam loop over the encoder / decoder-step interface, and the ranking;
 - ``rules``: what the loop applies at each step (never-first words, no repeated n-grams, the tag
   bonus, a fused caption language model: ``fusion``);
-- ``constraint``: beam-state partitions (the tag constraint).
+- ``constraint``: beam-state partitions (the tag constraint);
+- ``consensus``: the choice of the caption among every place the search could have ended.
 
 ``search`` turns the options into rules and runs the loop: the API asks it for captions and knows
 no thresholds.
@@ -12,10 +13,12 @@ no thresholds.
 
 from __future__ import annotations
 
+from dataclasses import replace
 from functools import partial
 
 from edgecap.backends.base import Backend, Encoded
 from edgecap.decoding.beam import Hypothesis, beam_search, length_normalised
+from edgecap.decoding.consensus import Consensus
 from edgecap.decoding.constraint import SURFACE, TagConstraint, Unconstrained
 from edgecap.decoding.options import MAX_BATCH_SIZE, CaptionOptions
 from edgecap.decoding.rules import Filter, NeverFirst, NoRepeatNgram, Scorer, TagBonus
@@ -36,9 +39,9 @@ def search(
     """Caption hypotheses for each image of ``encoded`` (best first, up to ``n_best``), with the
     rules ``options`` asks for. ``classes`` (``edgecap.objects.ObjectClasses``): the image
     classes whose words the tag bonus or the tag constraint use, read from the encoder's class
-    probabilities (None: neither); ``fusion`` (``edgecap.decoding.fusion.Fusion``): the model's
-    caption language models, fused into each step's scores at ``options.fusion_weight`` (None:
-    the model's own weight; 0: off)."""
+    probabilities (None: neither, nor the consensus choice); ``fusion``
+    (``edgecap.decoding.fusion.Fusion``): the model's caption language models, fused into each
+    step's scores at ``options.fusion_weight`` (None: the model's own weight; 0: off)."""
     tag_words = None
     probs = encoded.class_probs
     if classes is not None and probs is not None and (options.constrained or options.guidance_bonus > 0):
@@ -54,6 +57,7 @@ def search(
         tag_words,
         fusion=fusion,
         return_attention=return_attention,
+        consensus=None if classes is None else Consensus(classes.function_ids),
     )
 
 
@@ -67,9 +71,38 @@ def search_with_tags(
     tag_words: tuple[frozenset[int], ...] | None,
     fusion=None,
     return_attention: bool = False,
+    consensus: Consensus | None = None,
 ) -> list[list[Hypothesis]]:
     """``search`` with each image's tag words given (None or all empty: no tags): the caption
-    must say one with ``options.constrained``, else they get ``options.guidance_bonus``."""
+    must say one with ``options.constrained``, else they get ``options.guidance_bonus``. With
+    ``options.consensus`` and ``consensus`` given (an unconstrained search), the searches
+    return every place they could have ended and ``consensus`` chooses among them."""
+    choosing = options.consensus and not options.constrained and consensus is not None
+    found = _search(
+        backend,
+        encoded,
+        options if choosing == options.consensus else replace(options, consensus=False),
+        start_id,
+        end_id,
+        vocab_size,
+        tag_words,
+        fusion,
+        return_attention,
+    )
+    if not choosing:
+        return found
+    assert consensus is not None
+    out = []
+    for image, hyps in enumerate(found):
+        words = () if tag_words is None else tag_words[image]
+        ended = [h for h in hyps if h.finished]
+        out.append((consensus.order(ended, words) + [h for h in hyps if not h.finished])[: options.n_best])
+    return out
+
+
+def _search(
+    backend, encoded, options, start_id, end_id, vocab_size, tag_words, fusion, return_attention
+) -> list[list[Hypothesis]]:
     filters: list[Filter] = [NeverFirst(NEVER_FIRST_IDS)]
     if options.no_repeat_ngram > 0:
         filters.append(NoRepeatNgram(options.no_repeat_ngram, end_id))
@@ -96,6 +129,7 @@ def search_with_tags(
         scorers=scorers,
         partition=partition,
         return_attention=return_attention,
+        endings=options.consensus,
     )
 
 
@@ -129,6 +163,7 @@ def scorers_for(
 
 __all__ = [
     "CaptionOptions",
+    "Consensus",
     "Hypothesis",
     "MAX_BATCH_SIZE",
     "SURFACE",

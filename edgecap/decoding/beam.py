@@ -53,13 +53,17 @@ def beam_search(
     scorers: Sequence[Callable[[np.ndarray], Scorer]] = (),
     partition=None,
     return_attention: bool = False,
+    endings: bool = False,
 ) -> list[list[Hypothesis]]:
     """-> for each image, up to ``n_best`` hypotheses, best first (never none); each with its
     attention (n_words, L) when ``return_attention``. The goal state's hypotheses come before the
-    others. ``filters`` and ``scorers`` are the rules (``edgecap.decoding.rules``); a scorer is
-    given as a factory called with the rows' image index (R,) int32. ``partition``: the beam
-    states (``edgecap.decoding.constraint``; None: one). Raises ``BackendError`` when the step
-    returns non-finite log-probabilities."""
+    others. ``endings`` (one state only): instead, every place the search could have ended
+    (``<end>`` in a live row's top K, after the first word), ranked, then any caption cut at
+    ``max_length``, none left out: what ``edgecap.decoding.consensus`` chooses among.
+    ``filters`` and ``scorers`` are the rules (``edgecap.decoding.rules``); a scorer is given
+    as a factory called with the rows' image index (R,) int32. ``partition``: the beam states
+    (``edgecap.decoding.constraint``; None: one). Raises ``BackendError`` when the step returns
+    non-finite log-probabilities."""
     options.validate(backend.top_k)
     partition = partition or Unconstrained()
     n_states = partition.n_states
@@ -88,6 +92,9 @@ def beam_search(
     # Per image, the best place any beam could have ended (<end> in its top K but not taken):
     # the caption when no hypothesis finishes before max_length, instead of one cut mid-phrase.
     could_end: list[tuple[Hypothesis, int] | None] = [None] * n_images  # (it, its state)
+    if endings and n_states != 1:
+        raise ValueError("endings: a search of one beam state only")
+    ended: list[list[Hypothesis]] = [[] for _ in range(n_images)]  # with ``endings``
 
     for t in range(options.max_length):
         biases = [b for b in (s.bias(t, tokens, source_rows) for s in active) if b is not None]
@@ -116,6 +123,10 @@ def beam_search(
                 new_source[base : base + group] = base
                 continue
             into = _candidates(partition, img, base, beam, width, live_l, cand_l, true_cand, ids_l)
+            if endings and t > 0:
+                _endings(
+                    ended[img], base, group, end_id, live_l, cand_l, true_cand, ids_l, seqs, alphas, options
+                )
             if t > 0 and not any(finished[img]):
                 could_end[img] = _best_ending(
                     could_end[img],
@@ -184,7 +195,25 @@ def beam_search(
         if ending is not None and not any(h.finished for state in finished[img] for h in state):
             hyp, state = ending
             finished[img][state].append(hyp)
+    if endings:
+        return [
+            ranked(ended[img]) + [h for h in _rank(finished[img], 0, None) if not h.finished]
+            for img in range(n_images)
+        ]
     return [_rank(finished[img], goals[img], options) for img in range(n_images)]
+
+
+def _endings(out, base, group, end_id, live_l, cand_l, true_l, ids_l, seqs, alphas, options) -> None:
+    """Append to ``out`` each live row's caption so far ended where ``<end>`` is in its top K
+    (``<end>`` is never blocked after the first word)."""
+    for src in range(base, base + group):
+        if live_l[src] and end_id in ids_l[src]:
+            k = ids_l[src].index(end_id)
+            out.append(
+                _hypothesis(
+                    seqs[src], cand_l[src][k], true_l[src][k], True, alphas, src, options.length_penalty
+                )
+            )
 
 
 def _best_ending(
@@ -280,12 +309,12 @@ def ranked(hyps: list[Hypothesis]) -> list[Hypothesis]:
     return sorted(hyps, key=lambda h: (-(h.score if h.rank_score is None else h.rank_score), -h.log_prob))
 
 
-def _rank(by_state: list[list[Hypothesis]], goal: int, options: CaptionOptions) -> list[Hypothesis]:
+def _rank(by_state: list[list[Hypothesis]], goal: int, options: CaptionOptions | None) -> list[Hypothesis]:
     """Finished captions before captions cut at ``max_length`` (a sentence cut mid-phrase is
     never chosen over one that ended); within each, the goal state's hypotheses best first,
-    then the other states', from the goal down."""
+    then the other states', from the goal down; ``options.n_best`` of them (None: all)."""
     out = [h for state in range(goal, -1, -1) for h in ranked(by_state[state])]
     out.sort(key=lambda h: not h.finished)  # stable: the order above within each
     if not out:  # pragma: no cover - with finite scores a live beam survives to max_length
         raise BackendError("beam search produced no hypothesis")
-    return out[: options.n_best]
+    return out if options is None else out[: options.n_best]

@@ -187,6 +187,7 @@ class Plan:
     end_id: int
     tag_bonus: float | None  # None: no tag bonus in this search
     fusion: bool  # the fused language models run
+    endings: bool = False  # every place the search could have ended comes back (``beam_search``'s)
 
 
 @dataclass
@@ -228,7 +229,9 @@ class DeviceBeamSearch:
         end_id: int,
         tag_words,
         fusion_weights,
+        endings: bool = False,
     ) -> Plan:
+        """``endings``: every place the search could have ended comes back (``unpack``)."""
         return Plan(
             n_images,
             options.beam_size,
@@ -240,6 +243,7 @@ class DeviceBeamSearch:
             end_id,
             options.guidance_bonus if tag_words is not None else None,
             fusion_weights is not None,
+            endings,
         )
 
     def inputs(self, plan: Plan, state, tag_words, fusion_weights) -> Inputs:
@@ -278,11 +282,15 @@ class DeviceBeamSearch:
         rules: Rules = Rules(),
         describe: Callable[[], str] = lambda: "device search",
         fixed: bool = False,
+        endings: bool = False,
     ) -> list[list[Hypothesis]]:
         """Each image's hypotheses, best first (as ``beam.beam_search`` without a partition
-        or attention). ``make_step``: the rows' image index (R,) int32 -> the step."""
+        or attention, ``endings`` as there). ``make_step``: the rows' image index (R,) int32 ->
+        the step."""
         options.validate(top_k)
-        plan = self.plan(n_images, options, top_k, start_id, end_id, rules.tag_words, rules.fusion_weights)
+        plan = self.plan(
+            n_images, options, top_k, start_id, end_id, rules.tag_words, rules.fusion_weights, endings
+        )
         inputs = self.inputs(plan, None, rules.tag_words, rules.fusion_weights)
         step = make_step(inputs.image_index)
         inputs.state = step.first_state()
@@ -371,6 +379,10 @@ def _decode(
     ending_rank_lp = torch.zeros(N, dtype=torch.float64, device=device)
     ending_lp = torch.full((N,), NEG_INF, dtype=torch.float64, device=device)
     first_bad = torch.full((), -1, dtype=torch.int64, device=device)
+    # with plan.endings, per step: each row's <end> (rank sum, log-prob; -inf: none) and words
+    end_rank_lp = torch.full((T, R), NEG_INF, dtype=torch.float64, device=device)
+    end_lp = torch.zeros((T, R), dtype=torch.float64, device=device)
+    end_words = torch.zeros((T, R, T), dtype=torch.int64, device=device)
     tag_rows = steered = None
     if plan.tag_bonus is not None:
         assert x.tag_words is not None  # the plan has a tag bonus only with tag words
@@ -412,6 +424,12 @@ def _decode(
         live = sum_lp != NEG_INF
         candidates = sum_lp[:, None] + ranked_lp  # (R, K): what ranks
         model_lp = true_lp[:, None] + lp  # (R, K): the model's own
+        if t > 0 and plan.endings:
+            is_end = ids == end
+            at = is_end.to(torch.int32).argmax(1, keepdim=True)  # its first <end>
+            end_rank_lp[t] = torch.where(is_end.any(1) & live, candidates.gather(1, at)[:, 0], NEG_INF)
+            end_lp[t] = model_lp.gather(1, at)[:, 0]
+            end_words[t] = history
         if t > 0:
             _best_ending(
                 plan,
@@ -487,6 +505,11 @@ def _decode(
             ending_lp,
             (ending_rank != NEG_INF).to(torch.float64),
             first_bad.reshape(1).to(torch.float64),
+            *(
+                (end_rank_lp.reshape(-1), end_lp.reshape(-1), end_words.reshape(-1).to(torch.float64))
+                if plan.endings
+                else ()
+            ),
         ]
     )
 
@@ -522,11 +545,15 @@ def _best_ending(plan: Plan, t: int, ids, live, candidates, model_lp, history, d
 def unpack(
     packed: np.ndarray, plan: Plan, n_best: int, describe: Callable[[], str]
 ) -> list[list[Hypothesis]]:
-    """The packed result (read back once) -> each image's hypotheses, best first (``n_best``).
-    Raises ``BackendError`` when a step returned non-finite log-probabilities."""
+    """The packed result (read back once) -> each image's hypotheses, best first (``n_best``;
+    with ``plan.endings``, every ending then the captions cut at ``max_length``, as
+    ``beam_search`` gives them). Raises ``BackendError`` when a step returned non-finite
+    log-probabilities."""
     N, B, T = plan.n_images, plan.beam, plan.max_length
     S = B + 1
     sizes = [N * S * T, N * S, N * S, N * S, N * S, N, N * T, N, N, N, N, 1]
+    if plan.endings:
+        sizes += [T * N * B, T * N * B, T * N * B * T]
     parts = np.split(packed, np.cumsum(sizes)[:-1])
     tokens = parts[0].reshape(N, S, T).astype(np.int64)
     length, rank_lp, log_prob = (p.reshape(N, S) for p in parts[1:4])
@@ -563,8 +590,25 @@ def unpack(
         best.sort(key=lambda h: not h.finished)  # stable: finished captions first
         if not best:  # pragma: no cover - with finite scores a live beam survives
             raise BackendError("beam search produced no hypothesis")
-        out.append(best[:n_best])
+        if plan.endings:
+            out.append(ranked(_endings(parts, plan, image)) + [h for h in best if not h.finished])
+        else:
+            out.append(best[:n_best])
     return out
+
+
+def _endings(parts: list[np.ndarray], plan: Plan, image: int) -> list[Hypothesis]:
+    """Image ``image``'s endings in the packed result (step by step, row by row)."""
+    N, B, T = plan.n_images, plan.beam, plan.max_length
+    rank_lp = parts[12].reshape(T, N * B)
+    log_prob = parts[13].reshape(T, N * B)
+    words = parts[14].reshape(T, N * B, T).astype(np.int64)
+    return [
+        _hypothesis(words[t, row], t, rank_lp[t, row], log_prob[t, row], True, plan.penalty)
+        for t in range(1, T)
+        for row in range(image * B, image * B + B)
+        if rank_lp[t, row] != NEG_INF
+    ]
 
 
 def _hypothesis(tokens, n_words: int, rank_lp: float, log_prob: float, finished: bool, penalty) -> Hypothesis:

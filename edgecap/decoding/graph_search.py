@@ -80,6 +80,7 @@ class _Image:
     finished: list[Hypothesis]
     could_end: Hypothesis | None = None
     done: bool = False
+    ended: list[Hypothesis] | None = None  # every place it could have ended (``endings``)
 
 
 def graph_beam_search(
@@ -95,10 +96,11 @@ def graph_beam_search(
     never_first: Collection[int] = (),
     scorers: Sequence[Callable[[np.ndarray], Scorer]] = (),
     describe: Callable[[], str] = lambda: "beam-step graph",
+    endings: bool = False,
 ) -> list[list[Hypothesis]]:
     """Each image's hypotheses, best first (``beam.beam_search`` without a partition or
-    attention). ``width``: candidates per row the graph was made with; ``scorers``: factories
-    called with the rows' image index, as ``beam_search`` takes them."""
+    attention; ``endings`` as there). ``width``: candidates per row the graph was made with;
+    ``scorers``: factories called with the rows' image index, as ``beam_search`` takes them."""
     beam, penalty, n = options.beam_size, options.length_penalty, options.no_repeat_ngram
     rows = n_images * beam
     image_index = np.repeat(np.arange(n_images, dtype=np.int32), beam)
@@ -111,7 +113,7 @@ def graph_beam_search(
     sum_lp[::beam] = 0.0
     true_lp = np.zeros(rows)
     seqs: list[list[int]] = [[] for _ in range(rows)]
-    images = [_Image([]) for _ in range(n_images)]
+    images = [_Image([], ended=[] if endings else None) for _ in range(n_images)]
 
     for t in range(options.max_length):
         # the scorers get the step's inputs as the numpy loop gives them: the back-pointers
@@ -145,6 +147,12 @@ def graph_beam_search(
                 continue
             span = range(base, base + beam)
             live = [row for row in span if sum_lp[row] != NEG_INF]
+            if state.ended is not None and t > 0:  # <end> is never blocked after the first word
+                state.ended.extend(
+                    _hypothesis(seqs[row], end_rank[row], end_true[row], True, penalty)
+                    for row in live
+                    if int(result.end_positions[row]) < top_k
+                )
             if t > 0 and not state.finished:
                 state.could_end = _best_ending(
                     state.could_end, live, result.end_positions, top_k, end_rank, end_true, seqs, penalty
@@ -198,7 +206,10 @@ def graph_beam_search(
         best.sort(key=lambda h: not h.finished)  # stable: finished captions first
         if not best:  # pragma: no cover - with finite scores a live beam survives
             raise BackendError("beam search produced no hypothesis")
-        out.append(best[: options.n_best])
+        if state.ended is not None:
+            out.append(ranked(state.ended) + [h for h in best if not h.finished])
+        else:
+            out.append(best[: options.n_best])
     return out
 
 
@@ -216,7 +227,9 @@ def search_with_rules(
 ) -> list[list[Hypothesis]]:
     """``graph_beam_search`` over a beam-step graph made for ``options.beam_size`` (its width
     ``beam_width``), with the rules of an unconstrained search: the never-first words and the
-    scorers ``edgecap.decoding.scorers_for`` makes. ``dims``: the model's ``ModelDimensions``."""
+    scorers ``edgecap.decoding.scorers_for`` makes; every ending with ``options.consensus``
+    (``edgecap.decoding.search_with_tags`` chooses among them). ``dims``: the model's
+    ``ModelDimensions``."""
     return graph_beam_search(
         session,
         n_images,
@@ -229,6 +242,7 @@ def search_with_rules(
         never_first=NEVER_FIRST_IDS,
         scorers=scorers_for(options, dims.vocab_size, tag_words, fusion, class_probs),
         describe=describe,
+        endings=options.consensus,
     )
 
 

@@ -34,6 +34,10 @@ class CaptionOptions:
     # scores get fusion_weight * (log p_everyday - log p_in-domain). None: the weight chosen for
     # the model (its fusion.json); 0: off. A model without language models has no fusion.
     fusion_weight: float | None = None
+    # Consensus choice (``edgecap.decoding.consensus``): the caption is chosen among every place
+    # the search could have ended by its expected agreement with the others (plus the tag
+    # words it says), not by its own score alone. Not with ``constrained``.
+    consensus: bool = True
     # A frame with nothing to recognise (uniform, or blurred past any detail) gets the text
     # "nothing recognisable" instead of an invented scene (``edgecap.preprocess.recognisable``).
     blank_check: bool = True
@@ -58,7 +62,7 @@ class CaptionOptions:
             value = getattr(self, name)
             if isinstance(value, bool) or not isinstance(value, int):
                 raise ValueError(f"{name} must be an integer, got {value!r}")
-        for name in ("constrained", "blank_check"):
+        for name in ("constrained", "blank_check", "consensus"):
             if not isinstance(getattr(self, name), bool):
                 raise ValueError(f"{name} must be True or False, got {getattr(self, name)!r}")
         for name, low, high in (

@@ -89,6 +89,22 @@ def per_image_cider(refs: dict, hyps: dict, tokenizer: str = "ptb") -> dict:
     return {k: float(v) for k, v in zip(refs_t, per_image)}
 
 
+def per_image_meteor(refs: dict, hyps: dict, tokenizer: str = "ptb") -> dict:
+    """METEOR of each image ({id: score}), as coco-caption's Java METEOR scores each segment
+    (the corpus score is computed from the pooled statistics, not their mean). Needs Java."""
+    from pycocoevalcap.meteor.meteor import Meteor
+
+    if not java_available():
+        raise RuntimeError("METEOR needs Java")
+    refs_t, hyps_t = _tokenize(refs, hyps, tokenizer)
+    meteor = Meteor()
+    try:
+        _, per_image = meteor.compute_score(refs_t, hyps_t)
+    finally:
+        _close_meteor(meteor)
+    return {k: float(v) for k, v in zip(refs_t, per_image)}
+
+
 def _close_meteor(meteor) -> None:
     # pycocoevalcap's Meteor keeps a Java subprocess; end it now rather than at interpreter exit.
     try:
