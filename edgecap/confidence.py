@@ -12,13 +12,13 @@ fusion gate's typicality, where the model has one: ``edgecap.decoding.fusion``) 
 everyday language model fully steers; 1 without a gate), and the products of ``typical`` with
 the score and with ``named_tag_prob``. The products let one logistic model weigh the signals
 differently on the two kinds of photo: on photos like Flickr8k's the caption model's own score
-tracks whether the caption is right, on everyday photos it does not (its AUROC there is 0.466)
+tracks whether the caption is right, on everyday photos it does not (its AUROC there is 0.475)
 while the tag the caption names does.
 
 A logistic model over some of the signals, fitted on dev photos (``benchmarks/confidence_fit.py``),
 ships with a model directory as ``confidence.json``, naming the signals it uses; without one
-``confidence`` is None. The shipped one uses ``named_tag_prob``, ``typical``,
-``score_if_typical`` and ``named_tag_prob_if_typical`` (docs/confidence.md has what was tried).
+``confidence`` is None. The shipped one uses all of them (docs/confidence.md has why, and what
+was tried).
 """
 
 from __future__ import annotations
