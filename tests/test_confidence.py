@@ -152,6 +152,36 @@ def test_a_confidence_model_over_some_signals_uses_those(tmp_path, default_model
         assert caption.confidence == pytest.approx(expected, abs=1e-4)
 
 
+def test_a_confidence_model_reads_its_signals_in_the_order_it_names_them(tmp_path, default_model_dir):
+    """confidence.json's signals in an order other than ``SIGNALS``' (the length before the
+    score): each weight goes with the signal it names, z = (n_words - 10) / 2 - (score + 1.5) / 0.5."""
+    from edgecap import Captioner
+
+    model = tmp_path / "model"
+    shutil.copytree(default_model_dir, model)
+    spec = ConfidenceModel(
+        np.array([10.0, -1.5]), np.array([2.0, 0.5]), np.array([1.0, -1.0]), 0.0, {}, ("n_words", "score")
+    )
+    write(model, spec)
+    for caption in Captioner(model).caption_batch([str(EXAMPLES / n) for n in ("chelsea.png", "rocket.jpg")]):
+        z = (len(caption.tokens) - 10) / 2 - (caption.score + 1.5) / 0.5
+        assert caption.confidence == pytest.approx(1 / (1 + np.exp(-z)), abs=1e-4)
+
+
+def test_the_fusion_gate_reaches_the_shipped_confidence(captioner):
+    """``typical`` is 1 minus the fusion gate's share for the photo: the astronaut looks like the
+    training photos and gets no fusion (typical 1), the espresso cup is atypical and fully
+    steered (0). The confidences are those the docs show (coffee 0.82 in docs/confidence.md,
+    the rocket 0.089 in docs/service.md)."""
+    got = {}
+    for name in ("astronaut.png", "coffee.png", "rocket.jpg"):
+        caption = captioner.caption(str(EXAMPLES / name))
+        got[name] = (dict(zip(SIGNALS, caption.signals))["typical"], caption.confidence)
+    assert got["astronaut.png"][0] == 1.0 and got["coffee.png"][0] == 0.0
+    assert got["coffee.png"][1] == pytest.approx(0.82, abs=0.005)
+    assert got["rocket.jpg"][1] == pytest.approx(0.089, abs=0.001)
+
+
 def test_the_shipped_confidence_model_and_its_signals(captioner):
     """The shipped model reads the signals it names from each caption's full set."""
     model = captioner.confidence_model
