@@ -388,6 +388,20 @@ def test_scst_command_builds_its_config_from_the_flags(tmp_path, monkeypatch):
     ]
 
 
+def test_scst_refuses_text_it_would_not_train_on(monkeypatch, capsys):
+    """SCST has no text-only batches: --text with --scst-from is an error, not a run without
+    the text (exit 2, before any training)."""
+    from edgecap.cli import main
+    from edgecap.training import scst
+
+    called = []
+    monkeypatch.setattr(scst, "train_scst", lambda cfg: called.append(cfg))
+    argv = ["train", "--data", "DATA", "--out", "RUN", "--scst-from", "CK", "--text", "T", "--no-progress"]
+    assert main(argv) == 2
+    assert called == []
+    assert "--text" in capsys.readouterr().err
+
+
 def test_text_batches_teach_the_decoder_through_a_no_image_input_the_model_does_not_hold(
     tiny_dataset, tmp_path
 ):

@@ -255,6 +255,8 @@ def run(args: argparse.Namespace) -> int:
         if args.scst_from:
             if args.dataset == "folder":
                 raise ValueError("--scst-from does not read a folder of photos (--dataset folder)")
+            if args.text:
+                raise ValueError("--text mixes text into cross-entropy training, not --scst-from")
             from edgecap.training.scst import train_scst
 
             cfg = _config(ScstConfig, args, checkpoint=args.scst_from, n_samples=args.scst_samples)
