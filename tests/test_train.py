@@ -444,3 +444,29 @@ def test_text_batches_teach_the_decoder_through_a_no_image_input_the_model_does_
                 break
             words.append(int(token))
     assert vocab.decode(words) == "a cup on the floor"
+
+
+def test_a_resumed_text_run_goes_on_from_its_no_image_input(tiny_dataset, tmp_path, monkeypatch):
+    """Resuming a --text run starts its text batches from the "no image" input the run kept in
+    OUT/last (moved from zero by the first epoch), not from zero again."""
+    from safetensors.torch import load_file
+
+    from edgecap.training import train as train_module
+
+    text = tmp_path / "captions.txt"
+    text.write_text("a cup on the floor\n" * 12)
+    out = tmp_path / "run"
+    cfg = _config(tiny_dataset, out, epochs=1, lr=1e-2, text=str(text), text_share=0.5)
+    train_module.train(cfg, log=lambda *_: None)
+    kept = load_file(str(out / "last" / train_module.NO_IMAGE_FILE))["features"]
+    assert kept.abs().max() > 0
+    seen = []
+    real = train_module.text_loss
+
+    def first_input(decoder, no_image, caps, label_smoothing):
+        seen.append(no_image.features.detach().cpu().clone())
+        return real(decoder, no_image, caps, label_smoothing)
+
+    monkeypatch.setattr(train_module, "text_loss", first_input)
+    train_module.train(dataclasses.replace(cfg, epochs=2), log=lambda *_: None)
+    torch.testing.assert_close(seen[0], kept)
