@@ -266,6 +266,13 @@ def test_cli_json_and_results_end_to_end(tiny_model_dir, tiny_captions, tmp_path
     assert summary["BLEU-1"] > 0.99 and summary["ROUGE-L"] > 0.99
     assert summary["n_images"] == 4 and summary["tokenizer"] == "ptb"
     assert summary["beam_size"] == 2 and summary["backend"].startswith("onnxruntime")
+    # the defaults; the tiny model has no language models to fuse
+    assert summary["decoding"] == {
+        "guidance_bonus": 2.0,
+        "constrained": False,
+        "fusion_weight": 0.0,
+        "consensus": True,
+    }
     assert summary["model"] == {"name": "tiny-random", "path": str(tiny_model_dir), "precision": "fp32"}
     assert json.loads(results.read_text()) == [
         {"image_id": 10 + i, "caption": tiny_captions[name]} for i, name in enumerate(PHOTOS)
@@ -311,6 +318,7 @@ def test_cli_flickr8k_layout_text_without_java(tiny_model_dir, tiny_captions, tm
     assert "tiny-random" in lines["model"] and str(tiny_model_dir) in lines["model"]
     assert lines["backend"].strip().startswith("onnxruntime")
     assert "beam size 2" in lines["search"]
+    assert lines["decoding"].strip() == "tag bonus 2, fusion weight 0, consensus choice on"
     assert json.loads(results.read_text()) == [
         {"image_id": 0, "caption": tiny_captions["rocket.jpg"]},
         {"image_id": 1, "caption": tiny_captions["chelsea.png"]},
@@ -408,3 +416,23 @@ def test_cli_eval_leaves_no_decoding_worker_running(tiny_model_dir, tmp_path, ca
     rc = main(["eval", *args, "--max-length", "3", "--decode-workers", "2", "--json"])
     assert rc == 1 and "broken.jpg" in capsys.readouterr().err
     assert workers() <= before
+
+
+@pytest.mark.parametrize(
+    "flags, want",
+    [
+        (["--no-consensus"], {"guidance_bonus": 2.0, "constrained": False, "consensus": False}),
+        (["--constrained"], {"guidance_bonus": 0.0, "constrained": True, "consensus": False}),
+        (["--guidance-bonus", "3"], {"guidance_bonus": 3.0, "constrained": False, "consensus": True}),
+    ],
+)
+def test_cli_eval_summary_says_the_decoding_rules(flags, want, tiny_model_dir, tmp_path, monkeypatch, capsys):
+    """A --no-consensus or --constrained evaluation is told apart from a default one by its
+    summary."""
+    monkeypatch.setattr(metrics, "java_available", lambda: False)
+    tokens, split = flickr_files(tmp_path, ["chelsea.png"])
+    args = ["--images", str(EXAMPLES), "--captions", str(tokens), "--split", str(split)]
+    rc = main(["eval", *args, "--model", str(tiny_model_dir), "--max-length", "4", "--json", *flags])
+    out = capsys.readouterr()
+    assert rc == 0, out.err
+    assert json.loads(out.out)["decoding"] == {**want, "fusion_weight": 0.0}

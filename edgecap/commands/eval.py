@@ -160,8 +160,23 @@ def _summary(args, captioner, report, seconds: float) -> dict:
         "max_length": captioner.options.max_length,
         "length_penalty": captioner.options.length_penalty,
         "no_repeat_ngram": captioner.options.no_repeat_ngram,
+        "decoding": _decoding(captioner),
         "references": args.references or f"{args.captions} + {args.split}",
         "caption_seconds": round(seconds, 2),
+    }
+
+
+def _decoding(captioner) -> dict:
+    """The decoding rules the captions were made with: the tag bonus (or the tag constraint), the
+    fused language models' weight (0: none, or a model without them) and the consensus choice."""
+    from edgecap.decoding import fusion_weight
+
+    options = captioner.options
+    return {
+        "guidance_bonus": 0.0 if options.constrained else options.guidance_bonus,
+        "constrained": options.constrained,
+        "fusion_weight": fusion_weight(options, captioner.fusion),
+        "consensus": options.consensus and not options.constrained,
     }
 
 
@@ -182,6 +197,10 @@ def _print_table(summary: dict) -> None:
         f"length penalty {'none (mean log-prob)' if penalty is None else penalty}, "
         f"no-repeat n-gram {summary['no_repeat_ngram'] or 'off'}"
     )
+    rules = summary["decoding"]
+    tags = "tag constraint" if rules["constrained"] else f"tag bonus {rules['guidance_bonus']:g}"
+    consensus = "on" if rules["consensus"] else "off"
+    print(f"decoding:    {tags}, fusion weight {rules['fusion_weight']:g}, consensus choice {consensus}")
     print(f"tokenizer:   {tokenizer}")
     for key in METRIC_KEYS:
         value = summary[key]
