@@ -382,14 +382,7 @@ def train(cfg: TrainConfig, log=print) -> Path:
             fmap, caps, image_index = fmap.to(device), caps.to(device), image_index.to(device)
             with amp:
                 loss, ce = caption_loss(model, fmap, caps, image_index, vocab, cfg, sample_prob, totals)
-            optimizer.zero_grad(set_to_none=True)
-            scaler.scale(loss * weight).backward()
-            scaler.unscale_(optimizer)
-            norm = torch.nn.utils.clip_grad_norm_(
-                [p for g in params for p in g["params"]], cfg.grad_clip
-            )  # of the averaged gradient
-            scaler.step(optimizer)
-            scaler.update()
+            norm = _optimizer_step(loss * weight, optimizer, params, cfg, scaler)  # of the averaged gradient
             step_loss, step_ce = dist.all_sum([loss.item() * (weight > 0), ce.item() * (weight > 0)])
             total += step_ce * totals[1]
             count += totals[1]
@@ -476,13 +469,20 @@ def _text_step(decoder, no_image, caps, optimizer, params, cfg: TrainConfig, amp
     device = next(decoder.parameters()).device
     with amp:
         ce = text_loss(decoder, no_image, caps.to(device), cfg.label_smoothing)
+    _optimizer_step(ce, optimizer, params, cfg, scaler)
+    return ce.item()
+
+
+def _optimizer_step(loss, optimizer, params, cfg: TrainConfig, scaler) -> torch.Tensor:
+    """Backpropagate ``loss`` (through the AMP scaler), clip the gradient of every parameter
+    group to ``cfg.grad_clip`` and step; -> the gradient's norm before clipping."""
     optimizer.zero_grad(set_to_none=True)
-    scaler.scale(ce).backward()
+    scaler.scale(loss).backward()
     scaler.unscale_(optimizer)
-    torch.nn.utils.clip_grad_norm_([p for g in params for p in g["params"]], cfg.grad_clip)
+    norm = torch.nn.utils.clip_grad_norm_([p for g in params for p in g["params"]], cfg.grad_clip)
     scaler.step(optimizer)
     scaler.update()
-    return ce.item()
+    return norm
 
 
 def _silent(*_args) -> None:
