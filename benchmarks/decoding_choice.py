@@ -99,7 +99,10 @@ def main(argv=None) -> int:
     from _stats import paired_bootstrap
 
     from edgecap import Captioner
-    from edgecap.evaluation.metrics import per_image_cider, per_image_meteor, score
+    from edgecap.evaluation.metrics import java_available, score, scores
+
+    if not java_available():  # the per-photo METEOR intervals need coco-caption's METEOR
+        sys.exit("decoding_choice: METEOR needs Java (apt-get install default-jre-headless)")
 
     args.out.mkdir(parents=True, exist_ok=True)
     variants = [parse_variant(v) for v in args.variant]
@@ -117,9 +120,9 @@ def main(argv=None) -> int:
             seconds = time.perf_counter() - t0
             refs = {item.image_id: item.captions for item in items}
             text = {k: v["caption"] for k, v in hyps.items()}
-            metrics = score(refs, text, metrics=("BLEU-4", "METEOR", "CIDEr"))
-            per_image[(name, set_name)] = per_image_cider(refs, text)
-            per_image_m[(name, set_name)] = per_image_meteor(refs, text)
+            metrics, each = scores(refs, text, metrics=("BLEU-4", "METEOR", "CIDEr"))
+            per_image[(name, set_name)] = each["CIDEr"]
+            per_image_m[(name, set_name)] = each["METEOR"]
             if dict(SETS)[set_name] == "everyday":
                 everyday_text.setdefault(name, ({}, {}))
                 everyday_text[name][0].update({(set_name, k): v for k, v in refs.items()})

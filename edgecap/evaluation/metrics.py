@@ -47,6 +47,16 @@ def score(
     refs: dict, hyps: dict, tokenizer: str = "ptb", metrics: tuple[str, ...] = METRIC_KEYS
 ) -> dict[str, float]:
     """refs {id: [reference captions]}, hyps {id: caption} -> {metric: value} (fractions)."""
+    return scores(refs, hyps, tokenizer, metrics)[0]
+
+
+def scores(
+    refs: dict, hyps: dict, tokenizer: str = "ptb", metrics: tuple[str, ...] = METRIC_KEYS
+) -> tuple[dict[str, float], dict[str, dict]]:
+    """``score`` and, from the same tokenisation and scorer runs, each image's METEOR and CIDEr-D
+    among ``metrics`` -> ({metric: value}, {metric: {id: value}}). METEOR is skipped (with a
+    warning) without Java; its corpus value comes from the pooled statistics, not the mean of
+    the images' values."""
     try:
         from pycocoevalcap.bleu.bleu import Bleu
         from pycocoevalcap.cider.cider import Cider
@@ -60,6 +70,7 @@ def score(
         raise ValueError("nothing to score: no references")
     refs_t, hyps_t = _tokenize(refs, hyps, tokenizer)
     out: dict[str, float] = {}
+    per_image: dict[str, dict] = {}
     if any(m.startswith("BLEU") for m in metrics):
         bleu, _ = Bleu(4).compute_score(refs_t, hyps_t, verbose=0)
         out.update({f"BLEU-{i + 1}": float(b) for i, b in enumerate(bleu)})
@@ -68,15 +79,19 @@ def score(
             from pycocoevalcap.meteor.meteor import Meteor
 
             meteor = Meteor()
-            out["METEOR"] = float(meteor.compute_score(refs_t, hyps_t)[0])
+            corpus, each = meteor.compute_score(refs_t, hyps_t)
             _close_meteor(meteor)
+            out["METEOR"] = float(corpus)
+            per_image["METEOR"] = {k: float(v) for k, v in zip(refs_t, each)}
         else:
             warnings.warn("Java not found: METEOR skipped", stacklevel=2)
     if "ROUGE-L" in metrics:
         out["ROUGE-L"] = float(Rouge().compute_score(refs_t, hyps_t)[0])
     if "CIDEr" in metrics:
-        out["CIDEr"] = float(Cider().compute_score(refs_t, hyps_t)[0])
-    return {k: out[k] for k in METRIC_KEYS if k in out}
+        corpus, each = Cider().compute_score(refs_t, hyps_t)
+        out["CIDEr"] = float(corpus)
+        per_image["CIDEr"] = {k: float(v) for k, v in zip(refs_t, each)}
+    return {k: out[k] for k in METRIC_KEYS if k in out}, per_image
 
 
 def per_image_cider(refs: dict, hyps: dict, tokenizer: str = "ptb") -> dict:
@@ -86,22 +101,6 @@ def per_image_cider(refs: dict, hyps: dict, tokenizer: str = "ptb") -> dict:
 
     refs_t, hyps_t = _tokenize(refs, hyps, tokenizer)
     _, per_image = Cider().compute_score(refs_t, hyps_t)
-    return {k: float(v) for k, v in zip(refs_t, per_image)}
-
-
-def per_image_meteor(refs: dict, hyps: dict, tokenizer: str = "ptb") -> dict:
-    """METEOR of each image ({id: score}), as coco-caption's Java METEOR scores each segment
-    (the corpus score is computed from the pooled statistics, not their mean). Needs Java."""
-    from pycocoevalcap.meteor.meteor import Meteor
-
-    if not java_available():
-        raise RuntimeError("METEOR needs Java")
-    refs_t, hyps_t = _tokenize(refs, hyps, tokenizer)
-    meteor = Meteor()
-    try:
-        _, per_image = meteor.compute_score(refs_t, hyps_t)
-    finally:
-        _close_meteor(meteor)
     return {k: float(v) for k, v in zip(refs_t, per_image)}
 
 
