@@ -123,11 +123,11 @@ def beam_search(
                 new_source[base : base + group] = base
                 continue
             into = _candidates(partition, img, base, beam, width, live_l, cand_l, true_cand, ids_l)
-            if endings and t > 0:
+            if endings and t > 0:  # the best place to end is among them
                 _endings(
                     ended[img], base, group, end_id, live_l, cand_l, true_cand, ids_l, seqs, alphas, options
                 )
-            if t > 0 and not any(finished[img]):
+            elif t > 0 and not any(finished[img]):
                 could_end[img] = _best_ending(
                     could_end[img],
                     base,

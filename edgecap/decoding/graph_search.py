@@ -152,8 +152,8 @@ def graph_beam_search(
                     _hypothesis(seqs[row], end_rank[row], end_true[row], True, penalty)
                     for row in live
                     if int(result.end_positions[row]) < top_k
-                )
-            if t > 0 and not state.finished:
+                )  # the best place to end is among them
+            elif t > 0 and not state.finished:
                 state.could_end = _best_ending(
                     state.could_end, live, result.end_positions, top_k, end_rank, end_true, seqs, penalty
                 )
