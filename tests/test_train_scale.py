@@ -117,8 +117,7 @@ def test_two_processes_under_torchrun_train_like_one(noise_dataset, tmp_path):
             "--standalone",
             "--nproc-per-node",
             "2",
-            "-m",
-            "edgecap",
+            str(REPO / "tests" / "torchrun_rank.py"),  # edgecap's main, then its threads
             *_train_args(noise_dataset, two, tmp_path / "cache2"),
         ],
         env=_env(),
@@ -128,6 +127,11 @@ def test_two_processes_under_torchrun_train_like_one(noise_dataset, tmp_path):
     )
     # the ranks' own output too (torchrun's summary alone names only the signal)
     assert done.returncode == 0, done.stdout[-4000:] + done.stderr[-12000:]
+    # Each rank ended its process group's threads with the command (none left to race the exit).
+    left = [
+        json.loads(line.split(": ", 1)[1]) for line in done.stdout.splitlines() if "threads after" in line
+    ]
+    assert len(left) == 2 and not [n for names in left for n in names if "gloo" in n], left
     # Each rank extracted its shards (3 shards of 3 images, rank 0: 0 and 2, rank 1: 1), the
     # same features as one process.
     from edgecap.preprocess import Preprocessing

@@ -7,6 +7,7 @@ there is a GPU, gloo on CPUs.
 
 from __future__ import annotations
 
+import importlib
 import os
 from dataclasses import dataclass
 
@@ -51,6 +52,8 @@ class Dist:
         return box[0]
 
     def close(self) -> None:
+        """End the process group this module started: its threads end with the last reference
+        to it (see ``setup``), at the latest when train() returns (its DDP wrapper)."""
         if self.owns_group and torch_dist.is_initialized():
             torch_dist.destroy_process_group()
 
@@ -71,6 +74,12 @@ def setup(env=os.environ) -> Dist:
         torch.cuda.set_device(device)
     owns = False
     if world > 1 and not torch_dist.is_initialized():
+        # torch._dynamo (which the optimizers and DistributedDataParallel import on first use)
+        # holds on to the process groups that exist when it is imported. Imported after the
+        # group was made, it kept it alive past destroy_process_group, and gloo's threads ran
+        # on into the interpreter's exit, where a rank now and then aborted after a finished
+        # run ('terminate called without an active exception'). Imported first, it holds none.
+        importlib.import_module("torch._dynamo")
         torch_dist.init_process_group("nccl" if cuda else "gloo")
         owns = True
     return Dist(rank=rank, world=world, local_rank=local_rank, device=device, owns_group=owns)
