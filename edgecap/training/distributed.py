@@ -3,11 +3,17 @@
 ``torchrun`` sets RANK, WORLD_SIZE and LOCAL_RANK; without them (or with WORLD_SIZE 1) training
 runs in this process alone and nothing here talks to other processes. The backend is NCCL when
 there is a GPU, gloo on CPUs.
+
+The process group, once started, stays up until the process ends, and ``python -m edgecap``
+ends a rank's process without the interpreter's teardown (``edgecap.__main__``): PyTorch's gloo
+group cannot be taken down safely while its threads still release the last collectives'
+tensors. Destroyed when ``train`` returned, a rank deadlocked (the group's destructor, holding
+the GIL, waits for a thread that needs the GIL); left to the interpreter's exit, a rank now and
+then aborted after a finished run ('terminate called without an active exception').
 """
 
 from __future__ import annotations
 
-import importlib
 import os
 from dataclasses import dataclass
 
@@ -21,7 +27,6 @@ class Dist:
     world: int = 1
     local_rank: int = 0
     device: torch.device = torch.device("cpu")
-    owns_group: bool = False  # this module started the process group (and ends it)
 
     @property
     def main(self) -> bool:
@@ -51,12 +56,6 @@ class Dist:
         torch_dist.broadcast_object_list(box, src=0, device=self.device)
         return box[0]
 
-    def close(self) -> None:
-        """End the process group this module started: its threads end with the last reference
-        to it (see ``setup``), at the latest when train() returns (its DDP wrapper)."""
-        if self.owns_group and torch_dist.is_initialized():
-            torch_dist.destroy_process_group()
-
 
 def world_size(env=os.environ) -> int:
     """How many processes torchrun started (1 without torchrun)."""
@@ -72,17 +71,9 @@ def setup(env=os.environ) -> Dist:
     device = torch.device(f"cuda:{local_rank}") if cuda else torch.device("cpu")
     if cuda:
         torch.cuda.set_device(device)
-    owns = False
     if world > 1 and not torch_dist.is_initialized():
-        # torch._dynamo (which the optimizers and DistributedDataParallel import on first use)
-        # holds on to the process groups that exist when it is imported. Imported after the
-        # group was made, it kept it alive past destroy_process_group, and gloo's threads ran
-        # on into the interpreter's exit, where a rank now and then aborted after a finished
-        # run ('terminate called without an active exception'). Imported first, it holds none.
-        importlib.import_module("torch._dynamo")
         torch_dist.init_process_group("nccl" if cuda else "gloo")
-        owns = True
-    return Dist(rank=rank, world=world, local_rank=local_rank, device=device, owns_group=owns)
+    return Dist(rank=rank, world=world, local_rank=local_rank, device=device)
 
 
 def rank_share(n_items: int, rank: int, world: int) -> list[int]:

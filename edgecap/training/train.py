@@ -209,7 +209,9 @@ def train(cfg: TrainConfig, log=print) -> Path:
     Under torchrun (RANK / WORLD_SIZE / LOCAL_RANK set) each process trains on its share of
     every global batch (DistributedDataParallel); rank 0 logs, checks the dev split and writes
     the checkpoints. The data order is a function of the seed and the epoch, so a resumed run
-    and a run on any number of processes see the same global batches.
+    and a run on any number of processes see the same global batches. The process group stays
+    up after it returns (``edgecap.training.distributed`` says why): a script of your own that
+    calls it under torchrun ends each rank with ``os._exit``, as ``python -m edgecap`` does.
     """
     check_folders(cfg.out, cfg.cache_dir)
     seeded(cfg.seed, cfg.threads)
@@ -453,8 +455,7 @@ def train(cfg: TrainConfig, log=print) -> Path:
         if dist.from_main(epoch - state["best_epoch"] >= cfg.patience):
             log(f"no better dev CIDEr for {cfg.patience} epochs: stopping")
             break
-    dist.barrier()
-    dist.close()
+    dist.barrier()  # the group stays up: see edgecap.training.distributed
     if not (out / "best" / "checkpoint.json").exists():
         raise ModelError(
             f"{shown(out / 'best')}: no best checkpoint (the run in {shown(out)} "
