@@ -3,6 +3,7 @@ was not fitted on?
 
     python benchmarks/confidence_fit.py --data ../shared/data --out results-dir \\
         [--model DIR] [--flickr8k-limit N] [--threshold 0.5] [--signals A,B,...] [--write MODEL_DIR]
+        [--decoding OPTION=VALUE,... --fit-signals OTHER_OUT/signals.npz]
 
 Captions the everyday dev photos (coco-ood-dev + coco-ood-dev-b, 160) and Flickr8k dev with the
 model's default decoding; a caption is "right" when its per-photo CIDEr-D (coco-caption, within
@@ -15,7 +16,12 @@ AUROC; and the AUROC on Flickr8k dev cross-validated the same way (five folds ov
 fitted on the other four and all the everyday photos), so that a model that wins on everyday
 photos by losing in domain shows it. ``--signals``: the model's signals, some of
 ``edgecap.confidence.SIGNALS``. ``--write`` fits on all the photos and writes ``confidence.json``
-into a model directory. Results go to ``OUT/confidence.md`` / ``.json`` only.
+into a model directory. ``--decoding`` captions with other ``CaptionOptions``
+(``consensus=False``, ``constrained=True``); with ``--fit-signals`` (the ``signals.npz`` of a run
+with the default decoding, on the same photos) each fold's model is fitted on those signals and
+rates this run's captions of the held-out fold: how the shipped model, fitted on default
+captions, ranks the captions of another decoding. Results go to ``OUT/confidence.md`` / ``.json``
+and the signals to ``OUT/signals.npz``.
 """
 
 from __future__ import annotations
@@ -78,6 +84,18 @@ def main(argv=None) -> int:
         help="refit on OUT/signals.npz from an earlier run instead of captioning",
     )
     p.add_argument(
+        "--decoding",
+        default="",
+        metavar="OPTION=VALUE,...",
+        help="caption with these CaptionOptions (default: the model's defaults)",
+    )
+    p.add_argument(
+        "--fit-signals",
+        type=Path,
+        metavar="NPZ",
+        help="fit the models on this earlier run's signals (same photos), rate this run's captions",
+    )
+    p.add_argument(
         "--write",
         type=Path,
         metavar="MODEL_DIR",
@@ -89,7 +107,7 @@ def main(argv=None) -> int:
 
     names = SIGNALS if args.signals == "all" else tuple(args.signals.split(","))
 
-    from decoding_choice import SETS, load_sets
+    from decoding_choice import SETS, load_sets, parse_variant
 
     from edgecap import Captioner
     from edgecap.confidence import ConfidenceModel, auroc, fit, write
@@ -105,13 +123,21 @@ def main(argv=None) -> int:
         with np.load(cache) as saved:
             data = {name: (saved[f"{name}/x"], saved[f"{name}/cider"]) for name, _ in SETS}
     else:
-        captioner = Captioner(args.model)
+        captioner = Captioner(args.model, **parse_variant("decoding=" + args.decoding)[1])
         for name, (items, root) in load_sets(args.data, args.flickr8k_limit).items():
             x, texts = collect(captioner, items, root)
             refs = {item.image_id: item.captions for item in items}
             cider = per_image_cider(refs, texts)
             data[name] = (x, np.array([cider[item.image_id] for item in items]))
         np.savez(cache, **{f"{n}/{k}": v for n, (x, c) in data.items() for k, v in (("x", x), ("cider", c))})
+    fitting = data
+    if args.fit_signals:
+        if args.write:
+            p.error("--write fits on this run's own captions: not with --fit-signals")
+        with np.load(args.fit_signals) as saved:
+            fitting = {name: (saved[f"{name}/x"], saved[f"{name}/cider"]) for name, _ in SETS}
+        if any(len(fitting[name][0]) != len(data[name][0]) for name, _ in SETS):
+            p.error(f"--fit-signals {args.fit_signals}: other photos than this run's")
     for name, (x, cider) in data.items():
         print(f"{name}: {len(x)} photos, {np.mean(cider >= args.threshold):.2f} right", flush=True)
         if x.shape[1] != len(SIGNALS):
@@ -123,33 +149,39 @@ def main(argv=None) -> int:
     flickr_x, flickr_c = data["flickr8k-dev"][0][:, columns], data["flickr8k-dev"][1]
     labels = everyday_c >= args.threshold
     flickr_y = flickr_c >= args.threshold
-    extra_x, extra_y = (flickr_x, flickr_y) if args.fit_on == "all" else (flickr_x[:0], flickr_y[:0])
+    # what the models are fitted on: these captions' signals, or --fit-signals' (same photos)
+    fit_everyday_x = np.vstack([fitting[s][0] for s in ("coco-ood-dev", "coco-ood-dev-b")])[:, columns]
+    fit_labels = np.concatenate([fitting[s][1] for s in ("coco-ood-dev", "coco-ood-dev-b")]) >= args.threshold
+    fit_flickr_x = fitting["flickr8k-dev"][0][:, columns]
+    fit_flickr_y = fitting["flickr8k-dev"][1] >= args.threshold
+    extra_x, extra_y = (
+        (fit_flickr_x, fit_flickr_y) if args.fit_on == "all" else (fit_flickr_x[:0], fit_flickr_y[:0])
+    )
 
-    def cross_validated(x, y, other_x, other_y, seed: int) -> np.ndarray:
-        """Five folds over (x, y): each predicted by a model fitted on the other folds and
-        ``other_x``, ``other_y``."""
+    def cross_validated(x, fit_x, fit_y, other_x, other_y, seed: int) -> np.ndarray:
+        """Five folds over ``x``: each predicted by a model fitted on the other folds of
+        (``fit_x``, ``fit_y``: the same photos) and ``other_x``, ``other_y``."""
         folds = np.random.default_rng(seed).permutation(len(x)) % 5
         out = np.zeros(len(x))
         for k in range(5):
             train = folds != k
             mean, std, w, b = fit(
-                np.vstack([x[train], other_x]), np.concatenate([y[train], other_y]), args.l2
+                np.vstack([fit_x[train], other_x]), np.concatenate([fit_y[train], other_y]), args.l2
             )
             model = ConfidenceModel(mean, std, w, b, {}, names)
             out[~train] = [model.predict(row) for row in x[~train]]
         return out
 
-    predicted = cross_validated(everyday_x, labels, extra_x, extra_y, 0)
-    other_splits = [
-        auroc(cross_validated(everyday_x, labels, extra_x, extra_y, 100 + s), labels) for s in range(20)
-    ]
+    everyday = (everyday_x, fit_everyday_x, fit_labels, extra_x, extra_y)
+    predicted = cross_validated(*everyday, 0)
+    other_splits = [auroc(cross_validated(*everyday, 100 + s), labels) for s in range(20)]
     rng = np.random.default_rng(1)
     boot = []
     while len(boot) < 1000:
         i = rng.integers(0, len(labels), len(labels))
         if 0 < labels[i].sum() < len(i):
             boot.append(auroc(predicted[i], labels[i]))
-    in_domain = cross_validated(flickr_x, flickr_y, everyday_x, labels, 0)
+    in_domain = cross_validated(flickr_x, fit_flickr_x, fit_flickr_y, fit_everyday_x, fit_labels, 0)
     result = {
         "right": f"per-photo CIDEr-D >= {args.threshold}",
         "everyday photos": len(everyday_x),
@@ -163,11 +195,14 @@ def main(argv=None) -> int:
         "auroc_everyday_bootstrap_95": [round(float(v), 4) for v in np.percentile(boot, [2.5, 97.5])],
         "auroc_everyday_mean_log_prob": round(auroc(everyday_all[:, SIGNALS.index("score")], labels), 4),
         "auroc_flickr8k_cross_validated": round(auroc(in_domain, flickr_y), 4),
+        "mean_confidence_everyday": round(float(predicted.mean()), 4),
         "auroc_everyday_each_signal": {
             name: round(auroc(everyday_all[:, i], labels), 4) for i, name in enumerate(SIGNALS)
         },
         "coverage": [],
         "signals": list(names),
+        "decoding": args.decoding or "the model's defaults",
+        "fitted_on": str(args.fit_signals) if args.fit_signals else "this run's captions",
     }
     for keep in (1.0, 0.8, 0.6, 0.4, 0.2):
         n = max(1, int(round(keep * len(predicted))))
@@ -201,7 +236,8 @@ def main(argv=None) -> int:
     lines = [
         f"`python benchmarks/confidence_fit.py {command}`",
         "",
-        f"Right: {result['right']}. Everyday photos: {len(everyday_x)} ({int(labels.sum())} right).",
+        f"Right: {result['right']}. Everyday photos: {len(everyday_x)} ({int(labels.sum())} right). "
+        f"Decoding: {result['decoding']}; models fitted on {result['fitted_on']}.",
         "",
         f"AUROC on everyday photos, cross-validated (5 folds): "
         f"**{result['auroc_everyday_cross_validated']:.3f}**; the caption's mean "
@@ -210,7 +246,9 @@ def main(argv=None) -> int:
         f"{result['auroc_everyday_other_splits']['mean']:.3f} (sd "
         f"{result['auroc_everyday_other_splits']['sd']:.3f}); bootstrap 95% interval over the photos: "
         f"{result['auroc_everyday_bootstrap_95'][0]:.3f} to {result['auroc_everyday_bootstrap_95'][1]:.3f}. "
-        f"Flickr8k dev, cross-validated the same way: {result['auroc_flickr8k_cross_validated']:.3f}.",
+        f"Flickr8k dev, cross-validated the same way: {result['auroc_flickr8k_cross_validated']:.3f}. "
+        f"Mean confidence on the everyday photos: {result['mean_confidence_everyday']:.2f} "
+        f"(right: {labels.mean():.2f}).",
         "",
         f"Signals: {', '.join(names)}.",
         "",
