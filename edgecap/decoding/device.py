@@ -373,6 +373,7 @@ def _decode(
     done = torch.zeros(N, dtype=torch.bool, device=device)
     pool = _Pool(N, B, T, device)
     # the best place a beam could have ended, while no hypothesis of the image has finished
+    # (without plan.endings; with them it is one of the endings, and stays empty)
     ending_tokens = torch.zeros((N, T), dtype=torch.int64, device=device)
     ending_length = torch.zeros(N, dtype=torch.int64, device=device)
     ending_rank = torch.full((N,), NEG_INF, dtype=torch.float64, device=device)
@@ -430,7 +431,7 @@ def _decode(
             end_rank_lp[t] = torch.where(is_end.any(1) & live, candidates.gather(1, at)[:, 0], NEG_INF)
             end_lp[t] = model_lp.gather(1, at)[:, 0]
             end_words[t] = history
-        if t > 0:
+        if t > 0 and not plan.endings:  # with endings, the best place to end is one of them
             _best_ending(
                 plan,
                 t,
