@@ -9,6 +9,8 @@ import importlib
 import os
 import signal
 import sys
+import traceback
+from typing import NoReturn
 
 # name -> (module, one-line help)
 COMMANDS = {
@@ -74,6 +76,41 @@ def main(argv: list[str] | None = None) -> int:
     finally:
         if previous is not None:
             signal.signal(signal.SIGINT, previous)
+
+
+def run_command() -> NoReturn:
+    """The ``edgecap`` command and ``python -m edgecap``: ``main()``, then the process's end.
+
+    A rank under torchrun (``edgecap train``; ``torch.distributed`` initialised) ends with
+    ``os._exit`` once its output is flushed, whatever the command did (an error it printed, an
+    uncaught exception, whose traceback is printed first): PyTorch's gloo process group does not
+    survive the interpreter's teardown safely (``edgecap.training.distributed``)."""
+    try:
+        code = main()
+    except KeyboardInterrupt:  # while a command that finishes on Ctrl-C was finishing
+        code = 130
+    except SystemExit as exc:
+        if not _in_process_group():
+            raise
+        code = exc.code if isinstance(exc.code, int) else (0 if exc.code is None else 1)
+    except BaseException:
+        if not _in_process_group():
+            raise
+        traceback.print_exc()
+        code = 1
+    if _in_process_group():
+        for stream in (sys.stdout, sys.stderr):
+            try:
+                stream.flush()
+            except Exception:  # a closed pipe: the process still ends here
+                pass
+        os._exit(code)
+    sys.exit(code)
+
+
+def _in_process_group() -> bool:
+    distributed = sys.modules.get("torch.distributed")
+    return distributed is not None and distributed.is_available() and distributed.is_initialized()
 
 
 def _quiet_interrupts():

@@ -430,3 +430,60 @@ def test_a_run_reads_the_shard_cache_of_its_own_encoder(tmp_path, monkeypatch):
         for name in ("efficientnet-lite0", "efficientnet-lite2")
     ]
     assert asked[0] != asked[1]
+
+
+RANK_END = """
+import atexit, sys
+import torch.distributed as dist
+from edgecap import cli
+
+dist.init_process_group("gloo", init_method="file://" + sys.argv[1], rank=0, world_size=1)
+atexit.register(print, "teardown", flush=True)
+fail = sys.argv[2]
+
+
+class Command:  # every command's module: add_arguments, run
+    def add_arguments(parser):
+        pass
+
+    def run(args):
+        print("ran", flush=False)  # flushed by the end, not by the teardown
+        if fail == "uncaught":
+            raise RuntimeError("gloo peer gone")
+        if fail == "error":
+            from edgecap.errors import DataError
+
+            raise DataError("no such split")
+        return 0
+
+
+cli._load = lambda module: Command
+sys.argv = ["edgecap", "train"]
+cli.run_command()
+"""
+
+
+@pytest.mark.parametrize(("fail", "code"), [("none", 0), ("error", 2), ("uncaught", 1)])
+def test_a_rank_ends_without_teardown_whatever_the_command_did(tmp_path, fail, code):
+    """The edgecap command in a process with a process group (a torchrun rank) ends with
+    os._exit after flushing its output, on success, on an error it reports and on an uncaught
+    exception (its traceback printed): never through the interpreter's teardown, which gloo's
+    threads do not survive safely (edgecap.training.distributed)."""
+    done = subprocess.run(
+        [sys.executable, "-c", RANK_END, str(tmp_path / "store"), fail],
+        env={k: v for k, v in _env().items() if k != "PYTHONUNBUFFERED"},  # output buffered
+        capture_output=True,
+        text=True,
+        timeout=300,
+    )
+    assert done.returncode == code, done.stderr
+    assert done.stdout == "ran\n"  # no "teardown"
+    assert ("RuntimeError: gloo peer gone" in done.stderr) == (fail == "uncaught")
+    assert ("edgecap train: error: no such split" in done.stderr) == (fail == "error")
+
+
+def test_the_edgecap_command_ends_like_python_m_edgecap():
+    from importlib.metadata import entry_points
+
+    (script,) = [e for e in entry_points(group="console_scripts") if e.name == "edgecap"]
+    assert script.value == "edgecap.cli:run_command"

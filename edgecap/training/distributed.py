@@ -4,8 +4,9 @@
 runs in this process alone and nothing here talks to other processes. The backend is NCCL when
 there is a GPU, gloo on CPUs.
 
-The process group, once started, stays up until the process ends, and ``python -m edgecap``
-ends a rank's process without the interpreter's teardown (``edgecap.__main__``): PyTorch's gloo
+The process group, once started, stays up until the process ends, and the ``edgecap`` command
+(``python -m edgecap`` too) ends a rank's process without the interpreter's teardown
+(``edgecap.cli.run_command``), whether the command succeeded or not: PyTorch's gloo
 group cannot be taken down safely while its threads still release the last collectives'
 tensors. Destroyed when ``train`` returned, a rank deadlocked (the group's destructor, holding
 the GIL, waits for a thread that needs the GIL); left to the interpreter's exit, a rank now and

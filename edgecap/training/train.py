@@ -211,7 +211,7 @@ def train(cfg: TrainConfig, log=print) -> Path:
     the checkpoints. The data order is a function of the seed and the epoch, so a resumed run
     and a run on any number of processes see the same global batches. The process group stays
     up after it returns (``edgecap.training.distributed`` says why): a script of your own that
-    calls it under torchrun ends each rank with ``os._exit``, as ``python -m edgecap`` does.
+    calls it under torchrun ends each rank with ``os._exit``, as the ``edgecap`` command does.
     """
     check_folders(cfg.out, cfg.cache_dir)
     seeded(cfg.seed, cfg.threads)
