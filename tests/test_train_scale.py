@@ -210,6 +210,41 @@ def test_a_resumed_run_ends_with_the_uninterrupted_weights(noise_dataset, tmp_pa
         assert torch.equal(w1[name], w2[name]), name
 
 
+def test_a_failed_step_leaves_the_steps_before_it_on_disk(noise_dataset, tmp_path, monkeypatch):
+    """The step log is written as the run goes, not left in a buffer that an error loses (a
+    torchrun rank ends with os._exit, without Python's teardown)."""
+    from edgecap.training import train as training
+
+    calls = []
+    real = training._optimizer_step
+
+    def failing(*args, **kwargs):
+        calls.append(1)
+        if len(calls) == 3:
+            raise RuntimeError("a peer is gone")
+        return real(*args, **kwargs)
+
+    monkeypatch.setattr(training, "_optimizer_step", failing)
+    out = tmp_path / "run"
+    cfg = training.TrainConfig(
+        data=str(noise_dataset),
+        out=str(out),
+        epochs=1,
+        batch_size=9,
+        min_word_count=1,
+        progress=False,
+        threads=1,
+        cache_dir=str(tmp_path / "cache"),
+        decoder={"hidden_dim": 32, "feature_dim": 32, "embed_dim": 16, "attention_dim": 16},
+    )
+    with pytest.raises(RuntimeError, match="a peer is gone") as failure:
+        training.train(cfg, log=lambda *_: None)
+    # read while the error's traceback (and with it the run's frame) is alive, as it is when a
+    # rank prints it and ends
+    assert [(s["epoch"], s["step"]) for s in _steps(out)] == [(1, 1), (1, 2)]
+    assert failure.traceback
+
+
 def _fake_features(n_rows: int, shape=(49, 1280)):
     """Stand-in load/encode: image i's features are all (i % 251)."""
 

@@ -24,7 +24,7 @@ import time
 from concurrent.futures import ThreadPoolExecutor
 from dataclasses import asdict
 from pathlib import Path
-from typing import Any, TextIO, TypedDict
+from typing import Any, TypedDict
 
 import numpy as np
 import torch
@@ -365,52 +365,56 @@ def train(cfg: TrainConfig, log=print) -> Path:
         bar = progress_bar(n_steps, f"epoch {epoch}", cfg.progress and dist.main)
         shares = batches.shares(cfg.batch_size, rng, dist.rank, dist.world)
         read = (lambda share: train_maps[share[0]]) if encoder is None else (lambda share: None)
-        steps: TextIO | None = open(steps_log, "a") if dist.main else None
         texts = text_batches(
             text_captions, cfg.batch_size, vocab.pad, random.Random(f"{cfg.seed}:{epoch}:text")
         )
         text_total, text_count = 0.0, 0
-        for step, ((rows, caps, image_index, totals, weight), fmap) in enumerate(
-            _prefetched(shares, read), 1
-        ):
-            # fmap: read ahead by _prefetched (frozen encoder) or computed here
-            if encoder is not None and cfg.finetune_cached:
-                flip = torch.tensor([rng.random() < 0.5 for _ in rows])
-                x = torch.where(flip[:, None, None, None], mirror_maps[mirror_row[rows]], train_maps[rows])
-                fmap = as_regions(encoder.tail(x.to(device), split_at))
-            elif encoder is not None:
-                photos = np.stack([to_model_input(augment(load_rgb(row_to_path[r])), pre) for r in rows])
-                fmap = encoder.regions(torch.from_numpy(photos).to(device))
-            fmap, caps, image_index = fmap.to(device), caps.to(device), image_index.to(device)
-            with amp:
-                loss, ce = caption_loss(model, fmap, caps, image_index, vocab, cfg, sample_prob, totals)
-            norm = _optimizer_step(loss * weight, optimizer, params, cfg, scaler)  # of the averaged gradient
-            step_loss, step_ce = dist.all_sum([loss.item() * (weight > 0), ce.item() * (weight > 0)])
-            total += step_ce * totals[1]
-            count += totals[1]
-            if steps is not None:
-                steps.write(
-                    json.dumps(
-                        {
-                            "epoch": epoch,
-                            "step": step,
-                            "loss": step_loss,
-                            "ce": step_ce,
-                            "grad_norm": float(norm),
-                        }
+        # every step's record (rank 0), the file closed (and so written) on an error too: a
+        # rank ends with os._exit (edgecap.training.distributed)
+        with open(steps_log, "a") if dist.main else contextlib.nullcontext() as steps:
+            for step, ((rows, caps, image_index, totals, weight), fmap) in enumerate(
+                _prefetched(shares, read), 1
+            ):
+                # fmap: read ahead by _prefetched (frozen encoder) or computed here
+                if encoder is not None and cfg.finetune_cached:
+                    flip = torch.tensor([rng.random() < 0.5 for _ in rows])
+                    x = torch.where(
+                        flip[:, None, None, None], mirror_maps[mirror_row[rows]], train_maps[rows]
                     )
-                    + "\n"
-                )
-            for _ in range(text_steps(step, cfg.text_share) if no_image is not None else 0):
-                text_ce = _text_step(decoder, no_image, next(texts), optimizer, params, cfg, amp, scaler)
-                text_total, text_count = text_total + text_ce, text_count + 1
+                    fmap = as_regions(encoder.tail(x.to(device), split_at))
+                elif encoder is not None:
+                    photos = np.stack([to_model_input(augment(load_rgb(row_to_path[r])), pre) for r in rows])
+                    fmap = encoder.regions(torch.from_numpy(photos).to(device))
+                fmap, caps, image_index = fmap.to(device), caps.to(device), image_index.to(device)
+                with amp:
+                    loss, ce = caption_loss(model, fmap, caps, image_index, vocab, cfg, sample_prob, totals)
+                norm = _optimizer_step(
+                    loss * weight, optimizer, params, cfg, scaler
+                )  # of the averaged gradient
+                step_loss, step_ce = dist.all_sum([loss.item() * (weight > 0), ce.item() * (weight > 0)])
+                total += step_ce * totals[1]
+                count += totals[1]
                 if steps is not None:
-                    steps.write(json.dumps({"epoch": epoch, "step": step, "text_ce": text_ce}) + "\n")
-            bar.update(1)
-            bar.set_postfix(loss=f"{total / count:.3f}")
+                    steps.write(
+                        json.dumps(
+                            {
+                                "epoch": epoch,
+                                "step": step,
+                                "loss": step_loss,
+                                "ce": step_ce,
+                                "grad_norm": float(norm),
+                            }
+                        )
+                        + "\n"
+                    )
+                for _ in range(text_steps(step, cfg.text_share) if no_image is not None else 0):
+                    text_ce = _text_step(decoder, no_image, next(texts), optimizer, params, cfg, amp, scaler)
+                    text_total, text_count = text_total + text_ce, text_count + 1
+                    if steps is not None:
+                        steps.write(json.dumps({"epoch": epoch, "step": step, "text_ce": text_ce}) + "\n")
+                bar.update(1)
+                bar.set_postfix(loss=f"{total / count:.3f}")
         bar.close()
-        if steps is not None:
-            steps.close()
         if not dist.main:  # rank 0 checks the dev split and writes the checkpoints
             if dist.from_main(None):
                 break
