@@ -118,30 +118,44 @@ def main(argv=None) -> int:
 
     args.out.mkdir(parents=True, exist_ok=True)
     cache = args.out / "signals.npz"
-    data = {}
+
+    def read_signals(path: Path, flag: str):
+        """-> ({set: (signals, per-photo CIDEr)}, the --decoding they were made with or None)."""
+        with np.load(path) as saved:
+            sets = {name: (saved[f"{name}/x"], saved[f"{name}/cider"]) for name, _ in SETS}
+            made_with = str(saved["decoding"]) if "decoding" in saved.files else None
+        for x, _ in sets.values():
+            if x.shape[1] != len(SIGNALS):
+                p.error(f"{flag} {path}: {x.shape[1]} signals per photo, not {len(SIGNALS)}: caption again")
+        return sets, made_with
+
+    fitting = None
+    if args.fit_signals:
+        if args.write:
+            p.error("--write fits on this run's own captions: not with --fit-signals")
+        if not args.reuse and args.fit_signals.resolve() == cache.resolve():
+            p.error(f"--fit-signals {args.fit_signals}: this run writes its own signals there")
+        fitting = read_signals(args.fit_signals, "--fit-signals")[0]
     if args.reuse:
-        with np.load(cache) as saved:
-            data = {name: (saved[f"{name}/x"], saved[f"{name}/cider"]) for name, _ in SETS}
+        data, made_with = read_signals(cache, "--reuse:")
+        if made_with is not None and made_with != args.decoding:
+            p.error(f"--reuse: {cache} holds captions of --decoding '{made_with}', not '{args.decoding}'")
     else:
         captioner = Captioner(args.model, **parse_variant("decoding=" + args.decoding)[1])
+        data = {}
         for name, (items, root) in load_sets(args.data, args.flickr8k_limit).items():
             x, texts = collect(captioner, items, root)
             refs = {item.image_id: item.captions for item in items}
             cider = per_image_cider(refs, texts)
             data[name] = (x, np.array([cider[item.image_id] for item in items]))
-        np.savez(cache, **{f"{n}/{k}": v for n, (x, c) in data.items() for k, v in (("x", x), ("cider", c))})
-    fitting = data
-    if args.fit_signals:
-        if args.write:
-            p.error("--write fits on this run's own captions: not with --fit-signals")
-        with np.load(args.fit_signals) as saved:
-            fitting = {name: (saved[f"{name}/x"], saved[f"{name}/cider"]) for name, _ in SETS}
-        if any(len(fitting[name][0]) != len(data[name][0]) for name, _ in SETS):
-            p.error(f"--fit-signals {args.fit_signals}: other photos than this run's")
+        arrays = {f"{n}/{k}": v for n, (x, c) in data.items() for k, v in (("x", x), ("cider", c))}
+        np.savez(cache, decoding=np.array(args.decoding), **arrays)
+    if fitting is None:
+        fitting = data
+    elif any(len(fitting[name][0]) != len(data[name][0]) for name, _ in SETS):
+        p.error(f"--fit-signals {args.fit_signals}: other photos than this run's")
     for name, (x, cider) in data.items():
         print(f"{name}: {len(x)} photos, {np.mean(cider >= args.threshold):.2f} right", flush=True)
-        if x.shape[1] != len(SIGNALS):
-            p.error(f"{cache}: {x.shape[1]} signals per photo, not {len(SIGNALS)}: run without --reuse")
     columns = [SIGNALS.index(name) for name in names]
     everyday_all = np.vstack([data[s][0] for s in ("coco-ood-dev", "coco-ood-dev-b")])
     everyday_x = everyday_all[:, columns]

@@ -93,6 +93,8 @@ def run_command() -> NoReturn:
         if not _in_process_group():
             raise
         code = exc.code if isinstance(exc.code, int) else (0 if exc.code is None else 1)
+        if exc.code is not None and not isinstance(exc.code, int):
+            print(exc.code, file=sys.stderr)  # as Python prints it
     except BaseException:
         if not _in_process_group():
             raise

@@ -485,6 +485,8 @@ class Command:  # every command's module: add_arguments, run
         print("ran", flush=False)  # flushed by the end, not by the teardown
         if fail == "uncaught":
             raise RuntimeError("gloo peer gone")
+        if fail == "exit-message":
+            raise SystemExit("cannot go on")
         if fail == "error":
             from edgecap.errors import DataError
 
@@ -498,7 +500,7 @@ cli.run_command()
 """
 
 
-@pytest.mark.parametrize(("fail", "code"), [("none", 0), ("error", 2), ("uncaught", 1)])
+@pytest.mark.parametrize(("fail", "code"), [("none", 0), ("error", 2), ("uncaught", 1), ("exit-message", 1)])
 def test_a_rank_ends_without_teardown_whatever_the_command_did(tmp_path, fail, code):
     """The edgecap command in a process with a process group (a torchrun rank) ends with
     os._exit after flushing its output, on success, on an error it reports and on an uncaught
@@ -515,6 +517,7 @@ def test_a_rank_ends_without_teardown_whatever_the_command_did(tmp_path, fail, c
     assert done.stdout == "ran\n"  # no "teardown"
     assert ("RuntimeError: gloo peer gone" in done.stderr) == (fail == "uncaught")
     assert ("edgecap train: error: no such split" in done.stderr) == (fail == "error")
+    assert ("cannot go on" in done.stderr) == (fail == "exit-message")
 
 
 def test_the_edgecap_command_ends_like_python_m_edgecap():
