@@ -388,9 +388,8 @@ def train(cfg: TrainConfig, log=print) -> Path:
                 fmap, caps, image_index = fmap.to(device), caps.to(device), image_index.to(device)
                 with amp:
                     loss, ce = caption_loss(model, fmap, caps, image_index, vocab, cfg, sample_prob, totals)
-                norm = _optimizer_step(
-                    loss * weight, optimizer, params, cfg, scaler
-                )  # of the averaged gradient
+                # norm: of the averaged gradient
+                norm = _optimizer_step(loss * weight, optimizer, params, cfg, scaler)
                 step_loss, step_ce = dist.all_sum([loss.item() * (weight > 0), ce.item() * (weight > 0)])
                 total += step_ce * totals[1]
                 count += totals[1]
