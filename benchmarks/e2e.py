@@ -20,6 +20,9 @@ Variants:
     ort-fp32-noguide  Captioner(guidance_bonus=0): object-guided decoding off
     ort-fp32-constrained  Captioner(constrained=True): constrained beam search on the tags
     ort-fp32-noconsensus  Captioner(consensus=False): the search's own best caption, no consensus choice
+    ort-fp32-nofusion     Captioner(fusion_weight=0): the model's everyday language models off
+    ort-fp32-numpy-lm     Captioner() with the language models stepped in numpy, as where onnxruntime
+                          is not installed (the default steps them in one onnxruntime run)
     ort-fp32-b        Captioner(MODEL_B): the model directory given with --model-b
     NAME/spin-on, NAME/spin-off   an onnxruntime variant with session.intra_op.allow_spinning
                                   set to 1 / 0 (default: onnxruntime's own default, on)
@@ -45,6 +48,8 @@ BASE_VARIANTS = (
     "ort-fp32-noguide",
     "ort-fp32-constrained",
     "ort-fp32-noconsensus",
+    "ort-fp32-nofusion",
+    "ort-fp32-numpy-lm",
     "ort-fp32-b",
 )
 DEFAULT_VARIANTS = ("ort-fp32", "torch-eager", "ort-fp32-noguide")
@@ -68,6 +73,7 @@ class CaptionTask:
         caption_options: dict,
         backend_options: dict,
         session_config: dict,
+        numpy_lm: bool = False,
     ):
         import numpy as np
 
@@ -79,6 +85,11 @@ class CaptionTask:
         self.captioner = variant.captioner(
             beam_size=beam, batch_size=batch, max_length=max_length, **caption_options
         )
+        if numpy_lm:  # the fallback step, set where Fusion.step would have made the onnxruntime one
+            from edgecap.decoding.fusion import NumpyPairStep
+
+            fusion = self.captioner.fusion
+            fusion.__dict__["step"] = NumpyPairStep(fusion.everyday, fusion.in_domain)
         self.frames = C.example_frames()
         self.batch = batch
         self._next = itertools.cycle(range(len(self.frames)))
@@ -92,6 +103,7 @@ class CaptionTask:
             "session_config": session_config,
             "first_caption": first.text,
             "allow_spinning": self._spinning(),
+            "language_models": self._language_models(),
         }
         self.measures = {"e2e": self.e2e, "encoder": self.encoder}
 
@@ -105,6 +117,14 @@ class CaptionTask:
             return session.get_session_options().get_session_config_entry("session.intra_op.allow_spinning")
         except Exception:  # not set
             return "default"
+
+    def _language_models(self) -> str:
+        """How the fused language models step: "onnxruntime" (one run for both), "numpy",
+        or "off" (a model without them, or fusion_weight 0)."""
+        fusion = self.captioner.fusion
+        if fusion is None or self.captioner.options.fusion_weight == 0:
+            return "off"
+        return "numpy" if type(fusion.step).__name__ == "NumpyPairStep" else "onnxruntime"
 
     def e2e(self):
         return self.captioner.caption_batch([self.frames[next(self._next)] for _ in range(self.batch)])
@@ -137,6 +157,8 @@ def variant_spec(label: str, args) -> I.Spec:
         caption_options = {"constrained": True}
     elif name == "ort-fp32-noconsensus":
         caption_options = {"consensus": False}
+    elif name == "ort-fp32-nofusion":
+        caption_options = {"fusion_weight": 0.0}
     elif name == "ort-fp32-b":
         if args.model_b is None:
             sys.exit("ort-fp32-b needs --model-b DIR")
@@ -159,6 +181,7 @@ def variant_spec(label: str, args) -> I.Spec:
         "caption_options": caption_options,
         "backend_options": backend_options,
         "session_config": session_config,
+        "numpy_lm": name == "ort-fp32-numpy-lm",
     }
     return I.Spec(label, "e2e:make_task", kwargs)
 
@@ -249,7 +272,8 @@ def main(argv=None) -> None:
     variants = "\n".join(
         f"- {n}: {v['info'].get('describe')}; "
         + "".join(f"{k}={val}; " for k, val in v["info"].get("session_config", {}).items())
-        + f"model {v['info'].get('model')}; first caption "
+        + f"model {v['info'].get('model')}; language models {v['info'].get('language_models')}; "
+        + "first caption "
         f'"{v["info"].get("first_caption")}"'
         for n, v in data["variants"].items()
     )

@@ -378,6 +378,24 @@ def test_e2e_writes_to_out_and_by_default_never_to_results(tmp_path, runs_dir):
     assert _committed_results() == before
 
 
+def test_e2e_times_the_language_models_stepped_in_numpy_and_off(tmp_path):
+    """The fusion-cost variants run what they say: the default's language models in one
+    onnxruntime run, ``ort-fp32-numpy-lm``'s in numpy (the fallback), ``ort-fp32-nofusion``'s
+    not at all, with the same first caption (the numpy step gives the same words)."""
+    import e2e
+
+    variants = "ort-fp32,ort-fp32-numpy-lm,ort-fp32-nofusion"
+    e2e.main([*TINY_E2E[2:], "--variants", variants, "--out", str(tmp_path), "--name", "lm"])
+    info = {n: v["info"] for n, v in json.loads((tmp_path / "lm.json").read_text())["variants"].items()}
+    assert {n: i["language_models"] for n, i in info.items()} == {
+        "ort-fp32": "onnxruntime",
+        "ort-fp32-numpy-lm": "numpy",
+        "ort-fp32-nofusion": "off",
+    }
+    assert info["ort-fp32"]["first_caption"] == info["ort-fp32-numpy-lm"]["first_caption"]
+    assert "language models numpy" in (tmp_path / "lm.md").read_text()
+
+
 def test_step_compare_writes_to_out(tmp_path, runs_dir):
     import step_compare
 

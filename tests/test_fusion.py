@@ -7,13 +7,15 @@ from __future__ import annotations
 import json
 import os
 import shutil
+import sys
 from functools import partial
 
 import numpy as np
 import pytest
 
 from edgecap.decoding import CaptionOptions, beam_search
-from edgecap.decoding.fusion import ARRAYS, CaptionLM, Fusion, FusionScorer
+from edgecap.decoding.fusion import ARRAYS, CaptionLM, Fusion, FusionScorer, NumpyPairStep
+from edgecap.decoding.fusion_graph import OnnxPairStep, pair_step_model
 from edgecap.decoding.rules import NeverFirst
 from edgecap.errors import ModelError
 from fakes import END, START, PrefixHashBackend
@@ -23,9 +25,10 @@ torch = pytest.importorskip("torch")
 V, E, H = 14, 6, 5
 
 
-def _torch_lm(seed: int):
+def _torch_lm(seed: int, hidden: int = H):
     torch.manual_seed(seed)
-    embed, lstm, out = torch.nn.Embedding(V, E), torch.nn.LSTM(E, H, batch_first=True), torch.nn.Linear(H, V)
+    embed, lstm = torch.nn.Embedding(V, E), torch.nn.LSTM(E, hidden, batch_first=True)
+    out = torch.nn.Linear(hidden, V)
     arrays = {
         "embed": embed.weight,
         "w_ih": lstm.weight_ih_l0,
@@ -89,6 +92,71 @@ def test_the_scorer_follows_its_rows_and_gives_the_density_ratio(tmp_path):
     np.testing.assert_allclose(third[1], alone([START, 5, 9]), atol=1e-6)
     np.testing.assert_allclose(third[2], alone([START, 5, 8]), atol=1e-6)
     assert second.dtype == np.float32 and second.shape == (3, V)
+
+
+@pytest.mark.parametrize("rows", [1, 3, 7])
+def test_the_onnxruntime_step_is_pytorchs_two_lstms_and_their_weighted_ratio(rows):
+    """One onnxruntime run per step gives each row's weight x (log p_everyday - log p_in_domain)
+    of PyTorch's two LSTMs (of different sizes), step after step with the states carried."""
+    pytest.importorskip("onnxruntime")
+    (everyday, a_everyday), (in_domain, a_in_domain) = _torch_lm(1), _torch_lm(2, hidden=H + 3)
+    words = torch.tensor([[1, 5, 7, 9, 2], [1, 4, 4, 13, 6], [1, 3, 8, 8, 12]] * 3)[:rows]
+    weights = np.linspace(0.25, 1.5, rows, dtype=np.float32)[:, None]
+    with torch.no_grad():
+        log_p = [
+            torch.log_softmax(out(lstm(embed(words))[0]), -1).numpy()
+            for embed, lstm, out in (everyday, in_domain)
+        ]
+    expected = weights[:, None] * (log_p[0] - log_p[1])  # (rows, steps, V)
+    lms = CaptionLM(a_everyday), CaptionLM(a_in_domain)
+    step, states = OnnxPairStep(*lms), [lm.zero_state(rows) for lm in lms]
+    for t in range(words.shape[1]):
+        bias, states = step(words[:, t].numpy(), states, weights)
+        np.testing.assert_allclose(bias, expected[:, t], atol=1e-5)
+        assert bias.dtype == np.float32 and bias.shape == (rows, V)
+
+
+def test_the_step_graph_is_a_valid_onnx_model():
+    """What the hand-written protobuf encodes, read back by the onnx package and checked with
+    its shape inference: the inputs and outputs the step feeds and reads, at their shapes."""
+    onnx = pytest.importorskip("onnx")
+    lms = CaptionLM(_torch_lm(1)[1]), CaptionLM(_torch_lm(2, hidden=H + 3)[1])
+    model = onnx.load_from_string(pair_step_model(*lms))
+    onnx.checker.check_model(model, full_check=True)
+
+    def shapes(values):
+        dims = lambda v: [d.dim_param or d.dim_value for d in v.type.tensor_type.shape.dim]  # noqa: E731
+        return {v.name: dims(v) for v in values}
+
+    assert shapes(model.graph.input) == {
+        "tokens": ["rows"],
+        "everyday_h": ["rows", H],
+        "everyday_c": ["rows", H],
+        "in_domain_h": ["rows", H + 3],
+        "in_domain_c": ["rows", H + 3],
+        "weights": ["rows", 1],
+    }
+    assert shapes(model.graph.output)["bias"] == ["rows", V]
+    assert {t.name: list(t.dims) for t in model.graph.initializer}["in_domain_out_w_t"] == [H + 3, V]
+
+
+def test_without_onnxruntime_the_fusion_runs_in_numpy_alike(tmp_path, monkeypatch):
+    """A package without onnxruntime (the torch backend alone) still fuses: in numpy, the same
+    biases as the onnxruntime step."""
+    pytest.importorskip("onnxruntime")
+    with_ort = _fusion(tmp_path)
+    assert isinstance(with_ort.step, OnnxPairStep)  # made (and kept) while onnxruntime imports
+    monkeypatch.setitem(sys.modules, "onnxruntime", None)  # ``import onnxruntime`` raises ImportError
+    without = Fusion.load(tmp_path, V)
+    assert isinstance(without.step, NumpyPairStep)
+    weights = np.array([[0.5], [1.0], [2.0]], np.float32)
+    states = {id(f): [lm.zero_state(3) for lm in (f.everyday, f.in_domain)] for f in (with_ort, without)}
+    for tokens in ([START] * 3, [5, 7, 9], [8, 8, 12]):
+        biases = []
+        for f in (with_ort, without):
+            bias, states[id(f)] = f.step(np.array(tokens, np.int32), states[id(f)], weights)
+            biases.append(bias)
+        np.testing.assert_allclose(biases[0], biases[1], atol=1e-5)
 
 
 def test_fusion_is_one_more_rule_of_the_loop(tmp_path):

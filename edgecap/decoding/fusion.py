@@ -8,9 +8,11 @@ in End-to-End Automatic Speech Recognition", 2019): each step's log-probabilitie
 where ``p_everyday`` is a caption language model trained on everyday caption text (COCO's) and
 ``p_in_domain`` one trained on the caption model's own training captions (Flickr8k's): the
 caption model's language prior is swapped for the everyday one, while what it sees in the photo
-stays. Both are small word-level LSTMs over the caption model's vocabulary, run here in numpy on
-the host, so fusion works on every backend (it reaches the step through ``word_bias``, as the tag
-bonus does). Trained by ``edgecap.training.language_model``.
+stays. Both are small word-level LSTMs over the caption model's vocabulary, run on the host,
+so fusion works on every backend (it reaches the step through ``word_bias``, as the tag bonus
+does): both steps and their ratio in one onnxruntime run where onnxruntime is installed
+(``edgecap.decoding.fusion_graph``), else in numpy. Trained by
+``edgecap.training.language_model``.
 
 A model directory carries them as ``fusion.json`` (``edgecap-fusion/1``: the two ``.npz`` files,
 their SHA-256, the weight chosen for the model, and the gate below) beside the two weight files.
@@ -28,12 +30,17 @@ photos (benchmarks/results/decoding_choice*.md).
 from __future__ import annotations
 
 from dataclasses import dataclass
+from functools import cached_property
 from pathlib import Path
+from typing import TYPE_CHECKING
 
 import numpy as np
 
 from edgecap.decoding.rules import Scorer
 from edgecap.errors import ModelError
+
+if TYPE_CHECKING:
+    from edgecap.decoding.fusion_graph import OnnxPairStep
 
 FUSION_FILE = "fusion.json"
 FORMAT = "edgecap-fusion/1"
@@ -151,6 +158,30 @@ def _sigmoid(x: np.ndarray) -> np.ndarray:
     return 0.5 * (np.tanh(0.5 * x) + 1.0)  # no overflow warning for large |x|
 
 
+class NumpyPairStep:
+    """Both language models' step and their weighted density ratio in numpy: where onnxruntime
+    is not installed (``edgecap.decoding.fusion_graph.OnnxPairStep`` is the same step in one
+    onnxruntime run)."""
+
+    def __init__(self, everyday: CaptionLM, in_domain: CaptionLM):
+        self.models = (everyday, in_domain)
+
+    def __call__(self, tokens: np.ndarray, states: list, weights: np.ndarray):
+        """tokens (R,), states [(h, c) everyday, (h, c) in-domain], weights (R, 1) -> (bias
+        (R, V), the new states)."""
+        logits, norms, new_states = [], [], []
+        for lm, (h, c) in zip(self.models, states):
+            row_logits, norm, h, c = lm.step_logits(tokens, h, c)
+            new_states.append((h, c))
+            logits.append(row_logits)
+            norms.append(norm)
+        # log p_everyday - log p_in_domain, normalisers apart: two passes over (R, V) fewer
+        ratio = logits[0] - logits[1]
+        ratio -= norms[0] - norms[1]
+        ratio *= weights
+        return ratio, new_states
+
+
 @dataclass(frozen=True)
 class Fusion:
     """A model directory's two caption language models and its chosen weight."""
@@ -160,6 +191,19 @@ class Fusion:
     weight: float  # the weight chosen for this model (``CaptionOptions.fusion_weight`` default)
     info: dict
     gate: Gate | None = None
+
+    @cached_property
+    def step(self) -> NumpyPairStep | OnnxPairStep:
+        """One step of both models with their weighted density ratio: in one onnxruntime run
+        where onnxruntime is installed (``edgecap.decoding.fusion_graph``: the fusion's cost at
+        beam 3 1.2x the decode without it, 1.35x in numpy), else in numpy."""
+        try:
+            import onnxruntime  # noqa: F401
+        except ImportError:
+            return NumpyPairStep(self.everyday, self.in_domain)
+        from edgecap.decoding.fusion_graph import OnnxPairStep
+
+        return OnnxPairStep(self.everyday, self.in_domain)
 
     @classmethod
     def load(cls, directory: Path, vocab_size: int, n_classes: int | None = None) -> Fusion | None:
@@ -265,17 +309,8 @@ class FusionScorer(Scorer):
     def bias(self, t: int, tokens: np.ndarray, source_rows: np.ndarray) -> np.ndarray | None:
         if not self.active:
             return None
-        logits, norms = [], []
-        for k, lm in enumerate((self.fusion.everyday, self.fusion.in_domain)):
-            h, c = self.states[k]
-            if t > 0:  # the first step's source rows are images, and every state is zero
-                h, c = h[source_rows], c[source_rows]
-            row_logits, norm, h, c = lm.step_logits(tokens, h, c)
-            self.states[k] = (h, c)
-            logits.append(row_logits)
-            norms.append(norm)
-        # log p_everyday - log p_in_domain, normalisers apart: two passes over (R, V) fewer
-        ratio = logits[0] - logits[1]
-        ratio -= norms[0] - norms[1]
-        ratio *= self.weights
+        states = self.states
+        if t > 0:  # the first step's source rows are images, and every state is zero
+            states = [(h[source_rows], c[source_rows]) for h, c in states]
+        ratio, self.states = self.fusion.step(tokens, states, self.weights)
         return ratio
