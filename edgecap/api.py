@@ -193,6 +193,8 @@ class Captioner:
             self.manifest.path("classes"), self.vocab.index, self.manifest.dims.n_classes
         )
         self.fusion = Fusion.load(self.manifest.directory, len(self.vocab), self.manifest.dims.n_classes)
+        if self.fusion is not None:  # the language models' step made now (~20 ms), not on the first caption
+            _ = self.fusion.step
         self.confidence_model = ConfidenceModel.load(self.manifest.directory)
         self._object_words = object_words(self.classes.word_ids)
         name = resolve_backend(backend)

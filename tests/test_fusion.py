@@ -212,8 +212,8 @@ def test_a_broken_fusion_file_is_a_model_error_naming_it(tmp_path):
 
 
 def test_the_captioner_uses_its_models_fusion(default_model_dir, tmp_path):
-    """A model directory with a fusion file: the Captioner loads it and its weight is the
-    default; --fusion-weight 0 gives the captions without it."""
+    """A model directory with a fusion file: the Captioner loads it (and makes its step) and
+    its weight is the default; --fusion-weight 0 gives the captions without it."""
     from edgecap import Captioner
     from edgecap.training.language_model import install
 
@@ -242,6 +242,8 @@ def test_the_captioner_uses_its_models_fusion(default_model_dir, tmp_path):
     photo = "edgecap/assets/examples/coffee.png"
     fused = Captioner(model)
     assert fused.fusion is not None and fused.fusion.weight == 1.5
+    # its step is made with the Captioner, not on the first caption (a camera loop's first frame)
+    assert isinstance(vars(fused.fusion).get("step"), OnnxPairStep)
     off = Captioner(model, fusion_weight=0.0)
     plain = Captioner(default_model_dir, fusion_weight=0.0)
     assert off.caption(photo).text == plain.caption(photo).text

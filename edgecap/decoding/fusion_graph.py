@@ -123,11 +123,14 @@ def pair_step_model(everyday: CaptionLM, in_domain: CaptionLM) -> bytes:
         def name(part: str, role: str = role) -> str:
             return f"{role}_{part}"
 
+        arrays = lm.arrays
         initializers += [
-            _tensor(name("input"), lm._input),  # (V, 4H): embedding @ w_ih.T + bias, per word
-            _tensor(name("w_hh_t"), np.ascontiguousarray(lm._w_hh.T)),  # (H, 4H)
-            _tensor(name("out_w_t"), np.ascontiguousarray(lm._out_w.T)),  # (H, V)
-            _tensor(name("out_b"), lm._out_b),
+            _tensor(name("embed"), arrays["embed"]),  # (V, E)
+            _tensor(name("w_ih_t"), np.ascontiguousarray(arrays["w_ih"].T)),  # (E, 4H)
+            _tensor(name("bias"), arrays["bias"]),  # (4H,)
+            _tensor(name("w_hh_t"), np.ascontiguousarray(arrays["w_hh"].T)),  # (H, 4H)
+            _tensor(name("out_w_t"), np.ascontiguousarray(arrays["out_w"].T)),  # (H, V)
+            _tensor(name("out_b"), arrays["out_b"]),
         ]
         inputs += [_value_info(name("h"), FLOAT, ("rows", H)), _value_info(name("c"), FLOAT, ("rows", H))]
         outputs += [
@@ -135,9 +138,11 @@ def pair_step_model(everyday: CaptionLM, in_domain: CaptionLM) -> bytes:
             _value_info(name("c_next"), FLOAT, ("rows", H)),
         ]
         nodes += [  # torch's LSTM cell, gates i, f, g, o
-            _node("Gather", [name("input"), "tokens"], [name("from_word")], axis=0),
+            _node("Gather", [name("embed"), "tokens"], [name("word")], axis=0),
+            _node("MatMul", [name("word"), name("w_ih_t")], [name("from_word")]),
             _node("MatMul", [name("h"), name("w_hh_t")], [name("from_state")]),
-            _node("Add", [name("from_word"), name("from_state")], [name("gates")]),
+            _node("Add", [name("from_word"), name("from_state")], [name("summed")]),
+            _node("Add", [name("summed"), name("bias")], [name("gates")]),
             _node("Split", [name("gates")], [name("i"), name("f"), name("g"), name("o")], axis=1),
             _node("Sigmoid", [name("i")], [name("i_s")]),
             _node("Sigmoid", [name("f")], [name("f_s")]),
