@@ -163,6 +163,8 @@ def variant_spec(label: str, args) -> I.Spec:
         if args.model_b is None:
             sys.exit("ort-fp32-b needs --model-b DIR")
         model = str(C.model_dir(args.model_b))
+    if name == "ort-fp32-numpy-lm" and not (Path(model) / "fusion.json").is_file():
+        sys.exit(f"{label!r}: {model} has no language models (fusion.json) to step in numpy")
     if args.threads is not None and backend == "onnxruntime":
         backend_options["threads"] = args.threads
     session_config = {}

@@ -159,6 +159,35 @@ def test_without_onnxruntime_the_fusion_runs_in_numpy_alike(tmp_path, monkeypatc
         np.testing.assert_allclose(biases[0], biases[1], atol=1e-5)
 
 
+def test_an_onnxruntime_that_cannot_load_the_step_leaves_numpy_with_a_warning(tmp_path, monkeypatch):
+    """onnxruntime installed but unable to run the step's graph (too old for opset 17, say): a
+    warning that says so, and the numpy step with the same biases, made once."""
+    pytest.importorskip("onnxruntime")
+    import edgecap.decoding.fusion_graph as fusion_graph
+
+    reference = _fusion(tmp_path)
+    assert isinstance(reference.step, OnnxPairStep)  # made before onnxruntime is made to refuse
+    tries = []
+
+    def refuse(*args):
+        tries.append(args)
+        raise RuntimeError("Fail: opset 17 is not supported\nmore detail")
+
+    monkeypatch.setattr(fusion_graph, "OnnxPairStep", refuse)
+    fusion = Fusion.load(tmp_path, V)
+    with pytest.warns(
+        RuntimeWarning, match=r"numpy \(slower\).*RuntimeError: Fail: opset 17 is not supported\)"
+    ):
+        step = fusion.step
+    assert isinstance(step, NumpyPairStep) and fusion.step is step and len(tries) == 1
+    weights = np.full((2, 1), 0.5, np.float32)
+    tokens = np.array([START, START], np.int32)
+    zero = [lm.zero_state(2) for lm in (fusion.everyday, fusion.in_domain)]
+    np.testing.assert_allclose(
+        step(tokens, zero, weights)[0], reference.step(tokens, zero, weights)[0], atol=1e-5
+    )
+
+
 def test_fusion_is_one_more_rule_of_the_loop(tmp_path):
     """Weight 0 is the plain search exactly; a weight changes some captions, and the captions'
     own scores stay the caption model's (the fused part only ranks)."""

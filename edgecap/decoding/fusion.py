@@ -206,7 +206,18 @@ class Fusion:
             return NumpyPairStep(self.everyday, self.in_domain)
         from edgecap.decoding.fusion_graph import OnnxPairStep
 
-        return OnnxPairStep(self.everyday, self.in_domain)
+        try:
+            return OnnxPairStep(self.everyday, self.in_domain)
+        except Exception as exc:  # an onnxruntime too old for opset 17, out of memory, ...: same captions
+            import warnings
+
+            warnings.warn(
+                f"the caption language models run in numpy (slower): onnxruntime could not load their "
+                f"step ({type(exc).__name__}: {str(exc).splitlines()[0] if str(exc) else ''})",
+                RuntimeWarning,
+                stacklevel=3,  # where ``step`` was asked for (through cached_property)
+            )
+            return NumpyPairStep(self.everyday, self.in_domain)
 
     @classmethod
     def load(cls, directory: Path, vocab_size: int, n_classes: int | None = None) -> Fusion | None:

@@ -29,7 +29,7 @@ if TYPE_CHECKING:
     from edgecap.decoding.fusion import CaptionLM
 
 OPSET = 17  # Split into equal parts without a ``split`` input or attribute; LogSoftmax per axis
-IR_VERSION = 8  # what onnxruntime >= 1.10 reads for opset 17
+IR_VERSION = 8  # opset 17 at IR 8: onnxruntime >= 1.12 (edgecap[cpu] asks for >= 1.16)
 FLOAT, INT64 = 1, 7  # TensorProto.DataType
 ATTR_INT = 2  # AttributeProto.AttributeType
 ROLES = ("everyday", "in_domain")
