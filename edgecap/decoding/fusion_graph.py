@@ -9,9 +9,10 @@ One step of both caption language models, with their density ratio, in one sessi
 onnxruntime keeps the weights packed for its matrix products between runs and reads each
 output matrix once per step, where numpy's matrix-vector products read it once per beam row, back
 from memory after every decoder step has pushed it out of the caches. End to end at beam 3 the
-fusion costs 1.19x / 1.22x the decode without it this way, against 1.33x / 1.37x in numpy (two
-runs, interleaved medians, 2-core AMD EPYC: ``python benchmarks/e2e.py --variants
-ort-fp32-nofusion,ort-fp32-numpy-lm,ort-fp32``; benchmarks/results/e2e_fusion_onnx_step*.md).
+fusion costs 1.16x / 1.10x the decode without it this way, against 1.29x / 1.27x in numpy (two
+runs, interleaved medians, 2-core AMD EPYC: ``python benchmarks/e2e.py --model-b DIR_WITHOUT_LMS
+--variants ort-fp32-b,ort-fp32-nofusion,ort-fp32-numpy-lm,ort-fp32``;
+benchmarks/results/e2e_fusion_onnx_step*.md; docs/everyday-photos.md has the alone runs).
 
 The graph is built here from the two models' arrays at load time, written directly in ONNX's
 protobuf encoding (the eight message types it uses, field numbers from onnx.proto), so that
