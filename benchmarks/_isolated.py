@@ -25,7 +25,11 @@ how a 1.7x ratio was once reported as 6x. Here:
   so a spinning worker that just finished does not overlap the next one's turn.
 - **Alone.** Then each variant once more in a fresh worker with no other worker alive, the same
   number of calls. A variant whose interleaved median is more than ``tolerance`` (15%) off its
-  alone median is flagged (``differs``): its figures depend on what ran beside it.
+  alone median is flagged (``differs``): its figures depend on what ran beside it. With
+  ``alone_passes`` N > 1 the alone pass is made N times, the variants in turn in each (a fresh
+  worker every time), and each variant's alone calls of all passes are pooled: a host whose
+  speed drifts during the alone pass (seen: the same encoder 7.8 ms in one variant's alone run,
+  10.4 ms in the next one's) then drifts under every variant alike.
 - **Ratios** are computed from the interleaved medians, measured side by side (the alone ones
   are taken at different times, so drift is not shared).
 
@@ -343,6 +347,7 @@ def run_isolated(
     per_round: int = 4,
     warmup: int = 3,
     alone: bool = True,
+    alone_passes: int = 1,
     idle_windows_s: tuple = (0.2, 1.0),
     settle_s: float = 0.25,
     tolerance: float = TOLERANCE,
@@ -365,6 +370,8 @@ def run_isolated(
     names = [s.name for s in specs]
     if len(set(names)) != len(names):
         raise ValueError(f"variant names must differ: {names}")
+    if alone_passes < 1:
+        raise ValueError(f"alone_passes must be at least 1, got {alone_passes}")
     baseline = baseline or names[0]
     result = {
         "settings": {
@@ -372,6 +379,7 @@ def run_isolated(
             "per_round": per_round,
             "warmup": warmup,
             "alone": alone,
+            "alone_passes": alone_passes if alone else 0,
             "idle_windows_s": list(idle_windows_s),
             "settle_s": settle_s,
             "tolerance": tolerance,
@@ -416,20 +424,26 @@ def run_isolated(
     # alone: one worker at a time, nothing else of ours alive
     alone_times: dict = {}
     alone_fields: dict = {}
-    if alone:
+    for alone_pass in range(alone_passes if alone else 0):
         for spec in specs:
-            log(f"[isolated] {spec.name} alone")
+            log(f"[isolated] {spec.name} alone" + (f" (pass {alone_pass + 1})" if alone_passes > 1 else ""))
             w = Worker(spec, timeout_s)
             try:
                 _warm(w, measures, warmup)
-                result["variants"][spec.name]["pid_alone"] = w.pid
-                result["variants"][spec.name]["idle_alone"] = w.request(
-                    op="idle", windows=list(idle_windows_s), after_call=measures[0]
-                )
+                variant = result["variants"][spec.name]
+                variant.setdefault("pids_alone", []).append(w.pid)
+                variant["pid_alone"] = variant["pids_alone"][0]
+                if alone_pass == 0:
+                    variant["idle_alone"] = w.request(
+                        op="idle", windows=list(idle_windows_s), after_call=measures[0]
+                    )
                 t, _, f = _measure_rounds(
                     {spec.name: w}, measures, rounds, per_round, settle_s, lambda _m: None
                 )
-                alone_times[spec.name], alone_fields[spec.name] = t[spec.name], f[spec.name]
+                times, fields = alone_times.setdefault(spec.name, {}), alone_fields.setdefault(spec.name, {})
+                for m in measures:
+                    times.setdefault(m, []).extend(t[spec.name][m])
+                    fields.setdefault(m, []).extend(f[spec.name][m])
             finally:
                 w.close()
 
@@ -470,7 +484,14 @@ def report_markdown(result: dict) -> str:
     from _common import markdown_table
 
     s = result["settings"]
-    lines = [HOW_IT_RAN.format(tolerance_percent=100 * s["tolerance"], **s), ""]
+    how = HOW_IT_RAN.format(tolerance_percent=100 * s["tolerance"], **s)
+    if s.get("alone_passes", 1) > 1:
+        how = how.replace(
+            "the same calls.",
+            f"the same calls, in {s['alone_passes']} passes (the variants in turn in each, "
+            "a fresh worker every time; each variant's alone figures pool its passes' calls).",
+        )
+    lines = [how, ""]
     rows = []
     for m, per_variant in result["measures"].items():
         for name, e in per_variant.items():

@@ -10,8 +10,9 @@ the package's example photos (decoded RGB arrays, like camera frames; every call
 photo, so each variant captions the same photos in the same order), and the encoder alone
 (``captioner.backend.encode`` of one preprocessed frame). Each variant is a worker process
 started once (``benchmarks/_isolated.py``); rounds are interleaved across the variants with only
-one worker running at a time, then every variant is timed once more alone; a variant whose
-interleaved median is more than 15% off its alone median is flagged.
+one worker running at a time, then every variant is timed once more alone (``--alone-passes N``:
+N times, the variants in turn, pooled); a variant whose interleaved median is more than 15% off
+its alone median is flagged.
 
 Variants:
 
@@ -226,6 +227,14 @@ def parse_args(argv=None):
     )
     p.add_argument("--warmup", type=int, default=3, help="unmeasured calls per worker and measure")
     p.add_argument("--no-alone", action="store_true", help="skip the alone pass (no flags)")
+    p.add_argument(
+        "--alone-passes",
+        type=int,
+        default=1,
+        metavar="N",
+        help="make the alone pass N times, the variants in turn, and pool each variant's calls: "
+        "a host whose speed drifts then drifts under every variant alike (default: %(default)s)",
+    )
     p.add_argument("--no-encoder", action="store_true", help="time end to end only")
     p.add_argument(
         "--idle-windows",
@@ -240,7 +249,10 @@ def parse_args(argv=None):
     )
     p.add_argument("--name", default="e2e", help="results file names: NAME.json and NAME.md")
     C.add_out_argument(p)
-    return p.parse_args(argv)
+    args = p.parse_args(argv)
+    if args.alone_passes < 1:
+        p.error(f"--alone-passes must be at least 1, got {args.alone_passes}")
+    return args
 
 
 def main(argv=None) -> None:
@@ -260,6 +272,7 @@ def main(argv=None) -> None:
         per_round=args.per_round,
         warmup=args.warmup,
         alone=not args.no_alone,
+        alone_passes=args.alone_passes,
         idle_windows_s=[float(w) for w in args.idle_windows.split(",")],
         settle_s=args.settle,
     )

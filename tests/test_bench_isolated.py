@@ -182,6 +182,37 @@ def test_rounds_interleave_and_alone_means_no_other_worker(tmp_path):
         assert set(result["ratios"][m]) == set("xyz") and result["ratios"][m]["x"] == 1.0
 
 
+def test_alone_passes_take_the_variants_in_turn_and_pool_their_calls(tmp_path):
+    """--alone-passes 2: the alone pass twice, x y then x y, each time a fresh worker with no
+    other alive, and each variant's alone figures made of both passes' calls."""
+    result, calls = _run(tmp_path, names=("x", "y"), alone_passes=2, rounds=2, per_round=1, warmup=0)
+    variants = result["variants"]
+    alone_pids = {n: variants[n]["pids_alone"] for n in "xy"}
+    assert all(len(set(p)) == 2 for p in alone_pids.values())
+    alone = [c for c in calls if c["pid"] in alone_pids[c["variant"]]]
+    # per worker: its idle check in the first pass only (1 call), then 2 rounds x 1 call x 2 measures
+    workers_in_order = []
+    for c in alone:
+        if not workers_in_order or workers_in_order[-1] != c["pid"]:
+            workers_in_order.append(c["pid"])
+    assert workers_in_order == [
+        alone_pids["x"][0],
+        alone_pids["y"][0],
+        alone_pids["x"][1],
+        alone_pids["y"][1],
+    ]
+    assert all(c["siblings"] == 0 for c in alone)
+    for m in ("a", "b"):
+        for n in "xy":
+            assert result["measures"][m][n]["alone"]["n"] == 2 * 2  # both passes pooled
+            assert result["measures"][m][n]["interleaved"]["n"] == 2
+    assert result["settings"]["alone_passes"] == 2
+    assert "in 2 passes" in I.report_markdown(result)
+    assert _my_workers() == []
+    with pytest.raises(ValueError, match="alone_passes"):
+        _run(tmp_path, names=("x",), alone_passes=0)
+
+
 def test_without_alone_pass_there_is_no_flag(tmp_path):
     result, calls = _run(tmp_path, names=("x", "y"), alone=False, rounds=1, warmup=0)
     assert all(
