@@ -28,8 +28,9 @@ how a 1.7x ratio was once reported as 6x. Here:
   alone median is flagged (``differs``): its figures depend on what ran beside it. With
   ``alone_passes`` N > 1 the alone pass is made N times, the variants in turn in each (a fresh
   worker every time), and each variant's alone calls of all passes are pooled: a host whose
-  speed drifts during the alone pass (seen: the same encoder 7.8 ms in one variant's alone run,
-  10.4 ms in the next one's) then drifts under every variant alike.
+  speed drifts during the alone pass (seen: the same encoder 8.3 ms in one variant's alone run,
+  10.2-10.4 ms in the next three's; benchmarks/results/e2e_fusion_onnx_step_drift.md) then
+  drifts under every variant alike.
 - **Ratios** are computed from the interleaved medians, measured side by side (the alone ones
   are taken at different times, so drift is not shared).
 
