@@ -26,11 +26,11 @@ how a 1.7x ratio was once reported as 6x. Here:
 - **Alone.** Then each variant once more in a fresh worker with no other worker alive, the same
   number of calls. A variant whose interleaved median is more than ``tolerance`` (15%) off its
   alone median is flagged (``differs``): its figures depend on what ran beside it. With
-  ``alone_passes`` N > 1 the alone pass is made N times, the variants in turn in each (a fresh
-  worker every time), and each variant's alone calls of all passes are pooled: a host whose
-  speed drifts during the alone pass (seen: the same encoder 8.3 ms in one variant's alone run,
-  10.2-10.4 ms in the next three's; benchmarks/results/e2e_fusion_onnx_step_drift.md) then
-  drifts under every variant alike.
+  ``alone_passes`` N > 1 the alone pass is made N times, the variants in turn in each (pass p
+  starting at the p-th variant; a fresh worker every time), and each variant's alone calls of
+  all passes are pooled: a host whose speed drifts during the alone pass (seen: the same
+  encoder 8.3 ms in one variant's alone run, 10.2-10.4 ms in the next three's;
+  benchmarks/results/e2e_fusion_onnx_step_drift.md) then drifts under every variant alike.
 - **Ratios** are computed from the interleaved medians, measured side by side (the alone ones
   are taken at different times, so drift is not shared).
 
@@ -426,7 +426,8 @@ def run_isolated(
     alone_times: dict = {}
     alone_fields: dict = {}
     for alone_pass in range(alone_passes if alone else 0):
-        for spec in specs:
+        first = alone_pass % len(specs)  # each pass starts at the next variant, as the rounds do
+        for spec in specs[first:] + specs[:first]:
             log(f"[isolated] {spec.name} alone" + (f" (pass {alone_pass + 1})" if alone_passes > 1 else ""))
             w = Worker(spec, timeout_s)
             try:
@@ -489,8 +490,9 @@ def report_markdown(result: dict) -> str:
     if s.get("alone_passes", 1) > 1:
         how = how.replace(
             "the same calls.",
-            f"the same calls, in {s['alone_passes']} passes (the variants in turn in each, "
-            "a fresh worker every time; each variant's alone figures pool its passes' calls).",
+            f"the same calls, in {s['alone_passes']} passes (the variants in turn in each, the first "
+            "one rotating, a fresh worker every time; each variant's alone figures pool its "
+            "passes' calls; pid alone: its first pass's worker).",
         )
     lines = [how, ""]
     rows = []

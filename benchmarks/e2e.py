@@ -232,7 +232,8 @@ def parse_args(argv=None):
         type=int,
         default=1,
         metavar="N",
-        help="make the alone pass N times, the variants in turn, and pool each variant's calls: "
+        help="make the alone pass N times, the variants in turn (the first one rotating), and pool "
+        "each variant's calls: "
         "a host whose speed drifts then drifts under every variant alike (default: %(default)s)",
     )
     p.add_argument("--no-encoder", action="store_true", help="time end to end only")
@@ -252,6 +253,8 @@ def parse_args(argv=None):
     args = p.parse_args(argv)
     if args.alone_passes < 1:
         p.error(f"--alone-passes must be at least 1, got {args.alone_passes}")
+    if args.no_alone and args.alone_passes != 1:
+        p.error("--alone-passes and --no-alone: choose one")
     return args
 
 

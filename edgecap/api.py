@@ -33,7 +33,7 @@ from edgecap.backends._checks import check_threads
 from edgecap.backends.base import Backend
 from edgecap.confidence import ConfidenceModel, object_words, signals
 from edgecap.contract import Limits
-from edgecap.decoding import CaptionOptions, Hypothesis, search
+from edgecap.decoding import CaptionOptions, Hypothesis, fusion_weight, search
 from edgecap.decoding.fusion import Fusion
 from edgecap.errors import InputError, ModelError
 from edgecap.images import ImageInput, load_rgb, max_pixels, preprocess
@@ -193,8 +193,6 @@ class Captioner:
             self.manifest.path("classes"), self.vocab.index, self.manifest.dims.n_classes
         )
         self.fusion = Fusion.load(self.manifest.directory, len(self.vocab), self.manifest.dims.n_classes)
-        if self.fusion is not None:  # the language models' step made now (~20 ms), not on the first caption
-            _ = self.fusion.step
         self.confidence_model = ConfidenceModel.load(self.manifest.directory)
         self._object_words = object_words(self.classes.word_ids)
         name = resolve_backend(backend)
@@ -207,6 +205,12 @@ class Captioner:
             **backend_options,
         )
         self._backend_lock = None if self.backend.thread_safe else threading.Lock()
+        if (
+            self.fusion is not None
+            and fusion_weight(self.options, self.fusion) > 0
+            and not getattr(self.backend, "on_device", False)  # the torch device search: its own LMs
+        ):  # the language models' host step made now, not on the first caption (else when first used)
+            _ = self.fusion.step
         # the decoding workers: one pool at a time, made on first use for the current number
         # (``_workers``); a replaced one is shut down once the calls using it are done
         self._pool: ThreadPoolExecutor | None = None

@@ -183,24 +183,28 @@ def test_rounds_interleave_and_alone_means_no_other_worker(tmp_path):
 
 
 def test_alone_passes_take_the_variants_in_turn_and_pool_their_calls(tmp_path):
-    """--alone-passes 2: the alone pass twice, x y then x y, each time a fresh worker with no
-    other alive, and each variant's alone figures made of both passes' calls."""
+    """--alone-passes 2: the alone pass twice, x y then y x (each pass starts at the next
+    variant), each time a fresh worker with no other alive, the idle check in the first pass
+    only, and each variant's alone figures made of both passes' calls."""
     result, calls = _run(tmp_path, names=("x", "y"), alone_passes=2, rounds=2, per_round=1, warmup=0)
     variants = result["variants"]
     alone_pids = {n: variants[n]["pids_alone"] for n in "xy"}
     assert all(len(set(p)) == 2 for p in alone_pids.values())
+    assert all(variants[n]["pid_alone"] == alone_pids[n][0] for n in "xy")  # the first pass's
     alone = [c for c in calls if c["pid"] in alone_pids[c["variant"]]]
-    # per worker: its idle check in the first pass only (1 call), then 2 rounds x 1 call x 2 measures
-    workers_in_order = []
+    workers_in_order: list[int] = []
     for c in alone:
         if not workers_in_order or workers_in_order[-1] != c["pid"]:
             workers_in_order.append(c["pid"])
     assert workers_in_order == [
         alone_pids["x"][0],
         alone_pids["y"][0],
-        alone_pids["x"][1],
         alone_pids["y"][1],
+        alone_pids["x"][1],
     ]
+    # each worker: 2 rounds x 1 call x 2 measures, and in the first pass 1 call more (its idle check)
+    per_worker = {pid: sum(c["pid"] == pid for c in alone) for pid in workers_in_order}
+    assert [per_worker[alone_pids[n][k]] for k in (0, 1) for n in "xy"] == [5, 5, 4, 4]
     assert all(c["siblings"] == 0 for c in alone)
     for m in ("a", "b"):
         for n in "xy":

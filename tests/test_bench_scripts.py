@@ -396,6 +396,26 @@ def test_e2e_times_the_language_models_stepped_in_numpy_and_off(tmp_path):
     assert "language models numpy" in (tmp_path / "lm.md").read_text()
 
 
+def test_e2e_alone_passes_reach_the_harness_and_bad_combinations_are_refused(tmp_path, capsys):
+    import e2e
+
+    quick = [a for a in TINY_E2E if a != "--no-alone"]
+    e2e.main([*quick, "--alone-passes", "2", "--out", str(tmp_path), "--name", "passes"])
+    data = json.loads((tmp_path / "passes.json").read_text())
+    assert data["settings"]["alone_passes"] == 2 and len(data["variants"]["ort-fp32"]["pids_alone"]) == 2
+    without_lms = tmp_path / "model"
+    shutil.copytree(C.DEFAULT_MODEL, without_lms, ignore=shutil.ignore_patterns("fusion.json", "lm_*.npz"))
+    for argv, message in (
+        (["--alone-passes", "0"], "at least 1"),
+        (["--no-alone", "--alone-passes", "3"], "choose one"),
+        (["--model", str(without_lms), "--variants", "ort-fp32-numpy-lm"], "no language models"),
+    ):
+        with pytest.raises(SystemExit) as refused:
+            e2e.main([*argv, "--out", str(tmp_path / "refused")])
+        assert message in capsys.readouterr().err + str(refused.value.code)
+    assert not (tmp_path / "refused").exists() or not any((tmp_path / "refused").iterdir())
+
+
 def test_step_compare_writes_to_out(tmp_path, runs_dir):
     import step_compare
 

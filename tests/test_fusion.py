@@ -240,7 +240,7 @@ def test_a_broken_fusion_file_is_a_model_error_naming_it(tmp_path):
         Fusion.load(tmp_path, V)
 
 
-def test_the_captioner_uses_its_models_fusion(default_model_dir, tmp_path):
+def test_the_captioner_uses_its_models_fusion(default_model_dir, tmp_path, monkeypatch):
     """A model directory with a fusion file: the Captioner loads it (and makes its step) and
     its weight is the default; --fusion-weight 0 gives the captions without it."""
     from edgecap import Captioner
@@ -274,9 +274,22 @@ def test_the_captioner_uses_its_models_fusion(default_model_dir, tmp_path):
     # its step is made with the Captioner, not on the first caption (a camera loop's first frame)
     assert isinstance(vars(fused.fusion).get("step"), OnnxPairStep)
     off = Captioner(model, fusion_weight=0.0)
+    assert "step" not in vars(off.fusion)  # fusion off: no session made for it
     plain = Captioner(default_model_dir, fusion_weight=0.0)
     assert off.caption(photo).text == plain.caption(photo).text
     assert fused.caption(photo).text != off.caption(photo).text  # random LMs, weight 1.5
+
+    # onnxruntime unable to load the step: the warning points at the line that made the Captioner
+    import edgecap.decoding.fusion_graph as fusion_graph
+
+    def refuse(*args):
+        raise MemoryError()
+
+    monkeypatch.setattr(fusion_graph, "OnnxPairStep", refuse)
+    with pytest.warns(RuntimeWarning, match=r"could not load their step \(MemoryError\)$") as warned:
+        fallback = Captioner(model)
+    assert [w.filename for w in warned] == [__file__]
+    assert fallback.caption(photo).text == fused.caption(photo).text
 
 
 def test_the_gate_gives_training_like_photos_no_fusion(tmp_path):
