@@ -416,6 +416,40 @@ def test_e2e_alone_passes_reach_the_harness_and_bad_combinations_are_refused(tmp
     assert not (tmp_path / "refused").exists() or not any((tmp_path / "refused").iterdir())
 
 
+def test_fp16_weights_rounds_the_chosen_graphs_and_the_copy_loads(tmp_path, capsys):
+    """--roles decoder_step: the copy's decoder step holds each float32 weight as numpy's
+    float16 round trip gives it, its encoder is the original byte for byte, and its manifest's
+    checksums are right (the Captioner loads and captions it). A bad role or a used --out is
+    one line."""
+    onnx = pytest.importorskip("onnx")
+    import fp16_weights
+    import numpy as np
+    from onnx import numpy_helper
+
+    fp16_weights.main(["--roles", "decoder_step", "--out", str(tmp_path)])
+    copy = tmp_path / "model"
+    assert (copy / "encoder.onnx").read_bytes() == (C.DEFAULT_MODEL / "encoder.onnx").read_bytes()
+
+    def weights(path):
+        return {i.name: numpy_helper.to_array(i) for i in onnx.load(str(path)).graph.initializer}
+
+    original, rounded = weights(C.DEFAULT_MODEL / "decoder_step.onnx"), weights(copy / "decoder_step.onnx")
+    floats = [n for n, a in original.items() if a.dtype == np.float32]
+    for name in floats:
+        np.testing.assert_array_equal(rounded[name], original[name].astype(np.float16).astype(np.float32))
+    assert sum(not np.array_equal(rounded[n], original[n]) for n in floats) > len(floats) // 2
+    from edgecap import Captioner
+
+    assert Captioner(copy).caption(str(C.REPO / "edgecap/assets/examples/chelsea.png")).text
+    graph = json.loads((tmp_path / "fp16_weights.json").read_text())["graphs"]["decoder_step"]
+    assert graph["weights"] == sum(original[n].size for n in floats)
+    assert 0 < graph["max_relative_error"] <= 2**-11  # float16's rounding: half a unit in 10 bits
+    for argv, message in ((["--roles", "decoder"], "--roles"), (["--out", str(tmp_path)], "exists")):
+        with pytest.raises(SystemExit):
+            fp16_weights.main(argv)
+        assert message in capsys.readouterr().err
+
+
 def test_step_compare_writes_to_out(tmp_path, runs_dir):
     import step_compare
 
