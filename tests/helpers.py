@@ -1,8 +1,8 @@
 """Builders shared by several test modules (import them from here, never from another test): a
 fake backend driven by a hand-written table of log-probabilities, solid-colour images, two ways to
 force threads to interleave deterministically (decoder steps in lockstep; every line of package
-code in turn), what the loader gives the preprocessing, and a contract-shaped model directory
-built with onnx helpers only.
+code in turn), what the loader gives the preprocessing, a contract-shaped model directory
+built with onnx helpers only, and the training configuration of the tiny decoder.
 
 Everything here uses the backend interface (``edgecap.backends.base``) only, so it survives a
 refactor of the package's internals.
@@ -577,3 +577,26 @@ def vocab_size_of(backend) -> int:
     if hasattr(backend, "words"):
         return len(backend.words)
     return backend.manifest.dims.vocab_size
+
+
+TINY_DECODER = {"hidden_dim": 32, "feature_dim": 32, "embed_dim": 16, "attention_dim": 16}
+
+
+def tiny_train_config(data: Path, out: Path, epochs: int, **given):
+    """A ``TrainConfig`` of the tiny decoder (``TINY_DECODER``, with ``given["decoder"]`` merged
+    in) on ``data``: batches of 6, every word kept, one thread, no progress bar, the features
+    cached in ``out``'s parent folder unless ``given["cache_dir"]`` says where; ``given``: any
+    other fields."""
+    from edgecap.training.train import TrainConfig
+
+    fields = {
+        "batch_size": 6,
+        "min_word_count": 1,
+        "progress": False,
+        "threads": 1,
+        "cache_dir": Path(out).parent / "cache",
+        **given,
+    }
+    fields["cache_dir"] = str(fields["cache_dir"])
+    fields["decoder"] = {**TINY_DECODER, **given.get("decoder", {})}
+    return TrainConfig(data=str(data), out=str(out), epochs=epochs, **fields)

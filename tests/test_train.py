@@ -13,6 +13,7 @@ torch = pytest.importorskip("torch")
 pytest.importorskip("onnx")
 
 from edgecap.errors import ModelError  # noqa: E402
+from helpers import tiny_train_config  # noqa: E402
 
 CAPTIONS = {
     "chelsea.png": ["a cat sits on a mat", "a brown cat looks up", "a cat on the floor"],
@@ -35,23 +36,6 @@ def tiny_dataset(tmp_path_factory, example_images):
     return root
 
 
-def _config(data, out, epochs, **kw):
-    from edgecap.training.train import TrainConfig
-
-    return TrainConfig(
-        data=str(data),
-        out=str(out),
-        epochs=epochs,
-        batch_size=6,
-        min_word_count=1,
-        progress=False,
-        threads=1,
-        cache_dir=str(out.parent / "cache"),
-        decoder={"hidden_dim": 32, "feature_dim": 32, "embed_dim": 16, "attention_dim": 16},
-        **kw,
-    )
-
-
 def test_train_resume_and_export(tiny_dataset, tmp_path):
     from edgecap import Captioner
     from edgecap.build.export import export_model
@@ -59,14 +43,14 @@ def test_train_resume_and_export(tiny_dataset, tmp_path):
     from edgecap.training.train import train
 
     out = tmp_path / "run"
-    best = train(_config(tiny_dataset, out, epochs=1), log=lambda *_: None)
+    best = train(tiny_train_config(tiny_dataset, out, epochs=1), log=lambda *_: None)
     meta = json.loads((out / "last" / "checkpoint.json").read_text())
     assert meta["train_state"]["epoch"] == 1
     assert not list(out.rglob("*.pt")) and not list(out.rglob("*.pkl"))  # safetensors + JSON only
 
     # Resuming continues after epoch 1 instead of starting over.
     logs = []
-    train(_config(tiny_dataset, out, epochs=2), log=logs.append)
+    train(tiny_train_config(tiny_dataset, out, epochs=2), log=logs.append)
     assert any("resumed" in line and "epoch 1" in line for line in logs)
     meta = json.loads((out / "last" / "checkpoint.json").read_text())
     assert [h["epoch"] for h in meta["train_state"]["history"]] == [1, 2]
@@ -90,7 +74,9 @@ def test_image_size_sets_the_input_and_the_attention_map(tiny_dataset, tmp_path)
     from edgecap.models.checkpoint import load_checkpoint
     from edgecap.training.train import train
 
-    best = train(_config(tiny_dataset, tmp_path / "run", epochs=1, image_size=96), log=lambda *_: None)
+    best = train(
+        tiny_train_config(tiny_dataset, tmp_path / "run", epochs=1, image_size=96), log=lambda *_: None
+    )
     assert load_checkpoint(best)[3].size == (96, 96)
     manifest = export_model(best, tmp_path / "model")
     assert manifest.preprocessing.size == (96, 96)
@@ -108,7 +94,7 @@ def test_show_and_tell_baseline_trains_and_exports(tiny_dataset, tmp_path):
 
     out = tmp_path / "run"
     cfg = dataclasses.replace(
-        _config(tiny_dataset, out, epochs=1),
+        tiny_train_config(tiny_dataset, out, epochs=1),
         decoder={
             "attention": False,
             "hidden_dim": 32,
@@ -152,7 +138,7 @@ def test_finetune_encoder_trains_the_last_blocks_and_exports_them(tiny_dataset, 
     from edgecap.training.train import train
 
     cfg = dataclasses.replace(
-        _config(tiny_dataset, tmp_path / "run", epochs=1), finetune_encoder=True, finetune_blocks=1
+        tiny_train_config(tiny_dataset, tmp_path / "run", epochs=1), finetune_encoder=True, finetune_blocks=1
     )
     best = train(cfg, log=lambda *_: None)
     encoder, _, _, _, meta = load_checkpoint(best)
@@ -187,7 +173,7 @@ def test_finetune_on_cached_activations_trains_only_the_tail(tiny_dataset, tmp_p
     from edgecap.training.train import train
 
     cfg = dataclasses.replace(
-        _config(tiny_dataset, tmp_path / "run", epochs=2),
+        tiny_train_config(tiny_dataset, tmp_path / "run", epochs=2),
         finetune_encoder=True,
         finetune_blocks=5,
         finetune_cached=True,
@@ -214,19 +200,19 @@ def test_init_from_starts_from_a_checkpoint(tiny_dataset, tmp_path):
     from edgecap.models.checkpoint import load_checkpoint
     from edgecap.training.train import train
 
-    first = train(_config(tiny_dataset, tmp_path / "a", epochs=1), log=lambda *_: None)
+    first = train(tiny_train_config(tiny_dataset, tmp_path / "a", epochs=1), log=lambda *_: None)
     _, start, _, _, _ = load_checkpoint(first)
     # lr 0: the weights stay where they started, so they must be the checkpoint's.
     logs = []
     cfg = dataclasses.replace(
-        _config(tiny_dataset, tmp_path / "b", epochs=1, lr=0.0, seed=1), init_from=str(first)
+        tiny_train_config(tiny_dataset, tmp_path / "b", epochs=1, lr=0.0, seed=1), init_from=str(first)
     )
     _, after, _, _, _ = load_checkpoint(train(cfg, log=logs.append))
     assert any("initialised from" in line for line in logs)
     for (name, a), b in zip(start.state_dict().items(), after.state_dict().values()):
         assert torch.equal(a, b), name
     # Without init_from the same run starts from fresh weights.
-    cfg = _config(tiny_dataset, tmp_path / "c", epochs=1, lr=0.0, seed=1)
+    cfg = tiny_train_config(tiny_dataset, tmp_path / "c", epochs=1, lr=0.0, seed=1)
     _, fresh, _, _, _ = load_checkpoint(train(cfg, log=lambda *_: None))
     assert not torch.equal(fresh.state_dict()["embed.weight"], start.state_dict()["embed.weight"])
 
@@ -234,9 +220,9 @@ def test_init_from_starts_from_a_checkpoint(tiny_dataset, tmp_path):
 def test_init_from_refuses_a_checkpoint_with_another_vocabulary(tiny_dataset, tmp_path):
     from edgecap.training.train import train
 
-    first = train(_config(tiny_dataset, tmp_path / "a", epochs=1), log=lambda *_: None)
+    first = train(tiny_train_config(tiny_dataset, tmp_path / "a", epochs=1), log=lambda *_: None)
     cfg = dataclasses.replace(
-        _config(tiny_dataset, tmp_path / "b", epochs=1), min_word_count=2, init_from=str(first)
+        tiny_train_config(tiny_dataset, tmp_path / "b", epochs=1), min_word_count=2, init_from=str(first)
     )
     with pytest.raises(ModelError, match="vocabulary differs"):
         train(cfg, log=lambda *_: None)
@@ -415,7 +401,9 @@ def test_text_batches_teach_the_decoder_through_a_no_image_input_the_model_does_
     text = tmp_path / "captions.txt"  # the tiny photos' words, in a sentence none of their captions has
     text.write_text("a cup on the floor\n" * 12 + "a zebra near a giraffe\n\n")
     logs: list[str] = []
-    cfg = _config(tiny_dataset, tmp_path / "run", epochs=3, lr=1e-2, text=str(text), text_share=0.75)
+    cfg = tiny_train_config(
+        tiny_dataset, tmp_path / "run", epochs=3, lr=1e-2, text=str(text), text_share=0.75
+    )
     cfg = dataclasses.replace(cfg, decoder={**cfg.decoder, "dropout": 0.0})
     best = train(cfg, log=logs.append)
     # 2 unknown words (zebra, giraffe): dropped; the empty line is no caption.
@@ -456,7 +444,7 @@ def test_a_resumed_text_run_goes_on_from_its_no_image_input(tiny_dataset, tmp_pa
     text = tmp_path / "captions.txt"
     text.write_text("a cup on the floor\n" * 12)
     out = tmp_path / "run"
-    cfg = _config(tiny_dataset, out, epochs=1, lr=1e-2, text=str(text), text_share=0.5)
+    cfg = tiny_train_config(tiny_dataset, out, epochs=1, lr=1e-2, text=str(text), text_share=0.5)
     train_module.train(cfg, log=lambda *_: None)
     kept = load_file(str(out / "last" / train_module.NO_IMAGE_FILE))["features"]
     assert kept.abs().max() > 0

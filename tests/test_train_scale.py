@@ -17,6 +17,7 @@ import pytest
 
 torch = pytest.importorskip("torch")
 
+from helpers import tiny_train_config  # noqa: E402
 from edgecap.training.shards import (  # noqa: E402
     cache_name,
     FeatureCacheError,
@@ -171,25 +172,6 @@ def test_two_processes_under_torchrun_train_like_one(noise_dataset, tmp_path):
     assert json.loads((two / "last" / "checkpoint.json").read_text())["train_state"]["epoch"] == 2
 
 
-def _config(data: Path, out: Path, cache: Path, epochs: int, **given):
-    """A TrainConfig of the tiny decoder on ``data`` in one thread (``given``: other fields)."""
-    from edgecap.training.train import TrainConfig
-
-    decoder = {"hidden_dim": 32, "feature_dim": 32, "embed_dim": 16, "attention_dim": 16}
-    return TrainConfig(
-        data=str(data),
-        out=str(out),
-        epochs=epochs,
-        batch_size=9,
-        min_word_count=1,
-        progress=False,
-        threads=1,
-        cache_dir=str(cache),
-        decoder={**decoder, **given.pop("decoder", {})},
-        **given,
-    )
-
-
 def test_a_resumed_run_ends_with_the_uninterrupted_weights(noise_dataset, tmp_path):
     """With dropout (0.5): its masks are seeded by seed and epoch, like the data order."""
     import dataclasses
@@ -197,8 +179,15 @@ def test_a_resumed_run_ends_with_the_uninterrupted_weights(noise_dataset, tmp_pa
     from edgecap.training.train import train
 
     def config(out, epochs):
-        return _config(
-            noise_dataset, out, tmp_path / "cache", epochs, shard_size=4, lr=0.01, decoder={"dropout": 0.5}
+        return tiny_train_config(
+            noise_dataset,
+            out,
+            epochs,
+            batch_size=9,
+            cache_dir=tmp_path / "cache",
+            shard_size=4,
+            lr=0.01,
+            decoder={"dropout": 0.5},
         )
 
     whole, halves = tmp_path / "whole", tmp_path / "halves"
@@ -229,7 +218,7 @@ def test_a_failed_step_leaves_the_steps_before_it_on_disk(noise_dataset, tmp_pat
 
     monkeypatch.setattr(training, "_optimizer_step", failing)
     out = tmp_path / "run"
-    cfg = _config(noise_dataset, out, tmp_path / "cache", 1)
+    cfg = tiny_train_config(noise_dataset, out, 1, batch_size=9, cache_dir=tmp_path / "cache")
     with pytest.raises(RuntimeError, match="a peer is gone") as failure:
         training.train(cfg, log=lambda *_: None)
     # read while the error's traceback (and with it the run's frame) is alive, as it is when a

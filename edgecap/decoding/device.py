@@ -151,9 +151,9 @@ class TorchLM:
 
         self.hidden = lm.hidden
         self.input = tensor(lm._input)  # (V, 4H): embedding @ w_ih.T + bias, per word
-        self.w_hh_t = tensor(lm._w_hh.T)  # (H, 4H)
-        self.out_w_t = tensor(lm._out_w.T)  # (H, V)
-        self.out_b = tensor(lm._out_b)
+        self.w_hh_t = tensor(lm.arrays["w_hh"].T)  # (H, 4H)
+        self.out_w_t = tensor(lm.arrays["out_w"].T)  # (H, V)
+        self.out_b = tensor(lm.arrays["out_b"])
 
     def step_logits(self, tokens: torch.Tensor, h: torch.Tensor, c: torch.Tensor):
         """-> (logits (R, V), log-normaliser (R, 1), h, c), as ``CaptionLM.step_logits``."""

@@ -67,9 +67,6 @@ class CaptionLM:
                 raise ValueError(f"{name} has shape {arrays[name].shape}, expected {shape}")
         self.vocab_size, self.hidden = V, H
         self.arrays = {name: np.ascontiguousarray(arrays[name], np.float32) for name in ARRAYS}
-        self._w_hh = self.arrays["w_hh"]  # (4H, H)
-        self._out_w = self.arrays["out_w"]  # (V, H)
-        self._out_b = self.arrays["out_b"]
 
     @cached_property
     def _input(self) -> np.ndarray:
@@ -113,14 +110,14 @@ class CaptionLM:
     def step_logits(self, tokens: np.ndarray, h: np.ndarray, c: np.ndarray):
         """tokens (R,) -> (logits of the next word (R, V) float32, their log-normaliser (R, 1),
         h, c): the log-probabilities are ``logits - normaliser``."""
-        gates = self._input[tokens] + _product(h, self._w_hh)
+        gates = self._input[tokens] + _product(h, self.arrays["w_hh"])
         H = self.hidden
         i, f = _sigmoid(gates[:, :H]), _sigmoid(gates[:, H : 2 * H])
         g, o = np.tanh(gates[:, 2 * H : 3 * H]), _sigmoid(gates[:, 3 * H :])
         c = f * c + i * g
         h = o * np.tanh(c)
-        logits = _product(h, self._out_w)
-        logits += self._out_b
+        logits = _product(h, self.arrays["out_w"])
+        logits += self.arrays["out_b"]
         top = logits.max(axis=1, keepdims=True)
         norm = top + np.log(np.exp(logits - top).sum(axis=1, keepdims=True))
         return logits, norm, h, c

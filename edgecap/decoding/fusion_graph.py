@@ -173,13 +173,10 @@ class OnnxPairStep:
     def __init__(self, everyday: CaptionLM, in_domain: CaptionLM):
         import onnxruntime as ort
 
-        so = ort.SessionOptions()
-        so.intra_op_num_threads = 1
-        so.inter_op_num_threads = 1
-        so.graph_optimization_level = ort.GraphOptimizationLevel.ORT_ENABLE_ALL
-        so.log_severity_level = 3
+        from edgecap.backends.onnxruntime import session_options
+
         self._session = ort.InferenceSession(
-            pair_step_model(everyday, in_domain), so, providers=["CPUExecutionProvider"]
+            pair_step_model(everyday, in_domain), session_options(1), providers=["CPUExecutionProvider"]
         )
         self._outputs = ["bias"] + [f"{role}_{s}_next" for role in ROLES for s in ("h", "c")]
 
