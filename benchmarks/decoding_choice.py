@@ -5,7 +5,9 @@
         [--model DIR] [--variant NAME=OPTION=VALUE,OPTION=VALUE ...] [--flickr8k-limit N]
 
 Each variant is ``CaptionOptions`` overrides (``fused=fusion_weight=0.35``,
-``plain=guidance_bonus=0,fusion_weight=0``). Prints, and writes to ``OUT/decoding_choice.md`` /
+``plain=guidance_bonus=0,fusion_weight=0``), and may name another model directory than
+``--model``'s (``grown=model=DIR`` or ``grown=model=DIR,fusion_weight=0.35``: two models compared
+photo by photo). Prints, and writes to ``OUT/decoding_choice.md`` /
 ``.json``, each set's CIDEr-D, METEOR and BLEU-4 (coco-caption, PTB tokenizer with Java), and
 for every variant after the first its per-photo CIDEr and METEOR differences with 95%
 paired-bootstrap intervals on each set and on the 160 everyday photos together (per-photo
@@ -35,6 +37,9 @@ def parse_variant(text: str) -> tuple[str, dict]:
     options = {}
     for part in filter(None, spec.split(",")):
         key, _, value = part.partition("=")
+        if key == "model":  # another model directory for this variant (a path, kept as text)
+            options[key] = value
+            continue
         options[key] = (
             None
             if value == "None"
@@ -112,7 +117,8 @@ def main(argv=None) -> int:
     per_image_m: dict = {}
     everyday_text: dict = {}
     for name, options in variants:
-        captioner = Captioner(args.model, **options)
+        options = dict(options)
+        captioner = Captioner(options.pop("model", args.model), **options)
         captions = {}
         for set_name, (items, root) in sets.items():
             t0 = time.perf_counter()

@@ -61,3 +61,25 @@ def grow_decoder(
         state["out_vocab.bias"] = torch.cat([bias, low.expand(n_new)])
     grown.load_state_dict(state)
     return grown.train(decoder.training)
+
+
+@torch.no_grad()
+def transfer_decoder(decoder: CaptionDecoder, sources: list[int], delta: float) -> CaptionDecoder:
+    """A copy of ``decoder`` with one new word per entry of ``sources`` appended to its
+    vocabulary, each a copy of its source word (direct transfer, Hendricks et al., "Deep
+    Compositional Captioning", CVPR 2016): the new word's embedding row is its source's (the
+    caption goes on after "zebras" as after "horses"), its output row too, and its output bias
+    is the source's plus ``delta``, so that its logit is always the source's plus ``delta``.
+    Every old word keeps its id and rows (see the module doc)."""
+    old = decoder.cfg.vocab_size
+    if any(not 0 <= s < old for s in sources):
+        raise ValueError(f"source ids must be words of the vocabulary of {old}")
+    grown = CaptionDecoder(replace(decoder.cfg, vocab_size=old + len(sources)))
+    state = {k: v.clone() for k, v in decoder.state_dict().items()}
+    rows = torch.tensor(sources, dtype=torch.long)
+    for key in ("embed.weight", "out_vocab.weight"):
+        state[key] = torch.cat([state[key], state[key][rows]])
+    bias = state["out_vocab.bias"]
+    state["out_vocab.bias"] = torch.cat([bias, bias[rows] + delta])
+    grown.load_state_dict(state)
+    return grown.train(decoder.training)

@@ -1,0 +1,189 @@
+"""Grow a model directory's vocabulary by word transfer: new object words the photos never taught.
+
+The caption model learned its words from Flickr8k; everyday photos show things it has no word
+for (sink, zebra, broccoli, microwave), many of which its encoder's ImageNet classifier sees.
+Each new word of the table is a copy of a known word of the same kind (direct transfer, after
+Hendricks et al., "Deep Compositional Captioning", CVPR 2016: zebra <- horse, sink <- toilet):
+its decoder embedding and output rows are its source word's, its output bias the source's plus
+``--delta`` (-1 by default), so the decoder alone always prefers the source word by that margin.
+The table also names the ImageNet classes whose tag the new word names; in those classes'
+``classes.json`` entries the new word replaces its source word (if listed). The tag bonus
+(+2 by default, ``edgecap.decoding``) then makes the new word win over its source exactly when the
+photo's classifier sees that class (-1 + 2 > 0), and lose otherwise (-1 < 0): the word is said
+when the photo shows it, in the place the source word would take.
+
+The fusion language models get the new words too: the in-domain one (the caption model's own
+prior) as copies of the source words (so the density ratio weighs the new word as the caption
+model's prior for it, its source's, against the everyday model's), the everyday one either the
+same copies or, with ``--everyday``, a model retrained on the grown vocabulary
+(``python -m edgecap.training.language_model --text ... --model OUT``), which knows where the
+new words go. The per-photo gate and the fusion weight are carried over.
+
+    python export/transfer_words.py --model edgecap/assets/default --words export/transfer_words.tsv \\
+        --out OUT [--everyday everyday.npz] [--delta -1]
+
+The table (tab-separated, ``#`` comments): new word, source word, ImageNet class indices (comma
+separated; may be empty). Needs ``edgecap[export]`` (torch, onnx). Every old word keeps its id,
+so the old word ids of the captions are unchanged.
+"""
+
+from __future__ import annotations
+
+import argparse
+import hashlib
+import json
+import shutil
+import sys
+from dataclasses import dataclass
+from pathlib import Path
+
+import numpy as np
+
+from edgecap.build.export import export_modules
+from edgecap.manifest import file_sha256, load_manifest
+from edgecap.training.grow import transfer_decoder
+from edgecap.training.start import load_start
+from edgecap.vocab import Vocabulary
+
+LM_ROWS = ("embed", "out_w", "out_b")  # a caption LM's per-word arrays (edgecap.decoding.fusion)
+# what the old manifest's information keeps; its figures were measured on the old model
+CARRIED = ("name", "training")
+
+
+@dataclass(frozen=True)
+class Transfer:
+    word: str
+    source: str
+    classes: tuple[int, ...]
+
+
+def read_table(path: Path, vocab: Vocabulary, n_classes: int) -> list[Transfer]:
+    """The table's rows, checked: new words new and distinct, sources known words, classes in range."""
+    rows: list[Transfer] = []
+    for number, line in enumerate(path.read_text("utf-8").splitlines(), 1):
+        line = line.split("#", 1)[0].rstrip()
+        if not line.strip():
+            continue
+        fields = line.split("\t")
+        if len(fields) not in (2, 3):
+            raise SystemExit(f"{path}:{number}: expected NEW<TAB>SOURCE<TAB>CLASSES, got {line!r}")
+        word, source = fields[0].strip(), fields[1].strip()
+        try:
+            classes = tuple(int(c) for c in fields[2].split(",") if c.strip()) if len(fields) == 3 else ()
+        except ValueError:
+            raise SystemExit(f"{path}:{number}: class indices must be integers: {fields[2]!r}") from None
+        if word in vocab.index or any(r.word == word for r in rows):
+            raise SystemExit(f"{path}:{number}: {word!r} is already a word of the vocabulary or the table")
+        if source not in vocab.index or source in vocab.words[:4]:
+            raise SystemExit(f"{path}:{number}: source {source!r} is not a word of the vocabulary")
+        if any(not 0 <= c < n_classes for c in classes):
+            raise SystemExit(f"{path}:{number}: class indices must be in 0..{n_classes - 1}")
+        rows.append(Transfer(word, source, classes))
+    if not rows:
+        raise SystemExit(f"{path}: no word to transfer")
+    return rows
+
+
+def grown_classes(classes: dict, rows: list[Transfer]) -> dict:
+    """``classes.json`` with each row's word first among its classes' words, its source left out."""
+    entries = [dict(e, words=list(e["words"])) for e in classes["classes"]]
+    for row in rows:
+        for c in row.classes:
+            words = [w for w in entries[c]["words"] if w != row.source]
+            entries[c]["words"] = [row.word, *(w for w in words if w != row.word)]
+    # a class naming several new words names them in the table's order
+    for c in {c for row in rows for c in row.classes}:
+        new = [r.word for r in rows if c in r.classes]
+        entries[c]["words"] = new + [w for w in entries[c]["words"] if w not in new]
+    about = (
+        classes.get("about", "")
+        + " Words transferred to new vocabulary words (export/transfer_words.py): "
+        + ", ".join(f"{r.word} <- {r.source}" for r in rows)
+        + "."
+    )
+    return {**classes, "about": about, "classes": entries}
+
+
+def transferred_lm(path: Path, sources: list[int]) -> dict[str, np.ndarray]:
+    """A caption LM's arrays with the source words' rows appended (the new words as copies)."""
+    with np.load(path, allow_pickle=False) as lm:
+        arrays = {k: lm[k] for k in lm.files}
+    for key in LM_ROWS:
+        arrays[key] = np.concatenate([arrays[key], arrays[key][sources]])
+    return arrays
+
+
+def save_lm(path: Path, arrays: dict[str, np.ndarray]) -> str:
+    """Write a model directory's LM file as ``install`` does (float16, compressed); -> its SHA-256."""
+    np.savez_compressed(path, **{k: np.asarray(v).astype(np.float16) for k, v in arrays.items()})
+    return hashlib.sha256(path.read_bytes()).hexdigest()
+
+
+def transfer(model: Path, table: Path, out: Path, delta: float, everyday: Path | None) -> Path:
+    manifest = load_manifest(model)
+    encoder, decoder, vocab, _ = load_start(model)
+    rows = read_table(table, vocab, manifest.dims.n_classes)
+    sources = [vocab.index[r.source] for r in rows]
+    grown = Vocabulary(vocab.words + [r.word for r in rows])
+    info = {k: manifest.info[k] for k in CARRIED if k in manifest.info}
+    info["transferred_words"] = {
+        "from": {
+            "name": manifest.info.get("name"),
+            "sha256": manifest.sha256,
+            "dev_metrics": manifest.info.get("dev_metrics"),
+        },
+        "delta": delta,
+        "table": table.name,
+        "words": {r.word: r.source for r in rows},
+    }
+    new = export_modules(
+        encoder, transfer_decoder(decoder, sources, delta), grown, manifest.preprocessing, out, info
+    )
+    classes = json.loads(manifest.path("classes").read_text("utf-8"))
+    new.path("classes").write_text(json.dumps(grown_classes(classes, rows), indent=0) + "\n", "utf-8")
+    new.sha256["classes"] = file_sha256(new.path("classes"))
+    new.save()
+    for extra in ("confidence.json",):
+        if (model / extra).exists():
+            shutil.copyfile(model / extra, out / extra)
+    fusion_path = model / "fusion.json"
+    if fusion_path.exists():
+        spec = json.loads(fusion_path.read_text("utf-8"))
+        for role in ("everyday", "in_domain"):
+            target = out / spec[role]["file"]
+            if role == "everyday" and everyday is not None:
+                meta = json.loads(everyday.with_suffix(".json").read_text("utf-8"))
+                if meta.get("vocab_sha256") != file_sha256(new.path("vocab")):
+                    raise SystemExit(f"{everyday}: trained on another vocabulary than {out}'s")
+                with np.load(everyday, allow_pickle=False) as lm:
+                    arrays = {k: lm[k] for k in lm.files}
+                spec[role].update(
+                    trained_on=meta.get("trained_on"),
+                    captions=meta.get("captions"),
+                    hidden=meta.get("hidden"),
+                    embed=meta.get("embed"),
+                    dev_perplexity=min(e["dev_perplexity"] for e in meta["history"]),
+                )
+            else:
+                arrays = transferred_lm(model / spec[role]["file"], sources)
+                spec[role]["transferred_words"] = "the new words' rows are copies of their source words'"
+            spec[role]["sha256"] = save_lm(target, arrays)
+        (out / "fusion.json").write_text(json.dumps(spec, indent=1) + "\n", "utf-8")
+    return out
+
+
+def main(argv: list[str] | None = None) -> int:
+    parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
+    parser.add_argument("--model", type=Path, required=True, help="the FP32 model directory to grow")
+    parser.add_argument("--words", type=Path, required=True, help="the table: NEW, SOURCE, CLASSES")
+    parser.add_argument("--out", type=Path, required=True, help="the new model directory")
+    parser.add_argument("--delta", type=float, default=-1.0, help="new word's logit minus its source's")
+    parser.add_argument("--everyday", type=Path, help="an everyday LM trained on the grown vocabulary")
+    args = parser.parse_args(argv)
+    out = transfer(args.model, args.words, args.out, args.delta, args.everyday)
+    print(f"wrote {out}")
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())
