@@ -40,6 +40,7 @@ from pathlib import Path
 import numpy as np
 
 from edgecap.build.export import export_modules
+from edgecap.errors import ModelError
 from edgecap.manifest import file_sha256, load_manifest
 from edgecap.training.grow import transfer_decoder
 from edgecap.training.start import load_start
@@ -120,6 +121,18 @@ def save_lm(path: Path, arrays: dict[str, np.ndarray]) -> str:
 
 
 def transfer(model: Path, table: Path, out: Path, delta: float, everyday: Path | None) -> Path:
+    """Write the grown model directory ``out`` (a new or empty folder, removed again if anything
+    fails on the way)."""
+    if out.exists() and (not out.is_dir() or any(out.iterdir())):
+        raise SystemExit(f"{out}: exists and is not an empty folder; name a new one")
+    try:
+        return _transfer(model, table, out, delta, everyday)
+    except BaseException:
+        shutil.rmtree(out, ignore_errors=True)
+        raise
+
+
+def _transfer(model: Path, table: Path, out: Path, delta: float, everyday: Path | None) -> Path:
     manifest = load_manifest(model)
     encoder, decoder, vocab, _ = load_start(model)
     rows = read_table(table, vocab, manifest.dims.n_classes)
@@ -180,7 +193,11 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("--delta", type=float, default=-1.0, help="new word's logit minus its source's")
     parser.add_argument("--everyday", type=Path, help="an everyday LM trained on the grown vocabulary")
     args = parser.parse_args(argv)
-    out = transfer(args.model, args.words, args.out, args.delta, args.everyday)
+    try:
+        out = transfer(args.model, args.words, args.out, args.delta, args.everyday)
+    except (ModelError, OSError, ValueError, KeyError) as exc:  # a bad input, said in one line
+        print(f"transfer_words: {exc}", file=sys.stderr)
+        return 2
     print(f"wrote {out}")
     return 0
 

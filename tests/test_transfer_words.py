@@ -176,3 +176,26 @@ def test_a_transferred_model_directory(tiny_model_dir, tmp_path, example_images)
         return [c.text for c in captioner.caption_batch(example_images)]
 
     assert captions(out) == captions(model)
+
+
+def test_a_used_output_folder_is_refused_and_a_failed_one_removed(tmp_path, monkeypatch):
+    module = _script()
+    used = tmp_path / "used"
+    used.mkdir()
+    (used / "mine.txt").write_text("keep me")
+    with pytest.raises(SystemExit, match="exists and is not an empty folder"):
+        module.transfer(tmp_path / "model", tmp_path / "words.tsv", used, -1.0, None)
+    assert (used / "mine.txt").read_text() == "keep me"
+    # a missing model directory: one line and exit 2, no traceback
+    missing = ["--model", str(tmp_path / "none"), "--words", "w.tsv", "--out", str(tmp_path / "o")]
+    assert module.main(missing) == 2 and not (tmp_path / "o").exists()
+
+    def half_done(model, table, out, delta, everyday):
+        out.mkdir()
+        (out / "decoder_step.onnx").write_bytes(b"half")
+        raise SystemExit("everyday.npz: trained on another vocabulary")
+
+    monkeypatch.setattr(module, "_transfer", half_done)
+    with pytest.raises(SystemExit, match="another vocabulary"):
+        module.transfer(tmp_path / "model", tmp_path / "words.tsv", tmp_path / "new", -1.0, None)
+    assert not (tmp_path / "new").exists()  # no half-made model directory left behind
