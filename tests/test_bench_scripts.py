@@ -519,3 +519,18 @@ def _children() -> set[int]:
         if fields[1] == me and fields[0] != "Z":
             kids.add(int(stat.parent.name))
     return kids
+
+
+def test_decoding_choice_variants_take_decoding_options_and_another_model():
+    import decoding_choice
+
+    assert decoding_choice.parse_variant("fused=fusion_weight=0.35,beam_size=5,consensus=False") == (
+        "fused",
+        {"fusion_weight": 0.35, "beam_size": 5, "consensus": False},
+    )
+    # a model directory stays text (a path with dots is no number), beside decoding options
+    assert decoding_choice.parse_variant("grown=model=/tmp/m.v2/grown,constrained=True") == (
+        "grown",
+        {"model": "/tmp/m.v2/grown", "constrained": True},
+    )
+    assert decoding_choice.parse_variant("default=") == ("default", {})
