@@ -296,7 +296,8 @@ class Captioner:
         beyond the batch being captioned (``batch_size + max(batch_size, 2 * N)`` before the first
         result: 22 frames at batch 8 with 7 workers). For a live source (a camera) use
         ``caption()`` per frame or ``decode_workers=0``. ``on_error`` as in ``caption_batch``.
-        Bad arguments raise here; an unusable image (with "raise") while iterating."""
+        Bad arguments raise here; an unusable image (with "raise") while iterating, once the
+        results of every image before it are yielded (its batch's earlier images included)."""
         if on_error not in ON_ERROR:
             raise ValueError(f"on_error must be one of {ON_ERROR}, got {on_error!r}")
         if self._closed:
@@ -334,9 +335,14 @@ class Captioner:
             # handed back)
             stack.enter_context(contextlib.closing(chunks))
             for chunk in chunks:
-                failed = next((p for p in chunk if isinstance(p, InputError)), None)
-                if failed is not None and on_error == "raise":
-                    raise failed
+                if on_error == "raise":
+                    bad = next((i for i, p in enumerate(chunk) if isinstance(p, InputError)), None)
+                    if bad is not None:
+                        # the images before it in its batch are captioned and yielded first:
+                        # the error costs no result that comes before it
+                        if bad:
+                            yield from self._caption_chunk(chunk[:bad], return_attention)
+                        raise chunk[bad]
                 yield from self._caption_chunk(chunk, return_attention)
 
     def _prepare(self, image: ImageInput, color: str) -> _Prepared:

@@ -198,6 +198,13 @@ def test_iter_captions_raises_at_the_bad_input_after_earlier_batches(backend_cal
     assert isinstance(next(results), Caption) and isinstance(next(results), Caption)
     with pytest.raises(InputError, match="0 bytes"):
         next(results)
+    # in the same batch: the images before the bad one still get their captions first
+    results = Captioner(batch_size=8).iter_captions([IMAGE, IMAGE, IMAGE, b"", IMAGE])
+    assert [type(next(results)) for _ in range(3)] == [Caption] * 3
+    with pytest.raises(InputError, match="0 bytes"):
+        next(results)
+    with pytest.raises(InputError, match="0 bytes"):  # and a batch that starts with it
+        next(Captioner(batch_size=8).iter_captions([b"", IMAGE]))
 
 
 def test_iter_captions_checks_its_arguments_when_called(backend_calls):
