@@ -36,7 +36,7 @@ from edgecap.contract import Limits
 from edgecap.decoding import CaptionOptions, Hypothesis, fusion_weight, search
 from edgecap.decoding.fusion import Fusion
 from edgecap.errors import InputError, ModelError
-from edgecap.images import ImageInput, load_rgb, max_pixels, preprocess
+from edgecap.images import ImageInput, load_rgb, max_file_bytes, max_pixels, preprocess
 from edgecap.manifest import Manifest, file_sha256, load_manifest
 from edgecap.objects import ObjectClasses
 from edgecap.prefetch import check_decode_workers, default_decode_workers, prefetched_batches, window
@@ -181,6 +181,7 @@ class Captioner:
         **keywords,
     ):
         max_pixels()  # a malformed $EDGECAP_MAX_PIXELS is a ValueError now, not on every image
+        max_file_bytes()  # and $EDGECAP_MAX_FILE_BYTES
         check_threads(threads)  # before minutes of loading
         check_decode_workers(decode_workers)
         self.manifest = load_manifest(default_model_dir() if model is None else Path(model))

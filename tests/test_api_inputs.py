@@ -174,9 +174,12 @@ def test_bomb_limit_is_clear_and_can_be_raised(captioner, tmp_path, monkeypatch)
     assert captioner.caption(path).text
 
 
-def test_malformed_limit_fails_at_construction(tiny_model_dir, monkeypatch):
-    monkeypatch.setenv(images.MAX_PIXELS_ENV, "a lot")
-    with pytest.raises(ValueError, match=images.MAX_PIXELS_ENV):
+@pytest.mark.parametrize("name", [images.MAX_PIXELS_ENV, images.MAX_FILE_BYTES_ENV])
+@pytest.mark.parametrize("value", ["a lot", "-5"])
+def test_malformed_limit_fails_at_construction(tiny_model_dir, monkeypatch, name, value):
+    """Not an error blamed on every photo later."""
+    monkeypatch.setenv(name, value)
+    with pytest.raises(ValueError, match=name):
         Captioner(tiny_model_dir)
 
 
