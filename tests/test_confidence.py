@@ -218,3 +218,17 @@ def test_a_malformed_confidence_file_is_a_model_error(tmp_path):
         with pytest.raises(ModelError, match=match):
             ConfidenceModel.load(tmp_path)
     assert ConfidenceModel.load(tmp_path / "none") is None
+
+
+def test_min_confidence_on_a_model_without_confidence_is_a_usage_error(tmp_path, default_model_dir, capsys):
+    """Marking nothing would let every caption through a filter that cannot work."""
+    from edgecap.cli import main
+
+    model = tmp_path / "model"
+    shutil.copytree(default_model_dir, model, ignore=shutil.ignore_patterns("confidence.json"))
+    photo = str(EXAMPLES / "chelsea.png")
+    assert main(["caption", photo, "--model", str(model), "--min-confidence", "0.5"]) == 2
+    err = capsys.readouterr().err
+    assert "--min-confidence" in err and "confidence.json" in err and "Traceback" not in err
+    assert main(["caption", photo, "--model", str(model), "--json"]) == 0  # without the flag: fine
+    assert json.loads(capsys.readouterr().out)["confidence"] is None

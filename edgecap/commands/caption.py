@@ -164,6 +164,14 @@ def run(args: argparse.Namespace) -> int:
     except ValueError as exc:  # a bad option value: report it like argparse would
         print(f"edgecap caption: error: {exc}", file=sys.stderr)
         return 2
+    if args.min_confidence is not None and captioner.confidence_model is None:
+        captioner.close()  # nothing would ever be marked: say so instead of marking nothing
+        print(
+            f"edgecap caption: error: --min-confidence: the model {captioner.manifest.directory} has no "
+            "confidence model (confidence.json), so its captions have no confidence to compare",
+            file=sys.stderr,
+        )
+        return 2
     interrupt_normally()  # output starts: Ctrl-C from here is a KeyboardInterrupt (stats, 130)
     try:
         with captioner:  # its decoding workers stopped, a TensorRT backend's buffers freed
