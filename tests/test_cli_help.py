@@ -105,3 +105,24 @@ def test_build_refuses_more_beams_than_the_model_searches(capsys):
     err = capsys.readouterr().err.strip()
     assert len(err.splitlines()) == 1
     assert f"--max-beam {2 * top_k + 1}" in err and f"at most {top_k} beams" in err
+
+
+@pytest.mark.parametrize(
+    "flag, stated, highest, too_high",
+    [
+        ("--max-length", "1 to 200", "200", "201"),
+        ("--no-repeat-ngram", "at most 10", "10", "11"),
+        ("--guidance-bonus", "0 to 10", "10", "10.5"),
+        ("--fusion-weight", "0 to 2", "2", "2.5"),
+    ],
+)
+def test_caption_help_states_the_range_the_option_takes(flag, stated, highest, too_high, capsys):
+    """--help is the reference: the range it states is the one the command accepts."""
+    from edgecap.commands._options import caption_options
+
+    parser = _commands()["caption"]
+    action = next(a for a in _options(parser) if flag in a.option_strings)
+    assert stated in " ".join(_help_of(parser, action).split())
+    caption_options(parser.parse_args([flag, highest, "photo.jpg"])).validate(10)  # accepted
+    with pytest.raises(ValueError):
+        caption_options(parser.parse_args([flag, too_high, "photo.jpg"])).validate(10)

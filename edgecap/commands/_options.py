@@ -9,13 +9,21 @@ from dataclasses import fields
 from edgecap.backends import NAMES
 from edgecap.contract import Limits
 from edgecap.decoding import CaptionOptions
-from edgecap.decoding.options import MAX_BATCH_SIZE
+from edgecap.decoding.options import MAX_BATCH_SIZE, MAX_LENGTH, MAX_NO_REPEAT_NGRAM, RANGES
 from edgecap.models.config import DecoderConfig
 from edgecap.prefetch import DEFAULT_CPU_DECODE_WORKERS, MAX_GPU_DECODE_WORKERS
 
 DEFAULTS = {f.name: f.default for f in fields(CaptionOptions)}
+
+
 # The most beams a search takes is the model's top_k (its step graph's K best words per row):
 # the shipped model's and every `edgecap train` model's is DecoderConfig's default.
+def _range(name: str) -> str:
+    """'0 to 10': the range CaptionOptions accepts for a float option."""
+    low, high = next((lo, hi) for n, lo, hi in RANGES if n == name)
+    return f"{low} to {high}"
+
+
 MAX_BEAM = DecoderConfig.__dataclass_fields__["top_k"].default
 # What TensorRT engines are built for unless told otherwise (`edgecap build`'s defaults).
 ENGINE = Limits()
@@ -103,7 +111,7 @@ def add_model_arguments(p: argparse.ArgumentParser) -> None:
         type=int,
         default=DEFAULTS["max_length"],
         metavar="N",
-        help="most words per caption (not counting its end)",
+        help=f"most words per caption (not counting its end), 1 to {MAX_LENGTH}",
     )
     p.add_argument(
         "--no-repeat-ngram",
@@ -111,7 +119,7 @@ def add_model_arguments(p: argparse.ArgumentParser) -> None:
         default=DEFAULTS["no_repeat_ngram"],
         metavar="N",
         help="never repeat a phrase of N words within a caption "
-        f"(default {DEFAULTS['no_repeat_ngram']}; 0: off)",
+        f"(default {DEFAULTS['no_repeat_ngram']}; 0: off; at most {MAX_NO_REPEAT_NGRAM})",
     )
     p.add_argument(
         "--batch-size",
@@ -129,7 +137,7 @@ def add_model_arguments(p: argparse.ArgumentParser) -> None:
         metavar="X",
         help="steer the caption toward naming the photo's object tags: "
         "X is added to the log-probability of their words until a beam says one "
-        f"(default {DEFAULTS['guidance_bonus']})",
+        f"(default {DEFAULTS['guidance_bonus']}; {_range('guidance_bonus')})",
     )
     p.add_argument(
         "--no-objects-guidance",
@@ -145,7 +153,7 @@ def add_model_arguments(p: argparse.ArgumentParser) -> None:
         metavar="X",
         help="weight of the everyday caption language model fused into the search "
         "(X * (log p_everyday - log p_in-domain) on each word; default: the "
-        "model's own, from its fusion.json; a model without one has none)",
+        f"model's own, from its fusion.json; a model without one has none; {_range('fusion_weight')})",
     )
     p.add_argument(
         "--no-fusion",
@@ -174,7 +182,7 @@ def add_model_arguments(p: argparse.ArgumentParser) -> None:
         help="constrained beam search instead: the caption must say a word of one of "
         f"the photo's top {DEFAULTS['guidance_tags']} object tags of probability "
         f"{DEFAULTS['constraint_min_prob']} or more (2 x beam-size rows per "
-        "photo; see the README)",
+        "photo; see docs/everyday-photos.md)",
     )
 
 

@@ -5,6 +5,15 @@ from __future__ import annotations
 from dataclasses import dataclass
 
 MAX_BATCH_SIZE = 64  # the shipped model, CPU: a 64-image batch peaks at about 0.8 GB
+MAX_LENGTH = 200  # words of a caption
+MAX_NO_REPEAT_NGRAM = 10
+# the ranges of the float options: (name, lowest, highest)
+RANGES = (
+    ("guidance_bonus", 0, 10),
+    ("guidance_min_prob", 0, 1),
+    ("constraint_min_prob", 0, 1),
+    ("fusion_weight", 0, 2),
+)
 
 
 @dataclass(frozen=True)
@@ -65,12 +74,7 @@ class CaptionOptions:
         for name in ("constrained", "blank_check", "consensus"):
             if not isinstance(getattr(self, name), bool):
                 raise ValueError(f"{name} must be True or False, got {getattr(self, name)!r}")
-        for name, low, high in (
-            ("guidance_bonus", 0, 10),
-            ("guidance_min_prob", 0, 1),
-            ("constraint_min_prob", 0, 1),
-            ("fusion_weight", 0, 2),
-        ):
+        for name, low, high in RANGES:
             value = getattr(self, name)
             if name == "fusion_weight" and value is None:
                 continue
@@ -96,9 +100,12 @@ class CaptionOptions:
                 f"beam_size must be between 1 and {top_k} (the model's top_k: its "
                 f"step graph returns {top_k} best words per row), got {self.beam_size}"
             )
-        if not 1 <= self.max_length <= 200:
-            raise ValueError(f"max_length must be between 1 and 200 words, got {self.max_length}")
+        if not 1 <= self.max_length <= MAX_LENGTH:
+            raise ValueError(f"max_length must be between 1 and {MAX_LENGTH} words, got {self.max_length}")
         if not 1 <= self.n_best <= self.beam_size:
             raise ValueError(f"n_best must be between 1 and beam_size ({self.beam_size}), got {self.n_best}")
-        if not 0 <= self.no_repeat_ngram <= 10:
-            raise ValueError(f"no_repeat_ngram must be between 0 (off) and 10, got {self.no_repeat_ngram}")
+        if not 0 <= self.no_repeat_ngram <= MAX_NO_REPEAT_NGRAM:
+            raise ValueError(
+                f"no_repeat_ngram must be between 0 (off) and {MAX_NO_REPEAT_NGRAM}, "
+                f"got {self.no_repeat_ngram}"
+            )
