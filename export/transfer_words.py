@@ -32,8 +32,10 @@ from __future__ import annotations
 import argparse
 import hashlib
 import json
+import math
 import shutil
 import sys
+import tempfile
 from dataclasses import dataclass
 from pathlib import Path
 
@@ -44,11 +46,15 @@ from edgecap.errors import ModelError
 from edgecap.manifest import file_sha256, load_manifest
 from edgecap.training.grow import transfer_decoder
 from edgecap.training.start import load_start
-from edgecap.vocab import Vocabulary
+from edgecap.vocab import Vocabulary, tokenize
 
 LM_ROWS = ("embed", "out_w", "out_b")  # a caption LM's per-word arrays (edgecap.decoding.fusion)
 # what the old manifest's information keeps; its figures were measured on the old model
 CARRIED = ("name", "training")
+
+
+class Problem(Exception):
+    """A bad input of the script, said in one line (exit 2)."""
 
 
 @dataclass(frozen=True)
@@ -59,30 +65,67 @@ class Transfer:
 
 
 def read_table(path: Path, vocab: Vocabulary, n_classes: int) -> list[Transfer]:
-    """The table's rows, checked: new words new and distinct, sources known words, classes in range."""
+    """The table's rows, checked: new words new, distinct and single caption words, sources known
+    words, classes in range."""
+    try:
+        text = path.read_text("utf-8")
+    except UnicodeDecodeError as exc:
+        raise Problem(f"{path}: not UTF-8 text ({exc.reason} at byte {exc.start})") from None
     rows: list[Transfer] = []
-    for number, line in enumerate(path.read_text("utf-8").splitlines(), 1):
+    for number, line in enumerate(text.splitlines(), 1):
         line = line.split("#", 1)[0].rstrip()
         if not line.strip():
             continue
+        where = f"{path}:{number}"
         fields = line.split("\t")
         if len(fields) not in (2, 3):
-            raise SystemExit(f"{path}:{number}: expected NEW<TAB>SOURCE<TAB>CLASSES, got {line!r}")
+            raise Problem(f"{where}: expected NEW<TAB>SOURCE<TAB>CLASSES, got {line!r}")
         word, source = fields[0].strip(), fields[1].strip()
         try:
             classes = tuple(int(c) for c in fields[2].split(",") if c.strip()) if len(fields) == 3 else ()
         except ValueError:
-            raise SystemExit(f"{path}:{number}: class indices must be integers: {fields[2]!r}") from None
+            raise Problem(f"{where}: class indices must be integers: {fields[2]!r}") from None
+        if tokenize(word) != [word]:
+            raise Problem(f"{where}: {word!r} is not one lower-case caption word")
         if word in vocab.index or any(r.word == word for r in rows):
-            raise SystemExit(f"{path}:{number}: {word!r} is already a word of the vocabulary or the table")
+            raise Problem(f"{where}: {word!r} is already a word of the vocabulary or the table")
         if source not in vocab.index or source in vocab.words[:4]:
-            raise SystemExit(f"{path}:{number}: source {source!r} is not a word of the vocabulary")
+            raise Problem(f"{where}: source {source!r} is not a word of the vocabulary")
         if any(not 0 <= c < n_classes for c in classes):
-            raise SystemExit(f"{path}:{number}: class indices must be in 0..{n_classes - 1}")
+            raise Problem(f"{where}: class indices must be in 0..{n_classes - 1}")
         rows.append(Transfer(word, source, classes))
     if not rows:
-        raise SystemExit(f"{path}: no word to transfer")
+        raise Problem(f"{path}: no word to transfer")
     return rows
+
+
+def everyday_lm(path: Path, vocab: Vocabulary) -> tuple[dict[str, np.ndarray], dict]:
+    """An everyday LM trained on ``vocab`` (its ``.npz`` and the ``.json`` written beside it by
+    ``edgecap.training.language_model``), checked before anything is written."""
+    sidecar = path.with_suffix(".json")
+    try:
+        meta = json.loads(sidecar.read_text("utf-8"))
+    except FileNotFoundError:
+        raise Problem(
+            f"{path}: no {sidecar.name} beside it (python -m edgecap.training.language_model writes both)"
+        ) from None
+    except (UnicodeDecodeError, json.JSONDecodeError) as exc:
+        raise Problem(f"{sidecar}: not the JSON of a language model ({exc})") from None
+    history = meta.get("history") if isinstance(meta, dict) else None
+    if not isinstance(history, list) or not all(
+        isinstance(e, dict) and isinstance(e.get("dev_perplexity"), (int, float)) for e in history or [None]
+    ):
+        raise Problem(f"{sidecar}: not the JSON of a language model (no training history)")
+    with tempfile.TemporaryDirectory() as tmp:
+        vocab.save(Path(tmp) / "vocab.json")
+        grown_sha = file_sha256(Path(tmp) / "vocab.json")
+    if meta.get("vocab_sha256") != grown_sha:
+        raise Problem(
+            f"{path}: trained on another vocabulary than the grown one (train it with --model on a "
+            "directory grown without --everyday)"
+        )
+    with np.load(path, allow_pickle=False) as lm:
+        return {k: lm[k] for k in lm.files}, meta
 
 
 def grown_classes(classes: dict, rows: list[Transfer]) -> dict:
@@ -124,7 +167,7 @@ def transfer(model: Path, table: Path, out: Path, delta: float, everyday: Path |
     """Write the grown model directory ``out`` (a new or empty folder, removed again if anything
     fails on the way)."""
     if out.exists() and (not out.is_dir() or any(out.iterdir())):
-        raise SystemExit(f"{out}: exists and is not an empty folder; name a new one")
+        raise Problem(f"{out}: exists and is not an empty folder; name a new one")
     try:
         return _transfer(model, table, out, delta, everyday)
     except BaseException:
@@ -133,11 +176,14 @@ def transfer(model: Path, table: Path, out: Path, delta: float, everyday: Path |
 
 
 def _transfer(model: Path, table: Path, out: Path, delta: float, everyday: Path | None) -> Path:
+    if not math.isfinite(delta):
+        raise Problem(f"--delta must be a finite number, got {delta}")
     manifest = load_manifest(model)
     encoder, decoder, vocab, _ = load_start(model)
     rows = read_table(table, vocab, manifest.dims.n_classes)
     sources = [vocab.index[r.source] for r in rows]
     grown = Vocabulary(vocab.words + [r.word for r in rows])
+    retrained = None if everyday is None else everyday_lm(everyday, grown)
     info = {k: manifest.info[k] for k in CARRIED if k in manifest.info}
     info["transferred_words"] = {
         "from": {
@@ -164,12 +210,8 @@ def _transfer(model: Path, table: Path, out: Path, delta: float, everyday: Path 
         spec = json.loads(fusion_path.read_text("utf-8"))
         for role in ("everyday", "in_domain"):
             target = out / spec[role]["file"]
-            if role == "everyday" and everyday is not None:
-                meta = json.loads(everyday.with_suffix(".json").read_text("utf-8"))
-                if meta.get("vocab_sha256") != file_sha256(new.path("vocab")):
-                    raise SystemExit(f"{everyday}: trained on another vocabulary than {out}'s")
-                with np.load(everyday, allow_pickle=False) as lm:
-                    arrays = {k: lm[k] for k in lm.files}
+            if role == "everyday" and retrained is not None:
+                arrays, meta = retrained
                 spec[role].update(
                     trained_on=meta.get("trained_on"),
                     captions=meta.get("captions"),
@@ -190,12 +232,23 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("--model", type=Path, required=True, help="the FP32 model directory to grow")
     parser.add_argument("--words", type=Path, required=True, help="the table: NEW, SOURCE, CLASSES")
     parser.add_argument("--out", type=Path, required=True, help="the new model directory")
-    parser.add_argument("--delta", type=float, default=-1.0, help="new word's logit minus its source's")
-    parser.add_argument("--everyday", type=Path, help="an everyday LM trained on the grown vocabulary")
+    parser.add_argument(
+        "--delta",
+        type=float,
+        default=-1.0,
+        help="a new word's logit minus its source's (default: %(default)s)",
+    )
+    parser.add_argument(
+        "--everyday",
+        type=Path,
+        help="an everyday language model (.npz, with the .json written beside it) trained by "
+        "python -m edgecap.training.language_model on a directory grown without this option "
+        "(default: the source words' rows copied)",
+    )
     args = parser.parse_args(argv)
     try:
         out = transfer(args.model, args.words, args.out, args.delta, args.everyday)
-    except (ModelError, OSError, ValueError, KeyError) as exc:  # a bad input, said in one line
+    except (Problem, ModelError, OSError, ValueError, KeyError) as exc:  # a bad input, in one line
         print(f"transfer_words: {exc}", file=sys.stderr)
         return 2
     print(f"wrote {out}")

@@ -85,10 +85,15 @@ def test_the_table_is_checked_row_by_row(tmp_path):
         ("wolf\tdog\t10\n", ":1: class indices must be in 0..9"),
         ("wolf\tdog\tx\n", ":1: class indices must be integers"),
         ("wolf dog 1\n", ":1: expected NEW<TAB>SOURCE<TAB>CLASSES"),
+        ("fire hydrant\tdog\t1\n", ":1: 'fire hydrant' is not one lower-case caption word"),
+        ("Wolf\tdog\t1\n", ":1: 'Wolf' is not one lower-case caption word"),
         ("# nothing\n", "no word to transfer"),
     ):
-        with pytest.raises(SystemExit, match=message):
+        with pytest.raises(module.Problem, match=message):
             module.read_table(_table(tmp_path, text), vocab, 10)
+    (tmp_path / "latin1.tsv").write_bytes("caf\xe9\tcat\n".encode("latin-1"))
+    with pytest.raises(module.Problem, match="latin1.tsv: not UTF-8"):
+        module.read_table(tmp_path / "latin1.tsv", vocab, 10)
 
 
 def test_a_new_word_replaces_its_source_among_its_classes_words():
@@ -183,7 +188,7 @@ def test_a_used_output_folder_is_refused_and_a_failed_one_removed(tmp_path, monk
     used = tmp_path / "used"
     used.mkdir()
     (used / "mine.txt").write_text("keep me")
-    with pytest.raises(SystemExit, match="exists and is not an empty folder"):
+    with pytest.raises(module.Problem, match="exists and is not an empty folder"):
         module.transfer(tmp_path / "model", tmp_path / "words.tsv", used, -1.0, None)
     assert (used / "mine.txt").read_text() == "keep me"
     # a missing model directory: one line and exit 2, no traceback
@@ -199,3 +204,31 @@ def test_a_used_output_folder_is_refused_and_a_failed_one_removed(tmp_path, monk
     with pytest.raises(SystemExit, match="another vocabulary"):
         module.transfer(tmp_path / "model", tmp_path / "words.tsv", tmp_path / "new", -1.0, None)
     assert not (tmp_path / "new").exists()  # no half-made model directory left behind
+
+
+def test_an_everyday_model_is_checked_before_anything_is_written(tmp_path, capsys):
+    from edgecap.vocab import Vocabulary
+
+    module = _script()
+    grown = Vocabulary(["<pad>", "<start>", "<end>", "<unk>", "a", "dog", "wolf"])
+    lm = tmp_path / "everyday.npz"
+    np.savez(lm, embed=np.ones((7, 2)))
+    with pytest.raises(module.Problem, match="everyday.npz: no everyday.json beside it"):
+        module.everyday_lm(lm, grown)
+    sidecar = tmp_path / "everyday.json"
+    sidecar.write_text("{}")
+    with pytest.raises(module.Problem, match="no training history"):
+        module.everyday_lm(lm, grown)
+    grown.save(tmp_path / "vocab.json")
+    meta = {"vocab_sha256": "0" * 64, "history": [{"epoch": 1, "dev_perplexity": 30.0}]}
+    sidecar.write_text(json.dumps(meta))
+    with pytest.raises(module.Problem, match="trained on another vocabulary"):
+        module.everyday_lm(lm, grown)
+    from edgecap.manifest import file_sha256
+
+    sidecar.write_text(json.dumps({**meta, "vocab_sha256": file_sha256(tmp_path / "vocab.json")}))
+    arrays, got = module.everyday_lm(lm, grown)
+    assert arrays["embed"].shape == (7, 2) and got["history"][0]["dev_perplexity"] == 30.0
+    args = ["--model", str(tmp_path), "--words", "w.tsv", "--out", str(tmp_path / "o"), "--delta", "nan"]
+    assert module.main(args) == 2
+    assert capsys.readouterr().err == "transfer_words: --delta must be a finite number, got nan\n"
