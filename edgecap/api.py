@@ -64,7 +64,8 @@ class Caption:
     models that steered it).
     ``timings`` (milliseconds): ``preprocess_ms`` for this image; ``encode_ms`` and ``decode_ms``
     its share of its batch's encoder run and search. ``confidence``: the probability that the
-    caption is right (``edgecap.confidence``; None for a model without a confidence model).
+    caption is right (``edgecap.confidence``; None for a model without a confidence model; 0 for
+    a caption that ``max_length`` cut before any place where it could end).
     ``recognisable``: False for a frame with nothing to caption (uniform, or blurred past any
     detail: ``edgecap.preprocess.recognisable``); its ``text`` is then ``NOTHING_RECOGNISABLE``,
     ``tokens`` empty and ``confidence`` 0. ``signals``: every signal of ``edgecap.confidence.SIGNALS``
@@ -495,7 +496,13 @@ class Captioner:
                 photo[1],
             )
             if self.confidence_model is not None:
-                confidence = round(self.confidence_model.predict(self.confidence_model.select(x)), 4)
+                # a caption the length cap cut before any place to end is no sentence: not a
+                # caption the confidence model was fitted on, and not a right one
+                confidence = (
+                    round(self.confidence_model.predict(self.confidence_model.select(x)), 4)
+                    if hyp.finished
+                    else 0.0
+                )
         return Caption(
             text=" ".join(words),
             score=float(hyp.score),

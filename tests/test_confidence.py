@@ -232,3 +232,14 @@ def test_min_confidence_on_a_model_without_confidence_is_a_usage_error(tmp_path,
     assert "--min-confidence" in err and "confidence.json" in err and "Traceback" not in err
     assert main(["caption", photo, "--model", str(model), "--json"]) == 0  # without the flag: fine
     assert json.loads(capsys.readouterr().out)["confidence"] is None
+
+
+def test_a_caption_the_length_cap_cut_has_no_confidence(default_model_dir):
+    """--max-length 1 cuts the astronaut's caption to one word, which is no sentence."""
+    from edgecap import Captioner
+
+    photo = str(EXAMPLES / "astronaut.png")
+    cut = Captioner(default_model_dir, max_length=1).caption(photo)
+    assert len(cut.tokens) == 1 and cut.confidence == 0.0
+    whole = Captioner(default_model_dir).caption(photo)
+    assert len(whole.tokens) > 5 and 0 < whole.confidence < 1
