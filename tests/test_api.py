@@ -234,3 +234,11 @@ def test_backend_limits_device_and_missing_tensorrt(monkeypatch, tiny_model_dir)
     if not tensorrt_importable():  # not installed, or only its type stubs (tensorrt-stubs)
         with pytest.raises(BackendError, match=r"edgecap\[tensorrt\]"):
             Captioner(tiny_model_dir, backend="tensorrt")
+
+
+def test_a_mistyped_keyword_names_itself_and_the_nearest_option():
+    """Not the backend class's own TypeError about its __init__."""
+    with pytest.raises(TypeError, match="unknown option 'beamsize'.*did you mean 'beam_size'"):
+        Captioner(beamsize=5)
+    with pytest.raises(TypeError, match="unknown option 'fp16x'.*onnxruntime backend.*did you mean 'fp16'"):
+        Captioner(fp16x=True)

@@ -85,4 +85,29 @@ def load_backend(
     limits = (limits or Limits()).covering_default()
     # each backend's constructor takes its own options (the base class declares none)
     make: Callable[..., Backend] = backend_class(name)
+    _check_options(make, name, options)
     return make(manifest, device=device, limits=limits, **options)
+
+
+def _check_options(make: Callable, name: str, options: dict) -> None:
+    """A keyword the backend's class does not take is a TypeError naming it (and the nearest
+    caption option or backend option), before the model is loaded."""
+    import difflib
+    import inspect
+    from dataclasses import fields
+
+    from edgecap.decoding import CaptionOptions
+
+    parameters = inspect.signature(make).parameters
+    if any(p.kind is inspect.Parameter.VAR_KEYWORD for p in parameters.values()):
+        return
+    taken = [n for n in parameters if n not in ("self", "manifest", "device", "limits")]
+    for key in options:
+        if key not in parameters:
+            known = [f.name for f in fields(CaptionOptions)] + taken
+            near = difflib.get_close_matches(key, known, n=1)
+            hint = f"; did you mean {near[0]!r}?" if near else ""
+            raise TypeError(
+                f"unknown option {key!r}: neither a caption option (CaptionOptions) nor an option "
+                f"of the {resolve(name)} backend ({', '.join(taken)}){hint}"
+            )
