@@ -30,7 +30,7 @@ class CaptionOptions:
     objects: int = 5  # object tags per caption (Caption.objects); 0: none
     # Object guidance: the words of the image's ``guidance_tags`` most probable classes of at
     # least ``guidance_min_prob`` get ``guidance_bonus`` added to their log-probability until a
-    # beam has said one (0: off). Chosen on Flickr8k dev and coco-ood-dev (see the README).
+    # beam has said one (0: off). Chosen on Flickr8k dev and coco-ood-dev (docs/everyday-photos.md).
     guidance_bonus: float = 2.0
     guidance_tags: int = 3
     guidance_min_prob: float = 0.1
