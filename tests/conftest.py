@@ -128,6 +128,22 @@ def slow_test_ids() -> set[str]:
     return {line.strip() for line in lines if line.strip() and not line.startswith("#")}
 
 
+def _gpu_run(config) -> bool:
+    return config.getoption("markexpr", "").strip() == "gpu"
+
+
+def pytest_ignore_collect(collection_path, config):
+    """``pytest -m gpu`` (``benchmarks/gpu_check.py``) selects the ``gpu``-marked tests only: a
+    test file that never writes ``mark.gpu`` is not imported for it (every file's imports, torch
+    and hypothesis included, and its assertion rewriting: seconds of collection for nothing).
+    ``pytest_collection_modifyitems`` checks, in every other run, that each ``gpu``-marked test
+    is in a file that says so."""
+    if _gpu_run(config) and collection_path.suffix == ".py" and collection_path.name.startswith("test_"):
+        if "mark.gpu" not in collection_path.read_text(encoding="utf-8"):
+            return True
+    return None
+
+
 def pytest_collection_modifyitems(config, items):
     """``slow``: see ``SLOW_FIXTURES``. ``gpu``-marked tests skip before their fixtures are built
     where torch sees no CUDA GPU, so ``pytest -m gpu`` (``benchmarks/gpu_check.py``) is quick on
@@ -137,6 +153,9 @@ def pytest_collection_modifyitems(config, items):
         if SLOW_FIXTURES & set(getattr(item, "fixturenames", ())) or item.nodeid.split("[")[0] in slow_ids:
             item.add_marker(pytest.mark.slow)
     gpu_items = [item for item in items if item.get_closest_marker("gpu")]
+    unread = sorted({str(item.path) for item in gpu_items if "mark.gpu" not in item.path.read_text("utf-8")})
+    if unread:  # pytest_ignore_collect would leave these out of `pytest -m gpu`
+        raise pytest.UsageError(f"gpu-marked tests in a file without the text 'mark.gpu': {unread}")
     if not gpu_items:
         return
     try:

@@ -18,81 +18,14 @@ sys.path.insert(0, str(BENCH))
 
 import _isolated as I  # noqa: E402
 
-TESTS = str(Path(__file__).resolve().parent)
-
-
-# -- tasks, built in the workers (this module is imported there by name) -------------------------
-
-
-def _worker_siblings() -> int:
-    """Other live harness workers with the same parent as this process."""
-    count = 0
-    for entry in os.listdir("/proc"):
-        if not entry.isdigit() or int(entry) == os.getpid():
-            continue
-        try:
-            stat = Path(f"/proc/{entry}/stat").read_text()
-            cmdline = Path(f"/proc/{entry}/cmdline").read_bytes().split(b"\0")
-        except OSError:
-            continue
-        state, ppid = stat.rsplit(")", 1)[1].split()[:2]
-        if int(ppid) == os.getppid() and b"--worker" in cmdline and state != "Z":
-            count += 1
-    return count
-
-
-class RecordingTask:
-    """Appends one JSON line per call (variant, measure, pid, live sibling workers) to ``log``."""
-
-    def __init__(self, name: str, log: str):
-        self.name, self.log = name, log
-        self.info = {"pid": os.getpid()}
-        self.measures = {"a": lambda: self._record("a"), "b": lambda: self._record("b")}
-
-    def _record(self, measure: str) -> None:
-        with open(self.log, "a") as f:
-            f.write(
-                json.dumps(
-                    {
-                        "variant": self.name,
-                        "measure": measure,
-                        "pid": os.getpid(),
-                        "siblings": _worker_siblings(),
-                    }
-                )
-                + "\n"
-            )
-
-
-def recording_task(name: str, log: str) -> RecordingTask:
-    return RecordingTask(name, log)
-
-
-def failing_setup(**_):
-    raise ValueError("broken on purpose")
-
-
-class _Failing:
-    info: dict = {}
-
-    def __init__(self, how: str):
-        def call():
-            if how == "raise":
-                raise RuntimeError("call broken on purpose")
-            os._exit(3)  # the worker dies without a reply
-
-        self.measures = {"a": call}
-
-
-def failing_call(how: str) -> _Failing:
-    return _Failing(how)
+TESTS = str(Path(__file__).resolve().parent)  # where the workers find isolated_tasks (their tasks)
 
 
 # -- helpers -------------------------------------------------------------------------------------
 
 
 def _spec(name: str, log: Path) -> I.Spec:
-    return I.Spec(name, "test_bench_isolated:recording_task", {"name": name, "log": str(log)}, paths=[TESTS])
+    return I.Spec(name, "isolated_tasks:recording_task", {"name": name, "log": str(log)}, paths=[TESTS])
 
 
 def _alive(pid: int) -> bool:
@@ -244,7 +177,7 @@ def test_summary_median_and_p95():
 def test_a_worker_that_raises_while_loading_reports_it(tmp_path):
     specs = [
         _spec("fine", tmp_path / "log"),
-        I.Spec("broken", "test_bench_isolated:failing_setup", {}, paths=[TESTS]),
+        I.Spec("broken", "isolated_tasks:failing_setup", {}, paths=[TESTS]),
     ]
     with pytest.raises(I.WorkerError, match="broken: ValueError: broken on purpose"):
         I.run_isolated(
@@ -261,7 +194,7 @@ def test_a_worker_that_raises_while_loading_reports_it(tmp_path):
 
 
 def test_a_worker_that_raises_in_a_call_reports_it(tmp_path):
-    spec = I.Spec("bad-call", "test_bench_isolated:failing_call", {"how": "raise"}, paths=[TESTS])
+    spec = I.Spec("bad-call", "isolated_tasks:failing_call", {"how": "raise"}, paths=[TESTS])
     with pytest.raises(I.WorkerError, match="RuntimeError: call broken on purpose"):
         I.run_isolated(
             [_spec("fine", tmp_path / "log"), spec],
@@ -277,7 +210,7 @@ def test_a_worker_that_raises_in_a_call_reports_it(tmp_path):
 
 
 def test_a_worker_that_dies_is_reported_with_its_exit_code():
-    spec = I.Spec("dies", "test_bench_isolated:failing_call", {"how": "exit"}, paths=[TESTS])
+    spec = I.Spec("dies", "isolated_tasks:failing_call", {"how": "exit"}, paths=[TESTS])
     worker = I.Worker(spec)
     try:
         with pytest.raises(I.WorkerError, match=r"dies: worker exited \(code 3\)"):
@@ -353,25 +286,8 @@ def test_step_compare_worker_runs_the_current_model_format():
 # -- fields and threads ----------------------------------------------------------------------------
 
 
-class _FieldsTask:
-    info: dict = {}
-
-    def __init__(self):
-        self.calls = 0
-
-        def counted():
-            self.calls += 1
-            return I.Fields(call=self.calls, twice=2 * self.calls)
-
-        self.measures = {"a": counted, "b": lambda: {"plain": "dict, not Fields"}}
-
-
-def fields_task() -> _FieldsTask:
-    return _FieldsTask()
-
-
 def test_fields_a_call_returns_are_kept_beside_its_time():
-    spec = I.Spec("f", "test_bench_isolated:fields_task", {}, paths=[TESTS])
+    spec = I.Spec("f", "isolated_tasks:fields_task", {}, paths=[TESTS])
     result = I.run_isolated(
         [spec],
         ["a", "b"],

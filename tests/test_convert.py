@@ -34,6 +34,19 @@ def fp16_dir(fp32_dir, tmp_path_factory) -> Path:
     return out
 
 
+@pytest.fixture(scope="module")
+def int8_dir(fp32_dir, example_images, tmp_path_factory) -> Path:
+    """The model converted to int8, its encoder calibrated on the first two example photos (the
+    other two are left for checking it): a static int8 conversion takes seconds, one serves the
+    tests below."""
+    calib = tmp_path_factory.mktemp("calib")
+    for p in sorted(example_images)[:2]:
+        shutil.copy(p, calib / p.name)
+    out = tmp_path_factory.mktemp("int8") / "model"
+    convert_model_dir(fp32_dir, out, "int8", calibration=calib)
+    return out
+
+
 # -- tests --------------------------------------------------------------------------------------
 
 
@@ -205,18 +218,11 @@ def test_convert_detects_corrupt_source(fp32_dir, tmp_path):
         convert_model_dir(copy, tmp_path / "out", "fp16")
 
 
-def test_int8_dynamic_step_and_static_encoder(fp32_dir, tmp_path):
-    from PIL import Image
-
-    calib = tmp_path / "calib"
-    calib.mkdir()
-    rng = np.random.default_rng(0)
-    for i in range(3):
-        Image.fromarray(rng.integers(0, 255, (40, 50, 3), dtype=np.uint8)).save(calib / f"{i}.png")
-    m = convert_model_dir(fp32_dir, tmp_path / "int8", "int8", calibration=calib)
+def test_int8_dynamic_step_and_static_encoder(fp32_dir, int8_dir):
+    m = load_manifest(int8_dir)
     verify_files(m)
     assert m.precision == "int8"
-    assert "calibrated on 3 images" in m.info["converted_from"]["encoder"]
+    assert "calibrated on 2 images" in m.info["converted_from"]["encoder"]
     step_ops = {nd.op_type for nd in onnx.load(str(m.path("decoder_step"))).graph.node}
     assert step_ops & {"MatMulInteger", "DynamicQuantizeLinear", "DynamicQuantizeMatMul"}
     enc_ops = {nd.op_type for nd in onnx.load(str(m.path("encoder"))).graph.node}
@@ -226,17 +232,14 @@ def test_int8_dynamic_step_and_static_encoder(fp32_dir, tmp_path):
 
 
 def test_static_int8_encoder_keeps_its_sensitive_layers_fp32_and_its_features_close(
-    tiny_model_dir, example_images, tmp_path
+    tiny_model_dir, fp32_dir, int8_dir, example_images
 ):
     from edgecap.images import load_rgb
     from edgecap.preprocess import to_model_input
 
-    photos = sorted(example_images)
-    calib = tmp_path / "calib"
-    calib.mkdir()
-    for p in photos[:2]:
-        shutil.copy(p, calib / p.name)
-    m = convert_model_dir(tiny_model_dir, tmp_path / "int8", "int8", calibration=calib)
+    assert fp32_dir == tiny_model_dir  # int8_dir is the tiny model's (the real encoder's layers)
+    photos = sorted(example_images)  # int8_dir calibrated on photos[:2]
+    m = load_manifest(int8_dir)
     model = onnx.load(str(m.path("encoder")))
     ops = {n.name: n.op_type for n in model.graph.node}
     # the stem, blocks 0-1 and the classifier stay float; block 2 on is int8 (QLinearConv)
@@ -249,7 +252,7 @@ def test_static_int8_encoder_keeps_its_sensitive_layers_fp32_and_its_features_cl
     run = lambda d: ort.InferenceSession(  # noqa: E731
         str(load_manifest(d).path("encoder")), providers=["CPUExecutionProvider"]
     ).run(["features"], {"image": images})[0]
-    ref, got = run(tiny_model_dir), run(tmp_path / "int8")
+    ref, got = run(tiny_model_dir), run(int8_dir)
     # The file is computed the same on every CPU: onnxruntime's kernels agree with the exact
     # integer arithmetic of onnx's reference evaluator, up to where each rounds when it
     # requantises (measured on a 2-core AMD EPYC without VNNI, shipped encoder: 0.07 with 7-bit

@@ -41,6 +41,10 @@ def test_gpu_check_on_the_cpu(tmp_path):
             "1",
             "--out",
             str(tmp_path),
+            # the bundled example photos, as in a fresh clone: never the research data beside
+            # the checkout (../shared/data/flickr8k), which would add CIDEr's Java tokenizer runs
+            "--flickr8k",
+            str(tmp_path / "no-flickr8k"),
         ],
         capture_output=True,
         text=True,
