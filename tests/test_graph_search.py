@@ -517,14 +517,12 @@ def test_fake_tensorrt_graph_search_gives_the_numpy_captions(monkeypatch, tmp_pa
 def test_fake_tensorrt_fp16_keeps_the_bookkeeping_in_fp32(monkeypatch, tmp_path, tiny):
     """TensorRT < 10.12 (BuilderFlag.FP16): the appended layers are pinned to FP32; 10.12+
     (strongly typed FP16 ONNX): the appended nodes read the step's float32 outputs."""
-    import base64
-
     manifest, _, _, images = tiny
     for version, typed in (("10.3.0.26", False), ("10.12.0.36", True)):
         trt = _fake_tensorrt_search(monkeypatch, version, manifest, "fp16", tmp_path / version, images)
         build = trt.stats["builds"][-1]
         assert "scores" in build["profile"]
-        model = onnx.load_from_string(base64.b64decode(build["onnx"]))
+        model = onnx.load_from_string(build["onnx"])
         assert build["fp16_weights"] == typed
         inferred = onnx.shape_inference.infer_shapes(model).graph
         types = {v.name: v.type.tensor_type.elem_type for v in inferred.value_info}

@@ -10,7 +10,6 @@ onnxruntime. None of this proves the code runs on real TensorRT.
 
 from __future__ import annotations
 
-import base64
 import ctypes
 import io
 import json
@@ -316,16 +315,18 @@ def make_fake_trt(version: str, device: FakeDevice):
                     for j, t in sorted(layer.output_types.items())
                 ],
                 "timing_cache_in": config.cache.data.decode() if config.cache else None,
-                "onnx": base64.b64encode(network.onnx).decode(),
             }
-            trt.stats["builds"].append(record)
-            return MAGIC + json.dumps(record).encode()
+            trt.stats["builds"].append({**record, "onnx": network.onnx})
+            # the engine: MAGIC, the record's length (8 bytes) and JSON, then the ONNX bytes as
+            # they are (no base64 inside the JSON: the encoder's megabytes, built many times)
+            header = json.dumps(record).encode()
+            return MAGIC + len(header).to_bytes(8, "little") + header + network.onnx
 
     class Engine:
-        def __init__(self, record):
+        def __init__(self, record, onnx_bytes):
             self.record = record
-            model = onnx.load_from_string(base64.b64decode(record["onnx"]))
-            self.session = ort.InferenceSession(model.SerializeToString(), providers=["CPUExecutionProvider"])
+            model = onnx.load_from_string(onnx_bytes)
+            self.session = ort.InferenceSession(onnx_bytes, providers=["CPUExecutionProvider"])
             self.io = {}
             for vi, mode in [(x, "input") for x in model.graph.input] + [
                 (x, "output") for x in model.graph.output
@@ -388,11 +389,13 @@ def make_fake_trt(version: str, device: FakeDevice):
         def deserialize_cuda_engine(self, data):
             if not data.startswith(MAGIC):
                 return None
-            record = json.loads(data[len(MAGIC) :])
+            length = int.from_bytes(data[len(MAGIC) : len(MAGIC) + 8], "little")
+            start = len(MAGIC) + 8
+            record = json.loads(data[start : start + length])
             if record["version"] != version:
                 return None
             trt.stats["deserialized"] += 1
-            return Engine(record)
+            return Engine(record, bytes(data[start + length :]))
 
     trt.Builder, trt.OnnxParser, trt.Runtime = Builder, OnnxParser, Runtime
     return trt
