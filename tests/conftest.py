@@ -132,6 +132,13 @@ def _gpu_run(config) -> bool:
     return config.getoption("markexpr", "").strip() == "gpu"
 
 
+def pytest_configure(config):
+    """In ``pytest -m gpu``, hypothesis's pytest plugin is left out: no gpu test uses hypothesis,
+    and the plugin imports it (2 s) for its end-of-run summary whatever ran."""
+    if _gpu_run(config):
+        config.pluginmanager.set_blocked("hypothesispytest")
+
+
 def pytest_ignore_collect(collection_path, config):
     """``pytest -m gpu`` (``benchmarks/gpu_check.py``) selects the ``gpu``-marked tests only: a
     test file that never writes ``mark.gpu`` is not imported for it (every file's imports, torch
