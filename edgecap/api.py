@@ -282,7 +282,9 @@ class Captioner:
         ``on_error="return"``: its slot holds the ``InputError`` instead and the other images are
         captioned as if it were not there.
         """
-        return list(self.iter_captions(images, color, return_attention, on_error))
+        self._check_call(images, on_error)
+        # "raise": nothing is returned, so the images before a bad one are not captioned for nothing
+        return list(self._results(images, color, return_attention, on_error, before_error=False))
 
     def iter_captions(
         self,
@@ -300,6 +302,11 @@ class Captioner:
         ``caption()`` per frame or ``decode_workers=0``. ``on_error`` as in ``caption_batch``.
         Bad arguments raise here; an unusable image (with "raise") while iterating, once the
         results of every image before it are yielded (its batch's earlier images included)."""
+        self._check_call(images, on_error)
+        return self._results(images, color, return_attention, on_error)
+
+    def _check_call(self, images, on_error: str) -> None:
+        """The arguments of ``caption_batch`` / ``iter_captions``, checked when called."""
         if on_error not in ON_ERROR:
             raise ValueError(f"on_error must be one of {ON_ERROR}, got {on_error!r}")
         if self._closed:
@@ -310,11 +317,17 @@ class Captioner:
             raise TypeError(
                 "caption_batch and iter_captions take a list of images; use caption() for one image"
             )
-        return self._results(images, color, return_attention, on_error)
 
     def _results(
-        self, images: Iterable[ImageInput], color: str, return_attention: bool, on_error: str
+        self,
+        images: Iterable[ImageInput],
+        color: str,
+        return_attention: bool,
+        on_error: str,
+        before_error: bool = True,
     ) -> Iterator[Caption | InputError]:
+        """The results in order; ``before_error`` (with "raise"): the images before a bad one in its
+        batch are captioned and yielded before its error is raised."""
         iterator = iter(images)
         # One photo (caption()) has nothing to overlap with: no hand-over to a worker.
         head = list(itertools.islice(iterator, 2)) if self.decode_workers else []
@@ -342,7 +355,7 @@ class Captioner:
                     if bad is not None:
                         # the images before it in its batch are captioned and yielded first:
                         # the error costs no result that comes before it
-                        if bad:
+                        if bad and before_error:
                             yield from self._caption_chunk(chunk[:bad], return_attention)
                         raise chunk[bad]
                 yield from self._caption_chunk(chunk, return_attention)

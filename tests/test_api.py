@@ -242,3 +242,5 @@ def test_a_mistyped_keyword_names_itself_and_the_nearest_option():
         Captioner(beamsize=5)
     with pytest.raises(TypeError, match="unknown option 'fp16x'.*onnxruntime backend.*did you mean 'fp16'"):
         Captioner(fp16x=True)
+    with pytest.raises(TypeError, match="did you mean 'decode_workers'"):  # the Captioner's own
+        Captioner(decode_worker=2)

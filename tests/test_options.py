@@ -207,6 +207,20 @@ def test_iter_captions_raises_at_the_bad_input_after_earlier_batches(backend_cal
         next(Captioner(batch_size=8).iter_captions([b"", IMAGE]))
 
 
+def test_caption_batch_with_raise_captions_nothing_it_would_throw_away(backend_calls):
+    """It returns nothing when it raises: the photos before the bad one are not encoded for
+    nothing (iter_captions, which hands them out, does encode them)."""
+    captioner = Captioner(batch_size=8)
+    encoded = []
+    encode = captioner.backend.encode
+    captioner.backend.encode = lambda x: (encoded.append(len(x)), encode(x))[1]
+    with pytest.raises(InputError, match="0 bytes"):
+        captioner.caption_batch([IMAGE, IMAGE, b""])
+    assert encoded == []
+    results = captioner.iter_captions([IMAGE, IMAGE, b""])
+    assert [type(next(results)) for _ in range(2)] == [Caption, Caption] and encoded == [2]
+
+
 def test_iter_captions_checks_its_arguments_when_called(backend_calls):
     captioner = Captioner()
     with pytest.raises(ValueError, match="on_error"):

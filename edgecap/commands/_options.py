@@ -16,14 +16,14 @@ from edgecap.prefetch import DEFAULT_CPU_DECODE_WORKERS, MAX_GPU_DECODE_WORKERS
 DEFAULTS = {f.name: f.default for f in fields(CaptionOptions)}
 
 
-# The most beams a search takes is the model's top_k (its step graph's K best words per row):
-# the shipped model's and every `edgecap train` model's is DecoderConfig's default.
 def _range(name: str) -> str:
     """'0 to 10': the range CaptionOptions accepts for a float option."""
     low, high = next((lo, hi) for n, lo, hi in RANGES if n == name)
     return f"{low} to {high}"
 
 
+# The most beams a search takes is the model's top_k (its step graph's K best words per row):
+# the shipped model's and every `edgecap train` model's is DecoderConfig's default.
 MAX_BEAM = DecoderConfig.__dataclass_fields__["top_k"].default
 # What TensorRT engines are built for unless told otherwise (`edgecap build`'s defaults).
 ENGINE = Limits()
