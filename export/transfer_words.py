@@ -36,13 +36,15 @@ import math
 import shutil
 import sys
 import tempfile
+import zipfile
 from dataclasses import dataclass
 from pathlib import Path
 
 import numpy as np
 
 from edgecap.build.export import export_modules
-from edgecap.errors import ModelError
+from edgecap.decoding.fusion import CaptionLM
+from edgecap.errors import ModelError, reason
 from edgecap.manifest import file_sha256, load_manifest
 from edgecap.training.grow import transfer_decoder
 from edgecap.training.start import load_start
@@ -68,7 +70,7 @@ def read_table(path: Path, vocab: Vocabulary, n_classes: int) -> list[Transfer]:
     """The table's rows, checked: new words new, distinct and single caption words, sources known
     words, classes in range."""
     try:
-        text = path.read_text("utf-8")
+        text = path.read_text("utf-8-sig")  # a byte-order mark is no part of the first word
     except UnicodeDecodeError as exc:
         raise Problem(f"{path}: not UTF-8 text ({exc.reason} at byte {exc.start})") from None
     rows: list[Transfer] = []
@@ -124,8 +126,15 @@ def everyday_lm(path: Path, vocab: Vocabulary) -> tuple[dict[str, np.ndarray], d
             f"{path}: trained on another vocabulary than the grown one (train it with --model on a "
             "directory grown without --everyday)"
         )
-    with np.load(path, allow_pickle=False) as lm:
-        return {k: lm[k] for k in lm.files}, meta
+    try:
+        with np.load(path, allow_pickle=False) as lm:
+            arrays = {k: lm[k] for k in lm.files}
+        CaptionLM(arrays)  # the arrays of one LSTM language model, their shapes consistent
+    except (OSError, ValueError, KeyError, EOFError, zipfile.BadZipFile) as exc:
+        raise Problem(f"{path}: not a caption language model's arrays ({reason(exc)})") from None
+    if arrays["embed"].shape[0] != len(vocab):
+        raise Problem(f"{path}: {arrays['embed'].shape[0]} words, but the grown vocabulary has {len(vocab)}")
+    return arrays, meta
 
 
 def grown_classes(classes: dict, rows: list[Transfer]) -> dict:
@@ -168,10 +177,18 @@ def transfer(model: Path, table: Path, out: Path, delta: float, everyday: Path |
     fails on the way)."""
     if out.exists() and (not out.is_dir() or any(out.iterdir())):
         raise Problem(f"{out}: exists and is not an empty folder; name a new one")
+    made = not out.exists()
     try:
         return _transfer(model, table, out, delta, everyday)
     except BaseException:
-        shutil.rmtree(out, ignore_errors=True)
+        if made:
+            shutil.rmtree(out, ignore_errors=True)
+        elif out.is_dir():  # the user's empty folder stays, empty
+            for path in out.iterdir():
+                if path.is_dir() and not path.is_symlink():
+                    shutil.rmtree(path)
+                else:
+                    path.unlink()
         raise
 
 
@@ -179,8 +196,16 @@ def _transfer(model: Path, table: Path, out: Path, delta: float, everyday: Path 
     if not math.isfinite(delta):
         raise Problem(f"--delta must be a finite number, got {delta}")
     manifest = load_manifest(model)
-    encoder, decoder, vocab, _ = load_start(model)
+    # nothing is trained here: a fine-tuned encoder is exported as it is
+    encoder, decoder, vocab, _ = load_start(model, finetune_encoder=True)
     rows = read_table(table, vocab, manifest.dims.n_classes)
+    for row in rows:
+        if not row.classes:
+            print(
+                f"transfer_words: note: {row.word!r} names no class: no tag bonus makes it win over "
+                f"{row.source!r}, so only a language model can have it said",
+                file=sys.stderr,
+            )
     sources = [vocab.index[r.source] for r in rows]
     grown = Vocabulary(vocab.words + [r.word for r in rows])
     retrained = None if everyday is None else everyday_lm(everyday, grown)
@@ -248,7 +273,7 @@ def main(argv: list[str] | None = None) -> int:
     args = parser.parse_args(argv)
     try:
         out = transfer(args.model, args.words, args.out, args.delta, args.everyday)
-    except (Problem, ModelError, OSError, ValueError, KeyError) as exc:  # a bad input, in one line
+    except (Problem, ModelError, OSError) as exc:  # a bad input, in one line
         print(f"transfer_words: {exc}", file=sys.stderr)
         return 2
     print(f"wrote {out}")

@@ -165,12 +165,21 @@ def test_a_transferred_model_directory(tiny_model_dir, tmp_path, example_images)
     assert vocab.words == old_vocab.words + ["puppy", "puppies"]
     assert manifest.dims.vocab_size == V + 2
     assert manifest.info["transferred_words"]["words"] == {"puppy": "dog", "puppies": "dogs"}
+    # the exported decoder's new rows: its source's embedding and output rows, its bias - 50
+    from edgecap.backends.torch import TorchBackend
+
+    _, before = TorchBackend._build(load_manifest(model))
+    _, after = TorchBackend._build(manifest)
+    src = [old_vocab.index["dog"], old_vocab.index["dogs"]]
+    for key, shift in (("embed.weight", 0.0), ("out_vocab.weight", 0.0), ("out_vocab.bias", -50.0)):
+        old_rows, new_rows = before.state_dict()[key], after.state_dict()[key]
+        torch.testing.assert_close(new_rows[:V], old_rows, rtol=0, atol=0)
+        torch.testing.assert_close(new_rows[V:], old_rows[src] + shift, rtol=0, atol=1e-5)
     classes = json.loads((out / "classes.json").read_text())["classes"]
     assert classes[207]["words"][:2] == ["puppy", "puppies"] and classes[208]["words"][0] == "puppies"
     fusion = json.loads((out / "fusion.json").read_text())
     for role, arrays in lms.items():
         with np.load(out / fusion[role]["file"]) as grown:
-            src = [old_vocab.index["dog"], old_vocab.index["dogs"]]
             for key in ("embed", "out_w", "out_b"):
                 np.testing.assert_array_equal(grown[key][:V], arrays[key].astype(np.float16))
                 np.testing.assert_array_equal(grown[key][V:], arrays[key][src].astype(np.float16))
@@ -205,6 +214,18 @@ def test_a_used_output_folder_is_refused_and_a_failed_one_removed(tmp_path, monk
         module.transfer(tmp_path / "model", tmp_path / "words.tsv", tmp_path / "new", -1.0, None)
     assert not (tmp_path / "new").exists()  # no half-made model directory left behind
 
+    def half_done_in(model, table, out, delta, everyday):
+        (out / "decoder_step.onnx").write_bytes(b"half")
+        (out / "sub").mkdir()
+        raise SystemExit("table: a typo")
+
+    monkeypatch.setattr(module, "_transfer", half_done_in)
+    mine = tmp_path / "mine"
+    mine.mkdir()  # the user's own empty folder: emptied again, not deleted
+    with pytest.raises(SystemExit, match="a typo"):
+        module.transfer(tmp_path / "model", tmp_path / "words.tsv", mine, -1.0, None)
+    assert mine.is_dir() and not any(mine.iterdir())
+
 
 def test_an_everyday_model_is_checked_before_anything_is_written(tmp_path, capsys):
     from edgecap.vocab import Vocabulary
@@ -212,7 +233,18 @@ def test_an_everyday_model_is_checked_before_anything_is_written(tmp_path, capsy
     module = _script()
     grown = Vocabulary(["<pad>", "<start>", "<end>", "<unk>", "a", "dog", "wolf"])
     lm = tmp_path / "everyday.npz"
-    np.savez(lm, embed=np.ones((7, 2)))
+
+    def lm_of(words):
+        return {
+            "embed": np.ones((words, 2)),
+            "w_ih": np.ones((8, 2)),
+            "w_hh": np.ones((8, 2)),
+            "bias": np.ones(8),
+            "out_w": np.ones((words, 2)),
+            "out_b": np.ones(words),
+        }
+
+    np.savez(lm, **lm_of(7))
     with pytest.raises(module.Problem, match="everyday.npz: no everyday.json beside it"):
         module.everyday_lm(lm, grown)
     sidecar = tmp_path / "everyday.json"
@@ -229,6 +261,15 @@ def test_an_everyday_model_is_checked_before_anything_is_written(tmp_path, capsy
     sidecar.write_text(json.dumps({**meta, "vocab_sha256": file_sha256(tmp_path / "vocab.json")}))
     arrays, got = module.everyday_lm(lm, grown)
     assert arrays["embed"].shape == (7, 2) and got["history"][0]["dev_perplexity"] == 30.0
+    np.savez(lm, **lm_of(6))  # trained before the growth, with a sidecar that says otherwise
+    with pytest.raises(module.Problem, match="6 words, but the grown vocabulary has 7"):
+        module.everyday_lm(lm, grown)
+    np.savez(lm, **{**lm_of(7), "w_hh": np.ones((8, 3))})
+    with pytest.raises(module.Problem, match="not a caption language model's arrays"):
+        module.everyday_lm(lm, grown)
+    lm.write_bytes(lm.read_bytes()[:100])  # truncated
+    with pytest.raises(module.Problem, match="not a caption language model's arrays"):
+        module.everyday_lm(lm, grown)
     args = ["--model", str(tmp_path), "--words", "w.tsv", "--out", str(tmp_path / "o"), "--delta", "nan"]
     assert module.main(args) == 2
     assert capsys.readouterr().err == "transfer_words: --delta must be a finite number, got nan\n"
