@@ -30,7 +30,6 @@ so the old word ids of the captions are unchanged.
 from __future__ import annotations
 
 import argparse
-import hashlib
 import json
 import math
 import shutil
@@ -157,10 +156,9 @@ def grown_classes(classes: dict, rows: list[Transfer]) -> dict:
     return {**classes, "about": about, "classes": entries}
 
 
-def transferred_lm(path: Path, sources: list[int]) -> dict[str, np.ndarray]:
+def transferred_lm(lm: CaptionLM, sources: list[int]) -> dict[str, np.ndarray]:
     """A caption LM's arrays with the source words' rows appended (the new words as copies)."""
-    with np.load(path, allow_pickle=False) as lm:
-        arrays = {k: lm[k] for k in lm.files}
+    arrays = dict(lm.arrays)
     for key in LM_ROWS:
         arrays[key] = np.concatenate([arrays[key], arrays[key][sources]])
     return arrays
@@ -169,7 +167,7 @@ def transferred_lm(path: Path, sources: list[int]) -> dict[str, np.ndarray]:
 def save_lm(path: Path, arrays: dict[str, np.ndarray]) -> str:
     """Write a model directory's LM file as ``install`` does (float16, compressed); -> its SHA-256."""
     np.savez_compressed(path, **{k: np.asarray(v).astype(np.float16) for k, v in arrays.items()})
-    return hashlib.sha256(path.read_bytes()).hexdigest()
+    return file_sha256(path)
 
 
 def transfer(model: Path, table: Path, out: Path, delta: float, everyday: Path | None) -> Path:
@@ -245,7 +243,8 @@ def _transfer(model: Path, table: Path, out: Path, delta: float, everyday: Path 
                     dev_perplexity=min(e["dev_perplexity"] for e in meta["history"]),
                 )
             else:
-                arrays = transferred_lm(model / spec[role]["file"], sources)
+                source = CaptionLM.load(model / spec[role]["file"], len(vocab), spec[role].get("sha256"))
+                arrays = transferred_lm(source, sources)
                 spec[role]["transferred_words"] = "the new words' rows are copies of their source words'"
             spec[role]["sha256"] = save_lm(target, arrays)
         (out / "fusion.json").write_text(json.dumps(spec, indent=1) + "\n", "utf-8")

@@ -18,7 +18,7 @@ DEFAULTS = {f.name: f.default for f in fields(CaptionOptions)}
 
 def _range(name: str) -> str:
     """'0 to 10': the range CaptionOptions accepts for a float option."""
-    low, high = next((lo, hi) for n, lo, hi in RANGES if n == name)
+    low, high = RANGES[name]
     return f"{low} to {high}"
 
 

@@ -29,6 +29,7 @@ photos (benchmarks/results/decoding_choice*.md).
 
 from __future__ import annotations
 
+import zipfile
 from dataclasses import dataclass
 from functools import cached_property
 from pathlib import Path
@@ -36,6 +37,7 @@ from typing import TYPE_CHECKING
 
 import numpy as np
 
+from edgecap.decoding.options import RANGES
 from edgecap.decoding.rules import Scorer
 from edgecap.errors import ModelError
 
@@ -95,7 +97,7 @@ class CaptionLM:
             with np.load(io.BytesIO(raw), allow_pickle=False) as data:
                 arrays = {name: np.asarray(data[name], np.float32) for name in ARRAYS}
             lm = cls(arrays)
-        except (OSError, ValueError, KeyError) as exc:
+        except (OSError, ValueError, KeyError, EOFError, zipfile.BadZipFile) as exc:  # truncated: BadZipFile
             raise ModelError(f"{path}: unreadable caption language model ({exc})") from exc
         if lm.vocab_size != vocab_size:
             raise ModelError(
@@ -246,8 +248,9 @@ class Fusion:
                     raise ValueError(f"{role}.file must be a file name in the model directory")
                 models[role] = CaptionLM.load(Path(directory) / name, vocab_size, entry.get("sha256"))
             weight = float(spec["weight"])
-            if not 0 <= weight <= 2:
-                raise ValueError(f"weight must be in [0, 2], got {weight}")
+            low, high = RANGES["fusion_weight"]  # what CaptionOptions(fusion_weight=...) takes
+            if not low <= weight <= high:
+                raise ValueError(f"weight must be in [{low}, {high}], got {weight}")
             gate = None if spec.get("gate") is None else Gate.from_json(spec["gate"])
             if gate is not None and n_classes is not None and len(gate.class_log_prior) != n_classes:
                 raise ValueError(

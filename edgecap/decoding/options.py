@@ -7,13 +7,13 @@ from dataclasses import dataclass
 MAX_BATCH_SIZE = 64  # the shipped model, CPU: a 64-image batch peaks at about 0.8 GB
 MAX_LENGTH = 200  # words of a caption
 MAX_NO_REPEAT_NGRAM = 10
-# the ranges of the float options: (name, lowest, highest)
-RANGES = (
-    ("guidance_bonus", 0, 10),
-    ("guidance_min_prob", 0, 1),
-    ("constraint_min_prob", 0, 1),
-    ("fusion_weight", 0, 2),
-)
+# the ranges of the float options: name -> (lowest, highest)
+RANGES = {
+    "guidance_bonus": (0, 10),
+    "guidance_min_prob": (0, 1),
+    "constraint_min_prob": (0, 1),
+    "fusion_weight": (0, 2),
+}
 
 
 @dataclass(frozen=True)
@@ -74,7 +74,7 @@ class CaptionOptions:
         for name in ("constrained", "blank_check", "consensus"):
             if not isinstance(getattr(self, name), bool):
                 raise ValueError(f"{name} must be True or False, got {getattr(self, name)!r}")
-        for name, low, high in RANGES:
+        for name, (low, high) in RANGES.items():
             value = getattr(self, name)
             if name == "fusion_weight" and value is None:
                 continue

@@ -47,18 +47,28 @@ def grow_decoder(
     old = decoder.cfg.vocab_size
     if vocab_size < old:
         raise ValueError(f"a grown vocabulary cannot be smaller: {vocab_size} < {old}")
-    grown = CaptionDecoder(replace(decoder.cfg, vocab_size=vocab_size))
-    state = {k: v.clone() for k, v in decoder.state_dict().items()}
+    state = decoder.state_dict()
     n_new = vocab_size - old
-    if n_new:
-        words = slice(len(SPECIALS), None)  # the mean of real words, never of <pad> / <start>
-        for key in ("embed.weight", "out_vocab.weight"):
-            rows = state[key][words]
-            noise = torch.randn(n_new, rows.shape[1], generator=generator, dtype=rows.dtype)
-            state[key] = torch.cat([state[key], rows.mean(0) + NOISE * rows.std(0) * noise])
-        bias = state["out_vocab.bias"]
-        low = torch.quantile(bias[words].float(), NEW_BIAS_QUANTILE).to(bias.dtype)
-        state["out_vocab.bias"] = torch.cat([bias, low.expand(n_new)])
+    words = slice(len(SPECIALS), None)  # the mean of real words, never of <pad> / <start>
+    new_rows = {}
+    for key in ("embed.weight", "out_vocab.weight"):
+        rows = state[key][words]
+        noise = torch.randn(n_new, rows.shape[1], generator=generator, dtype=rows.dtype)
+        new_rows[key] = rows.mean(0) + NOISE * rows.std(0) * noise
+    bias = state["out_vocab.bias"]
+    low = torch.quantile(bias[words].float(), NEW_BIAS_QUANTILE).to(bias.dtype)
+    new_rows["out_vocab.bias"] = low.expand(n_new)
+    return _appended(decoder, new_rows)
+
+
+def _appended(decoder: CaptionDecoder, new_rows: dict[str, torch.Tensor]) -> CaptionDecoder:
+    """A copy of ``decoder`` whose per-word weights (embedding, output rows and bias) get
+    ``new_rows`` appended after the old words' rows, which stay as they are."""
+    n_new = len(new_rows["out_vocab.bias"])
+    grown = CaptionDecoder(replace(decoder.cfg, vocab_size=decoder.cfg.vocab_size + n_new))
+    state = {k: v.clone() for k, v in decoder.state_dict().items()}
+    for key, rows in new_rows.items():
+        state[key] = torch.cat([state[key], rows])
     grown.load_state_dict(state)
     return grown.train(decoder.training)
 
@@ -74,12 +84,13 @@ def transfer_decoder(decoder: CaptionDecoder, sources: list[int], delta: float) 
     old = decoder.cfg.vocab_size
     if any(not 0 <= s < old for s in sources):
         raise ValueError(f"source ids must be words of the vocabulary of {old}")
-    grown = CaptionDecoder(replace(decoder.cfg, vocab_size=old + len(sources)))
-    state = {k: v.clone() for k, v in decoder.state_dict().items()}
+    state = decoder.state_dict()
     rows = torch.tensor(sources, dtype=torch.long)
-    for key in ("embed.weight", "out_vocab.weight"):
-        state[key] = torch.cat([state[key], state[key][rows]])
-    bias = state["out_vocab.bias"]
-    state["out_vocab.bias"] = torch.cat([bias, bias[rows] + delta])
-    grown.load_state_dict(state)
-    return grown.train(decoder.training)
+    return _appended(
+        decoder,
+        {
+            "embed.weight": state["embed.weight"][rows],
+            "out_vocab.weight": state["out_vocab.weight"][rows],
+            "out_vocab.bias": state["out_vocab.bias"][rows] + delta,
+        },
+    )
