@@ -298,9 +298,12 @@ class TorchBackend(Backend):
         return self._encoded(self.encoder_graph(x))
 
     @torch.inference_mode()
-    def encode_regions(self, regions: torch.Tensor) -> Encoded:
-        """The encoder graph from its CNN's regions (N, L, C) on (training's cached features)."""
-        return self._encoded(self.decoder.init_state(regions.to(self.device, self.dtype)))
+    def encode_regions(self, regions: torch.Tensor, class_probs: torch.Tensor | None = None) -> Encoded:
+        """The encoder graph from its CNN's regions (N, L, C) on (training's cached features);
+        ``class_probs`` (N, classes) for a decoder with tag input."""
+        if class_probs is not None:
+            class_probs = class_probs.to(self.device, self.dtype)
+        return self._encoded(self.decoder.init_state(regions.to(self.device, self.dtype), class_probs))
 
     @staticmethod
     def _encoded(outputs) -> Encoded:

@@ -223,6 +223,16 @@ def add_arguments(p: argparse.ArgumentParser) -> None:
         metavar="X",
         help="with --text: the share of the batches that are text-only, in (0, 1)",
     )
+    p.add_argument(
+        "--tag-rank",
+        type=int,
+        default=TRAIN["tag_rank"],
+        metavar="N",
+        help="tags as a decoder input: the encoder's class probabilities, projected through rank "
+        "N, are added to every region's features (inside the exported encoder graph: every "
+        "backend runs it unchanged, ~0.2 MB at rank 32); a starting model without it gets it, "
+        "starting at zero; with --text, each text caption gets a tag from its own words (0: none)",
+    )
     p.add_argument("--no-progress", action="store_true", help="no progress bars on stderr")
     p.add_argument(
         "--scst-from",

@@ -94,6 +94,10 @@ class DecoderConfig:
     dropout: float = 0.5
     attention: bool = True  # False: Show-and-Tell baseline (mean image feature, no attention)
     top_k: int = 10  # the step graph returns this many best words per row
+    # Tags as an input: the encoder's class probabilities (N, n_classes), projected through rank
+    # ``tag_rank`` and added to every region's features (``CaptionDecoder.with_tags``); 0: none.
+    tag_rank: int = 0
+    n_classes: int = 1000
 
     def __post_init__(self):
         if self.vocab_size < self.top_k + 4:
@@ -102,5 +106,13 @@ class DecoderConfig:
                 "the vocabulary needs more words than the step returns"
             )
 
+        if self.tag_rank < 0 or self.n_classes < 1:
+            raise ValueError(f"tag_rank {self.tag_rank} / n_classes {self.n_classes}: need >= 0 / >= 1")
+
     def to_dict(self) -> dict:
-        return asdict(self)
+        """The sizes; a decoder without tag input leaves its tag keys out (the manifests and
+        checkpoints made before there was one)."""
+        sizes = asdict(self)
+        if not self.tag_rank:
+            del sizes["tag_rank"], sizes["n_classes"]
+        return sizes

@@ -2,8 +2,10 @@
 
 The decoder is split the way the runtime uses it:
 
-- ``init_state(fmap)``: everything that does not depend on the word being generated, computed
-  once per image: projected image features, their attention projection, the initial LSTM state.
+- ``init_state(fmap, class_probs)``: everything that does not depend on the word being
+  generated, computed once per image: projected image features (with the projected class
+  probabilities added when the decoder takes tags as an input), their attention projection, the
+  initial LSTM state.
 - ``step(tokens, h, c, features, att_proj, image_index)``: one word for any number of rows.
   Rows are (image x beam) flattened; ``image_index`` maps each row to its image so the image
   tensors are passed once and gathered inside the graph, never copied per beam by the caller.
@@ -70,11 +72,30 @@ class CaptionDecoder(nn.Module):
         self.out_context = nn.Linear(cfg.feature_dim, cfg.embed_dim) if cfg.attention else None
         self.out_vocab = nn.Linear(cfg.embed_dim, cfg.vocab_size)
         self.dropout = nn.Dropout(cfg.dropout)
+        if cfg.tag_rank:
+            # Tags as an input: class probabilities -> rank -> feature_dim, zero at first, so a
+            # decoder given this input starts out saying what it said without it.
+            self.tag_down = nn.Linear(cfg.n_classes, cfg.tag_rank, bias=False)
+            self.tag_up = nn.Linear(cfg.tag_rank, cfg.feature_dim, bias=False)
+            nn.init.zeros_(self.tag_up.weight)
 
     # -- once per image ---------------------------------------------------------------------
-    def init_state(self, fmap: torch.Tensor):
-        """fmap (N, L, encoder_dim) -> features (N, L, F), att_proj (N, L, A), h0, c0 (N, H)."""
-        return self.state_from(self.feature_norm(F.relu(self.feature_proj(fmap))))
+    def init_state(self, fmap: torch.Tensor, class_probs: torch.Tensor | None = None):
+        """fmap (N, L, encoder_dim) -> features (N, L, F), att_proj (N, L, A), h0, c0 (N, H).
+        ``class_probs`` (N, n_classes): the encoder's, for a decoder with tag input."""
+        return self.state_from(
+            self.with_tags(self.feature_norm(F.relu(self.feature_proj(fmap))), class_probs)
+        )
+
+    def with_tags(self, features: torch.Tensor, class_probs: torch.Tensor | None) -> torch.Tensor:
+        """Projected features (N, L', F) with the tags' projection added to every region (a
+        decoder with tag input; the others ignore ``class_probs``)."""
+        if not self.cfg.tag_rank:
+            return features
+        if class_probs is None:
+            raise ValueError("this decoder takes the encoder's class probabilities (tag input)")
+        tags = self.tag_up(self.tag_down(class_probs.to(features.dtype)))
+        return features + tags.unsqueeze(1)
 
     def state_from(self, features: torch.Tensor):
         """Projected region features (N, L', F) -> features, att_proj (N, L', A), h0, c0 (N, H):
@@ -142,7 +163,14 @@ class CaptionDecoder(nn.Module):
         return values, ids, h, c, alpha
 
     # -- training ---------------------------------------------------------------------------
-    def forward(self, fmap: torch.Tensor, captions: torch.Tensor, image_index=None, sample_prob: float = 0.0):
+    def forward(
+        self,
+        fmap: torch.Tensor,
+        captions: torch.Tensor,
+        image_index=None,
+        sample_prob: float = 0.0,
+        class_probs: torch.Tensor | None = None,
+    ):
         """Teacher forcing. fmap (N, L, encoder_dim); captions (R, T) start with <start>;
         image_index (R,) maps captions to images (None: one caption per image)
         -> logits (M, V) and targets (M,) of the M real (non-padding) words, packed;
@@ -151,9 +179,9 @@ class CaptionDecoder(nn.Module):
         Several captions of one image share its per-image work (``image_index``), which makes
         training ~5x cheaper on Flickr-style data with 5 captions per image. ``sample_prob`` > 0
         feeds the model's own greedy word instead of the true one with that probability
-        (scheduled sampling).
+        (scheduled sampling). ``class_probs`` (N, n_classes): a decoder with tag input's.
         """
-        return self.teacher_forced(self.init_state(fmap), captions, image_index, sample_prob)
+        return self.teacher_forced(self.init_state(fmap, class_probs), captions, image_index, sample_prob)
 
     def teacher_forced(self, state, captions: torch.Tensor, image_index=None, sample_prob: float = 0.0):
         """``forward`` from a per-image ``state`` (features, att_proj, h0, c0), as ``init_state`` or

@@ -21,6 +21,7 @@ from edgecap.models.config import DEFAULT_ENCODER, encoder_spec
 BN_EPS = 1e-3
 BN_MOMENTUM = 0.01
 FEATURE_CHANNELS = 1280
+N_CLASSES = 1000  # ImageNet-1k: the classifier of every encoder here
 
 
 class SameConv2d(nn.Conv2d):
@@ -64,7 +65,7 @@ class EfficientNetLite(nn.Module):
     """Image (N, 3, S, S) scaled to [-1, 1] -> feature map (N, 1280, ceil(S/32), ceil(S/32)):
     7x7 for Lite0 at 224, 9x9 for Lite2 at 260. ``variant``: a name in ``config.ENCODERS``."""
 
-    def __init__(self, variant: str = DEFAULT_ENCODER, n_classes: int = 1000):
+    def __init__(self, variant: str = DEFAULT_ENCODER, n_classes: int = N_CLASSES):
         super().__init__()
         self.variant = variant
         spec = encoder_spec(variant)

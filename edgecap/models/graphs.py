@@ -21,7 +21,8 @@ class EncoderGraph(nn.Module):
 
     def forward(self, image):
         fmap = self.encoder.features(image)
-        return (*self.decoder.init_state(as_regions(fmap)), self.encoder.class_probs(fmap))
+        probs = self.encoder.class_probs(fmap)
+        return (*self.decoder.init_state(as_regions(fmap), probs), probs)
 
 
 class StepGraph(nn.Module):

@@ -96,6 +96,7 @@ class TrainConfig:
     allow_outside_data: bool = False  # photos outside the images folder (../, absolute, links)
     text: str | None = None  # caption text (one a line) mixed in as text-only batches (text_mix.py)
     text_share: float = 0.5  # with text: the share of the batches that are text-only
+    tag_rank: int = 0  # > 0: give the starting decoder tags as an input (DecoderConfig.tag_rank)
 
     def __post_init__(self):
         # Field names in the messages: `edgecap train` shows them as its flags.
@@ -130,6 +131,7 @@ class TrainConfig:
                 )
             if not 0 < self.dev_fraction < 1:
                 raise ValueError(f"dev_fraction must be between 0 and 1, got {self.dev_fraction}")
+        _check("tag_rank", self.tag_rank, 0, MAX_DECODER_DIM, integer=True)
         if not 0 < self.text_share < 1:
             raise ValueError(f"text_share must be between 0 and 1, got {self.text_share}")
         if self.finetune_cached and not self.finetune_encoder:
@@ -187,6 +189,8 @@ def check_decoder(sizes: dict) -> None:
                 raise ValueError(f"attention must be true or false, got {value!r}")
         elif name == "vocab_size":
             _check(name, value, 1, 1 << 22, integer=True)
+        elif name == "tag_rank":  # 0: no tag input
+            _check(name, value, 0, MAX_DECODER_DIM, integer=True)
         else:
             _check(name, value, 1, MAX_DECODER_DIM, integer=True)
 

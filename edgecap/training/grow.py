@@ -94,3 +94,22 @@ def transfer_decoder(decoder: CaptionDecoder, sources: list[int], delta: float) 
             "out_vocab.bias": state["out_vocab.bias"][rows] + delta,
         },
     )
+
+
+@torch.no_grad()
+def add_tag_input(
+    decoder: CaptionDecoder, rank: int, n_classes: int, generator: torch.Generator | None = None
+) -> CaptionDecoder:
+    """A copy of ``decoder`` that takes the encoder's class probabilities as an input
+    (``DecoderConfig.tag_rank``): every old weight kept, the down projection random (uniform in
+    +-1 / sqrt(n_classes), as ``nn.Linear`` starts), the up projection zero, so the copy says
+    what ``decoder`` says until training moves it."""
+    if decoder.cfg.tag_rank:
+        raise ValueError(f"the decoder takes tags already (rank {decoder.cfg.tag_rank})")
+    tagged = CaptionDecoder(replace(decoder.cfg, tag_rank=rank, n_classes=n_classes))
+    state = {k: v.clone() for k, v in decoder.state_dict().items()}
+    bound = n_classes**-0.5
+    state["tag_down.weight"] = torch.rand(rank, n_classes, generator=generator) * (2 * bound) - bound
+    state["tag_up.weight"] = torch.zeros(tagged.cfg.feature_dim, rank)
+    tagged.load_state_dict(state)
+    return tagged.train(decoder.training)

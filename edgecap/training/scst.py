@@ -24,13 +24,14 @@ from edgecap.training.config import ScstConfig
 from edgecap.training.distributed import world_size
 from edgecap.training.features import progress_bar, split_features
 from edgecap.training.start import dataset_items
-from edgecap.training.train import evaluate_dev, seeded
+from edgecap.training.train import class_probs_of, evaluate_dev, seeded
 from edgecap.vocab import tokenize
 
 
-def sample_captions(decoder, fmap, n_samples: int, max_length: int, start: int, end: int):
-    """Sample ``n_samples`` captions per image -> tokens (R, T), summed log-probs (R,), mask (R, T)."""
-    features, att_proj, h, c = decoder.init_state(fmap)
+def sample_captions(decoder, fmap, n_samples: int, max_length: int, start: int, end: int, class_probs=None):
+    """Sample ``n_samples`` captions per image -> tokens (R, T), summed log-probs (R,), mask (R, T).
+    ``class_probs``: the images' tags, for a decoder with tag input."""
+    features, att_proj, h, c = decoder.init_state(fmap, class_probs)
     index = torch.arange(fmap.shape[0]).repeat_interleave(n_samples)
     features, att_proj, h, c = features[index], att_proj[index], h[index], c[index]
     rows = index.shape[0]
@@ -72,7 +73,8 @@ def train_scst(cfg: ScstConfig, log=print) -> Path:
     cider = CiderD(refs)
 
     optimizer = torch.optim.Adam(decoder.parameters(), lr=cfg.lr)
-    best = evaluate_dev(decoder, dev_fmaps, dev_items, vocab)
+    head = encoder._fc.requires_grad_(False) if decoder.cfg.tag_rank else None  # the pretrained classifier
+    best = evaluate_dev(decoder, dev_fmaps, dev_items, vocab, head=head)
     log(json.dumps({"epoch": 0, **{k: round(v, 4) for k, v in best.items()}}) + "  (start)")
     history = [{"epoch": 0, **best}]
     info_base = {k: meta[k] for k in ("train_state", "train_config", "training_data") if k in meta}
@@ -96,7 +98,13 @@ def train_scst(cfg: ScstConfig, log=print) -> Path:
             batch = order[start : start + cfg.images_per_batch]
             fmap = all_fmaps[[train_rows[i] for i in batch]]
             tokens, logp, _ = sample_captions(
-                decoder, fmap, cfg.n_samples, cfg.max_length, vocab.start, vocab.end
+                decoder,
+                fmap,
+                cfg.n_samples,
+                cfg.max_length,
+                vocab.start,
+                vocab.end,
+                class_probs_of(head, fmap),
             )
             words = [vocab.decode(row).split() for row in tokens.tolist()]
             reward = np.array(
@@ -116,7 +124,7 @@ def train_scst(cfg: ScstConfig, log=print) -> Path:
             bar.update(1)
             bar.set_postfix(reward=f"{np.mean(rewards[-50:]):.3f}")
         bar.close()
-        dev = evaluate_dev(decoder, dev_fmaps, dev_items, vocab)
+        dev = evaluate_dev(decoder, dev_fmaps, dev_items, vocab, head=head)
         record = {
             "epoch": epoch,
             "train_reward": round(float(np.mean(rewards)), 4),

@@ -24,10 +24,10 @@ from edgecap.data.readers import CaptionedImage, read_dataset
 from edgecap.errors import DataError, ModelError
 from edgecap.models.checkpoint import load_checkpoint
 from edgecap.models.decoder import CaptionDecoder, DecoderConfig
-from edgecap.models.efficientnet_lite import EfficientNetLite, load_pretrained
+from edgecap.models.efficientnet_lite import N_CLASSES, EfficientNetLite, load_pretrained
 from edgecap.preprocess import Preprocessing
 from edgecap.training.config import TrainConfig
-from edgecap.training.grow import grow_decoder, grow_vocabulary
+from edgecap.training.grow import add_tag_input, grow_decoder, grow_vocabulary
 from edgecap.training.records import shown
 from edgecap.vocab import Vocabulary
 
@@ -106,7 +106,11 @@ def initial_model(cfg: TrainConfig, train_items: list[CaptionedImage], last: Pat
     if source is None:
         vocab = Vocabulary.build(captions, cfg.min_word_count)
         try:
-            decoder = CaptionDecoder(DecoderConfig(vocab_size=len(vocab), **cfg.decoder))
+            decoder = CaptionDecoder(
+                DecoderConfig(
+                    vocab_size=len(vocab), **cfg.decoder, tag_rank=cfg.tag_rank, n_classes=N_CLASSES
+                )
+            )
         except ValueError as exc:  # a vocabulary smaller than the step's top words
             raise DataError(
                 f"{shown(cfg.data)}: the training captions give {len(vocab)} "
@@ -138,6 +142,14 @@ def initial_model(cfg: TrainConfig, train_items: list[CaptionedImage], last: Pat
             f"{source}: its vocabulary differs from the one built from this "
             "training data (another dataset or --min-word-count?)"
         )
+    if cfg.tag_rank and decoder.cfg.tag_rank != cfg.tag_rank:
+        if decoder.cfg.tag_rank:
+            raise ModelError(
+                f"{source}: its decoder takes tags at rank {decoder.cfg.tag_rank}, not "
+                f"--tag-rank {cfg.tag_rank}; leave --tag-rank out to keep it"
+            )
+        decoder = add_tag_input(decoder, cfg.tag_rank, N_CLASSES, torch.Generator().manual_seed(cfg.seed))
+        log(f"tags as an input: the encoder's {N_CLASSES} class probabilities at rank {cfg.tag_rank}")
     if not resuming:
         log(f"initialised from {source}")
     return Start(encoder if cfg.finetune_encoder else None, decoder, vocab, meta, resuming)

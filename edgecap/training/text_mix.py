@@ -45,9 +45,10 @@ class NoImage(nn.Module):
         super().__init__()
         self.features = nn.Parameter(torch.zeros(1, 1, feature_dim))
 
-    def state(self, decoder, rows: int):
-        """The decoder's per-image state (features, att_proj, h0, c0) of ``rows`` text rows."""
-        return decoder.state_from(self.features.expand(rows, -1, -1))
+    def state(self, decoder, rows: int, class_probs: torch.Tensor | None = None):
+        """The decoder's per-image state (features, att_proj, h0, c0) of ``rows`` text rows;
+        ``class_probs`` (rows, classes): their tags, for a decoder with tag input."""
+        return decoder.state_from(decoder.with_tags(self.features.expand(rows, -1, -1), class_probs))
 
 
 def read_text(path: str | Path, vocab: Vocabulary, max_words: int) -> tuple[list[list[int]], int]:
@@ -94,7 +95,46 @@ def text_batches(captions: list[list[int]], batch_size: int, pad: int, rng: rand
             yield torch.from_numpy(caps)
 
 
-def text_loss(decoder, no_image: NoImage, caps: torch.Tensor, label_smoothing: float) -> torch.Tensor:
-    """Mean cross-entropy per word of a text-only batch, the decoder fed the "no image" input."""
-    logits, targets, _ = decoder.teacher_forced(no_image.state(decoder, len(caps)), caps)
+def text_loss(
+    decoder,
+    no_image: NoImage,
+    caps: torch.Tensor,
+    label_smoothing: float,
+    class_probs: torch.Tensor | None = None,
+) -> torch.Tensor:
+    """Mean cross-entropy per word of a text-only batch, the decoder fed the "no image" input
+    (and ``class_probs``, the captions' tags, for a decoder with tag input)."""
+    logits, targets, _ = decoder.teacher_forced(no_image.state(decoder, len(caps), class_probs), caps)
     return F.cross_entropy(logits, targets, label_smoothing=label_smoothing)
+
+
+class TextTags:
+    """Tags for the text-only batches of a decoder with tag input, taken from each caption's own
+    words: one word of the caption that names a class (``ObjectClasses.word_ids``) is picked at
+    random, and one of its classes gets a share ``m`` of the probability, drawn uniformly from
+    ``MASS``, the rest being ``background`` (the train photos' mean class probabilities, a flat
+    and realistic prior) scaled by ``1 - m``; a caption that names no class gets the background
+    alone. The decoder so learns to say the class's word where the tag is strong, in the text's
+    sentences."""
+
+    MASS = (0.3, 0.95)
+
+    def __init__(self, word_ids: tuple[tuple[int, ...], ...], background: torch.Tensor, seed: str):
+        self.background = background.float()
+        self.word_classes: dict[int, list[int]] = {}
+        for cls, ids in enumerate(word_ids):
+            for w in ids:
+                self.word_classes.setdefault(w, []).append(cls)
+        self.rng = random.Random(seed)
+
+    def __call__(self, caps: torch.Tensor) -> torch.Tensor:
+        """caps (R, T) ids -> class probabilities (R, classes)."""
+        probs = self.background.expand(len(caps), -1).clone()
+        for row, ids in enumerate(caps.tolist()):
+            named = [w for w in ids if w in self.word_classes]
+            if named:
+                cls = self.rng.choice(self.word_classes[self.rng.choice(named)])
+                mass = self.rng.uniform(*self.MASS)
+                probs[row] *= 1.0 - mass
+                probs[row, cls] += mass
+        return probs

@@ -39,7 +39,8 @@ from edgecap.images import load_rgb
 from edgecap.models.checkpoint import save_checkpoint
 from edgecap.models.config import encoder_spec
 from edgecap.models.decoder import CaptionDecoder
-from edgecap.models.efficientnet_lite import as_regions
+from edgecap.models.efficientnet_lite import as_regions, load_pretrained
+from edgecap.objects import IMAGENET_CLASSES, ObjectClasses
 from edgecap.preprocess import Preprocessing, to_model_input
 from edgecap.training.config import TrainConfig, check_folders
 from edgecap.training.distributed import rank_share, setup, world_size
@@ -47,7 +48,15 @@ from edgecap.training.features import compute_features, progress_bar, split_feat
 from edgecap.training.records import MAX_RECORD_BYTES, shown
 from edgecap.training.shards import streamed_split
 from edgecap.training.start import initial_model, training_items
-from edgecap.training.text_mix import NoImage, clipped, read_text, text_batches, text_loss, text_steps
+from edgecap.training.text_mix import (
+    NoImage,
+    TextTags,
+    clipped,
+    read_text,
+    text_batches,
+    text_loss,
+    text_steps,
+)
 from edgecap.vocab import Vocabulary
 
 
@@ -134,11 +143,14 @@ def caption_loss(
     cfg: TrainConfig,
     sample_prob: float,
     totals: tuple[int, int] | None = None,
+    class_probs: torch.Tensor | None = None,
 ):
     """(loss, cross-entropy) of a batch: means over its words and captions, or sums divided by
     ``totals`` (words, captions) of a global batch this one is a part of. ``decoder`` may be
-    wrapped in DistributedDataParallel."""
-    logits, targets, alphas = decoder(fmap, caps, image_index, sample_prob=sample_prob)
+    wrapped in DistributedDataParallel. ``class_probs``: the photos' tags (tag input)."""
+    logits, targets, alphas = decoder(
+        fmap, caps, image_index, sample_prob=sample_prob, class_probs=class_probs
+    )
     n_words, n_captions = totals or (len(targets), len(caps))
     ce = F.cross_entropy(logits, targets, label_smoothing=cfg.label_smoothing, reduction="sum") / n_words
     loss = ce
@@ -151,20 +163,36 @@ def caption_loss(
 
 
 def greedy_captions(
-    decoder: CaptionDecoder, fmap: torch.Tensor, vocab: Vocabulary, max_len: int = 20
+    decoder: CaptionDecoder,
+    fmap: torch.Tensor,
+    vocab: Vocabulary,
+    max_len: int = 20,
+    class_probs: torch.Tensor | None = None,
 ) -> list[str]:
     """Greedy captions of a batch of feature maps (N, L, C) (the per-epoch dev check): the
-    runtime's own search (beam 1, no n-gram rule) over the PyTorch backend's step graph."""
+    runtime's own search (beam 1, no n-gram rule) over the PyTorch backend's step graph.
+    ``class_probs``: the photos' tags (tag input)."""
     from edgecap.backends.torch import TorchBackend
     from edgecap.decoding import CaptionOptions, search
 
     backend = TorchBackend.from_modules(None, decoder, device=str(fmap.device))
     options = CaptionOptions(beam_size=1, max_length=max_len, no_repeat_ngram=0)
-    hypotheses = search(backend, backend.encode_regions(fmap), options, vocab.start, vocab.end, len(vocab))
+    encoded = backend.encode_regions(fmap, class_probs)
+    hypotheses = search(backend, encoded, options, vocab.start, vocab.end, len(vocab))
     return [vocab.decode(hyps[0].tokens) for hyps in hypotheses]
 
 
-def evaluate_dev(decoder, dev_fmaps, dev_items, vocab, batch_size=250) -> dict[str, float]:
+def class_probs_of(head: torch.nn.Linear | None, fmap: torch.Tensor) -> torch.Tensor | None:
+    """The encoder's class probabilities from its regions (N, L, C): its classifier ``head``
+    on their mean (the classifier's own pooling), as ``EfficientNetLite.class_probs`` computes
+    them from the map; None without a head (a decoder without tag input)."""
+    if head is None:
+        return None
+    with torch.no_grad():
+        return torch.softmax(head(fmap.float().mean(1)), dim=1)
+
+
+def evaluate_dev(decoder, dev_fmaps, dev_items, vocab, batch_size=250, head=None) -> dict[str, float]:
     decoder.eval()
     device = next(decoder.parameters()).device
     hyps = {}
@@ -172,7 +200,8 @@ def evaluate_dev(decoder, dev_fmaps, dev_items, vocab, batch_size=250) -> dict[s
         fmap = torch.from_numpy(np.asarray(dev_fmaps[start : start + batch_size], dtype=np.float32)).to(
             device
         )
-        for item, cap in zip(dev_items[start : start + batch_size], greedy_captions(decoder, fmap, vocab)):
+        captions = greedy_captions(decoder, fmap, vocab, class_probs=class_probs_of(head, fmap))
+        for item, cap in zip(dev_items[start : start + batch_size], captions):
             hyps[item.file_name] = cap
     refs = {it.file_name: it.captions for it in dev_items}
     return score(refs, hyps, tokenizer="simple", metrics=("BLEU-1", "BLEU-4", "CIDEr"))
@@ -322,6 +351,14 @@ def train(cfg: TrainConfig, log=print) -> Path:
         params.append({"params": list(no_image.parameters()), "lr": cfg.lr})
         bases.append(cfg.lr)
     optimizer = torch.optim.Adam(params)
+    # Tags as an input: the pretrained classifier turns the regions into class probabilities
+    # (frozen; a tuned encoder's regions go through it too, as in the exported encoder graph).
+    head = None
+    text_tags = None
+    if decoder.cfg.tag_rank:
+        head = load_pretrained(cfg.encoder)._fc.to(device).requires_grad_(False)
+        if no_image is not None:
+            text_tags = _text_tags(head, train_maps, train_rows, vocab, device, cfg.seed)
 
     state: TrainState = {"epoch": 0, "best_cider": -1.0, "best_epoch": 0, "history": []}
     if resuming:
@@ -387,7 +424,17 @@ def train(cfg: TrainConfig, log=print) -> Path:
                     fmap = encoder.regions(torch.from_numpy(photos).to(device))
                 fmap, caps, image_index = fmap.to(device), caps.to(device), image_index.to(device)
                 with amp:
-                    loss, ce = caption_loss(model, fmap, caps, image_index, vocab, cfg, sample_prob, totals)
+                    loss, ce = caption_loss(
+                        model,
+                        fmap,
+                        caps,
+                        image_index,
+                        vocab,
+                        cfg,
+                        sample_prob,
+                        totals,
+                        class_probs_of(head, fmap),
+                    )
                 # norm: of the averaged gradient
                 norm = _optimizer_step(loss * weight, optimizer, params, cfg, scaler)
                 step_loss, step_ce = dist.all_sum([loss.item() * (weight > 0), ce.item() * (weight > 0)])
@@ -407,7 +454,9 @@ def train(cfg: TrainConfig, log=print) -> Path:
                         + "\n"
                     )
                 for _ in range(text_steps(step, cfg.text_share) if no_image is not None else 0):
-                    text_ce = _text_step(decoder, no_image, next(texts), optimizer, params, cfg, amp, scaler)
+                    text_ce = _text_step(
+                        decoder, no_image, next(texts), optimizer, params, cfg, amp, scaler, text_tags
+                    )
                     text_total, text_count = text_total + text_ce, text_count + 1
                     if steps is not None:
                         steps.write(json.dumps({"epoch": epoch, "step": step, "text_ce": text_ce}) + "\n")
@@ -419,7 +468,7 @@ def train(cfg: TrainConfig, log=print) -> Path:
                 break
             continue
         dev_fmaps = dev_maps if encoder is None else _tail_features(encoder, split_at, dev_maps)
-        dev = evaluate_dev(decoder, dev_fmaps, dev_items, vocab)
+        dev = evaluate_dev(decoder, dev_fmaps, dev_items, vocab, head=head)
         record = {
             "epoch": epoch,
             "train_ce": round(total / count, 4),
@@ -468,11 +517,15 @@ def train(cfg: TrainConfig, log=print) -> Path:
     return out / "best"
 
 
-def _text_step(decoder, no_image, caps, optimizer, params, cfg: TrainConfig, amp, scaler) -> float:
-    """One optimizer step on a text-only batch (``text_mix``); -> its cross-entropy."""
+def _text_step(
+    decoder, no_image, caps, optimizer, params, cfg: TrainConfig, amp, scaler, text_tags=None
+) -> float:
+    """One optimizer step on a text-only batch (``text_mix``; ``text_tags``: its tags, for a
+    decoder with tag input); -> its cross-entropy."""
     device = next(decoder.parameters()).device
+    probs = None if text_tags is None else text_tags(caps).to(device)
     with amp:
-        ce = text_loss(decoder, no_image, caps.to(device), cfg.label_smoothing)
+        ce = text_loss(decoder, no_image, caps.to(device), cfg.label_smoothing, probs)
     _optimizer_step(ce, optimizer, params, cfg, scaler)
     return ce.item()
 
@@ -487,6 +540,20 @@ def _optimizer_step(loss, optimizer, params, cfg: TrainConfig, scaler) -> torch.
     scaler.step(optimizer)
     scaler.update()
     return norm
+
+
+def _text_tags(
+    head, train_maps, train_rows, vocab: Vocabulary, device, seed: int, sample: int = 2000
+) -> TextTags:
+    """The text batches' tags (``TextTags``): the caption words of ``IMAGENET_CLASSES`` in the
+    run's vocabulary, over the mean class probabilities of up to ``sample`` train photos."""
+    rows = np.sort(np.asarray(train_rows)[:sample])
+    total = torch.zeros(head.out_features, device=device)
+    for start in range(0, len(rows), 250):
+        fmap = torch.from_numpy(np.asarray(train_maps[rows[start : start + 250]], dtype=np.float32))
+        total += class_probs_of(head, fmap.to(device)).sum(0)
+    classes = ObjectClasses.load(IMAGENET_CLASSES, vocab.index, head.out_features)
+    return TextTags(classes.word_ids, (total / len(rows)).cpu(), f"{seed}:text-tags")
 
 
 def _silent(*_args) -> None:

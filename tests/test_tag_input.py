@@ -1,0 +1,166 @@
+"""Tags as a decoder input (``DecoderConfig.tag_rank``, ``edgecap train --tag-rank``): the
+encoder's class probabilities, projected and added to every region's features inside the
+encoder graph, so every backend runs it with the model contract unchanged."""
+
+from __future__ import annotations
+
+import dataclasses
+import json
+
+import numpy as np
+import pytest
+
+torch = pytest.importorskip("torch")
+pytest.importorskip("onnx")
+
+from helpers import tiny_train_config  # noqa: E402
+from test_train import tiny_dataset  # noqa: E402, F401  (the fixture)
+
+
+def _tiny_decoder(**sizes):
+    from edgecap.models.decoder import CaptionDecoder, DecoderConfig
+
+    torch.manual_seed(0)
+    base = {"vocab_size": 40, "feature_dim": 16, "attention_dim": 8, "embed_dim": 8, "hidden_dim": 12}
+    return CaptionDecoder(DecoderConfig(**{**base, **sizes})).eval()
+
+
+def test_a_decoder_given_tags_says_what_it_said_until_trained_then_hears_them():
+    from edgecap.training.grow import add_tag_input
+
+    plain = _tiny_decoder()
+    tagged = add_tag_input(plain, 4, 30, torch.Generator().manual_seed(1)).eval()
+    fmap = torch.randn(2, 5, 1280)
+    probs = torch.softmax(torch.randn(2, 30), 1)
+    with torch.no_grad():
+        # every old weight kept and the new input starting at zero: the same state, any tags
+        for a, b in zip(plain.init_state(fmap), tagged.init_state(fmap, probs)):
+            assert torch.equal(a, b)
+        # once the up projection has moved, other tags give other features
+        tagged.tag_up.weight.normal_()
+        other = torch.softmax(torch.randn(2, 30), 1)
+        assert not torch.allclose(tagged.init_state(fmap, probs)[0], tagged.init_state(fmap, other)[0])
+    with pytest.raises(ValueError, match="class probabilities"):
+        tagged.init_state(fmap)  # no silent run without its input
+
+
+def test_a_decoder_without_tag_input_keeps_its_sizes_record_unchanged():
+    """Models made before the tag input existed are re-exported byte for byte: their sizes
+    record (manifest decoder_config, checkpoint.json) gains no key."""
+    assert set(_tiny_decoder().cfg.to_dict()) == {
+        "vocab_size",
+        "encoder_dim",
+        "feature_dim",
+        "attention_dim",
+        "embed_dim",
+        "hidden_dim",
+        "dropout",
+        "attention",
+        "top_k",
+    }
+    assert _tiny_decoder(tag_rank=3, n_classes=7).cfg.to_dict()["tag_rank"] == 3
+
+
+def test_text_tags_name_a_class_of_the_captions_own_words():
+    from edgecap.training.text_mix import TextTags
+
+    # classes 0 and 1 are named by word 5, class 3 by word 7, class 2 by none
+    tags = TextTags(((5,), (5, 6), (), (7,)), torch.full((4,), 0.25), "seed")
+    caps = torch.tensor([[1, 7, 9, 2], [1, 9, 9, 2], [1, 5, 9, 2]])
+    rows = [tags(caps) for _ in range(40)]
+    for probs in rows:
+        assert torch.allclose(probs.sum(1), torch.ones(3))
+        low, high = TextTags.MASS
+        assert 0.25 * (1 - low) + low - 1e-6 <= probs[0, 3] <= 0.25 * (1 - high) + high + 1e-6
+        assert torch.equal(probs[1], torch.full((4,), 0.25))  # no class word: the background
+        assert int(probs[2].argmax()) in (0, 1) and probs[2, 2] < 0.25  # word 5 names 0 or 1
+    assert {int(p[2].argmax()) for p in rows} == {0, 1}  # either of the word's classes
+
+
+def test_the_tags_ride_inside_the_exported_encoder_graph_on_every_backend(tmp_path, example_images):
+    """An exported decoder with tag input keeps the model contract (the same graph inputs and
+    outputs): the ONNX encoder graph adds the projected tags (its features move when the up
+    projection does), and the onnxruntime and PyTorch backends caption alike."""
+    from edgecap import Captioner
+    from edgecap.backends.onnxruntime import OnnxRuntimeBackend
+    from edgecap.build.export import export_modules
+    from edgecap.images import load_rgb
+    from edgecap.manifest import load_manifest
+    from edgecap.models.efficientnet_lite import load_pretrained
+    from edgecap.preprocess import Preprocessing, to_model_input
+    from edgecap.training.grow import add_tag_input
+    from edgecap.vocab import Vocabulary
+    from helpers import TINY_CAPTIONS
+
+    vocab = Vocabulary.build(TINY_CAPTIONS, min_count=1)
+    plain = _tiny_decoder(vocab_size=len(vocab))
+    tagged = add_tag_input(plain, 8, 1000, torch.Generator().manual_seed(1))
+    with torch.no_grad():
+        tagged.tag_up.weight.normal_(0, 2.0)
+    encoder = load_pretrained()
+    model = tmp_path / "tagged"
+    export_modules(encoder, tagged, vocab, Preprocessing(), model, {"name": "tagged"})
+    manifest = json.loads((model / "manifest.json").read_text())
+    assert manifest["decoder_config"]["tag_rank"] == 8
+    assert set(manifest["dims"]) == {  # the contract's sizes: no new graph input or output
+        "regions",
+        "feature_dim",
+        "attention_dim",
+        "hidden_dim",
+        "vocab_size",
+        "top_k",
+        "n_classes",
+        "encoder_dim",
+        "embed_dim",
+    }
+
+    image = np.stack([to_model_input(load_rgb(example_images[0]), Preprocessing())])
+    encoded = OnnxRuntimeBackend(load_manifest(model)).encode(image)
+    # each region's features are the plain decoder's, moved by the projection of this photo's
+    # class probabilities
+    with torch.no_grad():
+        regions = encoder.regions(torch.from_numpy(image))
+        plain_features = plain.init_state(regions)[0].numpy()
+        moved = tagged.tag_up(tagged.tag_down(torch.from_numpy(encoded.class_probs))).numpy()
+    assert np.abs(moved).max() > 0.05
+    np.testing.assert_allclose(encoded.tensors["features"], plain_features + moved[:, None, :], atol=1e-4)
+
+    photos = [str(p) for p in example_images]
+    ort = [c.text for c in Captioner(model, backend="onnxruntime").caption_batch(photos)]
+    pt = [c.text for c in Captioner(model, backend="torch").caption_batch(photos)]
+    assert ort == pt
+
+
+def test_train_with_tag_rank_gives_the_decoder_tags_and_the_text_its_own(tiny_dataset, tmp_path):  # noqa: F811
+    """``--tag-rank`` on a model without tag input adds it (the run's log says so), trains it
+    from zero on the photos' tags and the text batches' tags, and the checkpoint exports."""
+    from edgecap import Captioner
+    from edgecap.build.export import export_model
+    from edgecap.models.checkpoint import load_checkpoint
+    from edgecap.training.train import train
+
+    first = train(tiny_train_config(tiny_dataset, tmp_path / "a", epochs=1), log=lambda *_: None)
+    text = tmp_path / "captions.txt"
+    text.write_text("a cat on a mat\n" * 6 + "a cup of coffee\n" * 6)
+    logs: list[str] = []
+    cfg = tiny_train_config(
+        tiny_dataset, tmp_path / "b", epochs=2, lr=1e-2, text=str(text), text_share=0.5, tag_rank=4
+    )
+    cfg = dataclasses.replace(cfg, init_from=str(first))
+    best = train(cfg, log=logs.append)
+    assert "tags as an input: the encoder's 1000 class probabilities at rank 4" in logs
+    _, decoder, _, _, _ = load_checkpoint(best)
+    assert decoder.cfg.tag_rank == 4 and decoder.tag_up.weight.abs().max() > 0
+    manifest = export_model(best, tmp_path / "model")
+    assert manifest.info["decoder_config"]["tag_rank"] == 4
+    caption = Captioner(tmp_path / "model", backend="onnxruntime").caption(
+        str(tiny_dataset / "images" / "chelsea.png")
+    )
+    assert caption.text
+
+    # a decoder that has tags at one rank is not silently given another
+    from edgecap.errors import ModelError
+
+    with pytest.raises(ModelError, match="rank 4, not --tag-rank 8"):
+        again = tiny_train_config(tiny_dataset, tmp_path / "c", epochs=1, tag_rank=8)
+        train(dataclasses.replace(again, init_from=str(best)), log=lambda *_: None)
