@@ -451,9 +451,9 @@ def test_a_resumed_text_run_goes_on_from_its_no_image_input(tiny_dataset, tmp_pa
     seen = []
     real = train_module.text_loss
 
-    def first_input(decoder, no_image, caps, label_smoothing):
+    def first_input(decoder, no_image, caps, label_smoothing, class_probs=None):
         seen.append(no_image.features.detach().cpu().clone())
-        return real(decoder, no_image, caps, label_smoothing)
+        return real(decoder, no_image, caps, label_smoothing, class_probs)
 
     monkeypatch.setattr(train_module, "text_loss", first_input)
     train_module.train(dataclasses.replace(cfg, epochs=2), log=lambda *_: None)
