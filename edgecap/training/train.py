@@ -60,6 +60,8 @@ from edgecap.training.text_mix import (
 from edgecap.vocab import Vocabulary
 
 
+TAG_PARAMS = ("tag_down.", "tag_up.")  # the tag input's weights (DecoderConfig.tag_rank)
+TAG_LR_SCALE = 10.0
 NO_IMAGE_FILE = "no_image.safetensors"  # OUT/last: the training-only "no image" input (--text)
 
 
@@ -330,8 +332,16 @@ def train(cfg: TrainConfig, log=print) -> Path:
         model = torch.nn.parallel.DistributedDataParallel(
             decoder, device_ids=[device.index] if device.type == "cuda" else None
         )
-    params: list[dict[str, Any]] = [{"params": list(decoder.parameters()), "lr": cfg.lr}]
+    # The tag input's projections (a decoder with tag input) learn TAG_LR_SCALE times faster than
+    # the rest: they start at zero next to trained weights, whose learning rate hardly moves them.
+    tag_params = [p for name, p in decoder.named_parameters() if name.startswith(TAG_PARAMS)]
+    params: list[dict[str, Any]] = [
+        {"params": [p for p in decoder.parameters() if all(p is not t for t in tag_params)], "lr": cfg.lr}
+    ]
     bases = [cfg.lr]  # each parameter group's learning rate before decay
+    if tag_params:
+        params.append({"params": tag_params, "lr": cfg.lr * TAG_LR_SCALE})
+        bases.append(cfg.lr * TAG_LR_SCALE)
     if encoder is not None:
         for p in encoder.parameters():
             p.requires_grad_(False)
@@ -551,7 +561,9 @@ def _text_tags(
     total = torch.zeros(head.out_features, device=device)
     for start in range(0, len(rows), 250):
         fmap = torch.from_numpy(np.asarray(train_maps[rows[start : start + 250]], dtype=np.float32))
-        total += class_probs_of(head, fmap.to(device)).sum(0)
+        probs = class_probs_of(head, fmap.to(device))
+        assert probs is not None  # a head was given
+        total += probs.sum(0)
     classes = ObjectClasses.load(IMAGENET_CLASSES, vocab.index, head.out_features)
     return TextTags(classes.word_ids, (total / len(rows)).cpu(), f"{seed}:text-tags")
 
