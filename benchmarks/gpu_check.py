@@ -216,10 +216,15 @@ def gpu_tests(report: Report, timeout_s: float) -> dict | None:
     if importlib.util.find_spec("pytest") is None:
         report.skip("pytest -m gpu", "pytest is not installed")
         return None
+    # -o addopts=: not the project's options (pyproject.toml: -n 2, pytest-xdist's workers): the
+    # few gpu tests run one after another on the one GPU, and a GPU machine's stock Python may
+    # have pytest without pytest-xdist
     command = [
         sys.executable,
         "-m",
         "pytest",
+        "-o",
+        "addopts=",
         "-m",
         "gpu",
         "-q",

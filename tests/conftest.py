@@ -4,6 +4,7 @@ nonsense. ``default_model_dir`` is the model shipped in the package."""
 
 from __future__ import annotations
 
+import shutil
 import sys
 from pathlib import Path
 
@@ -27,14 +28,28 @@ def _restore_pixel_limit(monkeypatch):
 
 
 @pytest.fixture(scope="session")
-def tiny_model_dir(tmp_path_factory) -> Path:
+def tiny_model_dir(tmp_path_factory, pytestconfig) -> Path:
+    """Built once a run. Under pytest-xdist (``-n``) the workers share one: the first to need it
+    exports it into the run's common temporary folder, holding a file lock, and the others wait
+    for it there instead of exporting their own (seconds each). Tests only read it."""
     pytest.importorskip("torch")
     pytest.importorskip("onnx")
+    from filelock import FileLock  # a dependency of torch
     from helpers import tiny_export
 
     from edgecap.models.efficientnet_lite import load_pretrained
 
-    return tiny_export(load_pretrained(), tmp_path_factory.mktemp("tiny-model"))
+    # an xdist worker's config has workerinput (not $PYTEST_XDIST_WORKER: a pytest that a test
+    # starts in a subprocess inherits that)
+    if not hasattr(pytestconfig, "workerinput"):
+        return tiny_export(load_pretrained(), tmp_path_factory.mktemp("tiny-model"))
+    shared = tmp_path_factory.getbasetemp().parent  # this run's folder, above each worker's own
+    out = shared / "tiny-model"
+    with FileLock(str(shared / "tiny-model.lock")):
+        if not (out / "manifest.json").is_file():  # the manifest is written last
+            shutil.rmtree(out, ignore_errors=True)  # what a worker that failed left
+            tiny_export(load_pretrained(), out)
+    return out
 
 
 @pytest.fixture(scope="session")

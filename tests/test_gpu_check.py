@@ -4,6 +4,7 @@ session with a GPU runs it (``--device cpu``: CUDA items skipped, each with its 
 from __future__ import annotations
 
 import json
+import os
 import subprocess
 import sys
 from pathlib import Path
@@ -50,6 +51,9 @@ def test_gpu_check_on_the_cpu(tmp_path):
         text=True,
         timeout=600,
         cwd=tmp_path,
+        # as on a GPU machine's stock Python: pytest without pytest-xdist, so the project's
+        # `-n 2` (pyproject.toml's addopts) must not reach the gpu tests' pytest
+        env={**os.environ, "PYTEST_ADDOPTS": "-p no:xdist"},
     )
     assert proc.returncode == 0, proc.stderr[-3000:]
     text = (tmp_path / "gpu-cpu.md").read_text()
