@@ -164,3 +164,68 @@ def test_train_with_tag_rank_gives_the_decoder_tags_and_the_text_its_own(tiny_da
     with pytest.raises(ModelError, match="rank 4, not --tag-rank 8"):
         again = tiny_train_config(tiny_dataset, tmp_path / "c", epochs=1, tag_rank=8)
         train(dataclasses.replace(again, init_from=str(best)), log=lambda *_: None)
+
+
+def test_tag_rank_with_scst_from_is_refused(monkeypatch, capsys):
+    """SCST trains the checkpoint's decoder as it is: --tag-rank with --scst-from is an error
+    (exit 2, before any training), not a run that quietly leaves the tags out."""
+    from edgecap.cli import main
+    from edgecap.training import scst
+
+    called = []
+    monkeypatch.setattr(scst, "train_scst", lambda cfg: called.append(cfg))
+    argv = ["train", "--data", "DATA", "--out", "RUN", "--scst-from", "CK", "--tag-rank", "8"]
+    assert main([*argv, "--no-progress"]) == 2
+    assert called == []
+    assert "--tag-rank" in capsys.readouterr().err
+
+
+def test_text_tags_with_a_fine_tuned_encoder(tiny_dataset, tmp_path):  # noqa: F811
+    """--tag-rank and --text with --finetune-encoder: the text tags' background comes from the
+    photos' regions (the cached maps go through the tuned blocks first), and the run trains."""
+    from edgecap.models.checkpoint import load_checkpoint
+    from edgecap.training.train import train
+
+    text = tmp_path / "captions.txt"
+    text.write_text("a cat on a mat\n" * 6 + "a cup of coffee\n" * 6)
+    cfg = tiny_train_config(
+        tiny_dataset, tmp_path / "run", epochs=1, lr=1e-2, text=str(text), text_share=0.5, tag_rank=4
+    )
+    best = train(dataclasses.replace(cfg, finetune_encoder=True, finetune_blocks=1), log=lambda *_: None)
+    _, decoder, _, _, _ = load_checkpoint(best)
+    assert decoder.cfg.tag_rank == 4 and decoder.tag_up.weight.abs().max() > 0
+
+
+def test_a_resumed_tagged_text_run_draws_each_epochs_text_tags_again(tiny_dataset, tmp_path, monkeypatch):  # noqa: F811
+    """The text batches' tags of an epoch depend on the seed and the epoch alone, as the rest of
+    its randomness does: a run resumed after epoch 1 gives epoch 2's text the tags that a run
+    without the stop gave it."""
+    from edgecap.training import train as train_module
+
+    text = tmp_path / "captions.txt"
+    text.write_text("a cat on a mat\n" * 6 + "a cup of coffee\n" * 6)
+    real = train_module.text_loss
+    seen: list[torch.Tensor] = []
+
+    def recorded(decoder, no_image, caps, label_smoothing, class_probs=None):
+        seen.append(class_probs.detach().cpu().clone())
+        return real(decoder, no_image, caps, label_smoothing, class_probs)
+
+    monkeypatch.setattr(train_module, "text_loss", recorded)
+
+    def run(out, epochs):
+        cfg = tiny_train_config(
+            tiny_dataset, out, epochs=epochs, lr=1e-2, text=str(text), text_share=0.5, tag_rank=4
+        )
+        train_module.train(cfg, log=lambda *_: None)
+
+    run(tmp_path / "whole", 2)
+    whole, seen[:] = list(seen), []
+    run(tmp_path / "stopped", 1)
+    first, seen[:] = list(seen), []
+    run(tmp_path / "stopped", 2)  # resumed from its OUT/last
+    assert len(first) + len(seen) == len(whole) and len(seen) > 0
+    # not the background alone: a caption that names a class gets a tag of its own
+    assert any(not torch.equal(probs, probs[:1].expand_as(probs)) for probs in seen)
+    for got, want in zip(first + seen, whole):
+        torch.testing.assert_close(got, want)

@@ -267,6 +267,11 @@ def run(args: argparse.Namespace) -> int:
                 raise ValueError("--scst-from does not read a folder of photos (--dataset folder)")
             if args.text:
                 raise ValueError("--text mixes text into cross-entropy training, not --scst-from")
+            if args.tag_rank:  # SCST trains the checkpoint's decoder as it is (with its tags, if any)
+                raise ValueError(
+                    "--tag-rank adds tags in cross-entropy training, not --scst-from (the "
+                    "checkpoint's decoder keeps the tag input it has)"
+                )
             from edgecap.training.scst import train_scst
 
             cfg = _config(ScstConfig, args, checkpoint=args.scst_from, n_samples=args.scst_samples)

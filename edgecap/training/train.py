@@ -368,7 +368,8 @@ def train(cfg: TrainConfig, log=print) -> Path:
     if decoder.cfg.tag_rank:
         head = load_pretrained(cfg.encoder)._fc.to(device).requires_grad_(False)
         if no_image is not None:
-            text_tags = _text_tags(head, train_maps, train_rows, vocab, device, cfg.seed)
+            tail = None if encoder is None else (encoder, split_at)
+            text_tags = _text_tags(head, train_maps, train_rows, vocab, device, cfg.seed, tail)
 
     state: TrainState = {"epoch": 0, "best_cider": -1.0, "best_epoch": 0, "history": []}
     if resuming:
@@ -415,6 +416,8 @@ def train(cfg: TrainConfig, log=print) -> Path:
         texts = text_batches(
             text_captions, cfg.batch_size, vocab.pad, random.Random(f"{cfg.seed}:{epoch}:text")
         )
+        if text_tags is not None:  # and their tags: a resumed run draws the same ones
+            text_tags.rng = random.Random(f"{cfg.seed}:{epoch}:text-tags")
         text_total, text_count = 0.0, 0
         # every step's record (rank 0), the file closed (and so written) on an error too: a
         # rank ends with os._exit (edgecap.training.distributed)
@@ -553,15 +556,20 @@ def _optimizer_step(loss, optimizer, params, cfg: TrainConfig, scaler) -> torch.
 
 
 def _text_tags(
-    head, train_maps, train_rows, vocab: Vocabulary, device, seed: int, sample: int = 2000
+    head, train_maps, train_rows, vocab: Vocabulary, device, seed: int, tail=None, sample: int = 2000
 ) -> TextTags:
     """The text batches' tags (``TextTags``): the caption words of ``IMAGENET_CLASSES`` in the
-    run's vocabulary, over the mean class probabilities of up to ``sample`` train photos."""
+    run's vocabulary, over the mean class probabilities of up to ``sample`` train photos.
+    ``tail``: (encoder, split_at) when ``train_maps`` hold the activations before the tuned
+    blocks (--finetune-encoder), which turns them into regions first."""
     rows = np.sort(np.asarray(train_rows)[:sample])
     total = torch.zeros(head.out_features, device=device)
     for start in range(0, len(rows), 250):
-        fmap = torch.from_numpy(np.asarray(train_maps[rows[start : start + 250]], dtype=np.float32))
-        probs = class_probs_of(head, fmap.to(device))
+        maps = np.asarray(train_maps[rows[start : start + 250]], dtype=np.float32)
+        if tail is not None:
+            encoder, split_at = tail
+            maps = _tail_features(encoder, split_at, maps)
+        probs = class_probs_of(head, torch.from_numpy(maps).to(device))
         assert probs is not None  # a head was given
         total += probs.sum(0)
     classes = ObjectClasses.load(IMAGENET_CLASSES, vocab.index, head.out_features)
