@@ -229,3 +229,18 @@ def test_a_resumed_tagged_text_run_draws_each_epochs_text_tags_again(tiny_datase
     assert any(not torch.equal(probs, probs[:1].expand_as(probs)) for probs in seen)
     for got, want in zip(first + seen, whole):
         torch.testing.assert_close(got, want)
+
+
+def test_the_tag_projections_learn_faster_than_the_decoder(tiny_dataset, tmp_path):  # noqa: F811
+    """docs/training.md: the projections learn TAG_LR_SCALE (10) times faster than the rest of
+    the decoder. Adam moves a weight by about the learning rate a step at the most, so after
+    a few steps at the decoder's own rate the up projection (zero at first) would be within
+    about steps x lr of zero; it is well past that."""
+    from edgecap.models.checkpoint import load_checkpoint
+    from edgecap.training.train import train
+
+    lr = 1e-3
+    train(tiny_train_config(tiny_dataset, tmp_path / "run", epochs=1, lr=lr, tag_rank=4), log=lambda *_: None)
+    steps = (tmp_path / "run" / "steps.jsonl").read_text().splitlines()
+    _, decoder, _, _, _ = load_checkpoint(tmp_path / "run" / "last")
+    assert float(decoder.tag_up.weight.abs().max()) > 3 * len(steps) * lr
