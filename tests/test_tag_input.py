@@ -244,3 +244,13 @@ def test_the_tag_projections_learn_faster_than_the_decoder(tiny_dataset, tmp_pat
     steps = (tmp_path / "run" / "steps.jsonl").read_text().splitlines()
     _, decoder, _, _, _ = load_checkpoint(tmp_path / "run" / "last")
     assert float(decoder.tag_up.weight.abs().max()) > 3 * len(steps) * lr
+
+
+def test_the_tag_input_is_asked_for_by_tag_rank_alone(tmp_path):
+    """``TrainConfig(decoder={"tag_rank": ...})`` is refused when made (it crashed the run's
+    start with a duplicate keyword); ``tag_rank`` is the one way to ask for the input."""
+    from edgecap.training.config import TrainConfig
+
+    with pytest.raises(ValueError, match="set by tag_rank"):
+        TrainConfig(data=str(tmp_path), out=str(tmp_path / "run"), decoder={"tag_rank": 4})
+    assert TrainConfig(data=str(tmp_path), out=str(tmp_path / "run"), tag_rank=4).tag_rank == 4

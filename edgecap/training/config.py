@@ -121,6 +121,8 @@ class TrainConfig:
         _check("max_dev_images", self.max_dev_images, 0, integer=True)
         _check("shard_size", self.shard_size, 1, MAX_SHARD_SIZE, integer=True)
         check_decoder(self.decoder)
+        if {"tag_rank", "n_classes"} & set(self.decoder):  # the input the encoder decides
+            raise ValueError("the tag input is set by tag_rank, not by the decoder sizes")
         if self.precision not in PRECISIONS:
             raise ValueError(f"precision must be one of {', '.join(PRECISIONS)}, got {self.precision}")
         if self.dev_fraction is not None:
