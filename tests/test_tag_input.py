@@ -254,3 +254,14 @@ def test_the_tag_input_is_asked_for_by_tag_rank_alone(tmp_path):
     with pytest.raises(ValueError, match="set by tag_rank"):
         TrainConfig(data=str(tmp_path), out=str(tmp_path / "run"), decoder={"tag_rank": 4})
     assert TrainConfig(data=str(tmp_path), out=str(tmp_path / "run"), tag_rank=4).tag_rank == 4
+
+
+def test_a_run_begun_without_tags_is_not_resumed_with_them(tiny_dataset, tmp_path):  # noqa: F811
+    """Adding --tag-rank to a resumed run is refused with what to do instead (its optimizer state
+    has no tag input's; it failed at the optimizer restore, blaming the optimizer files)."""
+    from edgecap.errors import ModelError
+    from edgecap.training.train import train
+
+    train(tiny_train_config(tiny_dataset, tmp_path / "run", epochs=1), log=lambda *_: None)
+    with pytest.raises(ModelError, match="cannot add; start another --out from it"):
+        train(tiny_train_config(tiny_dataset, tmp_path / "run", epochs=2, tag_rank=4), log=lambda *_: None)

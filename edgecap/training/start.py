@@ -148,6 +148,11 @@ def initial_model(cfg: TrainConfig, train_items: list[CaptionedImage], last: Pat
                 f"{source}: its decoder takes tags at rank {decoder.cfg.tag_rank}, not "
                 f"--tag-rank {cfg.tag_rank}; leave --tag-rank out to keep it"
             )
+        if resuming:  # its optimizer state holds no tag input's
+            raise ModelError(
+                f"{source}: this run was started without the tag input, which a resumed run "
+                f"cannot add; start another --out from it (--init-from {source} --tag-rank {cfg.tag_rank})"
+            )
         decoder = add_tag_input(decoder, cfg.tag_rank, N_CLASSES, torch.Generator().manual_seed(cfg.seed))
         log(f"tags as an input: the encoder's {N_CLASSES} class probabilities at rank {cfg.tag_rank}")
     if not resuming:
