@@ -105,7 +105,6 @@ class DecoderConfig:
                 f"vocab_size {self.vocab_size} is too small for top_k {self.top_k}: "
                 "the vocabulary needs more words than the step returns"
             )
-
         if self.tag_rank < 0 or self.n_classes < 1:
             raise ValueError(f"tag_rank {self.tag_rank} / n_classes {self.n_classes}: need >= 0 / >= 1")
 

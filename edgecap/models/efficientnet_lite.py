@@ -105,7 +105,15 @@ class EfficientNetLite(nn.Module):
 
     def class_probs(self, fmap: torch.Tensor) -> torch.Tensor:
         """feature map (N, 1280, h, w) -> ImageNet class probabilities (N, 1000)."""
-        return torch.softmax(self._fc(fmap.mean((2, 3))).float(), dim=1)
+        return self._pooled_class_probs(fmap.mean((2, 3)))
+
+    def region_class_probs(self, regions: torch.Tensor) -> torch.Tensor:
+        """The same from the map's regions (N, h * w, 1280) (``as_regions``; training's cached
+        features): their mean is the map's."""
+        return self._pooled_class_probs(regions.float().mean(1))
+
+    def _pooled_class_probs(self, pooled: torch.Tensor) -> torch.Tensor:
+        return torch.softmax(self._fc(pooled).float(), dim=1)
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
         return self._fc(self.features(x).mean((2, 3)))

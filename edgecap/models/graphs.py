@@ -21,8 +21,12 @@ class EncoderGraph(nn.Module):
 
     def forward(self, image):
         fmap = self.encoder.features(image)
-        probs = self.encoder.class_probs(fmap)
-        return (*self.decoder.init_state(as_regions(fmap), probs), probs)
+        if self.decoder.cfg.tag_rank:  # the class probabilities are the decoder's input too
+            probs = self.encoder.class_probs(fmap)
+            return (*self.decoder.init_state(as_regions(fmap), probs), probs)
+        # computed after the decoder's state, so a model without tag input exports node for node
+        # as before there was one (its ONNX files byte-identical)
+        return (*self.decoder.init_state(as_regions(fmap)), self.encoder.class_probs(fmap))
 
 
 class StepGraph(nn.Module):

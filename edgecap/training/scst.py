@@ -73,8 +73,8 @@ def train_scst(cfg: ScstConfig, log=print) -> Path:
     cider = CiderD(refs)
 
     optimizer = torch.optim.Adam(decoder.parameters(), lr=cfg.lr)
-    head = encoder._fc.requires_grad_(False) if decoder.cfg.tag_rank else None  # the pretrained classifier
-    best = evaluate_dev(decoder, dev_fmaps, dev_items, vocab, head=head)
+    classifier = encoder.requires_grad_(False) if decoder.cfg.tag_rank else None  # the pretrained one
+    best = evaluate_dev(decoder, dev_fmaps, dev_items, vocab, classifier=classifier)
     log(json.dumps({"epoch": 0, **{k: round(v, 4) for k, v in best.items()}}) + "  (start)")
     history = [{"epoch": 0, **best}]
     info_base = {k: meta[k] for k in ("train_state", "train_config", "training_data") if k in meta}
@@ -104,7 +104,7 @@ def train_scst(cfg: ScstConfig, log=print) -> Path:
                 cfg.max_length,
                 vocab.start,
                 vocab.end,
-                class_probs_of(head, fmap),
+                class_probs_of(classifier, fmap),
             )
             words = [vocab.decode(row).split() for row in tokens.tolist()]
             reward = np.array(
@@ -124,7 +124,7 @@ def train_scst(cfg: ScstConfig, log=print) -> Path:
             bar.update(1)
             bar.set_postfix(reward=f"{np.mean(rewards[-50:]):.3f}")
         bar.close()
-        dev = evaluate_dev(decoder, dev_fmaps, dev_items, vocab, head=head)
+        dev = evaluate_dev(decoder, dev_fmaps, dev_items, vocab, classifier=classifier)
         record = {
             "epoch": epoch,
             "train_reward": round(float(np.mean(rewards)), 4),

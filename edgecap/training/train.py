@@ -39,7 +39,7 @@ from edgecap.images import load_rgb
 from edgecap.models.checkpoint import save_checkpoint
 from edgecap.models.config import encoder_spec
 from edgecap.models.decoder import CaptionDecoder
-from edgecap.models.efficientnet_lite import as_regions, load_pretrained
+from edgecap.models.efficientnet_lite import EfficientNetLite, as_regions, load_pretrained
 from edgecap.objects import IMAGENET_CLASSES, ObjectClasses
 from edgecap.preprocess import Preprocessing, to_model_input
 from edgecap.training.config import TrainConfig, check_folders
@@ -184,17 +184,17 @@ def greedy_captions(
     return [vocab.decode(hyps[0].tokens) for hyps in hypotheses]
 
 
-def class_probs_of(head: torch.nn.Linear | None, fmap: torch.Tensor) -> torch.Tensor | None:
-    """The encoder's class probabilities from its regions (N, L, C): its classifier ``head``
-    on their mean (the classifier's own pooling), as ``EfficientNetLite.class_probs`` computes
-    them from the map; None without a head (a decoder without tag input)."""
-    if head is None:
+def class_probs_of(classifier: EfficientNetLite | None, fmap: torch.Tensor) -> torch.Tensor | None:
+    """The class probabilities of regions (N, L, C) by ``classifier``, the pretrained encoder
+    (``EfficientNetLite.region_class_probs``, as the exported encoder graph computes them); None
+    without one (a decoder without tag input)."""
+    if classifier is None:
         return None
     with torch.no_grad():
-        return torch.softmax(head(fmap.float().mean(1)), dim=1)
+        return classifier.region_class_probs(fmap)
 
 
-def evaluate_dev(decoder, dev_fmaps, dev_items, vocab, batch_size=250, head=None) -> dict[str, float]:
+def evaluate_dev(decoder, dev_fmaps, dev_items, vocab, batch_size=250, classifier=None) -> dict[str, float]:
     decoder.eval()
     device = next(decoder.parameters()).device
     hyps = {}
@@ -202,7 +202,7 @@ def evaluate_dev(decoder, dev_fmaps, dev_items, vocab, batch_size=250, head=None
         fmap = torch.from_numpy(np.asarray(dev_fmaps[start : start + batch_size], dtype=np.float32)).to(
             device
         )
-        captions = greedy_captions(decoder, fmap, vocab, class_probs=class_probs_of(head, fmap))
+        captions = greedy_captions(decoder, fmap, vocab, class_probs=class_probs_of(classifier, fmap))
         for item, cap in zip(dev_items[start : start + batch_size], captions):
             hyps[item.file_name] = cap
     refs = {it.file_name: it.captions for it in dev_items}
@@ -334,9 +334,10 @@ def train(cfg: TrainConfig, log=print) -> Path:
         )
     # The tag input's projections (a decoder with tag input) learn TAG_LR_SCALE times faster than
     # the rest: they start at zero next to trained weights, whose learning rate hardly moves them.
-    tag_params = [p for name, p in decoder.named_parameters() if name.startswith(TAG_PARAMS)]
+    named = list(decoder.named_parameters())
+    tag_params = [p for name, p in named if name.startswith(TAG_PARAMS)]
     params: list[dict[str, Any]] = [
-        {"params": [p for p in decoder.parameters() if all(p is not t for t in tag_params)], "lr": cfg.lr}
+        {"params": [p for name, p in named if not name.startswith(TAG_PARAMS)], "lr": cfg.lr}
     ]
     bases = [cfg.lr]  # each parameter group's learning rate before decay
     if tag_params:
@@ -363,13 +364,13 @@ def train(cfg: TrainConfig, log=print) -> Path:
     optimizer = torch.optim.Adam(params)
     # Tags as an input: the pretrained classifier turns the regions into class probabilities
     # (frozen; a tuned encoder's regions go through it too, as in the exported encoder graph).
-    head = None
+    classifier = None
     text_tags = None
     if decoder.cfg.tag_rank:
-        head = load_pretrained(cfg.encoder)._fc.to(device).requires_grad_(False)
+        classifier = load_pretrained(cfg.encoder).to(device).requires_grad_(False)
         if no_image is not None:
             tail = None if encoder is None else (encoder, split_at)
-            text_tags = _text_tags(head, train_maps, train_rows, vocab, device, cfg.seed, tail)
+            text_tags = _text_tags(classifier, train_maps, train_rows, vocab, device, cfg.seed, tail)
 
     state: TrainState = {"epoch": 0, "best_cider": -1.0, "best_epoch": 0, "history": []}
     if resuming:
@@ -446,7 +447,7 @@ def train(cfg: TrainConfig, log=print) -> Path:
                         cfg,
                         sample_prob,
                         totals,
-                        class_probs_of(head, fmap),
+                        class_probs_of(classifier, fmap),
                     )
                 # norm: of the averaged gradient
                 norm = _optimizer_step(loss * weight, optimizer, params, cfg, scaler)
@@ -481,7 +482,7 @@ def train(cfg: TrainConfig, log=print) -> Path:
                 break
             continue
         dev_fmaps = dev_maps if encoder is None else _tail_features(encoder, split_at, dev_maps)
-        dev = evaluate_dev(decoder, dev_fmaps, dev_items, vocab, head=head)
+        dev = evaluate_dev(decoder, dev_fmaps, dev_items, vocab, classifier=classifier)
         record = {
             "epoch": epoch,
             "train_ce": round(total / count, 4),
@@ -556,23 +557,23 @@ def _optimizer_step(loss, optimizer, params, cfg: TrainConfig, scaler) -> torch.
 
 
 def _text_tags(
-    head, train_maps, train_rows, vocab: Vocabulary, device, seed: int, tail=None, sample: int = 2000
+    classifier, train_maps, train_rows, vocab: Vocabulary, device, seed: int, tail=None, sample: int = 2000
 ) -> TextTags:
     """The text batches' tags (``TextTags``): the caption words of ``IMAGENET_CLASSES`` in the
     run's vocabulary, over the mean class probabilities of up to ``sample`` train photos.
     ``tail``: (encoder, split_at) when ``train_maps`` hold the activations before the tuned
     blocks (--finetune-encoder), which turns them into regions first."""
     rows = np.sort(np.asarray(train_rows)[:sample])
-    total = torch.zeros(head.out_features, device=device)
+    n_classes = classifier._fc.out_features
+    total = torch.zeros(n_classes, device=device)
     for start in range(0, len(rows), 250):
         maps = np.asarray(train_maps[rows[start : start + 250]], dtype=np.float32)
         if tail is not None:
             encoder, split_at = tail
             maps = _tail_features(encoder, split_at, maps)
-        probs = class_probs_of(head, torch.from_numpy(maps).to(device))
-        assert probs is not None  # a head was given
-        total += probs.sum(0)
-    classes = ObjectClasses.load(IMAGENET_CLASSES, vocab.index, head.out_features)
+        with torch.no_grad():
+            total += classifier.region_class_probs(torch.from_numpy(maps).to(device)).sum(0)
+    classes = ObjectClasses.load(IMAGENET_CLASSES, vocab.index, n_classes)
     return TextTags(classes.word_ids, (total / len(rows)).cpu(), f"{seed}:text-tags")
 
 
