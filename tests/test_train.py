@@ -458,3 +458,66 @@ def test_a_resumed_text_run_goes_on_from_its_no_image_input(tiny_dataset, tmp_pa
     monkeypatch.setattr(train_module, "text_loss", first_input)
     train_module.train(dataclasses.replace(cfg, epochs=2), log=lambda *_: None)
     torch.testing.assert_close(seen[0], kept)
+
+
+def test_text_pretraining_runs_before_the_photos_on_the_text_and_the_photos_captions(
+    tiny_dataset, tmp_path, monkeypatch
+):
+    """--text-pretrain N: N epochs of text-only batches (the text and the train split's own
+    captions, each once an epoch) before the first photo batch, their cross-entropy falling;
+    a run resumed after a photo epoch does not pretrain again."""
+    from edgecap.training import train as train_module
+    from edgecap.vocab import Vocabulary
+
+    text = tmp_path / "captions.txt"
+    text.write_text("a cup on the floor\n" * 12)
+    events: list[tuple[str, list[list[int]]]] = []
+    real_text, real_caption = train_module.text_loss, train_module.caption_loss
+
+    def text_loss(decoder, no_image, caps, label_smoothing, class_probs=None):
+        events.append(("text", [[i for i in row.tolist() if i != 0] for row in caps]))  # 0: <pad>
+        return real_text(decoder, no_image, caps, label_smoothing, class_probs)
+
+    def caption_loss(*args, **kwargs):
+        events.append(("photo", []))
+        return real_caption(*args, **kwargs)
+
+    monkeypatch.setattr(train_module, "text_loss", text_loss)
+    monkeypatch.setattr(train_module, "caption_loss", caption_loss)
+    out = tmp_path / "run"
+    cfg = tiny_train_config(
+        tiny_dataset, out, epochs=1, lr=1e-2, text=str(text), text_share=0.5, text_pretrain=2
+    )
+    logs: list[str] = []
+    train_module.train(cfg, log=logs.append)
+    pretrain = [json.loads(line) for line in logs if "text_pretrain_epoch" in line]
+    # 12 text captions + the 3 train photos' 9 captions: 4 batches of up to 6 an epoch.
+    assert [r["text_pretrain_epoch"] for r in pretrain] == [1, 2]
+    assert [r["captions"] for r in pretrain] == [21, 21]
+    assert pretrain[1]["text_ce"] < pretrain[0]["text_ce"]
+    first_photo = next(i for i, (kind, _) in enumerate(events) if kind == "photo")
+    assert first_photo == 8 and all(kind == "text" for kind, _ in events[:8])
+    vocab = Vocabulary.load(out / "last" / "vocab.json")
+    seen = sorted(row for _, caps in events[:4] for row in caps)  # the first epoch's captions
+    train_photos = list(CAPTIONS)[:3]
+    expected = ["a cup on the floor"] * 12 + [c for name in train_photos for c in CAPTIONS[name]]
+    assert vocab.pad == 0 and seen == sorted(vocab.encode(c) for c in expected)
+    # Resumed after its photo epoch: photo and mixed text batches only, no pretraining.
+    events.clear()
+    logs.clear()
+    train_module.train(dataclasses.replace(cfg, epochs=2), log=logs.append)
+    assert not [line for line in logs if "text_pretrain_epoch" in line]
+    assert events[0][0] == "photo"
+
+
+def test_text_pretraining_needs_the_text(monkeypatch, capsys):
+    """--text-pretrain without --text is a usage error naming the flag (exit 2), not a run
+    without the pretraining."""
+    from edgecap.cli import main
+    from edgecap.training import train as train_module
+
+    called = []
+    monkeypatch.setattr(train_module, "train", lambda cfg: called.append(cfg))
+    assert main(["train", "--data", "DATA", "--out", "RUN", "--text-pretrain", "2", "--no-progress"]) == 2
+    assert called == []
+    assert "--text-pretrain" in capsys.readouterr().err

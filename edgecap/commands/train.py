@@ -224,6 +224,16 @@ def add_arguments(p: argparse.ArgumentParser) -> None:
         help="with --text: the share of the batches that are text-only, in (0, 1)",
     )
     p.add_argument(
+        "--text-pretrain",
+        type=int,
+        default=TRAIN["text_pretrain"],
+        metavar="N",
+        help="with --text: first train the decoder N epochs on text alone, as a caption language "
+        "model (the text and the train split's own captions, the 'no image' input in place of the "
+        "photo), then on the photos with the text mixed in; a resumed run that has finished a "
+        "photo epoch does not repeat it (0: none)",
+    )
+    p.add_argument(
         "--tag-rank",
         type=int,
         default=TRAIN["tag_rank"],

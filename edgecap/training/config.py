@@ -96,6 +96,8 @@ class TrainConfig:
     allow_outside_data: bool = False  # photos outside the images folder (../, absolute, links)
     text: str | None = None  # caption text (one a line) mixed in as text-only batches (text_mix.py)
     text_share: float = 0.5  # with text: the share of the batches that are text-only
+    text_pretrain: int = 0  # with text: epochs of text alone (the text and the train split's own
+    # captions) before the photo epochs: the decoder pretrained as a caption language model
     tag_rank: int = 0  # > 0: give the starting decoder tags as an input (DecoderConfig.tag_rank)
 
     def __post_init__(self):
@@ -136,6 +138,9 @@ class TrainConfig:
         _check("tag_rank", self.tag_rank, 0, MAX_DECODER_DIM, integer=True)
         if not 0 < self.text_share < 1:
             raise ValueError(f"text_share must be between 0 and 1, got {self.text_share}")
+        _check("text_pretrain", self.text_pretrain, 0, 1000, integer=True)
+        if self.text_pretrain and not self.text:
+            raise ValueError("text_pretrain needs text (the caption text to pretrain on)")
         if self.finetune_cached and not self.finetune_encoder:
             raise ValueError("finetune_cached needs finetune_encoder")
         n_blocks = encoder_spec(self.encoder).n_blocks

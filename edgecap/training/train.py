@@ -395,6 +395,23 @@ def train(cfg: TrainConfig, log=print) -> Path:
     steps_log = out / "steps.jsonl"  # every step's loss (rank 0)
     if dist.main:
         _keep_steps(steps_log, state["epoch"])
+    if cfg.text_pretrain and no_image is not None and state["epoch"] == 0:
+        # The decoder first learns as a caption language model (a run interrupted here begins
+        # again: nothing of it is kept before the first photo epoch's checkpoint).
+        own = [ids for _, caps in batches.images for ids in caps]
+        _pretrain_text(
+            decoder,
+            no_image,
+            text_captions + own,
+            vocab.pad,
+            optimizer,
+            params,
+            cfg,
+            amp,
+            scaler,
+            text_tags,
+            log,
+        )
     for epoch in range(state["epoch"] + 1, cfg.epochs + 1):
         decay = 0.5 ** ((epoch - 1) // cfg.lr_decay_epochs)
         for group, base in zip(optimizer.param_groups, bases):
@@ -529,6 +546,41 @@ def train(cfg: TrainConfig, log=print) -> Path:
             "raise --epochs, or start in another --out"
         )
     return out / "best"
+
+
+def _pretrain_text(
+    decoder, no_image, captions, pad, optimizer, params, cfg: TrainConfig, amp, scaler, text_tags, log
+) -> None:
+    """``cfg.text_pretrain`` epochs of text-only batches over ``captions`` (``--text-pretrain``),
+    at the run's learning rate; each epoch's order and tags come from the seed and the epoch."""
+    n_batches = math.ceil(len(captions) / cfg.batch_size)
+    for epoch in range(1, cfg.text_pretrain + 1):
+        t0 = time.time()
+        torch.manual_seed((cfg.seed * 1_000_003 + epoch) * 1009 + 7)
+        texts = text_batches(captions, cfg.batch_size, pad, random.Random(f"{cfg.seed}:pretrain:{epoch}"))
+        if text_tags is not None:
+            text_tags.rng = random.Random(f"{cfg.seed}:pretrain:{epoch}:text-tags")
+        decoder.train()
+        no_image.train()
+        total = 0.0
+        bar = progress_bar(n_batches, f"text pretraining {epoch}", cfg.progress)
+        for done in range(1, n_batches + 1):
+            total += _text_step(
+                decoder, no_image, next(texts), optimizer, params, cfg, amp, scaler, text_tags
+            )
+            bar.update(1)
+            bar.set_postfix(text_ce=f"{total / done:.3f}")
+        bar.close()
+        log(
+            json.dumps(
+                {
+                    "text_pretrain_epoch": epoch,
+                    "text_ce": round(total / n_batches, 4),
+                    "captions": len(captions),
+                    "seconds": round(time.time() - t0),
+                }
+            )
+        )
 
 
 def _text_step(
