@@ -495,6 +495,11 @@ def test_text_pretraining_runs_before_the_photos_on_the_text_and_the_photos_capt
     assert [r["text_pretrain_epoch"] for r in pretrain] == [1, 2]
     assert [r["captions"] for r in pretrain] == [21, 21]
     assert pretrain[1]["text_ce"] < pretrain[0]["text_ce"]
+    steps = [json.loads(line) for line in (out / "steps.jsonl").read_text().splitlines()]
+    logged = [(s["text_pretrain_epoch"], s["step"]) for s in steps if "text_pretrain_epoch" in s]
+    assert logged == [(e, k) for e in (1, 2) for k in (1, 2, 3, 4)] and steps[:8] == [
+        s for s in steps if s["epoch"] == 0
+    ]
     first_photo = next(i for i, (kind, _) in enumerate(events) if kind == "photo")
     assert first_photo == 8 and all(kind == "text" for kind, _ in events[:8])
     vocab = Vocabulary.load(out / "last" / "vocab.json")

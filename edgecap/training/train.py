@@ -411,6 +411,7 @@ def train(cfg: TrainConfig, log=print) -> Path:
             scaler,
             text_tags,
             log,
+            steps_log,
         )
     for epoch in range(state["epoch"] + 1, cfg.epochs + 1):
         decay = 0.5 ** ((epoch - 1) // cfg.lr_decay_epochs)
@@ -549,10 +550,22 @@ def train(cfg: TrainConfig, log=print) -> Path:
 
 
 def _pretrain_text(
-    decoder, no_image, captions, pad, optimizer, params, cfg: TrainConfig, amp, scaler, text_tags, log
+    decoder,
+    no_image,
+    captions,
+    pad,
+    optimizer,
+    params,
+    cfg: TrainConfig,
+    amp,
+    scaler,
+    text_tags,
+    log,
+    steps_log: Path,
 ) -> None:
     """``cfg.text_pretrain`` epochs of text-only batches over ``captions`` (``--text-pretrain``),
-    at the run's learning rate; each epoch's order and tags come from the seed and the epoch."""
+    at the run's learning rate; each epoch's order and tags come from the seed and the epoch.
+    Each step's cross-entropy goes to ``steps_log`` as a step of epoch 0 (before the photos')."""
     n_batches = math.ceil(len(captions) / cfg.batch_size)
     for epoch in range(1, cfg.text_pretrain + 1):
         t0 = time.time()
@@ -564,12 +577,16 @@ def _pretrain_text(
         no_image.train()
         total = 0.0
         bar = progress_bar(n_batches, f"text pretraining {epoch}", cfg.progress)
-        for done in range(1, n_batches + 1):
-            total += _text_step(
-                decoder, no_image, next(texts), optimizer, params, cfg, amp, scaler, text_tags
-            )
-            bar.update(1)
-            bar.set_postfix(text_ce=f"{total / done:.3f}")
+        with open(steps_log, "a") as steps:
+            for done in range(1, n_batches + 1):
+                ce = _text_step(
+                    decoder, no_image, next(texts), optimizer, params, cfg, amp, scaler, text_tags
+                )
+                total += ce
+                record = {"epoch": 0, "text_pretrain_epoch": epoch, "step": done, "text_ce": ce}
+                steps.write(json.dumps(record) + "\n")
+                bar.update(1)
+                bar.set_postfix(text_ce=f"{total / done:.3f}")
         bar.close()
         log(
             json.dumps(
