@@ -374,18 +374,19 @@ def test_scst_command_builds_its_config_from_the_flags(tmp_path, monkeypatch):
     ]
 
 
-def test_scst_refuses_text_it_would_not_train_on(monkeypatch, capsys):
-    """SCST has no text-only batches: --text with --scst-from is an error, not a run without
-    the text (exit 2, before any training)."""
+@pytest.mark.parametrize("flag", [["--text", "T"], ["--text-pretrain", "2"]])
+def test_scst_refuses_text_it_would_not_train_on(monkeypatch, capsys, flag):
+    """SCST has no text-only batches: --text or --text-pretrain with --scst-from is an error,
+    not a run without the text (exit 2, before any training)."""
     from edgecap.cli import main
     from edgecap.training import scst
 
     called = []
     monkeypatch.setattr(scst, "train_scst", lambda cfg: called.append(cfg))
-    argv = ["train", "--data", "DATA", "--out", "RUN", "--scst-from", "CK", "--text", "T", "--no-progress"]
+    argv = ["train", "--data", "DATA", "--out", "RUN", "--scst-from", "CK", *flag, "--no-progress"]
     assert main(argv) == 2
     assert called == []
-    assert "--text" in capsys.readouterr().err
+    assert flag[0] in capsys.readouterr().err
 
 
 def test_text_batches_teach_the_decoder_through_a_no_image_input_the_model_does_not_hold(
@@ -513,6 +514,8 @@ def test_text_pretraining_runs_before_the_photos_on_the_text_and_the_photos_capt
     train_module.train(dataclasses.replace(cfg, epochs=2), log=logs.append)
     assert not [line for line in logs if "text_pretrain_epoch" in line]
     assert events[0][0] == "photo"
+    again = [json.loads(line) for line in (out / "steps.jsonl").read_text().splitlines()]
+    assert again[:8] == steps[:8] and all(s["epoch"] > 0 for s in again[8:])  # the records kept
 
 
 def test_text_pretraining_needs_the_text(monkeypatch, capsys):
@@ -525,4 +528,5 @@ def test_text_pretraining_needs_the_text(monkeypatch, capsys):
     monkeypatch.setattr(train_module, "train", lambda cfg: called.append(cfg))
     assert main(["train", "--data", "DATA", "--out", "RUN", "--text-pretrain", "2", "--no-progress"]) == 2
     assert called == []
-    assert "--text-pretrain" in capsys.readouterr().err
+    err = capsys.readouterr().err
+    assert "--text-pretrain" in err and "--text FILE" in err

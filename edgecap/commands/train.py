@@ -275,8 +275,10 @@ def run(args: argparse.Namespace) -> int:
         if args.scst_from:
             if args.dataset == "folder":
                 raise ValueError("--scst-from does not read a folder of photos (--dataset folder)")
-            if args.text:
-                raise ValueError("--text mixes text into cross-entropy training, not --scst-from")
+            if args.text or args.text_pretrain:
+                raise ValueError(
+                    "--text and --text-pretrain train on text in cross-entropy training, not --scst-from"
+                )
             if args.tag_rank:  # SCST trains the checkpoint's decoder as it is (with its tags, if any)
                 raise ValueError(
                     "--tag-rank adds tags in cross-entropy training, not --scst-from (the "

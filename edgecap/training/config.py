@@ -140,7 +140,7 @@ class TrainConfig:
             raise ValueError(f"text_share must be between 0 and 1, got {self.text_share}")
         _check("text_pretrain", self.text_pretrain, 0, 1000, integer=True)
         if self.text_pretrain and not self.text:
-            raise ValueError("text_pretrain needs text (the caption text to pretrain on)")
+            raise ValueError("text_pretrain needs the caption text to pretrain on: give --text FILE")
         if self.finetune_cached and not self.finetune_encoder:
             raise ValueError("finetune_cached needs finetune_encoder")
         n_blocks = encoder_spec(self.encoder).n_blocks
