@@ -16,6 +16,7 @@ CIDEr is kept in ``OUT/best`` and the latest in ``OUT/last`` (resumable).
 from __future__ import annotations
 
 import contextlib
+import functools
 import json
 import math
 import os
@@ -395,24 +396,23 @@ def train(cfg: TrainConfig, log=print) -> Path:
     steps_log = out / "steps.jsonl"  # every step's loss (rank 0)
     if dist.main:
         _keep_steps(steps_log, state["epoch"])
+    # one optimizer step on a text-only batch (--text): caps -> its cross-entropy
+    text_step = functools.partial(
+        _text_step,
+        decoder,
+        no_image,
+        optimizer=optimizer,
+        params=params,
+        cfg=cfg,
+        amp=amp,
+        scaler=scaler,
+        text_tags=text_tags,
+    )
     if cfg.text_pretrain and no_image is not None and state["epoch"] == 0:
         # The decoder first learns as a caption language model (a run interrupted here begins
         # again: nothing of it is kept before the first photo epoch's checkpoint).
         own = [ids for _, caps in batches.images for ids in caps]
-        _pretrain_text(
-            decoder,
-            no_image,
-            text_captions + own,
-            vocab.pad,
-            optimizer,
-            params,
-            cfg,
-            amp,
-            scaler,
-            text_tags,
-            log,
-            steps_log,
-        )
+        _pretrain_text(decoder, text_step, text_captions + own, vocab.pad, cfg, text_tags, log, steps_log)
     for epoch in range(state["epoch"] + 1, cfg.epochs + 1):
         decay = 0.5 ** ((epoch - 1) // cfg.lr_decay_epochs)
         for group, base in zip(optimizer.param_groups, bases):
@@ -486,9 +486,7 @@ def train(cfg: TrainConfig, log=print) -> Path:
                         + "\n"
                     )
                 for _ in range(text_steps(step, cfg.text_share) if no_image is not None else 0):
-                    text_ce = _text_step(
-                        decoder, no_image, next(texts), optimizer, params, cfg, amp, scaler, text_tags
-                    )
+                    text_ce = text_step(next(texts))
                     text_total, text_count = text_total + text_ce, text_count + 1
                     if steps is not None:
                         steps.write(json.dumps({"epoch": epoch, "step": step, "text_ce": text_ce}) + "\n")
@@ -550,21 +548,12 @@ def train(cfg: TrainConfig, log=print) -> Path:
 
 
 def _pretrain_text(
-    decoder,
-    no_image,
-    captions,
-    pad,
-    optimizer,
-    params,
-    cfg: TrainConfig,
-    amp,
-    scaler,
-    text_tags,
-    log,
-    steps_log: Path,
+    decoder, text_step, captions, pad, cfg: TrainConfig, text_tags, log, steps_log: Path
 ) -> None:
     """``cfg.text_pretrain`` epochs of text-only batches over ``captions`` (``--text-pretrain``),
-    at the run's learning rate; each epoch's order and tags come from the seed and the epoch.
+    each one ``text_step`` (``_text_step`` bound to the run's decoder, "no image" input and
+    optimizer), at the run's learning rate; each epoch's order and tags come from the seed and
+    the epoch.
     Each step's cross-entropy goes to ``steps_log`` as a step of epoch 0 (before the photos')."""
     n_batches = math.ceil(len(captions) / cfg.batch_size)
     for epoch in range(1, cfg.text_pretrain + 1):
@@ -574,14 +563,11 @@ def _pretrain_text(
         if text_tags is not None:
             text_tags.rng = random.Random(f"{cfg.seed}:pretrain:{epoch}:text-tags")
         decoder.train()
-        no_image.train()
         total = 0.0
         bar = progress_bar(n_batches, f"text pretraining {epoch}", cfg.progress)
         with open(steps_log, "a") as steps:
             for done in range(1, n_batches + 1):
-                ce = _text_step(
-                    decoder, no_image, next(texts), optimizer, params, cfg, amp, scaler, text_tags
-                )
+                ce = text_step(next(texts))
                 total += ce
                 record = {"epoch": 0, "text_pretrain_epoch": epoch, "step": done, "text_ce": ce}
                 steps.write(json.dumps(record) + "\n")
