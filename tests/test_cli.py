@@ -89,6 +89,9 @@ def test_json_and_failures(tiny_model_dir, photo_dir, tmp_path):
     assert isinstance(records[1]["caption"], str) and isinstance(records[1]["score"], float)
     assert "error" not in records[1]
     assert records[2]["caption"] is None and "no such file" in records[2]["error"]
+    # a failed input's line has every key of a caption's, null, so a reader can index them all
+    assert set(records[0]) == set(records[2]) == set(records[1]) | {"error"}
+    assert all(records[0][key] is None for key in records[1] if key != "path")
     errors = out.stderr.splitlines()
     assert errors[0].startswith(f"edgecap: {broken}: ")
     assert errors[1] == f"edgecap: {missing}: no such file"

@@ -91,7 +91,7 @@ def _print_frame(bag: str, frame, result, args: argparse.Namespace) -> None:
     if isinstance(result, InputError):
         report_error(bag, f"{frame.name}: {result.problem}")  # the captioner names bytes only
         if args.json:
-            write(json_line({**head, **error_record(result.problem)}))
+            write(json_line({**head, **error_record(result.problem, args.min_confidence)}))
         return
     if args.json:
         write(json_line({**head, **caption_record(result, args.min_confidence)}))

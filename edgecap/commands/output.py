@@ -113,7 +113,7 @@ def print_result(
     if isinstance(result, InputError):
         report_error(name, result.problem)
         if as_json:
-            write(json_line({"path": name, **error_record(result.problem)}))
+            write(json_line({"path": name, **error_record(result.problem, min_confidence)}))
         return
     if as_json:
         write(json_line({"path": name, **caption_record(result, min_confidence)}))
@@ -126,9 +126,14 @@ def report_error(name: str, problem: str) -> None:
     print(f"edgecap: {escape_field(name)}: {escape_field(problem)}", file=sys.stderr, flush=True)
 
 
-def error_record(problem: str) -> dict:
-    """The ``--json`` fields of an input that failed."""
-    return {"caption": None, "score": None, "objects": None, "error": problem}
+def error_record(problem: str, min_confidence: float | None = None) -> dict:
+    """The ``--json`` fields of an input that failed: a caption's keys, each null, and ``error``
+    (a reader indexing ``record["confidence"]`` on every line does not fail on this one)."""
+    record: dict = {"caption": None, "score": None, "objects": None, "confidence": None, "recognisable": None}
+    if min_confidence is not None:
+        record["low_confidence"] = None
+    record["error"] = problem
+    return record
 
 
 def caption_record(result, min_confidence: float | None = None) -> dict:
