@@ -25,6 +25,7 @@ harness report of a table.
 
 from __future__ import annotations
 
+import argparse
 import contextlib
 import importlib.util
 import itertools
@@ -43,6 +44,7 @@ if str(REPO) not in sys.path:  # run as `python benchmarks/NAME.py` from a check
 from _machine import machine_info, machine_markdown  # noqa: E402
 
 from edgecap.backends.base import Backend, DecoderSession, Encoded, StepResult  # noqa: E402
+from edgecap.cli import HelpFormatter  # noqa: E402
 
 BENCH_DIR = Path(__file__).resolve().parent
 RESULTS_DIR = BENCH_DIR / "results"  # the committed figures: written only with --out
@@ -55,6 +57,13 @@ FLICKR8K = REPO.parent / "shared" / "data" / "flickr8k"
 VARIANTS = ("torch-eager", "ort-fp32", "ort-int8", "ort-int8-static", "ort-fp16", "tensorrt-fp16")
 DEFAULT_VARIANTS = VARIANTS
 CALIBRATION_IMAGES = 64
+
+
+def argument_parser(doc: str, **kwargs) -> argparse.ArgumentParser:
+    """A script's parser: the first paragraph of its docstring ``doc`` as the description, and
+    every option's default shown after its help, as ``edgecap --help`` shows them
+    (``edgecap.cli.HelpFormatter``). Each script's ``build_parser()`` starts from it."""
+    return argparse.ArgumentParser(description=doc.split("\n\n")[0], formatter_class=HelpFormatter, **kwargs)
 
 
 # -- model and variants --------------------------------------------------------------------------
@@ -88,7 +97,7 @@ def add_model_arguments(parser, variants=DEFAULT_VARIANTS) -> None:
     parser.add_argument(
         "--model-dir",
         action="append",
-        default=[],
+        default=None,
         metavar="NAME=DIR",
         help="a further variant NAME: model directory DIR on onnxruntime CPU "
         "(repeatable), e.g. an int8 model made by hand",
@@ -246,7 +255,7 @@ def resolve_variants(args) -> tuple[list[Variant], list[str]]:
             onnxruntime_variants(
                 name, source if name == "ort-fp32" else converted(source, name, args.calibration)
             )
-    for name, directory in parse_model_dirs(getattr(args, "model_dir", [])):
+    for name, directory in parse_model_dirs(getattr(args, "model_dir", None) or []):
         if _unavailable("ort-fp32"):
             notes.append(f"{name} skipped: {_unavailable('ort-fp32')}")
         else:

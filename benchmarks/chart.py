@@ -10,7 +10,6 @@ decoder steps, and the search's own Python work, in milliseconds per call.
 
 from __future__ import annotations
 
-import argparse
 import json
 import sys
 from pathlib import Path
@@ -62,10 +61,10 @@ def latency_chart(
     return out
 
 
-def main(argv=None) -> None:
+def build_parser():
     import _common as C
 
-    p = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
+    p = C.argument_parser(__doc__)
     p.add_argument(
         "--json",
         type=Path,
@@ -74,7 +73,13 @@ def main(argv=None) -> None:
         help="latency.py's results (default: the committed results/latency.json)",
     )
     C.add_out_argument(p)
-    args = p.parse_args(argv)
+    return p
+
+
+def main(argv=None) -> None:
+    import _common as C
+
+    args = build_parser().parse_args(argv)
     args.json = args.json or C.RESULTS_DIR / "latency.json"
     if not args.json.is_file():
         sys.exit(f"{args.json} not found: run python benchmarks/latency.py first")

@@ -15,22 +15,37 @@ the noise.
 
 from __future__ import annotations
 
-import argparse
 import json
 from pathlib import Path
 
 import _common as C
 
 
-def main(argv=None) -> None:
-    p = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
-    p.add_argument("a", type=Path, help="results of model A (the baseline)")
-    p.add_argument("b", type=Path, help="results of model B")
-    p.add_argument("--references", type=Path, help="COCO caption JSON (default: Flickr8k dev)")
-    p.add_argument("--data", type=Path, default=C.FLICKR8K, help="Flickr8k folder")
-    p.add_argument("--resamples", type=int, default=10000)
+def build_parser():
+    p = C.argument_parser(__doc__)
+    p.add_argument("a", type=Path, help="results of model A (the baseline): edgecap eval --output JSON")
+    p.add_argument("b", type=Path, help="results of model B, of the same photos")
+    p.add_argument(
+        "--references", type=Path, help="COCO caption JSON (default: the Flickr8k dev references in --data)"
+    )
+    p.add_argument(
+        "--data",
+        type=Path,
+        default=C.FLICKR8K,
+        help="Flickr8k folder (Flickr8k.token.txt, Flickr_8k.devImages.txt), read without --references",
+    )
+    p.add_argument(
+        "--resamples",
+        type=int,
+        default=10000,
+        help="bootstrap resamples of the photos, for the 95%% interval",
+    )
     C.add_out_argument(p)
-    args = p.parse_args(argv)
+    return p
+
+
+def main(argv=None) -> None:
+    args = build_parser().parse_args(argv)
 
     from edgecap.evaluation.evaluate import load_references
     from _stats import paired_bootstrap

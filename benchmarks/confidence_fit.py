@@ -26,7 +26,6 @@ and the signals to ``OUT/signals.npz``.
 
 from __future__ import annotations
 
-import argparse
 import json
 import sys
 from pathlib import Path
@@ -52,9 +51,11 @@ def collect(captioner, items, root: Path):
     return np.array(rows), texts
 
 
-def main(argv=None) -> int:
-    p = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
-    p.add_argument("--data", type=Path, required=True)
+def build_parser():
+    from decoding_choice import add_data_argument
+
+    p = C.argument_parser(__doc__)
+    add_data_argument(p)
     C.add_out_argument(p)
     p.add_argument("--model", type=Path, help="model directory (default: the shipped one)")
     p.add_argument("--flickr8k-limit", type=int, help="only the first N Flickr8k dev photos")
@@ -64,7 +65,9 @@ def main(argv=None) -> int:
         default=0.5,
         help="per-photo CIDEr from which a caption is right (default: %(default)s)",
     )
-    p.add_argument("--l2", type=float, default=1.0, help="(default: %(default)s)")
+    p.add_argument(
+        "--l2", type=float, default=1.0, help="L2 penalty on the logistic model's weights (not its bias)"
+    )
     p.add_argument(
         "--signals",
         default=DEFAULT_SIGNALS,
@@ -101,6 +104,11 @@ def main(argv=None) -> int:
         metavar="MODEL_DIR",
         help="also fit on every photo and write MODEL_DIR/confidence.json",
     )
+    return p
+
+
+def main(argv=None) -> int:
+    p = build_parser()
     args = p.parse_args(argv)
     args.out = C.output_dir(args.out)
     from edgecap.confidence import SIGNALS

@@ -19,7 +19,6 @@ else.
 
 from __future__ import annotations
 
-import argparse
 import json
 import sys
 import time
@@ -54,6 +53,16 @@ def parse_variant(text: str) -> tuple[str, dict]:
     return name, options
 
 
+def add_data_argument(parser) -> None:
+    """``--data DIR``: the folder ``load_sets`` reads the three sets from."""
+    parser.add_argument(
+        "--data",
+        type=Path,
+        required=True,
+        help="folder holding the data sets: coco-ood-dev/, coco-ood-dev-b/ and flickr8k/",
+    )
+
+
 def load_sets(data: Path, flickr8k_limit: int | None):
     from edgecap.evaluation.evaluate import load_references
 
@@ -84,9 +93,9 @@ def caption_all(captioner, items, root: Path) -> dict:
     return out
 
 
-def main(argv=None) -> int:
-    p = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
-    p.add_argument("--data", type=Path, required=True, help="folder holding the data sets")
+def build_parser():
+    p = C.argument_parser(__doc__)
+    add_data_argument(p)
     C.add_out_argument(p)
     p.add_argument("--model", help="model directory (default: the shipped one)")
     p.add_argument(
@@ -97,8 +106,17 @@ def main(argv=None) -> int:
         help="a decoding to measure; the first is the baseline",
     )
     p.add_argument("--flickr8k-limit", type=int, help="only the first N Flickr8k dev photos")
-    p.add_argument("--resamples", type=int, default=10000, help="(default: %(default)s)")
-    args = p.parse_args(argv)
+    p.add_argument(
+        "--resamples",
+        type=int,
+        default=10000,
+        help="bootstrap resamples of the photos, for the 95%% intervals",
+    )
+    return p
+
+
+def main(argv=None) -> int:
+    args = build_parser().parse_args(argv)
     args.out = C.output_dir(args.out)
 
     from _stats import paired_bootstrap

@@ -17,7 +17,6 @@ reported per caption (median / batch). On the CPU only: no GPU figure comes from
 
 from __future__ import annotations
 
-import argparse
 import itertools
 import sys
 import time
@@ -302,28 +301,55 @@ def time_searches(args) -> None:
     C.write_results(args.name or "device_search_time", data, text, out=args.out, script="device_search")
 
 
-def parse_args(argv=None):
-    p = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
+def build_parser():
+    p = C.argument_parser(__doc__)
     sub = p.add_subparsers(dest="command", required=True)
-    c = sub.add_parser("check", help="captions of Flickr8k dev photos: device vs host search")
-    c.add_argument("--n", type=int, default=200)
-    c.add_argument("--batch", type=int, default=8)
+    c = sub.add_parser(
+        "check",
+        help="captions of Flickr8k dev photos: device vs host search",
+        description="Captions of Flickr8k dev photos: the device search against the host's.",
+        formatter_class=C.HelpFormatter,
+    )
+    c.add_argument("--n", type=int, default=200, help="the first N Flickr8k dev photos")
+    c.add_argument(
+        "--batch", type=int, default=8, help="photos per encoder pass; both searches take its outputs"
+    )
     c.add_argument(
         "--options", default="default,no-fusion", help=f"comma list of option sets: {', '.join(OPTION_SETS)}"
     )
-    c.add_argument("--flickr8k", type=Path, default=C.FLICKR8K)
+    c.add_argument(
+        "--flickr8k",
+        type=Path,
+        default=C.FLICKR8K,
+        help="Flickr8k folder (Flickr_8k.devImages.txt and images/)",
+    )
     c.add_argument("--threads", type=int, default=None, help="torch intra-op threads (default: torch's)")
-    t = sub.add_parser("time", help="search ms per caption, each variant in its own process")
-    t.add_argument("--beam", type=int, default=3)
-    t.add_argument("--batches", default="1,8")
-    t.add_argument("--max-length", type=int, default=20)
+    t = sub.add_parser(
+        "time",
+        help="search ms per caption, each variant in its own process",
+        description="Search ms per caption, host and device, each variant in its own process.",
+        formatter_class=C.HelpFormatter,
+    )
+    t.add_argument("--beam", type=int, default=3, help="beam size")
+    t.add_argument(
+        "--batches",
+        default="1,8",
+        help="batch sizes (photos per search), comma-separated: host and device at each",
+    )
+    t.add_argument("--max-length", type=int, default=20, help="most words per caption")
     C.add_harness_arguments(t, rounds=8, per_round=4, warmup=3)
-    for q in (c, t):
-        q.add_argument("--model", type=Path, default=None, help="default: the shipped model")
-        q.add_argument("--name", default=None, help="results file name without suffix")
+    for q, name in ((c, "device_search_check"), (t, "device_search_time")):
+        q.add_argument(
+            "--model", type=Path, default=None, help="model directory (default: the shipped model)"
+        )
+        q.add_argument("--name", default=None, help=f"results file name without suffix (default: {name})")
         if q is c:
             C.add_out_argument(q)
-    return p.parse_args(argv)
+    return p
+
+
+def parse_args(argv=None):
+    return build_parser().parse_args(argv)
 
 
 def main(argv=None) -> None:

@@ -26,7 +26,7 @@ Variants:
                           is not installed (the default steps them in one onnxruntime run)
     ort-fp32-b        Captioner(MODEL_B): the model directory given with --model-b
     NAME/spin-on, NAME/spin-off   an onnxruntime variant with session.intra_op.allow_spinning
-                                  set to 1 / 0 (default: onnxruntime's own default, on)
+                                  set to 1 / 0 (without a suffix: the library's setting, off)
 
 Writes NAME.json and NAME.md (NAME: ``--name``, default e2e) into ``--out DIR``, by default a
 new folder under benchmarks/runs/ (git ignores it): ``--out benchmarks/results`` replaces the
@@ -35,7 +35,6 @@ committed figures.
 
 from __future__ import annotations
 
-import argparse
 import itertools
 import sys
 from pathlib import Path
@@ -189,8 +188,8 @@ def variant_spec(label: str, args) -> I.Spec:
     return I.Spec(label, "e2e:make_task", kwargs)
 
 
-def parse_args(argv=None):
-    p = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
+def build_parser():
+    p = C.argument_parser(__doc__)
     p.add_argument("--model", type=Path, default=None, help="model directory (default: the shipped model)")
     p.add_argument(
         "--model-b", type=Path, default=None, help="a second model directory, run as variant ort-fp32-b"
@@ -202,9 +201,9 @@ def parse_args(argv=None):
         f"with /spin-on or /spin-off (default: {','.join(DEFAULT_VARIANTS)}, "
         "plus ort-fp32-b with --model-b); the first is the ratios' baseline",
     )
-    p.add_argument("--beam", type=int, default=3)
-    p.add_argument("--batch", type=int, default=1)
-    p.add_argument("--max-length", type=int, default=20)
+    p.add_argument("--beam", type=int, default=3, help="beam size")
+    p.add_argument("--batch", type=int, default=1, help="frames per caption_batch call")
+    p.add_argument("--max-length", type=int, default=20, help="most words per caption")
     p.add_argument(
         "--threads",
         type=int,
@@ -215,10 +214,12 @@ def parse_args(argv=None):
         "--spinning",
         choices=("default", "on", "off"),
         default="default",
-        help="onnxruntime intra-op spinning in the onnxruntime variants without a "
-        "/spin- suffix (default: the library's default, i.e. what a user gets)",
+        help="onnxruntime intra-op spinning in the onnxruntime variants without a /spin- suffix: "
+        "on, off, or default: the library's own setting (off), what a user gets",
     )
-    p.add_argument("--rounds", type=int, default=15)
+    p.add_argument(
+        "--rounds", type=int, default=15, help="interleaved rounds (and as many in the alone pass)"
+    )
     p.add_argument(
         "--per-round",
         type=int,
@@ -250,6 +251,11 @@ def parse_args(argv=None):
     )
     p.add_argument("--name", default="e2e", help="results file names: NAME.json and NAME.md")
     C.add_out_argument(p)
+    return p
+
+
+def parse_args(argv=None):
+    p = build_parser()
     args = p.parse_args(argv)
     if args.alone_passes < 1:
         p.error(f"--alone-passes must be at least 1, got {args.alone_passes}")

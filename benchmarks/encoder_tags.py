@@ -9,12 +9,12 @@ that needs no ImageNet: the share of photos whose top-1 / top-5 classes map (thr
 Used to check the ported EfficientNet-Lite2 weights before trusting the paper's ImageNet figure
 (no ImageNet validation set here). A class with no caption word never counts as a hit, so the
 shares are lower bounds; on 80 photos one photo is 1.25 points. Needs torch and the weights
-packages (``edgecap[train]``). Writes ``results/encoder_tags.md`` / ``.json``.
+packages (``edgecap[train]``). Writes ``encoder_tags.md`` / ``.json`` into ``--out DIR`` (default: a
+new folder under benchmarks/runs/).
 """
 
 from __future__ import annotations
 
-import argparse
 import json
 import re
 from pathlib import Path
@@ -43,10 +43,15 @@ def hit_rate(
     return float(np.mean(hits))
 
 
-def main(argv=None) -> None:
-    p = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
-    p.add_argument("--images", type=Path, required=True)
-    p.add_argument("--references", type=Path, required=True, help="COCO caption JSON")
+def build_parser():
+    p = C.argument_parser(__doc__)
+    p.add_argument(
+        "--images",
+        type=Path,
+        required=True,
+        help="folder of the photos named in --references (others are left out)",
+    )
+    p.add_argument("--references", type=Path, required=True, help="COCO caption JSON of the photos")
     p.add_argument(
         "--encoders",
         default="efficientnet-lite0@224,efficientnet-lite2@260",
@@ -54,7 +59,11 @@ def main(argv=None) -> None:
     )
     p.add_argument("--threads", type=int, default=0, help="torch threads (0: torch's default)")
     C.add_out_argument(p)
-    args = p.parse_args(argv)
+    return p
+
+
+def main(argv=None) -> None:
+    args = build_parser().parse_args(argv)
 
     import torch
 

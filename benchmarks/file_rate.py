@@ -22,7 +22,6 @@ folder, repeated to ``--n``. ``measure`` is also what ``gpu_check.py`` runs on a
 
 from __future__ import annotations
 
-import argparse
 import copy
 import os
 import sys
@@ -45,23 +44,33 @@ import _common as C  # noqa: E402
 FULLRES = C.REPO.parent / "shared" / "data" / "flickr8k-fullres-dev"
 
 
-def parse_args(argv=None):
-    p = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
-    p.add_argument("--backend", default="onnxruntime", help="Captioner backend (default onnxruntime)")
+def build_parser():
+    p = C.argument_parser(__doc__)
+    p.add_argument("--backend", default="onnxruntime", help="Captioner backend")
     p.add_argument("--device", default=None, help="cpu or cuda (default: the backend's own)")
-    p.add_argument("--model", type=Path, default=None, help="model directory (default: shipped)")
-    p.add_argument("--images", type=Path, default=None, help="folder of JPEG photos (default: see above)")
-    p.add_argument("--n", type=int, default=128, help="photos per call (default 128)")
-    p.add_argument("--batches", default="1,8,64", help="comma list (default 1,8,64)")
+    p.add_argument("--model", type=Path, default=None, help="model directory (default: the shipped model)")
+    p.add_argument(
+        "--images",
+        type=Path,
+        default=None,
+        help="folder of .jpg / .png photos, repeated to --n (default: the full-resolution Flickr8k dev "
+        "photos in ../shared/data/flickr8k-fullres-dev, else the example photos as JPEG)",
+    )
+    p.add_argument("--n", type=int, default=128, help="photos per timed call")
+    p.add_argument("--batches", default="1,8,64", help="batch sizes, comma-separated")
     p.add_argument(
         "--workers",
         default="0,1,2",
-        help="comma list of decode_workers; 'default': the Captioner's own choice",
+        help="decode_workers counts, comma-separated; 'default': the Captioner's own choice",
     )
-    p.add_argument("--beam", type=int, default=3)
-    p.add_argument("--rounds", type=int, default=3, help="timed calls per setting (default 3)")
+    p.add_argument("--beam", type=int, default=3, help="beam size")
+    p.add_argument("--rounds", type=int, default=3, help="timed calls per setting, interleaved")
     C.add_out_argument(p)
-    args = p.parse_args(argv)
+    return p
+
+
+def parse_args(argv=None):
+    args = build_parser().parse_args(argv)
     args.batches = [int(b) for b in args.batches.split(",")]
     args.workers = [None if w == "default" else int(w) for w in args.workers.split(",")]
     return args

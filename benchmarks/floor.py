@@ -18,7 +18,6 @@ bandwidth where the weights fit in cache, the memory's where they do not).
 
 from __future__ import annotations
 
-import argparse
 import time
 
 import numpy as np
@@ -28,20 +27,29 @@ import _common as C
 MATMUL_OPS = {"MatMul", "Gemm", "FusedGemm"}
 
 
-def parse_args(argv=None):
-    p = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
+def build_parser():
+    p = C.argument_parser(__doc__)
     p.add_argument("--model", default=None, help="model directory (default: the shipped model)")
-    p.add_argument("--beam", type=int, default=3)
-    p.add_argument("--batch", type=int, default=1)
+    p.add_argument("--beam", type=int, default=3, help="beam size: the decoder step runs beam x batch rows")
+    p.add_argument("--batch", type=int, default=1, help="images per encoder pass")
     p.add_argument(
         "--threads",
         type=int,
         default=None,
         help="onnxruntime intra-op threads (default: the backend's default)",
     )
-    p.add_argument("--repeats", type=int, default=50)
+    p.add_argument(
+        "--repeats",
+        type=int,
+        default=50,
+        help="timed decoder steps for the median (encoder passes: a third as many, at least 5)",
+    )
     C.add_out_argument(p)
-    return p.parse_args(argv)
+    return p
+
+
+def parse_args(argv=None):
+    return build_parser().parse_args(argv)
 
 
 # -- counting ------------------------------------------------------------------------------------

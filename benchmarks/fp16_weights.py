@@ -21,7 +21,6 @@ manifest's graph roles to round (``encoder``, ``decoder_step``). Needs the ``onn
 
 from __future__ import annotations
 
-import argparse
 import json
 import shutil
 import sys
@@ -70,8 +69,8 @@ def round_graph(path: Path) -> dict:
     }
 
 
-def main(argv=None) -> None:
-    p = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
+def build_parser():
+    p = C.argument_parser(__doc__)
     p.add_argument("--model", type=Path, default=None, help="model directory (default: the shipped model)")
     p.add_argument(
         "--roles",
@@ -79,6 +78,11 @@ def main(argv=None) -> None:
         help="the graphs to round, comma-separated manifest roles (default: %(default)s)",
     )
     C.add_out_argument(p)
+    return p
+
+
+def main(argv=None) -> None:
+    p = build_parser()
     args = p.parse_args(argv)
     roles = [r.strip() for r in args.roles.split(",") if r.strip()]
     unknown = sorted(set(roles) - set(ROLES))

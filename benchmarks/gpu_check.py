@@ -43,7 +43,6 @@ default).
 
 from __future__ import annotations
 
-import argparse
 import copy
 import importlib
 import importlib.util
@@ -92,8 +91,8 @@ def log(message: str) -> None:
     print(f"[gpu_check {time.perf_counter() - T0:6.1f}s] {message}", file=sys.stderr, flush=True)
 
 
-def parse_args(argv=None):
-    p = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
+def build_parser():
+    p = C.argument_parser(__doc__)
     p.add_argument(
         "--device",
         choices=("auto", "cuda", "cpu"),
@@ -104,28 +103,42 @@ def parse_args(argv=None):
     p.add_argument(
         "--name", default=None, help="report file name without suffix (default: gpu, or gpu-cpu on the CPU)"
     )
-    p.add_argument("--model", type=Path, default=None, help="model directory (default: shipped)")
+    p.add_argument("--model", type=Path, default=None, help="model directory (default: the shipped model)")
     p.add_argument(
         "--quick", action="store_true", help="fewer photos, repeats and settings (CPU: beam 3 x batch 1 only)"
     )
-    p.add_argument("--n", type=int, default=None, help="photos captioned (default 200; quick 48)")
-    p.add_argument("--repeats", type=int, default=None, help="timed calls per setting (20; quick 5)")
-    p.add_argument("--warmup", type=int, default=None, help="untimed calls first (3; quick 1)")
-    p.add_argument("--beams", default=None, help="comma list (default 1,3)")
-    p.add_argument("--batches", default=None, help="comma list (default 1,8)")
-    p.add_argument("--max-length", type=int, default=20)
+    p.add_argument("--n", type=int, default=None, help="photos captioned (default: 200; --quick: 48)")
+    p.add_argument(
+        "--repeats", type=int, default=None, help="timed calls per setting (default: 20; --quick: 5)"
+    )
+    p.add_argument("--warmup", type=int, default=None, help="untimed calls first (default: 3; --quick: 1)")
+    p.add_argument(
+        "--beams",
+        default=None,
+        help="latency beam sizes, comma-separated (default: 1,3; --device cpu --quick: 3)",
+    )
+    p.add_argument(
+        "--batches",
+        default=None,
+        help="latency batch sizes, comma-separated (default: 1,8; --device cpu --quick: 1)",
+    )
+    p.add_argument("--max-length", type=int, default=20, help="most words per caption")
     p.add_argument(
         "--flickr8k",
         type=Path,
         default=C.FLICKR8K,
         help="folder with images/, Flickr_8k.devImages.txt and Flickr8k.token.txt "
-        "(default ../shared/data/flickr8k; absent: the example photos)",
+        "(absent: the example photos)",
     )
     p.add_argument("--skip-tests", action="store_true", help="do not run pytest -m gpu")
     p.add_argument(
         "--budget-s", type=float, default=300.0, help="skip sections that would start after this many seconds"
     )
-    args = p.parse_args(argv)
+    return p
+
+
+def parse_args(argv=None):
+    args = build_parser().parse_args(argv)
     cpu_quick = args.quick and args.device == "cpu"
     args.n = args.n if args.n is not None else (48 if args.quick else 200)
     args.repeats = args.repeats if args.repeats is not None else (5 if args.quick else 20)

@@ -17,12 +17,12 @@ preprocessing and the search's own work (all that is neither the encoder nor a d
 the stage figures are measured inside each call and returned to the harness. The targets and
 ratios use the interleaved medians.
 
-Writes results/latency.json, results/latency.md and (with Pillow) results/latency.png.
+Writes latency.json, latency.md and (with Pillow) latency.png into ``--out DIR`` (default: a new
+folder under benchmarks/runs/).
 """
 
 from __future__ import annotations
 
-import argparse
 import io
 import itertools
 import json
@@ -41,22 +41,38 @@ CIDER_TOLERANCE = 0.01
 STAGES = ("encoder_ms", "step_ms", "steps", "decode_ms", "preprocess_ms", "search_python_ms")
 
 
-def parse_args(argv=None):
-    p = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
+def build_parser():
+    p = C.argument_parser(__doc__)
     C.add_model_arguments(p)
-    p.add_argument("--beams", default=",".join(map(str, BEAMS)))
-    p.add_argument("--batches", default=",".join(map(str, BATCHES)))
+    p.add_argument("--beams", default=",".join(map(str, BEAMS)), help="beam sizes to time, comma-separated")
+    p.add_argument(
+        "--batches",
+        default=",".join(map(str, BATCHES)),
+        help="batch sizes to time (images per caption_batch call), comma-separated",
+    )
     C.add_harness_arguments(p, rounds=5, per_round=3, warmup=2)
-    p.add_argument("--max-length", type=int, default=20)
-    p.add_argument("--input", choices=("frame", "jpeg"), default="frame")
-    p.add_argument("--no-chart", action="store_true", help="skip results/latency.png")
+    p.add_argument(
+        "--max-length", type=int, default=20, help="most words per caption (a random model runs to it)"
+    )
+    p.add_argument(
+        "--input",
+        choices=("frame", "jpeg"),
+        default="frame",
+        help="frame: decoded RGB arrays of the example photos; jpeg: the same as JPEG bytes, "
+        "so decoding counts too",
+    )
+    p.add_argument("--no-chart", action="store_true", help="skip the chart (latency.png beside the results)")
     p.add_argument(
         "--quality",
         type=Path,
         default=C.RESULTS_DIR / "quality_speed.json",
         help="quality_speed.py's JSON, for the dev CIDEr beside the int8 target",
     )
-    return p.parse_args(argv)
+    return p
+
+
+def parse_args(argv=None):
+    return build_parser().parse_args(argv)
 
 
 def inputs(kind: str, batch: int) -> list:

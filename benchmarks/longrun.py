@@ -12,13 +12,13 @@ descriptors (/proc/self/fd). Growth is measured from the first sample at or afte
 images: RSS growth in percent and as a least-squares slope (KiB per 1000 images), descriptors as
 a count. A reference image is captioned at the start and the end: the captions must match.
 
-Writes ``benchmarks/results/longrun.json`` and ``longrun.md``. Exit status 1 when RSS grew more
-than ``--max-growth`` percent or descriptors leaked. Linux only (reads /proc).
+Writes ``longrun.json`` and ``longrun.md`` into ``--out DIR`` (default: a new folder under
+benchmarks/runs/). Exit status 1 when RSS grew more than ``--max-growth`` percent, descriptors
+leaked, the reference caption changed or an input failed. Linux only (reads /proc).
 """
 
 from __future__ import annotations
 
-import argparse
 import io
 import os
 import sys
@@ -140,13 +140,13 @@ def markdown(settings: dict, summary: dict, samples: list[dict], verdict: str) -
     )
 
 
-def main(argv: list[str] | None = None) -> int:
-    p = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
+def build_parser():
+    p = C.argument_parser(__doc__)
     p.add_argument("--model", type=Path, default=None, help="model directory (default: the shipped model)")
-    p.add_argument("--backend", default="onnxruntime")
-    p.add_argument("--n-images", type=int, default=3000)
-    p.add_argument("--batch-size", type=int, default=8)
-    p.add_argument("--beam-size", type=int, default=3)
+    p.add_argument("--backend", default="onnxruntime", help="Captioner backend")
+    p.add_argument("--n-images", type=int, default=3000, help="images captioned in all")
+    p.add_argument("--batch-size", type=int, default=8, help="images per caption_batch call")
+    p.add_argument("--beam-size", type=int, default=3, help="beam size")
     p.add_argument(
         "--sample-every",
         type=int,
@@ -166,11 +166,18 @@ def main(argv: list[str] | None = None) -> int:
         type=float,
         default=5.0,
         metavar="PCT",
-        help="RSS growth after warm-up above which the run fails (default 5)",
+        help="RSS growth (percent) after warm-up above which the run fails",
     )
-    p.add_argument("--seed", type=int, default=0)
-    p.add_argument("--threads", type=int, default=None, help="onnxruntime intra-op threads")
+    p.add_argument("--seed", type=int, default=0, help="seed of the images' random crops, flips and sizes")
+    p.add_argument(
+        "--threads", type=int, default=None, help="onnxruntime intra-op threads (default: the library's)"
+    )
     C.add_out_argument(p)
+    return p
+
+
+def main(argv: list[str] | None = None) -> int:
+    p = build_parser()
     args = p.parse_args(argv)
     if args.n_images < 1 or args.batch_size < 1:
         p.error("--n-images and --batch-size must be at least 1")

@@ -12,7 +12,6 @@ one caption (beam 3), and a batch of 8 (beam 3).
 
 from __future__ import annotations
 
-import argparse
 import json
 import subprocess
 import sys
@@ -69,11 +68,15 @@ def run_case(stage: str, variant: C.Variant | None, images: list[str]) -> dict:
     return json.loads(done.stdout.strip().splitlines()[-1])
 
 
-def main(argv=None) -> None:
-    p = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
+def build_parser():
+    p = C.argument_parser(__doc__)
     C.add_model_arguments(p)
     C.add_out_argument(p)
-    args = p.parse_args(argv)
+    return p
+
+
+def main(argv=None) -> None:
+    args = build_parser().parse_args(argv)
     variants, notes = C.resolve_variants(args)
     images = [str(path) for path in sorted(C.EXAMPLES.iterdir()) if path.suffix.lower() in {".png", ".jpg"}]
     cases = [("python", None, "empty interpreter"), ("import", None, "import edgecap")]

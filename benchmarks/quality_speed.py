@@ -21,15 +21,14 @@ with a full-split figure.
 
 from __future__ import annotations
 
-import argparse
 import sys
 from pathlib import Path
 
 import _common as C
 
 
-def parse_args(argv=None):
-    p = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
+def build_parser():
+    p = C.argument_parser(__doc__)
     C.add_model_arguments(p)
     C.add_harness_arguments(p, rounds=2, per_round=1, warmup=1)
     p.add_argument(
@@ -38,10 +37,14 @@ def parse_args(argv=None):
         default=C.FLICKR8K,
         help="Flickr8k folder (images/, Flickr8k.token.txt, Flickr_8k.devImages.txt)",
     )
-    p.add_argument("--limit", type=int, default=200, help="dev photos (0: all 1,000)")
-    p.add_argument("--beam", type=int, default=3)
-    p.add_argument("--batch", type=int, default=8)
-    return p.parse_args(argv)
+    p.add_argument("--limit", type=int, default=200, help="the first N dev photos (0: all 1,000)")
+    p.add_argument("--beam", type=int, default=3, help="beam size")
+    p.add_argument("--batch", type=int, default=8, help="photos per encoder pass and search (batch size)")
+    return p
+
+
+def parse_args(argv=None):
+    return build_parser().parse_args(argv)
 
 
 # -- in the worker ---------------------------------------------------------------------------------

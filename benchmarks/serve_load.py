@@ -21,7 +21,6 @@ Needs aiohttp (``pip install 'edgecap[serve]'``), the client and the server's li
 
 from __future__ import annotations
 
-import argparse
 import asyncio
 import os
 import subprocess
@@ -33,6 +32,8 @@ from _common import (
     DEFAULT_MODEL,
     EXAMPLES,
     REPO,
+    add_out_argument,
+    argument_parser,
     load_average,
     markdown_table,
     median,
@@ -125,26 +126,40 @@ async def load(port: int, clients: int, seconds: float, images) -> dict:
     }
 
 
+def build_parser():
+    parser = argument_parser(__doc__)
+    parser.add_argument(
+        "--clients",
+        type=int,
+        nargs="+",
+        default=[1, 4, 16],
+        metavar="N",
+        help="concurrent client counts, one run each per setting and round (default: 1 4 16)",
+    )
+    parser.add_argument("--seconds", type=float, default=20.0, help="length of each run (s)")
+    parser.add_argument(
+        "--warmup",
+        type=float,
+        default=3.0,
+        help="untimed load (s) on each server after it starts, before the first run",
+    )
+    parser.add_argument("--rounds", type=int, default=3, help="rounds over every client count and setting")
+    parser.add_argument(
+        "--settings",
+        nargs="+",
+        choices=sorted(SETTINGS),
+        default=list(SETTINGS),
+        help="batched: edgecap serve's defaults (--max-batch 8, --max-wait-ms 5); unbatched: "
+        "--max-batch 1 (default: batched unbatched)",
+    )
+    parser.add_argument("--model", type=Path, default=DEFAULT_MODEL, help="model directory the servers load")
+    parser.add_argument("--name", default="serve_load", help="results file names: NAME.json and NAME.md")
+    add_out_argument(parser)
+    return parser
+
+
 def main(argv: list[str] | None = None) -> int:
-    parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
-    parser.add_argument("--clients", type=int, nargs="+", default=[1, 4, 16])
-    parser.add_argument("--seconds", type=float, default=20.0, help="length of each run")
-    parser.add_argument(
-        "--warmup", type=float, default=3.0, help="untimed load before each setting's first run (s)"
-    )
-    parser.add_argument("--rounds", type=int, default=3)
-    parser.add_argument("--settings", nargs="+", choices=sorted(SETTINGS), default=list(SETTINGS))
-    parser.add_argument("--model", type=Path, default=DEFAULT_MODEL)
-    parser.add_argument("--name", default="serve_load")
-    parser.add_argument(
-        "--out",
-        type=Path,
-        default=None,
-        metavar="DIR",
-        help="folder for the results files (default: as the other benchmarks; "
-        "--out benchmarks/results replaces the committed figures)",
-    )
-    args = parser.parse_args(argv)
+    args = build_parser().parse_args(argv)
     images = photos()
     runs: list[dict] = []
     servers: dict[str, Server] = {}

@@ -15,7 +15,6 @@ what a bigger decoder costs per word before training one to the end.
 
 from __future__ import annotations
 
-import argparse
 import sys
 from pathlib import Path
 
@@ -61,16 +60,27 @@ def make_task(**kwargs) -> StepTask:
     return StepTask(**kwargs)
 
 
-def main(argv=None) -> None:
-    p = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
+def build_parser():
+    p = C.argument_parser(__doc__)
     p.add_argument("a", type=Path, help="model directory A (the baseline)")
     p.add_argument("b", type=Path, help="model directory B")
-    p.add_argument("--threads", type=int, default=1)
-    p.add_argument("--rounds", type=int, default=10)
+    p.add_argument("--threads", type=int, default=1, help="onnxruntime intra-op threads of each session")
+    p.add_argument(
+        "--rounds", type=int, default=10, help="interleaved rounds (and as many in the alone pass)"
+    )
     p.add_argument("--per-round", type=int, default=30, help="steps (and encoder passes) per model and round")
-    p.add_argument("--warmup", type=int, default=20)
+    p.add_argument(
+        "--warmup",
+        type=int,
+        default=20,
+        help="unmeasured steps (and encoder passes) per worker, before its timed ones",
+    )
     C.add_out_argument(p)
-    args = p.parse_args(argv)
+    return p
+
+
+def main(argv=None) -> None:
+    args = build_parser().parse_args(argv)
     specs = [
         I.Spec(label, "step_compare:make_task", {"model": str(d.resolve()), "threads": args.threads})
         for label, d in (("A", args.a), ("B", args.b))

@@ -18,7 +18,6 @@ all its timed calls, and the spread of the per-round medians.
 
 from __future__ import annotations
 
-import argparse
 import itertools
 import json
 import os
@@ -104,23 +103,26 @@ def run_variant(backend: str, threads: str, burners: int, args) -> dict:
     return {**json.loads(done.stdout.strip().splitlines()[-1]), "load_average": load, "timed_out": False}
 
 
-def parse_args(argv=None):
-    p = argparse.ArgumentParser(
-        description=__doc__.split("\n\n")[0], formatter_class=argparse.ArgumentDefaultsHelpFormatter
-    )
+def build_parser():
+    p = C.argument_parser(__doc__)
     p.add_argument(
         "--worker",
         nargs=2,
         metavar=("BACKEND", "THREADS"),
         help="(internal) run one variant in this process and print its JSON",
     )
-    p.add_argument("--backends", default="onnxruntime,torch", help="comma-separated")
+    p.add_argument("--backends", default="onnxruntime,torch", help="Captioner backends, comma-separated")
     p.add_argument(
         "--threads",
         default="default,1,2",
         help="comma-separated thread counts; 'default': no threads argument",
     )
-    p.add_argument("--loads", default="quiet,busy", help="quiet, busy or both")
+    p.add_argument(
+        "--loads",
+        default="quiet,busy",
+        help="quiet (the machine as it is), busy (beside --burners spinning processes) or both, "
+        "comma-separated",
+    )
     p.add_argument("--burners", type=int, default=1, help="busy processes beside a 'busy' variant")
     p.add_argument("--rounds", type=int, default=3, help="fresh processes per variant")
     p.add_argument("--calls", type=int, default=12, help="timed captions per process")
@@ -133,7 +135,11 @@ def parse_args(argv=None):
     )
     p.add_argument("--name", default="threads", help="results file name, without suffix")
     C.add_out_argument(p)
-    return p.parse_args(argv)
+    return p
+
+
+def parse_args(argv=None):
+    return build_parser().parse_args(argv)
 
 
 def report(data: dict) -> str:

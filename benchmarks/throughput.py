@@ -32,7 +32,6 @@ The photos are only read.
 
 from __future__ import annotations
 
-import argparse
 import importlib.util
 import sys
 import time
@@ -48,24 +47,33 @@ FULLRES = C.REPO.parent / "shared" / "data" / "flickr8k-fullres-dev"
 DEV_LIST = C.FLICKR8K / "Flickr_8k.devImages.txt"
 
 
-def parse_args(argv=None):
-    p = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
+def build_parser():
+    p = C.argument_parser(__doc__)
     C.add_model_arguments(p, variants=("ort-fp32", "ort-int8", "ort-int8-static"))
     C.add_harness_arguments(p, rounds=3, per_round=1, warmup=1)
     p.add_argument(
         "--images",
         type=Path,
         default=None,
-        help="folder of photos (default: the Flickr8k dev photos, see above)",
+        help="folder of .jpg / .png photos, the first --limit in name order (default: the first "
+        "--limit Flickr8k dev photos at full resolution from ../shared/data/flickr8k-fullres-dev, "
+        "else the 224 x 224 copies, else the package's example photos)",
     )
     p.add_argument("--limit", type=int, default=96, help="photos captioned per call")
-    p.add_argument("--beam", type=int, default=3)
-    p.add_argument("--batch", type=int, default=8)
+    p.add_argument("--beam", type=int, default=3, help="beam size")
+    p.add_argument("--batch", type=int, default=8, help="photos per encoder pass and search (batch size)")
     p.add_argument(
-        "--modes", default="prefetch-1", help="comma-separated: prefetch-N (N decoding threads), sequential"
+        "--modes",
+        default="prefetch-1",
+        help="comma-separated: prefetch-N (N threads decode the next batch while the model runs), "
+        "sequential (caption_batch(paths))",
     )
     p.add_argument("--no-floor", action="store_true", help="skip the floor (needs onnx)")
-    return p.parse_args(argv)
+    return p
+
+
+def parse_args(argv=None):
+    return build_parser().parse_args(argv)
 
 
 def default_photos(limit: int) -> tuple[list[Path], str]:

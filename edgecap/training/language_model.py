@@ -250,24 +250,99 @@ def gate_from_photos(model_dir: Path, photos: list[Path]):
     return Gate.fit(np.concatenate(probs))
 
 
+def build_install_parser() -> argparse.ArgumentParser:
+    """``python -m edgecap.training.language_model install``'s options."""
+    from edgecap.cli import HelpFormatter
+
+    parser = argparse.ArgumentParser(
+        prog="language_model install",
+        description="put two caption LMs into a model directory",
+        formatter_class=HelpFormatter,
+    )
+    parser.add_argument(
+        "--model",
+        required=True,
+        type=Path,
+        help="model directory to install them into (fusion.json and the two weight files are written there)",
+    )
+    parser.add_argument(
+        "--everyday",
+        required=True,
+        type=Path,
+        help="the everyday language model's weights (.npz, its .json beside it), on --model's vocabulary",
+    )
+    parser.add_argument(
+        "--in-domain",
+        required=True,
+        type=Path,
+        help="the in-domain language model's weights (.npz, its .json beside it): the caption "
+        "model's own training captions, on its vocabulary",
+    )
+    parser.add_argument(
+        "--weight",
+        required=True,
+        type=float,
+        help="fusion weight W: decoding adds W * (log p_everyday - log p_in_domain) to each word's score",
+    )
+    parser.add_argument(
+        "--gate-images",
+        type=Path,
+        help="folder of the caption model's training photos (with "
+        "--gate-list: the names to use) for the per-photo gate (default: no gate)",
+    )
+    parser.add_argument(
+        "--gate-list",
+        type=Path,
+        help="file naming one photo of --gate-images per line (default: all of them)",
+    )
+    return parser
+
+
+def build_parser() -> argparse.ArgumentParser:
+    """``python -m edgecap.training.language_model``'s options (training one model)."""
+    from edgecap.cli import HelpFormatter
+
+    parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0], formatter_class=HelpFormatter)
+    source = parser.add_mutually_exclusive_group(required=True)
+    source.add_argument("--text", help="one caption per line")
+    source.add_argument("--flickr8k", help="a Flickr8k token file (with --split)")
+    parser.add_argument("--split", help="the image list whose captions to train on")
+    parser.add_argument("--model", required=True, help="model directory whose vocabulary to use")
+    parser.add_argument("--out", required=True, help="weights file to write (.npz)")
+    parser.add_argument(
+        "--epochs",
+        type=int,
+        default=6,
+        help="passes over the captions; the best dev epoch's weights are kept",
+    )
+    parser.add_argument("--embed", type=int, default=128, help="word embedding size")
+    parser.add_argument("--hidden", type=int, default=256, help="LSTM hidden size")
+    parser.add_argument(
+        "--dropout", type=float, default=0.2, help="dropout on the embeddings and the LSTM output"
+    )
+    parser.add_argument("--lr", type=float, default=2e-3, help="Adam learning rate")
+    parser.add_argument("--lr-decay", type=float, default=0.7, help="learning rate factor after each epoch")
+    parser.add_argument("--batch-size", type=int, default=128, help="captions per training batch")
+    parser.add_argument(
+        "--max-words", type=int, default=30, help="longer captions are cut to this many words"
+    )
+    parser.add_argument(
+        "--dev-fraction",
+        type=float,
+        default=0.02,
+        help="share of the captions held out for the dev perplexity (at least one caption)",
+    )
+    parser.add_argument("--threads", type=int, default=1, help="torch CPU threads")
+    parser.add_argument(
+        "--seed", type=int, default=0, help="random seed (the dev split, shuffling, initial weights)"
+    )
+    return parser
+
+
 def main(argv=None) -> int:
     argv = list(sys.argv[1:] if argv is None else argv)
     if argv[:1] == ["install"]:
-        parser = argparse.ArgumentParser(
-            prog="language_model install", description="put two caption LMs into a model directory"
-        )
-        parser.add_argument("--model", required=True, type=Path)
-        parser.add_argument("--everyday", required=True, type=Path)
-        parser.add_argument("--in-domain", required=True, type=Path)
-        parser.add_argument("--weight", required=True, type=float)
-        parser.add_argument(
-            "--gate-images",
-            type=Path,
-            help="folder of the caption model's training photos (with "
-            "--gate-list: the names to use) for the per-photo gate",
-        )
-        parser.add_argument("--gate-list", type=Path, help="file naming one photo per line")
-        args = parser.parse_args(argv[1:])
+        args = build_install_parser().parse_args(argv[1:])
         photos = None
         if args.gate_images:
             names = (
@@ -278,24 +353,7 @@ def main(argv=None) -> int:
             photos = [args.gate_images / n for n in names]
         print(install(args.model, args.everyday, args.in_domain, args.weight, photos))
         return 0
-    parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
-    source = parser.add_mutually_exclusive_group(required=True)
-    source.add_argument("--text", help="one caption per line")
-    source.add_argument("--flickr8k", help="a Flickr8k token file (with --split)")
-    parser.add_argument("--split", help="the image list whose captions to train on")
-    parser.add_argument("--model", required=True, help="model directory whose vocabulary to use")
-    parser.add_argument("--out", required=True, help="weights file to write (.npz)")
-    parser.add_argument("--epochs", type=int, default=6, help="(default: %(default)s)")
-    parser.add_argument("--embed", type=int, default=128, help="(default: %(default)s)")
-    parser.add_argument("--hidden", type=int, default=256, help="(default: %(default)s)")
-    parser.add_argument("--dropout", type=float, default=0.2, help="(default: %(default)s)")
-    parser.add_argument("--lr", type=float, default=2e-3, help="(default: %(default)s)")
-    parser.add_argument("--lr-decay", type=float, default=0.7, help="per epoch (default: %(default)s)")
-    parser.add_argument("--batch-size", type=int, default=128, help="(default: %(default)s)")
-    parser.add_argument("--max-words", type=int, default=30, help="(default: %(default)s)")
-    parser.add_argument("--dev-fraction", type=float, default=0.02, help="(default: %(default)s)")
-    parser.add_argument("--threads", type=int, default=1, help="(default: %(default)s)")
-    parser.add_argument("--seed", type=int, default=0, help="(default: %(default)s)")
+    parser = build_parser()
     args = parser.parse_args(argv)
     if args.flickr8k and not args.split:
         parser.error("--flickr8k needs --split")
