@@ -502,7 +502,8 @@ def test_fake_tensorrt_graph_search_gives_the_numpy_captions(monkeypatch, tmp_pa
         if ngram == 0:  # the last step blocked no word (only the first word has blocks)
             last = searches[-1][-1]
             rows = encoded.n_images * beam
-            assert not device.read(last["word_block"], (rows, vocab), np.float32).any()
+            with device.active():
+                assert not device.read(last["word_block"], (rows, vocab), np.float32).any()
     assert "beam-step engine (5 beams)" in log.getvalue()
     for runs in searches:
         # h / c ping-pong: the first step reads the encoder's h0, each next one what the last

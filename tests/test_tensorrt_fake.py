@@ -10,11 +10,13 @@ onnxruntime. None of this proves the code runs on real TensorRT.
 
 from __future__ import annotations
 
+import contextlib
 import ctypes
 import io
 import json
 import shutil
 import sys
+import threading
 import types
 from pathlib import Path
 
@@ -45,7 +47,9 @@ MAGIC = b"FAKE-TRT-ENGINE\n"
 
 
 class FakeDevice(CudaDevice):
-    """Device memory as numpy byte arrays keyed by fake addresses; counts every call."""
+    """Device memory as numpy byte arrays keyed by fake addresses; counts every call. Like a
+    CUDA context, the device is usable only in a thread where it is current: every call (and
+    the fake engines' reads and writes) fails outside ``with device.active():`` in that thread."""
 
     def __init__(self, name="Orin", cc=(8, 7)):
         self.name, self.compute_capability = name, cc
@@ -55,25 +59,46 @@ class FakeDevice(CudaDevice):
         self.calls = {"htod": 0, "dtoh": 0, "sync": 0}
         self._next = 0x10000
         self.closed = False
+        self._current = threading.local()  # .depth: nested active() blocks in this thread
+        self.active_threads: set[str] = set()  # the threads that made it current
+
+    @contextlib.contextmanager
+    def active(self):
+        self._current.depth = getattr(self._current, "depth", 0) + 1
+        self.active_threads.add(threading.current_thread().name)
+        try:
+            yield
+        finally:
+            self._current.depth -= 1
+
+    def _check_current(self):
+        assert getattr(self._current, "depth", 0) > 0, (
+            f"the device used in thread {threading.current_thread().name!r} without its context current"
+        )
 
     def alloc(self, nbytes):
+        self._check_current()
         ptr = self._next
         self._next += (nbytes + 0xFFF) // 0x1000 * 0x1000 + 0x1000
         self.memory[ptr] = np.full(nbytes, 0xCD, np.uint8)  # garbage, like cudaMalloc
         return ptr
 
     def free(self, ptr):
+        self._check_current()
         del self.memory[ptr]  # KeyError on a double free
 
     def host_array(self, shape, dtype):
+        self._check_current()
         array = np.zeros(shape, dtype)
         self.pinned.append(id(array))
         return array
 
     def free_host(self, array):
+        self._check_current()
         self.pinned.remove(id(array))
 
     def create_stream(self):
+        self._check_current()
         self.streams.append("stream")
         return "stream"
 
@@ -81,9 +106,11 @@ class FakeDevice(CudaDevice):
         return 1234
 
     def destroy_stream(self, stream):
+        self._check_current()
         self.streams.remove(stream)
 
     def copy_to_device(self, dst, src, stream):
+        self._check_current()
         assert src.flags.c_contiguous
         raw = src.view(np.uint8).ravel()
         assert raw.size <= self.memory[dst].size, "copy past the end of a device buffer"
@@ -91,12 +118,14 @@ class FakeDevice(CudaDevice):
         self.calls["htod"] += 1
 
     def copy_to_host(self, dst, src, stream):
+        self._check_current()
         n = dst.nbytes
         assert n <= self.memory[src].size
         dst[...] = self.memory[src][:n].view(dst.dtype).reshape(dst.shape)
         self.calls["dtoh"] += 1
 
     def synchronize(self, stream):
+        self._check_current()
         self.calls["sync"] += 1
 
     def close(self):
@@ -104,10 +133,12 @@ class FakeDevice(CudaDevice):
 
     # for the fake engine
     def read(self, ptr, shape, dtype):
+        self._check_current()  # TensorRT runs in the caller's current context
         n = int(np.prod(shape)) * np.dtype(dtype).itemsize
         return self.memory[ptr][:n].view(dtype).reshape(shape).copy()
 
     def write(self, ptr, array):
+        self._check_current()
         raw = np.ascontiguousarray(array).view(np.uint8).ravel()
         assert raw.size <= self.memory[ptr].size, "engine wrote past a buffer"
         self.memory[ptr][: raw.size] = raw
@@ -960,3 +991,144 @@ def test_unwritable_engine_cache_fails_before_building(monkeypatch, tmp_path, ti
     with pytest.raises(BackendError, match="cannot save TensorRT engines.*EDGECAP_CACHE"):
         cache.load(load_manifest(tiny_model_dir), "encoder", "fp32", Limits(2, 3))
     assert trt.stats["builds"] == []
+
+
+# -- the device's CUDA context in the thread that uses it ----------------------------------------
+
+
+def test_fake_backend_made_in_one_thread_captions_in_another(monkeypatch, tmp_path, model_dir, device):
+    """``edgecap serve`` makes the Captioner in the main thread and captions in a worker: every
+    use of the device there (copies, engine runs, frees) has the context current, then let go."""
+    install(monkeypatch, "10.3.0.30", device)
+    manifest = load_manifest(model_dir)
+    h, w = manifest.preprocessing.size
+    images = np.zeros((2, 3, h, w), np.float32)
+    image_index, steps = some_steps(manifest, rows=6)
+    backend = TensorRTBackend(manifest, "fp16", Limits(2, 3), tmp_path, cuda_device=device, log=io.StringIO())
+    results, errors, depth_after = [], [], []
+
+    def worker():
+        try:
+            encoded = backend.encode(images)
+            session = backend.start(encoded, image_index)
+            results.extend(session.step(tokens, rows, bias) for tokens, rows, bias in steps)
+            backend.close()
+            depth_after.append(device._current.__dict__.get("depth", 0))
+        except BaseException as exc:  # reported in the main thread
+            errors.append(exc)
+
+    thread = threading.Thread(target=worker, name="edgecap-serve-model")
+    thread.start()
+    thread.join()
+    assert not errors, errors
+    assert len(results) == len(steps) and "edgecap-serve-model" in device.active_threads
+    assert depth_after == [0]  # the context let go of the worker thread after each call
+    assert device.memory == {} and device.pinned == [] and device.streams == []
+
+
+class FakePycuda:
+    """``pycuda.driver`` as far as ``PycudaDevice`` uses it, with CUDA's rule that a copy or an
+    allocation runs in the context current in the calling thread (a per-thread stack)."""
+
+    class Error(Exception):
+        pass
+
+    def __init__(self):
+        self.stacks = threading.local()
+        self.events: list[tuple[str, str]] = []  # (call, thread)
+        driver = self
+
+        class Context:
+            def __init__(self):
+                self.detached = False
+
+            def push(self):
+                driver._stack().append(self)
+                driver.events.append(("push", threading.current_thread().name))
+
+            @staticmethod
+            def pop():
+                if not driver._stack():
+                    raise driver.Error("cannot pop non-current context")
+                driver._stack().pop()
+                driver.events.append(("pop", threading.current_thread().name))
+
+            def detach(self):
+                self.detached = True
+
+        class Device:
+            def __init__(self, index):
+                self.index = index
+
+            def retain_primary_context(self):
+                driver.context = Context()
+                return driver.context
+
+            def name(self):
+                return "Orin"
+
+            def compute_capability(self):
+                return (8, 7)
+
+        self.Context, self.Device = Context, Device
+
+    def _stack(self) -> list:
+        if not hasattr(self.stacks, "items"):
+            self.stacks.items = []
+        return self.stacks.items
+
+    def _need_context(self, what):
+        if not self._stack() or self._stack()[-1] is not self.context:
+            raise self.Error(f"{what}: invalid device context")
+        self.events.append((what, threading.current_thread().name))
+
+    def init(self):
+        pass
+
+    def memcpy_htod_async(self, dst, src, stream):
+        self._need_context("memcpy_htod_async")
+
+
+def test_pycuda_device_makes_its_context_current_in_each_calling_thread(monkeypatch):
+    from edgecap.trt.cuda import PycudaDevice
+
+    driver = FakePycuda()
+    pycuda = types.ModuleType("pycuda")
+    pycuda.driver = driver
+    monkeypatch.setitem(sys.modules, "pycuda", pycuda)
+    monkeypatch.setitem(sys.modules, "pycuda.driver", driver)
+    device = PycudaDevice(0)
+    assert device.name == "Orin" and device.compute_capability == (8, 7)
+    assert driver._stack() == []  # the constructing thread is not left holding the context
+    with pytest.raises(BackendError, match="invalid device context"):
+        device.copy_to_device(0x5000, np.zeros(3, np.float32), None)  # outside active(): CUDA refuses
+
+    errors = []
+
+    def worker():
+        try:
+            with device.active():
+                device.copy_to_device(0x5000, np.zeros(3, np.float32), None)
+            assert driver._stack() == []
+        except BaseException as exc:
+            errors.append(exc)
+
+    thread = threading.Thread(target=worker, name="worker")
+    thread.start()
+    thread.join()
+    assert not errors, errors
+    assert [e for e in driver.events if e[1] == "worker"] == [
+        ("push", "worker"),
+        ("memcpy_htod_async", "worker"),
+        ("pop", "worker"),
+    ]
+    device.close()
+    assert driver.context.detached and driver._stack() == []
+
+
+def test_an_engine_without_an_execution_context_is_a_clear_error():
+    from edgecap.backends.tensorrt import execution_context
+
+    out_of_memory = types.SimpleNamespace(create_execution_context=lambda: None)  # what TensorRT returns
+    with pytest.raises(BackendError, match="execution context for the encoder engine .out of GPU memory"):
+        execution_context(out_of_memory, "the encoder engine")

@@ -219,6 +219,18 @@ class DeviceBuffers:
             self.stream = None
 
 
+def execution_context(engine: tensorrt.ICudaEngine, what: str) -> tensorrt.IExecutionContext:
+    """``engine``'s execution context; TensorRT returns None when it cannot make one (its
+    activation memory did not fit on the GPU)."""
+    context = engine.create_execution_context()
+    if context is None:
+        raise BackendError(
+            f"TensorRT could not create an execution context for {what} (out of GPU memory?); "
+            "free GPU memory, or build smaller engines (edgecap build --max-batch N)"
+        )
+    return context
+
+
 class TensorRTBackend(Backend):
     name = "tensorrt"
     # One set of device buffers and execution contexts: concurrent encode/start/step calls
@@ -267,13 +279,15 @@ class TensorRTBackend(Backend):
         try:
             target = Target(self._device.name, tuple(self._device.compute_capability), trt.__version__)
             self._cache = EngineCache(trt, target, cache_dir, log)
-            self._engines: dict[str, tensorrt.ICudaEngine] = {
-                role: self._cache.load(manifest, role, precision, self.limits) for role in ROLES
-            }
-            self._contexts: dict[str, tensorrt.IExecutionContext] = {
-                role: engine.create_execution_context() for role, engine in self._engines.items()
-            }
-            self.buffers = DeviceBuffers(self._device, self._contexts, self._tensor_info, self.limits)
+            with self._device.active():
+                self._engines: dict[str, tensorrt.ICudaEngine] = {
+                    role: self._cache.load(manifest, role, precision, self.limits) for role in ROLES
+                }
+                self._contexts: dict[str, tensorrt.IExecutionContext] = {
+                    role: execution_context(engine, f"the {role} engine")
+                    for role, engine in self._engines.items()
+                }
+                self.buffers = DeviceBuffers(self._device, self._contexts, self._tensor_info, self.limits)
         except BaseException:
             self.close()
             raise
@@ -341,12 +355,13 @@ class TensorRTBackend(Backend):
                 f"{n} images in one batch; these engines take 1 to "
                 f"{self.limits.max_batch} (edgecap build --max-batch N)"
             )
-        buffers.upload("image", images)
-        buffers.set_shape("encoder", "image", images.shape)
-        buffers.execute("encoder")
-        probs = buffers.download("class_probs", n)
-        # the pinned image buffer is reused by the next call: wait for the copy to finish
-        buffers.synchronize()
+        with self._device.active():
+            buffers.upload("image", images)
+            buffers.set_shape("encoder", "image", images.shape)
+            buffers.execute("encoder")
+            probs = buffers.download("class_probs", n)
+            # the pinned image buffer is reused by the next call: wait for the copy to finish
+            buffers.synchronize()
         self._generation += 1
         return Encoded(n_images=n, tensors=_EncodedOnDevice(self._generation, n), class_probs=probs.copy())
 
@@ -370,7 +385,8 @@ class TensorRTBackend(Backend):
             )
         if image_index.min() < 0 or image_index.max() >= handle.n_images:
             raise BackendError(f"image_index must lie in [0, {handle.n_images})")
-        buffers.upload("image_index", image_index.astype(np.int32))
+        with self._device.active():
+            buffers.upload("image_index", image_index.astype(np.int32))
         self._session_id += 1
         return TensorRTSession(
             self,
@@ -387,7 +403,8 @@ class TensorRTBackend(Backend):
         if self._graph_search is None:
             return None
         self._open_buffers()
-        return self._graph_search(encoded, options, start_id, end_id, tag_words, fusion)
+        with self._device.active():
+            return self._graph_search(encoded, options, start_id, end_id, tag_words, fusion)
 
     def describe(self) -> str:
         d = self._device
@@ -405,14 +422,17 @@ class TensorRTBackend(Backend):
         self._closed = True
         device = self._device
         try:
-            if self._graph_search is not None:
-                self._graph_search.close()
-            if self.buffers is not None:
-                self.buffers.close()
+            with device.active():
+                try:
+                    if self._graph_search is not None:
+                        self._graph_search.close()
+                    if self.buffers is not None:
+                        self.buffers.close()
+                finally:
+                    # contexts before engines, engines before the runtime
+                    self.__dict__.pop("_contexts", None)
+                    self.__dict__.pop("_engines", None)
         finally:
-            # contexts before engines, engines before the runtime
-            self.__dict__.pop("_contexts", None)
-            self.__dict__.pop("_engines", None)
             if self._owns_device:
                 device.close()
 
@@ -446,6 +466,16 @@ class TensorRTSession(DecoderSession):
 
     def _step(self, tokens: np.ndarray, source_rows: np.ndarray, word_bias: np.ndarray | None) -> StepResult:
         buffers = self._backend.check_session(self._id, self._generation)
+        with self._backend._device.active():
+            return self._run_step(buffers, tokens, source_rows, word_bias)
+
+    def _run_step(
+        self,
+        buffers: DeviceBuffers,
+        tokens: np.ndarray,
+        source_rows: np.ndarray,
+        word_bias: np.ndarray | None,
+    ) -> StepResult:
         tokens, source_rows = np.asarray(tokens), np.asarray(source_rows)
         r = self._rows
         if tokens.shape != (r,) or source_rows.shape != (r,):

@@ -21,6 +21,7 @@ from typing import TYPE_CHECKING
 
 import numpy as np
 
+from edgecap.backends.tensorrt import execution_context
 from edgecap.build.beam_step import BEAM_OUTPUTS
 from edgecap.decoding.graph_search import BeamStepResult, search_with_rules
 from edgecap.errors import BackendError
@@ -43,7 +44,7 @@ class BeamEngine:
         # context, then the engine, before the backend releases the device (as TensorRTBackend
         # does with its own contexts and engines)
         self.engine: tensorrt.ICudaEngine | None = engine
-        self.context: tensorrt.IExecutionContext | None = engine.create_execution_context()
+        self.context: tensorrt.IExecutionContext | None = execution_context(engine, "the beam-step engine")
         rows = backend.limits.max_rows
         vocab = backend.manifest.dims.vocab_size
         self._pointers: list[int] = []

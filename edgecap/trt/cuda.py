@@ -5,6 +5,12 @@
 older releases), which NVIDIA's own samples use since TensorRT 10.14. Every call is checked and
 raises ``BackendError`` naming the operation. Tests use a fake with the same interface.
 
+A CUDA context is current in one thread at a time: the backend may be made in one thread and
+called from another (``edgecap serve`` captions in a worker thread), so every use of the device,
+TensorRT's included, runs inside ``with device.active():``, which makes the device's context
+current in the calling thread for its duration (pycuda: push and pop the primary context;
+cuda-python: ``cudaSetDevice``, which binds the device's primary context to the thread).
+
 Not yet run on a real GPU.
 """
 
@@ -12,6 +18,8 @@ from __future__ import annotations
 
 import ctypes
 from abc import ABC, abstractmethod
+from collections.abc import Iterator
+from contextlib import AbstractContextManager, contextmanager, nullcontext
 from typing import Any
 
 import numpy as np
@@ -60,6 +68,11 @@ class CudaDevice(ABC):
     @abstractmethod
     def synchronize(self, stream) -> None: ...
 
+    def active(self) -> AbstractContextManager[None]:
+        """The device's CUDA context current in the calling thread while the ``with`` block
+        runs (nested uses are fine); a device with no context of its own needs nothing."""
+        return nullcontext()
+
     def close(self) -> None:  # noqa: B027 - optional: a device with nothing to release keeps it
         """Release the device (after every buffer was freed)."""
 
@@ -104,12 +117,23 @@ class PycudaDevice(CudaDevice):
             cuda.init()
             device = cuda.Device(index)
             self._context = device.retain_primary_context()
-            self._context.push()
             self.name = device.name()
             self.compute_capability = tuple(device.compute_capability())
 
     def _checked(self, what: str):
         return _Checked(what, self._cuda.Error)
+
+    @contextmanager
+    def active(self) -> Iterator[None]:
+        # pycuda's copies (memcpy_*_async) use whatever context is current in the thread, and
+        # its objects free themselves only where their context is current: push it for the call
+        with self._checked("making the GPU's CUDA context current"):
+            self._context.push()
+        try:
+            yield
+        finally:
+            with self._checked("releasing the GPU's CUDA context from this thread"):
+                self._cuda.Context.pop()
 
     def alloc(self, nbytes: int) -> int:
         with self._checked(f"allocating {nbytes} bytes on the GPU"):
@@ -158,7 +182,8 @@ class PycudaDevice(CudaDevice):
     def close(self) -> None:
         if self._context is not None:
             with self._checked("releasing the CUDA context"):
-                self._context.pop()
+                # the reference to the primary context taken in __init__ (pycuda releases it
+                # from the thread that made this device; from another it leaves it to exit)
                 self._context.detach()
             self._context = None
 
@@ -186,6 +211,7 @@ class CudaPythonDevice(CudaDevice):
         if self._rt is None:
             raise BackendError("cuda-python is not installed: pip install cuda-python")
         self._pinned: dict[int, int] = {}  # id(array) -> host pointer
+        self._index = index
         self._call("selecting the GPU", self._rt.cudaSetDevice, index)
         props = self._call("reading the GPU's properties", self._rt.cudaGetDeviceProperties, index)
         name = props.name
@@ -202,6 +228,12 @@ class CudaPythonDevice(CudaDevice):
         if not values:
             return None
         return values[0] if len(values) == 1 else values
+
+    @contextmanager
+    def active(self) -> Iterator[None]:
+        # the runtime API's current device is per thread (a new thread starts on GPU 0)
+        self._call("selecting the GPU", self._rt.cudaSetDevice, self._index)
+        yield
 
     def alloc(self, nbytes: int) -> int:
         return int(
