@@ -370,6 +370,47 @@ def test_non_finite_log_probabilities_fail_loudly():
         graph_beam_search(_NaNStep(), 1, CaptionOptions(beam_size=2), 5, 3, START, END, 8)
 
 
+def _fold_like_tensorrt(model):
+    """What TensorRT may do to a graph unless ``kSTRICT_NANS`` is set (NvInfer.h, BuilderFlag):
+    x - x => 0, x / x => 1, 0 * x => 0, identities that are false for inf and NaN."""
+    from onnx import helper
+
+    zero = {t.name for t in model.graph.initializer if not onnx.numpy_helper.to_array(t).any()}
+    nodes = []
+    for node in model.graph.node:
+        if node.op_type in ("Sub", "Div") and len(set(node.input)) == 1:
+            x, value = node.input[0], 0.0 if node.op_type == "Sub" else 1.0
+        elif node.op_type == "Mul" and any(i in zero for i in node.input):
+            x, value = next((i for i in node.input if i not in zero), node.input[0]), 0.0
+        else:
+            nodes.append(node)
+            continue
+        shape = node.output[0] + "/shape"
+        fill = helper.make_tensor("value", onnx.TensorProto.FLOAT, [1], [value])
+        nodes += [
+            helper.make_node("Shape", [x], [shape]),
+            helper.make_node("ConstantOfShape", [shape], node.output, value=fill),
+        ]
+    del model.graph.node[:]
+    model.graph.node.extend(nodes)
+    return model
+
+
+def test_the_finiteness_check_survives_tensorrts_nan_unsafe_folds(tiny, monkeypatch):
+    """An FP16 engine's log-probabilities out of range fail loudly even after TensorRT's
+    floating-point identities (the check must not be x - x, which TensorRT may make 0)."""
+    import edgecap.backends.ort_beam as ort_beam
+
+    manifest, _, _, images = tiny
+    monkeypatch.setattr(ort_beam, "beam_step_model", lambda *a: _fold_like_tensorrt(beam_step_model(*a)))
+    graph = OnnxRuntimeBackend(manifest, device="cpu", threads=1, search="graph")
+    encoded = graph.encode(images)
+    encoded.tensors["h0"] = np.full_like(encoded.tensors["h0"], np.inf)  # the step's state gone bad
+    vocab = manifest.dims.vocab_size
+    with pytest.raises(BackendError, match="non-finite log-probabilities at word 1"):
+        search_with_tags(graph, encoded, CaptionOptions(beam_size=3), START, END, vocab, (frozenset(),) * 3)
+
+
 def test_search_must_be_host_or_graph(tiny):
     with pytest.raises(ValueError, match="search must be one of host, graph"):
         OnnxRuntimeBackend(tiny[0], device="cpu", search="device")

@@ -2,10 +2,10 @@
 
 No TensorRT or GPU here: ``FakeTRT`` implements exactly the calls edgecap makes (builder, network
 flags, parser, profile, timing cache, runtime, engine, execution context), with the attributes
-that differ between TensorRT 8.5, 8.6, 10.3, 10.12 and 11. Its "engine" executes the parsed
-ONNX with onnxruntime CPU, reading and writing a fake device memory at the addresses the backend
-set, so buffer bookkeeping, ping-pong state and the step loop are checked against plain
-onnxruntime. None of this proves the code runs on real TensorRT.
+that differ between TensorRT 8.6, 10.3, 10.12 and 11 (8.5 and older are refused). Its "engine"
+executes the parsed ONNX with onnxruntime CPU, reading and writing a fake device memory at the
+addresses the backend set, so buffer bookkeeping, ping-pong state and the step loop are checked
+against plain onnxruntime. None of this proves the code runs on real TensorRT.
 """
 
 from __future__ import annotations
@@ -165,7 +165,7 @@ def make_fake_trt(version: str, device: FakeDevice):
         flags["EXPLICIT_BATCH"] = 0
     if v >= (10, 0):
         flags["STRONGLY_TYPED"] = 5
-    builder_flags = {"PREFER_PRECISION_CONSTRAINTS": 8}
+    builder_flags = {"PREFER_PRECISION_CONSTRAINTS": 8, "TF32": 7}
     if v < (11, 0):
         builder_flags["FP16"] = 0
     trt.Logger = Logger
@@ -176,7 +176,7 @@ def make_fake_trt(version: str, device: FakeDevice):
     trt.LayerType = types.SimpleNamespace(
         SOFTMAX="softmax", TOPK="topk", UNARY="unary", SHUFFLE="shuffle", OTHER="other"
     )
-    trt.float32, trt.float16, trt.int32, trt.int64 = 1, 10, 6, 7
+    trt.float32, trt.float16, trt.int32, trt.int64, trt.bool = 1, 10, 6, 7, 9
     trt.nptype = lambda dt: _ONNX_TO_NP[dt]
 
     class Tensor:
@@ -184,13 +184,28 @@ def make_fake_trt(version: str, device: FakeDevice):
             self.name, self.dtype = name, dtype
 
     class Layer:
-        """A parsed layer with named, typed inputs and outputs (TopK: values FP32, indices
-        INT32, as TensorRT's ONNX parser makes them)."""
+        """A parsed layer with named, typed inputs and outputs (their ONNX types; INT64 as
+        INT32 and TopK's indices INT32, as TensorRT's ONNX parser makes them). A float
+        precision on a layer whose tensors are all integer or bool is refused (NvInfer.h,
+        ILayer::setPrecision: such a layer's precision must be its input or output type)."""
 
         def __init__(self, kind, inputs=(), outputs=()):
-            self.type, self.precision, self.output_types = kind, None, {}
-            self.inputs = [Tensor(name, trt.float32) for name in inputs]
+            self.type, self._precision, self.output_types = kind, None, {}
+            self.inputs = [Tensor(name, dtype) for name, dtype in inputs]
             self.outputs = [Tensor(name, dtype) for name, dtype in outputs]
+
+        @property
+        def precision(self):
+            return self._precision
+
+        @precision.setter
+        def precision(self, dtype):
+            floats = (trt.float32, trt.float16)
+            assert any(t.dtype in floats for t in (*self.inputs, *self.outputs)) or dtype not in floats, (
+                f"precision {dtype} on a {self.type} layer of integer / bool tensors "
+                f"{[t.name for t in (*self.inputs, *self.outputs)]}"
+            )
+            self._precision = dtype
 
         num_inputs = property(lambda self: len(self.inputs))
         num_outputs = property(lambda self: len(self.outputs))
@@ -231,24 +246,23 @@ def make_fake_trt(version: str, device: FakeDevice):
     flags_values = list(flags.values())
     shuffles = {"Squeeze", "Unsqueeze", "Reshape", "Flatten", "Transpose"}
 
-    def fake_layers(node):
-        """The layers TensorRT's ONNX parser makes of one node (LogSoftmax: Softmax + Log)."""
+    onnx_types = {1: trt.float32, 10: trt.float16, 6: trt.int32, 7: trt.int32, 9: trt.bool}
+
+    def fake_layers(node, typed):
+        """The layers TensorRT's ONNX parser makes of one node (LogSoftmax: Softmax + Log);
+        ``typed``: a tensor name -> (name, its type)."""
         if node.op_type == "LogSoftmax":
-            mid = node.output[0] + "/softmax"
+            mid = (node.output[0] + "/softmax", trt.float32)
             return [
-                Layer("softmax", node.input[:1], [(mid, trt.float32)]),
-                Layer("unary", [mid], [(node.output[0], trt.float32)]),
+                Layer("softmax", [typed(node.input[0])], [mid]),
+                Layer("unary", [mid], [typed(node.output[0])]),
             ]
         if node.op_type == "TopK":
             return [
-                Layer("topk", node.input[:1], [(node.output[0], trt.float32), (node.output[1], trt.int32)])
+                Layer("topk", [typed(node.input[0])], [typed(node.output[0]), (node.output[1], trt.int32)])
             ]
-        if node.op_type == "Cast":
-            to = next(a.i for a in node.attribute if a.name == "to")
-            dtype = {6: trt.int32, 7: trt.int32, 10: trt.float16}.get(to, trt.float32)
-            return [Layer("other", node.input, [(node.output[0], dtype)])]
         kind = {"Softmax": "softmax"}.get(node.op_type, "shuffle" if node.op_type in shuffles else "other")
-        return [Layer(kind, node.input, [(o, trt.float32) for o in node.output])]
+        return [Layer(kind, [typed(i) for i in node.input if i], [typed(o) for o in node.output])]
 
     class OnnxParser:
         def __init__(self, network, logger):
@@ -266,9 +280,18 @@ def make_fake_trt(version: str, device: FakeDevice):
                     d.dim_value if d.HasField("dim_value") else -1 for d in vi.type.tensor_type.shape.dim
                 )
                 self.network.inputs.append(types.SimpleNamespace(name=vi.name, shape=dims))
+            graph = onnx.shape_inference.infer_shapes(model).graph
+            elem = {
+                v.name: v.type.tensor_type.elem_type for v in (*graph.input, *graph.value_info, *graph.output)
+            }
+            elem.update({t.name: t.data_type for t in graph.initializer})
+
+            def typed(name):
+                return name, onnx_types.get(elem.get(name), trt.float32)
+
             self.network.layers = []
             for n in model.graph.node:
-                self.network.layers.extend(fake_layers(n))
+                self.network.layers.extend(fake_layers(n, typed))
             return True
 
         @property
@@ -287,10 +310,14 @@ def make_fake_trt(version: str, device: FakeDevice):
 
     class Config:
         def __init__(self):
-            self.flags, self.profiles, self.pool, self.cache = set(), [], {}, None
+            # TF32 on by default, as in TensorRT (BuilderFlag.TF32: "Enabled by default")
+            self.flags, self.profiles, self.pool, self.cache = {trt.BuilderFlag.TF32}, [], {}, None
 
         def set_flag(self, flag):
             self.flags.add(flag)
+
+        def clear_flag(self, flag):
+            self.flags.discard(flag)
 
         def set_memory_pool_limit(self, pool, size):
             self.pool[pool] = size
@@ -300,9 +327,13 @@ def make_fake_trt(version: str, device: FakeDevice):
             return len(self.profiles) - 1
 
         def create_timing_cache(self, data):
-            return TimingCache(data)
+            # None for bytes that are not a timing cache (NvInfer.h returns a null pointer)
+            return None if bytes(data).startswith(b"garbage") else TimingCache(data)
 
         def set_timing_cache(self, cache, ignore_mismatch):
+            # a cache from another GPU is refused unless the mismatch is ignored
+            if cache.data.startswith(b"other-gpu") and not ignore_mismatch:
+                return False
             self.cache = cache
             return True
 
@@ -314,7 +345,8 @@ def make_fake_trt(version: str, device: FakeDevice):
             self.shapes = {}
 
         def set_shape(self, name, lo, opt, hi):
-            assert all(a <= b <= c for a, b, c in zip(lo, opt, hi)), (name, lo, opt, hi)
+            if not all(a <= b <= c for a, b, c in zip(lo, opt, hi)):  # as pybind's checks raise
+                raise RuntimeError("min <= opt <= max does not hold")
             self.shapes[name] = (tuple(lo), tuple(opt), tuple(hi))
 
     class Builder:
@@ -521,16 +553,15 @@ def test_tensorrt_stubs_alone_are_not_tensorrt(monkeypatch):
     assert not tensorrt_importable()
 
 
-@pytest.mark.parametrize("version", ["8.2.1.8", "7.1.3"])
+@pytest.mark.parametrize("version", ["8.5.2.2", "8.2.1.8", "7.1.3"])
 def test_fake_tensorrt_too_old(version):
-    with pytest.raises(BackendError, match="8.5 or newer.*JetPack 4.6"):
+    with pytest.raises(BackendError, match="8.6 or newer.*JetPack 5 .TensorRT 8.5.*JetPack 4.6"):
         check_version(version)
 
 
 @pytest.mark.parametrize(
     "version,explicit_batch,strongly_typed,fp16_flag,fp16_onnx",
     [
-        ("8.5.2.2", True, False, True, False),  # JetPack 5.1
         ("8.6.2.3", True, False, True, False),  # JetPack 6.0
         ("10.3.0.30", False, False, True, False),  # JetPack 6.1 / 6.2
         ("10.12.0.36", False, True, False, True),  # FP16 flag deprecated: strongly typed FP16 ONNX
@@ -549,6 +580,7 @@ def test_fake_build_version_branches(
         assert bool(flags & 1) == explicit_batch  # EXPLICIT_BATCH = bit 0
         assert bool(flags & (1 << 5)) == strongly_typed  # STRONGLY_TYPED = bit 5
         assert (0 in record["builder_flags"]) == fp16_flag  # BuilderFlag.FP16 = 0
+        assert 7 not in record["builder_flags"]  # TF32 (on by default) cleared: FP32 layers are FP32
         assert record["fp16_weights"] == fp16_onnx
     step = trt.stats["builds"][1]
     if fp16_flag:  # weakly typed FP16: softmaxes, LogSoftmax's log and top-k pinned to FP32
@@ -648,6 +680,38 @@ def test_fake_engine_cache_reuse_rebuild_and_timing_cache(monkeypatch, tmp_path,
     trt11 = install(monkeypatch, "11.0.0.1", device)
     other = EngineCache(trt11, Target(device.name, device.compute_capability, "11.0.0.1"), tmp_path, log)
     assert other.path(manifest, "encoder", "fp16", limits) != engine_path
+
+
+def test_fake_timing_cache_unreadable_or_refused_never_fails_the_build(
+    monkeypatch, tmp_path, model_dir, device
+):
+    trt = install(monkeypatch, "10.3.0.30", device)
+    manifest = load_manifest(model_dir)
+    log = io.StringIO()
+    cache = EngineCache(trt, Target(device.name, device.compute_capability, trt.__version__), tmp_path, log)
+    timing = tmp_path / "timing-orin-sm87-trt10.3.0.30.cache"
+    timing.write_bytes(b"garbage: not a timing cache")  # a file cut short, another program's
+    cache.build(manifest, "encoder", "fp32", Limits(1, 1))
+    assert "could not be read; starting a new one" in log.getvalue()
+    assert trt.stats["builds"][-1]["timing_cache_in"] == "" and timing.read_bytes() == b"t"  # replaced
+
+    timing.write_bytes(b"other-gpu")  # TensorRT refuses a cache made on another GPU
+    cache.build(manifest, "decoder_step", "fp32", Limits(1, 1))
+    assert "refused the timing cache" in log.getvalue()
+    assert trt.stats["builds"][-1]["timing_cache_in"] is None and timing.read_bytes() == b"other-gpu"
+
+
+def test_fake_build_refused_shapes_are_a_backend_error(monkeypatch, tmp_path, model_dir, device):
+    import edgecap.trt.engines as engines
+
+    install(monkeypatch, "10.3.0.30", device)
+    monkeypatch.setattr(
+        engines,
+        "profile_shapes",
+        lambda *a: {"image": ((2, 3, 224, 224), (1, 3, 224, 224), (8, 3, 224, 224))},
+    )
+    with pytest.raises(BackendError, match="refused the encoder engine's shapes for 'image'"):
+        build_all(load_manifest(model_dir), "fp32", Limits(2, 2), tmp_path, device=device, log=io.StringIO())
 
 
 def _cache(trt, device, tmp_path, log):
@@ -846,7 +910,7 @@ def test_fake_backend_skips_attention_copy_and_reuses_engines(monkeypatch, tmp_p
 
 
 def test_fake_backend_rejects_stale_and_oversized_use(monkeypatch, tmp_path, model_dir, device):
-    install(monkeypatch, "8.5.2.2", device)
+    install(monkeypatch, "8.6.2.3", device)
     manifest = load_manifest(model_dir)
     h, w = manifest.preprocessing.size
     images = np.zeros((2, 3, h, w), np.float32)

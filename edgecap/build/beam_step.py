@@ -59,7 +59,7 @@ MIN_OPSET = 13  # Unsqueeze, Slice and ReduceSum take their axes as inputs
 # The version of the appended graph, part of the names of the cached beam-step ONNX files and
 # TensorRT engines (edgecap.trt.engines): bump it on any change of what beam_step_model appends
 # (its nodes, constants, inputs or outputs), so that caches made by an older edgecap are rebuilt.
-BEAM_STEP_VERSION = 1
+BEAM_STEP_VERSION = 2  # 2: the finiteness check without x - x
 
 
 def row_ranges(limits: Limits) -> dict[str, tuple[int, int, int]]:
@@ -114,6 +114,9 @@ def beam_step_model(step_model, beam: int, end_id: int, top_k: int, hidden_dim: 
         "end": np.array(end_id, np.int32),
         "neg_inf": np.array(-np.inf, np.float32),
         "half": np.array(0.5, np.float32),
+        "flt_max": np.array(np.finfo(np.float32).max, np.float32),
+        "nan": np.array(np.nan, np.float32),
+        "zero_f": np.array(0.0, np.float32),
         "top_k": np.array(top_k, np.int32),
     }
     graph.initializer.extend(numpy_helper.from_array(v, PREFIX + k) for k, v in constants.items())
@@ -156,9 +159,15 @@ def beam_step_model(step_model, beam: int, end_id: int, top_k: int, hidden_dim: 
     op("Greater", ["has_end_f", "half"], "has_end")
     op("Cast", ["end_first"], "end_first32", to=TensorProto.INT32)
     op("Where", ["has_end", "end_first32", "top_k"], "end_positions")
-    # x - x is 0 for a finite x, NaN for inf or NaN: one value a row says the step is sound
-    op("Sub", ["topk_logprobs", "topk_logprobs"], "finite_k")
-    op("ReduceSum", ["finite_k", "one"], "logprob_check", keepdims=0)
+    # one value a row says the step is sound: |x| < FLT_MAX is false for inf and NaN alone. Not
+    # x - x (NaN for inf or NaN): TensorRT may fold x - x to 0 unless kSTRICT_NANS is set
+    op("Abs", ["topk_logprobs"], "abs_k")
+    op("Less", ["abs_k", "flt_max"], "finite_k")
+    op("Not", ["finite_k"], "bad_k")
+    op("Cast", ["bad_k"], "bad_f", to=TensorProto.FLOAT)
+    reduce_max(["bad_f"], "bad_row")
+    op("Greater", ["bad_row", "half"], "bad")
+    op("Where", ["bad", "nan", "zero_f"], "logprob_check")
     # the row's first ``width`` candidates; <end> and blocked words never continue
     op("Slice", ["cand_k", "zero", "width", "one"], "cand")
     op("Slice", ["topk_ids", "zero", "width", "one"], "ids")

@@ -1,7 +1,8 @@
 """TensorRT support: engine building and caching (``engines``) and CUDA device memory (``cuda``).
 
 Written against the TensorRT Python API that exists from 8.5 through 11 (named I/O tensors,
-``set_input_shape``, ``set_tensor_address``, ``execute_async_v3``). Its logic is unit-tested
+``set_input_shape``, ``set_tensor_address``, ``execute_async_v3``); 8.6 or newer is required,
+as 8.5's ONNX parser cannot read the encoder (LayerNormalization). Its logic is unit-tested
 with fakes of exactly the calls it makes; it has not yet run on real TensorRT.
 
 Typing: the ``tensorrt`` module is passed around as ``trt: TensorRTModule``, a protocol listing
@@ -47,7 +48,7 @@ if TYPE_CHECKING:
         __version__: str
 
 
-MIN_VERSION = (8, 5)
+MIN_VERSION = (8, 6)  # 8.5 (JetPack 5) cannot parse the encoder: no LayerNormalization
 # From 10.12 ``BuilderFlag.FP16`` is deprecated (removed in 11, where every network is strongly
 # typed): FP16 engines are then built from the FP16 ONNX as a strongly typed network.
 STRONGLY_TYPED_FP16_FROM = (10, 12)
@@ -103,8 +104,9 @@ def check_version(version: str) -> tuple[int, int]:
     parsed = parse_version(version)
     if parsed < MIN_VERSION:
         raise BackendError(
-            f"TensorRT {version} is too old: edgecap needs TensorRT 8.5 or newer (on a Jetson: "
-            "JetPack 6). JetPack 4.6 (TensorRT 8.2) is not supported; upgrade TensorRT or use "
-            "the onnxruntime backend (--backend onnxruntime)"
+            f"TensorRT {version} is too old: edgecap needs TensorRT 8.6 or newer (on a Jetson: "
+            "JetPack 6). JetPack 5 (TensorRT 8.5, whose ONNX parser cannot read the encoder's "
+            "LayerNormalization) and JetPack 4.6 (TensorRT 8.2) are not supported; upgrade "
+            "TensorRT or use the onnxruntime backend (--backend onnxruntime)"
         )
     return parsed

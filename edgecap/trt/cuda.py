@@ -90,7 +90,7 @@ def open_device(index: int = 0) -> CudaDevice:
     raise BackendError(
         "the TensorRT backend needs pycuda or cuda-python for GPU memory: "
         "pip install pycuda (on a Jetson: pip install pycuda, with the CUDA "
-        "toolkit on PATH), or pip install cuda-python"
+        "toolkit on PATH), or pip install 'cuda-python==12.*' (the major version of your CUDA)"
     )
 
 
@@ -209,7 +209,10 @@ class CudaPythonDevice(CudaDevice):
     def __init__(self, index: int = 0, cudart=None):
         self._rt = cudart or _import_cudart()
         if self._rt is None:
-            raise BackendError("cuda-python is not installed: pip install cuda-python")
+            raise BackendError(
+                "cuda-python is not installed: pip install 'cuda-python==12.*' "
+                "(the major version of your CUDA)"
+            )
         self._pinned: dict[int, int] = {}  # id(array) -> host pointer
         self._index = index
         self._call("selecting the GPU", self._rt.cudaSetDevice, index)

@@ -226,8 +226,11 @@ def _pin_fp32_layers(trt: TensorRTModule, network: tensorrt.INetworkDefinition) 
     """Weakly typed FP16 builds: keep Softmax and TopK layers, the Log (a unary layer) that
     TensorRT's ONNX parser puts after the Softmax of a LogSoftmax, and the beam-step graph's
     bookkeeping (scores, comparisons, its top-k) in FP32. Preferred rather
-    than obeyed (``PREFER_PRECISION_CONSTRAINTS``), so a build never fails over it. Only float
-    outputs are retyped: TopK's second output (the indices) is INT32 and stays so."""
+    than obeyed (``PREFER_PRECISION_CONSTRAINTS``), so a build never fails over it. Only layers
+    that read or write a float are pinned (the bookkeeping's integer and bool layers, its index
+    casts and comparisons of word ids, keep their own types: a layer of integer tensors may only
+    take its input or output type as its precision), and only float outputs are retyped: TopK's
+    second output (the indices) is INT32 and stays so."""
     kinds = trt.LayerType
     pinned = {getattr(kinds, name) for name in ("SOFTMAX", "TOPK") if hasattr(kinds, name)}
     unary = getattr(kinds, "UNARY", None)
@@ -246,12 +249,19 @@ def _pin_fp32_layers(trt: TensorRTModule, network: tensorrt.INetworkDefinition) 
         pin = pin or any(_beam_tensor(layer.get_output(j).name) for j in range(layer.num_outputs))
         if layer.type == getattr(kinds, "SOFTMAX", None):
             softmax_out.update(layer.get_output(j).name for j in range(layer.num_outputs))
-        if not pin:
+        if not pin or not _touches_float(trt, layer):
             continue
         layer.precision = trt.float32
         for j in range(layer.num_outputs):
             if _is_float(trt, layer.get_output(j).dtype):
                 layer.set_output_type(j, trt.float32)
+
+
+def _touches_float(trt: TensorRTModule, layer: tensorrt.ILayer) -> bool:
+    """Whether ``layer`` reads or writes a float tensor (optional inputs absent are None)."""
+    tensors = [layer.get_input(j) for j in range(layer.num_inputs)]
+    tensors += [layer.get_output(j) for j in range(layer.num_outputs)]
+    return any(t is not None and _is_float(trt, t.dtype) for t in tensors)
 
 
 def _beam_tensor(name: str) -> bool:
@@ -276,9 +286,11 @@ def build_engine(
     target: Target,
     timing_cache: Path | None,
     ranges: dict[str, tuple[int, int, int]] | None = None,
+    log=sys.stderr,
 ) -> bytes:
     """Parse ``onnx_path`` and build a serialized engine with one optimisation profile
-    (``ranges``: its inputs' rows, when not the role's ``Limits.row_ranges``)."""
+    (``ranges``: its inputs' rows, when not the role's ``Limits.row_ranges``); ``log``: edgecap's
+    own notes (TensorRT's go to its logger)."""
     version = target.trt
     mode = fp16_mode(trt, version) if precision == "fp16" else None
     strongly_typed = mode == "strongly_typed" or (
@@ -294,6 +306,12 @@ def build_engine(
     inputs = {network.get_input(i).name: _dims(network.get_input(i).shape) for i in range(network.num_inputs)}
     config = builder.create_builder_config()
     config.set_memory_pool_limit(trt.MemoryPoolType.WORKSPACE, WORKSPACE_BYTES)
+    if hasattr(trt.BuilderFlag, "TF32"):
+        # TF32 is on by default (Ampere and later: Orin, A100, H100): FP32 convolutions and
+        # matrix products would round their inputs to 10-bit mantissas. An "fp32" engine is FP32,
+        # and an FP16 engine's FP32 layers (the encoder's stem and first blocks, the softmaxes,
+        # the beam bookkeeping) are kept for their precision, measured in FP32
+        config.clear_flag(trt.BuilderFlag.TF32)
     if mode == "flag":
         config.set_flag(trt.BuilderFlag.FP16)
         if hasattr(trt.BuilderFlag, "PREFER_PRECISION_CONSTRAINTS"):
@@ -301,23 +319,43 @@ def build_engine(
             _pin_fp32_layers(trt, network)
     profile = builder.create_optimization_profile()
     for name, (lo, opt, hi) in profile_shapes(role, inputs, limits, ranges).items():
-        # tuples for Dims: TensorRT's bindings convert any int sequence (8.5 through 10.13; the
-        # stubs say so in Dims' docstring but type the parameters as Dims only)
-        profile.set_shape(name, lo, opt, hi)  # type: ignore[arg-type]
-    config.add_optimization_profile(profile)
+        try:
+            # tuples for Dims: TensorRT's bindings convert any int sequence (8.5 through 10.13;
+            # the stubs say so in Dims' docstring but type the parameters as Dims only)
+            profile.set_shape(name, lo, opt, hi)  # type: ignore[arg-type]
+        except (RuntimeError, TypeError, ValueError) as exc:
+            raise BackendError(
+                f"TensorRT refused the {role} engine's shapes for {name!r} "
+                f"(min {lo}, opt {opt}, max {hi}): {exc}"
+            ) from exc
+    if config.add_optimization_profile(profile) < 0:
+        raise BackendError(f"TensorRT refused the {role} engine's optimisation profile (see its log above)")
 
-    cache = None
-    if timing_cache is not None:
-        cache = config.create_timing_cache(timing_cache.read_bytes() if timing_cache.exists() else b"")
-        config.set_timing_cache(cache, ignore_mismatch=True)
+    use_timing_cache = timing_cache is not None and _set_timing_cache(config, timing_cache, log)
     serialized = builder.build_serialized_network(network, config)
     if serialized is None:
         raise BackendError(
             f"TensorRT failed to build the {role} engine from {onnx_path} (its log above says why)"
         )
-    if timing_cache is not None:
+    if use_timing_cache and timing_cache is not None:
         _atomic_write(timing_cache, config.get_timing_cache().serialize())
     return bytes(serialized)
+
+
+def _set_timing_cache(config: tensorrt.IBuilderConfig, path: Path, log) -> bool:
+    """The builder's timing cache from ``path`` (a new one when there is none, or when the file
+    cannot be read as one); False, with a note in ``log``, when TensorRT refuses it (the build
+    then times its layers afresh and the file is left as it is). The cache's file name holds the
+    GPU and the TensorRT version (``EngineCache``), so a mismatch is refused, not ignored."""
+    blob = path.read_bytes() if path.exists() else b""
+    cache = config.create_timing_cache(blob)
+    if cache is None and blob:
+        print(f"edgecap: the TensorRT timing cache {path} could not be read; starting a new one", file=log)
+        cache = config.create_timing_cache(b"")
+    if cache is None or not config.set_timing_cache(cache, ignore_mismatch=False):
+        print(f"edgecap: TensorRT refused the timing cache {path}; building without it", file=log)
+        return False
+    return True
 
 
 def deserialize(trt: TensorRTModule, runtime: tensorrt.Runtime, path: Path) -> tensorrt.ICudaEngine | None:
@@ -384,6 +422,7 @@ class EngineCache:
             self.target,
             timing_cache_path(self.cache_dir, self.target),
             ranges=ranges,
+            log=self.log,
         )
         try:
             _atomic_write(path, data)
