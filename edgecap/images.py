@@ -151,6 +151,17 @@ def _bomb_problem(width: int, height: int, limit: int) -> str:
     )
 
 
+def _bomb_problem_from_pillow(message: str, limit: int) -> str:
+    """``_bomb_problem`` for an image Pillow refused while opening it: its message gives the
+    pixel count ("Image size (N pixels) exceeds limit of M pixels ..."), not the sides."""
+    found = re.search(r"\((\d+) pixels\)", message)
+    size = f"{int(found.group(1)):,} pixels" if found else "too many pixels"
+    return (
+        f"image is {size}, over the limit of {limit:,} (a guard against decompression bombs); "
+        f"if you trust it, raise the limit with edgecap.images.set_max_pixels(n) or {MAX_PIXELS_ENV}=n"
+    )
+
+
 # -- naming inputs -----------------------------------------------------------------------------
 def describe(image: object) -> str:
     """A short name for an input, used as ``InputError.source``."""
@@ -241,10 +252,10 @@ def _decode(data: bytes, source: str, draft_size: tuple[int, int] | None = None)
         raise InputError(
             source, f"not an image in an accepted format ({', '.join(ACCEPTED_FORMATS)})"
         ) from None
-    except Image.DecompressionBombError as exc:
-        raise InputError(
-            source, f"{exc}; raise the limit with edgecap.images.set_max_pixels(n) or {MAX_PIXELS_ENV}=n"
-        ) from None
+    except (Image.DecompressionBombError, Image.DecompressionBombWarning) as exc:
+        # over twice Pillow's limit (or over it, with warnings turned into errors): Pillow refuses
+        # while opening, before our check, and says its own limit; say ours, as for the others
+        raise InputError(source, _bomb_problem_from_pillow(str(exc), limit)) from None
     except Exception as exc:  # noqa: BLE001
         # Pillow's plugins raise OSError, SyntaxError, but also NotImplementedError, struct.error,
         # IndexError ... on hostile bytes: whatever the reason, these bytes are not a usable image.

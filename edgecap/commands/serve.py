@@ -9,6 +9,7 @@ import math
 import os
 import signal
 import sys
+import warnings
 
 from edgecap.commands._options import add_model_arguments, load_captioner
 
@@ -76,6 +77,11 @@ def add_arguments(p: argparse.ArgumentParser) -> None:
 
 def run(args: argparse.Namespace) -> int:
     os.environ.setdefault("ORT_DISABLE_TELEMETRY", "1")  # as edgecap caption: write nothing
+    from PIL import Image
+
+    # The command owns its process, as caption's: Pillow's warning on a large image would only
+    # repeat, in the service's log, the InputError its client gets
+    warnings.simplefilter("ignore", Image.DecompressionBombWarning)
     from edgecap.serve import MIB, CaptionService, ServiceOptions, announce, is_loopback, serve, warm_up
 
     try:
