@@ -126,3 +126,51 @@ def test_caption_help_states_the_range_the_option_takes(flag, stated, highest, t
     caption_options(parser.parse_args([flag, highest, "photo.jpg"])).validate(10)  # accepted
     with pytest.raises(ValueError):
         caption_options(parser.parse_args([flag, too_high, "photo.jpg"])).validate(10)
+
+
+@pytest.mark.parametrize(
+    "flags",
+    [
+        ["--no-fusion", "--fusion-weight", "1"],
+        ["--fusion-weight", "1", "--no-fusion"],
+        ["--no-objects-guidance", "--guidance-bonus", "3"],
+        ["--guidance-bonus", "3", "--no-objects-guidance"],
+    ],
+)
+@pytest.mark.parametrize("command", ["caption", "eval", "serve"])
+def test_contradictory_options_are_refused_not_last_one_wins(command, flags, capsys):
+    with pytest.raises(SystemExit) as exit_info:
+        build_parser().parse_args([command, *flags])
+    assert exit_info.value.code == 2
+    assert "not allowed with argument" in capsys.readouterr().err
+
+
+def test_option_errors_name_the_flag_a_user_typed():
+    from edgecap.commands._options import in_flag_words
+
+    args = build_parser().parse_args(["caption", "photo.jpg"])
+    said = "beam_size must be between 1 and 10 (the model's top_k: its graph returns 10 best words), got 0"
+    assert in_flag_words(said, args) == (
+        "--beam-size must be between 1 and 10 (the model's top_k: its graph returns 10 best words), got 0"
+    )
+    assert (
+        in_flag_words("length_penalty must be None or a number in [0, 2], got 5.0", args)
+        == "--length-penalty must be a number in [0, 2], got 5.0"
+    )
+    assert in_flag_words("no_repeat_ngram must be between 0 (off) and 4", args).startswith(
+        "--no-repeat-ngram must"
+    )
+    # a field the command has no flag for keeps its name (caption has no --n-best)
+    assert in_flag_words("n_best must be between 1 and beam_size (3), got 4", args) == (
+        "n_best must be between 1 and --beam-size (3), got 4"
+    )
+
+
+def test_caption_takes_the_length_penalty_as_eval_does():
+    from edgecap.commands._options import caption_options
+
+    eval_args = ["--references", "refs.json", "--images", "photos"]
+    for command, rest in (("caption", []), ("serve", []), ("eval", eval_args)):
+        args = build_parser().parse_args([command, *rest, "--length-penalty", "0.7"])
+        assert caption_options(args).length_penalty == 0.7
+        assert caption_options(build_parser().parse_args([command, *rest])).length_penalty is None

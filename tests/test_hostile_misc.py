@@ -51,7 +51,7 @@ def test_batch_size_has_an_upper_bound(any_model_dir, photo):
     out = cli(photo, "--batch-size", "100000", model=any_model_dir)
     assert out.returncode == 2 and out.stdout == ""
     assert out.stderr.splitlines() == [
-        f"edgecap caption: error: batch_size must be between 1 and {MAX_BATCH_SIZE}, got 100000 "
+        f"edgecap caption: error: --batch-size must be between 1 and {MAX_BATCH_SIZE}, got 100000 "
         "(each image of a batch holds its activations and beams in memory until the batch is "
         "done)"
     ]

@@ -4,12 +4,19 @@
 from __future__ import annotations
 
 import argparse
+import re
 from dataclasses import fields
 
 from edgecap.backends import NAMES
 from edgecap.contract import Limits
 from edgecap.decoding import CaptionOptions
-from edgecap.decoding.options import MAX_BATCH_SIZE, MAX_LENGTH, MAX_NO_REPEAT_NGRAM, RANGES
+from edgecap.decoding.options import (
+    LENGTH_PENALTY_RANGE,
+    MAX_BATCH_SIZE,
+    MAX_LENGTH,
+    MAX_NO_REPEAT_NGRAM,
+    RANGES,
+)
 from edgecap.models.config import DecoderConfig
 from edgecap.prefetch import DEFAULT_CPU_DECODE_WORKERS, MAX_GPU_DECODE_WORKERS
 
@@ -65,8 +72,9 @@ def decode_workers_value(text: str | None) -> int | None:
 
 def add_model_arguments(p: argparse.ArgumentParser) -> None:
     """--model, --backend, --device, --threads, --decode-workers, --beam-size, --max-length,
-    --no-repeat-ngram, --batch-size, --guidance-bonus / --no-objects-guidance, --fusion-weight / --no-fusion,
-    --no-consensus, --no-blank-check, --constrained."""
+    --no-repeat-ngram, --length-penalty, --batch-size, --guidance-bonus / --no-objects-guidance,
+    --fusion-weight / --no-fusion (each pair exclusive), --no-consensus, --no-blank-check,
+    --constrained."""
     p.add_argument("--model", metavar="DIR", help="model directory (default: the model shipped with edgecap)")
     p.add_argument(
         "--backend",
@@ -119,7 +127,16 @@ def add_model_arguments(p: argparse.ArgumentParser) -> None:
         default=DEFAULTS["no_repeat_ngram"],
         metavar="N",
         help="never repeat a phrase of N words within a caption "
-        f"(default {DEFAULTS['no_repeat_ngram']}; 0: off; at most {MAX_NO_REPEAT_NGRAM})",
+        f"(default: {DEFAULTS['no_repeat_ngram']}; 0: off; at most {MAX_NO_REPEAT_NGRAM})",
+    )
+    p.add_argument(
+        "--length-penalty",
+        type=float,
+        default=DEFAULTS["length_penalty"],
+        metavar="ALPHA",
+        help="rank captions by log-probability / ((5 + words) / 6) ** ALPHA (GNMT's length "
+        f"penalty, {LENGTH_PENALTY_RANGE[0]} to {LENGTH_PENALTY_RANGE[1]}; higher favours longer "
+        "captions) instead of the mean log-probability per word (default)",
     )
     p.add_argument(
         "--batch-size",
@@ -130,23 +147,25 @@ def add_model_arguments(p: argparse.ArgumentParser) -> None:
         "batches give more photos per second and more memory; results come "
         "a batch at a time",
     )
-    p.add_argument(
+    guidance = p.add_mutually_exclusive_group()  # contradictory: refused, not last-one-wins
+    guidance.add_argument(
         "--guidance-bonus",
         type=float,
         default=DEFAULTS["guidance_bonus"],
         metavar="X",
         help="steer the caption toward naming the photo's object tags: "
         "X is added to the log-probability of their words until a beam says one "
-        f"(default {DEFAULTS['guidance_bonus']}; {_range('guidance_bonus')})",
+        f"(default: {DEFAULTS['guidance_bonus']}; {_range('guidance_bonus')})",
     )
-    p.add_argument(
+    guidance.add_argument(
         "--no-objects-guidance",
         dest="guidance_bonus",
         action="store_const",
         const=0.0,
         help="no steering: the caption model alone (--guidance-bonus 0)",
     )
-    p.add_argument(
+    fusion = p.add_mutually_exclusive_group()
+    fusion.add_argument(
         "--fusion-weight",
         type=float,
         default=DEFAULTS["fusion_weight"],
@@ -155,7 +174,7 @@ def add_model_arguments(p: argparse.ArgumentParser) -> None:
         "(X * (log p_everyday - log p_in-domain) on each word; default: the "
         f"model's own, from its fusion.json; a model without one has none; {_range('fusion_weight')})",
     )
-    p.add_argument(
+    fusion.add_argument(
         "--no-fusion",
         dest="fusion_weight",
         action="store_const",
@@ -198,11 +217,24 @@ def load_captioner(args: argparse.Namespace):
 
     threads = threads_value(args.threads)
     workers = decode_workers_value(getattr(args, "decode_workers", None))
-    return Captioner(
-        model=args.model,
-        backend=args.backend,
-        device=args.device,
-        threads=threads,
-        decode_workers=workers,
-        options=caption_options(args),
-    )
+    try:
+        return Captioner(
+            model=args.model,
+            backend=args.backend,
+            device=args.device,
+            threads=threads,
+            decode_workers=workers,
+            options=caption_options(args),
+        )
+    except ValueError as exc:
+        raise ValueError(in_flag_words(str(exc), args)) from exc
+
+
+def in_flag_words(message: str, args: argparse.Namespace) -> str:
+    """A ``CaptionOptions`` message in the command line's words: each field the command has a
+    flag for named as that flag (``beam_size must be ...`` -> ``--beam-size must be ...``), and
+    no None to type (``must be None or a number`` -> ``must be a number``)."""
+    for name in DEFAULTS:
+        if "_" in name and hasattr(args, name):  # one-word fields read as plain words
+            message = re.sub(rf"(?<![\w-]){name}(?!\w)", "--" + name.replace("_", "-"), message)
+    return message.replace("must be None or a number", "must be a number")

@@ -25,7 +25,7 @@ import time
 import warnings
 from pathlib import Path
 
-from edgecap.commands._options import DEFAULTS, add_model_arguments, load_captioner
+from edgecap.commands._options import add_model_arguments, load_captioner
 from edgecap.commands.progress import add_progress_argument, open_progress, progress_enabled
 
 
@@ -52,13 +52,7 @@ def add_arguments(p: argparse.ArgumentParser) -> None:
         help="the split to score when --references is a Karpathy dataset JSON",
     )
     add_model_arguments(p)
-    p.add_argument(
-        "--length-penalty",
-        type=float,
-        default=DEFAULTS["length_penalty"],
-        help="GNMT length penalty alpha in [0, 2] (default: mean log-prob per word)",
-    )
-    p.add_argument("--limit", type=int, metavar="N", help="score only the first N images")
+    p.add_argument("--limit", type=int, metavar="N", help="score only the first N images (default: all)")
     p.add_argument(
         "--output",
         metavar="RESULTS.json",

@@ -14,6 +14,7 @@ RANGES = {
     "constraint_min_prob": (0, 1),
     "fusion_weight": (0, 2),
 }
+LENGTH_PENALTY_RANGE = (0, 2)  # None (the mean log-prob per word) or a number in this range
 
 
 @dataclass(frozen=True)
@@ -90,11 +91,11 @@ class CaptionOptions:
                 f"{self.batch_size} (each image of a batch holds its activations "
                 "and beams in memory until the batch is done)"
             )
-        penalty = self.length_penalty
+        penalty, (low, high) = self.length_penalty, LENGTH_PENALTY_RANGE
         if penalty is not None and (
-            isinstance(penalty, bool) or not isinstance(penalty, (int, float)) or not 0 <= penalty <= 2
+            isinstance(penalty, bool) or not isinstance(penalty, (int, float)) or not low <= penalty <= high
         ):
-            raise ValueError(f"length_penalty must be None or a number in [0, 2], got {penalty!r}")
+            raise ValueError(f"length_penalty must be None or a number in [{low}, {high}], got {penalty!r}")
         if not 1 <= self.beam_size <= top_k:
             raise ValueError(
                 f"beam_size must be between 1 and {top_k} (the model's top_k: its "
