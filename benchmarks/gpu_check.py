@@ -44,6 +44,7 @@ default).
 from __future__ import annotations
 
 import copy
+import gc
 import importlib
 import importlib.util
 import json
@@ -515,6 +516,10 @@ def run_mode(
     cuda = device == "cuda"
     if cuda:
         _sync()
+        # the last mode's backend (a cycle: backend -> its device search -> backend) is freed
+        # by the collector, not by reference counts: collect it, or its weights and graph pools
+        # count in this mode's peak
+        gc.collect()
         torch.cuda.empty_cache()
         torch.cuda.reset_peak_memory_stats()
     t0 = time.perf_counter()

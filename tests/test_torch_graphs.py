@@ -10,6 +10,8 @@ at the end (run on an NVIDIA H200 by ``benchmarks/gpu_check.py``: 4 passed).
 
 from __future__ import annotations
 
+import contextlib
+
 import numpy as np
 import pytest
 
@@ -19,10 +21,11 @@ pytest.importorskip("onnx")
 from edgecap import Captioner  # noqa: E402
 from edgecap.backends.torch import TorchBackend, TorchDecoderSession  # noqa: E402
 from edgecap.backends.torch_graphs import (  # noqa: E402
+    CudaGraphs,
     EagerGraph,
     GraphedSession,
+    ieee_fp32,
     keep_fp32,
-    CudaGraph,
 )
 from edgecap.errors import BackendError  # noqa: E402
 from edgecap.manifest import load_manifest  # noqa: E402
@@ -142,6 +145,37 @@ def test_keep_fp32_island():
     assert out.dtype == torch.float32
 
 
+def test_cuda_convolutions_are_ieee_fp32_for_the_block_and_put_back_after():
+    # PyTorch's default lets cuDNN convolutions use TF32 on Ampere and later (10-bit mantissas);
+    # the flag is process-wide: set for the block, restored after, untouched for the CPU
+    conv = torch.backends.cudnn.conv
+    before = conv.fp32_precision
+    with ieee_fp32(torch.device("cpu")):
+        assert conv.fp32_precision == before
+    with ieee_fp32(torch.device("cuda", 1)):
+        assert conv.fp32_precision == "ieee"
+    assert conv.fp32_precision == before
+    with pytest.raises(RuntimeError), ieee_fp32(torch.device("cuda")):
+        raise RuntimeError("a failed encode")
+    assert conv.fp32_precision == before
+
+
+def test_the_eager_encoder_runs_with_ieee_fp32_convolutions(tiny_model_dir, monkeypatch):
+    import edgecap.backends.torch as torch_backend
+
+    seen = []
+
+    @contextlib.contextmanager
+    def recording(device):
+        seen.append(device)
+        yield
+
+    monkeypatch.setattr(torch_backend, "ieee_fp32", recording)
+    backend = TorchBackend(load_manifest(tiny_model_dir), device="cpu")
+    backend.encode(_images(1))
+    assert seen == [torch.device("cpu")]
+
+
 # -- on a real GPU (``pytest -m gpu``; deselected by default) -------------------------------------
 
 
@@ -156,7 +190,9 @@ def test_cuda_graphs_match_eager_on_the_gpu(tiny_model_dir):
     manifest = load_manifest(tiny_model_dir)
     eager = TorchBackend(manifest, device="cuda")
     graphed = TorchBackend(manifest, device="cuda", cuda_graphs=True)
-    assert graphed.graph_factory is CudaGraph
+    assert isinstance(graphed.graph_factory, CudaGraphs) and graphed.graph_factory.device == torch.device(
+        "cuda"
+    )
     rng = np.random.default_rng(0)
     images = _images(2)
     enc_e, enc_g = eager.encode(images), graphed.encode(images)

@@ -33,11 +33,12 @@ from edgecap.backends._checks import check_threads, load_failure
 from edgecap.backends.base import Backend, DecoderSession, Encoded, StepResult
 from edgecap.backends.torch_search import TorchDeviceSearch, checked_search
 from edgecap.backends.torch_graphs import (
-    CudaGraph,
+    CudaGraphs,
     EncoderGraphs,
     GraphedSession,
     GraphFactory,
     StepGraphs,
+    ieee_fp32,
     keep_fp32,
     keep_fp32_span,
 )
@@ -129,7 +130,7 @@ class TorchBackend(Backend):
     set with ``torch.set_num_threads``: that setting is process-wide, so it also changes every
     other torch computation in this process; None leaves torch's setting as it is). ``limits`` is
     accepted for the common backend signature and unused: graphs are captured for the shapes
-    met. ``graph_factory`` replaces ``CudaGraph`` with another ``capture(fn) -> graph`` (the
+    met. ``graph_factory`` replaces ``CudaGraphs(device)`` with another ``capture(fn) -> graph`` (the
     tests' ``EagerGraph``, on any device) and implies ``cuda_graphs``. ``search``: where the
     beam search runs, "device" (torch tensors on the backend's device, no host round trip per
     word), "host" (the numpy loop) or "auto" (host until the device search is measured on a GPU); see
@@ -172,12 +173,13 @@ class TorchBackend(Backend):
         self.manifest = manifest
         self.on_device = on_device
         if cuda_graphs or graph_factory is not None:
-            self.enable_graphs(graph_factory or CudaGraph)
+            self.enable_graphs(graph_factory or CudaGraphs(self.device))
         elif self.on_device:
             self.device_search = TorchDeviceSearch(self)
 
     def enable_graphs(self, capture: GraphFactory) -> None:
-        """Run the encoder and the decoder step through graphs made by ``capture``."""
+        """Run the encoder and the decoder step through graphs made by ``capture``
+        (``CudaGraphs(device)``: real CUDA graphs)."""
         self.thread_safe = False
         self.graph_factory = capture
         self.encoder_graphs = (
@@ -273,7 +275,7 @@ class TorchBackend(Backend):
         if self.graph_factory is not None:
             mode = (
                 ", CUDA graphs"
-                if self.graph_factory is CudaGraph
+                if isinstance(self.graph_factory, CudaGraphs)
                 else f", graphs: {getattr(self.graph_factory, '__name__', 'custom')}"
             )
         return (
@@ -295,7 +297,8 @@ class TorchBackend(Backend):
                 "this torch backend has no encoder (made from a decoder alone: use encode_regions)"
             )
         x = torch.from_numpy(np.ascontiguousarray(images, np.float32)).to(self.device, self.image_dtype)
-        return self._encoded(self.encoder_graph(x))
+        with ieee_fp32(self.device):  # FP32 convolutions, not TF32 (PyTorch's CUDA default)
+            return self._encoded(self.encoder_graph(x))
 
     @torch.inference_mode()
     def encode_regions(self, regions: torch.Tensor, class_probs: torch.Tensor | None = None) -> Encoded:

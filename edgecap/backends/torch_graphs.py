@@ -37,8 +37,10 @@ read another search's state.
 
 from __future__ import annotations
 
+import contextlib
+import threading
 from collections import OrderedDict
-from collections.abc import Callable
+from collections.abc import Callable, Iterator
 from typing import Protocol
 
 import numpy as np
@@ -57,26 +59,79 @@ class Graph(Protocol):
 GraphFactory = Callable[[Callable[[], None]], Graph]
 
 
+# One capture at a time in the process (torch.cuda.graph: "only one capture may be underway at a
+# time"): two graphed backends in two threads capture their first shapes one after the other.
+_CAPTURE_LOCK = threading.Lock()
+
+
+@contextlib.contextmanager
+def ieee_fp32(device: torch.device) -> Iterator[None]:
+    """cuDNN convolutions in full FP32 while the block runs (on a CUDA ``device``): PyTorch lets
+    them use TF32 by default on Ampere and later GPUs (Orin, A100, H100/H200), 10-bit mantissas,
+    which would make "FP32" the precision of FP16. The flag is process-wide, so it is set for the
+    block and put back; a captured graph keeps the math it was captured with."""
+    if device.type != "cuda":
+        yield
+        return
+    cudnn = torch.backends.cudnn
+    # PyTorch 2.9 and later: the per-operator setting (reading the legacy allow_tf32 after it
+    # was set is an error); before: the legacy flag
+    conv = getattr(cudnn, "conv", None)
+    target, name, value = (
+        (conv, "fp32_precision", "ieee")
+        if conv is not None and hasattr(conv, "fp32_precision")
+        else (cudnn, "allow_tf32", False)
+    )
+    before = getattr(target, name)
+    setattr(target, name, value)
+    try:
+        yield
+    finally:
+        setattr(target, name, before)
+
+
 class CudaGraph:
-    """A real CUDA graph of ``fn``: a few warm-up runs on a side stream (cuBLAS workspaces,
-    lazy initialisation), then the capture. The warm-up runs write the static outputs, as the
-    replays will."""
+    """A real CUDA graph of ``fn`` on ``device`` (default: the current CUDA device): a few
+    warm-up runs on a side stream of that device (cuBLAS workspaces, lazy initialisation), then
+    the capture on the same stream, FP32 convolutions in IEEE FP32 (``ieee_fp32``). The warm-up
+    runs write the static outputs, as the replays will. Capture and replay make ``device`` the
+    current one (a graph replays on the current device's stream: a model on cuda:1 must not
+    capture or replay on cuda:0's); captures are serialised process-wide and raise only on
+    unsafe calls in their own thread (``capture_error_mode="thread_local"``)."""
 
     WARMUP = 2
 
-    def __init__(self, fn: Callable[[], None]):
-        stream = torch.cuda.Stream()
-        stream.wait_stream(torch.cuda.current_stream())
-        with torch.cuda.stream(stream):
-            for _ in range(self.WARMUP):
+    def __init__(self, fn: Callable[[], None], device: torch.device | str | None = None):
+        self.device = (
+            torch.device("cuda", torch.cuda.current_device()) if device is None else torch.device(device)
+        )
+        with _CAPTURE_LOCK, torch.cuda.device(self.device), ieee_fp32(self.device):
+            stream = torch.cuda.Stream(self.device)
+            stream.wait_stream(torch.cuda.current_stream(self.device))
+            with torch.cuda.stream(stream):
+                for _ in range(self.WARMUP):
+                    fn()
+            torch.cuda.current_stream(self.device).wait_stream(stream)
+            self.graph = torch.cuda.CUDAGraph()
+            with torch.cuda.graph(self.graph, stream=stream, capture_error_mode="thread_local"):
                 fn()
-        torch.cuda.current_stream().wait_stream(stream)
-        self.graph = torch.cuda.CUDAGraph()
-        with torch.cuda.graph(self.graph):
-            fn()
 
     def replay(self) -> None:
-        self.graph.replay()
+        with torch.cuda.device(self.device):
+            self.graph.replay()
+
+
+class CudaGraphs:
+    """The ``capture(fn) -> graph`` factory of real CUDA graphs on one device (what
+    ``TorchBackend(cuda_graphs=True)`` uses)."""
+
+    __name__ = "CudaGraph"
+
+    def __init__(self, device: torch.device | str):
+        self.device = torch.device(device)
+
+    def __call__(self, fn: Callable[[], None]) -> CudaGraph:
+        return CudaGraph(fn, self.device)
 
 
 class EagerGraph:
