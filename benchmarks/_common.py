@@ -45,6 +45,7 @@ from _machine import machine_info, machine_markdown  # noqa: E402
 
 from edgecap.backends.base import Backend, DecoderSession, Encoded, StepResult  # noqa: E402
 from edgecap.cli import HelpFormatter  # noqa: E402
+from edgecap.extras import install_hint  # noqa: E402
 
 BENCH_DIR = Path(__file__).resolve().parent
 RESULTS_DIR = BENCH_DIR / "results"  # the committed figures: written only with --out
@@ -268,11 +269,11 @@ def _unavailable(name: str) -> str | None:
         return [m for m in modules if importlib.util.find_spec(m) is None]
 
     if name == "torch-eager" and missing("torch", "onnx"):
-        return f"needs {', '.join(missing('torch', 'onnx'))} (pip install 'edgecap[train]')"
+        return f"needs {', '.join(missing('torch', 'onnx'))} ({install_hint('train')})"
     if name.startswith("ort-") and missing("onnxruntime"):
         return "needs onnxruntime"
     if name in ("ort-int8", "ort-int8-static", "ort-fp16") and missing("onnx"):
-        return "converting needs onnx (pip install 'edgecap[export]')"
+        return f"converting needs onnx ({install_hint('convert')})"
     if name == "tensorrt-fp16":
         if missing("tensorrt"):
             return "tensorrt is not installed here"

@@ -16,7 +16,7 @@ by the client, from sending the request to reading the whole answer. The tables 
 over rounds of each round's p50, p99 and throughput, the load average of the machine, and the
 batched / unbatched throughput ratio of each round's pair.
 
-Needs aiohttp (``pip install 'edgecap[serve]'``), the client and the server's library.
+Needs aiohttp (the ``serve`` extra), the client and the server's library.
 """
 
 from __future__ import annotations

@@ -8,7 +8,7 @@
         frames = list(recording.frames(every=1.0))         # at most one frame a second a topic
     results = captioner.caption_batch([f.image for f in frames], on_error="return")
 
-Recordings (read by ``rosbags``, pure Python: ``pip install 'edgecap[ros]'``):
+Recordings (read by ``rosbags``, pure Python: the ``ros`` extra):
 
 - a ROS 2 bag: its folder (``metadata.yaml`` with sqlite3 or MCAP storage), or one of its
   ``.db3`` / ``.mcap`` files on its own; a plain ``.mcap`` file recorded with the ROS 2 profile;
@@ -48,9 +48,9 @@ from typing import Any
 import numpy as np
 
 from edgecap.errors import EdgecapError, InputError, MissingPackageError, reason
+from edgecap.extras import install_hint
 from edgecap.images import array_to_rgb, pixel_limit_problem
 
-ROS_EXTRA = "pip install 'edgecap[ros]' (rosbags)"
 IMAGE = "sensor_msgs/msg/Image"
 COMPRESSED = "sensor_msgs/msg/CompressedImage"
 IMAGE_TYPES = (IMAGE, COMPRESSED)
@@ -119,7 +119,7 @@ def _rosbags():
     try:
         from rosbags import highlevel, rosbag1, rosbag2, typesys
     except ImportError as exc:
-        raise MissingPackageError(f"reading recordings needs rosbags: {ROS_EXTRA} ({exc})") from exc
+        raise MissingPackageError(f"reading recordings needs rosbags: {install_hint('ros')} ({exc})") from exc
     return highlevel, rosbag1, rosbag2, typesys
 
 
@@ -303,7 +303,7 @@ class Ros1McapReader:
             from mcap.reader import make_reader
         except ImportError as exc:
             raise MissingPackageError(
-                f"reading a ROS 1-profile MCAP file needs mcap: {ROS_EXTRA} ({exc})"
+                f"reading a ROS 1-profile MCAP file needs mcap: {install_hint('ros')} ({exc})"
             ) from exc
         _, _, _, typesys = _rosbags()
         self.file = open(path, "rb")  # noqa: SIM115 (closed by close())

@@ -46,8 +46,8 @@ from concurrent.futures import ThreadPoolExecutor
 from dataclasses import dataclass
 
 from edgecap.errors import InputError, MissingPackageError, reason
+from edgecap.extras import install_hint
 
-SERVE_EXTRA = "pip install 'edgecap[serve]' (aiohttp)"
 DEFAULT_HOST = "127.0.0.1"
 DEFAULT_PORT = 8765
 MIB = 1024 * 1024
@@ -84,7 +84,7 @@ def _aiohttp():
     try:
         from aiohttp import web
     except ImportError as exc:
-        raise MissingPackageError(f"edgecap serve needs aiohttp: {SERVE_EXTRA} ({exc})") from exc
+        raise MissingPackageError(f"edgecap serve needs aiohttp: {install_hint('serve')} ({exc})") from exc
     return web
 
 

@@ -27,7 +27,7 @@ with the seconds since the stream started when the reader got them.
 ``every=SECONDS`` samples at most one frame per interval of frame time, on a grid that starts at
 the first frame's timestamp: for a video, one frame per ``every`` seconds of video time.
 
-OpenCV (``pip install 'edgecap[video]'``) is imported only by ``video_frames`` and
+OpenCV (the ``video`` extra) is imported only by ``video_frames`` and
 ``camera_frames``; FFmpeg's and OpenCV's own log lines are silenced (``OPENCV_FFMPEG_LOGLEVEL``,
 ``OPENCV_LOG_LEVEL``, unless set) so that a damaged video gives one error, not decoder noise.
 
@@ -49,9 +49,9 @@ from pathlib import Path
 
 from edgecap.api import Caption
 from edgecap.errors import BackendError, InputError
+from edgecap.extras import install_hint
 from edgecap.images import COLORS, ImageInput, pixel_limit_problem
 
-VIDEO_EXTRA = "pip install 'edgecap[video]' (opencv-python-headless)"
 READER_JOIN_S = 2.0  # how long closing a stream waits for the reader's current read to return
 _EPSILON_S = 1e-6  # timestamps computed as index / fps land on the `every` grid up to rounding
 MAX_CAMERA_INDEX = 1023  # /dev/video<N>; OpenCV reads a negative index as "any camera" (which
@@ -369,7 +369,7 @@ def _cv2():
         import cv2
     except ImportError as exc:
         raise BackendError(
-            f"reading videos and cameras needs OpenCV, which is not installed: {VIDEO_EXTRA}"
+            f"reading videos and cameras needs OpenCV, which is not installed: {install_hint('video')}"
         ) from exc
     return cv2
 

@@ -32,7 +32,7 @@ def test_unknown_backend(tiny_model_dir):
 def test_missing_runtime_names_the_extra(tiny_model_dir, monkeypatch):
     monkeypatch.setitem(sys.modules, "onnxruntime", None)  # makes `import onnxruntime` fail
     monkeypatch.delitem(sys.modules, "edgecap.backends.onnxruntime", raising=False)
-    with pytest.raises(BackendError, match=r"edgecap\[gpu\]"):
+    with pytest.raises(BackendError, match=r"pip install '\.\[cpu\]'.*pip install '\.\[gpu\]'.*Jetson"):
         load_backend("onnxruntime", load_manifest(tiny_model_dir))
 
 
@@ -89,7 +89,7 @@ def test_auto_without_any_runtime_names_the_extras(monkeypatch):
     from edgecap import backends
 
     monkeypatch.setattr(backends.importlib.util, "find_spec", lambda name: None)
-    with pytest.raises(BackendError, match=r"edgecap\[cpu\]"):
+    with pytest.raises(BackendError, match=r"pip install '\.\[cpu\]'.*pip install '\.\[gpu\]'"):
         backends.resolve("auto")
 
 

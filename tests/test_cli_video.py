@@ -97,7 +97,7 @@ def test_video_without_opencv_names_the_extra(tiny_model_dir, video):
     )
     out = run("-c", code)
     assert out.returncode == 2
-    assert "pip install 'edgecap[video]'" in out.stderr and "Traceback" not in out.stderr
+    assert "pip install '.[video]'" in out.stderr and "Traceback" not in out.stderr
 
 
 def test_attention_png_has_one_panel_per_word_at_the_photo_aspect(tiny_model_dir, tmp_path):

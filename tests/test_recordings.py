@@ -436,7 +436,7 @@ def test_missing_rosbags_names_the_extra(monkeypatch, tmp_path):
     monkeypatch.setattr(builtins, "__import__", no_rosbags)
     from edgecap.errors import MissingPackageError
 
-    with pytest.raises(MissingPackageError, match=r"pip install 'edgecap\[ros\]'"):
+    with pytest.raises(MissingPackageError, match=r"needs rosbags: pip install .*'\.\[ros\]'"):
         open_recording(tmp_path)
 
 

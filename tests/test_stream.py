@@ -231,7 +231,7 @@ def test_video_frames_bad_files(tmp_path):
 def test_missing_opencv_names_the_extra(monkeypatch, tmp_path):
     monkeypatch.setitem(sys.modules, "cv2", None)  # `import cv2` now raises ImportError
     for open_source in (lambda: video_frames(tmp_path / "clip.avi"), lambda: camera_frames(0)):
-        with pytest.raises(BackendError, match=r"pip install 'edgecap\[video\]'"):
+        with pytest.raises(BackendError, match=r"needs OpenCV.*pip install '\.\[video\]'"):
             open_source()
 
 

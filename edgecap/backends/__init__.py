@@ -14,6 +14,7 @@ import importlib
 import importlib.util
 from collections.abc import Callable
 
+from edgecap import extras
 from edgecap.backends.base import Backend
 from edgecap.contract import Limits
 from edgecap.errors import BackendError
@@ -27,16 +28,28 @@ BACKENDS = {
 }
 NAMES = (*BACKENDS, "auto")
 
-# missing top-level package -> what to install
-INSTALL_HINTS = {
-    "onnxruntime": "pip install 'edgecap[cpu]' (CPU) or 'edgecap[gpu]' (CUDA, without edgecap[cpu]); "
-    "on a Jetson use the TensorRT backend (pip install 'edgecap[tensorrt]')",
-    "torch": "pip install 'edgecap[train]'",
-    "onnx": "pip install 'edgecap[export]'",
-    "tensorrt": "pip install 'edgecap[tensorrt]' (on a Jetson, TensorRT comes with JetPack)",
-    "pycuda": "pip install 'edgecap[tensorrt]'",
-    "cuda": "pip install 'edgecap[tensorrt]'",
+# missing top-level package -> the extra that installs it
+EXTRA_FOR = {
+    "onnxruntime": "cpu",
+    "torch": "train",
+    "onnx": "export",
+    "tensorrt": "tensorrt",
+    "pycuda": "tensorrt",
+    "cuda": "tensorrt",
 }
+
+
+def missing_package_hint(missing: str) -> str:
+    """What to run to install the top-level package ``missing`` (a key of ``EXTRA_FOR``)."""
+    if missing == "onnxruntime":  # two extras, which break each other
+        return (
+            f"for the CPU {extras.install_hint('cpu')}, or for CUDA {extras.install_hint('gpu')}, "
+            "not both; on a Jetson use the TensorRT backend (engines/README.md)"
+        )
+    hint = extras.install_hint(EXTRA_FOR[missing])
+    if missing == "tensorrt":
+        return hint + "; on a Jetson, TensorRT comes with JetPack (engines/README.md)"
+    return hint
 
 
 def resolve(name: str) -> str:
@@ -47,7 +60,7 @@ def resolve(name: str) -> str:
         for candidate in ("onnxruntime", "tensorrt", "torch"):
             if importlib.util.find_spec(candidate) is not None:
                 return candidate
-        raise BackendError("no backend is installed: " + INSTALL_HINTS["onnxruntime"])
+        raise BackendError("no backend is installed: " + missing_package_hint("onnxruntime"))
     if name not in BACKENDS:
         raise ValueError(f"unknown backend {name!r}; choose one of {', '.join(NAMES)}")
     return name
@@ -64,10 +77,11 @@ def backend_class(name: str) -> type[Backend]:
                 f"the {resolve(name)} backend is not part of this edgecap install; upgrade edgecap"
             ) from exc
         missing = (exc.name or "").split(".")[0]
-        if missing not in INSTALL_HINTS:
+        if missing not in EXTRA_FOR:
             raise  # a bug or a broken install, not a missing extra: keep the traceback
         raise BackendError(
-            f"the {resolve(name)} backend needs {missing}, which is not installed: {INSTALL_HINTS[missing]}"
+            f"the {resolve(name)} backend needs {missing}, which is not installed: "
+            + missing_package_hint(missing)
         ) from exc
     return getattr(module, class_name)
 

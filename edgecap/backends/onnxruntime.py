@@ -1,4 +1,4 @@
-"""The onnxruntime backend: the default CPU runtime (and CUDA with ``edgecap[gpu]``).
+"""The onnxruntime backend: the default CPU runtime (and CUDA with the ``gpu`` extra).
 
 Two ``InferenceSession``s (encoder, decoder step) are created once and shared: onnxruntime's
 ``run`` is thread-safe, and each ``OnnxDecoderSession`` keeps its own h/c, so one backend serves
@@ -22,6 +22,7 @@ from edgecap.backends._checks import check_graph_io, check_threads, load_failure
 from edgecap.backends.base import Backend, DecoderSession, Encoded, StepResult
 from edgecap.contract import ENCODER_OUTPUTS, ROLES, Limits
 from edgecap.errors import BackendError
+from edgecap.extras import install_hint
 from edgecap.manifest import Manifest
 
 # device= -> providers
@@ -122,7 +123,7 @@ class OnnxRuntimeBackend(Backend):
             raise BackendError(
                 "device='cuda' but this onnxruntime has no CUDA provider (it has "
                 f"{', '.join(ort.get_available_providers())}); install "
-                "onnxruntime-gpu (pip install 'edgecap[gpu]') or use device='cpu'"
+                f"onnxruntime-gpu ({install_hint('gpu')}) or use device='cpu'"
             )
         wanted = select_providers(providers, device, cache_dir=cache_dir, fp16=fp16, device_id=device_id)
         # the TensorRT EP (when listed) gets each graph's own optimisation profile

@@ -24,6 +24,7 @@ from pathlib import Path
 
 from edgecap.cache import cache_root
 from edgecap.contract import Limits
+from edgecap.extras import install_hint
 
 TENSORRT = "TensorrtExecutionProvider"
 CUDA = "CUDAExecutionProvider"
@@ -118,7 +119,7 @@ def select_providers(
                     f"{name} is not available in this onnxruntime "
                     f"(available: {', '.join(available)}); "
                     + (
-                        "install onnxruntime-gpu (pip install 'edgecap[gpu]') in an "
+                        f"install onnxruntime-gpu ({install_hint('gpu')}) in an "
                         "environment without onnxruntime"
                         if name in (CUDA, TENSORRT)
                         else "falling back"

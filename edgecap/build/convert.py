@@ -39,6 +39,7 @@ import numpy as np
 
 from edgecap.contract import CLASSES, ENCODER_OUTPUTS, FILE_ROLES, ROLES, STEP_OUTPUTS, VOCAB
 from edgecap.errors import BackendError, ModelError
+from edgecap.extras import install_hint
 from edgecap.manifest import Manifest, file_sha256, load_manifest, verify_files
 from edgecap.models.config import ENCODER_FP32_BLOCKS, INT8_ENCODER_FP32_BLOCKS
 
@@ -70,9 +71,7 @@ def _import_onnx():
     try:
         import onnx
     except ImportError as exc:
-        raise BackendError(
-            "converting a model needs onnx: pip install 'edgecap[convert]' (or pip install onnx)"
-        ) from exc
+        raise BackendError(f"converting a model needs onnx: {install_hint('convert')}") from exc
     return onnx
 
 
@@ -439,8 +438,8 @@ def convert_int8(
         missing = (exc.name or "onnxruntime").split(".")[0]
         raise BackendError(
             f"int8 conversion needs {missing}, which is not installed: "
-            f"pip install {missing} (onnxruntime comes with edgecap[cpu] or "
-            "edgecap[gpu]; the rest with edgecap[convert])"
+            f"pip install {missing} (onnxruntime is in edgecap's cpu and gpu extras; the rest: "
+            f"{install_hint('convert')})"
         ) from exc
     if calibration is not None:
         try:  # quant_pre_process imports it only once it runs: fail before any work is done
@@ -449,7 +448,7 @@ def convert_int8(
             raise BackendError(
                 "static int8 quantization of the encoder (--calibration) needs "
                 "sympy for onnxruntime's symbolic shape inference: pip install "
-                "sympy (part of edgecap[convert])"
+                f"sympy (or {install_hint('convert')})"
             ) from exc
     out = Path(out)
     _require_fp32(source)

@@ -18,7 +18,7 @@ over it, one panel per word (``edgecap.viz``); nothing else is written anywhere.
 stderr at the end. A video is read at the captioner's pace, every sampled frame is captioned and
 times are video time; a camera is live: the newest frame wins, older ones are dropped
 (``edgecap.stream``), and it runs until the camera stops or Ctrl-C. Both need OpenCV
-(``pip install 'edgecap[video]'``).
+(the ``video`` extra).
 """
 
 from __future__ import annotations

@@ -27,6 +27,7 @@ from pathlib import Path
 
 from edgecap.commands._options import add_model_arguments, load_captioner
 from edgecap.commands.progress import add_progress_argument, open_progress, progress_enabled
+from edgecap.extras import install_hint
 
 
 def add_arguments(p: argparse.ArgumentParser) -> None:
@@ -78,7 +79,7 @@ def run(args: argparse.Namespace) -> int:
     if problem:
         return _fail(problem)
     if importlib.util.find_spec("pycocoevalcap") is None:  # before minutes of captioning
-        return _fail("scoring needs pycocoevalcap: pip install 'edgecap[eval]'")
+        return _fail(f"scoring needs pycocoevalcap: {install_hint('eval')}")
     try:
         items = load_references(args.references, args.captions, args.split, args.karpathy_split)
         items = items[: args.limit] if args.limit else items

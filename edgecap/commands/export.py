@@ -23,7 +23,9 @@ def run(args: argparse.Namespace) -> int:
     except ImportError as exc:
         from edgecap.errors import BackendError
 
-        raise BackendError(f"export needs PyTorch and onnx: pip install 'edgecap[export]' ({exc})") from exc
+        from edgecap.extras import install_hint
+
+        raise BackendError(f"export needs PyTorch and onnx: {install_hint('export')} ({exc})") from exc
     from edgecap.errors import ModelError
 
     extra = {}

@@ -1,6 +1,6 @@
 """``edgecap serve [--host 127.0.0.1] [--port 8765]``: a local HTTP caption service
 (``edgecap.serve``): ``POST /caption`` with an image's bytes -> its caption as JSON;
-``GET /health``. Needs ``pip install 'edgecap[serve]'``; see docs/service.md."""
+``GET /health``. Needs the ``serve`` extra (aiohttp); see docs/service.md."""
 
 from __future__ import annotations
 

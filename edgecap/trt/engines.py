@@ -34,6 +34,7 @@ from typing import TYPE_CHECKING
 from edgecap.cache import cache_root
 from edgecap.contract import DECODER_STEP, IO, ROLES, Limits
 from edgecap.errors import BackendError, ModelError
+from edgecap.extras import install_hint
 from edgecap.manifest import Manifest, file_sha256
 from edgecap.trt import STRONGLY_TYPED_FP16_FROM, parse_version
 
@@ -182,8 +183,8 @@ def _onnx_to_prepare_graphs():
         import onnx
     except ImportError as exc:
         raise BackendError(
-            "building TensorRT engines needs onnx to prepare the graphs: "
-            "pip install 'edgecap[tensorrt]' (or pip install onnx)"
+            "building TensorRT engines needs onnx to prepare the graphs: pip install onnx "
+            f"(or {install_hint('tensorrt')})"
         ) from exc
     return onnx
 

@@ -1,0 +1,146 @@
+"""Install hints for the extras (``edgecap.extras``): edgecap is not on PyPI, so a hint is a
+command that works without it (the extra's own requirements, or ``pip install '.[x]'`` in a
+clone), never ``pip install 'edgecap[x]'``. Expected values come from pyproject.toml itself and
+from metadata that setuptools writes from it."""
+
+from __future__ import annotations
+
+import importlib.metadata
+import re
+import shlex
+import subprocess
+import sys
+from pathlib import Path
+
+import pytest
+
+try:
+    import tomllib
+except ModuleNotFoundError:  # Python 3.10: pytest's own dependency there
+    import tomli as tomllib
+
+from edgecap.extras import install_hint
+
+ROOT = Path(__file__).resolve().parent.parent
+PYPROJECT = tomllib.loads((ROOT / "pyproject.toml").read_text(encoding="utf-8"))
+EXTRAS = PYPROJECT["project"]["optional-dependencies"]
+
+
+def pyproject_requirements(extra: str) -> set[str]:
+    """pyproject.toml's requirement strings of ``extra``, edgecap's own extras
+    (``edgecap[cpu,train]``) replaced by theirs."""
+    out: set[str] = set()
+    for requirement in EXTRAS[extra]:
+        own = re.fullmatch(r"edgecap\[(.*)\]", requirement)
+        if own:
+            for inner in own.group(1).split(","):
+                out |= pyproject_requirements(inner.strip())
+        else:
+            out.add(requirement)
+    return out
+
+
+def hinted_requirements(hint: str) -> list[str]:
+    """The arguments of the hint's leading ``pip install`` command, as a shell reads them."""
+    assert hint.startswith("pip install "), hint
+    command = hint.split(" (", 1)[0]
+    return shlex.split(command)[2:]
+
+
+@pytest.fixture(scope="module")
+def fresh_requires(tmp_path_factory):
+    """``Requires-Dist`` as setuptools writes it from this checkout's pyproject.toml now (the
+    installed metadata may predate an edit of pyproject.toml until edgecap is reinstalled);
+    without setuptools (a Python 3.12 venv), the installed metadata."""
+    try:
+        import setuptools  # noqa: F401
+    except ImportError:
+        return importlib.metadata.requires("edgecap")
+    source = tmp_path_factory.mktemp("source")
+    for name in ("pyproject.toml", "README.md"):
+        (source / name).write_bytes((ROOT / name).read_bytes())
+    (source / "edgecap").mkdir()
+    (source / "edgecap" / "__init__.py").write_text("")
+    out = tmp_path_factory.mktemp("metadata")
+    code = (
+        "import sys\nfrom setuptools import build_meta\n"
+        "print(build_meta.prepare_metadata_for_build_wheel(sys.argv[1]))"
+    )
+    run = subprocess.run(
+        [sys.executable, "-c", code, str(out)], cwd=source, capture_output=True, text=True, timeout=300
+    )
+    assert run.returncode == 0, run.stderr
+    dist_info = out / run.stdout.strip().splitlines()[-1]
+    requires = importlib.metadata.PathDistribution(dist_info).requires
+    assert requires, "setuptools wrote no Requires-Dist"
+    return requires
+
+
+@pytest.mark.parametrize("extra", sorted(EXTRAS))
+def test_each_extras_hint_installs_exactly_its_requirements(extra, fresh_requires, monkeypatch):
+    monkeypatch.setattr(importlib.metadata, "requires", lambda name: fresh_requires)
+    hint = install_hint(extra)
+    assert "\n" not in hint
+    names = hinted_requirements(hint)
+    assert sorted(set(names)) == sorted(names), "a requirement named twice"
+    assert set(names) == pyproject_requirements(extra), "(a stale install? pip install -e . again)"
+    assert hint.endswith(f"from a clone of edgecap: pip install '.[{extra}]')")
+
+
+def test_the_installed_metadata_gives_the_same_form():
+    """The real lookup (no stand-in): edgecap is installed in the test environment."""
+    hint = install_hint("video")
+    assert hinted_requirements(hint) == EXTRAS["video"]
+
+
+def test_without_metadata_the_hint_names_the_extra_and_pyproject(monkeypatch):
+    def not_installed(name):
+        raise importlib.metadata.PackageNotFoundError(name)
+
+    monkeypatch.setattr(importlib.metadata, "requires", not_installed)
+    hint = install_hint("ros")
+    assert hint.startswith("pip install '.[ros]' in a clone of edgecap")
+    assert "pyproject.toml" in hint and "ros extra" in hint and "\n" not in hint
+
+
+def test_an_extra_the_metadata_lacks_falls_back(monkeypatch):
+    """An install from before an extra was added to pyproject.toml."""
+    monkeypatch.setattr(importlib.metadata, "requires", lambda name: ['onnxruntime>=1.16; extra == "cpu"'])
+    assert install_hint("serve").startswith("pip install '.[serve]' in a clone of edgecap")
+
+
+def _sources(*folders: str) -> list[Path]:
+    return [path for folder in folders for path in sorted((ROOT / folder).rglob("*.py"))]
+
+
+# edgecap/trt/__init__.py's INSTALL_HINT still says pip install 'edgecap[tensorrt]':
+# tests/test_tensorrt_fake.py asserts that text and is being changed by someone else; the change
+# of both is left to them (it removes this entry).
+PENDING = {"edgecap/trt/__init__.py"}
+
+
+def test_no_message_tells_the_user_to_install_edgecap_from_pypi():
+    """A grep: ``pip install 'edgecap[x]'`` or ``'edgecap[x]'`` as a pip argument asks PyPI."""
+    from_pypi = re.compile(r"""pip install\s+['"]?edgecap\[|(['"])edgecap\[[^\]'"]*\]\1""")
+    docs = [ROOT / "README.md", ROOT / "engines" / "README.md", ROOT / "benchmarks" / "README.md"]
+    docs += [ROOT / "benchmarks" / "requirements.txt", *sorted((ROOT / "docs").glob("*.md"))]
+    found = [
+        f"{path.relative_to(ROOT)}:{number}: {line.strip()}"
+        for path in _sources("edgecap", "benchmarks") + docs
+        for number, line in enumerate(path.read_text(encoding="utf-8").splitlines(), 1)
+        if from_pypi.search(line) and str(path.relative_to(ROOT)) not in PENDING
+    ]
+    assert found == []
+
+
+def test_every_extra_the_code_names_is_in_pyproject():
+    named = {
+        extra
+        for path in _sources("edgecap", "benchmarks")
+        for extra in re.findall(r"""install_hint\(\s*['"]([^'"]+)['"]""", path.read_text(encoding="utf-8"))
+    }
+    assert {"video", "ros", "serve", "eval", "train"} <= named  # the scan finds the call sites
+    assert named - set(EXTRAS) == set()
+    from edgecap.backends import EXTRA_FOR
+
+    assert set(EXTRA_FOR.values()) - set(EXTRAS) == set()
