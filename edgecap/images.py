@@ -211,6 +211,8 @@ def _load_rgb(image: ImageInput, color: str, draft_size: tuple[int, int] | None,
         if not data:
             raise InputError(source, "no image data (0 bytes)")
         return _decode(data, source, draft_size)
+    if image is None:  # what cv2.imread and a failed camera read give
+        raise InputError(source, "no image (None: OpenCV's imread returns None for a file it could not read)")
     raise InputError(
         source, "unsupported input type; pass a file path, encoded bytes, a PIL image or a numpy array"
     )

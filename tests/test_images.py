@@ -82,6 +82,11 @@ def test_unsupported_type():
     _assert_input_error(12345, "<int>", "unsupported input type")
 
 
+def test_none_says_what_gives_none():
+    # cv2.imread("missing.jpg") is None: the user needs to hear that the read failed
+    _assert_input_error(None, "<NoneType>", "no image (None: OpenCV's imread returns None")
+
+
 def test_bad_color_argument():
     with pytest.raises(ValueError, match="color"):
         images.load_rgb(np.zeros((4, 4, 3), np.uint8), color="rgba")
