@@ -232,7 +232,7 @@ def test_backend_limits_device_and_missing_tensorrt(monkeypatch, tiny_model_dir)
     from edgecap.trt import tensorrt_importable
 
     if not tensorrt_importable():  # not installed, or only its type stubs (tensorrt-stubs)
-        with pytest.raises(BackendError, match=r"edgecap\[tensorrt\]"):
+        with pytest.raises(BackendError, match=r"'\.\[tensorrt\]'"):
             Captioner(tiny_model_dir, backend="tensorrt")
 
 

@@ -538,7 +538,7 @@ def some_steps(manifest, rows, n_steps=4, seed=0):
 
 def test_fake_tensorrt_missing_names_the_extra(monkeypatch):
     monkeypatch.setitem(sys.modules, "tensorrt", None)
-    with pytest.raises(BackendError, match=r"pip install 'edgecap\[tensorrt\]'.*python3-libnvinfer"):
+    with pytest.raises(BackendError, match=r"pip install .*'\.\[tensorrt\]'.*python3-libnvinfer"):
         import_tensorrt()
 
 
@@ -548,7 +548,7 @@ def test_tensorrt_stubs_alone_are_not_tensorrt(monkeypatch):
     from edgecap.trt import tensorrt_importable
 
     monkeypatch.setitem(sys.modules, "tensorrt", types.ModuleType("tensorrt"))
-    with pytest.raises(BackendError, match=r"type stubs, not the library.*edgecap\[tensorrt\]"):
+    with pytest.raises(BackendError, match=r"type stubs, not the library.*'\.\[tensorrt\]'"):
         import_tensorrt()
     assert not tensorrt_importable()
 

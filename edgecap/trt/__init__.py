@@ -16,6 +16,7 @@ from __future__ import annotations
 
 from typing import TYPE_CHECKING, Protocol, cast
 
+from edgecap import extras
 from edgecap.errors import BackendError
 
 if TYPE_CHECKING:
@@ -53,12 +54,15 @@ MIN_VERSION = (8, 6)  # 8.5 (JetPack 5) cannot parse the encoder: no LayerNormal
 # typed): FP16 engines are then built from the FP16 ONNX as a strongly typed network.
 STRONGLY_TYPED_FP16_FROM = (10, 12)
 
-INSTALL_HINT = (
-    "install it with pip install 'edgecap[tensorrt]' (desktop GPUs), or on a Jetson "
-    "use JetPack 6's TensorRT (Python 3.10): sudo apt install python3-libnvinfer, "
-    "a venv with --system-site-packages, then pip install pycuda "
-    "(see engines/README.md)"
-)
+
+def install_hint() -> str:
+    """How to install TensorRT, for the errors of a missing one."""
+    return (
+        f"on a desktop GPU, {extras.install_hint('tensorrt')}; on a Jetson, "
+        "use JetPack 6's TensorRT (Python 3.10): sudo apt install python3-libnvinfer, "
+        "a venv with --system-site-packages, then pip install pycuda "
+        "(see engines/README.md)"
+    )
 
 
 def parse_version(text: str) -> tuple[int, int]:
@@ -77,13 +81,13 @@ def import_tensorrt() -> TensorRTModule:
     try:
         import tensorrt as trt
     except ImportError as exc:
-        raise BackendError(f"TensorRT is not installed: {INSTALL_HINT}") from exc
+        raise BackendError(f"TensorRT is not installed: {install_hint()}") from exc
     # Type stubs alone (pip install tensorrt-stubs: a ``tensorrt`` folder of .pyi files) import
     # as an empty namespace package: no __version__, no API.
     if not isinstance(getattr(trt, "__version__", None), str):
         raise BackendError(
             "TensorRT is not installed (the `tensorrt` module found has no "
-            f"__version__: type stubs, not the library): {INSTALL_HINT}"
+            f"__version__: type stubs, not the library): {install_hint()}"
         )
     check_version(trt.__version__)
     api: TensorRTAPI = trt  # mypy: the real module has every name edgecap uses, so typed
