@@ -50,7 +50,8 @@ def kind_of(mode: int) -> str:
     return "not a regular file"
 
 
-def _os_problem(exc: BaseException) -> str:
+def os_problem(exc: BaseException) -> str:
+    """Why a file could not be read, in a few words ("no such file", "permission denied")."""
     if isinstance(exc, FileNotFoundError):
         return "no such file"
     if isinstance(exc, PermissionError):
@@ -69,7 +70,7 @@ def check_regular(path: str | os.PathLike) -> os.stat_result:
     try:
         st = os.stat(path)
     except (OSError, ValueError) as exc:
-        raise FileProblem(_os_problem(exc)) from None
+        raise FileProblem(os_problem(exc)) from None
     if not stat.S_ISREG(st.st_mode):
         raise FileProblem(f"is {kind_of(st.st_mode)}, not a regular file")
     return st
@@ -82,7 +83,7 @@ def open_regular(path: str | os.PathLike, max_bytes: int | None, what: str = "fi
     try:
         fd = os.open(path, _OPEN_FLAGS)
     except (OSError, ValueError) as exc:
-        raise FileProblem(_os_problem(exc)) from None
+        raise FileProblem(os_problem(exc)) from None
     try:
         st = os.fstat(fd)
         if not stat.S_ISREG(st.st_mode):  # swapped between the stat and the open
@@ -105,7 +106,7 @@ def read_regular(path: str | os.PathLike, max_bytes: int, what: str = "file") ->
         try:
             data = f.read(max_bytes + 1)
         except OSError as exc:
-            raise FileProblem(_os_problem(exc)) from None
+            raise FileProblem(os_problem(exc)) from None
     if len(data) > max_bytes:
         raise FileProblem(f"{what} grew past the limit of {max_bytes:,} bytes while being read")
     return data

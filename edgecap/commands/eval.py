@@ -119,8 +119,10 @@ def run(args: argparse.Namespace) -> int:
 
 def _check_arguments(args: argparse.Namespace) -> str | None:
     """The first bad combination of reference options, or None."""
-    if (args.references is None) == (args.captions is None):
+    if args.references is None and args.captions is None:
         return "give --references REFS.json, or --captions TOKENS.txt with --split SPLIT.txt"
+    if args.references is not None and args.captions is not None:
+        return "give --references REFS.json or --captions TOKENS.txt, not both"
     if args.captions is not None and args.split is None:
         return "--captions needs --split (e.g. Flickr_8k.devImages.txt)"
     if args.references is not None and args.split is not None:

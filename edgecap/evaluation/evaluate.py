@@ -26,7 +26,8 @@ from pathlib import Path
 from edgecap.evaluation import metrics
 from edgecap.api import batched
 from edgecap.data.readers import CaptionedImage, read_coco, read_flickr8k, read_karpathy
-from edgecap.errors import InputError
+from edgecap.errors import DataError, InputError
+from edgecap.files import os_problem
 
 KARPATHY_SPLITS = ("train", "val", "test")
 _SHOWN = 5  # missing or broken images named in an error message
@@ -96,8 +97,8 @@ def _read(source: Path, reader: Callable[[], list[CaptionedImage]]) -> list[Capt
     """Run a reader; turn the ways a malformed file fails into one ``ValueError`` naming it."""
     try:
         return reader()
-    except FileNotFoundError:
-        raise
+    except OSError as exc:  # missing, a folder, unreadable: one line naming the file
+        raise DataError(f"{exc.filename or source}: {os_problem(exc)}") from exc
     except UnicodeDecodeError as exc:
         raise ValueError(f"{source}: not a UTF-8 text file ({exc.reason})") from exc
     except json.JSONDecodeError as exc:
