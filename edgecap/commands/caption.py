@@ -115,7 +115,8 @@ def add_arguments(p: argparse.ArgumentParser) -> None:
         metavar="SECONDS",
         type=float,
         help="with --video, --camera or --bag: at most one caption per SECONDS of "
-        "video (recording) time, per topic",
+        "video (recording) time, per topic (default: every frame of a video or recording; "
+        "from a camera, the newest frame whenever the captioner is free)",
     )
     p.add_argument(
         "--attention",
@@ -130,7 +131,8 @@ def add_arguments(p: argparse.ArgumentParser) -> None:
         metavar="X",
         help="mark captions whose confidence (0-1: the chance the caption is right, "
         "from the model's confidence.json) is below X: --json adds "
-        '"low_confidence": true, plain output a last field "low confidence"',
+        '"low_confidence": true, plain output a last field "low confidence" (default: none '
+        "marked)",
     )
     p.add_argument(
         "--objects",
