@@ -445,16 +445,68 @@ def test_edgecap_serve_command(default_model_dir, captioner):
         server.stderr.close()
 
 
-def test_edgecap_serve_bad_option_is_one_line():
+@pytest.mark.parametrize(
+    "args, problem",
+    [  # each in the words of the flag the user typed, not ServiceOptions' field
+        (["--max-pending", "0"], "--max-pending must be a positive integer, got 0"),
+        (["--max-batch", "0"], "--max-batch must be a positive integer, got 0"),
+        (["--max-wait-ms", "5000"], "--max-wait-ms must be between 0 and 1000, got 5000.0"),
+        (["--read-timeout", "0"], "--read-timeout must be positive, got 0.0"),
+    ],
+)
+def test_edgecap_serve_bad_option_is_one_line(args, problem):
     done = subprocess.run(
-        [sys.executable, "-m", "edgecap", "serve", "--max-pending", "0"],
+        [sys.executable, "-m", "edgecap", "serve", *args],
         capture_output=True,
         text=True,
         env=ENV,
         check=False,
     )
+    assert (done.returncode, done.stderr) == (2, f"edgecap serve: error: {problem}\n")
+
+
+def test_edgecap_serve_warns_of_an_open_address_only_once_listening(default_model_dir):
+    # 192.0.2.1 (TEST-NET-1) is no address of this machine: the bind fails, and the warning
+    # that anyone could reach the service would be untrue
+    done = subprocess.run(
+        [sys.executable, "-m", "edgecap", "serve", "--host", "192.0.2.1", "--model", str(default_model_dir)],
+        capture_output=True,
+        text=True,
+        env=ENV,
+        check=False,
+        timeout=CLIENT_TIMEOUT_S,
+    )
     assert done.returncode == 2
-    assert done.stderr == ("edgecap serve: error: max_pending must be a positive integer, got 0\n")
+    assert done.stderr.startswith("edgecap serve: error: cannot listen on 192.0.2.1:"), done.stderr
+    assert "anyone who can reach it" not in done.stderr and len(done.stderr.splitlines()) == 1
+    # listening on every address: the warning, then the address
+    server = subprocess.Popen(
+        [
+            sys.executable,
+            "-m",
+            "edgecap",
+            "serve",
+            "--host",
+            "0.0.0.0",
+            "--port",
+            "0",
+            "--model",
+            str(default_model_dir),
+        ],
+        stderr=subprocess.PIPE,
+        text=True,
+        env=ENV,
+    )
+    try:
+        warning, listening = server.stderr.readline(), server.stderr.readline()
+        assert warning.startswith("edgecap serve: warning: listening on 0.0.0.0: anyone who can reach it"), (
+            warning
+        )
+        assert listening.startswith("edgecap serve: listening on http://0.0.0.0:"), listening
+    finally:
+        server.send_signal(signal.SIGINT)
+        assert server.wait(CLIENT_TIMEOUT_S) == 130
+        server.stderr.close()
 
 
 @pytest.mark.parametrize(
@@ -499,7 +551,7 @@ def test_edgecap_serve_max_batch_over_batch_size_is_one_line(default_model_dir):
     )  # a service that starts fails, not hangs
     assert done.returncode == 2
     assert done.stderr.startswith(
-        "edgecap serve: error: max_batch 32 is over the captioner's batch size 8"
+        "edgecap serve: error: --max-batch 32 is over the captioner's batch size 8"
     ), done.stderr
     assert len(done.stderr.splitlines()) == 1
 

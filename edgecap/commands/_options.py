@@ -232,9 +232,15 @@ def load_captioner(args: argparse.Namespace):
 
 def in_flag_words(message: str, args: argparse.Namespace) -> str:
     """A ``CaptionOptions`` message in the command line's words: each field the command has a
-    flag for named as that flag (``beam_size must be ...`` -> ``--beam-size must be ...``), and
-    no None to type (``must be None or a number`` -> ``must be a number``)."""
-    for name in DEFAULTS:
-        if "_" in name and hasattr(args, name):  # one-word fields read as plain words
-            message = re.sub(rf"(?<![\w-]){name}(?!\w)", "--" + name.replace("_", "-"), message)
-    return message.replace("must be None or a number", "must be a number")
+    flag for named as that flag (``beam_size must be ...`` -> ``--beam-size must be ...``)."""
+    # one-word fields read as plain words ("objects"): only names with an underscore
+    flags = {name: "--" + name.replace("_", "-") for name in DEFAULTS if "_" in name and hasattr(args, name)}
+    return renamed(message, flags)
+
+
+def renamed(message: str, flags: dict[str, str]) -> str:
+    """``message`` with each Python name in ``flags`` replaced by its flag, and no None to type
+    (``must be None or a number`` -> ``must be a number``: a command line cannot give None)."""
+    for name, flag in flags.items():
+        message = re.sub(rf"(?<![\w-]){name}(?!\w)", flag, message)
+    return message.replace("must be None or a", "must be a")

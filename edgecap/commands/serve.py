@@ -11,7 +11,16 @@ import signal
 import sys
 import warnings
 
-from edgecap.commands._options import add_model_arguments, load_captioner
+from edgecap.commands._options import add_model_arguments, load_captioner, renamed
+
+# ServiceOptions' fields as the flags that set them, for its messages
+SERVICE_FLAGS = {
+    "max_body_bytes": "--max-body-mb",
+    "max_pending": "--max-pending",
+    "max_batch": "--max-batch",
+    "max_wait_ms": "--max-wait-ms",
+    "read_timeout_s": "--read-timeout",
+}
 
 EPILOG = """examples:
   edgecap serve --port 8765
@@ -101,17 +110,21 @@ def run(args: argparse.Namespace) -> int:
         service = CaptionService(captioner, options)
         warm_up(captioner)
     except ValueError as exc:
-        print(f"edgecap serve: error: {exc}", file=sys.stderr)
+        print(f"edgecap serve: error: {renamed(str(exc), SERVICE_FLAGS)}", file=sys.stderr)
         return 2
-    if not is_loopback(args.host):
-        print(
-            f"edgecap serve: warning: listening on {args.host}: anyone who can reach it can "
-            "use the service (there is no authentication)",
-            file=sys.stderr,
-        )
+
+    def ready(port: int) -> None:  # listening: warn of an open address now, not before a failed bind
+        if not is_loopback(args.host):
+            print(
+                f"edgecap serve: warning: listening on {args.host}: anyone who can reach it can "
+                "use the service (there is no authentication)",
+                file=sys.stderr,
+            )
+        announce(args.host, port)
+
     try:
         with captioner:  # closed once the service has stopped
-            stopped_by = serve(service, args.host, args.port, ready=lambda port: announce(args.host, port))
+            stopped_by = serve(service, args.host, args.port, ready=ready)
     except OSError as exc:  # the port in use, an address this machine does not have
         print(
             f"edgecap serve: error: cannot listen on {args.host}:{args.port} ({exc.strerror or exc})",
