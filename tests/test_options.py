@@ -107,6 +107,7 @@ def _subcommand(parser: argparse.ArgumentParser, name: str) -> argparse.Argument
                 "max_length",
                 "no_repeat_ngram",
                 "batch_size",
+                "length_penalty",
                 "guidance_bonus",
                 "constrained",
                 "fusion_weight",
@@ -154,7 +155,7 @@ def test_cli_flags_reach_the_captioner(backend_calls, tmp_path, capsys):
         words = json.loads(capsys.readouterr().out)["caption"].split()
         assert len(words) == 6 and has_repeated_ngram(words, 3) == repeats
     assert main(["caption", "--beam-size", "0", str(photo)]) == 2
-    assert "beam_size" in capsys.readouterr().err
+    assert "--beam-size must be" in capsys.readouterr().err  # the flag, not the field
     args = build_parser().parse_args(
         ["eval", "--images", "photos", "--length-penalty", "0.5", "--beam-size", "2", "--batch-size", "4"]
     )
