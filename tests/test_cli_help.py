@@ -160,6 +160,10 @@ def test_option_errors_name_the_flag_a_user_typed():
     assert in_flag_words("no_repeat_ngram must be between 0 (off) and 4", args).startswith(
         "--no-repeat-ngram must"
     )
+    # a path or a file name that holds a field's name is left as it is
+    assert in_flag_words("/data/beam_size/x.json: beam_size must be 1, see beam_size.txt", args) == (
+        "/data/beam_size/x.json: --beam-size must be 1, see beam_size.txt"
+    )
     # a field the command has no flag for keeps its name (caption has no --n-best)
     assert in_flag_words("n_best must be between 1 and beam_size (3), got 4", args) == (
         "n_best must be between 1 and --beam-size (3), got 4"

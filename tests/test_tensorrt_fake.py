@@ -965,6 +965,7 @@ def make_fake_cudart(fail: str | None = None):
         return (0, ctypes.addressof(buf))
 
     rt.cudaSetDevice = call("cudaSetDevice")
+    rt.cudaGetDevice = call("cudaGetDevice", 0)  # the calling thread's device: GPU 0
     rt.cudaGetDeviceProperties = call(
         "cudaGetDeviceProperties", types.SimpleNamespace(name=b"Orin\0\0\0", major=8, minor=7)
     )
@@ -997,6 +998,17 @@ def test_fake_cuda_python_device_calls_and_checks():
     assert rt.calls[-1][1][2] == 40 and rt.calls[-1][1][3] == 2
     dev.free_host(host)
     assert rt.calls[-1][0] == "cudaFreeHost"
+
+    # GPU 1 current for the block only: the thread's own device (0) again after it
+    on_1 = CudaPythonDevice(1, cudart=rt)
+    del rt.calls[:]
+    with on_1.active():
+        on_1.alloc(8)
+    assert [(name, args) for name, args in rt.calls if name.startswith("cudaSetDevice")] == [
+        ("cudaSetDevice", (1,)),
+        ("cudaSetDevice", (0,)),
+    ]
+    assert [name for name, _ in rt.calls] == ["cudaGetDevice", "cudaSetDevice", "cudaMalloc", "cudaSetDevice"]
 
     failing = CudaPythonDevice(0, cudart=make_fake_cudart(fail="cudaMalloc"))
     with pytest.raises(BackendError, match="allocating 100 bytes.*out of memory"):
@@ -1196,3 +1208,23 @@ def test_an_engine_without_an_execution_context_is_a_clear_error():
     out_of_memory = types.SimpleNamespace(create_execution_context=lambda: None)  # what TensorRT returns
     with pytest.raises(BackendError, match="execution context for the encoder engine .out of GPU memory"):
         execution_context(out_of_memory, "the encoder engine")
+
+
+def test_close_drops_contexts_and_engines_even_when_the_context_cannot_be_made_current(
+    monkeypatch, tmp_path, model_dir, device
+):
+    install(monkeypatch, "10.3.0.30", device)
+    backend = TensorRTBackend(
+        load_manifest(model_dir), "fp16", Limits(1, 3), tmp_path, cuda_device=device, log=io.StringIO()
+    )
+
+    @contextlib.contextmanager
+    def broken():
+        raise BackendError("CUDA error while making the GPU's CUDA context current: context is destroyed")
+        yield
+
+    monkeypatch.setattr(device, "active", broken)
+    with pytest.raises(BackendError, match="context is destroyed"):
+        backend.close()
+    # TensorRT's objects are released before the device, not left to the garbage collector
+    assert "_contexts" not in backend.__dict__ and "_engines" not in backend.__dict__

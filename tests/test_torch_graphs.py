@@ -11,6 +11,7 @@ at the end (run on an NVIDIA H200 by ``benchmarks/gpu_check.py``: 4 passed).
 from __future__ import annotations
 
 import contextlib
+import threading
 
 import numpy as np
 import pytest
@@ -160,20 +161,60 @@ def test_cuda_convolutions_are_ieee_fp32_for_the_block_and_put_back_after():
     assert conv.fp32_precision == before
 
 
+def test_ieee_fp32_blocks_in_two_threads_keep_fp32_until_the_last_leaves():
+    # thread A enters, B enters, A leaves while B still encodes: B must still be in FP32, and
+    # the flag is put back only when B leaves
+    conv = torch.backends.cudnn.conv
+    before = conv.fp32_precision
+    a_in, b_in, a_out, b_done = (threading.Event() for _ in range(4))
+    seen = {}
+
+    def a():
+        with ieee_fp32(torch.device("cuda")):
+            a_in.set()
+            b_in.wait(5)
+        a_out.set()
+
+    def b():
+        a_in.wait(5)
+        with ieee_fp32(torch.device("cuda")):
+            b_in.set()
+            a_out.wait(5)
+            seen["b after a left"] = conv.fp32_precision
+        b_done.set()
+
+    threads = [threading.Thread(target=a), threading.Thread(target=b)]
+    for t in threads:
+        t.start()
+    for t in threads:
+        t.join(10)
+    assert b_done.is_set() and seen == {"b after a left": "ieee"}
+    assert conv.fp32_precision == before
+
+
 def test_the_eager_encoder_runs_with_ieee_fp32_convolutions(tiny_model_dir, monkeypatch):
     import edgecap.backends.torch as torch_backend
 
-    seen = []
+    inside = []
 
     @contextlib.contextmanager
     def recording(device):
-        seen.append(device)
+        inside.append(device)
         yield
+        inside.pop()
 
     monkeypatch.setattr(torch_backend, "ieee_fp32", recording)
     backend = TorchBackend(load_manifest(tiny_model_dir), device="cpu")
+    forward = backend.encoder_graph.forward
+    ran = []
+
+    def checked(*args):
+        ran.append(list(inside))  # the convolutions run inside the block, on the backend's device
+        return forward(*args)
+
+    monkeypatch.setattr(backend.encoder_graph, "forward", checked)
     backend.encode(_images(1))
-    assert seen == [torch.device("cpu")]
+    assert ran == [[torch.device("cpu")]]
 
 
 # -- on a real GPU (``pytest -m gpu``; deselected by default) -------------------------------------

@@ -429,12 +429,16 @@ class TensorRTBackend(Backend):
                     if self.buffers is not None:
                         self.buffers.close()
                 finally:
-                    # contexts before engines, engines before the runtime
-                    self.__dict__.pop("_contexts", None)
-                    self.__dict__.pop("_engines", None)
+                    self._release_tensorrt()
         finally:
+            self._release_tensorrt()  # also when the context could not be made current
             if self._owns_device:
                 device.close()
+
+    def _release_tensorrt(self) -> None:
+        """Drop the execution contexts, then the engines (before the device; idempotent)."""
+        self.__dict__.pop("_contexts", None)
+        self.__dict__.pop("_engines", None)
 
     def __enter__(self) -> TensorRTBackend:
         return self

@@ -108,6 +108,14 @@ def _load(
     module.load_state_dict(own, strict=True)
 
 
+def _indexed(device: torch.device) -> torch.device:
+    """``cuda`` as the GPU it means now (``cuda:N``, N the current device of the thread that
+    makes the backend): a graph captured later, in another thread, stays on that GPU."""
+    if device.type == "cuda" and device.index is None:
+        return torch.device("cuda", torch.cuda.current_device())
+    return device
+
+
 def _checked_device(
     device: str | None, fp16: bool, cuda_graphs: bool = False, graph_factory: GraphFactory | None = None
 ) -> str:
@@ -173,7 +181,7 @@ class TorchBackend(Backend):
         self.manifest = manifest
         self.on_device = on_device
         if cuda_graphs or graph_factory is not None:
-            self.enable_graphs(graph_factory or CudaGraphs(self.device))
+            self.enable_graphs(graph_factory or CudaGraphs(_indexed(self.device)))
         elif self.on_device:
             self.device_search = TorchDeviceSearch(self)
 

@@ -64,30 +64,46 @@ GraphFactory = Callable[[Callable[[], None]], Graph]
 _CAPTURE_LOCK = threading.Lock()
 
 
+_IEEE_LOCK = threading.Lock()
+_ieee_users = 0  # threads inside ieee_fp32 blocks now
+_ieee_before: tuple[object, str, object] | None = None  # (target, name, value) to put back
+
+
 @contextlib.contextmanager
 def ieee_fp32(device: torch.device) -> Iterator[None]:
     """cuDNN convolutions in full FP32 while the block runs (on a CUDA ``device``): PyTorch lets
     them use TF32 by default on Ampere and later GPUs (Orin, A100, H100/H200), 10-bit mantissas,
-    which would make "FP32" the precision of FP16. The flag is process-wide, so it is set for the
-    block and put back; a captured graph keeps the math it was captured with."""
+    which would make "FP32" the precision of FP16. The flag is process-wide: the first block to
+    enter (in any thread) sets it, the last to leave puts back what was there, so blocks in
+    several threads at once all run in FP32. A captured graph keeps the math it was captured
+    with."""
+    global _ieee_users, _ieee_before
     if device.type != "cuda":
         yield
         return
-    cudnn = torch.backends.cudnn
-    # PyTorch 2.9 and later: the per-operator setting (reading the legacy allow_tf32 after it
-    # was set is an error); before: the legacy flag
-    conv = getattr(cudnn, "conv", None)
-    target, name, value = (
-        (conv, "fp32_precision", "ieee")
-        if conv is not None and hasattr(conv, "fp32_precision")
-        else (cudnn, "allow_tf32", False)
-    )
-    before = getattr(target, name)
-    setattr(target, name, value)
+    with _IEEE_LOCK:
+        if _ieee_users == 0:
+            cudnn = torch.backends.cudnn
+            # PyTorch 2.9 and later: the per-operator setting (reading the legacy allow_tf32
+            # after it was set raises); before: the legacy flag
+            conv = getattr(cudnn, "conv", None)
+            target, name, value = (
+                (conv, "fp32_precision", "ieee")
+                if conv is not None and hasattr(conv, "fp32_precision")
+                else (cudnn, "allow_tf32", False)
+            )
+            _ieee_before = (target, name, getattr(target, name))
+            setattr(target, name, value)
+        _ieee_users += 1
     try:
         yield
     finally:
-        setattr(target, name, before)
+        with _IEEE_LOCK:
+            _ieee_users -= 1
+            if _ieee_users == 0 and _ieee_before is not None:
+                target, name, before = _ieee_before
+                setattr(target, name, before)
+                _ieee_before = None
 
 
 class CudaGraph:

@@ -241,6 +241,6 @@ def in_flag_words(message: str, args: argparse.Namespace) -> str:
 def renamed(message: str, flags: dict[str, str]) -> str:
     """``message`` with each Python name in ``flags`` replaced by its flag, and no None to type
     (``must be None or a number`` -> ``must be a number``: a command line cannot give None)."""
-    for name, flag in flags.items():
-        message = re.sub(rf"(?<![\w-]){name}(?!\w)", flag, message)
+    for name, flag in flags.items():  # a word of its own, not a piece of a path or a longer name
+        message = re.sub(rf"(?<![\w./-]){name}(?![\w/]|\.\w)", flag, message)
     return message.replace("must be None or a", "must be a")

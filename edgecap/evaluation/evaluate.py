@@ -46,8 +46,8 @@ def load_references(
     ``karpathy_split``. ``captions`` + ``split``: Flickr8k's ``Flickr8k.token.txt`` and a split
     file such as ``Flickr_8k.devImages.txt`` (image id = 0-based line index in the split file).
 
-    Raises ``ValueError`` (naming the file) for an unreadable or malformed file, an image with no
-    reference caption or an empty split; ``FileNotFoundError`` for a missing file.
+    Raises ``DataError`` (a ``ValueError``, naming the file) for a missing, unreadable or
+    malformed file, an image with no reference caption or an empty split.
     """
     if (references is None) == (captions is None):
         raise ValueError(

@@ -234,9 +234,14 @@ class CudaPythonDevice(CudaDevice):
 
     @contextmanager
     def active(self) -> Iterator[None]:
-        # the runtime API's current device is per thread (a new thread starts on GPU 0)
+        # the runtime API's current device is per thread (a new thread starts on GPU 0): ours
+        # for the block, then the thread's own again (its other CUDA code keeps its device)
+        before = self._call("reading the current GPU", self._rt.cudaGetDevice)
         self._call("selecting the GPU", self._rt.cudaSetDevice, self._index)
-        yield
+        try:
+            yield
+        finally:
+            self._call("selecting the GPU again", self._rt.cudaSetDevice, before)
 
     def alloc(self, nbytes: int) -> int:
         return int(
