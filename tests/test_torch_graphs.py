@@ -231,9 +231,8 @@ def test_cuda_graphs_match_eager_on_the_gpu(tiny_model_dir):
     manifest = load_manifest(tiny_model_dir)
     eager = TorchBackend(manifest, device="cuda")
     graphed = TorchBackend(manifest, device="cuda", cuda_graphs=True)
-    assert isinstance(graphed.graph_factory, CudaGraphs) and graphed.graph_factory.device == torch.device(
-        "cuda"
-    )
+    assert isinstance(graphed.graph_factory, CudaGraphs)  # on the GPU current when it was made
+    assert graphed.graph_factory.device == torch.device("cuda", torch.cuda.current_device())
     rng = np.random.default_rng(0)
     images = _images(2)
     enc_e, enc_g = eager.encode(images), graphed.encode(images)
