@@ -23,6 +23,9 @@ MAX_GPU_DECODE_WORKERS = 8
 # On the CPU the model already keeps the cores busy (onnxruntime: one thread per core); see
 # docs/performance-options.md for what workers did there.
 DEFAULT_CPU_DECODE_WORKERS = 0
+# Each worker keeps two photos decoded ahead (``window``): 64 workers hold 128 preprocessed photos,
+# more than any batch (at most 64) needs. Beyond it a typo (1000) would start a thousand threads.
+MAX_DECODE_WORKERS = 64
 
 Item = TypeVar("Item")  # an input
 T = TypeVar("T")  # what it is prepared into
@@ -41,9 +44,15 @@ def default_decode_workers(on_gpu: bool) -> int:
 
 
 def check_decode_workers(workers: object) -> None:
-    """``decode_workers``: None or a whole number >= 0; anything else is a ``ValueError``."""
-    if workers is not None and (isinstance(workers, bool) or not isinstance(workers, int) or workers < 0):
-        raise ValueError(f"decode_workers must be a whole number >= 0 or None, got {workers!r}")
+    """``decode_workers``: None or a whole number from 0 to ``MAX_DECODE_WORKERS``; anything else
+    is a ``ValueError``."""
+    if workers is not None and (
+        isinstance(workers, bool) or not isinstance(workers, int) or not 0 <= workers <= MAX_DECODE_WORKERS
+    ):
+        raise ValueError(
+            f"decode_workers must be a whole number >= 0 (at most {MAX_DECODE_WORKERS}) or None, "
+            f"got {workers!r}"
+        )
 
 
 def window(batch: int, workers: int) -> int:

@@ -18,7 +18,7 @@ from edgecap.decoding.options import (
     RANGES,
 )
 from edgecap.models.config import DecoderConfig
-from edgecap.prefetch import DEFAULT_CPU_DECODE_WORKERS, MAX_GPU_DECODE_WORKERS
+from edgecap.prefetch import DEFAULT_CPU_DECODE_WORKERS, MAX_DECODE_WORKERS, MAX_GPU_DECODE_WORKERS
 
 DEFAULTS = {f.name: f.default for f in fields(CaptionOptions)}
 
@@ -65,8 +65,10 @@ def decode_workers_value(text: str | None) -> int | None:
         value = int(text)
     except ValueError:
         value = -1
-    if value < 0:
-        raise ValueError(f"--decode-workers must be a whole number >= 0 (threads), got {text!r}")
+    if not 0 <= value <= MAX_DECODE_WORKERS:
+        raise ValueError(
+            f"--decode-workers must be a whole number from 0 to {MAX_DECODE_WORKERS} (threads), got {text!r}"
+        )
     return value
 
 
@@ -99,7 +101,7 @@ def add_model_arguments(p: argparse.ArgumentParser) -> None:
         "--decode-workers",
         metavar="N",
         help="threads that read, decode and resize the next photos while the model "
-        "works on a batch; 0: none (default: on a GPU one per CPU core less "
+        f"works on a batch; 0: none, at most {MAX_DECODE_WORKERS} (default: on a GPU one per CPU core less "
         f"one, at most {MAX_GPU_DECODE_WORKERS}; on the CPU "
         f"{DEFAULT_CPU_DECODE_WORKERS}, the fastest measured on a busy 2-core "
         "machine; see docs/performance-options.md)",
