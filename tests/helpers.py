@@ -2,7 +2,8 @@
 fake backend driven by a hand-written table of log-probabilities, solid-colour images, two ways to
 force threads to interleave deterministically (decoder steps in lockstep; every line of package
 code in turn), what the loader gives the preprocessing, a contract-shaped model directory
-built with onnx helpers only, and the training configuration of the tiny decoder.
+built with onnx helpers only, the training configuration of the tiny decoder, and the command
+run in this process (``run_edgecap``).
 
 Everything here uses the backend interface (``edgecap.backends.base``) only, so it survives a
 refactor of the package's internals.
@@ -14,6 +15,7 @@ import io
 import json
 import shutil
 import struct
+import subprocess
 import sys
 import threading
 import zlib
@@ -600,3 +602,38 @@ def tiny_train_config(data: Path, out: Path, epochs: int, **given):
     fields["cache_dir"] = str(fields["cache_dir"])
     fields["decoder"] = {**TINY_DECODER, **given.get("decoder", {})}
     return TrainConfig(data=str(data), out=str(out), epochs=epochs, **fields)
+
+
+# Python's default warning filters that hide a category (a fresh interpreter's ``-W`` defaults)
+_HIDDEN_WARNINGS = (DeprecationWarning, PendingDeprecationWarning, ImportWarning, ResourceWarning)
+
+
+def run_edgecap(capfd, *args) -> subprocess.CompletedProcess:
+    """``python -m edgecap ARGS`` run in this process, for tests that are not about the process
+    itself (signals, a closed stdout, what gets imported): ``edgecap.cli.main`` with its output
+    read at the file descriptors (``capfd``: what C++ libraries and child processes write, too),
+    a ``SystemExit`` taken as the exit status, and each warning it raised appended to its stderr
+    as a fresh interpreter would print it (under Python's default filters), so that checks of
+    what stderr holds see them. -> a CompletedProcess: returncode, stdout, stderr (text). Saves
+    each run the interpreter's start-up and the imports (most of a second)."""
+    import warnings
+
+    from edgecap.cli import main
+
+    argv = [str(a) for a in args]
+    capfd.readouterr()  # what the test printed before
+    with warnings.catch_warnings(record=True) as caught:
+        warnings.simplefilter("default")
+        for category in _HIDDEN_WARNINGS:
+            warnings.filterwarnings("ignore", category=category)
+        try:
+            code = main(argv)
+        except SystemExit as exc:
+            code = exc.code if isinstance(exc.code, int) else (0 if exc.code is None else 1)
+            if exc.code is not None and not isinstance(exc.code, int):
+                print(exc.code, file=sys.stderr)
+    out = capfd.readouterr()
+    shown = "".join(
+        warnings.formatwarning(w.message, w.category, w.filename, w.lineno, w.line) for w in caught
+    )
+    return subprocess.CompletedProcess(["edgecap", *argv], code, out.out, out.err + shown)

@@ -1,6 +1,8 @@
 """``edgecap caption --video / --camera / --attention`` and ``examples/robot_loop.py``, end to end
-in subprocesses, on a 2 s, 10 fps video made from the bundled example photos and on the
-``tiny_model_dir`` model (tests/conftest.py)."""
+(the command's entry point in this process, its output read at the file descriptors:
+``helpers.run_edgecap``; the example script and a Python without OpenCV in subprocesses), on a
+2 s, 10 fps video made from the bundled example photos and on the ``tiny_model_dir`` model
+(tests/conftest.py)."""
 
 from __future__ import annotations
 
@@ -17,6 +19,7 @@ from PIL import Image
 import edgecap
 from edgecap import Captioner
 from test_stream import make_video
+from helpers import run_edgecap
 from test_viz import GREEN, find_panels
 
 ROOT = Path(edgecap.__file__).resolve().parents[1]
@@ -27,8 +30,8 @@ def run(*args, cwd=None) -> subprocess.CompletedProcess:
     return subprocess.run([sys.executable, *map(str, args)], capture_output=True, text=True, env=ENV, cwd=cwd)
 
 
-def edgecap_caption(*args, model, cwd=None) -> subprocess.CompletedProcess:
-    return run("-m", "edgecap", "caption", *args, "--model", model, "--max-length", "6", cwd=cwd)
+def edgecap_caption(capfd, *args, model) -> subprocess.CompletedProcess:
+    return run_edgecap(capfd, "caption", *args, "--model", model, "--max-length", "6")
 
 
 @pytest.fixture(scope="module")
@@ -36,8 +39,11 @@ def video(tmp_path_factory) -> Path:
     return make_video(tmp_path_factory.mktemp("video") / "clip.avi", seconds=2.0, fps=10.0)
 
 
-def test_video_every_prints_one_timestamped_caption_per_interval(tiny_model_dir, video, tmp_path):
-    out = edgecap_caption("--video", video, "--every", "0.5", model=tiny_model_dir, cwd=tmp_path)
+def test_video_every_prints_one_timestamped_caption_per_interval(
+    tiny_model_dir, video, tmp_path, capfd, monkeypatch
+):
+    monkeypatch.chdir(tmp_path)
+    out = edgecap_caption(capfd, "--video", video, "--every", "0.5", model=tiny_model_dir)
     assert out.returncode == 0, out.stderr
     lines = [line.split("\t") for line in out.stdout.splitlines()]
     assert [time for time, _ in lines] == ["0.00s", "0.50s", "1.00s", "1.50s"]
@@ -51,8 +57,8 @@ def test_video_every_prints_one_timestamped_caption_per_interval(tiny_model_dir,
     assert list(tmp_path.iterdir()) == []  # wrote nothing
 
 
-def test_video_json_every_frame(tiny_model_dir, video):
-    out = edgecap_caption("--video", video, "--json", model=tiny_model_dir)
+def test_video_json_every_frame(tiny_model_dir, video, capfd):
+    out = edgecap_caption(capfd, "--video", video, "--json", model=tiny_model_dir)
     assert out.returncode == 0, out.stderr
     records = [json.loads(line) for line in out.stdout.splitlines()]
     assert [r["frame"] for r in records] == list(range(20))
@@ -75,16 +81,17 @@ def test_video_json_every_frame(tiny_model_dir, video):
         (["photo.jpg", "--attention", "out.xyz"], "unknown image format"),
     ],
 )
-def test_bad_arguments_are_clean_errors(tiny_model_dir, tmp_path, args, message):
-    out = edgecap_caption(*args, model=tiny_model_dir, cwd=tmp_path)
+def test_bad_arguments_are_clean_errors(tiny_model_dir, tmp_path, args, message, capfd, monkeypatch):
+    monkeypatch.chdir(tmp_path)
+    out = edgecap_caption(capfd, *args, model=tiny_model_dir)
     assert out.returncode == 2
     assert message in out.stderr and "Traceback" not in out.stderr
     assert list(tmp_path.iterdir()) == []
 
 
-def test_missing_camera_is_a_clean_error(tiny_model_dir):
+def test_missing_camera_is_a_clean_error(tiny_model_dir, capfd):
     pytest.importorskip("cv2")
-    out = edgecap_caption("--camera", "99", model=tiny_model_dir)
+    out = edgecap_caption(capfd, "--camera", "99", model=tiny_model_dir)
     assert out.returncode == 2
     assert "camera 99: cannot open the camera" in out.stderr and "Traceback" not in out.stderr
 
@@ -100,7 +107,9 @@ def test_video_without_opencv_names_the_extra(tiny_model_dir, video):
     assert "pip install '.[video]'" in out.stderr and "Traceback" not in out.stderr
 
 
-def test_attention_png_has_one_panel_per_word_at_the_photo_aspect(tiny_model_dir, tmp_path):
+def test_attention_png_has_one_panel_per_word_at_the_photo_aspect(
+    tiny_model_dir, tmp_path, capfd, monkeypatch
+):
     photos, work = tmp_path / "photos", tmp_path / "work"
     photos.mkdir()
     work.mkdir()
@@ -111,7 +120,8 @@ def test_attention_png_has_one_panel_per_word_at_the_photo_aspect(tiny_model_dir
     pixels[..., 1] = np.where(squares, 255, 190)
     Image.fromarray(pixels).save(photo)
     target = photos / "attention.png"
-    out = edgecap_caption(photo, "--attention", target, "--json", model=tiny_model_dir, cwd=work)
+    monkeypatch.chdir(work)
+    out = edgecap_caption(capfd, photo, "--attention", target, "--json", model=tiny_model_dir)
     assert out.returncode == 0, out.stderr
     (record,) = (json.loads(line) for line in out.stdout.splitlines())
     n_words = len(record["caption"].split())
@@ -123,10 +133,10 @@ def test_attention_png_has_one_panel_per_word_at_the_photo_aspect(tiny_model_dir
     assert {(w, h) for _, _, w, h in panels} == {(224, 149)}  # 300 x 200 -> 224 x 149.33
 
 
-def test_attention_for_an_unreadable_image_writes_nothing(tiny_model_dir, tmp_path):
+def test_attention_for_an_unreadable_image_writes_nothing(tiny_model_dir, tmp_path, capfd):
     broken = tmp_path / "broken.png"
     broken.write_bytes(b"not a png")
-    out = edgecap_caption(broken, "--attention", tmp_path / "out.png", model=tiny_model_dir)
+    out = edgecap_caption(capfd, broken, "--attention", tmp_path / "out.png", model=tiny_model_dir)
     assert out.returncode == 1
     assert f"edgecap: {broken}: " in out.stderr
     assert list(tmp_path.iterdir()) == [broken]
@@ -142,11 +152,12 @@ def test_robot_loop_example(tiny_model_dir, video):
     assert summary.startswith("done: ") and "from 20 frames" in summary
 
 
-def test_attention_of_a_blank_photo_says_so_and_writes_nothing(tiny_model_dir, tmp_path):
+def test_attention_of_a_blank_photo_says_so_and_writes_nothing(tiny_model_dir, tmp_path, capfd, monkeypatch):
     photo = tmp_path / "green.png"
     Image.new("RGB", (300, 200), GREEN).save(photo)
     target = tmp_path / "attention.png"
-    out = edgecap_caption(photo, "--attention", target, model=tiny_model_dir, cwd=tmp_path)
+    monkeypatch.chdir(tmp_path)
+    out = edgecap_caption(capfd, photo, "--attention", target, model=tiny_model_dir)
     assert out.returncode == 1
     assert "nothing recognisable: no attention figure written" in out.stderr
     assert not target.exists()

@@ -5,8 +5,6 @@ from __future__ import annotations
 
 import json
 import shutil
-import subprocess
-import sys
 
 import numpy as np
 import pytest
@@ -14,7 +12,7 @@ from PIL import Image, ImageFilter
 
 from edgecap.confidence import SIGNALS, ConfidenceModel, auroc, fit, signals, write
 from edgecap.errors import ModelError
-from helpers import EXAMPLES
+from helpers import EXAMPLES, run_edgecap
 
 
 @pytest.fixture(scope="module")
@@ -112,7 +110,7 @@ def _model_with_confidence(tmp_path, default_model_dir, bias: float) -> str:
     return str(model)
 
 
-def test_the_model_directorys_confidence_marks_captions(tmp_path, default_model_dir):
+def test_the_model_directorys_confidence_marks_captions(tmp_path, default_model_dir, capfd):
     from edgecap import Captioner
 
     sure = _model_with_confidence(tmp_path / "a", default_model_dir, bias=3.0)
@@ -121,11 +119,7 @@ def test_the_model_directorys_confidence_marks_captions(tmp_path, default_model_
     )
     unsure = _model_with_confidence(tmp_path / "b", default_model_dir, bias=-3.0)
     photo = str(EXAMPLES / "chelsea.png")
-    run = lambda model, *extra: subprocess.run(  # noqa: E731
-        [sys.executable, "-m", "edgecap", "caption", photo, "--model", model, *extra],
-        capture_output=True,
-        text=True,
-    )
+    run = lambda model, *extra: run_edgecap(capfd, "caption", photo, "--model", model, *extra)  # noqa: E731
     out = run(unsure, "--json", "--min-confidence", "0.5")
     record = json.loads(out.stdout)
     assert record["confidence"] == pytest.approx(0.0474, abs=1e-4) and record["low_confidence"]

@@ -4,15 +4,13 @@ words when any caption can; without tags it is the plain beam search, exactly.""
 from __future__ import annotations
 
 import json
-import subprocess
-import sys
 
 import numpy as np
 import pytest
 
 from edgecap.decoding import CaptionOptions, search_with_tags
 from fakes import END, START, PrefixHashBackend
-from helpers import EXAMPLES, TableBackend
+from helpers import EXAMPLES, TableBackend, run_edgecap
 from helpers import plain_search as beam_search
 from helpers import vocab_size_of
 
@@ -101,14 +99,10 @@ def test_options_are_checked():
         CaptionOptions(constraint_min_prob=1.5).validate(10)
 
 
-def test_the_command_line_flag_makes_the_caption_name_the_coffee():
+def test_the_command_line_flag_makes_the_caption_name_the_coffee(capfd):
     """coffee.png: the classifier's top class is espresso (0.90, see test_objects), whose caption
     words are coffee and cup; the shipped model's unguided caption says neither."""
-    run = subprocess.run(
-        [sys.executable, "-m", "edgecap", "caption", "--constrained", "--json", str(EXAMPLES / "coffee.png")],
-        capture_output=True,
-        text=True,
-    )
+    run = run_edgecap(capfd, "caption", "--constrained", "--json", EXAMPLES / "coffee.png")
     assert run.returncode == 0, run.stderr
     caption = json.loads(run.stdout)["caption"].split()
     assert "cup" in caption or "coffee" in caption

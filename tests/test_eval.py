@@ -9,9 +9,6 @@ Tests marked ``java`` run coco-caption's PTB tokenizer and METEOR (Java); they s
 from __future__ import annotations
 
 import json
-import os
-import subprocess
-import sys
 from pathlib import Path
 
 import pytest
@@ -21,17 +18,12 @@ from edgecap.evaluation import metrics
 from edgecap.cli import main
 from edgecap.data.readers import read_coco, read_flickr8k, read_karpathy
 from edgecap.evaluation.evaluate import check_images, load_references, results_json, score_split
+from helpers import run_edgecap
 
 pytest.importorskip("pycocoevalcap")
 
 EXAMPLES = Path(edgecap.__file__).parent / "assets" / "examples"
 PHOTOS = ("astronaut.png", "chelsea.png", "coffee.png", "rocket.jpg")
-ENV = {
-    **os.environ,
-    "PYTHONPATH": os.pathsep.join(
-        [str(Path(edgecap.__file__).parent.parent), os.environ.get("PYTHONPATH", "")]
-    ),
-}
 needs_java = pytest.mark.skipif(not metrics.java_available(), reason="needs Java (PTB, METEOR)")
 
 HUMAN = {
@@ -214,16 +206,6 @@ def test_score_split_without_java_skips_only_meteor(monkeypatch, capsys, tmp_pat
 
 
 # -- the command --------------------------------------------------------------------------------
-def edgecap_eval(*args) -> subprocess.CompletedProcess:
-    return subprocess.run(
-        [sys.executable, "-m", "edgecap", "eval", *map(str, args)],
-        capture_output=True,
-        text=True,
-        timeout=300,
-        env=ENV,
-    )
-
-
 @pytest.fixture(scope="module")
 def tiny_captions(tiny_model_dir) -> dict[str, str]:
     """What the tiny model says about each example photo (beam 2, max 6 words)."""
@@ -234,28 +216,32 @@ def tiny_captions(tiny_model_dir) -> dict[str, str]:
 
 
 @needs_java
-def test_cli_json_and_results_end_to_end(tiny_model_dir, tiny_captions, tmp_path):
+def test_cli_json_and_results_end_to_end(tiny_model_dir, tiny_captions, tmp_path, one_meteor, capfd):
     # Each image's references include the model's own caption, so BLEU-1 and ROUGE-L must be ~1
-    # if (and only if) captions are matched with their own image's references.
+    # if (and only if) captions are matched with their own image's references. The command in
+    # this process (helpers.run_edgecap: its stdout read at the file descriptor, Java's
+    # included) with the session's METEOR, which loads its tables for seconds.
     refs = coco_json(tmp_path / "refs.json", {name: [tiny_captions[name], *HUMAN[name]] for name in PHOTOS})
     results = tmp_path / "results.json"
-    out = edgecap_eval(
+    out = run_edgecap(
+        capfd,
+        "eval",
         "--images",
-        EXAMPLES,
+        str(EXAMPLES),
         "--references",
-        refs,
+        str(refs),
         "--model",
-        tiny_model_dir,
+        str(tiny_model_dir),
         "--backend",
         "onnxruntime",
         "--beam-size",
-        2,
+        "2",
         "--max-length",
-        6,
+        "6",
         "--batch-size",
-        3,
+        "3",
         "--output",
-        results,
+        str(results),
         "--json",
     )
     assert out.returncode == 0, out.stderr
@@ -277,6 +263,7 @@ def test_cli_json_and_results_end_to_end(tiny_model_dir, tiny_captions, tmp_path
     assert json.loads(results.read_text()) == [
         {"image_id": 10 + i, "caption": tiny_captions[name]} for i, name in enumerate(PHOTOS)
     ]
+    assert one_meteor.closed == [one_meteor.process]  # METEOR scored, and the command ended it
 
 
 def test_cli_flickr8k_layout_text_without_java(tiny_model_dir, tiny_captions, tmp_path, monkeypatch, capsys):
@@ -325,7 +312,7 @@ def test_cli_flickr8k_layout_text_without_java(tiny_model_dir, tiny_captions, tm
     ]
 
 
-def test_cli_missing_images_fail_before_captioning(tiny_model_dir, tmp_path):
+def test_cli_missing_images_fail_before_captioning(tiny_model_dir, tmp_path, capfd):
     refs = coco_json(
         tmp_path / "refs.json",
         {
@@ -336,8 +323,17 @@ def test_cli_missing_images_fail_before_captioning(tiny_model_dir, tmp_path):
         },
     )
     results = tmp_path / "results.json"
-    out = edgecap_eval(
-        "--images", EXAMPLES, "--references", refs, "--model", tiny_model_dir, "--output", results
+    out = run_edgecap(
+        capfd,
+        "eval",
+        "--images",
+        EXAMPLES,
+        "--references",
+        refs,
+        "--model",
+        tiny_model_dir,
+        "--output",
+        results,
     )
     assert out.returncode == 2
     assert "Traceback" not in out.stderr and out.stdout == ""

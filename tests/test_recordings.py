@@ -1,14 +1,13 @@
 """``edgecap caption --bag`` and ``edgecap.recordings``: real recordings written here by rosbags
 (ROS 1 bags, ROS 2 bags with sqlite3 and MCAP storage, a plain .mcap file) from the bundled
-example photos, captioned by the shipped model in a subprocess, and the captioned copies read
-back with rosbags' own reader. Expected captions come from ``Captioner.caption`` on the photo."""
+example photos, captioned by the shipped model through the command (``edgecap.cli.main`` in this
+process, its output read at the file descriptors: ``helpers.run_edgecap``), and the captioned
+copies read back with rosbags' own reader. Expected captions come from ``Captioner.caption`` on the photo."""
 
 from __future__ import annotations
 
 import json
-import os
 import subprocess
-import sys
 from pathlib import Path
 
 import numpy as np
@@ -23,15 +22,13 @@ from rosbags.rosbag2 import StoragePlugin
 from rosbags.rosbag2 import Writer as Writer2
 from rosbags.typesys import Stores, get_typestore
 
-import edgecap
+
 from edgecap import Captioner
 from edgecap.commands.output import caption_record
 from edgecap.errors import InputError
 from edgecap.recordings import RecordingError, demosaic_half, open_recording, raw_to_rgb, yuv422_to_rgb
-from helpers import EXAMPLES, encoded_bytes
+from helpers import EXAMPLES, encoded_bytes, run_edgecap
 
-ROOT = Path(edgecap.__file__).resolve().parents[1]
-ENV = {**os.environ, "PYTHONPATH": os.pathsep.join([str(ROOT), os.environ.get("PYTHONPATH", "")])}
 SECOND = 1_000_000_000
 T0 = 1_700_000_000 * SECOND  # log times; header stamps are 0.25 s earlier (the camera's clock)
 KINDS = ("ros1", "sqlite3", "mcap", "mcap-file")
@@ -144,14 +141,9 @@ def camera_messages(kind: str):
     return messages, frames
 
 
-def edgecap_caption(*args) -> subprocess.CompletedProcess:
-    return subprocess.run(
-        [sys.executable, "-m", "edgecap", "caption", *map(str, args)],
-        capture_output=True,
-        text=True,
-        env=ENV,
-        check=False,
-    )
+def edgecap_caption(capfd, *args) -> subprocess.CompletedProcess:
+    """``edgecap caption ARGS``, in this process (``helpers.run_edgecap``)."""
+    return run_edgecap(capfd, "caption", *args)
 
 
 def read_back(path: Path):
@@ -167,11 +159,11 @@ def captioner(default_model_dir):
 
 # -- the issue's "done when": each kind captioned, the copy holds the captions ------------------
 @pytest.mark.parametrize("kind", KINDS)
-def test_recording_captioned_and_written_back(kind, tmp_path, captioner):
+def test_recording_captioned_and_written_back(kind, tmp_path, captioner, capfd):
     messages, frames = camera_messages(kind)
     bag = write_recording(tmp_path, kind, messages)
     out = tmp_path / ("captioned.bag" if kind == "ros1" else "captioned")
-    done = edgecap_caption("--bag", bag, "--json", "--write-bag", out)
+    done = edgecap_caption(capfd, "--bag", bag, "--json", "--write-bag", out)
     assert done.returncode == 0, done.stderr
     records = [json.loads(line) for line in done.stdout.splitlines()]
     assert len(records) == len(frames)  # the /log topic is not an image topic
@@ -193,10 +185,10 @@ def test_recording_captioned_and_written_back(kind, tmp_path, captioner):
     assert types["/cam/rgb/caption"] == "std_msgs/msg/String"
 
 
-def test_plain_output_and_topic_choice(tmp_path, captioner):
+def test_plain_output_and_topic_choice(tmp_path, captioner, capfd):
     messages, frames = camera_messages("mcap")
     bag = write_recording(tmp_path, "mcap", messages)
-    done = edgecap_caption("--bag", bag, "--topic", "/cam/jpeg", "--topic", "/cam/mono")
+    done = edgecap_caption(capfd, "--bag", bag, "--topic", "/cam/jpeg", "--topic", "/cam/mono")
     assert done.returncode == 0, done.stderr
     lines = [line.split("\t") for line in done.stdout.splitlines()]
     expected = []
@@ -215,7 +207,7 @@ def test_plain_output_and_topic_choice(tmp_path, captioner):
 
 
 # -- bad frames: one line each with topic and time, the others kept -----------------------------
-def test_bad_frames_reported_and_skipped(tmp_path, captioner):
+def test_bad_frames_reported_and_skipped(tmp_path, captioner, capfd):
     store = store_for("sqlite3")
     good = image_msg(store, "rgb8", CHELSEA, T0)
     truncated = image_msg(store, "rgb8", CHELSEA, T0, data=good.data[:-7])
@@ -244,7 +236,7 @@ def test_bad_frames_reported_and_skipped(tmp_path, captioner):
     ]
     bag = write_recording(tmp_path, "sqlite3", messages)
     out = tmp_path / "out"
-    done = edgecap_caption("--bag", bag, "--write-bag", out)
+    done = edgecap_caption(capfd, "--bag", bag, "--write-bag", out)
     assert done.returncode == 1
     captioned = [line.split("\t")[:2] for line in done.stdout.splitlines()]
     assert captioned == [["/cam/raw", "1700000000.000000000"], ["/cam/jpeg", "1700000005.000000000"]]
@@ -292,7 +284,7 @@ def test_every_samples_each_topic_on_its_own_grid(tmp_path):
 
 
 # -- whole-recording problems: one line, exit 2 -------------------------------------------------
-def test_recording_problems(tmp_path):
+def test_recording_problems(tmp_path, capfd):
     messages, _ = camera_messages("ros1")
     bag = write_recording(tmp_path, "ros1", messages)
     fake = tmp_path / "notes.bag"
@@ -312,7 +304,7 @@ def test_recording_problems(tmp_path):
         (["--bag", bag, "--write-bag", bag], "exists already"),
         (["--topic", "/cam/rgb", str(EXAMPLES / "coffee.png")], "--topic needs --bag"),
     ]:
-        done = edgecap_caption(*args)
+        done = edgecap_caption(capfd, *args)
         assert done.returncode == 2, (args, done.stderr)
         assert len(done.stderr.splitlines()) == 1 and message in done.stderr, done.stderr
         assert done.stdout == ""
@@ -328,7 +320,7 @@ def test_recording_problems(tmp_path):
         open_recording(only_text).check_topics(None)
 
 
-def test_existing_caption_topic_is_not_mixed_into(tmp_path):
+def test_existing_caption_topic_is_not_mixed_into(tmp_path, capfd):
     store = store_for("sqlite3")
     bag = write_recording(
         tmp_path,
@@ -338,7 +330,7 @@ def test_existing_caption_topic_is_not_mixed_into(tmp_path):
             ("/cam/caption", "std_msgs/msg/String", T0, store.types["std_msgs/msg/String"](data="x")),
         ],
     )
-    done = edgecap_caption("--bag", bag, "--write-bag", tmp_path / "copy")
+    done = edgecap_caption(capfd, "--bag", bag, "--write-bag", tmp_path / "copy")
     assert done.returncode == 2 and "already has a topic /cam/caption" in done.stderr
     assert not (tmp_path / "copy").exists()
 
@@ -472,7 +464,7 @@ def test_recording_that_breaks_off_keeps_the_captions_so_far(
     assert not out.exists()
 
 
-def test_ros1_profile_mcap_file_is_read(tmp_path, captioner):
+def test_ros1_profile_mcap_file_is_read(tmp_path, captioner, capfd):
     """An MCAP file with the ROS 1 profile (what ``mcap convert`` makes of a ROS 1 bag), written
     here with the mcap package: its frames are captioned like the ROS 1 bag's; no copy into it."""
     from mcap.writer import Writer
@@ -500,7 +492,7 @@ def test_ros1_profile_mcap_file_is_read(tmp_path, captioner):
                 data=bytes(store.serialize_ros1(msg, msgtype)),
             )
         writer.finish()
-    done = edgecap_caption("--bag", path, "--json")
+    done = edgecap_caption(capfd, "--bag", path, "--json")
     assert done.returncode == 0, done.stderr
     records = [json.loads(line) for line in done.stdout.splitlines()]
     assert len(records) == len(frames)
@@ -511,7 +503,7 @@ def test_ros1_profile_mcap_file_is_read(tmp_path, captioner):
         assert (record["time_ns"], record["stamp_ns"]) == (time_ns, stamp_ns)
         fields = {k: v for k, v in record.items() if k not in ("bag", "topic", "time_ns", "stamp_ns")}
         assert fields == caption_record(captioner.caption(image)), record["topic"]
-    refused = edgecap_caption("--bag", path, "--write-bag", tmp_path / "copy")
+    refused = edgecap_caption(capfd, "--bag", path, "--write-bag", tmp_path / "copy")
     assert refused.returncode == 2 and "ROS 1-profile MCAP" in refused.stderr
 
 
@@ -524,7 +516,7 @@ def test_ros1_profile_mcap_file_is_read(tmp_path, captioner):
         "uint8[] data",
     ],
 )
-def test_image_type_without_the_standard_fields_is_one_line_a_frame(definition, tmp_path, captioner):
+def test_image_type_without_the_standard_fields_is_one_line_a_frame(definition, tmp_path, captioner, capfd):
     """A recording defines its own types: a sensor_msgs/Image without header/height/... (or
     with height a string) is refused frame by frame, naming topic and time; the others kept."""
     from rosbags.typesys import get_types_from_msg
@@ -569,7 +561,7 @@ def test_image_type_without_the_standard_fields_is_one_line_a_frame(definition, 
                     )
                 ),
             )
-    done = edgecap_caption("--bag", path)
+    done = edgecap_caption(capfd, "--bag", path)
     assert done.returncode == 1, done.stderr
     assert "Traceback" not in done.stderr
     assert [line.split("\t")[:2] for line in done.stdout.splitlines()] == [

@@ -30,7 +30,7 @@ from edgecap import Captioner
 from edgecap.commands.output import caption_record
 from edgecap.errors import InputError
 from edgecap.serve import CaptionService, ServiceOptions, start
-from helpers import EXAMPLES
+from helpers import EXAMPLES, run_edgecap
 
 ROOT = Path(edgecap.__file__).resolve().parents[1]
 ENV = {**os.environ, "PYTHONPATH": os.pathsep.join([str(ROOT), os.environ.get("PYTHONPATH", "")])}
@@ -454,14 +454,8 @@ def test_edgecap_serve_command(default_model_dir, captioner):
         (["--read-timeout", "0"], "--read-timeout must be positive, got 0.0"),
     ],
 )
-def test_edgecap_serve_bad_option_is_one_line(args, problem):
-    done = subprocess.run(
-        [sys.executable, "-m", "edgecap", "serve", *args],
-        capture_output=True,
-        text=True,
-        env=ENV,
-        check=False,
-    )
+def test_edgecap_serve_bad_option_is_one_line(args, problem, capfd):
+    done = run_edgecap(capfd, "serve", *args)
     assert (done.returncode, done.stderr) == (2, f"edgecap serve: error: {problem}\n")
 
 
@@ -518,14 +512,8 @@ def test_edgecap_serve_warns_of_an_open_address_only_once_listening(default_mode
         (["--max-body-mb", "-3"], "--max-body-mb must be a positive number of MB, got -3"),
     ],
 )
-def test_edgecap_serve_bad_body_limit_is_one_line(args, problem):
-    done = subprocess.run(
-        [sys.executable, "-m", "edgecap", "serve", *args],
-        capture_output=True,
-        text=True,
-        env=ENV,
-        check=False,
-    )
+def test_edgecap_serve_bad_body_limit_is_one_line(args, problem, capfd):
+    done = run_edgecap(capfd, "serve", *args)
     assert (done.returncode, done.stderr) == (2, f"edgecap serve: error: {problem}\n")
 
 
