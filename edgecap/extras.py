@@ -16,13 +16,13 @@ run from a source tree that was not installed) the hint names the extra and pypr
 
 from __future__ import annotations
 
+import re
+
 DISTRIBUTION = "edgecap"
 
 
 def _normalize(extra: str) -> str:
     """An extra's name as metadata writes it (PEP 685): lower case, runs of ``-_.`` one ``-``."""
-    import re
-
     return re.sub(r"[-_.]+", "-", extra).lower()
 
 
@@ -30,7 +30,6 @@ def extra_requirements(extra: str) -> list[str] | None:
     """The requirement strings of ``extra`` in the installed metadata, in order, without
     duplicates; an extra that names edgecap's own extras (``edgecap[cpu,train]``) has theirs.
     None when edgecap's metadata is not installed or has no such extra."""
-    import re
     from importlib import metadata
 
     try:

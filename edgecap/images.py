@@ -143,23 +143,19 @@ def pixel_limit_problem(width: int, height: int, subject: str = "image is") -> s
     )
 
 
-def _bomb_problem(width: int, height: int, limit: int) -> str:
-    return (
-        f"image is {width}x{height} = {width * height:,} pixels, over the limit of {limit:,} "
-        "(a guard against decompression bombs); if you trust it, raise the limit with "
-        f"edgecap.images.set_max_pixels(n) or {MAX_PIXELS_ENV}=n"
-    )
-
-
-def _bomb_problem_from_pillow(message: str, limit: int) -> str:
-    """``_bomb_problem`` for an image Pillow refused while opening it: its message gives the
-    pixel count ("Image size (N pixels) exceeds limit of M pixels ..."), not the sides."""
-    found = re.search(r"\((\d+) pixels\)", message)
-    size = f"{int(found.group(1)):,} pixels" if found else "too many pixels"
+def _bomb_problem(size: str, limit: int) -> str:
+    """Why an opened image is refused; ``size``: its size in words ("W x H = N pixels")."""
     return (
         f"image is {size}, over the limit of {limit:,} (a guard against decompression bombs); "
         f"if you trust it, raise the limit with edgecap.images.set_max_pixels(n) or {MAX_PIXELS_ENV}=n"
     )
+
+
+def _pillow_bomb_size(message: str) -> str:
+    """The size of an image Pillow refused while opening it, from its message ("Image size (N
+    pixels) exceeds limit of M pixels ..."), which gives the pixel count, not the sides."""
+    found = re.search(r"\((\d+) pixels\)", message)
+    return f"{int(found.group(1)):,} pixels" if found else "too many pixels"
 
 
 # -- naming inputs -----------------------------------------------------------------------------
@@ -257,14 +253,16 @@ def _decode(data: bytes, source: str, draft_size: tuple[int, int] | None = None)
     except (Image.DecompressionBombError, Image.DecompressionBombWarning) as exc:
         # over twice Pillow's limit (or over it, with warnings turned into errors): Pillow refuses
         # while opening, before our check, and says its own limit; say ours, as for the others
-        raise InputError(source, _bomb_problem_from_pillow(str(exc), limit)) from None
+        raise InputError(source, _bomb_problem(_pillow_bomb_size(str(exc)), limit)) from None
     except Exception as exc:  # noqa: BLE001
         # Pillow's plugins raise OSError, SyntaxError, but also NotImplementedError, struct.error,
         # IndexError ... on hostile bytes: whatever the reason, these bytes are not a usable image.
         raise InputError(source, f"corrupt image header ({reason(exc)})") from exc
     with im:
         if im.width * im.height > limit:
-            raise InputError(source, _bomb_problem(im.width, im.height, limit))
+            raise InputError(
+                source, _bomb_problem(f"{im.width}x{im.height} = {im.width * im.height:,} pixels", limit)
+            )
         problem = _decoding_work_problem(im, data)
         if problem:
             raise InputError(source, problem)
