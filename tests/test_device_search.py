@@ -322,9 +322,9 @@ def test_the_whole_decode_graph_captions_as_the_numpy_search(shipped):
     try:
         _same(host, _search(captioner, encoded, options, on_device=True), exact=False)
         _same(host, _search(captioner, encoded, options, on_device=True), exact=False)
-        graphs = graphed.graphs
-        assert graphs.captured == 1  # the same shape: one graph, replayed
-        ((graph, *_rest),) = graphs.graphs.values()
+        graphs = graphed.graphs.graphs
+        assert graphs.made == 1  # the same shape: one graph, replayed
+        ((graph, *_rest),) = graphs.entries.values()
         assert graph.replays == 2
         short = replace(options, max_length=6)  # another plan: its own graph, the first kept
         _same(
@@ -332,7 +332,7 @@ def test_the_whole_decode_graph_captions_as_the_numpy_search(shipped):
             _search(captioner, encoded, short, on_device=True),
             exact=False,
         )
-        assert graphs.captured == 2 and len(graphs.graphs) == 2
+        assert graphs.made == 2 and len(graphs.entries) == 2
     finally:
         backend.device_search = kept
 
@@ -450,4 +450,4 @@ def test_the_device_search_on_the_gpu_captions_as_the_host_search(default_model_
         assert [c.text for c in got] == [c.text for c in want]
         assert [c.score for c in got] == pytest.approx([c.score for c in want], abs=1e-4)
     if graphs:
-        assert device.backend.device_search.graphs.captured == 2
+        assert device.backend.device_search.graphs.graphs.made == 2

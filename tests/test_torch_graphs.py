@@ -22,6 +22,7 @@ pytest.importorskip("onnx")
 from edgecap import Captioner  # noqa: E402
 from edgecap.backends.torch import TorchBackend, TorchDecoderSession  # noqa: E402
 from edgecap.backends.torch_graphs import (  # noqa: E402
+    MAX_KEYS,
     CudaGraphs,
     EagerGraph,
     GraphedSession,
@@ -85,16 +86,47 @@ def test_graphed_steps_match_eager(backends):
 
 def test_shape_changes_reuse_and_recapture(backends):
     eager, graphed = backends
-    before = graphed.step_graphs.captured
+    before = graphed.step_graphs.keys.made
     _steps(eager, graphed, n_images=3, beam=2, steps=4, seed=2, attention=False)
     _steps(eager, graphed, n_images=1, beam=2, steps=5, seed=3)  # a smaller last batch
     _steps(eager, graphed, n_images=3, beam=2, steps=3, seed=4)  # back to the first shape
     _steps(eager, graphed, n_images=1, beam=1, steps=3, seed=5)  # R = S = N
-    assert graphed.step_graphs.captured == before + 3
-    buffers = graphed.step_graphs.keys[next(k for k in graphed.step_graphs.keys if k[:2] == (3, 6))]
+    assert graphed.step_graphs.keys.made == before + 3
+    entries = graphed.step_graphs.keys.entries
+    buffers = entries[next(k for k in entries if k[:2] == (3, 6))]
     # each replay of a graph of this shape is one step; the first step uses its own graph
     assert buffers.first.replays == 2
     assert [g.replays for g in buffers.from_slot] == [3, 2]  # steps 1, 3, 5 / 2, 4 (4 + 3 steps)
+
+
+def test_graphs_of_many_shapes_are_bounded_and_the_recent_ones_kept(tiny_model_dir):
+    """A service whose batch sizes vary over a wide range: the encoder and step graphs kept stay
+    at their cache's limit (``MAX_KEYS`` shapes; 2 here, to keep the test quick), the least
+    recently used dropped (each holds device memory), and a shape in use is replayed rather than
+    captured again. Captions are the eager backend's."""
+    manifest = load_manifest(tiny_model_dir)
+    eager = TorchBackend(manifest, device="cpu")
+    graphed = TorchBackend(manifest, device="cpu", graph_factory=EagerGraph)
+    caches = (graphed.encoder_graphs.graphs, graphed.step_graphs.keys)
+    assert all(cache.limit == MAX_KEYS for cache in caches)
+    for cache in caches:
+        cache.limit = 2
+    sizes = [1, 2, 1, 3, 2]  # 1 used again before 3 comes: 2, the least recent, is dropped
+    for n in sizes:
+        images = _images(n, seed=n)
+        want, got = eager.encode(images), graphed.encode(images)
+        np.testing.assert_array_equal(want.tensors["h0"].numpy(), got.tensors["h0"].numpy())
+        image_index = np.repeat(np.arange(n, dtype=np.int32), 2)
+        want_step = eager.start(want, image_index).step(np.ones(2 * n, np.int32), image_index)
+        got_step = graphed.start(got, image_index).step(np.ones(2 * n, np.int32), image_index)
+        np.testing.assert_array_equal(want_step.topk_ids, got_step.topk_ids)
+    for cache in caches:
+        assert cache.made == 4  # 1, 2, 3, and 2 again after it was dropped
+        assert [key[0] for key in cache.entries] == [3, 2]  # the two most recent, oldest first
+    (recent, *_buffers) = graphed.encoder_graphs.graphs.entries[(3, 3, 224, 224)]
+    before = recent.replays
+    graphed.encode(_images(3, seed=0))  # a shape kept: replayed
+    assert graphed.encoder_graphs.graphs.made == 4 and recent.replays == before + 1
 
 
 def test_encoder_outputs_outlive_the_next_batch(backends):

@@ -41,7 +41,7 @@ import contextlib
 import threading
 from collections import OrderedDict
 from collections.abc import Callable, Iterator
-from typing import Protocol
+from typing import Any, Protocol
 
 import numpy as np
 import torch
@@ -49,11 +49,35 @@ import torch
 from edgecap.backends.base import DecoderSession, StepResult
 from edgecap.errors import BackendError
 
-MAX_KEYS = 8  # step-graph shapes kept (least recently used dropped beyond this)
+MAX_KEYS = 8  # graph shapes kept per cache (least recently used dropped beyond this)
 
 
 class Graph(Protocol):
     def replay(self) -> None: ...
+
+
+class GraphCache:
+    """Graphs (and their static buffers) made on first use per key, the ``limit`` most recently
+    used kept. A new shape (a smaller last batch, another beam size) captures once and comes back
+    to its graphs the next time; a workload of more shapes than ``limit`` (a service whose batch
+    sizes vary over a wide range) drops the least recently used, so their device memory is freed,
+    rather than holding graphs of every shape it has seen. ``made``: how many were captured."""
+
+    def __init__(self, limit: int = MAX_KEYS):
+        self.limit = limit
+        self.entries: OrderedDict[tuple, Any] = OrderedDict()
+        self.made = 0
+
+    def get(self, key: tuple, make: Callable[[], Any]) -> Any:
+        entry = self.entries.get(key)
+        if entry is None:
+            entry = make()
+            self.made += 1
+            self.entries[key] = entry
+            while len(self.entries) > self.limit:
+                self.entries.popitem(last=False)
+        self.entries.move_to_end(key)
+        return entry
 
 
 GraphFactory = Callable[[Callable[[], None]], Graph]
@@ -177,22 +201,21 @@ def _sync(device: torch.device) -> None:
 
 
 class EncoderGraphs:
-    """The encoder graph captured per batch size N: a static image buffer (float32, cast to the
-    model's dtype inside the graph) and static outputs; ``run`` returns clones of the outputs,
-    so an ``Encoded`` stays valid after the next batch of the same size is encoded."""
+    """The encoder graph captured per batch size N (up to ``MAX_KEYS`` sizes kept, least
+    recently used dropped): a static image buffer (float32, cast to the model's dtype inside the
+    graph) and static outputs; ``run`` returns clones of the outputs, so an ``Encoded`` stays
+    valid after the next batch of the same size is encoded."""
 
     def __init__(
         self, encoder_graph: torch.nn.Module, device: torch.device, dtype: torch.dtype, capture: GraphFactory
     ):
         self.module, self.device, self.dtype, self.capture = encoder_graph, device, dtype, capture
-        self.graphs: dict[tuple, tuple[Graph, torch.Tensor, torch.Tensor, tuple]] = {}
+        self.graphs = GraphCache()
 
     @torch.no_grad()
     def run(self, images: np.ndarray) -> tuple[torch.Tensor, ...]:
         key = tuple(images.shape)
-        if key not in self.graphs:
-            self.graphs[key] = self._capture(key)
-        graph, staging, image, outputs = self.graphs[key]
+        graph, staging, image, outputs = self.graphs.get(key, lambda: self._capture(key))
         staging.copy_(torch.from_numpy(np.ascontiguousarray(images, np.float32)))
         image.copy_(staging, non_blocking=True)
         graph.replay()
@@ -340,8 +363,7 @@ class StepGraphs:
     ):
         self.step_graph, self.vocab_size, self.top_k = step_graph, vocab_size, top_k
         self.device, self.dtype, self.capture = device, dtype, capture
-        self.keys: OrderedDict[tuple, StepBuffers] = OrderedDict()
-        self.captured = 0  # StepBuffers made (each captures three graphs)
+        self.keys = GraphCache()  # StepBuffers per key (each captures three graphs)
 
     def get(self, tensors: dict, rows: int) -> StepBuffers:
         """The buffers for a search of ``rows`` rows over the encoder outputs ``tensors``."""
@@ -353,17 +375,12 @@ class StepGraphs:
             "vocab": (self.vocab_size,),
         }
         key = (n_images, rows, *tails.values())
-        buffers = self.keys.get(key)
-        if buffers is None:
-            buffers = StepBuffers(
+        return self.keys.get(
+            key,
+            lambda: StepBuffers(
                 self.step_graph, n_images, rows, tails, self.top_k, self.device, self.dtype, self.capture
-            )
-            self.captured += 1
-            self.keys[key] = buffers
-            while len(self.keys) > MAX_KEYS:
-                self.keys.popitem(last=False)
-        self.keys.move_to_end(key)
-        return buffers
+            ),
+        )
 
 
 class GraphedSession(DecoderSession):

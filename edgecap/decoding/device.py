@@ -41,7 +41,6 @@ hypotheses (tested).
 
 from __future__ import annotations
 
-from collections import OrderedDict
 from collections.abc import Callable
 from dataclasses import dataclass
 from typing import Any, Protocol
@@ -49,6 +48,7 @@ from typing import Any, Protocol
 import numpy as np
 import torch
 
+from edgecap.backends.torch_graphs import GraphCache
 from edgecap.decoding import fusion_weight
 from edgecap.decoding.beam import Hypothesis, length_normalised, ranked
 from edgecap.decoding.options import CaptionOptions
@@ -641,8 +641,7 @@ class DecodeGraphs:
         capture: Callable[[Callable[[], None]], Any],
     ):
         self.search, self.step_graph, self.capture = search, step_graph, capture
-        self.graphs: OrderedDict[tuple, tuple[Any, dict, Inputs, torch.Tensor]] = OrderedDict()
-        self.captured = 0
+        self.graphs = GraphCache(MAX_GRAPHS)  # per key: (graph, static tensors, Inputs, output)
 
     def run(self, plan: Plan, tensors: dict, inputs: Inputs, lms) -> torch.Tensor:
         key = (
@@ -653,14 +652,7 @@ class DecodeGraphs:
                 if name != "class_probs"
             ),
         )
-        entry = self.graphs.get(key)
-        if entry is None:
-            entry = self._capture(plan, tensors, inputs, lms)
-            self.graphs[key] = entry
-            self.captured += 1
-            while len(self.graphs) > MAX_GRAPHS:
-                self.graphs.popitem(last=False)
-        self.graphs.move_to_end(key)
+        entry = self.graphs.get(key, lambda: self._capture(plan, tensors, inputs, lms))
         graph, static, static_inputs, out = entry
         for name, buffer in static.items():
             buffer.copy_(tensors[name])
