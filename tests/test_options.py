@@ -92,6 +92,39 @@ def test_options_object_is_validated(backend_calls):
         Captioner(options={"beam_size": 2})
 
 
+@pytest.mark.parametrize(
+    "field, value",
+    [
+        ("beam_size", 0),
+        ("max_length", 0),
+        ("batch_size", 65),
+        ("batch_size", "8"),
+        ("n_best", 4),  # more than the beams (3)
+        ("no_repeat_ngram", -1),
+        ("objects", 101),
+        ("guidance_bonus", float("nan")),
+        ("fusion_weight", 3),
+        ("length_penalty", True),
+        ("constrained", "yes"),
+    ],
+)
+def test_a_bad_option_is_refused_where_the_options_are_made(field, value):
+    """The mistake surfaces on the line that makes it, not later in a Captioner (or never, for
+    options kept for a Captioner made elsewhere), as one ValueError naming the option."""
+    with pytest.raises(ValueError, match=rf"^{field} must be"):
+        CaptionOptions(**{field: value})
+    with pytest.raises(ValueError, match=rf"^{field} must be"):
+        replace(CaptionOptions(), **{field: value})
+
+
+def test_a_beam_wider_than_the_model_is_refused_by_the_captioner(backend_calls):
+    """The widest beam is the model's (its step graph's top K, 10 for the shipped one): options
+    of beam 11 can be made, a Captioner of that model refuses them."""
+    options = CaptionOptions(beam_size=11)
+    with pytest.raises(ValueError, match="beam_size must be between 1 and 10"):
+        Captioner(options=options)
+
+
 def _subcommand(parser: argparse.ArgumentParser, name: str) -> argparse.ArgumentParser:
     sub = next(a for a in parser._actions if isinstance(a, argparse._SubParsersAction))
     return sub.choices[name]

@@ -20,7 +20,9 @@ LENGTH_PENALTY_RANGE = (0, 2)  # None (the mean log-prob per word) or a number i
 @dataclass(frozen=True)
 class CaptionOptions:
     """How captions are searched for and batched: the defaults of ``Captioner`` and of the
-    ``edgecap`` commands, written only here. ``validate`` checks them against a model."""
+    ``edgecap`` commands, written only here. A bad value is a ``ValueError`` naming the option
+    when the options are made (or ``dataclasses.replace``d); ``validate`` also checks them
+    against a model."""
 
     beam_size: int = 3
     max_length: int = 20  # words, not counting <end>
@@ -58,8 +60,20 @@ class CaptionOptions:
         state), what a backend with fixed-size engines is built for."""
         return self.beam_size * (2 if self.constrained else 1)
 
+    def __post_init__(self) -> None:
+        self._check()
+
     def validate(self, top_k: int) -> None:
         """Raise ``ValueError`` naming the first bad option. ``top_k``: the model's step graph K."""
+        self._check()
+        if not 1 <= self.beam_size <= top_k:
+            raise ValueError(
+                f"beam_size must be between 1 and {top_k} (the model's top_k: its "
+                f"step graph returns {top_k} best words per row), got {self.beam_size}"
+            )
+
+    def _check(self) -> None:
+        """What ``validate`` checks that does not depend on the model."""
         for name in (
             "beam_size",
             "max_length",
@@ -96,11 +110,8 @@ class CaptionOptions:
             isinstance(penalty, bool) or not isinstance(penalty, (int, float)) or not low <= penalty <= high
         ):
             raise ValueError(f"length_penalty must be None or a number in [{low}, {high}], got {penalty!r}")
-        if not 1 <= self.beam_size <= top_k:
-            raise ValueError(
-                f"beam_size must be between 1 and {top_k} (the model's top_k: its "
-                f"step graph returns {top_k} best words per row), got {self.beam_size}"
-            )
+        if self.beam_size < 1:
+            raise ValueError(f"beam_size must be 1 or more, got {self.beam_size}")
         if not 1 <= self.max_length <= MAX_LENGTH:
             raise ValueError(f"max_length must be between 1 and {MAX_LENGTH} words, got {self.max_length}")
         if not 1 <= self.n_best <= self.beam_size:
