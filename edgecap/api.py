@@ -36,13 +36,14 @@ from edgecap.contract import Limits
 from edgecap.decoding import CaptionOptions, Hypothesis, fusion_weight, search
 from edgecap.decoding.fusion import Fusion
 from edgecap.errors import InputError, ModelError
-from edgecap.images import ImageInput, load_rgb, max_file_bytes, max_pixels, preprocess
+from edgecap.images import COLORS, ImageInput, load_rgb, max_file_bytes, max_pixels, preprocess
 from edgecap.manifest import Manifest, file_sha256, load_manifest
 from edgecap.objects import ObjectClasses
 from edgecap.prefetch import check_decode_workers, default_decode_workers, prefetched_batches, window
 from edgecap.preprocess import recognisable
 from edgecap.vocab import Vocabulary
 
+CLOSED_MID_CALL = "this Captioner is closed: the rest of the images are not captioned"
 ON_ERROR = ("raise", "return")
 # Intra-op threads when Captioner(threads=None), per backend; None: the backend's own default
 # (onnxruntime: one per physical core). torch: 1, since its pool collapses when the cores are
@@ -185,6 +186,8 @@ class Captioner:
         max_file_bytes()  # and $EDGECAP_MAX_FILE_BYTES
         check_threads(threads)  # before minutes of loading
         check_decode_workers(decode_workers)
+        if model is not None and not isinstance(model, (str, os.PathLike)):
+            raise TypeError(f"model must be a model folder's path or None, got {type(model).__name__}")
         self.manifest = load_manifest(default_model_dir() if model is None else Path(model))
         height, width = self.manifest.preprocessing.size
         self._draft_size = (width, height)  # big JPEGs are decoded at a reduced scale
@@ -237,8 +240,10 @@ class Captioner:
     def close(self) -> None:
         """Stop the decoding workers (photos queued for them are not decoded; the ones being
         decoded finish first) and release the backend's resources where it has any (a TensorRT
-        backend's device buffers). Idempotent; the Captioner captions no more afterwards. A
-        ``with Captioner(...) as captioner:`` block closes it at its end."""
+        backend's device buffers, once the batch in it now, in another thread, is done).
+        Idempotent; the Captioner captions no more afterwards: a call in another thread, or an
+        ``iter_captions`` begun before, raises ``ValueError("this Captioner is closed ...")`` at
+        its next batch. A ``with Captioner(...) as captioner:`` block closes it at its end."""
         with self._pool_lock:
             if self._closed:
                 return
@@ -248,8 +253,9 @@ class Captioner:
         for pool in pools:
             pool.shutdown(wait=True, cancel_futures=True)
         close = getattr(self.backend, "close", None)
-        if callable(close):
-            close()
+        if callable(close):  # backends with resources to release run one batch at a time
+            with self._backend_lock or contextlib.nullcontext():
+                close()
 
     def __enter__(self) -> Captioner:
         return self
@@ -282,7 +288,7 @@ class Captioner:
         ``on_error="return"``: its slot holds the ``InputError`` instead and the other images are
         captioned as if it were not there.
         """
-        self._check_call(images, on_error)
+        self._check_call(images, color, on_error)
         # "raise": nothing is returned, so the images before a bad one are not captioned for nothing
         return list(self._results(images, color, return_attention, on_error, before_error=False))
 
@@ -302,13 +308,15 @@ class Captioner:
         ``caption()`` per frame or ``decode_workers=0``. ``on_error`` as in ``caption_batch``.
         Bad arguments raise here; an unusable image (with "raise") while iterating, once the
         results of every image before it are yielded (its batch's earlier images included)."""
-        self._check_call(images, on_error)
+        self._check_call(images, color, on_error)
         return self._results(images, color, return_attention, on_error)
 
-    def _check_call(self, images, on_error: str) -> None:
+    def _check_call(self, images, color: str, on_error: str) -> None:
         """The arguments of ``caption_batch`` / ``iter_captions``, checked when called."""
         if on_error not in ON_ERROR:
             raise ValueError(f"on_error must be one of {ON_ERROR}, got {on_error!r}")
+        if color not in COLORS:
+            raise ValueError(f"color must be one of {COLORS}, got {color!r}")
         if self._closed:
             raise ValueError("this Captioner is closed")
         if isinstance(images, (str, bytes, os.PathLike, Image.Image)) or (
@@ -349,7 +357,7 @@ class Captioner:
             # a consumer that stops early stops the workers too (closed before the pool is
             # handed back)
             stack.enter_context(contextlib.closing(chunks))
-            for chunk in chunks:
+            for chunk in self._until_closed(chunks):
                 if on_error == "raise":
                     bad = next((i for i, p in enumerate(chunk) if isinstance(p, InputError)), None)
                     if bad is not None:
@@ -359,6 +367,20 @@ class Captioner:
                             yield from self._caption_chunk(chunk[:bad], return_attention)
                         raise chunk[bad]
                 yield from self._caption_chunk(chunk, return_attention)
+
+    def _until_closed(self, chunks: Iterator[list]) -> Iterator[list]:
+        """``chunks``; the decoding workers shut down under the call by ``close()`` in another
+        thread are the closed error, as a batch's search after it is (``_search``)."""
+        while True:
+            try:
+                chunk = next(chunks)
+            except StopIteration:
+                return
+            except RuntimeError as exc:  # "cannot schedule new futures after shutdown"
+                if self._closed:
+                    raise ValueError(CLOSED_MID_CALL) from exc
+                raise
+            yield chunk
 
     def _prepare(self, image: ImageInput, color: str) -> _Prepared:
         """One input -> its encoder input (``InputError`` for an unusable one); runs in a
@@ -447,8 +469,11 @@ class Captioner:
         """batch float32 (N, 3, H, W) -> (hypotheses per image, class probabilities (N, C),
         encode ms, decode ms)."""
         options = self.options
-        # A backend with one set of device buffers (TensorRT) runs one batch at a time.
+        # A backend with one set of device buffers (TensorRT) runs one batch at a time; close()
+        # releases them under the same lock, so no batch runs on released buffers.
         with self._backend_lock or contextlib.nullcontext():
+            if self._closed:
+                raise ValueError(CLOSED_MID_CALL)
             t0 = time.perf_counter()
             encoded = self.backend.encode(batch)
             t1 = time.perf_counter()

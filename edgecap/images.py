@@ -10,7 +10,10 @@ Inputs:
 - a numpy array: (H, W, 3) RGB, (H, W) grayscale, (H, W, 1), or (H, W, 4) RGBA; ``color="bgr"``
   reads 3/4-channel arrays as BGR/BGRA (OpenCV frames). dtype uint8 (0-255), uint16 (0-65535) or
   float in [0, 1] (what ``skimage.img_as_float`` gives); anything else is refused rather than
-  guessed.
+  guessed. 16-bit values (arrays and 16-bit files alike) that all fit in 8 bits are an 8-bit
+  image in a 16-bit container and kept as they are; values all below 4096 with some above 255
+  are refused (10- or 12-bit sensor data, which read as 0-65535 would be a black frame: scale it
+  to 16 bits first).
 
 Transparency is flattened onto **white**: transparent product shots, logos and icons are drawn on
 white far more often than on black, and the colour under a fully transparent pixel is often junk.
@@ -43,6 +46,7 @@ from __future__ import annotations
 import io
 import os
 import re
+import threading
 from collections.abc import Sequence
 
 import numpy as np
@@ -55,6 +59,10 @@ from edgecap.preprocess import Preprocessing, to_model_input
 ImageInput = str | os.PathLike | bytes | bytearray | memoryview | Image.Image | np.ndarray
 
 COLORS = ("rgb", "bgr")
+# Loading a lazily opened PIL image reads (and then closes) its file, and Pillow does not make
+# that safe in two threads at once: the same image given twice in a batch decoded by worker
+# threads, or to two threads' captions. Loads of one image object take the same lock.
+_LOAD_LOCKS = tuple(threading.Lock() for _ in range(64))
 MAX_PIXELS_ENV = "EDGECAP_MAX_PIXELS"
 MAX_FILE_BYTES_ENV = "EDGECAP_MAX_FILE_BYTES"
 BACKGROUND = (255, 255, 255)  # transparency is flattened onto white (see the module docstring)
@@ -164,7 +172,7 @@ def describe(image: object) -> str:
     if isinstance(image, (str, os.PathLike)):
         return os.fspath(image)
     if isinstance(image, (bytes, bytearray, memoryview)):
-        return f"<bytes ({len(memoryview(image).cast('B'))} bytes)>"
+        return f"<bytes ({memoryview(image).nbytes} bytes)>"
     if isinstance(image, Image.Image):
         return f"<PIL image {image.width}x{image.height} {image.mode}>"
     if isinstance(image, np.ndarray):
@@ -336,7 +344,8 @@ def pil_to_rgb(im: Image.Image, source: str) -> Image.Image:
     if im.width < 1 or im.height < 1:
         raise InputError(source, f"image has no pixels ({im.width}x{im.height})")
     try:
-        im.load()  # a lazily opened PIL image reads its file only now
+        with _LOAD_LOCKS[id(im) % len(_LOAD_LOCKS)]:
+            im.load()  # a lazily opened PIL image reads its file only now
     except Exception as exc:  # noqa: BLE001 (see _decode)
         raise InputError(source, f"truncated or corrupt image data ({reason(exc)})") from exc
     try:
@@ -373,11 +382,26 @@ def _gray_to_uint8(x: np.ndarray, source: str) -> np.ndarray:
     x = x.astype(np.int64)
     if x.min(initial=0) < 0:
         raise InputError(source, "grayscale image has negative pixel values")
-    # 16-bit files hold 0..65535 (Pillow opens them as I;16 or I); an I image whose values fit
-    # in 8 bits is an 8-bit image in disguise and is kept as is.
-    if x.max(initial=0) > 255:
-        x = np.clip(x, 0, 65535) // 257
-    return x.astype(np.uint8)
+    # 16-bit files hold 0..65535 (Pillow opens them as I;16 or I)
+    return _sixteen_bits_to_uint8(np.clip(x, 0, 65535), source)
+
+
+def _sixteen_bits_to_uint8(x: np.ndarray, source: str) -> np.ndarray:
+    """Integer pixels in 0..65535 -> uint8. Values that all fit in 8 bits are an 8-bit image in
+    a 16-bit container, kept as they are. Values all below 4096 with some above 255 are 10- or
+    12-bit sensor data (read as 0..65535 they would be a black frame, captioned "nothing
+    recognisable"): refused with what to do, since the bit depth cannot be told from them."""
+    top = int(x.max(initial=0))
+    if top <= 255:
+        return x.astype(np.uint8)
+    if top < 4096:
+        raise InputError(
+            source,
+            f"16-bit pixel values all below 4096 (the highest is {top}): read as 0-65535 this is "
+            "a black frame; if it is 10- or 12-bit sensor data, scale it to 16 bits first "
+            "(array << 6 for 10-bit, array << 4 for 12-bit)",
+        )
+    return (x // 257).astype(np.uint8)
 
 
 # -- arrays ------------------------------------------------------------------------------------
@@ -423,7 +447,7 @@ def _to_uint8(x: np.ndarray, source: str) -> np.ndarray:
     if x.dtype == np.uint8:
         return x
     if x.dtype == np.uint16:
-        return (x // 257).astype(np.uint8)
+        return _sixteen_bits_to_uint8(x, source)
     if x.dtype.kind == "f":
         return _float_to_uint8(x, source)
     raise InputError(source, f"unsupported dtype {x.dtype}; pass uint8 (0-255), uint16 or float in [0, 1]")

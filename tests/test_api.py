@@ -100,6 +100,12 @@ def test_bad_call_arguments(captioner, photos):
     with pytest.raises(TypeError, match="caption\\(\\)"):
         captioner.caption_batch(photos[0])
     assert captioner.caption_batch([]) == []
+    with pytest.raises(ValueError, match="color must be one of"):  # when called, not when iterated
+        captioner.iter_captions(photos, color="BGR")
+    with pytest.raises(ValueError, match="color must be one of"):
+        captioner.caption_batch([], color="BGR")
+    with pytest.raises(TypeError, match="model must be a model folder's path or None, got int"):
+        Captioner(model=5)
 
 
 def test_n_best_alternatives(tiny_model_dir, photos):

@@ -393,6 +393,69 @@ def test_close_and_with_stop_the_workers_and_the_backend(fake):
     assert closed == [True]
 
 
+@pytest.mark.parametrize("workers", [0, 2])
+def test_close_in_another_thread_waits_for_the_batch_in_the_model_and_stops_the_call(fake, workers):
+    """docs/python-api.md: a closed Captioner captions no more. close() from another thread
+    lets the batch in the model finish before it releases a backend of one set of buffers (a
+    TensorRT backend's freed under a running search), and the call then stops with the closed
+    error at its next batch; with workers it was a bare RuntimeError from the shut-down pool,
+    without them the call captioned every photo after close()."""
+    fake["backend"].thread_safe = False  # as TensorRT's: one batch at a time, buffers to release
+    cap = captioner(workers=workers, batch=2)
+    in_model, release, events = threading.Event(), threading.Event(), []
+
+    def on_encode(images):
+        events.append("encode")
+        in_model.set()
+        assert release.wait(10)
+
+    fake["backend"].on_encode = on_encode
+    fake["backend"].close = lambda: events.append("backend closed")
+    outcome = {}
+
+    def call():
+        try:
+            outcome["results"] = cap.caption_batch([red(i) for i in range(8)])
+        except Exception as exc:  # noqa: BLE001 (what the call raised is what is checked)
+            outcome["error"] = exc
+        events.append("call ended")
+
+    caller = threading.Thread(target=call)
+    caller.start()
+    assert in_model.wait(10)
+    closer = threading.Thread(target=cap.close)
+    closer.start()
+    closer.join(0.3)
+    assert closer.is_alive() and events == ["encode"]  # close() waits for the batch in the model
+    release.set()
+    closer.join(10)
+    caller.join(10)
+    assert events.count("encode") == 1 and events.index("backend closed") > 0
+    error = outcome.get("error")
+    assert isinstance(error, ValueError) and "this Captioner is closed" in str(error), outcome
+
+
+def test_an_iteration_begun_before_close_stops_at_its_next_batch(fake):
+    cap = captioner(workers=0, batch=1)
+    results = cap.iter_captions([red(i) for i in range(4)])
+    assert next(results).text == word(0)
+    cap.close()
+    with pytest.raises(ValueError, match="this Captioner is closed"):
+        next(results)
+
+
+def test_one_lazily_opened_pil_image_given_several_times_is_read_once_safely(fake, tmp_path):
+    """A PIL image opened (not yet loaded) and given several times in one batch is loaded by
+    several decoding workers at once; Pillow's load is not safe in two threads (it reads, then
+    closes, the file), which failed about 4 calls in 5 with 'truncated or corrupt image data'."""
+    path = tmp_path / "red.png"
+    Image.fromarray(red(7)).save(path)
+    cap = captioner(workers=4, batch=4)
+    for _ in range(20):
+        with Image.open(path) as image:
+            assert texts(cap.caption_batch([image] * 4, on_error="return")) == [word(7)] * 4
+
+
 def test_an_error_that_ends_the_run_cancels_the_rest_of_its_batch():
     """An exception other than the kept kind ends the batches; the batch's later photos, not
     yet started, are cancelled rather than decoded for nothing (a pool that starts nothing:

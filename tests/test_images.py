@@ -270,6 +270,39 @@ def test_rgba_and_bgra_arrays_over_white():
 def test_float_and_uint16_arrays():
     assert (rgb_array(np.full((2, 2, 3), 0.5, np.float32)) == 128).all()
     assert (rgb_array(np.full((2, 2, 3), 65535, np.uint16)) == 255).all()
+    assert (rgb_array(np.full((2, 2, 3), 40000, np.uint16)) == 155).all()  # 40000 // 257
+
+
+def test_16_bit_values_that_fit_in_8_bits_are_kept_as_a_16_bit_file_s_are():
+    """An 8-bit frame in a uint16 array (``frame.astype(np.uint16)``) reads as the 8-bit frame,
+    as the same values in a 16-bit PNG do; it was divided by 257 into a black frame."""
+    values = np.arange(0, 256, 17, dtype=np.uint16).reshape(4, 4)
+    assert (rgb_array(values)[:, :, 0] == values).all()
+    assert (rgb_array(np.stack([values] * 3, axis=2)) == values[:, :, None]).all()
+    assert (rgb_array(Image.fromarray(values)) == values[:, :, None]).all()  # I;16
+
+
+def test_a_non_contiguous_memoryview_is_an_input_error_in_its_slot():
+    """Naming the input must not fail on it (describe() cast the view, which raises for a
+    non-contiguous one: the whole batch was lost to a TypeError)."""
+    view = memoryview(np.zeros((10, 10), np.uint8)[:, ::2])
+    with pytest.raises(InputError, match=r"^<bytes \(50 bytes\)>: not an image"):
+        images.load_rgb(view)
+
+
+@pytest.mark.parametrize("bits", [10, 12])
+def test_10_and_12_bit_sensor_data_is_refused_with_the_shift_that_fixes_it(tmp_path, bits):
+    """Read as 0-65535, 12-bit data (0-4095) is a black frame, captioned 'nothing
+    recognisable' with nothing said; it is refused, in arrays and 16-bit files alike, with the
+    shift to 16 bits, which then reads right."""
+    top = 2**bits - 1
+    frame = np.full((4, 4, 3), top, np.uint16)
+    shift = 16 - bits
+    with pytest.raises(InputError, match=rf"highest is {top}\b.*array << {shift} for {bits}-bit"):
+        rgb_array(frame)
+    with pytest.raises(InputError, match=rf"highest is {top}\b"):
+        rgb_array(_save(Image.fromarray(frame[:, :, 0]), tmp_path / "sensor.png"))
+    assert (rgb_array(frame << shift) == (top << shift) // 257).all()
 
 
 @pytest.mark.parametrize(
