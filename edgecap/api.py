@@ -184,7 +184,7 @@ class Captioner:
     ):
         max_pixels()  # a malformed $EDGECAP_MAX_PIXELS is a ValueError now, not on every image
         max_file_bytes()  # and $EDGECAP_MAX_FILE_BYTES
-        check_threads(threads)  # before minutes of loading
+        threads = check_threads(threads)  # before minutes of loading (a numpy integer: an int)
         check_decode_workers(decode_workers)
         if model is not None and not isinstance(model, (str, os.PathLike)):
             raise TypeError(f"model must be a model folder's path or None, got {type(model).__name__}")
@@ -235,7 +235,7 @@ class Captioner:
     @decode_workers.setter
     def decode_workers(self, workers: int | None) -> None:
         check_decode_workers(workers)
-        self._decode_workers = self._default_decode_workers if workers is None else workers
+        self._decode_workers = self._default_decode_workers if workers is None else int(workers)
 
     def close(self) -> None:
         """Stop the decoding workers (photos queued for them are not decoded; the ones being

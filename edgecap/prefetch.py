@@ -11,6 +11,7 @@ workers overlap the model's own work (a GPU's, or onnxruntime's threads).
 from __future__ import annotations
 
 import itertools
+import numbers
 import os
 from collections import deque
 from collections.abc import Callable, Generator, Iterator
@@ -47,7 +48,9 @@ def check_decode_workers(workers: object) -> None:
     """``decode_workers``: None or a whole number from 0 to ``MAX_DECODE_WORKERS``; anything else
     is a ``ValueError``."""
     if workers is not None and (
-        isinstance(workers, bool) or not isinstance(workers, int) or not 0 <= workers <= MAX_DECODE_WORKERS
+        isinstance(workers, bool)
+        or not isinstance(workers, numbers.Integral)  # numpy integers too
+        or not 0 <= int(workers) <= MAX_DECODE_WORKERS
     ):
         raise ValueError(
             f"decode_workers must be a whole number >= 0 (at most {MAX_DECODE_WORKERS}) or None, "

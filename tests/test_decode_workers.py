@@ -358,6 +358,13 @@ def test_decode_workers_none_is_the_default_again(fake, monkeypatch):
     assert cap.decode_workers == 5
 
 
+def test_a_numpy_integer_is_a_number_of_workers(fake):
+    cap = captioner(workers=np.int64(2), batch=2)
+    assert cap.decode_workers == 2 and type(cap.decode_workers) is int
+    assert texts(cap.caption_batch([red(i) for i in range(4)])) == [word(i) for i in range(4)]
+    cap.close()
+
+
 def test_changing_decode_workers_keeps_one_pool(fake):
     before = frozenset(threading.enumerate())
     cap = captioner(workers=1, batch=2)

@@ -117,6 +117,22 @@ def test_a_bad_option_is_refused_where_the_options_are_made(field, value):
         replace(CaptionOptions(), **{field: value})
 
 
+def test_numpy_numbers_are_taken_as_the_python_numbers_they_are():
+    """Options read from a config or an array are numpy numbers: taken (they were refused with
+    'beam_size must be an integer, got np.int64(3)') and kept as Python numbers, so the options
+    print and serialise as any others."""
+    options = CaptionOptions(beam_size=np.int64(2), guidance_min_prob=np.float32(0.5), constrained=np.True_)
+    assert (options.beam_size, options.guidance_min_prob, options.constrained) == (2, 0.5, True)
+    assert [type(v) for v in (options.beam_size, options.guidance_min_prob, options.constrained)] == [
+        int,
+        float,
+        bool,
+    ]
+    json.dumps(options.__dict__)
+    with pytest.raises(ValueError, match="^beam_size must be an integer, got 2.0"):
+        CaptionOptions(beam_size=np.float64(2.0))  # a float is still not a beam count
+
+
 def test_a_beam_wider_than_the_model_is_refused_by_the_captioner(backend_calls):
     """The widest beam is the model's (its step graph's top K, 10 for the shipped one): options
     of beam 11 can be made, a Captioner of that model refuses them."""

@@ -2,6 +2,8 @@
 
 from __future__ import annotations
 
+import numbers
+import os
 from collections.abc import Mapping, Sequence
 
 from edgecap.contract import IO
@@ -55,9 +57,24 @@ def load_failure(manifest: Manifest, role: str, exc: BaseException) -> ModelErro
     )
 
 
+def max_threads() -> int:
+    """The most CPU threads a backend may be given: 64, or this machine's cores where there are
+    more. Past the cores a thread only waits for one; a typo (10000) took minutes and gigabytes
+    to start its pool."""
+    return max(64, os.cpu_count() or 1)
+
+
 def check_threads(threads: object) -> int | None:
-    """A backend's ``threads`` argument: None (the backend's default) or a positive integer;
-    anything else raises ``ValueError`` naming the value."""
-    if threads is not None and (isinstance(threads, bool) or not isinstance(threads, int) or threads < 1):
-        raise ValueError(f"threads must be a positive integer or None, got {threads!r}")
-    return threads
+    """A backend's ``threads`` argument: None (the backend's default) or a whole number from 1
+    to ``max_threads()`` (a numpy integer too) -> it as an int; anything else raises
+    ``ValueError`` naming the value."""
+    if threads is None:
+        return None
+    limit = max_threads()
+    problem = f"threads must be a positive integer (at most {limit}) or None, got {threads!r}"
+    if isinstance(threads, bool) or not isinstance(threads, numbers.Integral):
+        raise ValueError(problem)
+    value = int(threads)
+    if not 1 <= value <= limit:
+        raise ValueError(problem)
+    return value

@@ -8,6 +8,7 @@ import re
 from dataclasses import fields
 
 from edgecap.backends import NAMES
+from edgecap.backends._checks import max_threads
 from edgecap.contract import Limits
 from edgecap.decoding import CaptionOptions
 from edgecap.decoding.options import (
@@ -51,8 +52,10 @@ def threads_value(text: str | None) -> int | None:
         value = int(text)
     except ValueError:
         value = 0
-    if value < 1:
-        raise ValueError(f"--threads must be a positive integer (CPU threads), got {text!r}")
+    if not 1 <= value <= max_threads():
+        raise ValueError(
+            f"--threads must be a positive integer (CPU threads, at most {max_threads()}), got {text!r}"
+        )
     return value
 
 

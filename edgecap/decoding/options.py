@@ -2,7 +2,9 @@
 
 from __future__ import annotations
 
-from dataclasses import dataclass
+from dataclasses import dataclass, fields
+
+import numpy as np
 
 MAX_BATCH_SIZE = 64  # the shipped model, CPU: a 64-image batch peaks at about 0.8 GB
 MAX_LENGTH = 200  # words of a caption
@@ -61,6 +63,10 @@ class CaptionOptions:
         return self.beam_size * (2 if self.constrained else 1)
 
     def __post_init__(self) -> None:
+        for field in fields(self):  # numpy numbers (read from an array or a config) as Python's
+            value = getattr(self, field.name)
+            if isinstance(value, np.generic):
+                object.__setattr__(self, field.name, value.item())
         self._check()
 
     def validate(self, top_k: int) -> None:
