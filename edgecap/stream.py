@@ -27,6 +27,11 @@ with the seconds since the stream started when the reader got them.
 ``every=SECONDS`` samples at most one frame per interval of frame time, on a grid that starts at
 the first frame's timestamp: for a video, one frame per ``every`` seconds of video time.
 
+A frame the captioner cannot use (None from a failed camera read, a wrong shape or dtype) raises
+its ``InputError`` out of the loop by default (``on_error="raise"``), which ends the stream and
+closes the source. ``on_error="return"`` keeps a robot's loop going: the frame's event holds the
+``InputError`` in ``caption`` (counted in ``stats.failed``) and the next frame is captioned.
+
 OpenCV (the ``video`` extra) is imported only by ``video_frames`` and
 ``camera_frames``; FFmpeg's and OpenCV's own log lines are silenced (``OPENCV_FFMPEG_LOGLEVEL``,
 ``OPENCV_LOG_LEVEL``, unless set) so that a damaged video gives one error, not decoder noise.
@@ -47,7 +52,7 @@ from collections.abc import Generator, Iterable, Iterator
 from dataclasses import dataclass
 from pathlib import Path
 
-from edgecap.api import Caption
+from edgecap.api import ON_ERROR, Caption
 from edgecap.errors import BackendError, InputError
 from edgecap.extras import install_hint
 from edgecap.images import COLORS, ImageInput, pixel_limit_problem
@@ -85,7 +90,8 @@ class Frame:
 
 @dataclass(frozen=True)
 class StreamEvent:
-    """One captioned frame.
+    """One captioned frame (``caption``: its ``Caption``, or with ``on_error="return"`` the
+    ``InputError`` of a frame that could not be captioned).
 
     ``dropped``: frames that were due (after ``every`` sampling) but replaced by a newer frame
     before the captioner was free, since the previous event; always 0 with ``live=False``.
@@ -95,7 +101,7 @@ class StreamEvent:
 
     frame_index: int
     timestamp: float
-    caption: Caption
+    caption: Caption | InputError
     dropped: int
     latency_ms: float
 
@@ -104,13 +110,16 @@ class StreamEvent:
 class StreamStats:
     """Counts since the stream started. ``frames``: frames read from the source; ``skipped``: left
     out by ``every`` sampling; ``dropped``: due but replaced by a newer frame (live streams only);
-    ``captioned``: frames captioned. ``elapsed_s``: wall-clock seconds since the first read."""
+    ``captioned``: frames captioned; ``failed``: frames the captioner could not use (their events
+    hold the ``InputError``, with ``on_error="return"``). ``elapsed_s``: wall-clock seconds since
+    the first read."""
 
     frames: int = 0
     skipped: int = 0
     dropped: int = 0
     captioned: int = 0
     elapsed_s: float = 0.0
+    failed: int = 0
 
     @property
     def captions_per_second(self) -> float:
@@ -126,6 +135,7 @@ class StreamStats:
             f"{self.captioned} captions from {self.frames} frames in {self.elapsed_s:.2f} s "
             f"({self.captions_per_second:.2f} captions/s, {self.frames_per_second:.1f} "
             f"frames/s); {self.dropped} dropped, {self.skipped} skipped by sampling"
+            + (f", {self.failed} failed" if self.failed else "")
         )
 
 
@@ -165,9 +175,12 @@ class CaptionStream:
         color: str = "rgb",
         live: bool = True,
         return_attention: bool = False,
+        on_error: str = "raise",
     ):
         if color not in COLORS:
             raise ValueError(f"color must be one of {COLORS}, got {color!r}")
+        if on_error not in ON_ERROR:
+            raise ValueError(f"on_error must be one of {ON_ERROR}, got {on_error!r}")
         if every is not None and (
             isinstance(every, bool) or not isinstance(every, (int, float)) or not every > 0
         ):
@@ -178,9 +191,10 @@ class CaptionStream:
         self.color = color
         self.live = live
         self.return_attention = return_attention
+        self.on_error = on_error
         self._lock = threading.Condition()
         self._stop = threading.Event()
-        self._counts = {"frames": 0, "skipped": 0, "dropped": 0, "captioned": 0}
+        self._counts = {"frames": 0, "skipped": 0, "dropped": 0, "captioned": 0, "failed": 0}
         self._started: float | None = None
         self._ended: float | None = None
         self._started_iterating = False
@@ -252,11 +266,17 @@ class CaptionStream:
                 close()
 
     def _caption(self, frame: Frame, read_at: float, dropped: int) -> StreamEvent:
-        caption = self.captioner.caption(
-            frame.image, color=frame.color, return_attention=self.return_attention
-        )
+        caption: Caption | InputError
+        try:
+            caption = self.captioner.caption(
+                frame.image, color=frame.color, return_attention=self.return_attention
+            )
+        except InputError as exc:
+            if self.on_error == "raise":
+                raise
+            caption = exc
         with self._lock:
-            self._counts["captioned"] += 1
+            self._counts["failed" if isinstance(caption, InputError) else "captioned"] += 1
         return StreamEvent(
             frame_index=frame.index,
             timestamp=frame.timestamp,
@@ -343,6 +363,7 @@ def caption_stream(
     color: str = "rgb",
     live: bool = True,
     return_attention: bool = False,
+    on_error: str = "raise",
 ) -> CaptionStream:
     """Caption a stream of frames; iterate the result for ``StreamEvent``s.
 
@@ -354,9 +375,17 @@ def caption_stream(
         live: True: the newest frame wins and older ones are dropped when captioning is slower
             than the source; False: every sampled frame is captioned, in order.
         return_attention: passed to ``captioner.caption``.
+        on_error: "raise": a frame the captioner cannot use raises its ``InputError`` (ending the
+            stream); "return": its event holds the error and the stream goes on.
     """
     return CaptionStream(
-        captioner, frames, every=every, color=color, live=live, return_attention=return_attention
+        captioner,
+        frames,
+        every=every,
+        color=color,
+        live=live,
+        return_attention=return_attention,
+        on_error=on_error,
     )
 
 

@@ -126,6 +126,64 @@ def test_source_errors_reach_the_caller(live):
         list(caption_stream(FakeCaptioner(), broken(), live=live))
 
 
+class PickyCaptioner(FakeCaptioner):
+    """A FakeCaptioner that refuses None frames as Captioner does (what a failed camera read
+    gives), and releases ``handled`` after each frame, taken or refused."""
+
+    def __init__(self):
+        super().__init__()
+        self.handled = threading.Semaphore(0)
+
+    def caption(self, image, color="rgb", return_attention=False):
+        try:
+            if image is None:
+                raise InputError("<NoneType>", "no image (None)")
+            return super().caption(image, color, return_attention)
+        finally:
+            self.handled.release()
+
+
+def _paced(frames, captioner):
+    """``frames``, each yielded only once the previous one was handled (a live stream then
+    drops none of them)."""
+    for i, frame in enumerate(frames):
+        if i:
+            assert captioner.handled.acquire(timeout=DEADLOCK_GUARD_S)
+        yield frame
+
+
+@pytest.mark.parametrize("live", [False, True])
+def test_a_bad_frame_with_return_is_an_event_and_the_stream_goes_on(live):
+    """A robot's loop keeps captioning after a failed camera read (None): its event holds the
+    InputError, the frames after it are captioned, and stats count it as failed."""
+    fake = PickyCaptioner()
+    stream = caption_stream(fake, _paced([0, None, 2, None, 4], fake), live=live, on_error="return")
+    events = list(stream)
+    assert [e.frame_index for e in events] == [0, 1, 2, 3, 4]
+    assert [e.caption.text if not isinstance(e.caption, InputError) else "error" for e in events] == [
+        "frame 0",
+        "error",
+        "frame 2",
+        "error",
+        "frame 4",
+    ]
+    assert str(events[1].caption) == "<NoneType>: no image (None)"
+    stats = stream.stats
+    assert (stats.frames, stats.captioned, stats.failed, stats.dropped) == (5, 3, 2, 0)
+    assert str(stats).endswith(", 2 failed")
+
+
+@pytest.mark.parametrize("live", [False, True])
+def test_a_bad_frame_raises_by_default_after_the_frames_before_it(live):
+    fake = PickyCaptioner()
+    stream = caption_stream(fake, _paced([0, None, 2], fake), live=live)
+    got = []
+    with pytest.raises(InputError, match="no image"):
+        for event in stream:
+            got.append(event.caption.text)
+    assert got == ["frame 0"] and stream.stats.failed == 0
+
+
 # -- in order: every sampled frame -------------------------------------------------------------
 def test_in_order_stream_samples_by_frame_time():
     frames = [Frame(index=i, timestamp=i / 10, image=i, color="bgr") for i in range(20)]
@@ -166,7 +224,9 @@ def test_every_grid(fps, every, expected):
     assert taken == expected
 
 
-@pytest.mark.parametrize("kwargs", [{"every": 0}, {"every": -1.0}, {"every": True}, {"color": "bgra"}])
+@pytest.mark.parametrize(
+    "kwargs", [{"every": 0}, {"every": -1.0}, {"every": True}, {"color": "bgra"}, {"on_error": "skip"}]
+)
 def test_bad_arguments(kwargs):
     with pytest.raises(ValueError):
         caption_stream(FakeCaptioner(), [], **kwargs)
