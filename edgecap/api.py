@@ -17,7 +17,7 @@ import os
 import threading
 import time
 from collections.abc import Generator, Iterable, Iterator
-from concurrent.futures import ThreadPoolExecutor
+from concurrent.futures import CancelledError, ThreadPoolExecutor
 from dataclasses import dataclass, field, fields, replace
 from importlib import resources
 from pathlib import Path
@@ -223,6 +223,8 @@ class Captioner:
         self._pool_users: dict[ThreadPoolExecutor, int] = {}
         self._pool_lock = threading.Lock()
         self._closed = False
+        self._in_batch: int | None = None  # the thread whose batch is in the backend now
+        self._release_after_batch = False
         self._default_decode_workers = default_decode_workers(_on_gpu(name, device, self.backend))
         self.decode_workers = decode_workers
 
@@ -252,10 +254,18 @@ class Captioner:
             self._pool = None
         for pool in pools:
             pool.shutdown(wait=True, cancel_futures=True)
+        if self._backend_lock is not None and self._in_batch == threading.get_ident():
+            # called from inside this thread's own batch (a signal handler): waiting for the
+            # batch would wait forever; the batch releases the backend when it ends
+            self._release_after_batch = True
+            return
+        with self._backend_lock or contextlib.nullcontext():  # after the batch in it now
+            self._release_backend()
+
+    def _release_backend(self) -> None:
         close = getattr(self.backend, "close", None)
-        if callable(close):  # backends with resources to release run one batch at a time
-            with self._backend_lock or contextlib.nullcontext():
-                close()
+        if callable(close):
+            close()
 
     def __enter__(self) -> Captioner:
         return self
@@ -370,13 +380,14 @@ class Captioner:
 
     def _until_closed(self, chunks: Iterator[list]) -> Iterator[list]:
         """``chunks``; the decoding workers shut down under the call by ``close()`` in another
-        thread are the closed error, as a batch's search after it is (``_search``)."""
+        thread (a new decode refused, a queued one cancelled) are the closed error, as a batch's
+        search after it is (``_search``)."""
         while True:
             try:
                 chunk = next(chunks)
             except StopIteration:
                 return
-            except RuntimeError as exc:  # "cannot schedule new futures after shutdown"
+            except (RuntimeError, CancelledError) as exc:  # the pool shut down, its queue cancelled
                 if self._closed:
                     raise ValueError(CLOSED_MID_CALL) from exc
                 raise
@@ -474,21 +485,32 @@ class Captioner:
         with self._backend_lock or contextlib.nullcontext():
             if self._closed:
                 raise ValueError(CLOSED_MID_CALL)
-            t0 = time.perf_counter()
-            encoded = self.backend.encode(batch)
-            t1 = time.perf_counter()
-            hypotheses = search(
-                self.backend,
-                encoded,
-                options,
-                self.vocab.start,
-                self.vocab.end,
-                len(self.vocab),
-                self.classes,
-                self.fusion,
-                return_attention=return_attention,
-            )
-            t2 = time.perf_counter()
+            self._in_batch = threading.get_ident()
+            try:
+                return self._run_batch(batch, return_attention, options)
+            finally:
+                self._in_batch = None
+                if self._release_after_batch:
+                    self._release_after_batch = False
+                    self._release_backend()
+
+    def _run_batch(self, batch: np.ndarray, return_attention: bool, options: CaptionOptions):
+        """``_search``'s work, in the backend."""
+        t0 = time.perf_counter()
+        encoded = self.backend.encode(batch)
+        t1 = time.perf_counter()
+        hypotheses = search(
+            self.backend,
+            encoded,
+            options,
+            self.vocab.start,
+            self.vocab.end,
+            len(self.vocab),
+            self.classes,
+            self.fusion,
+            return_attention=return_attention,
+        )
+        t2 = time.perf_counter()
         return hypotheses, encoded.class_probs, (t1 - t0) * 1e3, (t2 - t1) * 1e3
 
     def _to_caption(

@@ -10,10 +10,10 @@ Inputs:
 - a numpy array: (H, W, 3) RGB, (H, W) grayscale, (H, W, 1), or (H, W, 4) RGBA; ``color="bgr"``
   reads 3/4-channel arrays as BGR/BGRA (OpenCV frames). dtype uint8 (0-255), uint16 (0-65535) or
   float in [0, 1] (what ``skimage.img_as_float`` gives); anything else is refused rather than
-  guessed. 16-bit values (arrays and 16-bit files alike) that all fit in 8 bits are an 8-bit
-  image in a 16-bit container and kept as they are; values all below 4096 with some above 255
-  are refused (10- or 12-bit sensor data, which read as 0-65535 would be a black frame: scale it
-  to 16 bits first).
+  guessed. uint16 (and 16-bit files) are read as 0-65535: 8-bit data cast to uint16, or 10- or
+  12-bit sensor data (all values below 4096), is then a dark frame, likely "nothing
+  recognisable"; it is captioned, with a ``UserWarning`` (once in the process) that says what to
+  pass instead.
 
 Transparency is flattened onto **white**: transparent product shots, logos and icons are drawn on
 white far more often than on black, and the colour under a fully transparent pixel is often junk.
@@ -47,6 +47,7 @@ import io
 import os
 import re
 import threading
+import warnings
 from collections.abc import Sequence
 
 import numpy as np
@@ -63,6 +64,17 @@ COLORS = ("rgb", "bgr")
 # that safe in two threads at once: the same image given twice in a batch decoded by worker
 # threads, or to two threads' captions. Loads of one image object take the same lock.
 _LOAD_LOCKS = tuple(threading.Lock() for _ in range(64))
+
+
+_warned_sixteen_bits = False  # the 10/12-bit hint given (``_sixteen_bits_to_uint8``)
+
+
+def _load_lock(im: Image.Image) -> threading.Lock:
+    """The lock of ``im``'s loads: one of ``_LOAD_LOCKS`` by its id, hashed (ids are aligned
+    addresses, so ``id % 64`` put every image on one lock and decoded them one at a time)."""
+    return _LOAD_LOCKS[hash((id(im),)) % len(_LOAD_LOCKS)]
+
+
 MAX_PIXELS_ENV = "EDGECAP_MAX_PIXELS"
 MAX_FILE_BYTES_ENV = "EDGECAP_MAX_FILE_BYTES"
 BACKGROUND = (255, 255, 255)  # transparency is flattened onto white (see the module docstring)
@@ -344,7 +356,7 @@ def pil_to_rgb(im: Image.Image, source: str) -> Image.Image:
     if im.width < 1 or im.height < 1:
         raise InputError(source, f"image has no pixels ({im.width}x{im.height})")
     try:
-        with _LOAD_LOCKS[id(im) % len(_LOAD_LOCKS)]:
+        with _load_lock(im):
             im.load()  # a lazily opened PIL image reads its file only now
     except Exception as exc:  # noqa: BLE001 (see _decode)
         raise InputError(source, f"truncated or corrupt image data ({reason(exc)})") from exc
@@ -379,27 +391,32 @@ def _gray_to_uint8(x: np.ndarray, source: str) -> np.ndarray:
     """32-bit / 16-bit / float grayscale (H, W) -> uint8 (H, W)."""
     if x.dtype.kind == "f":
         return _float_to_uint8(x, source)
+    wide = x.dtype.itemsize > 2  # Pillow's "I" (32-bit) mode
     x = x.astype(np.int64)
     if x.min(initial=0) < 0:
         raise InputError(source, "grayscale image has negative pixel values")
-    # 16-bit files hold 0..65535 (Pillow opens them as I;16 or I)
+    # 16-bit files hold 0..65535 (Pillow opens them as I;16 or I); an I image whose values fit
+    # in 8 bits is an 8-bit image in disguise and is kept as is.
+    if wide and x.max(initial=0) <= 255:
+        return x.astype(np.uint8)
     return _sixteen_bits_to_uint8(np.clip(x, 0, 65535), source)
 
 
 def _sixteen_bits_to_uint8(x: np.ndarray, source: str) -> np.ndarray:
-    """Integer pixels in 0..65535 -> uint8. Values that all fit in 8 bits are an 8-bit image in
-    a 16-bit container, kept as they are. Values all below 4096 with some above 255 are 10- or
-    12-bit sensor data (read as 0..65535 they would be a black frame, captioned "nothing
-    recognisable"): refused with what to do, since the bit depth cannot be told from them."""
+    """Integer pixels in 0..65535 -> uint8 (x // 257: monotonic; the bit depth cannot be told
+    from the values). Values all below 4096 (not all 0) are probably 8-bit data cast to uint16 or
+    10- or 12-bit sensor data, which this reads as a dark frame: a ``UserWarning``, once in the
+    process (a camera loop would say it every frame), says what to pass instead."""
+    global _warned_sixteen_bits
     top = int(x.max(initial=0))
-    if top <= 255:
-        return x.astype(np.uint8)
-    if top < 4096:
-        raise InputError(
-            source,
-            f"16-bit pixel values all below 4096 (the highest is {top}): read as 0-65535 this is "
-            "a black frame; if it is 10- or 12-bit sensor data, scale it to 16 bits first "
-            "(array << 6 for 10-bit, array << 4 for 12-bit)",
+    if 0 < top < 4096 and not _warned_sixteen_bits:
+        _warned_sixteen_bits = True
+        warnings.warn(
+            f"{source}: 16-bit pixel values all below 4096 (the highest is {top}) are read as "
+            "0-65535, a dark frame; pass 8-bit data as uint8, and scale 10- or 12-bit sensor data "
+            "to 16 bits first (array << 6 for 10-bit, array << 4 for 12-bit); said once",
+            UserWarning,
+            stacklevel=2,
         )
     return (x // 257).astype(np.uint8)
 

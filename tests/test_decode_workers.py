@@ -12,6 +12,7 @@ from __future__ import annotations
 import json
 import threading
 import time
+from concurrent.futures import CancelledError
 from pathlib import Path
 
 import numpy as np
@@ -438,6 +439,65 @@ def test_close_in_another_thread_waits_for_the_batch_in_the_model_and_stops_the_
     closer.join(10)
     caller.join(10)
     assert events.count("encode") == 1 and events.index("backend closed") > 0
+    error = outcome.get("error")
+    assert isinstance(error, ValueError) and "this Captioner is closed" in str(error), outcome
+
+
+@pytest.mark.parametrize(
+    "error", [RuntimeError("cannot schedule new futures after shutdown"), CancelledError()]
+)
+def test_the_workers_shut_down_by_close_are_the_closed_error(fake, error):
+    """close() in another thread shuts the decoding pool down under a call: a new decode is
+    refused (RuntimeError) and a queued one cancelled (CancelledError, which escaped as is);
+    both are the closed error. Before close() they are not hidden. (Which of them a call meets
+    depends on timing, so the translation is driven directly here.)"""
+    cap = captioner(workers=2, batch=2)
+
+    def chunks():
+        yield ["first batch"]
+        raise error
+
+    running = cap._until_closed(chunks())
+    assert next(running) == ["first batch"]
+    with pytest.raises(type(error)):
+        next(running)
+    cap.close()
+    closed = cap._until_closed(chunks())
+    assert next(closed) == ["first batch"]
+    with pytest.raises(ValueError, match="this Captioner is closed") as raised:
+        next(closed)
+    assert raised.value.__cause__ is error
+
+
+def test_close_from_inside_the_batch_s_own_thread_releases_the_backend_after_it(fake):
+    """A signal handler calling close() runs in the thread whose batch holds the backend (a
+    TensorRT one: one batch at a time): waiting for the batch hung forever. The backend is
+    released when that batch ends, and the call then stops with the closed error."""
+    fake["backend"].thread_safe = False
+    cap = captioner(workers=0, batch=2)
+    events = []
+
+    def on_encode(images):
+        events.append("encode")
+        if events.count("encode") == 1:
+            cap.close()  # as a SIGTERM handler in this thread would, mid-batch
+            events.append("close returned")
+
+    fake["backend"].on_encode = on_encode
+    fake["backend"].close = lambda: events.append("backend closed")
+    outcome = {}
+
+    def call():
+        try:
+            outcome["results"] = cap.caption_batch([red(i) for i in range(4)])
+        except Exception as exc:  # noqa: BLE001
+            outcome["error"] = exc
+
+    closer = threading.Thread(target=call, daemon=True)  # daemon: a hang must not hang pytest
+    closer.start()
+    closer.join(10)
+    assert not closer.is_alive(), "close() from inside the batch hung"
+    assert events == ["encode", "close returned", "backend closed"]  # released after the batch
     error = outcome.get("error")
     assert isinstance(error, ValueError) and "this Captioner is closed" in str(error), outcome
 

@@ -26,6 +26,7 @@ from edgecap.backends.torch_graphs import EagerGraph  # noqa: E402
 from edgecap.backends.torch_search import TorchDeviceSearch  # noqa: E402
 from edgecap.decoding import CaptionOptions, search, search_with_tags  # noqa: E402
 from edgecap.decoding.device import (  # noqa: E402
+    MAX_GRAPHS,
     DeviceBeamSearch,
     Rules,
     SessionStep,
@@ -323,6 +324,7 @@ def test_the_whole_decode_graph_captions_as_the_numpy_search(shipped):
         _same(host, _search(captioner, encoded, options, on_device=True), exact=False)
         _same(host, _search(captioner, encoded, options, on_device=True), exact=False)
         graphs = graphed.graphs.graphs
+        assert graphs.limit == MAX_GRAPHS  # kept per plan and shape, but not for every one seen
         assert graphs.made == 1  # the same shape: one graph, replayed
         ((graph, *_rest),) = graphs.entries.values()
         assert graph.replays == 2

@@ -273,15 +273,6 @@ def test_float_and_uint16_arrays():
     assert (rgb_array(np.full((2, 2, 3), 40000, np.uint16)) == 155).all()  # 40000 // 257
 
 
-def test_16_bit_values_that_fit_in_8_bits_are_kept_as_a_16_bit_file_s_are():
-    """An 8-bit frame in a uint16 array (``frame.astype(np.uint16)``) reads as the 8-bit frame,
-    as the same values in a 16-bit PNG do; it was divided by 257 into a black frame."""
-    values = np.arange(0, 256, 17, dtype=np.uint16).reshape(4, 4)
-    assert (rgb_array(values)[:, :, 0] == values).all()
-    assert (rgb_array(np.stack([values] * 3, axis=2)) == values[:, :, None]).all()
-    assert (rgb_array(Image.fromarray(values)) == values[:, :, None]).all()  # I;16
-
-
 def test_a_non_contiguous_memoryview_is_an_input_error_in_its_slot():
     """Naming the input must not fail on it (describe() cast the view, which raises for a
     non-contiguous one: the whole batch was lost to a TypeError)."""
@@ -290,19 +281,39 @@ def test_a_non_contiguous_memoryview_is_an_input_error_in_its_slot():
         images.load_rgb(view)
 
 
-@pytest.mark.parametrize("bits", [10, 12])
-def test_10_and_12_bit_sensor_data_is_refused_with_the_shift_that_fixes_it(tmp_path, bits):
-    """Read as 0-65535, 12-bit data (0-4095) is a black frame, captioned 'nothing
-    recognisable' with nothing said; it is refused, in arrays and 16-bit files alike, with the
-    shift to 16 bits, which then reads right."""
-    top = 2**bits - 1
-    frame = np.full((4, 4, 3), top, np.uint16)
-    shift = 16 - bits
-    with pytest.raises(InputError, match=rf"highest is {top}\b.*array << {shift} for {bits}-bit"):
-        rgb_array(frame)
-    with pytest.raises(InputError, match=rf"highest is {top}\b"):
-        rgb_array(_save(Image.fromarray(frame[:, :, 0]), tmp_path / "sensor.png"))
-    assert (rgb_array(frame << shift) == (top << shift) // 257).all()
+def test_16_bit_arrays_and_files_read_as_0_to_65535_alike_and_in_order(tmp_path):
+    """uint16 arrays and 16-bit PNGs (Pillow's I;16) map the same values to the same levels,
+    x // 257, so a brighter pixel is never darker (values kept when they fit in 8 bits made
+    255 bright and 256 black)."""
+    values = np.array([[0, 200, 255, 256], [3000, 4095, 40000, 65535]], np.uint16)
+    want = values // 257  # [0, 0, 0, 0], [11, 15, 155, 255]
+    assert (rgb_array(values)[:, :, 0] == want).all()
+    assert (rgb_array(np.stack([values] * 3, axis=2)) == want[:, :, None]).all()
+    assert (rgb_array(_save(Image.fromarray(values), tmp_path / "deep.png")) == want[:, :, None]).all()
+
+
+def test_dark_16_bit_data_is_captioned_with_a_hint_said_once(monkeypatch):
+    """12-bit sensor data (0-4095) or 8-bit data cast to uint16 reads as a dark frame ('nothing
+    recognisable', with nothing said before): read as it is, with one UserWarning naming the
+    shift; a camera loop does not get it every frame."""
+    monkeypatch.setattr(images, "_warned_sixteen_bits", False)
+    frame = np.full((4, 4, 3), 4095, np.uint16)
+    with pytest.warns(UserWarning, match=r"highest is 4095\).*array << 4 for 12-bit"):
+        assert (rgb_array(frame) == 4095 // 257).all()
+    with warnings.catch_warnings():
+        warnings.simplefilter("error")
+        rgb_array(frame)  # said once
+        rgb_array(np.full((4, 4, 3), 40000, np.uint16))  # bright enough: nothing to say
+    assert (rgb_array(frame << 4) == (4095 << 4) // 257).all()  # the shift: a bright frame
+
+
+def test_lazily_opened_images_do_not_share_one_load_lock():
+    """Loads of one image object take one lock (Pillow's load is not thread-safe), but loads of
+    different images run in parallel: ids are aligned addresses, and ``id % 64`` had put every
+    image on the same lock."""
+    kept = [Image.new("RGB", (2, 2)) for _ in range(64)]
+    assert len({id(images._load_lock(im)) for im in kept}) >= 16
+    assert all(images._load_lock(im) is images._load_lock(im) for im in kept)
 
 
 @pytest.mark.parametrize(

@@ -131,6 +131,12 @@ def test_bad_threads_are_one_line_exit_2(value, built, capsys):
     assert built == []  # refused before any model was loaded
 
 
+def test_a_numpy_integer_is_taken_as_the_int_it_is():
+    from edgecap.backends._checks import check_threads
+
+    assert type(check_threads(np.int64(2))) is int and check_threads(np.int64(2)) == 2
+
+
 def test_more_threads_than_64_or_the_cores_are_refused(tmp_path):
     """10000 (a typo) took 11 s to build and 72 s for its first caption on 2 cores; 100000 had
     not started after 4 minutes and 9 GB. (No model folder here: a Captioner that took the
