@@ -401,6 +401,22 @@ def test_close_and_with_stop_the_workers_and_the_backend(fake):
     assert closed == [True]
 
 
+def _caption_in_a_thread(cap, n: int) -> tuple[threading.Thread, dict]:
+    """``cap.caption_batch`` of red(0..n-1) started in a (daemon: a hang does not hang pytest)
+    thread -> (the thread, its outcome: "results" or "error", once it ends)."""
+    outcome: dict = {}
+
+    def call():
+        try:
+            outcome["results"] = cap.caption_batch([red(i) for i in range(n)])
+        except Exception as exc:  # noqa: BLE001 (what the call raised is what is checked)
+            outcome["error"] = exc
+
+    caller = threading.Thread(target=call, daemon=True)
+    caller.start()
+    return caller, outcome
+
+
 @pytest.mark.parametrize("workers", [0, 2])
 def test_close_in_another_thread_waits_for_the_batch_in_the_model_and_stops_the_call(fake, workers):
     """docs/python-api.md: a closed Captioner captions no more. close() from another thread
@@ -419,17 +435,7 @@ def test_close_in_another_thread_waits_for_the_batch_in_the_model_and_stops_the_
 
     fake["backend"].on_encode = on_encode
     fake["backend"].close = lambda: events.append("backend closed")
-    outcome = {}
-
-    def call():
-        try:
-            outcome["results"] = cap.caption_batch([red(i) for i in range(8)])
-        except Exception as exc:  # noqa: BLE001 (what the call raised is what is checked)
-            outcome["error"] = exc
-        events.append("call ended")
-
-    caller = threading.Thread(target=call)
-    caller.start()
+    caller, outcome = _caption_in_a_thread(cap, 8)
     assert in_model.wait(10)
     closer = threading.Thread(target=cap.close)
     closer.start()
@@ -485,18 +491,9 @@ def test_close_from_inside_the_batch_s_own_thread_releases_the_backend_after_it(
 
     fake["backend"].on_encode = on_encode
     fake["backend"].close = lambda: events.append("backend closed")
-    outcome = {}
-
-    def call():
-        try:
-            outcome["results"] = cap.caption_batch([red(i) for i in range(4)])
-        except Exception as exc:  # noqa: BLE001
-            outcome["error"] = exc
-
-    closer = threading.Thread(target=call, daemon=True)  # daemon: a hang must not hang pytest
-    closer.start()
-    closer.join(10)
-    assert not closer.is_alive(), "close() from inside the batch hung"
+    caller, outcome = _caption_in_a_thread(cap, 4)
+    caller.join(10)
+    assert not caller.is_alive(), "close() from inside the batch hung"
     assert events == ["encode", "close returned", "backend closed"]  # released after the batch
     error = outcome.get("error")
     assert isinstance(error, ValueError) and "this Captioner is closed" in str(error), outcome
