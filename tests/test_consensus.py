@@ -11,8 +11,9 @@ from __future__ import annotations
 import numpy as np
 import pytest
 
-from edgecap.decoding import CaptionOptions, Consensus, search_with_tags
+from edgecap.decoding import CaptionOptions, Consensus, search, search_with_tags
 from edgecap.decoding.beam import Hypothesis
+from edgecap.objects import ObjectClasses
 from fakes import END, START, PrefixHashBackend
 from helpers import TableBackend
 
@@ -73,6 +74,45 @@ def test_one_candidate_or_none_is_kept():
     assert consensus.order([]) == []
 
 
+def test_a_word_said_twice_matches_as_often_as_the_other_says_it():
+    # h = dog dog (0.75 + 0.75 = 1.5), r = dog (0.75): dog matches min(1.5, 0.75) = 0.75 times;
+    # P = 0.75 / 1.5 = 0.5, R = 1: F = 0.5 / (0.85 * 0.5 + 0.15) = 0.5 / 0.575
+    consensus = Consensus(())
+    assert consensus.agreement([DOG, DOG], [DOG]) == pytest.approx(0.5 / 0.575)
+    # the other way round P = 1, R = 0.5: F = 0.5 / (0.85 + 0.075) = 0.5 / 0.925
+    assert consensus.agreement([DOG], [DOG, DOG]) == pytest.approx(0.5 / 0.925)
+
+
+def test_two_candidates_are_chosen_between_too():
+    # H1, H2 equally likely (w = 1/2 each): U(H1) = (1 + 0.5405) / 2 = 0.770,
+    # U(H2) = (0.8696 + 1) / 2 = 0.935: H2 first, whichever order they come in
+    consensus = Consensus(())
+    assert names(consensus.order([hyp(H1), hyp(H2)])) == ["H2", "H1"]
+    assert names(consensus.order([hyp(H2), hyp(H1)])) == ["H2", "H1"]
+
+
+def test_a_tag_word_said_twice_counts_once():
+    # X = cat cat, Y = cat runs at -1.0 (w = 1), Z = runs at -1.6 (w = e^-3 = 0.0498; sum 2.0498).
+    # F(X, Y): bags {cat 1.5} and {cat 0.75, runs 0.75}, matched 0.75, P = R = 0.5: F = 0.5 (and
+    # F(Y, X) = 0.5); F(Y, Z): matched 0.75, P 0.5, R 1: 0.8696; F(X, Z) = 0.
+    # U(X) = (1 + 0.5) / 2.0498 = 0.7318, U(Y) = (0.5 + 1 + 0.0498 * 0.8696) / 2.0498 = 0.7529.
+    # Tag cat: each says it, +0.05 each (X 0.7818, Y 0.8029): Y first. Counted twice, X would
+    # get +0.10 (0.8318) and pass Y.
+    X, Y, Z = [CAT, CAT], [CAT, RUNS], [RUNS]
+    order = Consensus(()).order([hyp(X), hyp(Y), hyp(Z, -1.6)], tag_words={CAT})
+    assert [h.tokens for h in order] == [Y, X, Z]
+
+
+def test_the_weights_are_the_rank_scores_not_the_model_scores():
+    # The model scores of H2 and H3 are -1.5 (alone: H1 would win, the case "far" above) but
+    # their rank scores (with the bonuses that steered them) are -1.2: the case "close", H2 wins.
+    def steered(tokens, score, rank_score):
+        return Hypothesis(list(tokens), 2 * score, score, True, rank_score=rank_score)
+
+    hyps = [steered(H1, -1.0, -1.0), steered(H2, -1.5, -1.2), steered(H3, -1.5, -1.2)]
+    assert names(Consensus(()).order(hyps))[0] == "H2"
+
+
 WORDS = ["<pad>", "<start>", "<end>", "a", "dog", "runs", "cat"]
 
 
@@ -119,3 +159,34 @@ def test_the_choice_never_returns_an_unfinished_caption_before_a_finished_one(se
         assert 1 <= len(hyps) <= 3
         flags = [h.finished for h in hyps]
         assert flags == sorted(flags, reverse=True)
+
+
+RUNS_TABLE = {
+    (): {"dog": -0.1, "cat": -3.0},
+    ("dog",): {"runs": -0.15, "<end>": -0.2},
+    ("dog", "runs"): {"<end>": -1.15, "cat": -3.0},
+}
+
+
+def tagged_search(guidance_bonus):
+    """Beam 1 through ``search``: one image whose one class (p 0.9) is named by "runs". The
+    endings: E1 = "dog" (-0.3 / 2 = -0.15) and E2 = "dog runs" (-1.4 / 3 = -0.4667; its rank
+    score with a bonus b on "runs": (-1.4 + b) / 3)."""
+    backend = TableBackend(WORDS, lambda prefix: RUNS_TABLE.get(prefix, {"cat": -5.0, "runs": -6.0}), top_k=2)
+    encoded = backend.encode(np.zeros((1, 3, 4, 4), np.float32))
+    encoded.class_probs = np.array([[0.9]], np.float32)
+    classes = ObjectClasses(("runner",), ((RUNS,),))
+    options = CaptionOptions(beam_size=1, no_repeat_ngram=0, guidance_bonus=guidance_bonus)
+    [hyps] = search(backend, encoded, options, START, END, len(WORDS), classes)
+    return [WORDS[w] for w in hyps[0].tokens]
+
+
+def test_the_tag_words_count_in_the_choice_when_the_guidance_is_on():
+    # F(E1, E2) = 0.5405, F(E2, E1) = 0.8696 (H1, H2 above).
+    # Guidance off: no tag words. w(E1) = e^(0.3167 / 0.2) = 4.871, w(E2) = 1:
+    # U(E1) = (4.871 + 0.5405) / 5.871 = 0.922 > U(E2) = (4.871 * 0.8696 + 1) / 5.871 = 0.892
+    assert tagged_search(0.0) == ["dog"]
+    # Bonus 0.01: E2's rank score -1.39 / 3 = -0.4633, w(E1) = e^(0.3133 / 0.2) = 4.791:
+    # U(E1) = (4.791 + 0.5405) / 5.791 = 0.921, U(E2) = (4.791 * 0.8696 + 1) / 5.791 = 0.892,
+    # + 0.05 for the tag word "runs" = 0.942: E2 wins on its tag word
+    assert tagged_search(0.01) == ["dog", "runs"]

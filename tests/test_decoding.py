@@ -8,8 +8,8 @@ from functools import partial
 import numpy as np
 import pytest
 
-from edgecap.decoding import CaptionOptions, TagBonus, beam_search, search, search_with_tags
-from edgecap.decoding.rules import NeverFirst, NoRepeatNgram, Scorer
+from edgecap.decoding import CaptionOptions, TagBonus, TagConstraint, beam_search, search, search_with_tags
+from edgecap.decoding.rules import NeverFirst, NoRepeatNgram, Scorer, tag_bias
 from edgecap.objects import ObjectClasses
 from fakes import END, START, PrefixHashBackend
 from helpers import TableBackend
@@ -103,6 +103,54 @@ def test_without_the_constraint_the_same_table_gives_the_plain_caption():
         backend, encoded, CaptionOptions(beam_size=2, no_repeat_ngram=0), START, END, len(WORDS), None
     )
     assert [WORDS[w] for w in hyps[0].tokens] == ["a", "dog"]
+
+
+def test_the_tag_bonus_ranks_the_candidates_but_never_enters_the_log_prob():
+    """Beam 1, bonus 2 on "cat". Word 1: "a" -0.1, "cat" -1.0 + 2 = 1.0: "cat" is kept (ranked
+    by the bonus, not the model's -1.0 < -0.1). Word 2: "cat <end>" -0.4, the bonus off once
+    "cat" is said: log_prob -1.0 - 0.4 = -1.4, score -1.4 / 2 = -0.7, rank score
+    (1.0 - 0.4) / 2 = 0.3."""
+    rows = {(): {"a": -0.1, "cat": -1.0}, ("a",): {"dog": -0.2}, ("cat",): {"<end>": -0.4}}
+    backend = TableBackend(WORDS, lambda prefix: rows.get(prefix, {"<end>": -0.3}), top_k=4)
+    encoded = backend.encode(np.zeros((1, 3, 4, 4), np.float32))
+    options = CaptionOptions(beam_size=1, no_repeat_ngram=0, guidance_bonus=2.0)
+    [[best]] = search_with_tags(
+        backend, encoded, options, START, END, len(WORDS), (frozenset({WORDS.index("cat")}),)
+    )
+    assert [WORDS[w] for w in best.tokens] == ["cat"] and best.finished
+    assert best.log_prob == pytest.approx(-1.4)
+    assert best.score == pytest.approx(-0.7)
+    assert best.rank_score == pytest.approx(0.3)
+
+
+def test_the_tag_bias_of_each_image_is_on_its_own_tag_words():
+    np.testing.assert_array_equal(
+        tag_bias((frozenset(), frozenset({3, 4})), 6, 2.0),
+        [[0, 0, 0, 0, 0, 0], [0, 0, 0, 2, 2, 0]],
+    )
+
+
+def test_the_constraint_surfaces_the_tag_words_on_state_0_rows_only():
+    """Beam 2, two images: rows 0-1 image 0 state 0, rows 2-3 its state 1, rows 4-7 image 1
+    likewise; SURFACE (100) on a state-0 row's own tag words, nothing on a state-1 row."""
+    bias = TagConstraint((frozenset({3}), frozenset({4})), 6).surfacing_bias(np.repeat([0, 1], 4), 2)
+    expected = np.zeros((8, 6))
+    expected[[0, 1], 3] = 100.0
+    expected[[4, 5], 4] = 100.0
+    np.testing.assert_array_equal(bias, expected)
+
+
+def test_each_image_of_a_constrained_batch_has_its_own_tag_words():
+    """Image 0 has no tag word (its plain caption "a dog"), image 1 must say "cat" (the table
+    of the test above, for both)."""
+    backend = TableBackend(WORDS, _slow_cat, top_k=4)
+    encoded = backend.encode(np.zeros((2, 3, 4, 4), np.float32))
+    options = CaptionOptions(beam_size=2, max_length=10, no_repeat_ngram=0, constrained=True)
+    tags = (frozenset(), frozenset({WORDS.index("cat")}))
+    plain, tagged = search_with_tags(backend, encoded, options, START, END, len(WORDS), tags)
+    assert [WORDS[w] for w in plain[0].tokens] == ["a", "dog"]
+    said = [WORDS[w] for w in tagged[0].tokens]
+    assert "cat" in said and tagged[0].finished, said
 
 
 # -- adding a rule is adding a part ------------------------------------------------------------------
