@@ -1,5 +1,6 @@
 """The encoder's input for images whose three channels differ: channel order (RGB, never BGR),
-normalisation and the (3, H, W) layout, against values computed by hand.
+normalisation and the (3, H, W) layout, against values computed by hand; and the blank-frame
+check's statistics (``recognisable``) on grey frames worked out by hand.
 
 The shipped model's preprocessing (edgecap/assets/default/manifest.json, copied here as
 literals): size 224 x 224, bilinear, mean (127.5, 127.5, 127.5), std (127.5, 127.5, 127.5) on
@@ -22,7 +23,7 @@ from PIL import Image
 import edgecap
 from edgecap import Captioner
 from edgecap.images import load_rgb, preprocess
-from edgecap.preprocess import Preprocessing
+from edgecap.preprocess import Preprocessing, frame_statistics, recognisable, to_model_input
 from helpers import TableBackend, encoded_bytes, solid
 
 MANIFEST = Path(edgecap.__file__).parent / "assets" / "default" / "manifest.json"
@@ -113,6 +114,68 @@ def test_layout_is_channels_height_width():
 def test_resize_to_the_model_size_keeps_a_solid_colour():
     for size in [(7, 5), (224, 224), (640, 480), (300, 1000)]:
         _assert_channels(_model_input(solid(COLOUR, size)), EXPECTED)
+
+
+def test_a_model_size_that_is_not_square_is_height_by_width():
+    # size (120, 200): 120 rows, 200 columns, whatever the photo's own shape; a photo 200 wide
+    # and 120 high keeps its layout: rows 0-59 hold its top half
+    pre = Preprocessing(size=(120, 200), mean=SHIPPED.mean, std=SHIPPED.std)
+    for size in [(200, 120), (120, 200), (640, 480)]:  # (width, height)
+        x = to_model_input(load_rgb(solid(COLOUR, size), "rgb"), pre)
+        assert x.shape == (3, 120, 200), size
+        _assert_channels(x, EXPECTED)
+    image = np.zeros((120, 200, 3), np.uint8)
+    image[:60] = COLOUR
+    x = to_model_input(load_rgb(image, "rgb"), pre)
+    _assert_channels(x[:, :60], EXPECTED)
+    _assert_channels(x[:, 60:], (-1.0, -1.0, -1.0))
+
+
+def test_a_manifest_without_resample_reads_as_bilinear():
+    d = SHIPPED.to_dict()
+    assert Preprocessing.from_dict(d) == SHIPPED
+    del d["resample"]
+    assert Preprocessing.from_dict(d).resample == "bilinear"
+
+
+# -- the blank-frame check (edgecap.preprocess.recognisable) -----------------------------------
+# Grey frames, 224 x 224 (no resize): the grey image in pixel levels is the pixel value minus the
+# mean, averaged over 4 x 4 blocks (56 x 56). A vertical ramp, pixel row r at level r, gives the
+# blocks 4i + 1.5 (i the block row): variance 16 (56^2 - 1) / 12 = 4180, and no Laplacian (a
+# linear image: 2 g(i) - g(i - 1) - g(i + 1) = 0).
+
+
+def _ramp(columns: np.ndarray) -> np.ndarray:
+    """The ramp plus ``columns`` (224,) levels added to each pixel column, as an RGB frame."""
+    grey = np.arange(224)[:, None] + columns[None, :]
+    return np.repeat(grey.astype(np.uint8)[:, :, None], 3, axis=2)
+
+
+# stripes 8 px wide, alternately 0 and 1 level: block columns 0 0 1 1 0 0 ...; every interior
+# block's |2 s(j) - s(j - 1) - s(j + 1)| = 1; variance 4180 + 0.25
+STRIPES = (np.arange(224) // 8 % 2).astype(np.int64)
+# one line 4 px wide (block column 28), 8 levels: |Laplacian| 16 at it, 8 beside it, over the
+# 54 interior block columns: mean 32 / 54
+LINE = np.where(np.arange(224) // 4 == 28, 8, 0)
+IMAGENET = Preprocessing(size=(224, 224), mean=(123.675, 116.28, 103.53), std=(58.395, 57.12, 57.375))
+
+
+@pytest.mark.parametrize("pre", [SHIPPED, IMAGENET], ids=["shipped", "imagenet"])
+def test_the_frame_statistics_are_in_pixel_levels_whatever_the_normalisation(pre):
+    x = to_model_input(load_rgb(_ramp(STRIPES), "rgb"), pre)
+    spread, detail = frame_statistics(x, pre)
+    assert spread == pytest.approx(4180.25**0.5, rel=1e-4) and detail == pytest.approx(1.0, abs=1e-3)
+    _, detail = frame_statistics(to_model_input(load_rgb(_ramp(LINE), "rgb"), pre), pre)
+    assert detail == pytest.approx(32 / 54, abs=1e-3)
+
+
+def test_a_frame_that_varies_but_holds_no_detail_is_not_recognisable():
+    # std 64.7 (>= 6.4) but mean |Laplacian| 0, 1.0 or 0.59 (< 1.5): a smooth gradient, and one
+    # with faint stripes or a faint line, is blurred past any detail
+    for columns in (np.zeros(224, np.int64), STRIPES, LINE):
+        assert not recognisable(to_model_input(load_rgb(_ramp(columns), "rgb"), SHIPPED), SHIPPED)
+    # the same stripes at 2 levels (mean |Laplacian| 2.0) are detail enough
+    assert recognisable(to_model_input(load_rgb(_ramp(2 * STRIPES), "rgb"), SHIPPED), SHIPPED)
 
 
 # -- through the Captioner: what reaches the encoder ------------------------------------------
