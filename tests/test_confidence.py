@@ -84,6 +84,41 @@ def test_signals_from_the_classes_and_the_caption():
     assert dict(zip(SIGNALS, x))["names_a_tag"] == 0.0
 
 
+def _signal(name: str, tokens: list[int], probs, word_ids) -> float:
+    return dict(zip(SIGNALS, signals(tokens, -1.0, np.array(probs), word_ids)))[name]
+
+
+def test_the_confident_tags_are_the_three_most_probable_classes_from_01():
+    # the guidance's tags: the 3 most probable classes of at least 0.1 (0.1 itself counts)
+    word_ids, probs = ((10,), (11,), (12,), (13,)), [0.5, 0.3, 0.1, 0.1]
+    assert _signal("names_a_tag", [12], probs, word_ids) == 1.0  # third, at 0.1
+    assert _signal("names_a_tag", [13], probs, word_ids) == 0.0  # fourth
+
+
+def test_an_object_word_is_supported_by_the_five_most_probable_classes():
+    word_ids, probs = ((10,), (11,), (12,), (13,), (14,), (15,)), [0.3, 0.25, 0.2, 0.1, 0.1, 0.05]
+    assert _signal("unsupported_words", [14], probs, word_ids) == 0.0  # fifth class
+    assert _signal("unsupported_words", [14, 15], probs, word_ids) == 1.0  # 15: sixth
+
+
+def test_a_confidence_is_a_probability_whatever_the_signals():
+    # z = score: 1 / (1 + e^-z), z held within +-50 (e^1000 would overflow)
+    model = ConfidenceModel(np.zeros(1), np.ones(1), np.ones(1), 0.0, {}, ("score",))
+    assert model.predict([1000.0]) == 1.0
+    assert model.predict([-1000.0]) == pytest.approx(1 / (1 + np.exp(50.0)))
+    assert model.predict([0.0]) == 0.5
+
+
+def test_fit_keeps_a_constant_signal_out_and_the_bias_unpenalised():
+    # a signal the same for every caption carries nothing (weight 0, std taken as 1); the
+    # unpenalised bias alone then gives the share of right captions: logit(0.9) = ln 9
+    x = np.ones((400, 1))
+    y = (np.arange(400) < 360).astype(float)
+    mean, std, w, b = fit(x, y)
+    assert mean.tolist() == [1.0] and std.tolist() == [1.0] and w.tolist() == [0.0]
+    assert b == pytest.approx(np.log(9.0), abs=1e-6)
+
+
 def test_the_named_tag_and_how_typical_the_photo_is():
     """``named_tag_prob``: the probability of the most probable class the caption names;
     ``typical``: 1 minus the fusion gate's share, and the score and named tag times it."""
