@@ -68,6 +68,14 @@ def test_default_no_repeat_ngram_reaches_the_search(backend_calls):
     assert has_repeated_ngram(Captioner(no_repeat_ngram=0).caption(IMAGE).tokens, 3)
 
 
+@pytest.mark.parametrize("n", [1, 2])
+def test_every_no_repeat_ngram_size_reaches_the_search(backend_calls, n):
+    """Down to 1: no word said twice (the fake's cycle 4 5 6 would repeat at once)."""
+    words = Captioner(no_repeat_ngram=n).caption(IMAGE).tokens
+    assert words and not has_repeated_ngram(words, n)
+    assert has_repeated_ngram(Captioner(no_repeat_ngram=0).caption(IMAGE).tokens, n)
+
+
 def test_options_object_is_honoured_and_keywords_override_it(backend_calls):
     options = CaptionOptions(max_length=5, beam_size=2, n_best=2, no_repeat_ngram=0)
     captioner = Captioner(options=options)
