@@ -223,7 +223,7 @@ class Captioner:
         self._pool_users: dict[ThreadPoolExecutor, int] = {}
         self._pool_lock = threading.Lock()
         self._closed = False
-        self._in_batch: int | None = None  # the thread whose batch is in the backend now
+        self._in_batch: int | None = None  # a one-batch-at-a-time backend: whose batch runs now
         self._release_after_batch = False
         self._default_decode_workers = default_decode_workers(_on_gpu(name, device, self.backend))
         self.decode_workers = decode_workers

@@ -70,8 +70,8 @@ class CaptionOptions:
         self._check()
 
     def validate(self, top_k: int) -> None:
-        """Raise ``ValueError`` naming the first bad option. ``top_k``: the model's step graph K."""
-        self._check()
+        """Raise ``ValueError`` when the beam is wider than the model's step graph K (``top_k``);
+        every other option was checked when the (frozen) options were made."""
         if not 1 <= self.beam_size <= top_k:
             raise ValueError(
                 f"beam_size must be between 1 and {top_k} (the model's top_k: its "
@@ -79,7 +79,8 @@ class CaptionOptions:
             )
 
     def _check(self) -> None:
-        """What ``validate`` checks that does not depend on the model."""
+        """Every check that does not depend on the model: ``ValueError`` naming the first bad
+        option."""
         for name in (
             "beam_size",
             "max_length",
