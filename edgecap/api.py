@@ -225,6 +225,7 @@ class Captioner:
         self._closed = False
         self._in_batch: int | None = None  # a one-batch-at-a-time backend: whose batch runs now
         self._release_after_batch = False
+        self._released = threading.Event()  # close() is done: workers stopped, backend released
         self._default_decode_workers = default_decode_workers(_on_gpu(name, device, self.backend))
         self.decode_workers = decode_workers
 
@@ -243,24 +244,36 @@ class Captioner:
         """Stop the decoding workers (photos queued for them are not decoded; the ones being
         decoded finish first) and release the backend's resources where it has any (a TensorRT
         backend's device buffers, once the batch in it now, in another thread, is done).
-        Idempotent; the Captioner captions no more afterwards: a call in another thread, or an
+        Idempotent: a second call, in another thread, returns once the first's work is done.
+        The Captioner captions no more afterwards: a call in another thread, or an
         ``iter_captions`` begun before, raises ``ValueError("this Captioner is closed ...")`` at
         its next batch. A ``with Captioner(...) as captioner:`` block closes it at its end."""
         with self._pool_lock:
-            if self._closed:
-                return
+            first = not self._closed
             self._closed = True
             pools = {*self._pool_users, *([self._pool] if self._pool is not None else [])}
             self._pool = None
-        for pool in pools:
-            pool.shutdown(wait=True, cancel_futures=True)
-        if self._backend_lock is not None and self._in_batch == threading.get_ident():
-            # called from inside this thread's own batch (a signal handler): waiting for the
-            # batch would wait forever; the batch releases the backend when it ends
-            self._release_after_batch = True
+        inside_batch = self._backend_lock is not None and self._in_batch == threading.get_ident()
+        if not first:
+            # another close() (a shutdown hook racing a ``with`` block's end) does the work:
+            # return once it is done, as the first does; not from inside the batch it waits
+            # for (a signal handler), which would wait forever
+            if not inside_batch:
+                self._released.wait()
             return
-        with self._backend_lock or contextlib.nullcontext():  # after the batch in it now
-            self._release_backend()
+        try:
+            for pool in pools:
+                pool.shutdown(wait=True, cancel_futures=True)
+            if inside_batch:
+                # called from inside this thread's own batch (a signal handler): waiting for
+                # the batch would wait forever; the batch releases the backend when it ends
+                self._release_after_batch = True
+                return
+            with self._backend_lock or contextlib.nullcontext():  # after the batch in it now
+                self._release_backend()
+        finally:
+            if not self._release_after_batch:
+                self._released.set()
 
     def _release_backend(self) -> None:
         close = getattr(self.backend, "close", None)
@@ -492,7 +505,10 @@ class Captioner:
                 self._in_batch = None
                 if self._release_after_batch:
                     self._release_after_batch = False
-                    self._release_backend()
+                    try:
+                        self._release_backend()
+                    finally:
+                        self._released.set()
 
     def _run_batch(self, batch: np.ndarray, return_attention: bool, options: CaptionOptions):
         """``_search``'s work, in the backend."""

@@ -417,14 +417,12 @@ def _caption_in_a_thread(cap, n: int) -> tuple[threading.Thread, dict]:
     return caller, outcome
 
 
-@pytest.mark.parametrize("workers", [0, 2])
-def test_close_in_another_thread_waits_for_the_batch_in_the_model_and_stops_the_call(fake, workers):
-    """docs/python-api.md: a closed Captioner captions no more. close() from another thread
-    lets the batch in the model finish before it releases a backend of one set of buffers (a
-    TensorRT backend's freed under a running search), and the call then stops with the closed
-    error at its next batch; with workers it was a bare RuntimeError from the shut-down pool,
-    without them the call captioned every photo after close()."""
-    fake["backend"].thread_safe = False  # as TensorRT's: one batch at a time, buffers to release
+def _held_in_the_model(fake, workers: int):
+    """A Captioner on a one-batch-at-a-time backend (as TensorRT's: buffers to release) whose
+    batches wait in the model until ``release`` is set -> (captioner, in_model, release,
+    events): ``in_model`` is set when a batch is in the model; events: "encode" for each
+    batch, "backend closed" when the backend is released."""
+    fake["backend"].thread_safe = False
     cap = captioner(workers=workers, batch=2)
     in_model, release, events = threading.Event(), threading.Event(), []
 
@@ -435,6 +433,17 @@ def test_close_in_another_thread_waits_for_the_batch_in_the_model_and_stops_the_
 
     fake["backend"].on_encode = on_encode
     fake["backend"].close = lambda: events.append("backend closed")
+    return cap, in_model, release, events
+
+
+@pytest.mark.parametrize("workers", [0, 2])
+def test_close_in_another_thread_waits_for_the_batch_in_the_model_and_stops_the_call(fake, workers):
+    """docs/python-api.md: a closed Captioner captions no more. close() from another thread
+    lets the batch in the model finish before it releases a backend of one set of buffers (a
+    TensorRT backend's freed under a running search), and the call then stops with the closed
+    error at its next batch; with workers it was a bare RuntimeError from the shut-down pool,
+    without them the call captioned every photo after close()."""
+    cap, in_model, release, events = _held_in_the_model(fake, workers)
     caller, outcome = _caption_in_a_thread(cap, 8)
     assert in_model.wait(10)
     closer = threading.Thread(target=cap.close)
@@ -497,6 +506,67 @@ def test_close_from_inside_the_batch_s_own_thread_releases_the_backend_after_it(
     assert events == ["encode", "close returned", "backend closed"]  # released after the batch
     error = outcome.get("error")
     assert isinstance(error, ValueError) and "this Captioner is closed" in str(error), outcome
+    again = threading.Thread(target=cap.close, daemon=True)  # a later close(): done already
+    again.start()
+    again.join(10)
+    assert not again.is_alive() and events.count("backend closed") == 1
+
+
+def test_a_second_close_returns_only_once_the_backend_is_released(fake):
+    """A shutdown hook's close() racing a ``with`` block's: the second call returned at once,
+    while the first still waited for the batch in the model, so a caller that freed the GPU
+    next did so under the live buffers. It returns once the backend is released."""
+    cap, in_model, release, events = _held_in_the_model(fake, workers=0)
+    caller, _ = _caption_in_a_thread(cap, 4)
+    assert in_model.wait(10)
+    first = threading.Thread(target=cap.close, daemon=True)
+    first.start()
+    first.join(0.3)
+    assert first.is_alive()  # waiting for the batch in the model
+
+    def second_close():
+        cap.close()
+        events.append("second close returned")
+
+    second = threading.Thread(target=second_close, daemon=True)
+    second.start()
+    second.join(0.3)
+    assert second.is_alive() and events == ["encode"]
+    release.set()
+    for thread in (first, second, caller):
+        thread.join(10)
+        assert not thread.is_alive()
+    assert events == ["encode", "backend closed", "second close returned"]
+
+
+def test_a_second_close_from_inside_the_batch_does_not_wait_for_it(fake):
+    """The first close() waits for the batch in the model; a signal handler's close() in the
+    batch's own thread must not wait for the first (which waits for this very batch)."""
+    fake["backend"].thread_safe = False
+    cap = captioner(workers=0, batch=2)
+    in_model, first_waiting, events = threading.Event(), threading.Event(), []
+
+    def on_encode(images):
+        events.append("encode")
+        in_model.set()
+        assert first_waiting.wait(10)
+        cap.close()  # as a SIGTERM handler in this thread would, mid-batch
+        events.append("close in the batch returned")
+
+    fake["backend"].on_encode = on_encode
+    fake["backend"].close = lambda: events.append("backend closed")
+    caller, outcome = _caption_in_a_thread(cap, 4)
+    assert in_model.wait(10)
+    first = threading.Thread(target=cap.close, daemon=True)
+    first.start()
+    first.join(0.3)
+    assert first.is_alive()
+    first_waiting.set()
+    for thread in (caller, first):
+        thread.join(10)
+        assert not thread.is_alive(), "close() from inside the batch waited for itself"
+    assert events == ["encode", "close in the batch returned", "backend closed"]
+    assert "this Captioner is closed" in str(outcome.get("error"))
 
 
 def test_an_iteration_begun_before_close_stops_at_its_next_batch(fake):
