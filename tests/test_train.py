@@ -217,6 +217,40 @@ def test_init_from_starts_from_a_checkpoint(tiny_dataset, tmp_path):
     assert not torch.equal(fresh.state_dict()["embed.weight"], start.state_dict()["embed.weight"])
 
 
+def test_init_from_a_deeper_tuned_encoder_is_refused_where_the_run_would_use_pretrained_blocks(
+    tiny_dataset, tmp_path
+):
+    """The run caches the pretrained encoder's activations before the tuned blocks (the dev
+    check reads them, and --finetune-cached trains on them), while the model it writes computes
+    them with the starting model's own blocks: a start tuned deeper than the run tunes would
+    train and score on features the model never gives (max difference 6.0 at mean |feature|
+    0.27 for a start tuned at 5 blocks and a run tuning 1)."""
+    from edgecap.training.train import train
+
+    tuned = dataclasses.replace(
+        tiny_train_config(tiny_dataset, tmp_path / "a", epochs=1),
+        finetune_encoder=True,
+        finetune_blocks=2,
+        finetune_cached=True,
+        encoder_lr=1e-3,
+    )
+    first = train(tuned, log=lambda *_: None)  # blocks 14 and 15 of 16 move
+    for blocks in (1, None):  # a shallower fine-tuning; no fine-tuning (frozen features)
+        cfg = dataclasses.replace(
+            tiny_train_config(tiny_dataset, tmp_path / f"b{blocks}", epochs=1),
+            finetune_encoder=blocks is not None,
+            finetune_blocks=blocks or 3,
+            finetune_cached=blocks is not None,
+            init_from=str(first),
+        )
+        hint = "use --finetune-blocks 2 or more" if blocks else "add --finetune-encoder"
+        with pytest.raises(ModelError, match=f"its encoder was fine-tuned.*{hint}"):
+            train(cfg, log=lambda *_: None)
+    # As deep as the start, or deeper: its frozen blocks are the pretrained ones.
+    cfg = dataclasses.replace(tuned, out=str(tmp_path / "c"), finetune_blocks=3, init_from=str(first))
+    assert (train(cfg, log=lambda *_: None) / "checkpoint.json").exists()
+
+
 def test_init_from_refuses_a_checkpoint_with_another_vocabulary(tiny_dataset, tmp_path):
     from edgecap.training.train import train
 

@@ -121,7 +121,7 @@ def initial_model(cfg: TrainConfig, train_items: list[CaptionedImage], last: Pat
         encoder = load_pretrained(cfg.encoder) if cfg.finetune_encoder else None
         return Start(encoder, decoder, vocab, {}, False)
     # The starting model's decoder sizes win over the command line's.
-    encoder, decoder, vocab, meta = load_start(source, cfg.finetune_encoder)
+    encoder, decoder, vocab, meta = load_start(source, cfg.finetune_encoder, cfg.finetune_blocks)
     if encoder.variant != cfg.encoder:
         raise ModelError(
             f"{source}: its decoder was trained on {encoder.variant}'s features, not "
@@ -174,9 +174,12 @@ def init_source(cfg: TrainConfig) -> Path | None:
     return Path(name)
 
 
-def load_start(source: Path, finetune_encoder: bool = False):
+def load_start(source: Path, finetune_encoder: bool = False, finetune_blocks: int | None = None):
     """A checkpoint or a model directory -> (encoder, decoder, vocab, checkpoint meta or {}),
-    the modules in eval mode on the CPU."""
+    the modules in eval mode on the CPU. The encoder's weights that the run keeps frozen must be
+    the pretrained encoder's, whose features (or activations) the run computes and caches: all
+    of them without ``finetune_encoder``, those before the last ``finetune_blocks`` blocks with
+    it (None: not checked); ``ModelError`` otherwise."""
     if not source.is_dir():
         raise ModelError(
             f"{source}: no such directory; start from a checkpoint (OUT/best), a "
@@ -184,6 +187,7 @@ def load_start(source: Path, finetune_encoder: bool = False):
         )
     if (source / "checkpoint.json").exists() or not (source / "manifest.json").exists():
         encoder, decoder, vocab, _, meta = load_checkpoint(source)  # says what a checkpoint is
+        _check_frozen(source, encoder, finetune_encoder, finetune_blocks)
         return encoder, decoder, vocab, meta
     from edgecap.api import load_vocabulary
     from edgecap.backends.torch import TorchBackend
@@ -200,11 +204,42 @@ def load_start(source: Path, finetune_encoder: bool = False):
             f"{source}: its preprocessing {manifest.preprocessing.to_dict()} is not the one training uses"
         )
     encoder, decoder = TorchBackend._build(manifest)
-    if not finetune_encoder:
-        pretrained = load_pretrained(encoder.variant).state_dict()
-        if any(not torch.equal(v, pretrained[k]) for k, v in encoder.state_dict().items()):
-            raise ModelError(
-                f"{source}: its encoder was fine-tuned, but the decoder would train "
-                "on the pretrained encoder's features; add --finetune-encoder"
-            )
+    _check_frozen(source, encoder, finetune_encoder, finetune_blocks)
     return encoder, decoder, load_vocabulary(manifest), {}
+
+
+def _check_frozen(source: Path, encoder: EfficientNetLite, finetune: bool, blocks: int | None) -> None:
+    """``ModelError`` unless the weights of ``encoder`` that the run keeps frozen are the
+    pretrained encoder's (``load_start``): the run trains on the pretrained encoder's cached
+    features (or, fine-tuning, its cached activations before the tuned blocks, and the dev check
+    always on those), while the model it writes computes them with ``encoder``'s own weights."""
+    if finetune and blocks is None:
+        return
+    n_blocks = len(encoder._blocks)
+    tuned: tuple[str, ...] = ()
+    if finetune and blocks is not None:
+        tuned = ("_conv_head.", "_bn1.") + tuple(f"_blocks.{i}." for i in range(n_blocks - blocks, n_blocks))
+    pretrained = load_pretrained(encoder.variant).state_dict()
+    moved = [
+        k
+        for k, v in encoder.state_dict().items()
+        if not k.startswith(tuned) and not torch.equal(v, pretrained[k])
+    ]
+    if not moved:
+        return
+    if not finetune:
+        raise ModelError(
+            f"{source}: its encoder was fine-tuned, but the decoder would train "
+            "on the pretrained encoder's features; add --finetune-encoder"
+        )
+    first = min((int(k.split(".")[1]) for k in moved if k.startswith("_blocks.")), default=-1)
+    hint = (
+        f"--finetune-blocks {n_blocks - first} or more"
+        if first >= 0 and not any(k.startswith(("_conv_stem.", "_bn0.")) for k in moved)
+        else "another starting model"
+    )
+    raise ModelError(
+        f"{source}: its encoder was fine-tuned before its last {blocks} blocks ({moved[0]}), "
+        "but the run reads the pretrained blocks' cached activations in their place (the dev "
+        f"check, and the training with --finetune-cached); use {hint}"
+    )
