@@ -251,6 +251,23 @@ def test_init_from_a_deeper_tuned_encoder_is_refused_where_the_run_would_use_pre
     assert (train(cfg, log=lambda *_: None) / "checkpoint.json").exists()
 
 
+def test_coco_training_reads_the_val_file_the_help_names_as_its_dev_split(tmp_path, capsys):
+    from edgecap.cli import build_parser
+    from edgecap.data.readers import read_dataset
+
+    for split, name in (("train", "a.jpg"), ("val", "b.jpg")):
+        data = {
+            "images": [{"id": 1, "file_name": name}],
+            "annotations": [{"image_id": 1, "caption": "a dog"}],
+        }
+        (tmp_path / f"captions_{split}.json").write_text(json.dumps(data))
+    with pytest.raises(SystemExit):
+        build_parser().parse_args(["train", "--help"])
+    assert "captions_{train,val}.json" in capsys.readouterr().out.replace("\n", " ")
+    assert [it.file_name for it in read_dataset("coco", tmp_path, "train")] == ["a.jpg"]
+    assert [it.file_name for it in read_dataset("coco", tmp_path, "dev")] == ["b.jpg"]
+
+
 def test_init_from_refuses_a_checkpoint_with_another_vocabulary(tiny_dataset, tmp_path):
     from edgecap.training.train import train
 

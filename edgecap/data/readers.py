@@ -104,7 +104,8 @@ def read_dataset(kind: str, root: Path, split: str) -> list[CaptionedImage]:
     """One entry point for training: ``kind`` is flickr8k, coco or karpathy.
 
     flickr8k: ``root`` holds Flickr8k.token.txt and Flickr_8k.{train,dev,test}Images.txt.
-    coco: ``root`` holds ``captions_{split}.json``. karpathy: ``root`` holds ``dataset_*.json``.
+    coco: ``root`` holds ``captions_train.json`` and ``captions_val.json`` (the dev split), as
+    ``edgecap train --help`` says. karpathy: ``root`` holds ``dataset_*.json``.
     """
     root = Path(root)
     if not root.is_dir():
@@ -125,7 +126,8 @@ def read_dataset(kind: str, root: Path, split: str) -> list[CaptionedImage]:
             )
         return read_flickr8k(token, root / f"Flickr_8k.{split_name}Images.txt")
     if kind == "coco":
-        return read_coco(root / f"captions_{split}.json")
+        name = {"dev": "val"}.get(split, split)  # as the command's help names the files
+        return read_coco(root / f"captions_{name}.json")
     if kind == "karpathy":
         files = sorted(root.glob("dataset_*.json"))
         if not files:
