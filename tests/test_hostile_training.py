@@ -373,7 +373,7 @@ def test_a_photo_the_run_needs_that_is_gone_is_one_data_error(tmp_path):
 @torch_needed
 def test_overwritten_values_in_the_finetune_cache_are_recomputed(tmp_path, example_images, capsys):
     from edgecap.preprocess import Preprocessing
-    from edgecap.training.features import compute_features
+    from edgecap.training.features import cache_name, compute_features
 
     pre = Preprocessing()
     paths = example_images[:2]
@@ -381,7 +381,7 @@ def test_overwritten_values_in_the_finetune_cache_are_recomputed(tmp_path, examp
     first = np.array(first, dtype=np.float32)
     array = next(tmp_path.glob("features-*.npy"))
     cached = np.load(array, mmap_mode="r+")
-    cached[index[paths[0].name]] = 7.0  # overwritten in place: same size, same header
+    cached[index[cache_name(paths[0])]] = 7.0  # overwritten in place: same size, same header
     cached.flush()
     del cached
     again, _ = compute_features(paths, tmp_path, pre, progress=False, split_at=14)

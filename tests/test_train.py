@@ -283,7 +283,7 @@ def test_mirrored_activation_cache_is_the_mirrored_photos(example_images, tmp_pa
     from edgecap.images import load_rgb
     from edgecap.models.efficientnet_lite import load_pretrained
     from edgecap.preprocess import Preprocessing, to_model_input
-    from edgecap.training.features import compute_features
+    from edgecap.training.features import cache_name, compute_features
 
     pre = Preprocessing()
     paths = list(example_images)[:2]
@@ -292,9 +292,55 @@ def test_mirrored_activation_cache_is_the_mirrored_photos(example_images, tmp_pa
     x = torch.from_numpy(np.stack([to_model_input(load_rgb(p), pre) for p in paths]))
     with torch.inference_mode():
         expected = load_pretrained().prefix(x.flip(3), 11).numpy()
-    got = np.asarray(mirrored[[index[p.name] for p in paths]], dtype=np.float32)
+    got = np.asarray(mirrored[[index[cache_name(p)] for p in paths]], dtype=np.float32)
     np.testing.assert_allclose(got, expected, atol=0.05, rtol=1e-2)  # float16 storage
     assert not np.allclose(np.asarray(plain, dtype=np.float32), got, atol=0.05)
+
+
+def test_photos_of_one_name_in_two_folders_keep_their_own_activations(example_images, tmp_path):
+    """The single-array cache (encoder fine-tuning, self-critical training) shared by two runs:
+    each folder's IMG_0001.png gets its own photo's activations, not the first folder's."""
+    from edgecap.data.readers import CaptionedImage
+    from edgecap.images import load_rgb
+    from edgecap.models.efficientnet_lite import load_pretrained
+    from edgecap.preprocess import Preprocessing, to_model_input
+    from edgecap.training.features import split_features
+
+    pre = Preprocessing()
+    items = [CaptionedImage("IMG_0001.png", ["x"]), CaptionedImage("IMG_0002.png", ["y"])]
+    for k, folder in enumerate("ab"):
+        for item, photo in zip(items, list(example_images)[2 * k : 2 * k + 2]):
+            (tmp_path / folder).mkdir(exist_ok=True)
+            shutil.copy(photo, tmp_path / folder / item.file_name)
+        rows, dev, maps = split_features(
+            items[:1], items[1:], tmp_path / folder, tmp_path / "cache", pre, False, split_at=15
+        )
+        x = np.stack([to_model_input(load_rgb(tmp_path / folder / it.file_name), pre) for it in items])
+        with torch.inference_mode():
+            expected = load_pretrained().prefix(torch.from_numpy(x), 15).numpy()
+        np.testing.assert_allclose(maps[rows[0]].numpy(), expected[0], atol=0.05, rtol=1e-2)  # float16
+        np.testing.assert_allclose(dev[0].astype(np.float32), expected[1], atol=0.05, rtol=1e-2)
+
+
+def test_finetuning_on_cached_activations_takes_photos_in_subfolders(example_images, tmp_path):
+    from edgecap.training.train import train
+
+    rows = ["file,caption,split"]
+    for k, photo in enumerate(example_images):
+        (tmp_path / "data" / f"sub{k}").mkdir(parents=True)
+        shutil.copy(photo, tmp_path / "data" / f"sub{k}" / photo.name)
+        for caption in ("a photo of a red thing on the floor", "a blue thing in a small photo by a cat"):
+            rows.append(f"sub{k}/{photo.name},{caption},{'dev' if k == 3 else 'train'}")
+    (tmp_path / "data" / "captions.csv").write_text("\n".join(rows) + "\n")
+    cfg = dataclasses.replace(
+        tiny_train_config(tmp_path / "data", tmp_path / "run", epochs=1),
+        dataset="folder",
+        init_from="none",
+        finetune_encoder=True,
+        finetune_blocks=1,
+        finetune_cached=True,
+    )
+    assert (train(cfg, log=lambda *_: None) / "checkpoint.json").exists()
 
 
 @pytest.mark.parametrize(

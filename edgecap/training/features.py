@@ -1,8 +1,10 @@
 """Frozen-encoder feature cache: the 7x7x1280 EfficientNet-Lite0 map of every image (9x9 for
 Lite2 at 260 px), computed once.
 
-The cache is one float16 ``.npy`` array (n_images, 49, 1280) plus a JSON index of file names,
-keyed by the encoder and the preprocessing so a change of either never reuses stale features.
+The cache is one float16 ``.npy`` array (n_images, 49, 1280) plus a JSON index of the photos'
+absolute paths (``cache_name``, as the shard cache's: two folders' ``IMG_0001.jpg`` sharing a
+``--cache-dir`` never share features), keyed by the encoder and the preprocessing so a change of
+either never reuses stale features.
 The index also records the array's shape, size and SHA-256, checked before the cache is used:
 an array overwritten since (or an index or array that is not a regular file, too big, or not
 of the recorded shape) is recomputed, never trained on. Checking costs one read of the array
@@ -32,7 +34,12 @@ def encoder_tag(encoder: str = DEFAULT_ENCODER) -> str:
 
 
 ENCODER_TAG = encoder_tag()  # EfficientNet-Lite0's: the key every earlier cache was made with
-CACHE_FORMAT = "edgecap-feature-cache/1"
+CACHE_FORMAT = "edgecap-feature-cache/2"  # /1 indexed photos by file name: recomputed
+
+
+def cache_name(path: Path) -> str:
+    """The name a photo has in a feature cache: its absolute path."""
+    return str(Path(path).resolve())
 
 
 def cache_key(preprocessing: Preprocessing, encoder_tag: str) -> str:
@@ -50,7 +57,7 @@ def compute_features(
     mirrored: bool = False,
     encoder: str = DEFAULT_ENCODER,
 ) -> tuple[np.ndarray, dict[str, int]]:
-    """Return (float16 maps, {file name: row}) from the cache or the encoder.
+    """Return (float16 maps, {``cache_name`` of the photo: row}) from the cache or the encoder.
 
     ``split_at`` None: the encoder's features (n, 49, 1280); k: the activations after its first
     k blocks (n, C, H, W). ``mirrored``: of the left-right mirrored photos (augmentation).
@@ -69,7 +76,7 @@ def compute_features(
     key = cache_key(preprocessing, tag)
     array_path = cache_dir / f"features-{key}.npy"
     index_path = cache_dir / f"features-{key}.json"
-    names = [p.name for p in image_paths]
+    names = [cache_name(p) for p in image_paths]
     if os.path.lexists(array_path) and os.path.lexists(index_path):
         index, problem = _cached_index(index_path, array_path)
         if problem is None and all(n in index for n in names):
@@ -126,7 +133,7 @@ def compute_features(
 
 
 def _cached_index(index_path: Path, array_path: Path) -> tuple[dict[str, int], str | None]:
-    """A fine-tuning cache's index ({file name: row}) and what is wrong with the cache (None:
+    """A fine-tuning cache's index ({photo: row}) and what is wrong with the cache (None:
     nothing; the index and the array checked as files, the array's header, size and checksum
     against the index)."""
     from edgecap.manifest import file_sha256
@@ -190,8 +197,8 @@ def split_features(
     fmaps, index = compute_features(
         paths, cache_dir, preprocessing, progress=progress, split_at=split_at, encoder=encoder
     )
-    train_rows = [index[p.name] for p in paths[: len(train_items)]]
-    dev_fmaps = np.stack([np.asarray(fmaps[index[p.name]]) for p in paths[len(train_items) :]])
+    train_rows = [index[cache_name(p)] for p in paths[: len(train_items)]]
+    dev_fmaps = np.stack([np.asarray(fmaps[index[cache_name(p)]]) for p in paths[len(train_items) :]])
     return train_rows, dev_fmaps, torch.from_numpy(np.asarray(fmaps, dtype=np.float32))
 
 

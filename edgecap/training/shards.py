@@ -39,7 +39,7 @@ from edgecap.files import FileProblem, check_regular, open_regular
 from edgecap.manifest import file_sha256
 from edgecap.models.config import DEFAULT_ENCODER
 from edgecap.training.config import MAX_SHARD_SIZE
-from edgecap.training.features import ENCODER_TAG, cache_key, encoder_tag, progress_bar
+from edgecap.training.features import ENCODER_TAG, cache_key, cache_name, encoder_tag, progress_bar
 from edgecap.training.records import MAX_RECORD_BYTES, Record, read_record, shown
 
 FORMAT = "edgecap-feature-shards/1"
@@ -52,11 +52,6 @@ class FeatureCacheError(ModelError):
 
 def shard_dir(cache_dir: Path, preprocessing, encoder_tag: str = ENCODER_TAG) -> Path:
     return Path(cache_dir) / f"shards-{cache_key(preprocessing, encoder_tag)}"
-
-
-def cache_name(path: Path) -> str:
-    """The name a photo has in the cache: its absolute path."""
-    return str(Path(path).resolve())
 
 
 def _shard_path(directory: Path, s: int, suffix: str = ".npy") -> Path:

@@ -45,7 +45,7 @@ from edgecap.objects import IMAGENET_CLASSES, ObjectClasses
 from edgecap.preprocess import Preprocessing, to_model_input
 from edgecap.training.config import TrainConfig, check_folders
 from edgecap.training.distributed import rank_share, setup, world_size
-from edgecap.training.features import compute_features, progress_bar, split_features
+from edgecap.training.features import cache_name, compute_features, progress_bar, split_features
 from edgecap.training.records import MAX_RECORD_BYTES, shown
 from edgecap.training.shards import streamed_split
 from edgecap.training.start import initial_model, training_items
@@ -319,7 +319,7 @@ def train(cfg: TrainConfig, log=print) -> Path:
         )
         mirror_maps = torch.from_numpy(np.asarray(maps, dtype=np.float32))
         mirror_row = np.zeros(len(train_maps), dtype=np.int64)  # cache row -> mirrored cache row
-        mirror_row[train_rows] = [index[it.file_name] for it in train_items]
+        mirror_row[train_rows] = [index[cache_name(images / it.file_name)] for it in train_items]
 
     out.mkdir(parents=True, exist_ok=True)
     # The pretrained encoder, with the starting checkpoint's tuned blocks where it has them.
