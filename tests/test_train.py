@@ -463,12 +463,18 @@ def test_scst_command_builds_its_config_from_the_flags(tmp_path, monkeypatch):
         )
         == 0
     )
-    # --epochs and --lr default to the train command's, not ScstConfig's.
+    # --epochs and --lr default to self-critical training's measured recipe (docs/quality.md:
+    # "4 epochs, lr 5e-5"), not the cross-entropy training's 20 epochs at 4e-4 (8x the rate)
     assert given == [
         ScstConfig(
-            checkpoint="CK", data="DATA", out="RUN", epochs=20, lr=4e-4, n_samples=3, seed=4, progress=False
+            checkpoint="CK", data="DATA", out="RUN", epochs=4, lr=5e-5, n_samples=3, seed=4, progress=False
         )
     ]
+    assert (
+        main(["train", "--data", "D", "--out", "R", "--scst-from", "CK", "--epochs", "2", "--lr", "1e-5"])
+        == 0
+    )
+    assert (given[-1].epochs, given[-1].lr) == (2, 1e-5)  # given: used
 
 
 @pytest.mark.parametrize("flag", [["--text", "T"], ["--text-pretrain", "2"]])

@@ -54,11 +54,15 @@ def add_arguments(p: argparse.ArgumentParser) -> None:
     p.add_argument(
         "--epochs",
         type=int,
-        default=TRAIN["epochs"],
-        help="passes over the training captions (at most; see --patience)",
+        help="passes over the training captions (at most; see --patience); default "
+        f"{TRAIN['epochs']}, with --scst-from {SCST['epochs']}",
     )
     p.add_argument("--batch-size", type=int, default=TRAIN["batch_size"], help="captions per batch")
-    p.add_argument("--lr", type=float, default=TRAIN["lr"], help="decoder learning rate (Adam)")
+    p.add_argument(
+        "--lr",
+        type=float,
+        help=f"decoder learning rate (Adam); default {TRAIN['lr']:g}, with --scst-from {SCST['lr']:g}",
+    )
     p.add_argument(
         "--lr-decay-epochs",
         type=int,
@@ -330,8 +334,14 @@ def _left_out(best: Path) -> int:
 
 def _config(cls, args: argparse.Namespace, **given):
     """The dataclass ``cls`` from ``given``, ``progress`` (no ``--no-progress``) and the arguments
-    named like its other fields; a field with none of them keeps its default."""
-    values = {f.name: getattr(args, f.name) for f in fields(cls) if hasattr(args, f.name)}
+    named like its other fields; a field with none of them, or an argument not given (None: the
+    default of ``--epochs`` and ``--lr``, whose defaults differ between TrainConfig and
+    ScstConfig), keeps its default."""
+    values = {
+        f.name: getattr(args, f.name)
+        for f in fields(cls)
+        if hasattr(args, f.name) and getattr(args, f.name) is not None
+    }
     return cls(**{**values, "progress": not args.no_progress, **given})
 
 
