@@ -68,6 +68,29 @@ def test_train_resume_and_export(tiny_dataset, tmp_path):
     assert caption.text and all(w in vocab.index for w in caption.tokens)
 
 
+def test_the_same_command_run_again_after_an_early_stop_trains_no_more(tiny_dataset, tmp_path):
+    """A script that runs its training command again (after a reboot, or in a loop) resumed a
+    run that had stopped by --patience and trained one more epoch each time. At lr 0 no dev
+    CIDEr beats epoch 1's (the weights do not move), so --patience 1 stops after epoch 2."""
+    from edgecap.training.train import train
+
+    out = tmp_path / "run"
+    cfg = tiny_train_config(tiny_dataset, out, epochs=5, lr=0.0, patience=1)
+    train(cfg, log=lambda *_: None)
+
+    def epochs():
+        state = json.loads((out / "last" / "checkpoint.json").read_text())["train_state"]
+        return [h["epoch"] for h in state["history"]]
+
+    assert epochs() == [1, 2]
+    logs = []
+    assert train(cfg, log=logs.append) == out / "best"
+    assert epochs() == [1, 2]
+    assert any("stopped before" in line for line in logs)
+    train(dataclasses.replace(cfg, patience=2), log=lambda *_: None)  # a longer patience goes on
+    assert epochs() == [1, 2, 3]
+
+
 def test_image_size_sets_the_input_and_the_attention_map(tiny_dataset, tmp_path):
     from edgecap import Captioner
     from edgecap.build.export import export_model

@@ -120,7 +120,8 @@ def add_arguments(p: argparse.ArgumentParser) -> None:
         type=int,
         default=TRAIN["patience"],
         metavar="N",
-        help="stop after N epochs without a better dev CIDEr",
+        help="stop after N epochs without a better dev CIDEr (the same command run again "
+        "after such a stop trains no more; a larger N goes on)",
     )
     p.add_argument("--no-attention", action="store_true", help="Show-and-Tell baseline")
     p.add_argument("--hidden-dim", type=int, default=DECODER["hidden_dim"], help="decoder LSTM units")

@@ -413,7 +413,15 @@ def train(cfg: TrainConfig, log=print) -> Path:
         # again: nothing of it is kept before the first photo epoch's checkpoint).
         own = [ids for _, caps in batches.images for ids in caps]
         _pretrain_text(decoder, text_step, text_captions + own, vocab.pad, cfg, text_tags, log, steps_log)
-    for epoch in range(state["epoch"] + 1, cfg.epochs + 1):
+    first = state["epoch"] + 1
+    if state["epoch"] and state["epoch"] - state["best_epoch"] >= cfg.patience:
+        # the same command run again after it stopped early: no more epochs (a longer
+        # --patience goes on)
+        log(
+            f"no better dev CIDEr for {cfg.patience} epochs after epoch {state['best_epoch']}: stopped before"
+        )
+        first = cfg.epochs + 1
+    for epoch in range(first, cfg.epochs + 1):
         decay = 0.5 ** ((epoch - 1) // cfg.lr_decay_epochs)
         for group, base in zip(optimizer.param_groups, bases):
             group["lr"] = base * decay
