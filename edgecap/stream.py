@@ -453,11 +453,32 @@ def _video_frames(capture, fps: float, realtime: bool, source: str, count: int) 
     return _read_frames(capture, timestamp, source, count)
 
 
+class _CaptureFrames(Iterator[Frame]):
+    """The frames of an OpenCV capture (``_frames_of``). ``close()`` releases the capture even
+    before the first frame is asked for: closing a generator that never started runs none of its
+    code, so a stream closed before its loop would keep the camera or file open."""
+
+    def __init__(self, capture, frames: Generator[Frame, None, None]):
+        self._capture, self._frames = capture, frames
+
+    def __next__(self) -> Frame:
+        return next(self._frames)
+
+    def close(self) -> None:
+        self._frames.close()
+        self._capture.release()
+
+
 def _read_frames(capture, timestamp, source: str, count: int | None = None) -> Iterator[Frame]:
     """BGR frames from an OpenCV capture until it runs dry; ``timestamp(index)`` dates each.
     A video (``count``: its header's frame count, 0 unknown) that gives no frame, or ends more
     than a few frames short of its count, raises ``InputError`` after its last good frame; so
-    does a frame over the pixel limit (a stream whose size changes)."""
+    does a frame over the pixel limit (a stream whose size changes). Closing it releases the
+    capture, read or not."""
+    return _CaptureFrames(capture, _frames_of(capture, timestamp, source, count))
+
+
+def _frames_of(capture, timestamp, source: str, count: int | None) -> Generator[Frame, None, None]:
     index = 0
     try:
         while True:

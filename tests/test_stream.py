@@ -12,6 +12,7 @@ import os
 import subprocess
 import sys
 import threading
+import time
 from pathlib import Path
 
 import numpy as np
@@ -19,7 +20,7 @@ import pytest
 from PIL import Image
 
 import edgecap
-from edgecap import Captioner
+from edgecap import Captioner, images
 from edgecap.errors import BackendError, InputError
 from edgecap.stream import Frame, StreamStats, _Sampler, caption_stream, camera_frames, video_frames
 
@@ -202,10 +203,30 @@ def test_in_order_stream_samples_by_frame_time():
 
 def test_bare_frames_are_numbered_and_take_the_stream_color():
     fake = FakeCaptioner()
-    events = list(caption_stream(fake, ["a", "b", "c"], color="bgr", live=False))
+    stream = caption_stream(fake, ["a", "b", "c"], color="bgr", live=False)
+    events = list(stream)
     assert [e.frame_index for e in events] == [0, 1, 2]
     assert all(b >= a >= 0 for a, b in zip([e.timestamp for e in events], [e.timestamp for e in events][1:]))
+    # seconds since the stream started: within the stream's own elapsed time
+    assert events[-1].timestamp <= stream.stats.elapsed_s
     assert fake.seen == [("a", "bgr"), ("b", "bgr"), ("c", "bgr")]
+
+
+def test_every_grid_starts_at_the_first_frames_timestamp():
+    """Frames at 0.7, 1.2, 1.7, 2.2 and 2.7 s with every=1.0: the slots are [0.7, 1.7),
+    [1.7, 2.7), [2.7, 3.7) (from the first frame, not from 0 s), so 0.7, 1.7 and 2.7 s are
+    captioned; slots from 0 s would take 0.7, 1.2 and 2.2 s."""
+    frames = [Frame(index=i, timestamp=0.7 + i / 2, image=i) for i in range(5)]
+    events = list(caption_stream(FakeCaptioner(), frames, every=1.0, live=False))
+    assert [e.frame_index for e in events] == [0, 2, 4]
+
+
+def test_latency_is_in_milliseconds_and_counts_the_captioning():
+    """A caption that takes 50 ms: the event's latency, from the read to the caption, is at
+    least 50 (ms), not 0.05."""
+    fake = FakeCaptioner(lambda calls: time.sleep(0.05))
+    (event,) = caption_stream(fake, ["a"], live=False)
+    assert 50 <= event.latency_ms < 60_000
 
 
 @pytest.mark.parametrize(
@@ -215,6 +236,7 @@ def test_bare_frames_are_numbered_and_take_the_stream_color():
         (29.97, 1.0, [0, 30, 60, 90]),  # first frame at or after each whole second
         (10.0, 0.25, [0, 3, 5, 8, 10, 13, 15, 18]),
         (10.0, 0.05, list(range(20))),  # finer than the frame rate: every frame
+        (10.0, 0.2, list(range(0, 20, 2))),  # (6 / 10) // 0.2 is 2.0 in floating point, not 3
     ],
 )
 def test_every_grid(fps, every, expected):
@@ -230,6 +252,14 @@ def test_every_grid(fps, every, expected):
 def test_bad_arguments(kwargs):
     with pytest.raises(ValueError):
         caption_stream(FakeCaptioner(), [], **kwargs)
+
+
+@pytest.mark.parametrize("live", [True, False])
+def test_a_stream_is_iterated_once(live):
+    stream = caption_stream(FakeCaptioner(), ["a", "b"], live=live)
+    assert len(list(stream)) >= 1
+    with pytest.raises(RuntimeError, match="a CaptionStream can be iterated once"):
+        iter(stream)
 
 
 def test_stats_before_start():
@@ -373,3 +403,97 @@ def test_camera_that_does_not_open(monkeypatch):
     with pytest.raises(InputError, match="camera 7: cannot open the camera"):
         camera_frames(7)
     assert fake.captures[0].released.is_set()
+
+
+def test_closing_a_stream_never_iterated_releases_the_camera(monkeypatch):
+    """A program that opens the camera, then stops before its loop (``close()``, or a ``with``
+    block left early), gets the camera back at once: it can open it again."""
+    fake = FakeCv2(n_frames=10)
+    monkeypatch.setitem(sys.modules, "cv2", fake)
+    caption_stream(FakeCaptioner(), camera_frames(0)).close()
+    with caption_stream(FakeCaptioner(), camera_frames(1)):
+        pass
+    assert [c.released.is_set() for c in fake.captures] == [True, True]
+
+
+class FakeVideoCv2:
+    """The cv2 names ``video_frames`` uses: a video file whose header gives ``fps``, a
+    ``width`` x ``height`` frame size and ``count`` frames, and which decodes ``frames`` (uint8
+    arrays). A fake, so that the header can say what a real encoder would not write."""
+
+    CAP_PROP_FRAME_WIDTH, CAP_PROP_FRAME_HEIGHT, CAP_PROP_FPS, CAP_PROP_FRAME_COUNT = 3, 4, 5, 7
+
+    def __init__(self, frames, fps=10.0, count=None, size=(6, 4)):
+        self.frames, self.released = list(frames), threading.Event()
+        self.header = {3: size[0], 4: size[1], 5: fps, 7: len(self.frames) if count is None else count}
+
+    def VideoCapture(self, source):  # noqa: N802 (OpenCV's name)
+        fake, frames = self, iter(self.frames)
+
+        class Capture:
+            def isOpened(self):  # noqa: N802
+                return True
+
+            def get(self, prop):
+                return fake.header[prop]
+
+            def read(self):
+                frame = next(frames, None)
+                return (False, None) if frame is None else (True, frame)
+
+            def release(self):
+                fake.released.set()
+
+        return Capture()
+
+
+def small_frames(n: int, shape=(4, 6, 3)) -> list[np.ndarray]:
+    return [np.full(shape, i, np.uint8) for i in range(n)]
+
+
+@pytest.fixture
+def video_file(tmp_path) -> Path:
+    path = tmp_path / "clip.mp4"
+    path.write_bytes(b"read by the fake cv2, never by this test")
+    return path
+
+
+def test_a_video_a_frame_or_two_short_of_its_header_is_read_without_error(monkeypatch, video_file):
+    """A header count may be an estimate (from the duration): 5 frames where it says 7 are read
+    without an error; where it says 8, the video is cut short, after its 5 frames."""
+    monkeypatch.setitem(sys.modules, "cv2", FakeVideoCv2(small_frames(5), count=7))
+    assert [f.index for f in video_frames(video_file)] == [0, 1, 2, 3, 4]
+    monkeypatch.setitem(sys.modules, "cv2", FakeVideoCv2(small_frames(5), count=8))
+    got = []
+    with pytest.raises(InputError, match="the video ends after 5 of its 8 frames"):
+        got.extend(video_frames(video_file))
+    assert len(got) == 5
+
+
+def test_realtime_video_frames_come_no_sooner_than_their_timestamps(monkeypatch, video_file):
+    """At 20 frames a second, frame i is given no sooner than i / 20 s after the video opened
+    (a camera's pace); 5 frames take at least 0.2 s."""
+    monkeypatch.setitem(sys.modules, "cv2", FakeVideoCv2(small_frames(5), fps=20.0))
+    opened = time.perf_counter()
+    for frame in video_frames(video_file, realtime=True):
+        assert time.perf_counter() - opened >= frame.timestamp == frame.index / 20
+
+
+def test_a_video_whose_frame_rate_is_not_a_number_is_refused(monkeypatch, video_file):
+    fake = FakeVideoCv2(small_frames(3), fps=float("nan"))
+    monkeypatch.setitem(sys.modules, "cv2", fake)
+    with pytest.raises(InputError, match="the video has no frame rate"):
+        video_frames(video_file)
+    assert fake.released.is_set()
+
+
+def test_a_frame_larger_than_its_header_said_is_refused_over_the_pixel_limit(monkeypatch, video_file):
+    """The header says 6x4 (24 pixels, under a limit of 30); the third frame is 8x6 (48): its
+    frames before it are given, then an InputError naming it."""
+    images.set_max_pixels(30)
+    frames = [*small_frames(2), np.zeros((6, 8, 3), np.uint8)]
+    monkeypatch.setitem(sys.modules, "cv2", FakeVideoCv2(frames, size=(6, 4)))
+    got = []
+    with pytest.raises(InputError, match="frame 2: video frames are 8x6 = 48 pixels, over the limit of 30"):
+        got.extend(video_frames(video_file))
+    assert len(got) == 2
