@@ -16,6 +16,7 @@ import socket
 import subprocess
 import sys
 import threading
+import time
 from concurrent.futures import ThreadPoolExecutor
 from pathlib import Path
 from types import SimpleNamespace
@@ -29,7 +30,7 @@ import edgecap
 from edgecap import Captioner
 from edgecap.commands.output import caption_record
 from edgecap.errors import InputError
-from edgecap.serve import CaptionService, ServiceOptions, start
+from edgecap.serve import Batcher, CaptionService, ServiceOptions, start
 from helpers import EXAMPLES, run_edgecap
 
 ROOT = Path(edgecap.__file__).resolve().parents[1]
@@ -106,6 +107,8 @@ class BlockingCaptioner:
         self.batches.append(len(images))
         self.entered.release()
         assert self.gate.wait(CLIENT_TIMEOUT_S)
+        if on_error == "raise" and b"bad" in images:  # as Captioner does: the batch fails
+            raise InputError("<bytes>", "fake")
         return [
             InputError("<bytes>", "fake")
             if data == b"bad"
@@ -316,6 +319,111 @@ def test_a_bad_image_in_a_batch_fails_alone():
         running.stop()
 
 
+def test_queue_and_total_times_are_in_milliseconds():
+    """A request held 300 ms behind another's batch: its queue_ms is at least 300, and its
+    total_ms (from the body read to the answer) at least that."""
+    fake = BlockingCaptioner()
+    running = Running(fake, ServiceOptions(max_wait_ms=0))
+    try:
+        with ThreadPoolExecutor(2) as pool:
+            first = pool.submit(post, running.port, b"first")
+            assert fake.entered.acquire(timeout=CLIENT_TIMEOUT_S)
+            second = pool.submit(post, running.port, b"second")
+            wait_until(lambda: running.service.batcher.queue.qsize() == 1)
+            time.sleep(0.3)
+            fake.gate.set()
+            assert first.result()[0] == 200
+            status, answer, _ = second.result()
+    finally:
+        running.stop()
+    assert status == 200 and answer["batch"] == 1
+    assert answer["timings"]["total_ms"] >= answer["timings"]["queue_ms"] >= 300
+
+
+def test_a_batch_waits_at_most_max_wait_ms_after_its_first_request():
+    """max_wait 400 ms, batches of up to 3, requests at 0, 250, 550, 560 and 570 ms: the first
+    two are one batch; the third, past 400 ms, starts the next, though it came within 400 ms of
+    the second, and the next two fill it."""
+    fake = BlockingCaptioner()
+    fake.gate.set()
+
+    async def main():
+        batcher = Batcher(fake, max_batch=3, max_wait_s=0.4)
+        worker = asyncio.get_running_loop().create_task(batcher.run())
+
+        async def at(delay: float, data: bytes):
+            await asyncio.sleep(delay)
+            return await batcher.submit(data)
+
+        try:
+            return await asyncio.gather(*(at(t, b"x") for t in (0, 0.25, 0.55, 0.56, 0.57)))
+        finally:
+            worker.cancel()
+            batcher.close()
+
+    answers = asyncio.run(main())
+    assert fake.batches == [2, 3]
+    assert [size for _, size, _ in answers] == [2, 2, 3, 3, 3]
+
+
+def test_a_body_over_a_mebibyte_and_under_the_limit_is_captioned():
+    """aiohttp's own body limit is 1 MiB; the service's max_body_bytes (here 4 MiB) replaces
+    it: 2 MiB bodies, with a Content-Length or chunked, are captioned."""
+    fake = BlockingCaptioner()
+    fake.gate.set()
+    running = Running(fake, ServiceOptions(max_body_bytes=4 << 20))
+    try:
+        body = b"x" * (2 << 20)
+        for sent in (body, iter([body[: 1 << 20]] * 2)):
+            status, answer, _ = post(running.port, sent)
+            assert (status, answer.get("caption")) == (200, "2097152 bytes"), answer
+    finally:
+        running.stop()
+
+
+def test_a_body_at_the_limit_is_captioned_and_one_over_it_refused_from_its_length():
+    fake = BlockingCaptioner()
+    fake.gate.set()
+    running = Running(fake, ServiceOptions(max_body_bytes=1000))
+    try:
+        status, answer, _ = post(running.port, b"x" * 1000)
+        assert (status, answer.get("caption")) == (200, "1000 bytes"), answer
+        status, answer, _ = post(running.port, b"x" * 1001)
+        assert (status, answer) == (
+            413,
+            {"error": "the body is 1,001 bytes, over the limit of 1,000 bytes (edgecap serve --max-body-mb)"},
+        )
+    finally:
+        running.stop()
+    assert fake.batches == [1]  # the refused body never reached the model
+
+
+def test_health_reports_the_limits_in_force_and_other_paths_are_json_errors():
+    running = Running(
+        BlockingCaptioner(batch_size=4),
+        ServiceOptions(max_pending=7, max_wait_ms=12.5, max_body_bytes=1000, read_timeout_s=3.0),
+    )
+    try:
+        status, answer, _ = request(running.port, "GET", "/health")
+        assert request(running.port, "GET", "/caption")[:2] == (405, {"error": "Method Not Allowed"})
+        assert request(running.port, "POST", "/captions", b"x")[:2] == (404, {"error": "Not Found"})
+    finally:
+        running.stop()
+    assert (status, answer) == (
+        200,
+        {
+            "status": "ok",
+            "model": "fake-model",
+            "backend": "fake",
+            "pending": 0,
+            "max_pending": 7,
+            "max_batch": 4,
+            "max_wait_ms": 12.5,
+            "max_body_bytes": 1000,
+        },
+    )
+
+
 class FailingCaptioner(BlockingCaptioner):
     """A model that raises (as a GPU out of memory would) on any batch holding b"boom"."""
 
@@ -344,6 +452,7 @@ def test_a_model_failure_is_a_json_500_for_its_image_alone(capfd):
                 "of memory. Tried to allocate 2.00 GiB)"
             }
             assert good.result()[0] == 200 and good.result()[1]["caption"] == "4 bytes"
+            assert good.result()[1]["batch"] == 1  # captioned again, alone
         assert post(running.port, b"after")[1]["caption"] == "5 bytes"  # still serving
     finally:
         running.stop()
@@ -398,6 +507,7 @@ def test_options_are_checked():
         {"max_pending": -1},
         {"max_batch": 0},
         {"max_wait_ms": -1.0},
+        {"max_wait_ms": 1000.5},
         {"read_timeout_s": 0.0},
     ):
         with pytest.raises(ValueError, match=next(iter(bad))):
