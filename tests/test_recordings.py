@@ -23,13 +23,24 @@ from rosbags.rosbag2 import Writer as Writer2
 from rosbags.typesys import Stores, get_typestore
 
 
-from edgecap import Captioner
+from edgecap import Captioner, images
 from edgecap.commands.output import caption_record
 from edgecap.errors import InputError
-from edgecap.recordings import RecordingError, demosaic_half, open_recording, raw_to_rgb, yuv422_to_rgb
+from edgecap.recordings import (
+    RecordingError,
+    demosaic_half,
+    kind_of,
+    open_recording,
+    output_problem,
+    raw_to_rgb,
+    seconds_text,
+    write_captions,
+    yuv422_to_rgb,
+)
 from helpers import EXAMPLES, encoded_bytes, run_edgecap
 
 SECOND = 1_000_000_000
+IMAGE, COMPRESSED = "sensor_msgs/msg/Image", "sensor_msgs/msg/CompressedImage"
 T0 = 1_700_000_000 * SECOND  # log times; header stamps are 0.25 s earlier (the camera's clock)
 KINDS = ("ros1", "sqlite3", "mcap", "mcap-file")
 
@@ -347,6 +358,8 @@ def test_raw_encodings_give_the_photo():
     rgba = np.dstack([CHELSEA, np.full(GRAY.shape, 255, np.uint8)])
     assert np.array_equal(decode("bgra8", rgba[:, :, [2, 1, 0, 3]]), CHELSEA)
     assert np.array_equal(decode("mono8", GRAY), np.dstack([GRAY] * 3))
+    assert np.array_equal(decode("rgba8", rgba), CHELSEA)
+    assert np.array_equal(decode("8UC4", rgba[:, :, [2, 1, 0, 3]]), CHELSEA)  # OpenCV's BGRA
     # rows padded past the pixels (step > width x bytes per pixel)
     assert np.array_equal(decode("rgb8", CHELSEA, step=CHELSEA.shape[1] * 3 + 32), CHELSEA)
     # 16 bits, both byte orders
@@ -354,6 +367,23 @@ def test_raw_encodings_give_the_photo():
     scaled = np.dstack([wide // 257] * 3).astype(np.uint8)  # 0..65535 -> 0..255
     assert np.array_equal(decode("mono16", wide), scaled)
     assert np.array_equal(decode("mono16", wide.astype(">u2"), bigendian=True), scaled)
+    rgb16 = CHELSEA.astype(np.uint16) * 257  # 0..255 -> 0..65535, which scales back exactly
+    rgba16 = np.dstack([rgb16, np.full(GRAY.shape, 65535, np.uint16)])
+    assert np.array_equal(decode("rgb16", rgb16), CHELSEA)
+    assert np.array_equal(decode("bgr16", rgb16[:, :, ::-1]), CHELSEA)
+    assert np.array_equal(decode("rgba16", rgba16), CHELSEA)
+    assert np.array_equal(decode("bgra16", rgba16[:, :, [2, 1, 0, 3]]), CHELSEA)
+
+
+def test_depth_images_are_refused():
+    with pytest.raises(InputError, match=r"a depth image \(16UC1\), not a picture to caption"):
+        decode("16UC1", GRAY.astype(np.uint16))
+
+
+def test_raw_frames_over_the_pixel_limit_are_refused():
+    images.set_max_pixels(160 * 120 - 1)
+    with pytest.raises(InputError, match="image is 160x120 = 19,200 pixels, over the limit of 19,199"):
+        decode("rgb8", CHELSEA)
 
 
 def test_bayer_is_demosaicked_at_half_resolution():
@@ -464,14 +494,12 @@ def test_recording_that_breaks_off_keeps_the_captions_so_far(
     assert not out.exists()
 
 
-def test_ros1_profile_mcap_file_is_read(tmp_path, captioner, capfd):
+def write_ros1_mcap(path: Path, messages) -> Path:
     """An MCAP file with the ROS 1 profile (what ``mcap convert`` makes of a ROS 1 bag), written
-    here with the mcap package: its frames are captioned like the ROS 1 bag's; no copy into it."""
+    with the mcap package; ``messages`` as for ``write_recording``."""
     from mcap.writer import Writer
 
     store = store_for("ros1")
-    messages, frames = camera_messages("ros1")
-    path = tmp_path / "converted.mcap"
     with open(path, "wb") as f:
         writer = Writer(f)
         writer.start(profile="ros1", library="test")
@@ -492,6 +520,14 @@ def test_ros1_profile_mcap_file_is_read(tmp_path, captioner, capfd):
                 data=bytes(store.serialize_ros1(msg, msgtype)),
             )
         writer.finish()
+    return path
+
+
+def test_ros1_profile_mcap_file_is_read(tmp_path, captioner, capfd):
+    """An MCAP file with the ROS 1 profile: its frames are captioned like the ROS 1 bag's; no
+    copy into it."""
+    messages, frames = camera_messages("ros1")
+    path = write_ros1_mcap(tmp_path / "converted.mcap", messages)
     done = edgecap_caption(capfd, "--bag", path, "--json")
     assert done.returncode == 0, done.stderr
     records = [json.loads(line) for line in done.stdout.splitlines()]
@@ -601,4 +637,129 @@ def test_field_of_the_wrong_kind_is_an_input_error_not_a_traceback():
     assert isinstance(frame.image, InputError)
     assert str(frame.image).startswith(
         "/cam at 1700000000.000000000: message lacks the standard sensor_msgs fields: "
+    )
+
+
+# -- names, kinds and frames that carry their problem -------------------------------------------
+def test_times_are_exact_seconds_with_their_sign():
+    assert seconds_text(T0 + 50_000_000) == "1700000000.050000000"
+    assert seconds_text(-1_500_000_000) == "-1.500000000"
+    assert seconds_text(-500_000_000) == "-0.500000000"
+
+
+def test_a_recording_is_known_by_its_suffix_in_any_case(tmp_path):
+    assert kind_of(tmp_path / "RUN.BAG") == "ros1"
+    assert kind_of(tmp_path / "run.DB3") == "sqlite3"
+
+
+def test_a_copy_over_a_file_or_into_a_missing_folder_is_refused_before_writing(tmp_path):
+    bag = three_frames(tmp_path, "ros1")
+    assert output_problem(bag, bag) == f"{bag} exists already; name a new file or folder"
+    out = tmp_path / "no-such-folder" / "copy.bag"
+    assert output_problem(bag, out) == f"{out}: folder {out.parent} does not exist"
+
+
+def test_compressed_depth_and_empty_compressed_frames_carry_their_error(tmp_path):
+    store = store_for("mcap")
+    depth = encoded_bytes(GRAY, "PNG")
+    messages = [
+        ("/cam/depth", COMPRESSED, T0, compressed_msg(store, "16UC1; compressedDepth png", depth, T0)),
+        ("/cam/jpeg", COMPRESSED, T0 + SECOND, compressed_msg(store, "jpeg", b"", T0)),
+        (
+            "/cam/jpeg",
+            COMPRESSED,
+            T0 + 2 * SECOND,
+            compressed_msg(store, "jpeg", b"\xff\xd8jpeg", T0 + 250_000_000),
+        ),
+    ]
+    with open_recording(write_recording(tmp_path, "mcap", messages)) as recording:
+        depth_frame, empty, jpeg = recording.frames()
+    assert str(depth_frame.image) == (
+        "/cam/depth at 1700000000.000000000: a compressed depth image ('16UC1; compressedDepth png'), "
+        "not a picture to caption"
+    )
+    assert str(empty.image) == "/cam/jpeg at 1700000001.000000000: no image data (0 bytes)"
+    assert jpeg.image == b"\xff\xd8jpeg"  # decoded (and checked) when captioned
+    assert (jpeg.time_ns, jpeg.stamp_ns) == (T0 + 2 * SECOND, T0 + 250_000_000)
+
+
+# -- writing the captioned copy ----------------------------------------------------------------
+def three_frames(tmp_path, kind: str) -> Path:
+    store = store_for(kind)
+    return write_recording(
+        tmp_path,
+        kind,
+        [("/cam", IMAGE, T0 + k * SECOND, image_msg(store, "mono8", GRAY, T0)) for k in range(3)],
+    )
+
+
+def test_write_captions_counts_the_captions_it_writes(tmp_path):
+    with open_recording(three_frames(tmp_path, "sqlite3")) as recording:
+        count = write_captions(recording, tmp_path / "copy", {("/cam", 0): "first", ("/cam", 2): "third"})
+    assert count == 2
+    captions = [(m[1], m[3].data) for m in read_back(tmp_path / "copy") if m[0] == "/cam/caption"]
+    assert captions == [(T0, "first"), (T0 + 2 * SECOND, "third")]
+
+
+@pytest.mark.parametrize("kind", ["ros1", "sqlite3"])
+def test_a_copy_that_fails_while_written_is_removed(kind, tmp_path, monkeypatch):
+    out = tmp_path / ("copy.bag" if kind == "ros1" else "copy")
+    with open_recording(three_frames(tmp_path, kind)) as recording:
+        every = recording.messages
+
+        def breaks_off():
+            for n, item in enumerate(every()):
+                if n == 1:
+                    raise OSError("No space left on device")
+                yield item
+
+        monkeypatch.setattr(recording, "messages", breaks_off)
+        with pytest.raises(RecordingError, match="cannot write the captioned copy.*No space left"):
+            write_captions(recording, out, {("/cam", 0): "first"})
+    assert not out.exists()
+
+
+def test_the_copy_keeps_latched_topics_latched(tmp_path):
+    """A latched topic (a map, /tf_static) is replayed as recorded: ROS 1 latching, ROS 2
+    transient-local durability, kept in the copy with the publisher's name."""
+    from rosbags.interfaces import Qos, QosDurability, QosHistory, QosLiveliness, QosReliability, QosTime
+
+    never = QosTime(0, 0)
+    latched = Qos(
+        QosHistory.KEEP_LAST,
+        1,
+        QosReliability.RELIABLE,
+        QosDurability.TRANSIENT_LOCAL,
+        never,
+        never,
+        QosLiveliness.AUTOMATIC,
+        never,
+        False,
+    )
+    for kind, path, extra in [
+        ("ros1", tmp_path / "run.bag", {"latching": 1, "callerid": "/map_server"}),
+        ("sqlite3", tmp_path / "run", {"offered_qos_profiles": [latched]}),
+    ]:
+        store = store_for(kind)
+        serialize = store.serialize_ros1 if kind == "ros1" else store.serialize_cdr
+        with Writer1(path) if kind == "ros1" else Writer2(path, version=9) as writer:
+            connection = writer.add_connection("/map", IMAGE, typestore=store, **extra)
+            writer.write(connection, T0, bytes(serialize(image_msg(store, "mono8", GRAY, T0), IMAGE)))
+        out = tmp_path / ("copy.bag" if kind == "ros1" else "copy")
+        with open_recording(path) as recording:
+            write_captions(recording, out, {("/map", 0): "a map"})
+        with AnyReader([out], default_typestore=get_typestore(Stores.ROS2_HUMBLE)) as reader:
+            (copied,) = [c for c in reader.connections if c.topic == "/map"]
+        if kind == "ros1":
+            assert (copied.ext.latching, copied.ext.callerid) == (1, "/map_server")
+        else:
+            assert [q.durability for q in copied.ext.offered_qos_profiles] == [QosDurability.TRANSIENT_LOCAL]
+
+
+def test_each_channel_of_a_ros1_profile_mcap_file_keeps_its_topic(tmp_path):
+    messages, frames = camera_messages("ros1")
+    with open_recording(write_ros1_mcap(tmp_path / "converted.mcap", messages)) as recording:
+        got = [(f.topic, f.index, f.time_ns, f.stamp_ns) for f in recording.frames()]
+    assert got == sorted(
+        ((topic, i, t, stamp) for (topic, i), (t, stamp, _) in frames.items()), key=lambda f: f[2]
     )
