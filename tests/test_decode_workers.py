@@ -352,6 +352,16 @@ def test_a_bad_decode_workers_attribute_fails_when_set(fake, value):
     assert texts(cap.caption_batch([red(i) for i in range(4)])) == [word(i) for i in range(4)]
 
 
+def test_both_ends_of_the_workers_range_are_accepted(fake):
+    """0 to 64 workers, both ends included (``--decode-workers`` says "from 0 to 64")."""
+    cap = captioner(workers=64, batch=2)
+    assert cap.decode_workers == 64
+    assert texts(cap.caption_batch([red(i) for i in range(4)])) == [word(i) for i in range(4)]
+    cap.decode_workers = 0
+    assert texts(cap.caption_batch([red(i) for i in range(2)])) == [word(i) for i in range(2)]
+    cap.close()
+
+
 def test_decode_workers_none_is_the_default_again(fake, monkeypatch):
     monkeypatch.setattr(api, "default_decode_workers", lambda on_gpu: 5 if on_gpu else 0)
     cap = Captioner(backend="onnxruntime", device="cuda", decode_workers=1)

@@ -1,0 +1,33 @@
+"""``edgecap.cache.cache_root``: where TensorRT engines and timing caches are kept
+(``edgecap build``'s default ``--out``): ``$EDGECAP_CACHE``, else ``$XDG_CACHE_HOME/edgecap``,
+else ``~/.cache/edgecap``. The expected folders are written out here from that rule."""
+
+from __future__ import annotations
+
+from pathlib import Path
+
+import pytest
+
+from edgecap.cache import cache_root
+
+
+@pytest.fixture
+def home(tmp_path, monkeypatch) -> Path:
+    monkeypatch.setenv("HOME", str(tmp_path))
+    monkeypatch.delenv("EDGECAP_CACHE", raising=False)
+    monkeypatch.delenv("XDG_CACHE_HOME", raising=False)
+    return tmp_path
+
+
+def test_edgecap_cache_comes_first_and_a_tilde_is_the_home_folder(home, monkeypatch):
+    monkeypatch.setenv("XDG_CACHE_HOME", str(home / "xdg"))
+    monkeypatch.setenv("EDGECAP_CACHE", "~/engines-here")
+    assert cache_root() == home / "engines-here"
+
+
+def test_xdg_cache_home_next_then_the_home_folders_cache(home, monkeypatch):
+    assert cache_root() == home / ".cache" / "edgecap"
+    monkeypatch.setenv("XDG_CACHE_HOME", str(home / "xdg"))
+    assert cache_root() == home / "xdg" / "edgecap"
+    monkeypatch.setenv("EDGECAP_CACHE", "")  # set but empty: as if unset
+    assert cache_root() == home / "xdg" / "edgecap"
