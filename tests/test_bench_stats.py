@@ -23,3 +23,23 @@ def test_paired_bootstrap_separates_a_real_gain_from_noise():
     assert noise["low"] < 0 < noise["high"] and 0.05 < noise["p_not_better"] < 0.95
     with pytest.raises(ValueError, match="paired"):
         paired_bootstrap(a, a[:10])
+
+
+def test_paired_bootstrap_resamples_the_images_for_both_and_reports_a_95_percent_interval():
+    """Worked from the definition, not from the code: a constant per-image gain of 0.01 is
+    0.01 in every resample of the images when both runs are resampled together (unpaired, the
+    spread of the scores themselves, uniform on [0, 1], would widen the interval to about
+    +-0.036); per-image differences of mean 0 and standard deviation 1 over 200 images have a
+    standard error of 1/sqrt(200), so a 95% interval of about +-1.96/sqrt(200) = +-0.139 (a 90%
+    one would be +-0.116); equal scores never beat each other: p_not_better is 1."""
+    a = np.random.default_rng(2).uniform(0, 1, 400)
+    paired = paired_bootstrap(a, a + 0.01, 2000)
+    assert paired["difference"] == pytest.approx(0.01, abs=1e-12)
+    assert paired["low"] == pytest.approx(0.01, abs=1e-9) and paired["high"] == pytest.approx(0.01, abs=1e-9)
+    assert paired["p_not_better"] == 0.0
+    diff = np.random.default_rng(3).normal(0, 1, 200)
+    diff = (diff - diff.mean()) / diff.std()
+    spread = paired_bootstrap(np.zeros(200), diff, 4000)
+    assert spread["difference"] == pytest.approx(0.0, abs=1e-12)
+    assert -0.15 < spread["low"] < -0.128 and 0.128 < spread["high"] < 0.15
+    assert paired_bootstrap(a, a.copy(), 100)["p_not_better"] == 1.0

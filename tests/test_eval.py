@@ -9,6 +9,7 @@ Tests marked ``java`` run coco-caption's PTB tokenizer and METEOR (Java); they s
 from __future__ import annotations
 
 import json
+import math
 from pathlib import Path
 
 import pytest
@@ -16,7 +17,7 @@ import pytest
 import edgecap
 from edgecap.evaluation import metrics
 from edgecap.cli import main
-from edgecap.data.readers import read_coco, read_flickr8k, read_karpathy
+from edgecap.data.readers import CaptionedImage, read_coco, read_flickr8k, read_karpathy
 from edgecap.evaluation.evaluate import check_images, load_references, results_json, score_split
 from helpers import run_edgecap
 
@@ -185,8 +186,11 @@ def test_score_equals_pycocoevalcap_run_directly(one_meteor):
         "CIDEr": Cider().compute_score(gts, res)[0],
     }
 
-    got = metrics.score(REFS, HYPS, tokenizer="ptb")
+    meteor_each = one_meteor.process.compute_score(gts, res)[1]
+    got, per_image = metrics.scores(REFS, HYPS, tokenizer="ptb")
     assert one_meteor.closed == [one_meteor.process]  # it ends the METEOR it used
+    assert per_image["METEOR"] == pytest.approx(dict(zip(gts, meteor_each)), abs=1e-9)
+    assert per_image["CIDEr"] == pytest.approx(dict(zip(gts, Cider().compute_score(gts, res)[1])), abs=1e-9)
     assert list(got) == list(metrics.METRIC_KEYS)
     assert got == pytest.approx(expected, abs=1e-9)
     assert 0 < got["BLEU-4"] < got["BLEU-1"] < 1
@@ -197,12 +201,55 @@ def test_score_split_without_java_skips_only_meteor(monkeypatch, capsys, tmp_pat
     items = read_coco(
         coco_json(tmp_path / "r.json", {str(k): v for k, v in REFS.items()}, ids={str(k): k for k in REFS})
     )
-    report = score_split(items, HYPS)
+    report = score_split(items, {**HYPS, 99: "a caption of no listed image"})
     assert report.tokenizer == "simple" and report.skipped == ("METEOR",)
     assert list(report.scores) == ["BLEU-1", "BLEU-2", "BLEU-3", "BLEU-4", "ROUGE-L", "CIDEr"]
     assert report.n_images == 3
     assert report.scores == metrics.score(REFS, HYPS, tokenizer="simple", metrics=tuple(report.scores))
     assert "Java not found" in capsys.readouterr().err
+
+
+class _NamingCaptioner:
+    """A stand-in Captioner whose caption of a photo is its file name; ``broken`` names fail."""
+
+    def __init__(self, batch_size, broken=()):
+        from types import SimpleNamespace
+
+        self.options, self.broken = SimpleNamespace(batch_size=batch_size), set(broken)
+
+    def iter_captions(self, paths, on_error):
+        from types import SimpleNamespace
+
+        from edgecap.errors import InputError
+
+        assert on_error == "return"
+        for path in paths:
+            name = Path(path).name
+            yield InputError(name, "not an image") if name in self.broken else SimpleNamespace(text=name)
+
+
+def test_caption_split_gives_each_image_its_own_caption_and_counts_every_batch(tmp_path):
+    """{image_id: caption} with each caption that of its own photo, ``on_progress`` told each
+    batch's size (5 photos, batches of 2: 2, 2, 1), and a photo that fails stops the split."""
+    from edgecap.evaluation.evaluate import ImageFailure, caption_split
+
+    items = read_coco(coco_json(tmp_path / "r.json", {f"p{i}.png": ["x"] for i in range(5)}))
+    done: list[int] = []
+    hyps = caption_split(_NamingCaptioner(2), items, tmp_path, on_progress=done.append)
+    assert hyps == {10 + i: f"p{i}.png" for i in range(5)}
+    assert done == [2, 2, 1]
+    with pytest.raises(ImageFailure, match="p3.png: not an image"):
+        caption_split(_NamingCaptioner(2, broken={"p3.png"}), items, tmp_path)
+
+
+def test_score_split_with_java_asks_for_every_metric_with_the_ptb_tokenizer(monkeypatch):
+    asked = []
+    monkeypatch.setattr(metrics, "java_available", lambda: True)
+    monkeypatch.setattr(metrics, "score", lambda refs, hyps, **kw: asked.append(kw) or {"CIDEr": 1.0})
+    items = [CaptionedImage(f"{k}.png", v, k) for k, v in REFS.items()]
+    report = score_split(items, HYPS)
+    assert asked == [{"tokenizer": "ptb", "metrics": metrics.METRIC_KEYS}]
+    assert report.tokenizer == "ptb" and report.skipped == () and report.n_images == 3
 
 
 # -- the command --------------------------------------------------------------------------------
@@ -384,6 +431,65 @@ def test_cli_bad_reference_options(args, problem, tmp_path, capsys):
     assert rc == 2
     err = capsys.readouterr().err
     assert problem in err and "Errno" not in err and len(err.splitlines()) == 1
+
+
+# Worked by hand from the metrics' published definitions (BLEU: Papineni et al. 2002, corpus
+# counts, clipped n-gram precisions, brevity penalty exp(1 - r/c); ROUGE-L: LCS F-measure with
+# beta 1.2; CIDEr-D: Vedantam et al. 2015, tf-idf n-gram cosines, sigma 6, x10), tokenised by the
+# simple tokenizer: lower case, punctuation gone, "dog's" one word. The two images share no
+# n-gram, so every n-gram's idf is log 2: "a" is its own reference (every cosine 1, CIDEr-D 10);
+# "b" says 4 words against 5: unigrams 4/4 match, bigrams 1/3, no trigram or 4-gram; unigram
+# cosine 4/sqrt(4*5), bigram 1/sqrt(3*4), length penalty exp(-1/72); LCS 3 ("a dog's ball").
+# Corpus BLEU: 10/10, 6/8, 4/6, 3/4 n-grams, 10 words against 11. The hypotheses are given in
+# the other order than the references: each is scored against its own image's.
+HAND_REFS = {"a": ["The cat sat on the mat."], "b": ["A dog's ball is red!"]}
+HAND_HYPS = {"b": "A dog's red ball.", "a": "the cat sat on the mat"}
+_BP = math.exp(1 - 11 / 10)
+_CIDER_B = 10 * (4 / math.sqrt(20) + 1 / math.sqrt(12)) / 4 * math.exp(-1 / 72)
+HAND_SCORES = {
+    "BLEU-1": _BP,
+    "BLEU-2": _BP * (1 * 6 / 8) ** (1 / 2),
+    "BLEU-3": _BP * (1 * 6 / 8 * 4 / 6) ** (1 / 3),
+    "BLEU-4": _BP * (1 * 6 / 8 * 4 / 6 * 3 / 4) ** (1 / 4),
+    "ROUGE-L": (1 + (1 + 1.2**2) * (3 / 4) * (3 / 5) / (3 / 5 + 1.2**2 * 3 / 4)) / 2,
+    "CIDEr": (10 + _CIDER_B) / 2,
+}
+
+
+def test_simple_tokenizer_scores_are_the_metrics_worked_by_hand():
+    wanted = tuple(HAND_SCORES)
+    corpus, per_image = metrics.scores(HAND_REFS, HAND_HYPS, tokenizer="simple", metrics=wanted)
+    assert list(corpus) == list(HAND_SCORES)
+    assert corpus == pytest.approx(HAND_SCORES, abs=1e-6)
+    assert per_image["CIDEr"] == pytest.approx({"a": 10.0, "b": _CIDER_B}, abs=1e-6)
+    assert metrics.per_image_cider(HAND_REFS, HAND_HYPS, tokenizer="simple") == per_image["CIDEr"]
+    # every reference counts: "the cat sleeps" is all of the second one (3 of 3 words, 3 long)
+    two = metrics.score(
+        {"x": ["A dog runs.", "The cat sleeps."]}, {"x": "the cat sleeps"}, "simple", ("BLEU-1",)
+    )
+    assert two["BLEU-1"] == pytest.approx(1.0, abs=1e-6)
+    with pytest.raises(ValueError, match=r"1 images have references but no caption, e.g. \['b'\]"):
+        metrics.score(HAND_REFS, {"a": "a cat"}, tokenizer="simple", metrics=("CIDEr",))
+
+
+@needs_java
+def test_ptb_tokenizer_scores_are_the_metrics_worked_by_hand(recwarn):
+    """coco-caption's PTB tokenizer, as the papers scored: it splits "dog's" into "dog 's",
+    which the simple tokenizer keeps whole. "b" is then 5 words against 6: unigrams 5/5,
+    bigrams 2/4 ("a dog", "dog 's"), trigrams 1/3, 4-grams 0/2; the corpus 11 words against 12,
+    n-grams 11/11, 7/9, 5/7, 3/5."""
+    got = metrics.score(HAND_REFS, HAND_HYPS, tokenizer="ptb", metrics=("BLEU-4",))
+    bp = math.exp(1 - 12 / 11)
+    assert got == pytest.approx(
+        {
+            "BLEU-1": bp,
+            "BLEU-2": bp * (7 / 9) ** (1 / 2),
+            "BLEU-3": bp * (7 / 9 * 5 / 7) ** (1 / 3),
+            "BLEU-4": bp * (7 / 9 * 5 / 7 * 3 / 5) ** (1 / 4),
+        },
+        abs=1e-6,
+    )
+    assert not [w for w in recwarn if "tokenizer" in str(w.message)]
 
 
 def test_per_image_cider_averages_to_the_corpus_cider():

@@ -333,3 +333,63 @@ def test_the_lm_trainer_refuses_caption_text_it_cannot_read_in_one_line(tmp_path
     assert message.startswith(f"{text}: ") and "\n" not in message
     assert ("not a regular file" in message) if kind == "fifo" else ("not UTF-8" in message)
     assert not (tmp_path / "lm.npz").exists()
+
+
+def test_the_fusion_weight_option_reaches_the_search(tmp_path):
+    """``CaptionOptions.fusion_weight`` through ``search`` (what the Captioner calls): None is
+    the model's own weight (fusion.json's 2.0), 0 is the plain search, any other value is that
+    weight, never the model's; on the fake model, not the shipped one (the quick subset)."""
+    from edgecap.decoding import search
+
+    fusion = _fusion(tmp_path, weight=2.0)
+    backend = PrefixHashBackend(vocab_size=V, top_k=8, end_bias=-1.0)
+    seeds = np.arange(6)
+
+    def by_option(weight):
+        options = CaptionOptions(beam_size=3, max_length=6, no_repeat_ngram=0, fusion_weight=weight)
+        found = search(backend, backend.encode(seeds), options, START, END, V, fusion=fusion)
+        return [h[0].tokens for h in found]
+
+    def by_loop(weight):  # the loop given the weight's scorer directly
+        options = CaptionOptions(beam_size=3, max_length=6, no_repeat_ngram=0)
+        scorers = [partial(fusion.scorer, weight)] if weight else []
+        found = beam_search(
+            backend, backend.encode(seeds), options, START, END, filters=[NeverFirst([END])], scorers=scorers
+        )
+        return [h[0].tokens for h in found]
+
+    plain, model_weight, half = by_loop(0.0), by_loop(2.0), by_loop(0.5)
+    assert plain != half != model_weight != plain  # the three weights give three sets of captions
+    assert by_option(None) == model_weight
+    assert by_option(0.0) == plain
+    assert by_option(0.5) == half
+
+
+def test_the_gate_fit_on_the_training_photos_gives_5_percent_full_weight_and_85_none():
+    """The module's rule: full weight below the typicality of 95% of the training photos (the
+    5th percentile), none above the 15th: over the training photos themselves (200 distinct
+    typicalities), 10 get the full weight, 170 none, the 20 between a share."""
+    from edgecap.decoding.fusion import Gate
+
+    x = np.linspace(0.01, 0.59, 200)  # q = [0.3, 0.7]: typicality falls as x grows
+    train = np.stack([x, 1 - x], axis=1)
+    gate = Gate.fit(train)
+    np.testing.assert_allclose(gate.class_log_prior, np.log([0.6, 1.4]), atol=1e-6)
+    shares = gate(train)
+    assert (shares == 1.0).sum() == 10 and (shares == 0.0).sum() == 170
+    assert ((shares > 0) & (shares < 1)).sum() == 20
+
+
+def test_a_model_directorys_gate_is_the_one_written(tmp_path):
+    """fusion.json's gate as written (``Gate.to_json``'s fields): typicality sum_c p(c) *
+    class_log_prior(c); full weight at or below full_below (-1), none at or above none_above
+    (1), linear between: with the prior [1, -1], class probabilities [0, 1] -> typicality -1
+    -> share 1; [0.5, 0.5] -> 0 -> 0.5; [0.75, 0.25] -> 0.5 -> 0.25; [1, 0] -> 1 -> 0."""
+    _fusion(tmp_path)
+    spec = json.loads((tmp_path / "fusion.json").read_text())
+    gate = {"class_log_prior": [1.0, -1.0], "full_below": -1.0, "none_above": 1.0}
+    (tmp_path / "fusion.json").write_text(json.dumps({**spec, "gate": gate}))
+    loaded = Fusion.load(tmp_path, V, n_classes=2).gate
+    probs = np.array([[0.0, 1.0], [0.5, 0.5], [0.75, 0.25], [1.0, 0.0]])
+    np.testing.assert_allclose(loaded(probs), [1.0, 0.5, 0.25, 0.0], atol=1e-6)
+    assert loaded.to_json() == gate

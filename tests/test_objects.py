@@ -90,6 +90,27 @@ def test_tag_words_and_their_bias_from_class_probabilities():
     assert classes.tag_words(probs[:1], 2, 0.35) == (frozenset({5}),)  # cat's 0.3 is below
 
 
+def test_tags_are_the_n_most_probable_classes_best_first():
+    """``Caption.objects``: the ``n`` most probable classes, best first, with their
+    probabilities; on made-up probabilities (the quick subset; the shipped model's are pinned
+    in test_tags_of_the_example_photos)."""
+    classes = ObjectClasses(("bus", "cat", "cup", "dog"), ((5,), (6,), (), (7,)))
+    probs = np.array([0.1, 0.5, 0.05, 0.35], np.float32)
+    assert classes.tags(probs, 2) == (("cat", 0.5), ("dog", 0.35))
+    assert classes.tags(probs, 4) == (("cat", 0.5), ("dog", 0.35), ("bus", 0.1), ("cup", 0.05))
+    assert classes.tags(probs, 0) == ()
+
+
+def test_tag_words_keep_n_tags_classes_of_at_least_min_prob():
+    """A class of exactly ``min_prob`` is a tag ("at least"); a class past ``n_tags`` is not,
+    however probable (0.25 and 0.5 are exact in float32)."""
+    classes = ObjectClasses(("bus", "cat", "cup"), ((5,), (6,), (7,)))
+    probs = np.array([[0.5, 0.25, 0.25]], np.float32)
+    assert classes.tag_words(probs, n_tags=2, min_prob=0.25) == (frozenset({5, 6}),)
+    assert classes.tag_words(probs, n_tags=3, min_prob=0.25) == (frozenset({5, 6, 7}),)
+    assert classes.tag_words(probs, n_tags=3, min_prob=0.3) == (frozenset({5}),)
+
+
 # -- guidance in the search ------------------------------------------------------------------------
 
 

@@ -141,6 +141,40 @@ def test_dev_fraction_splits_photos_not_captions_deterministically(tmp_path):
     assert len(dev_photos(photos[:2], 0.01, 0)) == 1 and len(dev_photos(photos[:2], 0.99, 0)) == 1
 
 
+def test_without_a_split_column_a_fifth_of_the_photos_rounded_is_dev(tmp_path):
+    """The documented split (``dev_photos``): ``round(fraction * n)`` photos in dev, the
+    fraction 0.2 by default: 8 photos -> round(1.6) = 2, and 0.3 of 5 -> round(1.5) = 2."""
+    photos = [f"p{i}.png" for i in range(8)]
+    root = folder(tmp_path / "f", [(p, f"photo {i}") for i, p in enumerate(photos)])
+    data = read_folder(root, check_images=False, report=pytest.fail)
+    assert (len(data.dev), len(data.train)) == (2, 6)
+    assert len(dev_photos(photos[:5], 0.3, 0)) == 2
+
+
+def test_blank_rows_of_a_spreadsheet_export_are_not_problems(tmp_path):
+    """Rows of empty cells (",,", " , ", what a spreadsheet writes below its data) are blank
+    lines, not rows without a file name: nothing reported."""
+    root = folder(tmp_path / "f", [], photos=["x.png", "y.png"])
+    (root / "captions.csv").write_text("file,caption\nx.png,a red ball\n,\n , \ny.png,a dog\n,,\n")
+    data = read_folder(root, report=pytest.fail)
+    assert by_photo(data) == {"x.png": ["a red ball"], "y.png": ["a dog"]}
+
+
+def test_a_jsonl_split_key_counts_when_the_first_line_is_bad(tmp_path):
+    """The split column of a captions.jsonl is there when its rows have the key, whatever the
+    first line is (here not JSON: reported and skipped)."""
+    root = folder(tmp_path / "f", [], photos=["a.png", "b.png", "c.png"], kind="jsonl")
+    rows = [("a.png", "a ball", "train"), ("b.png", "a dog", "dev"), ("c.png", "a cat", "dev")]
+    lines = [json.dumps(dict(zip(("file", "caption", "split"), r))) for r in rows]
+    (root / "captions.jsonl").write_text("# photos of the garden\n" + "\n".join(lines) + "\n")
+    reports: list[str] = []
+    data = read_folder(root, report=reports.append)
+    assert names(data.train) == ["a.png"] and names(data.dev) == ["b.png", "c.png"]
+    assert len(reports) == 1 and reports[0].startswith(f"{root / 'captions.jsonl'}:1: not JSON")
+    with pytest.raises(DataError, match="has a split column"):
+        read_folder(root, dev_fraction=0.5, report=lambda _: None)
+
+
 BAD_ROWS = [
     # (rows, what to do to the folder, the problem reported, the row's line)
     (
@@ -167,6 +201,7 @@ BAD_ROWS = [
         5,
     ),
     ([("other/b.png", "a twin")], "twin", "other/b.png: same file name as b.png (line 3)", 5),
+    ([("a.png", "a ball", " ")], "split", "a.png: no split (the file has a split column); row skipped", 2),
 ]
 
 
@@ -193,7 +228,7 @@ def test_a_bad_row_or_photo_is_reported_and_skipped(tmp_path, bad, prepare, prob
     data = read_folder(root, dev_fraction=None if header[-1] == "split" else 0.3, report=reports.append)
     assert len(reports) == 1 and data.problems == reports
     assert reports[0].startswith(f"{root / 'captions.csv'}:{line}: {problem}"), reports[0]
-    assert {"a.png", "b.png", "c.png"} <= set(by_photo(data))  # the good photos stay
+    assert set(by_photo(data)) == {"a.png", "b.png", "c.png"}  # the good photos stay, no other
     assert by_photo(data)["a.png"] == ["a red ball"]
 
 
