@@ -470,6 +470,9 @@ def test_simple_tokenizer_scores_are_the_metrics_worked_by_hand():
     assert two["BLEU-1"] == pytest.approx(1.0, abs=1e-6)
     with pytest.raises(ValueError, match=r"1 images have references but no caption, e.g. \['b'\]"):
         metrics.score(HAND_REFS, {"a": "a cat"}, tokenizer="simple", metrics=("CIDEr",))
+    # a misspelt metric is named, not silently left out of the scores
+    with pytest.raises(ValueError, match=r"unknown metrics \['CIDEr-D', 'meteor'\]"):
+        metrics.score(HAND_REFS, HAND_HYPS, tokenizer="simple", metrics=("CIDEr", "CIDEr-D", "meteor"))
 
 
 @needs_java

@@ -47,7 +47,9 @@ def _tokenize(refs, hyps, tokenizer):
 def score(
     refs: dict, hyps: dict, tokenizer: str = "ptb", metrics: tuple[str, ...] = METRIC_KEYS
 ) -> dict[str, float]:
-    """refs {id: [reference captions]}, hyps {id: caption} -> {metric: value} (fractions)."""
+    """refs {id: [reference captions]}, hyps {id: caption} -> {metric: value} (fractions), the
+    ``metrics`` asked for (names of ``METRIC_KEYS``; another is a ``ValueError``). The four
+    BLEU orders come from one scorer run: asking for any gives all four."""
     return scores(refs, hyps, tokenizer, metrics)[0]
 
 
@@ -64,6 +66,9 @@ def scores(
         from pycocoevalcap.rouge.rouge import Rouge
     except ImportError as exc:
         raise ImportError(f"caption metrics need pycocoevalcap: {install_hint('eval')}") from exc
+    unknown = [m for m in metrics if m not in METRIC_KEYS]
+    if unknown:
+        raise ValueError(f"unknown metrics {unknown}: choose from {list(METRIC_KEYS)}")
     missing = [k for k in refs if k not in hyps]
     if missing:
         raise ValueError(f"{len(missing)} images have references but no caption, e.g. {missing[:3]}")
