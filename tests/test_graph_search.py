@@ -703,3 +703,100 @@ def test_threads_that_ask_for_a_new_beam_size_at_once_share_one_beam_step_sessio
         thread.join()
     assert built == [3]
     assert len(sessions) == 4 and all(s is sessions[0] for s in sessions)
+
+
+# -- the beam-step graph alone, on a contract-shaped step graph (quick) ----------------------
+
+
+@pytest.fixture(scope="module")
+def small_step(tmp_path_factory):
+    """``helpers.contract_model_dir``'s step graph (K = 5, V = 20, Hd = 10, 4 regions) and
+    manifest."""
+    from helpers import contract_model_dir
+
+    manifest = load_manifest(contract_model_dir(tmp_path_factory.mktemp("small") / "model"))
+    step = onnx.load(str(manifest.path("decoder_step")))
+    for node in step.graph.node:  # its attention logits are named like the beam graph's input
+        node.input[:] = ["att_scores" if name == "scores" else name for name in node.input]
+        node.output[:] = ["att_scores" if name == "scores" else name for name in node.output]
+    return step, manifest
+
+
+def test_the_beam_step_graph_does_the_loops_bookkeeping(small_step):
+    """Two images, beam 2 (each row offers its first 3 words), on hand-set biases: row 0 has
+    <end> first (it never continues; its place 0), row 1 has word 7 first (blocked for that row)
+    and <end> second, rows 2 and 3 have no <end> in their top 5 (place K = 5, log-prob -inf).
+    The expected values follow the module's description, worked in numpy from the plain step's
+    outputs on the same inputs."""
+    import onnxruntime as ort
+
+    step, manifest = small_step
+    dims = manifest.dims
+    K, V, beam, width = dims.top_k, dims.vocab_size, 2, 3
+    rng = np.random.default_rng(4)
+    rows = 4
+    feeds = {
+        "tokens": rng.integers(3, V, rows).astype(np.int32),
+        "h": rng.normal(size=(rows, dims.hidden_dim)).astype(np.float32),
+        "c": rng.normal(size=(rows, dims.hidden_dim)).astype(np.float32),
+        "source_rows": np.array([1, 0, 3, 3], np.int32),
+        "features": rng.normal(size=(2, dims.regions, dims.feature_dim)).astype(np.float32),
+        "att_proj": rng.normal(size=(2, dims.regions, dims.attention_dim)).astype(np.float32),
+        "image_index": np.array([0, 0, 1, 1], np.int32),
+        "word_bias": np.zeros((rows, V), np.float32),
+    }
+    feeds["word_bias"][0, END] = 50.0
+    feeds["word_bias"][1, [7, END]] = [60.0, 50.0]
+    feeds["word_bias"][2:, END] = -50.0
+    feeds["word_bias"][3, 9] = 1.5
+    scores = np.array([-1.0, -2.0, -0.5, -np.inf], np.float32)  # row 3: a finished beam
+    block = np.zeros((rows, V), np.float32)
+    block[1, 7] = 1.0
+
+    plain = ort.InferenceSession(step.SerializeToString(), providers=["CPUExecutionProvider"])
+    lp, ids, h_out, c_out, _ = plain.run(None, feeds)
+    graph = beam_step_model(step, beam, END, K, dims.hidden_dim, V)
+    assert [i.name for i in graph.graph.input] == list(BEAM_INPUTS)
+    assert [o.name for o in graph.graph.output] == list(BEAM_OUTPUTS)
+    session = ort.InferenceSession(graph.SerializeToString(), providers=["CPUExecutionProvider"])
+    got = dict(zip(BEAM_OUTPUTS, session.run(None, {**feeds, "scores": scores, "word_block": block})))
+
+    assert ids[0, 0] == END and ids[1, 0] == 7 and ids[1, 1] == END and not (ids[2:] == END).any()
+    np.testing.assert_array_equal(got["end_positions"], [0, 1, K, K])
+    np.testing.assert_array_equal(got["end_logprobs"][:2], [lp[0, 0], lp[1, 1]])
+    assert (got["end_logprobs"][2:] == -np.inf).all()
+    np.testing.assert_array_equal(got["logprob_check"], np.zeros(rows, np.float32))
+    # the candidates: running score + log-prob + bias; <end> and blocked words never continue
+    ranked = scores[:, None] + (lp + np.take_along_axis(feeds["word_bias"], ids.astype(np.int64), 1))
+    going = ranked[:, :width].copy()
+    going[ids[:, :width] == END] = -np.inf
+    going[1, 0] = -np.inf  # word 7, blocked for row 1
+    going = going.reshape(2, beam * width)
+    choice = np.argsort(-going, axis=1, kind="stable")[:, :beam]
+    np.testing.assert_array_equal(got["choices"], choice.reshape(-1))
+    pointers = (np.array([[0], [2]]) + choice // width).reshape(-1)
+    np.testing.assert_array_equal(got["back_pointers"], pointers)
+    assert (pointers[2:] == 2).all()  # image 1's finished row 3 offers nothing
+    pick = lambda a: np.take_along_axis(a[:, :width].reshape(2, -1), choice, 1).reshape(-1)  # noqa: E731
+    np.testing.assert_array_equal(got["next_tokens"], pick(ids))
+    np.testing.assert_array_equal(got["next_scores"], np.take_along_axis(going, choice, 1).reshape(-1))
+    np.testing.assert_array_equal(got["next_logprobs"], pick(lp))  # without the bias
+    np.testing.assert_array_equal(got["h_next"], h_out[pointers])
+    np.testing.assert_array_equal(got["c_next"], c_out[pointers])
+
+
+@pytest.mark.parametrize("beam", [0, 6])
+def test_a_beam_outside_one_to_k_is_refused(small_step, beam):
+    step, manifest = small_step
+    dims = manifest.dims  # K = 5
+    with pytest.raises(ValueError, match=r"beam must be between 1 and the model's top_k \(5\)"):
+        beam_step_model(step, beam, END, dims.top_k, dims.hidden_dim, dims.vocab_size)
+
+
+def test_the_beam_step_profile_takes_a_score_and_blocked_words_for_every_row():
+    from edgecap.build.beam_step import row_ranges
+    from edgecap.contract import Limits
+
+    ranges = row_ranges(Limits(max_batch=2, max_beam=3))
+    assert ranges["scores"] == ranges["word_block"] == ranges["tokens"] == (1, 3, 6)
+    assert ranges["features"] == (1, 1, 2)
