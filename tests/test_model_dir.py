@@ -12,7 +12,9 @@ import json
 import pytest
 
 from edgecap import Captioner, ModelError
-from helpers import copy_model, edit_manifest, set_field
+from edgecap.manifest import load_manifest, verify_files
+from edgecap.preprocess import Preprocessing
+from helpers import contract_model_dir, copy_model, edit_manifest, set_field
 
 
 @pytest.mark.parametrize(
@@ -127,3 +129,75 @@ def test_dims_mismatch(tiny_model_dir, tmp_path):
     (model / "manifest.json").write_text(json.dumps(manifest))
     with pytest.raises(ModelError, match="'h"):
         Captioner(model, backend="onnxruntime")
+
+
+# -- the manifest alone, on a contract-shaped model built with onnx helpers (quick) ----------
+
+
+@pytest.fixture
+def small_model(tmp_path):
+    pytest.importorskip("onnx")
+    return contract_model_dir(tmp_path / "small")
+
+
+def test_the_manifest_gives_the_recorded_preprocessing_dims_and_tokens(small_model):
+    """What ``helpers.contract_model_dir`` writes: 16 x 16 images, 4 regions, 20 words, K = 5."""
+    manifest = load_manifest(small_model)
+    assert manifest.preprocessing == Preprocessing(size=(16, 16), mean=(127.5,) * 3, std=(127.5,) * 3)
+    assert (manifest.dims.regions, manifest.dims.vocab_size, manifest.dims.top_k) == (4, 20, 5)
+    assert manifest.tokens == {"pad": 0, "start": 1, "end": 2, "unk": 3}
+    assert manifest.precision == "fp32"
+
+
+def test_a_saved_manifest_reads_back_as_written(small_model):
+    """What a conversion does: the same directory's manifest with another precision and other
+    checksums, saved and read again."""
+    from dataclasses import replace
+
+    manifest = load_manifest(small_model)
+    sha = {role: "0" * 64 for role in manifest.sha256}
+    pre = Preprocessing(size=(32, 24), mean=(1.0, 2.0, 3.0), std=(4.0, 5.0, 6.0), resample="bicubic")
+    replace(manifest, precision="int8", sha256=sha, preprocessing=pre, info={"note": 1}).save()
+    again = load_manifest(small_model)
+    assert again.precision == "int8"
+    assert again.sha256 == sha
+    assert again.preprocessing == pre
+    assert again.dims == manifest.dims and again.tokens == manifest.tokens
+    assert again.info == {"note": 1}
+
+
+@pytest.mark.parametrize(
+    "edit, words",
+    [
+        (set_field(["preprocessing", "size"], [0, 16]), r"preprocessing.size must be \[height, width\]"),
+        (set_field(["preprocessing", "size"], [16, -16]), r"preprocessing.size must be \[height, width\]"),
+        (set_field(["preprocessing", "mean"], [127.5, 127.5]), "mean and .std must be 3 numbers"),
+        (set_field(["preprocessing", "std"], [1, 1, 1, 1]), "mean and .std must be 3 numbers"),
+        (set_field(["preprocessing", "mean"], [1, "2", 3]), "mean and .std must be 3 numbers"),
+        (set_field(["dims", "hidden_dim"], 0), "dims.hidden_dim must be a positive integer"),
+        (set_field(["files", "vocab"], "sub/../../vocab.json"), "not a file name inside the model directory"),
+        (lambda d: d["files"].pop("classes"), "names no classes file"),
+    ],
+)
+def test_a_bad_manifest_field_is_refused_on_reading(small_model, edit, words):
+    edit_manifest(small_model, edit)
+    with pytest.raises(ModelError, match=words):
+        load_manifest(small_model)
+
+
+@pytest.mark.parametrize("role", ["encoder", "decoder_step", "vocab", "classes"])
+def test_a_missing_file_is_named_on_reading(small_model, role):
+    name = load_manifest(small_model).files[role]
+    (small_model / name).unlink()
+    with pytest.raises(ModelError, match=f"{name}: missing from the model directory"):
+        load_manifest(small_model)
+
+
+@pytest.mark.parametrize("role", ["encoder", "decoder_step", "vocab", "classes"])
+def test_a_changed_file_fails_its_checksum(small_model, role):
+    manifest = load_manifest(small_model)
+    verify_files(manifest)
+    with manifest.path(role).open("ab") as f:
+        f.write(b" ")
+    with pytest.raises(ModelError, match=f"{manifest.files[role]}: checksum mismatch"):
+        verify_files(manifest)
