@@ -117,6 +117,79 @@ def test_fake_session_attachment_warning():
         assert warn_if_fallback(gpu, [(CUDA, {}), CPU]) == CUDA
 
 
+def test_tensorrt_and_its_cuda_fallback_run_on_the_gpu_asked_for(tmp_path):
+    """device_id=1 on a two-GPU machine: the TensorRT EP and the CUDA EP edgecap puts behind it
+    both run on GPU 1, not on GPU 0."""
+    (trt_name, trt_opts), cuda, cpu = select_providers("tensorrt", ALL, tmp_path, device_id=1)
+    assert trt_name == TENSORRT and trt_opts["device_id"] == 1
+    assert cuda == (CUDA, {"device_id": 1}) and cpu == CPU
+
+
+@pytest.fixture
+def ort_backend(monkeypatch):
+    """edgecap.backends.onnxruntime with FAKE providers: this onnxruntime is told it has all
+    three; ``attach(...)`` sets the providers each session reports (``_session`` is replaced,
+    so no graph is loaded: the checks before and after the sessions are made)."""
+    pytest.importorskip("onnxruntime")
+    import edgecap.backends.onnxruntime as module
+
+    monkeypatch.setattr(module.ort, "get_available_providers", lambda: list(ALL))
+
+    def attach(*providers):
+        session = types.SimpleNamespace(get_providers=lambda: list(providers), get_inputs=lambda: [])
+        monkeypatch.setattr(module.OnnxRuntimeBackend, "_session", lambda self, *args: session)
+
+    monkeypatch.setattr(module, "attach", attach, raising=False)  # removed after the test
+    return module
+
+
+# a manifest stand-in: the backend reads only top_k before it makes its sessions
+STUB = types.SimpleNamespace(dims=types.SimpleNamespace(top_k=5, vocab_size=20))
+
+
+def test_device_cpu_stays_off_an_available_gpu_and_providers_win_over_device(ort_backend):
+    """device="cpu" on a machine whose onnxruntime has CUDA runs on the CPU; a providers= list
+    wins over device (OnnxRuntimeBackend's documentation)."""
+    assert ort_backend.select_providers(None, "cpu") == [CPU]
+    assert ort_backend.select_providers(None, "cuda") == [(CUDA, {"device_id": 0}), CPU]
+    assert ort_backend.select_providers(None, None) == [(CUDA, {"device_id": 0}), CPU]
+    assert ort_backend.select_providers(["cpu"], "cuda") == [CPU]
+    assert _names(ort_backend.select_providers("tensorrt", "cpu")) == [TENSORRT, CUDA, CPU]
+
+
+def test_device_cuda_is_a_requirement_and_providers_a_preference(ort_backend, monkeypatch):
+    """device="cuda" fails when this onnxruntime has no CUDA or CUDA did not attach (the CPU is
+    not used silently); providers=["cuda"] falls back to the CPU with a warning naming the
+    graph, and then decodes with numpy feeds."""
+    monkeypatch.setattr(ort_backend.ort, "get_available_providers", lambda: [CPU])
+    with pytest.raises(ort_backend.BackendError, match="device='cuda' but this onnxruntime has no CUDA"):
+        ort_backend.OnnxRuntimeBackend(STUB, device="cuda")
+    monkeypatch.setattr(ort_backend.ort, "get_available_providers", lambda: list(ALL))
+    ort_backend.attach(CPU)  # CUDA listed, but its libraries failed to load
+    with pytest.raises(ort_backend.BackendError, match="could not use CUDA for the encoder graph"):
+        ort_backend.OnnxRuntimeBackend(STUB, device="cuda")
+    with pytest.warns(RuntimeWarning, match="could not use CUDAExecutionProvider") as warned:
+        backend = ort_backend.OnnxRuntimeBackend(STUB, providers=["cuda"])
+    assert ["encoder graph" in str(w.message) for w in warned] == [True, False]
+    assert "decoder_step graph" in str(warned[1].message)
+    assert backend.providers == [CPU] and backend._device_decoder is None
+
+
+@pytest.mark.parametrize("attached", [(CUDA, CPU), (TENSORRT, CUDA, CPU)])
+def test_a_gpu_provider_keeps_the_decoder_state_on_the_gpu_asked_for(ort_backend, monkeypatch, attached):
+    """CUDA or the TensorRT EP attached: the image tensors and h / c stay on the device
+    (``ort_gpu.IOBindingDecoder``, OnnxRuntimeBackend's documentation) of ``device_id``."""
+    made = []
+    monkeypatch.setattr(ort_backend.ort_gpu, "IOBindingDecoder", lambda *a, **kw: made.append(kw) or "bound")
+    ort_backend.attach(*attached)
+    own_profile = {"trt_profile_min_shapes": "h:1x10"}  # no profile from the stand-in manifest
+    with warnings.catch_warnings():
+        warnings.simplefilter("error")  # what was asked for attached: no fallback warning
+        backend = ort_backend.OnnxRuntimeBackend(STUB, providers=[(attached[0], own_profile)], device_id=1)
+    assert backend._device_decoder == "bound"
+    assert made == [{"device": "cuda", "device_id": 1}]
+
+
 def test_trt_profile_options_from_manifest():
     manifest = MANIFEST
     enc = trt_profile_options(manifest, "encoder", Limits(8, 5))
@@ -352,3 +425,68 @@ def test_fake_iobinding_keeps_state_on_cuda():
     assert writes[0] != writes[1] and writes[2] == writes[0]  # ping-pong
     assert all(entry["alpha"].device == "cuda" for entry in binding.log)  # not copied back
     assert all(entry["topk_ids"].device == "cpu" for entry in binding.log)
+
+
+def test_fake_iobinding_beam_session_keeps_state_on_cuda_and_never_writes_what_it_reads(monkeypatch):
+    """search="graph" on a GPU provider (``ort_beam.IOBindingBeamSession``): the beam-step graph
+    reads h / c from one pair of device tensors and writes the reordered state into the other
+    pair (in place, a row could be overwritten before the rows pointing at it are read); only
+    the (R,) results come back to the host."""
+    import sys
+
+    from edgecap.backends.ort_beam import IOBindingBeamSession
+    from edgecap.build.beam_step import BEAM_OUTPUTS
+
+    made = []
+
+    def value(shape, device, tag):
+        made.append(_FakeValue(shape, device, tag))
+        return made[-1]
+
+    fake_ort = types.SimpleNamespace(
+        OrtValue=types.SimpleNamespace(
+            ortvalue_from_numpy=lambda a, d, i: value(a.shape, d, "from_numpy"),
+            ortvalue_from_shape_and_type=lambda shape, dtype, d, i: value(shape, d, f"state{len(made)}"),
+        )
+    )
+    monkeypatch.setitem(sys.modules, "onnxruntime", fake_ort)
+    runs = []
+
+    class Binding:
+        def __init__(self):
+            self.inputs, self.outputs = {}, []
+
+        def bind_cpu_input(self, name, array):
+            self.inputs[name] = _FakeValue(array.shape, "cpu", name)
+
+        def bind_ortvalue_input(self, name, value):
+            self.inputs[name] = value
+
+        def bind_output(self, name, device):
+            self.outputs.append(_FakeValue((4,), device, name))
+
+        def bind_ortvalue_output(self, name, value):
+            self.outputs.append(value)
+
+        def get_outputs(self):
+            return list(self.outputs)
+
+        def clear_binding_outputs(self):
+            self.outputs = []
+
+    def run(binding):
+        runs.append({"h": binding.inputs["h"], "c": binding.inputs["c"], "out": list(binding.outputs)})
+
+    binding = Binding()
+    step_session = types.SimpleNamespace(io_binding=lambda: binding, run_with_iobinding=run)
+    encoded = {name: _FakeValue((2, 10), "cuda", name) for name in ("features", "att_proj", "h0", "c0")}
+    session = IOBindingBeamSession(step_session, encoded, np.array([0, 0, 1, 1], np.int32), 20, "cuda", 0)
+    for _ in range(3):
+        result = session.step(np.zeros(4), np.arange(4), np.zeros(4), None, None)
+        assert result.next_tokens.shape == (4,)
+        assert binding.inputs["word_bias"].device == binding.inputs["word_block"].device == "cuda"
+    assert [r["out"][0].tag for r in runs[:2]] == ["state1", "state3"]  # two pairs, in turn
+    for before, now in zip([{"out": [encoded["h0"], encoded["c0"]]}] + runs, runs):
+        assert (now["h"], now["c"]) == tuple(before["out"][:2])  # what the last step wrote
+        assert now["h"] is not now["out"][0] and now["c"] is not now["out"][1]
+        assert [v.device for v in now["out"]] == ["cuda"] * 2 + ["cpu"] * (len(BEAM_OUTPUTS) - 2)

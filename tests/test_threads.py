@@ -57,6 +57,19 @@ def test_onnxruntime_sessions_get_the_threads(threads):
     assert f"intra-op threads: {threads}" in captioner.backend.describe()
 
 
+def test_the_graph_searchs_beam_step_session_gets_the_threads_too(monkeypatch):
+    """search="graph" runs each word on a beam-step session of its own: threads=1 reaches it
+    as it reaches the encoder and the decoder step. (The step graph stands in for the beam-step
+    graph derived from it, which takes seconds to make.)"""
+    pytest.importorskip("onnx")
+    from edgecap.backends import ort_beam
+
+    monkeypatch.setattr(ort_beam, "beam_step_model", lambda step, *args: step)
+    captioner = Captioner(backend="onnxruntime", device="cpu", threads=1, search="graph")
+    session = captioner.backend._graph_search.session(1, captioner.vocab.end)
+    assert session.get_session_options().intra_op_num_threads == 1
+
+
 def test_onnxruntime_default_is_the_librarys():
     pytest.importorskip("onnxruntime")
     captioner = Captioner(backend="onnxruntime", device="cpu")

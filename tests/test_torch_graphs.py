@@ -171,6 +171,13 @@ def test_cuda_graphs_need_cuda(tiny_model_dir):
         Captioner(tiny_model_dir, backend="torch", device="cpu", cuda_graphs=True)
 
 
+def test_fp16_needs_cuda():
+    """FP16 is a CUDA option (``TorchBackend``): on the CPU it is refused, not run slowly and
+    inexactly."""
+    with pytest.raises(ValueError, match="fp16=True needs device='cuda'"):
+        Captioner(backend="torch", device="cpu", fp16=True)
+
+
 def test_keep_fp32_island():
     layer = keep_fp32(torch.nn.Linear(4, 1).to(torch.bfloat16))
     assert layer.weight.dtype == torch.float32
