@@ -1228,3 +1228,69 @@ def test_close_drops_contexts_and_engines_even_when_the_context_cannot_be_made_c
         backend.close()
     # TensorRT's objects are released before the device, not left to the garbage collector
     assert "_contexts" not in backend.__dict__ and "_engines" not in backend.__dict__
+
+
+def test_beam_step_engine_sees_each_steps_word_block_or_zeros():
+    """search="graph" uploads a word_block (R, V) only when the rules set one and zeros when
+    they set none: the engine must never run on the block of an earlier step or an earlier
+    search (it would forbid words the rules allow). FAKE engine and buffers: the engine's
+    device word_block is a numpy array that ``upload`` writes."""
+    from edgecap.backends.tensorrt_beam import RESULTS, TensorRTBeamSession
+
+    rows, vocab = 2, 6
+    seen = []
+
+    class Engine:
+        block_rows_zero = 0
+        ptr = dict.fromkeys(("scores", "word_block", *RESULTS), 0)
+        device_block = np.full((rows, vocab), np.nan, np.float32)  # never written yet
+
+        def upload(self, name, values, stream):
+            if name == "word_block":
+                self.device_block[: len(values)] = values
+
+        def set_shape(self, name, shape):
+            pass
+
+        def bind(self, name, ptr):
+            pass
+
+        def live_context(self):
+            return types.SimpleNamespace(
+                execute_async_v3=lambda stream: seen.append(self.device_block.copy()) or True
+            )
+
+        def download(self, name, n, stream):
+            return np.zeros(
+                n,
+                np.int32
+                if name in ("next_tokens", "back_pointers", "choices", "end_positions")
+                else np.float32,
+            )
+
+    tensor = types.SimpleNamespace(ptr=0, tail=(vocab,))
+    buffers = types.SimpleNamespace(
+        stream=None,
+        tensor=lambda name: tensor,
+        state=lambda i: (tensor, tensor),
+        upload=lambda name, values: None,
+        upload_bias=lambda bias, n: None,
+        synchronize=lambda: None,
+    )
+    backend = types.SimpleNamespace(
+        check_session=lambda *a: buffers, _device=types.SimpleNamespace(stream_handle=lambda s: 0)
+    )
+    engine = Engine()
+    first, later = np.zeros((rows, vocab), np.float32), np.zeros((rows, vocab), np.float32)
+    first[:, 3] = 1.0  # a word a caption never starts with
+    later[1, 4] = 1.0  # a word that would repeat an n-gram of row 1
+    searches = [[first, None, later, None], [first, None]]  # the second on the same engine
+    for blocks in searches:
+        session = TensorRTBeamSession(backend, engine, 1, 1, 1, rows)
+        for block in blocks:
+            result = session.step(np.zeros(rows), np.zeros(rows), np.zeros(rows), None, block)
+            assert set(vars(result)) == set(RESULTS)
+    want = [np.zeros((rows, vocab)) if b is None else b for blocks in searches for b in blocks]
+    assert len(seen) == len(want)
+    for got, block in zip(seen, want):
+        np.testing.assert_array_equal(got, block)
