@@ -378,3 +378,184 @@ def test_force_over_a_converted_model_leaves_none_of_its_decoding_files(fp32_dir
     assert converted.fusion is None
     assert converted.caption("edgecap/assets/examples/coffee.png").confidence is None
     assert not (out / "fusion.json").exists() and not (out / "confidence.json").exists()
+
+
+# -- quick checks on a contract-shaped model built with onnx helpers -------------------------
+
+
+@pytest.fixture
+def small_model(tmp_path) -> Path:
+    from helpers import contract_model_dir
+
+    return contract_model_dir(tmp_path / "small")
+
+
+def _solid_png(path: Path, rgb: tuple[int, int, int], size=(20, 10)) -> Path:
+    from PIL import Image
+
+    Image.new("RGB", size, rgb).save(path)
+    return path
+
+
+def test_calibration_photos_are_every_image_below_the_folder_sorted_up_to_the_limit(tmp_path):
+    from edgecap.build.convert import calibration_images
+
+    folder = tmp_path / "photos"
+    (folder / "sub").mkdir(parents=True)
+    for name in ("sub/e.webp", "d.TIFF", "c.jpeg", "b.JPG", "a.png"):  # made in reverse order
+        _solid_png(folder / "a.png", (0, 0, 0)).rename(folder / name)
+    (folder / "notes.txt").write_text("not a photo")
+    (folder / "f.onnx").write_bytes(b"")
+    names = ["a.png", "b.JPG", "c.jpeg", "d.TIFF", "sub/e.webp"]
+    assert calibration_images(folder) == [folder / n for n in names]
+    assert calibration_images(folder, limit=2) == [folder / "a.png", folder / "b.JPG"]
+    with pytest.raises(ModelError, match="no images"):
+        calibration_images(_empty(tmp_path))
+    with pytest.raises(ModelError, match="calibration directory not found"):
+        calibration_images(tmp_path / "nowhere")
+
+
+def _empty(tmp_path: Path) -> Path:
+    (tmp_path / "empty").mkdir()
+    (tmp_path / "empty" / "readme.md").write_text("")
+    return tmp_path / "empty"
+
+
+def test_calibration_feeds_each_photo_preprocessed_as_the_manifest_says(small_model, tmp_path):
+    """The static int8 encoder's ranges come from the photos as the encoder will see them: each
+    photo once, resized to the manifest's 16 x 16 and normalised by its mean and std (127.5):
+    a solid (255, 0, 51) photo is (1, -1, -0.6) in every pixel."""
+    from edgecap.build.convert import _ImageReader
+
+    photos = [_solid_png(tmp_path / "a.png", (255, 0, 51)), _solid_png(tmp_path / "b.png", (51, 255, 0))]
+    reader = _ImageReader(photos, load_manifest(small_model))
+    for want in ((1.0, -1.0, -0.6), (-0.6, 1.0, -1.0)):
+        batch = reader.get_next()
+        assert list(batch) == ["image"] and batch["image"].shape == (1, 3, 16, 16)
+        assert batch["image"].dtype == np.float32
+        np.testing.assert_allclose(
+            batch["image"][0], np.broadcast_to(np.array(want)[:, None, None], (3, 16, 16))
+        )
+    assert reader.get_next() is None
+
+
+def test_int8_is_made_only_from_the_fp32_model(small_model, tmp_path):
+    from helpers import edit_manifest, set_field
+
+    edit_manifest(small_model, set_field(["precision"], "fp16"))
+    with pytest.raises(ModelError, match="precision is 'fp16'"):
+        convert_model_dir(small_model, tmp_path / "int8", "int8")
+    assert not (tmp_path / "int8").exists()
+
+
+def test_a_converted_model_records_what_it_was_converted_from(small_model, tmp_path):
+    source = load_manifest(small_model)
+    converted = convert_model_dir(small_model, tmp_path / "fp16", "fp16")
+    assert converted.precision == "fp16"
+    assert converted.info["converted_from"]["precision"] == "fp32"
+    assert converted.info["converted_from"]["sha256"] == source.sha256
+    assert load_manifest(tmp_path / "fp16").info["converted_from"] == converted.info["converted_from"]
+
+
+def test_a_conversion_that_changes_the_graph_io_is_refused(small_model, tmp_path, monkeypatch):
+    from edgecap.build import convert
+
+    real = convert.to_fp16
+
+    def renaming(model):
+        converted = real(model)
+        converted.graph.output[0].name = converted.graph.output[0].name + "_renamed"
+        return converted
+
+    monkeypatch.setattr(convert, "to_fp16", renaming)
+    with pytest.raises(ModelError, match="conversion changed the graph inputs/outputs"):
+        convert_model_dir(small_model, tmp_path / "fp16", "fp16")
+
+
+def _nudged_copy(model: Path, out: Path, role: str, initializer: str, index, amount: float) -> Path:
+    """A copy of ``model`` with the elements ``index`` of one initializer moved by ``amount``."""
+    from onnx import numpy_helper
+
+    shutil.copytree(model, out)
+    path = out / f"{role}.onnx"
+    graph = onnx.load(str(path))
+    (init,) = [i for i in graph.graph.initializer if i.name == initializer]
+    value = numpy_helper.to_array(init).copy()
+    value.flat[index] += amount
+    init.CopyFrom(numpy_helper.from_array(value, initializer))
+    onnx.save(graph, str(path))
+    return out
+
+
+def test_compare_stages_judges_the_encoder_and_the_step_apart(small_model, tmp_path):
+    """att_proj = features @ W + b: moving b[0] by 0.25 moves att_proj by 0.25 and nothing else
+    of the encoder; the step is fed the reference's encoder outputs, so it shows no change."""
+    reference = load_manifest(small_model)
+    assert set(compare_stages(reference, reference).values()) <= {0.0, 1.0}
+    nudged = load_manifest(_nudged_copy(small_model, tmp_path / "nudged", "encoder", "att_feat.b", 0, 0.25))
+    diffs = compare_stages(reference, nudged)
+    assert diffs["att_proj"] == pytest.approx(0.25, abs=1e-6)
+    assert diffs["features"] == diffs["h0"] == diffs["c0"] == diffs["class_probs"] == 0.0
+    assert diffs["topk_logprobs"] == diffs["h_out"] == diffs["c_out"] == diffs["alpha"] == 0.0
+    assert diffs["topk_ids_agree"] == 1.0
+
+
+def test_compare_stages_counts_the_rows_whose_best_word_agrees(small_model, tmp_path):
+    """A candidate whose output bias favours the even words by 100 (their order among themselves
+    unchanged) picks as best word the reference's best even word, so it agrees with the reference
+    on the rows whose best word is even; favouring the odd words, on the others: the two
+    fractions add up to exactly 1."""
+    reference = load_manifest(small_model)
+    agree = []
+    for parity in (0, 1):
+        words = list(range(parity, reference.dims.vocab_size, 2))
+        out = tmp_path / f"p{parity}"
+        candidate = load_manifest(_nudged_copy(small_model, out, "decoder_step", "out_vocab.b", words, 100.0))
+        diffs = compare_stages(reference, candidate, n_images=2, n_beams=2)
+        assert diffs["h_out"] == diffs["c_out"] == diffs["alpha"] == 0.0  # before the output layer
+        assert diffs["topk_logprobs"] > 0
+        agree.append(diffs["topk_ids_agree"])
+    assert sum(agree) == 1.0
+    assert set(agree) <= {0.0, 0.25, 0.5, 0.75, 1.0}  # 4 rows
+
+
+def _shifted_output(model: Path, out: Path, role: str, output: str, column: int, amount: float) -> Path:
+    """A copy of ``model`` whose graph adds ``amount`` to one column of one output, on every row."""
+    from onnx import helper, numpy_helper
+
+    shutil.copytree(model, out)
+    path = out / f"{role}.onnx"
+    graph = onnx.load(str(path))
+    width = load_manifest(model).dims.tails(load_manifest(model).preprocessing.size)[output][-1]
+    for node in graph.graph.node:
+        node.output[:] = [f"{name}_raw" if name == output else name for name in node.output]
+        node.input[:] = [f"{name}_raw" if name == output else name for name in node.input]
+    shift = np.zeros(width, np.float32)
+    shift[column] = amount
+    graph.graph.initializer.append(numpy_helper.from_array(shift, f"{output}_shift"))
+    graph.graph.node.append(helper.make_node("Add", [f"{output}_raw", f"{output}_shift"], [output]))
+    onnx.save(graph, str(path))
+    return out
+
+
+@pytest.mark.parametrize(
+    "role, output",
+    [
+        ("encoder", "h0"),
+        ("encoder", "class_probs"),
+        ("decoder_step", "topk_logprobs"),
+        ("decoder_step", "h_out"),
+        ("decoder_step", "c_out"),
+        ("decoder_step", "alpha"),
+    ],
+)
+def test_compare_stages_reports_the_largest_difference_of_each_output(small_model, tmp_path, role, output):
+    """One column of one output moved by 0.5 on every row: that output differs by 0.5 at most
+    (not on average), every other by nothing; the step is judged on the reference's encoder
+    outputs, so a changed encoder leaves it equal."""
+    reference = load_manifest(small_model)
+    candidate = load_manifest(_shifted_output(small_model, tmp_path / "c", role, output, 1, 0.5))
+    diffs = compare_stages(reference, candidate)
+    assert diffs.pop(output) == pytest.approx(0.5, abs=1e-6)
+    assert diffs.pop("topk_ids_agree") == 1.0
+    assert set(diffs.values()) == {0.0}, diffs

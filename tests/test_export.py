@@ -56,6 +56,34 @@ def test_a_faithful_export_passes_with_the_default_tolerance(exported):
     assert diffs["topk_ids_agree"] == 1.0
 
 
+def test_the_manifest_and_graphs_record_what_the_export_was_given(exported):
+    """64 x 64 images: a 2 x 2 map (4 regions); the decoder's sizes; the vocabulary's special
+    tokens; the graph outputs' dimensions after the rows declared as those numbers."""
+    from edgecap.manifest import load_manifest
+
+    encoder, decoder, out = exported
+    manifest = load_manifest(out)
+    cfg = decoder.cfg
+    assert manifest.preprocessing == PRE
+    assert manifest.precision == "fp32"
+    assert manifest.tokens == {"pad": 0, "start": 1, "end": 2, "unk": 3}
+    dims = manifest.dims
+    assert (dims.regions, dims.n_classes, dims.top_k) == (4, 1000, cfg.top_k)
+    assert (dims.feature_dim, dims.attention_dim, dims.hidden_dim) == (16, 8, 16)
+    assert dims.vocab_size == cfg.vocab_size
+    graph = onnx.load(str(out / "encoder.onnx")).graph
+    declared = {
+        o.name: [d.dim_value or d.dim_param for d in o.type.tensor_type.shape.dim] for o in graph.output
+    }
+    assert declared == {
+        "features": ["n", 4, 16],
+        "att_proj": ["n", 4, 8],
+        "h0": ["n", 16],
+        "c0": ["n", 16],
+        "class_probs": ["n", 1000],
+    }
+
+
 def _nudged(module: torch.nn.Module, name: str, amount: float = NUDGE) -> torch.nn.Module:
     """A copy of ``module`` with the first element of parameter ``name`` moved by ``amount``."""
     module = copy.deepcopy(module)
@@ -207,3 +235,33 @@ def test_fp16_keeps_the_encoders_stem_and_first_blocks_in_fp32(tiny_model_dir, t
     )
     assert weights[stem.input[1]] == onnx.TensorProto.FLOAT
     assert weights[late_conv.input[1]] == onnx.TensorProto.FLOAT16
+
+
+@pytest.mark.parametrize("size, regions", [((224, 224), 49), ((64, 64), 4), ((100, 70), 12), ((33, 32), 2)])
+def test_attention_regions_are_the_encoders_map_at_stride_32(size, regions):
+    """EfficientNet's "same" padding gives a map of ceil(H / 32) x ceil(W / 32): 100 x 70 pixels,
+    4 x 3 regions. The manifest's ``dims.regions`` is that count."""
+    from edgecap.build.export import regions_of
+
+    assert regions_of(Preprocessing(size=size)) == regions
+
+
+def test_the_encoders_map_has_the_regions_counted_for_a_size_not_a_multiple_of_32():
+    from edgecap.build.export import regions_of
+
+    with torch.no_grad():
+        fmap = EfficientNetLite().eval().features(torch.zeros(1, 3, 100, 70))
+    assert fmap.shape[2:] == (4, 3)
+    assert fmap.shape[2] * fmap.shape[3] == regions_of(Preprocessing(size=(100, 70)))
+
+
+def test_a_vocabulary_the_decoder_was_not_built_for_is_refused_before_anything_is_written(tmp_path):
+    vocab = Vocabulary.build(["a cat sat on the mat", "a dog ran in the park today"], min_count=1)
+    decoder = CaptionDecoder(
+        DecoderConfig(vocab_size=len(vocab) + 1, hidden_dim=16, feature_dim=16, embed_dim=8, attention_dim=8)
+    )
+    with pytest.raises(
+        ModelError, match=f"vocabulary has {len(vocab)} words but the decoder {len(vocab) + 1}"
+    ):
+        export_modules(EfficientNetLite(), decoder, vocab, PRE, tmp_path / "model")
+    assert list(tmp_path.iterdir()) == []  # no model directory, no temporary one left
