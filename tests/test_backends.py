@@ -68,6 +68,30 @@ def test_torch_weights_must_match(tiny_model_dir, tmp_path):
         load_backend("torch", load_manifest(model))
 
 
+def test_torch_refuses_weights_missing_left_over_or_misshapen(default_model_dir):
+    """The torch backend loads the ONNX initializers strictly (``TorchBackend._build``): a
+    weight the graphs lack is not left at its random initial value, an extra one is not ignored,
+    a misshapen one is a ModelError naming it, not a torch error."""
+    pytest.importorskip("torch")
+    pytest.importorskip("onnx")
+    import edgecap.backends.torch as torch_backend
+    from edgecap.models.decoder import CaptionDecoder, DecoderConfig
+
+    manifest = load_manifest(default_model_dir)
+    weights = torch_backend.read_initializers(manifest)
+    decoder = CaptionDecoder(DecoderConfig(**manifest.info["decoder_config"]))
+    torch_backend._load(decoder, weights, "decoder.", (), manifest)  # the shipped weights fit
+    name = "decoder.init_h.weight"
+    changed = {
+        "missing": {k: v for k, v in weights.items() if k != name},
+        "unexpected": {**weights, "decoder.extra.weight": weights[name]},
+        "wrong shape": {**weights, name: weights[name][:, :-1]},
+    }
+    for problem, edited in changed.items():
+        with pytest.raises(ModelError, match=rf"{problem} \['decoder\.(init_h|extra)\.weight"):
+            torch_backend._load(decoder, edited, "decoder.", (), manifest)
+
+
 @pytest.mark.parametrize(
     "installed, expected",
     [
