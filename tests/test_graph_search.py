@@ -332,6 +332,24 @@ def test_no_beam_ends_gives_the_best_place_to_end():
     _same(want, got)
 
 
+def test_equal_places_to_end_keep_the_first():
+    """Beam 2: "a" and "b" tie as first words and <end> is fourth in every later top K (past
+    the 3 candidates a row offers), so no beam ends: the caption is the best place to end, after
+    the first word (mean log-prob -0.75; later -1.87). "a <end>" and "b <end>" tie exactly; the
+    first one met (row 0, "a") stays, as in the numpy loop, where a later ending must rank
+    strictly better."""
+
+    def rule(prefix):
+        if not prefix:
+            return {"a": -0.5, "b": -0.5}
+        return {"c": -0.1, "a": -0.2, "b": -0.3, "<end>": -1.0 if len(prefix) == 1 else -5.0}
+
+    options = CaptionOptions(beam_size=2, max_length=3, no_repeat_ngram=0, length_penalty=None)
+    want, got = _tables(rule, options, top_k=4)
+    assert [WORDS[w] for w in want[0][0].tokens] == ["a"] and want[0][0].finished
+    _same(want, got)
+
+
 def test_equal_candidates_and_endings_keep_the_numpy_order():
     """Beam 2: "a" and "b" tie as first words; then an ending ties with the beam's second
     continuation. Where the ending comes first among the candidates (its row is first) it
