@@ -559,3 +559,24 @@ def test_compare_stages_reports_the_largest_difference_of_each_output(small_mode
     assert diffs.pop(output) == pytest.approx(0.5, abs=1e-6)
     assert diffs.pop("topk_ids_agree") == 1.0
     assert set(diffs.values()) == {0.0}, diffs
+
+
+def test_int8_keeps_the_attention_logit_projection_of_the_step_in_fp32(small_model, tmp_path):
+    """The step's MatMul weights become int8, except the projection that computes the attention
+    logits (the Softmax's input): the contract model's ``att_score`` MatMul keeps its float32
+    weights; its ``lstm`` one does not."""
+    from edgecap.build.convert import name_nodes
+
+    original = onnx.load(str(small_model / "decoder_step.onnx"))
+    name_nodes(original.graph)
+    by_weight = {n.input[1]: n.name for n in original.graph.node if n.op_type == "MatMul"}
+    kept, quantised = by_weight["att_score.w"], by_weight["lstm.w"]
+    converted = convert_model_dir(small_model, tmp_path / "int8", "int8")
+    step = onnx.load(str(converted.path("decoder_step")))
+    nodes = {n.name: n for n in step.graph.node}
+    weights = {t.name: t.data_type for t in step.graph.initializer}
+    assert nodes[kept].op_type == "MatMul" and weights[nodes[kept].input[1]] == onnx.TensorProto.FLOAT
+    assert quantised not in nodes or nodes[quantised].op_type != "MatMul"
+    assert onnx.TensorProto.INT8 in weights.values()
+    assert "fp32 (no --calibration given)" in converted.info["converted_from"]["encoder"]
+    assert (tmp_path / "int8" / "encoder.onnx").read_bytes() == (small_model / "encoder.onnx").read_bytes()
