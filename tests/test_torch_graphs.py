@@ -178,6 +178,18 @@ def test_fp16_needs_cuda():
         Captioner(backend="torch", device="cpu", fp16=True)
 
 
+def test_cuda_without_a_cuda_gpu_is_one_clear_error(monkeypatch):
+    """device="cuda" where torch sees no CUDA GPU: a BackendError that says so and names the
+    way out, before any model is loaded (not a torch error from deep inside)."""
+    from edgecap.errors import BackendError
+
+    monkeypatch.setattr(torch.cuda, "is_available", lambda: False)
+    with pytest.raises(
+        BackendError, match="device='cuda' but this torch has no usable CUDA GPU; use device='cpu'"
+    ):
+        Captioner(backend="torch", device="cuda")
+
+
 def test_keep_fp32_island():
     layer = keep_fp32(torch.nn.Linear(4, 1).to(torch.bfloat16))
     assert layer.weight.dtype == torch.float32
