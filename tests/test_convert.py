@@ -580,3 +580,24 @@ def test_int8_keeps_the_attention_logit_projection_of_the_step_in_fp32(small_mod
     assert onnx.TensorProto.INT8 in weights.values()
     assert "fp32 (no --calibration given)" in converted.info["converted_from"]["encoder"]
     assert (tmp_path / "int8" / "encoder.onnx").read_bytes() == (small_model / "encoder.onnx").read_bytes()
+
+
+def test_sort_nodes_puts_producers_first_and_names_a_node_whose_input_is_never_made():
+    from onnx import TensorProto, helper
+
+    from edgecap.build.convert import sort_nodes
+
+    def graph(*nodes):
+        vi = helper.make_tensor_value_info
+        one = onnx.numpy_helper.from_array(np.ones(2, np.float32), "one")
+        x, y = vi("x", TensorProto.FLOAT, [2]), vi("y", TensorProto.FLOAT, [2])
+        return helper.make_graph(list(nodes), "g", [x], [y], [one])
+
+    add = helper.make_node("Add", ["b", "one"], ["y"], name="add")
+    relu = helper.make_node("Relu", ["x"], ["b"], name="relu")
+    ordered = graph(add, relu)
+    sort_nodes(ordered)
+    assert [n.name for n in ordered.node] == ["relu", "add"]
+    orphan = graph(helper.make_node("Add", ["ghost", "one"], ["y"], name="add"), relu)
+    with pytest.raises(ModelError, match="graph 'g' has a cycle or a missing input at: add"):
+        sort_nodes(orphan)
