@@ -320,6 +320,36 @@ def test_every_continuation_blocked_keeps_the_live_beam():
     _same(want, got)
 
 
+def test_search_with_rules_reads_as_many_candidates_a_row_as_the_graph_offers():
+    """``search_with_rules`` (what both backends call) over a graph made for beam 1 (each row
+    offers its first 2 words, K = 4), no_repeat_ngram=1. After "a", <end> is fourth: "a <end>"
+    is a place to end (mean log-prob -0.35). After "a b" both offered words repeat a word and
+    <end> is fourth again: nothing is left to take, and an <end> past the offered words does
+    not finish the beam, so the caption is the best place to end, "a <end>" (not "a b <end>",
+    -1.1), as in the numpy loop."""
+    from types import SimpleNamespace
+
+    from edgecap.build.beam_step import beam_width
+    from edgecap.decoding.graph_search import search_with_rules
+
+    def rule(prefix):
+        if len(prefix) == 1:
+            return {"b": -0.1, "a": -0.2, "c": -0.5, "<end>": -0.6}
+        return {"a": -0.1, "b": -0.2, "c": -0.5, "<end>": -3.0} if prefix else {"a": -0.1}
+
+    options = CaptionOptions(
+        beam_size=1, no_repeat_ngram=1, max_length=6, length_penalty=None, consensus=False
+    )
+    backend = TableBackend(WORDS, rule, top_k=4)
+    encoded = backend.encode(np.zeros((1, 3, 4, 4), np.float32))
+    want = search_with_tags(backend, encoded, options, START, END, len(WORDS), None)
+    assert [WORDS[w] for w in want[0][0].tokens] == ["a"] and want[0][0].finished
+    session = _Emulated(backend.start(encoded, np.zeros(1, np.int32)), 1, beam_width(1, 4), 4)
+    dims = SimpleNamespace(top_k=4, vocab_size=len(WORDS))
+    got = search_with_rules(session, 1, options, dims, START, END, None, None, None, lambda: "fake")
+    _same(want, got)
+
+
 def test_no_beam_ends_gives_the_best_place_to_end():
     """<end> is third in every top K, so no beam takes it before max_length: the caption is the
     best ending seen, a finished hypothesis, not the cut beam."""
