@@ -9,6 +9,7 @@ from __future__ import annotations
 
 import json
 
+import numpy as np
 import pytest
 
 from edgecap import Captioner, ModelError
@@ -201,3 +202,20 @@ def test_a_changed_file_fails_its_checksum(small_model, role):
         f.write(b" ")
     with pytest.raises(ModelError, match=f"{manifest.files[role]}: checksum mismatch"):
         verify_files(manifest)
+
+
+def test_a_files_checksum_covers_all_of_it(tmp_path):
+    """A model file is hashed to its last byte (it is read in 1 MiB pieces): a change 2.5 MiB in
+    is a different SHA-256, the one hashlib gives for the whole file."""
+    import hashlib
+
+    from edgecap.manifest import file_sha256
+
+    data = bytearray(np.random.default_rng(0).integers(0, 256, 3 << 20, dtype=np.uint8).tobytes())
+    path = tmp_path / "big.onnx"
+    path.write_bytes(data)
+    before = file_sha256(path)
+    assert before == hashlib.sha256(data).hexdigest()
+    data[5 << 19] ^= 1
+    path.write_bytes(data)
+    assert file_sha256(path) == hashlib.sha256(data).hexdigest() != before
