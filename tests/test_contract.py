@@ -91,3 +91,21 @@ def test_engine_names_tell_apart_every_limit_they_are_built_for():
 def test_limits_must_be_positive_integers(limits):
     with pytest.raises(ValueError, match="must be a positive integer"):
         Limits(*limits)
+
+
+def test_shapes_give_every_input_and_output_of_each_graph_with_a_dynamic_row():
+    shapes = ModelDimensions.from_dict(DIMS).shapes((224, 224))
+    assert shapes[ENCODER] == {
+        "image": (None, 3, 224, 224),
+        "features": (None, 49, 16),
+        "att_proj": (None, 49, 8),
+        "h0": (None, 12),
+        "c0": (None, 12),
+        "class_probs": (None, 1000),
+    }
+    assert set(shapes[DECODER_STEP]) == {
+        *("tokens", "h", "c", "source_rows", "features", "att_proj", "image_index", "word_bias"),
+        *("topk_logprobs", "topk_ids", "h_out", "c_out", "alpha"),
+    }
+    assert shapes[DECODER_STEP]["topk_ids"] == (None, 5)
+    assert shapes[DECODER_STEP]["alpha"] == (None, 49)

@@ -219,3 +219,10 @@ def test_a_files_checksum_covers_all_of_it(tmp_path):
     data[5 << 19] ^= 1
     path.write_bytes(data)
     assert file_sha256(path) == hashlib.sha256(data).hexdigest() != before
+
+
+def test_a_manifest_dimension_only_a_graph_output_shows_is_checked(small_model):
+    """K appears in no graph input (the step returns its top K): the outputs are checked too."""
+    edit_manifest(small_model, set_field(["dims", "top_k"], 4))
+    with pytest.raises(ModelError, match=r"tensor 'topk_logprobs' has shape \[.*, 5\] but the manifest says"):
+        Captioner(small_model, backend="onnxruntime")
