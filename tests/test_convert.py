@@ -248,6 +248,7 @@ def test_static_int8_encoder_keeps_its_sensitive_layers_fp32_and_its_features_cl
     assert ops["/_fc/Gemm"] == "Gemm"
     assert "QLinearConv" in ops.values()
     assert not any(name.startswith("/_blocks.2/") and op == "Conv" for name, op in ops.items())
+    assert ops.get("/_conv_head/Conv") != "Conv"  # the CNN's last convolution is int8 too
     images = np.stack([to_model_input(load_rgb(p), m.preprocessing) for p in photos[2:]])
     run = lambda d: ort.InferenceSession(  # noqa: E731
         str(load_manifest(d).path("encoder")), providers=["CPUExecutionProvider"]
