@@ -21,7 +21,7 @@ NEVER_FIRST_IDS = (END_ID,)  # never the first word: no empty caption
 # Letters and digits of any script (``[^\W_]``); on ASCII text the words of ``[a-z0-9]`` exactly
 # (the 89,758 Flickr8k and COCO captions tokenise alike). A typographic apostrophe (what a phone
 # or a word processor types) is read as "'": "dog’s" is one word, not "dog" and "s".
-_WORD = re.compile(r"[^\W_]+(?:'[^\W_]+)?")
+_WORD = re.compile(r"[^\W_]+(?:'[^\W\d_]+)?")  # after an apostrophe letters only, as before
 _APOSTROPHES = str.maketrans({"\u2019": "'", "\u2018": "'", "\u02bc": "'"})
 
 
