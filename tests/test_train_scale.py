@@ -202,6 +202,92 @@ def test_a_resumed_run_ends_with_the_uninterrupted_weights(noise_dataset, tmp_pa
         assert torch.equal(w1[name], w2[name]), name
 
 
+def test_a_run_stopped_while_writing_its_checkpoint_resumes_to_the_uninterrupted_weights(
+    noise_dataset, tmp_path, monkeypatch
+):
+    """Stopped after epoch 2's weights and training state were written but before its optimizer
+    was: ``last`` must still be epoch 1 whole (weights, state and Adam's moments together), so
+    the resumed run trains epoch 2 again and ends as the run that was never stopped. Stale
+    moments beside newer weights would end elsewhere."""
+    from edgecap.training import train as training
+
+    def config(out, epochs):
+        return tiny_train_config(
+            noise_dataset, out, epochs, batch_size=9, cache_dir=tmp_path / "cache", shard_size=4, lr=0.01
+        )
+
+    whole, stopped = tmp_path / "whole", tmp_path / "stopped"
+    training.train(config(whole, 3), log=lambda *_: None)
+    real, calls = training._save_optimizer, []
+
+    def stop_at_the_second(*args, **kwargs):
+        calls.append(1)
+        if len(calls) == 2:
+            raise KeyboardInterrupt
+        return real(*args, **kwargs)
+
+    monkeypatch.setattr(training, "_save_optimizer", stop_at_the_second)
+    with pytest.raises(KeyboardInterrupt):
+        training.train(config(stopped, 3), log=lambda *_: None)
+    monkeypatch.setattr(training, "_save_optimizer", real)
+    assert json.loads((stopped / "last" / "checkpoint.json").read_text())["train_state"]["epoch"] == 1
+    assert sorted(p.name for p in stopped.iterdir() if p.is_dir()) == ["best", "last"]  # no .new
+
+    training.train(config(stopped, 3), log=lambda *_: None)
+    w1, w2 = _weights(whole), _weights(stopped)
+    for name in w1:
+        assert torch.equal(w1[name], w2[name]), name
+
+
+def test_a_run_stopped_between_the_renames_of_its_last_checkpoint_resumes_from_it(noise_dataset, tmp_path):
+    """``last`` renamed away and its complete replacement beside it: the next run resumes from
+    the replacement rather than starting again from nothing."""
+    import shutil
+
+    from edgecap.training.train import train
+
+    out = tmp_path / "run"
+    cfg = tiny_train_config(noise_dataset, out, 1, batch_size=9, cache_dir=tmp_path / "cache")
+    train(cfg, log=lambda *_: None)
+    shutil.copytree(out / "last", out / "last.new")
+    (out / "last").rename(out / "last.old")
+    logs: list[str] = []
+    train(
+        tiny_train_config(noise_dataset, out, 2, batch_size=9, cache_dir=tmp_path / "cache"), log=logs.append
+    )
+    assert any("resumed" in line and "after epoch 1" in line for line in logs), logs
+    assert json.loads((out / "last" / "checkpoint.json").read_text())["train_state"]["epoch"] == 2
+    assert not (out / "last.new").exists() and not (out / "last.old").exists()
+
+
+def test_a_checkpoint_stopped_between_its_renames_is_recovered_whole(tmp_path):
+    """The two renames of ``replacing``: stopped after the old folder was renamed away, the
+    new (complete) one is taken; a half-written new folder beside an intact one is dropped."""
+    from edgecap.models.checkpoint import recover, replacing
+
+    last = tmp_path / "last"
+    with replacing(last) as folder:
+        (folder / "a.txt").write_text("epoch 1")
+    (tmp_path / "last.new").mkdir()  # epoch 2, written whole, then the stop after one rename
+    (tmp_path / "last.new" / "a.txt").write_text("epoch 2")
+    last.rename(tmp_path / "last.old")
+    recover(last)
+    assert (last / "a.txt").read_text() == "epoch 2"
+    assert sorted(p.name for p in tmp_path.iterdir()) == ["last"]
+
+    (tmp_path / "last.new").mkdir()  # epoch 3, stopped while being written
+    (tmp_path / "last.new" / "a.txt").write_text("epo")
+    recover(last)
+    assert (last / "a.txt").read_text() == "epoch 2"
+    assert sorted(p.name for p in tmp_path.iterdir()) == ["last"]
+
+    with pytest.raises(OSError), replacing(last) as folder:
+        (folder / "a.txt").write_text("epoch 3")
+        raise OSError("disk full")
+    assert (last / "a.txt").read_text() == "epoch 2"
+    assert sorted(p.name for p in tmp_path.iterdir()) == ["last"]
+
+
 def test_a_failed_step_leaves_the_steps_before_it_on_disk(noise_dataset, tmp_path, monkeypatch):
     """The step log is written as the run goes, not left in a buffer that an error loses (a
     torchrun rank ends with os._exit, without Python's teardown)."""

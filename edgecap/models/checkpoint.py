@@ -4,12 +4,21 @@ A checkpoint directory holds ``model.safetensors`` (decoder and, when fine-tuned
 weights under ``decoder.`` / ``encoder.``), ``vocab.json`` and ``checkpoint.json`` (decoder
 config, preprocessing, training state and metrics). ``optimizer.safetensors`` +
 ``optimizer.json`` make training resumable.
+
+A checkpoint is written whole or not at all: into a sibling ``NAME.new`` folder, which then
+takes the old one's place by two renames (``replacing``). A run stopped at any point leaves the
+previous checkpoint or the new one, never the new weights beside the old training state or
+optimizer; ``recover`` (called before a run reads its ``last``) settles a stop between the
+renames.
 """
 
 from __future__ import annotations
 
+import contextlib
 import json
 import os
+import shutil
+from collections.abc import Callable, Iterator
 from pathlib import Path
 
 from safetensors.torch import load_file, save_file
@@ -35,19 +44,25 @@ def save_checkpoint(
     info: dict,
     encoder: EfficientNetLite | None = None,
     encoder_name: str = DEFAULT_ENCODER,
+    also: Callable[[Path], None] | None = None,
 ) -> None:
     """``encoder``: the fine-tuned encoder, whose weights are saved too; ``encoder_name``: which
-    pretrained encoder the decoder was trained on when it is frozen (``encoder``'s own wins)."""
-    directory = Path(directory)
-    directory.mkdir(parents=True, exist_ok=True)
+    pretrained encoder the decoder was trained on when it is frozen (``encoder``'s own wins).
+    ``also(folder)`` writes further files (a run's optimizer) into the same checkpoint, replaced
+    with it as one (``replacing``)."""
+    with replacing(Path(directory)) as folder:
+        _write_checkpoint(folder, decoder, vocab, pre, info, encoder, encoder_name)
+        if also is not None:
+            also(folder)
+
+
+def _write_checkpoint(directory, decoder, vocab, pre, info, encoder, encoder_name) -> None:
     tensors = {f"decoder.{k}": v.detach().cpu().contiguous() for k, v in decoder.state_dict().items()}
     if encoder is not None:
         tensors.update(
             {f"encoder.{k}": v.detach().cpu().contiguous() for k, v in encoder.state_dict().items()}
         )
-    tmp = directory / "model.safetensors.tmp"
-    save_file(tensors, str(tmp))
-    tmp.replace(directory / "model.safetensors")
+    save_file(tensors, str(directory / "model.safetensors"))
     vocab.save(directory / "vocab.json")
     meta = {
         "format": FORMAT,
@@ -58,6 +73,53 @@ def save_checkpoint(
         **info,
     }
     (directory / "checkpoint.json").write_text(json.dumps(meta, indent=2))
+
+
+def _siblings(directory: Path) -> tuple[Path, Path]:
+    return directory.with_name(directory.name + ".new"), directory.with_name(directory.name + ".old")
+
+
+def _remove(path: Path) -> None:
+    if path.is_symlink() or path.is_file():
+        path.unlink()
+    elif path.exists():
+        shutil.rmtree(path)
+
+
+def recover(directory: Path) -> None:
+    """Settle a ``replacing`` that was stopped: between its renames (the directory gone, the
+    complete new one and the old one beside it) the new one takes its place; a half-written new
+    one, and the old one once replaced, are removed."""
+    directory = Path(directory)
+    new, old = _siblings(directory)
+    if not os.path.lexists(directory):
+        if os.path.lexists(old) and os.path.lexists(new):
+            os.replace(new, directory)  # the old one is renamed only once the new one is whole
+        elif os.path.lexists(old):
+            os.replace(old, directory)
+    for leftover in (new, old):
+        if os.path.lexists(leftover):
+            _remove(leftover)
+
+
+@contextlib.contextmanager
+def replacing(directory: Path) -> Iterator[Path]:
+    """Yield an empty folder beside ``directory`` to write its new contents into; when the block
+    ends without an error, that folder takes the directory's place (the old one is renamed
+    away first, then removed). On an error the directory is left as it was."""
+    directory = Path(directory)
+    recover(directory)
+    new, old = _siblings(directory)
+    new.mkdir(parents=True)
+    try:
+        yield new
+    except BaseException:
+        _remove(new)
+        raise
+    if os.path.lexists(directory):
+        os.replace(directory, old)
+    os.replace(new, directory)
+    _remove(old)
 
 
 def load_checkpoint(directory: Path):

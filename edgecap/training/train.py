@@ -37,7 +37,7 @@ from edgecap.errors import BackendError, ModelError
 from edgecap.evaluation.metrics import score
 from edgecap.files import FileProblem, read_regular
 from edgecap.images import load_rgb
-from edgecap.models.checkpoint import save_checkpoint
+from edgecap.models.checkpoint import recover, save_checkpoint
 from edgecap.models.config import encoder_spec
 from edgecap.models.decoder import CaptionDecoder
 from edgecap.models.efficientnet_lite import EfficientNetLite, as_regions, load_pretrained
@@ -272,6 +272,8 @@ def train(cfg: TrainConfig, log=print) -> Path:
     if cfg.max_dev_images:
         dev_items = dev_items[: cfg.max_dev_images]
     last = out / "last"
+    for folder in (last, out / "best"):  # a run stopped while replacing one of them
+        recover(folder)
     start = initial_model(cfg, train_items, last, log)
     decoder, vocab, meta, resuming = start.decoder, start.vocab, start.meta, start.resuming
     log(f"train {len(train_items)} images, dev {len(dev_items)} images, vocabulary {len(vocab)} words")
@@ -534,14 +536,18 @@ def train(cfg: TrainConfig, log=print) -> Path:
         }
         if improved:
             save_checkpoint(out / "best", decoder, vocab, pre, info, encoder, cfg.encoder)
-        save_checkpoint(last, decoder, vocab, pre, info, encoder, cfg.encoder)
-        _save_optimizer(optimizer, last / "optimizer.safetensors", last / "optimizer.json")
-        if no_image is not None:
-            from safetensors.torch import save_file
 
-            save_file(
-                {k: v.detach().cpu() for k, v in no_image.state_dict().items()}, str(last / NO_IMAGE_FILE)
-            )
+        def resumable(folder: Path) -> None:  # last's training-only files, replaced with it
+            _save_optimizer(optimizer, folder / "optimizer.safetensors", folder / "optimizer.json")
+            if no_image is not None:
+                from safetensors.torch import save_file
+
+                save_file(
+                    {k: v.detach().cpu() for k, v in no_image.state_dict().items()},
+                    str(folder / NO_IMAGE_FILE),
+                )
+
+        save_checkpoint(last, decoder, vocab, pre, info, encoder, cfg.encoder, also=resumable)
         if dist.from_main(epoch - state["best_epoch"] >= cfg.patience):
             log(f"no better dev CIDEr for {cfg.patience} epochs: stopping")
             break
