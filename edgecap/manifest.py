@@ -30,6 +30,7 @@ from edgecap.files import FileProblem, check_regular, open_regular, read_json
 from edgecap.preprocess import Preprocessing
 
 FORMAT = "edgecap-model/2"  # 2: the encoder's class_probs, the step's word_bias
+MODEL_PRECISIONS = ("fp32", "fp16", "int8")  # a model directory's weights: as trained, or `edgecap convert`'s
 MANIFEST = "manifest.json"
 MAX_MANIFEST_BYTES = 1 << 20  # the shipped one is 2 KB
 
@@ -41,7 +42,7 @@ class Manifest:
     dims: ModelDimensions
     tokens: dict[str, int]  # pad, start, end, unk
     preprocessing: Preprocessing
-    precision: str = "fp32"  # fp32 | fp16 | int8
+    precision: str = "fp32"  # MODEL_PRECISIONS
     sha256: dict[str, str] = field(default_factory=dict)
     info: dict = field(default_factory=dict)  # training data, metrics, provenance
 
@@ -180,6 +181,8 @@ def _field_problem(manifest: Manifest) -> str | None:
         )
     if not isinstance(pre.resample, str) or not hasattr(Image.Resampling, pre.resample.upper()):
         return f"preprocessing.resample must name a Pillow filter such as 'bilinear', got {pre.resample!r}"
+    if manifest.precision not in MODEL_PRECISIONS:
+        return f"precision must be one of {', '.join(MODEL_PRECISIONS)}, got {manifest.precision!r}"
     return None
 
 

@@ -178,6 +178,9 @@ def test_a_saved_manifest_reads_back_as_written(small_model):
         (set_field(["dims", "hidden_dim"], 0), "dims.hidden_dim must be a positive integer"),
         (set_field(["files", "vocab"], "sub/../../vocab.json"), "not a file name inside the model directory"),
         (lambda d: d["files"].pop("classes"), "names no classes file"),
+        (set_field(["precision"], "int4"), "precision must be one of fp32, fp16, int8, got 'int4'"),
+        (set_field(["precision"], "FP16"), "precision must be one of fp32, fp16, int8, got 'FP16'"),
+        (set_field(["precision"], None), "precision must be one of fp32, fp16, int8, got None"),
     ],
 )
 def test_a_bad_manifest_field_is_refused_on_reading(small_model, edit, words):
