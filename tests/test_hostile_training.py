@@ -351,14 +351,59 @@ def test_a_warm_shard_cache_survives_a_removed_photo(tmp_path):
     _shards(paths, cache)
     # p5 (in the last, partly filled shard) leaves the data and the disk; p6 arrives and
     # lands in that shard, which must be recomputed without p5
+    mtime = paths[-1].stat().st_mtime_ns
     paths[-1].unlink()
     now = paths[:-1] + _numbers(tmp_path, [6])
     assert _rows(_shards(now, cache), now) == [1, 2, 3, 4, 6]
-    # p5 is back: its shard is recomputed with it
+    # p5 is back, as it was (restored with its modification time): its shard is recomputed
+    # with it
     again = now + _numbers(tmp_path, [5])
+    os.utime(again[-1], ns=(mtime, mtime))
     logs = []
     assert _rows(_shards(again, cache, logs), again) == [1, 2, 3, 4, 6, 5]
     assert any("photos it lacked are wanted again" in line for line in logs)
+
+
+def test_a_photo_replaced_under_its_old_name_is_encoded_again(tmp_path):
+    """A new recording's frame_0001.jpg over the old one's: the shard cache must not hand the
+    old photo's features to the new photo."""
+    paths = _numbers(tmp_path, [1, 2, 3])
+    cache = tmp_path / "cache"
+    assert _rows(_shards(paths, cache), paths) == [1, 2, 3]
+    before = paths[1].stat().st_mtime_ns
+    paths[1].write_text("9")  # same size, same name, other content
+    os.utime(paths[1], ns=(before + 10**9, before + 10**9))  # written a second later
+    assert _rows(_shards(paths, cache), paths) == [1, 9, 3]
+
+
+def test_a_photo_replaced_under_its_old_name_is_encoded_again_by_the_single_file_cache(tmp_path, monkeypatch):
+    """The fine-tuning cache (``compute_features``) likewise, with a stand-in encoder whose
+    features are each photo's mean pixel value."""
+    from PIL import Image
+
+    from edgecap.models import efficientnet_lite
+    from edgecap.preprocess import Preprocessing
+    from edgecap.training.features import cache_name, compute_features
+
+    class MeanEncoder:
+        def regions(self, x):
+            return x.mean(dim=(1, 2, 3))[:, None, None].expand(-1, 2, 3)
+
+    monkeypatch.setattr(efficientnet_lite, "load_pretrained", lambda *_: MeanEncoder())
+    pre = Preprocessing(size=(32, 32), mean=(0.0, 0.0, 0.0), std=(1.0, 1.0, 1.0))
+    paths = [tmp_path / "a.png", tmp_path / "b.png"]
+    for path, value in zip(paths, (10, 200)):
+        Image.new("RGB", (32, 32), (value,) * 3).save(path)
+
+    def means():
+        maps, index = compute_features(paths, tmp_path / "cache", pre, progress=False)
+        return [round(float(maps[index[cache_name(p)]][0, 0])) for p in paths]
+
+    assert means() == [10, 200]
+    before = paths[1].stat().st_mtime_ns
+    Image.new("RGB", (32, 32), (60,) * 3).save(paths[1])  # same size on disk, other pixels
+    os.utime(paths[1], ns=(before + 10**9, before + 10**9))
+    assert means() == [10, 60]
 
 
 def test_a_photo_the_run_needs_that_is_gone_is_one_data_error(tmp_path):

@@ -2,9 +2,10 @@
 Lite2 at 260 px), computed once.
 
 The cache is one float16 ``.npy`` array (n_images, 49, 1280) plus a JSON index of the photos'
-absolute paths (``cache_name``, as the shard cache's: two folders' ``IMG_0001.jpg`` sharing a
-``--cache-dir`` never share features), keyed by the encoder and the preprocessing so a change of
-either never reuses stale features.
+absolute paths, sizes and modification times (``cache_name``, as the shard cache's: two
+folders' ``IMG_0001.jpg`` sharing a ``--cache-dir`` never share features, nor does a photo
+replaced under its old name), keyed by the encoder and the preprocessing so a change of either
+never reuses stale features.
 The index also records the array's shape, size and SHA-256, checked before the cache is used:
 an array overwritten since (or an index or array that is not a regular file, too big, or not
 of the recorded shape) is recomputed, never trained on. Checking costs one read of the array
@@ -34,12 +35,20 @@ def encoder_tag(encoder: str = DEFAULT_ENCODER) -> str:
 
 
 ENCODER_TAG = encoder_tag()  # EfficientNet-Lite0's: the key every earlier cache was made with
-CACHE_FORMAT = "edgecap-feature-cache/2"  # /1 indexed photos by file name: recomputed
+CACHE_FORMAT = "edgecap-feature-cache/3"  # /1 by file name, /2 by path alone: recomputed
 
 
 def cache_name(path: Path) -> str:
-    """The name a photo has in a feature cache: its absolute path."""
-    return str(Path(path).resolve())
+    """The name a photo has in a feature cache: its absolute path, size and modification time,
+    so that a photo replaced under the same name (a new recording's ``frame_0001.jpg``) is
+    encoded again rather than trained on with the features of the one before. A photo that
+    cannot be examined is named by its path alone (reading it reports the problem)."""
+    resolved = Path(path).resolve()
+    try:
+        st = os.stat(resolved)
+    except OSError:
+        return str(resolved)
+    return f"{resolved}\0{st.st_size}\0{st.st_mtime_ns}"
 
 
 def cache_key(preprocessing: Preprocessing, encoder_tag: str) -> str:

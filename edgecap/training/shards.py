@@ -42,7 +42,7 @@ from edgecap.training.config import MAX_SHARD_SIZE
 from edgecap.training.features import ENCODER_TAG, cache_key, cache_name, encoder_tag, progress_bar
 from edgecap.training.records import MAX_RECORD_BYTES, Record, read_record, shown
 
-FORMAT = "edgecap-feature-shards/1"
+FORMAT = "edgecap-feature-shards/2"  # /1 named photos by path alone: a new plan
 MAX_FEATURE_DIM = 1 << 16  # each dimension of a feature row (Lite0: 49 x 1280)
 
 
@@ -206,8 +206,9 @@ def extract_shards(
     dist=None,
     load_threads: int = 4,
 ) -> ShardedFeatures:
-    """The shard cache of ``paths`` (keyed by absolute path, so two folders' ``IMG_0001.jpg``
-    never share features) in ``directory``, extracting what is
+    """The shard cache of ``paths`` (keyed by ``cache_name``: two folders' ``IMG_0001.jpg``
+    never share features, nor does a photo replaced under its old name) in ``directory``,
+    extracting what is
     missing: ``load(path)`` -> one model input, ``encode(stacked inputs)`` -> features (n, ...).
 
     Every completed shard is checked against its record (size, shape, sha256) and recomputed
