@@ -366,7 +366,7 @@ def pil_to_rgb(im: Image.Image, source: str) -> Image.Image:
         pass  # broken EXIF is common and harmless: keep the stored orientation
     # exif_transpose returned a new image: the caller's image is never modified or closed.
     mode = im.mode
-    if mode == "RGB":
+    if mode == "RGB" and not _has_alpha(im):  # an RGB PNG may have a tRNS colour key
         return im
     if mode in ("I", "I;16", "I;16B", "I;16L", "I;16N", "F"):
         gray = _gray_to_uint8(np.asarray(im), source)

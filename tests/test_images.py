@@ -102,6 +102,73 @@ def test_png_with_alpha_goes_over_white(tmp_path):
     assert tuple(x[0, 0]) == (0, 0, 255)
 
 
+def test_half_transparent_png_pixels_are_blended_with_white(tmp_path):
+    """Alpha 128 of 255 over white: each channel is c * 128/255 + 255 * 127/255, so black gives
+    127 and red (255, 127, 127) (to within Pillow's rounding); not the bare colour."""
+    im = Image.new("RGBA", (2, 1))
+    im.putpixel((0, 0), (0, 0, 0, 128))
+    im.putpixel((1, 0), (255, 0, 0, 128))
+    x = rgb_array(_save(im, tmp_path / "half.png")).astype(int)
+    assert np.abs(x[0, 0] - (127, 127, 127)).max() <= 1
+    assert np.abs(x[0, 1] - (255, 127, 127)).max() <= 1
+
+
+def test_gray_with_alpha_goes_over_white(tmp_path):
+    im = Image.new("LA", (2, 1), (50, 0))  # transparent gray
+    im.putpixel((1, 0), (50, 255))  # opaque gray
+    for image in (im, _save(im, tmp_path / "la.png")):
+        x = rgb_array(image)
+        assert tuple(x[0, 0]) == (255, 255, 255) and tuple(x[0, 1]) == (50, 50, 50)
+
+
+def test_a_colour_key_png_is_flattened_onto_white(tmp_path):
+    """A PNG's tRNS colour key makes every pixel of that colour transparent (Pillow opens an RGB
+    or L image with info["transparency"]): those pixels become white like any transparency;
+    the others keep their colour (the RGB one was returned as stored)."""
+    rgb = _rgb((10, 20, 30), (3, 2))
+    rgb.putpixel((0, 0), (200, 0, 0))
+    gray = Image.new("L", (3, 2), 40)
+    gray.putpixel((0, 0), 90)
+    for im, key, kept in ((rgb, (10, 20, 30), (200, 0, 0)), (gray, 40, (90, 90, 90))):
+        x = rgb_array(_save(im, tmp_path / f"key_{im.mode}.png", transparency=key))
+        assert tuple(x[0, 0]) == kept, im.mode
+        assert (x.reshape(-1, 3)[1:] == 255).all(), im.mode
+
+
+def test_broken_exif_in_a_png_keeps_the_stored_pixels(tmp_path):
+    """EXIF that is not TIFF data (Pillow's exif_transpose raises SyntaxError on it in a PNG):
+    the photo is read as stored, not refused."""
+    im = _rgb((1, 2, 3), (4, 2))
+    im.putpixel((0, 0), (250, 0, 0))
+    path = _save(im, tmp_path / "badexif.png", exif=b"Exif\x00\x00garbage-not-tiff")
+    x = rgb_array(path)
+    assert x.shape == (2, 4, 3) and tuple(x[0, 0]) == (250, 0, 0) and tuple(x[1, 3]) == (1, 2, 3)
+
+
+def test_a_32_bit_image_with_8_bit_values_keeps_them():
+    """Pillow's I mode holding 0..255 is an 8-bit image in disguise: 255 stays 255 (scaled as
+    16-bit data, 255 // 257 would be black)."""
+    im = Image.fromarray(np.array([[0, 128, 255]], np.int32))
+    assert im.mode == "I"
+    assert rgb_array(im)[0, :, 0].tolist() == [0, 128, 255]
+
+
+def test_an_input_error_names_a_pil_image_by_width_then_height():
+    _assert_input_error(Image.new("La", (5, 3)), "<PIL image 5x3 La>", "cannot convert a La image")
+
+
+def test_out_of_memory_while_decoding_names_the_size_width_first(tmp_path, monkeypatch):
+    from PIL import ImageFile
+
+    path = _save(_rgb(size=(30, 20)), tmp_path / "wide.png")
+
+    def no_memory(self, *args, **kwargs):
+        raise MemoryError
+
+    monkeypatch.setattr(ImageFile.ImageFile, "load", no_memory)
+    _assert_input_error(path, str(path), "not enough memory to decode a 30x20 image")
+
+
 def test_palette_png(tmp_path):
     im = _rgb((10, 120, 250)).convert("P", palette=Image.Palette.ADAPTIVE)
     x = rgb_array(_save(im, tmp_path / "p.png"))
@@ -265,6 +332,13 @@ def test_rgba_and_bgra_arrays_over_white():
     x = rgb_array(rgba)
     assert tuple(x[0, 0]) == (255, 0, 0) and tuple(x[1, 1]) == (255, 255, 255)
     assert tuple(rgb_array(rgba, color="bgr")[0, 0]) == (0, 0, 255)
+
+
+def test_half_transparent_array_pixels_are_blended_with_white_and_rounded():
+    # (c * 128 + 255 * 127) / 255: c = 1 gives 127.502 -> 128, c = 0 gives 127, c = 255 gives 255
+    rgba = np.array([[[1, 0, 255, 128]]], np.uint8)
+    assert tuple(rgb_array(rgba)[0, 0]) == (128, 127, 255)
+    assert tuple(rgb_array(rgba, color="bgr")[0, 0]) == (255, 127, 128)
 
 
 def test_float_and_uint16_arrays():
