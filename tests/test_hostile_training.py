@@ -456,7 +456,7 @@ def test_photos_outside_the_folder_are_refused_unless_allowed(tmp_path):
     reports = []
     data = read_folder(root, dev_fraction=0.3, report=reports.append)
     used = {it.file_name for it in data.train + data.dev}
-    assert used == {"a.png", "b.png", "c.png", "inner/ok.png", "inner/up.png"}
+    assert used == {"a.png", "b.png", "c.png", "inner/ok.png"}  # inner/up.png: a.png's caption
     assert [r.split(": ", 2)[1:] for r in reports] == [
         [
             "../private/secret.png",
@@ -476,8 +476,17 @@ def test_photos_outside_the_folder_are_refused_unless_allowed(tmp_path):
     ]
     reports.clear()
     allowed = read_folder(root, dev_fraction=0.3, report=reports.append, allow_outside=True)
-    assert len(allowed.train + allowed.dev) == 7  # the absolute path repeats secret.png's name
-    assert len(reports) == 1 and "same file name as ../private/secret.png" in reports[0]
+    assert reports == []
+    # the absolute path and the link are secret.png under other names, inner/up.png is a.png:
+    # their captions join those photos'
+    captions = {it.file_name: it.captions for it in allowed.train + allowed.dev}
+    assert sorted(captions["../private/secret.png"]) == [
+        "a secret",
+        "a secret through a link",
+        "the same secret",
+    ]
+    assert "inner/up.png" not in captions and "a red ball again" in captions["a.png"]
+    assert len(captions) == 5
 
 
 def test_flickr_layout_rows_outside_the_images_folder_are_refused(tmp_path):

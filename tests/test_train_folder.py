@@ -200,7 +200,12 @@ BAD_ROWS = [
         "a.png: split 'dev', but line 2 put this photo in 'train'; row skipped",
         5,
     ),
-    ([("other/b.png", "a twin")], "twin", "other/b.png: same file name as b.png (line 3)", 5),
+    (
+        [("./b.png", "a dog again", "train")],
+        "split",
+        "./b.png: split 'train', but line 3 put this photo (as b.png) in 'dev'; row skipped",
+        5,
+    ),
     ([("a.png", "a ball", " ")], "split", "a.png: no split (the file has a split column); row skipped", 2),
 ]
 
@@ -216,7 +221,7 @@ def test_a_bad_row_or_photo_is_reported_and_skipped(tmp_path, bad, prepare, prob
         tmp_path / "f",
         rows,
         header=header,
-        photos=["a.png", "b.png", "c.png"] + (["other/b.png"] if prepare == "twin" else []),
+        photos=["a.png", "b.png", "c.png"],
     )
     if prepare == "garbage":
         (root / "bad.png").write_bytes(b"this is not an image")
@@ -230,6 +235,32 @@ def test_a_bad_row_or_photo_is_reported_and_skipped(tmp_path, bad, prepare, prob
     assert reports[0].startswith(f"{root / 'captions.csv'}:{line}: {problem}"), reports[0]
     assert set(by_photo(data)) == {"a.png", "b.png", "c.png"}  # the good photos stay, no other
     assert by_photo(data)["a.png"] == ["a red ball"]
+
+
+def test_photos_of_one_name_in_two_subfolders_are_two_photos_and_two_spellings_one(tmp_path):
+    """Two recordings' frame_0001.png are both trained on, each with its own captions; a row
+    naming a photo another way (./, a link to it) adds its caption to that photo."""
+    root = folder(
+        tmp_path / "f",
+        [
+            ("run1/frame_0001.png", "a cup on a desk"),
+            ("run2/frame_0001.png", "a bus in the street"),
+            ("./run1/frame_0001.png", "a mug on a table"),
+            ("run1/./frame_0001.png", "a cup beside a keyboard"),
+            ("latest.png", "a red bus"),
+            ("c.png", "a cat"),
+        ],
+        photos=["run1/frame_0001.png", "run2/frame_0001.png", "c.png"],
+    )
+    (root / "latest.png").symlink_to("run2/frame_0001.png")
+    reports = []
+    data = read_folder(root, dev_fraction=0.3, report=reports.append)
+    assert reports == []
+    assert by_photo(data) == {
+        "run1/frame_0001.png": ["a cup on a desk", "a mug on a table", "a cup beside a keyboard"],
+        "run2/frame_0001.png": ["a bus in the street", "a red bus"],
+        "c.png": ["a cat"],
+    }
 
 
 def test_nothing_usable_is_one_error(tmp_path):

@@ -3,7 +3,9 @@
 ``captions.csv`` has a header line naming the columns ``file`` and ``caption`` (in any order,
 other columns ignored) and optionally ``split`` (``train`` or ``dev``); ``captions.jsonl`` has one
 JSON object a line with the same keys. A photo may have several rows, one per caption. ``file``
-is the photo's path relative to the folder (or to ``images``).
+is the photo's path relative to the folder (or to ``images``): photos of one name in two
+subfolders (two recordings' ``frame_0001.jpg``) are two photos, two spellings of one file
+(``./a.png``, a link to it) one.
 
 Without a split column the photos (never the captions: all captions of a photo go the same way)
 are split by a seeded hash of their file names: the same files and seed always give the same
@@ -167,6 +169,16 @@ def read_folder(
         problems.close(escape_field(str(source)))
 
 
+def _identity(images: Path, file: str) -> str:
+    """Which photo a row names: its resolved path (photos of one name in two subfolders are two
+    photos; two spellings of one file, or a link and its target, are one)."""
+    path = images / file
+    try:
+        return str(path.resolve())
+    except (OSError, RuntimeError, ValueError):  # a link loop, a NUL: its reading reports it
+        return os.path.normpath(path)
+
+
 def _read_folder(
     source: Path,
     images: Path,
@@ -188,38 +200,34 @@ def _read_folder(
     photos: dict[str, CaptionedImage] = {}
     lines: dict[str, int] = {}
     splits: dict[str, str | None] = {}
-    by_name: dict[str, str] = {}
+    first: dict[str, str] = {}  # a photo's identity -> the spelling its first row gave
+    spelled: dict[str, str] = {}  # a row's spelling -> the photo's first spelling
 
     def skip(line: int, file: str, why: str, what: str = "row") -> None:
         problems(lambda: f"{shown_source}:{line}: {escape_field(file)}: {why}; {what} skipped")
 
     for row in rows:
-        if row.file not in photos:
+        file = spelled.get(row.file)
+        if file is None:
             outside = inside is not None and outside_problem(inside, row.file)
             if outside:
                 skip(row.line, row.file, f"{outside}; {OUTSIDE_HINT}")
                 continue
-            other = by_name.get(Path(row.file).name)
-            if other is not None:
-                # the feature cache (edgecap.training.features) keys photos by file name
-                skip(
-                    row.line,
-                    row.file,
-                    f"same file name as {escape_field(other)} (line "
-                    f"{lines[other]}); photos need distinct file names",
-                )
-                continue
-            by_name[Path(row.file).name] = row.file
-            photos[row.file] = CaptionedImage(row.file, [], image_id=len(photos))
-            lines[row.file], splits[row.file] = row.line, row.split
-        elif row.split != splits[row.file]:
+            # one photo however it is spelled (./a.png, a//a.png, a link to it): its captions
+            # go together, never one spelling to train and another to dev
+            file = spelled[row.file] = first.setdefault(_identity(images, row.file), row.file)
+            if file not in photos:
+                photos[file] = CaptionedImage(file, [], image_id=len(photos))
+                lines[file], splits[file] = row.line, row.split
+        if row.split != splits[file]:
+            alias = f" (as {escape_field(file)})" if file != row.file else ""
             skip(
                 row.line,
                 row.file,
-                f"split {row.split!r}, but line {lines[row.file]} put this photo in {splits[row.file]!r}",
+                f"split {row.split!r}, but line {lines[file]} put this photo{alias} in {splits[file]!r}",
             )
             continue
-        photos[row.file].captions.append(row.caption)
+        photos[file].captions.append(row.caption)
 
     if check_images:
         from edgecap.images import load_rgb
