@@ -110,7 +110,9 @@ def add_arguments(p: argparse.ArgumentParser) -> None:
         default=TRAIN["scheduled_sampling"],
         metavar="P",
         help="final probability of feeding the model its own previous "
-        "word instead of the reference's, in [0, 1] (0: always the reference)",
+        "word instead of the reference's, in [0, 1] (0: always the reference); it rises "
+        "linearly from 0 in epoch 1 to P in epoch --epochs, so a run resumed with another "
+        "--epochs goes on along the new ramp",
     )
     p.add_argument(
         "--alpha-c", type=float, default=TRAIN["alpha_c"], help="doubly stochastic attention weight"
