@@ -127,12 +127,13 @@ def _match(pattern: tuple[str, ...], rel: tuple[str, ...]) -> bool:
 
 def _may_descend(pattern: tuple[str, ...], rel: tuple[str, ...]) -> bool:
     """Whether a folder at ``rel`` may hold matches: its parts match the pattern's leading parts
-    (up to a ``**``) and the pattern is deep enough."""
+    (up to a ``**``) and the pattern is deep enough. A ``**`` descends (a last one too:
+    ``photos/**`` is every image below photos, as in ``glob``), but not into hidden folders."""
     for i, part in enumerate(rel):
+        if i < len(pattern) and pattern[i] == "**":
+            return all(not p.startswith(".") for p in rel[i:])
         if i >= len(pattern) - 1:
             return False
-        if pattern[i] == "**":
-            return not part.startswith(".") and all(not p.startswith(".") for p in rel[i:])
         if not _match_part(pattern[i], part):
             return False
     return True

@@ -164,6 +164,46 @@ def test_empty_path_is_an_error_not_the_current_folder(tmp_path):
     assert "empty PATH" in pairs[0][1].problem
 
 
+def test_globs_match_the_image_files_pythons_glob_matches(tmp_path, monkeypatch):
+    """A glob gives the image files that ``glob.glob(pattern, recursive=True)`` gives: ``*`` and
+    ``**`` skip hidden files and folders unless the pattern names the dot, ``**`` alone means
+    every file at any depth, and an upper-case suffix (a camera's .JPG) is an image suffix."""
+    import glob
+
+    monkeypatch.chdir(tmp_path)
+    names = ("r/a.png", "r/IMG_1.JPG", "r/b.Png", "r/.c.png", "r/sub/d.png", "r/.hid/e.png")
+    names += ("r/sub/deep/f.jpg",)
+    for name in names:
+        Path(name).parent.mkdir(parents=True, exist_ok=True)
+        _photo(Path(name))
+    Path("r/notes.txt").write_text("not an image")
+    patterns = ("r/*", "r/**", "r/**/*", "r/**/*.png", "r/.*", "r/*/*", "r/.hid/*", "r/*.JPG", "r/**/deep/*")
+    for pattern in patterns:
+        want = sorted(
+            name
+            for name in glob.glob(pattern, recursive=True)
+            if os.path.isfile(name) and not name.endswith(".txt")
+        )
+        good, skipped = _split(list(expand_all([pattern])))
+        assert sorted(good) == want and not skipped, pattern
+    assert len(_split(expand_all(["r/**"]))[0]) == 5  # all but the hidden ones
+
+
+def test_a_file_named_like_a_glob_is_that_file(tmp_path):
+    literal = _photo(tmp_path / "x[1].png")
+    _photo(tmp_path / "x1.png")  # what the pattern x[1].png would match
+    assert list(expand_all([str(literal)])) == [(str(literal), str(literal))]
+
+
+def test_a_folder_holding_only_a_link_loop_is_said_to_hold_no_images(tmp_path):
+    root = tmp_path / "photos"
+    root.mkdir()
+    (root / "loop").symlink_to(".")
+    _, skipped = _split(list(expand_all([str(root)])))
+    assert "symbolic link loop" in skipped[str(root / "loop")]
+    assert skipped[str(root)].startswith("folder holds no image files")
+
+
 def test_cli_reports_every_skip_and_captions_the_rest(tiny_model_dir, tmp_path):
     root = tmp_path / "photos"
     root.mkdir()
