@@ -8,7 +8,7 @@ import pytest
 from edgecap.decoding import CaptionOptions, length_normalised
 from helpers import plain_search as beam_search
 from fakes import END, START, PrefixHashBackend
-from helpers import has_repeated_ngram
+from helpers import TableBackend, has_repeated_ngram
 
 
 def search_options(**fields) -> CaptionOptions:
@@ -146,6 +146,49 @@ def test_attention_follows_the_reordered_rows():
         for i, w in enumerate(hyp.tokens):
             assert hyp.attention[i, 0] == pytest.approx(0.25 + (state % 7) / 100.0, abs=1e-6)
             state = PrefixHashBackend.next_state(state, w)
+
+
+class _PrefixAttentionBackend(TableBackend):
+    """A table decoder whose attention names the row's input prefix: region 0 its length,
+    region 1 its last word (0 for the empty prefix)."""
+
+    def start(self, encoded, image_index, return_attention=False):
+        session = super().start(encoded, image_index, return_attention)
+        step = session._step
+
+        def _step(tokens, source_rows, word_bias=None):
+            result = step(tokens, source_rows, word_bias)
+            if result.alpha is not None:
+                result.alpha[:] = 0.0
+                for row, prefix in enumerate(session.prefixes):
+                    result.alpha[row, 0] = len(prefix)
+                    result.alpha[row, 1] = self.index[prefix[-1]] if prefix else 0
+            return result
+
+        session._step = _step
+        return session
+
+
+def test_attention_follows_the_back_pointers_across_rows():
+    """Beam 2: word 1 "a" (-0.1, row 0), "cat" (-0.2, row 1); word 2 both new beams continue
+    row 1 ("cat runs" -0.3, "cat fast" -0.5; "a dog" is -3.1), so the best caption's second
+    word was chosen in row 1 and its rows moved. Word 3 both end ("cat runs <end>" -0.4,
+    "cat fast <end>" -2.5). The best caption "cat runs" (ids 5 6) attended, word by word, from
+    the prefixes () and ("cat",): [[0, 0], [1, 5]] in regions 0-1."""
+    words = ["<pad>", "<start>", "<end>", "a", "dog", "cat", "runs", "fast"]
+    rows = {
+        (): {"a": -0.1, "cat": -0.2},
+        ("a",): {"dog": -3.0, "runs": -3.5},
+        ("cat",): {"runs": -0.1, "fast": -0.3},
+        ("cat", "runs"): {"<end>": -0.1},
+    }
+    backend = _PrefixAttentionBackend(words, lambda prefix: rows.get(prefix, {"<end>": -2.0}))
+    options = search_options(beam_size=2, n_best=2, max_length=5)
+    encoded = backend.encode(np.zeros((1, 3, 2, 2), np.float32))
+    (hyps,) = beam_search(backend, encoded, options, START, END, return_attention=True)
+    assert [[words[w] for w in h.tokens] for h in hyps] == [["cat", "runs"], ["cat", "fast"]]
+    for hyp in hyps:
+        np.testing.assert_array_equal(hyp.attention, [[0, 0, 0, 0], [1, 5, 0, 0]])
 
 
 @pytest.mark.parametrize(
