@@ -198,6 +198,26 @@ def test_equal_candidates_keep_the_numpy_order(fixed):
 
 
 @pytest.mark.parametrize("fixed", [False, True])
+def test_a_wide_tie_keeps_the_row_order(fixed):
+    """Beam 4, five candidates a row: 20 candidates, enough for an unstable sort to reorder
+    ties. Word 1: a b c d (-1 each); word 2: every row's a b c d e (-1 each: 20 ties at -2),
+    taken in row order then rank order: row 0's "a a", "a b", "a c", "a d"; word 3: each ends
+    (-3, tied again), ranked as they finished."""
+    words = ["<pad>", "<start>", "<end>", "<unk>", "a", "b", "c", "d", "e"]
+    first = {w: -1.0 for w in "abcd"}
+    second = {w: -1.0 for w in "abcde"}
+    rule = {0: first, 1: second, 2: {"<end>": -1.0}}
+    backend = TableBackend(words, lambda prefix: rule.get(len(prefix), {"<end>": -1.0}), top_k=5)
+    options = CaptionOptions(beam_size=4, n_best=4, max_length=5, no_repeat_ngram=0)
+    want = [["a", "a"], ["a", "b"], ["a", "c"], ["a", "d"]]
+    host = search_with_tags(backend, backend.encode(np.zeros((1, 3, 4, 4))), options, START, END, 9, None)
+    assert [[words[w] for w in h.tokens] for h in host[0]] == want
+    device = _device(backend, backend.encode(np.zeros((1, 3, 4, 4))), options, fixed=fixed, vocab_size=9)
+    assert [[words[w] for w in h.tokens] for h in device[0]] == want
+    _same(host, device)
+
+
+@pytest.mark.parametrize("fixed", [False, True])
 def test_equal_endings_keep_the_first(fixed):
     """No beam ends; the endings after "a" (step 2) and after "a c c" (step 4) rank the same
     (0 with the tag bonus of 4 on "a") and have the same log-probability (-4): the numpy loop
