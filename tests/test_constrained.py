@@ -81,6 +81,38 @@ def test_the_caption_says_a_tag_word_the_model_ranks_low():
     assert [WORDS[w] for w in hyps[1][0].tokens] == ["a", "dog", "runs"]
 
 
+def _late_cat(prefix):
+    """The plain caption "a <end>" ends at word 2; "a dog runs" would then say "cat" (-0.1 each
+    word): a tag word only a plain beam that went on after the plain state was full reaches.
+    The caption that starts with "cat" is long and unlikely. Any other prefix: every word -30."""
+    return {
+        (): {"a": -0.1, "cat": -5.0},
+        ("a",): {"<end>": -0.1, "dog": -0.2},
+        ("a", "dog"): {"runs": -0.1},
+        ("a", "dog", "runs"): {"cat": -0.1},
+        ("a", "dog", "runs", "cat"): {"<end>": -0.1},
+        ("cat",): {"sits": -3.0},
+        ("cat", "sits"): {"on": -3.0},
+        ("cat", "sits", "on"): {"mat": -3.0},
+        ("cat", "sits", "on", "mat"): {"<end>": -3.0},
+    }.get(prefix, {})
+
+
+def test_a_state_with_enough_captions_stops_its_beams():
+    """Beam 1, tag "cat". Word 1: plain "a" (-0.1), said "cat" (-5). Word 2: "a <end>" (-0.2)
+    fills the plain state (1 = beam); its beam goes on once more, "a dog" (-0.3), against
+    "cat sits" (-8) in the said state. Word 3: the plain state has enough captions, so its
+    beam stops ("a dog runs" is not kept); the said state takes "cat sits on" (-11) over
+    "a dog cat" (-30.3). Words 4-5: "cat sits on mat <end>" (-17): the caption, over 5
+    tokens; "a dog runs cat" (-0.5 after word 4) is never reached."""
+    backend = TableBackend(WORDS, _late_cat, top_k=4)
+    encoded = backend.encode(np.zeros((1, 3, 4, 4), np.float32))
+    opts = CaptionOptions(beam_size=1, max_length=8, no_repeat_ngram=0)
+    [[best]] = constrained_beam_search(backend, encoded, opts, START, END, [{WORDS.index("cat")}])
+    assert [WORDS[w] for w in best.tokens] == ["cat", "sits", "on", "mat"] and best.finished
+    assert best.log_prob == pytest.approx(-17.0) and best.score == pytest.approx(-17.0 / 5)
+
+
 def test_no_tags_at_all_gives_the_unguided_captions_on_the_shipped_model():
     from edgecap import Captioner
 
