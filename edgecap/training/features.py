@@ -43,7 +43,7 @@ def cache_name(path: Path) -> str:
     so that a photo replaced under the same name (a new recording's ``frame_0001.jpg``) is
     encoded again rather than trained on with the features of the one before. A photo that
     cannot be examined is named by its path alone (reading it reports the problem)."""
-    resolved = Path(path).resolve()
+    resolved = os.path.realpath(path)  # Path.resolve's answer, in half its time
     try:
         st = os.stat(resolved)
     except OSError:
