@@ -119,6 +119,23 @@ def test_fit_keeps_a_constant_signal_out_and_the_bias_unpenalised():
     assert b == pytest.approx(np.log(9.0), abs=1e-6)
 
 
+def test_class_entropy_counts_a_zero_probability_as_nothing():
+    # 0 log 0 = 0: a class distribution with exact zeros (a float32 softmax underflows) has a
+    # finite entropy: 0 for one sure class, ln 2 for two even ones
+    word_ids = ((10,), (11,), (12,))
+    assert _signal("class_entropy", [10], [1.0, 0.0, 0.0], word_ids) == 0.0
+    assert _signal("class_entropy", [10], [0.5, 0.5, 0.0], word_ids) == pytest.approx(np.log(2.0))
+
+
+def test_fit_standardises_by_the_mean_and_the_standard_deviation():
+    # a signal that is 0 or 4, half and half: mean 2, standard deviation 2 (variance 4); a
+    # confidence.json's "std" is what predict divides by
+    x = np.array([[0.0], [4.0]] * 100)
+    y = np.array([0.0, 1.0] * 100)
+    mean, std, _, _ = fit(x, y)
+    assert mean.tolist() == [2.0] and std.tolist() == [2.0]
+
+
 def test_the_named_tag_and_how_typical_the_photo_is():
     """``named_tag_prob``: the probability of the most probable class the caption names;
     ``typical``: 1 minus the fusion gate's share, and the score and named tag times it."""
@@ -247,6 +264,33 @@ def test_a_malformed_confidence_file_is_a_model_error(tmp_path):
         with pytest.raises(ModelError, match=match):
             ConfidenceModel.load(tmp_path)
     assert ConfidenceModel.load(tmp_path / "none") is None
+
+
+@pytest.mark.parametrize(
+    "change, match",
+    [
+        ({"signals": ["score", "score"]}, "each once"),
+        ({"weights": [float("nan"), 0.0]}, "2 numbers each"),
+        ({"mean": [0.0, float("inf")]}, "2 numbers each"),
+        ({"bias": float("nan")}, "bias must be a number"),
+        ({"bias": float("-inf")}, "bias must be a number"),
+    ],
+)
+def test_a_confidence_file_with_a_repeated_signal_or_a_non_number_is_a_model_error(tmp_path, change, match):
+    # json.dumps writes NaN and Infinity, and json.loads reads them back: a number that is none
+    spec = {
+        "format": "edgecap-confidence/1",
+        "signals": ["score", "n_words"],
+        "mean": [0.0, 0.0],
+        "std": [1.0, 1.0],
+        "weights": [0.0, 0.0],
+        "bias": 0.0,
+    }
+    (tmp_path / "confidence.json").write_text(json.dumps(spec))
+    assert ConfidenceModel.load(tmp_path).names == ("score", "n_words")
+    (tmp_path / "confidence.json").write_text(json.dumps({**spec, **change}))
+    with pytest.raises(ModelError, match=match):
+        ConfidenceModel.load(tmp_path)
 
 
 def test_min_confidence_on_a_model_without_confidence_is_a_usage_error(tmp_path, default_model_dir, capsys):

@@ -178,6 +178,7 @@ def test_globs_match_the_image_files_pythons_glob_matches(tmp_path, monkeypatch)
         _photo(Path(name))
     Path("r/notes.txt").write_text("not an image")
     patterns = ("r/*", "r/**", "r/**/*", "r/**/*.png", "r/.*", "r/*/*", "r/.hid/*", "r/*.JPG", "r/**/deep/*")
+    patterns += ("r/**/.*",)
     for pattern in patterns:
         want = sorted(
             name
@@ -186,7 +187,18 @@ def test_globs_match_the_image_files_pythons_glob_matches(tmp_path, monkeypatch)
         )
         good, skipped = _split(list(expand_all([pattern])))
         assert sorted(good) == want and not skipped, pattern
-    assert len(_split(expand_all(["r/**"]))[0]) == 5  # all but the hidden ones
+    assert len(_split(list(expand_all(["r/**"])))[0]) == 5  # all but the hidden ones
+
+
+def test_a_glob_does_not_search_folders_it_cannot_match_in(tmp_path):
+    """photos/*.png never looks inside photos/sub, so a link loop there is no skip (exit 1)."""
+    root = tmp_path / "photos"
+    (root / "sub").mkdir(parents=True)
+    _photo(root / "a.png")
+    (root / "sub" / "up").symlink_to("..")
+    assert list(expand_all([f"{root}/*.png"])) == [(str(root / "a.png"), str(root / "a.png"))]
+    _, skipped = _split(list(expand_all([f"{root}/**/*.png"])))  # ** does search it
+    assert "symbolic link loop" in skipped[str(root / "sub" / "up")]
 
 
 def test_a_file_named_like_a_glob_is_that_file(tmp_path):

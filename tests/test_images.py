@@ -153,6 +153,20 @@ def test_a_32_bit_image_with_8_bit_values_keeps_them():
     assert rgb_array(im)[0, :, 0].tolist() == [0, 128, 255]
 
 
+def test_a_32_bit_image_over_16_bits_is_white_not_wrapped():
+    # values over 65535 are clipped to it (255), not 70000 // 257 = 272 wrapped to 16
+    im = Image.fromarray(np.array([[257, 65535, 70000, 2**31 - 1]], np.int32))
+    assert rgb_array(im)[0, :, 0].tolist() == [1, 255, 255, 255]
+
+
+def test_a_16_bit_file_with_8_bit_values_is_read_as_16_bit(tmp_path, monkeypatch):
+    """Only a 32-bit image keeps values that fit in 8 bits: a 16-bit PNG holds 0-65535, so 255
+    is 255 // 257 = 0 (as in test_16_bit_arrays_and_files_read_as_0_to_65535_alike_and_in_order)."""
+    monkeypatch.setattr(images, "_warned_sixteen_bits", True)  # the dark-frame hint: said before
+    path = _save(Image.fromarray(np.array([[0, 200, 255]], np.uint16)), tmp_path / "deep.png")
+    assert rgb_array(path).max() == 0
+
+
 def test_an_input_error_names_a_pil_image_by_width_then_height():
     _assert_input_error(Image.new("La", (5, 3)), "<PIL image 5x3 La>", "cannot convert a La image")
 
@@ -307,6 +321,25 @@ def test_bad_limits(monkeypatch):
         images.max_pixels()
 
 
+def test_an_environment_limit_above_pillows_lets_pillow_open(tmp_path, monkeypatch):
+    """As set_max_pixels does: EDGECAP_MAX_PIXELS above Pillow's guard raises that guard, so
+    Pillow does not refuse what edgecap allows."""
+    path = tmp_path / "big.png"
+    path.write_bytes(png_header_only(100_000, 100_000))
+    monkeypatch.setenv(images.MAX_PIXELS_ENV, str(10**10))
+    _assert_input_error(path, str(path), "truncated")  # the (fake) pixel data, not the size
+
+
+@pytest.mark.parametrize("value", ["0", "-5"])
+def test_an_environment_limit_below_one_is_refused(monkeypatch, value):
+    monkeypatch.setenv(images.MAX_PIXELS_ENV, value)
+    with pytest.raises(ValueError, match=f"{images.MAX_PIXELS_ENV} must be a positive integer"):
+        images.max_pixels()
+    monkeypatch.setenv(images.MAX_FILE_BYTES_ENV, value)
+    with pytest.raises(ValueError, match=f"{images.MAX_FILE_BYTES_ENV} must be a positive integer"):
+        images.max_file_bytes()
+
+
 # -- arrays ------------------------------------------------------------------------------------
 def test_rgb_array_passes_through():
     x = np.random.default_rng(1).integers(0, 256, (5, 7, 3), dtype=np.uint8)
@@ -332,6 +365,11 @@ def test_rgba_and_bgra_arrays_over_white():
     x = rgb_array(rgba)
     assert tuple(x[0, 0]) == (255, 0, 0) and tuple(x[1, 1]) == (255, 255, 255)
     assert tuple(rgb_array(rgba, color="bgr")[0, 0]) == (0, 0, 255)
+
+
+def test_float_arrays_take_the_whole_closed_range():
+    assert (rgb_array(np.ones((2, 2, 3), np.float32)) == 255).all()  # 1.0 is white, not refused
+    assert (rgb_array(np.zeros((2, 2), np.float64)) == 0).all()
 
 
 def test_half_transparent_array_pixels_are_blended_with_white_and_rounded():
