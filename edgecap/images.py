@@ -289,7 +289,9 @@ def _decode(data: bytes, source: str, draft_size: tuple[int, int] | None = None)
         try:
             im.seek(0)  # animated GIF / WebP / APNG: the first frame
             if draft_size and im.format in ("JPEG", "MPO"):
-                side = min(draft_size)  # square: the EXIF rotation may swap the sides later
+                # square, of the longer side: the EXIF rotation may swap the sides later, and
+                # each side must stay at least as long as the one it becomes
+                side = max(draft_size)
                 im.draft(None, (side, side))
             im.load()
         except MemoryError:

@@ -473,3 +473,16 @@ def test_large_jpeg_is_decoded_at_reduced_scale_with_the_same_model_input():
     assert reduced.size == (500, 375)
     a, b = (images.preprocess([im], Preprocessing()) for im in (full, reduced))
     assert np.abs(a - b).mean() < 0.01
+
+
+def test_reduced_scale_keeps_both_sides_of_a_non_square_model_input():
+    """draft_size (320, 224): a JPEG is reduced only while the photo stays at least 320 wide and
+    224 high, upright (EXIF) or not. A 1200x2000 portrait: 1/4 would give 300x500, under 320
+    wide, so 1/2 (600x1000); stored as 2000x1200 with orientation 6, the same upright 600x1000."""
+    portrait = Image.fromarray(np.random.default_rng(0).integers(0, 256, (2000, 1200, 3), np.uint8))
+    exif = Image.Exif()
+    exif[0x0112] = 6  # rotate 90 degrees clockwise to display
+    for stored, kwargs in ((portrait, {}), (portrait.transpose(Image.Transpose.ROTATE_90), {"exif": exif})):
+        buf = io.BytesIO()
+        stored.save(buf, "JPEG", quality=80, **kwargs)
+        assert images.load_rgb(buf.getvalue(), draft_size=(320, 224)).size == (600, 1000)
