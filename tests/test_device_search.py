@@ -50,13 +50,15 @@ def _device(
     fixed=False,
     vocab_size=None,
     endings=False,
+    wrap=lambda step: step,
 ):
-    """The device search over ``backend``'s own session (one host round trip per step)."""
+    """The device search over ``backend``'s own session (one host round trip per step);
+    ``wrap``: the step -> the step the search drives."""
     vocab_size = vocab_size or backend.vocab_size
     rules = rules_for(options, encoded.n_images, tag_words, fusion, encoded.class_probs)
     search = DeviceBeamSearch(vocab_size, torch.device("cpu"))
     return search.search(
-        lambda index: SessionStep(backend.start(encoded, index.numpy())),
+        lambda index: wrap(SessionStep(backend.start(encoded, index.numpy()))),
         encoded.n_images,
         options,
         backend.top_k,
@@ -172,6 +174,26 @@ def test_every_continuation_blocked_keeps_the_live_beam(fixed):
 
 
 @pytest.mark.parametrize("fixed", [False, True])
+def test_every_continuation_blocked_after_one_ended_keeps_only_the_ended(fixed):
+    """Beam 2, no word twice (no_repeat_ngram=1), top K 2. Word 1: "a" -0.1, "b" -0.2. Word 2:
+    "a <end>" (-0.2) finishes; "b b" (-0.3) is blocked; "a b", "b a" (-0.4) go on. Word 3:
+    each row's top K is "a", "b", both said: no live candidate, and a caption has ended, so
+    the image is done with it alone (the blocked beams are not kept beside it)."""
+    rows = {
+        (): {"a": -0.1, "b": -0.2},
+        ("a",): {"<end>": -0.1, "b": -0.3},
+        ("b",): {"b": -0.1, "a": -0.2},
+    }
+    backend = _table(lambda prefix: rows.get(prefix, {"a": -0.1, "b": -0.2}))
+    options = CaptionOptions(beam_size=2, n_best=2, no_repeat_ngram=1)
+    host, device = _both(backend, options, fixed)
+    for hyps in (host[0], device[0]):
+        assert [([WORDS[w] for w in h.tokens], h.finished) for h in hyps] == [(["a"], True)]
+        assert hyps[0].log_prob == pytest.approx(-0.2)
+    _same(host, device)
+
+
+@pytest.mark.parametrize("fixed", [False, True])
 def test_no_beam_ends_gives_the_best_place_to_end(fixed):
     """No beam takes <end> before max_length (it is third in every top K); the caption is the
     best ending seen, a finished hypothesis, not the cut beam."""
@@ -247,38 +269,53 @@ def test_equal_endings_keep_the_first(fixed):
     _same(host, device)
 
 
+class _BrokenFrom:
+    """A step that returns a NaN (row 0's best word) from its ``bad``-th call on."""
+
+    def __init__(self, inner, bad):
+        self.inner, self.bad, self.t = inner, bad, 0
+
+    def first_state(self):
+        return None
+
+    def __call__(self, state, tokens, source_rows, word_bias):
+        values, ids, state = self.inner(state, tokens, source_rows, word_bias)
+        self.t += 1
+        if self.t >= self.bad:
+            values = values.clone()
+            values[0, 0] = float("nan")
+        return values, ids, state
+
+
+def _broken_search(backend, encoded, vocab_size: int, options, fixed: bool):
+    """The device search over ``backend``'s session, broken from word 3."""
+    return _device(
+        backend, encoded, options, fixed=fixed, vocab_size=vocab_size, wrap=lambda step: _BrokenFrom(step, 3)
+    )
+
+
 def test_a_non_finite_step_is_an_error_naming_the_word():
-    class NaNAt:
-        def __init__(self, inner, bad):
-            self.inner, self.bad, self.t = inner, bad, 0
-
-        def first_state(self):
-            return None
-
-        def __call__(self, state, tokens, source_rows, word_bias):
-            values, ids, state = self.inner(state, tokens, source_rows, word_bias)
-            self.t += 1
-            if self.t == self.bad:
-                values = values.clone()
-                values[0, 0] = float("nan")
-            return values, ids, state
-
+    """Broken from word 3 on: the error names the first broken word."""
     backend = PrefixHashBackend(vocab_size=12, top_k=5, end_bias=-5.0)
     encoded = backend.encode(np.array([3]))
-    search = DeviceBeamSearch(12, torch.device("cpu"))
     options = CaptionOptions(beam_size=2, max_length=6, no_repeat_ngram=0)
     for fixed in (False, True):
         with pytest.raises(BackendError, match="non-finite log-probabilities at word 3"):
-            search.search(
-                lambda index: NaNAt(SessionStep(backend.start(encoded, index.numpy())), 3),
-                1,
-                options,
-                5,
-                START,
-                END,
-                Rules(),
-                fixed=fixed,
-            )
+            _broken_search(backend, encoded, 12, options, fixed)
+
+
+def test_the_fixed_search_ignores_a_broken_step_after_every_image_is_done():
+    """The fixed-shape search (a captured graph) runs all ``max_length`` steps; a step that
+    returns NaN only after the last image is done (the numpy loop never runs it) is no error.
+    Beam 1: "a" (-0.1), "a <end>" (-0.2) at word 2, done; the step breaks from word 3."""
+    rows = {(): {"a": -0.1, "b": -0.3}, ("a",): {"<end>": -0.1, "b": -0.2}}
+    backend = _table(lambda prefix: rows.get(prefix, {"b": -0.1}))
+    encoded = backend.encode(np.zeros((1, 3, 4, 4), np.float32))
+    options = CaptionOptions(beam_size=1, max_length=5, no_repeat_ngram=0)
+    for fixed in (False, True):
+        [[hyp]] = _broken_search(backend, encoded, len(WORDS), options, fixed)
+        assert [WORDS[w] for w in hyp.tokens] == ["a"] and hyp.finished
+        assert hyp.log_prob == pytest.approx(-0.2)
 
 
 # -- the shipped model on the example photos ---------------------------------------------------
