@@ -194,6 +194,39 @@ def test_a_new_scorer_plugs_into_the_loop():
     assert all(h[0].rank_score == pytest.approx(h[0].score) for h in ruled)
 
 
+class _Boost(Scorer):
+    """A test rule: ``value`` on one word for every row, every step."""
+
+    def __init__(self, word: int, value: float, vocab_size: int, image_index: np.ndarray):
+        self.row = np.zeros((len(image_index), vocab_size), np.float32)
+        self.row[:, word] = value
+
+    def bias(self, t, tokens, source_rows):
+        return self.row
+
+
+def test_a_constrained_search_sends_the_scorers_bias_with_the_surfacing():
+    """Beam 2, one image, tag word 7: rows 0-1 state 0, rows 2-3 state 1. A scorer adds 1.5 to
+    word 5 (as the fused language models add to every word): the first step's word_bias is
+    that on every row plus SURFACE (100) on word 7 of the state-0 rows, so the scorer's word
+    can reach the step's top K in a constrained search too."""
+    backend = PrefixHashBackend(vocab_size=12, top_k=6)
+    options = CaptionOptions(beam_size=2, max_length=3, no_repeat_ngram=0)
+    beam_search(
+        backend,
+        backend.encode(np.array([4])),
+        options,
+        START,
+        END,
+        scorers=[partial(_Boost, 5, 1.5, 12)],
+        partition=TagConstraint((frozenset({7}),), 12),
+    )
+    expected = np.zeros((4, 12))
+    expected[:, 5] = 1.5
+    expected[[0, 1], 7] = 100.0
+    np.testing.assert_array_equal(backend.biases[0], expected)
+
+
 def test_filters_are_parts_too():
     rule = NoRepeatNgram(2, END)
     rule.begin_step(0)
