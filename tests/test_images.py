@@ -49,6 +49,12 @@ def test_directory(tmp_path):
     _assert_input_error(str(tmp_path), str(tmp_path), "directory")
 
 
+def test_a_relative_path_is_named_as_given(tmp_path, monkeypatch):
+    monkeypatch.chdir(tmp_path)
+    _assert_input_error("nope.jpg", "nope.jpg", "no such file")
+    _assert_input_error(Path("sub") / "nope.png", str(Path("sub") / "nope.png"), "no such file")
+
+
 def test_empty_file(tmp_path):
     path = tmp_path / "empty.jpg"
     path.write_bytes(b"")
@@ -253,6 +259,18 @@ def test_pil_input_is_not_modified():
     im = Image.new("RGBA", (3, 3), (0, 0, 0, 0))
     images.load_rgb(im)
     assert im.mode == "RGBA" and im.getpixel((0, 0)) == (0, 0, 0, 0)
+
+
+def test_an_exif_rotated_pil_image_is_turned_upright_without_turning_the_callers(tmp_path):
+    upright = Image.new("RGB", (2, 3), (0, 0, 200))
+    upright.putpixel((0, 0), (250, 0, 0))  # the top-left corner, where the viewer shows it
+    exif = Image.Exif()
+    exif[0x0112] = 6  # stored turned 90 degrees anticlockwise: rotate clockwise to display
+    path = _save(upright.transpose(Image.Transpose.ROTATE_90), tmp_path / "turned.png", exif=exif)
+    with Image.open(path) as im:
+        x = rgb_array(im)
+        assert im.size == (3, 2) and im.getexif()[0x0112] == 6  # the caller's, as stored
+    assert x.shape == (3, 2, 3) and tuple(x[0, 0]) == (250, 0, 0)
 
 
 def test_bundled_example_photos():
