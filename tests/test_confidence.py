@@ -59,6 +59,9 @@ def test_auroc_and_fit_on_known_cases():
     assert auroc([0.9, 0.8, 0.1], [True, True, False]) == 1.0
     assert auroc([0.1, 0.2, 0.9], [True, True, False]) == 0.0
     assert auroc([0.5, 0.5], [True, False]) == 0.5
+    for labels in ([True, True], [False, False]):  # no wrong (or no right) caption to rank
+        with pytest.raises(ValueError, match="both right and wrong"):
+            auroc([0.5, 0.7], labels)
     rng = np.random.default_rng(0)
     informative = rng.normal(size=400)
     noise = rng.normal(size=400)

@@ -173,6 +173,17 @@ def test_a_16_bit_file_with_8_bit_values_is_read_as_16_bit(tmp_path, monkeypatch
     assert rgb_array(path).max() == 0
 
 
+@pytest.mark.parametrize("size", [(0, 5), (5, 0)])
+def test_a_pil_image_with_no_pixels_is_an_input_error(size):
+    w, h = size
+    _assert_input_error(Image.new("RGB", size), f"<PIL image {w}x{h} RGB>", f"image has no pixels ({w}x{h})")
+
+
+def test_a_32_bit_image_with_a_negative_value_is_refused():
+    im = Image.fromarray(np.array([[0, -1, 200]], np.int32))
+    _assert_input_error(im, "<PIL image 3x1 I>", "negative pixel values")
+
+
 def test_an_input_error_names_a_pil_image_by_width_then_height():
     _assert_input_error(Image.new("La", (5, 3)), "<PIL image 5x3 La>", "cannot convert a La image")
 
