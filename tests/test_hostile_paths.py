@@ -201,6 +201,19 @@ def test_a_glob_does_not_search_folders_it_cannot_match_in(tmp_path):
     assert "symbolic link loop" in skipped[str(root / "sub" / "up")]
 
 
+def test_a_link_to_a_folder_is_searched_and_a_special_file_is_passed_on(tmp_path):
+    """A PATH that is a link to a folder is searched like the folder; a named pipe called
+    *.jpg in it is passed on for the captioner to refuse (edgecap.files), not dropped."""
+    real = tmp_path / "real"
+    real.mkdir()
+    _photo(real / "a.png")
+    os.mkfifo(real / "pipe.jpg")
+    (tmp_path / "link").symlink_to("real")
+    link = tmp_path / "link"
+    want = [str(link / "a.png"), str(link / "pipe.jpg")]
+    assert list(expand_all([str(link)])) == [(name, name) for name in want]
+
+
 def test_a_file_named_like_a_glob_is_that_file(tmp_path):
     literal = _photo(tmp_path / "x[1].png")
     _photo(tmp_path / "x1.png")  # what the pattern x[1].png would match

@@ -515,3 +515,14 @@ def test_reduced_scale_keeps_both_sides_of_a_non_square_model_input():
         buf = io.BytesIO()
         stored.save(buf, "JPEG", quality=80, **kwargs)
         assert images.load_rgb(buf.getvalue(), draft_size=(320, 224)).size == (600, 1000)
+
+
+def test_a_cameras_multi_picture_jpeg_is_decoded_at_reduced_scale_too():
+    """An MPO (Pillow's format for a camera's JPEG with a second picture) is a JPEG: 2000x1600 at
+    1/4 is 500x400 (1/8, 250x200, would be under 224 high)."""
+    photo = Image.fromarray(np.random.default_rng(0).integers(0, 256, (1600, 2000, 3), np.uint8))
+    buf = io.BytesIO()
+    photo.save(buf, "MPO", save_all=True, append_images=[photo.resize((200, 160))])
+    with Image.open(io.BytesIO(buf.getvalue())) as im:
+        assert im.format == "MPO"
+    assert images.load_rgb(buf.getvalue(), draft_size=(224, 224)).size == (500, 400)
