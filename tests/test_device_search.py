@@ -174,6 +174,29 @@ def test_every_continuation_blocked_keeps_the_live_beam(fixed):
 
 
 @pytest.mark.parametrize("fixed", [False, True])
+def test_every_continuation_blocked_with_a_masked_row_keeps_the_live_beam(fixed):
+    """Beam 2, no word twice, top K 2. Word 1: "a" (-0.1), "b" (-0.2). Word 2: "a c" (-0.2),
+    "b c" (-0.3) ("a a", "b b" blocked). Word 3: "b c a" (-0.4) is the only continuation
+    ("a c a", "a c c", "b c b" blocked): row 1 is masked. Word 4: "b c a b", "b c a c"
+    blocked; the masked row's candidates are no live ones, so the image is done and "b c a"
+    is the caption, unfinished."""
+    rows = {
+        (): {"a": -0.1, "b": -0.2},
+        ("a",): {"c": -0.1, "a": -0.2},
+        ("b",): {"c": -0.1, "b": -0.2},
+        ("a", "c"): {"a": -0.1, "c": -0.2},
+        ("b", "c"): {"a": -0.1, "b": -0.2},
+        ("b", "c", "a"): {"b": -0.1, "c": -0.2},
+    }
+    backend = _table(lambda prefix: rows.get(prefix, {"a": -0.1, "b": -0.2}))
+    host, device = _both(backend, CaptionOptions(beam_size=2, no_repeat_ngram=1), fixed)
+    for hyps in (host[0], device[0]):
+        assert [([WORDS[w] for w in h.tokens], h.finished) for h in hyps] == [(["b", "c", "a"], False)]
+        assert hyps[0].log_prob == pytest.approx(-0.4)
+    _same(host, device)
+
+
+@pytest.mark.parametrize("fixed", [False, True])
 def test_every_continuation_blocked_after_one_ended_keeps_only_the_ended(fixed):
     """Beam 2, no word twice (no_repeat_ngram=1), top K 2. Word 1: "a" -0.1, "b" -0.2. Word 2:
     "a <end>" (-0.2) finishes; "b b" (-0.3) is blocked; "a b", "b a" (-0.4) go on. Word 3:
