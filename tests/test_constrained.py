@@ -113,6 +113,29 @@ def test_a_state_with_enough_captions_stops_its_beams():
     assert best.log_prob == pytest.approx(-17.0) and best.score == pytest.approx(-17.0 / 5)
 
 
+def test_a_surfaced_tag_word_takes_no_place_from_the_plain_continuations():
+    """Beam 1 (two candidates a row), tag "cat". Word 1: plain "a" (-0.1), said "cat" (-5).
+    Word 2: the plain row's top K is "cat" (surfaced: it moves the beam to the said state),
+    "<end>", "dog": its two plain candidates are "<end>" and "dog", so "a <end>" (-0.2)
+    finishes and "a dog" (-0.3) goes on; the said state takes "cat sits" (-8). Word 3: "a dog
+    cat" (-0.4) beats "cat sits <end>" (-11, after the beam's continuation: not taken).
+    Word 4: "a dog cat <end>" (-0.5), the caption."""
+    rows = {
+        (): {"a": -0.1, "cat": -5.0},
+        ("a",): {"<end>": -0.1, "dog": -0.2},
+        ("a", "dog"): {"cat": -0.1},
+        ("a", "dog", "cat"): {"<end>": -0.1},
+        ("cat",): {"sits": -3.0},
+        ("cat", "sits"): {"<end>": -3.0},
+    }
+    backend = TableBackend(WORDS, lambda prefix: rows.get(prefix, {}), top_k=4)
+    encoded = backend.encode(np.zeros((1, 3, 4, 4), np.float32))
+    opts = CaptionOptions(beam_size=1, max_length=8, no_repeat_ngram=0)
+    [[best]] = constrained_beam_search(backend, encoded, opts, START, END, [{WORDS.index("cat")}])
+    assert [WORDS[w] for w in best.tokens] == ["a", "dog", "cat"] and best.finished
+    assert best.log_prob == pytest.approx(-0.5)
+
+
 def test_no_tags_at_all_gives_the_unguided_captions_on_the_shipped_model():
     from edgecap import Captioner
 
