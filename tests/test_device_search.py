@@ -178,7 +178,8 @@ def test_every_continuation_blocked_with_a_masked_row_keeps_the_live_beam(fixed)
     """Beam 2, no word twice, top K 2. Word 1: "a" (-0.1), "b" (-0.2). Word 2: "a c" (-0.2),
     "b c" (-0.3) ("a a", "b b" blocked). Word 3: "b c a" (-0.4) is the only continuation
     ("a c a", "a c c", "b c b" blocked): row 1 is masked. Word 4: "b c a b", "b c a c"
-    blocked; the masked row's candidates are no live ones, so the image is done and "b c a"
+    blocked; the masked row's candidates are no live ones (its input is "<end>", after which
+    the table puts "<end>" first: no place to end either), so the image is done and "b c a"
     is the caption, unfinished."""
     rows = {
         (): {"a": -0.1, "b": -0.2},
@@ -188,7 +189,10 @@ def test_every_continuation_blocked_with_a_masked_row_keeps_the_live_beam(fixed)
         ("b", "c"): {"a": -0.1, "b": -0.2},
         ("b", "c", "a"): {"b": -0.1, "c": -0.2},
     }
-    backend = _table(lambda prefix: rows.get(prefix, {"a": -0.1, "b": -0.2}))
+    after_end = {"<end>": -0.1, "a": -0.2}
+    backend = _table(
+        lambda prefix: after_end if "<end>" in prefix else rows.get(prefix, {"a": -0.1, "b": -0.2})
+    )
     host, device = _both(backend, CaptionOptions(beam_size=2, no_repeat_ngram=1), fixed)
     for hyps in (host[0], device[0]):
         assert [([WORDS[w] for w in h.tokens], h.finished) for h in hyps] == [(["b", "c", "a"], False)]
