@@ -272,8 +272,10 @@ def train(cfg: TrainConfig, log=print) -> Path:
     if cfg.max_dev_images:
         dev_items = dev_items[: cfg.max_dev_images]
     last = out / "last"
-    for folder in (last, out / "best"):  # a run stopped while replacing one of them
-        recover(folder)
+    if dist.main:  # which writes them; the other ranks read last once it is settled
+        for folder in (last, out / "best"):  # a run stopped while replacing one of them
+            recover(folder)
+    dist.barrier()
     start = initial_model(cfg, train_items, last, log)
     decoder, vocab, meta, resuming = start.decoder, start.vocab, start.meta, start.resuming
     log(f"train {len(train_items)} images, dev {len(dev_items)} images, vocabulary {len(vocab)} words")
