@@ -47,7 +47,7 @@ def cache_name(path: Path) -> str:
     try:
         st = os.stat(resolved)
     except OSError:
-        return str(resolved)
+        return resolved
     return f"{resolved}\0{st.st_size}\0{st.st_mtime_ns}"
 
 

@@ -425,6 +425,16 @@ def train(cfg: TrainConfig, log=print) -> Path:
             f"no better dev CIDEr for {cfg.patience} epochs after epoch {state['best_epoch']}: stopped before"
         )
         first = cfg.epochs + 1
+
+    def resumable(folder: Path) -> None:  # last's training-only files, replaced with it
+        _save_optimizer(optimizer, folder / "optimizer.safetensors", folder / "optimizer.json")
+        if no_image is not None:
+            from safetensors.torch import save_file
+
+            save_file(
+                {k: v.detach().cpu() for k, v in no_image.state_dict().items()}, str(folder / NO_IMAGE_FILE)
+            )
+
     for epoch in range(first, cfg.epochs + 1):
         decay = 0.5 ** ((epoch - 1) // cfg.lr_decay_epochs)
         for group, base in zip(optimizer.param_groups, bases):
@@ -538,16 +548,6 @@ def train(cfg: TrainConfig, log=print) -> Path:
         }
         if improved:
             save_checkpoint(out / "best", decoder, vocab, pre, info, encoder, cfg.encoder)
-
-        def resumable(folder: Path) -> None:  # last's training-only files, replaced with it
-            _save_optimizer(optimizer, folder / "optimizer.safetensors", folder / "optimizer.json")
-            if no_image is not None:
-                from safetensors.torch import save_file
-
-                save_file(
-                    {k: v.detach().cpu() for k, v in no_image.state_dict().items()},
-                    str(folder / NO_IMAGE_FILE),
-                )
 
         save_checkpoint(last, decoder, vocab, pre, info, encoder, cfg.encoder, also=resumable)
         if dist.from_main(epoch - state["best_epoch"] >= cfg.patience):
