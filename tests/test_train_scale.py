@@ -288,6 +288,42 @@ def test_a_checkpoint_stopped_between_its_renames_is_recovered_whole(tmp_path):
     assert sorted(p.name for p in tmp_path.iterdir()) == ["last"]
 
 
+@pytest.mark.skipif(not os.path.isdir("/proc/self/fd"), reason="names an open file through /proc")
+def test_a_checkpoints_files_reach_the_disk_before_the_renames_name_it(tmp_path, monkeypatch):
+    """A power cut after the renames must not leave ``last`` naming files whose data was still in
+    the page cache: every file of the new folder, and the folder, are flushed before the first
+    rename, and the parent (the renames) after the last."""
+    from edgecap.models import checkpoint
+
+    events: list[tuple[str, ...]] = []
+    real_fsync, real_replace = os.fsync, os.replace
+
+    def fsync(fd):
+        events.append(("fsync", os.readlink(f"/proc/self/fd/{fd}")))
+        real_fsync(fd)
+
+    def replace(src, dst):
+        events.append(("replace", str(src), str(dst)))
+        real_replace(src, dst)
+
+    tmp_path = Path(os.path.realpath(tmp_path))  # as /proc names the open files
+    last = tmp_path / "last"
+    with checkpoint.replacing(last) as folder:
+        (folder / "model.safetensors").write_bytes(b"epoch 1")
+    monkeypatch.setattr(checkpoint.os, "fsync", fsync)
+    monkeypatch.setattr(checkpoint.os, "replace", replace)
+    with checkpoint.replacing(last) as folder:
+        (folder / "model.safetensors").write_bytes(b"epoch 2")
+        (folder / "optimizer.json").write_text("{}")
+    new = str(tmp_path / "last.new")
+    renames = [i for i, e in enumerate(events) if e[0] == "replace"]
+    assert [events[i][1:] for i in renames] == [(str(last), str(tmp_path / "last.old")), (new, str(last))]
+    synced_before = {e[1] for e in events[: renames[0]] if e[0] == "fsync"}
+    assert synced_before >= {f"{new}/model.safetensors", f"{new}/optimizer.json", new}
+    assert ("fsync", str(tmp_path)) in events[renames[-1] :]
+    assert (last / "model.safetensors").read_bytes() == b"epoch 2"
+
+
 def test_a_failed_step_leaves_the_steps_before_it_on_disk(noise_dataset, tmp_path, monkeypatch):
     """The step log is written as the run goes, not left in a buffer that an error loses (a
     torchrun rank ends with os._exit, without Python's teardown)."""

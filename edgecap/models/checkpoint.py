@@ -8,7 +8,8 @@ config, preprocessing, training state and metrics). ``optimizer.safetensors`` +
 A checkpoint is written whole or not at all: into a sibling ``NAME.new`` folder, which then
 takes the old one's place by two renames (``replacing``). A run stopped at any point leaves the
 previous checkpoint or the new one, never the new weights beside the old training state or
-optimizer; ``recover`` (called before a run reads its ``last``) settles a stop between the
+optimizer (its files are flushed to the disk before the renames, so a power cut does not make
+one of them empty either); ``recover`` (called before a run reads its ``last``) settles a stop between the
 renames.
 """
 
@@ -116,10 +117,38 @@ def replacing(directory: Path) -> Iterator[Path]:
     except BaseException:
         _remove(new)
         raise
+    _sync(new)  # its files on the disk before the renames make it the checkpoint
     if os.path.lexists(directory):
         os.replace(directory, old)
     os.replace(new, directory)
+    _sync_folder(directory.parent)  # the renames themselves
     _remove(old)
+
+
+def _sync(folder: Path) -> None:
+    """Flush ``folder``'s files and its entries to the disk, so that a power cut after the renames
+    cannot leave the checkpoint's name on files whose data never reached it."""
+    for path in sorted(folder.iterdir()):
+        if path.is_file() and not path.is_symlink():
+            fd = os.open(path, os.O_RDONLY)
+            try:
+                os.fsync(fd)
+            finally:
+                os.close(fd)
+    _sync_folder(folder)
+
+
+def _sync_folder(folder: Path) -> None:
+    try:  # a folder opens read-only on POSIX; where it cannot (Windows), its entries go with the files
+        fd = os.open(folder, os.O_RDONLY)
+    except OSError:
+        return
+    try:
+        os.fsync(fd)
+    except OSError:  # some file systems refuse fsync on a folder: the files are flushed all the same
+        pass
+    finally:
+        os.close(fd)
 
 
 def load_checkpoint(directory: Path):
