@@ -358,6 +358,7 @@ def test_raw_encodings_give_the_photo():
     rgba = np.dstack([CHELSEA, np.full(GRAY.shape, 255, np.uint8)])
     assert np.array_equal(decode("bgra8", rgba[:, :, [2, 1, 0, 3]]), CHELSEA)
     assert np.array_equal(decode("mono8", GRAY), np.dstack([GRAY] * 3))
+    assert np.array_equal(decode("8UC1", GRAY), np.dstack([GRAY] * 3))
     assert np.array_equal(decode("rgba8", rgba), CHELSEA)
     assert np.array_equal(decode("8UC4", rgba[:, :, [2, 1, 0, 3]]), CHELSEA)  # OpenCV's BGRA
     # rows padded past the pixels (step > width x bytes per pixel)
@@ -378,6 +379,8 @@ def test_raw_encodings_give_the_photo():
 def test_depth_images_are_refused():
     with pytest.raises(InputError, match=r"a depth image \(16UC1\), not a picture to caption"):
         decode("16UC1", GRAY.astype(np.uint16))
+    with pytest.raises(InputError, match=r"a depth image \(32FC1\), not a picture to caption"):
+        decode("32FC1", GRAY.astype(np.float32) / 255)
 
 
 def test_raw_frames_over_the_pixel_limit_are_refused():
@@ -412,6 +415,86 @@ def test_yuv422_matches_opencv():
     yuyv = uyvy.reshape(6, 4, 4)[:, :, [1, 0, 3, 2]].reshape(6, 16)
     assert np.abs(yuv422_to_rgb(yuyv, "yuyv", "x").astype(int) - expected).max() <= 1
     assert np.array_equal(decode("yuv422", uyvy.reshape(6, 8, 2)), yuv422_to_rgb(uyvy, "uyvy", "x"))
+
+
+# A 4x4 mosaic of 2x2 cells; cell (r, c), k = 2 r + c, holds 10 + k, 20 + k in its top row and
+# 30 + k, 40 + k in its bottom row.
+MOSAIC = np.array(
+    [
+        [10, 20, 11, 21],
+        [30, 40, 31, 41],
+        [12, 22, 13, 23],
+        [32, 42, 33, 43],
+    ],
+    np.uint8,
+)
+
+
+@pytest.mark.parametrize(
+    "pattern, cell",
+    [
+        # ROS image_encodings: the pattern names the cell's colours row by row; one pixel a cell:
+        # its red, (green + green + 1) // 2, its blue. Cell k: 10 + k, 20 + k / 30 + k, 40 + k.
+        ("rggb", lambda k: (10 + k, (20 + k + 30 + k + 1) // 2, 40 + k)),
+        ("bggr", lambda k: (40 + k, (20 + k + 30 + k + 1) // 2, 10 + k)),
+        ("gbrg", lambda k: (30 + k, (10 + k + 40 + k + 1) // 2, 20 + k)),
+        ("grbg", lambda k: (20 + k, (10 + k + 40 + k + 1) // 2, 30 + k)),
+    ],
+)
+def test_each_bayer_pattern_takes_red_and_blue_from_its_own_cells(pattern, cell):
+    expected = np.array([[cell(0), cell(1)], [cell(2), cell(3)]], np.uint8)
+    assert np.array_equal(decode(f"bayer_{pattern}8", MOSAIC), expected)
+    # an odd row and column past the last whole cell are left out
+    ragged = np.full((5, 5), 255, np.uint8)
+    ragged[:4, :4] = MOSAIC
+    assert np.array_equal(decode(f"BAYER_{pattern.upper()}8", ragged), expected)
+
+
+def test_sixteen_bit_bayer_in_both_byte_orders():
+    # RGGB: every cell's two greens sum to an even number, so x 257 scales back exactly
+    wide = MOSAIC.astype(np.uint16) * 257
+    expected = np.array([[(10, 25, 40), (11, 26, 41)], [(12, 27, 42), (13, 28, 43)]], np.uint8)
+    assert np.array_equal(decode("bayer_rggb16", wide), expected)
+    assert np.array_equal(decode("bayer_rggb16", wide.astype(">u2"), bigendian=True), expected)
+
+
+def test_a_bayer_image_without_a_whole_cell_is_an_input_error():
+    with pytest.raises(InputError, match=r"a Bayer image needs at least 2x2 pixels, got 4x1"):
+        decode("bayer_rggb8", MOSAIC[:1])
+
+
+@pytest.mark.parametrize("encoding", ["uyvy", "yuv422", "yuyv", "yuv422_yuy2", "YUYV"])
+def test_yuv422_pixels_worked_out_from_bt601(encoding):
+    """BT.601 limited range, each macropixel's U and V shared by its two pixels:
+    R = 1.164 (Y - 16) + 1.596 (V - 128), G = 1.164 (Y - 16) - 0.391 (U - 128) - 0.813 (V - 128),
+    B = 1.164 (Y - 16) + 2.018 (U - 128), rounded, clipped to 0..255. ROS: yuv422 is UYVY
+    (U Y0 V Y1), yuv422_yuy2 is YUYV (Y0 U Y1 V). OpenCV's COLOR_YUV2RGB_UYVY gives the same pixels."""
+    macropixels = {  # (Y0, U, Y1, V): the two pixels
+        # Y 16 and 235 with neutral chroma: black, and 1.164 x 219 = 254.916 -> 255
+        (16, 128, 235, 128): [(0, 0, 0), (255, 255, 255)],
+        # 1.164 x 84 = 97.776; V - 128 = 32: R 97.776 + 51.072, G 97.776 - 26.016
+        (100, 128, 100, 160): [(149, 72, 98)] * 2,
+        # U - 128 = -32: G 97.776 + 12.512, B 97.776 - 64.576
+        (100, 96, 100, 128): [(98, 110, 33)] * 2,
+    }
+    rows = [list(macropixels), list(macropixels)[::-1]]
+    uyvy = encoding.lower() in ("uyvy", "yuv422")
+    packed = np.array(
+        [[[u, y0, v, y1] if uyvy else [y0, u, y1, v] for y0, u, y1, v in row] for row in rows], np.uint8
+    )
+    expected = np.array([[p for m in row for p in macropixels[m]] for row in rows], np.uint8)
+    assert np.array_equal(decode(encoding, packed.reshape(2, 6, 2)), expected)
+
+
+def test_yuv422_of_an_odd_width_is_an_input_error():
+    with pytest.raises(InputError, match="YUV 4:2:2 needs an even width, got 3"):
+        decode("uyvy", np.full((2, 3, 2), 128, np.uint8))
+
+
+def test_raw_data_longer_than_its_rows_is_an_input_error():
+    pixels = np.zeros((2, 2, 3), np.uint8)
+    with pytest.raises(InputError, match="data is 13 bytes, but 2x2 rgb8 with step 6 needs 12"):
+        decode("rgb8", pixels, data=np.zeros(13, np.uint8))
 
 
 def test_wrong_sizes_are_input_errors():
@@ -657,6 +740,14 @@ def test_a_copy_over_a_file_or_into_a_missing_folder_is_refused_before_writing(t
     assert output_problem(bag, bag) == f"{bag} exists already; name a new file or folder"
     out = tmp_path / "no-such-folder" / "copy.bag"
     assert output_problem(bag, out) == f"{out}: folder {out.parent} does not exist"
+
+
+def test_a_topic_the_recording_lacks_is_named_with_the_image_topics(tmp_path):
+    with open_recording(three_frames(tmp_path, "mcap")) as recording:
+        with pytest.raises(
+            RecordingError, match=r"topic /cam/left is not in the recording; image topics: /cam$"
+        ):
+            list(recording.frames(["/cam/left"]))
 
 
 def test_compressed_depth_and_empty_compressed_frames_carry_their_error(tmp_path):
