@@ -117,6 +117,70 @@ def test_leaving_a_live_stream_early_closes_the_source():
     assert closed.wait(DEADLOCK_GUARD_S), "the camera / video would still be open"
 
 
+def test_dropped_counts_only_the_frames_since_the_previous_event():
+    """Frame 0 is captioned slowly while frames 1..3 arrive: 1 and 2 are dropped and 3 is
+    captioned next (dropped=2). Frame 4 comes only once the captioner has taken 3, so it replaces
+    nothing: its event says 0 dropped, not 2 again (``dropped``: since the previous event)."""
+    first_captioning, first_burst_read, third_taken = threading.Event(), threading.Event(), threading.Event()
+
+    def source():
+        yield 0
+        assert first_captioning.wait(DEADLOCK_GUARD_S)
+        yield from (1, 2, 3)
+        first_burst_read.set()
+        assert third_taken.wait(DEADLOCK_GUARD_S)
+        yield 4
+
+    def hook(calls):
+        if calls == 0:
+            first_captioning.set()
+            assert first_burst_read.wait(DEADLOCK_GUARD_S), "the reader stalled"
+        elif calls == 1:  # frame 3 is out of the slot: frame 4 lands in an empty one
+            third_taken.set()
+
+    stream = caption_stream(FakeCaptioner(hook), source())
+    assert [(e.frame_index, e.dropped) for e in stream] == [(0, 0), (3, 2), (4, 0)]
+    assert (stream.stats.frames, stream.stats.captioned, stream.stats.dropped) == (5, 3, 2)
+
+
+def endless_source(closed: threading.Event, read_s: float = 0.0):
+    """0, 1, 2, ... (a camera), each read taking ``read_s``; sets ``closed`` when closed."""
+    try:
+        i = 0
+        while True:
+            time.sleep(read_s)
+            yield i
+            i += 1
+    finally:
+        closed.set()
+
+
+def test_leaving_a_live_loop_has_closed_the_source_by_the_next_statement(monkeypatch):
+    """Leaving the loop waits for the reader's current read (``READER_JOIN_S``, made long here so
+    that a slow test machine cannot fail it) and the source is closed when the loop is left: a
+    program can reopen the camera on the next line. Each read takes 20 ms, as a camera's would."""
+    monkeypatch.setattr("edgecap.stream.READER_JOIN_S", DEADLOCK_GUARD_S)
+    closed = threading.Event()
+    for _event in caption_stream(FakeCaptioner(), endless_source(closed, read_s=0.02)):
+        break
+    assert closed.is_set(), "the camera is still open after the loop"
+
+
+@pytest.mark.parametrize("live", [True, False])
+def test_close_inside_the_loop_ends_it_and_closes_the_source(live, monkeypatch):
+    """``close()`` called from the loop's thread: the source is closed when it returns, and the
+    loop gives no further event."""
+    monkeypatch.setattr("edgecap.stream.READER_JOIN_S", DEADLOCK_GUARD_S)
+    closed = threading.Event()
+    stream = caption_stream(FakeCaptioner(), endless_source(closed), live=live)
+    got = []
+    for event in stream:
+        got.append(event.frame_index)
+        stream.close()
+        assert closed.is_set(), "the camera is still open after close()"
+    assert len(got) == 1
+
+
 @pytest.mark.parametrize("live", [True, False])
 def test_source_errors_reach_the_caller(live):
     def broken():
@@ -185,6 +249,41 @@ def test_a_bad_frame_raises_by_default_after_the_frames_before_it(live):
     assert got == ["frame 0"] and stream.stats.failed == 0
 
 
+@pytest.mark.parametrize("live", [False, True])
+def test_a_bad_frame_that_raises_has_closed_the_source(live):
+    """The InputError ends the stream and closes the source: in the caller's ``except`` block
+    (where a robot would reopen its camera) the source is already closed."""
+    fake = PickyCaptioner()
+    closed = threading.Event()
+
+    def source():
+        try:
+            yield from _paced([0, None, 2, 3], fake)
+        finally:
+            closed.set()
+
+    try:
+        for _event in caption_stream(fake, source(), live=live):
+            pass
+    except InputError:
+        assert closed.is_set(), "the camera is still open in the except block"
+    else:
+        pytest.fail("the None frame raised no InputError")
+
+
+@pytest.mark.parametrize("live", [False, True])
+def test_on_error_return_keeps_only_input_errors(live):
+    """``on_error="return"`` turns a frame the captioner cannot use (an ``InputError``) into an
+    event; any other failure of the captioner (a broken model, a bug) still raises, rather than
+    becoming an event whose ``caption`` is neither a Caption nor an InputError."""
+
+    def crash(calls):
+        raise RuntimeError("the model crashed")
+
+    with pytest.raises(RuntimeError, match="the model crashed"):
+        list(caption_stream(FakeCaptioner(crash), ["a"], live=live, on_error="return"))
+
+
 # -- in order: every sampled frame -------------------------------------------------------------
 def test_in_order_stream_samples_by_frame_time():
     frames = [Frame(index=i, timestamp=i / 10, image=i, color="bgr") for i in range(20)]
@@ -219,6 +318,16 @@ def test_every_grid_starts_at_the_first_frames_timestamp():
     frames = [Frame(index=i, timestamp=0.7 + i / 2, image=i) for i in range(5)]
     events = list(caption_stream(FakeCaptioner(), frames, every=1.0, live=False))
     assert [e.frame_index for e in events] == [0, 2, 4]
+
+
+def test_every_takes_at_most_one_frame_per_interval_after_a_gap():
+    """A source that stalls: frames at 0.0, 2.5, 2.7 and 3.0 s with every=1.0. The slots are
+    [0, 1), [1, 2), [2, 3), [3, 4): 0.0, 2.5 and 3.0 s are captioned; 2.7 s shares 2.5 s's slot
+    and is skipped (at most one frame per interval, even after an empty interval)."""
+    frames = [Frame(index=i, timestamp=t, image=i) for i, t in enumerate([0.0, 2.5, 2.7, 3.0])]
+    stream = caption_stream(FakeCaptioner(), frames, every=1.0, live=False)
+    assert [e.frame_index for e in stream] == [0, 1, 3]
+    assert (stream.stats.frames, stream.stats.skipped) == (4, 1)
 
 
 def test_latency_is_in_milliseconds_and_counts_the_captioning():
@@ -264,7 +373,29 @@ def test_a_stream_is_iterated_once(live):
 
 def test_stats_before_start():
     stats = caption_stream(FakeCaptioner(), []).stats
-    assert stats == StreamStats() and stats.captions_per_second == 0.0
+    assert stats == StreamStats() and stats.captions_per_second == stats.frames_per_second == 0.0
+
+
+def test_stats_rates_and_summary():
+    """20 frames in 2 s, 4 captioned, 16 skipped: 2 captions/s, 10 frames/s (the source's rate,
+    not the captions'); no ", 0 failed" in the summary when none failed."""
+    stats = StreamStats(frames=20, skipped=16, captioned=4, elapsed_s=2.0)
+    assert (stats.captions_per_second, stats.frames_per_second) == (2.0, 10.0)
+    assert str(stats) == (
+        "4 captions from 20 frames in 2.00 s (2.00 captions/s, 10.0 frames/s); "
+        "0 dropped, 16 skipped by sampling"
+    )
+
+
+@pytest.mark.parametrize("live", [True, False])
+def test_stats_stop_the_clock_when_the_stream_ends(live):
+    """``elapsed_s`` of a finished stream is its running time, fixed (so are its rates), live or
+    not."""
+    stream = caption_stream(FakeCaptioner(), ["a", "b"], live=live)
+    list(stream)
+    elapsed = stream.stats.elapsed_s
+    time.sleep(0.01)
+    assert stream.stats.elapsed_s == elapsed > 0
 
 
 # -- with the model ----------------------------------------------------------------------------
@@ -403,6 +534,24 @@ def test_camera_that_does_not_open(monkeypatch):
     with pytest.raises(InputError, match="camera 7: cannot open the camera"):
         camera_frames(7)
     assert fake.captures[0].released.is_set()
+
+
+def test_a_camera_that_gives_no_frame_is_an_empty_stream(monkeypatch):
+    """A camera's frames run until it stops giving them; one that gives none at once is an empty
+    stream (the "no frame could be decoded" error is a video's, whose header promised frames)."""
+    fake = FakeCv2(n_frames=0)
+    monkeypatch.setitem(sys.modules, "cv2", fake)
+    assert list(camera_frames(0)) == []
+    assert fake.captures[0].released.is_set()
+
+
+def test_the_highest_camera_index_and_capture_size_are_accepted(monkeypatch):
+    """Camera indexes run 0..1023 and capture sides 1..32768, both ends included."""
+    fake = FakeCv2(n_frames=1)
+    monkeypatch.setitem(sys.modules, "cv2", fake)
+    assert len(list(camera_frames(1023, width=32768, height=1))) == 1
+    (capture,) = fake.captures
+    assert capture.index == 1023 and capture.props == {3: 32768, 4: 1}
 
 
 def test_closing_a_stream_never_iterated_releases_the_camera(monkeypatch):
