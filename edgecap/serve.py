@@ -42,6 +42,7 @@ import ipaddress
 import signal
 import sys
 import time
+import weakref
 from concurrent.futures import ThreadPoolExecutor
 from dataclasses import dataclass
 
@@ -195,17 +196,33 @@ class CaptionService:
         self.pending = 0
         self.batcher: Batcher | None = None
         self._worker: asyncio.Task | None = None
+        # connection -> the body of its last request, answered before it was read to its end
+        # (a 413): aiohttp then reads and drops the rest for up to 10 s ("lingering"), and a
+        # graceful stop would wait for that; a stop closes these connections at once instead
+        self._unread: weakref.WeakKeyDictionary = weakref.WeakKeyDictionary()
         self.app = web.Application(
-            client_max_size=self.options.max_body_bytes, middlewares=[_json_errors(web)]
+            client_max_size=self.options.max_body_bytes,
+            middlewares=[_noting_unread_bodies(web, self._unread), _json_errors(web)],
         )
         self.app.router.add_post("/caption", self.caption)
         self.app.router.add_get("/health", self.health)
         self.app.on_startup.append(self._start)
+        self.app.on_shutdown.append(self._close_unread)
         self.app.on_cleanup.append(self._stop)
 
     async def _start(self, app) -> None:
         self.batcher = Batcher(self.captioner, self.max_batch, self.options.max_wait_ms / 1e3)
         self._worker = asyncio.get_running_loop().create_task(self.batcher.run())
+
+    async def _close_unread(self, app) -> None:
+        """At a stop (after the listening sockets are closed, before waiting for the requests in
+        flight): close the connections that are only reading an answered request's unwanted body,
+        so that a client holding an over-limit upload open does not hold up the stop. A
+        connection whose body has since ended has moved on to its next request and is left to
+        finish it."""
+        for transport, body in list(self._unread.items()):
+            if not body.at_eof() and not transport.is_closing():
+                transport.close()
 
     async def _stop(self, app) -> None:
         if self._worker is not None:
@@ -292,6 +309,20 @@ def _too_large(web, size: int | None, limit: int):
     )
 
 
+def _noting_unread_bodies(web, unread: weakref.WeakKeyDictionary):
+    """Note each connection whose request was answered before its body was read to the end."""
+
+    @web.middleware
+    async def middleware(request, handler):
+        try:
+            return await handler(request)
+        finally:
+            if request.body_exists and not request.content.at_eof() and request.transport is not None:
+                unread[request.transport] = request.content
+
+    return middleware
+
+
 def _json_errors(web):
     """aiohttp's own errors (404, 405, a malformed request) as ``{"error": ...}`` too."""
 
@@ -331,13 +362,27 @@ def is_loopback(host: str) -> bool:
         return False
 
 
+LINGERING_S = 10.0  # aiohttp's default
+SHUTDOWN_S = 60.0  # aiohttp's default: how long a stop waits for the requests in flight
+
+
 async def start(service: CaptionService, host: str = DEFAULT_HOST, port: int = DEFAULT_PORT):
     """Start serving (in the running event loop); -> (the runner, the port it listens on: the
     one the system chose when ``port`` is 0). Stop with ``await runner.cleanup()``."""
     web = _aiohttp()
     # keepalive: an idle connection is closed after 75 s; no decompression of bodies (a
     # gzip-encoded body would be a decompression bomb past the body limit)
-    runner = web.AppRunner(service.app, access_log=None, keepalive_timeout=75, auto_decompress=False)
+    # lingering: after answering a request whose body was not read (a 413), its rest is read and
+    # dropped for up to this long, so that the client can read the answer before the connection
+    # closes (a stop does not wait for it: CaptionService._close_unread)
+    runner = web.AppRunner(
+        service.app,
+        access_log=None,
+        keepalive_timeout=75,
+        auto_decompress=False,
+        lingering_time=LINGERING_S,
+        shutdown_timeout=SHUTDOWN_S,
+    )
     await runner.setup()  # starts the Batcher's task and thread: stopped again on failure
     try:
         site = web.TCPSite(runner, host, port)

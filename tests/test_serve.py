@@ -428,6 +428,46 @@ def test_a_body_at_the_limit_is_captioned_and_one_over_it_refused_from_its_lengt
     assert fake.batches == [1]  # the refused body never reached the model
 
 
+def test_a_stop_closes_a_connection_left_uploading_an_over_limit_body_and_finishes_the_others(
+    monkeypatch,
+):
+    """A client that keeps an over-limit upload open after its 413 does not hold up a stop
+    (aiohttp would go on reading and dropping the body for its lingering time, and a stop wait
+    for it up to its shutdown timeout, here an hour each): its connection is closed as the stop
+    begins, while a request in flight is still answered."""
+    import edgecap.serve
+
+    monkeypatch.setattr(edgecap.serve, "LINGERING_S", 3600.0)
+    monkeypatch.setattr(edgecap.serve, "SHUTDOWN_S", 3600.0)
+    fake = BlockingCaptioner()
+    running = Running(fake, ServiceOptions(max_body_bytes=1000))
+    stopping = None
+    with ThreadPoolExecutor(1) as pool:
+        try:
+            with socket.create_connection(("127.0.0.1", running.port), timeout=CLIENT_TIMEOUT_S) as big:
+                big.sendall(
+                    b"POST /caption HTTP/1.1\r\nHost: x\r\nContent-Type: image/png\r\n"
+                    b"Content-Length: 1000000\r\n\r\n" + b"x" * 5000
+                )
+                assert read_http_reply(big)[0] == 413
+                in_flight = pool.submit(post, running.port, b"y" * 10)
+                assert fake.entered.acquire(timeout=CLIENT_TIMEOUT_S)  # the model has it
+                stopping = threading.Thread(target=running.stop)
+                stopping.start()
+                assert big.recv(1) == b""  # closed by the stop, the upload unfinished
+                assert not in_flight.done()
+            fake.gate.set()
+            status, answer, _ = in_flight.result(CLIENT_TIMEOUT_S)
+            assert (status, answer["caption"]) == (200, "10 bytes")
+        finally:
+            fake.gate.set()
+            if stopping is None:
+                running.stop()
+            else:
+                stopping.join(CLIENT_TIMEOUT_S)
+                assert not stopping.is_alive()
+
+
 def test_health_reports_the_limits_in_force_and_other_paths_are_json_errors():
     running = Running(
         BlockingCaptioner(batch_size=4),
