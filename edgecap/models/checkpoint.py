@@ -9,8 +9,8 @@ A checkpoint is written whole or not at all: into a sibling ``NAME.new`` folder,
 takes the old one's place by two renames (``replacing``). A run stopped at any point leaves the
 previous checkpoint or the new one, never the new weights beside the old training state or
 optimizer (its files are flushed to the disk before the renames, so a power cut does not make
-one of them empty either); ``recover`` (called before a run reads its ``last``) settles a stop between the
-renames.
+one of them empty either); ``recover`` (called before a run reads its ``last``) settles a stop
+between the renames.
 """
 
 from __future__ import annotations
