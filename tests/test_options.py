@@ -287,6 +287,79 @@ def test_iter_captions_checks_its_arguments_when_called(backend_calls):
         captioner.iter_captions(IMAGE)
 
 
+@pytest.mark.parametrize("workers", [0, 2])
+def test_a_batch_of_only_bad_images_keeps_their_slots(backend_calls, workers):
+    """on_error="return": one result per input, in order, also where every image of a batch
+    (here the first batch of two and the last, short one) is unusable."""
+    captioner = Captioner(batch_size=2, decode_workers=workers)
+    inputs = [b"", np.zeros((4, 4, 2), np.uint8), IMAGE, IMAGE, b""]
+    expected = [InputError, InputError, Caption, Caption, InputError]
+    assert [type(r) for r in captioner.caption_batch(inputs, on_error="return")] == expected
+    assert [type(r) for r in captioner.iter_captions(iter(inputs), on_error="return")] == expected
+
+
+def test_one_image_given_as_a_batch_is_a_type_error(backend_calls, tmp_path):
+    """Encoded bytes, a PIL image, a path or one (H, W, 3) array are one image, not a list of
+    them: caption_batch and iter_captions say to use caption(), which takes each."""
+    import io
+
+    from PIL import Image
+
+    pil = Image.fromarray(IMAGE)
+    png = io.BytesIO()
+    pil.save(png, format="PNG")
+    path = tmp_path / "one.png"
+    path.write_bytes(png.getvalue())
+    captioner = Captioner()
+    for one in (png.getvalue(), pil, path, str(path), IMAGE):
+        assert isinstance(captioner.caption(one), Caption)
+        with pytest.raises(TypeError, match=r"take a list of images; use caption\(\) for one image"):
+            captioner.caption_batch(one)
+        with pytest.raises(TypeError, match=r"use caption\(\) for one image"):
+            captioner.iter_captions(one)
+    # a 4-dimensional array is a batch of (H, W, 3) images
+    assert [type(r) for r in captioner.caption_batch(np.stack([IMAGE, IMAGE]))] == [Caption, Caption]
+
+
+def test_a_closed_captioner_refuses_a_call_when_it_is_made(backend_calls):
+    """Not lazily at the first batch, and also a call with no images."""
+    captioner = Captioner()
+    captioner.close()
+    with pytest.raises(ValueError, match="this Captioner is closed"):
+        captioner.caption_batch([])
+    with pytest.raises(ValueError, match="this Captioner is closed"):
+        captioner.iter_captions([IMAGE])  # when called, not when iterated
+    with pytest.raises(ValueError, match="this Captioner is closed"):
+        captioner.caption(IMAGE)
+
+
+def test_a_batchs_encoder_and_search_times_are_shared_by_its_captioned_images(backend_calls):
+    """timings: each caption's encode_ms and decode_ms are its share of its batch's encoder run
+    and search; an unusable image in the batch took no part in them. Batch of four with one
+    bad image: 30 ms encoding, 90 ms search -> 10 and 30 ms for each of the three."""
+    captioner = Captioner(batch_size=4)
+    run = captioner._run_batch
+
+    def timed(batch, return_attention, options):
+        hypotheses, probs, _, _ = run(batch, return_attention, options)
+        return hypotheses, probs, 30.0, 90.0
+
+    captioner._run_batch = timed
+    results = captioner.caption_batch([IMAGE, b"", IMAGE, IMAGE], on_error="return")
+    assert isinstance(results[1], InputError)
+    shares = [(r.timings["encode_ms"], r.timings["decode_ms"]) for r in (results[0], results[2], results[3])]
+    assert shares == [(10.0, 30.0)] * 3
+
+
+def test_the_backend_is_built_for_the_rows_an_image_takes(backend_calls):
+    """Limits(batch_size, rows per image): a constrained search takes two rows per beam."""
+    from edgecap.contract import Limits
+
+    Captioner(beam_size=3, batch_size=4)
+    Captioner(beam_size=3, batch_size=4, constrained=True)
+    assert [call["limits"] for call in backend_calls] == [Limits(4, 3), Limits(4, 6)]
+
+
 def test_caption_command_prints_each_batch_before_reading_on(backend_calls):
     from edgecap.commands.caption import _captions
 
