@@ -140,6 +140,23 @@ def test_a_bad_photo_gives_its_error_and_the_others_their_captions(fake, tmp_pat
     assert "0 bytes" in str(results[2]) and results[7].source == str(missing)
 
 
+@pytest.mark.parametrize("on_error", ["raise", "return"])
+@pytest.mark.parametrize("workers", [0, 2])
+def test_a_decode_failure_that_is_not_an_input_error_is_raised(fake, workers, on_error):
+    """on_error covers InputError only: another exception while a photo is read (here a
+    RuntimeError from the second photo's decode) is raised, with "return" too, not kept in
+    its slot."""
+
+    def fail_on_the_second(i):
+        if i == 1:
+            raise RuntimeError("the disk went away")
+        return 0.0
+
+    fake["delay"] = fail_on_the_second
+    with pytest.raises(RuntimeError, match="the disk went away"):
+        captioner(workers=workers, batch=2).caption_batch([red(i) for i in range(4)], on_error=on_error)
+
+
 @pytest.mark.parametrize("workers", [0, 2])
 def test_with_raise_the_bad_photo_raises_after_the_batches_before_it(fake, workers):
     inputs = [red(0), red(1), red(2), red(3), b"", red(5), red(6)]
@@ -280,6 +297,8 @@ class _Providers:
         ("onnxruntime", None, _Providers(ort_providers.CUDA, ort_providers.CPU), True),
         ("onnxruntime", None, _Providers(ort_providers.TENSORRT, ort_providers.CPU), True),
         ("onnxruntime", None, _Providers(ort_providers.CPU), False),
+        # the first provider runs the model; CUDA after the CPU is only a fallback
+        ("onnxruntime", None, _Providers(ort_providers.CPU, ort_providers.CUDA), False),
         ("onnxruntime", "cpu", _Providers(ort_providers.CPU), False),
     ],
 )
