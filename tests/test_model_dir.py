@@ -123,6 +123,27 @@ def test_vocab_mismatch(tiny_model_dir, tmp_path):
         Captioner(model)
 
 
+def test_a_vocabulary_of_another_size_says_both_sizes(tiny_model_dir, tmp_path):
+    """Checked before the checksum: the message says what differs."""
+    model = copy_model(tiny_model_dir, tmp_path / "m")
+    n = json.loads((model / "manifest.json").read_text())["dims"]["vocab_size"]
+    words = json.loads((model / "vocab.json").read_text())["words"]
+    (model / "vocab.json").write_text(json.dumps({"words": words[:-1]}))
+    with pytest.raises(ModelError, match=rf"vocab.json: {n - 1} words, but the manifest's decoder has {n};"):
+        Captioner(model)
+
+
+def test_special_token_ids_that_differ_from_the_manifests(tiny_model_dir, tmp_path):
+    """The vocabulary's <end> is not the id the manifest (and the exported decoder) says."""
+    model = copy_model(tiny_model_dir, tmp_path / "m")
+    tokens = json.loads((model / "manifest.json").read_text())["tokens"]
+    edit_manifest(model, set_field(["tokens", "end"], tokens["end"] + 1))
+    with pytest.raises(
+        ModelError, match="vocab.json: special token ids .* differ from the manifest's .*re-export"
+    ):
+        Captioner(model)
+
+
 def test_dims_mismatch(tiny_model_dir, tmp_path):
     model = copy_model(tiny_model_dir, tmp_path / "m")
     manifest = json.loads((model / "manifest.json").read_text())
