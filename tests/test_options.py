@@ -11,7 +11,7 @@ from dataclasses import fields, replace
 import numpy as np
 import pytest
 
-from edgecap import Caption, CaptionOptions, Captioner, InputError
+from edgecap import Caption, CaptionOptions, Captioner, InputError, ModelError
 from edgecap import api
 from edgecap.backends import NAMES
 from edgecap.backends.base import Backend, DecoderSession, Encoded, StepResult
@@ -217,6 +217,60 @@ def test_cli_flags_reach_the_captioner(backend_calls, tmp_path, capsys):
         ["eval", "--images", "photos", "--length-penalty", "0.5", "--beam-size", "2", "--batch-size", "4"]
     )
     assert caption_options(args) == CaptionOptions(length_penalty=0.5, beam_size=2, batch_size=4)
+
+
+class _OneWordSession(DecoderSession):
+    """Says word ``WORD`` first, then <end> (a fake decoder step's top-K ids, any id it likes)."""
+
+    word = 4
+
+    def _step(self, tokens, source_rows, word_bias=None):
+        end = 2  # <end> in the shipped vocab.json
+        ids = np.array(
+            [[end if t == self.word else self.word, *OTHERS, 15] for t in tokens.tolist()], np.int32
+        )
+        logprobs = np.tile(np.array([-0.1, *np.linspace(-3, -4, 8), -50.0], np.float32), (len(tokens), 1))
+        return StepResult(logprobs, ids, None)
+
+
+@pytest.mark.parametrize("beyond", [0, 1])
+def test_a_word_id_past_the_vocabulary_is_a_model_error(monkeypatch, beyond):
+    """A decoder step whose ids run past vocab.json (the graph and the vocabulary do not belong
+    together) is a ModelError naming the ids, down to the first id past the end (len(vocab))."""
+    words = len(json.loads((api.default_model_dir() / "vocab.json").read_text())["words"])
+
+    class Session(_OneWordSession):
+        word = words + beyond
+
+    class Backend_(CycleBackend):
+        def start(self, encoded, image_index, return_attention=False):
+            return Session()
+
+    monkeypatch.setattr(api, "load_backend", lambda name, manifest, **options: Backend_())
+    captioner = Captioner(guidance_bonus=0.0, fusion_weight=0.0, consensus=False)
+    with pytest.raises(
+        ModelError, match=rf"word ids \[{words + beyond}\] beyond its {words}-word vocabulary"
+    ):
+        captioner.caption(IMAGE)
+
+
+def test_a_frame_with_nothing_recognisable_keeps_the_searchs_best_score(backend_calls):
+    """Its text is "nothing recognisable", its score and log_prob those of the caption the
+    search chose (the one blank_check=False gives), not of an alternative."""
+    blank = np.zeros((8, 8, 3), np.uint8)
+    nothing = Captioner(beam_size=3, n_best=3).caption(blank)
+    captioned = Captioner(beam_size=3, n_best=3, blank_check=False).caption(blank)
+    assert not nothing.recognisable and nothing.text == api.NOTHING_RECOGNISABLE
+    assert len(captioned.alternatives) == 2 and captioned.alternatives[-1].score != captioned.score
+    assert (nothing.score, nothing.log_prob) == (captioned.score, captioned.log_prob)
+
+
+def test_attention_maps_are_square_for_a_square_grid_only():
+    """(n_words, L) -> (n_words, s, s) when L is s * s, else as it came."""
+    square = api._attention_maps(np.arange(8, dtype=np.float64).reshape(2, 4))
+    assert square.dtype == np.float32 and square.tolist() == [[[0, 1], [2, 3]], [[4, 5], [6, 7]]]
+    assert api._attention_maps(np.ones((3, 6), np.float32)).shape == (3, 6)  # a 2 x 3 grid
+    assert api._attention_maps(None) is None
 
 
 # -- iter_captions -----------------------------------------------------------------------------
