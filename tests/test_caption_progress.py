@@ -111,6 +111,9 @@ def test_stdout_is_the_same_with_progress_on(json_output, many_photos, tiny_mode
     assert out_tty == out_file and len(out_tty.splitlines()) == (13 if json_output else 12)
     assert "images, " not in out_tty and "\x1b" not in out_tty
     assert "12 images, " in err_tty and err_tty.endswith("\n")
+    # the last line drawn counts each input once: the 12 photos and the broken file
+    drawn = [part.split(",")[0] for part in err_tty.split("\r") if "images, " in part]
+    assert drawn[-1] == "13 images"
     assert "images, " not in err_file  # not a terminal: no progress
     for err in (err_tty, err_file):  # the error line is whole in both
         assert "z-broken.jpg" in err

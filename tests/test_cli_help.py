@@ -178,3 +178,19 @@ def test_caption_takes_the_length_penalty_as_eval_does():
         args = build_parser().parse_args([command, *rest, "--length-penalty", "0.7"])
         assert caption_options(args).length_penalty == 0.7
         assert caption_options(build_parser().parse_args([command, *rest])).length_penalty is None
+
+
+@pytest.mark.parametrize("command", ["caption", "eval", "serve"])
+def test_the_no_flags_are_their_option_at_zero(command):
+    """--help: --no-objects-guidance is --guidance-bonus 0, --no-fusion is --fusion-weight 0;
+    without either, CaptionOptions' defaults (the model's own fusion weight: None)."""
+    from edgecap.commands._options import caption_options
+    from edgecap.decoding import CaptionOptions
+
+    rest = ["--references", "refs.json", "--images", "photos"] if command == "eval" else []
+    parse = lambda *flags: caption_options(build_parser().parse_args([command, *rest, *flags]))  # noqa: E731
+    assert parse("--no-objects-guidance").guidance_bonus == 0.0
+    assert parse("--no-fusion").fusion_weight == 0.0
+    plain = parse()
+    assert plain.guidance_bonus == CaptionOptions().guidance_bonus != 0.0
+    assert plain.fusion_weight is None

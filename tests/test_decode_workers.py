@@ -267,6 +267,14 @@ def test_a_bad_decode_workers_option_is_one_line(value, capsys):
     assert "--decode-workers must be a whole number from 0 to 64" in err and len(err.splitlines()) == 1
 
 
+def test_decode_workers_option_takes_0_to_64():
+    """--decode-workers says "0: none, at most 64": both ends are taken as they are."""
+    from edgecap.commands._options import decode_workers_value
+
+    assert decode_workers_value("0") == 0 and decode_workers_value("64") == 64
+    assert decode_workers_value(None) is None  # not given: the default
+
+
 @pytest.mark.parametrize("value", [-1, True, 1.5, "2", 65])
 def test_a_bad_decode_workers_argument_fails_before_loading(value, monkeypatch):
     monkeypatch.setattr(api, "load_manifest", lambda *a: pytest.fail("loaded the model"))

@@ -144,6 +144,18 @@ def test_bad_threads_are_one_line_exit_2(value, built, capsys):
     assert built == []  # refused before any model was loaded
 
 
+def test_threads_option_takes_1_to_the_limit_it_states():
+    """--threads says "at most N" (64, or the cores where there are more): N itself is taken."""
+    from edgecap.backends._checks import max_threads
+    from edgecap.commands._options import threads_value
+
+    limit = max_threads()
+    assert limit == max(64, os.cpu_count() or 1)
+    assert threads_value("1") == 1 and threads_value(str(limit)) == limit
+    with pytest.raises(ValueError, match=rf"at most {limit}\), got '{limit + 1}'"):
+        threads_value(str(limit + 1))
+
+
 def test_a_numpy_integer_is_taken_as_the_int_it_is():
     from edgecap.backends._checks import check_threads
 
