@@ -19,7 +19,7 @@ from PIL import Image
 import edgecap
 from edgecap import Captioner
 from test_stream import make_video
-from helpers import run_edgecap
+from helpers import EXAMPLES, run_edgecap
 from test_viz import GREEN, find_panels
 
 ROOT = Path(edgecap.__file__).resolve().parents[1]
@@ -94,6 +94,25 @@ def test_missing_camera_is_a_clean_error(tiny_model_dir, capfd):
     out = edgecap_caption(capfd, "--camera", "99", model=tiny_model_dir)
     assert out.returncode == 2
     assert "camera 99: cannot open the camera" in out.stderr and "Traceback" not in out.stderr
+
+
+def test_every_is_taken_with_a_camera(tiny_model_dir, capfd):
+    """--every goes with --video, --camera or --bag: with a camera it is no usage error (this
+    one is missing, so the run gets as far as opening it)."""
+    pytest.importorskip("cv2")
+    out = edgecap_caption(capfd, "--camera", "99", "--every", "1", model=tiny_model_dir)
+    assert out.returncode == 2
+    assert "edgecap caption: error: camera 99: cannot open the camera" in out.stderr
+    assert "--every" not in out.stderr
+
+
+def test_attention_names_its_format_in_any_case(tiny_model_dir, tmp_path, capfd):
+    """OUT.JPG is a .jpg file: the figure is written, as a JPEG."""
+    target = tmp_path / "FIGURE.JPG"
+    out = edgecap_caption(capfd, EXAMPLES / "chelsea.png", "--attention", target, model=tiny_model_dir)
+    assert out.returncode == 0, out.stderr
+    with Image.open(target) as figure:
+        assert figure.format == "JPEG"
 
 
 def test_video_without_opencv_names_the_extra(tiny_model_dir, video):
