@@ -19,7 +19,7 @@ from PIL import Image
 import edgecap
 from edgecap import BackendError, InputError, images
 from edgecap.cli import main as cli_main
-from helpers import BAD, GOOD, copy_model, edit_manifest, set_field
+from helpers import BAD, GOOD, copy_model, edit_manifest, png_header_only, run_edgecap, set_field
 
 EXAMPLES = Path(edgecap.__file__).parent / "assets" / "examples"
 # The subprocess imports the edgecap under test, installed or not.
@@ -106,6 +106,21 @@ def test_empty_directory_and_unmatched_glob(tiny_model_dir, tmp_path):
     assert "no image files" in out.stderr and str(empty) in out.stderr
     assert f"{tmp_path}/*.webp" in out.stderr
     assert list(_plain_lines(out.stdout)) == [str(EXAMPLES / "chelsea.png")]
+
+
+def test_a_photo_over_the_pixel_limit_is_one_line_without_pillows_warning(tiny_model_dir, tmp_path, capfd):
+    """10,000 x 10,000 = 100,000,000 pixels: over edgecap's limit (89,478,485) but under twice
+    Pillow's, where Pillow warns (DecompressionBombWarning) instead of refusing. The command
+    names the photo once, in its own words, and captions the others."""
+    big = tmp_path / "big.png"
+    big.write_bytes(png_header_only(10_000, 10_000))
+    photo = EXAMPLES / "chelsea.png"
+    out = run_edgecap(capfd, "caption", big, photo, "--model", tiny_model_dir, "--max-length", "4")
+    assert out.returncode == 1
+    lines = out.stderr.splitlines()
+    assert len(lines) == 1, out.stderr
+    assert lines[0].startswith(f"edgecap: {big}: ") and images.MAX_PIXELS_ENV in lines[0]
+    assert list(_plain_lines(out.stdout)) == [str(photo)]
 
 
 def test_bad_model_dir_is_a_clean_error(tmp_path):
