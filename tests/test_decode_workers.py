@@ -413,13 +413,35 @@ def test_changing_decode_workers_keeps_one_pool(fake):
     cap.close()
 
 
+def test_calls_with_the_same_number_of_workers_share_their_threads(fake, monkeypatch):
+    """One pool is kept between calls: the second call's photos are decoded by the thread that
+    decoded the first's (one worker), not by a new one."""
+    cap = captioner(workers=1, batch=2)
+    decoders = []
+    load = api.load_rgb
+
+    def recorded(image, *args, **kwargs):
+        decoders.append(threading.current_thread())
+        return load(image, *args, **kwargs)
+
+    monkeypatch.setattr(api, "load_rgb", recorded)
+    for _ in range(2):
+        assert texts(cap.caption_batch([red(i) for i in range(4)])) == [word(i) for i in range(4)]
+    assert len(decoders) == 8 and len(set(decoders)) == 1
+    assert decoders[0].name.startswith("edgecap-decode")
+    cap.close()
+
+
 def test_a_call_keeps_its_workers_when_the_number_changes(fake):
+    before = frozenset(threading.enumerate())
     cap = captioner(workers=2, batch=2)
     first = cap.iter_captions([red(i) for i in range(10)])
     assert next(first).text == word(0)
     cap.decode_workers = 3  # another call now gets a new pool; this one keeps its own
     assert texts(cap.caption_batch([red(i) for i in range(6)])) == [word(i) for i in range(6)]
     assert texts(first) == [word(i) for i in range(1, 10)]
+    # its pool, replaced meanwhile, is shut down once the call is done: the new pool's 3 are left
+    assert len(_settled(3, before)) <= 3
     cap.close()
 
 

@@ -43,6 +43,25 @@ def test_bad_manifest_says_what_to_do(tiny_model_dir, tmp_path, edit, words):
         Captioner(model, backend="onnxruntime")
 
 
+def test_an_install_without_the_default_model_says_to_pass_one(tmp_path, monkeypatch):
+    """edgecap/assets/default without its manifest (an install that left the model out):
+    Captioner() says so and how to go on, not a missing-manifest error about a package folder."""
+    from edgecap import api
+
+    (tmp_path / "assets" / "default").mkdir(parents=True)
+
+    class Files:
+        @staticmethod
+        def files(package):
+            return tmp_path
+
+    monkeypatch.setattr(api, "resources", Files)
+    with pytest.raises(
+        ModelError, match=r"^this edgecap install has no default model .*pass model=DIRECTORY"
+    ):
+        Captioner()
+
+
 def test_missing_model_file(tiny_model_dir, tmp_path):
     model = copy_model(tiny_model_dir, tmp_path / "m")
     (model / "decoder_step.onnx").unlink()

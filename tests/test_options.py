@@ -353,7 +353,7 @@ def test_a_batch_of_only_bad_images_keeps_their_slots(backend_calls, workers):
 
 
 def test_one_image_given_as_a_batch_is_a_type_error(backend_calls, tmp_path):
-    """Encoded bytes, a PIL image, a path or one (H, W, 3) array are one image, not a list of
+    """Encoded bytes, a PIL image, a path or one (H, W, 3) or (H, W) array are one image, not a list of
     them: caption_batch and iter_captions say to use caption(), which takes each."""
     import io
 
@@ -365,7 +365,7 @@ def test_one_image_given_as_a_batch_is_a_type_error(backend_calls, tmp_path):
     path = tmp_path / "one.png"
     path.write_bytes(png.getvalue())
     captioner = Captioner()
-    for one in (png.getvalue(), pil, path, str(path), IMAGE):
+    for one in (png.getvalue(), pil, path, str(path), IMAGE, IMAGE[..., 0]):  # the last: grey (H, W)
         assert isinstance(captioner.caption(one), Caption)
         with pytest.raises(TypeError, match=r"take a list of images; use caption\(\) for one image"):
             captioner.caption_batch(one)
