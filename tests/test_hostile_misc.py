@@ -123,6 +123,34 @@ def test_library_does_not_write_telemetry(any_model_dir, photo, tmp_path):
     assert [str(p.relative_to(home)) for p in home.rglob("*")] == []
 
 
+@pytest.mark.parametrize("caller", ["command", "library"])
+def test_no_telemetry_with_the_torch_backend_either(caller, tmp_path):
+    """The shipped model's language-model fusion steps in onnxruntime whatever the backend: with
+    --backend torch (backend="torch") onnxruntime is imported outside its backend, and still
+    nothing is written under HOME (docs/reliability.md: the library writes no telemetry)."""
+    pytest.importorskip("torch")
+    pytest.importorskip("onnxruntime")
+    home = tmp_path / "home"
+    home.mkdir()
+    env = {k: v for k, v in ENV.items() if k != "ORT_DISABLE_TELEMETRY"}
+    env.update(HOME=str(home), XDG_CACHE_HOME=str(home / ".cache"))
+    photo = Path(edgecap.__file__).parent / "assets" / "examples" / "chelsea.png"
+    if caller == "command":
+        args = ["-m", "edgecap", "caption", str(photo), "--backend", "torch", "--max-length", "3"]
+    else:
+        code = (
+            "from edgecap import Captioner\n"
+            "c = Captioner(backend='torch', max_length=3)\n"
+            "assert c.fusion is not None\n"
+            f"print(c.caption({str(photo)!r}).text)\n"
+        )
+        args = ["-c", code]
+    out = subprocess.run([sys.executable, *args], capture_output=True, text=True, env=env, cwd=tmp_path)
+    assert out.returncode == 0, out.stderr
+    assert out.stdout.strip()
+    assert [str(p.relative_to(home)) for p in home.rglob("*")] == []
+
+
 def test_the_package_imports_nothing_heavy_before_the_cli_handler():
     """``python -m edgecap`` imports the package before ``edgecap.__main__`` can catch Ctrl-C:
     the package itself must import no numpy, Pillow or runtime (they come with ``Captioner``)."""
