@@ -314,6 +314,7 @@ def test_recording_problems(tmp_path, capfd):
         (["--bag", bag, "--write-bag", tmp_path / "copy"], "a ROS 1 bag is written to a .bag"),
         (["--bag", bag, "--write-bag", bag], "exists already"),
         (["--topic", "/cam/rgb", str(EXAMPLES / "coffee.png")], "--topic needs --bag"),
+        (["--write-bag", tmp_path / "copy.bag", str(EXAMPLES / "coffee.png")], "--write-bag needs --bag"),
     ]:
         done = edgecap_caption(capfd, *args)
         assert done.returncode == 2, (args, done.stderr)
