@@ -405,6 +405,20 @@ def test_a_batchs_encoder_and_search_times_are_shared_by_its_captioned_images(ba
     assert shares == [(10.0, 30.0)] * 3
 
 
+def test_timings_are_milliseconds_of_each_stage(backend_calls, monkeypatch):
+    """A clock that moves 4 ms between readings: each image's preprocess_ms is 4.0, the batch's
+    encoder run and search 4 ms each, shared by its two images (2.0)."""
+    import types
+
+    readings = iter(range(1000))
+    clock = types.SimpleNamespace(perf_counter=lambda: next(readings) * 0.004)
+    captioner = Captioner(batch_size=2, decode_workers=0)
+    monkeypatch.setattr(api, "time", clock)
+    results = captioner.caption_batch([IMAGE, IMAGE])
+    expected = {"preprocess_ms": 4.0, "encode_ms": 2.0, "decode_ms": 2.0}
+    assert [r.timings for r in results] == [pytest.approx(expected)] * 2
+
+
 def test_the_backend_is_built_for_the_rows_an_image_takes(backend_calls):
     """Limits(batch_size, rows per image): a constrained search takes two rows per beam."""
     from edgecap.contract import Limits
