@@ -19,6 +19,7 @@ from PIL import Image
 import edgecap
 from edgecap import BackendError, InputError, images
 from edgecap.cli import main as cli_main
+from edgecap.commands.output import EXIT_PIPE_CLOSED
 from helpers import BAD, GOOD, copy_model, edit_manifest, png_header_only, run_edgecap, set_field
 
 EXAMPLES = Path(edgecap.__file__).parent / "assets" / "examples"
@@ -153,7 +154,12 @@ def test_help_documents_exit_codes(capsys):
         "0  every input was captioned",
         "1  some inputs",
         "2  usage, model or backend error",
+        "130  interrupted (Ctrl-C)",
+        f"{EXIT_PIPE_CLOSED}  the reader of the output went away",
         images.MAX_PIXELS_ENV,
+        # the limits it states are the ones the reader applies
+        f"Images over {images.DEFAULT_MAX_PIXELS:,} pixels",
+        f"files over {images.DEFAULT_MAX_FILE_BYTES // 2**20} MiB",
     ):
         assert line in text
 

@@ -77,6 +77,10 @@ def test_video_json_every_frame(tiny_model_dir, video, capfd):
         ([], "exactly one of them"),
         (["photo.jpg", "--every", "1"], "--every needs --video, --camera or --bag"),
         (["--video", "missing.mp4", "--every", "0"], "--every must be a positive number"),
+        (
+            ["--video", "missing.mp4", "--every", "nan"],
+            "--every must be a positive number of seconds, got nan",
+        ),
         (["--video", "missing.mp4", "--attention", "out.png"], "--attention needs one image PATH"),
         (["photo.jpg", "--attention", "out.xyz"], "unknown image format"),
     ],

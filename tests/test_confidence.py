@@ -186,8 +186,8 @@ def test_the_model_directorys_confidence_marks_captions(tmp_path, default_model_
 
 def test_min_confidence_takes_0_to_1_both_ends_and_refuses_outside(tmp_path, default_model_dir, capfd):
     """--min-confidence X marks a caption whose confidence (0-1) is below X: X = 1 marks a
-    caption of confidence 0.9526 (bias 3: 1 / (1 + e^-3)), X = 0 marks none; outside 0-1 is a
-    usage error in one line, before anything is captioned."""
+    caption of confidence 0.9526 (bias 3: 1 / (1 + e^-3)), X = 0 marks none; outside 0-1 (nan
+    too: it would mark nothing) is a usage error in one line, before anything is captioned."""
     sure = _model_with_confidence(tmp_path, default_model_dir, bias=3.0)
     photo = str(EXAMPLES / "chelsea.png")
     for x, marked in (("1", True), ("0", False)):
@@ -196,7 +196,7 @@ def test_min_confidence_takes_0_to_1_both_ends_and_refuses_outside(tmp_path, def
         record = json.loads(out.stdout)
         assert record["confidence"] == pytest.approx(0.9526, abs=1e-4)
         assert record["low_confidence"] is marked, x
-    for x in ("1.5", "-0.1"):
+    for x in ("1.5", "-0.1", "nan"):
         out = run_edgecap(capfd, "caption", photo, "--model", sure, f"--min-confidence={x}")
         assert (out.returncode, out.stdout) == (2, "")
         assert out.stderr == f"edgecap caption: error: --min-confidence must be between 0 and 1, got {x}\n"
