@@ -536,6 +536,22 @@ def test_close_in_another_thread_waits_for_the_batch_in_the_model_and_stops_the_
     assert isinstance(error, ValueError) and "this Captioner is closed" in str(error), outcome
 
 
+def test_close_does_not_decode_the_photos_queued_for_the_workers(fake):
+    """close(): the photo being decoded finishes, the ones queued behind it (read ahead by a
+    call in another thread) are not decoded, and that call stops with the closed error."""
+    fake["delay"] = lambda i: 0.5 if i == 0 else 0.0  # one worker, busy with photo 0
+    cap = captioner(workers=1, batch=2)  # photos 0-3 queued: a batch and its read-ahead
+    caller, outcome = _caption_in_a_thread(cap, 8)
+    deadline = time.monotonic() + 10
+    while not fake["started"] and time.monotonic() < deadline:
+        time.sleep(0.005)
+    cap.close()  # while photo 0 decodes
+    caller.join(10)
+    assert [i for i, _ in fake["started"]] == [0]
+    error = outcome.get("error")
+    assert isinstance(error, ValueError) and "this Captioner is closed" in str(error)
+
+
 @pytest.mark.parametrize(
     "error", [RuntimeError("cannot schedule new futures after shutdown"), CancelledError()]
 )
