@@ -114,6 +114,8 @@ def test_build_refuses_more_beams_than_the_model_searches(capsys):
         ("--no-repeat-ngram", "at most 10", "10", "11"),
         ("--guidance-bonus", "0 to 10", "10", "10.5"),
         ("--fusion-weight", "0 to 2", "2", "2.5"),
+        ("--length-penalty", "0 to 2", "2", "2.5"),
+        ("--batch-size", "1 to 64", "64", "65"),
     ],
 )
 def test_caption_help_states_the_range_the_option_takes(flag, stated, highest, too_high, capsys):
