@@ -8,6 +8,7 @@ from __future__ import annotations
 
 import json
 import os
+import re
 import subprocess
 import sys
 from pathlib import Path
@@ -82,6 +83,7 @@ def test_video_json_every_frame(tiny_model_dir, video, capfd):
             "--every must be a positive number of seconds, got nan",
         ),
         (["--video", "missing.mp4", "--attention", "out.png"], "--attention needs one image PATH"),
+        (["--camera", "0", "--attention", "out.png"], "--attention needs one image PATH"),
         (["photo.jpg", "--attention", "out.xyz"], "unknown image format"),
     ],
 )
@@ -117,6 +119,30 @@ def test_attention_names_its_format_in_any_case(tiny_model_dir, tmp_path, capfd)
     assert out.returncode == 0, out.stderr
     with Image.open(target) as figure:
         assert figure.format == "JPEG"
+
+
+_INTERRUPT_AFTER_FIRST_CAPTION = (
+    "import os, signal, sys\n"
+    "from edgecap.commands import caption_media\n"
+    "from edgecap.cli import main\n"
+    "printed = caption_media._print_event\n"
+    "def print_then_interrupt(event, as_json):\n"
+    "    printed(event, as_json)\n"
+    "    os.kill(os.getpid(), signal.SIGINT)  # Ctrl-C once the first caption is out\n"
+    "caption_media._print_event = print_then_interrupt\n"
+    "sys.exit(main(sys.argv[1:]))\n"
+)
+
+
+def test_ctrl_c_during_a_video_ends_with_its_summary(tiny_model_dir, video):
+    """Ctrl-C once captions are coming: exit 130, the captions so far on stdout and the
+    summary on stderr (the command finishes its output; it is not just cut off)."""
+    args = ["caption", "--video", video, "--model", tiny_model_dir, "--max-length", "4"]
+    out = run("-c", _INTERRUPT_AFTER_FIRST_CAPTION, *args)
+    assert out.returncode == 130, out.stderr
+    assert len(out.stdout.splitlines()) == 1 and out.stdout.startswith("0.00s\t")
+    assert re.fullmatch(r"edgecap: 1 captions from \d+ frames in .*", out.stderr.splitlines()[-1]), out.stderr
+    assert "Traceback" not in out.stderr and "KeyboardInterrupt" not in out.stderr
 
 
 def test_video_without_opencv_names_the_extra(tiny_model_dir, video):

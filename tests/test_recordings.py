@@ -302,6 +302,8 @@ def test_recording_problems(tmp_path, capfd):
     fake.write_text("not a bag")
     for args, message in [
         (["--bag", tmp_path / "missing.bag"], "missing.bag: no such file or folder"),
+        # --every goes with --bag: taken, so the missing recording is what is reported
+        (["--bag", tmp_path / "missing.bag", "--every", "1"], "missing.bag: no such file or folder"),
         (["--bag", fake], "notes.bag: cannot read this recording"),
         (
             ["--bag", bag, "--topic", "/log"],
