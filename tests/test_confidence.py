@@ -321,9 +321,10 @@ def test_min_confidence_on_a_model_without_confidence_is_a_usage_error(tmp_path,
     model = tmp_path / "model"
     shutil.copytree(default_model_dir, model, ignore=shutil.ignore_patterns("confidence.json"))
     photo = str(EXAMPLES / "chelsea.png")
-    assert main(["caption", photo, "--model", str(model), "--min-confidence", "0.5"]) == 2
-    err = capsys.readouterr().err
-    assert "--min-confidence" in err and "confidence.json" in err and "Traceback" not in err
+    for x in ("0.5", "0"):  # 0 too: however low, a threshold on a confidence that is never there
+        assert main(["caption", photo, "--model", str(model), "--min-confidence", x]) == 2
+        err = capsys.readouterr().err
+        assert "--min-confidence" in err and "confidence.json" in err and "Traceback" not in err
     assert main(["caption", photo, "--model", str(model), "--json"]) == 0  # without the flag: fine
     assert json.loads(capsys.readouterr().out)["confidence"] is None
 

@@ -260,7 +260,7 @@ def test_caption_command_output_is_the_same_with_workers(tmp_path, capsys):
     assert code == 1 and len(out.splitlines()) == 5 and "empty.jpg" in err
 
 
-@pytest.mark.parametrize("value", ["-1", "two", "1.5", "65", "1000"])
+@pytest.mark.parametrize("value", ["-1", "two", "1.5", "65", "1000", ""])
 def test_a_bad_decode_workers_option_is_one_line(value, capsys):
     assert main(["caption", "--decode-workers", value, "x.jpg"]) == 2
     err = capsys.readouterr().err
