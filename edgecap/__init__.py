@@ -8,7 +8,15 @@ Pillow, and onnxruntime, torch or tensorrt are imported when a backend that need
 created.
 """
 
+import os
+
 from edgecap.errors import BackendError, DataError, EdgecapError, InputError, ModelError
+
+# onnxruntime (1.32 checked) writes a telemetry device id under ~/.cache/Microsoft when it is
+# imported. Every part of edgecap that imports it (the backends, the caption language models'
+# fusion step, convert, export, eval) comes after this package, so the default is set here,
+# once, unless the variable is already set (ORT_DISABLE_TELEMETRY=0 allows it).
+os.environ.setdefault("ORT_DISABLE_TELEMETRY", "1")
 
 __version__ = "0.1.0"
 _API = ("Caption", "CaptionOptions", "Captioner")

@@ -151,6 +151,31 @@ def test_no_telemetry_with_the_torch_backend_either(caller, tmp_path):
     assert [str(p.relative_to(home)) for p in home.rglob("*")] == []
 
 
+def test_convert_writes_no_telemetry(tiny_model_dir, tmp_path):
+    """`edgecap convert` imports onnxruntime (its quantiser) outside any backend: nothing is
+    written under HOME either (measured before the package set the default: onnxruntime's
+    deviceid and onnxruntime.db under ~/.cache/Microsoft)."""
+    pytest.importorskip("onnxruntime")
+    home = tmp_path / "home"
+    home.mkdir()
+    env = {k: v for k, v in ENV.items() if k != "ORT_DISABLE_TELEMETRY"}
+    env.update(HOME=str(home), XDG_CACHE_HOME=str(home / ".cache"))
+    args = [
+        "-m",
+        "edgecap",
+        "convert",
+        str(tiny_model_dir),
+        "--precision",
+        "int8",
+        "--out",
+        str(tmp_path / "o"),
+    ]
+    out = subprocess.run([sys.executable, *args], capture_output=True, text=True, env=env, cwd=tmp_path)
+    assert out.returncode == 0, out.stderr
+    assert (tmp_path / "o" / "manifest.json").is_file()
+    assert [str(p.relative_to(home)) for p in home.rglob("*")] == []
+
+
 def test_the_package_imports_nothing_heavy_before_the_cli_handler():
     """``python -m edgecap`` imports the package before ``edgecap.__main__`` can catch Ctrl-C:
     the package itself must import no numpy, Pillow or runtime (they come with ``Captioner``)."""

@@ -7,15 +7,8 @@ several threads.
 
 from __future__ import annotations
 
-import os
-
-# onnxruntime (1.32 checked) writes a telemetry device id under ~/.cache/Microsoft when it is
-# imported; edgecap turns that off unless the variable is already set (ORT_DISABLE_TELEMETRY=0
-# allows it). Only effective when edgecap is the first to import onnxruntime.
-os.environ.setdefault("ORT_DISABLE_TELEMETRY", "1")
-
-import numpy as np  # noqa: E402
-import onnxruntime as ort  # noqa: E402
+import numpy as np
+import onnxruntime as ort  # no telemetry: edgecap/__init__.py sets ORT_DISABLE_TELEMETRY
 
 from edgecap.backends import ort_beam, ort_gpu, ort_providers
 from edgecap.backends._checks import check_graph_io, check_threads, load_failure

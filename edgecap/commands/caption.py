@@ -24,7 +24,6 @@ times are video time; a camera is live: the newest frame wins, older ones are dr
 from __future__ import annotations
 
 import argparse
-import os
 import sys
 import warnings
 from collections import deque
@@ -145,10 +144,6 @@ def add_arguments(p: argparse.ArgumentParser) -> None:
 
 
 def run(args: argparse.Namespace) -> int:
-    # The command writes only where told: onnxruntime (1.32 checked) otherwise writes a telemetry
-    # device id under ~/.cache/Microsoft when imported (ORT_DISABLE_TELEMETRY=0 to allow it);
-    # the onnxruntime backend sets the same default for library users.
-    os.environ.setdefault("ORT_DISABLE_TELEMETRY", "1")
     from PIL import Image
 
     problem = _check_arguments(args)

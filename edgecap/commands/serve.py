@@ -6,7 +6,6 @@ from __future__ import annotations
 
 import argparse
 import math
-import os
 import signal
 import sys
 import warnings
@@ -85,7 +84,6 @@ def add_arguments(p: argparse.ArgumentParser) -> None:
 
 
 def run(args: argparse.Namespace) -> int:
-    os.environ.setdefault("ORT_DISABLE_TELEMETRY", "1")  # as edgecap caption: write nothing
     from PIL import Image
 
     # The command owns its process, as caption's: Pillow's warning on a large image would only

@@ -29,7 +29,6 @@ photos (benchmarks/results/decoding_choice*.md).
 
 from __future__ import annotations
 
-import os
 import zipfile
 from dataclasses import dataclass
 from functools import cached_property
@@ -205,8 +204,6 @@ class Fusion:
         where onnxruntime is installed (``edgecap.decoding.fusion_graph``: the fusion's cost at
         beam 3 1.10-1.16x the decode without it, interleaved, 1.21-1.29x alone; numpy's
         1.27-1.32x and 1.19-1.37x), else in numpy."""
-        # imported here before any backend may have (backend="torch"): no telemetry, as there
-        os.environ.setdefault("ORT_DISABLE_TELEMETRY", "1")
         try:
             import onnxruntime  # noqa: F401
         except ImportError:
