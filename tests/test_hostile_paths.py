@@ -16,7 +16,6 @@ import pytest
 from PIL import Image
 
 import edgecap
-from edgecap.commands import caption as caption_command
 from edgecap.paths import expand_all
 from edgecap.errors import InputError
 
@@ -123,7 +122,7 @@ def test_broken_links_and_unreadable_folders_are_reported(tmp_path, monkeypatch)
             raise PermissionError(13, "Permission denied", str(path))
         return real_scandir(path)
 
-    monkeypatch.setattr(caption_command.os, "scandir", scandir)
+    monkeypatch.setattr(os, "scandir", scandir)
     good, skipped = _split(list(expand_all([str(root)])))
     assert good == [str(root / "a.png")]
     assert "broken symbolic link (to nowhere.jpg)" in skipped[str(root / "gone.jpg")]
