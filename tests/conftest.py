@@ -117,6 +117,23 @@ def _meteor_process():
 
 
 @pytest.fixture
+def built(monkeypatch):
+    """The Captioners the commands build (``edgecap.api.Captioner`` made to record each one),
+    kept for inspection."""
+    from edgecap import api
+
+    made = []
+
+    class Recorded(api.Captioner):
+        def __init__(self, *args, **kwargs):
+            super().__init__(*args, **kwargs)
+            made.append(self)
+
+    monkeypatch.setattr(api, "Captioner", Recorded)
+    return made
+
+
+@pytest.fixture
 def one_meteor(_meteor_process, monkeypatch):
     """``metrics.score`` starts a METEOR for each call and ends it (``metrics._close_meteor``):
     here every call gets the session's, and what it would end is recorded in ``.closed``."""

@@ -275,22 +275,14 @@ def test_decode_workers_option_takes_0_to_64():
     assert decode_workers_value(None) is None  # not given: the default
 
 
-def test_the_decode_workers_option_reaches_the_captioner(monkeypatch, capsys):
+def test_the_decode_workers_option_reaches_the_captioner(built, capsys):
     """--decode-workers N is the command's Captioner's decode_workers (the CPU default is 0,
     so 2 is visible; 0 given is 0)."""
-    made = []
-
-    class Recorded(api.Captioner):
-        def __init__(self, *args, **kwargs):
-            super().__init__(*args, **kwargs)
-            made.append(self)
-
-    monkeypatch.setattr(api, "Captioner", Recorded)
     photo = str(EXAMPLES / "chelsea.png")
     for value in ("2", "0"):
         argv = ["caption", photo, "--device", "cpu", "--decode-workers", value, "--max-length", "3"]
         assert main(argv) == 0
-        assert made[-1].decode_workers == int(value)
+        assert built[-1].decode_workers == int(value)
     assert capsys.readouterr().out.startswith(f"{photo}\t")
 
 

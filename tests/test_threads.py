@@ -35,20 +35,6 @@ def torch_threads():
     torch.set_num_threads(before)
 
 
-@pytest.fixture
-def built(monkeypatch):
-    """The Captioners the commands build, kept for inspection."""
-    made = []
-
-    class Recorded(api.Captioner):
-        def __init__(self, *args, **kwargs):
-            super().__init__(*args, **kwargs)
-            made.append(self)
-
-    monkeypatch.setattr(api, "Captioner", Recorded)
-    return made
-
-
 @pytest.mark.parametrize("threads", [1, 2, np.int64(2)])  # a number read from a config or array too
 def test_onnxruntime_sessions_get_the_threads(threads):
     pytest.importorskip("onnxruntime")
