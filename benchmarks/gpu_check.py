@@ -804,6 +804,13 @@ def markdown(data: dict) -> str:
         "",
         f"`{data['command']}` ({data['date']}; {data['seconds']:.0f} s)",
         "",
+    ]
+    if data.get("partial"):
+        lines += [
+            f"**Partial: written after {len(data['modes'])} mode(s); the run did not reach its end.**",
+            "",
+        ]
+    lines += [
         "## Machine",
         "",
     ]
@@ -1029,6 +1036,26 @@ def markdown(data: dict) -> str:
     return "\n".join(lines) + "\n"
 
 
+def write_report(
+    data: dict, results: list[dict], report: Report, device: str, out: Path, name: str, partial: bool
+) -> str:
+    """Write ``name``.json and .md into ``out`` from the modes measured so far; ``partial``:
+    more modes were still to come (the report says so at its top). Returns the markdown."""
+    data["partial"] = partial
+    data["cider_tokenizer"] = _CIDER_NOTE.get("tokenizer")
+    data["modes"] = results
+    data["speedups"] = speedups(results)
+    data["search_speedups"] = search_speedups(results)
+    data["fp16_identity"] = fp16_identity(results)
+    data["targets"] = targets(results, device, data["fp16_identity"])
+    data["seconds"] = time.perf_counter() - T0
+    data["skipped"] = list(report.data["skipped"])
+    (out / f"{name}.json").write_text(json.dumps(data, indent=2, default=str) + "\n")
+    text = markdown(data)
+    (out / f"{name}.md").write_text(text)
+    return text
+
+
 def main(argv=None) -> int:
     args = parse_args(argv)
     report = Report(args.budget_s)
@@ -1077,6 +1104,7 @@ def main(argv=None) -> int:
         FILE_RATE_MODES if device == "cuda" else [modes(device)[0]["label"]] if args.quick else []
     )
 
+    out = C.output_dir(args.out)
     reference: list[str] | None = None
     data["reference"] = {}
     try:
@@ -1115,22 +1143,13 @@ def main(argv=None) -> int:
             )
         except Exception as exc:  # one mode failing must not lose the report
             report.skip(mode["label"], f"failed: {type(exc).__name__}: {exc}")
+        # the report so far, after each mode: a run stopped from outside (a machine's time
+        # limit) keeps the modes it finished
+        write_report(data, results, report, device, out, name, partial=True)
     scratch.cleanup()
     if refs is not None and "skip" in _CIDER_NOTE:
         report.skip("CIDEr", _CIDER_NOTE["skip"])
-    data["cider_tokenizer"] = _CIDER_NOTE.get("tokenizer")
-    data["modes"] = results
-    data["speedups"] = speedups(results)
-    data["search_speedups"] = search_speedups(results)
-    data["fp16_identity"] = fp16_identity(results)
-    data["targets"] = targets(results, device, data["fp16_identity"])
-    data["seconds"] = time.perf_counter() - T0
-    data["skipped"] = report.data["skipped"]
-
-    out = C.output_dir(args.out)
-    (out / f"{name}.json").write_text(json.dumps(data, indent=2, default=str) + "\n")
-    text = markdown(data)
-    (out / f"{name}.md").write_text(text)
+    text = write_report(data, results, report, device, out, name, partial=False)
     print(text)
     print("skipped:" if data["skipped"] else "skipped: nothing")
     for s in data["skipped"]:

@@ -60,7 +60,7 @@ def test_gpu_check_on_the_cpu(tmp_path):
     data = json.loads((tmp_path / "gpu-cpu.json").read_text())
     for section in SECTIONS:
         assert section in text, section
-    assert data["device"] == "cpu"
+    assert data["device"] == "cpu" and data["partial"] is False and "Partial" not in text
     # the gpu tests ran in a subprocess and skipped (no CUDA), none failed
     assert data["gpu_tests"]["counts"].get("failed", 0) == 0
     assert data["gpu_tests"]["counts"].get("skipped", 0) >= 1
@@ -230,3 +230,39 @@ def test_gpu_report_formats_cuda_results():
     assert data["targets"][0]["value"] == pytest.approx(2.4)
     assert "torch-cuda-fp32-graphs-device" in data["targets"][0]["target"]
     assert "**no**" in gpu_check.markdown(data)
+
+
+def test_gpu_report_written_after_each_mode_says_partial(tmp_path):
+    """The report is rewritten after each mode (a run stopped from outside keeps the modes it
+    finished), flagged partial until the end."""
+    sys.path.insert(0, str(SCRIPT.parent))
+    import gpu_check
+
+    data = {
+        "device": "cpu",
+        "command": "python benchmarks/gpu_check.py",
+        "date": "now",
+        "settings": {"max_length": 20, "warmup": 1, "repeats": 1},
+        "environment": {
+            "cpu": "x86",
+            "python": "3.11",
+            "platform": "linux",
+            "versions": {"torch": "2.13"},
+            "onnxruntime_providers": ["CPUExecutionProvider"],
+        },
+        "photos": {"n": 2, "source": "examples"},
+        "reference": {},
+    }
+    row = {"beam": 3, "batch": 1, "calls": 1, "steps_per_call": 12.0}
+    for key in ("encoder", "step", "e2e"):
+        row.update({f"{key}_p50_ms": 9.0, f"{key}_p95_ms": 9.5})
+    row.update(preprocess_p50_ms=1.0, search_p50_ms=2.0)
+    modes = [{"label": "torch-cpu-fp32-eager", "latency": [row]}]
+    report = gpu_check.Report(300.0)
+    gpu_check.write_report(data, modes, report, "cpu", tmp_path, "r", partial=True)
+    text = (tmp_path / "r.md").read_text()
+    assert "**Partial: written after 1 mode(s)" in text and "torch-cpu-fp32-eager" in text
+    assert json.loads((tmp_path / "r.json").read_text())["partial"] is True
+    gpu_check.write_report(data, modes, report, "cpu", tmp_path, "r", partial=False)
+    assert "Partial" not in (tmp_path / "r.md").read_text()
+    assert json.loads((tmp_path / "r.json").read_text())["partial"] is False
