@@ -77,6 +77,7 @@ THROUGHPUT_MODES = (
     "torch-cuda-fp32-graphs-device",
     "torch-cuda-fp16-graphs-device",
     "torch-cuda-fp16-fp32enc-graphs-device",
+    "torch-cuda-fp32-graphs-device-compiled",
 )
 # files against in-memory frames (issue 24: the files-to-captions rate close to the in-memory
 # rate), with and without decoding workers, at these batch sizes
@@ -351,6 +352,22 @@ def modes(device: str) -> list[dict]:
                 },
             }
         )
+        # the search compiled (torch.compile, ``compile_search``), last: each shape compiles
+        # first (the budget may stop it), so only the target's latency setting (beam 3, batch
+        # 1), the captions and the throughput
+        out.append(
+            {
+                "label": "torch-cuda-fp32-graphs-device-compiled",
+                "options": {
+                    "device": "cuda",
+                    "search": "device",
+                    "cuda_graphs": True,
+                    "compile_search": True,
+                },
+                "beams": (3,),
+                "batches": (1,),
+            }
+        )
         return out
     from edgecap.backends.torch_graphs import EagerGraph
 
@@ -447,10 +464,12 @@ def caption_all(cap, frames: list) -> tuple[list[str], float]:
     return texts, time.perf_counter() - t0
 
 
-def latency(cap, timed: SyncTimedBackend, frames: list, args) -> list[dict]:
+def latency(cap, timed: SyncTimedBackend, frames: list, args, mode: dict | None = None) -> list[dict]:
+    """Per beam x batch (``args``', or the mode's own ``beams`` / ``batches``)."""
+    mode = mode or {}
     rows = []
-    for beam in args.beams:
-        for batch in args.batches:
+    for beam in mode.get("beams", args.beams):
+        for batch in mode.get("batches", args.batches):
             runner = copy.copy(cap)
             runner.options = replace(
                 cap.options, beam_size=beam, batch_size=batch, max_length=args.max_length
@@ -550,7 +569,7 @@ def run_mode(
         result["captions"]["cider"] = cider(refs, ids, texts)
         result["texts"] = texts
     if not report.over_budget(f"{label} latency"):
-        result["latency"] = latency(cap, timed, frames, args)
+        result["latency"] = latency(cap, timed, frames, args, mode)
     if cuda and mode["label"] in THROUGHPUT_MODES and not report.over_budget(f"{label} throughput"):
         result["throughput"] = throughput(cap, frames, args)
     if files and not report.over_budget(f"{label} files against memory"):
@@ -619,22 +638,22 @@ def targets(results: list[dict], device: str, identity: list[dict] | None = None
     same = {i["fp16"]: i["identical"] for i in identity if i["fp16"] in FP16_GRAPH_MODES}
     fp16_best = max(((v, k) for k, v in same.items()), default=None)
     fp16_same = None if fp16_best is None else fp16_best[0]
-    kept = []  # (e2e p50, label) of the precisions that keep the captions
-    fp32 = by.get("torch-cuda-fp32-graphs-device")
-    if (
-        fp32 is not None
-        and fp32.get("captions", {}).get("identical", 0) >= TARGETS["fp16_identical"]
-        and _row(fp32, 3, 1)
-    ):
-        kept.append((_row(fp32, 3, 1)["e2e_p50_ms"], fp32["label"]))
+    kept = []  # (e2e p50, label) of the modes that keep the captions
+    for fp32 in results:  # FP32 with graphs, either search, compiled or not
+        if (
+            fp32["label"].startswith("torch-cuda-fp32-graphs")
+            and fp32.get("captions", {}).get("identical", 0) >= TARGETS["fp16_identical"]
+            and _row(fp32, 3, 1)
+        ):
+            kept.append((_row(fp32, 3, 1)["e2e_p50_ms"], fp32["label"]))
     for label, value in same.items():
         if value >= TARGETS["fp16_identical"] and _row(by[label], 3, 1):
             kept.append((_row(by[label], 3, 1)["e2e_p50_ms"], label))
     best = min(kept) if kept else None
     out = [
         {
-            "target": "end to end p50 (ms), beam 3 batch 1, whole-decode graph, the faster "
-            "precision that keeps >= 98% of the captions" + ("" if best is None else f" ({best[1]})"),
+            "target": "end to end p50 (ms), beam 3 batch 1, CUDA graphs, the fastest mode "
+            "whose captions stay >= 98% identical" + ("" if best is None else f" ({best[1]})"),
             "limit": TARGETS["e2e_p50_ms"],
             "value": None if best is None else best[0],
             "met": None if best is None else best[0] <= TARGETS["e2e_p50_ms"],

@@ -24,6 +24,7 @@ from edgecap.backends.base import Backend  # noqa: E402
 from edgecap.backends.torch import TorchBackend  # noqa: E402
 from edgecap.backends.torch_graphs import EagerGraph  # noqa: E402
 from edgecap.backends.torch_search import TorchDeviceSearch  # noqa: E402
+from edgecap.decoding import device as device_module  # noqa: E402
 from edgecap.decoding import CaptionOptions, search, search_with_tags  # noqa: E402
 from edgecap.decoding.device import (  # noqa: E402
     MAX_GRAPHS,
@@ -456,6 +457,51 @@ def test_search_option(tiny_model_dir):
     assert TorchBackend(manifest, device="cpu").on_device is False  # auto on the CPU: host
     backend = TorchBackend(manifest, device="cpu", search="device")
     assert backend.on_device and backend.device_search.graphs is None
+
+
+def test_compile_search_goes_with_the_device_search(tiny_model_dir):
+    manifest = load_manifest(tiny_model_dir)
+    for where in ("auto", "host"):
+        with pytest.raises(ValueError, match=f"compile_search=True .* search='device', got search='{where}'"):
+            TorchBackend(manifest, device="cpu", search=where, compile_search=True)
+    backend = TorchBackend(manifest, device="cpu", search="device", compile_search=True)
+    assert backend.device_search.search.compiled
+    graphed = TorchBackend(
+        manifest, device="cpu", search="device", compile_search=True, graph_factory=EagerGraph
+    )
+    assert graphed.device_search.graphs is not None and graphed.device_search.search.compiled
+    assert "beam search on the device (compiled)" in backend.describe()
+    assert not TorchBackend(manifest, device="cpu", search="device").device_search.search.compiled
+
+
+def test_the_compiled_device_search_captions_as_the_numpy_search(shipped, monkeypatch):
+    """``compile_search=True``: the fixed-shape search through ``torch.compile`` (TorchInductor
+    on the CPU here) gives the numpy loop's captions on the example photos, plain and inside
+    the whole-decode graph (``EagerGraph``). Short captions keep the compile short."""
+    captioner, encoded, _ = shipped
+    backend = captioner.backend
+    options = CaptionOptions(max_length=8, n_best=2)
+    host = _search(captioner, encoded, options, on_device=False)
+    kept = backend.device_search
+    made = []
+    real = device_module._compiled_decode
+
+    def compiled_decode():
+        made.append(1)
+        return real()
+
+    monkeypatch.setattr(device_module, "_compiled_decode", compiled_decode)
+    graphs = torch._dynamo.utils.counters["stats"]["unique_graphs"]
+    try:
+        backend.device_search = TorchDeviceSearch(backend, compiled=True)
+        _same(host, _search(captioner, encoded, options, on_device=True), exact=False)
+        backend.device_search = TorchDeviceSearch(backend, EagerGraph, compiled=True)
+        _same(host, _search(captioner, encoded, options, on_device=True), exact=False)
+    finally:
+        backend.device_search = kept
+    # both searches ran the compiled loop (the plain one once, the graph's at its capture and
+    # its replay: EagerGraph runs it each time), compiled by torch
+    assert len(made) == 3 and torch._dynamo.utils.counters["stats"]["unique_graphs"] > graphs
 
 
 def test_torch_step_is_the_backend_session(tiny_model_dir):

@@ -230,6 +230,16 @@ def test_gpu_report_formats_cuda_results():
     assert data["targets"][0]["value"] == pytest.approx(2.4)
     assert "torch-cuda-fp32-graphs-device" in data["targets"][0]["target"]
     assert "**no**" in gpu_check.markdown(data)
+    # any FP32 graphs mode whose captions stay >= 98% identical counts, the fastest wins: the
+    # compiled search when it keeps them, never when it does not
+    base = report(fp16_same=190)["modes"]
+    for ident, ms, label in (
+        (0.99, 1.0, "torch-cuda-fp32-graphs-device-compiled"),
+        (0.95, 2.4, "torch-cuda-fp32-graphs-device"),
+    ):
+        modes = base + [mode("torch-cuda-fp32-graphs-device-compiled", 0.5, ident)]
+        e2e = gpu_check.targets(modes, "cuda")[0]
+        assert e2e["value"] == pytest.approx(ms) and e2e["target"].endswith(f"({label})")
 
 
 def test_gpu_report_written_after_each_mode_says_partial(tmp_path):

@@ -144,12 +144,17 @@ class TorchBackend(Backend):
     word), "host" (the numpy loop) or "auto" (host until the device search is measured on a GPU); see
     ``edgecap.backends.torch_search`` and docs/gpu-search.md. ``fp32_encoder`` (with ``fp16``):
     the whole encoder in FP32 and only the decoder in FP16, the FP16 that keeps the captions
-    on the CPU emulation (docs/gpu-search.md).
+    on the CPU emulation (docs/gpu-search.md). ``compile_search`` (with ``search="device"``):
+    the device search through ``torch.compile`` (``edgecap.decoding.device``: the search's
+    small operations fused into few kernels); each new shape (batch size, beam) compiles first,
+    tens of seconds, once per process: for a loop that captions at one shape.
 
     With graphs the backend holds one set of buffers per shape, so it serves one search at a
     time (``thread_safe`` is False and ``Captioner`` serialises its batches)."""
 
     name = "torch"
+    on_device = False  # the beam search on the device (``search``)
+    compile_search = False  # ... through torch.compile
     manifest: Manifest | None  # None: made from modules in memory (from_modules)
     graph_factory: GraphFactory | None
     encoder_graph: EncoderGraph | MixedEncoderGraph | None
@@ -165,9 +170,15 @@ class TorchBackend(Backend):
         threads: int | None = None,
         search: str = "auto",
         fp32_encoder: bool = False,
+        compile_search: bool = False,
     ):
         device = _checked_device(device, fp16, cuda_graphs, graph_factory)
         on_device = checked_search(search, torch.device(device))
+        if compile_search and not on_device:
+            raise ValueError(
+                f"compile_search=True compiles the beam search on the device: it goes with "
+                f"search='device', got search={search!r}"
+            )
         n_threads = check_threads(threads)
         if n_threads is not None:
             torch.set_num_threads(n_threads)
@@ -180,10 +191,11 @@ class TorchBackend(Backend):
         self._setup(encoder, decoder, device, fp16, fp32_encoder)
         self.manifest = manifest
         self.on_device = on_device
+        self.compile_search = compile_search
         if cuda_graphs or graph_factory is not None:
             self.enable_graphs(graph_factory or CudaGraphs(_indexed(self.device)))
         elif self.on_device:
-            self.device_search = TorchDeviceSearch(self)
+            self.device_search = TorchDeviceSearch(self, compiled=compile_search)
 
     def enable_graphs(self, capture: GraphFactory) -> None:
         """Run the encoder and the decoder step through graphs made by ``capture``
@@ -199,7 +211,7 @@ class TorchBackend(Backend):
             self.step_graph, self.decoder.cfg.vocab_size, self.top_k, self.device, self.dtype, capture
         )
         if self.on_device:  # the whole decode as one graph per shape
-            self.device_search = TorchDeviceSearch(self, capture)
+            self.device_search = TorchDeviceSearch(self, capture, compiled=self.compile_search)
 
     @classmethod
     def from_modules(
@@ -210,7 +222,6 @@ class TorchBackend(Backend):
         backend = cls.__new__(cls)
         backend._setup(encoder, decoder, _checked_device(device, False), fp16=False)
         backend.manifest = None
-        backend.on_device = False
         return backend
 
     def _setup(self, encoder, decoder, device: str, fp16: bool, fp32_encoder: bool = False) -> None:
@@ -286,6 +297,8 @@ class TorchBackend(Backend):
                 if isinstance(self.graph_factory, CudaGraphs)
                 else f", graphs: {getattr(self.graph_factory, '__name__', 'custom')}"
             )
+        if self.on_device:
+            mode += ", beam search on the device" + (" (compiled)" if self.compile_search else "")
         return (
             f"torch {torch.__version__} ({where}, {precision}{mode}; intra-op threads: "
             f"{torch.get_num_threads()}, process-wide)"
