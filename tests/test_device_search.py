@@ -23,7 +23,7 @@ from edgecap import Captioner  # noqa: E402
 from edgecap.backends.base import Backend  # noqa: E402
 from edgecap.backends.torch import TorchBackend  # noqa: E402
 from edgecap.backends.torch_graphs import EagerGraph  # noqa: E402
-from edgecap.backends.torch_search import TorchDeviceSearch  # noqa: E402
+from edgecap.backends.torch_search import TorchDeviceSearch, checked_search  # noqa: E402
 from edgecap.decoding import device as device_module  # noqa: E402
 from edgecap.decoding import CaptionOptions, search, search_with_tags  # noqa: E402
 from edgecap.decoding.device import (  # noqa: E402
@@ -457,6 +457,32 @@ def test_search_option(tiny_model_dir):
     assert TorchBackend(manifest, device="cpu").on_device is False  # auto on the CPU: host
     backend = TorchBackend(manifest, device="cpu", search="device")
     assert backend.on_device and backend.device_search.graphs is None
+
+
+def test_auto_searches_on_the_device_on_cuda_from_12_beam_rows(tiny_model_dir, monkeypatch):
+    """search="auto": on CUDA the device search for a batch of at least 12 beam rows (images x
+    beam; where it measured faster on an H200), the numpy loop below and on the CPU. The CUDA
+    case here: a CPU backend with its search set as CUDA's "auto" sets it."""
+    assert checked_search("auto", torch.device("cuda")) and not checked_search("auto", torch.device("cpu"))
+    assert checked_search("device", torch.device("cpu")) and not checked_search("host", torch.device("cuda"))
+    backend = TorchBackend(load_manifest(tiny_model_dir), device="cpu", search="device")
+    backend.search_mode = "auto"
+    assert "on the device from 12 beam rows a batch" in backend.describe()
+    rows = []
+
+    def device_search(encoded, options, *rest):
+        rows.append(encoded.n_images * options.beam_size)
+        return "searched on the device"
+
+    monkeypatch.setattr(backend, "device_search", device_search)
+    images = np.zeros((12, 3, 224, 224), np.float32)
+    for n, beam, on_device in ((1, 3, False), (3, 3, False), (4, 3, True), (11, 1, False), (12, 1, True)):
+        encoded = backend.encode(images[:n])
+        got = backend.search_on_device(encoded, CaptionOptions(beam_size=beam), START, END, None, None)
+        assert (got == "searched on the device") is on_device, (n, beam)
+    assert rows == [12, 12]
+    backend.search_mode = "device"  # "device": whatever the batch
+    assert backend.search_on_device(backend.encode(images[:1]), CaptionOptions(), START, END, None, None)
 
 
 def test_compile_search_goes_with_the_device_search(tiny_model_dir):

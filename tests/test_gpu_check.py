@@ -276,3 +276,19 @@ def test_gpu_report_written_after_each_mode_says_partial(tmp_path):
     gpu_check.write_report(data, modes, report, "cpu", tmp_path, "r", partial=False)
     assert "Partial" not in (tmp_path / "r.md").read_text()
     assert json.loads((tmp_path / "r.json").read_text())["partial"] is False
+
+
+def test_the_compiled_search_runs_only_with_compiled():
+    """The compiled device search's cold compile outlasted a lease's call once: it is measured
+    only when asked for (``--compiled``), last, at the target's latency setting alone."""
+    sys.path.insert(0, str(SCRIPT.parent))
+    import gpu_check
+
+    plain = [m["label"] for m in gpu_check.modes("cuda")]
+    assert "torch-cuda-fp32-graphs-device-compiled" not in plain and len(plain) == 9
+    compiled = gpu_check.modes("cuda", compiled=True)
+    assert [m["label"] for m in compiled[:-1]] == plain
+    last = compiled[-1]
+    assert last["label"] == "torch-cuda-fp32-graphs-device-compiled"
+    assert last["options"]["compile_search"] and (last["beams"], last["batches"]) == ((3,), (1,))
+    assert gpu_check.parse_args(["--compiled"]).compiled and not gpu_check.parse_args([]).compiled

@@ -31,7 +31,7 @@ from onnx import numpy_helper
 
 from edgecap.backends._checks import check_threads, load_failure
 from edgecap.backends.base import Backend, DecoderSession, Encoded, StepResult
-from edgecap.backends.torch_search import TorchDeviceSearch, checked_search
+from edgecap.backends.torch_search import AUTO_DEVICE_ROWS, TorchDeviceSearch, checked_search, use_device
 from edgecap.backends.torch_graphs import (
     CudaGraphs,
     EncoderGraphs,
@@ -141,7 +141,8 @@ class TorchBackend(Backend):
     met. ``graph_factory`` replaces ``CudaGraphs(device)`` with another ``capture(fn) -> graph`` (the
     tests' ``EagerGraph``, on any device) and implies ``cuda_graphs``. ``search``: where the
     beam search runs, "device" (torch tensors on the backend's device, no host round trip per
-    word), "host" (the numpy loop) or "auto" (host until the device search is measured on a GPU); see
+    word), "host" (the numpy loop) or "auto" (on CUDA the device search for batches of at least
+    12 beam rows, the numpy loop for smaller ones and on the CPU: what measured faster); see
     ``edgecap.backends.torch_search`` and docs/gpu-search.md. ``fp32_encoder`` (with ``fp16``):
     the whole encoder in FP32 and only the decoder in FP16, the FP16 that keeps the captions
     on the CPU emulation (docs/gpu-search.md). ``compile_search`` (with ``search="device"``):
@@ -153,7 +154,8 @@ class TorchBackend(Backend):
     time (``thread_safe`` is False and ``Captioner`` serialises its batches)."""
 
     name = "torch"
-    on_device = False  # the beam search on the device (``search``)
+    on_device = False  # the beam search may run on the device (``search``)
+    search_mode = "host"  # ``search``: "device", or "auto" (by batch; ``use_device``)
     compile_search = False  # ... through torch.compile
     manifest: Manifest | None  # None: made from modules in memory (from_modules)
     graph_factory: GraphFactory | None
@@ -174,7 +176,7 @@ class TorchBackend(Backend):
     ):
         device = _checked_device(device, fp16, cuda_graphs, graph_factory)
         on_device = checked_search(search, torch.device(device))
-        if compile_search and not on_device:
+        if compile_search and search != "device":
             raise ValueError(
                 f"compile_search=True compiles the beam search on the device: it goes with "
                 f"search='device', got search={search!r}"
@@ -191,6 +193,7 @@ class TorchBackend(Backend):
         self._setup(encoder, decoder, device, fp16, fp32_encoder)
         self.manifest = manifest
         self.on_device = on_device
+        self.search_mode = search
         self.compile_search = compile_search
         if cuda_graphs or graph_factory is not None:
             self.enable_graphs(graph_factory or CudaGraphs(_indexed(self.device)))
@@ -299,6 +302,8 @@ class TorchBackend(Backend):
             )
         if self.on_device:
             mode += ", beam search on the device" + (" (compiled)" if self.compile_search else "")
+            if self.search_mode == "auto":
+                mode += f" from {AUTO_DEVICE_ROWS} beam rows a batch"
         return (
             f"torch {torch.__version__} ({where}, {precision}{mode}; intra-op threads: "
             f"{torch.get_num_threads()}, process-wide)"
@@ -342,12 +347,11 @@ class TorchBackend(Backend):
     def search_on_device(self, encoded: Encoded, options, start_id: int, end_id: int, tag_words, fusion):
         """The hook of ``edgecap.decoding.search_with_tags``: each image's hypotheses from the
         beam search on the device (``edgecap.backends.torch_search``), or None where this
-        backend searches on the host (``search="host"`` or ``"auto"``)."""
-        return (
-            self.device_search(encoded, options, start_id, end_id, tag_words, fusion)
-            if self.on_device
-            else None
-        )
+        backend searches on the host (``search="host"``; ``"auto"`` on the CPU, or on CUDA for a
+        batch of fewer than ``AUTO_DEVICE_ROWS`` beam rows)."""
+        if not self.on_device or not use_device(self.search_mode, encoded.n_images * options.beam_size):
+            return None
+        return self.device_search(encoded, options, start_id, end_id, tag_words, fusion)
 
     def start(
         self, encoded: Encoded, image_index: np.ndarray, return_attention: bool = False

@@ -1,9 +1,11 @@
 """The torch backend's beam search on the device (``edgecap.decoding.device``).
 
 ``TorchBackend(search=...)``: ``"device"`` runs the search over torch tensors on the backend's
-device, ``"host"`` the numpy loop between steps, ``"auto"`` (the default) the numpy loop for now: the
-device search has not yet run on a real GPU (docs/gpu-search.md); on the CPU the numpy loop
-also measured faster. On CUDA the
+device, ``"host"`` the numpy loop between steps, ``"auto"`` (the default) the device search on
+CUDA for a batch of at least ``AUTO_DEVICE_ROWS`` beam rows (images x beam) and the numpy loop
+otherwise: on an NVIDIA H200 (benchmarks/results/gpu.md, docs/gpu-search.md) the device search
+was the faster from 12 rows up (beam 3 x 4 images: 1.24x end to end, x 32 images: 2.0x) and the
+numpy loop at 1 to 8 rows on a fast host; on the CPU the numpy loop measured faster. On CUDA the
 device search never waits for the GPU until the result: all ``max_length`` steps run with
 finished images masked; with CUDA graphs (``cuda_graphs=True``) the whole decode is one graph
 per shape (``DecodeGraphs``). The tag constraint and the attention maps stay on the host loop
@@ -17,16 +19,25 @@ import torch
 from edgecap.decoding.device import DecodeGraphs, DeviceBeamSearch, TorchStep, rules_for, unpack
 
 SEARCH_MODES = ("auto", "host", "device")
+# "auto" on CUDA: the device search for batches of at least this many beam rows (images x
+# beam), the numpy loop below. Two H200 runs (benchmarks/results/gpu.md and the one before it,
+# CUDA graphs, e2e p50): device / host 0.83-1.09x at 3 rows, 0.98x at 4, 1.0x at 8 (beam 1),
+# 1.24x at 12, 1.08-1.33x at 24, 1.26x at 32, 2.0x at 96, 2.8x at 192 (batch 64, tensors)
+AUTO_DEVICE_ROWS = 12
 
 
 def checked_search(search: str, device: torch.device) -> bool:
-    """``search`` (one of ``SEARCH_MODES``) -> whether this backend searches on the device."""
+    """``search`` (one of ``SEARCH_MODES``) -> whether this backend may search on the device
+    ("device"; "auto" on CUDA, for the batches ``use_device`` says)."""
     if search not in SEARCH_MODES:
         raise ValueError(f"search must be one of {', '.join(SEARCH_MODES)}, got {search!r}")
-    # "auto" stays on the host until the device search has run on a real GPU: it is tested on
-    # torch CPU tensors (and the whole-decode graph with a CPU stand-in), not yet on CUDA.
-    del device
-    return search == "device"
+    return search == "device" or (search == "auto" and device.type == "cuda")
+
+
+def use_device(search: str, rows: int) -> bool:
+    """Whether a backend that may search on the device does so for a batch of ``rows`` beam
+    rows: always with "device", from ``AUTO_DEVICE_ROWS`` rows with "auto"."""
+    return search == "device" or rows >= AUTO_DEVICE_ROWS
 
 
 class TorchDeviceSearch:
