@@ -510,13 +510,13 @@ def test_the_compiled_device_search_captions_as_the_numpy_search(shipped, monkey
     host = _search(captioner, encoded, options, on_device=False)
     kept = backend.device_search
     made = []
-    real = device_module._compiled_decode
+    real = device_module._compiled_step
 
-    def compiled_decode():
+    def compiled_step():
         made.append(1)
         return real()
 
-    monkeypatch.setattr(device_module, "_compiled_decode", compiled_decode)
+    monkeypatch.setattr(device_module, "_compiled_step", compiled_step)
     graphs = torch._dynamo.utils.counters["stats"]["unique_graphs"]
     try:
         backend.device_search = TorchDeviceSearch(backend, compiled=True)

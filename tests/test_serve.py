@@ -730,3 +730,215 @@ def test_not_loopback_warns():
     assert is_loopback("127.0.0.1") and is_loopback("::1") and is_loopback("localhost")
     assert not is_loopback("0.0.0.0") and not is_loopback("192.168.1.5")
     assert np.all([is_loopback(f"127.0.0.{i}") for i in (2, 255)])
+
+
+# -- mutation sampling of edgecap/serve.py: behaviour the tests above left open ------------------
+def test_a_lone_image_the_model_fails_on_is_one_500_and_one_log_line(capfd):
+    """Docs: a model failure is "one line in the JSON and one log line on stderr". A batch of
+    one that fails is retried alone and fails again: still one log line, not two."""
+    fake = FailingCaptioner()
+    fake.gate.set()
+    running = Running(fake, ServiceOptions())
+    try:
+        status, answer, _ = post(running.port, b"boom")
+    finally:
+        running.stop()
+    assert (status, answer) == (
+        500,
+        {
+            "error": "the model failed on this image (RuntimeError: CUDA out of memory. "
+            "Tried to allocate 2.00 GiB)"
+        },
+    )
+    assert fake.batches == [1, 1]  # the batch, then the image alone
+    assert capfd.readouterr().err.splitlines() == [
+        "edgecap serve: error: the model failed on a batch of 1 (RuntimeError: "
+        "CUDA out of memory. Tried to allocate 2.00 GiB)"
+    ]
+
+
+def test_an_image_retried_alone_after_a_failed_batch_has_its_queue_time_in_milliseconds():
+    """b"good" waits >= 300 ms behind the first request, then its batch with b"boom" fails and
+    it is captioned alone: its queue_ms still counts that wait in milliseconds (>= 300)."""
+    fake = FailingCaptioner()
+    running = Running(fake, ServiceOptions(max_wait_ms=0))
+    try:
+        with ThreadPoolExecutor(3) as pool:
+            first = pool.submit(post, running.port, b"first")
+            assert fake.entered.acquire(timeout=CLIENT_TIMEOUT_S)
+            boom, good = pool.submit(post, running.port, b"boom"), pool.submit(post, running.port, b"good")
+            wait_until(lambda: running.service.batcher.queue.qsize() == 2)
+            time.sleep(0.3)
+            fake.gate.set()
+            assert first.result()[0] == 200 and boom.result()[0] == 500
+            status, answer, _ = good.result()
+    finally:
+        running.stop()
+    assert fake.batches == [1, 2, 1, 1]
+    assert (status, answer["caption"], answer["batch"]) == (200, "4 bytes", 1)
+    assert answer["timings"]["total_ms"] >= answer["timings"]["queue_ms"] >= 300
+
+
+def test_a_body_being_read_counts_towards_max_pending():
+    """Docs: 503 once max_pending requests are "already being read, queued or captioned" (so
+    that memory for bodies stays below max_pending x max_body_bytes): with max_pending 1, a
+    client still sending its body makes the next request a 503; it is answered once sent."""
+    fake = BlockingCaptioner()
+    fake.gate.set()
+    running = Running(fake, ServiceOptions(max_pending=1))
+    try:
+        with socket.create_connection(("127.0.0.1", running.port), timeout=CLIENT_TIMEOUT_S) as slow:
+            slow.sendall(
+                b"POST /caption HTTP/1.1\r\nHost: x\r\nContent-Type: image/png\r\n"
+                b"Content-Length: 10\r\n\r\nfirst"
+            )
+            wait_until(lambda: running.service.pending == 1)
+            status, answer, headers = post(running.port, b"second")
+            assert (status, headers["Retry-After"]) == (503, "1")
+            assert "busy: 1 requests are already waiting (max_pending 1)" in answer["error"]
+            slow.sendall(b" half")
+            status, answer = read_http_reply(slow)
+        assert (status, answer["caption"]) == (200, "10 bytes")
+        assert post(running.port, b"third")[1]["caption"] == "5 bytes"
+    finally:
+        running.stop()
+    assert fake.batches == [1, 1]
+
+
+def test_health_counts_the_requests_waiting_for_the_model():
+    """Docs: /health's "pending" is N, the requests being read, queued or captioned: one being
+    captioned and two queued behind it are 3; 0 again once answered."""
+    fake = BlockingCaptioner()
+    running = Running(fake, ServiceOptions())
+    try:
+        with ThreadPoolExecutor(3) as pool:
+            first = pool.submit(post, running.port, b"first")
+            assert fake.entered.acquire(timeout=CLIENT_TIMEOUT_S)
+            rest = [pool.submit(post, running.port, b"x"), pool.submit(post, running.port, b"y")]
+            wait_until(lambda: running.service.batcher.queue.qsize() == 2)
+            busy = request(running.port, "GET", "/health")[1]["pending"]
+            fake.gate.set()
+            assert all(f.result()[0] == 200 for f in [first, *rest])
+        idle = request(running.port, "GET", "/health")[1]["pending"]
+    finally:
+        running.stop()
+    assert (busy, idle) == (3, 0)
+
+
+class BrokenResultCaptioner(BlockingCaptioner):
+    """A captioner whose result for b"broken" the service cannot turn into an answer (a bug):
+    its timings are not numbers."""
+
+    def caption_batch(self, images, on_error="raise"):
+        results = super().caption_batch(images, on_error)
+        for data, result in zip(images, results):
+            if data == b"broken":
+                result.timings = {"encode_ms": "soon"}
+        return results
+
+
+def test_a_bug_in_answering_is_a_json_500_and_one_log_line(capfd):
+    """Docs: "Every error is {"error": "..."}": a request the service fails on by a bug of its
+    own gets a JSON 500 (not aiohttp's text page) and one log line, and the service keeps
+    serving."""
+    fake = BrokenResultCaptioner()
+    fake.gate.set()
+    running = Running(fake, ServiceOptions())
+    try:
+        status, answer, headers = post(running.port, b"broken")
+        after = post(running.port, b"fine")
+    finally:
+        running.stop()
+    assert status == 500 and headers["Content-Type"].startswith("application/json")
+    assert answer["error"].startswith("internal error (TypeError: ")
+    assert (after[0], after[1]["caption"]) == (200, "4 bytes")
+    logged = capfd.readouterr().err.splitlines()
+    assert len(logged) == 1 and logged[0].startswith(
+        "edgecap serve: error: POST /caption failed (TypeError: "
+    )
+
+
+def test_a_gzip_encoded_body_is_not_decompressed():
+    """Docs: bodies are never decompressed (Content-Encoding is not applied: a gzip bomb stays a
+    small body). 5,000 bytes gzipped to a few dozen, under a 1,000-byte limit: the model gets
+    the compressed bytes as sent, not 5,000 bytes."""
+    import gzip
+
+    fake = BlockingCaptioner()
+    fake.gate.set()
+    running = Running(fake, ServiceOptions(max_body_bytes=1000))
+    compressed = gzip.compress(b"x" * 5000)
+    assert len(compressed) < 1000
+    try:
+        status, answer, _ = post(running.port, compressed, headers={"Content-Encoding": "gzip"})
+    finally:
+        running.stop()
+    assert (status, answer.get("caption")) == (200, f"{len(compressed)} bytes"), answer
+
+
+def test_a_stop_lets_a_connection_that_moved_on_after_a_413_finish_its_next_request():
+    """The stop closes connections still uploading a refused body, but one whose refused body
+    was sent to its end has moved on: its next request, in flight at the stop, is answered
+    ("A stop answers the requests in flight")."""
+    fake = BlockingCaptioner()
+    running = Running(fake, ServiceOptions(max_body_bytes=1000))
+    stopping = None
+    try:
+        with socket.create_connection(("127.0.0.1", running.port), timeout=CLIENT_TIMEOUT_S) as client:
+            client.sendall(
+                b"POST /caption HTTP/1.1\r\nHost: x\r\nContent-Type: image/png\r\n"
+                b"Content-Length: 1001\r\n\r\n" + b"x" * 1001
+            )
+            assert read_http_reply(client)[0] == 413
+            client.sendall(
+                b"POST /caption HTTP/1.1\r\nHost: x\r\nContent-Type: image/png\r\n"
+                b"Content-Length: 10\r\n\r\n" + b"y" * 10
+            )
+            assert fake.entered.acquire(timeout=CLIENT_TIMEOUT_S)  # the model has it
+            stopping = threading.Thread(target=running.stop)
+            stopping.start()
+            wait_until(lambda: not running.loop.is_running())  # the stop has begun
+            fake.gate.set()
+            status, answer = read_http_reply(client)
+        assert (status, answer["caption"]) == (200, "10 bytes")
+    finally:
+        fake.gate.set()
+        if stopping is None:
+            running.stop()
+        else:
+            stopping.join(CLIENT_TIMEOUT_S)
+            assert not stopping.is_alive()
+
+
+def test_serve_returns_the_signal_that_stopped_it():
+    """Docs: SIGTERM stops the service (exit 0), Ctrl-C too (exit 130): serve() returns the
+    signal's number, which the command turns into its exit status."""
+    from edgecap.serve import serve
+
+    class Unhandled(Exception):
+        pass
+
+    def unhandled(signum, frame):
+        raise Unhandled(signum)
+
+    for sig in (signal.SIGTERM, signal.SIGINT):
+        previous = signal.signal(sig, unhandled)  # what happens when serve() does not handle it
+        try:
+            fake = BlockingCaptioner()
+            service = CaptionService(fake, ServiceOptions())
+            stopped_by = serve(service, "127.0.0.1", 0, ready=lambda port, sig=sig: os.kill(os.getpid(), sig))
+        finally:
+            signal.signal(sig, previous)
+        assert stopped_by == sig
+
+
+def test_the_address_announced_for_an_ipv6_host_is_a_usable_url(capsys):
+    """An IPv6 address in a URL is in brackets (RFC 3986): http://[::1]:8765, not http://::1:8765."""
+    from edgecap.serve import announce
+
+    announce("::1", 8765)
+    announce("127.0.0.1", 8765)
+    assert capsys.readouterr().err.splitlines() == [
+        "edgecap serve: listening on http://[::1]:8765 (POST /caption, GET /health)",
+        "edgecap serve: listening on http://127.0.0.1:8765 (POST /caption, GET /health)",
+    ]

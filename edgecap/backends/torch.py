@@ -146,9 +146,10 @@ class TorchBackend(Backend):
     ``edgecap.backends.torch_search`` and docs/gpu-search.md. ``fp32_encoder`` (with ``fp16``):
     the whole encoder in FP32 and only the decoder in FP16, the FP16 that keeps the captions
     on the CPU emulation (docs/gpu-search.md). ``compile_search`` (with ``search="device"``):
-    the device search through ``torch.compile`` (``edgecap.decoding.device``: the search's
-    small operations fused into few kernels); each new shape (batch size, beam) compiles first,
-    tens of seconds, once per process: for a loop that captions at one shape.
+    the device search's step through ``torch.compile`` (``edgecap.decoding.device``: the
+    search's small operations fused into few kernels); each new shape (batch size, beam)
+    compiles first, once per process (25 s cold on a 2-core CPU): for a loop that captions at
+    one shape. Experimental: not yet timed on a GPU.
 
     With graphs the backend holds one set of buffers per shape, so it serves one search at a
     time (``thread_safe`` is False and ``Captioner`` serialises its batches)."""

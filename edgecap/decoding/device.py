@@ -38,12 +38,14 @@ back until the end: the form a CUDA graph can capture (``DecodeGraphs``); ``fixe
 when every image is done (one read-back per step, what the CPU wants). Both give the same
 hypotheses (tested).
 
-``DeviceBeamSearch(compiled=True)`` runs the fixed form through ``torch.compile`` (the whole
-``max_length``-step loop as one compiled graph, ``fullgraph=True``, static shapes): TorchInductor
-fuses the search's many small element-wise, gather and scatter operations (about 190 kernels a
-step on a GPU in eager form) into a few generated kernels. Compiling takes tens of seconds per
-shape (each ``Plan`` and batch size), once per process; past ``torch._dynamo``'s recompile
-limit a new shape runs uncompiled.
+One step is ``_step``: the step's number comes both as a Python int and as a 0-dim tensor, so
+that ``DeviceBeamSearch(compiled=True)`` can run every step after the first through one
+``torch.compile``d ``_step`` (``fullgraph=True``, static shapes, the number as a tensor):
+TorchInductor fuses the search's many small element-wise, gather and scatter operations (about
+190 kernels a step on a GPU in eager form) into few generated kernels. It compiles once per
+``Plan`` and batch shape (on a 2-core CPU 25 s cold for the first shape, 12 s for the next;
+compiling the whole 20-step loop as one graph had taken 89 s there, and had not finished in 184
+s on an H200 machine); past ``torch._dynamo``'s recompile limit a new shape runs uncompiled.
 """
 
 from __future__ import annotations
@@ -286,7 +288,7 @@ class DeviceBeamSearch:
         """The search's result, packed (``unpack``): float64 on the device. ``compiled``: the
         fixed form, compiled (whatever ``fixed`` says: a compiled graph cannot stop early)."""
         if self.compiled:
-            return _compiled_decode()(step, plan, inputs, self.never_first, lms)
+            return _decode(step, plan, inputs, self.never_first, lms, True, _compiled_step())
         return _decode(step, plan, inputs, self.never_first, lms, fixed)
 
     def search(
@@ -322,17 +324,20 @@ def _denominator(length: int, penalty: float | None) -> float:
     return float(length) if penalty is None else ((5.0 + length) / 6.0) ** penalty
 
 
-def _repeats(history: torch.Tensor, words: torch.Tensor, n: int) -> torch.Tensor:
-    """history (R, t) int64 with t >= n, words (R, W) -> (R, W) bool: the word would repeat an
-    n-gram of the row's words (``NoRepeatNgram.blocks``)."""
-    t = history.shape[1]
+def _repeats(history: torch.Tensor, words: torch.Tensor, n: int, last_at, inside) -> torch.Tensor:
+    """history (R, T) int64 whose first t words are each row's so far, words (R, W) -> (R, W)
+    bool: the word would repeat an n-gram of those words (``NoRepeatNgram.blocks``; none while
+    t < n). ``last_at`` (n-1,): where the last n-1 words are; ``inside`` (T-n+1,) bool: the
+    n-grams that lie inside the t words (``_Loop.repeat_tables``' row t)."""
+    R = history.shape[0]
     if n == 1:
-        match = torch.ones_like(history, dtype=torch.bool)
+        match = inside[None, :]  # (1, T)
         following = history
     else:
-        prefixes = history.unfold(1, n - 1, 1)[:, : t - n + 1]  # (R, t-n+1, n-1)
-        match = (prefixes == history[:, None, t - n + 1 :]).all(2)  # (R, t-n+1)
-        following = history[:, n - 1 :]  # (R, t-n+1)
+        prefixes = history.unfold(1, n - 1, 1)  # (R, T-n+2, n-1): the n-1 words from each j
+        last = history.gather(1, last_at[None].expand(R, n - 1))  # (R, n-1)
+        match = (prefixes[:, : inside.shape[0]] == last[:, None, :]).all(2) & inside  # (R, T-n+1)
+        following = history[:, n - 1 :]  # (R, T-n+1): the word after each
     return ((following[:, :, None] == words[:, None, :]) & match[:, :, None]).any(1)
 
 
@@ -351,165 +356,150 @@ class _Pool:
         self.count = torch.zeros(n, dtype=torch.int64, device=device)
 
     def put(
-        self, add: torch.Tensor, pos: torch.Tensor, tokens, length, rank_lp, log_prob, finished: bool
+        self,
+        add: torch.Tensor,
+        pos: torch.Tensor,
+        tokens,
+        length: torch.Tensor,
+        rank_lp,
+        log_prob,
+        finished: bool,
     ) -> None:
-        """Write the entries ``add`` (N, M) at slots ``pos`` (N, M); tokens (N, M, T)."""
+        """Write the entries ``add`` (N, M) at slots ``pos`` (N, M); tokens (N, M, T); length:
+        0-dim int64."""
         index = torch.where(add, pos, self.beam + 1)  # unused: the scratch slot
         self.tokens.scatter_(1, index[:, :, None].expand_as(tokens), tokens)
-        self.length.scatter_(1, index, torch.full_like(index, length))
+        self.length.scatter_(1, index, length.expand_as(index))
         self.rank_lp.scatter_(1, index, rank_lp)
         self.log_prob.scatter_(1, index, log_prob)
         self.finished.scatter_(1, index, torch.full_like(add, finished))
         self.count += add.sum(1)
 
-    def keep_live(self, images: torch.Tensor, live: torch.Tensor, history, t: int, sum_lp, true_lp) -> None:
+    def keep_live(
+        self, images: torch.Tensor, live: torch.Tensor, history, length: torch.Tensor, sum_lp, true_lp
+    ) -> None:
         """The live rows (R,) of ``images`` (N,) bool become unfinished hypotheses, in row
         order, while the image has fewer than ``beam`` (``beam._keep_live``)."""
         n, beam = images.shape[0], self.beam
         rows = live.view(n, beam) & images[:, None]
         pos = self.count[:, None] + rows.long().cumsum(1) - 1
         add = rows & (pos < beam)
-        self.put(add, pos, history.view(n, beam, -1), t, sum_lp.view(n, beam), true_lp.view(n, beam), False)
+        self.put(
+            add, pos, history.view(n, beam, -1), length, sum_lp.view(n, beam), true_lp.view(n, beam), False
+        )
+
+
+@functools.cache
+def _step_numbers(device: torch.device, length: int) -> tuple[torch.Tensor, ...]:
+    """0-dim int64 tensors 0 .. length on ``device``, made once: a step's number as the step
+    function takes it (a tensor, so that one compiled step serves every step, and a captured
+    graph keeps them alive)."""
+    return tuple(torch.full((), t, dtype=torch.int64, device=device) for t in range(length + 1))
+
+
+class _Loop:
+    """What every step of one search reads or writes in place: the plan, the step, the rules'
+    tensors, the pool of hypotheses and the best endings."""
+
+    def __init__(self, step: DeviceStep, plan: Plan, x: Inputs, never_first: torch.Tensor, lms):
+        N, B, T = plan.n_images, plan.beam, plan.max_length
+        R, C = N * B, B * plan.width
+        device = x.image_index.device
+        self.step, self.plan, self.never_first, self.lms = step, plan, never_first, lms
+        self.fusion_weights = x.fusion_weights
+        self.image_rows = x.image_index.long()
+        self.rows_of_candidates = torch.arange(R, device=device)[:, None].expand(R, plan.width).reshape(N, C)
+        self.image_first = torch.arange(N, device=device)[:, None] * B  # (N, 1)
+        self.pool = _Pool(N, B, T, device)
+        # the best place a beam could have ended, while no hypothesis of the image has finished
+        # (without plan.endings; with them it is one of the endings, and stays empty)
+        self.ending_tokens = torch.zeros((N, T), dtype=torch.int64, device=device)
+        self.ending_length = torch.zeros(N, dtype=torch.int64, device=device)
+        self.ending_rank = torch.full((N,), NEG_INF, dtype=torch.float64, device=device)
+        self.ending_rank_lp = torch.zeros(N, dtype=torch.float64, device=device)
+        self.ending_lp = torch.full((N,), NEG_INF, dtype=torch.float64, device=device)
+        # what length_normalised divides by, per length 0 .. T, computed as it computes it
+        self.denominators = torch.tensor(
+            [_denominator(n, plan.penalty) for n in range(T + 1)], dtype=torch.float64, device=device
+        )
+        self.repeat_tables = _repeat_tables(plan.no_repeat_ngram, T, device)
+        # with plan.endings, per step: each row's <end> (rank sum, log-prob; -inf: none) and words
+        self.end_rank_lp = torch.full((T, R), NEG_INF, dtype=torch.float64, device=device)
+        self.end_lp = torch.zeros((T, R), dtype=torch.float64, device=device)
+        self.end_words = torch.zeros((T, R, T), dtype=torch.int64, device=device)
+        self.tag_rows = self.tag_bias = None
+        if plan.tag_bonus is not None:
+            assert x.tag_words is not None  # the plan has a tag bonus only with tag words
+            self.tag_rows = x.tag_words.index_select(0, self.image_rows)  # (R, V) bool
+            self.tag_bias = self.tag_rows.to(torch.float32) * np.float32(plan.tag_bonus)
+
+    def first(self, x: Inputs) -> tuple:
+        """The carry before the first step: tokens, source rows, the step's state, the rank
+        and model sums, the words so far, the done images, the first bad step, the steered
+        rows, the language models' states."""
+        plan, device = self.plan, x.image_index.device
+        N, B, R, T = plan.n_images, plan.beam, plan.n_images * plan.beam, plan.max_length
+        row_in_image = torch.arange(R, device=device) % B
+        steered = None if self.tag_rows is None else self.tag_rows.any(1)
+        lm_states = None
+        if plan.fusion:
+            hidden = self.lms[0].hidden
+            lm_states = tuple(
+                (torch.zeros((R, hidden), device=device), torch.zeros((R, hidden), device=device))
+                for _ in self.lms
+            )
+        return (
+            torch.full((R,), plan.start_id, dtype=torch.int32, device=device),
+            x.image_index,
+            x.state,
+            torch.where(row_in_image == 0, 0.0, NEG_INF).to(torch.float64),
+            torch.zeros(R, dtype=torch.float64, device=device),
+            torch.zeros((R, T), dtype=torch.int64, device=device),
+            torch.zeros(N, dtype=torch.bool, device=device),
+            torch.full((), -1, dtype=torch.int64, device=device),
+            steered,
+            lm_states,
+        )
+
+
+def _repeat_tables(n: int, length: int, device) -> tuple[torch.Tensor, torch.Tensor] | None:
+    """Per step t: where its last n-1 words are (T, n-1) int64, and which of the n-grams
+    starting at 0 .. T-n lie inside its t words (T, T-n+1) bool; None without the rule."""
+    if not 0 < n <= length:
+        return None
+    t = np.arange(length)[:, None]
+    last_at = np.maximum(t - (n - 1) + np.arange(n - 1)[None, :], 0)
+    inside = np.arange(length - n + 1)[None, :] < t - n + 1
+    return torch.from_numpy(last_at).to(device), torch.from_numpy(inside).to(device)
 
 
 def _decode(
-    step: DeviceStep, plan: Plan, x: Inputs, never_first: torch.Tensor, lms, fixed: bool
+    step: DeviceStep,
+    plan: Plan,
+    x: Inputs,
+    never_first: torch.Tensor,
+    lms,
+    fixed: bool,
+    one_step: Callable[..., tuple] | None = None,
 ) -> torch.Tensor:
-    N, B, T, W = plan.n_images, plan.beam, plan.max_length, plan.width
-    R, C, end = N * B, B * W, plan.end_id
-    device = x.image_index.device
-    image_rows = x.image_index.long()
-    tokens = torch.full((R,), plan.start_id, dtype=torch.int32, device=device)
-    source = x.image_index
-    state = x.state
-    row_in_image = torch.arange(R, device=device) % B
-    sum_lp = torch.where(row_in_image == 0, 0.0, NEG_INF).to(torch.float64)
-    true_lp = torch.zeros(R, dtype=torch.float64, device=device)
-    history = torch.zeros((R, T), dtype=torch.int64, device=device)
-    rows_of_candidates = torch.arange(R, device=device)[:, None].expand(R, W).reshape(N, C)
-    image_first = torch.arange(N, device=device)[:, None] * B  # (N, 1)
-    done = torch.zeros(N, dtype=torch.bool, device=device)
-    pool = _Pool(N, B, T, device)
-    # the best place a beam could have ended, while no hypothesis of the image has finished
-    # (without plan.endings; with them it is one of the endings, and stays empty)
-    ending_tokens = torch.zeros((N, T), dtype=torch.int64, device=device)
-    ending_length = torch.zeros(N, dtype=torch.int64, device=device)
-    ending_rank = torch.full((N,), NEG_INF, dtype=torch.float64, device=device)
-    ending_rank_lp = torch.zeros(N, dtype=torch.float64, device=device)
-    ending_lp = torch.full((N,), NEG_INF, dtype=torch.float64, device=device)
-    first_bad = torch.full((), -1, dtype=torch.int64, device=device)
-    # with plan.endings, per step: each row's <end> (rank sum, log-prob; -inf: none) and words
-    end_rank_lp = torch.full((T, R), NEG_INF, dtype=torch.float64, device=device)
-    end_lp = torch.zeros((T, R), dtype=torch.float64, device=device)
-    end_words = torch.zeros((T, R, T), dtype=torch.int64, device=device)
-    tag_rows = steered = None
-    if plan.tag_bonus is not None:
-        assert x.tag_words is not None  # the plan has a tag bonus only with tag words
-        tag_rows = x.tag_words.index_select(0, image_rows)  # (R, V) bool
-        tag_bias = tag_rows.to(torch.float32) * np.float32(plan.tag_bonus)
-        steered = tag_rows.any(1)
-    lm_states = None
-    if plan.fusion:
-        hidden = lms[0].hidden
-        lm_states = [
-            (torch.zeros((R, hidden), device=device), torch.zeros((R, hidden), device=device)) for _ in lms
-        ]
-
-    for t in range(T):
-        running = ~done.all()  # any image left: the numpy loop ran this step
-        parts = []
-        if steered is not None:
-            parts.append(tag_bias * steered[:, None])
-        if lm_states is not None:
-            logits, norms = [], []
-            for k, lm in enumerate(lms):
-                h, c = lm_states[k]
-                if t > 0:  # the first step's source rows are images, and every state is zero
-                    h, c = h.index_select(0, source), c.index_select(0, source)
-                row_logits, norm, h, c = lm.step_logits(tokens, h, c)
-                lm_states[k] = (h, c)
-                logits.append(row_logits)
-                norms.append(norm)
-            ratio = logits[0] - logits[1]
-            ratio = ratio - (norms[0] - norms[1])
-            parts.append(ratio * x.fusion_weights)
-        bias = parts[0] if len(parts) == 1 else (parts[0] + parts[1] if parts else None)
-        values, ids, state = step(state, tokens, source, bias)
-        ids = ids.long()
-        bad = running & ~torch.isfinite(values).all()
-        first_bad = torch.where(bad & (first_bad < 0), t, first_bad)
-        lp = values.to(torch.float64)
-        ranked_lp = lp if bias is None else lp + bias.gather(1, ids).to(torch.float64)
-        live = sum_lp != NEG_INF
-        candidates = sum_lp[:, None] + ranked_lp  # (R, K): what ranks
-        model_lp = true_lp[:, None] + lp  # (R, K): the model's own
-        if t > 0 and plan.endings:
-            is_end = ids == end
-            at = is_end.to(torch.int32).argmax(1, keepdim=True)  # its first <end>
-            end_rank_lp[t] = torch.where(is_end.any(1) & live, candidates.gather(1, at)[:, 0], NEG_INF)
-            end_lp[t] = model_lp.gather(1, at)[:, 0]
-            end_words[t] = history
-        if t > 0 and not plan.endings:  # with endings, the best place to end is one of them
-            _best_ending(
-                plan,
-                t,
-                ids,
-                live,
-                candidates,
-                model_lp,
-                history,
-                done,
-                pool,
-                (ending_tokens, ending_length, ending_rank, ending_rank_lp, ending_lp),
-            )
-        words = ids[:, :W]
-        blocked = never_first[words] if t == 0 else torch.zeros_like(words, dtype=torch.bool)
-        if plan.no_repeat_ngram > 0 and t >= plan.no_repeat_ngram:
-            blocked = blocked | (_repeats(history[:, :t], words, plan.no_repeat_ngram) & (words != end))
-        ok = torch.isfinite(candidates[:, :W]) & ~blocked
-        score = candidates[:, :W].reshape(N, C)
-        order = torch.sort(score, dim=1, descending=True, stable=True).indices
-        s_score = score.gather(1, order)
-        s_model = model_lp[:, :W].reshape(N, C).gather(1, order)
-        s_word = words.reshape(N, C).gather(1, order)
-        s_row = rows_of_candidates.gather(1, order)
-        s_ok = ok.reshape(N, C).gather(1, order)  # a done image's rows are masked: none
-        is_end = s_word == end
-        going = s_ok & ~is_end
-        going_before = going.long().cumsum(1)  # continuations up to here, inclusive
-        taken = going & (going_before <= B)
-        # an <end> before the beam's last continuation finishes, while there is room
-        ending = s_ok & is_end & (going_before < B)
-        pos = pool.count[:, None] + ending.long().cumsum(1) - 1
-        add = ending & (pos < B)
-        pool.put(
-            add, pos, history.index_select(0, s_row.reshape(-1)).view(N, C, T), t, s_score, s_model, True
-        )
-        slot = torch.where(taken, going_before - 1, B)  # B: a scratch column
-        new_source = image_first.expand(N, B + 1).clone().scatter_(1, slot, s_row)
-        new_tokens = torch.full((N, B + 1), end, dtype=torch.int64, device=device).scatter_(1, slot, s_word)
-        new_lp = torch.full((N, B + 1), NEG_INF, dtype=torch.float64, device=device).scatter_(
-            1, slot, s_score
-        )
-        new_true = torch.zeros((N, B + 1), dtype=torch.float64, device=device).scatter_(1, slot, s_model)
-        image_live = going.any(1)
-        # every continuation blocked and nothing finished: keep what the live beams have
-        pool.keep_live(~done & ~image_live & (pool.count == 0), live, history, t, sum_lp, true_lp)
-        done = done | (pool.count >= B) | ~image_live
-        new_source = new_source[:, :B].reshape(R)
-        new_tokens = new_tokens[:, :B].reshape(R)
-        new_lp = torch.where(done.index_select(0, image_rows), NEG_INF, new_lp[:, :B].reshape(R))
-        if steered is not None and tag_rows is not None:
-            said = tag_rows.gather(1, new_tokens[:, None])[:, 0]
-            steered = steered.index_select(0, new_source) & (new_lp != NEG_INF) & ~said
-        history = history.index_select(0, new_source)
-        history[:, t] = new_tokens
-        tokens, source = new_tokens.to(torch.int32), new_source.to(torch.int32)
-        sum_lp, true_lp = new_lp, new_true[:, :B].reshape(R)
-        if not fixed and bool(done.all()):
+    """The search; ``one_step``: ``_step`` or a compiled ``_step``, for the steps after the
+    first (the first step's state has a row per image, the later ones a row per beam: a
+    compiled step of fixed shapes serves the later ones)."""
+    loop = _Loop(step, plan, x, never_first, lms)
+    carry = loop.first(x)
+    numbers = _step_numbers(x.image_index.device, plan.max_length)
+    for t in range(plan.max_length):
+        if t == 0 or one_step is None:
+            carry = _step(loop, t, numbers[t], carry)
+        else:
+            carry = one_step(loop, None, numbers[t], carry)
+        if not fixed and bool(carry[6].all()):
             break
+    _, _, _, sum_lp, true_lp, history, done, first_bad, _, _ = carry
+    pool = loop.pool
+    B = plan.beam
     # out of words: the live beams of unfinished images become (unfinished) hypotheses
-    pool.keep_live(~done, sum_lp != NEG_INF, history, T, sum_lp, true_lp)
+    pool.keep_live(~done, sum_lp != NEG_INF, history, numbers[plan.max_length], sum_lp, true_lp)
     return torch.cat(
         [
             pool.tokens[:, : B + 1].reshape(-1).to(torch.float64),
@@ -518,14 +508,18 @@ def _decode(
             pool.log_prob[:, : B + 1].reshape(-1),
             pool.finished[:, : B + 1].reshape(-1).to(torch.float64),
             pool.count.to(torch.float64),
-            ending_tokens.reshape(-1).to(torch.float64),
-            ending_length.to(torch.float64),
-            ending_rank_lp,
-            ending_lp,
-            (ending_rank != NEG_INF).to(torch.float64),
+            loop.ending_tokens.reshape(-1).to(torch.float64),
+            loop.ending_length.to(torch.float64),
+            loop.ending_rank_lp,
+            loop.ending_lp,
+            (loop.ending_rank != NEG_INF).to(torch.float64),
             first_bad.reshape(1).to(torch.float64),
             *(
-                (end_rank_lp.reshape(-1), end_lp.reshape(-1), end_words.reshape(-1).to(torch.float64))
+                (
+                    loop.end_rank_lp.reshape(-1),
+                    loop.end_lp.reshape(-1),
+                    loop.end_words.reshape(-1).to(torch.float64),
+                )
                 if plan.endings
                 else ()
             ),
@@ -533,28 +527,139 @@ def _decode(
     )
 
 
-def _fixed_decode(step: DeviceStep, plan: Plan, x: Inputs, never_first: torch.Tensor, lms) -> torch.Tensor:
-    return _decode(step, plan, x, never_first, lms, fixed=True)
+def _step(loop: _Loop, t: int | None, number: torch.Tensor, carry: tuple) -> tuple:
+    """One step of the search: ``t`` the step's number, or None for "some step after the
+    first" (a compiled step serves them all: then only ``number``, the same as a 0-dim int64
+    tensor, says which); ``carry`` as ``_Loop.first`` gives it; -> the next carry. Writes the
+    pool and the endings in place."""
+    plan, pool = loop.plan, loop.pool
+    N, B, T, W = plan.n_images, plan.beam, plan.max_length, plan.width
+    R, C, end = N * B, B * W, plan.end_id
+    tokens, source, state, sum_lp, true_lp, history, done, first_bad, steered, lm_states = carry
+    running = ~done.all()  # any image left: the numpy loop ran this step
+    parts = []
+    if steered is not None:
+        parts.append(loop.tag_bias * steered[:, None])
+    if lm_states is not None:
+        logits, norms, states = [], [], []
+        for (h, c), lm in zip(lm_states, loop.lms):
+            if t != 0:  # the first step's source rows are images, and every state is zero
+                h, c = h.index_select(0, source), c.index_select(0, source)
+            row_logits, norm, h, c = lm.step_logits(tokens, h, c)
+            states.append((h, c))
+            logits.append(row_logits)
+            norms.append(norm)
+        lm_states = tuple(states)
+        ratio = logits[0] - logits[1]
+        ratio = ratio - (norms[0] - norms[1])
+        parts.append(ratio * loop.fusion_weights)
+    bias = parts[0] if len(parts) == 1 else (parts[0] + parts[1] if parts else None)
+    values, ids, state = loop.step(state, tokens, source, bias)
+    ids = ids.long()
+    bad = running & ~torch.isfinite(values).all()
+    first_bad = torch.where(bad & (first_bad < 0), number, first_bad)
+    lp = values.to(torch.float64)
+    ranked_lp = lp if bias is None else lp + bias.gather(1, ids).to(torch.float64)
+    live = sum_lp != NEG_INF
+    candidates = sum_lp[:, None] + ranked_lp  # (R, K): what ranks
+    model_lp = true_lp[:, None] + lp  # (R, K): the model's own
+    at_t = number.view(1)
+    if t != 0 and plan.endings:
+        is_end = ids == end
+        at = is_end.to(torch.int32).argmax(1, keepdim=True)  # its first <end>
+        end_rank_lp = torch.where(is_end.any(1) & live, candidates.gather(1, at)[:, 0], NEG_INF)
+        loop.end_rank_lp.index_copy_(0, at_t, end_rank_lp[None])
+        loop.end_lp.index_copy_(0, at_t, model_lp.gather(1, at)[:, 0][None])
+        loop.end_words.index_copy_(0, at_t, history[None])
+    if t != 0 and not plan.endings:  # with endings, the best place to end is one of them
+        _best_ending(loop, t, number, ids, live, candidates, model_lp, history, done)
+    words = ids[:, :W]
+    blocked = loop.never_first[words] if t == 0 else torch.zeros_like(words, dtype=torch.bool)
+    n = plan.no_repeat_ngram
+    if loop.repeat_tables is not None and (t is None or t >= n):
+        last_at, inside = loop.repeat_tables
+        if t is None:
+            last_at, inside = last_at.index_select(0, at_t)[0], inside.index_select(0, at_t)[0]
+        else:
+            last_at, inside = last_at[t], inside[t]
+        blocked = blocked | (_repeats(history, words, n, last_at, inside) & (words != end))
+    ok = torch.isfinite(candidates[:, :W]) & ~blocked
+    score = candidates[:, :W].reshape(N, C)
+    order = torch.sort(score, dim=1, descending=True, stable=True).indices
+    s_score = score.gather(1, order)
+    s_model = model_lp[:, :W].reshape(N, C).gather(1, order)
+    s_word = words.reshape(N, C).gather(1, order)
+    s_row = loop.rows_of_candidates.gather(1, order)
+    s_ok = ok.reshape(N, C).gather(1, order)  # a done image's rows are masked: none
+    is_end = s_word == end
+    going = s_ok & ~is_end
+    going_before = going.long().cumsum(1)  # continuations up to here, inclusive
+    taken = going & (going_before <= B)
+    # an <end> before the beam's last continuation finishes, while there is room
+    ending = s_ok & is_end & (going_before < B)
+    pos = pool.count[:, None] + ending.long().cumsum(1) - 1
+    add = ending & (pos < B)
+    pool.put(
+        add, pos, history.index_select(0, s_row.reshape(-1)).view(N, C, T), number, s_score, s_model, True
+    )
+    slot = torch.where(taken, going_before - 1, B)  # B: a scratch column
+    device = history.device
+    new_source = loop.image_first.expand(N, B + 1).clone().scatter_(1, slot, s_row)
+    new_tokens = torch.full((N, B + 1), end, dtype=torch.int64, device=device).scatter_(1, slot, s_word)
+    new_lp = torch.full((N, B + 1), NEG_INF, dtype=torch.float64, device=device).scatter_(1, slot, s_score)
+    new_true = torch.zeros((N, B + 1), dtype=torch.float64, device=device).scatter_(1, slot, s_model)
+    image_live = going.any(1)
+    # every continuation blocked and nothing finished: keep what the live beams have
+    pool.keep_live(~done & ~image_live & (pool.count == 0), live, history, number, sum_lp, true_lp)
+    done = done | (pool.count >= B) | ~image_live
+    new_source = new_source[:, :B].reshape(R)
+    new_tokens = new_tokens[:, :B].reshape(R)
+    new_lp = torch.where(done.index_select(0, loop.image_rows), NEG_INF, new_lp[:, :B].reshape(R))
+    if steered is not None and loop.tag_rows is not None:
+        said = loop.tag_rows.gather(1, new_tokens[:, None])[:, 0]
+        steered = steered.index_select(0, new_source) & (new_lp != NEG_INF) & ~said
+    history = history.index_select(0, new_source)
+    history.index_copy_(1, at_t, new_tokens[:, None])
+    return (
+        new_tokens.to(torch.int32),
+        new_source.to(torch.int32),
+        state,
+        new_lp,
+        new_true[:, :B].reshape(R),
+        history,
+        done,
+        first_bad,
+        steered,
+        lm_states,
+    )
 
 
 @functools.cache
-def _compiled_decode() -> Callable[..., torch.Tensor]:
-    """``_decode``'s fixed form through ``torch.compile``, made once per process (its compiled
-    graphs are cached per shape by torch)."""
-    return torch.compile(_fixed_decode, fullgraph=True, dynamic=False)
+def _compiled_step() -> Callable[..., tuple]:
+    """``_step`` through ``torch.compile``, made once per process (its compiled graphs are
+    cached per shape by torch): one compile per plan and batch shape, serving every step after
+    the first."""
+    return torch.compile(_step, fullgraph=True, dynamic=False)
 
 
-def _best_ending(plan: Plan, t: int, ids, live, candidates, model_lp, history, done, pool, ending) -> None:
+def _best_ending(
+    loop: _Loop, t: int | None, number: torch.Tensor, ids, live, candidates, model_lp, history, done
+) -> None:
     """Per image with no finished hypothesis, keep the best ``<end>`` of its live rows' top K
-    at step ``t`` if it ranks above the one kept (``beam._best_ending``: by rank score, then
-    log-probability; the first one on ties)."""
-    tokens, length, rank, rank_lp, log_prob = ending
+    at step ``t`` (after the first; None: ``number``) if it ranks above the one kept
+    (``beam._best_ending``: by rank score, then log-probability; the first one on ties)."""
+    plan, pool = loop.plan, loop.pool
     N, B = plan.n_images, plan.beam
     is_end = ids == plan.end_id
     has = is_end.any(1) & live
     k = is_end.to(torch.int32).argmax(1, keepdim=True)  # its first <end>
     e_lp = candidates.gather(1, k)[:, 0].view(N, B)
-    e_rank = torch.where(has.view(N, B), e_lp / _denominator(t + 1, plan.penalty), NEG_INF)
+    denominator = (
+        loop.denominators.index_select(0, number.view(1) + 1)
+        if t is None
+        else _denominator(t + 1, plan.penalty)
+    )
+    e_rank = torch.where(has.view(N, B), e_lp / denominator, NEG_INF)
     e_model = torch.where(has.view(N, B), model_lp.gather(1, k)[:, 0].view(N, B), NEG_INF)
     best = e_rank.max(1).values
     best_model = torch.where(e_rank == best[:, None], e_model, NEG_INF).max(1).values
@@ -563,11 +668,12 @@ def _best_ending(plan: Plan, t: int, ids, live, candidates, model_lp, history, d
         .to(torch.int32)
         .argmax(1)
     )
+    rank, log_prob = loop.ending_rank, loop.ending_lp
     better = (pool.count == 0) & ~done & ((best > rank) | ((best == rank) & (best_model > log_prob)))
     row = torch.arange(N, device=ids.device) * B + pick
-    tokens.copy_(torch.where(better[:, None], history.index_select(0, row), tokens))
-    length.copy_(torch.where(better, t, length))
-    rank_lp.copy_(torch.where(better, e_lp.gather(1, pick[:, None])[:, 0], rank_lp))
+    loop.ending_tokens.copy_(torch.where(better[:, None], history.index_select(0, row), loop.ending_tokens))
+    loop.ending_length.copy_(torch.where(better, number, loop.ending_length))
+    loop.ending_rank_lp.copy_(torch.where(better, e_lp.gather(1, pick[:, None])[:, 0], loop.ending_rank_lp))
     rank.copy_(torch.where(better, best, rank))
     log_prob.copy_(torch.where(better, best_model, log_prob))
 

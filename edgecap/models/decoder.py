@@ -31,12 +31,15 @@ def mask_logits(logits: torch.Tensor, first_word: bool = False) -> torch.Tensor:
     <end> too when ``first_word``. Out of place, so it traces into the step graph."""
     size = int(logits.shape[1])
     key = (size, str(logits.device), first_word)
-    mask = None if torch.jit.is_tracing() else _MASKS.get(key)
+    # traced (an exported graph) or compiled (torch.compile: a cache read would make it
+    # recompile once the cache is filled), the mask is a constant of the graph
+    in_graph = torch.jit.is_tracing() or torch.compiler.is_compiling()
+    mask = None if in_graph else _MASKS.get(key)
     if mask is None:
         banned = set(NEVER_GENERATED_IDS + (NEVER_FIRST_IDS if first_word else ()))
         # built from a Python list, so an exported graph holds it as one constant
         mask = torch.tensor([i in banned for i in range(size)], device=logits.device)
-        if not torch.jit.is_tracing():
+        if not in_graph:
             # kept: a CUDA graph capture may not copy from the host (its warm-up runs fill this)
             _MASKS[key] = mask
     return torch.where(mask, torch.full_like(logits[:, :1], LOGIT_FLOOR), logits)
