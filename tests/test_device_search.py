@@ -12,6 +12,7 @@ whole-decode graph (``DecodeGraphs``) with ``EagerGraph`` standing in for a CUDA
 from __future__ import annotations
 
 from dataclasses import replace
+from unittest import mock
 
 import numpy as np
 import pytest
@@ -54,21 +55,28 @@ def _device(
     wrap=lambda step: step,
 ):
     """The device search over ``backend``'s own session (one host round trip per step);
-    ``wrap``: the step -> the step the search drives."""
+    ``wrap``: the step -> the step the search drives. ``fixed``: False (the early-exit loop),
+    True (the fixed-shape masked one) or NUMBERED (the fixed loop as ``compile_search`` runs
+    it, every step after the first told its number as a tensor only, run here uncompiled)."""
     vocab_size = vocab_size or backend.vocab_size
     rules = rules_for(options, encoded.n_images, tag_words, fusion, encoded.class_probs)
-    search = DeviceBeamSearch(vocab_size, torch.device("cpu"))
-    return search.search(
-        lambda index: wrap(SessionStep(backend.start(encoded, index.numpy()))),
-        encoded.n_images,
-        options,
-        backend.top_k,
-        START,
-        END,
-        rules,
-        fixed=fixed,
-        endings=endings,
-    )
+    search = DeviceBeamSearch(vocab_size, torch.device("cpu"), compiled=fixed == NUMBERED)
+    with mock.patch.object(device_module, "_compiled_step", lambda: device_module._step):
+        return search.search(
+            lambda index: wrap(SessionStep(backend.start(encoded, index.numpy()))),
+            encoded.n_images,
+            options,
+            backend.top_k,
+            START,
+            END,
+            rules,
+            fixed=bool(fixed),
+            endings=endings,
+        )
+
+
+NUMBERED = "numbered"  # see _device
+LOOPS = [False, True, NUMBERED]
 
 
 def _same(host, device, exact: bool = True):
@@ -131,7 +139,7 @@ def test_device_search_is_the_numpy_search_on_random_models(seed):
     host = search_with_tags(
         backend, backend.encode(seeds), options, START, END, vocab, tag_words, fusion=fusion
     )
-    for fixed in (False, True):  # the early-exit loop and the fixed-shape masked one
+    for fixed in LOOPS:  # the early-exit loop, the fixed-shape masked one, as compiled
         device = _device(backend, backend.encode(seeds), options, tag_words, fusion, fixed)
         # with fusion, torch's matrix products round differently from numpy's
         _same(host, device, exact=not options.fusion_weight)
@@ -145,7 +153,7 @@ def test_device_endings_are_the_numpy_searchs(seed):
 
     backend, options, seeds, tag_words, fusion, vocab = _random_case(seed)
     host = _search(backend, backend.encode(seeds), options, START, END, vocab, tag_words, fusion, False)
-    for fixed in (False, True):
+    for fixed in LOOPS:
         device = _device(backend, backend.encode(seeds), options, tag_words, fusion, fixed, endings=True)
         _same(host, device, exact=not options.fusion_weight)
 
@@ -164,7 +172,7 @@ def _both(backend, options, fixed=False):
     return host, _device(backend, encoded, options, fixed=fixed, vocab_size=len(WORDS))
 
 
-@pytest.mark.parametrize("fixed", [False, True])
+@pytest.mark.parametrize("fixed", LOOPS)
 def test_every_continuation_blocked_keeps_the_live_beam(fixed):
     """ "a" then "b", then both repeat a word (no_repeat_ngram=1) and <end> is not in the top
     K: the live beam "a b" is the caption, unfinished."""
@@ -174,7 +182,7 @@ def test_every_continuation_blocked_keeps_the_live_beam(fixed):
     _same(host, device)
 
 
-@pytest.mark.parametrize("fixed", [False, True])
+@pytest.mark.parametrize("fixed", LOOPS)
 def test_every_continuation_blocked_with_a_masked_row_keeps_the_live_beam(fixed):
     """Beam 2, no word twice, top K 2. Word 1: "a" (-0.1), "b" (-0.2). Word 2: "a c" (-0.2),
     "b c" (-0.3) ("a a", "b b" blocked). Word 3: "b c a" (-0.4) is the only continuation
@@ -201,7 +209,7 @@ def test_every_continuation_blocked_with_a_masked_row_keeps_the_live_beam(fixed)
     _same(host, device)
 
 
-@pytest.mark.parametrize("fixed", [False, True])
+@pytest.mark.parametrize("fixed", LOOPS)
 def test_every_continuation_blocked_after_one_ended_keeps_only_the_ended(fixed):
     """Beam 2, no word twice (no_repeat_ngram=1), top K 2. Word 1: "a" -0.1, "b" -0.2. Word 2:
     "a <end>" (-0.2) finishes; "b b" (-0.3) is blocked; "a b", "b a" (-0.4) go on. Word 3:
@@ -221,7 +229,7 @@ def test_every_continuation_blocked_after_one_ended_keeps_only_the_ended(fixed):
     _same(host, device)
 
 
-@pytest.mark.parametrize("fixed", [False, True])
+@pytest.mark.parametrize("fixed", LOOPS)
 def test_no_beam_ends_gives_the_best_place_to_end(fixed):
     """No beam takes <end> before max_length (it is third in every top K); the caption is the
     best ending seen, a finished hypothesis, not the cut beam."""
@@ -237,7 +245,7 @@ def test_no_beam_ends_gives_the_best_place_to_end(fixed):
     _same(host, device)
 
 
-@pytest.mark.parametrize("fixed", [False, True])
+@pytest.mark.parametrize("fixed", LOOPS)
 def test_equal_candidates_keep_the_numpy_order(fixed):
     """ "a" and "b" tie as first words: the numpy loop takes the one first in the step's top K
     (its sort is stable), so must the device search."""
@@ -247,7 +255,7 @@ def test_equal_candidates_keep_the_numpy_order(fixed):
     _same(host, device)
 
 
-@pytest.mark.parametrize("fixed", [False, True])
+@pytest.mark.parametrize("fixed", LOOPS)
 def test_a_wide_tie_keeps_the_row_order(fixed):
     """Beam 4, five candidates a row: 20 candidates, enough for an unstable sort to reorder
     ties. Word 1: a b c d (-1 each); word 2: every row's a b c d e (-1 each: 20 ties at -2),
@@ -267,7 +275,7 @@ def test_a_wide_tie_keeps_the_row_order(fixed):
     _same(host, device)
 
 
-@pytest.mark.parametrize("fixed", [False, True])
+@pytest.mark.parametrize("fixed", LOOPS)
 def test_equal_endings_keep_the_first(fixed):
     """No beam ends; the endings after "a" (step 2) and after "a c c" (step 4) rank the same
     (0 with the tag bonus of 4 on "a") and have the same log-probability (-4): the numpy loop
