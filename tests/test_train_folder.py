@@ -330,6 +330,31 @@ def test_command_detects_the_folder_and_checks_dev_fraction(tmp_path, monkeypatc
     assert "error: --scst-from does not read a folder of photos" in capsys.readouterr().err
 
 
+def test_a_relative_data_folder_reads_its_photos(tmp_path, monkeypatch):
+    """``--data photos`` (a path relative to the working folder) reads the photos inside it:
+    none of them is taken for one outside the images folder."""
+    folder(tmp_path / "f", [("a.png", "a red ball"), ("sub/b.png", "a dog"), ("c.png", "a cat")])
+    monkeypatch.chdir(tmp_path)
+    data = read_folder("f", dev_fraction=0.3, report=pytest.fail)
+    assert sorted(by_photo(data)) == ["a.png", "c.png", "sub/b.png"]
+    assert (len(data.train), len(data.dev)) == (2, 1)  # round(0.3 * 3) = 1 in dev
+
+
+def test_dev_photos_refuses_a_fraction_of_0_or_1():
+    """A dev share of 0 or 1 leaves no train or no dev photos: an error, not 1 photo in dev
+    (or all but one) without a word."""
+    for fraction in (0.0, 1.0):
+        with pytest.raises(ValueError, match=f"dev fraction must be between 0 and 1, got {fraction}"):
+            dev_photos(["a.png", "b.png", "c.png"], fraction, 0)
+
+
+def test_one_usable_photo_without_a_split_column_is_an_error(tmp_path):
+    """Two captions of one photo cannot be split into train and dev photos."""
+    root = folder(tmp_path / "f", [("a.png", "a ball"), ("a.png", "a red ball")])
+    with pytest.raises(DataError, match="captions.csv: one usable photo; a train and a dev split need two"):
+        read_folder(root, report=pytest.fail)
+
+
 # -- vocabulary growth ---------------------------------------------------------------------------
 
 torch_needed = pytest.mark.skipif(
