@@ -13,7 +13,7 @@ import numpy as np
 import pytest
 from PIL import Image
 
-from edgecap.data.folder import detect_dataset, dev_photos, read_folder
+from edgecap.data.folder import MAX_REPORTED, detect_dataset, dev_photos, read_folder
 from edgecap.errors import DataError
 
 
@@ -353,6 +353,95 @@ def test_one_usable_photo_without_a_split_column_is_an_error(tmp_path):
     root = folder(tmp_path / "f", [("a.png", "a ball"), ("a.png", "a red ball")])
     with pytest.raises(DataError, match="captions.csv: one usable photo; a train and a dev split need two"):
         read_folder(root, report=pytest.fail)
+
+
+@pytest.mark.parametrize("kind, text", [("jsonl", ""), ("jsonl", "\n \n"), ("csv", "")])
+def test_an_empty_captions_file_is_one_data_error(tmp_path, kind, text):
+    """A captions file just made (empty, or blank lines only) is a DataError naming the file,
+    never a crash."""
+    root = folder(tmp_path / "f", [], photos=["a.png"], kind=kind)
+    (root / f"captions.{kind}").write_text(text)
+    problem = "no rows" if kind == "jsonl" else "empty; the first line must name the columns file,caption"
+    with pytest.raises(DataError) as info:
+        read_folder(root, report=pytest.fail)
+    assert str(info.value) == f"{root / f'captions.{kind}'}: {problem}"
+
+
+def test_a_tab_separated_header_gets_the_comma_hint(tmp_path):
+    """A TSV saved as captions.csv: the header error says to separate the columns with commas."""
+    root = folder(tmp_path / "f", [], photos=["a.png"])
+    (root / "captions.csv").write_text("file\tcaption\na.png\ta ball\n")
+    with pytest.raises(DataError, match=r"found file\\tcaption; separate the columns with commas$"):
+        read_folder(root, report=pytest.fail)
+
+
+def test_a_missing_photo_with_two_captions_reports_both_captions_skipped(tmp_path):
+    root = folder(
+        tmp_path / "f",
+        [("gone.png", "a ball"), ("a.png", "a cat"), ("gone.png", "a red ball"), ("b.png", "a dog")],
+        photos=["a.png", "b.png"],
+    )
+    reports: list[str] = []
+    read_folder(root, dev_fraction=0.5, report=reports.append)
+    assert reports == [f"{root / 'captions.csv'}:2: gone.png: no such file; photo and its 2 captions skipped"]
+
+
+def test_the_count_of_problems_not_listed_is_reported_when_nothing_is_usable(tmp_path):
+    """Every row bad: the first MAX_REPORTED are listed, then the count of the rest, and only
+    then the error (the closing line is not lost with the run)."""
+    n_bad = MAX_REPORTED + 5
+    root = folder(tmp_path / "f", [("a.png", "?!")] * n_bad)
+    reports: list[str] = []
+    with pytest.raises(DataError, match="no usable photo"):
+        read_folder(root, report=reports.append)
+    assert len(reports) == MAX_REPORTED + 1
+    assert reports[-1] == f"{root / 'captions.csv'}: 5 more problems not listed ({n_bad} in all)"
+
+
+def test_names_and_header_cells_are_trimmed_and_split_may_be_capitalised(tmp_path):
+    """`` a.png `` names a.png; a ``Split`` column (as ``File`` and ``Caption``) is the split
+    column: its train / dev are used (two of three photos in dev), not a fifth by fraction."""
+    root = folder(
+        tmp_path / "f",
+        [(" a.png ", "a ball", "train"), ("b.png", "a dog", "dev"), ("c.png ", "a cat", "dev")],
+        header=("File", "Caption", "Split"),
+        photos=["a.png", "b.png", "c.png"],
+    )
+    data = read_folder(root, report=pytest.fail)
+    assert names(data.train) == ["a.png"] and names(data.dev) == ["b.png", "c.png"]
+
+
+def test_photos_may_live_in_another_folder_than_the_captions(tmp_path):
+    """``images``: the photos' root when it is not the folder of the captions file."""
+    rows = [("a.png", "a red ball"), ("sub/b.png", "a dog"), ("c.png", "a cat")]
+    photos = folder(tmp_path / "photos", rows)
+    (tmp_path / "notes").mkdir()
+    (photos / "captions.csv").rename(tmp_path / "notes" / "captions.csv")
+    data = read_folder(tmp_path / "notes", photos, dev_fraction=0.3, report=pytest.fail)
+    assert sorted(by_photo(data)) == ["a.png", "c.png", "sub/b.png"]
+
+
+def test_a_broken_link_named_captions_csv_is_the_folder_layout_and_an_error(tmp_path):
+    """A captions.csv that is a dangling link still marks the folder layout (not Flickr8k), and
+    reading it says what is wrong with that file."""
+    root = tmp_path / "f"
+    root.mkdir()
+    (root / "captions.csv").symlink_to("moved-away.csv")
+    assert detect_dataset(root) == "folder"
+    with pytest.raises(DataError) as info:
+        read_folder(root)
+    assert str(info.value) == f"{root / 'captions.csv'}: no such file"
+
+
+def test_a_jsonl_line_without_a_caption_key_is_reported_as_such(tmp_path):
+    root = folder(tmp_path / "f", [], photos=["a.png", "b.png"], kind="jsonl")
+    (root / "captions.jsonl").write_text(
+        '{"file": "a.png", "caption": "a ball"}\n{"file": "b.png"}\n{"file": "b.png", "caption": "a dog"}\n'
+    )
+    reports: list[str] = []
+    data = read_folder(root, dev_fraction=0.5, report=reports.append)
+    assert reports == [f'{root / "captions.jsonl"}:2: needs the keys "file" and "caption"; row skipped']
+    assert by_photo(data) == {"a.png": ["a ball"], "b.png": ["a dog"]}
 
 
 # -- vocabulary growth ---------------------------------------------------------------------------
