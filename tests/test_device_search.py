@@ -11,6 +11,7 @@ whole-decode graph (``DecodeGraphs``) with ``EagerGraph`` standing in for a CUDA
 
 from __future__ import annotations
 
+import contextlib
 from dataclasses import replace
 from unittest import mock
 
@@ -428,6 +429,55 @@ def test_the_whole_decode_graph_captions_as_the_numpy_search(shipped):
             exact=False,
         )
         assert graphs.made == 2 and len(graphs.entries) == 2
+    finally:
+        backend.device_search = kept
+
+
+class StrictGraph:
+    """A stand-in for ``CudaGraph`` that holds the capture to CUDA's rules: two warm-up runs,
+    then the captured run, in which any copy from the host (``torch.tensor``,
+    ``torch.from_numpy``, ``torch.as_tensor``) or read back to it (``item``, ``tolist``,
+    ``numpy``, ``bool``) raises, as it fails a real capture; ``replay`` runs it again."""
+
+    BARRED = ((torch, "tensor"), (torch, "from_numpy"), (torch, "as_tensor")) + tuple(
+        (torch.Tensor, name) for name in ("item", "tolist", "numpy", "__bool__")
+    )
+
+    def __init__(self, fn):
+        self.fn = fn
+        fn()
+        fn()
+        with contextlib.ExitStack() as stack:
+            for owner, name in self.BARRED:
+                stack.enter_context(mock.patch.object(owner, name, self._barred(name)))
+            fn()
+
+    @staticmethod
+    def _barred(name):
+        def call(*args, **kwargs):
+            raise AssertionError(f"{name} while capturing: a CUDA graph capture fails on it")
+
+        return call
+
+    def replay(self) -> None:
+        self.fn()
+
+
+@pytest.mark.parametrize("numbered", [False, True])
+def test_the_whole_decode_graph_copies_nothing_from_the_host_while_capturing(shipped, numbered):
+    """The whole-decode graph's captured run makes no host copy and reads nothing back (its
+    constant tables are made in the warm-up runs), plain and in the compiled search's form (run
+    uncompiled here); with the language models, the tag bonus and the endings."""
+    captioner, encoded, _ = shipped
+    backend = captioner.backend
+    options = CaptionOptions(n_best=2, guidance_bonus=2.0, no_repeat_ngram=2, length_penalty=0.7)
+    host = _search(captioner, encoded, options, on_device=False)
+    kept = backend.device_search
+    try:
+        backend.device_search = TorchDeviceSearch(backend, StrictGraph, compiled=numbered)
+        with mock.patch.object(device_module, "_compiled_step", lambda: device_module._step):
+            _same(host, _search(captioner, encoded, options, on_device=True), exact=False)
+            _same(host, _search(captioner, encoded, options, on_device=True), exact=False)
     finally:
         backend.device_search = kept
 

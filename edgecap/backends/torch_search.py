@@ -21,8 +21,9 @@ from edgecap.decoding.device import DecodeGraphs, DeviceBeamSearch, TorchStep, r
 SEARCH_MODES = ("auto", "host", "device")
 # "auto" on CUDA: the device search for batches of at least this many beam rows (images x
 # beam), the numpy loop below. Two H200 runs (benchmarks/results/gpu.md and the one before it,
-# CUDA graphs, e2e p50): device / host 0.83-1.09x at 3 rows, 0.98x at 4, 1.0x at 8 (beam 1),
-# 1.24x at 12, 1.08-1.33x at 24, 1.26x at 32, 2.0x at 96, 2.8x at 192 (batch 64, tensors)
+# CUDA graphs, e2e p50), the device search's speed-up over the host's: 0.65-0.88x at 1 row,
+# 0.83-1.09x at 3, 0.98x at 4, 0.91-1.0x at 8 (beam 1), 1.24x at 12, 1.08-1.33x at 24, 1.26x at
+# 32, 2.0x at 96; 2.8-4.9x at 192 (batch 64, from preprocessed tensors)
 AUTO_DEVICE_ROWS = 12
 
 

@@ -418,11 +418,7 @@ class _Loop:
         self.ending_rank = torch.full((N,), NEG_INF, dtype=torch.float64, device=device)
         self.ending_rank_lp = torch.zeros(N, dtype=torch.float64, device=device)
         self.ending_lp = torch.full((N,), NEG_INF, dtype=torch.float64, device=device)
-        # what length_normalised divides by, per length 0 .. T, computed as it computes it
-        self.denominators = torch.tensor(
-            [_denominator(n, plan.penalty) for n in range(T + 1)], dtype=torch.float64, device=device
-        )
-        self.repeat_tables = _repeat_tables(plan.no_repeat_ngram, T, device)
+        self.denominators, self.repeat_tables = _tables(device, T, plan.no_repeat_ngram, plan.penalty)
         # with plan.endings, per step: each row's <end> (rank sum, log-prob; -inf: none) and words
         self.end_rank_lp = torch.full((T, R), NEG_INF, dtype=torch.float64, device=device)
         self.end_lp = torch.zeros((T, R), dtype=torch.float64, device=device)
@@ -462,15 +458,22 @@ class _Loop:
         )
 
 
-def _repeat_tables(n: int, length: int, device) -> tuple[torch.Tensor, torch.Tensor] | None:
-    """Per step t: where its last n-1 words are (T, n-1) int64, and which of the n-grams
-    starting at 0 .. T-n lie inside its t words (T, T-n+1) bool; None without the rule."""
+@functools.cache
+def _tables(device: torch.device, length: int, n: int, penalty: float | None):
+    """A search's constant tables on ``device``, made once (copies from the host, which a CUDA
+    graph may not capture: the graph's warm-up runs make them): what ``length_normalised``
+    divides by per length 0 .. T (float64, computed as it computes it); and with the no-repeat
+    rule, per step t, where its last n-1 words are (T, n-1) int64 and which of the n-grams
+    starting at 0 .. T-n lie inside its t words (T, T-n+1) bool (None without the rule)."""
+    denominators = torch.tensor(
+        [_denominator(k, penalty) for k in range(length + 1)], dtype=torch.float64, device=device
+    )
     if not 0 < n <= length:
-        return None
+        return denominators, None
     t = np.arange(length)[:, None]
     last_at = np.maximum(t - (n - 1) + np.arange(n - 1)[None, :], 0)
     inside = np.arange(length - n + 1)[None, :] < t - n + 1
-    return torch.from_numpy(last_at).to(device), torch.from_numpy(inside).to(device)
+    return denominators, (torch.from_numpy(last_at).to(device), torch.from_numpy(inside).to(device))
 
 
 def _decode(
