@@ -219,9 +219,10 @@ class CaptionService:
         flight): close the connections that are only reading an answered request's unwanted body,
         so that a client holding an over-limit upload open does not hold up the stop. A
         connection whose body has since ended has moved on to its next request and is left to
-        finish it."""
+        finish it (ended: all of it received, ``is_eof``, though aiohttp may have left it unread
+        in its buffer, ``at_eof`` false, when it came in one packet with the headers)."""
         for transport, body in list(self._unread.items()):
-            if not body.at_eof() and not transport.is_closing():
+            if not body.is_eof() and not transport.is_closing():
                 transport.close()
 
     async def _stop(self, app) -> None:
