@@ -489,6 +489,34 @@ def test_photos_outside_the_folder_are_refused_unless_allowed(tmp_path):
     assert len(captions) == 5
 
 
+@POSIX
+def test_a_link_to_a_sibling_folder_and_a_dotdot_mid_path_are_outside(tmp_path):
+    """``data-private`` beside ``data`` is outside ``data`` though its path starts with that of
+    ``data``; ``inner/../../...`` goes through '..' (said so, not called a link)."""
+    secret = photo(tmp_path / "data-private" / "secret.png", 7)
+    root = captions_csv(
+        tmp_path / "data",
+        GOOD + [("peek.png", "a secret through a link"), ("inner/../../data-private/secret.png", "a secret")],
+        photos=["a.png", "b.png", "c.png"],
+    )
+    (root / "peek.png").symlink_to(secret)
+    reports = []
+    data = read_folder(root, dev_fraction=0.3, report=reports.append)
+    assert {it.file_name for it in data.train + data.dev} == {"a.png", "b.png", "c.png"}
+    assert [r.split(": ", 2)[1:] for r in reports] == [
+        [
+            "peek.png",
+            "a symbolic link that leads out of the images folder; pass "
+            "--allow-outside-data to train on it; row skipped",
+        ],
+        [
+            "inner/../../data-private/secret.png",
+            "a path through '..', outside the images folder; pass "
+            "--allow-outside-data to train on it; row skipped",
+        ],
+    ]
+
+
 def test_flickr_layout_rows_outside_the_images_folder_are_refused(tmp_path):
     from edgecap.training.start import dataset_items
 
@@ -741,6 +769,26 @@ def test_thousands_of_bad_rows_are_summarised_with_their_count(tmp_path):
     )
     assert data.n_problems == n_bad and len(data.problems) == MAX_REPORTED
     assert len(data.train + data.dev) == 3
+
+
+def test_the_closing_count_line_escapes_the_captions_file_name(tmp_path):
+    """The line counting the problems not listed names the captions file escaped, as every
+    other report line does: a newline in the folder's name cannot forge a line."""
+    from edgecap.commands.output import escape_field
+
+    n_bad = MAX_REPORTED + 1
+    root = captions_csv(
+        tmp_path / "data\n/etc/passwd:1: z.png",
+        GOOD + [(f"gone{i}.png", "?!") for i in range(n_bad)],
+        photos=["a.png", "b.png", "c.png"],
+    )
+    reports = []
+    read_folder(root, dev_fraction=0.3, report=reports.append)
+    assert all("\n" not in line for line in reports)
+    assert (
+        reports[-1]
+        == f"{escape_field(str(root / 'captions.csv'))}: 1 more problems not listed ({n_bad} in all)"
+    )
 
 
 @torch_needed
