@@ -667,3 +667,25 @@ def test_the_device_search_on_the_gpu_captions_as_the_host_search(default_model_
         assert [c.score for c in got] == pytest.approx([c.score for c in want], abs=1e-4)
     if graphs:
         assert device.backend.device_search.graphs.graphs.made == 2
+
+
+@pytest.mark.gpu
+def test_the_compiled_search_on_the_gpu_captions_as_the_host_search(default_model_dir, example_images):
+    """``compile_search=True`` inside the whole-decode CUDA graph (one batch shape: one compile
+    of the step, then the capture of 20 calls of it) gives the host search's captions."""
+    if not torch.cuda.is_available():
+        pytest.skip("no CUDA GPU")
+    photos = [str(p) for p in example_images] * 2  # one batch of 8
+    host = Captioner(default_model_dir, backend="torch", device="cuda", search="host", cuda_graphs=True)
+    compiled = Captioner(
+        default_model_dir,
+        backend="torch",
+        device="cuda",
+        search="device",
+        cuda_graphs=True,
+        compile_search=True,
+    )
+    for _ in range(2):  # the second time through the captured graph
+        want, got = host.caption_batch(photos), compiled.caption_batch(photos)
+        assert [c.text for c in got] == [c.text for c in want]
+        assert [c.score for c in got] == pytest.approx([c.score for c in want], abs=1e-4)
