@@ -444,6 +444,30 @@ def test_a_jsonl_line_without_a_caption_key_is_reported_as_such(tmp_path):
     assert by_photo(data) == {"a.png": ["a ball"], "b.png": ["a dog"]}
 
 
+def test_a_jsonl_value_that_is_not_text_is_reported_not_turned_into_a_caption(tmp_path):
+    """A JSON array of captions (or a number, an object) is no caption: the row is reported and
+    left out, never trained on as the caption "['a dog runs', 'a brown dog']" or "nan"."""
+    root = folder(tmp_path / "f", [], photos=["a.png", "b.png"], kind="jsonl")
+    (root / "captions.jsonl").write_text(
+        '{"file": "a.png", "caption": ["a dog runs", "a brown dog"]}\n'
+        '{"file": "a.png", "caption": "a dog runs"}\n'
+        '{"file": "b.png", "caption": NaN}\n'
+        '{"file": "b.png", "caption": {"en": "a cat"}}\n'
+        '{"file": ["b.png"], "caption": "a cat"}\n'
+        '{"file": "b.png", "caption": "a cat"}\n'
+    )
+    reports: list[str] = []
+    data = read_folder(root, dev_fraction=0.5, report=reports.append)
+    source = root / "captions.jsonl"
+    assert reports == [
+        f"{source}:1: a.png: caption is a JSON array, not text; row skipped",
+        f"{source}:3: b.png: caption is a JSON number, not text; row skipped",
+        f"{source}:4: b.png: caption is a JSON object, not text; row skipped",
+        f"{source}:5: (no file): file is a JSON array, not text; row skipped",
+    ]
+    assert by_photo(data) == {"a.png": ["a dog runs"], "b.png": ["a cat"]}
+
+
 # -- vocabulary growth ---------------------------------------------------------------------------
 
 torch_needed = pytest.mark.skipif(

@@ -12,10 +12,11 @@ are split by a seeded hash of their file names: the same files and seed always g
 split, whatever the row order.
 
 A captions file that cannot be read as a whole (the wrong columns, not UTF-8) is a ``DataError``.
-A bad row (an empty caption, no file name, an unknown split) or a bad photo (missing, unreadable,
-not an image) is reported, naming the file and line, and left out; the rest is used. The reports
-escape names as ``edgecap caption`` does (a newline in a file name cannot forge a report line);
-after the first ``MAX_REPORTED`` the rest are only counted, in one closing line.
+A bad row (an empty caption, no file name, an unknown split, a JSON value that is not text) or a
+bad photo (missing, unreadable, not an image) is reported, naming the file and line, and left
+out; the rest is used. The reports escape names as ``edgecap caption`` does (a newline in a
+file name cannot forge a report line); after the first ``MAX_REPORTED`` the rest are only
+counted, in one closing line.
 
 Photos must lie inside the images folder: a row naming an absolute path, a path through ``..``
 or a symbolic link that leads out of the folder is left out (reported) unless
@@ -51,6 +52,7 @@ SPLIT_NAMES = {"train": "train", "dev": "dev", "val": "dev", "validation": "dev"
 MAX_CAPTIONS_BYTES = 256 << 20
 COLUMNS = ("file", "caption")
 MAX_REPORTED = 200  # problem lines shown one by one; the rest are counted
+JSON_KINDS = {list: "array", dict: "object", bool: "boolean"}  # else a number
 
 
 def caption_file(root: str | Path) -> Path | None:
@@ -302,6 +304,13 @@ def read_rows(path: Path, report: Callable[[str | Callable[[], str]], None]) -> 
     for line, fields in records:
         if isinstance(fields, str):  # a row that could not be read at all
             report(partial(_row_line, shown, line, None, fields))
+            continue
+        # a JSON array of captions, a number, an object: no text (str() would make it a caption)
+        wrong = next((k for k in (*COLUMNS, "split") if not isinstance(fields.get(k), str | None)), None)
+        if wrong:
+            name, kind = fields.get("file"), JSON_KINDS.get(type(fields[wrong]), "number")
+            why = f"{wrong} is a JSON {kind}, not text"
+            report(partial(_row_line, shown, line, name.strip() if isinstance(name, str) else "", why))
             continue
         file, caption = (str(fields.get(k) or "").strip() for k in COLUMNS)
         split = str(fields.get("split") or "").strip().lower() if has_split else None
