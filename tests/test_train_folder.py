@@ -468,6 +468,24 @@ def test_a_jsonl_value_that_is_not_text_is_reported_not_turned_into_a_caption(tm
     assert by_photo(data) == {"a.png": ["a dog runs"], "b.png": ["a cat"]}
 
 
+def test_a_csv_row_with_more_cells_than_the_header_is_reported_not_cut(tmp_path):
+    """An unquoted comma in a caption makes a third cell: the row is reported and left out,
+    never trained on as the caption cut at the comma ("a red ball"). Empty cells after the last
+    column (a spreadsheet's trailing comma) are fine."""
+    root = folder(tmp_path / "f", [], photos=["a.png", "b.png"])
+    (root / "captions.csv").write_text(
+        "file,caption\na.png,a red ball, round and shiny\n"
+        'a.png,"a ball, red"\nb.png,a dog,\nb.png,a brown dog, ,\n'
+    )
+    reports: list[str] = []
+    data = read_folder(root, dev_fraction=0.5, report=reports.append)
+    assert reports == [
+        f"{root / 'captions.csv'}:2: 3 cells for the header's 2 columns; "
+        "put a caption that holds a comma in double quotes; row skipped"
+    ]
+    assert by_photo(data) == {"a.png": ["a ball, red"], "b.png": ["a dog", "a brown dog"]}
+
+
 # -- vocabulary growth ---------------------------------------------------------------------------
 
 torch_needed = pytest.mark.skipif(

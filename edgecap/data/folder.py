@@ -12,11 +12,11 @@ are split by a seeded hash of their file names: the same files and seed always g
 split, whatever the row order.
 
 A captions file that cannot be read as a whole (the wrong columns, not UTF-8) is a ``DataError``.
-A bad row (an empty caption, no file name, an unknown split, a JSON value that is not text) or a
-bad photo (missing, unreadable, not an image) is reported, naming the file and line, and left
-out; the rest is used. The reports escape names as ``edgecap caption`` does (a newline in a
-file name cannot forge a report line); after the first ``MAX_REPORTED`` the rest are only
-counted, in one closing line.
+A bad row (an empty caption, no file name, an unknown split, more cells than the header names, a
+JSON value that is not text) or a bad photo (missing, unreadable, not an image) is reported,
+naming the file and line, and left out; the rest is used. The reports escape names as
+``edgecap caption`` does (a newline in a file name cannot forge a report line); after the first
+``MAX_REPORTED`` the rest are only counted, in one closing line.
 
 Photos must lie inside the images folder: a row naming an absolute path, a path through ``..``
 or a symbolic link that leads out of the folder is left out (reported) unless
@@ -347,7 +347,8 @@ def _row_line(source: str, line: int, file: str | None, problem: str, value: str
 
 
 def _csv_records(path: Path, text: str):
-    """Yields whether there is a split column, then (line, {column: value}) per record."""
+    """Yields whether there is a split column, then (line, {column: value}) per record (its
+    problem, a string, for a record with more cells than the header names)."""
     reader = csv.reader(io.StringIO(text, newline=""))
     try:
         header = next(reader, None)
@@ -374,7 +375,15 @@ def _csv_records(path: Path, text: str):
         end = reader.line_num
         for record in reader:
             start, end = end + 1, reader.line_num
-            if any(v.strip() for v in record):
+            if any(v.strip() for v in record[len(names) :]):  # an unquoted comma, most likely
+                yield (
+                    start,
+                    (
+                        f"{len(record)} cells for the header's {len(names)} columns; "
+                        "put a caption that holds a comma in double quotes"
+                    ),
+                )
+            elif any(v.strip() for v in record):
                 yield start, dict(zip(names, record))
     except csv.Error as exc:
         raise DataError(f"{escape_field(str(path))}:{reader.line_num}: not CSV ({exc})") from None
