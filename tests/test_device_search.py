@@ -482,6 +482,21 @@ def test_the_whole_decode_graph_copies_nothing_from_the_host_while_capturing(shi
         backend.device_search = kept
 
 
+@pytest.mark.parametrize("where", ["host", "device"])
+def test_every_graph_of_the_captioner_keeps_to_the_capture_rules(shipped, where):
+    """A graphed torch Captioner (the encoder's graphs, the step's with the host search, the
+    whole decode's with the device search) under ``StrictGraph``: every capture copies
+    nothing from the host and reads nothing back, and the captions are the eager ones."""
+    captioner, _, photos = shipped
+    graphed = Captioner(
+        captioner.manifest.directory, backend="torch", device="cpu", search=where, graph_factory=StrictGraph
+    )
+    want = [c.text for c in captioner.caption_batch(photos)]
+    for _ in range(2):  # captured, then replayed
+        assert [c.text for c in graphed.caption_batch(photos)] == want
+    assert graphed.caption(photos[0]).text == want[0]  # another batch size: captured again
+
+
 def test_the_captioner_uses_the_device_search(shipped, monkeypatch):
     """A torch Captioner with search="device" runs it for plain captions, and the numpy loop
     for the attention maps and the tag constraint."""
