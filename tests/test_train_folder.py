@@ -468,6 +468,23 @@ def test_a_jsonl_value_that_is_not_text_is_reported_not_turned_into_a_caption(tm
     assert by_photo(data) == {"a.png": ["a dog runs"], "b.png": ["a cat"]}
 
 
+def test_a_jsonl_null_is_an_empty_value_and_a_split_of_true_is_not_text(tmp_path):
+    root = folder(tmp_path / "f", [], photos=["a.png", "b.png"], kind="jsonl")
+    (root / "captions.jsonl").write_text(
+        '{"file": "a.png", "caption": null, "split": "train"}\n'
+        '{"file": "a.png", "caption": "a ball", "split": true}\n'
+        '{"file": "a.png", "caption": "a red ball", "split": "train"}\n'
+        '{"file": "b.png", "caption": "a dog", "split": "dev"}\n'
+    )
+    reports: list[str] = []
+    data = read_folder(root, report=reports.append)
+    assert reports == [
+        f"{root / 'captions.jsonl'}:1: a.png: empty caption; row skipped",
+        f"{root / 'captions.jsonl'}:2: a.png: split is a JSON boolean, not text; row skipped",
+    ]
+    assert by_photo(data) == {"a.png": ["a red ball"], "b.png": ["a dog"]}
+
+
 def test_a_csv_row_with_more_cells_than_the_header_is_reported_not_cut(tmp_path):
     """An unquoted comma in a caption makes a third cell: the row is reported and left out,
     never trained on as the caption cut at the comma ("a red ball"). Empty cells after the last
