@@ -488,6 +488,96 @@ def test_photos_of_one_name_in_two_folders_keep_their_own_features(tmp_path):
     assert cache.read(rows)[:, 0, 0].tolist() == [0.0, 1.0]
 
 
+def test_a_batch_of_scattered_rows_reads_exactly_those_rows(tmp_path):
+    # A shuffled batch: rows with gaps between them in one shard, a repeat, rows of three
+    # shards; the stand-in encoder makes image i's features all i.
+    names, load, encode = _fake_features(10, shape=(2, 3))
+    cache = extract_shards(names, tmp_path, load, encode, shard_size=4, log=lambda *_: None)
+    rows = [2, 0, 7, 5, 9, 3, 3, 8]
+    assert cache.read(rows)[:, 0, 0].tolist() == rows
+    assert cache[[6, 4]][:, 1, 2].tolist() == [6.0, 4.0]
+    cache.close()
+
+
+def test_a_photo_the_run_asks_for_that_cannot_be_read_is_an_error_not_an_empty_row(tmp_path):
+    # Only photos of earlier runs that this run does not ask for may be left empty ("absent").
+    from edgecap.errors import InputError
+
+    names, load, encode = _fake_features(6, shape=(2, 3))
+
+    def load_or_fail(path):
+        if path == names[4]:
+            raise InputError(path, "not a photo")
+        return load(path)
+
+    with pytest.raises(InputError, match="img-000004.jpg: not a photo"):
+        extract_shards(names, tmp_path, load_or_fail, encode, shard_size=4, log=lambda *_: None)
+    assert not (tmp_path / "shard-00001.json").exists() and not (tmp_path / "index.json").exists()
+
+
+def test_a_cache_keeps_the_shard_size_it_was_started_with(tmp_path):
+    # docs/training.md: "a cache keeps the size it was started with" -- another --shard-size
+    # on a later run re-encodes nothing that is cached.
+    names, load, encode = _fake_features(10, shape=(2, 3))
+    extract_shards(names[:6], tmp_path, load, encode, shard_size=4, log=lambda *_: None).close()
+    encoded = []
+
+    def counting(x):
+        encoded.extend(x[:, 0].astype(int).tolist())
+        return encode(x)
+
+    cache = extract_shards(names, tmp_path, load, counting, shard_size=2, log=lambda *_: None)
+    assert cache.shard_size == 4
+    assert encoded == [4, 5, 6, 7, 8, 9]  # shard 0 kept; shard 1 had 2 images, now 4; shard 2
+    assert sorted(p.name for p in tmp_path.glob("shard-*.npy")) == [f"shard-0000{s}.npy" for s in range(3)]
+    assert cache.read(range(10))[:, 0, 0].tolist() == list(range(10))
+    cache.close()
+
+
+@pytest.mark.parametrize("shape", [[3, 2], [2, 2]])  # the same bytes per row, fewer
+def test_an_index_whose_shape_disagrees_with_its_shards_is_refused(tmp_path, shape):
+    names, load, encode = _fake_features(6, shape=(2, 3))
+    extract_shards(names, tmp_path, load, encode, shard_size=4, log=lambda *_: None).close()
+    index = json.loads((tmp_path / "index.json").read_text())
+    (tmp_path / "index.json").write_text(json.dumps({**index, "shape": shape}))
+    problem = rf"rows of \[2, 3\], the index says \[{shape[0]}, {shape[1]}\]"
+    with pytest.raises(FeatureCacheError, match=rf"shard-00000\.npy: corrupt feature shard \({problem}\)"):
+        ShardedFeatures(tmp_path)
+
+
+@pytest.mark.parametrize(
+    "rewrite, problem",
+    [
+        (lambda a: a.reshape(4, 3, 2), r"shape \(4, 3, 2\) float16, expected \(4, 2, 3\) float16"),
+        (lambda a: a.view(np.int16), r"shape \(4, 2, 3\) int16, expected \(4, 2, 3\) float16"),
+        (np.asfortranarray, r"unreadable header \(Fortran order\)"),
+    ],
+    ids=["shape", "dtype", "fortran"],
+)
+def test_a_shard_whose_header_no_longer_matches_its_record_is_refused_when_opened(tmp_path, rewrite, problem):
+    # The same bytes of data under another header: read as the record says, they would be
+    # features of other shapes or values.
+    names, load, encode = _fake_features(8, shape=(2, 3))
+    extract_shards(names, tmp_path, load, encode, shard_size=4, log=lambda *_: None).close()
+    shard = tmp_path / "shard-00001.npy"
+    size = shard.stat().st_size
+    np.save(shard, rewrite(np.load(shard)))
+    assert shard.stat().st_size == size
+    with pytest.raises(FeatureCacheError, match=rf"shard-00001\.npy: corrupt feature shard \({problem}\)"):
+        ShardedFeatures(tmp_path)
+
+
+def test_a_shard_cut_short_while_the_cache_is_open_is_an_error_not_stale_memory(tmp_path):
+    names, load, encode = _fake_features(8, shape=(2, 3))
+    cache = extract_shards(names, tmp_path, load, encode, shard_size=4, log=lambda *_: None)
+    shard = tmp_path / "shard-00001.npy"
+    os.truncate(shard, shard.stat().st_size - 2 * 3 * 2)  # its last row (image 7) gone
+    assert cache.read([4, 5, 6])[:, 0, 0].tolist() == [4, 5, 6]
+    with pytest.raises(FeatureCacheError, match=r"shard-00001\.npy: short read"):
+        cache.read([6, 7])
+    cache.close()
+
+
 def test_each_rank_trains_on_a_disjoint_share_of_the_same_global_batches():
     from edgecap.training.train import _Batches
     from edgecap.vocab import Vocabulary
