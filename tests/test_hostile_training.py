@@ -309,6 +309,7 @@ def test_a_broken_plan_or_shard_is_redone(tmp_path, name, kind):
         ("shard-00000.json", {"rows": "2"}),
         ("shard-00000.json", {"shape": [10**9, 10**9]}),
         ("shard-00000.json", {"absent": [5]}),
+        ("shard-00000.json", {"absent": [2]}),  # rows 0 and 1 only
     ],
 )
 def test_malformed_plan_or_record_is_redone_not_a_traceback(tmp_path, name, change):
@@ -327,6 +328,7 @@ def test_malformed_plan_or_record_is_redone_not_a_traceback(tmp_path, name, chan
         ({"shape": [0]}, "'shape' holds something other than integers in 1..65536"),
         ({"names": "p1"}, "'names' is not a list"),
         ({"shards": []}, "0 shards for 3 images"),
+        ({"shards": [1, 2]}, "a shard record is not an object"),
     ],
 )
 def test_a_malformed_index_is_one_cache_error(tmp_path, change, problem):
@@ -342,6 +344,34 @@ def test_a_malformed_index_is_one_cache_error(tmp_path, change, problem):
     special(cache / "index.json", "fifo")
     with pytest.raises(FeatureCacheError, match="index.json: is a named pipe"):
         ShardedFeatures(cache)
+
+
+def test_a_plan_whose_names_and_paths_differ_in_length_is_a_new_plan(tmp_path):
+    paths = _numbers(tmp_path, [1, 2, 3])
+    cache = tmp_path / "cache"
+    _shards(paths, cache)
+    plan = json.loads((cache / "plan.json").read_text())
+    (cache / "plan.json").write_text(json.dumps({**plan, "paths": plan["paths"][:2]}))
+    (cache / "shard-00001.json").unlink()  # shard 1 (p3) is to be redone, from the plan's paths
+    logs = []
+    assert _rows(_shards(paths, cache, logs), paths) == [1, 2, 3]
+    assert any("'names' and 'paths' differ in length: starting a new plan" in line for line in logs), logs
+
+
+def test_a_plan_of_the_older_format_is_a_new_plan_not_extended(tmp_path):
+    # edgecap-feature-shards/1 named photos by path alone; kept, its names would stay in the
+    # cache beside the new ones and every photo would be extracted twice.
+    paths = _numbers(tmp_path, [1, 2, 3])
+    cache = tmp_path / "cache"
+    _shards(paths, cache)
+    plan = json.loads((cache / "plan.json").read_text())
+    old = {**plan, "format": "edgecap-feature-shards/1", "names": plan["paths"]}
+    (cache / "plan.json").write_text(json.dumps(old))
+    logs = []
+    features = _shards(paths, cache, logs)
+    assert len(features) == 3 and _rows(features, paths) == [1, 2, 3]
+    assert len(json.loads((cache / "plan.json").read_text())["names"]) == 3
+    assert any("format 'edgecap-feature-shards/1'" in line for line in logs), logs
 
 
 # -- class 5: a warm cache after photos are removed; an overwritten fine-tune cache -------------
