@@ -394,6 +394,20 @@ def test_a_warm_shard_cache_survives_a_removed_photo(tmp_path):
     assert any("photos it lacked are wanted again" in line for line in logs)
 
 
+def test_a_shard_to_redo_whose_photos_are_all_gone_is_one_data_error(tmp_path):
+    paths = _numbers(tmp_path, [1, 2, 3, 4, 5, 6])
+    cache = tmp_path / "cache"
+    _shards(paths, cache)  # 2 photos a shard: shard 2 holds p5 and p6
+    paths[4].unlink()
+    paths[5].unlink()
+    shard = cache / "shard-00002.npy"
+    data = bytearray(shard.read_bytes())
+    data[-1] ^= 0xFF  # damaged: it must be recomputed, and none of its photos can be read
+    shard.write_bytes(bytes(data))
+    with pytest.raises(DataError, match=r"p5\.txt: no photo of feature shard 2 can be read any more; delete"):
+        _shards(paths[:4], cache)
+
+
 def test_a_photo_replaced_under_its_old_name_is_encoded_again(tmp_path):
     """A new recording's frame_0001.jpg over the old one's: the shard cache must not hand the
     old photo's features to the new photo."""

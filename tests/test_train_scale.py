@@ -578,6 +578,43 @@ def test_a_shard_cut_short_while_the_cache_is_open_is_an_error_not_stale_memory(
     cache.close()
 
 
+def test_streamed_split_gives_each_photo_its_own_features_in_either_split(tmp_path, monkeypatch):
+    """What ``edgecap train`` trains and evaluates on: the train rows and the dev features are
+    those of the split's own photos, also when a later run splits the cached photos otherwise."""
+    from PIL import Image
+
+    from edgecap.data.readers import CaptionedImage
+    from edgecap.preprocess import Preprocessing
+    from edgecap.training import shards
+
+    for k in range(5):  # photo k: solid red of level 10 * (k + 1)
+        Image.new("RGB", (8, 8), (10 * (k + 1), 0, 0)).save(tmp_path / f"p{k}.png")
+    loaded = []
+
+    def stand_in(device, variant):  # a photo's features: its red level, recovered
+        loaded.append(variant)
+        return lambda x: np.broadcast_to(
+            np.rint(x[:, 0, 0, 0] * 127.5 + 127.5)[:, None, None], (len(x), 2, 3)
+        ).astype(np.float32)
+
+    monkeypatch.setattr(shards, "image_encoder", stand_in)
+    items = [CaptionedImage(f"p{k}.png", ["a caption"]) for k in range(5)]
+    quiet = {"progress": False, "shard_size": 2, "log": lambda *_: None}
+    train_rows, dev_fmaps, features = shards.streamed_split(
+        items[:3], items[3:], tmp_path, tmp_path / "cache", Preprocessing(), **quiet
+    )
+    assert features.read(train_rows)[:, 0, 0].tolist() == [10, 20, 30]
+    assert dev_fmaps.shape == (2, 2, 3) and dev_fmaps[:, 1, 2].tolist() == [40, 50]
+    features.close()
+    train_rows, dev_fmaps, features = shards.streamed_split(
+        items[3:] + items[:1], items[1:3], tmp_path, tmp_path / "cache", Preprocessing(), **quiet
+    )
+    assert features.read(train_rows)[:, 0, 0].tolist() == [40, 50, 10]
+    assert dev_fmaps[:, 0, 0].tolist() == [20, 30]
+    assert len(loaded) == 1  # the second run: all cached, no encoder loaded
+    features.close()
+
+
 def test_each_rank_trains_on_a_disjoint_share_of_the_same_global_batches():
     from edgecap.training.train import _Batches
     from edgecap.vocab import Vocabulary
