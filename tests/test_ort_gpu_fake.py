@@ -190,6 +190,82 @@ def test_a_gpu_provider_keeps_the_decoder_state_on_the_gpu_asked_for(ort_backend
     assert made == [{"device": "cuda", "device_id": 1}]
 
 
+def test_providers_win_over_device_cuda_too(ort_backend, monkeypatch):
+    """``device`` is used only when ``providers`` is None (OnnxRuntimeBackend's documentation):
+    providers=["cpu"] with device="cuda" runs on the CPU, on an onnxruntime without CUDA and
+    on one whose CUDA would not attach, without an error or a warning."""
+    ort_backend.attach(CPU)
+    with warnings.catch_warnings():
+        warnings.simplefilter("error")
+        monkeypatch.setattr(ort_backend.ort, "get_available_providers", lambda: [CPU])
+        assert ort_backend.OnnxRuntimeBackend(STUB, providers=["cpu"], device="cuda").providers == [CPU]
+        monkeypatch.setattr(ort_backend.ort, "get_available_providers", lambda: list(ALL))
+        backend = ort_backend.OnnxRuntimeBackend(STUB, providers=["cpu"], device="cuda")
+    assert backend.providers == [CPU] and backend._device_decoder is None
+
+
+@pytest.mark.parametrize("device", ["gpu", "cuda:0", "CPU"])
+def test_a_device_other_than_cpu_or_cuda_is_a_value_error_naming_both(ort_backend, device):
+    """device is "cpu" or "cuda" (OnnxRuntimeBackend's documentation; torch's "cuda:0" is not
+    one): anything else is a ValueError naming the two, not a KeyError from inside."""
+    ort_backend.attach(CPU)
+    for make in (
+        lambda: ort_backend.select_providers(None, device),
+        lambda: ort_backend.OnnxRuntimeBackend(STUB, device=device),
+    ):
+        with pytest.raises(ValueError, match="device must be one of") as raised:
+            make()
+        assert "'cpu'" in str(raised.value) and "'cuda'" in str(raised.value)
+        assert repr(device) in str(raised.value)
+
+
+@pytest.mark.parametrize("threads", [0, -2, 1.5, True, "2", 10**5])
+def test_the_backend_made_directly_refuses_bad_threads(ort_backend, threads):
+    """OnnxRuntimeBackend made without a Captioner checks ``threads`` itself (a whole number
+    from 1; docs/performance-options.md): 0 would silently mean "one per physical core",
+    True one thread, 10**5 minutes and gigabytes of thread pool."""
+    ort_backend.attach(CPU)
+    with pytest.raises(ValueError, match="threads must be a positive integer"):
+        ort_backend.OnnxRuntimeBackend(STUB, device="cpu", threads=threads)
+
+
+def test_a_step_graph_that_fell_back_to_the_cpu_decodes_with_numpy_feeds(ort_backend, monkeypatch):
+    """The encoder on CUDA but the decoder step fallen back to the CPU (its own warning): h / c
+    live where the step graph runs, so the backend's providers are the step's and it decodes
+    with numpy feeds, not with CUDA bindings into a CPU session."""
+    made = []
+    monkeypatch.setattr(ort_backend.ort_gpu, "IOBindingDecoder", lambda *a, **kw: made.append(kw) or "bound")
+    sessions = {
+        role: types.SimpleNamespace(get_providers=lambda p=attached: list(p), get_inputs=lambda: [])
+        for role, attached in (("encoder", [CUDA, CPU]), ("decoder_step", [CPU]))
+    }
+    monkeypatch.setattr(ort_backend.OnnxRuntimeBackend, "_session", lambda self, role, *a: sessions[role])
+    with pytest.warns(RuntimeWarning, match="decoder_step graph"):
+        backend = ort_backend.OnnxRuntimeBackend(STUB, providers=["cuda"])
+    assert backend.providers == [CPU]
+    assert backend._device_decoder is None and made == []
+
+
+def test_providers_onnxruntime_refuses_are_a_backend_error(ort_backend, monkeypatch, default_model_dir):
+    """A ValueError from onnxruntime's provider arguments (here its own message for two
+    TensorRT providers in one session) says the providers were refused (BackendError), not
+    that the graph file may be corrupt and must be re-copied (ModelError)."""
+    from edgecap.errors import ModelError
+    from edgecap.manifest import load_manifest
+
+    def refuse(path, options=None, providers=None):
+        raise ValueError(
+            "Cannot enable both 'TensorrtExecutionProvider' and 'NvTensorRTRTXExecutionProvider' "
+            "in the same session."
+        )
+
+    monkeypatch.setattr(ort_backend.ort, "InferenceSession", refuse)
+    with pytest.raises(ort_backend.BackendError, match="refused the providers") as raised:
+        ort_backend.OnnxRuntimeBackend(load_manifest(default_model_dir), providers=["cpu"])
+    assert not isinstance(raised.value, ModelError)
+    assert "Cannot enable both" in str(raised.value)
+
+
 def test_trt_profile_options_from_manifest():
     manifest = MANIFEST
     enc = trt_profile_options(manifest, "encoder", Limits(8, 5))
