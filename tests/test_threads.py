@@ -63,6 +63,8 @@ def test_onnxruntime_default_is_the_librarys():
     expected = api.DEFAULT_THREADS["onnxruntime"] or 0
     assert expected == 0  # the measured default (docs/performance-options.md)
     assert _ort_threads(captioner) == [expected, expected]
+    # what describe() (eval results, the service's health) says of it: not "None"
+    assert captioner.backend.describe().endswith("intra-op threads: physical cores)")
 
 
 def test_torch_default_is_one_thread(torch_threads):
