@@ -27,6 +27,7 @@ from edgecap.backends.torch import TorchBackend  # noqa: E402
 from edgecap.backends.torch_graphs import EagerGraph  # noqa: E402
 from edgecap.backends.torch_search import TorchDeviceSearch, checked_search  # noqa: E402
 from edgecap.decoding import device as device_module  # noqa: E402
+from edgecap.decoding.device import DECODE_CHECKS  # noqa: E402
 from edgecap.decoding import CaptionOptions, search, search_with_tags  # noqa: E402
 from edgecap.decoding.device import (  # noqa: E402
     MAX_GRAPHS,
@@ -57,8 +58,10 @@ def _device(
 ):
     """The device search over ``backend``'s own session (one host round trip per step);
     ``wrap``: the step -> the step the search drives. ``fixed``: False (the early-exit loop),
-    True (the fixed-shape masked one) or NUMBERED (the fixed loop as ``compile_search`` runs
-    it, every step after the first told its number as a tensor only, run here uncompiled)."""
+    True (the fixed-shape masked one), CHECKED (the fixed one reading "all done?" after the
+    steps of ``DECODE_CHECKS``, as on a GPU) or NUMBERED (the fixed loop as ``compile_search``
+    runs it, every step after the first told its number as a tensor only, run here
+    uncompiled)."""
     vocab_size = vocab_size or backend.vocab_size
     rules = rules_for(options, encoded.n_images, tag_words, fusion, encoded.class_probs)
     search = DeviceBeamSearch(vocab_size, torch.device("cpu"), compiled=fixed == NUMBERED)
@@ -73,11 +76,12 @@ def _device(
             rules,
             fixed=bool(fixed),
             endings=endings,
+            checks=DECODE_CHECKS if fixed == CHECKED else (),
         )
 
 
-NUMBERED = "numbered"  # see _device
-LOOPS = [False, True, NUMBERED]
+NUMBERED, CHECKED = "numbered", "checked"  # see _device
+LOOPS = [False, True, CHECKED, NUMBERED]
 
 
 def _same(host, device, exact: bool = True):
@@ -419,9 +423,10 @@ def test_the_whole_decode_graph_captions_as_the_numpy_search(shipped):
         _same(host, _search(captioner, encoded, options, on_device=True), exact=False)
         graphs = graphed.graphs.graphs
         assert graphs.limit == MAX_GRAPHS  # kept per plan and shape, but not for every one seen
-        assert graphs.made == 1  # the same shape: one graph, replayed
-        ((graph, *_rest),) = graphs.entries.values()
-        assert graph.replays == 2
+        assert graphs.made == 1  # the same shape: one set of graphs, replayed
+        ((parts, packing, *_rest),) = graphs.entries.values()
+        assert len(parts) == 4  # steps 0-7, 8-11, 12-15, 16-19 (DECODE_CHECKS)
+        assert parts[0].replays == 2 and packing.replays == 2
         short = replace(options, max_length=6)  # another plan: its own graph, the first kept
         _same(
             _search(captioner, encoded, short, on_device=False),
@@ -495,6 +500,42 @@ def test_every_graph_of_the_captioner_keeps_to_the_capture_rules(shipped, where)
     for _ in range(2):  # captured, then replayed
         assert [c.text for c in graphed.caption_batch(photos)] == want
     assert graphed.caption(photos[0]).text == want[0]  # another batch size: captured again
+
+
+def test_the_decode_graphs_stop_at_the_first_check_after_every_image_is_done(shipped, monkeypatch):
+    """The whole-decode graphs read "every image done?" after steps 8, 12 and 16 and run no
+    further part once it is: as many steps as the first check at or after the step where the
+    early-exit loop (which reads it after every step) stopped; the same hypotheses."""
+    captioner, _, photos = shipped
+    backend = captioner.backend
+    # the cat and the coffee (the astronaut's caption runs to the last step)
+    pre = captioner.manifest.preprocessing
+    encoded = backend.encode(np.stack([preprocess([load_rgb(p)], pre)[0] for p in photos[1:3]]))
+    options = CaptionOptions(n_best=2)
+    steps = []
+    real = device_module._step
+
+    def counting(loop, t, number, carry):
+        steps.append(number)
+        return real(loop, t, number, carry)
+
+    monkeypatch.setattr(device_module, "_step", counting)
+    kept = backend.device_search
+    try:
+        backend.device_search = TorchDeviceSearch(backend)  # on the CPU: reads after every step
+        early = _search(captioner, encoded, options, on_device=True)
+        stopped = len(steps)
+        assert stopped < 16  # done before the last check
+        backend.device_search = graphed = TorchDeviceSearch(backend, EagerGraph)
+        _search(captioner, encoded, options, on_device=True)  # captured (every part runs)
+        steps.clear()
+        _same(early, _search(captioner, encoded, options, on_device=True))  # replayed
+        ran = min(c for c in (*DECODE_CHECKS, options.max_length) if c >= stopped)
+        assert len(steps) == ran < options.max_length
+        ((parts, *_rest),) = graphed.graphs.graphs.entries.values()
+        assert [g.replays for g in parts] == [2 if end <= ran else 0 for end in (8, 12, 16, 20)]
+    finally:
+        backend.device_search = kept
 
 
 def test_the_captioner_uses_the_device_search(shipped, monkeypatch):
@@ -598,9 +639,9 @@ def test_the_compiled_device_search_captions_as_the_numpy_search(shipped, monkey
         _same(host, _search(captioner, encoded, options, on_device=True), exact=False)
     finally:
         backend.device_search = kept
-    # both searches ran the compiled loop (the plain one once, the graph's at its capture and
-    # its replay: EagerGraph runs it each time), compiled by torch
-    assert len(made) == 3 and torch._dynamo.utils.counters["stats"]["unique_graphs"] > graphs
+    # both searches ran the compiled step (made for the plain search's call and for the
+    # graphs' capture), compiled by torch
+    assert len(made) == 2 and torch._dynamo.utils.counters["stats"]["unique_graphs"] > graphs
 
 
 def test_torch_step_is_the_backend_session(tiny_model_dir):

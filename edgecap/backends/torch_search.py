@@ -6,17 +6,25 @@ CUDA for a batch of at least ``AUTO_DEVICE_ROWS`` beam rows (images x beam) and 
 otherwise: on an NVIDIA H200 (benchmarks/results/gpu.md, docs/gpu-search.md) the device search
 was the faster from 12 rows up (beam 3 x 4 images: 1.24x end to end, x 32 images: 2.0x) and the
 numpy loop at 1 to 8 rows on a fast host; on the CPU the numpy loop measured faster. On CUDA the
-device search never waits for the GPU until the result: all ``max_length`` steps run with
-finished images masked; with CUDA graphs (``cuda_graphs=True``) the whole decode is one graph
-per shape (``DecodeGraphs``). The tag constraint and the attention maps stay on the host loop
-(the backend answers None and the caller runs the numpy loop).
+device search waits for the GPU only after the steps of ``DECODE_CHECKS`` (to stop once every
+image is done) and for the result: the steps run with finished images masked; with CUDA graphs
+(``cuda_graphs=True``) the whole decode is captured per shape as a few graphs, one per stretch
+of steps between those checks (``DecodeGraphs``). The tag constraint and the attention maps
+stay on the host loop (the backend answers None and the caller runs the numpy loop).
 """
 
 from __future__ import annotations
 
 import torch
 
-from edgecap.decoding.device import DecodeGraphs, DeviceBeamSearch, TorchStep, rules_for, unpack
+from edgecap.decoding.device import (
+    DECODE_CHECKS,
+    DecodeGraphs,
+    DeviceBeamSearch,
+    TorchStep,
+    rules_for,
+    unpack,
+)
 
 SEARCH_MODES = ("auto", "host", "device")
 # "auto" on CUDA: the device search for batches of at least this many beam rows (images x
@@ -75,8 +83,11 @@ class TorchDeviceSearch:
             with torch.inference_mode():
                 step = TorchStep(backend.step_graph, encoded.tensors, inputs.image_index)
                 inputs.state = step.first_state()
-                # on a GPU, no read-back per step (every step runs, finished images masked);
-                # on the CPU reading "all done?" is free and saves the steps after it
-                packed = search.run(step, plan, inputs, lms, fixed=backend.device.type == "cuda")
+                # on a GPU, no read-back per step (finished images masked; "all done?" read
+                # only after the steps of DECODE_CHECKS); on the CPU reading it is free and
+                # saves the steps after it
+                packed = search.run(
+                    step, plan, inputs, lms, fixed=backend.device.type == "cuda", checks=DECODE_CHECKS
+                )
                 result = packed.cpu()
         return unpack(result.numpy(), plan, options.n_best, backend.describe)
