@@ -566,3 +566,39 @@ def test_fake_iobinding_beam_session_keeps_state_on_cuda_and_never_writes_what_i
         assert (now["h"], now["c"]) == tuple(before["out"][:2])  # what the last step wrote
         assert now["h"] is not now["out"][0] and now["c"] is not now["out"][1]
         assert [v.device for v in now["out"]] == ["cuda"] * 2 + ["cpu"] * (len(BEAM_OUTPUTS) - 2)
+
+
+def test_fake_graph_search_on_a_second_gpu_makes_its_beam_state_on_that_gpu(monkeypatch):
+    """search="graph" with ``device_id=1``: the image index, both h / c pairs and the zeros the
+    beam-step session makes are on GPU 1, where the encoder's tensors are (the backend's
+    ``device_id``: the GPU asked for), not on GPU 0."""
+    import sys
+
+    from edgecap.backends import ort_beam
+    from edgecap.decoding import CaptionOptions
+
+    made = []
+    fake_ort = types.SimpleNamespace(
+        OrtValue=types.SimpleNamespace(
+            ortvalue_from_numpy=lambda a, d, i: made.append((d, i)) or _FakeValue(a.shape, d, "numpy"),
+            ortvalue_from_shape_and_type=lambda s, t, d, i: made.append((d, i)) or _FakeValue(s, d, "state"),
+        )
+    )
+    monkeypatch.setitem(sys.modules, "onnxruntime", fake_ort)
+    binding = types.SimpleNamespace(bind_ortvalue_input=lambda name, value: None)
+    step_session = types.SimpleNamespace(io_binding=lambda: binding)
+    backend = types.SimpleNamespace(
+        manifest=types.SimpleNamespace(dims=types.SimpleNamespace(top_k=5, vocab_size=20, hidden_dim=10)),
+        _device_decoder=types.SimpleNamespace(device="cuda", device_id=1),
+        describe=lambda: "fake",
+    )
+    search = ort_beam.OnnxGraphSearch(backend)
+    monkeypatch.setattr(search, "session", lambda beam, end_id: step_session)
+    sessions = []
+    monkeypatch.setattr(ort_beam, "search_with_rules", lambda session, *args: sessions.append(session) or [])
+    tensors = {name: _FakeValue((2, 10), "cuda", name) for name in ("features", "att_proj", "h0", "c0")}
+    encoded = types.SimpleNamespace(n_images=2, tensors=tensors, class_probs=np.zeros((2, 1000), np.float32))
+    search(encoded, CaptionOptions(beam_size=2), 1, 2, None, None)
+    assert [type(s) for s in sessions] == [ort_beam.IOBindingBeamSession]
+    assert len(made) == 6  # image index, two h / c pairs, zeros
+    assert set(made) == {("cuda", 1)}
