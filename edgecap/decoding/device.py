@@ -826,7 +826,8 @@ class DecodeGraphs:
         checks: tuple[int, ...] = DECODE_CHECKS,
     ):
         self.search, self.step_graph, self.capture, self.checks = search, step_graph, capture, checks
-        # per key: (the parts' graphs, the packing graph, static tensors, Inputs, output, done)
+        # per key: (the parts' graphs, the packing graph, static tensors, Inputs, output, done,
+        # what the graphs read and write that no capture made: the loop, the carry, the models)
         self.graphs = GraphCache(MAX_GRAPHS)
 
     def run(self, plan: Plan, tensors: dict, inputs: Inputs, lms) -> torch.Tensor:
@@ -837,9 +838,11 @@ class DecodeGraphs:
                 for name, v in sorted(tensors.items())
                 if name != "class_probs"
             ),
+            # the language models' weights are read in place by the captured steps
+            None if lms is None else tuple(id(lm) for lm in lms),
         )
         entry = self.graphs.get(key, lambda: self._capture(plan, tensors, inputs, lms))
-        parts, packing, static, static_inputs, out, done = entry
+        parts, packing, static, static_inputs, out, done, _kept = entry
         for name, buffer in static.items():
             buffer.copy_(tensors[name])
         for mine, theirs in (
@@ -900,6 +903,14 @@ class DecodeGraphs:
             holder[0].copy_(result)
 
         with torch.no_grad():
-            parts = [self.capture(part(*cut)) for cut in _segments(plan.max_length, self.checks)]
+            parts = []
+            for cut in _segments(plan.max_length, self.checks):
+                parts.append(self.capture(part(*cut)))
+                if cut[0] == 0:
+                    # a capture runs nothing: the loop's tensors the first part's capture made
+                    # hold values only once it is replayed, and the next part warms up on them
+                    parts[0].replay()
             packing = self.capture(pack)
-        return parts, packing, static, static_inputs, holder[0], kept["carry"][6]
+        # the graphs hold only addresses: keep the loop and the carry buffers alive with them
+        kept["lms"] = lms  # their ids are in the key: kept alive with the graphs
+        return parts, packing, static, static_inputs, holder[0], kept["carry"][6], kept

@@ -1,0 +1,224 @@
+"""The whole-decode graphs (``DecodeGraphs``) under a stand-in that keeps two rules of a real CUDA
+graph that ``EagerGraph`` does not: a captured graph holds no Python object, only the addresses
+its kernels read and write (so every tensor it touches that was not made during a capture, in
+the graph's private pool, must be kept alive by someone else: PyTorch's docs, "CUDA Graphs",
+static inputs and outputs); and a capture records kernels without running them (so a tensor
+made during a capture holds no computed value until the graph is replayed)."""
+
+from __future__ import annotations
+
+import gc
+from dataclasses import replace
+from unittest import mock
+
+import numpy as np
+import pytest
+
+torch = pytest.importorskip("torch")
+pytest.importorskip("onnx")
+
+from torch.multiprocessing.reductions import StorageWeakRef  # noqa: E402
+from torch.utils._python_dispatch import TorchDispatchMode  # noqa: E402
+from torch.utils._pytree import tree_flatten  # noqa: E402
+
+from edgecap import Captioner  # noqa: E402
+from edgecap.backends.torch_graphs import EagerGraph  # noqa: E402
+from edgecap.backends.torch_search import TorchDeviceSearch  # noqa: E402
+from edgecap.decoding import CaptionOptions, search  # noqa: E402
+from edgecap.decoding import device as device_module  # noqa: E402
+from edgecap.decoding.device import DecodeGraphs  # noqa: E402
+from edgecap.images import load_rgb, preprocess  # noqa: E402
+
+
+def _key(t: torch.Tensor):
+    storage = t.untyped_storage()
+    return storage.data_ptr() if storage.nbytes() else None
+
+
+class _Record(TorchDispatchMode):
+    """Every storage a run reads or writes that it did not make, and the tensors it made."""
+
+    def __init__(self, made_before: set):
+        super().__init__()
+        self.made_before = made_before
+        self.made: list[torch.Tensor] = []
+        self.made_keys: set = set()
+        self.outside: dict = {}  # key -> (StorageWeakRef, shape, dtype)
+
+    def __torch_dispatch__(self, func, types, args=(), kwargs=None):
+        kwargs = kwargs or {}
+        inputs = [a for a in tree_flatten((args, kwargs))[0] if isinstance(a, torch.Tensor)]
+        in_keys = {_key(t) for t in inputs}
+        for t in inputs:
+            k = _key(t)
+            if k is not None and k not in self.made_keys and k not in self.made_before:
+                self.outside.setdefault(k, (StorageWeakRef(t.untyped_storage()), tuple(t.shape), t.dtype))
+        out = func(*args, **kwargs)
+        for t in tree_flatten(out)[0]:
+            if isinstance(t, torch.Tensor):
+                k = _key(t)
+                if k is not None and k not in in_keys and k not in self.made_keys:
+                    self.made_keys.add(k)
+                    self.made.append(t)
+        return out
+
+
+class CapturingGraph:
+    """Two warm-up runs, then the captured run, recorded: ``outside``, what it touched that no
+    capture made (regular memory: the real graph only has its address); what it made (the
+    graph's private pool, kept with the graph) is poisoned afterwards, as a real capture leaves
+    it uncomputed. ``replay`` runs ``fn`` again (``forget`` drops it, as a real graph holds no
+    Python object)."""
+
+    made_in_captures: set = set()
+    POISON = True
+
+    def __init__(self, fn):
+        self.fn = fn
+        fn()
+        fn()
+        record = _Record(self.made_in_captures)
+        with record:
+            fn()
+        self.outside = record.outside
+        self.private = record.made  # the private pool lives as long as the graph
+        CapturingGraph.made_in_captures |= record.made_keys
+        for t in record.made if self.POISON else ():
+            if t.dtype == torch.bool:
+                t.fill_(True)
+            elif t.is_floating_point():
+                t.fill_(float("nan"))
+            else:
+                t.fill_(10**6)  # an index out of every range
+
+    def forget(self) -> None:
+        self.fn = None
+
+    def replay(self) -> None:
+        assert self.fn is not None
+        self.fn()
+
+
+class RecordingGraph(CapturingGraph):
+    """``CapturingGraph`` that leaves what the capture made as computed."""
+
+    POISON = False
+
+
+@pytest.fixture(scope="module")
+def shipped(default_model_dir, example_images):
+    captioner = Captioner(default_model_dir, backend="torch", device="cpu", search="device")
+    photos = [str(p) for p in example_images]
+    batch = np.stack([preprocess([load_rgb(p)], captioner.manifest.preprocessing)[0] for p in photos])
+    return captioner, captioner.backend.encode(batch)
+
+
+def _captions(captioner, encoded, options):
+    hyps = search(
+        captioner.backend,
+        encoded,
+        options,
+        captioner.vocab.start,
+        captioner.vocab.end,
+        len(captioner.vocab),
+        captioner.classes,
+        captioner.fusion,
+    )
+    return [[h.tokens for h in image] for image in hyps]
+
+
+OPTIONS = CaptionOptions(n_best=2, guidance_bonus=2.0, no_repeat_ngram=2, length_penalty=0.7)
+
+
+@pytest.mark.parametrize("numbered", [False, True])
+def test_a_later_parts_warm_up_reads_only_computed_values(shipped, numbered):
+    """The parts after the first warm up on the search's tables that the first part's capture
+    made: a real capture leaves them uncomputed (poisoned here), so the first part must have
+    run (replayed) before the next part warms up on them."""
+    captioner, encoded = shipped
+    backend = captioner.backend
+    want = _captions(captioner, encoded, OPTIONS)  # the plain device search
+    kept = backend.device_search
+    try:
+        backend.device_search = TorchDeviceSearch(backend, CapturingGraph, compiled=numbered)
+        # the compiled search's form (every step after the first by its number), uncompiled
+        with mock.patch.object(device_module, "_compiled_step", lambda: device_module._step):
+            assert _captions(captioner, encoded, OPTIONS) == want
+            assert _captions(captioner, encoded, OPTIONS) == want
+    finally:
+        backend.device_search = kept
+
+
+class _Captured(Exception):
+    pass
+
+
+def test_every_tensor_a_decode_graph_touches_outlives_its_capture(shipped, monkeypatch):
+    """Every tensor the whole-decode graphs read or write outside their private pools (the
+    static inputs, the carry between the parts, the output, the tables) is still alive once
+    the graphs no longer hold the Python functions they were captured from, as a real CUDA
+    graph never does: otherwise a replay reads and writes memory the allocator has given to
+    something else. Checked as the capture returns (the stand-in cannot replay after)."""
+    captioner, encoded = shipped
+    backend = captioner.backend
+    freed = []
+    real = DecodeGraphs._capture
+
+    def capture(self, *args):
+        entry = real(self, *args)
+        parts, packing = entry[0], entry[1]
+        graphs = [*parts, packing]
+        for graph in graphs:
+            graph.forget()
+        gc.collect()
+        freed.extend(
+            (shape, dtype)
+            for graph in graphs
+            for ref, shape, dtype in graph.outside.values()
+            if ref.expired()
+        )
+        raise _Captured
+
+    monkeypatch.setattr(DecodeGraphs, "_capture", capture)
+    kept = backend.device_search
+    try:
+        backend.device_search = TorchDeviceSearch(backend, RecordingGraph)
+        with pytest.raises(_Captured):
+            _captions(captioner, encoded, OPTIONS)
+    finally:
+        backend.device_search = kept
+    assert freed == [], f"freed while the graphs live: {freed}"
+
+
+def test_a_graphed_search_with_another_fusion_uses_its_language_models(shipped):
+    """Two Fusions of the same shape through one graphed backend (``EagerGraph``): the second
+    search's captions are its own (the plain device search's), not the first Fusion's. The
+    second Fusion is the first with its two language models swapped (the ratio's sign flips)."""
+    captioner, encoded = shipped
+    backend = captioner.backend
+    options = CaptionOptions(fusion_weight=1.0)
+    first = captioner.fusion
+    second = replace(first, everyday=first.in_domain, in_domain=first.everyday)
+
+    def captions(fusion):
+        hyps = search(
+            backend,
+            encoded,
+            options,
+            captioner.vocab.start,
+            captioner.vocab.end,
+            len(captioner.vocab),
+            captioner.classes,
+            fusion,
+        )
+        return [[h.tokens for h in image] for image in hyps]
+
+    want = captions(second)
+    assert want != captions(first)
+    kept = backend.device_search
+    try:
+        backend.device_search = TorchDeviceSearch(backend, EagerGraph)
+        captions(first)  # captured with the first Fusion's models
+        assert captions(second) == want
+    finally:
+        backend.device_search = kept
