@@ -113,7 +113,8 @@ def shipped(default_model_dir, example_images):
     return captioner, captioner.backend.encode(batch)
 
 
-def _captions(captioner, encoded, options):
+def _captions(captioner, encoded, options, fusion=None):
+    """Each image's hypotheses' tokens; ``fusion``: the language models (the Captioner's)."""
     hyps = search(
         captioner.backend,
         encoded,
@@ -122,7 +123,7 @@ def _captions(captioner, encoded, options):
         captioner.vocab.end,
         len(captioner.vocab),
         captioner.classes,
-        captioner.fusion,
+        fusion or captioner.fusion,
     )
     return [[h.tokens for h in image] for image in hyps]
 
@@ -201,17 +202,7 @@ def test_a_graphed_search_with_another_fusion_uses_its_language_models(shipped):
     second = replace(first, everyday=first.in_domain, in_domain=first.everyday)
 
     def captions(fusion):
-        hyps = search(
-            backend,
-            encoded,
-            options,
-            captioner.vocab.start,
-            captioner.vocab.end,
-            len(captioner.vocab),
-            captioner.classes,
-            fusion,
-        )
-        return [[h.tokens for h in image] for image in hyps]
+        return _captions(captioner, encoded, options, fusion)
 
     want = captions(second)
     assert want != captions(first)
