@@ -1,0 +1,153 @@
+"""The epoch loop of ``edgecap train`` (edgecap/training/train.py) on stand-in features and a
+scripted dev check: which epoch is kept as ``best``, the learning-rate schedule, the scheduled
+sampling ramp, the dev photos checked and the data order. The feature cache and the dev
+captioning are replaced (the tests of test_train.py run them for real); the decoder trains."""
+
+from __future__ import annotations
+
+import json
+
+import pytest
+
+torch = pytest.importorskip("torch")
+
+from edgecap.data.readers import CaptionedImage  # noqa: E402
+from helpers import tiny_train_config  # noqa: E402
+
+TRAIN = [
+    CaptionedImage(f"t{i}.png", [f"a {w} dog runs", f"the {w} dog sits"])
+    for i, w in enumerate("red blue green brown white black".split())
+]
+DEV = [CaptionedImage(f"d{i}.png", ["a dog runs"]) for i in range(3)]
+REGIONS = 4  # a 2 x 2 map: the decoder takes any number of regions
+
+
+class _Rows:
+    """Stand-in train features: one random map per cache row; records the rows of each read."""
+
+    def __init__(self, n: int):
+        self.maps = torch.randn(n, REGIONS, 1280, generator=torch.Generator().manual_seed(0))
+        self.reads: list[list[int]] = []
+
+    def __getitem__(self, rows):
+        self.reads.append([int(r) for r in rows])
+        return self.maps[torch.as_tensor(rows)]
+
+    def __len__(self):
+        return len(self.maps)
+
+
+class Run:
+    """``train`` with the data, the feature cache and the dev check replaced: the dev CIDEr of
+    epoch k is ``ciders[k - 1]``. Records each epoch's learning rates, scheduled-sampling
+    probability and dev photos."""
+
+    def __init__(self, monkeypatch, ciders):
+        from edgecap.training import train as training
+
+        self.training = training
+        self.ciders = list(ciders)
+        self.rows = _Rows(len(TRAIN))
+        self.dev_checked: list[list[str]] = []
+        self.lrs: list[list[float]] = []  # each step's learning rates, by parameter group
+        self.sample_probs: list[float] = []  # each step's
+        real_step, real_loss = training._optimizer_step, training.caption_loss
+
+        def step(loss, optimizer, *args, **kwargs):
+            self.lrs.append([g["lr"] for g in optimizer.param_groups])
+            return real_step(loss, optimizer, *args, **kwargs)
+
+        def loss(decoder, fmap, caps, image_index, vocab, cfg, sample_prob, *args, **kwargs):
+            self.sample_probs.append(sample_prob)
+            return real_loss(decoder, fmap, caps, image_index, vocab, cfg, sample_prob, *args, **kwargs)
+
+        def dev_check(decoder, dev_fmaps, dev_items, vocab, **kwargs):
+            assert len(dev_fmaps) == len(dev_items)
+            self.dev_checked.append([it.file_name for it in dev_items])
+            return {"BLEU-1": 0.5, "BLEU-4": 0.1, "CIDEr": self.ciders[len(self.dev_checked) - 1]}
+
+        def split(train_items, dev_items, *args, **kwargs):
+            dev_maps = torch.zeros(len(dev_items), REGIONS, 1280).numpy()
+            return list(range(len(train_items))), dev_maps, self.rows
+
+        monkeypatch.setattr(training, "training_items", lambda cfg, data, images, log: (TRAIN, DEV, 0))
+        monkeypatch.setattr(training, "streamed_split", split)
+        monkeypatch.setattr(training, "evaluate_dev", dev_check)
+        monkeypatch.setattr(training, "_optimizer_step", step)
+        monkeypatch.setattr(training, "caption_loss", loss)
+
+    def __call__(self, out, epochs, **given):
+        cfg = tiny_train_config(out.parent, out, epochs, batch_size=4, **given)
+        self.steps_per_epoch = 3  # 6 photos of 2 captions, 2 photos a batch
+        return self.training.train(cfg, log=lambda *_: None)
+
+    def per_epoch(self, values):
+        """One value of each epoch from a list of each step's."""
+        k = self.steps_per_epoch
+        epochs = [values[i : i + k] for i in range(0, len(values), k)]
+        for e in epochs:
+            assert all(v == e[0] for v in e), e  # constant within an epoch
+        return [e[0] for e in epochs]
+
+
+def _state(folder):
+    return json.loads((folder / "checkpoint.json").read_text())["train_state"]
+
+
+def test_best_holds_the_epoch_of_the_highest_dev_cider_not_the_latest(monkeypatch, tmp_path):
+    """docs/training.md: the best epoch by dev CIDEr is kept in OUT/best. Of 0.20, 0.30, 0.30,
+    0.10 epoch 2 is the best (epoch 3 only equals it): OUT/best is epoch 2's checkpoint, OUT/last
+    epoch 4's."""
+    run = Run(monkeypatch, [0.20, 0.30, 0.30, 0.10])
+    out = tmp_path / "run"
+    assert run(out, epochs=4) == out / "best"
+    best = json.loads((out / "best" / "checkpoint.json").read_text())
+    assert best["train_state"]["epoch"] == 2
+    assert best["dev_metrics_greedy"]["CIDEr"] == 0.30
+    assert _state(out / "last")["epoch"] == 4
+    assert _state(out / "last")["best_epoch"] == 2
+
+
+def test_the_learning_rate_halves_every_lr_decay_epochs(monkeypatch, tmp_path):
+    """TrainConfig.lr_decay_epochs: "halve the learning rate every N epochs": with N = 2 epochs
+    1-2 train at --lr, 3-4 at half of it, 5 at a quarter."""
+    run = Run(monkeypatch, [0.1, 0.2, 0.3, 0.4, 0.5])
+    run(tmp_path / "run", epochs=5, lr=0.01, lr_decay_epochs=2)
+    assert run.per_epoch(run.lrs) == [[0.01], [0.01], [0.005], [0.005], [0.0025]]
+
+
+def test_a_resumed_run_goes_on_with_the_decayed_learning_rate(monkeypatch, tmp_path):
+    """Resumed after epoch 2 with lr_decay_epochs 1, epoch 3 trains at a quarter of --lr, as in
+    a run never stopped."""
+    run = Run(monkeypatch, [0.1, 0.2, 0.3])
+    out = tmp_path / "run"
+    run(out, epochs=2, lr=0.01, lr_decay_epochs=1)
+    run(out, epochs=3, lr=0.01, lr_decay_epochs=1)
+    assert run.per_epoch(run.lrs) == [[0.01], [0.005], [0.0025]]
+
+
+def test_scheduled_sampling_rises_from_0_at_the_first_epoch_to_its_value_at_the_last(monkeypatch, tmp_path):
+    """TrainConfig.scheduled_sampling: the final probability of feeding the model's own word;
+    the first epoch is pure teacher forcing: 0, 0.25, 0.5 over 3 epochs at 0.5."""
+    run = Run(monkeypatch, [0.1, 0.2, 0.3])
+    run(tmp_path / "run", epochs=3, scheduled_sampling=0.5)
+    assert run.per_epoch(run.sample_probs) == [0.0, 0.25, 0.5]
+
+
+def test_max_dev_images_checks_the_first_n_dev_photos_and_0_all(monkeypatch, tmp_path):
+    """TrainConfig.max_dev_images: "0: the whole dev split"."""
+    run = Run(monkeypatch, [0.1, 0.2, 0.3])
+    run(tmp_path / "one", epochs=1, max_dev_images=1)
+    run(tmp_path / "two", epochs=1, max_dev_images=2)
+    run(tmp_path / "all", epochs=1)
+    assert run.dev_checked == [["d0.png"], ["d0.png", "d1.png"], ["d0.png", "d1.png", "d2.png"]]
+
+
+def test_each_epoch_visits_every_train_photo_once_in_its_own_order(monkeypatch, tmp_path):
+    """The data order is drawn from the seed and the epoch (docs/training.md): every epoch sees
+    each photo once, and the two epochs do not repeat one order."""
+    run = Run(monkeypatch, [0.1, 0.2])
+    run(tmp_path / "run", epochs=2)
+    orders = [sum(run.rows.reads[i : i + 3], []) for i in (0, 3)]
+    assert [sorted(o) for o in orders] == [list(range(6))] * 2
+    assert orders[0] != orders[1]
