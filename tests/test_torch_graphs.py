@@ -12,6 +12,7 @@ from __future__ import annotations
 
 import contextlib
 import threading
+import types
 
 import numpy as np
 import pytest
@@ -21,7 +22,9 @@ pytest.importorskip("onnx")
 
 from edgecap import Captioner  # noqa: E402
 from edgecap.backends.torch import TorchBackend, TorchDecoderSession  # noqa: E402
+from edgecap.backends.torch import _indexed  # noqa: E402
 from edgecap.backends.torch_graphs import (  # noqa: E402
+    _CAPTURE_LOCK,
     MAX_KEYS,
     CudaGraphs,
     EagerGraph,
@@ -109,6 +112,7 @@ def test_graphs_of_many_shapes_are_bounded_and_the_recent_ones_kept(tiny_model_d
     graphed = TorchBackend(manifest, device="cpu", graph_factory=EagerGraph)
     caches = (graphed.encoder_graphs.graphs, graphed.step_graphs.keys)
     assert all(cache.limit == MAX_KEYS for cache in caches)
+    assert MAX_KEYS == 8  # docs/gpu-search.md: the 8 most recently used of each kind
     for cache in caches:
         cache.limit = 2
     sizes = [1, 2, 1, 3, 2]  # 1 used again before 3 comes: 2, the least recent, is dropped
@@ -164,6 +168,35 @@ def test_captioner_graphs_match_eager_across_batches(tiny_model_dir, photos):
         assert a.tokens == b.tokens and a.score == b.score and a.objects == b.objects
         np.testing.assert_array_equal(a.attention, b.attention)
     assert "graphs: EagerGraph" in graphed.backend.describe()
+
+
+def test_graphs_behind_an_fp32_encoder_encode_the_fp32_image(tiny_model_dir):
+    """``fp16=True, fp32_encoder=True`` with graphs: the encoder graph runs in FP32 "from an FP32
+    image" (docs/gpu-search.md), so the graphed encoder's outputs are the eager ones, bit for bit
+    (FP16 emulated on the CPU, as tests/test_device_search.py does), not those of an image
+    rounded to FP16 on its way in."""
+    manifest = load_manifest(tiny_model_dir)
+    eager, graphed = (TorchBackend.__new__(TorchBackend) for _ in range(2))
+    for backend in (eager, graphed):
+        backend._setup(*TorchBackend._build(manifest), "cpu", fp16=True, fp32_encoder=True)
+    graphed.enable_graphs(EagerGraph)
+    images = _images(2, seed=11)
+    want, got = eager.encode(images), graphed.encode(images)
+    assert got.tensors["features"].dtype == torch.float16
+    for key, value in want.tensors.items():
+        assert torch.equal(got.tensors[key], value), key
+    np.testing.assert_array_equal(got.class_probs, want.class_probs)
+
+
+def test_a_graph_factory_with_cuda_graphs_runs_on_any_device(tiny_model_dir):
+    """``graph_factory`` "implies cuda_graphs" and runs "on any device" (``TorchBackend``'s
+    doc): passing ``cuda_graphs=True`` as well on the CPU is not refused as CUDA-only."""
+    backend = TorchBackend(
+        load_manifest(tiny_model_dir), device="cpu", cuda_graphs=True, graph_factory=EagerGraph
+    )
+    assert backend.graph_factory is EagerGraph and backend.thread_safe is False
+    encoded = backend.encode(_images(1, seed=12))
+    assert backend.encoder_graphs.graphs.made == 1 and encoded.n_images == 1
 
 
 def test_cuda_graphs_need_cuda(tiny_model_dir):
@@ -266,6 +299,119 @@ def test_the_eager_encoder_runs_with_ieee_fp32_convolutions(tiny_model_dir, monk
     monkeypatch.setattr(backend.encoder_graph, "forward", checked)
     backend.encode(_images(1))
     assert ran == [[torch.device("cpu")]]
+
+
+def test_ieee_fp32_on_a_pytorch_before_2_9_clears_the_legacy_tf32_flag(monkeypatch):
+    # torch>=2.1 is supported; before 2.9 cuDNN has no per-operator fp32_precision, only the
+    # legacy allow_tf32 (PyTorch's default True): False for the block, put back after
+    legacy = types.SimpleNamespace(allow_tf32=True)
+    monkeypatch.setattr(torch.backends, "cudnn", legacy)
+    with ieee_fp32(torch.device("cuda")):
+        assert legacy.allow_tf32 is False
+    assert legacy.allow_tf32 is True
+
+
+class _FakeCuda:
+    """``torch.cuda`` as ``CudaGraph`` uses it, on the CPU: which GPU is current, which stream
+    (a GPU's default one or a side stream made with ``Stream``), whether a capture is under way
+    and in which error mode. A graph's replay records the GPU current when it runs."""
+
+    def __init__(self, current: int):
+        self.current = current
+        self.stream = ("default", current)
+        self.capture_mode: str | None = None
+        self.replays: list[int] = []
+
+    @contextlib.contextmanager
+    def _set(self, **values):
+        before = {k: getattr(self, k) for k in values}
+        for k, v in values.items():
+            setattr(self, k, v)
+        try:
+            yield
+        finally:
+            for k, v in before.items():
+                setattr(self, k, v)
+
+    def install(self, monkeypatch) -> None:
+        fake = self
+
+        class Stream:
+            def __init__(self, device):
+                self.id = ("side", torch.device(device).index)
+
+            def wait_stream(self, other) -> None:
+                pass
+
+        class Default:
+            def __init__(self, index):
+                self.id = ("default", index)
+
+            def wait_stream(self, other) -> None:
+                pass
+
+        class CUDAGraph:
+            def replay(self) -> None:
+                fake.replays.append(fake.current)
+
+        def device(d):
+            index = torch.device(d).index
+            return fake._set(current=fake.current if index is None else index)
+
+        @contextlib.contextmanager
+        def graph(g, stream=None, capture_error_mode="global"):
+            # without a stream, torch.cuda.graph captures on a side stream of its own
+            with fake._set(
+                stream=stream.id if stream else ("side", fake.current), capture_mode=capture_error_mode
+            ):
+                yield
+
+        def current_stream(d=None):
+            return Default(fake.current if d is None else torch.device(d).index)
+
+        for name, value in dict(
+            current_device=lambda: fake.current,
+            device=device,
+            Stream=Stream,
+            stream=lambda s: fake._set(stream=s.id),
+            current_stream=current_stream,
+            CUDAGraph=CUDAGraph,
+            graph=graph,
+        ).items():
+            monkeypatch.setattr(torch.cuda, name, value)
+
+
+def test_a_cuda_graph_is_captured_and_replayed_on_its_backends_gpu(monkeypatch):
+    """docs/gpu-search.md: every graph is captured and replayed with its backend's GPU as the
+    current device, on a side stream of that GPU, two warm-up runs then the capture, captures
+    serialised in the process and failing only on their own thread's unsafe calls, the
+    convolutions in IEEE FP32. Here the backend is made for device="cuda" while GPU 1 is
+    current; the capture and the replay come later, from a thread whose current GPU is 0 (a
+    graph captured on GPU 0's stream would be empty)."""
+    fake = _FakeCuda(current=1)
+    fake.install(monkeypatch)
+    conv = torch.backends.cudnn.conv
+    before = conv.fp32_precision
+    capture = CudaGraphs(_indexed(torch.device("cuda")))  # "cuda" as TorchBackend takes it
+    fake.current = 0
+    runs = []
+
+    def fn() -> None:
+        runs.append(
+            (fake.current, fake.stream, fake.capture_mode, conv.fp32_precision, _CAPTURE_LOCK.locked())
+        )
+
+    graph = capture(fn)
+    side = ("side", 1)
+    assert runs == [
+        (1, side, None, "ieee", True),  # warm-up
+        (1, side, None, "ieee", True),  # warm-up
+        (1, side, "thread_local", "ieee", True),  # the capture
+    ]
+    assert (fake.current, conv.fp32_precision, _CAPTURE_LOCK.locked()) == (0, before, False)
+    graph.replay()
+    graph.replay()
+    assert fake.replays == [1, 1] and fake.current == 0 and len(runs) == 3
 
 
 # -- on a real GPU (``pytest -m gpu``; deselected by default) -------------------------------------
