@@ -151,3 +151,60 @@ def test_each_epoch_visits_every_train_photo_once_in_its_own_order(monkeypatch, 
     orders = [sum(run.rows.reads[i : i + 3], []) for i in (0, 3)]
     assert [sorted(o) for o in orders] == [list(range(6))] * 2
     assert orders[0] != orders[1]
+
+
+def test_under_torchrun_text_is_refused_in_one_line(tmp_path, monkeypatch, capsys):
+    """docs/training.md: --text runs in one process only (not under torchrun)."""
+    from edgecap.cli import main
+
+    monkeypatch.setenv("WORLD_SIZE", "2")
+    monkeypatch.setattr(
+        "edgecap.training.train.setup", lambda env=None: pytest.fail("must refuse before starting a group")
+    )
+    (tmp_path / "text.txt").write_text("a dog runs\n")
+    args = [
+        "train",
+        "--data",
+        str(tmp_path),
+        "--out",
+        str(tmp_path / "run"),
+        "--text",
+        str(tmp_path / "text.txt"),
+    ]
+    assert main(args) == 2
+    assert "--text runs in one process" in capsys.readouterr().err
+
+
+def test_the_dev_check_captions_with_dropout_off(monkeypatch):
+    """The per-epoch dev check scores the decoder as it will caption (dropout off), whatever
+    mode training left it in: its captions are those of the decoder in eval mode, each photo its
+    own (in batches of 4 of the 6 photos)."""
+    from edgecap.models.decoder import CaptionDecoder, DecoderConfig
+    from edgecap.training import train as training
+    from edgecap.vocab import Vocabulary
+    from helpers import TINY_DECODER
+
+    vocab = Vocabulary.build([c for it in TRAIN for c in it.captions], 1)
+    torch.manual_seed(0)
+    decoder = CaptionDecoder(DecoderConfig(vocab_size=len(vocab), **TINY_DECODER, dropout=0.5))
+    fmaps = torch.randn(len(TRAIN), REGIONS, 1280, generator=torch.Generator().manual_seed(1)).numpy()
+    decoder.eval()
+    expected = training.greedy_captions(decoder, torch.from_numpy(fmaps), vocab)
+    said = []
+    monkeypatch.setattr(training, "score", lambda refs, hyps, **kwargs: said.append(hyps) or {"CIDEr": 0.0})
+    for seed in (2, 3):
+        decoder.train()
+        torch.manual_seed(seed)
+        training.evaluate_dev(decoder, fmaps, TRAIN, vocab, batch_size=4)  # two batches
+    assert said == [{it.file_name: cap for it, cap in zip(TRAIN, expected)}] * 2
+
+
+def test_a_step_log_line_whose_epoch_is_true_is_dropped_on_resume(tmp_path):
+    """A resumed run keeps the step records of the epochs done; a line whose "epoch" is not an
+    integer (JSON true, which Python would count as 1) is not a step record."""
+    from edgecap.training.train import _keep_steps
+
+    log = tmp_path / "steps.jsonl"
+    log.write_text('{"epoch": 1, "step": 1}\n{"epoch": true, "step": 2}\n{"epoch": 2, "step": 1}\n')
+    _keep_steps(log, 1)
+    assert log.read_text() == '{"epoch": 1, "step": 1}\n'
