@@ -22,7 +22,7 @@ pytest.importorskip("onnx")
 
 from edgecap import Captioner  # noqa: E402
 from edgecap.backends.torch import TorchBackend, TorchDecoderSession  # noqa: E402
-from edgecap.backends.torch import _indexed  # noqa: E402
+from edgecap.backends.torch import _checked_device, _indexed  # noqa: E402
 from edgecap.backends.torch_graphs import (  # noqa: E402
     _CAPTURE_LOCK,
     MAX_KEYS,
@@ -211,16 +211,25 @@ def test_fp16_needs_cuda():
         Captioner(backend="torch", device="cpu", fp16=True)
 
 
-def test_cuda_without_a_cuda_gpu_is_one_clear_error(monkeypatch):
-    """device="cuda" where torch sees no CUDA GPU: a BackendError that says so and names the
-    way out, before any model is loaded (not a torch error from deep inside)."""
+@pytest.mark.parametrize("device", ["cuda", "cuda:1"])
+def test_cuda_without_a_cuda_gpu_is_one_clear_error(monkeypatch, device):
+    """device="cuda" (or "cuda:N") where torch sees no CUDA GPU: a BackendError that says so
+    and names the way out, before any model is loaded (not a torch error from deep inside)."""
     from edgecap.errors import BackendError
 
     monkeypatch.setattr(torch.cuda, "is_available", lambda: False)
     with pytest.raises(
         BackendError, match="device='cuda' but this torch has no usable CUDA GPU; use device='cpu'"
     ):
-        Captioner(backend="torch", device="cuda")
+        Captioner(backend="torch", device=device)
+
+
+@pytest.mark.parametrize("device", ["cuda", "cuda:1"])
+def test_the_cuda_options_are_accepted_on_any_cuda_device(monkeypatch, device):
+    """``TorchBackend``: device "cuda" or "cuda:N"; fp16 and cuda_graphs are refused only off
+    CUDA, so a second GPU takes them as the first does."""
+    monkeypatch.setattr(torch.cuda, "is_available", lambda: True)
+    assert _checked_device(device, fp16=True, cuda_graphs=True) == device
 
 
 def test_keep_fp32_island():
