@@ -20,13 +20,15 @@ TRAIN = [
 ]
 DEV = [CaptionedImage(f"d{i}.png", ["a dog runs"]) for i in range(3)]
 REGIONS = 4  # a 2 x 2 map: the decoder takes any number of regions
+ACTIVATIONS = (192, 7, 7)  # EfficientNet-Lite0's before its last block (fine-tuning 1 block)
 
 
 class _Rows:
-    """Stand-in train features: one random map per cache row; records the rows of each read."""
+    """Stand-in train features: one random map per cache row (``shape``: a row's); records the
+    rows of each read."""
 
-    def __init__(self, n: int):
-        self.maps = torch.randn(n, REGIONS, 1280, generator=torch.Generator().manual_seed(0))
+    def __init__(self, n: int, shape=(REGIONS, 1280)):
+        self.maps = torch.randn(n, *shape, generator=torch.Generator().manual_seed(0))
         self.reads: list[list[int]] = []
 
     def __getitem__(self, rows):
@@ -40,7 +42,8 @@ class _Rows:
 class Run:
     """``train`` with the data, the feature cache and the dev check replaced: the dev CIDEr of
     epoch k is ``ciders[k - 1]``. Records each epoch's learning rates, scheduled-sampling
-    probability and dev photos."""
+    probability and dev photos. Fine-tuning (on cached activations): the activations before the
+    last encoder block (192 x 7 x 7 of EfficientNet-Lite0) stand in."""
 
     def __init__(self, monkeypatch, ciders):
         from edgecap.training import train as training
@@ -50,10 +53,12 @@ class Run:
         self.rows = _Rows(len(TRAIN))
         self.dev_checked: list[list[str]] = []
         self.lrs: list[list[float]] = []  # each step's learning rates, by parameter group
+        self.epoch_lrs: list[list[float]] = []  # each epoch's, by parameter group (at its dev check)
         self.sample_probs: list[float] = []  # each step's
         real_step, real_loss = training._optimizer_step, training.caption_loss
 
         def step(loss, optimizer, *args, **kwargs):
+            self.optimizer = optimizer
             self.lrs.append([g["lr"] for g in optimizer.param_groups])
             return real_step(loss, optimizer, *args, **kwargs)
 
@@ -64,14 +69,28 @@ class Run:
         def dev_check(decoder, dev_fmaps, dev_items, vocab, **kwargs):
             assert len(dev_fmaps) == len(dev_items)
             self.dev_checked.append([it.file_name for it in dev_items])
+            self.epoch_lrs.append([g["lr"] for g in self.optimizer.param_groups])
             return {"BLEU-1": 0.5, "BLEU-4": 0.1, "CIDEr": self.ciders[len(self.dev_checked) - 1]}
 
         def split(train_items, dev_items, *args, **kwargs):
             dev_maps = torch.zeros(len(dev_items), REGIONS, 1280).numpy()
             return list(range(len(train_items))), dev_maps, self.rows
 
+        def tuned_split(train_items, dev_items, *args, **kwargs):
+            self.rows = _Rows(len(train_items), ACTIVATIONS)
+            dev_maps = torch.zeros(len(dev_items), *ACTIVATIONS).numpy()
+            return list(range(len(train_items))), dev_maps, self.rows
+
+        def mirrored(paths, *args, **kwargs):
+            from edgecap.training.features import cache_name
+
+            maps = torch.randn(len(paths), *ACTIVATIONS, generator=torch.Generator().manual_seed(1))
+            return maps.numpy(), {cache_name(p): i for i, p in enumerate(paths)}
+
         monkeypatch.setattr(training, "training_items", lambda cfg, data, images, log: (TRAIN, DEV, 0))
         monkeypatch.setattr(training, "streamed_split", split)
+        monkeypatch.setattr(training, "split_features", tuned_split)
+        monkeypatch.setattr(training, "compute_features", mirrored)
         monkeypatch.setattr(training, "evaluate_dev", dev_check)
         monkeypatch.setattr(training, "_optimizer_step", step)
         monkeypatch.setattr(training, "caption_loss", loss)
@@ -208,3 +227,18 @@ def test_a_step_log_line_whose_epoch_is_true_is_dropped_on_resume(tmp_path):
     log.write_text('{"epoch": 1, "step": 1}\n{"epoch": true, "step": 2}\n{"epoch": 2, "step": 1}\n')
     _keep_steps(log, 1)
     assert log.read_text() == '{"epoch": 1, "step": 1}\n'
+
+
+def test_the_no_image_input_and_the_tuned_encoder_blocks_follow_the_learning_rate_schedule(
+    monkeypatch, tmp_path
+):
+    """Every parameter group halves every --lr-decay-epochs: the "no image" input of --text
+    (trained at --lr) and the fine-tuned encoder blocks (at --encoder-lr) as the decoder."""
+    (tmp_path / "text.txt").write_text("a red dog runs\nthe blue dog sits\n")
+    run = Run(monkeypatch, [0.1, 0.2, 0.3, 0.4])
+    run(tmp_path / "text", epochs=2, lr=0.01, lr_decay_epochs=1, text=str(tmp_path / "text.txt"))
+    assert run.epoch_lrs == [[0.01, 0.01], [0.005, 0.005]]  # decoder, no image
+    run.epoch_lrs.clear()
+    tuned = dict(finetune_encoder=True, finetune_blocks=1, finetune_cached=True, encoder_lr=0.001)
+    run(tmp_path / "tuned", epochs=2, lr=0.01, lr_decay_epochs=1, **tuned)
+    assert run.epoch_lrs == [[0.01, 0.001], [0.005, 0.0005]]  # decoder, encoder
