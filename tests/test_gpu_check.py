@@ -65,7 +65,15 @@ def test_gpu_check_on_the_cpu(tmp_path):
     assert data["gpu_tests"]["counts"].get("failed", 0) == 0
     assert data["gpu_tests"]["counts"].get("skipped", 0) >= 1
     labels = [m["label"] for m in data["modes"]]
-    assert labels == ["torch-cpu-fp32-eager", "torch-cpu-fp32-graphs-emulated", "torch-cpu-fp32-eager-device"]
+    assert labels == [
+        "torch-cpu-fp32-eager",
+        "torch-cpu-fp32-graphs-emulated",
+        "torch-cpu-fp32-eager-device",
+        "torch-cpu-fp32-graphs-emulated-device",
+    ]
+    # the decode graphs' steps: the astronaut's caption (the first photo) runs to the last step
+    assert data["modes"][3]["latency"][0]["steps_per_call"] == 20
+    assert data["modes"][2]["latency"][0]["steps_per_call"] == 0  # no graphs: none to the host
     for mode in data["modes"]:
         # the same model on the CPU: the captions are onnxruntime's
         assert mode["captions"]["n"] == 2 and mode["captions"]["identical"] == 1.0

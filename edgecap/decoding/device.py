@@ -826,6 +826,7 @@ class DecodeGraphs:
         checks: tuple[int, ...] = DECODE_CHECKS,
     ):
         self.search, self.step_graph, self.capture, self.checks = search, step_graph, capture, checks
+        self.last_steps = 0  # the steps the last call ran (its parts' last step)
         # per key: (the parts' graphs, the packing graph, static tensors, Inputs, output, done,
         # what the graphs read and write that no capture made: the loop, the carry, the models)
         self.graphs = GraphCache(MAX_GRAPHS)
@@ -852,11 +853,14 @@ class DecodeGraphs:
             if mine is not None:
                 assert theirs is not None  # graphs are keyed by plan: the same inputs exist
                 mine.copy_(theirs)
+        cuts = _segments(plan.max_length, self.checks)
         parts[0].replay()
-        for part in parts[1:]:
+        self.last_steps = cuts[0][1]
+        for part, (_, end) in zip(parts[1:], cuts[1:], strict=True):
             if bool(done.all()):  # every image done: the steps left would run masked
                 break
             part.replay()
+            self.last_steps = end
         packing.replay()
         return out
 
