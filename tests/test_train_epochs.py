@@ -55,6 +55,7 @@ class Run:
         self.lrs: list[list[float]] = []  # each step's learning rates, by parameter group
         self.epoch_lrs: list[list[float]] = []  # each epoch's, by parameter group (at its dev check)
         self.sample_probs: list[float] = []  # each step's
+        self.captions: list[torch.Tensor] = []  # each step's caption ids (R, T)
         real_step, real_loss = training._optimizer_step, training.caption_loss
 
         def step(loss, optimizer, *args, **kwargs):
@@ -64,6 +65,7 @@ class Run:
 
         def loss(decoder, fmap, caps, image_index, vocab, cfg, sample_prob, *args, **kwargs):
             self.sample_probs.append(sample_prob)
+            self.captions.append(caps.cpu())
             return real_loss(decoder, fmap, caps, image_index, vocab, cfg, sample_prob, *args, **kwargs)
 
         def dev_check(decoder, dev_fmaps, dev_items, vocab, **kwargs):
@@ -84,8 +86,12 @@ class Run:
         def mirrored(paths, *args, **kwargs):
             from edgecap.training.features import cache_name
 
-            maps = torch.randn(len(paths), *ACTIVATIONS, generator=torch.Generator().manual_seed(1))
-            return maps.numpy(), {cache_name(p): i for i, p in enumerate(paths)}
+            # the mirror image of photo i (cache row i): all 100 + i, told apart from the photos'
+            # (about -4 to 4), at row n - 1 - i of its own cache
+            n = len(paths)
+            maps = 100.0 + torch.arange(n - 1, -1, -1, dtype=torch.float32)[:, None, None, None]
+            maps = maps.expand(n, *ACTIVATIONS).contiguous()
+            return maps.numpy(), {cache_name(p): n - 1 - i for i, p in enumerate(paths)}
 
         monkeypatch.setattr(training, "training_items", lambda cfg, data, images, log: (TRAIN, DEV, 0))
         monkeypatch.setattr(training, "streamed_split", split)
@@ -242,3 +248,73 @@ def test_the_no_image_input_and_the_tuned_encoder_blocks_follow_the_learning_rat
     tuned = dict(finetune_encoder=True, finetune_blocks=1, finetune_cached=True, encoder_lr=0.001)
     run(tmp_path / "tuned", epochs=2, lr=0.01, lr_decay_epochs=1, **tuned)
     assert run.epoch_lrs == [[0.01, 0.001], [0.005, 0.0005]]  # decoder, encoder
+
+
+def test_training_captions_longer_than_max_caption_words_are_cut_and_still_end(monkeypatch, tmp_path):
+    """TrainConfig.max_caption_words: longer training captions are cut. The 4-word captions at
+    3: <start>, their first 3 words, <end>."""
+    run = Run(monkeypatch, [0.1])
+    run(tmp_path / "run", epochs=1, max_caption_words=3)
+    from edgecap.models.checkpoint import load_checkpoint
+
+    vocab = load_checkpoint(tmp_path / "run" / "last")[2]
+    said = {vocab.decode(row.tolist()) for caps in run.captions for row in caps}
+    colours = "red blue green brown white black".split()
+    assert said == {f"{first} {w} dog" for first in ("a", "the") for w in colours}
+    assert {caps.shape[1] for caps in run.captions} == {5}
+    assert all(int(row[-1]) == vocab.end for caps in run.captions for row in caps)
+
+
+def test_fine_tuning_on_cached_activations_trains_on_the_mirror_images_too(monkeypatch, tmp_path):
+    """docs/training.md: --finetune-cached trains on cached activations of the photos and of
+    their mirror images (mirroring is the only augmentation): over 2 epochs of 6 photos some
+    steps take a photo's own activations, others its mirror image's (the one of that photo)."""
+    from edgecap.models.efficientnet_lite import EfficientNetLite
+
+    seen = []  # per training step: (cache row, mirrored?) of each photo
+    real_tail = EfficientNetLite.tail
+
+    def tail(self, x, split_at):
+        if torch.is_grad_enabled():  # training, not the dev check
+            rows = run.rows.reads[len(seen)]
+            firsts = x[:, 0, 0, 0].tolist()
+            seen.append([(r, v >= 100) for r, v in zip(rows, firsts)])
+            for r, v in zip(rows, firsts):
+                assert v < 50 or v == 100 + r  # the photo's own mirror image
+        return real_tail(self, x, split_at)
+
+    monkeypatch.setattr(EfficientNetLite, "tail", tail)
+    run = Run(monkeypatch, [0.1, 0.2])
+    tuned = dict(finetune_encoder=True, finetune_blocks=1, finetune_cached=True)
+    run(tmp_path / "run", epochs=2, **tuned)
+    flips = [m for step in seen for _, m in step]
+    assert len(flips) == 12 and True in flips and False in flips
+
+
+def test_a_run_with_no_epoch_done_starts_a_fresh_step_log(tmp_path):
+    """docs/training.md: a run stopped before its first photo epoch ends begins the text
+    pretraining again; the step log it left (pretraining records, epoch 0) goes with it."""
+    from edgecap.training.train import _keep_steps
+
+    log = tmp_path / "steps.jsonl"
+    log.write_text(
+        '{"epoch": 0, "text_pretrain_epoch": 1, "step": 1, "text_ce": 4.2}\n{"epoch": 1, "step": 1}\n'
+    )
+    _keep_steps(log, 0)
+    assert log.read_text() == ""
+
+
+def test_optimizer_state_of_more_parameters_than_the_run_has_is_a_model_error(tmp_path):
+    """A resumed run whose saved Adam state names a parameter this run lacks: one ModelError
+    naming the file, not an IndexError."""
+    from edgecap.errors import ModelError
+    from edgecap.training.train import _load_optimizer, _save_optimizer
+
+    two = torch.nn.Linear(3, 2)  # weight and bias: parameters 0 and 1
+    opt = torch.optim.Adam(two.parameters())
+    two(torch.ones(1, 3)).sum().backward()
+    opt.step()
+    _save_optimizer(opt, tmp_path / "o.safetensors", tmp_path / "o.json")
+    one = torch.optim.Adam([torch.nn.Parameter(torch.zeros(2, 3))])
+    with pytest.raises(ModelError, match=r"o.safetensors: 1\.\w+ is \(2,\), not the state"):
+        _load_optimizer(one, tmp_path / "o.safetensors", tmp_path / "o.json")
