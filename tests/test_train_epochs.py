@@ -318,3 +318,46 @@ def test_optimizer_state_of_more_parameters_than_the_run_has_is_a_model_error(tm
     one = torch.optim.Adam([torch.nn.Parameter(torch.zeros(2, 3))])
     with pytest.raises(ModelError, match=r"o.safetensors: 1\.\w+ is \(2,\), not the state"):
         _load_optimizer(one, tmp_path / "o.safetensors", tmp_path / "o.json")
+
+
+def test_the_caption_loss_is_the_mean_word_cross_entropy_plus_the_attention_term(tmp_path):
+    """caption_loss: the cross-entropy (with --label-smoothing) is a mean over the batch's words;
+    the doubly stochastic term (--alpha-c) a mean over its captions and regions of
+    (1 - the attention a region got over the caption)^2; with the global batch's totals
+    (words, captions) the sums are divided by those instead."""
+    from edgecap.models.decoder import CaptionDecoder, DecoderConfig
+    from edgecap.training.train import TrainConfig, caption_loss
+    from edgecap.vocab import Vocabulary
+    from helpers import TINY_DECODER
+
+    vocab = Vocabulary.build([c for it in TRAIN for c in it.captions], 1)
+    torch.manual_seed(0)
+    decoder = CaptionDecoder(DecoderConfig(vocab_size=len(vocab), **TINY_DECODER)).eval()
+    cfg = TrainConfig(data=str(tmp_path), out=str(tmp_path / "run"), alpha_c=0.5, label_smoothing=0.1)
+    fmap = torch.randn(2, REGIONS, 1280, generator=torch.Generator().manual_seed(1))
+    caps = torch.tensor(
+        [vocab.encode("a red dog runs"), vocab.encode("the red dog sits"), vocab.encode("a blue dog runs")]
+    )
+    image_index = torch.tensor([0, 0, 1])
+    with torch.no_grad():
+        logits, targets, alphas = decoder(fmap, caps, image_index, sample_prob=0.0)
+        loss, ce = caption_loss(decoder, fmap, caps, image_index, vocab, cfg, 0.0)
+        expected_ce = torch.nn.functional.cross_entropy(logits, targets, label_smoothing=0.1)
+        assert len(targets) == 3 * 5  # 4 words and <end> a caption
+        torch.testing.assert_close(ce, expected_ce)
+        attention = ((1.0 - alphas.sum(1)) ** 2).mean()  # over 3 captions x 4 regions
+        torch.testing.assert_close(loss, expected_ce + 0.5 * attention)
+        # a part of a global batch of 40 words and 8 captions
+        loss, ce = caption_loss(decoder, fmap, caps, image_index, vocab, cfg, 0.0, totals=(40, 8))
+        torch.testing.assert_close(ce, expected_ce * 15 / 40)
+        torch.testing.assert_close(loss, expected_ce * 15 / 40 + 0.5 * attention * 3 / 8)
+
+
+def test_a_resumed_best_cider_that_is_true_is_refused(tmp_path):
+    """checkpoint.json's train_state: best_cider must be a number; JSON true is not one."""
+    from edgecap.errors import ModelError
+    from edgecap.training.train import _train_state
+
+    state = {"epoch": 2, "best_epoch": 1, "best_cider": True, "history": []}
+    with pytest.raises(ModelError, match="'best_cider' is not a finite number"):
+        _train_state({"train_state": state}, tmp_path / "checkpoint.json")
