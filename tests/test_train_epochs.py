@@ -361,3 +361,15 @@ def test_a_resumed_best_cider_that_is_true_is_refused(tmp_path):
     state = {"epoch": 2, "best_epoch": 1, "best_cider": True, "history": []}
     with pytest.raises(ModelError, match="'best_cider' is not a finite number"):
         _train_state({"train_state": state}, tmp_path / "checkpoint.json")
+
+
+def test_train_called_with_an_out_that_is_a_file_refuses_before_reading_the_data(monkeypatch, tmp_path):
+    """The Python API checks --out as the command does (TrainConfig does not): a ValueError
+    naming it, before the data is read and the features computed."""
+    from edgecap.training import train as training
+
+    monkeypatch.setattr(training, "training_items", lambda *a: pytest.fail("read the data"))
+    a_file = tmp_path / "notes.txt"
+    a_file.write_text("x")
+    with pytest.raises(ValueError, match="out .*notes.txt: is a file, not a folder"):
+        training.train(tiny_train_config(tmp_path, a_file, 1), log=lambda *_: None)
