@@ -366,19 +366,20 @@ def modes(device: str, compiled: bool = False) -> list[dict]:
         # with --compiled, the search compiled (torch.compile, ``compile_search``), last: each
         # shape compiles first, so only the target's latency setting (beam 3, batch 1), the
         # captions and the throughput
-        out += [
-            {
-                "label": "torch-cuda-fp32-graphs-device-compiled",
-                "options": {
-                    "device": "cuda",
-                    "search": "device",
-                    "cuda_graphs": True,
-                    "compile_search": True,
-                },
-                "beams": (3,),
-                "batches": (1,),
-            }
-        ][: int(compiled)]
+        if compiled:
+            out.append(
+                {
+                    "label": "torch-cuda-fp32-graphs-device-compiled",
+                    "options": {
+                        "device": "cuda",
+                        "search": "device",
+                        "cuda_graphs": True,
+                        "compile_search": True,
+                    },
+                    "beams": (3,),
+                    "batches": (1,),
+                }
+            )
         return out
     from edgecap.backends.torch_graphs import EagerGraph
 
