@@ -534,3 +534,73 @@ def test_decoding_choice_variants_take_decoding_options_and_another_model():
         {"model": "/tmp/m.v2/grown", "constrained": True},
     )
     assert decoding_choice.parse_variant("default=") == ("default", {})
+
+
+def test_fp16_emulation_compares_each_fp16_variant_with_fp32(tmp_path, monkeypatch):
+    """On a data folder made of the example photos (CC0, scikit-image): each variant's captions
+    are counted against the FP32 backend's, set by set, the differing ones listed with both
+    captions; the FP16 decoder behind the FP32 encoder keeps every example caption (as
+    tests/test_device_search.py checks with the search alone). One variant's captioner has
+    one caption changed here, which the counts, the list and the paired difference must show.
+    A missing folder is one line."""
+    import dataclasses
+
+    import fp16_emulation
+
+    real = fp16_emulation.fp16_captioner
+    changed = fp16_emulation.VARIANTS["fp16 + fp32_encoder, word logits FP16"]
+
+    def one_caption_changed(model, keywords):
+        captioner = real(model, keywords)
+        if keywords == changed:
+            caption_batch = captioner.caption_batch
+
+            def changed_batch(frames):
+                out = caption_batch(frames)
+                if len(frames) == 3:  # the Flickr8k set: rocket, coffee, chelsea
+                    out[2] = dataclasses.replace(out[2], text="a changed caption")
+                return out
+
+            captioner.caption_batch = changed_batch
+        return captioner
+
+    monkeypatch.setattr(fp16_emulation, "fp16_captioner", one_caption_changed)
+
+    photos = sorted(p for p in C.EXAMPLES.iterdir() if p.suffix.lower() in {".png", ".jpg", ".jpeg"})
+    data = tmp_path / "data"
+    for name in ("coco-ood-dev", "coco-ood-dev-b", "flickr8k"):
+        (data / name / "images").mkdir(parents=True)
+    for i, photo in enumerate(photos):
+        target = "coco-ood-dev" if i % 2 else "coco-ood-dev-b"
+        shutil.copy(photo, data / target / "images" / photo.name)
+        shutil.copy(photo, data / "flickr8k" / "images" / photo.name)
+    (data / "flickr8k" / "Flickr_8k.devImages.txt").write_text("".join(p.name + "\n" for p in photos[::-1]))
+    fp16_emulation.main(["--data", str(data), "--flickr8k-limit", "3", "--out", str(tmp_path / "out")])
+    result = json.loads((tmp_path / "out" / "fp16_emulation.json").read_text())["variants"]
+    assert set(result) == set(fp16_emulation.VARIANTS)
+    sizes = {
+        "coco-ood-dev": len(photos) // 2,
+        "coco-ood-dev-b": len(photos) - len(photos) // 2,
+        "flickr8k-dev": 3,
+    }
+    for r in result.values():
+        assert r["n"] == sum(sizes.values())
+        assert r["identical_all"] + len(r["differing"]) == r["n"]
+        for name, size in sizes.items():
+            assert r["identical"][name] + sum(d["set"] == name for d in r["differing"]) == size
+        assert all(d["fp32"] != d["fp16"] for d in r["differing"])
+        low, high = r["interval"]
+        assert low <= r["identical_all"] / r["n"] <= high
+    kept = result["fp16 + fp32_encoder"]
+    assert kept["identical_all"] == kept["n"] == 7 and kept["interval"] == [1.0, 1.0]
+    other = result["fp16 + fp32_encoder, word logits FP16"]
+    assert {"set": "flickr8k-dev", "photo": "chelsea.png", "fp16": "a changed caption"}.items() <= next(
+        d for d in other["differing"] if d["photo"] == "chelsea.png" and d["set"] == "flickr8k-dev"
+    ).items()
+    assert other["identical_all"] <= 6
+    # paired against the island variant (7 of 7): the share it lost
+    assert other["against_island"]["difference"] == pytest.approx((other["identical_all"] - 7) / 7)
+    assert "against_island" not in kept
+    shutil.rmtree(data / "coco-ood-dev-b")
+    with pytest.raises(SystemExit, match="coco-ood-dev-b"):
+        fp16_emulation.main(["--data", str(data)])

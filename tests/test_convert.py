@@ -95,6 +95,9 @@ def test_fp16_keeps_contract_io_and_fp32_islands(fp32_dir, fp16_dir):
         nd.name for nd in original.graph.node if nd.name in kept and nd.op_type in ("MatMul", "Gemm")
     ]
     assert projections, "no attention-logit projection found before the Softmax"
+    # and the word logits: the exporter names nodes after the PyTorch modules, and the decoder's
+    # out_vocab projection (through the never-generated mask) feeds the LogSoftmax
+    assert [nd for nd in original.graph.node if nd.name.startswith("/out_vocab/") and nd.name in kept]
     types = _tensor_types(step)
     converted = {nd.name: nd for nd in step.graph.node}
     for name in kept:

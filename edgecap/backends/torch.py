@@ -5,10 +5,10 @@ On CUDA, ``cuda_graphs=True`` captures the encoder per batch size and the decode
 shape in CUDA graphs over static buffers, with one device-to-host copy and one synchronisation
 per step (``edgecap.backends.torch_graphs``). ``fp16=True`` runs the weights and activations in
 FP16 with the FP32 islands of ``edgecap convert --precision fp16``: the attention-score
-projection and softmax, the image classifier and its softmax, the log-softmax, the word bias and
-the top K. Both have run on an NVIDIA H200 (the ``gpu`` tests and ``benchmarks/gpu_check.py``:
-``benchmarks/results/gpu.md``); the graph bookkeeping is also tested on the CPU with a stand-in
-graph.
+projection and softmax, the image classifier and its softmax, the word-logit projection, the
+log-softmax, the word bias and the top K. Both have run on an NVIDIA H200 (the ``gpu`` tests and
+``benchmarks/gpu_check.py``: ``benchmarks/results/gpu.md``; the word-logit island since, on the
+CPU only); the graph bookkeeping is also tested on the CPU with a stand-in graph.
 
 It rebuilds ``EfficientNetLite`` and ``CaptionDecoder`` from the manifest and loads their weights
 from the ONNX files' initializers, which the exporter names by the PyTorch state-dict keys
@@ -228,7 +228,11 @@ class TorchBackend(Backend):
         backend.manifest = None
         return backend
 
-    def _setup(self, encoder, decoder, device: str, fp16: bool, fp32_encoder: bool = False) -> None:
+    def _setup(
+        self, encoder, decoder, device: str, fp16: bool, fp32_encoder: bool = False, fp32_logits: bool = True
+    ) -> None:
+        """``fp32_logits=False`` (with ``fp16``): the word logits in FP16 too, the FP16 of
+        before the island (``benchmarks/fp16_emulation.py`` compares the two)."""
         self.device = torch.device(device)
         self.dtype = torch.float16 if fp16 else torch.float32
         self.fp32_encoder = fp32_encoder
@@ -252,6 +256,10 @@ class TorchBackend(Backend):
         if fp16:  # the FP32 islands of the FP16 ONNX (edgecap.build.convert.fp32_nodes)
             if self.decoder.cfg.attention:
                 keep_fp32(self.decoder.att_score)
+            # the word logits: near 10, FP16 rounds them 2^-7 apart, the size of the score gaps
+            # that decide a beam (benchmarks/results/fp16_emulation.md: 6 of 360 captions)
+            if fp32_logits:
+                keep_fp32(self.decoder.out_vocab)
             if self.encoder is not None and not fp32_encoder:
                 keep_fp32(self.encoder._fc)
                 # the encoder's stem and first blocks, as the FP16 ONNX keeps them

@@ -3,7 +3,8 @@
 FP16 keeps the numerically delicate parts in FP32: the encoder CNN's stem and first 4 blocks
 (24% of its multiply-adds; see ``ENCODER_FP32_BLOCKS``), every Softmax, LogSoftmax and TopK, the
 attention logits (the nodes computing the Softmax input, up to and including the projection that
-produces them; the same rule keeps the image classifier in FP32), and what reads the step's log-
+produces them; the same rule keeps the image classifier in FP32), the word logits (the projection
+feeding the LogSoftmax, through the never-generated mask), and what reads the step's log-
 probabilities (the word bias ``Add``, the ``GatherElements`` of the top K). Graph inputs and
 outputs stay float32 / int32, so the backend contract in ``edgecap.contract`` holds for a
 converted directory and every backend runs it unchanged.
@@ -64,6 +65,7 @@ FP32_OP_TYPES = ("Softmax", "LogSoftmax", "TopK")
 # Ops that only move data; walked through when looking for what computes a Softmax's input.
 _VIEW_OPS = {"Squeeze", "Unsqueeze", "Reshape", "Flatten", "Transpose", "Identity", "Cast"}
 _PROJECTION_OPS = {"MatMul", "Gemm"}
+_CONSTANT_OPS = {"Constant", "ConstantOfShape", "Expand"}
 _IMAGE_SUFFIXES = {".jpg", ".jpeg", ".png", ".bmp", ".webp", ".tif", ".tiff"}
 
 
@@ -106,14 +108,32 @@ def fp32_nodes(graph) -> list[str]:
     """Names of the nodes to keep in FP32: every Softmax / LogSoftmax / TopK, and for each
     Softmax the chain computing its input (the attention logits): view ops, then the first
     compute node, and when that is a bias ``Add`` fed by a MatMul / Gemm, that projection too;
-    the word bias ``Add`` and ``GatherElements`` reading the log-probabilities; and in the
-    encoder, its stem and first ``ENCODER_FP32_BLOCKS`` blocks."""
+    for each LogSoftmax the word logits' chain: view ops, the mask's ``Where``, and the
+    projection (a Gemm, or a bias ``Add`` and the MatMul feeding it); the word bias ``Add`` and
+    ``GatherElements`` reading the log-probabilities; and in the encoder, its stem and first
+    ``ENCODER_FP32_BLOCKS`` blocks."""
     producer = {out: node for node in graph.node for out in node.output}
+    initializers = {t.name for t in graph.initializer}
     keep: list[str] = []
 
     def add(node) -> None:
         if node.name not in keep:
             keep.append(node.name)
+
+    def views_from(name: str):
+        """The first node computing ``name`` that is not a view op, the view ops kept."""
+        src = producer.get(name)
+        while src is not None and src.op_type in _VIEW_OPS:
+            add(src)
+            src = producer.get(src.input[0])
+        return src
+
+    def projections_into(add_node) -> list:
+        return [
+            feeder
+            for feeder in (producer.get(name) for name in add_node.input)
+            if feeder is not None and feeder.op_type in _PROJECTION_OPS
+        ]
 
     for node in _encoder_stem_and_first_blocks(graph, ENCODER_FP32_BLOCKS):
         add(node)
@@ -129,21 +149,36 @@ def fp32_nodes(graph) -> list[str]:
         if node.op_type not in FP32_OP_TYPES:
             continue
         add(node)
-        if node.op_type != "Softmax":
-            continue
-        src = producer.get(node.input[0])
-        while src is not None and src.op_type in _VIEW_OPS:
+        if node.op_type == "Softmax":
+            src = views_from(node.input[0])
+            if src is None:
+                continue
             add(src)
-            src = producer.get(src.input[0])
-        if src is None:
-            continue
-        add(src)
-        if src.op_type == "Add":
-            for name in src.input:
-                feeder = producer.get(name)
-                if feeder is not None and feeder.op_type in _PROJECTION_OPS:
+            if src.op_type == "Add":
+                for feeder in projections_into(src):
+                    add(feeder)
+        elif node.op_type == "LogSoftmax":
+            # the word logits: through the never-generated mask's Where to their projection
+            src = views_from(node.input[0])
+            while src is not None and src.op_type == "Where":
+                add(src)
+                src = views_from(_varying_input(src, producer, initializers))
+            if src is not None and src.op_type in _PROJECTION_OPS:
+                add(src)
+            elif src is not None and src.op_type == "Add" and projections_into(src):
+                add(src)
+                for feeder in projections_into(src):
                     add(feeder)
     return keep
+
+
+def _varying_input(where, producer: dict, initializers: set) -> str:
+    """The value input of a ``Where`` (X or Y) that is not a constant: the tensor it masks."""
+    for name in where.input[1:]:
+        src = producer.get(name)
+        if name not in initializers and (src is None or src.op_type not in _CONSTANT_OPS):
+            return name
+    return where.input[2]
 
 
 def _encoder_stem_and_first_blocks(graph, n_blocks: int) -> list:

@@ -1,0 +1,196 @@
+"""FP16 on a GPU, predicted on the CPU: the torch backend's FP16 variants run on torch's CPU FP16
+kernels, and their captions compared with FP32's, photo by photo.
+
+    python benchmarks/fp16_emulation.py --data ../shared/data [--flickr8k-limit 200] [--out DIR]
+
+Each torch operation in FP16 rounds its output to FP16, on the CPU as on a GPU (both compute an
+FP16 matrix product in FP32 and round the result), so the captions of the CPU's FP16 predict the
+GPU's: on the first 200 Flickr8k dev photos this emulation gave FP16 184/200 and the FP16 decoder
+behind the FP32 encoder 195/200 where the H200 gave 185 and 194 (``benchmarks/results/gpu.md``).
+What it does not show: the GPU's own kernel choices (cuDNN's FP16 convolutions, cuBLAS's split
+reductions), which only a GPU run measures (``benchmarks/gpu_check.py``).
+
+Variants: ``fp16=True`` and ``fp16=True, fp32_encoder=True`` (the backend's FP32 islands), each
+also with the word logits left in FP16 (``fp32_logits=False``: the islands before the word-logit
+projection joined them). The reference is the FP32 torch backend on the same photos, with the
+same options (beam 3, batch 8, the default decoding). Photos: coco-ood-dev and coco-ood-dev-b
+(160 everyday photos) and the first ``--flickr8k-limit`` Flickr8k dev photos, read from
+``--data`` (research data: read here, never a fixture or a shipped file). The share identical
+comes with a 95% interval from resampling the photos, and each variant without the word-logit
+island against the one with it as a paired bootstrap of the per-photo "identical" (10,000
+resamples, ``_stats.paired_bootstrap``). The backend refuses FP16 on the CPU (slow and not
+what it is for), so this script builds the FP16 backends through ``TorchBackend._setup``.
+"""
+
+from __future__ import annotations
+
+import sys
+import time
+from pathlib import Path
+
+sys.path.insert(0, str(Path(__file__).resolve().parent))
+
+import numpy as np  # noqa: E402
+
+import _common as C  # noqa: E402
+from _stats import paired_bootstrap  # noqa: E402
+
+# label -> TorchBackend._setup keywords
+VARIANTS = {
+    "fp16": {"fp32_encoder": False, "fp32_logits": True},
+    "fp16, word logits FP16": {"fp32_encoder": False, "fp32_logits": False},
+    "fp16 + fp32_encoder": {"fp32_encoder": True, "fp32_logits": True},
+    "fp16 + fp32_encoder, word logits FP16": {"fp32_encoder": True, "fp32_logits": False},
+}
+SETS = ("coco-ood-dev", "coco-ood-dev-b", "flickr8k-dev")
+
+
+def build_parser():
+    p = C.argument_parser(__doc__)
+    p.add_argument(
+        "--data",
+        type=Path,
+        required=True,
+        help="folder holding coco-ood-dev/, coco-ood-dev-b/ and flickr8k/",
+    )
+    p.add_argument("--flickr8k-limit", type=int, default=200, help="the first N Flickr8k dev photos")
+    p.add_argument("--model", type=Path, default=None, help="model directory (default: the shipped one)")
+    p.add_argument("--threads", type=int, default=None, help="torch threads (default: torch's)")
+    C.add_out_argument(p)
+    return p
+
+
+def photo_sets(data: Path, flickr8k_limit: int) -> dict[str, list[Path]]:
+    """{set name: photo paths}, each set in a fixed order."""
+    missing = [data / d for d in ("coco-ood-dev", "coco-ood-dev-b", "flickr8k") if not (data / d).is_dir()]
+    if missing:
+        raise SystemExit(f"fp16_emulation: no such folder: {', '.join(map(str, missing))}")
+    sets = {name: C.image_files(data / name / "images", None) for name in SETS[:2]}
+    dev = data / "flickr8k" / "Flickr_8k.devImages.txt"
+    names = [x.strip() for x in dev.read_text().splitlines() if x.strip()][:flickr8k_limit]
+    sets["flickr8k-dev"] = [data / "flickr8k" / "images" / name for name in names]
+    return sets
+
+
+def frames(paths: list[Path]) -> list[np.ndarray]:
+    from PIL import Image
+
+    out = []
+    for path in paths:
+        with Image.open(path) as im:
+            out.append(np.asarray(im.convert("RGB")))
+    return out
+
+
+def fp16_captioner(model: Path, keywords: dict):
+    """A CPU Captioner whose torch backend runs in FP16 (the device search, as on CUDA)."""
+    from edgecap import Captioner
+    from edgecap.backends.torch import TorchBackend
+    from edgecap.backends.torch_search import TorchDeviceSearch
+
+    captioner = Captioner(model, backend="torch", device="cpu", search="device", beam_size=3, batch_size=8)
+    backend = captioner.backend
+    backend._setup(*TorchBackend._build(backend.manifest), "cpu", fp16=True, **keywords)
+    backend.device_search = TorchDeviceSearch(backend)
+    return captioner
+
+
+def caption(captioner, photos: dict[str, list[np.ndarray]]) -> tuple[dict[str, list[str]], float]:
+    t0 = time.perf_counter()
+    texts = {name: [c.text for c in captioner.caption_batch(fs)] for name, fs in photos.items()}
+    return texts, time.perf_counter() - t0
+
+
+def interval(identical: np.ndarray, n_resamples: int = 10000, seed: int = 0) -> tuple[float, float]:
+    """95% interval of the share identical, resampling the photos."""
+    rng = np.random.default_rng(seed)
+    means = identical[rng.integers(0, len(identical), size=(n_resamples, len(identical)))].mean(1)
+    low, high = np.percentile(means, [2.5, 97.5])
+    return float(low), float(high)
+
+
+def main(argv=None) -> int:
+    import torch
+
+    from edgecap import Captioner
+
+    args = build_parser().parse_args(argv)
+    if args.threads is not None:
+        torch.set_num_threads(args.threads)
+    model = C.model_dir(args.model)
+    sets = photo_sets(args.data, args.flickr8k_limit)
+    photos = {name: frames(paths) for name, paths in sets.items()}
+    names = {name: [p.name for p in paths] for name, paths in sets.items()}
+    fp32 = Captioner(model, backend="torch", device="cpu", search="device", beam_size=3, batch_size=8)
+    reference, seconds = caption(fp32, photos)
+    print(f"fp32: {seconds:.1f} s", file=sys.stderr)
+    results: dict[str, dict] = {}
+    for label, keywords in VARIANTS.items():
+        texts, seconds = caption(fp16_captioner(model, keywords), photos)
+        same = {name: [a == b for a, b in zip(texts[name], reference[name])] for name in SETS}
+        every = np.array([x for name in SETS for x in same[name]], dtype=np.float64)
+        results[label] = {
+            "keywords": keywords,
+            "seconds": round(seconds, 1),
+            "identical": {name: int(sum(same[name])) for name in SETS},
+            "identical_all": int(every.sum()),
+            "n": len(every),
+            "interval": interval(every),
+            "per_photo": every.tolist(),
+            "differing": [
+                {"set": name, "photo": photo, "fp32": b, "fp16": a}
+                for name in SETS
+                for photo, a, b in zip(names[name], texts[name], reference[name])
+                if a != b
+            ],
+        }
+        print(f"{label}: {int(every.sum())}/{len(every)} identical ({seconds:.1f} s)", file=sys.stderr)
+    for label, r in results.items():
+        island = label.removesuffix(", word logits FP16")
+        if island != label:
+            r["against_island"] = paired_bootstrap(results[island]["per_photo"], r["per_photo"])
+    n = {name: len(v) for name, v in sets.items()}
+    rows = []
+    for label, r in results.items():
+        low, high = r["interval"]
+        diff = r.get("against_island")
+        rows.append(
+            [
+                label,
+                *[f"{r['identical'][name]}/{n[name]}" for name in SETS],
+                f"{r['identical_all']}/{r['n']} ({100 * r['identical_all'] / r['n']:.1f}%)",
+                f"[{100 * low:.1f}%, {100 * high:.1f}%]",
+                "-"
+                if diff is None
+                else f"{100 * diff['difference']:+.1f} [{100 * diff['low']:+.1f}, {100 * diff['high']:+.1f}]",
+            ]
+        )
+    table = C.markdown_table(
+        [
+            "FP16 variant (CPU emulation)",
+            *[f"{name} identical" for name in SETS],
+            "all",
+            "95% interval",
+            "vs word logits FP32 (points)",
+        ],
+        rows,
+    )
+    differing = "\n".join(
+        f'- {label} / {d["set"]} {d["photo"]}: FP32 "{d["fp32"]}"; FP16 "{d["fp16"]}"'
+        for label, r in results.items()
+        for d in r["differing"]
+    )
+    markdown = (
+        f"Model: {model.name}; beam 3, batch 8, default decoding, the device search; captions "
+        f"against the FP32 torch backend's on the same photos (torch {torch.__version__}, CPU).\n\n"
+        f"{table}\n\nCaptions that differ:\n\n{differing or '(none)'}\n"
+    )
+    for r in results.values():
+        del r["per_photo"]
+    data = {"model": str(model), "variants": results}
+    C.write_results("fp16_emulation", data, markdown, argv, out=args.out)
+    return 0
+
+
+if __name__ == "__main__":
+    raise SystemExit(main())
