@@ -17,7 +17,8 @@ onnxruntime's CUDA provider where they are missing). The report holds:
 3. captions of ``--n`` photos (the Flickr8k dev photos where ``../shared/data/flickr8k`` exists,
    else the package's example photos repeated) by each torch mode (FP32 / FP16 x eager / CUDA
    graphs x the beam search on the host / on the device: ``TorchBackend(search=...)``, with
-   graphs and the device search the whole decode is one CUDA graph) against onnxruntime CPU
+   graphs and the device search the whole decode is one CUDA graph; and that last mode with
+   the frames preprocessed on the GPU, ``preprocess="device"``) against onnxruntime CPU
    FP32: the identical-caption rate, and CIDEr where references and pycocoevalcap exist; each
    FP16 mode against its FP32 twin;
 4. latency, beam 1 and 3 x batch 1 and 8: encoder, one decoder step (host search only), the
@@ -80,6 +81,7 @@ TARGETS = {"e2e_p50_ms": 2.5, "captions_per_s_b64": 5000.0, "fp16_identical": 0.
 THROUGHPUT_MODES = (
     "torch-cuda-fp32-graphs-host",
     "torch-cuda-fp32-graphs-device",
+    "torch-cuda-fp32-graphs-device-prep",
     "torch-cuda-fp16-graphs-device",
     "torch-cuda-fp16-fp32enc-graphs-device",
     "torch-cuda-fp32-graphs-device-compiled",
@@ -89,7 +91,8 @@ THROUGHPUT_MODES = (
 FILE_RATE_MODES = ("torch-cuda-fp32-graphs-device",)
 FILE_RATE_BATCHES = (1, 8, 64)
 # the FP16 modes of the whole-decode graph: all FP16 but the islands, and an FP16 decoder behind
-# an FP32 encoder (``fp32_encoder=True``: 64/64 captions of FP32's in the CPU emulation)
+# an FP32 encoder (``fp32_encoder=True``: with the word logits FP32, 358/360 captions of FP32's
+# in the CPU emulation, benchmarks/fp16_emulation.py)
 FP16_GRAPH_MODES = ("torch-cuda-fp16-graphs-device", "torch-cuda-fp16-fp32enc-graphs-device")
 T0 = time.perf_counter()
 
@@ -351,6 +354,14 @@ def modes(device: str, compiled: bool = False) -> list[dict]:
                     if graphs == "graphs":
                         options["cuda_graphs"] = True
                     out.append({"label": f"torch-cuda-{precision}-{graphs}-{search}", "options": options})
+                    if (precision, graphs, search) == ("fp32", "graphs", "device"):
+                        # the frames resized, normalised and checked on the GPU too
+                        out.append(
+                            {
+                                "label": "torch-cuda-fp32-graphs-device-prep",
+                                "options": {**options, "preprocess": "device"},
+                            }
+                        )
         out.append(
             {
                 "label": "torch-cuda-fp16-fp32enc-graphs-device",
@@ -393,6 +404,15 @@ def modes(device: str, compiled: bool = False) -> list[dict]:
         {
             "label": "torch-cpu-fp32-graphs-emulated-device",
             "options": {"device": "cpu", "graph_factory": EagerGraph, "search": "device"},
+        },
+        {
+            "label": "torch-cpu-fp32-graphs-emulated-device-prep",
+            "options": {
+                "device": "cpu",
+                "graph_factory": EagerGraph,
+                "search": "device",
+                "preprocess": "device",
+            },
         },
     ]
 

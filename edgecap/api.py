@@ -36,7 +36,15 @@ from edgecap.contract import Limits
 from edgecap.decoding import CaptionOptions, Hypothesis, fusion_weight, search
 from edgecap.decoding.fusion import Fusion
 from edgecap.errors import InputError, ModelError
-from edgecap.images import COLORS, ImageInput, load_rgb, max_file_bytes, max_pixels, preprocess
+from edgecap.images import (
+    COLORS,
+    ImageInput,
+    load_rgb,
+    load_rgb_array,
+    max_file_bytes,
+    max_pixels,
+    preprocess,
+)
 from edgecap.manifest import Manifest, file_sha256, load_manifest
 from edgecap.objects import ObjectClasses
 from edgecap.prefetch import check_decode_workers, default_decode_workers, prefetched_batches, window
@@ -410,6 +418,9 @@ class Captioner:
         """One input -> its encoder input (``InputError`` for an unusable one); runs in a
         decoding worker or in the calling thread."""
         t0 = time.perf_counter()
+        if self.backend.prepares_frames:  # resized and checked by the backend, on its device
+            frame = load_rgb_array(image, color, draft_size=self._draft_size)
+            return _Prepared(frame, True, (time.perf_counter() - t0) * 1e3)
         rgb = load_rgb(image, color, draft_size=self._draft_size)
         x = preprocess([rgb], self.manifest.preprocessing)[0]
         visible = not self.options.blank_check or recognisable(x, self.manifest.preprocessing)
@@ -466,7 +477,9 @@ class Captioner:
         if not good:
             return [p for p in prepared if isinstance(p, InputError)]  # all of them
         loaded = [p.x for p in good]
-        hypotheses, probs, encode_ms, decode_ms = self._search(np.stack(loaded), return_attention)
+        hypotheses, probs, encode_ms, decode_ms, seen = self._search(loaded, return_attention)
+        if seen is not None and self.options.blank_check:  # the backend's check (on its device)
+            good = [replace(p, visible=bool(v)) for p, v in zip(good, seen)]
         shares = {"encode_ms": encode_ms / len(loaded), "decode_ms": decode_ms / len(loaded)}
         tags = (
             [()] * len(loaded)
@@ -489,9 +502,10 @@ class Captioner:
             )
         return results
 
-    def _search(self, batch: np.ndarray, return_attention: bool):
-        """batch float32 (N, 3, H, W) -> (hypotheses per image, class probabilities (N, C),
-        encode ms, decode ms)."""
+    def _search(self, batch: list[np.ndarray], return_attention: bool):
+        """batch: model inputs float32 (3, H, W), or for a backend that ``prepares_frames`` RGB
+        frames -> (hypotheses per image, class probabilities (N, C), encode ms, decode ms,
+        whether each image holds anything to caption as the backend found (N,) or None)."""
         options = self.options
         # A backend with one set of device buffers (TensorRT) runs one batch at a time; close()
         # releases them under the same lock, so no batch runs on released buffers.
@@ -510,10 +524,14 @@ class Captioner:
                     finally:
                         self._released.set()
 
-    def _run_batch(self, batch: np.ndarray, return_attention: bool, options: CaptionOptions):
+    def _run_batch(self, batch: list[np.ndarray], return_attention: bool, options: CaptionOptions):
         """``_search``'s work, in the backend."""
         t0 = time.perf_counter()
-        encoded = self.backend.encode(batch)
+        seen = None
+        if self.backend.prepares_frames:
+            encoded, seen = self.backend.encode_frames(batch)
+        else:
+            encoded = self.backend.encode(np.stack(batch))
         t1 = time.perf_counter()
         hypotheses = search(
             self.backend,
@@ -527,7 +545,7 @@ class Captioner:
             return_attention=return_attention,
         )
         t2 = time.perf_counter()
-        return hypotheses, encoded.class_probs, (t1 - t0) * 1e3, (t2 - t1) * 1e3
+        return hypotheses, encoded.class_probs, (t1 - t0) * 1e3, (t2 - t1) * 1e3, seen
 
     def _to_caption(
         self, hyps: list[Hypothesis], objects: tuple, probs: np.ndarray | None, timings: dict[str, float]
@@ -608,8 +626,9 @@ class Captioner:
 
 @dataclass(frozen=True)
 class _Prepared:
-    """One photo ready for the encoder: its input (3, H, W), whether it holds anything to
-    caption (``recognisable``), the milliseconds it took to load and preprocess."""
+    """One photo ready for the encoder: its input (3, H, W) (for a backend that
+    ``prepares_frames``, the decoded RGB frame (H, W, 3), checked there), whether it holds
+    anything to caption (``recognisable``), the milliseconds it took to load and preprocess."""
 
     x: np.ndarray
     visible: bool

@@ -48,7 +48,8 @@ import os
 import re
 import threading
 import warnings
-from collections.abc import Sequence
+from collections.abc import Callable, Sequence
+from typing import TypeVar
 
 import numpy as np
 from PIL import Image, ImageOps, UnidentifiedImageError
@@ -56,6 +57,8 @@ from PIL import Image, ImageOps, UnidentifiedImageError
 from edgecap.errors import InputError, caused_by_interrupt, reason
 from edgecap.files import FileProblem, read_regular
 from edgecap.preprocess import Preprocessing, to_model_input
+
+_T = TypeVar("_T")
 
 ImageInput = str | os.PathLike | bytes | bytearray | memoryview | Image.Image | np.ndarray
 
@@ -199,11 +202,28 @@ def load_rgb(image: ImageInput, color: str = "rgb", draft_size: tuple[int, int] 
     decoded at a reduced scale (1/2, 1/4, 1/8) as long as both sides stay at least this size,
     which makes a camera-size JPEG several times faster to decode for a 224x224 model input.
     Raises ``InputError`` naming the input."""
+    return _loaded(image, color, lambda source: _load_rgb(image, color, draft_size, source))
+
+
+def load_rgb_array(
+    image: ImageInput, color: str = "rgb", draft_size: tuple[int, int] | None = None
+) -> np.ndarray:
+    """``load_rgb`` as a uint8 (H, W, 3) array of its own (never the caller's buffer, which a
+    camera loop refills): an array input is converted without a round trip through a PIL
+    image. Raises ``InputError`` naming the input."""
+    if not isinstance(image, np.ndarray):
+        return np.asarray(load_rgb(image, color, draft_size))
+    rgb = _loaded(image, color, lambda source: array_to_rgb(image, color, source))
+    return rgb.copy() if np.may_share_memory(rgb, image) else rgb
+
+
+def _loaded(image: ImageInput, color: str, load: Callable[[str], _T]) -> _T:
+    """``load(source)`` with any failure of this one input as its ``InputError``."""
     if color not in COLORS:
         raise ValueError(f"color must be one of {COLORS}, got {color!r}")
     source = describe(image)
     try:
-        return _load_rgb(image, color, draft_size, source)
+        return load(source)
     except Exception as exc:  # noqa: BLE001
         if caused_by_interrupt(exc):  # Ctrl-C inside a decoder or a lazy plugin import
             raise KeyboardInterrupt from exc

@@ -604,3 +604,22 @@ def test_fp16_emulation_compares_each_fp16_variant_with_fp32(tmp_path, monkeypat
     shutil.rmtree(data / "coco-ood-dev-b")
     with pytest.raises(SystemExit, match="coco-ood-dev-b"):
         fp16_emulation.main(["--data", str(data)])
+
+
+def test_frame_prep_counts_the_device_operations_and_times_both_paths(tmp_path):
+    """Two sizes (one resized, one already the model's) x two batches: a row each, the same
+    operation count for both batches of a size (one call a size, whatever the batch) and more
+    with a resize; a bad size is one line."""
+    import frame_prep
+
+    argv = ["--sizes", "64x48,224x224", "--batches", "1,3", "--repeats", "1", "--out", str(tmp_path)]
+    frame_prep.main(argv)
+    rows = json.loads((tmp_path / "frame_prep.json").read_text())["rows"]
+    shapes = [("64x48", 1), ("64x48", 3), ("224x224", 1), ("224x224", 3)]
+    assert [(r["size"], r["batch"]) for r in rows] == shapes
+    counts = {size: {r["operations"] for r in rows if r["size"] == size} for size in ("64x48", "224x224")}
+    assert all(len(c) == 1 for c in counts.values())
+    assert min(counts["64x48"]) > min(counts["224x224"]) > 0
+    assert all(r["host_ms_per_frame"] > 0 and r["device_ms_per_frame"] > 0 for r in rows)
+    with pytest.raises(SystemExit, match="WIDTHxHEIGHT"):
+        frame_prep.main(["--sizes", "64by48"])

@@ -70,6 +70,7 @@ def test_gpu_check_on_the_cpu(tmp_path):
         "torch-cpu-fp32-graphs-emulated",
         "torch-cpu-fp32-eager-device",
         "torch-cpu-fp32-graphs-emulated-device",
+        "torch-cpu-fp32-graphs-emulated-device-prep",
     ]
     # the decode graphs' steps: the astronaut's caption (the first photo) runs to the last step
     assert data["modes"][3]["latency"][0]["steps_per_call"] == 20
@@ -293,7 +294,13 @@ def test_the_compiled_search_runs_only_with_compiled():
     import gpu_check
 
     plain = [m["label"] for m in gpu_check.modes("cuda")]
-    assert "torch-cuda-fp32-graphs-device-compiled" not in plain and len(plain) == 9
+    assert "torch-cuda-fp32-graphs-device-compiled" not in plain and len(plain) == 10
+    prep = plain.index("torch-cuda-fp32-graphs-device-prep")
+    assert plain[prep - 1] == "torch-cuda-fp32-graphs-device"  # the same mode, frames on the GPU
+    assert gpu_check.modes("cuda")[prep]["options"] == {
+        **gpu_check.modes("cuda")[prep - 1]["options"],
+        "preprocess": "device",
+    }
     compiled = gpu_check.modes("cuda", compiled=True)
     assert [m["label"] for m in compiled[:-1]] == plain
     last = compiled[-1]

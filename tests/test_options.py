@@ -395,8 +395,8 @@ def test_a_batchs_encoder_and_search_times_are_shared_by_its_captioned_images(ba
     run = captioner._run_batch
 
     def timed(batch, return_attention, options):
-        hypotheses, probs, _, _ = run(batch, return_attention, options)
-        return hypotheses, probs, 30.0, 90.0
+        hypotheses, probs, _, _, seen = run(batch, return_attention, options)
+        return hypotheses, probs, 30.0, 90.0, seen
 
     captioner._run_batch = timed
     results = captioner.caption_batch([IMAGE, b"", IMAGE, IMAGE], on_error="return")

@@ -75,9 +75,21 @@ class Backend(ABC):
     thread_safe: bool = True  # False: Captioner runs one batch at a time (shared device buffers)
     top_k: int = 10  # K: the step graph returns this many best words per row
 
+    # True: ``encode_frames`` takes decoded frames and preprocesses them itself (the torch
+    # backend's ``preprocess="device"``); the Captioner then hands it frames, not model inputs
+    prepares_frames: bool = False
+
     @abstractmethod
     def encode(self, images: np.ndarray) -> Encoded:
         """images float32 (N, 3, H, W), preprocessed as the manifest says."""
+
+    def encode_frames(self, frames: list[np.ndarray]) -> tuple[Encoded, np.ndarray]:
+        """RGB uint8 frames (H, W, 3), any sizes -> (``encode`` of their model inputs, whether
+        each holds anything to caption: ``edgecap.preprocess.recognisable``, (N,) bool), for a
+        backend that ``prepares_frames``."""
+        raise NotImplementedError(
+            f"the {self.name} backend preprocesses on the host (prepares_frames is False)"
+        )
 
     @abstractmethod
     def start(

@@ -31,6 +31,7 @@ from onnx import numpy_helper
 
 from edgecap.backends._checks import check_threads, load_failure
 from edgecap.backends.base import Backend, DecoderSession, Encoded, StepResult
+from edgecap.backends.torch_preprocess import FramePreprocess
 from edgecap.backends.torch_search import AUTO_DEVICE_ROWS, TorchDeviceSearch, checked_search, use_device
 from edgecap.backends.torch_graphs import (
     CudaGraphs,
@@ -51,6 +52,7 @@ from edgecap.models.efficientnet_lite import EfficientNetLite
 from edgecap.models.graphs import EncoderGraph, StepGraph
 
 UNUSED_SUFFIXES = (".num_batches_tracked",)
+PREPROCESS = ("host", "device")
 
 
 def read_initializers(manifest: Manifest) -> dict[str, np.ndarray]:
@@ -149,7 +151,11 @@ class TorchBackend(Backend):
     the device search's step through ``torch.compile`` (``edgecap.decoding.device``: the
     search's small operations fused into few kernels); each new shape (batch size, beam)
     compiles first, once per process (25 s cold on a 2-core CPU): for a loop that captions at
-    one shape. Experimental: not yet timed on a GPU.
+    one shape. Experimental: not yet timed on a GPU. ``preprocess="device"``: frames are
+    resized, normalised and checked for blankness on the device (``encode_frames``,
+    ``edgecap.backends.torch_preprocess``: Pillow's pixels bit for bit, so the same captions),
+    the host only decoding and uploading them; for a GPU whose host cannot keep up with it.
+    Not yet timed on a GPU.
 
     With graphs the backend holds one set of buffers per shape, so it serves one search at a
     time (``thread_safe`` is False and ``Captioner`` serialises its batches)."""
@@ -158,6 +164,7 @@ class TorchBackend(Backend):
     on_device = False  # the beam search may run on the device (``search``)
     search_mode = "host"  # ``search``: "device", or "auto" (by batch; ``use_device``)
     compile_search = False  # ... through torch.compile
+    frame_preprocess: FramePreprocess | None = None  # preprocess="device"
     manifest: Manifest | None  # None: made from modules in memory (from_modules)
     graph_factory: GraphFactory | None
     encoder_graph: EncoderGraph | MixedEncoderGraph | None
@@ -174,7 +181,10 @@ class TorchBackend(Backend):
         search: str = "auto",
         fp32_encoder: bool = False,
         compile_search: bool = False,
+        preprocess: str = "host",
     ):
+        if preprocess not in PREPROCESS:
+            raise ValueError(f"preprocess must be one of {PREPROCESS}, got {preprocess!r}")
         device = _checked_device(device, fp16, cuda_graphs, graph_factory)
         on_device = checked_search(search, torch.device(device))
         if compile_search and search != "device":
@@ -193,6 +203,9 @@ class TorchBackend(Backend):
             )
         self._setup(encoder, decoder, device, fp16, fp32_encoder)
         self.manifest = manifest
+        if preprocess == "device":
+            self.frame_preprocess = FramePreprocess(manifest.preprocessing, self.device)
+            self.prepares_frames = True
         self.on_device = on_device
         self.search_mode = search
         self.compile_search = compile_search
@@ -313,25 +326,40 @@ class TorchBackend(Backend):
             mode += ", beam search on the device" + (" (compiled)" if self.compile_search else "")
             if self.search_mode == "auto":
                 mode += f" from {AUTO_DEVICE_ROWS} beam rows a batch"
+        if self.frame_preprocess is not None:
+            mode += ", preprocessing on the device"
         return (
             f"torch {torch.__version__} ({where}, {precision}{mode}; intra-op threads: "
             f"{torch.get_num_threads()}, process-wide)"
         )
 
-    def encode(self, images: np.ndarray) -> Encoded:
-        """images float32 (N, 3, H, W) -> Encoded with the encoder graph's outputs as torch
-        tensors on the device."""
+    def encode(self, images: np.ndarray | torch.Tensor) -> Encoded:
+        """images float32 (N, 3, H, W), on the host or (``encode_frames``) already on the
+        device -> Encoded with the encoder graph's outputs as torch tensors on the device."""
         if self.graph_factory is not None and self.encoder_graphs is not None:
             return self._encoded(self.encoder_graphs.run(images))
         return self._encode_eager(images)
 
+    def encode_frames(self, frames: list[np.ndarray]) -> tuple[Encoded, np.ndarray]:
+        """With ``preprocess="device"``: RGB uint8 frames -> (Encoded, recognisable (N,) bool),
+        resized, normalised and checked on the device (``torch_preprocess``), as ``encode`` of
+        the host's model inputs would give them."""
+        if self.frame_preprocess is None:
+            return super().encode_frames(frames)
+        images, visible = self.frame_preprocess(frames)
+        encoded = self.encode(images)
+        return encoded, visible.cpu().numpy()
+
     @torch.inference_mode()
-    def _encode_eager(self, images: np.ndarray) -> Encoded:
+    def _encode_eager(self, images: np.ndarray | torch.Tensor) -> Encoded:
         if self.encoder_graph is None:
             raise BackendError(
                 "this torch backend has no encoder (made from a decoder alone: use encode_regions)"
             )
-        x = torch.from_numpy(np.ascontiguousarray(images, np.float32)).to(self.device, self.image_dtype)
+        if isinstance(images, torch.Tensor):
+            x = images.to(self.device, self.image_dtype)
+        else:
+            x = torch.from_numpy(np.ascontiguousarray(images, np.float32)).to(self.device, self.image_dtype)
         with ieee_fp32(self.device):  # FP32 convolutions, not TF32 (PyTorch's CUDA default)
             return self._encoded(self.encoder_graph(x))
 

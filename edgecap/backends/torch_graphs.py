@@ -213,11 +213,16 @@ class EncoderGraphs:
         self.graphs = GraphCache()
 
     @torch.no_grad()
-    def run(self, images: np.ndarray) -> tuple[torch.Tensor, ...]:
+    def run(self, images: np.ndarray | torch.Tensor) -> tuple[torch.Tensor, ...]:
+        """``images`` on the host (through the pinned staging buffer) or already on the device
+        (preprocessed there: copied straight into the graph's input)."""
         key = tuple(images.shape)
         graph, staging, image, outputs = self.graphs.get(key, lambda: self._capture(key))
-        staging.copy_(torch.from_numpy(np.ascontiguousarray(images, np.float32)))
-        image.copy_(staging, non_blocking=True)
+        if isinstance(images, torch.Tensor):
+            image.copy_(images)
+        else:
+            staging.copy_(torch.from_numpy(np.ascontiguousarray(images, np.float32)))
+            image.copy_(staging, non_blocking=True)
         graph.replay()
         return tuple(o.clone() for o in outputs)
 

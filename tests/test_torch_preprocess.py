@@ -1,0 +1,187 @@
+"""The preprocessing on the torch backend's device (``TorchBackend(preprocess="device")``, run
+here on CPU tensors): Pillow's resized pixels and the host's encoder input bit for bit, the host's
+blank-frame check, and a Captioner whose captions, errors and blank frames are the host path's."""
+
+from __future__ import annotations
+
+import numpy as np
+import pytest
+from PIL import Image, ImageFilter
+
+torch = pytest.importorskip("torch")
+
+from edgecap import Captioner, CaptionOptions  # noqa: E402
+from edgecap.api import NOTHING_RECOGNISABLE  # noqa: E402
+from edgecap.backends.base import Backend  # noqa: E402
+from edgecap.backends.torch import TorchBackend  # noqa: E402
+from edgecap.backends.torch_graphs import EagerGraph  # noqa: E402
+from edgecap.backends.torch_preprocess import PILLOW, FramePreprocess, vertical_first  # noqa: E402
+from edgecap.errors import InputError  # noqa: E402
+from edgecap.images import load_rgb, load_rgb_array, preprocess  # noqa: E402
+from edgecap.manifest import load_manifest  # noqa: E402
+from edgecap.preprocess import Preprocessing, recognisable  # noqa: E402
+
+PRE = Preprocessing()
+CPU = torch.device("cpu")
+
+
+def _frame(rng, height: int, width: int, smooth: bool) -> np.ndarray:
+    """Noise, or noise blown up from a few pixels (gradients, as in photos)."""
+    if not smooth:
+        return rng.integers(0, 256, (height, width, 3), dtype=np.uint8)
+    small = rng.integers(0, 256, (max(1, height // 16), max(1, width // 16), 3), dtype=np.uint8)
+    return np.asarray(Image.fromarray(small).resize((width, height), Image.Resampling.BICUBIC))
+
+
+# (height, width): shrinking, enlarging, one axis kept, both pass orders of Pillow 13 (the height
+# shrinking by more than twice as many pixels as the width: vertical first), 100x taller than
+# wide (Pillow 12.2-12.3's vertical-first case), single rows and columns, the model's own size
+SHAPES = [
+    (375, 500),
+    (500, 375),
+    (460, 243),
+    (277, 37),
+    (224, 224),
+    (224, 700),
+    (700, 224),
+    (1, 1),
+    (1, 900),
+    (900, 1),
+    (2500, 20),
+    (223, 225),
+    (100, 60),
+    (1080, 1920),
+    (2448, 3264),
+]
+
+
+@pytest.mark.parametrize("height, width", SHAPES)
+def test_the_resize_is_pillows_pixel_for_pixel(height, width):
+    rng = np.random.default_rng(height * 7919 + width)
+    frames = np.stack([_frame(rng, height, width, smooth) for smooth in (False, True)])
+    got = FramePreprocess(PRE, CPU).resized(torch.from_numpy(frames)).numpy()
+    for frame, pixels in zip(frames, got):
+        want = np.asarray(Image.fromarray(frame).resize((224, 224), Image.Resampling.BILINEAR))
+        np.testing.assert_array_equal(pixels, want)
+
+
+def test_both_pass_orders_are_met_under_this_pillow():
+    """The shapes above hold a vertical-first case and a horizontal-first one for the Pillow
+    installed (else the order would go untested; before 12.2 Pillow has one order). Checked
+    also under Pillow 12.3.0 and 12.1.1 (scratch installs)."""
+    orders = {vertical_first(shape, (224, 224)) for shape in SHAPES if shape[0] != 224 and shape[1] != 224}
+    assert orders == ({True, False} if PILLOW >= (12, 2) else {False}), PILLOW
+
+
+def test_the_pass_order_follows_pillows_version():
+    """From Pillow's sources: 13.0 runs the vertical pass first when the height shrinks by more
+    than twice as many pixels as the width (Resample.c); 12.2 and 12.3 when the image is over
+    100 times taller than wide and its height shrinks (Image.resize); 12.1 never."""
+    out = (224, 224)
+    assert vertical_first((460, 243), out, (13, 0)) and not vertical_first((500, 375), out, (13, 0))
+    assert not vertical_first((460, 243), out, (12, 3)) and vertical_first((23000, 200), out, (12, 2))
+    assert not vertical_first((23000, 200), out, (12, 1)) and not vertical_first((2500, 20), out, (11, 3))
+    assert not vertical_first((200, 1), out, (12, 3))  # taller than 100x, but the height grows
+
+
+def test_device_frames_are_the_host_encoder_input_and_blank_check(example_images):
+    """Frames of four sizes (the example photos, CC0), a uniform one and a blurred one: the
+    encoder inputs equal ``edgecap.images.preprocess``'s exactly, in the input order, and the
+    blank-frame check agrees with ``edgecap.preprocess.recognisable``."""
+    frames = [np.asarray(load_rgb(str(p))) for p in example_images]
+    frames.append(np.full((480, 640, 3), 90, np.uint8))
+    frames.append(np.asarray(Image.fromarray(frames[0]).filter(ImageFilter.GaussianBlur(60))))
+    frames.append(np.ascontiguousarray(frames[1][::-1]))  # a second frame of one size: one batch
+    x, visible = FramePreprocess(PRE, CPU)(frames)
+    want = preprocess([Image.fromarray(f) for f in frames], PRE)
+    np.testing.assert_array_equal(x.numpy(), want)
+    assert visible.tolist() == [recognisable(w, PRE) for w in want]
+    assert visible.tolist() == [True] * 4 + [False, False, True]
+
+
+def test_a_frame_that_is_not_rgb_uint8_is_refused_by_position():
+    with pytest.raises(ValueError, match="frame 1: RGB uint8"):
+        FramePreprocess(PRE, CPU)([np.zeros((4, 4, 3), np.uint8), np.zeros((4, 4, 3), np.float32)])
+
+
+def test_only_the_bilinear_resize_is_done_on_the_device():
+    with pytest.raises(ValueError, match="'bicubic'.*preprocess='host'"):
+        FramePreprocess(Preprocessing(resample="bicubic"), CPU)
+
+
+@pytest.fixture(scope="module")
+def captioners(default_model_dir):
+    options = CaptionOptions(batch_size=4)
+    host = Captioner(default_model_dir, backend="torch", device="cpu", options=options)
+    device = Captioner(default_model_dir, backend="torch", device="cpu", options=options, preprocess="device")
+    return host, device
+
+
+def test_the_captioner_with_device_preprocessing_captions_as_the_host(captioners, example_images):
+    """A batch with a bad input and a blank frame (``on_error="return"``): the photos get the
+    host path's captions, the bad input its InputError in its slot, the blank frame "nothing
+    recognisable"; with the blank check off that frame is captioned like any other."""
+    host, device = captioners
+    assert device.backend.prepares_frames and "preprocessing on the device" in device.backend.describe()
+    blank = np.full((300, 400, 3), 200, np.uint8)
+    bad = np.zeros((5, 5, 2), np.uint8)
+    photos = [str(p) for p in example_images]
+    inputs = [photos[0], bad, blank, *photos[1:]]
+    got = device.caption_batch(inputs, on_error="return")
+    want = host.caption_batch(inputs, on_error="return")
+    assert isinstance(got[1], InputError) and "channels in the last axis, got 2" in str(got[1])
+    assert str(got[1]) == str(want[1])
+    assert [c.text for i, c in enumerate(got) if i != 1] == [c.text for i, c in enumerate(want) if i != 1]
+    assert got[2].text == NOTHING_RECOGNISABLE and not got[2].recognisable
+    assert [c.score for i, c in enumerate(got) if i not in (1, 2)] == pytest.approx(
+        [c.score for i, c in enumerate(want) if i not in (1, 2)], abs=1e-5
+    )
+    device.options = CaptionOptions(batch_size=4, blank_check=False)
+    try:
+        unchecked = device.caption(blank)
+    finally:
+        device.options = CaptionOptions(batch_size=4)
+    assert unchecked.recognisable and unchecked.text != NOTHING_RECOGNISABLE
+
+
+def test_bgr_frames_are_flipped_before_the_device(captioners, example_images):
+    host, device = captioners
+    rgb = np.asarray(load_rgb(str(example_images[1])))
+    assert device.caption(np.ascontiguousarray(rgb[:, :, ::-1]), color="bgr").text == host.caption(rgb).text
+
+
+def test_a_frame_is_copied_from_the_callers_buffer():
+    """A camera loop refills its buffer: the frame handed to the device is the caller's pixels
+    at the time of the call, in memory of its own."""
+    buffer = np.zeros((6, 8, 3), np.uint8)
+    frame = load_rgb_array(buffer)
+    assert not np.shares_memory(frame, buffer)
+    buffer[:] = 7
+    assert frame.max() == 0
+    np.testing.assert_array_equal(load_rgb_array(buffer[:, :, ::-1], color="bgr"), buffer)
+    with pytest.raises(InputError, match="array is empty"):
+        load_rgb_array(np.zeros((0, 4, 3), np.uint8))
+
+
+def test_graphs_take_the_frames_preprocessed_on_the_device(default_model_dir, example_images):
+    """With graphs (the CPU stand-in ``EagerGraph``), the encoder graph's input is filled from
+    the device tensor: its outputs are the host path's."""
+    manifest = load_manifest(default_model_dir)
+    backend = TorchBackend(manifest, device="cpu", graph_factory=EagerGraph, preprocess="device")
+    frames = [np.asarray(load_rgb(str(p))) for p in example_images]
+    encoded, visible = backend.encode_frames(frames)
+    want = backend.encode(preprocess([Image.fromarray(f) for f in frames], manifest.preprocessing))
+    for name, tensor in want.tensors.items():
+        torch.testing.assert_close(encoded.tensors[name], tensor, rtol=0, atol=0)
+    assert visible.tolist() == [True] * len(frames)
+
+
+def test_preprocess_takes_host_or_device(default_model_dir):
+    manifest = load_manifest(default_model_dir)
+    with pytest.raises(ValueError, match=r"preprocess must be one of \('host', 'device'\), got 'gpu'"):
+        TorchBackend(manifest, device="cpu", preprocess="gpu")
+    host = TorchBackend(manifest, device="cpu")
+    assert not host.prepares_frames
+    with pytest.raises(NotImplementedError, match="preprocesses on the host"):
+        host.encode_frames([np.zeros((4, 4, 3), np.uint8)])
+    assert Backend.prepares_frames is False
