@@ -580,7 +580,9 @@ def test_int8_keeps_the_attention_logit_projection_of_the_step_in_fp32(small_mod
     nodes = {n.name: n for n in step.graph.node}
     weights = {t.name: t.data_type for t in step.graph.initializer}
     assert nodes[kept].op_type == "MatMul" and weights[nodes[kept].input[1]] == onnx.TensorProto.FLOAT
-    assert quantised not in nodes or nodes[quantised].op_type != "MatMul"
+    # the word logits' projection is int8 as when int8's figures were measured (FP16 keeps it)
+    for name in (quantised, by_weight["out_vocab.w"]):
+        assert name not in nodes or nodes[name].op_type != "MatMul"
     assert onnx.TensorProto.INT8 in weights.values()
     assert "fp32 (no --calibration given)" in converted.info["converted_from"]["encoder"]
     assert (tmp_path / "int8" / "encoder.onnx").read_bytes() == (small_model / "encoder.onnx").read_bytes()
@@ -605,3 +607,18 @@ def test_sort_nodes_puts_producers_first_and_names_a_node_whose_input_is_never_m
     orphan = graph(helper.make_node("Add", ["ghost", "one"], ["y"], name="add"), relu)
     with pytest.raises(ModelError, match="graph 'g' has a cycle or a missing input at: add"):
         sort_nodes(orphan)
+
+
+def test_fp16_keeps_the_word_logit_projection_and_its_bias_in_fp32(small_model, tmp_path):
+    """The contract model's word logits are a MatMul and a bias Add straight into the
+    LogSoftmax (no mask): both stay FP32 in the FP16 conversion, weights included, while the
+    LSTM's weights become FP16; the manifest names the islands."""
+    converted = convert_model_dir(small_model, tmp_path / "fp16", "fp16")
+    step = onnx.load(str(converted.path("decoder_step")))
+    weights = {t.name: t.data_type for t in step.graph.initializer}
+    assert weights["out_vocab.w"] == weights["out_vocab.b"] == onnx.TensorProto.FLOAT
+    assert weights["lstm.w"] == onnx.TensorProto.FLOAT16
+    types = _tensor_types(step)
+    (soft,) = [n for n in step.graph.node if n.op_type == "LogSoftmax"]
+    assert types[soft.input[0]] == onnx.TensorProto.FLOAT
+    assert "word logits" in converted.info["converted_from"]["fp32_ops"]

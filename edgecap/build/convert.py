@@ -104,14 +104,15 @@ def name_nodes(graph) -> None:
             used.add(name)
 
 
-def fp32_nodes(graph) -> list[str]:
+def fp32_nodes(graph, word_logits: bool = True) -> list[str]:
     """Names of the nodes to keep in FP32: every Softmax / LogSoftmax / TopK, and for each
     Softmax the chain computing its input (the attention logits): view ops, then the first
     compute node, and when that is a bias ``Add`` fed by a MatMul / Gemm, that projection too;
     for each LogSoftmax the word logits' chain: view ops, the mask's ``Where``, and the
     projection (a Gemm, or a bias ``Add`` and the MatMul feeding it); the word bias ``Add`` and
     ``GatherElements`` reading the log-probabilities; and in the encoder, its stem and first
-    ``ENCODER_FP32_BLOCKS`` blocks."""
+    ``ENCODER_FP32_BLOCKS`` blocks. ``word_logits=False``: without the word logits' chain (the
+    int8 step's rule, measured with that projection quantised)."""
     producer = {out: node for node in graph.node for out in node.output}
     initializers = {t.name for t in graph.initializer}
     keep: list[str] = []
@@ -157,7 +158,7 @@ def fp32_nodes(graph) -> list[str]:
             if src.op_type == "Add":
                 for feeder in projections_into(src):
                     add(feeder)
-        elif node.op_type == "LogSoftmax":
+        elif node.op_type == "LogSoftmax" and word_logits:
             # the word logits: through the never-generated mask's Where to their projection
             src = views_from(node.input[0])
             while src is not None and src.op_type == "Where":
@@ -387,7 +388,8 @@ def convert_fp16(source: Manifest, out: str | Path, force: bool = False) -> Mani
         converted = to_fp16(original)
         _check_graph_io(original, converted, source.path(role))
         onnx.save(converted, str(out / source.files[role]))
-    return _write_manifest(source, out, "fp16", {"fp32_ops": list(FP32_OP_TYPES) + ["attention logits"]})
+    islands = list(FP32_OP_TYPES) + ["attention logits", "word logits"]
+    return _write_manifest(source, out, "fp16", {"fp32_ops": islands})
 
 
 def _require_fp32(source: Manifest) -> None:
@@ -500,7 +502,7 @@ def convert_int8(
                 str(out / source.files["decoder_step"]),
                 op_types_to_quantize=["MatMul", "Gemm"],
                 weight_type=QuantType.QInt8,
-                nodes_to_exclude=fp32_nodes(step_model.graph),
+                nodes_to_exclude=fp32_nodes(step_model.graph, word_logits=False),
             )
     finally:
         named_step.unlink(missing_ok=True)
