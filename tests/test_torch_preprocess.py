@@ -185,3 +185,27 @@ def test_preprocess_takes_host_or_device(default_model_dir):
     with pytest.raises(NotImplementedError, match="preprocesses on the host"):
         host.encode_frames([np.zeros((4, 4, 3), np.uint8)])
     assert Backend.prepares_frames is False
+
+
+# -- on a real GPU (``pytest -m gpu``; deselected by default, run by benchmarks/gpu_check.py) ----
+
+
+@pytest.mark.gpu
+@pytest.mark.parametrize("graphs", [False, True])
+def test_frames_preprocessed_on_the_gpu_are_the_hosts(default_model_dir, example_images, graphs):
+    """On CUDA: the encoder inputs made on the GPU equal the host's bit for bit (frames of
+    four sizes and a blank one), and a Captioner with them, eager or with CUDA graphs, gives
+    the host path's captions, twice (the second time through the captured graphs)."""
+    if not torch.cuda.is_available():
+        pytest.skip("no CUDA GPU")
+    frames = [np.asarray(load_rgb(str(p))) for p in example_images] + [np.full((480, 640, 3), 90, np.uint8)]
+    x, visible = FramePreprocess(PRE, torch.device("cuda"))(frames)
+    np.testing.assert_array_equal(x.cpu().numpy(), preprocess([Image.fromarray(f) for f in frames], PRE))
+    assert visible.cpu().tolist() == [True] * len(example_images) + [False]
+    options = {"backend": "torch", "device": "cuda", "search": "device", "cuda_graphs": graphs}
+    host = Captioner(default_model_dir, **options)
+    device = Captioner(default_model_dir, **options, preprocess="device")
+    for _ in range(2):
+        want, got = host.caption_batch(frames), device.caption_batch(frames)
+        assert [c.text for c in got] == [c.text for c in want]
+        assert [c.score for c in got] == pytest.approx([c.score for c in want], abs=1e-5)
