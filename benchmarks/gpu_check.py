@@ -18,7 +18,8 @@ onnxruntime's CUDA provider where they are missing). The report holds:
    else the package's example photos repeated) by each torch mode (FP32 / FP16 x eager / CUDA
    graphs x the beam search on the host / on the device: ``TorchBackend(search=...)``, with
    graphs and the device search the whole decode is one CUDA graph; and that last mode with
-   the frames preprocessed on the GPU, ``preprocess="device"``) against onnxruntime CPU
+   the frames preprocessed on the GPU, ``preprocess="device"``, then also with the encoder
+   channels-last, ``channels_last=True``, FP32 and FP16) against onnxruntime CPU
    FP32: the identical-caption rate, and CIDEr where references and pycocoevalcap exist; each
    FP16 mode against its FP32 twin;
 4. latency, beam 1 and 3 x batch 1 and 8: encoder, one decoder step (host search only), the
@@ -82,7 +83,9 @@ THROUGHPUT_MODES = (
     "torch-cuda-fp32-graphs-host",
     "torch-cuda-fp32-graphs-device",
     "torch-cuda-fp32-graphs-device-prep",
+    "torch-cuda-fp32-graphs-device-prep-nhwc",
     "torch-cuda-fp16-graphs-device",
+    "torch-cuda-fp16-graphs-device-prep-nhwc",
     "torch-cuda-fp16-fp32enc-graphs-device",
     "torch-cuda-fp32-graphs-device-compiled",
 )
@@ -93,7 +96,11 @@ FILE_RATE_BATCHES = (1, 8, 64)
 # the FP16 modes of the whole-decode graph: all FP16 but the islands, and an FP16 decoder behind
 # an FP32 encoder (``fp32_encoder=True``: with the word logits FP32, 358/360 captions of FP32's
 # in the CPU emulation, benchmarks/fp16_emulation.py)
-FP16_GRAPH_MODES = ("torch-cuda-fp16-graphs-device", "torch-cuda-fp16-fp32enc-graphs-device")
+FP16_GRAPH_MODES = (
+    "torch-cuda-fp16-graphs-device",
+    "torch-cuda-fp16-fp32enc-graphs-device",
+    "torch-cuda-fp16-graphs-device-prep-nhwc",
+)
 T0 = time.perf_counter()
 
 
@@ -354,12 +361,16 @@ def modes(device: str, compiled: bool = False) -> list[dict]:
                     if graphs == "graphs":
                         options["cuda_graphs"] = True
                     out.append({"label": f"torch-cuda-{precision}-{graphs}-{search}", "options": options})
-                    if (precision, graphs, search) == ("fp32", "graphs", "device"):
-                        # the frames resized, normalised and checked on the GPU too
+                    if (graphs, search) == ("graphs", "device"):
+                        # the frames resized, normalised and checked on the GPU too, and that
+                        # with the encoder's convolutions channels-last
+                        prep = {**options, "preprocess": "device"}
+                        if precision == "fp32":
+                            out.append({"label": "torch-cuda-fp32-graphs-device-prep", "options": prep})
                         out.append(
                             {
-                                "label": "torch-cuda-fp32-graphs-device-prep",
-                                "options": {**options, "preprocess": "device"},
+                                "label": f"torch-cuda-{precision}-graphs-device-prep-nhwc",
+                                "options": {**prep, "channels_last": True},
                             }
                         )
         out.append(

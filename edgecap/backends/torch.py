@@ -155,7 +155,9 @@ class TorchBackend(Backend):
     resized, normalised and checked for blankness on the device (``encode_frames``,
     ``edgecap.backends.torch_preprocess``: Pillow's pixels bit for bit, so the same captions),
     the host only decoding and uploading them; for a GPU whose host cannot keep up with it.
-    Not yet timed on a GPU.
+    Not yet timed on a GPU. ``channels_last=True``: the encoder's weights and input in
+    channels-last (NHWC) memory, for the convolution kernels of that layout (the same
+    arithmetic in another order: features within float rounding). Not yet timed on a GPU.
 
     With graphs the backend holds one set of buffers per shape, so it serves one search at a
     time (``thread_safe`` is False and ``Captioner`` serialises its batches)."""
@@ -165,9 +167,10 @@ class TorchBackend(Backend):
     search_mode = "host"  # ``search``: "device", or "auto" (by batch; ``use_device``)
     compile_search = False  # ... through torch.compile
     frame_preprocess: FramePreprocess | None = None  # preprocess="device"
+    channels_last = False  # the encoder's convolutions in NHWC (``channels_last``)
     manifest: Manifest | None  # None: made from modules in memory (from_modules)
     graph_factory: GraphFactory | None
-    encoder_graph: EncoderGraph | MixedEncoderGraph | None
+    encoder_graph: EncoderGraph | MixedEncoderGraph | ChannelsLast | None
 
     def __init__(
         self,
@@ -182,6 +185,7 @@ class TorchBackend(Backend):
         fp32_encoder: bool = False,
         compile_search: bool = False,
         preprocess: str = "host",
+        channels_last: bool = False,
     ):
         if preprocess not in PREPROCESS:
             raise ValueError(f"preprocess must be one of {PREPROCESS}, got {preprocess!r}")
@@ -206,6 +210,10 @@ class TorchBackend(Backend):
         if preprocess == "device":
             self.frame_preprocess = FramePreprocess(manifest.preprocessing, self.device)
             self.prepares_frames = True
+        if channels_last and self.encoder is not None and self.encoder_graph is not None:
+            self.encoder.to(memory_format=torch.channels_last)
+            self.encoder_graph = ChannelsLast(self.encoder_graph)
+            self.channels_last = True
         self.on_device = on_device
         self.search_mode = search
         self.compile_search = compile_search
@@ -328,6 +336,8 @@ class TorchBackend(Backend):
                 mode += f" from {AUTO_DEVICE_ROWS} beam rows a batch"
         if self.frame_preprocess is not None:
             mode += ", preprocessing on the device"
+        if self.channels_last:
+            mode += ", channels-last encoder"
         return (
             f"torch {torch.__version__} ({where}, {precision}{mode}; intra-op threads: "
             f"{torch.get_num_threads()}, process-wide)"
@@ -409,6 +419,18 @@ class MixedEncoderGraph(torch.nn.Module):
     def forward(self, image):
         *state, probs = self.graph(image.float())
         return (*(t.to(self.dtype) for t in state), probs)
+
+
+class ChannelsLast(torch.nn.Module):
+    """An encoder graph whose CNN (its weights converted by the backend) takes the image in
+    channels-last (NHWC) memory: the same values, convolution kernels for that layout."""
+
+    def __init__(self, graph: torch.nn.Module):
+        super().__init__()
+        self.graph = graph
+
+    def forward(self, image):
+        return self.graph(image.contiguous(memory_format=torch.channels_last))
 
 
 class TorchDecoderSession(DecoderSession):
