@@ -4,6 +4,8 @@ backend, statistics, and the results files (JSON + markdown, with the machine na
 Variants (``VARIANTS``): one model directory run several ways.
 
     torch-eager      PyTorch eager on the CPU (the reference; weights read from the ONNX files)
+    torch-eager-nhwc the same with the encoder channels-last (``channels_last=True``; not run
+                     by default)
     ort-fp32         onnxruntime, the exported FP32 graphs
     ort-int8         onnxruntime, `edgecap convert --precision int8` without calibration:
                      dynamic int8 decoder step, FP32 encoder
@@ -55,8 +57,16 @@ DEFAULT_MODEL = REPO / "edgecap" / "assets" / "default"
 EXAMPLES = REPO / "edgecap" / "assets" / "examples"
 FLICKR8K = REPO.parent / "shared" / "data" / "flickr8k"
 
-VARIANTS = ("torch-eager", "ort-fp32", "ort-int8", "ort-int8-static", "ort-fp16", "tensorrt-fp16")
-DEFAULT_VARIANTS = VARIANTS
+VARIANTS = (
+    "torch-eager",
+    "torch-eager-nhwc",
+    "ort-fp32",
+    "ort-int8",
+    "ort-int8-static",
+    "ort-fp16",
+    "tensorrt-fp16",
+)
+DEFAULT_VARIANTS = tuple(v for v in VARIANTS if v != "torch-eager-nhwc")
 CALIBRATION_IMAGES = 64
 
 
@@ -250,6 +260,8 @@ def resolve_variants(args) -> tuple[list[Variant], list[str]]:
             continue
         if name == "torch-eager":
             variants.append(Variant(name, "torch", source, {"device": "cpu"}))
+        elif name == "torch-eager-nhwc":
+            variants.append(Variant(name, "torch", source, {"device": "cpu", "channels_last": True}))
         elif name == "tensorrt-fp16":
             variants.append(Variant(name, "tensorrt", source))
         else:
@@ -268,7 +280,7 @@ def _unavailable(name: str) -> str | None:
     def missing(*modules):
         return [m for m in modules if importlib.util.find_spec(m) is None]
 
-    if name == "torch-eager" and missing("torch", "onnx"):
+    if name in ("torch-eager", "torch-eager-nhwc") and missing("torch", "onnx"):
         return f"needs {', '.join(missing('torch', 'onnx'))} ({install_hint('train')})"
     if name.startswith("ort-") and missing("onnxruntime"):
         return "needs onnxruntime"
