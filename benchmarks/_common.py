@@ -367,6 +367,8 @@ class TimedBackend(Backend):
     def __init__(self, inner: Backend):
         self.inner = inner
         self.name, self.top_k = inner.name, inner.top_k
+        # a backend that preprocesses frames itself (preprocess="device") is handed frames
+        self.prepares_frames = inner.prepares_frames
         self.reset()
 
     def reset(self) -> None:
@@ -376,6 +378,12 @@ class TimedBackend(Backend):
     def encode(self, images: np.ndarray) -> Encoded:
         t0 = time.perf_counter()
         encoded = self.inner.encode(images)
+        self.encode_s += time.perf_counter() - t0
+        return encoded
+
+    def encode_frames(self, frames: list[np.ndarray]) -> tuple[Encoded, np.ndarray]:
+        t0 = time.perf_counter()
+        encoded = self.inner.encode_frames(frames)
         self.encode_s += time.perf_counter() - t0
         return encoded
 

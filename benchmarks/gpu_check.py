@@ -494,6 +494,14 @@ class SyncTimedBackend(C.TimedBackend):
         self.encode_s += time.perf_counter() - t0
         return encoded
 
+    def encode_frames(self, frames):
+        _sync()
+        t0 = time.perf_counter()
+        encoded = self.inner.encode_frames(frames)
+        _sync()
+        self.encode_s += time.perf_counter() - t0
+        return encoded
+
 
 def captioner(model: Path, backend: str, options: dict, beam: int, batch: int, max_length: int):
     from edgecap import Captioner

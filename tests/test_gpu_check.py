@@ -314,3 +314,29 @@ def test_the_compiled_search_runs_only_with_compiled():
     assert last["label"] == "torch-cuda-fp32-graphs-device-compiled"
     assert last["options"]["compile_search"] and (last["beams"], last["batches"]) == ((3,), (1,))
     assert gpu_check.parse_args(["--compiled"]).compiled and not gpu_check.parse_args([]).compiled
+
+
+def test_the_latency_of_a_device_preprocessing_mode_hands_the_frames_to_the_device(default_model_dir):
+    """gpu_check times a mode's latency through a ``SyncTimedBackend`` around its backend: a
+    backend with ``preprocess="device"`` still gets the frames (``encode_frames``, once per
+    call), so the ``-prep`` modes time the preprocessing on the device, not the host's, and the
+    encoder time includes it."""
+    import argparse
+
+    import numpy as np
+
+    sys.path.insert(0, str(SCRIPT.parent))
+    import gpu_check
+
+    from edgecap import Captioner
+
+    cap = Captioner(default_model_dir, backend="torch", device="cpu", preprocess="device")
+    calls = []
+    inner = cap.backend.encode_frames
+    cap.backend.encode_frames = lambda frames: calls.append(len(frames)) or inner(frames)
+    timed = gpu_check.SyncTimedBackend(cap.backend)
+    frames = list(np.random.default_rng(0).integers(0, 256, (2, 48, 64, 3), dtype=np.uint8))
+    args = argparse.Namespace(beams=[1], batches=[2], warmup=0, repeats=1, max_length=4)
+    (row,) = gpu_check.latency(cap, timed, frames, args)
+    assert calls == [2]
+    assert row["encoder_p50_ms"] > 0
