@@ -99,6 +99,24 @@ def test_device_frames_are_the_host_encoder_input_and_blank_check(example_images
     assert visible.tolist() == [True] * 4 + [False, False, True]
 
 
+def test_the_taps_kept_on_the_device_are_bounded_and_remade_when_dropped():
+    """A service meets photos of ever new sizes: the resize's taps kept on the device (a few KB
+    to 0.1 MB each) are the ``TAPS_KEPT`` most recently used, not one set per size ever seen; a
+    size whose taps were dropped is resized as Pillow does when it comes back."""
+    from edgecap.backends.torch_preprocess import TAPS_KEPT
+
+    prep = FramePreprocess(PRE, CPU)
+    rng = np.random.default_rng(5)
+    first = torch.from_numpy(rng.integers(0, 256, (1, 300, 301, 3), dtype=np.uint8))
+    want = np.asarray(Image.fromarray(first[0].numpy()).resize((224, 224), Image.Resampling.BILINEAR))
+    np.testing.assert_array_equal(prep.resized(first).numpy()[0], want)
+    for height in range(2, 2 + TAPS_KEPT + 10):  # one new height each
+        prep.resized(torch.zeros((1, height, 224, 3), dtype=torch.uint8))
+    assert len(prep._taps) == TAPS_KEPT
+    assert (300, 224) not in prep._taps
+    np.testing.assert_array_equal(prep.resized(first).numpy()[0], want)
+
+
 def test_a_frame_that_is_not_rgb_uint8_is_refused_by_position():
     with pytest.raises(ValueError, match="frame 1: RGB uint8"):
         FramePreprocess(PRE, CPU)([np.zeros((4, 4, 3), np.uint8), np.zeros((4, 4, 3), np.float32)])

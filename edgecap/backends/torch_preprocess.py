@@ -29,6 +29,8 @@ from __future__ import annotations
 import functools
 import math
 import re
+import threading
+from collections import OrderedDict
 from collections.abc import Sequence
 
 import numpy as np
@@ -38,6 +40,9 @@ from edgecap.preprocess import BLOCK, MIN_DETAIL, MIN_PIXEL_STD, Preprocessing
 
 PRECISION_BITS = 22  # Pillow's fixed point for 8-bit images (32 - 8 - 2 bits)
 SUPPORTED_RESAMPLE = ("bilinear",)
+# the device's taps kept per (input size, output size), least recently used dropped beyond this
+# (a service meets photos of ever new sizes; a camera, one)
+TAPS_KEPT = 64
 
 
 @functools.lru_cache(maxsize=64)
@@ -118,7 +123,8 @@ class FramePreprocess:
         self.scale = torch.from_numpy(scale).to(device).view(1, 3, 1, 1)
         self.offset = torch.from_numpy(offset).to(device).view(1, 3, 1, 1)
         self.std = torch.from_numpy(np.asarray(pre.std, np.float32)).to(device).view(1, 3, 1, 1)
-        self._taps: dict[tuple[int, int], tuple[torch.Tensor, torch.Tensor]] = {}
+        self._taps: OrderedDict[tuple[int, int], tuple[torch.Tensor, torch.Tensor]] = OrderedDict()
+        self._taps_lock = threading.Lock()  # thread_safe backends: calls in several threads
 
     @torch.inference_mode()
     def __call__(self, frames: Sequence[np.ndarray]) -> tuple[torch.Tensor, torch.Tensor]:
@@ -163,13 +169,21 @@ class FramePreprocess:
 
     def _device_taps(self, size: int, out_size: int) -> tuple[torch.Tensor, torch.Tensor]:
         key = (size, out_size)
-        if key not in self._taps:
-            index, weight = bilinear_taps(size, out_size)
-            self._taps[key] = (
-                torch.from_numpy(index.copy()).to(self.device),
-                torch.from_numpy(weight.copy()).to(self.device),
-            )
-        return self._taps[key]
+        with self._taps_lock:
+            taps = self._taps.get(key)
+            if taps is not None:
+                self._taps.move_to_end(key)
+                return taps
+        index, weight = bilinear_taps(size, out_size)
+        taps = (
+            torch.from_numpy(index.copy()).to(self.device),
+            torch.from_numpy(weight.copy()).to(self.device),
+        )
+        with self._taps_lock:
+            self._taps[key] = taps
+            while len(self._taps) > TAPS_KEPT:
+                self._taps.popitem(last=False)
+        return taps
 
     def recognisable(self, x: torch.Tensor) -> torch.Tensor:
         """``edgecap.preprocess.recognisable`` of each encoder input in ``x`` (N, 3, H, W)."""
