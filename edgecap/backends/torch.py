@@ -208,7 +208,8 @@ class TorchBackend(Backend):
         self._setup(encoder, decoder, device, fp16, fp32_encoder)
         self.manifest = manifest
         if preprocess == "device":
-            self.frame_preprocess = FramePreprocess(manifest.preprocessing, self.device)
+            # the GPU the graphs use (cuda:N), whichever thread calls later
+            self.frame_preprocess = FramePreprocess(manifest.preprocessing, _indexed(self.device))
             self.prepares_frames = True
         if channels_last and self.encoder is not None and self.encoder_graph is not None:
             self.encoder.to(memory_format=torch.channels_last)

@@ -141,13 +141,18 @@ class FramePreprocess:
             x = self.resized(pixels).permute(0, 3, 1, 2).to(torch.float32)
             # the host's two roundings: the product, then the sum (edgecap.preprocess)
             x = x.mul_(self.scale).add_(self.offset)
-            out.index_copy_(0, torch.tensor(members, device=self.device), x)
+            if len(by_shape) == 1:  # frames of one size (a camera's): in order already
+                out = x.contiguous()
+            else:
+                out.index_copy_(0, torch.from_numpy(np.asarray(members)).to(self.device), x)
         return out, self.recognisable(out)
 
     def resized(self, pixels: torch.Tensor) -> torch.Tensor:
-        """uint8 (n, H, W, 3) -> the model's size (n, h, w, 3), Pillow's pixels (int32)."""
+        """uint8 (n, H, W, 3) -> the model's size (n, h, w, 3), Pillow's pixels (uint8). Each
+        pass reads 8-bit pixels and adds in int32 only the ones its taps select, so the device
+        holds the frames as uploaded and int32 sums of the pass's output size, no more."""
         h, w = self.pre.size
-        x = pixels.to(torch.int32)
+        x = pixels
         passes = [(2, w), (1, h)]
         if vertical_first((x.shape[1], x.shape[2]), (h, w)):
             passes.reverse()
@@ -162,10 +167,11 @@ class FramePreprocess:
         shape[dim] = out_size
         total = None
         for k in range(index.shape[1]):
-            term = x.index_select(dim, index[:, k]) * weight[:, k].view(shape)
+            term = x.index_select(dim, index[:, k]).to(torch.int32).mul_(weight[:, k].view(shape))
             total = term if total is None else total.add_(term)
         assert total is not None  # at least 3 taps
-        return total.add_(1 << (PRECISION_BITS - 1)).bitwise_right_shift_(PRECISION_BITS).clamp_(0, 255)
+        total = total.add_(1 << (PRECISION_BITS - 1)).bitwise_right_shift_(PRECISION_BITS).clamp_(0, 255)
+        return total.to(torch.uint8)  # Pillow's 8 bits between the passes
 
     def _device_taps(self, size: int, out_size: int) -> tuple[torch.Tensor, torch.Tensor]:
         key = (size, out_size)
