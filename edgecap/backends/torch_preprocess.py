@@ -11,7 +11,8 @@ stretched by the scale when shrinking, normalised to sum 1), rounded to multiple
 sum rounded back to 8 bits and clipped before the next pass. ``bilinear_taps`` computes those
 weights as Pillow does (its ``Resample.c``: the same formulas, the same order of float64
 operations, so the same doubles), and the passes here add them up in int32, exactly as Pillow's
-integers do (checked against Pillow 13.0, 12.3 and 12.1). Only Pillow's bilinear filter is
+integers do (checked against Pillow 13.0, 12.3 and 12.1; not Pillow-SIMD, a fork that installs
+as ``PIL`` with arithmetic of its own). Only Pillow's bilinear filter is
 implemented (every shipped manifest's ``resample``). A Pillow built to contract a multiply-add
 into one instruction (a compiler's choice, common on ARM) may round a weight 2^-22 apart from
 this module's, a pixel then 1 level apart; not checked on a Jetson.
