@@ -4,6 +4,8 @@ blank-frame check, and a Captioner whose captions, errors and blank frames are t
 
 from __future__ import annotations
 
+import io
+
 import numpy as np
 import pytest
 from PIL import Image, ImageFilter
@@ -227,3 +229,79 @@ def test_frames_preprocessed_on_the_gpu_are_the_hosts(default_model_dir, example
         want, got = host.caption_batch(frames), device.caption_batch(frames)
         assert [c.text for c in got] == [c.text for c in want]
         assert [c.score for c in got] == pytest.approx([c.score for c in want], abs=1e-5)
+
+
+def _grey_blocks(levels: np.ndarray) -> np.ndarray:
+    """(56, 56) grey levels -> a 224x224 RGB frame of uniform 4x4 blocks (the blank check's
+    blocks, so its grey image is ``levels`` less the mean, and nothing is resized)."""
+    return np.repeat(np.repeat(levels.astype(np.uint8), 4, 0), 4, 1)[:, :, None].repeat(3, 2)
+
+
+def _spikes(d: int, k: int, seed: int) -> np.ndarray:
+    """k of the 56 * 56 = 3136 blocks at level 100 + d, the others at 100: a standard
+    deviation of d * sqrt(p (1 - p)), p = k / 3136, wherever they are."""
+    levels = np.full(56 * 56, 100)
+    levels[np.random.default_rng(seed).permutation(56 * 56)[:k]] += d
+    return _grey_blocks(levels.reshape(56, 56))
+
+
+def test_the_blank_check_keeps_the_hosts_thresholds_on_frames_near_them():
+    """Hand-traced frames at the thresholds (``edgecap.preprocess``: the standard deviation of
+    the grey 4x4-block image >= 6.4 levels, over all blocks, not the sample's n - 1, and its mean
+    |Laplacian| >= 1.5): a lens cap's faint texture (blocks 30 and 32 in a checkerboard:
+    deviation 1, |Laplacian| 8: detail but no contrast) is blank; 536 blocks 17 levels up give a
+    deviation of 17 * sqrt(536 * 2600) / 3136 = 6.39944 (blank; with n - 1: 6.40046),
+    933 blocks 14 levels up 6.40030 (recognisable). The device path judges them as the host."""
+    lens_cap = _grey_blocks(30 + 2 * ((np.arange(56)[:, None] + np.arange(56)[None, :]) % 2))
+    frames = [lens_cap, _spikes(17, 536, 1), _spikes(14, 933, 2)]
+    x, visible = FramePreprocess(PRE, CPU)(frames)
+    assert [recognisable(v, PRE) for v in x.numpy()] == [False, False, True]
+    assert visible.tolist() == [False, False, True]
+
+
+def test_the_pass_order_rules_are_strict_at_their_boundaries():
+    """Both rules compare strictly (Pillow 13.0's Resample.c: ``(imIn->ysize - ysize) >
+    (imIn->xsize - xsize) * 2``; 12.3's Image.resize: ``self.size[1] > self.size[0] * 100``):
+    460x342 (the height shrinking by 236 = 2 x 118 pixels) is horizontal first under 13.0, one
+    row more vertical first; 22400x224 (exactly 100 times taller) horizontal first under 12.3,
+    one row more vertical first. The 460x342 frame's pixels are the installed Pillow's."""
+    out = (224, 224)
+    assert not vertical_first((460, 342), out, (13, 0)) and vertical_first((461, 342), out, (13, 0))
+    assert not vertical_first((22400, 224), out, (12, 3)) and vertical_first((22401, 224), out, (12, 3))
+    frame = np.random.default_rng(460).integers(0, 256, (460, 342, 3), dtype=np.uint8)
+    got = FramePreprocess(PRE, CPU).resized(torch.from_numpy(frame[None]))[0].numpy()
+    np.testing.assert_array_equal(
+        got, np.asarray(Image.fromarray(frame).resize((224, 224), Image.Resampling.BILINEAR))
+    )
+
+
+def test_the_device_blank_check_marks_the_blank_frame_in_its_own_slot(captioners, example_images):
+    """A blank frame first in its batch: its slot, and only its, is "nothing recognisable" (the
+    device's verdicts go back to the frames in their order), as on the host path."""
+    host, device = captioners
+    inputs = [np.full((300, 400, 3), 200, np.uint8), *[str(p) for p in example_images[:2]]]
+    got, want = device.caption_batch(inputs), host.caption_batch(inputs)
+    assert [c.recognisable for c in got] == [c.recognisable for c in want] == [False, True, True]
+    assert [c.text for c in got] == [c.text for c in want]
+
+
+def test_a_bgr_array_is_flipped_to_rgb_for_the_device():
+    """``load_rgb_array(color="bgr")`` (a frame from OpenCV) gives the pixels in RGB order."""
+    rgb = np.random.default_rng(3).integers(0, 256, (4, 5, 3), dtype=np.uint8)
+    np.testing.assert_array_equal(load_rgb_array(np.ascontiguousarray(rgb[:, :, ::-1]), color="bgr"), rgb)
+
+
+def test_a_big_jpeg_is_decoded_at_the_reduced_scale_on_the_device_path_too(captioners):
+    """A 1000x800 JPEG with the model's 224x224 as the draft size decodes at 1/2 (500x400: 1/4
+    would be 250x200, under 224), as ``load_rgb`` does it for the host path, and the Captioner
+    with device preprocessing decodes it so: the host path's caption and score."""
+    small = np.random.default_rng(5).integers(0, 256, (50, 62, 3), dtype=np.uint8)
+    buffer = io.BytesIO()
+    Image.fromarray(small).resize((1000, 800), Image.Resampling.BICUBIC).save(buffer, "JPEG", quality=90)
+    data = buffer.getvalue()
+    frame = load_rgb_array(data, draft_size=(224, 224))
+    assert frame.shape == (400, 500, 3)
+    np.testing.assert_array_equal(frame, np.asarray(load_rgb(data, draft_size=(224, 224))))
+    host, device = captioners
+    got, want = device.caption(data), host.caption(data)
+    assert got.text == want.text and got.score == pytest.approx(want.score, abs=1e-6)
