@@ -622,3 +622,43 @@ def test_fp16_keeps_the_word_logit_projection_and_its_bias_in_fp32(small_model, 
     (soft,) = [n for n in step.graph.node if n.op_type == "LogSoftmax"]
     assert types[soft.input[0]] == onnx.TensorProto.FLOAT
     assert "word logits" in converted.info["converted_from"]["fp32_ops"]
+
+
+def test_the_word_logit_island_follows_any_mask_to_the_projection():
+    """A hand-built step whose word logits reach the LogSoftmax through a Cast and two masks
+    written either way round (``torch.where(allowed, logits, -inf)``: the logits are X, the
+    constant an initializer; then ``Where(banned, -inf, ...)``: the constant is X): every node
+    from the projection (MatMul, bias Add) to the LogSoftmax stays FP32, and so does the
+    GatherElements reading the log-probabilities (the beam's scores). ``word_logits=False``
+    (int8's rule): the LogSoftmax and the gather only."""
+    from onnx import TensorProto, helper, numpy_helper
+
+    f32 = TensorProto.FLOAT
+    nodes = [
+        helper.make_node("MatMul", ["h", "w"], ["p"], name="proj"),
+        helper.make_node("Add", ["p", "b"], ["logits"], name="bias"),
+        helper.make_node("Cast", ["logits"], ["logits32"], name="cast", to=f32),
+        helper.make_node("Where", ["allowed", "logits32", "neg"], ["m1"], name="allowed_mask"),
+        helper.make_node("Where", ["banned", "neg", "m1"], ["m2"], name="banned_mask"),
+        helper.make_node("LogSoftmax", ["m2"], ["logp"], name="logsoftmax", axis=1),
+        helper.make_node("GatherElements", ["logp", "idx"], ["scores"], name="gather", axis=1),
+    ]
+    graph = helper.make_graph(
+        nodes,
+        "step",
+        [
+            helper.make_tensor_value_info("h", f32, [1, 4]),
+            helper.make_tensor_value_info("allowed", TensorProto.BOOL, [1, 5]),
+            helper.make_tensor_value_info("banned", TensorProto.BOOL, [1, 5]),
+            helper.make_tensor_value_info("idx", TensorProto.INT64, [1, 2]),
+        ],
+        [helper.make_tensor_value_info("scores", f32, [1, 2])],
+        [
+            numpy_helper.from_array(np.ones((4, 5), np.float32), "w"),
+            numpy_helper.from_array(np.zeros(5, np.float32), "b"),
+            numpy_helper.from_array(np.array(-1e4, np.float32), "neg"),
+        ],
+    )
+    everything = ["proj", "bias", "cast", "allowed_mask", "banned_mask", "logsoftmax", "gather"]
+    assert sorted(fp32_nodes(graph)) == sorted(everything)
+    assert sorted(fp32_nodes(graph, word_logits=False)) == ["gather", "logsoftmax"]
