@@ -623,3 +623,52 @@ def test_frame_prep_counts_the_device_operations_and_times_both_paths(tmp_path):
     assert all(r["host_ms_per_frame"] > 0 and r["device_ms_per_frame"] > 0 for r in rows)
     with pytest.raises(SystemExit, match="WIDTHxHEIGHT"):
         frame_prep.main(["--sizes", "64by48"])
+
+
+def test_fp16_emulation_interval_is_the_middle_95_percent_of_the_resampled_shares():
+    """Half of 100 photos identical: the bootstrap share is Binomial(100, 1/2) / 100, whose
+    2.5% and 97.5% quantiles are 0.40 and 0.60 (P(X <= 39) = 0.018, P(X <= 40) = 0.028; a 90%
+    interval would be 0.42-0.58); every photo identical (or none): no spread."""
+    import fp16_emulation
+    import numpy as np
+
+    low, high = fp16_emulation.interval(np.array([1.0, 0.0] * 50))
+    assert low == pytest.approx(0.40, abs=0.012) and high == pytest.approx(0.60, abs=0.012)
+    assert fp16_emulation.interval(np.ones(7)) == (1.0, 1.0)
+    assert fp16_emulation.interval(np.zeros(7)) == (0.0, 0.0)
+
+
+def test_frame_prep_refuses_to_time_a_device_path_that_differs_and_reports_per_frame(tmp_path, monkeypatch):
+    """The device path is checked against the host's before any timing: an encoder input off
+    by 2^-10, or a blank-check verdict turned over, stops the run naming the size. The times
+    are per frame: with a clock that moves 1 ms a reading, each timed call takes 1 ms, so a
+    batch of 3 costs 1/3 ms a frame on either path."""
+    import frame_prep
+    import types
+
+    from edgecap.backends.torch_preprocess import FramePreprocess
+
+    argv = ["--sizes", "64x48", "--batches", "3", "--repeats", "1", "--out", str(tmp_path)]
+    real = FramePreprocess.__call__
+    for name, wrong in {
+        "pixels": lambda self, frames: (real(self, frames)[0] + 2**-10, real(self, frames)[1]),
+        "verdicts": lambda self, frames: (real(self, frames)[0], ~real(self, frames)[1]),
+    }.items():
+        with monkeypatch.context() as patch:
+            patch.setattr(FramePreprocess, "__call__", wrong)
+            with pytest.raises(SystemExit, match="differs from the host's at 64x48"):
+                frame_prep.main(argv)
+            assert not (tmp_path / "frame_prep.json").exists(), name
+
+    clock = types.SimpleNamespace(now=0.0)
+
+    def perf_counter():
+        clock.now += 1e-3
+        return clock.now
+
+    monkeypatch.setattr(frame_prep, "time", types.SimpleNamespace(perf_counter=perf_counter))
+    frame_prep.main(argv)
+    (row,) = json.loads((tmp_path / "frame_prep.json").read_text())["rows"]
+    assert row["host_ms_per_frame"] == pytest.approx(1 / 3) and row["device_ms_per_frame"] == pytest.approx(
+        1 / 3
+    )
