@@ -672,3 +672,33 @@ def test_frame_prep_refuses_to_time_a_device_path_that_differs_and_reports_per_f
     assert row["host_ms_per_frame"] == pytest.approx(1 / 3) and row["device_ms_per_frame"] == pytest.approx(
         1 / 3
     )
+
+
+def test_step_ops_counts_the_device_search_steps(tmp_path, monkeypatch):
+    """Rows for both fusion settings x batch 1 and 8 x the three groups of steps; the count is
+    what ``_step`` dispatches: a stand-in that adds ``torch.empty(1).add_(1)`` to every step (an
+    allocation, counted apart, and one kernel) raises the kernel count by exactly one and the
+    others by one."""
+    import step_ops
+
+    from edgecap.decoding import device
+
+    step_ops.main(["--out", str(tmp_path / "a")])
+    before = json.loads((tmp_path / "a" / "step_ops.json").read_text())["rows"]
+    assert [(r["fusion"], r["batch"], r["steps"]) for r in before] == [
+        (f, b, s) for f in ("default", "off") for b in (1, 8) for s in ("0", "1-2", ">= 3")
+    ]
+    assert all(r["kernel_ops"] > 50 and r["searches"] >= 1 for r in before)
+    original = device._step
+
+    def one_more(loop, t, number, carry):
+        import torch
+
+        torch.empty(1).add_(1)
+        return original(loop, t, number, carry)
+
+    monkeypatch.setattr(device, "_step", one_more)
+    step_ops.main(["--out", str(tmp_path / "b")])
+    after = json.loads((tmp_path / "b" / "step_ops.json").read_text())["rows"]
+    assert [r["kernel_ops"] - b["kernel_ops"] for r, b in zip(after, before)] == [1.0] * len(before)
+    assert [r["others"] - b["others"] for r, b in zip(after, before)] == [1.0] * len(before)

@@ -64,6 +64,8 @@ from edgecap.decoding import fusion_weight
 from edgecap.decoding.beam import Hypothesis, length_normalised, ranked
 from edgecap.decoding.options import CaptionOptions
 from edgecap.errors import BackendError
+from edgecap.models.decoder import CaptionDecoder
+from edgecap.models.graphs import StepGraph
 from edgecap.vocab import NEVER_FIRST_IDS
 
 NEG_INF = float("-inf")
@@ -98,12 +100,27 @@ class TorchStep:
         self.tensors = tensors
         self.features, self.att_proj = tensors["features"], tensors["att_proj"]
         self.image_index = image_index
+        # with a ``StepGraph``: its decoder, and the image tensors per row (``prepare``)
+        self.decoder: CaptionDecoder | None = None
+        self.rows: tuple[torch.Tensor, torch.Tensor] = (self.features, self.att_proj)
+
+    def prepare(self) -> None:
+        """Once per search, before its first step: the image tensors gathered per row, so that
+        a step does not gather them again (``CaptionDecoder.step_rows``)."""
+        if isinstance(self.step_graph, StepGraph):
+            self.decoder = self.step_graph.decoder
+            index = self.image_index
+            self.rows = (self.features.index_select(0, index), self.att_proj.index_select(0, index))
 
     def first_state(self):
         return self.tensors["h0"], self.tensors["c0"]
 
     def __call__(self, state, tokens, source_rows, word_bias):
         h, c = state
+        if self.decoder is not None:  # ``StepGraph``'s step, the ids left int64 (the search's)
+            h, c = h.index_select(0, source_rows), c.index_select(0, source_rows)
+            values, ids, h, c, _ = self.decoder.step_rows(tokens, h, c, *self.rows, word_bias)
+            return values, ids, (h, c)
         values, ids, h, c, _ = self.step_graph(
             tokens, h, c, source_rows, self.features, self.att_proj, self.image_index, word_bias
         )
@@ -123,7 +140,9 @@ class SessionStep:
 
     def __call__(self, state, tokens, source_rows, word_bias):
         bias = None if word_bias is None else word_bias.cpu().numpy()
-        result = self.session.step(tokens.cpu().numpy(), source_rows.cpu().numpy(), bias)
+        result = self.session.step(
+            tokens.cpu().numpy().astype(np.int32), source_rows.cpu().numpy().astype(np.int32), bias
+        )
         device = tokens.device
         return (
             torch.from_numpy(np.asarray(result.topk_logprobs, np.float32)).to(device),
@@ -190,6 +209,55 @@ def _sigmoid(x: torch.Tensor) -> torch.Tensor:
     return 0.5 * (torch.tanh(0.5 * x) + 1.0)
 
 
+class TorchLMPair:
+    """Both fused models' steps at once (everyday, in-domain), ``TorchLM.step_logits``' math
+    bit for bit: the element-wise work runs on (2, R, .) stacks; the matrix products stay one
+    per model (written into the stacks), so they round as before; the input and recurrent
+    weights of the sigmoid gates (i, f, o) are pre-multiplied by 0.5 (exact in binary floating
+    point), so that one tanh over all four gates gives tanh(0.5 x) for them and tanh(x) for g."""
+
+    def __init__(self, lms: tuple[TorchLM, TorchLM]):
+        self.models = tuple(lms)
+        H = self.hidden = lms[0].hidden
+        assert all(lm.hidden == H and lm.out_b.shape == lms[0].out_b.shape for lm in lms)
+        scale = torch.full((4 * H,), 0.5, device=lms[0].input.device)
+        scale[2 * H : 3 * H] = 1.0
+        self.input = torch.stack([lm.input * scale for lm in lms])  # (2, V, 4H)
+        self.w_hh_t = [lm.w_hh_t * scale for lm in lms]
+        self.out_w_t = [lm.out_w_t for lm in lms]
+        self.out_b = torch.stack([lm.out_b for lm in lms])[:, None, :]  # (2, 1, V)
+
+    def __iter__(self):
+        return iter(self.models)
+
+    def __getitem__(self, i):
+        return self.models[i]
+
+    def step(self, tokens: torch.Tensor, h: torch.Tensor, c: torch.Tensor):
+        """tokens (R,), h, c (2, R, H) -> (logits (2, R, V), log-normalisers (2, R, 1), h, c)."""
+        H = self.hidden
+        gates = self.input.index_select(1, tokens)
+        hh = torch.empty_like(gates)
+        for k, w in enumerate(self.w_hh_t):
+            torch.mm(h[k], w, out=hh[k])
+        t = torch.tanh(gates + hh)  # tanh(0.5 x) for i, f, o; tanh(x) for g
+        s = 0.5 * (t + 1.0)
+        c = s[:, :, H : 2 * H] * c + s[:, :, :H] * t[:, :, 2 * H : 3 * H]
+        h = s[:, :, 3 * H :] * torch.tanh(c)
+        R, V = h.shape[1], self.out_b.shape[2]
+        # each model's (R, V) block starts 512-byte aligned, as a fresh allocation would (a
+        # matrix product's kernel, and so its rounding, may depend on the output's alignment)
+        block = -(-R * V // 128) * 128
+        flat = torch.empty(2 * block, dtype=h.dtype, device=h.device)
+        logits = flat.as_strided((2, R, V), (block, V, 1))
+        for k, w in enumerate(self.out_w_t):
+            torch.mm(h[k], w, out=logits[k])
+        logits = logits + self.out_b
+        top = logits.max(dim=2, keepdim=True).values
+        norm = top + torch.log(torch.exp(logits - top).sum(dim=2, keepdim=True))
+        return logits, norm, h, c
+
+
 @dataclass(frozen=True)
 class Plan:
     """What shapes one search (a whole-decode graph is captured per plan)."""
@@ -234,13 +302,16 @@ class DeviceBeamSearch:
         mask[list(never_first)] = True
         self.never_first = torch.from_numpy(mask).to(self.device)
         self.vocab_size = vocab_size
-        self._lms: dict[int, tuple[object, tuple[TorchLM, TorchLM]]] = {}
+        self._lms: dict[int, tuple[object, TorchLMPair]] = {}
 
-    def lms(self, fusion) -> tuple[TorchLM, TorchLM]:
+    def lms(self, fusion) -> TorchLMPair:
         """The fusion's two language models on the device (made once per ``Fusion``)."""
         kept = self._lms.get(id(fusion))
         if kept is None or kept[0] is not fusion:
-            kept = (fusion, (TorchLM(fusion.everyday, self.device), TorchLM(fusion.in_domain, self.device)))
+            kept = (
+                fusion,
+                TorchLMPair((TorchLM(fusion.everyday, self.device), TorchLM(fusion.in_domain, self.device))),
+            )
             self._lms[id(fusion)] = kept
         return kept[1]
 
@@ -386,7 +457,7 @@ class _Pool:
         self.length.scatter_(1, index, length.expand_as(index))
         self.rank_lp.scatter_(1, index, rank_lp)
         self.log_prob.scatter_(1, index, log_prob)
-        self.finished.scatter_(1, index, torch.full_like(add, finished))
+        self.finished.scatter_(1, index, finished)
         self.count += add.sum(1)
 
     def keep_live(
@@ -420,10 +491,20 @@ class _Loop:
         R, C = N * B, B * plan.width
         device = x.image_index.device
         self.step, self.plan, self.never_first, self.lms = step, plan, never_first, lms
+        prepare = getattr(step, "prepare", None)
+        if prepare is not None:
+            prepare()
         self.fusion_weights = x.fusion_weights
         self.image_rows = x.image_index.long()
         self.rows_of_candidates = torch.arange(R, device=device)[:, None].expand(R, plan.width).reshape(N, C)
         self.image_first = torch.arange(N, device=device)[:, None] * B  # (N, 1)
+        self.row_before = self.image_first - 1  # (N, 1): the new row of a 1-based slot
+        self.rows_f64 = self.rows_of_candidates.view(R, plan.width).to(torch.float64)
+        # the new rows' defaults (and a scratch row): rank sum, model sum, word, source row
+        self.new_rows = torch.zeros((R + 1, 4), dtype=torch.float64, device=device)
+        self.new_rows[:, 0].fill_(NEG_INF)
+        self.new_rows[:, 2].fill_(plan.end_id)
+        self.new_rows[:R, 3].copy_(self.image_first.expand(N, B).reshape(R))
         self.pool = _Pool(N, B, T, device)
         # the best place a beam could have ended, while no hypothesis of the image has finished
         # (without plan.endings; with them it is one of the endings, and stays empty)
@@ -437,10 +518,13 @@ class _Loop:
         self.end_rank_lp = torch.full((T, R), NEG_INF, dtype=torch.float64, device=device)
         self.end_lp = torch.zeros((T, R), dtype=torch.float64, device=device)
         self.end_words = torch.zeros((T, R, T), dtype=torch.int64, device=device)
+        # per step: its log-probabilities were finite, or every image was done before it
+        self.step_ok = torch.ones(T, dtype=torch.bool, device=device)
         self.tag_rows = self.tag_bias = None
         if plan.tag_bonus is not None:
             assert x.tag_words is not None  # the plan has a tag bonus only with tag words
             self.tag_rows = x.tag_words.index_select(0, self.image_rows)  # (R, V) bool
+            self.tag_rows_unsaid = ~self.tag_rows
             self.tag_bias = self.tag_rows.to(torch.float32) * np.float32(plan.tag_bonus)
 
     def first(self, x: Inputs) -> tuple:
@@ -454,9 +538,9 @@ class _Loop:
         lm_states = None
         if plan.fusion:
             hidden = self.lms[0].hidden
-            lm_states = tuple(
-                (torch.zeros((R, hidden), device=device), torch.zeros((R, hidden), device=device))
-                for _ in self.lms
+            lm_states = (
+                torch.zeros((2, R, hidden), device=device),
+                torch.zeros((2, R, hidden), device=device),
             )
         return (
             torch.full((R,), plan.start_id, dtype=torch.int32, device=device),
@@ -540,7 +624,9 @@ def _steps(loop: _Loop, carry: tuple, begin: int, end: int, one_step: Callable[.
 def _finish(loop: _Loop, carry: tuple) -> torch.Tensor:
     """The search's result, packed (``unpack``), after its last step."""
     plan = loop.plan
-    _, _, _, sum_lp, true_lp, history, done, first_bad, _, _ = carry
+    _, _, _, sum_lp, true_lp, history, done, _, _, _ = carry
+    bad = ~loop.step_ok
+    first_bad = torch.where(bad.any(), bad.to(torch.int64).argmax(), -1)
     pool = loop.pool
     B = plan.beam
     numbers = _step_numbers(loop.image_rows.device, plan.max_length)
@@ -582,45 +668,46 @@ def _step(loop: _Loop, t: int | None, number: torch.Tensor, carry: tuple) -> tup
     N, B, T, W = plan.n_images, plan.beam, plan.max_length, plan.width
     R, C, end = N * B, B * W, plan.end_id
     tokens, source, state, sum_lp, true_lp, history, done, first_bad, steered, lm_states = carry
-    running = ~done.all()  # any image left: the numpy loop ran this step
+    all_done = done.all()  # no image left: the numpy loop had stopped before this step
     parts = []
     if steered is not None:
         parts.append(loop.tag_bias * steered[:, None])
     if lm_states is not None:
-        logits, norms, states = [], [], []
-        for (h, c), lm in zip(lm_states, loop.lms):
-            if t != 0:  # the first step's source rows are images, and every state is zero
-                h, c = h.index_select(0, source), c.index_select(0, source)
-            row_logits, norm, h, c = lm.step_logits(tokens, h, c)
-            states.append((h, c))
-            logits.append(row_logits)
-            norms.append(norm)
-        lm_states = tuple(states)
+        h, c = lm_states
+        if t != 0:  # the first step's source rows are images, and every state is zero
+            h, c = h.index_select(1, source), c.index_select(1, source)
+        logits, norms, h, c = loop.lms.step(tokens, h, c)
+        lm_states = (h, c)
         ratio = logits[0] - logits[1]
         ratio = ratio - (norms[0] - norms[1])
         parts.append(ratio * loop.fusion_weights)
     bias = parts[0] if len(parts) == 1 else (parts[0] + parts[1] if parts else None)
     values, ids, state = loop.step(state, tokens, source, bias)
     ids = ids.long()
-    bad = running & ~torch.isfinite(values).all()
-    first_bad = torch.where(bad & (first_bad < 0), number, first_bad)
+    at_t = number.view(1)
+    # finite, or a step the numpy loop never ran; the first bad step is read in ``_finish``
+    loop.step_ok.index_copy_(0, at_t, (torch.isfinite(values).all() | all_done).view(1))
     lp = values.to(torch.float64)
     ranked_lp = lp if bias is None else lp + bias.gather(1, ids).to(torch.float64)
     live = sum_lp != NEG_INF
     candidates = sum_lp[:, None] + ranked_lp  # (R, K): what ranks
     model_lp = true_lp[:, None] + lp  # (R, K): the model's own
-    at_t = number.view(1)
     if t != 0 and plan.endings:
-        is_end = ids == end
-        at = is_end.to(torch.int32).argmax(1, keepdim=True)  # its first <end>
-        end_rank_lp = torch.where(is_end.any(1) & live, candidates.gather(1, at)[:, 0], NEG_INF)
+        is_end = ids == end  # top-K ids are distinct: a row's one <end>, and where
+        if t is None:  # torch.compile (2.13, CPU) fails to generate a max over bool
+            has, at = is_end.to(torch.int32).max(1, keepdim=True)
+            has = has.bool()
+        else:
+            has, at = is_end.max(1, keepdim=True)
+        # a dead row's candidates are -inf already
+        end_rank_lp = torch.where(has[:, 0], candidates.gather(1, at)[:, 0], NEG_INF)
         loop.end_rank_lp.index_copy_(0, at_t, end_rank_lp[None])
         loop.end_lp.index_copy_(0, at_t, model_lp.gather(1, at)[:, 0][None])
         loop.end_words.index_copy_(0, at_t, history[None])
     if t != 0 and not plan.endings:  # with endings, the best place to end is one of them
         _best_ending(loop, t, number, ids, live, candidates, model_lp, history, done)
     words = ids[:, :W]
-    blocked = loop.never_first[words] if t == 0 else torch.zeros_like(words, dtype=torch.bool)
+    blocked = loop.never_first[words] if t == 0 else None
     n = plan.no_repeat_ngram
     if loop.repeat_tables is not None and (t is None or t >= n):
         last_at, inside = loop.repeat_tables
@@ -628,15 +715,19 @@ def _step(loop: _Loop, t: int | None, number: torch.Tensor, carry: tuple) -> tup
             last_at, inside = last_at.index_select(0, at_t)[0], inside.index_select(0, at_t)[0]
         else:
             last_at, inside = last_at[t], inside[t]
-        blocked = blocked | (_repeats(history, words, n, last_at, inside) & (words != end))
-    ok = torch.isfinite(candidates[:, :W]) & ~blocked
+        # <end> is never blocked: no live row's words so far hold it (a row given <end> is dead)
+        repeats = _repeats(history, words, n, last_at, inside)
+        blocked = repeats if blocked is None else blocked | repeats
+    finite = torch.isfinite(candidates[:, :W])
+    ok = finite if blocked is None else finite > blocked  # finite and not blocked
     score = candidates[:, :W].reshape(N, C)
     order = torch.sort(score, dim=1, descending=True, stable=True).indices
-    s_score = score.gather(1, order)
-    s_model = model_lp[:, :W].reshape(N, C).gather(1, order)
-    s_word = words.reshape(N, C).gather(1, order)
-    s_row = loop.rows_of_candidates.gather(1, order)
-    s_ok = ok.reshape(N, C).gather(1, order)  # a done image's rows are masked: none
+    # what a candidate carries, sorted in one gather: float64 holds the word and row ids exactly
+    carried = torch.stack((candidates[:, :W], model_lp[:, :W], words.to(torch.float64), loop.rows_f64), 2)
+    s_all = carried.view(N, C, 4).gather(1, order[:, :, None].expand(N, C, 4))
+    s_score, s_model, s_word, s_row_f = s_all.unbind(2)
+    s_row = s_row_f.long()
+    s_ok = ok.view(N, C).gather(1, order)  # a done image's rows are masked: none
     is_end = s_word == end
     going = s_ok & ~is_end
     going_before = going.long().cumsum(1)  # continuations up to here, inclusive
@@ -648,30 +739,29 @@ def _step(loop: _Loop, t: int | None, number: torch.Tensor, carry: tuple) -> tup
     pool.put(
         add, pos, history.index_select(0, s_row.reshape(-1)).view(N, C, T), number, s_score, s_model, True
     )
-    slot = torch.where(taken, going_before - 1, B)  # B: a scratch column
-    device = history.device
-    new_source = loop.image_first.expand(N, B + 1).clone().scatter_(1, slot, s_row)
-    new_tokens = torch.full((N, B + 1), end, dtype=torch.int64, device=device).scatter_(1, slot, s_word)
-    new_lp = torch.full((N, B + 1), NEG_INF, dtype=torch.float64, device=device).scatter_(1, slot, s_score)
-    new_true = torch.zeros((N, B + 1), dtype=torch.float64, device=device).scatter_(1, slot, s_model)
+    slot = torch.where(taken, going_before + loop.row_before, R)  # the new row; R: a scratch row
+    # per new row: rank sum, model sum, word, source row (an unfilled one: -inf, 0, <end>, its
+    # image's first row), in one scatter
+    new = loop.new_rows.clone().scatter_(0, slot.view(N * C, 1).expand(N * C, 4), s_all.view(N * C, 4))
     image_live = going.any(1)
     # every continuation blocked and nothing finished: keep what the live beams have
-    pool.keep_live(~done & ~image_live & (pool.count == 0), live, history, number, sum_lp, true_lp)
-    done = done | (pool.count >= B) | ~image_live
-    new_source = new_source[:, :B].reshape(R)
-    new_tokens = new_tokens[:, :B].reshape(R)
-    new_lp = torch.where(done.index_select(0, loop.image_rows), NEG_INF, new_lp[:, :B].reshape(R))
+    pool.keep_live((pool.count == 0) > (done | image_live), live, history, number, sum_lp, true_lp)
+    done = (pool.count >= B) | (done >= image_live)  # done, or no live continuation
+    new[:R].view(N, B, 4)[:, :, 0].masked_fill_(done[:, None], NEG_INF)
+    new_lp, new_true = new[:R, 0], new[:R, 1]
+    new_tokens, new_source = new[:R, 2].long(), new[:R, 3].long()
     if steered is not None and loop.tag_rows is not None:
-        said = loop.tag_rows.gather(1, new_tokens[:, None])[:, 0]
-        steered = steered.index_select(0, new_source) & (new_lp != NEG_INF) & ~said
+        # a dead row's flag never reaches a live row (live rows come from live rows)
+        unsaid = loop.tag_rows_unsaid.gather(1, new_tokens[:, None])[:, 0]
+        steered = steered.index_select(0, new_source) & unsaid
     history = history.index_select(0, new_source)
     history.index_copy_(1, at_t, new_tokens[:, None])
     return (
-        new_tokens.to(torch.int32),
-        new_source.to(torch.int32),
+        new_tokens,
+        new_source,
         state,
         new_lp,
-        new_true[:, :B].reshape(R),
+        new_true,
         history,
         done,
         first_bad,

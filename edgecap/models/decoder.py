@@ -30,22 +30,25 @@ def mask_logits(logits: torch.Tensor, first_word: bool = False) -> torch.Tensor:
     """logits (R, V) with the words a caption never holds (``edgecap.vocab``) floored, and
     <end> too when ``first_word``. Out of place, so it traces into the step graph."""
     size = int(logits.shape[1])
-    key = (size, str(logits.device), first_word)
+    key = (size, str(logits.device), logits.dtype, first_word)
     # traced (an exported graph) or compiled (torch.compile: a cache read would make it
     # recompile once the cache is filled), the mask is a constant of the graph
     in_graph = torch.jit.is_tracing() or torch.compiler.is_compiling()
-    mask = None if in_graph else _MASKS.get(key)
-    if mask is None:
+    kept = None if in_graph else _MASKS.get(key)
+    if kept is None:
         banned = set(NEVER_GENERATED_IDS + (NEVER_FIRST_IDS if first_word else ()))
         # built from a Python list, so an exported graph holds it as one constant
         mask = torch.tensor([i in banned for i in range(size)], device=logits.device)
-        if not in_graph:
-            # kept: a CUDA graph capture may not copy from the host (its warm-up runs fill this)
-            _MASKS[key] = mask
-    return torch.where(mask, torch.full_like(logits[:, :1], LOGIT_FLOOR), logits)
+        if in_graph:
+            return torch.where(mask, torch.full_like(logits[:, :1], LOGIT_FLOOR), logits)
+        # kept: a CUDA graph capture may not copy from the host (its warm-up runs fill this);
+        # the floor as a 0-dim tensor, made once: one operation a step instead of two
+        kept = _MASKS[key] = (mask, torch.full((), LOGIT_FLOOR, dtype=logits.dtype, device=logits.device))
+    mask, floor = kept
+    return torch.where(mask, floor, logits)
 
 
-_MASKS: dict[tuple, torch.Tensor] = {}
+_MASKS: dict[tuple, tuple[torch.Tensor, torch.Tensor]] = {}
 
 
 class CaptionDecoder(nn.Module):
@@ -150,13 +153,14 @@ class CaptionDecoder(nn.Module):
         alpha (R, L). The top K are chosen by log-probability + ``word_bias``; the values are
         the log-probabilities without it.
         """
-        logits, h, c, alpha = self.logits(
-            tokens,
-            h,
-            c,
-            torch.index_select(features, 0, image_index),
-            torch.index_select(att_proj, 0, image_index),
-        )
+        features = torch.index_select(features, 0, image_index)
+        att_proj = torch.index_select(att_proj, 0, image_index)
+        return self.step_rows(tokens, h, c, features, att_proj, word_bias)
+
+    def step_rows(self, tokens, h, c, features, att_proj, word_bias=None):
+        """``step`` with the image tensors already per row (R, L, .): what a search that
+        gathers them once per search calls every step."""
+        logits, h, c, alpha = self.logits(tokens, h, c, features, att_proj)
         logprobs = torch.log_softmax(mask_logits(logits).float(), dim=1)
         if word_bias is None:
             values, ids = logprobs.topk(self.cfg.top_k, dim=1)
