@@ -305,3 +305,49 @@ def test_a_big_jpeg_is_decoded_at_the_reduced_scale_on_the_device_path_too(capti
     host, device = captioners
     got, want = device.caption(data), host.caption(data)
     assert got.text == want.text and got.score == pytest.approx(want.score, abs=1e-6)
+
+
+def test_a_model_of_another_size_and_normalisation_gets_the_hosts_encoder_input():
+    """A manifest with a non-square size that 4x4 blocks do not tile (150x222) and CLIP's
+    normalisation in pixel levels (where -mean / std and -mean * (1 / std) differ by one float32
+    step in green): frames of three sizes get ``edgecap.images.preprocess``'s encoder input bit
+    for bit and ``recognisable``'s verdicts."""
+    pre = Preprocessing(size=(150, 222), mean=(122.77, 116.75, 104.09), std=(68.5, 66.63, 70.32))
+    rng = np.random.default_rng(150)
+    frames = [_frame(rng, 375, 500, True), _frame(rng, 100, 60, False), _frame(rng, 150, 222, True)]
+    x, visible = FramePreprocess(pre, CPU)(frames)
+    want = preprocess([Image.fromarray(f) for f in frames], pre)
+    assert x.shape == (3, 3, 150, 222)
+    np.testing.assert_array_equal(x.numpy(), want)
+    assert visible.tolist() == [recognisable(w, pre) for w in want]
+
+
+@pytest.mark.parametrize("shape", [(4, 4), (4, 4, 4), (4, 4, 1)])
+def test_a_frame_of_other_channels_is_refused_by_position(shape):
+    with pytest.raises(ValueError, match=r"frame 1: RGB uint8 \(H, W, 3\) expected"):
+        FramePreprocess(PRE, CPU)([np.zeros((4, 4, 3), np.uint8), np.zeros(shape, np.uint8)])
+
+
+@pytest.mark.parametrize(
+    "version, want", [("13.0.0", (13, 0)), ("12.3.0", (12, 3)), ("12.2.0.dev0", (12, 2)), ("13", (13, 0))]
+)
+def test_the_pillow_version_is_read_as_major_and_minor(monkeypatch, version, want):
+    """The pass order depends on Pillow's minor version (12.1 vs 12.2)."""
+    import PIL
+
+    from edgecap.backends.torch_preprocess import _pillow_version
+
+    monkeypatch.setattr(PIL, "__version__", version)
+    assert _pillow_version() == want
+
+
+def test_a_size_met_again_keeps_its_taps_on_the_device():
+    """The taps dropped are the least recently used: a camera's frame size, met between the
+    other sizes, keeps its taps however many other sizes come and go."""
+    from edgecap.backends.torch_preprocess import TAPS_KEPT
+
+    prep = FramePreprocess(PRE, CPU)
+    for height in range(2, 2 + 2 * TAPS_KEPT):
+        prep._device_taps(300, 224)  # what each resize of a 300-row frame asks for
+        prep._device_taps(height, 224)
+    assert (300, 224) in prep._taps and len(prep._taps) == TAPS_KEPT
