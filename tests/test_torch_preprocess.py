@@ -351,3 +351,26 @@ def test_a_size_met_again_keeps_its_taps_on_the_device():
         prep._device_taps(300, 224)  # what each resize of a 300-row frame asks for
         prep._device_taps(height, 224)
     assert (300, 224) in prep._taps and len(prep._taps) == TAPS_KEPT
+
+
+def test_the_device_blank_check_is_on_the_grey_image_as_the_hosts():
+    """Blocks of two colours of one grey level ((100, 130, 100) and (115, 100, 115): both 110)
+    in a checkerboard: green alone would vary by 30 levels, the grey image not at all, so the
+    frame is blank on the host (``edgecap.preprocess``: the mean of the three channels) and on
+    the device."""
+    board = ((np.arange(56)[:, None] + np.arange(56)[None, :]) % 2).astype(bool)
+    blocks = np.where(board[:, :, None], np.array([100, 130, 100]), np.array([115, 100, 115]))
+    frame = np.repeat(np.repeat(blocks.astype(np.uint8), 4, 0), 4, 1)
+    x, visible = FramePreprocess(PRE, CPU)([frame])
+    assert not recognisable(x[0].numpy(), PRE) and visible.tolist() == [False]
+
+
+def test_a_memory_mapped_frame_is_copied_too(tmp_path):
+    """A frame in a memory-mapped buffer (a ring buffer shared with a camera process): the
+    frame ``load_rgb_array`` returns has memory of its own (numpy hands it over as a plain
+    array over the same memory, not the same object)."""
+    buffer = np.memmap(tmp_path / "ring", np.uint8, "w+", shape=(6, 8, 3))
+    frame = load_rgb_array(buffer)
+    assert not np.shares_memory(frame, buffer)
+    buffer[:] = 9
+    assert frame.max() == 0
