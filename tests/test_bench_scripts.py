@@ -719,3 +719,11 @@ def test_fp16_emulation_variants_compute_in_fp16_on_the_cpu():
     for label in ("fp16", "fp16 + fp32_encoder"):
         got = fp16_emulation.fp16_captioner(model, fp16_emulation.VARIANTS[label]).caption(photo)
         assert got.score != want.score and got.score == pytest.approx(want.score, abs=0.05), label
+
+
+def test_frame_prep_refuses_an_empty_frame_size():
+    import frame_prep
+
+    for spec in ("0x48", "64x0"):
+        with pytest.raises(SystemExit, match=f"positive sizes, got '{spec}'"):
+            frame_prep.main(["--sizes", spec])
