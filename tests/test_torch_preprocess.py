@@ -374,3 +374,17 @@ def test_a_memory_mapped_frame_is_copied_too(tmp_path):
     assert not np.shares_memory(frame, buffer)
     buffer[:] = 9
     assert frame.max() == 0
+
+
+def test_an_fp16_encoder_takes_the_frames_preprocessed_on_the_device(default_model_dir, example_images):
+    """FP16 (the GPU's precision; here torch's CPU FP16 kernels, the backend built through
+    ``_setup`` as benchmarks/fp16_emulation.py does): the device's encoder input is converted to
+    the encoder's FP16 as the host's is, so its outputs are the host path's exactly."""
+    manifest = load_manifest(default_model_dir)
+    backend = TorchBackend(manifest, device="cpu", preprocess="device")
+    backend._setup(*TorchBackend._build(manifest), "cpu", fp16=True, fp32_encoder=False)
+    frames = [np.asarray(load_rgb(str(example_images[0])))]
+    encoded, _ = backend.encode_frames(frames)
+    want = backend.encode(preprocess([Image.fromarray(f) for f in frames], manifest.preprocessing))
+    for name, tensor in want.tensors.items():
+        torch.testing.assert_close(encoded.tensors[name], tensor, rtol=0, atol=0)
