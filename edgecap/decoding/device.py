@@ -693,12 +693,11 @@ def _step(loop: _Loop, t: int | None, number: torch.Tensor, carry: tuple) -> tup
     candidates = sum_lp[:, None] + ranked_lp  # (R, K): what ranks
     model_lp = true_lp[:, None] + lp  # (R, K): the model's own
     if t != 0 and plan.endings:
-        is_end = ids == end  # top-K ids are distinct: a row's one <end>, and where
-        if t is None:  # torch.compile (2.13, CPU) fails to generate a max over bool
-            has, at = is_end.to(torch.int32).max(1, keepdim=True)
-            has = has.bool()
-        else:
-            has, at = is_end.max(1, keepdim=True)
+        # top-K ids are distinct: a row's one <end>, and where. A max over int32, not bool:
+        # torch.compile (2.13, CPU) fails to generate one over bool, and a bool max has not run
+        # on a GPU here
+        has, at = (ids == end).to(torch.int32).max(1, keepdim=True)
+        has = has.bool()
         # a dead row's candidates are -inf already
         end_rank_lp = torch.where(has[:, 0], candidates.gather(1, at)[:, 0], NEG_INF)
         loop.end_rank_lp.index_copy_(0, at_t, end_rank_lp[None])
