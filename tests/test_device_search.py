@@ -538,6 +538,26 @@ def test_the_decode_graphs_stop_at_the_first_check_after_every_image_is_done(shi
         backend.device_search = kept
 
 
+def test_language_models_of_different_sizes_caption_as_the_numpy_search(shipped):
+    """A fusion whose two language models have different hidden sizes (the numpy and
+    onnxruntime steps take them: tests/test_fusion.py) gives the numpy search's hypotheses with
+    the device search on, not an error: the device search steps both models as one stack
+    (``TorchLMPair``, equal sizes only), so the backend leaves such a search to the host loop."""
+    captioner, encoded, _ = shipped
+    backend = captioner.backend
+    rng = np.random.default_rng(5)
+    vocab = len(captioner.vocab)
+    mixed = Fusion(_lm(rng, vocab, hidden=8), _lm(rng, vocab, hidden=5), 1.0, {})
+    options = CaptionOptions(n_best=2, fusion_weight=1.0)
+    args = (encoded, options, captioner.vocab.start, captioner.vocab.end, vocab, captioner.classes, mixed)
+    backend.on_device = False
+    try:
+        host = search(backend, *args)
+    finally:
+        backend.on_device = True
+    _same(host, search(backend, *args))
+
+
 def test_the_captioner_uses_the_device_search(shipped, monkeypatch):
     """A torch Captioner with search="device" runs it for plain captions, and the numpy loop
     for the attention maps and the tag constraint."""

@@ -9,8 +9,9 @@ numpy loop at 1 to 8 rows on a fast host; on the CPU the numpy loop measured fas
 device search waits for the GPU only after the steps of ``DECODE_CHECKS`` (to stop once every
 image is done) and for the result: the steps run with finished images masked; with CUDA graphs
 (``cuda_graphs=True``) the whole decode is captured per shape as a few graphs, one per stretch
-of steps between those checks (``DecodeGraphs``). The tag constraint and the attention maps
-stay on the host loop (the backend answers None and the caller runs the numpy loop).
+of steps between those checks (``DecodeGraphs``). The tag constraint, the attention maps and
+fused language models of two hidden sizes stay on the host loop (the backend answers None and
+the caller runs the numpy loop).
 """
 
 from __future__ import annotations
@@ -62,6 +63,8 @@ class TorchDeviceSearch:
         backend = self.backend
         options.validate(backend.top_k)
         rules = rules_for(options, encoded.n_images, tag_words, fusion, encoded.class_probs)
+        if rules.fusion is not None and rules.fusion.everyday.hidden != rules.fusion.in_domain.hidden:
+            return None  # the device search steps both language models as one stack: equal sizes only
         search = self.search
         plan = search.plan(
             encoded.n_images,
