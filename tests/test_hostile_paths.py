@@ -131,10 +131,12 @@ def test_broken_links_and_unreadable_folders_are_reported(tmp_path, monkeypatch)
     assert "cannot read the folder (permission denied)" in skipped[str(root / "locked")]
 
 
-def test_a_very_deep_folder_is_no_recursion_error(tmp_path):
+def test_a_very_deep_folder_is_no_recursion_error(tmp_path, monkeypatch):
     folder = tmp_path / "deep"
     folder.mkdir()
-    os.chdir(folder)  # relative steps keep each path short
+    # relative steps keep each path short; monkeypatch puts the first working folder back after
+    # the test (the tests after it in this process read paths relative to the checkout)
+    monkeypatch.chdir(folder)
     try:
         for _ in range(1200):
             os.mkdir("d")
