@@ -6,6 +6,7 @@ import pytest
 
 torch = pytest.importorskip("torch")
 
+from edgecap.models import decoder as decoder_module  # noqa: E402
 from edgecap.models.decoder import CaptionDecoder, mask_logits  # noqa: E402
 from edgecap.models.config import DecoderConfig  # noqa: E402
 from edgecap.models.graphs import StepGraph  # noqa: E402
@@ -43,6 +44,21 @@ def test_mask_logits_bans_end_only_as_the_first_word():
     assert later[:, [PAD, START, UNK]].max() < -1e3 and later[:, END].min() == 0
     assert first[:, [PAD, START, END, UNK]].max() < -1e3
     assert later[:, 4:].eq(0).all() and first[:, 4:].eq(0).all()  # every other word untouched
+
+
+def test_mask_logits_backpropagates_after_a_step_under_inference_mode(monkeypatch):
+    """Self-critical training samples with autograd after its dev check ran the backend's step
+    under ``torch.inference_mode`` (which fills the kept masks): autograd saves the mask for
+    backward, which it may not do with a tensor made in inference mode. Logits all 0 over 8
+    words, 5 of them allowed: d log p(4) / d logit is 1 - 1/5 at word 4, -1/5 at the other
+    allowed words (2, 5, 6, 7) and 0 at the floored ones (<pad>, <start>, <unk>)."""
+    monkeypatch.setattr(decoder_module, "_MASKS", {})
+    with torch.inference_mode():
+        mask_logits(torch.zeros(2, 8))  # as the backend's step does first
+    logits = torch.zeros(1, 8, requires_grad=True)
+    torch.log_softmax(mask_logits(logits), dim=1)[0, 4].backward()
+    expected = torch.tensor([[0.0, 0.0, -0.2, 0.0, 0.8, -0.2, -0.2, -0.2]])
+    torch.testing.assert_close(logits.grad, expected)
 
 
 def test_word_bias_picks_the_top_k_but_values_stay_unbiased():

@@ -42,8 +42,12 @@ def mask_logits(logits: torch.Tensor, first_word: bool = False) -> torch.Tensor:
         if in_graph:
             return torch.where(mask, torch.full_like(logits[:, :1], LOGIT_FLOOR), logits)
         # kept: a CUDA graph capture may not copy from the host (its warm-up runs fill this);
-        # the floor as a 0-dim tensor, made once: one operation a step instead of two
-        kept = _MASKS[key] = (mask, torch.full((), LOGIT_FLOOR, dtype=logits.dtype, device=logits.device))
+        # the floor as a 0-dim tensor, made once: one operation a step instead of two. Not
+        # inference tensors (a backend's step runs in inference mode): autograd (self-critical
+        # training's sampling) saves the mask for backward
+        with torch.inference_mode(False):
+            floor = torch.full((), LOGIT_FLOOR, dtype=logits.dtype, device=logits.device)
+            kept = _MASKS[key] = (mask.clone(), floor)
     mask, floor = kept
     return torch.where(mask, floor, logits)
 
