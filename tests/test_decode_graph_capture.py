@@ -99,6 +99,63 @@ class CapturingGraph:
         self.fn()
 
 
+class ReplayingGraph:
+    """A stand-in whose replay runs no Python, as a real CUDA graph's: two warm-up runs, then
+    the captured run, recorded op by op (the ATen operation, its arguments, its outputs); what
+    the capture made is poisoned, and ``replay`` runs the recorded operations again on the same
+    tensors, writing each result into the output the capture recorded. A tensor that the
+    Python code makes anew after the capture (and that the captured run had read) is never
+    read by a replay."""
+
+    def __init__(self, fn):
+        fn()
+        fn()
+        record = _Ops()
+        with record:
+            fn()
+        self.ops = record.ops
+        for t in record.made:
+            if t.dtype == torch.bool:
+                t.fill_(True)
+            elif t.is_floating_point():
+                t.fill_(float("nan"))
+            else:
+                t.fill_(10**6)
+
+    def replay(self) -> None:
+        for func, args, kwargs, outputs in self.ops:
+            result = func(*args, **kwargs)
+            for out, value in zip(outputs, tree_flatten(result)[0]):
+                if isinstance(out, torch.Tensor) and (
+                    out.data_ptr() != value.data_ptr() or out.stride() != value.stride()
+                ):
+                    out.copy_(value)
+
+
+class _Ops(TorchDispatchMode):
+    """Every operation of a run with its arguments and outputs, and the tensors it made."""
+
+    def __init__(self):
+        super().__init__()
+        self.ops: list = []
+        self.made: list[torch.Tensor] = []
+        self.made_keys: set = set()
+
+    def __torch_dispatch__(self, func, types, args=(), kwargs=None):
+        kwargs = kwargs or {}
+        in_keys = {_key(a) for a in tree_flatten((args, kwargs))[0] if isinstance(a, torch.Tensor)}
+        out = func(*args, **kwargs)
+        outputs = tree_flatten(out)[0]
+        for t in outputs:
+            if isinstance(t, torch.Tensor):
+                k = _key(t)
+                if k is not None and k not in in_keys and k not in self.made_keys:
+                    self.made_keys.add(k)
+                    self.made.append(t)
+        self.ops.append((func, args, kwargs, outputs))
+        return out
+
+
 class RecordingGraph(CapturingGraph):
     """``CapturingGraph`` that leaves what the capture made as computed."""
 
@@ -211,5 +268,29 @@ def test_a_graphed_search_with_another_fusion_uses_its_language_models(shipped):
         backend.device_search = TorchDeviceSearch(backend, EagerGraph)
         captions(first)  # captured with the first Fusion's models
         assert captions(second) == want
+    finally:
+        backend.device_search = kept
+
+
+@pytest.mark.parametrize("numbered", [False, True])
+def test_replays_that_run_no_python_caption_each_batch_as_the_plain_search(shipped, example_images, numbered):
+    """Under ``ReplayingGraph`` (replays run the captured operations only, no Python), two
+    batches of the same shape through one graphed search, each twice: every time the plain
+    device search's hypotheses for that batch. A tensor that a call makes outside the captured
+    functions (the image tensors gathered per row, say) would leave the replays reading the
+    capture's copy: the first batch's photos, or none."""
+    captioner, _ = shipped
+    backend = captioner.backend
+    pre = captioner.manifest.preprocessing
+    photos = [preprocess([load_rgb(str(p))], pre)[0] for p in example_images]
+    batches = [backend.encode(np.stack(photos[:2])), backend.encode(np.stack(photos[2:4]))]
+    want = [_captions(captioner, encoded, OPTIONS) for encoded in batches]
+    assert want[0] != want[1]
+    kept = backend.device_search
+    try:
+        backend.device_search = TorchDeviceSearch(backend, ReplayingGraph, compiled=numbered)
+        with mock.patch.object(device_module, "_compiled_step", lambda: device_module._step):
+            for _ in range(2):
+                assert [_captions(captioner, encoded, OPTIONS) for encoded in batches] == want
     finally:
         backend.device_search = kept
