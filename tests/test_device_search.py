@@ -345,6 +345,24 @@ def test_a_non_finite_step_is_an_error_naming_the_word():
             _broken_search(backend, encoded, 12, options, fixed)
 
 
+def test_a_search_after_a_broken_one_is_unharmed():
+    """A search whose step broke from word 3 (an image that never ends: the error names word
+    3), then one of the same shape that is done at word 2 ("a" -0.1, "a <end>" -0.2, beam 1),
+    over a sound step: "a", finished, in every form of the loop (the early-exit one stops
+    before word 3): the record of non-finite steps is each search's own."""
+    never_ends = _table(lambda prefix: {"a": -0.1, "b": -0.3})
+    rows = {(): {"a": -0.1, "b": -0.3}, ("a",): {"<end>": -0.1, "b": -0.2}}
+    ends = _table(lambda prefix: rows.get(prefix, {"b": -0.1}))
+    encoded = ends.encode(np.zeros((1, 3, 4, 4), np.float32))
+    options = CaptionOptions(beam_size=1, max_length=5, no_repeat_ngram=0)
+    for fixed in LOOPS:
+        with pytest.raises(BackendError, match="non-finite log-probabilities at word 3"):
+            _broken_search(never_ends, encoded, len(WORDS), options, fixed)
+        [[hyp]] = _device(ends, encoded, options, fixed=fixed, vocab_size=len(WORDS))
+        assert [WORDS[w] for w in hyp.tokens] == ["a"] and hyp.finished
+        assert hyp.log_prob == pytest.approx(-0.2)
+
+
 def test_the_fixed_search_ignores_a_broken_step_after_every_image_is_done():
     """The fixed-shape search (a captured graph) runs all ``max_length`` steps; a step that
     returns NaN only after the last image is done (the numpy loop never runs it) is no error.
