@@ -87,6 +87,7 @@ THROUGHPUT_MODES = (
     "torch-cuda-fp16-graphs-device",
     "torch-cuda-fp16-graphs-device-prep-nhwc",
     "torch-cuda-fp16-fp32enc-graphs-device",
+    "torch-cuda-fp16-fp32enc-graphs-device-prep-nhwc",
     "torch-cuda-fp32-graphs-device-compiled",
 )
 # files against in-memory frames (issue 24: the files-to-captions rate close to the in-memory
@@ -100,6 +101,7 @@ FP16_GRAPH_MODES = (
     "torch-cuda-fp16-graphs-device",
     "torch-cuda-fp16-fp32enc-graphs-device",
     "torch-cuda-fp16-graphs-device-prep-nhwc",
+    "torch-cuda-fp16-fp32enc-graphs-device-prep-nhwc",
 )
 T0 = time.perf_counter()
 
@@ -383,6 +385,13 @@ def modes(device: str, compiled: bool = False) -> list[dict]:
                     "fp32_encoder": True,
                     "cuda_graphs": True,
                 },
+            }
+        )
+        # the FP16 that keeps the captions with the frames on the GPU and the encoder NHWC
+        out.append(
+            {
+                "label": "torch-cuda-fp16-fp32enc-graphs-device-prep-nhwc",
+                "options": {**out[-1]["options"], "preprocess": "device", "channels_last": True},
             }
         )
         # with --compiled, the search compiled (torch.compile, ``compile_search``), last: each

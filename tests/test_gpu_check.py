@@ -294,7 +294,14 @@ def test_the_compiled_search_runs_only_with_compiled():
     import gpu_check
 
     plain = [m["label"] for m in gpu_check.modes("cuda")]
-    assert "torch-cuda-fp32-graphs-device-compiled" not in plain and len(plain) == 12
+    assert "torch-cuda-fp32-graphs-device-compiled" not in plain and len(plain) == 13
+    assert gpu_check.modes("cuda")[plain.index("torch-cuda-fp16-fp32enc-graphs-device-prep-nhwc")][
+        "options"
+    ] == {
+        **gpu_check.modes("cuda")[plain.index("torch-cuda-fp16-fp32enc-graphs-device")]["options"],
+        "preprocess": "device",
+        "channels_last": True,
+    }
     for precision in ("fp32", "fp16"):  # the frames on the GPU and the encoder channels-last
         nhwc = gpu_check.modes("cuda")[plain.index(f"torch-cuda-{precision}-graphs-device-prep-nhwc")]
         assert nhwc["options"] == {
