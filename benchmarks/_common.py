@@ -376,14 +376,15 @@ class TimedBackend(Backend):
         self.step_times: list[float] = []
 
     def encode(self, images: np.ndarray) -> Encoded:
-        t0 = time.perf_counter()
-        encoded = self.inner.encode(images)
-        self.encode_s += time.perf_counter() - t0
-        return encoded
+        return self._timed(self.inner.encode, images)
 
     def encode_frames(self, frames: list[np.ndarray]) -> tuple[Encoded, np.ndarray]:
+        return self._timed(self.inner.encode_frames, frames)
+
+    def _timed(self, encode, images):
+        """``encode(images)``, its wall time added to ``encode_s``."""
         t0 = time.perf_counter()
-        encoded = self.inner.encode_frames(frames)
+        encoded = encode(images)
         self.encode_s += time.perf_counter() - t0
         return encoded
 
@@ -405,6 +406,37 @@ class _TimedSession(DecoderSession):
         result = self.inner.step(tokens, source_rows, word_bias)
         self.owner.step_times.append(time.perf_counter() - t0)
         return result
+
+
+# operations that launch no kernel: allocations, and reading a 0-dim tensor's value
+NO_KERNEL_OPS = {"empty", "empty_strided", "empty_like", "_local_scalar_dense"}
+
+
+def operation_counter():
+    """A ``TorchDispatchMode`` that counts the torch operations dispatched under it (``with
+    operation_counter() as count``): ``kernels``, those that compute or write, and ``others``,
+    those that return (a view of) their input and write nothing, or only allocate. Needs torch."""
+    import torch
+    from torch.utils._python_dispatch import TorchDispatchMode
+    from torch.utils._pytree import tree_flatten
+
+    class Count(TorchDispatchMode):
+        kernels = others = 0
+
+        def __torch_dispatch__(self, func, types, args=(), kwargs=None):
+            out = func(*args, **(kwargs or {}))
+            tensors = [a for a in tree_flatten((args, kwargs))[0] if isinstance(a, torch.Tensor)]
+            inputs = {a.untyped_storage().data_ptr() for a in tensors}
+            outputs = [o for o in tree_flatten(out)[0] if isinstance(o, torch.Tensor)]
+            aliasing = bool(outputs) and all(o.untyped_storage().data_ptr() in inputs for o in outputs)
+            name = func._schema.name.split("::")[1]
+            if (aliasing and not func._schema.is_mutable) or name in NO_KERNEL_OPS:
+                self.others += 1
+            else:
+                self.kernels += 1
+            return out
+
+    return Count()
 
 
 def percentile(values, q: float) -> float:

@@ -61,19 +61,10 @@ def frames(width: int, height: int, n: int, seed: int = 0) -> list[np.ndarray]:
 
 
 def operations(prep, batch: list[np.ndarray]) -> int:
-    """The torch operations one call dispatches."""
-    from torch.utils._python_dispatch import TorchDispatchMode
-
-    class Count(TorchDispatchMode):
-        n = 0
-
-        def __torch_dispatch__(self, func, types, args=(), kwargs=None):
-            self.n += 1
-            return func(*args, **(kwargs or {}))
-
-    with Count() as count:
+    """The torch operations one call dispatches (views and allocations included)."""
+    with C.operation_counter() as count:
         prep(batch)
-    return count.n
+    return count.kernels + count.others
 
 
 def main(argv=None) -> int:

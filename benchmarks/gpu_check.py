@@ -495,18 +495,10 @@ class SyncTimedBackend(C.TimedBackend):
         inner = getattr(self.inner, "search_on_device", None)
         return None if inner is None else inner(*args)
 
-    def encode(self, images):
+    def _timed(self, encode, images):
         _sync()
         t0 = time.perf_counter()
-        encoded = self.inner.encode(images)
-        _sync()
-        self.encode_s += time.perf_counter() - t0
-        return encoded
-
-    def encode_frames(self, frames):
-        _sync()
-        t0 = time.perf_counter()
-        encoded = self.inner.encode_frames(frames)
+        encoded = encode(images)
         _sync()
         self.encode_s += time.perf_counter() - t0
         return encoded

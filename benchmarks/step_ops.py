@@ -6,11 +6,12 @@ is a kernel (or a few), and the decode is bound by their number (docs/gpu-search
 The shipped model's torch backend on CPU tensors (``search="device"``, default options, beam 3,
 one torch thread) captions the example photos: batch 1 (each photo alone) and batch 8 (the four
 and their mirror images), with the fused language models as the options give them and with
-``fusion_weight=0``. A ``TorchDispatchMode`` counts every operation ``_step`` dispatches; an
-operation that returns (a view of) its input and writes nothing, or only allocates, launches no
-kernel and is counted apart. Reported per step number: the medians over the searches of the
-kernel operations, and of the others. On CUDA an LSTM cell is about 3 kernels and a stable sort
-several, so a GPU runs a few more kernels a step than this counts.
+``fusion_weight=0``. A ``TorchDispatchMode`` (``_common.operation_counter``) counts every
+operation ``_step`` dispatches; an operation that returns (a view of) its input and writes
+nothing, or only allocates, launches no kernel and is counted apart. Reported per step number:
+the medians over the searches of the kernel operations, and of the others. On CUDA an LSTM
+cell is about 3 kernels and a stable sort several, so a GPU runs a few more kernels a step than
+this counts.
 """
 
 from __future__ import annotations
@@ -24,8 +25,6 @@ import numpy as np  # noqa: E402
 
 import _common as C  # noqa: E402
 
-NO_KERNEL = {"empty", "empty_strided", "empty_like", "_local_scalar_dense"}
-
 
 def build_parser():
     p = C.argument_parser(__doc__)
@@ -35,36 +34,14 @@ def build_parser():
 
 def count_steps(captioner, frames: list) -> dict[int, list[tuple[int, int]]]:
     """{step number: [(kernel operations, others) of that step in each search]}."""
-    import torch
-    from torch.utils._python_dispatch import TorchDispatchMode
-    from torch.utils._pytree import tree_flatten
-
     from edgecap.decoding import device
 
     steps: dict[int, list[tuple[int, int]]] = {}
 
-    class Count(TorchDispatchMode):
-        kernels = others = 0
-
-        def __torch_dispatch__(self, func, types, args=(), kwargs=None):
-            out = func(*args, **(kwargs or {}))
-            inputs = {
-                a.untyped_storage().data_ptr()
-                for a in tree_flatten((args, kwargs))[0]
-                if isinstance(a, torch.Tensor)
-            }
-            outputs = [o for o in tree_flatten(out)[0] if isinstance(o, torch.Tensor)]
-            aliasing = bool(outputs) and all(o.untyped_storage().data_ptr() in inputs for o in outputs)
-            if (aliasing and not func._schema.is_mutable) or func._schema.name.split("::")[1] in NO_KERNEL:
-                self.others += 1
-            else:
-                self.kernels += 1
-            return out
-
     original = device._step
 
     def counted(loop, t, number, carry):
-        with Count() as count:
+        with C.operation_counter() as count:
             result = original(loop, t, number, carry)
         steps.setdefault(int(number) if t is None else t, []).append((count.kernels, count.others))
         return result

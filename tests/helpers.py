@@ -572,6 +572,23 @@ def plain_search(backend, encoded, options, start_id, end_id, return_attention=F
     )
 
 
+def captioner_search(captioner, encoded, options, backend=None, fusion=None):
+    """The decoding layer's search as ``captioner`` runs it (its vocabulary, image classes and
+    language models; ``fusion`` others), over its backend or ``backend``."""
+    from edgecap.decoding import search
+
+    return search(
+        captioner.backend if backend is None else backend,
+        encoded,
+        options,
+        captioner.vocab.start,
+        captioner.vocab.end,
+        len(captioner.vocab),
+        captioner.classes,
+        captioner.fusion if fusion is None else fusion,
+    )
+
+
 def vocab_size_of(backend) -> int:
     """A fake's vocabulary size (``vocab_size`` or its ``words``), or a real backend's model's."""
     if hasattr(backend, "vocab_size"):

@@ -24,10 +24,11 @@ from torch.utils._pytree import tree_flatten  # noqa: E402
 from edgecap import Captioner  # noqa: E402
 from edgecap.backends.torch_graphs import EagerGraph  # noqa: E402
 from edgecap.backends.torch_search import TorchDeviceSearch  # noqa: E402
-from edgecap.decoding import CaptionOptions, search  # noqa: E402
+from edgecap.decoding import CaptionOptions  # noqa: E402
 from edgecap.decoding import device as device_module  # noqa: E402
 from edgecap.decoding.device import DecodeGraphs  # noqa: E402
 from edgecap.images import load_rgb, preprocess  # noqa: E402
+from helpers import captioner_search  # noqa: E402
 
 
 def _key(t: torch.Tensor):
@@ -172,16 +173,7 @@ def shipped(default_model_dir, example_images):
 
 def _captions(captioner, encoded, options, fusion=None):
     """Each image's hypotheses' tokens; ``fusion``: the language models (the Captioner's)."""
-    hyps = search(
-        captioner.backend,
-        encoded,
-        options,
-        captioner.vocab.start,
-        captioner.vocab.end,
-        len(captioner.vocab),
-        captioner.classes,
-        fusion or captioner.fusion,
-    )
+    hyps = captioner_search(captioner, encoded, options, fusion=fusion)
     return [[h.tokens for h in image] for image in hyps]
 
 

@@ -42,7 +42,7 @@ from edgecap.errors import BackendError  # noqa: E402
 from edgecap.images import load_rgb, preprocess  # noqa: E402
 from edgecap.manifest import load_manifest  # noqa: E402
 from fakes import END, START, PrefixHashBackend  # noqa: E402
-from helpers import TableBackend  # noqa: E402
+from helpers import TableBackend, captioner_search  # noqa: E402
 
 
 def _device(
@@ -402,16 +402,7 @@ def _search(captioner, encoded, options, on_device: bool):
     backend = captioner.backend
     backend.on_device = on_device
     try:
-        return search(
-            backend,
-            encoded,
-            options,
-            captioner.vocab.start,
-            captioner.vocab.end,
-            len(captioner.vocab),
-            captioner.classes,
-            captioner.fusion,
-        )
+        return captioner_search(captioner, encoded, options)
     finally:
         backend.on_device = True
 
@@ -727,16 +718,7 @@ def test_an_fp16_decoder_behind_an_fp32_encoder_keeps_the_captions(shipped):
     np.testing.assert_allclose(encoded16.class_probs, encoded.class_probs, atol=1e-5)
     options = CaptionOptions()
     want = _search(captioner, encoded, options, on_device=False)
-    got = search(
-        half,
-        encoded16,
-        options,
-        captioner.vocab.start,
-        captioner.vocab.end,
-        len(captioner.vocab),
-        captioner.classes,
-        captioner.fusion,
-    )
+    got = captioner_search(captioner, encoded16, options, backend=half)
     assert [h[0].tokens for h in got] == [h[0].tokens for h in want]
     assert [h[0].score for h in got] == pytest.approx([h[0].score for h in want], abs=0.01)
     with pytest.raises(ValueError, match="fp32_encoder=True goes with fp16=True"):

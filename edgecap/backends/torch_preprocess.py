@@ -29,7 +29,6 @@ from __future__ import annotations
 
 import functools
 import math
-import re
 import threading
 from collections import OrderedDict
 from collections.abc import Sequence
@@ -38,6 +37,7 @@ import numpy as np
 import torch
 
 from edgecap.preprocess import BLOCK, MIN_DETAIL, MIN_PIXEL_STD, Preprocessing
+from edgecap.trt import parse_version
 
 PRECISION_BITS = 22  # Pillow's fixed point for 8-bit images (32 - 8 - 2 bits)
 SUPPORTED_RESAMPLE = ("bilinear",)
@@ -85,8 +85,7 @@ def bilinear_taps(in_size: int, out_size: int) -> tuple[np.ndarray, np.ndarray]:
 def _pillow_version() -> tuple[int, int]:
     import PIL
 
-    major, minor = (re.findall(r"\d+", PIL.__version__) + ["0", "0"])[:2]
-    return int(major), int(minor)
+    return parse_version(PIL.__version__)
 
 
 PILLOW = _pillow_version()
