@@ -529,8 +529,8 @@ class _Loop:
 
     def first(self, x: Inputs) -> tuple:
         """The carry before the first step: tokens, source rows, the step's state, the rank
-        and model sums, the words so far, the done images, the first bad step, the steered
-        rows, the language models' states."""
+        and model sums, the words so far, the done images, the steered rows, the language
+        models' states (the first bad step is in ``step_ok``, not carried)."""
         plan, device = self.plan, x.image_index.device
         N, B, R, T = plan.n_images, plan.beam, plan.n_images * plan.beam, plan.max_length
         row_in_image = torch.arange(R, device=device) % B
@@ -550,7 +550,6 @@ class _Loop:
             torch.zeros(R, dtype=torch.float64, device=device),
             torch.zeros((R, T), dtype=torch.int64, device=device),
             torch.zeros(N, dtype=torch.bool, device=device),
-            torch.full((), -1, dtype=torch.int64, device=device),
             steered,
             lm_states,
         )
@@ -624,7 +623,7 @@ def _steps(loop: _Loop, carry: tuple, begin: int, end: int, one_step: Callable[.
 def _finish(loop: _Loop, carry: tuple) -> torch.Tensor:
     """The search's result, packed (``unpack``), after its last step."""
     plan = loop.plan
-    _, _, _, sum_lp, true_lp, history, done, _, _, _ = carry
+    _, _, _, sum_lp, true_lp, history, done, _, _ = carry
     bad = ~loop.step_ok
     first_bad = torch.where(bad.any(), bad.to(torch.int64).argmax(), -1)
     pool = loop.pool
@@ -667,7 +666,7 @@ def _step(loop: _Loop, t: int | None, number: torch.Tensor, carry: tuple) -> tup
     plan, pool = loop.plan, loop.pool
     N, B, T, W = plan.n_images, plan.beam, plan.max_length, plan.width
     R, C, end = N * B, B * W, plan.end_id
-    tokens, source, state, sum_lp, true_lp, history, done, first_bad, steered, lm_states = carry
+    tokens, source, state, sum_lp, true_lp, history, done, steered, lm_states = carry
     all_done = done.all()  # no image left: the numpy loop had stopped before this step
     parts = []
     if steered is not None:
@@ -763,7 +762,6 @@ def _step(loop: _Loop, t: int | None, number: torch.Tensor, carry: tuple) -> tup
         new_true,
         history,
         done,
-        first_bad,
         steered,
         lm_states,
     )
