@@ -1,0 +1,166 @@
+"""``--precision``, ``--cuda-graphs`` and ``--gpu-preprocess`` (caption, eval, serve): the torch
+backend's GPU options from the command line. On this CPU-only machine the end-to-end test
+stands the GPU in with the CPU (the backend's device check answering "cpu" and the CUDA graph
+factory replaced by the eager stand-in), so what is checked is that each flag reaches the
+backend the command builds and that a caption still comes out; the refusals are checked as a
+user meets them (exit 2, one line naming the flag and what to add)."""
+
+from __future__ import annotations
+
+import json
+import shutil
+from pathlib import Path
+
+import pytest
+import torch
+
+import edgecap
+from edgecap.backends import _check_options
+from edgecap.backends import torch as torch_backend
+from edgecap.backends.torch_graphs import EagerGraph
+from edgecap.cli import build_parser, main
+from edgecap.commands._options import gpu_options
+
+CHELSEA = str(Path(edgecap.__file__).parent / "assets" / "examples" / "chelsea.png")
+
+
+class StandInCudaGraphs:
+    """``CudaGraphs(device)``'s interface over the eager stand-in, recording its device."""
+
+    made: list = []
+
+    def __init__(self, device):
+        self.device = device
+        StandInCudaGraphs.made.append(self)
+
+    def __call__(self, fn):
+        return EagerGraph(fn)
+
+
+def _args(*argv: str):
+    return build_parser().parse_args(["caption", CHELSEA, *argv])
+
+
+def test_every_flag_reaches_the_torch_backend(built, monkeypatch, capsys):
+    """fp16 = the FP16 decoder behind the FP32 encoder (the captions-keeping FP16 of
+    docs/gpu-search.md), graphs through the CUDA graph factory, frames prepared by the backend."""
+    monkeypatch.setattr(torch_backend, "_checked_device", lambda *args, **kwargs: "cpu")
+    monkeypatch.setattr(torch_backend, "CudaGraphs", StandInCudaGraphs)
+    StandInCudaGraphs.made.clear()
+    argv = ["caption", CHELSEA, "--backend", "torch", "--device", "cuda", "--max-length", "4"]
+    gpu = ["--precision", "fp16", "--cuda-graphs", "--gpu-preprocess"]
+    assert main([*argv, *gpu, "--no-progress"]) == 0
+    line = capsys.readouterr().out.strip()
+    assert line.startswith(CHELSEA + "\t") and len(line) > len(CHELSEA) + 1  # a caption came out
+    backend = built[-1].backend
+    assert backend.dtype == torch.float16 and backend.fp32_encoder
+    assert isinstance(backend.graph_factory, StandInCudaGraphs) and len(StandInCudaGraphs.made) == 1
+    assert backend.prepares_frames and backend.frame_preprocess is not None
+    assert "fp16 decoder, fp32 encoder, CUDA graphs" in backend.describe()
+    assert "preprocessing on the device" in backend.describe()
+
+    assert main([*argv, "--no-progress"]) == 0  # without the flags: none of it
+    capsys.readouterr()
+    plain = built[-1].backend
+    assert plain.dtype == torch.float32 and plain.graph_factory is None and not plain.prepares_frames
+
+
+@pytest.mark.parametrize(
+    "argv, keywords",
+    [
+        ([], {}),
+        (["--backend", "torch", "--precision", "fp32"], {}),  # torch's own: nothing to change
+        (
+            ["--backend", "torch", "--device", "cuda", "--precision", "fp16"],
+            {"fp16": True, "fp32_encoder": True},
+        ),
+        (["--backend", "torch", "--device", "cuda", "--cuda-graphs"], {"cuda_graphs": True}),
+        (["--backend", "torch", "--device", "cuda", "--gpu-preprocess"], {"preprocess": "device"}),
+        (["--backend", "tensorrt", "--precision", "fp32"], {"precision": "fp32"}),
+        (["--backend", "tensorrt", "--precision", "fp16"], {"precision": "fp16"}),
+    ],
+)
+def test_the_keywords_each_backend_gets(argv, keywords):
+    assert gpu_options(_args(*argv)) == keywords
+
+
+def test_the_keywords_are_the_backends_own():
+    """Each keyword is a parameter of the backend's class (a misspelt one would be refused by
+    ``load_backend`` only on a GPU, where the flags are used)."""
+    everything = gpu_options(
+        _args(
+            "--backend",
+            "torch",
+            "--device",
+            "cuda",
+            "--precision",
+            "fp16",
+            "--cuda-graphs",
+            "--gpu-preprocess",
+        )
+    )
+    assert set(everything) == {"fp16", "fp32_encoder", "cuda_graphs", "preprocess"}
+    _check_options(torch_backend.TorchBackend, "torch", everything)
+    from edgecap.backends.tensorrt import TensorRTBackend
+
+    _check_options(
+        TensorRTBackend, "tensorrt", gpu_options(_args("--backend", "tensorrt", "--precision", "fp16"))
+    )
+
+
+@pytest.mark.parametrize(
+    "argv, message",
+    [
+        (
+            ["--backend", "torch", "--cuda-graphs"],
+            "--cuda-graphs runs on a GPU: add --device cuda",
+        ),
+        (
+            ["--backend", "torch", "--device", "cpu", "--gpu-preprocess"],
+            "--gpu-preprocess runs on a GPU: add --device cuda",
+        ),
+        (
+            ["--backend", "torch", "--precision", "fp16"],
+            "--precision fp16 runs on a GPU: add --device cuda",
+        ),
+        (
+            ["--backend", "onnxruntime", "--cuda-graphs"],
+            "--cuda-graphs is the torch backend's: add --backend torch --device cuda",
+        ),
+        (
+            ["--backend", "tensorrt", "--gpu-preprocess"],
+            "--gpu-preprocess is the torch backend's: add --backend torch --device cuda",
+        ),
+        (
+            ["--backend", "onnxruntime", "--precision", "fp16"],
+            "--precision is for --backend torch or tensorrt: onnxruntime runs the model's own precision",
+        ),
+    ],
+)
+@pytest.mark.parametrize("command", ["caption", "eval"])
+def test_a_flag_the_backend_cannot_take_is_refused_before_loading(
+    command, argv, message, built, capsys, tmp_path
+):
+    """Exit 2 with one line naming the flag, and no model loaded (no Captioner made)."""
+    where = [CHELSEA]
+    if command == "eval":  # a one-photo split in COCO's caption JSON
+        shutil.copy(CHELSEA, tmp_path / "a.png")
+        references = {
+            "images": [{"id": 1, "file_name": "a.png"}],
+            "annotations": [{"id": 1, "image_id": 1, "caption": "a cat"}],
+        }
+        (tmp_path / "r.json").write_text(json.dumps(references))
+        where = ["--images", str(tmp_path), "--references", str(tmp_path / "r.json")]
+    assert main([command, *where, *argv]) == 2
+    err = capsys.readouterr().err
+    assert message in err and err.count("\n") == 1 and "Traceback" not in err
+    assert built == []
+
+
+def test_the_help_says_what_each_flag_does(capsys):
+    with pytest.raises(SystemExit):
+        main(["caption", "--help"])
+    text = " ".join(capsys.readouterr().out.split())
+    assert "--precision {fp32,fp16}" in text
+    assert "99.4% of FP32's captions" in text  # the % of the figure survives argparse's formatting
+    assert "--cuda-graphs" in text and "--gpu-preprocess" in text
