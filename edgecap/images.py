@@ -33,7 +33,8 @@ Hostile files (paths and encoded bytes; arrays and PIL images are already decode
   ``set_max_pixels(n)`` or ``EDGECAP_MAX_PIXELS=n``; both also raise Pillow's own process-wide
   guard (``PIL.Image.MAX_IMAGE_PIXELS``) so Pillow does not refuse what edgecap allows. edgecap
   keeps its own default: a program that sets ``PIL.Image.MAX_IMAGE_PIXELS = None`` changes
-  Pillow's guard, not edgecap's;
+  Pillow's guard, not edgecap's. Arrays and PIL images are held to the same limit, from their
+  shape and size;
 - decoding work is bounded before decoding, from the headers: a JPEG may have at most
   ``MAX_JPEG_SCANS`` scans (a progressive JPEG has about 10; each scan is a pass over the whole
   image), a TIFF only the compressions in ``TIFF_COMPRESSIONS`` (linear-time codecs), a BMP no
@@ -166,6 +167,13 @@ def pixel_limit_problem(width: int, height: int, subject: str = "image is") -> s
     )
 
 
+def _check_pixels(width: int, height: int, source: str, subject: str) -> None:
+    """An InputError for an already decoded picture (an array, a PIL image) over the limit."""
+    problem = pixel_limit_problem(width, height, subject)
+    if problem:
+        raise InputError(source, problem)
+
+
 def _bomb_problem(size: str, limit: int) -> str:
     """Why an opened image is refused; ``size``: its size in words ("W x H = N pixels")."""
     return (
@@ -239,6 +247,7 @@ def _load_rgb(image: ImageInput, color: str, draft_size: tuple[int, int] | None,
     if isinstance(image, np.ndarray):
         return Image.fromarray(array_to_rgb(image, color, source))
     if isinstance(image, Image.Image):
+        _check_pixels(image.width, image.height, source, "PIL image is")
         return pil_to_rgb(image, source)
     if isinstance(image, (str, os.PathLike)):
         return _decode(_read_file(image, source), source, draft_size)
@@ -448,6 +457,7 @@ def array_to_rgb(array: np.ndarray, color: str = "rgb", source: str | None = Non
     """A numpy image -> uint8 (H, W, 3) RGB. Accepts (H, W), (H, W, 1), (H, W, 3), (H, W, 4)."""
     source = source or describe(array)
     x = _check_shape(np.asarray(array), source)  # np.matrix and other subclasses: plain arrays
+    _check_pixels(x.shape[1], x.shape[0], source, "array is")
     x = _to_uint8(x, source)
     channels = x.shape[2]
     if channels == 1:

@@ -174,6 +174,26 @@ def test_bomb_limit_is_clear_and_can_be_raised(captioner, tmp_path, monkeypatch)
     assert captioner.caption(path).text
 
 
+def test_arrays_and_pil_images_are_held_to_the_limit_per_input(captioner, monkeypatch):
+    """An array or a PIL image over the limit is that input's InputError, as a file is: the other
+    inputs of the batch are still captioned. 40 wide x 30 high = 1,200 pixels, over 1,000;
+    30 x 20 = 600 pixels, under it."""
+    monkeypatch.setenv(images.MAX_PIXELS_ENV, "1000")
+    small = np.asarray(chelsea((30, 20)))
+    big_array, big_pil = np.asarray(chelsea((40, 30))), chelsea((40, 30))
+    results = captioner.caption_batch([small, big_array, big_pil, small], on_error="return")
+    assert isinstance(results[0], Caption) and results[0].text
+    assert isinstance(results[3], Caption) and results[3].text == results[0].text
+    expected = [("<array (30, 40, 3) uint8>", "array is"), ("<PIL image 40x30 RGB>", "PIL image is")]
+    for result, (source, subject) in zip(results[1:3], expected):
+        assert isinstance(result, InputError) and result.source == source
+        assert result.problem.startswith(f"{subject} 40x30 = 1,200 pixels, over the limit of 1,000")
+    with pytest.raises(InputError, match=r"<array \(30, 40, 3\) uint8>: .*1,200 pixels"):
+        captioner.caption(big_array)
+    iterated = list(captioner.iter_captions([big_array, small], on_error="return"))
+    assert isinstance(iterated[0], InputError) and isinstance(iterated[1], Caption)
+
+
 @pytest.mark.parametrize("name", [images.MAX_PIXELS_ENV, images.MAX_FILE_BYTES_ENV])
 @pytest.mark.parametrize("value", ["a lot", "-5"])
 def test_malformed_limit_fails_at_construction(tiny_model_dir, monkeypatch, name, value):

@@ -342,6 +342,38 @@ def test_env_var_limit(tmp_path, monkeypatch):
     _assert_input_error(path, str(path), "over the limit of 50")
 
 
+def _png(size) -> bytes:
+    buf = io.BytesIO()
+    _rgb(size=size).save(buf, format="PNG")
+    return buf.getvalue()
+
+
+# Every input kind is held to the same limit, not only paths and bytes: 11 wide x 10 high is
+# 110 pixels, over a limit of 100; 10 x 10 is 100 pixels, at the limit, and accepted.
+@pytest.mark.parametrize(
+    "make, source, subject",
+    [
+        (lambda w, h: np.zeros((h, w, 3), np.uint8), "<array (10, 11, 3) uint8>", "array is"),
+        (lambda w, h: np.zeros((h, w), np.float32), "<array (10, 11) float32>", "array is"),
+        (lambda w, h: np.zeros((h, w, 4), np.uint16), "<array (10, 11, 4) uint16>", "array is"),
+        (lambda w, h: Image.new("RGB", (w, h)), "<PIL image 11x10 RGB>", "PIL image is"),
+        (lambda w, h: _png((w, h)), f"<bytes ({len(_png((11, 10)))} bytes)>", "image is"),
+    ],
+    ids=["rgb array", "gray float array", "rgba uint16 array", "PIL image", "bytes"],
+)
+def test_every_input_kind_is_held_to_the_pixel_limit(monkeypatch, make, source, subject):
+    monkeypatch.setenv(images.MAX_PIXELS_ENV, "100")
+    for load in (images.load_rgb, images.load_rgb_array):  # load_rgb_array: a backend's own resize
+        with pytest.raises(InputError) as info:
+            load(make(11, 10))
+        assert info.value.source == source
+        assert info.value.problem.startswith(f"{subject} 11x10 = 110 pixels, over the limit of 100")
+        assert "set_max_pixels" in info.value.problem and images.MAX_PIXELS_ENV in info.value.problem
+        assert np.asarray(load(make(10, 10))).shape == (10, 10, 3)
+    images.set_max_pixels(110)  # raised in code: accepted
+    assert images.load_rgb_array(make(11, 10)).shape == (10, 11, 3)
+
+
 def test_bad_limits(monkeypatch):
     with pytest.raises(ValueError):
         images.set_max_pixels(0)
