@@ -388,3 +388,61 @@ def test_an_fp16_encoder_takes_the_frames_preprocessed_on_the_device(default_mod
     want = backend.encode(preprocess([Image.fromarray(f) for f in frames], manifest.preprocessing))
     for name, tensor in want.tensors.items():
         torch.testing.assert_close(encoded.tensors[name], tensor, rtol=0, atol=0)
+
+
+class SmallDevice(FramePreprocess):
+    """A device with room for ``room`` uploaded pixels at a time: a larger upload is CUDA's
+    out-of-memory error, as a batch of big frames on a small GPU meets it. Records each
+    upload's frames and sizes."""
+
+    def __init__(self, room: int):
+        super().__init__(PRE, CPU)
+        self.room = room
+        self.uploads: list[tuple[int, int, int]] = []  # (frames, height, width) of each tried
+
+    def normalised(self, pixels):
+        n, height, width = pixels.shape[:3]
+        self.uploads.append((n, height, width))
+        if n * height * width > self.room:
+            raise torch.OutOfMemoryError(f"CUDA out of memory. Tried to allocate {pixels.numel()} bytes")
+        return super().normalised(pixels)
+
+
+def test_frames_the_device_has_no_room_for_still_get_their_inputs(example_images):
+    """Two 600x520 frames that fit one at a time but not together go one by one; a 2448x3264
+    frame that fits not even alone is preprocessed on the host: every frame's encoder input is
+    still ``preprocess()``'s, in its slot, and so is the blank check; frames that fit go as
+    before (one upload per size)."""
+    rng = np.random.default_rng(7)
+    pair = [_frame(rng, 600, 520, smooth=True) for _ in range(2)]
+    big = _frame(rng, 2448, 3264, smooth=True)
+    photos = [np.asarray(load_rgb(str(p))) for p in example_images]
+    frames = [pair[0], photos[0], big, pair[1], np.full((100, 120, 3), 90, np.uint8)]
+    room = 600 * 520  # one 600x520 frame; the example photos are 640x427 or smaller
+    assert all(f.shape[0] * f.shape[1] <= room for f in (photos[0], frames[-1]))
+    prep = SmallDevice(room)
+    x, visible = prep(frames)
+    want = preprocess([Image.fromarray(f) for f in frames], PRE)
+    np.testing.assert_array_equal(x.numpy(), want)
+    assert visible.tolist() == [recognisable(w, PRE) for w in want] == [True, True, True, True, False]
+    assert sorted(prep.uploads) == sorted(
+        [
+            (2, 600, 520),
+            (1, 600, 520),
+            (1, 600, 520),
+            (1, *photos[0].shape[:2]),
+            (1, 2448, 3264),
+            (1, 100, 120),
+        ]
+    )  # the pair, then each of it; the big frame tried once, then the host's
+
+
+def test_an_error_other_than_out_of_memory_is_not_hidden(example_images):
+    """Only the device's out-of-memory error falls back: another failure is a bug to see."""
+
+    class Broken(FramePreprocess):
+        def normalised(self, pixels):
+            raise RuntimeError("an illegal memory access was encountered")
+
+    with pytest.raises(RuntimeError, match="illegal memory access"):
+        Broken(PRE, CPU)([np.asarray(load_rgb(str(example_images[0])))])

@@ -35,8 +35,9 @@ from collections.abc import Sequence
 
 import numpy as np
 import torch
+from PIL import Image
 
-from edgecap.preprocess import BLOCK, MIN_DETAIL, MIN_PIXEL_STD, Preprocessing
+from edgecap.preprocess import BLOCK, MIN_DETAIL, MIN_PIXEL_STD, Preprocessing, to_model_input
 from edgecap.trt import parse_version
 
 PRECISION_BITS = 22  # Pillow's fixed point for 8-bit images (32 - 8 - 2 bits)
@@ -137,15 +138,34 @@ class FramePreprocess:
         for i, frame in enumerate(frames):
             by_shape.setdefault(frame.shape, []).append(i)
         for members in by_shape.values():
-            pixels = torch.from_numpy(np.stack([frames[i] for i in members])).to(self.device)
-            x = self.resized(pixels).permute(0, 3, 1, 2).to(torch.float32)
-            # the host's two roundings: the product, then the sum (edgecap.preprocess)
-            x = x.mul_(self.scale).add_(self.offset)
+            x = self._inputs([frames[i] for i in members])
             if len(by_shape) == 1:  # frames of one size (a camera's): in order already
                 out = x.contiguous()
             else:
                 out.index_copy_(0, torch.from_numpy(np.asarray(members)).to(self.device), x)
         return out, self.recognisable(out)
+
+    def _inputs(self, group: list[np.ndarray]) -> torch.Tensor:
+        """Frames of one size -> their encoder inputs (n, 3, h, w) on the device. Where the
+        device runs out of memory for them (a batch of large frames on a small GPU), frame by
+        frame; a frame it has no room for alone is preprocessed on the host
+        (``edgecap.preprocess``, whose pixels these are): every frame gets its input, none
+        fails the others."""
+        try:
+            return self.normalised(torch.from_numpy(np.stack(group)).to(self.device))
+        except torch.OutOfMemoryError:
+            if self.device.type == "cuda":
+                torch.cuda.empty_cache()  # the failed attempt's blocks, for the smaller ones
+            if len(group) > 1:
+                return torch.cat([self._inputs([frame]) for frame in group])
+            host = to_model_input(Image.fromarray(group[0]), self.pre)
+            return torch.from_numpy(host[None]).to(self.device)
+
+    def normalised(self, pixels: torch.Tensor) -> torch.Tensor:
+        """uint8 (n, H, W, 3) -> the encoder input (n, 3, h, w) float32, resized and with the
+        host's two roundings: the product, then the sum (``edgecap.preprocess``)."""
+        x = self.resized(pixels).permute(0, 3, 1, 2).to(torch.float32)
+        return x.mul_(self.scale).add_(self.offset)
 
     def resized(self, pixels: torch.Tensor) -> torch.Tensor:
         """uint8 (n, H, W, 3) -> the model's size (n, h, w, 3), Pillow's pixels (uint8). Each
