@@ -36,7 +36,12 @@ onnxruntime's CUDA provider where they are missing). The report holds:
 7. the same rows for the TensorRT backend and onnxruntime's CUDA provider where they run;
 8. issue 24's targets: beam 3 batch 1 end to end <= 2.5 ms in the faster precision that keeps
    >= 98% of the captions, >= 5,000 captions/s at batch 64, FP16 >= 98% identical to FP32;
-9. what was skipped, and why.
+9. the command line (``COMMAND_LINE``): ``edgecap caption`` over the JPEG files' folder with
+   the torch backend, batch 64, plain and with its GPU flags (``--cuda-graphs``, then also
+   ``--precision fp16 --gpu-preprocess``), each in its own process: exit status, wall time
+   (start-up and model loading included), and the captions identical to the plain run's; on
+   the CPU the plain run only;
+10. what was skipped, and why.
 
 ``--compiled`` adds the device search compiled by ``torch.compile`` (``compile_search=True``),
 last, at beam 3 batch 1 only: each shape compiles first (a step's compile: 25 s cold on a
@@ -103,6 +108,17 @@ FP16_GRAPH_MODES = (
     "torch-cuda-fp16-graphs-device-prep-nhwc",
     "torch-cuda-fp16-fp32enc-graphs-device-prep-nhwc",
 )
+# ``edgecap caption``'s GPU flags, each run in its own process over the JPEG files (a user's
+# command), against the plain torch run's captions
+COMMAND_LINE = (
+    ("plain", ()),
+    ("--cuda-graphs", ("--cuda-graphs",)),
+    (
+        "--cuda-graphs --precision fp16 --gpu-preprocess",
+        ("--cuda-graphs", "--precision", "fp16", "--gpu-preprocess"),
+    ),
+)
+COMMAND_LINE_BATCH = 64
 T0 = time.perf_counter()
 
 
@@ -831,6 +847,79 @@ def files_against_memory(cap, files: list[Path], cuda: bool) -> list[dict]:
     return file_rate.measure(cap, [0, 2], files, file_rate.decoded(files), [1], rounds=1, beam=3)
 
 
+def command_line(
+    folder: Path, device: str, max_length: int, report: Report, timeout_s: float = 180
+) -> list[dict]:
+    """``edgecap caption FOLDER --backend torch --device DEVICE --batch-size 64 --json`` plain
+    and with each of ``COMMAND_LINE``'s flags (on the CPU: plain only, the flags being the
+    GPU's), each in its own process: exit status, wall seconds, captions/s over the wall time,
+    and how many captions equal the plain run's. A run that fails is a row with its exit status
+    and the last line it wrote on stderr."""
+    rows: list[dict] = []
+    plain: dict[str, str] | None = None
+    for label, flags in COMMAND_LINE if device == "cuda" else COMMAND_LINE[:1]:
+        if report.over_budget(f"command line: {label}"):
+            break
+        argv = [sys.executable, "-m", "edgecap", "caption", str(folder), "--backend", "torch"]
+        argv += ["--device", device, "--batch-size", str(COMMAND_LINE_BATCH), "--max-length", str(max_length)]
+        argv += ["--json", "--no-progress", *flags]
+        started = time.perf_counter()
+        try:
+            proc = subprocess.run(argv, capture_output=True, text=True, timeout=timeout_s, cwd=REPO)
+        except subprocess.TimeoutExpired:
+            report.skip(f"command line: {label}", f"did not finish in {timeout_s:.0f} s")
+            continue
+        seconds = time.perf_counter() - started
+        captions = {}
+        for line in proc.stdout.splitlines():
+            record = json.loads(line)
+            if record.get("caption") is not None:
+                captions[record["path"]] = record["caption"]
+        row = {
+            "flags": label,
+            "command": "edgecap caption FOLDER " + " ".join(argv[5:]),
+            "exit": proc.returncode,
+            "seconds": round(seconds, 2),
+            "captions": len(captions),
+            "captions_per_s": round(len(captions) / seconds, 1),
+        }
+        if proc.returncode != 0:
+            row["stderr"] = (proc.stderr.strip().splitlines() or [""])[-1][:300].replace("|", "/")
+        if plain is None:
+            plain = captions
+        else:
+            row["identical_to_plain"] = sum(captions.get(path) == text for path, text in plain.items())
+            row["of"] = len(plain)
+        rows.append(row)
+        log(f"command line {label}: exit {proc.returncode}, {len(captions)} captions in {seconds:.1f} s")
+    return rows
+
+
+def command_line_table(cli_rows: list[dict]) -> str:
+    """The report's command-line section from ``command_line``'s rows."""
+    return (
+        C.markdown_table(
+            ["flags", "exit", "wall s", "captions", "captions/s (wall)", "identical to plain"],
+            [
+                [
+                    r["flags"],
+                    r["exit"] if r["exit"] == 0 else f"**{r['exit']}**: {r.get('stderr', '')}",
+                    r["seconds"],
+                    r["captions"],
+                    r["captions_per_s"],
+                    f"{r['identical_to_plain']}/{r['of']}" if "of" in r else "-",
+                ]
+                for r in cli_rows
+            ],
+        )
+        + f"\n\n`edgecap caption FOLDER --backend torch --device DEVICE --batch-size {COMMAND_LINE_BATCH} "
+        "--json` over the JPEG files, each run in its own process: the wall time includes "
+        "start-up and loading the model."
+        if cli_rows
+        else "not run"
+    )
+
+
 def speedups(results: list[dict]) -> list[dict]:
     """What the graphs buy: eager / graphs, per precision and setting."""
     by = {r["label"]: r for r in results}
@@ -1092,6 +1181,7 @@ def markdown(data: dict) -> str:
         if file_rows
         else "not measured"
     ]
+    lines += ["", "## Command line", "", command_line_table(data.get("command_line") or [])]
     lines += ["", "## Peak GPU memory", ""]
     mem = [[r["label"], r["peak_gpu_mib"]] for r in data["modes"] if "peak_gpu_mib" in r]
     lines += [
@@ -1236,6 +1326,7 @@ def main(argv=None) -> int:
         # the report so far, after each mode: a run stopped from outside (a machine's time
         # limit) keeps the modes it finished
         write_report(data, results, report, device, out, name, partial=True)
+    data["command_line"] = command_line(Path(scratch.name), device, args.max_length, report)
     scratch.cleanup()
     if refs is not None and "skip" in _CIDER_NOTE:
         report.skip("CIDEr", _CIDER_NOTE["skip"])

@@ -22,6 +22,7 @@ SECTIONS = (
     "## Captions",
     "## Latency (ms)",
     "## Files against in-memory frames, beam 3",
+    "## Command line",
     "## Peak GPU memory",
     "## Targets",
     "## Skipped",
@@ -90,6 +91,11 @@ def test_gpu_check_on_the_cpu(tmp_path):
     assert all("file_rate" not in mode for mode in data["modes"][1:])
     assert "| 1 | 2 |" in text
     assert all(t["met"] is None for t in data["targets"])
+    # the command line, in its own process over the JPEG files: on the CPU the plain run only
+    (run,) = data["command_line"]
+    assert (run["flags"], run["exit"], run["captions"]) == ("plain", 0, 2) and "of" not in run
+    assert run["command"].startswith("edgecap caption FOLDER --backend torch --device cpu --batch-size 64")
+    assert f"| plain | 0 | {run['seconds']} | 2 |" in text
     skipped = {s["item"]: s["reason"] for s in data["skipped"]}
     assert "TensorRT and onnxruntime-gpu rows" in skipped
     assert "GPU, driver and CUDA versions" in skipped
@@ -249,6 +255,43 @@ def test_gpu_report_formats_cuda_results():
         modes = base + [mode("torch-cuda-fp32-graphs-device-compiled", 0.5, ident)]
         e2e = gpu_check.targets(modes, "cuda")[0]
         assert e2e["value"] == pytest.approx(ms) and e2e["target"].endswith(f"({label})")
+
+
+def test_the_command_line_rows_on_a_gpu(monkeypatch, tmp_path):
+    """On CUDA the three runs, each its own process with its flags: captions counted against
+    the plain run's by path, a failed run kept as a row with its exit status and last stderr
+    line (the processes stood in for: no GPU here)."""
+    sys.path.insert(0, str(SCRIPT.parent))
+    import gpu_check
+
+    outputs = [
+        ({"a.jpg": "a dog runs", "b.jpg": "a cat sits", "c.jpg": "a man"}, 0, ""),
+        ({"a.jpg": "a dog runs", "b.jpg": "a cat lies", "c.jpg": "a man"}, 0, ""),
+        ({}, 2, "edgecap caption: error: something\nedgecap caption: error: no GPU memory"),
+    ]
+    calls = []
+
+    def run(argv, **kwargs):
+        captions, code, err = outputs[len(calls)]
+        calls.append(argv)
+        lines = [json.dumps({"path": path, "caption": text}) for path, text in captions.items()]
+        lines.append(json.dumps({"path": "bad.jpg", "caption": None, "error": "not an image"}))
+        return subprocess.CompletedProcess(argv, code, "\n".join(lines) + "\n", err)
+
+    monkeypatch.setattr(gpu_check.subprocess, "run", run)
+    rows = gpu_check.command_line(tmp_path, "cuda", 20, gpu_check.Report(1e9))
+    assert [c[c.index("--json") + 2 :] for c in calls] == [
+        [],
+        ["--cuda-graphs"],
+        ["--cuda-graphs", "--precision", "fp16", "--gpu-preprocess"],
+    ]
+    assert all(c[3:5] == ["caption", str(tmp_path)] and "--device" in c for c in calls)
+    assert [r["captions"] for r in rows] == [3, 3, 0]
+    assert "of" not in rows[0] and (rows[1]["identical_to_plain"], rows[1]["of"]) == (2, 3)
+    assert rows[2]["exit"] == 2 and rows[2]["stderr"] == "edgecap caption: error: no GPU memory"
+    text = gpu_check.command_line_table(rows)
+    assert "| --cuda-graphs | 0 |" in text and "| 2/3 |" in text
+    assert "| **2**: edgecap caption: error: no GPU memory |" in text
 
 
 def test_gpu_report_written_after_each_mode_says_partial(tmp_path):
