@@ -99,9 +99,10 @@ def test_feature_caches_of_two_encoders_never_mix(tmp_path):
     from edgecap.training.shards import shard_dir
 
     pre = Preprocessing(size=(260, 260))
-    assert shard_dir(tmp_path, pre, encoder_tag(LITE2)) != shard_dir(tmp_path, pre)
-    # Lite0's key is the one every earlier cache was written with: those stay valid.
-    assert encoder_tag(DEFAULT_ENCODER) == ENCODER_TAG == "efficientnet-lite0-imagenet"
+    assert shard_dir(tmp_path, pre, encoder_tag(LITE2)) != shard_dir(tmp_path, pre, encoder_tag())
+    # Lite0's tag: its name (the whole tag of earlier caches) and its weights' checksum.
+    assert encoder_tag(DEFAULT_ENCODER).startswith(ENCODER_TAG + "/sha256:")
+    assert ENCODER_TAG == "efficientnet-lite0-imagenet"
 
 
 def test_a_checkpoint_remembers_its_encoder(tmp_path):

