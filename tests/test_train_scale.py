@@ -453,10 +453,13 @@ def test_extraction_resumes_after_an_interruption_and_recomputes_a_corrupt_shard
 
 def test_the_cache_is_keyed_by_the_preprocessing(tmp_path):
     from edgecap.preprocess import Preprocessing
+    from edgecap.training.features import encoder_tag
 
     assert shard_dir(tmp_path, Preprocessing()) == shard_dir(tmp_path, Preprocessing())
     assert shard_dir(tmp_path, Preprocessing()) != shard_dir(tmp_path, Preprocessing(size=(192, 192)))
     assert shard_dir(tmp_path, Preprocessing()) != shard_dir(tmp_path, Preprocessing(), "another-encoder")
+    # without a tag: the folder `edgecap train` fills, the default encoder's with its weights
+    assert shard_dir(tmp_path, Preprocessing()) == shard_dir(tmp_path, Preprocessing(), encoder_tag())
 
 
 def test_more_images_extend_the_cache_and_keep_its_full_shards(tmp_path):

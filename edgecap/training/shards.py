@@ -39,7 +39,7 @@ from edgecap.files import FileProblem, check_regular, open_regular
 from edgecap.manifest import file_sha256
 from edgecap.models.config import DEFAULT_ENCODER
 from edgecap.training.config import MAX_SHARD_SIZE
-from edgecap.training.features import ENCODER_TAG, cache_key, cache_name, encoder_tag, progress_bar
+from edgecap.training.features import cache_key, cache_name, encoder_tag, progress_bar
 from edgecap.training.records import MAX_RECORD_BYTES, Record, read_record, shown
 
 FORMAT = "edgecap-feature-shards/2"  # /1 named photos by path alone: a new plan
@@ -50,8 +50,10 @@ class FeatureCacheError(ModelError):
     """A shard cache that cannot be used as it is; the message names the file and the fix."""
 
 
-def shard_dir(cache_dir: Path, preprocessing, encoder_tag: str = ENCODER_TAG) -> Path:
-    return Path(cache_dir) / f"shards-{cache_key(preprocessing, encoder_tag)}"
+def shard_dir(cache_dir: Path, preprocessing, tag: str | None = None) -> Path:
+    """The shard cache's folder for these preprocessing and encoder (``features.encoder_tag``:
+    its name and weights; None: the default encoder's, as ``edgecap train`` makes it)."""
+    return Path(cache_dir) / f"shards-{cache_key(preprocessing, encoder_tag() if tag is None else tag)}"
 
 
 def _shard_path(directory: Path, s: int, suffix: str = ".npy") -> Path:
