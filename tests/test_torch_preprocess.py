@@ -5,6 +5,7 @@ blank-frame check, and a Captioner whose captions, errors and blank frames are t
 from __future__ import annotations
 
 import io
+import weakref
 
 import numpy as np
 import pytest
@@ -446,3 +447,49 @@ def test_an_error_other_than_out_of_memory_is_not_hidden(example_images):
 
     with pytest.raises(RuntimeError, match="illegal memory access"):
         Broken(PRE, CPU)([np.asarray(load_rgb(str(example_images[0])))])
+
+
+class ForgetfulDevice(SmallDevice):
+    """``SmallDevice`` that also keeps a weak reference to each upload it had no room for and
+    notes, at each later step (an upload, the host's preprocessing), which of them still live."""
+
+    def __init__(self, room: int):
+        super().__init__(room)
+        self.refused: list = []  # weak references to the uploads refused
+        self.alive_at_retry: list[int] = []  # how many refused uploads lived at each later step
+
+    def note(self):
+        self.alive_at_retry.append(sum(ref() is not None for ref in self.refused))
+
+    def normalised(self, pixels):
+        self.note()
+        if pixels.shape[0] * pixels.shape[1] * pixels.shape[2] > self.room:
+            self.refused.append(weakref.ref(pixels))
+        return super().normalised(pixels)
+
+
+def test_an_upload_the_device_had_no_room_for_is_freed_before_the_retries(monkeypatch):
+    """The frames that did not fit together are tried one by one, and a frame that did not fit
+    alone goes to the host, only once the failed attempt's tensors are gone: an out-of-memory
+    error's traceback holds them (PyTorch's FAQ: recover outside the ``except`` clause), and on
+    a small GPU the retries would meet the same shortage. Two 60x50 frames with room for one:
+    the pair's upload is refused, then each frame fits; a 90x80 frame is refused, then goes to
+    the host."""
+    from edgecap.backends import torch_preprocess
+
+    rng = np.random.default_rng(3)
+    frames = [_frame(rng, 60, 50, smooth=True) for _ in range(2)] + [_frame(rng, 90, 80, smooth=True)]
+    prep = ForgetfulDevice(60 * 50)
+    to_host = torch_preprocess.to_model_input
+
+    def on_the_host(image, pre):
+        prep.note()
+        return to_host(image, pre)
+
+    monkeypatch.setattr(torch_preprocess, "to_model_input", on_the_host)
+    x, _ = prep(frames)
+    np.testing.assert_array_equal(x.numpy(), preprocess([Image.fromarray(f) for f in frames], PRE))
+    assert len(prep.refused) == 2  # the pair, then the 90x80 frame
+    # at each step: the pair's upload (steps 2-3: the frames one by one) and the 90x80 frame's
+    # (step 5: the host) already freed
+    assert prep.alive_at_retry == [0, 0, 0, 0, 0]

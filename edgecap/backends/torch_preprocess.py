@@ -154,12 +154,13 @@ class FramePreprocess:
         try:
             return self.normalised(torch.from_numpy(np.stack(group)).to(self.device))
         except torch.OutOfMemoryError:
-            if self.device.type == "cuda":
-                torch.cuda.empty_cache()  # the failed attempt's blocks, for the smaller ones
-            if len(group) > 1:
-                return torch.cat([self._inputs([frame]) for frame in group])
-            host = to_model_input(Image.fromarray(group[0]), self.pre)
-            return torch.from_numpy(host[None]).to(self.device)
+            pass  # retried below: the error's traceback holds the failed attempt's tensors
+        if self.device.type == "cuda":
+            torch.cuda.empty_cache()  # the failed attempt's blocks, for the smaller ones
+        if len(group) > 1:
+            return torch.cat([self._inputs([frame]) for frame in group])
+        host = to_model_input(Image.fromarray(group[0]), self.pre)
+        return torch.from_numpy(host[None]).to(self.device)
 
     def normalised(self, pixels: torch.Tensor) -> torch.Tensor:
         """uint8 (n, H, W, 3) -> the encoder input (n, 3, h, w) float32, resized and with the
