@@ -493,3 +493,23 @@ def test_an_upload_the_device_had_no_room_for_is_freed_before_the_retries(monkey
     # at each step: the pair's upload (steps 2-3: the frames one by one) and the 90x80 frame's
     # (step 5: the host) already freed
     assert prep.alive_at_retry == [0, 0, 0, 0, 0]
+
+
+def test_out_of_memory_falls_back_on_a_torch_before_2_5(monkeypatch):
+    """pyproject allows torch 2.1; ``torch.OutOfMemoryError`` came in torch 2.5, and before it
+    CUDA's out-of-memory error was ``torch.cuda.OutOfMemoryError`` only (since 2.5 the same
+    class). On such a torch a batch the device has no room for still goes frame by frame, not
+    an AttributeError for the whole batch."""
+    out_of_memory = torch.cuda.OutOfMemoryError
+    monkeypatch.delattr(torch, "OutOfMemoryError")  # torch 2.1-2.4
+
+    class OneAtATime(FramePreprocess):
+        def normalised(self, pixels):
+            if pixels.shape[0] > 1:
+                raise out_of_memory("CUDA out of memory. Tried to allocate 2 frames")
+            return super().normalised(pixels)
+
+    rng = np.random.default_rng(5)
+    frames = [_frame(rng, 60, 50, smooth=True) for _ in range(2)]
+    x, _ = OneAtATime(PRE, CPU)(frames)
+    np.testing.assert_array_equal(x.numpy(), preprocess([Image.fromarray(f) for f in frames], PRE))

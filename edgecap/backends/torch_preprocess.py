@@ -40,6 +40,8 @@ from PIL import Image
 from edgecap.preprocess import BLOCK, MIN_DETAIL, MIN_PIXEL_STD, Preprocessing, to_model_input
 from edgecap.trt import parse_version
 
+# torch.OutOfMemoryError since torch 2.5 (the same class); torch.cuda's name since 1.13
+OUT_OF_MEMORY = torch.cuda.OutOfMemoryError
 PRECISION_BITS = 22  # Pillow's fixed point for 8-bit images (32 - 8 - 2 bits)
 SUPPORTED_RESAMPLE = ("bilinear",)
 # the device's taps kept per (input size, output size), least recently used dropped beyond this
@@ -153,7 +155,7 @@ class FramePreprocess:
         fails the others."""
         try:
             return self.normalised(torch.from_numpy(np.stack(group)).to(self.device))
-        except torch.OutOfMemoryError:
+        except OUT_OF_MEMORY:
             pass  # retried below: the error's traceback holds the failed attempt's tensors
         if self.device.type == "cuda":
             torch.cuda.empty_cache()  # the failed attempt's blocks, for the smaller ones
