@@ -135,6 +135,10 @@ def test_the_keywords_are_the_backends_own():
             ["--backend", "onnxruntime", "--precision", "fp16"],
             "--precision is for --backend torch or tensorrt: onnxruntime runs the model's own precision",
         ),
+        (  # not silently the model's own: an FP16 model would run FP16 though fp32 was asked for
+            ["--backend", "onnxruntime", "--precision", "fp32"],
+            "--precision is for --backend torch or tensorrt: onnxruntime runs the model's own precision",
+        ),
     ],
 )
 @pytest.mark.parametrize("command", ["caption", "eval"])
