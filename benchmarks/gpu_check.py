@@ -885,9 +885,9 @@ def command_line(
         }
         if proc.returncode != 0:
             row["stderr"] = (proc.stderr.strip().splitlines() or [""])[-1][:300].replace("|", "/")
-        if plain is None:
+        if label == "plain":
             plain = captions
-        else:
+        elif plain is not None:  # None: the plain run did not finish, nothing to compare with
             row["identical_to_plain"] = sum(captions.get(path) == text for path, text in plain.items())
             row["of"] = len(plain)
         rows.append(row)

@@ -294,6 +294,34 @@ def test_the_command_line_rows_on_a_gpu(monkeypatch, tmp_path):
     assert "| **2**: edgecap caption: error: no GPU memory |" in text
 
 
+def test_a_plain_run_that_timed_out_is_no_one_elses_reference(monkeypatch, tmp_path):
+    """When the plain run does not finish in time, the flagged runs have no plain captions to be
+    compared with ("-"), not the first flagged run's captions counted as "identical to plain"
+    (the processes stood in for: the plain one times out, the two flagged ones differ on b.jpg)."""
+    sys.path.insert(0, str(SCRIPT.parent))
+    import gpu_check
+
+    outputs = [None, {"a.jpg": "a dog", "b.jpg": "a cat"}, {"a.jpg": "a dog", "b.jpg": "a cow"}]
+    calls = []
+
+    def run(argv, **kwargs):
+        captions = outputs[len(calls)]
+        calls.append(argv)
+        if captions is None:
+            raise subprocess.TimeoutExpired(argv, kwargs["timeout"])
+        lines = [json.dumps({"path": path, "caption": text}) for path, text in captions.items()]
+        return subprocess.CompletedProcess(argv, 0, "\n".join(lines) + "\n", "")
+
+    monkeypatch.setattr(gpu_check.subprocess, "run", run)
+    report = gpu_check.Report(1e9)
+    rows = gpu_check.command_line(tmp_path, "cuda", 20, report)
+    assert [r["flags"] for r in rows] == ["--cuda-graphs", "--cuda-graphs --precision fp16 --gpu-preprocess"]
+    assert all("of" not in r for r in rows)
+    assert "identical_to_plain" not in rows[1]
+    assert [s["item"] for s in report.data["skipped"]] == ["command line: plain"]
+    assert "| 2 | " in gpu_check.command_line_table(rows) and "/2 |" not in gpu_check.command_line_table(rows)
+
+
 def test_gpu_report_written_after_each_mode_says_partial(tmp_path):
     """The report is rewritten after each mode (a run stopped from outside keeps the modes it
     finished), flagged partial until the end."""
