@@ -704,6 +704,51 @@ def test_step_ops_counts_the_device_search_steps(tmp_path, monkeypatch):
     assert [r["others"] - b["others"] for r, b in zip(after, before)] == [1.0] * len(before)
 
 
+# the shape of TorchInductor's output code (torch 2.13): the wrapper's ``call`` runs the generated
+# kernels (C++ functions on the CPU, Triton kernels' ``.run`` on a GPU) and what it leaves to ATen
+COMPILED_WRAPPER = """
+cpp_fused_above_the_wrapper_0 = async_compile.cpp_pybinding(['float*'], r'...')
+
+
+class Runner:
+    def __init__(self, partitions):
+        self.partitions = partitions
+
+    def call(self, args):
+        arg0_1, arg1_1 = args
+        args.clear()
+        assert_size_stride(arg0_1, (3, ), (1, ), 'input')
+        buf0 = empty_strided_cpu((3, 512), (512, 1), torch.float32)
+        cpp_fused_index_select_0(arg0_1, buf0)
+        # Original ATen: [aten.t, aten.addmm]
+        extern_kernels.addmm(arg1_1, buf0, reinterpret_tensor(arg1_1, (512, 8), (1, 512), 0),
+            alpha=1, beta=1, out=buf1)
+        buf2 = torch.ops.aten.topk.default(buf1, 10, 1, True, True)
+        buf3 = buf2[1]
+        del buf2
+        triton_poi_fused_add_1.run(buf0, buf3, 12, stream=stream0)
+        buf4 = torch.ops.aten.sort.stable(reinterpret_tensor(buf3, (1, 12), (0, 1), 0), stable=True)
+        extern_kernels.mm(buf0, buf3, out=buf5)
+        extern_kernels.addmm(arg1_1, buf0, buf5, alpha=1, beta=1, out=buf6)
+        buf7 = buf6; del buf6  # reuse
+        return (buf7, )
+
+
+def benchmark_compiled_module(args, times=10, repeat=10):
+    cpp_fused_outside_the_wrapper_2(args)
+"""
+
+
+def test_step_ops_counts_what_a_compiled_graphs_wrapper_launches():
+    """``--compiled`` reads what one compiled step launches from the wrapper's ``call``: its
+    generated kernels (a C++ and a Triton one here) and each operation left to ATen by name;
+    allocations, views, assertions, comments and code outside ``call`` are no launches.
+    Counted by hand: 2 generated, addmm 2, mm 1, topk 1, sort 1."""
+    import step_ops
+
+    assert step_ops.wrapper_calls(COMPILED_WRAPPER) == (2, {"addmm": 2, "topk": 1, "sort": 1, "mm": 1})
+
+
 def test_fp16_emulation_variants_compute_in_fp16_on_the_cpu():
     """The variants' captioner really runs FP16 (the backend refuses fp16 on the CPU; the script
     builds it through ``_setup``): with the word-logit island, with and without the FP32 encoder,
