@@ -864,10 +864,12 @@ def command_line(
         argv += ["--device", device, "--batch-size", str(COMMAND_LINE_BATCH), "--max-length", str(max_length)]
         argv += ["--json", "--no-progress", *flags]
         started = time.perf_counter()
+        # each run within what is left of --budget-s (at least 30 s), so the check ends in time
+        limit = min(timeout_s, max(30.0, report.budget_s - (started - T0)))
         try:
-            proc = subprocess.run(argv, capture_output=True, text=True, timeout=timeout_s, cwd=REPO)
+            proc = subprocess.run(argv, capture_output=True, text=True, timeout=limit, cwd=REPO)
         except subprocess.TimeoutExpired:
-            report.skip(f"command line: {label}", f"did not finish in {timeout_s:.0f} s")
+            report.skip(f"command line: {label}", f"did not finish in {limit:.0f} s")
             continue
         seconds = time.perf_counter() - started
         captions = {}
@@ -1326,7 +1328,10 @@ def main(argv=None) -> int:
         # the report so far, after each mode: a run stopped from outside (a machine's time
         # limit) keeps the modes it finished
         write_report(data, results, report, device, out, name, partial=True)
-    data["command_line"] = command_line(Path(scratch.name), device, args.max_length, report)
+    try:  # failing, it must not lose the report of the modes
+        data["command_line"] = command_line(Path(scratch.name), device, args.max_length, report)
+    except Exception as exc:
+        report.skip("command line", f"failed: {type(exc).__name__}: {exc}")
     scratch.cleanup()
     if refs is not None and "skip" in _CIDER_NOTE:
         report.skip("CIDEr", _CIDER_NOTE["skip"])

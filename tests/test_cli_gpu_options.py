@@ -76,6 +76,7 @@ def test_every_flag_reaches_the_torch_backend(built, monkeypatch, capsys):
         ),
         (["--backend", "torch", "--device", "cuda", "--cuda-graphs"], {"cuda_graphs": True}),
         (["--backend", "torch", "--device", "cuda", "--gpu-preprocess"], {"preprocess": "device"}),
+        (["--backend", "onnxruntime", "--precision", "fp32"], {}),  # the shipped model's own
         (["--backend", "tensorrt", "--precision", "fp32"], {"precision": "fp32"}),
         (["--backend", "tensorrt", "--precision", "fp16"], {"precision": "fp16"}),
     ],
@@ -131,13 +132,10 @@ def test_the_keywords_are_the_backends_own():
             ["--backend", "tensorrt", "--gpu-preprocess"],
             "--gpu-preprocess is the torch backend's: add --backend torch --device cuda",
         ),
-        (
+        (  # the shipped model is FP32 (its manifest): onnxruntime cannot run it in FP16
             ["--backend", "onnxruntime", "--precision", "fp16"],
-            "--precision is for --backend torch or tensorrt: onnxruntime runs the model's own precision",
-        ),
-        (  # not silently the model's own: an FP16 model would run FP16 though fp32 was asked for
-            ["--backend", "onnxruntime", "--precision", "fp32"],
-            "--precision is for --backend torch or tensorrt: onnxruntime runs the model's own precision",
+            "--precision fp16: onnxruntime runs the model's own precision, and the shipped model is "
+            "fp32: make an FP16 copy with `edgecap convert ",
         ),
     ],
 )
@@ -168,3 +166,43 @@ def test_the_help_says_what_each_flag_does(capsys):
     assert "--precision {fp32,fp16}" in text
     assert "99.4% of FP32's captions" in text  # the % of the figure survives argparse's formatting
     assert "--cuda-graphs" in text and "--gpu-preprocess" in text
+
+
+def _fp16_model(tmp_path) -> Path:
+    """The shipped model's files under a manifest that says FP16 (what `edgecap convert` writes
+    there): only the manifest is read before the model loads."""
+    shipped = Path(edgecap.__file__).parent / "assets" / "default"
+    model = tmp_path / "fp16-model"
+    model.mkdir()
+    for path in shipped.iterdir():
+        if path.name != "manifest.json":
+            (model / path.name).symlink_to(path)
+    manifest = json.loads((shipped / "manifest.json").read_text())
+    manifest["precision"] = "fp16"
+    (model / "manifest.json").write_text(json.dumps(manifest))
+    return model
+
+
+def test_onnxruntime_takes_the_precision_its_model_has(tmp_path, built, capsys):
+    """An FP16 model with --precision fp16 runs as it is; --precision fp32 asks for what
+    onnxruntime cannot give it: refused, naming the model and what to pass instead (not run
+    silently in FP16)."""
+    model = str(_fp16_model(tmp_path))
+    assert gpu_options(_args("--backend", "onnxruntime", "--model", model, "--precision", "fp16")) == {}
+    argv = ["caption", CHELSEA, "--backend", "onnxruntime", "--model", model, "--precision", "fp32"]
+    assert main(argv) == 2
+    err = capsys.readouterr().err
+    assert (
+        f"--precision fp32: onnxruntime runs the model's own precision, and the model {model} is "
+        "fp16: pass an FP32 model with --model DIR"
+    ) in err
+    assert err.count("\n") == 1 and built == []
+
+
+@pytest.mark.skipif(torch.cuda.is_available(), reason="needs a torch without CUDA")
+def test_no_cuda_is_said_in_the_flags_words(capsys):
+    """The backend's message names the API's device='cuda'; the command line says its flag."""
+    assert main(["caption", CHELSEA, "--backend", "torch", "--device", "cuda"]) == 2
+    err = capsys.readouterr().err
+    assert "--device cuda but this torch has no usable CUDA GPU; use --device cpu or install" in err
+    assert "device='" not in err

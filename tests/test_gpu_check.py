@@ -418,3 +418,26 @@ def test_the_latency_of_a_device_preprocessing_mode_hands_the_frames_to_the_devi
     (row,) = gpu_check.latency(cap, timed, frames, args)
     assert calls == [2]
     assert row["encoder_p50_ms"] > 0
+
+
+def test_each_command_line_run_is_limited_to_what_is_left_of_the_budget(monkeypatch, tmp_path):
+    """100 s spent: with --budget-s 160 a run gets the 60 s left, with 110 the 30 s floor, with a
+    budget to spare the 180 s cap (the processes stood in for, recording their timeouts)."""
+    sys.path.insert(0, str(SCRIPT.parent))
+    import time
+
+    import gpu_check
+
+    timeouts = []
+
+    def run(argv, **kwargs):
+        timeouts.append(kwargs["timeout"])
+        return subprocess.CompletedProcess(
+            argv, 0, json.dumps({"path": "a.jpg", "caption": "a dog"}) + "\n", ""
+        )
+
+    monkeypatch.setattr(gpu_check.subprocess, "run", run)
+    monkeypatch.setattr(gpu_check, "T0", time.perf_counter() - 100)
+    for budget in (160, 110, 1e9):
+        gpu_check.command_line(tmp_path, "cpu", 20, gpu_check.Report(budget))
+    assert 55 < timeouts[0] <= 60 and timeouts[1:] == [30.0, 180]

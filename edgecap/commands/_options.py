@@ -11,6 +11,7 @@ from edgecap.backends import NAMES, resolve
 from edgecap.backends._checks import max_threads
 from edgecap.contract import Limits
 from edgecap.decoding import CaptionOptions
+from edgecap.errors import BackendError
 from edgecap.decoding.options import (
     LENGTH_PENALTY_RANGE,
     MAX_BATCH_SIZE,
@@ -23,6 +24,8 @@ from edgecap.prefetch import DEFAULT_CPU_DECODE_WORKERS, MAX_DECODE_WORKERS, MAX
 
 DEFAULTS = {f.name: f.default for f in fields(CaptionOptions)}
 PRECISIONS = ("fp32", "fp16")  # --precision
+# the backends' messages name the Python API's device argument; the command line, its flag
+DEVICE_WORDS = {"device='cuda'": "--device cuda", "device='cpu'": "--device cpu"}
 
 
 def _range(name: str) -> str:
@@ -98,12 +101,12 @@ def add_model_arguments(p: argparse.ArgumentParser) -> None:
     p.add_argument(
         "--precision",
         choices=PRECISIONS,
-        help="the arithmetic on a GPU (default: the backend's own: torch fp32, tensorrt fp16 "
-        "engines). fp16 with --backend torch --device cuda: the decoder in FP16 behind the "
-        "FP32 encoder (99.4%% of FP32's captions in a CPU emulation of FP16; on an NVIDIA "
-        "H200 no faster than FP32: for GPUs with faster FP16); with --backend tensorrt: the "
-        "engines' precision. onnxruntime runs the model's own precision: make an FP16 model "
-        "with edgecap convert (see docs/precision.md)",
+        help="the arithmetic (default: the backend's own: torch fp32, tensorrt fp16 engines, "
+        "onnxruntime the model's). fp16 with --backend torch --device cuda: the decoder in FP16 "
+        "behind the FP32 encoder (99.4%% of FP32's captions in a CPU emulation of FP16; on an "
+        "NVIDIA H200 no faster than FP32: for GPUs with faster FP16); with --backend tensorrt: "
+        "the engines' precision; with onnxruntime it must be the model's own (an FP16 model: "
+        "edgecap convert; see docs/precision.md)",
     )
     p.add_argument(
         "--cuda-graphs",
@@ -257,11 +260,8 @@ def gpu_options(args: argparse.Namespace) -> dict:
     if torch_only and backend != "torch":
         raise ValueError(f"{torch_only[0]} is the torch backend's: add --backend torch --device cuda")
     if backend == "onnxruntime" and precision is not None:
-        raise ValueError(
-            "--precision is for --backend torch or tensorrt: onnxruntime runs the model's own "
-            "precision (make an FP16 copy with `edgecap convert MODEL --precision fp16 --out DIR` "
-            "and pass --model DIR)"
-        )
+        _check_model_precision(args.model, precision)
+        return {}
     if backend == "tensorrt":
         return {} if precision is None else {"precision": precision}
     wanted = torch_only + (["--precision fp16"] if precision == "fp16" else [])
@@ -275,6 +275,28 @@ def gpu_options(args: argparse.Namespace) -> dict:
     if on_gpu:
         keywords["preprocess"] = "device"
     return keywords
+
+
+def _check_model_precision(model: str | None, precision: str) -> None:
+    """onnxruntime runs the model's own precision: ``--precision`` must be the model's (read
+    from its manifest), else a ``ValueError`` saying which model to pass instead."""
+    from edgecap.api import default_model_dir
+    from edgecap.manifest import load_manifest
+
+    manifest = load_manifest(default_model_dir() if model is None else model)
+    if manifest.precision == precision:
+        return
+    where = "the shipped model" if model is None else f"the model {model}"
+    instead = (
+        f"make an FP16 copy with `edgecap convert {manifest.directory} --precision fp16 --out DIR` "
+        "and pass --model DIR"
+        if precision == "fp16"
+        else "pass an FP32 model with --model DIR (the shipped one, or `edgecap export`'s)"
+    )
+    raise ValueError(
+        f"--precision {precision}: onnxruntime runs the model's own precision, and {where} is "
+        f"{manifest.precision}: {instead}; or --backend torch or tensorrt, which choose it on a GPU"
+    )
 
 
 def load_captioner(args: argparse.Namespace):
@@ -296,6 +318,11 @@ def load_captioner(args: argparse.Namespace):
         )
     except ValueError as exc:
         raise ValueError(in_flag_words(str(exc), args)) from exc
+    except BackendError as exc:  # "device='cuda' but ...": the backends' words for the API's
+        message = str(exc)
+        for python, flag in DEVICE_WORDS.items():
+            message = message.replace(python, flag)
+        raise BackendError(message) from exc
 
 
 def in_flag_words(message: str, args: argparse.Namespace) -> str:
