@@ -673,6 +673,37 @@ def test_the_compiled_device_search_captions_as_the_numpy_search(shipped, monkey
     assert len(made) == 2 and torch._dynamo.utils.counters["stats"]["unique_graphs"] > graphs
 
 
+def test_the_compiled_step_compiles_once_per_shape_plain_and_in_the_decode_graph(tiny_model_dir, monkeypatch):
+    """``compile_search=True`` compiles once per batch shape (``_compiled_step``), whether the
+    search runs plain or inside the whole-decode graph: both run in inference mode. Before, the
+    graph's ran under ``no_grad`` and the plain one under ``inference_mode``, so the tensors'
+    dispatch keys failed dynamo's guards and a shape used both ways compiled twice (12-25 s a
+    shape on a 2-core CPU). Dynamo's frame count, a counting backend standing in for
+    TorchInductor: plain, graphed, plain, graphed at 2 images: 1; the same at 3 images: 2."""
+    from torch._dynamo.testing import CompileCounter
+
+    backend = TorchBackend(load_manifest(tiny_model_dir), device="cpu", search="device")
+    counter = CompileCounter()
+    torch._dynamo.reset()  # no graphs of other tests' compiles of ``_step``
+    compiled = torch.compile(device_module._step, fullgraph=True, dynamic=False, backend=counter)
+    monkeypatch.setattr(device_module, "_compiled_step", lambda: compiled)
+    options = CaptionOptions(beam_size=3, max_length=6, n_best=2)
+    rng = np.random.default_rng(0)
+
+    def search(n: int, capture) -> list:
+        backend.device_search = TorchDeviceSearch(backend, capture, compiled=True)
+        encoded = backend.encode(rng.normal(size=(n, 3, 224, 224)).astype(np.float32))
+        return backend.device_search(encoded, options, START, END, None, None)
+
+    try:
+        for n, compiles in ((2, 1), (3, 2)):
+            for capture in (None, EagerGraph, None, EagerGraph):
+                assert len(search(n, capture)) == n
+            assert counter.frame_count == compiles
+    finally:
+        torch._dynamo.reset()
+
+
 def test_torch_step_is_the_backend_session(tiny_model_dir):
     """``TorchStep`` (what the device search drives on a GPU) and the backend's own session
     give the same search on a tiny random model (a step with h/c on the device)."""

@@ -78,8 +78,10 @@ class TorchDeviceSearch:
         )
         inputs = search.inputs(plan, None, rules.tag_words, rules.fusion_weights)
         lms = None if rules.fusion is None else search.lms(rules.fusion)
+        # both forms in inference mode: a compiled step (compile_search) traced in one grad mode
+        # fails dynamo's guards in the other (the tensors' dispatch keys) and compiles again
         if self.graphs is not None:
-            with torch.no_grad():
+            with torch.inference_mode():
                 packed = self.graphs.run(plan, encoded.tensors, inputs, lms)
                 result = packed.cpu()
         else:
