@@ -953,3 +953,153 @@ def test_the_address_announced_for_an_ipv6_host_is_a_usable_url(capsys):
         "edgecap serve: listening on http://[::1]:8765 (POST /caption, GET /health)",
         "edgecap serve: listening on http://127.0.0.1:8765 (POST /caption, GET /health)",
     ]
+
+
+# -- mutation sampling of edgecap/serve.py, second round: batching, queue time, timeouts, stop ---
+def test_a_request_given_up_while_queued_does_not_stop_the_batcher():
+    """A request whose handler is cancelled while its image waits for the model (what aiohttp does
+    when the client goes away, for an app run with handler_cancellation=True: docs/service.md's
+    in-process use) is dropped when its batch is done, and the worker goes on: the next request
+    is answered ("4 bytes", the fake's caption for b"late"), not left waiting forever."""
+    fake = BlockingCaptioner()
+
+    async def main():
+        batcher = Batcher(fake, max_batch=4, max_wait_s=0)
+        worker = asyncio.get_running_loop().create_task(batcher.run())
+        try:
+            first = asyncio.ensure_future(batcher.submit(b"first"))
+            assert await asyncio.to_thread(fake.entered.acquire, timeout=CLIENT_TIMEOUT_S)
+            gone = asyncio.ensure_future(batcher.submit(b"gone"))
+            await asyncio.sleep(0)  # queued behind b"first", which the model has
+            gone.cancel()
+            fake.gate.set()
+            await first
+            late = asyncio.ensure_future(batcher.submit(b"late"))
+            done, _ = await asyncio.wait(
+                {late, worker}, timeout=CLIENT_TIMEOUT_S, return_when=asyncio.FIRST_COMPLETED
+            )
+            assert late in done, f"the worker ended: {worker}"
+            return late.result(), gone.cancelled()
+        finally:
+            worker.cancel()
+            batcher.close()
+
+    (caption, size, _), gone_cancelled = asyncio.run(main())
+    assert (caption.text, size, gone_cancelled) == ("4 bytes", 1, True)
+
+
+def test_the_services_batches_wait_max_wait_ms_in_milliseconds():
+    """ServiceOptions(max_wait_ms=400) is a 0.4 s wait in the service's own batcher: requests at
+    0, 250, 550, 560 and 570 ms (the loop's virtual clock) with batches of up to 3 are batched
+    [2, 3], as in test_a_batch_waits_at_most_max_wait_ms_after_its_first_request (a 4 s wait
+    would give [3, 2]: the first three together, full at 550 ms)."""
+    from aiohttp import web
+
+    fake = BlockingCaptioner(batch_size=3)
+    fake.gate.set()
+    service = CaptionService(fake, ServiceOptions(max_wait_ms=400))
+
+    async def main():
+        runner = web.AppRunner(service.app)
+        await runner.setup()  # on_startup: the service's batcher and its worker
+
+        async def at(delay: float, data: bytes):
+            await asyncio.sleep(delay)
+            return await service.batcher.submit(data)
+
+        try:
+            return await asyncio.gather(*(at(t, b"x") for t in (0, 0.25, 0.55, 0.56, 0.57)))
+        finally:
+            await runner.cleanup()
+
+    loop = _VirtualClockLoop()
+    try:
+        answers = loop.run_until_complete(main())
+    finally:
+        loop.close()
+    assert fake.batches == [2, 3]
+    assert [size for _, size, _ in answers] == [2, 2, 3, 3, 3]
+
+
+def test_queue_ms_is_the_wait_for_the_model_not_the_models_own_time(monkeypatch):
+    """Docs: queue_ms is "the wait for the model". Two images queued at once with max_batch 1, on
+    a clock that only the model moves (5 s a run): the first waited 0 ms, the second 5,000 ms
+    (the first's run); neither counts its own run (that would be 5,000 and 10,000)."""
+    import edgecap.serve
+
+    now = [100.0]
+    monkeypatch.setattr(edgecap.serve, "time", SimpleNamespace(perf_counter=lambda: now[0]))
+
+    class FiveSecondModel(BlockingCaptioner):
+        def caption_batch(self, images, on_error="raise"):
+            results = super().caption_batch(images, on_error)
+            now[0] += 5.0
+            return results
+
+    fake = FiveSecondModel()
+    fake.gate.set()
+
+    async def main():
+        batcher = Batcher(fake, max_batch=1, max_wait_s=0)
+        worker = asyncio.get_running_loop().create_task(batcher.run())
+        try:
+            return await asyncio.gather(batcher.submit(b"a"), batcher.submit(b"bb"))
+        finally:
+            worker.cancel()
+            batcher.close()
+
+    answers = asyncio.run(main())
+    assert [(c.text, size, queue_ms) for c, size, queue_ms in answers] == [
+        ("1 bytes", 1, 0.0),
+        ("2 bytes", 1, 5000.0),
+    ]
+
+
+def test_a_stalled_body_is_answered_408_when_read_timeout_s_has_passed():
+    """read_timeout_s 0.3 and a body that never comes: the 408 is given 0.3 s (the loop's virtual
+    clock, exact) after the read began, not later."""
+    service = CaptionService(BlockingCaptioner(), ServiceOptions(read_timeout_s=0.3))
+
+    async def never():
+        await asyncio.Event().wait()
+
+    stalled = SimpleNamespace(content_type="image/png", content_length=1000, read=never)
+
+    async def main():
+        loop = asyncio.get_running_loop()
+        began = loop.time()
+        answer = await service.caption(stalled)
+        return answer, loop.time() - began
+
+    loop = _VirtualClockLoop()
+    try:
+        answer, waited = loop.run_until_complete(main())
+    finally:
+        loop.close()
+    assert (answer.status, json.loads(answer.text)) == (
+        408,
+        {"error": "the body did not arrive within 0.3 s"},
+    )
+    assert waited == pytest.approx(0.3)
+    assert service.pending == 0
+
+
+def test_a_second_signal_during_the_stop_changes_nothing(caplog):
+    """Ctrl-C, then SIGTERM while the service stops (it waits up to 60 s for the requests in
+    flight, so a second signal is likely): serve() returns the first, SIGINT (exit 130), and the
+    second is no error (asyncio would log "Exception in callback" with a traceback)."""
+    from edgecap.serve import serve
+
+    previous = {sig: signal.getsignal(sig) for sig in (signal.SIGINT, signal.SIGTERM)}
+
+    def twice(port):
+        os.kill(os.getpid(), signal.SIGINT)
+        os.kill(os.getpid(), signal.SIGTERM)
+
+    try:
+        stopped_by = serve(CaptionService(BlockingCaptioner(), ServiceOptions()), "127.0.0.1", 0, ready=twice)
+    finally:
+        for sig, handler in previous.items():
+            signal.signal(sig, handler)
+    assert stopped_by == signal.SIGINT
+    assert [r.getMessage() for r in caplog.records if r.levelname == "ERROR"] == []
