@@ -45,7 +45,7 @@ def encoder_tag(encoder: str = DEFAULT_ENCODER) -> str:
 
 
 # EfficientNet-Lite0's name alone: the key of caches written before the weights' checksum was
-# in it, and ``shards.shard_dir``'s default (synthetic caches); real caches use ``encoder_tag``.
+# in it (the start of ``encoder_tag()`` now); caches use ``encoder_tag``.
 ENCODER_TAG = f"{DEFAULT_ENCODER}-imagenet"
 CACHE_FORMAT = "edgecap-feature-cache/3"  # /1 by file name, /2 by path alone: recomputed
 
