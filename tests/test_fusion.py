@@ -9,6 +9,7 @@ import os
 import shutil
 import sys
 from functools import partial
+from pathlib import Path
 
 import numpy as np
 import pytest
@@ -393,3 +394,77 @@ def test_a_model_directorys_gate_is_the_one_written(tmp_path):
     probs = np.array([[0.0, 1.0], [0.5, 0.5], [0.75, 0.25], [1.0, 0.0]])
     np.testing.assert_allclose(loaded(probs), [1.0, 0.5, 0.25, 0.0], atol=1e-6)
     assert loaded.to_json() == gate
+
+
+# -- the language models' trainer and installer (edgecap.training.language_model) ----------------
+def _random_lm(path, vocab_size: int, vocab_sha256: str, perplexities=(1.0,), seed: int = 3):
+    """A random caption LM (embed 4, hidden 3) at ``path`` with the JSON beside it that the
+    trainer writes (only the fields ``install`` reads)."""
+    rng = np.random.default_rng(seed)
+    arrays = {
+        "embed": rng.normal(size=(vocab_size, 4)),
+        "w_ih": rng.normal(size=(12, 4)),
+        "w_hh": rng.normal(size=(12, 3)),
+        "bias": np.zeros(12),
+        "out_w": rng.normal(size=(vocab_size, 3)) * 3,
+        "out_b": np.zeros(vocab_size),
+    }
+    np.savez(path, **arrays)
+    history = [{"epoch": i + 1, "dev_perplexity": p} for i, p in enumerate(perplexities)]
+    path.with_suffix(".json").write_text(json.dumps({"vocab_sha256": vocab_sha256, "history": history}))
+    return path
+
+
+def test_an_install_refused_for_its_in_domain_lm_leaves_the_model_as_it_was(default_model_dir, tmp_path):
+    """A copy of the shipped model (its own fusion.json and LMs); installing a new everyday LM
+    with an in-domain LM trained on another vocabulary is refused, and the model directory is
+    left as it was: every file byte for byte, so it still loads and captions as before (was: the
+    everyday LM copied in before the in-domain one was checked, so the refused install left
+    a fusion.json whose checksum no longer matched: the model would not load)."""
+    from edgecap import Captioner
+    from edgecap.manifest import file_sha256
+    from edgecap.training.language_model import install
+
+    model = tmp_path / "model"
+    shutil.copytree(default_model_dir, model)
+    before = {p.name: p.read_bytes() for p in model.iterdir()}
+    vocab_size = json.loads((model / "manifest.json").read_text())["dims"]["vocab_size"]
+    everyday = _random_lm(tmp_path / "everyday.npz", vocab_size, file_sha256(model / "vocab.json"))
+    in_domain = _random_lm(tmp_path / "in_domain.npz", vocab_size, "0" * 64, seed=4)
+    with pytest.raises(SystemExit, match="in_domain.npz: trained on another vocabulary"):
+        install(model, everyday, in_domain, 1.5)
+    assert {p.name: p.read_bytes() for p in model.iterdir()} == before
+    photo = "edgecap/assets/examples/coffee.png"
+    assert Captioner(model).caption(photo).text == Captioner(default_model_dir).caption(photo).text
+
+
+def test_installing_lms_with_a_gate_into_a_model_that_has_lms_fits_it_and_records_the_best_epochs(
+    default_model_dir, tmp_path
+):
+    """Installed into a copy of the shipped model, which has LMs already, with the gate fitted
+    on two example photos: fusion.json names the new LMs (float16 copies of their arrays) with
+    each one's best (lowest) dev perplexity of its epochs, and a gate fitted on 2 photos (was:
+    the new LMs copied in first, then the Captioner that fits the gate found the old
+    fusion.json's checksums wrong and install failed with a ModelError, the model left broken)."""
+    from edgecap.decoding.fusion import Fusion
+    from edgecap.manifest import file_sha256
+    from edgecap.training.language_model import install
+
+    model = tmp_path / "model"
+    shutil.copytree(default_model_dir, model)
+    vocab_size = json.loads((model / "manifest.json").read_text())["dims"]["vocab_size"]
+    sha = file_sha256(model / "vocab.json")
+    everyday = _random_lm(tmp_path / "everyday.npz", vocab_size, sha, perplexities=(9.5, 7.25, 8.0))
+    in_domain = _random_lm(tmp_path / "in_domain.npz", vocab_size, sha, perplexities=(6.5,), seed=4)
+    photos = [Path("edgecap/assets/examples") / name for name in ("coffee.png", "rocket.jpg")]
+    install(model, everyday, in_domain, 0.75, gate_photos=photos)
+    spec = json.loads((model / "fusion.json").read_text())
+    assert spec["weight"] == 0.75
+    assert (spec["everyday"]["dev_perplexity"], spec["in_domain"]["dev_perplexity"]) == (7.25, 6.5)
+    assert spec["gate"]["fitted_on"] == "2 training photos of the caption model"
+    fusion = Fusion.load(model, vocab_size, n_classes=1000)
+    with np.load(everyday) as arrays:
+        np.testing.assert_array_equal(
+            fusion.everyday.arrays["out_w"], arrays["out_w"].astype(np.float16).astype(np.float32)
+        )
+    assert fusion.gate is not None

@@ -192,6 +192,10 @@ def install(
         "weight": weight,
         "method": "density ratio: weight * (log p_everyday - log p_in_domain)",
     }
+    # Everything is checked and read (and the gate fitted, by a Captioner that loads the model's
+    # current fusion) before any file of the model directory is replaced: a refused install
+    # leaves it as it was, not with LMs that its fusion.json's checksums no longer match.
+    checked = []
     for role, source in (("everyday", Path(everyday)), ("in_domain", Path(in_domain))):
         from edgecap.files import FileProblem, read_json
         from edgecap.training.records import shown
@@ -204,25 +208,26 @@ def install(
             raise SystemExit(f"{shown(source.with_suffix('.json'))}: not a JSON object")
         if meta.get("vocab_sha256") != vocab_sha:
             raise SystemExit(f"{source}: trained on another vocabulary than {model_dir}'s")
-        name = f"lm_{role}.npz"
         # stored as float16 (half the bytes of a model that ships in the package; the numpy
         # runtime computes in float32)
         with np.load(source, allow_pickle=False) as arrays:
-            np.savez_compressed(
-                Path(model_dir) / name, **{k: arrays[k].astype(np.float16) for k in arrays.files}
-            )
-        spec[role] = {
-            "file": name,
-            "sha256": file_sha256(Path(model_dir) / name),
+            half = {k: arrays[k].astype(np.float16) for k in arrays.files}
+        info = {
             "trained_on": meta.get("trained_on"),
             "captions": meta.get("captions"),
             "hidden": meta.get("hidden"),
             "embed": meta.get("embed"),
             "dev_perplexity": min(e["dev_perplexity"] for e in meta["history"]),
         }
-    if gate_photos:
+        checked.append((role, half, info))
+    gate = gate_from_photos(model_dir, gate_photos) if gate_photos else None
+    for role, half, info in checked:
+        name = f"lm_{role}.npz"
+        np.savez_compressed(Path(model_dir) / name, **half)
+        spec[role] = {"file": name, "sha256": file_sha256(Path(model_dir) / name), **info}
+    if gate is not None and gate_photos:
         spec["gate"] = {
-            **gate_from_photos(model_dir, gate_photos).to_json(),
+            **gate.to_json(),
             "fitted_on": f"{len(gate_photos)} training photos of the caption model",
         }
     path = Path(model_dir) / FUSION_FILE
