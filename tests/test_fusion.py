@@ -397,6 +397,110 @@ def test_a_model_directorys_gate_is_the_one_written(tmp_path):
 
 
 # -- the language models' trainer and installer (edgecap.training.language_model) ----------------
+def test_the_lm_trainer_keeps_captions_of_a_word_or_more_cut_to_max_words():
+    """``encode_all``: <start>, the words (<unk> for one the vocabulary lacks), <end>; a caption
+    with no word is dropped, one of more than ``max_words`` (2) words keeps its first 2 and its
+    <end>, one of exactly 2 is kept whole. Ids: <pad> 0, <start> 1, <end> 2, <unk> 3, then
+    a 4, dog 5, runs 6."""
+    from edgecap.training.language_model import encode_all
+    from edgecap.vocab import SPECIALS, Vocabulary
+
+    vocab = Vocabulary([*SPECIALS, "a", "dog", "runs"])
+    got = encode_all(["a dog runs fast", "dog", "", "...", "zebra", "a dog"], vocab, max_words=2)
+    assert got == [[1, 4, 5, 2], [1, 5, 2], [1, 3, 2], [1, 4, 5, 2]]
+
+
+def _train_lm(tmp_path, model_dir, captions: list[str], *options: str):
+    """Train a caption LM (embed 4, hidden 3, no dropout) with the module's command line;
+    -> (the .npz, its JSON, the epochs' lines it printed but the last)."""
+    from edgecap.training.language_model import main
+
+    text = tmp_path / "captions.txt"
+    text.write_text("\n".join(captions) + "\n")
+    out = tmp_path / "lm.npz"
+    argv = ["--text", str(text), "--model", str(model_dir), "--out", str(out)]
+    main([*argv, "--embed", "4", "--hidden", "3", "--dropout", "0", *options])
+    return out, json.loads(out.with_suffix(".json").read_text())
+
+
+def _numpy_perplexity(npz, rows: list[list[int]]) -> float:
+    """exp of the mean over every predicted word (each word after <start>, and <end>) of
+    -log p(word | the words before it), run by the runtime's numpy LM on the written weights."""
+    import math
+
+    with np.load(npz) as arrays:
+        lm = CaptionLM(dict(arrays))
+    nll, words = 0.0, 0
+    for ids in rows:
+        h, c = lm.zero_state(1)
+        for now, following in zip(ids, ids[1:]):
+            logp, h, c = lm.step(np.array([now]), h, c)
+            nll, words = nll - float(logp[0, following]), words + 1
+    return math.exp(nll / words)
+
+
+def test_the_lm_trainers_dev_perplexity_is_the_written_weights_per_word(tmp_path, default_model_dir):
+    """With every caption held out (--dev-fraction 1: no training step), the dev perplexity the
+    trainer reports is that of the weights it writes, as the numpy LM runs them (torch's two
+    LSTM biases summed, gate order i, f, g, o), per predicted word: 1 + 2 + 4 + 9 words and an
+    <end> each = 20, the padding of the shorter captions in a batch of 2 not counted. The JSON
+    says what it was trained on and the model vocabulary's checksum."""
+    from edgecap.manifest import file_sha256
+    from edgecap.vocab import Vocabulary
+
+    captions = ["dogs", "a dog", "a dog runs fast", "a man rides a red bike down the street"]
+    out, meta = _train_lm(
+        tmp_path, default_model_dir, captions, "--dev-fraction", "1", "--epochs", "1", "--batch-size", "2"
+    )
+    vocab = Vocabulary.load(default_model_dir / "vocab.json")
+    rows = [vocab.encode(c) for c in captions]
+    assert sum(len(r) - 1 for r in rows) == 20
+    [epoch] = meta["history"]
+    assert epoch["dev_perplexity"] == pytest.approx(_numpy_perplexity(out, rows), rel=1e-5)
+    assert meta["captions"] == {"train": 0, "dev": 4}
+    assert (meta["vocab_size"], meta["embed"], meta["hidden"]) == (len(vocab), 4, 3)
+    assert meta["vocab_sha256"] == file_sha256(default_model_dir / "vocab.json")
+
+
+def test_the_lm_trainer_keeps_the_weights_of_its_best_dev_epoch(tmp_path, default_model_dir, capsys):
+    """10 copies of one caption; the default dev share (2%: 0.2 captions) still holds one out,
+    and it is the same caption. Epoch 1 learns it (Adam, lr 0.05), epoch 2 runs at lr -0.05
+    (--lr-decay -1: gradient ascent on the same caption), so its dev perplexity is worse: the
+    written weights are epoch 1's (their numpy perplexity is epoch 1's printed figure)."""
+    from edgecap.vocab import Vocabulary
+
+    caption = "a dog runs on the grass"
+    options = ("--epochs", "2", "--lr", "0.05", "--lr-decay", "-1", "--batch-size", "3")
+    out, meta = _train_lm(tmp_path, default_model_dir, [caption] * 10, *options)
+    printed = [json.loads(line) for line in capsys.readouterr().out.splitlines()[:-1]]
+    assert [e["epoch"] for e in printed] == [1, 2]
+    first, second = (e["dev_perplexity"] for e in printed)
+    assert second > first
+    row = Vocabulary.load(default_model_dir / "vocab.json").encode(caption)
+    assert _numpy_perplexity(out, [row]) == pytest.approx(first, rel=1e-5)
+    assert meta["captions"] == {"train": 9, "dev": 1}
+
+
+def test_the_lm_trainers_learning_rate_is_multiplied_by_the_decay_after_each_epoch(
+    tmp_path, default_model_dir, monkeypatch
+):
+    """--lr 0.01 --lr-decay 0.5 over 3 epochs of one batch each (4 captions, 1 held out): the
+    optimiser's steps run at 0.01, 0.005 and 0.0025."""
+    import torch
+
+    rates: list[float] = []
+
+    class Recording(torch.optim.Adam):
+        def step(self, closure=None):
+            rates.append(self.param_groups[0]["lr"])
+            return super().step(closure)
+
+    monkeypatch.setattr(torch.optim, "Adam", Recording)
+    captions = ["a dog", "a dog runs", "two dogs play", "a cat sleeps"]
+    _train_lm(tmp_path, default_model_dir, captions, "--epochs", "3", "--lr", "0.01", "--lr-decay", "0.5")
+    assert rates == pytest.approx([0.01, 0.005, 0.0025], rel=1e-12)
+
+
 def _random_lm(path, vocab_size: int, vocab_sha256: str, perplexities=(1.0,), seed: int = 3):
     """A random caption LM (embed 4, hidden 3) at ``path`` with the JSON beside it that the
     trainer writes (only the fields ``install`` reads)."""
