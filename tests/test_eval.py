@@ -145,6 +145,34 @@ def test_check_images_names_every_missing_image(tmp_path):
     check_images(items[:1], tmp_path)  # all present: no error
 
 
+def test_load_references_takes_exactly_one_source_and_no_karpathy_split_for_coco(tmp_path):
+    """COCO JSON and a Flickr8k token file together, or neither, is a ValueError (not one of
+    them chosen silently); a Karpathy split asked of a COCO JSON is refused, not ignored (which
+    would score every image of the file instead of the split's)."""
+    tokens, split = flickr_files(tmp_path, ["rocket.jpg"])
+    coco = coco_json(tmp_path / "r.json", {"a.png": ["A cat."]})
+    for given in ({"references": coco, "captions": tokens, "split": split}, {}):
+        with pytest.raises(ValueError, match="give either references"):
+            load_references(**given)
+    with pytest.raises(ValueError, match=r"r\.json: a Karpathy split was given, but this is not a Karpathy"):
+        load_references(coco, karpathy_split="test")
+
+
+def test_check_images_counts_a_folder_as_missing_and_names_the_first_five(tmp_path):
+    """A folder named like a listed image is not the image (refused before any captioning); six
+    missing: the first five named and "(and 1 more)"; exactly five: all five, nothing more."""
+    (tmp_path / "folder.png").mkdir()
+    names = ["folder.png", "m1.png", "m2.png", "m3.png", "m4.png", "m5.png"]
+    items = [CaptionedImage(name, ["x"], i) for i, name in enumerate(names)]
+    shown = "folder.png, m1.png, m2.png, m3.png, m4.png"
+    with pytest.raises(FileNotFoundError) as six:
+        check_images(items, tmp_path)
+    assert str(six.value) == f"6 of 6 listed images are not in {tmp_path}: {shown} (and 1 more)"
+    with pytest.raises(FileNotFoundError) as five:
+        check_images(items[:5], tmp_path)
+    assert str(five.value) == f"5 of 5 listed images are not in {tmp_path}: {shown}"
+
+
 # -- results and metrics ------------------------------------------------------------------------
 def test_results_json_is_coco_results_format(tmp_path):
     items = read_coco(
@@ -240,6 +268,22 @@ def test_caption_split_gives_each_image_its_own_caption_and_counts_every_batch(t
     assert done == [2, 2, 1]
     with pytest.raises(ImageFailure, match="p3.png: not an image"):
         caption_split(_NamingCaptioner(2, broken={"p3.png"}), items, tmp_path)
+
+
+def test_caption_split_names_every_failure_of_the_batch_that_stops_it(tmp_path):
+    """Batches of 2 (p0 p1, p2 p3, p4): p2 and p3 broken, both named and kept in ``failures``;
+    p1 and p4 broken, the split stops after the first batch, naming p1 only."""
+    from edgecap.evaluation.evaluate import ImageFailure, caption_split
+
+    items = read_coco(coco_json(tmp_path / "r.json", {f"p{i}.png": ["x"] for i in range(5)}))
+    with pytest.raises(ImageFailure) as both:
+        caption_split(_NamingCaptioner(2, broken={"p2.png", "p3.png"}), items, tmp_path)
+    assert [f.source for f in both.value.failures] == ["p2.png", "p3.png"]
+    assert both.value.problem.startswith("2 images could not be read")
+    assert both.value.problem.endswith(": p2.png: not an image; p3.png: not an image")
+    with pytest.raises(ImageFailure) as first:
+        caption_split(_NamingCaptioner(2, broken={"p1.png", "p4.png"}), items, tmp_path)
+    assert [f.source for f in first.value.failures] == ["p1.png"]
 
 
 def test_score_split_with_java_asks_for_every_metric_with_the_ptb_tokenizer(monkeypatch):
