@@ -198,6 +198,97 @@ def test_a_weights_file_whose_header_lies_is_refused(checkpoint):
 
 
 @torch_needed
+@pytest.mark.parametrize("fmt", ["edgecap-checkpoint/2", None])
+def test_a_checkpoint_of_another_format_is_refused(checkpoint, fmt):
+    """checkpoint.json of another format version (or with none) is refused before anything is
+    read from it: its layout cannot be trusted to mean what this one's does."""
+    from edgecap.models.checkpoint import load_checkpoint
+
+    _meta(checkpoint, format=fmt)
+    with pytest.raises(
+        ModelError, match=f"unknown checkpoint format '?{fmt}'?, expected edgecap-checkpoint/1"
+    ):
+        load_checkpoint(checkpoint)
+
+
+def _light_encoder(monkeypatch):
+    """load_checkpoint's pretrained encoder built with random weights (no weights file read)."""
+    from edgecap.models import checkpoint as module
+    from edgecap.models.efficientnet_lite import EfficientNetLite
+
+    monkeypatch.setattr(module, "load_pretrained", lambda variant: EfficientNetLite(variant))
+
+
+@torch_needed
+def test_a_vocabulary_of_another_size_than_the_decoders_is_refused(checkpoint, monkeypatch):
+    """vocab.json with one word more than the decoder's vocab_size: every word id past the
+    decoder's would be a wrong word, so the checkpoint is refused, naming both sizes."""
+    from edgecap.models.checkpoint import load_checkpoint
+    from edgecap.vocab import Vocabulary
+
+    vocab = Vocabulary.load(checkpoint / "vocab.json")
+    n = len(vocab)
+    Vocabulary([*vocab.words, "zzextra"]).save(checkpoint / "vocab.json")
+    _light_encoder(monkeypatch)
+    with pytest.raises(ModelError, match=f"vocab.json has {n + 1} words, the decoder {n}"):
+        load_checkpoint(checkpoint)
+
+
+@torch_needed
+def test_a_weights_file_missing_a_decoder_tensor_is_refused_before_allocating(checkpoint, monkeypatch):
+    """model.safetensors without decoder.init_h.weight: refused from its header, naming the
+    tensor, before any tensor is read or any decoder built."""
+    from safetensors.torch import load_file, save_file
+
+    from edgecap.models import checkpoint as module
+
+    weights = checkpoint / "model.safetensors"
+    tensors = load_file(str(weights))
+    del tensors["decoder.init_h.weight"]
+    save_file(tensors, str(weights))
+
+    def never(*args, **kwargs):
+        raise AssertionError("weights read / decoder built before the shapes were checked")
+
+    monkeypatch.setattr(module, "load_file", never)
+    monkeypatch.setattr(module, "load_pretrained", never)
+    with pytest.raises(ModelError, match=r"model.safetensors: decoder.init_h.weight is missing"):
+        module.load_checkpoint(checkpoint)
+
+
+@torch_needed
+@pytest.mark.parametrize("change", ["encoder tensor missing", "decoder tensor unknown"])
+def test_a_fine_tuned_checkpoint_with_a_tensor_missing_or_unknown_is_refused(checkpoint, change, monkeypatch):
+    """A fine-tuned checkpoint (encoder weights saved) whose weights file lacks one of the
+    encoder's tensors, or holds a decoder tensor the decoder does not have: refused (not
+    loaded with the pretrained value in its place, or the stray tensor ignored)."""
+    import torch
+    from safetensors.torch import load_file, save_file
+
+    from edgecap.models.checkpoint import load_checkpoint, save_checkpoint
+    from edgecap.models.decoder import CaptionDecoder, DecoderConfig
+    from edgecap.models.efficientnet_lite import EfficientNetLite
+    from edgecap.preprocess import Preprocessing
+    from edgecap.vocab import Vocabulary
+
+    meta = json.loads((checkpoint / "checkpoint.json").read_text())
+    decoder = CaptionDecoder(DecoderConfig(**meta["decoder"]))
+    vocab = Vocabulary.load(checkpoint / "vocab.json")
+    save_checkpoint(checkpoint, decoder, vocab, Preprocessing(), {}, encoder=EfficientNetLite())
+    _light_encoder(monkeypatch)
+    load_checkpoint(checkpoint)  # whole, it loads
+    weights = checkpoint / "model.safetensors"
+    tensors = load_file(str(weights))
+    if change == "encoder tensor missing":
+        del tensors["encoder._conv_stem.weight"]
+    else:
+        tensors["decoder.stray.weight"] = torch.zeros(2)
+    save_file(tensors, str(weights))
+    with pytest.raises(ModelError, match="cannot load the checkpoint"):
+        load_checkpoint(checkpoint)
+
+
+@torch_needed
 def test_export_refuses_a_checkpoint_pipe_and_a_metrics_pipe_in_one_line(checkpoint, tmp_path, capsys):
     pytest.importorskip("onnx")
     from edgecap.cli import main
