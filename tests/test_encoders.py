@@ -121,6 +121,27 @@ def test_a_checkpoint_remembers_its_encoder(tmp_path):
     assert encoder.variant == LITE2 and meta["encoder"] == LITE2 and pre.size == (260, 260)
 
 
+def test_a_fine_tuned_encoder_is_saved_under_its_own_variant(tmp_path):
+    """A fine-tuned Lite2 (here random weights) saved with ``encoder_name`` left at its default
+    (Lite0): the encoder's own variant is the one recorded, so the checkpoint loads as Lite2
+    with the tuned weights (named Lite0, its Lite2 tensors would not fit a Lite0)."""
+    from edgecap.models.checkpoint import load_checkpoint, save_checkpoint
+    from edgecap.models.decoder import CaptionDecoder, DecoderConfig
+    from edgecap.models.efficientnet_lite import EfficientNetLite
+    from edgecap.vocab import Vocabulary
+
+    vocab = Vocabulary.build(["a dog runs on the grass", "two cats sit on a red mat"], min_count=1)
+    decoder = CaptionDecoder(
+        DecoderConfig(vocab_size=len(vocab), hidden_dim=16, feature_dim=16, embed_dim=8, attention_dim=8)
+    )
+    tuned = EfficientNetLite(LITE2)
+    save_checkpoint(tmp_path / "ck", decoder, vocab, Preprocessing(size=(260, 260)), {}, encoder=tuned)
+    encoder, _, _, _, meta = load_checkpoint(tmp_path / "ck")
+    assert (meta["encoder"], meta["finetuned_encoder"], encoder.variant) == (LITE2, True, LITE2)
+    for name, value in tuned.state_dict().items():
+        assert torch.equal(encoder.state_dict()[name], value), name
+
+
 @pytest.fixture(scope="module")
 def lite2_model_dir(lite2, tmp_path_factory):
     pytest.importorskip("onnxruntime")
