@@ -289,6 +289,44 @@ def test_a_checkpoint_stopped_between_its_renames_is_recovered_whole(tmp_path):
     assert sorted(p.name for p in tmp_path.iterdir()) == ["last"]
 
 
+def test_a_first_checkpoint_stopped_while_being_written_is_dropped(tmp_path):
+    """No checkpoint yet, and a half-written ``last.new`` (the first save stopped while writing;
+    a whole one only ever stands beside ``last.old``): it is removed, not taken as ``last``."""
+    from edgecap.models.checkpoint import recover
+
+    (tmp_path / "last.new").mkdir()
+    (tmp_path / "last.new" / "a.txt").write_text("epo")
+    recover(tmp_path / "last")
+    assert list(tmp_path.iterdir()) == []
+
+
+def test_a_stop_between_the_renames_of_replacing_keeps_the_new_checkpoint(tmp_path, monkeypatch):
+    """``replacing`` stopped right after its first rename (``last`` -> ``last.old``), its second
+    not made: ``recover`` takes the new folder, so the checkpoint is epoch 2's (the old one is
+    removed only once the new one has its name, never before)."""
+    from edgecap.models import checkpoint
+
+    last = tmp_path / "last"
+    with checkpoint.replacing(last) as folder:
+        (folder / "a.txt").write_text("epoch 1")
+    real, renames = os.replace, []
+
+    def replace_once(src, dst):
+        renames.append((Path(src).name, Path(dst).name))
+        if len(renames) == 2:
+            raise KeyboardInterrupt
+        real(src, dst)
+
+    monkeypatch.setattr(checkpoint.os, "replace", replace_once)
+    with pytest.raises(KeyboardInterrupt), checkpoint.replacing(last) as folder:
+        (folder / "a.txt").write_text("epoch 2")
+    monkeypatch.undo()
+    assert renames == [("last", "last.old"), ("last.new", "last")]
+    checkpoint.recover(last)
+    assert (last / "a.txt").read_text() == "epoch 2"
+    assert sorted(p.name for p in tmp_path.iterdir()) == ["last"]
+
+
 @pytest.mark.skipif(not os.path.isdir("/proc/self/fd"), reason="names an open file through /proc")
 def test_a_checkpoints_files_reach_the_disk_before_the_renames_name_it(tmp_path, monkeypatch):
     """A power cut after the renames must not leave ``last`` naming files whose data was still in
