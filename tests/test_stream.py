@@ -14,6 +14,7 @@ import sys
 import threading
 import time
 from pathlib import Path
+from types import SimpleNamespace
 
 import numpy as np
 import pytest
@@ -497,7 +498,7 @@ class FakeCv2:
                 if self.read_count >= fake.n_frames:
                     return False, None
                 self.read_count += 1
-                return True, np.full((4, 6, 3), self.read_count, np.uint8)
+                return True, np.full((4, 6, 3), self.read_count % 256, np.uint8)  # any number of frames
 
             def release(self):
                 self.released.set()
@@ -646,3 +647,94 @@ def test_a_frame_larger_than_its_header_said_is_refused_over_the_pixel_limit(mon
     with pytest.raises(InputError, match="frame 2: video frames are 8x6 = 48 pixels, over the limit of 30"):
         got.extend(video_frames(video_file))
     assert len(got) == 2
+
+
+# -- mutation sampling of edgecap/stream.py, second round ---------------------------------------
+def test_camera_timestamps_are_seconds_since_the_camera_opened(monkeypatch):
+    """Docs: camera frames are stamped "in seconds since the camera opened" (what --camera
+    prints). On a clock at 1000 s when the camera opens and moved 0.04 s by each read (25 frames
+    a second), three frames are at 0.04, 0.08 and 0.12 s, not 1000.04 ...; a fake camera."""
+    import edgecap.stream
+
+    now = [1000.0]
+    monkeypatch.setattr(
+        edgecap.stream, "time", SimpleNamespace(perf_counter=lambda: now[0], sleep=time.sleep)
+    )
+    fake = FakeCv2(n_frames=3)
+    opened = fake.VideoCapture
+
+    def capture_at_25_fps(index):
+        capture = opened(index)
+        read = capture.read
+
+        def read_one():
+            now[0] += 0.04
+            return read()
+
+        capture.read = read_one
+        return capture
+
+    fake.VideoCapture = capture_at_25_fps
+    monkeypatch.setitem(sys.modules, "cv2", fake)
+    assert [f.timestamp for f in camera_frames(0)] == pytest.approx([0.04, 0.08, 0.12])
+
+
+def test_a_video_that_gives_no_frame_is_an_error_even_when_its_header_has_no_count(monkeypatch, video_file):
+    """Docs: a video "that yields no frame at all raises it at once", also one whose header gives
+    no frame count (0: unknown, as for some containers), rather than an empty stream and exit 0."""
+    fake = FakeVideoCv2([], count=0)
+    monkeypatch.setitem(sys.modules, "cv2", fake)
+    with pytest.raises(InputError, match="no frame could be decoded"):
+        list(video_frames(video_file))
+    assert fake.released.is_set()
+
+
+@pytest.mark.parametrize("fps", [0.0, -1.0])
+def test_a_video_whose_frame_rate_is_zero_or_negative_is_refused(monkeypatch, video_file, fps):
+    """A header frame rate of 0 or below (some OpenCV backends give -1 for "unknown") dates no
+    frame: refused as NaN is, rather than stamping frames 0, -1, -2 ... s."""
+    fake = FakeVideoCv2(small_frames(3), fps=fps)
+    monkeypatch.setitem(sys.modules, "cv2", fake)
+    with pytest.raises(InputError, match="the video has no frame rate"):
+        video_frames(video_file)
+    assert fake.released.is_set()
+
+
+def test_a_frame_count_no_video_has_is_taken_as_unknown(monkeypatch, video_file):
+    """A header count of 2**62 frames (a corrupt header: no video is that long; above 2**40 the
+    count is not trusted) is unknown: the video's 5 frames are read without a "the video ends
+    after 5 of its ... frames" error."""
+    monkeypatch.setitem(sys.modules, "cv2", FakeVideoCv2(small_frames(5), count=float(2**62)))
+    assert [f.index for f in video_frames(video_file)] == [0, 1, 2, 3, 4]
+
+
+def test_a_live_stream_captions_the_frame_read_before_its_source_failed():
+    """The newest frame waiting when the source fails (a camera unplugged, a recording cut short
+    and played with realtime=True) is still captioned, then the error is raised: frame 0 is being
+    captioned while the reader takes frame 1, and the source then raises and the reader ends;
+    events 0 and 1, then the RuntimeError (not the error with frame 1 lost)."""
+    captioning, failing = threading.Event(), threading.Event()
+    before = set(threading.enumerate())
+
+    def source():
+        yield "zero"
+        assert captioning.wait(DEADLOCK_GUARD_S)
+        yield "one"
+        failing.set()
+        raise RuntimeError("camera unplugged")
+
+    def hook(calls):
+        if calls == 0:  # frame 0 in the model until the reader has ended, frame 1 in the slot
+            (reader,) = (
+                t for t in threading.enumerate() if t.name == "edgecap-frame-reader" and t not in before
+            )
+            captioning.set()
+            assert failing.wait(DEADLOCK_GUARD_S)
+            reader.join(DEADLOCK_GUARD_S)
+            assert not reader.is_alive()
+
+    got = []
+    with pytest.raises(RuntimeError, match="camera unplugged"):
+        for event in caption_stream(FakeCaptioner(hook), source()):
+            got.append((event.frame_index, event.caption.text, event.dropped))
+    assert got == [(0, "frame zero", 0), (1, "frame one", 0)]
