@@ -210,3 +210,28 @@ def test_attention_of_a_blank_photo_says_so_and_writes_nothing(tiny_model_dir, t
     assert out.returncode == 1
     assert "nothing recognisable: no attention figure written" in out.stderr
     assert not target.exists()
+
+
+def test_camera_is_captioned_live_and_a_video_in_order_both_sampled_by_every(
+    tiny_model_dir, video, capfd, monkeypatch
+):
+    """docs/cameras.md: "--camera is live: older frames are dropped when captioning is slower than
+    the camera"; "--video captions every sampled frame in order"; --every samples either. The
+    streams the command asks for (the video's source closed unread; a fake camera that gives no
+    frame): --video --every 0.5 is in order with every=0.5, --camera 0 --every 2 live with 2.0."""
+    import edgecap.stream
+    from test_stream import FakeCv2
+
+    real, asked = edgecap.stream.caption_stream, []
+
+    def recording(captioner, frames, **options):
+        asked.append(options)
+        frames.close()
+        return real(captioner, [], **options)
+
+    monkeypatch.setattr(edgecap.stream, "caption_stream", recording)
+    recorded = edgecap_caption(capfd, "--video", video, "--every", "0.5", model=tiny_model_dir)
+    monkeypatch.setitem(sys.modules, "cv2", FakeCv2(n_frames=0))
+    camera = edgecap_caption(capfd, "--camera", "0", "--every", "2", model=tiny_model_dir)
+    assert (recorded.returncode, camera.returncode) == (0, 0), recorded.stderr + camera.stderr
+    assert asked == [{"every": 0.5, "live": False}, {"every": 2.0, "live": True}]
