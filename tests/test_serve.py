@@ -1090,7 +1090,13 @@ def test_a_second_signal_during_the_stop_changes_nothing(caplog):
     second is no error (asyncio would log "Exception in callback" with a traceback)."""
     from edgecap.serve import serve
 
-    previous = {sig: signal.getsignal(sig) for sig in (signal.SIGINT, signal.SIGTERM)}
+    class Unhandled(Exception):
+        pass
+
+    def unhandled(signum, frame):  # what happens to a signal serve() does not handle
+        raise Unhandled(signum)
+
+    previous = {sig: signal.signal(sig, unhandled) for sig in (signal.SIGINT, signal.SIGTERM)}
 
     def twice(port):
         os.kill(os.getpid(), signal.SIGINT)
