@@ -78,7 +78,9 @@ def test_device_cuda_without_cuda_is_exit_2(any_model_dir, photo):
     out = cli(photo, "--device", "cuda", "--backend", "onnxruntime", model=any_model_dir)
     assert out.returncode == 2 and out.stdout == ""
     assert len(out.stderr.splitlines()) == 1
-    assert "device='cuda' but this onnxruntime has no CUDA provider" in out.stderr
+    # in the command line's words (the API's say device='cuda')
+    assert "--device cuda but this onnxruntime has no CUDA provider" in out.stderr
+    assert out.stderr.rstrip().endswith("or use --device cpu")
     assert "Traceback" not in out.stderr and "Warning" not in out.stderr
 
 
