@@ -2,7 +2,8 @@
 tolerances: it passes a faithful export and fails one whose graphs really compute something
 else (one weight moved by 0.01, 100 times the tolerance of the output it reaches).
 
-A small random model (64 x 64 images, a 16-wide decoder) keeps the export to a few seconds.
+A small model (64 x 64 images, the pretrained encoder, a random 16-wide decoder) keeps the export
+to a few seconds.
 """
 
 from __future__ import annotations
@@ -34,13 +35,18 @@ NUDGE = 0.01  # tolerances: 1e-3 (features, att_proj, topk_logprobs), 1e-4 (h0, 
 
 @pytest.fixture(scope="module")
 def exported(tmp_path_factory):
-    """(encoder, decoder, model dir): modules and their export, which passed the check."""
+    """(encoder, decoder, model dir): modules and their export, which passed the check. The
+    encoder is the pretrained EfficientNet-Lite0: a randomly initialised one maps every image to
+    nearly the same features (about 1e-8 apart at 64 x 64), so a graph that mixed up a batch's
+    images would pass a check on it."""
+    from edgecap.models.efficientnet_lite import load_pretrained
+
     torch.manual_seed(0)
     vocab = Vocabulary.build(["a cat sat on the mat", "a dog ran in the park today"], min_count=1)
     decoder = CaptionDecoder(
         DecoderConfig(vocab_size=len(vocab), hidden_dim=16, feature_dim=16, embed_dim=8, attention_dim=8)
     )
-    encoder = EfficientNetLite()
+    encoder = load_pretrained()
     out = tmp_path_factory.mktemp("export-check") / "model"
     manifest = export_modules(encoder, decoder, vocab, PRE, out)  # raises if the check fails
     assert "export_check" in manifest.info
@@ -265,3 +271,158 @@ def test_a_vocabulary_the_decoder_was_not_built_for_is_refused_before_anything_i
     ):
         export_modules(EfficientNetLite(), decoder, vocab, PRE, tmp_path / "model")
     assert list(tmp_path.iterdir()) == []  # no model directory, no temporary one left
+
+
+# -- graphs that compute something else in one way only: the check must see each ---------------
+
+
+def _edited_copy(out: Path, model_dir: Path, role: str, edit) -> Path:
+    """A copy of the export ``out`` whose ``role`` graph ``edit(graph)`` changed."""
+    shutil.copytree(out, model_dir)
+    path = model_dir / f"{role}.onnx"
+    model = onnx.load(str(path))
+    edit(model.graph)
+    onnx.checker.check_model(model)
+    onnx.save(model, str(path))
+    return model_dir
+
+
+def _feed_through(graph, name: str, nodes, new_name: str) -> None:
+    """Every node reading ``name`` reads ``new_name`` instead, which ``nodes`` (put first) make
+    from ``name`` and constants."""
+    for node in graph.node:
+        node.input[:] = [new_name if i == name else i for i in node.input]
+    old = list(graph.node)
+    del graph.node[:]
+    graph.node.extend([*nodes, *old])
+
+
+def _constant(graph, name: str, value) -> str:
+    graph.initializer.append(numpy_helper.from_array(np.asarray(value), name))
+    return name
+
+
+def _ignore_source_rows(graph):
+    """h and c taken as they come: the gather by the beams' back-pointers gone."""
+    for node in graph.node:
+        if node.op_type == "Gather" and node.input[1] == "source_rows":
+            node.op_type = "Identity"
+            del node.input[1:]
+            del node.attribute[:]
+
+
+def _image_zero_for_every_row(graph):
+    """Every row reads the first image's features and projections."""
+    from onnx import helper
+
+    zero = _constant(graph, "test/zero_i32", np.int32(0))
+    node = helper.make_node("Mul", ["image_index", zero], ["test/image_index"])
+    _feed_through(graph, "image_index", [node], "test/image_index")
+
+
+def _ignore_word_bias(graph):
+    from onnx import helper
+
+    zero = _constant(graph, "test/zero_f", np.float32(0.0))
+    node = helper.make_node("Mul", ["word_bias", zero], ["test/word_bias"])
+    _feed_through(graph, "word_bias", [node], "test/word_bias")
+
+
+def _ids_off_by_one(graph):
+    """Each top-K word id one past the word scored (mod V): the log-probabilities unchanged,
+    the words wrong, as with an output layer shifted against the vocabulary."""
+    from onnx import helper
+
+    (bias,) = [i for i in graph.initializer if i.name == "decoder.out_vocab.bias"]
+    for node in graph.node:
+        node.output[:] = ["test/ids" if o == "topk_ids" else o for o in node.output]
+    one = _constant(graph, "test/one", np.int32(1))
+    size = _constant(graph, "test/vocab_size", np.int32(bias.dims[0]))
+    graph.node.extend(
+        [
+            helper.make_node("Add", ["test/ids", one], ["test/ids_next"]),
+            helper.make_node("Mod", ["test/ids_next", size], ["topk_ids"]),
+        ]
+    )
+
+
+def _every_image_the_first(graph):
+    """A batch's every image replaced by its first (image 0 + 0 x image): right for one image,
+    wrong for the others, as a graph whose batch size was traced in."""
+    from onnx import helper
+
+    nodes = [
+        helper.make_node(
+            "Slice",
+            ["image", _constant(graph, "test/s0", [0]), _constant(graph, "test/s1", [1]), "test/s0"],
+            ["test/first"],
+        ),
+        helper.make_node("Mul", ["image", _constant(graph, "test/zero_f", np.float32(0.0))], ["test/zeros"]),
+        helper.make_node("Add", ["test/zeros", "test/first"], ["test/image"]),
+    ]
+    _feed_through(graph, "image", nodes, "test/image")
+
+
+@pytest.mark.parametrize(
+    "role, edit",
+    [
+        ("decoder_step", _ignore_source_rows),
+        ("decoder_step", _image_zero_for_every_row),
+        ("decoder_step", _ignore_word_bias),
+        ("decoder_step", _ids_off_by_one),
+        ("encoder", _every_image_the_first),
+    ],
+    ids=lambda v: v if isinstance(v, str) else v.__name__.strip("_"),
+)
+def test_a_graph_wrong_in_one_input_or_output_fails_the_check(exported, tmp_path, role, edit):
+    """Each edit breaks what a user's search relies on while leaving the rest exact: the beams'
+    back-pointers (``source_rows``), each row's image (``image_index``), the host's word rules
+    (``word_bias``), the words of the top K (their log-probabilities unchanged), a batch's images
+    after the first. The check's inputs must reach each: rows of several source rows, several
+    images, a word bias, a batch of more than one image, and the ids compared."""
+    encoder, decoder, out = exported
+    model_dir = _edited_copy(out, tmp_path / "model", role, edit)
+    with pytest.raises(ModelError, match="export check failed"):
+        check_export(encoder, decoder, model_dir, PRE)
+
+
+def _shifted_output(out: Path, model_dir: Path, role: str, output: str, amount: float) -> Path:
+    """A copy of ``out`` whose ``role`` graph adds ``amount`` to column 1 of ``output``."""
+    from onnx import helper
+
+    def edit(graph):
+        (value,) = [o for o in graph.output if o.name == output]
+        width = value.type.tensor_type.shape.dim[-1].dim_value
+        for node in graph.node:
+            node.output[:] = ["test/raw" if o == output else o for o in node.output]
+            node.input[:] = ["test/raw" if i == output else i for i in node.input]
+        shift = np.zeros(width, np.float32)
+        shift[1] = amount
+        shift_name = _constant(graph, "test/shift", shift)
+        graph.node.append(helper.make_node("Add", ["test/raw", shift_name], [output]))
+
+    return _edited_copy(out, model_dir, role, edit)
+
+
+@pytest.mark.parametrize(
+    "role, output",
+    [
+        ("encoder", "features"),
+        ("encoder", "att_proj"),
+        ("encoder", "h0"),
+        ("encoder", "class_probs"),
+        ("decoder_step", "topk_logprobs"),
+        ("decoder_step", "h_out"),
+        ("decoder_step", "alpha"),
+    ],
+)
+def test_one_column_off_by_twice_its_tolerance_fails_the_check(exported, tmp_path, role, output):
+    """The check takes each output's largest difference, not its mean: one column of 4 to 1000
+    moved by twice the output's tolerance (2e-3 or 2e-4; its mean difference under the
+    tolerance) fails it."""
+    from edgecap.build.export import TOLERANCE
+
+    encoder, decoder, out = exported
+    model_dir = _shifted_output(out, tmp_path / "model", role, output, 2 * TOLERANCE[output])
+    with pytest.raises(ModelError, match="export check failed"):
+        check_export(encoder, decoder, model_dir, PRE)
