@@ -19,7 +19,7 @@ import pytest
 from PIL import Image
 
 import edgecap
-from edgecap.commands.output import EXIT_PIPE_CLOSED, escape_field
+from edgecap.commands.output import EXIT_PIPE_CLOSED, caption_fields, escape_field, json_line, print_result
 
 ENV = {
     **os.environ,
@@ -124,6 +124,76 @@ def test_escape_field_leaves_ordinary_text_alone():
     assert escape_field("a\\b\tc\n") == "a\\\\b\\tc\\n"
 
 
+# The bidirectional controls that CVE-2021-42574 ("Trojan Source") names: the embeddings and
+# overrides U+202A-U+202E (LRE RLE PDF LRO RLO) and the isolates U+2066-U+2069 (LRI RLI FSI PDI).
+TROJAN_SOURCE = "\u202a\u202b\u202c\u202d\u202e\u2066\u2067\u2068\u2069"
+
+
+def test_escape_field_writes_each_class_of_character_as_the_help_says():
+    """``edgecap caption --help``: a carriage return \\r, another ASCII control character
+    (0x00-0x1f and DEL 0x7f) \\xHH with two hex digits, a C1 control (0x80-0x9f), a line
+    separator (U+2028, U+2029) or a bidirectional override \\uHHHH; expected strings written
+    out by hand."""
+    assert escape_field("a\rb") == "a\\rb"
+    assert escape_field("\x00\x01\x0b\x1b\x1f\x7f") == "\\x00\\x01\\x0b\\x1b\\x1f\\x7f"
+    assert escape_field("\x80\x85\x9f") == "\\u0080\\u0085\\u009f"
+    assert escape_field("a\u2028b\u2029c") == "a\\u2028b\\u2029c"
+    assert escape_field(TROJAN_SOURCE) == ("\\u202a\\u202b\\u202c\\u202d\\u202e\\u2066\\u2067\\u2068\\u2069")
+    # the first characters past each class are written as they are
+    assert escape_field(" \xa0\u2027\u202f\u206a") == " \xa0\u2027\u202f\u206a"
+
+
+def test_json_line_escapes_del_c1_line_separators_and_bidi_controls():
+    """``--json``: control characters, line separators and bidirectional overrides are \\u
+    escapes (json.dumps leaves DEL, C1 and those as they are); the line still reads back as
+    the record."""
+    record = {"path": "a\u202eb\u2066.png", "caption": "x\x7fy\x85z"}
+    line = json_line(record)
+    assert line == '{"path": "a\\u202eb\\u2066.png", "caption": "x\\u007fy\\u0085z"}'
+    assert json.loads(line) == record
+    for char in TROJAN_SOURCE + "\x7f\x80\x9f\u2028\u2029":
+        assert json_line({"path": char}) == f'{{"path": "\\u{ord(char):04x}"}}'
+
+
+def _caption(confidence):
+    from edgecap.api import Caption
+
+    return Caption("a cat", -0.5, ["a", "cat"], -1.0, confidence=confidence)
+
+
+def test_min_confidence_marks_only_captions_below_it():
+    """docs/cli.md: ``low_confidence`` on a caption whose confidence is *below* X: one at
+    exactly X is not marked, one just under it is."""
+    assert caption_fields(_caption(0.5), min_confidence=0.5) == ["a cat"]
+    assert caption_fields(_caption(0.4999), min_confidence=0.5) == ["a cat", "low confidence"]
+
+
+def test_a_failed_input_has_low_confidence_null_with_min_confidence(capsys):
+    """docs/cli.md: with ``--json`` a failed input has a caption's keys, each null, and
+    ``error``; with ``--min-confidence`` those keys include ``low_confidence``."""
+    from edgecap.errors import InputError
+
+    print_result("ok.png", _caption(0.9), as_json=True, min_confidence=0.5)
+    print_result("bad.png", InputError("bad.png", "not an image"), as_json=True, min_confidence=0.5)
+    out = capsys.readouterr()
+    ok, bad = (json.loads(line) for line in out.out.splitlines())
+    keys = ["path", "caption", "score", "objects", "confidence", "recognisable", "low_confidence"]
+    assert list(ok) == keys and ok["low_confidence"] is False
+    assert list(bad) == [*keys, "error"] and bad["error"] == "not an image"
+    assert all(bad[key] is None for key in keys[1:])
+    assert out.err == "edgecap: bad.png: not an image\n"
+
+
+def test_the_problem_on_stderr_is_escaped_too(capsys):
+    """``edgecap caption --help``: errors go to stderr, escaped alike; a problem may name
+    something from the input (a recording's frame), so it cannot clear the terminal or turn
+    the line around either."""
+    from edgecap.commands.output import report_error
+
+    report_error("run.db3", "cam/frame\u202e1: not an image\x1b[2J")
+    assert capsys.readouterr().err == "edgecap: run.db3: cam/frame\\u202e1: not an image\\x1b[2J\n"
+
+
 @pytest.fixture(scope="module")
 def many_photos(tmp_path_factory):
     root = tmp_path_factory.mktemp("many")
@@ -133,7 +203,11 @@ def many_photos(tmp_path_factory):
 
 
 def test_closed_pipe_stops_quietly(tiny_model_dir, many_photos):
-    """``edgecap caption DIR | head -1``: no traceback, the SIGPIPE status."""
+    """``edgecap caption DIR | head -1``: no traceback, the SIGPIPE status. Run as from a
+    user's shell, without PYTHONUNBUFFERED (set where the tests run): stdout to a pipe is then
+    block-buffered, so the first record arrives at once only if edgecap flushes each record,
+    and the records still buffered when the pipe closed must not fail again at exit ("Exception
+    ignored ... BrokenPipeError", status 120)."""
     proc = subprocess.Popen(
         [
             sys.executable,
@@ -148,7 +222,7 @@ def test_closed_pipe_stops_quietly(tiny_model_dir, many_photos):
         ],
         stdout=subprocess.PIPE,
         stderr=subprocess.PIPE,
-        env=ENV,
+        env={k: v for k, v in ENV.items() if k != "PYTHONUNBUFFERED"},
     )
     first = proc.stdout.readline()
     proc.stdout.close()  # the reader goes away after one line, like head -1
