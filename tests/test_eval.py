@@ -18,6 +18,7 @@ import edgecap
 from edgecap.evaluation import metrics
 from edgecap.cli import main
 from edgecap.data.readers import CaptionedImage, read_coco, read_flickr8k, read_karpathy
+from edgecap.errors import DataError
 from edgecap.evaluation.evaluate import check_images, load_references, results_json, score_split
 from helpers import run_edgecap
 
@@ -107,6 +108,46 @@ def test_read_karpathy_keeps_one_split(tmp_path):
     assert [i.file_name for i in load_references(path, karpathy_split="test")] == ["b.jpg"]
     with pytest.raises(ValueError, match="Karpathy"):
         load_references(path)
+
+
+def test_read_flickr8k_windows_line_endings_and_a_hash_in_a_file_name(tmp_path):
+    """A token file and a split file saved with CRLF line endings (a Windows editor) read as
+    with LF: no caption keeps a \\r or a trailing space, every split name is found; the
+    caption number follows the last '#' ('file.jpg#N<TAB>caption'), so a file name may hold
+    one. Expected items written out by hand."""
+    tokens = tmp_path / "tokens.txt"
+    tokens.write_bytes(b"a#1.jpg#0\tA cat sits. \r\na#1.jpg#1\tA cat.\r\nb.jpg#0\tA dog.\r\n")
+    split = tmp_path / "split.txt"
+    split.write_bytes(b"b.jpg\r\na#1.jpg\r\n")
+    assert [(i.image_id, i.file_name, i.captions) for i in read_flickr8k(tokens, split)] == [
+        (0, "b.jpg", ["A dog."]),
+        (1, "a#1.jpg", ["A cat sits.", "A cat."]),
+    ]
+
+
+def test_read_flickr8k_refuses_a_split_photo_without_captions_and_a_line_without_its_number(tmp_path):
+    """A photo of the split that the token file never captions is an error naming it (not a
+    photo trained on with no caption); a token line without '#N' is an error naming its line."""
+    tokens, split = flickr_files(tmp_path, ["chelsea.png", "gone.jpg"])
+    with pytest.raises(
+        DataError, match=r"split\.txt: 1 images have no captions in .*tokens\.txt, e\.g\. gone\.jpg"
+    ):
+        read_flickr8k(tokens, split)
+    tokens.write_text("chelsea.png#0\tA cat.\nchelsea.png\tA tabby cat.\n")
+    split.write_text("chelsea.png\n")
+    with pytest.raises(DataError, match=r"tokens\.txt:2: expected 'file\.jpg#N<TAB>caption'"):
+        read_flickr8k(tokens, split)
+
+
+def test_read_coco_refuses_a_caption_of_an_image_it_does_not_list(tmp_path):
+    """An annotation whose image_id is in no image of ``images`` is an error naming both ids,
+    not a caption dropped without a word."""
+    path = coco_json(tmp_path / "refs.json", {"a.jpg": ["A cat."]}, ids={"a.jpg": 3})
+    data = json.loads(path.read_text())
+    data["annotations"].append({"id": 77, "image_id": 4, "caption": "A dog."})
+    path.write_text(json.dumps(data))
+    with pytest.raises(DataError, match=r"refs\.json: annotation 77 names unknown image_id 4"):
+        read_coco(path)
 
 
 def test_load_references_flickr8k_layout(tmp_path):

@@ -291,6 +291,27 @@ def test_coco_training_reads_the_val_file_the_help_names_as_its_dev_split(tmp_pa
     assert [it.file_name for it in read_dataset("coco", tmp_path, "dev")] == ["b.jpg"]
 
 
+def test_karpathy_training_reads_the_val_split_as_its_dev_split(tmp_path):
+    """Karpathy's dataset_*.json names its splits train / restval / val / test: a run's dev
+    split is "val" (restval trains with train), the images written out by hand."""
+    from edgecap.data.readers import read_dataset
+
+    def image(name, split):
+        return {"filename": name, "imgid": len(name), "split": split, "sentences": [{"raw": "a dog"}]}
+
+    data = {
+        "images": [
+            image("a.jpg", "train"),
+            image("bb.jpg", "val"),
+            image("ccc.jpg", "test"),
+            image("d.jpg", "restval"),
+        ]
+    }
+    (tmp_path / "dataset_tiny.json").write_text(json.dumps(data))
+    assert [it.file_name for it in read_dataset("karpathy", tmp_path, "train")] == ["a.jpg", "d.jpg"]
+    assert [it.file_name for it in read_dataset("karpathy", tmp_path, "dev")] == ["bb.jpg"]
+
+
 def test_init_from_refuses_a_checkpoint_with_another_vocabulary(tiny_dataset, tmp_path):
     from edgecap.training.train import train
 
