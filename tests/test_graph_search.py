@@ -848,3 +848,54 @@ def test_the_beam_step_profile_takes_a_score_and_blocked_words_for_every_row():
     ranges = row_ranges(Limits(max_batch=2, max_beam=3))
     assert ranges["scores"] == ranges["word_block"] == ranges["tokens"] == (1, 3, 6)
     assert ranges["features"] == (1, 1, 2)
+
+
+def test_a_step_graph_of_opset_13_gives_the_numpy_captions(tiny, monkeypatch):
+    """Opset 13 is the first the beam-step graph takes (Unsqueeze, Slice and ReduceSum with their
+    axes as inputs; the module's MIN_OPSET and the refusal's message): the tiny model's opset-17
+    step graph declared opset 13 (it uses nothing newer but Reshape's allowzero, here 0, its
+    default, so dropped) is taken and captions as the numpy loop does."""
+    from edgecap.backends import ort_beam
+
+    manifest, host, _, images = tiny
+    real = ort_beam.beam_step_model
+    built = []
+
+    def at_opset_13(step, *args):
+        step = onnx.ModelProto.FromString(step.SerializeToString())
+        for imported in step.opset_import:
+            if imported.domain in ("", "ai.onnx"):
+                imported.version = 13
+        for node in step.graph.node:
+            for attribute in [a for a in node.attribute if a.name == "allowzero"]:
+                assert attribute.i == 0
+                node.attribute.remove(attribute)
+        onnx.checker.check_model(step)
+        model = real(step, *args)
+        built.append([o.version for o in model.opset_import if o.domain in ("", "ai.onnx")])
+        return model
+
+    monkeypatch.setattr(ort_beam, "beam_step_model", at_opset_13)
+    graph = OnnxRuntimeBackend(manifest, device="cpu", threads=1, search="graph")
+    vocab = manifest.dims.vocab_size
+    options = CaptionOptions(beam_size=3, n_best=3, max_length=8)
+    want = search_with_tags(host, host.encode(images), options, START, END, vocab, None)
+    _same(want, search_with_tags(graph, graph.encode(images), options, START, END, vocab, None))
+    assert built == [[13]]
+
+
+def test_the_beam_step_graph_declares_its_inputs_and_outputs_shapes(small_step):
+    """As the module describes them: R rows (dynamic), ``word_block`` (R, V), every result (R,)
+    but the reordered state, (R, Hd); the step's own inputs as the step graph declares them."""
+    step, manifest = small_step
+    dims = manifest.dims  # K = 5, V = 20, Hd = 10
+    model = beam_step_model(step, 2, END, dims.top_k, dims.hidden_dim, dims.vocab_size)
+
+    def shapes(values):
+        return {v.name: [d.dim_param or d.dim_value for d in v.type.tensor_type.shape.dim] for v in values}
+
+    declared = shapes(model.graph.output)
+    assert declared == {name: ["r", 10] if name in ("h_next", "c_next") else ["r"] for name in BEAM_OUTPUTS}
+    inputs = shapes(model.graph.input)
+    assert inputs["scores"] == ["r"] and inputs["word_block"] == ["r", 20]
+    assert {k: v for k, v in inputs.items() if k not in ("scores", "word_block")} == shapes(step.graph.input)
