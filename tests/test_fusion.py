@@ -141,6 +141,30 @@ def test_the_step_graph_is_a_valid_onnx_model():
     assert {t.name: list(t.dims) for t in model.graph.initializer}["in_domain_out_w_t"] == [H + 3, V]
 
 
+def test_the_step_graph_loads_on_the_oldest_onnxruntime_edgecap_takes():
+    """edgecap[cpu] asks for onnxruntime >= 1.16 (pyproject.toml); onnxruntime 1.16 reads ONNX
+    IR version 9 and opset 19 at most (onnxruntime's compatibility table, ONNX 1.14). A newer
+    IR version would make the fusion fall back to numpy (slower, with a warning) there."""
+    onnx = pytest.importorskip("onnx")
+    pyproject = (Path(__file__).resolve().parents[1] / "pyproject.toml").read_text()
+    assert '"onnxruntime>=1.16"' in pyproject  # the table row this test reads
+    lms = CaptionLM(_torch_lm(1)[1]), CaptionLM(_torch_lm(2)[1])
+    model = onnx.load_from_string(pair_step_model(*lms))
+    assert model.ir_version <= 9
+    assert [o.version for o in model.opset_import if o.domain in ("", "ai.onnx")] == [17]  # <= 19
+
+
+def test_the_onnxruntime_step_runs_on_one_thread():
+    """The fused step's products are small: one onnxruntime thread (no pool of its own spinning
+    beside the decoder's, the class's docstring), without spin-waiting, as every edgecap
+    session."""
+    pytest.importorskip("onnxruntime")
+    step = OnnxPairStep(CaptionLM(_torch_lm(1)[1]), CaptionLM(_torch_lm(2)[1]))
+    options = step._session.get_session_options()
+    assert options.intra_op_num_threads == 1 and options.inter_op_num_threads == 1
+    assert options.get_session_config_entry("session.intra_op.allow_spinning") == "0"
+
+
 def test_without_onnxruntime_the_fusion_runs_in_numpy_alike(tmp_path, monkeypatch):
     """A package without onnxruntime (the torch backend alone) still fuses: in numpy, the same
     biases as the onnxruntime step."""
