@@ -598,6 +598,8 @@ def test_fake_build_fp32_on_11_is_strongly_typed_without_fp16(monkeypatch, tmp_p
     trt = install(monkeypatch, "11.0.0.1", device)
     build_all(load_manifest(model_dir), "fp32", Limits(2, 2), tmp_path, device=device, log=io.StringIO())
     assert all(not r["fp16_weights"] and r["builder_flags"] == [] for r in trt.stats["builds"])
+    # every TensorRT 11 network is strongly typed: STRONGLY_TYPED (bit 5), no EXPLICIT_BATCH
+    assert [r["network_flags"] for r in trt.stats["builds"]] == [1 << 5, 1 << 5]
 
 
 # -- profile shapes and cache keys --------------------------------------------------------------
@@ -766,6 +768,139 @@ def test_fake_engine_cache_reuses_any_covering_engine(monkeypatch, tmp_path, mod
         "b9k9" not in p.name and "bXkY" not in p.name
         for p in cache.covering(manifest, "decoder_step", "fp16", Limits(1, 1))
     )
+
+
+def test_fake_covering_engines_hold_every_image_and_come_fewest_rows_first(
+    monkeypatch, tmp_path, model_dir, device
+):
+    """engines/README.md, "Which engines get used": a cached engine is used when its limits
+    cover the request (at least as many images and beams), the narrowest when several do. The
+    limits are read from the file names, so empty files stand for three cached step engines:
+    b8k3 (8 x 3 = 24 rows), b4k10 (40 rows), b2k5 (10 rows). Nothing is built or loaded."""
+    trt = install(monkeypatch, "10.3.0.30", device)
+    manifest = load_manifest(model_dir)
+    cache = _cache(trt, device, tmp_path, io.StringIO())
+
+    def cached(batch, beam):
+        path = cache.path(manifest, "decoder_step", "fp16", Limits(batch, beam))
+        path.write_bytes(b"")
+        return path
+
+    b8k3, b4k10, b2k5 = cached(8, 3), cached(4, 10), cached(2, 5)
+
+    def covering(batch, beam):
+        return cache.covering(manifest, "decoder_step", "fp16", Limits(batch, beam))
+
+    assert covering(2, 2) == [b2k5, b8k3, b4k10]  # 10, 24, 40 rows (not 2, 4, 8 images first)
+    assert covering(3, 3) == [b8k3, b4k10]  # b2k5 holds 2 images, not 3
+    assert covering(8, 3) == [b8k3]  # the cached limits exactly
+    assert covering(9, 3) == []  # one image more than any holds
+    assert covering(4, 4) == [b4k10]
+    assert trt.stats["builds"] == [] and trt.stats["deserialized"] == 0
+
+
+def test_fake_fp32_and_fp16_engines_in_one_cache_get_their_own_graphs(
+    monkeypatch, tmp_path, model_dir, device
+):
+    """TensorRT >= 10.12 builds FP16 engines from an FP16 copy of an FP32 model, kept in the
+    engine cache (engines/README.md); an fp32 engine built in the same cache afterwards is built
+    from the FP32 graph ("--precision fp32 builds full-precision engines"), and an fp16 one
+    after it from the FP16 copy again."""
+    trt = install(monkeypatch, "10.12.0.36", device)
+    manifest = load_manifest(model_dir)
+    assert manifest.precision == "fp32"
+    cache = _cache(trt, device, tmp_path, io.StringIO())
+    for precision in ("fp16", "fp32", "fp16"):
+        cache.build(manifest, "encoder", precision, Limits(1, 1))
+    assert [build["fp16_weights"] for build in trt.stats["builds"]] == [True, False, True]
+
+
+def test_fake_a_truncated_engine_that_tensorrt_raises_on_is_rebuilt(monkeypatch, tmp_path, model_dir, device):
+    """A cached engine cut short inside its header: this fake runtime raises on it, as TensorRT
+    does for some faults (others return None). The module docstring and engines/README.md: a
+    cached engine that fails to load is skipped and one for the requested limits is built."""
+    trt = install(monkeypatch, "10.3.0.30", device)
+    manifest = load_manifest(model_dir)
+    log = io.StringIO()
+    cache = _cache(trt, device, tmp_path, log)
+    limits = Limits(1, 1)
+    path = cache.build(manifest, "encoder", "fp32", limits)
+    path.write_bytes(path.read_bytes()[: len(MAGIC) + 8 + 10])
+    with pytest.raises(ValueError):  # the fake's JSON header, cut short
+        trt.Runtime(None).deserialize_cuda_engine(path.read_bytes())
+    assert cache.load(manifest, "encoder", "fp32", limits) is not None
+    assert "does not load with this TensorRT/GPU; rebuilding it" in log.getvalue()
+    assert len(trt.stats["builds"]) == 2 and path.read_bytes().startswith(MAGIC)
+
+
+def test_fake_parse_and_build_failures_are_backend_errors_saying_why(
+    monkeypatch, tmp_path, model_dir, device
+):
+    """TensorRT's ONNX parser may refuse a graph (engines/README.md: "expected to fail" rows,
+    e.g. Slice's axes): the error names the file and the parser's own errors, not the inputs it
+    then failed to find. A build that returns None (TensorRT's way to fail) is a BackendError,
+    and neither failure leaves an engine in the cache."""
+    trt = install(monkeypatch, "10.3.0.30", device)
+    manifest = load_manifest(model_dir)
+    cache = _cache(trt, device, tmp_path, io.StringIO())
+    refused = "In node 12 (importSlice): UNSUPPORTED_NODE: Assertion failed: axes.allValuesKnown()"
+    with monkeypatch.context() as patch:
+        patch.setattr(trt.OnnxParser, "parse", lambda self, data: self.errors.append(refused) or False)
+        parse_error = r"could not parse .*-folded\.onnx: In node 12 .*allValuesKnown"
+        with pytest.raises(BackendError, match=parse_error):
+            cache.build(manifest, "encoder", "fp32", Limits(1, 1))
+    with monkeypatch.context() as patch:
+        patch.setattr(trt.Builder, "build_serialized_network", lambda self, network, config: None)
+        with pytest.raises(BackendError, match="failed to build the encoder engine"):
+            cache.build(manifest, "encoder", "fp32", Limits(1, 1))
+    assert list(tmp_path.glob("*.engine")) == []
+
+
+def test_fake_a_cached_engine_missing_an_output_is_refused(monkeypatch, tmp_path, model_dir, device):
+    """A cached encoder engine whose outputs lack one the contract has (class_probs, e.g. an
+    engine from a model exported before it existed) is a ModelError saying to re-export, not
+    an engine the backend then fails on. A stand-in engine object: only its I/O is read."""
+    import edgecap.trt.engines as engines
+    from edgecap.errors import ModelError
+
+    trt = install(monkeypatch, "10.3.0.30", device)
+    manifest = load_manifest(model_dir)
+    cache = _cache(trt, device, tmp_path, io.StringIO())
+    cache.path(manifest, "encoder", "fp32", Limits(1, 1)).write_bytes(b"")
+    io_modes = {"image": "input", "features": "output", "att_proj": "output", "h0": "output", "c0": "output"}
+    engine = types.SimpleNamespace(
+        num_io_tensors=len(io_modes),
+        get_tensor_name=lambda i: list(io_modes)[i],
+        get_tensor_mode=lambda name: io_modes[name],
+    )
+    monkeypatch.setattr(engines, "deserialize", lambda trt, runtime, path: engine)
+    with pytest.raises(ModelError, match="contract expects inputs.*'class_probs'.*Re-export"):
+        cache.load(manifest, "encoder", "fp32", Limits(1, 1))
+
+
+def test_fake_engines_are_built_only_at_a_known_precision_from_a_matching_model(
+    monkeypatch, tmp_path, model_dir, device
+):
+    """A misspelt precision is a ValueError, not an FP32 engine filed under "FP16"; fp32
+    engines come from an fp32 model directory only (an FP16 one would give FP16 weights under
+    the name fp32), and int8 model directories are refused (engines/README.md: engines are
+    FP16 or FP32). Nothing is built."""
+    import dataclasses
+
+    from edgecap.errors import ModelError
+
+    trt = install(monkeypatch, "10.3.0.30", device)
+    manifest = load_manifest(model_dir)
+    cache = _cache(trt, device, tmp_path, io.StringIO())
+    with pytest.raises(ValueError, match="precision must be one of"):
+        cache.build(manifest, "encoder", "FP16", Limits(1, 1))
+    half = dataclasses.replace(manifest, precision="fp16")
+    with pytest.raises(ModelError, match="is fp16; build fp32 engines from the fp32 model directory"):
+        cache.build(half, "encoder", "fp32", Limits(1, 1))
+    int8 = dataclasses.replace(manifest, precision="int8")
+    with pytest.raises(ModelError, match="not int8"):
+        cache.build(int8, "encoder", "fp16", Limits(1, 1))
+    assert trt.stats["builds"] == [] and list(tmp_path.glob("*.engine")) == []
 
 
 def test_fake_backend_runs_on_a_larger_cached_engine(monkeypatch, tmp_path, model_dir, device):
