@@ -815,6 +815,54 @@ def test_fake_fp32_and_fp16_engines_in_one_cache_get_their_own_graphs(
     assert [build["fp16_weights"] for build in trt.stats["builds"]] == [True, False, True]
 
 
+def test_fake_an_engine_write_cut_short_leaves_nothing_behind(monkeypatch, tmp_path, model_dir, device):
+    """engines/README.md: "Files are written to a temporary name and then renamed, so an
+    interrupted build never leaves a half-written engine behind." A disk that fills up halfway
+    through the engine (the folded ONNX copy and the timing cache are written whole): while it
+    is being written no engine is in the cache (a power cut there leaves none to load), the
+    build fails saying so, no engine file and no partly written temporary file are left, and
+    the next load builds the engine anew."""
+    import builtins
+
+    import edgecap.trt.engines as engines
+
+    trt = install(monkeypatch, "10.3.0.30", device)
+    manifest = load_manifest(model_dir)
+    log = io.StringIO()
+    cache = _cache(trt, device, tmp_path, log)
+    limits = Limits(1, 1)
+    real_open = builtins.open
+    mid_write = []  # the cache's engines while half the engine is written
+
+    class FillsUp:
+        def __init__(self, *args, **kwargs):
+            self.file = real_open(*args, **kwargs)
+
+        def __enter__(self):
+            return self
+
+        def __exit__(self, *exc):
+            self.file.close()
+
+        def write(self, data):
+            if bytes(data[: len(MAGIC)]) == MAGIC:  # the engine
+                self.file.write(data[: len(data) // 2])
+                mid_write.append(cache.covering(manifest, "encoder", "fp32", limits))
+                raise OSError(28, "No space left on device")
+            return self.file.write(data)
+
+    monkeypatch.setattr(engines, "open", FillsUp, raising=False)
+    with pytest.raises(BackendError, match="cannot save TensorRT engines.*No space left on device"):
+        cache.build(manifest, "encoder", "fp32", limits)
+    monkeypatch.delattr(engines, "open")
+    assert mid_write == [[]]  # a power cut there would leave no engine to load
+    left = sorted(p.name for p in tmp_path.iterdir())
+    assert left == [p for p in left if p.endswith("-folded.onnx") or p.startswith("timing-")], left
+    assert cache.covering(manifest, "encoder", "fp32", limits) == []
+    assert cache.load(manifest, "encoder", "fp32", limits) is not None
+    assert len(trt.stats["builds"]) == 2 and "no cached TensorRT engine" in log.getvalue()
+
+
 def test_fake_a_truncated_engine_that_tensorrt_raises_on_is_rebuilt(monkeypatch, tmp_path, model_dir, device):
     """A cached engine cut short inside its header: this fake runtime raises on it, as TensorRT
     does for some faults (others return None). The module docstring and engines/README.md: a

@@ -214,9 +214,13 @@ def beam_step_onnx(
 def _atomic_write(path: Path, data) -> None:
     path.parent.mkdir(parents=True, exist_ok=True)
     tmp = path.with_name(f".{path.name}.{os.getpid()}.tmp")
-    with open(tmp, "wb") as f:
-        f.write(data)
-    os.replace(tmp, path)
+    try:
+        with open(tmp, "wb") as f:
+            f.write(data)
+        os.replace(tmp, path)
+    except BaseException:  # a full disk, Ctrl-C: no partly written file is left behind
+        tmp.unlink(missing_ok=True)
+        raise
 
 
 def _is_float(trt: TensorRTModule, dtype: tensorrt.DataType) -> bool:
