@@ -18,6 +18,7 @@ import shutil
 import sys
 import threading
 import types
+import weakref
 from pathlib import Path
 
 import numpy as np
@@ -1295,6 +1296,9 @@ class FakePycuda:
     def __init__(self):
         self.stacks = threading.local()
         self.events: list[tuple[str, str]] = []  # (call, thread)
+        self.copies: list[tuple] = []  # (call, dst, src, stream)
+        self.freed: list[int] = []  # device addresses freed, by free() or by the garbage collector
+        self._next = 0x7000
         driver = self
 
         class Context:
@@ -1329,7 +1333,24 @@ class FakePycuda:
             def compute_capability(self):
                 return (8, 7)
 
-        self.Context, self.Device = Context, Device
+        class Allocation:
+            """pycuda's DeviceAllocation: freed by free() or when garbage collected."""
+
+            def __init__(self, ptr):
+                self.ptr = ptr
+                self.free = weakref.finalize(self, driver.freed.append, ptr)
+
+            def __int__(self):
+                return self.ptr
+
+        class Stream:
+            def __init__(self):
+                self.handle, self.synchronized = 0x5151, 0
+
+            def synchronize(self):
+                self.synchronized += 1
+
+        self.Context, self.Device, self.Allocation, self.Stream = Context, Device, Allocation, Stream
 
     def _stack(self) -> list:
         if not hasattr(self.stacks, "items"):
@@ -1346,6 +1367,16 @@ class FakePycuda:
 
     def memcpy_htod_async(self, dst, src, stream):
         self._need_context("memcpy_htod_async")
+        self.copies.append(("memcpy_htod_async", dst, src, stream))
+
+    def memcpy_dtoh_async(self, dst, src, stream):
+        self._need_context("memcpy_dtoh_async")
+        self.copies.append(("memcpy_dtoh_async", dst, src, stream))
+
+    def mem_alloc(self, nbytes):
+        self._need_context("mem_alloc")
+        self._next += 0x1000
+        return self.Allocation(self._next)
 
 
 def test_pycuda_device_makes_its_context_current_in_each_calling_thread(monkeypatch):
@@ -1383,6 +1414,104 @@ def test_pycuda_device_makes_its_context_current_in_each_calling_thread(monkeypa
     ]
     device.close()
     assert driver.context.detached and driver._stack() == []
+
+
+def _pycuda_device(monkeypatch):
+    from edgecap.trt.cuda import PycudaDevice
+
+    driver = FakePycuda()
+    pycuda = types.ModuleType("pycuda")
+    pycuda.driver = driver
+    monkeypatch.setitem(sys.modules, "pycuda", pycuda)
+    monkeypatch.setitem(sys.modules, "pycuda.driver", driver)
+    return driver, PycudaDevice(0)
+
+
+def test_pycuda_device_copies_on_its_stream_and_keeps_its_allocations(monkeypatch):
+    """The backend uploads, runs the engine and downloads on one stream, then synchronises that
+    stream once (engines/README.md, "Runtime behaviour"): both copies must be queued on that
+    stream (pycuda's stream None is the default stream, which a synchronize of ours does not
+    wait for), and synchronize must wait for it. pycuda frees a DeviceAllocation when it is
+    garbage collected, so the device keeps each one until free()."""
+    import gc
+
+    driver, device = _pycuda_device(monkeypatch)
+    host = np.arange(16, dtype=np.float32)
+    with device.active():
+        stream = device.create_stream()
+        ptr = device.alloc(64)
+        gc.collect()
+        assert driver.freed == []  # still allocated: the engine will write there
+        device.copy_to_device(ptr, host, stream)
+        device.copy_to_host(host, ptr, stream)
+        device.synchronize(stream)
+        device.free(ptr)
+    assert [(call, dst, src) for call, dst, src, _ in driver.copies] == [
+        ("memcpy_htod_async", ptr, host),
+        ("memcpy_dtoh_async", host, ptr),
+    ]
+    assert all(copy[3] is stream for copy in driver.copies)
+    assert stream.synchronized == 1 and device.stream_handle(stream) == 0x5151
+    assert driver.freed == [ptr]
+
+
+def test_pycuda_device_lets_go_of_the_context_and_the_error_when_a_call_fails(monkeypatch):
+    """A failure inside ``with device.active():`` (a step that raises) still pops the context
+    from the thread (cuda.py: current "for its duration"), and an exception that is not a CUDA
+    error (here a TypeError from pycuda) reaches the caller as it is, not swallowed."""
+    driver, device = _pycuda_device(monkeypatch)
+    with pytest.raises(KeyError, match="a step failed"):
+        with device.active():
+            raise KeyError("a step failed")
+    assert driver._stack() == []
+
+    def refuse(dst, src, stream):
+        raise TypeError("expected a contiguous buffer")
+
+    monkeypatch.setattr(driver, "memcpy_htod_async", refuse)
+    with device.active(), pytest.raises(TypeError, match="contiguous"):
+        device.copy_to_device(0x8000, np.zeros(3, np.float32), None)
+
+
+def test_cuda_python_device_copies_and_waits_on_its_stream_and_gives_the_gpu_back():
+    """cuda-python: both copies go on the device's stream (77, what the fake cudaStreamCreate
+    returns), synchronize and destroy_stream act on it, and the thread's own GPU (0) is current
+    again after ``with device.active():`` on GPU 1 also when the block raises."""
+    rt = make_fake_cudart()
+    dev = CudaPythonDevice(1, cudart=rt)
+    with dev.active():
+        stream = dev.create_stream()
+        host = dev.host_array((2, 3), np.float32)
+        dev.copy_to_device(0xABC000, host, stream)
+        dev.copy_to_host(host, 0xABC000, stream)
+        dev.synchronize(stream)
+        dev.destroy_stream(stream)
+        dev.free_host(host)
+    assert [args[3:] for name, args in rt.calls if name == "cudaMemcpyAsync"] == [(1, 77), (2, 77)]
+    assert ("cudaStreamSynchronize", (77,)) in rt.calls and ("cudaStreamDestroy", (77,)) in rt.calls
+    del rt.calls[:]
+    with pytest.raises(BackendError, match="a step failed"):
+        with dev.active():
+            raise BackendError("a step failed")
+    assert [args for name, args in rt.calls if name == "cudaSetDevice"] == [(1,), (0,)]
+
+
+def test_open_device_takes_pycuda_when_both_are_installed(monkeypatch):
+    """cuda.py: "pycuda when installed, else cuda-python" (engines/README.md: cuda-python is
+    what edgecap uses when pycuda is missing)."""
+    from edgecap.trt.cuda import PycudaDevice, open_device
+
+    rt = make_fake_cudart()
+    cuda = types.ModuleType("cuda")
+    cuda.bindings = types.ModuleType("cuda.bindings")
+    cuda.bindings.runtime = rt
+    for name, module in (("cuda", cuda), ("cuda.bindings", cuda.bindings), ("cuda.bindings.runtime", rt)):
+        monkeypatch.setitem(sys.modules, name, module)
+    _pycuda_device(monkeypatch)
+    assert type(open_device()) is PycudaDevice
+    monkeypatch.setitem(sys.modules, "pycuda", None)
+    monkeypatch.setitem(sys.modules, "pycuda.driver", None)
+    assert type(open_device()) is CudaPythonDevice
 
 
 def test_an_engine_without_an_execution_context_is_a_clear_error():
