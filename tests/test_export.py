@@ -426,3 +426,38 @@ def test_one_column_off_by_twice_its_tolerance_fails_the_check(exported, tmp_pat
     model_dir = _shifted_output(out, tmp_path / "model", role, output, 2 * TOLERANCE[output])
     with pytest.raises(ModelError, match="export check failed"):
         check_export(encoder, decoder, model_dir, PRE)
+
+
+def test_export_model_records_the_run_it_came_from(tmp_path):
+    """``edgecap export RUN/best`` (``export_model``): the manifest's info names the model after
+    the run's folder (RUN, not "best") unless a name is given, and keeps the checkpoint's
+    training record (its data, its config, the epochs trained and the best one) and dev metric
+    as the checkpoint wrote them, plus the command's extra fields."""
+    from edgecap.build.export import export_model
+    from edgecap.manifest import load_manifest
+    from edgecap.models.checkpoint import save_checkpoint
+
+    torch.manual_seed(0)
+    vocab = Vocabulary.build(["a cat sat on the mat", "a dog ran in the park today"], min_count=1)
+    decoder = CaptionDecoder(
+        DecoderConfig(vocab_size=len(vocab), hidden_dim=16, feature_dim=16, embed_dim=8, attention_dim=8)
+    )
+    record = {
+        "training_data": {"n_images": 3, "source": "folder"},
+        "train_config": {"lr": 0.0004, "epochs": 9},
+        "train_state": {"epoch": 5, "best_epoch": 3},
+        "dev_metrics_greedy": {"CIDEr": 0.41},
+    }
+    best = tmp_path / "run-7" / "best"
+    save_checkpoint(best, decoder, vocab, PRE, record)
+    export_model(best, tmp_path / "model", extra_info={"dev_metrics": {"CIDEr": 0.52}})
+    info = load_manifest(tmp_path / "model").info
+    assert info["name"] == "run-7"
+    assert info["training"] == {
+        "data": {"n_images": 3, "source": "folder"},
+        "config": {"lr": 0.0004, "epochs": 9},
+        "epochs": 5,
+        "best_epoch": 3,
+    }
+    assert info["metrics"] == {"dev_greedy_simple_tokenizer": {"CIDEr": 0.41}}
+    assert info["dev_metrics"] == {"CIDEr": 0.52}
