@@ -703,6 +703,7 @@ def folder_data(tmp_path) -> Path:
         (["--batch-size", "0"], "--batch-size must be at least 1, got 0"),
         (["--threads", "-2"], "threads must be at least 0, got -2"),
         (["--scheduled-sampling", "2"], "--scheduled-sampling must be at most 1, got 2.0"),
+        (["--dev-fraction", "0"], "--dev-fraction must be between 0 and 1, got 0.0"),
     ],
 )
 def test_out_of_range_options_are_one_line(tmp_path, folder_data, capsys, flags, problem):
@@ -732,6 +733,63 @@ def test_out_or_cache_dir_that_is_a_file_is_one_line(tmp_path, folder_data, caps
         f"edgecap train: error: --cache-dir {a_file / 'cache'}: {a_file} is a file, not a folder\n"
     )
     assert not out.exists()
+
+
+def _no_training(monkeypatch) -> list:
+    """``edgecap train`` with its training replaced: the configs it would have run with."""
+    import edgecap.training.train as training
+
+    configs: list = []
+    monkeypatch.setattr(training, "train", lambda cfg, *_, **__: configs.append(cfg) or Path("nowhere"))
+    return configs
+
+
+@torch_needed
+def test_a_default_feature_cache_or_an_out_that_cannot_be_a_folder_is_one_line(
+    tmp_path, folder_data, capsys, monkeypatch
+):
+    """The feature cache defaults to OUT/../.feature-cache (``--cache-dir``'s help): a file
+    there stops the command in one line before anything is trained, as does an --out that is
+    a symbolic link to nothing (mkdir would fail on it)."""
+    from edgecap.cli import main
+
+    configs = _no_training(monkeypatch)
+    runs = tmp_path / "runs"
+    runs.mkdir()
+    (runs / ".feature-cache").write_text("x")
+    assert main(["train", "--data", str(folder_data), "--out", str(runs / "first")]) == 2
+    assert capsys.readouterr().err == (
+        f"edgecap train: error: --cache-dir {runs / '.feature-cache'}: is a file, not a folder\n"
+    )
+    link = tmp_path / "run"
+    link.symlink_to(tmp_path / "gone")
+    assert main(["train", "--data", str(folder_data), "--out", str(link), "--cache-dir", str(runs)]) == 2
+    assert capsys.readouterr().err == f"edgecap train: error: --out {link}: is a broken link, not a folder\n"
+    assert configs == []
+
+
+@torch_needed
+def test_train_option_defaults_are_the_documented_ones(tmp_path, folder_data, monkeypatch, capsys):
+    """docs/training.md: --min-word-count (default 5), --text-share X (default 0.5),
+    --shard-size (default 1024); a folder starts from the shipped model (--init-from default)."""
+    from edgecap.cli import main
+    from edgecap.training.start import init_source
+
+    configs = _no_training(monkeypatch)
+    assert main(["train", "--data", str(folder_data), "--out", str(tmp_path / "run"), "--no-progress"]) == 0
+    (cfg,) = configs
+    assert (cfg.min_word_count, cfg.text_share, cfg.shard_size) == (5, 0.5, 1024)
+    assert cfg.dataset == "folder" and init_source(cfg).name == "default"
+
+
+def test_self_critical_training_needs_two_samples_an_image():
+    """Each sample's baseline is the mean reward of the image's other samples (a leave-one-out
+    baseline): one sample has none, so --scst-samples 1 is refused; 2 is the least."""
+    from edgecap.training.config import ScstConfig
+
+    with pytest.raises(ValueError, match="n_samples must be at least 2"):
+        ScstConfig(checkpoint="best", data="data", out="run", n_samples=1)
+    assert ScstConfig(checkpoint="best", data="data", out="run", n_samples=2).n_samples == 2
 
 
 @torch_needed
