@@ -927,6 +927,56 @@ def test_fake_a_cached_engine_missing_an_output_is_refused(monkeypatch, tmp_path
         cache.load(manifest, "encoder", "fp32", Limits(1, 1))
 
 
+def test_fake_a_freshly_built_engine_that_does_not_load_is_a_backend_error(
+    monkeypatch, tmp_path, model_dir, device
+):
+    """An engine just built that the runtime cannot load (a TensorRT fault: its log says why) is
+    a BackendError naming the file, not an AttributeError on None later."""
+    trt = install(monkeypatch, "10.3.0.30", device)
+    manifest = load_manifest(model_dir)
+    cache = _cache(trt, device, tmp_path, io.StringIO())
+    monkeypatch.setattr(cache.runtime, "deserialize_cuda_engine", lambda data: None)
+    with pytest.raises(BackendError, match=r"freshly built engine .*-b1\.engine does not deserialize"):
+        cache.load(manifest, "encoder", "fp32", Limits(1, 1))
+    assert len(trt.stats["builds"]) == 1
+
+
+def test_fake_fp16_pins_the_log_after_a_reshaped_softmax():
+    """TensorRT < 10.12, FP16 flag: the Log of a LogSoftmax stays FP32 also when the parser puts
+    a reshape (shuffle) between the Softmax and the Log (engines.py, _pin_fp32_layers:
+    "tensors holding a Softmax's result (maybe reshaped)"); a Log of anything else and the
+    reshape itself are left to TensorRT. A stand-in network of named, typed layers."""
+    from edgecap.trt.engines import _pin_fp32_layers
+
+    trt = make_fake_trt("10.3.0.30", FakeDevice())
+
+    def layer(kind, inputs, outputs):
+        tensors = {name: types.SimpleNamespace(name=name, dtype=trt.float32) for name in (*inputs, *outputs)}
+        made = types.SimpleNamespace(
+            type=kind,
+            precision=None,
+            retyped={},
+            num_inputs=len(inputs),
+            num_outputs=len(outputs),
+            get_input=lambda j: tensors[inputs[j]],
+            get_output=lambda j: tensors[outputs[j]],
+        )
+        made.set_output_type = lambda j, dtype: made.retyped.__setitem__(j, dtype)
+        return made
+
+    layers = [
+        layer("softmax", ["logits2d"], ["probs2d"]),
+        layer("shuffle", ["probs2d"], ["probs"]),
+        layer("unary", ["probs"], ["logprobs"]),  # the Log of the LogSoftmax
+        layer("unary", ["h"], ["tanh_h"]),  # another unary layer
+        layer("shuffle", ["h"], ["h2d"]),
+    ]
+    network = types.SimpleNamespace(num_layers=len(layers), get_layer=lambda i: layers[i])
+    _pin_fp32_layers(trt, network)
+    assert [lay.precision for lay in layers] == [trt.float32, None, trt.float32, None, None]
+    assert [lay.retyped for lay in layers] == [{0: trt.float32}, {}, {0: trt.float32}, {}, {}]
+
+
 def test_fake_engines_are_built_only_at_a_known_precision_from_a_matching_model(
     monkeypatch, tmp_path, model_dir, device
 ):
