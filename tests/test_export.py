@@ -461,3 +461,27 @@ def test_export_model_records_the_run_it_came_from(tmp_path):
     }
     assert info["metrics"] == {"dev_greedy_simple_tokenizer": {"CIDEr": 0.41}}
     assert info["dev_metrics"] == {"CIDEr": 0.52}
+
+
+def test_an_export_at_a_size_not_square_nor_a_multiple_of_32_passes_its_check(tmp_path):
+    """Preprocessing(size=(100, 70)) is (height, width): the "same" paddings, read from one
+    run of the traced encoder on a (1, 3, 100, 70) image and folded into its convolutions, differ
+    between the two sides (70 -> 35 pixels pads 2 at a stride-2 3 x 3 convolution where
+    100 -> 50 pads 1). The export runs (a transposed probe image is refused by the traced
+    graph), its own check (pretrained encoder) passes, and the manifest's 12 regions are the
+    graph's (4 x 3)."""
+    from edgecap.manifest import load_manifest
+    from edgecap.models.efficientnet_lite import load_pretrained
+
+    torch.manual_seed(0)
+    vocab = Vocabulary.build(["a cat sat on the mat", "a dog ran in the park today"], min_count=1)
+    decoder = CaptionDecoder(
+        DecoderConfig(vocab_size=len(vocab), hidden_dim=16, feature_dim=16, embed_dim=8, attention_dim=8)
+    )
+    pre = Preprocessing(size=(100, 70))
+    export_modules(load_pretrained(), decoder, vocab, pre, tmp_path / "model")
+    manifest = load_manifest(tmp_path / "model")
+    assert manifest.preprocessing.size == (100, 70) and manifest.dims.regions == 12
+    graph = onnx.load(str(tmp_path / "model" / "encoder.onnx")).graph
+    (features,) = [o for o in graph.output if o.name == "features"]
+    assert [d.dim_value or d.dim_param for d in features.type.tensor_type.shape.dim] == ["n", 12, 16]
