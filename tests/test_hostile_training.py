@@ -850,6 +850,46 @@ def test_too_few_words_for_fresh_weights_is_a_data_error(tmp_path):
 
 
 @torch_needed
+def test_a_resumed_folder_run_keeps_its_vocabulary_when_the_captions_gained_words(checkpoint, tmp_path):
+    """docs/training.md: a folder run appends its new training words to the starting model's
+    vocabulary; a resumed run (OUT/last holds a checkpoint) goes on with the vocabulary it
+    saved, whose rows its weights and optimizer state have: words added to the captions since
+    (zorbl, quokka) are not appended again."""
+    import shutil
+
+    from edgecap.data.readers import CaptionedImage
+    from edgecap.models.checkpoint import load_checkpoint
+    from edgecap.training.start import initial_model
+    from edgecap.training.train import TrainConfig
+
+    last = tmp_path / "run" / "last"
+    shutil.copytree(checkpoint, last)
+    saved = load_checkpoint(last)[2].words
+    assert "zorbl" not in saved and "quokka" not in saved
+    cfg = TrainConfig(data=str(tmp_path), out=str(tmp_path / "run"), dataset="folder", min_word_count=1)
+    items = [CaptionedImage("a.png", ["a zorbl and a quokka"]), CaptionedImage("b.png", ["a zorbl"])]
+    start = initial_model(cfg, items, last, log=lambda *_: None)
+    assert start.resuming and start.vocab.words == saved
+    assert start.decoder.cfg.vocab_size == len(saved)
+
+
+@torch_needed
+def test_a_dataset_whose_dev_photos_are_all_outside_is_one_error(tmp_path):
+    """Each split needs a usable photo: a Flickr8k layout whose only dev photo is outside the
+    images folder is a DataError naming the data folder, not a run scored on no photo."""
+    from edgecap.training.start import dataset_items
+
+    root = tmp_path / "flickr"
+    photo(root / "images" / "a.jpg", 1)
+    photo(tmp_path / "elsewhere.jpg", 2)
+    (root / "Flickr8k.token.txt").write_text("a.jpg#0\ta cat\n../../elsewhere.jpg#0\ta dog\n")
+    (root / "Flickr_8k.trainImages.txt").write_text("a.jpg\n")
+    (root / "Flickr_8k.devImages.txt").write_text("../../elsewhere.jpg\n")
+    with pytest.raises(DataError, match=f"{root}: no usable dev photo"):
+        dataset_items("flickr8k", root, root / "images", report=lambda _: None)
+
+
+@torch_needed
 def test_a_run_that_trains_no_epoch_is_an_error_not_a_missing_checkpoint(tmp_path):
     import shutil
 

@@ -708,6 +708,44 @@ def test_init_from_default_is_the_folder_default(tmp_path):
 
 
 @torch_needed
+@pytest.mark.parametrize(
+    "change, problem",
+    [
+        ({"precision": "fp16"}, "a fp16 model directory; start from the FP32 one it was converted from"),
+        (
+            {
+                "preprocessing": {
+                    "size": [224, 224],
+                    "mean": [0.5] * 3,
+                    "std": [127.5] * 3,
+                    "resample": "bilinear",
+                }
+            },
+            "its preprocessing .* is not the one training uses",
+        ),
+    ],
+)
+def test_init_from_refuses_a_converted_model_or_one_of_other_preprocessing(tmp_path, change, problem):
+    """docs/training.md: --init-from takes an FP32 export directory with the training's
+    normalisation (any input size): the shipped model's files (linked) under a manifest that
+    says FP16, or a mean of 0.5 instead of training's 127.5, are refused."""
+    from edgecap.api import default_model_dir
+    from edgecap.errors import ModelError
+    from edgecap.training.start import load_start
+
+    source = default_model_dir()
+    model = tmp_path / "model"
+    model.mkdir()
+    for file in source.iterdir():
+        if file.name != "manifest.json":
+            (model / file.name).symlink_to(file.resolve())
+    manifest = json.loads((source / "manifest.json").read_text())
+    (model / "manifest.json").write_text(json.dumps({**manifest, **change}))
+    with pytest.raises(ModelError, match=problem):
+        load_start(model)
+
+
+@torch_needed
 def test_a_model_directory_with_a_tuned_encoder_needs_finetune_encoder(tiny_model_dir, monkeypatch):
     import torch
 
