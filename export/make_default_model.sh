@@ -15,8 +15,10 @@ edgecap train --data "$DATA" --out "$RUNS/sat-h512" --cache-dir "$RUNS/.feature-
     --epochs 12 --batch-size 100 --lr 5e-4 --lr-decay-epochs 4 --patience 3 --threads 2
 
 # 2. Export, score on the dev split (beam 3), and export again with the metrics in the manifest
-#    (the export is deterministic: the ONNX files are byte-identical).
-edgecap export "$RUNS/sat-h512/best" --out "$OUT" --name sat-lite0-flickr8k
+#    (the export is deterministic: the ONNX files are byte-identical). --force: over the shipped
+#    model; a model that differs from it drops its fusion.json and confidence.json (fitted to
+#    the model it replaces: docs/everyday-photos.md and docs/confidence.md make new ones).
+edgecap export "$RUNS/sat-h512/best" --out "$OUT" --name sat-lite0-flickr8k --force
 for beam in 1 3 5; do
     edgecap eval --model "$OUT" --images "$DATA/images" --captions "$DATA/Flickr8k.token.txt" \
         --split "$DATA/Flickr_8k.devImages.txt" --beam-size "$beam" --json --no-progress \
@@ -33,5 +35,5 @@ metrics.update(split="Flickr8k dev (1,000 images; Flickr_8k.devImages.txt)",
                length_penalty=None)
 json.dump(metrics, open(f"{runs}/dev-metrics.json", "w"), indent=1)
 PY
-edgecap export "$RUNS/sat-h512/best" --out "$OUT" --name sat-lite0-flickr8k \
+edgecap export "$RUNS/sat-h512/best" --out "$OUT" --name sat-lite0-flickr8k --force \
     --metrics "$RUNS/dev-metrics.json"

@@ -485,3 +485,52 @@ def test_an_export_at_a_size_not_square_nor_a_multiple_of_32_passes_its_check(tm
     graph = onnx.load(str(tmp_path / "model" / "encoder.onnx")).graph
     (features,) = [o for o in graph.output if o.name == "features"]
     assert [d.dim_value or d.dim_param for d in features.type.tensor_type.shape.dim] == ["n", 12, 16]
+
+
+def test_an_export_over_a_model_needs_force_and_drops_what_was_fitted_to_it(tmp_path, capsys):
+    """``edgecap export --out DIR`` into a folder that holds something is refused (exit 2, one
+    line, the folder untouched); with --force the model is replaced, and the fusion.json and
+    confidence.json fitted to the model it replaces are removed when the new model's files
+    differ (another checkpoint), kept when they are the same (the same checkpoint again, with
+    --metrics: the export is deterministic)."""
+    from edgecap.cli import main
+    from edgecap.manifest import load_manifest
+    from edgecap.models.checkpoint import save_checkpoint
+
+    vocab = Vocabulary.build(["a cat sat on the mat", "a dog ran in the park today"], min_count=1)
+    runs = []
+    for seed in (0, 1):  # two checkpoints: two models
+        torch.manual_seed(seed)
+        decoder = CaptionDecoder(
+            DecoderConfig(vocab_size=len(vocab), hidden_dim=16, feature_dim=16, embed_dim=8, attention_dim=8)
+        )
+        runs.append(tmp_path / f"run-{seed}" / "best")
+        save_checkpoint(runs[-1], decoder, vocab, PRE, {})
+    model = tmp_path / "model"
+    assert main(["export", str(runs[0]), "--out", str(model)]) == 0
+    first = load_manifest(model).sha256
+    fitted = {"fusion.json": b'{"fitted": "to run-0"}', "confidence.json": b'{"fitted": "to run-0"}'}
+    for name, data in fitted.items():
+        (model / name).write_bytes(data)
+    before = {p.name: p.read_bytes() for p in model.iterdir()}
+    capsys.readouterr()
+
+    assert main(["export", str(runs[1]), "--out", str(model)]) == 2  # no --force: refused
+    err = capsys.readouterr().err
+    assert "directory exists and is not empty; choose another --out or pass --force" in err
+    assert err.count("\n") == 1 and {p.name: p.read_bytes() for p in model.iterdir()} == before
+
+    metrics = tmp_path / "metrics.json"
+    metrics.write_text('{"CIDEr": 0.5}')
+    argv = ["export", str(runs[0]), "--out", str(model), "--force", "--metrics", str(metrics)]
+    assert main(argv) == 0  # the same model again: what was fitted to it stays
+    assert load_manifest(model).sha256 == first and load_manifest(model).info["dev_metrics"] == {"CIDEr": 0.5}
+    assert all((model / name).read_bytes() == data for name, data in fitted.items())
+
+    assert main(["export", str(runs[1]), "--out", str(model), "--force"]) == 0  # another model
+    assert load_manifest(model).sha256 != first
+    assert not any((model / name).exists() for name in fitted)
+
+    (tmp_path / "a-file").write_text("x")
+    assert main(["export", str(runs[0]), "--out", str(tmp_path / "a-file")]) == 2
+    assert "a-file: not a directory" in capsys.readouterr().err

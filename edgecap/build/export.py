@@ -339,11 +339,34 @@ def check_export(
 
 
 def export_model(
-    checkpoint: Path, out_dir: Path, name: str | None = None, extra_info: dict | None = None
+    checkpoint: Path,
+    out_dir: Path,
+    name: str | None = None,
+    extra_info: dict | None = None,
+    force: bool = False,
 ) -> Manifest:
-    """Export a training checkpoint directory (``edgecap train``'s OUT/best) to ``out_dir``."""
+    """Export a training checkpoint directory (``edgecap train``'s OUT/best) to ``out_dir``.
+
+    ``out_dir`` must be new or empty (a ``ModelError`` otherwise, before anything is read);
+    ``force``: a model there is replaced. If the new model's files differ from it (their
+    checksums), its ``fusion.json`` and ``confidence.json`` are removed once the new model is in:
+    both were fitted to that model, and kept, the new one would load them and give the old
+    model's confidences. The same model exported again (the export is deterministic; e.g. with
+    ``--metrics`` added) keeps them."""
+    from edgecap.confidence import CONFIDENCE_FILE
+    from edgecap.decoding.fusion import FUSION_FILE
     from edgecap.models.checkpoint import load_checkpoint
 
+    out = Path(out_dir)
+    if out.exists() and not out.is_dir():
+        raise ModelError(f"{out}: not a directory; choose another --out")
+    if out.is_dir() and any(out.iterdir()) and not force:
+        raise ModelError(
+            f"{out}: directory exists and is not empty; choose another --out or pass --force to "
+            "replace the model there (its fusion.json and confidence.json, fitted to that model, "
+            "are removed)"
+        )
+    replaced = _model_checksums(out) if force else None
     encoder, decoder, vocab, pre, meta = load_checkpoint(Path(checkpoint))
     info = {
         "name": name or Path(checkpoint).resolve().parent.name,
@@ -356,4 +379,16 @@ def export_model(
         "metrics": {"dev_greedy_simple_tokenizer": meta.get("dev_metrics_greedy")},
         **(extra_info or {}),
     }
-    return export_modules(encoder, decoder, vocab, pre, Path(out_dir), info)
+    manifest = export_modules(encoder, decoder, vocab, pre, out, info)
+    if replaced != manifest.sha256:  # another model's (or none): not fitted to this one
+        for stale in (FUSION_FILE, CONFIDENCE_FILE):
+            (out / stale).unlink(missing_ok=True)
+    return manifest
+
+
+def _model_checksums(directory: Path) -> dict[str, str] | None:
+    """The files' checksums of the model in ``directory`` (None: none there, or unreadable)."""
+    try:
+        return load_manifest(directory).sha256
+    except ModelError:
+        return None

@@ -9,6 +9,14 @@ import json
 def add_arguments(p: argparse.ArgumentParser) -> None:
     p.add_argument("checkpoint", help="checkpoint directory (edgecap train's OUT/best)")
     p.add_argument("--out", required=True, metavar="DIR", help="model directory to write")
+    p.add_argument(
+        "--force",
+        action="store_true",
+        help="replace the model in a --out that is not empty; its fusion.json and "
+        "confidence.json, fitted to that model, are removed unless the new model is the same "
+        "(the same files: an export again, e.g. with --metrics); without it a non-empty --out "
+        "is refused",
+    )
     p.add_argument("--name", help="model name recorded in the manifest")
     p.add_argument(
         "--metrics",
@@ -37,7 +45,7 @@ def run(args: argparse.Namespace) -> int:
             extra["dev_metrics"] = read_json(args.metrics, MAX_SMALL_BYTES)
         except FileProblem as exc:
             raise ModelError(f"--metrics {shown(args.metrics)}: cannot read it as JSON ({exc})") from None
-    manifest = export_model(args.checkpoint, args.out, name=args.name, extra_info=extra)
+    manifest = export_model(args.checkpoint, args.out, name=args.name, extra_info=extra, force=args.force)
     print(
         json.dumps(
             {
