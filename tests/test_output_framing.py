@@ -155,6 +155,24 @@ def test_json_line_escapes_del_c1_line_separators_and_bidi_controls():
         assert json_line({"path": char}) == f'{{"path": "\\u{ord(char):04x}"}}'
 
 
+def test_path_base64_only_for_a_name_whose_bytes_are_not_utf8(monkeypatch):
+    """docs/cli.md: ``path_base64`` for a name that is not UTF-8. Under a Latin-1 file system
+    encoding (simulated: ``os.fsencode`` as Latin-1) the UTF-8 name b"caf\\xc3\\xa9.png"
+    arrives as "caf\u00c3\u00a9.png": its record says "caf\u00e9.png" and, its bytes being
+    UTF-8, has no path_base64; the Latin-1 name b"caf\\xe9.png" is not UTF-8: U+FFFD in path,
+    its bytes in path_base64."""
+    from types import SimpleNamespace
+
+    from edgecap.commands import output
+
+    monkeypatch.setattr(output, "os", SimpleNamespace(fsencode=lambda name: name.encode("latin-1")))
+    assert json.loads(json_line({"path": "caf\u00c3\u00a9.png"})) == {"path": "caf\u00e9.png"}
+    assert json.loads(json_line({"path": "caf\u00e9.png"})) == {
+        "path": "caf\ufffd.png",
+        "path_base64": base64.b64encode(b"caf\xe9.png").decode("ascii"),
+    }
+
+
 def _caption(confidence):
     from edgecap.api import Caption
 
