@@ -320,6 +320,8 @@ def load_captioner(args: argparse.Namespace):
         raise ValueError(in_flag_words(str(exc), args)) from exc
     except BackendError as exc:  # "device='cuda' but ...": the backends' words for the API's
         message = str(exc)
+        if not any(python in message for python in DEVICE_WORDS):
+            raise  # as it is (a MissingPackageError stays one)
         for python, flag in DEVICE_WORDS.items():
             message = message.replace(python, flag)
         raise BackendError(message) from exc
