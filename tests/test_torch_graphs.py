@@ -155,6 +155,24 @@ def test_a_later_search_of_the_same_shape_takes_the_buffers(backends):
     assert graphed.thread_safe is False and backends[0].thread_safe is True
 
 
+@pytest.mark.parametrize("first_inside", [True, False])
+def test_graphs_made_in_a_callers_inference_mode_serve_calls_outside_it(tiny_model_dir, photos, first_inside):
+    """A caller may wrap a call in ``torch.inference_mode()`` (PyTorch's advice for inference)
+    and make the next without it. The graphs' static buffers are made in the first call of a
+    shape and written by every later one; made as inference tensors, a write outside inference
+    mode is torch's RuntimeError "Inplace update to inference tensor outside InferenceMode".
+    The encoder graph and the step graphs (the host loop, ``return_attention``) of one shape,
+    made inside and used outside, and the other way round, caption as the eager backend."""
+    options = dict(beam_size=2, batch_size=2, max_length=5)
+    eager = Captioner(tiny_model_dir, backend="torch", device="cpu", **options)
+    graphed = Captioner(tiny_model_dir, backend="torch", device="cpu", graph_factory=EagerGraph, **options)
+    expected = [c.tokens for c in eager.caption_batch(photos[:2], return_attention=True)]
+    for inside in (first_inside, not first_inside):
+        with torch.inference_mode() if inside else contextlib.nullcontext():
+            got = graphed.caption_batch(photos[:2], return_attention=True)
+        assert [c.tokens for c in got] == expected
+
+
 def test_captioner_graphs_match_eager_across_batches(tiny_model_dir, photos):
     options = dict(beam_size=3, batch_size=3, max_length=8)
     eager = Captioner(tiny_model_dir, backend="torch", device="cpu", **options)

@@ -212,10 +212,12 @@ class EncoderGraphs:
         self.module, self.device, self.dtype, self.capture = encoder_graph, device, dtype, capture
         self.graphs = GraphCache()
 
-    @torch.no_grad()
+    @torch.inference_mode()
     def run(self, images: np.ndarray | torch.Tensor) -> tuple[torch.Tensor, ...]:
         """``images`` on the host (through the pinned staging buffer) or already on the device
-        (preprocessed there: copied straight into the graph's input)."""
+        (preprocessed there: copied straight into the graph's input). In inference mode
+        whatever the caller's: its buffers, made in the first call, are written by every later
+        one (an inference tensor may not be written outside inference mode)."""
         key = tuple(images.shape)
         graph, staging, image, outputs = self.graphs.get(key, lambda: self._capture(key))
         if isinstance(images, torch.Tensor):
@@ -392,13 +394,14 @@ class GraphedSession(DecoderSession):
     """A search over ``StepBuffers``: the ``DecoderSession`` of a graphed torch backend."""
 
     def __init__(self, graphs: StepGraphs, tensors: dict, image_index: np.ndarray, return_attention: bool):
-        self.buffers = graphs.get(tensors, len(image_index))
-        with torch.no_grad():
+        # in inference mode whatever the caller's, as every step (``EncoderGraphs.run``)
+        with torch.inference_mode():
+            self.buffers = graphs.get(tensors, len(image_index))
             self.buffers.load(self, tensors, image_index)
         self.return_attention = return_attention
         self.t = 0
 
-    @torch.no_grad()
+    @torch.inference_mode()
     def _step(self, tokens: np.ndarray, source_rows: np.ndarray, word_bias: np.ndarray | None):
         if self.buffers.owner is not self:
             raise BackendError(
