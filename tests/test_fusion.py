@@ -596,3 +596,33 @@ def test_installing_lms_with_a_gate_into_a_model_that_has_lms_fits_it_and_record
             fusion.everyday.arrays["out_w"], arrays["out_w"].astype(np.float16).astype(np.float32)
         )
     assert fusion.gate is not None
+
+
+def test_an_install_with_a_gate_mends_a_model_whose_fusion_no_longer_matches_its_lms(
+    default_model_dir, tmp_path
+):
+    """A copy of the shipped model whose lm_everyday.npz is no longer the one its fusion.json's
+    checksum names (what an install cut short between writing the LMs and fusion.json leaves:
+    the model does not load, a ModelError naming the checksum). Installing the LMs again with
+    --gate-images mends it: the gate is fitted by the model's encoder, not by a Captioner that
+    loads the broken fusion.json (which failed the install with that same ModelError)."""
+    from edgecap import Captioner
+    from edgecap.errors import ModelError
+    from edgecap.manifest import file_sha256
+    from edgecap.training.language_model import install
+
+    model = tmp_path / "model"
+    shutil.copytree(default_model_dir, model)
+    vocab_size = json.loads((model / "manifest.json").read_text())["dims"]["vocab_size"]
+    sha = file_sha256(model / "vocab.json")
+    everyday = _random_lm(tmp_path / "everyday.npz", vocab_size, sha)
+    in_domain = _random_lm(tmp_path / "in_domain.npz", vocab_size, sha, seed=4)
+    shutil.copyfile(everyday, model / "lm_everyday.npz")  # not the file fusion.json names
+    with pytest.raises(ModelError, match="checksum mismatch"):
+        Captioner(model)
+    photos = [Path("edgecap/assets/examples") / name for name in ("coffee.png", "rocket.jpg")]
+    install(model, everyday, in_domain, 0.75, gate_photos=photos)
+    assert json.loads((model / "fusion.json").read_text())["gate"]["fitted_on"] == (
+        "2 training photos of the caption model"
+    )
+    assert Captioner(model).caption(photos[0]).text

@@ -237,16 +237,22 @@ def install(
 
 
 def gate_from_photos(model_dir: Path, photos: list[Path]):
-    """The fusion gate fitted on ``photos`` (the caption model's training photos)."""
-    from edgecap.api import Captioner
+    """The fusion gate fitted on ``photos`` (the caption model's training photos), by the
+    model's encoder alone: not a ``Captioner``, which loads the directory's current fusion.json
+    and confidence.json, so that an install mends a model whose fusion.json no longer matches
+    its LMs (an install cut short between the files) instead of failing on it."""
+    from edgecap.api import DEFAULT_THREADS
+    from edgecap.backends import load_backend, resolve
     from edgecap.decoding.fusion import Gate
     from edgecap.images import load_rgb, preprocess
 
-    captioner = Captioner(model_dir, fusion_weight=0.0)
+    manifest = load_manifest(model_dir)
+    name = resolve("auto")
+    backend = load_backend(name, manifest, threads=DEFAULT_THREADS.get(name))
     probs = []
     for start in range(0, len(photos), 32):
-        x = preprocess([load_rgb(p) for p in photos[start : start + 32]], captioner.manifest.preprocessing)
-        class_probs = captioner.backend.encode(x).class_probs
+        x = preprocess([load_rgb(p) for p in photos[start : start + 32]], manifest.preprocessing)
+        class_probs = backend.encode(x).class_probs
         if class_probs is None:
             raise SystemExit(
                 f"{model_dir}: its encoder gives no class probabilities; the fusion gate is fitted on them"
