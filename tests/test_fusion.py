@@ -566,6 +566,37 @@ def test_an_install_refused_for_its_in_domain_lm_leaves_the_model_as_it_was(defa
     assert Captioner(model).caption(photo).text == Captioner(default_model_dir).caption(photo).text
 
 
+@pytest.mark.parametrize(
+    "record",
+    [
+        {},
+        {"history": []},
+        {"history": [{"epoch": 1}]},
+        {"history": [{"dev_perplexity": "high"}]},
+        {"history": 3},
+    ],
+)
+def test_an_lm_record_without_its_epochs_is_refused_in_one_line(default_model_dir, tmp_path, record):
+    """An LM whose JSON has no epochs with a dev perplexity (not the trainer's record): a
+    SystemExit naming the file, not a KeyError / TypeError traceback, and the model untouched."""
+    from edgecap.manifest import file_sha256
+    from edgecap.training.language_model import install
+
+    model = tmp_path / "model"
+    shutil.copytree(default_model_dir, model)
+    before = {p.name: p.read_bytes() for p in model.iterdir()}
+    vocab_size = json.loads((model / "manifest.json").read_text())["dims"]["vocab_size"]
+    sha = file_sha256(model / "vocab.json")
+    everyday = _random_lm(tmp_path / "everyday.npz", vocab_size, sha)
+    in_domain = _random_lm(tmp_path / "in_domain.npz", vocab_size, sha, seed=4)
+    in_domain.with_suffix(".json").write_text(json.dumps({"vocab_sha256": sha, **record}))
+    with pytest.raises(
+        SystemExit, match=r"in_domain\.json: no epochs with a dev_perplexity in its 'history'"
+    ):
+        install(model, everyday, in_domain, 1.5)
+    assert {p.name: p.read_bytes() for p in model.iterdir()} == before
+
+
 def test_installing_lms_with_a_gate_into_a_model_that_has_lms_fits_it_and_records_the_best_epochs(
     default_model_dir, tmp_path
 ):

@@ -210,6 +210,13 @@ def install(
             raise SystemExit(f"{source}: trained on another vocabulary than {model_dir}'s")
         # stored as float16 (half the bytes of a model that ships in the package; the numpy
         # runtime computes in float32)
+        try:  # the trainer's record of each epoch: the best dev perplexity is recorded
+            best = min(float(e["dev_perplexity"]) for e in meta.get("history"))
+        except (TypeError, KeyError, ValueError):
+            raise SystemExit(
+                f"{shown(source.with_suffix('.json'))}: no epochs with a dev_perplexity in its "
+                "'history' (not the language-model trainer's record)"
+            ) from None
         with np.load(source, allow_pickle=False) as arrays:
             half = {k: arrays[k].astype(np.float16) for k in arrays.files}
         info = {
@@ -217,7 +224,7 @@ def install(
             "captions": meta.get("captions"),
             "hidden": meta.get("hidden"),
             "embed": meta.get("embed"),
-            "dev_perplexity": min(e["dev_perplexity"] for e in meta["history"]),
+            "dev_perplexity": best,
         }
         checked.append((role, half, info))
     gate = gate_from_photos(model_dir, gate_photos) if gate_photos else None
