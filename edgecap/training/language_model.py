@@ -208,15 +208,15 @@ def install(
             raise SystemExit(f"{shown(source.with_suffix('.json'))}: not a JSON object")
         if meta.get("vocab_sha256") != vocab_sha:
             raise SystemExit(f"{source}: trained on another vocabulary than {model_dir}'s")
-        # stored as float16 (half the bytes of a model that ships in the package; the numpy
-        # runtime computes in float32)
         try:  # the trainer's record of each epoch: the best dev perplexity is recorded
-            best = min(float(e["dev_perplexity"]) for e in meta.get("history"))
+            best = min(float(e["dev_perplexity"]) for e in meta.get("history") or ())
         except (TypeError, KeyError, ValueError):
             raise SystemExit(
                 f"{shown(source.with_suffix('.json'))}: no epochs with a dev_perplexity in its "
                 "'history' (not the language-model trainer's record)"
             ) from None
+        # stored as float16 (half the bytes of a model that ships in the package; the numpy
+        # runtime computes in float32)
         with np.load(source, allow_pickle=False) as arrays:
             half = {k: arrays[k].astype(np.float16) for k in arrays.files}
         info = {
