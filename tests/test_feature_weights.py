@@ -109,14 +109,21 @@ def test_the_finetune_cache_of_other_weights_is_never_reused(tmp_path, weights, 
         maps, index = compute_features(paths, tmp_path / "cache", pre, progress=False)
         return [np.unique(np.asarray(maps[index[cache_name(p)]])).tolist() for p in paths]
 
-    write_weights(weights[LITE0], 1)
+    _weights_1_2_1(weights[LITE0], features, built)
+    assert len(list((tmp_path / "cache").glob("features-*.npy"))) == 2
+
+
+def _weights_1_2_1(weights_file, features, built: list) -> None:
+    """Weights 1, then 2 (the file replaced in place: same size, same modification time), then
+    1 again: ``features()`` gives each weights' own, an encoder built only where no cache of
+    those weights exists."""
+    write_weights(weights_file, 1)
     assert features() == [[1.0], [1.0]] and len(built) == 1
     assert features() == [[1.0], [1.0]] and len(built) == 1  # found: no encoder built
-    write_weights(weights[LITE0], 2)  # replaced in place: same size, same modification time
+    write_weights(weights_file, 2)  # replaced in place: same size, same modification time
     assert features() == [[2.0], [2.0]] and len(built) == 2
-    write_weights(weights[LITE0], 1)
+    write_weights(weights_file, 1)
     assert features() == [[1.0], [1.0]] and len(built) == 2  # weights 1's cache, found again
-    assert len(list((tmp_path / "cache").glob("features-*.npy"))) == 2
 
 
 def test_the_shard_cache_of_other_weights_is_never_reused(tmp_path, weights, monkeypatch):
@@ -151,11 +158,5 @@ def test_the_shard_cache_of_other_weights_is_never_reused(tmp_path, weights, mon
         cached.close()
         return values
 
-    write_weights(weights[LITE0], 1)
-    assert features() == [[1.0], [1.0]] and len(built) == 1
-    assert features() == [[1.0], [1.0]] and len(built) == 1  # found: no encoder built
-    write_weights(weights[LITE0], 2)  # replaced in place: same size, same modification time
-    assert features() == [[2.0], [2.0]] and len(built) == 2
-    write_weights(weights[LITE0], 1)
-    assert features() == [[1.0], [1.0]] and len(built) == 2  # weights 1's cache, found again
+    _weights_1_2_1(weights[LITE0], features, built)
     assert len(list((tmp_path / "cache").glob("shards-*"))) == 2

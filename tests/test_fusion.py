@@ -274,24 +274,10 @@ def test_the_captioner_uses_its_models_fusion(default_model_dir, tmp_path, monke
     model = tmp_path / "model"
     shutil.copytree(default_model_dir, model, ignore=shutil.ignore_patterns("fusion.json", "lm_*.npz"))
     vocab_size = json.loads((model / "manifest.json").read_text())["dims"]["vocab_size"]
-    for role, seed in (("everyday", 3), ("in_domain", 4)):
-        rng = np.random.default_rng(seed)
-        arrays = {
-            "embed": rng.normal(size=(vocab_size, 4)),
-            "w_ih": rng.normal(size=(12, 4)),
-            "w_hh": rng.normal(size=(12, 3)),
-            "bias": np.zeros(12),
-            "out_w": rng.normal(size=(vocab_size, 3)) * 3,
-            "out_b": np.zeros(vocab_size),
-        }
-        np.savez(tmp_path / f"{role}.npz", **arrays)
-        from edgecap.manifest import file_sha256
+    from edgecap.manifest import file_sha256
 
-        (tmp_path / f"{role}.json").write_text(
-            json.dumps(
-                {"vocab_sha256": file_sha256(model / "vocab.json"), "history": [{"dev_perplexity": 1.0}]}
-            )
-        )
+    for role, seed in (("everyday", 3), ("in_domain", 4)):
+        _random_lm(tmp_path / f"{role}.npz", vocab_size, file_sha256(model / "vocab.json"), seed=seed)
     install(model, tmp_path / "everyday.npz", tmp_path / "in_domain.npz", 1.5)
     photo = "edgecap/assets/examples/coffee.png"
     fused = Captioner(model)

@@ -671,6 +671,15 @@ def test_fake_tensorrt_close_releases_the_beam_step_engine_and_context(monkeypat
         held.bind("scores", 0)
 
 
+def _graph_search_as_host(manifest, host, images) -> None:
+    """onnxruntime's graph search (search="graph") gives ``host``'s hypotheses on ``images``."""
+    graph = OnnxRuntimeBackend(manifest, device="cpu", threads=1, search="graph")
+    vocab = manifest.dims.vocab_size
+    options = CaptionOptions(beam_size=3, n_best=3, max_length=8)
+    want = search_with_tags(host, host.encode(images), options, START, END, vocab, None)
+    _same(want, search_with_tags(graph, graph.encode(images), options, START, END, vocab, None))
+
+
 @pytest.mark.parametrize("opset", [17, 18])
 def test_a_step_graph_of_opset_18_gives_the_numpy_captions(tiny, monkeypatch, opset):
     """ReduceMax takes its axes as an input from opset 18 (the attribute is gone there): a step
@@ -690,11 +699,7 @@ def test_a_step_graph_of_opset_18_gives_the_numpy_captions(tiny, monkeypatch, op
         return model
 
     monkeypatch.setattr(ort_beam, "beam_step_model", at_opset)
-    graph = OnnxRuntimeBackend(manifest, device="cpu", threads=1, search="graph")
-    vocab = manifest.dims.vocab_size
-    options = CaptionOptions(beam_size=3, n_best=3, max_length=8)
-    want = search_with_tags(host, host.encode(images), options, START, END, vocab, None)
-    _same(want, search_with_tags(graph, graph.encode(images), options, START, END, vocab, None))
+    _graph_search_as_host(manifest, host, images)
     assert converted == [[opset]]
 
 
@@ -876,11 +881,7 @@ def test_a_step_graph_of_opset_13_gives_the_numpy_captions(tiny, monkeypatch):
         return model
 
     monkeypatch.setattr(ort_beam, "beam_step_model", at_opset_13)
-    graph = OnnxRuntimeBackend(manifest, device="cpu", threads=1, search="graph")
-    vocab = manifest.dims.vocab_size
-    options = CaptionOptions(beam_size=3, n_best=3, max_length=8)
-    want = search_with_tags(host, host.encode(images), options, START, END, vocab, None)
-    _same(want, search_with_tags(graph, graph.encode(images), options, START, END, vocab, None))
+    _graph_search_as_host(manifest, host, images)
     assert built == [[13]]
 
 

@@ -365,6 +365,15 @@ class _VirtualClockLoop(asyncio.SelectorEventLoop):
         return self._now
 
 
+def _on_virtual_clock(coroutine):
+    """``coroutine`` run to its end on a ``_VirtualClockLoop``, then the loop closed."""
+    loop = _VirtualClockLoop()
+    try:
+        return loop.run_until_complete(coroutine)
+    finally:
+        loop.close()
+
+
 def test_a_batch_waits_at_most_max_wait_ms_after_its_first_request():
     """max_wait 400 ms, batches of up to 3, requests at 0, 250, 550, 560 and 570 ms (the
     loop's clock, virtual: no margin to lose on a busy machine): the first two are one batch;
@@ -387,11 +396,7 @@ def test_a_batch_waits_at_most_max_wait_ms_after_its_first_request():
             worker.cancel()
             batcher.close()
 
-    loop = _VirtualClockLoop()
-    try:
-        answers = loop.run_until_complete(main())
-    finally:
-        loop.close()
+    answers = _on_virtual_clock(main())
     assert fake.batches == [2, 3]
     assert [size for _, size, _ in answers] == [2, 2, 3, 3, 3]
 
@@ -1012,11 +1017,7 @@ def test_the_services_batches_wait_max_wait_ms_in_milliseconds():
         finally:
             await runner.cleanup()
 
-    loop = _VirtualClockLoop()
-    try:
-        answers = loop.run_until_complete(main())
-    finally:
-        loop.close()
+    answers = _on_virtual_clock(main())
     assert fake.batches == [2, 3]
     assert [size for _, size, _ in answers] == [2, 2, 3, 3, 3]
 
@@ -1071,11 +1072,7 @@ def test_a_stalled_body_is_answered_408_when_read_timeout_s_has_passed():
         answer = await service.caption(stalled)
         return answer, loop.time() - began
 
-    loop = _VirtualClockLoop()
-    try:
-        answer, waited = loop.run_until_complete(main())
-    finally:
-        loop.close()
+    answer, waited = _on_virtual_clock(main())
     assert (answer.status, json.loads(answer.text)) == (
         408,
         {"error": "the body did not arrive within 0.3 s"},

@@ -1430,14 +1430,7 @@ class FakePycuda:
 
 
 def test_pycuda_device_makes_its_context_current_in_each_calling_thread(monkeypatch):
-    from edgecap.trt.cuda import PycudaDevice
-
-    driver = FakePycuda()
-    pycuda = types.ModuleType("pycuda")
-    pycuda.driver = driver
-    monkeypatch.setitem(sys.modules, "pycuda", pycuda)
-    monkeypatch.setitem(sys.modules, "pycuda.driver", driver)
-    device = PycudaDevice(0)
+    driver, device = _pycuda_device(monkeypatch)
     assert device.name == "Orin" and device.compute_capability == (8, 7)
     assert driver._stack() == []  # the constructing thread is not left holding the context
     with pytest.raises(BackendError, match="invalid device context"):

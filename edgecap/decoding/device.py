@@ -230,9 +230,6 @@ class TorchLMPair:
     def __iter__(self):
         return iter(self.models)
 
-    def __getitem__(self, i):
-        return self.models[i]
-
     def step(self, tokens: torch.Tensor, h: torch.Tensor, c: torch.Tensor):
         """tokens (R,), h, c (2, R, H) -> (logits (2, R, V), log-normalisers (2, R, 1), h, c)."""
         H = self.hidden
@@ -537,7 +534,7 @@ class _Loop:
         steered = None if self.tag_rows is None else self.tag_rows.any(1)
         lm_states = None
         if plan.fusion:
-            hidden = self.lms[0].hidden
+            hidden = self.lms.hidden
             lm_states = (
                 torch.zeros((2, R, hidden), device=device),
                 torch.zeros((2, R, hidden), device=device),

@@ -192,9 +192,9 @@ def install(
         "weight": weight,
         "method": "density ratio: weight * (log p_everyday - log p_in_domain)",
     }
-    # Everything is checked and read (and the gate fitted, by a Captioner that loads the model's
-    # current fusion) before any file of the model directory is replaced: a refused install
-    # leaves it as it was, not with LMs that its fusion.json's checksums no longer match.
+    # Everything is checked and read (and the gate fitted) before any file of the model
+    # directory is replaced: a refused install leaves it as it was, not with LMs that its
+    # fusion.json's checksums no longer match.
     checked = []
     for role, source in (("everyday", Path(everyday)), ("in_domain", Path(in_domain))):
         from edgecap.files import FileProblem, read_json
