@@ -525,9 +525,15 @@ class Captioner:
                         self._released.set()
 
     def _run_batch(self, batch: list[np.ndarray], return_attention: bool, options: CaptionOptions):
-        """``_search``'s work, in the backend."""
+        """``_search``'s work, in the backend. A backend that captures graphs per batch size
+        runs the batch padded with copies of its last image (``Backend.run_size``), whose
+        results are dropped."""
         t0 = time.perf_counter()
         seen = None
+        n = len(batch)
+        size = self.backend.run_size(n, max(n, options.batch_size))
+        if size > n:
+            batch = batch + [batch[-1]] * (size - n)
         if self.backend.prepares_frames:
             encoded, seen = self.backend.encode_frames(batch)
         else:
@@ -545,7 +551,12 @@ class Captioner:
             return_attention=return_attention,
         )
         t2 = time.perf_counter()
-        return hypotheses, encoded.class_probs, (t1 - t0) * 1e3, (t2 - t1) * 1e3, seen
+        probs = encoded.class_probs
+        if size > n:
+            hypotheses = hypotheses[:n]
+            probs = None if probs is None else probs[:n]
+            seen = None if seen is None else seen[:n]
+        return hypotheses, probs, (t1 - t0) * 1e3, (t2 - t1) * 1e3, seen
 
     def _to_caption(
         self, hyps: list[Hypothesis], objects: tuple, probs: np.ndarray | None, timings: dict[str, float]

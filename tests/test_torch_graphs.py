@@ -29,6 +29,7 @@ from edgecap.backends.torch_graphs import (  # noqa: E402
     CudaGraphs,
     EagerGraph,
     GraphedSession,
+    graph_batch_size,
     ieee_fp32,
     keep_fp32,
 )
@@ -186,6 +187,46 @@ def test_captioner_graphs_match_eager_across_batches(tiny_model_dir, photos):
         assert a.tokens == b.tokens and a.score == b.score and a.objects == b.objects
         np.testing.assert_array_equal(a.attention, b.attention)
     assert "graphs: EagerGraph" in graphed.backend.describe()
+
+
+def test_graph_batch_sizes_are_powers_of_two_up_to_the_batch_size():
+    """Hand-listed: the next power of two, or the caller's batch size when that is smaller."""
+    cases = {(1, 64): 1, (2, 64): 2, (3, 64): 4, (5, 8): 8, (8, 8): 8, (9, 12): 12, (12, 12): 12}
+    cases.update({(17, 100): 32, (33, 64): 64, (64, 64): 64, (3, 3): 3})
+    assert {case: graph_batch_size(*case) for case in cases} == cases
+    for bad in ((0, 8), (9, 8)):
+        with pytest.raises(ValueError, match="does not fit"):
+            graph_batch_size(*bad)
+
+
+@pytest.mark.parametrize("preprocess", ["host", "device"])
+def test_graphed_batches_of_many_sizes_run_at_a_few(tiny_model_dir, photos, preprocess):
+    """A service's batches of every size up to its batch size: with graphs they run padded to
+    1, 2, 4, ... or the batch size (``graph_batch_size``), so a batch size of 6 captures the
+    encoder at three sizes for batches of 3, 5, 1, 6 and 3 images (4, 6, 1, 6, 4; five sizes
+    unpadded, and 16 for a batch size of 16: past the 8 graphs kept), and every image gets its
+    own caption, objects and confidence, the eager backend's, with the padding's dropped."""
+    options = dict(beam_size=2, batch_size=6, max_length=6)
+    eager = Captioner(tiny_model_dir, backend="torch", device="cpu", **options)
+    graphed = Captioner(
+        tiny_model_dir,
+        backend="torch",
+        device="cpu",
+        graph_factory=EagerGraph,
+        preprocess=preprocess,
+        **options,
+    )
+    rng = np.random.default_rng(3)
+    inputs = [*photos, *(rng.integers(0, 256, (64 + 8 * i, 80, 3), dtype=np.uint8) for i in range(2))]
+    for n in (3, 5, 1, 6, 3):
+        batch = [inputs[(n + i) % len(inputs)] for i in range(n)]
+        want, got = eager.caption_batch(batch), graphed.caption_batch(batch)
+        assert len(got) == n
+        for a, b in zip(want, got, strict=True):
+            assert (a.tokens, a.objects, a.confidence) == (b.tokens, b.objects, b.confidence)
+            assert b.score == pytest.approx(a.score, abs=1e-5)
+    made = graphed.backend.encoder_graphs.graphs
+    assert made.made == 3 and sorted(key[0] for key in made.entries) == [1, 4, 6]
 
 
 def test_graphs_behind_an_fp32_encoder_encode_the_fp32_image(tiny_model_dir):

@@ -100,3 +100,9 @@ class Backend(ABC):
     def describe(self) -> str:
         """One line naming the backend and where it runs (e.g. its execution provider)."""
         return self.name
+
+    def run_size(self, n_images: int, largest: int) -> int:
+        """The batch size a batch of ``n_images`` (``largest``: the caller's batch size, at
+        least ``n_images``) runs at: ``n_images``, but for a backend that captures graphs per
+        shape (the torch backend's CUDA graphs), which pads it up to one of a few sizes."""
+        return n_images

@@ -39,6 +39,7 @@ from edgecap.backends.torch_graphs import (
     GraphedSession,
     GraphFactory,
     StepGraphs,
+    graph_batch_size,
     ieee_fp32,
     keep_fp32,
     keep_fp32_span,
@@ -318,6 +319,12 @@ class TorchBackend(Backend):
         _load(encoder, weights, "encoder.", (), manifest)
         _load(decoder, weights, "decoder.", (), manifest)
         return encoder.eval(), decoder.eval()
+
+    def run_size(self, n_images: int, largest: int) -> int:
+        """With graphs, ``n_images`` padded to one of a few sizes (``graph_batch_size``)."""
+        if self.graph_factory is None:
+            return n_images
+        return graph_batch_size(n_images, largest)
 
     def describe(self) -> str:
         where = torch.cuda.get_device_name(self.device) if self.device.type == "cuda" else "CPU"
