@@ -382,6 +382,7 @@ def test_force_over_a_converted_model_leaves_none_of_its_decoding_files(fp32_dir
     assert converted.fusion is None
     assert converted.caption("edgecap/assets/examples/coffee.png").confidence is None
     assert not (out / "fusion.json").exists() and not (out / "confidence.json").exists()
+    assert not list(out.glob("*.npz"))  # nor the language models' files the fusion.json named
 
 
 # -- quick checks on a contract-shaped model built with onnx helpers -------------------------

@@ -9,6 +9,7 @@ to a few seconds.
 from __future__ import annotations
 
 import copy
+import json
 import shutil
 from pathlib import Path
 
@@ -509,7 +510,13 @@ def test_an_export_over_a_model_needs_force_and_drops_what_was_fitted_to_it(tmp_
     model = tmp_path / "model"
     assert main(["export", str(runs[0]), "--out", str(model)]) == 0
     first = load_manifest(model).sha256
-    fitted = {"fusion.json": b'{"fitted": "to run-0"}', "confidence.json": b'{"fitted": "to run-0"}'}
+    lms = {"everyday": {"file": "lm_everyday.npz"}, "in_domain": {"file": "lm_in_domain.npz"}}
+    fitted = {
+        "fusion.json": json.dumps(lms).encode(),  # the files it names go with it
+        "lm_everyday.npz": b"fitted to run-0",
+        "lm_in_domain.npz": b"fitted to run-0",
+        "confidence.json": b'{"fitted": "to run-0"}',
+    }
     for name, data in fitted.items():
         (model / name).write_bytes(data)
     before = {p.name: p.read_bytes() for p in model.iterdir()}

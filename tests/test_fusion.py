@@ -15,7 +15,7 @@ import numpy as np
 import pytest
 
 from edgecap.decoding import CaptionOptions, beam_search
-from edgecap.decoding.fusion import ARRAYS, CaptionLM, Fusion, FusionScorer, NumpyPairStep
+from edgecap.decoding.fusion import ARRAYS, CaptionLM, Fusion, FusionScorer, NumpyPairStep, remove_fusion
 from edgecap.decoding.fusion_graph import OnnxPairStep, pair_step_model
 from edgecap.decoding.rules import NeverFirst
 from edgecap.errors import ModelError
@@ -263,6 +263,39 @@ def test_a_broken_fusion_file_is_a_model_error_naming_it(tmp_path):
     np.savez(tmp_path / "lm_everyday.npz", **{k: np.zeros(3) for k in ARRAYS})
     with pytest.raises(ModelError, match="lm_everyday.npz: unreadable"):
         Fusion.load(tmp_path, V)
+
+
+@pytest.mark.parametrize(
+    ("names", "removed"),
+    [
+        (("lm_a.npz", "lm_b.npz"), {"lm_a.npz", "lm_b.npz"}),
+        (("encoder.onnx", "lm_b.npz"), {"lm_b.npz"}),  # a model file: never removed
+        (("../outside.npz", "sub/lm.npz"), set()),  # not a file name in the directory
+    ],
+)
+def test_removing_a_fusion_takes_its_language_models_files_and_nothing_else(tmp_path, names, removed):
+    """``remove_fusion`` (a model replaced by ``edgecap export --force`` or ``convert --force``):
+    fusion.json goes, with the ``.npz`` files in the directory it names; a name that is a model
+    file or not a plain file name stays, as every other file."""
+    model = tmp_path / "model"
+    (model / "sub").mkdir(parents=True)
+    others = ["encoder.onnx", "vocab.json", "notes.npz", "sub/lm.npz", "lm_a.npz", "lm_b.npz"]
+    for name in [*others, "../outside.npz"]:
+        (model / name).write_bytes(b"x")
+    spec = {"everyday": {"file": names[0]}, "in_domain": {"file": names[1]}, "weight": 0.5}
+    (model / "fusion.json").write_text(json.dumps(spec))
+    remove_fusion(model)
+    assert not (model / "fusion.json").exists() and (tmp_path / "outside.npz").exists()
+    assert {name for name in others if not (model / name).exists()} == removed
+
+
+def test_an_unreadable_fusion_file_is_removed_by_itself(tmp_path):
+    for text in ("{not json", '{"everyday": 3}', "[]"):
+        (tmp_path / "lm_everyday.npz").write_bytes(b"x")
+        (tmp_path / "fusion.json").write_text(text)
+        remove_fusion(tmp_path)
+        assert not (tmp_path / "fusion.json").exists() and (tmp_path / "lm_everyday.npz").exists()
+    remove_fusion(tmp_path)  # none there: nothing to do
 
 
 def test_the_captioner_uses_its_models_fusion(default_model_dir, tmp_path, monkeypatch):

@@ -326,7 +326,7 @@ def _check_graph_io(original, converted, path: Path) -> None:
 
 def _prepare_out_dir(source: Manifest, out: Path, force: bool) -> None:
     from edgecap.confidence import CONFIDENCE_FILE
-    from edgecap.decoding.fusion import FUSION_FILE
+    from edgecap.decoding.fusion import remove_fusion
 
     if out.resolve() == source.directory.resolve():
         raise ModelError(f"{out}: the output directory must differ from the model directory")
@@ -336,9 +336,10 @@ def _prepare_out_dir(source: Manifest, out: Path, force: bool) -> None:
         )
     kept = decoding_files(source)  # a broken one is refused before anything is written
     out.mkdir(parents=True, exist_ok=True)
-    for name in (FUSION_FILE, CONFIDENCE_FILE):  # --force: an earlier model's would be loaded
-        if name not in kept:
-            (out / name).unlink(missing_ok=True)
+    # --force: an earlier model's would be loaded (its language models' files: left behind)
+    remove_fusion(out)  # the source's, when it has one, are copied in after
+    if CONFIDENCE_FILE not in kept:
+        (out / CONFIDENCE_FILE).unlink(missing_ok=True)
 
 
 def _write_manifest(source: Manifest, out: Path, precision: str, note: dict) -> Manifest:

@@ -354,7 +354,7 @@ def export_model(
     model's confidences. The same model exported again (the export is deterministic; e.g. with
     ``--metrics`` added) keeps them."""
     from edgecap.confidence import CONFIDENCE_FILE
-    from edgecap.decoding.fusion import FUSION_FILE
+    from edgecap.decoding.fusion import remove_fusion
     from edgecap.models.checkpoint import load_checkpoint
 
     out = Path(out_dir)
@@ -381,8 +381,8 @@ def export_model(
     }
     manifest = export_modules(encoder, decoder, vocab, pre, out, info)
     if replaced != manifest.sha256:  # another model's (or none): not fitted to this one
-        for stale in (FUSION_FILE, CONFIDENCE_FILE):
-            (out / stale).unlink(missing_ok=True)
+        remove_fusion(out)  # and its language models' files
+        (out / CONFIDENCE_FILE).unlink(missing_ok=True)
     return manifest
 
 

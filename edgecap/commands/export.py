@@ -12,10 +12,10 @@ def add_arguments(p: argparse.ArgumentParser) -> None:
     p.add_argument(
         "--force",
         action="store_true",
-        help="replace the model in a --out that is not empty; its fusion.json and "
-        "confidence.json, fitted to that model, are removed unless the new model is the same "
-        "(the same files: an export again, e.g. with --metrics); without it a non-empty --out "
-        "is refused",
+        help="replace the model in a --out that is not empty; its fusion.json (with the "
+        "language models' files it names) and confidence.json, fitted to that model, are "
+        "removed unless the new model is the same (the same files: an export again, e.g. with "
+        "--metrics); without it a non-empty --out is refused",
     )
     p.add_argument("--name", help="model name recorded in the manifest")
     p.add_argument(

@@ -50,6 +50,30 @@ MAX_LM_BYTES = 64 << 20  # a caption LM of the supported sizes is a few MB
 ARRAYS = ("embed", "w_ih", "w_hh", "bias", "out_w", "out_b")
 
 
+def remove_fusion(directory: Path) -> None:
+    """Remove a model directory's ``fusion.json`` and the language models' ``.npz`` files it
+    names (fitted to a model being replaced: left behind, they would only take room). A file it
+    names that is not a plain ``.npz`` name in the directory is left alone, and an unreadable
+    ``fusion.json`` is removed by itself."""
+    from edgecap.files import MAX_VOCAB_BYTES, FileProblem, read_json
+
+    path = Path(directory) / FUSION_FILE
+    if not path.exists():
+        return
+    names = []
+    try:
+        spec = read_json(path, MAX_VOCAB_BYTES)
+        for role in ("everyday", "in_domain"):
+            name = spec[role]["file"]
+            if isinstance(name, str) and Path(name).name == name and name.endswith(".npz"):
+                names.append(name)
+    except (FileProblem, KeyError, TypeError, AttributeError):
+        pass
+    path.unlink()
+    for name in names:
+        (Path(directory) / name).unlink(missing_ok=True)
+
+
 class CaptionLM:
     """A word-level LSTM language model over a caption vocabulary (numpy).
 
