@@ -14,6 +14,7 @@ import contextlib
 import ctypes
 import io
 import json
+import os
 import shutil
 import sys
 import threading
@@ -704,6 +705,36 @@ def test_fake_timing_cache_unreadable_or_refused_never_fails_the_build(
     assert trt.stats["builds"][-1]["timing_cache_in"] is None and timing.read_bytes() == b"other-gpu"
 
 
+def test_fake_engine_cache_files_reach_the_disk_before_their_names(monkeypatch, tmp_path, model_dir, device):
+    """Every file the engine cache writes (the engine, the timing cache) is flushed to the disk
+    (fsync of the file holding the whole data) before the rename gives it its name, so that a
+    power cut cannot leave an engine's name on data that never reached the disk."""
+    import edgecap.trt.engines as engines
+
+    trt = install(monkeypatch, "10.3.0.30", device)
+    events = []
+    real_fsync, real_replace = os.fsync, os.replace
+
+    def fsync(fd):
+        events.append(("fsync", os.fstat(fd).st_size))
+        real_fsync(fd)
+
+    def replace(src, dst):
+        events.append(("replace", Path(dst).name, Path(src).stat().st_size))
+        real_replace(src, dst)
+
+    monkeypatch.setattr(engines.os, "fsync", fsync)
+    monkeypatch.setattr(engines.os, "replace", replace)
+    _cache(trt, device, tmp_path, io.StringIO()).build(
+        load_manifest(model_dir), "encoder", "fp32", Limits(1, 1)
+    )
+    renamed = [e for e in events if e[0] == "replace"]
+    assert {name.rsplit(".", 1)[-1] for _, name, _ in renamed} >= {"engine", "cache"}
+    for i, event in enumerate(events):
+        if event[0] == "replace":
+            assert i > 0 and events[i - 1] == ("fsync", event[2]), events
+
+
 def test_fake_build_refused_shapes_are_a_backend_error(monkeypatch, tmp_path, model_dir, device):
     import edgecap.trt.engines as engines
 
@@ -851,6 +882,12 @@ def test_fake_an_engine_write_cut_short_leaves_nothing_behind(monkeypatch, tmp_p
                 mid_write.append(cache.covering(manifest, "encoder", "fp32", limits))
                 raise OSError(28, "No space left on device")
             return self.file.write(data)
+
+        def flush(self):
+            self.file.flush()
+
+        def fileno(self):
+            return self.file.fileno()
 
     monkeypatch.setattr(engines, "open", FillsUp, raising=False)
     with pytest.raises(BackendError, match="cannot save TensorRT engines.*No space left on device"):

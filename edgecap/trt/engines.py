@@ -212,11 +212,16 @@ def beam_step_onnx(
 
 
 def _atomic_write(path: Path, data) -> None:
+    """``data`` to ``path`` through a temporary file, on the disk before the rename (an engine
+    takes minutes to build on a Jetson, whose power may be cut at any time: the rename must not
+    put the engine's name on data still in the page cache)."""
     path.parent.mkdir(parents=True, exist_ok=True)
     tmp = path.with_name(f".{path.name}.{os.getpid()}.tmp")
     try:
         with open(tmp, "wb") as f:
             f.write(data)
+            f.flush()
+            os.fsync(f.fileno())
         os.replace(tmp, path)
     except BaseException:  # a full disk, Ctrl-C: no partly written file is left behind
         tmp.unlink(missing_ok=True)
