@@ -54,3 +54,19 @@ def test_encode_and_decode():
 def test_a_vocabulary_that_breaks_the_fixed_ids_is_refused(words, problem):
     with pytest.raises(ValueError, match=problem):
         Vocabulary(words)
+
+
+@pytest.mark.parametrize(
+    "words, kind",
+    [
+        # a word -> id mapping (how other tokenisers store a vocabulary), a string, nothing
+        ({"<pad>": 0, "<start>": 1, "<end>": 2, "<unk>": 3, "a": 4}, "dict"),
+        ("<pad> <start> <end> <unk> a", "str"),
+        (None, "NoneType"),
+    ],
+)
+def test_a_vocabulary_that_is_not_a_list_is_refused_naming_what_it_is(words, kind):
+    """vocab.json's "words" of another shape is one ValueError that says what it got (what
+    ``Captioner`` shows in its ModelError), not a TypeError from slicing a dict."""
+    with pytest.raises(ValueError, match=f"vocabulary must be a list of words, got {kind}$"):
+        Vocabulary(words)
