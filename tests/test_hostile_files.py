@@ -137,6 +137,58 @@ def test_folder_is_refused(tmp_path):
     _refused(tmp_path, "directory")
 
 
+@POSIX
+def test_a_path_swapped_for_a_folder_or_a_pipe_after_its_check_is_still_refused(tmp_path, monkeypatch):
+    """The module's promise: the path may be swapped between the ``stat`` check and the open,
+    so the opened file is checked again (``fstat``). The swap is played by skipping the first
+    check: a folder and a named pipe are still refused as what they are, and the pipe is not
+    read (it would read as an empty file)."""
+    from edgecap import files
+
+    monkeypatch.setattr(files, "check_regular", lambda path: None)
+    pipe = tmp_path / "pipe.jpg"
+    os.mkfifo(pipe)
+    for path, kind in ((tmp_path, "a directory"), (pipe, "a named pipe (FIFO)")):
+        with pytest.raises(files.FileProblem, match=re.escape(f"is {kind}, not a regular file")):
+            files.read_regular(path, 1000)
+
+
+def test_why_a_file_cannot_be_read_is_said_in_words(tmp_path, monkeypatch):
+    """A missing photo, one the user may not read (root ignores chmod: the open is refused
+    as the kernel would) and a path with a NUL byte each say why in a few words."""
+    from edgecap import files
+
+    photo = tmp_path / "photo.png"
+    _photo().save(photo)
+    _refused(tmp_path / "missing.png", "no such file")
+    _refused(str(tmp_path / "a\0b.png"), "the path contains a NUL byte")
+
+    def refuse(path, flags, *args):
+        raise PermissionError(13, "Permission denied", str(path))
+
+    monkeypatch.setattr(files.os, "open", refuse)
+    _refused(photo, "permission denied")
+
+
+def test_json_nesting_limit_counts_brackets_outside_strings_only(tmp_path):
+    """read_json: nested at most 32 deep ({ and 31 [ : accepted; one more: refused); brackets
+    inside strings (an escaped quote included) are text, not nesting."""
+    from edgecap.files import FileProblem, read_json
+
+    path = tmp_path / "x.json"
+    path.write_text('{"a": ' + "[" * 31 + "]" * 31 + "}")
+    nested: list = []
+    for _ in range(30):
+        nested = [nested]
+    assert read_json(path, 1000) == {"a": nested}  # 31 lists, one inside the other
+    path.write_text('{"a": ' + "[" * 32 + "]" * 32 + "}")
+    with pytest.raises(FileProblem, match="JSON nested 33 deep, over the limit of 32"):
+        read_json(path, 1000)
+    words = ["[" * 40, "{" * 40, 'say "' + "[" * 40 + '"']
+    path.write_text('{"words": ["' + "[" * 40 + '", "' + "{" * 40 + '", "say \\"' + "[" * 40 + '\\""]}')
+    assert read_json(path, 1000) == {"words": words}
+
+
 # -- class 2: what is parsed and how much work decoding may take -------------------------------
 def test_icon_wrapping_a_png_is_not_parsed(tmp_path):
     ico = tmp_path / "icon.jpg"
