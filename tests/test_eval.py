@@ -560,6 +560,23 @@ def test_simple_tokenizer_scores_are_the_metrics_worked_by_hand():
         metrics.score(HAND_REFS, HAND_HYPS, tokenizer="simple", metrics=("CIDEr", "CIDEr-D", "meteor"))
 
 
+def test_score_without_java_falls_back_to_the_simple_tokenizer_and_skips_meteor(monkeypatch):
+    """A library caller asking for the default PTB tokenizer and METEOR where Java is absent gets
+    the simple tokenizer's scores (the hand-worked ones above) and no METEOR, each with a
+    warning, not a failure to start Java; and no references at all is an error naming it."""
+    monkeypatch.setattr(metrics, "java_available", lambda: False)
+    with pytest.warns(UserWarning) as warned:
+        got = metrics.score(HAND_REFS, HAND_HYPS, metrics=("BLEU-4", "METEOR", "CIDEr"))
+    assert got == pytest.approx(
+        {k: HAND_SCORES[k] for k in ("BLEU-1", "BLEU-2", "BLEU-3", "BLEU-4", "CIDEr")}
+    )
+    messages = [str(w.message) for w in warned]
+    assert any("Java not found: using the simple tokenizer instead of PTB" in m for m in messages)
+    assert "Java not found: METEOR skipped" in messages
+    with pytest.raises(ValueError, match="nothing to score: no references"):
+        metrics.score({}, {}, tokenizer="simple", metrics=("BLEU-4", "CIDEr"))
+
+
 @needs_java
 def test_ptb_tokenizer_scores_are_the_metrics_worked_by_hand(recwarn):
     """coco-caption's PTB tokenizer, as the papers scored: it splits "dog's" into "dog 's",
