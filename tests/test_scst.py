@@ -1,0 +1,155 @@
+"""Self-critical training's reward and sampling (``edgecap.training.cider``,
+``edgecap.training.scst.sample_captions``): CIDEr-D with document frequencies from a fixed
+corpus, worked by hand from its published definition (Vedantam et al. 2015, coco-caption's
+CIDEr-D: n = 1..4, tf-idf with idf log(N / max(1, df)), clipped counts, a Gaussian length
+penalty with sigma 6, x10) and equal to coco-caption's own scorer run on the same corpus; the
+sampler's captions, log-probabilities and masks on a small random decoder."""
+
+from __future__ import annotations
+
+import math
+
+import pytest
+
+from edgecap.training.cider import CiderD
+from edgecap.vocab import tokenize
+
+
+def words(text: str) -> list[str]:
+    return text.split()
+
+
+def test_cider_d_of_the_hand_worked_eval_example():
+    """tests/test_eval.py's hand-worked example, scored by the training reward: two images that
+    share no n-gram, so every idf is log 2; "a" is its own reference (every cosine 1: 10);
+    "b" says 4 words against 5, unigram cosine 4/sqrt(20), bigram 1/sqrt(12), none longer,
+    length penalty exp(-1/72)."""
+    a, b = words("the cat sat on the mat"), words("a dog's ball is red")
+    cider = CiderD([[a], [b]])
+    assert cider.score(a, [a]) == pytest.approx(10.0, abs=1e-9)
+    expected_b = 10 * (4 / math.sqrt(20) + 1 / math.sqrt(12)) / 4 * math.exp(-1 / 72)
+    assert cider.score(words("a dog's red ball"), [b]) == pytest.approx(expected_b, abs=1e-9)
+
+
+def test_cider_d_clips_a_repeated_word_at_its_reference_count():
+    """ "dog dog dog" against "a dog" (corpus of 2 images, all idf log 2 = L; an n-gram no
+    reference has gets the full idf too, as in coco-caption): unigram vectors {dog: 3L} and
+    {a: L, dog: L}, the dot clipped to min(3L, L) * L = L^2, so the cosine is
+    1 / (3 sqrt 2), not 1 / sqrt 2; no bigram shared; no reference trigram (no term);
+    3 words against 2."""
+    cider = CiderD([[words("a dog")], [words("the bird")]])
+    expected = 10 * (1 / (3 * math.sqrt(2))) / 4 * math.exp(-1 / 72)
+    assert cider.score(words("dog dog dog"), [words("a dog")]) == pytest.approx(expected, abs=1e-9)
+
+
+def test_cider_d_document_frequency_counts_images_not_references_and_averages_the_references():
+    """Image A's references "a dog" and "a cat" share "a": its document frequency is 1 (one
+    image), so its idf is log 2 like every other n-gram's. "a dog" scores (1 + 1) / 4 against
+    itself and (1/2) / 4 against "a cat" (unigram cosine L^2 / (sqrt2 L)^2); the mean of the
+    two references, x10: 3.125. The idf comes from the corpus, not from the references
+    passed: the same references scored in a corpus where every image says "a" give "a" no
+    weight: 10 * (2/4 + 0) / 2 = 2.5."""
+    refs = [words("a dog"), words("a cat")]
+    cider = CiderD([refs, [words("the bird")]])
+    assert cider.score(words("a dog"), refs) == pytest.approx(3.125, abs=1e-9)
+    everywhere_a = CiderD([refs, [words("a bird")]])
+    assert everywhere_a.score(words("a dog"), refs) == pytest.approx(2.5, abs=1e-9)
+
+
+def test_cider_d_cached_references_are_those_of_their_own_key():
+    """``key`` caches an image's reference vectors: scores with keys equal those without,
+    whichever image was scored first."""
+    corpus = [[words("a dog runs on grass")], [words("two kids in the snow")]]
+    cider = CiderD(corpus)
+    plain = [cider.score(words("a dog in the snow"), refs) for refs in corpus]
+    keyed = CiderD(corpus)
+    assert [keyed.score(words("a dog in the snow"), refs, key) for key, refs in enumerate(corpus)] == plain
+    assert [keyed.score(words("a dog in the snow"), refs, key) for key, refs in enumerate(corpus)] == plain
+    assert plain[0] != plain[1]
+
+
+REFS = {
+    1: ["A dog runs across the green grass.", "A brown dog is running outside.", "A dog on the grass."],
+    2: ["Two children play in the snow.", "Kids playing in snow near a house."],
+    3: ["A man rides a red bike down the street.", "A cyclist on a city road, a red bike."],
+    4: ["A red red bike and a dog.", "A dog next to a bike."],
+}
+HYPS = {
+    1: "a dog runs on the grass",
+    2: "two kids play in the snow snow snow",
+    3: "a man rides a red red red bike",
+    4: "a dog",
+}
+
+
+def test_cider_d_equals_coco_captions_scorer_on_the_same_corpus():
+    """With the corpus being the scored images' references, the reward is coco-caption's
+    CIDEr-D (pycocoevalcap, the ``eval`` extra) image by image."""
+    pytest.importorskip("pycocoevalcap")
+    from pycocoevalcap.cider.cider import Cider
+
+    gts = {k: [" ".join(tokenize(c)) for c in v] for k, v in REFS.items()}
+    res = {k: [" ".join(tokenize(HYPS[k]))] for k in REFS}
+    _, expected = Cider().compute_score(gts, res)
+    cider = CiderD([[r.split() for r in gts[k]] for k in REFS])
+    got = [cider.score(res[k][0].split(), [r.split() for r in gts[k]], k) for k in REFS]
+    assert got == pytest.approx(list(expected), abs=1e-9)
+    assert len(set(got)) == len(got)
+
+
+def _sampling_decoder():
+    import torch
+
+    from edgecap.models.decoder import CaptionDecoder, DecoderConfig
+
+    torch.manual_seed(0)
+    decoder = CaptionDecoder(
+        DecoderConfig(
+            vocab_size=20, encoder_dim=24, hidden_dim=32, feature_dim=32, embed_dim=16, attention_dim=16
+        )
+    ).eval()
+    with torch.no_grad():  # <end> likely, so that captions end at different steps
+        decoder.out_vocab.bias[END_ID] += 2.0
+    return decoder
+
+
+START_ID, END_ID = 1, 2
+
+
+def test_sampled_captions_are_each_images_own_and_their_log_probs_stop_at_end():
+    """``sample_captions`` gives ``n_samples`` rows per image, image by image; a row's tokens
+    after its first <end> are <end>, its mask holds the steps up to and including that <end>,
+    and its log-probability is the sum of the decoder's (masked) log-softmax of each sampled
+    word up to that <end>, recomputed here by feeding the row's words back to the decoder with
+    its own image's features (no <end> first, never <pad>/<start>/<unk>); it carries the
+    gradient that self-critical training follows."""
+    import torch
+
+    from edgecap.models.decoder import mask_logits
+    from edgecap.training.scst import sample_captions
+
+    decoder = _sampling_decoder()
+    fmap = torch.randn(3, 5, decoder.cfg.encoder_dim) * 3
+    n = 4
+    torch.manual_seed(1)
+    tokens, logp, masks = sample_captions(decoder, fmap, n, 8, START_ID, END_ID)
+    assert tokens.shape[0] == logp.shape[0] == masks.shape[0] == 3 * n
+    assert tokens.shape == masks.shape and tokens.shape[1] <= 8
+    assert logp.requires_grad
+    ends = []
+    for r, row in enumerate(tokens.tolist()):
+        assert row[0] != END_ID and not {0, START_ID, 3} & set(row)
+        end = row.index(END_ID) if END_ID in row else len(row) - 1
+        ends.append(end)
+        assert all(t == END_ID for t in row[end + 1 :])
+        assert masks[r].tolist() == [t <= end for t in range(len(row))]
+        with torch.no_grad():
+            features, att_proj, h, c = decoder.init_state(fmap[r // n : r // n + 1])
+            token, total = torch.tensor([START_ID]), 0.0
+            for t, word in enumerate(row[: end + 1]):
+                logits, h, c, _ = decoder.logits(token, h, c, features, att_proj)
+                total += float(torch.log_softmax(mask_logits(logits, first_word=t == 0), 1)[0, word])
+                token = torch.tensor([word])
+        assert float(logp[r].detach()) == pytest.approx(total, abs=1e-4), r
+    # captions of different lengths were checked, most of them ended
+    assert len(set(ends)) > 1 and sum(END_ID in row for row in tokens.tolist()) > 2 * n
