@@ -628,6 +628,28 @@ def test_auto_searches_on_the_device_on_cuda_from_12_beam_rows(tiny_model_dir, m
     assert backend.search_on_device(backend.encode(images[:1]), CaptionOptions(), START, END, None, None)
 
 
+def test_auto_counts_the_rows_of_the_padded_batch_with_graphs(tiny_model_dir, photos):
+    """docs/gpu-search.md: with graphs, "auto" counts the rows of the batch as it runs, padded
+    (``graph_batch_size``): 3 photos at beam 3 run as 4, 12 rows, on the device; without
+    graphs 9 rows, the numpy loop. CUDA's "auto" set on a CPU backend, as above."""
+    for graphs, want in ((None, []), (EagerGraph, [12])):
+        extra = {} if graphs is None else {"graph_factory": graphs}
+        captioner = Captioner(
+            tiny_model_dir, backend="torch", device="cpu", search="device", beam_size=3, max_length=4, **extra
+        )
+        backend = captioner.backend
+        backend.search_mode = "auto"
+        rows, real = [], backend.device_search
+
+        def counted(encoded, options, *rest, real=real, rows=rows):
+            rows.append(encoded.n_images * options.beam_size)
+            return real(encoded, options, *rest)
+
+        backend.device_search = counted
+        assert len(captioner.caption_batch(photos[:3])) == 3
+        assert rows == want, graphs
+
+
 def test_compile_search_goes_with_the_device_search(tiny_model_dir):
     manifest = load_manifest(tiny_model_dir)
     for where in ("auto", "host"):
