@@ -202,6 +202,45 @@ def test_a_glob_does_not_search_folders_it_cannot_match_in(tmp_path):
     assert "symbolic link loop" in skipped[str(root / "sub" / "up")]
 
 
+def test_a_glob_searches_neither_hidden_folders_nor_folders_named_like_its_files(tmp_path, monkeypatch):
+    """``photos/*.png`` reads only photos (a folder called old.png there cannot hold a match
+    of one part); ``photos/**/*.png`` goes into every folder below but not into hidden ones
+    (.git, .cache), as ``glob`` does. Folders read are recorded at os.scandir."""
+    root = tmp_path / "photos"
+    for folder in ("old.png", ".cache", "sub"):
+        (root / folder).mkdir(parents=True)
+    a, b = _photo(root / "a.png"), _photo(root / "sub" / "b.png")
+    _photo(root / "old.png" / "c.png")
+    _photo(root / ".cache" / "d.png")
+    real_scandir, read = os.scandir, []
+
+    def scandir(path):
+        read.append(Path(path))
+        return real_scandir(path)
+
+    monkeypatch.setattr(os, "scandir", scandir)
+    assert list(expand_all([f"{root}/*.png"])) == [(str(a), str(a))]
+    assert read == [root]
+    read.clear()
+    c = root / "old.png" / "c.png"  # ** takes any folder, old.png too
+    assert list(expand_all([f"{root}/**/*.png"])) == [(str(p), str(p)) for p in (a, c, b)]
+    assert sorted(read) == [root, root / "old.png", root / "sub"]
+
+
+def test_a_photo_named_twice_is_captioned_once(tmp_path):
+    """The same file given again, under a link's name, or inside a folder given after it, is
+    a skip that names the first (exit 1), not a second caption."""
+    root = tmp_path / "photos"
+    root.mkdir()
+    a = _photo(root / "a.png")
+    (root / "b.png").symlink_to("a.png")
+    same = f"skipped: the same file as {a}, already captioned"
+    pairs = list(expand_all([str(a), str(a), str(root / "b.png"), str(root)]))
+    assert [name for name, _ in pairs] == [str(a), str(a), str(root / "b.png"), str(a), str(root / "b.png")]
+    assert pairs[0][1] == str(a)
+    assert all(isinstance(item, InputError) and item.problem == same for _, item in pairs[1:])
+
+
 def test_a_link_to_a_folder_is_searched_and_a_special_file_is_passed_on(tmp_path):
     """A PATH that is a link to a folder is searched like the folder; a named pipe called
     *.jpg in it is passed on for the captioner to refuse (edgecap.files), not dropped."""
