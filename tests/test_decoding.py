@@ -59,6 +59,18 @@ def test_the_tag_bonus_switches_off_per_beam_once_it_said_a_tag_word():
     assert rule.bias(3, None, None) is None
 
 
+def test_an_image_without_tag_words_is_never_steered():
+    """Two images, two beams each: image 0 has no tag word, image 1 has word 7. Image 0's rows
+    get nothing; once image 1's rows have said 7, no row is steered and no bias is sent at all
+    (image 0's rows do not keep the bonus switched on for the batch)."""
+    rule = TagBonus((frozenset(), frozenset({7})), 10, 2.0, np.repeat([0, 1], 2))
+    expected = np.zeros((4, 10))
+    expected[[2, 3], 7] = 2.0
+    np.testing.assert_array_equal(rule.bias(0, None, None), expected)
+    rule.update(np.arange(4), np.array([5, 6, 7, 7]), np.ones(4, bool))
+    assert rule.bias(1, None, None) is None
+
+
 # -- the tag constraint in the one loop ---------------------------------------------------------------
 
 WORDS = ["<pad>", "<start>", "<end>", "<unk>", "a", "dog", "cat", "runs", "sits", "on", "mat"]
