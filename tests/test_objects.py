@@ -101,6 +101,25 @@ def test_tags_are_the_n_most_probable_classes_best_first():
     assert classes.tags(probs, 0) == ()
 
 
+def test_loaded_class_list_knows_the_vocabulary_s_function_words(tmp_path):
+    """The consensus choice weighs function words ("a", "the", "of" ...) at 0.25: the loaded
+    class list carries the ids of those the vocabulary has ("dog" and "zebra" are content
+    words; "of" is not in this vocabulary)."""
+    path = tmp_path / "classes.json"
+    path.write_text(json.dumps({"classes": [{"name": "a", "words": ["dog"]}]}))
+    classes = ObjectClasses.load(path, {"a": 4, "the": 5, "dog": 7, "in": 8, "zebra": 9}, n_classes=1)
+    assert classes.function_ids == frozenset({4, 5, 8})
+
+
+def test_tag_probabilities_have_four_decimals():
+    """``Caption.objects`` as docs/service.md shows it: ["drilling rig", 0.4175]."""
+    classes = ObjectClasses(("drilling rig", "missile"), ((), ()))
+    assert classes.tags(np.array([0.41753, 0.11984], np.float32), 2) == (
+        ("drilling rig", 0.4175),
+        ("missile", 0.1198),
+    )
+
+
 def test_tag_words_keep_n_tags_classes_of_at_least_min_prob():
     """A class of exactly ``min_prob`` is a tag ("at least"); a class past ``n_tags`` is not,
     however probable (0.25 and 0.5 are exact in float32)."""
