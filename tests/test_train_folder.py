@@ -521,6 +521,21 @@ def test_new_words_are_appended_after_the_old_ones():
     assert all(grown.index[w] == i for i, w in enumerate(old.words))
 
 
+@torch_needed
+def test_new_words_seen_equally_often_are_appended_alphabetically():
+    """Ties in count are ordered alphabetically (as ``Vocabulary.build`` orders them), not by
+    first appearance, so the same captions in any order grow the same vocabulary (the same ids
+    for a checkpoint's rows): "zebra" and "apple" twice each, "kite" three times."""
+    from edgecap.training.grow import grow_vocabulary
+    from edgecap.vocab import Vocabulary
+
+    old = Vocabulary.build(["a dog runs"], min_count=1)
+    captions = ["a zebra", "a zebra and a kite", "an apple", "an apple kite", "kite"]
+    grown = grow_vocabulary(old, captions, min_count=2)
+    assert grown.words == old.words + ["kite", "an", "apple", "zebra"]
+    assert grow_vocabulary(old, captions[::-1], min_count=2).words == grown.words
+
+
 def _logprobs(decoder, fmap, tokens):
     """Log-probabilities (T, N, V) of a teacher-forced word sequence (the step's masked
     log-softmax)."""
@@ -550,6 +565,9 @@ def test_grown_decoder_keeps_old_rows_and_old_words_logprobs():
     ).eval()
     with torch.no_grad():  # distinct biases, so that their quantile means something
         old.out_vocab.bias.normal_(0, 1)
+    # a copy in the mode of the one grown (an eval-mode decoder captions without dropout)
+    assert not grow_decoder(old, 36).training and grow_decoder(old.train(), 31).training
+    old.eval()
     grown = grow_decoder(old, 36, torch.Generator().manual_seed(1)).eval()
     assert grown.cfg == dataclasses.replace(old.cfg, vocab_size=36)
     before, after = old.state_dict(), grown.state_dict()
