@@ -45,6 +45,13 @@ def test_the_constraint_reads_its_own_threshold():
     assert _first_step_bias(0.2, constrained=True, constraint_min_prob=0.15) is not None
 
 
+def test_the_constraint_holds_with_the_tag_bonus_off():
+    """guidance_bonus=0 (--no-objects-guidance) turns the bonus off, not the constraint: a
+    constrained search still reads the image's tag words and surfaces word 7 on state 0."""
+    bias = _first_step_bias(0.35, constrained=True, guidance_bonus=0)
+    assert bias is not None and bias[0, 7] == 100.0 and bias[0].sum() == 100.0
+
+
 def test_the_tag_bonus_switches_off_per_beam_once_it_said_a_tag_word():
     rule = TagBonus((frozenset({7}),), 10, 2.0, np.zeros(3, np.int32))
     assert (rule.bias(0, None, None)[:, 7] == 2.0).all()
