@@ -6,6 +6,7 @@ from __future__ import annotations
 
 import io
 import os
+import re
 import shutil
 import subprocess
 import sys
@@ -57,6 +58,47 @@ def test_counter_with_a_total_gives_the_time_left():
     assert stream.getvalue() == "\r10/30 images, 1.0/s, 0:20 left\x1b[K"
     counter.close()
     assert stream.getvalue().endswith("\n")
+
+
+def test_counter_redraws_at_most_every_tenth_of_a_second():
+    """Many images a second are not as many lines rewritten: an update 0.05 s after a drawing
+    changes nothing on the terminal; the next, 0.5 s later, draws the count so far."""
+    clock, stream = FakeClock(), io.StringIO()
+    counter = progress.Counter(None, stream, delay=1.0, clock=clock)
+    clock.now += 1.0
+    counter.update(1)
+    clock.now += 0.05
+    counter.update(1)
+    assert stream.getvalue() == "\r1 images, 1.0/s\x1b[K"
+    clock.now += 0.45
+    counter.update(1)  # 3 images in 1.5 s
+    assert stream.getvalue() == "\r1 images, 1.0/s\x1b[K\r3 images, 2.0/s\x1b[K"
+
+
+def test_time_left_is_minutes_and_two_digit_seconds():
+    clock, stream = FakeClock(), io.StringIO()
+    counter = progress.Counter(75, stream, delay=0.0, clock=clock)
+    clock.now += 10.0
+    counter.update(10)  # 1 image/s, 65 to go: 1 minute 5 seconds
+    assert stream.getvalue() == "\r10/75 images, 1.0/s, 1:05 left\x1b[K"
+
+
+def test_open_progress_counts_against_its_total_and_is_silent_when_off(monkeypatch):
+    """``edgecap eval`` knows how many photos it captions: its progress gives the total and
+    the time left; switched off, nothing is written."""
+    monkeypatch.setattr(progress, "DELAY_S", 0.0)
+    terminal = io.StringIO()
+    monkeypatch.setattr(sys, "stderr", terminal)
+    shown = progress.open_progress(30, enabled=True)
+    shown.update(3)
+    shown.close()
+    assert re.fullmatch(r"\r3/30 images, [0-9.]+/s, \d+:\d\d left\x1b\[K(\r.*)?\n", terminal.getvalue(), re.S)
+    terminal.seek(0)
+    terminal.truncate()
+    hidden = progress.open_progress(30, enabled=False)
+    hidden.update(3)
+    hidden.close()
+    assert terminal.getvalue() == ""
 
 
 def test_nothing_shown_is_nothing_closed():
