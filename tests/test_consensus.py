@@ -103,6 +103,27 @@ def test_a_tag_word_said_twice_counts_once():
     assert [h.tokens for h in order] == [Y, X, Z]
 
 
+def test_a_tie_keeps_the_order_given():
+    # "dog runs" and "runs dog" have the same bag: F(P, j) = F(Q, j) for every j, so their values
+    # tie whatever the weights; the order given (the search's, best first) decides.
+    P, Q = [DOG, RUNS], [RUNS, DOG]
+    consensus = Consensus(())
+    assert [h.tokens for h in consensus.order([hyp(P, -1.0), hyp(Q, -1.5)])] == [P, Q]
+    assert [h.tokens for h in consensus.order([hyp(Q, -1.0), hyp(P, -1.5)])] == [Q, P]
+    # a third candidate "cat" at -1.2 that agrees with neither: w = 1, e^-2.5 = 0.0821, e^-1 = 0.3679
+    # (sum 1.4500): U(P) = U(Q) = (1 + 0.0821) / 1.45 = 0.746 > U(cat) = 0.3679 / 1.45 = 0.254
+    order = consensus.order([hyp(P, -1.0), hyp(Q, -1.5), hyp([CAT], -1.2)])
+    assert [h.tokens for h in order] == [P, Q, [CAT]]
+
+
+def test_rank_scores_far_apart_weigh_the_far_one_zero():
+    # Rank scores are totals with length_penalty 0: a long caption's can be -200 against a short
+    # one's -1. w = 1 and e^(-199 / 0.2) = e^-995 (0 in floating point, no overflow):
+    # U(H1) = 1, U(H3) = F(H3, H1) = 0.
+    order = Consensus(()).order([hyp(H3, -200.0), hyp(H1, -1.0)])
+    assert names(order) == ["H1", "H3"]
+
+
 def test_the_weights_are_the_rank_scores_not_the_model_scores():
     # The model scores of H2 and H3 are -1.5 (alone: H1 would win, the case "far" above) but
     # their rank scores (with the bonuses that steered them) are -1.2: the case "close", H2 wins.
