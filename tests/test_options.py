@@ -5,8 +5,11 @@ fake backend (``CycleBackend``, not a model), except the CLI-vs-API check on the
 from __future__ import annotations
 
 import argparse
+import ast
 import json
+import re
 from dataclasses import fields, replace
+from pathlib import Path
 
 import numpy as np
 import pytest
@@ -114,6 +117,8 @@ def test_options_object_is_validated(backend_calls):
         ("fusion_weight", 3),
         ("length_penalty", True),
         ("constrained", "yes"),
+        ("beam_size", True),  # a bool is not a count (True == 1 to Python)
+        ("guidance_tags", 21),  # at most 20
     ],
 )
 def test_a_bad_option_is_refused_where_the_options_are_made(field, value):
@@ -123,6 +128,20 @@ def test_a_bad_option_is_refused_where_the_options_are_made(field, value):
         CaptionOptions(**{field: value})
     with pytest.raises(ValueError, match=rf"^{field} must be"):
         replace(CaptionOptions(), **{field: value})
+
+
+def test_the_defaults_are_the_documented_ones():
+    """docs/python-api.md writes every default of CaptionOptions(...) out; they are the
+    options' own (the command line's come from these, test_cli_defaults_are_the_options_defaults)."""
+    text = (Path(__file__).resolve().parents[1] / "docs" / "python-api.md").read_text()
+    [written] = re.findall(r"`CaptionOptions\((beam_size=[^`]*)\)`", text)
+    documented = {}
+    for item in " ".join(written.split()).split(", "):
+        name, value = item.split("=")
+        documented[name] = ast.literal_eval(value)
+    defaults = {f.name: f.default for f in fields(CaptionOptions)}
+    assert documented == defaults
+    assert [type(documented[name]) for name in defaults] == [type(v) for v in defaults.values()]
 
 
 def test_numpy_numbers_are_taken_as_the_python_numbers_they_are():
