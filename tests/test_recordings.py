@@ -270,6 +270,33 @@ def test_bad_frames_reported_and_skipped(tmp_path, captioner, capfd):
     assert len([m for m in copied if not m[0].endswith("/caption")]) == 6
 
 
+def test_a_bad_frame_has_a_json_record_too(tmp_path, captioner, capfd):
+    """docs/recordings.md: with --json "a frame that failed has "caption": null and "error"",
+    named by bag, topic and times like the others (a reader pairs records with frames)."""
+    store = store_for("mcap")
+    stamp = T0 - SECOND // 4
+    messages = [
+        ("/cam/raw", IMAGE, T0, image_msg(store, "rgb8", CHELSEA, stamp)),
+        ("/cam/raw", IMAGE, T0 + SECOND, image_msg(store, "weird8", CHELSEA, stamp + SECOND)),
+    ]
+    bag = write_recording(tmp_path, "mcap", messages)
+    done = edgecap_caption(capfd, "--bag", bag, "--json")
+    assert done.returncode == 1
+    good, bad = (json.loads(line) for line in done.stdout.splitlines())
+    head = {"bag": str(bag), "topic": "/cam/raw"}
+    assert good == {**head, "time_ns": T0, "stamp_ns": stamp, **caption_record(captioner.caption(CHELSEA))}
+    error = bad.pop("error")
+    assert bad == {
+        **head,
+        "time_ns": T0 + SECOND,
+        "stamp_ns": stamp + SECOND,
+        **dict.fromkeys(("caption", "score", "objects", "confidence", "recognisable")),
+    }
+    assert "unknown image encoding 'weird8'" in error
+    (line,) = done.stderr.splitlines()
+    assert line.startswith(f"edgecap: {bag}: /cam/raw at 1700000001.000000000: ") and "weird8" in line
+
+
 def test_every_samples_each_topic_on_its_own_grid(tmp_path):
     store = store_for("mcap")
     messages = [
