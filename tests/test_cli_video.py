@@ -182,6 +182,59 @@ def test_attention_png_has_one_panel_per_word_at_the_photo_aspect(
     assert {(w, h) for _, _, w, h in panels} == {(224, 149)}  # 300 x 200 -> 224 x 149.33
 
 
+def test_attention_of_more_than_one_photo_is_one_line(tiny_model_dir, tmp_path, capfd):
+    """A folder (or a glob) that names two photos: --attention draws one, so it says how
+    many it got (exit 2), not a traceback, and writes nothing."""
+    photos = tmp_path / "photos"
+    photos.mkdir()
+    for name in ("a.png", "b.png"):
+        Image.open(EXAMPLES / "chelsea.png").save(photos / name)
+    out = edgecap_caption(capfd, photos, "--attention", tmp_path / "out.png", model=tiny_model_dir)
+    assert out.returncode == 2
+    assert out.stderr == "edgecap caption: error: --attention takes one image, got 2\n"
+    assert sorted(tmp_path.iterdir()) == [photos]
+
+
+def test_attention_figure_that_cannot_be_written_is_one_line(tiny_model_dir, tmp_path, capfd):
+    """OUT in a folder that does not exist: the caption is printed, then one error line
+    naming OUT (exit 2), not a traceback."""
+    target = tmp_path / "missing" / "out.png"
+    out = edgecap_caption(capfd, EXAMPLES / "chelsea.png", "--attention", target, model=tiny_model_dir)
+    assert out.returncode == 2
+    assert len(out.stdout.splitlines()) == 1
+    (line,) = out.stderr.splitlines()
+    assert line.startswith(f"edgecap caption: error: cannot write {target}: ")
+    assert not target.parent.exists()
+
+
+def test_stream_records_give_the_time_to_the_millisecond_and_the_frames_dropped(capsys):
+    """--video / --camera --json: "time" in seconds with three decimals (frame 1 of a 30 fps
+    video is at 0.033 s, not 0.0), "dropped" the frames the live camera dropped before it;
+    plain records: the time with two decimals."""
+    from types import SimpleNamespace
+
+    from edgecap.commands.caption_media import _print_event
+
+    caption = SimpleNamespace(
+        text="a cat", score=-0.61234, confidence=0.8, recognisable=True, timings={"encode_ms": 3.14159}
+    )
+    event = SimpleNamespace(timestamp=1 / 30, frame_index=1, caption=caption, dropped=2)
+    _print_event(event, as_json=True)
+    _print_event(event, as_json=False)
+    record, plain = capsys.readouterr().out.splitlines()
+    assert json.loads(record) == {
+        "time": 0.033,
+        "frame": 1,
+        "caption": "a cat",
+        "score": -0.6123,
+        "confidence": 0.8,
+        "recognisable": True,
+        "timings": {"encode_ms": 3.14},
+        "dropped": 2,
+    }
+    assert plain == "0.03s\ta cat"
+
+
 def test_attention_for_an_unreadable_image_writes_nothing(tiny_model_dir, tmp_path, capfd):
     broken = tmp_path / "broken.png"
     broken.write_bytes(b"not a png")
