@@ -119,6 +119,8 @@ def test_options_object_is_validated(backend_calls):
         ("constrained", "yes"),
         ("beam_size", True),  # a bool is not a count (True == 1 to Python)
         ("guidance_tags", 21),  # at most 20
+        ("guidance_bonus", None),  # None only for fusion_weight (the model's own)
+        ("n_best", 0),
     ],
 )
 def test_a_bad_option_is_refused_where_the_options_are_made(field, value):
