@@ -77,6 +77,30 @@ def test_class_list_must_match_the_encoder(tmp_path):
         ObjectClasses.load(path, {"dog": 7}, n_classes=1000)
 
 
+@pytest.mark.parametrize(
+    "table, problem",
+    [
+        ({"klasses": [{"name": "a", "words": ["dog"]}]}, "'classes'"),
+        # "words" one string: not read letter by letter ("d", "o", "g" are words too)
+        ({"classes": [{"name": "a", "words": "dog"}]}, "classes must be a list of {name: text, words"),
+        ({"classes": [{"name": 7, "words": ["dog"]}]}, "classes must be a list of {name: text, words"),
+    ],
+    ids=["no-classes-key", "words-a-string", "name-a-number"],
+)
+def test_a_malformed_class_list_is_one_model_error(tmp_path, table, problem):
+    """A hand-edited classes.json is a ModelError naming the file and what to do, not a
+    KeyError traceback or tags made of the wrong words."""
+    from edgecap.errors import ModelError
+
+    path = tmp_path / "classes.json"
+    path.write_text(json.dumps(table))
+    with pytest.raises(ModelError) as info:
+        ObjectClasses.load(path, {"d": 1, "o": 2, "g": 3, "dog": 7}, n_classes=1)
+    message = str(info.value)
+    assert message.startswith(f"{path}: unreadable class list (") and message.endswith("re-export the model")
+    assert problem in message
+
+
 def test_tag_words_and_their_bias_from_class_probabilities():
     classes = ObjectClasses(("bus", "cat", "cup"), ((5,), (6, 7), ()))
     probs = np.array([[0.6, 0.3, 0.1], [0.05, 0.05, 0.9], [0.5, 0.08, 0.42]], np.float32)
