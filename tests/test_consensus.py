@@ -91,6 +91,19 @@ def test_two_candidates_are_chosen_between_too():
     assert names(consensus.order([hyp(H2), hyp(H1)])) == ["H2", "H1"]
 
 
+def test_a_tag_word_is_worth_005_no_more_no_less():
+    # H1 at -1.0 (w = 1), H2 = dog runs at -1.0 - d (w = x = e^(-d / 0.2)), tag "runs" (H2's):
+    # U(H1) = (1 + 0.5405 x) / (1 + x), U(H2) = (0.8696 + x) / (1 + x) + 0.05.
+    # d = 0.35, x = 0.1738: U(H1) = 0.9320, U(H2) = 0.8889 + 0.05 = 0.9389: the tag word passes
+    # a gap of 0.043 (at 0.03 it would not)
+    near = Consensus(()).order([hyp(H1, -1.0), hyp(H2, -1.35)], tag_words={RUNS})
+    assert names(near) == ["H2", "H1"]
+    # d = 0.4, x = 0.1353: U(H1) = 0.9452, U(H2) = 0.8851 + 0.05 = 0.9351: a gap of 0.060 stays
+    # (at 0.1 it would not)
+    far = Consensus(()).order([hyp(H1, -1.0), hyp(H2, -1.4)], tag_words={RUNS})
+    assert names(far) == ["H1", "H2"]
+
+
 def test_a_tag_word_said_twice_counts_once():
     # X = cat cat, Y = cat runs at -1.0 (w = 1), Z = runs at -1.6 (w = e^-3 = 0.0498; sum 2.0498).
     # F(X, Y): bags {cat 1.5} and {cat 0.75, runs 0.75}, matched 0.75, P = R = 0.5: F = 0.5 (and
