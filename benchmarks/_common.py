@@ -378,13 +378,18 @@ class TimedBackend(Backend):
     def encode(self, images: np.ndarray) -> Encoded:
         return self._timed(self.inner.encode, images)
 
-    def encode_frames(self, frames: list[np.ndarray]) -> tuple[Encoded, np.ndarray]:
-        return self._timed(self.inner.encode_frames, frames)
+    def encode_frames(
+        self, frames: list[np.ndarray], run_size: int | None = None
+    ) -> tuple[Encoded, np.ndarray]:
+        return self._timed(self.inner.encode_frames, frames, run_size)
 
-    def _timed(self, encode, images):
-        """``encode(images)``, its wall time added to ``encode_s``."""
+    def run_size(self, n_images: int, largest: int) -> int:
+        return self.inner.run_size(n_images, largest)  # the batch padded as the backend runs it
+
+    def _timed(self, encode, *args):
+        """``encode(*args)``, its wall time added to ``encode_s``."""
         t0 = time.perf_counter()
-        encoded = encode(images)
+        encoded = encode(*args)
         self.encode_s += time.perf_counter() - t0
         return encoded
 

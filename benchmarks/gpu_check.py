@@ -511,10 +511,10 @@ class SyncTimedBackend(C.TimedBackend):
         inner = getattr(self.inner, "search_on_device", None)
         return None if inner is None else inner(*args)
 
-    def _timed(self, encode, images):
+    def _timed(self, encode, *args):
         _sync()
         t0 = time.perf_counter()
-        encoded = encode(images)
+        encoded = encode(*args)
         _sync()
         self.encode_s += time.perf_counter() - t0
         return encoded

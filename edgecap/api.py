@@ -233,6 +233,7 @@ class Captioner:
         self._closed = False
         self._in_batch: int | None = None  # a one-batch-at-a-time backend: whose batch runs now
         self._release_after_batch = False
+        self._largest_batch = 0  # the most images a batch has held (``_run_batch``'s padding)
         self._released = threading.Event()  # close() is done: workers stopped, backend released
         self._default_decode_workers = default_decode_workers(_on_gpu(name, device, self.backend))
         self.decode_workers = decode_workers
@@ -526,18 +527,17 @@ class Captioner:
 
     def _run_batch(self, batch: list[np.ndarray], return_attention: bool, options: CaptionOptions):
         """``_search``'s work, in the backend. A backend that captures graphs per batch size
-        runs the batch padded with copies of its last image (``Backend.run_size``), whose
-        results are dropped."""
+        runs the batch padded with copies of its last image (``Backend.run_size``, up to the
+        largest batch this Captioner has run), whose results are dropped."""
         t0 = time.perf_counter()
         seen = None
         n = len(batch)
-        size = self.backend.run_size(n, max(n, options.batch_size))
-        if size > n:
-            batch = batch + [batch[-1]] * (size - n)
-        if self.backend.prepares_frames:
-            encoded, seen = self.backend.encode_frames(batch)
+        self._largest_batch = max(self._largest_batch, n)
+        size = self.backend.run_size(n, self._largest_batch)
+        if self.backend.prepares_frames:  # padded after its preprocessing, on the device
+            encoded, seen = self.backend.encode_frames(batch, size)
         else:
-            encoded = self.backend.encode(np.stack(batch))
+            encoded = self.backend.encode(np.stack(batch + [batch[-1]] * (size - n)))
         t1 = time.perf_counter()
         hypotheses = search(
             self.backend,

@@ -630,8 +630,9 @@ def test_auto_searches_on_the_device_on_cuda_from_12_beam_rows(tiny_model_dir, m
 
 def test_auto_counts_the_rows_of_the_padded_batch_with_graphs(tiny_model_dir, photos):
     """docs/gpu-search.md: with graphs, "auto" counts the rows of the batch as it runs, padded
-    (``graph_batch_size``): 3 photos at beam 3 run as 4, 12 rows, on the device; without
-    graphs 9 rows, the numpy loop. CUDA's "auto" set on a CPU backend, as above."""
+    (``graph_batch_size``): after a batch of 4, 3 photos at beam 3 run as 4, 12 rows, on the
+    device; without graphs 9 rows, the numpy loop. CUDA's "auto" set on a CPU backend, as
+    above."""
     for graphs, want in ((None, []), (EagerGraph, [12])):
         extra = {} if graphs is None else {"graph_factory": graphs}
         captioner = Captioner(
@@ -645,6 +646,7 @@ def test_auto_counts_the_rows_of_the_padded_batch_with_graphs(tiny_model_dir, ph
             rows.append(encoded.n_images * options.beam_size)
             return real(encoded, options, *rest)
 
+        captioner.caption_batch(photos[:4])  # the largest batch run: 4 photos
         backend.device_search = counted
         assert len(captioner.caption_batch(photos[:3])) == 3
         assert rows == want, graphs

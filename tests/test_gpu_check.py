@@ -411,7 +411,7 @@ def test_the_latency_of_a_device_preprocessing_mode_hands_the_frames_to_the_devi
     cap = Captioner(default_model_dir, backend="torch", device="cpu", preprocess="device")
     calls = []
     inner = cap.backend.encode_frames
-    cap.backend.encode_frames = lambda frames: calls.append(len(frames)) or inner(frames)
+    cap.backend.encode_frames = lambda frames, *rest: calls.append(len(frames)) or inner(frames, *rest)
     timed = gpu_check.SyncTimedBackend(cap.backend)
     frames = list(np.random.default_rng(0).integers(0, 256, (2, 48, 64, 3), dtype=np.uint8))
     args = argparse.Namespace(beams=[1], batches=[2], warmup=0, repeats=1, max_length=4)

@@ -199,14 +199,30 @@ def test_graph_batch_sizes_are_powers_of_two_up_to_the_batch_size():
             graph_batch_size(*bad)
 
 
+def test_batches_are_padded_where_each_new_size_captures_or_compiles(tiny_model_dir):
+    """Padding (``run_size``) only where a batch size met anew costs a capture or a compile:
+    graphs, the compiled device search; not the eager backend (3 images of at most 8: 4 / 3)."""
+    manifest = load_manifest(tiny_model_dir)
+    kinds = {
+        "eager": TorchBackend(manifest, device="cpu"),
+        "graphs": TorchBackend(manifest, device="cpu", graph_factory=EagerGraph),
+        "compiled": TorchBackend(manifest, device="cpu", search="device", compile_search=True),
+        "device search": TorchBackend(manifest, device="cpu", search="device"),
+    }
+    sizes = {kind: backend.run_size(3, 8) for kind, backend in kinds.items()}
+    assert sizes == {"eager": 3, "graphs": 4, "compiled": 4, "device search": 3}
+
+
 @pytest.mark.parametrize("preprocess", ["host", "device"])
 def test_graphed_batches_of_many_sizes_run_at_a_few(tiny_model_dir, photos, preprocess):
-    """A service's batches of every size up to its batch size: with graphs they run padded to
-    1, 2, 4, ... or the batch size (``graph_batch_size``), so a batch size of 6 captures the
-    encoder at three sizes for batches of 3, 5, 1, 6 and 3 images (4, 6, 1, 6, 4; five sizes
-    unpadded, and 16 for a batch size of 16: past the 8 graphs kept), and every image gets its
-    own caption, objects and confidence, the eager backend's, with the padding's dropped."""
-    options = dict(beam_size=2, batch_size=6, max_length=6)
+    """A service's batches of every size up to its largest: with graphs they run padded to 1,
+    2, 4, ... or the largest batch run so far (``graph_batch_size``). A first batch of 5 runs as
+    5 (not padded past the largest batch met: a single batch, a service of at most 5 a batch);
+    then batches of 6, 3, 5, 1, 6 and 3 run as 6, 4, 6, 1, 6, 4: the encoder is captured at 4
+    sizes (5, 6, 4, 1), not 5 (and 16 for batches of 1 to 16: past the 8 graphs kept). Every
+    image gets its own caption, objects and confidence, the eager backend's, with the padding's
+    dropped."""
+    options = dict(beam_size=2, batch_size=8, max_length=6)
     eager = Captioner(tiny_model_dir, backend="torch", device="cpu", **options)
     graphed = Captioner(
         tiny_model_dir,
@@ -218,15 +234,15 @@ def test_graphed_batches_of_many_sizes_run_at_a_few(tiny_model_dir, photos, prep
     )
     rng = np.random.default_rng(3)
     inputs = [*photos, *(rng.integers(0, 256, (64 + 8 * i, 80, 3), dtype=np.uint8) for i in range(2))]
-    for n in (3, 5, 1, 6, 3):
+    made = graphed.backend.encoder_graphs.graphs
+    for n, runs in ((5, 5), (6, 6), (3, 4), (5, 6), (1, 1), (6, 6), (3, 4)):
         batch = [inputs[(n + i) % len(inputs)] for i in range(n)]
         want, got = eager.caption_batch(batch), graphed.caption_batch(batch)
-        assert len(got) == n
+        assert len(got) == n and next(reversed(made.entries))[0] == runs
         for a, b in zip(want, got, strict=True):
             assert (a.tokens, a.objects, a.confidence) == (b.tokens, b.objects, b.confidence)
             assert b.score == pytest.approx(a.score, abs=1e-5)
-    made = graphed.backend.encoder_graphs.graphs
-    assert made.made == 3 and sorted(key[0] for key in made.entries) == [1, 4, 6]
+    assert made.made == 4 and sorted(key[0] for key in made.entries) == [1, 4, 5, 6]
 
 
 def test_graphs_behind_an_fp32_encoder_encode_the_fp32_image(tiny_model_dir):

@@ -83,10 +83,13 @@ class Backend(ABC):
     def encode(self, images: np.ndarray) -> Encoded:
         """images float32 (N, 3, H, W), preprocessed as the manifest says."""
 
-    def encode_frames(self, frames: list[np.ndarray]) -> tuple[Encoded, np.ndarray]:
+    def encode_frames(
+        self, frames: list[np.ndarray], run_size: int | None = None
+    ) -> tuple[Encoded, np.ndarray]:
         """RGB uint8 frames (H, W, 3), any sizes -> (``encode`` of their model inputs, whether
         each holds anything to caption: ``edgecap.preprocess.recognisable``, (N,) bool), for a
-        backend that ``prepares_frames``."""
+        backend that ``prepares_frames``. ``run_size`` (``run_size``'s, at least N): the model
+        inputs padded to that many with copies of the last, encoded with the frames."""
         raise NotImplementedError(
             f"the {self.name} backend preprocesses on the host (prepares_frames is False)"
         )
@@ -102,7 +105,8 @@ class Backend(ABC):
         return self.name
 
     def run_size(self, n_images: int, largest: int) -> int:
-        """The batch size a batch of ``n_images`` (``largest``: the caller's batch size, at
-        least ``n_images``) runs at: ``n_images``, but for a backend that captures graphs per
-        shape (the torch backend's CUDA graphs), which pads it up to one of a few sizes."""
+        """The batch size a batch of ``n_images`` runs at (``largest``: the most images a batch
+        of the caller's has held, at least ``n_images``): ``n_images``, but for a backend that
+        captures graphs or compiles per shape (the torch backend's), which pads it up to one of a
+        few sizes."""
         return n_images

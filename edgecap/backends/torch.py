@@ -321,8 +321,9 @@ class TorchBackend(Backend):
         return encoder.eval(), decoder.eval()
 
     def run_size(self, n_images: int, largest: int) -> int:
-        """With graphs, ``n_images`` padded to one of a few sizes (``graph_batch_size``)."""
-        if self.graph_factory is None:
+        """With graphs or a compiled search (a capture or a compile per batch size),
+        ``n_images`` padded to one of a few sizes (``graph_batch_size``)."""
+        if self.graph_factory is None and not self.compile_search:
             return n_images
         return graph_batch_size(n_images, largest)
 
@@ -358,13 +359,17 @@ class TorchBackend(Backend):
             return self._encoded(self.encoder_graphs.run(images))
         return self._encode_eager(images)
 
-    def encode_frames(self, frames: list[np.ndarray]) -> tuple[Encoded, np.ndarray]:
+    def encode_frames(
+        self, frames: list[np.ndarray], run_size: int | None = None
+    ) -> tuple[Encoded, np.ndarray]:
         """With ``preprocess="device"``: RGB uint8 frames -> (Encoded, recognisable (N,) bool),
         resized, normalised and checked on the device (``torch_preprocess``), as ``encode`` of
-        the host's model inputs would give them."""
+        the host's model inputs would give them; padded to ``run_size`` images on the device."""
         if self.frame_preprocess is None:
-            return super().encode_frames(frames)
+            return super().encode_frames(frames, run_size)
         images, visible = self.frame_preprocess(frames)
+        if run_size is not None and run_size > len(frames):
+            images = torch.cat([images, images[-1:].expand(run_size - len(frames), *images.shape[1:])])
         encoded = self.encode(images)
         return encoded, visible.cpu().numpy()
 

@@ -54,13 +54,15 @@ MAX_KEYS = 8  # graph shapes kept per cache (least recently used dropped beyond 
 
 def graph_batch_size(n_images: int, largest: int) -> int:
     """The batch size a graphed backend runs ``n_images`` at: the next power of two, or
-    ``largest`` (the caller's batch size) when that is smaller. Graphs are captured per batch
-    size and ``MAX_KEYS`` of them kept: a service whose batches take every size from 1 to 16
-    would otherwise capture again and again (a capture runs the whole decode, and with
-    ``compile_search`` compiles it: seconds), while padded it meets at most 1, 2, 4, 8 and 16
-    (at most 8 sizes for any batch size up to 128). The padding is copies of the batch's last
-    image, whose captions are dropped (the copies end their search when it does): fewer than as
-    many images again, against the two warm-up runs and the capture of a shape met anew."""
+    ``largest`` (the most images a batch of the caller's has held, this one's included) when
+    that is smaller. Graphs are captured per batch size and ``MAX_KEYS`` of them kept: a
+    service whose batches take every size from 1 to 16 would otherwise capture again and again
+    (a capture runs the whole decode, and with ``compile_search`` compiles it: seconds), while
+    padded it meets 1, 2, 4, 8 and 16 (at most 8 sizes for batches of up to 128 images). No
+    batch is padded past the largest the caller has run (a single batch of 5 images, a service
+    of at most 5 a batch: none past 5). The padding is copies of the batch's last image, whose
+    captions are dropped (the copies end their search when it does): fewer than as many images
+    again, against the two warm-up runs and the capture of a shape met anew."""
     if not 1 <= n_images <= largest:
         raise ValueError(f"a batch of {n_images} images does not fit a batch size of {largest}")
     return min(1 << (n_images - 1).bit_length(), largest)
