@@ -13,6 +13,8 @@ import pytest
 
 from edgecap.training.cider import CiderD
 from edgecap.vocab import tokenize
+from helpers import tiny_train_config
+from test_train import tiny_dataset  # noqa: F401  (the fixture)
 
 
 def words(text: str) -> list[str]:
@@ -153,3 +155,115 @@ def test_sampled_captions_are_each_images_own_and_their_log_probs_stop_at_end():
         assert float(logp[r].detach()) == pytest.approx(total, abs=1e-4), r
     # captions of different lengths were checked, most of them ended
     assert len(set(ends)) > 1 and sum(END_ID in row for row in tokens.tolist()) > 2 * n
+
+
+@pytest.fixture(scope="module")
+def ce_checkpoint(tiny_dataset, tmp_path_factory):  # noqa: F811
+    """A cross-entropy checkpoint of the tiny decoder (one epoch) to start SCST from."""
+    from edgecap.training.train import train
+
+    out = tmp_path_factory.mktemp("ce") / "run"
+    return train(tiny_train_config(tiny_dataset, out, epochs=1), log=lambda *_: None)
+
+
+def _scst_config(checkpoint, data, tmp_path, **given):
+    from edgecap.training.config import ScstConfig
+
+    fields = {"images_per_batch": 3, "n_samples": 6, "max_length": 6, "threads": 1, "progress": False}
+    return ScstConfig(
+        checkpoint=str(checkpoint),
+        data=str(data),
+        out=str(tmp_path / "scst"),
+        cache_dir=str(tmp_path / "cache"),
+        **{**fields, **given},
+    )
+
+
+def test_self_critical_training_makes_the_rewarded_word_likelier(
+    tiny_dataset,  # noqa: F811
+    ce_checkpoint,
+    tmp_path,
+    monkeypatch,
+):
+    """SCST follows the reward: with a reward (in place of CIDEr-D) of how often a caption says
+    "flag", three epochs from a cross-entropy checkpoint raise the log-probability of "flag" as
+    the first word; a reversed advantage (the baseline minus the reward) would lower it."""
+    pytest.importorskip("pycocoevalcap")  # the dev CIDEr of each epoch
+    import torch
+
+    from edgecap.models.checkpoint import load_checkpoint
+    from edgecap.models.decoder import mask_logits
+    from edgecap.training import scst
+
+    class SaysFlag:
+        def __init__(self, corpus_refs):
+            pass
+
+        def score(self, hyp, refs, key=None):
+            return float(hyp.count("flag"))
+
+    def first_word_flag(checkpoint):
+        _, decoder, vocab, _, _ = load_checkpoint(checkpoint)
+        decoder.eval()
+        fmap = torch.randn(6, 49, decoder.cfg.encoder_dim, generator=torch.Generator().manual_seed(5))
+        with torch.no_grad():
+            features, att_proj, h, c = decoder.init_state(fmap)
+            logits, *_ = decoder.logits(torch.full((6,), vocab.start), h, c, features, att_proj)
+            logp = torch.log_softmax(mask_logits(logits, first_word=True), 1)
+        return float(logp[:, vocab.index["flag"]].mean())
+
+    best = ce_checkpoint
+    monkeypatch.setattr(scst, "CiderD", SaysFlag)
+    cfg = _scst_config(best, tiny_dataset, tmp_path, epochs=3, lr=0.05)
+    scst.train_scst(cfg, log=lambda *_: None)
+    before, after = first_word_flag(best), first_word_flag(tmp_path / "scst" / "last")
+    assert after > before + 0.3, (before, after)
+
+
+def test_each_samples_advantage_is_its_reward_minus_the_mean_of_its_images_other_samples(
+    tiny_dataset,  # noqa: F811
+    ce_checkpoint,
+    tmp_path,
+    monkeypatch,
+):
+    """The policy gradient's weights (Rennie et al. 2017 with the baseline of Luo 2020): a
+    sample's advantage is its reward minus the mean reward of the other samples of its image
+    (not of all of them, not none), each reward scored against its own image's references.
+    Read from the gradient the loss -mean(advantage * log p) leaves on the log-probabilities:
+    -advantage / rows."""
+    pytest.importorskip("pycocoevalcap")  # the dev CIDEr of each epoch
+    import torch
+
+    from edgecap.training import scst
+
+    calls: list[tuple[int, float]] = []
+    spied: list[torch.Tensor] = []
+
+    class Length:  # a reward that differs between samples: words said, plus the image's key
+        def __init__(self, corpus_refs):
+            pass
+
+        def score(self, hyp, refs, key=None):
+            calls.append((key, len(hyp) + 10.0 * key))
+            return calls[-1][1]
+
+    real = scst.sample_captions
+
+    def spy(*args, **kwargs):
+        tokens, logp, masks = real(*args, **kwargs)
+        spied.append(logp.detach().requires_grad_())
+        return tokens, spied[-1], masks
+
+    monkeypatch.setattr(scst, "CiderD", Length)
+    monkeypatch.setattr(scst, "sample_captions", spy)
+    scst.train_scst(_scst_config(ce_checkpoint, tiny_dataset, tmp_path, epochs=1), log=lambda *_: None)
+    (logp,) = spied  # one batch: the 3 train photos, 6 samples each
+    keys = [k for k, _ in calls]
+    assert len(keys) == 18 and sorted(set(keys)) == [0, 1, 2]
+    assert all(keys[r] == keys[6 * (r // 6)] for r in range(18))  # 6 rows of one image in a row
+    rewards = [r for _, r in calls]
+    expected = [
+        rewards[r] - (sum(rewards[6 * (r // 6) : 6 * (r // 6) + 6]) - rewards[r]) / 5 for r in range(18)
+    ]
+    assert (-logp.grad * 18).tolist() == pytest.approx(expected, abs=1e-5)
+    assert len({round(a, 6) for a in expected}) > 3
