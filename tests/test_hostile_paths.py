@@ -227,6 +227,36 @@ def test_a_glob_searches_neither_hidden_folders_nor_folders_named_like_its_files
     assert sorted(read) == [root, root / "old.png", root / "sub"]
 
 
+def test_a_glob_says_nothing_of_broken_links_it_does_not_match(tmp_path):
+    """``photos/*.png`` next to a broken link notes.txt: the link is nothing the pattern
+    names, so no skip (exit 0); a broken link.png is one (it names a photo that is gone)."""
+    root = tmp_path / "photos"
+    root.mkdir()
+    a = _photo(root / "a.png")
+    (root / "notes.txt").symlink_to("nowhere.txt")
+    assert list(expand_all([f"{root}/*.png"])) == [(str(a), str(a))]
+    (root / "link.png").symlink_to("nowhere.png")
+    good, skipped = _split(list(expand_all([f"{root}/*.png"])))
+    assert good == [str(a)] and list(skipped) == [str(root / "link.png")]
+
+
+def test_a_photo_that_vanishes_during_the_search_is_passed_on(tmp_path, monkeypatch):
+    """A file listed in its folder but gone when it is looked at (deleted meanwhile) is not
+    silently left out: it is passed on, and the captioner says "no such file"."""
+    root = tmp_path / "photos"
+    root.mkdir()
+    a, b = _photo(root / "a.png"), _photo(root / "b.png")
+    real_stat = os.stat
+
+    def stat(path, *args, **kwargs):
+        if Path(path) == b:
+            raise FileNotFoundError(2, "No such file or directory", str(path))
+        return real_stat(path, *args, **kwargs)
+
+    monkeypatch.setattr(os, "stat", stat)
+    assert list(expand_all([str(root)])) == [(str(a), str(a)), (str(b), str(b))]
+
+
 def test_a_photo_named_twice_is_captioned_once(tmp_path):
     """The same file given again, under a link's name, or inside a folder given after it, is
     a skip that names the first (exit 1), not a second caption."""
