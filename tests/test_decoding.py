@@ -45,6 +45,22 @@ def test_the_constraint_reads_its_own_threshold():
     assert _first_step_bias(0.2, constrained=True, constraint_min_prob=0.15) is not None
 
 
+def test_the_tag_bonus_takes_the_guidance_tags_most_probable_classes():
+    """Four classes naming words 7, 8, 9, 10 at probabilities 0.2, 0.5, 0.4, 0.3 (all above
+    guidance_min_prob 0.1): guidance_tags=n puts the bonus on the words of the n most probable,
+    8, 9, 10, 7 in that order (the default 3: not on 7)."""
+    classes = ObjectClasses(("w", "x", "y", "z"), ((7,), (8,), (9,), (10,)))
+    bonused = {}
+    for n in (1, 2, 3, 4, None):
+        backend = PrefixHashBackend(vocab_size=12, top_k=8)
+        encoded = backend.encode(np.array([5]))
+        encoded.class_probs = np.array([[0.2, 0.5, 0.4, 0.3]], np.float32)
+        options = CaptionOptions() if n is None else CaptionOptions(guidance_tags=n)
+        search(backend, encoded, options, START, END, 12, classes)
+        bonused[n] = set(np.flatnonzero(backend.biases[0][0]).tolist())
+    assert bonused == {1: {8}, 2: {8, 9}, 3: {8, 9, 10}, 4: {7, 8, 9, 10}, None: {8, 9, 10}}
+
+
 def test_the_constraint_holds_with_the_tag_bonus_off():
     """guidance_bonus=0 (--no-objects-guidance) turns the bonus off, not the constraint: a
     constrained search still reads the image's tag words and surfaces word 7 on state 0."""
