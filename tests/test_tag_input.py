@@ -42,6 +42,10 @@ def test_a_decoder_given_tags_says_what_it_said_until_trained_then_hears_them():
         assert not torch.allclose(tagged.init_state(fmap, probs)[0], tagged.init_state(fmap, other)[0])
     with pytest.raises(ValueError, match="class probabilities"):
         tagged.init_state(fmap)  # no silent run without its input
+    # the down projection starts as nn.Linear would (uniform in +-1/sqrt(30), about 0.18):
+    # within the bound and spread across it, not of another scale
+    down = tagged.tag_down.weight
+    assert down.shape == (4, 30) and down.abs().max() <= 30**-0.5 and down.abs().max() > 0.15
 
 
 def test_a_decoder_without_tag_input_keeps_its_sizes_record_unchanged():
