@@ -78,6 +78,10 @@ def test_text_tags_name_a_class_of_the_captions_own_words():
         assert 0.25 * (1 - low) + low - 1e-6 <= probs[0, 3] <= 0.25 * (1 - high) + high + 1e-6
         assert torch.equal(probs[1], torch.full((4,), 0.25))  # no class word: the background
         assert int(probs[2].argmax()) in (0, 1) and probs[2, 2] < 0.25  # word 5 names 0 or 1
+    # the named class's share m, drawn from 0.3-0.95 (docs/everyday-photos.md): its probability
+    # is 0.25 (1 - m) + m, so m = (p - 0.25) / 0.75; 40 draws spread over that range
+    masses = [(float(probs[0, 3]) - 0.25) / 0.75 for probs in rows]
+    assert 0.3 - 1e-6 <= min(masses) < 0.45 and 0.8 < max(masses) <= 0.95 + 1e-6
     assert {int(p[2].argmax()) for p in rows} == {0, 1}  # either of the word's classes
 
 

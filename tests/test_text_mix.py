@@ -79,6 +79,8 @@ def test_text_loss_applies_label_smoothing():
         )
     ).eval()
     no_image = NoImage(16)
+    # it starts as no information at all: one region of zero features (module doc)
+    assert no_image.features.shape == (1, 1, 16) and not no_image.features.any()
     with torch.no_grad():
         no_image.features.normal_()
     caps = torch.tensor([[1, 4, 5, 6, 2], [1, 7, 8, 2, 0]])
