@@ -297,6 +297,25 @@ def test_a_bad_frame_has_a_json_record_too(tmp_path, captioner, capfd):
     assert line.startswith(f"edgecap: {bag}: /cam/raw at 1700000001.000000000: ") and "weird8" in line
 
 
+def test_write_bag_says_how_many_captions_it_wrote_on_which_topics(tmp_path, capfd):
+    """The one line --write-bag ends with names the copy, the recording, the number of
+    captions and the topics they are on (where a player finds them): TOPIC/caption; with
+    no caption at all (every frame failed), "no topic"."""
+    store = store_for("mcap")
+    for name, encoding, summary, code in (
+        ("good", "rgb8", "1 captions (/cam/raw/caption)", 0),
+        ("bad", "weird8", "0 captions (no topic)", 1),
+    ):
+        folder = tmp_path / name
+        folder.mkdir()
+        frame = ("/cam/raw", IMAGE, T0, image_msg(store, encoding, CHELSEA, T0))
+        bag = write_recording(folder, "mcap", [frame])
+        out = folder / "copy"
+        done = edgecap_caption(capfd, "--bag", bag, "--write-bag", out)
+        assert done.returncode == code
+        assert done.stderr.splitlines()[-1] == f"edgecap: wrote {out}: a copy of {bag} with {summary}"
+
+
 def test_every_samples_each_topic_on_its_own_grid(tmp_path):
     store = store_for("mcap")
     messages = [
