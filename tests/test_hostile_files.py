@@ -170,6 +170,30 @@ def test_why_a_file_cannot_be_read_is_said_in_words(tmp_path, monkeypatch):
     _refused(photo, "permission denied")
 
 
+def test_json_that_is_not_utf8_says_where(tmp_path):
+    from edgecap.files import FileProblem, read_json
+
+    path = tmp_path / "vocab.json"
+    path.write_bytes(b'{"a": "\xff"}')  # the byte after {"a": " (7 bytes) is no UTF-8
+    with pytest.raises(FileProblem, match=re.escape("not UTF-8 text (invalid start byte at byte 7)")):
+        read_json(path, 1000)
+
+
+@pytest.mark.skipif(not os.path.isdir("/proc/self/fd"), reason="counts open files in /proc/self/fd")
+def test_refused_files_leave_no_file_open(tmp_path):
+    """A folder of many oversized photos is refused one by one without running out of file
+    descriptors: each refused file is closed."""
+    from edgecap.files import FileProblem, open_regular
+
+    path = tmp_path / "big.png"
+    path.write_bytes(b"\0" * 100)
+    before = len(os.listdir("/proc/self/fd"))
+    for _ in range(20):
+        with pytest.raises(FileProblem, match="over the limit of 10"):
+            open_regular(path, 10)
+    assert len(os.listdir("/proc/self/fd")) == before
+
+
 def test_json_nesting_limit_counts_brackets_outside_strings_only(tmp_path):
     """read_json: nested at most 32 deep ({ and 31 [ : accepted; one more: refused); brackets
     inside strings (an escaped quote included) are text, not nesting."""
