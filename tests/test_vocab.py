@@ -24,6 +24,15 @@ def test_tokenize_keeps_accented_words_whole_and_reads_a_typographic_apostrophe(
     assert tokenize("snake_case") == ["snake", "case"]  # "_" separates, as before
 
 
+def test_every_typographic_apostrophe_is_one_and_only_letters_follow_it():
+    """A left quote used as an apostrophe (U+2018) and the modifier letter apostrophe (U+02BC)
+    are read as "'" like U+2019; after an apostrophe only letters join the word (the rule the
+    shipped vocabulary was built with): "summer'19" is "summer" and "19"."""
+    assert tokenize("The dog\u2018s ball") == ["the", "dog's", "ball"]
+    assert tokenize("The dog\u02bcs ball") == ["the", "dog's", "ball"]
+    assert tokenize("summer'19 photos") == ["summer", "19", "photos"]
+
+
 def test_build_keeps_words_seen_at_least_min_count_times_most_frequent_first():
     captions = ["the dog runs", "The dog sits.", "the cat runs", "the cat"]
     # counts: the 4, dog 2, runs 2, cat 2, sits 1
