@@ -101,6 +101,20 @@ def test_open_progress_counts_against_its_total_and_is_silent_when_off(monkeypat
     assert terminal.getvalue() == ""
 
 
+def test_no_progress_on_a_closed_or_missing_stderr(monkeypatch):
+    """An embedding program that closed stderr, or a Python started without one (sys.stderr
+    None): no progress, and no error from asking whether it is a terminal."""
+    import argparse
+
+    args = argparse.Namespace(no_progress=False)
+    closed = open(os.devnull, "w")
+    closed.close()  # isatty() on it raises ValueError
+    assert progress.progress_enabled(args, closed) is False
+    monkeypatch.setattr(sys, "stderr", None)
+    assert progress.progress_enabled(args) is False
+    assert progress.progress_enabled(args, _Terminal()) is True
+
+
 def test_nothing_shown_is_nothing_closed():
     stream = io.StringIO()
     counter = progress.Counter(5, stream, delay=60.0)
