@@ -269,3 +269,59 @@ def test_a_manifest_dimension_only_a_graph_output_shows_is_checked(small_model):
     edit_manifest(small_model, set_field(["dims", "top_k"], 4))
     with pytest.raises(ModelError, match=r"tensor 'topk_logprobs' has shape \[.*, 5\] but the manifest says"):
         Captioner(small_model, backend="onnxruntime")
+
+
+def _edit_step_graph(model, edit) -> None:
+    """decoder_step.onnx of ``model`` changed by ``edit(graph)``, its checksum updated (what an
+    exporter other than this edgecap's would have written)."""
+    import onnx
+
+    from edgecap.manifest import file_sha256
+
+    path = load_manifest(model).path("decoder_step")
+    graph_model = onnx.load(path)
+    edit(graph_model.graph)
+    onnx.save(graph_model, path)
+    edit_manifest(model, set_field(["sha256", "decoder_step"], file_sha256(path)))
+
+
+def _value(values, name):
+    return next(v for v in values if v.name == name)
+
+
+def test_a_step_graph_lacking_a_contract_output_is_named(small_model):
+    """No 'alpha' among the step graph's outputs: one ModelError naming it (not a KeyError)."""
+    _edit_step_graph(small_model, lambda g: g.output.remove(_value(g.output, "alpha")))
+    with pytest.raises(
+        ModelError, match=r"decoder_step.onnx: the graph lacks the outputs \['alpha'\].*re-export"
+    ):
+        Captioner(small_model, backend="onnxruntime")
+
+
+def test_a_symbolic_dimension_where_the_manifest_has_a_number_is_refused(small_model):
+    """word_bias declared (R, V) with V symbolic: the manifest's 20 words cannot be checked
+    against it (only the row dimension may be dynamic, edgecap.contract)."""
+
+    def symbolic_v(graph):
+        _value(graph.input, "word_bias").type.tensor_type.shape.dim[1].dim_param = "V"
+
+    _edit_step_graph(small_model, symbolic_v)
+    with pytest.raises(
+        ModelError, match=r"tensor 'word_bias' has shape \[.*'V'\] but the manifest says \['\?', 20\]"
+    ):
+        Captioner(small_model, backend="onnxruntime")
+
+
+def test_a_tensor_of_another_rank_is_refused(small_model):
+    """word_bias declared (R, V, 1) where the contract has (R, V): the dimensions it shares with
+    the manifest's agree, its rank does not. (A graph output's declared shape is not what
+    onnxruntime reports: it reports the inferred one.)"""
+
+    def extra_dim(graph):
+        _value(graph.input, "word_bias").type.tensor_type.shape.dim.add().dim_value = 1
+
+    _edit_step_graph(small_model, extra_dim)
+    with pytest.raises(
+        ModelError, match=r"tensor 'word_bias' has shape \[.*, 20, 1\] but the manifest says \['\?', 20\]"
+    ):
+        Captioner(small_model, backend="onnxruntime")

@@ -166,3 +166,15 @@ def test_api_refuses_bad_threads_before_loading(value, tmp_path):
     # before the model is even looked for
     with pytest.raises(ValueError, match="threads must be a positive integer"):
         Captioner(tmp_path / "no-model-here", threads=value)
+
+
+def test_the_stated_limit_itself_is_taken_by_the_api(monkeypatch):
+    """``threads`` from 1 to "at most N" inclusive: N is taken, N + 1 is not; on a machine with
+    128 cores N is 128 (more than 64 there is the cores), on one with 2 it is 64."""
+    from edgecap.backends._checks import check_threads
+
+    for cores, limit in ((2, 64), (128, 128), (None, 64)):
+        monkeypatch.setattr(os, "cpu_count", lambda cores=cores: cores)
+        assert check_threads(1) == 1 and check_threads(limit) == limit
+        with pytest.raises(ValueError, match=rf"at most {limit}\) or None, got {limit + 1}$"):
+            check_threads(limit + 1)
