@@ -602,3 +602,65 @@ def test_fake_graph_search_on_a_second_gpu_makes_its_beam_state_on_that_gpu(monk
     assert [type(s) for s in sessions] == [ort_beam.IOBindingBeamSession]
     assert len(made) == 6  # image index, two h / c pairs, zeros
     assert set(made) == {("cuda", 1)}
+
+
+def test_fake_iobinding_on_a_second_gpu_keeps_every_device_tensor_on_that_gpu():
+    """``IOBindingDecoder(device="cuda", device_id=1)``: the encoder's features, att_proj, h0 and
+    c0, the image index, both state pairs, the no-bias zeros and the unread alpha are all on
+    GPU 1 (a tensor on GPU 0 would be another device's memory to the graph); the class
+    probabilities come to the host (the backend reads them with ``numpy()``), as do the top K,
+    and alpha when asked for."""
+    made = []
+    fake_ort = types.SimpleNamespace(
+        OrtValue=types.SimpleNamespace(
+            ortvalue_from_numpy=lambda a, d, i: made.append((d, i)) or _FakeValue(a.shape, d, "numpy"),
+            ortvalue_from_shape_and_type=lambda s, t, d, i: made.append((d, i)) or _FakeValue(s, d, "state"),
+        )
+    )
+
+    class Binding:
+        def __init__(self):
+            self.outputs = []
+
+        def bind_cpu_input(self, name, array):
+            pass
+
+        def bind_ortvalue_input(self, name, value):
+            pass
+
+        def bind_output(self, name, device, device_id=0):
+            self.outputs.append((name, device, device_id))
+
+        def bind_ortvalue_output(self, name, value):
+            self.outputs.append((name, value.device, "value"))
+
+        def get_outputs(self):
+            return [_FakeValue((4, 3), device, name) for name, device, _ in self.outputs]
+
+        def clear_binding_outputs(self):
+            pass
+
+    encoder_binding, step_binding = Binding(), Binding()
+    encoder = types.SimpleNamespace(io_binding=lambda: encoder_binding, run_with_iobinding=lambda b: None)
+    step = types.SimpleNamespace(io_binding=lambda: step_binding, run_with_iobinding=lambda b: None)
+    decoder = IOBindingDecoder.__new__(IOBindingDecoder)
+    decoder._ort, decoder.encoder, decoder.step_session = fake_ort, encoder, step
+    decoder.device, decoder.device_id, decoder.vocab_size = "cuda", 1, 20
+
+    encoded = decoder.encode(np.zeros((2, 3, 16, 16), np.float32))
+    on = {name: device for name, device, _ in encoder_binding.outputs}
+    assert on == {"features": "cuda", "att_proj": "cuda", "h0": "cuda", "c0": "cuda", "class_probs": "cpu"}
+    assert all(i == 1 for _, device, i in encoder_binding.outputs if device == "cuda")
+    assert encoded["class_probs"].numpy().shape == (4, 3)  # readable on the host
+
+    encoded["h0"] = encoded["c0"] = _FakeValue((2, 10), "cuda", "h0")
+    session = decoder.start(encoded, np.array([0, 0, 1, 1], np.int32))
+    assert made == [("cuda", 1)] * 6  # image index, two h / c pairs, the no-bias zeros
+
+    session.step(np.zeros(4, np.int32), np.arange(4, dtype=np.int32))
+    assert ("alpha", "cuda", 1) in step_binding.outputs  # unread: stays on GPU 1
+    step_binding.outputs.clear()
+    attention = decoder.start(encoded, np.array([0, 1], np.int32), return_attention=True)
+    result = attention.step(np.zeros(2, np.int32), np.arange(2, dtype=np.int32))
+    assert [device for name, device, _ in step_binding.outputs if name == "alpha"] == ["cpu"]
+    assert result.alpha is not None
