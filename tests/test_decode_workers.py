@@ -300,6 +300,15 @@ def test_default_workers_on_a_gpu_leave_a_core_to_the_model(monkeypatch, cores, 
     assert default_decode_workers(on_gpu=False) == DEFAULT_CPU_DECODE_WORKERS
 
 
+@pytest.mark.parametrize("cores, expected", [(4, 3), (None, 1)])
+def test_default_workers_without_an_affinity_mask_count_the_cpus(monkeypatch, cores, expected):
+    """macOS and Windows have no os.sched_getaffinity: the machine's CPUs count instead (4: 3
+    workers), and a count Python cannot tell (None) is one CPU (1 worker)."""
+    monkeypatch.delattr("os.sched_getaffinity", raising=False)
+    monkeypatch.setattr("os.cpu_count", lambda: cores)
+    assert default_decode_workers(on_gpu=True) == expected
+
+
 class _Providers:
     def __init__(self, *providers):
         self.providers = list(providers)
