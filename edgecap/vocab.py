@@ -60,7 +60,8 @@ class Vocabulary:
         return [self.start] + [self.index.get(w, self.unk) for w in tokenize(caption)] + [self.end]
 
     def decode(self, ids: Iterable[int]) -> str:
-        """Ids -> text, stopping at <end> and dropping the other special tokens."""
+        """Ids -> text, stopping at <end> and dropping <pad> and <start> (an <unk> is kept: the
+        search never says one, and a caption that did would show it)."""
         words = []
         for i in ids:
             i = int(i)
