@@ -138,6 +138,20 @@ def test_a_manifest_without_resample_reads_as_bilinear():
     assert Preprocessing.from_dict(d).resample == "bilinear"
 
 
+def test_the_manifests_resample_filter_is_the_one_used():
+    """resample="nearest" copies pixels (each output pixel is one of the photo's), where the
+    default bilinear blends neighbours: a 4 x 4 checkerboard of 0 and 255 shrunk to 2 x 2 is
+    all -1.0 / 1.0 with nearest, and strictly between with bilinear."""
+    board = np.where(np.add.outer(np.arange(4), np.arange(4)) % 2 == 1, 255, 0).astype(np.uint8)
+    image = load_rgb(np.repeat(board[:, :, None], 3, axis=2), "rgb")
+    nearest = to_model_input(
+        image, Preprocessing(size=(2, 2), mean=SHIPPED.mean, std=SHIPPED.std, resample="nearest")
+    )
+    assert np.isin(nearest, (-1.0, 1.0)).all()
+    blended = to_model_input(image, Preprocessing(size=(2, 2), mean=SHIPPED.mean, std=SHIPPED.std))
+    assert (np.abs(blended) < 0.99).all()
+
+
 # -- the blank-frame check (edgecap.preprocess.recognisable) -----------------------------------
 # Grey frames, 224 x 224 (no resize): the grey image in pixel levels is the pixel value minus the
 # mean, averaged over 4 x 4 blocks (56 x 56). A vertical ramp, pixel row r at level r, gives the
@@ -176,6 +190,20 @@ def test_a_frame_that_varies_but_holds_no_detail_is_not_recognisable():
         assert not recognisable(to_model_input(load_rgb(_ramp(columns), "rgb"), SHIPPED), SHIPPED)
     # the same stripes at 2 levels (mean |Laplacian| 2.0) are detail enough
     assert recognisable(to_model_input(load_rgb(_ramp(2 * STRIPES), "rgb"), SHIPPED), SHIPPED)
+
+
+def test_a_frame_of_fine_detail_but_little_spread_is_not_recognisable():
+    # 4 x 4 pixel squares in a checkerboard of 100 and 100 + a levels: the 56 x 56 blocks alternate
+    # 0 and a, standard deviation a / 2, and each interior block differs from its 4 neighbours by
+    # a: mean |Laplacian| 4 a (>= 1.5). A sensor's faint pattern on a lens cap: a = 12 (std 6.0 <
+    # 6.4) is not recognisable, a = 13 (std 6.5) is.
+    blocks = np.add.outer(np.arange(224) // 4, np.arange(224) // 4) % 2
+    for a, expected in ((12, False), (13, True)):
+        frame = np.repeat((100 + a * blocks).astype(np.uint8)[:, :, None], 3, axis=2)
+        x = to_model_input(load_rgb(frame, "rgb"), SHIPPED)
+        spread, detail = frame_statistics(x, SHIPPED)
+        assert spread == pytest.approx(a / 2, rel=1e-4) and detail == pytest.approx(4 * a, rel=1e-4)
+        assert recognisable(x, SHIPPED) is expected
 
 
 # -- through the Captioner: what reaches the encoder ------------------------------------------
