@@ -1686,3 +1686,50 @@ def test_beam_step_engine_sees_each_steps_word_block_or_zeros():
     assert len(seen) == len(want)
     for got, block in zip(seen, want):
         np.testing.assert_array_equal(got, block)
+
+
+def test_fake_build_command_line_flags_reach_the_engines(monkeypatch, tmp_path, model_dir, device, capsys):
+    """``edgecap build`` as typed: --precision names the engines' precision (fp16 without it,
+    as its --help says), --max-beam up to 2 x top_k is built (a constrained search of top_k
+    beams takes 2 x top_k rows) and one more refused; a bad --max-batch or a model whose file
+    fails its checksum is exit 2, one line, before any engine is built."""
+    from edgecap.cli import main
+
+    install(monkeypatch, "10.3.0.30", device)
+    monkeypatch.setattr("edgecap.trt.cuda.open_device", lambda: device)
+    top_k = load_manifest(model_dir).dims.top_k
+
+    def build(out, *flags):
+        code = main(["build", "--model", str(model_dir), "--out", str(tmp_path / out), *flags])
+        captured = capsys.readouterr()
+        built = sorted(p.name for p in (tmp_path / out).glob("*.engine"))
+        return code, captured.err, built
+
+    for flags, precision in (
+        ((), "fp16"),
+        (("--precision", "fp32"), "fp32"),
+        (("--precision", "fp16"), "fp16"),
+    ):
+        code, err, built = build(f"p-{precision}-{len(flags)}", *flags, "--max-beam", "3")
+        assert code == 0, err
+        assert len(built) == 2 and all(f"-{precision}-" in name for name in built), built
+
+    code, err, built = build("widest", "--max-beam", str(2 * top_k), "--max-batch", "1")
+    assert code == 0, err
+    assert sorted(n.rsplit("-", 1)[1] for n in built) == ["b1.engine", f"b1k{2 * top_k}.engine"]
+
+    for flags, words in (
+        (("--max-beam", str(2 * top_k + 1)), f"--max-beam {2 * top_k + 1}: this model searches at most"),
+        (("--max-batch", "0"), "must be a positive integer, got 0"),
+    ):
+        code, err, built = build("refused", *flags)
+        assert (code, built) == (2, []), err
+        assert err.startswith("edgecap build: error: ") and words in err and err.count("\n") == 1
+
+    broken = tmp_path / "broken"
+    shutil.copytree(model_dir, broken)
+    (broken / "encoder.onnx").write_bytes((broken / "encoder.onnx").read_bytes()[:-10])
+    assert main(["build", "--model", str(broken), "--out", str(tmp_path / "from-broken")]) == 2
+    err = capsys.readouterr().err
+    assert err.startswith("edgecap build: error: ") and "checksum" in err and err.count("\n") == 1
+    assert not list((tmp_path / "from-broken").glob("*.engine"))
