@@ -298,6 +298,23 @@ def test_an_unreadable_fusion_file_is_removed_by_itself(tmp_path):
     remove_fusion(tmp_path)  # none there: nothing to do
 
 
+@pytest.mark.parametrize("odd", ["lm\x00.npz", "x" * 300 + ".npz", "folder.npz"])
+def test_a_fusion_file_naming_what_cannot_be_removed_is_still_removed(tmp_path, odd):
+    """A fusion.json (hand-edited, corrupted) naming no removable file (a NUL in the name, a
+    name past the file system's 255 bytes, a folder): ``edgecap export --force`` and ``convert
+    --force`` replace the model without a traceback (ValueError: embedded null byte, OSError:
+    file name too long, IsADirectoryError). fusion.json goes, with the other language model's
+    file it names; the folder stays, and what is in it."""
+    (tmp_path / "folder.npz").mkdir()
+    (tmp_path / "folder.npz" / "keep").write_bytes(b"x")
+    (tmp_path / "lm_b.npz").write_bytes(b"x")
+    spec = {"everyday": {"file": odd}, "in_domain": {"file": "lm_b.npz"}, "weight": 0.5}
+    (tmp_path / "fusion.json").write_text(json.dumps(spec))
+    remove_fusion(tmp_path)
+    assert sorted(p.name for p in tmp_path.iterdir()) == ["folder.npz"]
+    assert (tmp_path / "folder.npz" / "keep").exists()
+
+
 def test_the_captioner_uses_its_models_fusion(default_model_dir, tmp_path, monkeypatch):
     """A model directory with a fusion file: the Captioner loads it (and makes its step) and
     its weight is the default; --fusion-weight 0 gives the captions without it."""

@@ -53,8 +53,8 @@ ARRAYS = ("embed", "w_ih", "w_hh", "bias", "out_w", "out_b")
 def remove_fusion(directory: Path) -> None:
     """Remove a model directory's ``fusion.json`` and the language models' ``.npz`` files it
     names (fitted to a model being replaced: left behind, they would only take room). A file it
-    names that is not a plain ``.npz`` name in the directory is left alone, and an unreadable
-    ``fusion.json`` is removed by itself."""
+    names that is not a plain ``.npz`` name in the directory (or not a file) is left alone, and
+    an unreadable ``fusion.json`` is removed by itself."""
     from edgecap.files import MAX_VOCAB_BYTES, FileProblem, read_json
 
     path = Path(directory) / FUSION_FILE
@@ -71,7 +71,10 @@ def remove_fusion(directory: Path) -> None:
         pass
     path.unlink()
     for name in names:
-        (Path(directory) / name).unlink(missing_ok=True)
+        try:
+            (Path(directory) / name).unlink(missing_ok=True)
+        except (OSError, ValueError):  # no file by that name: a folder, a NUL, a name too long
+            pass
 
 
 class CaptionLM:
