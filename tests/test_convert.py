@@ -314,6 +314,46 @@ def test_cli_convert(fp32_dir, tmp_path, capsys):
     assert "wrote fp16 model" in out and "best word agrees" in out
 
 
+def test_cli_convert_flags_as_typed(fp32_dir, tmp_path, capsys):
+    """``edgecap convert`` through the command line: without --precision an FP16 copy (its
+    --help's default); --no-check prints no comparison; a non-empty OUT_DIR is refused (exit 2,
+    one line naming it) unless --force; --calibration with fp16 is a usage error (exit 2); with
+    int8 the calibration folder is used (an empty one is refused, naming it)."""
+    from edgecap.cli import main
+
+    def convert(*args):
+        code = main(["convert", str(fp32_dir), *map(str, args)])
+        return code, capsys.readouterr()
+
+    out = tmp_path / "o"
+    code, printed = convert("--out", out, "--no-check")
+    assert code == 0, printed.err
+    assert load_manifest(out).precision == "fp16"
+    assert printed.out.startswith(f"wrote fp16 model to {out}")
+    assert "largest difference" not in printed.out and "best word agrees" not in printed.out
+
+    code, printed = convert("--out", out, "--no-check")
+    assert (code, printed.out) == (2, "")
+    assert printed.err.startswith("edgecap convert: error: ") and printed.err.count("\n") == 1
+    assert str(out) in printed.err and "not empty" in printed.err
+    code, printed = convert("--out", out, "--no-check", "--force")
+    assert code == 0, printed.err
+
+    photos = tmp_path / "photos"
+    photos.mkdir()
+    code, printed = convert("--out", tmp_path / "f", "--calibration", photos)
+    assert (code, printed.out) == (2, "")
+    assert printed.err == "edgecap convert: error: --calibration only applies to --precision int8\n"
+
+    code, printed = convert(
+        "--out", tmp_path / "i", "--precision", "int8", "--calibration", photos, "--no-check"
+    )
+    assert (code, printed.out) == (2, ""), printed.err
+    assert printed.err.startswith("edgecap convert: error: ") and printed.err.count("\n") == 1
+    # (where sympy is missing, static calibration is refused for that first)
+    assert f"{photos}: no images (.jpg, .png, ...) to calibrate with" in printed.err or "sympy" in printed.err
+
+
 def _with_decoding_files(fp32_dir, model: Path) -> Path:
     """A copy of the FP32 model directory with fused caption LMs (random, over its vocabulary)
     and the shipped model's confidence model."""
