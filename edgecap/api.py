@@ -532,8 +532,9 @@ class Captioner:
         t0 = time.perf_counter()
         seen = None
         n = len(batch)
-        self._largest_batch = max(self._largest_batch, n)
-        size = self.backend.run_size(n, self._largest_batch)
+        # read once: a batch of another thread (a thread-safe backend) may record its own meanwhile
+        largest = self._largest_batch = max(self._largest_batch, n)
+        size = self.backend.run_size(n, largest)
         if self.backend.prepares_frames:  # padded after its preprocessing, on the device
             encoded, seen = self.backend.encode_frames(batch, size)
         else:

@@ -245,6 +245,66 @@ def test_graphed_batches_of_many_sizes_run_at_a_few(tiny_model_dir, photos, prep
     assert made.made == 4 and sorted(key[0] for key in made.entries) == [1, 4, 5, 6]
 
 
+def test_a_padding_backend_is_never_asked_past_the_largest_batch_under_threads(monkeypatch, tiny_model_dir):
+    """A backend that pads and runs batches in several threads at once (``thread_safe``: the
+    compiled device search, ``run_size`` = ``graph_batch_size``) is asked ``run_size(n,
+    largest)`` with ``largest`` at least ``n`` (``Backend.run_size``'s contract), whatever another
+    thread's batch does meanwhile. Here a batch of 5 (thread A) reads the largest batch so far
+    (0) before a batch of 8 (thread B) records 8, and records its 5 after it: B's batch still
+    runs as 8, not ``run_size(8, 5)`` (a ValueError, "does not fit"). The interleaving is forced
+    by holding A inside its ``max`` and B at its ``run_size`` lookup."""
+    import builtins
+
+    import edgecap.api as api
+
+    cap = Captioner(tiny_model_dir, backend="torch", device="cpu", beam_size=1, batch_size=8, max_length=3)
+    assert cap.backend.thread_safe  # no lock: batches of two threads may overlap
+    a_read, b_at_lookup, a_at_lookup = threading.Event(), threading.Event(), threading.Event()
+    threads: dict[str, threading.Thread] = {}
+    asked: list[tuple[int, int]] = []
+
+    def held_max(*args):
+        if threading.current_thread() is threads.get("A"):
+            a_read.set()
+            b_at_lookup.wait(10)  # B records its 8 meanwhile
+        return builtins.max(*args)
+
+    def padding(n_images, largest):
+        asked.append((n_images, largest))
+        return graph_batch_size(n_images, largest)
+
+    def run_size(backend):
+        if threading.current_thread() is threads.get("B"):
+            b_at_lookup.set()
+            a_at_lookup.wait(10)  # A records its 5 meanwhile
+        else:
+            a_at_lookup.set()
+        return padding
+
+    monkeypatch.setattr(api, "max", held_max, raising=False)
+    monkeypatch.setattr(TorchBackend, "run_size", property(run_size))
+    rng = np.random.default_rng(5)
+    frames = [rng.integers(0, 256, (40, 40, 3), dtype=np.uint8) for _ in range(8)]
+    results, errors = {}, {}
+
+    def caption(name, n):
+        try:
+            results[name] = cap.caption_batch(frames[:n])
+        except Exception as exc:  # noqa: BLE001 (reported below)
+            errors[name] = exc
+
+    threads["A"] = threading.Thread(target=caption, args=("A", 5))
+    threads["B"] = threading.Thread(target=caption, args=("B", 8))
+    threads["A"].start()
+    assert a_read.wait(10)
+    threads["B"].start()
+    for thread in threads.values():
+        thread.join(30)
+    assert not errors, errors
+    assert sorted(asked) == [(5, 5), (8, 8)]
+    assert [len(results["A"]), len(results["B"])] == [5, 8]
+
+
 def test_graphs_behind_an_fp32_encoder_encode_the_fp32_image(tiny_model_dir):
     """``fp16=True, fp32_encoder=True`` with graphs: the encoder graph runs in FP32 "from an FP32
     image" (docs/gpu-search.md), so the graphed encoder's outputs are the eager ones, bit for bit
