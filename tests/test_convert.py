@@ -442,6 +442,25 @@ def _solid_png(path: Path, rgb: tuple[int, int, int], size=(20, 10)) -> Path:
     return path
 
 
+def test_a_bad_calibration_folder_is_refused_before_anything_is_written(fp32_dir, tmp_path):
+    """A missing or photo-less --calibration folder is refused naming it, and OUT_DIR is not
+    made: a half-written one (the int8 decoder step alone) would make the corrected command
+    fail again with 'directory exists and is not empty'."""
+    pytest.importorskip("sympy")
+    empty = tmp_path / "photos"
+    empty.mkdir()
+    (empty / "notes.txt").write_text("not a photo")
+    for folder, problem in (
+        (empty, f"{empty}: no images (.jpg, .png, ...) to calibrate with"),
+        (tmp_path / "nowhere", f"calibration directory not found: {tmp_path / 'nowhere'}"),
+    ):
+        out = tmp_path / f"int8-{folder.name}"
+        with pytest.raises(ModelError) as refused:
+            convert_model_dir(fp32_dir, out, "int8", calibration=folder)
+        assert str(refused.value) == problem
+        assert not out.exists()
+
+
 def test_calibration_photos_are_every_image_below_the_folder_sorted_up_to_the_limit(tmp_path):
     from edgecap.build.convert import calibration_images
 

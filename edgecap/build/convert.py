@@ -479,6 +479,7 @@ def convert_int8(
             f"pip install {missing} (onnxruntime is in edgecap's cpu and gpu extras; the rest: "
             f"{install_hint('convert')})"
         ) from exc
+    paths: list[Path] = []
     if calibration is not None:
         try:  # quant_pre_process imports it only once it runs: fail before any work is done
             import sympy  # noqa: F401
@@ -488,6 +489,7 @@ def convert_int8(
                 "sympy for onnxruntime's symbolic shape inference: pip install "
                 f"sympy (or {install_hint('convert')})"
             ) from exc
+        paths = calibration_images(calibration)  # a bad folder: refused before anything is written
     out = Path(out)
     _require_fp32(source)
     _prepare_out_dir(source, out, force)
@@ -513,7 +515,6 @@ def convert_int8(
         shutil.copy2(source.path("encoder"), encoder_out)
         encoder_note = "fp32 (no --calibration given)"
     else:
-        paths = calibration_images(calibration)
         # Fold the BatchNorms into the convolutions first (the export keeps them apart), so each
         # Conv + ReLU6 becomes one QLinearConv; unfolded, the BatchNorms stay FP32 between
         # quantize / dequantize pairs and the int8 encoder is slower than the FP32 one.
