@@ -76,6 +76,22 @@ def test_convert_help_lists_what_the_converter_keeps_in_fp32(monkeypatch):
     assert "first 7 blocks" in changed and "Erf" in changed
 
 
+def test_the_fp32_blocks_are_the_measured_rule_the_docs_state():
+    """docs/precision.md states the rule its table measured: FP16 keeps the encoder's stem and
+    first 4 blocks in FP32 (97.6% captions identical to FP32, the rule's row), static int8 its
+    stem and blocks 0-1; ``convert --help`` says it from the constants, so they must be these."""
+    import re
+    from pathlib import Path
+
+    from edgecap.build import convert as converter
+
+    text = (Path(__file__).parents[1] / "docs" / "precision.md").read_text()
+    fp16 = {int(n) for n in re.findall(r"stem and first (\d+) blocks", text)}
+    int8 = {int(n) + 1 for n in re.findall(r"stem, blocks 0-(\d+)", text)}
+    assert fp16 == {converter.ENCODER_FP32_BLOCKS}
+    assert int8 == {converter.INT8_ENCODER_FP32_BLOCKS}
+
+
 def test_build_and_caption_agree_on_beams_and_engines():
     from edgecap.api import default_model_dir
     from edgecap.contract import Limits

@@ -81,3 +81,41 @@ def test_word_bias_picks_the_top_k_but_values_stay_unbiased():
     assert (ids[:, 0] == 29).all() and not (plain_ids == 29).any()
     torch.testing.assert_close(values, logprobs.gather(1, ids))  # the model's own values
     torch.testing.assert_close(plain, logprobs.topk(5, dim=1).values)
+
+
+def test_the_default_decoder_sizes_are_the_shipped_models():
+    """``edgecap train``'s defaults (DecoderConfig's) build the shipped model's decoder: its
+    manifest records feature 512, attention 256, embedding 256, LSTM 512, dropout 0.5, top 10
+    (docs/model.md), on the EfficientNet-Lite0 encoder."""
+    import json
+    from pathlib import Path
+
+    import edgecap
+    from edgecap.models.config import DEFAULT_ENCODER
+
+    manifest = json.loads(
+        (Path(edgecap.__file__).parent / "assets" / "default" / "manifest.json").read_text()
+    )
+    recorded = manifest["decoder_config"]
+    assert DecoderConfig(vocab_size=recorded["vocab_size"]).to_dict() == recorded
+    assert DEFAULT_ENCODER == manifest["encoder"] == "efficientnet-lite0"
+
+
+def test_a_vocabulary_too_small_for_the_top_k_is_refused():
+    """The first word's top K must be real words with <pad>, <start>, <unk> and <end> all
+    excluded (``edgecap.vocab``): K + 4 words at least."""
+    from edgecap.vocab import NEVER_FIRST_IDS, NEVER_GENERATED_IDS
+
+    assert len(NEVER_GENERATED_IDS + NEVER_FIRST_IDS) == 4
+    assert DecoderConfig(vocab_size=14, top_k=10).vocab_size == 14
+    for words in (13, 10, 5):
+        with pytest.raises(ValueError, match=f"vocab_size {words} is too small for top_k 10"):
+            DecoderConfig(vocab_size=words, top_k=10)
+
+
+@pytest.mark.parametrize("tag_rank, n_classes", [(-1, 1000), (4, 0), (0, 0)])
+def test_tag_sizes_out_of_range_are_refused(tag_rank, n_classes):
+    """A tag rank below 0 or fewer than one class is a ValueError naming both, not a decoder
+    with an empty tag projection."""
+    with pytest.raises(ValueError, match=f"tag_rank {tag_rank} / n_classes {n_classes}: need >= 0 / >= 1"):
+        DecoderConfig(vocab_size=30, tag_rank=tag_rank, n_classes=n_classes)
