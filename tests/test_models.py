@@ -6,6 +6,8 @@ import pytest
 
 torch = pytest.importorskip("torch")
 
+from torch.nn import functional as F  # noqa: E402
+
 from edgecap.models import decoder as decoder_module  # noqa: E402
 from edgecap.models.decoder import CaptionDecoder, mask_logits  # noqa: E402
 from edgecap.models.config import DecoderConfig  # noqa: E402
@@ -119,3 +121,165 @@ def test_tag_sizes_out_of_range_are_refused(tag_rank, n_classes):
     with an empty tag projection."""
     with pytest.raises(ValueError, match=f"tag_rank {tag_rank} / n_classes {n_classes}: need >= 0 / >= 1"):
         DecoderConfig(vocab_size=30, tag_rank=tag_rank, n_classes=n_classes)
+
+
+# -- the decoder's equations, written out here ----------------------------------------------
+V, H_DIM, F_DIM, E_DIM, A_DIM, C_DIM = 30, 16, 8, 8, 6, 12
+
+
+def _tiny_decoder(**sizes) -> CaptionDecoder:
+    torch.manual_seed(0)
+    cfg = DecoderConfig(
+        vocab_size=V,
+        encoder_dim=C_DIM,
+        hidden_dim=H_DIM,
+        feature_dim=F_DIM,
+        embed_dim=E_DIM,
+        attention_dim=A_DIM,
+        top_k=5,
+        **sizes,
+    )
+    return CaptionDecoder(cfg).eval()
+
+
+def _linear(layer, x):
+    return layer.weight @ x + layer.bias
+
+
+def _lstm_cell(cell, x, h, c):
+    """torch.nn.LSTMCell's documented equations, gates in the order i, f, g, o."""
+    i, f, g, o = (cell.weight_ih @ x + cell.bias_ih + cell.weight_hh @ h + cell.bias_hh).chunk(4)
+    c = torch.sigmoid(f) * c + torch.sigmoid(i) * torch.tanh(g)
+    return torch.sigmoid(o) * torch.tanh(c), c
+
+
+def test_one_step_is_show_attend_and_tells_equations():
+    """``logits`` against Show, Attend and Tell (Xu et al. 2015) written out row by row: scores
+    e_i = w . tanh(W_a a_i + W_h h) (W_a a_i is att_proj), alpha = softmax of e over the row's L
+    regions, context z = sigmoid(W_beta h) * sum_i alpha_i a_i (the gating scalar, per channel),
+    the LSTM on [E y, z], and the deep output L_o tanh(E y + L_h h' + L_z z)."""
+    d = _tiny_decoder()
+    rows, regions = 3, 5
+    features = torch.randn(rows, regions, F_DIM)
+    tokens = torch.tensor([4, 7, 9])
+    h, c = torch.randn(rows, H_DIM), torch.randn(rows, H_DIM)
+    with torch.no_grad():
+        att_proj = d.att_feat(features)
+        logits, h_out, c_out, alpha = d.logits(tokens, h, c, features, att_proj)
+        for r in range(rows):
+            hidden = _linear(d.att_hidden, h[r])
+            e = torch.stack(
+                [_linear(d.att_score, torch.tanh(att_proj[r, i] + hidden))[0] for i in range(regions)]
+            )
+            a = torch.exp(e - e.max()) / torch.exp(e - e.max()).sum()
+            z = torch.sigmoid(_linear(d.gate, h[r])) * (a[:, None] * features[r]).sum(0)
+            y = d.embed.weight[tokens[r]]
+            h1, c1 = _lstm_cell(d.lstm, torch.cat([y, z]), h[r], c[r])
+            expected = _linear(
+                d.out_vocab, torch.tanh(y + _linear(d.out_hidden, h1) + _linear(d.out_context, z))
+            )
+            torch.testing.assert_close(alpha[r], a)
+            torch.testing.assert_close(h_out[r], h1)
+            torch.testing.assert_close(c_out[r], c1)
+            torch.testing.assert_close(logits[r], expected)
+
+
+def test_the_initial_state_is_the_mean_features_projections():
+    """features = LayerNorm(relu(W fmap)) per region; h0 = tanh(W_h mean), c0 = tanh(W_c mean)
+    over the regions' features (each with its own weights); att_proj = W_a features."""
+    d = _tiny_decoder()
+    fmap = torch.randn(2, 5, C_DIM)
+    with torch.no_grad():
+        features, att_proj, h0, c0 = d.init_state(fmap)
+        x = torch.relu(fmap @ d.feature_proj.weight.T + d.feature_proj.bias)
+        mu, var = x.mean(2, keepdim=True), x.var(2, unbiased=False, keepdim=True)
+        expected = (x - mu) / torch.sqrt(
+            var + d.feature_norm.eps
+        ) * d.feature_norm.weight + d.feature_norm.bias
+        torch.testing.assert_close(features, expected)
+        torch.testing.assert_close(att_proj, expected @ d.att_feat.weight.T + d.att_feat.bias)
+        mean = expected.mean(1)
+        torch.testing.assert_close(h0, torch.tanh(mean @ d.init_h.weight.T + d.init_h.bias))
+        torch.testing.assert_close(c0, torch.tanh(mean @ d.init_c.weight.T + d.init_c.bias))
+
+
+def test_teacher_forcing_is_each_caption_decoded_on_its_own():
+    """Three captions of 1, 3 and 2 words to predict (<pad> after), one per image, in that
+    order: the summed cross-entropy of the packed logits against their targets and the attention
+    maps (in the captions' order, zero past each caption's end) are those of each caption run
+    alone, a word at a time through ``logits``."""
+    d = _tiny_decoder()
+    fmap = torch.randn(3, 5, C_DIM)
+    captions = torch.tensor([[1, 2, 0, 0], [1, 5, 6, 2], [1, 7, 2, 0]])
+    with torch.no_grad():
+        logits, targets, alphas = d(fmap, captions)
+        features, att_proj, h0, c0 = d.init_state(fmap)
+        loss, expected_alphas = 0.0, torch.zeros(3, 3, 5)
+        for r, n in enumerate((1, 3, 2)):
+            h, c = h0[r : r + 1], c0[r : r + 1]
+            for t in range(n):
+                step, h, c, alpha = d.logits(
+                    captions[r : r + 1, t], h, c, features[r : r + 1], att_proj[r : r + 1]
+                )
+                loss += float(F.cross_entropy(step, captions[r : r + 1, t + 1], reduction="sum"))
+                expected_alphas[r, t] = alpha[0]
+    assert logits.shape == (6, V) and sorted(targets.tolist()) == [2, 2, 2, 5, 6, 7]
+    assert float(F.cross_entropy(logits, targets, reduction="sum")) == pytest.approx(loss, rel=1e-5)
+    torch.testing.assert_close(alphas, expected_alphas)
+
+
+def test_scheduled_sampling_at_probability_1_feeds_the_models_own_words():
+    """sample_prob=1: every word after <start> fed back is the model's greedy choice of the
+    step before, whatever the caption says: the logits of a greedy decode of 4 words."""
+    d = _tiny_decoder()
+    fmap = torch.randn(1, 5, C_DIM)
+    with torch.no_grad():
+        features, att_proj, h, c = d.init_state(fmap)
+        token, expected = torch.tensor([1]), []
+        for _ in range(4):
+            step, h, c, _ = d.logits(token, h, c, features, att_proj)
+            expected.append(step)
+            token = step.argmax(1)
+        greedy = [int(s.argmax(1)) for s in expected[:3]]
+        caption = torch.tensor([[1, *[(w + 1) % (V - 4) + 4 for w in greedy], 2]])  # other words
+        assert caption[0, 1:4].tolist() != greedy
+        logits, _, _ = d(fmap, caption, sample_prob=1.0)
+    torch.testing.assert_close(logits, torch.cat(expected))
+
+
+def test_a_new_decoder_with_tag_input_starts_out_deaf_to_the_tags():
+    """The tags' projection starts at zero (the module's doc: "a decoder given this input
+    starts out saying what it said without it"): any class probabilities give the state of the
+    features alone."""
+    d = _tiny_decoder(tag_rank=3, n_classes=7)
+    fmap = torch.randn(2, 5, C_DIM)
+    with torch.no_grad():
+        plain = d.state_from(d.feature_norm(torch.relu(d.feature_proj(fmap))))
+        for probs in (torch.softmax(torch.randn(2, 7), 1), torch.eye(7)[:2]):
+            for a, b in zip(d.init_state(fmap, probs), plain):
+                torch.testing.assert_close(a, b)
+
+
+def test_show_and_tell_feeds_the_image_to_the_lstm_first():
+    """attention=False (Vinyals et al. 2015): the mean image feature, embedded like a word, is
+    the LSTM's first input from a zero state (h0, c0); then each word alone is its input, the
+    attention map is uniform (1 / L) and the output L_o tanh(E y + L_h h')."""
+    d = _tiny_decoder(attention=False)
+    fmap = torch.randn(2, 5, C_DIM)
+    zeros = torch.zeros(H_DIM)
+    with torch.no_grad():
+        features, att_proj, h0, c0 = d.init_state(fmap)
+        tokens = torch.tensor([4, 9])
+        logits, h1, c1, alpha = d.logits(tokens, h0, c0, features, att_proj)
+        for r in range(2):
+            image = _linear(d.image_embed, features[r].mean(0))
+            h, c = _lstm_cell(d.lstm, image, zeros, zeros)
+            torch.testing.assert_close(h0[r], h)
+            torch.testing.assert_close(c0[r], c)
+            y = d.embed.weight[tokens[r]]
+            h, c = _lstm_cell(d.lstm, y, h, c)
+            torch.testing.assert_close(h1[r], h)
+            torch.testing.assert_close(
+                logits[r], _linear(d.out_vocab, torch.tanh(y + _linear(d.out_hidden, h)))
+            )
+    torch.testing.assert_close(alpha, torch.full((2, 5), 0.2))
