@@ -124,3 +124,55 @@ def test_real_caption_and_save(tiny_model_dir, example_images, tmp_path):
         np.asarray(attention_figure(rgb, caption)),
         np.asarray(attention_figure(rgb[:, :, ::-1], caption, color="bgr")),
     )
+
+
+def _caption_of(words: list[str], attention: np.ndarray) -> Caption:
+    return Caption(text=" ".join(words), score=-1.0, tokens=words, log_prob=-2.0, attention=attention)
+
+
+def test_the_caption_heads_the_figure_and_each_word_labels_its_own_panel():
+    """Two captions that differ in their second word only, with the same maps: their figures
+    differ above the panels (the caption across the top) and under the second panel (its
+    word), nowhere else. With 7 words and the default columns, 5 panels to a row."""
+    attention = fake_caption(3).attention
+    photo = green_photo(200, 100)
+    one = attention_figure(photo, _caption_of(["cat", "dog", "sun"], attention), panel_size=160)
+    two = attention_figure(photo, _caption_of(["cat", "mmm", "sun"], attention), panel_size=160)
+    panels = find_panels(one)
+    assert panels == find_panels(two) and len(panels) == 3
+    changed = (np.asarray(one, np.int32) != np.asarray(two, np.int32)).any(axis=2)
+    top = panels[0][1]
+    assert changed[:top].any(), "the caption is not written above the panels"
+    left, _, width, height = panels[1]
+    below = changed[top:]
+    ys, xs = np.nonzero(below)
+    assert len(ys) > 0, "no panel's label changed with its word"
+    assert xs.min() >= left and xs.max() < left + width  # under the second panel
+    assert ys.min() >= height  # under it, not over the photo
+
+    lefts = {left for left, _, _, _ in find_panels(attention_figure(photo, fake_caption(7), panel_size=64))}
+    assert len(lefts) == 5
+
+
+def test_each_words_map_is_scaled_to_its_own_peak():
+    """Module docstring: each word's map is scaled so its strongest region is 1; a map and the
+    same map at a fiftieth of the weight draw the same figure."""
+    caption = fake_caption(3)
+    photo = green_photo(140, 140)
+    faint = dataclasses.replace(caption, attention=caption.attention / 50)
+    assert np.array_equal(
+        np.asarray(attention_figure(photo, caption, panel_size=70)),
+        np.asarray(attention_figure(photo, faint, panel_size=70)),
+    )
+
+
+@pytest.mark.parametrize("panel_size", [15, 0, True, 100.0])
+def test_panel_size_below_16_pixels_or_not_an_integer_is_refused(panel_size):
+    with pytest.raises(
+        ValueError, match=rf"panel_size must be an integer of at least 16 pixels, got {panel_size!r}"
+    ):
+        attention_figure(green_photo(64, 32), fake_caption(2), panel_size=panel_size)
+    assert find_panels(attention_figure(green_photo(64, 32), fake_caption(2), panel_size=16))[0][2:] == (
+        16,
+        8,
+    )
