@@ -296,6 +296,9 @@ def test_an_unreadable_fusion_file_is_removed_by_itself(tmp_path):
         remove_fusion(tmp_path)
         assert not (tmp_path / "fusion.json").exists() and (tmp_path / "lm_everyday.npz").exists()
     remove_fusion(tmp_path)  # none there: nothing to do
+    (tmp_path / "fusion.json").symlink_to(tmp_path / "gone" / "fusion.json")  # a dangling link
+    remove_fusion(tmp_path)
+    assert not (tmp_path / "fusion.json").is_symlink() and not (tmp_path / "gone").exists()
 
 
 @pytest.mark.parametrize("odd", ["lm\x00.npz", "x" * 300 + ".npz", "folder.npz"])

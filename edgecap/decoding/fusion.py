@@ -58,7 +58,7 @@ def remove_fusion(directory: Path) -> None:
     from edgecap.files import MAX_VOCAB_BYTES, FileProblem, read_json
 
     path = Path(directory) / FUSION_FILE
-    if not path.exists():
+    if not path.exists() and not path.is_symlink():  # a dangling link goes too (no copy through it)
         return
     names = []
     try:
