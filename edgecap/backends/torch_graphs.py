@@ -61,9 +61,9 @@ def graph_batch_size(n_images: int, largest: int) -> int:
     padded it meets 1, 2, 4, 8 and 16 (at most 8 sizes for batches of up to 128 images). No
     batch is padded past the largest the caller has run (a single batch of 5 images, a service
     of at most 5 a batch: none past 5), so a batch that is the largest yet runs at its own size,
-    once. The padding is copies of the batch's last image, whose
-    captions are dropped (the copies end their search when it does): fewer than as many images
-    again, against the two warm-up runs and the capture of a shape met anew."""
+    once. The padding is copies of the batch's last image, whose captions are dropped (the
+    copies end their search when it does): fewer than as many images again, against the two
+    warm-up runs and the capture of a shape met anew."""
     if not 1 <= n_images <= largest:
         raise ValueError(f"a batch of {n_images} images does not fit a batch size of {largest}")
     return min(1 << (n_images - 1).bit_length(), largest)
