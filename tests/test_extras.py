@@ -8,6 +8,7 @@ from __future__ import annotations
 import importlib.metadata
 import re
 import shlex
+import shutil
 import subprocess
 import sys
 from pathlib import Path
@@ -138,3 +139,45 @@ def test_every_extra_the_code_names_is_in_pyproject():
     from edgecap.backends import EXTRA_FOR
 
     assert set(EXTRA_FOR.values()) - set(EXTRAS) == set()
+
+
+@pytest.mark.skipif(shutil.which("sh") is None, reason="needs a POSIX shell")
+@pytest.mark.parametrize("extra", ["video", "eval", "dev"])
+def test_the_hint_pasted_into_a_shell_installs_its_requirements(extra, fresh_requires, tmp_path, monkeypatch):
+    """The hint is pasted into a shell: '>=' unquoted would be a redirection (pip given the
+    bare name, a file named '=4.8' written). A shell function stands in for pip and prints the
+    arguments it gets; a requirement holding a quote (a URL, in video and so in dev) survives too."""
+    monkeypatch.setattr(
+        importlib.metadata,
+        "requires",
+        lambda name: [*fresh_requires, "odd @ https://example.org/it's.whl ; extra == 'video'"],
+    )
+    command = install_hint(extra).split(" (", 1)[0]
+    pip = 'pip() { for a in "$@"; do printf "%s\\n" "$a"; done; }; '
+    run = subprocess.run(
+        ["sh", "-c", pip + command], cwd=tmp_path, capture_output=True, text=True, timeout=60
+    )
+    assert run.returncode == 0, run.stderr
+    wanted = pyproject_requirements(extra) | (
+        {"odd @ https://example.org/it's.whl"} if extra != "eval" else set()
+    )
+    assert run.stdout.splitlines()[0] == "install"
+    assert set(run.stdout.splitlines()[1:]) == wanted
+    assert list(tmp_path.iterdir()) == []
+
+
+def test_extras_that_name_each_other_are_each_expanded_once(monkeypatch):
+    """Metadata in which two extras include each other (``a`` = ``edgecap[b]`` + x, ``b`` =
+    ``edgecap[a]`` + y): the hint names x and y once each, not a RecursionError."""
+    monkeypatch.setattr(
+        importlib.metadata,
+        "requires",
+        lambda name: [
+            'edgecap[b]; extra == "a"',
+            'x>=1; extra == "a"',
+            'edgecap[a]; extra == "b"',
+            'y>=2; extra == "b"',
+        ],
+    )
+    assert hinted_requirements(install_hint("a")) == ["y>=2", "x>=1"]
+    assert hinted_requirements(install_hint("b")) == ["x>=1", "y>=2"]
