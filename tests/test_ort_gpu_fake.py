@@ -106,6 +106,24 @@ def test_provider_entries_aliases_and_errors():
         provider_entries("tpu")
 
 
+def test_a_tuple_of_names_is_a_list_of_providers_not_a_name_with_options(tmp_path):
+    """providers=("cuda", "cpu") is two providers, as the list is; only (name, dict) is one
+    provider with its options."""
+    assert provider_entries(("cuda", "cpu")) == [(CUDA, {}), (CPU, {})]
+    assert provider_entries(("tensorrt", {"trt_fp16_enable": False})) == [
+        (TENSORRT, {"trt_fp16_enable": False})
+    ]
+    assert select_providers(("cuda", "cpu"), ALL, tmp_path) == [(CUDA, {"device_id": 0}), CPU]
+
+
+def test_tensorrt_keeps_its_engine_and_timing_caches_in_the_folder_given(tmp_path):
+    """Both caches in ``cache_dir`` (the module's doc): a timing cache kept elsewhere would be
+    rebuilt, or shared with another model's engines, behind the user's back."""
+    name, options = select_providers("tensorrt", ALL, tmp_path / "cache")[0]
+    assert name == TENSORRT
+    assert options["trt_engine_cache_path"] == options["trt_timing_cache_path"] == str(tmp_path / "cache")
+
+
 def test_fake_session_attachment_warning():
     session = types.SimpleNamespace(get_providers=lambda: [CPU])
     assert attached_provider(session) == CPU
