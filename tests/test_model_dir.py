@@ -134,6 +134,19 @@ def test_corrupt_onnx_without_checksums(tiny_model_dir, tmp_path):
         Captioner(model, backend="onnxruntime")
 
 
+def test_a_graph_that_does_not_load_says_the_runtimes_reason(small_model):
+    """No checksums to blame: the message names the file, carries onnxruntime's own words (in
+    parentheses: a newer opset, a truncated protobuf ...) and says what to do."""
+    edit_manifest(small_model, set_field(["sha256"], {}))
+    (small_model / "encoder.onnx").write_bytes(b"\x08garbage" * 100)
+    with pytest.raises(ModelError) as caught:
+        Captioner(small_model, backend="onnxruntime")
+    message = str(caught.value)
+    assert message.startswith(str(small_model / "encoder.onnx") + ": cannot load the graph (")
+    reason = message.split("cannot load the graph (", 1)[1].split("); the file may be corrupt", 1)[0]
+    assert len(reason) > 10 and "re-copy the model directory or re-export it" in message
+
+
 def test_vocab_mismatch(tiny_model_dir, tmp_path):
     model = copy_model(tiny_model_dir, tmp_path / "m")
     words = json.loads((model / "vocab.json").read_text())["words"]
