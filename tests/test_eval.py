@@ -437,6 +437,9 @@ def test_cli_flickr8k_layout_text_without_java(tiny_model_dir, tiny_captions, tm
     assert "tiny-random" in lines["model"] and str(tiny_model_dir) in lines["model"]
     assert lines["backend"].strip().startswith("onnxruntime")
     assert "beam size 2" in lines["search"]
+    # both Flickr8k files named; no --length-penalty: the mean log-probability per word (--help)
+    assert lines["references"].strip() == f"{tokens} + {split}"
+    assert "length penalty none (mean log-prob)" in lines["search"]
     assert lines["decoding"].strip() == "tag bonus 2, fusion weight 0, consensus choice on"
     assert json.loads(results.read_text()) == [
         {"image_id": 0, "caption": tiny_captions["rocket.jpg"]},
@@ -508,6 +511,10 @@ def test_cli_undecodable_image_fails_without_scoring(tiny_model_dir, tmp_path, c
         (["--captions", "t.txt"], "--captions needs --split"),
         (["--references", "r.json", "--split", "s.txt"], "--split goes with --captions"),
         (["--references", "r.json", "--limit", "0"], "--limit must be at least 1"),
+        (
+            ["--captions", "t.txt", "--split", "s.txt", "--karpathy-split", "test"],
+            "--karpathy-split goes with --references",
+        ),
         (["--references", "nowhere.json"], "nowhere.json: no such file"),
     ],
 )
@@ -644,3 +651,28 @@ def test_cli_eval_summary_says_the_decoding_rules(flags, want, tiny_model_dir, t
     out = capsys.readouterr()
     assert rc == 0, out.err
     assert json.loads(out.out)["decoding"] == {**want, "fusion_weight": 0.0}
+
+
+def test_cli_without_pycocoevalcap_names_the_extra_before_loading_the_model(tmp_path, monkeypatch, capsys):
+    """pycocoevalcap missing: exit 2, one line naming it and how to install the eval extra
+    (the hint edgecap.extras gives), before any Captioner is made (not after minutes of
+    captioning) and with no --output written."""
+    import importlib.util
+
+    from edgecap.commands import eval as eval_command
+    from edgecap.extras import install_hint
+
+    real = importlib.util.find_spec
+    monkeypatch.setattr(
+        importlib.util, "find_spec", lambda name, *a: None if name == "pycocoevalcap" else real(name, *a)
+    )
+    built = []
+    monkeypatch.setattr(eval_command, "load_captioner", lambda args: built.append(args))
+    refs = coco_json(tmp_path / "refs.json", {"chelsea.png": ["A cat."]})
+    results = tmp_path / "results.json"
+    rc = main(["eval", "--images", str(EXAMPLES), "--references", str(refs), "--output", str(results)])
+    out = capsys.readouterr()
+    assert (rc, out.out, built) == (2, "", [])
+    assert out.err == f"edgecap eval: error: scoring needs pycocoevalcap: {install_hint('eval')}\n"
+    assert "'pycocoevalcap>=1.2'" in out.err  # pyproject.toml's eval extra
+    assert not results.exists()
