@@ -735,6 +735,41 @@ def test_fake_engine_cache_files_reach_the_disk_before_their_names(monkeypatch, 
             assert i > 0 and events[i - 1] == ("fsync", event[2]), events
 
 
+@pytest.mark.skipif(os.name != "posix", reason="orphans are found by pid on POSIX only")
+def test_fake_engine_cache_removes_what_dead_writers_left(monkeypatch, tmp_path, model_dir, device):
+    """A build killed mid-write (a power cut) leaves its temporary file, named for its process:
+    the next write of that file removes it when that process no longer runs, and keeps a running
+    process's (another build writing the same engine now) and files of other names."""
+    import subprocess
+
+    trt = install(monkeypatch, "10.3.0.30", device)
+    cache = _cache(trt, device, tmp_path, io.StringIO())
+    manifest = load_manifest(model_dir)
+    cache.build(manifest, "encoder", "fp32", Limits(1, 1))
+    (engine,) = tmp_path.glob("encoder-*.engine")
+    done = subprocess.run(
+        [sys.executable, "-c", "import os; print(os.getpid())"], capture_output=True, text=True
+    )
+    dead = int(done.stdout)  # a process that has ended
+    running = os.getppid()
+    names = {
+        "dead": f".{engine.name}.{dead}.tmp",
+        "running": f".{engine.name}.{running}.tmp",
+        "other file": f".timing-other.cache.{dead}.tmp",
+        "not a pid": f".{engine.name}.x1.tmp",
+    }
+    for name in names.values():
+        (tmp_path / name).write_bytes(b"half an engine")
+    engine.unlink()  # built again: written again
+    cache.build(manifest, "encoder", "fp32", Limits(1, 1))
+    assert engine.exists()
+    assert {kind for kind, name in names.items() if (tmp_path / name).exists()} == {
+        "running",
+        "other file",
+        "not a pid",
+    }
+
+
 def test_fake_build_refused_shapes_are_a_backend_error(monkeypatch, tmp_path, model_dir, device):
     import edgecap.trt.engines as engines
 

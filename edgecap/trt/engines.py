@@ -216,6 +216,7 @@ def _atomic_write(path: Path, data) -> None:
     takes minutes to build on a Jetson, whose power may be cut at any time: the rename must not
     put the engine's name on data still in the page cache)."""
     path.parent.mkdir(parents=True, exist_ok=True)
+    _remove_orphans(path)
     tmp = path.with_name(f".{path.name}.{os.getpid()}.tmp")
     try:
         with open(tmp, "wb") as f:
@@ -226,6 +227,24 @@ def _atomic_write(path: Path, data) -> None:
     except BaseException:  # a full disk, Ctrl-C: no partly written file is left behind
         tmp.unlink(missing_ok=True)
         raise
+
+
+def _remove_orphans(path: Path) -> None:
+    """Remove the temporary files of ``path`` left by a process that no longer runs (a power
+    cut or a kill mid-write: an engine's hundreds of MB on a Jetson's small disk). POSIX only
+    (``os.kill(pid, 0)`` asks whether a process exists; on Windows it would signal it)."""
+    if os.name != "posix":
+        return
+    for orphan in path.parent.glob(f".{path.name}.*.tmp"):
+        pid = orphan.name[len(path.name) + 2 : -len(".tmp")]
+        if not pid.isdigit() or int(pid) == os.getpid():
+            continue
+        try:
+            os.kill(int(pid), 0)
+        except ProcessLookupError:  # no such process: its write will never finish
+            orphan.unlink(missing_ok=True)
+        except (PermissionError, OverflowError):  # another user's process, or no pid at all
+            continue
 
 
 def _is_float(trt: TensorRTModule, dtype: tensorrt.DataType) -> bool:
