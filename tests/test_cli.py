@@ -326,3 +326,17 @@ def test_caption_leaves_no_decoding_worker_running(tiny_model_dir, capsys):
     assert code == 0, err
     assert str(EXAMPLES / "chelsea.png") in out and str(EXAMPLES / "rocket.jpg") in out
     assert workers() <= before
+
+
+def test_help_shows_each_default_once_and_no_flags_false(capsys):
+    """Every command's --help: a flag's default (off) is not shown as '(default: False)', and
+    an option whose help already states its default (--no-repeat-ngram: 'default: 3; 0: off')
+    does not get a second '(default: 3)' after it."""
+    for command in ("caption", "eval", "train", "export", "convert", "build", "serve"):
+        with pytest.raises(SystemExit):
+            cli_main([command, "--help"])
+        text = " ".join(capsys.readouterr().out.split())
+        assert "(default: False)" not in text and "(default: True)" not in text, command
+        if command in ("caption", "eval", "serve"):
+            assert "(default: 3; 0: off; at most 10)" in text
+            assert "(default: 3; 0: off; at most 10) (default" not in text, command

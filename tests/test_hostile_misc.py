@@ -192,6 +192,30 @@ def test_the_package_imports_nothing_heavy_before_the_cli_handler():
     assert out.stdout.splitlines() == ["[]", "edgecap.api True"]
 
 
+@pytest.mark.skipif(os.name != "posix", reason="SIGINT")
+def test_ctrl_c_inside_a_command_unwinds_it_and_exits_130():
+    """Ctrl-C while a command other than caption runs (eval here, as train, convert, build):
+    a KeyboardInterrupt inside the command, so its cleanup runs (a training run's unfinished
+    checkpoint removed, eval's decoding workers stopped), then exit 130 with no traceback; not
+    an exit without cleanup, nor status 1."""
+    code = (
+        "import os, signal, sys, time\n"
+        "from edgecap.commands import eval as command\n"
+        "def run(args):\n"
+        "    try:\n"
+        "        os.kill(os.getpid(), signal.SIGINT)\n"
+        "        time.sleep(30)\n"
+        "    finally:\n"
+        "        print('cleaned up', flush=True)\n"
+        "command.run = run\n"
+        "from edgecap.cli import main\n"
+        "sys.exit(main(['eval', '--images', '.', '--references', 'refs.json']))\n"
+    )
+    out = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, env=ENV, timeout=120)
+    assert (out.returncode, out.stdout) == (130, "cleaned up\n"), out.stderr
+    assert "Traceback" not in out.stderr and "KeyboardInterrupt" not in out.stderr
+
+
 @pytest.mark.parametrize("wrapper", [ImportError, "BackendError"])
 def test_an_interrupted_import_is_still_a_ctrl_c(monkeypatch, capsys, wrapper):
     """onnxruntime's C extension, interrupted while it initialises, raises ImportError
