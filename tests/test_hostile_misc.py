@@ -216,6 +216,21 @@ def test_ctrl_c_inside_a_command_unwinds_it_and_exits_130():
     assert "Traceback" not in out.stderr and "KeyboardInterrupt" not in out.stderr
 
 
+def test_a_ctrl_c_that_escapes_main_still_ends_the_command_130():
+    """A KeyboardInterrupt that leaves ``main`` (a Ctrl-C while a command that finishes on
+    Ctrl-C was finishing, run_command's comment): the ``edgecap`` command still exits 130, with
+    no traceback."""
+    code = (
+        "from edgecap import cli\n"
+        "def interrupted(argv=None):\n"
+        "    raise KeyboardInterrupt\n"
+        "cli.main = interrupted\n"
+        "cli.run_command()\n"
+    )
+    out = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, env=ENV, timeout=120)
+    assert (out.returncode, out.stdout, out.stderr) == (130, "", "")
+
+
 @pytest.mark.parametrize("wrapper", [ImportError, "BackendError"])
 def test_an_interrupted_import_is_still_a_ctrl_c(monkeypatch, capsys, wrapper):
     """onnxruntime's C extension, interrupted while it initialises, raises ImportError
