@@ -22,13 +22,11 @@ folder, repeated to ``--n``. ``measure`` is also what ``gpu_check.py`` runs on a
 
 from __future__ import annotations
 
-import copy
 import os
 import sys
 import tempfile
 import time
 from collections.abc import Callable
-from dataclasses import replace
 from pathlib import Path
 
 BENCH_DIR = Path(__file__).resolve().parent
@@ -122,8 +120,8 @@ def measure(
     settings = []
     for batch in batches:
         for n in workers:
-            runner = copy.copy(cap)  # shares the model: only the options and workers differ
-            runner.options = replace(cap.options, beam_size=beam, batch_size=batch)
+            # shares the model: only the options and workers differ
+            runner = C.reuse_captioner(cap, beam_size=beam, batch_size=batch)
             runner.decode_workers = cap.decode_workers if n is None else n
             label = f"{runner.decode_workers}" + (" (default)" if n is None else "")
             for what, inputs in (("files", paths), ("memory", frames)):

@@ -55,7 +55,6 @@ default).
 
 from __future__ import annotations
 
-import copy
 import gc
 import importlib
 import importlib.util
@@ -67,7 +66,6 @@ import subprocess
 import sys
 import tempfile
 import time
-from dataclasses import replace
 from pathlib import Path
 
 BENCH_DIR = Path(__file__).resolve().parent
@@ -542,10 +540,7 @@ def latency(cap, timed: SyncTimedBackend, frames: list, args, mode: dict | None 
     rows = []
     for beam in mode.get("beams", args.beams):
         for batch in mode.get("batches", args.batches):
-            runner = copy.copy(cap)
-            runner.options = replace(
-                cap.options, beam_size=beam, batch_size=batch, max_length=args.max_length
-            )
+            runner = C.reuse_captioner(cap, beam_size=beam, batch_size=batch, max_length=args.max_length)
             runner.backend = timed
             images = [frames[i % len(frames)] for i in range(batch)]
             encoder, steps, e2e, pre, decode, device_steps = [], [], [], [], [], []
@@ -776,8 +771,7 @@ def throughput(cap, frames: list, args, batch: int = 64) -> list[dict]:
     from edgecap.decoding import search
     from edgecap.images import load_rgb, preprocess
 
-    runner = copy.copy(cap)
-    runner.options = replace(cap.options, beam_size=3, batch_size=batch, max_length=args.max_length)
+    runner = C.reuse_captioner(cap, beam_size=3, batch_size=batch, max_length=args.max_length)
     images = [frames[i % len(frames)] for i in range(batch)]
     tensors = np.stack([preprocess([load_rgb(f, "rgb")], cap.manifest.preprocessing)[0] for f in images])
 

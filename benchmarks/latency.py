@@ -245,11 +245,7 @@ def summarise(entry: dict, batch: int) -> dict:
 
 def _reuse(base, timed, beam: int, batch: int, max_length: int):
     """A Captioner sharing ``base``'s model and (timed) backend, with its own options."""
-    import copy
-    from dataclasses import replace
-
-    runner = copy.copy(base)
-    runner.options = replace(base.options, beam_size=beam, batch_size=batch, max_length=max_length)
+    runner = C.reuse_captioner(base, beam_size=beam, batch_size=batch, max_length=max_length)
     runner.options.validate(base.manifest.dims.top_k)
     runner.backend = timed
     return runner

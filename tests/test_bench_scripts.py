@@ -772,3 +772,21 @@ def test_frame_prep_refuses_an_empty_frame_size():
     for spec in ("0x48", "64x0"):
         with pytest.raises(SystemExit, match=f"positive sizes, got '{spec}'"):
             frame_prep.main(["--sizes", spec])
+
+
+def test_a_reused_captioner_times_the_batch_it_is_given(tiny_model_dir, photos):
+    """The benchmarks' rows share one Captioner's model (``reuse_captioner``): a row at batch 3
+    after a row at batch 8, on a graphed torch backend, runs 3 images, as a Captioner running
+    batches of 3 would, not 4 (the padding up to the largest batch the shared Captioner ran)."""
+    pytest.importorskip("torch")
+    from edgecap import Captioner
+    from edgecap.backends.torch_graphs import EagerGraph
+
+    cap = Captioner(tiny_model_dir, backend="torch", device="cpu", graph_factory=EagerGraph, max_length=4)
+    cap.caption_batch(photos * 2)  # a batch of 8
+    graphs = cap.backend.encoder_graphs.graphs
+    assert next(reversed(graphs.entries))[0] == 8
+    runner = C.reuse_captioner(cap, batch_size=3, beam_size=2)
+    assert runner.options.batch_size == 3 and runner.options.beam_size == 2 and cap.options.beam_size == 3
+    assert len(runner.caption_batch(photos[:3])) == 3
+    assert next(reversed(graphs.entries))[0] == 3
