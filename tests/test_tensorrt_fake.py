@@ -1755,7 +1755,8 @@ def test_fake_build_command_line_flags_reach_the_engines(monkeypatch, tmp_path, 
 
     for flags, words in (
         (("--max-beam", str(2 * top_k + 1)), f"--max-beam {2 * top_k + 1}: this model searches at most"),
-        (("--max-batch", "0"), "must be a positive integer, got 0"),
+        (("--max-batch", "0"), "--max-batch must be a positive integer, got 0"),  # as serve says it
+        (("--max-beam", "0"), "--max-beam must be a positive integer, got 0"),
     ):
         code, err, built = build("refused", *flags)
         assert (code, built) == (2, []), err

@@ -12,7 +12,7 @@ import argparse
 import sys
 from pathlib import Path
 
-from edgecap.commands._options import ENGINE, ENGINE_BEYOND, MAX_BEAM
+from edgecap.commands._options import ENGINE, ENGINE_BEYOND, MAX_BEAM, renamed
 from edgecap.trt import STRONGLY_TYPED_FP16_FROM
 
 
@@ -71,7 +71,8 @@ def run(args: argparse.Namespace) -> int:
     try:
         limits = Limits(args.max_batch, args.max_beam)
     except ValueError as exc:
-        print(f"edgecap build: error: {exc}", file=sys.stderr)
+        flags = {"max_batch": "--max-batch", "max_beam": "--max-beam"}
+        print(f"edgecap build: error: {renamed(str(exc), flags)}", file=sys.stderr)
         return 2
     top_k = manifest.dims.top_k
     if args.max_beam > 2 * top_k:  # a constrained search takes 2 x its beam (at most top_k)
