@@ -176,3 +176,28 @@ def test_panel_size_below_16_pixels_or_not_an_integer_is_refused(panel_size):
         16,
         8,
     )
+
+
+def test_a_long_caption_wraps_inside_the_figure_and_a_long_word_stays_under_its_panel():
+    """Six words each wider than a panel (40 pixels; 'elephant0' is about 56 in the 12-pixel
+    font), two panels to a row: the caption wraps over several lines inside the figure, and
+    each label is shortened to its panel's width; no text in the margins at either side."""
+    words = [f"elephant{i}" for i in range(6)]
+    figure = attention_figure(
+        green_photo(80, 40), _caption_of(words, fake_caption(6).attention), columns=2, panel_size=40
+    )
+    x = np.asarray(figure, dtype=np.int32)
+    ink = (x.max(axis=2) < 160) & (x.max(axis=2) - x.min(axis=2) < 20)  # grey text, not green
+    panels = find_panels(figure)
+    assert len(panels) == 6 and figure.width == MARGIN + 2 * (40 + MARGIN)
+    assert not ink[:, :MARGIN].any() and not ink[:, -MARGIN:].any()
+    assert len(_runs(ink[: panels[0][1]].any(axis=1))) >= 3  # the caption: lines of text
+    for row in (panels[0:2], panels[2:4], panels[4:6]):
+        top, height = row[0][1], row[0][3]
+        below = [p[1] for p in panels if p[1] > top]
+        band = ink[top + height : below[0] if below else figure.height]
+        under = np.zeros(figure.width, bool)
+        for left, _, width, _ in row:
+            assert band[:, left : left + width].any()  # the word under its panel
+            under[left : left + width] = True
+        assert not band[:, ~under].any()  # and not past it
