@@ -283,3 +283,80 @@ def test_show_and_tell_feeds_the_image_to_the_lstm_first():
                 logits[r], _linear(d.out_vocab, torch.tanh(y + _linear(d.out_hidden, h)))
             )
     torch.testing.assert_close(alpha, torch.full((2, 5), 0.2))
+
+
+def test_same_padding_puts_a_stride_2_convolutions_extra_pixel_at_the_bottom_right():
+    """TensorFlow "same" padding, as the ImageNet weights were trained with: a 3x3, stride-2
+    convolution of an 8x8 map pads 1 pixel in all (out 4 = ceil(8 / 2); (4 - 1) * 2 + 3 - 8 = 1),
+    after the last row and column, none before. A kernel that reads its top-left tap then gives
+    every other pixel from the first: x[0::2, 0::2]."""
+    from edgecap.models.efficientnet_lite import SameConv2d
+
+    conv = SameConv2d(1, 1, 3, stride=2, bias=False)
+    with torch.no_grad():
+        conv.weight.zero_()
+        conv.weight[0, 0, 0, 0] = 1.0
+    x = torch.arange(64.0).reshape(1, 1, 8, 8)
+    with torch.no_grad():
+        y = conv(x)
+    assert torch.equal(y[0, 0], x[0, 0, 0::2, 0::2])
+    # a kernel's bottom-right tap reads the padding (zero) past the last row and column
+    with torch.no_grad():
+        conv.weight.zero_()
+        conv.weight[0, 0, 2, 2] = 1.0
+        y = conv(x)
+    assert y[0, 0, -1].tolist() == [0.0] * 4 and y[0, 0, :, -1].tolist() == [0.0] * 4
+    assert y[0, 0, 0, 0] == x[0, 0, 2, 2]
+
+
+def test_an_mbconv_block_clips_its_activations_at_6():
+    """EfficientNet-Lite replaces swish with ReLU6 (Tan & Le 2019; the "lite" variant): with
+    identity-like weights (1x1 convs, a depthwise kernel of one centre tap, batch norms at the
+    identity), an input of 10 is clipped to 6 after the expansion, halved by the depthwise tap (3);
+    the projection has no activation and the residual adds the input: 3 + 10."""
+    from edgecap.models.efficientnet_lite import MBConvBlock
+
+    block = MBConvBlock(kernel=3, stride=1, expand=2, c_in=1, c_out=1).eval()
+    with torch.no_grad():
+        for bn in (block._bn0, block._bn1, block._bn2):  # identity: y = (x - 0) / sqrt(1 + eps)
+            bn.running_mean.zero_()
+            bn.running_var.fill_(1.0 - bn.eps)
+            bn.weight.fill_(1.0)
+            bn.bias.zero_()
+        block._expand_conv.weight.fill_(1.0)  # 1 -> 2 channels, each the input
+        block._depthwise_conv.weight.zero_()
+        block._depthwise_conv.weight[:, :, 1, 1] = 0.5
+        block._project_conv.weight.fill_(0.5)  # 2 -> 1: their mean
+        x = torch.full((1, 1, 3, 3), 10.0)
+        assert torch.allclose(block(x), torch.full_like(x, 13.0))
+        # the depthwise conv's own clip: expansion 5 (below 6), the depthwise tap doubles it
+        block._expand_conv.weight.fill_(0.5)
+        block._depthwise_conv.weight[:, :, 1, 1] = 2.0
+        assert torch.allclose(block(x), torch.full_like(x, 16.0))
+
+
+def test_the_encoders_batch_norms_are_tensorflows():
+    """The ImageNet weights were trained in TensorFlow with batch_norm_epsilon 1e-3 and momentum
+    0.99 (PyTorch's momentum 0.01: the weight of the new batch); PyTorch's defaults (1e-5, 0.1)
+    would shift every normalised activation of the pretrained encoder."""
+    from edgecap.models.efficientnet_lite import EfficientNetLite
+
+    norms = [m for m in EfficientNetLite().modules() if isinstance(m, torch.nn.BatchNorm2d)]
+    assert len(norms) > 40
+    assert {(m.eps, m.momentum) for m in norms} == {(1e-3, 0.01)}
+
+
+def test_regions_are_the_feature_maps_positions_row_by_row():
+    """Region k of an h x w map is its position (row k // w, column k % w), holding that
+    position's channels: the attention weights map back onto the photo this way."""
+    from edgecap.models.efficientnet_lite import as_regions
+
+    fmap = torch.zeros(1, 3, 2, 3)  # channels 3, height 2, width 3
+    for c in range(3):
+        for i in range(2):
+            for j in range(3):
+                fmap[0, c, i, j] = 100 * c + 10 * i + j
+    regions = as_regions(fmap)
+    assert regions.shape == (1, 6, 3)
+    assert regions[0, 4].tolist() == [11.0, 111.0, 211.0]  # k = 4: row 1, column 1
+    assert regions[0, :, 0].tolist() == [0.0, 1.0, 2.0, 10.0, 11.0, 12.0]
