@@ -18,7 +18,7 @@ onnx = pytest.importorskip("onnx")
 ort = pytest.importorskip("onnxruntime")
 
 from edgecap.build.convert import compare_stages, convert_model_dir, fp32_nodes  # noqa: E402
-from edgecap.errors import ModelError  # noqa: E402
+from edgecap.errors import InputError, ModelError  # noqa: E402
 from edgecap.manifest import load_manifest, verify_files  # noqa: E402
 
 
@@ -443,9 +443,10 @@ def _solid_png(path: Path, rgb: tuple[int, int, int], size=(20, 10)) -> Path:
 
 
 def test_a_bad_calibration_folder_is_refused_before_anything_is_written(fp32_dir, tmp_path):
-    """A missing or photo-less --calibration folder is refused naming it, and OUT_DIR is not
-    made: a half-written one (the int8 decoder step alone) would make the corrected command
-    fail again with 'directory exists and is not empty'."""
+    """A missing or photo-less --calibration folder, or one holding a photo that does not
+    decode, is refused naming it, and OUT_DIR is not made: a half-written one (the int8 decoder
+    step alone) would make the corrected command fail again with 'directory exists and is not
+    empty'."""
     pytest.importorskip("sympy")
     empty = tmp_path / "photos"
     empty.mkdir()
@@ -459,6 +460,15 @@ def test_a_bad_calibration_folder_is_refused_before_anything_is_written(fp32_dir
             convert_model_dir(fp32_dir, out, "int8", calibration=folder)
         assert str(refused.value) == problem
         assert not out.exists()
+    # a photo that does not decode: refused naming it, before OUT_DIR is made
+    broken = tmp_path / "broken"
+    broken.mkdir()
+    _solid_png(broken / "a.png", (10, 200, 30))
+    (broken / "b.jpg").write_bytes(b"not a JPEG")
+    out = tmp_path / "int8-broken"
+    with pytest.raises(InputError, match=r"b\.jpg: not an image in an accepted format"):
+        convert_model_dir(fp32_dir, out, "int8", calibration=broken)
+    assert not out.exists()
 
 
 def test_calibration_photos_are_every_image_below_the_folder_sorted_up_to_the_limit(tmp_path):

@@ -480,6 +480,7 @@ def convert_int8(
             f"{install_hint('convert')})"
         ) from exc
     paths: list[Path] = []
+    reader = None
     if calibration is not None:
         try:  # quant_pre_process imports it only once it runs: fail before any work is done
             import sympy  # noqa: F401
@@ -489,7 +490,9 @@ def convert_int8(
                 "sympy for onnxruntime's symbolic shape inference: pip install "
                 f"sympy (or {install_hint('convert')})"
             ) from exc
-        paths = calibration_images(calibration)  # a bad folder: refused before anything is written
+        # a bad folder or an unreadable photo: refused before anything is written
+        paths = calibration_images(calibration)
+        reader = _ImageReader(paths, source)
     out = Path(out)
     _require_fp32(source)
     _prepare_out_dir(source, out, force)
@@ -511,7 +514,7 @@ def convert_int8(
         named_step.unlink(missing_ok=True)
 
     encoder_out = out / source.files["encoder"]
-    if calibration is None:
+    if reader is None:
         shutil.copy2(source.path("encoder"), encoder_out)
         encoder_note = "fp32 (no --calibration given)"
     else:
@@ -532,7 +535,7 @@ def convert_int8(
                 quantize_static(
                     str(prepared),
                     str(encoder_out),
-                    _ImageReader(paths, source),
+                    reader,
                     quant_format=QuantFormat.QOperator,
                     per_channel=True,
                     activation_type=QuantType.QUInt8,
