@@ -250,3 +250,47 @@ def test_an_interrupted_import_is_still_a_ctrl_c(monkeypatch, capsys, wrapper):
     monkeypatch.setattr(caption_command, "run", interrupted)
     assert cli.main(["caption", "photo.png"]) == 130
     assert capsys.readouterr().err == ""
+
+
+@pytest.mark.parametrize("chain", ["implicit", "wrapped twice"])
+def test_a_ctrl_c_under_any_chain_of_errors_is_still_a_ctrl_c(monkeypatch, capsys, chain):
+    """A library that turns the KeyboardInterrupt into another error without ``from`` (its
+    ``__context__`` only), and a backend that wraps such an ImportError again: exit 130, nothing
+    printed, as for a plain Ctrl-C."""
+    from edgecap import cli
+    from edgecap.commands import caption as caption_command
+    from edgecap.errors import BackendError
+
+    def import_interrupted():
+        try:
+            raise KeyboardInterrupt
+        except KeyboardInterrupt:
+            raise ImportError("initialization failed")  # noqa: B904 (a library's implicit chain)
+
+    def interrupted(args):
+        if chain == "implicit":
+            import_interrupted()
+        try:
+            import_interrupted()
+        except ImportError as exc:
+            raise BackendError("onnxruntime failed to load") from exc
+
+    monkeypatch.setattr(caption_command, "run", interrupted)
+    assert cli.main(["caption", "photo.png"]) == 130
+    assert capsys.readouterr().err == ""
+
+
+def test_the_error_classes_are_the_documented_ones():
+    """docs/cli.md, "Errors and exit codes": every deliberate error is an ``edgecap.EdgecapError``;
+    ``InputError`` and ``DataError`` are also ``ValueError`` (code that checks for a bad value
+    catches them), a missing package is also an ``ImportError``."""
+    from edgecap.errors import MissingPackageError
+
+    for cls in (edgecap.InputError, edgecap.ModelError, edgecap.BackendError, edgecap.DataError):
+        assert issubclass(cls, edgecap.EdgecapError), cls
+    assert issubclass(edgecap.InputError, ValueError)
+    assert issubclass(edgecap.DataError, ValueError)
+    assert issubclass(MissingPackageError, edgecap.BackendError)
+    assert issubclass(MissingPackageError, ImportError)
+    with pytest.raises(ValueError, match="photo.png: cannot read"):
+        raise edgecap.InputError("photo.png", "cannot read")
