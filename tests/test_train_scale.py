@@ -686,6 +686,35 @@ def test_each_rank_trains_on_a_disjoint_share_of_the_same_global_batches():
             assert all(m[3] == totals and m[4] == world for m in mine)  # the global counts
 
 
+def test_a_rank_takes_its_place_from_torchruns_global_variables(monkeypatch):
+    """torchrun on 2 nodes of 2 processes: the second process of the second node has RANK 3,
+    WORLD_SIZE 4, LOCAL_RANK 1 (LOCAL_WORLD_SIZE 2). Its rank and world are the global ones (its
+    share of each batch, not rank 0's duty of writing checkpoints); LOCAL_RANK only picks its
+    GPU. Without a GPU the group is gloo's, started once: a second ``train`` in the same process
+    (a script's) finds it up and starts none."""
+    from edgecap.training import distributed
+
+    started = []
+    monkeypatch.setattr(distributed.torch.cuda, "is_available", lambda: False)
+    monkeypatch.setattr(distributed.torch_dist, "is_initialized", lambda: bool(started))
+    monkeypatch.setattr(distributed.torch_dist, "init_process_group", lambda backend: started.append(backend))
+    env = {"RANK": "3", "WORLD_SIZE": "4", "LOCAL_RANK": "1", "LOCAL_WORLD_SIZE": "2"}
+    assert distributed.world_size(env) == 4
+    dist = distributed.setup(env)
+    assert (dist.rank, dist.world, dist.local_rank, dist.device) == (3, 4, 1, torch.device("cpu"))
+    assert (dist.main, dist.active) == (False, True)
+    assert started == ["gloo"]
+    assert distributed.setup(env).rank == 3 and started == ["gloo"]  # not started twice
+    # node 2's first process: local rank 0, but not the main process
+    first = distributed.setup({**env, "RANK": "2", "LOCAL_RANK": "0"})
+    assert (first.rank, first.main) == (2, False)
+    # without torchrun: one process, no group
+    started.clear()
+    alone = distributed.setup({})
+    assert (alone.rank, alone.world, alone.main, alone.active, started) == (0, 1, True, False, [])
+    assert alone.all_sum([1.5, 2.0]) == [1.5, 2.0] and alone.from_main("x") == "x"
+
+
 @pytest.mark.skipif(torch.cuda.is_available(), reason="the refusal is for machines without CUDA")
 def test_mixed_precision_without_cuda_is_refused_in_one_line(tmp_path, capsys):
     from edgecap.cli import main
