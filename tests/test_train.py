@@ -459,6 +459,14 @@ def test_train_command_builds_the_config_from_its_flags(tmp_path, monkeypatch, c
                 "--no-progress",
                 "--hidden-dim",
                 "768",
+                "--feature-dim",
+                "96",
+                "--embed-dim",
+                "64",
+                "--attention-dim",
+                "48",
+                "--dropout",
+                "0.25",
                 "--no-attention",
             ]
         )
@@ -476,7 +484,14 @@ def test_train_command_builds_the_config_from_its_flags(tmp_path, monkeypatch, c
         text="T",
         text_share=0.3,
         progress=False,
-        decoder={**decoder, "attention": False, "hidden_dim": 768},
+        decoder={
+            "attention": False,
+            "hidden_dim": 768,
+            "feature_dim": 96,
+            "embed_dim": 64,
+            "attention_dim": 48,
+            "dropout": 0.25,
+        },
     )
     assert "best_checkpoint" in capsys.readouterr().out
 

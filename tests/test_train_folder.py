@@ -319,6 +319,9 @@ def test_command_detects_the_folder_and_checks_dev_fraction(tmp_path, monkeypatc
     assert main(["train", "--data", str(root), "--out", "RUN", "--dev-fraction", "0.3"]) == 0
     assert given[-1].dataset == "folder" and given[-1].dev_fraction == 0.3
     assert given[-1].init_from is None  # the run starts from the shipped model (start.py)
+    # a --dataset given is the one read, whatever files DATA holds
+    assert main(["train", "--data", str(root), "--out", "RUN", "--dataset", "coco"]) == 0
+    assert given[-1].dataset == "coco"
     assert main(["train", "--data", str(tmp_path), "--out", "RUN"]) == 0
     assert given[-1].dataset == "flickr8k"
     capsys.readouterr()
