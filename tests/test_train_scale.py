@@ -715,6 +715,48 @@ def test_a_rank_takes_its_place_from_torchruns_global_variables(monkeypatch):
     assert alone.all_sum([1.5, 2.0]) == [1.5, 2.0] and alone.from_main("x") == "x"
 
 
+TWO_RANKS = """
+import os
+from edgecap.training.distributed import setup
+
+dist = setup()
+sums = dist.all_sum([dist.rank + 1.0, 0.5])
+told = dist.from_main("stop" if dist.main else None)
+dist.barrier()
+print(dist.rank, sums, told, flush=True)
+os._exit(0)  # no teardown of the gloo group (edgecap.training.distributed)
+"""
+
+
+def test_ranks_sum_their_values_and_all_hear_rank_0s_decision(tmp_path):
+    """Two gloo processes, as torchrun starts them (RANK, WORLD_SIZE, MASTER_ADDR/PORT): each gets
+    the sum over the ranks (1 + 2, 0.5 + 0.5) and rank 0's word (its patience ran out: "stop"),
+    so that every rank leaves the epoch loop together, not rank 1 waiting for a collective."""
+    import socket
+
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        port = s.getsockname()[1]
+    base = {**_env(), "WORLD_SIZE": "2", "MASTER_ADDR": "127.0.0.1", "MASTER_PORT": str(port)}
+    ranks = [
+        subprocess.Popen(
+            [sys.executable, "-c", TWO_RANKS],
+            env={**base, "RANK": str(r), "LOCAL_RANK": str(r), "CUDA_VISIBLE_DEVICES": ""},
+            stdout=subprocess.PIPE,
+            stderr=subprocess.PIPE,
+            text=True,
+        )
+        for r in (0, 1)
+    ]
+    try:
+        outputs = [p.communicate(timeout=120) for p in ranks]
+    finally:
+        for p in ranks:  # a rank left waiting for a collective
+            p.kill()
+    assert [p.returncode for p in ranks] == [0, 0], outputs
+    assert [out for out, _ in outputs] == ["0 [3.0, 1.0] stop\n", "1 [3.0, 1.0] stop\n"]
+
+
 @pytest.mark.skipif(torch.cuda.is_available(), reason="the refusal is for machines without CUDA")
 def test_mixed_precision_without_cuda_is_refused_in_one_line(tmp_path, capsys):
     from edgecap.cli import main
