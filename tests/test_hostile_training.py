@@ -672,6 +672,24 @@ def test_flickr_layout_rows_outside_the_images_folder_are_refused(tmp_path):
     assert len(train) == 2 and none_left == 0
 
 
+def test_train_without_pytorch_is_one_line_naming_the_train_extra(tmp_path, monkeypatch, capsys):
+    """An install without PyTorch (the base package captions on onnxruntime): exit 2, one line
+    saying training needs PyTorch and how to install the train extra (the hint edgecap.extras
+    gives), no traceback, nothing written."""
+    import sys
+
+    from edgecap.cli import main
+    from edgecap.extras import install_hint
+
+    monkeypatch.setitem(sys.modules, "edgecap.training.train", None)  # import fails: ImportError
+    out = tmp_path / "run"
+    assert main(["train", "--data", str(tmp_path), "--out", str(out)]) == 2
+    err = capsys.readouterr().err
+    assert err.startswith(f"edgecap train: error: training needs PyTorch: {install_hint('train')} (")
+    assert err.count("\n") == 1 and "Traceback" not in err
+    assert not out.exists()
+
+
 def test_train_help_names_the_rule_and_the_option(capsys):
     from edgecap.cli import main
 
