@@ -93,3 +93,19 @@ def test_text_loss_applies_label_smoothing():
     assert len(targets) == 7  # 4 + 3 words predicted, <pad> none
     assert float(got) == pytest.approx(float(expected), abs=1e-5)
     assert float(got) != pytest.approx(float(nll.mean()), abs=1e-3)
+
+
+def test_the_language_model_trainer_reads_the_same_captions_from_a_text_file(tmp_path):
+    """One caption a line for both readers of caption text (``edgecap train --text-mix`` and the
+    language-model trainer's ``--text``): Windows line ends, a form feed and U+2028 between
+    captions (str.splitlines' line boundaries) give the same four captions to both."""
+    import argparse
+
+    from edgecap.training.language_model import read_captions
+
+    text = tmp_path / "captions.txt"
+    text.write_text("a dog on the grass\r\nthe dog\x0ca dog on the grass\u2028the grass\n", encoding="utf-8")
+    lines = read_captions(argparse.Namespace(text=str(text)))
+    assert lines == ["a dog on the grass", "the dog", "a dog on the grass", "the grass"]
+    kept, _ = read_text(text, VOCAB, max_words=8)
+    assert kept == [VOCAB.encode(line) for line in lines]

@@ -56,7 +56,10 @@ def read_text(path: Path, what: str) -> str:
 def read_captions(args) -> list[str]:
     if args.text:
         return [
-            line.strip() for line in read_text(Path(args.text), "caption text").split("\n") if line.strip()
+            # one caption a line, lines as edgecap train --text-mix reads them (str.splitlines)
+            line.strip()
+            for line in read_text(Path(args.text), "caption text").splitlines()
+            if line.strip()
         ]
     from edgecap.data.readers import read_flickr8k
 
