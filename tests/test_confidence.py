@@ -98,6 +98,15 @@ def test_the_confident_tags_are_the_three_most_probable_classes_from_01():
     assert _signal("names_a_tag", [13], probs, word_ids) == 0.0  # fourth
 
 
+def test_names_a_tag_is_whether_the_caption_names_a_confident_tag_not_how_many():
+    # a yes/no signal (the fitted weights assume 0 or 1): a caption naming the words of two
+    # confident classes (0.5 and 0.3), or both words of one class, names a tag: 1, not 2
+    word_ids, probs = ((10,), (11, 12), (13,)), [0.5, 0.3, 0.2]
+    assert _signal("names_a_tag", [10, 11], probs, word_ids) == 1.0
+    assert _signal("names_a_tag", [11, 5, 12], probs, word_ids) == 1.0
+    assert _signal("names_a_tag", [10, 11, 13], probs, word_ids) == 1.0
+
+
 def test_an_object_word_is_supported_by_the_five_most_probable_classes():
     word_ids, probs = ((10,), (11,), (12,), (13,), (14,), (15,)), [0.3, 0.25, 0.2, 0.1, 0.1, 0.05]
     assert _signal("unsupported_words", [14], probs, word_ids) == 0.0  # fifth class
@@ -295,9 +304,16 @@ def test_a_malformed_confidence_file_is_a_model_error(tmp_path):
         ({"mean": [0.0, float("inf")]}, "2 numbers each"),
         ({"bias": float("nan")}, "bias must be a number"),
         ({"bias": float("-inf")}, "bias must be a number"),
+        # one signal's std 0 among positive ones: predict would divide by 0
+        ({"std": [1.0, 0.0]}, "std must be positive"),
+        # another format (a later version's file, or a file of something else) is not read as /1
+        ({"format": "edgecap-confidence/2"}, r"not an edgecap-confidence/1 file"),
+        ({"format": None}, r"not an edgecap-confidence/1 file"),
     ],
 )
-def test_a_confidence_file_with_a_repeated_signal_or_a_non_number_is_a_model_error(tmp_path, change, match):
+def test_a_confidence_file_with_a_repeated_signal_a_bad_number_or_another_format_is_a_model_error(
+    tmp_path, change, match
+):
     # json.dumps writes NaN and Infinity, and json.loads reads them back: a number that is none
     spec = {
         "format": "edgecap-confidence/1",
