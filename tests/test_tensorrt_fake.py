@@ -1247,6 +1247,111 @@ def test_fake_backend_rejects_stale_and_oversized_use(monkeypatch, tmp_path, mod
             backend.start(backend.encode(images), np.zeros(5, np.int32))
 
 
+class StreamOrderedDevice(FakeDevice):
+    """A FakeDevice whose copies to the host land when the stream is synchronised, as
+    ``cudaMemcpyAsync`` into pinned memory does: a pinned buffer read before ``synchronize``
+    still holds what it held before the copy was queued."""
+
+    def __init__(self):
+        super().__init__()
+        self.pending: list[tuple[np.ndarray, np.ndarray]] = []
+
+    def copy_to_host(self, dst, src, stream):
+        self._check_current()
+        # the device side is read in stream order (after the kernels queued before the copy)
+        self.pending.append((dst, self.memory[src][: dst.nbytes].copy()))
+        self.calls["dtoh"] += 1
+
+    def synchronize(self, stream):
+        super().synchronize(stream)
+        for dst, raw in self.pending:
+            dst[...] = raw.view(dst.dtype).reshape(dst.shape)
+        self.pending.clear()
+
+
+def test_fake_backend_results_are_read_after_the_sync_and_outlive_the_next_batch(
+    monkeypatch, tmp_path, model_dir
+):
+    """Every result the backend hands back (class_probs, top-k, attention) is copied out of its
+    pinned buffer after the stream is synchronised, and is the caller's own: the next batch,
+    which reuses the pinned buffers, leaves it as it was. Expected values: plain onnxruntime
+    on the same ONNX (fp32 engines run it unchanged)."""
+    device = StreamOrderedDevice()
+    install(monkeypatch, "8.6.2.3", device)
+    manifest = load_manifest(model_dir)
+    h, w = manifest.preprocessing.size
+    rng = np.random.default_rng(7)
+    first, second = (rng.uniform(-1, 1, (2, 3, h, w)).astype(np.float32) for _ in range(2))
+    image_index, steps = some_steps(manifest, rows=6)
+    with TensorRTBackend(
+        manifest, "fp32", Limits(2, 3), tmp_path, cuda_device=device, log=io.StringIO()
+    ) as backend:
+        encoded_first = backend.encode(first)
+        encoded = backend.encode(second)
+        session = backend.start(encoded, image_index, return_attention=True)
+        got = [session.step(t, r, b) for t, r, b in steps]
+    np.testing.assert_allclose(encoded_first.class_probs, class_probs(manifest, first), atol=1e-6)
+    np.testing.assert_allclose(encoded.class_probs, class_probs(manifest, second), atol=1e-6)
+    for (lp, ids, alpha), r in zip(reference_run(manifest, second, image_index, steps), got):
+        np.testing.assert_allclose(r.topk_logprobs, lp, rtol=1e-6, atol=1e-6)
+        np.testing.assert_array_equal(r.topk_ids, ids)
+        np.testing.assert_allclose(r.alpha, alpha, rtol=1e-6, atol=1e-6)
+
+
+def test_fake_backend_refuses_an_index_one_past_the_last_row(monkeypatch, tmp_path, model_dir, device):
+    """``image_index`` indexes the N encoded images and ``source_rows`` the rows of the state a
+    step reads (the N images' h0 at the first step, then the R rows of the previous step): N
+    and R themselves are out of range (the device rows past them hold another batch's state or
+    garbage), and an empty batch is refused as such."""
+    install(monkeypatch, "8.6.2.3", device)
+    manifest = load_manifest(model_dir)
+    h, w = manifest.preprocessing.size
+    with TensorRTBackend(
+        manifest, "fp32", Limits(2, 2), tmp_path, cuda_device=device, log=io.StringIO()
+    ) as backend:
+        with pytest.raises(BackendError, match="0 images in one batch; these engines take 1 to 2"):
+            backend.encode(np.zeros((0, 3, h, w), np.float32))
+        encoded = backend.encode(np.zeros((2, 3, h, w), np.float32))
+        with pytest.raises(BackendError, match=r"image_index must lie in \[0, 2\)"):
+            backend.start(encoded, np.array([0, 2], np.int32))
+        session = backend.start(encoded, np.array([0, 0, 1], np.int32))
+        tokens = np.ones(3, np.int32)
+        with pytest.raises(BackendError, match=r"source_rows must lie in \[0, 2\)"):
+            session.step(tokens, np.array([0, 1, 2], np.int32))
+        session.step(tokens, np.array([0, 0, 1], np.int32))
+        with pytest.raises(BackendError, match=r"source_rows must lie in \[0, 3\)"):
+            session.step(tokens, np.array([0, 1, 3], np.int32))
+        session.step(tokens, np.array([2, 1, 0], np.int32))
+
+
+def test_fake_backend_a_word_bias_never_steers_a_later_batch(monkeypatch, tmp_path, model_dir, device):
+    """The word bias stays on the device between steps; a batch with fewer rows that resets
+    it to zeros resets only its own rows, so a later, larger batch without a bias must not
+    find the rows past them still holding an earlier batch's bias. Expected: plain onnxruntime
+    with no bias."""
+    install(monkeypatch, "8.6.2.3", device)
+    manifest = load_manifest(model_dir)
+    h, w = manifest.preprocessing.size
+    V = manifest.dims.vocab_size
+    images = np.random.default_rng(5).uniform(-1, 1, (2, 3, h, w)).astype(np.float32)
+    four, two = np.array([0, 0, 1, 1], np.int32), np.array([0, 1], np.int32)
+    start = manifest.tokens["start"]
+    with TensorRTBackend(
+        manifest, "fp32", Limits(2, 2), tmp_path, cuda_device=device, log=io.StringIO()
+    ) as backend:
+        encoded = backend.encode(images)
+        bias = np.zeros((4, V), np.float32)
+        bias[:, V - 1] = 50.0
+        steered = backend.start(encoded, four).step(np.full(4, start, np.int32), four, bias)
+        assert (steered.topk_ids[:, 0] == V - 1).all()
+        backend.start(encoded, two).step(np.full(2, start, np.int32), two)  # zeros, 2 rows
+        got = backend.start(encoded, four).step(np.full(4, start, np.int32), four)
+    ((lp, ids, _),) = reference_run(manifest, images, four, [(np.full(4, start, np.int32), four, None)])
+    assert (ids[:, 0] != V - 1).all()  # unsteered, the last word is not the first choice
+    np.testing.assert_array_equal(got.topk_ids, ids)
+    np.testing.assert_allclose(got.topk_logprobs, lp, rtol=1e-6, atol=1e-6)
+
+
 # -- cuda-python device: every call checked -----------------------------------------------------
 
 
