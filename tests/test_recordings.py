@@ -626,9 +626,10 @@ def test_recording_that_breaks_off_keeps_the_captions_so_far(
     assert not out.exists()
 
 
-def write_ros1_mcap(path: Path, messages) -> Path:
+def write_ros1_mcap(path: Path, messages, in_time_order: bool = True) -> Path:
     """An MCAP file with the ROS 1 profile (what ``mcap convert`` makes of a ROS 1 bag), written
-    with the mcap package; ``messages`` as for ``write_recording``."""
+    with the mcap package; ``messages`` as for ``write_recording`` (``in_time_order`` False: in
+    the order given)."""
     from mcap.writer import Writer
 
     store = store_for("ros1")
@@ -636,7 +637,9 @@ def write_ros1_mcap(path: Path, messages) -> Path:
         writer = Writer(f)
         writer.start(profile="ros1", library="test")
         channels = {}
-        for topic, msgtype, time_ns, msg in sorted(messages, key=lambda m: m[2]):
+        for topic, msgtype, time_ns, msg in (
+            sorted(messages, key=lambda m: m[2]) if in_time_order else messages
+        ):
             if topic not in channels:
                 definition, _ = store.generate_msgdef(msgtype)
                 schema = writer.register_schema(
@@ -903,3 +906,77 @@ def test_each_channel_of_a_ros1_profile_mcap_file_keeps_its_topic(tmp_path):
     assert got == sorted(
         ((topic, i, t, stamp) for (topic, i), (t, stamp, _) in frames.items()), key=lambda f: f[2]
     )
+
+
+def test_frames_of_a_ros1_profile_mcap_file_come_in_log_time_order(tmp_path):
+    """MCAP files need not hold their messages in time order (a converter writes them as it
+    meets them): frames come in log-time order all the same, and each frame's index is its
+    place in its topic's log-time order (what write_captions pairs captions by)."""
+    store = store_for("ros1")
+    times = [T0 + 2 * SECOND, T0, T0 + SECOND]  # stored in this order
+    messages = [("/cam", IMAGE, t, image_msg(store, "mono8", GRAY, t - SECOND // 4)) for t in times]
+    with open_recording(write_ros1_mcap(tmp_path / "run.mcap", messages, in_time_order=False)) as recording:
+        got = [(f.index, f.time_ns, f.stamp_ns) for f in recording.frames()]
+    assert got == [(k, T0 + k * SECOND, T0 + k * SECOND - SECOND // 4) for k in range(3)]
+
+
+@pytest.mark.parametrize("kind, storage", [("sqlite3", ".db3"), ("mcap", ".mcap"), ("mcap-file", ".mcap")])
+def test_the_copy_of_a_ros2_recording_keeps_its_storage(kind, storage, tmp_path):
+    """docs: a ROS 2 bag or MCAP file gives a ROS 2 bag folder with the same storage (sqlite3
+    or MCAP): a sqlite3 bag's copy is a .db3 bag, an MCAP bag's or file's an .mcap bag."""
+    with open_recording(three_frames(tmp_path, kind)) as recording:
+        write_captions(recording, tmp_path / "copy", {("/cam", 0): "first"})
+    assert [p.suffix for p in (tmp_path / "copy").iterdir() if p.name != "metadata.yaml"] == [storage]
+    assert kind_of(tmp_path / "copy") == ("sqlite3" if storage == ".db3" else "mcap")
+
+
+@pytest.mark.parametrize("kind", ["sqlite3", "mcap"])
+def test_a_caption_comes_just_after_its_frame(kind, tmp_path):
+    """In the copy each caption is the message just after its frame (the same log time), so a
+    player replays a frame, then its caption: two topics' frames at the same times."""
+    store = store_for(kind)
+    frames = [("/a", IMAGE, T0 + k * SECOND, image_msg(store, "mono8", GRAY, T0)) for k in range(2)]
+    frames += [("/b", IMAGE, T0 + k * SECOND, image_msg(store, "mono8", GRAY, T0)) for k in range(2)]
+    with open_recording(write_recording(tmp_path, kind, frames)) as recording:
+        captions = {(topic, k): f"{topic} {k}" for topic in ("/a", "/b") for k in range(2)}
+        write_captions(recording, tmp_path / "copy", captions)
+    copied = [(m[0], m[1]) for m in read_back(tmp_path / "copy")]
+    assert copied == [
+        (name, T0 + k * SECOND)
+        for k in range(2)
+        for topic in ("/a", "/b")
+        for name in (topic, topic + "/caption")
+    ]
+
+
+def test_a_ros1_bag_is_written_to_a_bag_file_in_any_case(tmp_path):
+    """The suffix is read in any case, as kind_of reads it: COPY.BAG is a ROS 1 bag's copy, and
+    no name for a ROS 2 recording's copy folder."""
+    ros1, ros2 = three_frames(tmp_path, "ros1"), three_frames(tmp_path, "mcap")
+    assert output_problem(ros1, tmp_path / "COPY.BAG") is None
+    assert output_problem(ros2, tmp_path / "COPY.BAG") == (
+        f"{tmp_path / 'COPY.BAG'}: a ROS 2 recording is written to a ROS 2 bag folder (a name without .bag)"
+    )
+
+
+def test_a_sqlite3_bag_without_message_definitions_is_read_with_the_standard_types(tmp_path):
+    """A sqlite3 bag recorded before ROS 2 Iron carries no message definitions (made here by
+    emptying the definitions table of a bag rosbags wrote): its frames are read with the
+    standard sensor_msgs types, and its copy with captions is a readable bag."""
+    import sqlite3
+
+    bag = write_recording(
+        tmp_path, "sqlite3", [("/cam", IMAGE, T0, image_msg(store_for("sqlite3"), "rgb8", CHELSEA, T0))]
+    )
+    (db3,) = bag.glob("*.db3")
+    with sqlite3.connect(db3) as db:
+        db.execute("DELETE FROM message_definitions")
+    db.close()
+    with open_recording(bag) as recording:
+        assert all(not c.msgdef.data for c in recording.connections)  # nothing to read types from
+        (frame,) = recording.frames()
+        assert np.array_equal(frame.image, CHELSEA) and frame.stamp_ns == T0
+        write_captions(recording, tmp_path / "copy", {("/cam", 0): "a cat"})
+    copied = read_back(tmp_path / "copy")
+    assert [(m[0], m[1]) for m in copied] == [("/cam", T0), ("/cam/caption", T0)]
+    assert copied[1][3].data == "a cat"
