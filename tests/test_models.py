@@ -247,6 +247,46 @@ def test_scheduled_sampling_at_probability_1_feeds_the_models_own_words():
     torch.testing.assert_close(logits, torch.cat(expected))
 
 
+def test_the_step_graph_chains_the_decoders_steps_through_source_rows():
+    """``StepGraph`` (the exported step) over three words for 4 rows of 2 images: each row
+    starts from the state of the row ``source_rows`` names (the images' h0 / c0 at the first
+    word, then the rows of the word before, reordered as a beam search does) and takes the
+    decoder's step (``logits``, checked against the paper's equations above) on its image's
+    features; it returns the top K of the masked log-softmax, their ids as int32, h_out, c_out
+    and alpha, in the contract's order."""
+    d = _tiny_decoder()
+    graph = StepGraph(d)
+    torch.manual_seed(3)
+    features = torch.randn(2, 5, F_DIM)
+    image_index = torch.tensor([0, 0, 1, 1], dtype=torch.int32)
+    steps = [([START] * 4, [0, 0, 1, 1]), ([4, 7, 9, 5], [1, 0, 3, 2]), ([6, 6, 8, 4], [0, 0, 2, 3])]
+    with torch.no_grad():
+        att_proj = d.att_feat(features)
+        h, c = torch.randn(2, H_DIM), torch.randn(2, H_DIM)
+        want_h, want_c = h, c
+        for words, source in steps:
+            tokens = torch.tensor(words, dtype=torch.int32)
+            rows = torch.tensor(source, dtype=torch.int32)
+            values, ids, h, c, alpha = graph(
+                tokens, h, c, rows, features, att_proj, image_index, torch.zeros(4, V)
+            )
+            per_row = image_index.long()
+            logits, want_h, want_c, want_alpha = d.logits(
+                tokens.long(),
+                want_h[rows.long()],
+                want_c[rows.long()],
+                features[per_row],
+                att_proj[per_row],
+            )
+            top = torch.log_softmax(mask_logits(logits), dim=1).topk(5, dim=1)
+            assert ids.dtype == torch.int32
+            torch.testing.assert_close(ids, top.indices.int())
+            torch.testing.assert_close(values, top.values)
+            torch.testing.assert_close(h, want_h)
+            torch.testing.assert_close(c, want_c)
+            torch.testing.assert_close(alpha, want_alpha)
+
+
 def test_a_new_decoder_with_tag_input_starts_out_deaf_to_the_tags():
     """The tags' projection starts at zero (the module's doc: "a decoder given this input
     starts out saying what it said without it"): any class probabilities give the state of the
