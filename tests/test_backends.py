@@ -162,3 +162,33 @@ def test_onnxruntime_threads_do_not_spin_between_runs(tiny_model_dir):
     for session in (backend.encoder, backend.decoder):
         options = session.get_session_options()
         assert options.get_session_config_entry("session.intra_op.allow_spinning") == "0"
+
+
+def test_an_unknown_backend_lists_every_name_it_takes():
+    """The error for a backend name it does not know lists the names ``--backend`` and
+    ``Captioner(backend=...)`` take: the three backends and ``auto`` (docs: README's backends)."""
+    from edgecap import backends
+
+    with pytest.raises(ValueError, match="unknown backend 'tflite'; choose one of ") as info:
+        backends.resolve("tflite")
+    listed = str(info.value).split("choose one of ")[1].split(", ")
+    assert sorted(listed) == ["auto", "onnxruntime", "tensorrt", "torch"]
+
+
+def test_a_backend_module_failing_on_another_import_keeps_its_import_error(monkeypatch, tmp_path):
+    """Only a missing runtime (a package one of the extras installs) becomes a BackendError
+    naming the extra; a backend module missing from the install says to upgrade edgecap; any
+    other ImportError is a bug or a broken install and reaches the caller as it is."""
+    from edgecap import backends
+
+    (tmp_path / "edgecap_test_broken_backend.py").write_text("import edgecap_test_no_such_package\n")
+    monkeypatch.syspath_prepend(str(tmp_path))
+    monkeypatch.setitem(backends.BACKENDS, "torch", ("edgecap_test_broken_backend", "Backend"))
+    with pytest.raises(ModuleNotFoundError) as info:
+        backends.backend_class("torch")
+    assert info.value.name == "edgecap_test_no_such_package"
+    monkeypatch.setitem(backends.BACKENDS, "torch", ("edgecap_test_absent_backend", "Backend"))
+    with pytest.raises(
+        BackendError, match="the torch backend is not part of this edgecap install; upgrade edgecap"
+    ):
+        backends.backend_class("torch")
