@@ -1247,6 +1247,25 @@ def test_fake_backend_rejects_stale_and_oversized_use(monkeypatch, tmp_path, mod
             backend.start(backend.encode(images), np.zeros(5, np.int32))
 
 
+def test_fake_a_shape_tensorrt_refuses_names_the_limits_and_the_fix(monkeypatch, tmp_path, model_dir, device):
+    """An input shape the engine's profile does not take is a BackendError naming the shape, the
+    engine's limits and the way out (rebuild with larger --max-batch / --max-beam), not
+    TensorRT's False."""
+    install(monkeypatch, "8.6.2.3", device)
+    manifest = load_manifest(model_dir)
+    h, w = manifest.preprocessing.size
+    with TensorRTBackend(
+        manifest, "fp32", Limits(2, 2), tmp_path, cuda_device=device, log=io.StringIO()
+    ) as backend:
+        backend._contexts["encoder"].set_input_shape = lambda name, shape: False
+        with pytest.raises(
+            BackendError,
+            match=rf"TensorRT refused shape \(1, 3, {h}, {w}\) for encoder input 'image' "
+            r"\(engine limits: .*max_batch=2.*\); rebuild with larger --max-batch / --max-beam",
+        ):
+            backend.encode(np.zeros((1, 3, h, w), np.float32))
+
+
 class StreamOrderedDevice(FakeDevice):
     """A FakeDevice whose copies to the host land when the stream is synchronised, as
     ``cudaMemcpyAsync`` into pinned memory does: a pinned buffer read before ``synchronize``
