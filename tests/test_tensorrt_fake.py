@@ -1266,6 +1266,43 @@ def test_fake_a_shape_tensorrt_refuses_names_the_limits_and_the_fix(monkeypatch,
             backend.encode(np.zeros((1, 3, h, w), np.float32))
 
 
+def test_fake_backend_closes_only_the_device_it_opened(monkeypatch, tmp_path, model_dir, device):
+    """``cuda_device``: a device the caller opened stays open after the backend closes (the
+    caller may run other backends or copies on it); the device the backend opens itself (GPU 0,
+    no ``cuda_device``) is closed with it."""
+    import edgecap.trt.cuda
+
+    install(monkeypatch, "8.6.2.3", device)
+    manifest = load_manifest(model_dir)
+    with TensorRTBackend(manifest, "fp32", Limits(1, 1), tmp_path, cuda_device=device, log=io.StringIO()):
+        pass
+    assert device.memory == {} and not device.closed
+    own = FakeDevice()
+    install(monkeypatch, "8.6.2.3", own)
+    monkeypatch.setattr(edgecap.trt.cuda, "open_device", lambda index=0: own)
+    with TensorRTBackend(manifest, "fp32", Limits(1, 1), tmp_path, log=io.StringIO()):
+        assert not own.closed
+    assert own.memory == {} and own.closed
+
+
+def test_fake_an_engine_tensor_of_another_type_than_the_contract_is_refused(
+    monkeypatch, tmp_path, model_dir, device
+):
+    """An engine whose float tensors are float16 (an engine built elsewhere with FP16 I/O) does
+    not get float32 buffers: a BackendError naming the tensor, both types and the fix, before
+    any image is encoded."""
+    trt = install(monkeypatch, "8.6.2.3", device)
+    monkeypatch.setattr(trt, "nptype", lambda dt: np.float16 if dt == 1 else _ONNX_TO_NP[dt])
+    manifest = load_manifest(model_dir)
+    with pytest.raises(
+        BackendError,
+        match=r"encoder engine tensor 'image' is float16, the contract says float32; "
+        "rebuild the engines from an edgecap model",
+    ):
+        TensorRTBackend(manifest, "fp32", Limits(1, 1), tmp_path, cuda_device=device, log=io.StringIO())
+    assert device.memory == {}
+
+
 class StreamOrderedDevice(FakeDevice):
     """A FakeDevice whose copies to the host land when the stream is synchronised, as
     ``cudaMemcpyAsync`` into pinned memory does: a pinned buffer read before ``synchronize``
