@@ -192,3 +192,28 @@ def test_a_backend_module_failing_on_another_import_keeps_its_import_error(monke
         BackendError, match="the torch backend is not part of this edgecap install; upgrade edgecap"
     ):
         backends.backend_class("torch")
+
+
+@pytest.mark.parametrize("missing, extra", [("torch", "train"), ("onnx", "export")])
+def test_the_torch_backend_without_its_packages_names_their_extra(monkeypatch, missing, extra):
+    """The PyTorch backend needs torch (the train extra) and onnx (the export extra, to read the
+    ONNX weights): a missing one is a BackendError naming it and its extra's install line."""
+    from edgecap import backends
+
+    monkeypatch.setitem(sys.modules, missing, None)  # makes `import <missing>` fail
+    monkeypatch.delitem(sys.modules, "edgecap.backends.torch", raising=False)
+    with pytest.raises(
+        BackendError,
+        match=rf"the torch backend needs {missing}, which is not installed: .*pip install '\.\[{extra}\]'",
+    ):
+        backends.backend_class("torch")
+
+
+def test_the_onnxruntime_hint_warns_against_installing_both_extras():
+    """onnxruntime and onnxruntime-gpu installed together break each other: the hint for a
+    missing onnxruntime offers the cpu or the gpu extra, not both."""
+    from edgecap.backends import missing_package_hint
+
+    hint = missing_package_hint("onnxruntime")
+    assert "'.[cpu]'" in hint and "'.[gpu]'" in hint
+    assert hint.index("'.[gpu]'") < hint.index("not both")
