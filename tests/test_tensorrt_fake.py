@@ -1303,6 +1303,14 @@ def test_fake_an_engine_tensor_of_another_type_than_the_contract_is_refused(
     assert device.memory == {}
 
 
+def test_fake_backend_search_must_be_host_or_graph(model_dir):
+    """``search`` takes "host" or "graph" (the other backends' "device" is not one of the
+    TensorRT backend's): anything else is a ValueError naming both, before TensorRT is touched,
+    not a silent host search."""
+    with pytest.raises(ValueError, match="search must be one of host, graph, got 'device'"):
+        TensorRTBackend(load_manifest(model_dir), search="device")
+
+
 class StreamOrderedDevice(FakeDevice):
     """A FakeDevice whose copies to the host land when the stream is synchronised, as
     ``cudaMemcpyAsync`` into pinned memory does: a pinned buffer read before ``synchronize``
