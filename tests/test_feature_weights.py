@@ -113,6 +113,42 @@ def test_the_finetune_cache_of_other_weights_is_never_reused(tmp_path, weights, 
     assert len(list((tmp_path / "cache").glob("features-*.npy"))) == 2
 
 
+def test_a_lite2_finetune_cache_holds_lite2s_features(tmp_path, weights, monkeypatch):
+    """``compute_features`` and ``split_features`` for Lite2 (a fine-tuning run with
+    ``--encoder efficientnet-lite2``) build Lite2 from its own weights: features 3 (Lite2's
+    stand-in weights), not 1 (Lite0's)."""
+    import torch
+
+    from edgecap.data.readers import CaptionedImage
+    from edgecap.models import efficientnet_lite
+    from edgecap.preprocess import Preprocessing
+    from edgecap.training.features import cache_name, compute_features, split_features
+
+    built = []
+
+    class StandIn:  # every region of every photo: the first byte of its weights file
+        def __init__(self, variant):
+            built.append(variant)
+            self.value = Path(efficientnet_lite.pretrained_weights_path(variant)).read_bytes()[0]
+
+        def regions(self, x):
+            return torch.full((len(x), 2, 3), float(self.value))
+
+    monkeypatch.setattr(efficientnet_lite, "load_pretrained", StandIn)
+    write_weights(weights[LITE0], 1)
+    write_weights(weights[LITE2], 3)
+    paths = _photos(tmp_path)
+    pre = Preprocessing(size=(8, 8))
+    maps, index = compute_features(paths, tmp_path / "cache", pre, progress=False, encoder=LITE2)
+    assert [np.unique(np.asarray(maps[index[cache_name(p)]])).tolist() for p in paths] == [[3.0], [3.0]]
+    items = [CaptionedImage("a.png", ["x"]), CaptionedImage("b.png", ["y"])]
+    _, dev, everything = split_features(
+        items[:1], items[1:], tmp_path, tmp_path / "c2", pre, False, encoder=LITE2
+    )
+    assert np.unique(dev).tolist() == [3.0] and torch.unique(everything).tolist() == [3.0]
+    assert built == [LITE2, LITE2]
+
+
 def _weights_1_2_1(weights_file, features, built: list) -> None:
     """Weights 1, then 2 (the file replaced in place: same size, same modification time), then
     1 again: ``features()`` gives each weights' own, an encoder built only where no cache of

@@ -541,6 +541,93 @@ def test_a_photo_replaced_under_its_old_name_is_encoded_again_by_the_single_file
     assert means() == [10, 60]
 
 
+def test_a_photo_replaced_by_one_of_another_size_and_the_same_time_is_encoded_again(tmp_path):
+    """A copy that keeps modification times (cp -p, rsync -a, an archive unpacked) can put
+    another photo under the old name with the old time: its size tells it apart."""
+    paths = _numbers(tmp_path, [1, 2, 3])
+    cache = tmp_path / "cache"
+    assert _rows(_shards(paths, cache), paths) == [1, 2, 3]
+    before = paths[1].stat().st_mtime_ns
+    paths[1].write_text("29")  # one byte longer, then given the old time back
+    os.utime(paths[1], ns=(before, before))
+    assert _rows(_shards(paths, cache), paths) == [1, 29, 3]
+
+
+class _MeanEncoder:
+    """A stand-in encoder: every feature of a photo is its mean model input (its pixel level,
+    with the identity normalisation); after k blocks every activation is k."""
+
+    def regions(self, x):
+        return x.mean(dim=(1, 2, 3))[:, None, None].expand(-1, 2, 3)
+
+    def prefix(self, x, k):
+        import torch
+
+        return torch.full((len(x), 2, 2, 2), float(k))
+
+
+def _single_file_cache(tmp_path, monkeypatch, paths, split_at=None) -> list:
+    """``compute_features`` of ``paths`` with ``_MeanEncoder``: each photo's distinct values."""
+    from edgecap.models import efficientnet_lite
+    from edgecap.preprocess import Preprocessing
+    from edgecap.training.features import cache_name, compute_features
+
+    monkeypatch.setattr(efficientnet_lite, "load_pretrained", lambda *_: _MeanEncoder())
+    pre = Preprocessing(size=(32, 32), mean=(0.0, 0.0, 0.0), std=(1.0, 1.0, 1.0))
+    maps, index = compute_features(paths, tmp_path / "cache", pre, progress=False, split_at=split_at)
+    return [np.unique(np.asarray(maps[index[cache_name(p)]], np.float32)).round().tolist() for p in paths]
+
+
+def _grey_photos(tmp_path, levels, side=32) -> list[Path]:
+    paths = [tmp_path / f"{chr(ord('a') + i)}.png" for i in range(len(levels))]
+    for path, level in zip(paths, levels):
+        Image.new("RGB", (side, side), (level,) * 3).save(path)
+    return paths
+
+
+@torch_needed
+def test_the_single_file_cache_encodes_a_photo_of_another_size_and_the_same_time_again(tmp_path, monkeypatch):
+    """The fine-tuning cache likewise: b.png replaced by a 64x64 photo of level 60 (another file
+    size) with b.png's old modification time."""
+    paths = _grey_photos(tmp_path, (10, 200))
+    assert _single_file_cache(tmp_path, monkeypatch, paths) == [[10.0], [200.0]]
+    before, size = paths[1].stat().st_mtime_ns, paths[1].stat().st_size
+    Image.new("RGB", (64, 64), (60,) * 3).save(paths[1])
+    os.utime(paths[1], ns=(before, before))
+    assert paths[1].stat().st_size != size
+    assert _single_file_cache(tmp_path, monkeypatch, paths) == [[10.0], [60.0]]
+
+
+@torch_needed
+def test_the_single_file_cache_keeps_each_block_counts_activations_apart(tmp_path, monkeypatch):
+    """Fine-tuning 5 blocks, then 3, on one --cache-dir: the activations after 11 blocks are
+    never served for 14, nor for the encoder's features (split_at None)."""
+    paths = _grey_photos(tmp_path, (10, 200))
+    for split_at, expected in ((11, 11.0), (14, 14.0), (None, None), (11, 11.0)):
+        got = _single_file_cache(tmp_path, monkeypatch, paths, split_at)
+        assert got == ([[10.0], [200.0]] if expected is None else [[expected]] * 2), split_at
+
+
+@torch_needed
+def test_an_index_naming_a_row_outside_the_array_is_recomputed(tmp_path, monkeypatch, capsys):
+    """An index whose row for a photo is -1 (numpy would read the last photo's) or past the
+    last row is not used: the cache is computed again, and said so."""
+    import json
+
+    from edgecap.training.features import cache_name
+
+    paths = _grey_photos(tmp_path, (10, 200))
+    assert _single_file_cache(tmp_path, monkeypatch, paths) == [[10.0], [200.0]]
+    (index_path,) = (tmp_path / "cache").glob("features-*.json")
+    for row in (-1, 2):
+        record = json.loads(index_path.read_text())
+        record["names"][cache_name(paths[0])] = row
+        index_path.write_text(json.dumps(record))
+        assert _single_file_cache(tmp_path, monkeypatch, paths) == [[10.0], [200.0]], row
+        err = capsys.readouterr().err
+        assert "'names' holds rows outside the array: recomputing the feature cache" in err, row
+
+
 def test_a_photo_the_run_needs_that_is_gone_is_one_data_error(tmp_path):
     from edgecap.training.shards import missing_photos
 
