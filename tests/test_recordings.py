@@ -862,6 +862,27 @@ def test_a_copy_that_fails_while_written_is_removed(kind, tmp_path, monkeypatch)
     assert not out.exists()
 
 
+@pytest.mark.parametrize("kind", ["ros1", "mcap"])
+def test_a_copy_stopped_by_ctrl_c_is_removed_and_the_interrupt_goes_on(kind, tmp_path, monkeypatch):
+    """Ctrl-C while the copy is written: no half-written copy is left (it would not read, and
+    the next --write-bag to that name would be refused as existing), and the KeyboardInterrupt
+    reaches the caller as it is."""
+    out = tmp_path / ("copy.bag" if kind == "ros1" else "copy")
+    with open_recording(three_frames(tmp_path, kind)) as recording:
+        every = recording.messages
+
+        def interrupted():
+            for n, item in enumerate(every()):
+                if n == 1:
+                    raise KeyboardInterrupt
+                yield item
+
+        monkeypatch.setattr(recording, "messages", interrupted)
+        with pytest.raises(KeyboardInterrupt):
+            write_captions(recording, out, {("/cam", 0): "first"})
+    assert not out.exists()
+
+
 def test_the_copy_keeps_latched_topics_latched(tmp_path):
     """A latched topic (a map, /tf_static) is replayed as recorded: ROS 1 latching, ROS 2
     transient-local durability, kept in the copy with the publisher's name."""
