@@ -81,19 +81,16 @@ def _photos(directory: Path) -> list[Path]:
     return paths
 
 
-def test_the_finetune_cache_of_other_weights_is_never_reused(tmp_path, weights, monkeypatch):
-    """``compute_features`` (fine-tuning, self-critical training): the features of weights 2 are
-    computed by weights 2, not read from weights 1's cache; each weights' cache is then found
-    again, without building the encoder."""
+def _stand_in_encoder(monkeypatch) -> list:
+    """``load_pretrained`` replaced by an encoder whose every region of every photo is the first
+    byte of its weights file -> the variants built, in order."""
     import torch
 
     from edgecap.models import efficientnet_lite
-    from edgecap.preprocess import Preprocessing
-    from edgecap.training.features import cache_name, compute_features
 
     built = []
 
-    class StandIn:  # every region of every photo: the first byte of its weights file
+    class StandIn:
         def __init__(self, variant):
             built.append(variant)
             self.value = Path(efficientnet_lite.pretrained_weights_path(variant)).read_bytes()[0]
@@ -102,6 +99,17 @@ def test_the_finetune_cache_of_other_weights_is_never_reused(tmp_path, weights, 
             return torch.full((len(x), 2, 3), float(self.value))
 
     monkeypatch.setattr(efficientnet_lite, "load_pretrained", StandIn)
+    return built
+
+
+def test_the_finetune_cache_of_other_weights_is_never_reused(tmp_path, weights, monkeypatch):
+    """``compute_features`` (fine-tuning, self-critical training): the features of weights 2 are
+    computed by weights 2, not read from weights 1's cache; each weights' cache is then found
+    again, without building the encoder."""
+    from edgecap.preprocess import Preprocessing
+    from edgecap.training.features import cache_name, compute_features
+
+    built = _stand_in_encoder(monkeypatch)
     paths = _photos(tmp_path)
     pre = Preprocessing(size=(8, 8))
 
@@ -120,21 +128,10 @@ def test_a_lite2_finetune_cache_holds_lite2s_features(tmp_path, weights, monkeyp
     import torch
 
     from edgecap.data.readers import CaptionedImage
-    from edgecap.models import efficientnet_lite
     from edgecap.preprocess import Preprocessing
     from edgecap.training.features import cache_name, compute_features, split_features
 
-    built = []
-
-    class StandIn:  # every region of every photo: the first byte of its weights file
-        def __init__(self, variant):
-            built.append(variant)
-            self.value = Path(efficientnet_lite.pretrained_weights_path(variant)).read_bytes()[0]
-
-        def regions(self, x):
-            return torch.full((len(x), 2, 3), float(self.value))
-
-    monkeypatch.setattr(efficientnet_lite, "load_pretrained", StandIn)
+    built = _stand_in_encoder(monkeypatch)
     write_weights(weights[LITE0], 1)
     write_weights(weights[LITE2], 3)
     paths = _photos(tmp_path)

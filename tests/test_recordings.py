@@ -844,19 +844,25 @@ def test_write_captions_counts_the_captions_it_writes(tmp_path):
     assert captions == [(T0, "first"), (T0 + 2 * SECOND, "third")]
 
 
+def _fails_at_the_second_message(recording, monkeypatch, error: BaseException) -> None:
+    """``recording``'s messages raise ``error`` when the second one is read (a full disk, a
+    Ctrl-C while the copy is written)."""
+    every = recording.messages
+
+    def breaks_off():
+        for n, item in enumerate(every()):
+            if n == 1:
+                raise error
+            yield item
+
+    monkeypatch.setattr(recording, "messages", breaks_off)
+
+
 @pytest.mark.parametrize("kind", ["ros1", "sqlite3"])
 def test_a_copy_that_fails_while_written_is_removed(kind, tmp_path, monkeypatch):
     out = tmp_path / ("copy.bag" if kind == "ros1" else "copy")
     with open_recording(three_frames(tmp_path, kind)) as recording:
-        every = recording.messages
-
-        def breaks_off():
-            for n, item in enumerate(every()):
-                if n == 1:
-                    raise OSError("No space left on device")
-                yield item
-
-        monkeypatch.setattr(recording, "messages", breaks_off)
+        _fails_at_the_second_message(recording, monkeypatch, OSError("No space left on device"))
         with pytest.raises(RecordingError, match="cannot write the captioned copy.*No space left"):
             write_captions(recording, out, {("/cam", 0): "first"})
     assert not out.exists()
@@ -869,15 +875,7 @@ def test_a_copy_stopped_by_ctrl_c_is_removed_and_the_interrupt_goes_on(kind, tmp
     reaches the caller as it is."""
     out = tmp_path / ("copy.bag" if kind == "ros1" else "copy")
     with open_recording(three_frames(tmp_path, kind)) as recording:
-        every = recording.messages
-
-        def interrupted():
-            for n, item in enumerate(every()):
-                if n == 1:
-                    raise KeyboardInterrupt
-                yield item
-
-        monkeypatch.setattr(recording, "messages", interrupted)
+        _fails_at_the_second_message(recording, monkeypatch, KeyboardInterrupt())
         with pytest.raises(KeyboardInterrupt):
             write_captions(recording, out, {("/cam", 0): "first"})
     assert not out.exists()

@@ -1247,6 +1247,11 @@ def test_fake_backend_rejects_stale_and_oversized_use(monkeypatch, tmp_path, mod
             backend.start(backend.encode(images), np.zeros(5, np.int32))
 
 
+def _fp32_backend(manifest, tmp_path, device) -> TensorRTBackend:
+    """An FP32 backend for 2 images x 2 beams on the fake TensorRT (use it in a ``with``)."""
+    return TensorRTBackend(manifest, "fp32", Limits(2, 2), tmp_path, cuda_device=device, log=io.StringIO())
+
+
 def test_fake_a_shape_tensorrt_refuses_names_the_limits_and_the_fix(monkeypatch, tmp_path, model_dir, device):
     """An input shape the engine's profile does not take is a BackendError naming the shape, the
     engine's limits and the way out (rebuild with larger --max-batch / --max-beam), not
@@ -1254,9 +1259,7 @@ def test_fake_a_shape_tensorrt_refuses_names_the_limits_and_the_fix(monkeypatch,
     install(monkeypatch, "8.6.2.3", device)
     manifest = load_manifest(model_dir)
     h, w = manifest.preprocessing.size
-    with TensorRTBackend(
-        manifest, "fp32", Limits(2, 2), tmp_path, cuda_device=device, log=io.StringIO()
-    ) as backend:
+    with _fp32_backend(manifest, tmp_path, device) as backend:
         backend._contexts["encoder"].set_input_shape = lambda name, shape: False
         with pytest.raises(
             BackendError,
@@ -1370,9 +1373,7 @@ def test_fake_backend_refuses_an_index_one_past_the_last_row(monkeypatch, tmp_pa
     install(monkeypatch, "8.6.2.3", device)
     manifest = load_manifest(model_dir)
     h, w = manifest.preprocessing.size
-    with TensorRTBackend(
-        manifest, "fp32", Limits(2, 2), tmp_path, cuda_device=device, log=io.StringIO()
-    ) as backend:
+    with _fp32_backend(manifest, tmp_path, device) as backend:
         with pytest.raises(BackendError, match="0 images in one batch; these engines take 1 to 2"):
             backend.encode(np.zeros((0, 3, h, w), np.float32))
         encoded = backend.encode(np.zeros((2, 3, h, w), np.float32))
@@ -1400,9 +1401,7 @@ def test_fake_backend_a_word_bias_never_steers_a_later_batch(monkeypatch, tmp_pa
     images = np.random.default_rng(5).uniform(-1, 1, (2, 3, h, w)).astype(np.float32)
     four, two = np.array([0, 0, 1, 1], np.int32), np.array([0, 1], np.int32)
     start = manifest.tokens["start"]
-    with TensorRTBackend(
-        manifest, "fp32", Limits(2, 2), tmp_path, cuda_device=device, log=io.StringIO()
-    ) as backend:
+    with _fp32_backend(manifest, tmp_path, device) as backend:
         encoded = backend.encode(images)
         bias = np.zeros((4, V), np.float32)
         bias[:, V - 1] = 50.0
