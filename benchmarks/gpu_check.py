@@ -372,8 +372,8 @@ def modes(device: str, compiled: bool = False) -> list[dict]:
             for graphs in ("eager", "graphs"):
                 for search in ("host", "device"):
                     options = {"device": "cuda", "search": search}
-                    if precision == "fp16":
-                        options["fp16"] = True
+                    if precision == "fp16":  # the whole model in FP16 (-fp32enc: the encoder FP32)
+                        options.update(fp16=True, fp32_encoder=False)
                     if graphs == "graphs":
                         options["cuda_graphs"] = True
                     out.append({"label": f"torch-cuda-{precision}-{graphs}-{search}", "options": options})

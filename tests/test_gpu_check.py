@@ -441,3 +441,24 @@ def test_each_command_line_run_is_limited_to_what_is_left_of_the_budget(monkeypa
     for budget in (160, 110, 1e9):
         gpu_check.command_line(tmp_path, "cpu", 20, gpu_check.Report(budget))
     assert 55 < timeouts[0] <= 60 and timeouts[1:] == [30.0, 180]
+
+
+def test_each_fp16_row_runs_the_precision_its_label_names():
+    """A ``-fp16-`` row is the whole model in FP16 and a ``-fp16-fp32enc-`` row the FP16 decoder
+    behind the FP32 encoder (the torch backend's ``fp16=True`` alone is the latter since it became
+    the default, so the whole-FP16 rows say ``fp32_encoder=False``); FP32 rows ask for neither.
+    The report compares each FP16 row with its FP32 twin by these labels."""
+    sys.path.insert(0, str(SCRIPT.parent))
+    import gpu_check
+
+    rows = {m["label"]: m["options"] for m in gpu_check.modes("cuda")}
+    whole = [label for label in rows if "-fp16-" in label and "-fp32enc-" not in label]
+    mixed = [label for label in rows if "-fp16-fp32enc-" in label]
+    assert len(whole) == 5 and len(mixed) == 2  # eager / graphs x host / device, + prep-nhwc
+    for label in whole:
+        assert rows[label]["fp16"] is True and rows[label]["fp32_encoder"] is False, label
+    for label in mixed:
+        assert rows[label]["fp16"] is True and rows[label]["fp32_encoder"] is True, label
+    for label in rows:
+        if "-fp32-" in label:
+            assert "fp16" not in rows[label] and "fp32_encoder" not in rows[label], label

@@ -606,6 +606,39 @@ def test_cuda_graph_captions_on_the_gpu(tiny_model_dir, photos, fp16):
             assert b.score == pytest.approx(a.score, abs=0.05)
 
 
+def test_fp16_alone_is_the_fp16_decoder_behind_the_fp32_encoder(monkeypatch, tiny_model_dir):
+    """``fp16=True`` alone is the FP16 that keeps the captions, as the command line's
+    ``--precision fp16`` is (docs/gpu-search.md: 99.4% of FP32's captions, 92% with the encoder
+    in FP16 too): the encoder's weights FP32, the decoder's FP16. ``fp32_encoder=False`` puts the
+    encoder in FP16 as well; without ``fp16`` nothing is FP16, and ``fp32_encoder=True`` alone
+    is refused. On the CPU, with the device check (FP16 needs CUDA) let through."""
+    import torch
+
+    from edgecap.backends import torch as torch_backend
+    from edgecap.manifest import load_manifest
+    from edgecap.models.config import ENCODER_FP32_BLOCKS
+
+    monkeypatch.setattr(torch_backend, "_checked_device", lambda device, *args, **kw: "cpu")
+    manifest = load_manifest(tiny_model_dir)
+    last_block = ENCODER_FP32_BLOCKS  # FP16 in the whole-model FP16 (its islands end before it)
+
+    default = TorchBackend(manifest, device="cuda", fp16=True)
+    assert default.encoder._blocks[last_block]._project_conv.weight.dtype == torch.float32
+    assert default.decoder.embed.weight.dtype == torch.float16
+    assert "fp16 decoder, fp32 encoder" in default.describe()
+
+    whole = TorchBackend(manifest, device="cuda", fp16=True, fp32_encoder=False)
+    assert whole.encoder._blocks[last_block]._project_conv.weight.dtype == torch.float16
+    assert whole.decoder.embed.weight.dtype == torch.float16
+    assert "fp16" in whole.describe() and "fp32 encoder" not in whole.describe()
+
+    plain = TorchBackend(manifest, device="cuda")
+    assert plain.encoder._blocks[last_block]._project_conv.weight.dtype == torch.float32
+    assert plain.decoder.embed.weight.dtype == torch.float32
+    with pytest.raises(ValueError, match="fp32_encoder=True goes with fp16=True"):
+        TorchBackend(manifest, device="cuda", fp32_encoder=True)
+
+
 def test_fp16_keeps_the_same_fp32_islands_as_the_fp16_onnx(tiny_model_dir):
     """The CUDA path's FP16 keeps FP32 where ``edgecap convert`` does: the encoder's stem and
     first blocks, the classifier, the attention scores (run here on the CPU, which has the FP16
