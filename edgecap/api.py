@@ -351,7 +351,7 @@ class Captioner:
             raise ValueError(f"color must be one of {COLORS}, got {color!r}")
         if self._closed:
             raise ValueError("this Captioner is closed")
-        if isinstance(images, (str, bytes, os.PathLike, Image.Image)) or (
+        if isinstance(images, (str, bytes, bytearray, memoryview, os.PathLike, Image.Image)) or (
             isinstance(images, np.ndarray) and images.ndim != 4
         ):
             raise TypeError(

@@ -396,6 +396,26 @@ def test_one_image_given_as_a_batch_is_a_type_error(backend_calls, tmp_path):
     assert [type(r) for r in captioner.caption_batch(np.stack([IMAGE, IMAGE]))] == [Caption, Caption]
 
 
+def test_one_image_as_a_bytearray_or_memoryview_given_as_a_batch_is_a_type_error(backend_calls):
+    """caption() takes encoded bytes as bytes, bytearray or memoryview (a buffer read from a socket
+    or a ROS message): each is one image, so caption_batch and iter_captions say to use caption(),
+    as for bytes, rather than iterating it as a list of ints (one "<int>: unsupported input type"
+    error per byte: 268 of them for this PNG with on_error="return")."""
+    import io
+
+    from PIL import Image
+
+    png = io.BytesIO()
+    Image.fromarray(IMAGE).save(png, format="PNG")
+    captioner = Captioner()
+    for one in (bytearray(png.getvalue()), memoryview(png.getvalue())):
+        assert isinstance(captioner.caption(one), Caption)
+        with pytest.raises(TypeError, match=r"take a list of images; use caption\(\) for one image"):
+            captioner.caption_batch(one, on_error="return")
+        with pytest.raises(TypeError, match=r"use caption\(\) for one image"):
+            captioner.iter_captions(one)
+
+
 def test_a_closed_captioner_refuses_a_call_when_it_is_made(backend_calls):
     """Not lazily at the first batch, and also a call with no images."""
     captioner = Captioner()
