@@ -368,7 +368,9 @@ class Captioner:
     ) -> Iterator[Caption | InputError]:
         """The results in order; ``before_error`` (with "raise"): the images before a bad one in its
         batch are captioned and yielded before its error is raised."""
-        iterator = iter(images)
+        # a source that fails (a camera unplugged) ends the images: those read before it are
+        # captioned and yielded first, then its error is raised
+        iterator = source = _Source(images)
         # One photo (caption()) has nothing to overlap with: no hand-over to a worker.
         head = list(itertools.islice(iterator, 2)) if self.decode_workers else []
         inputs = itertools.chain(head, iterator)
@@ -399,6 +401,8 @@ class Captioner:
                             yield from self._caption_chunk(chunk[:bad], return_attention)
                         raise chunk[bad]
                 yield from self._caption_chunk(chunk, return_attention)
+        if source.error is not None:
+            raise source.error
 
     def _until_closed(self, chunks: Iterator[list]) -> Iterator[list]:
         """``chunks``; the decoding workers shut down under the call by ``close()`` in another
@@ -656,6 +660,25 @@ def _on_gpu(name: str, device: str | None, backend: Backend) -> bool:
         return True
     providers = getattr(backend, "providers", None) or [ort_providers.CPU]
     return providers[0] in (ort_providers.CUDA, ort_providers.TENSORRT)
+
+
+class _Source(Iterator):
+    """``iter(images)`` that ends at the first exception it raises, kept in ``error``."""
+
+    def __init__(self, images: Iterable):
+        self._images = iter(images)
+        self.error: Exception | None = None
+
+    def __next__(self):
+        if self.error is not None:
+            raise StopIteration
+        try:
+            return next(self._images)
+        except StopIteration:
+            raise
+        except Exception as exc:  # noqa: BLE001 (raised by _results once the images before it are out)
+            self.error = exc
+            raise StopIteration from None
 
 
 def batched(items: Iterable, size: int) -> Iterator[list]:

@@ -166,6 +166,25 @@ def test_with_raise_the_bad_photo_raises_after_the_batches_before_it(fake, worke
         next(results)
 
 
+@pytest.mark.parametrize("on_error", ["raise", "return"])
+@pytest.mark.parametrize("workers", [0, 2])
+def test_a_source_that_fails_midway_costs_none_of_the_photos_it_gave(fake, workers, on_error):
+    """A generator of frames that raises after three of them (a camera unplugged, a recording
+    cut short) in the first batch of 8: iter_captions yields those three frames' captions, then
+    raises the source's own error (before the fix: the error at once, the three frames lost)."""
+
+    def unplugged():
+        yield from (red(i) for i in range(3))
+        raise RuntimeError("camera unplugged")
+
+    results = captioner(workers, batch=8).iter_captions(unplugged(), on_error=on_error)
+    got = []
+    with pytest.raises(RuntimeError, match="camera unplugged"):
+        for result in results:
+            got.append(result.text)
+    assert got == [word(0), word(1), word(2)]
+
+
 def test_the_read_ahead_is_bounded(fake):
     batch, workers = 2, 2
     ahead = max(batch, 2 * workers)  # the documented window
