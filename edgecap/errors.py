@@ -29,7 +29,12 @@ class InputError(EdgecapError, ValueError):
         # decoder messages (libtiff, libpng) sometimes carry newlines.
         self.source = source
         self.problem = " ".join(str(problem).split())
-        super().__init__(f"{source}: {self.problem}")
+        name = str(source)
+        if not name.isprintable():  # a file name with a newline, a byte that is not UTF-8 ...
+            from edgecap.commands.output import escape_field
+
+            name = escape_field(name)  # escaped as ``edgecap caption`` does: still one line
+        super().__init__(f"{name}: {self.problem}")
 
 
 class ModelError(EdgecapError):

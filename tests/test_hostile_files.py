@@ -170,6 +170,19 @@ def test_why_a_file_cannot_be_read_is_said_in_words(tmp_path, monkeypatch):
     _refused(photo, "permission denied")
 
 
+def test_the_message_is_one_printable_line_whatever_the_file_name(tmp_path):
+    """str(InputError) of a file named with a newline, or with a byte that is not UTF-8 (as
+    os.listdir gives it: a lone surrogate, which print() to a UTF-8 terminal cannot encode), is
+    one line escaped as edgecap caption escapes names (--help: \\n, \\xHH for such a byte);
+    ``source`` keeps the name as given."""
+    for name, shown in (("new\nline.png", "new\\nline.png"), ("bad\udcff.png", "bad\\xff.png")):
+        path = str(tmp_path / name)
+        err = _refused(path, "no such file")
+        assert err.source == path
+        assert str(err) == f"{tmp_path}/{shown}: no such file"
+        str(err).encode("utf-8")  # printable on a UTF-8 terminal
+
+
 def test_json_that_is_not_utf8_says_where(tmp_path):
     from edgecap.files import FileProblem, read_json
 
