@@ -36,6 +36,11 @@ class InputError(EdgecapError, ValueError):
             name = escape_field(name)  # escaped as ``edgecap caption`` does: still one line
         super().__init__(f"{name}: {self.problem}")
 
+    def __reduce__(self):
+        # pickled (raised or returned by a process pool's worker) as its two arguments: by
+        # default as its message alone, which cannot make one again (a broken process pool)
+        return type(self), (self.source, self.problem)
+
 
 class ModelError(EdgecapError):
     """A model directory or artifact that cannot be used; the message says what to do."""

@@ -216,3 +216,17 @@ def test_a_reason_in_a_message_is_one_line_or_the_exceptions_type(exc, want):
     from edgecap.errors import reason
 
     assert reason(exc) == want
+
+
+def test_an_input_error_survives_a_process_pool():
+    """A worker process that raises an InputError, or returns caption_batch(on_error="return")
+    results holding one, pickles it: it comes back with its source, problem and message (before
+    the fix the pickle could not make one again, and concurrent.futures' process pool broke:
+    BrokenProcessPool for every pending call)."""
+    import pickle
+
+    for source in ("photo.jpg", "new\nline.png"):
+        err = InputError(source, "no such file")
+        back = pickle.loads(pickle.dumps([err]))[0]
+        assert type(back) is InputError
+        assert (back.source, back.problem, str(back)) == (source, "no such file", str(err))
