@@ -39,7 +39,9 @@ from edgecap.trt.engines import (  # noqa: E402
     Target,
     build_all,
     engine_filename,
+    fp32_islands,
     profile_shapes,
+    role_precisions,
 )
 
 MAGIC = b"FAKE-TRT-ENGINE\n"
@@ -259,6 +261,12 @@ def make_fake_trt(version: str, device: FakeDevice):
                 Layer("softmax", [typed(node.input[0])], [mid]),
                 Layer("unary", [mid], [typed(node.output[0])]),
             ]
+        if node.op_type == "Gemm":  # a matrix product, then the bias added (C, when given)
+            product = (f"(Unnamed Layer* {id(node)}) [Matrix Multiply]_output", trt.float32)
+            return [
+                Layer("matmul", [typed(i) for i in node.input[:2]], [product]),
+                Layer("other", [product, *(typed(i) for i in node.input[2:] if i)], [typed(node.output[0])]),
+            ]
         if node.op_type == "TopK":
             return [
                 Layer("topk", [typed(node.input[0])], [typed(node.output[0]), (node.output[1], trt.int32)])
@@ -374,6 +382,9 @@ def make_fake_trt(version: str, device: FakeDevice):
                 "profile": {k: [list(s) for s in v] for k, v in config.profiles[0].shapes.items()},
                 "fp16_weights": any(t.data_type == 10 for t in model.graph.initializer),
                 "pinned": [layer.type for layer in network.layers if layer.precision == 1],
+                "pinned_outputs": sorted(
+                    t.name for layer in network.layers if layer.precision == 1 for t in layer.outputs
+                ),
                 "retyped": [
                     [layer.type, j, t]
                     for layer in network.layers
@@ -575,9 +586,11 @@ def test_fake_build_version_branches(
 ):
     trt = install(monkeypatch, version, device)
     manifest = load_manifest(model_dir)
-    paths = build_all(manifest, "fp16", Limits(4, 3), tmp_path, device=device, log=io.StringIO())
+    paths = build_all(
+        manifest, "fp16", Limits(4, 3), tmp_path, device=device, log=io.StringIO(), fp32_encoder=False
+    )
     assert [p.exists() for p in paths] == [True, True]
-    for record in trt.stats["builds"]:
+    for record in trt.stats["builds"]:  # both graphs FP16
         flags = record["network_flags"]
         assert bool(flags & 1) == explicit_batch  # EXPLICIT_BATCH = bit 0
         assert bool(flags & (1 << 5)) == strongly_typed  # STRONGLY_TYPED = bit 5
@@ -585,15 +598,67 @@ def test_fake_build_version_branches(
         assert 7 not in record["builder_flags"]  # TF32 (on by default) cleared: FP32 layers are FP32
         assert record["fp16_weights"] == fp16_onnx
     step = trt.stats["builds"][1]
-    if fp16_flag:  # weakly typed FP16: softmaxes, LogSoftmax's log and top-k pinned to FP32
+    if fp16_flag:  # weakly typed FP16: the FP16 ONNX's FP32 islands pinned to FP32
         assert {"softmax", "topk", "unary"} <= set(step["pinned"])
-        assert "shuffle" not in step["pinned"] and "other" not in step["pinned"]
+        for record, path in zip(trt.stats["builds"], paths):
+            role = path.name.split("-")[0]
+            islands = fp32_islands(next(tmp_path.glob(f"{role}-*-folded.onnx")))
+            pinned = set(record["pinned_outputs"])
+            assert islands.tensors <= pinned, role  # every island tensor is computed in FP32
+            # and nothing else but the parser's own tensors inside an island's node (a Gemm's
+            # product, a LogSoftmax's softmax): no other ONNX tensor
+            assert pinned & islands.named == islands.tensors, role
+        assert "matmul" in step["pinned"]  # the word logits' Gemm: its product too, not only the bias
         # only float outputs retyped: TopK's values (output 0), never its INT32 indices
         assert [[t, j] for t, j, _ in step["retyped"] if t == "topk"] == [["topk", 0]]
         assert all(dtype == trt.float32 for _, _, dtype in step["retyped"])
     else:
         assert step["pinned"] == [] and step["retyped"] == []
     assert not device.memory  # building allocates nothing on the device
+
+
+def test_fake_fp16_engines_run_the_step_in_fp16_behind_an_fp32_encoder(
+    monkeypatch, tmp_path, model_dir, device
+):
+    """FP16 engines of an FP32 model directory: the decoder step FP16, the encoder FP32 (the FP16
+    that keeps the captions: 99.4% of FP32's in torch's FP16 emulation, 92% with the encoder in
+    FP16 too; docs/gpu-search.md). ``edgecap build``'s engines are the ones the backend loads;
+    ``fp32_encoder=False`` builds the encoder FP16 too; an FP16 model directory has FP16 engines
+    only, and asking it for an FP32 encoder is refused before anything is built."""
+    import dataclasses
+
+    from edgecap.errors import ModelError
+
+    trt = install(monkeypatch, "10.3.0.30", device)
+    manifest = load_manifest(model_dir)
+    paths = build_all(manifest, "fp16", Limits(1, 3), tmp_path, device=device, log=io.StringIO())
+    assert [p.name.split("-")[0] for p in paths] == ["encoder", "decoder_step"]
+    assert "-fp32-" in paths[0].name and "-fp16-" in paths[1].name
+    encoder, step = trt.stats["builds"]
+    assert 0 not in encoder["builder_flags"] and encoder["pinned"] == []  # BuilderFlag.FP16 = 0
+    assert 0 in step["builder_flags"]
+    with TensorRTBackend(
+        manifest, "fp16", Limits(1, 3), tmp_path, cuda_device=device, log=io.StringIO()
+    ) as b:
+        assert len(trt.stats["builds"]) == 2  # build's engines, none built again
+        assert b.precisions == {"encoder": "fp32", "decoder_step": "fp16"}
+
+    log = io.StringIO()
+    with TensorRTBackend(
+        manifest, "fp16", Limits(1, 3), tmp_path, cuda_device=device, log=log, fp32_encoder=False
+    ) as b:
+        assert len(trt.stats["builds"]) == 3 and 0 in trt.stats["builds"][2]["builder_flags"]
+        assert "fp16 encoder engine" in log.getvalue()
+        assert "tensorrt 10.3.0.30 fp16 on Orin" in b.describe()
+
+    half = dataclasses.replace(manifest, precision="fp16")
+    assert role_precisions(half, "fp16") == {"encoder": "fp16", "decoder_step": "fp16"}
+    assert role_precisions(manifest, "fp32") == {"encoder": "fp32", "decoder_step": "fp32"}
+    with pytest.raises(ModelError, match="is fp16: an FP32 encoder engine is built from the fp32 model"):
+        TensorRTBackend(half, "fp16", Limits(1, 3), tmp_path, cuda_device=device, fp32_encoder=True)
+    with pytest.raises(ValueError, match="fp32_encoder=True goes with fp16 engines"):
+        build_all(manifest, "fp32", Limits(1, 3), tmp_path, device=device, fp32_encoder=True)
+    assert len(trt.stats["builds"]) == 3 and not device.memory
 
 
 def test_fake_build_fp32_on_11_is_strongly_typed_without_fp16(monkeypatch, tmp_path, model_dir, device):
@@ -1013,17 +1078,13 @@ def test_fake_a_freshly_built_engine_that_does_not_load_is_a_backend_error(
     assert len(trt.stats["builds"]) == 1
 
 
-def test_fake_fp16_pins_the_log_after_a_reshaped_softmax():
-    """TensorRT < 10.12, FP16 flag: the Log of a LogSoftmax stays FP32 also when the parser puts
-    a reshape (shuffle) between the Softmax and the Log (engines.py, _pin_fp32_layers:
-    "tensors holding a Softmax's result (maybe reshaped)"); a Log of anything else and the
-    reshape itself are left to TensorRT. A stand-in network of named, typed layers."""
-    from edgecap.trt.engines import _pin_fp32_layers
+def _stand_in_network(trt, specs):
+    """A network of named, typed layers for ``_pin_fp32_layers``, and its layers: one per
+    ``(kind, inputs, outputs)`` or ``(kind, inputs, outputs, dtype)`` (every tensor of the
+    layer that type; FP32 when not given), each recording its precision and retyped outputs."""
 
-    trt = make_fake_trt("10.3.0.30", FakeDevice())
-
-    def layer(kind, inputs, outputs):
-        tensors = {name: types.SimpleNamespace(name=name, dtype=trt.float32) for name in (*inputs, *outputs)}
+    def layer(kind, inputs, outputs, dtype=trt.float32):
+        tensors = {name: types.SimpleNamespace(name=name, dtype=dtype) for name in (*inputs, *outputs)}
         made = types.SimpleNamespace(
             type=kind,
             precision=None,
@@ -1036,17 +1097,64 @@ def test_fake_fp16_pins_the_log_after_a_reshaped_softmax():
         made.set_output_type = lambda j, dtype: made.retyped.__setitem__(j, dtype)
         return made
 
-    layers = [
-        layer("softmax", ["logits2d"], ["probs2d"]),
-        layer("shuffle", ["probs2d"], ["probs"]),
-        layer("unary", ["probs"], ["logprobs"]),  # the Log of the LogSoftmax
-        layer("unary", ["h"], ["tanh_h"]),  # another unary layer
-        layer("shuffle", ["h"], ["h2d"]),
-    ]
-    network = types.SimpleNamespace(num_layers=len(layers), get_layer=lambda i: layers[i])
+    layers = [layer(*spec) for spec in specs]
+    return types.SimpleNamespace(num_layers=len(layers), get_layer=lambda i: layers[i]), layers
+
+
+def test_fake_fp16_pins_the_log_after_a_reshaped_softmax():
+    """TensorRT < 10.12, FP16 flag: the Log of a LogSoftmax stays FP32 also when the parser puts
+    a reshape (shuffle) between the Softmax and the Log (engines.py, _pin_fp32_layers:
+    "tensors holding a Softmax's result (maybe reshaped)"); a Log of anything else and the
+    reshape itself are left to TensorRT. A stand-in network of named, typed layers."""
+    from edgecap.trt.engines import _pin_fp32_layers
+
+    trt = make_fake_trt("10.3.0.30", FakeDevice())
+    network, layers = _stand_in_network(
+        trt,
+        [
+            ("softmax", ["logits2d"], ["probs2d"]),
+            ("shuffle", ["probs2d"], ["probs"]),
+            ("unary", ["probs"], ["logprobs"]),  # the Log of the LogSoftmax
+            ("unary", ["h"], ["tanh_h"]),  # another unary layer
+            ("shuffle", ["h"], ["h2d"]),
+        ],
+    )
     _pin_fp32_layers(trt, network)
     assert [lay.precision for lay in layers] == [trt.float32, None, trt.float32, None, None]
     assert [lay.retyped for lay in layers] == [{0: trt.float32}, {}, {0: trt.float32}, {}, {}]
+
+
+def test_fake_fp16_pins_every_layer_of_an_island_node_and_nothing_around_it():
+    """TensorRT < 10.12, FP16 flag: an island node that the parser makes into several layers (a
+    Gemm: its matrix product into a tensor of the parser's own, then the bias added into the
+    node's output) is pinned whole, weights included; the layers before the node's ONNX inputs
+    (the LSTM writing ``h``) and after its output (an FP16 Tanh reading the logits) are not,
+    nor a layer of integer tensors. A stand-in network of named, typed layers."""
+    from edgecap.trt.engines import Islands, _pin_fp32_layers
+
+    trt = make_fake_trt("10.3.0.30", FakeDevice())
+    weights, bias = "(Unnamed Layer* 1) [Constant]_output", "(Unnamed Layer* 3) [Constant]_output"
+    product = "(Unnamed Layer* 2) [Matrix Multiply]_output"
+    network, layers = _stand_in_network(
+        trt,
+        [
+            ("other", ["x", "h_prev"], ["h"]),  # the LSTM
+            ("constant", [], [weights]),  # the projection's weights
+            ("matmul", ["h", weights], [product]),
+            ("constant", [], [bias]),
+            ("other", [product, bias], ["logits"]),
+            ("unary", ["logits"], ["tanh_logits"]),  # after the island
+            ("other", ["ids"], ["ids_plus_one"], trt.int32),  # integer tensors only
+        ],
+    )
+    islands = Islands(
+        tensors=frozenset({"logits", "ids_plus_one"}),
+        named=frozenset({"x", "h_prev", "h", "logits", "tanh_logits", "ids", "ids_plus_one"}),
+    )
+    _pin_fp32_layers(trt, network, islands)
+    f32 = trt.float32
+    assert [lay.precision for lay in layers] == [None, f32, f32, f32, f32, None, None]
+    assert [lay.retyped for lay in layers] == [{}, {0: f32}, {0: f32}, {0: f32}, {0: f32}, {}, {}]
 
 
 def test_fake_engines_are_built_only_at_a_known_precision_from_a_matching_model(
@@ -1206,7 +1314,7 @@ def test_fake_backend_skips_attention_copy_and_reuses_engines(monkeypatch, tmp_p
         before = device.calls["dtoh"]
         result = session.step(np.ones(3, np.int32), np.zeros(3, np.int32))
         assert device.calls["dtoh"] - before == 2 and result.alpha is None
-        assert "tensorrt 10.3.0.30 fp16 on Orin (sm87)" in backend.describe()
+        assert "tensorrt 10.3.0.30 fp16 decoder, fp32 encoder on Orin (sm87)" in backend.describe()
     assert device.memory == {}
     builds = len(trt.stats["builds"])
     err = io.StringIO()
@@ -1908,14 +2016,16 @@ def test_fake_build_command_line_flags_reach_the_engines(monkeypatch, tmp_path, 
         built = sorted(p.name for p in (tmp_path / out).glob("*.engine"))
         return code, captured.err, built
 
-    for flags, precision in (
-        ((), "fp16"),
-        (("--precision", "fp32"), "fp32"),
-        (("--precision", "fp16"), "fp16"),
+    # fp16: the decoder step FP16 behind the FP32 encoder, the engines caption loads
+    for flags, step, encoder in (
+        ((), "fp16", "fp32"),
+        (("--precision", "fp32"), "fp32", "fp32"),
+        (("--precision", "fp16"), "fp16", "fp32"),
     ):
-        code, err, built = build(f"p-{precision}-{len(flags)}", *flags, "--max-beam", "3")
+        code, err, built = build(f"p-{step}-{len(flags)}", *flags, "--max-beam", "3")
         assert code == 0, err
-        assert len(built) == 2 and all(f"-{precision}-" in name for name in built), built
+        assert [name.split("-")[0] for name in built] == ["decoder_step", "encoder"], built
+        assert f"-{step}-" in built[0] and f"-{encoder}-" in built[1], built
 
     code, err, built = build("widest", "--max-beam", str(2 * top_k), "--max-batch", "1")
     assert code == 0, err

@@ -249,6 +249,7 @@ class TensorRTBackend(Backend):
         log=sys.stderr,
         threads: int | None = None,
         search: str = "host",
+        fp32_encoder: bool | None = None,
     ):
         """``limits``: the largest batch and beam the engines take (default 8 x 5);
         ``device``: None or "cuda" (TensorRT runs on the GPU only); ``cuda_device``: an opened
@@ -256,18 +257,22 @@ class TensorRTBackend(Backend):
         backends' and has nothing to set: the engines run on the GPU, and the CPU side (the
         beam search) is one Python thread. ``search``: "host" (the numpy loop between steps)
         or "graph" (the beam bookkeeping in a beam-step engine, ``edgecap.backends.tensorrt_beam``;
-        docs/gpu-search.md)."""
+        docs/gpu-search.md). ``fp32_encoder`` (with ``precision="fp16"``): the encoder engine
+        FP32 behind the FP16 decoder step, the FP16 that keeps the captions; None (the default):
+        so when the model directory is FP32; False: the encoder engine FP16 too
+        (``edgecap.trt.engines.role_precisions``)."""
         check_threads(threads)
         if search not in ("host", "graph"):
             raise ValueError(f"search must be one of host, graph, got {search!r}")
         from edgecap.trt import import_tensorrt
         from edgecap.trt.cuda import open_device
-        from edgecap.trt.engines import EngineCache, Target
+        from edgecap.trt.engines import EngineCache, Target, role_precisions
 
         if device not in (None, "cuda"):
             raise ValueError(f"the tensorrt backend runs on the GPU only; got device={device!r}")
         self.manifest = manifest
         self.precision = precision
+        self.precisions = role_precisions(manifest, precision, fp32_encoder)  # each engine's
         self.limits = limits or Limits()
         trt = import_tensorrt()
         self._trt: TensorRTModule = trt
@@ -281,7 +286,8 @@ class TensorRTBackend(Backend):
             self._cache = EngineCache(trt, target, cache_dir, log)
             with self._device.active():
                 self._engines: dict[str, tensorrt.ICudaEngine] = {
-                    role: self._cache.load(manifest, role, precision, self.limits) for role in ROLES
+                    role: self._cache.load(manifest, role, self.precisions[role], self.limits)
+                    for role in ROLES
                 }
                 self._contexts: dict[str, tensorrt.IExecutionContext] = {
                     role: execution_context(engine, f"the {role} engine")
@@ -407,9 +413,11 @@ class TensorRTBackend(Backend):
             return self._graph_search(encoded, options, start_id, end_id, tag_words, fusion)
 
     def describe(self) -> str:
+        from edgecap.trt.engines import precision_label
+
         d = self._device
         return (
-            f"tensorrt {self._trt.__version__} {self.precision} on {d.name} "
+            f"tensorrt {self._trt.__version__} {precision_label(self.precisions)} on {d.name} "
             f"(sm{d.compute_capability[0]}{d.compute_capability[1]}), engines in "
             f"{self._cache.cache_dir}"
         )

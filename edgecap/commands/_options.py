@@ -105,8 +105,9 @@ def add_model_arguments(p: argparse.ArgumentParser) -> None:
         "onnxruntime the model's). fp16 with --backend torch --device cuda: the decoder in FP16 "
         "behind the FP32 encoder (99.4%% of FP32's captions in a CPU emulation of FP16; on an "
         "NVIDIA H200 no faster than FP32: for GPUs with faster FP16); with --backend tensorrt: "
-        "the engines' precision; with onnxruntime it must be the model's own (an FP16 model: "
-        "edgecap convert; see docs/precision.md)",
+        "the engines' precision, fp16 likewise the decoder step's engine FP16 behind an FP32 "
+        "encoder engine (both FP16 from an FP16 model directory); with onnxruntime it must be "
+        "the model's own (an FP16 model: edgecap convert; see docs/precision.md)",
     )
     p.add_argument(
         "--cuda-graphs",

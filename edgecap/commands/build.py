@@ -27,8 +27,10 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
         "--precision",
         choices=("fp16", "fp32"),
         default="fp16",
-        help="engine precision. fp16 on TensorRT "
-        f"{'.'.join(map(str, STRONGLY_TYPED_FP16_FROM))} or later: built from "
+        help="engine precision. fp16: the decoder step's engine FP16 behind an FP32 encoder "
+        "engine, the FP16 that keeps the captions (both FP16 from an FP16 model directory), "
+        "the engines `edgecap caption --backend tensorrt` loads; on TensorRT "
+        f"{'.'.join(map(str, STRONGLY_TYPED_FP16_FROM))} or later built from "
         "the graphs of `edgecap convert --precision fp16`, with the parts that "
         "lists in FP32 (see edgecap convert --help); on older TensorRT the "
         "Softmax, LogSoftmax and TopK layers stay FP32",

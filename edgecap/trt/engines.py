@@ -14,9 +14,11 @@ truncated write) are skipped, and an engine for exactly the requested limits is 
 share one timing cache per GPU and TensorRT version (``timing-<gpu>-sm<cc>-trt<ver>.cache``).
 
 Precision: FP16 uses ``BuilderFlag.FP16`` on TensorRT < 10.12 (Softmax, the Log of a
-LogSoftmax and TopK pinned to FP32), and from 10.12 (11 has no such flag) a strongly typed
-network built from the FP16 ONNX that ``edgecap convert`` writes (converted on the fly into the
-cache when the model is FP32).
+LogSoftmax, TopK and the other parts the FP16 ONNX keeps in FP32 pinned to FP32), and from
+10.12 (11 has no such flag) a strongly typed network built from the FP16 ONNX that ``edgecap
+convert`` writes (converted on the fly into the cache when the model is FP32). FP16 engines of
+an FP32 model directory run the decoder step in FP16 behind an FP32 encoder engine by default
+(``role_precisions``): the FP16 that keeps the captions, as the torch backend's ``fp16=True`` is.
 
 Not yet run on real TensorRT: tested with fakes of the calls below (tests/test_tensorrt_fake.py).
 """
@@ -32,7 +34,7 @@ from pathlib import Path
 from typing import TYPE_CHECKING
 
 from edgecap.cache import cache_root
-from edgecap.contract import DECODER_STEP, IO, ROLES, Limits
+from edgecap.contract import DECODER_STEP, ENCODER, IO, ROLES, Limits
 from edgecap.errors import BackendError, ModelError
 from edgecap.extras import install_hint
 from edgecap.manifest import Manifest, file_sha256
@@ -45,6 +47,38 @@ if TYPE_CHECKING:  # the TensorRT API's types (tensorrt-stubs); never imported a
 
 PRECISIONS = ("fp16", "fp32")
 WORKSPACE_BYTES = 1 << 30  # the builder's scratch space; 1 GiB fits the smallest Orin Nano
+
+
+def role_precisions(manifest: Manifest, precision: str, fp32_encoder: bool | None = None) -> dict[str, str]:
+    """Each graph's engine precision for engines of ``precision``. FP16 engines run the decoder
+    step in FP16 behind an FP32 encoder engine (``fp32_encoder``; None: when the model directory
+    is FP32, the only one an FP32 engine is built from): the FP16 that keeps the captions, 99.4%
+    of FP32's in torch's emulation of FP16 against 92% with the encoder in FP16 too
+    (docs/gpu-search.md). ``fp32_encoder=False``: the encoder in FP16 as well, for speed."""
+    if precision not in PRECISIONS:
+        raise ValueError(f"precision must be one of {PRECISIONS}, not {precision!r}")
+    if precision == "fp32":
+        if fp32_encoder:
+            raise ValueError(
+                "fp32_encoder=True goes with fp16 engines (an FP16 decoder step behind an FP32 "
+                "encoder); fp32 engines are FP32 already"
+            )
+        return {role: "fp32" for role in ROLES}
+    if fp32_encoder is None:
+        fp32_encoder = manifest.precision == "fp32"
+    elif fp32_encoder and manifest.precision != "fp32":
+        raise ModelError(
+            f"{manifest.directory} is {manifest.precision}: an FP32 encoder engine is built from "
+            "the fp32 model directory; build from that one, or set fp32_encoder=False"
+        )
+    return {ENCODER: "fp32" if fp32_encoder else "fp16", DECODER_STEP: "fp16"}
+
+
+def precision_label(precisions: dict[str, str]) -> str:
+    """The engines' precision in words: "fp16", "fp32", or "fp16 decoder, fp32 encoder"."""
+    if precisions[ENCODER] == precisions[DECODER_STEP]:
+        return precisions[ENCODER]
+    return f"{precisions[DECODER_STEP]} decoder, {precisions[ENCODER]} encoder"
 
 
 def profile_shapes(
@@ -251,15 +285,69 @@ def _is_float(trt: TensorRTModule, dtype: tensorrt.DataType) -> bool:
     return dtype in (trt.float32, trt.float16)
 
 
-def _pin_fp32_layers(trt: TensorRTModule, network: tensorrt.INetworkDefinition) -> None:
+@dataclass(frozen=True)
+class Islands:
+    """The FP32 islands of an ONNX graph for a weakly typed FP16 build: ``tensors``, the outputs
+    of the nodes that the FP16 ONNX keeps in FP32 (``edgecap.build.convert.fp32_nodes``: the
+    attention and word logits' projections, the mask's ``Where``, the word bias, the encoder's
+    stem and first blocks, ...); ``named``, every tensor name of the graph, so that the layers
+    TensorRT's parser makes of one node (a Gemm: a matrix product, then the bias added) are told
+    apart from the next node's by the unnamed tensors between them."""
+
+    tensors: frozenset[str] = frozenset()
+    named: frozenset[str] = frozenset()
+
+
+def fp32_islands(onnx_path: Path) -> Islands:
+    """The ``Islands`` of the graph at ``onnx_path`` (the folded FP32 graph a flag build parses)."""
+    onnx = _onnx_to_prepare_graphs()
+    from edgecap.build.convert import fp32_nodes
+
+    graph = onnx.load(str(onnx_path)).graph
+    keep = {name for name in fp32_nodes(graph) if name}  # an unnamed node is no island's
+    tensors = {out for node in graph.node if node.name in keep for out in node.output if out}
+    named = {v.name for v in (*graph.input, *graph.output, *graph.initializer)}
+    named |= {t for node in graph.node for t in (*node.input, *node.output) if t}
+    return Islands(frozenset(tensors), frozenset(named))
+
+
+def _island_layers(network: tensorrt.INetworkDefinition, islands: Islands) -> set[int]:
+    """The indices of the layers that compute an island's tensors: each layer writing one, and
+    back from it through the tensors that are no ONNX tensor's (the parser's own, between the
+    layers it made of that node) to the layers writing those."""
+    producer: dict[str, int] = {}
+    for i in range(network.num_layers):
+        layer = network.get_layer(i)
+        for j in range(layer.num_outputs):
+            producer[layer.get_output(j).name] = i
+    todo = [producer[name] for name in islands.tensors if name in producer]
+    found: set[int] = set()
+    while todo:
+        i = todo.pop()
+        if i in found:
+            continue
+        found.add(i)
+        layer = network.get_layer(i)
+        for j in range(layer.num_inputs):
+            tensor = layer.get_input(j)
+            if tensor is not None and tensor.name not in islands.named and tensor.name in producer:
+                todo.append(producer[tensor.name])
+    return found
+
+
+def _pin_fp32_layers(
+    trt: TensorRTModule, network: tensorrt.INetworkDefinition, islands: Islands = Islands()
+) -> None:
     """Weakly typed FP16 builds: keep Softmax and TopK layers, the Log (a unary layer) that
-    TensorRT's ONNX parser puts after the Softmax of a LogSoftmax, and the beam-step graph's
-    bookkeeping (scores, comparisons, its top-k) in FP32. Preferred rather
+    TensorRT's ONNX parser puts after the Softmax of a LogSoftmax, the layers of ``islands``
+    (the parts the FP16 ONNX keeps in FP32, among them the attention and word logits) and the
+    beam-step graph's bookkeeping (scores, comparisons, its top-k) in FP32. Preferred rather
     than obeyed (``PREFER_PRECISION_CONSTRAINTS``), so a build never fails over it. Only layers
     that read or write a float are pinned (the bookkeeping's integer and bool layers, its index
     casts and comparisons of word ids, keep their own types: a layer of integer tensors may only
     take its input or output type as its precision), and only float outputs are retyped: TopK's
     second output (the indices) is INT32 and stays so."""
+    in_islands = _island_layers(network, islands)
     kinds = trt.LayerType
     pinned = {getattr(kinds, name) for name in ("SOFTMAX", "TOPK") if hasattr(kinds, name)}
     unary = getattr(kinds, "UNARY", None)
@@ -276,6 +364,7 @@ def _pin_fp32_layers(trt: TensorRTModule, network: tensorrt.INetworkDefinition) 
             pin = pin or (from_softmax and layer.type == unary)
         # the beam-step graph's scores and comparisons (edgecap.build.beam_step)
         pin = pin or any(_beam_tensor(layer.get_output(j).name) for j in range(layer.num_outputs))
+        pin = pin or i in in_islands
         if layer.type == getattr(kinds, "SOFTMAX", None):
             softmax_out.update(layer.get_output(j).name for j in range(layer.num_outputs))
         if not pin or not _touches_float(trt, layer):
@@ -345,7 +434,7 @@ def build_engine(
         config.set_flag(trt.BuilderFlag.FP16)
         if hasattr(trt.BuilderFlag, "PREFER_PRECISION_CONSTRAINTS"):
             config.set_flag(trt.BuilderFlag.PREFER_PRECISION_CONSTRAINTS)
-            _pin_fp32_layers(trt, network)
+            _pin_fp32_layers(trt, network, fp32_islands(Path(onnx_path)))
     profile = builder.create_optimization_profile()
     for name, (lo, opt, hi) in profile_shapes(role, inputs, limits, ranges).items():
         try:
@@ -572,18 +661,22 @@ def build_all(
     cache_dir: Path | None = None,
     device=None,
     log=sys.stderr,
+    fp32_encoder: bool | None = None,
 ) -> list[Path]:
-    """``edgecap build``: build (or rebuild) both engines for this GPU; returns their paths."""
+    """``edgecap build``: build (or rebuild) both engines for this GPU, each at its precision
+    (``role_precisions``: the ones ``TensorRTBackend`` of the same arguments loads); returns
+    their paths."""
     from edgecap.trt import import_tensorrt
     from edgecap.trt.cuda import open_device
 
+    precisions = role_precisions(manifest, precision, fp32_encoder)
     trt = import_tensorrt()
     owned = device is None
     device = device or open_device()
     try:
         target = Target(device.name, tuple(device.compute_capability), trt.__version__)
         cache = EngineCache(trt, target, cache_dir, log)
-        return [cache.build(manifest, role, precision, limits) for role in ROLES]
+        return [cache.build(manifest, role, precisions[role], limits) for role in ROLES]
     finally:
         if owned:
             device.close()
