@@ -128,6 +128,12 @@ def save_attention(image: ImageInput, caption, path: str | os.PathLike, **option
 def _check_attention(caption) -> np.ndarray:
     """The caption's maps as float32 (n_words, s, s), or a ValueError saying what to do."""
     attention = getattr(caption, "attention", None)
+    if attention is None and getattr(caption, "recognisable", True) is False:
+        # return_attention=True was given, but a blank frame's caption has no words to draw
+        raise ValueError(
+            "the caption is 'nothing recognisable' (a frame with nothing to caption): it has no "
+            "words, so no attention maps; blank_check=False captions such a frame anyway"
+        )
     if attention is None:
         raise ValueError("the caption has no attention maps; caption the image with return_attention=True")
     attention = np.asarray(attention, dtype=np.float32)

@@ -108,6 +108,18 @@ def test_bad_captions():
         attention_figure(photo, fake_caption(2), columns=0)
 
 
+def test_a_nothing_recognisable_caption_says_so_not_to_pass_return_attention():
+    """A blank frame captioned with return_attention=True has no words and no maps (Caption
+    docs: text "nothing recognisable", tokens empty): the error says that, rather than telling
+    the caller to pass the return_attention=True they passed."""
+    from edgecap.api import NOTHING_RECOGNISABLE
+
+    blank = Caption(text=NOTHING_RECOGNISABLE, score=-1.0, tokens=[], log_prob=-2.0, recognisable=False)
+    with pytest.raises(ValueError, match="nothing recognisable") as info:
+        attention_figure(green_photo(64, 64), blank)
+    assert "return_attention" not in str(info.value)
+
+
 def test_real_caption_and_save(tiny_model_dir, example_images, tmp_path):
     photo = next(p for p in example_images if p.name == "chelsea.png")
     caption = Captioner(tiny_model_dir, max_length=6, threads=1).caption(photo, return_attention=True)
