@@ -193,7 +193,8 @@ def _pillow_bomb_size(message: str) -> str:
 def describe(image: object) -> str:
     """A short name for an input, used as ``InputError.source``."""
     if isinstance(image, (str, os.PathLike)):
-        return os.fspath(image)
+        # "" (an unset variable): named, else the message would be ": no such file"
+        return os.fspath(image) or "<empty path>"
     if isinstance(image, (bytes, bytearray, memoryview)):
         return f"<bytes ({memoryview(image).nbytes} bytes)>"
     if isinstance(image, Image.Image):

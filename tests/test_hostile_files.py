@@ -170,6 +170,13 @@ def test_why_a_file_cannot_be_read_is_said_in_words(tmp_path, monkeypatch):
     _refused(photo, "permission denied")
 
 
+def test_an_empty_path_is_named_in_its_error():
+    """caption("") (a path from an unset variable or an empty config field) is an InputError
+    that says it is an empty path, not ": no such file", which names nothing."""
+    err = _refused("", "no such file")
+    assert str(err) == "<empty path>: no such file"
+
+
 def test_the_message_is_one_printable_line_whatever_the_file_name(tmp_path):
     """str(InputError) of a file named with a newline, or with a byte that is not UTF-8 (as
     os.listdir gives it: a lone surrogate, which print() to a UTF-8 terminal cannot encode), is
