@@ -45,7 +45,7 @@ def test_select_tensorrt_when_asked_with_cuda_fallback(tmp_path):
     name, options = providers[0]
     assert options["trt_fp16_enable"] is True
     assert options["trt_engine_cache_enable"] is True
-    assert options["trt_engine_cache_path"] == str(tmp_path)
+    assert options["trt_engine_cache_path"] == str(tmp_path / "fp16")  # a folder per precision
     assert options["trt_timing_cache_enable"] is True
     assert providers[1] == (CUDA, {"device_id": 0})
     # CUDA missing: no warning for the fallback edgecap added itself
@@ -69,7 +69,8 @@ def test_select_keeps_user_provider_options(tmp_path):
     (trt_name, trt_opts), (cuda_name, cuda_opts), cpu = providers
     assert trt_name == TENSORRT and trt_opts["trt_fp16_enable"] is False
     assert trt_opts["trt_max_workspace_size"] == 123
-    assert trt_opts["trt_engine_cache_path"] == str(tmp_path)  # edgecap's defaults fill the rest
+    assert trt_opts["trt_engine_cache_path"] == str(tmp_path / "fp32")  # edgecap's defaults fill the
+    # rest, the engine cache that of the user's precision
     assert cuda_opts == {"device_id": 2, "arena_extend_strategy": "kSameAsRequested"}
     assert cpu == (CPU, {"arena_extend_strategy": "kNextPowerOfTwo"})
     single = select_providers((CUDA, {"device_id": 3}), ALL, tmp_path)
@@ -118,10 +119,19 @@ def test_a_tuple_of_names_is_a_list_of_providers_not_a_name_with_options(tmp_pat
 
 def test_tensorrt_keeps_its_engine_and_timing_caches_in_the_folder_given(tmp_path):
     """Both caches in ``cache_dir`` (the module's doc): a timing cache kept elsewhere would be
-    rebuilt, or shared with another model's engines, behind the user's back."""
+    rebuilt, or shared with another model's engines, behind the user's back. The engines in a
+    folder per precision: the TensorRT EP's docs say an engine is built for one precision and
+    must be rebuilt when it changes, and older EPs name the file the same either way."""
     name, options = select_providers("tensorrt", ALL, tmp_path / "cache")[0]
     assert name == TENSORRT
-    assert options["trt_engine_cache_path"] == options["trt_timing_cache_path"] == str(tmp_path / "cache")
+    assert options["trt_timing_cache_path"] == str(tmp_path / "cache")
+    assert options["trt_engine_cache_path"] == str(tmp_path / "cache" / "fp16")
+    fp32 = select_providers("tensorrt", ALL, tmp_path / "cache", fp16=False)[0][1]
+    assert fp32["trt_engine_cache_path"] == str(tmp_path / "cache" / "fp32")
+    as_text = select_providers([("tensorrt", {"trt_fp16_enable": "0"})], ALL, tmp_path / "cache")[0][1]
+    assert as_text["trt_engine_cache_path"] == str(tmp_path / "cache" / "fp32")  # "0": FP32
+    own = select_providers([("tensorrt", {"trt_engine_cache_path": "/mine"})], ALL, tmp_path)[0][1]
+    assert own["trt_engine_cache_path"] == "/mine" and own["trt_fp16_enable"] is True
 
 
 def test_fake_session_attachment_warning():
@@ -384,6 +394,44 @@ def test_fake_onnxruntime_backend_passes_role_profiles(monkeypatch, model_dir):
         monkeypatch.setattr(ort_backend.ort, "get_available_providers", lambda: [CPU])
         ort_backend.OnnxRuntimeBackend(m, threads=1)  # default: no TensorRT EP, no warning
     assert [p for _, p in asked] == [[CPU], [CPU]]
+
+
+def test_fake_tensorrt_ep_runs_the_encoder_fp32_behind_the_fp16_step(monkeypatch, model_dir, tmp_path):
+    """FAKE providers: with the TensorRT EP's FP16 (the default), the encoder graph's session
+    asks for FP32 and the FP32 engine cache, the decoder step's for FP16 (the FP16 that keeps the
+    captions, as the torch and TensorRT backends run it); ``fp32_encoder=False``: both FP16; the
+    user's own ``trt_fp16_enable`` holds for both graphs; ``fp32_encoder=True`` without FP16 is
+    refused before any session is made."""
+    ort = pytest.importorskip("onnxruntime")
+    import edgecap.backends.onnxruntime as ort_backend
+    from edgecap.manifest import load_manifest
+
+    real = ort.InferenceSession
+    asked = []
+
+    def fake_session(path, options=None, providers=None):
+        asked.append(providers[0][1])  # the TensorRT EP's options
+        return real(path, options, providers=[CPU])
+
+    monkeypatch.setattr(ort_backend.ort, "InferenceSession", fake_session)
+    monkeypatch.setattr(ort_backend.ort, "get_available_providers", lambda: ALL)
+    m = load_manifest(model_dir)
+
+    def precisions(**keywords):
+        asked.clear()
+        with pytest.warns(RuntimeWarning, match="could not use TensorrtExecutionProvider"):
+            ort_backend.OnnxRuntimeBackend(m, threads=1, cache_dir=str(tmp_path), **keywords)
+        return [(o["trt_fp16_enable"], Path(o["trt_engine_cache_path"]).name) for o in asked]
+
+    assert precisions(providers="tensorrt") == [(False, "fp32"), (True, "fp16")]  # encoder, step
+    assert precisions(providers="tensorrt", fp32_encoder=False) == [(True, "fp16"), (True, "fp16")]
+    assert precisions(providers="tensorrt", fp16=False) == [(False, "fp32"), (False, "fp32")]
+    mine = [("tensorrt", {"trt_fp16_enable": True})]
+    assert precisions(providers=mine) == [(True, "fp16"), (True, "fp16")]
+    asked.clear()
+    with pytest.raises(ValueError, match="fp32_encoder=True goes with fp16=True"):
+        ort_backend.OnnxRuntimeBackend(m, providers="tensorrt", fp16=False, fp32_encoder=True)
+    assert asked == []
 
 
 # -- the I/O-binding decoder --------------------------------------------------------------------

@@ -78,7 +78,10 @@ class OnnxRuntimeBackend(Backend):
     pairs; default CUDA when available, then CPU; the TensorRT execution provider only when
     listed), ``device`` ("cpu" / "cuda", used when ``providers`` is None), ``threads`` (intra-op
     threads; None: one per physical core), and for GPU providers ``cache_dir`` (TensorRT EP
-    engine cache), ``fp16`` (TensorRT EP precision), ``device_id``, ``limits`` (the largest
+    engine cache), ``fp16`` (TensorRT EP precision), ``fp32_encoder`` (with ``fp16``: the
+    TensorRT EP runs the encoder graph in FP32 behind the FP16 decoder step, the FP16 that keeps
+    the captions; None, the default: so with ``fp16``; False: the encoder FP16 too; the user's
+    own ``trt_fp16_enable`` wins), ``device_id``, ``limits`` (the largest
     batch and beam the TensorRT EP's optimisation profile takes; default 8 x 5). ``search``:
     "host" (default: the numpy loop between steps) or "graph" (the beam bookkeeping inside a
     step graph derived from the model's, ``edgecap.backends.ort_beam``; needs the onnx
@@ -101,8 +104,14 @@ class OnnxRuntimeBackend(Backend):
         device_id: int = 0,
         limits: Limits | None = None,
         search: str = "host",
+        fp32_encoder: bool | None = None,
     ):
         check_threads(threads)
+        if fp32_encoder and not fp16:
+            raise ValueError(
+                "fp32_encoder=True goes with fp16=True (the TensorRT execution provider's FP16 "
+                "decoder step behind an FP32 encoder); without fp16 everything is FP32 already"
+            )
         if search not in ort_beam.SEARCH_MODES:
             raise ValueError(f"search must be one of {', '.join(ort_beam.SEARCH_MODES)}, got {search!r}")
         if search == "graph":
@@ -121,6 +130,8 @@ class OnnxRuntimeBackend(Backend):
         wanted = select_providers(providers, device, cache_dir=cache_dir, fp16=fp16, device_id=device_id)
         # the TensorRT EP (when listed) gets each graph's own optimisation profile
         per_role = {role: ort_providers.providers_for_role(wanted, manifest, role, limits) for role in ROLES}
+        if fp16 and fp32_encoder is not False:  # the FP16 that keeps the captions
+            per_role["encoder"] = ort_providers.with_fp32_encoder(per_role["encoder"], providers, cache_dir)
         self.encoder = self._session("encoder", per_role["encoder"], threads)
         self.decoder = self._session("decoder_step", per_role["decoder_step"], threads)
         self._input_types = {

@@ -74,19 +74,66 @@ def _default_cache_dir() -> Path:
 def tensorrt_options(
     cache_dir: str | Path | None, fp16: bool = True, device_id: int = 0, extra: dict | None = None
 ) -> dict:
-    """TensorRT execution provider options: FP16, engine and timing caches in ``cache_dir``."""
-    cache = str(Path(cache_dir) if cache_dir is not None else _default_cache_dir())
+    """TensorRT execution provider options: FP16, the timing cache in ``cache_dir`` and the
+    engine cache in its folder for the precision (``engine_cache_path``)."""
+    cache = _cache(cache_dir)
     options = {
         "device_id": device_id,
         "trt_fp16_enable": bool(fp16),
         "trt_engine_cache_enable": True,
-        "trt_engine_cache_path": cache,
+        "trt_engine_cache_path": engine_cache_path(cache, fp16),
         "trt_timing_cache_enable": True,
-        "trt_timing_cache_path": cache,
+        "trt_timing_cache_path": str(cache),
         "trt_max_workspace_size": 1 << 30,
     }
     options.update(extra or {})
     return options
+
+
+def _cache(cache_dir: str | Path | None) -> Path:
+    return Path(cache_dir) if cache_dir is not None else _default_cache_dir()
+
+
+def _enabled(value) -> bool:
+    """An onnxruntime boolean option's value: True / False, or "1" / "true" as strings."""
+    return value.strip().lower() in ("1", "true") if isinstance(value, str) else bool(value)
+
+
+def _tensorrt_entry(defaults: dict, mine: dict, cache_dir: str | Path | None) -> dict:
+    """The TensorRT EP's options: edgecap's ``defaults`` updated by the user's own (``mine``),
+    the engine cache that of the precision the options settle on unless the user named one."""
+    options = {**defaults, **mine}
+    if "trt_engine_cache_path" not in mine:
+        options["trt_engine_cache_path"] = engine_cache_path(
+            _cache(cache_dir), _enabled(options["trt_fp16_enable"])
+        )
+    return options
+
+
+def engine_cache_path(cache: Path, fp16: bool) -> str:
+    """The TensorRT EP's engine cache for one precision: ``cache/fp16`` or ``cache/fp32``. The
+    EP's docs warn that an engine is built for one precision and must be rebuilt when it
+    changes, and its engine file names do not say the precision in every version: one folder
+    each, so an FP32 session never loads an FP16 engine cached for the same graph."""
+    return str(cache / ("fp16" if fp16 else "fp32"))
+
+
+def with_fp32_encoder(providers: list, requested, cache_dir: str | Path | None) -> list:
+    """``providers`` for the encoder graph behind an FP16 decoder step: the TensorRT EP's entry
+    with FP16 off and its engine cache the FP32 one (the FP16 that keeps the captions, as the
+    other backends run it), unless the user's own options for it (``requested``) set
+    ``trt_fp16_enable`` or ``trt_engine_cache_path`` themselves."""
+    mine: dict = {}
+    for name, options in provider_entries(requested):
+        if name == TENSORRT:
+            mine = options
+    out = []
+    for provider in providers:
+        if provider_name(provider) == TENSORRT and isinstance(provider, (tuple, list)):
+            name, options = provider
+            provider = (name, _tensorrt_entry({**options, "trt_fp16_enable": False}, mine, cache_dir))
+        out.append(provider)
+    return out
 
 
 def select_providers(
@@ -129,8 +176,9 @@ def select_providers(
                 )
             continue
         if name == TENSORRT:
+            defaults = tensorrt_options(cache_dir, fp16, device_id)
             providers.append(
-                (name, {**tensorrt_options(cache_dir, fp16, device_id, tensorrt_extra), **options})
+                (name, _tensorrt_entry(defaults, {**(tensorrt_extra or {}), **options}, cache_dir))
             )
         elif name == CUDA:
             providers.append((name, {"device_id": device_id, **options}))
