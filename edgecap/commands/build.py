@@ -33,7 +33,7 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
         f"{'.'.join(map(str, STRONGLY_TYPED_FP16_FROM))} or later built from "
         "the graphs of `edgecap convert --precision fp16`, with the parts that "
         "lists in FP32 (see edgecap convert --help); on older TensorRT the "
-        "Softmax, LogSoftmax and TopK layers stay FP32",
+        "layers of those same parts are asked to stay FP32",
     )
     # The defaults are the default engine's (edgecap.contract.Limits): what `edgecap caption
     # --backend tensorrt` asks for at least, so its engines are the ones built here; any
