@@ -661,6 +661,32 @@ def test_fake_fp16_engines_run_the_step_in_fp16_behind_an_fp32_encoder(
     assert len(trt.stats["builds"]) == 3 and not device.memory
 
 
+def test_fake_int8_model_directory_is_refused_for_what_it_is_whatever_the_encoder(
+    monkeypatch, tmp_path, model_dir, device
+):
+    """An int8 model directory gives no TensorRT engines (engines/README.md: FP16 or FP32, from an
+    fp32 or fp16 model directory), whichever encoder precision is asked for: the refusal names
+    int8 and does not send the user to ``fp32_encoder=False`` (refused in turn for the same
+    reason); it comes before the engine cache is searched, and nothing is built."""
+    import dataclasses
+
+    from edgecap.errors import ModelError
+
+    trt = install(monkeypatch, "10.3.0.30", device)
+    int8 = dataclasses.replace(load_manifest(model_dir), precision="int8")
+    for fp32_encoder in (None, True, False):
+        log = io.StringIO()
+        with pytest.raises(ModelError, match="not int8") as refused:
+            TensorRTBackend(
+                int8, "fp16", Limits(1, 3), tmp_path, cuda_device=device, log=log, fp32_encoder=fp32_encoder
+            )
+        assert "fp32_encoder=False" not in str(refused.value), fp32_encoder
+        assert log.getvalue() == "", fp32_encoder  # refused before looking for engines
+    with pytest.raises(ModelError, match="not int8"):
+        build_all(int8, "fp16", Limits(1, 3), tmp_path, device=device, fp32_encoder=True)
+    assert trt.stats["builds"] == [] and list(tmp_path.glob("*.engine")) == [] and not device.memory
+
+
 def test_fake_build_fp32_on_11_is_strongly_typed_without_fp16(monkeypatch, tmp_path, model_dir, device):
     trt = install(monkeypatch, "11.0.0.1", device)
     build_all(load_manifest(model_dir), "fp32", Limits(2, 2), tmp_path, device=device, log=io.StringIO())

@@ -57,6 +57,10 @@ def role_precisions(manifest: Manifest, precision: str, fp32_encoder: bool | Non
     (docs/gpu-search.md). ``fp32_encoder=False``: the encoder in FP16 as well, for speed."""
     if precision not in PRECISIONS:
         raise ValueError(f"precision must be one of {PRECISIONS}, not {precision!r}")
+    if manifest.precision == "int8":  # refused as such, whatever the encoder (onnx_for_build)
+        raise ModelError(
+            f"{manifest.directory}: TensorRT engines are built from an fp32 or fp16 model directory, not int8"
+        )
     if precision == "fp32":
         if fp32_encoder:
             raise ValueError(
