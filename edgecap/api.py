@@ -386,7 +386,7 @@ class Captioner:
                     InputError,
                 )
                 if len(head) > 1
-                else (self._prepared(chunk, color) for chunk in batched(inputs, batch))
+                else batched(self._prepared(inputs, color), batch)
             )
             # a consumer that stops early stops the workers too (closed before the pool is
             # handed back)
@@ -431,15 +431,15 @@ class Captioner:
         visible = not self.options.blank_check or recognisable(x, self.manifest.preprocessing)
         return _Prepared(x, visible, (time.perf_counter() - t0) * 1e3)
 
-    def _prepared(self, images: list, color: str) -> list[_Prepared | InputError]:
-        """One batch prepared in the calling thread (no decoding workers)."""
-        out: list[_Prepared | InputError] = []
+    def _prepared(self, images: Iterable[ImageInput], color: str) -> Iterator[_Prepared | InputError]:
+        """Each input prepared in the calling thread (no decoding workers) as soon as it is read,
+        before the next one is: a camera loop that refills one frame buffer gets each frame's
+        caption, not its last frame's for the whole batch."""
         for image in images:
             try:
-                out.append(self._prepare(image, color))
+                yield self._prepare(image, color)
             except InputError as exc:
-                out.append(exc)
-        return out
+                yield exc
 
     def _workers(self) -> ThreadPoolExecutor:
         """The pool of ``decode_workers`` threads: the current one, or a new one when the number
@@ -681,7 +681,7 @@ class _Source(Iterator):
             raise StopIteration from None
 
 
-def batched(items: Iterable, size: int) -> Iterator[list]:
+def batched(items: Iterable, size: int) -> Generator[list, None, None]:
     """Consecutive lists of ``size`` items (the last may be shorter), reading ``items`` one list
     at a time (``itertools.batched`` of Python 3.12, as lists)."""
     iterator = iter(items)

@@ -185,6 +185,22 @@ def test_a_source_that_fails_midway_costs_none_of_the_photos_it_gave(fake, worke
     assert got == [word(0), word(1), word(2)]
 
 
+def test_without_workers_a_camera_loop_that_refills_one_buffer_gets_each_frames_caption(fake):
+    """iter_captions' advice for a live source is decode_workers=0; a camera loop that reads
+    each frame into the same array (cv2's read(image=buf), an SDK's recycled frame memory)
+    gets the caption of each frame, not the last frame's for all of its batch of 8 (each photo
+    is decoded as soon as it is read, before the next read)."""
+    buffer = np.empty_like(red(0))
+
+    def camera():
+        for i in range(3):
+            buffer[...] = red(i)
+            yield buffer
+
+    results = captioner(workers=0, batch=8).iter_captions(camera())
+    assert texts(results) == [word(0), word(1), word(2)]
+
+
 def test_the_read_ahead_is_bounded(fake):
     batch, workers = 2, 2
     ahead = max(batch, 2 * workers)  # the documented window
