@@ -44,6 +44,7 @@ before the frame count its header gives (truncated, or frames the decoder cannot
 
 from __future__ import annotations
 
+import math
 import os
 import threading
 import time
@@ -254,6 +255,11 @@ class CaptionStream:
                 now = time.perf_counter()
                 frame = _as_frame(item, position, now - self._started, self.color)
                 position += 1
+                if self.every is not None and not math.isfinite(frame.timestamp):
+                    raise ValueError(
+                        f"frame {frame.index}: timestamp {frame.timestamp!r} is not a finite number "
+                        "of seconds, which every= samples frames by"
+                    )
                 with self._lock:
                     self._counts["frames"] += 1
                     if not sampler.take(frame.timestamp):

@@ -331,6 +331,16 @@ def test_every_takes_at_most_one_frame_per_interval_after_a_gap():
     assert (stream.stats.frames, stream.stats.skipped) == (4, 1)
 
 
+@pytest.mark.parametrize("bad", [float("nan"), float("inf")])
+def test_every_with_a_frame_stamped_nan_or_infinite_says_which_frame(bad):
+    """Frames of your own (Frame(index, timestamp, image), e.g. from message stamps) sampled with
+    every=: a NaN or infinite timestamp is a ValueError naming the frame and its timestamp
+    (before: Python's "cannot convert float NaN to integer", naming neither)."""
+    frames = [Frame(index=7, timestamp=0.0, image="a"), Frame(index=8, timestamp=bad, image="b")]
+    with pytest.raises(ValueError, match=rf"frame 8: timestamp {bad!r} is not a finite number"):
+        list(caption_stream(FakeCaptioner(), frames, every=1.0, live=False))
+
+
 def test_latency_is_in_milliseconds_and_counts_the_captioning():
     """A caption that takes 50 ms: the event's latency, from the read to the caption, is at
     least 50 (ms), not 0.05."""
