@@ -11,7 +11,8 @@ Variants (``VARIANTS``): one model directory run several ways.
                      dynamic int8 decoder step, FP32 encoder
     ort-int8-static  as ort-int8, plus the encoder statically quantised (QDQ) on calibration photos
     ort-fp16         onnxruntime, `edgecap convert --precision fp16`
-    tensorrt-fp16    the TensorRT backend (only where tensorrt imports and a GPU is present)
+    tensorrt-fp16    the TensorRT backend's FP16 engines: the decoder step FP16 behind the FP32
+                     encoder engine (only where tensorrt imports and a GPU is present)
 
     NAME             ``--model-dir NAME=DIR``: any model directory (e.g. an int8 model made by
                      hand), onnxruntime on the CPU

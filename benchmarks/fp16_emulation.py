@@ -5,21 +5,24 @@ kernels, and their captions compared with FP32's, photo by photo.
 
 Each torch operation in FP16 rounds its output to FP16, on the CPU as on a GPU (both compute an
 FP16 matrix product in FP32 and round the result), so the captions of the CPU's FP16 predict the
-GPU's: on the first 200 Flickr8k dev photos this emulation gave FP16 184/200 and the FP16 decoder
-behind the FP32 encoder 195/200 where the H200 gave 185 and 194 (``benchmarks/results/gpu.md``).
+GPU's: on the first 200 Flickr8k dev photos this emulation gave the whole model in FP16 184/200
+and the FP16 decoder behind the FP32 encoder 195/200 where the H200 gave 185 and 194
+(``benchmarks/results/gpu.md``).
 What it does not show: the GPU's own kernel choices (cuDNN's FP16 convolutions, cuBLAS's split
 reductions), which only a GPU run measures (``benchmarks/gpu_check.py``).
 
-Variants: ``fp16=True`` and ``fp16=True, fp32_encoder=True`` (the backend's FP32 islands), each
-also with the word logits left in FP16 (``fp32_logits=False``: the islands before the word-logit
-projection joined them). The reference is the FP32 torch backend on the same photos, with the
-same options (beam 3, batch 8, the default decoding). Photos: coco-ood-dev and coco-ood-dev-b
-(160 everyday photos) and the first ``--flickr8k-limit`` Flickr8k dev photos, read from
-``--data`` (research data: read here, never a fixture or a shipped file). The share identical
+Variants: the whole model in FP16 (``fp16=True, fp32_encoder=False``; labelled "fp16") and the FP16
+decoder behind the FP32 encoder (``fp16=True``, the backend's default with FP16 since 2026-12-04,
+which took ``fp32_encoder=True`` before; "fp16 + fp32_encoder"), with the backend's FP32 islands,
+each also with the word logits left in FP16 (``fp32_logits=False``: the islands before the
+word-logit projection joined them). The reference is the FP32 torch backend on the same photos,
+with the same options (beam 3, batch 8, the default decoding). Photos: coco-ood-dev and
+coco-ood-dev-b (160 everyday photos) and the first ``--flickr8k-limit`` Flickr8k dev photos, read
+from ``--data`` (research data: read here, never a fixture or a shipped file). The share identical
 comes with a 95% interval from resampling the photos, and each variant without the word-logit
 island against the one with it as a paired bootstrap of the per-photo "identical" (10,000
-resamples, ``_stats.paired_bootstrap``). The backend refuses FP16 on the CPU (slow and not
-what it is for), so this script builds the FP16 backends through ``TorchBackend._setup``.
+resamples, ``_stats.paired_bootstrap``). The backend refuses FP16 on the CPU (slow and not what it
+is for), so this script builds the FP16 backends through ``TorchBackend._setup``.
 """
 
 from __future__ import annotations

@@ -486,6 +486,7 @@ def other_backends(device: str, report: Report) -> list[dict]:
 
             if not isinstance(getattr(tensorrt, "__version__", None), str):
                 raise ImportError("only type stubs (tensorrt-stubs), not the library")
+            # FP16 engines: the decoder step FP16 behind the FP32 encoder engine (role_precisions)
             out.append({"label": "tensorrt-fp16", "backend": "tensorrt", "options": {"precision": "fp16"}})
         except Exception as exc:
             report.skip("TensorRT rows", f"tensorrt does not import ({exc})")

@@ -1106,11 +1106,15 @@ def test_fake_a_freshly_built_engine_that_does_not_load_is_a_backend_error(
 
 def _stand_in_network(trt, specs):
     """A network of named, typed layers for ``_pin_fp32_layers``, and its layers: one per
-    ``(kind, inputs, outputs)`` or ``(kind, inputs, outputs, dtype)`` (every tensor of the
-    layer that type; FP32 when not given), each recording its precision and retyped outputs."""
+    ``(kind, inputs, outputs)`` or ``(kind, inputs, outputs, dtypes)`` (``dtypes``: a type for
+    every tensor of the layer, or a tensor name -> type; FP32 when not given), each recording
+    its precision and retyped outputs."""
 
-    def layer(kind, inputs, outputs, dtype=trt.float32):
-        tensors = {name: types.SimpleNamespace(name=name, dtype=dtype) for name in (*inputs, *outputs)}
+    def layer(kind, inputs, outputs, dtypes=trt.float32):
+        def dtype(name):
+            return dtypes.get(name, trt.float32) if isinstance(dtypes, dict) else dtypes
+
+        tensors = {name: types.SimpleNamespace(name=name, dtype=dtype(name)) for name in (*inputs, *outputs)}
         made = types.SimpleNamespace(
             type=kind,
             precision=None,
@@ -1155,12 +1159,15 @@ def test_fake_fp16_pins_every_layer_of_an_island_node_and_nothing_around_it():
     Gemm: its matrix product into a tensor of the parser's own, then the bias added into the
     node's output) is pinned whole, weights included; the layers before the node's ONNX inputs
     (the LSTM writing ``h``) and after its output (an FP16 Tanh reading the logits) are not,
-    nor a layer of integer tensors. A stand-in network of named, typed layers."""
+    nor a layer of integer tensors, nor the shape layer that reads the logits' shape for the
+    parser's reshape back (an island's layer, but an INT32 output: NVIDIA/TensorRT#3177, a layer
+    forced to INT32 is warned of). A stand-in network of named, typed layers."""
     from edgecap.trt.engines import Islands, _pin_fp32_layers
 
     trt = make_fake_trt("10.3.0.30", FakeDevice())
     weights, bias = "(Unnamed Layer* 1) [Constant]_output", "(Unnamed Layer* 3) [Constant]_output"
     product = "(Unnamed Layer* 2) [Matrix Multiply]_output"
+    shape = "(Unnamed Layer* 10) [Shape]_output"
     network, layers = _stand_in_network(
         trt,
         [
@@ -1171,16 +1178,25 @@ def test_fake_fp16_pins_every_layer_of_an_island_node_and_nothing_around_it():
             ("other", [product, bias], ["logits"]),
             ("unary", ["logits"], ["tanh_logits"]),  # after the island
             ("other", ["ids"], ["ids_plus_one"], trt.int32),  # integer tensors only
+            # a LogSoftmax as the parser makes it: the softmax and log on the logits, then the
+            # result reshaped back to the logits' shape, read by a shape layer
+            ("softmax", ["logits"], ["(Unnamed Layer* 8) [Softmax]_output"]),
+            ("unary", ["(Unnamed Layer* 8) [Softmax]_output"], ["(Unnamed Layer* 9) [Unary]_output"]),
+            ("shape", ["logits"], [shape], {shape: trt.int32}),
+            ("shuffle", ["(Unnamed Layer* 9) [Unary]_output", shape], ["logprobs"], {shape: trt.int32}),
         ],
     )
     islands = Islands(
-        tensors=frozenset({"logits", "ids_plus_one"}),
-        named=frozenset({"x", "h_prev", "h", "logits", "tanh_logits", "ids", "ids_plus_one"}),
+        tensors=frozenset({"logits", "ids_plus_one", "logprobs"}),
+        named=frozenset({"x", "h_prev", "h", "logits", "tanh_logits", "ids", "ids_plus_one", "logprobs"}),
     )
     _pin_fp32_layers(trt, network, islands)
-    f32 = trt.float32
-    assert [lay.precision for lay in layers] == [None, f32, f32, f32, f32, None, None]
-    assert [lay.retyped for lay in layers] == [{}, {0: f32}, {0: f32}, {0: f32}, {0: f32}, {}, {}]
+    f32, pinned = trt.float32, {0: trt.float32}
+    assert [lay.precision for lay in layers] == [None, f32, f32, f32, f32, None, None, f32, f32, None, f32]
+    assert [lay.retyped for lay in layers] == [
+        *([{}] + [pinned] * 4 + [{}, {}]),
+        *(pinned, pinned, {}, pinned),  # the shape layer neither pinned nor retyped
+    ]
 
 
 def test_fake_engines_are_built_only_at_a_known_precision_from_a_matching_model(

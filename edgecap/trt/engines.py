@@ -368,7 +368,9 @@ def _pin_fp32_layers(
             pin = pin or (from_softmax and layer.type == unary)
         # the beam-step graph's scores and comparisons (edgecap.build.beam_step)
         pin = pin or any(_beam_tensor(layer.get_output(j).name) for j in range(layer.num_outputs))
-        pin = pin or i in in_islands
+        # an island's layers that write a float (not the shape layers the parser reads a
+        # float tensor's shape with: pinned, TensorRT warns of a layer forced to INT32)
+        pin = pin or (i in in_islands and _writes_float(trt, layer))
         if layer.type == getattr(kinds, "SOFTMAX", None):
             softmax_out.update(layer.get_output(j).name for j in range(layer.num_outputs))
         if not pin or not _touches_float(trt, layer):
@@ -377,6 +379,10 @@ def _pin_fp32_layers(
         for j in range(layer.num_outputs):
             if _is_float(trt, layer.get_output(j).dtype):
                 layer.set_output_type(j, trt.float32)
+
+
+def _writes_float(trt: TensorRTModule, layer: tensorrt.ILayer) -> bool:
+    return any(_is_float(trt, layer.get_output(j).dtype) for j in range(layer.num_outputs))
 
 
 def _touches_float(trt: TensorRTModule, layer: tensorrt.ILayer) -> bool:
