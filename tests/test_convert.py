@@ -354,6 +354,23 @@ def test_cli_convert_flags_as_typed(fp32_dir, tmp_path, capsys):
     assert f"{photos}: no images (.jpg, .png, ...) to calibrate with" in printed.err or "sympy" in printed.err
 
 
+def test_cli_convert_out_that_cannot_be_a_folder_is_one_line_and_exit_2(default_model_dir, tmp_path, capsys):
+    """docs/cli.md: a usage error is exit 2, never a traceback. An --out that is a file, or lies
+    below one, cannot be made a folder: one line naming it and what is wrong (the system's
+    "Not a directory"), exit 2, nothing printed on stdout. Before the fix: a traceback of
+    NotADirectoryError and exit 1."""
+    from edgecap.cli import main
+
+    a_file = tmp_path / "notes.txt"
+    a_file.write_text("not a folder")
+    for out in (a_file, a_file / "model"):
+        code = main(["convert", str(default_model_dir), "--out", str(out), "--no-check"])
+        printed = capsys.readouterr()
+        assert (code, printed.out) == (2, "")
+        assert printed.err == f"edgecap convert: error: {out}: Not a directory\n"
+    assert a_file.read_text() == "not a folder"
+
+
 def _with_decoding_files(fp32_dir, model: Path) -> Path:
     """A copy of the FP32 model directory with fused caption LMs (random, over its vocabulary)
     and the shipped model's confidence model."""

@@ -59,6 +59,9 @@ def run(args: argparse.Namespace) -> int:
     except ValueError as exc:
         print(f"edgecap convert: error: {exc}", file=sys.stderr)
         return 2
+    except OSError as exc:  # OUT_DIR cannot be made or written: a file in the way, a full disk
+        print(f"edgecap convert: error: {exc.filename or args.out}: {exc.strerror or exc}", file=sys.stderr)
+        return 2
     print(f"wrote {args.precision} model to {manifest.directory}")
     for role in ROLES:
         print(f"  {manifest.files[role]}: {manifest.path(role).stat().st_size / 1e6:.1f} MB")
