@@ -39,6 +39,7 @@ import asyncio
 import contextlib
 import functools
 import ipaddress
+import logging
 import signal
 import sys
 import time
@@ -101,6 +102,21 @@ def one_line(exc: BaseException) -> str:
 
 def log(message: str) -> None:
     print(f"edgecap serve: error: {message}", file=sys.stderr, flush=True)
+
+
+class OneLineLog(logging.LoggerAdapter):
+    """aiohttp's server log (``RequestHandler.logger``) as the service's own log lines: a request
+    aiohttp refuses before the service sees it (not HTTP, a bad Content-Length, a header over
+    8 KB) is one line naming the client and the problem (cut at 300 characters: the parser
+    quotes the request's bytes), not a traceback for each such request."""
+
+    def exception(self, msg, *args, exc_info=True, **kwargs) -> None:
+        exc = exc_info if isinstance(exc_info, BaseException) else sys.exc_info()[1]
+        text = msg % args if args else str(msg)
+        if exc is not None:
+            why = one_line(exc)
+            text += f" ({why[:300]}{'...' if len(why) > 300 else ''})"
+        log(text)
 
 
 class Batcher:
@@ -383,6 +399,7 @@ async def start(service: CaptionService, host: str = DEFAULT_HOST, port: int = D
         auto_decompress=False,
         lingering_time=LINGERING_S,
         shutdown_timeout=SHUTDOWN_S,
+        logger=OneLineLog(logging.getLogger("aiohttp.server"), {}),
     )
     await runner.setup()  # starts the Batcher's task and thread: stopped again on failure
     try:

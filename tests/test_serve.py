@@ -249,6 +249,37 @@ def test_stalled_body_times_out_with_408():
         running.stop()
 
 
+def test_a_request_that_is_not_valid_http_is_a_400_and_one_log_line_without_a_traceback(capfd, caplog):
+    """docs/service.md: every bad request gets a clear answer and the service keeps serving; a
+    failure is one log line on stderr. A request aiohttp's parser refuses before the service
+    sees it (Content-Length together with Transfer-Encoding: chunked, which RFC 9112 6.1 makes
+    a 400, as it does a Content-Length that is not a number) is answered 400 and logged as one
+    line naming the client and the problem; before the fix aiohttp logged "Error handling
+    request" with the parser's traceback (a dozen lines) for each such request."""
+    fake = BlockingCaptioner()
+    fake.gate.set()
+    running = Running(fake, ServiceOptions())
+    try:
+        for header in (b"Content-Length: 5\r\nTransfer-Encoding: chunked", b"Content-Length: abc"):
+            with socket.create_connection(("127.0.0.1", running.port), timeout=CLIENT_TIMEOUT_S) as client:
+                client.sendall(
+                    b"POST /caption HTTP/1.1\r\nHost: x\r\n" + header + b"\r\n\r\n5\r\nhello\r\n0\r\n\r\n"
+                )
+                assert client.recv(65536).startswith(b"HTTP/1.0 400 ") or pytest.fail("no 400")
+        after = post(running.port, b"fine")
+    finally:
+        running.stop()
+    assert (after[0], after[1]["caption"]) == (200, "4 bytes")
+    logged = capfd.readouterr().err.splitlines()
+    assert len(logged) == 2, logged
+    for line, problem in zip(logged, ("Transfer-Encoding", "Content-Length: abc")):
+        assert line.startswith(
+            "edgecap serve: error: Error handling request from 127.0.0.1 (BadHttpMessage: 400"
+        )
+        assert problem in line
+    assert [r.getMessage() for r in caplog.records if r.exc_info] == []
+
+
 # -- batching and the queue bound, with a captioner that blocks on command -----------------------
 def test_requests_that_arrive_together_are_batched():
     fake = BlockingCaptioner(batch_size=4)
