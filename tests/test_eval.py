@@ -676,3 +676,53 @@ def test_cli_without_pycocoevalcap_names_the_extra_before_loading_the_model(tmp_
     assert out.err == f"edgecap eval: error: scoring needs pycocoevalcap: {install_hint('eval')}\n"
     assert "'pycocoevalcap>=1.2'" in out.err  # pyproject.toml's eval extra
     assert not results.exists()
+
+
+@pytest.mark.parametrize("where", ["a folder", "in a folder that does not exist", "below a file"])
+def test_cli_an_output_that_cannot_be_a_file_is_refused_before_captioning(
+    where, tmp_path, monkeypatch, capsys
+):
+    """docs/cli.md: a bad option is exit 2 in one line, never a traceback. An --output that is a
+    folder, or whose folder does not exist or is a file, is refused before any Captioner is made
+    (not after minutes of captioning: before the fix, an IsADirectoryError /
+    FileNotFoundError traceback and exit 1 once the split was captioned, its scores lost)."""
+    from edgecap.commands import eval as eval_command
+
+    built = []
+    monkeypatch.setattr(eval_command, "load_captioner", lambda args: built.append(args))
+    (tmp_path / "a-file").write_text("")
+    output, problem = {
+        "a folder": (tmp_path, "is a folder"),
+        "in a folder that does not exist": (
+            tmp_path / "missing" / "r.json",
+            f"{tmp_path / 'missing'} does not exist",
+        ),
+        "below a file": (tmp_path / "a-file" / "r.json", f"{tmp_path / 'a-file'} is not a folder"),
+    }[where]
+    refs = coco_json(tmp_path / "refs.json", {"chelsea.png": ["A cat."]})
+    rc = main(["eval", "--images", str(EXAMPLES), "--references", str(refs), "--output", str(output)])
+    out = capsys.readouterr()
+    assert (rc, out.out, built) == (2, "", [])
+    assert (
+        out.err.startswith(f"edgecap eval: error: --output {output}: {problem}") and out.err.count("\n") == 1
+    )
+
+
+@pytest.mark.skipif(not Path("/dev/full").exists(), reason="needs /dev/full (a disk that is always full)")
+def test_cli_an_output_that_cannot_be_written_still_prints_the_scores(
+    tiny_model_dir, tmp_path, monkeypatch, capsys
+):
+    """An --output the split's captions cannot be written to (a full disk: /dev/full) is one
+    line naming it and the system's reason, exit 2 (docs/cli.md: output that could not be
+    written), and the scores of the captioned split are still printed; before the fix an
+    OSError traceback and exit 1, the scores of a split that may have taken minutes lost."""
+    monkeypatch.setattr(metrics, "java_available", lambda: False)
+    tokens, split = flickr_files(tmp_path, ["chelsea.png"])
+    args = ["--images", str(EXAMPLES), "--captions", str(tokens), "--split", str(split), "--json"]
+    rc = main(["eval", *args, "--model", str(tiny_model_dir), "--max-length", "4", "--output", "/dev/full"])
+    out = capsys.readouterr()
+    assert rc == 2
+    assert json.loads(out.out)["n_images"] == 1
+    assert out.err.endswith(
+        "edgecap eval: error: --output /dev/full: cannot write it (No space left on device)\n"
+    )

@@ -10,9 +10,11 @@ options; ``--json`` prints them as one JSON object instead. ``--output`` writes 
 coco-caption's results format. Without Java, METEOR is skipped (null in ``--json``) and the
 simple tokenizer replaces PTB; stderr and the ``tokenizer`` field say so.
 
-Exit codes: 0 scored; 2 nothing captioned (bad option, unreadable references, listed images
-missing, all named before captioning starts); 1 an image failed to decode while captioning (the
-split is not scored: a metric over part of it would not be comparable).
+Exit codes: 0 scored; 2 nothing captioned (bad option, an --output that is a folder or whose
+folder does not exist, unreadable references, listed images missing, all named before
+captioning starts), or the scores printed but --output could not be written (a full disk); 1
+an image failed to decode while captioning (the split is not scored: a metric over part of it
+would not be comparable).
 """
 
 from __future__ import annotations
@@ -104,17 +106,21 @@ def run(args: argparse.Namespace) -> int:
     progress.close()
     seconds = time.perf_counter() - started
 
+    unwritten = None
     if args.output:
-        Path(args.output).write_text(
-            json.dumps(results_json(items, hyps), ensure_ascii=False, indent=1) + "\n", encoding="utf-8"
-        )
+        try:
+            Path(args.output).write_text(
+                json.dumps(results_json(items, hyps), ensure_ascii=False, indent=1) + "\n", encoding="utf-8"
+            )
+        except OSError as exc:  # a full disk, no permission: the scores are still printed
+            unwritten = f"--output {args.output}: cannot write it ({exc.strerror or exc})"
     report = score_split(items, hyps)
     summary = _summary(args, captioner, report, seconds)
     if args.json:
         print(json.dumps(summary, ensure_ascii=False))
     else:
         _print_table(summary)
-    return 0
+    return _fail(unwritten) if unwritten else 0
 
 
 def _check_arguments(args: argparse.Namespace) -> str | None:
@@ -131,6 +137,13 @@ def _check_arguments(args: argparse.Namespace) -> str | None:
         return "--karpathy-split goes with --references (a Karpathy dataset JSON)"
     if args.limit is not None and args.limit < 1:
         return f"--limit must be at least 1, got {args.limit}"
+    if args.output is not None:  # refused now, not after minutes of captioning
+        output = Path(args.output)
+        if output.is_dir():
+            return f"--output {args.output}: is a folder; give a file to write the captions to"
+        if not output.parent.is_dir():
+            what = "is not a folder" if output.parent.exists() else "does not exist"
+            return f"--output {args.output}: {output.parent} {what}"
     return None
 
 
