@@ -10,6 +10,7 @@ from __future__ import annotations
 
 import json
 import math
+import os
 from pathlib import Path
 
 import pytest
@@ -726,3 +727,32 @@ def test_cli_an_output_that_cannot_be_written_still_prints_the_scores(
     assert out.err.endswith(
         "edgecap eval: error: --output /dev/full: cannot write it (No space left on device)\n"
     )
+
+
+@pytest.mark.skipif(not hasattr(os, "mkfifo"), reason="needs named pipes")
+def test_cli_references_that_are_a_pipe_or_over_the_limit_are_refused_in_one_line(tmp_path, capsys):
+    """docs/hostile-inputs.md: dataset files (COCO and Karpathy JSON included) are regular files
+    of at most 1 GB, a named pipe or a larger file refused before it is read. ``edgecap eval
+    --references`` is such a file: a named pipe is one line naming it, exit 2, at once (before
+    the fix it waited forever for a writer), and a 2 GB sparse file is refused without being
+    read (before: read whole)."""
+    import threading
+
+    pipe = tmp_path / "refs-pipe.json"
+    os.mkfifo(pipe)
+    huge = tmp_path / "refs-huge.json"
+    with open(huge, "wb") as f:
+        f.truncate(2 << 30)  # sparse: 2 GB that must never be read
+    for refs, problem in ((pipe, "is a named pipe (FIFO), not a regular file"), (huge, "over the limit")):
+        done: list = []
+        args = ["eval", "--images", str(EXAMPLES), "--references", str(refs)]
+        worker = threading.Thread(target=lambda a, d: d.append(main(a)), args=(args, done), daemon=True)
+        worker.start()
+        worker.join(30)
+        if worker.is_alive():  # waiting on the pipe: let it go (a writer that closes at once)
+            os.close(os.open(pipe, os.O_WRONLY))
+            worker.join(30)
+        out = capsys.readouterr()
+        assert (done, out.out) == ([2], "")
+        assert out.err.startswith(f"edgecap eval: error: {refs}: ") and out.err.count("\n") == 1
+        assert problem in out.err

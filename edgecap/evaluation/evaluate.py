@@ -25,9 +25,9 @@ from pathlib import Path
 
 from edgecap.evaluation import metrics
 from edgecap.api import batched
-from edgecap.data.readers import CaptionedImage, read_coco, read_flickr8k, read_karpathy
+from edgecap.data.readers import MAX_DATASET_BYTES, CaptionedImage, read_coco, read_flickr8k, read_karpathy
 from edgecap.errors import DataError, InputError
-from edgecap.files import os_problem
+from edgecap.files import FileProblem, os_problem, read_json
 
 KARPATHY_SPLITS = ("train", "val", "test")
 _SHOWN = 5  # missing or broken images named in an error message
@@ -74,7 +74,10 @@ def load_references(
 
 
 def _read_json_references(path: Path, karpathy_split: str | None) -> list[CaptionedImage]:
-    data = json.loads(path.read_text(encoding="utf-8"))
+    try:  # as the readers read it: a regular file under the limit (a named pipe would hang)
+        data = read_json(path, MAX_DATASET_BYTES)
+    except FileProblem as exc:
+        raise DataError(f"{path}: {exc}") from None
     images = data.get("images") if isinstance(data, dict) else None
     is_karpathy = (
         isinstance(images, list) and bool(images) and isinstance(images[0], dict) and "sentences" in images[0]
