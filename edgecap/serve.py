@@ -354,6 +354,12 @@ def _json_errors(web):
                 web,
                 exc.status,
                 exc.reason if not exc.text or exc.text.startswith(f"{exc.status}:") else exc.text,
+                # its own headers but the body's: a 405's Allow (RFC 9110 15.5.6: it MUST have one)
+                headers={
+                    k: v
+                    for k, v in exc.headers.items()
+                    if k.lower() not in ("content-type", "content-length")
+                },
             )
         except Exception as exc:  # noqa: BLE001 (a bug: a JSON 500 and one log line, no traceback)
             log(f"{request.method} {request.path} failed ({one_line(exc)})")

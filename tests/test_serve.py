@@ -530,6 +530,23 @@ def test_health_reports_the_limits_in_force_and_other_paths_are_json_errors():
     )
 
 
+def test_a_405_says_which_methods_the_path_allows():
+    """RFC 9110 15.5.6: a 405 answer MUST carry an Allow header listing the path's methods.
+    docs/service.md: POST /caption, GET /health (aiohttp answers HEAD as GET). The JSON 405 kept
+    aiohttp's status and dropped its Allow header before the fix; its body stays the JSON error."""
+    fake = BlockingCaptioner()
+    fake.gate.set()
+    running = Running(fake, ServiceOptions())
+    try:
+        caption = request(running.port, "PUT", "/caption", b"x")
+        health = request(running.port, "DELETE", "/health")
+    finally:
+        running.stop()
+    assert caption[:2] == (405, {"error": "Method Not Allowed"}) and caption[2]["Allow"] == "POST"
+    assert health[0] == 405 and {m.strip() for m in health[2]["Allow"].split(",")} == {"GET", "HEAD"}
+    assert caption[2]["Content-Type"].startswith("application/json")
+
+
 class FailingCaptioner(BlockingCaptioner):
     """A model that raises (as a GPU out of memory would) on any batch holding b"boom"."""
 
