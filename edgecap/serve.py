@@ -23,7 +23,8 @@ serving:
 - 413: a body over ``max_body_bytes`` (refused from its Content-Length before it is read, or
   while a chunked body is read);
 - 503 (with ``Retry-After``): ``max_pending`` requests are already being read, queued or
-  captioned; memory stays below ``max_pending x max_body_bytes`` for bodies;
+  captioned; memory stays below ``max_pending x max_body_bytes`` for bodies; or the service is
+  stopping while the body is still arriving;
 - 408: a body not received within ``read_timeout_s`` (a client that stalls);
 - 415: a Content-Type that is not an image (a form, JSON, text); 400: a body that is not an
   image edgecap can decode, or an empty one;
@@ -88,6 +89,11 @@ def _aiohttp():
     except ImportError as exc:
         raise MissingPackageError(f"edgecap serve needs aiohttp: {install_hint('serve')} ({exc})") from exc
     return web
+
+
+class ServiceStopping(Exception):
+    """Set on the body of a request still arriving when the service stops: aiohttp reads nothing
+    more from any connection once a stop begins, so the rest of it would never come."""
 
 
 class ModelError(Exception):
@@ -216,6 +222,7 @@ class CaptionService:
         # (a 413): aiohttp then reads and drops the rest for up to 10 s ("lingering"), and a
         # graceful stop would wait for that; a stop closes these connections at once instead
         self._unread: weakref.WeakKeyDictionary = weakref.WeakKeyDictionary()
+        self._reading: set = set()  # the bodies being read now (request.content)
         self.app = web.Application(
             client_max_size=self.options.max_body_bytes,
             middlewares=[_noting_unread_bodies(web, self._unread), _json_errors(web)],
@@ -224,6 +231,7 @@ class CaptionService:
         self.app.router.add_get("/health", self.health)
         self.app.on_startup.append(self._start)
         self.app.on_shutdown.append(self._close_unread)
+        self.app.on_shutdown.append(self._end_reads)
         self.app.on_cleanup.append(self._stop)
 
     async def _start(self, app) -> None:
@@ -240,6 +248,15 @@ class CaptionService:
         for transport, body in list(self._unread.items()):
             if not body.is_eof() and not transport.is_closing():
                 transport.close()
+
+    async def _end_reads(self, app) -> None:
+        """At a stop: a body still arriving is refused now (503, send it again), not answered
+        408 after ``read_timeout_s`` (which held the stop up that long): once a stop begins,
+        aiohttp drops what the connections send (``RequestHandler.data_received`` after
+        ``close()``), so the rest of the body would never be read."""
+        for body in list(self._reading):
+            if not body.is_eof():
+                body.set_exception(ServiceStopping())
 
     async def _stop(self, app) -> None:
         if self._worker is not None:
@@ -289,12 +306,22 @@ class CaptionService:
         self.pending += 1
         try:
             t0 = time.perf_counter()
+            self._reading.add(request.content)
             try:
                 data = await asyncio.wait_for(request.read(), options.read_timeout_s)
             except asyncio.TimeoutError:
                 return _error(web, 408, f"the body did not arrive within {options.read_timeout_s:g} s")
             except web.HTTPRequestEntityTooLarge:
                 return _too_large(web, None, options.max_body_bytes)
+            except ServiceStopping:
+                return _error(
+                    web,
+                    503,
+                    "the service is stopping and the body had not all arrived; send it again",
+                    headers={"Retry-After": "1"},
+                )
+            finally:
+                self._reading.discard(request.content)
             if not data:
                 return _error(web, 400, "empty body: send the image file's bytes")
             assert self.batcher is not None

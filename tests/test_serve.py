@@ -504,6 +504,42 @@ def test_a_stop_closes_a_connection_left_uploading_an_over_limit_body_and_finish
                 assert not stopping.is_alive()
 
 
+def test_a_stop_answers_a_request_whose_body_is_still_arriving_at_once_with_a_503():
+    """docs/service.md: a stop answers the requests in flight. Once a stop begins aiohttp reads
+    nothing more from any connection, so a body still arriving never ends: before the fix its
+    request waited out --read-timeout, was answered 408 "the body did not arrive" (though the
+    client was still sending it) and held the stop up as long. Now it is answered at once: 503,
+    Retry-After, send it again (to the service that replaces this one)."""
+    fake = BlockingCaptioner()
+    fake.gate.set()
+    running = Running(fake, ServiceOptions(read_timeout_s=3.0))
+    stopping = threading.Thread(target=running.stop)
+    try:
+        with socket.create_connection(("127.0.0.1", running.port), timeout=CLIENT_TIMEOUT_S) as slow:
+            slow.sendall(
+                b"POST /caption HTTP/1.1\r\nHost: x\r\nContent-Type: image/png\r\n"
+                b"Content-Length: 1000\r\n\r\n" + b"x" * 100
+            )
+            deadline = time.monotonic() + CLIENT_TIMEOUT_S
+            while running.service.pending != 1 and time.monotonic() < deadline:  # being read
+                time.sleep(0.01)
+            started = time.monotonic()
+            stopping.start()
+            status, answer = read_http_reply(slow)
+            answered_s = time.monotonic() - started
+    finally:
+        if stopping.ident is None:  # the test failed before the stop
+            running.stop()
+        else:
+            stopping.join(CLIENT_TIMEOUT_S)
+    assert (status, answer) == (
+        503,
+        {"error": "the service is stopping and the body had not all arrived; send it again"},
+    )
+    assert answered_s < 3.0  # not after the read timeout
+    assert not stopping.is_alive()
+
+
 def test_health_reports_the_limits_in_force_and_other_paths_are_json_errors():
     running = Running(
         BlockingCaptioner(batch_size=4),
@@ -1112,7 +1148,7 @@ def test_a_stalled_body_is_answered_408_when_read_timeout_s_has_passed():
     async def never():
         await asyncio.Event().wait()
 
-    stalled = SimpleNamespace(content_type="image/png", content_length=1000, read=never)
+    stalled = SimpleNamespace(content_type="image/png", content_length=1000, read=never, content=object())
 
     async def main():
         loop = asyncio.get_running_loop()
