@@ -394,9 +394,9 @@ class TimedBackend(Backend):
         return self._timed(self.inner.encode, images)
 
     def encode_frames(
-        self, frames: list[np.ndarray], run_size: int | None = None
+        self, frames: list[np.ndarray], run_size: int | None = None, brighten: bool = False
     ) -> tuple[Encoded, np.ndarray]:
-        return self._timed(self.inner.encode_frames, frames, run_size)
+        return self._timed(self.inner.encode_frames, frames, run_size, brighten)
 
     def run_size(self, n_images: int, largest: int) -> int:
         return self.inner.run_size(n_images, largest)  # the batch padded as the backend runs it

@@ -427,7 +427,7 @@ class Captioner:
             frame = load_rgb_array(image, color, draft_size=self._draft_size)
             return _Prepared(frame, True, (time.perf_counter() - t0) * 1e3)
         rgb = load_rgb(image, color, draft_size=self._draft_size)
-        x = preprocess([rgb], self.manifest.preprocessing)[0]
+        x = preprocess([rgb], self.manifest.preprocessing, self.options.brighten)[0]
         visible = not self.options.blank_check or recognisable(x, self.manifest.preprocessing)
         return _Prepared(x, visible, (time.perf_counter() - t0) * 1e3)
 
@@ -540,7 +540,7 @@ class Captioner:
         largest = self._largest_batch = max(self._largest_batch, n)
         size = self.backend.run_size(n, largest)
         if self.backend.prepares_frames:  # padded after its preprocessing, on the device
-            encoded, seen = self.backend.encode_frames(batch, size)
+            encoded, seen = self.backend.encode_frames(batch, size, brighten=self.options.brighten)
         else:
             encoded = self.backend.encode(np.stack(batch + [batch[-1]] * (size - n)))
         t1 = time.perf_counter()

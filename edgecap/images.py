@@ -524,9 +524,10 @@ def _flatten_alpha(rgba: np.ndarray) -> np.ndarray:
 
 
 # -- the encoder's input -----------------------------------------------------------------------
-def preprocess(images: Sequence[Image.Image], pre: Preprocessing) -> np.ndarray:
-    """RGB PIL images -> float32 (N, 3, H, W), resized and normalised as the manifest says."""
+def preprocess(images: Sequence[Image.Image], pre: Preprocessing, brighten: bool = False) -> np.ndarray:
+    """RGB PIL images -> float32 (N, 3, H, W), resized and normalised as the manifest says;
+    ``brighten``: dark frames brightened first (``edgecap.preprocess.exposure_gain``)."""
     if not images:
         h, w = pre.size
         return np.zeros((0, 3, h, w), np.float32)
-    return np.stack([to_model_input(im, pre) for im in images])
+    return np.stack([to_model_input(im, pre, brighten) for im in images])

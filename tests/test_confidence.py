@@ -55,6 +55,31 @@ def test_real_photos_are_recognisable(captioner):
     assert captioner.caption(np.asarray(small)).recognisable
 
 
+def _darkened(name: str, factor: float) -> np.ndarray:
+    photo = np.asarray(Image.open(EXAMPLES / name).convert("RGB"), dtype=np.float64)
+    return np.minimum(np.round(photo * factor), 255).astype(np.uint8)
+
+
+def test_a_dark_photo_is_brightened_and_captioned_not_flagged(captioner):
+    """A dim scene (a photo at a fifth of its light) is brightened as a camera's auto-exposure
+    would and captioned: the cat and the rocket launch at x0.2 were "nothing recognisable"
+    before (and still are with brighten=False); the astronaut at half its light gets the caption
+    of the photo as taken. A lens cap's noise (level 2, 8 levels of standard deviation) is
+    brightened too and stays nothing recognisable."""
+    from edgecap import Captioner
+    from edgecap.api import NOTHING_RECOGNISABLE
+
+    dark = [_darkened("chelsea.png", 0.2), _darkened("rocket.jpg", 0.2)]
+    for caption in captioner.caption_batch(dark):
+        assert caption.recognisable and caption.text != NOTHING_RECOGNISABLE and caption.confidence > 0
+    as_they_are = Captioner(brighten=False)
+    assert [c.text for c in as_they_are.caption_batch(dark)] == [NOTHING_RECOGNISABLE] * 2
+    half = captioner.caption(_darkened("astronaut.png", 0.5)).text
+    assert half == captioner.caption(str(EXAMPLES / "astronaut.png")).text
+    lens_cap = np.clip(2 + np.random.default_rng(1).normal(0, 8, (480, 640, 3)), 0, 255).round()
+    assert captioner.caption(lens_cap.astype(np.uint8)).text == NOTHING_RECOGNISABLE
+
+
 def test_auroc_and_fit_on_known_cases():
     assert auroc([0.9, 0.8, 0.1], [True, True, False]) == 1.0
     assert auroc([0.1, 0.2, 0.9], [True, True, False]) == 0.0

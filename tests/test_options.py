@@ -191,6 +191,7 @@ def _subcommand(parser: argparse.ArgumentParser, name: str) -> argparse.Argument
                 "fusion_weight",
                 "consensus",
                 "blank_check",
+                "brighten",
             },
         ),
         (
@@ -206,6 +207,7 @@ def _subcommand(parser: argparse.ArgumentParser, name: str) -> argparse.Argument
                 "fusion_weight",
                 "consensus",
                 "blank_check",
+                "brighten",
             },
         ),
     ],
@@ -505,3 +507,14 @@ def test_api_defaults_give_the_cli_default_captions(example_images, capsys):
     assert [line["path"] for line in lines] == [str(p) for p in example_images]
     assert [line["caption"] for line in lines] == [c.text for c in expected]
     assert [line["score"] for line in lines] == [round(c.score, 4) for c in expected]
+
+
+def test_no_brighten_reaches_the_options():
+    """``--no-brighten`` (caption, eval and serve) captions dark frames as they are; without it
+    they are brightened (the option's default)."""
+    from edgecap.commands._options import caption_options
+
+    parser = build_parser()
+    for argv in (["caption", "photo.jpg"], ["eval", "--images", "photos"], ["serve"]):
+        assert caption_options(parser.parse_args(argv)).brighten is True
+        assert caption_options(parser.parse_args([*argv, "--no-brighten"])).brighten is False

@@ -24,7 +24,7 @@ import edgecap
 from edgecap import Captioner
 from edgecap.images import load_rgb, preprocess
 from edgecap.preprocess import Preprocessing, frame_statistics, recognisable, to_model_input
-from helpers import TableBackend, encoded_bytes, solid
+from helpers import EXAMPLES, TableBackend, encoded_bytes, solid
 
 MANIFEST = Path(edgecap.__file__).parent / "assets" / "default" / "manifest.json"
 SHIPPED = Preprocessing(
@@ -253,3 +253,53 @@ def test_caption_batch_keeps_each_images_colour(recording_captioner):
     assert batch.shape == (3, 3, 224, 224)
     for x, expected in zip(batch, colours.values()):
         _assert_channels(x, expected)
+
+
+# -- dark frames ---------------------------------------------------------------------------------
+
+
+def _level_frame(level: int, bright: int = 0) -> np.ndarray:
+    """A 224 x 224 frame of ``level`` with its first ``bright`` pixels (of 50,176) at 255."""
+    frame = np.full((224 * 224, 3), level, np.uint8)
+    frame[:bright] = 255
+    return frame.reshape(224, 224, 3)
+
+
+def test_a_dark_frame_is_multiplied_up_to_the_full_range_by_at_most_8():
+    """The gain, hand-computed: a frame whose brightest 1% (the 99th percentile of each pixel's
+    largest channel) is at 51 is multiplied by 255 / 51 = 5; at 20, by 8 (the cap, not 12.75);
+    at 127 by 255 / 127; at 128 and above not at all, nor a black frame (0) beyond 8. 501
+    pixels at 255 (under 1% of 50,176) leave a frame of 51 dark; 502 (over 1%) make it bright."""
+    from edgecap.preprocess import exposure_gain
+
+    def gain(frame):
+        return float(exposure_gain(np.asarray(frame).transpose(2, 0, 1)))
+
+    assert gain(_level_frame(51)) == 5.0
+    assert gain(_level_frame(20)) == 8.0 and gain(_level_frame(0)) == 8.0
+    assert gain(_level_frame(127)) == pytest.approx(255 / 127, rel=1e-7)
+    assert gain(_level_frame(128)) == 1.0 and gain(_level_frame(200)) == 1.0
+    assert gain(_level_frame(51, bright=501)) == 5.0
+    assert gain(_level_frame(51, bright=502)) == 1.0
+    # the largest channel counts: a deep red at 200 is not dark
+    red = np.zeros((224, 224, 3), np.uint8)
+    red[..., 0] = 200
+    assert gain(red) == 1.0
+
+
+def test_brightening_multiplies_the_levels_and_caps_them_at_255():
+    """The encoder input of a dark frame brightened is that of the frame with its levels times
+    the gain (51 -> 255 at 5x, 60 -> 300 capped at 255); a frame that is not dark is the same
+    input either way."""
+    frame = _level_frame(51, bright=0)
+    frame[0, :5] = 60  # a few pixels above the level
+    got = to_model_input(Image.fromarray(frame), SHIPPED, brighten=True)
+    want = to_model_input(
+        Image.fromarray(np.minimum(frame.astype(np.int64) * 5, 255).astype(np.uint8)), SHIPPED
+    )
+    np.testing.assert_array_equal(got, want)
+    photo = np.asarray(load_rgb(str(EXAMPLES / "astronaut.png"), "rgb"))
+    np.testing.assert_array_equal(
+        to_model_input(Image.fromarray(photo), SHIPPED, brighten=True),
+        to_model_input(Image.fromarray(photo), SHIPPED),
+    )

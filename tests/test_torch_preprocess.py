@@ -4,6 +4,8 @@ blank-frame check, and a Captioner whose captions, errors and blank frames are t
 
 from __future__ import annotations
 
+import dataclasses
+
 import io
 import weakref
 
@@ -100,6 +102,21 @@ def test_device_frames_are_the_host_encoder_input_and_blank_check(example_images
     np.testing.assert_array_equal(x.numpy(), want)
     assert visible.tolist() == [recognisable(w, PRE) for w in want]
     assert visible.tolist() == [True] * 4 + [False, False, True]
+
+
+def test_device_frames_are_brightened_as_the_host_brightens_them(example_images):
+    """Dark frames (the example photos at a tenth to a half of their light, of two sizes in one
+    call) brightened on the device are the host's brightened encoder inputs bit for bit, and so
+    is the blank check; a frame that is not dark is as without brightening."""
+    photos = [np.asarray(load_rgb(str(p))) for p in example_images[:2]]
+    frames = [np.minimum(np.round(f * k), 255).astype(np.uint8) for f in photos for k in (0.1, 0.3, 0.5)]
+    frames += photos
+    x, visible = FramePreprocess(PRE, CPU)(frames, brighten=True)
+    want = preprocess([Image.fromarray(f) for f in frames], PRE, brighten=True)
+    np.testing.assert_array_equal(x.numpy(), want)
+    assert visible.tolist() == [recognisable(w, PRE) for w in want] == [True] * 8
+    np.testing.assert_array_equal(want[-2:], preprocess([Image.fromarray(f) for f in photos], PRE))
+    assert not np.array_equal(want[0], preprocess([Image.fromarray(frames[0])], PRE)[0])
 
 
 def test_the_taps_kept_on_the_device_are_bounded_and_remade_when_dropped():
@@ -276,6 +293,28 @@ def test_the_pass_order_rules_are_strict_at_their_boundaries():
     )
 
 
+def test_the_captioner_brightens_dark_frames_on_the_device_as_on_the_host(captioners, example_images):
+    """Photos at a fifth of their light through a Captioner with device preprocessing: brightened
+    there (``encode_frames(..., brighten=True)``) to the host path's captions, none of them
+    "nothing recognisable"; with ``brighten=False`` both paths caption them as they are."""
+    host, device = captioners
+    dark = [
+        np.minimum(np.round(np.asarray(load_rgb(str(p)), np.float64) * 0.2), 255).astype(np.uint8)
+        for p in example_images
+    ]
+    got, want = device.caption_batch(dark), host.caption_batch(dark)
+    assert [c.text for c in got] == [c.text for c in want]
+    assert all(c.recognisable for c in got)
+    options = host.options
+    try:
+        host.options = device.options = dataclasses.replace(options, brighten=False)
+        got, want = device.caption_batch(dark), host.caption_batch(dark)
+    finally:
+        host.options = device.options = options
+    assert [c.text for c in got] == [c.text for c in want]
+    assert not all(c.recognisable for c in want)  # some as dark as they are are flagged
+
+
 def test_the_device_blank_check_marks_the_blank_frame_in_its_own_slot(captioners, example_images):
     """A blank frame first in its batch: its slot, and only its, is "nothing recognisable" (the
     device's verdicts go back to the frames in their order), as on the host path."""
@@ -401,12 +440,12 @@ class SmallDevice(FramePreprocess):
         self.room = room
         self.uploads: list[tuple[int, int, int]] = []  # (frames, height, width) of each tried
 
-    def normalised(self, pixels):
+    def normalised(self, pixels, brighten=False):
         n, height, width = pixels.shape[:3]
         self.uploads.append((n, height, width))
         if n * height * width > self.room:
             raise torch.OutOfMemoryError(f"CUDA out of memory. Tried to allocate {pixels.numel()} bytes")
-        return super().normalised(pixels)
+        return super().normalised(pixels, brighten)
 
 
 def test_frames_the_device_has_no_room_for_still_get_their_inputs(example_images):
@@ -442,7 +481,7 @@ def test_an_error_other_than_out_of_memory_is_not_hidden(example_images):
     """Only the device's out-of-memory error falls back: another failure is a bug to see."""
 
     class Broken(FramePreprocess):
-        def normalised(self, pixels):
+        def normalised(self, pixels, brighten=False):
             raise RuntimeError("an illegal memory access was encountered")
 
     with pytest.raises(RuntimeError, match="illegal memory access"):
@@ -461,11 +500,11 @@ class ForgetfulDevice(SmallDevice):
     def note(self):
         self.alive_at_retry.append(sum(ref() is not None for ref in self.refused))
 
-    def normalised(self, pixels):
+    def normalised(self, pixels, brighten=False):
         self.note()
         if pixels.shape[0] * pixels.shape[1] * pixels.shape[2] > self.room:
             self.refused.append(weakref.ref(pixels))
-        return super().normalised(pixels)
+        return super().normalised(pixels, brighten)
 
 
 def test_an_upload_the_device_had_no_room_for_is_freed_before_the_retries(monkeypatch):
@@ -482,9 +521,9 @@ def test_an_upload_the_device_had_no_room_for_is_freed_before_the_retries(monkey
     prep = ForgetfulDevice(60 * 50)
     to_host = torch_preprocess.to_model_input
 
-    def on_the_host(image, pre):
+    def on_the_host(image, pre, brighten=False):
         prep.note()
-        return to_host(image, pre)
+        return to_host(image, pre, brighten)
 
     monkeypatch.setattr(torch_preprocess, "to_model_input", on_the_host)
     x, _ = prep(frames)
@@ -504,10 +543,10 @@ def test_out_of_memory_falls_back_on_a_torch_before_2_5(monkeypatch):
     monkeypatch.delattr(torch, "OutOfMemoryError")  # torch 2.1-2.4
 
     class OneAtATime(FramePreprocess):
-        def normalised(self, pixels):
+        def normalised(self, pixels, brighten=False):
             if pixels.shape[0] > 1:
                 raise out_of_memory("CUDA out of memory. Tried to allocate 2 frames")
-            return super().normalised(pixels)
+            return super().normalised(pixels, brighten)
 
     rng = np.random.default_rng(5)
     frames = [_frame(rng, 60, 50, smooth=True) for _ in range(2)]

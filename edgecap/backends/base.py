@@ -84,12 +84,13 @@ class Backend(ABC):
         """images float32 (N, 3, H, W), preprocessed as the manifest says."""
 
     def encode_frames(
-        self, frames: list[np.ndarray], run_size: int | None = None
+        self, frames: list[np.ndarray], run_size: int | None = None, brighten: bool = False
     ) -> tuple[Encoded, np.ndarray]:
         """RGB uint8 frames (H, W, 3), any sizes -> (``encode`` of their model inputs, whether
         each holds anything to caption: ``edgecap.preprocess.recognisable``, (N,) bool), for a
         backend that ``prepares_frames``. ``run_size`` (``run_size``'s, at least N): the model
-        inputs padded to that many with copies of the last, encoded with the frames."""
+        inputs padded to that many with copies of the last, encoded with the frames.
+        ``brighten``: dark frames brightened first (``edgecap.preprocess.exposure_gain``)."""
         raise NotImplementedError(
             f"the {self.name} backend preprocesses on the host (prepares_frames is False)"
         )

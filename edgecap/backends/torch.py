@@ -365,14 +365,14 @@ class TorchBackend(Backend):
         return self._encode_eager(images)
 
     def encode_frames(
-        self, frames: list[np.ndarray], run_size: int | None = None
+        self, frames: list[np.ndarray], run_size: int | None = None, brighten: bool = False
     ) -> tuple[Encoded, np.ndarray]:
         """With ``preprocess="device"``: RGB uint8 frames -> (Encoded, recognisable (N,) bool),
         resized, normalised and checked on the device (``torch_preprocess``), as ``encode`` of
         the host's model inputs would give them; padded to ``run_size`` images on the device."""
         if self.frame_preprocess is None:
-            return super().encode_frames(frames, run_size)
-        images, visible = self.frame_preprocess(frames)
+            return super().encode_frames(frames, run_size, brighten)
+        images, visible = self.frame_preprocess(frames, brighten)
         if run_size is not None and run_size > len(frames):
             images = torch.cat([images, images[-1:].expand(run_size - len(frames), *images.shape[1:])])
         encoded = self.encode(images)

@@ -37,7 +37,16 @@ import numpy as np
 import torch
 from PIL import Image
 
-from edgecap.preprocess import BLOCK, MIN_DETAIL, MIN_PIXEL_STD, Preprocessing, to_model_input
+from edgecap.preprocess import (
+    BLOCK,
+    DARK_LEVEL,
+    MAX_GAIN,
+    MIN_DETAIL,
+    MIN_PIXEL_STD,
+    TARGET_LEVEL,
+    Preprocessing,
+    to_model_input,
+)
 from edgecap.trt import parse_version
 
 # torch.OutOfMemoryError since torch 2.5 (the same class); torch.cuda's name since 1.13
@@ -111,8 +120,9 @@ def vertical_first(
 
 
 class FramePreprocess:
-    """``Preprocessing`` on ``device``: ``__call__(frames) -> (encoder input (N, 3, H, W)
-    float32, recognisable (N,) bool)``, both on the device."""
+    """``Preprocessing`` on ``device``: ``__call__(frames, brighten) -> (encoder input (N, 3,
+    H, W) float32, recognisable (N,) bool)``, both on the device (``brighten``: dark frames
+    brightened first, as ``edgecap.preprocess.exposure_gain`` says)."""
 
     def __init__(self, pre: Preprocessing, device: torch.device):
         if pre.resample not in SUPPORTED_RESAMPLE:
@@ -130,7 +140,9 @@ class FramePreprocess:
         self._taps_lock = threading.Lock()  # thread_safe backends: calls in several threads
 
     @torch.inference_mode()
-    def __call__(self, frames: Sequence[np.ndarray]) -> tuple[torch.Tensor, torch.Tensor]:
+    def __call__(
+        self, frames: Sequence[np.ndarray], brighten: bool = False
+    ) -> tuple[torch.Tensor, torch.Tensor]:
         h, w = self.pre.size
         for i, frame in enumerate(frames):
             if frame.dtype != np.uint8 or frame.ndim != 3 or frame.shape[2] != 3:
@@ -140,35 +152,50 @@ class FramePreprocess:
         for i, frame in enumerate(frames):
             by_shape.setdefault(frame.shape, []).append(i)
         for members in by_shape.values():
-            x = self._inputs([frames[i] for i in members])
+            x = self._inputs([frames[i] for i in members], brighten)
             if len(by_shape) == 1:  # frames of one size (a camera's): in order already
                 out = x.contiguous()
             else:
                 out.index_copy_(0, torch.from_numpy(np.asarray(members)).to(self.device), x)
         return out, self.recognisable(out)
 
-    def _inputs(self, group: list[np.ndarray]) -> torch.Tensor:
+    def _inputs(self, group: list[np.ndarray], brighten: bool = False) -> torch.Tensor:
         """Frames of one size -> their encoder inputs (n, 3, h, w) on the device. Where the
         device runs out of memory for them (a batch of large frames on a small GPU), frame by
         frame; a frame it has no room for alone is preprocessed on the host
         (``edgecap.preprocess``, whose pixels these are): every frame gets its input, none
         fails the others."""
         try:
-            return self.normalised(torch.from_numpy(np.stack(group)).to(self.device))
+            return self.normalised(torch.from_numpy(np.stack(group)).to(self.device), brighten)
         except OUT_OF_MEMORY:
             pass  # retried below: the error's traceback holds the failed attempt's tensors
         if self.device.type == "cuda":
             torch.cuda.empty_cache()  # the failed attempt's blocks, for the smaller ones
         if len(group) > 1:
-            return torch.cat([self._inputs([frame]) for frame in group])
-        host = to_model_input(Image.fromarray(group[0]), self.pre)
+            return torch.cat([self._inputs([frame], brighten) for frame in group])
+        host = to_model_input(Image.fromarray(group[0]), self.pre, brighten)
         return torch.from_numpy(host[None]).to(self.device)
 
-    def normalised(self, pixels: torch.Tensor) -> torch.Tensor:
+    def normalised(self, pixels: torch.Tensor, brighten: bool = False) -> torch.Tensor:
         """uint8 (n, H, W, 3) -> the encoder input (n, 3, h, w) float32, resized and with the
-        host's two roundings: the product, then the sum (``edgecap.preprocess``)."""
-        x = self.resized(pixels).permute(0, 3, 1, 2).to(torch.float32)
+        host's two roundings: the product, then the sum (``edgecap.preprocess``); ``brighten``:
+        each dark frame's levels multiplied by its gain and capped at 255 first, as the host
+        does (a gain of 1 changes no level)."""
+        resized = self.resized(pixels)
+        x = resized.permute(0, 3, 1, 2).to(torch.float32)
+        if brighten:
+            x.mul_(self.exposure_gains(resized).view(-1, 1, 1, 1)).clamp_(max=255.0)
         return x.mul_(self.scale).add_(self.offset)
+
+    def exposure_gains(self, resized: torch.Tensor) -> torch.Tensor:
+        """uint8 (n, h, w, 3) at the model's size -> each frame's ``exposure_gain`` (n,) float32:
+        the same level (an order statistic of integers) and the same float32 division."""
+        bright = resized.amax(dim=3).reshape(len(resized), -1).to(torch.float32)
+        n = bright.shape[1]
+        level = bright.kthvalue(n - n // 100, dim=1).values  # rank n - n // 100 - 1, from 0
+        # a tensor divided (not a number by a tensor: torch computes that as a reciprocal times)
+        gain = torch.full_like(level, TARGET_LEVEL).div_(level.clamp(min=1.0)).clamp_(max=MAX_GAIN)
+        return torch.where(level >= DARK_LEVEL, torch.ones_like(gain), gain)
 
     def resized(self, pixels: torch.Tensor) -> torch.Tensor:
         """uint8 (n, H, W, 3) -> the model's size (n, h, w, 3), Pillow's pixels (uint8). Each

@@ -84,7 +84,7 @@ def add_model_arguments(p: argparse.ArgumentParser) -> None:
     --decode-workers, --beam-size, --max-length,
     --no-repeat-ngram, --length-penalty, --batch-size, --guidance-bonus / --no-objects-guidance,
     --fusion-weight / --no-fusion (each pair exclusive), --no-consensus, --no-blank-check,
-    --constrained."""
+    --no-brighten, --constrained."""
     p.add_argument("--model", metavar="DIR", help="model directory (default: the model shipped with edgecap)")
     p.add_argument(
         "--backend",
@@ -230,6 +230,14 @@ def add_model_arguments(p: argparse.ArgumentParser) -> None:
         action="store_false",
         help="caption every frame, even one with nothing to recognise (uniform or "
         "blurred past any detail), instead of saying 'nothing recognisable'",
+    )
+    p.add_argument(
+        "--no-brighten",
+        dest="brighten",
+        action="store_false",
+        help="caption dark frames as they are; by default a frame whose brightest 1%% of "
+        "pixels are below level 128 of 255 is brightened first, by up to 8x, as a camera's "
+        "auto-exposure would (see docs/cameras.md)",
     )
     p.add_argument(
         "--constrained",

@@ -55,6 +55,10 @@ class CaptionOptions:
     # A frame with nothing to recognise (uniform, or blurred past any detail) gets the text
     # "nothing recognisable" instead of an invented scene (``edgecap.preprocess.recognisable``).
     blank_check: bool = True
+    # A dark frame (its brightest 1% of pixels below level 128 of 255) is brightened before it is
+    # captioned and checked, by up to 8x, as a camera's auto-exposure would
+    # (``edgecap.preprocess.exposure_gain``); frames that are not dark are untouched.
+    brighten: bool = True
 
     @property
     def rows_per_image(self) -> int:
@@ -93,7 +97,7 @@ class CaptionOptions:
             value = getattr(self, name)
             if isinstance(value, bool) or not isinstance(value, int):
                 raise ValueError(f"{name} must be an integer, got {value!r}")
-        for name in ("constrained", "blank_check", "consensus"):
+        for name in ("constrained", "blank_check", "consensus", "brighten"):
             if not isinstance(getattr(self, name), bool):
                 raise ValueError(f"{name} must be True or False, got {getattr(self, name)!r}")
         for name, (low, high) in RANGES.items():
