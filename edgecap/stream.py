@@ -25,7 +25,11 @@ own index and timestamp and OpenCV's BGR channel order) or bare images of any ki
 with the seconds since the stream started when the reader got them.
 
 ``every=SECONDS`` samples at most one frame per interval of frame time, on a grid that starts at
-the first frame's timestamp: for a video, one frame per ``every`` seconds of video time.
+the first frame's timestamp: for a video, one frame per ``every`` seconds of video time. A frame
+stamped more than ``every`` before the last frame taken (a recording replayed in a loop, a
+camera's clock reset; not a frame a little out of order) starts the grid afresh at its own
+timestamp, so the frames after it are sampled again rather than skipped until the time passes
+the old highest.
 
 A frame the captioner cannot use (None from a failed camera read, a wrong shape or dtype) raises
 its ``InputError`` out of the loop by default (``on_error="raise"``), which ends the stream and
@@ -147,15 +151,20 @@ class _Sampler:
         self.every = every
         self.origin: float | None = None
         self.next_slot = 0
+        self.last = -math.inf  # the timestamp of the last frame taken
 
     def take(self, timestamp: float) -> bool:
         if self.every is None:
             return True
-        if self.origin is None:
-            self.origin = timestamp
+        if self.origin is None or timestamp < self.last - self.every:
+            # the first frame, or time went back by more than an interval from the last frame
+            # taken (a looped replay, a clock reset; not a frame a little out of order): a new
+            # grid from this frame
+            self.origin, self.next_slot = timestamp, 0
         slot = (timestamp - self.origin + _EPSILON_S) // self.every
         if slot < self.next_slot:
             return False
+        self.last = timestamp
         self.next_slot = int(slot) + 1
         return True
 

@@ -331,6 +331,21 @@ def test_every_takes_at_most_one_frame_per_interval_after_a_gap():
     assert (stream.stats.frames, stream.stats.skipped) == (4, 1)
 
 
+def test_every_starts_afresh_when_the_time_goes_back():
+    """A recording replayed in a loop: frames at 0-5 s, then 0-6 s again, every=1.0. The replay is
+    sampled as the first pass was (all 13 frames, one per interval); before, its frames were
+    skipped until the time passed the first pass's 5 s (7 captioned). A frame a little out of
+    order (4.9 s after 5.0 s: back by less than an interval) is no new start: on the grid from
+    4.0 s it falls in [4, 5), taken already, and is skipped, as 5.2 s in [5, 6) is."""
+    stamps = [*range(6), *range(7)]
+    frames = [Frame(index=i, timestamp=float(t), image=i) for i, t in enumerate(stamps)]
+    events = list(caption_stream(FakeCaptioner(), frames, every=1.0, live=False))
+    assert [e.frame_index for e in events] == list(range(13))
+    jitter = [Frame(index=i, timestamp=t, image=i) for i, t in enumerate([4.0, 5.0, 4.9, 5.2, 6.0])]
+    events = list(caption_stream(FakeCaptioner(), jitter, every=1.0, live=False))
+    assert [e.frame_index for e in events] == [0, 1, 4]
+
+
 @pytest.mark.parametrize("bad", [float("nan"), float("inf")])
 def test_every_with_a_frame_stamped_nan_or_infinite_says_which_frame(bad):
     """Frames of your own (Frame(index, timestamp, image), e.g. from message stamps) sampled with
