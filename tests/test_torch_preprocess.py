@@ -119,6 +119,23 @@ def test_device_frames_are_brightened_as_the_host_brightens_them(example_images)
     assert not np.array_equal(want[0], preprocess([Image.fromarray(frames[0])], PRE)[0])
 
 
+def test_the_device_gain_is_the_documented_rule_at_its_boundaries():
+    """Hand-computed gains on the device (docs/cameras.md: the 99th percentile of each pixel's
+    largest channel at 224x224, below level 128 multiplied to 255, at most 8x): of 50,176 pixels,
+    501 at 255 (under 1%) leave a frame of 51 dark (5x), 502 (over 1%) make it bright (1x); a
+    frame at 127 gets 255 / 127, at 128 none, a black one the 8x cap."""
+
+    def frame(level: int, bright: int = 0) -> np.ndarray:
+        pixels = np.full((224 * 224, 3), level, np.uint8)
+        pixels[:bright] = 255
+        return pixels.reshape(224, 224, 3)
+
+    frames = [frame(51, 501), frame(51, 502), frame(127), frame(128), frame(0)]
+    gains = FramePreprocess(PRE, CPU).exposure_gains(torch.from_numpy(np.stack(frames)))
+    assert gains.dtype == torch.float32
+    assert gains.tolist() == [5.0, 1.0, float(np.float32(255) / np.float32(127)), 1.0, 8.0]
+
+
 def test_the_taps_kept_on_the_device_are_bounded_and_remade_when_dropped():
     """A service meets photos of ever new sizes: the resize's taps kept on the device (a few KB
     to 0.1 MB each) are the ``TAPS_KEPT`` most recently used, not one set per size ever seen; a
@@ -475,6 +492,22 @@ def test_frames_the_device_has_no_room_for_still_get_their_inputs(example_images
             (1, 100, 120),
         ]
     )  # the pair, then each of it; the big frame tried once, then the host's
+
+
+def test_frames_the_device_has_no_room_for_are_brightened_too():
+    """The fallbacks brighten as the device does: two dark 60x50 frames (level 51) that fit only
+    one at a time, and an 80x90 one (level 30) that fits not even alone and goes to the host,
+    all with brighten=True. Hand-computed: 51 x 5 = 255, encoder input (255 - 127.5) / 127.5 =
+    1; 30 x 8 (the cap) = 240, 112.5 / 127.5; without brightening they would be -0.6 and -0.76."""
+    frames = [np.full((60, 50, 3), 51, np.uint8), np.full((60, 50, 3), 51, np.uint8)]
+    frames.append(np.full((80, 90, 3), 30, np.uint8))
+    prep = SmallDevice(60 * 50)
+    x, _ = prep(frames, brighten=True)
+    assert sorted(prep.uploads) == sorted([(2, 60, 50), (1, 60, 50), (1, 60, 50), (1, 80, 90)])
+    np.testing.assert_allclose(x[:2].numpy(), 1.0, rtol=1e-6)
+    np.testing.assert_allclose(x[2].numpy(), 112.5 / 127.5, rtol=1e-6)
+    want = preprocess([Image.fromarray(f) for f in frames], PRE, brighten=True)
+    np.testing.assert_array_equal(x.numpy(), want)
 
 
 def test_an_error_other_than_out_of_memory_is_not_hidden(example_images):
