@@ -518,3 +518,12 @@ def test_no_brighten_reaches_the_options():
     for argv in (["caption", "photo.jpg"], ["eval", "--images", "photos"], ["serve"]):
         assert caption_options(parser.parse_args(argv)).brighten is True
         assert caption_options(parser.parse_args([*argv, "--no-brighten"])).brighten is False
+
+
+@pytest.mark.parametrize("value", ["no", 0, None])
+def test_brighten_takes_only_true_or_false(value):
+    """``brighten`` is a switch: "no" (a config file's text, truthy) would otherwise brighten
+    dark frames against the caller's wish, and 0 or None would pass for False unchecked; each
+    is a ValueError naming the option, as for the other switches."""
+    with pytest.raises(ValueError, match="brighten must be True or False, got"):
+        CaptionOptions(brighten=value)
