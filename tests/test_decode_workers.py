@@ -204,6 +204,51 @@ def test_without_workers_a_camera_loop_that_refills_one_buffer_gets_each_frames_
     assert texts(results) == [word(0), word(1), word(2)]
 
 
+@pytest.mark.parametrize("workers", [0, 2])
+def test_a_source_is_read_no_further_than_its_error(fake, workers):
+    """A camera object whose read fails once and would then give frames again (its own
+    iterator, not a generator): the images end at its error, which comes right after the
+    captions of the three frames before it; the frames it would give after it are neither read
+    nor captioned (docs/python-api.md: the captions of what the source gave, then its error)."""
+
+    class Camera:
+        def __init__(self):
+            self.reads = 0
+
+        def __iter__(self):
+            return self
+
+        def __next__(self):
+            self.reads += 1
+            if self.reads == 4:
+                raise OSError("camera read failed")
+            if self.reads > 8:
+                raise StopIteration
+            return red(self.reads - 1 if self.reads < 4 else self.reads)
+
+    camera = Camera()
+    got = []
+    with pytest.raises(OSError, match="camera read failed"):
+        for result in captioner(workers, batch=8).iter_captions(camera, on_error="return"):
+            got.append(result.text)
+    assert got == [word(0), word(1), word(2)]
+    assert camera.reads == 4
+
+
+@pytest.mark.parametrize("workers", [0, 2])
+def test_ctrl_c_in_the_source_stops_at_once(fake, workers):
+    """Ctrl-C while the source waits for a frame (where a camera loop spends its time) is
+    raised at once, as it is, not kept until the frames before it are captioned."""
+
+    def frames():
+        yield from (red(i) for i in range(3))
+        raise KeyboardInterrupt
+
+    results = captioner(workers, batch=8).iter_captions(frames())
+    with pytest.raises(KeyboardInterrupt):
+        next(results)
+
+
 def test_the_read_ahead_is_bounded(fake):
     batch, workers = 2, 2
     ahead = max(batch, 2 * workers)  # the documented window
