@@ -328,6 +328,25 @@ def test_caption_split_names_every_failure_of_the_batch_that_stops_it(tmp_path):
     assert [f.source for f in first.value.failures] == ["p1.png"]
 
 
+def test_an_image_failure_survives_a_process_pool():
+    """caption_split's ImageFailure raised in a process pool's worker pickles: it comes back
+    with its failures, source, problem and message, as InputError does (before the fix the
+    pickle called ImageFailure(source, problem): a TypeError, a broken pool)."""
+    import pickle
+
+    from edgecap.errors import InputError
+    from edgecap.evaluation.evaluate import ImageFailure
+
+    err = ImageFailure([InputError("p2.png", "not an image"), InputError("p3.png", "truncated")])
+    back = pickle.loads(pickle.dumps(err))
+    assert type(back) is ImageFailure
+    assert [(f.source, f.problem) for f in back.failures] == [
+        ("p2.png", "not an image"),
+        ("p3.png", "truncated"),
+    ]
+    assert (back.source, back.problem, str(back)) == ("p2.png", err.problem, str(err))
+
+
 def test_score_split_with_java_asks_for_every_metric_with_the_ptb_tokenizer(monkeypatch):
     asked = []
     monkeypatch.setattr(metrics, "java_available", lambda: True)

@@ -135,6 +135,11 @@ class ImageFailure(InputError):
             f"scored (a metric over part of it would mislead): {detail}{more}",
         )
 
+    def __reduce__(self):
+        # made again from its failures (InputError's own is its source and problem, which this
+        # __init__ does not take): a process pool's worker can raise it
+        return type(self), (self.failures,)
+
 
 def caption_split(
     captioner,
