@@ -346,6 +346,30 @@ def test_every_starts_afresh_when_the_time_goes_back():
     assert [e.frame_index for e in events] == [0, 1, 4]
 
 
+def test_every_starts_afresh_only_more_than_an_interval_before_the_last_frame_taken():
+    """The rule's boundaries (docs/cameras.md: a frame stamped more than an interval before the
+    last one taken starts the intervals afresh), every=1.0. 0, 1, 2 s, then 1.0 s: exactly one
+    interval back, not more: no new start, and in [1, 2), taken already: skipped; then 0.99 s,
+    more than one back: a new start, taken. 0 s taken, 0.95 s skipped, then -0.5 s: less than
+    an interval before the last frame taken (0 s; the skipped 0.95 s counts not): no new start,
+    skipped, and so is 0.5 s, in [0, 1)."""
+
+    def taken(stamps):
+        frames = [Frame(index=i, timestamp=t, image=i) for i, t in enumerate(stamps)]
+        return [e.frame_index for e in caption_stream(FakeCaptioner(), frames, every=1.0, live=False)]
+
+    assert taken([0.0, 1.0, 2.0, 1.0, 0.99]) == [0, 1, 2, 4]
+    assert taken([0.0, 0.95, -0.5, 0.5]) == [0]
+
+
+def test_without_every_frames_stamped_nan_are_captioned():
+    """Only every= samples by the timestamps: without it, frames of your own stamped NaN (no
+    stamp known) are each captioned, in order."""
+    frames = [Frame(index=i, timestamp=float("nan"), image=i) for i in range(3)]
+    events = list(caption_stream(FakeCaptioner(), frames, live=False))
+    assert [e.frame_index for e in events] == [0, 1, 2]
+
+
 @pytest.mark.parametrize("bad", [float("nan"), float("inf")])
 def test_every_with_a_frame_stamped_nan_or_infinite_says_which_frame(bad):
     """Frames of your own (Frame(index, timestamp, image), e.g. from message stamps) sampled with
