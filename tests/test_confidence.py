@@ -76,8 +76,18 @@ def test_a_dark_photo_is_brightened_and_captioned_not_flagged(captioner):
     assert [c.text for c in as_they_are.caption_batch(dark)] == [NOTHING_RECOGNISABLE] * 2
     half = captioner.caption(_darkened("astronaut.png", 0.5)).text
     assert half == captioner.caption(str(EXAMPLES / "astronaut.png")).text
-    lens_cap = np.clip(2 + np.random.default_rng(1).normal(0, 8, (480, 640, 3)), 0, 255).round()
-    assert captioner.caption(lens_cap.astype(np.uint8)).text == NOTHING_RECOGNISABLE
+    rng = np.random.default_rng(1)
+    # sensor noise, brightened 8x: at 640x480 the resize averages it; at 320x240 (one value for
+    # the three channels) and 224x224 it is too strong for the spread and detail thresholds, and
+    # only its ratio tells it from a scene (the review's reproducer: "a person is in the air
+    # with a red umbrella" before that rule)
+    caps = [
+        np.clip(2 + rng.normal(0, 8, (480, 640, 3)), 0, 255),
+        np.clip(2 + rng.normal(0, 8, (240, 320, 1)), 0, 255).repeat(3, 2),
+        np.clip(2 + rng.normal(0, 4, (224, 224, 3)), 0, 255),
+    ]
+    for lens_cap in captioner.caption_batch([c.round().astype(np.uint8) for c in caps]):
+        assert lens_cap.text == NOTHING_RECOGNISABLE
 
 
 def test_auroc_and_fit_on_known_cases():

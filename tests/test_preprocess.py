@@ -193,17 +193,37 @@ def test_a_frame_that_varies_but_holds_no_detail_is_not_recognisable():
 
 
 def test_a_frame_of_fine_detail_but_little_spread_is_not_recognisable():
-    # 4 x 4 pixel squares in a checkerboard of 100 and 100 + a levels: the 56 x 56 blocks alternate
-    # 0 and a, standard deviation a / 2, and each interior block differs from its 4 neighbours by
-    # a: mean |Laplacian| 4 a (>= 1.5). A sensor's faint pattern on a lens cap: a = 12 (std 6.0 <
-    # 6.4) is not recognisable, a = 13 (std 6.5) is.
-    blocks = np.add.outer(np.arange(224) // 4, np.arange(224) // 4) % 2
+    # stripes 8 pixels wide of 100 and 100 + a levels: the 56 blocks of a row go 0, 0, a, a, ...,
+    # standard deviation a / 2, and each interior block has one horizontal neighbour like it and
+    # one a away: mean |Laplacian| a (>= 1.5; a ratio of 2, a scene's, not noise's). A faint
+    # pattern on a lens cap: a = 12 (std 6.0 < 6.4) is not recognisable, a = 13 (std 6.5) is.
+    blocks = np.tile((np.arange(224) // 8) % 2, (224, 1))
     for a, expected in ((12, False), (13, True)):
         frame = np.repeat((100 + a * blocks).astype(np.uint8)[:, :, None], 3, axis=2)
         x = to_model_input(load_rgb(frame, "rgb"), SHIPPED)
         spread, detail = frame_statistics(x, SHIPPED)
-        assert spread == pytest.approx(a / 2, rel=1e-4) and detail == pytest.approx(4 * a, rel=1e-4)
+        assert spread == pytest.approx(a / 2, rel=1e-4) and detail == pytest.approx(a, rel=1e-4)
         assert recognisable(x, SHIPPED) is expected
+
+
+def test_a_frame_whose_detail_is_noise_is_not_recognisable():
+    """4 x 4 pixel squares in a checkerboard of 100 and 100 + a levels: the blocks alternate 0
+    and a, standard deviation a / 2, each interior block a away from its 4 neighbours: mean
+    |Laplacian| 4 a, 8 times the spread, as only noise has it (photos: at most 1.85 times;
+    sensor noise about 3.5). Not recognisable at any contrast (a = 13 and 80 pass the spread and
+    detail thresholds). Stripes 4 pixels wide (each block a away from both horizontal
+    neighbours: mean |Laplacian| 2 a, 4 times the spread) are not either; 8 pixels wide (one
+    neighbour a away: a, twice the spread) are."""
+    checker = np.add.outer(np.arange(224) // 4, np.arange(224) // 4) % 2
+    narrow = np.tile((np.arange(224) // 4) % 2, (224, 1))
+    wide = np.tile((np.arange(224) // 8) % 2, (224, 1))
+    for blocks, ratio, expected in ((checker, 8, False), (narrow, 4, False), (wide, 2, True)):
+        for a in (13, 80):
+            frame = np.repeat((100 + a * blocks).astype(np.uint8)[:, :, None], 3, axis=2)
+            x = to_model_input(load_rgb(frame, "rgb"), SHIPPED)
+            spread, detail = frame_statistics(x, SHIPPED)
+            assert detail == pytest.approx(ratio * spread, rel=1e-4)
+            assert recognisable(x, SHIPPED) is expected, (ratio, a)
 
 
 # -- through the Captioner: what reaches the encoder ------------------------------------------

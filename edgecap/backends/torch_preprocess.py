@@ -40,6 +40,7 @@ from PIL import Image
 from edgecap.preprocess import (
     BLOCK,
     DARK_LEVEL,
+    MAX_DETAIL_RATIO,
     MAX_GAIN,
     MIN_DETAIL,
     MIN_PIXEL_STD,
@@ -255,4 +256,5 @@ class FramePreprocess:
             - grey[:, 1:-1, 2:]
         )
         detail = laplacian.abs().reshape(n, -1).mean(1)
-        return (spread >= MIN_PIXEL_STD) & (detail >= MIN_DETAIL)
+        noise = detail > MAX_DETAIL_RATIO * spread  # float32, as the host compares
+        return (spread >= MIN_PIXEL_STD) & (detail >= MIN_DETAIL) & ~noise

@@ -228,8 +228,8 @@ def add_model_arguments(p: argparse.ArgumentParser) -> None:
         "--no-blank-check",
         dest="blank_check",
         action="store_false",
-        help="caption every frame, even one with nothing to recognise (uniform or "
-        "blurred past any detail), instead of saying 'nothing recognisable'",
+        help="caption every frame, even one with nothing to recognise (uniform, "
+        "blurred past any detail, or noise), instead of saying 'nothing recognisable'",
     )
     p.add_argument(
         "--no-brighten",
