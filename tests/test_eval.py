@@ -673,6 +673,38 @@ def test_cli_eval_summary_says_the_decoding_rules(flags, want, tiny_model_dir, t
     assert json.loads(out.out)["decoding"] == {**want, "fusion_weight": 0.0}
 
 
+@pytest.mark.parametrize(
+    "flags, want, line",
+    [
+        ([], {"blank_check": True, "brighten": True}, "blank check on, dark frames brightened"),
+        (
+            ["--no-brighten"],
+            {"blank_check": True, "brighten": False},
+            "blank check on, dark frames as they are",
+        ),
+        (
+            ["--no-blank-check"],
+            {"blank_check": False, "brighten": True},
+            "blank check off, dark frames brightened",
+        ),
+    ],
+)
+def test_cli_eval_summary_says_what_happens_to_the_frames(
+    flags, want, line, tiny_model_dir, tmp_path, monkeypatch, capsys
+):
+    """A --no-brighten or --no-blank-check evaluation is told apart from a default one: by its
+    JSON summary's "frames" and the table's "frames:" line."""
+    monkeypatch.setattr(metrics, "java_available", lambda: False)
+    tokens, split = flickr_files(tmp_path, ["chelsea.png"])
+    args = ["--images", str(EXAMPLES), "--captions", str(tokens), "--split", str(split)]
+    common = ["eval", *args, "--model", str(tiny_model_dir), "--max-length", "4", *flags]
+    assert main([*common, "--json"]) == 0
+    assert json.loads(capsys.readouterr().out)["frames"] == want
+    assert main(common) == 0
+    lines = dict(row.split(":", 1) for row in capsys.readouterr().out.splitlines() if ":" in row)
+    assert lines["frames"].strip() == line
+
+
 def test_cli_without_pycocoevalcap_names_the_extra_before_loading_the_model(tmp_path, monkeypatch, capsys):
     """pycocoevalcap missing: exit 2, one line naming it and how to install the eval extra
     (the hint edgecap.extras gives), before any Captioner is made (not after minutes of

@@ -171,6 +171,8 @@ def _summary(args, captioner, report, seconds: float) -> dict:
         "length_penalty": captioner.options.length_penalty,
         "no_repeat_ngram": captioner.options.no_repeat_ngram,
         "decoding": _decoding(captioner),
+        # what happens to a frame before it is captioned: told apart from a default run
+        "frames": {"blank_check": captioner.options.blank_check, "brighten": captioner.options.brighten},
         "references": args.references or f"{args.captions} + {args.split}",
         "caption_seconds": round(seconds, 2),
     }
@@ -211,6 +213,11 @@ def _print_table(summary: dict) -> None:
     tags = "tag constraint" if rules["constrained"] else f"tag bonus {rules['guidance_bonus']:g}"
     consensus = "on" if rules["consensus"] else "off"
     print(f"decoding:    {tags}, fusion weight {rules['fusion_weight']:g}, consensus choice {consensus}")
+    frames = summary["frames"]
+    print(
+        f"frames:      blank check {'on' if frames['blank_check'] else 'off'}, dark frames "
+        f"{'brightened' if frames['brighten'] else 'as they are'}"
+    )
     print(f"tokenizer:   {tokenizer}")
     for key in METRIC_KEYS:
         value = summary[key]
