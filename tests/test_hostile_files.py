@@ -13,6 +13,7 @@ import re
 import struct
 import subprocess
 import sys
+import time
 from pathlib import Path
 
 import numpy as np
@@ -231,6 +232,21 @@ def test_json_nesting_limit_counts_brackets_outside_strings_only(tmp_path):
     words = ["[" * 40, "{" * 40, 'say "' + "[" * 40 + '"']
     path.write_text('{"words": ["' + "[" * 40 + '", "' + "{" * 40 + '", "say \\"' + "[" * 40 + '\\""]}')
     assert read_json(path, 1000) == {"words": words}
+
+
+def test_json_with_a_string_that_never_ends_is_refused_at_once(tmp_path):
+    """read_json: invalid JSON, a quote and then 30,000 escaped quotes (60 KB, far under any
+    limit), is "not valid JSON" in milliseconds. The nesting check's string pattern once took
+    quadratic time on it: tried from every one of those quotes against the rest of the text
+    (measured 4.5 s for 40 KB, about 10 s for these 60 KB, minutes for a few hundred KB)."""
+    from edgecap.files import FileProblem, read_json
+
+    path = tmp_path / "x.json"
+    path.write_text('{"a": "' + '\\"' * 30_000)
+    started = time.perf_counter()
+    with pytest.raises(FileProblem, match="not valid JSON"):
+        read_json(path, 1 << 20)
+    assert time.perf_counter() - started < 1.0
 
 
 # -- class 2: what is parsed and how much work decoding may take -------------------------------
