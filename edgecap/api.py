@@ -43,12 +43,11 @@ from edgecap.images import (
     load_rgb_array,
     max_file_bytes,
     max_pixels,
-    preprocess,
 )
 from edgecap.manifest import Manifest, file_sha256, load_manifest
 from edgecap.objects import ObjectClasses
 from edgecap.prefetch import check_decode_workers, default_decode_workers, prefetched_batches, window
-from edgecap.preprocess import recognisable
+from edgecap.preprocess import model_input, recognisable
 from edgecap.vocab import Vocabulary
 
 CLOSED_MID_CALL = "this Captioner is closed: the rest of the images are not captioned"
@@ -427,8 +426,8 @@ class Captioner:
             frame = load_rgb_array(image, color, draft_size=self._draft_size)
             return _Prepared(frame, True, (time.perf_counter() - t0) * 1e3)
         rgb = load_rgb(image, color, draft_size=self._draft_size)
-        x = preprocess([rgb], self.manifest.preprocessing, self.options.brighten)[0]
-        visible = not self.options.blank_check or recognisable(x, self.manifest.preprocessing)
+        x, gain = model_input(rgb, self.manifest.preprocessing, self.options.brighten)
+        visible = not self.options.blank_check or recognisable(x, self.manifest.preprocessing, bool(gain > 1))
         return _Prepared(x, visible, (time.perf_counter() - t0) * 1e3)
 
     def _prepared(self, images: Iterable[ImageInput], color: str) -> Iterator[_Prepared | InputError]:

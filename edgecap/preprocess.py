@@ -38,6 +38,13 @@ class Preprocessing:
 def to_model_input(image: Image.Image, pre: Preprocessing, brighten: bool = False) -> np.ndarray:
     """RGB PIL image -> float32 (3, H, W) normalised as the encoder expects; ``brighten``: a
     dark frame's levels multiplied by its ``exposure_gain`` first (at most 255)."""
+    return model_input(image, pre, brighten)[0]
+
+
+def model_input(
+    image: Image.Image, pre: Preprocessing, brighten: bool = False
+) -> tuple[np.ndarray, np.float32]:
+    """``to_model_input`` and the gain its levels were multiplied by (1: not brightened)."""
     h, w = pre.size
     if image.size != (w, h):
         image = image.resize((w, h), getattr(Image.Resampling, pre.resample.upper()))
@@ -51,7 +58,7 @@ def to_model_input(image: Image.Image, pre: Preprocessing, brighten: bool = Fals
     out = np.empty(pixels.shape, np.float32)
     np.multiply(pixels, scale[:, None, None], out=out)
     out += offset[:, None, None]
-    return out
+    return out, gain
 
 
 # A dark frame (a dim room, a night scene, a camera without auto-exposure) is brightened before it
@@ -99,10 +106,11 @@ def exposure_gain(pixels: np.ndarray) -> np.float32:
 MIN_PIXEL_STD = 6.4
 MIN_DETAIL = 1.5
 BLOCK = 4
-# ... or noise: sensor noise (a lens cap, brightened 8x as a dark frame) has a mean |Laplacian| of
-# about 3.5 times its spread at any strength (3.2-3.7 measured), photos at most 1.85 (the 1,160
-# dev photos, as taken and darkened to a tenth, brightened). A frame above MAX_DETAIL_RATIO is
-# noise, not a scene.
+# ... or, in a brightened frame, noise: sensor noise (a lens cap, brightened 8x as a dark frame)
+# has a mean |Laplacian| of about 3.5 times its spread at any strength (3.2-3.7 measured), photos
+# at most 1.85 (the 1,160 dev photos darkened to a half, a fifth and a tenth, brightened). A
+# brightened frame above MAX_DETAIL_RATIO is noise, not a scene. Frames that are not brightened
+# are not judged by it: close-ups of text, fine tiles and codes reach 2.6-5.7 too.
 MAX_DETAIL_RATIO = 2.5
 
 
@@ -116,9 +124,10 @@ def frame_statistics(x: np.ndarray, pre: Preprocessing) -> tuple[float, float]:
     return float(grey.std()), float(np.abs(laplacian).mean())
 
 
-def recognisable(x: np.ndarray, pre: Preprocessing) -> bool:
-    """Whether the encoder input (3, H, W) holds anything to caption (see the thresholds)."""
+def recognisable(x: np.ndarray, pre: Preprocessing, brightened: bool = False) -> bool:
+    """Whether the encoder input (3, H, W) holds anything to caption (see the thresholds);
+    ``brightened``: it was brightened (``model_input``'s gain above 1), so noise is judged too."""
     spread, detail = frame_statistics(x, pre)
     # the ratio in float32, as the device check computes it
-    noise = np.float32(detail) > np.float32(MAX_DETAIL_RATIO) * np.float32(spread)
+    noise = brightened and np.float32(detail) > np.float32(MAX_DETAIL_RATIO) * np.float32(spread)
     return spread >= MIN_PIXEL_STD and detail >= MIN_DETAIL and not noise

@@ -136,6 +136,25 @@ def test_the_device_gain_is_the_documented_rule_at_its_boundaries():
     assert gains.tolist() == [5.0, 1.0, float(np.float32(255) / np.float32(127)), 1.0, 8.0]
 
 
+def test_the_noise_rule_judges_brightened_frames_only_on_the_device_as_on_the_host():
+    """A lens cap's sensor noise (level 2, 8 levels of standard deviation, 320x240) is
+    brightened 8x and then told apart as noise (its detail over 2.5 times its spread): not
+    recognisable. A bright checkerboard of 4 px squares (ratio 8, as close-ups of tiles or text
+    reach) is not brightened and not judged by the ratio: recognisable. The device path gives
+    the host's verdicts (``model_input``'s gain, ``recognisable(..., brightened)``)."""
+    from edgecap.preprocess import model_input
+
+    rng = np.random.default_rng(3)
+    lens_cap = np.clip(2 + rng.normal(0, 8, (240, 320, 1)), 0, 255).round().astype(np.uint8).repeat(3, 2)
+    checker = (100 + 80 * (np.add.outer(np.arange(224) // 4, np.arange(224) // 4) % 2)).astype(np.uint8)
+    frames = [lens_cap, np.repeat(checker[:, :, None], 3, axis=2)]
+    x, visible = FramePreprocess(PRE, CPU)(frames, brighten=True)
+    host = [model_input(Image.fromarray(f), PRE, brighten=True) for f in frames]
+    np.testing.assert_array_equal(x.numpy(), np.stack([h for h, _ in host]))
+    assert [float(g) for _, g in host] == [8.0, 1.0]
+    assert visible.tolist() == [recognisable(h, PRE, bool(g > 1)) for h, g in host] == [False, True]
+
+
 def test_the_taps_kept_on_the_device_are_bounded_and_remade_when_dropped():
     """A service meets photos of ever new sizes: the resize's taps kept on the device (a few KB
     to 0.1 MB each) are the ``TAPS_KEPT`` most recently used, not one set per size ever seen; a
@@ -486,9 +505,7 @@ def test_frames_the_device_has_no_room_for_still_get_their_inputs(example_images
     x, visible = prep(frames)
     want = preprocess([Image.fromarray(f) for f in frames], PRE)
     np.testing.assert_array_equal(x.numpy(), want)
-    # the big frame is random pixels blown up 16x: at 224 px, noise (its mean |Laplacian| over
-    # 2.5 times its spread); the uniform one is blank
-    assert visible.tolist() == [recognisable(w, PRE) for w in want] == [True, True, False, True, False]
+    assert visible.tolist() == [recognisable(w, PRE) for w in want] == [True, True, True, True, False]
     assert sorted(prep.uploads) == sorted(
         [
             (2, 600, 520),
@@ -559,13 +576,13 @@ def test_an_upload_the_device_had_no_room_for_is_freed_before_the_retries(monkey
     rng = np.random.default_rng(3)
     frames = [_frame(rng, 60, 50, smooth=True) for _ in range(2)] + [_frame(rng, 90, 80, smooth=True)]
     prep = ForgetfulDevice(60 * 50)
-    to_host = torch_preprocess.to_model_input
+    to_host = torch_preprocess.model_input
 
     def on_the_host(image, pre, brighten=False):
         prep.note()
         return to_host(image, pre, brighten)
 
-    monkeypatch.setattr(torch_preprocess, "to_model_input", on_the_host)
+    monkeypatch.setattr(torch_preprocess, "model_input", on_the_host)
     x, _ = prep(frames)
     np.testing.assert_array_equal(x.numpy(), preprocess([Image.fromarray(f) for f in frames], PRE))
     assert len(prep.refused) == 2  # the pair, then the 90x80 frame

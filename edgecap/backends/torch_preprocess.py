@@ -46,7 +46,7 @@ from edgecap.preprocess import (
     MIN_PIXEL_STD,
     TARGET_LEVEL,
     Preprocessing,
-    to_model_input,
+    model_input,
 )
 from edgecap.trt import parse_version
 
@@ -149,19 +149,23 @@ class FramePreprocess:
             if frame.dtype != np.uint8 or frame.ndim != 3 or frame.shape[2] != 3:
                 raise ValueError(f"frame {i}: RGB uint8 (H, W, 3) expected, got {frame.dtype} {frame.shape}")
         out = torch.empty((len(frames), 3, h, w), dtype=torch.float32, device=self.device)
+        gains = torch.ones(len(frames), dtype=torch.float32, device=self.device)
         by_shape: dict[tuple, list[int]] = {}
         for i, frame in enumerate(frames):
             by_shape.setdefault(frame.shape, []).append(i)
         for members in by_shape.values():
-            x = self._inputs([frames[i] for i in members], brighten)
+            x, gain = self._inputs([frames[i] for i in members], brighten)
             if len(by_shape) == 1:  # frames of one size (a camera's): in order already
-                out = x.contiguous()
+                out, gains = x.contiguous(), gain
             else:
-                out.index_copy_(0, torch.from_numpy(np.asarray(members)).to(self.device), x)
-        return out, self.recognisable(out)
+                index = torch.from_numpy(np.asarray(members)).to(self.device)
+                out.index_copy_(0, index, x)
+                gains.index_copy_(0, index, gain)
+        return out, self.recognisable(out, gains > 1)
 
-    def _inputs(self, group: list[np.ndarray], brighten: bool = False) -> torch.Tensor:
-        """Frames of one size -> their encoder inputs (n, 3, h, w) on the device. Where the
+    def _inputs(self, group: list[np.ndarray], brighten: bool = False) -> tuple[torch.Tensor, torch.Tensor]:
+        """Frames of one size -> (their encoder inputs (n, 3, h, w), their exposure gains (n,))
+        on the device. Where the
         device runs out of memory for them (a batch of large frames on a small GPU), frame by
         frame; a frame it has no room for alone is preprocessed on the host
         (``edgecap.preprocess``, whose pixels these are): every frame gets its input, none
@@ -173,20 +177,24 @@ class FramePreprocess:
         if self.device.type == "cuda":
             torch.cuda.empty_cache()  # the failed attempt's blocks, for the smaller ones
         if len(group) > 1:
-            return torch.cat([self._inputs([frame], brighten) for frame in group])
-        host = to_model_input(Image.fromarray(group[0]), self.pre, brighten)
-        return torch.from_numpy(host[None]).to(self.device)
+            xs, gains = zip(*(self._inputs([frame], brighten) for frame in group))
+            return torch.cat(xs), torch.cat(gains)
+        host, gain = model_input(Image.fromarray(group[0]), self.pre, brighten)
+        return torch.from_numpy(host[None]).to(self.device), torch.full((1,), float(gain), device=self.device)
 
-    def normalised(self, pixels: torch.Tensor, brighten: bool = False) -> torch.Tensor:
-        """uint8 (n, H, W, 3) -> the encoder input (n, 3, h, w) float32, resized and with the
-        host's two roundings: the product, then the sum (``edgecap.preprocess``); ``brighten``:
-        each dark frame's levels multiplied by its gain and capped at 255 first, as the host
-        does (a gain of 1 changes no level)."""
+    def normalised(self, pixels: torch.Tensor, brighten: bool = False) -> tuple[torch.Tensor, torch.Tensor]:
+        """uint8 (n, H, W, 3) -> (the encoder input (n, 3, h, w) float32, resized and with the
+        host's two roundings: the product, then the sum (``edgecap.preprocess``); each frame's
+        exposure gain (n,), 1 unless brightened). ``brighten``: each dark frame's levels
+        multiplied by its gain and capped at 255 first, as the host does (a gain of 1 changes
+        no level)."""
         resized = self.resized(pixels)
         x = resized.permute(0, 3, 1, 2).to(torch.float32)
+        gains = torch.ones(len(x), dtype=torch.float32, device=x.device)
         if brighten:
-            x.mul_(self.exposure_gains(resized).view(-1, 1, 1, 1)).clamp_(max=255.0)
-        return x.mul_(self.scale).add_(self.offset)
+            gains = self.exposure_gains(resized)
+            x.mul_(gains.view(-1, 1, 1, 1)).clamp_(max=255.0)
+        return x.mul_(self.scale).add_(self.offset), gains
 
     def exposure_gains(self, resized: torch.Tensor) -> torch.Tensor:
         """uint8 (n, h, w, 3) at the model's size -> each frame's ``exposure_gain`` (n,) float32:
@@ -242,8 +250,9 @@ class FramePreprocess:
                 self._taps.popitem(last=False)
         return taps
 
-    def recognisable(self, x: torch.Tensor) -> torch.Tensor:
-        """``edgecap.preprocess.recognisable`` of each encoder input in ``x`` (N, 3, H, W)."""
+    def recognisable(self, x: torch.Tensor, brightened: torch.Tensor | None = None) -> torch.Tensor:
+        """``edgecap.preprocess.recognisable`` of each encoder input in ``x`` (N, 3, H, W);
+        ``brightened`` (N,) bool: which were brightened (the noise rule is theirs; None: none)."""
         grey = (x * self.std).mean(1)
         n, h, w = grey.shape[0], grey.shape[1] // BLOCK * BLOCK, grey.shape[2] // BLOCK * BLOCK
         grey = grey[:, :h, :w].reshape(n, h // BLOCK, BLOCK, w // BLOCK, BLOCK).mean((2, 4))
@@ -257,4 +266,8 @@ class FramePreprocess:
         )
         detail = laplacian.abs().reshape(n, -1).mean(1)
         noise = detail > MAX_DETAIL_RATIO * spread  # float32, as the host compares
+        if brightened is not None:
+            noise &= brightened
+        else:
+            noise.zero_()
         return (spread >= MIN_PIXEL_STD) & (detail >= MIN_DETAIL) & ~noise

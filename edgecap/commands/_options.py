@@ -229,7 +229,7 @@ def add_model_arguments(p: argparse.ArgumentParser) -> None:
         dest="blank_check",
         action="store_false",
         help="caption every frame, even one with nothing to recognise (uniform, "
-        "blurred past any detail, or noise), instead of saying 'nothing recognisable'",
+        "blurred past any detail, or a dark frame's noise), instead of saying 'nothing recognisable'",
     )
     p.add_argument(
         "--no-brighten",

@@ -52,7 +52,7 @@ class CaptionOptions:
     # the search could have ended by its expected agreement with the others (plus the tag
     # words it says), not by its own score alone. Not with ``constrained``.
     consensus: bool = True
-    # A frame with nothing to recognise (uniform, blurred past any detail, or noise) gets the text
+    # A frame with nothing to recognise (uniform, blurred past any detail, a dark frame's noise) gets the text
     # "nothing recognisable" instead of an invented scene (``edgecap.preprocess.recognisable``).
     blank_check: bool = True
     # A dark frame (its brightest 1% of pixels below level 128 of 255) is brightened before it is
