@@ -165,10 +165,9 @@ class FramePreprocess:
 
     def _inputs(self, group: list[np.ndarray], brighten: bool = False) -> tuple[torch.Tensor, torch.Tensor]:
         """Frames of one size -> (their encoder inputs (n, 3, h, w), their exposure gains (n,))
-        on the device. Where the
-        device runs out of memory for them (a batch of large frames on a small GPU), frame by
-        frame; a frame it has no room for alone is preprocessed on the host
-        (``edgecap.preprocess``, whose pixels these are): every frame gets its input, none
+        on the device. Where the device runs out of memory for them (a batch of large frames on
+        a small GPU), frame by frame; a frame it has no room for alone is preprocessed on the
+        host (``edgecap.preprocess``, whose pixels these are): every frame gets its input, none
         fails the others."""
         try:
             return self.normalised(torch.from_numpy(np.stack(group)).to(self.device), brighten)
