@@ -155,6 +155,30 @@ def test_the_noise_rule_judges_brightened_frames_only_on_the_device_as_on_the_ho
     assert visible.tolist() == [recognisable(h, PRE, bool(g > 1)) for h, g in host] == [False, True]
 
 
+def test_each_frames_gain_reaches_the_noise_rule_on_every_device_path():
+    """The gain the noise rule needs comes along whichever way a frame was preprocessed: a
+    camera's batch of one size (a 224x224 lens cap, level 2 with 8 levels of standard deviation,
+    brightened 8x, beside a bright 4 px checkerboard, not brightened), the same pair on a device
+    with room for one frame at a time (one by one), and a 480x640 lens cap (16 levels) it has no
+    room for at all (the host's). Each lens cap is noise, the checkerboard a scene; judged
+    without its gain each lens cap would be taken for a scene."""
+    rng = np.random.default_rng(3)
+
+    def lens_cap(h, w, sigma):
+        return np.clip(2 + rng.normal(0, sigma, (h, w, 1)), 0, 255).round().astype(np.uint8).repeat(3, 2)
+
+    checker = (100 + 80 * (np.add.outer(np.arange(224) // 4, np.arange(224) // 4) % 2)).astype(np.uint8)
+    pair = [lens_cap(224, 224, 8), np.repeat(checker[:, :, None], 3, axis=2)]
+    _, visible = FramePreprocess(PRE, CPU)(pair, brighten=True)
+    assert visible.tolist() == [False, True]
+    frames = [*pair, lens_cap(480, 640, 16)]
+    prep = SmallDevice(224 * 224)
+    x, visible = prep(frames, brighten=True)
+    assert sorted(prep.uploads) == sorted([(2, 224, 224), (1, 224, 224), (1, 224, 224), (1, 480, 640)])
+    assert visible.tolist() == [False, True, False]
+    assert [recognisable(v, PRE) for v in x.numpy()] == [True, True, True]  # without the gain
+
+
 def test_the_taps_kept_on_the_device_are_bounded_and_remade_when_dropped():
     """A service meets photos of ever new sizes: the resize's taps kept on the device (a few KB
     to 0.1 MB each) are the ``TAPS_KEPT`` most recently used, not one set per size ever seen; a
