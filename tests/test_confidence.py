@@ -90,6 +90,20 @@ def test_a_dark_photo_is_brightened_and_captioned_not_flagged(captioner):
         assert lens_cap.text == NOTHING_RECOGNISABLE
 
 
+def test_fine_detail_in_good_light_is_captioned_and_in_a_dim_room_is_not(captioner):
+    """The noise rule (mean |Laplacian| over 2.5 times the spread) judges brightened frames
+    only (docs/cameras.md, Dark frames): a checkerboard of 4 px squares (ratio 8, as close-ups of
+    tiles and text reach) at levels 100 / 180 is not dark, so it is captioned; the same pattern
+    at 50 / 90 (brightest level 90, below 128) is brightened x255/90 and then judged as noise."""
+    from edgecap.api import NOTHING_RECOGNISABLE
+
+    squares = np.add.outer(np.arange(224) // 4, np.arange(224) // 4) % 2
+    bright, dim = ((low + (high - low) * squares).astype(np.uint8) for low, high in ((100, 180), (50, 90)))
+    lit, dark = captioner.caption_batch([bright, dim])
+    assert lit.recognisable and lit.text != NOTHING_RECOGNISABLE
+    assert not dark.recognisable and dark.text == NOTHING_RECOGNISABLE
+
+
 def test_auroc_and_fit_on_known_cases():
     assert auroc([0.9, 0.8, 0.1], [True, True, False]) == 1.0
     assert auroc([0.1, 0.2, 0.9], [True, True, False]) == 0.0
