@@ -11,9 +11,10 @@ Inputs:
   reads 3/4-channel arrays as BGR/BGRA (OpenCV frames). dtype uint8 (0-255), uint16 (0-65535) or
   float in [0, 1] (what ``skimage.img_as_float`` gives); anything else is refused rather than
   guessed. uint16 (and 16-bit files) are read as 0-65535: 8-bit data cast to uint16, or 10- or
-  12-bit sensor data (all values below 4096), is then a dark frame, likely "nothing
-  recognisable"; it is captioned, with a ``UserWarning`` (once in the process) that says what to
-  pass instead.
+  12-bit sensor data (all values below 4096), is then a dark frame (12-bit data is brightened 8x
+  and usually captioned, 10-bit and 8-bit data mostly "nothing recognisable": docs/reliability.md);
+  it is read as it is, with a ``UserWarning`` (once in the process) that says what to pass
+  instead.
 
 Transparency is flattened onto **white**: transparent product shots, logos and icons are drawn on
 white far more often than on black, and the colour under a fully transparent pixel is often junk.

@@ -466,9 +466,9 @@ def test_16_bit_arrays_and_files_read_as_0_to_65535_alike_and_in_order(tmp_path)
 
 
 def test_dark_16_bit_data_is_captioned_with_a_hint_said_once(monkeypatch):
-    """12-bit sensor data (0-4095) or 8-bit data cast to uint16 reads as a dark frame ('nothing
-    recognisable', with nothing said before): read as it is, with one UserWarning naming the
-    shift; a camera loop does not get it every frame."""
+    """12-bit sensor data (0-4095) or 8-bit data cast to uint16 reads as a dark frame (with
+    nothing said before): read as it is, with one UserWarning naming the shift; a camera loop
+    does not get it every frame."""
     monkeypatch.setattr(images, "_warned_sixteen_bits", False)
     frame = np.full((4, 4, 3), 4095, np.uint16)
     with pytest.warns(UserWarning, match=r"highest is 4095\).*array << 4 for 12-bit"):
