@@ -53,9 +53,10 @@ def read_flickr8k(token_file: Path, split_file: Path | None = None) -> list[Capt
     return [CaptionedImage(n, captions[n], image_id=i) for i, n in enumerate(names)]
 
 
-def read_coco(json_file: Path) -> list[CaptionedImage]:
-    """COCO caption JSON (``captions_*.json``), in the order of its ``images`` list."""
-    data = _json(json_file)
+def read_coco(json_file: Path, data=None) -> list[CaptionedImage]:
+    """COCO caption JSON (``captions_*.json``), in the order of its ``images`` list; ``data``:
+    the file already parsed (``dataset_json``), not read again."""
+    data = dataset_json(json_file) if data is None else data
     if not isinstance(data, dict) or "images" not in data or "annotations" not in data:
         raise DataError(f"{_shown(json_file)}: not COCO caption JSON (needs 'images' and 'annotations')")
     try:
@@ -74,9 +75,10 @@ def read_coco(json_file: Path) -> list[CaptionedImage]:
     return list(by_id.values())
 
 
-def read_karpathy(json_file: Path, split: str) -> list[CaptionedImage]:
-    """Karpathy split JSON; ``split`` is train / val / test (``restval`` counts as train)."""
-    data = _json(json_file)
+def read_karpathy(json_file: Path, split: str, data=None) -> list[CaptionedImage]:
+    """Karpathy split JSON; ``split`` is train / val / test (``restval`` counts as train);
+    ``data``: the file already parsed (``dataset_json``), not read again."""
+    data = dataset_json(json_file) if data is None else data
     if not isinstance(data, dict) or "images" not in data:
         raise DataError(f"{_shown(json_file)}: not a Karpathy dataset JSON (needs 'images')")
     wanted = {"train": {"train", "restval"}}.get(split, {split})
@@ -154,7 +156,9 @@ def _text(path: Path) -> str:
         raise DataError(f"{_shown(path)}: not UTF-8 text ({exc.reason} at byte {exc.start})") from None
 
 
-def _json(path: Path):
+def dataset_json(path: Path):
+    """A dataset's JSON file, parsed: a regular file under ``MAX_DATASET_BYTES`` (a
+    ``DataError`` naming it otherwise)."""
     try:
         return read_json(path, MAX_DATASET_BYTES)
     except FileProblem as exc:

@@ -25,9 +25,9 @@ from pathlib import Path
 
 from edgecap.evaluation import metrics
 from edgecap.api import batched
-from edgecap.data.readers import MAX_DATASET_BYTES, CaptionedImage, read_coco, read_flickr8k, read_karpathy
+from edgecap.data.readers import CaptionedImage, dataset_json, read_coco, read_flickr8k, read_karpathy
 from edgecap.errors import DataError, InputError
-from edgecap.files import FileProblem, os_problem, read_json
+from edgecap.files import os_problem
 
 KARPATHY_SPLITS = ("train", "val", "test")
 _SHOWN = 5  # missing or broken images named in an error message
@@ -74,10 +74,7 @@ def load_references(
 
 
 def _read_json_references(path: Path, karpathy_split: str | None) -> list[CaptionedImage]:
-    try:  # as the readers read it: a regular file under the limit (a named pipe would hang)
-        data = read_json(path, MAX_DATASET_BYTES)
-    except FileProblem as exc:
-        raise DataError(f"{path}: {exc}") from None
+    data = dataset_json(path)  # read once: a regular file under the limit (a named pipe would hang)
     images = data.get("images") if isinstance(data, dict) else None
     is_karpathy = (
         isinstance(images, list) and bool(images) and isinstance(images[0], dict) and "sentences" in images[0]
@@ -87,13 +84,13 @@ def _read_json_references(path: Path, karpathy_split: str | None) -> list[Captio
             raise ValueError(
                 f"{path} is a Karpathy dataset JSON: choose its split ({', '.join(KARPATHY_SPLITS)})"
             )
-        return read_karpathy(path, karpathy_split)
+        return read_karpathy(path, karpathy_split, data)
     if karpathy_split is not None:
         raise ValueError(
             f"{path}: a Karpathy split was given, but this is not a Karpathy "
             "dataset JSON (no 'sentences' in its images)"
         )
-    return read_coco(path)
+    return read_coco(path, data)
 
 
 def _read(source: Path, reader: Callable[[], list[CaptionedImage]]) -> list[CaptionedImage]:
