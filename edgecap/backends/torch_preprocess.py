@@ -249,9 +249,9 @@ class FramePreprocess:
                 self._taps.popitem(last=False)
         return taps
 
-    def recognisable(self, x: torch.Tensor, brightened: torch.Tensor | None = None) -> torch.Tensor:
+    def recognisable(self, x: torch.Tensor, brightened: torch.Tensor) -> torch.Tensor:
         """``edgecap.preprocess.recognisable`` of each encoder input in ``x`` (N, 3, H, W);
-        ``brightened`` (N,) bool: which were brightened (the noise rule is theirs; None: none)."""
+        ``brightened`` (N,) bool: which were brightened (the noise rule is theirs)."""
         grey = (x * self.std).mean(1)
         n, h, w = grey.shape[0], grey.shape[1] // BLOCK * BLOCK, grey.shape[2] // BLOCK * BLOCK
         grey = grey[:, :h, :w].reshape(n, h // BLOCK, BLOCK, w // BLOCK, BLOCK).mean((2, 4))
@@ -264,9 +264,5 @@ class FramePreprocess:
             - grey[:, 1:-1, 2:]
         )
         detail = laplacian.abs().reshape(n, -1).mean(1)
-        noise = detail > MAX_DETAIL_RATIO * spread  # float32, as the host compares
-        if brightened is not None:
-            noise &= brightened
-        else:
-            noise.zero_()
+        noise = brightened & (detail > MAX_DETAIL_RATIO * spread)  # float32, as the host compares
         return (spread >= MIN_PIXEL_STD) & (detail >= MIN_DETAIL) & ~noise
