@@ -110,6 +110,11 @@ def log(message: str) -> None:
     print(f"edgecap serve: error: {message}", file=sys.stderr, flush=True)
 
 
+def note(message: str) -> None:
+    """A log line that is no error of the service (a client that went away)."""
+    print(f"edgecap serve: {message}", file=sys.stderr, flush=True)
+
+
 class OneLineLog(logging.LoggerAdapter):
     """aiohttp's server log (``RequestHandler.logger``) as the service's own log lines: a request
     aiohttp refuses before the service sees it (not HTTP, a bad Content-Length, a header over
@@ -320,6 +325,15 @@ class CaptionService:
                     "the service is stopping and the body had not all arrived; send it again",
                     headers={"Retry-After": "1"},
                 )
+            except ConnectionError:  # aiohttp: ConnectionResetError("Connection lost")
+                # the client closed its connection while sending the body: its going away, not a
+                # failure of the service, and no one is left to read an answer
+                of = f" of {request.content_length:,}" if request.content_length is not None else ""
+                note(
+                    f"{request.method} {request.path} from {request.remote}: the client went away "
+                    f"after sending {request.content.total_bytes:,}{of} bytes of its body"
+                )
+                return _error(web, 400, "the connection closed before the body had all arrived")
             finally:
                 self._reading.discard(request.content)
             if not data:

@@ -1190,3 +1190,45 @@ def test_a_second_signal_during_the_stop_changes_nothing(caplog):
             signal.signal(sig, handler)
     assert stopped_by == signal.SIGINT
     assert [r.getMessage() for r in caplog.records if r.levelname == "ERROR"] == []
+
+
+# -- the client going away, and the stop's check of bodies still arriving (helper) ---------------
+@pytest.mark.parametrize(
+    "framing, sent, told",
+    [
+        (b"Content-Length: 1000", b"x" * 100, "100 of 1,000 bytes"),
+        (b"Transfer-Encoding: chunked", b"64\r\n" + b"x" * 100 + b"\r\n", "100 bytes"),
+    ],
+    ids=["content-length", "chunked"],
+)
+def test_a_client_that_goes_away_mid_upload_is_one_line_that_is_not_an_error(capfd, framing, sent, told):
+    """docs/service.md: a client that closes its connection before its body has all arrived is
+    its going away, not a failure of the service. Here 100 bytes of a declared 1,000 (or one
+    chunk of 100 bytes, 0x64, of a chunked body) and then the connection closed: one log line
+    saying so, without "error:" (before the fix the line of a bug of the service, "edgecap
+    serve: error: POST /caption failed (ConnectionResetError: Connection lost)"); the request
+    no longer counts in /health's pending, nothing reached the model, and the next request is
+    captioned."""
+    fake = BlockingCaptioner()
+    fake.gate.set()
+    running = Running(fake, ServiceOptions())
+    try:
+        with socket.create_connection(("127.0.0.1", running.port), timeout=CLIENT_TIMEOUT_S) as gone:
+            gone.sendall(
+                b"POST /caption HTTP/1.1\r\nHost: x\r\nContent-Type: image/png\r\n"
+                + framing
+                + b"\r\n\r\n"
+                + sent
+            )
+            wait_until(lambda: running.service.pending == 1)  # its body being read
+        wait_until(lambda: running.service.pending == 0)
+        pending = request(running.port, "GET", "/health")[1]["pending"]
+        after = post(running.port, b"fine")
+    finally:
+        running.stop()
+    assert pending == 0
+    assert (after[0], after[1]["caption"]) == (200, "4 bytes")
+    assert fake.batches == [1]  # only b"fine"
+    assert capfd.readouterr().err.splitlines() == [
+        f"edgecap serve: POST /caption from 127.0.0.1: the client went away after sending {told} of its body"
+    ]
