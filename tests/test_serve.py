@@ -1232,3 +1232,63 @@ def test_a_client_that_goes_away_mid_upload_is_one_line_that_is_not_an_error(cap
     assert capfd.readouterr().err.splitlines() == [
         f"edgecap serve: POST /caption from 127.0.0.1: the client went away after sending {told} of its body"
     ]
+
+
+def test_at_a_stop_only_a_body_still_arriving_is_refused_and_one_all_received_is_captioned():
+    """docs/service.md: a stop answers the requests in flight; only one whose body is still
+    arriving is answered 503 at once (aiohttp reads nothing more once a stop begins). White-box:
+    two requests whose handlers have not yet read their bodies when the stop's on_shutdown hook
+    runs (CaptionService._end_reads): one whose 9 bytes have all been received (aiohttp's
+    StreamReader at its end, is_eof) is captioned ("9 bytes", the fake's caption), the other,
+    4 bytes of a declared 1,000 in, gets the 503 with Retry-After. Without the "body complete"
+    check (9e3a0b7) the hook would refuse both, and a request that had all arrived would be
+    answered 503 "send it again" instead of its caption."""
+    from unittest import mock
+
+    from aiohttp import StreamReader, web
+
+    fake = BlockingCaptioner()
+    fake.gate.set()
+    service = CaptionService(fake, ServiceOptions())
+
+    async def main():
+        runner = web.AppRunner(service.app)
+        await runner.setup()  # on_startup: the service's batcher and its worker
+        try:
+            go = asyncio.Event()  # the handlers' reads wait for it: the hook runs before them
+
+            def stand_in(received: bytes, declared: int, complete: bool):
+                body = StreamReader(mock.Mock(_reading_paused=False), 2**16)
+                body.feed_data(received)
+                if complete:
+                    body.feed_eof()
+
+                async def read():
+                    await go.wait()
+                    return await body.read()
+
+                return SimpleNamespace(
+                    content_type="image/png", content_length=declared, content=body, read=read
+                )
+
+            complete, arriving = stand_in(b"all of it", 9, True), stand_in(b"part", 1000, False)
+            answers = [asyncio.ensure_future(service.caption(r)) for r in (complete, arriving)]
+            for _ in range(100):  # until both handlers are reading (waiting on go)
+                if len(service._reading) == 2:
+                    break
+                await asyncio.sleep(0)
+            assert len(service._reading) == 2
+            await service._end_reads(service.app)  # what a stop runs (app.on_shutdown)
+            go.set()
+            return await asyncio.gather(*answers)
+        finally:
+            await runner.cleanup()
+
+    captioned, refused = asyncio.run(main())
+    assert (captioned.status, json.loads(captioned.text).get("caption")) == (200, "9 bytes")
+    assert (refused.status, json.loads(refused.text), refused.headers["Retry-After"]) == (
+        503,
+        {"error": "the service is stopping and the body had not all arrived; send it again"},
+        "1",
+    )
+    assert fake.batches == [1] and service.pending == 0
