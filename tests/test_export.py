@@ -541,3 +541,47 @@ def test_an_export_over_a_model_needs_force_and_drops_what_was_fitted_to_it(tmp_
     (tmp_path / "a-file").write_text("x")
     assert main(["export", str(runs[0]), "--out", str(tmp_path / "a-file")]) == 2
     assert "a-file: not a directory" in capsys.readouterr().err
+
+
+def test_an_export_out_that_cannot_be_written_is_one_line_and_exit_2(tmp_path, capsys, monkeypatch):
+    """docs/cli.md / README: usage and output errors exit 2 with one line, never a traceback (as
+    ``edgecap convert --out``). An --out below a file cannot be made a folder: refused naming
+    both, before anything is read; a folder that cannot be written (no permission, a full disk:
+    here the temporary folder beside --out refused) names the path and the system's reason.
+    Nothing is left behind, the file untouched. Before the fix: tracebacks of FileExistsError
+    and PermissionError, exit 1."""
+    import errno
+
+    import edgecap.build.export as export
+    from edgecap.cli import main
+    from edgecap.models.checkpoint import save_checkpoint
+
+    vocab = Vocabulary.build(["a cat sat on the mat", "a dog ran in the park today"], min_count=1)
+    decoder = CaptionDecoder(
+        DecoderConfig(vocab_size=len(vocab), hidden_dim=16, feature_dim=16, embed_dim=8, attention_dim=8)
+    )
+    run = tmp_path / "run" / "best"
+    save_checkpoint(run, decoder, vocab, PRE, {})
+    a_file = tmp_path / "notes.txt"
+    a_file.write_text("not a folder")
+    for out in (a_file / "model", a_file / "models" / "mine"):
+        assert main(["export", str(run), "--out", str(out)]) == 2
+        printed = capsys.readouterr()
+        assert printed.out == ""
+        reason = f"not a directory ({a_file} is not a directory); choose another --out"
+        assert printed.err == f"edgecap export: error: {out}: {reason}\n"
+    assert a_file.read_text() == "not a folder"
+
+    def refused(prefix, dir):
+        path = str(Path(dir) / f"{prefix}x")
+        raise PermissionError(errno.EACCES, "Permission denied", path)
+
+    monkeypatch.setattr(export.tempfile, "mkdtemp", refused)
+    out = tmp_path / "locked" / "model"
+    assert main(["export", str(run), "--out", str(out)]) == 2
+    printed = capsys.readouterr()
+    assert (printed.out, printed.err) == (
+        "",
+        f"edgecap export: error: {out.parent}/.model.export-x: Permission denied\n",
+    )
+    assert not out.exists()

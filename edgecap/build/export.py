@@ -358,8 +358,12 @@ def export_model(
     from edgecap.models.checkpoint import load_checkpoint
 
     out = Path(out_dir)
-    if out.exists() and not out.is_dir():
-        raise ModelError(f"{out}: not a directory; choose another --out")
+    existing = out  # --out, or the nearest folder above it that exists: below a file, none can be made
+    while not os.path.lexists(existing) and existing != existing.parent:
+        existing = existing.parent
+    if os.path.lexists(existing) and not existing.is_dir():
+        below = "" if existing == out else f" ({existing} is not a directory)"
+        raise ModelError(f"{out}: not a directory{below}; choose another --out")
     if out.is_dir() and any(out.iterdir()) and not force:
         raise ModelError(
             f"{out}: directory exists and is not empty; choose another --out or pass --force to "

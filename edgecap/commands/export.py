@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import argparse
 import json
+import sys
 
 
 def add_arguments(p: argparse.ArgumentParser) -> None:
@@ -45,7 +46,11 @@ def run(args: argparse.Namespace) -> int:
             extra["dev_metrics"] = read_json(args.metrics, MAX_SMALL_BYTES)
         except FileProblem as exc:
             raise ModelError(f"--metrics {shown(args.metrics)}: cannot read it as JSON ({exc})") from None
-    manifest = export_model(args.checkpoint, args.out, name=args.name, extra_info=extra, force=args.force)
+    try:
+        manifest = export_model(args.checkpoint, args.out, name=args.name, extra_info=extra, force=args.force)
+    except OSError as exc:  # --out cannot be made or written: no permission, a full disk
+        print(f"edgecap export: error: {exc.filename or args.out}: {exc.strerror or exc}", file=sys.stderr)
+        return 2
     print(
         json.dumps(
             {
