@@ -840,6 +840,26 @@ def test_out_or_cache_dir_that_is_a_file_is_one_line(tmp_path, folder_data, caps
     assert not out.exists()
 
 
+@torch_needed
+def test_a_feature_cache_that_cannot_be_made_is_one_line_and_exit_2(tmp_path, folder_data, capsys):
+    """docs/cli.md: output that cannot be written is exit 2 with one line, never a traceback. A
+    --cache-dir whose name is longer than a file name may be (255 bytes, as a folder that
+    cannot be made: no permission, a read-only or full disk) passes the checks before the run
+    (nothing in its way) and fails when the run makes it: one line naming the folder and the
+    system's reason, nothing trained. Before the fix: an OSError traceback, exit 1."""
+    from edgecap.cli import main
+
+    cache = tmp_path / ("c" * 300)
+    out = tmp_path / "run"
+    argv = ["train", "--data", str(folder_data), "--out", str(out), "--cache-dir", str(cache)]
+    assert main([*argv, "--epochs", "1", "--no-progress", "--threads", "1"]) == 2
+    err = capsys.readouterr().err.splitlines()
+    assert err[-1].startswith(f"edgecap train: error: {cache}/shards-")
+    assert err[-1].endswith(": File name too long")
+    assert not any(line.startswith("Traceback") for line in err)
+    assert not out.exists()
+
+
 def _no_training(monkeypatch) -> list:
     """``edgecap train`` with its training replaced: the configs it would have run with."""
     import edgecap.training.train as training

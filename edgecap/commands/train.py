@@ -315,7 +315,11 @@ def run(args: argparse.Namespace) -> int:
     except ValueError as exc:  # the config's own checks, in the command line's words
         print(f"edgecap train: error: {_in_flags(str(exc), args)}", file=sys.stderr)
         return 2
-    best = run_training(cfg)
+    try:
+        best = run_training(cfg)
+    except OSError as exc:  # a folder that cannot be made or written (--out, --cache-dir), a full disk
+        print(f"edgecap train: error: {exc.filename or args.out}: {exc.strerror or exc}", file=sys.stderr)
+        return 2
     left_out = _left_out(best)
     print(json.dumps({"best_checkpoint": str(best), **({"left_out": left_out} if left_out else {})}))
     return 1 if left_out else 0  # as caption: some inputs were skipped (each reported)
