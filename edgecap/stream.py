@@ -14,7 +14,8 @@ Two ways to consume frames:
 - ``live=True`` (the default): a reader thread pulls frames from the source as fast as it gives
   them and keeps only the newest; the captioning loop always takes the newest frame. When
   captioning is slower than the frames arrive, older frames are **dropped** (counted, never
-  queued), so a caption is never more than one caption's time behind the camera.
+  queued), so a caption is never more than one caption's time behind the camera. The reader
+  keeps a copy of each array frame, made before it reads the next: a source may refill one buffer.
 - ``live=False``: every frame (after ``every`` sampling) is captioned in order and the source
   waits for the captioner: for video files processed offline, where the output must not depend on
   the machine's speed.
@@ -54,8 +55,10 @@ import threading
 import time
 import weakref
 from collections.abc import Generator, Iterable, Iterator
-from dataclasses import dataclass
+from dataclasses import dataclass, replace
 from pathlib import Path
+
+import numpy as np
 
 from edgecap.api import ON_ERROR, Caption
 from edgecap.errors import BackendError, InputError
@@ -340,7 +343,11 @@ class CaptionStream:
 
     def _reader_thread(self, state: _Latest) -> None:
         try:
-            for item in self._read():
+            for frame, read_at in self._read():
+                # the frame's own pixels, taken before the source is asked for the next frame: a
+                # source that refills one buffer (a camera SDK's frame pool) would otherwise change
+                # this frame while it waits for the captioner, or while it is captioned
+                item = _own_pixels(frame), read_at
                 with self._lock:
                     if state.frame is not None:  # the captioner is busy: the newest frame wins
                         state.dropped += 1
@@ -363,6 +370,15 @@ class _Latest:
         self.dropped = 0
         self.done = False
         self.error: BaseException | None = None
+
+
+def _own_pixels(frame: Frame) -> Frame:
+    """``frame`` with a copy of its image where the image is a mutable buffer."""
+    if isinstance(frame.image, np.ndarray):
+        return replace(frame, image=frame.image.copy())
+    if isinstance(frame.image, (bytearray, memoryview)):
+        return replace(frame, image=bytes(frame.image))
+    return frame
 
 
 def _as_frame(item, position: int, seconds: float, color: str) -> Frame:

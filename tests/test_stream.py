@@ -144,6 +144,31 @@ def test_dropped_counts_only_the_frames_since_the_previous_event():
     assert (stream.stats.frames, stream.stats.captioned, stream.stats.dropped) == (5, 3, 2)
 
 
+def test_a_live_frame_keeps_its_pixels_when_the_source_refills_its_buffer():
+    """A camera that refills one buffer (a camera SDK's frame pool, a preallocated array) hands
+    the reader the same array for every frame. Frame 0 (pixels 0) is being captioned when the
+    camera refills the buffer with frame 1 (pixels 1): each event is the caption of its own
+    frame's pixels, frame 0's of 0s, not of the pixels of the frame read after it."""
+    buffer = np.zeros((4, 6, 3), np.uint8)
+    captioning, refilled = threading.Event(), threading.Event()
+
+    def camera():
+        yield Frame(0, 0.0, buffer)
+        assert captioning.wait(DEADLOCK_GUARD_S)  # frame 0 is with the captioner
+        buffer[...] = 1  # the next frame, into the same buffer
+        refilled.set()
+        yield Frame(1, 1.0, buffer)
+
+    def hook(calls):
+        captioning.set()
+        assert refilled.wait(DEADLOCK_GUARD_S), "the reader stalled"
+
+    fake = FakeCaptioner(hook)
+    events = list(caption_stream(fake, camera()))
+    assert [e.frame_index for e in events] == [0, 1]
+    assert [int(image.max()) for image, _ in fake.seen] == [0, 1]
+
+
 def endless_source(closed: threading.Event, read_s: float = 0.0):
     """0, 1, 2, ... (a camera), each read taking ``read_s``; sets ``closed`` when closed."""
     try:
