@@ -211,6 +211,7 @@ class CaptionStream:
         self._started: float | None = None
         self._ended: float | None = None
         self._started_iterating = False
+        self._reading = False  # ``_read`` has begun: it closes the source when it ends
         # weakly held: a strong reference would make a cycle (the generator's frame holds self),
         # and leaving a for loop early must close the generator, and the camera, at once
         self._events: weakref.ref | None = None
@@ -238,7 +239,9 @@ class CaptionStream:
         events = self._events() if self._events is not None else None
         if events is not None:
             events.close()
-        elif self._events is None:  # never iterated: the source may hold a camera or file open
+        if not self._reading:  # never read (not iterated, or its loop never begun: closing a
+            # generator that never started runs none of its code): the source may hold a camera
+            # or file open
             close = getattr(self.frames, "close", None)
             if close is not None:
                 close()
@@ -253,6 +256,7 @@ class CaptionStream:
     def _read(self) -> Generator[tuple[Frame, float], None, None]:
         """The source's frames that pass sampling, each with the perf_counter time it was read.
         Counts frames and skips; closes the source when done or stopped."""
+        self._reading = True
         sampler = _Sampler(self.every)
         source = iter(self.frames)
         try:

@@ -640,6 +640,21 @@ def test_closing_a_stream_never_iterated_releases_the_camera(monkeypatch):
     assert [c.released.is_set() for c in fake.captures] == [True, True]
 
 
+@pytest.mark.parametrize("live", [True, False])
+def test_closing_a_stream_whose_loop_never_began_releases_the_camera(monkeypatch, live):
+    """``iter(stream)`` taken (a loop about to begin, ``next(events)`` by hand) but no frame
+    asked for: ``close()``, or the end of its ``with`` block, still gives the camera back."""
+    fake = FakeCv2(n_frames=10)
+    monkeypatch.setitem(sys.modules, "cv2", fake)
+    stream = caption_stream(FakeCaptioner(), camera_frames(0), live=live)
+    events = iter(stream)
+    stream.close()
+    with caption_stream(FakeCaptioner(), camera_frames(1), live=live) as stream:
+        events = iter(stream)
+    assert [c.released.is_set() for c in fake.captures] == [True, True]
+    assert list(events) == []
+
+
 class FakeVideoCv2:
     """The cv2 names ``video_frames`` uses: a video file whose header gives ``fps``, a
     ``width`` x ``height`` frame size and ``count`` frames, and which decodes ``frames`` (uint8
