@@ -594,12 +594,17 @@ class Captioner:
         words = [self.vocab.words[i] for i in hyp.tokens]
         confidence, x = None, None
         if probs is not None:
+            # the signals are per word, as the confidence model was fitted on them: a GNMT length
+            # penalty's scores (``length_normalised``) are brought back to the mean per word
+            length = max(len(hyp.tokens) + hyp.finished, 1)
+            penalty = self.options.length_penalty
+            per_word = 1.0 if penalty is None else ((5.0 + length) / 6.0) ** penalty / length
             x = signals(
                 hyp.tokens,
-                hyp.score,
+                hyp.score * per_word,
                 probs,
                 self.classes.word_ids,
-                hyp.rank_score,
+                None if hyp.rank_score is None else hyp.rank_score * per_word,
                 photo[0],
                 self._object_words,
                 photo[1],

@@ -394,6 +394,25 @@ def test_min_confidence_on_a_model_without_confidence_is_a_usage_error(tmp_path,
     assert json.loads(capsys.readouterr().out)["confidence"] is None
 
 
+@pytest.mark.parametrize("penalty", [0.6, 1.4])
+def test_a_length_penalty_leaves_the_signals_per_word_and_the_confidence_of_a_caption(captioner, penalty):
+    """The confidence model was fitted on mean log-probabilities per word (docs/confidence.md):
+    with a GNMT length penalty the caption's ``score`` is ranked on another scale, but its
+    signals are still per word, so the cat's caption ("a cat laying on a bed", six words and
+    the end) has the confidence it has without the penalty (0.9223), not one from a score
+    ((5 + 7) / 6) ** penalty / 7 times as large."""
+    from edgecap import Captioner
+
+    photo = str(EXAMPLES / "chelsea.png")
+    plain = captioner.caption(photo)
+    penalised = Captioner(length_penalty=penalty).caption(photo)
+    assert penalised.text == plain.text == "a cat laying on a bed"
+    got = dict(zip(SIGNALS, penalised.signals))
+    assert got["score"] == pytest.approx(penalised.log_prob / 7)
+    assert got["rank_score"] == pytest.approx(dict(zip(SIGNALS, plain.signals))["rank_score"])
+    assert penalised.confidence == pytest.approx(plain.confidence, abs=1e-4)
+
+
 def test_a_caption_the_length_cap_cut_has_no_confidence(default_model_dir):
     """--max-length 1 cuts the astronaut's caption to one word, which is no sentence."""
     from edgecap import Captioner
