@@ -50,6 +50,7 @@ before the frame count its header gives (truncated, or frames the decoder cannot
 from __future__ import annotations
 
 import math
+import numbers
 import os
 import threading
 import time
@@ -147,11 +148,21 @@ class StreamStats:
         )
 
 
+def _check_every(every: float | None) -> float | None:
+    """``every`` as a float: None or a positive number of seconds (numpy's numbers too); anything
+    else is a ``ValueError`` (0 would divide by zero, a negative interval take no frame)."""
+    if every is not None and (
+        isinstance(every, bool) or not isinstance(every, numbers.Real) or not every > 0
+    ):
+        raise ValueError(f"every must be None or a positive number of seconds, got {every!r}")
+    return None if every is None else float(every)
+
+
 class _Sampler:
     """Keeps at most one frame per ``every`` seconds of frame time (all frames when None)."""
 
     def __init__(self, every: float | None):
-        self.every = every
+        self.every = _check_every(every)
         self.origin: float | None = None
         self.next_slot = 0
         self.last = -math.inf  # the timestamp of the last frame taken
@@ -194,10 +205,7 @@ class CaptionStream:
             raise ValueError(f"color must be one of {COLORS}, got {color!r}")
         if on_error not in ON_ERROR:
             raise ValueError(f"on_error must be one of {ON_ERROR}, got {on_error!r}")
-        if every is not None and (
-            isinstance(every, bool) or not isinstance(every, (int, float)) or not every > 0
-        ):
-            raise ValueError(f"every must be None or a positive number of seconds, got {every!r}")
+        every = _check_every(every)
         self.captioner = captioner
         self.frames = frames
         self.every = every

@@ -340,6 +340,23 @@ def test_every_samples_each_topic_on_its_own_grid(tmp_path):
     ]
 
 
+@pytest.mark.parametrize("every", [0, 0.0, -1.0, float("nan"), "1"])
+def test_an_every_that_is_not_a_positive_number_is_a_value_error(tmp_path, every):
+    """``frames(every=...)`` is held to ``caption_stream``'s rule: 0 was a ZeroDivisionError
+    from the sampling grid, a negative interval gave no frame at all, without a word."""
+    store = store_for("mcap")
+    messages = [
+        ("/a", "sensor_msgs/msg/Image", T0 + k * SECOND, image_msg(store, "mono8", GRAY, T0))
+        for k in range(3)
+    ]
+    bag = write_recording(tmp_path, "mcap", messages)
+    with (
+        open_recording(bag) as recording,
+        pytest.raises(ValueError, match="every must be None or a positive number"),
+    ):
+        list(recording.frames(every=every))
+
+
 # -- whole-recording problems: one line, exit 2 -------------------------------------------------
 def test_recording_problems(tmp_path, capfd):
     messages, _ = camera_messages("ros1")

@@ -430,6 +430,16 @@ def test_every_grid(fps, every, expected):
     assert taken == expected
 
 
+@pytest.mark.parametrize("every", [np.float32(0.5), np.float64(0.5), np.int64(1), 1])
+def test_every_may_be_a_numpy_number(every):
+    """``every`` read from a numpy array or a config parsed into numpy numbers: frames at 0,
+    0.25, 0.5 and 1 s give the first of each interval (0.5 s: frames 0, 2, 3; 1 s: 0, 3)."""
+    stamps = [0.0, 0.25, 0.5, 1.0]
+    frames = [Frame(i, t, i) for i, t in enumerate(stamps)]
+    events = caption_stream(FakeCaptioner(), frames, every=every, live=False)
+    assert [e.frame_index for e in events] == ([0, 2, 3] if every < 1 else [0, 3])
+
+
 @pytest.mark.parametrize(
     "kwargs", [{"every": 0}, {"every": -1.0}, {"every": True}, {"color": "bgra"}, {"on_error": "skip"}]
 )
