@@ -692,3 +692,41 @@ def test_text_pretraining_needs_the_text(monkeypatch, capsys):
     assert called == []
     err = capsys.readouterr().err
     assert "--text-pretrain" in err and "--text FILE" in err
+
+
+@pytest.mark.parametrize("dropout", [0.0, 0.2])
+def test_fine_tuning_trains_with_the_dropout_given_not_the_starting_models(tmp_path, dropout):
+    """--dropout is a training setting (its help: "dropout rate in the decoder (training only)"),
+    not one of the decoder sizes that a starting model keeps (--init-from's help): a run from a
+    checkpoint trained at 0.5 (a folder's default start, the shipped model, is one) trains at
+    the rate given, and its checkpoint records that rate. Before the fix the starting model's
+    0.5 was kept, so --dropout 0 (docs/training.md: what makes runs equal across world sizes)
+    did nothing when fine-tuning, while train_config recorded 0."""
+    from edgecap.data.readers import CaptionedImage
+    from edgecap.models.checkpoint import save_checkpoint
+    from edgecap.models.decoder import CaptionDecoder, DecoderConfig
+    from edgecap.preprocess import Preprocessing
+    from edgecap.training.start import initial_model
+    from edgecap.training.train import TrainConfig
+    from edgecap.vocab import Vocabulary
+
+    captions = ["a cat sat on the mat", "a dog ran in the park today"]
+    vocab = Vocabulary.build(captions, min_count=1)
+    sizes = {"hidden_dim": 16, "feature_dim": 16, "embed_dim": 8, "attention_dim": 8}
+    start = tmp_path / "start" / "best"
+    save_checkpoint(
+        start, CaptionDecoder(DecoderConfig(len(vocab), **sizes, dropout=0.5)), vocab, Preprocessing(), {}
+    )
+    items = [CaptionedImage("a.png", captions[:1]), CaptionedImage("b.png", captions[1:])]
+    for decoder_flags in ({"dropout": dropout}, {**sizes, "hidden_dim": 32, "dropout": dropout}):
+        cfg = TrainConfig(
+            data=str(tmp_path),
+            out=str(tmp_path / "run"),
+            dataset="folder",
+            init_from=str(start),
+            min_word_count=1,
+            decoder=decoder_flags,  # the command line passes every size and the dropout
+        )
+        decoder = initial_model(cfg, items, tmp_path / "run" / "last", log=lambda _: None).decoder
+        assert decoder.dropout.p == dropout and decoder.cfg.dropout == dropout
+        assert decoder.cfg.hidden_dim == 16  # a size: the starting model's

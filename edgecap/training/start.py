@@ -122,6 +122,10 @@ def initial_model(cfg: TrainConfig, train_items: list[CaptionedImage], last: Pat
         return Start(encoder, decoder, vocab, {}, False)
     # The starting model's decoder sizes win over the command line's.
     encoder, decoder, vocab, meta = load_start(source, cfg.finetune_encoder, cfg.finetune_blocks)
+    dropout = cfg.decoder.get("dropout", decoder.cfg.dropout)  # a training setting, not a size
+    if dropout != decoder.cfg.dropout:
+        decoder.cfg = replace(decoder.cfg, dropout=dropout)
+        decoder.dropout.p = dropout
     if encoder.variant != cfg.encoder:
         raise ModelError(
             f"{source}: its decoder was trained on {encoder.variant}'s features, not "
