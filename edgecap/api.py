@@ -370,18 +370,20 @@ class Captioner:
         # a source that fails (a camera unplugged) ends the images: those read before it are
         # captioned and yielded first, then its error is raised
         iterator = source = _Source(images)
+        # read once: another thread may set decode_workers (to 0) while this call starts
+        workers = self.decode_workers
         # One photo (caption()) has nothing to overlap with: no hand-over to a worker.
-        head = list(itertools.islice(iterator, 2)) if self.decode_workers else []
+        head = list(itertools.islice(iterator, 2)) if workers else []
         inputs = itertools.chain(head, iterator)
         batch = self.options.batch_size
         with contextlib.ExitStack() as stack:
             chunks: Generator[list, None, None] = (
                 prefetched_batches(
-                    stack.enter_context(self._borrowed_workers()),
+                    stack.enter_context(self._borrowed_workers(workers)),
                     lambda image: self._prepare(image, color),
                     inputs,
                     batch,
-                    window(batch, self.decode_workers),
+                    window(batch, workers),
                     InputError,
                 )
                 if len(head) > 1
@@ -446,10 +448,11 @@ class Captioner:
         with self._pool_lock:
             return self._workers_locked()
 
-    def _workers_locked(self) -> ThreadPoolExecutor:
+    def _workers_locked(self, n: int | None = None) -> ThreadPoolExecutor:
+        """The pool of ``n`` threads (None: ``decode_workers``), the current one or a new one."""
         if self._closed:
             raise ValueError("this Captioner is closed")
-        n = self.decode_workers
+        n = self.decode_workers if n is None else n
         if self._pool is None or self._pool_size != n:
             old, self._pool = self._pool, ThreadPoolExecutor(n, thread_name_prefix="edgecap-decode")
             self._pool_size = n
@@ -458,10 +461,10 @@ class Captioner:
         return self._pool
 
     @contextlib.contextmanager
-    def _borrowed_workers(self) -> Iterator[ThreadPoolExecutor]:
-        """``_workers()`` for one call: not shut down under it when the number changes."""
+    def _borrowed_workers(self, n: int) -> Iterator[ThreadPoolExecutor]:
+        """The pool of ``n`` workers for one call: not shut down under it when the number changes."""
         with self._pool_lock:
-            pool = self._workers_locked()
+            pool = self._workers_locked(n)
             self._pool_users[pool] = self._pool_users.get(pool, 0) + 1
         try:
             yield pool

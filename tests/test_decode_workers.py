@@ -548,6 +548,25 @@ def test_a_call_keeps_its_workers_when_the_number_changes(fake):
     cap.close()
 
 
+def test_a_call_starting_while_another_thread_sets_no_workers_keeps_its_own(fake):
+    """One Captioner shared by threads: a call with 2 workers reads its first photos (to see
+    whether there is more than one) when another thread sets ``decode_workers = 0``, here
+    between the two. The call runs with the workers it began with and gives its captions (it
+    was ``ValueError: max_workers must be greater than 0``); the next call has no workers."""
+    cap = captioner(workers=2, batch=2)
+
+    def frames():
+        yield red(0)
+        cap.decode_workers = 0  # another thread's setting, while this call reads its frames
+        yield from (red(i) for i in range(1, 5))
+
+    assert texts(cap.iter_captions(frames())) == [word(i) for i in range(5)]
+    fake["started"].clear()
+    assert texts(cap.caption_batch([red(i) for i in range(3)])) == [word(i) for i in range(3)]
+    assert {name for _, name in fake["started"]} == {threading.current_thread().name}
+    cap.close()
+
+
 def test_close_and_with_stop_the_workers_and_the_backend(fake):
     closed = []
     fake["backend"].close = lambda: closed.append(True)
