@@ -69,6 +69,9 @@ def train_scst(cfg: ScstConfig, log=print) -> Path:
     train_rows, dev_fmaps, all_fmaps = split_features(
         train_items, dev_items, images, cache, pre, cfg.progress, encoder=encoder_name
     )
+    # Seeded again: extracting the features (a first run) draws from torch's generator, reading
+    # them from the cache does not, and the samples must not depend on which happened.
+    rng = seeded(cfg.seed, cfg.threads)
     refs = [[tokenize(c) for c in it.captions] for it in train_items]
     cider = CiderD(refs)
 
