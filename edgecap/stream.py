@@ -188,7 +188,8 @@ class CaptionStream:
 
     Iterate it once, from one thread. Leaving the loop early (``break``, an exception) or
     calling ``close()`` from that thread stops the reader and closes the frame source (releasing
-    a camera or video file).
+    a camera or video file); ``close()`` from another thread (a shutdown hook) while the loop
+    captions a frame ends the loop after that frame's event, and the loop closes the source.
     """
 
     def __init__(
@@ -246,7 +247,12 @@ class CaptionStream:
         self._stop.set()
         events = self._events() if self._events is not None else None
         if events is not None:
-            events.close()
+            try:
+                events.close()
+            except ValueError:  # "generator already executing": close() from another thread (a
+                # shutdown hook) while the loop captions a frame; the stop flag ends the loop
+                # after that frame, and the loop closes the source
+                pass
         if not self._reading:  # never read (not iterated, or its loop never begun: closing a
             # generator that never started runs none of its code): the source may hold a camera
             # or file open
@@ -336,6 +342,8 @@ class CaptionStream:
             while True:
                 with self._lock:
                     self._lock.wait_for(lambda: state.frame is not None or state.done)
+                    if self._stop.is_set():  # close() from another thread: no frame after it
+                        return
                     if state.frame is None:  # done and nothing left
                         if state.error is not None:
                             raise state.error

@@ -208,6 +208,35 @@ def test_close_inside_the_loop_ends_it_and_closes_the_source(live, monkeypatch):
 
 
 @pytest.mark.parametrize("live", [True, False])
+def test_close_from_another_thread_while_a_frame_is_captioned_ends_the_loop(live):
+    """A shutdown hook in another thread calls ``close()`` while the loop captions a frame: the
+    call returns (it was ``ValueError: generator already executing``), the loop ends after that
+    frame's event (live: the frames the reader holds are not captioned) and the camera is
+    closed."""
+    closed, outcome = threading.Event(), []
+
+    def hook(calls):
+        if calls == 0:
+
+            def shutdown_hook():
+                try:
+                    stream.close()
+                    outcome.append("closed")
+                except Exception as exc:  # noqa: BLE001 (what the hook's thread would get)
+                    outcome.append(repr(exc))
+
+            hook_thread = threading.Thread(target=shutdown_hook)
+            hook_thread.start()
+            hook_thread.join(DEADLOCK_GUARD_S)
+
+    stream = caption_stream(FakeCaptioner(hook), endless_source(closed, read_s=0.001), live=live)
+    indexes = [e.frame_index for e in stream]
+    assert outcome == ["closed"]
+    assert len(indexes) == 1, indexes
+    assert closed.wait(DEADLOCK_GUARD_S), "the camera is still open"
+
+
+@pytest.mark.parametrize("live", [True, False])
 def test_source_errors_reach_the_caller(live):
     def broken():
         yield 0
