@@ -101,12 +101,41 @@ def test_torch_refuses_weights_missing_left_over_or_misshapen(default_model_dir)
     ],
 )
 def test_auto_picks_the_first_installed_runtime(monkeypatch, installed, expected):
+    import types
+
     from edgecap import backends
 
-    monkeypatch.setattr(
-        backends.importlib.util, "find_spec", lambda name: object() if name in installed else None
-    )
+    def find_spec(name):  # a package with its __init__.py
+        return (
+            types.SimpleNamespace(origin=f"/site-packages/{name}/__init__.py") if name in installed else None
+        )
+
+    monkeypatch.setattr(backends.importlib.util, "find_spec", find_spec)
     assert backends.resolve("auto") == expected
+
+
+def test_auto_passes_over_tensorrts_type_stubs_alone(monkeypatch):
+    """README / .ci/run: the TensorRT API stubs are installed for the type check
+    (tensorrt-stubs: a ``tensorrt`` folder of .pyi files, a namespace package, no __init__.py),
+    and edgecap says that TensorRT is then not installed. So ``auto`` (docs/backends.md:
+    onnxruntime when it is installed, else tensorrt, else torch) goes on to torch where
+    onnxruntime is missing, instead of choosing a TensorRT backend that cannot start
+    ("TensorRT is not installed"). Before the fix it chose tensorrt."""
+    import importlib.machinery
+
+    from edgecap import backends
+
+    stubs = importlib.machinery.ModuleSpec("tensorrt", None, is_package=True)  # as find_spec gives one
+    specs = {
+        "tensorrt": stubs,
+        "torch": importlib.machinery.ModuleSpec("torch", None, origin="/t/__init__.py"),
+    }
+    monkeypatch.setattr(backends.importlib.util, "find_spec", specs.get)
+    assert stubs.origin is None
+    assert backends.resolve("auto") == "torch"
+    del specs["torch"]
+    with pytest.raises(BackendError, match="no backend is installed"):
+        backends.resolve("auto")
 
 
 def test_auto_without_any_runtime_names_the_extras(monkeypatch):

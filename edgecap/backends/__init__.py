@@ -58,7 +58,10 @@ def resolve(name: str) -> str:
         # onnxruntime first (the light runtime); then TensorRT, the GPU path on a Jetson where
         # PyPI has no onnxruntime-gpu; the PyTorch reference last.
         for candidate in ("onnxruntime", "tensorrt", "torch"):
-            if importlib.util.find_spec(candidate) is not None:
+            spec = importlib.util.find_spec(candidate)
+            # TensorRT's type stubs alone (tensorrt-stubs: .pyi files) are a namespace package,
+            # which import_tensorrt says is not TensorRT
+            if spec is not None and (candidate != "tensorrt" or spec.origin not in (None, "namespace")):
                 return candidate
         raise BackendError("no backend is installed: " + missing_package_hint("onnxruntime"))
     if name not in BACKENDS:
