@@ -230,6 +230,7 @@ class Captioner:
         self._pool_users: dict[ThreadPoolExecutor, int] = {}
         self._pool_lock = threading.Lock()
         self._closed = False
+        self._closing: int | None = None  # the thread of the first close()
         self._in_batch: int | None = None  # a one-batch-at-a-time backend: whose batch runs now
         self._release_after_batch = False
         self._largest_batch = 0  # the most images a batch has held (``_run_batch``'s padding)
@@ -259,14 +260,17 @@ class Captioner:
         with self._pool_lock:
             first = not self._closed
             self._closed = True
+            if first:
+                self._closing = threading.get_ident()
             pools = {*self._pool_users, *([self._pool] if self._pool is not None else [])}
             self._pool = None
         inside_batch = self._backend_lock is not None and self._in_batch == threading.get_ident()
         if not first:
             # another close() (a shutdown hook racing a ``with`` block's end) does the work:
             # return once it is done, as the first does; not from inside the batch it waits
-            # for (a signal handler), which would wait forever
-            if not inside_batch:
+            # for, nor from inside the first close() (a signal handler in their thread), which
+            # would wait forever
+            if not inside_batch and self._closing != threading.get_ident():
                 self._released.wait()
             return
         try:

@@ -766,6 +766,26 @@ def test_a_second_close_from_inside_the_batch_does_not_wait_for_it(fake):
     assert "this Captioner is closed" in str(outcome.get("error"))
 
 
+def test_a_second_close_from_inside_the_first_does_not_wait_for_it(fake):
+    """A SIGTERM handler's close() runs in the thread of a ``with`` block's close() that is
+    still at work (waiting for the decoding workers, releasing the backend): it must not wait
+    for the first close(), which cannot go on until the handler returns (it hung forever)."""
+    cap = captioner(workers=2, batch=2)
+    events = []
+
+    def backend_close():
+        events.append("releasing")
+        cap.close()  # as a signal handler in this thread would, mid-release
+        events.append("inner close returned")
+
+    fake["backend"].close = backend_close
+    first = threading.Thread(target=cap.close, daemon=True)
+    first.start()
+    first.join(10)
+    assert not first.is_alive(), "the handler's close() waited for the close() it interrupted"
+    assert events == ["releasing", "inner close returned"]
+
+
 def test_an_iteration_begun_before_close_stops_at_its_next_batch(fake):
     cap = captioner(workers=0, batch=1)
     results = cap.iter_captions([red(i) for i in range(4)])
