@@ -749,3 +749,42 @@ def test_the_word_logit_island_follows_any_mask_to_the_projection():
     everything = ["proj", "bias", "cast", "allowed_mask", "banned_mask", "logsoftmax", "gather"]
     assert sorted(fp32_nodes(graph)) == sorted(everything)
     assert sorted(fp32_nodes(graph, word_logits=False)) == ["gather", "logsoftmax"]
+
+
+@pytest.mark.parametrize("existing", [False, True])
+def test_a_conversion_that_fails_half_way_leaves_no_half_written_out_dir(
+    small_model, tmp_path, monkeypatch, capsys, existing
+):
+    """A conversion that stops after writing some of OUT_DIR (here the disk fills up while the
+    second graph is saved; a graph refused by the I/O check or Ctrl-C stop it the same way)
+    says so in one line, exit 2, and leaves OUT_DIR as it was: not made, or empty again. A
+    half-written one (the encoder alone, no manifest) made the corrected command fail with
+    'directory exists and is not empty' (as the calibration test above says), and with --force
+    over an earlier model mixed its files with the new ones."""
+    import errno
+
+    import onnx as onnx_module
+
+    from edgecap.cli import main
+
+    out = tmp_path / "fp16"
+    if existing:
+        out.mkdir()  # made empty beforehand: kept, and empty again
+    real_save = onnx_module.save
+    saved: list[str] = []
+
+    def full_disk(model, path, *args, **kwargs):
+        if saved:  # the second graph: part of it written, then no space left
+            Path(path).write_bytes(b"\x08\x07")
+            raise OSError(errno.ENOSPC, "No space left on device", str(path))
+        saved.append(str(path))
+        return real_save(model, path, *args, **kwargs)
+
+    monkeypatch.setattr(onnx_module, "save", full_disk)
+    code = main(["convert", str(small_model), "--out", str(out), "--no-check"])
+    assert code == 2 and len(saved) == 1 and Path(saved[0]).parent == out
+    assert capsys.readouterr().err.endswith(": No space left on device\n")
+    assert out.exists() == existing and (not existing or not any(out.iterdir()))
+    monkeypatch.setattr(onnx_module, "save", real_save)
+    assert main(["convert", str(small_model), "--out", str(out), "--no-check"]) == 0  # no --force needed
+    assert load_manifest(out).precision == "fp16"

@@ -31,6 +31,7 @@ from __future__ import annotations
 import contextlib
 import io
 import logging
+import os
 import shutil
 from collections.abc import Iterable
 from dataclasses import replace
@@ -571,9 +572,21 @@ def convert_model_dir(
         raise ValueError("--calibration only applies to --precision int8")
     source = load_manifest(model_dir)
     verify_files(source)
-    if precision == "fp16":
-        return convert_fp16(source, out, force=force)
-    return convert_int8(source, out, calibration=calibration, force=force)
+    out = Path(out)
+    made = not os.path.lexists(out)  # OUT_DIR is made here
+    empty = not made and out.is_dir() and not any(out.iterdir())
+    try:
+        if precision == "fp16":
+            return convert_fp16(source, out, force=force)
+        return convert_int8(source, out, calibration=calibration, force=force)
+    except BaseException:  # a full disk, a refused graph, Ctrl-C: no half-written OUT_DIR left,
+        # which would make the corrected command fail with "directory exists and is not empty"
+        if made:
+            shutil.rmtree(out, ignore_errors=True)
+        elif empty:
+            for path in out.iterdir():
+                shutil.rmtree(path) if path.is_dir() and not path.is_symlink() else path.unlink()
+        raise
 
 
 # -- checking a converted model against its source, stage by stage ----------------------------
