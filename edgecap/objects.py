@@ -28,6 +28,8 @@ class ObjectClasses:
     # the vocabulary ids of the words the consensus choice counts as function words
     # (``edgecap.decoding.consensus.FUNCTION_WORDS``)
     function_ids: frozenset[int] = frozenset()
+    # of the words no caption ends on (``edgecap.decoding.consensus.DANGLING_WORDS``)
+    dangling_ids: frozenset[int] = frozenset()
 
     @classmethod
     def load(cls, path: Path, vocab_index: dict[str, int], n_classes: int) -> ObjectClasses:
@@ -54,9 +56,12 @@ class ObjectClasses:
                 f"{path}: {len(names)} classes, but the encoder has {n_classes}; "
                 "copy the whole model directory again or re-export it"
             )
-        from edgecap.decoding.consensus import FUNCTION_WORDS
+        from edgecap.decoding.consensus import DANGLING_WORDS, FUNCTION_WORDS
 
-        return cls(names, words, frozenset(vocab_index[w] for w in FUNCTION_WORDS if w in vocab_index))
+        def ids(listed: list[str]) -> frozenset[int]:
+            return frozenset(vocab_index[w] for w in listed if w in vocab_index)
+
+        return cls(names, words, ids(FUNCTION_WORDS), ids(DANGLING_WORDS))
 
     def tags(self, probs: np.ndarray, n: int) -> tuple[tuple[str, float], ...]:
         """probs (C,) -> the ``n`` most probable classes as (name, probability), best first."""

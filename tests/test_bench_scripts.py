@@ -790,3 +790,44 @@ def test_a_reused_captioner_times_the_batch_it_is_given(tiny_model_dir, photos):
     assert runner.options.batch_size == 3 and runner.options.beam_size == 2 and cap.options.beam_size == 3
     assert len(runner.caption_batch(photos[:3])) == 3
     assert next(reversed(graphs.entries))[0] == 3
+
+
+def test_consensus_rules_chooses_again_among_the_endings_the_captioner_chose_among():
+    """benchmarks/consensus_rules.py: ``collect`` keeps each photo's endings (one consensus
+    choice a photo), puts ``Consensus.order`` back, and the default weights choosing again
+    among those endings give the Captioner's own captions (the check its rules rest on); the
+    weights 0 / 0 choose the caption before the readability terms (the astronaut's, which says
+    "shirt", "black" and "white" twice)."""
+    from consensus_rules import collect, parse_rule
+
+    from edgecap import Captioner
+    from edgecap.decoding.consensus import Consensus
+    from edgecap.data.readers import CaptionedImage
+
+    import edgecap
+
+    examples = Path(edgecap.__file__).parent / "assets" / "examples"
+    names = sorted(p.name for p in examples.iterdir() if p.suffix in (".png", ".jpg"))
+    items = [CaptionedImage(name, ["a photo"], i) for i, name in enumerate(names)]
+    order = Consensus.order
+    captioner = Captioner()
+    collected = collect(captioner, {"examples": (items, examples)})["examples"]
+    assert Consensus.order is order
+    assert len(collected["endings"]) == len(names)
+    classes = captioner.classes
+    chosen = {}
+    for weights in ((0.1, 0.1), (0.0, 0.0)):
+        consensus = Consensus(classes.function_ids, classes.dangling_ids, *weights)
+        chosen[weights] = [
+            captioner.vocab.decode(consensus.order(endings, tags)[0].tokens)
+            for endings, tags in collected["endings"]
+        ]
+    assert chosen[(0.1, 0.1)] == collected["captions"]
+    astronaut = names.index("astronaut.png")
+    assert collected["captions"][astronaut] == "a man in a red shirt and black pants and a white helmet"
+    assert chosen[(0.0, 0.0)][astronaut] == (
+        "a man in a red shirt and black pants and a white shirt and a black and white helmet"
+    )
+    assert parse_rule("both=0.1,0.05") == ("both", 0.1, 0.05)
+    with pytest.raises(SystemExit, match="NAME=REPEAT,DANGLING"):
+        parse_rule("both=0.1")

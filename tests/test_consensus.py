@@ -3,7 +3,8 @@ arithmetic is in the comments), and the searches' endings it chooses among.
 
 F(h, r) = P R / (0.85 P + 0.15 R), P and R the weighted matches over h's and r's weights (a
 content word 0.75, a function word 0.25); a candidate's value is sum_j w_j F(h, h_j) with
-w = softmax(rank score / 0.2), plus 0.05 per tag word it says.
+w = softmax(rank score / 0.2), plus 0.05 per tag word it says, less 0.1 each time it says a
+content word again and 0.1 when it ends on a word no caption ends on ("in front", "with a").
 """
 
 from __future__ import annotations
@@ -111,8 +112,9 @@ def test_a_tag_word_said_twice_counts_once():
     # U(X) = (1 + 0.5) / 2.0498 = 0.7318, U(Y) = (0.5 + 1 + 0.0498 * 0.8696) / 2.0498 = 0.7529.
     # Tag cat: each says it, +0.05 each (X 0.7818, Y 0.8029): Y first. Counted twice, X would
     # get +0.10 (0.8318) and pass Y.
+    # (X says "cat" twice: the repeat term off, so that only the tag term differs)
     X, Y, Z = [CAT, CAT], [CAT, RUNS], [RUNS]
-    order = Consensus(()).order([hyp(X), hyp(Y), hyp(Z, -1.6)], tag_words={CAT})
+    order = Consensus((), repeat_weight=0.0).order([hyp(X), hyp(Y), hyp(Z, -1.6)], tag_words={CAT})
     assert [h.tokens for h in order] == [Y, X, Z]
 
 
@@ -224,3 +226,70 @@ def test_the_tag_words_count_in_the_choice_when_the_guidance_is_on():
     # U(E1) = (4.791 + 0.5405) / 5.791 = 0.921, U(E2) = (4.791 * 0.8696 + 1) / 5.791 = 0.892,
     # + 0.05 for the tag word "runs" = 0.942: E2 wins on its tag word
     assert tagged_search(0.01) == ["dog", "runs"]
+
+
+def test_repeats_count_each_content_word_said_again():
+    consensus = Consensus({A})
+    assert consensus.repeats([A, DOG, RUNS]) == 0
+    assert consensus.repeats([A, DOG, A, CAT]) == 0  # "a" twice: a function word
+    assert consensus.repeats([A, DOG, A, DOG]) == 1
+    assert consensus.repeats([DOG, DOG, DOG, CAT, CAT]) == 3  # dog twice again, cat once
+    assert consensus.repeats([]) == 0
+
+
+def test_a_content_word_said_again_costs_01():
+    # K = dog runs at -1.0 (w = 1), H = dog runs dog at -1.1 (w = e^-0.5 = 0.6065; sum 1.6065);
+    # all content words. Bags: H {dog 1.5, runs 0.75} (2.25), K {dog 0.75, runs 0.75} (1.5):
+    # matched 1.5; F(H, K): P 2/3, R 1 -> (2/3) / (0.5667 + 0.15) = 0.9302; F(K, H): P 1, R 2/3
+    # -> (2/3) / (0.85 + 0.1) = 0.7018.
+    # U(H) = (0.6065 + 0.9302) / 1.6065 = 0.9566, U(K) = (0.6065 * 0.7018 + 1) / 1.6065 = 0.8875:
+    # recall favours H by 0.069; less 0.1 for its second "dog" (0.8566), K wins
+    H, K = [DOG, RUNS, DOG], [DOG, RUNS]
+    hyps = [hyp(K, -1.0), hyp(H, -1.1)]
+    assert [h.tokens for h in Consensus(()).order(hyps)] == [K, H]
+    assert [h.tokens for h in Consensus((), repeat_weight=0.0).order(hyps)] == [H, K]
+
+
+def test_a_caption_ending_on_a_dangling_word_costs_01():
+    # P = dog runs, Q = dog runs a, both at -1.0 (w = 1/2 each); "a" a function word (0.25)
+    # that no caption ends on. Bags: P 1.5, Q 1.75, matched 1.5; F(P, Q): P 1, R 0.8571 ->
+    # 0.8571 / 0.9786 = 0.8759; F(Q, P): P 0.8571, R 1 -> 0.8571 / 0.8786 = 0.9756.
+    # U(P) = (1 + 0.8759) / 2 = 0.9380, U(Q) = (0.9756 + 1) / 2 = 0.9878: recall favours Q by
+    # 0.050; less 0.1 for ending on "a" (0.8878), P wins
+    P, Q = [DOG, RUNS], [DOG, RUNS, A]
+    hyps = [hyp(Q), hyp(P)]
+    assert [h.tokens for h in Consensus({A}, {A}).order(hyps)] == [P, Q]
+    assert [h.tokens for h in Consensus({A}, {A}, dangling_weight=0.0).order(hyps)] == [Q, P]
+    assert [h.tokens for h in Consensus({A}).order(hyps)] == [Q, P]  # "a" not given as dangling
+    # a dangling word inside the caption costs nothing
+    assert not Consensus({A}, {A}).dangles([A, DOG]) and Consensus({A}, {A}).dangles([DOG, A])
+    assert not Consensus({A}, {A}).dangles([])
+
+
+DANGLE_TABLE = {
+    (): {"dog": -0.1, "cat": -3.0},
+    ("dog",): {"a": -0.2, "<end>": -0.3},
+    ("dog", "a"): {"<end>": -0.6, "cat": -3.0},
+}
+
+
+def dangling_search(dangling_ids):
+    """Beam 1 through ``search`` (the Captioner's path: the consensus from the class list):
+    the endings E1 = "dog" ((-0.1 - 0.3) / 2 = -0.2) and E2 = "dog a" (-0.9 / 3 = -0.3)."""
+    table = lambda prefix: DANGLE_TABLE.get(prefix, {"cat": -5.0, "runs": -6.0})  # noqa: E731
+    backend = TableBackend(WORDS, table, top_k=2)
+    encoded = backend.encode(np.zeros((1, 3, 4, 4), np.float32))
+    encoded.class_probs = np.array([[0.9]], np.float32)
+    classes = ObjectClasses(("runner",), ((RUNS,),), frozenset(), frozenset(dangling_ids))
+    options = CaptionOptions(beam_size=1, no_repeat_ngram=0, guidance_bonus=0.0)
+    [hyps] = search(backend, encoded, options, START, END, len(WORDS), classes)
+    return [WORDS[w] for w in hyps[0].tokens]
+
+
+def test_the_search_s_choice_counts_the_class_list_s_dangling_words():
+    # all content words: F(E1, E2) = 0.5405, F(E2, E1) = 0.8696 (H1, H2 above); w(E1) = 1,
+    # w(E2) = e^(-0.1 / 0.2) = 0.6065 (sum 1.6065): U(E1) = (1 + 0.6065 * 0.5405) / 1.6065 =
+    # 0.8265, U(E2) = (0.8696 + 0.6065) / 1.6065 = 0.9188: "dog a" by 0.092 without the term,
+    # "dog" with it (0.8188)
+    assert dangling_search(()) == ["dog", "a"]
+    assert dangling_search({A}) == ["dog"]

@@ -131,8 +131,11 @@ def test_loaded_class_list_knows_the_vocabulary_s_function_words(tmp_path):
     words; "of" is not in this vocabulary)."""
     path = tmp_path / "classes.json"
     path.write_text(json.dumps({"classes": [{"name": "a", "words": ["dog"]}]}))
-    classes = ObjectClasses.load(path, {"a": 4, "the": 5, "dog": 7, "in": 8, "zebra": 9}, n_classes=1)
-    assert classes.function_ids == frozenset({4, 5, 8})
+    vocab = {"a": 4, "the": 5, "dog": 7, "in": 8, "zebra": 9, "two": 10, "is": 11}
+    classes = ObjectClasses.load(path, vocab, n_classes=1)
+    assert classes.function_ids == frozenset({4, 5, 8, 10, 11})
+    # and of those no caption ends on: all but "two" ("... playing with two")
+    assert classes.dangling_ids == frozenset({4, 5, 8, 11})
 
 
 def test_tag_probabilities_have_four_decimals():

@@ -57,7 +57,7 @@ def search(
         tag_words,
         fusion=fusion,
         return_attention=return_attention,
-        consensus=None if classes is None else Consensus(classes.function_ids),
+        consensus=None if classes is None else Consensus(classes.function_ids, classes.dangling_ids),
     )
 
 

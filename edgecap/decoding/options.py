@@ -50,7 +50,8 @@ class CaptionOptions:
     fusion_weight: float | None = None
     # Consensus choice (``edgecap.decoding.consensus``): the caption is chosen among every place
     # the search could have ended by its expected agreement with the others (plus the tag
-    # words it says), not by its own score alone. Not with ``constrained``.
+    # words it says, less a content word said again or a dangling last word), not by its own
+    # score alone. Not with ``constrained``.
     consensus: bool = True
     # A frame with nothing to recognise (uniform, blurred past any detail, a dark frame's noise) gets the text
     # "nothing recognisable" instead of an invented scene (``edgecap.preprocess.recognisable``).
