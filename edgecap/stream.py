@@ -189,7 +189,8 @@ class CaptionStream:
     Iterate it once, from one thread. Leaving the loop early (``break``, an exception) or
     calling ``close()`` from that thread stops the reader and closes the frame source (releasing
     a camera or video file); ``close()`` from another thread (a shutdown hook) while the loop
-    captions a frame ends the loop after that frame's event, and the loop closes the source.
+    captions a frame ends the loop after that frame's event, and the loop closes the source (a
+    live loop waiting for a frame ends without it, even if the camera has stalled).
     """
 
     def __init__(
@@ -250,9 +251,11 @@ class CaptionStream:
             try:
                 events.close()
             except ValueError:  # "generator already executing": close() from another thread (a
-                # shutdown hook) while the loop captions a frame; the stop flag ends the loop
-                # after that frame, and the loop closes the source
-                pass
+                # shutdown hook) while the loop captions a frame or waits for one; the stop flag
+                # ends the loop after that frame (a live loop waiting is woken now, whether or
+                # not the camera gives another frame), and the loop closes the source
+                with self._lock:
+                    self._lock.notify_all()
         if not self._reading:  # never read (not iterated, or its loop never begun: closing a
             # generator that never started runs none of its code): the source may hold a camera
             # or file open
@@ -341,7 +344,7 @@ class CaptionStream:
         try:
             while True:
                 with self._lock:
-                    self._lock.wait_for(lambda: state.frame is not None or state.done)
+                    self._lock.wait_for(lambda: state.frame is not None or state.done or self._stop.is_set())
                     if self._stop.is_set():  # close() from another thread: no frame after it
                         return
                     if state.frame is None:  # done and nothing left

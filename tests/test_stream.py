@@ -236,6 +236,33 @@ def test_close_from_another_thread_while_a_frame_is_captioned_ends_the_loop(live
     assert closed.wait(DEADLOCK_GUARD_S), "the camera is still open"
 
 
+def test_close_from_another_thread_ends_a_live_loop_waiting_for_a_stalled_camera(monkeypatch):
+    """The camera gives frame 0, then stalls (a read that does not return). A watchdog thread
+    calls ``close()`` while the loop waits for the next frame: the loop ends after frame 0's
+    event, within the wait for the reader's read (``READER_JOIN_S``, 0.1 s here), not when the
+    camera comes back (after 10 s, or as soon as the loop ends)."""
+    monkeypatch.setattr("edgecap.stream.READER_JOIN_S", 0.1)
+    loop_ended, camera = threading.Event(), []
+
+    def stalling_camera():
+        yield 0
+        camera.append("stalled")
+        loop_ended.wait(10)
+        camera.append("back")
+        yield 1
+
+    stream = caption_stream(FakeCaptioner(), stalling_camera())
+    watchdog = threading.Timer(0.2, stream.close)
+    watchdog.start()
+    try:
+        indexes = [e.frame_index for e in stream]
+        seen_by_then = list(camera)
+    finally:
+        loop_ended.set()
+        watchdog.join()
+    assert indexes == [0] and seen_by_then == ["stalled"]
+
+
 @pytest.mark.parametrize("live", [True, False])
 def test_source_errors_reach_the_caller(live):
     def broken():
