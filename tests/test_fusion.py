@@ -696,3 +696,52 @@ def test_an_install_with_a_gate_mends_a_model_whose_fusion_no_longer_matches_its
         "2 training photos of the caption model"
     )
     assert Captioner(model).caption(photos[0]).text
+
+
+def test_a_fusion_weight_for_a_model_without_language_models_is_refused(default_model_dir, tmp_path, capsys):
+    """--fusion-weight X (its help: the weight of the everyday language model fused into the
+    search; "a model without one has none") given for a model without fusion.json (every model
+    `edgecap export` writes, so every fine-tuned one) would fuse nothing: caption, eval and
+    serve say so in one line, exit 2, as caption does for --min-confidence without a
+    confidence model, instead of captioning as if it had not been given. 0 (--no-fusion) is
+    what such a model does anyway and is taken; the shipped model takes any weight. Before the
+    fix the weight was dropped without a word."""
+    from edgecap.cli import main
+
+    model = tmp_path / "model"
+    shutil.copytree(default_model_dir, model, ignore=shutil.ignore_patterns("fusion.json", "lm_*.npz"))
+    photo = "edgecap/assets/examples/chelsea.png"
+    assert main(["caption", "--model", str(model), "--fusion-weight", "0.5", photo]) == 2
+    printed = capsys.readouterr()
+    assert printed.out == "" and printed.err == (
+        f"edgecap caption: error: --fusion-weight 0.5: the model {model} has no everyday caption "
+        "language models (fusion.json) to fuse; leave the flag out, or add them with "
+        "`python -m edgecap.training.language_model`\n"
+    )
+    references = tmp_path / "refs.json"
+    references.write_text(
+        json.dumps(
+            {
+                "images": [{"id": 1, "file_name": "chelsea.png"}],
+                "annotations": [{"id": 1, "image_id": 1, "caption": "a cat on a bed"}],
+            }
+        )
+    )
+    argv = [
+        "eval",
+        "--images",
+        "edgecap/assets/examples",
+        "--references",
+        str(references),
+        "--model",
+        str(model),
+    ]
+    assert main([*argv, "--fusion-weight", "1", "--no-progress"]) == 2
+    assert "error: --fusion-weight 1: the model" in capsys.readouterr().err
+    for flags in (
+        ["--model", str(model), "--fusion-weight", "0"],
+        ["--model", str(model), "--no-fusion"],
+        [],
+    ):
+        assert main(["caption", *flags, photo]) == 0, flags
+    assert main(["caption", "--fusion-weight", "0.5", photo]) == 0  # the shipped model has them

@@ -316,7 +316,7 @@ def load_captioner(args: argparse.Namespace):
     workers = decode_workers_value(getattr(args, "decode_workers", None))
     backend_options = gpu_options(args)
     try:
-        return Captioner(
+        captioner = Captioner(
             model=args.model,
             backend=args.backend,
             device=args.device,
@@ -334,6 +334,15 @@ def load_captioner(args: argparse.Namespace):
         for python, flag in DEVICE_WORDS.items():
             message = message.replace(python, flag)
         raise BackendError(message) from exc
+    weight = getattr(args, "fusion_weight", None)
+    if weight and captioner.fusion is None:  # nothing would be fused: say so instead (as --min-confidence)
+        captioner.close()
+        raise ValueError(
+            f"--fusion-weight {weight:g}: the model {captioner.manifest.directory} has no everyday caption "
+            "language models (fusion.json) to fuse; leave the flag out, or add them with "
+            "`python -m edgecap.training.language_model`"
+        )
+    return captioner
 
 
 def in_flag_words(message: str, args: argparse.Namespace) -> str:
