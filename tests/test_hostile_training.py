@@ -822,6 +822,42 @@ def test_out_of_range_options_are_one_line(tmp_path, folder_data, capsys, flags,
     assert not out.exists()
 
 
+@torch_needed
+@pytest.mark.parametrize(
+    "flags, needs",
+    [
+        (["--text-share", "0.3"], "--text"),
+        (["--scst-samples", "3"], "--scst-from"),
+        (["--finetune-blocks", "2"], "--finetune-encoder"),
+    ],
+)
+def test_an_option_of_another_kind_of_run_is_refused_not_ignored(
+    tmp_path, folder_data, capsys, monkeypatch, flags, needs
+):
+    """--text-share, --scst-samples and --finetune-blocks each say "with --text:", "with
+    --scst-from:", "with --finetune-encoder:" in their help; given without it they would change
+    nothing, so the run is refused in one line (exit 2, nothing trained), as --text-pretrain
+    without --text and --finetune-cached without --finetune-encoder are. With it they reach the
+    run. Before the fix each was ignored without a word."""
+    from edgecap.cli import main
+
+    configs = _no_training(monkeypatch)
+    out = tmp_path / "run"
+    assert main(["train", "--data", str(folder_data), "--out", str(out), *flags]) == 2
+    assert capsys.readouterr().err == f"edgecap train: error: {flags[0]} goes with {needs}\n"
+    assert configs == [] and not out.exists()
+    if needs == "--text":
+        text = tmp_path / "text.txt"
+        text.write_text("a red ball\n")
+        assert (
+            main(["train", "--data", str(folder_data), "--out", str(out), *flags, "--text", str(text)]) == 0
+        )
+        assert configs[-1].text_share == 0.3
+    if needs == "--finetune-encoder":
+        assert main(["train", "--data", str(folder_data), "--out", str(out), *flags, needs]) == 0
+        assert configs[-1].finetune_blocks == 2
+
+
 def test_out_or_cache_dir_that_is_a_file_is_one_line(tmp_path, folder_data, capsys):
     from edgecap.cli import main
 

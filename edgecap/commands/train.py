@@ -154,9 +154,9 @@ def add_arguments(p: argparse.ArgumentParser) -> None:
     p.add_argument(
         "--finetune-blocks",
         type=int,
-        default=TRAIN["finetune_blocks"],
         metavar="N",
-        help="with --finetune-encoder: train the encoder's last N blocks (and its head)",
+        help="with --finetune-encoder: train the encoder's last N blocks (and its head) "
+        f"(default: {TRAIN['finetune_blocks']})",
     )
     p.add_argument(
         "--finetune-cached",
@@ -226,9 +226,9 @@ def add_arguments(p: argparse.ArgumentParser) -> None:
     p.add_argument(
         "--text-share",
         type=float,
-        default=TRAIN["text_share"],
         metavar="X",
-        help="with --text: the share of the batches that are text-only, in (0, 1)",
+        help="with --text: the share of the batches that are text-only, in (0, 1) "
+        f"(default: {TRAIN['text_share']})",
     )
     p.add_argument(
         "--text-pretrain",
@@ -260,9 +260,8 @@ def add_arguments(p: argparse.ArgumentParser) -> None:
     p.add_argument(
         "--scst-samples",
         type=int,
-        default=SCST["n_samples"],
         metavar="N",
-        help="with --scst-from: captions sampled per image",
+        help=f"with --scst-from: captions sampled per image (default: {SCST['n_samples']})",
     )
 
 
@@ -281,6 +280,13 @@ def run(args: argparse.Namespace) -> int:
         args.dataset = detect_dataset(args.data)
     run_training: Callable[..., Path]  # train or train_scst: a config in, the best checkpoint out
     try:
+        for flag, value, needs, given in (  # an option of another kind of run: refused, not ignored
+            ("--text-share", args.text_share, "--text", args.text),
+            ("--scst-samples", args.scst_samples, "--scst-from", args.scst_from),
+            ("--finetune-blocks", args.finetune_blocks, "--finetune-encoder", args.finetune_encoder),
+        ):
+            if value is not None and not given:
+                raise ValueError(f"{flag} goes with {needs}")
         if args.scst_from:
             if args.dataset == "folder":
                 raise ValueError("--scst-from does not read a folder of photos (--dataset folder)")
@@ -295,7 +301,8 @@ def run(args: argparse.Namespace) -> int:
                 )
             from edgecap.training.scst import train_scst
 
-            cfg = _config(ScstConfig, args, checkpoint=args.scst_from, n_samples=args.scst_samples)
+            samples = {} if args.scst_samples is None else {"n_samples": args.scst_samples}
+            cfg = _config(ScstConfig, args, checkpoint=args.scst_from, **samples)
             run_training = train_scst
         else:
             cfg = _config(
