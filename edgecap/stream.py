@@ -21,9 +21,11 @@ Two ways to consume frames:
   the machine's speed.
 
 Frames are ``Frame`` objects (``video_frames`` and ``camera_frames`` yield them, with the source's
-own index and timestamp and OpenCV's BGR channel order) or bare images of any kind
-``Captioner.caption`` takes (numpy arrays, PIL images, paths, bytes), numbered from 0 and stamped
-with the seconds since the stream started when the reader got them.
+own index and timestamp and OpenCV's BGR channel order), a recording's frames
+(``edgecap.recordings.Frame``, from ``Recording.frames``: their topic's index, their log time
+in seconds, the ``InputError`` of a frame that cannot be used as that frame's error), or bare
+images of any kind ``Captioner.caption`` takes (numpy arrays, PIL images, paths, bytes),
+numbered from 0 and stamped with the seconds since the stream started when the reader got them.
 
 ``every=SECONDS`` samples at most one frame per interval of frame time, on a grid that starts at
 the first frame's timestamp: for a video, one frame per ``every`` seconds of video time. A frame
@@ -93,7 +95,7 @@ class Frame:
 
     index: int
     timestamp: float
-    image: ImageInput
+    image: ImageInput | InputError  # an InputError: a recording's frame that cannot be used
     color: str = "rgb"
 
 
@@ -307,6 +309,8 @@ class CaptionStream:
     def _caption(self, frame: Frame, read_at: float, dropped: int) -> StreamEvent:
         caption: Caption | InputError
         try:
+            if isinstance(frame.image, InputError):  # a recording's frame that cannot be used
+                raise frame.image
             caption = self.captioner.caption(
                 frame.image, color=frame.color, return_attention=self.return_attention
             )
@@ -407,6 +411,10 @@ def _own_pixels(frame: Frame) -> Frame:
 def _as_frame(item, position: int, seconds: float, color: str) -> Frame:
     if isinstance(item, Frame):
         return item
+    from edgecap.recordings import Frame as RecordedFrame
+
+    if isinstance(item, RecordedFrame):  # its topic's own index, its log time; RGB when an array
+        return Frame(index=item.index, timestamp=item.time_ns / 1e9, image=item.image)
     return Frame(index=position, timestamp=seconds, image=item, color=color)
 
 

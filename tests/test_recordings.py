@@ -1016,3 +1016,27 @@ def test_a_sqlite3_bag_without_message_definitions_is_read_with_the_standard_typ
     copied = read_back(tmp_path / "copy")
     assert [(m[0], m[1]) for m in copied] == [("/cam", T0), ("/cam/caption", T0)]
     assert copied[1][3].data == "a cat"
+
+
+def test_a_recording_s_frames_go_through_caption_stream(tmp_path, captioner):
+    """``caption_stream`` takes ``Recording.frames`` as they are: each frame keeps its topic's
+    index and its log time (seconds), an RGB frame is captioned as ``Captioner.caption`` captions
+    the array, and a frame the recording cannot give (a depth image) is that frame's own
+    ``InputError`` with ``on_error="return"`` (before: every frame was "unsupported input
+    type")."""
+    from edgecap.stream import caption_stream
+
+    store = store_for("mcap")
+    depth = np.full((4, 4), 1000, np.uint16)
+    messages = [
+        ("/cam", IMAGE, T0, image_msg(store, "rgb8", CHELSEA, T0)),
+        ("/cam", IMAGE, T0 + SECOND, image_msg(store, "16UC1", depth, T0)),
+        ("/cam", IMAGE, T0 + 2 * SECOND, image_msg(store, "rgb8", COFFEE, T0)),
+    ]
+    with open_recording(write_recording(tmp_path, "mcap", messages)) as recording:
+        events = list(caption_stream(captioner, recording.frames(), live=False, on_error="return"))
+    assert [(e.frame_index, e.timestamp) for e in events] == [(k, T0 / SECOND + k) for k in range(3)]
+    assert events[0].caption.text == captioner.caption(CHELSEA).text
+    assert events[2].caption.text == captioner.caption(COFFEE).text
+    assert isinstance(events[1].caption, InputError)
+    assert "a depth image (16UC1), not a picture to caption" in str(events[1].caption)
