@@ -539,7 +539,8 @@ def write_captions(recording: Recording, out: str | os.PathLike, captions: dict[
     ``captions``, a ``std_msgs/String`` on ``caption_topic(topic)`` at the log time of that
     frame (the ``index``-th message of ``topic``). Every message is copied unchanged, in order,
     each caption just after its frame. -> the number of captions written. ``RecordingError`` when
-    the copy cannot be written; a half-written copy is removed."""
+    a caption's topic is not an image topic of the recording (nothing written) or the copy
+    cannot be written; a half-written copy is removed."""
     _, rosbag1, rosbag2, typesys = _rosbags()
     problem = output_problem(recording.path, out)
     if problem:
@@ -547,6 +548,7 @@ def write_captions(recording: Recording, out: str | os.PathLike, captions: dict[
 
     ros1 = recording.kind == "ros1"
     topics = {topic for topic, _ in captions}
+    recording.check_topics(sorted(topics))  # a caption for a topic it lacks would go nowhere
     taken = {c.topic for c in recording.connections} & {caption_topic(t) for t in topics}
     if taken:
         raise RecordingError(

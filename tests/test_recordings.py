@@ -1040,3 +1040,15 @@ def test_a_recording_s_frames_go_through_caption_stream(tmp_path, captioner):
     assert events[2].caption.text == captioner.caption(COFFEE).text
     assert isinstance(events[1].caption, InputError)
     assert "a depth image (16UC1), not a picture to caption" in str(events[1].caption)
+
+
+def test_captions_for_a_topic_the_recording_lacks_are_refused_before_writing(tmp_path):
+    """``write_captions`` with a caption keyed by a topic that is not an image topic of the
+    recording (a typo, another camera's name) names the topic and writes nothing; before, it
+    wrote a copy with an empty caption topic and returned 0, without a word."""
+    with open_recording(three_frames(tmp_path, "mcap")) as recording:
+        with pytest.raises(
+            RecordingError, match=r"topic /cam/left is not in the recording; image topics: /cam$"
+        ):
+            write_captions(recording, tmp_path / "copy", {("/cam", 0): "first", ("/cam/left", 0): "x"})
+    assert not (tmp_path / "copy").exists()
