@@ -293,3 +293,24 @@ def test_the_search_s_choice_counts_the_class_list_s_dangling_words():
     # "dog" with it (0.8188)
     assert dangling_search(()) == ["dog", "a"]
     assert dangling_search({A}) == ["dog"]
+
+
+def test_the_shipped_vocabulary_s_dangling_words_leave_a_phrase_unfinished():
+    """The shipped model's class list (what the Captioner's choice uses): a caption ending on a
+    preposition, an article, a conjunction, a possessive or "is" is dangling ("standing in
+    front", "doing a trick on", "with a stick in", "sitting on her": docs/everyday-photos.md,
+    readable choices), while the particles and pronouns that end English captions ("skiing
+    down", "jumping up", "with his arms out", "playing together", "looking at it") are not and
+    cost nothing. The words are English grammar, listed here by hand."""
+    from pathlib import Path
+
+    import edgecap
+    from edgecap.vocab import Vocabulary
+
+    model = Path(edgecap.__file__).parent / "assets" / "default"
+    vocab = Vocabulary.load(model / "vocab.json").index
+    classes = ObjectClasses.load(model / "classes.json", vocab, n_classes=1000)
+    dangling = "front on in at with of to a an the and his her their its is are".split()
+    ending = "up down out together off away there it them two one other".split()
+    assert {w for w in dangling if vocab[w] not in classes.dangling_ids} == set()
+    assert {w for w in ending if vocab[w] in classes.dangling_ids} == set()
