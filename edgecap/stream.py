@@ -205,11 +205,19 @@ class CaptionStream:
         return_attention: bool = False,
         on_error: str = "raise",
     ):
-        if color not in COLORS:
-            raise ValueError(f"color must be one of {COLORS}, got {color!r}")
-        if on_error not in ON_ERROR:
-            raise ValueError(f"on_error must be one of {ON_ERROR}, got {on_error!r}")
-        every = _check_every(every)
+        try:
+            if color not in COLORS:
+                raise ValueError(f"color must be one of {COLORS}, got {color!r}")
+            if on_error not in ON_ERROR:
+                raise ValueError(f"on_error must be one of {ON_ERROR}, got {on_error!r}")
+            every = _check_every(every)
+        except ValueError:
+            # the stream will never read its source: a camera opened for it is released now,
+            # not when the garbage collector finds it
+            close = getattr(frames, "close", None)
+            if close is not None:
+                close()
+            raise
         self.captioner = captioner
         self.frames = frames
         self.every = every

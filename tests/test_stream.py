@@ -893,3 +893,24 @@ def test_a_live_stream_captions_the_frame_read_before_its_source_failed():
         for event in caption_stream(FakeCaptioner(hook), source()):
             got.append((event.frame_index, event.caption.text, event.dropped))
     assert got == [(0, "frame zero", 0), (1, "frame one", 0)]
+
+
+@pytest.mark.parametrize("bad", [{"every": -1.0}, {"color": "hsv"}, {"on_error": "ignore"}])
+def test_a_stream_refused_for_its_arguments_closes_the_source_it_was_given(bad):
+    """``caption_stream(captioner, camera_frames(0), every=-1)``: the camera was opened for a
+    stream that will never read it; the ValueError comes with the camera released (its
+    ``close``), not held until the garbage collector finds it."""
+
+    class Camera:
+        closed = False
+
+        def __iter__(self):
+            return iter(())
+
+        def close(self):
+            self.closed = True
+
+    camera = Camera()
+    with pytest.raises(ValueError):
+        caption_stream(FakeCaptioner(), camera, **bad)
+    assert camera.closed
