@@ -76,8 +76,10 @@ class Caption:
     a caption that ``max_length`` cut before any place where it could end).
     ``recognisable``: False for a frame with nothing to caption (uniform, or blurred past any
     detail: ``edgecap.preprocess.recognisable``); its ``text`` is then ``NOTHING_RECOGNISABLE``,
-    ``tokens`` empty and ``confidence`` 0. ``signals``: every signal of ``edgecap.confidence.SIGNALS``
-    (``confidence`` is computed from those its model names), for fitting a confidence model.
+    ``tokens`` empty and ``confidence`` 0 (``score`` and ``log_prob`` stay those of the caption
+    the search found and that is not shown: rank such captions by ``confidence``).
+    ``signals``: every signal of ``edgecap.confidence.SIGNALS`` (``confidence`` is computed
+    from those its model names), for fitting a confidence model.
     ``attention``: float32 (n_words, 7, 7), the attention over the image's regions for each
     word, when asked for.
     ``objects``: the image's most probable object classes as (name, probability), best first,
