@@ -831,3 +831,79 @@ def test_consensus_rules_chooses_again_among_the_endings_the_captioner_chose_amo
     assert parse_rule("both=0.1,0.05") == ("both", 0.1, 0.05)
     with pytest.raises(SystemExit, match="NAME=REPEAT,DANGLING"):
         parse_rule("both=0.1")
+
+
+def _consensus_rules_data(root: Path) -> Path:
+    """A data folder of the example photos (CC0, scikit-image) with made-up references: the
+    astronaut and the cat in coco-ood-dev, the coffee and the rocket in coco-ood-dev-b, all four
+    in flickr8k."""
+    photos = sorted(p for p in C.EXAMPLES.iterdir() if p.suffix.lower() in {".png", ".jpg"})
+    data = root / "data"
+    folders = {"coco-ood-dev": photos[:2], "coco-ood-dev-b": photos[2:]}
+    for name, chosen in folders.items():
+        (data / name / "images").mkdir(parents=True)
+        images, annotations = [], []
+        for i, photo in enumerate(chosen):
+            shutil.copy(photo, data / name / "images" / photo.name)
+            images.append({"id": i + 1, "file_name": photo.name})
+            annotations.append({"id": i + 1, "image_id": i + 1, "caption": "a photo"})
+        (data / name / "captions_cocofmt.json").write_text(
+            json.dumps({"images": images, "annotations": annotations})
+        )
+    (data / "flickr8k" / "images").mkdir(parents=True)
+    for photo in photos:
+        shutil.copy(photo, data / "flickr8k" / "images" / photo.name)
+    (data / "flickr8k" / "Flickr8k.token.txt").write_text("".join(f"{p.name}#0\ta photo .\n" for p in photos))
+    (data / "flickr8k" / "Flickr_8k.devImages.txt").write_text("".join(p.name + "\n" for p in photos))
+    return data
+
+
+def test_consensus_rules_counts_each_rule_s_captions_and_checks_the_default_against_the_captioner(
+    tmp_path, monkeypatch
+):
+    """benchmarks/consensus_rules.py end to end, the metrics stood in for (no Java: a caption's
+    per-photo METEOR and CIDEr are its number of words / 100). Of the example photos only the
+    astronaut's caption says content words again before the readability terms ("... a white
+    shirt and a black and white helmet", 19 words: shirt, black, white twice) and changes with
+    them ("... and a white helmet", 13 words; tests/test_default_model.py); it is in
+    coco-ood-dev and in flickr8k: 2 captions say a word again before (0 after), 2 change,
+    none ends dangling, and the dangling term alone (weights 0 / 0.1) changes none.
+    coco-ood-dev's per-photo CIDEr moves by (13 - 19) / 100 / 2 = -0.03, the four everyday
+    photos' by -0.015, Flickr8k's (4 photos) by -0.015. And the check the
+    rules rest on: a rule with the default weights that does not give the Captioner's own
+    captions stops the script."""
+    import consensus_rules
+
+    import edgecap.decoding.consensus as consensus
+    import edgecap.evaluation.metrics as metrics
+
+    def per_photo(refs, hyps, metrics=()):
+        each = {k: len(v.split()) / 100 for k, v in hyps.items()}
+        return {m: sum(each.values()) / len(each) for m in metrics}, {m: dict(each) for m in metrics}
+
+    monkeypatch.setattr(metrics, "java_available", lambda: True)
+    monkeypatch.setattr(metrics, "scores", per_photo)
+    monkeypatch.setattr(metrics, "score", lambda refs, hyps, metrics=(): per_photo(refs, hyps, metrics)[0])
+    data = _consensus_rules_data(tmp_path)
+    rules = ["--rule", "before=0,0", "--rule", "both=0.1,0.1", "--rule", "dangling=0,0.1"]
+    consensus_rules.main(["--data", str(data), "--out", str(tmp_path / "out")] + rules)
+    result = json.loads((tmp_path / "out" / "consensus_rules.json").read_text())
+    assert result["photos"] == {"coco-ood-dev": 2, "coco-ood-dev-b": 2, "flickr8k-dev": 4}
+    before, both = result["rules"]["before"], result["rules"]["both"]
+    assert (before["said_again"], before["dangling"], before["changed"]) == (2, 0, 0)
+    assert (both["said_again"], both["dangling"], both["changed"]) == (0, 0, 2)
+    # the dangling term alone: no example caption ends dangling, none changes
+    dangling = result["rules"]["dangling"]
+    assert (dangling["said_again"], dangling["dangling"], dangling["changed"]) == (2, 0, 0)
+    assert both["coco-ood-dev"]["CIDEr"]["difference"] == pytest.approx(-0.03)
+    assert both["coco-ood-dev-b"]["CIDEr"]["difference"] == pytest.approx(0.0)
+    assert both["everyday (160)"]["METEOR"]["difference"] == pytest.approx(-0.015)
+    assert both["flickr8k-dev"]["CIDEr"]["difference"] == pytest.approx(-0.015)
+    # the corpus METEOR of the four everyday photos pooled (here the mean of their word counts)
+    assert before["everyday_corpus_meteor"] - both["everyday_corpus_meteor"] == pytest.approx(0.015)
+
+    # weights 0 / 0 taken for the defaults: their choice is not the Captioner's on the astronaut
+    monkeypatch.setattr(consensus, "REPEAT_WEIGHT", 0.0)
+    monkeypatch.setattr(consensus, "DANGLING_WEIGHT", 0.0)
+    with pytest.raises(SystemExit, match="the default weights differ from the Captioner on 1 photos"):
+        consensus_rules.main(["--data", str(data), "--out", str(tmp_path / "out2")] + rules)
