@@ -858,6 +858,27 @@ def test_an_option_of_another_kind_of_run_is_refused_not_ignored(
         assert configs[-1].finetune_blocks == 2
 
 
+@torch_needed
+def test_decoder_sizes_a_run_from_a_model_would_not_use_are_refused(tmp_path, folder_data, capsys):
+    """A run from a model keeps that model's decoder sizes (--init-from's help), and a folder
+    starts from the shipped one (attention, hidden 512, features 512, embeddings 256,
+    attention 256: docs/model.md). --no-attention or a --hidden-dim other than its own would
+    change nothing while the checkpoint's train_config recorded them: refused in one line,
+    exit 2, nothing trained (test_train: the start's own sizes are taken). Before the fix: a
+    run with attention and 512 units, recorded as a Show-and-Tell baseline of 64."""
+    from edgecap.cli import main
+
+    out = tmp_path / "run"
+    argv = ["train", "--data", str(folder_data), "--out", str(out), "--no-progress", "--threads", "1"]
+    assert main([*argv, "--no-attention", "--hidden-dim", "64"]) == 2
+    assert capsys.readouterr().err.endswith(
+        "default: its decoder (attention, hidden_dim 512) is not the one asked for (no attention, "
+        "hidden_dim 64): a run keeps its starting model's decoder sizes; leave out --no-attention / "
+        "--hidden-dim, or start from fresh weights (--init-from none)\n"
+    )
+    assert not out.exists()
+
+
 def test_out_or_cache_dir_that_is_a_file_is_one_line(tmp_path, folder_data, capsys):
     from edgecap.cli import main
 

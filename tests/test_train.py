@@ -419,15 +419,9 @@ def test_train_command_builds_the_config_from_its_flags(tmp_path, monkeypatch, c
     monkeypatch.setattr(training, "train", lambda cfg: given.append(cfg) or tmp_path / "best")
     base = ["train", "--data", "DATA", "--out", "RUN"]
     assert main(base) == 0
-    decoder = {
-        "attention": True,
-        "hidden_dim": 512,
-        "feature_dim": 512,
-        "embed_dim": 256,
-        "attention_dim": 256,
-        "dropout": 0.5,
-    }
-    assert given[-1] == TrainConfig(data="DATA", out="RUN", decoder=decoder)  # the defaults
+    # the defaults: the decoder sizes not given are left to the fresh decoder (DecoderConfig's
+    # defaults) or the starting model (a size given otherwise is refused: start.py)
+    assert given[-1] == TrainConfig(data="DATA", out="RUN", decoder={"dropout": 0.5})
     # Each flag named like a field reaches it; the others are the decoder's and --no-progress.
     args = build_parser().parse_args(base)
     flagged = {f.name for f in dataclasses.fields(TrainConfig) if hasattr(args, f.name)}
@@ -699,9 +693,9 @@ def test_fine_tuning_trains_with_the_dropout_given_not_the_starting_models(tmp_p
     """--dropout is a training setting (its help: "dropout rate in the decoder (training only)"),
     not one of the decoder sizes that a starting model keeps (--init-from's help): a run from a
     checkpoint trained at 0.5 (a folder's default start, the shipped model, is one) trains at
-    the rate given, and its checkpoint records that rate. Before the fix the starting model's
-    0.5 was kept, so --dropout 0 (docs/training.md: what makes runs equal across world sizes)
-    did nothing when fine-tuning, while train_config recorded 0."""
+    the rate given, and its checkpoint records that rate; the sizes are the start's. Before the
+    fix the starting model's 0.5 was kept, so --dropout 0 (docs/training.md: what makes runs
+    equal across world sizes) did nothing when fine-tuning, while train_config recorded 0."""
     from edgecap.data.readers import CaptionedImage
     from edgecap.models.checkpoint import save_checkpoint
     from edgecap.models.decoder import CaptionDecoder, DecoderConfig
@@ -718,15 +712,15 @@ def test_fine_tuning_trains_with_the_dropout_given_not_the_starting_models(tmp_p
         start, CaptionDecoder(DecoderConfig(len(vocab), **sizes, dropout=0.5)), vocab, Preprocessing(), {}
     )
     items = [CaptionedImage("a.png", captions[:1]), CaptionedImage("b.png", captions[1:])]
-    for decoder_flags in ({"dropout": dropout}, {**sizes, "hidden_dim": 32, "dropout": dropout}):
+    for decoder_flags in ({"dropout": dropout}, {**sizes, "dropout": dropout}):  # the sizes: the start's
         cfg = TrainConfig(
             data=str(tmp_path),
             out=str(tmp_path / "run"),
             dataset="folder",
             init_from=str(start),
             min_word_count=1,
-            decoder=decoder_flags,  # the command line passes every size and the dropout
+            decoder=decoder_flags,
         )
         decoder = initial_model(cfg, items, tmp_path / "run" / "last", log=lambda _: None).decoder
         assert decoder.dropout.p == dropout and decoder.cfg.dropout == dropout
-        assert decoder.cfg.hidden_dim == 16  # a size: the starting model's
+        assert decoder.cfg.hidden_dim == 16

@@ -125,20 +125,20 @@ def add_arguments(p: argparse.ArgumentParser) -> None:
         help="stop after N epochs without a better dev CIDEr (the same command run again "
         "after such a stop trains no more; a larger N goes on)",
     )
+    # The decoder sizes: a fresh decoder's (a run from a model keeps that model's; one given
+    # otherwise is refused), so None when not given.
     p.add_argument("--no-attention", action="store_true", help="Show-and-Tell baseline")
-    p.add_argument("--hidden-dim", type=int, default=DECODER["hidden_dim"], help="decoder LSTM units")
+    p.add_argument("--hidden-dim", type=int, help=f"decoder LSTM units (default: {DECODER['hidden_dim']})")
     p.add_argument(
         "--feature-dim",
         type=int,
-        default=DECODER["feature_dim"],
-        help="size the encoder's region features are projected to",
+        help=f"size the encoder's region features are projected to (default: {DECODER['feature_dim']})",
     )
-    p.add_argument("--embed-dim", type=int, default=DECODER["embed_dim"], help="word embedding size")
+    p.add_argument("--embed-dim", type=int, help=f"word embedding size (default: {DECODER['embed_dim']})")
     p.add_argument(
         "--attention-dim",
         type=int,
-        default=DECODER["attention_dim"],
-        help="size of the attention's hidden layer",
+        help=f"size of the attention's hidden layer (default: {DECODER['attention_dim']})",
     )
     p.add_argument(
         "--dropout",
@@ -175,9 +175,10 @@ def add_arguments(p: argparse.ArgumentParser) -> None:
         "--init-from",
         metavar="CHECKPOINT|MODEL_DIR|default|none",
         help="start from this checkpoint's or model directory's weights (and its "
-        "decoder sizes), e.g. to fine-tune the encoder under a decoder trained on "
-        "frozen features; 'default': the shipped model (a folder's default, its "
-        "vocabulary grown by the folder's new words); 'none': fresh weights",
+        "decoder sizes: other --hidden-dim ... --no-attention are refused), e.g. to "
+        "fine-tune the encoder under a decoder trained on frozen features; 'default': the "
+        "shipped model (a folder's default, its vocabulary grown by the folder's new words); "
+        "'none': fresh weights",
     )
     p.add_argument(
         "--cache-dir", metavar="DIR", help="feature cache directory (default: OUT/../.feature-cache)"
@@ -309,12 +310,16 @@ def run(args: argparse.Namespace) -> int:
                 TrainConfig,
                 args,
                 decoder={
-                    "attention": not args.no_attention,
-                    "hidden_dim": args.hidden_dim,
-                    "feature_dim": args.feature_dim,
-                    "embed_dim": args.embed_dim,
-                    "attention_dim": args.attention_dim,
-                    "dropout": args.dropout,
+                    name: value
+                    for name, value in {
+                        "attention": False if args.no_attention else None,
+                        "hidden_dim": args.hidden_dim,
+                        "feature_dim": args.feature_dim,
+                        "embed_dim": args.embed_dim,
+                        "attention_dim": args.attention_dim,
+                        "dropout": args.dropout,
+                    }.items()
+                    if value is not None  # a size not given: the fresh decoder's, or the start's
                 },
             )
             run_training = train

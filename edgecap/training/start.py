@@ -126,6 +126,14 @@ def initial_model(cfg: TrainConfig, train_items: list[CaptionedImage], last: Pat
     if dropout != decoder.cfg.dropout:
         decoder.cfg = replace(decoder.cfg, dropout=dropout)
         decoder.dropout.p = dropout
+    asked = {name: value for name, value in cfg.decoder.items() if name != "dropout"}
+    if any(getattr(decoder.cfg, name) != value for name, value in asked.items()):  # else ignored
+        raise ModelError(
+            f"{source}: its decoder ({_sizes(decoder.cfg.to_dict(), asked)}) is not the one asked "
+            f"for ({_sizes(asked, asked)}): a run keeps its starting model's decoder sizes; "
+            f"leave out {' / '.join(_SIZE_FLAGS[name] for name in asked)}, or start from fresh "
+            "weights (--init-from none)"
+        )
     if encoder.variant != cfg.encoder:
         raise ModelError(
             f"{source}: its decoder was trained on {encoder.variant}'s features, not "
@@ -162,6 +170,21 @@ def initial_model(cfg: TrainConfig, train_items: list[CaptionedImage], last: Pat
     if not resuming:
         log(f"initialised from {source}")
     return Start(encoder if cfg.finetune_encoder else None, decoder, vocab, meta, resuming)
+
+
+_SIZE_FLAGS = {
+    "hidden_dim": "--hidden-dim",
+    "feature_dim": "--feature-dim",
+    "embed_dim": "--embed-dim",
+    "attention_dim": "--attention-dim",
+    "attention": "--no-attention",
+}
+
+
+def _sizes(sizes: dict, names: dict) -> str:
+    """The decoder sizes ``names`` of ``sizes`` in words: 'hidden_dim 512, no attention'."""
+    words = {True: "attention", False: "no attention"}
+    return ", ".join(words[sizes[n]] if n == "attention" else f"{n} {sizes[n]}" for n in names)
 
 
 def init_source(cfg: TrainConfig) -> Path | None:
