@@ -788,3 +788,21 @@ def test_a_conversion_that_fails_half_way_leaves_no_half_written_out_dir(
     monkeypatch.setattr(onnx_module, "save", real_save)
     assert main(["convert", str(small_model), "--out", str(out), "--no-check"]) == 0  # no --force needed
     assert load_manifest(out).precision == "fp16"
+
+
+def test_the_torch_backend_refuses_an_int8_model_saying_so(int8_dir):
+    """An int8 directory's quantised graphs have no PyTorch modules to load into (the torch
+    backend rebuilds its modules from FP32 or FP16 weights; docs/backends.md: int8 runs on
+    onnxruntime): ``--backend torch`` says that it is an int8 model and what to run instead.
+    Before the fix it said that 'the ONNX initializers do not match the PyTorch
+    EfficientNetLite (missing [...])' and that the model needs `edgecap export`, as if it were
+    broken."""
+    from edgecap import Captioner
+
+    with pytest.raises(ModelError) as caught:
+        Captioner(int8_dir, backend="torch")
+    assert str(caught.value) == (
+        f"{int8_dir}: an int8 model directory (edgecap convert), which the torch backend cannot "
+        "run: its modules are rebuilt from FP32 or FP16 weights; use --backend onnxruntime, or the "
+        "FP32 model it was converted from"
+    )

@@ -302,6 +302,12 @@ class TorchBackend(Backend):
 
     @staticmethod
     def _build(manifest: Manifest) -> tuple[EfficientNetLite, CaptionDecoder]:
+        if manifest.precision == "int8":  # quantised weights: no PyTorch module to load them into
+            raise ModelError(
+                f"{manifest.directory}: an int8 model directory (edgecap convert), which the torch "
+                "backend cannot run: its modules are rebuilt from FP32 or FP16 weights; use "
+                "--backend onnxruntime, or the FP32 model it was converted from"
+            )
         config = manifest.info.get("decoder_config")
         if not isinstance(config, dict):
             raise ModelError(
