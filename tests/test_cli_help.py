@@ -212,3 +212,27 @@ def test_the_no_flags_are_their_option_at_zero(command):
     plain = parse()
     assert plain.guidance_bonus == CaptionOptions().guidance_bonus != 0.0
     assert plain.fusion_weight is None
+
+
+def test_build_help_names_the_engine_cache_it_uses(monkeypatch, tmp_path):
+    """engines/README.md: the engine cache is $EDGECAP_CACHE/engines when set, otherwise
+    $XDG_CACHE_HOME/edgecap/engines, by default ~/.cache/edgecap/engines; `edgecap build
+    --help` (the reference, docs/cli.md) says the same, in that order, and each is the
+    directory used. Before the fix the help left out $XDG_CACHE_HOME, where the engines go on
+    a system that sets it."""
+    from edgecap.trt.engines import default_cache_dir
+
+    parser = _commands()["build"]
+    action = next(a for a in _options(parser) if "--out" in a.option_strings)
+    assert " ".join(_help_of(parser, action).split()) == (
+        "engine cache directory (default: $EDGECAP_CACHE/engines, else "
+        "$XDG_CACHE_HOME/edgecap/engines, else ~/.cache/edgecap/engines)"
+    )
+    monkeypatch.setenv("EDGECAP_CACHE", str(tmp_path / "own"))
+    monkeypatch.setenv("XDG_CACHE_HOME", str(tmp_path / "xdg"))
+    assert default_cache_dir() == tmp_path / "own" / "engines"
+    monkeypatch.delenv("EDGECAP_CACHE")
+    assert default_cache_dir() == tmp_path / "xdg" / "edgecap" / "engines"
+    monkeypatch.delenv("XDG_CACHE_HOME")
+    monkeypatch.setenv("HOME", str(tmp_path / "home"))
+    assert default_cache_dir() == tmp_path / "home" / ".cache" / "edgecap" / "engines"

@@ -58,7 +58,8 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
         "--out",
         metavar="DIR",
         default=None,
-        help="engine cache directory (default: $EDGECAP_CACHE/engines or ~/.cache/edgecap/engines)",
+        help="engine cache directory (default: $EDGECAP_CACHE/engines, else "
+        "$XDG_CACHE_HOME/edgecap/engines, else ~/.cache/edgecap/engines)",
     )
 
 
