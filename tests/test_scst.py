@@ -296,3 +296,31 @@ def test_a_first_run_that_extracts_the_features_samples_as_a_run_that_reads_them
     first, second = samples
     assert first.keys() == second.keys()
     assert all(torch.equal(first[k], second[k]) for k in first), "trained on other samples"
+
+
+def test_a_checkpoint_with_a_fine_tuned_encoder_is_refused_in_one_line(tmp_path, capsys):
+    """Self-critical training samples on the pretrained encoder's cached features, so it cannot
+    start from a checkpoint whose encoder was fine-tuned (--finetune-encoder): `edgecap train
+    --scst-from` says so in one line naming the checkpoint, exit 2 (docs/hostile-inputs.md: a
+    run that cannot start, no traceback), nothing written. Before the fix: a ValueError
+    traceback, exit 1."""
+    from edgecap.cli import main
+    from edgecap.models.checkpoint import save_checkpoint
+    from edgecap.models.decoder import CaptionDecoder, DecoderConfig
+    from edgecap.models.efficientnet_lite import load_pretrained
+    from edgecap.preprocess import Preprocessing
+    from edgecap.vocab import Vocabulary
+
+    vocab = Vocabulary.build(["a cat sat on the mat", "a dog ran in the park today"], min_count=1)
+    decoder = CaptionDecoder(
+        DecoderConfig(len(vocab), hidden_dim=16, feature_dim=16, embed_dim=8, attention_dim=8)
+    )
+    tuned = tmp_path / "tuned" / "best"
+    save_checkpoint(tuned, decoder, vocab, Preprocessing(), {}, encoder=load_pretrained())
+    out = tmp_path / "scst"
+    assert main(["train", "--data", str(tmp_path), "--out", str(out), "--scst-from", str(tuned)]) == 2
+    assert capsys.readouterr().err == (
+        f"edgecap train: error: {tuned}: its encoder was fine-tuned; self-critical training runs on "
+        "cached features of the pretrained encoder: start from a checkpoint with a frozen encoder\n"
+    )
+    assert not out.exists()

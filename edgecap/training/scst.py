@@ -16,13 +16,14 @@ from pathlib import Path
 import numpy as np
 import torch
 
-from edgecap.errors import BackendError
+from edgecap.errors import BackendError, ModelError
 from edgecap.models.checkpoint import load_checkpoint, save_checkpoint
 from edgecap.models.decoder import mask_logits
 from edgecap.training.cider import CiderD
 from edgecap.training.config import ScstConfig
 from edgecap.training.distributed import world_size
 from edgecap.training.features import progress_bar, split_features
+from edgecap.training.records import shown
 from edgecap.training.start import dataset_items
 from edgecap.training.train import class_probs_of, evaluate_dev, seeded
 from edgecap.vocab import tokenize
@@ -60,8 +61,9 @@ def train_scst(cfg: ScstConfig, log=print) -> Path:
     images = Path(cfg.images) if cfg.images else data / "images"
     encoder, decoder, vocab, pre, meta = load_checkpoint(Path(cfg.checkpoint))
     if meta.get("finetuned_encoder"):
-        raise ValueError(
-            "self-critical training runs on cached features: start from a checkpoint with a frozen encoder"
+        raise ModelError(
+            f"{shown(cfg.checkpoint)}: its encoder was fine-tuned; self-critical training runs on "
+            "cached features of the pretrained encoder: start from a checkpoint with a frozen encoder"
         )
     train_items, dev_items, left_out = dataset_items(cfg.dataset, data, images, cfg.allow_outside_data)
     cache = Path(cfg.cache_dir) if cfg.cache_dir else out.parent / ".feature-cache"
