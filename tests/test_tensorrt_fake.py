@@ -2089,3 +2089,23 @@ def test_fake_build_command_line_flags_reach_the_engines(monkeypatch, tmp_path, 
     err = capsys.readouterr().err
     assert err.startswith("edgecap build: error: ") and "checksum" in err and err.count("\n") == 1
     assert not list((tmp_path / "from-broken").glob("*.engine"))
+
+
+def test_fp32_engines_of_an_fp16_model_directory_are_refused_before_tensorrt_is_looked_for(
+    monkeypatch, model_dir
+):
+    """``edgecap build --precision fp32`` on an FP16 model directory: the model's problem is said
+    first, on a machine without TensorRT too (before: "TensorRT is not installed", and once it
+    was installed, the refusal of the model)."""
+    import dataclasses
+
+    import edgecap.trt as trt_package
+    from edgecap.errors import ModelError
+
+    def no_tensorrt():
+        raise AssertionError("TensorRT looked for before the model was checked")
+
+    monkeypatch.setattr(trt_package, "import_tensorrt", no_tensorrt)
+    half = dataclasses.replace(load_manifest(model_dir), precision="fp16")
+    with pytest.raises(ModelError, match="is fp16; build fp32 engines from the fp32 model directory"):
+        build_all(half, "fp32", Limits(1, 3))

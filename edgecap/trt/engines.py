@@ -67,6 +67,11 @@ def role_precisions(manifest: Manifest, precision: str, fp32_encoder: bool | Non
                 "fp32_encoder=True goes with fp16 engines (an FP16 decoder step behind an FP32 "
                 "encoder); fp32 engines are FP32 already"
             )
+        if manifest.precision != "fp32":  # said before TensorRT is looked for (onnx_for_build too)
+            raise ModelError(
+                f"{manifest.directory} is {manifest.precision}; "
+                "build fp32 engines from the fp32 model directory"
+            )
         return {role: "fp32" for role in ROLES}
     if fp32_encoder is None:
         fp32_encoder = manifest.precision == "fp32"
