@@ -829,6 +829,7 @@ def test_out_of_range_options_are_one_line(tmp_path, folder_data, capsys, flags,
         (["--text-share", "0.3"], "--text"),
         (["--scst-samples", "3"], "--scst-from"),
         (["--finetune-blocks", "2"], "--finetune-encoder"),
+        (["--encoder-lr", "5e-05"], "--finetune-encoder"),
     ],
 )
 def test_an_option_of_another_kind_of_run_is_refused_not_ignored(
@@ -855,7 +856,8 @@ def test_an_option_of_another_kind_of_run_is_refused_not_ignored(
         assert configs[-1].text_share == 0.3
     if needs == "--finetune-encoder":
         assert main(["train", "--data", str(folder_data), "--out", str(out), *flags, needs]) == 0
-        assert configs[-1].finetune_blocks == 2
+        field = flags[0][2:].replace("-", "_")  # finetune_blocks, encoder_lr
+        assert getattr(configs[-1], field) == float(flags[1])
 
 
 @torch_needed

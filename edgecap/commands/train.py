@@ -168,8 +168,8 @@ def add_arguments(p: argparse.ArgumentParser) -> None:
     p.add_argument(
         "--encoder-lr",
         type=float,
-        default=TRAIN["encoder_lr"],
-        help="learning rate of the fine-tuned encoder blocks",
+        help=f"with --finetune-encoder: learning rate of the fine-tuned encoder blocks "
+        f"(default: {TRAIN['encoder_lr']})",
     )
     p.add_argument(
         "--init-from",
@@ -285,6 +285,7 @@ def run(args: argparse.Namespace) -> int:
             ("--text-share", args.text_share, "--text", args.text),
             ("--scst-samples", args.scst_samples, "--scst-from", args.scst_from),
             ("--finetune-blocks", args.finetune_blocks, "--finetune-encoder", args.finetune_encoder),
+            ("--encoder-lr", args.encoder_lr, "--finetune-encoder", args.finetune_encoder),
         ):
             if value is not None and not given:
                 raise ValueError(f"{flag} goes with {needs}")
