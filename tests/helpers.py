@@ -224,9 +224,12 @@ TINY_CAPTIONS = [
 ]
 
 
-def tiny_export(encoder, out: Path, preprocessing=None, width: int = 64, name: str = "tiny-random") -> Path:
+def tiny_export(
+    encoder, out: Path, preprocessing=None, width: int = 64, name: str = "tiny-random", attention: bool = True
+) -> Path:
     """A real export of a small, randomly initialised decoder (seed 0; ``width`` its hidden and
-    feature sizes) on ``encoder``, into ``out`` (needs torch and onnx)."""
+    feature sizes; ``attention=False``: the Show-and-Tell baseline) on ``encoder``, into ``out``
+    (needs torch and onnx)."""
     import torch
 
     from edgecap.build.export import export_modules
@@ -243,6 +246,7 @@ def tiny_export(encoder, out: Path, preprocessing=None, width: int = 64, name: s
             feature_dim=width,
             embed_dim=width // 2,
             attention_dim=width // 2,
+            attention=attention,
         )
     )
     export_modules(encoder, decoder, vocab, preprocessing or Preprocessing(), out, {"name": name})

@@ -289,3 +289,22 @@ def test_camera_is_captioned_live_and_a_video_in_order_both_sampled_by_every(
     camera = edgecap_caption(capfd, "--camera", "0", "--every", "2", model=tiny_model_dir)
     assert (recorded.returncode, camera.returncode) == (0, 0), recorded.stderr + camera.stderr
     assert asked == [{"every": 0.5, "live": False}, {"every": 2.0, "live": True}]
+
+
+def test_attention_of_a_model_without_attention_is_refused(tmp_path, capfd):
+    """A Show-and-Tell model (``edgecap train --no-attention``) has no attention: its maps would
+    be uniform, a figure of nothing. --attention says so in one line (exit 2) and writes nothing;
+    before, it drew the uniform maps without a word."""
+    pytest.importorskip("torch")
+    from helpers import tiny_export
+
+    from edgecap.models.efficientnet_lite import load_pretrained
+
+    model = tiny_export(load_pretrained(), tmp_path / "show-and-tell", attention=False)
+    out = edgecap_caption(capfd, EXAMPLES / "chelsea.png", "--attention", tmp_path / "a.png", model=model)
+    assert out.returncode == 2
+    assert out.stderr == (
+        f"edgecap caption: error: --attention: {model} is a Show-and-Tell model (trained with "
+        "--no-attention): it has no attention to draw\n"
+    )
+    assert not (tmp_path / "a.png").exists()

@@ -19,6 +19,13 @@ def run_attention(captioner, inputs: list[tuple[str, Any]], args) -> int:  # (na
     if len(inputs) != 1:
         print(f"edgecap caption: error: --attention takes one image, got {len(inputs)}", file=sys.stderr)
         return 2
+    if captioner.manifest.info.get("attention", True) is False:
+        print(
+            f"edgecap caption: error: --attention: {escape_field(str(captioner.manifest.directory))} "
+            "is a Show-and-Tell model (trained with --no-attention): it has no attention to draw",
+            file=sys.stderr,
+        )
+        return 2
     ((name, item),) = inputs
     if not isinstance(item, InputError) and _same_file(args.attention, item):
         print(
