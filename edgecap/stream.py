@@ -192,7 +192,8 @@ class CaptionStream:
     calling ``close()`` from that thread stops the reader and closes the frame source (releasing
     a camera or video file); ``close()`` from another thread (a shutdown hook) while the loop
     captions a frame ends the loop after that frame's event, and the loop closes the source (a
-    live loop waiting for a frame ends without it, even if the camera has stalled).
+    live loop waiting for a frame ends without it, even if the camera has stalled); between two
+    events, it closes the stream at once and the loop's next step ends it.
     """
 
     def __init__(
@@ -249,7 +250,7 @@ class CaptionStream:
         if self._started_iterating:
             raise RuntimeError("a CaptionStream can be iterated once; make a new one")
         self._started_iterating = True
-        events = self._live() if self.live else self._in_order()
+        events = _Events(self._live() if self.live else self._in_order())
         self._events = weakref.ref(events)
         return events
 
@@ -257,15 +258,12 @@ class CaptionStream:
         """Stop reading frames and close the source; safe to call more than once."""
         self._stop.set()
         events = self._events() if self._events is not None else None
-        if events is not None:
-            try:
-                events.close()
-            except ValueError:  # "generator already executing": close() from another thread (a
-                # shutdown hook) while the loop captions a frame or waits for one; the stop flag
-                # ends the loop after that frame (a live loop waiting is woken now, whether or
-                # not the camera gives another frame), and the loop closes the source
-                with self._lock:
-                    self._lock.notify_all()
+        if events is not None and not events.close():
+            # the loop is captioning a frame or waiting for one (close() from another thread, a
+            # shutdown hook): the stop flag ends it after that frame (a live loop waiting is
+            # woken now, whether or not the camera gives another frame), and it closes the source
+            with self._lock:
+                self._lock.notify_all()
         if not self._reading:  # never read (not iterated, or its loop never begun: closing a
             # generator that never started runs none of its code): the source may hold a camera
             # or file open
@@ -337,7 +335,7 @@ class CaptionStream:
         )
 
     # -- offline: every sampled frame, in order ----------------------------------------------
-    def _in_order(self) -> Iterator[StreamEvent]:
+    def _in_order(self) -> Generator[StreamEvent, None, None]:
         reader = self._read()
         try:
             for frame, read_at in reader:
@@ -347,7 +345,7 @@ class CaptionStream:
             self._end()
 
     # -- live: a reader thread keeps the newest frame ----------------------------------------
-    def _live(self) -> Iterator[StreamEvent]:
+    def _live(self) -> Generator[StreamEvent, None, None]:
         state = _Latest()
         thread = threading.Thread(
             target=self._reader_thread, args=(state,), name="edgecap-frame-reader", daemon=True
@@ -395,6 +393,33 @@ class CaptionStream:
             with self._lock:
                 state.done = True
                 self._lock.notify()
+
+
+class _Events:
+    """The stream's iterator: its generator advanced under a lock, so that ``close()`` from
+    another thread never runs the generator's cleanup while the loop asks for its next event
+    (that next step would raise ``ValueError: generator already executing``)."""
+
+    def __init__(self, generator: Generator[StreamEvent, None, None]):
+        self._generator = generator
+        self._lock = threading.Lock()
+
+    def __iter__(self) -> _Events:
+        return self
+
+    def __next__(self) -> StreamEvent:
+        with self._lock:
+            return next(self._generator)
+
+    def close(self) -> bool:
+        """Close the generator unless it is running now (False: the caller stops it instead)."""
+        if not self._lock.acquire(blocking=False):
+            return False
+        try:
+            self._generator.close()
+        finally:
+            self._lock.release()
+        return True
 
 
 class _Latest:
