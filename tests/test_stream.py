@@ -169,6 +169,31 @@ def test_a_live_frame_keeps_its_pixels_when_the_source_refills_its_buffer():
     assert [int(image.max()) for image, _ in fake.seen] == [0, 1]
 
 
+@pytest.mark.parametrize("view", [lambda buffer: buffer, memoryview], ids=["bytearray", "memoryview"])
+def test_a_live_frame_of_encoded_bytes_keeps_them_when_the_source_refills_its_buffer(view):
+    """The same with a camera that hands over each encoded frame (a JPEG, bytes ``Captioner``
+    decodes) in one reused ``bytearray``, or a ``memoryview`` of it: frame 0 is captioned with
+    frame 0's bytes, not the bytes of the frame read after it."""
+    buffer = bytearray(b"\x00" * 8)
+    captioning, refilled = threading.Event(), threading.Event()
+
+    def camera():
+        yield view(buffer)
+        assert captioning.wait(DEADLOCK_GUARD_S)  # frame 0 is with the captioner
+        buffer[:] = b"\x01" * 8  # the next frame, into the same buffer
+        refilled.set()
+        yield view(buffer)
+
+    def hook(calls):
+        captioning.set()
+        assert refilled.wait(DEADLOCK_GUARD_S), "the reader stalled"
+
+    fake = FakeCaptioner(hook)
+    events = list(caption_stream(fake, camera()))
+    assert [e.frame_index for e in events] == [0, 1]
+    assert [bytes(image) for image, _ in fake.seen] == [b"\x00" * 8, b"\x01" * 8]
+
+
 def endless_source(closed: threading.Event, read_s: float = 0.0):
     """0, 1, 2, ... (a camera), each read taking ``read_s``; sets ``closed`` when closed."""
     try:
