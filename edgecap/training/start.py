@@ -120,7 +120,8 @@ def initial_model(cfg: TrainConfig, train_items: list[CaptionedImage], last: Pat
             ) from None
         encoder = load_pretrained(cfg.encoder) if cfg.finetune_encoder else None
         return Start(encoder, decoder, vocab, {}, False)
-    # The starting model's decoder sizes win over the command line's.
+    # The starting model's decoder sizes are kept (a different one given is refused below);
+    # the dropout given is trained with.
     encoder, decoder, vocab, meta = load_start(source, cfg.finetune_encoder, cfg.finetune_blocks)
     dropout = cfg.decoder.get("dropout", decoder.cfg.dropout)  # a training setting, not a size
     if dropout != decoder.cfg.dropout:
