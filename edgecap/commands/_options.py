@@ -208,7 +208,8 @@ def add_model_arguments(p: argparse.ArgumentParser) -> None:
         metavar="X",
         help="weight of the everyday caption language model fused into the search "
         "(X * (log p_everyday - log p_in-domain) on each word; default: the "
-        f"model's own, from its fusion.json; a model without one has none; {_range('fusion_weight')})",
+        f"model's own, from its fusion.json; a model without one has none and refuses X > 0; "
+        f"{_range('fusion_weight')})",
     )
     fusion.add_argument(
         "--no-fusion",
