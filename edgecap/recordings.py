@@ -548,7 +548,8 @@ def write_captions(recording: Recording, out: str | os.PathLike, captions: dict[
 
     ros1 = recording.kind == "ros1"
     topics = {topic for topic, _ in captions}
-    recording.check_topics(sorted(topics))  # a caption for a topic it lacks would go nowhere
+    if topics:  # a caption for a topic it lacks would go nowhere (no captions: a plain copy)
+        recording.check_topics(sorted(topics))
     taken = {c.topic for c in recording.connections} & {caption_topic(t) for t in topics}
     if taken:
         raise RecordingError(

@@ -1052,3 +1052,16 @@ def test_captions_for_a_topic_the_recording_lacks_are_refused_before_writing(tmp
         ):
             write_captions(recording, tmp_path / "copy", {("/cam", 0): "first", ("/cam/left", 0): "x"})
     assert not (tmp_path / "copy").exists()
+
+
+def test_no_captions_is_a_plain_copy_even_of_a_recording_without_images(tmp_path):
+    """``write_captions`` with no captions copies the recording and writes 0 captions, as it
+    always did, whether or not the recording has an image topic (the topic check of
+    1ae28ae only looks at the topics the captions name)."""
+    store = store_for("mcap")
+    only_text = write_recording(
+        tmp_path, "mcap", [("/log", "std_msgs/msg/String", T0, store.types["std_msgs/msg/String"](data="x"))]
+    )
+    with open_recording(only_text) as recording:
+        assert write_captions(recording, tmp_path / "copy", {}) == 0
+    assert [(m[0], m[3].data) for m in read_back(tmp_path / "copy")] == [("/log", "x")]
