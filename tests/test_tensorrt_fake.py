@@ -1975,6 +1975,25 @@ def test_close_drops_contexts_and_engines_even_when_the_context_cannot_be_made_c
     assert "_contexts" not in backend.__dict__ and "_engines" not in backend.__dict__
 
 
+def test_close_releases_the_execution_contexts_and_engines_while_the_backend_lives(
+    monkeypatch, tmp_path, model_dir, device
+):
+    """close() frees the engines' GPU memory (the contexts' activation memory, the engines'
+    weights) then, not when the backend object is garbage collected: a closed backend kept in a
+    variable (``with TensorRTBackend(...) as backend:``) or by a server must not hold them. The
+    device buffers kept the contexts' dict, so only the backend's own name went (real TensorRT:
+    a context keeps its engine alive, pyCore.cpp's keep_alive)."""
+    import gc
+
+    install(monkeypatch, "10.3.0.30", device)
+    with TensorRTBackend(
+        load_manifest(model_dir), "fp32", Limits(1, 2), tmp_path, cuda_device=device, log=io.StringIO()
+    ) as backend:
+        held = [weakref.ref(x) for x in (*backend._contexts.values(), *backend._engines.values())]
+    gc.collect()
+    assert len(held) == 4 and [ref() for ref in held] == [None] * 4
+
+
 def test_beam_step_engine_sees_each_steps_word_block_or_zeros():
     """search="graph" uploads a word_block (R, V) only when the rules set one and zeros when
     they set none: the engine must never run on the block of an earlier step or an earlier

@@ -444,9 +444,12 @@ class TensorRTBackend(Backend):
                 device.close()
 
     def _release_tensorrt(self) -> None:
-        """Drop the execution contexts, then the engines (before the device; idempotent)."""
-        self.__dict__.pop("_contexts", None)
-        self.__dict__.pop("_engines", None)
+        """Drop the execution contexts, then the engines (before the device; idempotent). The
+        dicts are emptied, not only unnamed: the device buffers hold the contexts' dict."""
+        for name in ("_contexts", "_engines"):
+            held = self.__dict__.pop(name, None)
+            if held is not None:
+                held.clear()
 
     def __enter__(self) -> TensorRTBackend:
         return self
