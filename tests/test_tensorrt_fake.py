@@ -151,6 +151,22 @@ class FakeDevice(CudaDevice):
 _ONNX_TO_NP = {1: np.float32, 6: np.int32, 7: np.int64, 10: np.float16}
 
 
+def _runs_at(onnx_bytes: bytes, model, shapes: dict) -> bool:
+    """Whether the graph runs with its inputs at ``shapes`` (zeros: valid indices, as TensorRT
+    checks shapes, not values). TensorRT's builder checks the network's shape constraints at the
+    profile's opt shapes and fails the build when one breaks ("kOPT values for profile 0 violate
+    shape constraints: IShuffleLayer ...: reshape would change volume", NVIDIA/TensorRT issues
+    3405 and 3916; min and max that break one only warn, issue 1947)."""
+    session = ort.InferenceSession(onnx_bytes, providers=["CPUExecutionProvider"])
+    elem = {vi.name: vi.type.tensor_type.elem_type for vi in model.graph.input}
+    feeds = {name: np.zeros(shape, _ONNX_TO_NP[elem[name]]) for name, shape in shapes.items()}
+    try:
+        session.run(None, feeds)
+    except Exception:  # noqa: BLE001 - onnxruntime's errors have no common public base
+        return False
+    return True
+
+
 def make_fake_trt(version: str, device: FakeDevice):
     """A ``tensorrt`` module with the attributes of ``version`` and the calls edgecap uses."""
     v = parse_version(version)
@@ -375,6 +391,9 @@ def make_fake_trt(version: str, device: FakeDevice):
         def build_serialized_network(self, network, config):
             assert len(config.profiles) == 1
             model = onnx.load_from_string(network.onnx)
+            opt = {name: shapes[1] for name, shapes in config.profiles[0].shapes.items()}
+            if not _runs_at(network.onnx, model, opt):
+                return None  # TensorRT logs the violated constraint and returns no engine
             record = {
                 "version": version,
                 "network_flags": network.flags,

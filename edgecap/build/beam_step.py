@@ -38,7 +38,7 @@ from __future__ import annotations
 
 import numpy as np
 
-from edgecap.contract import DECODER_STEP, STEP_INPUTS, Limits
+from edgecap.contract import STEP_INPUTS, Limits
 from edgecap.errors import BackendError
 
 BEAM_INPUTS = (*STEP_INPUTS, "scores", "word_block")
@@ -62,11 +62,19 @@ MIN_OPSET = 13  # Unsqueeze, Slice and ReduceSum take their axes as inputs
 BEAM_STEP_VERSION = 2  # 2: the finiteness check without x - x
 
 
-def row_ranges(limits: Limits) -> dict[str, tuple[int, int, int]]:
-    """(min, opt, max) rows of each input, for a TensorRT optimisation profile: the step's,
-    and the rows' scores and blocked words."""
-    ranges = limits.row_ranges(DECODER_STEP)
-    return {**ranges, "scores": ranges["tokens"], "word_block": ranges["tokens"]}
+def row_ranges(limits: Limits, beam: int) -> dict[str, tuple[int, int, int]]:
+    """(min, opt, max) rows of each input, for a TensorRT optimisation profile of the graph for
+    ``beam`` beams. A search has ``beam`` rows an image, and the graph reshapes its rows to
+    (-1, beam): TensorRT fails the build when the opt shapes break such a reshape ("kOPT values
+    for profile 0 violate shape constraints"), so the rows (the scores and blocked words too) run
+    over one image to ``max_batch`` images, from ``beam`` to ``max_batch`` x ``beam``; ``h`` /
+    ``c`` also take the first step's one row an image (the encoder's h0 / c0)."""
+    rows = (beam, beam, limits.max_batch * beam)
+    ranges = dict.fromkeys(
+        ("tokens", "source_rows", "image_index", "word_bias", "scores", "word_block"), rows
+    )
+    images = (1, 1, limits.max_batch)
+    return {**ranges, "h": (1, *rows[1:]), "c": (1, *rows[1:]), "features": images, "att_proj": images}
 
 
 def onnx_opset(model) -> int:

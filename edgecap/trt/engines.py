@@ -647,7 +647,7 @@ class EngineCache:
                 f"for {self.target.gpu_name}; this takes a while, once -> {path}",
                 file=self.log,
             )
-            self._build_into(path, source, role, limits, precision, ranges=row_ranges(limits))
+            self._build_into(path, source, role, limits, precision, ranges=row_ranges(limits, beam))
             engine = self._fresh(path)
         return self._checked(engine, role, (BEAM_INPUTS, BEAM_OUTPUTS))
 
