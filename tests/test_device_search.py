@@ -728,6 +728,36 @@ def test_the_compiled_step_compiles_once_per_shape_plain_and_in_the_decode_graph
         torch._dynamo.reset()
 
 
+def test_the_compiled_step_compiles_once_across_the_decode_graphs_parts(tiny_model_dir, monkeypatch):
+    """At the default ``max_length`` of 20 the whole decode is four graphs (steps 0-7, 8-11,
+    12-15, 16-19: ``DECODE_CHECKS``), each part after the first starting from the carry the
+    one before it kept. The compiled step guards on its inputs' strides (static shapes), so
+    those kept buffers have the carry's own strides (the rank and model sums are columns of one
+    (R + 1, 4) tensor, stride 4): plain, graphed, plain, graphed at 2 images compile once
+    (Dynamo's frame count, a counting backend standing in for TorchInductor). Before, the
+    buffers were contiguous copies and the parts after the first compiled the step again
+    ("carry[3] stride mismatch"): twice the compile per shape (25 s cold on a 2-core CPU), and
+    the shapes Dynamo's recompile limit lets compile halved."""
+    from torch._dynamo.testing import CompileCounter
+
+    backend = TorchBackend(load_manifest(tiny_model_dir), device="cpu", search="device")
+    counter = CompileCounter()
+    torch._dynamo.reset()
+    compiled = torch.compile(device_module._step, fullgraph=True, dynamic=False, backend=counter)
+    monkeypatch.setattr(device_module, "_compiled_step", lambda: compiled)
+    options = CaptionOptions(beam_size=3, max_length=20, n_best=2)
+    assert len(device_module._segments(options.max_length, DECODE_CHECKS)) == 4
+    rng = np.random.default_rng(0)
+    try:
+        for capture in (None, EagerGraph, None, EagerGraph):
+            backend.device_search = TorchDeviceSearch(backend, capture, compiled=True)
+            encoded = backend.encode(rng.normal(size=(2, 3, 224, 224)).astype(np.float32))
+            assert len(backend.device_search(encoded, options, START, END, None, None)) == 2
+        assert counter.frame_count == 1
+    finally:
+        torch._dynamo.reset()
+
+
 def test_torch_step_is_the_backend_session(tiny_model_dir):
     """``TorchStep`` (what the device search drives on a GPU) and the backend's own session
     give the same search on a tiny random model (a step with h/c on the device)."""

@@ -968,7 +968,17 @@ class DecodeGraphs:
         def keep(carry: tuple) -> None:
             flat, spec = tree_flatten(carry)  # tensors, and None for a rule not in the plan
             if "buffers" not in kept:
-                kept["buffers"] = [None if value is None else value.clone() for value in flat]
+                # with the carry's own strides (a step's rank and model sums are columns of one
+                # tensor): a compiled step guards on them, and would compile again for the parts
+                # after the first on contiguous copies
+                kept["buffers"] = [
+                    None
+                    if value is None
+                    else torch.empty_strided(
+                        value.shape, value.stride(), dtype=value.dtype, device=value.device
+                    )
+                    for value in flat
+                ]
                 kept["carry"] = tree_unflatten(kept["buffers"], spec)
             for buffer, value in zip(kept["buffers"], flat, strict=True):
                 if buffer is not None:
