@@ -677,3 +677,36 @@ def test_a_mode_cut_short_keeps_the_sections_it_finished(default_model_dir, tmp_
         (3, 1)
     ]
     assert "unfinished" not in result and result["latency"] == after_latency["latency"]
+
+
+def test_the_gpu_tests_compile_the_search_only_with_compiled(monkeypatch):
+    """``pytest -m gpu`` leaves the compiled search's test out unless --compiled: it compiles
+    first (TorchInductor, a cold compile that once outlasted a lease's call), and a gpu-test
+    run that outlasts its time limit (at most 150 s) loses every gpu test's result. The
+    command's own selection, collected: every gpu test but that one; with --compiled, all."""
+    sys.path.insert(0, str(SCRIPT.parent))
+    import gpu_check
+
+    commands = []
+
+    def run(command, **kwargs):
+        commands.append(command)
+        return subprocess.CompletedProcess(command, 0, "1 passed\n", "")
+
+    monkeypatch.setattr(gpu_check.subprocess, "run", run)
+    report = gpu_check.Report(300.0)
+    for compiled in (False, True):
+        gpu_check.gpu_tests(report, timeout_s=60, compiled=compiled)
+    monkeypatch.undo()  # the collections below run for real
+    collected = []
+    for command in commands:
+        proc = subprocess.run(
+            [*command, "--collect-only"], cwd=SCRIPT.parents[1], capture_output=True, text=True, timeout=300
+        )
+        collected.append({line for line in proc.stdout.splitlines() if "::test_" in line})
+    plain, compiled_run = collected
+    left_out = compiled_run - plain
+    assert [t.split("::")[-1] for t in left_out] == [
+        "test_the_compiled_search_on_the_gpu_captions_as_the_host_search"
+    ]
+    assert plain < compiled_run and len(plain) >= 8
