@@ -305,7 +305,8 @@ def environment(device: str, report: Report) -> dict:
 def gpu_tests(report: Report, timeout_s: float, compiled: bool = False) -> dict | None:
     """``pytest -m gpu`` in a subprocess; without ``compiled`` (--compiled) the compiled
     search's test is left out: it compiles first (TorchInductor), which could outlast
-    ``timeout_s`` and so lose every gpu test's result."""
+    ``timeout_s``. Verbose, so that a run past ``timeout_s`` still names the tests it finished
+    and their outcomes (in the skip's reason)."""
     if importlib.util.find_spec("pytest") is None:
         report.skip("pytest -m gpu", "pytest is not installed")
         return None
@@ -320,7 +321,7 @@ def gpu_tests(report: Report, timeout_s: float, compiled: bool = False) -> dict 
         "addopts=",
         "-m",
         "gpu",
-        "-q",
+        "-v",
         "-p",
         "no:cacheprovider",
         "-rfEs",
@@ -332,8 +333,19 @@ def gpu_tests(report: Report, timeout_s: float, compiled: bool = False) -> dict 
     t0 = time.perf_counter()
     try:
         proc = subprocess.run(command, cwd=REPO, capture_output=True, text=True, timeout=timeout_s)
-    except subprocess.TimeoutExpired:
-        report.skip("pytest -m gpu", f"did not finish in {timeout_s:.0f} s")
+    except subprocess.TimeoutExpired as exc:
+        partial = exc.stdout or b""  # bytes: what the killed run wrote
+        text = partial.decode(errors="replace") if isinstance(partial, bytes) else partial
+        done = re.findall(r"::(\S+) (PASSED|FAILED|SKIPPED|ERROR|XFAIL|XPASS)", text)
+        report.skip(
+            "pytest -m gpu",
+            f"did not finish in {timeout_s:.0f} s"
+            + (
+                f"; finished before: {', '.join(f'{name} {outcome}' for name, outcome in done)}"
+                if done
+                else ""
+            ),
+        )
         return None
     output = proc.stdout + proc.stderr
     lines = [line for line in output.strip().splitlines() if line.strip()]

@@ -701,7 +701,11 @@ def test_the_gpu_tests_compile_the_search_only_with_compiled(monkeypatch):
     collected = []
     for command in commands:
         proc = subprocess.run(
-            [*command, "--collect-only"], cwd=SCRIPT.parents[1], capture_output=True, text=True, timeout=300
+            [*command, "--collect-only", "-q", "-q"],  # the command's -v, less two: node ids
+            cwd=SCRIPT.parents[1],
+            capture_output=True,
+            text=True,
+            timeout=300,
         )
         collected.append({line for line in proc.stdout.splitlines() if "::test_" in line})
     plain, compiled_run = collected
@@ -710,3 +714,37 @@ def test_the_gpu_tests_compile_the_search_only_with_compiled(monkeypatch):
         "test_the_compiled_search_on_the_gpu_captions_as_the_host_search"
     ]
     assert plain < compiled_run and len(plain) >= 8
+
+
+def test_gpu_tests_past_their_time_limit_name_the_tests_they_finished(monkeypatch):
+    """A ``pytest -m gpu`` run killed at its time limit (at most 150 s in a GPU check) keeps
+    what it finished: the skip's reason names each test it ran, with its outcome, from the
+    verbose lines pytest writes as each test ends. Those lines as the real command writes
+    them (here every gpu test skips: no CUDA) and as a fake run killed midway wrote them."""
+    sys.path.insert(0, str(SCRIPT.parent))
+    import gpu_check
+
+    written = []
+    real_run = subprocess.run  # gpu_check.subprocess is this module: patched below
+
+    def run(command, **kwargs):
+        proc = real_run(command, **kwargs)
+        written.append(proc.stdout)
+        return proc
+
+    def killed(command, **kwargs):
+        raise subprocess.TimeoutExpired(command, kwargs["timeout"], output=written[0].encode())
+
+    monkeypatch.setattr(gpu_check.subprocess, "run", run)
+    real = gpu_check.gpu_tests(gpu_check.Report(300.0), timeout_s=240)
+    assert real is not None and real["returncode"] == 0 and real["counts"].get("skipped", 0) >= 8
+    monkeypatch.setattr(gpu_check.subprocess, "run", killed)
+    report = gpu_check.Report(300.0)
+    assert gpu_check.gpu_tests(report, timeout_s=40) is None
+    (skip,) = report.data["skipped"]
+    assert skip["item"] == "pytest -m gpu" and skip["reason"].startswith(
+        "did not finish in 40 s; finished before: "
+    )
+    assert "test_torch_cuda_fp16 SKIPPED" in skip["reason"]
+    assert "test_cuda_graph_captions_on_the_gpu[True] SKIPPED" in skip["reason"]
+    assert skip["reason"].count(" SKIPPED") == real["counts"]["skipped"]
