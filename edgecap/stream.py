@@ -97,6 +97,7 @@ class Frame:
     timestamp: float
     image: ImageInput | InputError  # an InputError: a recording's frame that cannot be used
     color: str = "rgb"
+    name: str | None = None  # how an error names the frame (None: as the captioner names the image)
 
 
 @dataclass(frozen=True)
@@ -321,9 +322,14 @@ class CaptionStream:
                 frame.image, color=frame.color, return_attention=self.return_attention
             )
         except InputError as exc:
+            error = exc
+            if frame.name is not None and exc.source != frame.name:  # not "<bytes (100 bytes)>"
+                error = InputError(frame.name, exc.problem)
             if self.on_error == "raise":
-                raise
-            caption = exc
+                if error is exc:
+                    raise
+                raise error from exc
+            caption = error
         with self._lock:
             self._counts["failed" if isinstance(caption, InputError) else "captioned"] += 1
         return StreamEvent(
@@ -444,10 +450,11 @@ def _own_pixels(frame: Frame) -> Frame:
 def _as_frame(item, position: int, seconds: float, color: str) -> Frame:
     if isinstance(item, Frame):
         return item
-    from edgecap.recordings import Frame as RecordedFrame
+    from edgecap.recordings import Frame as RecordedFrame, seconds_text
 
     if isinstance(item, RecordedFrame):  # its topic's own index, its log time; RGB when an array
-        return Frame(index=item.index, timestamp=item.time_ns / 1e9, image=item.image)
+        name = f"{item.topic} at {seconds_text(item.time_ns)}"  # as edgecap caption --bag names it
+        return Frame(index=item.index, timestamp=item.time_ns / 1e9, image=item.image, name=name)
     return Frame(index=position, timestamp=seconds, image=item, color=color)
 
 

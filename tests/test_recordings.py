@@ -1032,14 +1032,22 @@ def test_a_recording_s_frames_go_through_caption_stream(tmp_path, captioner):
         ("/cam", IMAGE, T0, image_msg(store, "rgb8", CHELSEA, T0)),
         ("/cam", IMAGE, T0 + SECOND, image_msg(store, "16UC1", depth, T0)),
         ("/cam", IMAGE, T0 + 2 * SECOND, image_msg(store, "rgb8", COFFEE, T0)),
+        ("/jpeg", COMPRESSED, T0 + 3 * SECOND, compressed_msg(store, "jpeg", b"\xff\xd8 not a jpeg", T0)),
     ]
     with open_recording(write_recording(tmp_path, "mcap", messages)) as recording:
         events = list(caption_stream(captioner, recording.frames(), live=False, on_error="return"))
-    assert [(e.frame_index, e.timestamp) for e in events] == [(k, T0 / SECOND + k) for k in range(3)]
+        with pytest.raises(InputError) as raised:
+            list(caption_stream(captioner, recording.frames(["/jpeg"]), live=False))
+    expected_times = [T0 / SECOND + k for k in range(3)] + [T0 / SECOND + 3]
+    assert [(e.frame_index, e.timestamp) for e in events] == list(zip([0, 1, 2, 0], expected_times))
     assert events[0].caption.text == captioner.caption(CHELSEA).text
     assert events[2].caption.text == captioner.caption(COFFEE).text
     assert isinstance(events[1].caption, InputError)
     assert "a depth image (16UC1), not a picture to caption" in str(events[1].caption)
+    # a compressed frame that does not decode is named by its topic and log time, as
+    # ``edgecap caption --bag`` names it (not "<bytes (13 bytes)>"), returned or raised
+    assert isinstance(events[3].caption, InputError)
+    assert events[3].caption.source == raised.value.source == "/jpeg at 1700000003.000000000"
 
 
 def test_captions_for_a_topic_the_recording_lacks_are_refused_before_writing(tmp_path):
