@@ -565,13 +565,17 @@ def isolation_markdown(result: dict) -> str:
 # -- results -------------------------------------------------------------------------------------
 
 
+def number_text(v: float) -> str:
+    """A measured number as the results tables write it: 3 significant digits under 10, one
+    decimal under 1000, none above; NaN as "-"."""
+    if v != v:  # NaN
+        return "-"
+    return f"{v:.3g}" if abs(v) < 10 else f"{v:.1f}" if abs(v) < 1000 else f"{v:.0f}"
+
+
 def markdown_table(headers: list[str], rows: list[list]) -> str:
     def cell(v):
-        if isinstance(v, float):
-            if v != v:  # NaN
-                return "-"
-            return f"{v:.3g}" if abs(v) < 10 else f"{v:.1f}" if abs(v) < 1000 else f"{v:.0f}"
-        return str(v)
+        return number_text(v) if isinstance(v, float) else str(v)
 
     lines = ["| " + " | ".join(headers) + " |", "|" + "---|" * len(headers)]
     lines += ["| " + " | ".join(cell(v) for v in row) + " |" for row in rows]

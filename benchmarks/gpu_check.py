@@ -1091,10 +1091,7 @@ def _figure(target: dict) -> str:
     """A target's measured figure as the report writes it: a share (a limit under 1) in
     percent, ms and captions/s as the tables write numbers; its detail beside it."""
     v, detail = target["value"], target.get("detail")
-    if target["limit"] < 1:
-        text = f"{v:.1%}"
-    else:  # as C.markdown_table writes a float
-        text = f"{v:.3g}" if abs(v) < 10 else f"{v:.1f}" if abs(v) < 1000 else f"{v:.0f}"
+    text = f"{v:.1%}" if target["limit"] < 1 else C.number_text(v)
     return text + (f" ({detail})" if detail else "")
 
 

@@ -33,7 +33,7 @@ from edgecap.backends._checks import check_threads
 from edgecap.backends.base import Backend
 from edgecap.confidence import ConfidenceModel, object_words, signals
 from edgecap.contract import Limits
-from edgecap.decoding import CaptionOptions, Hypothesis, fusion_weight, search
+from edgecap.decoding import CaptionOptions, Hypothesis, fusion_weight, length_normalised, search
 from edgecap.decoding.fusion import Fusion
 from edgecap.errors import InputError, ModelError
 from edgecap.images import (
@@ -606,8 +606,9 @@ class Captioner:
             # the signals are per word, as the confidence model was fitted on them: a GNMT length
             # penalty's scores (``length_normalised``) are brought back to the mean per word
             length = max(len(hyp.tokens) + hyp.finished, 1)
-            penalty = self.options.length_penalty
-            per_word = 1.0 if penalty is None else ((5.0 + length) / 6.0) ** penalty / length
+            per_word = length_normalised(1.0, length, None) / length_normalised(
+                1.0, length, self.options.length_penalty
+            )
             x = signals(
                 hyp.tokens,
                 hyp.score * per_word,

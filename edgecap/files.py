@@ -50,6 +50,12 @@ def kind_of(mode: int) -> str:
     return "not a regular file"
 
 
+def write_problem(exc: OSError, path: object) -> str:
+    """A folder or file that could not be made or written, as ``PATH: why`` (the error's own
+    file name, else ``path``): a file in the way, no permission, a full disk."""
+    return f"{exc.filename or path}: {exc.strerror or exc}"
+
+
 def os_problem(exc: BaseException) -> str:
     """Why a file could not be read, in a few words ("no such file", "permission denied")."""
     if isinstance(exc, FileNotFoundError):

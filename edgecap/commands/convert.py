@@ -50,6 +50,7 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
 def run(args: argparse.Namespace) -> int:
     from edgecap.build.convert import compare_stages, convert_model_dir
     from edgecap.contract import ROLES
+    from edgecap.files import write_problem
     from edgecap.manifest import load_manifest
 
     try:
@@ -60,7 +61,7 @@ def run(args: argparse.Namespace) -> int:
         print(f"edgecap convert: error: {exc}", file=sys.stderr)
         return 2
     except OSError as exc:  # OUT_DIR cannot be made or written: a file in the way, a full disk
-        print(f"edgecap convert: error: {exc.filename or args.out}: {exc.strerror or exc}", file=sys.stderr)
+        print(f"edgecap convert: error: {write_problem(exc, args.out)}", file=sys.stderr)
         return 2
     print(f"wrote {args.precision} model to {manifest.directory}")
     for role in ROLES:

@@ -36,10 +36,10 @@ def run(args: argparse.Namespace) -> int:
 
         raise BackendError(f"export needs PyTorch and onnx: {install_hint('export')} ({exc})") from exc
     from edgecap.errors import ModelError
+    from edgecap.files import FileProblem, read_json, write_problem
 
     extra = {}
     if args.metrics:  # a regular file under a ceiling (a pipe would hang the export)
-        from edgecap.files import FileProblem, read_json
         from edgecap.training.records import MAX_SMALL_BYTES, shown
 
         try:
@@ -49,7 +49,7 @@ def run(args: argparse.Namespace) -> int:
     try:
         manifest = export_model(args.checkpoint, args.out, name=args.name, extra_info=extra, force=args.force)
     except OSError as exc:  # --out cannot be made or written: no permission, a full disk
-        print(f"edgecap export: error: {exc.filename or args.out}: {exc.strerror or exc}", file=sys.stderr)
+        print(f"edgecap export: error: {write_problem(exc, args.out)}", file=sys.stderr)
         return 2
     print(
         json.dumps(

@@ -11,6 +11,7 @@ from dataclasses import fields
 from pathlib import Path
 
 from edgecap.data.folder import DEFAULT_DEV_FRACTION
+from edgecap.files import write_problem
 from edgecap.models.config import ENCODERS, DecoderConfig
 from edgecap.training.config import PRECISIONS, ScstConfig, TrainConfig, check_folders
 
@@ -331,7 +332,7 @@ def run(args: argparse.Namespace) -> int:
     try:
         best = run_training(cfg)
     except OSError as exc:  # a folder that cannot be made or written (--out, --cache-dir), a full disk
-        print(f"edgecap train: error: {exc.filename or args.out}: {exc.strerror or exc}", file=sys.stderr)
+        print(f"edgecap train: error: {write_problem(exc, args.out)}", file=sys.stderr)
         return 2
     left_out = _left_out(best)
     print(json.dumps({"best_checkpoint": str(best), **({"left_out": left_out} if left_out else {})}))

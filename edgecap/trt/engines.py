@@ -57,20 +57,12 @@ def role_precisions(manifest: Manifest, precision: str, fp32_encoder: bool | Non
     (docs/gpu-search.md). ``fp32_encoder=False``: the encoder in FP16 as well, for speed."""
     if precision not in PRECISIONS:
         raise ValueError(f"precision must be one of {PRECISIONS}, not {precision!r}")
-    if manifest.precision == "int8":  # refused as such, whatever the encoder (onnx_for_build)
-        raise ModelError(
-            f"{manifest.directory}: TensorRT engines are built from an fp32 or fp16 model directory, not int8"
-        )
+    check_buildable(manifest, precision)  # before TensorRT is looked for
     if precision == "fp32":
         if fp32_encoder:
             raise ValueError(
                 "fp32_encoder=True goes with fp16 engines (an FP16 decoder step behind an FP32 "
                 "encoder); fp32 engines are FP32 already"
-            )
-        if manifest.precision != "fp32":  # said before TensorRT is looked for (onnx_for_build too)
-            raise ModelError(
-                f"{manifest.directory} is {manifest.precision}; "
-                "build fp32 engines from the fp32 model directory"
             )
         return {role: "fp32" for role in ROLES}
     if fp32_encoder is None:
@@ -81,6 +73,20 @@ def role_precisions(manifest: Manifest, precision: str, fp32_encoder: bool | Non
             "the fp32 model directory; build from that one, or set fp32_encoder=False"
         )
     return {ENCODER: "fp32" if fp32_encoder else "fp16", DECODER_STEP: "fp16"}
+
+
+def check_buildable(manifest: Manifest, precision: str) -> None:
+    """A ``ModelError`` for a model directory no engine of ``precision`` is built from: an int8
+    one (whatever the encoder), and for fp32 engines one that is not FP32 (its FP16 weights would
+    be filed under fp32)."""
+    if manifest.precision == "int8":
+        raise ModelError(
+            f"{manifest.directory}: TensorRT engines are built from an fp32 or fp16 model directory, not int8"
+        )
+    if precision == "fp32" and manifest.precision != "fp32":
+        raise ModelError(
+            f"{manifest.directory} is {manifest.precision}; build fp32 engines from the fp32 model directory"
+        )
 
 
 def precision_label(precisions: dict[str, str]) -> str:
@@ -195,14 +201,7 @@ def onnx_for_build(
     constant chains folded (``edgecap.build.convert.fold_constants``: TensorRT's parser wants
     stored constants where the exporter left small computations), converted to FP16 first for a
     strongly typed FP16 build of an FP32 model."""
-    if manifest.precision == "int8":
-        raise ModelError(
-            f"{manifest.directory}: TensorRT engines are built from an fp32 or fp16 model directory, not int8"
-        )
-    if precision == "fp32" and manifest.precision != "fp32":
-        raise ModelError(
-            f"{manifest.directory} is {manifest.precision}; build fp32 engines from the fp32 model directory"
-        )
+    check_buildable(manifest, precision)
     to_half = precision == "fp16" and manifest.precision == "fp32" and mode != "flag"
     kind = "fp16" if to_half else manifest.precision
     prepared = cache_dir / f"{role}-{model_hash(manifest, role)[:16]}-{kind}-folded.onnx"
