@@ -231,12 +231,17 @@ class Recording:
         """The image messages of ``topics`` (None: every image topic) in log-time order, at most
         one per ``every`` seconds of log time on each topic (None: all). A message that cannot
         be used is a ``Frame`` whose ``image`` is its ``InputError``. A recording that breaks
-        while it is read raises ``RecordingError``."""
+        while it is read raises ``RecordingError``. Checked here, not when the frames are first
+        asked for: a topic the recording has no images on (``RecordingError``) and an ``every``
+        that is not None or a positive number of seconds (``ValueError``)."""
         from edgecap.stream import _Sampler  # the sampling grid of --video's --every
 
         chosen = self.check_topics(topics)
-        connections = [c for c in self.connections if c.topic in chosen]
         samplers = {topic: _Sampler(every) for topic in chosen}
+        return self._frames(chosen, samplers)
+
+    def _frames(self, chosen: list[str], samplers: dict) -> Iterator[Frame]:
+        connections = [c for c in self.connections if c.topic in chosen]
         counts = dict.fromkeys(chosen, 0)
         # a recording defines its own types: one whose sensor_msgs/Image lacks the standard
         # fields (or has them with other types) gives frames that each carry that problem

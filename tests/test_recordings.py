@@ -7,6 +7,7 @@ copies read back with rosbags' own reader. Expected captions come from ``Caption
 from __future__ import annotations
 
 import json
+import re
 import subprocess
 from pathlib import Path
 
@@ -343,7 +344,10 @@ def test_every_samples_each_topic_on_its_own_grid(tmp_path):
 @pytest.mark.parametrize("every", [0, 0.0, -1.0, float("nan"), "1"])
 def test_an_every_that_is_not_a_positive_number_is_a_value_error(tmp_path, every):
     """``frames(every=...)`` is held to ``caption_stream``'s rule: 0 was a ZeroDivisionError
-    from the sampling grid, a negative interval gave no frame at all, without a word."""
+    from the sampling grid, a negative interval gave no frame at all, without a word. The error
+    comes from the call, naming the value, as ``caption_stream``'s does: ``frames`` handed on
+    to other code (``caption_stream(captioner, recording.frames(every=0))``) was a generator
+    that raised only when first iterated, far from the mistake."""
     store = store_for("mcap")
     messages = [
         ("/a", "sensor_msgs/msg/Image", T0 + k * SECOND, image_msg(store, "mono8", GRAY, T0))
@@ -352,9 +356,12 @@ def test_an_every_that_is_not_a_positive_number_is_a_value_error(tmp_path, every
     bag = write_recording(tmp_path, "mcap", messages)
     with (
         open_recording(bag) as recording,
-        pytest.raises(ValueError, match="every must be None or a positive number"),
+        pytest.raises(
+            ValueError,
+            match=re.escape(f"every must be None or a positive number of seconds, got {every!r}"),
+        ),
     ):
-        list(recording.frames(every=every))
+        recording.frames(every=every)
 
 
 # -- whole-recording problems: one line, exit 2 -------------------------------------------------
@@ -812,11 +819,12 @@ def test_a_copy_over_a_file_or_into_a_missing_folder_is_refused_before_writing(t
 
 
 def test_a_topic_the_recording_lacks_is_named_with_the_image_topics(tmp_path):
+    """Refused by the call to ``frames``, not when its frames are first asked for."""
     with open_recording(three_frames(tmp_path, "mcap")) as recording:
         with pytest.raises(
             RecordingError, match=r"topic /cam/left is not in the recording; image topics: /cam$"
         ):
-            list(recording.frames(["/cam/left"]))
+            recording.frames(["/cam/left"])
 
 
 def test_compressed_depth_and_empty_compressed_frames_carry_their_error(tmp_path):
