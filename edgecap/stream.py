@@ -233,7 +233,9 @@ class CaptionStream:
         self._started: float | None = None
         self._ended: float | None = None
         self._started_iterating = False
-        self._reading = False  # ``_read`` has begun: it closes the source when it ends
+        # the source is taken, once, under the lock, by the one side that closes it: ``_read`` as
+        # it begins (it closes the source when it ends), or ``close()`` before any reading
+        self._source_taken = False
         # weakly held: a strong reference would make a cycle (the generator's frame holds self),
         # and leaving a for loop early must close the generator, and the camera, at once
         self._events: weakref.ref | None = None
@@ -265,7 +267,9 @@ class CaptionStream:
             # woken now, whether or not the camera gives another frame), and it closes the source
             with self._lock:
                 self._lock.notify_all()
-        if not self._reading:  # never read (not iterated, or its loop never begun: closing a
+        with self._lock:
+            close_here, self._source_taken = not self._source_taken, True
+        if close_here:  # never read (not iterated, or its loop never begun: closing a
             # generator that never started runs none of its code): the source may hold a camera
             # or file open
             close = getattr(self.frames, "close", None)
@@ -281,8 +285,13 @@ class CaptionStream:
     # -- reading -----------------------------------------------------------------------------
     def _read(self) -> Generator[tuple[Frame, float], None, None]:
         """The source's frames that pass sampling, each with the perf_counter time it was read.
-        Counts frames and skips; closes the source when done or stopped."""
-        self._reading = True
+        Counts frames and skips; closes the source when done or stopped. Nothing (the source
+        untouched) when ``close()`` has taken it first: another thread's ``close()`` after the
+        loop began, before this began."""
+        with self._lock:
+            if self._source_taken:
+                return
+            self._source_taken = True
         sampler = _Sampler(self.every)
         source = iter(self.frames)
         try:

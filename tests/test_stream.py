@@ -306,6 +306,72 @@ def test_close_from_another_thread_between_events_ends_the_loop_without_an_error
     assert closed.wait(DEADLOCK_GUARD_S), "the camera is still open"
 
 
+class SdkCamera:
+    """A camera SDK's frame source (its own iterator): counts its opens (``iter``), reads and
+    closes. Such an SDK's close frees a device handle: it must be called once, by one side."""
+
+    def __init__(self):
+        self.opens = self.reads = self.closes = 0
+
+    def __iter__(self):
+        self.opens += 1
+        return self
+
+    def __next__(self):
+        self.reads += 1
+        return self.reads - 1
+
+    def close(self):
+        self.closes += 1
+
+
+@pytest.mark.parametrize("live", [True, False])
+def test_close_from_another_thread_before_the_first_read_closes_the_source_once(live, monkeypatch):
+    """A shutdown hook calls ``close()`` from another thread after the loop has begun (the live
+    reader thread started; the in-order loop asking for its first frame) but before the stream's
+    reading (``_read``) has begun: ``close()`` closes the camera, the reading that begins after
+    it must not open, read or close it again. Before, both closed it (``close()`` saw reading not
+    yet begun; the reading then began, saw the stop and closed the source in its ``finally``).
+    The window is a few bytecodes wide; the gate in front of ``_read`` holds it open."""
+    monkeypatch.setattr("edgecap.stream.READER_JOIN_S", DEADLOCK_GUARD_S)
+    camera = SdkCamera()
+    stream = caption_stream(FakeCaptioner(), camera, live=live)
+    about_to_read, go_on = threading.Event(), threading.Event()
+    read = stream._read
+
+    def gated_read():  # the thread that will read waits here, before _read's first line
+        about_to_read.set()
+        assert go_on.wait(DEADLOCK_GUARD_S)
+        yield from read()
+
+    stream._read = gated_read
+    events: list = []
+    loop = threading.Thread(target=lambda: events.extend(stream))
+    loop.start()
+    try:
+        assert about_to_read.wait(DEADLOCK_GUARD_S)
+        stream.close()
+        assert (camera.opens, camera.reads, camera.closes) == (0, 0, 1)
+    finally:
+        go_on.set()
+        loop.join(DEADLOCK_GUARD_S)
+    assert not loop.is_alive() and events == []
+    assert (camera.opens, camera.reads, camera.closes) == (0, 0, 1)
+
+
+@pytest.mark.parametrize("live", [True, False])
+def test_a_stream_closed_before_its_loop_closes_its_source_once(live):
+    """``close()`` twice (``safe to call more than once``: a shutdown hook, then the end of a
+    ``with`` block), then the loop: the camera is closed once and never read; the loop gives no
+    event. Before, each ``close()`` closed the camera and the loop opened and closed it again."""
+    camera = SdkCamera()
+    stream = caption_stream(FakeCaptioner(), camera, live=live)
+    stream.close()
+    stream.close()
+    assert list(stream) == []
+    assert (camera.opens, camera.reads, camera.closes) == (0, 0, 1)
+
+
 @pytest.mark.parametrize("live", [True, False])
 def test_source_errors_reach_the_caller(live):
     def broken():
