@@ -442,6 +442,35 @@ def test_force_over_a_converted_model_leaves_none_of_its_decoding_files(fp32_dir
     assert not list(out.glob("*.npz"))  # nor the language models' files the fusion.json named
 
 
+@pytest.mark.parametrize("precision", ["fp16", "int8"])
+def test_force_stopped_before_the_new_graphs_are_written_leaves_the_earlier_model_whole(
+    small_model, tmp_path, monkeypatch, precision
+):
+    """--force over a folder holding a converted model with fused LMs and a confidence model,
+    stopped (Ctrl-C) before any of the new model's graphs is written: the folder is the earlier
+    model byte for byte. Its graphs and manifest untouched, it still loads; without its
+    fusion.json, .npz files and confidence.json it captioned silently without the everyday
+    language (docs/precision.md: everyday CIDEr 0.42 -> 0.30) and gave no confidence."""
+    from edgecap.build import convert
+
+    out = tmp_path / "out"
+    convert_model_dir(_with_decoding_files(small_model, tmp_path / "with"), out, "fp16")
+    before = {p.name: p.read_bytes() for p in out.iterdir()}
+    assert {"fusion.json", "lm_everyday.npz", "lm_in_domain.npz", "confidence.json"} <= set(before)
+
+    def interrupted(*args, **kwargs):
+        raise KeyboardInterrupt
+
+    # the first graph's conversion: fp16's converter, int8's dynamic quantisation of the step
+    if precision == "fp16":
+        monkeypatch.setattr(convert, "to_fp16", interrupted)
+    else:
+        monkeypatch.setattr("onnxruntime.quantization.quantize_dynamic", interrupted)
+    with pytest.raises(KeyboardInterrupt):
+        convert_model_dir(small_model, out, precision, force=True)  # a model without them
+    assert {p.name: p.read_bytes() for p in out.iterdir()} == before
+
+
 # -- quick checks on a contract-shaped model built with onnx helpers -------------------------
 
 

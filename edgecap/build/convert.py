@@ -326,27 +326,30 @@ def _check_graph_io(original, converted, path: Path) -> None:
 
 
 def _prepare_out_dir(source: Manifest, out: Path, force: bool) -> None:
-    from edgecap.confidence import CONFIDENCE_FILE
-    from edgecap.decoding.fusion import remove_fusion
-
     if out.resolve() == source.directory.resolve():
         raise ModelError(f"{out}: the output directory must differ from the model directory")
     if out.exists() and any(out.iterdir()) and not force:
         raise ModelError(
             f"{out}: directory exists and is not empty; choose another --out or pass --force to overwrite"
         )
-    kept = decoding_files(source)  # a broken one is refused before anything is written
+    decoding_files(source)  # a broken one is refused before anything is written
     out.mkdir(parents=True, exist_ok=True)
-    # --force: an earlier model's would be loaded (its language models' files: left behind)
-    remove_fusion(out)  # the source's, when it has one, are copied in after
-    if CONFIDENCE_FILE not in kept:
-        (out / CONFIDENCE_FILE).unlink(missing_ok=True)
 
 
 def _write_manifest(source: Manifest, out: Path, precision: str, note: dict) -> Manifest:
+    from edgecap.confidence import CONFIDENCE_FILE
+    from edgecap.decoding.fusion import remove_fusion
+
     for role in (VOCAB, CLASSES):  # the JSON files come along unchanged
         shutil.copy2(source.path(role), out / source.files[role])
-    for name in decoding_files(source):
+    kept = decoding_files(source)
+    # --force: an earlier model's would be loaded with this one (its language models' files:
+    # left behind). Removed only now, the new graphs written: a conversion stopped before then
+    # (Ctrl-C, a refused graph) leaves the earlier model whole, not silently without them.
+    remove_fusion(out)  # the source's, when it has one, are copied in after
+    if CONFIDENCE_FILE not in kept:
+        (out / CONFIDENCE_FILE).unlink(missing_ok=True)
+    for name in kept:
         shutil.copy2(Path(source.directory) / name, out / name)
     sha = {role: file_sha256(out / source.files[role]) for role in FILE_ROLES}
     info = dict(source.info)
