@@ -2129,6 +2129,41 @@ def test_fake_build_command_line_flags_reach_the_engines(monkeypatch, tmp_path, 
     assert not list((tmp_path / "from-broken").glob("*.engine"))
 
 
+def test_fake_build_refuses_a_batch_no_command_runs_before_any_work(
+    monkeypatch, tmp_path, model_dir, device, capsys
+):
+    """``edgecap build --max-batch N`` above 64, edgecap caption's largest --batch-size (its
+    --help: "1 to 64"; no command runs a larger batch), is exit 2 and one line naming the flag
+    and its range, as caption says it for --batch-size, with nothing written to the engine
+    cache (the graphs were prepared there and engines of 10**12 images asked of TensorRT);
+    64 itself is built, and --help states the range."""
+    import re
+
+    from edgecap.cli import main
+
+    install(monkeypatch, "10.3.0.30", device)
+    monkeypatch.setattr("edgecap.trt.cuda.open_device", lambda: device)
+    for n in ("65", str(10**12)):
+        out = tmp_path / n
+        assert main(["build", "--model", str(model_dir), "--out", str(out), "--max-batch", n]) == 2
+        assert capsys.readouterr().err == (
+            "edgecap build: error: --max-batch must be between 1 and 64 (edgecap caption's largest "
+            f"--batch-size), got {n}\n"
+        )
+        assert not out.exists()
+    out = tmp_path / "64"
+    assert (
+        main(["build", "--model", str(model_dir), "--out", str(out), "--max-batch", "64", "--max-beam", "1"])
+        == 0
+    )
+    assert sorted(p.name.rsplit("-", 1)[1] for p in out.glob("*.engine")) == ["b64.engine", "b64k1.engine"]
+    capsys.readouterr()
+    with pytest.raises(SystemExit):
+        main(["build", "--help"])
+    usage = " ".join(capsys.readouterr().out.split())
+    assert re.search(r"--max-batch N most images per batch the engines accept, 1 to 64\b", usage), usage
+
+
 def test_fp32_engines_of_an_fp16_model_directory_are_refused_before_tensorrt_is_looked_for(
     monkeypatch, model_dir
 ):

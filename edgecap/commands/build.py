@@ -12,7 +12,7 @@ import argparse
 import sys
 from pathlib import Path
 
-from edgecap.commands._options import ENGINE, ENGINE_BEYOND, MAX_BEAM, renamed
+from edgecap.commands._options import ENGINE, ENGINE_BEYOND, MAX_BATCH_SIZE, MAX_BEAM, renamed
 from edgecap.trt import STRONGLY_TYPED_FP16_FROM
 
 
@@ -43,7 +43,8 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
         type=int,
         default=ENGINE.max_batch,
         metavar="N",
-        help="most images per batch the engines accept (edgecap caption's --batch-size)",
+        help=f"most images per batch the engines accept, 1 to {MAX_BATCH_SIZE} (edgecap "
+        "caption's --batch-size, which goes up to that)",
     )
     parser.add_argument(
         "--max-beam",
@@ -76,6 +77,16 @@ def run(args: argparse.Namespace) -> int:
     except ValueError as exc:
         flags = {"max_batch": "--max-batch", "max_beam": "--max-beam"}
         print(f"edgecap build: error: {renamed(str(exc), flags)}", file=sys.stderr)
+        return 2
+    # caption, eval, serve and Captioner run at most MAX_BATCH_SIZE images a batch (CaptionOptions
+    # refuses a larger batch_size), so an engine for more is never needed; without this bound a
+    # huge N reached TensorRT's builder as a profile, the graphs already prepared in the cache
+    if args.max_batch > MAX_BATCH_SIZE:
+        print(
+            f"edgecap build: error: --max-batch must be between 1 and {MAX_BATCH_SIZE} (edgecap "
+            f"caption's largest --batch-size), got {args.max_batch}",
+            file=sys.stderr,
+        )
         return 2
     top_k = manifest.dims.top_k
     if args.max_beam > 2 * top_k:  # a constrained search takes 2 x its beam (at most top_k)
