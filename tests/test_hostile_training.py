@@ -919,6 +919,42 @@ def test_a_feature_cache_that_cannot_be_made_is_one_line_and_exit_2(tmp_path, fo
     assert not out.exists()
 
 
+@torch_needed
+def test_a_full_disk_error_that_names_no_file_does_not_blame_out(tmp_path, folder_data, capsys, monkeypatch):
+    """A full disk met while writing to an open file is an OSError with no file name (what
+    Path.write_text raised for the feature cache's JSON on a full 64 KiB tmpfs): the one line
+    says the system's reason and both folders the run writes to (--out, and the feature cache:
+    --cache-dir, else OUT/../.feature-cache), not '--out: No space left on device' when --out
+    was on another disk with room (it had not even been made). An error that names its file
+    still names it."""
+    import errno
+
+    import edgecap.training.train as training
+    from edgecap.cli import main
+
+    error = OSError(errno.ENOSPC, "No space left on device")
+
+    def full_disk(cfg, *args, **kwargs):
+        raise error
+
+    monkeypatch.setattr(training, "train", full_disk)
+    out, cache = tmp_path / "run", tmp_path / "full" / "cache"
+    argv = ["train", "--data", str(folder_data), "--out", str(out), "--no-progress"]
+    assert main([*argv, "--cache-dir", str(cache)]) == 2
+    assert capsys.readouterr().err == (
+        "edgecap train: error: No space left on device (the error names no file; the run writes "
+        f"to --out {out} and the feature cache {cache})\n"
+    )
+    assert main(argv) == 2
+    assert capsys.readouterr().err.endswith(f"and the feature cache {tmp_path / '.feature-cache'})\n")
+    error.filename = str(cache / "plan.json.tmp")
+    assert main(argv) == 2
+    assert (
+        capsys.readouterr().err
+        == f"edgecap train: error: {cache / 'plan.json.tmp'}: No space left on device\n"
+    )
+
+
 def _no_training(monkeypatch) -> list:
     """``edgecap train`` with its training replaced: the configs it would have run with."""
     import edgecap.training.train as training

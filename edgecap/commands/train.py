@@ -13,7 +13,7 @@ from pathlib import Path
 from edgecap.data.folder import DEFAULT_DEV_FRACTION
 from edgecap.files import write_problem
 from edgecap.models.config import ENCODERS, DecoderConfig
-from edgecap.training.config import PRECISIONS, ScstConfig, TrainConfig, check_folders
+from edgecap.training.config import PRECISIONS, ScstConfig, TrainConfig, check_folders, feature_cache
 
 # The defaults are the configurations' own (torch-free modules), never written again here.
 TRAIN = {f.name: f.default for f in fields(TrainConfig)}
@@ -332,7 +332,14 @@ def run(args: argparse.Namespace) -> int:
     try:
         best = run_training(cfg)
     except OSError as exc:  # a folder that cannot be made or written (--out, --cache-dir), a full disk
-        print(f"edgecap train: error: {write_problem(exc, args.out)}", file=sys.stderr)
+        problem = write_problem(exc, args.out)
+        if exc.filename is None:  # a write to an open file (a full disk): either folder may hold it
+            cache = feature_cache(args.out, args.cache_dir)
+            problem = (
+                f"{exc.strerror or exc} (the error names no file; the run writes to --out "
+                f"{args.out} and the feature cache {cache})"
+            )
+        print(f"edgecap train: error: {problem}", file=sys.stderr)
         return 2
     left_out = _left_out(best)
     print(json.dumps({"best_checkpoint": str(best), **({"left_out": left_out} if left_out else {})}))

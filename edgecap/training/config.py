@@ -40,10 +40,15 @@ def _check_common(cfg) -> None:
     _check("seed", cfg.seed, 0, MAX_SEED, integer=True)
 
 
+def feature_cache(out: str, cache_dir: str | None) -> Path:
+    """The feature cache's folder: ``cache_dir``, else OUT/../.feature-cache."""
+    return Path(cache_dir) if cache_dir else Path(out).parent / ".feature-cache"
+
+
 def check_folders(out: str, cache_dir: str | None, names: tuple[str, str] = ("out", "cache_dir")) -> None:
     """``ValueError`` unless ``out`` and the feature cache can be folders: each is a folder or
     does not exist yet, below a folder (nothing is created here)."""
-    cache = Path(cache_dir) if cache_dir else Path(out).parent / ".feature-cache"
+    cache = feature_cache(out, cache_dir)
     for flag, path in zip(names, (Path(out), cache)):
         existing = path
         while not os.path.lexists(existing) and existing != existing.parent:
