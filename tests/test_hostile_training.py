@@ -10,6 +10,7 @@ Every hostile file is built here, in tmp_path; photos are generated.
 
 from __future__ import annotations
 
+import contextlib
 import csv
 import json
 import os
@@ -952,6 +953,60 @@ def test_a_full_disk_error_that_names_no_file_does_not_blame_out(tmp_path, folde
     assert (
         capsys.readouterr().err
         == f"edgecap train: error: {cache / 'plan.json.tmp'}: No space left on device\n"
+    )
+
+
+@contextlib.contextmanager
+def _file_size_limit(limit: int):
+    """Files of this process limited to ``limit`` bytes (RLIMIT_FSIZE): a write past it fails
+    with EFBIG ('File too large'), a real I/O error of a write to an open file, as a full disk
+    gives one (SIGXFSZ ignored meanwhile, as it would end the process)."""
+    import resource
+    import signal
+
+    soft, hard = resource.getrlimit(resource.RLIMIT_FSIZE)
+    handler = signal.signal(signal.SIGXFSZ, signal.SIG_IGN)
+    resource.setrlimit(resource.RLIMIT_FSIZE, (limit, hard))
+    try:
+        yield
+    finally:
+        resource.setrlimit(resource.RLIMIT_FSIZE, (soft, hard))
+        signal.signal(signal.SIGXFSZ, handler)
+
+
+@torch_needed
+def test_a_checkpoint_write_that_fails_is_an_os_error_naming_the_file(
+    tmp_path, folder_data, capsys, monkeypatch
+):
+    """A checkpoint's tensors that cannot be written (a full disk; here a write past the file
+    size limit, which fails as a full disk does) are an OSError naming the file, which edgecap
+    train reports in one line: safetensors' own save_file raised its SafetensorError ('Error
+    while serializing: I/O error: No space left on device (os error 28)', on a full 64 KiB
+    tmpfs), which the command let through as a traceback."""
+    import errno
+
+    import torch
+
+    import edgecap.training.train as training
+    from edgecap.cli import main
+    from edgecap.models.checkpoint import save_tensors
+
+    target = tmp_path / "model.safetensors"
+    with _file_size_limit(4096), pytest.raises(OSError) as raised:
+        save_tensors({"w": torch.zeros(10_000)}, target)  # 40 kB of float32
+    assert (raised.value.errno, raised.value.filename) == (errno.EFBIG, str(target))
+
+    def train_then_save(cfg, *args, **kwargs):
+        folder = Path(cfg.out) / "last"
+        folder.mkdir(parents=True)
+        with _file_size_limit(4096):
+            save_tensors({"w": torch.zeros(10_000)}, folder / "model.safetensors")
+
+    monkeypatch.setattr(training, "train", train_then_save)
+    out = tmp_path / "run"
+    assert main(["train", "--data", str(folder_data), "--out", str(out), "--no-progress"]) == 2
+    assert capsys.readouterr().err == (
+        f"edgecap train: error: {out / 'last' / 'model.safetensors'}: File too large\n"
     )
 
 

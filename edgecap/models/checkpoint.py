@@ -22,7 +22,8 @@ import shutil
 from collections.abc import Callable, Iterator
 from pathlib import Path
 
-from safetensors.torch import load_file, save_file
+from safetensors.torch import load_file
+from safetensors.torch import save as serialise
 
 from edgecap.commands.output import escape_field
 from edgecap.errors import ModelError
@@ -35,6 +36,22 @@ from edgecap.training.records import read_record, safetensors_shapes, shown
 from edgecap.vocab import Vocabulary
 
 FORMAT = "edgecap-checkpoint/1"
+
+
+def save_tensors(tensors: dict, path: Path) -> None:
+    """``tensors`` written to ``path`` as a safetensors file. Serialised here and written by
+    Python, not by ``safetensors.torch.save_file``: its I/O errors (a full disk, no permission)
+    are a ``SafetensorError`` whose only trace of the cause is its text, where these are the
+    ``OSError`` the commands report in one line, always naming ``path``."""
+    data = serialise(tensors)
+    try:
+        with open(path, "wb") as f:
+            f.write(data)
+    except OSError as exc:
+        if exc.filename is not None:
+            raise
+        # a write to the open file (a full disk) names no file
+        raise OSError(exc.errno, exc.strerror, str(path)) from exc
 
 
 def save_checkpoint(
@@ -63,7 +80,7 @@ def _write_checkpoint(directory, decoder, vocab, pre, info, encoder, encoder_nam
         tensors.update(
             {f"encoder.{k}": v.detach().cpu().contiguous() for k, v in encoder.state_dict().items()}
         )
-    save_file(tensors, str(directory / "model.safetensors"))
+    save_tensors(tensors, directory / "model.safetensors")
     vocab.save(directory / "vocab.json")
     meta = {
         "format": FORMAT,

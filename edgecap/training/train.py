@@ -37,7 +37,7 @@ from edgecap.errors import BackendError, ModelError
 from edgecap.evaluation.metrics import score
 from edgecap.files import FileProblem, read_regular
 from edgecap.images import load_rgb
-from edgecap.models.checkpoint import recover, save_checkpoint
+from edgecap.models.checkpoint import recover, save_checkpoint, save_tensors
 from edgecap.models.config import encoder_spec
 from edgecap.models.decoder import CaptionDecoder
 from edgecap.models.efficientnet_lite import EfficientNetLite, as_regions, load_pretrained
@@ -429,10 +429,8 @@ def train(cfg: TrainConfig, log=print) -> Path:
     def resumable(folder: Path) -> None:  # last's training-only files, replaced with it
         _save_optimizer(optimizer, folder / "optimizer.safetensors", folder / "optimizer.json")
         if no_image is not None:
-            from safetensors.torch import save_file
-
-            save_file(
-                {k: v.detach().cpu() for k, v in no_image.state_dict().items()}, str(folder / NO_IMAGE_FILE)
+            save_tensors(
+                {k: v.detach().cpu() for k, v in no_image.state_dict().items()}, folder / NO_IMAGE_FILE
             )
 
     for epoch in range(first, cfg.epochs + 1):
@@ -719,8 +717,6 @@ def _tail_features(encoder, split_at: int, maps: np.ndarray, batch_size: int = 1
 
 
 def _save_optimizer(optimizer, tensor_path: Path, meta_path: Path) -> None:
-    from safetensors.torch import save_file
-
     sd = optimizer.state_dict()
     tensors, scalars = {}, {}
     for pid, st in sd["state"].items():
@@ -729,7 +725,7 @@ def _save_optimizer(optimizer, tensor_path: Path, meta_path: Path) -> None:
                 tensors[f"{pid}.{k}"] = v.detach().cpu().contiguous()
             else:
                 scalars[f"{pid}.{k}"] = v
-    save_file(tensors, str(tensor_path))
+    save_tensors(tensors, tensor_path)
     meta_path.write_text(json.dumps({"param_groups": sd["param_groups"], "scalars": scalars}))
 
 
