@@ -624,6 +624,24 @@ def test_ptb_tokenizer_scores_are_the_metrics_worked_by_hand(recwarn):
     assert not [w for w in recwarn if "tokenizer" in str(w.message)]
 
 
+@needs_java
+def test_ptb_tokenizer_keeps_each_caption_with_its_image_across_line_breaks(recwarn):
+    """A reference caption of one's own may hold a carriage return (a caption edited on
+    Windows), a vertical tab, a form feed or a Unicode line or paragraph separator; Java's
+    PTBTokenizer ends a line at each of them, where pycocoevalcap replaces only "\n". Each is a
+    space between two words, so every caption here is its hypothesis word for word: BLEU-1 and
+    ROUGE-L 1. Before the fix "a cat" became image 0's reference, "sits on a mat" image 1's and
+    so on down the list, every later image scored against another's caption."""
+    breaks = ["\r", "\r\n", "\x0b", "\x0c", "\u2028", "\u2029"]
+    refs = {i: [f"a cat{b}sits on a mat {i}"] for i, b in enumerate(breaks)}
+    refs[len(breaks)] = ["the last dog runs"]
+    hyps = {i: f"a cat sits on a mat {i}" for i in range(len(breaks))}
+    hyps[0] = "a cat\u2028sits on a mat 0"  # a library caller's hypothesis likewise
+    hyps[len(breaks)] = "the last dog runs"
+    got = metrics.score(refs, hyps, tokenizer="ptb", metrics=("BLEU-1", "ROUGE-L"))
+    assert (got["BLEU-1"], got["ROUGE-L"]) == pytest.approx((1.0, 1.0), abs=1e-6)
+
+
 def test_per_image_cider_averages_to_the_corpus_cider():
     per_image = metrics.per_image_cider(REFS, HYPS, tokenizer="simple")
     assert set(per_image) == set(REFS)

@@ -16,6 +16,11 @@ from edgecap.vocab import tokenize
 
 METRIC_KEYS = ("BLEU-1", "BLEU-2", "BLEU-3", "BLEU-4", "METEOR", "ROUGE-L", "CIDEr")
 
+# Java's PTBTokenizer (-preserveLines) ends a line at these as well as at "\n", which alone
+# pycocoevalcap replaces with a space: a caption holding one became two lines, and every later
+# caption was paired with the wrong image. Spaces here, as "\n" is there.
+_LINE_BREAKS = str.maketrans(dict.fromkeys("\r\x0b\x0c\u2028\u2029", " "))
+
 
 def java_available() -> bool:
     return shutil.which("java") is not None
@@ -33,9 +38,10 @@ def _tokenize(refs, hyps, tokenizer):
         from pycocoevalcap.tokenizer.ptbtokenizer import PTBTokenizer
 
         tok = PTBTokenizer()
-        refs = tok.tokenize({k: [{"caption": c} for c in v] for k, v in refs.items()})
-        hyps = tok.tokenize({k: [{"caption": hyps[k]}] for k in refs})
-        return refs, hyps
+        lines = _LINE_BREAKS
+        refs_t = tok.tokenize({k: [{"caption": c.translate(lines)} for c in v] for k, v in refs.items()})
+        hyps_t = tok.tokenize({k: [{"caption": hyps[k].translate(lines)}] for k in refs})
+        return refs_t, hyps_t
     if tokenizer == "simple":
         return (
             {k: [" ".join(tokenize(c)) for c in v] for k, v in refs.items()},
