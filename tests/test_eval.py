@@ -604,6 +604,26 @@ def test_score_without_java_falls_back_to_the_simple_tokenizer_and_skips_meteor(
         metrics.score({}, {}, tokenizer="simple", metrics=("BLEU-4", "CIDEr"))
 
 
+def test_a_java_that_does_not_start_is_no_java(tmp_path, monkeypatch):
+    """README: without Java, edgecap eval skips METEOR and tokenises in Python. A ``java`` on
+    PATH that exits at once with an error (macOS's /usr/bin/java where no Java runtime is
+    installed: "Unable to locate a Java Runtime", exit 1) is no Java; one that starts (exit 0
+    for ``java -version``) is. Before the fix any ``java`` on PATH counted: the PTB tokenizer
+    then gave no lines and BLEU came from the first image alone, then METEOR died of a broken
+    pipe and the command hung at exit."""
+    for name, status in (("stub", 1), ("works", 0)):
+        (tmp_path / name).mkdir()
+        java = tmp_path / name / "java"
+        java.write_text(f"#!/bin/sh\necho 'Unable to locate a Java Runtime.' >&2\nexit {status}\n")
+        java.chmod(0o755)
+    monkeypatch.setenv("PATH", str(tmp_path / "stub"))
+    assert metrics.java_available() is False
+    monkeypatch.setenv("PATH", str(tmp_path / "works"))
+    assert metrics.java_available() is True
+    monkeypatch.setenv("PATH", str(tmp_path / "nothing-here"))
+    assert metrics.java_available() is False
+
+
 @needs_java
 def test_ptb_tokenizer_scores_are_the_metrics_worked_by_hand(recwarn):
     """coco-caption's PTB tokenizer, as the papers scored: it splits "dog's" into "dog 's",

@@ -8,7 +8,9 @@ METEOR needs Java too and is skipped, with a warning, where Java is absent.
 
 from __future__ import annotations
 
+import functools
 import shutil
+import subprocess
 import warnings
 
 from edgecap.extras import install_hint
@@ -23,7 +25,20 @@ _LINE_BREAKS = str.maketrans(dict.fromkeys("\r\x0b\x0c\u2028\u2029", " "))
 
 
 def java_available() -> bool:
-    return shutil.which("java") is not None
+    """A ``java`` on PATH that starts: macOS without a Java runtime has a /usr/bin/java that only
+    says so and fails, which coco-caption's PTB tokenizer read as no lines (scores over the
+    first image alone) and its METEOR as a broken pipe (a traceback, then a hang at exit)."""
+    java = shutil.which("java")
+    return java is not None and _java_starts(java)
+
+
+@functools.cache
+def _java_starts(java: str) -> bool:
+    try:
+        done = subprocess.run([java, "-version"], capture_output=True, stdin=subprocess.DEVNULL, timeout=60)
+    except (OSError, subprocess.SubprocessError):
+        return False
+    return done.returncode == 0
 
 
 def _tokenize(refs, hyps, tokenizer):
