@@ -151,6 +151,30 @@ def test_read_coco_refuses_a_caption_of_an_image_it_does_not_list(tmp_path):
         read_coco(path)
 
 
+def test_read_coco_refuses_an_image_id_listed_for_two_files(tmp_path):
+    """COCO caption JSON pairs captions with photos by image id: two ``images`` entries with one
+    id and two file names (references of one's own, numbered by hand) are an error naming the id
+    and both files. Before the fix the last entry silently won: the first photo was never
+    scored and its captions were scored against the other one. The same entry listed twice is
+    one image, as before."""
+    path = coco_json(
+        tmp_path / "refs.json", {"a.jpg": ["A cat."], "b.jpg": ["A cup."]}, ids={"a.jpg": 3, "b.jpg": 4}
+    )
+    data = json.loads(path.read_text())
+    data["images"].append({"id": 3, "file_name": "a.jpg"})
+    path.write_text(json.dumps(data))
+    assert [(i.image_id, i.file_name, i.captions) for i in read_coco(path)] == [
+        (3, "a.jpg", ["A cat."]),
+        (4, "b.jpg", ["A cup."]),
+    ]
+    data["images"][1]["id"] = data["annotations"][1]["image_id"] = 3
+    path.write_text(json.dumps(data))
+    with pytest.raises(
+        DataError, match=r"refs\.json: image id 3 is listed for two files, a\.jpg and b\.jpg$"
+    ):
+        read_coco(path)
+
+
 def test_load_references_flickr8k_layout(tmp_path):
     tokens, split = flickr_files(tmp_path, ["rocket.jpg", "chelsea.png"])
     items = load_references(captions=tokens, split=split)

@@ -60,7 +60,15 @@ def read_coco(json_file: Path, data=None) -> list[CaptionedImage]:
     if not isinstance(data, dict) or "images" not in data or "annotations" not in data:
         raise DataError(f"{_shown(json_file)}: not COCO caption JSON (needs 'images' and 'annotations')")
     try:
-        by_id = {img["id"]: CaptionedImage(str(img["file_name"]), [], img["id"]) for img in data["images"]}
+        by_id: dict = {}
+        for img in data["images"]:
+            name, seen = str(img["file_name"]), by_id.get(img["id"])
+            if seen is not None and seen.file_name != name:  # not one photo's captions given to another
+                raise DataError(
+                    f"{_shown(json_file)}: image id {img['id']!r} is listed for two files, "
+                    f"{escape_field(seen.file_name)} and {escape_field(name)}"
+                )
+            by_id.setdefault(img["id"], CaptionedImage(name, [], img["id"]))
         for ann in data["annotations"]:
             if ann["image_id"] not in by_id:
                 raise DataError(
