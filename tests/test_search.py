@@ -221,6 +221,24 @@ def test_non_finite_step_output_is_a_backend_error():
         beam_search(backend, backend.encode(np.array([1])), search_options(), START, END)
 
 
+@pytest.mark.parametrize("value", [np.inf, -np.inf])
+def test_an_overflowed_step_output_is_a_backend_error(value):
+    """Not only NaN: a step whose log-probabilities overflowed (+inf, as an FP16 engine out of
+    range gives, or -inf on every word) is refused too, naming the word (the first), rather
+    than searched on: every log-probability of the fake step is set to ``value``."""
+    from edgecap.errors import BackendError
+
+    class OverflowBackend(PrefixHashBackend):
+        def logprobs(self, state):
+            out = super().logprobs(state)
+            out[:] = value
+            return out
+
+    backend = OverflowBackend()
+    with pytest.raises(BackendError, match="non-finite log-probabilities at word 1"):
+        beam_search(backend, backend.encode(np.array([1])), search_options(), START, END)
+
+
 def test_no_repeat_ngram_blocks_repeated_trigrams():
     # A small vocabulary and no <end>: long captions repeat themselves without the block.
     backend = PrefixHashBackend(vocab_size=5, top_k=4, end_bias=-50.0)
