@@ -139,6 +139,15 @@ def test_read_flickr8k_refuses_a_split_photo_without_captions_and_a_line_without
     with pytest.raises(DataError, match=r"tokens\.txt:2: expected 'file\.jpg#N<TAB>caption'"):
         read_flickr8k(tokens, split)
 
+    # a '#' in the file name is not its number: the line is named, not its caption given to
+    # "a" and the split's "a#1.jpg" then said to have no captions (before the fix); nor is a
+    # number that is not one
+    for line in ("a#1.jpg\tA cat.", "a#1.jpg#x\tA cat.", "a#1.jpg#\tA cat.", "a#1.jpg#\u0663\tA cat."):
+        tokens.write_text(f"a#1.jpg#0 \tA cat sits.\n{line}\n")
+        split.write_text("a#1.jpg\n")
+        with pytest.raises(DataError, match=r"tokens\.txt:2: expected 'file\.jpg#N<TAB>caption'"):
+            read_flickr8k(tokens, split)
+
 
 def test_read_coco_refuses_a_caption_of_an_image_it_does_not_list(tmp_path):
     """An annotation whose image_id is in no image of ``images`` is an error naming both ids,

@@ -36,8 +36,8 @@ def read_flickr8k(token_file: Path, split_file: Path | None = None) -> list[Capt
         if not line.strip():
             continue
         key, sep, caption = line.partition("\t")
-        name, hash_sep, _ = key.rpartition("#")
-        if not sep or not hash_sep:
+        name, hash_sep, number = key.rpartition("#")
+        if not sep or not hash_sep or not (number.strip().isdecimal() and number.isascii()):
             raise DataError(f"{_shown(token_file)}:{line_no}: expected 'file.jpg#N<TAB>caption'")
         captions[name].append(caption.strip())
     if split_file is None:
