@@ -200,6 +200,20 @@ def test_load_references_flickr8k_layout(tmp_path):
             "no reference caption: a.jpg",
         ),
         (json.dumps({"images": [], "annotations": []}), "lists no images"),
+        (  # a caption with no word is none (before the fix: scored, the image a zero throughout)
+            json.dumps(
+                {
+                    "images": [{"id": 1, "file_name": "a.jpg"}, {"id": 2, "file_name": "b.jpg"}],
+                    "annotations": [
+                        {"id": 1, "image_id": 1, "caption": " "},
+                        {"id": 2, "image_id": 1, "caption": "..."},
+                        {"id": 3, "image_id": 2, "caption": "A cat."},
+                        {"id": 4, "image_id": 2, "caption": ""},
+                    ],
+                }
+            ),
+            "1 images have no reference caption: a.jpg$",
+        ),
     ],
 )
 def test_load_references_bad_files_name_the_file(tmp_path, content, problem):

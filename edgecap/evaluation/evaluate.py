@@ -28,6 +28,7 @@ from edgecap.api import batched
 from edgecap.data.readers import CaptionedImage, dataset_json, read_coco, read_flickr8k, read_karpathy
 from edgecap.errors import DataError, InputError
 from edgecap.files import os_problem
+from edgecap.vocab import tokenize
 
 KARPATHY_SPLITS = ("train", "val", "test")
 _SHOWN = 5  # missing or broken images named in an error message
@@ -47,7 +48,7 @@ def load_references(
     file such as ``Flickr_8k.devImages.txt`` (image id = 0-based line index in the split file).
 
     Raises ``DataError`` (a ``ValueError``, naming the file) for a missing, unreadable or
-    malformed file, an image with no reference caption or an empty split.
+    malformed file, an image with no reference caption (or only empty ones) or an empty split.
     """
     if (references is None) == (captions is None):
         raise ValueError(
@@ -65,7 +66,9 @@ def load_references(
         items = _read(source, lambda: _read_json_references(source, karpathy_split))
     if not items:
         raise ValueError(f"{source}: the split lists no images")
-    uncaptioned = [item.file_name for item in items if not item.captions]
+    # a caption with no word ("", "...": a blank cell of a spreadsheet) is none: scored against
+    # it alone, the image would count only as a zero in every metric
+    uncaptioned = [item.file_name for item in items if not any(tokenize(c) for c in item.captions)]
     if uncaptioned:
         raise ValueError(
             f"{source}: {len(uncaptioned)} images have no reference caption: {_some(uncaptioned)}"
