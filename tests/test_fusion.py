@@ -745,3 +745,74 @@ def test_a_fusion_weight_for_a_model_without_language_models_is_refused(default_
     ):
         assert main(["caption", *flags, photo]) == 0, flags
     assert main(["caption", "--fusion-weight", "0.5", photo]) == 0  # the shipped model has them
+
+
+def test_a_gated_fusion_without_class_probabilities_adds_nothing(tmp_path):
+    """A backend that gives no class probabilities (the fake's encoder gives none): the gate
+    cannot tell a photo typical of the training photos from one that is not, so a gated fusion
+    adds nothing (each row's weight 0, no bias, no language-model work) and the captions are
+    the plain search's (fusion_weight=0), while the same fusion without a gate still adds its
+    weight (other captions)."""
+    from edgecap.decoding import search
+    from edgecap.decoding.fusion import Gate
+
+    fusion = _fusion(tmp_path, weight=2.0)
+    gate = Gate(np.zeros(4), -1.0, 1.0)
+    gated = Fusion(fusion.everyday, fusion.in_domain, fusion.weight, fusion.info, gate)
+    rows = np.array([0, 0, 1], np.int32)
+    scorer = gated.scorer(2.0, rows, class_probs=None)
+    np.testing.assert_array_equal(scorer.weights[:, 0], [0.0, 0.0, 0.0])
+    assert scorer.bias(0, np.full(3, START, np.int32), rows) is None
+    np.testing.assert_array_equal(fusion.scorer(2.0, rows).weights[:, 0], [2.0, 2.0, 2.0])
+
+    backend = PrefixHashBackend(vocab_size=V, top_k=8, end_bias=-1.0)
+    encoded = backend.encode(np.arange(6))
+    assert encoded.class_probs is None
+
+    def captions(weight, model):
+        options = CaptionOptions(beam_size=3, max_length=6, no_repeat_ngram=0, fusion_weight=weight)
+        return [h[0].tokens for h in search(backend, encoded, options, START, END, V, fusion=model)]
+
+    plain = captions(0.0, gated)
+    assert captions(2.0, gated) == plain
+    assert captions(2.0, fusion) != plain
+
+
+@pytest.mark.parametrize(
+    "gate",
+    [
+        '{"class_log_prior": [0.0, 0.0], "full_below": 0.5, "none_above": 0.5}',
+        '{"class_log_prior": [0.0, 0.0], "full_below": 1.0, "none_above": -1.0}',
+        '{"class_log_prior": [0.0, 1e999], "full_below": -1.0, "none_above": 1.0}',
+        '{"class_log_prior": [0.0, NaN], "full_below": -1.0, "none_above": 1.0}',
+    ],
+    ids=["equal bounds", "bounds reversed", "infinite prior", "NaN prior"],
+)
+def test_a_gate_that_cannot_share_the_weight_is_a_model_error(tmp_path, gate):
+    """The gate shares the weight linearly between full_below and none_above, dividing by
+    their difference, from typicalities sum_c p(c) class_log_prior(c): equal bounds (a division
+    by zero: each photo's share inf or NaN), bounds the wrong way round, or a prior with a
+    number JSON reads as inf (1e999) or NaN (each photo's typicality then inf or NaN) make the
+    fusion file malformed, refused where it is loaded in one ModelError, not a search on NaN
+    weights."""
+    _fusion(tmp_path)
+    spec = json.loads((tmp_path / "fusion.json").read_text())
+    text = json.dumps({**spec, "gate": "GATE"}).replace('"GATE"', gate)
+    (tmp_path / "fusion.json").write_text(text)
+    with pytest.raises(ModelError, match="malformed fusion file.*full_below < none_above"):
+        Fusion.load(tmp_path, V, n_classes=2)
+
+
+@pytest.mark.parametrize(("weight", "loads"), [(0.0, True), (2.0, True), (-0.5, False), (2.5, False)])
+def test_a_fusion_file_takes_the_weights_the_fusion_weight_option_takes(tmp_path, weight, loads):
+    """fusion.json's weight (the model's default for --fusion-weight) is any weight the option
+    takes, 0 to 2 inclusive (--fusion-weight's range in edgecap caption --help): 0 (language
+    models shipped but off unless asked for) and 2 load; below 0 or above 2 is a ModelError."""
+    _fusion(tmp_path)
+    spec = json.loads((tmp_path / "fusion.json").read_text())
+    (tmp_path / "fusion.json").write_text(json.dumps({**spec, "weight": weight}))
+    if loads:
+        assert Fusion.load(tmp_path, V).weight == weight
+    else:
+        with pytest.raises(ModelError, match="weight must be in"):
+            Fusion.load(tmp_path, V)
