@@ -262,6 +262,18 @@ def test_check_images_counts_a_folder_as_missing_and_names_the_first_five(tmp_pa
     assert str(five.value) == f"5 of 5 listed images are not in {tmp_path}: {shown}"
 
 
+def test_check_images_names_a_missing_image_on_one_line_whatever_its_name(tmp_path):
+    """README: a bad input is reported in one line on stderr. A listed file name holding a
+    newline or a TAB is escaped as edgecap caption escapes names (docs/cli.md: \\n, \\t),
+    not written out raw: before the fix the error went over two lines."""
+    items = [CaptionedImage("gone\nfile.png", ["x"], 1), CaptionedImage("tab\tname.png", ["x"], 2)]
+    with pytest.raises(FileNotFoundError) as missing:
+        check_images(items, tmp_path)
+    assert (
+        str(missing.value) == f"2 of 2 listed images are not in {tmp_path}: gone\\nfile.png, tab\\tname.png"
+    )
+
+
 # -- results and metrics ------------------------------------------------------------------------
 def test_results_json_is_coco_results_format(tmp_path):
     items = read_coco(

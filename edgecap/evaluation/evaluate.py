@@ -25,6 +25,7 @@ from pathlib import Path
 
 from edgecap.evaluation import metrics
 from edgecap.api import batched
+from edgecap.commands.output import escape_field
 from edgecap.data.readers import CaptionedImage, dataset_json, read_coco, read_flickr8k, read_karpathy
 from edgecap.errors import DataError, InputError
 from edgecap.files import os_problem
@@ -212,5 +213,5 @@ def results_json(items: list[CaptionedImage], hyps: dict) -> list[dict]:
 
 
 def _some(names: list[str]) -> str:
-    shown = ", ".join(names[:_SHOWN])
+    shown = ", ".join(escape_field(name) for name in names[:_SHOWN])  # one line, whatever the names
     return shown + (f" (and {len(names) - _SHOWN} more)" if len(names) > _SHOWN else "")
