@@ -126,6 +126,20 @@ def test_read_flickr8k_windows_line_endings_and_a_hash_in_a_file_name(tmp_path):
     ]
 
 
+def test_read_flickr8k_a_byte_order_mark_is_not_part_of_the_first_name(tmp_path):
+    """A token file and a split file saved as "UTF-8 with BOM" (Notepad, Excel) read as without
+    it, as a folder's captions.csv is read (data/folder.py): before the fix the first photo's name
+    began with U+FEFF, and edgecap eval said the split's chelsea.png had no captions."""
+    tokens = tmp_path / "tokens.txt"
+    tokens.write_bytes(b"\xef\xbb\xbfchelsea.png#0\tA cat.\ncoffee.png#0\tA cup.\n")
+    split = tmp_path / "split.txt"
+    split.write_bytes(b"\xef\xbb\xbfcoffee.png\nchelsea.png\n")
+    assert [(i.image_id, i.file_name, i.captions) for i in read_flickr8k(tokens, split)] == [
+        (0, "coffee.png", ["A cup."]),
+        (1, "chelsea.png", ["A cat."]),
+    ]
+
+
 def test_read_flickr8k_refuses_a_split_photo_without_captions_and_a_line_without_its_number(tmp_path):
     """A photo of the split that the token file never captions is an error naming it (not a
     photo trained on with no caption); a token line without '#N' is an error naming its line."""

@@ -155,9 +155,10 @@ def _layout(exc: BaseException) -> str:
 
 
 def _text(path: Path) -> str:
-    """A dataset text file (UTF-8, a regular file under ``MAX_DATASET_BYTES``)."""
+    """A dataset text file (UTF-8, a regular file under ``MAX_DATASET_BYTES``; a leading byte
+    order mark, as Windows editors write, is not part of its first line, as in captions.csv)."""
     try:
-        return read_regular(path, MAX_DATASET_BYTES, "dataset file").decode("utf-8")
+        return read_regular(path, MAX_DATASET_BYTES, "dataset file").decode("utf-8-sig")
     except FileProblem as exc:
         raise DataError(f"{_shown(path)}: {exc}") from None
     except UnicodeDecodeError as exc:
