@@ -816,3 +816,29 @@ def test_a_fusion_file_takes_the_weights_the_fusion_weight_option_takes(tmp_path
     else:
         with pytest.raises(ModelError, match="weight must be in"):
             Fusion.load(tmp_path, V)
+
+
+def test_a_gate_fitted_with_classes_no_training_photo_shows_is_written_and_read_back_as_fitted(tmp_path):
+    """Gate.fit on training photos of which none shows classes 2 and 3 (their mean probability
+    exactly 0, as float32 class probabilities that underflow give): their prior is
+    log(4 x 0 + 1e-9) = -20.72, finite, so the gate goes into fusion.json and loads again; the
+    loaded gate gives the fitted shares (to_json's 5 decimals: the prior within 5e-6, a share
+    within 5e-6 x 1 / (the bounds' 0.049 apart) = 1e-4). By hand: q = [0.3, 0.7, 0, 0],
+    prior log([1.2, 2.8, 1e-9, 1e-9]) = [0.1823, 1.0296, -20.72, -20.72]; the 200 training
+    photos' typicalities x 0.1823 + (1 - x) 1.0296 are distinct (0.0025 apart), so the 5th
+    percentile leaves 10 of them the full weight, the 15th 170 none, 20 a share; a photo of
+    class 3 alone (typicality -20.72) gets the full weight."""
+    from edgecap.decoding.fusion import Gate
+
+    x = np.linspace(0.01, 0.59, 200)
+    train = np.stack([x, 1 - x, np.zeros(200), np.zeros(200)], axis=1)
+    fitted = Gate.fit(train)
+    np.testing.assert_allclose(fitted.class_log_prior, [0.18232, 1.02962, -20.72327, -20.72327], atol=1e-5)
+    _fusion(tmp_path)
+    spec = json.loads((tmp_path / "fusion.json").read_text())
+    (tmp_path / "fusion.json").write_text(json.dumps({**spec, "gate": fitted.to_json()}))
+    loaded = Fusion.load(tmp_path, V, n_classes=4).gate
+    shares = loaded(train)
+    assert (shares == 1.0).sum() == 10 and (shares == 0.0).sum() == 170
+    np.testing.assert_allclose(shares, fitted(train), atol=2e-4)
+    assert loaded(np.array([[0.0, 0.0, 0.0, 1.0]]))[0] == 1.0
