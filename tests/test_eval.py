@@ -735,6 +735,32 @@ def test_ptb_tokenizer_keeps_each_caption_with_its_image_across_line_breaks(recw
     assert (got["BLEU-1"], got["ROUGE-L"]) == pytest.approx((1.0, 1.0), abs=1e-6)
 
 
+@needs_java
+def test_a_meteor_whose_java_dies_is_an_error_not_a_hang_at_exit():
+    """pycocoevalcap's METEOR takes a lock to score and keeps it when it fails, and its
+    ``__del__`` waits for that lock. A METEOR whose Java is gone (here its jar cannot be found,
+    so Java exits at once: a broken pipe or an empty reply; likewise Ctrl-C while it scores)
+    is an exception the caller sees, and the process then exits. Before the fix it hung at exit,
+    forever (edgecap eval after its traceback: a second Ctrl-C needed). A fresh interpreter,
+    because what is tested is its exit."""
+    import subprocess
+    import sys
+
+    child = "\n".join(
+        [
+            "import pycocoevalcap.meteor.meteor as meteor_module",
+            "meteor_module.METEOR_JAR = 'no-such-meteor.jar'",
+            "from edgecap.evaluation import metrics",
+            "try:",
+            "    metrics.score({1: ['a cat']}, {1: 'a cat'}, tokenizer='simple', metrics=('METEOR',))",
+            "except (OSError, ValueError) as exc:",
+            "    print(type(exc).__name__)",
+        ]
+    )
+    done = subprocess.run([sys.executable, "-c", child], capture_output=True, text=True, timeout=60)
+    assert (done.returncode, done.stdout.strip() in ("BrokenPipeError", "ValueError")) == (0, True), done
+
+
 def test_per_image_cider_averages_to_the_corpus_cider():
     per_image = metrics.per_image_cider(REFS, HYPS, tokenizer="simple")
     assert set(per_image) == set(REFS)

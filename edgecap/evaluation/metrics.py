@@ -106,8 +106,10 @@ def scores(
             from pycocoevalcap.meteor.meteor import Meteor
 
             meteor = Meteor()
-            corpus, each = meteor.compute_score(refs_t, hyps_t)
-            _close_meteor(meteor)
+            try:
+                corpus, each = meteor.compute_score(refs_t, hyps_t)
+            finally:
+                _close_meteor(meteor)
             out["METEOR"] = float(corpus)
             per_image["METEOR"] = {k: float(v) for k, v in zip(refs_t, each)}
         else:
@@ -133,10 +135,17 @@ def per_image_cider(refs: dict, hyps: dict, tokenizer: str = "ptb") -> dict:
 
 def _close_meteor(meteor) -> None:
     # pycocoevalcap's Meteor keeps a Java subprocess; end it now rather than at interpreter exit.
+    # Its compute_score takes its lock and, failing (Java gone: a broken pipe or an empty reply;
+    # Ctrl-C), keeps it, and its __del__ waits for the lock: the interpreter hung at exit. So the
+    # process is ended here without the lock, and the lock is left free.
     try:
-        with meteor.lock:
+        try:
             meteor.meteor_p.stdin.close()
-            meteor.meteor_p.kill()
-            meteor.meteor_p.wait()
+        except OSError:  # Java already gone: the pipe is broken
+            pass
+        meteor.meteor_p.kill()
+        meteor.meteor_p.wait()
     except Exception:  # pragma: no cover - best effort cleanup
         pass
+    if meteor.lock.locked():
+        meteor.lock.release()
