@@ -266,6 +266,28 @@ def test_a_caption_ending_on_a_dangling_word_costs_01():
     assert not Consensus({A}, {A}).dangles([])
 
 
+def test_a_content_word_said_again_costs_01_no_more():
+    # H = dog runs dog at -1.0 (w = 1), K = dog runs at -1.1 (w = e^-0.5 = 0.6065; sum 1.6065);
+    # F(H, K) = 0.9302, F(K, H) = 0.7018 (above). U(H) = (1 + 0.6065 * 0.9302) / 1.6065 =
+    # 0.9737, U(K) = (0.7018 + 0.6065) / 1.6065 = 0.8144: H ahead by 0.159, so its second "dog"
+    # at 0.1 leaves it first (0.8737); at 0.2 (0.7737) it would not. With the test above (H
+    # 0.069 ahead loses): the weight is above 0.069 and below 0.159.
+    H, K = [DOG, RUNS, DOG], [DOG, RUNS]
+    hyps = [hyp(H, -1.0), hyp(K, -1.1)]
+    assert [h.tokens for h in Consensus(()).order(hyps)] == [H, K]
+
+
+def test_a_caption_ending_on_a_dangling_word_costs_01_no_more():
+    # Q = dog runs a at -1.0 (w = 1), P = dog runs at -2.0 (w = e^-5 = 0.006738; sum
+    # 1.006738); F(P, Q) = 0.8759, F(Q, P) = 0.9756 (above). U(Q) = (1 + 0.006738 * 0.9756) /
+    # 1.006738 = 0.9998, U(P) = (0.8759 + 0.006738) / 1.006738 = 0.8767: Q ahead by 0.123, so
+    # ending on "a" at 0.1 leaves it first (0.8998); at 0.2 (0.7998) it would not. With the
+    # tests above (0.050 and 0.092 ahead lose): the weight is above 0.092 and below 0.123.
+    P, Q = [DOG, RUNS], [DOG, RUNS, A]
+    hyps = [hyp(Q, -1.0), hyp(P, -2.0)]
+    assert [h.tokens for h in Consensus({A}, {A}).order(hyps)] == [Q, P]
+
+
 DANGLE_TABLE = {
     (): {"dog": -0.1, "cat": -3.0},
     ("dog",): {"a": -0.2, "<end>": -0.3},
