@@ -897,6 +897,35 @@ def test_cli_an_output_that_cannot_be_a_file_is_refused_before_captioning(
     )
 
 
+def test_cli_an_output_that_is_a_references_file_is_refused_before_captioning(tmp_path, monkeypatch, capsys):
+    """--output names the file the captions are written to; given the references (a slip of
+    tab completion: --references refs.json --output refs.json), the split's own captions,
+    which one may have written by hand, were replaced by the model's without a word, exit 0.
+    Now, like the other bad --output, one line naming the option, exit 2, before any Captioner is
+    made, the file as it was; also through a symbolic link, and for a token or split file."""
+    from edgecap.commands import eval as eval_command
+
+    built = []
+    monkeypatch.setattr(eval_command, "load_captioner", lambda args: built.append(args))
+    refs = coco_json(tmp_path / "refs.json", {"chelsea.png": ["A cat."]})
+    (tmp_path / "link.json").symlink_to(refs)
+    tokens, split = flickr_files(tmp_path, ["chelsea.png"])
+    coco = ["--references", str(refs)]
+    flickr = ["--captions", str(tokens), "--split", str(split)]
+    for given, output, option in (
+        (coco, refs, "--references"),
+        (coco, tmp_path / "link.json", "--references"),
+        (flickr, tokens, "--captions"),
+        (flickr, split, "--split"),
+    ):
+        before = output.read_bytes()
+        rc = main(["eval", "--images", str(EXAMPLES), *given, "--output", str(output)])
+        out = capsys.readouterr()
+        assert (rc, out.out, built, output.read_bytes()) == (2, "", [], before)
+        problem = f"--output {output}: is the {option} file; give another file for the captions"
+        assert out.err == f"edgecap eval: error: {problem}\n"
+
+
 @pytest.mark.skipif(not Path("/dev/full").exists(), reason="needs /dev/full (a disk that is always full)")
 def test_cli_an_output_that_cannot_be_written_still_prints_the_scores(
     tiny_model_dir, tmp_path, monkeypatch, capsys

@@ -10,11 +10,11 @@ options; ``--json`` prints them as one JSON object instead. ``--output`` writes 
 coco-caption's results format. Without Java, METEOR is skipped (null in ``--json``) and the
 simple tokenizer replaces PTB; stderr and the ``tokenizer`` field say so.
 
-Exit codes: 0 scored; 2 nothing captioned (bad option, an --output that is a folder or whose
-folder does not exist, unreadable references, listed images missing, all named before
-captioning starts), or the scores printed but --output could not be written (a full disk); 1
-an image failed to decode while captioning (the split is not scored: a metric over part of it
-would not be comparable).
+Exit codes: 0 scored; 2 nothing captioned (bad option, an --output that is a folder, whose
+folder does not exist or that is a references file, unreadable references, listed images
+missing, all named before captioning starts), or the scores printed but --output could not
+be written (a full disk); 1 an image failed to decode while captioning (the split is not scored:
+a metric over part of it would not be comparable).
 """
 
 from __future__ import annotations
@@ -22,6 +22,7 @@ from __future__ import annotations
 import argparse
 import importlib.util
 import json
+import os
 import sys
 import time
 import warnings
@@ -144,7 +145,21 @@ def _check_arguments(args: argparse.Namespace) -> str | None:
         if not output.parent.is_dir():
             what = "is not a folder" if output.parent.exists() else "does not exist"
             return f"--output {args.output}: {output.parent} {what}"
+        for option, given in (
+            ("--references", args.references),
+            ("--captions", args.captions),
+            ("--split", args.split),
+        ):
+            if given is not None and _same_file(output, Path(given)):  # one's own captions, lost
+                return f"--output {args.output}: is the {option} file; give another file for the captions"
     return None
+
+
+def _same_file(a: Path, b: Path) -> bool:
+    try:
+        return os.path.samefile(a, b)
+    except (OSError, ValueError):  # one of them missing (a new --output) or unreadable
+        return False
 
 
 def _fail(problem: str) -> int:
