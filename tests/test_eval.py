@@ -111,6 +111,33 @@ def test_read_karpathy_keeps_one_split(tmp_path):
         load_references(path)
 
 
+def test_read_karpathy_images_without_ids_are_numbered_by_their_place_in_the_file(tmp_path):
+    """A Karpathy-style dataset JSON of one's own may leave out cocoid and imgid; each image is
+    then its 0-based place in the file's images, as Karpathy's imgid is (0, 1, 2 in
+    test_read_karpathy_keeps_one_split above). Before the fix every such image had the id None:
+    edgecap eval scored the whole split as one image (images: 1) with the last photo's caption,
+    and wrote every caption with "image_id": null."""
+    sentences = [{"raw": "A photo."}]
+    data = {
+        "images": [
+            {"filename": "a.jpg", "split": "test", "sentences": sentences},
+            {"filename": "b.jpg", "split": "train", "sentences": sentences},
+            {"filename": "c.jpg", "split": "test", "sentences": sentences},
+            {"filename": "d.jpg", "imgid": 7, "split": "test", "sentences": sentences},
+        ]
+    }
+    path = tmp_path / "dataset_own.json"
+    path.write_text(json.dumps(data))
+    items = load_references(path, karpathy_split="test")
+    assert [(i.image_id, i.file_name) for i in items] == [(0, "a.jpg"), (2, "c.jpg"), (7, "d.jpg")]
+    hyps = {0: "a cat", 2: "a dog", 7: "a bird"}
+    assert results_json(items, hyps) == [
+        {"image_id": 0, "caption": "a cat"},
+        {"image_id": 2, "caption": "a dog"},
+        {"image_id": 7, "caption": "a bird"},
+    ]
+
+
 def test_read_flickr8k_windows_line_endings_and_a_hash_in_a_file_name(tmp_path):
     """A token file and a split file saved with CRLF line endings (a Windows editor) read as
     with LF: no caption keeps a \\r or a trailing space, every split name is found; the

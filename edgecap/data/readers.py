@@ -92,17 +92,16 @@ def read_karpathy(json_file: Path, split: str, data=None) -> list[CaptionedImage
     wanted = {"train": {"train", "restval"}}.get(split, {split})
     out = []
     try:
-        for img in data["images"]:
+        for index, img in enumerate(data["images"]):
             if img.get("split") not in wanted:
                 continue
             name = str(img["filename"])
             if img.get("filepath"):
                 name = f"{img['filepath']}/{name}"
-            out.append(
-                CaptionedImage(
-                    name, [s["raw"].strip() for s in img["sentences"]], img.get("cocoid", img.get("imgid"))
-                )
-            )
+            # without cocoid or imgid (a file of one's own), its place in the file, which is what
+            # Karpathy's imgid is: not None for every image, which scored them all as one
+            image_id = next((img[key] for key in ("cocoid", "imgid") if img.get(key) is not None), index)
+            out.append(CaptionedImage(name, [s["raw"].strip() for s in img["sentences"]], image_id))
     except (KeyError, TypeError, AttributeError) as exc:
         raise DataError(
             f"{_shown(json_file)}: unexpected layout for a Karpathy dataset JSON ({_layout(exc)})"
