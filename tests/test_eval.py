@@ -428,6 +428,23 @@ def test_caption_split_names_every_failure_of_the_batch_that_stops_it(tmp_path):
     assert [f.source for f in first.value.failures] == ["p1.png"]
 
 
+def test_an_image_failure_names_each_file_as_edgecap_caption_does():
+    """edgecap eval prints ImageFailure.problem as its one line: each broken photo is named as
+    edgecap caption names it (docs/cli.md: a newline as \\n), its name as it is. Before the fix
+    the whole message went through InputError's folding of whitespace: "two  spaces.png" was
+    named "two spaces.png", a file that does not exist, and a newline became a space."""
+    from edgecap.errors import InputError
+    from edgecap.evaluation.evaluate import ImageFailure
+
+    err = ImageFailure(
+        [InputError("two  spaces.png", "not an image"), InputError("new\nline.png", "truncated")]
+    )
+    want = "two  spaces.png: not an image; new\\nline.png: truncated"
+    why = "so the split cannot be scored (a metric over part of it would mislead)"
+    assert err.problem == f"2 images could not be read, {why}: {want}"
+    assert str(err) == f"two  spaces.png: {err.problem}"
+
+
 def test_an_image_failure_survives_a_process_pool():
     """caption_split's ImageFailure raised in a process pool's worker pickles: it comes back
     with its failures, source, problem and message, as InputError does (before the fix the

@@ -128,13 +128,17 @@ class ImageFailure(InputError):
 
     def __init__(self, failures: list[InputError]):
         self.failures = failures
-        detail = "; ".join(f"{f.source}: {f.problem}" for f in failures[:_SHOWN])
+        # each one's own message: one line, its name escaped as edgecap caption escapes it
+        detail = "; ".join(str(f) for f in failures[:_SHOWN])
         more = f" (and {len(failures) - _SHOWN} more)" if len(failures) > _SHOWN else ""
-        super().__init__(
-            failures[0].source,
+        problem = (
             f"{len(failures)} images could not be read, so the split cannot be "
-            f"scored (a metric over part of it would mislead): {detail}{more}",
+            f"scored (a metric over part of it would mislead): {detail}{more}"
         )
+        super().__init__(failures[0].source, problem)
+        # the names as they are: InputError folds runs of whitespace, which named "a  b.png" "a b.png"
+        folded, self.problem = self.problem, problem
+        self.args = (self.args[0][: len(self.args[0]) - len(folded)] + problem,)
 
     def __reduce__(self):
         # made again from its failures (InputError's own is its source and problem, which this
