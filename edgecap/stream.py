@@ -525,7 +525,7 @@ def video_frames(path: str | os.PathLike, realtime: bool = False) -> Iterator[Fr
     source = os.fspath(path)
     if not Path(source).is_file():
         raise InputError(source, "no such file" if not Path(source).exists() else "not a file")
-    capture = cv2.VideoCapture(source)
+    capture = cv2.VideoCapture(_opencv_name(source))
     if not capture.isOpened():
         capture.release()
         raise InputError(
@@ -543,6 +543,17 @@ def video_frames(path: str | os.PathLike, realtime: bool = False) -> Iterator[Fr
     count = capture.get(cv2.CAP_PROP_FRAME_COUNT)
     count = int(count) if count == count and 0 < count < 1 << 40 else 0  # 0: unknown
     return _video_frames(capture, fps, realtime, source, count)
+
+
+def _opencv_name(source: str) -> str | bytes:
+    """``source`` as OpenCV can open it: a name that is not UTF-8 (its bytes decoded with
+    surrogateescape, as Python gives them) crashes ``cv2.VideoCapture`` given as a str (a
+    segmentation fault); its bytes open the file."""
+    try:
+        source.encode("utf-8")
+    except UnicodeEncodeError:
+        return os.fsencode(source)
+    return source
 
 
 def _frame_size_problem(width: int, height: int) -> str | None:

@@ -8,6 +8,7 @@ The videos are made here from the bundled example photos (``test_stream.make_vid
 
 from __future__ import annotations
 
+import os
 import subprocess
 import sys
 
@@ -122,6 +123,18 @@ def test_cli_video_over_the_pixel_limit_is_exit_2(clip, tiny_model_dir, monkeypa
     out = _caption("--video", clip, model=tiny_model_dir)
     assert out.returncode == 2 and out.stderr.count("\n") == 1
     assert "over the limit" in out.stderr and "EDGECAP_MAX_PIXELS" in out.stderr
+
+
+def test_cli_a_video_whose_name_is_not_utf8_is_captioned_not_a_crash(clip, tiny_model_dir):
+    """A file name that is not UTF-8 (a camera's card written on another system, an old
+    archive): Python gives it with surrogate escapes, on which cv2.VideoCapture crashed (a
+    segmentation fault, exit -11, no word); its frames are captioned as under any name."""
+    named = clip.rename(clip.with_name(os.fsdecode(b"clip-\xff\xfe.avi")))
+    out = _caption("--video", named, "--every", "1", model=tiny_model_dir)
+    assert out.returncode == 0, out
+    times = [line.split("\t")[0] for line in out.stdout.splitlines()]
+    assert times == ["0.00s", "1.00s"]  # 20 frames at 10 fps, one a second
+    assert out.stderr.startswith("edgecap: 2 captions from 20 frames"), out.stderr
 
 
 @pytest.mark.parametrize("index", [-1, -2, 1024, True, 1.5, "0"])
