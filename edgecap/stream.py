@@ -523,8 +523,14 @@ def video_frames(path: str | os.PathLike, realtime: bool = False) -> Iterator[Fr
     """
     cv2 = _cv2()
     source = os.fspath(path)
-    if not Path(source).is_file():
-        raise InputError(source, "no such file" if not Path(source).exists() else "not a file")
+    try:
+        problem = (
+            None if Path(source).is_file() else "not a file" if Path(source).exists() else "no such file"
+        )
+    except OSError as exc:  # a name too long for the file system, a folder one may not enter
+        problem = f"cannot read the file ({exc.strerror or exc})"
+    if problem:
+        raise InputError(source, problem)
     capture = cv2.VideoCapture(_opencv_name(source))
     if not capture.isOpened():
         capture.release()

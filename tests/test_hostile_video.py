@@ -137,6 +137,19 @@ def test_cli_a_video_whose_name_is_not_utf8_is_captioned_not_a_crash(clip, tiny_
     assert out.stderr.startswith("edgecap: 2 captions from 20 frames"), out.stderr
 
 
+def test_a_video_name_too_long_for_the_file_system_is_one_line_exit_2(tmp_path, tiny_model_dir):
+    """A file name over the file system's 255 bytes (a name built from a long title, a path
+    pasted twice): the check that the file exists raised OSError ENAMETOOLONG, a traceback and
+    exit 1 from the CLI; it is the video's InputError, exit 2 like a missing file."""
+    pytest.importorskip("cv2")
+    name = str(tmp_path / ("a" * 300 + ".mp4"))
+    with pytest.raises(InputError, match=r"cannot read the file \(File name too long\)"):
+        video_frames(name)
+    out = _caption("--video", name, model=tiny_model_dir)
+    assert (out.returncode, out.stdout) == (2, ""), out
+    assert out.stderr == f"edgecap caption: error: {name}: cannot read the file (File name too long)\n"
+
+
 @pytest.mark.parametrize("index", [-1, -2, 1024, True, 1.5, "0"])
 def test_camera_index_out_of_range_is_refused_before_opencv(index, monkeypatch):
     import cv2
