@@ -797,12 +797,45 @@ def test_a_meteor_whose_java_dies_is_an_error_not_a_hang_at_exit():
             "from edgecap.evaluation import metrics",
             "try:",
             "    metrics.score({1: ['a cat']}, {1: 'a cat'}, tokenizer='simple', metrics=('METEOR',))",
-            "except (OSError, ValueError) as exc:",
-            "    print(type(exc).__name__)",
+            "except metrics.JavaFailed as exc:",
+            "    print(type(exc.__cause__).__name__)",
         ]
     )
     done = subprocess.run([sys.executable, "-c", child], capture_output=True, text=True, timeout=60)
     assert (done.returncode, done.stdout.strip() in ("BrokenPipeError", "ValueError")) == (0, True), done
+
+
+@needs_java
+def test_a_ptb_tokenizer_that_java_cannot_run_is_an_error_not_scores(
+    tiny_model_dir, tmp_path, monkeypatch, capsys
+):
+    """A Java that starts but cannot run coco-caption's PTB tokenizer (too old for its jar; here
+    the jar cannot be found, so Java prints its error and exits) gave no lines back, which
+    pycocoevalcap does not check: the scorers then failed on empty input ('max() arg is an empty
+    sequence', a traceback). It is JavaFailed naming the tokenizer and how many captions came
+    back, and edgecap eval says so in one line, exit 2, after writing --output."""
+    import pycocoevalcap.tokenizer.ptbtokenizer as ptb
+
+    monkeypatch.setattr(ptb, "STANFORD_CORENLP_3_4_1_JAR", "no-such-corenlp.jar")
+    with pytest.raises(metrics.JavaFailed, match=r"PTB tokenizer \(Java\) gave back 0 of 3 captions"):
+        metrics.score({1: ["a cat sits", "a cat"], 2: ["a dog runs"]}, {1: "a cat", 2: "a dog"}, "ptb")
+    # one caption: Java's one empty line is one caption back, but with no word
+    with pytest.raises(metrics.JavaFailed, match=r"gave back 0 of 1 captions"):
+        metrics.score({1: ["a cat sits"]}, {1: "a cat"}, "ptb", metrics=("BLEU-1",))
+    capsys.readouterr()
+    (tmp_path / "cat.png").write_bytes((EXAMPLES / "chelsea.png").read_bytes())
+    refs = coco_json(tmp_path / "refs.json", {"cat.png": ["A cat."]})
+    out = tmp_path / "captions.json"
+    args = ["--images", str(tmp_path), "--references", str(refs), "--model", str(tiny_model_dir)]
+    assert main(["eval", *args, "--max-length", "3", "--output", str(out), "--no-progress"]) == 2
+    err = capsys.readouterr().err.splitlines()
+    assert err[-1] == (
+        "edgecap eval: error: coco-caption's PTB tokenizer (Java) gave back 0 of 1 captions (its "
+        "errors are on stderr above): coco-caption needs Java 8 or newer (java -version); the "
+        f"captions are in {out}"
+    )
+    written = json.loads(out.read_text())
+    assert len(written) == 1 and written[0]["caption"].strip()  # the photo's caption kept
 
 
 def test_per_image_cider_averages_to_the_corpus_cider():

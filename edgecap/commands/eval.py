@@ -12,9 +12,10 @@ simple tokenizer replaces PTB; stderr and the ``tokenizer`` field say so.
 
 Exit codes: 0 scored; 2 nothing captioned (bad option, an --output that is a folder, whose
 folder does not exist or that is a references file, unreadable references, listed images
-missing, all named before captioning starts), or the scores printed but --output could not
-be written (a full disk); 1 an image failed to decode while captioning (the split is not scored:
-a metric over part of it would not be comparable).
+missing, all named before captioning starts), nothing scored (a Java that starts but cannot
+run coco-caption's tokenizer or METEOR: it needs Java 8 or newer), or the scores printed but
+--output could not be written (a full disk); 1 an image failed to decode while captioning (the
+split is not scored: a metric over part of it would not be comparable).
 """
 
 from __future__ import annotations
@@ -77,6 +78,7 @@ def run(args: argparse.Namespace) -> int:
         results_json,
         score_split,
     )
+    from edgecap.evaluation.metrics import JavaFailed
 
     problem = _check_arguments(args)
     if problem:
@@ -115,7 +117,11 @@ def run(args: argparse.Namespace) -> int:
             )
         except OSError as exc:  # a full disk, no permission: the scores are still printed
             unwritten = f"--output {args.output}: cannot write it ({exc.strerror or exc})"
-    report = score_split(items, hyps)
+    try:
+        report = score_split(items, hyps)
+    except JavaFailed as exc:  # a Java that starts but cannot run coco-caption's jars (too old)
+        written = f"; the captions are in {args.output}" if args.output and unwritten is None else ""
+        return _fail(f"{exc}: coco-caption needs Java 8 or newer (java -version){written}")
     summary = _summary(args, captioner, report, seconds)
     if args.json:
         print(json.dumps(summary, ensure_ascii=False))

@@ -24,6 +24,11 @@ METRIC_KEYS = ("BLEU-1", "BLEU-2", "BLEU-3", "BLEU-4", "METEOR", "ROUGE-L", "CID
 _LINE_BREAKS = str.maketrans(dict.fromkeys("\r\x0b\x0c\u2028\u2029", " "))
 
 
+class JavaFailed(RuntimeError):
+    """coco-caption's Java (the PTB tokenizer, METEOR) started but failed while working: the
+    message says which, and what it gave back."""
+
+
 def java_available() -> bool:
     """A ``java`` on PATH that starts: macOS without a Java runtime has a /usr/bin/java that only
     says so and fails, which coco-caption's PTB tokenizer read as no lines (scores over the
@@ -54,8 +59,8 @@ def _tokenize(refs, hyps, tokenizer):
 
         tok = PTBTokenizer()
         lines = _LINE_BREAKS
-        refs_t = tok.tokenize({k: [{"caption": c.translate(lines)} for c in v] for k, v in refs.items()})
-        hyps_t = tok.tokenize({k: [{"caption": hyps[k].translate(lines)}] for k in refs})
+        refs_t = _ptb(tok, {k: [{"caption": c.translate(lines)} for c in v] for k, v in refs.items()})
+        hyps_t = _ptb(tok, {k: [{"caption": hyps[k].translate(lines)}] for k in refs})
         return refs_t, hyps_t
     if tokenizer == "simple":
         return (
@@ -63,6 +68,27 @@ def _tokenize(refs, hyps, tokenizer):
             {k: [" ".join(tokenize(hyps[k]))] for k in refs},
         )
     raise ValueError(f"unknown tokenizer {tokenizer!r}: use 'ptb' or 'simple'")
+
+
+def _ptb(tok, captions: dict) -> dict:
+    """``captions`` through coco-caption's PTB tokenizer, every caption given back or
+    ``JavaFailed``: it reads Java's output lines without checking how Java ended, so a Java that
+    cannot run the tokenizer (too old for its jar, the jar missing) gave no lines, and the scorers
+    then failed on empty input ("max() arg is an empty sequence") or scored what came back."""
+    try:
+        out = tok.tokenize(captions)
+    except (OSError, subprocess.SubprocessError, ValueError) as exc:
+        raise JavaFailed(f"coco-caption's PTB tokenizer (Java) failed: {exc}") from exc
+    given = {k: len(v) for k, v in captions.items()}
+    back = sum(1 for v in out.values() for w in v if w.strip())
+    # every caption back, and not all of them empty when some had a word (Java's one empty line)
+    words = any(ch.isalnum() for v in captions.values() for c in v for ch in c["caption"])
+    if {k: len(v) for k, v in out.items()} != given or (words and not back):
+        raise JavaFailed(
+            f"coco-caption's PTB tokenizer (Java) gave back {back} of {sum(given.values())} captions "
+            "(its errors are on stderr above)"
+        )
+    return out
 
 
 def score(
@@ -108,6 +134,8 @@ def scores(
             meteor = Meteor()
             try:
                 corpus, each = meteor.compute_score(refs_t, hyps_t)
+            except (OSError, ValueError) as exc:  # Java gone: a broken pipe, an empty reply
+                raise JavaFailed(f"METEOR (Java) failed while scoring: {exc!r}") from exc
             finally:
                 _close_meteor(meteor)
             out["METEOR"] = float(corpus)
