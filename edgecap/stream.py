@@ -167,7 +167,8 @@ class _Sampler:
     def __init__(self, every: float | None):
         self.every = _check_every(every)
         self.origin: float | None = None
-        self.next_slot = 0
+        self.next_slot = 0.0  # a float: an interval so short (every=1e-308) that a slot's number
+        # overflows makes it infinite (every frame taken); int(inf) raised OverflowError
         self.last = -math.inf  # the timestamp of the last frame taken
 
     def take(self, timestamp: float) -> bool:
@@ -177,12 +178,12 @@ class _Sampler:
             # the first frame, or time went back by more than an interval from the last frame
             # taken (a looped replay, a clock reset; not a frame a little out of order): a new
             # grid from this frame
-            self.origin, self.next_slot = timestamp, 0
+            self.origin, self.next_slot = timestamp, 0.0
         slot = (timestamp - self.origin + _EPSILON_S) // self.every
         if slot < self.next_slot:
             return False
         self.last = timestamp
-        self.next_slot = int(slot) + 1
+        self.next_slot = slot + 1
         return True
 
 

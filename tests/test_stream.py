@@ -586,6 +586,10 @@ def test_latency_is_in_milliseconds_and_counts_the_captioning():
         (10.0, 0.25, [0, 3, 5, 8, 10, 13, 15, 18]),
         (10.0, 0.05, list(range(20))),  # finer than the frame rate: every frame
         (10.0, 0.2, list(range(0, 20, 2))),  # (6 / 10) // 0.2 is 2.0 in floating point, not 3
+        # so fine that a slot's number overflows a float (1.8 / 1e-308; 0.1 / 5e-324): every
+        # frame, as for any interval finer than the frame rate; it was an OverflowError
+        (10.0, 1e-308, list(range(20))),
+        (10.0, 5e-324, list(range(20))),
     ],
 )
 def test_every_grid(fps, every, expected):
