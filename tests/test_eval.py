@@ -366,6 +366,23 @@ def test_score_equals_pycocoevalcap_run_directly(one_meteor):
     assert 0 < got["BLEU-4"] < got["BLEU-1"] < 1
 
 
+def test_score_split_of_one_image_warns_that_its_cider_is_zero(monkeypatch, capsys):
+    """CIDEr-D weighs an n-gram by log(images / images whose references hold it): with one image
+    every weight is log(1/1) = 0, so even the reference itself scores 0 (coco-caption's own
+    definition, worked by hand). A user scoring one photo is told so; two photos are not."""
+    monkeypatch.setattr(metrics, "java_available", lambda: False)
+    from edgecap.data.readers import CaptionedImage
+
+    one = [CaptionedImage("cat.png", ["a cat on a mat"], 1)]
+    report = score_split(one, {1: "a cat on a mat"})
+    assert report.scores["CIDEr"] == 0.0 and report.scores["BLEU-1"] == pytest.approx(1.0)
+    assert "one image: its CIDEr is 0 whatever its caption" in capsys.readouterr().err
+    two = [*one, CaptionedImage("dog.png", ["a dog runs"], 2)]
+    report = score_split(two, {1: "a cat on a mat", 2: "a dog runs"})
+    assert report.scores["CIDEr"] > 0
+    assert "CIDEr is 0" not in capsys.readouterr().err
+
+
 def test_score_split_without_java_skips_only_meteor(monkeypatch, capsys, tmp_path):
     monkeypatch.setattr(metrics, "java_available", lambda: False)
     items = read_coco(

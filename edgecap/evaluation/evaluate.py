@@ -207,6 +207,13 @@ def score_split(items: list[CaptionedImage], hyps: dict) -> EvalReport:
         )
         tokenizer, skipped = "simple", ("METEOR",)
         wanted = tuple(k for k in metrics.METRIC_KEYS if k not in skipped)
+    if len(refs) == 1:
+        print(
+            "edgecap eval: warning: one image: its CIDEr is 0 whatever its caption (CIDEr weighs "
+            "each word by how few of the split's images' references hold it; with one image, "
+            "none is rarer than another)",
+            file=sys.stderr,
+        )
     scores = metrics.score(refs, hyps, tokenizer=tokenizer, metrics=wanted)
     return EvalReport(scores=scores, n_images=len(refs), tokenizer=tokenizer, skipped=skipped)
 
