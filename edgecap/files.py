@@ -124,10 +124,11 @@ MAX_VOCAB_BYTES = 16 << 20  # vocab.json and classes.json: the shipped ones are 
 
 def read_json(path: str | os.PathLike, max_bytes: int, max_depth: int = MAX_JSON_DEPTH):
     """A JSON file that edgecap did not write: a regular file of at most ``max_bytes``, UTF-8,
-    nested at most ``max_depth`` deep (checked without recursion); ``FileProblem`` otherwise."""
+    nested at most ``max_depth`` deep (checked without recursion); ``FileProblem`` otherwise. A
+    leading byte order mark ("UTF-8 with BOM": Notepad, Excel) is read as none, as JSON allows."""
     data = read_regular(path, max_bytes, "JSON file")
     try:
-        text = data.decode("utf-8")
+        text = data.decode("utf-8-sig")
     except UnicodeDecodeError as exc:
         raise FileProblem(f"not UTF-8 text ({exc.reason} at byte {exc.start})") from None
     depth = _bracket_depth(text)

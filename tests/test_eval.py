@@ -167,6 +167,16 @@ def test_read_flickr8k_a_byte_order_mark_is_not_part_of_the_first_name(tmp_path)
     ]
 
 
+def test_a_coco_references_file_with_a_byte_order_mark_reads_as_without(tmp_path):
+    """A references JSON saved as "UTF-8 with BOM" reads as without it, as the token and split
+    files do: it was refused ("Unexpected UTF-8 BOM (decode using utf-8-sig)")."""
+    refs = coco_json(tmp_path / "refs.json", {"chelsea.png": ["A cat."], "coffee.png": ["A cup."]})
+    plain = [(i.image_id, i.file_name, i.captions) for i in read_coco(refs)]
+    refs.write_bytes(b"\xef\xbb\xbf" + refs.read_bytes())
+    assert [(i.image_id, i.file_name, i.captions) for i in read_coco(refs)] == plain
+    assert [name for _, name, _ in plain] == ["chelsea.png", "coffee.png"]
+
+
 def test_read_flickr8k_refuses_a_split_photo_without_captions_and_a_line_without_its_number(tmp_path):
     """A photo of the split that the token file never captions is an error naming it (not a
     photo trained on with no caption); a token line without '#N' is an error naming its line."""
