@@ -40,7 +40,7 @@ def _check_common(cfg) -> None:
     _check("seed", cfg.seed, 0, MAX_SEED, integer=True)
 
 
-def feature_cache(out: str, cache_dir: str | None) -> Path:
+def feature_cache(out: str | Path, cache_dir: str | None) -> Path:
     """The feature cache's folder: ``cache_dir``, else OUT/../.feature-cache."""
     return Path(cache_dir) if cache_dir else Path(out).parent / ".feature-cache"
 

@@ -20,7 +20,7 @@ from edgecap.errors import BackendError, ModelError
 from edgecap.models.checkpoint import load_checkpoint, save_checkpoint
 from edgecap.models.decoder import mask_logits
 from edgecap.training.cider import CiderD
-from edgecap.training.config import ScstConfig
+from edgecap.training.config import ScstConfig, feature_cache
 from edgecap.training.distributed import world_size
 from edgecap.training.features import progress_bar, split_features
 from edgecap.training.records import shown
@@ -66,7 +66,7 @@ def train_scst(cfg: ScstConfig, log=print) -> Path:
             "cached features of the pretrained encoder: start from a checkpoint with a frozen encoder"
         )
     train_items, dev_items, left_out = dataset_items(cfg.dataset, data, images, cfg.allow_outside_data)
-    cache = Path(cfg.cache_dir) if cfg.cache_dir else out.parent / ".feature-cache"
+    cache = feature_cache(out, cfg.cache_dir)
     encoder_name = encoder.variant  # the checkpoint's pretrained encoder
     train_rows, dev_fmaps, all_fmaps = split_features(
         train_items, dev_items, images, cache, pre, cfg.progress, encoder=encoder_name

@@ -43,7 +43,7 @@ from edgecap.models.decoder import CaptionDecoder
 from edgecap.models.efficientnet_lite import EfficientNetLite, as_regions, load_pretrained
 from edgecap.objects import IMAGENET_CLASSES, ObjectClasses
 from edgecap.preprocess import Preprocessing, to_model_input
-from edgecap.training.config import TrainConfig, check_folders
+from edgecap.training.config import TrainConfig, check_folders, feature_cache
 from edgecap.training.distributed import rank_share, setup, world_size
 from edgecap.training.features import cache_name, compute_features, progress_bar, split_features
 from edgecap.training.records import MAX_RECORD_BYTES, shown
@@ -287,7 +287,7 @@ def train(cfg: TrainConfig, log=print) -> Path:
             f"{cfg.text_share:.0%} of the batches"
         )
 
-    cache = Path(cfg.cache_dir) if cfg.cache_dir else out.parent / ".feature-cache"
+    cache = feature_cache(out, cfg.cache_dir)
     # Fine-tuning: the blocks before the tuned ones are frozen, so their activations are cached
     # (the train photos' are used by --finetune-cached, the dev photos' by the dev check).
     # Frozen encoder: the features stream from the shard cache a batch at a time.
