@@ -126,8 +126,8 @@ _INTERRUPT_AFTER_FIRST_CAPTION = (
     "from edgecap.commands import caption_media\n"
     "from edgecap.cli import main\n"
     "printed = caption_media._print_event\n"
-    "def print_then_interrupt(event, as_json):\n"
-    "    printed(event, as_json)\n"
+    "def print_then_interrupt(event, *options):\n"
+    "    printed(event, *options)\n"
     "    os.kill(os.getpid(), signal.SIGINT)  # Ctrl-C once the first caption is out\n"
     "caption_media._print_event = print_then_interrupt\n"
     "sys.exit(main(sys.argv[1:]))\n"
@@ -234,6 +234,38 @@ def test_stream_records_give_the_time_to_the_millisecond_and_the_frames_dropped(
         "dropped": 2,
     }
     assert plain == "0.03s\ta cat"
+
+
+def test_video_captions_are_marked_below_min_confidence_and_tagged_with_objects(
+    tmp_path, default_model_dir, video, capfd
+):
+    """--min-confidence and --objects with --video mark and tag each frame's caption as they do
+    a photo's (docs/cli.md); they were ignored without a word, so a filter on "low_confidence"
+    let every frame through. A model whose confidence is 1 / (1 + e^-3) = 0.9526 for every
+    caption: X = 1 marks each frame, 0.5 none; --objects adds the five object tags (plain: a
+    field before the mark; --json: "objects", [name, probability] pairs)."""
+    from test_confidence import _model_with_confidence
+
+    sure = _model_with_confidence(tmp_path, default_model_dir, bias=3.0)
+
+    def caption(*extra) -> list[str]:
+        out = run_edgecap(capfd, "caption", "--video", video, "--every", "1", "--model", sure, *extra)
+        assert out.returncode == 0, out.stderr
+        return out.stdout.splitlines()
+
+    for x, marked in (("1", True), ("0.5", False)):
+        records = [json.loads(line) for line in caption("--json", "--min-confidence", x)]
+        assert [(r["time"], r["low_confidence"]) for r in records] == [(0.0, marked), (1.0, marked)]
+        assert all(r["confidence"] == pytest.approx(0.9526, abs=1e-4) and "objects" not in r for r in records)
+    plain = [line.split("\t") for line in caption("--min-confidence", "1", "--objects")]
+    assert [(f[0], len(f), f[3]) for f in plain] == [
+        ("0.00s", 4, "low confidence"),
+        ("1.00s", 4, "low confidence"),
+    ]
+    for fields in plain:
+        assert re.fullmatch(r"([^,]+ [01]\.\d\d, ){4}[^,]+ [01]\.\d\d", fields[2]), fields
+    records = [json.loads(line) for line in caption("--json", "--objects")]
+    assert [len(r["objects"]) for r in records] == [5, 5] and "low_confidence" not in records[0]
 
 
 def test_attention_for_an_unreadable_image_writes_nothing(tiny_model_dir, tmp_path, capfd):

@@ -8,7 +8,14 @@ import os
 import sys
 from typing import Any
 
-from edgecap.commands.output import escape_field, json_line, print_result, write
+from edgecap.commands.output import (
+    caption_fields,
+    caption_record,
+    escape_field,
+    json_line,
+    print_result,
+    write,
+)
 
 
 def run_attention(captioner, inputs: list[tuple[str, Any]], args) -> int:  # (name, path or InputError)
@@ -75,7 +82,7 @@ def run_stream(captioner, args: argparse.Namespace) -> int:
         stream = caption_stream(captioner, camera_frames(args.camera), every=args.every, live=True)
     try:
         for event in stream:
-            _print_event(event, args.json)
+            _print_event(event, args.json, args.show_objects, args.min_confidence)
     except KeyboardInterrupt:
         stream.close()
         print(f"edgecap: {stream.stats}", file=sys.stderr)
@@ -88,19 +95,28 @@ def run_stream(captioner, args: argparse.Namespace) -> int:
     return 0
 
 
-def _print_event(event, as_json: bool) -> None:
+def _print_event(event, as_json: bool, objects: bool = False, min_confidence: float | None = None) -> None:
+    """One frame's record; ``--objects`` and ``--min-confidence`` add to it as to a photo's."""
     caption = event.caption
     if as_json:
-        line = {
-            "time": round(event.timestamp, 3),
-            "frame": event.frame_index,
+        record = {
             "caption": caption.text,
             "score": round(caption.score, 4),
             "confidence": caption.confidence,
             "recognisable": caption.recognisable,
+        }
+        if objects or min_confidence is not None:  # a photo's fields: "objects", "low_confidence"
+            record = caption_record(caption, min_confidence)
+            if not objects:
+                del record["objects"]
+        line = {
+            "time": round(event.timestamp, 3),
+            "frame": event.frame_index,
+            **record,
             "timings": {k: round(v, 2) for k, v in caption.timings.items()},
             "dropped": event.dropped,
         }
         write(json_line(line))
     else:
-        write(f"{event.timestamp:.2f}s\t{escape_field(caption.text)}")
+        fields = caption_fields(caption, objects, min_confidence)
+        write("\t".join([f"{event.timestamp:.2f}s", *map(escape_field, fields)]))
