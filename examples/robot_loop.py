@@ -44,6 +44,10 @@ def main(argv: list[str] | None = None) -> int:
             )
     except KeyboardInterrupt:  # Ctrl-C: stop the reader and release the video, then report
         stream.close()
+    except EdgecapError as exc:  # a cut or damaged video, after its readable frames' captions
+        print(f"robot_loop: {exc}", file=sys.stderr)
+        print(f"done: {stream.stats}", flush=True)
+        return 1
     print(f"done: {stream.stats}", flush=True)
     return 0
 

@@ -287,6 +287,28 @@ def test_robot_loop_example(tiny_model_dir, video):
     assert summary.startswith("done: ") and "from 20 frames" in summary
 
 
+def test_robot_loop_example_on_a_cut_video_names_the_problem_after_its_captions(
+    tiny_model_dir, video, tmp_path
+):
+    """A recording cut short (the robot lost power): the captions of the frames before the cut,
+    then the video's InputError in one line and the summary over the frames read, exit 1; it
+    was a traceback."""
+    data = video.read_bytes()
+    cut = tmp_path / "cut.avi"
+    cut.write_bytes(data[: len(data) // 2])  # 5 to 17 of its 20 frames (test_hostile_video)
+    out = run(ROOT / "examples" / "robot_loop.py", cut, "--model", tiny_model_dir, "--every", "0.5")
+    assert out.returncode == 1, out.stderr
+    error = re.fullmatch(
+        r"robot_loop: .*cut\.avi: the video ends after (\d+) of its 20 frames .*\n", out.stderr
+    )
+    assert error, out.stderr
+    read = int(error[1])
+    *events, summary = out.stdout.splitlines()
+    frames = [int(line.split("frame")[1].split()[0]) for line in events]
+    assert frames and set(frames) <= {i for i in (0, 5, 10, 15) if i < read}
+    assert summary.startswith("done: ") and f"from {read} frames" in summary
+
+
 def test_attention_of_a_blank_photo_says_so_and_writes_nothing(tiny_model_dir, tmp_path, capfd, monkeypatch):
     photo = tmp_path / "green.png"
     Image.new("RGB", (300, 200), GREEN).save(photo)
