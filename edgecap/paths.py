@@ -51,7 +51,9 @@ def _expand_one(arg: str, state: _Seen) -> Iterator[tuple[str, object]]:
         return
     path = Path(arg)
     literal = glob.has_magic(arg) and not os.path.lexists(arg)
-    if not literal and path.is_dir():
+    # os.path.isdir, not Path.is_dir: a name the system refuses (ENAMETOOLONG: over 255 bytes)
+    # is not a folder, and the captioner then names its problem; Path.is_dir raised it
+    if not literal and os.path.isdir(path):
         found = False
         for name, item in _walk(path, lambda rel: _has_image_suffix(rel[-1]), lambda rel: True, state):
             found = found or _is_match(item)
@@ -94,7 +96,7 @@ def _expand_glob(pattern: str, state: _Seen) -> Iterator[tuple[str, object]]:
     base = Path(*parts[:fixed]) if fixed else Path()
     rest = parts[fixed:]
     found = False
-    if base == Path() or base.is_dir():
+    if base == Path() or os.path.isdir(base):
         for name, item in _walk(
             base,
             lambda rel: _has_image_suffix(rel[-1]) and _match(rest, rel),

@@ -165,6 +165,20 @@ def test_empty_path_is_an_error_not_the_current_folder(tmp_path):
     assert "empty PATH" in pairs[0][1].problem
 
 
+def test_a_name_too_long_for_the_file_system_is_passed_on_not_raised(tmp_path):
+    """A PATH over the file system's 255-byte name limit (ENAMETOOLONG, which Path.is_dir
+    raised: edgecap caption stopped with a traceback, the other photos uncaptioned) is no folder:
+    the file is passed on for the captioner to name its problem, and a glob under such a folder
+    matches nothing."""
+    photo = _photo(tmp_path / "a.png")
+    long_name = str(tmp_path / ("x" * 300 + ".jpg"))
+    long_glob = str(tmp_path / ("y" * 300) / "*.jpg")
+    pairs = list(expand_all([long_name, str(photo), long_glob]))
+    assert [name for name, _ in pairs] == [long_name, str(photo), long_glob]
+    assert pairs[0][1] == long_name and pairs[1][1] == str(photo)
+    assert isinstance(pairs[2][1], InputError) and "matches no image files" in pairs[2][1].problem
+
+
 def test_globs_match_the_image_files_pythons_glob_matches(tmp_path, monkeypatch):
     """A glob gives the image files that ``glob.glob(pattern, recursive=True)`` gives: ``*`` and
     ``**`` skip hidden files and folders unless the pattern names the dot, ``**`` alone means
@@ -306,11 +320,12 @@ def test_cli_reports_every_skip_and_captions_the_rest(tiny_model_dir, tmp_path):
     _photo(tmp_path / "cwd_photo.png", 30)
     (root / "loop").symlink_to(".")
     (root / "gone.png").symlink_to("nowhere.png")
-    out = run_cli(root, "", model=tiny_model_dir, cwd=tmp_path)
+    out = run_cli(root, "", "z" * 300 + ".jpg", model=tiny_model_dir, cwd=tmp_path)
     assert out.returncode == 1, out.stderr
     assert [line.split("\t")[0] for line in out.stdout.splitlines()] == [str(root / "a.png")]
     errors = out.stderr.splitlines()
     assert errors[0].startswith(f"edgecap: {root / 'gone.png'}: skipped: broken symbolic link")
     assert errors[1].startswith(f"edgecap: {root / 'loop'}: skipped: a symbolic link loop")
     assert errors[2].startswith("edgecap: : empty PATH argument")
+    assert errors[3] == f"edgecap: {'z' * 300}.jpg: cannot read the file (File name too long)"
     assert "Traceback" not in out.stderr and "cwd_photo" not in out.stdout
