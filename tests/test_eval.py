@@ -865,6 +865,48 @@ def test_a_ptb_tokenizer_that_java_cannot_run_is_an_error_not_scores(
     assert len(written) == 1 and written[0]["caption"].strip()  # the photo's caption kept
 
 
+def test_a_ptb_tokenizer_that_cannot_write_its_temporary_file_does_not_blame_java(
+    tiny_model_dir, tmp_path, monkeypatch, capsys
+):
+    """coco-caption's PTB tokenizer writes the captions to a temporary file beside its jar, in
+    pycocoevalcap's installed folder: read-only where root installed it and another user runs
+    edgecap eval (a container's user), or on a full disk. That is one line naming the folder and
+    the system's reason, exit 2, not 'coco-caption needs Java 8 or newer (java -version)': Java
+    never ran. Java's check and the file are stubbed (no Java needed)."""
+    import types
+
+    import pycocoevalcap.tokenizer.ptbtokenizer as ptb
+
+    folder = os.path.dirname(os.path.abspath(ptb.__file__))
+
+    class FullDisk:  # made, then its write fails: the OSError names no file
+        name = os.path.join(folder, "tmpfull")
+
+        def write(self, data):
+            raise OSError(28, "No space left on device")
+
+    def read_only(delete=True, dir=None):
+        raise PermissionError(13, "Permission denied", os.path.join(dir, "tmpk3x9"))
+
+    monkeypatch.setattr(metrics, "java_available", lambda: True)
+    monkeypatch.setattr(ptb, "tempfile", types.SimpleNamespace(NamedTemporaryFile=lambda **kw: FullDisk()))
+    with pytest.raises(metrics.JavaFailed) as full:
+        metrics.score({1: ["a cat sits"]}, {1: "a cat"}, "ptb", metrics=("BLEU-1",))
+    assert str(full.value) == (
+        f"coco-caption's PTB tokenizer cannot write its temporary file in {folder} (No space left on device)"
+    )
+    monkeypatch.setattr(ptb, "tempfile", types.SimpleNamespace(NamedTemporaryFile=read_only))
+    (tmp_path / "cat.png").write_bytes((EXAMPLES / "chelsea.png").read_bytes())
+    refs = coco_json(tmp_path / "refs.json", {"cat.png": ["A cat."]})
+    out = tmp_path / "captions.json"
+    args = ["--images", str(tmp_path), "--references", str(refs), "--model", str(tiny_model_dir)]
+    assert main(["eval", *args, "--max-length", "3", "--output", str(out), "--no-progress"]) == 2
+    assert capsys.readouterr().err.splitlines()[-1] == (
+        f"edgecap eval: error: coco-caption's PTB tokenizer cannot write its temporary file in {folder} "
+        f"(Permission denied); the captions are in {out}"
+    )
+
+
 def test_per_image_cider_averages_to_the_corpus_cider():
     per_image = metrics.per_image_cider(REFS, HYPS, tokenizer="simple")
     assert set(per_image) == set(REFS)

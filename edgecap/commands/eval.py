@@ -121,7 +121,7 @@ def run(args: argparse.Namespace) -> int:
         report = score_split(items, hyps)
     except JavaFailed as exc:  # a Java that starts but cannot run coco-caption's jars (too old)
         written = f"; the captions are in {args.output}" if args.output and unwritten is None else ""
-        return _fail(f"{exc}: coco-caption needs Java 8 or newer (java -version){written}")
+        return _fail(f"{exc}{written}")  # it says when Java 8 or newer is needed
     summary = _summary(args, captioner, report, seconds)
     if args.json:
         print(json.dumps(summary, ensure_ascii=False))

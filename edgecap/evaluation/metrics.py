@@ -9,6 +9,7 @@ METEOR needs Java too and is skipped, with a warning, where Java is absent.
 from __future__ import annotations
 
 import functools
+import os
 import shutil
 import subprocess
 import warnings
@@ -26,7 +27,11 @@ _LINE_BREAKS = str.maketrans(dict.fromkeys("\r\x0b\x0c\u2028\u2029", " "))
 
 class JavaFailed(RuntimeError):
     """coco-caption's Java (the PTB tokenizer, METEOR) started but failed while working: the
-    message says which, and what it gave back."""
+    message says which, and what it gave back (and that it needs Java 8 or newer where Java
+    failed, not where the tokenizer could not write its temporary file)."""
+
+
+_NEEDS_JAVA = "coco-caption needs Java 8 or newer (java -version)"
 
 
 def java_available() -> bool:
@@ -78,7 +83,17 @@ def _ptb(tok, captions: dict) -> dict:
     try:
         out = tok.tokenize(captions)
     except (OSError, subprocess.SubprocessError, ValueError) as exc:
-        raise JavaFailed(f"coco-caption's PTB tokenizer (Java) failed: {exc}") from exc
+        if isinstance(exc, OSError) and exc.filename != "java":  # Java's own name: it did not start
+            # the temporary file it writes beside its jar: a read-only install (root's, run by
+            # another user), a full disk; no fault of Java's
+            from pycocoevalcap.tokenizer import ptbtokenizer
+
+            folder = os.path.dirname(os.path.abspath(ptbtokenizer.__file__))
+            raise JavaFailed(
+                f"coco-caption's PTB tokenizer cannot write its temporary file in {folder} "
+                f"({exc.strerror or exc})"
+            ) from exc
+        raise JavaFailed(f"coco-caption's PTB tokenizer (Java) failed: {exc}: {_NEEDS_JAVA}") from exc
     given = {k: len(v) for k, v in captions.items()}
     back = sum(1 for v in out.values() for w in v if w.strip())
     # every caption back, and not all of them empty when some had a word (Java's one empty line)
@@ -86,7 +101,7 @@ def _ptb(tok, captions: dict) -> dict:
     if {k: len(v) for k, v in out.items()} != given or (words and not back):
         raise JavaFailed(
             f"coco-caption's PTB tokenizer (Java) gave back {back} of {sum(given.values())} captions "
-            "(its errors are on stderr above)"
+            f"(its errors are on stderr above): {_NEEDS_JAVA}"
         )
     return out
 
@@ -135,7 +150,7 @@ def scores(
             try:
                 corpus, each = meteor.compute_score(refs_t, hyps_t)
             except (OSError, ValueError) as exc:  # Java gone: a broken pipe, an empty reply
-                raise JavaFailed(f"METEOR (Java) failed while scoring: {exc!r}") from exc
+                raise JavaFailed(f"METEOR (Java) failed while scoring: {exc!r}: {_NEEDS_JAVA}") from exc
             finally:
                 _close_meteor(meteor)
             out["METEOR"] = float(corpus)
