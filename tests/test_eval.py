@@ -807,6 +807,18 @@ def test_ptb_tokenizer_keeps_each_caption_with_its_image_across_line_breaks(recw
 
 
 @needs_java
+def test_ptb_hypotheses_without_a_word_score_zero_not_a_java_failure(recwarn):
+    """A model that says nothing (every caption empty, or only punctuation, which the PTB
+    tokenizer removes) is scored: 0 in every metric (an empty caption shares no word with its
+    references), not ``JavaFailed``. Java's own failure with one caption gives back one empty
+    line too; only captions that had a word and all came back empty are Java's fault."""
+    refs = {1: ["a cat sits on a mat"], 2: ["a dog runs on the grass"]}
+    for hyps in ({1: "", 2: ""}, {1: "...", 2: " . "}):
+        got = metrics.score(refs, hyps, tokenizer="ptb", metrics=("BLEU-1", "ROUGE-L", "CIDEr"))
+        assert (got["BLEU-1"], got["ROUGE-L"], got["CIDEr"]) == pytest.approx((0, 0, 0), abs=1e-9)
+
+
+@needs_java
 def test_a_meteor_whose_java_dies_is_an_error_not_a_hang_at_exit():
     """pycocoevalcap's METEOR takes a lock to score and keeps it when it fails, and its
     ``__del__`` waits for that lock. A METEOR whose Java is gone (here its jar cannot be found,
