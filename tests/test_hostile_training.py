@@ -1010,6 +1010,44 @@ def test_a_checkpoint_write_that_fails_is_an_os_error_naming_the_file(
     )
 
 
+@torch_needed
+def test_a_checkpoint_and_its_optimizer_state_that_cannot_be_written_are_os_errors_naming_the_file(tmp_path):
+    """What edgecap train writes at each epoch goes through ``save_tensors``: the checkpoint's
+    weights (``save_checkpoint``, into the ``.new`` folder that replaces the checkpoint) and the
+    optimizer's state (``_save_optimizer``, last's training-only file). A write that fails (past
+    the file size limit, as on a full disk) is an OSError naming the file, which the command
+    reports in one line; safetensors' save_file raised its SafetensorError, a traceback. No
+    half-written checkpoint takes the checkpoint's name."""
+    import errno
+
+    import torch
+
+    from edgecap.models.checkpoint import save_checkpoint
+    from edgecap.models.decoder import CaptionDecoder, DecoderConfig
+    from edgecap.preprocess import Preprocessing
+    from edgecap.training.train import _save_optimizer
+    from edgecap.vocab import Vocabulary
+
+    vocab = Vocabulary.build(["a dog runs on the grass", "a cat sits on a red mat"], min_count=1)
+    decoder = CaptionDecoder(  # weights of about 150 kB of float32, past the 4 kB limit
+        DecoderConfig(vocab_size=len(vocab), hidden_dim=64, feature_dim=64, embed_dim=32, attention_dim=32)
+    )
+    checkpoint = tmp_path / "last"
+    with _file_size_limit(4096), pytest.raises(OSError) as raised:
+        save_checkpoint(checkpoint, decoder, vocab, Preprocessing(size=(224, 224)), {})
+    written = checkpoint.with_name("last.new") / "model.safetensors"
+    assert (raised.value.errno, raised.value.filename) == (errno.EFBIG, str(written))
+    assert not checkpoint.exists()
+
+    optimizer = torch.optim.Adam(decoder.parameters())
+    sum(p.sum() for p in decoder.parameters()).backward()
+    optimizer.step()  # its state: two moments per weight
+    state = tmp_path / "optimizer.safetensors"
+    with _file_size_limit(4096), pytest.raises(OSError) as raised:
+        _save_optimizer(optimizer, state, tmp_path / "optimizer.json")
+    assert (raised.value.errno, raised.value.filename) == (errno.EFBIG, str(state))
+
+
 def _no_training(monkeypatch) -> list:
     """``edgecap train`` with its training replaced: the configs it would have run with."""
     import edgecap.training.train as training
