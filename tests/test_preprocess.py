@@ -14,6 +14,7 @@ Images of one solid colour, so resizing (bilinear) keeps every pixel value.
 from __future__ import annotations
 
 import json
+import warnings
 from pathlib import Path
 
 import numpy as np
@@ -131,11 +132,45 @@ def test_a_model_size_that_is_not_square_is_height_by_width():
     _assert_channels(x[:, 60:], (-1.0, -1.0, -1.0))
 
 
+def test_a_photo_with_one_side_of_the_model_size_is_still_resized():
+    """A 224-wide portrait (224 x 448) or a 224-high panorama (448 x 224) has one side at the
+    model size already; the other must still be squashed to it: (3, 224, 224), the top half
+    of the portrait (rows 0-223 of 448, the colour worked out above) in rows 0-111 of the input
+    and its black bottom half ((0 - 127.5) / 127.5 = -1) in rows 112-223, the panorama's left
+    half in columns 0-111. Rows and columns next to the boundary (bilinear blends them) are
+    left out."""
+    portrait = np.zeros((448, 224, 3), np.uint8)
+    portrait[:224] = COLOUR
+    x = _model_input(portrait)
+    _assert_channels(x[:, :108], EXPECTED)
+    _assert_channels(x[:, 116:], (-1.0, -1.0, -1.0))
+    x = _model_input(np.ascontiguousarray(portrait.transpose(1, 0, 2)))
+    _assert_channels(x[:, :, :108], EXPECTED)
+    _assert_channels(x[:, :, 116:], (-1.0, -1.0, -1.0))
+
+
 def test_a_manifest_without_resample_reads_as_bilinear():
     d = SHIPPED.to_dict()
     assert Preprocessing.from_dict(d) == SHIPPED
     del d["resample"]
     assert Preprocessing.from_dict(d).resample == "bilinear"
+
+
+def test_a_manifests_preprocessing_is_written_and_read_back_field_for_field():
+    """What a model's manifest.json records (Manifest, checkpoints, the feature cache key) is
+    to_dict's, and from_dict gives the same preprocessing back. The shipped one has mean and
+    std equal and a square size, so a swap would not show: an ImageNet normalisation on a
+    120 x 200 (height x width) input, written out by hand."""
+    pre = Preprocessing(size=(120, 200), mean=IMAGENET.mean, std=IMAGENET.std, resample="bicubic")
+    written = {
+        "size": [120, 200],
+        "mean": [123.675, 116.28, 103.53],
+        "std": [58.395, 57.12, 57.375],
+        "resample": "bicubic",
+    }
+    assert pre.to_dict() == written
+    assert Preprocessing.from_dict(json.loads(json.dumps(written))) == pre
+    assert Preprocessing.from_dict(written).size == (120, 200)
 
 
 def test_the_manifests_resample_filter_is_the_one_used():
@@ -307,6 +342,21 @@ def test_a_dark_frame_is_multiplied_up_to_the_full_range_by_at_most_8():
     red = np.zeros((224, 224, 3), np.uint8)
     red[..., 0] = 200
     assert gain(red) == 1.0
+
+
+def test_a_black_frame_gets_the_full_gain_without_a_division_by_zero():
+    """A black frame (a lens cap) has level 0: its gain is 255 / max(0, 1) = 255, capped at 8,
+    worked out without dividing by zero, so a program running with warnings as errors (python
+    -W error) is not stopped by a RuntimeWarning; its input stays black ((0 - 127.5) / 127.5 =
+    -1)."""
+    from edgecap.preprocess import exposure_gain
+
+    black = _level_frame(0)
+    with warnings.catch_warnings():
+        warnings.simplefilter("error")
+        assert float(exposure_gain(black.transpose(2, 0, 1))) == 8.0
+        x = to_model_input(Image.fromarray(black), SHIPPED, brighten=True)
+    _assert_channels(x, (-1.0, -1.0, -1.0))
 
 
 def test_brightening_multiplies_the_levels_and_caps_them_at_255():
