@@ -128,7 +128,8 @@ def test_a_file_that_grows_is_read_no_further_than_the_limit(tmp_path, monkeypat
     monkeypatch.setattr(files.os, "fdopen", lambda fd, mode: Recorder(real_fdopen(fd, mode)))
     images.set_max_file_bytes(1000)
     try:
-        _refused(path, "grew past the limit of 1,000 bytes")
+        # and says how to raise the limit, as a file over it before reading does
+        _refused(path, "grew past the limit of 1,000 bytes", "set_max_file_bytes", images.MAX_FILE_BYTES_ENV)
     finally:
         images.set_max_file_bytes(None)
     assert asked == [1001]
@@ -322,6 +323,20 @@ def test_tiff_codecs_outside_the_list_are_refused(tmp_path):
     _refused(path, "TIFF compression 'jpeg' is not accepted")
     _photo().save(path, compression="tiff_lzw")
     assert images.load_rgb(path).size == (64, 48)
+
+
+@pytest.mark.parametrize("compression", ["group3", "group4", "tiff_ccitt", "jpeg", "lzma", "zstd"])
+def test_every_tiff_codec_outside_the_documented_list_is_refused(compression):
+    """Only the codecs the module docstring lists (raw, packbits, LZW, deflate) are decoded;
+    each other one Pillow can write here (the fax codecs on a 1-bit image) is refused by name
+    before any pixel is decoded, whichever it is."""
+    image = _photo().convert("1") if compression in ("group3", "group4", "tiff_ccitt") else _photo()
+    buf = io.BytesIO()
+    try:
+        image.save(buf, "TIFF", compression=compression)
+    except OSError:  # a libtiff built without this codec
+        pytest.skip(f"this Pillow cannot write TIFF compression {compression!r}")
+    _refused(buf.getvalue(), f"TIFF compression {compression!r} is not accepted")
 
 
 def _bmp_rle8(width: int, height: int) -> bytes:
