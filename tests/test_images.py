@@ -127,6 +127,19 @@ def test_gray_with_alpha_goes_over_white(tmp_path):
         assert tuple(x[0, 0]) == (255, 255, 255) and tuple(x[0, 1]) == (50, 50, 50)
 
 
+@pytest.mark.parametrize("mode", ["RGBA", "RGBa", "LA", "PA"])
+def test_a_pil_image_of_any_alpha_mode_goes_over_white(mode):
+    """A PIL image passed in any of Pillow's modes with alpha (PA: a palette with alpha, as
+    convert("PA") gives) has its transparent pixels white, not the colour stored under them
+    (black here, or palette entry 1). The opaque pixel keeps its colour: (200, 30, 40), or in LA
+    its luma, 200 * 0.299 + 30 * 0.587 + 40 * 0.114 = 81.97 -> 82."""
+    rgba = Image.new("RGBA", (2, 1), (0, 0, 0, 0))
+    rgba.putpixel((0, 0), (200, 30, 40, 255))
+    x = rgb_array(rgba.convert(mode))
+    assert tuple(x[0, 1]) == (255, 255, 255)
+    assert tuple(x[0, 0]) == ((82, 82, 82) if mode == "LA" else (200, 30, 40))
+
+
 def test_a_colour_key_png_is_flattened_onto_white(tmp_path):
     """A PNG's tRNS colour key makes every pixel of that colour transparent (Pillow opens an RGB
     or L image with info["transparency"]): those pixels become white like any transparency;
@@ -336,6 +349,29 @@ def test_set_max_pixels_above_pillow_limit_lets_pillow_open(tmp_path):
     _assert_input_error(path, str(path), "truncated")
 
 
+def test_set_max_pixels_raises_pillows_guard_at_once_and_never_lowers_it():
+    """set_max_pixels(n) raises Pillow's process-wide guard to n when it is larger, at once, so
+    a program that opens a large photo with Pillow itself (to pass edgecap the PIL image) is not
+    refused by Pillow before edgecap has decoded anything: a 15,000 x 15,000 header is
+    225,000,000 pixels, over twice Pillow's default of 89,478,485 (178,956,970), which Pillow
+    refuses while opening. A lower n leaves Pillow's guard as it is (the caller's, not ours)."""
+    data = png_header_only(15_000, 15_000)
+    default = Image.MAX_IMAGE_PIXELS
+    assert default == 89_478_485  # Pillow's default (the conftest restores it after each test)
+    with pytest.raises(Image.DecompressionBombError):
+        Image.open(io.BytesIO(data))
+    images.set_max_pixels(300_000_000)
+    assert Image.MAX_IMAGE_PIXELS == 300_000_000
+    with Image.open(io.BytesIO(data)) as im:  # the caller's own call, before any edgecap decode
+        assert im.size == (15_000, 15_000)
+    images.set_max_pixels(100)
+    assert Image.MAX_IMAGE_PIXELS == 300_000_000
+    Image.MAX_IMAGE_PIXELS = default
+    images.set_max_pixels(100)
+    _assert_input_error(_png((11, 10)), f"<bytes ({len(_png((11, 10)))} bytes)>", "over the limit of 100")
+    assert Image.MAX_IMAGE_PIXELS == default  # nor does decoding under a lower limit
+
+
 def test_env_var_limit(tmp_path, monkeypatch):
     path = _save(_rgb(size=(20, 20)), tmp_path / "a.png")
     monkeypatch.setenv(images.MAX_PIXELS_ENV, "50")
@@ -465,6 +501,22 @@ def test_16_bit_arrays_and_files_read_as_0_to_65535_alike_and_in_order(tmp_path)
     assert (rgb_array(_save(Image.fromarray(values), tmp_path / "deep.png")) == want[:, :, None]).all()
 
 
+def test_16_bit_images_of_either_byte_order_are_scaled_not_clipped(tmp_path):
+    """A big-endian 16-bit TIFF (byte order "MM": Pillow opens it as mode I;16B, not I;16) and
+    PIL images of Pillow's other 16-bit modes (I;16B, I;16L, I;16N) read as x // 257 as I;16
+    does; Pillow's own convert("RGB") clips them instead (256 and 40000 both white)."""
+    values = np.array([[0, 256, 3000, 40000, 65535]], np.uint16)
+    want = np.array([[0, 0, 11, 155, 255]], np.uint8)  # values // 257, by hand
+    big_endian = Image.frombytes("I;16B", (5, 1), values.astype(">u2").tobytes())
+    path = _save(big_endian, tmp_path / "deep.tif")
+    with Image.open(path) as im:
+        assert im.mode == "I;16B"  # what this test is about: a file that opens as I;16B
+    assert (rgb_array(path) == want[:, :, None]).all()
+    for mode, dtype in (("I;16B", ">u2"), ("I;16L", "<u2"), ("I;16N", "=u2")):
+        im = Image.frombytes(mode, (5, 1), values.astype(dtype).tobytes())
+        assert (rgb_array(im) == want[:, :, None]).all(), mode
+
+
 def test_dark_16_bit_data_is_captioned_with_a_hint_said_once(monkeypatch):
     """12-bit sensor data (0-4095) or 8-bit data cast to uint16 reads as a dark frame (with
     nothing said before): read as it is, with one UserWarning naming the shift; a camera loop
@@ -478,6 +530,46 @@ def test_dark_16_bit_data_is_captioned_with_a_hint_said_once(monkeypatch):
         rgb_array(frame)  # said once
         rgb_array(np.full((4, 4, 3), 40000, np.uint16))  # bright enough: nothing to say
     assert (rgb_array(frame << 4) == (4095 << 4) // 257).all()  # the shift: a bright frame
+
+
+def test_an_all_black_16_bit_frame_does_not_use_up_the_dark_data_hint(monkeypatch):
+    """The hint is for values all below 4096 but not all 0: a black uint16 frame (a camera's
+    first frames, a lens cap) is black whatever its bit depth, says nothing, and leaves the one
+    hint for the 12-bit frame after it."""
+    monkeypatch.setattr(images, "_warned_sixteen_bits", False)
+    with warnings.catch_warnings():
+        warnings.simplefilter("error")
+        assert (rgb_array(np.zeros((4, 4, 3), np.uint16)) == 0).all()
+    with pytest.warns(UserWarning, match=r"highest is 4095\)"):
+        rgb_array(np.full((4, 4, 3), 4095, np.uint16))
+
+
+def test_a_32_bit_float_image_is_scaled_from_0_1_like_a_float_array(tmp_path):
+    """A float TIFF (Pillow's mode F), as a file or a PIL image, holds levels in [0, 1] as a
+    float array does: 0 -> 0, 0.25 -> round(63.75) = 64, 0.5 -> round(127.5) = 128 (numpy
+    rounds half to even), 1 -> 255; not truncated to integers (0 and 1: black)."""
+    values = np.array([[0.0, 0.25, 0.5, 1.0]], np.float32)
+    want = np.array([[0, 64, 128, 255]], np.uint8)
+    im = Image.fromarray(values)
+    assert im.mode == "F"
+    path = _save(im, tmp_path / "float.tif")
+    for image in (im, path):
+        assert (rgb_array(image) == want[:, :, None]).all()
+
+
+def test_pillows_guard_turned_off_by_the_program_stays_off():
+    """A program that sets PIL.Image.MAX_IMAGE_PIXELS = None (no limit) for its own Pillow calls
+    keeps that: decoding with edgecap (its own limit still applies) and set_max_pixels leave
+    Pillow's guard off, and a 15,000 x 15,000 header (225,000,000 pixels, over twice Pillow's
+    default) still opens in the program's own Image.open afterwards."""
+    Image.MAX_IMAGE_PIXELS = None  # restored by the conftest
+    data = png_header_only(15_000, 15_000)
+    assert images.load_rgb(_png((11, 10))).size == (11, 10)
+    _assert_input_error(data, f"<bytes ({len(data)} bytes)>", "over the limit of 89,478,485")
+    images.set_max_pixels(10**9)
+    assert Image.MAX_IMAGE_PIXELS is None
+    with Image.open(io.BytesIO(data)) as im:
+        assert im.size == (15_000, 15_000)
 
 
 def test_lazily_opened_images_do_not_share_one_load_lock():
@@ -496,6 +588,8 @@ def test_lazily_opened_images_do_not_share_one_load_lock():
         (np.zeros((4, 4, 3), bool), ["dtype bool"]),
         (np.zeros((4, 4, 2), np.uint8), ["got 2"]),
         (np.zeros((3, 8, 8), np.uint8), ["channels-first"]),
+        (np.zeros((4, 8, 8), np.uint8), ["channels-first"]),  # RGBA, channels first
+        (np.zeros((1, 8, 8), np.uint8), ["channels-first"]),  # grey, channels first
         (np.zeros((2, 4, 4, 3), np.uint8), ["4 dimensions"]),
         (np.zeros((5,), np.uint8), ["1 dimensions"]),
         (np.zeros((0, 4, 3), np.uint8), ["empty"]),
