@@ -217,7 +217,12 @@ def test_stream_records_give_the_time_to_the_millisecond_and_the_frames_dropped(
     from edgecap.commands.caption_media import _print_event
 
     caption = SimpleNamespace(
-        text="a cat", score=-0.61234, confidence=0.8, recognisable=True, timings={"encode_ms": 3.14159}
+        text="a cat",
+        score=-0.61234,
+        objects=[("tabby", 0.51234)],
+        confidence=0.8,
+        recognisable=True,
+        timings={"encode_ms": 3.14159},
     )
     event = SimpleNamespace(timestamp=1 / 30, frame_index=1, caption=caption, dropped=2)
     _print_event(event, as_json=True)
@@ -228,6 +233,7 @@ def test_stream_records_give_the_time_to_the_millisecond_and_the_frames_dropped(
         "frame": 1,
         "caption": "a cat",
         "score": -0.6123,
+        "objects": [["tabby", 0.5123]],  # as in a photo's record, with or without --objects
         "confidence": 0.8,
         "recognisable": True,
         "timings": {"encode_ms": 3.14},
@@ -256,7 +262,10 @@ def test_video_captions_are_marked_below_min_confidence_and_tagged_with_objects(
     for x, marked in (("1", True), ("0.5", False)):
         records = [json.loads(line) for line in caption("--json", "--min-confidence", x)]
         assert [(r["time"], r["low_confidence"]) for r in records] == [(0.0, marked), (1.0, marked)]
-        assert all(r["confidence"] == pytest.approx(0.9526, abs=1e-4) and "objects" not in r for r in records)
+        # "objects" in every --json record, as in a photo's
+        assert all(
+            r["confidence"] == pytest.approx(0.9526, abs=1e-4) and len(r["objects"]) == 5 for r in records
+        )
     plain = [line.split("\t") for line in caption("--min-confidence", "1", "--objects")]
     assert [(f[0], len(f), f[3]) for f in plain] == [
         ("0.00s", 4, "low confidence"),

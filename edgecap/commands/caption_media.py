@@ -96,19 +96,12 @@ def run_stream(captioner, args: argparse.Namespace) -> int:
 
 
 def _print_event(event, as_json: bool, objects: bool = False, min_confidence: float | None = None) -> None:
-    """One frame's record; ``--objects`` and ``--min-confidence`` add to it as to a photo's."""
+    """One frame's record: a photo's fields (``--json``: "objects" always, as a photo's record
+    has them; ``--min-confidence`` adds "low_confidence"; in text, ``--objects`` adds the
+    tags), after the frame's time."""
     caption = event.caption
     if as_json:
-        record = {
-            "caption": caption.text,
-            "score": round(caption.score, 4),
-            "confidence": caption.confidence,
-            "recognisable": caption.recognisable,
-        }
-        if objects or min_confidence is not None:  # a photo's fields: "objects", "low_confidence"
-            record = caption_record(caption, min_confidence)
-            if not objects:
-                del record["objects"]
+        record = caption_record(caption, min_confidence)
         line = {
             "time": round(event.timestamp, 3),
             "frame": event.frame_index,
