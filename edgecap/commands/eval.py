@@ -13,7 +13,8 @@ simple tokenizer replaces PTB; stderr and the ``tokenizer`` field say so.
 Exit codes: 0 scored; 2 nothing captioned (bad option, an --output that is a folder, whose
 folder does not exist or that is a references file, unreadable references, listed images
 missing, all named before captioning starts), nothing scored (a Java that starts but cannot
-run coco-caption's tokenizer or METEOR: it needs Java 8 or newer), or the scores printed but
+run coco-caption's tokenizer or METEOR: it needs Java 8 or newer; the tokenizer's temporary
+file cannot be written in pycocoevalcap's folder), or the scores printed but
 --output could not be written (a full disk); 1 an image failed to decode while captioning (the
 split is not scored: a metric over part of it would not be comparable).
 """
