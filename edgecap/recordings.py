@@ -203,8 +203,8 @@ class Recording:
         return dict(sorted((c.topic, c.msgtype) for c in self.connections if c.msgtype in IMAGE_TYPES))
 
     def check_topics(self, topics: Iterable[str] | None) -> list[str]:
-        """The image topics to read: ``topics`` (each must be an image topic of the recording),
-        or all of them when None; ``RecordingError`` otherwise."""
+        """The image topics to read: ``topics`` (each must be an image topic of the recording, and
+        at least one), or all of them when None; ``RecordingError`` otherwise."""
         available = self.image_topics
         if not available:
             others = ", ".join(sorted({f"{c.topic} ({c.msgtype})" for c in self.connections}))
@@ -214,6 +214,10 @@ class Recording:
         if topics is None:
             return list(available)
         wanted = list(dict.fromkeys(topics))
+        if not wanted:  # an empty selection (a filter that matched nothing): no frames, silently
+            raise RecordingError(
+                f"{self.path}: no topic given (None: every image topic); image topics: {', '.join(available)}"
+            )
         for topic in wanted:
             if topic not in available:
                 types = {c.topic: c.msgtype for c in self.connections}
@@ -234,8 +238,9 @@ class Recording:
         while it is read raises ``RecordingError``. Checked here, not when the frames are first
         asked for: a topic the recording has no images on (``RecordingError``) and an ``every``
         that is not None or a positive number of seconds (``ValueError``)."""
-        from edgecap.stream import _Sampler  # the sampling grid of --video's --every
+        from edgecap.stream import _check_every, _Sampler  # the sampling grid of --video's --every
 
+        _check_every(every)  # also when no topic would make a sampler
         chosen = self.check_topics(topics)
         samplers = {topic: _Sampler(every) for topic in chosen}
         return self._frames(chosen, samplers)

@@ -825,6 +825,13 @@ def test_a_topic_the_recording_lacks_is_named_with_the_image_topics(tmp_path):
             RecordingError, match=r"topic /cam/left is not in the recording; image topics: /cam$"
         ):
             recording.frames(["/cam/left"])
+        # an empty selection (a filtered list that came out empty) is no silent empty stream
+        with pytest.raises(
+            RecordingError, match=r"no topic given \(None: every image topic\); image topics: /cam$"
+        ):
+            recording.frames([])
+        with pytest.raises(ValueError, match=r"every must be None or a positive number of seconds, got 0"):
+            recording.frames([], every=0)  # the interval checked first, as with any topics
 
 
 def test_compressed_depth_and_empty_compressed_frames_carry_their_error(tmp_path):
