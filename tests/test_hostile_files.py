@@ -305,6 +305,23 @@ def test_jpeg_scans_are_bounded_before_decoding():
     assert images.load_rgb(_jpeg_with_scans(images.MAX_JPEG_SCANS)).size == (96, 96)
 
 
+def test_a_scan_bomb_cannot_hide_its_scans_behind_odd_markers():
+    """The scan count is not thrown off by what comes before the scans (the bomb above, 65
+    scans, which Pillow decodes in full): a TEM marker (FF 01, which has no length field)
+    before the second scan, or 4,097 empty comment segments (FF FE 00 02) before the first, over
+    the 64 x 64 = 4,096 segments the count walks. Taking TEM's next two bytes (FF DA) as a
+    length skips past the scans; stopping the walk there with the scans so far (0) lets all 65
+    through. Both are refused as having more than 64 scans."""
+    bomb = _jpeg_with_scans(images.MAX_JPEG_SCANS + 1)
+    second_scan = [start for marker, start, _ in _jpeg_segments(bomb) if marker == 0xDA][1]
+    with_tem = bomb[:second_scan] + b"\xff\x01" + bomb[second_scan:]
+    flooded = bomb[:2] + b"\xff\xfe\x00\x02" * (64 * images.MAX_JPEG_SCANS + 1) + bomb[2:]
+    for data in (with_tem, flooded):
+        with Image.open(io.BytesIO(data)) as im:
+            im.load()  # Pillow decodes it, every scan
+        _refused(data, f"more than {images.MAX_JPEG_SCANS} scans")
+
+
 def test_scan_count_reads_markers_not_bytes():
     """SOS-like bytes inside an APP segment (metadata) are not scans."""
     buf = io.BytesIO()
