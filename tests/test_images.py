@@ -590,7 +590,7 @@ def test_lazily_opened_images_do_not_share_one_load_lock():
         (np.zeros((3, 8, 8), np.uint8), ["channels-first"]),
         (np.zeros((4, 8, 8), np.uint8), ["channels-first"]),  # RGBA, channels first
         (np.zeros((1, 8, 8), np.uint8), ["channels-first"]),  # grey, channels first
-        (np.zeros((2, 4, 4, 3), np.uint8), ["4 dimensions"]),
+        (np.zeros((2, 4, 4, 3), np.uint8), ["4 dimensions", "pass one image at a time or a list of images"]),
         (np.zeros((5,), np.uint8), ["1 dimensions"]),
         (np.zeros((0, 4, 3), np.uint8), ["empty"]),
         (np.full((4, 4, 3), np.nan, np.float32), ["NaN"]),
