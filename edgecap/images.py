@@ -38,9 +38,11 @@ Hostile files (paths and encoded bytes; arrays and PIL images are already decode
   shape and size;
 - decoding work is bounded before decoding, from the headers: a JPEG may have at most
   ``MAX_JPEG_SCANS`` scans (a progressive JPEG has about 10; each scan is a pass over the whole
-  image), a TIFF only the compressions in ``TIFF_COMPRESSIONS`` (linear-time codecs), a BMP no
-  RLE compression (Pillow decodes it in Python). Every accepted codec is then linear in the
-  file size and the pixel count, both bounded.
+  image) and ``MAX_JPEG_HEADER_SEGMENTS`` segments before its first scan (counted before Pillow
+  parses them: it reads each in Python and keeps every APPn and comment, and a 128 MiB file of
+  empty ones took 31 s and 4.6 GB), a TIFF only the compressions in ``TIFF_COMPRESSIONS``
+  (linear-time codecs), a BMP no RLE compression (Pillow decodes it in Python). Every accepted
+  codec is then linear in the file size and the pixel count, both bounded.
 """
 
 from __future__ import annotations
@@ -92,6 +94,7 @@ DEFAULT_MAX_FILE_BYTES = 128 * 1024 * 1024
 # being parsed.
 ACCEPTED_FORMATS = ("JPEG", "PNG", "GIF", "WEBP", "TIFF", "BMP")
 MAX_JPEG_SCANS = 64
+MAX_JPEG_HEADER_SEGMENTS = 4096  # photos have 10-30 (an ICC profile adds at most 255 parts)
 TIFF_COMPRESSIONS = ("raw", "packbits", "tiff_lzw", "tiff_adobe_deflate", "tiff_deflate")
 _max_pixels_override: int | None = None
 _max_file_bytes_override: int | None = None
@@ -293,6 +296,13 @@ def _decode(data: bytes, source: str, draft_size: tuple[int, int] | None = None)
     the headers before any pixel is decoded."""
     limit = max_pixels()
     _raise_pillow_limit(limit)
+    if data[:3] == b"\xff\xd8\xff":  # what Pillow opens as a JPEG (or MPO)
+        if jpeg_header_segments(data, MAX_JPEG_HEADER_SEGMENTS) > MAX_JPEG_HEADER_SEGMENTS:
+            raise InputError(
+                source,
+                f"JPEG with more than {MAX_JPEG_HEADER_SEGMENTS:,} segments before its image data "
+                "(photos have about 10-30; each is parsed and kept in memory)",
+            )
     try:
         # Pillow's limit is kept >= ours, so its DecompressionBombWarning only ever comes with an
         # image that our check below refuses anyway. ``formats``: no other plugin sees the bytes.
@@ -355,6 +365,26 @@ def _decoding_work_problem(im: Image.Image, data: bytes) -> str | None:
 
 
 _JPEG_MARKER = re.compile(rb"\xff+([^\x00\xd0-\xd7\xff])")
+
+
+def jpeg_header_segments(data: bytes, stop_after: int) -> int:
+    """The number of marker segments before the first scan (SOS) of the JPEG in ``data``,
+    counted from the markers without parsing them; counting stops past ``stop_after``."""
+    segments, pos, n = 0, 2, len(data)
+    while pos < n and segments <= stop_after:
+        match = _JPEG_MARKER.search(data, pos)
+        if match is None:
+            break
+        marker, pos = match.group(1)[0], match.end()
+        if marker == 0xDA or marker == 0xD9:  # SOS: the image data (libjpeg's), or EOI
+            break
+        segments += 1
+        if marker == 0xD8 or marker == 0x01:  # SOI, TEM: no length
+            continue
+        if pos + 2 > n:
+            break
+        pos += int.from_bytes(data[pos : pos + 2], "big")
+    return segments
 
 
 def jpeg_scans(data: bytes, stop_after: int) -> int:

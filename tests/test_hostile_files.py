@@ -306,20 +306,50 @@ def test_jpeg_scans_are_bounded_before_decoding():
 
 
 def test_a_scan_bomb_cannot_hide_its_scans_behind_odd_markers():
-    """The scan count is not thrown off by what comes before the scans (the bomb above, 65
+    """The scan count is not thrown off by what comes between the scans (the bomb above, 65
     scans, which Pillow decodes in full): a TEM marker (FF 01, which has no length field)
-    before the second scan, or 4,097 empty comment segments (FF FE 00 02) before the first, over
-    the 64 x 64 = 4,096 segments the count walks. Taking TEM's next two bytes (FF DA) as a
-    length skips past the scans; stopping the walk there with the scans so far (0) lets all 65
+    before the second scan, or 4,097 empty comment segments (FF FE 00 02) there, over the
+    64 x 64 = 4,096 segments the count walks. Taking TEM's next two bytes (FF DA) as a length
+    skips past the scans; stopping the walk there with the scans so far (1) lets all 65
     through. Both are refused as having more than 64 scans."""
     bomb = _jpeg_with_scans(images.MAX_JPEG_SCANS + 1)
     second_scan = [start for marker, start, _ in _jpeg_segments(bomb) if marker == 0xDA][1]
-    with_tem = bomb[:second_scan] + b"\xff\x01" + bomb[second_scan:]
-    flooded = bomb[:2] + b"\xff\xfe\x00\x02" * (64 * images.MAX_JPEG_SCANS + 1) + bomb[2:]
-    for data in (with_tem, flooded):
+    for odd in (b"\xff\x01", b"\xff\xfe\x00\x02" * (64 * images.MAX_JPEG_SCANS + 1)):
+        data = bomb[:second_scan] + odd + bomb[second_scan:]
         with Image.open(io.BytesIO(data)) as im:
             im.load()  # Pillow decodes it, every scan
         _refused(data, f"more than {images.MAX_JPEG_SCANS} scans")
+
+
+def test_a_flood_of_segments_before_a_jpegs_image_data_is_refused_before_pillow_parses_it():
+    """Pillow reads a JPEG's segments before its first scan in Python and keeps every APPn and
+    comment: a 16 MiB file (the service's body limit) of empty APP5 segments (FF E5 00 02, 4
+    bytes each) cost about 560 MB and 4 s to open, a 128 MiB one (the file limit) 4.6 GB and
+    31 s, for a 16 x 16 image. More than MAX_JPEG_HEADER_SEGMENTS (4,096; photos have 10-30)
+    are refused from the markers before Pillow sees the bytes; 4,096 are still read."""
+    photo = io.BytesIO()
+    _photo().save(photo, "JPEG")
+    data = photo.getvalue()
+    header = [marker for marker, _, _ in _jpeg_segments(data)].index(0xDA)  # segments before SOS
+    assert 2 <= header <= 30
+    spare = 4096 - header  # MAX_JPEG_HEADER_SEGMENTS
+    at_limit = data[:2] + b"\xff\xe5\x00\x02" * spare + data[2:]
+    assert images.load_rgb(at_limit).size == (64, 48)
+    flood = data[:2] + b"\xff\xe5\x00\x02" * (4 * 1024 * 1024) + data[2:]
+    opened = []
+    real_open = Image.open
+
+    def recording_open(*args, **kwargs):
+        opened.append(args)
+        return real_open(*args, **kwargs)
+
+    with pytest.MonkeyPatch.context() as mp:
+        mp.setattr(Image, "open", recording_open)
+        start = time.perf_counter()
+        _refused(flood, "JPEG with more than 4,096 segments before its image data")
+        _refused(at_limit[:2] + b"\xff\xfe\x00\x02" + at_limit[2:], "more than 4,096 segments")
+        assert time.perf_counter() - start < 1.0  # 4 s before (counted: 0.01 s)
+    assert opened == []
 
 
 def test_scan_count_reads_markers_not_bytes():
