@@ -99,6 +99,20 @@ def test_each_caption_of_a_batch_has_its_own_photos_objects_and_confidence(capti
         assert batch[name].confidence == pytest.approx(alone.confidence, abs=2e-3), name
 
 
+def test_a_frame_with_nothing_recognisable_keeps_its_objects_and_timings(captioner):
+    """A camera facing a grey wall: a uniform frame is "nothing recognisable" (no invented
+    scene), but ``Caption.objects`` are the encoder's classes "whatever the caption says" and
+    ``timings`` those of every caption: the same objects as the frame captioned with the blank
+    check off, and the three timings."""
+    grey = np.full((240, 320, 3), 128, np.uint8)
+    blank = captioner.caption(grey)
+    assert (blank.recognisable, blank.text, blank.confidence) == (False, "nothing recognisable", 0.0)
+    shown = Captioner(blank_check=False).caption(grey)
+    assert shown.recognisable and len(shown.objects) == 5
+    assert blank.objects == shown.objects
+    assert set(blank.timings) == {"preprocess_ms", "encode_ms", "decode_ms"}
+
+
 @pytest.mark.parametrize("name", ["chelsea.png", "rocket.jpg"])
 def test_bgr_frame_gives_the_pinned_caption(captioner, name):
     text, score = PINNED[name]
