@@ -464,6 +464,26 @@ def test_a_body_at_the_limit_is_captioned_and_one_over_it_refused_from_its_lengt
     assert fake.batches == [1]  # the refused body never reached the model
 
 
+def test_a_chunked_body_at_the_limit_is_captioned_and_one_byte_over_it_refused_while_read():
+    """A chunked body has no Content-Length: the limit is held while it is read. max_body_bytes
+    1,000: 1,000 bytes in chunks of 400, 400 and 200 are captioned; 1,001 (400, 400, 201) are
+    a 413 and never reach the model."""
+    fake = BlockingCaptioner()
+    fake.gate.set()
+    running = Running(fake, ServiceOptions(max_body_bytes=1000))
+    try:
+        status, answer, _ = post(running.port, iter([b"x" * 400, b"x" * 400, b"x" * 200]))
+        assert (status, answer.get("caption")) == (200, "1000 bytes"), answer
+        status, answer, _ = post(running.port, iter([b"x" * 400, b"x" * 400, b"x" * 201]))
+        assert (status, answer) == (
+            413,
+            {"error": "the body is larger, over the limit of 1,000 bytes (edgecap serve --max-body-mb)"},
+        )
+    finally:
+        running.stop()
+    assert fake.batches == [1]
+
+
 def test_a_stop_closes_a_connection_left_uploading_an_over_limit_body_and_finishes_the_others(
     monkeypatch,
 ):
