@@ -693,6 +693,21 @@ def test_options_are_checked():
             ServiceOptions(**bad).validate()
 
 
+def test_the_bounds_of_each_option_are_accepted():
+    """The smallest and largest values the options' messages allow ("must be a positive
+    integer", "between 0 and 1000") are valid: max_wait_ms 0 (no wait) and 1000 (one second),
+    one byte, one pending request, batches of one."""
+    for good in (
+        {"max_body_bytes": 1},
+        {"max_pending": 1},
+        {"max_batch": 1},
+        {"max_wait_ms": 0.0},
+        {"max_wait_ms": 1000},
+        {"read_timeout_s": 0.001},
+    ):
+        ServiceOptions(**good).validate()
+
+
 # -- the command --------------------------------------------------------------------------------
 def test_edgecap_serve_command(default_model_dir, captioner):
     server = subprocess.Popen(
