@@ -432,6 +432,33 @@ def test_a_batch_waits_at_most_max_wait_ms_after_its_first_request():
     assert [size for _, size, _ in answers] == [2, 2, 3, 3, 3]
 
 
+def test_after_an_idle_spell_the_wait_starts_at_the_first_request():
+    """The wait is counted from a batch's first request, not from when the worker began
+    waiting: max_wait 400 ms, the worker idle from 0 ms, requests at 2,000 and 2,100 ms (the
+    loop's virtual clock) are one batch of 2 (the second came 100 ms after the first); a wait
+    counted from 0 ms would be over at 400 ms and run them one by one."""
+    fake = BlockingCaptioner()
+    fake.gate.set()
+
+    async def main():
+        batcher = Batcher(fake, max_batch=3, max_wait_s=0.4)
+        worker = asyncio.get_running_loop().create_task(batcher.run())
+
+        async def at(delay: float, data: bytes):
+            await asyncio.sleep(delay)
+            return await batcher.submit(data)
+
+        try:
+            return await asyncio.gather(*(at(t, b"x") for t in (2.0, 2.1)))
+        finally:
+            worker.cancel()
+            batcher.close()
+
+    answers = _on_virtual_clock(main())
+    assert fake.batches == [2]
+    assert [size for _, size, _ in answers] == [2, 2]
+
+
 def test_a_body_over_a_mebibyte_and_under_the_limit_is_captioned():
     """aiohttp's own body limit is 1 MiB; the service's max_body_bytes (here 4 MiB) replaces
     it: 2 MiB bodies, with a Content-Length or chunked, are captioned."""
