@@ -462,6 +462,33 @@ def test_timings_are_milliseconds_of_each_stage(backend_calls, monkeypatch):
     assert [r.timings for r in results] == [pytest.approx(expected)] * 2
 
 
+def test_each_timing_is_the_time_of_its_own_stage(backend_calls, monkeypatch):
+    """A clock that moves only while a stage works: decoding a photo (load_rgb) 10 ms, making
+    its model input 2 ms, the encoder run 30 ms, the search 50 ms. Hand-traced for a batch of
+    two: each image's preprocess_ms is its 10 + 2 = 12 ms, encode_ms 30 / 2 = 15, decode_ms
+    50 / 2 = 25 (a uniform clock, as in the test above, cannot tell the stages apart)."""
+    import types
+
+    now = [0.0]
+
+    def taking(seconds, function):
+        def timed(*args, **kwargs):
+            now[0] += seconds
+            return function(*args, **kwargs)
+
+        return timed
+
+    captioner = Captioner(batch_size=2, decode_workers=0)
+    monkeypatch.setattr(api, "time", types.SimpleNamespace(perf_counter=lambda: now[0]))
+    monkeypatch.setattr(api, "load_rgb", taking(0.010, api.load_rgb))
+    monkeypatch.setattr(api, "model_input", taking(0.002, api.model_input))
+    monkeypatch.setattr(api, "search", taking(0.050, api.search))
+    monkeypatch.setattr(captioner.backend, "encode", taking(0.030, captioner.backend.encode))
+    results = captioner.caption_batch([IMAGE, IMAGE])
+    expected = {"preprocess_ms": 12.0, "encode_ms": 15.0, "decode_ms": 25.0}
+    assert [r.timings for r in results] == [pytest.approx(expected)] * 2
+
+
 def test_the_backend_is_built_for_the_rows_an_image_takes(backend_calls):
     """Limits(batch_size, rows per image): a constrained search takes two rows per beam."""
     from edgecap.contract import Limits
