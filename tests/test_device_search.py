@@ -386,6 +386,8 @@ OPTIONS = [
     dict(length_penalty=0.7, no_repeat_ngram=1),
     dict(fusion_weight=0),
     dict(guidance_bonus=0, beam_size=1),
+    # without the consensus choice the device search ranks and cuts to n_best itself (unpack)
+    dict(consensus=False, n_best=3),
 ]
 
 
