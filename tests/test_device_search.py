@@ -345,6 +345,19 @@ def test_a_non_finite_step_is_an_error_naming_the_word():
             _broken_search(backend, encoded, 12, options, fixed)
 
 
+def test_a_non_finite_first_step_is_an_error_naming_word_1():
+    """Broken from the first word on (the step's first output already NaN): an error naming
+    word 1, as the numpy loop raises it, in every form of the loop, not captions built on the
+    NaN (the first bad step is the step numbered 0)."""
+    backend = PrefixHashBackend(vocab_size=12, top_k=5, end_bias=-5.0)
+    encoded = backend.encode(np.array([3, 7]))
+    options = CaptionOptions(beam_size=2, max_length=6, no_repeat_ngram=0)
+    wrap = lambda step: _BrokenFrom(step, 1)  # noqa: E731
+    for fixed in LOOPS:
+        with pytest.raises(BackendError, match="non-finite log-probabilities at word 1 "):
+            _device(backend, encoded, options, fixed=fixed, vocab_size=12, wrap=wrap)
+
+
 def test_a_search_after_a_broken_one_is_unharmed():
     """A search whose step broke from word 3 (an image that never ends: the error names word
     3), then one of the same shape that is done at word 2 ("a" -0.1, "a <end>" -0.2, beam 1),
