@@ -1139,6 +1139,64 @@ def test_a_request_given_up_while_queued_does_not_stop_the_batcher():
     assert (caption.text, size, gone_cancelled) == ("4 bytes", 1, True)
 
 
+class StepCaptioner:
+    """Stands in for a Captioner: each ``caption_batch`` records its images, says it has them
+    (``entered``) and waits for its turn (``go``); a batch of more than one image raises (the
+    model runs out of memory), one image alone is captioned ("N bytes")."""
+
+    def __init__(self):
+        self.options = SimpleNamespace(batch_size=8)
+        self.calls: list[list[bytes]] = []
+        self.entered = threading.Semaphore(0)
+        self.go = threading.Semaphore(0)
+
+    def caption_batch(self, images, on_error="raise"):
+        self.calls.append(list(images))
+        self.entered.release()
+        assert self.go.acquire(timeout=CLIENT_TIMEOUT_S)
+        if len(images) > 1:
+            raise RuntimeError("out of memory")
+        return [SimpleNamespace(text=f"{len(images[0])} bytes")]
+
+
+def test_requests_given_up_while_a_failed_batch_is_retried_are_skipped_and_the_batcher_goes_on():
+    """A batch of three fails and its images are retried one at a time (docstring of
+    ``Batcher._one_at_a_time``). The request given up while the batch was in the model is not
+    retried (its client is gone: no model time for it); the one given up during its own retry
+    is dropped when that retry ends; the third is answered ("5 bytes", batch 1) and the worker
+    goes on. Model calls: the three, then b"bb" and b"ccccc" alone, not b"a"."""
+    fake = StepCaptioner()
+
+    async def main():
+        batcher = Batcher(fake, max_batch=3, max_wait_s=0.4)
+        a, b, c = (asyncio.ensure_future(batcher.submit(data)) for data in (b"a", b"bb", b"ccccc"))
+        await asyncio.sleep(0)  # all three queued before the worker starts
+        worker = asyncio.get_running_loop().create_task(batcher.run())
+        try:
+            assert await asyncio.to_thread(fake.entered.acquire, timeout=CLIENT_TIMEOUT_S)
+            a.cancel()  # its client went away while the batch of three was in the model
+            fake.go.release()  # ... which fails: each image is retried alone
+            assert await asyncio.to_thread(fake.entered.acquire, timeout=CLIENT_TIMEOUT_S)
+            b.cancel()  # its client went away while its image was retried
+            fake.go.release()
+            assert await asyncio.to_thread(fake.entered.acquire, timeout=CLIENT_TIMEOUT_S)
+            fake.go.release()
+            done, _ = await asyncio.wait(
+                {c, worker}, timeout=CLIENT_TIMEOUT_S, return_when=asyncio.FIRST_COMPLETED
+            )
+            assert c in done, f"the worker ended: {worker}"
+            return c.result(), worker.done(), a.cancelled(), b.cancelled()
+        finally:
+            worker.cancel()
+            for _ in range(3):  # a stray model call (on a failure) does not wait for its turn
+                fake.go.release()
+            batcher.close()
+
+    (caption, size, _), worker_ended, *gone = asyncio.run(main())
+    assert (caption.text, size, worker_ended, gone) == ("5 bytes", 1, False, [True, True])
+    assert fake.calls == [[b"a", b"bb", b"ccccc"], [b"bb"], [b"ccccc"]]
+
+
 def test_the_services_batches_wait_max_wait_ms_in_milliseconds():
     """ServiceOptions(max_wait_ms=400) is a 0.4 s wait in the service's own batcher: requests at
     0, 250, 550, 560 and 570 ms (the loop's virtual clock) with batches of up to 3 are batched
