@@ -548,6 +548,24 @@ def test_a_call_keeps_its_workers_when_the_number_changes(fake):
     cap.close()
 
 
+def test_close_stops_the_workers_of_a_call_whose_pool_was_replaced(fake):
+    """close() stops every decoding worker (its docstring), also those of a call still under
+    way whose pool was replaced when ``decode_workers`` changed (the call keeps its own pool,
+    test above): once close() returns no decoding thread is left, and the call stops with the
+    closed error at its next batch."""
+    before = frozenset(threading.enumerate())
+    cap = captioner(workers=2, batch=2)
+    first = cap.iter_captions([red(i) for i in range(10)])
+    assert next(first).text == word(0)
+    cap.decode_workers = 3
+    assert texts(cap.caption_batch([red(i) for i in range(6)])) == [word(i) for i in range(6)]
+    cap.close()
+    assert [t.name for t in _decode_threads(before) if t.is_alive()] == []
+    assert next(first).text == word(1)  # the batch handed out before close()
+    with pytest.raises(ValueError, match="this Captioner is closed"):
+        next(first)
+
+
 def test_a_call_starting_while_another_thread_sets_no_workers_keeps_its_own(fake):
     """One Captioner shared by threads: a call with 2 workers reads its first photos (to see
     whether there is more than one) when another thread sets ``decode_workers = 0``, here
@@ -580,6 +598,23 @@ def test_close_and_with_stop_the_workers_and_the_backend(fake):
         cap.caption_batch([red(0), red(1)])
     cap.close()  # again: nothing to do
     assert closed == [True]
+
+
+def test_closing_after_a_batch_in_the_same_thread_releases_a_one_batch_at_a_time_backend(fake):
+    """``with Captioner(backend="tensorrt") as cap: cap.caption_batch(...)``: the block's close()
+    runs in the thread whose batch has ended, not inside it; the backend (one set of device
+    buffers, ``thread_safe`` False) is released then, once, and a close() from another thread
+    returns."""
+    fake["backend"].thread_safe = False
+    closed = []
+    fake["backend"].close = lambda: closed.append(True)
+    with captioner(workers=0, batch=2) as cap:
+        assert texts(cap.caption_batch([red(i) for i in range(3)])) == [word(i) for i in range(3)]
+    assert closed == [True]
+    again = threading.Thread(target=cap.close, daemon=True)
+    again.start()
+    again.join(10)
+    assert not again.is_alive() and closed == [True]
 
 
 def _caption_in_a_thread(cap, n: int) -> tuple[threading.Thread, dict]:
