@@ -462,11 +462,24 @@ def test_timings_are_milliseconds_of_each_stage(backend_calls, monkeypatch):
     assert [r.timings for r in results] == [pytest.approx(expected)] * 2
 
 
-def test_each_timing_is_the_time_of_its_own_stage(backend_calls, monkeypatch):
-    """A clock that moves only while a stage works: decoding a photo (load_rgb) 10 ms, making
-    its model input 2 ms, the encoder run 30 ms, the search 50 ms. Hand-traced for a batch of
-    two: each image's preprocess_ms is its 10 + 2 = 12 ms, encode_ms 30 / 2 = 15, decode_ms
-    50 / 2 = 25 (a uniform clock, as in the test above, cannot tell the stages apart)."""
+class FramesCycleBackend(CycleBackend):
+    """CycleBackend that, as the torch backend with device preprocessing, takes the decoded RGB
+    frames (``prepares_frames``) and finds them all recognisable."""
+
+    prepares_frames = True
+
+    def encode_frames(self, frames, run_size=None, brighten=False):
+        return self.encode(frames), np.ones(len(frames), bool)
+
+
+@pytest.mark.parametrize("on_device", [False, True])
+def test_each_timing_is_the_time_of_its_own_stage(backend_calls, monkeypatch, on_device):
+    """A clock that moves only while a stage works: decoding a photo 10 ms, making its model
+    input 2 ms (on the host; a backend that ``prepares_frames`` does it in its encoder run), the
+    encoder run 30 ms, the search 50 ms. Hand-traced for a batch of two: each image's
+    preprocess_ms is 10 + 2 = 12 ms (10 when the backend prepares the frames), encode_ms
+    30 / 2 = 15, decode_ms 50 / 2 = 25 (a uniform clock, as in the test above, cannot tell the
+    stages apart)."""
     import types
 
     now = [0.0]
@@ -478,14 +491,18 @@ def test_each_timing_is_the_time_of_its_own_stage(backend_calls, monkeypatch):
 
         return timed
 
+    if on_device:
+        monkeypatch.setattr(api, "load_backend", lambda name, manifest, **options: FramesCycleBackend())
     captioner = Captioner(batch_size=2, decode_workers=0)
+    assert captioner.backend.prepares_frames == on_device
     monkeypatch.setattr(api, "time", types.SimpleNamespace(perf_counter=lambda: now[0]))
     monkeypatch.setattr(api, "load_rgb", taking(0.010, api.load_rgb))
+    monkeypatch.setattr(api, "load_rgb_array", taking(0.010, api.load_rgb_array))
     monkeypatch.setattr(api, "model_input", taking(0.002, api.model_input))
     monkeypatch.setattr(api, "search", taking(0.050, api.search))
     monkeypatch.setattr(captioner.backend, "encode", taking(0.030, captioner.backend.encode))
     results = captioner.caption_batch([IMAGE, IMAGE])
-    expected = {"preprocess_ms": 12.0, "encode_ms": 15.0, "decode_ms": 25.0}
+    expected = {"preprocess_ms": 10.0 if on_device else 12.0, "encode_ms": 15.0, "decode_ms": 25.0}
     assert [r.timings for r in results] == [pytest.approx(expected)] * 2
 
 
