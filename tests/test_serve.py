@@ -1197,6 +1197,33 @@ def test_requests_given_up_while_a_failed_batch_is_retried_are_skipped_and_the_b
     assert fake.calls == [[b"a", b"bb", b"ccccc"], [b"bb"], [b"ccccc"]]
 
 
+def test_stopping_the_batcher_waits_for_the_model_call_in_flight():
+    """``Batcher.close()`` (the service's cleanup) returns once the model call in flight has
+    ended, so that the captioner is not closed under it, also when the request whose image it
+    is was given up (its client gone: nothing else waits for that call)."""
+    fake = BlockingCaptioner()
+
+    async def main():
+        batcher = Batcher(fake, max_batch=4, max_wait_s=0)
+        worker = asyncio.get_running_loop().create_task(batcher.run())
+        gone = asyncio.ensure_future(batcher.submit(b"gone"))
+        assert await asyncio.to_thread(fake.entered.acquire, timeout=CLIENT_TIMEOUT_S)
+        gone.cancel()
+        worker.cancel()
+        return batcher
+
+    batcher = asyncio.run(main())
+    events = []
+    closer = threading.Thread(target=lambda: (batcher.close(), events.append("closed")), daemon=True)
+    closer.start()
+    closer.join(0.3)
+    assert events == []  # close() waits: the model still has the image
+    events.append("model done")
+    fake.gate.set()
+    closer.join(CLIENT_TIMEOUT_S)
+    assert events == ["model done", "closed"]
+
+
 def test_the_services_batches_wait_max_wait_ms_in_milliseconds():
     """ServiceOptions(max_wait_ms=400) is a 0.4 s wait in the service's own batcher: requests at
     0, 250, 550, 560 and 570 ms (the loop's virtual clock) with batches of up to 3 are batched
