@@ -371,6 +371,26 @@ def test_queue_and_total_times_are_in_milliseconds():
     assert answer["timings"]["total_ms"] >= answer["timings"]["queue_ms"] >= 300
 
 
+def test_total_ms_counts_a_slow_upload():
+    """docs/service.md: ``total_ms`` runs "from the body read to the answer": a body whose
+    second half is sent 300 ms after the service began reading it takes at least 300 ms in
+    total_ms (queue_ms, the wait for the model, does not count the upload)."""
+    fake = BlockingCaptioner()
+    fake.gate.set()
+    running = Running(fake, ServiceOptions(max_wait_ms=0))
+    try:
+        with socket.create_connection(("127.0.0.1", running.port), timeout=CLIENT_TIMEOUT_S) as slow:
+            slow.sendall(b"POST /caption HTTP/1.1\r\nHost: x\r\nContent-Length: 10\r\n\r\n12345")
+            wait_until(lambda: running.service.pending == 1)  # its handler is reading the body
+            time.sleep(0.3)
+            slow.sendall(b"67890")
+            status, answer = read_http_reply(slow)
+    finally:
+        running.stop()
+    assert (status, answer["caption"]) == (200, "10 bytes")
+    assert answer["timings"]["total_ms"] >= 300
+
+
 class _VirtualClockLoop(asyncio.SelectorEventLoop):
     """An event loop whose clock stands still while anything is ready and jumps to the next
     timer when nothing is (a wait for another thread is real): timings in the loop's clock are
