@@ -9,8 +9,8 @@ Endpoints: ``POST /caption`` (the body: the image file's bytes, any format ``edg
 accepts; ``Content-Type: image/...`` or ``application/octet-stream``) and ``GET /health``. The
 caption fields are those of ``edgecap caption --json`` (``edgecap.commands.output``) and equal to
 ``Captioner.caption`` on the same bytes; ``timings`` (ms) add ``queue_ms`` (waiting for the model)
-and ``total_ms`` (from the body read to the answer), ``batch`` the number of images captioned
-together with this one.
+and ``total_ms`` (from the start of reading the body, a slow upload included, to the answer),
+``batch`` the number of images captioned together with this one.
 
 Built on aiohttp: asyncio, so a slow client costs one coroutine, not a thread, and batching is a
 queue read with a bounded wait; its request parser is the C llhttp one, and its body limit answers
