@@ -136,6 +136,13 @@ def test_read_karpathy_images_without_ids_are_numbered_by_their_place_in_the_fil
         {"image_id": 2, "caption": "a dog"},
         {"image_id": 7, "caption": "a bird"},
     ]
+    # a place in the file that is another image's id: refused, naming both files
+    data["images"][3]["imgid"] = 2
+    path.write_text(json.dumps(data))
+    with pytest.raises(
+        ValueError, match=r"dataset_own\.json: image id 2 is that of two files, c\.jpg and d\.jpg"
+    ):
+        load_references(path, karpathy_split="test")
 
 
 def test_read_flickr8k_windows_line_endings_and_a_hash_in_a_file_name(tmp_path):

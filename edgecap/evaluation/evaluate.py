@@ -67,6 +67,18 @@ def load_references(
         items = _read(source, lambda: _read_json_references(source, karpathy_split))
     if not items:
         raise ValueError(f"{source}: the split lists no images")
+    # one id for two photos (a Karpathy-style file of one's own: an image numbered by its place in
+    # the file that is another's imgid or cocoid): scored by id, one photo's captions would be
+    # given to the other without a word (COCO's reader refuses this itself; training never
+    # scores by id)
+    first: dict = {}
+    for item in items:
+        seen = first.setdefault(item.image_id, item)
+        if seen is not item:
+            raise ValueError(
+                f"{source}: image id {item.image_id!r} is that of two files, "
+                f"{escape_field(seen.file_name)} and {escape_field(item.file_name)}"
+            )
     # a caption with no word ("", "...": a blank cell of a spreadsheet) is none: scored against
     # it alone, the image would count only as a zero in every metric
     uncaptioned = [item.file_name for item in items if not any(tokenize(c) for c in item.captions)]
