@@ -882,6 +882,12 @@ def test_a_ptb_tokenizer_that_java_cannot_run_is_an_error_not_scores(
     )
     written = json.loads(out.read_text())
     assert len(written) == 1 and written[0]["caption"].strip()  # the photo's caption kept
+    # an --output that cannot be written (/proc takes no new file) is said too, before the Java line
+    proc = "/proc/edgecap-eval-captions.json"
+    assert main(["eval", *args, "--max-length", "3", "--output", proc, "--no-progress"]) == 2
+    err = capsys.readouterr().err.splitlines()
+    assert err[-2].startswith(f"edgecap eval: error: --output {proc}: cannot write it (")
+    assert err[-1].endswith("coco-caption needs Java 8 or newer (java -version)")
 
 
 def test_a_ptb_tokenizer_that_cannot_write_its_temporary_file_does_not_blame_java(

@@ -121,6 +121,8 @@ def run(args: argparse.Namespace) -> int:
     try:
         report = score_split(items, hyps)
     except JavaFailed as exc:  # a Java that starts but cannot run coco-caption's jars (too old)
+        if unwritten is not None:  # both said: neither scores nor captions were kept
+            _fail(unwritten)
         written = f"; the captions are in {args.output}" if args.output and unwritten is None else ""
         return _fail(f"{exc}{written}")  # it says when Java 8 or newer is needed
     summary = _summary(args, captioner, report, seconds)
