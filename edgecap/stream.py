@@ -69,7 +69,7 @@ from edgecap.extras import install_hint
 from edgecap.images import COLORS, ImageInput, pixel_limit_problem
 
 READER_JOIN_S = 2.0  # how long closing a stream waits for the reader's current read to return
-_EPSILON_S = 1e-6  # timestamps computed as index / fps land on the `every` grid up to rounding
+_EPSILON_S = 1e-6  # video timestamps (index / fps, or the decoder's) land on the `every` grid up to rounding
 MAX_CAMERA_INDEX = 1023  # /dev/video<N>; OpenCV reads a negative index as "any camera" (which
 # crashes some builds without a camera: refused)
 MAX_CAPTURE_SIDE = 1 << 15
@@ -517,7 +517,8 @@ def _cv2():
 
 def video_frames(path: str | os.PathLike, realtime: bool = False) -> Iterator[Frame]:
     """A video file's frames, decoded by OpenCV: ``Frame``s with BGR uint8 (H, W, 3) arrays,
-    ``index`` counted from 0 and ``timestamp = index / fps`` (the video's own time).
+    ``index`` counted from 0 and ``timestamp`` the frame's time in the video (``frame_time``: its
+    presentation time, right for a variable frame rate; ``index / fps`` for a constant one).
 
     ``realtime=True`` paces the frames at the video's frame rate, as a camera would deliver them
     (to try a live loop on a recording). Raises ``InputError`` when the file cannot be opened.
@@ -570,9 +571,11 @@ def _frame_size_problem(width: int, height: int) -> str | None:
 
 def _video_frames(capture, fps: float, realtime: bool, source: str, count: int) -> Iterator[Frame]:
     start = time.perf_counter()
+    position = _cv2().CAP_PROP_POS_MSEC
+    previous = [-math.inf]  # the last frame's time
 
     def timestamp(index: int) -> float:
-        stamp = index / fps
+        stamp = previous[0] = frame_time(capture.get(position), index, fps, previous[0])
         if realtime:  # play at the file's frame rate, as a camera would deliver it
             wait = start + stamp - time.perf_counter()
             if wait > 0:
@@ -580,6 +583,21 @@ def _video_frames(capture, fps: float, realtime: bool, source: str, count: int) 
         return stamp
 
     return _read_frames(capture, timestamp, source, count)
+
+
+def frame_time(position_ms: float, index: int, fps: float, previous: float) -> float:
+    """A video frame's time, in seconds from the video's start: its presentation time as the
+    decoder gives it (OpenCV's ``CAP_PROP_POS_MSEC`` once the frame is read), which a
+    variable-frame-rate video needs (a phone's; frames at 0, 0.5, 1.5, 1.7 s were stamped 0,
+    0.68, 1.36, 2.04 as index / its mean rate; an mkv declaring 10 fps, 0.7 s for 5.0 s). Where
+    the decoder gives none usable (not a number, negative, 0 after the first frame: no time
+    stamp; or before ``previous``, the last frame's), ``index / fps``, or one frame interval after
+    the last frame where that is not later: for a constant-rate video all are ``index / fps``."""
+    stamp, counted = position_ms / 1e3, index / fps
+    if math.isfinite(stamp) and stamp >= 0 and (index == 0 or stamp > 0) and stamp >= previous:
+        # a constant rate's time exactly as counted (the decoder's is off by a rounding: 0.30000000000000004)
+        return counted if abs(stamp - counted) < _EPSILON_S else stamp
+    return counted if counted > previous else previous + 1 / fps
 
 
 class _CaptureFrames(Iterator[Frame]):

@@ -693,6 +693,35 @@ def test_video_frames(tmp_path):
     assert np.abs(first[:, :, ::-1] - cat).mean() < 8 < np.abs(first - cat).mean()
 
 
+def test_a_variable_frame_rate_video_is_stamped_with_its_frames_own_times(tmp_path, monkeypatch, video_file):
+    """A video whose frames are not evenly spaced (a phone's, an animated GIF) is stamped with
+    each frame's presentation time, not index / fps: with frames at 0, 0.5, 1.5, 1.7 and 3.0 s a
+    container reports the mean rate (5 frames over 3.4 s: 1.47 fps), and index / fps gave 0, 0.68,
+    1.36, 2.04, 2.72 s, so --every sampled the wrong frames and --json said the wrong times. A
+    real GIF of those frame durations (Pillow), read by the real OpenCV; then the decoder's
+    answers where they cannot be used (the fake cv2): no time stamp (0 after the first frame),
+    not a number, a time before the last frame's."""
+    cv2 = pytest.importorskip("cv2")
+    if not hasattr(cv2, "VideoCapture"):
+        pytest.skip("OpenCV is a stand-in here")
+    gif = tmp_path / "uneven.gif"
+    shades = [Image.fromarray(np.full((48, 64, 3), 40 * i, np.uint8)) for i in range(5)]
+    shades[0].save(gif, save_all=True, append_images=shades[1:], duration=[500, 1000, 200, 1300, 400], loop=0)
+    assert [f.timestamp for f in video_frames(gif)] == pytest.approx([0.0, 0.5, 1.5, 1.7, 3.0], abs=1e-6)
+    # the decoder's time stamps, each usable or not, at 10 fps; expected worked by hand
+    times_ms = [0.0, 0.0, 250.0, float("nan"), 400.00000000000006, 900.0, 200.0]
+    monkeypatch.setitem(sys.modules, "cv2", FakeVideoCv2(small_frames(7), times_ms=times_ms))
+    assert [f.timestamp for f in video_frames(video_file)] == [
+        0.0,  # the first frame at 0
+        0.1,  # no time stamp (0 after the first frame): 1 / 10
+        0.25,  # the decoder's
+        0.3,  # not a number: 3 / 10
+        0.4,  # the decoder's 0.4000000000000001, a constant rate's rounding: 4 / 10 exactly
+        0.9,  # the decoder's
+        0.9 + 0.1,  # before the last frame's, and 6 / 10 is not later either: one interval on
+    ]
+
+
 def test_video_frames_bad_files(tmp_path):
     pytest.importorskip("cv2")
     with pytest.raises(InputError, match="no such file"):
@@ -839,24 +868,37 @@ class FakeVideoCv2:
     ``width`` x ``height`` frame size and ``count`` frames, and which decodes ``frames`` (uint8
     arrays). A fake, so that the header can say what a real encoder would not write."""
 
-    CAP_PROP_FRAME_WIDTH, CAP_PROP_FRAME_HEIGHT, CAP_PROP_FPS, CAP_PROP_FRAME_COUNT = 3, 4, 5, 7
+    CAP_PROP_POS_MSEC, CAP_PROP_FRAME_WIDTH, CAP_PROP_FRAME_HEIGHT, CAP_PROP_FPS, CAP_PROP_FRAME_COUNT = (
+        0,
+        3,
+        4,
+        5,
+        7,
+    )
 
-    def __init__(self, frames, fps=10.0, count=None, size=(6, 4)):
+    def __init__(self, frames, fps=10.0, count=None, size=(6, 4), times_ms=None):
+        """``times_ms``: each frame's presentation time as the decoder gives it once the frame is
+        read (None: 0 for every frame, as OpenCV answers for frames without a time stamp)."""
         self.frames, self.released = list(frames), threading.Event()
         self.header = {3: size[0], 4: size[1], 5: fps, 7: len(self.frames) if count is None else count}
+        self.times_ms = times_ms
 
     def VideoCapture(self, source):  # noqa: N802 (OpenCV's name)
         fake, frames = self, iter(self.frames)
+        times = iter(self.times_ms or ())
 
         class Capture:
+            position = 0.0
+
             def isOpened(self):  # noqa: N802
                 return True
 
             def get(self, prop):
-                return fake.header[prop]
+                return self.position if prop == FakeVideoCv2.CAP_PROP_POS_MSEC else fake.header[prop]
 
             def read(self):
                 frame = next(frames, None)
+                self.position = next(times, 0.0)
                 return (False, None) if frame is None else (True, frame)
 
             def release(self):
