@@ -22,6 +22,7 @@ import json
 import os
 import re
 import stat
+from pathlib import Path
 
 _OPEN_FLAGS = (
     os.O_RDONLY
@@ -54,6 +55,14 @@ def write_problem(exc: OSError, path: object) -> str:
     """A folder or file that could not be made or written, as ``PATH: why`` (the error's own
     file name, else ``path``): a file in the way, no permission, a full disk."""
     return f"{exc.filename or path}: {exc.strerror or exc}"
+
+
+def nearest_existing(path: Path) -> Path:
+    """``path``, or the nearest folder above it that exists (a link, even a broken one, counts):
+    what decides whether ``path`` can be made as a folder."""
+    while not os.path.lexists(path) and path != path.parent:
+        path = path.parent
+    return path
 
 
 def os_problem(exc: BaseException) -> str:

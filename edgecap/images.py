@@ -52,7 +52,7 @@ import os
 import re
 import threading
 import warnings
-from collections.abc import Callable, Sequence
+from collections.abc import Callable, Iterator, Sequence
 from typing import TypeVar
 
 import numpy as np
@@ -367,23 +367,33 @@ def _decoding_work_problem(im: Image.Image, data: bytes) -> str | None:
 _JPEG_MARKER = re.compile(rb"\xff+([^\x00\xd0-\xd7\xff])")
 
 
+def _jpeg_markers(data: bytes) -> Iterator[int]:
+    """The markers of the JPEG in ``data`` after its SOI, in order, found without parsing: each
+    segment's declared length skipped, and the entropy-coded data after an SOS by the marker
+    search (its stuffed bytes and restart markers are no markers). A marker is given before its
+    length is read; the walk ends where a length runs past the data."""
+    pos, n = 2, len(data)
+    while pos < n:
+        match = _JPEG_MARKER.search(data, pos)
+        if match is None:
+            return
+        marker, pos = match.group(1)[0], match.end()
+        yield marker
+        if marker == 0xD8 or marker == 0x01 or marker == 0xD9:  # SOI, TEM, EOI: no length
+            continue
+        if pos + 2 > n:
+            return
+        pos += int.from_bytes(data[pos : pos + 2], "big")
+
+
 def jpeg_header_segments(data: bytes, stop_after: int) -> int:
     """The number of marker segments before the first scan (SOS) of the JPEG in ``data``,
     counted from the markers without parsing them; counting stops past ``stop_after``."""
-    segments, pos, n = 0, 2, len(data)
-    while pos < n and segments <= stop_after:
-        match = _JPEG_MARKER.search(data, pos)
-        if match is None:
-            break
-        marker, pos = match.group(1)[0], match.end()
-        if marker == 0xDA or marker == 0xD9:  # SOS: the image data (libjpeg's), or EOI
+    segments = 0
+    for marker in _jpeg_markers(data):
+        if marker == 0xDA or marker == 0xD9 or segments > stop_after:  # SOS: the image data, or EOI
             break
         segments += 1
-        if marker == 0xD8 or marker == 0x01:  # SOI, TEM: no length
-            continue
-        if pos + 2 > n:
-            break
-        pos += int.from_bytes(data[pos : pos + 2], "big")
     return segments
 
 
@@ -393,24 +403,13 @@ def jpeg_scans(data: bytes, stop_after: int) -> int:
     upper_bound = data.count(b"\xff\xda")  # thumbnails and stray bytes add to it
     if upper_bound <= stop_after:
         return upper_bound
-    scans, pos, n = 0, 2, len(data)
-    segments = 0
-    while pos < n and scans <= stop_after:
-        match = _JPEG_MARKER.search(data, pos)
-        if match is None:
-            break
-        marker, pos = match.group(1)[0], match.end()
-        segments += 1
+    scans = 0
+    for segments, marker in enumerate(_jpeg_markers(data), 1):
         if marker == 0xD9 or segments > 64 * stop_after:  # EOI, or absurdly many segments
             return scans if marker == 0xD9 else stop_after + 1
-        if marker == 0xD8 or marker == 0x01:  # SOI, TEM: no length
-            continue
-        if pos + 2 > n:
+        scans += marker == 0xDA
+        if scans > stop_after:
             break
-        length = int.from_bytes(data[pos : pos + 2], "big")
-        if marker == 0xDA:
-            scans += 1
-        pos += length  # the entropy-coded data after an SOS is skipped by the marker search
     return scans
 
 

@@ -425,11 +425,10 @@ def _on_virtual_clock(coroutine):
         loop.close()
 
 
-def test_a_batch_waits_at_most_max_wait_ms_after_its_first_request():
-    """max_wait 400 ms, batches of up to 3, requests at 0, 250, 550, 560 and 570 ms (the
-    loop's clock, virtual: no margin to lose on a busy machine): the first two are one batch;
-    the third, past 400 ms, starts the next, though it came within 400 ms of the second, and
-    the next two fill it."""
+def _requests_at(times: tuple[float, ...]):
+    """Requests submitted at ``times`` (seconds on the loop's virtual clock) to a Batcher of
+    batches of up to 3 with a 400 ms wait over a captioner that never blocks: -> (the captioner,
+    with its batch sizes; each request's answer)."""
     fake = BlockingCaptioner()
     fake.gate.set()
 
@@ -442,12 +441,20 @@ def test_a_batch_waits_at_most_max_wait_ms_after_its_first_request():
             return await batcher.submit(data)
 
         try:
-            return await asyncio.gather(*(at(t, b"x") for t in (0, 0.25, 0.55, 0.56, 0.57)))
+            return await asyncio.gather(*(at(t, b"x") for t in times))
         finally:
             worker.cancel()
             batcher.close()
 
-    answers = _on_virtual_clock(main())
+    return fake, _on_virtual_clock(main())
+
+
+def test_a_batch_waits_at_most_max_wait_ms_after_its_first_request():
+    """max_wait 400 ms, batches of up to 3, requests at 0, 250, 550, 560 and 570 ms (the
+    loop's clock, virtual: no margin to lose on a busy machine): the first two are one batch;
+    the third, past 400 ms, starts the next, though it came within 400 ms of the second, and
+    the next two fill it."""
+    fake, answers = _requests_at((0, 0.25, 0.55, 0.56, 0.57))
     assert fake.batches == [2, 3]
     assert [size for _, size, _ in answers] == [2, 2, 3, 3, 3]
 
@@ -457,24 +464,7 @@ def test_after_an_idle_spell_the_wait_starts_at_the_first_request():
     waiting: max_wait 400 ms, the worker idle from 0 ms, requests at 2,000 and 2,100 ms (the
     loop's virtual clock) are one batch of 2 (the second came 100 ms after the first); a wait
     counted from 0 ms would be over at 400 ms and run them one by one."""
-    fake = BlockingCaptioner()
-    fake.gate.set()
-
-    async def main():
-        batcher = Batcher(fake, max_batch=3, max_wait_s=0.4)
-        worker = asyncio.get_running_loop().create_task(batcher.run())
-
-        async def at(delay: float, data: bytes):
-            await asyncio.sleep(delay)
-            return await batcher.submit(data)
-
-        try:
-            return await asyncio.gather(*(at(t, b"x") for t in (2.0, 2.1)))
-        finally:
-            worker.cancel()
-            batcher.close()
-
-    answers = _on_virtual_clock(main())
+    fake, answers = _requests_at((2.0, 2.1))
     assert fake.batches == [2]
     assert [size for _, size, _ in answers] == [2, 2]
 

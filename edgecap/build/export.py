@@ -34,6 +34,7 @@ from edgecap.contract import (
     ModelDimensions,
 )
 from edgecap.errors import ModelError
+from edgecap.files import nearest_existing
 from edgecap.manifest import MANIFEST, Manifest, file_sha256, load_manifest
 from edgecap.models.decoder import CaptionDecoder
 from edgecap.models.efficientnet_lite import EfficientNetLite
@@ -358,9 +359,7 @@ def export_model(
     from edgecap.models.checkpoint import load_checkpoint
 
     out = Path(out_dir)
-    existing = out  # --out, or the nearest folder above it that exists: below a file, none can be made
-    while not os.path.lexists(existing) and existing != existing.parent:
-        existing = existing.parent
+    existing = nearest_existing(out)  # below a file, no folder can be made
     if os.path.lexists(existing) and not existing.is_dir():
         below = "" if existing == out else f" ({existing} is not a directory)"
         raise ModelError(f"{out}: not a directory{below}; choose another --out")

@@ -4,10 +4,10 @@ here). Each rule about the values is checked once, in ``__post_init__``."""
 from __future__ import annotations
 
 import math
-import os
 from dataclasses import dataclass, field, fields
 from pathlib import Path
 
+from edgecap.files import nearest_existing
 from edgecap.models.config import DEFAULT_ENCODER, ENCODERS, DecoderConfig, encoder_spec
 
 PRECISIONS = ("fp32", "bf16", "fp16")
@@ -50,9 +50,7 @@ def check_folders(out: str, cache_dir: str | None, names: tuple[str, str] = ("ou
     does not exist yet, below a folder (nothing is created here)."""
     cache = feature_cache(out, cache_dir)
     for flag, path in zip(names, (Path(out), cache)):
-        existing = path
-        while not os.path.lexists(existing) and existing != existing.parent:
-            existing = existing.parent
+        existing = nearest_existing(path)
         if existing.is_dir():
             continue
         what = "a file" if existing.exists() else "a broken link"

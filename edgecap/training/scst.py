@@ -55,7 +55,7 @@ def sample_captions(decoder, fmap, n_samples: int, max_length: int, start: int, 
 def train_scst(cfg: ScstConfig, log=print) -> Path:
     if world_size() > 1:
         raise BackendError("self-critical training (--scst-from) runs in one process, not under torchrun")
-    rng = seeded(cfg.seed, cfg.threads)
+    seeded(cfg.seed, cfg.threads)  # torch's threads for the feature extraction; the RNG after it
     out = Path(cfg.out)
     data = Path(cfg.data)
     images = Path(cfg.images) if cfg.images else data / "images"
