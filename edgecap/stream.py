@@ -537,7 +537,10 @@ def video_frames(path: str | os.PathLike, realtime: bool = False) -> Iterator[Fr
     if not capture.isOpened():
         capture.release()
         raise InputError(
-            source, "cannot open it as a video (not a video, or a format OpenCV's FFmpeg cannot read)"
+            source,
+            "cannot open it as a video ("
+            + (_mp4_problem(source) or "not a video, or a format OpenCV's FFmpeg cannot read")
+            + ")",
         )
     fps = capture.get(cv2.CAP_PROP_FPS)
     if not fps or fps != fps or fps <= 0:  # 0 or NaN: a container without a frame rate
@@ -551,6 +554,55 @@ def video_frames(path: str | os.PathLike, realtime: bool = False) -> Iterator[Fr
     count = capture.get(cv2.CAP_PROP_FRAME_COUNT)
     count = int(count) if count == count and 0 < count < 1 << 40 else 0  # 0: unknown
     return _video_frames(capture, fps, realtime, source, count)
+
+
+# The first box of an MP4 / QuickTime file (ISO base media: .mp4, .mov, .m4v, .3gp)
+_MP4_FIRST_BOXES = {b"ftyp", b"moov", b"mdat", b"free", b"skip", b"wide", b"pnot"}
+
+
+def _mp4_problem(source: str) -> str | None:
+    """Why an MP4 / QuickTime file that FFmpeg would not open cannot be played, read from its
+    top-level boxes (each a 32-bit big-endian size, or 1 and a 64-bit one, then a 4-letter type):
+    without its index (the ``moov`` box, written last by most recorders, phones and OpenCV
+    included) the frames in it cannot be found. None: not such a file, or its index is there."""
+    try:
+        with open(source, "rb") as f:
+            end = f.seek(0, os.SEEK_END)
+            position, boxes = 0, 0
+            while position < end and boxes < 100_000:
+                f.seek(position)
+                header = f.read(16)
+                kind = header[4:8]
+                if len(header) < 8 or (position == 0 and kind not in _MP4_FIRST_BOXES):
+                    return None
+                size = int.from_bytes(header[:4], "big")
+                if size == 1 and len(header) == 16:  # a 64-bit size follows the type
+                    size = int.from_bytes(header[8:16], "big")
+                elif size == 0:  # the box runs to the end of the file
+                    size = end - position
+                if size < 8:
+                    return None  # not a box: leave it to the general message
+                if position + size > end:  # the file ends inside this box
+                    return _CUT_SHORT.format(end=end, whole=position + size)
+                if kind == b"moov":
+                    return None
+                position += size
+                boxes += 1
+    except OSError:
+        return None
+    if boxes and position >= end:
+        return (
+            "an MP4 / QuickTime file without its index, the 'moov' box: a recording that was not "
+            "finished, so its frames cannot be found"
+        )
+    return None
+
+
+_CUT_SHORT = (
+    "an MP4 / QuickTime file cut short, {end:,} bytes where its boxes need {whole:,}, without its "
+    "whole index, the 'moov' box: a recording that was not finished, or a copy that stopped "
+    "part-way, so its frames cannot be found"
+)
 
 
 def _opencv_name(source: str) -> str | bytes:

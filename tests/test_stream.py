@@ -732,6 +732,61 @@ def test_video_frames_bad_files(tmp_path):
         video_frames(not_video)
 
 
+def _box(kind: bytes, payload: bytes = b"", size: int | None = None) -> bytes:
+    """An MP4 box: 32-bit big-endian size (header included), 4-letter type, payload."""
+    return (8 + len(payload) if size is None else size).to_bytes(4, "big") + kind + payload
+
+
+def test_an_unfinished_mp4_is_said_to_be_cut_short(tmp_path):
+    """A recording cut off before its recorder closed it (power lost, a copy stopped part-way)
+    has no index (the 'moov' box, which OpenCV's mp4v writer, like most recorders, writes last):
+    FFmpeg cannot open it, and the error says why rather than 'not a video'."""
+    cv2 = pytest.importorskip("cv2")
+    whole = tmp_path / "whole.mp4"
+    writer = cv2.VideoWriter(str(whole), cv2.VideoWriter_fourcc(*"mp4v"), 10, VIDEO_SIZE)
+    if not writer.isOpened():
+        pytest.skip("OpenCV cannot write mp4v video here")
+    for frame in example_frames() * 5:
+        writer.write(np.ascontiguousarray(frame[:, :, ::-1]))
+    writer.release()
+    data = whole.read_bytes()
+    assert len(list(video_frames(whole))) == 10  # the whole file plays
+    moov = data.rindex(b"moov") - 4  # where the index box starts (its size field)
+    half, no_index = tmp_path / "half.mp4", tmp_path / "no_index.mp4"
+    half.write_bytes(data[: len(data) // 2])
+    no_index.write_bytes(data[:moov])  # every box whole, the index missing
+    cut = f"cut short, {len(data) // 2:,} bytes where its boxes need {moov:,},"
+    with pytest.raises(InputError, match=cut):
+        video_frames(half)
+    unfinished = "without its index, the 'moov' box: a recording that was not finished"
+    with pytest.raises(InputError, match=unfinished):
+        video_frames(no_index)
+    # by hand: a 16-byte ftyp, then an mdat with a 64-bit size (1, then the size after the type)
+    ftyp = _box(b"ftyp", b"isom\0\0\0\x01")
+    big = tmp_path / "big.mp4"
+    big.write_bytes(ftyp + _box(b"mdat", (24).to_bytes(8, "big") + b"\0" * 8, size=1))
+    with pytest.raises(InputError, match="without its index"):
+        video_frames(big)
+    big.write_bytes(ftyp + _box(b"mdat", (1 << 33).to_bytes(8, "big") + b"\0" * 8, size=1))
+    with pytest.raises(InputError, match=f"cut short, 40 bytes where its boxes need {16 + (1 << 33):,},"):
+        video_frames(big)
+    # size 0: the box runs to the end of the file (a recorder's mdat before it is closed)
+    big.write_bytes(ftyp + _box(b"mdat", b"\0" * 100, size=0))
+    with pytest.raises(InputError, match="without its index"):
+        video_frames(big)
+    # an index that is there but cut: cut short too
+    cut_index = tmp_path / "cut_index.mp4"
+    cut_index.write_bytes(data[: moov + 20])
+    cut = f"cut short, {moov + 20:,} bytes where its boxes need {len(data):,},"
+    with pytest.raises(InputError, match=cut):
+        video_frames(cut_index)
+    # not an MP4 at all (no known first box): the general message
+    other = tmp_path / "other.mp4"
+    other.write_bytes(_box(b"junk", b"\0" * 64))
+    with pytest.raises(InputError, match="not a video, or a format OpenCV's FFmpeg cannot read"):
+        video_frames(other)
+
+
 def test_missing_opencv_names_the_extra(monkeypatch, tmp_path):
     monkeypatch.setitem(sys.modules, "cv2", None)  # `import cv2` now raises ImportError
     for open_source in (lambda: video_frames(tmp_path / "clip.avi"), lambda: camera_frames(0)):
