@@ -145,6 +145,38 @@ def test_read_karpathy_images_without_ids_are_numbered_by_their_place_in_the_fil
         load_references(path, karpathy_split="test")
 
 
+def test_a_photo_listed_twice_is_refused_not_scored_twice(tmp_path):
+    """A split file with a line repeated, or a COCO file giving one file two image ids, would
+    caption that photo twice and count it twice in every metric (with two lists of references,
+    against each in turn): refused in one line naming the file that lists it, the photo and its
+    two ids. Before the fix: accepted, the photo weighed double."""
+    tokens = tmp_path / "tokens.txt"
+    tokens.write_text("a.jpg#0\tA cat.\nb.jpg#0\tA dog.\n")
+    split = tmp_path / "split.txt"
+    split.write_text("a.jpg\nb.jpg\na.jpg\n")
+    with pytest.raises(ValueError, match=r"split\.txt: a\.jpg is listed twice \(image ids 0 and 2\)"):
+        load_references(captions=tokens, split=split)
+    split.write_text("a.jpg\nb.jpg\n")
+    assert [i.file_name for i in load_references(captions=tokens, split=split)] == ["a.jpg", "b.jpg"]
+    coco = {
+        "images": [
+            {"id": 5, "file_name": "photos/a.jpg"},
+            {"id": 6, "file_name": "photos/b.jpg"},
+            {"id": 7, "file_name": "photos/./a.jpg"},  # the same file, written another way
+        ],
+        "annotations": [{"image_id": i, "caption": "A photo."} for i in (5, 6, 7)],
+    }
+    path = tmp_path / "captions.json"
+    path.write_text(json.dumps(coco))
+    with pytest.raises(
+        ValueError, match=r"captions\.json: photos/\./a\.jpg is listed twice \(image ids 5 and 7\)"
+    ):
+        load_references(path)
+    coco["images"][2]["file_name"] = "photos/c.jpg"
+    path.write_text(json.dumps(coco))
+    assert [i.image_id for i in load_references(path)] == [5, 6, 7]
+
+
 def test_read_flickr8k_windows_line_endings_and_a_hash_in_a_file_name(tmp_path):
     """A token file and a split file saved with CRLF line endings (a Windows editor) read as
     with LF: no caption keeps a \\r or a trailing space, every split name is found; the

@@ -18,6 +18,7 @@ listed image that is missing (``check_images``, before any captioning) or fails 
 from __future__ import annotations
 
 import json
+import os
 import sys
 from collections.abc import Callable
 from dataclasses import dataclass
@@ -78,6 +79,18 @@ def load_references(
             raise ValueError(
                 f"{source}: image id {item.image_id!r} is that of two files, "
                 f"{escape_field(seen.file_name)} and {escape_field(item.file_name)}"
+            )
+    # one photo listed twice (a split file's line repeated, a COCO file with two ids for one
+    # file): its caption would be scored twice, against one list of references or two, and weigh
+    # twice in every metric
+    listed = Path(split) if captions is not None and split is not None else source
+    by_name: dict = {}
+    for item in items:
+        seen = by_name.setdefault(os.path.normpath(item.file_name), item)
+        if seen is not item:
+            raise ValueError(
+                f"{listed}: {escape_field(item.file_name)} is listed twice (image ids "
+                f"{seen.image_id!r} and {item.image_id!r}): its caption would be scored twice"
             )
     # a caption with no word ("", "...": a blank cell of a spreadsheet) is none: scored against
     # it alone, the image would count only as a zero in every metric
