@@ -12,14 +12,15 @@ import shutil
 from pathlib import Path
 
 import pytest
-import torch
 
-import edgecap
-from edgecap.backends import _check_options
-from edgecap.backends import torch as torch_backend
-from edgecap.backends.torch_graphs import EagerGraph
-from edgecap.cli import build_parser, main
-from edgecap.commands._options import gpu_options
+torch = pytest.importorskip("torch")
+
+import edgecap  # noqa: E402
+from edgecap.backends import _check_options  # noqa: E402
+from edgecap.backends import torch as torch_backend  # noqa: E402
+from edgecap.backends.torch_graphs import EagerGraph  # noqa: E402
+from edgecap.cli import build_parser, main  # noqa: E402
+from edgecap.commands._options import gpu_options  # noqa: E402
 
 CHELSEA = str(Path(edgecap.__file__).parent / "assets" / "examples" / "chelsea.png")
 

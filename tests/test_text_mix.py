@@ -8,9 +8,11 @@ import random
 
 import pytest
 
-from edgecap.errors import DataError
-from edgecap.training.text_mix import read_text, text_batches, text_steps
-from edgecap.vocab import SPECIALS, Vocabulary
+pytest.importorskip("torch")  # edgecap.training.text_mix imports it
+
+from edgecap.errors import DataError  # noqa: E402
+from edgecap.training.text_mix import read_text, text_batches, text_steps  # noqa: E402
+from edgecap.vocab import SPECIALS, Vocabulary  # noqa: E402
 
 # <pad> 0, <start> 1, <end> 2, <unk> 3, then a 4, dog 5, on 6, the 7, grass 8
 VOCAB = Vocabulary(list(SPECIALS) + ["a", "dog", "on", "the", "grass"])
