@@ -634,7 +634,7 @@ def _video_frames(capture, fps: float, realtime: bool, source: str, count: int) 
                 time.sleep(wait)
         return stamp
 
-    return _read_frames(capture, timestamp, source, count)
+    return _read_frames(capture, timestamp, source, count, fps)
 
 
 def frame_time(position_ms: float, index: int, fps: float, previous: float) -> float:
@@ -657,8 +657,9 @@ class _CaptureFrames(Iterator[Frame]):
     before the first frame is asked for: closing a generator that never started runs none of its
     code, so a stream closed before its loop would keep the camera or file open."""
 
-    def __init__(self, capture, frames: Generator[Frame, None, None]):
+    def __init__(self, capture, frames: Generator[Frame, None, None], fps: float | None = None):
         self._capture, self._frames = capture, frames
+        self.fps = fps  # a video's frame rate (its header's); None for a camera
 
     def __next__(self) -> Frame:
         return next(self._frames)
@@ -668,13 +669,15 @@ class _CaptureFrames(Iterator[Frame]):
         self._capture.release()
 
 
-def _read_frames(capture, timestamp, source: str, count: int | None = None) -> Iterator[Frame]:
+def _read_frames(
+    capture, timestamp, source: str, count: int | None = None, fps: float | None = None
+) -> Iterator[Frame]:
     """BGR frames from an OpenCV capture until it runs dry; ``timestamp(index)`` dates each.
     A video (``count``: its header's frame count, 0 unknown) that gives no frame, or ends more
     than a few frames short of its count, raises ``InputError`` after its last good frame; so
     does a frame over the pixel limit (a stream whose size changes). Closing it releases the
     capture, read or not."""
-    return _CaptureFrames(capture, _frames_of(capture, timestamp, source, count))
+    return _CaptureFrames(capture, _frames_of(capture, timestamp, source, count), fps)
 
 
 def _frames_of(capture, timestamp, source: str, count: int | None) -> Generator[Frame, None, None]:

@@ -211,7 +211,7 @@ def test_attention_figure_that_cannot_be_written_is_one_line(tiny_model_dir, tmp
 def test_stream_records_give_the_time_to_the_millisecond_and_the_frames_dropped(capsys):
     """--video / --camera --json: "time" in seconds with three decimals (frame 1 of a 30 fps
     video is at 0.033 s, not 0.0), "dropped" the frames the live camera dropped before it;
-    plain records: the time with two decimals."""
+    plain records: the time with two decimals; both with more where frames are closer."""
     from types import SimpleNamespace
 
     from edgecap.commands.caption_media import _print_event
@@ -240,6 +240,58 @@ def test_stream_records_give_the_time_to_the_millisecond_and_the_frames_dropped(
         "dropped": 2,
     }
     assert plain == "0.03s\ta cat"
+    # frames closer than a millisecond (time_decimals: 5): the time to the 10 microseconds
+    event = SimpleNamespace(timestamp=0.0012345, frame_index=5, caption=caption, dropped=0)
+    _print_event(event, as_json=True, decimals=5)
+    _print_event(event, as_json=False, decimals=5)
+    record, plain = capsys.readouterr().out.splitlines()
+    assert json.loads(record)["time"] == 0.00123 and plain == "0.00123s\ta cat"
+
+
+@pytest.mark.parametrize(
+    "every, fps, decimals",
+    [
+        (None, 10.0, 2),  # frames 0.1 s apart
+        (None, 30.0, 2),
+        (None, 60.0, 2),  # 0.0167 s apart: 0.00, 0.02, 0.03, 0.05 (more than 0.01 apart)
+        (None, 100.0, 3),  # 0.01 s apart: at two decimals 0.015 (0.01499...) and 0.005 collide
+        (None, 240.0, 3),  # a phone's slow motion: 0.0042 s apart
+        (None, 1000.0, 4),
+        (0.5, 240.0, 2),  # sampled 0.5 s apart
+        (0.004, 30.0, 2),  # a frame every 0.033 s whatever every says
+        (0.005, 240.0, 3),
+        (None, None, 2),  # a camera
+        (1e-308, None, 6),  # at most microseconds
+        (float("inf"), None, 2),
+    ],
+)
+def test_frame_times_are_printed_with_the_decimals_that_tell_frames_apart(every, fps, decimals):
+    """Plain --video records print the time with two decimals, or more where frames can be
+    closer than 0.01 s: a 240 fps video's frames 0.0042 s apart were all '0.00s', '0.00s',
+    '0.01s', '0.01s'. Decimals by hand: the fewest, at least 2, whose last place is smaller than
+    the least time between printed frames (every, or one frame)."""
+    from edgecap.commands.caption_media import time_decimals
+
+    assert time_decimals(every, fps) == decimals
+
+
+def test_a_fast_video_prints_each_frame_at_its_own_time(tiny_model_dir, tmp_path, capfd):
+    """A 240 fps video captioned frame by frame: each line's time is its own (frame k at k / 240
+    s, to the millisecond), in text and in --json."""
+    video = make_video(tmp_path / "fast.avi", seconds=6 / 240, fps=240.0)
+    out = edgecap_caption(capfd, "--video", video, model=tiny_model_dir)
+    assert out.returncode == 0, out.stderr
+    times = [line.split("\t")[0] for line in out.stdout.splitlines()]
+    assert times == ["0.000s", "0.004s", "0.008s", "0.013s", "0.017s", "0.021s"]
+    out = edgecap_caption(capfd, "--video", video, "--json", model=tiny_model_dir)
+    assert [json.loads(line)["time"] for line in out.stdout.splitlines()] == [
+        0.0,
+        0.004,
+        0.008,
+        0.013,
+        0.017,
+        0.021,
+    ]
 
 
 def test_video_captions_are_marked_below_min_confidence_and_tagged_with_objects(

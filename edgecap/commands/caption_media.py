@@ -4,6 +4,7 @@
 from __future__ import annotations
 
 import argparse
+import math
 import os
 import sys
 from typing import Any
@@ -77,12 +78,15 @@ def run_stream(captioner, args: argparse.Namespace) -> int:
     from edgecap.stream import camera_frames, caption_stream, video_frames
 
     if args.video is not None:
-        stream = caption_stream(captioner, video_frames(args.video), every=args.every, live=False)
+        frames = video_frames(args.video)
+        stream = caption_stream(captioner, frames, every=args.every, live=False)
     else:
-        stream = caption_stream(captioner, camera_frames(args.camera), every=args.every, live=True)
+        frames = camera_frames(args.camera)
+        stream = caption_stream(captioner, frames, every=args.every, live=True)
+    decimals = time_decimals(args.every, getattr(frames, "fps", None))
     try:
         for event in stream:
-            _print_event(event, args.json, args.show_objects, args.min_confidence)
+            _print_event(event, args.json, args.show_objects, args.min_confidence, decimals)
     except KeyboardInterrupt:
         stream.close()
         print(f"edgecap: {stream.stats}", file=sys.stderr)
@@ -95,15 +99,27 @@ def run_stream(captioner, args: argparse.Namespace) -> int:
     return 0
 
 
-def _print_event(event, as_json: bool, objects: bool = False, min_confidence: float | None = None) -> None:
+def time_decimals(every: float | None, fps: float | None) -> int:
+    """The decimals a frame's time is printed with: 2, or as many as it takes for the frames
+    printed to show different times (a unit in the last place smaller than the least time between
+    them, ``every`` or one frame of a video at ``fps``: 3 from 100 frames a second), at most 6."""
+    spacing = max(every or 0.0, 1 / fps if fps else 0.0)
+    if spacing <= 0 or not math.isfinite(spacing):
+        return 2
+    return min(6, max(2, math.floor(-math.log10(spacing)) + 1))
+
+
+def _print_event(
+    event, as_json: bool, objects: bool = False, min_confidence: float | None = None, decimals: int = 2
+) -> None:
     """One frame's record: a photo's fields (``--json``: "objects" always, as a photo's record
     has them; ``--min-confidence`` adds "low_confidence"; in text, ``--objects`` adds the
-    tags), after the frame's time."""
+    tags), after the frame's time (``decimals``: ``time_decimals``; JSON at least 3)."""
     caption = event.caption
     if as_json:
         record = caption_record(caption, min_confidence)
         line = {
-            "time": round(event.timestamp, 3),
+            "time": round(event.timestamp, max(3, decimals)),
             "frame": event.frame_index,
             **record,
             "timings": {k: round(v, 2) for k, v in caption.timings.items()},
@@ -112,4 +128,4 @@ def _print_event(event, as_json: bool, objects: bool = False, min_confidence: fl
         write(json_line(line))
     else:
         fields = caption_fields(caption, objects, min_confidence)
-        write("\t".join([f"{event.timestamp:.2f}s", *map(escape_field, fields)]))
+        write("\t".join([f"{event.timestamp:.{decimals}f}s", *map(escape_field, fields)]))
