@@ -11,6 +11,8 @@ from __future__ import annotations
 import json
 import math
 import os
+import subprocess
+import sys
 from pathlib import Path
 
 import pytest
@@ -888,17 +890,20 @@ def test_a_ptb_tokenizer_that_java_cannot_run_is_an_error_not_scores(
     tiny_model_dir, tmp_path, monkeypatch, capsys
 ):
     """A Java that starts but cannot run coco-caption's PTB tokenizer (too old for its jar; here
-    the jar cannot be found, so Java prints its error and exits) gave no lines back, which
+    the jar cannot be found, so Java prints its error and exits 1) gave no lines back, which
     pycocoevalcap does not check: the scorers then failed on empty input ('max() arg is an empty
-    sequence', a traceback). It is JavaFailed naming the tokenizer and how many captions came
-    back, and edgecap eval says so in one line, exit 2, after writing --output."""
+    sequence', a traceback). It is JavaFailed naming the tokenizer and Java's exit status, Java's
+    own error passed on to stderr, and edgecap eval says so in one line, exit 2, after writing
+    --output."""
     import pycocoevalcap.tokenizer.ptbtokenizer as ptb
 
     monkeypatch.setattr(ptb, "STANFORD_CORENLP_3_4_1_JAR", "no-such-corenlp.jar")
-    with pytest.raises(metrics.JavaFailed, match=r"PTB tokenizer \(Java\) gave back 0 of 3 captions"):
+    with pytest.raises(
+        metrics.JavaFailed, match=r"PTB tokenizer \(Java\) failed, exit 1 \(its errors are on"
+    ):
         metrics.score({1: ["a cat sits", "a cat"], 2: ["a dog runs"]}, {1: "a cat", 2: "a dog"}, "ptb")
-    # one caption: Java's one empty line is one caption back, but with no word
-    with pytest.raises(metrics.JavaFailed, match=r"gave back 0 of 1 captions"):
+    assert "edu.stanford.nlp.process.PTBTokenizer" in capsys.readouterr().err  # Java's "could not load"
+    with pytest.raises(metrics.JavaFailed, match=r"failed, exit 1"):
         metrics.score({1: ["a cat sits"]}, {1: "a cat"}, "ptb", metrics=("BLEU-1",))
     capsys.readouterr()
     (tmp_path / "cat.png").write_bytes((EXAMPLES / "chelsea.png").read_bytes())
@@ -908,8 +913,8 @@ def test_a_ptb_tokenizer_that_java_cannot_run_is_an_error_not_scores(
     assert main(["eval", *args, "--max-length", "3", "--output", str(out), "--no-progress"]) == 2
     err = capsys.readouterr().err.splitlines()
     assert err[-1] == (
-        "edgecap eval: error: coco-caption's PTB tokenizer (Java) gave back 0 of 1 captions (its "
-        "errors are on stderr above): coco-caption needs Java 8 or newer (java -version); the "
+        "edgecap eval: error: coco-caption's PTB tokenizer (Java) failed, exit 1 (its errors are on "
+        "stderr above): coco-caption needs Java 8 or newer (java -version); the "
         f"captions are in {out}"
     )
     written = json.loads(out.read_text())
@@ -925,43 +930,106 @@ def test_a_ptb_tokenizer_that_java_cannot_run_is_an_error_not_scores(
 def test_a_ptb_tokenizer_that_cannot_write_its_temporary_file_does_not_blame_java(
     tiny_model_dir, tmp_path, monkeypatch, capsys
 ):
-    """coco-caption's PTB tokenizer writes the captions to a temporary file beside its jar, in
-    pycocoevalcap's installed folder: read-only where root installed it and another user runs
-    edgecap eval (a container's user), or on a full disk. That is one line naming the folder and
-    the system's reason, exit 2, not 'coco-caption needs Java 8 or newer (java -version)': Java
-    never ran. Java's check and the file are stubbed (no Java needed)."""
-    import types
+    """The PTB tokenizer's captions go to a file in the system's temporary folder; where that
+    cannot be written (TMPDIR a folder since removed, a full disk) it is one line naming the
+    folder and the system's reason, exit 2, not 'coco-caption needs Java 8 or newer (java
+    -version)': Java never ran. Java's check is stubbed (no Java needed)."""
+    import tempfile
 
-    import pycocoevalcap.tokenizer.ptbtokenizer as ptb
-
-    folder = os.path.dirname(os.path.abspath(ptb.__file__))
-
-    class FullDisk:  # made, then its write fails: the OSError names no file
-        name = os.path.join(folder, "tmpfull")
-
-        def write(self, data):
-            raise OSError(28, "No space left on device")
-
-    def read_only(delete=True, dir=None):
-        raise PermissionError(13, "Permission denied", os.path.join(dir, "tmpk3x9"))
-
+    gone = tmp_path / "removed-tmp"
     monkeypatch.setattr(metrics, "java_available", lambda: True)
-    monkeypatch.setattr(ptb, "tempfile", types.SimpleNamespace(NamedTemporaryFile=lambda **kw: FullDisk()))
-    with pytest.raises(metrics.JavaFailed) as full:
+    monkeypatch.setattr(tempfile, "tempdir", str(gone))
+    with pytest.raises(metrics.JavaFailed) as missing:
         metrics.score({1: ["a cat sits"]}, {1: "a cat"}, "ptb", metrics=("BLEU-1",))
-    assert str(full.value) == (
-        f"coco-caption's PTB tokenizer cannot write its temporary file in {folder} (No space left on device)"
+    assert str(missing.value) == (
+        f"coco-caption's PTB tokenizer cannot write its temporary file in {gone} (No such file or directory)"
     )
-    monkeypatch.setattr(ptb, "tempfile", types.SimpleNamespace(NamedTemporaryFile=read_only))
     (tmp_path / "cat.png").write_bytes((EXAMPLES / "chelsea.png").read_bytes())
     refs = coco_json(tmp_path / "refs.json", {"cat.png": ["A cat."]})
     out = tmp_path / "captions.json"
     args = ["--images", str(tmp_path), "--references", str(refs), "--model", str(tiny_model_dir)]
     assert main(["eval", *args, "--max-length", "3", "--output", str(out), "--no-progress"]) == 2
     assert capsys.readouterr().err.splitlines()[-1] == (
-        f"edgecap eval: error: coco-caption's PTB tokenizer cannot write its temporary file in {folder} "
-        f"(Permission denied); the captions are in {out}"
+        f"edgecap eval: error: coco-caption's PTB tokenizer cannot write its temporary file in {gone} "
+        f"(No such file or directory); the captions are in {out}"
     )
+
+
+def _read_only_run(folder: str, code: str, tmp_path: Path) -> subprocess.CompletedProcess | None:
+    """``python -c code`` with ``folder`` mounted read-only for it alone (a private mount
+    namespace: ``unshare -m``, a read-only bind mount); None where this machine does not allow
+    that (not root, no ``unshare``, a container without the right)."""
+    import shutil
+
+    if shutil.which("unshare") is None or shutil.which("mount") is None:
+        return None
+    probe = tmp_path / "probe"
+    probe.mkdir()
+    mount = 'mount --bind "$1" "$1" && mount -o remount,bind,ro "$1" && shift && exec "$@"'
+    command = ["unshare", "-m", "sh", "-c", mount, "sh"]
+    tried = subprocess.run([*command, str(probe), "touch", str(probe / "f")], capture_output=True, timeout=60)
+    if tried.returncode == 0 or b"Read-only file system" not in tried.stderr or (probe / "f").exists():
+        return None  # the mount was not made, or not read-only
+    return subprocess.run(
+        [*command, folder, sys.executable, "-c", code], capture_output=True, text=True, timeout=120
+    )
+
+
+@needs_java
+def test_the_ptb_tokenizer_runs_where_pycocoevalcap_is_read_only(tmp_path):
+    """pycocoevalcap's own PTBTokenizer writes the captions to a file beside its jar, in the
+    installed package's folder: where that is read-only (root installed it and another user runs
+    edgecap eval, a container's user; a read-only image) it failed, every time ('cannot write its
+    temporary file in .../pycocoevalcap/tokenizer (Read-only file system)'). Run here with that
+    folder mounted read-only: the score is the PTB tokenization's worked by hand in
+    test_ptb_tokenizer_scores_are_the_metrics_worked_by_hand."""
+    import pycocoevalcap.tokenizer.ptbtokenizer as ptb
+
+    folder = os.path.dirname(os.path.abspath(ptb.__file__))
+    score = f"metrics.score({HAND_REFS!r}, {HAND_HYPS!r}, tokenizer='ptb', metrics=('BLEU-4',))"
+    child = "\n".join(
+        [
+            "import os, tempfile",
+            "from edgecap.evaluation import metrics",
+            f"try: tempfile.NamedTemporaryFile(dir={folder!r})",
+            "except OSError as exc: print('read-only:', exc.strerror)",
+            f"print({score}['BLEU-4'])",
+        ]
+    )
+    done = _read_only_run(folder, child, tmp_path)
+    if done is None:
+        pytest.skip("this machine cannot mount a folder read-only for one process (unshare -m)")
+    assert done.returncode == 0, done.stderr
+    said, bleu4 = done.stdout.splitlines()
+    assert said == "read-only: Read-only file system"
+    bp = math.exp(
+        1 - 12 / 11
+    )  # as worked by hand in test_ptb_tokenizer_scores_are_the_metrics_worked_by_hand
+    assert float(bleu4) == pytest.approx(bp * (7 / 9 * 5 / 7 * 3 / 5) ** (1 / 4), abs=1e-6)
+
+
+@needs_java
+def test_the_ptb_tokenizer_gives_coco_captions_tokens_and_keeps_stderr_for_problems(capfd):
+    """The PTB tokenization is coco-caption's, token for token (pycocoevalcap's PTBTokenizer on
+    the same captions: contractions, possessives, brackets, non-ASCII letters, an emoji, empty and
+    punctuation-only captions), and its report when done ('PTBTokenizer tokenized 17 tokens at
+    267.37 tokens per second.', twice an edgecap eval) no longer reaches stderr; what else Java
+    says (here: that it cannot tokenize the emoji) does."""
+    from pycocoevalcap.tokenizer.ptbtokenizer import PTBTokenizer
+
+    captions = {
+        7: ["A dog's ball -- isn't it?", "café au lait… 10.5% “quoted” (paren) [bracket] {brace}"],
+        "b": ["emoji 🐶 here", "tab\there", "  spaces around  ", "", "...", "U.S.A. e.g. Mr. Smith's"],
+        3: ["ÅNGSTRÖM naïve 東京", "A man rides a red bike down the street."],
+    }
+    expected = PTBTokenizer().tokenize({k: [{"caption": c} for c in v] for k, v in captions.items()})
+    capfd.readouterr()
+    assert metrics._ptb(captions) == expected
+    assert expected[7][0] == "a dog 's ball is n't it"  # what coco-caption's tokens look like
+    err = capfd.readouterr().err
+    assert "PTBTokenizer tokenized" not in err and "Untokenizable" in err
+    metrics.score(REFS, HYPS, tokenizer="ptb", metrics=("BLEU-1",))
+    assert capfd.readouterr().err == ""
 
 
 def test_per_image_cider_averages_to_the_corpus_cider():

@@ -10,8 +10,11 @@ from __future__ import annotations
 
 import functools
 import os
+import re
 import shutil
 import subprocess
+import sys
+import tempfile
 import warnings
 
 from edgecap.extras import install_hint
@@ -60,12 +63,9 @@ def _tokenize(refs, hyps, tokenizer):
         )
         tokenizer = "simple"
     if tokenizer == "ptb":
-        from pycocoevalcap.tokenizer.ptbtokenizer import PTBTokenizer
-
-        tok = PTBTokenizer()
         lines = _LINE_BREAKS
-        refs_t = _ptb(tok, {k: [{"caption": c.translate(lines)} for c in v] for k, v in refs.items()})
-        hyps_t = _ptb(tok, {k: [{"caption": hyps[k].translate(lines)}] for k in refs})
+        refs_t = _ptb({k: [c.translate(lines) for c in v] for k, v in refs.items()})
+        hyps_t = _ptb({k: [hyps[k].translate(lines)] for k in refs})
         return refs_t, hyps_t
     if tokenizer == "simple":
         return (
@@ -75,30 +75,68 @@ def _tokenize(refs, hyps, tokenizer):
     raise ValueError(f"unknown tokenizer {tokenizer!r}: use 'ptb' or 'simple'")
 
 
-def _ptb(tok, captions: dict) -> dict:
-    """``captions`` through coco-caption's PTB tokenizer, every caption given back or
-    ``JavaFailed``: it reads Java's output lines without checking how Java ended, so a Java that
-    cannot run the tokenizer (too old for its jar, the jar missing) gave no lines, and the scorers
-    then failed on empty input ("max() arg is an empty sequence") or scored what came back."""
-    try:
-        out = tok.tokenize(captions)
-    except (OSError, subprocess.SubprocessError, ValueError) as exc:
-        if isinstance(exc, OSError) and exc.filename != "java":  # Java's own name: it did not start
-            # the temporary file it writes beside its jar: a read-only install (root's, run by
-            # another user), a full disk; no fault of Java's
-            from pycocoevalcap.tokenizer import ptbtokenizer
+_PTB_CLASS = "edu.stanford.nlp.process.PTBTokenizer"
+# what the tokenizer prints on stderr when it is done: "PTBTokenizer tokenized 17 tokens at 267.37
+# tokens per second." (twice an edgecap eval: references, captions)
+_PTB_DONE = re.compile(r"PTBTokenizer tokenized \d+ tokens at [\d.,]+ tokens per second\.")
 
-            folder = os.path.dirname(os.path.abspath(ptbtokenizer.__file__))
-            raise JavaFailed(
-                f"coco-caption's PTB tokenizer cannot write its temporary file in {folder} "
-                f"({exc.strerror or exc})"
-            ) from exc
+
+def _ptb(captions: dict) -> dict:
+    """``captions`` ({image: [caption, ...]}) tokenised by coco-caption's PTB tokenizer, every
+    caption given back, or ``JavaFailed``. Java runs pycocoevalcap's jar with its ``PTBTokenizer``'s
+    arguments on one caption a line, and its output loses the same punctuation tokens
+    (``PUNCTUATIONS``), so the tokens are coco-caption's; but unlike ``PTBTokenizer.tokenize``:
+
+    - the captions' file is written in the system's temporary folder, not beside the jar (in
+      pycocoevalcap's installed folder: read-only where root installed it and another user runs
+      edgecap eval, a container's user);
+    - how Java ended is checked (a Java too old for the jar, or a missing jar, gave no lines,
+      which the scorers then failed on: 'max() arg is an empty sequence', or scored);
+    - its report on stderr when it is done is dropped; anything else it says is passed on.
+    """
+    from pycocoevalcap.tokenizer import ptbtokenizer
+
+    folder = os.path.dirname(os.path.abspath(ptbtokenizer.__file__))
+    jar = os.path.join(folder, ptbtokenizer.STANFORD_CORENLP_3_4_1_JAR)
+    images = [image for image, texts in captions.items() for _ in texts]
+    text = "\n".join(caption.replace("\n", " ") for texts in captions.values() for caption in texts)
+    try:
+        with tempfile.TemporaryDirectory(prefix="edgecap-ptb-") as scratch:
+            path = os.path.join(scratch, "captions.txt")
+            with open(path, "wb") as f:
+                f.write(text.encode())
+            command = ["java", "-cp", jar, _PTB_CLASS, "-preserveLines", "-lowerCase", path]
+            done = subprocess.run(command, stdin=subprocess.DEVNULL, capture_output=True)
+    except OSError as exc:
+        if exc.filename == "java":  # it did not start
+            raise JavaFailed(f"coco-caption's PTB tokenizer (Java) failed: {exc}: {_NEEDS_JAVA}") from exc
+        raise JavaFailed(  # the captions' file: a full disk, a temporary folder one cannot write
+            f"coco-caption's PTB tokenizer cannot write its temporary file in {tempfile.gettempdir()} "
+            f"({exc.strerror or exc})"
+        ) from exc
+    said = [
+        line for line in done.stderr.decode(errors="replace").splitlines() if not _PTB_DONE.fullmatch(line)
+    ]
+    if any(line.strip() for line in said):
+        print("\n".join(said), file=sys.stderr)
+    if done.returncode != 0:
+        raise JavaFailed(
+            f"coco-caption's PTB tokenizer (Java) failed, exit {done.returncode} (its errors are on "
+            f"stderr above): {_NEEDS_JAVA}"
+        )
+    try:
+        lines = done.stdout.decode().split("\n")
+    except UnicodeDecodeError as exc:
         raise JavaFailed(f"coco-caption's PTB tokenizer (Java) failed: {exc}: {_NEEDS_JAVA}") from exc
+    out: dict = {}
+    for image, line in zip(images, lines):
+        words = (word for word in line.rstrip().split(" ") if word not in ptbtokenizer.PUNCTUATIONS)
+        out.setdefault(image, []).append(" ".join(words))
     given = {k: len(v) for k, v in captions.items()}
     back = sum(1 for v in out.values() for w in v if w.strip())
     # every caption back, and not all of them empty when some had a word (Java's one empty line)
-    words = any(ch.isalnum() for v in captions.values() for c in v for ch in c["caption"])
-    if {k: len(v) for k, v in out.items()} != given or (words and not back):
+    words_given = any(ch.isalnum() for texts in captions.values() for c in texts for ch in c)
+    if {k: len(v) for k, v in out.items()} != given or (words_given and not back):
         raise JavaFailed(
             f"coco-caption's PTB tokenizer (Java) gave back {back} of {sum(given.values())} captions "
             f"(its errors are on stderr above): {_NEEDS_JAVA}"
