@@ -190,8 +190,11 @@ class Recording:
         self.close()
 
     def close(self) -> None:
-        if self.reader.stack is not None:
-            self.reader.close()
+        # an open AnyReader has a stack from rosbags 0.11.6, isopen before (edgecap[ros]: >= 0.11)
+        reader = self.reader
+        is_open = reader.stack is not None if hasattr(reader, "stack") else reader.isopen
+        if is_open:
+            reader.close()
 
     @property
     def connections(self) -> list:

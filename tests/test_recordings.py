@@ -364,6 +364,55 @@ def test_an_every_that_is_not_a_positive_number_is_a_value_error(tmp_path, every
         recording.frames(every=every)
 
 
+class AnyReaderBefore0116:
+    """rosbags 0.11.0 to 0.11.5's ``AnyReader`` (edgecap[ros] asks for rosbags >= 0.11): whether
+    it is open is its ``isopen``, and ``close()`` asserts that it is; the ``stack`` attribute came
+    in 0.11.6. The real ``AnyReader`` does the reading."""
+
+    made: list = []
+
+    def __init__(self, paths, default_typestore=None):
+        self._real = AnyReader(paths, default_typestore=default_typestore)
+        self.isopen = False
+        self.closes = 0
+        AnyReaderBefore0116.made.append(self)
+
+    def open(self):
+        assert not self.isopen
+        self._real.open()
+        self.isopen = True
+
+    def close(self):
+        assert self.isopen
+        self._real.close()
+        self.isopen = False
+        self.closes += 1
+
+    def __getattr__(self, name):  # connections, messages, deserialize, typestore; no stack
+        if name == "stack":
+            raise AttributeError(name)
+        return getattr(self._real, name)
+
+
+def test_a_recording_is_read_and_closed_with_rosbags_before_0_11_6(tmp_path, capfd, monkeypatch):
+    """Before the fix, closing any recording opened with rosbags 0.11.0 to 0.11.5 read the
+    reader's ``stack`` and raised AttributeError: every ``--bag`` run ended in a traceback
+    (seen with rosbags 0.11.0 on Python 3.10)."""
+    from rosbags import highlevel
+
+    monkeypatch.setattr(highlevel, "AnyReader", AnyReaderBefore0116)
+    monkeypatch.setattr(AnyReaderBefore0116, "made", [])
+    messages, frames = camera_messages("sqlite3")
+    bag = write_recording(tmp_path, "sqlite3", messages)
+    with open_recording(bag) as recording:
+        assert list(recording.image_topics) == ["/cam/bgr", "/cam/jpeg", "/cam/mono", "/cam/rgb"]
+    recording.close()  # a second close does nothing, as with rosbags 0.11.6 and later
+    done = edgecap_caption(capfd, "--bag", bag, "--topic", "/cam/jpeg")
+    assert done.returncode == 0, done.stderr
+    assert [line.split("\t")[0] for line in done.stdout.splitlines()] == ["/cam/jpeg", "/cam/jpeg"]
+    assert [(r.isopen, r.closes) for r in AnyReaderBefore0116.made] == [(False, 1), (False, 1)]
+
+
 # -- whole-recording problems: one line, exit 2 -------------------------------------------------
 def test_recording_problems(tmp_path, capfd):
     messages, _ = camera_messages("ros1")
