@@ -102,11 +102,13 @@ class IOBindingSession(DecoderSession):
         self._session.run_with_iobinding(io)
         # get_outputs() follows the order of the bind calls above
         outputs = dict(zip(("h_out", "c_out", "topk_logprobs", "topk_ids", "alpha"), io.get_outputs()))
-        io.clear_binding_outputs()
-        self._current = (h_out, c_out)
-        self._next = 1 - self._next
-        return StepResult(
+        # read before clear_binding_outputs(): up to onnxruntime 1.23 that frees these values
+        result = StepResult(
             topk_logprobs=outputs["topk_logprobs"].numpy(),
             topk_ids=outputs["topk_ids"].numpy(),
             alpha=outputs["alpha"].numpy() if self._return_attention else None,
         )
+        io.clear_binding_outputs()
+        self._current = (h_out, c_out)
+        self._next = 1 - self._next
+        return result
