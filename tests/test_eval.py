@@ -810,6 +810,44 @@ def test_a_java_that_does_not_start_is_no_java(tmp_path, monkeypatch):
 
 
 @needs_java
+def test_eval_scores_with_java_from_a_working_folder_since_removed(tmp_path, monkeypatch, recwarn):
+    """Java does not start in a working folder that has been removed (a script's folder deleted
+    under it): ``java -version`` failed there, so edgecap eval said 'Java not found' and scored with
+    the simple tokenizer, and the PTB tokenizer failed. Both run in a folder of their own: the
+    hand-worked PTB BLEU-4 (test_ptb_tokenizer_scores_are_the_metrics_worked_by_hand) and METEOR."""
+    gone = tmp_path / "gone"
+    gone.mkdir()
+    monkeypatch.chdir(gone)
+    gone.rmdir()
+    metrics._java_starts.cache_clear()  # asked again from here
+    try:
+        assert metrics.java_available()
+        got = metrics.score(HAND_REFS, HAND_HYPS, tokenizer="ptb", metrics=("BLEU-4", "METEOR"))
+    finally:
+        metrics._java_starts.cache_clear()
+    bp = math.exp(1 - 12 / 11)
+    assert got["BLEU-4"] == pytest.approx(bp * (7 / 9 * 5 / 7 * 3 / 5) ** (1 / 4), abs=1e-6)
+    assert 0 < got["METEOR"] <= 1
+    assert not [w for w in recwarn if "Java" in str(w.message)]
+
+
+def test_ending_meteor_closes_its_pipes():
+    """``_close_meteor`` ends METEOR's Java and closes the three pipes to it (its output pipes
+    were left open: 'ResourceWarning: unclosed file' under python -X dev after every eval), also
+    keeping the lock free. A stand-in process for Java."""
+    import threading
+    from types import SimpleNamespace
+
+    pipe = subprocess.PIPE
+    java = subprocess.Popen(["sleep", "30"], stdin=pipe, stdout=pipe, stderr=pipe)
+    meteor = SimpleNamespace(meteor_p=java, lock=threading.Lock())
+    meteor.lock.acquire()  # as a failed compute_score leaves it
+    metrics._close_meteor(meteor)
+    assert java.returncode is not None and not meteor.lock.locked()
+    assert (java.stdin.closed, java.stdout.closed, java.stderr.closed) == (True, True, True)
+
+
+@needs_java
 def test_ptb_tokenizer_scores_are_the_metrics_worked_by_hand(recwarn):
     """coco-caption's PTB tokenizer, as the papers scored: it splits "dog's" into "dog 's",
     which the simple tokenizer keeps whole. "b" is then 5 words against 6: unigrams 5/5,

@@ -48,7 +48,11 @@ def java_available() -> bool:
 @functools.cache
 def _java_starts(java: str) -> bool:
     try:
-        done = subprocess.run([java, "-version"], capture_output=True, stdin=subprocess.DEVNULL, timeout=60)
+        # in Java's own folder: Java does not start in a working folder since removed
+        where = os.path.dirname(java)
+        done = subprocess.run(
+            [java, "-version"], capture_output=True, stdin=subprocess.DEVNULL, timeout=60, cwd=where
+        )
     except (OSError, subprocess.SubprocessError):
         return False
     return done.returncode == 0
@@ -106,7 +110,8 @@ def _ptb(captions: dict) -> dict:
             with open(path, "wb") as f:
                 f.write(text.encode())
             command = ["java", "-cp", jar, _PTB_CLASS, "-preserveLines", "-lowerCase", path]
-            done = subprocess.run(command, stdin=subprocess.DEVNULL, capture_output=True)
+            # run in its own folder: Java cannot start in a working folder since removed
+            done = subprocess.run(command, stdin=subprocess.DEVNULL, capture_output=True, cwd=scratch)
     except OSError as exc:
         if exc.filename == "java":  # it did not start
             raise JavaFailed(f"coco-caption's PTB tokenizer (Java) failed: {exc}: {_NEEDS_JAVA}") from exc
@@ -226,6 +231,8 @@ def _close_meteor(meteor) -> None:
             pass
         meteor.meteor_p.kill()
         meteor.meteor_p.wait()
+        meteor.meteor_p.stdout.close()  # its pipes too (unclosed: a ResourceWarning under -X dev)
+        meteor.meteor_p.stderr.close()
     except Exception:  # pragma: no cover - best effort cleanup
         pass
     if meteor.lock.locked():
