@@ -229,7 +229,9 @@ class CaptionService:
         self._unread: weakref.WeakKeyDictionary = weakref.WeakKeyDictionary()
         self._reading: set = set()  # the bodies being read now (request.content)
         self.app = web.Application(
-            client_max_size=self.options.max_body_bytes,
+            # + 1: aiohttp before 3.14 refuses a body of client_max_size bytes too; a body of
+            # max_body_bytes + 1 that aiohttp 3.14 lets through is refused after the read below
+            client_max_size=self.options.max_body_bytes + 1,
             middlewares=[_noting_unread_bodies(web, self._unread), _json_errors(web)],
         )
         self.app.router.add_post("/caption", self.caption)
@@ -336,6 +338,8 @@ class CaptionService:
                 return _error(web, 400, "the connection closed before the body had all arrived")
             finally:
                 self._reading.discard(request.content)
+            if len(data) > options.max_body_bytes:
+                return _too_large(web, None, options.max_body_bytes)
             if not data:
                 return _error(web, 400, "empty body: send the image file's bytes")
             assert self.batcher is not None

@@ -484,7 +484,29 @@ def test_a_body_over_a_mebibyte_and_under_the_limit_is_captioned():
         running.stop()
 
 
-def test_a_body_at_the_limit_is_captioned_and_one_over_it_refused_from_its_length():
+def _as_aiohttp_before_3_14(monkeypatch):
+    """aiohttp 3.10.0 to 3.13.5 (edgecap[serve] asks for >= 3.10): ``request.read()`` refuses a
+    body of ``client_max_size`` bytes too (``body_size >= client_max_size``; 3.14: ``>``; read
+    in the wheels of 3.10.0, 3.10.11, 3.11.0, 3.12.0, 3.13.0, 3.13.5, 3.14.0)."""
+    from aiohttp import web, web_request
+
+    read = web_request.BaseRequest.read
+
+    async def read_before_3_14(self):
+        body = await read(self)
+        if self.client_max_size and len(body) >= self.client_max_size:
+            raise web.HTTPRequestEntityTooLarge(max_size=self.client_max_size, actual_size=len(body))
+        return body
+
+    monkeypatch.setattr(web_request.BaseRequest, "read", read_before_3_14)
+
+
+@pytest.mark.parametrize("aiohttp_rule", ["installed", "before-3.14"])
+def test_a_body_at_the_limit_is_captioned_and_one_over_it_refused_from_its_length(monkeypatch, aiohttp_rule):
+    """With aiohttp before 3.14 too (before the fix there: a body of exactly max_body_bytes was
+    a 413, with aiohttp 3.10.0 on Python 3.10)."""
+    if aiohttp_rule == "before-3.14":
+        _as_aiohttp_before_3_14(monkeypatch)
     fake = BlockingCaptioner()
     fake.gate.set()
     running = Running(fake, ServiceOptions(max_body_bytes=1000))
@@ -501,10 +523,15 @@ def test_a_body_at_the_limit_is_captioned_and_one_over_it_refused_from_its_lengt
     assert fake.batches == [1]  # the refused body never reached the model
 
 
-def test_a_chunked_body_at_the_limit_is_captioned_and_one_byte_over_it_refused_while_read():
+@pytest.mark.parametrize("aiohttp_rule", ["installed", "before-3.14"])
+def test_a_chunked_body_at_the_limit_is_captioned_and_one_byte_over_it_refused_while_read(
+    monkeypatch, aiohttp_rule
+):
     """A chunked body has no Content-Length: the limit is held while it is read. max_body_bytes
     1,000: 1,000 bytes in chunks of 400, 400 and 200 are captioned; 1,001 (400, 400, 201) are
-    a 413 and never reach the model."""
+    a 413 and never reach the model. With aiohttp before 3.14 too."""
+    if aiohttp_rule == "before-3.14":
+        _as_aiohttp_before_3_14(monkeypatch)
     fake = BlockingCaptioner()
     fake.gate.set()
     running = Running(fake, ServiceOptions(max_body_bytes=1000))
