@@ -110,7 +110,7 @@ def attention_figure(
         x, y = layout.panel_origin(i)
         figure.paste(_overlay(small, weights), (x, y))
         label = _fit(word, font, panel[0])
-        label_width = draw.textlength(label, font=font)
+        label_width = _width(font, label)
         draw.text(
             (x + (panel[0] - label_width) / 2, y + panel[1] + MARGIN // 2), label, fill=TEXT_COLOR, font=font
         )
@@ -169,8 +169,18 @@ def _font(size: int) -> ImageFont.ImageFont | ImageFont.FreeTypeFont:
 
 
 def _line_height(font) -> int:
+    if not hasattr(font, "getbbox"):  # Pillow 9.1's bitmap font: getsize alone
+        return int(font.getsize("Ayg")[1]) + 4
     left, top, right, bottom = font.getbbox("Ayg")
     return int(bottom) + 4
+
+
+def _width(font, text: str) -> float:
+    """``text``'s width in pixels. Pillow's bitmap font (Pillow before 10.1, or without FreeType)
+    has getlength from Pillow 9.2, getsize alone before (edgecap asks for Pillow >= 9.1)."""
+    if not hasattr(font, "getlength"):
+        return font.getsize(text)[0]
+    return font.getlength(text)
 
 
 def _wrap(text: str, font, width: int) -> list[str]:
@@ -179,7 +189,7 @@ def _wrap(text: str, font, width: int) -> list[str]:
     lines: list[str] = []
     for word in text.split():
         candidate = f"{lines[-1]} {word}" if lines else word
-        if lines and font.getlength(candidate) <= width:
+        if lines and _width(font, candidate) <= width:
             lines[-1] = candidate
         else:
             lines.append(word)
@@ -187,9 +197,11 @@ def _wrap(text: str, font, width: int) -> list[str]:
 
 
 def _fit(word: str, font, width: int) -> str:
-    """``word``, shortened with an ellipsis if it is wider than ``width`` pixels."""
-    if font.getlength(word) <= width:
+    """``word``, shortened with an ellipsis if it is wider than ``width`` pixels ("..." in the
+    bitmap font, which has Latin-1 characters alone)."""
+    if _width(font, word) <= width:
         return word
-    while len(word) > 1 and font.getlength(word + "…") > width:
+    ellipsis = "…" if isinstance(font, ImageFont.FreeTypeFont) else "..."
+    while len(word) > 1 and _width(font, word + ellipsis) > width:
         word = word[:-1]
-    return word + "…"
+    return word + ellipsis

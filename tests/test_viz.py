@@ -11,9 +11,9 @@ import dataclasses
 
 import numpy as np
 import pytest
-from PIL import Image
+from PIL import Image, ImageFont
 
-from edgecap import Caption, Captioner
+from edgecap import Caption, Captioner, viz
 from edgecap.viz import MARGIN, attention_figure, panel_size_for, save_attention
 
 GREEN = (0, 200, 0)
@@ -142,7 +142,36 @@ def _caption_of(words: list[str], attention: np.ndarray) -> Caption:
     return Caption(text=" ".join(words), score=-1.0, tokens=words, log_prob=-2.0, attention=attention)
 
 
-def test_the_caption_heads_the_figure_and_each_word_labels_its_own_panel():
+class _BitmapFontOfPillow91(ImageFont.ImageFont):
+    """Pillow's bitmap font as Pillow 9.1 has it (edgecap asks for Pillow >= 9.1): getsize and
+    getmask, no getbbox or getlength (Pillow 9.2 added them)."""
+
+    def __init__(self, bitmap: ImageFont.ImageFont):
+        self.font = bitmap.font
+
+    def __getattribute__(self, name):
+        if name in ("getbbox", "getlength"):
+            raise AttributeError(name)
+        return super().__getattribute__(name)
+
+    def getsize(self, text, *args, **kwargs):
+        return self.font.getsize(text)
+
+
+@pytest.fixture(params=["default", "bitmap", "bitmap-pillow-9.1"])
+def font(request, monkeypatch):
+    """The figure's font: the default (FreeType's, from Pillow 10.1), Pillow's bitmap font (the
+    figure's before Pillow 10.1, or without FreeType: Latin-1 characters alone) and that font
+    as Pillow 9.1 has it. Before the fix the bitmap font failed on a shortened word's "…"
+    (UnicodeEncodeError) and Pillow 9.1's on every figure (AttributeError: getbbox)."""
+    if request.param != "default":
+        bitmap = getattr(ImageFont, "load_default_imagefont", ImageFont.load_default)()
+        made = bitmap if request.param == "bitmap" else _BitmapFontOfPillow91(bitmap)
+        monkeypatch.setattr(viz, "_font", lambda size: made)
+    return request.param
+
+
+def test_the_caption_heads_the_figure_and_each_word_labels_its_own_panel(font):
     """Two captions that differ in their second word only, with the same maps: their figures
     differ above the panels (the caption across the top) and under the second panel (its
     word), nowhere else. With 7 words and the default columns, 5 panels to a row."""
@@ -190,7 +219,7 @@ def test_panel_size_below_16_pixels_or_not_an_integer_is_refused(panel_size):
     )
 
 
-def test_a_long_caption_wraps_inside_the_figure_and_a_long_word_stays_under_its_panel():
+def test_a_long_caption_wraps_inside_the_figure_and_a_long_word_stays_under_its_panel(font):
     """Six words each wider than a panel (40 pixels; 'elephant0' is about 56 in the 12-pixel
     font), two panels to a row: the caption wraps over several lines inside the figure, and
     each label is shortened to its panel's width; no text in the margins at either side."""
