@@ -422,6 +422,8 @@ def pil_to_rgb(im: Image.Image, source: str) -> Image.Image:
             im.load()  # a lazily opened PIL image reads its file only now
     except Exception as exc:  # noqa: BLE001 (see _decode)
         raise InputError(source, f"truncated or corrupt image data ({reason(exc)})") from exc
+    # a 16-bit grayscale PNG: Pillow opens it as I;16 from 10.3, as I (32-bit) before
+    sixteen_bit_png = im.format == "PNG" and im.mode == "I"
     try:
         im = ImageOps.exif_transpose(im)
     except Exception:  # noqa: BLE001
@@ -431,7 +433,7 @@ def pil_to_rgb(im: Image.Image, source: str) -> Image.Image:
     if mode == "RGB" and not _has_alpha(im):  # an RGB PNG may have a tRNS colour key
         return im
     if mode in ("I", "I;16", "I;16B", "I;16L", "I;16N", "F"):
-        gray = _gray_to_uint8(np.asarray(im), source)
+        gray = _gray_to_uint8(np.asarray(im), source, sixteen_bits=sixteen_bit_png)
         return Image.fromarray(gray).convert("RGB")
     try:
         if _has_alpha(im):
@@ -449,11 +451,12 @@ def _has_alpha(im: Image.Image) -> bool:
     )
 
 
-def _gray_to_uint8(x: np.ndarray, source: str) -> np.ndarray:
-    """32-bit / 16-bit / float grayscale (H, W) -> uint8 (H, W)."""
+def _gray_to_uint8(x: np.ndarray, source: str, sixteen_bits: bool = False) -> np.ndarray:
+    """32-bit / 16-bit / float grayscale (H, W) -> uint8 (H, W); ``sixteen_bits``: 32-bit
+    pixels read from a 16-bit file."""
     if x.dtype.kind == "f":
         return _float_to_uint8(x, source)
-    wide = x.dtype.itemsize > 2  # Pillow's "I" (32-bit) mode
+    wide = x.dtype.itemsize > 2 and not sixteen_bits  # Pillow's "I" (32-bit) mode
     x = x.astype(np.int64)
     if x.min(initial=0) < 0:
         raise InputError(source, "grayscale image has negative pixel values")

@@ -178,11 +178,22 @@ def test_a_32_bit_image_over_16_bits_is_white_not_wrapped():
     assert rgb_array(im)[0, :, 0].tolist() == [1, 255, 255, 255]
 
 
-def test_a_16_bit_file_with_8_bit_values_is_read_as_16_bit(tmp_path, monkeypatch):
+@pytest.mark.parametrize("opened_as", ["installed", "I"])
+def test_a_16_bit_file_with_8_bit_values_is_read_as_16_bit(tmp_path, monkeypatch, opened_as):
     """Only a 32-bit image keeps values that fit in 8 bits: a 16-bit PNG holds 0-65535, so 255
-    is 255 // 257 = 0 (as in test_16_bit_arrays_and_files_read_as_0_to_65535_alike_and_in_order)."""
+    is 255 // 257 = 0 (as in test_16_bit_arrays_and_files_read_as_0_to_65535_alike_and_in_order),
+    also where Pillow opens it as I, 32-bit (before Pillow 10.3, whose PNG plugin maps a 16-bit
+    grayscale PNG to ("I", "I;16B"); edgecap asks for Pillow >= 9.1). Before the fix: 255 with
+    Pillow 9.1.1."""
+    from PIL import PngImagePlugin
+
+    if opened_as == "I":
+        monkeypatch.setitem(PngImagePlugin._MODES, (16, 0), ("I", "I;16B"))
     monkeypatch.setattr(images, "_warned_sixteen_bits", True)  # the dark-frame hint: said before
     path = _save(Image.fromarray(np.array([[0, 200, 255]], np.uint16)), tmp_path / "deep.png")
+    with Image.open(path) as im:
+        assert im.mode in (("I",) if opened_as == "I" else ("I;16", "I"))
+        assert rgb_array(im).max() == 0  # a PIL image opened from the file, too
     assert rgb_array(path).max() == 0
 
 
