@@ -22,6 +22,7 @@ import json
 import os
 import re
 import stat
+import tempfile
 from pathlib import Path
 
 _OPEN_FLAGS = (
@@ -53,7 +54,15 @@ def kind_of(mode: int) -> str:
 
 def write_problem(exc: OSError, path: object) -> str:
     """A folder or file that could not be made or written, as ``PATH: why`` (the error's own
-    file name, else ``path``): a file in the way, no permission, a full disk."""
+    file name, else ``path``): a file in the way, no permission, a full disk. An error without
+    a file name where no temporary folder can be written (TMPDIR, /tmp, /var/tmp, /usr/tmp and
+    the working folder all read-only: onnxruntime's int8 quantizer and torch's ONNX export need
+    one) says that, not ``path``."""
+    if exc.filename is None:
+        try:
+            tempfile.gettempdir()
+        except OSError as none:
+            return f"no writable temporary folder: set TMPDIR to one ({none.strerror or none})"
     return f"{exc.filename or path}: {exc.strerror or exc}"
 
 

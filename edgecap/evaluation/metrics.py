@@ -115,9 +115,11 @@ def _ptb(captions: dict) -> dict:
     except OSError as exc:
         if exc.filename == "java":  # it did not start
             raise JavaFailed(f"coco-caption's PTB tokenizer (Java) failed: {exc}: {_NEEDS_JAVA}") from exc
-        raise JavaFailed(  # the captions' file: a full disk, a temporary folder one cannot write
-            f"coco-caption's PTB tokenizer cannot write its temporary file in {tempfile.gettempdir()} "
-            f"({exc.strerror or exc})"
+        # the captions' file: a full disk, a temporary folder one cannot write; tempfile.tempdir
+        # is None where no folder was usable (gettempdir() would raise again)
+        where = f" in {tempfile.tempdir}" if tempfile.tempdir else ": set TMPDIR to a writable folder"
+        raise JavaFailed(
+            f"coco-caption's PTB tokenizer cannot write its temporary file{where} ({exc.strerror or exc})"
         ) from exc
     said = [
         line for line in done.stderr.decode(errors="replace").splitlines() if not _PTB_DONE.fullmatch(line)

@@ -1,0 +1,122 @@
+"""edgecap on a locked-down machine, as robots and containers run it: a read-only root file
+system leaves no temporary folder Python can write (TMPDIR, /tmp, /var/tmp, /usr/tmp and the
+working folder all read-only; ``tempfile.gettempdir()`` then raises CPython's 'No usable temporary
+directory found in [...]'). What needs one (eval's PTB tokenizer, convert's int8 quantizer,
+export's torch.onnx) says so in one line and what to do, exit 2: not a traceback, and not a
+problem with --out, which can be written."""
+
+from __future__ import annotations
+
+import errno
+import shutil
+import subprocess
+import sys
+import tempfile
+from pathlib import Path
+
+import pytest
+
+import edgecap
+from edgecap.cli import main
+
+EXAMPLES = Path(edgecap.__file__).parent / "assets" / "examples"
+# CPython's tempfile._get_default_tempdir: FileNotFoundError(ENOENT, this), no file name
+NO_TEMP = "No usable temporary directory found in ['/ro/tmp', '/tmp', '/var/tmp', '/usr/tmp', '/ro/cwd']"
+
+
+@pytest.fixture
+def no_temporary_folder(monkeypatch):
+    """``tempfile`` as on a read-only root file system: no folder chosen yet (``tempdir`` None)
+    and none can be (``gettempdir`` raises as CPython's does; mkdtemp, TemporaryDirectory and
+    NamedTemporaryFile all go through it)."""
+
+    def none_usable():
+        raise FileNotFoundError(errno.ENOENT, NO_TEMP)
+
+    monkeypatch.setattr(tempfile, "tempdir", None)
+    monkeypatch.setattr(tempfile, "gettempdir", none_usable)
+
+
+def test_eval_with_no_writable_temporary_folder_is_one_line(
+    no_temporary_folder, tiny_model_dir, tmp_path, monkeypatch, capsys
+):
+    """The PTB tokenizer's captions file cannot be made: eval said why in a message that itself
+    asked tempfile for the folder's name, which raised again, so the user got two tracebacks
+    (FileNotFoundError). Now one line: what is missing, what to do, the system's reason."""
+    pytest.importorskip("pycocoevalcap")
+    from edgecap.evaluation import metrics
+
+    said = (
+        "coco-caption's PTB tokenizer cannot write its temporary file: set TMPDIR to a writable "
+        f"folder ({NO_TEMP})"
+    )
+    monkeypatch.setattr(metrics, "java_available", lambda: True)  # Java never runs: the file comes first
+    with pytest.raises(metrics.JavaFailed) as failed:
+        metrics.score({1: ["a cat sits"]}, {1: "a cat"}, "ptb", metrics=("BLEU-1",))
+    assert str(failed.value) == said
+    (tmp_path / "cat.png").write_bytes((EXAMPLES / "chelsea.png").read_bytes())
+    refs = tmp_path / "refs.json"
+    refs.write_text(
+        '{"images": [{"id": 1, "file_name": "cat.png"}], '
+        '"annotations": [{"id": 2, "image_id": 1, "caption": "A cat."}]}'
+    )
+    args = ["--images", str(tmp_path), "--references", str(refs), "--model", str(tiny_model_dir)]
+    assert main(["eval", *args, "--max-length", "3", "--no-progress"]) == 2
+    err = capsys.readouterr().err
+    assert err.splitlines()[-1] == f"edgecap eval: error: {said}"
+    assert "Traceback" not in err
+
+
+def test_convert_int8_with_no_writable_temporary_folder_does_not_blame_out(
+    no_temporary_folder, tiny_model_dir, tmp_path, capsys
+):
+    """onnxruntime's quantizer writes its shape-inferred model to a temporary folder. Where none
+    can be made the error has no file name, and convert named --out (writable) as the problem:
+    'OUT: No usable temporary directory ...'. Now the temporary folder and TMPDIR."""
+    pytest.importorskip("onnxruntime.quantization")
+    out = tmp_path / "int8"
+    assert main(["convert", str(tiny_model_dir), "--precision", "int8", "--out", str(out)]) == 2
+    err = capsys.readouterr().err.splitlines()
+    assert err[-1] == f"edgecap convert: error: no writable temporary folder: set TMPDIR to one ({NO_TEMP})"
+
+
+def test_convert_int8_on_a_read_only_root_file_system(tiny_model_dir, tmp_path):
+    """The same for real: TMPDIR, /tmp, /var/tmp and the working folder mounted read-only for one
+    process (unshare -m, read-only bind mounts; skipped where this machine cannot), --out on a
+    writable mount."""
+    if shutil.which("unshare") is None or shutil.which("mount") is None:
+        pytest.skip("needs unshare and mount")
+    ro_tmp, cwd, out = tmp_path / "tmpdir", tmp_path / "cwd", tmp_path / "out"
+    for folder in (ro_tmp, cwd, out):
+        folder.mkdir()
+    ro = [str(ro_tmp), str(cwd), "/tmp", "/var/tmp"]
+    script = (
+        'for d in $RO; do mount --bind "$d" "$d" && mount -o remount,bind,ro "$d" || exit 99; done; '
+        'mount --bind "$RW" "$RW" && mount -o remount,bind,rw "$RW" || exit 98; cd "$CWD" && exec "$@"'
+    )
+    env = {"PATH": "/usr/bin:/bin", "RO": " ".join(ro), "RW": str(out), "CWD": str(cwd)}
+    env["TMPDIR"] = str(ro_tmp)
+    env["PYTHONPATH"] = str(Path(edgecap.__file__).parents[1])
+    command = ["unshare", "-m", "bash", "-c", script, "bash"]
+    probe = subprocess.run(
+        [*command, "touch", str(ro_tmp / "probe"), str(out / "ok")],
+        env=env,
+        capture_output=True,
+    )
+    made = probe.returncode not in (98, 99) and b"Read-only file system" in probe.stderr
+    if not made or not (out / "ok").exists():
+        pytest.skip("this machine cannot mount folders read-only for one process (unshare -m)")
+    done = subprocess.run(
+        [*command, sys.executable, "-m", "edgecap", "convert", str(tiny_model_dir), "--precision", "int8"]
+        + ["--out", str(out / "int8")],
+        env=env,
+        capture_output=True,
+        text=True,
+        timeout=300,
+    )
+    assert done.returncode == 2, done.stderr
+    folders = [str(ro_tmp), "/tmp", "/var/tmp", "/usr/tmp", str(cwd)]
+    assert done.stderr.splitlines() == [
+        "edgecap convert: error: no writable temporary folder: set TMPDIR to one "
+        f"(No usable temporary directory found in {folders})"
+    ]
