@@ -128,7 +128,12 @@ def read_regular(path: str | os.PathLike, max_bytes: int, what: str = "file") ->
     f = open_regular(path, max_bytes, what)
     with f:
         try:
-            data = f.read(max_bytes + 1)
+            # the file's size and one byte more (to see it grew), not max_bytes + 1 at once: a
+            # read of n bytes reserves n first (128 MiB a photo, refused under ulimit -v)
+            size = min(os.fstat(f.fileno()).st_size, max_bytes)
+            data = f.read(size + 1)
+            if size < len(data) <= max_bytes:  # it grew: the rest, to one byte past the ceiling
+                data += f.read(max_bytes + 1 - len(data))
         except OSError as exc:
             raise FileProblem(os_problem(exc)) from None
     if len(data) > max_bytes:

@@ -8,6 +8,7 @@ problem with --out, which can be written."""
 from __future__ import annotations
 
 import errno
+import os
 import shutil
 import subprocess
 import sys
@@ -120,3 +121,35 @@ def test_convert_int8_on_a_read_only_root_file_system(tiny_model_dir, tmp_path):
         "edgecap convert: error: no writable temporary folder: set TMPDIR to one "
         f"(No usable temporary directory found in {folders})"
     ]
+
+
+def test_a_photo_is_read_without_reserving_the_whole_file_size_limit(tmp_path):
+    """Reading a photo asked Python for max_bytes + 1 in one read (EDGECAP_MAX_FILE_BYTES,
+    128 MiB by default), and a read of n bytes reserves n first: every photo, even one of 70 KB,
+    took 128 MiB of address space (each decode worker too). Under an address-space limit
+    (ulimit -v: 500 MiB ran the shipped model but failed every photo, 'cannot load this input
+    (MemoryError)') or strict overcommit, photos failed while memory was free. Here a child
+    process may map 64 MiB more than it has when it loads a 70 KB photo (Linux: RLIMIT_AS)."""
+    pytest.importorskip("resource")
+    if not Path("/proc/self/status").exists():
+        pytest.skip("needs /proc/self/status (Linux) to size the limit")
+    photo = EXAMPLES / "chelsea.png"
+    child = "\n".join(
+        [
+            "import resource",
+            "from edgecap.images import load_rgb",
+            f"load_rgb({str(photo)!r})  # Pillow's PNG plugin and numpy loaded before the limit",
+            "status = open('/proc/self/status').read().split('VmSize:')[1].split()",
+            "mapped = int(status[0]) * 1024",
+            "resource.setrlimit(resource.RLIMIT_AS, (mapped + (64 << 20), resource.RLIM_INFINITY))",
+            "try:",
+            f"    print(load_rgb({str(photo)!r}).size)",
+            "except Exception as exc:",
+            "    print(exc)",
+        ]
+    )
+    env = {**os.environ, "PYTHONPATH": str(Path(edgecap.__file__).parents[1])}
+    env.pop("EDGECAP_MAX_FILE_BYTES", None)  # the default ceiling, 128 MiB
+    done = subprocess.run([sys.executable, "-c", child], env=env, capture_output=True, text=True, timeout=120)
+    assert done.returncode == 0, done.stderr
+    assert done.stdout.splitlines() == ["(451, 300)"]
