@@ -153,3 +153,74 @@ def test_a_photo_is_read_without_reserving_the_whole_file_size_limit(tmp_path):
     done = subprocess.run([sys.executable, "-c", child], env=env, capture_output=True, text=True, timeout=120)
     assert done.returncode == 0, done.stderr
     assert done.stdout.splitlines() == ["(451, 300)"]
+
+
+# What a capped process (ulimit -v, one CPU) raised while captioning the example photos, as
+# measured: onnxruntime's encoder at 340-420 MiB, torch's at 800 MiB, and numpy / Pillow /
+# imports a MemoryError. Each ended in a traceback, exit 1.
+ORT_ARENA = (
+    "[ONNXRuntimeError] : 1 : FAIL : Non-zero status code returned while running Conv node. "
+    "Name:'/_blocks.1/Clip_output_0_nchwc' Status Message: /onnxruntime_src/onnxruntime/core/"
+    "framework/bfc_arena.cc:360 void* onnxruntime::BFCArena::AllocateRawInternal(size_t, bool, "
+    "onnxruntime::Stream*) Failed to allocate memory for requested buffer of size 19267584"
+)
+TORCH_CPU = (
+    "[enforce fail at alloc_cpu.cpp:127] err == 0. DefaultCPUAllocator: can't allocate memory: you "
+    "tried to allocate 19267584 bytes. Error code 12 (Cannot allocate memory)"
+)
+
+
+def _ort_fail(message: str) -> Exception:
+    from onnxruntime.capi.onnxruntime_pybind11_state import Fail
+
+    return Fail(message)
+
+
+@pytest.mark.parametrize(
+    "raised, said",
+    [
+        (lambda: _ort_fail(ORT_ARENA), "onnxruntime could not allocate 19,267,584 bytes"),
+        (lambda: RuntimeError(TORCH_CPU), "torch could not allocate 19,267,584 bytes"),
+        (MemoryError, "MemoryError"),
+    ],
+)
+def test_running_out_of_memory_while_captioning_is_one_line(
+    tiny_model_dir, monkeypatch, capsys, raised, said
+):
+    """Out of memory in the model's run is one line saying so and what to do, exit 2, not a
+    traceback (the captions of the batches before it are printed)."""
+    pytest.importorskip("onnxruntime")
+    from edgecap.backends.onnxruntime import OnnxRuntimeBackend
+
+    def encode(self, images):
+        raise raised()
+
+    monkeypatch.setattr(OnnxRuntimeBackend, "encode", encode)
+    photo = str(EXAMPLES / "chelsea.png")
+    assert (
+        main(["caption", photo, "--model", str(tiny_model_dir), "--backend", "onnxruntime", "--no-progress"])
+        == 2
+    )
+    assert capsys.readouterr().err.splitlines() == [
+        f"edgecap caption: error: out of memory ({said}): allow it more memory (ulimit -v, the "
+        "container's limit), or a smaller --batch-size"
+    ]
+
+
+def test_other_failures_of_the_model_are_not_called_out_of_memory(tiny_model_dir, monkeypatch):
+    """A failure that is not memory (another onnxruntime error, a RuntimeError of torch's
+    without an allocator) goes on as before."""
+    pytest.importorskip("onnxruntime")
+    from edgecap.backends.onnxruntime import OnnxRuntimeBackend
+
+    failure = _ort_fail(
+        "[ONNXRuntimeError] : 1 : FAIL : Non-zero status code returned while running Conv node."
+    )
+    for error in (failure, RuntimeError("you tried to allocate 5 bytes of patience")):
+
+        def encode(self, images, error=error):
+            raise error
+
+        monkeypatch.setattr(OnnxRuntimeBackend, "encode", encode)
+        with pytest.raises(type(error)):
+            main(["caption", str(EXAMPLES / "chelsea.png"), "--model", str(tiny_model_dir), "--no-progress"])
