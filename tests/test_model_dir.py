@@ -147,6 +147,25 @@ def test_a_graph_that_does_not_load_says_the_runtimes_reason(small_model):
     assert len(reason) > 10 and "re-copy the model directory or re-export it" in message
 
 
+def test_a_graph_of_a_newer_opset_is_one_line_saying_so(small_model):
+    """onnxruntime's reason for a graph stamped with an opset newer than it supports ends in a
+    newline ("... Current official support for domain ai.onnx.ml is till opset 5.\n", with
+    onnxruntime 1.32; met with an int8 model converted by onnxruntime 1.32 and loaded by
+    1.16.3): the ModelError, which edgecap caption prints, is one line all the same."""
+    import onnx
+
+    edit_manifest(small_model, set_field(["sha256"], {}))
+    path = small_model / "encoder.onnx"
+    model = onnx.load(str(path))
+    model.opset_import.append(onnx.helper.make_opsetid("ai.onnx.ml", 99))
+    onnx.save(model, str(path))
+    with pytest.raises(ModelError) as caught:
+        Captioner(small_model, backend="onnxruntime")
+    message = str(caught.value)
+    assert message.startswith(str(path) + ": cannot load the graph (") and "Opset 99" in message
+    assert "\n" not in message and "till opset" in message and message.endswith("or re-export it")
+
+
 def test_vocab_mismatch(tiny_model_dir, tmp_path):
     model = copy_model(tiny_model_dir, tmp_path / "m")
     words = json.loads((model / "vocab.json").read_text())["words"]

@@ -7,7 +7,7 @@ import os
 from collections.abc import Mapping, Sequence
 
 from edgecap.contract import IO
-from edgecap.errors import ModelError
+from edgecap.errors import ModelError, reason
 from edgecap.manifest import Manifest, verify_files
 
 Shape = Sequence[object]  # ints for fixed dimensions, strings / None for dynamic ones
@@ -51,7 +51,7 @@ def load_failure(manifest: Manifest, role: str, exc: BaseException) -> ModelErro
     except ModelError as checksum_error:
         return checksum_error
     return ModelError(
-        f"{manifest.path(role)}: cannot load the graph ({exc}); the file may be "
+        f"{manifest.path(role)}: cannot load the graph ({reason(exc)}); the file may be "
         "corrupt or truncated, or need a newer runtime: re-copy the model directory "
         "or re-export it"
     )
