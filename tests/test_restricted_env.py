@@ -224,3 +224,48 @@ def test_other_failures_of_the_model_are_not_called_out_of_memory(tiny_model_dir
         monkeypatch.setattr(OnnxRuntimeBackend, "encode", encode)
         with pytest.raises(type(error)):
             main(["caption", str(EXAMPLES / "chelsea.png"), "--model", str(tiny_model_dir), "--no-progress"])
+
+
+def test_eval_says_java_does_not_start_under_a_memory_limit_not_that_it_is_missing(
+    tiny_model_dir, tmp_path, monkeypatch, capsys
+):
+    """Under an address-space limit (ulimit -v 2 GiB here: the JVM reserves its heap and class
+    space first) ``java -version`` fails, and edgecap eval said 'Java not found ... install a Java
+    runtime' of a Java that is installed. It now names the java that does not start and why,
+    from what the JVM said, measured (the cause on stdout, its log lines and 'Error: Could not
+    create the Java Virtual Machine.' on stderr; exit 1). A stand-in java on PATH."""
+    pytest.importorskip("pycocoevalcap")
+    from edgecap.evaluation import metrics
+
+    bin_dir = tmp_path / "bin"
+    bin_dir.mkdir()
+    java = bin_dir / "java"
+    java.write_text(
+        "#!/bin/sh\n"
+        "echo '[0.014s][warning][os,thread] Failed to start thread \"G1 Refine#0\"' >&2\n"
+        "echo 'Error occurred during initialization of VM'\n"
+        "echo 'Could not allocate compressed class space: 1073741824 bytes'\n"
+        "echo 'Error: Could not create the Java Virtual Machine.' >&2\n"
+        "exit 1\n"
+    )
+    java.chmod(0o755)
+    monkeypatch.setenv("PATH", str(bin_dir))
+    metrics._java_starts.cache_clear()
+    try:
+        (tmp_path / "cat.png").write_bytes((EXAMPLES / "chelsea.png").read_bytes())
+        refs = tmp_path / "refs.json"
+        refs.write_text(
+            '{"images": [{"id": 1, "file_name": "cat.png"}], '
+            '"annotations": [{"id": 2, "image_id": 1, "caption": "A cat."}]}'
+        )
+        args = ["--images", str(tmp_path), "--references", str(refs), "--model", str(tiny_model_dir)]
+        assert main(["eval", *args, "--max-length", "3", "--no-progress"]) == 0
+    finally:
+        metrics._java_starts.cache_clear()
+    assert capsys.readouterr().err.splitlines()[0] == (
+        f"edgecap eval: warning: Java {java} does not start (java -version: exit 1; Error occurred "
+        "during initialization of VM; Could not allocate compressed class space: 1073741824 bytes): "
+        "METEOR skipped and the simple tokenizer used instead of coco-caption's PTB tokenizer "
+        "(BLEU / ROUGE-L / CIDEr are then close to, but not exactly, coco-caption's); make it start "
+        "for exact numbers"
+    )

@@ -224,10 +224,12 @@ def score_split(items: list[CaptionedImage], hyps: dict) -> EvalReport:
     if metrics.java_available():
         tokenizer, wanted, skipped = "ptb", metrics.METRIC_KEYS, ()
     else:
+        problem = metrics.java_problem() or "not found"
+        remedy = "install a Java runtime" if problem == "not found" else "make it start"
         print(
-            "edgecap eval: warning: Java not found: METEOR skipped and the simple tokenizer used "
+            f"edgecap eval: warning: Java {problem}: METEOR skipped and the simple tokenizer used "
             "instead of coco-caption's PTB tokenizer (BLEU / ROUGE-L / CIDEr are then close to, "
-            "but not exactly, coco-caption's); install a Java runtime for exact numbers",
+            f"but not exactly, coco-caption's); {remedy} for exact numbers",
             file=sys.stderr,
         )
         tokenizer, skipped = "simple", ("METEOR",)

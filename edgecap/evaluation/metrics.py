@@ -45,6 +45,21 @@ def java_available() -> bool:
     return java is not None and _java_starts(java)
 
 
+def java_problem() -> str | None:
+    """Why coco-caption cannot use Java, or None: 'not found' (no ``java`` on PATH), or 'JAVA does
+    not start (what java -version said)': a macOS stub, or a memory limit (the JVM reserves its
+    heap and class space as it starts: ulimit -v under about 4 GiB on a 128 GiB machine)."""
+    java = shutil.which("java")
+    if java is None:
+        return "not found"
+    if _java_starts(java):
+        return None
+    return f"{java} does not start ({_JAVA_FAILED.get(java, 'java -version failed')})"
+
+
+_JAVA_FAILED: dict[str, str] = {}  # java -> what ``java -version`` said when it failed
+
+
 @functools.cache
 def _java_starts(java: str) -> bool:
     try:
@@ -53,8 +68,13 @@ def _java_starts(java: str) -> bool:
         done = subprocess.run(
             [java, "-version"], capture_output=True, stdin=subprocess.DEVNULL, timeout=60, cwd=where
         )
-    except (OSError, subprocess.SubprocessError):
+    except (OSError, subprocess.SubprocessError) as exc:
+        _JAVA_FAILED[java] = f"java -version: {exc}"
         return False
+    if done.returncode != 0:  # the JVM's cause (on stdout) first, without its [time][warning] logs
+        said = [line.strip() for line in (done.stdout + done.stderr).decode(errors="replace").splitlines()]
+        said = [line for line in said if line and not line.startswith("[")]
+        _JAVA_FAILED[java] = f"java -version: exit {done.returncode}" + "".join(f"; {s}" for s in said[:2])
     return done.returncode == 0
 
 
