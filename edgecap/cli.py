@@ -150,7 +150,9 @@ def _main(argv: list[str] | None) -> int:
             print(f"edgecap {args.command}: error: {exc}", file=sys.stderr)
             return 2
         except Exception as exc:
-            lack = None if _interrupted(exc) else _out_of_memory(exc)
+            from edgecap.errors import out_of_memory
+
+            lack = None if _interrupted(exc) else out_of_memory(exc)
             if lack is None:
                 raise
             smaller = ", or a smaller --batch-size" if getattr(args, "batch_size", None) else ""
@@ -168,30 +170,6 @@ def _main(argv: list[str] | None) -> int:
         if _interrupted(exc):
             return 130
         raise
-
-
-def _out_of_memory(exc: BaseException) -> str | None:
-    """What could not be allocated, in a few words, where ``exc`` is running out of memory
-    (an address-space limit, ulimit -v; strict overcommit; a GPU's memory), else None: Python's
-    MemoryError (numpy, Pillow, an import), onnxruntime's failure to allocate (its arena's
-    'Failed to allocate memory for requested buffer of size N', a C++ bad_alloc) and torch's
-    (CPU: a RuntimeError 'DefaultCPUAllocator: can't allocate memory: you tried to allocate N
-    bytes'; torch.OutOfMemoryError, CUDA's)."""
-    import re
-
-    if isinstance(exc, MemoryError):
-        return "MemoryError"
-    text = str(exc)
-    size = re.search(r"(?:requested buffer of size|you tried to allocate) (\d+)", text)
-    library = type(exc).__module__.split(".")[0]
-    if library == "onnxruntime" and (size or "bad_alloc" in text):
-        what = f"{int(size.group(1)):,} bytes" if size else "memory (bad_alloc)"
-        return f"onnxruntime could not allocate {what}"
-    if isinstance(exc, RuntimeError) and "DefaultCPUAllocator" in text and size:
-        return f"torch could not allocate {int(size.group(1)):,} bytes"
-    if library == "torch" and type(exc).__name__ == "OutOfMemoryError":  # CUDA's
-        return f"torch: {text.splitlines()[0]}" if text else "torch.OutOfMemoryError"
-    return None
 
 
 def _interrupted(exc: BaseException) -> bool:

@@ -21,6 +21,33 @@ def reason(exc: BaseException) -> str:
     return " ".join(str(exc).split()) or type(exc).__name__
 
 
+def out_of_memory(exc: BaseException) -> str | None:
+    """What could not be allocated, in a few words, where ``exc`` is running out of memory
+    (an address-space limit, ulimit -v; strict overcommit; a GPU's memory), else None: Python's
+    MemoryError (numpy, Pillow, an import), onnxruntime's failure to allocate (its arena's
+    'Failed to allocate memory for requested buffer of size N', a C++ bad_alloc) and torch's
+    (CPU: a RuntimeError 'DefaultCPUAllocator: can't allocate memory: you tried to allocate N
+    bytes'; torch.OutOfMemoryError, CUDA's) and protobuf's, reading an ONNX file for torch
+    ('Error parsing message with type 'onnx.ModelProto': Arena alloc failed')."""
+    import re
+
+    if isinstance(exc, MemoryError):
+        return "MemoryError"
+    text = str(exc)
+    size = re.search(r"(?:requested buffer of size|you tried to allocate) (\d+)", text)
+    library = type(exc).__module__.split(".")[0]
+    if library == "onnxruntime" and (size or "bad_alloc" in text):
+        what = f"{int(size.group(1)):,} bytes" if size else "memory (bad_alloc)"
+        return f"onnxruntime could not allocate {what}"
+    if isinstance(exc, RuntimeError) and "DefaultCPUAllocator" in text and size:
+        return f"torch could not allocate {int(size.group(1)):,} bytes"
+    if library == "google" and "Arena alloc failed" in text:  # protobuf reading an ONNX file (onnx.load)
+        return "protobuf could not allocate memory (Arena alloc failed)"
+    if library == "torch" and type(exc).__name__ == "OutOfMemoryError":  # CUDA's
+        return f"torch: {text.splitlines()[0]}" if text else "torch.OutOfMemoryError"
+    return None
+
+
 class InputError(EdgecapError, ValueError):
     """An input image that cannot be captioned. ``source`` names it (a path or a description)."""
 

@@ -269,3 +269,50 @@ def test_eval_says_java_does_not_start_under_a_memory_limit_not_that_it_is_missi
         "(BLEU / ROUGE-L / CIDEr are then close to, but not exactly, coco-caption's); make it start "
         "for exact numbers"
     )
+
+
+# What loading the shipped model raised under ulimit -v, as measured (taskset -c 0): onnxruntime
+# at 250-380 MiB, the torch backend's onnx.load (protobuf) at 700 MiB.
+ORT_LOAD = "[ONNXRuntimeError] : 6 : RUNTIME_EXCEPTION : Exception during initialization: std::bad_alloc"
+PROTOBUF = "Error parsing message with type 'onnx.ModelProto': Arena alloc failed"
+
+
+def _failing_load(backend: str, monkeypatch):
+    if backend == "onnxruntime":
+        ort = pytest.importorskip("onnxruntime")
+        from onnxruntime.capi.onnxruntime_pybind11_state import RuntimeException
+
+        def session(*args, **kwargs):
+            raise RuntimeException(ORT_LOAD)
+
+        monkeypatch.setattr(ort, "InferenceSession", session)
+        return "onnxruntime could not allocate memory (bad_alloc)"
+    pytest.importorskip("torch")
+    onnx = pytest.importorskip("onnx")
+    from google.protobuf.message import DecodeError
+
+    def load(*args, **kwargs):
+        raise DecodeError(PROTOBUF)
+
+    monkeypatch.setattr(onnx, "load", load)
+    return "protobuf could not allocate memory (Arena alloc failed)"
+
+
+@pytest.mark.parametrize("backend", ["onnxruntime", "torch"])
+def test_a_model_that_does_not_fit_in_memory_is_not_called_corrupt(
+    tiny_model_dir, monkeypatch, capsys, backend
+):
+    """A graph that cannot be loaded for want of memory was 'cannot load the graph (...bad_alloc);
+    the file may be corrupt or truncated, or need a newer runtime: re-copy the model directory or
+    re-export it', which would not help. Now it says out of memory and what to do."""
+    said = _failing_load(backend, monkeypatch)
+    photo = str(EXAMPLES / "chelsea.png")
+    assert (
+        main(["caption", photo, "--model", str(tiny_model_dir), "--backend", backend, "--no-progress"]) == 2
+    )
+    err = capsys.readouterr().err.splitlines()
+    assert len(err) == 1 and err[0].startswith(f"edgecap caption: error: {tiny_model_dir}{os.sep}")
+    assert err[0].endswith(
+        f".onnx: cannot load the graph: out of memory ({said}): allow it more memory (ulimit -v, the "
+        "container's limit)"
+    )

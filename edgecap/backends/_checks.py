@@ -7,7 +7,7 @@ import os
 from collections.abc import Mapping, Sequence
 
 from edgecap.contract import IO
-from edgecap.errors import ModelError, reason
+from edgecap.errors import ModelError, out_of_memory, reason
 from edgecap.manifest import Manifest, verify_files
 
 Shape = Sequence[object]  # ints for fixed dimensions, strings / None for dynamic ones
@@ -46,6 +46,12 @@ def check_graph_io(
 
 def load_failure(manifest: Manifest, role: str, exc: BaseException) -> ModelError:
     """A ModelError for a graph file that failed to load, naming the likely cause."""
+    lack = out_of_memory(exc)
+    if lack is not None:  # not the file's fault: re-copying it would not help
+        return ModelError(
+            f"{manifest.path(role)}: cannot load the graph: out of memory ({lack}): allow it more "
+            "memory (ulimit -v, the container's limit)"
+        )
     try:
         verify_files(manifest)
     except ModelError as checksum_error:
