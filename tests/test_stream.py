@@ -787,6 +787,32 @@ def test_an_unfinished_mp4_is_said_to_be_cut_short(tmp_path):
         video_frames(other)
 
 
+def test_an_mp4_that_is_not_cut_short_keeps_the_general_message(tmp_path):
+    """The box walk blames a cut recording only where the boxes read as a cut recording: a file
+    that FFmpeg cannot open for another reason keeps 'not a video, or a format OpenCV's FFmpeg
+    cannot read'. By hand: an empty file (no box at all); whole boxes with their index, the 'moov'
+    box, there (its contents not an index FFmpeg can use); a box whose size (4) is less than its
+    own 8-byte header. Boxes after the first may be of any type: a cut file with a 'uuid' box
+    (as some cameras write) between its ftyp and its mdat is still cut short."""
+    pytest.importorskip("cv2")
+    general = "not a video, or a format OpenCV's FFmpeg cannot read"
+    ftyp = _box(b"ftyp", b"isom\0\0\0\x01")  # 16 bytes
+    video = tmp_path / "clip.mp4"
+    for data in (
+        b"",
+        ftyp + _box(b"moov", b"\xff" * 24) + _box(b"mdat", b"\0" * 64),
+        ftyp + _box(b"mdat", b"\0" * 64) + _box(b"moov", b"\xff" * 24),
+        ftyp + _box(b"free", size=4) + _box(b"mdat", b"\0" * 64),
+    ):
+        video.write_bytes(data)
+        with pytest.raises(InputError, match=general):
+            video_frames(video)
+    # ftyp (16) + uuid (8 + 16 = 24) + an mdat of 8 + 1,000 bytes, the file cut after 100 of them
+    video.write_bytes(ftyp + _box(b"uuid", b"\x01" * 16) + _box(b"mdat", b"\0" * 100, size=1008))
+    with pytest.raises(InputError, match="cut short, 148 bytes where its boxes need 1,048,"):
+        video_frames(video)
+
+
 def test_missing_opencv_names_the_extra(monkeypatch, tmp_path):
     monkeypatch.setitem(sys.modules, "cv2", None)  # `import cv2` now raises ImportError
     for open_source in (lambda: video_frames(tmp_path / "clip.avi"), lambda: camera_frames(0)):
