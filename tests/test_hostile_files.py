@@ -99,17 +99,35 @@ def test_file_size_limit_is_configurable(tmp_path, monkeypatch):
         images.set_max_file_bytes(0)
 
 
-def test_a_file_that_grows_is_read_no_further_than_the_limit(tmp_path, monkeypatch):
+@pytest.mark.parametrize(
+    "sizes, reads",
+    [
+        # size 0 at the open and at the read (as /proc files report): a byte, then to a byte past
+        ((0, 0), [1, 1000]),
+        # 999 bytes, a byte under the limit: its size and a byte more gives 1,000, the limit
+        # itself, so it may have grown: one byte more, which is past the limit
+        ((999, 999), [1000, 1]),
+        # under the limit at the open's check, 100,004 bytes at the read: no more than a byte past
+        ((999, 100_004), [1001]),
+    ],
+)
+def test_a_file_that_grows_is_read_no_further_than_the_limit(tmp_path, monkeypatch, sizes, reads):
     """The size check happens before the read; a file that grows after it (or reports size 0,
-    as /proc files do) is still read at most one byte past the limit."""
+    as /proc files do) is still read at most one byte past the limit, and refused, not read
+    short. The file is 100,004 bytes; ``sizes``: what fstat says at the open, then at the read."""
     from edgecap import files
 
     path = tmp_path / "growing.png"
     path.write_bytes(b"\x89PNG" + b"\0" * 100_000)
     real_fstat, real_fdopen, asked = os.fstat, os.fdopen, []
-    monkeypatch.setattr(
-        files.os, "fstat", lambda fd: os.stat_result((*real_fstat(fd)[:6], 0, *real_fstat(fd)[7:]))
-    )
+    said = dict(zip(("open_regular", "read_regular"), sizes))
+
+    def fstat(fd):  # os.fstat as files' two callers see it (os's own: anyone else's calls too)
+        real = real_fstat(fd)
+        size = said.get(sys._getframe(1).f_code.co_name, real.st_size)
+        return os.stat_result((*real[:6], size, *real[7:]))
+
+    monkeypatch.setattr(files.os, "fstat", fstat)
 
     class Recorder:
         def __init__(self, f):
@@ -135,7 +153,7 @@ def test_a_file_that_grows_is_read_no_further_than_the_limit(tmp_path, monkeypat
         _refused(path, "grew past the limit of 1,000 bytes", "set_max_file_bytes", images.MAX_FILE_BYTES_ENV)
     finally:
         images.set_max_file_bytes(None)
-    assert asked == [1, 1000]  # its size at the open and a byte more, then to a byte past the limit
+    assert asked == reads
 
 
 def test_folder_is_refused(tmp_path):
