@@ -219,6 +219,17 @@ def test_panel_size_below_16_pixels_or_not_an_integer_is_refused(panel_size):
     )
 
 
+def test_caption_lines_are_as_far_apart_in_pillow_9_1s_bitmap_font():
+    """The caption's lines are spaced as in the same font on a newer Pillow: its height (getbbox's
+    bottom for "Ayg", 11 pixels in Pillow's bitmap font) and 4 pixels, where Pillow 9.1's font
+    has getsize alone."""
+    bitmap = getattr(ImageFont, "load_default_imagefont", ImageFont.load_default)()
+    if not hasattr(bitmap, "getbbox"):
+        pytest.skip("Pillow before 9.2: no getbbox to compare with")
+    height = bitmap.getbbox("Ayg")[3]
+    assert viz._line_height(_BitmapFontOfPillow91(bitmap)) == viz._line_height(bitmap) == height + 4
+
+
 def test_a_long_caption_wraps_inside_the_figure_and_a_long_word_stays_under_its_panel(font):
     """Six words each wider than a panel (40 pixels; 'elephant0' is about 56 in the 12-pixel
     font), two panels to a row: the caption wraps over several lines inside the figure, and
