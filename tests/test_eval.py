@@ -635,7 +635,7 @@ def test_cli_flickr8k_layout_text_without_java(tiny_model_dir, tiny_captions, tm
     assert "Java not found" in out.err
     lines = dict(line.split(":", 1) for line in out.out.splitlines())
     assert lines["images"].split()[0] == "2"
-    assert lines["tokenizer"].strip().startswith("simple (Java not found")
+    assert lines["tokenizer"].strip() == "simple (no usable Java: not coco-caption-exact)"
     assert lines["METEOR"].strip().startswith("skipped")
     for key in ("BLEU-1", "BLEU-2", "BLEU-3", "BLEU-4", "ROUGE-L", "CIDEr"):
         assert 0 <= float(lines[key]) <= 10, key
@@ -809,6 +809,81 @@ def test_a_java_that_does_not_start_is_no_java(tmp_path, monkeypatch):
     assert metrics.java_available() is False
 
 
+def test_the_java_warning_says_install_only_where_there_is_no_java(tmp_path, monkeypatch, capsys):
+    """edgecap eval without a usable Java: with no ``java`` on PATH the warning says 'Java not
+    found' and to install a Java runtime; with one that does not start (macOS's stub: 'Unable to
+    locate a Java Runtime.', exit 1; the JVM under a memory limit) it names that java, what it
+    said (not the JVM's log lines, '[0.022s][warning]...'), and to make it start."""
+    items = read_coco(
+        coco_json(tmp_path / "r.json", {str(k): v for k, v in REFS.items()}, ids={str(k): k for k in REFS})
+    )
+    stub = tmp_path / "stub" / "java"
+    stub.parent.mkdir()
+    stub.write_text("#!/bin/sh\necho 'Unable to locate a Java Runtime.' >&2\nexit 1\n")
+    stub.chmod(0o755)
+    # the JVM under ulimit -v 1 GiB, as measured: its log lines and the cause on stdout
+    vm = tmp_path / "vm" / "java"
+    vm.parent.mkdir()
+    log = '[0.022s][warning][os,thread] Failed to start thread "G1 Refine#0" - pthread_create failed'
+    vm.write_text(
+        f"#!/bin/sh\necho '{log}'\necho 'Error occurred during initialization of VM'\n"
+        "echo 'Could not create G1ServiceThread'\n"
+        "echo 'Error: Could not create the Java Virtual Machine.' >&2\nexit 1\n"
+    )
+    vm.chmod(0o755)
+    middle = (
+        "METEOR skipped and the simple tokenizer used instead of coco-caption's PTB tokenizer "
+        "(BLEU / ROUGE-L / CIDEr are then close to, but not exactly, coco-caption's); "
+    )
+    for path, said in (
+        (tmp_path / "nothing-here", f"Java not found: {middle}install a Java runtime for exact numbers"),
+        (
+            stub.parent,
+            f"Java {stub} does not start (java -version: exit 1; Unable to locate a Java Runtime.): "
+            f"{middle}make it start for exact numbers",
+        ),
+        (
+            vm.parent,
+            f"Java {vm} does not start (java -version: exit 1; Error occurred during initialization "
+            f"of VM; Could not create G1ServiceThread): {middle}make it start for exact numbers",
+        ),
+    ):
+        monkeypatch.setenv("PATH", str(path))
+        metrics._java_starts.cache_clear()
+        try:
+            report = score_split(items, HYPS)
+        finally:
+            metrics._java_starts.cache_clear()
+        assert report.tokenizer == "simple" and report.skipped == ("METEOR",)
+        warned = [line for line in capsys.readouterr().err.splitlines() if "Java" in line]
+        assert warned == [f"edgecap eval: warning: {said}"]
+
+
+def test_a_library_caller_is_told_which_java_does_not_start(tmp_path, monkeypatch):
+    """metrics.score's fallback warnings name a java that is installed but does not start (a macOS
+    stub, a memory limit) and what it said, as edgecap eval's own warning does; they said 'Java
+    not found' of it. A stand-in java on PATH; with none, 'Java not found' as before."""
+    bin_dir = tmp_path / "bin"
+    bin_dir.mkdir()
+    java = bin_dir / "java"
+    java.write_text("#!/bin/sh\necho 'Unable to locate a Java Runtime.' >&2\nexit 1\n")
+    java.chmod(0o755)
+    for path, why in (
+        (bin_dir, f"{java} does not start (java -version: exit 1; Unable to locate a Java Runtime.)"),
+        (tmp_path / "nothing-here", "not found"),
+    ):
+        monkeypatch.setenv("PATH", str(path))
+        metrics._java_starts.cache_clear()
+        try:
+            with pytest.warns(UserWarning) as warned:
+                metrics.score(HAND_REFS, HAND_HYPS, metrics=("BLEU-4", "METEOR"))
+        finally:
+            metrics._java_starts.cache_clear()
+        messages = [str(w.message) for w in warned]
+        assert f"Java {why}: using the simple tokenizer instead of PTB; " in "".join(messages)
+        assert f"Java {why}: METEOR skipped" in messages
+
+
 @needs_java
 def test_eval_scores_with_java_from_a_working_folder_since_removed(tmp_path, monkeypatch, recwarn):
     """Java does not start in a working folder that has been removed (a script's folder deleted
@@ -963,6 +1038,20 @@ def test_a_ptb_tokenizer_that_java_cannot_run_is_an_error_not_scores(
     err = capsys.readouterr().err.splitlines()
     assert err[-2].startswith(f"edgecap eval: error: --output {proc}: cannot write it (")
     assert err[-1].endswith("coco-caption needs Java 8 or newer (java -version)")
+
+
+def test_a_java_gone_before_the_ptb_tokenizer_runs_is_java_not_the_temporary_file(tmp_path, monkeypatch):
+    """A ``java`` that was there when Java was checked and is gone when the PTB tokenizer starts
+    (PATH without it here; Java's check stubbed) is Java's failure, named so, not the temporary
+    file's ('cannot write its temporary file'): that file was written."""
+    monkeypatch.setattr(metrics, "java_available", lambda: True)
+    monkeypatch.setenv("PATH", str(tmp_path / "nothing-here"))
+    with pytest.raises(metrics.JavaFailed) as failed:
+        metrics.score({1: ["a cat sits"]}, {1: "a cat"}, "ptb", metrics=("BLEU-1",))
+    assert str(failed.value) == (
+        "coco-caption's PTB tokenizer (Java) failed: [Errno 2] No such file or directory: 'java': "
+        "coco-caption needs Java 8 or newer (java -version)"
+    )
 
 
 def test_a_ptb_tokenizer_that_cannot_write_its_temporary_file_does_not_blame_java(

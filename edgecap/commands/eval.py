@@ -221,7 +221,7 @@ def _print_table(summary: dict) -> None:
 
     model = summary["model"]
     penalty = summary["length_penalty"]
-    tokenizer = {"ptb": "ptb (coco-caption)", "simple": "simple (Java not found: not coco-caption-exact)"}[
+    tokenizer = {"ptb": "ptb (coco-caption)", "simple": "simple (no usable Java: not coco-caption-exact)"}[
         summary["tokenizer"]
     ]
     print(f"references:  {summary['references']}")

@@ -57,6 +57,12 @@ def java_problem() -> str | None:
     return f"{java} does not start ({_JAVA_FAILED.get(java, 'java -version failed')})"
 
 
+def _why_no_java() -> str:
+    """``java_problem()`` where ``java_available()`` said no: 'not found', or which java does not
+    start and why (a Java that starts again since is 'not found' too)."""
+    return java_problem() or "not found"
+
+
 _JAVA_FAILED: dict[str, str] = {}  # java -> what ``java -version`` said when it failed
 
 
@@ -81,7 +87,7 @@ def _java_starts(java: str) -> bool:
 def _tokenize(refs, hyps, tokenizer):
     if tokenizer == "ptb" and not java_available():
         warnings.warn(
-            "Java not found: using the simple tokenizer instead of PTB; "
+            f"Java {_why_no_java()}: using the simple tokenizer instead of PTB; "
             "install a JRE for coco-caption-exact numbers",
             stacklevel=3,
         )
@@ -221,7 +227,7 @@ def scores(
             out["METEOR"] = float(corpus)
             per_image["METEOR"] = {k: float(v) for k, v in zip(refs_t, each)}
         else:
-            warnings.warn("Java not found: METEOR skipped", stacklevel=2)
+            warnings.warn(f"Java {_why_no_java()}: METEOR skipped", stacklevel=2)
     if "ROUGE-L" in metrics:
         out["ROUGE-L"] = float(Rouge().compute_score(refs_t, hyps_t)[0])
     if "CIDEr" in metrics:
