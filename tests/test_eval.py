@@ -813,7 +813,8 @@ def test_the_java_warning_says_install_only_where_there_is_no_java(tmp_path, mon
     """edgecap eval without a usable Java: with no ``java`` on PATH the warning says 'Java not
     found' and to install a Java runtime; with one that does not start (macOS's stub: 'Unable to
     locate a Java Runtime.', exit 1; the JVM under a memory limit) it names that java, what it
-    said (not the JVM's log lines, '[0.022s][warning]...'), and to make it start."""
+    said (not the JVM's log lines, '[0.022s][warning]...') or why it could not be run, and to make
+    it start."""
     items = read_coco(
         coco_json(tmp_path / "r.json", {str(k): v for k, v in REFS.items()}, ids={str(k): k for k in REFS})
     )
@@ -831,6 +832,11 @@ def test_the_java_warning_says_install_only_where_there_is_no_java(tmp_path, mon
         "echo 'Error: Could not create the Java Virtual Machine.' >&2\nexit 1\n"
     )
     vm.chmod(0o755)
+    # a java built for another machine (an x86 runtime copied to an arm robot): not executable here
+    foreign = tmp_path / "foreign" / "java"
+    foreign.parent.mkdir()
+    foreign.write_bytes(b"\x7fELF" + b"\0" * 60)
+    foreign.chmod(0o755)
     middle = (
         "METEOR skipped and the simple tokenizer used instead of coco-caption's PTB tokenizer "
         "(BLEU / ROUGE-L / CIDEr are then close to, but not exactly, coco-caption's); "
@@ -846,6 +852,11 @@ def test_the_java_warning_says_install_only_where_there_is_no_java(tmp_path, mon
             vm.parent,
             f"Java {vm} does not start (java -version: exit 1; Error occurred during initialization "
             f"of VM; Could not create G1ServiceThread): {middle}make it start for exact numbers",
+        ),
+        (
+            foreign.parent,
+            f"Java {foreign} does not start (java -version: [Errno 8] Exec format error: "
+            f"'{foreign}'): {middle}make it start for exact numbers",
         ),
     ):
         monkeypatch.setenv("PATH", str(path))
