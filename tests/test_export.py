@@ -547,7 +547,8 @@ def test_an_export_out_that_cannot_be_written_is_one_line_and_exit_2(tmp_path, c
     """docs/cli.md / README: usage and output errors exit 2 with one line, never a traceback (as
     ``edgecap convert --out``). An --out below a file cannot be made a folder: refused naming
     both, before anything is read; a folder that cannot be written (no permission, a full disk:
-    here the temporary folder beside --out refused) names the path and the system's reason.
+    here the temporary folder beside --out refused) names --out and the system's reason (until
+    2026-12-05 the hidden working folder beside it, ./.model.export-x, which no one asked for).
     Nothing is left behind, the file untouched. Before the fix: tracebacks of FileExistsError
     and PermissionError, exit 1."""
     import errno
@@ -582,6 +583,6 @@ def test_an_export_out_that_cannot_be_written_is_one_line_and_exit_2(tmp_path, c
     printed = capsys.readouterr()
     assert (printed.out, printed.err) == (
         "",
-        f"edgecap export: error: {out.parent}/.model.export-x: Permission denied\n",
+        f"edgecap export: error: {out}: Permission denied\n",  # the --out asked for, not the hidden folder
     )
     assert not out.exists()

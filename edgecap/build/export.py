@@ -215,7 +215,10 @@ def export_modules(
     """
     final_dir = Path(out_dir)
     final_dir.parent.mkdir(parents=True, exist_ok=True)
-    out_dir = Path(tempfile.mkdtemp(prefix=f".{final_dir.name}.export-", dir=final_dir.parent))
+    try:
+        out_dir = Path(tempfile.mkdtemp(prefix=f".{final_dir.name}.export-", dir=final_dir.parent))
+    except OSError as exc:  # a read-only folder: named as the --out asked for, not the hidden one
+        raise OSError(exc.errno, exc.strerror, str(final_dir)) from exc
     try:
         manifest = _write_and_check(encoder, decoder, vocab, pre, out_dir, info, check_images, check)
         final_dir.mkdir(exist_ok=True)
