@@ -155,7 +155,8 @@ def _main(argv: list[str] | None) -> int:
             lack = None if _interrupted(exc) else out_of_memory(exc)
             if lack is None:
                 raise
-            smaller = ", or a smaller --batch-size" if getattr(args, "batch_size", None) else ""
+            # at --batch-size 1 there is no smaller batch to suggest
+            smaller = ", or a smaller --batch-size" if (getattr(args, "batch_size", None) or 0) > 1 else ""
             print(
                 f"edgecap {args.command}: error: out of memory ({lack}): allow it more memory "
                 f"(ulimit -v, the container's limit){smaller}",

@@ -340,3 +340,24 @@ def test_help_shows_each_default_once_and_no_flags_false(capsys):
         if command in ("caption", "eval", "serve"):
             assert "(default: 3; 0: off; at most 10)" in text
             assert "(default: 3; 0: off; at most 10) (default" not in text, command
+
+
+def test_out_of_memory_at_batch_size_1_does_not_ask_for_a_smaller_batch(tiny_model_dir, monkeypatch, capsys):
+    """Out of memory while captioning with --batch-size 1 (the smallest there is) says to allow
+    more memory, not to use 'a smaller --batch-size', which cannot be; at 2 it says both."""
+    pytest.importorskip("onnxruntime")
+    from edgecap.backends.onnxruntime import OnnxRuntimeBackend
+
+    def encode(self, images):
+        raise MemoryError
+
+    monkeypatch.setattr(OnnxRuntimeBackend, "encode", encode)
+    said = (
+        "edgecap caption: error: out of memory (MemoryError): allow it more memory (ulimit -v, the "
+        "container's limit)"
+    )
+    photo = str(EXAMPLES / "chelsea.png")
+    for size, hint in (("1", ""), ("2", ", or a smaller --batch-size")):
+        args = ["caption", photo, "--model", str(tiny_model_dir), "--backend", "onnxruntime", "--no-progress"]
+        assert cli_main([*args, "--batch-size", size]) == 2
+        assert capsys.readouterr().err.splitlines() == [said + hint]
