@@ -512,6 +512,7 @@ def test_a_photo_replaced_under_its_old_name_is_encoded_again(tmp_path):
     assert _rows(_shards(paths, cache), paths) == [1, 9, 3]
 
 
+@torch_needed
 def test_a_photo_replaced_under_its_old_name_is_encoded_again_by_the_single_file_cache(tmp_path, monkeypatch):
     """The fine-tuning cache (``compute_features``) likewise, with a stand-in encoder whose
     features are each photo's mean pixel value."""
@@ -740,6 +741,7 @@ def test_a_link_to_a_sibling_folder_and_a_dotdot_mid_path_are_outside(tmp_path):
     ]
 
 
+@torch_needed
 def test_flickr_layout_rows_outside_the_images_folder_are_refused(tmp_path):
     from edgecap.training.start import dataset_items
 
@@ -897,6 +899,40 @@ def test_out_or_cache_dir_that_is_a_file_is_one_line(tmp_path, folder_data, caps
     assert capsys.readouterr().err == (
         f"edgecap train: error: --cache-dir {a_file / 'cache'}: {a_file} is a file, not a folder\n"
     )
+    assert not out.exists()
+
+
+def test_without_pytorch_a_bad_option_is_named_before_the_install_hint(
+    tmp_path, folder_data, monkeypatch, capsys
+):
+    """The options are checked before training imports torch: in an install without PyTorch
+    (the base package captions on onnxruntime), --epochs 0 or an --out that is a file is its
+    own one-line error (exit 2), not 'training needs PyTorch', which would have the user
+    install PyTorch only to be told the option is wrong. Good options then get the install
+    hint, for a cross-entropy run and for --scst-from. Before the fix every run without
+    PyTorch was told to install it, whatever its options."""
+    import sys
+
+    from edgecap.cli import main
+    from edgecap.extras import install_hint
+
+    for name in ("torch", "edgecap.training.train", "edgecap.training.scst"):
+        monkeypatch.setitem(sys.modules, name, None)  # import fails: ImportError
+    out = tmp_path / "run"
+    argv = ["train", "--data", str(folder_data), "--out", str(out)]
+    assert main([*argv, "--epochs", "0"]) == 2
+    assert capsys.readouterr().err == "edgecap train: error: epochs must be at least 1, got 0\n"
+    a_file = tmp_path / "notes.txt"
+    a_file.write_text("x")
+    assert main(["train", "--data", str(folder_data), "--out", str(a_file)]) == 2
+    assert capsys.readouterr().err == f"edgecap train: error: --out {a_file}: is a file, not a folder\n"
+    hint = f"edgecap train: error: training needs PyTorch: {install_hint('train')} ("
+    assert main(argv) == 2
+    assert capsys.readouterr().err.startswith(hint)
+    scst = ["--dataset", "flickr8k", "--scst-from", str(tmp_path / "ck")]
+    assert main([*argv, *scst]) == 2
+    err = capsys.readouterr().err
+    assert err.startswith(hint) and err.count("\n") == 1, err
     assert not out.exists()
 
 

@@ -268,19 +268,12 @@ def add_arguments(p: argparse.ArgumentParser) -> None:
 
 
 def run(args: argparse.Namespace) -> int:
-    try:
-        from edgecap.training.train import train
-    except ImportError as exc:
-        from edgecap.errors import BackendError
-
-        from edgecap.extras import install_hint
-
-        raise BackendError(f"training needs PyTorch: {install_hint('train')} ({exc})") from exc
+    # The options are checked before torch is imported (the configurations are torch-free): an
+    # install without it hears of a bad option before being told to install PyTorch.
     if args.dataset is None:
         from edgecap.data.folder import detect_dataset
 
         args.dataset = detect_dataset(args.data)
-    run_training: Callable[..., Path]  # train or train_scst: a config in, the best checkpoint out
     try:
         for flag, value, needs, given in (  # an option of another kind of run: refused, not ignored
             ("--text-share", args.text_share, "--text", args.text),
@@ -302,11 +295,8 @@ def run(args: argparse.Namespace) -> int:
                     "--tag-rank adds tags in cross-entropy training, not --scst-from (the "
                     "checkpoint's decoder keeps the tag input it has)"
                 )
-            from edgecap.training.scst import train_scst
-
             samples = {} if args.scst_samples is None else {"n_samples": args.scst_samples}
             cfg = _config(ScstConfig, args, checkpoint=args.scst_from, **samples)
-            run_training = train_scst
         else:
             cfg = _config(
                 TrainConfig,
@@ -324,11 +314,26 @@ def run(args: argparse.Namespace) -> int:
                     if value is not None  # a size not given: the fresh decoder's, or the start's
                 },
             )
-            run_training = train
         check_folders(args.out, args.cache_dir, ("--out", "--cache-dir"))
     except ValueError as exc:  # the config's own checks, in the command line's words
         print(f"edgecap train: error: {_in_flags(str(exc), args)}", file=sys.stderr)
         return 2
+    run_training: Callable[..., Path]  # train or train_scst: a config in, the best checkpoint out
+    try:
+        if args.scst_from:
+            from edgecap.training.scst import train_scst
+
+            run_training = train_scst
+        else:
+            from edgecap.training.train import train
+
+            run_training = train
+    except ImportError as exc:
+        from edgecap.errors import BackendError
+
+        from edgecap.extras import install_hint
+
+        raise BackendError(f"training needs PyTorch: {install_hint('train')} ({exc})") from exc
     try:
         best = run_training(cfg)
     except OSError as exc:  # a folder that cannot be made or written (--out, --cache-dir), a full disk
