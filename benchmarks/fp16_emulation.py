@@ -113,11 +113,12 @@ def interval(identical: np.ndarray, n_resamples: int = 10000, seed: int = 0) -> 
 
 
 def main(argv=None) -> int:
+    args = build_parser().parse_args(argv)  # --help and a bad option need no torch
+
     import torch
 
     from edgecap import Captioner
 
-    args = build_parser().parse_args(argv)
     if args.threads is not None:
         torch.set_num_threads(args.threads)
     model = C.model_dir(args.model)

@@ -68,6 +68,10 @@ def operations(prep, batch: list[np.ndarray]) -> int:
 
 
 def main(argv=None) -> int:
+    args = build_parser().parse_args(argv)  # --help and a bad size need no torch
+    sizes = _sizes(args.sizes)
+    batches = [int(b) for b in args.batches.split(",")]
+
     import torch
     from PIL import Image
 
@@ -75,9 +79,6 @@ def main(argv=None) -> int:
     from edgecap.images import preprocess
     from edgecap.preprocess import Preprocessing, recognisable
 
-    args = build_parser().parse_args(argv)
-    sizes = _sizes(args.sizes)
-    batches = [int(b) for b in args.batches.split(",")]
     torch.set_num_threads(1)
     device = torch.device(args.device)
     pre = Preprocessing()

@@ -253,12 +253,13 @@ def compiled_part(frames: list, eager_ops: dict[str, float]) -> tuple[list[dict]
 
 
 def main(argv=None) -> int:
+    args = build_parser().parse_args(argv)  # --help needs no torch
+
     import torch
 
     from edgecap import Captioner, CaptionOptions
     from edgecap.images import load_rgb
 
-    args = build_parser().parse_args(argv)
     torch.set_num_threads(1)
     photos = [
         np.asarray(load_rgb(str(p))) for p in sorted(C.EXAMPLES.iterdir()) if p.suffix in (".png", ".jpg")

@@ -543,6 +543,7 @@ def test_fp16_emulation_compares_each_fp16_variant_with_fp32(tmp_path, monkeypat
     tests/test_device_search.py checks with the search alone). One variant's captioner has
     one caption changed here, which the counts, the list and the paired difference must show.
     A missing folder is one line."""
+    pytest.importorskip("torch")
     import dataclasses
 
     import fp16_emulation
@@ -610,6 +611,7 @@ def test_frame_prep_counts_the_device_operations_and_times_both_paths(tmp_path):
     """Two sizes (one resized, one already the model's) x two batches: a row each, the same
     operation count for both batches of a size (one call a size, whatever the batch) and more
     with a resize; a bad size is one line."""
+    pytest.importorskip("torch")
     import frame_prep
 
     argv = ["--sizes", "64x48,224x224", "--batches", "1,3", "--repeats", "1", "--out", str(tmp_path)]
@@ -643,6 +645,7 @@ def test_frame_prep_refuses_to_time_a_device_path_that_differs_and_reports_per_f
     by 2^-10, or a blank-check verdict turned over, stops the run naming the size. The times
     are per frame: with a clock that moves 1 ms a reading, each timed call takes 1 ms, so a
     batch of 3 costs 1/3 ms a frame on either path."""
+    pytest.importorskip("torch")
     import frame_prep
     import types
 
@@ -679,6 +682,7 @@ def test_step_ops_counts_the_device_search_steps(tmp_path, monkeypatch):
     what ``_step`` dispatches: a stand-in that adds ``torch.empty(1).add_(1)`` to every step (an
     allocation, counted apart, and one kernel) raises the kernel count by exactly one and the
     others by one."""
+    pytest.importorskip("torch")
     import step_ops
 
     from edgecap.decoding import device
@@ -754,6 +758,7 @@ def test_fp16_emulation_variants_compute_in_fp16_on_the_cpu():
     builds it through ``_setup``): with the word-logit island, with and without the FP32 encoder,
     the best caption's score on an example photo moves off the FP32 backend's (FP16 rounds every
     operation's output), by less than 0.05 (the same caption)."""
+    pytest.importorskip("torch")
     import fp16_emulation
 
     from edgecap import Captioner
