@@ -12,6 +12,7 @@ from __future__ import annotations
 
 import contextlib
 import ctypes
+import importlib.util
 import io
 import json
 import os
@@ -619,6 +620,18 @@ def test_fake_build_version_branches(
     step = trt.stats["builds"][1]
     if fp16_flag:  # weakly typed FP16: the FP16 ONNX's FP32 islands pinned to FP32
         assert {"softmax", "topk", "unary"} <= set(step["pinned"])
+        # only float outputs retyped: TopK's values (output 0), never its INT32 indices
+        assert [[t, j] for t, j, _ in step["retyped"] if t == "topk"] == [["topk", 0]]
+        assert all(dtype == trt.float32 for _, _, dtype in step["retyped"])
+    else:
+        assert step["pinned"] == [] and step["retyped"] == []
+    assert not device.memory  # building allocates nothing on the device
+    if fp16_flag:
+        # The islands are named nodes (fp32_islands): the exporter names them after the PyTorch
+        # modules; the stand-in built with onnx helpers, without torch, names none.
+        if importlib.util.find_spec("torch") is None:
+            pytest.skip("the islands need the model exported from PyTorch (torch is not installed)")
+        assert "matmul" in step["pinned"]  # the word logits' Gemm: its product too, not only the bias
         for record, path in zip(trt.stats["builds"], paths):
             role = path.name.split("-")[0]
             islands = fp32_islands(next(tmp_path.glob(f"{role}-*-folded.onnx")))
@@ -627,13 +640,6 @@ def test_fake_build_version_branches(
             # and nothing else but the parser's own tensors inside an island's node (a Gemm's
             # product, a LogSoftmax's softmax): no other ONNX tensor
             assert pinned & islands.named == islands.tensors, role
-        assert "matmul" in step["pinned"]  # the word logits' Gemm: its product too, not only the bias
-        # only float outputs retyped: TopK's values (output 0), never its INT32 indices
-        assert [[t, j] for t, j, _ in step["retyped"] if t == "topk"] == [["topk", 0]]
-        assert all(dtype == trt.float32 for _, _, dtype in step["retyped"])
-    else:
-        assert step["pinned"] == [] and step["retyped"] == []
-    assert not device.memory  # building allocates nothing on the device
 
 
 def test_fake_fp16_engines_run_the_step_in_fp16_behind_an_fp32_encoder(
