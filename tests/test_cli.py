@@ -361,3 +361,26 @@ def test_out_of_memory_at_batch_size_1_does_not_ask_for_a_smaller_batch(tiny_mod
         args = ["caption", photo, "--model", str(tiny_model_dir), "--backend", "onnxruntime", "--no-progress"]
         assert cli_main([*args, "--batch-size", size]) == 2
         assert capsys.readouterr().err.splitlines() == [said + hint]
+
+
+def test_a_gpu_out_of_memory_of_torchs_is_one_line(tiny_model_dir, monkeypatch, capsys):
+    """torch's CUDA allocator running out of the GPU's memory (torch.OutOfMemoryError, its
+    message as torch 2 words it) while captioning with the torch backend: one line saying out
+    of memory with torch's own words, exit 2, not a traceback."""
+    torch = pytest.importorskip("torch")
+    from edgecap.backends.torch import TorchBackend
+
+    cuda = (
+        "CUDA out of memory. Tried to allocate 20.00 MiB. GPU 0 has a total capacity of 7.44 GiB of "
+        "which 3.06 MiB is free. Including non-PyTorch memory, this process has 7.43 GiB memory in use."
+    )
+
+    def encode(self, images):
+        raise torch.OutOfMemoryError(cuda)
+
+    monkeypatch.setattr(TorchBackend, "encode", encode)
+    photo = str(EXAMPLES / "chelsea.png")
+    args = ["caption", photo, "--model", str(tiny_model_dir), "--backend", "torch", "--no-progress"]
+    assert cli_main(args) == 2
+    err = capsys.readouterr().err.splitlines()
+    assert len(err) == 1 and err[0].startswith(f"edgecap caption: error: out of memory (torch: {cuda}): ")
