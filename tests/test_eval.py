@@ -1170,6 +1170,23 @@ def test_the_ptb_tokenizer_gives_coco_captions_tokens_and_keeps_stderr_for_probl
     assert capfd.readouterr().err == ""
 
 
+@needs_java
+def test_the_ptb_tokenizers_report_is_dropped_in_a_locale_with_decimal_commas(monkeypatch, capfd):
+    """Java words its report in the user's locale: in German 'PTBTokenizer tokenized 4 tokens at
+    78,91 tokens per second.' (a decimal comma; seen here with java 17). It is dropped as in
+    English; Java's other words (here 'Picked up JAVA_TOOL_OPTIONS: ...', as Java says whenever
+    that is set) still reach stderr."""
+    options = "-Duser.language=de -Duser.country=DE"
+    monkeypatch.setenv("JAVA_TOOL_OPTIONS", options)
+    capfd.readouterr()
+    assert metrics._ptb({1: ["A cat sat on the mat."], 2: ["A dog."]}) == {
+        1: ["a cat sat on the mat"],
+        2: ["a dog"],
+    }
+    err = capfd.readouterr().err
+    assert "tokens per second" not in err and f"Picked up JAVA_TOOL_OPTIONS: {options}" in err.splitlines()
+
+
 def test_per_image_cider_averages_to_the_corpus_cider():
     per_image = metrics.per_image_cider(REFS, HYPS, tokenizer="simple")
     assert set(per_image) == set(REFS)
