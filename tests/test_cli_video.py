@@ -260,6 +260,9 @@ def test_stream_records_give_the_time_to_the_millisecond_and_the_frames_dropped(
         (0.5, 240.0, 2),  # sampled 0.5 s apart
         (0.004, 30.0, 2),  # a frame every 0.033 s whatever every says
         (0.005, 240.0, 3),
+        # kept 0.011 s apart at 240 fps: the first frame of each 0.011 s interval, so two can be
+        # 0.011 - 1/240 = 0.0068 s apart: frames 6 and 8 (0.025 s, 0.0333 s) were both '0.03s'
+        (0.011, 240.0, 3),
         (None, None, 2),  # a camera
         (1e-308, None, 6),  # at most microseconds
         (float("inf"), None, 2),
@@ -292,6 +295,17 @@ def test_a_fast_video_prints_each_frame_at_its_own_time(tiny_model_dir, tmp_path
         0.017,
         0.021,
     ]
+
+
+def test_frames_kept_every_0_011_s_of_a_fast_video_print_different_times(tiny_model_dir, tmp_path, capfd):
+    """A 240 fps video with --every 0.011: the frames kept are the first of each 0.011 s
+    interval, frames 0, 3, 6, 8, 11 (by hand: the first k / 240 at or after 0.011 n), so two can
+    be 0.0083 s apart, and at two decimals frames 6 and 8 (0.025 s, 0.0333 s) were both 0.03s."""
+    video = make_video(tmp_path / "fast.avi", seconds=12 / 240, fps=240.0)
+    out = edgecap_caption(capfd, "--video", video, "--every", "0.011", model=tiny_model_dir)
+    assert out.returncode == 0, out.stderr
+    times = [line.split("\t")[0] for line in out.stdout.splitlines()]
+    assert times == ["0.000s", "0.013s", "0.025s", "0.033s", "0.046s"]
 
 
 def test_video_captions_are_marked_below_min_confidence_and_tagged_with_objects(

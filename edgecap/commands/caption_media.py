@@ -102,8 +102,11 @@ def run_stream(captioner, args: argparse.Namespace) -> int:
 def time_decimals(every: float | None, fps: float | None) -> int:
     """The decimals a frame's time is printed with: 2, or as many as it takes for the frames
     printed to show different times (a unit in the last place smaller than the least time between
-    them, ``every`` or one frame of a video at ``fps``: 3 from 100 frames a second), at most 6."""
-    spacing = max(every or 0.0, 1 / fps if fps else 0.0)
+    them: one frame of a video at ``fps``, 3 decimals from 100 frames a second; frames kept
+    ``every`` seconds apart are each the first of its interval, so two may be one frame less than
+    ``every`` apart), at most 6."""
+    frame = 1 / fps if fps else 0.0
+    spacing = max(frame, (every or 0.0) - frame)
     if spacing <= 0 or not math.isfinite(spacing):
         return 2
     return min(6, max(2, math.floor(-math.log10(spacing)) + 1))
