@@ -879,9 +879,14 @@ def test_a_library_caller_is_told_which_java_does_not_start(tmp_path, monkeypatc
     java = bin_dir / "java"
     java.write_text("#!/bin/sh\necho 'Unable to locate a Java Runtime.' >&2\nexit 1\n")
     java.chmod(0o755)
-    for path, why in (
-        (bin_dir, f"{java} does not start (java -version: exit 1; Unable to locate a Java Runtime.)"),
-        (tmp_path / "nothing-here", "not found"),
+    exact = "for coco-caption-exact numbers"
+    for path, why, remedy in (
+        (
+            bin_dir,
+            f"{java} does not start (java -version: exit 1; Unable to locate a Java Runtime.)",
+            f"make it start {exact}",  # it is installed: installing one is not the remedy
+        ),
+        (tmp_path / "nothing-here", "not found", f"install a JRE {exact}"),
     ):
         monkeypatch.setenv("PATH", str(path))
         metrics._java_starts.cache_clear()
@@ -891,7 +896,7 @@ def test_a_library_caller_is_told_which_java_does_not_start(tmp_path, monkeypatc
         finally:
             metrics._java_starts.cache_clear()
         messages = [str(w.message) for w in warned]
-        assert f"Java {why}: using the simple tokenizer instead of PTB; " in "".join(messages)
+        assert f"Java {why}: using the simple tokenizer instead of PTB; {remedy}" in messages
         assert f"Java {why}: METEOR skipped" in messages
 
 

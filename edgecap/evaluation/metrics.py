@@ -86,9 +86,10 @@ def _java_starts(java: str) -> bool:
 
 def _tokenize(refs, hyps, tokenizer):
     if tokenizer == "ptb" and not java_available():
+        why = _why_no_java()
+        remedy = "install a JRE" if why == "not found" else "make it start"  # one installed
         warnings.warn(
-            f"Java {_why_no_java()}: using the simple tokenizer instead of PTB; "
-            "install a JRE for coco-caption-exact numbers",
+            f"Java {why}: using the simple tokenizer instead of PTB; {remedy} for coco-caption-exact numbers",
             stacklevel=3,
         )
         tokenizer = "simple"
