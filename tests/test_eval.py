@@ -1176,6 +1176,25 @@ def test_the_ptb_tokenizer_gives_coco_captions_tokens_and_keeps_stderr_for_probl
 
 
 @needs_java
+def test_a_reference_with_half_an_emoji_is_tokenized_without_it(tiny_model_dir, tmp_path, capsys):
+    """A reference caption cut in the middle of an emoji by a tool that counts UTF-16 units (a
+    JavaScript slice: JSON.stringify writes the lone half as "\\ud83d", which Python's json reads
+    as a lone surrogate) is not text UTF-8 can write: the PTB tokenizer's captions file failed
+    with a traceback (UnicodeEncodeError), edgecap eval exit 1. Half a character has no word: the
+    caption's tokens are those of the caption without it, as the simple tokenizer's are."""
+    refs = {1: ["A cat \ud83d on a mat.", "A cat."], 2: ["A dog."]}
+    assert metrics._ptb(refs) == {1: ["a cat on a mat", "a cat"], 2: ["a dog"]}
+    (tmp_path / "cat.png").write_bytes((EXAMPLES / "chelsea.png").read_bytes())
+    path = tmp_path / "refs.json"
+    path.write_text(
+        '{"images": [{"id": 1, "file_name": "cat.png"}], '
+        '"annotations": [{"id": 2, "image_id": 1, "caption": "A cat \\ud83d on a mat."}]}'
+    )
+    args = ["--images", str(tmp_path), "--references", str(path), "--model", str(tiny_model_dir)]
+    assert main(["eval", *args, "--max-length", "3", "--no-progress"]) == 0, capsys.readouterr().err
+
+
+@needs_java
 def test_the_ptb_tokenizers_report_is_dropped_in_a_locale_with_decimal_commas(monkeypatch, capfd):
     """Java words its report in the user's locale: in German 'PTBTokenizer tokenized 4 tokens at
     78,91 tokens per second.' (a decimal comma; seen here with java 17). It is dropped as in

@@ -135,7 +135,9 @@ def _ptb(captions: dict) -> dict:
         with tempfile.TemporaryDirectory(prefix="edgecap-ptb-") as scratch:
             path = os.path.join(scratch, "captions.txt")
             with open(path, "wb") as f:
-                f.write(text.encode())
+                # a lone surrogate (half an emoji, cut by a tool counting UTF-16 units) as "?",
+                # punctuation the tokens leave out: UTF-8 cannot write it
+                f.write(text.encode(errors="replace"))
             command = ["java", "-cp", jar, _PTB_CLASS, "-preserveLines", "-lowerCase", path]
             # run in its own folder: Java cannot start in a working folder since removed
             done = subprocess.run(command, stdin=subprocess.DEVNULL, capture_output=True, cwd=scratch)
