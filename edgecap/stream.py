@@ -580,6 +580,8 @@ def _mp4_problem(source: str) -> str | None:
                     size = int.from_bytes(header[8:16], "big")
                 elif size == 0:  # the box runs to the end of the file
                     size = end - position
+                if position + size > end and size in _UNWRITTEN_SIZES:  # a size not written yet
+                    size = end - position
                 if size < 8:
                     return None  # not a box: leave it to the general message
                 if position + size > end:  # the file ends inside this box
@@ -597,6 +599,10 @@ def _mp4_problem(source: str) -> str | None:
         )
     return None
 
+
+# Android's MPEG4Writer (MediaRecorder, camera apps) writes its mdat's size as "????" (1 and
+# "????????" with 64-bit sizes) until the recording is finished: the box runs to the file's end
+_UNWRITTEN_SIZES = {int.from_bytes(b"????", "big"), int.from_bytes(b"????????", "big")}
 
 _CUT_SHORT = (
     "an MP4 / QuickTime file cut short, {end:,} bytes where its boxes need {whole:,}, without its "

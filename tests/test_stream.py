@@ -813,6 +813,25 @@ def test_an_mp4_that_is_not_cut_short_keeps_the_general_message(tmp_path):
         video_frames(video)
 
 
+def test_an_unfinished_android_recording_is_said_to_be_without_its_index(tmp_path):
+    """Android's MPEG4Writer (MediaRecorder, camera apps) writes its mdat box's size as '????'
+    (or, with 64-bit sizes, 1 and '????????') and the real size only when the recording is
+    finished: a recording cut off has those placeholders, which are no size (0x3F3F3F3F bytes,
+    about 1 GB; 4.6e18), so the message is that of a recording without its index, not 'cut
+    short, 124 bytes where its boxes need 1,061,109,583'."""
+    pytest.importorskip("cv2")
+    ftyp = _box(b"ftyp", b"isom\0\0\0\x01")  # 16 bytes
+    video = tmp_path / "VID_20261205_070000.mp4"
+    for mdat in (b"????mdat", b"\0\0\0\x01mdat????????"):
+        video.write_bytes(ftyp + mdat + b"\0" * 100)
+        with pytest.raises(InputError, match="without its index, the 'moov' box: a recording that was not"):
+            video_frames(video)
+    # a box whose size runs past the end is cut short as before
+    video.write_bytes(ftyp + _box(b"mdat", b"\0" * 100, size=1000))
+    with pytest.raises(InputError, match="cut short, 124 bytes where its boxes need 1,016,"):
+        video_frames(video)
+
+
 def test_missing_opencv_names_the_extra(monkeypatch, tmp_path):
     monkeypatch.setitem(sys.modules, "cv2", None)  # `import cv2` now raises ImportError
     for open_source in (lambda: video_frames(tmp_path / "clip.avi"), lambda: camera_frames(0)):
