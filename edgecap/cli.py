@@ -150,18 +150,19 @@ def _main(argv: list[str] | None) -> int:
             print(f"edgecap {args.command}: error: {exc}", file=sys.stderr)
             return 2
         except Exception as exc:
-            from edgecap.errors import out_of_memory
+            from edgecap.errors import gpu_out_of_memory, out_of_memory
 
             lack = None if _interrupted(exc) else out_of_memory(exc)
             if lack is None:
                 raise
             # at --batch-size 1 there is no smaller batch to suggest
             smaller = ", or a smaller --batch-size" if (getattr(args, "batch_size", None) or 0) > 1 else ""
-            print(
-                f"edgecap {args.command}: error: out of memory ({lack}): allow it more memory "
-                f"(ulimit -v, the container's limit){smaller}",
-                file=sys.stderr,
+            more = (  # the GPU's memory is not the process's limit
+                "free the GPU's memory (other processes on it: nvidia-smi)"
+                if gpu_out_of_memory(exc)
+                else "allow it more memory (ulimit -v, the container's limit)"
             )
+            print(f"edgecap {args.command}: error: out of memory ({lack}): {more}{smaller}", file=sys.stderr)
             return 2
     except KeyboardInterrupt:
         return 130

@@ -9,6 +9,8 @@
 
 from __future__ import annotations
 
+import re
+
 
 class EdgecapError(Exception):
     """Base class of every error edgecap raises on purpose."""
@@ -28,9 +30,8 @@ def out_of_memory(exc: BaseException) -> str | None:
     'Failed to allocate memory for requested buffer of size N', a C++ bad_alloc) and torch's
     (CPU: a RuntimeError 'DefaultCPUAllocator: can't allocate memory: you tried to allocate N
     bytes'; torch.OutOfMemoryError, CUDA's) and protobuf's, reading an ONNX file for torch
-    ('Error parsing message with type 'onnx.ModelProto': Arena alloc failed')."""
-    import re
-
+    ('Error parsing message with type 'onnx.ModelProto': Arena alloc failed'), and onnxruntime's
+    CUDA provider's (``gpu_out_of_memory``)."""
     if isinstance(exc, MemoryError):
         return "MemoryError"
     text = str(exc)
@@ -45,7 +46,28 @@ def out_of_memory(exc: BaseException) -> str | None:
         return "protobuf could not allocate memory (Arena alloc failed)"
     if library == "torch" and type(exc).__name__ == "OutOfMemoryError":  # CUDA's
         return f"torch: {text.splitlines()[0]}" if text else "torch.OutOfMemoryError"
+    gpu = _CUDA_OUT_OF_MEMORY.search(text)
+    if library == "onnxruntime" and gpu:  # the CUDA provider's, as its errors word it
+        return f"onnxruntime: {gpu.group(0)}"
     return None
+
+
+# onnxruntime's CUDA execution provider out of the GPU's memory, as its errors word it ("CUDA
+# failure 2: out of memory ; GPU=0 ; ... expr=cudaMalloc(...)", "CUDA error
+# cudaErrorMemoryAllocation:out of memory", cuBLAS's and cuDNN's allocation failures)
+_CUDA_OUT_OF_MEMORY = re.compile(
+    r"CUDA failure 2: out of memory|cudaErrorMemoryAllocation:out of memory|"
+    r"CUBLAS_STATUS_ALLOC_FAILED|CUDNN_STATUS_ALLOC_FAILED"
+)
+
+
+def gpu_out_of_memory(exc: BaseException) -> bool:
+    """Whether ``exc`` (one ``out_of_memory`` names) is a GPU's memory running out, not the
+    host's: torch's CUDA allocator (torch.OutOfMemoryError) or onnxruntime's CUDA provider."""
+    library = type(exc).__module__.split(".")[0]
+    if library == "torch" and type(exc).__name__ == "OutOfMemoryError":
+        return True
+    return library == "onnxruntime" and bool(_CUDA_OUT_OF_MEMORY.search(str(exc)))
 
 
 class InputError(EdgecapError, ValueError):

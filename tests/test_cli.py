@@ -383,4 +383,60 @@ def test_a_gpu_out_of_memory_of_torchs_is_one_line(tiny_model_dir, monkeypatch, 
     args = ["caption", photo, "--model", str(tiny_model_dir), "--backend", "torch", "--no-progress"]
     assert cli_main(args) == 2
     err = capsys.readouterr().err.splitlines()
-    assert len(err) == 1 and err[0].startswith(f"edgecap caption: error: out of memory (torch: {cuda}): ")
+    assert err == [
+        f"edgecap caption: error: out of memory (torch: {cuda}): free the GPU's memory (other "
+        "processes on it: nvidia-smi), or a smaller --batch-size"  # not ulimit -v: no process limit
+    ]
+
+
+@pytest.mark.parametrize(
+    "message, lack",
+    [
+        (  # as onnxruntime's CUDA provider words it in public reports (onnxruntime#16307)
+            "[ONNXRuntimeError] : 6 : RUNTIME_EXCEPTION : Non-zero status code returned while running "
+            "Conv node. Name:'Conv_0' Status Message: CUDA failure 2: out of memory ; GPU=0 ; "
+            "hostname=robot ; expr=cudaMalloc((void**)&p, size);",
+            "CUDA failure 2: out of memory",
+        ),
+        (
+            "[ONNXRuntimeError] : 6 : RUNTIME_EXCEPTION : CUDA error cudaErrorMemoryAllocation:out of memory",
+            "cudaErrorMemoryAllocation:out of memory",
+        ),
+        (
+            "[ONNXRuntimeError] : 1 : FAIL : CUBLAS failure 3: CUBLAS_STATUS_ALLOC_FAILED",
+            "CUBLAS_STATUS_ALLOC_FAILED",
+        ),
+    ],
+)
+def test_a_gpu_out_of_memory_of_onnxruntimes_is_one_line(tiny_model_dir, monkeypatch, capsys, message, lack):
+    """onnxruntime's CUDA provider out of the GPU's memory (its error types live in
+    onnxruntime.capi.onnxruntime_pybind11_state; its wording from public reports: no GPU here) is
+    one line saying so, with what to free, exit 2; a traceback before. Another onnxruntime
+    failure still raises, and the host's memory (bad_alloc) still names ulimit -v."""
+    pytest.importorskip("onnxruntime")
+    from edgecap.backends.onnxruntime import OnnxRuntimeBackend
+
+    Fail = type("Fail", (RuntimeError,), {"__module__": "onnxruntime.capi.onnxruntime_pybind11_state"})
+    raised: list = [Fail(message)]
+
+    def encode(self, images):
+        raise raised[0]
+
+    monkeypatch.setattr(OnnxRuntimeBackend, "encode", encode)
+    args = ["caption", str(EXAMPLES / "chelsea.png"), "--model", str(tiny_model_dir), "--no-progress"]
+    assert cli_main([*args, "--backend", "onnxruntime", "--batch-size", "1"]) == 2
+    assert capsys.readouterr().err.splitlines() == [
+        f"edgecap caption: error: out of memory (onnxruntime: {lack}): free the GPU's memory (other "
+        "processes on it: nvidia-smi)"
+    ]
+    raised[0] = Fail("[ONNXRuntimeError] : 1 : FAIL : std::bad_alloc")
+    assert cli_main([*args, "--backend", "onnxruntime", "--batch-size", "1"]) == 2
+    assert capsys.readouterr().err.splitlines() == [
+        "edgecap caption: error: out of memory (onnxruntime could not allocate memory (bad_alloc)): allow "
+        "it more memory (ulimit -v, the container's limit)"
+    ]
+    raised[0] = Fail(
+        "[ONNXRuntimeError] : 6 : RUNTIME_EXCEPTION : CUDA failure 700: an illegal memory access"
+    )
+    with pytest.raises(Fail):
+        cli_main([*args, "--backend", "onnxruntime", "--batch-size", "1"])
