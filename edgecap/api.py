@@ -357,7 +357,8 @@ class Captioner:
         if self._closed:
             raise ValueError("this Captioner is closed")
         if isinstance(images, (str, bytes, bytearray, memoryview, os.PathLike, Image.Image)) or (
-            isinstance(images, np.ndarray) and images.ndim != 4
+            (isinstance(images, np.ndarray) or hasattr(images, "__array__"))
+            and getattr(images, "ndim", 4) != 4  # one image (H, W, C), a tensor's too, not a batch
         ):
             raise TypeError(
                 "caption_batch and iter_captions take a list of images; use caption() for one image"

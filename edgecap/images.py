@@ -205,6 +205,9 @@ def describe(image: object) -> str:
         return f"<PIL image {image.width}x{image.height} {image.mode}>"
     if isinstance(image, np.ndarray):
         return f"<array {tuple(image.shape)} {image.dtype}>"
+    shape = getattr(image, "shape", None) if hasattr(image, "__array__") else None
+    if shape is not None:  # an array of another library (a torch tensor): its shape and type
+        return f"<{type(image).__name__} {tuple(shape)} {getattr(image, 'dtype', '?')}>"
     return f"<{type(image).__name__}>"
 
 
@@ -263,6 +266,12 @@ def _load_rgb(image: ImageInput, color: str, draft_size: tuple[int, int] | None,
         return _decode(data, source, draft_size)
     if image is None:  # what cv2.imread and a failed camera read give
         raise InputError(source, "no image (None: OpenCV's imread returns None for a file it could not read)")
+    if hasattr(image, "__array__"):  # a torch tensor on the CPU, a JAX array ...: as its numpy array
+        try:
+            array = np.asarray(image)
+        except Exception as exc:  # noqa: BLE001 - a tensor on a GPU: "Use Tensor.cpu() ..."
+            raise InputError(source, f"cannot read it as a numpy array ({reason(exc)})") from None
+        return Image.fromarray(array_to_rgb(array, color, source))
     raise InputError(
         source, "unsupported input type; pass a file path, encoded bytes, a PIL image or a numpy array"
     )

@@ -230,3 +230,62 @@ def test_an_input_error_survives_a_process_pool():
         back = pickle.loads(pickle.dumps([err]))[0]
         assert type(back) is InputError
         assert (back.source, back.problem, str(back)) == (source, "no such file", str(err))
+
+
+class _ArrayLike:
+    """An array of another library as numpy sees it (``__array__``), as a JAX array or a torch
+    tensor on the CPU is; ``fails``: its conversion raises, as a tensor on a GPU's does."""
+
+    def __init__(self, array: np.ndarray, fails: str | None = None):
+        self._array, self._fails = array, fails
+        self.shape, self.dtype, self.ndim = array.shape, array.dtype, array.ndim
+
+    def __array__(self, dtype=None, copy=None):
+        if self._fails:
+            raise TypeError(self._fails)
+        return self._array if dtype is None else self._array.astype(dtype)
+
+    def __iter__(self):
+        return (_ArrayLike(a) for a in self._array)
+
+
+def test_an_array_of_another_library_is_captioned_as_its_numpy_array(captioner):
+    """An image as another library's array (anything numpy reads through ``__array__``: a torch
+    tensor on the CPU, a JAX array) is captioned as the numpy array it gives, checked as arrays
+    are (a channels-first one is told to transpose); a batch of them (N, H, W, 3) is a batch, one
+    image given as the batch a TypeError, as for numpy arrays. One that cannot be converted (a
+    tensor on a GPU) is an InputError with numpy's reason. Before: '<Tensor>: unsupported input
+    type; pass a file path, encoded bytes, a PIL image or a numpy array'."""
+    rgb = np.asarray(chelsea())
+    expected = captioner.caption(rgb).text
+    assert captioner.caption(_ArrayLike(rgb)).text == expected
+    assert captioner.caption(_ArrayLike(rgb.astype(np.float32) / 255)).text == expected
+    batch = _ArrayLike(np.stack([rgb, rgb[::-1]]))
+    assert [c.text for c in captioner.caption_batch(batch)] == [
+        expected,
+        captioner.caption(rgb[::-1]).text,
+    ]
+    with pytest.raises(TypeError, match="take a list of images; use caption"):
+        captioner.caption_batch(_ArrayLike(rgb))
+    with pytest.raises(InputError, match=r"channels-first \(C, H, W\)") as info:
+        captioner.caption(_ArrayLike(np.ascontiguousarray(rgb.transpose(2, 0, 1))))
+    h, w = rgb.shape[:2]
+    assert info.value.source == f"<_ArrayLike (3, {h}, {w}) uint8>"
+    cuda = (
+        "can't convert cuda:0 device type tensor to numpy. Use Tensor.cpu() to copy the tensor to host memory"
+    )
+    with pytest.raises(InputError) as info:
+        captioner.caption(_ArrayLike(rgb, fails=cuda))
+    assert info.value.problem == f"cannot read it as a numpy array ({cuda})"
+
+
+def test_a_torch_tensor_is_captioned_as_its_array(captioner):
+    """A torch tensor on the CPU, (H, W, 3) uint8 or float in [0, 1], and a batch (N, H, W, 3):
+    the numpy array's captions."""
+    torch = pytest.importorskip("torch")
+    rgb = np.asarray(chelsea())
+    tensor = torch.from_numpy(rgb.copy())
+    expected = captioner.caption(rgb).text
+    assert captioner.caption(tensor).text == expected
+    assert captioner.caption(tensor.float() / 255).text == expected
+    assert [c.text for c in captioner.caption_batch(torch.stack([tensor, tensor]))] == [expected] * 2
