@@ -16,6 +16,7 @@ import math
 import os
 import threading
 import time
+import weakref
 from collections.abc import Generator, Iterable, Iterator
 from concurrent.futures import CancelledError, ThreadPoolExecutor
 from dataclasses import dataclass, field, fields, replace
@@ -239,6 +240,20 @@ class Captioner:
         self._released = threading.Event()  # close() is done: workers stopped, backend released
         self._default_decode_workers = default_decode_workers(_on_gpu(name, device, self.backend))
         self.decode_workers = decode_workers
+        _LIVE.add(self)  # for _after_fork
+
+    def _after_fork_in_child(self) -> None:
+        """A fork's child has none of the parent's threads: the decoding workers' pool (whose
+        idle count still says its threads wait, so work given it would never run: the child
+        hung) is forgotten, to be made anew on first use, and the locks another thread may
+        have held at the fork are fresh."""
+        self._pool = None
+        self._pool_size = 0
+        self._pool_users = {}
+        self._pool_lock = threading.Lock()
+        if self._backend_lock is not None:
+            self._backend_lock = threading.Lock()
+        self._in_batch = None
 
     @property
     def decode_workers(self) -> int:
@@ -664,6 +679,20 @@ class _Prepared:
     x: np.ndarray
     visible: bool
     ms: float
+
+
+# Every Captioner not yet collected, for ``_after_fork``: a robot app's multiprocessing pool
+# forks (Linux's default start method before Python 3.14) a process that has captioned.
+_LIVE: weakref.WeakSet[Captioner] = weakref.WeakSet()
+
+
+def _after_fork() -> None:
+    for captioner in list(_LIVE):
+        captioner._after_fork_in_child()
+
+
+if hasattr(os, "register_at_fork"):  # not on Windows
+    os.register_at_fork(after_in_child=_after_fork)
 
 
 def _on_gpu(name: str, device: str | None, backend: Backend) -> bool:

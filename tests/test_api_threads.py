@@ -12,6 +12,8 @@ the scheduler happens to interleave them:
 from __future__ import annotations
 
 import json
+import os
+import signal
 import threading
 from pathlib import Path
 
@@ -191,3 +193,34 @@ def test_searches_of_a_fake_model_interleaved_line_by_line(monkeypatch):
     together, switches = _line_by_line(captioner, calls)
     assert switches > 1000
     assert together == sequential
+
+
+@pytest.mark.skipif(not hasattr(os, "fork"), reason="needs os.fork")
+def test_a_forked_child_captions_with_a_captioner_whose_workers_ran(tiny_model_dir):
+    """A process that has captioned with decoding workers, then forks (a multiprocessing pool on
+    Linux, whose default start method is fork before Python 3.14): the child captions with the
+    same Captioner, the parent's captions. The child has none of the parent's worker threads,
+    and the pool's idle count still said its threads were waiting, so the child's batch waited
+    for them forever (the child hung). Guarded: a child still waiting after 60 s is ended by
+    SIGALRM."""
+    captioner = Captioner(tiny_model_dir, max_length=6, decode_workers=2)
+    photos = [CHELSEA, COFFEE, ROCKET]
+    expected = [c.text for c in captioner.caption_batch(photos)]  # the workers run, then wait
+    read, write = os.pipe()
+    child = os.fork()
+    if child == 0:  # the child: caption, write the captions, leave without pytest's teardown
+        try:
+            signal.alarm(60)
+            texts = [c.text for c in captioner.caption_batch(photos)]
+            os.write(write, json.dumps(texts).encode())
+            os._exit(0)
+        finally:
+            os._exit(2)
+    os.close(write)
+    with os.fdopen(read) as pipe:
+        said = pipe.read()
+    _, status = os.waitpid(child, 0)
+    assert os.waitstatus_to_exitcode(status) == 0, said
+    assert json.loads(said) == expected
+    assert [c.text for c in captioner.caption_batch(photos)] == expected  # the parent goes on
+    captioner.close()
