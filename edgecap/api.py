@@ -241,6 +241,27 @@ class Captioner:
         self._default_decode_workers = default_decode_workers(_on_gpu(name, device, self.backend))
         self.decode_workers = decode_workers
         _LIVE.add(self)  # for _after_fork
+        # what makes this Captioner again in another process (``__reduce__``)
+        self._made_with = (model, backend, device, threads, decode_workers, backend_options)
+
+    def __reduce__(self):
+        """Pickled (sent to a ``multiprocessing`` worker of the spawn or forkserver start method:
+        ``pool.map(captioner.caption, paths)``) as what made it: the receiving process makes its
+        own, once (``_made_again``: one per process and set of arguments, however many tasks
+        bring it), from the same model folder, backend, device, options and settings."""
+        if self._closed:
+            raise TypeError("this Captioner is closed: it cannot be sent to another process")
+        model, backend, device, threads, _, backend_options = self._made_with
+        made_with = dict(
+            model=None if model is None else os.fspath(model),
+            backend=backend,
+            options=self.options,
+            device=device,
+            threads=threads,
+            decode_workers=self.decode_workers,  # as set now (the setter), not only when made
+            **backend_options,
+        )
+        return _made_again, (made_with,)
 
     def _after_fork_in_child(self) -> None:
         """A fork's child has none of the parent's threads: the decoding workers' pool (whose
@@ -684,6 +705,20 @@ class _Prepared:
 # Every Captioner not yet collected, for ``_after_fork``: a robot app's multiprocessing pool
 # forks (Linux's default start method before Python 3.14) a process that has captioned.
 _LIVE: weakref.WeakSet[Captioner] = weakref.WeakSet()
+
+
+_MADE_AGAIN: dict[str, Captioner] = {}  # this process's Captioners made by unpickling, by arguments
+_MADE_AGAIN_LOCK = threading.Lock()
+
+
+def _made_again(made_with: dict) -> Captioner:
+    """The Captioner a pickled one stands for, made once in this process (``Captioner.__reduce__``)."""
+    key = repr(sorted(made_with.items()))
+    with _MADE_AGAIN_LOCK:
+        captioner = _MADE_AGAIN.get(key)
+        if captioner is None or captioner._closed:
+            captioner = _MADE_AGAIN[key] = Captioner(**made_with)
+        return captioner
 
 
 def _after_fork() -> None:

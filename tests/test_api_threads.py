@@ -224,3 +224,32 @@ def test_a_forked_child_captions_with_a_captioner_whose_workers_ran(tiny_model_d
     assert json.loads(said) == expected
     assert [c.text for c in captioner.caption_batch(photos)] == expected  # the parent goes on
     captioner.close()
+
+
+def _texts(captions) -> list[str]:
+    return [c.text for c in captions]
+
+
+def test_a_captioner_goes_to_a_spawned_worker_as_what_made_it(tiny_model_dir):
+    """``pool.map(captioner.caption, paths)`` with the spawn start method (macOS's and Windows'
+    default, Linux's from Python 3.14) pickles the Captioner: it failed ('cannot pickle
+    onnxruntime...InferenceSession'). It goes as what made it (model folder, backend, options,
+    settings) and each worker process makes it once, however many tasks bring it: the same
+    captions, with the options it was given (max_length 4 here, beam 2). Unpickled in this
+    process: one Captioner for every copy (made once); a closed one cannot be sent."""
+    import multiprocessing
+    import pickle
+
+    captioner = Captioner(tiny_model_dir, max_length=4, beam_size=2, decode_workers=0)
+    photos = [CHELSEA, COFFEE, ROCKET, ASTRONAUT]
+    expected = _texts(captioner.caption_batch(photos))
+    copy = pickle.loads(pickle.dumps(captioner))
+    assert copy is not captioner and copy is pickle.loads(pickle.dumps(captioner))
+    assert (copy.options, copy.decode_workers) == (captioner.options, 0)
+    assert _texts(copy.caption_batch(photos)) == expected
+    with multiprocessing.get_context("spawn").Pool(2) as pool:
+        assert _texts(pool.map(captioner.caption, photos, chunksize=1)) == expected
+    captioner.close()
+    with pytest.raises(TypeError, match="this Captioner is closed: it cannot be sent to another process"):
+        pickle.dumps(captioner)
+    copy.close()
