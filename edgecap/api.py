@@ -722,6 +722,8 @@ def _made_again(made_with: dict) -> Captioner:
 
 
 def _after_fork() -> None:
+    global _MADE_AGAIN_LOCK
+    _MADE_AGAIN_LOCK = threading.Lock()  # another thread may have held it at the fork
     for captioner in list(_LIVE):
         captioner._after_fork_in_child()
 
