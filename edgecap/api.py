@@ -244,6 +244,14 @@ class Captioner:
         # what makes this Captioner again in another process (``__reduce__``)
         self._made_with = (model, backend, device, threads, decode_workers, backend_options)
 
+    def __copy__(self) -> Captioner:
+        """A shallow copy (sharing the model, backend and workers; the benchmarks run rows of other
+        options so), not a Captioner made again as ``__reduce__`` would have ``copy.copy`` do."""
+        new = object.__new__(type(self))
+        new.__dict__.update(self.__dict__)
+        _LIVE.add(new)
+        return new
+
     def __reduce__(self):
         """Pickled (sent to a ``multiprocessing`` worker of the spawn or forkserver start method:
         ``pool.map(captioner.caption, paths)``) as what made it: the receiving process makes its
