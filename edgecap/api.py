@@ -10,6 +10,7 @@ for caption in captioner.iter_captions(many_paths):   # each batch as soon as it
 
 from __future__ import annotations
 
+import atexit
 import contextlib
 import itertools
 import math
@@ -572,7 +573,8 @@ class Captioner:
                 raise ValueError(CLOSED_MID_CALL)
             self._in_batch = threading.get_ident()
             try:
-                return self._run_batch(batch, return_attention, options)
+                with _batch_running():  # not across a fork, nor into the interpreter's exit
+                    return self._run_batch(batch, return_attention, options)
             finally:
                 self._in_batch = None
                 if self._release_after_batch:
@@ -729,15 +731,100 @@ def _made_again(made_with: dict) -> Captioner:
         return captioner
 
 
+# The batches running now in this process (thread id -> how many), so that no backend run is
+# in flight across a fork or into the interpreter's exit. onnxruntime is inside its own mutexes
+# while it runs: a fork's child inherited them held and hung on its first caption (os.fork while
+# another thread captioned: 1 fork in 10 to 40, the shipped model, 2 cores); and a daemon thread
+# whose run ends while the interpreter finalizes is ended by Python inside onnxruntime's frames,
+# which aborts ('terminate called without an active exception', SIGABRT, exit code 134): a robot
+# app's sys.exit with its captioning thread a daemon. A fork (its before hook) and the exit
+# (atexit) wait for the other threads' batches to end, at most BATCHES_WAIT_S, and hold new
+# ones: until the fork is done; at the exit, those of daemon threads for good (the exit ends
+# them), not those of the thread that exits (an atexit hook that captions).
+BATCHES_WAIT_S = 10.0
+# Without a lock a batch could wait on (a thread's batch takes no lock another thread holds):
+# each thread writes only its own count, and says it runs before it looks for a fork or the
+# exit, which say they are coming before they look for batches: one of the two sees the other.
+_batches: dict[int, int] = {}
+_forks = 0  # forks waiting or under way
+_exiting = False
+_no_fork = threading.Event()
+_no_fork.set()
+_FORKS_LOCK = threading.Lock()  # two threads forking at once
+
+
+def _held() -> bool:
+    return bool(_forks) or (_exiting and threading.current_thread().daemon)
+
+
+def _count_batch(me: int, step: int) -> None:
+    left = _batches.pop(me, 0) + step  # none in a fork's child made from inside a batch
+    if left > 0:
+        _batches[me] = left
+
+
+@contextlib.contextmanager
+def _batch_running() -> Iterator[None]:
+    me = threading.get_ident()
+    while True:
+        _count_batch(me, 1)
+        if not _held():
+            break
+        _count_batch(me, -1)
+        if _exiting and threading.current_thread().daemon:
+            threading.Event().wait()  # for good: the interpreter's exit ends this thread
+        _no_fork.wait()
+    try:
+        yield
+    finally:
+        _count_batch(me, -1)
+
+
+def _others_batches_ended() -> None:
+    """Wait (at most BATCHES_WAIT_S) until no thread but this one is inside a batch."""
+    me = threading.get_ident()
+    deadline = time.monotonic() + BATCHES_WAIT_S
+    while any(thread != me for thread in list(_batches)) and time.monotonic() < deadline:
+        time.sleep(0.002)
+
+
+def _before_fork() -> None:
+    global _forks
+    with _FORKS_LOCK:
+        _forks += 1
+        _no_fork.clear()
+    _others_batches_ended()
+
+
+def _after_fork_in_parent() -> None:
+    global _forks
+    with _FORKS_LOCK:
+        _forks -= 1
+        if not _forks:
+            _no_fork.set()
+
+
+def _at_exit() -> None:
+    global _exiting
+    _exiting = True
+    _others_batches_ended()
+
+
 def _after_fork() -> None:
-    global _MADE_AGAIN_LOCK
+    global _MADE_AGAIN_LOCK, _FORKS_LOCK, _batches, _forks, _no_fork
     _MADE_AGAIN_LOCK = threading.Lock()  # another thread may have held it at the fork
+    # the child has this thread only: no other thread's batch, and fresh locks
+    _FORKS_LOCK, _batches, _forks, _no_fork = threading.Lock(), {}, 0, threading.Event()
+    _no_fork.set()
     for captioner in list(_LIVE):
         captioner._after_fork_in_child()
 
 
 if hasattr(os, "register_at_fork"):  # not on Windows
-    os.register_at_fork(after_in_child=_after_fork)
+    os.register_at_fork(
+        before=_before_fork, after_in_parent=_after_fork_in_parent, after_in_child=_after_fork
+    )
+atexit.register(_at_exit)
 
 
 def _on_gpu(name: str, device: str | None, backend: Backend) -> bool:

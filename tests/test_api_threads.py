@@ -253,3 +253,112 @@ def test_a_captioner_goes_to_a_spawned_worker_as_what_made_it(tiny_model_dir):
     with pytest.raises(TypeError, match="this Captioner is closed: it cannot be sent to another process"):
         pickle.dumps(captioner)
     copy.close()
+
+
+@pytest.mark.skipif(not hasattr(os, "fork"), reason="needs os.fork")
+def test_a_fork_waits_for_the_batch_another_thread_runs(tiny_model_dir):
+    """A process forks (a multiprocessing pool made by a robot app, os.fork) while another thread
+    is inside a batch: onnxruntime holds its own mutexes while it runs, and a child that inherited
+    them held hung on its first caption (1 fork in 10 to 40 with the shipped model). The fork
+    waits for the batch to end. Here the encoder holds a lock while it runs, as onnxruntime
+    does, for 0.3 s: the child finds it free and captions with the same Captioner, the parent's
+    captions; the parent's batch ends with its own."""
+    import time
+
+    captioner = Captioner(tiny_model_dir, max_length=6, decode_workers=0)
+    photos = [CHELSEA, COFFEE]
+    expected = _texts(captioner.caption_batch(photos))
+    running = threading.Lock()  # what onnxruntime holds while it runs
+    inside = threading.Event()
+    encode = captioner.backend.encode
+
+    def encode_holding(x):
+        if not running.acquire(timeout=5):
+            raise RuntimeError("the encoder's lock is held by a thread this process does not have")
+        try:
+            inside.set()
+            time.sleep(0.3)
+            return encode(x)
+        finally:
+            running.release()
+
+    captioner.backend.encode = encode_holding
+    parent: list[list[str]] = []
+    thread = threading.Thread(target=lambda: parent.append(_texts(captioner.caption_batch(photos))))
+    thread.start()
+    assert inside.wait(30)
+    read, write = os.pipe()
+    child = os.fork()
+    if child == 0:  # the child: caption, write the captions, leave without pytest's teardown
+        try:
+            signal.alarm(60)
+            try:
+                said = json.dumps(_texts(captioner.caption_batch(photos)))
+            except Exception as exc:  # noqa: BLE001 (said to the parent)
+                said = repr(exc)
+            os.write(write, said.encode())
+            os._exit(0)
+        finally:
+            os._exit(2)
+    os.close(write)
+    with os.fdopen(read) as pipe:
+        said = pipe.read()
+    _, status = os.waitpid(child, 0)
+    thread.join(30)
+    assert os.waitstatus_to_exitcode(status) == 0, said
+    assert said == json.dumps(expected)
+    assert parent == [expected]
+    captioner.close()
+
+
+def test_the_interpreter_exits_cleanly_while_a_daemon_thread_captions(tiny_model_dir, tmp_path):
+    """A robot app captions in a daemon thread and its main thread exits (sys.exit, the end of
+    the script, Ctrl-C): a daemon thread whose onnxruntime run ended while the interpreter was
+    finalizing was ended by Python in onnxruntime's frames, which aborts ('terminate called
+    without an active exception', SIGABRT: exit code 134 as the shell says, a core dump, a
+    failure for systemd). The exit waits for the batch and the daemon thread starts no other:
+    exit code 0, nothing on stderr. Here the main thread exits 50 ms into the encoder's run, and
+    an object of its module takes 1 s to go, so that the run ends while the interpreter
+    finalizes whatever the machine's speed."""
+    import subprocess
+    import sys
+
+    script = tmp_path / "app.py"
+    script.write_text(
+        f"""
+import sys, threading, time
+from edgecap import Captioner
+
+captioner = Captioner({str(tiny_model_dir)!r}, max_length=6, batch_size=8, decode_workers=0)
+photos = {[CHELSEA, COFFEE, ROCKET, ASTRONAUT]!r} * 2
+inside = threading.Event()
+encode = captioner.backend.encode
+
+
+def encode_saying(x):
+    inside.set()
+    return encode(x)
+
+
+captioner.backend.encode = encode_saying
+
+
+def loop():
+    while True:
+        captioner.caption_batch(photos)
+
+
+class SlowToGo:
+    def __del__(self):
+        time.sleep(1.0)  # while the interpreter finalizes: the run ends meanwhile
+
+
+slow_to_go = SlowToGo()
+threading.Thread(target=loop, daemon=True).start()
+inside.wait(60)
+time.sleep(0.05)  # the daemon thread inside onnxruntime's run
+sys.exit(0)
+"""
+    )
+    done = subprocess.run([sys.executable, str(script)], capture_output=True, text=True, timeout=120)
+    assert (done.returncode, done.stderr) == (0, "")
