@@ -240,6 +240,7 @@ class CaptionStream:
         # weakly held: a strong reference would make a cycle (the generator's frame holds self),
         # and leaving a for loop early must close the generator, and the camera, at once
         self._events: weakref.ref | None = None
+        self._forked = False  # this is a fork's child of the process whose thread reads the frames
 
     @property
     def stats(self) -> StreamStats:
@@ -367,10 +368,15 @@ class CaptionStream:
             target=self._reader_thread, args=(state,), name="edgecap-frame-reader", daemon=True
         )
         thread.start()
+        _LIVE_STREAMS.add(self)
         try:
             while True:
                 with self._lock:
-                    self._lock.wait_for(lambda: state.frame is not None or state.done or self._stop.is_set())
+                    self._lock.wait_for(
+                        lambda: state.frame is not None or state.done or self._stop.is_set() or self._forked
+                    )
+                    if self._forked:
+                        raise RuntimeError(_FORKED)
                     if self._stop.is_set():  # close() from another thread: no frame after it
                         return
                     if state.frame is None:  # done and nothing left
@@ -384,6 +390,16 @@ class CaptionStream:
             self._stop.set()
             thread.join(READER_JOIN_S)
             self._end()
+
+    def _forked_away(self) -> None:
+        """In a fork's child: the reader thread stayed in the parent (a child has no other
+        thread), so the loop would wait for frames forever; it raises instead. The locks the
+        reader may have held at the fork are fresh."""
+        self._forked = True
+        self._lock = threading.Condition()
+        events = self._events() if self._events is not None else None
+        if events is not None:
+            events._lock = threading.Lock()
 
     def _end(self) -> None:
         with self._lock:
@@ -409,6 +425,23 @@ class CaptionStream:
             with self._lock:
                 state.done = True
                 self._lock.notify()
+
+
+_FORKED = (
+    "this live stream's frames are read by a thread of the process that made it, which a forked "
+    "child does not have: make a new caption_stream in this process"
+)
+# The live streams whose loop has begun, for a fork's child (``CaptionStream._forked_away``).
+_LIVE_STREAMS: weakref.WeakSet[CaptionStream] = weakref.WeakSet()
+
+
+def _after_fork_in_child() -> None:
+    for stream in list(_LIVE_STREAMS):
+        stream._forked_away()
+
+
+if hasattr(os, "register_at_fork"):  # not on Windows
+    os.register_at_fork(after_in_child=_after_fork_in_child)
 
 
 class _Events:

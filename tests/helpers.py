@@ -13,6 +13,7 @@ from __future__ import annotations
 
 import io
 import json
+import os
 import shutil
 import struct
 import subprocess
@@ -658,3 +659,30 @@ def run_edgecap(capfd, *args) -> subprocess.CompletedProcess:
         warnings.formatwarning(w.message, w.category, w.filename, w.lineno, w.line) for w in caught
     )
     return subprocess.CompletedProcess(["edgecap", *argv], code, out.out, out.err + shown)
+
+
+def in_forked_child(work: Callable[[], str], alarm_s: int = 60) -> tuple[int, str]:
+    """``work()`` run in a fork's child of this process: the child's exit code and the string
+    ``work`` returned (or its exception's repr). The child leaves with ``os._exit`` (no pytest
+    teardown); one still running after ``alarm_s`` (a hang: what these tests guard against) is
+    ended by SIGALRM, so the test fails instead of waiting."""
+    import signal
+
+    read, write = os.pipe()
+    child = os.fork()
+    if child == 0:
+        try:
+            signal.alarm(alarm_s)
+            try:
+                said = work()
+            except Exception as exc:  # noqa: BLE001 (said to the parent)
+                said = repr(exc)
+            os.write(write, said.encode())
+            os._exit(0)
+        finally:
+            os._exit(2)
+    os.close(write)
+    with os.fdopen(read) as pipe:
+        said = pipe.read()
+    _, status = os.waitpid(child, 0)
+    return os.waitstatus_to_exitcode(status), said

@@ -13,7 +13,6 @@ from __future__ import annotations
 
 import json
 import os
-import signal
 import threading
 from pathlib import Path
 
@@ -23,7 +22,7 @@ from PIL import Image
 
 import edgecap
 from edgecap import Captioner
-from helpers import LineLockstep, LockstepSessions, TableBackend, solid
+from helpers import LineLockstep, LockstepSessions, TableBackend, in_forked_child, solid
 
 EXAMPLES = Path(edgecap.__file__).parent / "assets" / "examples"
 CHELSEA, ROCKET, COFFEE, ASTRONAUT = (
@@ -206,21 +205,8 @@ def test_a_forked_child_captions_with_a_captioner_whose_workers_ran(tiny_model_d
     captioner = Captioner(tiny_model_dir, max_length=6, decode_workers=2)
     photos = [CHELSEA, COFFEE, ROCKET]
     expected = [c.text for c in captioner.caption_batch(photos)]  # the workers run, then wait
-    read, write = os.pipe()
-    child = os.fork()
-    if child == 0:  # the child: caption, write the captions, leave without pytest's teardown
-        try:
-            signal.alarm(60)
-            texts = [c.text for c in captioner.caption_batch(photos)]
-            os.write(write, json.dumps(texts).encode())
-            os._exit(0)
-        finally:
-            os._exit(2)
-    os.close(write)
-    with os.fdopen(read) as pipe:
-        said = pipe.read()
-    _, status = os.waitpid(child, 0)
-    assert os.waitstatus_to_exitcode(status) == 0, said
+    code, said = in_forked_child(lambda: json.dumps(_texts(captioner.caption_batch(photos))))
+    assert code == 0, said
     assert json.loads(said) == expected
     assert [c.text for c in captioner.caption_batch(photos)] == expected  # the parent goes on
     captioner.close()
@@ -287,25 +273,9 @@ def test_a_fork_waits_for_the_batch_another_thread_runs(tiny_model_dir):
     thread = threading.Thread(target=lambda: parent.append(_texts(captioner.caption_batch(photos))))
     thread.start()
     assert inside.wait(30)
-    read, write = os.pipe()
-    child = os.fork()
-    if child == 0:  # the child: caption, write the captions, leave without pytest's teardown
-        try:
-            signal.alarm(60)
-            try:
-                said = json.dumps(_texts(captioner.caption_batch(photos)))
-            except Exception as exc:  # noqa: BLE001 (said to the parent)
-                said = repr(exc)
-            os.write(write, said.encode())
-            os._exit(0)
-        finally:
-            os._exit(2)
-    os.close(write)
-    with os.fdopen(read) as pipe:
-        said = pipe.read()
-    _, status = os.waitpid(child, 0)
+    code, said = in_forked_child(lambda: json.dumps(_texts(captioner.caption_batch(photos))))
     thread.join(30)
-    assert os.waitstatus_to_exitcode(status) == 0, said
+    assert code == 0, said
     assert said == json.dumps(expected)
     assert parent == [expected]
     captioner.close()

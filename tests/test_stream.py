@@ -24,6 +24,7 @@ import edgecap
 from edgecap import Captioner, images
 from edgecap.errors import BackendError, InputError
 from edgecap.stream import Frame, StreamStats, _Sampler, caption_stream, camera_frames, video_frames
+from helpers import in_forked_child
 
 EXAMPLES = Path(edgecap.__file__).parent / "assets" / "examples"
 DEADLOCK_GUARD_S = 60  # only ever reached if the stream deadlocks; never a speed limit
@@ -1169,3 +1170,31 @@ def test_a_stream_refused_for_its_arguments_closes_the_source_it_was_given(bad):
     with pytest.raises(ValueError):
         caption_stream(FakeCaptioner(), camera, **bad)
     assert camera.closed
+
+
+@pytest.mark.skipif(not hasattr(os, "fork"), reason="needs os.fork")
+def test_a_live_stream_in_a_forked_child_raises_instead_of_waiting_forever():
+    """A process forks while a live stream runs (the loop's body starts a fork multiprocessing
+    pool): the frames are read by a thread the child does not have, so the child's next step
+    waited for a frame forever (the loop hung). It raises a RuntimeError saying so; the parent's
+    stream goes on. Guarded: a child still waiting after 30 s is ended by SIGALRM."""
+
+    def frames():
+        for i in range(1000):
+            time.sleep(0.01)
+            yield i
+
+    stream = caption_stream(FakeCaptioner(), frames(), live=True)
+    events = iter(stream)
+    first = next(events)
+    code, said = in_forked_child(lambda: repr(next(events)), alarm_s=30)
+    assert code == 0, said
+    assert said == repr(
+        RuntimeError(
+            "this live stream's frames are read by a thread of the process that made it, which a "
+            "forked child does not have: make a new caption_stream in this process"
+        )
+    )
+    later = next(events)  # the parent's stream goes on, with newer frames
+    assert later.frame_index > first.frame_index
+    stream.close()
