@@ -66,6 +66,15 @@ def write_problem(exc: OSError, path: object) -> str:
     return f"{exc.filename or path}: {exc.strerror or exc}"
 
 
+def same_file(a: str | os.PathLike, b: str | os.PathLike) -> bool:
+    """Whether two paths name the same existing file (links and hard links included); False
+    where either is missing (a new output file) or cannot be read."""
+    try:
+        return os.path.samefile(a, b)
+    except (OSError, ValueError):
+        return False
+
+
 def nearest_existing(path: Path) -> Path:
     """``path``, or the nearest folder above it that exists (a link, even a broken one, counts):
     what decides whether ``path`` can be made as a folder."""

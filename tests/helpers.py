@@ -686,3 +686,15 @@ def in_forked_child(work: Callable[[], str], alarm_s: int = 60) -> tuple[int, st
         said = pipe.read()
     _, status = os.waitpid(child, 0)
     return os.waitstatus_to_exitcode(status), said
+
+
+def coco_json(path: Path, captions: dict[str, list[str]], ids: dict[str, int] | None = None) -> Path:
+    """Write COCO caption JSON for {file_name: [captions]}; ids default to 10, 11, ..."""
+    ids = ids or {name: 10 + i for i, name in enumerate(captions)}
+    images = [{"id": ids[name], "file_name": name} for name in captions]
+    annotations = [
+        {"id": 100 + k, "image_id": ids[name], "caption": c}
+        for k, (name, c) in enumerate((n, c) for n, cs in captions.items() for c in cs)
+    ]
+    path.write_text(json.dumps({"images": images, "annotations": annotations}))
+    return path

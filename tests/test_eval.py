@@ -23,7 +23,7 @@ from edgecap.cli import main
 from edgecap.data.readers import CaptionedImage, read_coco, read_flickr8k, read_karpathy
 from edgecap.errors import DataError
 from edgecap.evaluation.evaluate import check_images, load_references, results_json, score_split
-from helpers import run_edgecap
+from helpers import coco_json, run_edgecap
 
 pytest.importorskip("pycocoevalcap")
 
@@ -40,18 +40,6 @@ HUMAN = {
     "coffee.png": ["A cup of coffee on a saucer.", "A white cup of espresso on a table."],
     "rocket.jpg": ["A rocket stands on the launch pad.", "A space shuttle before launch."],
 }
-
-
-def coco_json(path: Path, captions: dict[str, list[str]], ids: dict[str, int] | None = None):
-    """Write COCO caption JSON for {file_name: [captions]}; ids default to 10, 11, ..."""
-    ids = ids or {name: 10 + i for i, name in enumerate(captions)}
-    images = [{"id": ids[name], "file_name": name} for name in captions]
-    annotations = [
-        {"id": 100 + k, "image_id": ids[name], "caption": c}
-        for k, (name, c) in enumerate((n, c) for n, cs in captions.items() for c in cs)
-    ]
-    path.write_text(json.dumps({"images": images, "annotations": annotations}))
-    return path
 
 
 def flickr_files(root: Path, split: list[str]) -> tuple[Path, Path]:
@@ -1185,11 +1173,7 @@ def test_a_reference_with_half_an_emoji_is_tokenized_without_it(tiny_model_dir, 
     refs = {1: ["A cat \ud83d on a mat.", "A cat."], 2: ["A dog."]}
     assert metrics._ptb(refs) == {1: ["a cat on a mat", "a cat"], 2: ["a dog"]}
     (tmp_path / "cat.png").write_bytes((EXAMPLES / "chelsea.png").read_bytes())
-    path = tmp_path / "refs.json"
-    path.write_text(
-        '{"images": [{"id": 1, "file_name": "cat.png"}], '
-        '"annotations": [{"id": 2, "image_id": 1, "caption": "A cat \\ud83d on a mat."}]}'
-    )
+    path = coco_json(tmp_path / "refs.json", {"cat.png": ["A cat \ud83d on a mat."]})  # JSON's "\\ud83d"
     args = ["--images", str(tmp_path), "--references", str(path), "--model", str(tiny_model_dir)]
     assert main(["eval", *args, "--max-length", "3", "--no-progress"]) == 0, capsys.readouterr().err
 

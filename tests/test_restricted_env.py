@@ -19,6 +19,7 @@ import pytest
 
 import edgecap
 from edgecap.cli import main
+from helpers import coco_json
 
 EXAMPLES = Path(edgecap.__file__).parent / "assets" / "examples"
 # CPython's tempfile._get_default_tempdir: FileNotFoundError(ENOENT, this), no file name
@@ -56,11 +57,7 @@ def test_eval_with_no_writable_temporary_folder_is_one_line(
         metrics.score({1: ["a cat sits"]}, {1: "a cat"}, "ptb", metrics=("BLEU-1",))
     assert str(failed.value) == said
     (tmp_path / "cat.png").write_bytes((EXAMPLES / "chelsea.png").read_bytes())
-    refs = tmp_path / "refs.json"
-    refs.write_text(
-        '{"images": [{"id": 1, "file_name": "cat.png"}], '
-        '"annotations": [{"id": 2, "image_id": 1, "caption": "A cat."}]}'
-    )
+    refs = coco_json(tmp_path / "refs.json", {"cat.png": ["A cat."]})
     args = ["--images", str(tmp_path), "--references", str(refs), "--model", str(tiny_model_dir)]
     assert main(["eval", *args, "--max-length", "3", "--no-progress"]) == 2
     err = capsys.readouterr().err
@@ -253,11 +250,7 @@ def test_eval_says_java_does_not_start_under_a_memory_limit_not_that_it_is_missi
     metrics._java_starts.cache_clear()
     try:
         (tmp_path / "cat.png").write_bytes((EXAMPLES / "chelsea.png").read_bytes())
-        refs = tmp_path / "refs.json"
-        refs.write_text(
-            '{"images": [{"id": 1, "file_name": "cat.png"}], '
-            '"annotations": [{"id": 2, "image_id": 1, "caption": "A cat."}]}'
-        )
+        refs = coco_json(tmp_path / "refs.json", {"cat.png": ["A cat."]})
         args = ["--images", str(tmp_path), "--references", str(refs), "--model", str(tiny_model_dir)]
         assert main(["eval", *args, "--max-length", "3", "--no-progress"]) == 0
     finally:

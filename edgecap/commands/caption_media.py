@@ -5,10 +5,10 @@ from __future__ import annotations
 
 import argparse
 import math
-import os
 import sys
 from typing import Any
 
+from edgecap.files import same_file
 from edgecap.commands.output import (
     caption_fields,
     caption_record,
@@ -35,7 +35,7 @@ def run_attention(captioner, inputs: list[tuple[str, Any]], args) -> int:  # (na
         )
         return 2
     ((name, item),) = inputs
-    if not isinstance(item, InputError) and _same_file(args.attention, item):
+    if not isinstance(item, InputError) and same_file(args.attention, item):
         print(
             f"edgecap caption: error: --attention {escape_field(args.attention)} is the input "
             "photo itself; name another file",
@@ -62,14 +62,6 @@ def run_attention(captioner, inputs: list[tuple[str, Any]], args) -> int:  # (na
         print(f"edgecap caption: error: cannot write {args.attention}: {exc}", file=sys.stderr)
         return 2
     return 0
-
-
-def _same_file(a: str, b: str) -> bool:
-    """Whether two paths name the same existing file (links and hard links included)."""
-    try:
-        return os.path.samefile(a, b)
-    except (OSError, ValueError):
-        return False
 
 
 def run_stream(captioner, args: argparse.Namespace) -> int:

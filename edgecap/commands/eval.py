@@ -14,7 +14,7 @@ Exit codes: 0 scored; 2 nothing captioned (bad option, an --output that is a fol
 folder does not exist or that is a references file, unreadable references, listed images
 missing, all named before captioning starts), nothing scored (a Java that starts but cannot
 run coco-caption's tokenizer or METEOR: it needs Java 8 or newer; the tokenizer's temporary
-file cannot be written in pycocoevalcap's folder), or the scores printed but
+file cannot be written: no writable temporary folder), or the scores printed but
 --output could not be written (a full disk); 1 an image failed to decode while captioning (the
 split is not scored: a metric over part of it would not be comparable).
 """
@@ -24,7 +24,6 @@ from __future__ import annotations
 import argparse
 import importlib.util
 import json
-import os
 import sys
 import time
 import warnings
@@ -33,6 +32,7 @@ from pathlib import Path
 from edgecap.commands._options import add_model_arguments, load_captioner
 from edgecap.commands.progress import add_progress_argument, open_progress, progress_enabled
 from edgecap.extras import install_hint
+from edgecap.files import same_file
 
 
 def add_arguments(p: argparse.ArgumentParser) -> None:
@@ -159,16 +159,9 @@ def _check_arguments(args: argparse.Namespace) -> str | None:
             ("--captions", args.captions),
             ("--split", args.split),
         ):
-            if given is not None and _same_file(output, Path(given)):  # one's own captions, lost
+            if given is not None and same_file(output, given):  # one's own captions, lost
                 return f"--output {args.output}: is the {option} file; give another file for the captions"
     return None
-
-
-def _same_file(a: Path, b: Path) -> bool:
-    try:
-        return os.path.samefile(a, b)
-    except (OSError, ValueError):  # one of them missing (a new --output) or unreadable
-        return False
 
 
 def _fail(problem: str) -> int:
