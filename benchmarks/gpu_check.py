@@ -73,6 +73,7 @@ from __future__ import annotations
 import gc
 import importlib
 import importlib.util
+import os
 import json
 import platform
 import re
@@ -106,6 +107,8 @@ TARGETS = {"e2e_p50_ms": 2.5, "captions_per_s_b64": 5000.0, "fp16_identical": 0.
 TARGET_MODES = (
     "torch-cuda-fp32-graphs-device",
     "torch-cuda-fp16-fp32enc-graphs-device",
+    "torch-cuda-fp32-graphs-device-prep-fused",
+    "torch-cuda-fp16-fp32enc-graphs-device-prep-fused",
     "torch-cuda-fp32-graphs-device-prep-nhwc",
     "torch-cuda-fp16-fp32enc-graphs-device-prep-nhwc",
     "torch-cuda-fp32-graphs-device-prep",
@@ -126,6 +129,8 @@ THROUGHPUT_MODES = (
     "torch-cuda-fp16-fp32enc-graphs-device-prep",
     "torch-cuda-fp16-fp32enc-graphs-device-prep-nhwc",
     "torch-cuda-fp32-graphs-device-compiled",
+    "torch-cuda-fp32-graphs-device-prep-fused",
+    "torch-cuda-fp16-fp32enc-graphs-device-prep-fused",
 )
 # files against in-memory frames (issue 24: the files-to-captions rate close to the in-memory
 # rate), with and without decoding workers, at these batch sizes
@@ -138,6 +143,7 @@ FILE_RATE_BATCHES = (1, 8, 64)
 FP16_GRAPH_MODES = (
     "torch-cuda-fp16-graphs-device",
     "torch-cuda-fp16-fp32enc-graphs-device",
+    "torch-cuda-fp16-fp32enc-graphs-device-prep-fused",
     "torch-cuda-fp16-graphs-device-prep-nhwc",
     "torch-cuda-fp16-fp32enc-graphs-device-prep-nhwc",
     "torch-cuda-fp16-fp32enc-graphs-device-prep",
@@ -331,8 +337,11 @@ def gpu_tests(report: Report, timeout_s: float, compiled: bool = False) -> dict 
     ]
     log("running " + " ".join(command[1:]))
     t0 = time.perf_counter()
+    # the fused search's kernel compiled by Triton, not run in its interpreter (tests/conftest.py
+    # asks for the interpreter unless the environment says otherwise)
+    env = {**os.environ, "TRITON_INTERPRET": "0"}
     try:
-        proc = subprocess.run(command, cwd=REPO, capture_output=True, text=True, timeout=timeout_s)
+        proc = subprocess.run(command, cwd=REPO, capture_output=True, text=True, timeout=timeout_s, env=env)
     except subprocess.TimeoutExpired as exc:
         partial = exc.stdout or b""  # bytes: what the killed run wrote
         text = partial.decode(errors="replace") if isinstance(partial, bytes) else partial
@@ -462,6 +471,17 @@ def modes(device: str, compiled: bool = False) -> list[dict]:
             out += [{"label": label, "options": options}, {"label": f"{label}-prep", "options": prep}]
             if search == "device":
                 out.append({"label": f"{label}-prep-nhwc", "options": {**prep, "channels_last": True}})
+        # the device search's bookkeeping in one Triton kernel a step (``fused_search``), the
+        # frames preprocessed on the GPU, FP32 and the default FP16: where triton is installed
+        if importlib.util.find_spec("triton") is not None:
+            for precision, extra in (("fp32", {}), ("fp16-fp32enc", {"fp16": True, "fp32_encoder": True})):
+                options = {"device": "cuda", "search": "device", "cuda_graphs": True, "preprocess": "device"}
+                out.append(
+                    {
+                        "label": f"torch-cuda-{precision}-graphs-device-prep-fused",
+                        "options": {**options, **extra, "fused_search": True},
+                    }
+                )
         # with --compiled, the search compiled (torch.compile, ``compile_search``), last: each
         # shape compiles first, so only the target's latency setting (beam 3, batch 1), the
         # captions and the throughput

@@ -1,7 +1,7 @@
 """How many torch operations one step of the beam search on the device dispatches: on a GPU each
 is a kernel (or a few), and the decode is bound by their number (docs/gpu-search.md).
 
-    python benchmarks/step_ops.py [--out DIR] [--compiled]
+    python benchmarks/step_ops.py [--out DIR] [--fused] [--compiled]
 
 The shipped model's torch backend on CPU tensors (``search="device"``, default options, beam 3,
 one torch thread) captions the example photos: batch 1 (each photo alone) and batch 8 (the four
@@ -12,6 +12,11 @@ nothing, or only allocates, launches no kernel and is counted apart. Reported pe
 the medians over the searches of the kernel operations, and of the others. On CUDA an LSTM
 cell is about 3 kernels and a stable sort several, so a GPU runs a few more kernels a step than
 this counts.
+
+``--fused`` adds the fused step (``fused_search=True``: every step after the first with its
+bookkeeping in one Triton kernel, ``edgecap.decoding.device_kernel``, run here by Triton's
+interpreter on CPU tensors): the torch operations a step that launch a kernel plus that one
+kernel, against the eager step's.
 
 ``--compiled`` adds the compiled step (``compile_search=True``: every step after the first
 through ``torch.compile(_step, fullgraph=True, dynamic=False)``), compiled by TorchInductor for
@@ -30,6 +35,7 @@ gives the eager device search's captions, word for word, on those eight frames.
 
 from __future__ import annotations
 
+import os
 import re
 import sys
 import tempfile
@@ -46,6 +52,12 @@ import _common as C  # noqa: E402
 def build_parser():
     p = C.argument_parser(__doc__)
     C.add_out_argument(p)
+    p.add_argument(
+        "--fused",
+        action="store_true",
+        help="also the fused step (fused_search=True: the bookkeeping in one Triton kernel, run "
+        "here by Triton's interpreter): its torch operations a step and the kernel",
+    )
     p.add_argument(
         "--compiled",
         action="store_true",
@@ -75,6 +87,94 @@ def count_steps(captioner, frames: list) -> dict[int, list[tuple[int, int]]]:
     finally:
         device._step = original
     return steps
+
+
+def count_fused_steps(captioner, frames: list) -> dict[int, list[tuple[int, int]]]:
+    """As ``count_steps`` for the fused search's steps after the first (``_fused_step``): its
+    torch operations plus 1, the Triton kernel's launch (the interpreter's own work on the CPU
+    is not counted: on a GPU the kernel is one launch)."""
+    from torch.utils._python_dispatch import _disable_current_modes
+
+    from edgecap.decoding import device, device_kernel
+
+    steps: dict[int, list[tuple[int, int]]] = {}
+    fused, bookkeeping = device._fused_step, device_kernel.bookkeeping
+
+    def outside(*args, **kwargs):
+        with _disable_current_modes():
+            return bookkeeping(*args, **kwargs)
+
+    def counted(loop, t, number, carry):
+        with C.operation_counter() as count:
+            result = fused(loop, t, number, carry)
+        steps.setdefault(int(number), []).append((count.kernels + 1, count.others))
+        return result
+
+    device._fused_step, device_kernel.bookkeeping = counted, outside
+    try:
+        captioner.caption_batch(frames)
+    finally:
+        device._fused_step, device_kernel.bookkeeping = fused, bookkeeping
+    return steps
+
+
+def fused_part(photos: list, mirrored: list, eager_ops: dict) -> tuple[list[dict], str]:
+    """The fused step's operations a step (steps >= 3), against the eager step's."""
+    from edgecap import Captioner, CaptionOptions
+
+    rows = []
+    for fusion in ("default", "off"):
+        for batch, frames in ((1, photos), (8, mirrored)):
+            extra = {} if fusion == "default" else {"fusion_weight": 0.0}
+            options = CaptionOptions(batch_size=batch, **extra)
+            captioner = Captioner(
+                backend="torch", device="cpu", search="device", fused_search=True, options=options
+            )
+            captioner.caption_batch(frames[:1])
+            steps = count_fused_steps(captioner, frames)
+            counts = [c for t, cs in steps.items() if t >= 3 for c in cs]
+            kernels = float(np.median([k for k, _ in counts]))
+            rows.append(
+                {
+                    "fusion": fusion,
+                    "batch": batch,
+                    "kernel_ops": kernels,
+                    "max_kernel_ops": max(k for k, _ in counts),
+                    "eager_kernel_ops": eager_ops[(fusion, batch)],
+                    "searches": len(counts),
+                }
+            )
+            print(f"fused, fusion {fusion}, batch {batch}: {kernels:.0f} kernel ops a step", file=sys.stderr)
+    table = C.markdown_table(
+        [
+            "language models",
+            "batch",
+            "kernel operations a step, the Triton kernel included (median)",
+            "max",
+            "eager (the table above)",
+            "fewer",
+        ],
+        [
+            [
+                "fused (default)" if r["fusion"] == "default" else "off",
+                r["batch"],
+                r["kernel_ops"],
+                r["max_kernel_ops"],
+                r["eager_kernel_ops"],
+                f"{r['eager_kernel_ops'] / r['kernel_ops']:.1f}x",
+            ]
+            for r in rows
+        ],
+    )
+    markdown = (
+        "## The fused step\n\n`--fused`: `fused_search=True`, every step after the first with its "
+        "bookkeeping in one Triton kernel (`edgecap.decoding.device_kernel`, run here by Triton's "
+        "interpreter on CPU tensors), steps >= 3: the torch operations that launch a kernel (the "
+        "word bias, the language models, the decoder's step) plus the Triton kernel, one launch "
+        "on a GPU. The same hypotheses as the eager step's, bit for bit "
+        "(`tests/test_device_search.py`).\n\n" + table + "\n"
+    )
+    return rows, markdown
 
 
 # a statement of the compiled wrapper's ``call``: a generated kernel (C++ on the CPU, Triton on a
@@ -254,6 +354,8 @@ def compiled_part(frames: list, eager_ops: dict[str, float]) -> tuple[list[dict]
 
 def main(argv=None) -> int:
     args = build_parser().parse_args(argv)  # --help needs no torch
+    if args.fused:  # the kernel on CPU tensors: Triton's interpreter, chosen when triton is imported
+        os.environ.setdefault("TRITON_INTERPRET", "1")
 
     import torch
 
@@ -309,6 +411,10 @@ def main(argv=None) -> int:
         f"The fusion gate gives one of the four photos no language-model work.\n\n{table}\n"
     )
     data: dict = {"rows": rows}
+    if args.fused:
+        eager = {(r["fusion"], r["batch"]): r["kernel_ops"] for r in rows if r["steps"] == ">= 3"}
+        data["fused"], part = fused_part(photos, mirrored, eager)
+        markdown += "\n" + part
     if args.compiled:
         eager_ops = {r["fusion"]: r["kernel_ops"] for r in rows if r["steps"] == ">= 3" and r["batch"] == 8}
         graphs, checks, part = compiled_part(mirrored, eager_ops)

@@ -41,7 +41,12 @@ def extra_requirements(extra: str) -> list[str] | None:
         requirement, _, marker = entry.partition(";")
         found = re.search(r"""\bextra\s*==\s*(["'])([^"']+)\1""", marker)
         if found:
-            by_extra.setdefault(_normalize(found.group(2)), []).append(requirement.strip())
+            # the rest of the marker stays with it ('triton>=3.2; sys_platform == "linux"'),
+            # so that the hint installs nothing the extra would not on this platform
+            rest = (marker[: found.start()] + marker[found.end() :]).strip()
+            rest = re.sub(r"^and\s+|\s+and$", "", rest).strip()
+            requirement = requirement.strip() + (f"; {rest}" if rest else "")
+            by_extra.setdefault(_normalize(found.group(2)), []).append(requirement)
 
     def expand(name: str, seen: frozenset[str]) -> list[str]:
         out = []

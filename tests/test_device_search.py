@@ -12,6 +12,9 @@ whole-decode graph (``DecodeGraphs``) with ``EagerGraph`` standing in for a CUDA
 from __future__ import annotations
 
 import contextlib
+import importlib.util
+import os
+import sys
 from dataclasses import replace
 from unittest import mock
 
@@ -64,7 +67,9 @@ def _device(
     uncompiled)."""
     vocab_size = vocab_size or backend.vocab_size
     rules = rules_for(options, encoded.n_images, tag_words, fusion, encoded.class_probs)
-    search = DeviceBeamSearch(vocab_size, torch.device("cpu"), compiled=fixed == NUMBERED)
+    search = DeviceBeamSearch(
+        vocab_size, torch.device("cpu"), compiled=fixed == NUMBERED, fused=fixed == FUSED
+    )
     with mock.patch.object(device_module, "_compiled_step", lambda: device_module._step):
         return search.search(
             lambda index: wrap(SessionStep(backend.start(encoded, index.numpy()))),
@@ -80,8 +85,12 @@ def _device(
         )
 
 
-NUMBERED, CHECKED = "numbered", "checked"  # see _device
-LOOPS = [False, True, CHECKED, NUMBERED]
+NUMBERED, CHECKED, FUSED = "numbered", "checked", "fused"  # see _device
+# the fused search's kernel runs on CPU tensors in Triton's interpreter (tests/conftest.py sets
+# TRITON_INTERPRET=1 unless told otherwise: benchmarks/gpu_check.py runs the gpu tests with 0)
+HAS_TRITON = importlib.util.find_spec("triton") is not None and os.environ.get("TRITON_INTERPRET") == "1"
+needs_triton = pytest.mark.skipif(not HAS_TRITON, reason="the fused search needs triton")
+LOOPS = [False, True, CHECKED, NUMBERED] + ([FUSED] if HAS_TRITON else [])
 
 
 def _same(host, device, exact: bool = True):
@@ -247,6 +256,17 @@ def test_no_beam_ends_gives_the_best_place_to_end(fixed):
         backend, CaptionOptions(beam_size=2, max_length=5, no_repeat_ngram=0, n_best=2), fixed
     )
     assert host[0][0].finished and len(host[0][0].tokens) < 5
+    _same(host, device)
+
+
+@pytest.mark.parametrize("fixed", LOOPS)
+def test_the_best_place_to_end_among_equal_rows_is_the_first_rows(fixed):
+    """No beam ends (<end> ranks after every continuation) and both rows' <end>s tie exactly,
+    rank and log-probability, at every step: the numpy loop keeps the first row's ending
+    ("a a a" rather than "a a b"), so must the device search."""
+    backend = _table(lambda prefix: {"a": -0.1, "b": -0.1, "<end>": -2.0}, top_k=4)
+    host, device = _both(backend, CaptionOptions(beam_size=2, max_length=4, no_repeat_ngram=0), fixed)
+    assert host[0][0].finished and [WORDS[w] for w in host[0][0].tokens] == ["a", "a", "a"]
     _same(host, device)
 
 
@@ -492,21 +512,27 @@ class StrictGraph:
         self.fn()
 
 
-@pytest.mark.parametrize("numbered", [False, True])
-def test_the_whole_decode_graph_copies_nothing_from_the_host_while_capturing(shipped, numbered):
+@pytest.mark.parametrize("form", ["plain", NUMBERED, FUSED])
+def test_the_whole_decode_graph_copies_nothing_from_the_host_while_capturing(shipped, form):
     """The whole-decode graph's captured run makes no host copy and reads nothing back (its
-    constant tables are made in the warm-up runs), plain and in the compiled search's form (run
-    uncompiled here); with the language models, the tag bonus and the endings."""
+    constant tables are made in the warm-up runs), plain, in the compiled search's form (run
+    uncompiled here) and fused (its Triton kernel's launch included: the eager device search's
+    hypotheses bit for bit); with the language models, the tag bonus and the endings."""
+    if form == FUSED and not HAS_TRITON:
+        pytest.skip("the fused search needs triton")
     captioner, encoded, _ = shipped
     backend = captioner.backend
     options = CaptionOptions(n_best=2, guidance_bonus=2.0, no_repeat_ngram=2, length_penalty=0.7)
-    host = _search(captioner, encoded, options, on_device=False)
+    # the numpy loop; for the fused search, the eager device search
+    want = _search(captioner, encoded, options, on_device=form == FUSED)
     kept = backend.device_search
     try:
-        backend.device_search = TorchDeviceSearch(backend, StrictGraph, compiled=numbered)
+        backend.device_search = TorchDeviceSearch(
+            backend, StrictGraph, compiled=form == NUMBERED, fused=form == FUSED
+        )
         with mock.patch.object(device_module, "_compiled_step", lambda: device_module._step):
-            _same(host, _search(captioner, encoded, options, on_device=True), exact=False)
-            _same(host, _search(captioner, encoded, options, on_device=True), exact=False)
+            for _ in range(2):  # captured, then replayed
+                _same(want, _search(captioner, encoded, options, on_device=True), exact=form == FUSED)
     finally:
         backend.device_search = kept
 
@@ -665,6 +691,53 @@ def test_auto_counts_the_rows_of_the_padded_batch_with_graphs(tiny_model_dir, ph
         backend.device_search = counted
         assert len(captioner.caption_batch(photos[:3])) == 3
         assert rows == want, graphs
+
+
+@needs_triton
+@pytest.mark.parametrize(
+    "options", OPTIONS, ids=lambda o: ",".join(f"{k}={v}" for k, v in o.items()) or "defaults"
+)
+def test_the_fused_device_search_is_the_device_search_bit_for_bit(shipped, options):
+    """``fused_search=True``: the bookkeeping of every step after the first in one Triton kernel
+    (``edgecap.decoding.device_kernel``, run here by Triton's interpreter on CPU tensors) gives
+    the eager device search's hypotheses with the same float64 scores to the last bit, and so
+    the numpy loop's captions, for every option set of the tests above."""
+    captioner, encoded, _ = shipped
+    backend = captioner.backend
+    options = replace(CaptionOptions(), **options)
+    eager = _search(captioner, encoded, options, on_device=True)
+    kept = backend.device_search
+    try:
+        backend.device_search = TorchDeviceSearch(backend, fused=True)
+        fused = _search(captioner, encoded, options, on_device=True)
+    finally:
+        backend.device_search = kept
+    _same(eager, fused, exact=True)
+    _same(_search(captioner, encoded, options, on_device=False), fused, exact=False)
+
+
+@needs_triton
+def test_fused_search_goes_with_the_device_search_on_a_gpu(tiny_model_dir, monkeypatch):
+    manifest = load_manifest(tiny_model_dir)
+    for where in ("auto", "host"):
+        with pytest.raises(ValueError, match=f"fused_search=True .* search='device', got search='{where}'"):
+            TorchBackend(manifest, device="cpu", search=where, fused_search=True)
+    with pytest.raises(ValueError, match="one or the other"):
+        TorchBackend(manifest, device="cpu", search="device", fused_search=True, compile_search=True)
+    backend = TorchBackend(manifest, device="cpu", search="device", fused_search=True)
+    assert backend.device_search.search.fused and "beam search on the device (fused)" in backend.describe()
+    graphed = TorchBackend(
+        manifest, device="cpu", search="device", fused_search=True, graph_factory=EagerGraph
+    )
+    assert graphed.device_search.graphs is not None and graphed.device_search.search.fused
+    assert not TorchBackend(manifest, device="cpu", search="device").device_search.search.fused
+    # on the CPU the kernel runs only in Triton's interpreter; without triton, not at all
+    monkeypatch.delenv("TRITON_INTERPRET")
+    with pytest.raises(BackendError, match="on a CUDA GPU, not on cpu"):
+        TorchBackend(manifest, device="cpu", search="device", fused_search=True)
+    monkeypatch.setitem(sys.modules, "triton", None)
+    with pytest.raises(BackendError, match="install triton"):
+        Captioner(tiny_model_dir, backend="torch", device="cpu", search="device", fused_search=True)
 
 
 def test_compile_search_goes_with_the_device_search(tiny_model_dir):
@@ -892,3 +965,33 @@ def test_the_compiled_search_on_the_gpu_captions_as_the_host_search(default_mode
         want, got = host.caption_batch(photos), compiled.caption_batch(photos)
         assert [c.text for c in got] == [c.text for c in want]
         assert [c.score for c in got] == pytest.approx([c.score for c in want], abs=1e-4)
+
+
+@pytest.mark.gpu
+@pytest.mark.skipif(
+    importlib.util.find_spec("triton") is None or os.environ.get("TRITON_INTERPRET") == "1",
+    reason="the fused search's kernel compiled by Triton: needs triton, and TRITON_INTERPRET=0 "
+    "(benchmarks/gpu_check.py runs the gpu tests so)",
+)
+@pytest.mark.parametrize("graphs", [False, True])
+def test_the_fused_search_on_the_gpu_is_the_device_search(default_model_dir, example_images, graphs):
+    """``fused_search=True`` on CUDA (the Triton kernel compiled for the GPU, inside the
+    whole-decode CUDA graph with ``graphs``) gives the eager device search's captions and
+    scores exactly, and the host search's captions."""
+    if not torch.cuda.is_available():
+        pytest.skip("no CUDA GPU")
+    photos = [str(p) for p in example_images] * 3  # batches of 8 and 4
+    made = {
+        name: Captioner(
+            default_model_dir, backend="torch", device="cuda", search=search, cuda_graphs=graphs, **extra
+        )
+        for name, search, extra in (
+            ("host", "host", {}),
+            ("device", "device", {}),
+            ("fused", "device", {"fused_search": True}),
+        )
+    }
+    for _ in range(2):  # the second time through the captured graphs
+        host, device, fused = (made[name].caption_batch(photos) for name in ("host", "device", "fused"))
+        assert [c.text for c in fused] == [c.text for c in device] == [c.text for c in host]
+        assert [c.score for c in fused] == [c.score for c in device]

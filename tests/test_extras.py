@@ -14,6 +14,8 @@ import subprocess
 import sys
 from pathlib import Path
 
+from packaging.markers import Marker
+
 import pytest
 
 try:
@@ -40,6 +42,13 @@ def pyproject_requirements(extra: str) -> set[str]:
         else:
             out.add(requirement)
     return out
+
+
+def _canonical(requirement: str) -> str:
+    """A requirement with its environment marker as setuptools' metadata writes it (the
+    marker's quotes)."""
+    name, _, marker = requirement.partition(";")
+    return name.strip() + (f"; {Marker(marker)}" if marker.strip() else "")
 
 
 def hinted_requirements(hint: str) -> list[str]:
@@ -95,7 +104,8 @@ def test_each_extras_hint_installs_exactly_its_requirements(extra, fresh_require
     assert "\n" not in hint
     names = hinted_requirements(hint)
     assert sorted(set(names)) == sorted(names), "a requirement named twice"
-    assert set(names) == pyproject_requirements(extra), "(a stale install? pip install -e . again)"
+    want = {_canonical(r) for r in pyproject_requirements(extra)}
+    assert {_canonical(r) for r in names} == want, "(a stale install? pip install -e . again)"
     assert hint.endswith(f"from a clone of edgecap: pip install '.[{extra}]')")
 
 
@@ -113,6 +123,21 @@ def test_without_metadata_the_hint_names_the_extra_and_pyproject(monkeypatch):
     hint = install_hint("ros")
     assert hint.startswith("pip install '.[ros]' in a clone of edgecap")
     assert "pyproject.toml" in hint and "ros extra" in hint and "\n" not in hint
+
+
+def test_a_requirement_for_some_platforms_keeps_its_marker(monkeypatch):
+    """The dev extra's triton is for Linux only: the hint says so, as the extra does, so that
+    following it elsewhere does not try to install it."""
+    monkeypatch.setattr(
+        importlib.metadata,
+        "requires",
+        lambda name: [
+            'triton>=3.2; sys_platform == "linux" and extra == "dev"',
+            'pytest>=7; extra == "dev"',
+            'aiohttp>=3.10; extra == "serve"',
+        ],
+    )
+    assert hinted_requirements(install_hint("dev")) == ['triton>=3.2; sys_platform == "linux"', "pytest>=7"]
 
 
 def test_an_extra_the_metadata_lacks_falls_back(monkeypatch):
@@ -173,7 +198,7 @@ def test_the_hint_pasted_into_a_shell_installs_its_requirements(extra, fresh_req
         {"odd @ https://example.org/it's.whl"} if extra != "eval" else set()
     )
     assert run.stdout.splitlines()[0] == "install"
-    assert set(run.stdout.splitlines()[1:]) == wanted
+    assert {_canonical(r) for r in run.stdout.splitlines()[1:]} == {_canonical(r) for r in wanted}
     assert list(tmp_path.iterdir()) == []
 
 

@@ -3,6 +3,7 @@ session with a GPU runs it (``--device cpu``: CUDA items skipped, each with its 
 
 from __future__ import annotations
 
+import importlib.util
 import json
 import os
 import subprocess
@@ -365,7 +366,8 @@ def test_the_compiled_search_runs_only_with_compiled():
     import gpu_check
 
     plain = [m["label"] for m in gpu_check.modes("cuda")]
-    assert "torch-cuda-fp32-graphs-device-compiled" not in plain and len(plain) == 17
+    fused = 2 if importlib.util.find_spec("triton") is not None else 0  # the fused search's modes
+    assert "torch-cuda-fp32-graphs-device-compiled" not in plain and len(plain) == 17 + fused
     assert gpu_check.modes("cuda")[plain.index("torch-cuda-fp16-fp32enc-graphs-device-prep-nhwc")][
         "options"
     ] == {
@@ -380,6 +382,14 @@ def test_the_compiled_search_runs_only_with_compiled():
             "preprocess": "device",
             "channels_last": True,
         }
+    if fused:  # the search's bookkeeping in one Triton kernel, the frames on the GPU
+        for precision in ("fp32", "fp16-fp32enc"):
+            options = gpu_check.modes("cuda")[plain.index(f"torch-cuda-{precision}-graphs-device-prep-fused")]
+            assert options["options"] == {
+                **gpu_check.modes("cuda")[plain.index(f"torch-cuda-{precision}-graphs-device")]["options"],
+                "preprocess": "device",
+                "fused_search": True,
+            }
     prep = plain.index("torch-cuda-fp32-graphs-device-prep")
     assert plain[prep - 1] == "torch-cuda-fp32-graphs-device"  # the same mode, frames on the GPU
     assert gpu_check.modes("cuda")[prep]["options"] == {
@@ -455,8 +465,9 @@ def test_each_fp16_row_runs_the_precision_its_label_names():
     whole = [label for label in rows if "-fp16-" in label and "-fp32enc-" not in label]
     mixed = [label for label in rows if "-fp16-fp32enc-" in label]
     # whole: eager / graphs x host / device, + prep-nhwc; mixed (with graphs): host / device x
-    # the frames on the host / the GPU, + prep-nhwc
-    assert len(whole) == 5 and len(mixed) == 5
+    # the frames on the host / the GPU, + prep-nhwc (+ prep-fused, with triton)
+    fused = 1 if importlib.util.find_spec("triton") is not None else 0
+    assert len(whole) == 5 and len(mixed) == 5 + fused
     for label in whole:
         assert rows[label]["fp16"] is True and rows[label]["fp32_encoder"] is False, label
     for label in mixed:
@@ -479,9 +490,16 @@ def test_issue_24s_target_modes_run_first():
 
     steps = gpu_check.plan(gpu_check.modes("cuda", compiled=True), gpu_check.FILE_RATE_MODES)
     names = [(step, mode["label"] if mode else None) for step, mode in steps]
+    # with triton installed, the fused search (its bookkeeping in one Triton kernel a step)
+    fused = (
+        ["torch-cuda-fp32-graphs-device-prep-fused", "torch-cuda-fp16-fp32enc-graphs-device-prep-fused"]
+        if importlib.util.find_spec("triton") is not None
+        else []
+    )
     first = [
         "torch-cuda-fp32-graphs-device",
         "torch-cuda-fp16-fp32enc-graphs-device",
+        *fused,
         "torch-cuda-fp32-graphs-device-prep-nhwc",
         "torch-cuda-fp16-fp32enc-graphs-device-prep-nhwc",
         "torch-cuda-fp32-graphs-device-prep",
@@ -506,11 +524,12 @@ def test_issue_24s_target_modes_run_first():
         + [("gpu tests", None), ("file rate", "torch-cuda-fp32-graphs-device")]
         + [("mode", label) for label in rest]
     )
-    # the first ten are what their labels say: CUDA graphs, FP32 or the default FP16, the
-    # search and where the frames are preprocessed
-    for _, mode in steps[:10]:
+    # the first ones are what their labels say: CUDA graphs, FP32 or the default FP16, the
+    # search and where the frames are preprocessed, fused or not
+    for _, mode in steps[: len(first)]:
         label, options = mode["label"], mode["options"]
         assert options["cuda_graphs"] is True and options["device"] == "cuda", label
+        assert options.get("fused_search", False) == label.endswith("-fused"), label
         assert options["search"] == ("host" if "-host" in label else "device"), label
         assert options.get("preprocess", "host") == ("device" if "-prep" in label else "host"), label
         assert options.get("channels_last", False) == label.endswith("-nhwc"), label
@@ -522,6 +541,7 @@ def test_issue_24s_target_modes_run_first():
         "torch-cuda-fp16-fp32enc-graphs-device-prep-nhwc",
         "torch-cuda-fp32-graphs-device-prep",
         "torch-cuda-fp16-fp32enc-graphs-device-prep",
+        *fused,
     } <= set(gpu_check.THROUGHPUT_MODES)
     cpu = gpu_check.modes("cpu")
     names = [(step, mode["label"] if mode else None) for step, mode in gpu_check.plan(cpu, [cpu[0]["label"]])]

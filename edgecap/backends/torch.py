@@ -47,6 +47,7 @@ from edgecap.backends.torch_graphs import (
     keep_fp32_span,
 )
 from edgecap.contract import ENCODER_OUTPUTS, ROLES, Limits
+from edgecap.decoding.device import fused_available
 from edgecap.errors import BackendError, ModelError
 from edgecap.manifest import Manifest
 from edgecap.models.config import DEFAULT_ENCODER, ENCODER_FP32_BLOCKS
@@ -164,6 +165,10 @@ class TorchBackend(Backend):
     Not yet timed on a GPU. ``channels_last=True``: the encoder's weights and input in
     channels-last (NHWC) memory, for the convolution kernels of that layout (the same
     arithmetic in another order: features within float rounding). Not yet timed on a GPU.
+    ``fused_search`` (with ``search="device"``): the device search's bookkeeping after the
+    decoder's step (about 105 small operations a step) in one Triton kernel a step
+    (``edgecap.decoding.device_kernel``, the same hypotheses bit for bit); needs triton and a
+    CUDA device. Experimental: not yet run on a GPU.
 
     With graphs the backend holds one set of buffers per shape, so it serves one search at a
     time (``thread_safe`` is False and ``Captioner`` serialises its batches)."""
@@ -172,6 +177,7 @@ class TorchBackend(Backend):
     on_device = False  # the beam search may run on the device (``search``)
     search_mode = "host"  # ``search``: "device", or "auto" (by batch; ``use_device``)
     compile_search = False  # ... through torch.compile
+    fused_search = False  # ... its bookkeeping in one Triton kernel a step
     frame_preprocess: FramePreprocess | None = None  # preprocess="device"
     channels_last = False  # the encoder's convolutions in NHWC (``channels_last``)
     manifest: Manifest | None  # None: made from modules in memory (from_modules)
@@ -192,6 +198,7 @@ class TorchBackend(Backend):
         compile_search: bool = False,
         preprocess: str = "host",
         channels_last: bool = False,
+        fused_search: bool = False,
     ):
         if preprocess not in PREPROCESS:
             raise ValueError(f"preprocess must be one of {PREPROCESS}, got {preprocess!r}")
@@ -202,6 +209,15 @@ class TorchBackend(Backend):
                 f"compile_search=True compiles the beam search on the device: it goes with "
                 f"search='device', got search={search!r}"
             )
+        if fused_search and search != "device":
+            raise ValueError(
+                f"fused_search=True runs the beam search on the device with its bookkeeping in "
+                f"one Triton kernel a step: it goes with search='device', got search={search!r}"
+            )
+        if fused_search and compile_search:
+            raise ValueError("fused_search=True and compile_search=True: one or the other")
+        if fused_search:
+            fused_available(torch.device(device))
         n_threads = check_threads(threads)
         if n_threads is not None:
             torch.set_num_threads(n_threads)
@@ -224,10 +240,11 @@ class TorchBackend(Backend):
         self.on_device = on_device
         self.search_mode = search
         self.compile_search = compile_search
+        self.fused_search = fused_search
         if cuda_graphs or graph_factory is not None:
             self.enable_graphs(graph_factory or CudaGraphs(_indexed(self.device)))
         elif self.on_device:
-            self.device_search = TorchDeviceSearch(self, compiled=compile_search)
+            self.device_search = TorchDeviceSearch(self, compiled=compile_search, fused=fused_search)
 
     def enable_graphs(self, capture: GraphFactory) -> None:
         """Run the encoder and the decoder step through graphs made by ``capture``
@@ -243,7 +260,9 @@ class TorchBackend(Backend):
             self.step_graph, self.decoder.cfg.vocab_size, self.top_k, self.device, self.dtype, capture
         )
         if self.on_device:  # the whole decode as one graph per shape
-            self.device_search = TorchDeviceSearch(self, capture, compiled=self.compile_search)
+            self.device_search = TorchDeviceSearch(
+                self, capture, compiled=self.compile_search, fused=self.fused_search
+            )
 
     @classmethod
     def from_modules(
@@ -351,7 +370,9 @@ class TorchBackend(Backend):
                 else f", graphs: {getattr(self.graph_factory, '__name__', 'custom')}"
             )
         if self.on_device:
-            mode += ", beam search on the device" + (" (compiled)" if self.compile_search else "")
+            mode += ", beam search on the device" + (
+                " (compiled)" if self.compile_search else " (fused)" if self.fused_search else ""
+            )
             if self.search_mode == "auto":
                 mode += f" from {AUTO_DEVICE_ROWS} beam rows a batch"
         if self.frame_preprocess is not None:

@@ -53,9 +53,11 @@ def use_device(search: str, rows: int) -> bool:
 class TorchDeviceSearch:
     """The device search of one torch backend (its step graph, device and graph factory)."""
 
-    def __init__(self, backend, capture=None, compiled: bool = False):
+    def __init__(self, backend, capture=None, compiled: bool = False, fused: bool = False):
         self.backend = backend
-        self.search = DeviceBeamSearch(backend.decoder.cfg.vocab_size, backend.device, compiled=compiled)
+        self.search = DeviceBeamSearch(
+            backend.decoder.cfg.vocab_size, backend.device, compiled=compiled, fused=fused
+        )
         self.graphs = None if capture is None else DecodeGraphs(self.search, backend.step_graph, capture)
 
     def __call__(self, encoded, options, start_id: int, end_id: int, tag_words, fusion):

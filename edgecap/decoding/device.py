@@ -51,6 +51,7 @@ s on an H200 machine); past ``torch._dynamo``'s recompile limit a new shape runs
 from __future__ import annotations
 
 import functools
+import os
 from collections.abc import Callable
 from dataclasses import dataclass
 from typing import Any, Protocol
@@ -282,6 +283,25 @@ class Inputs:
     fusion_weights: torch.Tensor | None  # (R, 1) float32: each row's fusion weight
 
 
+def fused_available(device: torch.device) -> None:
+    """Raises ``BackendError`` when the fused search cannot run on ``device``: it needs the
+    ``triton`` package (PyTorch's CUDA wheels for Linux bring it), and a CUDA device or, on
+    the CPU, Triton's interpreter (``TRITON_INTERPRET=1`` before triton is imported: slow, for
+    the tests)."""
+    try:
+        import triton  # noqa: F401
+    except ImportError as exc:
+        raise BackendError(
+            "the fused device search runs a Triton kernel: install triton (PyTorch's CUDA "
+            f"wheels for Linux bring it) ({exc})"
+        ) from None
+    if device.type != "cuda" and os.environ.get("TRITON_INTERPRET") != "1":
+        raise BackendError(
+            f"the fused device search runs its Triton kernel on a CUDA GPU, not on {device.type} "
+            "(there only in Triton's interpreter, TRITON_INTERPRET=1: slow, for tests)"
+        )
+
+
 class DeviceBeamSearch:
     """The device search over one ``DeviceStep``; ``lms``: the fused models as ``TorchLM``
     (everyday, in-domain) or None."""
@@ -292,9 +312,15 @@ class DeviceBeamSearch:
         device: torch.device,
         never_first: tuple[int, ...] = NEVER_FIRST_IDS,
         compiled: bool = False,
+        fused: bool = False,
     ):
+        if compiled and fused:
+            raise ValueError("a device search is compiled (torch.compile) or fused (Triton), not both")
         self.device = torch.device(device)
+        if fused:
+            fused_available(self.device)
         self.compiled = compiled
+        self.fused = fused
         mask = np.zeros(vocab_size, bool)
         mask[list(never_first)] = True
         self.never_first = torch.from_numpy(mask).to(self.device)
@@ -369,8 +395,16 @@ class DeviceBeamSearch:
         """The search's result, packed (``unpack``): float64 on the device. ``fixed`` with
         ``checks``: the steps after which it reads once whether every image is done (``_decode``).
         ``compiled``: the fixed form, compiled."""
-        one_step = _compiled_step() if self.compiled else None
-        return _decode(step, plan, inputs, self.never_first, lms, fixed or self.compiled, one_step, checks)
+        return _decode(
+            step, plan, inputs, self.never_first, lms, fixed or self.compiled, self.one_step(), checks
+        )
+
+    def one_step(self) -> Callable[..., tuple] | None:
+        """What runs the steps after the first: the compiled ``_step``, the fused one, or None
+        (``_step`` itself)."""
+        if self.compiled:
+            return _compiled_step()
+        return _fused_step if self.fused else None
 
     def search(
         self,
@@ -663,21 +697,9 @@ def _step(loop: _Loop, t: int | None, number: torch.Tensor, carry: tuple) -> tup
     plan, pool = loop.plan, loop.pool
     N, B, T, W = plan.n_images, plan.beam, plan.max_length, plan.width
     R, C, end = N * B, B * W, plan.end_id
-    tokens, source, state, sum_lp, true_lp, history, done, steered, lm_states = carry
+    tokens, source, state, sum_lp, true_lp, history, done, steered, _ = carry
     all_done = done.all()  # no image left: the numpy loop had stopped before this step
-    parts = []
-    if steered is not None:
-        parts.append(loop.tag_bias * steered[:, None])
-    if lm_states is not None:
-        h, c = lm_states
-        if t != 0:  # the first step's source rows are images, and every state is zero
-            h, c = h.index_select(1, source), c.index_select(1, source)
-        logits, norms, h, c = loop.lms.step(tokens, h, c)
-        lm_states = (h, c)
-        ratio = logits[0] - logits[1]
-        ratio = ratio - (norms[0] - norms[1])
-        parts.append(ratio * loop.fusion_weights)
-    bias = parts[0] if len(parts) == 1 else (parts[0] + parts[1] if parts else None)
+    bias, lm_states = _word_bias(loop, t, carry)
     values, ids, state = loop.step(state, tokens, source, bias)
     ids = ids.long()
     at_t = number.view(1)
@@ -762,6 +784,39 @@ def _step(loop: _Loop, t: int | None, number: torch.Tensor, carry: tuple) -> tup
         steered,
         lm_states,
     )
+
+
+def _word_bias(loop: _Loop, t: int | None, carry: tuple):
+    """A step's word bias (R, V) float32 or None: the tag bonus of the steered rows and the
+    fused language models' ratio times each row's weight; -> (the bias, the language models'
+    new states). ``t``: as ``_step``'s."""
+    tokens, source, steered, lm_states = carry[0], carry[1], carry[7], carry[8]
+    parts = []
+    if steered is not None:
+        parts.append(loop.tag_bias * steered[:, None])
+    if lm_states is not None:
+        h, c = lm_states
+        if t != 0:  # the first step's source rows are images, and every state is zero
+            h, c = h.index_select(1, source), c.index_select(1, source)
+        logits, norms, h, c = loop.lms.step(tokens, h, c)
+        lm_states = (h, c)
+        ratio = logits[0] - logits[1]
+        ratio = ratio - (norms[0] - norms[1])
+        parts.append(ratio * loop.fusion_weights)
+    bias = parts[0] if len(parts) == 1 else (parts[0] + parts[1] if parts else None)
+    return bias, lm_states
+
+
+def _fused_step(loop: _Loop, t: int | None, number: torch.Tensor, carry: tuple) -> tuple:
+    """``_step`` for a step after the first with its bookkeeping in one Triton kernel
+    (``edgecap.decoding.device_kernel``): the word bias and the decoder's step as there, then
+    the kernel; the same next carry and the same writes."""
+    from edgecap.decoding.device_kernel import bookkeeping
+
+    assert t is None  # the steps after the first (the first is ``_step``'s)
+    bias, lm_states = _word_bias(loop, t, carry)
+    values, ids, state = loop.step(carry[2], carry[0], carry[1], bias)
+    return bookkeeping(loop, number, carry, values, ids, bias, state, lm_states)
 
 
 @functools.cache
@@ -959,7 +1014,7 @@ class DecodeGraphs:
         step = TorchStep(self.step_graph, static, static_inputs.image_index)
         static_inputs.state = step.first_state()
         search = self.search
-        one_step = _compiled_step() if search.compiled else None
+        one_step = search.one_step()
         # the loop of the first part's last run (its tables, written in place by every part)
         # and the carry between the parts, in buffers made by the first (warm-up) run
         kept: dict = {}

@@ -1,0 +1,145 @@
+"""The fused device search's Triton kernel (``edgecap.decoding.device_kernel``) compiled for
+NVIDIA GPUs on this machine, which has none: Triton's own compiler (the same front end, MLIR
+passes and LLVM as on a GPU machine) and the ``ptxas`` its wheel ships turn the kernel into a
+cubin for a GPU architecture without a driver. What the interpreter the other tests run it in
+does not check: that Triton compiles it at all (only constexpr globals, typed operations), for
+every set of arguments the search launches it with, and that it keeps its values in registers
+(no local memory: spills). Its results are checked in ``tests/test_device_search.py``."""
+
+from __future__ import annotations
+
+import json
+import os
+import subprocess
+import sys
+from unittest import mock
+
+import numpy as np
+import pytest
+
+torch = pytest.importorskip("torch")
+triton = pytest.importorskip("triton")
+
+from edgecap.decoding import CaptionOptions  # noqa: E402
+from edgecap.decoding import device_kernel  # noqa: E402
+from edgecap.decoding.device import DeviceBeamSearch, SessionStep, rules_for  # noqa: E402
+from edgecap.decoding.fusion import Fusion  # noqa: E402
+from fakes import END, START, PrefixHashBackend  # noqa: E402
+
+pytestmark = pytest.mark.skipif(
+    os.environ.get("TRITON_INTERPRET") != "1", reason="the launches are recorded in Triton's interpreter"
+)
+
+# H100 / H200, Jetson AGX Orin, Jetson AGX Xavier
+ARCHITECTURES = (90, 87, 72)
+
+COMPILE = r"""
+import json, os, subprocess, sys, tempfile
+import triton
+from triton.backends.compiler import GPUTarget
+from triton.compiler import ASTSource
+from edgecap.decoding import device_kernel
+
+kernel = triton.jit(device_kernel._bookkeeping)
+tool = os.path.join(os.path.dirname(triton.__file__), "backends", "nvidia", "bin", "cuobjdump")
+out = []
+for launch in json.loads(sys.argv[1]):
+    for capability in json.loads(sys.argv[2]):
+        source = ASTSource(fn=kernel, signature=launch["signature"], constexprs=launch["constexprs"])
+        compiled = triton.compile(
+            source, target=GPUTarget("cuda", capability, 32), options={"num_warps": launch["num_warps"]}
+        )
+        with tempfile.NamedTemporaryFile(suffix=".cubin", delete=False) as f:
+            f.write(compiled.asm["cubin"])
+        usage = subprocess.run([tool, "--dump-resource-usage", f.name], capture_output=True, text=True)
+        os.unlink(f.name)
+        out.append({"capability": capability, "usage": usage.stdout})
+print(json.dumps(out))
+"""
+
+
+def _signature(value) -> str:
+    if isinstance(value, torch.Tensor):
+        from triton._utils import canonicalize_dtype
+
+        return "*" + canonicalize_dtype(value.dtype)
+    assert isinstance(value, int), value
+    return "i32" if -(2**31) <= value < 2**31 else "i64"
+
+
+def _launches() -> list[dict]:
+    """The kernel's launches (argument types and constexprs) in fused searches over fake models
+    with and without each rule: the tag bonus, the language models, no-repeat n-grams, the
+    endings, beams 1 to 5."""
+    seen: dict[str, dict] = {}
+    real = device_kernel._kernel()
+
+    class Recorder:
+        def __getitem__(self, grid):
+            def launch(*args, **kwargs):
+                names = real.arg_names
+                constexprs = {k: v for k, v in kwargs.items() if k != "num_warps"}
+                signature = {
+                    name: "constexpr" if name in constexprs else _signature(value)
+                    for name, value in zip(names, args)
+                }
+                signature.update({name: "constexpr" for name in constexprs})
+                entry = {"signature": signature, "constexprs": constexprs, "num_warps": kwargs["num_warps"]}
+                seen.setdefault(json.dumps(entry, sort_keys=True), entry)
+                return real[grid](*args, **kwargs)
+
+            return launch
+
+    rng = np.random.default_rng(0)
+    vocab, top_k = 20, 8
+    backend = PrefixHashBackend(vocab_size=vocab, top_k=top_k, end_bias=-1.0, seed=3)
+    from test_device_search import _lm  # the random language models of those tests
+
+    fusion = Fusion(_lm(rng, vocab), _lm(rng, vocab), 0.5, {})
+    cases = [
+        CaptionOptions(beam_size=3, max_length=6, no_repeat_ngram=3, guidance_bonus=2.0, fusion_weight=0.6),
+        CaptionOptions(beam_size=5, max_length=5, no_repeat_ngram=0, guidance_bonus=0.0, fusion_weight=0.0),
+        CaptionOptions(beam_size=1, max_length=4, no_repeat_ngram=1, guidance_bonus=1.0, fusion_weight=0.0),
+    ]
+    with mock.patch.object(device_kernel, "_kernel", lambda: Recorder()):
+        for options in cases:
+            for endings in (False, True):
+                encoded = backend.encode(rng.integers(0, 1000, 2))
+                tags = (frozenset({4, 5}), frozenset())
+                rules = rules_for(options, encoded.n_images, tags, fusion, encoded.class_probs)
+                DeviceBeamSearch(vocab, torch.device("cpu"), fused=True).search(
+                    lambda index, e=encoded: SessionStep(backend.start(e, index.numpy())),
+                    encoded.n_images,
+                    options,
+                    top_k,
+                    START,
+                    END,
+                    rules,
+                    fixed=True,
+                    endings=endings,
+                )
+    return list(seen.values())
+
+
+def test_the_kernel_compiles_for_nvidia_gpus_without_spilling():
+    launches = _launches()
+    # every rule on and off among them: the kernel's constexpr branches all compiled
+    for flag in ("HAS_BIAS", "HAS_TAGS", "ENDINGS"):
+        assert {launch["constexprs"][flag] for launch in launches} == {True, False}, flag
+    assert {launch["constexprs"]["NGRAM"] for launch in launches} == {0, 1, 3}
+    env = {k: v for k, v in os.environ.items() if k != "TRITON_INTERPRET"}
+    run = subprocess.run(
+        [sys.executable, "-c", COMPILE, json.dumps(launches), json.dumps(ARCHITECTURES)],
+        capture_output=True,
+        text=True,
+        env=env,
+        timeout=600,
+    )
+    assert run.returncode == 0, run.stderr[-3000:]
+    compiled = json.loads(run.stdout.splitlines()[-1])
+    assert len(compiled) == len(launches) * len(ARCHITECTURES)
+    for entry in compiled:
+        usage = entry["usage"]
+        assert "Function _bookkeeping:" in usage, usage
+        # its values in registers: no local memory, no stack (a spill would be either)
+        assert " LOCAL:0 " in usage and " STACK:0 " in usage, (entry["capability"], usage)
