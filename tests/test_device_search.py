@@ -410,6 +410,42 @@ def test_the_fixed_search_ignores_a_broken_step_after_every_image_is_done():
         assert hyp.log_prob == pytest.approx(-0.2)
 
 
+@pytest.mark.parametrize("fixed", LOOPS)
+def test_a_broken_step_after_three_images_are_done_is_no_error(fixed):
+    """As above with three images (a batch that is no power of two: the fused kernel reads
+    every image's done flag in a block of four): each is "a" (-0.1), "a <end>" (-0.2), done
+    at word 2; the step returns NaN from word 3 on, which the numpy loop never runs: no error,
+    each image's caption "a", finished."""
+    rows = {(): {"a": -0.1, "b": -0.3}, ("a",): {"<end>": -0.1, "b": -0.2}}
+    backend = _table(lambda prefix: rows.get(prefix, {"b": -0.1}))
+    encoded = backend.encode(np.zeros((3, 3, 4, 4), np.float32))
+    options = CaptionOptions(beam_size=1, max_length=5, no_repeat_ngram=0)
+    got = _broken_search(backend, encoded, len(WORDS), options, fixed)
+    assert [[([WORDS[w] for w in h.tokens], h.finished) for h in hyps] for hyps in got] == [
+        [(["a"], True)]
+    ] * 3
+    assert [hyps[0].log_prob for hyps in got] == pytest.approx([-0.2] * 3)
+
+
+@pytest.mark.parametrize("fixed", LOOPS)
+def test_a_broken_step_while_one_image_is_done_is_an_error(fixed):
+    """Two images, beam 1: the second (all ones) is "a" (-0.1), "a <end>" (-0.2), done at
+    word 2; the first (all zeros) never ends, and its row's best word is NaN from word 3 on.
+    The numpy loop still steps the first image at word 3: an error naming word 3, not
+    captions (one image done is not every image done)."""
+    rows = {(): {"a": -0.1, "b": -0.3}, ("a",): {"<end>": -0.1, "b": -0.2}}
+
+    def rule(prefix, key):
+        return {"a": -0.1, "b": -0.3} if key == 0.0 else rows.get(prefix, {"b": -0.1})
+
+    backend = TableBackend(WORDS, rule, top_k=2, keyed=True)
+    images = np.zeros((2, 3, 4, 4), np.float32)
+    images[1] = 1.0
+    options = CaptionOptions(beam_size=1, max_length=5, no_repeat_ngram=0)
+    with pytest.raises(BackendError, match="non-finite log-probabilities at word 3"):
+        _broken_search(backend, backend.encode(images), len(WORDS), options, fixed)
+
+
 # -- the shipped model on the example photos ---------------------------------------------------
 
 OPTIONS = [
