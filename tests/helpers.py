@@ -14,6 +14,7 @@ from __future__ import annotations
 import io
 import json
 import os
+import re
 import shutil
 import struct
 import subprocess
@@ -24,6 +25,7 @@ from collections.abc import Callable
 from pathlib import Path
 
 import numpy as np
+import pytest
 from PIL import Image
 
 from edgecap import images
@@ -423,6 +425,18 @@ def contract_model_dir(directory: Path) -> Path:
 
 
 # -- a folder of every kind of image file ----------------------------------------------------
+def needs_pillow(version: str, what: str) -> None:
+    """Skips the calling test where the installed Pillow is older than ``version``, naming
+    ``what`` (a fixture that Pillow cannot make): edgecap itself asks for Pillow >= 9.1."""
+    import PIL
+
+    def parts(text: str) -> tuple[int, ...]:
+        return tuple(int(p) for p in re.findall(r"\d+", text)[:2])
+
+    if parts(PIL.__version__) < parts(version):
+        pytest.skip(f"{what} needs Pillow >= {version} (here Pillow {PIL.__version__})")
+
+
 def chelsea(size=(96, 64)) -> Image.Image:
     """The bundled cat photo (scikit-image, public domain), small."""
     with Image.open(EXAMPLES / "chelsea.png") as im:

@@ -23,6 +23,7 @@ from PIL import Image
 import edgecap
 from edgecap import Caption, Captioner, InputError
 from edgecap import images
+from helpers import needs_pillow
 
 PACKAGE = Path(edgecap.__file__).parent
 ENV = {**os.environ, "PYTHONPATH": os.pathsep.join([str(PACKAGE.parent), os.environ.get("PYTHONPATH", "")])}
@@ -407,18 +408,24 @@ def test_every_tiff_codec_outside_the_documented_list_is_refused(compression):
     _refused(buf.getvalue(), f"TIFF compression {compression!r} is not accepted")
 
 
-def _bmp_rle8(width: int, height: int) -> bytes:
+def _bmp_rle8(width: int, height: int, grey: bool = True) -> bytes:
+    """An RLE8 bitmap, every row ``width`` pixels of entry 7; a grey palette (Pillow opens it as
+    L) or a coloured one (P)."""
     rows = b"".join(bytes([width, 7, 0, 0]) for _ in range(height)) + b"\x00\x01"
-    palette = b"".join(bytes([i, i, i, 0]) for i in range(256))
+    palette = b"".join(bytes([i, i, i, 0] if grey else [i, 255 - i, i // 2, 0]) for i in range(256))
     offset = 14 + 40 + len(palette)
     info = struct.pack("<IiiHHIIiiII", 40, width, height, 1, 8, 1, len(rows), 2835, 2835, 256, 0)
     return b"BM" + struct.pack("<IHHI", offset + len(rows), 0, 0, offset) + info + palette + rows
 
 
-def test_bmp_rle_is_refused():
-    data = _bmp_rle8(20, 10)
+@pytest.mark.parametrize("grey", [True, False], ids=["grey", "colour"])
+def test_bmp_rle_is_refused(grey):
+    if grey:
+        needs_pillow("9.2", "reading a grey-palette RLE8 BMP")  # 9.1: "unknown raw mode"
+    data = _bmp_rle8(20, 10, grey)
     with Image.open(io.BytesIO(data)) as im:
         im.load()  # a valid RLE8 bitmap: Pillow reads it (in Python)
+        assert im.mode == ("L" if grey else "P")
     _refused(data, "RLE")
 
 
