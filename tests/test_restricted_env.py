@@ -78,39 +78,51 @@ def test_convert_int8_with_no_writable_temporary_folder_does_not_blame_out(
     assert err[-1] == f"edgecap convert: error: no writable temporary folder: set TMPDIR to one ({NO_TEMP})"
 
 
-def test_convert_int8_on_a_read_only_root_file_system(tiny_model_dir, tmp_path):
-    """The same for real: TMPDIR, /tmp, /var/tmp and the working folder mounted read-only for one
-    process (unshare -m, read-only bind mounts; skipped where this machine cannot), --out on a
-    writable mount."""
+def _run_read_only(argv: list[str], ro: list, rw: list, cwd: Path, env: dict, timeout: int = 300):
+    """``argv`` run in ``cwd`` with the folders ``ro`` mounted read-only and ``rw`` (inside them)
+    writable, for this process alone (unshare -m, bind mounts); ``env`` added to a bare one (PATH,
+    PYTHONPATH: this edgecap). Skips where this machine cannot mount folders so."""
     if shutil.which("unshare") is None or shutil.which("mount") is None:
         pytest.skip("needs unshare and mount")
-    ro_tmp, cwd, out = tmp_path / "tmpdir", tmp_path / "cwd", tmp_path / "out"
-    for folder in (ro_tmp, cwd, out):
-        folder.mkdir()
-    ro = [str(ro_tmp), str(cwd), "/tmp", "/var/tmp"]
     script = (
         'for d in $RO; do mount --bind "$d" "$d" && mount -o remount,bind,ro "$d" || exit 99; done; '
-        'mount --bind "$RW" "$RW" && mount -o remount,bind,rw "$RW" || exit 98; cd "$CWD" && exec "$@"'
+        'for d in $RW; do mount --bind "$d" "$d" && mount -o remount,bind,rw "$d" || exit 98; done; '
+        'cd "$CWD" && exec "$@"'
     )
-    env = {"PATH": "/usr/bin:/bin", "RO": " ".join(ro), "RW": str(out), "CWD": str(cwd)}
-    env["TMPDIR"] = str(ro_tmp)
-    env["PYTHONPATH"] = str(Path(edgecap.__file__).parents[1])
+    env = {
+        "PATH": "/usr/bin:/bin",
+        "RO": " ".join(map(str, ro)),
+        "RW": " ".join(map(str, rw)),
+        "CWD": str(cwd),
+        "PYTHONPATH": str(Path(edgecap.__file__).parents[1]),
+        **env,
+    }
     command = ["unshare", "-m", "bash", "-c", script, "bash"]
     probe = subprocess.run(
-        [*command, "touch", str(ro_tmp / "probe"), str(out / "ok")],
+        [*command, "touch", os.path.join(ro[0], "probe"), *(os.path.join(d, "ok") for d in rw)],
         env=env,
         capture_output=True,
     )
     made = probe.returncode not in (98, 99) and b"Read-only file system" in probe.stderr
-    if not made or not (out / "ok").exists():
+    if not made or not all(os.path.exists(os.path.join(d, "ok")) for d in rw):
         pytest.skip("this machine cannot mount folders read-only for one process (unshare -m)")
-    done = subprocess.run(
-        [*command, sys.executable, "-m", "edgecap", "convert", str(tiny_model_dir), "--precision", "int8"]
+    return subprocess.run([*command, *argv], env=env, capture_output=True, text=True, timeout=timeout)
+
+
+def test_convert_int8_on_a_read_only_root_file_system(tiny_model_dir, tmp_path):
+    """The same for real: TMPDIR, /tmp, /var/tmp and the working folder mounted read-only for one
+    process (unshare -m, read-only bind mounts; skipped where this machine cannot), --out on a
+    writable mount."""
+    ro_tmp, cwd, out = tmp_path / "tmpdir", tmp_path / "cwd", tmp_path / "out"
+    for folder in (ro_tmp, cwd, out):
+        folder.mkdir()
+    done = _run_read_only(
+        [sys.executable, "-m", "edgecap", "convert", str(tiny_model_dir), "--precision", "int8"]
         + ["--out", str(out / "int8")],
-        env=env,
-        capture_output=True,
-        text=True,
-        timeout=300,
+        ro=[ro_tmp, cwd, "/tmp", "/var/tmp"],
+        rw=[out],
+        cwd=cwd,
+        env={"TMPDIR": str(ro_tmp)},
     )
     assert done.returncode == 2, done.stderr
     folders = [str(ro_tmp), "/tmp", "/var/tmp", "/usr/tmp", str(cwd)]
@@ -118,6 +130,78 @@ def test_convert_int8_on_a_read_only_root_file_system(tiny_model_dir, tmp_path):
         "edgecap convert: error: no writable temporary folder: set TMPDIR to one "
         f"(No usable temporary directory found in {folders})"
     ]
+
+
+# a short caption through Captioner(compile_search=True); an EdgecapError as one line, exit 2
+COMPILED_CAPTION = """
+import sys
+from edgecap import Captioner, CaptionOptions
+from edgecap.errors import EdgecapError
+try:
+    captioner = Captioner(
+        sys.argv[1], backend="torch", search="device", compile_search=True,
+        options=CaptionOptions(max_length=6),
+    )
+    print(captioner.caption(sys.argv[2]).text)
+except EdgecapError as exc:
+    sys.exit(f"error: {exc}")
+"""
+
+
+def test_compile_search_with_no_writable_temporary_folder_is_one_line(no_temporary_folder):
+    """torch.compile's TorchInductor keeps what it compiles under the temporary folder (and asks
+    for that folder on import even with TORCHINDUCTOR_CACHE_DIR set): a compiled device search
+    is refused when it is made, naming TMPDIR, not on the first caption with tempfile's
+    FileNotFoundError from inside torch's import."""
+    torch = pytest.importorskip("torch")
+    from edgecap.decoding.device import DeviceBeamSearch
+    from edgecap.errors import BackendError
+
+    with pytest.raises(BackendError) as refused:
+        DeviceBeamSearch(20, torch.device("cpu"), compiled=True)
+    assert str(refused.value) == (
+        "compile_search=True: torch.compile writes the code it compiles under the temporary folder, "
+        f"and no temporary folder can be written: set TMPDIR to a writable folder ({NO_TEMP})"
+    )
+
+
+@pytest.mark.parametrize("where", ["no temporary folder", "read-only TORCHINDUCTOR_CACHE_DIR"])
+def test_compile_search_in_a_read_only_place_is_one_line(tiny_model_dir, tmp_path, where):
+    """For real (unshare -m, as above): Captioner(compile_search=True) with no writable temporary
+    folder (TMPDIR, /tmp, /var/tmp and the working folder read-only) raised a FileNotFoundError
+    from torch's import on the first caption; with TORCHINDUCTOR_CACHE_DIR read-only, torch's
+    InductorError (OSError: Read-only file system) after seconds of compiling. Now the Captioner
+    is refused in one line (a BackendError) naming what to set."""
+    pytest.importorskip("torch")
+    ro_tmp, cwd, cache = tmp_path / "tmpdir", tmp_path / "cwd", tmp_path / "cache"
+    for folder in (ro_tmp, cwd, cache):
+        folder.mkdir()
+    if where == "no temporary folder":
+        env, rw = {"TMPDIR": str(ro_tmp)}, []
+        folders = [str(ro_tmp), "/tmp", "/var/tmp", "/usr/tmp", str(cwd)]
+        said = (
+            "compile_search=True: torch.compile writes the code it compiles under the temporary "
+            "folder, and no temporary folder can be written: set TMPDIR to a writable folder "
+            f"(No usable temporary directory found in {folders})"
+        )
+    else:  # a writable TMPDIR
+        writable = tmp_path / "writable"
+        writable.mkdir()
+        env, rw = {"TMPDIR": str(writable), "TORCHINDUCTOR_CACHE_DIR": str(cache)}, [writable]
+        said = (
+            f"compile_search=True: torch.compile's TORCHINDUCTOR_CACHE_DIR {cache} is not writable: "
+            "set TORCHINDUCTOR_CACHE_DIR to a writable folder"
+        )
+    photo = str(EXAMPLES / "chelsea.png")
+    done = _run_read_only(
+        [sys.executable, "-c", COMPILED_CAPTION, str(tiny_model_dir), photo],
+        ro=[ro_tmp, cwd, cache, "/tmp", "/var/tmp"],
+        rw=rw,
+        cwd=cwd,
+        env=env,
+    )
+    assert done.returncode == 1, done.stderr  # sys.exit(message)
+    assert done.stderr.splitlines() == [f"error: {said}"]
 
 
 def test_a_photo_is_read_without_reserving_the_whole_file_size_limit(tmp_path):
@@ -309,3 +393,91 @@ def test_a_model_that_does_not_fit_in_memory_is_not_called_corrupt(
         f".onnx: cannot load the graph: out of memory ({said}): allow it more memory (ulimit -v, the "
         "container's limit)"
     )
+
+
+def test_fused_search_with_no_writable_temporary_folder_is_one_line(no_temporary_folder, monkeypatch):
+    """Compiled for a GPU (not in the interpreter), Triton's compiler writes ptxas's files in
+    the temporary folder: the fused search is refused when it is made, naming TMPDIR."""
+    torch = pytest.importorskip("torch")
+    pytest.importorskip("triton")
+    from edgecap.decoding.device import fused_available
+    from edgecap.errors import BackendError
+
+    monkeypatch.delenv("TRITON_INTERPRET")  # read when called: a CUDA device, compiled
+    with pytest.raises(BackendError) as refused:
+        fused_available(torch.device("cuda"))
+    assert str(refused.value) == (
+        "the fused device search compiles its Triton kernel with temporary files (ptxas's), and no "
+        f"temporary folder can be written: set TMPDIR to a writable folder ({NO_TEMP})"
+    )
+
+
+# fused_available on a CUDA device, then Triton's compiler for sm_90 (no GPU needed) on a small
+# kernel, as Triton compiles the fused search's on its first launch on a GPU
+TRITON_COMPILE = """
+import sys
+import torch
+import triton
+import triton.language as tl
+from triton.backends.compiler import GPUTarget
+from triton.compiler import ASTSource
+from edgecap.decoding.device import fused_available
+from edgecap.errors import EdgecapError
+
+try:
+    fused_available(torch.device("cuda"))
+except EdgecapError as exc:
+    sys.exit(f"error: {exc}")
+
+
+@triton.jit
+def add_one(x_ptr):
+    tl.store(x_ptr, tl.load(x_ptr) + 1)
+
+
+triton.compile(ASTSource(fn=add_one, signature={"x_ptr": "*fp32"}), target=GPUTarget("cuda", 90, 32))
+print("compiled")
+"""
+
+
+@pytest.mark.parametrize(
+    "where", ["writable", "read-only HOME", "read-only TRITON_CACHE_DIR", "no temporary folder"]
+)
+def test_fused_search_where_triton_cannot_write_is_one_line(tmp_path, where):
+    """Triton keeps what it compiles in TRITON_CACHE_DIR, else ~/.triton/cache, and runs ptxas
+    on files in the temporary folder. Its compiler (for sm_90, on this machine without a GPU)
+    with HOME read-only raised OSError 'Read-only file system', and with no temporary folder
+    tempfile's FileNotFoundError: tracebacks, which on a GPU would come from the first caption.
+    Now fused_available refuses it in one line naming what to set; where both can be written it
+    compiles. (unshare -m as above.)"""
+    pytest.importorskip("torch")
+    pytest.importorskip("triton")
+    home, cwd, cache, writable = (tmp_path / name for name in ("home", "cwd", "cache", "writable"))
+    for folder in (home, cwd, cache, writable):
+        folder.mkdir()
+    script = tmp_path / "compile.py"
+    script.write_text(TRITON_COMPILE)
+    env = {"HOME": str(home), "TMPDIR": str(writable)}
+    ro, rw = [cwd, "/tmp", "/var/tmp"], [writable, home]
+    cannot = "set TRITON_CACHE_DIR to a writable folder"
+    if where == "read-only HOME":
+        rw = [writable]
+        said = (
+            f": Triton's cache folder {home}/.triton/cache cannot be made in {home}, not writable: {cannot}"
+        )
+    elif where == "read-only TRITON_CACHE_DIR":
+        env["TRITON_CACHE_DIR"] = str(cache)
+        said = f": Triton's TRITON_CACHE_DIR {cache} is not writable: {cannot}"
+    elif where == "no temporary folder":
+        env["TMPDIR"] = str(tmp_path / "missing")
+        folders = [env["TMPDIR"], "/tmp", "/var/tmp", "/usr/tmp", str(cwd)]
+        said = (
+            " compiles its Triton kernel with temporary files (ptxas's), and no temporary folder can "
+            f"be written: set TMPDIR to a writable folder (No usable temporary directory found in {folders})"
+        )
+    done = _run_read_only([sys.executable, str(script)], ro=ro, rw=rw, cwd=cwd, env=env)
+    if where == "writable":
+        assert (done.returncode, done.stdout) == (0, "compiled\n"), done.stderr
+    else:
+        assert done.returncode == 1, done.stderr  # sys.exit(message)
+        assert done.stderr.splitlines() == [f"error: the fused device search{said}"]

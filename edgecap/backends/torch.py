@@ -47,7 +47,7 @@ from edgecap.backends.torch_graphs import (
     keep_fp32_span,
 )
 from edgecap.contract import ENCODER_OUTPUTS, ROLES, Limits
-from edgecap.decoding.device import fused_available
+from edgecap.decoding.device import compile_available, fused_available
 from edgecap.errors import BackendError, ModelError
 from edgecap.manifest import Manifest
 from edgecap.models.config import DEFAULT_ENCODER, ENCODER_FP32_BLOCKS
@@ -168,7 +168,9 @@ class TorchBackend(Backend):
     ``fused_search`` (with ``search="device"``): the device search's bookkeeping after the
     decoder's step (about 105 small operations a step) in one Triton kernel a step
     (``edgecap.decoding.device_kernel``, the same hypotheses bit for bit); needs triton and a
-    CUDA device. Experimental: not yet run on a GPU.
+    CUDA device. Experimental: not yet run on a GPU. ``compile_search`` and ``fused_search`` (on a
+    GPU) write what they compile: each needs a writable temporary folder and cache folder, else
+    the backend is refused when made (docs/reliability.md).
 
     With graphs the backend holds one set of buffers per shape, so it serves one search at a
     time (``thread_safe`` is False and ``Captioner`` serialises its batches)."""
@@ -218,6 +220,8 @@ class TorchBackend(Backend):
             raise ValueError("fused_search=True and compile_search=True: one or the other")
         if fused_search:
             fused_available(torch.device(device))
+        if compile_search:
+            compile_available()  # before loading the model, not on the first caption
         n_threads = check_threads(threads)
         if n_threads is not None:
             torch.set_num_threads(n_threads)

@@ -52,8 +52,10 @@ from __future__ import annotations
 
 import functools
 import os
+import tempfile
 from collections.abc import Callable
 from dataclasses import dataclass
+from pathlib import Path
 from typing import Any, Protocol
 
 import numpy as np
@@ -65,6 +67,7 @@ from edgecap.decoding import fusion_weight
 from edgecap.decoding.beam import Hypothesis, length_normalised, ranked
 from edgecap.decoding.options import CaptionOptions
 from edgecap.errors import BackendError
+from edgecap.files import nearest_existing
 from edgecap.models.decoder import CaptionDecoder
 from edgecap.models.graphs import StepGraph
 from edgecap.vocab import NEVER_FIRST_IDS
@@ -287,7 +290,13 @@ def fused_available(device: torch.device) -> None:
     """Raises ``BackendError`` when the fused search cannot run on ``device``: it needs the
     ``triton`` package (PyTorch's CUDA wheels for Linux bring it), and a CUDA device or, on
     the CPU, Triton's interpreter (``TRITON_INTERPRET=1`` before triton is imported: slow, for
-    the tests)."""
+    the tests). Compiled for a GPU (not interpreted) it needs two writable folders: Triton's
+    cache (``TRITON_CACHE_DIR``; else ``$TRITON_HOME/.triton/cache``; else ``~/.triton/cache``:
+    with HOME unset the user's home in /etc/passwd, and for a user without an entry there a
+    folder named ``~`` in the working folder) and a temporary folder (ptxas's files; the
+    launcher's C build). Without either, Triton's compiler (triton 3.9, for sm_90 on a machine
+    without a GPU) raised a raw OSError or tempfile's FileNotFoundError; on a GPU that would be
+    the first caption's. Not yet run on a GPU."""
     try:
         import triton  # noqa: F401
     except ImportError as exc:
@@ -295,11 +304,71 @@ def fused_available(device: torch.device) -> None:
             "the fused device search runs a Triton kernel: install triton (PyTorch's CUDA "
             f"wheels for Linux bring it) ({exc})"
         ) from None
-    if device.type != "cuda" and os.environ.get("TRITON_INTERPRET") != "1":
+    interpreted = os.environ.get("TRITON_INTERPRET") == "1"
+    if device.type != "cuda" and not interpreted:
         raise BackendError(
             f"the fused device search runs its Triton kernel on a CUDA GPU, not on {device.type} "
             "(there only in Triton's interpreter, TRITON_INTERPRET=1: slow, for tests)"
         )
+    if interpreted:  # nothing compiled, nothing written
+        return
+    _temporary_folder("the fused device search compiles its Triton kernel with temporary files (ptxas's)")
+    try:
+        from triton import knobs
+
+        folder = knobs.cache.dir
+    except (ImportError, AttributeError):  # a triton before its knobs (3.3): its own errors
+        return
+    if os.environ.get("TRITON_CACHE_MANAGER") is None:  # Triton's own files, not a custom cache
+        _writable_cache("the fused device search: Triton's", folder, "TRITON_CACHE_DIR")
+
+
+def compile_available() -> None:
+    """Raises ``BackendError`` where ``torch.compile`` (``compiled=True``) cannot write what it
+    compiles. TorchInductor keeps it in ``TORCHINDUCTOR_CACHE_DIR``, by default a folder
+    ``torchinductor_USER`` in Python's temporary folder, and asks Python for that folder when
+    it is imported even where ``TORCHINDUCTOR_CACHE_DIR`` is set (torch 2.13: its precompiled
+    headers' folder). With no writable temporary folder (TMPDIR, /tmp, /var/tmp, /usr/tmp and
+    the working folder: a read-only root file system) the first caption raised tempfile's
+    FileNotFoundError from torch's import, a traceback; with an unwritable
+    ``TORCHINDUCTOR_CACHE_DIR`` torch's InductorError (OSError: Read-only file system) after
+    seconds of compiling."""
+    _temporary_folder(
+        "compile_search=True: torch.compile writes the code it compiles under the temporary folder"
+    )
+    folder = os.environ.get("TORCHINDUCTOR_CACHE_DIR")
+    if folder is None:
+        try:
+            from torch._inductor.runtime.cache_dir_utils import default_cache_dir
+        except ImportError:  # a torch that keeps it elsewhere: its own errors
+            return
+        folder = default_cache_dir()
+    _writable_cache("compile_search=True: torch.compile's", folder, "TORCHINDUCTOR_CACHE_DIR")
+
+
+def _temporary_folder(needs: str) -> None:
+    """Raises ``BackendError``, ``needs`` and what to do, where Python finds no writable
+    temporary folder (``tempfile.gettempdir``: TMPDIR, /tmp, /var/tmp, /usr/tmp, the working
+    folder)."""
+    try:
+        tempfile.gettempdir()
+    except OSError as exc:
+        raise BackendError(
+            f"{needs}, and no temporary folder can be written: set TMPDIR to a writable folder "
+            f"({exc.strerror or exc})"
+        ) from None
+
+
+def _writable_cache(whose: str, folder: str, variable: str) -> None:
+    """Raises ``BackendError`` where the cache folder ``folder`` (set by the environment
+    variable ``variable``) cannot be written, or made where it is missing: a read-only file
+    system, another user's folder."""
+    path = Path(os.path.abspath(folder))
+    existing = nearest_existing(path)
+    if not os.access(existing, os.W_OK | os.X_OK):
+        which = variable if variable in os.environ else "cache folder"
+        why = "is not writable" if existing == path else f"cannot be made in {existing}, not writable"
+        raise BackendError(f"{whose} {which} {path} {why}: set {variable} to a writable folder")
 
 
 class DeviceBeamSearch:
@@ -319,6 +388,8 @@ class DeviceBeamSearch:
         self.device = torch.device(device)
         if fused:
             fused_available(self.device)
+        if compiled:
+            compile_available()
         self.compiled = compiled
         self.fused = fused
         mask = np.zeros(vocab_size, bool)
