@@ -146,6 +146,28 @@ def test_throughput_times_each_variant_in_its_own_worker_against_the_floor(tmp_p
     assert "images/s alone" in md and "share of floor" in md and "Flags:" in md
 
 
+@pytest.mark.skipif(importlib.util.find_spec("onnx") is None, reason="the floor needs onnx")
+def test_the_floors_matmul_model_loads_in_the_oldest_onnxruntime(monkeypatch):
+    """onnxruntime 1.16 (the oldest edgecap[cpu] allows) reads ONNX IR version 9 at most, and
+    onnx 1.17 stamps a new model with IR 10: the floor's MatMul model (opset 17, which IR 8
+    carries) failed to load there ("Unsupported model IR version: 10, max supported IR
+    version: 9"), and with it throughput.py. Imitated: a session refusing IR > 9 as 1.16 does."""
+    import floor
+    import onnx
+    import onnxruntime as ort
+
+    real = ort.InferenceSession
+
+    def like_onnxruntime_1_16(model, *args, **kwargs):
+        ir = onnx.load_from_string(model).ir_version
+        if ir > 9:
+            raise RuntimeError(f"Unsupported model IR version: {ir}, max supported IR version: 9")
+        return real(model, *args, **kwargs)
+
+    monkeypatch.setattr(ort, "InferenceSession", like_onnxruntime_1_16)
+    assert floor.ort_matmul_peak(1, size=8, repeats=1) > 0
+
+
 def test_throughput_prefetch_call_leaves_no_thread_behind():
     import throughput
 
