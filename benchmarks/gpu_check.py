@@ -15,7 +15,11 @@ targets (8. below), then:
 1. the machine: GPU, driver, CUDA, and the versions of torch / onnxruntime / onnx / numpy /
    Pillow;
 2. ``pytest -m gpu`` run in a subprocess: passed / failed / skipped counts (the compiled
-   search's test only with ``--compiled``: it compiles first);
+   search's test only with ``--compiled``: it compiles first), with ``TRITON_INTERPRET=0``
+   (the fused search's kernel compiled by Triton); then, on a GPU, the encoder alone
+   (``encoder_variants``: batch 1 and 64, NCHW / NHWC x IEEE FP32 / TF32 / FP16 x cuDNN's
+   heuristics / ``cudnn.benchmark``, a CUDA graph's p50 and the features' distance from
+   IEEE FP32's);
 3. captions of ``--n`` photos (the Flickr8k dev photos where ``../shared/data/flickr8k`` exists,
    else the package's example photos repeated) by each torch mode (FP32 / FP16 x eager / CUDA
    graphs x the beam search on the host / on the device: ``TorchBackend(search=...)``, with
@@ -24,6 +28,8 @@ targets (8. below), then:
    channels-last, ``channels_last=True``, FP32 and FP16; the default FP16, the FP16 decoder
    behind the FP32 encoder, with graphs, either search, the frames preprocessed on the host
    or the GPU, and channels-last; FP32 with graphs, the host search and the frames
+   preprocessed on the GPU; with triton installed, FP32 and the default FP16 with the device
+   search's bookkeeping in one Triton kernel a step, ``fused_search=True``, and the frames
    preprocessed on the GPU) against onnxruntime CPU
    FP32: the identical-caption rate, and CIDEr where references and pycocoevalcap exist; each
    FP16 mode against its FP32 twin;
@@ -565,6 +571,131 @@ def other_backends(device: str, report: Report) -> list[dict]:
         except Exception as exc:
             report.skip("TensorRT rows", f"tensorrt does not import ({exc})")
     return out
+
+
+ENCODER_BATCHES = (1, 64)
+
+
+def encoder_variants(model: Path, frames: list, device: str, report: Report, repeats: int = 20) -> list[dict]:
+    """The encoder's CNN alone (``EfficientNetLite.features``, the shipped model's weights, the
+    photos preprocessed as the Captioner does) at batch 1 and 64, in each layout (NCHW, NHWC),
+    math (IEEE FP32, TF32 convolutions, FP16) and cuDNN's algorithm choice (its heuristics, or
+    ``torch.backends.cudnn.benchmark``, which times the algorithms of each shape first): p50 ms
+    of a CUDA graph's replay, and how far its features are from IEEE FP32 NCHW's (the largest
+    absolute difference, and that over the largest absolute value). Where the encoder's time
+    could go: it is the largest part of one photo's end to end and of a batch of 64. On the
+    CPU (the tests) eager calls, IEEE and FP16 only, no benchmark. The flags are process-wide:
+    each is put back after its variant."""
+    import copy
+
+    import torch
+    from PIL import Image
+
+    from edgecap.backends.torch import TorchBackend
+    from edgecap.images import preprocess
+    from edgecap.manifest import load_manifest
+
+    manifest = load_manifest(model)
+    backend = TorchBackend(manifest, device=device)
+    net = backend.encoder
+    assert net is not None
+    cuda = device == "cuda"
+    cudnn = torch.backends.cudnn
+    conv = getattr(cudnn, "conv", None)
+    per_op = conv is not None and hasattr(conv, "fp32_precision")
+    rows: list[dict] = []
+    for batch in ENCODER_BATCHES:
+        images = [Image.fromarray(frames[i % len(frames)]) for i in range(batch)]
+        x32 = torch.from_numpy(preprocess(images, manifest.preprocessing)).to(device)
+        reference = None
+        for layout in ("nchw", "nhwc"):
+            for math in ("ieee", "tf32", "fp16"):
+                for benchmark in (False, True):
+                    if not cuda and (math == "tf32" or benchmark):
+                        continue
+                    label = f"{layout}-{math}" + ("-benchmark" if benchmark else "")
+                    if report.over_budget(f"encoder {label} batch {batch}"):
+                        return rows
+                    before = (
+                        cudnn.benchmark,
+                        conv.fp32_precision if per_op else cudnn.allow_tf32,
+                    )
+                    try:
+                        cudnn.benchmark = benchmark
+                        if per_op:
+                            conv.fp32_precision = "tf32" if math == "tf32" else "ieee"
+                        else:
+                            cudnn.allow_tf32 = math == "tf32"
+                        variant = copy.deepcopy(net)
+                        x = x32.clone()
+                        if math == "fp16":
+                            variant, x = variant.half(), x.half()
+                        if layout == "nhwc":
+                            variant = variant.to(memory_format=torch.channels_last)
+                            x = x.contiguous(memory_format=torch.channels_last)
+                        times, y = _time_encoder(variant, x, cuda, repeats)
+                    except Exception as exc:  # one variant failing must not lose the others
+                        report.skip(f"encoder {label} batch {batch}", f"failed: {type(exc).__name__}: {exc}")
+                        continue
+                    finally:
+                        cudnn.benchmark = before[0]
+                        if per_op:
+                            conv.fp32_precision = before[1]
+                        else:
+                            cudnn.allow_tf32 = before[1]
+                    y = y.float()
+                    if reference is None:  # the first variant: IEEE FP32, NCHW, heuristics
+                        reference = y
+                    diff = float((y - reference).abs().max())
+                    scale = float(reference.abs().max())
+                    rows.append(
+                        {
+                            "batch": batch,
+                            "layout": layout,
+                            "math": math,
+                            "benchmark": benchmark,
+                            "p50_ms": C.median(times),
+                            "p95_ms": C.percentile(times, 95),
+                            "max_abs_diff": diff,
+                            "relative_diff": diff / scale if scale else 0.0,
+                        }
+                    )
+                    log(f"encoder batch {batch} {label}: {rows[-1]['p50_ms']:.3f} ms")
+    return rows
+
+
+def _time_encoder(net, x, cuda: bool, repeats: int):
+    """(ms per call of ``net.features(x)``, its output): on CUDA a graph of it (warmed up
+    first), its replays timed with events; on the CPU eager calls."""
+    import torch
+
+    with torch.inference_mode():
+        if not cuda:
+            y = net.features(x)
+            times = []
+            for _ in range(max(1, repeats // 4)):
+                t0 = time.perf_counter()
+                y = net.features(x)
+                times.append((time.perf_counter() - t0) * 1e3)
+            return times, y
+        stream = torch.cuda.Stream()
+        stream.wait_stream(torch.cuda.current_stream())
+        with torch.cuda.stream(stream):
+            for _ in range(3):
+                net.features(x)
+        torch.cuda.current_stream().wait_stream(stream)
+        graph = torch.cuda.CUDAGraph()
+        with torch.cuda.graph(graph, stream=stream):
+            y = net.features(x)
+        times = []
+        for _ in range(repeats):
+            start, end = torch.cuda.Event(enable_timing=True), torch.cuda.Event(enable_timing=True)
+            start.record()
+            graph.replay()
+            end.record()
+            end.synchronize()
+            times.append(start.elapsed_time(end))
+        return times, y.clone()
 
 
 def plan(mode_list: list[dict], file_rate_labels) -> list[tuple[str, dict | None]]:
@@ -1178,6 +1309,7 @@ def markdown(data: dict) -> str:
         lines += [f"- {x}" for x in tests["failures"] + tests["skip_reasons"]]
     else:
         lines += ["not run yet" if data.get("partial") else "not run (see Skipped)"]
+    lines += encoder_lines(data.get("encoder_variants"))
     photos_info = data["photos"]
     lines += [
         "",
@@ -1359,6 +1491,39 @@ def markdown(data: dict) -> str:
     return "\n".join(lines) + "\n"
 
 
+def encoder_lines(rows: list[dict] | None) -> list[str]:
+    """The encoder variants' section of the report (none where they did not run)."""
+    if not rows:
+        return []
+    return [
+        "",
+        "## The encoder alone",
+        "",
+        "`EfficientNetLite.features` with the shipped weights on the photos (preprocessed), a CUDA "
+        "graph of it replayed (p50 of 20): each layout, convolution math and cuDNN algorithm choice "
+        "(heuristics, or `torch.backends.cudnn.benchmark`). diff: the features' largest absolute "
+        "difference from IEEE FP32 NCHW with the heuristics (what the backends run), and that over "
+        "the features' largest absolute value.",
+        "",
+        C.markdown_table(
+            ["batch", "layout", "math", "cuDNN", "p50 ms", "p95 ms", "max diff", "relative"],
+            [
+                [
+                    r["batch"],
+                    r["layout"].upper(),
+                    {"ieee": "IEEE FP32", "tf32": "TF32", "fp16": "FP16"}[r["math"]],
+                    "benchmark" if r["benchmark"] else "heuristics",
+                    r["p50_ms"],
+                    r["p95_ms"],
+                    f"{r['max_abs_diff']:.2g}",
+                    f"{r['relative_diff']:.2g}",
+                ]
+                for r in rows
+            ],
+        ),
+    ]
+
+
 def write_report(
     data: dict, results: list[dict], report: Report, device: str, out: Path, name: str, partial: bool
 ) -> str:
@@ -1463,6 +1628,11 @@ def main(argv=None) -> int:
     for step, mode in plan(modes(device, args.compiled) + other_backends(device, report), file_rate_modes):
         if step == "gpu tests":
             data["gpu_tests"] = run_gpu_tests(args, report, device)
+            if device == "cuda":  # where the encoder's time could go (a few seconds)
+                try:
+                    data["encoder_variants"] = encoder_variants(model, frames, device, report)
+                except Exception as exc:  # failing, it must not lose the report
+                    report.skip("encoder variants", f"failed: {type(exc).__name__}: {exc}")
         elif step == "file rate":
             assert mode is not None
             try:

@@ -30,6 +30,8 @@ pytestmark = pytest.mark.skipif(
     os.environ.get("TRITON_INTERPRET") != "1", reason="the launches are recorded in Triton's interpreter"
 )
 
+# the launch's compile options, not the kernel's arguments
+LAUNCH_OPTIONS = ("num_warps", "enable_fp_fusion")
 # H100 / H200, Jetson AGX Orin, Jetson AGX Xavier
 ARCHITECTURES = (90, 87, 72)
 
@@ -47,7 +49,7 @@ for launch in json.loads(sys.argv[1]):
     for capability in json.loads(sys.argv[2]):
         source = ASTSource(fn=kernel, signature=launch["signature"], constexprs=launch["constexprs"])
         compiled = triton.compile(
-            source, target=GPUTarget("cuda", capability, 32), options={"num_warps": launch["num_warps"]}
+            source, target=GPUTarget("cuda", capability, 32), options=launch["options"]
         )
         with tempfile.NamedTemporaryFile(suffix=".cubin", delete=False) as f:
             f.write(compiled.asm["cubin"])
@@ -78,13 +80,14 @@ def _launches() -> list[dict]:
         def __getitem__(self, grid):
             def launch(*args, **kwargs):
                 names = real.arg_names
-                constexprs = {k: v for k, v in kwargs.items() if k != "num_warps"}
+                options = {k: kwargs[k] for k in LAUNCH_OPTIONS if k in kwargs}
+                constexprs = {k: v for k, v in kwargs.items() if k not in LAUNCH_OPTIONS}
                 signature = {
                     name: "constexpr" if name in constexprs else _signature(value)
                     for name, value in zip(names, args)
                 }
                 signature.update({name: "constexpr" for name in constexprs})
-                entry = {"signature": signature, "constexprs": constexprs, "num_warps": kwargs["num_warps"]}
+                entry = {"signature": signature, "constexprs": constexprs, "options": options}
                 seen.setdefault(json.dumps(entry, sort_keys=True), entry)
                 return real[grid](*args, **kwargs)
 

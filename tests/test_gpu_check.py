@@ -6,17 +6,22 @@ from __future__ import annotations
 import importlib.util
 import json
 import os
+import re
 import subprocess
 import sys
 from pathlib import Path
 
+import numpy as np
 import pytest
+from PIL import Image
 
 pytest.importorskip("torch")
 pytest.importorskip("onnx")
 pytest.importorskip("onnxruntime")
 
 SCRIPT = Path(__file__).resolve().parents[1] / "benchmarks" / "gpu_check.py"
+MODEL = SCRIPT.parents[1] / "edgecap" / "assets" / "default"
+EXAMPLES = SCRIPT.parents[1] / "edgecap" / "assets" / "examples"
 SECTIONS = (
     "## Machine",
     "## gpu-marked tests",
@@ -96,7 +101,10 @@ def test_gpu_check_on_the_cpu(tmp_path):
     (run,) = data["command_line"]
     assert (run["flags"], run["exit"], run["captions"]) == ("plain", 0, 2) and "of" not in run
     assert run["command"].startswith("edgecap caption FOLDER --backend torch --device cpu --batch-size 64")
-    assert f"| plain | 0 | {run['seconds']} | 2 |" in text
+    # the wall time as the tables write numbers (3 significant digits under 10, one decimal
+    # under 1000: a slow machine's 21.07 s is 21.1)
+    shown = re.search(r"\| plain \| 0 \| ([0-9.]+) \| 2 \|", text)
+    assert shown and float(shown.group(1)) == pytest.approx(run["seconds"], rel=5e-3)
     skipped = {s["item"]: s["reason"] for s in data["skipped"]}
     assert "TensorRT and onnxruntime-gpu rows" in skipped
     assert "GPU, driver and CUDA versions" in skipped
@@ -768,3 +776,35 @@ def test_gpu_tests_past_their_time_limit_name_the_tests_they_finished(monkeypatc
     assert "test_torch_cuda_fp16 SKIPPED" in skip["reason"]
     assert "test_cuda_graph_captions_on_the_gpu[True] SKIPPED" in skip["reason"]
     assert skip["reason"].count(" SKIPPED") == real["counts"]["skipped"]
+
+
+def test_the_encoder_variants_run_each_variant_and_put_the_flags_back(monkeypatch):
+    """The encoder alone (``encoder_variants``) on the CPU: IEEE FP32 and FP16 in NCHW and
+    NHWC (TF32 and cuDNN's benchmark are CUDA's), each timed, each measured against IEEE FP32
+    NCHW: channels-last is the same arithmetic in another order (features within float
+    rounding), FP16 is not; torch's process-wide flags are as they were after; the report's
+    section has a row per variant."""
+    sys.path.insert(0, str(SCRIPT.parent))
+    import gpu_check
+    import torch
+
+    monkeypatch.setattr(gpu_check, "ENCODER_BATCHES", (1,))
+    frames = [np.asarray(Image.open(p).convert("RGB")) for p in sorted(EXAMPLES.glob("*.[jp][pn]g"))]
+    conv = torch.backends.cudnn.conv
+    before = (torch.backends.cudnn.benchmark, conv.fp32_precision)
+    conv.fp32_precision = "tf32"  # not what a variant sets: it must come back
+    try:
+        rows = gpu_check.encoder_variants(MODEL, frames, "cpu", gpu_check.Report(1e9), repeats=1)
+        assert (torch.backends.cudnn.benchmark, conv.fp32_precision) == (before[0], "tf32")
+    finally:
+        conv.fp32_precision = before[1]
+    by = {(r["layout"], r["math"]): r for r in rows}
+    assert sorted(by) == [("nchw", "fp16"), ("nchw", "ieee"), ("nhwc", "fp16"), ("nhwc", "ieee")]
+    assert all(r["batch"] == 1 and not r["benchmark"] and r["p50_ms"] > 0 for r in rows)
+    assert by[("nchw", "ieee")]["max_abs_diff"] == 0
+    assert by[("nhwc", "ieee")]["relative_diff"] < 1e-4  # 0 where oneDNN orders it alike
+    assert 1e-4 < by[("nchw", "fp16")]["relative_diff"] < 0.1
+    text = "\n".join(gpu_check.encoder_lines(rows))
+    table = [line for line in text.splitlines() if line.startswith("| 1 |")]
+    assert len(table) == 4
+    assert gpu_check.encoder_lines([]) == []
