@@ -244,6 +244,52 @@ def test_every_continuation_blocked_after_one_ended_keeps_only_the_ended(fixed):
 
 
 @pytest.mark.parametrize("fixed", LOOPS)
+def test_no_repeat_blocks_no_word_the_row_never_said_id_0_included(fixed):
+    """No word twice (no_repeat_ngram=1), beam 1, top K 2, over a vocabulary whose word 0 is
+    "x", an ordinary word. Word 1: "a" (-0.1). Word 2: "a a" is blocked, "a x" (-0.3) is not:
+    "x" was never said (the words so far past the step are zeros, which are no words said).
+    Word 3: "a x <end>" (-0.4) finishes: the caption "a x", not the blocked beam "a"."""
+    words = ["x", "<start>", "<end>", "<unk>", "a", "b"]
+    rows = {
+        (): {"a": -0.1, "b": -0.2},
+        ("a",): {"a": -0.1, "x": -0.2},
+        ("a", "x"): {"<end>": -0.1, "b": -0.2},
+    }
+    backend = TableBackend(words, lambda prefix: rows.get(prefix, {"b": -0.1}), top_k=2)
+    options = CaptionOptions(beam_size=1, max_length=5, no_repeat_ngram=1)
+    host = search_with_tags(backend, backend.encode(np.zeros((1, 3, 4, 4))), options, START, END, 6, None)
+    device = _device(backend, backend.encode(np.zeros((1, 3, 4, 4))), options, fixed=fixed, vocab_size=6)
+    for hyps in (host[0], device[0]):
+        assert [([words[w] for w in h.tokens], h.finished) for h in hyps] == [(["a", "x"], True)]
+        assert hyps[0].log_prob == pytest.approx(-0.4)
+    _same(host, device)
+
+
+@pytest.mark.parametrize("fixed", LOOPS)
+def test_no_more_than_beam_captions_finish(fixed):
+    """Beam 2, top K 3. Word 1: "a" (-0.1), "b" (-0.2). Word 2: "a <end>" (-0.6) finishes,
+    "a c" (-0.7) and "a b" (-0.8) go on. Word 3: "a c <end>" (-0.71) finishes, the second
+    caption of beam 2: the image is done, and "a b <end>" (-0.81), ranked next, is no caption,
+    although its score (-0.81 / 3) beats the first caption's (-0.6 / 2). n_best 2: "a c", "a"."""
+    rows = {
+        (): {"a": -0.1, "b": -0.2},
+        ("a",): {"<end>": -0.5, "c": -0.6, "b": -0.7},
+        ("b",): {"c": -1.0, "a": -1.1, "b": -1.2},
+        ("a", "c"): {"<end>": -0.01, "a": -5.0, "b": -6.0},
+        ("a", "b"): {"<end>": -0.01, "a": -5.0, "c": -6.0},
+    }
+    backend = _table(lambda prefix: rows.get(prefix, {"<end>": -0.1}), top_k=3)
+    options = CaptionOptions(beam_size=2, n_best=2, max_length=5, no_repeat_ngram=0, length_penalty=None)
+    host, device = _both(backend, options, fixed)
+    for hyps in (host[0], device[0]):
+        assert [([WORDS[w] for w in h.tokens], h.finished) for h in hyps] == [
+            (["a", "c"], True),
+            (["a"], True),
+        ]
+    _same(host, device)
+
+
+@pytest.mark.parametrize("fixed", LOOPS)
 def test_no_beam_ends_gives_the_best_place_to_end(fixed):
     """No beam takes <end> before max_length (it is third in every top K); the caption is the
     best ending seen, a finished hypothesis, not the cut beam."""
