@@ -8,6 +8,7 @@ from __future__ import annotations
 
 import importlib.util
 import json
+import time
 import os
 import shutil
 import sys
@@ -728,6 +729,41 @@ def test_step_ops_counts_the_device_search_steps(tmp_path, monkeypatch):
     after = json.loads((tmp_path / "b" / "step_ops.json").read_text())["rows"]
     assert [r["kernel_ops"] - b["kernel_ops"] for r, b in zip(after, before)] == [1.0] * len(before)
     assert [r["others"] - b["others"] for r, b in zip(after, before)] == [1.0] * len(before)
+
+
+def test_host_share_times_each_part_and_restores_what_it_wraps(tmp_path, monkeypatch):
+    """Each part of the host's work after the search is timed per image (a stand-in that burns
+    about 5 ms of CPU time in every ``Consensus.order`` call, one call an image, raises the
+    consensus part by about 5 ms an image and no other part by as much); the ceiling is 1000
+    over the parts (and preprocess); what it wrapped is put back."""
+    pytest.importorskip("torch")
+    import host_share
+
+    import edgecap.api as api
+    import edgecap.backends.torch_search as torch_search
+    from edgecap.decoding.consensus import Consensus
+
+    kept = (torch_search.unpack, Consensus.order, api.Captioner._caption_chunk, api.Captioner._search)
+    host_share.main(["--out", str(tmp_path / "a"), "--batches", "2", "--rounds", "1"])
+    assert (torch_search.unpack, Consensus.order, api.Captioner._caption_chunk, api.Captioner._search) == kept
+    (before,) = json.loads((tmp_path / "a" / "host_share.json").read_text())["rows"]
+    assert before["batch"] == 2 and all(before["cpu_ms"][p] > 0 for p in host_share.PARTS)
+    after_search = sum(before["cpu_ms"].values())
+    assert before["ceiling_per_core_device_prep"] == pytest.approx(1000 / after_search)
+    assert before["ceiling_per_core"] == pytest.approx(1000 / (after_search + before["preprocess_ms"]))
+
+    def slow_order(self, *args, **kwargs):
+        end = time.thread_time() + 0.005
+        while time.thread_time() < end:
+            pass
+        return kept[1](self, *args, **kwargs)
+
+    monkeypatch.setattr(Consensus, "order", slow_order)
+    host_share.main(["--out", str(tmp_path / "b"), "--batches", "2", "--rounds", "1"])
+    (after,) = json.loads((tmp_path / "b" / "host_share.json").read_text())["rows"]
+    assert after["cpu_ms"]["consensus"] - before["cpu_ms"]["consensus"] == pytest.approx(5, abs=1.5)
+    assert abs(after["cpu_ms"]["captions"] - before["cpu_ms"]["captions"]) < 2
+    assert abs(after["cpu_ms"]["unpack"] - before["cpu_ms"]["unpack"]) < 2
 
 
 # the shape of TorchInductor's output code (torch 2.13): the wrapper's ``call`` runs the generated

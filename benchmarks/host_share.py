@@ -1,0 +1,194 @@
+"""The host's work per image around the beam search on the device: what a GPU cannot take off
+the CPU, and so a ceiling on captions/s per host core whatever the GPU (issue 24 asks 5,000
+captions/s at batch 64: 0.2 ms an image in all).
+
+    python benchmarks/host_share.py [--out DIR] [--batches 1,8,64] [--rounds 5]
+
+The shipped model's torch backend on the CPU with ``search="device"`` (the search the GPU runs,
+here on CPU tensors; one torch thread) captions the example photos and their mirror images,
+repeated to each batch size, in memory. Timed per call, in the thread's CPU time
+(``time.thread_time``: the host's own work, which another busy process on the machine slows
+less than wall time) and wall time, per image:
+
+- *unpack*: the search's one copied-back result into each image's hypotheses
+  (``edgecap.decoding.device.unpack``);
+- *consensus*: the choice of the caption among the endings (``Consensus.order``);
+- *captions*: the object tags from the class probabilities and each ``Caption`` (words,
+  confidence, alternatives: ``Captioner._caption_chunk`` after its search);
+- *preprocess*: each frame to the encoder's input (``timings["preprocess_ms"]``, Pillow and
+  numpy on the host; on a GPU ``preprocess="device"`` moves it there).
+
+The encoder and the search's own steps run on the GPU there and are not counted. One host
+core's ceiling: 1000 / (the three after the search + preprocess) captions/s.
+"""
+
+from __future__ import annotations
+
+import sys
+import time
+from pathlib import Path
+
+sys.path.insert(0, str(Path(__file__).resolve().parent))
+
+import numpy as np  # noqa: E402
+
+import _common as C  # noqa: E402
+
+PARTS = ("unpack", "consensus", "captions")
+
+
+def build_parser():
+    p = C.argument_parser(__doc__)
+    C.add_out_argument(p)
+    p.add_argument("--batches", default="1,8,64", help="batch sizes, comma-separated (default: 1,8,64)")
+    p.add_argument(
+        "--rounds", type=int, default=5, help="timed calls per batch size, after one warm call (default: 5)"
+    )
+    return p
+
+
+class Timers:
+    """Wraps functions so that each call adds its thread CPU time and wall time to a part."""
+
+    def __init__(self):
+        self.cpu = dict.fromkeys(PARTS, 0.0)
+        self.wall = dict.fromkeys(PARTS, 0.0)
+        self.depth = 0
+
+    def wrap(self, part: str, fn):
+        def timed(*args, **kwargs):
+            if self.depth:  # already inside a timed part: counted there
+                return fn(*args, **kwargs)
+            self.depth += 1
+            c0, w0 = time.thread_time(), time.perf_counter()
+            try:
+                return fn(*args, **kwargs)
+            finally:
+                self.cpu[part] += time.thread_time() - c0
+                self.wall[part] += time.perf_counter() - w0
+                self.depth -= 1
+
+        return timed
+
+    def reset(self):
+        self.cpu = dict.fromkeys(PARTS, 0.0)
+        self.wall = dict.fromkeys(PARTS, 0.0)
+
+
+def measure(captioner, frames: list, rounds: int, timers: Timers) -> dict:
+    """Per image, the median over ``rounds`` calls of each part (ms, CPU and wall) and of
+    the frames' preprocessing."""
+    captioner.caption_batch(frames)  # warm
+    cpu = {p: [] for p in PARTS}
+    wall = {p: [] for p in PARTS}
+    prep = []
+    for _ in range(rounds):
+        timers.reset()
+        captions = captioner.caption_batch(frames)
+        for p in PARTS:
+            cpu[p].append(timers.cpu[p] * 1e3 / len(frames))
+            wall[p].append(timers.wall[p] * 1e3 / len(frames))
+        prep.append(float(np.mean([c.timings["preprocess_ms"] for c in captions])))
+    return {
+        "cpu_ms": {p: C.median(v) for p, v in cpu.items()},
+        "wall_ms": {p: C.median(v) for p, v in wall.items()},
+        "preprocess_ms": C.median(prep),
+    }
+
+
+def main(argv=None) -> int:
+    args = build_parser().parse_args(argv)  # --help needs no torch
+    import torch
+
+    import edgecap.api as api
+    import edgecap.backends.torch_search as torch_search
+    from edgecap import Captioner, CaptionOptions
+    from edgecap.decoding.consensus import Consensus
+    from edgecap.images import load_rgb
+
+    torch.set_num_threads(1)
+    photos = [
+        np.asarray(load_rgb(str(p))) for p in sorted(C.EXAMPLES.iterdir()) if p.suffix in (".png", ".jpg")
+    ]
+    photos += [np.ascontiguousarray(p[:, ::-1]) for p in photos]
+    timers = Timers()
+    kept = (torch_search.unpack, Consensus.order, api.Captioner._caption_chunk, api.Captioner._search)
+
+    def chunk_after_search(self, prepared, return_attention):
+        # the chunk's own time less its search's: the tags and the Captions
+        return timers.wrap("captions", kept[2])(self, prepared, return_attention)
+
+    def search_uncounted(self, batch, return_attention):
+        # the search (encoder, steps, unpack, consensus) is not the captions' part
+        depth, timers.depth = timers.depth, 0
+        c0, w0 = time.thread_time(), time.perf_counter()
+        try:
+            return kept[3](self, batch, return_attention)
+        finally:
+            timers.cpu["captions"] -= time.thread_time() - c0
+            timers.wall["captions"] -= time.perf_counter() - w0
+            timers.depth = depth
+
+    torch_search.unpack = timers.wrap("unpack", kept[0])
+    Consensus.order = timers.wrap("consensus", kept[1])
+    api.Captioner._caption_chunk = chunk_after_search
+    api.Captioner._search = search_uncounted
+    rows = []
+    try:
+        for batch in [int(b) for b in args.batches.split(",")]:
+            frames = [photos[i % len(photos)] for i in range(batch)]
+            captioner = Captioner(
+                backend="torch", device="cpu", search="device", options=CaptionOptions(batch_size=batch)
+            )
+            figures = measure(captioner, frames, args.rounds, timers)
+            after = sum(figures["cpu_ms"].values())
+            rows.append(
+                {
+                    "batch": batch,
+                    **figures,
+                    "after_search_cpu_ms": after,
+                    "ceiling_per_core": 1000.0 / (after + figures["preprocess_ms"]),
+                    "ceiling_per_core_device_prep": 1000.0 / after,
+                }
+            )
+            print(f"batch {batch}: {after:.3f} ms an image after the search (CPU time)", file=sys.stderr)
+    finally:
+        torch_search.unpack, Consensus.order, api.Captioner._caption_chunk, api.Captioner._search = kept
+    table = C.markdown_table(
+        [
+            "batch",
+            "unpack",
+            "consensus",
+            "captions",
+            "after the search",
+            "preprocess (wall)",
+            "captions/s per core",
+            "with preprocess on the GPU",
+        ],
+        [
+            [
+                r["batch"],
+                r["cpu_ms"]["unpack"],
+                r["cpu_ms"]["consensus"],
+                r["cpu_ms"]["captions"],
+                r["after_search_cpu_ms"],
+                r["preprocess_ms"],
+                r["ceiling_per_core"],
+                r["ceiling_per_core_device_prep"],
+            ]
+            for r in rows
+        ],
+    )
+    markdown = (
+        "The host's work per image around the device search (ms an image, the thread's CPU time, "
+        f"median of {args.rounds} calls; preprocess: wall time), the example photos and their "
+        "mirror images repeated to each batch, beam 3, default options. One host core's ceiling: "
+        "1000 / (after the search + preprocess) captions/s, and with the frames preprocessed "
+        "on the GPU 1000 / (after the search).\n\n" + table + "\n"
+    )
+    C.write_results("host_share", {"rows": rows}, markdown, argv, out=args.out)
+    return 0
+
+
+if __name__ == "__main__":
+    raise SystemExit(main())
