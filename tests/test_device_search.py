@@ -290,6 +290,70 @@ def test_no_more_than_beam_captions_finish(fixed):
 
 
 @pytest.mark.parametrize("fixed", LOOPS)
+def test_one_ended_and_every_continuation_blocked_in_the_same_step_keeps_only_the_ended(fixed):
+    """Beam 2, no word twice, top K 2. Word 1: "a" (-0.1), "b" (-0.2). Word 2: "a b" (-0.3),
+    "b a" (-0.4) ("a a", "b b" blocked). Word 3: "a b <end>" (-0.4) finishes while every
+    continuation ("a b a", "b a a", "b a b") is blocked, in the same step: the image is done
+    with that caption alone, the live beams not kept beside it (the numpy loop keeps them only
+    when nothing has finished, this step's endings counted)."""
+    rows = {
+        (): {"a": -0.1, "b": -0.2},
+        ("a",): {"a": -0.1, "b": -0.2},
+        ("b",): {"b": -0.1, "a": -0.2},
+        ("a", "b"): {"<end>": -0.1, "a": -0.2},
+        ("b", "a"): {"a": -0.1, "b": -0.2},
+    }
+    backend = _table(lambda prefix: rows.get(prefix, {"a": -0.1, "b": -0.2}))
+    host, device = _both(backend, CaptionOptions(beam_size=2, n_best=2, no_repeat_ngram=1), fixed)
+    for hyps in (host[0], device[0]):
+        assert [([WORDS[w] for w in h.tokens], h.finished) for h in hyps] == [(["a", "b"], True)]
+        assert hyps[0].log_prob == pytest.approx(-0.4)
+    _same(host, device)
+
+
+@pytest.mark.parametrize("fixed", LOOPS)
+def test_every_continuation_blocked_with_a_tag_bonus_keeps_the_model_and_rank_sums(fixed):
+    """As test_every_continuation_blocked_keeps_the_live_beam with the tag bonus (4) on "a":
+    the live beam "a b", kept unfinished, has the model's log-probability -0.3 and the rank
+    sum -0.3 + 4 (the bonus of its first word, ranked over its 2 words)."""
+    backend = _table(lambda prefix: {"a": -0.1, "b": -0.2})
+    options = CaptionOptions(beam_size=1, no_repeat_ngram=1, guidance_bonus=4.0, length_penalty=None)
+    tags = (frozenset({WORDS.index("a")}),)
+    encoded = backend.encode(np.zeros((1, 3, 4, 4), np.float32))
+    host = search_with_tags(backend, encoded, options, START, END, len(WORDS), tags)
+    encoded = backend.encode(np.zeros((1, 3, 4, 4), np.float32))
+    device = _device(backend, encoded, options, tags, fixed=fixed, vocab_size=len(WORDS))
+    for hyps in (host[0], device[0]):
+        assert [([WORDS[w] for w in h.tokens], h.finished) for h in hyps] == [(["a", "b"], False)]
+        assert hyps[0].log_prob == pytest.approx(-0.3)
+        assert hyps[0].rank_score == pytest.approx((4.0 - 0.3) / 2)
+    _same(host, device)
+
+
+@pytest.mark.parametrize("fixed", LOOPS)
+def test_every_continuation_blocked_with_a_masked_row_keeps_no_masked_beam(fixed):
+    """The table of test_every_continuation_blocked_with_a_masked_row_keeps_the_live_beam with
+    n_best 2: the live beam "b c a" is the only caption; the masked row (no beam since word 3)
+    is not kept beside it as a second one."""
+    rows = {
+        (): {"a": -0.1, "b": -0.2},
+        ("a",): {"c": -0.1, "a": -0.2},
+        ("b",): {"c": -0.1, "b": -0.2},
+        ("a", "c"): {"a": -0.1, "c": -0.2},
+        ("b", "c"): {"a": -0.1, "b": -0.2},
+        ("b", "c", "a"): {"b": -0.1, "c": -0.2},
+    }
+    after_end = {"<end>": -0.1, "a": -0.2}
+    backend = _table(
+        lambda prefix: after_end if "<end>" in prefix else rows.get(prefix, {"a": -0.1, "b": -0.2})
+    )
+    host, device = _both(backend, CaptionOptions(beam_size=2, n_best=2, no_repeat_ngram=1), fixed)
+    for hyps in (host[0], device[0]):
+        assert [([WORDS[w] for w in h.tokens], h.finished) for h in hyps] == [(["b", "c", "a"], False)]
+    _same(host, device)
+
+
+@pytest.mark.parametrize("fixed", LOOPS)
 def test_no_beam_ends_gives_the_best_place_to_end(fixed):
     """No beam takes <end> before max_length (it is third in every top K); the caption is the
     best ending seen, a finished hypothesis, not the cut beam."""
