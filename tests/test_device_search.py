@@ -354,6 +354,28 @@ def test_every_continuation_blocked_with_a_masked_row_keeps_no_masked_beam(fixed
 
 
 @pytest.mark.parametrize("fixed", LOOPS)
+def test_a_masked_row_finishes_no_caption(fixed):
+    """Beam 2, top K 2. Word 1: "a" (-0.1); "<end>" is never first, so row 1 has no beam
+    (masked, its input "<end>"). Word 2: "a <end>" (-0.2) finishes, "a b" (-0.3) goes on; the
+    masked row's top K ("<end>", "a") are no candidates (a masked row's scores are -inf), so
+    its "<end>" finishes nothing. Word 3: "a b <end>" (-0.4) finishes, the second caption."""
+    rows = {
+        (): {"a": -0.1, "<end>": -0.2},
+        ("a",): {"<end>": -0.1, "b": -0.2},
+        ("a", "b"): {"<end>": -0.1, "c": -0.2},
+    }
+    backend = _table(lambda prefix: rows.get(prefix, {"<end>": -0.1, "a": -0.2}))
+    options = CaptionOptions(beam_size=2, n_best=2, max_length=5, no_repeat_ngram=0, length_penalty=None)
+    host, device = _both(backend, options, fixed)
+    for hyps in (host[0], device[0]):
+        assert [([WORDS[w] for w in h.tokens], h.finished) for h in hyps] == [
+            (["a"], True),
+            (["a", "b"], True),
+        ]
+    _same(host, device)
+
+
+@pytest.mark.parametrize("fixed", LOOPS)
 def test_no_beam_ends_gives_the_best_place_to_end(fixed):
     """No beam takes <end> before max_length (it is third in every top K); the caption is the
     best ending seen, a finished hypothesis, not the cut beam."""
