@@ -72,7 +72,7 @@ def _signature(value) -> str:
 def _launches() -> list[dict]:
     """The kernel's launches (argument types and constexprs) in fused searches over fake models
     with and without each rule: the tag bonus, the language models, no-repeat n-grams, the
-    endings, beams 1 to 5."""
+    endings, beams 1 to 7."""
     seen: dict[str, dict] = {}
     real = device_kernel._kernel()
 
@@ -103,6 +103,8 @@ def _launches() -> list[dict]:
         CaptionOptions(beam_size=3, max_length=6, no_repeat_ngram=3, guidance_bonus=2.0, fusion_weight=0.6),
         CaptionOptions(beam_size=5, max_length=5, no_repeat_ngram=0, guidance_bonus=0.0, fusion_weight=0.0),
         CaptionOptions(beam_size=1, max_length=4, no_repeat_ngram=1, guidance_bonus=1.0, fusion_weight=0.0),
+        # 7 x 8 = 56 candidates, 64 padded: four warps a program
+        CaptionOptions(beam_size=7, max_length=4, no_repeat_ngram=2, guidance_bonus=1.0, fusion_weight=0.6),
     ]
     with mock.patch.object(device_kernel, "_kernel", lambda: Recorder()):
         for options in cases:
@@ -129,7 +131,8 @@ def test_the_kernel_compiles_for_nvidia_gpus_without_spilling():
     # every rule on and off among them: the kernel's constexpr branches all compiled
     for flag in ("HAS_BIAS", "HAS_TAGS", "ENDINGS"):
         assert {launch["constexprs"][flag] for launch in launches} == {True, False}, flag
-    assert {launch["constexprs"]["NGRAM"] for launch in launches} == {0, 1, 3}
+    assert {launch["constexprs"]["NGRAM"] for launch in launches} == {0, 1, 2, 3}
+    assert {launch["options"]["num_warps"] for launch in launches} == {1, 2, 4}  # beams 1 and 3, 5, 7
     env = {k: v for k, v in os.environ.items() if k != "TRITON_INTERPRET"}
     run = subprocess.run(
         [sys.executable, "-c", COMPILE, json.dumps(launches), json.dumps(ARCHITECTURES)],

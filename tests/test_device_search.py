@@ -885,6 +885,30 @@ def test_the_fused_device_search_is_the_device_search_bit_for_bit(shipped, optio
 
 
 @needs_triton
+@pytest.mark.parametrize("beam, launched", [(10, True), (11, False)])
+def test_a_beam_too_wide_for_the_kernel_runs_the_eager_step(beam, launched, monkeypatch):
+    """The kernel ranks an image's candidates pairwise in one program: beam 10 (10 x 11 = 110
+    candidates, 128 padded) runs it, beam 11 (132) the eager step; the numpy search's
+    hypotheses either way."""
+    from edgecap.decoding import device_kernel
+
+    backend = PrefixHashBackend(vocab_size=40, top_k=14, end_bias=-0.5, seed=5)
+    options = CaptionOptions(beam_size=beam, max_length=5, n_best=3, no_repeat_ngram=2)
+    launches = []
+    real = device_kernel.bookkeeping
+
+    def counted(*args, **kwargs):
+        launches.append(1)
+        return real(*args, **kwargs)
+
+    monkeypatch.setattr(device_kernel, "bookkeeping", counted)
+    seeds = np.array([3, 7])
+    host = search_with_tags(backend, backend.encode(seeds), options, START, END, 40, None)
+    _same(host, _device(backend, backend.encode(seeds), options, fixed=FUSED))
+    assert bool(launches) == launched
+
+
+@needs_triton
 def test_fused_search_goes_with_the_device_search_on_a_gpu(tiny_model_dir, monkeypatch):
     manifest = load_manifest(tiny_model_dir)
     for where in ("auto", "host"):

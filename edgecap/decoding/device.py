@@ -881,10 +881,13 @@ def _word_bias(loop: _Loop, t: int | None, carry: tuple):
 def _fused_step(loop: _Loop, t: int | None, number: torch.Tensor, carry: tuple) -> tuple:
     """``_step`` for a step after the first with its bookkeeping in one Triton kernel
     (``edgecap.decoding.device_kernel``): the word bias and the decoder's step as there, then
-    the kernel; the same next carry and the same writes."""
-    from edgecap.decoding.device_kernel import bookkeeping
+    the kernel; the same next carry and the same writes. Beams wider than the kernel takes
+    (``device_kernel.supports``) run ``_step``."""
+    from edgecap.decoding.device_kernel import bookkeeping, supports
 
     assert t is None  # the steps after the first (the first is ``_step``'s)
+    if not supports(loop.plan):  # a beam too wide for one program's ranking
+        return _step(loop, t, number, carry)
     bias, lm_states = _word_bias(loop, t, carry)
     values, ids, state = loop.step(carry[2], carry[0], carry[1], bias)
     return bookkeeping(loop, number, carry, values, ids, bias, state, lm_states)

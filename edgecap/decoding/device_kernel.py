@@ -31,6 +31,23 @@ import triton
 import triton.language as tl
 
 
+# An image's candidates are ranked pairwise in one program (beam x width squared), so the kernel
+# takes beams up to 10 (at most 128 candidates, padded): compiled for sm_90, beam 3 keeps every
+# value in registers in one warp, beam 7 in four; larger beams run ``_step`` (``supports``)
+MAX_CANDIDATES = 128
+
+
+def supports(plan) -> bool:
+    """Whether the kernel serves ``plan`` (its beam x width within ``MAX_CANDIDATES``)."""
+    return _next_pow2(plan.beam * plan.width) <= MAX_CANDIDATES
+
+
+def _warps(candidates: int) -> int:
+    """Warps a program: one per 16 candidates (padded), 1 to 8 (no register spills in the
+    compile test for beams 1 to 7)."""
+    return min(8, max(1, candidates // 16))
+
+
 def _next_pow2(n: int) -> int:
     return 1 << max(0, (int(n) - 1).bit_length())
 
@@ -382,7 +399,7 @@ def bookkeeping(loop, number: torch.Tensor, carry: tuple, values, ids, bias, sta
         BK=_next_pow2(K),
         BT=_next_pow2(T),
         BN=_next_pow2(N),
-        num_warps=1,
+        num_warps=_warps(_next_pow2(B * plan.width)),
         # no float multiplication to contract, but Triton 3.9 warns while the default is unset
         enable_fp_fusion=False,
     )
