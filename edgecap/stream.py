@@ -566,7 +566,7 @@ def video_frames(path: str | os.PathLike, realtime: bool = False) -> Iterator[Fr
         problem = f"cannot read the file ({exc.strerror or exc})"
     if problem:
         raise InputError(source, problem)
-    capture = cv2.VideoCapture(_opencv_name(source))
+    capture = _open_capture(cv2, source)
     if not capture.isOpened():
         capture.release()
         raise InputError(
@@ -653,6 +653,23 @@ def _opencv_name(source: str) -> str | bytes:
     except UnicodeEncodeError:
         return os.fsencode(source)
     return source
+
+
+def _open_capture(cv2, source: str):
+    """``cv2.VideoCapture`` of the file ``source``. An OpenCV that takes no bytes for a name
+    (4.8, the oldest edgecap[video] allows: cv2.error "Overload resolution failed") opens a name
+    that is not UTF-8 through a descriptor of it (Linux: /proc/self/fd/N), closed once open."""
+    name = _opencv_name(source)
+    try:
+        return cv2.VideoCapture(name)
+    except (cv2.error, TypeError):
+        if not isinstance(name, bytes) or not os.path.isdir("/proc/self/fd"):
+            raise
+    descriptor = os.open(name, os.O_RDONLY)
+    try:
+        return cv2.VideoCapture(f"/proc/self/fd/{descriptor}")
+    finally:
+        os.close(descriptor)
 
 
 def _frame_size_problem(width: int, height: int) -> str | None:

@@ -137,6 +137,29 @@ def test_cli_a_video_whose_name_is_not_utf8_is_captioned_not_a_crash(clip, tiny_
     assert out.stderr.startswith("edgecap: 2 captions from 20 frames"), out.stderr
 
 
+@pytest.mark.skipif(not os.path.isdir("/proc/self/fd"), reason="opened through /proc/self/fd (Linux)")
+def test_a_video_whose_name_is_not_utf8_is_read_by_an_opencv_that_takes_no_bytes(clip, monkeypatch):
+    """OpenCV 4.8 (the oldest edgecap[video] allows) takes a name as str only: the name's bytes
+    were a cv2.error ("Overload resolution failed"), a traceback from the CLI, and the str a
+    segmentation fault. Imitated: a VideoCapture refusing bytes as 4.8 does; the 20 frames of
+    the clip are read all the same, and the file is not left open."""
+    import cv2
+
+    real = cv2.VideoCapture
+
+    def like_opencv_4_8(name, *args):
+        if isinstance(name, bytes):
+            raise cv2.error("OpenCV(4.8.0) :-1: error: (-5:Bad argument) in function 'VideoCapture'")
+        return real(name, *args)
+
+    monkeypatch.setattr(cv2, "VideoCapture", like_opencv_4_8)
+    named = clip.rename(clip.with_name(os.fsdecode(b"clip-\xff\xfe.avi")))
+    open_before = set(os.listdir("/proc/self/fd"))
+    frames = list(video_frames(named))
+    assert [f.index for f in frames] == list(range(20))
+    assert set(os.listdir("/proc/self/fd")) <= open_before
+
+
 def test_a_video_name_too_long_for_the_file_system_is_one_line_exit_2(tmp_path, tiny_model_dir):
     """A file name over the file system's 255 bytes (a name built from a long title, a path
     pasted twice): the check that the file exists raised OSError ENAMETOOLONG, a traceback and
