@@ -543,6 +543,32 @@ def test_the_fixed_search_ignores_a_broken_step_after_every_image_is_done():
 
 
 @pytest.mark.parametrize("fixed", LOOPS)
+def test_the_fixed_search_ignores_a_broken_step_after_every_image_is_done_with_endings(fixed):
+    """As test_the_fixed_search_ignores_a_broken_step_after_every_image_is_done, with every
+    ending (what the consensus choice chooses among) and a table whose best word after "<end>"
+    is "<end>": the masked row's NaN "<end>" (the step broken from word 3, after the image is
+    done) is no ending; the numpy loop's endings, "a" alone."""
+    from edgecap.decoding import _search
+
+    rows = {(): {"a": -0.1, "b": -0.3}, ("a",): {"<end>": -0.1, "b": -0.2}}
+    backend = _table(lambda prefix: rows.get(prefix, {"<end>": -0.1, "b": -0.2}))
+    options = CaptionOptions(beam_size=1, max_length=5, no_repeat_ngram=0)
+    encoded = backend.encode(np.zeros((1, 3, 4, 4), np.float32))
+    host = _search(backend, encoded, options, START, END, len(WORDS), None, None, False)
+    assert [([WORDS[w] for w in h.tokens], h.finished) for h in host[0]] == [(["a"], True)]
+    device = _device(
+        backend,
+        encoded,
+        options,
+        fixed=fixed,
+        vocab_size=len(WORDS),
+        endings=True,
+        wrap=lambda step: _BrokenFrom(step, 3),
+    )
+    _same(host, device)
+
+
+@pytest.mark.parametrize("fixed", LOOPS)
 def test_a_broken_step_after_three_images_are_done_is_no_error(fixed):
     """As above with three images (a batch that is no power of two: the fused kernel reads
     every image's done flag in a block of four): each is "a" (-0.1), "a <end>" (-0.2), done

@@ -11,6 +11,7 @@ import asyncio
 import http.client
 import json
 import os
+import re
 import signal
 import socket
 import subprocess
@@ -249,6 +250,12 @@ def test_stalled_body_times_out_with_408():
         running.stop()
 
 
+def _aiohttp_version() -> tuple[int, ...]:
+    import aiohttp
+
+    return tuple(int(part) for part in re.findall(r"\d+", aiohttp.__version__)[:3])
+
+
 def test_a_request_that_is_not_valid_http_is_a_400_and_one_log_line_without_a_traceback(capfd, caplog):
     """docs/service.md: every bad request gets a clear answer and the service keeps serving; a
     failure is one log line on stderr. A request aiohttp's parser refuses before the service
@@ -272,10 +279,11 @@ def test_a_request_that_is_not_valid_http_is_a_400_and_one_log_line_without_a_tr
     assert (after[0], after[1]["caption"]) == (200, "4 bytes")
     logged = capfd.readouterr().err.splitlines()
     assert len(logged) == 2, logged
+    # aiohttp's own words, which name the client from aiohttp 3.11.12 on (docs/service.md);
+    # edgecap[serve] allows 3.10, whose line is "Error handling request (BadHttpMessage: ..."
+    client = " from 127.0.0.1" if _aiohttp_version() >= (3, 11, 12) else ""
     for line, problem in zip(logged, ("Transfer-Encoding", "Content-Length: abc")):
-        assert line.startswith(
-            "edgecap serve: error: Error handling request from 127.0.0.1 (BadHttpMessage: 400"
-        )
+        assert line.startswith(f"edgecap serve: error: Error handling request{client} (BadHttpMessage: 400")
         assert problem in line
     assert [r.getMessage() for r in caplog.records if r.exc_info] == []
 

@@ -787,8 +787,9 @@ def _step(loop: _Loop, t: int | None, number: torch.Tensor, carry: tuple) -> tup
         # on a GPU here
         has, at = (ids == end).to(torch.int32).max(1, keepdim=True)
         has = has.bool()
-        # a dead row's candidates are -inf already
-        end_rank_lp = torch.where(has[:, 0], candidates.gather(1, at)[:, 0], NEG_INF)
+        # a dead row's <end> is no ending (its candidates are -inf, or NaN in a step after every
+        # image is done that returned NaN, which the numpy loop never ran)
+        end_rank_lp = torch.where(has[:, 0] & live, candidates.gather(1, at)[:, 0], NEG_INF)
         loop.end_rank_lp.index_copy_(0, at_t, end_rank_lp[None])
         loop.end_lp.index_copy_(0, at_t, model_lp.gather(1, at)[:, 0][None])
         loop.end_words.index_copy_(0, at_t, history[None])

@@ -166,7 +166,12 @@ def _bookkeeping(  # noqa: PLR0913 - one kernel, every tensor of the step
 
     if ENDINGS:
         # every place a row could end: its <end>'s rank sum (-inf: none), log-prob, words so far
-        tl.store(end_rank_lp_ptr + t * (N * B) + rows_b, tl.where(has_b, end_cand, float("-inf")), mask=b_ok)
+        # (a dead row's <end> is none: as _step)
+        tl.store(
+            end_rank_lp_ptr + t * (N * B) + rows_b,
+            tl.where(has_b & live_b, end_cand, float("-inf")),
+            mask=b_ok,
+        )
         tl.store(end_lp_ptr + t * (N * B) + rows_b, end_model, mask=b_ok)
         tl.store(
             end_words_ptr + (t * (N * B) + rows_b[:, None]) * T + t_ix[None, :],
