@@ -425,6 +425,27 @@ def contract_model_dir(directory: Path) -> Path:
 
 
 # -- a folder of every kind of image file ----------------------------------------------------
+def needs_onnxruntime_for_opset_18(model_dir: Path, what: str) -> None:
+    """Skips the calling test where ``model_dir``'s encoder is opset 18 or newer (the stand-in of
+    ``contract_model_dir``, used where torch is missing; edgecap's exports are opset 17) and
+    onnxruntime is older than 1.17, naming ``what``: onnxruntime 1.16 (edgecap[cpu] allows it)
+    runs an FP16 LayerNormalization through ONNX's opset-17 function body, whose ReduceMean has
+    the axes attribute that opset 18 removed ("Unrecognized attribute: axes for operator
+    ReduceMean"), and its symbolic shape inference, which int8 calibration runs first, gives an
+    opset-18 ReduceMean no shape ("object of type 'NoneType' has no len()")."""
+    import onnx
+    import onnxruntime
+
+    encoder = onnx.load(str(Path(model_dir) / "encoder.onnx"), load_external_data=False)
+    opset = max(o.version for o in encoder.opset_import if o.domain in ("", "ai.onnx"))
+    version = tuple(int(p) for p in re.findall(r"\d+", onnxruntime.__version__)[:2])
+    if opset >= 18 and version < (1, 17):
+        pytest.skip(
+            f"{what} of an opset-{opset} model needs onnxruntime >= 1.17 "
+            f"(here onnxruntime {onnxruntime.__version__})"
+        )
+
+
 def needs_pillow(version: str, what: str) -> None:
     """Skips the calling test where the installed Pillow is older than ``version``, naming
     ``what`` (a fixture that Pillow cannot make): edgecap itself asks for Pillow >= 9.1."""

@@ -21,6 +21,7 @@ ort = pytest.importorskip("onnxruntime")
 from edgecap.build.convert import compare_stages, convert_model_dir, fp32_nodes  # noqa: E402
 from edgecap.errors import InputError, ModelError  # noqa: E402
 from edgecap.manifest import load_manifest, verify_files  # noqa: E402
+from helpers import needs_onnxruntime_for_opset_18  # noqa: E402
 
 STAND_IN = (
     "the rest needs the model exported from PyTorch (torch is not installed): the stand-in "
@@ -45,6 +46,7 @@ def int8_dir(fp32_dir, example_images, tmp_path_factory) -> Path:
     """The model converted to int8, its encoder calibrated on the first two example photos (the
     other two are left for checking it): a static int8 conversion takes seconds, one serves the
     tests below."""
+    needs_onnxruntime_for_opset_18(fp32_dir, "int8 calibration")
     calib = tmp_path_factory.mktemp("calib")
     for p in sorted(example_images)[:2]:
         shutil.copy(p, calib / p.name)
@@ -157,6 +159,7 @@ def test_fp16_convert_needs_sympy_only_for_static_int8(fp32_dir, tmp_path, monke
 
 
 def test_fp16_agrees_with_fp32_stage_by_stage(fp32_dir, fp16_dir):
+    needs_onnxruntime_for_opset_18(fp32_dir, "running an FP16 LayerNormalization")
     diffs = compare_stages(load_manifest(fp32_dir), load_manifest(fp16_dir), n_images=3)
     # Stated tolerances (largest absolute difference, random-noise images): the encoder's
     # outputs are O(1) and pass through ~50 FP16 convolutions (measured on the tiny exported
@@ -172,6 +175,7 @@ def test_fp16_agrees_with_fp32_stage_by_stage(fp32_dir, fp16_dir):
 
 def test_fp16_steps_chain_on_onnxruntime_cpu(fp32_dir, fp16_dir):
     """Several steps with beam reordering: same top words as FP32 where they are not near-ties."""
+    needs_onnxruntime_for_opset_18(fp32_dir, "running an FP16 LayerNormalization")
 
     def run(directory):
         m = load_manifest(directory)
@@ -328,6 +332,7 @@ def _exact_int8_run(model, images: np.ndarray) -> np.ndarray:
 
 
 def test_cli_convert(fp32_dir, tmp_path, capsys):
+    needs_onnxruntime_for_opset_18(fp32_dir, "checking an FP16 LayerNormalization")
     import argparse
 
     from edgecap.commands import convert as command
@@ -448,6 +453,8 @@ def test_a_converted_model_keeps_its_fused_language_models_and_confidence(fp32_d
     converted directory captions with them as the FP32 one does."""
     from edgecap import Captioner
 
+    if precision == "fp16":
+        needs_onnxruntime_for_opset_18(fp32_dir, "captioning with an FP16 LayerNormalization")
     source = _with_decoding_files(fp32_dir, tmp_path / "fp32")
     out = tmp_path / precision
     convert_model_dir(source, out, precision)
@@ -472,6 +479,7 @@ def test_force_over_a_converted_model_leaves_none_of_its_decoding_files(fp32_dir
     converting a model without them must not leave the old ones to be loaded with the new one."""
     from edgecap import Captioner
 
+    needs_onnxruntime_for_opset_18(fp32_dir, "captioning with an FP16 LayerNormalization")
     out = tmp_path / "out"
     convert_model_dir(_with_decoding_files(fp32_dir, tmp_path / "with"), out, "fp16")
     assert Captioner(out).fusion is not None

@@ -32,6 +32,7 @@ ort = pytest.importorskip("onnxruntime")
 from edgecap.backends.tensorrt import TensorRTBackend  # noqa: E402
 from edgecap.errors import BackendError  # noqa: E402
 from edgecap.manifest import load_manifest  # noqa: E402
+from helpers import needs_onnxruntime_for_opset_18  # noqa: E402
 from edgecap.trt import check_version, import_tensorrt, parse_version  # noqa: E402
 from edgecap.trt.cuda import CudaDevice, CudaPythonDevice  # noqa: E402
 from edgecap.contract import Limits  # noqa: E402
@@ -604,6 +605,8 @@ def test_fake_tensorrt_too_old(version):
 def test_fake_build_version_branches(
     monkeypatch, tmp_path, model_dir, device, version, explicit_batch, strongly_typed, fp16_flag, fp16_onnx
 ):
+    if fp16_onnx:  # the fake's shape check runs the FP16 graph on onnxruntime
+        needs_onnxruntime_for_opset_18(model_dir, "running an FP16 LayerNormalization")
     trt = install(monkeypatch, version, device)
     manifest = load_manifest(model_dir)
     paths = build_all(
@@ -989,6 +992,7 @@ def test_fake_fp32_and_fp16_engines_in_one_cache_get_their_own_graphs(
     engine cache (engines/README.md); an fp32 engine built in the same cache afterwards is built
     from the FP32 graph ("--precision fp32 builds full-precision engines"), and an fp16 one
     after it from the FP16 copy again."""
+    needs_onnxruntime_for_opset_18(model_dir, "running an FP16 LayerNormalization")
     trt = install(monkeypatch, "10.12.0.36", device)
     manifest = load_manifest(model_dir)
     assert manifest.precision == "fp32"
