@@ -129,7 +129,7 @@ def _launches() -> list[dict]:
 def test_the_kernel_compiles_for_nvidia_gpus_without_spilling():
     launches = _launches()
     # every rule on and off among them: the kernel's constexpr branches all compiled
-    for flag in ("HAS_BIAS", "HAS_TAGS", "ENDINGS"):
+    for flag in ("HAS_BIAS", "HAS_TAGS", "ENDINGS", "BEST", "FIRST"):
         assert {launch["constexprs"][flag] for launch in launches} == {True, False}, flag
     assert {launch["constexprs"]["NGRAM"] for launch in launches} == {0, 1, 2, 3}
     assert {launch["options"]["num_warps"] for launch in launches} == {1, 2, 4}  # beams 1 and 3, 5, 7

@@ -715,7 +715,9 @@ def _steps(loop: _Loop, carry: tuple, begin: int, end: int, one_step: Callable[.
     """Steps ``begin`` .. ``end - 1`` of the search (the first through ``_step`` itself)."""
     numbers = _step_numbers(loop.image_rows.device, loop.plan.max_length)
     for t in range(begin, end):
-        if t == 0 or one_step is None:
+        if one_step is _fused_step:  # every step, told which is the first
+            carry = _fused_step(loop, 0 if t == 0 else None, numbers[t], carry)
+        elif t == 0 or one_step is None:
             carry = _step(loop, t, numbers[t], carry)
         else:
             carry = one_step(loop, None, numbers[t], carry)
@@ -880,18 +882,18 @@ def _word_bias(loop: _Loop, t: int | None, carry: tuple):
 
 
 def _fused_step(loop: _Loop, t: int | None, number: torch.Tensor, carry: tuple) -> tuple:
-    """``_step`` for a step after the first with its bookkeeping in one Triton kernel
-    (``edgecap.decoding.device_kernel``): the word bias and the decoder's step as there, then
-    the kernel; the same next carry and the same writes. Beams wider than the kernel takes
+    """``_step`` with its bookkeeping in one Triton kernel (``edgecap.decoding.device_kernel``;
+    ``t``: 0 for the first step, None for one after it): the word bias and the decoder's step
+    as there, then the kernel; the same next carry and the same writes. Beams wider than the kernel takes
     (``device_kernel.supports``) run ``_step``."""
     from edgecap.decoding.device_kernel import bookkeeping, supports
 
-    assert t is None  # the steps after the first (the first is ``_step``'s)
+    assert t in (0, None)  # the first step, or one after it
     if not supports(loop.plan):  # a beam too wide for one program's ranking
         return _step(loop, t, number, carry)
     bias, lm_states = _word_bias(loop, t, carry)
     values, ids, state = loop.step(carry[2], carry[0], carry[1], bias)
-    return bookkeeping(loop, number, carry, values, ids, bias, state, lm_states)
+    return bookkeeping(loop, number, carry, values, ids, bias, state, lm_states, first=t == 0)
 
 
 @functools.cache

@@ -11,7 +11,8 @@ same hypotheses and scores bit for bit (``tests/test_device_kernel.py``, against
 - the sort is a rank: candidate c goes before c' when its score is higher, or equal and c comes
   first (the stable sort's order); a running count in that order is a count over the
   candidates ranked no later;
-- the steps after the first only (the first step's rows are images: ``_step`` runs it);
+- every step, the first too (its rows are images: the words a caption never starts with are
+  blocked, and no ending is recorded, as in ``_step``);
 - the decoder's step and the fused language models stay torch operations (their matrix
   products are cuBLAS's).
 
@@ -97,6 +98,7 @@ def _bookkeeping(  # noqa: PLR0913 - one kernel, every tensor of the step
     end_lp_ptr,
     end_words_ptr,
     step_ok_ptr,
+    never_ptr,
     N,
     K,
     END,
@@ -107,6 +109,8 @@ def _bookkeeping(  # noqa: PLR0913 - one kernel, every tensor of the step
     HAS_BIAS: tl.constexpr,
     HAS_TAGS: tl.constexpr,
     ENDINGS: tl.constexpr,
+    BEST: tl.constexpr,
+    FIRST: tl.constexpr,
     BB: tl.constexpr,
     BC: tl.constexpr,
     BK: tl.constexpr,
@@ -178,7 +182,7 @@ def _bookkeeping(  # noqa: PLR0913 - one kernel, every tensor of the step
             hist_b,
             mask=b_ok[:, None] & t_ok[None, :],
         )
-    else:
+    if BEST:
         # the best place to end while the image has no finished hypothesis (``_best_ending``)
         e_has = has_b & live_b
         den = tl.load(den_ptr + t + 1)
@@ -219,6 +223,9 @@ def _bookkeeping(  # noqa: PLR0913 - one kernel, every tensor of the step
     cand = sum_c + ranked
     model = true_c + lp
     ok = c_ok & (tl.abs(cand) < float("inf"))
+    if FIRST:
+        # the words a caption never starts with (``NeverFirst``)
+        ok = ok & (tl.load(never_ptr + word, mask=c_ok, other=0) == 0)
     if NGRAM > 0:
         # no repeated n-gram (``_repeats``): the n-grams that lie inside the t words so far
         j_ix = tl.arange(0, BT)
@@ -321,11 +328,14 @@ def _u8(x: torch.Tensor) -> torch.Tensor:
     return x.view(torch.uint8) if x.dtype == torch.bool else x
 
 
-def bookkeeping(loop, number: torch.Tensor, carry: tuple, values, ids, bias, state, lm_states) -> tuple:
-    """The rest of ``_step`` for a step after the first, in one kernel: ``values``, ``ids``
-    the step's top K (R, K), ``bias`` its word bias (R, V) or None; ``state``, ``lm_states`` the
-    step's and the language models' new states (reordered by the next step, as there). Writes
-    the pool, the endings and ``step_ok`` in place; -> the next carry."""
+def bookkeeping(
+    loop, number: torch.Tensor, carry: tuple, values, ids, bias, state, lm_states, first: bool = False
+) -> tuple:
+    """The rest of ``_step`` in one kernel: ``values``, ``ids`` the step's top K (R, K),
+    ``bias`` its word bias (R, V) or None; ``state``, ``lm_states`` the step's and the language
+    models' new states (reordered by the next step, as there); ``first``: the first step (the
+    words a caption never starts with are blocked, no ending is recorded). Writes the pool, the
+    endings and ``step_ok`` in place; -> the next carry."""
     plan, pool = loop.plan, loop.pool
     N, B, T = plan.n_images, plan.beam, plan.max_length
     R = N * B
@@ -389,6 +399,7 @@ def bookkeeping(loop, number: torch.Tensor, carry: tuple, values, ids, bias, sta
         loop.end_lp,
         loop.end_words,
         _u8(loop.step_ok),
+        _u8(loop.never_first),
         N,
         K,
         plan.end_id,
@@ -398,7 +409,9 @@ def bookkeeping(loop, number: torch.Tensor, carry: tuple, values, ids, bias, sta
         NGRAM=n,
         HAS_BIAS=bias is not None,
         HAS_TAGS=has_tags,
-        ENDINGS=plan.endings,
+        ENDINGS=plan.endings and not first,
+        BEST=not plan.endings and not first,
+        FIRST=first,
         BB=_next_pow2(B),
         BC=_next_pow2(B * plan.width),
         BK=_next_pow2(K),
