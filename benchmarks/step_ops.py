@@ -13,7 +13,7 @@ the medians over the searches of the kernel operations, and of the others. On CU
 cell is about 3 kernels and a stable sort several, so a GPU runs a few more kernels a step than
 this counts.
 
-``--fused`` adds the fused step (``fused_search=True``: every step after the first with its
+``--fused`` adds the fused step (``fused_search=True``: every step with its
 bookkeeping in one Triton kernel, ``edgecap.decoding.device_kernel``, run here by Triton's
 interpreter on CPU tensors): the torch operations a step that launch a kernel plus that one
 kernel, against the eager step's.
@@ -119,7 +119,8 @@ def count_fused_steps(captioner, frames: list) -> dict[int, list[tuple[int, int]
 
 
 def fused_part(photos: list, mirrored: list, eager_ops: dict) -> tuple[list[dict], str]:
-    """The fused step's operations a step (steps >= 3), against the eager step's."""
+    """The fused step's operations a step (the first step, and the steps from the third on),
+    against the eager step's."""
     from edgecap import Captioner, CaptionOptions
 
     rows = []
@@ -132,23 +133,26 @@ def fused_part(photos: list, mirrored: list, eager_ops: dict) -> tuple[list[dict
             )
             captioner.caption_batch(frames[:1])
             steps = count_fused_steps(captioner, frames)
-            counts = [c for t, cs in steps.items() if t >= 3 for c in cs]
-            kernels = float(np.median([k for k, _ in counts]))
-            rows.append(
-                {
-                    "fusion": fusion,
-                    "batch": batch,
-                    "kernel_ops": kernels,
-                    "max_kernel_ops": max(k for k, _ in counts),
-                    "eager_kernel_ops": eager_ops[(fusion, batch)],
-                    "searches": len(counts),
-                }
-            )
+            for label, numbers in (("0", [0]), (">= 3", [t for t in steps if t >= 3])):
+                counts = [c for t in numbers for c in steps.get(t, [])]
+                kernels = float(np.median([k for k, _ in counts]))
+                rows.append(
+                    {
+                        "fusion": fusion,
+                        "batch": batch,
+                        "steps": label,
+                        "kernel_ops": kernels,
+                        "max_kernel_ops": max(k for k, _ in counts),
+                        "eager_kernel_ops": eager_ops[(fusion, batch, label)],
+                        "searches": len(counts),
+                    }
+                )
             print(f"fused, fusion {fusion}, batch {batch}: {kernels:.0f} kernel ops a step", file=sys.stderr)
     table = C.markdown_table(
         [
             "language models",
             "batch",
+            "steps",
             "kernel operations a step, the Triton kernel included (median)",
             "max",
             "eager (the table above)",
@@ -158,6 +162,7 @@ def fused_part(photos: list, mirrored: list, eager_ops: dict) -> tuple[list[dict
             [
                 "fused (default)" if r["fusion"] == "default" else "off",
                 r["batch"],
+                r["steps"],
                 r["kernel_ops"],
                 r["max_kernel_ops"],
                 r["eager_kernel_ops"],
@@ -167,9 +172,10 @@ def fused_part(photos: list, mirrored: list, eager_ops: dict) -> tuple[list[dict
         ],
     )
     markdown = (
-        "## The fused step\n\n`--fused`: `fused_search=True`, every step after the first with its "
+        "## The fused step\n\n`--fused`: `fused_search=True`, every step with its "
         "bookkeeping in one Triton kernel (`edgecap.decoding.device_kernel`, run here by Triton's "
-        "interpreter on CPU tensors), steps >= 3: the torch operations that launch a kernel (the "
+        "interpreter on CPU tensors), the first step and the steps from the third on: the torch "
+        "operations that launch a kernel (the "
         "word bias, the language models, the decoder's step) plus the Triton kernel, one launch "
         "on a GPU. The same hypotheses as the eager step's, bit for bit "
         "(`tests/test_device_search.py`).\n\n" + table + "\n"
@@ -412,7 +418,7 @@ def main(argv=None) -> int:
     )
     data: dict = {"rows": rows}
     if args.fused:
-        eager = {(r["fusion"], r["batch"]): r["kernel_ops"] for r in rows if r["steps"] == ">= 3"}
+        eager = {(r["fusion"], r["batch"], r["steps"]): r["kernel_ops"] for r in rows}
         data["fused"], part = fused_part(photos, mirrored, eager)
         markdown += "\n" + part
     if args.compiled:
