@@ -1,12 +1,13 @@
 """The device search's bookkeeping in one Triton kernel a step (``DeviceBeamSearch(fused=True)``).
 
-A step of ``edgecap.decoding.device._step`` after the decoder's own step is about 105 small
-torch operations (the candidates' scores, the no-repeat rule, the stable sort of an image's
-candidates, the finished hypotheses, the best place to end, the reorder of every per-row state):
-on a GPU each is a kernel of a microsecond or two, and a one-photo decode is bound by their
-number (docs/gpu-search.md). ``bookkeeping`` does all of it in one kernel, one program per
-image, with the same arithmetic in the same order (float64 sums, the same comparisons), so the
-same hypotheses and scores bit for bit (``tests/test_device_kernel.py``, against ``_step``):
+A step of ``edgecap.decoding.device._step`` after the decoder's own step and the language models
+is about 100 small torch operations (the candidates' scores, the no-repeat rule, the stable sort
+of an image's candidates, the finished hypotheses, the best place to end, the reorder of every
+per-row state): on a GPU each is a kernel of a microsecond or two, and a one-photo decode is
+bound by their number (docs/gpu-search.md). ``bookkeeping`` does all of it in one kernel, one
+program per image, with the same arithmetic in the same order (float64 sums, the same
+comparisons), so the same hypotheses and scores bit for bit (``tests/test_device_search.py``,
+against ``_step``; ``tests/test_device_kernel.py`` compiles it for NVIDIA GPUs without one):
 
 - the sort is a rank: candidate c goes before c' when its score is higher, or equal and c comes
   first (the stable sort's order); a running count in that order is a count over the
@@ -53,7 +54,7 @@ def _next_pow2(n: int) -> int:
     return 1 << max(0, (int(n) - 1).bit_length())
 
 
-def _bookkeeping(  # noqa: PLR0913 - one kernel, every tensor of the step
+def _bookkeeping(  # one kernel: every tensor of the step
     values_ptr,
     ids_ptr,
     bias_ptr,
