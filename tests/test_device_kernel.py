@@ -100,11 +100,12 @@ def _launches() -> list[dict]:
 
     fusion = Fusion(_lm(rng, vocab), _lm(rng, vocab), 0.5, {})
     cases = [
-        CaptionOptions(beam_size=3, max_length=6, no_repeat_ngram=3, guidance_bonus=2.0, fusion_weight=0.6),
-        CaptionOptions(beam_size=5, max_length=5, no_repeat_ngram=0, guidance_bonus=0.0, fusion_weight=0.0),
+        # the default max_length (20: 32 words a row in a program's blocks)
+        CaptionOptions(beam_size=3, max_length=20, no_repeat_ngram=3, guidance_bonus=2.0, fusion_weight=0.6),
+        CaptionOptions(beam_size=5, max_length=20, no_repeat_ngram=0, guidance_bonus=0.0, fusion_weight=0.0),
         CaptionOptions(beam_size=1, max_length=4, no_repeat_ngram=1, guidance_bonus=1.0, fusion_weight=0.0),
         # 7 x 8 = 56 candidates, 64 padded: four warps a program
-        CaptionOptions(beam_size=7, max_length=4, no_repeat_ngram=2, guidance_bonus=1.0, fusion_weight=0.6),
+        CaptionOptions(beam_size=7, max_length=20, no_repeat_ngram=2, guidance_bonus=1.0, fusion_weight=0.6),
     ]
     with mock.patch.object(device_kernel, "_kernel", lambda: Recorder()):
         for options in cases:

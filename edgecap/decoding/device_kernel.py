@@ -344,6 +344,9 @@ def bookkeeping(
     device = values.device
     for name in ("tokens", "length", "rank_lp", "log_prob", "finished", "count"):
         assert getattr(pool, name).is_contiguous(), name  # the kernel indexes them so
+    # ... and a row's words of these by the word id alone
+    assert bias is None or bias.stride(1) == 1
+    assert loop.tag_rows is None or loop.tag_rows_unsaid.stride(1) == 1
     new_tokens = torch.empty(R, dtype=torch.int64, device=device)
     new_source = torch.empty(R, dtype=torch.int64, device=device)
     new_lp = torch.empty(R, dtype=torch.float64, device=device)
