@@ -592,6 +592,7 @@ def encoder_variants(model: Path, frames: list, device: str, report: Report, rep
     from PIL import Image
 
     from edgecap.backends.torch import TorchBackend
+    from edgecap.backends.torch_graphs import conv_fp32_flag
     from edgecap.images import preprocess
     from edgecap.manifest import load_manifest
 
@@ -601,8 +602,7 @@ def encoder_variants(model: Path, frames: list, device: str, report: Report, rep
     assert net is not None
     cuda = device == "cuda"
     cudnn = torch.backends.cudnn
-    conv = getattr(cudnn, "conv", None)
-    per_op = conv is not None and hasattr(conv, "fp32_precision")
+    flag, name, ieee, tf32 = conv_fp32_flag()
     rows: list[dict] = []
     for batch in ENCODER_BATCHES:
         images = [Image.fromarray(frames[i % len(frames)]) for i in range(batch)]
@@ -616,16 +616,10 @@ def encoder_variants(model: Path, frames: list, device: str, report: Report, rep
                     label = f"{layout}-{math}" + ("-benchmark" if benchmark else "")
                     if report.over_budget(f"encoder {label} batch {batch}"):
                         return rows
-                    before = (
-                        cudnn.benchmark,
-                        conv.fp32_precision if per_op else cudnn.allow_tf32,
-                    )
+                    before = (cudnn.benchmark, getattr(flag, name))
                     try:
                         cudnn.benchmark = benchmark
-                        if per_op:
-                            conv.fp32_precision = "tf32" if math == "tf32" else "ieee"
-                        else:
-                            cudnn.allow_tf32 = math == "tf32"
+                        setattr(flag, name, tf32 if math == "tf32" else ieee)
                         variant = copy.deepcopy(net)
                         x = x32.clone()
                         if math == "fp16":
@@ -639,10 +633,7 @@ def encoder_variants(model: Path, frames: list, device: str, report: Report, rep
                         continue
                     finally:
                         cudnn.benchmark = before[0]
-                        if per_op:
-                            conv.fp32_precision = before[1]
-                        else:
-                            cudnn.allow_tf32 = before[1]
+                        setattr(flag, name, before[1])
                     y = y.float()
                     if reference is None:  # the first variant: IEEE FP32, NCHW, heuristics
                         reference = y

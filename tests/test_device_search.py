@@ -196,14 +196,9 @@ def test_every_continuation_blocked_keeps_the_live_beam(fixed):
     _same(host, device)
 
 
-@pytest.mark.parametrize("fixed", LOOPS)
-def test_every_continuation_blocked_with_a_masked_row_keeps_the_live_beam(fixed):
-    """Beam 2, no word twice, top K 2. Word 1: "a" (-0.1), "b" (-0.2). Word 2: "a c" (-0.2),
-    "b c" (-0.3) ("a a", "b b" blocked). Word 3: "b c a" (-0.4) is the only continuation
-    ("a c a", "a c c", "b c b" blocked): row 1 is masked. Word 4: "b c a b", "b c a c"
-    blocked; the masked row's candidates are no live ones (its input is "<end>", after which
-    the table puts "<end>" first: no place to end either), so the image is done and "b c a"
-    is the caption, unfinished."""
+def _masked_row_table():
+    """The table of the masked-row tests below: with beam 2 and no word twice, "b c a" is the
+    only continuation at word 3 (row 1 masked), and after "<end>" the table puts "<end>" first."""
     rows = {
         (): {"a": -0.1, "b": -0.2},
         ("a",): {"c": -0.1, "a": -0.2},
@@ -213,9 +208,18 @@ def test_every_continuation_blocked_with_a_masked_row_keeps_the_live_beam(fixed)
         ("b", "c", "a"): {"b": -0.1, "c": -0.2},
     }
     after_end = {"<end>": -0.1, "a": -0.2}
-    backend = _table(
-        lambda prefix: after_end if "<end>" in prefix else rows.get(prefix, {"a": -0.1, "b": -0.2})
-    )
+    return _table(lambda prefix: after_end if "<end>" in prefix else rows.get(prefix, {"a": -0.1, "b": -0.2}))
+
+
+@pytest.mark.parametrize("fixed", LOOPS)
+def test_every_continuation_blocked_with_a_masked_row_keeps_the_live_beam(fixed):
+    """Beam 2, no word twice, top K 2. Word 1: "a" (-0.1), "b" (-0.2). Word 2: "a c" (-0.2),
+    "b c" (-0.3) ("a a", "b b" blocked). Word 3: "b c a" (-0.4) is the only continuation
+    ("a c a", "a c c", "b c b" blocked): row 1 is masked. Word 4: "b c a b", "b c a c"
+    blocked; the masked row's candidates are no live ones (its input is "<end>", after which
+    the table puts "<end>" first: no place to end either), so the image is done and "b c a"
+    is the caption, unfinished."""
+    backend = _masked_row_table()
     host, device = _both(backend, CaptionOptions(beam_size=2, no_repeat_ngram=1), fixed)
     for hyps in (host[0], device[0]):
         assert [([WORDS[w] for w in h.tokens], h.finished) for h in hyps] == [(["b", "c", "a"], False)]
@@ -335,18 +339,7 @@ def test_every_continuation_blocked_with_a_masked_row_keeps_no_masked_beam(fixed
     """The table of test_every_continuation_blocked_with_a_masked_row_keeps_the_live_beam with
     n_best 2: the live beam "b c a" is the only caption; the masked row (no beam since word 3)
     is not kept beside it as a second one."""
-    rows = {
-        (): {"a": -0.1, "b": -0.2},
-        ("a",): {"c": -0.1, "a": -0.2},
-        ("b",): {"c": -0.1, "b": -0.2},
-        ("a", "c"): {"a": -0.1, "c": -0.2},
-        ("b", "c"): {"a": -0.1, "b": -0.2},
-        ("b", "c", "a"): {"b": -0.1, "c": -0.2},
-    }
-    after_end = {"<end>": -0.1, "a": -0.2}
-    backend = _table(
-        lambda prefix: after_end if "<end>" in prefix else rows.get(prefix, {"a": -0.1, "b": -0.2})
-    )
+    backend = _masked_row_table()
     host, device = _both(backend, CaptionOptions(beam_size=2, n_best=2, no_repeat_ngram=1), fixed)
     for hyps in (host[0], device[0]):
         assert [([WORDS[w] for w in h.tokens], h.finished) for h in hyps] == [(["b", "c", "a"], False)]

@@ -110,6 +110,17 @@ _ieee_users = 0  # threads inside ieee_fp32 blocks now
 _ieee_before: tuple[object, str, object] | None = None  # (target, name, value) to put back
 
 
+def conv_fp32_flag() -> tuple[object, str, object, object]:
+    """cuDNN's flag for the math of FP32 convolutions: (object, attribute, its IEEE FP32 value,
+    its TF32 value). PyTorch 2.9 and later: the per-operator setting (reading the legacy
+    allow_tf32 after it was set raises); before: the legacy flag."""
+    cudnn = torch.backends.cudnn
+    conv = getattr(cudnn, "conv", None)
+    if conv is not None and hasattr(conv, "fp32_precision"):
+        return conv, "fp32_precision", "ieee", "tf32"
+    return cudnn, "allow_tf32", False, True
+
+
 @contextlib.contextmanager
 def ieee_fp32(device: torch.device) -> Iterator[None]:
     """cuDNN convolutions in full FP32 while the block runs (on a CUDA ``device``): PyTorch lets
@@ -124,17 +135,9 @@ def ieee_fp32(device: torch.device) -> Iterator[None]:
         return
     with _IEEE_LOCK:
         if _ieee_users == 0:
-            cudnn = torch.backends.cudnn
-            # PyTorch 2.9 and later: the per-operator setting (reading the legacy allow_tf32
-            # after it was set raises); before: the legacy flag
-            conv = getattr(cudnn, "conv", None)
-            target, name, value = (
-                (conv, "fp32_precision", "ieee")
-                if conv is not None and hasattr(conv, "fp32_precision")
-                else (cudnn, "allow_tf32", False)
-            )
+            target, name, ieee, _ = conv_fp32_flag()
             _ieee_before = (target, name, getattr(target, name))
-            setattr(target, name, value)
+            setattr(target, name, ieee)
         _ieee_users += 1
     try:
         yield
