@@ -640,7 +640,7 @@ class Captioner:
         alternatives: tuple[Caption, ...] = (),
     ) -> Caption:
         """``photo``: its typicality and the fusion gate's share for it (0, 0 without a gate)."""
-        if any(not 0 <= i < len(self.vocab) for i in hyp.tokens):
+        if hyp.tokens and not (0 <= min(hyp.tokens) and max(hyp.tokens) < len(self.vocab)):
             raise ModelError(
                 f"{self.manifest.directory}: the decoder step graph returned word "
                 f"ids {list(hyp.tokens)} beyond its {len(self.vocab)}-word "

@@ -25,12 +25,14 @@ from __future__ import annotations
 
 import json
 import math
+from collections.abc import Mapping, Sequence
 from dataclasses import dataclass
 from pathlib import Path
 
 import numpy as np
 
 from edgecap.errors import ModelError
+from edgecap.objects import top_classes
 
 CONFIDENCE_FILE = "confidence.json"
 FORMAT = "edgecap-confidence/1"
@@ -59,7 +61,7 @@ def signals(
     word_ids,
     rank_score: float | None = None,
     typicality: float = 0.0,
-    objects: frozenset[int] | None = None,
+    objects: Mapping[int, Sequence[int]] | None = None,
     fusion_share: float = 0.0,
 ) -> np.ndarray:
     """One caption's signals, float64 (len(SIGNALS),). ``tokens``: its word ids; ``score``:
@@ -67,30 +69,34 @@ def signals(
     and the fused language models; None: ``score``); ``probs`` (C,): the photo's class
     probabilities; ``word_ids``: per class, its caption word ids (``ObjectClasses.word_ids``);
     ``typicality``: how like the training photos the photo looks (``fusion.Gate.typicality``; 0
-    without a gate); ``objects``: ``object_words(word_ids)`` (computed here when None);
+    without a gate); ``objects``: ``object_words(word_ids)`` (computed here when None: a
+    caller with many captions computes it once);
     ``fusion_share``: the gate's share of the fusion weight for the photo (``fusion.Gate``; 0
     without a gate)."""
     probs = np.asarray(probs, np.float64)
-    order = np.argsort(-probs, kind="stable")
-    confident = {w for c in order[:3] if probs[c] >= TAG_MIN_PROB for w in word_ids[c]}
-    supported = {w for c in order[:SUPPORT_TAGS] for w in word_ids[c]}
+    first = top_classes(probs, SUPPORT_TAGS).tolist()  # the most probable classes, best first
+    top = probs[first].tolist()
+    confident = {w for c, p in zip(first[:3], top) if p >= TAG_MIN_PROB for w in word_ids[c]}
+    supported = {w for c in first for w in word_ids[c]}
     if objects is None:
         objects = object_words(word_ids)
     said = set(tokens)
+    said_objects = said.intersection(objects)
     entropy = float(-(probs * np.log(np.clip(probs, 1e-12, 1.0))).sum())
-    # the most probable class whose words the caption says (most photos: among the first few)
+    # the most probable class whose words the caption says (ties: the first class; NaN last)
     named = 0.0
-    if said & objects:
-        named = next((float(probs[c]) for c in order if said.intersection(word_ids[c])), 0.0)
+    if said_objects:
+        # fmax passes over NaN, as the order puts it last; NaN only when all are
+        named = float(np.fmax.reduce(probs[[c for w in said_objects for c in objects[w]]]))
     typical = 1.0 - float(fusion_share)
     return np.array(
         [
             score,
             score if rank_score is None else rank_score,
-            float(probs[order[0]]),
+            top[0],
             entropy,
             float(bool(said & confident)),
-            float(len((said & objects) - supported)),
+            float(len(said_objects - supported)),
             float(len(tokens)),
             typicality,
             named,
@@ -101,10 +107,15 @@ def signals(
     )
 
 
-def object_words(word_ids) -> frozenset[int]:
-    """Every word that names some class (``word_ids``: per class, its caption word ids): the
-    caption's object words. Computed once per model by its caller."""
-    return frozenset(w for ids in word_ids for w in ids)
+def object_words(word_ids) -> dict[int, tuple[int, ...]]:
+    """Every word that names some class (``word_ids``: per class, its caption word ids), the
+    caption's object words, each with the classes it names (in class order). Computed once per
+    model by its caller."""
+    classes: dict[int, list[int]] = {}
+    for c, ids in enumerate(word_ids):
+        for w in dict.fromkeys(ids):
+            classes.setdefault(w, []).append(c)
+    return {w: tuple(cs) for w, cs in classes.items()}
 
 
 @dataclass(frozen=True)

@@ -67,14 +67,30 @@ class ObjectClasses:
         """probs (C,) -> the ``n`` most probable classes as (name, probability), best first."""
         if n <= 0:
             return ()
-        best = np.argsort(-probs, kind="stable")[:n]
-        return tuple((self.names[i], round(float(probs[i]), 4)) for i in best)
+        return tuple((self.names[i], round(float(probs[i]), 4)) for i in top_classes(probs, n).tolist())
 
     def tag_words(self, probs: np.ndarray, n_tags: int, min_prob: float) -> tuple[frozenset[int], ...]:
         """probs (N, C) -> per image, the word ids of its ``n_tags`` most probable classes of
         at least ``min_prob``."""
         words = []
         for image_probs in probs:
-            best = np.argsort(-image_probs, kind="stable")[:n_tags]
-            words.append(frozenset(w for c in best if image_probs[c] >= min_prob for w in self.word_ids[c]))
+            best = top_classes(image_probs, n_tags)
+            kept = best[image_probs[best] >= min_prob].tolist()
+            words.append(frozenset(w for c in kept for w in self.word_ids[c]))
         return tuple(words)
+
+
+def top_classes(probs: np.ndarray, n: int) -> np.ndarray:
+    """probs (C,) -> the indices of its ``n`` largest values, largest first, ties in index
+    order: ``np.argsort(-probs, kind="stable")[:n]`` without sorting all C (a partition, then
+    a sort of the few at or above the n-th value; NaN, which that sort puts last, falls back
+    to it)."""
+    probs = np.asarray(probs)
+    if not 0 < n < probs.shape[0]:
+        return np.argsort(-probs, kind="stable")[: max(n, 0)]
+    negated = -probs
+    nth = np.partition(negated, n - 1)[n - 1]
+    if nth != nth:  # NaN among the n smallest: fewer than n numbers
+        return np.argsort(negated, kind="stable")[:n]
+    kept = np.flatnonzero(negated <= nth)  # every value tied with the n-th too, in index order
+    return kept[np.argsort(negated[kept], kind="stable")[:n]]

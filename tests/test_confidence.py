@@ -215,6 +215,25 @@ def test_the_named_tag_and_how_typical_the_photo_is():
     assert got["named_tag_prob"] == 0.0 and got["typical"] == 1.0 and got["score_if_typical"] == -1.0
 
 
+def test_the_named_tag_is_found_however_far_down_the_order():
+    """The most probable class the caption names, past the five most probable classes too; a
+    class whose probability is NaN counts after every number (NaN only when all are)."""
+    word_ids = tuple((100 + c,) for c in range(10)) + ((105, 42),)  # class 10 names 105 too
+    probs = np.array([0.3, 0.2, 0.15, 0.1, 0.08, 0.06, 0.04, 0.03, 0.02, 0.01, 0.01])
+
+    def named(tokens, p=probs):
+        return dict(zip(SIGNALS, signals(tokens, -1.0, p, word_ids)))["named_tag_prob"]
+
+    assert named([1, 108]) == 0.02  # class 8, the ninth most probable
+    assert named([108, 109, 1]) == 0.02  # classes 8 and 9: the more probable
+    assert named([42]) == 0.01  # class 10 alone
+    assert named([105, 109]) == 0.06  # 105: classes 5 and 10; 109: class 9
+    with_nan = probs.copy()
+    with_nan[[5, 8]] = np.nan
+    assert named([105, 108, 109], with_nan) == 0.01  # class 5 and 8 NaN: class 9 or 10
+    assert np.isnan(named([108], with_nan))
+
+
 def _model_with_confidence(tmp_path, default_model_dir, bias: float) -> str:
     model = tmp_path / "model"
     shutil.copytree(default_model_dir, model)

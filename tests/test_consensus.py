@@ -9,6 +9,8 @@ content word again and 0.1 when it ends on a word no caption ends on ("in front"
 
 from __future__ import annotations
 
+import warnings
+
 import numpy as np
 import pytest
 
@@ -129,6 +131,19 @@ def test_a_tie_keeps_the_order_given():
     # (sum 1.4500): U(P) = U(Q) = (1 + 0.0821) / 1.45 = 0.746 > U(cat) = 0.3679 / 1.45 = 0.254
     order = consensus.order([hyp(P, -1.0), hyp(Q, -1.5), hyp([CAT], -1.2)])
     assert [h.tokens for h in order] == [P, Q, [CAT]]
+
+
+def test_a_caption_of_no_words_agrees_with_nothing_and_warns_of_nothing():
+    # "" against H1 and H2: F = 0 both ways (nothing matched), no 0 / 0 anywhere: U("") = 0;
+    # U(H1) = (0 + 1 + 0.5405) / 3 = 0.514, U(H2) = (0 + 0.8696 + 1) / 3 = 0.623
+    consensus = Consensus(())
+    assert consensus.agreement([], [DOG]) == 0.0 and consensus.agreement([DOG], []) == 0.0
+    assert consensus.agreement([], []) == 0.0
+    with warnings.catch_warnings():
+        warnings.simplefilter("error")
+        order = consensus.order([hyp([]), hyp(H1), hyp(H2)])
+        assert [h.tokens for h in order] == [H2, H1, []]
+        assert [h.tokens for h in consensus.order([hyp([]), hyp([])])] == [[], []]
 
 
 def test_rank_scores_far_apart_weigh_the_far_one_zero():

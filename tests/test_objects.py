@@ -18,7 +18,7 @@ from edgecap import Captioner
 from edgecap.cli import main as cli_main
 from edgecap.decoding import CaptionOptions, TagBonus, beam_search
 from edgecap.decoding.rules import NeverFirst, tag_bias
-from edgecap.objects import IMAGENET_CLASSES, ObjectClasses
+from edgecap.objects import IMAGENET_CLASSES, ObjectClasses, top_classes
 from edgecap.vocab import NEVER_FIRST_IDS
 from fakes import END, START, PrefixHashBackend
 
@@ -123,6 +123,35 @@ def test_tags_are_the_n_most_probable_classes_best_first():
     assert classes.tags(probs, 2) == (("cat", 0.5), ("dog", 0.35))
     assert classes.tags(probs, 4) == (("cat", 0.5), ("dog", 0.35), ("bus", 0.1), ("cup", 0.05))
     assert classes.tags(probs, 0) == ()
+
+
+def test_tags_of_equal_probability_come_in_class_order_and_nan_last():
+    """The tags are the classes sorted by probability with ties in class order, whatever the
+    shortcut that finds them (``top_classes`` sorts only the few at or above the n-th)."""
+    classes = ObjectClasses(("bus", "cat", "cup", "dog", "elk"), ((), (), (), (), ()))
+    probs = np.array([0.2, 0.3, 0.2, 0.3, 0.0], np.float32)
+    assert [name for name, _ in classes.tags(probs, 3)] == ["cat", "dog", "bus"]
+    assert [name for name, _ in classes.tags(probs, 1)] == ["cat"]
+    with_nan = np.array([np.nan, 0.1, np.nan, 0.4, 0.2], np.float32)
+    assert [name for name, _ in classes.tags(with_nan, 3)] == ["dog", "elk", "cat"]
+    assert [name for name, _ in classes.tags(with_nan, 5)] == ["dog", "elk", "cat", "bus", "cup"]
+
+
+@pytest.mark.parametrize("seed", range(3))
+def test_top_classes_is_the_stable_descending_sort_s_head(seed):
+    """Against numpy's stable argsort of the negated probabilities, on 1,000 classes with many
+    ties (probabilities in steps of 1/64), NaN and infinities among them, for every head."""
+    rng = np.random.default_rng(seed)
+    probs = np.floor(rng.random(1000) * 64) / 64
+    probs[rng.integers(0, 1000, 20)] = np.nan
+    probs[rng.integers(0, 1000, 3)] = np.inf
+    probs[rng.integers(0, 1000, 3)] = -np.inf
+    for dtype in (np.float64, np.float32):
+        p = probs.astype(dtype)
+        order = np.argsort(-p, kind="stable")
+        for n in (1, 2, 5, 17, 64, 500, 975, 980, 999, 1000, 1001):
+            assert top_classes(p, n).tolist() == order[:n].tolist(), (dtype, n)
+    assert top_classes(probs, 0).tolist() == []
 
 
 def test_loaded_class_list_knows_the_vocabulary_s_function_words(tmp_path):

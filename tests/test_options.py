@@ -256,14 +256,16 @@ class _OneWordSession(DecoderSession):
         return StepResult(logprobs, ids, None)
 
 
-@pytest.mark.parametrize("beyond", [0, 1])
+@pytest.mark.parametrize("beyond", [0, 1, None])
 def test_a_word_id_past_the_vocabulary_is_a_model_error(monkeypatch, beyond):
     """A decoder step whose ids run past vocab.json (the graph and the vocabulary do not belong
-    together) is a ModelError naming the ids, down to the first id past the end (len(vocab))."""
+    together) is a ModelError naming the ids, down to the first id past the end (len(vocab)),
+    and a negative id too (None: -1, which would otherwise read the vocabulary's last word)."""
     words = len(json.loads((api.default_model_dir() / "vocab.json").read_text())["words"])
+    word_id = -1 if beyond is None else words + beyond
 
     class Session(_OneWordSession):
-        word = words + beyond
+        word = word_id
 
     class Backend_(CycleBackend):
         def start(self, encoded, image_index, return_attention=False):
@@ -271,9 +273,7 @@ def test_a_word_id_past_the_vocabulary_is_a_model_error(monkeypatch, beyond):
 
     monkeypatch.setattr(api, "load_backend", lambda name, manifest, **options: Backend_())
     captioner = Captioner(guidance_bonus=0.0, fusion_weight=0.0, consensus=False)
-    with pytest.raises(
-        ModelError, match=rf"word ids \[{words + beyond}\] beyond its {words}-word vocabulary"
-    ):
+    with pytest.raises(ModelError, match=rf"word ids \[{word_id}\] beyond its {words}-word vocabulary"):
         captioner.caption(IMAGE)
 
 

@@ -29,6 +29,8 @@ import math
 from collections.abc import Collection, Sequence
 from typing import TYPE_CHECKING
 
+import numpy as np
+
 if TYPE_CHECKING:
     from edgecap.decoding.beam import Hypothesis
 
@@ -73,14 +75,7 @@ class Consensus:
 
     def agreement(self, h: Sequence[int], r: Sequence[int]) -> float:
         """F(h, r): the recall-weighted F-mean of the weighted unigram matches of ``h`` in ``r``."""
-        return _f_mean(self._bag(h), self._bag(r))
-
-    def _bag(self, words: Sequence[int]) -> tuple[dict[int, float], float]:
-        """Each word's weight x its count, and their sum."""
-        bag: dict[int, float] = {}
-        for w in words:
-            bag[w] = bag.get(w, 0.0) + self.weight(w)
-        return bag, sum(bag.values())
+        return float(self._f_means([h, r])[0, 1])
 
     def repeats(self, words: Sequence[int]) -> int:
         """How many times ``words`` say a content word again (each time after its first)."""
@@ -93,32 +88,46 @@ class Consensus:
 
     def order(self, hyps: Sequence[Hypothesis], tag_words: Collection[int] = ()) -> list[Hypothesis]:
         """``hyps`` (finished captions), best first: by expected agreement plus the tag term,
-        less the readability terms, ties in the order given."""
-        if len(hyps) < 2:
+        less the readability terms, ties in the order given. The agreements of all pairs at
+        once: each candidate's weighted word counts a row of one matrix (``_f_means``)."""
+        n = len(hyps)
+        if n < 2:
             return list(hyps)
         scores = [h.score if h.rank_score is None else h.rank_score for h in hyps]
         top = max(scores)
-        w = [math.exp((s - top) / TEMPERATURE) for s in scores]
-        total = sum(w)
-        bags = [self._bag(h.tokens) for h in hyps]
+        w = np.array([math.exp((s - top) / TEMPERATURE) for s in scores])
+        # the weighted sums left to right (np.add.accumulate), as Python 3.11's sum() adds; 3.12's
+        # compensates its rounding: the same choice on every Python, near-ties included
+        total = np.add.accumulate(w)[-1]
+        expected = np.add.accumulate(w * self._f_means([h.tokens for h in hyps]), axis=1)[:, -1] / total
         tags = set(tag_words)
-        value = []
-        for h, bag in zip(hyps, bags):
-            expected = sum(wj * _f_mean(bag, other) for wj, other in zip(w, bags)) / total
-            value.append(
-                expected
-                + TAG_WEIGHT * len(set(h.tokens) & tags)
-                - self.repeat_weight * self.repeats(h.tokens)
-                - self.dangling_weight * self.dangles(h.tokens)
-            )
-        return [hyps[i] for i in sorted(range(len(hyps)), key=lambda i: -value[i])]
+        value = [
+            e
+            + TAG_WEIGHT * len(set(h.tokens) & tags)
+            - self.repeat_weight * self.repeats(h.tokens)
+            - self.dangling_weight * self.dangles(h.tokens)
+            for e, h in zip(expected.tolist(), hyps)
+        ]
+        return [hyps[i] for i in sorted(range(n), key=lambda i: -value[i])]
 
-
-def _f_mean(h: tuple[dict[int, float], float], r: tuple[dict[int, float], float]) -> float:
-    """F(h, r) from the two bags (``Consensus._bag``): a word matches min(its counts) times."""
-    (hb, h_total), (rb, r_total) = h, r
-    matched = sum(min(x, rb[w]) for w, x in hb.items() if w in rb)
-    if matched == 0:
-        return 0.0
-    precision, recall = matched / h_total, matched / r_total
-    return precision * recall / (ALPHA * precision + (1 - ALPHA) * recall)
+    def _f_means(self, captions: Sequence[Sequence[int]]) -> np.ndarray:
+        """F(h_i, h_j) of every pair (n, n): each caption's words weighted and counted, a row of
+        a matrix (multiples of 1/4, so each sum below is exact in any order); a word matches
+        min(its counts) times."""
+        column: dict[int, int] = {}
+        rows, cols, weights = [], [], []
+        for i, words in enumerate(captions):
+            for word in words:
+                rows.append(i)
+                cols.append(column.setdefault(word, len(column)))
+                weights.append(self.weight(word))
+        n, u = len(captions), max(len(column), 1)
+        cells = np.array(rows, np.intp) * u + np.array(cols, np.intp)
+        bags = np.bincount(cells, np.array(weights, np.float64), minlength=n * u).reshape(n, u)
+        matched = np.minimum(bags[:, None, :], bags[None, :, :]).sum(axis=2)
+        some = matched > 0  # then both captions have words
+        totals = bags.sum(axis=1)
+        totals[totals == 0] = 1.0
+        precision, recall = matched / totals[:, None], matched / totals[None, :]
+        denominator = np.where(some, ALPHA * precision + (1 - ALPHA) * recall, 1.0)
+        return np.where(some, precision * recall / denominator, 0.0)

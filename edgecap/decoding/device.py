@@ -965,61 +965,74 @@ def unpack(
             f"the decoder step returned non-finite log-probabilities at word {first_bad + 1} ({describe()})"
         )
     penalty = plan.penalty
+    # Python lists once per call: a list's item is far cheaper to read than an array's
+    tokens_l, length_l = tokens.tolist(), length.astype(np.int64).tolist()
+    rank_l, lp_l = rank_lp.tolist(), log_prob.tolist()
+    finished_l, count_l, e_valid_l = finished.tolist(), count.tolist(), e_valid.tolist()
+    endings = _endings(parts, plan) if plan.endings else None
     out = []
     for image in range(N):
         hyps = [
             _hypothesis(
-                tokens[image, j],
-                int(length[image, j]),
-                rank_lp[image, j],
-                log_prob[image, j],
-                bool(finished[image, j]),
+                tokens_l[image][j],
+                length_l[image][j],
+                rank_l[image][j],
+                lp_l[image][j],
+                finished_l[image][j],
                 penalty,
             )
-            for j in range(int(count[image]))
+            for j in range(count_l[image])
         ]
-        if e_valid[image] and not any(h.finished for h in hyps):
+        if e_valid_l[image] and not any(h.finished for h in hyps):
             hyps.append(
                 _hypothesis(
-                    e_tokens[image], int(e_length[image]), e_rank_lp[image], e_lp[image], True, penalty
+                    e_tokens[image].tolist(),
+                    int(e_length[image]),
+                    float(e_rank_lp[image]),
+                    float(e_lp[image]),
+                    True,
+                    penalty,
                 )
             )
         best = ranked(hyps)
         best.sort(key=lambda h: not h.finished)  # stable: finished captions first
         if not best:  # pragma: no cover - with finite scores a live beam survives
             raise BackendError("beam search produced no hypothesis")
-        if plan.endings:
-            out.append(ranked(_endings(parts, plan, image)) + [h for h in best if not h.finished])
+        if endings is not None:
+            out.append(ranked(endings[image]) + [h for h in best if not h.finished])
         else:
             out.append(best[:n_best])
     return out
 
 
-def _endings(parts: list[np.ndarray], plan: Plan, image: int) -> list[Hypothesis]:
-    """Image ``image``'s endings in the packed result (step by step, row by row)."""
+def _endings(parts: list[np.ndarray], plan: Plan) -> list[list[Hypothesis]]:
+    """Each image's endings in the packed result (step by step, row by row), read at once: the
+    steps and rows that ended (its rank score is not -inf), grouped by image in that order."""
     N, B, T = plan.n_images, plan.beam, plan.max_length
     rank_lp = parts[12].reshape(T, N * B)
-    log_prob = parts[13].reshape(T, N * B)
-    words = parts[14].reshape(T, N * B, T).astype(np.int64)
-    return [
-        _hypothesis(words[t, row], t, rank_lp[t, row], log_prob[t, row], True, plan.penalty)
-        for t in range(1, T)
-        for row in range(image * B, image * B + B)
-        if rank_lp[t, row] != NEG_INF
-    ]
+    step, row = np.nonzero(rank_lp[1:] != NEG_INF)  # step-major, then row: the order kept
+    step += 1
+    words = parts[14].reshape(T, N * B, T)[step, row].astype(np.int64).tolist()
+    ranks = rank_lp[step, row].tolist()
+    log_probs = parts[13].reshape(T, N * B)[step, row].tolist()
+    found: list[list[Hypothesis]] = [[] for _ in range(N)]
+    for t, r, w, rank, lp in zip(step.tolist(), row.tolist(), words, ranks, log_probs):
+        found[r // B].append(_hypothesis(w, t, rank, lp, True, plan.penalty))
+    return found
 
 
-def _hypothesis(tokens, n_words: int, rank_lp: float, log_prob: float, finished: bool, penalty) -> Hypothesis:
+def _hypothesis(
+    tokens: list[int], n_words: int, rank_lp: float, log_prob: float, finished: bool, penalty
+) -> Hypothesis:
     """As ``beam._hypothesis`` makes it (no attention)."""
     length = max(n_words + (1 if finished else 0), 1)
-    log_prob = float(log_prob)
     return Hypothesis(
-        [int(w) for w in tokens[:n_words]],
+        tokens[:n_words],
         log_prob,
         length_normalised(log_prob, length, penalty),
         finished,
         None,
-        rank_score=length_normalised(float(rank_lp), length, penalty),
+        rank_score=length_normalised(rank_lp, length, penalty),
     )
 
 
