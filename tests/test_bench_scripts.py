@@ -734,8 +734,9 @@ def test_step_ops_counts_the_device_search_steps(tmp_path, monkeypatch):
 def test_host_share_times_each_part_and_restores_what_it_wraps(tmp_path, monkeypatch):
     """Each part of the host's work after the search is timed per image (a stand-in that burns
     about 5 ms of CPU time in every ``Consensus.order`` call, one call an image, raises the
-    consensus part by about 5 ms an image and no other part by as much); the ceiling is 1000
-    over the parts (and preprocess); what it wrapped is put back."""
+    consensus part by about 5 ms an image and no other part by as much), and again warm (the
+    same calls at once, without the search); the ceiling is 1000 over the parts (and
+    preprocess); what it wrapped is put back."""
     pytest.importorskip("torch")
     import host_share
 
@@ -751,6 +752,12 @@ def test_host_share_times_each_part_and_restores_what_it_wraps(tmp_path, monkeyp
     after_search = sum(before["cpu_ms"].values())
     assert before["ceiling_per_core_device_prep"] == pytest.approx(1000 / after_search)
     assert before["ceiling_per_core"] == pytest.approx(1000 / (after_search + before["preprocess_ms"]))
+    # warm: the same calls again, the search not run again for the captions (it takes hundreds
+    # of ms an image on the CPU)
+    assert all(0 < before["warm_cpu_ms"][p] < 5 for p in host_share.PARTS)
+    assert before["ceiling_per_core_device_prep_warm"] == pytest.approx(
+        1000 / sum(before["warm_cpu_ms"].values())
+    )
 
     def slow_order(self, *args, **kwargs):
         end = time.thread_time() + 0.005
@@ -764,6 +771,8 @@ def test_host_share_times_each_part_and_restores_what_it_wraps(tmp_path, monkeyp
     assert after["cpu_ms"]["consensus"] - before["cpu_ms"]["consensus"] == pytest.approx(5, abs=1.5)
     assert abs(after["cpu_ms"]["captions"] - before["cpu_ms"]["captions"]) < 2
     assert abs(after["cpu_ms"]["unpack"] - before["cpu_ms"]["unpack"]) < 2
+    assert after["warm_cpu_ms"]["consensus"] - before["warm_cpu_ms"]["consensus"] == pytest.approx(5, abs=1.5)
+    assert after["warm_cpu_ms"]["captions"] < 5
 
 
 # the shape of TorchInductor's output code (torch 2.13): the wrapper's ``call`` runs the generated
