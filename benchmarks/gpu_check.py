@@ -19,7 +19,9 @@ targets (8. below), then:
    (the fused search's kernel compiled by Triton); then, on a GPU, the encoder alone
    (``encoder_variants``: batch 1 and 64, NCHW / NHWC x IEEE FP32 / TF32 / FP16 x cuDNN's
    heuristics / ``cudnn.benchmark``, a CUDA graph's p50 and the features' distance from
-   IEEE FP32's);
+   IEEE FP32's) and the host-to-GPU copy of a batch (``uploads``: batch 1 and 64, the
+   preprocessed images and camera frames, stacked fresh and copied from pageable memory, and
+   through the torch backend's kept page-locked buffers, ``edgecap.backends.staging``);
 3. captions of ``--n`` photos (the Flickr8k dev photos where ``../shared/data/flickr8k`` exists,
    else the package's example photos repeated) by each torch mode (FP32 / FP16 x eager / CUDA
    graphs x the beam search on the host / on the device: ``TorchBackend(search=...)``, with
@@ -76,6 +78,7 @@ default).
 
 from __future__ import annotations
 
+import functools
 import gc
 import importlib
 import importlib.util
@@ -652,6 +655,81 @@ def encoder_variants(model: Path, frames: list, device: str, report: Report, rep
                         }
                     )
                     log(f"encoder batch {batch} {label}: {rows[-1]['p50_ms']:.3f} ms")
+    return rows
+
+
+UPLOAD_BATCHES = (1, 64)
+CAMERA_FRAME = (480, 640, 3)  # a VGA camera's RGB frame, uint8
+
+
+def uploads(device: str, report: Report, repeats: int = 20, seed: int = 0) -> list[dict]:
+    """A batch's host-to-GPU copy from separate arrays, as the torch backend makes it: the
+    preprocessed images (float32 (3, 224, 224) each, ``TorchBackend.batch_input``) and camera
+    frames (uint8 480 x 640 x 3 each, ``preprocess="device"``), at batch 1 and 64. *fresh*:
+    ``np.stack`` into a new array, copied from that pageable memory (what the backend did
+    until 2026-12-05); *kept*: ``edgecap.backends.staging`` (what it does on CUDA now): stacked
+    into a kept page-locked buffer, copied without blocking. Each to the copy's end
+    (synchronised), p50 / p95 ms of wall time, and the stack alone beside them; the copies
+    checked equal. On the CPU (the tests) the kept buffer is pageable and the copy a clone."""
+    import torch
+
+    from edgecap.backends.staging import Staging
+
+    cuda = device == "cuda"
+    target = torch.device("cuda", torch.cuda.current_device()) if cuda else torch.device(device)
+    rng = np.random.default_rng(seed)
+    shapes = {"preprocessed": ((3, 224, 224), np.float32), "frames": (CAMERA_FRAME, np.uint8)}
+    rows: list[dict] = []
+    for batch in UPLOAD_BATCHES:
+        for what, (shape, dtype) in shapes.items():
+            if report.over_budget(f"uploads {what} batch {batch}"):
+                return rows
+            items = [
+                rng.random(shape, np.float32)
+                if dtype == np.float32
+                else rng.integers(0, 256, shape, np.uint8)
+                for _ in range(batch)
+            ]
+            staging = Staging(target)
+            variants = {
+                "fresh stack only": functools.partial(np.stack, items),
+                "kept stack only": functools.partial(staging.stack, items),
+                "fresh": lambda items=items: torch.from_numpy(np.stack(items)).to(target),
+                "kept": lambda items=items, staging=staging: staging.upload(staging.stack(items)),
+            }
+            copies = {}
+            for label, call in variants.items():
+                try:
+                    times = []
+                    for rep in range(3 + repeats):
+                        _sync()
+                        t0 = time.perf_counter()
+                        out = call()
+                        _sync()
+                        if rep >= 3:
+                            times.append((time.perf_counter() - t0) * 1e3)
+                except Exception as exc:  # one variant failing must not lose the others
+                    report.skip(
+                        f"uploads {what} batch {batch} {label}", f"failed: {type(exc).__name__}: {exc}"
+                    )
+                    continue
+                if "only" not in label:
+                    copies[label] = out
+                rows.append(
+                    {
+                        "batch": batch,
+                        "input": what,
+                        "variant": label,
+                        "mb": round(batch * int(np.prod(shape)) * np.dtype(dtype).itemsize / 1e6, 2),
+                        "p50_ms": C.median(times),
+                        "p95_ms": C.percentile(times, 95),
+                    }
+                )
+                log(f"upload {what} batch {batch} {label}: {rows[-1]['p50_ms']:.3f} ms")
+            if len(copies) == 2 and not torch.equal(copies["kept"], copies["fresh"]):
+                report.skip(
+                    f"uploads {what} batch {batch}", "the kept buffer's copy differs from the fresh one's"
+                )
     return rows
 
 
@@ -1301,6 +1379,7 @@ def markdown(data: dict) -> str:
     else:
         lines += ["not run yet" if data.get("partial") else "not run (see Skipped)"]
     lines += encoder_lines(data.get("encoder_variants"))
+    lines += upload_lines(data.get("uploads"))
     photos_info = data["photos"]
     lines += [
         "",
@@ -1515,6 +1594,27 @@ def encoder_lines(rows: list[dict] | None) -> list[str]:
     ]
 
 
+def upload_lines(rows: list[dict] | None) -> list[str]:
+    """The uploads' section of the report (none where they did not run)."""
+    if not rows:
+        return []
+    return [
+        "",
+        "## Host-to-GPU copies",
+        "",
+        "One batch from separate arrays (``uploads``): preprocessed images (float32 3 x 224 x 224) "
+        "and camera frames (uint8 480 x 640 x 3). fresh: stacked into a new array and copied from "
+        "that pageable memory (the torch backend until 2026-12-05); kept: stacked into a kept "
+        "page-locked buffer and copied without blocking (``edgecap.backends.staging``, the torch "
+        "backend on CUDA now). Wall time to the copy's end, p50 of 20; the stacks alone beside them.",
+        "",
+        C.markdown_table(
+            ["batch", "input", "MB", "copy", "p50 ms", "p95 ms"],
+            [[r["batch"], r["input"], r["mb"], r["variant"], r["p50_ms"], r["p95_ms"]] for r in rows],
+        ),
+    ]
+
+
 def write_report(
     data: dict, results: list[dict], report: Report, device: str, out: Path, name: str, partial: bool
 ) -> str:
@@ -1624,6 +1724,10 @@ def main(argv=None) -> int:
                     data["encoder_variants"] = encoder_variants(model, frames, device, report)
                 except Exception as exc:  # failing, it must not lose the report
                     report.skip("encoder variants", f"failed: {type(exc).__name__}: {exc}")
+                try:  # pageable against pinned host memory (under a second)
+                    data["uploads"] = uploads(device, report)
+                except Exception as exc:  # failing, it must not lose the report
+                    report.skip("uploads", f"failed: {type(exc).__name__}: {exc}")
         elif step == "file rate":
             assert mode is not None
             try:

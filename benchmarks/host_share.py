@@ -21,6 +21,10 @@ less than wall time) and wall time, per image:
 The encoder and the search's own steps run on the GPU there and are not counted. One host
 core's ceiling: 1000 / (the three after the search + preprocess) captions/s.
 
+*stack*: the batch's stack before the encoder (its preprocessed images, or camera frames for
+``preprocess="device"``), by ``np.stack`` into a new array and into the kept buffer the torch
+backend stages its batches in on CUDA (``edgecap.backends.staging``; pageable here).
+
 *warm*: each part's calls again on the same inputs right after the call, three times in a row,
 the last one timed. Here the CPU encoder runs between calls on the same core and leaves the
 host's caches cold for the parts after it (at batch 1 that is most of their time); on a GPU's
@@ -127,6 +131,38 @@ def measure(captioner, frames: list, rounds: int, timers: Timers) -> dict:
     }
 
 
+STACKED = {"preprocessed": ((3, 224, 224), np.float32), "frames": ((480, 640, 3), np.uint8)}
+
+
+def stacks(batch: int, rounds: int) -> dict:
+    """The batch's stack before the encoder, ms an image (wall, median of ``rounds`` after one
+    warm call): its preprocessed images (float32 3 x 224 x 224) or VGA camera frames (uint8
+    480 x 640 x 3, ``preprocess="device"``), by ``np.stack`` into a new array (``fresh``) and
+    into the kept buffer of ``edgecap.backends.staging`` (``kept``, what the torch backend
+    does on CUDA, there page-locked)."""
+    import torch
+
+    from edgecap.backends.staging import Staging
+
+    rng = np.random.default_rng(0)
+    out = {}
+    for what, (shape, dtype) in STACKED.items():
+        if dtype == np.float32:
+            items = [rng.random(shape, np.float32) for _ in range(batch)]
+        else:
+            items = [rng.integers(0, 256, shape, np.uint8) for _ in range(batch)]
+        staging = Staging(torch.device("cpu"))
+        for how, call in (("fresh", np.stack), ("kept", staging.stack)):
+            call(items)
+            times = []
+            for _ in range(rounds):
+                t0 = time.perf_counter()
+                call(items)
+                times.append((time.perf_counter() - t0) * 1e3 / batch)
+            out[f"{what}_{how}"] = C.median(times)
+    return out
+
+
 def main(argv=None) -> int:
     args = build_parser().parse_args(argv)  # --help needs no torch
     import torch
@@ -176,6 +212,7 @@ def main(argv=None) -> int:
                 backend="torch", device="cpu", search="device", options=CaptionOptions(batch_size=batch)
             )
             figures = measure(captioner, frames, args.rounds, timers)
+            figures["stack_ms"] = stacks(batch, max(args.rounds, 5))
             after = sum(figures["cpu_ms"].values())
             warm = sum(figures["warm_cpu_ms"].values())
             rows.append(
@@ -224,6 +261,19 @@ def main(argv=None) -> int:
             for r in rows
         ],
     )
+    stack_table = C.markdown_table(
+        ["batch", "preprocessed images, fresh", "kept", "VGA frames, fresh", "kept"],
+        [
+            [
+                r["batch"],
+                r["stack_ms"]["preprocessed_fresh"],
+                r["stack_ms"]["preprocessed_kept"],
+                r["stack_ms"]["frames_fresh"],
+                r["stack_ms"]["frames_kept"],
+            ]
+            for r in rows
+        ],
+    )
     markdown = (
         "The host's work per image around the device search (ms an image, the thread's CPU time, "
         f"median of {args.rounds} calls; preprocess: wall time), the example photos and their "
@@ -231,7 +281,13 @@ def main(argv=None) -> int:
         "1000 / (after the search + preprocess) captions/s, and with the frames preprocessed "
         "on the GPU 1000 / (after the search). warm: the same calls again at once, three times, "
         "the last timed (the host's caches warm; here the encoder runs on the same CPU "
-        "between calls and leaves them cold, on a GPU's host less so).\n\n" + table + "\n"
+        "between calls and leaves them cold, on a GPU's host less so).\n\n" + table + "\n\n"
+        "The batch's stack before the encoder, ms an image (wall, median): the preprocessed "
+        "images (float32 3 x 224 x 224) or VGA frames (uint8 480 x 640 x 3, the device "
+        "preprocessing's input) by `np.stack` into a new array (fresh) and into a kept buffer "
+        "(`edgecap.backends.staging`, the torch backend's on CUDA, page-locked there).\n\n"
+        + stack_table
+        + "\n"
     )
     C.write_results("host_share", {"rows": rows}, markdown, argv, out=args.out)
     return 0

@@ -597,7 +597,7 @@ class Captioner:
         if self.backend.prepares_frames:  # padded after its preprocessing, on the device
             encoded, seen = self.backend.encode_frames(batch, size, brighten=self.options.brighten)
         else:
-            encoded = self.backend.encode(np.stack(batch + [batch[-1]] * (size - n)))
+            encoded = self.backend.encode(self.backend.batch_input(batch + [batch[-1]] * (size - n)))
         t1 = time.perf_counter()
         hypotheses = search(
             self.backend,

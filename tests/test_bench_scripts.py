@@ -755,6 +755,13 @@ def test_host_share_times_each_part_and_restores_what_it_wraps(tmp_path, monkeyp
     # warm: the same calls again, the search not run again for the captions (it takes hundreds
     # of ms an image on the CPU)
     assert all(0 < before["warm_cpu_ms"][p] < 5 for p in host_share.PARTS)
+    assert sorted(before["stack_ms"]) == [
+        "frames_fresh",
+        "frames_kept",
+        "preprocessed_fresh",
+        "preprocessed_kept",
+    ]
+    assert all(v > 0 for v in before["stack_ms"].values())
     assert before["ceiling_per_core_device_prep_warm"] == pytest.approx(
         1000 / sum(before["warm_cpu_ms"].values())
     )

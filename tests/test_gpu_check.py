@@ -808,3 +808,45 @@ def test_the_encoder_variants_run_each_variant_and_put_the_flags_back(monkeypatc
     table = [line for line in text.splitlines() if line.startswith("| 1 |")]
     assert len(table) == 4
     assert gpu_check.encoder_lines([]) == []
+
+
+def test_the_uploads_time_each_copy_and_check_the_kept_buffer_s_copy(monkeypatch):
+    """The host-to-GPU copies (``uploads``) on the CPU: each batch size and input with the fresh
+    and the kept stack, alone and with the copy, every one timed, and the report's section a
+    row each; a kept buffer whose copy is not the fresh stack's is reported."""
+    sys.path.insert(0, str(SCRIPT.parent))
+    import gpu_check
+
+    from edgecap.backends.staging import Staging
+
+    monkeypatch.setattr(gpu_check, "UPLOAD_BATCHES", (1, 3))
+    monkeypatch.setattr(gpu_check, "CAMERA_FRAME", (12, 16, 3))
+    report = gpu_check.Report(1e9)
+    rows = gpu_check.uploads("cpu", report, repeats=2)
+    assert report.data["skipped"] == []
+    variants = ["fresh stack only", "kept stack only", "fresh", "kept"]
+    assert [(r["batch"], r["input"], r["variant"]) for r in rows] == [
+        (b, what, v) for b in (1, 3) for what in ("preprocessed", "frames") for v in variants
+    ]
+    assert all(r["p50_ms"] > 0 for r in rows)
+    # 3 x 224 x 224 float32 = 602,112 bytes an image; 12 x 16 x 3 bytes a frame
+    assert {(r["batch"], r["input"]): r["mb"] for r in rows} == {
+        (1, "preprocessed"): 0.6,
+        (1, "frames"): 0.0,
+        (3, "preprocessed"): 1.81,
+        (3, "frames"): 0.0,
+    }
+    text = "\n".join(gpu_check.upload_lines(rows))
+    assert "## Host-to-GPU copies" in text
+    assert len([line for line in text.splitlines() if line.startswith(("| 1 |", "| 3 |"))]) == 16
+    assert gpu_check.upload_lines([]) == []
+
+    def upload_of_zeros(self, host):
+        return host.clone().zero_()
+
+    monkeypatch.setattr(Staging, "upload", upload_of_zeros)
+    report = gpu_check.Report(1e9)
+    gpu_check.uploads("cpu", report, repeats=1)
+    assert [s["item"] for s in report.data["skipped"]] == [
+        f"uploads {what} batch {b}" for b in (1, 3) for what in ("preprocessed", "frames")
+    ]

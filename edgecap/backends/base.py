@@ -83,6 +83,12 @@ class Backend(ABC):
     def encode(self, images: np.ndarray) -> Encoded:
         """images float32 (N, 3, H, W), preprocessed as the manifest says."""
 
+    def batch_input(self, images: list[np.ndarray]) -> Any:
+        """A batch's model inputs (float32 (3, H, W) each) -> what ``encode`` takes of them:
+        here one array (``np.stack``); the torch backend on CUDA stacks them into a kept
+        page-locked buffer and starts their copy to the GPU (``edgecap.backends.staging``)."""
+        return np.stack(images)
+
     def encode_frames(
         self, frames: list[np.ndarray], run_size: int | None = None, brighten: bool = False
     ) -> tuple[Encoded, np.ndarray]:

@@ -33,6 +33,7 @@ from onnx import numpy_helper
 
 from edgecap.backends._checks import check_threads, load_failure
 from edgecap.backends.base import Backend, DecoderSession, Encoded, StepResult
+from edgecap.backends.staging import Staging
 from edgecap.backends.torch_preprocess import FramePreprocess
 from edgecap.backends.torch_search import AUTO_DEVICE_ROWS, TorchDeviceSearch, checked_search, use_device
 from edgecap.backends.torch_graphs import (
@@ -233,9 +234,13 @@ class TorchBackend(Backend):
             )
         self._setup(encoder, decoder, device, fp16, fp16 if fp32_encoder is None else fp32_encoder)
         self.manifest = manifest
+        # on CUDA a batch is stacked into kept page-locked buffers and copied without blocking
+        self.staging = Staging(_indexed(self.device)) if self.device.type == "cuda" else None
         if preprocess == "device":
             # the GPU the graphs use (cuda:N), whichever thread calls later
-            self.frame_preprocess = FramePreprocess(manifest.preprocessing, _indexed(self.device))
+            self.frame_preprocess = FramePreprocess(
+                manifest.preprocessing, _indexed(self.device), staging=self.staging
+            )
             self.prepares_frames = True
         if channels_last and self.encoder is not None and self.encoder_graph is not None:
             self.encoder.to(memory_format=torch.channels_last)
@@ -387,6 +392,13 @@ class TorchBackend(Backend):
             f"torch {torch.__version__} ({where}, {precision}{mode}; intra-op threads: "
             f"{torch.get_num_threads()}, process-wide)"
         )
+
+    def batch_input(self, images: list[np.ndarray]) -> np.ndarray | torch.Tensor:
+        """``Backend.batch_input``: on CUDA (``staging``) the batch stacked into this thread's
+        kept page-locked buffer and on its way to the GPU, a tensor there; else one array."""
+        if self.staging is None:
+            return np.stack(images)
+        return self.staging.upload(self.staging.stack(images))
 
     def encode(self, images: np.ndarray | torch.Tensor) -> Encoded:
         """images float32 (N, 3, H, W), on the host or (``encode_frames``) already on the

@@ -37,6 +37,7 @@ import numpy as np
 import torch
 from PIL import Image
 
+from edgecap.backends.staging import Staging
 from edgecap.preprocess import (
     BLOCK,
     DARK_LEVEL,
@@ -125,13 +126,14 @@ class FramePreprocess:
     H, W) float32, recognisable (N,) bool)``, both on the device (``brighten``: dark frames
     brightened first, as ``edgecap.preprocess.exposure_gain`` says)."""
 
-    def __init__(self, pre: Preprocessing, device: torch.device):
+    def __init__(self, pre: Preprocessing, device: torch.device, staging: Staging | None = None):
         if pre.resample not in SUPPORTED_RESAMPLE:
             raise ValueError(
                 f"preprocess='device' implements Pillow's bilinear resize only; this model's "
                 f"preprocessing.resample is {pre.resample!r} (use preprocess='host')"
             )
         self.pre, self.device = pre, device
+        self.staging = staging  # None: each group stacked by np.stack and copied from there
         scale = 1.0 / np.asarray(pre.std, np.float32)
         offset = -np.asarray(pre.mean, np.float32) * scale
         self.scale = torch.from_numpy(scale).to(device).view(1, 3, 1, 1)
@@ -169,8 +171,8 @@ class FramePreprocess:
         a small GPU), frame by frame; a frame it has no room for alone is preprocessed on the
         host (``edgecap.preprocess``, whose pixels these are): every frame gets its input, none
         fails the others."""
-        try:
-            return self.normalised(torch.from_numpy(np.stack(group)).to(self.device), brighten)
+        try:  # no name here for the upload: it must not outlive a failed attempt (below)
+            return self.normalised(self._upload(group), brighten)
         except OUT_OF_MEMORY:
             pass  # retried below: the error's traceback holds the failed attempt's tensors
         if self.device.type == "cuda":
@@ -180,6 +182,13 @@ class FramePreprocess:
             return torch.cat(xs), torch.cat(gains)
         host, gain = model_input(Image.fromarray(group[0]), self.pre, brighten)
         return torch.from_numpy(host[None]).to(self.device), torch.full((1,), float(gain), device=self.device)
+
+    def _upload(self, group: list[np.ndarray]) -> torch.Tensor:
+        """Frames of one size -> uint8 (n, H, W, 3) on the device: through the kept buffers of
+        ``staging`` (on CUDA), else stacked by ``np.stack`` and copied from there."""
+        if self.staging is None:
+            return torch.from_numpy(np.stack(group)).to(self.device)
+        return self.staging.upload(self.staging.stack(group))
 
     def normalised(self, pixels: torch.Tensor, brighten: bool = False) -> tuple[torch.Tensor, torch.Tensor]:
         """uint8 (n, H, W, 3) -> (the encoder input (n, 3, h, w) float32, resized and with the

@@ -1,0 +1,96 @@
+"""A batch's host-side stack and its copy to the GPU, through kept page-locked buffers.
+
+The torch backend on CUDA takes a batch as separate arrays (the preprocessed images, or the
+decoded frames with ``preprocess="device"``). Stacked by ``np.stack`` into a fresh array, the
+host first faults in every page of it (about half the stack's time at batch 64 on a 2-core
+Intel Xeon: 8.1 against 3.2 ms for 64 preprocessed images, 13.4 against 6.4 ms for 64 VGA
+frames), and the copy to the GPU from pageable memory goes through the driver's own staging
+copy. ``Staging.stack`` writes the batch into a buffer kept for its shape instead, page-locked
+(pinned) on CUDA, and ``Staging.upload`` copies it to the device without blocking the host.
+
+Kept per calling thread (a thread-safe backend's batches run in several threads at once) and
+per shape, the last ``KEPT`` shapes a thread used; a buffer is written again only after its
+last upload has finished (a CUDA event). Where page-locked memory cannot be had (a host short
+of it) the buffer is kept in pageable memory. Not yet timed on a GPU
+(``benchmarks/gpu_check.py`` times it against the fresh stack: "Host-to-GPU copies").
+"""
+
+from __future__ import annotations
+
+import functools
+import threading
+from collections import OrderedDict
+from collections.abc import Callable, Sequence
+from typing import Any
+
+import numpy as np
+import torch
+
+KEPT = 2  # buffers a thread keeps: the preprocessed images' and the frames' shapes, say
+
+
+class Staging:
+    """Kept host buffers for ``device`` (page-locked when it is a CUDA device)."""
+
+    def __init__(self, device: torch.device):
+        self.device = device
+        self.pinned = device.type == "cuda"
+        self._local = threading.local()
+        # the copy to the device, and what says when it has read the buffer (None: it has
+        # when the copy returns): on CUDA a copy that does not block, and an event after it
+        self._copy: Callable[[torch.Tensor], torch.Tensor] = torch.Tensor.clone
+        self._copy_started: Callable[[torch.Tensor], Any] | None = None
+        if self.pinned:
+            self._copy = functools.partial(torch.Tensor.to, device=device, non_blocking=True)
+            self._copy_started = self._recorded_event
+
+    def stack(self, arrays: Sequence[np.ndarray]) -> torch.Tensor:
+        """Arrays of one shape and dtype -> them stacked (N, ...) in this thread's kept host
+        buffer for that shape (made at its first use), once its last upload has finished.
+        The tensor is that buffer: ``upload`` it before this thread stacks that shape again."""
+        first = np.asarray(arrays[0])
+        key = (len(arrays), *first.shape, first.dtype.str)
+        kept: OrderedDict = self._kept()
+        entry = kept.pop(key, None)
+        if entry is None:
+            entry = [self._buffer((len(arrays), *first.shape), first.dtype), None]
+            while len(kept) >= KEPT:
+                kept.popitem(last=False)
+        kept[key] = entry  # the most recently used last
+        buffer, uploaded = entry
+        if uploaded is not None:
+            uploaded.synchronize()  # its last copy to the device has read it
+            entry[1] = None
+        np.stack(arrays, out=buffer.numpy())
+        return buffer
+
+    def upload(self, host: torch.Tensor) -> torch.Tensor:
+        """A ``stack`` result -> a copy of it on the device, the host not waiting for the copy
+        on CUDA; never the buffer itself, which the next ``stack`` of its shape writes again."""
+        out = self._copy(host)
+        if self._copy_started is not None:
+            started = self._copy_started(host)
+            for entry in self._kept().values():
+                if entry[0] is host:
+                    entry[1] = started
+        return out
+
+    def _recorded_event(self, host: torch.Tensor) -> torch.cuda.Event:
+        event = torch.cuda.Event()
+        event.record(torch.cuda.current_stream(self.device))
+        return event
+
+    def _kept(self) -> OrderedDict:
+        kept = getattr(self._local, "kept", None)
+        if kept is None:
+            kept = self._local.kept = OrderedDict()
+        return kept
+
+    def _buffer(self, shape: tuple, dtype: np.dtype) -> torch.Tensor:
+        torch_dtype = torch.from_numpy(np.empty(0, dtype)).dtype
+        if self.pinned:
+            try:
+                return torch.empty(shape, dtype=torch_dtype, pin_memory=True)
+            except RuntimeError:  # no page-locked memory to be had: a pageable buffer, kept
+                pass
+        return torch.empty(shape, dtype=torch_dtype)

@@ -1,0 +1,194 @@
+"""A batch stacked into kept host buffers and copied to the device (``edgecap.backends.staging``,
+the torch backend on CUDA), here on the CPU: the stack is ``np.stack``'s, a buffer is kept per
+thread and shape and written again only after its last upload has finished, an upload never
+hands out the buffer itself, and a Captioner whose backend stages its batches captions as one
+that does not."""
+
+from __future__ import annotations
+
+import threading
+
+import numpy as np
+import pytest
+from PIL import Image
+
+torch = pytest.importorskip("torch")
+
+from edgecap import Captioner, CaptionOptions  # noqa: E402
+from edgecap.backends.staging import KEPT, Staging  # noqa: E402
+
+CPU = torch.device("cpu")
+
+
+def _images(rng, n: int, shape=(3, 8, 10), dtype=np.float32) -> list[np.ndarray]:
+    if dtype == np.uint8:
+        return [rng.integers(0, 256, shape, np.uint8) for _ in range(n)]
+    return [rng.random(shape, np.float32) for _ in range(n)]
+
+
+@pytest.mark.parametrize("dtype", [np.float32, np.uint8])
+def test_the_stack_is_np_stack_s_and_the_upload_a_copy_of_it(dtype):
+    rng = np.random.default_rng(0)
+    staging = Staging(CPU)
+    images = _images(rng, 3, dtype=dtype)
+    stacked = staging.stack(images)
+    np.testing.assert_array_equal(stacked.numpy(), np.stack(images))
+    assert stacked.numpy().dtype == np.dtype(dtype)
+    uploaded = staging.upload(stacked)
+    assert uploaded.data_ptr() != stacked.data_ptr()
+    # the next batch of that shape is written into the same buffer: the upload keeps its values
+    again = staging.stack(_images(rng, 3, dtype=dtype))
+    assert again.data_ptr() == stacked.data_ptr()
+    np.testing.assert_array_equal(uploaded.numpy(), np.stack(images))
+
+
+def test_a_buffer_is_kept_per_shape_the_last_two_a_thread_used():
+    rng = np.random.default_rng(1)
+    staging = Staging(CPU)
+    assert KEPT == 2
+    a = staging.stack(_images(rng, 2)).data_ptr()
+    b = staging.stack(_images(rng, 4)).data_ptr()  # another batch size: another buffer
+    frames = staging.stack(_images(rng, 2, (5, 6, 3), np.uint8)).data_ptr()  # a third shape: a dropped
+    assert len({a, b, frames}) == 3
+    assert staging.stack(_images(rng, 4)).data_ptr() == b  # kept (used second to last)
+    assert staging.stack(_images(rng, 2, (5, 6, 3), np.uint8)).data_ptr() == frames
+    assert len(staging._kept()) == 2 and (2, 3, 8, 10, "<f4") not in staging._kept()
+
+
+def test_each_thread_stacks_into_buffers_of_its_own():
+    """A thread-safe backend runs batches in several threads at once: two threads never write
+    one buffer (each keeps its own, and each stack holds its own thread's images)."""
+    staging = Staging(CPU)
+    rng = np.random.default_rng(2)
+    batches = [_images(rng, 4), _images(rng, 4)]
+    barrier = threading.Barrier(2)
+    got: dict[int, tuple[int, np.ndarray]] = {}
+
+    def work(i: int) -> None:
+        stacked = staging.stack(batches[i])
+        barrier.wait()  # both stacked before either reads its stack back
+        got[i] = (stacked.data_ptr(), staging.upload(stacked).numpy())
+
+    threads = [threading.Thread(target=work, args=(i,)) for i in range(2)]
+    for t in threads:
+        t.start()
+    for t in threads:
+        t.join()
+    assert got[0][0] != got[1][0]
+    for i in range(2):
+        np.testing.assert_array_equal(got[i][1], np.stack(batches[i]))
+
+
+class _Copy:
+    """A copy to the device still running: its event's ``synchronize`` finishes it (reads the
+    buffer, as the GPU's copy engine would) and says when that was."""
+
+    def __init__(self, buffer: torch.Tensor, log: list):
+        self.buffer, self.log, self.copied = buffer, log, None
+
+    def synchronize(self) -> None:
+        self.copied = self.buffer.numpy().copy()
+        self.log.append("synchronize")
+
+
+def test_a_buffer_is_written_again_only_after_its_last_upload_has_finished():
+    """On CUDA an upload does not wait for its copy: the next stack of that shape waits for it
+    (the upload's event) before it writes, so the copy reads the batch it was given."""
+    rng = np.random.default_rng(3)
+    staging = Staging(CPU)
+    log: list = []
+    copies: list[_Copy] = []
+
+    def copy_started(host: torch.Tensor) -> _Copy:
+        copies.append(_Copy(host, log))
+        return copies[-1]
+
+    staging._copy_started = copy_started  # what upload records on CUDA: a CUDA event
+    first = _images(rng, 2)
+    staging.upload(staging.stack(first))
+    log.append("stacked again")
+    staging.stack(_images(rng, 2))
+    assert log == ["stacked again", "synchronize"]  # waited, inside the second stack
+    np.testing.assert_array_equal(copies[0].copied, np.stack(first))
+    staging.stack(_images(rng, 2))  # no upload since: nothing to wait for
+    assert log == ["stacked again", "synchronize"]
+
+
+def test_without_page_locked_memory_the_buffer_is_kept_pageable():
+    """torch without a GPU has no page-locked memory (as a host short of it): the staging of a
+    CUDA device keeps its buffers in pageable memory and stacks as before."""
+    staging = Staging(torch.device("cuda"))
+    assert staging.pinned
+    images = _images(np.random.default_rng(4), 3)
+    stacked = staging.stack(images)
+    assert not stacked.is_pinned()
+    np.testing.assert_array_equal(stacked.numpy(), np.stack(images))
+
+
+@pytest.mark.parametrize("preprocess", ["host", "device"])
+def test_a_captioner_that_stages_its_batches_captions_as_one_that_does_not(
+    default_model_dir, example_images, preprocess
+):
+    """The torch backend stages on CUDA only; given a staging on the CPU here, its batches go
+    through the kept buffers (the same buffer call after call) with the same captions."""
+    options = CaptionOptions(batch_size=4)
+    plain = Captioner(
+        default_model_dir, backend="torch", device="cpu", options=options, preprocess=preprocess
+    )
+    staged = Captioner(
+        default_model_dir, backend="torch", device="cpu", options=options, preprocess=preprocess
+    )
+    assert plain.backend.staging is None  # on the CPU: np.stack, as before
+    staging = staged.backend.staging = Staging(CPU)
+    if preprocess == "device":
+        staged.backend.frame_preprocess.staging = staging
+    # frames of one size, as a camera's (the device path stacks the frames of each size)
+    photos = [np.asarray(Image.open(p).convert("RGB").resize((400, 300))) for p in example_images]
+    want = plain.caption_batch(photos)
+    got = staged.caption_batch(photos)
+    assert [c.text for c in got] == [c.text for c in want]
+    assert [c.score for c in got] == [c.score for c in want]
+    (buffer,) = (entry[0] for entry in staging._kept().values())
+    pointer = buffer.data_ptr()
+    assert [c.text for c in staged.caption_batch(photos)] == [c.text for c in want]
+    assert [entry[0].data_ptr() for entry in staging._kept().values()] == [pointer]
+
+
+@pytest.mark.gpu
+def test_on_the_gpu_the_buffer_is_page_locked_and_the_copies_hold_each_batch():
+    """On CUDA: the kept buffer is page-locked, an upload does not wait for its copy, and
+    batch after batch through one buffer each copy on the GPU holds its own batch (the next
+    stack waits for the copy before it writes)."""
+    if not torch.cuda.is_available():
+        pytest.skip("no CUDA GPU")
+    staging = Staging(torch.device("cuda", torch.cuda.current_device()))
+    rng = np.random.default_rng(5)
+    batches = [_images(rng, 64, (480, 640, 3), np.uint8) for _ in range(3)]
+    uploads = []
+    for images in batches:
+        stacked = staging.stack(images)
+        assert stacked.is_pinned()
+        uploads.append(staging.upload(stacked))
+    assert len(staging._kept()) == 1
+    torch.cuda.synchronize()
+    for images, uploaded in zip(batches, uploads):
+        assert uploaded.is_cuda
+        np.testing.assert_array_equal(uploaded.cpu().numpy(), np.stack(images))
+
+
+@pytest.mark.gpu
+def test_on_the_gpu_the_staged_captions_are_the_captions(default_model_dir, example_images):
+    """The torch backend on CUDA stages its batches (host and device preprocessing, with and
+    without graphs) and captions as the CPU does."""
+    if not torch.cuda.is_available():
+        pytest.skip("no CUDA GPU")
+    photos = [np.asarray(Image.open(p).convert("RGB").resize((400, 300))) for p in example_images]
+    want = [c.text for c in Captioner(default_model_dir, backend="torch", device="cpu").caption_batch(photos)]
+    for preprocess in ("host", "device"):
+        for graphs in (False, True):
+            cap = Captioner(
+                default_model_dir, backend="torch", device="cuda", preprocess=preprocess, cuda_graphs=graphs
+            )
+            assert cap.backend.staging is not None
+            for _ in range(2):  # the second batch through the kept buffer
+                assert [c.text for c in cap.caption_batch(photos)] == want, (preprocess, graphs)
