@@ -114,6 +114,22 @@ def test_a_buffer_is_written_again_only_after_its_last_upload_has_finished():
     assert log == ["stacked again", "synchronize"]
 
 
+def test_a_batch_over_the_limit_is_stacked_into_a_new_array_each_time(monkeypatch):
+    """A batch larger than ``KEEP_AT_MOST`` bytes is not kept: a new array each time, nothing
+    kept for it, its upload a copy all the same."""
+    from edgecap.backends import staging as module
+
+    rng = np.random.default_rng(6)
+    images = _images(rng, 3)  # 3 x 3 x 8 x 10 float32: 2,880 bytes
+    monkeypatch.setattr(module, "KEEP_AT_MOST", 2879)
+    staging = Staging(CPU)
+    first, second = staging.stack(images), staging.stack(images)
+    assert first.data_ptr() != second.data_ptr() and len(staging._kept()) == 0
+    np.testing.assert_array_equal(staging.upload(first).numpy(), np.stack(images))
+    monkeypatch.setattr(module, "KEEP_AT_MOST", 2880)  # at the limit: kept
+    assert staging.stack(images).data_ptr() == staging.stack(images).data_ptr()
+
+
 def test_without_page_locked_memory_the_buffer_is_kept_pageable():
     """torch without a GPU has no page-locked memory (as a host short of it): the staging of a
     CUDA device keeps its buffers in pageable memory and stacks as before."""

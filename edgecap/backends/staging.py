@@ -9,10 +9,11 @@ copy. ``Staging.stack`` writes the batch into a buffer kept for its shape instea
 (pinned) on CUDA, and ``Staging.upload`` copies it to the device without blocking the host.
 
 Kept per calling thread (a thread-safe backend's batches run in several threads at once) and
-per shape, the last ``KEPT`` shapes a thread used; a buffer is written again only after its
-last upload has finished (a CUDA event). Where page-locked memory cannot be had (a host short
-of it) the buffer is kept in pageable memory. Not yet timed on a GPU
-(``benchmarks/gpu_check.py`` times it against the fresh stack: "Host-to-GPU copies").
+per shape, the last ``KEPT`` shapes a thread used, up to ``KEEP_AT_MOST`` bytes a batch; a
+buffer is written again only after its last upload has finished (a CUDA event). Where
+page-locked memory cannot be had (a host short of it) the buffer is kept in pageable memory.
+Not yet timed on a GPU (``benchmarks/gpu_check.py`` times it against the fresh stack:
+"Host-to-GPU copies").
 """
 
 from __future__ import annotations
@@ -27,6 +28,9 @@ import numpy as np
 import torch
 
 KEPT = 2  # buffers a thread keeps: the preprocessed images' and the frames' shapes, say
+# a batch larger than this (64 frames of 1080p: 398 MB) is stacked into a new array each time,
+# not kept (nor page-locked): memory a host cannot spare for good
+KEEP_AT_MOST = 256 * 2**20
 
 
 class Staging:
@@ -47,8 +51,11 @@ class Staging:
     def stack(self, arrays: Sequence[np.ndarray]) -> torch.Tensor:
         """Arrays of one shape and dtype -> them stacked (N, ...) in this thread's kept host
         buffer for that shape (made at its first use), once its last upload has finished.
-        The tensor is that buffer: ``upload`` it before this thread stacks that shape again."""
+        The tensor is that buffer: ``upload`` it before this thread stacks that shape again.
+        Over ``KEEP_AT_MOST`` bytes: a new array, as ``np.stack`` makes it."""
         first = np.asarray(arrays[0])
+        if len(arrays) * first.nbytes > KEEP_AT_MOST:
+            return torch.from_numpy(np.stack(arrays))
         key = (len(arrays), *first.shape, first.dtype.str)
         kept: OrderedDict = self._kept()
         entry = kept.pop(key, None)
