@@ -455,6 +455,45 @@ def test_equal_endings_keep_the_first(fixed):
     _same(host, device)
 
 
+@pytest.mark.parametrize("fixed", LOOPS)
+def test_equal_endings_of_different_rows_and_steps_come_step_by_step(fixed):
+    """The endings come as the numpy loop collects them, step by step and row by row within a
+    step, so a tie between an ending of row 1 at word 1 and one of row 0 at word 2 keeps the
+    earlier step's first. Beam 2, length_penalty 0 (a rank score is the log-probability sum),
+    every value a multiple of 1/8 (exact sums). Word 1: "a" -0.25 (row 0), "b" -0.5 (row 1).
+    Word 2: "a a" -0.5, "a b" -0.625 beat "b a", "b b" (-1.0) and the <end>s, which are in each
+    row's top 3: "a" -0.25 - 4 = -4.25 (row 0), "b" -0.5 - 2 = -2.5 (row 1). Word 3 (the last):
+    "a a a" -0.75, "a a b" -1.0 (cut at max_length), endings "a a" -0.5 - 2 = -2.5 (row 0) and
+    "a b" -0.625 - 4 = -4.625 (row 1). Best first: "b" and "a a" tie at -2.5 (rank and
+    log-probability): "b", ended a step earlier, first; row by row first would put "a a" first."""
+    table = {
+        (): {"a": -0.25, "b": -0.5},
+        ("a",): {"a": -0.25, "b": -0.375, "<end>": -4.0},
+        ("b",): {"a": -0.5, "b": -0.5, "<end>": -2.0},
+        ("a", "a"): {"a": -0.25, "b": -0.5, "<end>": -2.0},
+        ("a", "b"): {"a": -1.0, "b": -1.5, "<end>": -4.0},
+    }
+    backend = _table(lambda prefix: table[prefix], top_k=3)
+    options = CaptionOptions(beam_size=2, max_length=3, no_repeat_ngram=0, length_penalty=0)
+    device = _device(
+        backend,
+        backend.encode(np.zeros((1, 3, 4, 4), np.float32)),
+        options,
+        fixed=fixed,
+        vocab_size=len(WORDS),
+        endings=True,
+    )
+    got = [([WORDS[w] for w in h.tokens], h.finished, h.rank_score, h.log_prob) for h in device[0]]
+    assert got == [
+        (["b"], True, -2.5, -2.5),
+        (["a", "a"], True, -2.5, -2.5),
+        (["a"], True, -4.25, -4.25),
+        (["a", "b"], True, -4.625, -4.625),
+        (["a", "a", "a"], False, -0.75, -0.75),
+        (["a", "a", "b"], False, -1.0, -1.0),
+    ]
+
+
 class _BrokenFrom:
     """A step that returns a NaN (row 0's best word) from its ``bad``-th call on."""
 
