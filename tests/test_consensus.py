@@ -133,6 +133,21 @@ def test_a_tie_keeps_the_order_given():
     assert [h.tokens for h in order] == [P, Q, [CAT]]
 
 
+def test_the_weighted_sums_add_left_to_right_on_every_python():
+    # Eight one-word candidates: "dog" at 2, 3, 6, 7 and "cat" at 0, 1, 4, 5, the same four rank
+    # scores each (-0.05, -0.1, -0.22, -0.49: w = 1, e^-0.25, e^-0.85, e^-2.2), so exactly their
+    # values tie (F = 1 with their own word, 0 with the other). In floating point, left to right
+    # in the order given: dog 1 + e^-0.85 + e^-0.25 + e^-2.2 = 2.317018873382466, cat e^-2.2 + 1
+    # + e^-0.85 + e^-0.25 = 2.3170188733824655, one unit in the last place less: dog first. A
+    # pairwise (numpy's sum of eight) or compensated (Python 3.12's sum()) total rounds both to
+    # 2.3170188733824655, a tie, and the order given would put cat first.
+    scores = [-0.49, -0.05, -0.05, -0.22, -0.22, -0.1, -0.1, -0.49]
+    words = [CAT, CAT, DOG, DOG, CAT, CAT, DOG, DOG]
+    hyps = [hyp([word], score) for word, score in zip(words, scores)]
+    order = Consensus(()).order(hyps)
+    assert [hyps.index(h) for h in order] == [2, 3, 6, 7, 0, 1, 4, 5]
+
+
 def test_a_caption_of_no_words_agrees_with_nothing_and_warns_of_nothing():
     # "" against H1 and H2: F = 0 both ways (nothing matched), no 0 / 0 anywhere: U("") = 0;
     # U(H1) = (0 + 1 + 0.5405) / 3 = 0.514, U(H2) = (0 + 0.8696 + 1) / 3 = 0.623
