@@ -38,6 +38,7 @@ TEMPERATURE = 0.2  # of the softmax over the candidates' rank scores (mean log-p
 TAG_WEIGHT = 0.05  # per tag word the candidate says
 REPEAT_WEIGHT = 0.1  # per content word said again (each time after its first)
 DANGLING_WEIGHT = 0.1  # a candidate whose last word is one of DANGLING_WORDS
+_CELLS = 1 << 20  # of the pairwise minima computed at once (8 MB of float64)
 ALPHA = 0.85  # F-mean: P R / (ALPHA P + (1 - ALPHA) R)
 CONTENT, FUNCTION = 0.75, 0.25  # what a matched word counts
 # the words that count as function words (each found in the model's vocabulary or skipped)
@@ -124,7 +125,12 @@ class Consensus:
         n, u = len(captions), max(len(column), 1)
         cells = np.array(rows, np.intp) * u + np.array(cols, np.intp)
         bags = np.bincount(cells, np.array(weights, np.float64), minlength=n * u).reshape(n, u)
-        matched = np.minimum(bags[:, None, :], bags[None, :, :]).sum(axis=2)
+        # the pairwise minima a block of rows at a time (at most _CELLS cells): thousands of
+        # endings of many words would otherwise take gigabytes at once
+        block = max(1, _CELLS // (n * u))
+        matched = np.concatenate(
+            [np.minimum(bags[i : i + block, None], bags[None]).sum(axis=2) for i in range(0, n, block)]
+        )
         some = matched > 0  # then both captions have words
         totals = bags.sum(axis=1)
         totals[totals == 0] = 1.0
