@@ -782,6 +782,48 @@ def test_host_share_times_each_part_and_restores_what_it_wraps(tmp_path, monkeyp
     assert after["warm_cpu_ms"]["captions"] < 5
 
 
+def test_malloc_runs_each_variant_in_its_own_process_with_its_tunables(tmp_path, monkeypatch, capsys):
+    """``malloc.py``: each case and variant a process of its own, the tuned one with
+    ``GLIBC_TUNABLES`` and the others without it (even where the caller's environment has
+    it), interleaved round by round; the speed-ups are the default's median over the tuned's
+    and the kept's; a child measures calls and page faults and prints them as one JSON line."""
+    import subprocess
+
+    import malloc
+
+    monkeypatch.setenv("GLIBC_TUNABLES", "glibc.malloc.arena_max=1")
+    calls = []
+    real_run = subprocess.run
+
+    def fake_run(command, *args, env=None, **kwargs):
+        if command[:2] != [sys.executable, malloc.__file__]:  # the machine's description
+            return real_run(command, *args, env=env, **kwargs)
+        variant = command[-1].rsplit(":", 1)[1]
+        calls.append((command[-1], env.get("GLIBC_TUNABLES")))
+        seconds = {"default": 2.0, "tuned": 1.0, "kept": 0.5}[variant] + len(calls) / 1000
+        return subprocess.CompletedProcess(command, 0, json.dumps({"s": seconds, "faults": 10.0}) + "\n", "")
+
+    monkeypatch.setattr(malloc.subprocess, "run", fake_run)
+    malloc.main(["--out", str(tmp_path), "--cases", "torch:8,onnxruntime:2", "--rounds", "2", "--calls", "4"])
+    cases = ("torch:8", "onnxruntime:2")
+    assert [c[0] for c in calls] == [
+        f"{case}:4:{v}" for case in cases for v in ("default", "tuned", "kept")
+    ] * 2
+    # the tunables in the tuned process's environment only
+    assert [c[1] for c in calls[:3]] == [None, malloc.TUNED, None]
+    (torch_row, _) = json.loads((tmp_path / "malloc.json").read_text())["rows"]
+    # calls 1-3 and 7-9: default 2.001 and 2.007 s (median 2.004), tuned 1.002 and 1.008
+    # (1.005), kept 0.503 and 0.509 (0.506)
+    assert [torch_row[v]["s"] for v in ("default", "tuned", "kept")] == pytest.approx([2.004, 1.005, 0.506])
+    assert torch_row["speedup"] == pytest.approx(2.004 / 1.005)
+    assert torch_row["speedup_kept"] == pytest.approx(2.004 / 0.506)
+    assert "| torch | 8 |" in (tmp_path / "malloc.md").read_text()
+
+    assert malloc.child("onnxruntime:1:2:default") == 0
+    got = json.loads(capsys.readouterr().out.strip().splitlines()[-1])
+    assert got["s"] > 0 and got["faults"] >= 0
+
+
 # the shape of TorchInductor's output code (torch 2.13): the wrapper's ``call`` runs the generated
 # kernels (C++ functions on the CPU, Triton kernels' ``.run`` on a GPU) and what it leaves to ATen
 COMPILED_WRAPPER = """

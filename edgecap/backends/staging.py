@@ -2,11 +2,12 @@
 
 The torch backend on CUDA takes a batch as separate arrays (the preprocessed images, or the
 decoded frames with ``preprocess="device"``). Stacked by ``np.stack`` into a fresh array, the
-host first faults in every page of it (about half the stack's time at batch 64 on a 2-core
-Intel Xeon: 8.1 against 3.2 ms for 64 preprocessed images, 13.4 against 6.4 ms for 64 VGA
-frames), and the copy to the GPU from pageable memory goes through the driver's own staging
-copy. ``Staging.stack`` writes the batch into a buffer kept for its shape instead, page-locked
-(pinned) on CUDA, and ``Staging.upload`` copies it to the device without blocking the host.
+host first faults in every page of it (at batch 64 on a 2-core Intel Xeon the stack takes
+0.089 ms an image of preprocessed images into a new array, 0.047 into a kept one; VGA frames
+0.196 and 0.114: ``benchmarks/host_share.py``), and the copy to the GPU from pageable memory
+goes through the driver's own staging copy. ``Staging.stack`` writes the batch into a buffer
+kept for its shape instead, page-locked (pinned) on CUDA, and ``Staging.upload`` copies it to
+the device without blocking the host.
 
 Kept per calling thread (a thread-safe backend's batches run in several threads at once) and
 per shape, the last ``KEPT`` shapes a thread used, up to ``KEEP_AT_MOST`` bytes a batch; a

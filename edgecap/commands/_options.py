@@ -7,6 +7,7 @@ import argparse
 import re
 from dataclasses import fields
 
+from edgecap.allocator import keep_freed_memory
 from edgecap.backends import NAMES, resolve
 from edgecap.backends._checks import max_threads
 from edgecap.contract import Limits
@@ -335,6 +336,11 @@ def load_captioner(args: argparse.Namespace):
         for python, flag in DEVICE_WORDS.items():
             message = message.replace(python, flag)
         raise BackendError(message) from exc
+    device = getattr(captioner.backend, "device", None)
+    if captioner.backend.name == "torch" and getattr(device, "type", None) == "cpu":
+        # its activations from batch 8 on: kept, not faulted in again every call (the process
+        # is the command's own; edgecap.allocator)
+        keep_freed_memory()
     weight = getattr(args, "fusion_weight", None)
     if weight and captioner.fusion is None:  # nothing would be fused: say so instead (as --min-confidence)
         captioner.close()

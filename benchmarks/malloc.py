@@ -1,0 +1,174 @@
+"""glibc's malloc returning big blocks to the system, against keeping them: time per call and
+minor page faults per call of ``Captioner.caption_batch`` on the CPU.
+
+    python benchmarks/malloc.py [--out DIR] [--cases torch:8,torch:64,onnxruntime:64] [--rounds 3]
+
+glibc serves an allocation above its mmap threshold (dynamic, at most 32 MB on 64-bit) with
+fresh pages from the system and gives them back on free, so a buffer that large, made and freed
+in every call, is faulted in (zeroed by the kernel) page by page in every call. The torch
+backend on the CPU makes such buffers for its activations from batch 8 on (64 x 32 x 112 x 112
+float32 is 103 MB); onnxruntime keeps its own arena. ``GLIBC_TUNABLES`` set before the process
+starts (``glibc.malloc.mmap_threshold`` and ``glibc.malloc.trim_threshold`` at 4 GiB: served
+from the heap and kept there) removes the faults, at the price of the process keeping its peak
+memory.
+
+The same from inside the process (``edgecap.allocator.keep_freed_memory``: glibc's ``mallopt``,
+what the command line does for ``--backend torch`` on the CPU) is the third variant, *kept*.
+
+Each case runs in its own process per variant (default / tuned / kept), the variants interleaved for
+``--rounds`` rounds, each process one warm call then ``--calls`` timed ones of the example
+photos repeated to the batch; reported: the median over rounds of each process's median
+seconds a call, and its median minor page faults a call (``getrusage``).
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import os
+import subprocess
+import sys
+from pathlib import Path
+
+sys.path.insert(0, str(Path(__file__).resolve().parent))
+
+import _common as C  # noqa: E402
+
+TUNED = "glibc.malloc.mmap_threshold=4294967296:glibc.malloc.trim_threshold=4294967296"
+# default: glibc as it comes; tuned: GLIBC_TUNABLES at the process's start; kept: the process
+# calls edgecap.allocator.keep_freed_memory() first, as the command line does for torch on the CPU
+VARIANTS = ("default", "tuned", "kept")
+
+
+def build_parser():
+    p = C.argument_parser(__doc__)
+    C.add_out_argument(p)
+    p.add_argument(
+        "--cases",
+        default="torch:8,torch:64,onnxruntime:64",
+        help="backend:batch pairs, comma-separated (default: torch:8,torch:64,onnxruntime:64)",
+    )
+    p.add_argument("--rounds", type=int, default=3, help="interleaved rounds (default: 3)")
+    p.add_argument("--calls", type=int, default=3, help="timed calls per process (default: 3)")
+    p.add_argument("--child", help=argparse.SUPPRESS)  # one measure, in its own process
+    return p
+
+
+def child(spec: str) -> int:
+    """One process's measure: ``spec`` is BACKEND:BATCH:CALLS; prints a JSON line."""
+    import resource
+    import time
+
+    import numpy as np
+
+    from edgecap import Captioner, CaptionOptions
+
+    backend, batch, calls, variant = spec.split(":")
+    if variant == "kept":
+        from edgecap.allocator import keep_freed_memory
+
+        if not keep_freed_memory():
+            raise SystemExit("keep_freed_memory: not glibc, nothing set")
+    n = int(batch)
+    frames = C.example_frames()
+    frames = [frames[i % len(frames)] for i in range(n)]
+    extra = {"device": "cpu"} if backend == "torch" else {}
+    cap = Captioner(backend=backend, options=CaptionOptions(batch_size=n), **extra)
+    cap.caption_batch(frames)
+    seconds, faults = [], []
+    for _ in range(int(calls)):
+        before = resource.getrusage(resource.RUSAGE_SELF).ru_minflt
+        t0 = time.perf_counter()
+        cap.caption_batch(frames)
+        seconds.append(time.perf_counter() - t0)
+        faults.append(resource.getrusage(resource.RUSAGE_SELF).ru_minflt - before)
+    print(json.dumps({"s": float(np.median(seconds)), "faults": float(np.median(faults))}))
+    return 0
+
+
+def measure(backend: str, batch: int, variant: str, calls: int) -> dict:
+    env = {k: v for k, v in os.environ.items() if k != "GLIBC_TUNABLES"}
+    if variant == "tuned":
+        env["GLIBC_TUNABLES"] = TUNED
+    done = subprocess.run(
+        [sys.executable, __file__, "--child", f"{backend}:{batch}:{calls}:{variant}"],
+        env=env,
+        capture_output=True,
+        text=True,
+        check=True,
+    )
+    return json.loads(done.stdout.strip().splitlines()[-1])
+
+
+def main(argv=None) -> int:
+    args = build_parser().parse_args(argv)
+    if args.child:
+        return child(args.child)
+    cases = [(b, int(n)) for b, n in (c.split(":") for c in args.cases.split(","))]
+    got: dict = {(b, n, v): [] for b, n in cases for v in VARIANTS}
+    for r in range(args.rounds):
+        for backend, batch in cases:
+            for variant in VARIANTS:
+                m = measure(backend, batch, variant, args.calls)
+                got[(backend, batch, variant)].append(m)
+                print(
+                    f"round {r + 1}: {backend} batch {batch} {variant}: {m['s']:.3f} s, "
+                    f"{m['faults']:.0f} faults",
+                    file=sys.stderr,
+                )
+    rows = []
+    for backend, batch in cases:
+        row: dict = {"backend": backend, "batch": batch}
+        for variant in VARIANTS:
+            runs = got[(backend, batch, variant)]
+            row[variant] = {
+                "s": C.median([m["s"] for m in runs]),
+                "faults": C.median([m["faults"] for m in runs]),
+                "runs": runs,
+            }
+        row["speedup"] = row["default"]["s"] / row["tuned"]["s"]
+        row["speedup_kept"] = row["default"]["s"] / row["kept"]["s"]
+        rows.append(row)
+    table = C.markdown_table(
+        [
+            "backend",
+            "batch",
+            "s a call",
+            "page faults a call",
+            "tuned: s a call",
+            "page faults",
+            "speed-up",
+            "kept: s a call",
+            "page faults",
+            "speed-up",
+        ],
+        [
+            [
+                r["backend"],
+                r["batch"],
+                r["default"]["s"],
+                r["default"]["faults"],
+                r["tuned"]["s"],
+                r["tuned"]["faults"],
+                f"{r['speedup']:.2f}x",
+                r["kept"]["s"],
+                r["kept"]["faults"],
+                f"{r['speedup_kept']:.2f}x",
+            ]
+            for r in rows
+        ],
+    )
+    markdown = (
+        f"`caption_batch` of the example photos repeated to the batch, on the CPU; each case and "
+        f"variant in its own process, {args.rounds} interleaved rounds, the median of each "
+        f"process's median of {args.calls} calls. tuned: `GLIBC_TUNABLES={TUNED}`; kept: "
+        "`edgecap.allocator.keep_freed_memory()` first (what the command line does for the torch "
+        "backend on the CPU).\n\n"
+        f"Load average: {C.load_average()}.\n\n" + table + "\n"
+    )
+    C.write_results("malloc", {"rows": rows, "tunables": TUNED}, markdown, argv, out=args.out)
+    return 0
+
+
+if __name__ == "__main__":
+    raise SystemExit(main())

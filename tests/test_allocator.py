@@ -1,0 +1,70 @@
+"""``edgecap.allocator``: glibc kept from giving big blocks back, and the command line asking
+for it with the torch backend on the CPU only (docs/performance-options.md)."""
+
+from __future__ import annotations
+
+import json
+import subprocess
+import sys
+import textwrap
+
+import pytest
+
+from edgecap.allocator import keep_freed_memory
+
+glibc_only = pytest.mark.skipif(
+    not sys.platform.startswith("linux") or "glibc" not in " ".join(__import__("platform").libc_ver()),
+    reason="glibc's malloc on Linux",
+)
+
+FAULTS = textwrap.dedent(
+    """
+    import json, resource, sys
+    import numpy as np
+    if sys.argv[1] == "keep":
+        from edgecap.allocator import keep_freed_memory
+        assert keep_freed_memory()
+    counts = []
+    for _ in range(5):  # a 64 MB block made, written and freed, as a batch's activation is
+        before = resource.getrusage(resource.RUSAGE_SELF).ru_minflt
+        block = np.empty(64 * 2**20, np.uint8)
+        block.fill(1)
+        del block
+        counts.append(resource.getrusage(resource.RUSAGE_SELF).ru_minflt - before)
+    print(json.dumps(counts))
+    """
+)
+
+
+def _faults(mode: str) -> list[int]:
+    done = subprocess.run([sys.executable, "-c", FAULTS, mode], capture_output=True, text=True, check=True)
+    return json.loads(done.stdout)
+
+
+@glibc_only
+def test_a_big_block_freed_is_faulted_in_again_unless_kept():
+    """Each time a 64 MB block is made again glibc maps it afresh and the kernel faults it in
+    page by page (hundreds of faults even with transparent huge pages); kept, the block comes
+    back from the heap with no fault after the first time."""
+    plain, kept = _faults("plain"), _faults("keep")
+    assert all(count > 100 for count in plain[1:]), plain
+    assert kept[0] > 100 and kept[1:] == [0, 0, 0, 0], kept
+
+
+def test_elsewhere_than_linux_nothing_is_set(monkeypatch):
+    monkeypatch.setattr(sys, "platform", "darwin")
+    assert keep_freed_memory() is False
+
+
+@pytest.mark.parametrize(("backend", "asked"), [("torch", True), ("onnxruntime", False)])
+def test_the_command_line_keeps_memory_for_the_torch_backend_on_the_cpu(monkeypatch, backend, asked):
+    pytest.importorskip(backend)
+    from edgecap.cli import build_parser
+    from edgecap.commands import _options
+
+    calls = []
+    monkeypatch.setattr(_options, "keep_freed_memory", lambda: calls.append(1) or True)
+    args = build_parser().parse_args(["caption", "x.jpg", "--backend", backend])
+    captioner = _options.load_captioner(args)
+    captioner.close()
+    assert bool(calls) is asked
