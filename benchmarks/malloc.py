@@ -23,7 +23,6 @@ seconds a call, and its median minor page faults a call (``getrusage``).
 
 from __future__ import annotations
 
-import argparse
 import json
 import os
 import subprocess
@@ -50,7 +49,6 @@ def build_parser():
     )
     p.add_argument("--rounds", type=int, default=3, help="interleaved rounds (default: 3)")
     p.add_argument("--calls", type=int, default=3, help="timed calls per process (default: 3)")
-    p.add_argument("--child", help=argparse.SUPPRESS)  # one measure, in its own process
     return p
 
 
@@ -101,9 +99,10 @@ def measure(backend: str, batch: int, variant: str, calls: int) -> dict:
 
 
 def main(argv=None) -> int:
+    argv = sys.argv[1:] if argv is None else argv
+    if len(argv) == 2 and argv[0] == "--child":  # one measure, in a process of its own (measure)
+        return child(argv[1])
     args = build_parser().parse_args(argv)
-    if args.child:
-        return child(args.child)
     cases = [(b, int(n)) for b, n in (c.split(":") for c in args.cases.split(","))]
     got: dict = {(b, n, v): [] for b, n in cases for v in VARIANTS}
     for r in range(args.rounds):
