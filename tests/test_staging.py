@@ -141,6 +141,71 @@ def test_without_page_locked_memory_the_buffer_is_kept_pageable():
     np.testing.assert_array_equal(stacked.numpy(), np.stack(images))
 
 
+def test_on_cuda_the_event_is_recorded_after_the_copy_on_the_stream_of_the_copy_s_gpu(monkeypatch):
+    """What ``Staging`` asks of torch on CUDA, with torch's CUDA calls faked (a second GPU,
+    ``cuda:1``, while the thread's current device is another): the buffer page-locked; the copy
+    to ``cuda:1`` without blocking; then the event recorded on ``cuda:1``'s current stream, the
+    stream the copy was queued on. A CUDA event completes when the work queued on its stream
+    before ``record`` has (cudaEventRecord), so recorded before the copy or on another GPU's
+    stream it would let the next stack overwrite the buffer while the copy still reads it."""
+    log: list = []
+    real_empty = torch.empty
+
+    def empty(*shape, pin_memory=False, **kwargs):
+        log.append(("empty", pin_memory))
+        return real_empty(*shape, **kwargs)  # torch without a GPU has no page-locked memory
+
+    def to(tensor, device=None, non_blocking=False):
+        log.append(("copy", str(device), non_blocking))
+        return tensor.clone()
+
+    class Event:
+        def record(self, stream):
+            log.append(("record", stream))
+
+        def synchronize(self):
+            log.append("synchronize")
+
+    def current_stream(device=None):
+        return f"current stream of {'the current device' if device is None else device}"
+
+    monkeypatch.setattr(torch, "empty", empty)
+    monkeypatch.setattr(torch.Tensor, "to", to)  # before Staging binds its copy
+    monkeypatch.setattr(torch.cuda, "Event", Event)
+    monkeypatch.setattr(torch.cuda, "current_stream", current_stream)
+    staging = Staging(torch.device("cuda", 1))
+    images = _images(np.random.default_rng(7), 2)
+    uploaded = staging.upload(staging.stack(images))
+    assert log == [
+        ("empty", True),
+        ("copy", "cuda:1", True),
+        ("record", "current stream of cuda:1"),
+    ]
+    np.testing.assert_array_equal(uploaded.numpy(), np.stack(images))
+    staging.stack(images)  # the same shape again: waits for that event first
+    assert log[3:] == ["synchronize"]
+
+
+def test_the_torch_backend_s_batch_input_is_the_upload_not_the_kept_buffer():
+    """``TorchBackend.batch_input`` with a staging: the batch's copy (on the device on CUDA), never
+    the kept buffer that the thread's next batch of that shape is written into; without one
+    (the CPU), ``np.stack``'s array."""
+    from types import SimpleNamespace
+
+    from edgecap.backends.torch import TorchBackend
+
+    rng = np.random.default_rng(8)
+    images = _images(rng, 3)
+    staging = Staging(CPU)
+    got = TorchBackend.batch_input(SimpleNamespace(staging=staging), images)
+    (buffer,) = (entry[0] for entry in staging._kept().values())
+    assert got is not buffer and got.data_ptr() != buffer.data_ptr()
+    np.testing.assert_array_equal(got.numpy(), np.stack(images))
+    plain = TorchBackend.batch_input(SimpleNamespace(staging=None), images)
+    assert isinstance(plain, np.ndarray)
+    np.testing.assert_array_equal(plain, np.stack(images))
+
+
 @pytest.mark.parametrize("preprocess", ["host", "device"])
 def test_a_captioner_that_stages_its_batches_captions_as_one_that_does_not(
     default_model_dir, example_images, preprocess
