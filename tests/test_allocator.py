@@ -7,6 +7,7 @@ import json
 import subprocess
 import sys
 import textwrap
+from types import SimpleNamespace
 
 import pytest
 
@@ -67,4 +68,27 @@ def test_the_command_line_keeps_memory_for_the_torch_backend_on_the_cpu(monkeypa
     args = build_parser().parse_args(["caption", "x.jpg", "--backend", backend])
     captioner = _options.load_captioner(args)
     captioner.close()
+    assert bool(calls) is asked
+
+
+@pytest.mark.parametrize(("name", "device", "asked"), [("torch", "cpu", True), ("torch", "cuda", False)])
+def test_the_command_line_leaves_the_allocator_alone_for_the_torch_backend_on_a_gpu(
+    monkeypatch, name, device, asked
+):
+    """The torch backend on CUDA keeps its activations on the GPU: the command line asks glibc to
+    keep freed memory for it on the CPU only (a stand-in Captioner, no model loaded)."""
+    torch = pytest.importorskip("torch")
+    import edgecap.api
+    from edgecap.cli import build_parser
+    from edgecap.commands import _options
+
+    class Captioner:
+        def __init__(self, **kwargs):
+            self.backend = SimpleNamespace(name=name, device=torch.device(device))
+            self.fusion = None
+
+    calls = []
+    monkeypatch.setattr(edgecap.api, "Captioner", Captioner)
+    monkeypatch.setattr(_options, "keep_freed_memory", lambda: calls.append(1) or True)
+    _options.load_captioner(build_parser().parse_args(["caption", "x.jpg", "--backend", "torch"]))
     assert bool(calls) is asked
