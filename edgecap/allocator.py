@@ -14,16 +14,26 @@ by itself: ``edgecap caption``, ``eval`` and ``serve`` do for ``--backend torch`
 from __future__ import annotations
 
 import ctypes
+import os
 import sys
 
 KEEP_BELOW = 2**31 - 1  # bytes: blocks below this come from the heap and the heap is not trimmed
 M_TRIM_THRESHOLD, M_MMAP_THRESHOLD = -1, -3  # glibc's malloc.h
+# what glibc reads the two thresholds from at the process's start: an operator's own choice
+THRESHOLD_VARIABLES = ("MALLOC_MMAP_THRESHOLD_", "MALLOC_TRIM_THRESHOLD_")
+THRESHOLD_TUNABLES = ("glibc.malloc.mmap_threshold", "glibc.malloc.trim_threshold")
 
 
 def keep_freed_memory() -> bool:
     """Set glibc's mmap and trim thresholds to ``KEEP_BELOW`` for this process; True where
-    done, False where the C library is not glibc (musl, macOS, Windows) or refused."""
+    done, False where the C library is not glibc (musl, macOS, Windows) or refused, or where
+    the environment sets either threshold already (left as the operator set it)."""
     if not sys.platform.startswith("linux"):
+        return False
+    tunables = os.environ.get("GLIBC_TUNABLES", "")
+    if any(name in os.environ for name in THRESHOLD_VARIABLES) or any(
+        t in tunables for t in THRESHOLD_TUNABLES
+    ):
         return False
     try:
         libc = ctypes.CDLL(None)  # the process's own C library

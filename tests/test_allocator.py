@@ -92,3 +92,38 @@ def test_the_command_line_leaves_the_allocator_alone_for_the_torch_backend_on_a_
     monkeypatch.setattr(_options, "keep_freed_memory", lambda: calls.append(1) or True)
     _options.load_captioner(build_parser().parse_args(["caption", "x.jpg", "--backend", "torch"]))
     assert bool(calls) is asked
+
+
+@pytest.mark.parametrize(
+    ("name", "value", "set_here"),
+    [
+        ("MALLOC_MMAP_THRESHOLD_", "131072", False),
+        ("MALLOC_TRIM_THRESHOLD_", "131072", False),
+        ("GLIBC_TUNABLES", "glibc.malloc.arena_max=2:glibc.malloc.trim_threshold=131072", False),
+        ("GLIBC_TUNABLES", "glibc.malloc.mmap_threshold=65536", False),
+        ("GLIBC_TUNABLES", "glibc.malloc.arena_max=2", True),  # no threshold of its own
+    ],
+)
+def test_thresholds_the_environment_sets_are_left_as_they_are(monkeypatch, name, value, set_here):
+    """glibc reads its mmap and trim thresholds from the environment at the process's start
+    (``MALLOC_MMAP_THRESHOLD_``, ``MALLOC_TRIM_THRESHOLD_``, or ``GLIBC_TUNABLES``'
+    ``glibc.malloc.mmap_threshold`` / ``trim_threshold``: the glibc manual's "Malloc Tunable
+    Parameters" and "Memory Allocation Tunables"); an operator who set one (a container that
+    must give memory back) keeps it: nothing set, False. A stand-in C library records calls."""
+    from edgecap import allocator
+
+    calls = []
+
+    def mallopt(param, value):
+        calls.append((param, value))
+        return 1
+
+    libc = SimpleNamespace(mallopt=mallopt, gnu_get_libc_version=lambda: b"2.36")
+    monkeypatch.setattr(allocator.sys, "platform", "linux")
+    monkeypatch.setattr(allocator.ctypes, "CDLL", lambda name: libc)
+    for other in ("MALLOC_MMAP_THRESHOLD_", "MALLOC_TRIM_THRESHOLD_", "GLIBC_TUNABLES"):
+        monkeypatch.delenv(other, raising=False)
+    monkeypatch.setenv(name, value)
+    assert keep_freed_memory() is set_here
+    # M_MMAP_THRESHOLD is -3, M_TRIM_THRESHOLD -1 in glibc's malloc.h
+    assert calls == ([(-3, 2**31 - 1), (-1, 2**31 - 1)] if set_here else [])
