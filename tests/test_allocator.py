@@ -45,11 +45,13 @@ def _faults(mode: str) -> list[int]:
 @glibc_only
 def test_a_big_block_freed_is_faulted_in_again_unless_kept():
     """Each time a 64 MB block is made again glibc maps it afresh and the kernel faults it in
-    page by page (hundreds of faults even with transparent huge pages); kept, the block comes
-    back from the heap with no fault after the first time."""
+    again; kept, the block comes back from the heap with no fault after the first time. At
+    least 16 faults a fresh block: one per 2 MiB huge page is 32, which is what a block that
+    lands 2 MiB-aligned takes (numpy asks for huge pages for it): 33 a block in a worker thread
+    on the 2-core Xeon (kernel 6.18, THP madvise), 544 in the main thread there."""
     plain, kept = _faults("plain"), _faults("keep")
-    assert all(count > 100 for count in plain[1:]), plain
-    assert kept[0] > 100 and kept[1:] == [0, 0, 0, 0], kept
+    assert all(count >= 16 for count in plain[1:]), plain
+    assert kept[0] >= 16 and kept[1:] == [0, 0, 0, 0], kept
 
 
 def test_elsewhere_than_linux_nothing_is_set(monkeypatch):
