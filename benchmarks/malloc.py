@@ -15,6 +15,9 @@ memory.
 The same from inside the process (``edgecap.allocator.keep_freed_memory``: glibc's ``mallopt``,
 what the command line does for ``--backend torch`` on the CPU) is the third variant, *kept*.
 
+``train:N`` times one decoder training step of N captions (the shipped decoder's size, random
+features) instead of a ``caption_batch`` call: what ``edgecap train`` does on the CPU.
+
 Each case runs in its own process per variant (default / tuned / kept), the variants interleaved for
 ``--rounds`` rounds, each process one warm call then ``--calls`` timed ones of the example
 photos repeated to the batch; reported: the median over rounds of each process's median
@@ -45,7 +48,8 @@ def build_parser():
     p.add_argument(
         "--cases",
         default="torch:8,torch:64,onnxruntime:64",
-        help="backend:batch pairs, comma-separated (default: torch:8,torch:64,onnxruntime:64)",
+        help="backend:batch pairs, comma-separated; train:N is one decoder training step of N "
+        "captions instead of a caption_batch call (default: torch:8,torch:64,onnxruntime:64)",
     )
     p.add_argument("--rounds", type=int, default=3, help="interleaved rounds (default: 3)")
     p.add_argument("--calls", type=int, default=3, help="timed calls per process (default: 3)")
@@ -68,6 +72,8 @@ def child(spec: str) -> int:
         if not keep_freed_memory():
             raise SystemExit("keep_freed_memory: not glibc, nothing set")
     n = int(batch)
+    if backend == "train":
+        return _train_child(n, int(calls))
     frames = C.example_frames()
     frames = [frames[i % len(frames)] for i in range(n)]
     extra = {"device": "cpu"} if backend == "torch" else {}
@@ -78,6 +84,48 @@ def child(spec: str) -> int:
         before = resource.getrusage(resource.RUSAGE_SELF).ru_minflt
         t0 = time.perf_counter()
         cap.caption_batch(frames)
+        seconds.append(time.perf_counter() - t0)
+        faults.append(resource.getrusage(resource.RUSAGE_SELF).ru_minflt - before)
+    print(json.dumps({"s": float(np.median(seconds)), "faults": float(np.median(faults))}))
+    return 0
+
+
+def _train_child(captions: int, calls: int) -> int:
+    """``train:N``: one decoder training step (teacher forcing, cross-entropy, backward, Adam) of
+    the shipped decoder's size, N captions of 20 words, five an image, on random features."""
+    import resource
+    import time
+
+    import numpy as np
+    import torch
+    import torch.nn.functional as F
+
+    from edgecap.api import default_model_dir
+    from edgecap.backends.torch import TorchBackend
+    from edgecap.manifest import load_manifest
+
+    decoder = TorchBackend(load_manifest(default_model_dir()), device="cpu").decoder.float().train()
+    optimizer = torch.optim.Adam(decoder.parameters(), 1e-4)
+    generator = torch.Generator().manual_seed(0)
+    images = max(1, captions // 5)
+    image_index = torch.arange(captions) % images
+
+    def step() -> None:
+        fmap = torch.randn(images, 49, decoder.cfg.encoder_dim, generator=generator)
+        caps = torch.randint(4, decoder.cfg.vocab_size, (captions, 20), generator=generator)
+        caps[:, 0] = 1
+        logits, targets, _ = decoder(fmap, caps, image_index)
+        optimizer.zero_grad()
+        F.cross_entropy(logits, targets).backward()
+        optimizer.step()
+
+    for _ in range(3):
+        step()
+    seconds, faults = [], []
+    for _ in range(calls):
+        before = resource.getrusage(resource.RUSAGE_SELF).ru_minflt
+        t0 = time.perf_counter()
+        step()
         seconds.append(time.perf_counter() - t0)
         faults.append(resource.getrusage(resource.RUSAGE_SELF).ru_minflt - before)
     print(json.dumps({"s": float(np.median(seconds)), "faults": float(np.median(faults))}))

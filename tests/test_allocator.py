@@ -86,14 +86,17 @@ def test_the_command_line_leaves_the_allocator_alone_for_the_torch_backend_on_a_
 
     class Captioner:
         def __init__(self, **kwargs):
-            self.backend = SimpleNamespace(name=name, device=torch.device(device))
+            calls.append("made")
+            self.backend = SimpleNamespace(name=name, device=torch.device(kwargs["device"] or "cpu"))
             self.fusion = None
 
     calls = []
     monkeypatch.setattr(edgecap.api, "Captioner", Captioner)
-    monkeypatch.setattr(_options, "keep_freed_memory", lambda: calls.append(1) or True)
-    _options.load_captioner(build_parser().parse_args(["caption", "x.jpg", "--backend", "torch"]))
-    assert bool(calls) is asked
+    monkeypatch.setattr(_options, "keep_freed_memory", lambda: calls.append("kept") or True)
+    flags = ["caption", "x.jpg", "--backend", "torch"] + (["--device", device] if device == "cuda" else [])
+    _options.load_captioner(build_parser().parse_args(flags))
+    # before the Captioner is made: before any thread of the model allocates
+    assert calls == (["kept", "made"] if asked else ["made"])
 
 
 @pytest.mark.parametrize(
@@ -129,3 +132,28 @@ def test_thresholds_the_environment_sets_are_left_as_they_are(monkeypatch, name,
     assert keep_freed_memory() is set_here
     # M_MMAP_THRESHOLD is -3, M_TRIM_THRESHOLD -1 in glibc's malloc.h
     assert calls == ([(-3, 2**31 - 1), (-1, 2**31 - 1)] if set_here else [])
+
+
+def test_an_older_glibc_that_refuses_2_gib_keeps_blocks_up_to_32_mib(monkeypatch):
+    """glibc before the limit was lifted refuses an mmap threshold above 32 MiB (mallopt(3):
+    DEFAULT_MMAP_THRESHOLD_MAX, 4 * 1024 * 1024 * sizeof(long) on 64-bit): the threshold is then
+    32 MiB and the trim threshold 2 GiB; one that refuses even that sets nothing more."""
+    from edgecap import allocator
+
+    for other in ("MALLOC_MMAP_THRESHOLD_", "MALLOC_TRIM_THRESHOLD_", "GLIBC_TUNABLES"):
+        monkeypatch.delenv(other, raising=False)
+    monkeypatch.setattr(allocator.sys, "platform", "linux")
+    for most, want, calls_made in (
+        (32 * 2**20, True, [(-3, 2**31 - 1), (-3, 32 * 2**20), (-1, 2**31 - 1)]),
+        (16 * 2**20, False, [(-3, 2**31 - 1), (-3, 32 * 2**20)]),
+    ):
+        calls = []
+
+        def mallopt(param, value, most=most, calls=calls):
+            calls.append((param, value))
+            return int(param != -3 or value <= most)
+
+        libc = SimpleNamespace(mallopt=mallopt, gnu_get_libc_version=lambda: b"2.30")
+        monkeypatch.setattr(allocator.ctypes, "CDLL", lambda name, libc=libc: libc)
+        assert keep_freed_memory() is want
+        assert calls == calls_made

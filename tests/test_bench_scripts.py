@@ -824,6 +824,27 @@ def test_malloc_runs_each_variant_in_its_own_process_with_its_tunables(tmp_path,
     assert got["s"] > 0 and got["faults"] >= 0
 
 
+def test_malloc_times_a_decoder_training_step_for_train_cases(capsys, monkeypatch):
+    """``train:N``: a child that takes optimizer steps (3 warm-up, then the timed calls) and
+    prints its seconds and faults a step as one JSON line."""
+    pytest.importorskip("torch")
+    import malloc
+    import torch
+
+    steps = []
+    step = torch.optim.Adam.step
+
+    def counted(self, *args, **kwargs):
+        steps.append(1)
+        return step(self, *args, **kwargs)
+
+    monkeypatch.setattr(torch.optim.Adam, "step", counted)
+    assert malloc.child("train:5:2:default") == 0
+    got = json.loads(capsys.readouterr().out.strip().splitlines()[-1])
+    assert got["s"] > 0 and got["faults"] >= 0
+    assert len(steps) == 5
+
+
 # the shape of TorchInductor's output code (torch 2.13): the wrapper's ``call`` runs the generated
 # kernels (C++ functions on the CPU, Triton kernels' ``.run`` on a GPU) and what it leaves to ATen
 COMPILED_WRAPPER = """

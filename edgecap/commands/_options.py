@@ -317,6 +317,10 @@ def load_captioner(args: argparse.Namespace):
     threads = threads_value(args.threads)
     workers = decode_workers_value(getattr(args, "decode_workers", None))
     backend_options = gpu_options(args)
+    if resolve(args.backend) == "torch" and (args.device or "cpu") == "cpu":
+        # its activations from batch 8 on: kept, not faulted in again every call (the process
+        # is the command's own; edgecap.allocator), set before any thread of the model starts
+        keep_freed_memory()
     try:
         captioner = Captioner(
             model=args.model,
@@ -336,11 +340,6 @@ def load_captioner(args: argparse.Namespace):
         for python, flag in DEVICE_WORDS.items():
             message = message.replace(python, flag)
         raise BackendError(message) from exc
-    device = getattr(captioner.backend, "device", None)
-    if captioner.backend.name == "torch" and getattr(device, "type", None) == "cpu":
-        # its activations from batch 8 on: kept, not faulted in again every call (the process
-        # is the command's own; edgecap.allocator)
-        keep_freed_memory()
     weight = getattr(args, "fusion_weight", None)
     if weight and captioner.fusion is None:  # nothing would be fused: say so instead (as --min-confidence)
         captioner.close()
