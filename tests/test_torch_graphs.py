@@ -663,3 +663,21 @@ def test_fp16_keeps_the_same_fp32_islands_as_the_fp16_onnx(tiny_model_dir):
     got = half.encode(image).tensors["features"].float().numpy()
     want = reference.encode(image).tensors["features"].numpy()
     assert np.abs(got - want).max() < 0.5  # FP16 features, FP32 islands: close, not equal
+
+
+def test_the_encoder_graph_s_host_staging_buffer_is_made_only_for_host_input(tiny_model_dir):
+    """The Captioner's batches reach the encoder graph already on the device (on CUDA through
+    ``TorchBackend.batch_input``), so a shape's page-locked host buffer is made only when
+    ``encode`` is given host images of it, once; either input gives the same encoding."""
+    backend = TorchBackend(load_manifest(tiny_model_dir), device="cpu", graph_factory=EagerGraph)
+    images = _images(2, seed=13)
+    on_device = backend.encode(torch.from_numpy(images))
+    (entry,) = backend.encoder_graphs.graphs.entries.values()
+    assert entry[1] is None
+    from_host = backend.encode(images)
+    staging = entry[1]
+    assert isinstance(staging, torch.Tensor) and staging.shape == images.shape
+    backend.encode(images)
+    assert entry[1] is staging and backend.encoder_graphs.graphs.made == 1
+    for key, value in on_device.tensors.items():
+        assert torch.equal(from_host.tensors[key], value), key

@@ -239,10 +239,14 @@ class EncoderGraphs:
         whatever the caller's: its buffers, made in the first call, are written by every later
         one (an inference tensor may not be written outside inference mode)."""
         key = tuple(images.shape)
-        graph, staging, image, outputs = self.graphs.get(key, lambda: self._capture(key))
+        entry = self.graphs.get(key, lambda: self._capture(key))
+        graph, staging, image, outputs = entry
         if isinstance(images, torch.Tensor):
             image.copy_(images)
         else:
+            if staging is None:  # made at the first host input of this shape (the Captioner's
+                # batches reach the graph on the device already: TorchBackend.batch_input)
+                staging = entry[1] = _pinned(key, torch.float32, self.device)
             staging.copy_(torch.from_numpy(np.ascontiguousarray(images, np.float32)))
             image.copy_(staging, non_blocking=True)
         graph.replay()
@@ -250,7 +254,6 @@ class EncoderGraphs:
 
     def _capture(self, shape: tuple):
         image = torch.zeros(shape, dtype=torch.float32, device=self.device)
-        staging = _pinned(shape, torch.float32, self.device)
         probe = self.module(image.to(self.dtype))
         outputs = tuple(torch.empty_like(p) for p in probe)
 
@@ -258,7 +261,7 @@ class EncoderGraphs:
             for out, value in zip(outputs, self.module(image.to(self.dtype))):
                 out.copy_(value)
 
-        return self.capture(fn), staging, image, outputs
+        return [self.capture(fn), None, image, outputs]  # the host staging buffer: when needed
 
 
 class StepBuffers:
