@@ -665,19 +665,29 @@ def test_fp16_keeps_the_same_fp32_islands_as_the_fp16_onnx(tiny_model_dir):
     assert np.abs(got - want).max() < 0.5  # FP16 features, FP32 islands: close, not equal
 
 
-def test_the_encoder_graph_s_host_staging_buffer_is_made_only_for_host_input(tiny_model_dir):
-    """The Captioner's batches reach the encoder graph already on the device (on CUDA through
-    ``TorchBackend.batch_input``), so a shape's page-locked host buffer is made only when
-    ``encode`` is given host images of it, once; either input gives the same encoding."""
-    backend = TorchBackend(load_manifest(tiny_model_dir), device="cpu", graph_factory=EagerGraph)
+def test_host_images_reach_the_encoder_graph_through_the_backend_s_staging(tiny_model_dir):
+    """Host images (a caller of ``encode`` with arrays; the Captioner's own batches arrive on the
+    device) go through the backend's kept buffers on CUDA (``staging``; forced on the CPU here:
+    the buffer of that shape kept call after call), else straight in; either way, and from the
+    device, the same encoding, and no page-locked buffer of the graphs' own."""
+    from edgecap.backends.staging import Staging
+
+    manifest = load_manifest(tiny_model_dir)
+    plain = TorchBackend(manifest, device="cpu", graph_factory=EagerGraph)
+    staged = TorchBackend(manifest, device="cpu")
+    staged.staging = Staging(torch.device("cpu"))
+    staged.enable_graphs(EagerGraph)
     images = _images(2, seed=13)
-    on_device = backend.encode(torch.from_numpy(images))
-    (entry,) = backend.encoder_graphs.graphs.entries.values()
-    assert entry[1] is None
-    from_host = backend.encode(images)
-    staging = entry[1]
-    assert isinstance(staging, torch.Tensor) and staging.shape == images.shape
-    backend.encode(images)
-    assert entry[1] is staging and backend.encoder_graphs.graphs.made == 1
-    for key, value in on_device.tensors.items():
-        assert torch.equal(from_host.tensors[key], value), key
+    want = plain.encode(torch.from_numpy(images))
+    assert staged.encoder_graphs.staging is staged.staging
+    for _ in range(2):
+        got = staged.encode(images)
+        for key, value in want.tensors.items():
+            assert torch.equal(got.tensors[key], value), key
+    (buffer, _event), *others = staged.staging._kept().values()
+    assert not others and buffer.shape == images.shape
+    assert staged.encode(images) and staged.staging._kept()[(2, *images.shape[1:], "<f4")][0] is buffer
+    for key, value in plain.encode(images).tensors.items():  # no staging: straight in
+        assert torch.equal(value, want.tensors[key]), key
+    (entry,) = staged.encoder_graphs.graphs.entries.values()
+    assert len(entry) == 3  # the graph, its input, its outputs

@@ -182,6 +182,7 @@ class TorchBackend(Backend):
     compile_search = False  # ... through torch.compile
     fused_search = False  # ... its bookkeeping in one Triton kernel a step
     frame_preprocess: FramePreprocess | None = None  # preprocess="device"
+    staging: Staging | None = None  # on CUDA: the batches' kept page-locked host buffers
     channels_last = False  # the encoder's convolutions in NHWC (``channels_last``)
     manifest: Manifest | None  # None: made from modules in memory (from_modules)
     graph_factory: GraphFactory | None
@@ -263,7 +264,7 @@ class TorchBackend(Backend):
         self.encoder_graphs = (
             None
             if self.encoder_graph is None
-            else EncoderGraphs(self.encoder_graph, self.device, self.image_dtype, capture)
+            else EncoderGraphs(self.encoder_graph, self.device, self.image_dtype, capture, self.staging)
         )
         self.step_graphs = StepGraphs(
             self.step_graph, self.decoder.cfg.vocab_size, self.top_k, self.device, self.dtype, capture

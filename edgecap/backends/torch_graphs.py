@@ -47,6 +47,7 @@ import numpy as np
 import torch
 
 from edgecap.backends.base import DecoderSession, StepResult
+from edgecap.backends.staging import Staging
 from edgecap.errors import BackendError
 
 MAX_KEYS = 8  # graph shapes kept per cache (least recently used dropped beyond this)
@@ -227,28 +228,32 @@ class EncoderGraphs:
     valid after the next batch of the same size is encoded."""
 
     def __init__(
-        self, encoder_graph: torch.nn.Module, device: torch.device, dtype: torch.dtype, capture: GraphFactory
+        self,
+        encoder_graph: torch.nn.Module,
+        device: torch.device,
+        dtype: torch.dtype,
+        capture: GraphFactory,
+        staging: Staging | None = None,
     ):
         self.module, self.device, self.dtype, self.capture = encoder_graph, device, dtype, capture
+        self.staging = staging  # host images' way to the device (the backend's, on CUDA)
         self.graphs = GraphCache()
 
     @torch.inference_mode()
     def run(self, images: np.ndarray | torch.Tensor) -> tuple[torch.Tensor, ...]:
-        """``images`` on the host (through the pinned staging buffer) or already on the device
-        (preprocessed there: copied straight into the graph's input). In inference mode
+        """``images`` already on the device (the Captioner's batches: ``TorchBackend.batch_input``,
+        or preprocessed there), copied straight into the graph's input, or on the host, through
+        ``staging``'s kept page-locked buffer (None: copied as they are). In inference mode
         whatever the caller's: its buffers, made in the first call, are written by every later
         one (an inference tensor may not be written outside inference mode)."""
         key = tuple(images.shape)
-        entry = self.graphs.get(key, lambda: self._capture(key))
-        graph, staging, image, outputs = entry
+        graph, image, outputs = self.graphs.get(key, lambda: self._capture(key))
         if isinstance(images, torch.Tensor):
             image.copy_(images)
+        elif self.staging is not None:
+            image.copy_(self.staging.upload(self.staging.stack(list(images))))
         else:
-            if staging is None:  # made at the first host input of this shape (the Captioner's
-                # batches reach the graph on the device already: TorchBackend.batch_input)
-                staging = entry[1] = _pinned(key, torch.float32, self.device)
-            staging.copy_(torch.from_numpy(np.ascontiguousarray(images, np.float32)))
-            image.copy_(staging, non_blocking=True)
+            image.copy_(torch.from_numpy(np.ascontiguousarray(images, np.float32)))
         graph.replay()
         return tuple(o.clone() for o in outputs)
 
@@ -261,7 +266,7 @@ class EncoderGraphs:
             for out, value in zip(outputs, self.module(image.to(self.dtype))):
                 out.copy_(value)
 
-        return [self.capture(fn), None, image, outputs]  # the host staging buffer: when needed
+        return self.capture(fn), image, outputs
 
 
 class StepBuffers:
