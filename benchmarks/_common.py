@@ -367,6 +367,16 @@ def example_frames() -> list[np.ndarray]:
     return frames
 
 
+def batch_arrays(batch: int, rng, frame: tuple = (480, 640, 3)) -> dict[str, list[np.ndarray]]:
+    """A batch as the torch backend takes it, from separate arrays of random values: its
+    ``preprocessed`` model inputs (float32 3 x 224 x 224 each) and its camera ``frames`` (uint8
+    ``frame``, a VGA frame by default: ``preprocess="device"``'s input)."""
+    return {
+        "preprocessed": [rng.random((3, 224, 224), np.float32) for _ in range(batch)],
+        "frames": [rng.integers(0, 256, frame, np.uint8) for _ in range(batch)],
+    }
+
+
 def image_files(folder: Path, limit: int | None) -> list[Path]:
     files = sorted(p for p in Path(folder).iterdir() if p.suffix.lower() in {".jpg", ".jpeg", ".png"})
     return files[:limit] if limit else files

@@ -678,18 +678,11 @@ def uploads(device: str, report: Report, repeats: int = 20, seed: int = 0) -> li
     cuda = device == "cuda"
     target = torch.device("cuda", torch.cuda.current_device()) if cuda else torch.device(device)
     rng = np.random.default_rng(seed)
-    shapes = {"preprocessed": ((3, 224, 224), np.float32), "frames": (CAMERA_FRAME, np.uint8)}
     rows: list[dict] = []
     for batch in UPLOAD_BATCHES:
-        for what, (shape, dtype) in shapes.items():
+        for what, items in C.batch_arrays(batch, rng, CAMERA_FRAME).items():
             if report.over_budget(f"uploads {what} batch {batch}"):
                 return rows
-            items = [
-                rng.random(shape, np.float32)
-                if dtype == np.float32
-                else rng.integers(0, 256, shape, np.uint8)
-                for _ in range(batch)
-            ]
             staging = Staging(target)
             variants = {
                 "fresh stack only": functools.partial(np.stack, items),
@@ -720,7 +713,7 @@ def uploads(device: str, report: Report, repeats: int = 20, seed: int = 0) -> li
                         "batch": batch,
                         "input": what,
                         "variant": label,
-                        "mb": round(batch * int(np.prod(shape)) * np.dtype(dtype).itemsize / 1e6, 2),
+                        "mb": round(batch * items[0].nbytes / 1e6, 2),
                         "p50_ms": C.median(times),
                         "p95_ms": C.percentile(times, 95),
                     }

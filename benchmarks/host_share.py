@@ -131,9 +131,6 @@ def measure(captioner, frames: list, rounds: int, timers: Timers) -> dict:
     }
 
 
-STACKED = {"preprocessed": ((3, 224, 224), np.float32), "frames": ((480, 640, 3), np.uint8)}
-
-
 def stacks(batch: int, rounds: int) -> dict:
     """The batch's stack before the encoder, ms an image (wall, median of ``rounds`` after one
     warm call): its preprocessed images (float32 3 x 224 x 224) or VGA camera frames (uint8
@@ -144,13 +141,8 @@ def stacks(batch: int, rounds: int) -> dict:
 
     from edgecap.backends.staging import Staging
 
-    rng = np.random.default_rng(0)
     out = {}
-    for what, (shape, dtype) in STACKED.items():
-        if dtype == np.float32:
-            items = [rng.random(shape, np.float32) for _ in range(batch)]
-        else:
-            items = [rng.integers(0, 256, shape, np.uint8) for _ in range(batch)]
+    for what, items in C.batch_arrays(batch, np.random.default_rng(0)).items():
         staging = Staging(torch.device("cpu"))
         for how, call in (("fresh", np.stack), ("kept", staging.stack)):
             call(items)

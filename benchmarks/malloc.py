@@ -57,12 +57,7 @@ def build_parser():
 
 
 def child(spec: str) -> int:
-    """One process's measure: ``spec`` is BACKEND:BATCH:CALLS; prints a JSON line."""
-    import resource
-    import time
-
-    import numpy as np
-
+    """One process's measure: ``spec`` is BACKEND:BATCH:CALLS:VARIANT; prints a JSON line."""
     from edgecap import Captioner, CaptionOptions
 
     backend, batch, calls, variant = spec.split(":")
@@ -79,24 +74,29 @@ def child(spec: str) -> int:
     extra = {"device": "cpu"} if backend == "torch" else {}
     cap = Captioner(backend=backend, options=CaptionOptions(batch_size=n), **extra)
     cap.caption_batch(frames)
+    return _timed(lambda: cap.caption_batch(frames), int(calls))
+
+
+def _timed(call, calls: int) -> int:
+    """``call`` ``calls`` times (after the caller's warm-up): prints the median seconds and
+    minor page faults (``getrusage``) a call as one JSON line."""
+    import resource
+    import time
+
     seconds, faults = [], []
-    for _ in range(int(calls)):
+    for _ in range(calls):
         before = resource.getrusage(resource.RUSAGE_SELF).ru_minflt
         t0 = time.perf_counter()
-        cap.caption_batch(frames)
+        call()
         seconds.append(time.perf_counter() - t0)
         faults.append(resource.getrusage(resource.RUSAGE_SELF).ru_minflt - before)
-    print(json.dumps({"s": float(np.median(seconds)), "faults": float(np.median(faults))}))
+    print(json.dumps({"s": C.median(seconds), "faults": C.median(faults)}))
     return 0
 
 
 def _train_child(captions: int, calls: int) -> int:
     """``train:N``: one decoder training step (teacher forcing, cross-entropy, backward, Adam) of
     the shipped decoder's size, N captions of 20 words, five an image, on random features."""
-    import resource
-    import time
-
-    import numpy as np
     import torch
     import torch.nn.functional as F
 
@@ -121,15 +121,7 @@ def _train_child(captions: int, calls: int) -> int:
 
     for _ in range(3):
         step()
-    seconds, faults = [], []
-    for _ in range(calls):
-        before = resource.getrusage(resource.RUSAGE_SELF).ru_minflt
-        t0 = time.perf_counter()
-        step()
-        seconds.append(time.perf_counter() - t0)
-        faults.append(resource.getrusage(resource.RUSAGE_SELF).ru_minflt - before)
-    print(json.dumps({"s": float(np.median(seconds)), "faults": float(np.median(faults))}))
-    return 0
+    return _timed(step, calls)
 
 
 def measure(backend: str, batch: int, variant: str, calls: int) -> dict:
