@@ -14,7 +14,7 @@ less than wall time) and wall time, per image:
   (``edgecap.decoding.device.unpack``);
 - *consensus*: the choice of the caption among the endings (``Consensus.order``);
 - *captions*: the object tags from the class probabilities and each ``Caption`` (words,
-  confidence, alternatives: ``Captioner._caption_chunk`` after its search);
+  confidence, alternatives: ``Captioner._finished``, the host's work after the search);
 - *preprocess*: each frame to the encoder's input (``timings["preprocess_ms"]``, Pillow and
   numpy on the host; on a GPU ``preprocess="device"`` moves it there).
 
@@ -62,8 +62,6 @@ class Timers:
 
     def __init__(self):
         self.depth = 0
-        self.replaying = False
-        self.searched = None  # the last search's result (one chunk a call: batch_size = the batch)
         self.reset()
 
     def wrap(self, part: str, fn):
@@ -87,7 +85,6 @@ class Timers:
         (the same inputs: the host's caches warm): the last pass's thread CPU time per part."""
         cpu = dict.fromkeys(PARTS, 0.0)
         self.depth = 1  # the calls inside are not counted again
-        self.replaying = True
         try:
             for part, fn, args, kwargs in self.calls:
                 for _ in range(passes):
@@ -97,7 +94,6 @@ class Timers:
                 cpu[part] += spent
         finally:
             self.depth = 0
-            self.replaying = False
         return cpu
 
     def reset(self):
@@ -171,31 +167,10 @@ def main(argv=None) -> int:
     ]
     photos += [np.ascontiguousarray(p[:, ::-1]) for p in photos]
     timers = Timers()
-    kept = (torch_search.unpack, Consensus.order, api.Captioner._caption_chunk, api.Captioner._search)
-
-    def chunk_after_search(self, prepared, return_attention):
-        # the chunk's own time less its search's: the tags and the Captions
-        return timers.wrap("captions", kept[2])(self, prepared, return_attention)
-
-    def search_uncounted(self, batch, return_attention):
-        # the search (encoder, steps, unpack, consensus) is not the captions' part; run warm
-        # again, the captions get the search's result as it was
-        if timers.replaying:
-            return timers.searched
-        depth, timers.depth = timers.depth, 0
-        c0, w0 = time.thread_time(), time.perf_counter()
-        try:
-            timers.searched = kept[3](self, batch, return_attention)
-            return timers.searched
-        finally:
-            timers.cpu["captions"] -= time.thread_time() - c0
-            timers.wall["captions"] -= time.perf_counter() - w0
-            timers.depth = depth
-
+    kept = (torch_search.unpack, Consensus.order, api.Captioner._finished)
     torch_search.unpack = timers.wrap("unpack", kept[0])
     Consensus.order = timers.wrap("consensus", kept[1])
-    api.Captioner._caption_chunk = chunk_after_search
-    api.Captioner._search = search_uncounted
+    api.Captioner._finished = timers.wrap("captions", kept[2])
     rows = []
     try:
         for batch in [int(b) for b in args.batches.split(",")]:
@@ -223,7 +198,7 @@ def main(argv=None) -> int:
                 file=sys.stderr,
             )
     finally:
-        torch_search.unpack, Consensus.order, api.Captioner._caption_chunk, api.Captioner._search = kept
+        torch_search.unpack, Consensus.order, api.Captioner._finished = kept
     table = C.markdown_table(
         [
             "batch",

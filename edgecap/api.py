@@ -170,6 +170,13 @@ class Captioner:
             provider) one per usable CPU core less one, at most 8; on the CPU
             ``edgecap.prefetch.DEFAULT_CPU_DECODE_WORKERS``. The attribute ``decode_workers``
             may be changed between calls. See docs/performance-options.md.
+        overlap: ``caption_batch`` over more than one batch builds each batch's captions (the
+            tags, the confidence, the ``Caption`` objects) in a second thread while the backend
+            works on the next batch, instead of between them; the results are the same and come
+            in the same order. ``iter_captions`` never does: it yields each batch as soon as it
+            is done. None: on a GPU (as ``decode_workers``), where the device waits for the host
+            between batches otherwise. The attribute ``overlap`` may be changed between calls.
+            See docs/performance-options.md.
         threads: intra-op threads of the backend's CPU work (onnxruntime's sessions, torch's
             pool), a positive integer; None: ``DEFAULT_THREADS`` of the backend (onnxruntime:
             one per physical core; torch: 1). torch's setting is process-wide
@@ -191,12 +198,14 @@ class Captioner:
         device: str | None = None,
         threads: int | None = None,
         decode_workers: int | None = None,
+        overlap: bool | None = None,
         **keywords,
     ):
         max_pixels()  # a malformed $EDGECAP_MAX_PIXELS is a ValueError now, not on every image
         max_file_bytes()  # and $EDGECAP_MAX_FILE_BYTES
         threads = check_threads(threads)  # before minutes of loading (a numpy integer: an int)
         check_decode_workers(decode_workers)
+        _check_overlap(overlap)
         if model is not None and not isinstance(model, (str, os.PathLike)):
             raise TypeError(f"model must be a model folder's path or None, got {type(model).__name__}")
         self.manifest = load_manifest(default_model_dir() if model is None else Path(model))
@@ -239,8 +248,11 @@ class Captioner:
         self._release_after_batch = False
         self._largest_batch = 0  # the most images a batch has held (``_run_batch``'s padding)
         self._released = threading.Event()  # close() is done: workers stopped, backend released
-        self._default_decode_workers = default_decode_workers(_on_gpu(name, device, self.backend))
+        on_gpu = _on_gpu(name, device, self.backend)
+        self._default_decode_workers = default_decode_workers(on_gpu)
         self.decode_workers = decode_workers
+        self._default_overlap = on_gpu
+        self.overlap = overlap
         _LIVE.add(self)  # for _after_fork
         # what makes this Captioner again in another process (``__reduce__``)
         self._made_with = (model, backend, device, threads, decode_workers, backend_options)
@@ -268,6 +280,7 @@ class Captioner:
             device=device,
             threads=threads,
             decode_workers=self.decode_workers,  # as set now (the setter), not only when made
+            overlap=self.overlap,
             **backend_options,
         )
         return _made_again, (made_with,)
@@ -295,6 +308,17 @@ class Captioner:
     def decode_workers(self, workers: int | None) -> None:
         check_decode_workers(workers)
         self._decode_workers = self._default_decode_workers if workers is None else int(workers)
+
+    @property
+    def overlap(self) -> bool:
+        """Whether ``caption_batch`` builds a batch's captions while the next one is searched
+        (see the class); may be changed between calls. None: on a GPU."""
+        return self._overlap
+
+    @overlap.setter
+    def overlap(self, overlap: bool | None) -> None:
+        _check_overlap(overlap)
+        self._overlap = self._default_overlap if overlap is None else bool(overlap)
 
     def close(self) -> None:
         """Stop the decoding workers (photos queued for them are not decoded; the ones being
@@ -372,7 +396,9 @@ class Captioner:
         """
         self._check_call(images, color, on_error)
         # "raise": nothing is returned, so the images before a bad one are not captioned for nothing
-        return list(self._results(images, color, return_attention, on_error, before_error=False))
+        return list(
+            self._results(images, color, return_attention, on_error, before_error=False, overlap=self.overlap)
+        )
 
     def iter_captions(
         self,
@@ -416,9 +442,11 @@ class Captioner:
         return_attention: bool,
         on_error: str,
         before_error: bool = True,
+        overlap: bool = False,
     ) -> Iterator[Caption | InputError]:
         """The results in order; ``before_error`` (with "raise"): the images before a bad one in its
-        batch are captioned and yielded before its error is raised."""
+        batch are captioned and yielded before its error is raised. ``overlap``: each batch's
+        captions are built in a second thread while the next batch is searched (``_overlapped``)."""
         # a source that fails (a camera unplugged) ends the images: those read before it are
         # captioned and yielded first, then its error is raised
         iterator = source = _Source(images)
@@ -444,18 +472,56 @@ class Captioner:
             # a consumer that stops early stops the workers too (closed before the pool is
             # handed back)
             stack.enter_context(contextlib.closing(chunks))
-            for chunk in self._until_closed(chunks):
-                if on_error == "raise":
-                    bad = next((i for i, p in enumerate(chunk) if isinstance(p, InputError)), None)
-                    if bad is not None:
-                        # the images before it in its batch are captioned and yielded first:
-                        # the error costs no result that comes before it
-                        if bad and before_error:
-                            yield from self._caption_chunk(chunk[:bad], return_attention)
-                        raise chunk[bad]
-                yield from self._caption_chunk(chunk, return_attention)
+            parts = self._parts(self._until_closed(chunks), on_error, before_error)
+            if overlap:
+                yield from self._overlapped(parts, return_attention, stack)
+            else:
+                for part, error in parts:
+                    yield from self._finished(part, self._searched(part, return_attention))
+                    if error is not None:
+                        raise error
         if source.error is not None:
             raise source.error
+
+    @staticmethod
+    def _parts(
+        chunks: Iterator[list], on_error: str, before_error: bool
+    ) -> Iterator[tuple[list[_Prepared | InputError], InputError | None]]:
+        """Each batch as (what to caption, the error to raise after its results or None). With
+        "raise", a batch with an unusable image is cut before it: the images before it are
+        captioned and yielded first (``before_error``; else none), the error costs no result
+        that comes before it; no batch follows."""
+        for chunk in chunks:
+            if on_error == "raise":
+                bad = next((i for i, p in enumerate(chunk) if isinstance(p, InputError)), None)
+                if bad is not None:
+                    yield (chunk[:bad] if before_error else []), chunk[bad]
+                    return
+            yield chunk, None
+
+    def _overlapped(self, parts, return_attention: bool, stack: contextlib.ExitStack) -> Iterator:
+        """The parts' results in order, each batch's captions built in a second thread (made
+        once a second batch comes) while this thread searches the next batch; the last batch's
+        in this thread, as a call of one batch has all of it. The thread is joined before the
+        call returns or raises (``stack``)."""
+        finisher: ThreadPoolExecutor | None = None
+        pending = None  # the previous batch, searched, its captions not yet built
+        for part, error in parts:
+            finishing = None
+            if pending is not None:
+                if finisher is None:
+                    finisher = stack.enter_context(ThreadPoolExecutor(1, thread_name_prefix="edgecap-finish"))
+                finishing = finisher.submit(self._finished, *pending)
+            searched = self._searched(part, return_attention)  # while the previous one is built
+            if finishing is not None:
+                yield from finishing.result()
+            pending = (part, searched)
+            if error is not None:
+                break
+        if pending is not None:
+            yield from self._finished(*pending)
+            if error is not None:
+                raise error
 
     def _until_closed(self, chunks: Iterator[list]) -> Iterator[list]:
         """``chunks``; the decoding workers shut down under the call by ``close()`` in another
@@ -528,24 +594,25 @@ class Captioner:
                     if pool is not self._pool:  # replaced or closed meanwhile
                         pool.shutdown(wait=False)
 
-    def _caption_chunk(
-        self, prepared: list[_Prepared | InputError], return_attention: bool
-    ) -> list[Caption | InputError]:
-        """Encode and search one batch of at most ``batch_size`` prepared images."""
-        good = [p for p in prepared if isinstance(p, _Prepared)]
-        if not good:
+    def _searched(self, prepared: list[_Prepared | InputError], return_attention: bool):
+        """Encode and search one batch of at most ``batch_size`` prepared images: ``_search``'s
+        result, None for a batch with no usable image."""
+        good = [p.x for p in prepared if isinstance(p, _Prepared)]
+        return self._search(good, return_attention) if good else None
+
+    def _finished(self, prepared: list[_Prepared | InputError], searched) -> list[Caption | InputError]:
+        """One searched batch's results in its order: a ``Caption`` per usable image, its
+        ``InputError`` per unusable one (``_searched``'s result: the host's work after the search)."""
+        if searched is None:
             return [p for p in prepared if isinstance(p, InputError)]  # all of them
-        loaded = [p.x for p in good]
-        hypotheses, probs, encode_ms, decode_ms, seen = self._search(loaded, return_attention)
+        good = [p for p in prepared if isinstance(p, _Prepared)]
+        n = len(good)
+        hypotheses, probs, encode_ms, decode_ms, seen = searched
         if seen is not None and self.options.blank_check:  # the backend's check (on its device)
             good = [replace(p, visible=bool(v)) for p, v in zip(good, seen)]
-        shares = {"encode_ms": encode_ms / len(loaded), "decode_ms": decode_ms / len(loaded)}
-        tags = (
-            [()] * len(loaded)
-            if probs is None
-            else [self.classes.tags(p, self.options.objects) for p in probs]
-        )
-        class_probs = [None] * len(loaded) if probs is None else list(probs)
+        shares = {"encode_ms": encode_ms / n, "decode_ms": decode_ms / n}
+        tags = [()] * n if probs is None else [self.classes.tags(p, self.options.objects) for p in probs]
+        class_probs = [None] * n if probs is None else list(probs)
         done = iter(zip(good, hypotheses, tags, class_probs))
         results: list[Caption | InputError] = []
         for slot in prepared:
@@ -719,6 +786,11 @@ _LIVE: weakref.WeakSet[Captioner] = weakref.WeakSet()
 
 _MADE_AGAIN: dict[str, Captioner] = {}  # this process's Captioners made by unpickling, by arguments
 _MADE_AGAIN_LOCK = threading.Lock()
+
+
+def _check_overlap(overlap: object) -> None:
+    if overlap is not None and not isinstance(overlap, (bool, np.bool_)):
+        raise ValueError(f"overlap must be True, False or None, got {overlap!r}")
 
 
 def _made_again(made_with: dict) -> Captioner:

@@ -731,6 +731,33 @@ def test_step_ops_counts_the_device_search_steps(tmp_path, monkeypatch):
     assert [r["others"] - b["others"] for r, b in zip(after, before)] == [1.0] * len(before)
 
 
+def test_overlap_times_the_calls_with_and_without_it(tmp_path, monkeypatch):
+    """The stand-in search holds the lock for its host work and waits for its device time; with
+    the overlap, a batch's captions (slowed here by 40 ms of waiting: released, as a second
+    thread's work would be on another core) are built during the next batch's wait, so 4
+    batches take about 3 x 40 ms less with it; the figures of both are written."""
+    import overlap
+
+    import edgecap.api as api
+
+    finished = api.Captioner._finished
+
+    def slow_finished(self, prepared, searched):
+        time.sleep(0.04)
+        return finished(self, prepared, searched)
+
+    monkeypatch.setattr(api.Captioner, "_finished", slow_finished)
+    argv = ["--out", str(tmp_path), "--batch", "4", "--batches", "4", "--rounds", "1"]
+    overlap.main([*argv, "--device-ms", "50", "--search-host-ms", "1"])
+    (row,) = json.loads((tmp_path / "overlap.json").read_text())["rows"]
+    assert row["batch"] == 4 and row["batches"] == 4 and row["finishing_ms"] >= 40
+    # off: 4 x (51 + 40) ms; on: the first three batches' 40 ms hidden in the next one's 51
+    assert row["off_ms_per_batch"] - row["on_ms_per_batch"] > 0.5 * 3 * 40 / 4
+    assert row["serial_ms_per_batch"] == pytest.approx(51 + row["finishing_ms"])
+    assert row["ideal_ms_per_batch"] == 51
+    assert "| 4 x 4 | 1.0 + 50.0 |" in (tmp_path / "overlap.md").read_text()
+
+
 def test_host_share_times_each_part_and_restores_what_it_wraps(tmp_path, monkeypatch):
     """Each part of the host's work after the search is timed per image (a stand-in that burns
     about 5 ms of CPU time in every ``Consensus.order`` call, one call an image, raises the
@@ -744,9 +771,9 @@ def test_host_share_times_each_part_and_restores_what_it_wraps(tmp_path, monkeyp
     import edgecap.backends.torch_search as torch_search
     from edgecap.decoding.consensus import Consensus
 
-    kept = (torch_search.unpack, Consensus.order, api.Captioner._caption_chunk, api.Captioner._search)
+    kept = (torch_search.unpack, Consensus.order, api.Captioner._finished)
     host_share.main(["--out", str(tmp_path / "a"), "--batches", "2", "--rounds", "1"])
-    assert (torch_search.unpack, Consensus.order, api.Captioner._caption_chunk, api.Captioner._search) == kept
+    assert (torch_search.unpack, Consensus.order, api.Captioner._finished) == kept
     (before,) = json.loads((tmp_path / "a" / "host_share.json").read_text())["rows"]
     assert before["batch"] == 2 and all(before["cpu_ms"][p] > 0 for p in host_share.PARTS)
     after_search = sum(before["cpu_ms"].values())

@@ -422,6 +422,10 @@ def test_the_default_follows_the_device(fake, monkeypatch):
     assert Captioner(backend="onnxruntime", device="cuda").decode_workers == 5
     assert Captioner(backend="onnxruntime", device="cpu").decode_workers == 0
     assert Captioner(backend="onnxruntime", device="cuda", decode_workers=1).decode_workers == 1
+    # and so does the overlap of a batch's captions with the next batch's search
+    assert Captioner(backend="onnxruntime", device="cuda").overlap is True
+    assert Captioner(backend="onnxruntime", device="cpu").overlap is False
+    assert Captioner(backend="onnxruntime", device="cuda", overlap=False).overlap is False
 
 
 def test_the_file_rate_benchmark_reports_files_and_memory_for_every_setting(tmp_path):

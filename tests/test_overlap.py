@@ -1,0 +1,140 @@
+"""``Captioner(overlap=True)``: ``caption_batch`` over several batches builds each batch's
+captions in a second thread while the next batch is searched. Users rely on the results being
+those of ``overlap=False`` (the same captions, in the input order, a bad input's error in its
+own slot or raised after nothing is returned), on the overlap really happening (the point of
+it on a GPU, where the device otherwise waits for the host between batches), and on nothing
+being left running once the call returns."""
+
+from __future__ import annotations
+
+import threading
+import time
+from pathlib import Path
+
+import numpy as np
+import pytest
+from PIL import Image
+
+import edgecap
+from edgecap import Captioner, InputError
+
+EXAMPLES = sorted(
+    p for p in (Path(edgecap.__file__).parent / "assets" / "examples").iterdir() if p.suffix != ".md"
+)
+
+
+def _photos() -> list:
+    """The example photos, as paths and as arrays (mirrored, so that no two are the same), with
+    an unusable input (bytes of no image) in the middle."""
+    arrays = [np.ascontiguousarray(np.asarray(Image.open(p).convert("RGB"))[:, ::-1]) for p in EXAMPLES]
+    return [*map(str, EXAMPLES[:2]), b"not an image", *map(str, EXAMPLES[2:]), *arrays]
+
+
+def _fields(result):
+    if isinstance(result, InputError):
+        return ("error", str(result))
+    return (
+        result.text,
+        result.score,
+        result.objects,
+        result.confidence,
+        [a.text for a in result.alternatives],
+    )
+
+
+def test_overlap_gives_the_same_results_in_the_same_order(default_model_dir):
+    photos = _photos()
+    with Captioner(default_model_dir, batch_size=2, n_best=2, decode_workers=0) as captioner:
+        assert captioner.overlap is False  # on the CPU, by default
+        plain = captioner.caption_batch(photos, on_error="return")
+        captioner.overlap = True
+        overlapped = captioner.caption_batch(photos, on_error="return")
+        assert [_fields(r) for r in overlapped] == [_fields(r) for r in plain]
+        assert isinstance(overlapped[2], InputError) and len(overlapped) == len(photos) == 9
+        # the captions are the photos' own: the first photo alone gives the first caption
+        assert overlapped[0].text == captioner.caption(photos[0]).text
+        # "raise": the bad input's error, from the third batch on no batch searched
+        with pytest.raises(InputError, match="not an image"):
+            captioner.caption_batch(photos, on_error="raise")
+
+
+def test_overlap_builds_a_batch_s_captions_while_the_next_is_searched(default_model_dir):
+    """The second batch's search waits until the first batch's captions are being built: with the
+    overlap they are, in another thread; without it the wait runs out (the search goes on and
+    the test sees it was not overlapped). The last batch's captions are built in the calling
+    thread, and the second thread is gone when the call returns."""
+    captioner = Captioner(default_model_dir, batch_size=1, decode_workers=0, overlap=True)
+    finishing = threading.Event()
+    seen: dict = {"finished_in": [], "waited": []}
+    search, finished = captioner._search, captioner._finished
+
+    def slow_search(batch, return_attention):
+        if len(seen["waited"]) == 1:  # the second batch: only once the first is being built
+            seen["waited"].append(finishing.wait(timeout=10))
+        else:
+            seen["waited"].append(None)
+        return search(batch, return_attention)
+
+    def recorded_finished(prepared, searched):
+        seen["finished_in"].append(threading.current_thread().name)
+        finishing.set()
+        return finished(prepared, searched)
+
+    captioner._search, captioner._finished = slow_search, recorded_finished
+    before = {t.name for t in threading.enumerate()}
+    results = captioner.caption_batch([str(p) for p in EXAMPLES[:3]])
+    assert seen["waited"][1] is True, "the second batch was searched before the first's captions were built"
+    caller = threading.current_thread().name
+    assert seen["finished_in"][0].startswith("edgecap-finish") and seen["finished_in"][-1] == caller
+    assert {t.name for t in threading.enumerate()} <= before
+    assert [r.text for r in results] == [captioner.caption(str(p)).text for p in EXAMPLES[:3]]
+
+
+def test_one_batch_is_built_in_the_calling_thread(default_model_dir):
+    captioner = Captioner(default_model_dir, batch_size=8, decode_workers=0, overlap=True)
+    threads = []
+    finished = captioner._finished
+
+    def recorded(prepared, searched):
+        threads.append(threading.current_thread().name)
+        return finished(prepared, searched)
+
+    captioner._finished = recorded
+    captioner.caption_batch([str(p) for p in EXAMPLES])
+    assert threads == [threading.current_thread().name]
+
+
+def test_an_error_in_the_next_search_waits_for_the_batch_being_built(default_model_dir):
+    """A search that fails (the backend's error) ends the call with that error, and the second
+    thread has finished building the batch before it when the call raises."""
+    captioner = Captioner(default_model_dir, batch_size=1, decode_workers=0, overlap=True)
+    search, finished = captioner._search, captioner._finished
+    calls = {"search": 0, "built": 0}
+
+    def failing_search(batch, return_attention):
+        calls["search"] += 1
+        if calls["search"] == 2:
+            raise RuntimeError("the device is gone")
+        return search(batch, return_attention)
+
+    def slow_finished(prepared, searched):
+        time.sleep(0.3)  # still building when the next search fails
+        calls["built"] += 1
+        return finished(prepared, searched)
+
+    captioner._search, captioner._finished = failing_search, slow_finished
+    with pytest.raises(RuntimeError, match="the device is gone"):
+        captioner.caption_batch([str(p) for p in EXAMPLES[:3]])
+    assert calls == {"search": 2, "built": 1}
+
+
+@pytest.mark.parametrize("value", ["yes", 1, 0.0])
+def test_overlap_must_be_true_false_or_none(default_model_dir, value):
+    with pytest.raises(ValueError, match="overlap must be True, False or None"):
+        Captioner(default_model_dir, overlap=value)
+    captioner = Captioner(default_model_dir)
+    with pytest.raises(ValueError, match="overlap must be True, False or None"):
+        captioner.overlap = value
+    captioner.overlap = True
+    captioner.overlap = None  # the default again: off on the CPU
+    assert captioner.overlap is False
