@@ -5,16 +5,17 @@ confidence, ``Caption`` objects) in a second thread while the next batch is "sea
     python benchmarks/overlap.py [--out DIR] [--batch 64] [--batches 8] [--device-ms 12.8]
                                  [--search-host-ms 4.4] [--rounds 5]
 
-The shipped model captions the example photos and their mirror images once (onnxruntime on
-the CPU); then every batch's search is replaced by a stand-in that holds the interpreter's lock
-for ``--search-host-ms`` (Python work, as the host's part of a device search: the batch's stack
-and copy, the unpacking, the consensus choice; 4.4 ms is that part at batch 64 on a 2-core
-Intel Xeon, ``benchmarks/results/host_share.md``) and then waits ``--device-ms`` with it
-released, as a CUDA synchronisation does (12.8 ms is 5,000 captions/s at batch 64, issue 24's
-target), and returns the recorded result. The photos' preprocessing is recorded too (on a GPU
-``preprocess="device"`` does it there). What is timed: the calls' wall time, overlap off and
-on alternately, medians; the captions of both are checked equal. What it does not show: the
-GPU's own time, and how the H200 host's cores compare with this one's.
+The shipped model captions the example photos and their mirror images once (onnxruntime on the
+CPU); then every batch's search is replaced by a stand-in that holds the interpreter's lock for
+``--search-host-ms`` (Python work, as the host's part of a device search: the unpacking and the
+consensus choice are 4.4 ms at batch 64 on a 2-core Intel Xeon,
+``benchmarks/results/host_share.md``; the batch's stack, 3-7 ms more there, is left out) and
+then waits ``--device-ms`` with it released, as a CUDA synchronisation does (12.8 ms is 5,000
+captions/s at batch 64, issue 24's target), and returns the recorded result. The photos'
+preprocessing is recorded too (on a GPU ``preprocess="device"`` does it there). What is timed:
+the calls' wall time, overlap off and on alternately, medians; the captions of both are checked
+equal. What it does not show: the GPU's own time, and how the H200 host's cores compare with
+this one's.
 """
 
 from __future__ import annotations
