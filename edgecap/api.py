@@ -170,9 +170,10 @@ class Captioner:
             provider) one per usable CPU core less one, at most 8; on the CPU
             ``edgecap.prefetch.DEFAULT_CPU_DECODE_WORKERS``. The attribute ``decode_workers``
             may be changed between calls. See docs/performance-options.md.
-        overlap: ``caption_batch`` over more than one batch builds each batch's captions (the
-            tags, the confidence, the ``Caption`` objects) in a second thread while the backend
-            works on the next batch, instead of between them; the results are the same and come
+        overlap: ``caption_batch`` over more than one batch does each batch's host work after
+            its search (the device search's result unpacked, the consensus choice, the tags,
+            the confidence, the ``Caption`` objects) in a second thread while the backend works
+            on the next batch, instead of between them; the results are the same and come
             in the same order. ``iter_captions`` never does: it yields each batch as soon as it
             is done. None: on a GPU (as ``decode_workers``), where the device waits for the host
             between batches otherwise. The attribute ``overlap`` may be changed between calls.
@@ -512,7 +513,9 @@ class Captioner:
                 if finisher is None:
                     finisher = stack.enter_context(ThreadPoolExecutor(1, thread_name_prefix="edgecap-finish"))
                 finishing = finisher.submit(self._finished, *pending)
-            searched = self._searched(part, return_attention)  # while the previous one is built
+            # while the previous one is built; this one's unpacking and consensus choice left
+            # to its turn there too
+            searched = self._searched(part, return_attention, deferred=True)
             if finishing is not None:
                 yield from finishing.result()
             pending = (part, searched)
@@ -594,11 +597,14 @@ class Captioner:
                     if pool is not self._pool:  # replaced or closed meanwhile
                         pool.shutdown(wait=False)
 
-    def _searched(self, prepared: list[_Prepared | InputError], return_attention: bool):
+    def _searched(
+        self, prepared: list[_Prepared | InputError], return_attention: bool, deferred: bool = False
+    ):
         """Encode and search one batch of at most ``batch_size`` prepared images: ``_search``'s
-        result, None for a batch with no usable image."""
+        result, None for a batch with no usable image. ``deferred``: its hypotheses a function
+        that gives them (``edgecap.decoding.search``'s), called by ``_finished``."""
         good = [p.x for p in prepared if isinstance(p, _Prepared)]
-        return self._search(good, return_attention) if good else None
+        return self._search(good, return_attention, deferred) if good else None
 
     def _finished(self, prepared: list[_Prepared | InputError], searched) -> list[Caption | InputError]:
         """One searched batch's results in its order: a ``Caption`` per usable image, its
@@ -608,6 +614,10 @@ class Captioner:
         good = [p for p in prepared if isinstance(p, _Prepared)]
         n = len(good)
         hypotheses, probs, encode_ms, decode_ms, seen = searched
+        if callable(hypotheses):  # deferred: the host's work after the search counts as its own
+            t0 = time.perf_counter()
+            hypotheses = hypotheses()
+            decode_ms += (time.perf_counter() - t0) * 1e3
         if seen is not None and self.options.blank_check:  # the backend's check (on its device)
             good = [replace(p, visible=bool(v)) for p, v in zip(good, seen)]
         shares = {"encode_ms": encode_ms / n, "decode_ms": decode_ms / n}
@@ -628,10 +638,11 @@ class Captioner:
             )
         return results
 
-    def _search(self, batch: list[np.ndarray], return_attention: bool):
+    def _search(self, batch: list[np.ndarray], return_attention: bool, deferred: bool = False):
         """batch: model inputs float32 (3, H, W), or for a backend that ``prepares_frames`` RGB
         frames -> (hypotheses per image, class probabilities (N, C), encode ms, decode ms,
-        whether each image holds anything to caption as the backend found (N,) or None)."""
+        whether each image holds anything to caption as the backend found (N,) or None);
+        ``deferred``: the hypotheses a function that gives them."""
         options = self.options
         # A backend with one set of device buffers (TensorRT) runs one batch at a time; close()
         # releases them under the same lock, so no batch runs on released buffers.
@@ -641,7 +652,7 @@ class Captioner:
             self._in_batch = threading.get_ident()
             try:
                 with _batch_running():  # not across a fork, nor into the interpreter's exit
-                    return self._run_batch(batch, return_attention, options)
+                    return self._run_batch(batch, return_attention, options, deferred)
             finally:
                 self._in_batch = None
                 if self._release_after_batch:
@@ -651,7 +662,9 @@ class Captioner:
                     finally:
                         self._released.set()
 
-    def _run_batch(self, batch: list[np.ndarray], return_attention: bool, options: CaptionOptions):
+    def _run_batch(
+        self, batch: list[np.ndarray], return_attention: bool, options: CaptionOptions, deferred: bool = False
+    ):
         """``_search``'s work, in the backend. A backend that captures graphs per batch size
         runs the batch padded with copies of its last image (``Backend.run_size``, up to the
         largest batch this Captioner has run), whose results are dropped."""
@@ -676,11 +689,16 @@ class Captioner:
             self.classes,
             self.fusion,
             return_attention=return_attention,
+            deferred=deferred,
         )
         t2 = time.perf_counter()
         probs = encoded.class_probs
         if size > n:
-            hypotheses = hypotheses[:n]
+            if deferred:
+                found = hypotheses
+                hypotheses = lambda: found()[:n]  # noqa: E731
+            else:
+                hypotheses = hypotheses[:n]
             probs = None if probs is None else probs[:n]
             seen = None if seen is None else seen[:n]
         return hypotheses, probs, (t1 - t0) * 1e3, (t2 - t1) * 1e3, seen

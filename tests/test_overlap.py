@@ -68,12 +68,12 @@ def test_overlap_builds_a_batch_s_captions_while_the_next_is_searched(default_mo
     seen: dict = {"finished_in": [], "waited": []}
     search, finished = captioner._search, captioner._finished
 
-    def slow_search(batch, return_attention):
+    def slow_search(batch, return_attention, deferred=False):
         if len(seen["waited"]) == 1:  # the second batch: only once the first is being built
             seen["waited"].append(finishing.wait(timeout=10))
         else:
             seen["waited"].append(None)
-        return search(batch, return_attention)
+        return search(batch, return_attention, deferred)
 
     def recorded_finished(prepared, searched):
         seen["finished_in"].append(threading.current_thread().name)
@@ -111,11 +111,11 @@ def test_an_error_in_the_next_search_waits_for_the_batch_being_built(default_mod
     search, finished = captioner._search, captioner._finished
     calls = {"search": 0, "built": 0}
 
-    def failing_search(batch, return_attention):
+    def failing_search(batch, return_attention, deferred=False):
         calls["search"] += 1
         if calls["search"] == 2:
             raise RuntimeError("the device is gone")
-        return search(batch, return_attention)
+        return search(batch, return_attention, deferred)
 
     def slow_finished(prepared, searched):
         time.sleep(0.3)  # still building when the next search fails
@@ -138,3 +138,67 @@ def test_overlap_must_be_true_false_or_none(default_model_dir, value):
     captioner.overlap = True
     captioner.overlap = None  # the default again: off on the CPU
     assert captioner.overlap is False
+
+
+def test_the_device_search_s_results_unpacked_later_are_its_own(default_model_dir, monkeypatch):
+    """With the overlap the device search's result is unpacked (and the consensus chosen) in the
+    second thread, while the next batch is searched. Here each batch's host work waits until
+    the next batch's search is over: the whole-decode graph (the CPU stand-in) writes every
+    batch's result into one output buffer, so a result unpacked from it then would be the next
+    batch's. The captions are those without the overlap, the last batch padded (5 photos, 2 a
+    batch) included. The unpacking and the consensus of every batch but the last run in the
+    second thread."""
+    pytest.importorskip("torch")
+    import edgecap.backends.torch_search as torch_search
+    from edgecap.backends.torch_graphs import EagerGraph
+    from edgecap.decoding.consensus import Consensus
+
+    photos = [str(p) for p in EXAMPLES]
+    photos.append(np.ascontiguousarray(np.asarray(Image.open(EXAMPLES[0]).convert("RGB"))[:, ::-1]))
+    captioner = Captioner(
+        default_model_dir,
+        backend="torch",
+        device="cpu",
+        search="device",
+        graph_factory=EagerGraph,
+        batch_size=2,
+    )
+    want = [(c.text, c.score) for c in captioner.caption_batch(photos)]
+    search, finished = captioner._search, captioner._finished
+    searches: list[int] = []
+    built: list[int] = []
+    turn = threading.Condition()
+
+    def counted_search(batch, return_attention, deferred=False):
+        result = search(batch, return_attention, deferred)
+        with turn:
+            searches.append(len(batch))
+            turn.notify_all()
+        return result
+
+    def late_finished(prepared, searched):
+        k = len(built)
+        built.append(k)
+        with turn:  # the next batch's search over first (none after the last)
+            assert turn.wait_for(lambda: len(searches) >= min(k + 2, 3), timeout=60)
+        return finished(prepared, searched)
+
+    where: dict[str, list[str]] = {"unpack": [], "consensus": []}
+
+    def recorded(part, fn):
+        def call(*args, **kwargs):
+            where[part].append(threading.current_thread().name)
+            return fn(*args, **kwargs)
+
+        return call
+
+    monkeypatch.setattr(torch_search, "unpack", recorded("unpack", torch_search.unpack))
+    monkeypatch.setattr(Consensus, "order", recorded("consensus", Consensus.order))
+    captioner._search, captioner._finished = counted_search, late_finished
+    captioner.overlap = True
+    assert [(c.text, c.score) for c in captioner.caption_batch(photos)] == want
+    assert searches == [2, 2, 1] and built == [0, 1, 2]
+    caller = threading.current_thread().name
+    assert [name.startswith("edgecap-finish") for name in where["unpack"]] == [True, True, False]
+    assert [name.startswith("edgecap-finish") for name in where["consensus"]] == [True] * 4 + [False]
+    assert where["consensus"][-1] == caller

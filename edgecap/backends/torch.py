@@ -453,14 +453,19 @@ class TorchBackend(Backend):
             class_probs=None if probs is None else probs.float().cpu().numpy(),
         )
 
-    def search_on_device(self, encoded: Encoded, options, start_id: int, end_id: int, tag_words, fusion):
+    defers_unpacking = True  # search_on_device(deferred=True): see there
+
+    def search_on_device(
+        self, encoded: Encoded, options, start_id: int, end_id: int, tag_words, fusion, deferred: bool = False
+    ):
         """The hook of ``edgecap.decoding.search_with_tags``: each image's hypotheses from the
         beam search on the device (``edgecap.backends.torch_search``), or None where this
         backend searches on the host (``search="host"``; ``"auto"`` on the CPU, or on CUDA for a
-        batch of fewer than ``AUTO_DEVICE_ROWS`` beam rows)."""
+        batch of fewer than ``AUTO_DEVICE_ROWS`` beam rows). ``deferred``: a function of no
+        arguments that unpacks them from the search's result (on the host by then) instead."""
         if not self.on_device or not use_device(self.search_mode, encoded.n_images * options.beam_size):
             return None
-        return self.device_search(encoded, options, start_id, end_id, tag_words, fusion)
+        return self.device_search(encoded, options, start_id, end_id, tag_words, fusion, deferred)
 
     def start(
         self, encoded: Encoded, image_index: np.ndarray, return_attention: bool = False

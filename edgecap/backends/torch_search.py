@@ -60,8 +60,11 @@ class TorchDeviceSearch:
         )
         self.graphs = None if capture is None else DecodeGraphs(self.search, backend.step_graph, capture)
 
-    def __call__(self, encoded, options, start_id: int, end_id: int, tag_words, fusion):
-        """Each image's hypotheses (``search_on_device``)."""
+    def __call__(
+        self, encoded, options, start_id: int, end_id: int, tag_words, fusion, deferred: bool = False
+    ):
+        """Each image's hypotheses (``search_on_device``); ``deferred``: a function that unpacks
+        them from the search's result, copied to the host now, when called."""
         backend = self.backend
         options.validate(backend.top_k)
         rules = rules_for(options, encoded.n_images, tag_words, fusion, encoded.class_probs)
@@ -97,4 +100,10 @@ class TorchDeviceSearch:
                     step, plan, inputs, lms, fixed=backend.device.type == "cuda", checks=DECODE_CHECKS
                 )
                 result = packed.cpu()
-        return unpack(result.numpy(), plan, options.n_best, backend.describe)
+        packed_host = result.numpy()
+        if deferred:
+            # on the CPU .cpu() is the search's own tensor, which the next search (the whole
+            # decode's graph: its output buffer) may write while another thread unpacks this one
+            packed_host = packed_host.copy()
+            return lambda: unpack(packed_host, plan, options.n_best, backend.describe)
+        return unpack(packed_host, plan, options.n_best, backend.describe)

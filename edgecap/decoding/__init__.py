@@ -13,6 +13,7 @@ no thresholds.
 
 from __future__ import annotations
 
+from collections.abc import Callable
 from dataclasses import replace
 from functools import partial
 
@@ -35,9 +36,13 @@ def search(
     classes=None,
     fusion=None,
     return_attention: bool = False,
-) -> list[list[Hypothesis]]:
+    deferred: bool = False,
+):
     """Caption hypotheses for each image of ``encoded`` (best first, up to ``n_best``), with the
-    rules ``options`` asks for. ``classes`` (``edgecap.objects.ObjectClasses``): the image
+    rules ``options`` asks for. ``deferred``: a function of no arguments that returns them
+    instead, the host's work after the search (the device search's result unpacked, the
+    consensus choice) left to whoever calls it (another thread, while the next batch is
+    searched: ``Captioner(overlap=True)``). ``classes`` (``edgecap.objects.ObjectClasses``): the image
     classes whose words the tag bonus or the tag constraint use, read from the encoder's class
     probabilities (None: neither, nor the consensus choice); ``fusion``
     (``edgecap.decoding.fusion.Fusion``): the model's caption language models, fused into each
@@ -58,6 +63,7 @@ def search(
         fusion=fusion,
         return_attention=return_attention,
         consensus=None if classes is None else Consensus(classes.function_ids, classes.dangling_ids),
+        deferred=deferred,
     )
 
 
@@ -72,11 +78,13 @@ def search_with_tags(
     fusion=None,
     return_attention: bool = False,
     consensus: Consensus | None = None,
-) -> list[list[Hypothesis]]:
+    deferred: bool = False,
+):
     """``search`` with each image's tag words given (None or all empty: no tags): the caption
     must say one with ``options.constrained``, else they get ``options.guidance_bonus``. With
     ``options.consensus`` and ``consensus`` given (an unconstrained search), the searches
-    return every place they could have ended and ``consensus`` chooses among them."""
+    return every place they could have ended and ``consensus`` chooses among them.
+    ``deferred``: as ``search``'s."""
     choosing = options.consensus and not options.constrained and consensus is not None
     found = _search(
         backend,
@@ -88,21 +96,38 @@ def search_with_tags(
         tag_words,
         fusion,
         return_attention,
+        deferred,
     )
-    if not choosing:
-        return found
-    assert consensus is not None
-    out = []
-    for image, hyps in enumerate(found):
-        words = () if tag_words is None else tag_words[image]
-        ended = [h for h in hyps if h.finished]
-        out.append((consensus.order(ended, words) + [h for h in hyps if not h.finished])[: options.n_best])
-    return out
+
+    def chosen() -> list[list[Hypothesis]]:
+        hypotheses = found() if callable(found) else found
+        if not choosing:
+            return hypotheses
+        assert consensus is not None
+        out = []
+        for image, hyps in enumerate(hypotheses):
+            words = () if tag_words is None else tag_words[image]
+            ended = consensus.order([h for h in hyps if h.finished], words)
+            out.append((ended + [h for h in hyps if not h.finished])[: options.n_best])
+        return out
+
+    return chosen if deferred else chosen()
 
 
 def _search(
-    backend, encoded, options, start_id, end_id, vocab_size, tag_words, fusion, return_attention
-) -> list[list[Hypothesis]]:
+    backend,
+    encoded,
+    options,
+    start_id,
+    end_id,
+    vocab_size,
+    tag_words,
+    fusion,
+    return_attention,
+    deferred=False,
+) -> list[list[Hypothesis]] | Callable[[], list[list[Hypothesis]]]:
+    """The search's hypotheses; ``deferred``, from a backend that ``defers_unpacking``: a
+    function that unpacks them from its device search's result when called."""
     filters: list[Filter] = [NeverFirst(NEVER_FIRST_IDS)]
     if options.no_repeat_ngram > 0:
         filters.append(NoRepeatNgram(options.no_repeat_ngram, end_id))
@@ -113,7 +138,8 @@ def _search(
     if on_device is not None and partition is None and not return_attention:
         # a backend that runs the same search over its own tensors (the torch backend on
         # CUDA: edgecap.decoding.device); None: it searches on the host after all
-        found = on_device(encoded, options, start_id, end_id, tag_words, fusion)
+        later = {"deferred": True} if deferred and getattr(backend, "defers_unpacking", False) else {}
+        found = on_device(encoded, options, start_id, end_id, tag_words, fusion, **later)
         if found is not None:
             return found
     scorers = scorers_for(
