@@ -40,8 +40,8 @@ targets (8. below), then:
    what the device search buys over the host's; timed regions are bracketed by
    ``torch.cuda.synchronize()``; warm-up calls first;
 5. throughput at batch 64, beam 3 (``THROUGHPUT_MODES``): captions/s from in-memory frames and
-   from preprocessed tensors, and from frames four batches a call with ``Captioner.overlap`` off
-   and on; and files against in-memory frames (``FILE_RATE_MODES``, beam 3,
+   from preprocessed tensors, and (``OVERLAP_MODES``) from frames four batches a call with
+   ``Captioner.overlap`` off and on; and files against in-memory frames (``FILE_RATE_MODES``, beam 3,
    batch 1, 8 and 64, ``file_rate.measure``): captions/s of JPEG files (the photos written
    once at quality 90) and of the same photos decoded in memory, with no decoding workers and
    with the Captioner's default (the next photos decoded in threads while the GPU works); on
@@ -938,7 +938,7 @@ def run_mode(
         result["latency"] = latency(cap, timed, frames, args, mode)
         save(result)
     if cuda and mode["label"] in THROUGHPUT_MODES and not report.over_budget(f"{label} throughput"):
-        result["throughput"] = throughput(cap, frames, args)
+        result["throughput"] = throughput(cap, frames, args, overlap=mode["label"] in OVERLAP_MODES)
     if cuda:
         result["peak_gpu_mib"] = torch.cuda.max_memory_allocated() / 2**20
     del result["unfinished"]
@@ -1110,13 +1110,21 @@ def targets(results: list[dict], device: str, identity: list[dict] | None = None
 
 
 OVERLAP_BATCHES = 4  # batches a call in the throughput's overlap rows
+# the modes whose throughput has those rows (each adds about 10 calls of four batches: not
+# every mode, so that the target modes fit the budget)
+OVERLAP_MODES = (
+    "torch-cuda-fp32-graphs-device",
+    "torch-cuda-fp32-graphs-device-prep-fused",
+    "torch-cuda-fp16-fp32enc-graphs-device-prep-fused",
+)
 
 
-def throughput(cap, frames: list, args, batch: int = 64) -> list[dict]:
+def throughput(cap, frames: list, args, batch: int = 64, overlap: bool = True) -> list[dict]:
     """Captions/s at ``batch``, beam 3: from in-memory frames (``caption_batch``: preprocessing
     on the host, encoder, search), from preprocessed tensors (encoder and search only), and from
-    frames ``OVERLAP_BATCHES`` batches a call with ``overlap`` off and on (the captions of a batch
-    built while the next is searched; at most 5 timed calls each)."""
+    frames ``OVERLAP_BATCHES`` batches a call with ``Captioner.overlap`` off and on (a batch's
+    host work after its search done while the next is searched; at most 5 timed calls each),
+    where ``overlap``."""
     from edgecap.decoding import search
     from edgecap.images import load_rgb, preprocess
 
@@ -1144,22 +1152,22 @@ def throughput(cap, frames: list, args, batch: int = 64) -> list[dict]:
         runner.caption_batch(several)
 
     out = []
-    for what, call, n, repeats in (
+    inputs = [
         ("frames", lambda: runner.caption_batch(images), batch, args.repeats),
         ("tensors", from_tensors, batch, args.repeats),
-        (
-            f"frames x{OVERLAP_BATCHES}, overlap off",
-            lambda: overlapped(False),
-            len(several),
-            min(args.repeats, 5),
-        ),
-        (
-            f"frames x{OVERLAP_BATCHES}, overlap on",
-            lambda: overlapped(True),
-            len(several),
-            min(args.repeats, 5),
-        ),
-    ):
+    ]
+    if overlap:
+        inputs += [
+            (
+                f"frames x{OVERLAP_BATCHES}, overlap {o}",
+                functools.partial(overlapped, o == "on"),
+                len(several),
+                5,
+            )
+            for o in ("off", "on")
+        ]
+    for what, call, n, repeats in inputs:
+        repeats = min(repeats, args.repeats)
         times = []
         warm = args.warmup if n == batch else min(args.warmup, 1)  # the calls of 4 batches: fewer
         for rep in range(warm + repeats):

@@ -551,6 +551,13 @@ def test_issue_24s_target_modes_run_first():
         "torch-cuda-fp16-fp32enc-graphs-device-prep",
         *fused,
     } <= set(gpu_check.THROUGHPUT_MODES)
+    # the overlap's rows in a few of those: the fused ones (the fastest candidates) and the
+    # device search the H200 runs were made with
+    assert set(gpu_check.OVERLAP_MODES) == {
+        "torch-cuda-fp32-graphs-device-prep-fused",
+        "torch-cuda-fp16-fp32enc-graphs-device-prep-fused",
+        "torch-cuda-fp32-graphs-device",
+    } and set(gpu_check.OVERLAP_MODES) <= set(gpu_check.THROUGHPUT_MODES)
     cpu = gpu_check.modes("cpu")
     names = [(step, mode["label"] if mode else None) for step, mode in gpu_check.plan(cpu, [cpu[0]["label"]])]
     assert names == [
