@@ -175,8 +175,9 @@ class Captioner:
             the confidence, the ``Caption`` objects) in a second thread while the backend works
             on the next batch, instead of between them; the results are the same and come
             in the same order. ``iter_captions`` never does: it yields each batch as soon as it
-            is done. None: on a GPU (as ``decode_workers``), where the device waits for the host
-            between batches otherwise. The attribute ``overlap`` may be changed between calls.
+            is done (unless asked: its ``overlap=True``, as ``edgecap caption`` asks with this
+            attribute's value). None: on a GPU (as ``decode_workers``), where the device waits
+            for the host between batches otherwise. The attribute ``overlap`` may be changed between calls.
             See docs/performance-options.md.
         threads: intra-op threads of the backend's CPU work (onnxruntime's sessions, torch's
             pool), a positive integer; None: ``DEFAULT_THREADS`` of the backend (onnxruntime:
@@ -407,9 +408,14 @@ class Captioner:
         color: str = "rgb",
         return_attention: bool = False,
         on_error: str = "raise",
+        overlap: bool = False,
     ) -> Iterator[Caption | InputError]:
         """``caption_batch``, lazily: yields one result per image, in the input order, as soon as
-        its batch of ``batch_size`` images is captioned. ``images`` may be any iterable and is never
+        its batch of ``batch_size`` images is captioned (``overlap=True``: each batch's host work
+        after its search is done while the next batch is searched, as ``caption_batch`` does
+        with the Captioner's ``overlap``, so its results come once the next batch's search is
+        done too: for files, as ``edgecap caption`` passes the Captioner's ``overlap``, not for
+        a live source). ``images`` may be any iterable and is never
         read all at once: without decoding workers (``decode_workers=0``) a generator is read one
         batch at a time; with N workers it is read ahead, up to ``max(batch_size, 2 * N)`` images
         beyond the batch being captioned (``batch_size + max(batch_size, 2 * N)`` before the first
@@ -418,7 +424,8 @@ class Captioner:
         Bad arguments raise here; an unusable image (with "raise") while iterating, once the
         results of every image before it are yielded (its batch's earlier images included)."""
         self._check_call(images, color, on_error)
-        return self._results(images, color, return_attention, on_error)
+        _check_overlap(overlap)
+        return self._results(images, color, return_attention, on_error, overlap=bool(overlap))
 
     def _check_call(self, images, color: str, on_error: str) -> None:
         """The arguments of ``caption_batch`` / ``iter_captions``, checked when called."""

@@ -202,3 +202,50 @@ def test_the_device_search_s_results_unpacked_later_are_its_own(default_model_di
     assert [name.startswith("edgecap-finish") for name in where["unpack"]] == [True, True, False]
     assert [name.startswith("edgecap-finish") for name in where["consensus"]] == [True] * 4 + [False]
     assert where["consensus"][-1] == caller
+
+
+def test_iter_captions_overlaps_when_asked_and_then_yields_a_batch_after_the_next_search(default_model_dir):
+    """``iter_captions(overlap=True)``: the same results; the first batch's come out once the
+    second batch is searched too (without it: after the first search alone)."""
+    photos = _photos()
+    captioner = Captioner(default_model_dir, batch_size=2, decode_workers=0)
+    want = [_fields(r) for r in captioner.caption_batch(photos, on_error="return")]
+    search = captioner._search
+    searched: list[int] = []
+
+    def counted(batch, return_attention, deferred=False):
+        searched.append(len(batch))
+        return search(batch, return_attention, deferred)
+
+    captioner._search = counted
+    for overlap, before_the_first in ((False, 1), (True, 2)):
+        searched.clear()
+        results = captioner.iter_captions(photos, on_error="return", overlap=overlap)
+        first = next(results)
+        assert len(searched) == before_the_first, overlap
+        assert [_fields(first), *map(_fields, results)] == want
+    with pytest.raises(ValueError, match="overlap must be True, False or None"):
+        captioner.iter_captions(photos, overlap="yes")
+
+
+def test_edgecap_caption_asks_iter_captions_for_the_captioner_s_overlap(monkeypatch, capsys):
+    """Over files the command line overlaps as the Captioner does (on a GPU by default: here
+    the GPU default is forced on the CPU), with the captions of the README."""
+    from edgecap import api
+    from edgecap.cli import main
+
+    monkeypatch.setattr(api, "_on_gpu", lambda name, device, backend: True)
+    asked = []
+    real = api.Captioner.iter_captions
+
+    def recorded(self, images, *args, **kwargs):
+        asked.append(kwargs.get("overlap"))
+        return real(self, images, *args, **kwargs)
+
+    monkeypatch.setattr(api.Captioner, "iter_captions", recorded)
+    assert main(["caption", *map(str, EXAMPLES), "--batch-size", "1", "--decode-workers", "0"]) == 0
+    assert asked == [True]
+    readme = (Path(edgecap.__file__).parents[1] / "README.md").read_text().splitlines()
+    lines = [line.replace("edgecap/assets/examples/", "") for line in readme[10:14]]
+    out = [line.split("/")[-1] for line in capsys.readouterr().out.splitlines()]
+    assert out == lines

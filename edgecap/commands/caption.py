@@ -213,8 +213,9 @@ Name = TypeVar("Name")  # what names an input: a path's text, a recording's fram
 
 def _captions(captioner, inputs: Iterable[tuple[Name, object]]) -> Iterator[tuple[Name, Any]]:
     """(name, input) pairs -> (name, Caption or InputError), in order, each batch as soon as the
-    captioner is done with it. An input that is already an ``InputError`` (an empty folder, an
-    unmatched glob) keeps its place without going to the captioner."""
+    captioner is done with it (with the Captioner's ``overlap``, on a GPU: once the next batch
+    is searched too, its host work done meanwhile). An input that is already an ``InputError``
+    (an empty folder, an unmatched glob) keeps its place without going to the captioner."""
     from edgecap.errors import InputError
 
     pulled: deque = deque()  # (name, its InputError or None) read by the captioner, not yet out
@@ -226,7 +227,7 @@ def _captions(captioner, inputs: Iterable[tuple[Name, object]]) -> Iterator[tupl
             if not failed:
                 yield item
 
-    for result in captioner.iter_captions(images(), on_error="return"):
+    for result in captioner.iter_captions(images(), on_error="return", overlap=captioner.overlap):
         while pulled[0][1] is not None:
             yield pulled.popleft()
         yield pulled.popleft()[0], result
