@@ -23,7 +23,8 @@ core's ceiling: 1000 / (the three after the search + preprocess) captions/s.
 
 *stack*: the batch's stack before the encoder (its preprocessed images, or camera frames for
 ``preprocess="device"``), by ``np.stack`` into a new array and into the kept buffer the torch
-backend stages its batches in on CUDA (``edgecap.backends.staging``; pageable here).
+backend stages its batches in on CUDA (``edgecap.backends.staging``; pageable here), by one
+thread and as the staging does it (a large batch shared between threads).
 
 *warm*: each part's calls again on the same inputs right after the call, three times in a row,
 the last one timed. Here the CPU encoder runs between calls on the same core and leaves the
@@ -127,27 +128,43 @@ def measure(captioner, frames: list, rounds: int, timers: Timers) -> dict:
     }
 
 
+STACKS = ("fresh", "kept", "kept_split")
+
+
 def stacks(batch: int, rounds: int) -> dict:
     """The batch's stack before the encoder, ms an image (wall, median of ``rounds`` after one
     warm call): its preprocessed images (float32 3 x 224 x 224) or VGA camera frames (uint8
     480 x 640 x 3, ``preprocess="device"``), by ``np.stack`` into a new array (``fresh``) and
-    into the kept buffer of ``edgecap.backends.staging`` (``kept``, what the torch backend
-    does on CUDA, there page-locked)."""
+    into the kept buffer of ``edgecap.backends.staging`` by one thread (``kept``) and as it
+    stacks (``kept_split``: a large batch shared between ``STACK_THREADS`` threads), what the
+    torch backend does on CUDA, there page-locked. The variants take turns, round by round."""
     import torch
 
-    from edgecap.backends.staging import Staging
+    from edgecap.backends import staging
 
     out = {}
+    threads = staging.STACK_THREADS
     for what, items in C.batch_arrays(batch, np.random.default_rng(0)).items():
-        staging = Staging(torch.device("cpu"))
-        for how, call in (("fresh", np.stack), ("kept", staging.stack)):
+        kept = staging.Staging(torch.device("cpu"))
+
+        def one_thread(arrays, kept=kept):
+            staging.STACK_THREADS = 1
+            try:
+                return kept.stack(arrays)
+            finally:
+                staging.STACK_THREADS = threads
+
+        calls = {"fresh": np.stack, "kept": one_thread, "kept_split": kept.stack}
+        times: dict[str, list[float]] = {how: [] for how in calls}
+        for call in calls.values():
             call(items)
-            times = []
-            for _ in range(rounds):
+        for _ in range(rounds):
+            for how, call in calls.items():
                 t0 = time.perf_counter()
                 call(items)
-                times.append((time.perf_counter() - t0) * 1e3 / batch)
-            out[f"{what}_{how}"] = C.median(times)
+                times[how].append((time.perf_counter() - t0) * 1e3 / batch)
+        for how, spent in times.items():
+            out[f"{what}_{how}"] = C.median(spent)
     return out
 
 
@@ -157,6 +174,7 @@ def main(argv=None) -> int:
 
     import edgecap.api as api
     import edgecap.backends.torch_search as torch_search
+    from edgecap.backends import staging
     from edgecap import Captioner, CaptionOptions
     from edgecap.decoding.consensus import Consensus
     from edgecap.images import load_rgb
@@ -229,15 +247,17 @@ def main(argv=None) -> int:
         ],
     )
     stack_table = C.markdown_table(
-        ["batch", "preprocessed images, fresh", "kept", "VGA frames, fresh", "kept"],
         [
-            [
-                r["batch"],
-                r["stack_ms"]["preprocessed_fresh"],
-                r["stack_ms"]["preprocessed_kept"],
-                r["stack_ms"]["frames_fresh"],
-                r["stack_ms"]["frames_kept"],
-            ]
+            "batch",
+            "preprocessed images, fresh",
+            "kept",
+            "kept, split",
+            "VGA frames, fresh",
+            "kept",
+            "kept, split",
+        ],
+        [
+            [r["batch"], *(r["stack_ms"][f"{w}_{h}"] for w in ("preprocessed", "frames") for h in STACKS)]
             for r in rows
         ],
     )
@@ -252,9 +272,10 @@ def main(argv=None) -> int:
         "The batch's stack before the encoder, ms an image (wall, median): the preprocessed "
         "images (float32 3 x 224 x 224) or VGA frames (uint8 480 x 640 x 3, the device "
         "preprocessing's input) by `np.stack` into a new array (fresh) and into a kept buffer "
-        "(`edgecap.backends.staging`, the torch backend's on CUDA, page-locked there).\n\n"
-        + stack_table
-        + "\n"
+        "(`edgecap.backends.staging`, the torch backend's on CUDA, page-locked there) by one "
+        "thread (kept) and as the staging stacks it (split: a batch of at least "
+        f"{staging.SPLIT_AT_LEAST >> 20} MiB shared between {staging.STACK_THREADS} threads); "
+        "the three take turns.\n\n" + stack_table + "\n"
     )
     C.write_results("host_share", {"rows": rows}, markdown, argv, out=args.out)
     return 0

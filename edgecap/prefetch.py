@@ -37,11 +37,15 @@ def default_decode_workers(on_gpu: bool) -> int:
     least 1 and at most ``MAX_GPU_DECODE_WORKERS``; on the CPU ``DEFAULT_CPU_DECODE_WORKERS``."""
     if not on_gpu:
         return DEFAULT_CPU_DECODE_WORKERS
+    return max(1, min(MAX_GPU_DECODE_WORKERS, usable_cores() - 1))
+
+
+def usable_cores() -> int:
+    """The CPU cores this process may run on."""
     try:
-        cores = len(os.sched_getaffinity(0))
+        return len(os.sched_getaffinity(0))
     except AttributeError:  # not on Linux
-        cores = os.cpu_count() or 1
-    return max(1, min(MAX_GPU_DECODE_WORKERS, cores - 1))
+        return os.cpu_count() or 1
 
 
 def check_decode_workers(workers: object) -> None:

@@ -785,8 +785,10 @@ def test_host_share_times_each_part_and_restores_what_it_wraps(tmp_path, monkeyp
     assert sorted(before["stack_ms"]) == [
         "frames_fresh",
         "frames_kept",
+        "frames_kept_split",
         "preprocessed_fresh",
         "preprocessed_kept",
+        "preprocessed_kept_split",
     ]
     assert all(v > 0 for v in before["stack_ms"].values())
     assert before["ceiling_per_core_device_prep_warm"] == pytest.approx(

@@ -273,3 +273,80 @@ def test_on_the_gpu_the_staged_captions_are_the_captions(default_model_dir, exam
         assert cap.backend.staging is not None
         for _ in range(2):  # the second batch through the kept buffer
             assert [c.text for c in cap.caption_batch(photos)] == want, (preprocess, graphs)
+
+
+@pytest.mark.parametrize("n", [2, 3, 5, 8, 9])
+@pytest.mark.parametrize("dtype", [np.float32, np.uint8])
+def test_a_large_stack_is_split_between_threads_and_is_np_stack_s(monkeypatch, n, dtype):
+    """Over ``SPLIT_AT_LEAST`` bytes the stack is shared out in runs (here 3 threads, the
+    runs uneven where n does not divide): the result is ``np.stack``'s, and another thread
+    wrote part of it; under it, the calling thread alone."""
+    from edgecap.backends import staging as module
+
+    images = _images(np.random.default_rng(n), n, dtype=dtype)
+    stackers: list[str] = []
+    real = np.stack
+
+    def recorded(arrays, *args, **kwargs):
+        stackers.append(threading.current_thread().name)
+        return real(arrays, *args, **kwargs)
+
+    monkeypatch.setattr(module, "STACK_THREADS", 3)
+    monkeypatch.setattr(module.np, "stack", recorded)
+    monkeypatch.setattr(module, "SPLIT_AT_LEAST", images[0].nbytes * n)  # this batch: split
+    out = np.empty((n, *images[0].shape), dtype)
+    module.stack_into(images, out)
+    np.testing.assert_array_equal(out, real(images))
+    assert (
+        len(stackers) == min(3, n)
+        and sum(name.startswith("edgecap-stack") for name in stackers) == min(3, n) - 1
+    )
+    stackers.clear()
+    monkeypatch.setattr(module, "SPLIT_AT_LEAST", images[0].nbytes * n + 1)  # one byte short
+    module.stack_into(images, out)
+    assert stackers == [threading.current_thread().name]
+
+
+def test_a_split_stack_raises_a_bad_array_s_error(monkeypatch):
+    from edgecap.backends import staging as module
+
+    monkeypatch.setattr(module, "STACK_THREADS", 2)
+    monkeypatch.setattr(module, "SPLIT_AT_LEAST", 0)
+    images = _images(np.random.default_rng(0), 4)
+    images[3] = images[3][:, :4]  # in the other thread's run
+    with pytest.raises(ValueError, match="shape"):
+        module.stack_into(images, np.empty((4, 3, 8, 10), np.float32))
+
+
+def test_a_forked_child_stacks_with_threads_of_its_own(monkeypatch):
+    """The pool of stacking threads made before a fork has no threads in the child: the child
+    makes its own (it hung, waiting for the parent's, before it forgot them)."""
+    import os
+    import time
+
+    from edgecap.backends import staging as module
+
+    if not hasattr(os, "fork"):
+        pytest.skip("no fork here")
+    monkeypatch.setattr(module, "STACK_THREADS", 2)
+    monkeypatch.setattr(module, "SPLIT_AT_LEAST", 0)
+    images = _images(np.random.default_rng(0), 4)
+    out = np.empty((4, 3, 8, 10), np.float32)
+    module.stack_into(images, out)  # the pool made, its thread started
+    pid = os.fork()
+    if pid == 0:  # the child: stack, and say whether it came out right
+        try:
+            module.stack_into(images, out)
+            os._exit(0 if np.array_equal(out, np.stack(images)) else 1)
+        finally:
+            os._exit(2)
+    deadline = time.monotonic() + 60
+    while time.monotonic() < deadline:
+        done, status = os.waitpid(pid, os.WNOHANG)
+        if done:
+            assert os.waitstatus_to_exitcode(status) == 0
+            return
+        time.sleep(0.05)
+    os.kill(pid, 9)
+    os.waitpid(pid, 0)
+    pytest.fail("the forked child's stack never finished")
