@@ -408,14 +408,14 @@ class Captioner:
         color: str = "rgb",
         return_attention: bool = False,
         on_error: str = "raise",
-        overlap: bool = False,
+        overlap: bool | None = False,
     ) -> Iterator[Caption | InputError]:
         """``caption_batch``, lazily: yields one result per image, in the input order, as soon as
         its batch of ``batch_size`` images is captioned (``overlap=True``: each batch's host work
         after its search is done while the next batch is searched, as ``caption_batch`` does
         with the Captioner's ``overlap``, so its results come once the next batch's search is
-        done too: for files, as ``edgecap caption`` passes the Captioner's ``overlap``, not for
-        a live source). ``images`` may be any iterable and is never
+        done too: for files, not for a live source; None: the Captioner's ``overlap``, as
+        ``edgecap caption`` asks). ``images`` may be any iterable and is never
         read all at once: without decoding workers (``decode_workers=0``) a generator is read one
         batch at a time; with N workers it is read ahead, up to ``max(batch_size, 2 * N)`` images
         beyond the batch being captioned (``batch_size + max(batch_size, 2 * N)`` before the first
@@ -425,7 +425,8 @@ class Captioner:
         results of every image before it are yielded (its batch's earlier images included)."""
         self._check_call(images, color, on_error)
         _check_overlap(overlap)
-        return self._results(images, color, return_attention, on_error, overlap=bool(overlap))
+        overlap = self.overlap if overlap is None else bool(overlap)
+        return self._results(images, color, return_attention, on_error, overlap=overlap)
 
     def _check_call(self, images, color: str, on_error: str) -> None:
         """The arguments of ``caption_batch`` / ``iter_captions``, checked when called."""
@@ -511,18 +512,38 @@ class Captioner:
         """The parts' results in order, each batch's captions built in a second thread (made
         once a second batch comes) while this thread searches the next batch; the last batch's
         in this thread, as a call of one batch has all of it. The thread is joined before the
-        call returns or raises (``stack``)."""
+        call returns or raises (``stack``). What fails in this thread (the next batch's search,
+        reading the next batch, Ctrl-C) costs no result of a batch searched before it: those
+        are yielded first, as without the overlap. Where no thread can be had (work handed to
+        threads after the interpreter began to exit) the captions are built here."""
         finisher: ThreadPoolExecutor | None = None
         pending = None  # the previous batch, searched, its captions not yet built
-        for part, error in parts:
+        parts = iter(parts)
+        while True:
+            try:
+                part, error = next(parts)
+            except StopIteration:
+                break
+            except BaseException:
+                if pending is not None:
+                    yield from self._finished(*pending)
+                raise
             finishing = None
             if pending is not None:
                 if finisher is None:
                     finisher = stack.enter_context(ThreadPoolExecutor(1, thread_name_prefix="edgecap-finish"))
-                finishing = finisher.submit(self._finished, *pending)
-            # while the previous one is built; this one's unpacking and consensus choice left
-            # to its turn there too
-            searched = self._searched(part, return_attention, deferred=True)
+                try:
+                    finishing = finisher.submit(self._finished, *pending)
+                except RuntimeError:  # the interpreter is exiting: no new work for threads
+                    yield from self._finished(*pending)
+            try:
+                # while the previous one is built; this one's unpacking and consensus choice left
+                # to its turn there too
+                searched = self._searched(part, return_attention, deferred=True)
+            except BaseException:
+                if finishing is not None:
+                    yield from finishing.result()
+                raise
             if finishing is not None:
                 yield from finishing.result()
             pending = (part, searched)

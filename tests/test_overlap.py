@@ -228,24 +228,178 @@ def test_iter_captions_overlaps_when_asked_and_then_yields_a_batch_after_the_nex
         captioner.iter_captions(photos, overlap="yes")
 
 
-def test_edgecap_caption_asks_iter_captions_for_the_captioner_s_overlap(monkeypatch, capsys):
+def test_edgecap_caption_overlaps_as_its_captioner_does(monkeypatch, capsys):
     """Over files the command line overlaps as the Captioner does (on a GPU by default: here
     the GPU default is forced on the CPU), with the captions of the README."""
     from edgecap import api
     from edgecap.cli import main
 
     monkeypatch.setattr(api, "_on_gpu", lambda name, device, backend: True)
-    asked = []
-    real = api.Captioner.iter_captions
+    overlapped = []
+    real = api.Captioner._overlapped
 
-    def recorded(self, images, *args, **kwargs):
-        asked.append(kwargs.get("overlap"))
-        return real(self, images, *args, **kwargs)
+    def recorded(self, *args, **kwargs):
+        overlapped.append(self.overlap)
+        return real(self, *args, **kwargs)
 
-    monkeypatch.setattr(api.Captioner, "iter_captions", recorded)
+    monkeypatch.setattr(api.Captioner, "_overlapped", recorded)
     assert main(["caption", *map(str, EXAMPLES), "--batch-size", "1", "--decode-workers", "0"]) == 0
-    assert asked == [True]
+    assert overlapped == [True]
     readme = (Path(edgecap.__file__).parents[1] / "README.md").read_text().splitlines()
     lines = [line.replace("edgecap/assets/examples/", "") for line in readme[10:14]]
     out = [line.split("/")[-1] for line in capsys.readouterr().out.splitlines()]
     assert out == lines
+
+
+def _failing_at(captioner, n: int, failure):
+    """After the captioner's ``n``-th search, ``failure()``: an exception that search raises
+    instead of returning, or None (``failure`` did something else, such as closing)."""
+    search = captioner._search
+    calls = {"n": 0}
+
+    def failing(batch, return_attention, deferred=False):
+        calls["n"] += 1
+        if calls["n"] != n:
+            return search(batch, return_attention, deferred)
+        result = search(batch, return_attention, deferred)
+        error = failure()
+        if error is not None:
+            raise error
+        return result
+
+    captioner._search = failing
+
+
+def _yielded(captioner, photos, overlap, match):
+    got = []
+    with pytest.raises(Exception, match=match):
+        for result in captioner.iter_captions(photos, on_error="return", overlap=overlap):
+            got.append(_fields(result))
+    return got
+
+
+def test_a_failing_search_costs_no_result_of_a_batch_searched_before_it(default_model_dir):
+    """The third batch's search fails: the two batches before it are yielded first, with the
+    overlap as without (the second one's captions were being built in the other thread)."""
+    photos = [p for p in _photos() if not isinstance(p, bytes)][:6]
+    results = {}
+    for overlap in (False, True):
+        captioner = Captioner(default_model_dir, batch_size=2, decode_workers=0)
+        _failing_at(captioner, 3, lambda: RuntimeError("the device is gone"))
+        results[overlap] = _yielded(captioner, photos, overlap, "the device is gone")
+    assert len(results[False]) == 4 and results[True] == results[False]
+
+
+def test_close_in_another_thread_costs_no_result_of_a_batch_already_searched(default_model_dir):
+    """``close()`` from another thread as the second batch's search ends: the call ends at the
+    third batch with the closed error, the first two batches' captions yielded before it."""
+    photos = [p for p in _photos() if not isinstance(p, bytes)][:6]
+    results = {}
+    for overlap in (False, True):
+        captioner = Captioner(default_model_dir, batch_size=2, decode_workers=0)
+
+        def close(captioner=captioner):
+            closer = threading.Thread(target=captioner.close)
+            closer.start()
+            closer.join()
+
+        _failing_at(captioner, 2, close)
+        results[overlap] = _yielded(captioner, photos, overlap, "closed")
+    assert len(results[False]) == 4 and results[True] == results[False]
+
+
+def test_decode_ms_still_counts_the_consensus_done_in_the_other_thread(default_model_dir, monkeypatch):
+    """With the overlap the consensus runs after the search, in the other thread (and for the
+    last batch in this one): a caption's decode_ms still includes it (here 50 ms a batch)."""
+    from edgecap.decoding.consensus import Consensus
+
+    order = Consensus.order
+
+    def slow_order(self, *args, **kwargs):
+        time.sleep(0.025)  # two images a batch: 50 ms, 25 ms an image's share
+        return order(self, *args, **kwargs)
+
+    monkeypatch.setattr(Consensus, "order", slow_order)
+    photos = [p for p in _photos() if not isinstance(p, bytes)][:4]
+    captioner = Captioner(default_model_dir, batch_size=2, decode_workers=0, overlap=True)
+    assert all(r.timings["decode_ms"] >= 25 for r in captioner.caption_batch(photos))
+
+
+def test_a_pickled_captioner_keeps_its_overlap(default_model_dir):
+    """Sent to another process (pickled as what made it), a Captioner keeps ``overlap`` as set
+    (here on, where the CPU's default is off)."""
+    import pickle
+
+    captioner = Captioner(default_model_dir)
+    captioner.overlap = True
+    assert pickle.loads(pickle.dumps(captioner)).overlap is True
+
+
+def test_captioning_in_a_thread_the_main_thread_left_running_overlaps_or_not(tmp_path):
+    """A program whose main thread returns while another (not a daemon) still captions: once
+    the interpreter begins to exit no new work goes to threads; the overlap and the split stack
+    do it in the calling thread instead of failing ("cannot schedule new futures")."""
+    import subprocess
+    import sys
+
+    script = tmp_path / "late.py"
+    script.write_text(
+        f"""
+import threading, time
+import numpy as np
+from edgecap import Captioner
+from edgecap.backends import staging
+
+staging.SPLIT_AT_LEAST = 0
+captioner = Captioner(batch_size=1, decode_workers=0, overlap=True)
+photos = {[str(p) for p in EXAMPLES[:3]]!r}
+started = threading.Event()
+
+def late():
+    started.set()
+    time.sleep(0.5)  # the main thread has returned by now
+    for caption in captioner.caption_batch(photos):
+        print(caption.text)
+    arrays = [np.full((2, 3), i, np.float32) for i in range(4)]
+    out = np.empty((4, 2, 3), np.float32)
+    staging.stack_into(arrays, out)
+    print("stacked", bool((out == np.stack(arrays)).all()))
+
+threading.Thread(target=late).start()
+started.wait()
+"""
+    )
+    done = subprocess.run(
+        [sys.executable, str(script)],
+        capture_output=True,
+        text=True,
+        timeout=300,
+        cwd=Path(edgecap.__file__).parents[1],
+    )
+    assert done.returncode == 0, done.stderr
+    readme = (Path(edgecap.__file__).parents[1] / "README.md").read_text().splitlines()[10:13]
+    assert done.stdout.splitlines() == [line.split("\t")[1] for line in readme] + ["stacked True"]
+
+
+def test_a_batch_that_cannot_be_read_costs_no_result_of_one_searched_before_it(
+    default_model_dir, monkeypatch
+):
+    """Reading the third batch fails (the decoding workers shut down under the call, say): the
+    second batch, searched and not yet built, is built and yielded before the error."""
+    from edgecap import api
+
+    real = api.Captioner._parts
+
+    def two_then_broken(chunks, on_error, before_error):
+        parts = real(chunks, on_error, before_error)
+        yield next(parts)
+        yield next(parts)
+        raise RuntimeError("no third batch")
+
+    monkeypatch.setattr(api.Captioner, "_parts", staticmethod(two_then_broken))
+    photos = [p for p in _photos() if not isinstance(p, bytes)][:6]
+    results = {}
+    for overlap in (False, True):
+        captioner = Captioner(default_model_dir, batch_size=2, decode_workers=0)
+        results[overlap] = _yielded(captioner, photos, overlap, "no third batch")
+    assert len(results[False]) == 4 and results[True] == results[False]

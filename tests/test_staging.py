@@ -350,3 +350,27 @@ def test_a_forked_child_stacks_with_threads_of_its_own(monkeypatch):
     os.kill(pid, 9)
     os.waitpid(pid, 0)
     pytest.fail("the forked child's stack never finished")
+
+
+def test_a_split_stack_that_fails_in_its_first_run_has_written_the_others(monkeypatch):
+    """The first run's bad array raises at once; the other thread's run, slower, is written
+    before the error reaches the caller (nothing writes into the buffer afterwards)."""
+    import time
+
+    from edgecap.backends import staging as module
+
+    class Slow:
+        def __init__(self, value):
+            self.value = value
+
+        def __array__(self, dtype=None, copy=None):
+            time.sleep(0.3)
+            return self.value
+
+    monkeypatch.setattr(module, "STACK_THREADS", 2)
+    monkeypatch.setattr(module, "SPLIT_AT_LEAST", 0)
+    good = np.ones((2, 3), np.float32)
+    out = np.zeros((4, 2, 3), np.float32)
+    with pytest.raises(ValueError):
+        module.stack_into([np.ones((5, 5), np.float32), good, Slow(good), Slow(good)], out)
+    assert (out[2:] == 1).all()

@@ -56,18 +56,26 @@ _pool_lock = threading.Lock()
 def stack_into(arrays: Sequence[np.ndarray], out: np.ndarray) -> None:
     """``np.stack(arrays, out=out)``, by up to ``STACK_THREADS`` threads when ``out`` holds at
     least ``SPLIT_AT_LEAST`` bytes, each stacking a run of the arrays into its rows. Every run is
-    written before this returns or raises (a bad array's error, the first run's first)."""
+    written before this returns or raises (a bad array's error, the first run's first). Where
+    no thread takes work (the interpreter exiting) the calling thread stacks the runs left."""
     threads = min(STACK_THREADS, len(arrays))
     if threads < 2 or out.nbytes < SPLIT_AT_LEAST:
         np.stack(arrays, out=out)
         return
     bounds = [len(arrays) * i // threads for i in range(threads + 1)]
+    runs = list(zip(bounds[:-1], bounds[1:]))
     pool = _stack_pool()
-    others = [pool.submit(np.stack, arrays[a:b], out=out[a:b]) for a, b in zip(bounds[1:-1], bounds[2:])]
+    others = []
     try:
-        np.stack(arrays[: bounds[1]], out=out[: bounds[1]])
+        for a, b in runs[1:]:
+            others.append(pool.submit(np.stack, arrays[a:b], out=out[a:b]))
+    except RuntimeError:  # the interpreter is exiting: no new work for threads; the rest here
+        pass
+    try:
+        for a, b in [runs[0], *runs[len(others) + 1 :]]:
+            np.stack(arrays[a:b], out=out[a:b])
     finally:
-        wait(others)  # none still writing into ``out`` once this returns
+        wait(others)  # none still writing into ``out`` once this returns or raises
     for other in others:
         other.result()  # its error, if it had one
 

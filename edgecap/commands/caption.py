@@ -227,7 +227,7 @@ def _captions(captioner, inputs: Iterable[tuple[Name, object]]) -> Iterator[tupl
             if not failed:
                 yield item
 
-    for result in captioner.iter_captions(images(), on_error="return", overlap=captioner.overlap):
+    for result in captioner.iter_captions(images(), on_error="return", overlap=None):
         while pulled[0][1] is not None:
             yield pulled.popleft()
         yield pulled.popleft()[0], result
