@@ -319,8 +319,9 @@ def test_a_split_stack_raises_a_bad_array_s_error(monkeypatch):
 
 
 def test_a_forked_child_stacks_with_threads_of_its_own(monkeypatch):
-    """The pool of stacking threads made before a fork has no threads in the child: the child
-    makes its own (it hung, waiting for the parent's, before it forgot them)."""
+    """The pool of stacking threads made before a fork has no threads in the child, and its
+    lock may be held there by a thread that is not: the child makes its own of both (it hung,
+    waiting for the parent's threads, before it forgot them)."""
     import os
     import time
 
@@ -333,7 +334,10 @@ def test_a_forked_child_stacks_with_threads_of_its_own(monkeypatch):
     images = _images(np.random.default_rng(0), 4)
     out = np.empty((4, 3, 8, 10), np.float32)
     module.stack_into(images, out)  # the pool made, its thread started
+    module._pool_lock.acquire()  # held at the fork (another thread making the pool, say)
     pid = os.fork()
+    if pid != 0:
+        module._pool_lock.release()
     if pid == 0:  # the child: stack, and say whether it came out right
         try:
             module.stack_into(images, out)
