@@ -403,3 +403,26 @@ def test_a_batch_that_cannot_be_read_costs_no_result_of_one_searched_before_it(
         captioner = Captioner(default_model_dir, batch_size=2, decode_workers=0)
         results[overlap] = _yielded(captioner, photos, overlap, "no third batch")
     assert len(results[False]) == 4 and results[True] == results[False]
+
+
+def test_no_overlap_on_the_command_line_turns_it_off_where_it_would_be_on(monkeypatch, capsys):
+    """``--no-overlap``: where the overlap is the default (a GPU, forced here on the CPU), the
+    command line builds each batch's captions before the next search, with the same output."""
+    from edgecap import api
+    from edgecap.cli import main
+
+    monkeypatch.setattr(api, "_on_gpu", lambda name, device, backend: True)
+    overlaps = []
+    real = api.Captioner._results
+
+    def recorded(self, *args, **kwargs):
+        overlaps.append(kwargs.get("overlap"))
+        return real(self, *args, **kwargs)
+
+    monkeypatch.setattr(api.Captioner, "_results", recorded)
+    outputs = []
+    for flags in ([], ["--no-overlap"]):
+        argv = ["caption", *map(str, EXAMPLES), "--batch-size", "1", "--decode-workers", "0", *flags]
+        assert main(argv) == 0
+        outputs.append(capsys.readouterr().out)
+    assert overlaps == [True, False] and outputs[0] == outputs[1]

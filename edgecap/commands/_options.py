@@ -82,7 +82,7 @@ def decode_workers_value(text: str | None) -> int | None:
 
 def add_model_arguments(p: argparse.ArgumentParser) -> None:
     """--model, --backend, --device, --precision, --cuda-graphs, --gpu-preprocess, --threads,
-    --decode-workers, --beam-size, --max-length,
+    --decode-workers, --no-overlap, --beam-size, --max-length,
     --no-repeat-ngram, --length-penalty, --batch-size, --guidance-bonus / --no-objects-guidance,
     --fusion-weight / --no-fusion (each pair exclusive), --no-consensus, --no-blank-check,
     --no-brighten, --constrained."""
@@ -140,6 +140,14 @@ def add_model_arguments(p: argparse.ArgumentParser) -> None:
         f"one, at most {MAX_GPU_DECODE_WORKERS}; on the CPU "
         f"{DEFAULT_CPU_DECODE_WORKERS}, the fastest measured on a busy 2-core "
         "machine; see docs/performance-options.md)",
+    )
+    p.add_argument(
+        "--no-overlap",
+        action="store_true",
+        help="build each batch's captions (unpacking, consensus, tags) before the next batch "
+        "is searched, not while it is in a second thread (default: while, on a GPU: the same "
+        "captions, each batch's printed once the next one is searched; on the CPU before; "
+        "see docs/performance-options.md)",
     )
     p.add_argument(
         "--beam-size",
@@ -328,6 +336,7 @@ def load_captioner(args: argparse.Namespace):
             device=args.device,
             threads=threads,
             decode_workers=workers,
+            overlap=False if getattr(args, "no_overlap", False) else None,
             options=caption_options(args),
             **backend_options,
         )
