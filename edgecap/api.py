@@ -174,11 +174,11 @@ class Captioner:
             its search (the device search's result unpacked, the consensus choice, the tags,
             the confidence, the ``Caption`` objects) in a second thread while the backend works
             on the next batch, instead of between them; the results are the same and come
-            in the same order. ``iter_captions`` never does: it yields each batch as soon as it
-            is done (unless asked: its ``overlap=True``, as ``edgecap caption`` asks with this
-            attribute's value). None: on a GPU (as ``decode_workers``), where the device waits
-            for the host between batches otherwise. The attribute ``overlap`` may be changed between calls.
-            See docs/performance-options.md.
+            in the same order. ``iter_captions`` only when asked (its ``overlap``: it yields
+            each batch as soon as it is done otherwise; ``edgecap caption`` asks it to follow
+            this attribute). None: on a GPU (as ``decode_workers``), where the device waits for
+            the host between batches otherwise. The attribute ``overlap`` may be changed
+            between calls. See docs/performance-options.md.
         threads: intra-op threads of the backend's CPU work (onnxruntime's sessions, torch's
             pool), a positive integer; None: ``DEFAULT_THREADS`` of the backend (onnxruntime:
             one per physical core; torch: 1). torch's setting is process-wide
