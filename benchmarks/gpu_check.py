@@ -1162,12 +1162,11 @@ def throughput(cap, frames: list, args, batch: int = 64, overlap: bool = True) -
                 f"frames x{OVERLAP_BATCHES}, overlap {o}",
                 functools.partial(overlapped, o == "on"),
                 len(several),
-                5,
+                min(args.repeats, 5),
             )
             for o in ("off", "on")
         ]
     for what, call, n, repeats in inputs:
-        repeats = min(repeats, args.repeats)
         times = []
         warm = args.warmup if n == batch else min(args.warmup, 1)  # the calls of 4 batches: fewer
         for rep in range(warm + repeats):

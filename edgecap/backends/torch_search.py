@@ -88,7 +88,6 @@ class TorchDeviceSearch:
         if self.graphs is not None:
             with torch.inference_mode():
                 packed = self.graphs.run(plan, encoded.tensors, inputs, lms)
-                result = packed.cpu()
         else:
             with torch.inference_mode():
                 step = TorchStep(backend.step_graph, encoded.tensors, inputs.image_index)
@@ -99,11 +98,10 @@ class TorchDeviceSearch:
                 packed = search.run(
                     step, plan, inputs, lms, fixed=backend.device.type == "cuda", checks=DECODE_CHECKS
                 )
-                result = packed.cpu()
-        packed_host = result.numpy()
+        # deferred: a copy of the host's own, also on the CPU, where the search's tensor (the
+        # whole decode's graph: its output buffer) is written by the next search while another
+        # thread unpacks this one
+        packed_host = packed.to("cpu", copy=deferred).numpy()
         if deferred:
-            # on the CPU .cpu() is the search's own tensor, which the next search (the whole
-            # decode's graph: its output buffer) may write while another thread unpacks this one
-            packed_host = packed_host.copy()
             return lambda: unpack(packed_host, plan, options.n_best, backend.describe)
         return unpack(packed_host, plan, options.n_best, backend.describe)
