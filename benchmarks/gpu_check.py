@@ -38,7 +38,9 @@ targets (8. below), then:
 4. latency, beam 1 and 3 x batch 1 and 8: encoder, one decoder step (host search only), the
    search, end to end (p50 / p95), each mode side by side, what the graphs buy over eager and
    what the device search buys over the host's; timed regions are bracketed by
-   ``torch.cuda.synchronize()``; warm-up calls first;
+   ``torch.cuda.synchronize()``; warm-up calls first; in ``DECODE_FORM_MODES`` the whole
+   decode as one graph with conditional nodes against the parts with a host check between
+   (``decode_forms``: batch 1, 8 and 64, the two alternating call by call);
 5. throughput at batch 64, beam 3 (``THROUGHPUT_MODES``): captions/s from in-memory frames and
    from preprocessed tensors, and (``OVERLAP_MODES``) from frames four batches a call with
    ``Captioner.overlap`` off and on; and files against in-memory frames (``FILE_RATE_MODES``, beam 3,
@@ -142,6 +144,11 @@ THROUGHPUT_MODES = (
     "torch-cuda-fp32-graphs-device-prep-fused",
     "torch-cuda-fp16-fp32enc-graphs-device-prep-fused",
 )
+# the whole decode as one graph with conditional nodes (the steps after every image is done
+# skipped on the device) against the parts with a host check between (``DecodeGraphs``), timed
+# side by side in these modes at these batch sizes, beam 3
+DECODE_FORM_MODES = ("torch-cuda-fp32-graphs-device-prep-fused",)
+DECODE_FORM_BATCHES = (1, 8, 64)
 # files against in-memory frames (issue 24: the files-to-captions rate close to the in-memory
 # rate), with and without decoding workers, at these batch sizes
 FILE_RATE_MODES = ("torch-cuda-fp32-graphs-device",)
@@ -937,6 +944,9 @@ def run_mode(
     if not report.over_budget(f"{label} latency"):
         result["latency"] = latency(cap, timed, frames, args, mode)
         save(result)
+    if cuda and label in DECODE_FORM_MODES and not report.over_budget(f"{label} decode forms"):
+        result["decode_forms"] = decode_forms(cap, model, mode, frames, args)
+        save(result)
     if cuda and mode["label"] in THROUGHPUT_MODES and not report.over_budget(f"{label} throughput"):
         result["throughput"] = throughput(cap, frames, args, overlap=mode["label"] in OVERLAP_MODES)
     if cuda:
@@ -1117,6 +1127,64 @@ OVERLAP_MODES = (
     "torch-cuda-fp32-graphs-device-prep-fused",
     "torch-cuda-fp16-fp32enc-graphs-device-prep-fused",
 )
+
+
+def decode_forms(cap, model: Path, mode: dict, frames: list, args, batches=DECODE_FORM_BATCHES) -> dict:
+    """The whole decode as one graph with conditional nodes (``cap``'s, where this PyTorch has
+    them) against the parts with a host check between (a second Captioner of the same mode,
+    ``DecodeGraphs.use_conditional(False)``): per batch, beam 3, ``caption_batch`` of in-memory
+    frames end to end, the two alternating call by call (which goes first alternates too),
+    p50 ms, the steps each ran and whether the captions are the same. Where ``cap`` captured
+    the parts after all (``conditional_error``) both columns time the parts."""
+    import torch
+
+    from edgecap.backends.torch_graphs import conditional_nodes
+
+    graphs = getattr(getattr(cap.backend, "device_search", None), "graphs", None)
+    if graphs is None:
+        return {"skipped": "this mode has no whole-decode graphs"}
+    if not conditional_nodes():
+        return {"skipped": f"torch {torch.__version__} has no CUDA graph conditional nodes"}
+    other = captioner(model, mode.get("backend", "torch"), mode["options"], 3, 8, args.max_length)
+    other.backend.device_search.graphs.use_conditional(False)
+    forms = {"one graph": cap, "parts": other}
+    rows = []
+    for batch in batches:
+        runners = {
+            name: C.reuse_captioner(c, beam_size=3, batch_size=batch, max_length=args.max_length)
+            for name, c in forms.items()
+        }
+        images = [frames[i % len(frames)] for i in range(batch)]
+        times: dict = {name: [] for name in forms}
+        steps: dict = {name: [] for name in forms}
+        texts: dict = {}
+        for rep in range(args.warmup + args.repeats):
+            for name in list(forms)[:: 1 if rep % 2 else -1]:
+                _sync()
+                t0 = time.perf_counter()
+                captions = runners[name].caption_batch(images)
+                _sync()
+                ms = (time.perf_counter() - t0) * 1e3
+                texts[name] = [c.text for c in captions]
+                if rep >= args.warmup:
+                    times[name].append(ms)
+                    steps[name].append(runners[name].backend.device_search.graphs.last_steps)
+        one, parts = (C.percentile(times[name], 50) for name in ("one graph", "parts"))
+        rows.append(
+            {
+                "batch": batch,
+                "calls": len(times["parts"]),
+                "parts_p50_ms": parts,
+                "one_graph_p50_ms": one,
+                "parts_over_one_graph": parts / one if one else None,
+                "steps_parts": sum(steps["parts"]) / len(steps["parts"]),
+                "steps_one_graph": sum(steps["one graph"]) / len(steps["one graph"]),
+                "same_captions": texts["one graph"] == texts["parts"],
+            }
+        )
+    del other, forms
+    _release()
+    return {"rows": rows, "conditional_error": graphs.conditional_error}
 
 
 def throughput(cap, frames: list, args, batch: int = 64, overlap: bool = True) -> list[dict]:
@@ -1565,6 +1633,7 @@ def markdown(data: dict) -> str:
         for r in data["modes"]
         for t in r.get("throughput", [])
     ]
+    lines += decode_form_lines(data["modes"])
     lines += ["", "## Throughput, batch 64, beam 3", ""]
     lines += [
         C.markdown_table(["mode", "input", "batch", "call p50 (ms)", "captions/s"], rates)
@@ -1630,6 +1699,69 @@ def encoder_lines(rows: list[dict] | None) -> list[str]:
             ],
         ),
     ]
+
+
+def decode_form_lines(results: list[dict]) -> list[str]:
+    """The section comparing the whole decode's two forms (none where no mode timed them)."""
+    timed = [(r["label"], r["decode_forms"]) for r in results if r.get("decode_forms")]
+    if not timed:
+        return []
+    lines = [
+        "",
+        "## The whole decode: one graph with conditional nodes, or parts with host checks",
+        "",
+        "`caption_batch` of in-memory frames end to end, beam 3, p50 ms, the two forms "
+        "alternating call by call: one graph whose stretches of steps after "
+        f"{', '.join(map(str, _decode_checks()))} run in conditional nodes only while some image "
+        "is not done (no read-back until the result), against the parts (a graph per stretch, "
+        'the host reading "every image done?" before each). steps: the steps each ran, mean.',
+        "",
+    ]
+    for label, forms in timed:
+        if "skipped" in forms:
+            lines += [f"- {label}: not timed: {forms['skipped']}"]
+            continue
+        if forms.get("conditional_error"):
+            lines += [
+                f"- {label}: the conditional form failed to capture ({forms['conditional_error']}): "
+                "both columns are the parts",
+                "",
+            ]
+        lines += [
+            f"{label}:",
+            "",
+            C.markdown_table(
+                [
+                    "batch",
+                    "parts p50",
+                    "one graph p50",
+                    "parts / one graph",
+                    "steps: parts",
+                    "one graph",
+                    "same captions",
+                ],
+                [
+                    [
+                        r["batch"],
+                        r["parts_p50_ms"],
+                        r["one_graph_p50_ms"],
+                        r["parts_over_one_graph"],
+                        r["steps_parts"],
+                        r["steps_one_graph"],
+                        "yes" if r["same_captions"] else "**no**",
+                    ]
+                    for r in forms["rows"]
+                ],
+            ),
+            "",
+        ]
+    return lines
+
+
+def _decode_checks() -> tuple[int, ...]:
+    from edgecap.decoding.device import DECODE_CHECKS
+
+    return DECODE_CHECKS
 
 
 def upload_lines(rows: list[dict] | None) -> list[str]:

@@ -8,6 +8,7 @@ made during a capture holds no computed value until the graph is replayed)."""
 from __future__ import annotations
 
 import gc
+import warnings
 from dataclasses import replace
 from unittest import mock
 
@@ -22,6 +23,7 @@ from torch.utils._python_dispatch import TorchDispatchMode  # noqa: E402
 from torch.utils._pytree import tree_flatten  # noqa: E402
 
 from edgecap import Captioner  # noqa: E402
+from edgecap.backends import torch_graphs  # noqa: E402
 from edgecap.backends.torch_graphs import EagerGraph  # noqa: E402
 from edgecap.backends.torch_search import TorchDeviceSearch  # noqa: E402
 from edgecap.decoding import CaptionOptions  # noqa: E402
@@ -84,13 +86,8 @@ class CapturingGraph:
         self.outside = record.outside
         self.private = record.made  # the private pool lives as long as the graph
         CapturingGraph.made_in_captures |= record.made_keys
-        for t in record.made if self.POISON else ():
-            if t.dtype == torch.bool:
-                t.fill_(True)
-            elif t.is_floating_point():
-                t.fill_(float("nan"))
-            else:
-                t.fill_(10**6)  # an index out of every range
+        if self.POISON:
+            _poison(record.made)
 
     def forget(self) -> None:
         self.fn = None
@@ -115,22 +112,37 @@ class ReplayingGraph:
         with record:
             fn()
         self.ops = record.ops
-        for t in record.made:
-            if t.dtype == torch.bool:
-                t.fill_(True)
-            elif t.is_floating_point():
-                t.fill_(float("nan"))
-            else:
-                t.fill_(10**6)
+        _poison(record.made)
 
     def replay(self) -> None:
-        for func, args, kwargs, outputs in self.ops:
-            result = func(*args, **kwargs)
-            for out, value in zip(outputs, tree_flatten(result)[0]):
-                if isinstance(out, torch.Tensor) and (
-                    out.data_ptr() != value.data_ptr() or out.stride() != value.stride()
-                ):
-                    out.copy_(value)
+        _run(self.ops)
+
+
+def _run(ops: list) -> None:
+    """Recorded operations run again; a conditional node's (``func`` None: its predicate, then
+    its operations) only where its predicate, as computed by this run, is true."""
+    for func, args, kwargs, outputs in ops:
+        if func is None:
+            if bool(args):
+                _run(kwargs)
+            continue
+        result = func(*args, **kwargs)
+        for out, value in zip(outputs, tree_flatten(result)[0]):
+            if isinstance(out, torch.Tensor) and (
+                out.data_ptr() != value.data_ptr() or out.stride() != value.stride()
+            ):
+                out.copy_(value)
+
+
+def _poison(made: list[torch.Tensor]) -> None:
+    """What a capture made, left as a real capture leaves it: not computed."""
+    for t in made:
+        if t.dtype == torch.bool:
+            t.fill_(True)
+        elif t.is_floating_point():
+            t.fill_(float("nan"))
+        else:
+            t.fill_(10**6)  # an index out of every range
 
 
 class _Ops(TorchDispatchMode):
@@ -203,21 +215,24 @@ class _Captured(Exception):
     pass
 
 
-def test_every_tensor_a_decode_graph_touches_outlives_its_capture(shipped, monkeypatch):
+@pytest.mark.parametrize("conditional", [False, True])
+def test_every_tensor_a_decode_graph_touches_outlives_its_capture(shipped, monkeypatch, conditional):
     """Every tensor the whole-decode graphs read or write outside their private pools (the
     static inputs, the carry between the parts, the output, the tables) is still alive once
     the graphs no longer hold the Python functions they were captured from, as a real CUDA
     graph never does: otherwise a replay reads and writes memory the allocator has given to
-    something else. Checked as the capture returns (the stand-in cannot replay after)."""
+    something else. Checked as the capture returns (the stand-in cannot replay after). With
+    ``conditional``: the one graph with conditional nodes (and the steps it ran, on the
+    device)."""
     captioner, encoded = shipped
     backend = captioner.backend
-    freed = []
+    freed, forms = [], []
     real = DecodeGraphs._capture
 
     def capture(self, *args):
         entry = real(self, *args)
-        parts, packing = entry[0], entry[1]
-        graphs = [*parts, packing]
+        forms.append((len(entry.graphs), entry.packing is None, entry.steps is not None))
+        graphs = [*entry.graphs, *([] if entry.packing is None else [entry.packing])]
         for graph in graphs:
             graph.forget()
         gc.collect()
@@ -232,11 +247,14 @@ def test_every_tensor_a_decode_graph_touches_outlives_its_capture(shipped, monke
     monkeypatch.setattr(DecodeGraphs, "_capture", capture)
     kept = backend.device_search
     try:
-        backend.device_search = TorchDeviceSearch(backend, RecordingGraph)
+        backend.device_search = TorchDeviceSearch(
+            backend, IfRecordingGraph if conditional else RecordingGraph
+        )
         with pytest.raises(_Captured):
             _captions(captioner, encoded, OPTIONS)
     finally:
         backend.device_search = kept
+    assert forms == [(1, True, True) if conditional else (4, False, False)]
     assert freed == [], f"freed while the graphs live: {freed}"
 
 
@@ -286,3 +304,220 @@ def test_replays_that_run_no_python_caption_each_batch_as_the_plain_search(shipp
                 assert [_captions(captioner, encoded, OPTIONS) for encoded in batches] == want
     finally:
         backend.device_search = kept
+
+
+# -- the whole decode in one graph, its stretches in conditional nodes --------------------------
+
+
+class IfReplayingGraph(ReplayingGraph):
+    """``ReplayingGraph`` with conditional nodes, as ``torch_graphs.capture_if`` captures them:
+    in the warm-up runs the body runs, whatever its predicate; in the capture it runs once (a
+    real capture records every kernel) and its operations are recorded apart, behind the
+    predicate, a tensor the capture made (poisoned, as the rest); a replay recomputes the
+    predicate with the operations before it and runs the body's only where it is true."""
+
+    recording: _Ops | None = None
+
+    def __init__(self, fn):
+        fn()
+        fn()
+        record = _Ops()
+        IfReplayingGraph.recording = record
+        try:
+            with record:
+                fn()
+        finally:
+            IfReplayingGraph.recording = None
+        self.ops = record.ops
+        _poison(record.made)
+
+    @staticmethod
+    def conditional(pred, body) -> None:
+        record = IfReplayingGraph.recording
+        if record is None:  # a warm-up run
+            body()
+            return
+        outer, record.ops = record.ops, []
+        try:
+            body()
+        finally:
+            inner, record.ops = record.ops, outer
+        outer.append((None, pred, inner, None))
+
+
+class IfRecordingGraph(RecordingGraph):
+    """``RecordingGraph`` with conditional nodes: every body runs (a capture records them all)."""
+
+    @staticmethod
+    def conditional(pred, body) -> None:
+        assert pred.dtype == torch.bool and pred.dim() == 0  # what an if node's condition is
+        body()
+
+
+def _stops(captioner, encoded, options) -> int:
+    """The steps after which the device search's early-exit loop (on the CPU it reads "every
+    image done?" after each step) stopped."""
+    steps = []
+    real = device_module._step
+
+    def counting(loop, t, number, carry):
+        steps.append(t)
+        return real(loop, t, number, carry)
+
+    with mock.patch.object(device_module, "_step", counting):
+        _captions(captioner, encoded, options)  # the plain device search
+    return len(steps)
+
+
+@pytest.fixture(scope="module")
+def two_batches(shipped, example_images):
+    """The cat and the coffee (their captions end before step 16), and all four photos (the
+    astronaut's caption runs to the last step)."""
+    captioner, _ = shipped
+    pre = captioner.manifest.preprocessing
+    photos = [preprocess([load_rgb(str(p))], pre)[0] for p in example_images]
+    return [captioner.backend.encode(np.stack(photos[1:3])), captioner.backend.encode(np.stack(photos))]
+
+
+@pytest.mark.parametrize("numbered", [False, True])
+def test_the_whole_decode_in_one_graph_stops_on_the_device_once_every_image_is_done(
+    shipped, two_batches, numbered
+):
+    """With conditional nodes (``IfReplayingGraph``: replays run no Python, and a stretch's
+    operations only where the graph's own "some image not done" is true) the whole decode is
+    one graph, no packing graph beside it: each batch's captions are the plain device
+    search's, captured and replayed, and the steps it ran (read from the device) are those of
+    the first check at or after the step where the early-exit loop stopped."""
+    captioner, _ = shipped
+    backend = captioner.backend
+    options = CaptionOptions(n_best=2)
+    want = [_captions(captioner, encoded, options) for encoded in two_batches]
+    stops = [_stops(captioner, encoded, options) for encoded in two_batches]
+    ran = [min(c for c in (*device_module.DECODE_CHECKS, options.max_length) if c >= s) for s in stops]
+    assert ran[0] < options.max_length == ran[1]  # a batch that stops early, and one that does not
+    kept = backend.device_search
+    try:
+        backend.device_search = graphed = TorchDeviceSearch(backend, IfReplayingGraph, compiled=numbered)
+        with mock.patch.object(device_module, "_compiled_step", lambda: device_module._step):
+            for _ in range(2):  # captured, then replayed
+                for encoded, captions, steps in zip(two_batches, want, ran, strict=True):
+                    assert _captions(captioner, encoded, options) == captions
+                    assert graphed.graphs.last_steps == steps
+        entries = list(graphed.graphs.graphs.entries.values())  # a graph per batch shape
+        assert len(entries) == 2 and all(len(e.graphs) == 1 and e.packing is None for e in entries)
+        assert graphed.graphs.conditional_error is None
+    finally:
+        backend.device_search = kept
+
+
+def test_capturing_the_conditional_form_failing_falls_back_to_the_parts(shipped, two_batches):
+    """A CUDA that cannot capture the conditional nodes (here: the node raises in the capture,
+    not in the warm-up): one warning saying why, the decode captured in parts with a host check
+    between (a packing graph), the same captions; the next shape goes to the parts directly."""
+    captioner, _ = shipped
+    backend = captioner.backend
+    want = [_captions(captioner, encoded, OPTIONS) for encoded in two_batches]
+
+    class Refusing(IfReplayingGraph):
+        @staticmethod
+        def conditional(pred, body) -> None:
+            if IfReplayingGraph.recording is not None:
+                raise RuntimeError("operation not permitted in a conditional body")
+            body()
+
+    kept = backend.device_search
+    try:
+        backend.device_search = graphed = TorchDeviceSearch(backend, Refusing)
+        with pytest.warns(RuntimeWarning, match="operation not permitted in a conditional body"):
+            assert _captions(captioner, encoded := two_batches[0], OPTIONS) == want[0]
+        assert "RuntimeError: operation not permitted" in graphed.graphs.conditional_error
+        with warnings.catch_warnings():
+            warnings.simplefilter("error")
+            assert _captions(captioner, encoded, OPTIONS) == want[0]
+            assert _captions(captioner, two_batches[1], OPTIONS) == want[1]
+        entries = list(graphed.graphs.graphs.entries.values())
+        assert len(entries) == 2 and all(e.packing is not None and len(e.graphs) == 4 for e in entries)
+    finally:
+        backend.device_search = kept
+
+
+def test_use_conditional_switches_the_form_for_the_next_capture(shipped, two_batches):
+    """``DecodeGraphs.use_conditional``: off, the parts (what ``gpu_check.py`` times the
+    conditional form against); on again, one graph; the same captions either way."""
+    captioner, _ = shipped
+    backend = captioner.backend
+    encoded = two_batches[0]
+    want = _captions(captioner, encoded, OPTIONS)
+    kept = backend.device_search
+    try:
+        backend.device_search = graphed = TorchDeviceSearch(backend, IfReplayingGraph)
+        shapes = []
+        for enabled in (False, True):
+            graphed.graphs.use_conditional(enabled)
+            assert _captions(captioner, encoded, OPTIONS) == want
+            ((entry,),) = [graphed.graphs.graphs.entries.values()]
+            shapes.append((len(entry.graphs), entry.packing is None))
+        assert shapes == [(4, False), (1, True)]
+    finally:
+        backend.device_search = kept
+
+
+def test_capture_if_puts_the_body_in_an_if_node_only_while_capturing(monkeypatch):
+    """``capture_if`` against PyTorch's calls (a fake capturing graph; no CUDA here): outside a
+    capture the body runs; within one, the body between ``begin_capture_to_if_node(pred)``
+    and ``end_capture_to_conditional_node()``, which is called even when the body raises."""
+    calls = []
+
+    class FakeGraph:
+        def begin_capture_to_if_node(self, pred):
+            calls.append(("begin", pred))
+
+        def end_capture_to_conditional_node(self):
+            calls.append("end")
+
+    fake = type("FakeCUDAGraph", (), {"get_currently_capturing_graph": staticmethod(FakeGraph)})
+    monkeypatch.setattr(torch._C, "_CUDAGraph", fake, raising=False)
+    pred = torch.tensor(True)
+    torch_graphs.capture_if(pred, lambda: calls.append("body"))
+    assert calls == ["body"]  # not capturing: a warm-up run
+    calls.clear()
+    monkeypatch.setattr(torch.cuda, "is_available", lambda: True)
+    monkeypatch.setattr(torch.cuda, "is_current_stream_capturing", lambda: False)
+    torch_graphs.capture_if(pred, lambda: calls.append("body"))
+    assert calls == ["body"]  # a CUDA GPU, not capturing
+    calls.clear()
+    monkeypatch.setattr(torch.cuda, "is_current_stream_capturing", lambda: True)
+    torch_graphs.capture_if(pred, lambda: calls.append("body"))
+    assert calls == [("begin", pred), "body", "end"]
+    calls.clear()
+
+    def failing():
+        raise ValueError("bad body")
+
+    with pytest.raises(ValueError, match="bad body"):
+        torch_graphs.capture_if(pred, failing)
+    assert calls == [("begin", pred), "end"]
+
+
+def test_cuda_graphs_offer_conditional_nodes_where_pytorch_has_them(monkeypatch):
+    """``CudaGraphs.conditional`` is ``capture_if`` where PyTorch's CUDAGraph has the three
+    calls it makes, None where one is missing (a CPU build of PyTorch)."""
+    full = type(
+        "FullCUDAGraph",
+        (),
+        {
+            name: staticmethod(lambda *a: None)
+            for name in (
+                "get_currently_capturing_graph",
+                "begin_capture_to_if_node",
+                "end_capture_to_conditional_node",
+            )
+        },
+    )
+    monkeypatch.setattr(torch._C, "_CUDAGraph", full, raising=False)
+    assert torch_graphs.conditional_nodes()
+    assert torch_graphs.CudaGraphs("cuda").conditional is torch_graphs.capture_if
+    partial = type("OldCUDAGraph", (), {"get_currently_capturing_graph": staticmethod(lambda: None)})
+    monkeypatch.setattr(torch._C, "_CUDAGraph", partial)
+    assert not torch_graphs.conditional_nodes()
+    assert torch_graphs.CudaGraphs("cuda").conditional is None

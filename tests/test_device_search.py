@@ -694,7 +694,8 @@ def test_the_whole_decode_graph_captions_as_the_numpy_search(shipped):
         graphs = graphed.graphs.graphs
         assert graphs.limit == MAX_GRAPHS  # kept per plan and shape, but not for every one seen
         assert graphs.made == 1  # the same shape: one set of graphs, replayed
-        ((parts, packing, *_rest),) = graphs.entries.values()
+        ((entry,),) = [graphs.entries.values()]
+        parts, packing = entry.graphs, entry.packing
         assert len(parts) == 4  # steps 0-7, 8-11, 12-15, 16-19 (DECODE_CHECKS)
         assert parts[0].replays == 3 and packing.replays == 2  # and once after its capture
         short = replace(options, max_length=6)  # another plan: its own graph, the first kept
@@ -808,8 +809,8 @@ def test_the_decode_graphs_stop_at_the_first_check_after_every_image_is_done(shi
         _same(early, _search(captioner, encoded, options, on_device=True))  # replayed
         ran = min(c for c in (*DECODE_CHECKS, options.max_length) if c >= stopped)
         assert len(steps) == ran == graphed.graphs.last_steps < options.max_length
-        ((parts, *_rest),) = graphed.graphs.graphs.entries.values()
-        assert [g.replays for g in parts] == [3, *(2 if end <= ran else 0 for end in (12, 16, 20))]
+        ((entry,),) = [graphed.graphs.graphs.entries.values()]
+        assert [g.replays for g in entry.graphs] == [3, *(2 if end <= ran else 0 for end in (12, 16, 20))]
     finally:
         backend.device_search = kept
 
@@ -1245,3 +1246,35 @@ def test_the_fused_search_on_the_gpu_is_the_device_search(default_model_dir, exa
         host, device, fused = (made[name].caption_batch(photos) for name in ("host", "device", "fused"))
         assert [c.text for c in fused] == [c.text for c in device] == [c.text for c in host]
         assert [c.score for c in fused] == [c.score for c in device]
+
+
+@pytest.mark.gpu
+def test_the_whole_decode_with_conditional_nodes_on_the_gpu_captions_as_the_parts(
+    default_model_dir, example_images
+):
+    """Where this PyTorch has CUDA graph conditional nodes (``torch_graphs.conditional_nodes``),
+    the whole decode captured as one graph with them: captured without falling back, the same
+    captions and scores as the parts with a host check between, and as many steps run (the
+    parts stop at the first check after every image is done: tested on the CPU)."""
+    from edgecap.backends.torch_graphs import conditional_nodes
+
+    if not torch.cuda.is_available():
+        pytest.skip("no CUDA GPU")
+    if not conditional_nodes():
+        pytest.skip(f"torch {torch.__version__} has no CUDA graph conditional nodes")
+    photos = [str(p) for p in example_images]
+    made = {
+        name: Captioner(default_model_dir, backend="torch", device="cuda", search="device", cuda_graphs=True)
+        for name in ("conditional", "parts")
+    }
+    made["parts"].backend.device_search.graphs.use_conditional(False)
+    for batch in (photos[1:3], photos * 2):  # ending early; a batch of 8 with the astronaut
+        for _ in range(2):  # the second time through the captured graphs
+            got = {name: cap.caption_batch(batch) for name, cap in made.items()}
+            assert [c.text for c in got["conditional"]] == [c.text for c in got["parts"]]
+            assert [c.score for c in got["conditional"]] == [c.score for c in got["parts"]]
+            steps = {name: cap.backend.device_search.graphs.last_steps for name, cap in made.items()}
+            assert steps["conditional"] == steps["parts"]
+        graphs = made["conditional"].backend.device_search.graphs
+        assert graphs.conditional_error is None and graphs.conditional is not None
+        assert all(e.packing is None for e in graphs.graphs.entries.values())

@@ -232,6 +232,21 @@ def test_gpu_report_formats_cuda_results():
                 ("7 (default)", "memory", 5000.0),
             )
         ]
+        modes[1]["decode_forms"] = {
+            "conditional_error": None,
+            "rows": [
+                {
+                    "batch": 1,
+                    "calls": 20,
+                    "parts_p50_ms": 3.0,
+                    "one_graph_p50_ms": 2.5,
+                    "parts_over_one_graph": 1.2,
+                    "steps_parts": 13.4,
+                    "steps_one_graph": 13.4,
+                    "same_captions": True,
+                }
+            ],
+        }
         data["speedups"] = gpu_check.speedups(modes)
         data["search_speedups"] = gpu_check.search_speedups(modes)
         data["fp16_identity"] = gpu_check.fp16_identity(modes)
@@ -249,6 +264,8 @@ def test_gpu_report_formats_cuda_results():
     assert "torch-cuda-fp32-graphs-device:" in text
     assert "| 64 | 0 | 1500 | 5000 | 0.30 |" in text
     assert "| 64 | 7 (default) | 4500 | 5000 | 0.90 |" in text
+    assert "## The whole decode: one graph with conditional nodes" in text
+    assert "| 1 | 3 | 2.5 | 1.2 | 13.4 | 13.4 | yes |" in text
     data = report(fp16_same=190)  # 95%: FP16 does not keep the captions, FP32's time counts
     assert [t["met"] for t in data["targets"]] == [True, True, False]
     assert data["targets"][0]["value"] == pytest.approx(2.4)
@@ -878,3 +895,60 @@ def test_the_uploads_time_each_copy_and_check_the_kept_buffer_s_copy(monkeypatch
     assert [s["item"] for s in report.data["skipped"]] == [
         f"uploads {what} batch {b}" for b in (1, 3) for what in ("preprocessed", "frames")
     ]
+
+
+def test_the_decode_forms_time_one_graph_against_the_parts(default_model_dir, monkeypatch):
+    """``decode_forms`` on the CPU (a stand-in graph whose conditional node the host decides):
+    per batch, the mode's Captioner (one graph, conditional nodes) and a second one of the same
+    mode in parts, both captured and timed, the same captions and steps; the report's section a
+    row per batch; where this PyTorch has no conditional nodes, skipped, saying so."""
+    import argparse
+
+    sys.path.insert(0, str(SCRIPT.parent))
+    import gpu_check
+
+    from edgecap import Captioner
+    from edgecap.backends import torch_graphs
+    from edgecap.backends.torch_graphs import EagerGraph
+    from edgecap.decoding.device import DecodeGraphs
+
+    class IfEagerGraph(EagerGraph):
+        @staticmethod
+        def conditional(pred, body) -> None:
+            if bool(pred):
+                body()
+
+    forms = []
+    real = DecodeGraphs._capture_graphs
+
+    def spy(self, plan, tensors, inputs, lms, conditional):
+        forms.append((plan.n_images, conditional is not None))
+        return real(self, plan, tensors, inputs, lms, conditional)
+
+    monkeypatch.setattr(DecodeGraphs, "_capture_graphs", spy)
+    monkeypatch.setattr(torch_graphs, "conditional_nodes", lambda: True)
+    options = {"device": "cpu", "graph_factory": IfEagerGraph, "search": "device"}
+    mode = {"label": "torch-cpu-graphs-device", "options": options}
+    cap = Captioner(default_model_dir, backend="torch", beam_size=3, **options)
+    frames = gpu_check.C.example_frames()
+    args = argparse.Namespace(warmup=1, repeats=2, max_length=20)
+    out = gpu_check.decode_forms(cap, default_model_dir, mode, frames, args, batches=(1, 2))
+    assert out["conditional_error"] is None
+    assert sorted(forms) == [(1, False), (1, True), (2, False), (2, True)]
+    rows = out["rows"]
+    assert [r["batch"] for r in rows] == [1, 2]
+    for r in rows:
+        assert r["calls"] == 2 and r["same_captions"]
+        assert r["steps_parts"] == r["steps_one_graph"] <= 20
+        assert r["parts_p50_ms"] > 0 and r["one_graph_p50_ms"] > 0
+        assert r["parts_over_one_graph"] == pytest.approx(r["parts_p50_ms"] / r["one_graph_p50_ms"])
+    text = "\n".join(gpu_check.decode_form_lines([{"label": mode["label"], "decode_forms": out}]))
+    assert "## The whole decode: one graph with conditional nodes" in text
+    assert len([line for line in text.splitlines() if line.startswith(("| 1 |", "| 2 |"))]) == 2
+    assert gpu_check.decode_form_lines([{"label": "x"}]) == []
+
+    monkeypatch.setattr(torch_graphs, "conditional_nodes", lambda: False)
+    skipped = gpu_check.decode_forms(cap, default_model_dir, mode, frames, args, batches=(1,))
+    assert "no CUDA graph conditional nodes" in skipped["skipped"]
+    text = "\n".join(gpu_check.decode_form_lines([{"label": mode["label"], "decode_forms": skipped}]))
+    assert "not timed: torch" in text

@@ -182,14 +182,52 @@ class CudaGraph:
             self.graph.replay()
 
 
+def conditional_nodes() -> bool:
+    """Whether this PyTorch captures conditional (if) nodes into a CUDA graph: its
+    ``CUDAGraph.begin_capture_to_if_node`` (PyTorch's ``torch.cond`` under a CUDA graph capture
+    uses it; a CPU build of PyTorch has it not). CUDA itself needs 12.4 or newer for them."""
+    graph = getattr(torch._C, "_CUDAGraph", None)
+    return all(
+        hasattr(graph, name)
+        for name in (
+            "get_currently_capturing_graph",
+            "begin_capture_to_if_node",
+            "end_capture_to_conditional_node",
+        )
+    )
+
+
+def capture_if(pred: torch.Tensor, body: Callable[[], None]) -> None:
+    """Within a CUDA graph's capture: ``body``'s kernels captured into a conditional node that
+    runs them at each replay only while ``pred`` (a bool scalar on the GPU, computed by the
+    graph before this point) is true, with no read-back by the host. Outside a capture (the
+    warm-up runs before it) ``body`` runs whatever ``pred`` says, as the warm-up of a graph's
+    every kernel must. What ``body`` leaves for the kernels after it must be written into
+    tensors that exist before it (a replay that skips it leaves them as they were)."""
+    if not (torch.cuda.is_available() and torch.cuda.is_current_stream_capturing()):
+        body()
+        return
+    graph = torch._C._CUDAGraph.get_currently_capturing_graph()
+    graph.begin_capture_to_if_node(pred)
+    try:
+        body()
+    finally:
+        graph.end_capture_to_conditional_node()
+
+
 class CudaGraphs:
     """The ``capture(fn) -> graph`` factory of real CUDA graphs on one device (what
-    ``TorchBackend(cuda_graphs=True)`` uses)."""
+    ``TorchBackend(cuda_graphs=True)`` uses). ``conditional``: ``capture_if`` where this
+    PyTorch has conditional nodes (``conditional_nodes``), else None: what lets the whole
+    decode stop inside one graph once every image is done (``DecodeGraphs``)."""
 
     __name__ = "CudaGraph"
 
     def __init__(self, device: torch.device | str):
         self.device = torch.device(device)
+        self.conditional: Callable[[torch.Tensor, Callable[[], None]], None] | None = (
+            capture_if if conditional_nodes() else None
+        )
 
     def __call__(self, fn: Callable[[], None]) -> CudaGraph:
         return CudaGraph(fn, self.device)

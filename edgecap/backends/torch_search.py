@@ -8,8 +8,10 @@ was the faster from 12 rows up (beam 3 x 4 images: 1.24x end to end, x 32 images
 numpy loop at 1 to 8 rows on a fast host; on the CPU the numpy loop measured faster. On CUDA the
 device search waits for the GPU only after the steps of ``DECODE_CHECKS`` (to stop once every
 image is done) and for the result: the steps run with finished images masked; with CUDA graphs
-(``cuda_graphs=True``) the whole decode is captured per shape as a few graphs, one per stretch
-of steps between those checks (``DecodeGraphs``). The tag constraint, the attention maps and
+(``cuda_graphs=True``) the whole decode is captured per shape as one graph whose stretches of
+steps after the first run in conditional nodes only while some image is not done (where PyTorch
+has CUDA graph conditional nodes: no wait until the result), or else as a few graphs, one per
+stretch of steps between those checks (``DecodeGraphs``). The tag constraint, the attention maps and
 fused language models of two hidden sizes stay on the host loop (the backend answers None and
 the caller runs the numpy loop).
 """

@@ -53,6 +53,7 @@ from __future__ import annotations
 import functools
 import os
 import tempfile
+import warnings
 from collections.abc import Callable
 from dataclasses import dataclass
 from pathlib import Path
@@ -73,11 +74,12 @@ from edgecap.models.graphs import StepGraph
 from edgecap.vocab import NEVER_FIRST_IDS
 
 NEG_INF = float("-inf")
-# The fixed-shape search on a GPU reads once, after each of these steps, whether every image
-# is done, and stops if so (the steps after run masked for nothing). The numpy loop's stops on
-# the first 200 Flickr8k dev photos, beam 3 (max_length 20): batch 1 after 7-20 steps, mean
-# 11.9, 90% by 15; batch 8 after 11-20, mean 15.8: with these checks 13.4 and 17.1 steps run
-# on average instead of 20.
+# The fixed-shape search on a GPU learns, after each of these steps, whether every image is
+# done, and stops if so (the steps after run masked for nothing): the host reads it back, or,
+# in one graph with conditional nodes, the graph decides it on the device (``DecodeGraphs``).
+# The numpy loop's stops on the first 200 Flickr8k dev photos, beam 3 (max_length 20): batch 1
+# after 7-20 steps, mean 11.9, 90% by 15; batch 8 after 11-20, mean 15.8: with these checks
+# 13.4 and 17.1 steps run on average instead of 20.
 DECODE_CHECKS = (8, 12, 16)
 MAX_GRAPHS = 8  # whole-decode graphs kept (least recently used dropped beyond this)
 
@@ -1036,16 +1038,46 @@ def _hypothesis(
     )
 
 
+@dataclass
+class _Captured:
+    """One ``Plan``'s whole-decode graphs (``DecodeGraphs``): ``graphs``, replayed in order
+    (the parts, the host reading ``done`` before each after the first; or, with conditional
+    nodes, the one graph of the whole decode), ``packing`` (the parts' packing graph; None
+    with conditional nodes, where the one graph packs), the static inputs, the output buffer,
+    ``steps`` (with conditional nodes: the steps the last replay ran, an int32 scalar on the
+    device) and ``kept``: what the graphs read and write that no capture made (the loop, the
+    carry, the language models)."""
+
+    graphs: list
+    packing: Any
+    static: dict
+    inputs: Inputs
+    out: torch.Tensor
+    done: torch.Tensor
+    steps: torch.Tensor | None
+    kept: dict
+
+
 class DecodeGraphs:
     """The whole decode captured per ``Plan`` (``capture(fn) -> graph``: ``torch_graphs.CudaGraph``
-    on a GPU, ``EagerGraph`` in the CPU tests) as a few graphs: the ``max_length`` steps (the
-    fixed-shape form, finished images masked) cut after each step in ``checks``
-    (``DECODE_CHECKS``), a graph per part, and a graph that packs the result into a static
-    output buffer; static input buffers (the encoder outputs, the tag words, the fusion
-    weights) and a static carry between the parts. A call replays the first part, then before
-    each further one reads once whether every image is done and stops if so, then packs: the
-    host waits at those reads and for the result's copy. ``checks=()``: the steps in one graph
-    (the host waits once; every step runs)."""
+    on a GPU, ``EagerGraph`` in the CPU tests): the ``max_length`` steps (the fixed-shape form,
+    finished images masked) cut after each step in ``checks`` (``DECODE_CHECKS``), static input
+    buffers (the encoder outputs, the tag words, the fusion weights), a static carry between
+    the stretches of steps and a static output buffer. Two forms:
+
+    - with conditional nodes (the factory's ``conditional(pred, body)``: ``capture_if`` of a
+      PyTorch that has them): one graph, whose every stretch after the first runs inside a
+      conditional node only while some image is not done, then packs the result. The host
+      launches it once and waits once, for the result's copy; nothing is read back between
+      the steps;
+    - otherwise a graph per stretch and a graph that packs: a call replays the first stretch,
+      then before each further one reads once whether every image is done (the host waits for
+      the GPU there) and stops if so, then packs.
+
+    Both run the same steps and give the same result. Where capturing the conditional form
+    fails (a CUDA that lacks conditional nodes for one of the step's kernels), the parts are
+    captured instead, with a warning, and ``conditional_error`` says why. ``checks=()``: the
+    steps in one graph (every step runs)."""
 
     def __init__(
         self,
@@ -1055,9 +1087,24 @@ class DecodeGraphs:
         checks: tuple[int, ...] = DECODE_CHECKS,
     ):
         self.search, self.step_graph, self.capture, self.checks = search, step_graph, capture, checks
-        self.last_steps = 0  # the steps the last call ran (its parts' last step)
-        # per key: (the parts' graphs, the packing graph, static tensors, Inputs, output, done,
-        # what the graphs read and write that no capture made: the loop, the carry, the models)
+        self.conditional: Callable[[torch.Tensor, Callable[[], None]], None] | None = getattr(
+            capture, "conditional", None
+        )
+        self.conditional_error: str | None = None
+        self._last_steps = 0
+        self._steps_run: torch.Tensor | None = None
+        self.graphs = GraphCache(MAX_GRAPHS)  # per key: its ``_Captured``
+
+    @property
+    def last_steps(self) -> int:
+        """The steps the last call ran (through its last stretch's last step); with conditional
+        nodes read from the device, so after the call's result."""
+        return self._last_steps if self._steps_run is None else int(self._steps_run)
+
+    def use_conditional(self, enabled: bool) -> None:
+        """Capture the conditional form (where the factory has one) or the parts from now on;
+        the graphs captured so far are dropped."""
+        self.conditional = getattr(self.capture, "conditional", None) if enabled else None
         self.graphs = GraphCache(MAX_GRAPHS)
 
     def run(self, plan: Plan, tensors: dict, inputs: Inputs, lms) -> torch.Tensor:
@@ -1072,28 +1119,46 @@ class DecodeGraphs:
             None if lms is None else tuple(id(lm) for lm in lms),
         )
         entry = self.graphs.get(key, lambda: self._capture(plan, tensors, inputs, lms))
-        parts, packing, static, static_inputs, out, done, _kept = entry
-        for name, buffer in static.items():
+        for name, buffer in entry.static.items():
             buffer.copy_(tensors[name])
         for mine, theirs in (
-            (static_inputs.tag_words, inputs.tag_words),
-            (static_inputs.fusion_weights, inputs.fusion_weights),
+            (entry.inputs.tag_words, inputs.tag_words),
+            (entry.inputs.fusion_weights, inputs.fusion_weights),
         ):
             if mine is not None:
                 assert theirs is not None  # graphs are keyed by plan: the same inputs exist
                 mine.copy_(theirs)
+        self._steps_run = entry.steps
+        if entry.packing is None:  # one graph: it stops and packs by itself
+            entry.graphs[0].replay()
+            return entry.out
         cuts = _segments(plan.max_length, self.checks)
-        parts[0].replay()
-        self.last_steps = cuts[0][1]
-        for part, (_, end) in zip(parts[1:], cuts[1:], strict=True):
-            if bool(done.all()):  # every image done: the steps left would run masked
+        entry.graphs[0].replay()
+        self._last_steps = cuts[0][1]
+        for part, (_, end) in zip(entry.graphs[1:], cuts[1:], strict=True):
+            if bool(entry.done.all()):  # every image done: the steps left would run masked
                 break
             part.replay()
-            self.last_steps = end
-        packing.replay()
-        return out
+            self._last_steps = end
+        entry.packing.replay()
+        return entry.out
 
-    def _capture(self, plan: Plan, tensors: dict, inputs: Inputs, lms):
+    def _capture(self, plan: Plan, tensors: dict, inputs: Inputs, lms) -> _Captured:
+        if self.conditional is not None:
+            try:
+                return self._capture_graphs(plan, tensors, inputs, lms, self.conditional)
+            except Exception as error:  # any failure: the parts instead
+                self.conditional_error = f"{type(error).__name__}: {error}"
+                self.conditional = None
+                warnings.warn(
+                    "the whole decode with CUDA graph conditional nodes could not be captured "
+                    f"({self.conditional_error}); capturing it in parts, with a host check between",
+                    RuntimeWarning,
+                    stacklevel=2,
+                )
+        return self._capture_graphs(plan, tensors, inputs, lms, None)
+
+    def _capture_graphs(self, plan: Plan, tensors: dict, inputs: Inputs, lms, conditional) -> _Captured:
         static = {name: torch.zeros_like(tensors[name]) for name in ("features", "att_proj", "h0", "c0")}
         static_inputs = Inputs(
             None,
@@ -1105,17 +1170,21 @@ class DecodeGraphs:
         static_inputs.state = step.first_state()
         search = self.search
         one_step = search.one_step()
-        # the loop of the first part's last run (its tables, written in place by every part)
-        # and the carry between the parts, in buffers made by the first (warm-up) run
+        cuts = _segments(plan.max_length, self.checks)
+        # the loop of the first stretch's last run (its tables, written in place by every
+        # stretch) and the carry between the stretches, in buffers made by the first (warm-up)
+        # run; with conditional nodes the steps run, written by each stretch that runs
         kept: dict = {}
-        holder = [torch.empty(0, dtype=torch.float64, device=inputs.image_index.device)]
+        device = inputs.image_index.device
+        holder = [torch.empty(0, dtype=torch.float64, device=device)]
+        steps_run = None if conditional is None else torch.zeros((), dtype=torch.int32, device=device)
 
         def keep(carry: tuple) -> None:
             flat, spec = tree_flatten(carry)  # tensors, and None for a rule not in the plan
             if "buffers" not in kept:
                 # with the carry's own strides (a step's rank and model sums are columns of one
-                # tensor): a compiled step guards on them, and would compile again for the parts
-                # after the first on contiguous copies
+                # tensor): a compiled step guards on them, and would compile again for the
+                # stretches after the first on contiguous copies
                 kept["buffers"] = [
                     None
                     if value is None
@@ -1129,13 +1198,15 @@ class DecodeGraphs:
                 if buffer is not None:
                     buffer.copy_(value)
 
-        def part(begin: int, end: int) -> Callable[[], None]:
+        def stretch(begin: int, end: int) -> Callable[[], None]:
             def fn() -> None:
                 if begin == 0:
                     kept["loop"], carry = _start(step, plan, static_inputs, search.never_first, lms)
                 else:
                     carry = kept["carry"]
                 keep(_steps(kept["loop"], carry, begin, end, one_step))
+                if steps_run is not None:
+                    steps_run.fill_(end)
 
             return fn
 
@@ -1145,15 +1216,26 @@ class DecodeGraphs:
                 holder[0] = torch.empty_like(result)
             holder[0].copy_(result)
 
+        def whole() -> None:
+            stretch(*cuts[0])()
+            for cut in cuts[1:]:
+                # the next stretch only while some image is not done: decided on the device
+                conditional(~kept["carry"][6].all(), stretch(*cut))
+            pack()
+
         with torch.no_grad():
-            parts = []
-            for cut in _segments(plan.max_length, self.checks):
-                parts.append(self.capture(part(*cut)))
-                if cut[0] == 0:
-                    # a capture runs nothing: the loop's tensors the first part's capture made
-                    # hold values only once it is replayed, and the next part warms up on them
-                    parts[0].replay()
-            packing = self.capture(pack)
+            if conditional is not None:
+                graphs, packing = [self.capture(whole)], None
+            else:
+                graphs = []
+                for cut in cuts:
+                    graphs.append(self.capture(stretch(*cut)))
+                    if cut[0] == 0:
+                        # a capture runs nothing: the loop's tensors the first part's capture
+                        # made hold values only once it is replayed, and the next part warms
+                        # up on them
+                        graphs[0].replay()
+                packing = self.capture(pack)
         # the graphs hold only addresses: keep the loop and the carry buffers alive with them
         kept["lms"] = lms  # their ids are in the key: kept alive with the graphs
-        return parts, packing, static, static_inputs, holder[0], kept["carry"][6], kept
+        return _Captured(graphs, packing, static, static_inputs, holder[0], kept["carry"][6], steps_run, kept)
