@@ -324,6 +324,65 @@ def environment(device: str, report: Report) -> dict:
 
 # -- 2. the gpu tests ------------------------------------------------------------------------------
 
+# The whole decode as one CUDA graph with conditional nodes, tried in a process of its own before
+# any mode (``probe_conditionals``): the example photos, one graph against the parts, twice
+PROBE = """
+import json, sys
+from edgecap import Captioner
+model, photos = sys.argv[1], sys.argv[2:]
+out = {}
+for form in ("one graph", "parts"):
+    cap = Captioner(model, backend="torch", device="cuda", search="device", cuda_graphs=True)
+    graphs = cap.backend.device_search.graphs
+    graphs.use_conditional(form == "one graph")
+    texts = [[c.text for c in cap.caption_batch(photos)] for _ in range(2)]
+    out[form] = {"texts": texts, "steps": graphs.last_steps, "error": graphs.conditional_error,
+                 "conditional": graphs.conditional is not None}
+print(json.dumps(out))
+"""
+
+
+def probe_conditionals(model: Path, report: Report, timeout_s: float = 120.0) -> dict | None:
+    """Where this PyTorch has CUDA graph conditional nodes: ``PROBE`` in a subprocess (a
+    failure that leaves the GPU unusable, at capture or replay, must not take the run's other
+    modes with it). Unless it captured the one graph and gave the parts' captions, conditional
+    nodes are turned off for this run (``EDGECAP_GRAPH_CONDITIONALS=0``), and the skip says why."""
+    from edgecap.backends import torch_graphs
+
+    if not torch_graphs.conditional_nodes():
+        return None
+    if not torch_graphs.conditionals_wanted():
+        report.skip("conditional nodes", f"{torch_graphs.CONDITIONALS_VARIABLE}=0 in the environment")
+        return None
+    photos = sorted(str(p) for p in C.EXAMPLES.iterdir() if p.suffix.lower() in {".png", ".jpg"})
+    command = [sys.executable, "-c", PROBE, str(model), *photos]
+    log("probing CUDA graph conditional nodes in a subprocess")
+    t0 = time.perf_counter()
+    result: dict = {}
+    reason = None
+    try:
+        proc = subprocess.run(command, cwd=REPO, capture_output=True, text=True, timeout=timeout_s)
+        lines = proc.stdout.strip().splitlines()
+        if proc.returncode != 0 or not lines:
+            tail = (proc.stderr.strip().splitlines() or ["no output"])[-1]
+            reason = f"the probe exited with {proc.returncode}: {tail}"
+        else:
+            result = json.loads(lines[-1])
+            one, parts = result["one graph"], result["parts"]
+            if not one["conditional"]:
+                reason = f"the one graph could not be captured ({one['error']})"
+            elif one["texts"] != parts["texts"]:
+                reason = "the one graph's captions differ from the parts'"
+    except subprocess.TimeoutExpired:
+        reason = f"the probe did not finish in {timeout_s:.0f} s"
+    result["seconds"] = round(time.perf_counter() - t0, 1)
+    result["ok"] = reason is None
+    if reason is not None:
+        os.environ[torch_graphs.CONDITIONALS_VARIABLE] = "0"
+        result["reason"] = reason
+        report.skip("conditional nodes", f"{reason}: the run captures the whole decode in parts")
+    return result
+
 
 def gpu_tests(report: Report, timeout_s: float, compiled: bool = False) -> dict | None:
     """``pytest -m gpu`` in a subprocess; without ``compiled`` (--compiled) the compiled
@@ -1633,7 +1692,7 @@ def markdown(data: dict) -> str:
         for r in data["modes"]
         for t in r.get("throughput", [])
     ]
-    lines += decode_form_lines(data["modes"])
+    lines += decode_form_lines(data["modes"], data.get("conditional_probe"))
     lines += ["", "## Throughput, batch 64, beam 3", ""]
     lines += [
         C.markdown_table(["mode", "input", "batch", "call p50 (ms)", "captions/s"], rates)
@@ -1701,10 +1760,11 @@ def encoder_lines(rows: list[dict] | None) -> list[str]:
     ]
 
 
-def decode_form_lines(results: list[dict]) -> list[str]:
-    """The section comparing the whole decode's two forms (none where no mode timed them)."""
+def decode_form_lines(results: list[dict], probe: dict | None = None) -> list[str]:
+    """The section comparing the whole decode's two forms (none where no mode timed them and
+    no probe ran), the probe's outcome first."""
     timed = [(r["label"], r["decode_forms"]) for r in results if r.get("decode_forms")]
-    if not timed:
+    if not timed and not probe:
         return []
     lines = [
         "",
@@ -1717,6 +1777,16 @@ def decode_form_lines(results: list[dict]) -> list[str]:
         'the host reading "every image done?" before each). steps: the steps each ran, mean.',
         "",
     ]
+    if probe:
+        lines += [
+            f"Probe (the example photos in a process of its own, {probe['seconds']} s): "
+            + (
+                "the one graph captured, the parts' captions."
+                if probe["ok"]
+                else f"**failed**: {probe['reason']}; every mode captured the parts."
+            ),
+            "",
+        ]
     for label, forms in timed:
         if "skipped" in forms:
             lines += [f"- {label}: not timed: {forms['skipped']}"]
@@ -1875,6 +1945,8 @@ def main(argv=None) -> int:
     except Exception as exc:
         report.skip("onnxruntime CPU FP32 reference captions", f"{type(exc).__name__}: {exc}")
 
+    if device == "cuda":  # before any mode captures one (a few seconds, in its own process)
+        data["conditional_probe"] = probe_conditionals(model, report)
     results = []
     if device == "cuda" and not args.compiled:
         report.skip(

@@ -501,7 +501,8 @@ def test_capture_if_puts_the_body_in_an_if_node_only_while_capturing(monkeypatch
 
 def test_cuda_graphs_offer_conditional_nodes_where_pytorch_has_them(monkeypatch):
     """``CudaGraphs.conditional`` is ``capture_if`` where PyTorch's CUDAGraph has the three
-    calls it makes, None where one is missing (a CPU build of PyTorch)."""
+    calls it makes, None where one is missing (a CPU build of PyTorch) or where
+    ``EDGECAP_GRAPH_CONDITIONALS=0``."""
     full = type(
         "FullCUDAGraph",
         (),
@@ -515,8 +516,13 @@ def test_cuda_graphs_offer_conditional_nodes_where_pytorch_has_them(monkeypatch)
         },
     )
     monkeypatch.setattr(torch._C, "_CUDAGraph", full, raising=False)
+    monkeypatch.delenv("EDGECAP_GRAPH_CONDITIONALS", raising=False)
     assert torch_graphs.conditional_nodes()
     assert torch_graphs.CudaGraphs("cuda").conditional is torch_graphs.capture_if
+    for value, offered in (("0", False), (" 0 ", False), ("1", True), ("", True)):
+        monkeypatch.setenv("EDGECAP_GRAPH_CONDITIONALS", value)  # the user's way to turn them off
+        assert (torch_graphs.CudaGraphs("cuda").conditional is torch_graphs.capture_if) == offered
+    monkeypatch.delenv("EDGECAP_GRAPH_CONDITIONALS")
     partial = type("OldCUDAGraph", (), {"get_currently_capturing_graph": staticmethod(lambda: None)})
     monkeypatch.setattr(torch._C, "_CUDAGraph", partial)
     assert not torch_graphs.conditional_nodes()

@@ -909,15 +909,9 @@ def test_the_decode_forms_time_one_graph_against_the_parts(default_model_dir, mo
 
     from edgecap import Captioner
     from edgecap.backends import torch_graphs
-    from edgecap.backends.torch_graphs import EagerGraph
     from edgecap.decoding.device import DecodeGraphs
 
-    class IfEagerGraph(EagerGraph):
-        @staticmethod
-        def conditional(pred, body) -> None:
-            if bool(pred):
-                body()
-
+    IfEagerGraph = _if_eager_graph()
     forms = []
     real = DecodeGraphs._capture_graphs
 
@@ -952,3 +946,97 @@ def test_the_decode_forms_time_one_graph_against_the_parts(default_model_dir, mo
     assert "no CUDA graph conditional nodes" in skipped["skipped"]
     text = "\n".join(gpu_check.decode_form_lines([{"label": mode["label"], "decode_forms": skipped}]))
     assert "not timed: torch" in text
+
+
+def test_the_conditional_probe_runs_its_script_and_turns_conditionals_off_unless_it_agrees(
+    default_model_dir, monkeypatch, capsys
+):
+    """``probe_conditionals``: its script (run here in this process, on the CPU, a stand-in
+    graph whose conditional node the host decides) captions the example photos with the one
+    graph and with the parts and prints both; from its output the probe keeps conditional
+    nodes on where the one graph was captured and agrees, and otherwise turns them off for the
+    run (``EDGECAP_GRAPH_CONDITIONALS=0``) and says why: other captions, no one graph, a
+    failed or hung process. No probe where PyTorch has no conditional nodes or the variable
+    is already 0."""
+    import json
+    import subprocess
+    import types
+
+    sys.path.insert(0, str(SCRIPT.parent))
+    import gpu_check
+
+    import edgecap
+    from edgecap.backends import torch_graphs
+
+    IfEagerGraph = _if_eager_graph()
+
+    real_captioner = edgecap.Captioner
+
+    def on_the_cpu(model, **options):
+        assert options == {"backend": "torch", "device": "cuda", "search": "device", "cuda_graphs": True}
+        return real_captioner(
+            model, backend="torch", device="cpu", search="device", graph_factory=IfEagerGraph
+        )
+
+    photos = sorted(str(p) for p in gpu_check.C.EXAMPLES.iterdir() if p.suffix in {".png", ".jpg"})
+    monkeypatch.setattr(edgecap, "Captioner", on_the_cpu)
+    monkeypatch.setattr(sys, "argv", ["probe", str(default_model_dir), *photos])
+    exec(gpu_check.PROBE, {"__name__": "__main__"})
+    printed = json.loads(capsys.readouterr().out.strip().splitlines()[-1])
+    one, parts = printed["one graph"], printed["parts"]
+    assert one["conditional"] and not parts["conditional"] and one["error"] is None
+    assert one["texts"] == parts["texts"] and len(one["texts"]) == 2 and len(one["texts"][0]) == 4
+    assert one["steps"] == parts["steps"]
+
+    monkeypatch.setattr(torch_graphs, "conditional_nodes", lambda: True)
+    variable = torch_graphs.CONDITIONALS_VARIABLE
+
+    def probe(stdout="", returncode=0, stderr="", hang=False):
+        def run(command, **kwargs):
+            assert command[1:3] == ["-c", gpu_check.PROBE] and command[4:] == photos
+            if hang:
+                raise subprocess.TimeoutExpired(command, kwargs["timeout"])
+            return types.SimpleNamespace(returncode=returncode, stdout=stdout, stderr=stderr)
+
+        monkeypatch.setattr(gpu_check.subprocess, "run", run)
+        monkeypatch.delenv(variable, raising=False)
+        report = gpu_check.Report(1e9)
+        result = gpu_check.probe_conditionals(default_model_dir, report)
+        return result, report.data["skipped"], os.environ.get(variable)
+
+    agreeing = json.dumps(printed)
+    result, skipped, env = probe(agreeing)
+    assert result["ok"] and skipped == [] and env is None
+    other = {**printed, "parts": {**parts, "texts": [["x"] * 4] * 2}}
+    not_captured = {**printed, "one graph": {**one, "conditional": False, "error": "RuntimeError: no"}}
+    for kwargs, why in (
+        ({"stdout": json.dumps(other)}, "the one graph's captions differ from the parts'"),
+        ({"stdout": json.dumps(not_captured)}, "the one graph could not be captured (RuntimeError: no)"),
+        ({"returncode": 1, "stderr": "Traceback\nRuntimeError: CUDA error"}, "exited with 1: RuntimeError"),
+        ({"hang": True}, "did not finish in 120 s"),
+    ):
+        result, skipped, env = probe(**kwargs)
+        assert not result["ok"] and why in result["reason"] and env == "0"
+        assert [s["item"] for s in skipped] == ["conditional nodes"] and why in skipped[0]["reason"]
+        text = "\n".join(gpu_check.decode_form_lines([], result))
+        assert "**failed**" in text and why in text
+    monkeypatch.setenv(variable, "0")
+    report = gpu_check.Report(1e9)
+    assert gpu_check.probe_conditionals(default_model_dir, report) is None
+    assert "EDGECAP_GRAPH_CONDITIONALS=0" in report.data["skipped"][0]["reason"]
+    monkeypatch.setattr(torch_graphs, "conditional_nodes", lambda: False)
+    assert gpu_check.probe_conditionals(default_model_dir, gpu_check.Report(1e9)) is None
+
+
+def _if_eager_graph():
+    """``EagerGraph`` with conditional nodes that the host decides at each run (a stand-in for
+    ``CudaGraphs.conditional`` on the CPU)."""
+    from edgecap.backends.torch_graphs import EagerGraph
+
+    class IfEagerGraph(EagerGraph):
+        @staticmethod
+        def conditional(pred, body) -> None:
+            if bool(pred):
+                body()
+
+    return IfEagerGraph

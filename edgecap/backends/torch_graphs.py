@@ -38,6 +38,7 @@ read another search's state.
 from __future__ import annotations
 
 import contextlib
+import os
 import threading
 from collections import OrderedDict
 from collections.abc import Callable, Iterator
@@ -182,6 +183,16 @@ class CudaGraph:
             self.graph.replay()
 
 
+# set to "0": ``CudaGraphs`` offers no conditional nodes (the whole decode captured in parts
+# with a host check between, as on a PyTorch without them)
+CONDITIONALS_VARIABLE = "EDGECAP_GRAPH_CONDITIONALS"
+
+
+def conditionals_wanted() -> bool:
+    """Whether the environment leaves conditional nodes on (``CONDITIONALS_VARIABLE`` not "0")."""
+    return os.environ.get(CONDITIONALS_VARIABLE, "1").strip() != "0"
+
+
 def conditional_nodes() -> bool:
     """Whether this PyTorch captures conditional (if) nodes into a CUDA graph: its
     ``CUDAGraph.begin_capture_to_if_node`` (PyTorch's ``torch.cond`` under a CUDA graph capture
@@ -218,15 +229,16 @@ def capture_if(pred: torch.Tensor, body: Callable[[], None]) -> None:
 class CudaGraphs:
     """The ``capture(fn) -> graph`` factory of real CUDA graphs on one device (what
     ``TorchBackend(cuda_graphs=True)`` uses). ``conditional``: ``capture_if`` where this
-    PyTorch has conditional nodes (``conditional_nodes``), else None: what lets the whole
-    decode stop inside one graph once every image is done (``DecodeGraphs``)."""
+    PyTorch has conditional nodes (``conditional_nodes``) and the environment does not turn
+    them off (``EDGECAP_GRAPH_CONDITIONALS=0``), else None: what lets the whole decode stop
+    inside one graph once every image is done (``DecodeGraphs``)."""
 
     __name__ = "CudaGraph"
 
     def __init__(self, device: torch.device | str):
         self.device = torch.device(device)
         self.conditional: Callable[[torch.Tensor, Callable[[], None]], None] | None = (
-            capture_if if conditional_nodes() else None
+            capture_if if conditional_nodes() and conditionals_wanted() else None
         )
 
     def __call__(self, fn: Callable[[], None]) -> CudaGraph:
