@@ -1204,6 +1204,8 @@ def decode_forms(cap, model: Path, mode: dict, frames: list, args, batches=DECOD
         return {"skipped": "this mode has no whole-decode graphs"}
     if not conditional_nodes():
         return {"skipped": f"torch {torch.__version__} has no CUDA graph conditional nodes"}
+    if getattr(graphs.capture, "conditional", None) is None:
+        return {"skipped": "conditional nodes are off in this run (EDGECAP_GRAPH_CONDITIONALS=0)"}
     other = captioner(model, mode.get("backend", "torch"), mode["options"], 3, 8, args.max_length)
     other.backend.device_search.graphs.use_conditional(False)
     forms = {"one graph": cap, "parts": other}

@@ -941,6 +941,12 @@ def test_the_decode_forms_time_one_graph_against_the_parts(default_model_dir, mo
     assert len([line for line in text.splitlines() if line.startswith(("| 1 |", "| 2 |"))]) == 2
     assert gpu_check.decode_form_lines([{"label": "x"}]) == []
 
+    # conditional nodes turned off for the run (the probe failed): the graphs offer none
+    plain_options = {**options, "graph_factory": torch_graphs.EagerGraph}
+    plain = Captioner(default_model_dir, backend="torch", **plain_options)
+    plain_mode = {**mode, "options": plain_options}
+    off = gpu_check.decode_forms(plain, default_model_dir, plain_mode, frames, args, batches=(1,))
+    assert "off in this run" in off["skipped"]
     monkeypatch.setattr(torch_graphs, "conditional_nodes", lambda: False)
     skipped = gpu_check.decode_forms(cap, default_model_dir, mode, frames, args, batches=(1,))
     assert "no CUDA graph conditional nodes" in skipped["skipped"]
