@@ -337,7 +337,7 @@ for form in ("one graph", "parts"):
     graphs.use_conditional(form == "one graph")
     texts = [[c.text for c in cap.caption_batch(photos)] for _ in range(2)]
     out[form] = {"texts": texts, "steps": graphs.last_steps, "error": graphs.conditional_error,
-                 "conditional": graphs.conditional is not None}
+                 "conditional": graphs.conditional is not None, "made": graphs.graphs.made}
 print(json.dumps(out))
 """
 
@@ -363,18 +363,21 @@ def probe_conditionals(model: Path, report: Report, timeout_s: float = 120.0) ->
     try:
         proc = subprocess.run(command, cwd=REPO, capture_output=True, text=True, timeout=timeout_s)
         lines = proc.stdout.strip().splitlines()
-        if proc.returncode != 0 or not lines:
+        if proc.returncode != 0:  # its captions printed or not: a crash at exit counts
             tail = (proc.stderr.strip().splitlines() or ["no output"])[-1]
             reason = f"the probe exited with {proc.returncode}: {tail}"
         else:
             result = json.loads(lines[-1])
             one, parts = result["one graph"], result["parts"]
-            if not one["conditional"]:
+            if not one["conditional"] or not one["made"]:
                 reason = f"the one graph could not be captured ({one['error']})"
             elif one["texts"] != parts["texts"]:
                 reason = "the one graph's captions differ from the parts'"
     except subprocess.TimeoutExpired:
         reason = f"the probe did not finish in {timeout_s:.0f} s"
+    except (IndexError, ValueError, KeyError, TypeError) as exc:  # no result line, or another
+        result = {}
+        reason = f"the probe printed no result ({type(exc).__name__}: {exc})"
     result["seconds"] = round(time.perf_counter() - t0, 1)
     result["ok"] = reason is None
     if reason is not None:

@@ -410,6 +410,44 @@ def test_the_whole_decode_in_one_graph_stops_on_the_device_once_every_image_is_d
         backend.device_search = kept
 
 
+def test_a_replay_that_skips_stretches_reads_its_own_batch_not_the_last_one_that_ran_them(
+    shipped, example_images
+):
+    """One shape, one graph with conditional nodes (``IfReplayingGraph``), checks after steps
+    13 and 16: a batch whose captions run to the last step (the astronaut and the rocket), then
+    one that is done within the first stretch (the cat and the coffee), then the first again,
+    and so on: each batch's captions are the plain device search's and its steps are its own
+    (20, then 13, written by the first stretch), not what the last replay that ran the later
+    stretches left in their tensors. Then the parts (``use_conditional(False)``): the steps
+    they ran, not the one graph's counter."""
+    captioner, _ = shipped
+    backend = captioner.backend
+    pre = captioner.manifest.preprocessing
+    photos = [preprocess([load_rgb(str(p))], pre)[0] for p in example_images]
+    long, short = (backend.encode(np.stack([photos[i] for i in pair])) for pair in ((0, 3), (1, 2)))
+    options = CaptionOptions(n_best=2)
+    want = {
+        name: _captions(captioner, encoded, options) for name, encoded in (("long", long), ("short", short))
+    }
+    assert _stops(captioner, long, options) == 20 and _stops(captioner, short, options) == 13
+    kept = backend.device_search
+    try:
+        backend.device_search = graphed = TorchDeviceSearch(backend, IfReplayingGraph)
+        graphed.graphs.checks = (13, 16)
+        for name in ("long", "short", "long", "short", "short", "long"):
+            encoded = long if name == "long" else short
+            assert _captions(captioner, encoded, options) == want[name], name
+            assert graphed.graphs.last_steps == (20 if name == "long" else 13), name
+        assert graphed.graphs.graphs.made == 1  # one shape, one graph
+        graphed.graphs.use_conditional(False)
+        assert _captions(captioner, long, options) == want["long"]
+        assert graphed.graphs.last_steps == 20
+        assert _captions(captioner, short, options) == want["short"]
+        assert graphed.graphs.last_steps == 13
+    finally:
+        backend.device_search = kept
+
+
 def test_capturing_the_conditional_form_failing_falls_back_to_the_parts(shipped, two_batches):
     """A CUDA that cannot capture the conditional nodes (here: the node raises in the capture,
     not in the warm-up): one warning saying why, the decode captured in parts with a host check
@@ -481,6 +519,9 @@ def test_capture_if_puts_the_body_in_an_if_node_only_while_capturing(monkeypatch
     torch_graphs.capture_if(pred, lambda: calls.append("body"))
     assert calls == ["body"]  # not capturing: a warm-up run
     calls.clear()
+    torch_graphs.capture_if(torch.tensor(False), lambda: calls.append("body"))
+    assert calls == ["body"]  # a warm-up runs every kernel, whatever the predicate
+    calls.clear()
     monkeypatch.setattr(torch.cuda, "is_available", lambda: True)
     monkeypatch.setattr(torch.cuda, "is_current_stream_capturing", lambda: False)
     torch_graphs.capture_if(pred, lambda: calls.append("body"))
@@ -501,8 +542,8 @@ def test_capture_if_puts_the_body_in_an_if_node_only_while_capturing(monkeypatch
 
 def test_cuda_graphs_offer_conditional_nodes_where_pytorch_has_them(monkeypatch):
     """``CudaGraphs.conditional`` is ``capture_if`` where PyTorch's CUDAGraph has the three
-    calls it makes, None where one is missing (a CPU build of PyTorch) or where
-    ``EDGECAP_GRAPH_CONDITIONALS=0``."""
+    calls it makes in a build for CUDA 12.4 or newer, None where one is missing (a CPU build of
+    PyTorch), for an older CUDA or ROCm, or where ``EDGECAP_GRAPH_CONDITIONALS=0``."""
     full = type(
         "FullCUDAGraph",
         (),
@@ -517,6 +558,15 @@ def test_cuda_graphs_offer_conditional_nodes_where_pytorch_has_them(monkeypatch)
     )
     monkeypatch.setattr(torch._C, "_CUDAGraph", full, raising=False)
     monkeypatch.delenv("EDGECAP_GRAPH_CONDITIONALS", raising=False)
+    monkeypatch.setattr(torch.version, "hip", None, raising=False)
+    # CUDA 12.4 or newer (PyTorch's methods exist in older CUDA builds, and raise there)
+    for cuda, supported in (("11.8", False), ("12.1", False), ("12.4", True), ("13.0", True), (None, False)):
+        monkeypatch.setattr(torch.version, "cuda", cuda)
+        assert torch_graphs.conditional_nodes() == supported, cuda
+    monkeypatch.setattr(torch.version, "cuda", "13.0")
+    monkeypatch.setattr(torch.version, "hip", "6.2")  # ROCm: not supported
+    assert not torch_graphs.conditional_nodes()
+    monkeypatch.setattr(torch.version, "hip", None)
     assert torch_graphs.conditional_nodes()
     assert torch_graphs.CudaGraphs("cuda").conditional is torch_graphs.capture_if
     for value, offered in (("0", False), (" 0 ", False), ("1", True), ("", True)):

@@ -1256,12 +1256,14 @@ def test_the_whole_decode_with_conditional_nodes_on_the_gpu_captions_as_the_part
     the whole decode captured as one graph with them: captured without falling back, the same
     captions and scores as the parts with a host check between, and as many steps run (the
     parts stop at the first check after every image is done: tested on the CPU)."""
-    from edgecap.backends.torch_graphs import conditional_nodes
+    from edgecap.backends.torch_graphs import conditional_nodes, conditionals_wanted
 
     if not torch.cuda.is_available():
         pytest.skip("no CUDA GPU")
     if not conditional_nodes():
         pytest.skip(f"torch {torch.__version__} has no CUDA graph conditional nodes")
+    if not conditionals_wanted():
+        pytest.skip("EDGECAP_GRAPH_CONDITIONALS=0 (gpu_check.py's probe of them failed)")
     photos = [str(p) for p in example_images]
     made = {
         name: Captioner(default_model_dir, backend="torch", device="cuda", search="device", cuda_graphs=True)

@@ -992,7 +992,7 @@ def test_the_conditional_probe_runs_its_script_and_turns_conditionals_off_unless
     one, parts = printed["one graph"], printed["parts"]
     assert one["conditional"] and not parts["conditional"] and one["error"] is None
     assert one["texts"] == parts["texts"] and len(one["texts"]) == 2 and len(one["texts"][0]) == 4
-    assert one["steps"] == parts["steps"]
+    assert one["steps"] == parts["steps"] and one["made"] == parts["made"] == 1
 
     monkeypatch.setattr(torch_graphs, "conditional_nodes", lambda: True)
     variable = torch_graphs.CONDITIONALS_VARIABLE
@@ -1013,12 +1013,23 @@ def test_the_conditional_probe_runs_its_script_and_turns_conditionals_off_unless
     agreeing = json.dumps(printed)
     result, skipped, env = probe(agreeing)
     assert result["ok"] and skipped == [] and env is None
+    result, skipped, env = probe("a warning on stdout\n" + agreeing)  # the last line is the result
+    assert result["ok"] and env is None
     other = {**printed, "parts": {**parts, "texts": [["x"] * 4] * 2}}
     not_captured = {**printed, "one graph": {**one, "conditional": False, "error": "RuntimeError: no"}}
+    not_offered = {**printed, "one graph": {**one, "conditional": False, "error": None}}
+    nothing_made = {**printed, "one graph": {**one, "made": 0}}
     for kwargs, why in (
         ({"stdout": json.dumps(other)}, "the one graph's captions differ from the parts'"),
         ({"stdout": json.dumps(not_captured)}, "the one graph could not be captured (RuntimeError: no)"),
         ({"returncode": 1, "stderr": "Traceback\nRuntimeError: CUDA error"}, "exited with 1: RuntimeError"),
+        # its captions printed, then a crash (at the graphs' teardown, say)
+        ({"stdout": agreeing, "returncode": -11, "stderr": "Segmentation fault"}, "exited with -11"),
+        ({"stdout": json.dumps(not_offered)}, "the one graph could not be captured (None)"),
+        ({"stdout": json.dumps(nothing_made)}, "the one graph could not be captured (None)"),
+        ({"stdout": "Traceback\nRuntimeError"}, "the probe printed no result (JSONDecodeError"),
+        ({"stdout": ""}, "the probe printed no result (IndexError"),
+        ({"stdout": '{"parts": {}}'}, "the probe printed no result (KeyError"),
         ({"hang": True}, "did not finish in 120 s"),
     ):
         result, skipped, env = probe(**kwargs)

@@ -196,16 +196,17 @@ def conditionals_wanted() -> bool:
 def conditional_nodes() -> bool:
     """Whether this PyTorch captures conditional (if) nodes into a CUDA graph: its
     ``CUDAGraph.begin_capture_to_if_node`` (PyTorch's ``torch.cond`` under a CUDA graph capture
-    uses it; a CPU build of PyTorch has it not). CUDA itself needs 12.4 or newer for them."""
+    uses it; a CPU build of PyTorch has it not), built for CUDA 12.4 or newer and not for ROCm
+    (PyTorch's methods exist there too, and raise: not supported)."""
     graph = getattr(torch._C, "_CUDAGraph", None)
-    return all(
-        hasattr(graph, name)
-        for name in (
-            "get_currently_capturing_graph",
-            "begin_capture_to_if_node",
-            "end_capture_to_conditional_node",
-        )
-    )
+    names = ("get_currently_capturing_graph", "begin_capture_to_if_node", "end_capture_to_conditional_node")
+    if not all(hasattr(graph, name) for name in names) or getattr(torch.version, "hip", None):
+        return False
+    try:
+        major, minor = (int(part) for part in str(torch.version.cuda).split(".")[:2])
+    except ValueError:  # None: not a CUDA build
+        return False
+    return (major, minor) >= (12, 4)
 
 
 def capture_if(pred: torch.Tensor, body: Callable[[], None]) -> None:
