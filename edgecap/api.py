@@ -428,6 +428,56 @@ class Captioner:
         overlap = self.overlap if overlap is None else bool(overlap)
         return self._results(images, color, return_attention, on_error, overlap=overlap)
 
+    def warm_up(
+        self, batch_sizes: Iterable[int] = (1,), frame_size: tuple[int, int] = (480, 640)
+    ) -> dict[int, dict[str, float]]:
+        """Meet now, before a camera loop starts, what would make its first frames slow: per
+        batch size (each 1 to ``batch_size``), a batch of synthetic frames of ``frame_size``
+        (height, width: the camera's) captioned, which runs every stage once at that size (the
+        runtime's first run; with CUDA graphs their capture for that batch size and, with
+        ``preprocess="device"``, that frame size); and with the whole decode in CUDA graphs
+        (the torch backend's device search), its graphs for every plan the search of that size
+        can meet captured too (with and without tag words, with and without the language
+        models: which one a batch needs depends on its photos, and a plan met for the first
+        time costs two warm-up runs and a capture, mid-stream). -> per batch size, the seconds
+        it took and the decode graphs captured beyond the first caption's (``plans``). Batch
+        sizes padded to one size (``Backend.run_size``) share their graphs; the whole-decode
+        graphs of at most 8 plans are kept."""
+        sizes = list(batch_sizes)
+        for size in sizes:
+            if isinstance(size, bool) or not isinstance(size, (int, np.integer)):
+                raise ValueError(f"warm_up: batch sizes must be integers, got {size!r}")
+            if not 1 <= size <= self.options.batch_size:
+                raise ValueError(
+                    f"warm_up: batch size {size} is outside 1 to this Captioner's batch_size "
+                    f"({self.options.batch_size})"
+                )
+        if (
+            not isinstance(frame_size, (tuple, list))
+            or len(frame_size) != 2
+            or not all(
+                isinstance(v, (int, np.integer)) and not isinstance(v, bool) and v > 0 for v in frame_size
+            )
+        ):
+            raise ValueError(
+                f"warm_up: frame_size must be (height, width), two positive integers, got {frame_size!r}"
+            )
+        height, width = (int(v) for v in frame_size)
+        # a frame with something in it (a blank one is not searched like a photo)
+        y, x = np.mgrid[0:height, 0:width]
+        frame = np.stack(
+            [(x * 255) // max(width - 1, 1), (y * 255) // max(height - 1, 1), ((x // 8 + y // 8) % 2) * 255],
+            axis=-1,
+        ).astype(np.uint8)
+        out: dict[int, dict[str, float]] = {}
+        for size in sorted({int(s) for s in sizes}):
+            t0 = time.perf_counter()
+            self.caption_batch([frame] * size)
+            prepared = [self._prepare(frame, "rgb") for _ in range(size)]
+            plans = self._search([p.x for p in prepared], False, warm=True)
+            out[size] = {"seconds": time.perf_counter() - t0, "plans": plans}
+        return out
+
     def _check_call(self, images, color: str, on_error: str) -> None:
         """The arguments of ``caption_batch`` / ``iter_captions``, checked when called."""
         if on_error not in ON_ERROR:
@@ -666,11 +716,14 @@ class Captioner:
             )
         return results
 
-    def _search(self, batch: list[np.ndarray], return_attention: bool, deferred: bool = False):
+    def _search(
+        self, batch: list[np.ndarray], return_attention: bool, deferred: bool = False, warm: bool = False
+    ):
         """batch: model inputs float32 (3, H, W), or for a backend that ``prepares_frames`` RGB
         frames -> (hypotheses per image, class probabilities (N, C), encode ms, decode ms,
         whether each image holds anything to caption as the backend found (N,) or None);
-        ``deferred``: the hypotheses a function that gives them."""
+        ``deferred``: the hypotheses a function that gives them; ``warm``: instead, the batch
+        encoded and the backend's ``warm_search`` run on it (``warm_up``): its result."""
         options = self.options
         # A backend with one set of device buffers (TensorRT) runs one batch at a time; close()
         # releases them under the same lock, so no batch runs on released buffers.
@@ -680,6 +733,8 @@ class Captioner:
             self._in_batch = threading.get_ident()
             try:
                 with _batch_running():  # not across a fork, nor into the interpreter's exit
+                    if warm:
+                        return self._warm_batch(batch, options)
                     return self._run_batch(batch, return_attention, options, deferred)
             finally:
                 self._in_batch = None
@@ -697,15 +752,8 @@ class Captioner:
         runs the batch padded with copies of its last image (``Backend.run_size``, up to the
         largest batch this Captioner has run), whose results are dropped."""
         t0 = time.perf_counter()
-        seen = None
         n = len(batch)
-        # read once: a batch of another thread (a thread-safe backend) may record its own meanwhile
-        largest = self._largest_batch = max(self._largest_batch, n)
-        size = self.backend.run_size(n, largest)
-        if self.backend.prepares_frames:  # padded after its preprocessing, on the device
-            encoded, seen = self.backend.encode_frames(batch, size, brighten=self.options.brighten)
-        else:
-            encoded = self.backend.encode(self.backend.batch_input(batch + [batch[-1]] * (size - n)))
+        encoded, seen, size = self._encoded(batch)
         t1 = time.perf_counter()
         hypotheses = search(
             self.backend,
@@ -730,6 +778,30 @@ class Captioner:
             probs = None if probs is None else probs[:n]
             seen = None if seen is None else seen[:n]
         return hypotheses, probs, (t1 - t0) * 1e3, (t2 - t1) * 1e3, seen
+
+    def _encoded(self, batch: list[np.ndarray]):
+        """The batch encoded at its run size (``Backend.run_size``: padded with copies of its last
+        image) -> (``Encoded``, whether each image holds anything to caption or None, the run
+        size)."""
+        seen = None
+        n = len(batch)
+        # read once: a batch of another thread (a thread-safe backend) may record its own meanwhile
+        largest = self._largest_batch = max(self._largest_batch, n)
+        size = self.backend.run_size(n, largest)
+        if self.backend.prepares_frames:  # padded after its preprocessing, on the device
+            encoded, seen = self.backend.encode_frames(batch, size, brighten=self.options.brighten)
+        else:
+            encoded = self.backend.encode(self.backend.batch_input(batch + [batch[-1]] * (size - n)))
+        return encoded, seen, size
+
+    def _warm_batch(self, batch: list[np.ndarray], options: CaptionOptions) -> int:
+        """``warm_up``'s part in the backend: the batch encoded, then ``Backend.warm_search`` on it
+        with one of the model's object words as every image's tag word (None: it has none)."""
+        encoded, _, _ = self._encoded(batch)
+        tag_word = min(self._object_words) if self._object_words else None
+        return self.backend.warm_search(
+            encoded, options, self.vocab.start, self.vocab.end, self.fusion, tag_word
+        )
 
     def _to_caption(
         self, hyps: list[Hypothesis], objects: tuple, probs: np.ndarray | None, timings: dict[str, float]

@@ -414,11 +414,11 @@ def _json_errors(web):
 
 
 def warm_up(captioner) -> None:
-    """One caption before the first request: the runtime's first run (memory, kernels) is several
-    times slower than the next ones, and a model that cannot run fails here, before listening."""
-    import numpy as np
-
-    captioner.caption(np.random.default_rng(0).integers(0, 256, (224, 224, 3), dtype=np.uint8))
+    """One caption before the first request (``Captioner.warm_up`` at batch 1): the runtime's
+    first run (memory, kernels) is several times slower than the next ones, and a model that
+    cannot run fails here, before listening; with the whole decode in CUDA graphs, the graphs of
+    every plan a one-photo request can meet are captured here too."""
+    captioner.warm_up((1,), frame_size=(224, 224))
 
 
 def is_loopback(host: str) -> bool:

@@ -111,6 +111,14 @@ class Backend(ABC):
         """One line naming the backend and where it runs (e.g. its execution provider)."""
         return self.name
 
+    def warm_search(
+        self, encoded: Encoded, options, start_id: int, end_id: int, fusion, tag_word: int | None
+    ) -> int:
+        """Capture or compile now what the search of a batch like ``encoded`` could meet later
+        (``Captioner.warm_up``): -> how many graphs this call captured. Here nothing: a backend
+        without per-plan graphs meets nothing new after its first batch of a size."""
+        return 0
+
     def run_size(self, n_images: int, largest: int) -> int:
         """The batch size a batch of ``n_images`` runs at (``largest``: the most images a batch
         of the caller's has held, at least ``n_images``): ``n_images``, but for a backend that

@@ -467,6 +467,20 @@ class TorchBackend(Backend):
             return None
         return self.device_search(encoded, options, start_id, end_id, tag_words, fusion, deferred)
 
+    def warm_search(
+        self, encoded: Encoded, options, start_id: int, end_id: int, fusion, tag_word: int | None
+    ) -> int:
+        """With the whole decode in graphs (``cuda_graphs`` and the device search for this
+        batch's rows): every plan the search of this batch shape can meet captured now
+        (``TorchDeviceSearch.warm``); else nothing (0)."""
+        if (
+            not self.on_device
+            or self.device_search.graphs is None
+            or not use_device(self.search_mode, encoded.n_images * options.beam_size)
+        ):
+            return 0
+        return self.device_search.warm(encoded, options, start_id, end_id, fusion, tag_word)
+
     def start(
         self, encoded: Encoded, image_index: np.ndarray, return_attention: bool = False
     ) -> DecoderSession:

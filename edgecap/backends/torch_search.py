@@ -18,7 +18,10 @@ the caller runs the numpy loop).
 
 from __future__ import annotations
 
+import numpy as np
 import torch
+
+from edgecap.decoding import fusion_weight
 
 from edgecap.decoding.device import (
     DECODE_CHECKS,
@@ -61,6 +64,38 @@ class TorchDeviceSearch:
             backend.decoder.cfg.vocab_size, backend.device, compiled=compiled, fused=fused
         )
         self.graphs = None if capture is None else DecodeGraphs(self.search, backend.step_graph, capture)
+
+    def warm(self, encoded, options, start_id: int, end_id: int, fusion, tag_word: int | None) -> int:
+        """Capture the whole-decode graphs of every plan a batch of ``encoded``'s shape can meet
+        with ``options`` (a plan is what a graph is captured for: whether the batch has tag
+        words, whether a row gets the language models; those depend on each photo): with and
+        without tag words (one, ``tag_word``, per image) where the tag bonus is on and the model
+        has one (``tag_word`` not None), with and
+        without the language models where they have weight; -> how many were captured now
+        (none for a plan captured before). Their results are dropped."""
+        if self.graphs is None:
+            return 0
+        backend, search = self.backend, self.search
+        options.validate(backend.top_k)
+        n, rows = encoded.n_images, encoded.n_images * options.beam_size
+        tags: list[tuple[frozenset[int], ...] | None] = [None]
+        if options.guidance_bonus > 0 and tag_word is not None:
+            tags.append(tuple(frozenset([tag_word]) for _ in range(n)))
+        weights: list[np.ndarray | None] = [None]
+        if fusion is not None and fusion_weight(options, fusion) > 0:
+            if fusion.everyday.hidden == fusion.in_domain.hidden:  # else the host loop runs it
+                weights.append(np.full(rows, fusion_weight(options, fusion), np.float32))
+        made = self.graphs.graphs.made
+        with torch.inference_mode():
+            for words in tags:
+                for weight in weights:
+                    plan = search.plan(
+                        n, options, backend.top_k, start_id, end_id, words, weight, endings=options.consensus
+                    )
+                    inputs = search.inputs(plan, None, words, weight)
+                    lms = None if weight is None else search.lms(fusion)
+                    self.graphs.run(plan, encoded.tensors, inputs, lms)
+        return self.graphs.graphs.made - made
 
     def __call__(
         self, encoded, options, start_id: int, end_id: int, tag_words, fusion, deferred: bool = False
