@@ -1246,9 +1246,18 @@ def decode_forms(cap, model: Path, mode: dict, frames: list, args, batches=DECOD
                 "same_captions": texts["one graph"] == texts["parts"],
             }
         )
-    del other, forms
+    del other, forms, runners
     _release()
-    return {"rows": rows, "conditional_error": graphs.conditional_error}
+    # what a camera loop's first frames would meet, met up front (``Captioner.warm_up``): a
+    # fresh Captioner of this mode, batch 1 and 8, VGA frames
+    fresh = captioner(model, mode.get("backend", "torch"), mode["options"], 3, 8, args.max_length)
+    _sync()
+    warmed = fresh.warm_up((1, 8), frame_size=(480, 640))
+    _sync()
+    warm_up = [{"batch": b, "seconds": r["seconds"], "plans": r["plans"]} for b, r in sorted(warmed.items())]
+    del fresh
+    _release()
+    return {"rows": rows, "conditional_error": graphs.conditional_error, "warm_up": warm_up}
 
 
 def throughput(cap, frames: list, args, batch: int = 64, overlap: bool = True) -> list[dict]:
@@ -1796,6 +1805,17 @@ def decode_form_lines(results: list[dict], probe: dict | None = None) -> list[st
         if "skipped" in forms:
             lines += [f"- {label}: not timed: {forms['skipped']}"]
             continue
+        if forms.get("warm_up"):
+            lines += [
+                f"{label}, `Captioner.warm_up((1, 8), frame_size=(480, 640))` on a fresh Captioner "
+                "(every stage's first run and capture at each size, and the decode graph of every "
+                "plan): "
+                + "; ".join(
+                    f"batch {w['batch']} {w['seconds']:.2f} s ({w['plans']} plans beyond its caption's)"
+                    for w in forms["warm_up"]
+                ),
+                "",
+            ]
         if forms.get("conditional_error"):
             lines += [
                 f"- {label}: the conditional form failed to capture ({forms['conditional_error']}): "

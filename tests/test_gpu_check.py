@@ -928,7 +928,10 @@ def test_the_decode_forms_time_one_graph_against_the_parts(default_model_dir, mo
     args = argparse.Namespace(warmup=1, repeats=2, max_length=20)
     out = gpu_check.decode_forms(cap, default_model_dir, mode, frames, args, batches=(1, 2))
     assert out["conditional_error"] is None
-    assert sorted(forms) == [(1, False), (1, True), (2, False), (2, True)]
+    # the two forms at batch 1 and 2, then a fresh Captioner's warm_up at 1 and 8
+    assert sorted(forms[:4]) == [(1, False), (1, True), (2, False), (2, True)]
+    assert [(w["batch"], w["plans"]) for w in out["warm_up"]] == [(1, 3), (8, 3)]
+    assert all(w["seconds"] > 0 for w in out["warm_up"])
     rows = out["rows"]
     assert [r["batch"] for r in rows] == [1, 2]
     for r in rows:
@@ -938,6 +941,7 @@ def test_the_decode_forms_time_one_graph_against_the_parts(default_model_dir, mo
         assert r["parts_over_one_graph"] == pytest.approx(r["parts_p50_ms"] / r["one_graph_p50_ms"])
     text = "\n".join(gpu_check.decode_form_lines([{"label": mode["label"], "decode_forms": out}]))
     assert "## The whole decode: one graph with conditional nodes" in text
+    assert "batch 1 " in text and "(3 plans beyond its caption's); batch 8 " in text
     assert len([line for line in text.splitlines() if line.startswith(("| 1 |", "| 2 |"))]) == 2
     assert gpu_check.decode_form_lines([{"label": "x"}]) == []
 
