@@ -28,8 +28,8 @@ def main(argv: list[str] | None = None) -> int:
 
     try:
         captioner = Captioner(args.model, beam_size=3, max_length=12)
-        # the first frames' slow parts met now (the runtime's first run; on a GPU with CUDA graphs,
-        # their captures): the loop's first captions come as fast as the later ones
+        # the first frames' slow parts met now, not mid-stream: the runtime's first run, and on a
+        # GPU with CUDA graphs their captures (a decode graph per plan a frame can need)
         captioner.warm_up((1,), frame_size=(480, 640))
         stream = caption_stream(captioner, video_frames(args.video, realtime=True), every=args.every)
     except (EdgecapError, ValueError) as exc:  # ValueError: a bad --every
