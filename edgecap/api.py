@@ -17,6 +17,7 @@ import math
 import os
 import threading
 import time
+import warnings
 import weakref
 from collections.abc import Generator, Iterable, Iterator
 from concurrent.futures import CancelledError, ThreadPoolExecutor
@@ -438,45 +439,54 @@ class Captioner:
         ``preprocess="device"``, that frame size); and with the whole decode in CUDA graphs
         (the torch backend's device search), its graphs for every plan the search of that size
         can meet captured too (with and without tag words, with and without the language
-        models: which one a batch needs depends on its photos, and a plan met for the first
-        time costs two warm-up runs and a capture, mid-stream). -> per batch size, the seconds
-        it took and the decode graphs captured beyond the first caption's (``plans``). Batch
-        sizes padded to one size (``Backend.run_size``) share their graphs; the whole-decode
-        graphs of at most 8 plans are kept."""
-        sizes = list(batch_sizes)
-        for size in sizes:
-            if isinstance(size, bool) or not isinstance(size, (int, np.integer)):
-                raise ValueError(f"warm_up: batch sizes must be integers, got {size!r}")
-            if not 1 <= size <= self.options.batch_size:
-                raise ValueError(
-                    f"warm_up: batch size {size} is outside 1 to this Captioner's batch_size "
-                    f"({self.options.batch_size})"
-                )
-        if (
-            not isinstance(frame_size, (tuple, list))
-            or len(frame_size) != 2
-            or not all(
-                isinstance(v, (int, np.integer)) and not isinstance(v, bool) and v > 0 for v in frame_size
-            )
-        ):
+        models, as the options allow: which one a batch needs depends on its photos, and a plan
+        met for the first time costs two warm-up runs and a capture, mid-stream). -> per batch
+        size, the seconds it took and the decode graphs captured beyond its caption's
+        (``plans``). The largest size runs first: a backend that pads batches to a few sizes
+        (``Backend.run_size``: up to the largest batch run so far) pads the smaller ones as it
+        will later, and pads later batches up to it too. A backend keeps the whole-decode
+        graphs of at most 8 plans (two batch sizes' worth): a warm-up that drops some of its own
+        warns, saying so."""
+        try:
+            sizes = sorted({self._warm_size(size) for size in batch_sizes}, reverse=True)
+        except TypeError:  # not iterable
             raise ValueError(
-                f"warm_up: frame_size must be (height, width), two positive integers, got {frame_size!r}"
-            )
-        height, width = (int(v) for v in frame_size)
-        # a frame with something in it (a blank one is not searched like a photo)
-        y, x = np.mgrid[0:height, 0:width]
-        frame = np.stack(
-            [(x * 255) // max(width - 1, 1), (y * 255) // max(height - 1, 1), ((x // 8 + y // 8) % 2) * 255],
-            axis=-1,
-        ).astype(np.uint8)
+                f"warm_up: batch_sizes must be a list of batch sizes, got {batch_sizes!r}"
+            ) from None
+        if not sizes:
+            raise ValueError("warm_up: batch_sizes is empty: give at least one batch size")
+        frame = _warm_frame(frame_size)
+        dropped = self.backend.dropped_graphs()
         out: dict[int, dict[str, float]] = {}
-        for size in sorted({int(s) for s in sizes}):
+        for size in sizes:
             t0 = time.perf_counter()
             self.caption_batch([frame] * size)
-            prepared = [self._prepare(frame, "rgb") for _ in range(size)]
-            plans = self._search([p.x for p in prepared], False, warm=True)
+            plans = 0
+            # the caption ran the batch at its run size: so does the warm search
+            if self.backend.warms_search(self.backend.run_size(size, self._largest_batch), self.options):
+                prepared = [self._prepare(frame, "rgb") for _ in range(size)]
+                plans = self._search([p.x for p in prepared], False, warm=True)
             out[size] = {"seconds": time.perf_counter() - t0, "plans": plans}
-        return out
+        if self.backend.dropped_graphs() > dropped:
+            warnings.warn(
+                f"warm_up: batch sizes {sorted(sizes)} need more graphs than the backend keeps "
+                "(the whole decode's of 8 plans): the first ones were dropped, and will be "
+                "captured again when a batch needs them; warm up fewer batch sizes",
+                RuntimeWarning,
+                stacklevel=2,
+            )
+        return dict(sorted(out.items()))
+
+    def _warm_size(self, size: object) -> int:
+        """One of ``warm_up``'s batch sizes, checked."""
+        if isinstance(size, bool) or not isinstance(size, (int, np.integer)):
+            raise ValueError(f"warm_up: batch sizes must be integers, got {size!r}")
+        if not 1 <= size <= self.options.batch_size:
+            raise ValueError(
+                f"warm_up: batch size {size} is outside 1 to this Captioner's batch_size "
+                f"({self.options.batch_size})"
+            )
+        return int(size)
 
     def _check_call(self, images, color: str, on_error: str) -> None:
         """The arguments of ``caption_batch`` / ``iter_captions``, checked when called."""
@@ -904,6 +914,33 @@ _LIVE: weakref.WeakSet[Captioner] = weakref.WeakSet()
 
 _MADE_AGAIN: dict[str, Captioner] = {}  # this process's Captioners made by unpickling, by arguments
 _MADE_AGAIN_LOCK = threading.Lock()
+
+
+def _warm_frame(frame_size: object) -> np.ndarray:
+    """``warm_up``'s frame, (height, width, 3) uint8 with something in it (a blank frame is not
+    searched like a photo): horizontal and vertical ramps and a checkerboard of 8-pixel squares.
+    ``frame_size`` checked first, the image size limit too (``max_pixels``)."""
+    if (
+        not isinstance(frame_size, (tuple, list))
+        or len(frame_size) != 2
+        or not all(isinstance(v, (int, np.integer)) and not isinstance(v, bool) and v > 0 for v in frame_size)
+    ):
+        raise ValueError(
+            f"warm_up: frame_size must be (height, width), two positive integers, got {frame_size!r}"
+        )
+    height, width = (int(v) for v in frame_size)
+    if height * width > max_pixels():
+        raise ValueError(
+            f"warm_up: frame_size {height} x {width} is over the {max_pixels():,} pixels edgecap decodes "
+            "(edgecap.images.set_max_pixels)"
+        )
+    x = np.arange(width)
+    y = np.arange(height)
+    frame = np.empty((height, width, 3), np.uint8)
+    frame[:, :, 0] = (x * 255 // max(width - 1, 1)).astype(np.uint8)[None, :]
+    frame[:, :, 1] = (y * 255 // max(height - 1, 1)).astype(np.uint8)[:, None]
+    frame[:, :, 2] = ((y[:, None] // 8 % 2).astype(np.uint8) ^ (x[None, :] // 8 % 2).astype(np.uint8)) * 255
+    return frame
 
 
 def _check_overlap(overlap: object) -> None:

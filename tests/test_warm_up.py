@@ -2,6 +2,9 @@
 
 from __future__ import annotations
 
+import warnings
+from dataclasses import replace
+
 import numpy as np
 import pytest
 
@@ -10,6 +13,7 @@ pytest.importorskip("onnx")
 
 from edgecap import Captioner  # noqa: E402
 from edgecap.backends.torch_graphs import EagerGraph  # noqa: E402
+from test_device_search import _lm  # noqa: E402
 
 
 def _photos(example_images) -> list:
@@ -20,14 +24,9 @@ def _photos(example_images) -> list:
 
 
 def _graphed(model_dir, **options) -> Captioner:
+    options = {"batch_size": 2, **options}
     return Captioner(
-        model_dir,
-        backend="torch",
-        device="cpu",
-        search="device",
-        graph_factory=EagerGraph,
-        batch_size=2,
-        **options,
+        model_dir, backend="torch", device="cpu", search="device", graph_factory=EagerGraph, **options
     )
 
 
@@ -71,16 +70,87 @@ def test_warm_up_captures_only_the_plans_the_options_allow(default_model_dir, op
 
 
 def test_warm_up_without_graphs_captions_once_per_batch_size(default_model_dir, monkeypatch):
-    """onnxruntime (no per-plan graphs): a caption of each batch size, nothing more to capture."""
+    """onnxruntime (no per-plan graphs): one caption of each batch size, the largest first, each
+    batch encoded once, nothing more to capture."""
     captioner = Captioner(default_model_dir, batch_size=4)
-    sizes = []
-    real = captioner.caption_batch
+    sizes, encoded = [], []
+    real, encode = captioner.caption_batch, captioner.backend.encode
     monkeypatch.setattr(
         captioner, "caption_batch", lambda images, *a, **k: sizes.append(len(images)) or real(images, *a, **k)
     )
-    out = captioner.warm_up([4, 1, 4])
-    assert sizes == [1, 4] and sorted(out) == [1, 4]
+    monkeypatch.setattr(captioner.backend, "encode", lambda x: encoded.append(len(x)) or encode(x))
+    out = captioner.warm_up([1, 4, 1])
+    assert sizes == encoded == [4, 1] and list(out) == [1, 4]
     assert all(r["plans"] == 0 and r["seconds"] > 0 for r in out.values())
+
+
+def test_a_constrained_captioner_warms_the_plans_it_searches_on_the_device(default_model_dir, example_images):
+    """``constrained=True``: a batch with tag words is searched on the host, and no search
+    returns endings for the consensus; the warm-up captures only plans the device search can
+    meet then (no tag words, no endings; with and without the language models), after which
+    no photo captures one."""
+    warmed = _graphed(default_model_dir, constrained=True)
+    warmed.warm_up((1,), frame_size=(64, 64))
+    graphs = warmed.backend.device_search.graphs.graphs
+    assert {(key[0].tag_bonus, key[0].fusion, key[0].endings) for key in graphs.entries} == {
+        (None, False, False),
+        (None, True, False),
+    }
+    made = graphs.made
+    for photo in _photos(example_images):
+        warmed.caption(photo)
+    assert graphs.made == made
+
+
+def test_the_smaller_sizes_warm_at_the_size_they_will_run(default_model_dir):
+    """Sizes padded by the graphed backend (up to a power of two, at most the largest batch
+    run): ``warm_up((3, 5))`` runs 5 first, so 3 warms padded to 4, as a batch of 3 runs
+    afterwards: neither a batch of 3 nor one of 5 captures anything later."""
+    warmed = _graphed(default_model_dir, batch_size=5)
+    warmed.warm_up((3, 5), frame_size=(64, 64))
+    graphs = warmed.backend.device_search.graphs.graphs
+    assert {key[0].n_images for key in graphs.entries} == {4, 5}
+    made = graphs.made
+    frames = [np.random.default_rng(i).integers(0, 256, (64, 64, 3), dtype=np.uint8) for i in range(5)]
+    warmed.caption_batch(frames[:3])
+    warmed.caption_batch(frames)
+    assert graphs.made == made
+
+
+def test_a_warm_up_that_outgrows_the_kept_graphs_says_so(default_model_dir):
+    """Three batch sizes of four plans each: more than the 8 whole-decode graphs kept; the
+    warm-up warns, naming the sizes, instead of leaving the first ones to be captured again
+    mid-stream unannounced. Two sizes do not warn, and a second warm-up captures nothing."""
+    warmed = _graphed(default_model_dir, batch_size=4)
+    with pytest.warns(
+        RuntimeWarning, match=r"batch sizes \[1, 2, 4\] need more graphs than the backend keeps"
+    ):
+        warmed.warm_up((1, 2, 4), frame_size=(64, 64))
+    quiet = _graphed(default_model_dir, batch_size=4)
+    with warnings.catch_warnings():
+        warnings.simplefilter("error")
+        quiet.warm_up((1, 4), frame_size=(64, 64))
+        again = quiet.warm_up((1, 4), frame_size=(64, 64))
+    assert [r["plans"] for r in again.values()] == [0, 0]
+
+
+def test_the_warm_up_leaves_to_the_host_what_the_host_searches(default_model_dir):
+    """A batch the device search does not take (``search="auto"``: fewer than 12 beam rows)
+    and language models of two sizes (which only the host loop steps): no plan captured for
+    them."""
+    auto = _graphed(default_model_dir)
+    auto.backend.search_mode = "auto"  # as on a GPU: the device search from 12 beam rows
+    assert auto.warm_up((1,), frame_size=(64, 64))[1]["plans"] == 0
+    assert auto.backend.device_search.graphs.graphs.made == 0
+    mixed = _graphed(default_model_dir)
+    rng = np.random.default_rng(5)
+    vocab = len(mixed.vocab)
+    mixed.fusion = replace(
+        mixed.fusion, everyday=_lm(rng, vocab, hidden=8), in_domain=_lm(rng, vocab, hidden=5)
+    )
+    mixed.warm_up((1,), frame_size=(64, 64))
+    plans = {(key[0].tag_bonus, key[0].fusion) for key in mixed.backend.device_search.graphs.graphs.entries}
+    assert plans == {(None, False), (2.0, False)}
 
 
 @pytest.mark.parametrize(
@@ -96,6 +166,13 @@ def test_warm_up_without_graphs_captions_once_per_batch_size(default_model_dir, 
             {"frame_size": "480x640"},
             "frame_size must be (height, width), two positive integers, got '480x640'",
         ),
+        (
+            {"frame_size": (20000, 20000)},
+            "frame_size 20000 x 20000 is over the 89,478,485 pixels edgecap decodes",
+        ),
+        ({"batch_sizes": 1}, "batch_sizes must be a list of batch sizes, got 1"),
+        ({"batch_sizes": None}, "batch_sizes must be a list of batch sizes, got None"),
+        ({"batch_sizes": []}, "batch_sizes is empty: give at least one batch size"),
     ],
 )
 def test_warm_up_refuses_bad_arguments_naming_them(default_model_dir, kwargs, message):

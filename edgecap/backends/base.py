@@ -111,12 +111,22 @@ class Backend(ABC):
         """One line naming the backend and where it runs (e.g. its execution provider)."""
         return self.name
 
+    def warms_search(self, n_images: int, options) -> bool:
+        """Whether a batch of ``n_images`` (its run size) searches through graphs captured per
+        plan, which ``warm_search`` can capture before they are met (``Captioner.warm_up``).
+        Here never."""
+        return False
+
     def warm_search(
         self, encoded: Encoded, options, start_id: int, end_id: int, fusion, tag_word: int | None
     ) -> int:
-        """Capture or compile now what the search of a batch like ``encoded`` could meet later
-        (``Captioner.warm_up``): -> how many graphs this call captured. Here nothing: a backend
-        without per-plan graphs meets nothing new after its first batch of a size."""
+        """Capture now the graphs of every plan the search of a batch like ``encoded`` could meet
+        (where ``warms_search``): -> how many this call captured. Here none."""
+        return 0
+
+    def dropped_graphs(self) -> int:
+        """How many graphs captured per plan were dropped (kept: the most recently used few).
+        Here none."""
         return 0
 
     def run_size(self, n_images: int, largest: int) -> int:

@@ -467,19 +467,26 @@ class TorchBackend(Backend):
             return None
         return self.device_search(encoded, options, start_id, end_id, tag_words, fusion, deferred)
 
+    def warms_search(self, n_images: int, options) -> bool:
+        """With the whole decode in graphs: when the batch searches on the device (``search``,
+        its beam rows)."""
+        return (
+            self.on_device
+            and self.device_search.graphs is not None
+            and use_device(self.search_mode, n_images * options.beam_size)
+        )
+
     def warm_search(
         self, encoded: Encoded, options, start_id: int, end_id: int, fusion, tag_word: int | None
     ) -> int:
-        """With the whole decode in graphs (``cuda_graphs`` and the device search for this
-        batch's rows): every plan the search of this batch shape can meet captured now
-        (``TorchDeviceSearch.warm``); else nothing (0)."""
-        if (
-            not self.on_device
-            or self.device_search.graphs is None
-            or not use_device(self.search_mode, encoded.n_images * options.beam_size)
-        ):
+        """``TorchDeviceSearch.warm``, where ``warms_search``; else nothing (0)."""
+        if not self.warms_search(encoded.n_images, options):
             return 0
         return self.device_search.warm(encoded, options, start_id, end_id, fusion, tag_word)
+
+    def dropped_graphs(self) -> int:
+        graphs = self.device_search.graphs if self.on_device else None
+        return 0 if graphs is None else graphs.graphs.dropped
 
     def start(
         self, encoded: Encoded, image_index: np.ndarray, return_attention: bool = False

@@ -80,12 +80,14 @@ class GraphCache:
     used kept. A new shape (a smaller last batch, another beam size) captures once and comes back
     to its graphs the next time; a workload of more shapes than ``limit`` (a service whose batch
     sizes vary over a wide range) drops the least recently used, so their device memory is freed,
-    rather than holding graphs of every shape it has seen. ``made``: how many were captured."""
+    rather than holding graphs of every shape it has seen. ``made``: how many were captured;
+    ``dropped``: how many were dropped so."""
 
     def __init__(self, limit: int = MAX_KEYS):
         self.limit = limit
         self.entries: OrderedDict[tuple, Any] = OrderedDict()
         self.made = 0
+        self.dropped = 0
 
     def get(self, key: tuple, make: Callable[[], Any]) -> Any:
         entry = self.entries.get(key)
@@ -95,6 +97,7 @@ class GraphCache:
             self.entries[key] = entry
             while len(self.entries) > self.limit:
                 self.entries.popitem(last=False)
+                self.dropped += 1
         self.entries.move_to_end(key)
         return entry
 

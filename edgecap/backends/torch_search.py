@@ -69,8 +69,8 @@ class TorchDeviceSearch:
         """Capture the whole-decode graphs of every plan a batch of ``encoded``'s shape can meet
         with ``options`` (a plan is what a graph is captured for: whether the batch has tag
         words, whether a row gets the language models; those depend on each photo): with and
-        without tag words (one, ``tag_word``, per image) where the tag bonus is on and the model
-        has one (``tag_word`` not None), with and
+        without tag words (one, ``tag_word``, per image) where the tag bonus is on, the search
+        unconstrained and the model has an object word (``tag_word`` not None), with and
         without the language models where they have weight; -> how many were captured now
         (none for a plan captured before). Their results are dropped."""
         if self.graphs is None:
@@ -78,8 +78,11 @@ class TorchDeviceSearch:
         backend, search = self.backend, self.search
         options.validate(backend.top_k)
         n, rows = encoded.n_images, encoded.n_images * options.beam_size
+        # as ``edgecap.decoding.search_with_tags`` searches: a constrained search with tag words
+        # runs on the host, and returns no endings for the consensus
+        endings = options.consensus and not options.constrained
         tags: list[tuple[frozenset[int], ...] | None] = [None]
-        if options.guidance_bonus > 0 and tag_word is not None:
+        if options.guidance_bonus > 0 and not options.constrained and tag_word is not None:
             tags.append(tuple(frozenset([tag_word]) for _ in range(n)))
         weights: list[np.ndarray | None] = [None]
         if fusion is not None and fusion_weight(options, fusion) > 0:
@@ -90,7 +93,7 @@ class TorchDeviceSearch:
             for words in tags:
                 for weight in weights:
                     plan = search.plan(
-                        n, options, backend.top_k, start_id, end_id, words, weight, endings=options.consensus
+                        n, options, backend.top_k, start_id, end_id, words, weight, endings=endings
                     )
                     inputs = search.inputs(plan, None, words, weight)
                     lms = None if weight is None else search.lms(fusion)
