@@ -44,6 +44,7 @@ import logging
 import signal
 import sys
 import time
+import warnings
 import weakref
 from concurrent.futures import ThreadPoolExecutor
 from dataclasses import dataclass
@@ -413,12 +414,26 @@ def _json_errors(web):
     return middleware
 
 
-def warm_up(captioner) -> None:
-    """One caption before the first request (``Captioner.warm_up`` at batch 1): the runtime's
-    first run (memory, kernels) is several times slower than the next ones, and a model that
-    cannot run fails here, before listening; with the whole decode in CUDA graphs, the graphs of
-    every plan a one-photo request can meet are captured here too."""
-    captioner.warm_up((1,), frame_size=(224, 224))
+def warm_up(captioner, max_batch: int = 1) -> None:
+    """``Captioner.warm_up`` before the first request: the runtime's first run (memory, kernels)
+    is several times slower than the next ones, and a model that cannot run fails here, before
+    listening. At batch 1; with a backend that captures or compiles per batch size (CUDA graphs:
+    ``Backend.keeps_sizes``), at every size the service's batches of 1 to ``max_batch`` images
+    run at (1, 2, 4, ...), the whole decode's graph of every plan of each included. What it
+    warns of (more graphs than kept, a form of capture that failed) goes to stderr, a line
+    each."""
+    backend = captioner.backend
+    sizes = {1}
+    if backend.keeps_sizes():
+        sizes = {backend.run_size(n, max_batch) for n in range(1, max_batch + 1)}
+    with warnings.catch_warnings(record=True) as caught:
+        warnings.simplefilter("always", RuntimeWarning)
+        captioner.warm_up(sorted(sizes), frame_size=(224, 224))
+    for warning in caught:
+        if issubclass(warning.category, RuntimeWarning):
+            print(f"edgecap serve: warning: {warning.message}", file=sys.stderr)
+        else:  # another kind: as Python would have shown it
+            warnings.warn_explicit(warning.message, warning.category, warning.filename, warning.lineno)
 
 
 def is_loopback(host: str) -> bool:

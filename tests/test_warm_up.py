@@ -180,3 +180,33 @@ def test_warm_up_refuses_bad_arguments_naming_them(default_model_dir, kwargs, me
     with pytest.raises(ValueError) as raised:
         captioner.warm_up(**kwargs)
     assert message in str(raised.value)
+
+
+def test_the_service_warms_every_size_its_batches_run_at(default_model_dir, monkeypatch, capsys):
+    """``edgecap serve``'s warm-up: batch 1 for a backend that keeps nothing per batch size
+    (onnxruntime); with graphs, every size a batch of 1 to ``max_batch`` images runs at, padded
+    (1, 2, 4 for 4), and what ``warm_up`` warns of is one line on stderr, not a Python
+    warning with its file and line."""
+    from edgecap.serve import warm_up
+
+    asked = []
+
+    def spy(captioner):
+        real = captioner.warm_up
+        monkeypatch.setattr(
+            captioner, "warm_up", lambda sizes, **k: asked.append(list(sizes)) or real(sizes, **k)
+        )
+        return captioner
+
+    warm_up(spy(Captioner(default_model_dir, batch_size=4)), 4)
+    graphed = spy(_graphed(default_model_dir, batch_size=4))
+    warm_up(graphed, 2)
+    assert capsys.readouterr().err == ""
+    warm_up(graphed, 4)
+    assert asked == [[1], [1, 2], [1, 2, 4]]
+    err = capsys.readouterr().err.splitlines()
+    assert err == [
+        "edgecap serve: warning: warm_up: batch sizes [1, 2, 4] need more graphs than the backend keeps "
+        "(the whole decode's of 8 plans): the first ones were dropped, and will be captured again when "
+        "a batch needs them; warm up fewer batch sizes"
+    ]

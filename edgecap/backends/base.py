@@ -111,6 +111,11 @@ class Backend(ABC):
         """One line naming the backend and where it runs (e.g. its execution provider)."""
         return self.name
 
+    def keeps_sizes(self) -> bool:
+        """Whether it captures or compiles per batch size (and so runs a batch padded to one of
+        a few sizes: ``run_size``). Here not."""
+        return False
+
     def warms_search(self, n_images: int, options) -> bool:
         """Whether a batch of ``n_images`` (its run size) searches through graphs captured per
         plan, which ``warm_search`` can capture before they are met (``Captioner.warm_up``).

@@ -360,10 +360,14 @@ class TorchBackend(Backend):
         _load(decoder, weights, "decoder.", (), manifest)
         return encoder.eval(), decoder.eval()
 
+    def keeps_sizes(self) -> bool:
+        """With graphs or a compiled search: a capture or a compile per batch size."""
+        return self.graph_factory is not None or self.compile_search
+
     def run_size(self, n_images: int, largest: int) -> int:
-        """With graphs or a compiled search (a capture or a compile per batch size),
-        ``n_images`` padded to one of a few sizes (``graph_batch_size``)."""
-        if self.graph_factory is None and not self.compile_search:
+        """With graphs or a compiled search (``keeps_sizes``), ``n_images`` padded to one of a
+        few sizes (``graph_batch_size``)."""
+        if not self.keeps_sizes():
             return n_images
         return graph_batch_size(n_images, largest)
 

@@ -106,7 +106,7 @@ def run(args: argparse.Namespace) -> int:
             raise ValueError(f"--port must be between 0 and 65535, got {args.port}")
         captioner = load_captioner(args)
         service = CaptionService(captioner, options)
-        warm_up(captioner)
+        warm_up(captioner, service.max_batch)
     except ValueError as exc:
         print(f"edgecap serve: error: {renamed(str(exc), SERVICE_FLAGS)}", file=sys.stderr)
         return 2
