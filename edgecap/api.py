@@ -456,6 +456,7 @@ class Captioner:
         if not sizes:
             raise ValueError("warm_up: batch_sizes is empty: give at least one batch size")
         frame = _warm_frame(frame_size)
+        prepared = None  # the frame's encoder input, made once the first warm search needs it
         dropped = self.backend.dropped_graphs()
         out: dict[int, dict[str, float]] = {}
         for size in sizes:
@@ -464,8 +465,8 @@ class Captioner:
             plans = 0
             # the caption ran the batch at its run size: so does the warm search
             if self.backend.warms_search(self.backend.run_size(size, self._largest_batch), self.options):
-                prepared = [self._prepare(frame, "rgb") for _ in range(size)]
-                plans = self._search([p.x for p in prepared], False, warm=True)
+                prepared = prepared or self._prepare(frame, "rgb")
+                plans = self._search([prepared.x] * size, False, warm=True)
             out[size] = {"seconds": time.perf_counter() - t0, "plans": plans}
         if self.backend.dropped_graphs() > dropped:
             warnings.warn(

@@ -21,7 +21,7 @@ from __future__ import annotations
 import numpy as np
 import torch
 
-from edgecap.decoding import fusion_weight
+from edgecap.decoding import fusion_weight, returns_endings
 
 from edgecap.decoding.device import (
     DECODE_CHECKS,
@@ -55,6 +55,12 @@ def use_device(search: str, rows: int) -> bool:
     return search == "device" or rows >= AUTO_DEVICE_ROWS
 
 
+def _one_stack(fusion) -> bool:
+    """Whether the device search can run the fusion's language models: it steps both as one
+    stack (``TorchLMPair``), so of equal hidden sizes only."""
+    return fusion.everyday.hidden == fusion.in_domain.hidden
+
+
 class TorchDeviceSearch:
     """The device search of one torch backend (its step graph, device and graph factory)."""
 
@@ -79,15 +85,15 @@ class TorchDeviceSearch:
         options.validate(backend.top_k)
         n, rows = encoded.n_images, encoded.n_images * options.beam_size
         # as ``edgecap.decoding.search_with_tags`` searches: a constrained search with tag words
-        # runs on the host, and returns no endings for the consensus
-        endings = options.consensus and not options.constrained
+        # runs on the host
+        endings = returns_endings(options)
         tags: list[tuple[frozenset[int], ...] | None] = [None]
         if options.guidance_bonus > 0 and not options.constrained and tag_word is not None:
             tags.append(tuple(frozenset([tag_word]) for _ in range(n)))
         weights: list[np.ndarray | None] = [None]
-        if fusion is not None and fusion_weight(options, fusion) > 0:
-            if fusion.everyday.hidden == fusion.in_domain.hidden:  # else the host loop runs it
-                weights.append(np.full(rows, fusion_weight(options, fusion), np.float32))
+        lm_weight = 0.0 if fusion is None else fusion_weight(options, fusion)
+        if lm_weight > 0 and _one_stack(fusion):  # else the host loop runs the language models
+            weights.append(np.full(rows, lm_weight, np.float32))
         made = self.graphs.graphs.made
         with torch.inference_mode():
             for words in tags:
@@ -108,8 +114,8 @@ class TorchDeviceSearch:
         backend = self.backend
         options.validate(backend.top_k)
         rules = rules_for(options, encoded.n_images, tag_words, fusion, encoded.class_probs)
-        if rules.fusion is not None and rules.fusion.everyday.hidden != rules.fusion.in_domain.hidden:
-            return None  # the device search steps both language models as one stack: equal sizes only
+        if rules.fusion is not None and not _one_stack(rules.fusion):
+            return None
         search = self.search
         plan = search.plan(
             encoded.n_images,

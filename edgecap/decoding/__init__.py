@@ -85,7 +85,7 @@ def search_with_tags(
     ``options.consensus`` and ``consensus`` given (an unconstrained search), the searches
     return every place they could have ended and ``consensus`` chooses among them.
     ``deferred``: as ``search``'s."""
-    choosing = options.consensus and not options.constrained and consensus is not None
+    choosing = returns_endings(options) and consensus is not None
     found = _search(
         backend,
         encoded,
@@ -112,6 +112,12 @@ def search_with_tags(
         return out
 
     return chosen if deferred else chosen()
+
+
+def returns_endings(options: CaptionOptions) -> bool:
+    """Whether a search of ``options`` returns every place it could have ended, for the
+    consensus choice among them (given a ``Consensus``): with ``consensus``, unconstrained."""
+    return options.consensus and not options.constrained
 
 
 def _search(
