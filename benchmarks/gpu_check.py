@@ -48,6 +48,12 @@ targets (8. below), then:
    once at quality 90) and of the same photos decoded in memory, with no decoding workers and
    with the Captioner's default (the next photos decoded in threads while the GPU works); on
    the CPU with --quick, batch 1 of the first mode with 0 and 2 workers, to keep it working;
+   and in ``PROFILE_MODES`` (FP32 with CUDA graphs and the device search, plain and fused with
+   the frames on the GPU) where one call's time goes, beam 3, batch 1 and 64 (``profile_calls``,
+   ``torch.profiler``, in a process of its own, on the example photos): the kernels and copies
+   a call runs, their summed time by kind (``KERNEL_KINDS``: convolution, matrix product,
+   top-k / sort, ...) and the longest by name, against the call's wall time: what to fuse or
+   speed up next (on the CPU with --quick: the first mode at batch 1, once);
 6. peak GPU memory per mode (``torch.cuda.max_memory_allocated``);
 7. the same rows for the TensorRT backend and onnxruntime's CUDA provider where they run;
 8. issue 24's targets, each with the figure measured and met or not: beam 3 batch 1 end to
@@ -69,7 +75,7 @@ leave it time.
 The order (``plan``): on a GPU the probe of conditional nodes; the modes that answer issue 24's
 targets first (``TARGET_MODES``: FP32 and the default FP16 with CUDA graphs, the device search
 then the host's, the frames on the GPU and on the host; captions, latency and throughput each),
-``pytest -m gpu`` and the files against memory after the first four of them
+``pytest -m gpu``, the files against memory and the profiles after the first four of them
 (``GPU_TESTS_AFTER``), then the other modes (eager, the whole model in FP16, TensorRT and
 onnxruntime-gpu, the compiled search), then the command line. The report is rewritten after
 each step and each section of a mode, marked partial (and the mode in progress named) until
@@ -153,6 +159,25 @@ THROUGHPUT_MODES = (
 # side by side in these modes at these batch sizes, beam 3
 DECODE_FORM_MODES = ("torch-cuda-fp32-graphs-device-prep-fused",)
 DECODE_FORM_BATCHES = (1, 8, 64)
+# where one call's time goes (``profile_calls``, torch.profiler over CUDA kernels and copies), in
+# these modes at these batch sizes, beam 3: what to fuse or speed up next is read from it
+PROFILE_MODES = ("torch-cuda-fp32-graphs-device", "torch-cuda-fp32-graphs-device-prep-fused")
+PROFILE_BATCHES = (1, 64)
+PROFILE_CALLS = 3
+PROFILE_TOP = 12  # the longest kernels listed, by their summed time
+# what a kernel (or, on the CPU, a torch operation) is, by its name in lower case: the first
+# pattern that matches (cuDNN's convolutions before the matrix products they are made of, top-k
+# and sort before the gathers inside their names)
+KERNEL_KINDS = (
+    ("batch norm", r"bn_fw|batch_norm|batchnorm"),
+    ("convolution", r"conv|cudnn|winograd|depthwise|fprop|implicit_gemm"),
+    ("top-k / sort", r"topk|sort|radix|bitonic"),
+    ("matrix product", r"gemm|gemv|cublas|cutlass|xmma|::mm|addmm|bmm|linear|matmul"),
+    ("Triton kernel", r"triton|bookkeeping"),
+    ("reduction / softmax", r"softmax|reduce|norm|::max|::sum|cumsum|scan|::all|::any"),
+    ("index / gather / scatter", r"index|gather|scatter|embedding|::take|::where"),
+    ("copy / fill", r"copy|memcpy|memset|fill|::cat|::stack|::clone|::contiguous"),
+)
 # files against in-memory frames (issue 24: the files-to-captions rate close to the in-memory
 # rate), with and without decoding workers, at these batch sizes
 FILE_RATE_MODES = ("torch-cuda-fp32-graphs-device",)
@@ -834,28 +859,26 @@ def _time_encoder(net, x, cuda: bool, repeats: int):
         return times, y.clone()
 
 
-def plan(mode_list: list[dict], file_rate_labels) -> list[tuple[str, dict | None]]:
+def plan(mode_list: list[dict], file_rate_labels, profile_labels=()) -> list[tuple[str, dict | None]]:
     """The run's order, as (what, mode) steps: issue 24's target modes first, in
     ``TARGET_MODES``' order, the gpu tests (``("gpu tests", None)``) after the first
     ``GPU_TESTS_AFTER`` of them (the GPU's own check of what the CPU tests stand in for must not
     be what a run cut short loses); then the other modes in their order. Files against memory
-    (``("file rate", mode)``, for the modes in ``file_rate_labels``) come after their mode and
-    after the gpu tests; the command line comes after all of these (``main``)."""
+    (``("file rate", mode)``, for the modes in ``file_rate_labels``) and the profile
+    (``("profile", mode)``, ``profile_labels``) come after their mode and after the gpu tests;
+    the command line comes after all of these (``main``)."""
     first = sorted(
         (m for m in mode_list if m["label"] in TARGET_MODES), key=lambda m: TARGET_MODES.index(m["label"])
     )
     steps: list[tuple[str, dict | None]] = [("mode", m) for m in first[:GPU_TESTS_AFTER]]
     steps.append(("gpu tests", None))
     steps += [("file rate", m) for m in first[:GPU_TESTS_AFTER] if m["label"] in file_rate_labels]
-    for m in first[GPU_TESTS_AFTER:]:
+    steps += [("profile", m) for m in first[:GPU_TESTS_AFTER] if m["label"] in profile_labels]
+    extras = (("file rate", file_rate_labels), ("profile", profile_labels))
+    later = first[GPU_TESTS_AFTER:] + [m for m in mode_list if m["label"] not in TARGET_MODES]
+    for m in later:
         steps.append(("mode", m))
-        if m["label"] in file_rate_labels:
-            steps.append(("file rate", m))
-    for m in mode_list:
-        if m["label"] not in TARGET_MODES:
-            steps.append(("mode", m))
-            if m["label"] in file_rate_labels:
-                steps.append(("file rate", m))
+        steps += [(what, m) for what, labels in extras if m["label"] in labels]
     return steps
 
 
@@ -1267,6 +1290,175 @@ def decode_forms(cap, model: Path, mode: dict, frames: list, args, batches=DECOD
     del fresh
     _release()
     return {"rows": rows, "conditional_error": graphs.conditional_error, "warm_up": warm_up}
+
+
+def kernel_kind(name: str) -> str:
+    """``KERNEL_KINDS``' kind of a kernel or operation named ``name``; "element-wise / other"
+    where none matches."""
+    low = name.lower()
+    for kind, pattern in KERNEL_KINDS:
+        if re.search(pattern, low):
+            return kind
+    return "element-wise / other"
+
+
+def _short_name(name: str, width: int = 100) -> str:
+    """A kernel's name for a table cell: "void " and the argument list dropped, whitespace
+    collapsed, no "|" (a cell's edge), at most ``width`` characters."""
+    name = re.sub(r"^void ", "", " ".join(name.split()))
+    name = name.replace("|", "/")
+    return name if len(name) <= width else name[: width - 3] + "..."
+
+
+# torch operations that return a view or only allocate: no kernel on a GPU
+_NO_KERNEL_CPU_OPS = frozenset(
+    "as_strided view reshape _reshape_alias _unsafe_view expand slice select unsqueeze squeeze "
+    "transpose t permute alias detach lift_fresh unbind split narrow chunk resolve_conj "
+    "resolve_neg result_type item _local_scalar_dense empty empty_strided empty_like".split()
+)
+
+
+def _profiled(prof, cuda: bool) -> list[tuple[str, float]]:
+    """(name, microseconds) of each kernel and copy the GPU ran under the profiler ``prof``; on
+    the CPU (the tests' stand-in) each torch operation that is not a view or an allocation, with
+    its self time (an operation made of others counts too: more operations than a GPU's
+    kernels)."""
+    from torch.autograd import DeviceType
+
+    events = prof.events()
+    if cuda:
+        cuda_type = DeviceType.CUDA
+        return [(e.name, float(e.time_range.elapsed_us())) for e in events if e.device_type == cuda_type]
+    return [
+        (e.name, float(e.self_cpu_time_total))
+        for e in events
+        if e.device_type == DeviceType.CPU
+        and e.name.startswith("aten::")
+        and e.name.removeprefix("aten::") not in _NO_KERNEL_CPU_OPS
+    ]
+
+
+def _wall_ms(runner, images: list, calls: int) -> list[float]:
+    """``calls`` calls of ``runner.caption_batch(images)``, each's wall ms (synchronised)."""
+    walls = []
+    for _ in range(calls):
+        _sync()
+        t0 = time.perf_counter()
+        runner.caption_batch(images)
+        _sync()
+        walls.append((time.perf_counter() - t0) * 1e3)
+    return walls
+
+
+# ``profile_calls`` in a process of its own (``profile_mode``): argv the benchmarks folder, the
+# model, the mode's label, the device, max length, the batch sizes (comma-separated), the calls
+PROFILE = """
+import argparse, json, sys
+sys.path.insert(0, sys.argv[1])
+import gpu_check
+model, label, device, max_length = sys.argv[2], sys.argv[3], sys.argv[4], int(sys.argv[5])
+batches, calls = [int(b) for b in sys.argv[6].split(",")], int(sys.argv[7])
+mode = next(m for m in gpu_check.modes(device) if m["label"] == label)
+cap = gpu_check.captioner(model, mode.get("backend", "torch"), mode["options"], 3, 8, max_length)
+rows = gpu_check.profile_calls(cap, gpu_check.C.example_frames(), argparse.Namespace(max_length=max_length),
+                               device == "cuda", batches, calls)
+print(json.dumps(rows))
+"""
+
+
+def profile_mode(
+    mode: dict,
+    model: Path,
+    device: str,
+    max_length: int,
+    report: Report,
+    batches=PROFILE_BATCHES,
+    calls: int = PROFILE_CALLS,
+    timeout_s: float = 120.0,
+) -> list[dict] | None:
+    """``profile_calls`` for ``mode`` on the example photos, in a subprocess: the profiler
+    inside CUDA graphs (conditional nodes, a Triton kernel) is the least tried part of the
+    run, and a crash or a hang there must not take the rest of the report with it. None, and
+    the skip says why, where it failed."""
+    label = mode["label"]
+    command = [sys.executable, "-c", PROFILE, str(BENCH_DIR), str(model), label, device, str(max_length)]
+    command += [",".join(map(str, batches)), str(calls)]
+    log(f"{label}: profiling batch {', '.join(map(str, batches))} in a subprocess")
+    try:
+        proc = subprocess.run(command, cwd=REPO, capture_output=True, text=True, timeout=timeout_s)
+    except subprocess.TimeoutExpired:
+        report.skip(f"{label} profile", f"it did not finish in {timeout_s:.0f} s")
+        return None
+    lines = proc.stdout.strip().splitlines()
+    if proc.returncode != 0 or not lines:
+        tail = (proc.stderr.strip().splitlines() or ["no output"])[-1]
+        report.skip(f"{label} profile", f"the profile exited with {proc.returncode}: {tail}")
+        return None
+    try:
+        return json.loads(lines[-1])
+    except ValueError as exc:
+        report.skip(f"{label} profile", f"it printed no result ({exc})")
+        return None
+
+
+def profile_calls(
+    cap, frames: list, args, cuda: bool, batches=PROFILE_BATCHES, calls: int = PROFILE_CALLS
+) -> list[dict]:
+    """Where one call's time goes: per batch, beam 3, ``calls`` calls of ``caption_batch`` on
+    in-memory frames under ``torch.profiler`` (CPU and CUDA activity), after one call that
+    captures whatever the batch needs and ``calls`` calls timed without the profiler: per call,
+    the kernels and copies the GPU ran, their summed time (kernels on several streams may
+    overlap), by kind (``KERNEL_KINDS``) and the ``PROFILE_TOP`` longest by name; the wall time
+    with and without the profiler. A profile that records no kernel (the profiler blind to a
+    CUDA graph's kernels) says so by its zero. On the CPU (the tests) the torch operations'
+    self times stand in for kernels."""
+    from torch.profiler import ProfilerActivity, profile
+
+    import torch
+
+    activities = [ProfilerActivity.CPU] + ([ProfilerActivity.CUDA] if cuda else [])
+    rows = []
+    for batch in batches:
+        runner = C.reuse_captioner(cap, beam_size=3, batch_size=batch, max_length=args.max_length)
+        images = [frames[i % len(frames)] for i in range(batch)]
+        runner.caption_batch(images)  # captures and first runs before any timing
+        plain = _wall_ms(runner, images, calls)
+        with torch.no_grad(), profile(activities=activities) as prof:
+            walls = _wall_ms(runner, images, calls)
+        events = _profiled(prof, cuda)
+        kinds: dict[str, list] = {}
+        names: dict[str, list] = {}
+        for name, us in events:
+            for table, key in ((kinds, kernel_kind(name)), (names, name)):
+                entry = table.setdefault(key, [0, 0.0])
+                entry[0] += 1
+                entry[1] += us
+        total_us = sum(us for _, us in events)
+        top = sorted(names.items(), key=lambda item: -item[1][1])[:PROFILE_TOP]
+        rows.append(
+            {
+                "batch": batch,
+                "calls": calls,
+                "wall_ms": C.median(walls),
+                "wall_unprofiled_ms": C.median(plain),
+                "kernels_per_call": len(events) / calls,
+                "kernel_ms_per_call": total_us / calls / 1e3,
+                "kinds": [
+                    {"kind": kind, "kernels": n / calls, "ms": us / calls / 1e3}
+                    for kind, (n, us) in sorted(kinds.items(), key=lambda item: -item[1][1])
+                ],
+                "top": [
+                    {
+                        "name": _short_name(name),
+                        "kernels": n / calls,
+                        "ms": us / calls / 1e3,
+                        "mean_us": us / n,
+                    }
+                    for name, (n, us) in top
+                ],
+            }
+        )
+    return rows
 
 
 def throughput(cap, frames: list, args, batch: int = 64, overlap: bool = True) -> list[dict]:
@@ -1716,6 +1908,7 @@ def markdown(data: dict) -> str:
         for t in r.get("throughput", [])
     ]
     lines += decode_form_lines(data["modes"], data.get("conditional_probe"))
+    lines += profile_lines(data["modes"])
     lines += ["", "## Throughput, batch 64, beam 3", ""]
     lines += [
         C.markdown_table(["mode", "input", "batch", "call p50 (ms)", "captions/s"], rates)
@@ -1862,6 +2055,54 @@ def decode_form_lines(results: list[dict], probe: dict | None = None) -> list[st
     return lines
 
 
+def profile_lines(results: list[dict]) -> list[str]:
+    """The section on where one call's time goes (none where no mode was profiled)."""
+    profiled = [(r["label"], r["profile"]) for r in results if r.get("profile")]
+    if not profiled:
+        return []
+    lines = [
+        "",
+        "## Where one call's time goes (torch.profiler)",
+        "",
+        "`caption_batch` of in-memory frames, beam 3, a few calls under `torch.profiler` "
+        "(CPU and CUDA activity) after one that captures what the batch needs: per call, the "
+        "kernels and copies the GPU ran and their summed time (kernels on several streams may "
+        "overlap), by kind (a kernel's kind read from its name, `KERNEL_KINDS`) and the longest "
+        "by name; wall: the call's time under the profiler and without it. Kernel time far "
+        "under the wall time: the GPU waits (on the host, or launches); 0 kernels: the profiler "
+        "did not see inside the CUDA graphs.",
+        "",
+    ]
+    for label, rows in profiled:
+        for r in rows:
+            lines += [
+                f"{label}, batch {r['batch']}, {r['calls']} call{'s' if r['calls'] != 1 else ''}: "
+                f"{r['kernels_per_call']:.0f} kernels and copies a call, "
+                f"{r['kernel_ms_per_call']:.3g} ms summed, wall {r['wall_ms']:.3g} ms "
+                f"({r['wall_unprofiled_ms']:.3g} ms without the profiler).",
+                "",
+                C.markdown_table(
+                    ["kind", "kernels a call", "ms a call", "share of kernel time"],
+                    [
+                        [
+                            k["kind"],
+                            k["kernels"],
+                            k["ms"],
+                            f"{100 * k['ms'] / total:.0f}%" if (total := r["kernel_ms_per_call"]) else "-",
+                        ]
+                        for k in r["kinds"]
+                    ],
+                ),
+                "",
+                C.markdown_table(
+                    ["longest kernels", "a call", "ms a call", "mean us"],
+                    [[f"`{t['name']}`", t["kernels"], t["ms"], t["mean_us"]] for t in r["top"]],
+                ),
+                "",
+            ]
+    return lines
+
+
 def _decode_checks() -> tuple[int, ...]:
     from edgecap.decoding.device import DECODE_CHECKS
 
@@ -1992,7 +2233,11 @@ def main(argv=None) -> int:
         write_report(data, results + [unfinished], report, device, out, name, partial=True)
 
     # issue 24's target modes first, the gpu tests after the first four, then the rest (``plan``)
-    for step, mode in plan(modes(device, args.compiled) + other_backends(device, report), file_rate_modes):
+    # on the CPU with --quick: the first mode at batch 1, once, to keep the profile working
+    profile_modes = PROFILE_MODES if device == "cuda" else [modes(device)[0]["label"]] if args.quick else []
+    profile_sizes = {"batches": PROFILE_BATCHES} if device == "cuda" else {"batches": (1,), "calls": 1}
+    every = modes(device, args.compiled) + other_backends(device, report)
+    for step, mode in plan(every, file_rate_modes, profile_modes):
         if step == "gpu tests":
             data["gpu_tests"] = run_gpu_tests(args, report, device)
             if device == "cuda":  # where the encoder's time could go (a few seconds)
@@ -2011,6 +2256,13 @@ def main(argv=None) -> int:
                 file_rate_step(mode, by.get(mode["label"]), model, files, args, report, device)
             except Exception as exc:  # failing, it must not lose the report
                 report.skip(f"{mode['label']} files against memory", f"failed: {type(exc).__name__}: {exc}")
+        elif step == "profile":
+            assert mode is not None
+            ran = {r["label"]: r for r in results}.get(mode["label"])
+            if ran is None:
+                report.skip(f"{mode['label']} profile", "its mode did not run")
+            elif not report.over_budget(f"{mode['label']} profile"):
+                ran["profile"] = profile_mode(mode, model, device, args.max_length, report, **profile_sizes)
         else:
             assert mode is not None
             if report.over_budget(mode["label"]):

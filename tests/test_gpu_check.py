@@ -96,6 +96,13 @@ def test_gpu_check_on_the_cpu(tmp_path):
     assert all(r["photos"] == 2 and r["captions_per_s"] > 0 and r["same"] == 1.0 for r in rates)
     assert all("file_rate" not in mode for mode in data["modes"][1:])
     assert "| 1 | 2 |" in text
+    # where a call's time goes: the first mode at batch 1, profiled once in a process of its
+    # own (the torch operations' self times stand in for a GPU's kernels)
+    (profile,) = data["modes"][0]["profile"]
+    assert (profile["batch"], profile["calls"]) == (1, 1) and profile["kernels_per_call"] > 1000
+    assert {"convolution", "matrix product"} <= {k["kind"] for k in profile["kinds"]}
+    assert all("profile" not in mode for mode in data["modes"][1:])
+    assert "torch-cpu-fp32-eager, batch 1, 1 call: " in text
     assert all(t["met"] is None for t in data["targets"])
     # the command line, in its own process over the JPEG files: on the CPU the plain run only
     (run,) = data["command_line"]
@@ -247,6 +254,21 @@ def test_gpu_report_formats_cuda_results():
                 }
             ],
         }
+        modes[1]["profile"] = [
+            {
+                "batch": 64,
+                "calls": 3,
+                "wall_ms": 14.0,
+                "wall_unprofiled_ms": 12.8,
+                "kernels_per_call": 900.0,
+                "kernel_ms_per_call": 10.0,
+                "kinds": [
+                    {"kind": "convolution", "kernels": 100.0, "ms": 6.0},
+                    {"kind": "top-k / sort", "kernels": 40.0, "ms": 4.0},
+                ],
+                "top": [{"name": "gatherTopK<float>", "kernels": 20.0, "ms": 3.0, "mean_us": 150.0}],
+            }
+        ]
         data["speedups"] = gpu_check.speedups(modes)
         data["search_speedups"] = gpu_check.search_speedups(modes)
         data["fp16_identity"] = gpu_check.fp16_identity(modes)
@@ -266,6 +288,10 @@ def test_gpu_report_formats_cuda_results():
     assert "| 64 | 7 (default) | 4500 | 5000 | 0.90 |" in text
     assert "## The whole decode: one graph with conditional nodes" in text
     assert "| 1 | 3 | 2.5 | 1.2 | 13.4 | 13.4 | yes |" in text
+    assert "## Where one call's time goes (torch.profiler)" in text
+    assert "torch-cuda-fp32-graphs-device, batch 64, 3 calls: 900 kernels and copies a call, 10 ms" in text
+    assert "| convolution | 100.0 | 6 | 60% |" in text and "| top-k / sort | 40.0 | 4 | 40% |" in text
+    assert "| `gatherTopK<float>` | 20.0 | 3 | 150.0 |" in text
     data = report(fp16_same=190)  # 95%: FP16 does not keep the captions, FP32's time counts
     assert [t["met"] for t in data["targets"]] == [True, True, False]
     assert data["targets"][0]["value"] == pytest.approx(2.4)
@@ -506,15 +532,16 @@ def test_issue_24s_target_modes_run_first():
     """On a GPU the modes that answer issue 24's targets run first (a run cut short by a
     device lease still has them): FP32, then the default FP16 (FP16 decoder, FP32 encoder) with
     the same settings, with CUDA graphs, the device search then the host's, the frames on the
-    host and on the GPU, the gpu tests and the files against memory of
-    torch-cuda-fp32-graphs-device after the first four of them; then the other modes in their
-    order, the compiled search last.
+    host and on the GPU, the gpu tests, the files against memory of
+    torch-cuda-fp32-graphs-device and the profiles after the first four of them; then the other
+    modes in their order, the compiled search last.
     On the CPU, where no mode answers a target, the order of before: the gpu tests, each mode,
     the first one's files against memory after it."""
     sys.path.insert(0, str(SCRIPT.parent))
     import gpu_check
 
-    steps = gpu_check.plan(gpu_check.modes("cuda", compiled=True), gpu_check.FILE_RATE_MODES)
+    cuda_modes = gpu_check.modes("cuda", compiled=True)
+    steps = gpu_check.plan(cuda_modes, gpu_check.FILE_RATE_MODES, gpu_check.PROFILE_MODES)
     names = [(step, mode["label"] if mode else None) for step, mode in steps]
     # with triton installed, the fused search (its bookkeeping in one Triton kernel a step)
     fused = (
@@ -547,12 +574,24 @@ def test_issue_24s_target_modes_run_first():
     ]
     # the gpu tests after the first four (a run cut short within the target modes still has them)
     assert gpu_check.GPU_TESTS_AFTER == 4
+    # and the profiles of the FP32 device search, plain and fused, after them (in processes
+    # of their own)
     assert names == (
         [("mode", label) for label in first[:4]]
         + [("gpu tests", None), ("file rate", "torch-cuda-fp32-graphs-device")]
+        + [("profile", "torch-cuda-fp32-graphs-device")]
+        + [("profile", label) for label in fused[:1]]
         + [("mode", label) for label in first[4:]]
         + [("mode", label) for label in rest]
     )
+    # a mode after the first four is profiled right after it
+    later = gpu_check.plan(cuda_modes, (), ("torch-cuda-fp32-eager-host",))
+    at = later.index(("mode", next(m for m in cuda_modes if m["label"] == "torch-cuda-fp32-eager-host")))
+    assert [(step, mode["label"]) for step, mode in later[at : at + 2]] == [
+        ("mode", "torch-cuda-fp32-eager-host"),
+        ("profile", "torch-cuda-fp32-eager-host"),
+    ]
+    assert sum(step == "profile" for step, _ in later) == 1
     # the first ones are what their labels say: CUDA graphs, FP32 or the default FP16, the
     # search and where the frames are preprocessed, fused or not
     for mode in [m for step, m in steps if step == "mode" and m["label"] in first]:
@@ -960,6 +999,136 @@ def test_the_decode_forms_time_one_graph_against_the_parts(default_model_dir, mo
     assert "no CUDA graph conditional nodes" in skipped["skipped"]
     text = "\n".join(gpu_check.decode_form_lines([{"label": mode["label"], "decode_forms": skipped}]))
     assert "not timed: torch" in text
+
+
+# kernel names as the CUDA profiler reports them (PyTorch's, cuBLAS's, cuDNN's, Triton's), and
+# the kind each is: a GPU run's profile sorted into what could be fused or sped up
+KERNEL_NAMES = (
+    (
+        "void at::native::sbtopk::gatherTopK<float, unsigned int, 2, false>(at::cuda::detail::T)",
+        "top-k / sort",
+    ),
+    (
+        "void at::native::bitonicSortKVInPlace<-2, -1, 16, 16, float, long, at::native::LTOp>(...)",
+        "top-k / sort",
+    ),
+    ("sm90_xmma_gemm_f32f32_f32f32_f32_nn_n_tilesize128x128x32_warpgroupsize1x1x1", "matrix product"),
+    (
+        "void gemv2T_kernel_val<int, int, float, float, float, float, 128, 16, 4, 4, false>(...)",
+        "matrix product",
+    ),
+    (
+        "void cudnn::bn_fw_inf_1C11_kernel_NCHW<float, float, true, 1>(float, float, cudnnTensorStruct)",
+        "batch norm",
+    ),
+    (
+        "void cudnn::cnn::conv2d_grouped_direct_kernel<false, true, false, false, 0, 0, int>(...)",
+        "convolution",
+    ),
+    ("sm90_xmma_fprop_implicit_gemm_f32f32_f32f32_f32_nhwckrsc_nchw_tilesize64x32x64", "convolution"),
+    (
+        "void at::native::(anonymous namespace)::indexSelectSmallIndex<float, long, unsigned int, 2, 2, -2>",
+        "index / gather / scatter",
+    ),
+    ("_bookkeeping", "Triton kernel"),
+    ("Memcpy HtoD (Pinned -> Device)", "copy / fill"),
+    (
+        "void at::native::reduce_kernel<512, 1, at::native::ReduceOp<float, at::native::MaxOps<float>, int>>",
+        "reduction / softmax",
+    ),
+    (
+        "void (anonymous namespace)::cunn_SoftMaxForward<4, float, float, float, LogSoftMaxForwardEpilogue>",
+        "reduction / softmax",
+    ),
+    (
+        "void at::native::vectorized_elementwise_kernel<4, at::native::tanh_kernel_cuda(...)>",
+        "element-wise / other",
+    ),
+)
+
+
+def test_each_kernel_is_sorted_into_its_kind():
+    sys.path.insert(0, str(SCRIPT.parent))
+    import gpu_check
+
+    assert [gpu_check.kernel_kind(name) for name, _ in KERNEL_NAMES] == [kind for _, kind in KERNEL_NAMES]
+
+
+def test_the_cpu_profile_counts_the_operations_that_compute_not_views():
+    """On the CPU the profile's stand-in for kernels: torch operations, less the views and
+    allocations (no kernel on a GPU)."""
+    import torch
+    from torch.profiler import ProfilerActivity, profile
+
+    sys.path.insert(0, str(SCRIPT.parent))
+    import gpu_check
+
+    x = torch.randn(8, 8)
+    with profile(activities=[ProfilerActivity.CPU]) as prof:
+        x.t().unsqueeze(0).squeeze(0).view(8, 8).mm(x).tanh()
+    names = {name for name, _ in gpu_check._profiled(prof, cuda=False)}
+    assert {"aten::mm", "aten::tanh"} <= names
+    assert not names & {"aten::t", "aten::transpose", "aten::as_strided", "aten::view", "aten::unsqueeze"}
+    assert not names & {"aten::squeeze", "aten::empty", "aten::resolve_conj"}
+
+
+def test_a_profile_that_fails_or_hangs_is_skipped_with_its_reason(default_model_dir):
+    """The profile runs in a process of its own: one that exits with an error or outlasts its
+    time gives no rows, and the report's skips say which and why."""
+    sys.path.insert(0, str(SCRIPT.parent))
+    import gpu_check
+
+    report = gpu_check.Report(300.0)
+    missing = {"label": "torch-cpu-no-such-mode"}
+    assert gpu_check.profile_mode(missing, default_model_dir, "cpu", 20, report, (1,), 1) is None
+    mode = gpu_check.modes("cpu")[0]
+    assert gpu_check.profile_mode(mode, default_model_dir, "cpu", 20, report, (1,), 1, timeout_s=0.5) is None
+    reasons = {s["item"]: s["reason"] for s in report.data["skipped"]}
+    assert reasons["torch-cpu-no-such-mode profile"].startswith("the profile exited with 1: StopIteration")
+    assert reasons[f"{mode['label']} profile"] == "it did not finish in 0 s"
+
+
+def test_the_profile_says_where_a_calls_time_goes(default_model_dir):
+    """``profile_calls`` on the CPU (the torch operations' self times stand in for the GPU's
+    kernels): per batch, the operations of a call of the device search by kind and the longest,
+    whose figures add up; the report's section a summary and two tables per batch."""
+    import argparse
+
+    sys.path.insert(0, str(SCRIPT.parent))
+    import gpu_check
+
+    from edgecap import Captioner
+
+    cap = Captioner(default_model_dir, backend="torch", device="cpu", search="device", beam_size=3)
+    frames = gpu_check.C.example_frames()
+    args = argparse.Namespace(max_length=20)
+    rows = gpu_check.profile_calls(cap, frames, args, cuda=False, batches=(1, 2), calls=2)
+    assert [(r["batch"], r["calls"]) for r in rows] == [(1, 2), (2, 2)]
+    for r in rows:
+        assert r["wall_ms"] > 0 and r["wall_unprofiled_ms"] > 0
+        # a beam-3 caption of the shipped model: a hundred operations a step, over ten steps
+        assert r["kernels_per_call"] > 1000
+        kinds = {k["kind"]: k for k in r["kinds"]}
+        assert sum(k["kernels"] for k in r["kinds"]) == pytest.approx(r["kernels_per_call"])
+        assert sum(k["ms"] for k in r["kinds"]) == pytest.approx(r["kernel_ms_per_call"])
+        # the encoder's convolutions, the steps' matrix products, top-k and gathers
+        for kind in ("convolution", "matrix product", "top-k / sort", "index / gather / scatter"):
+            assert kinds[kind]["kernels"] > 0 and kinds[kind]["ms"] > 0
+        assert [k["ms"] for k in r["kinds"]] == sorted((k["ms"] for k in r["kinds"]), reverse=True)
+        top = r["top"]
+        assert len(top) == gpu_check.PROFILE_TOP
+        assert [t["ms"] for t in top] == sorted((t["ms"] for t in top), reverse=True)
+        assert all(t["name"].startswith("aten::") for t in top)
+        for t in top:
+            assert t["mean_us"] == pytest.approx(t["ms"] * 1e3 / t["kernels"])
+        assert sum(t["ms"] for t in top) <= r["kernel_ms_per_call"] * (1 + 1e-9)
+    # the device search's operations grow with its steps, not with the images of a batch
+    assert rows[1]["kernels_per_call"] < 2 * rows[0]["kernels_per_call"]
+    text = "\n".join(gpu_check.profile_lines([{"label": "torch-cpu", "profile": rows}, {"label": "x"}]))
+    assert "## Where one call's time goes (torch.profiler)" in text
+    assert "torch-cpu, batch 1, 2 calls: " in text and "torch-cpu, batch 2, 2 calls: " in text
+    assert text.count("| kind | kernels a call |") == 2 and text.count("| longest kernels |") == 2
+    assert gpu_check.profile_lines([{"label": "x"}]) == []
 
 
 def test_the_conditional_probe_runs_its_script_and_turns_conditionals_off_unless_it_agrees(
