@@ -23,6 +23,18 @@ comes with a 95% interval from resampling the photos, and each variant without t
 island against the one with it as a paired bootstrap of the per-photo "identical" (10,000
 resamples, ``_stats.paired_bootstrap``). The backend refuses FP16 on the CPU (slow and not what it
 is for), so this script builds the FP16 backends through ``TorchBackend._setup``.
+
+``--tf32``: instead, the encoder's convolutions as TF32 tensor cores compute them (the weights
+and each input rounded to 10 mantissa bits, ties to even; the products summed in FP32), which
+PyTorch allows cuDNN by default on Ampere and later GPUs and the torch backend turns off
+(``torch_graphs.ieee_fp32``): would they keep the captions, for the encoder's speed? Variants
+(``TF32_VARIANTS``): the FP32 model with its convolutions in TF32 but the depthwise ones (what
+PyTorch does in NCHW: its depthwise FP32 convolutions run in a kernel of its own; cuDNN gets
+them only in FP16 or channels-last), with the depthwise ones too, and the FP16 decoder behind
+that encoder; written as ``tf32_emulation.json`` / ``.md``. A prediction as the FP16 one is:
+how a GPU's kernels round TF32 (to nearest, or by dropping the low bits) is not documented, and
+dropping them keeps fewer captions than rounding (319 of 360 against 341 in a one-off run on the
+AMD EPYC, every convolution in TF32).
 """
 
 from __future__ import annotations
@@ -45,6 +57,14 @@ VARIANTS = {
     "fp16 + fp32_encoder": {"fp32_encoder": True, "fp32_logits": True},
     "fp16 + fp32_encoder, word logits FP16": {"fp32_encoder": True, "fp32_logits": False},
 }
+# ``--tf32``: label -> (FP16 decoder behind the encoder?, which convolutions take TF32 inputs:
+# "dense", every one but the depthwise ones, as PyTorch runs FP32 NCHW convolutions on CUDA (its
+# depthwise ones in a kernel of its own, cuDNN's only for FP16 or channels-last); "all")
+TF32_VARIANTS = {
+    "tf32 convolutions, depthwise in FP32": (False, "dense"),
+    "tf32 convolutions, depthwise too": (False, "all"),
+    "fp16 + tf32 encoder (depthwise in FP32)": (True, "dense"),
+}
 SETS = ("coco-ood-dev", "coco-ood-dev-b", "flickr8k-dev")
 
 
@@ -59,6 +79,11 @@ def build_parser():
     p.add_argument("--flickr8k-limit", type=int, default=200, help="the first N Flickr8k dev photos")
     p.add_argument("--model", type=Path, default=None, help="model directory (default: the shipped one)")
     p.add_argument("--threads", type=int, default=None, help="torch threads (default: torch's)")
+    p.add_argument(
+        "--tf32",
+        action="store_true",
+        help="the encoder's convolutions in TF32 instead (TF32_VARIANTS; tf32_emulation.json / .md)",
+    )
     C.add_out_argument(p)
     return p
 
@@ -98,6 +123,54 @@ def fp16_captioner(model: Path, keywords: dict):
     return captioner
 
 
+def to_tf32(x):
+    """float32 tensor -> the same values rounded to TF32 (10 mantissa bits, round to nearest,
+    ties to even), still float32: what a GPU's TF32 tensor cores take of an FP32 operand."""
+    import torch
+
+    bits = x.detach().contiguous().view(torch.int32)
+    rounded = (bits + (0xFFF + ((bits >> 13) & 1))) & ~0x1FFF
+    return rounded.view(torch.float32).reshape(x.shape)
+
+
+def tf32_convolutions(encoder, depthwise: bool) -> int:
+    """The encoder's convolutions as TF32 tensor cores compute them: their weights rounded to
+    TF32 (in place) and their inputs rounded as they arrive, the products summed in FP32; the
+    depthwise ones (a channel a group) too only where ``depthwise``. -> how many."""
+    import types
+
+    import torch
+
+    from edgecap.models.efficientnet_lite import SameConv2d
+
+    def rounded_input(self, x, forward=SameConv2d.forward):
+        return forward(self, to_tf32(x))
+
+    n = 0
+    for module in encoder.modules():
+        if isinstance(module, SameConv2d) and (depthwise or module.groups == 1):
+            with torch.no_grad():
+                module.weight.copy_(to_tf32(module.weight))
+            module.forward = types.MethodType(rounded_input, module)
+            n += 1
+    return n
+
+
+def tf32_captioner(model: Path, fp16: bool, which: str):
+    """A CPU Captioner whose encoder's convolutions are TF32 (``tf32_convolutions``): the FP32
+    torch backend, or (``fp16``) the FP16 decoder behind it."""
+    from edgecap import Captioner
+
+    if fp16:
+        captioner = fp16_captioner(model, {"fp32_encoder": True, "fp32_logits": True})
+    else:
+        captioner = Captioner(
+            model, backend="torch", device="cpu", search="device", beam_size=3, batch_size=8
+        )
+    assert tf32_convolutions(captioner.backend.encoder, depthwise=which == "all") > 0
+    return captioner
+
+
 def caption(captioner, photos: dict[str, list[np.ndarray]]) -> tuple[dict[str, list[str]], float]:
     t0 = time.perf_counter()
     texts = {name: [c.text for c in captioner.caption_batch(fs)] for name, fs in photos.items()}
@@ -129,12 +202,17 @@ def main(argv=None) -> int:
     reference, seconds = caption(fp32, photos)
     print(f"fp32: {seconds:.1f} s", file=sys.stderr)
     results: dict[str, dict] = {}
-    for label, keywords in VARIANTS.items():
-        texts, seconds = caption(fp16_captioner(model, keywords), photos)
+    variants = TF32_VARIANTS if args.tf32 else VARIANTS
+    kind = "TF32" if args.tf32 else "FP16"  # what the variants change, as the report names it
+    for label, keywords in variants.items():
+        built = tf32_captioner(model, *keywords) if args.tf32 else fp16_captioner(model, keywords)
+        texts, seconds = caption(built, photos)
         same = {name: [a == b for a, b in zip(texts[name], reference[name])] for name in SETS}
         every = np.array([x for name in SETS for x in same[name]], dtype=np.float64)
         results[label] = {
-            "keywords": keywords,
+            "keywords": keywords
+            if isinstance(keywords, dict)
+            else {"fp16": keywords[0], "tf32": keywords[1]},
             "seconds": round(seconds, 1),
             "identical": {name: int(sum(same[name])) for name in SETS},
             "identical_all": int(every.sum()),
@@ -142,7 +220,7 @@ def main(argv=None) -> int:
             "interval": interval(every),
             "per_photo": every.tolist(),
             "differing": [
-                {"set": name, "photo": photo, "fp32": b, "fp16": a}
+                {"set": name, "photo": photo, "fp32": b, kind.lower(): a}
                 for name in SETS
                 for photo, a, b in zip(names[name], texts[name], reference[name])
                 if a != b
@@ -167,32 +245,34 @@ def main(argv=None) -> int:
                 "-"
                 if diff is None
                 else f"{100 * diff['difference']:+.1f} [{100 * diff['low']:+.1f}, {100 * diff['high']:+.1f}]",
-            ]
+            ][: None if not args.tf32 else -1]  # the word-logit island: FP16's only
         )
     table = C.markdown_table(
         [
-            "FP16 variant (CPU emulation)",
+            f"{kind} variant (CPU emulation)",
             *[f"{name} identical" for name in SETS],
             "all",
             "95% interval",
             "vs word logits FP32 (points)",
-        ],
+        ][: None if not args.tf32 else -1],
         rows,
     )
     differing = "\n".join(
-        f'- {label} / {d["set"]} {d["photo"]}: FP32 "{d["fp32"]}"; FP16 "{d["fp16"]}"'
+        f'- {label} / {d["set"]} {d["photo"]}: FP32 "{d["fp32"]}"; {kind} "{d[kind.lower()]}"'
         for label, r in results.items()
         for d in r["differing"]
     )
     markdown = (
-        f"Model: {model.name}; beam 3, batch 8, default decoding, the device search; captions "
+        ("The encoder's convolutions with TF32 inputs (`--tf32`). " if args.tf32 else "")
+        + f"Model: {model.name}; beam 3, batch 8, default decoding, the device search; captions "
         f"against the FP32 torch backend's on the same photos (torch {torch.__version__}, CPU).\n\n"
         f"{table}\n\nCaptions that differ:\n\n{differing or '(none)'}\n"
     )
     for r in results.values():
         del r["per_photo"]
     data = {"model": str(model), "variants": results}
-    C.write_results("fp16_emulation", data, markdown, argv, out=args.out)
+    name = "tf32_emulation" if args.tf32 else "fp16_emulation"
+    C.write_results(name, data, markdown, argv, script="fp16_emulation", out=args.out)
     return 0
 
 

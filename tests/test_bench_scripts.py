@@ -559,6 +559,103 @@ def test_decoding_choice_variants_take_decoding_options_and_another_model():
     assert decoding_choice.parse_variant("default=") == ("default", {})
 
 
+def _emulation_data(tmp_path: Path) -> tuple[list[Path], Path]:
+    """A data folder for fp16_emulation.py made of the example photos (CC0, scikit-image): the
+    two everyday sets alternate them, Flickr8k dev lists them in reverse."""
+    photos = sorted(p for p in C.EXAMPLES.iterdir() if p.suffix.lower() in {".png", ".jpg", ".jpeg"})
+    data = tmp_path / "data"
+    for name in ("coco-ood-dev", "coco-ood-dev-b", "flickr8k"):
+        (data / name / "images").mkdir(parents=True)
+    for i, photo in enumerate(photos):
+        target = "coco-ood-dev" if i % 2 else "coco-ood-dev-b"
+        shutil.copy(photo, data / target / "images" / photo.name)
+        shutil.copy(photo, data / "flickr8k" / "images" / photo.name)
+    (data / "flickr8k" / "Flickr_8k.devImages.txt").write_text("".join(p.name + "\n" for p in photos[::-1]))
+    return photos, data
+
+
+def test_tf32_rounds_to_ten_mantissa_bits_to_nearest_ties_to_even():
+    """The values a TF32 operand holds: 1 + k / 1024 near 1. Halfway cases go to the even k,
+    anything past halfway up, and the sign plays no part; representable values stay."""
+    pytest.importorskip("torch")
+    import torch
+
+    import fp16_emulation
+
+    ulp = 2.0**-10  # TF32's spacing in [1, 2)
+    cases = [
+        (1.0 + ulp / 2, 1.0),  # halfway between k = 0 and 1: to k = 0
+        (1.0 + 3 * ulp / 2, 1.0 + 2 * ulp),  # halfway between k = 1 and 2: to k = 2
+        (1.0 + ulp / 2 + 2.0**-20, 1.0 + ulp),  # past halfway: up
+        (1.0 + ulp / 2 - 2.0**-20, 1.0),  # short of halfway: down
+        (-(1.0 + 3 * ulp / 2), -(1.0 + 2 * ulp)),
+        (2.0 - ulp / 4, 2.0),  # up into the next binade
+        (3.0 + 5 * 2 * ulp, 3.0 + 5 * 2 * ulp),  # representable in [2, 4): kept
+        (0.0, 0.0),
+    ]
+    x = torch.tensor([c[0] for c in cases], dtype=torch.float32).reshape(2, 4)
+    out = fp16_emulation.to_tf32(x)
+    assert out.dtype == torch.float32 and out.shape == (2, 4)
+    assert out.flatten().tolist() == [c[1] for c in cases]
+
+
+def test_tf32_convolutions_round_the_dense_ones_weights_and_inputs():
+    """The encoder's convolutions as TF32 tensor cores take them: the dense ones' weights and
+    inputs rounded, the depthwise ones' left in FP32 unless asked for."""
+    pytest.importorskip("torch")
+    import torch
+    from torch.nn import functional as F
+
+    import fp16_emulation
+    from edgecap.models.efficientnet_lite import EfficientNetLite, SameConv2d
+
+    torch.manual_seed(0)
+    for depthwise in (False, True):
+        encoder = EfficientNetLite().eval()
+        before = {
+            name: m.weight.detach().clone()
+            for name, m in encoder.named_modules()
+            if isinstance(m, SameConv2d)
+        }
+        n = fp16_emulation.tf32_convolutions(encoder, depthwise)
+        convs = {name: m for name, m in encoder.named_modules() if isinstance(m, SameConv2d)}
+        dense = {name for name, m in convs.items() if m.groups == 1}
+        assert n == len(convs if depthwise else dense) and 0 < len(dense) < len(convs)
+        for name, m in convs.items():
+            low_bits = m.weight.detach().view(torch.int32) & 0x1FFF
+            if name in dense or depthwise:
+                assert not low_bits.any(), name
+                assert torch.allclose(m.weight, before[name], rtol=2.0**-11, atol=0)
+            else:
+                assert torch.equal(m.weight, before[name]), name
+        stem = encoder._conv_stem
+        x = torch.randn(1, 3, 32, 32)
+        padded = F.pad(fp16_emulation.to_tf32(x), [0, 1, 0, 1])  # "same" padding of a stride-2 3x3
+        assert torch.equal(stem(x), F.conv2d(padded, stem.weight, None, 2))
+        assert not torch.equal(stem(x), F.conv2d(F.pad(x, [0, 1, 0, 1]), stem.weight, None, 2))
+
+
+def test_fp16_emulation_with_tf32_compares_each_tf32_variant_with_fp32(tmp_path):
+    """``--tf32``: the TF32 variants, each counted against FP32 set by set, written as
+    tf32_emulation.json / .md."""
+    pytest.importorskip("torch")
+    import fp16_emulation
+
+    photos, data = _emulation_data(tmp_path)
+    out = tmp_path / "out"
+    fp16_emulation.main(["--data", str(data), "--flickr8k-limit", "3", "--tf32", "--out", str(out)])
+    result = json.loads((out / "tf32_emulation.json").read_text())["variants"]
+    assert list(result) == list(fp16_emulation.TF32_VARIANTS)
+    for label, r in result.items():
+        assert (r["keywords"]["fp16"], r["keywords"]["tf32"]) == fp16_emulation.TF32_VARIANTS[label]
+        assert r["n"] == len(photos) + 3 and r["identical_all"] + len(r["differing"]) == r["n"]
+        assert all(d["fp32"] != d["tf32"] for d in r["differing"])
+        assert "against_island" not in r
+    text = (out / "tf32_emulation.md").read_text()
+    assert "| TF32 variant (CPU emulation) |" in text and "vs word logits" not in text
+    assert not (out / "fp16_emulation.json").exists()
+
+
 def test_fp16_emulation_compares_each_fp16_variant_with_fp32(tmp_path, monkeypatch):
     """On a data folder made of the example photos (CC0, scikit-image): each variant's captions
     are counted against the FP32 backend's, set by set, the differing ones listed with both
@@ -590,15 +687,7 @@ def test_fp16_emulation_compares_each_fp16_variant_with_fp32(tmp_path, monkeypat
 
     monkeypatch.setattr(fp16_emulation, "fp16_captioner", one_caption_changed)
 
-    photos = sorted(p for p in C.EXAMPLES.iterdir() if p.suffix.lower() in {".png", ".jpg", ".jpeg"})
-    data = tmp_path / "data"
-    for name in ("coco-ood-dev", "coco-ood-dev-b", "flickr8k"):
-        (data / name / "images").mkdir(parents=True)
-    for i, photo in enumerate(photos):
-        target = "coco-ood-dev" if i % 2 else "coco-ood-dev-b"
-        shutil.copy(photo, data / target / "images" / photo.name)
-        shutil.copy(photo, data / "flickr8k" / "images" / photo.name)
-    (data / "flickr8k" / "Flickr_8k.devImages.txt").write_text("".join(p.name + "\n" for p in photos[::-1]))
+    photos, data = _emulation_data(tmp_path)
     fp16_emulation.main(["--data", str(data), "--flickr8k-limit", "3", "--out", str(tmp_path / "out")])
     result = json.loads((tmp_path / "out" / "fp16_emulation.json").read_text())["variants"]
     assert set(result) == set(fp16_emulation.VARIANTS)
