@@ -1378,9 +1378,12 @@ def profile_mode(
 ) -> list[dict] | None:
     """``profile_calls`` for ``mode`` on the example photos, in a subprocess: the profiler
     inside CUDA graphs (conditional nodes, a Triton kernel) is the least tried part of the
-    run, and a crash or a hang there must not take the rest of the report with it. None, and
-    the skip says why, where it failed."""
+    run, and a crash or a hang there must not take the rest of the report with it; it is given
+    ``timeout_s`` or what is left of the budget, at least 30 s. None, and the skip says why,
+    where it failed."""
     label = mode["label"]
+    # within what is left of --budget-s (at least 30 s), as the command line's runs
+    timeout_s = min(timeout_s, max(30.0, report.budget_s - (time.perf_counter() - T0)))
     command = [sys.executable, "-c", PROFILE, str(BENCH_DIR), str(model), label, device, str(max_length)]
     command += [",".join(map(str, batches)), str(calls)]
     log(f"{label}: profiling batch {', '.join(map(str, batches))} in a subprocess")

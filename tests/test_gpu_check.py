@@ -1072,7 +1072,7 @@ def test_the_cpu_profile_counts_the_operations_that_compute_not_views():
     assert not names & {"aten::squeeze", "aten::empty", "aten::resolve_conj"}
 
 
-def test_a_profile_that_fails_or_hangs_is_skipped_with_its_reason(default_model_dir):
+def test_a_profile_that_fails_or_hangs_is_skipped_with_its_reason(default_model_dir, monkeypatch):
     """The profile runs in a process of its own: one that exits with an error or outlasts its
     time gives no rows, and the report's skips say which and why."""
     sys.path.insert(0, str(SCRIPT.parent))
@@ -1086,6 +1086,20 @@ def test_a_profile_that_fails_or_hangs_is_skipped_with_its_reason(default_model_
     reasons = {s["item"]: s["reason"] for s in report.data["skipped"]}
     assert reasons["torch-cpu-no-such-mode profile"].startswith("the profile exited with 1: StopIteration")
     assert reasons[f"{mode['label']} profile"] == "it did not finish in 0 s"
+
+    # its time: the default, or what is left of the budget, at least 30 s
+    given = []
+
+    def hangs(command, timeout, **kwargs):
+        given.append(timeout)
+        raise subprocess.TimeoutExpired(command, timeout)
+
+    monkeypatch.setattr(gpu_check.subprocess, "run", hangs)
+    for budget in (1e6, 0.0):
+        report = gpu_check.Report(budget)
+        assert gpu_check.profile_mode(mode, default_model_dir, "cpu", 20, report, (1,), 1) is None
+    assert given == [120.0, 30.0]
+    assert report.data["skipped"][-1]["reason"] == "it did not finish in 30 s"
 
 
 def test_the_profile_says_where_a_calls_time_goes(default_model_dir):
