@@ -81,6 +81,10 @@ onnxruntime-gpu, the compiled search), then the command line. The report is rewr
 each step and each section of a mode, marked partial (and the mode in progress named) until
 the end: a run stopped from outside (a device lease's limit) keeps what it measured.
 
+``--modes`` runs only the modes named (labels or shell patterns, comma-separated), in the run's
+order, without the command-line runs: a quick re-measure after a change, e.g.
+``--modes 'torch-cuda-fp32-graphs-device*' --skip-tests``.
+
 ``--budget-s`` (default 300) bounds the run: a section that would start after it is skipped
 with that reason, so the whole check ends in a bounded time (well inside 6 minutes at the
 default).
@@ -88,6 +92,7 @@ default).
 
 from __future__ import annotations
 
+import fnmatch
 import functools
 import gc
 import importlib
@@ -254,6 +259,12 @@ def build_parser():
         "(absent: the example photos)",
     )
     p.add_argument("--skip-tests", action="store_true", help="do not run pytest -m gpu")
+    p.add_argument(
+        "--modes",
+        default=None,
+        help="only these modes, comma-separated labels or shell patterns (torch-cuda-fp32-graphs-*), "
+        "in the run's order, and no command-line runs: a quick re-measure after a change",
+    )
     p.add_argument(
         "--compiled",
         action="store_true",
@@ -857,6 +868,21 @@ def _time_encoder(net, x, cuda: bool, repeats: int):
             end.synchronize()
             times.append(start.elapsed_time(end))
         return times, y.clone()
+
+
+def select_modes(mode_list: list[dict], patterns: str | None) -> list[dict]:
+    """The modes whose labels match one of ``patterns`` (comma-separated labels or shell
+    patterns; None: every mode), in their order; a pattern that matches none stops the run,
+    naming the labels there are."""
+    if not patterns:
+        return mode_list
+    wanted = [p.strip() for p in patterns.split(",") if p.strip()]
+    labels = [m["label"] for m in mode_list]
+    unmatched = [p for p in wanted if not any(fnmatch.fnmatchcase(label, p) for label in labels)]
+    if unmatched or not wanted:
+        named = ", ".join(unmatched) if unmatched else "(none named)"
+        sys.exit(f"--modes: no mode matches {named}; the modes here: {', '.join(labels)}")
+    return [m for m in mode_list if any(fnmatch.fnmatchcase(m["label"], p) for p in wanted)]
 
 
 def plan(mode_list: list[dict], file_rate_labels, profile_labels=()) -> list[tuple[str, dict | None]]:
@@ -2195,6 +2221,8 @@ def main(argv=None) -> int:
     }
     data["environment"] = environment(device, report)
     log(f"device {device}: {data['environment'].get('gpu', data['environment']['cpu'])}")
+    # the modes to run, named before any photo is read (--modes: a bad pattern stops here)
+    every = select_modes(modes(device, args.compiled) + other_backends(device, report), args.modes)
 
     ids, frames, refs, source = photos(args.n, report, args.flickr8k)
     data["photos"] = {"n": len(frames), "source": source, "references": refs is not None}
@@ -2239,7 +2267,6 @@ def main(argv=None) -> int:
     # on the CPU with --quick: the first mode at batch 1, once, to keep the profile working
     profile_modes = PROFILE_MODES if device == "cuda" else [modes(device)[0]["label"]] if args.quick else []
     profile_sizes = {"batches": PROFILE_BATCHES} if device == "cuda" else {"batches": (1,), "calls": 1}
-    every = modes(device, args.compiled) + other_backends(device, report)
     for step, mode in plan(every, file_rate_modes, profile_modes):
         if step == "gpu tests":
             data["gpu_tests"] = run_gpu_tests(args, report, device)
@@ -2279,10 +2306,13 @@ def main(argv=None) -> int:
         # the report so far, after each step: a run stopped from outside (a machine's time
         # limit) keeps what it finished
         write_report(data, results, report, device, out, name, partial=True)
-    try:  # failing, it must not lose the report of the modes
-        data["command_line"] = command_line(Path(scratch.name), device, args.max_length, report)
-    except Exception as exc:
-        report.skip("command line", f"failed: {type(exc).__name__}: {exc}")
+    if args.modes:
+        report.skip("command line", "--modes: the modes named only")
+    else:
+        try:  # failing, it must not lose the report of the modes
+            data["command_line"] = command_line(Path(scratch.name), device, args.max_length, report)
+        except Exception as exc:
+            report.skip("command line", f"failed: {type(exc).__name__}: {exc}")
     scratch.cleanup()
     if refs is not None and "skip" in _CIDER_NOTE:
         report.skip("CIDEr", _CIDER_NOTE["skip"])

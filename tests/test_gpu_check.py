@@ -121,6 +121,54 @@ def test_gpu_check_on_the_cpu(tmp_path):
         assert f"{item}: {reason}" in proc.stdout
 
 
+def test_modes_runs_only_the_modes_named(tmp_path):
+    """``--modes``: the modes a label or a pattern names, in the run's order, and no command
+    line; a pattern naming no mode stops the run before any photo is read, listing the modes."""
+    proc = subprocess.run(
+        [
+            sys.executable,
+            str(SCRIPT),
+            "--device",
+            "cpu",
+            "--quick",
+            "--n",
+            "2",
+            "--repeats",
+            "1",
+            "--skip-tests",
+            "--modes",
+            "*-device-prep, torch-cpu-fp32-eager-device",
+            "--out",
+            str(tmp_path),
+            "--flickr8k",
+            str(tmp_path / "no-flickr8k"),
+        ],
+        capture_output=True,
+        text=True,
+        timeout=600,
+        cwd=tmp_path,
+    )
+    assert proc.returncode == 0, proc.stderr[-3000:]
+    data = json.loads((tmp_path / "gpu-cpu.json").read_text())
+    assert [m["label"] for m in data["modes"]] == [
+        "torch-cpu-fp32-eager-device",
+        "torch-cpu-fp32-graphs-emulated-device-prep",
+    ]
+    assert "command_line" not in data
+    skipped = {s["item"]: s["reason"] for s in data["skipped"]}
+    assert skipped["command line"] == "--modes: the modes named only"
+    sys.path.insert(0, str(SCRIPT.parent))
+    import gpu_check
+
+    with pytest.raises(SystemExit) as stop:
+        gpu_check.main(
+            ["--device", "cpu", "--modes", "torch-cpu-fp32-eager,torch-cuda-*", "--out", str(tmp_path)]
+        )
+    message = str(stop.value.code)
+    assert message.startswith("--modes: no mode matches torch-cuda-*; the modes here: torch-cpu-fp32-eager, ")
+    assert "torch-cpu-fp32-graphs-emulated-device-prep" in message
+
+
 def test_gpu_report_formats_cuda_results():
     """The CUDA-only branches of the report (machine, memory, targets, speed-ups, FP16 against
     FP32, throughput), fed results shaped as a GPU run would give them: they cannot run here
