@@ -35,25 +35,14 @@ SECTIONS = (
 )
 
 
-def test_gpu_check_on_the_cpu(tmp_path):
-    proc = subprocess.run(
-        [
-            sys.executable,
-            str(SCRIPT),
-            "--device",
-            "cpu",
-            "--quick",
-            "--n",
-            "2",
-            "--repeats",
-            "1",
-            "--out",
-            str(tmp_path),
-            # the bundled example photos, as in a fresh clone: never the research data beside
-            # the checkout (../shared/data/flickr8k), which would add CIDEr's Java tokenizer runs
-            "--flickr8k",
-            str(tmp_path / "no-flickr8k"),
-        ],
+def _quick_cpu_run(tmp_path: Path, *extra: str) -> subprocess.CompletedProcess:
+    """``gpu_check.py --device cpu --quick`` on two photos, one timed call each, with ``extra``
+    options, writing into ``tmp_path``."""
+    return subprocess.run(
+        [sys.executable, str(SCRIPT), "--device", "cpu", "--quick", "--n", "2", "--repeats", "1", *extra]
+        # the bundled example photos, as in a fresh clone: never the research data beside the
+        # checkout (../shared/data/flickr8k), which would add CIDEr's Java tokenizer runs
+        + ["--out", str(tmp_path), "--flickr8k", str(tmp_path / "no-flickr8k")],
         capture_output=True,
         text=True,
         timeout=600,
@@ -62,6 +51,10 @@ def test_gpu_check_on_the_cpu(tmp_path):
         # `-n 2` (pyproject.toml's addopts) must not reach the gpu tests' pytest
         env={**os.environ, "PYTEST_ADDOPTS": "-p no:xdist"},
     )
+
+
+def test_gpu_check_on_the_cpu(tmp_path):
+    proc = _quick_cpu_run(tmp_path)
     assert proc.returncode == 0, proc.stderr[-3000:]
     text = (tmp_path / "gpu-cpu.md").read_text()
     data = json.loads((tmp_path / "gpu-cpu.json").read_text())
@@ -124,30 +117,7 @@ def test_gpu_check_on_the_cpu(tmp_path):
 def test_modes_runs_only_the_modes_named(tmp_path):
     """``--modes``: the modes a label or a pattern names, in the run's order, and no command
     line; a pattern naming no mode stops the run before any photo is read, listing the modes."""
-    proc = subprocess.run(
-        [
-            sys.executable,
-            str(SCRIPT),
-            "--device",
-            "cpu",
-            "--quick",
-            "--n",
-            "2",
-            "--repeats",
-            "1",
-            "--skip-tests",
-            "--modes",
-            "*-device-prep, torch-cpu-fp32-eager-device",
-            "--out",
-            str(tmp_path),
-            "--flickr8k",
-            str(tmp_path / "no-flickr8k"),
-        ],
-        capture_output=True,
-        text=True,
-        timeout=600,
-        cwd=tmp_path,
-    )
+    proc = _quick_cpu_run(tmp_path, "--skip-tests", "--modes", "*-device-prep, torch-cpu-fp32-eager-device")
     assert proc.returncode == 0, proc.stderr[-3000:]
     data = json.loads((tmp_path / "gpu-cpu.json").read_text())
     assert [m["label"] for m in data["modes"]] == [
