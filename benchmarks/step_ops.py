@@ -14,9 +14,10 @@ cell is about 3 kernels and a stable sort several, so a GPU runs a few more kern
 this counts.
 
 ``--fused`` adds the fused step (``fused_search=True``: every step with its
-bookkeeping in one Triton kernel, ``edgecap.decoding.device_kernel``, run here by Triton's
-interpreter on CPU tensors): the torch operations a step that launch a kernel plus that one
-kernel, against the eager step's.
+bookkeeping in one Triton kernel, ``edgecap.decoding.device_kernel``, and the language models'
+element-wise work in five, ``edgecap.decoding.lm_kernels``, run here by Triton's interpreter
+on CPU tensors): the torch operations a step that launch a kernel plus those kernels' launches,
+against the eager step's.
 
 ``--compiled`` adds the compiled step (``compile_search=True``: every step after the first
 through ``torch.compile(_step, fullgraph=True, dynamic=False)``), compiled by TorchInductor for
@@ -90,31 +91,49 @@ def count_steps(captioner, frames: list) -> dict[int, list[tuple[int, int]]]:
 
 
 def count_fused_steps(captioner, frames: list) -> dict[int, list[tuple[int, int]]]:
-    """As ``count_steps`` for the fused search's steps after the first (``_fused_step``): its
-    torch operations plus 1, the Triton kernel's launch (the interpreter's own work on the CPU
-    is not counted: on a GPU the kernel is one launch)."""
+    """As ``count_steps`` for the fused search's steps (``_fused_step``): its torch operations
+    plus its Triton kernels' launches, the bookkeeping's and the language models' (the
+    interpreter's own work on the CPU is not counted: on a GPU a kernel is one launch)."""
     from torch.utils._python_dispatch import _disable_current_modes
 
-    from edgecap.decoding import device, device_kernel
+    from edgecap.decoding import device, device_kernel, lm_kernels
 
     steps: dict[int, list[tuple[int, int]]] = {}
-    fused, bookkeeping = device._fused_step, device_kernel.bookkeeping
+    fused, bookkeeping, lm_made = device._fused_step, device_kernel.bookkeeping, lm_kernels._kernels
+    launched = [0]
 
     def outside(*args, **kwargs):
+        launched[0] += 1
         with _disable_current_modes():
             return bookkeeping(*args, **kwargs)
 
+    class Launch:
+        def __init__(self, kernel):
+            self.kernel = kernel
+
+        def __getitem__(self, grid):
+            def launch(*args, **kwargs):
+                launched[0] += 1
+                with _disable_current_modes():
+                    return self.kernel[grid](*args, **kwargs)
+
+            return launch
+
+    kernels = {name: Launch(kernel) for name, kernel in lm_made().items()}
+
     def counted(loop, t, number, carry):
+        launched[0] = 0
         with C.operation_counter() as count:
             result = fused(loop, t, number, carry)
-        steps.setdefault(int(number), []).append((count.kernels + 1, count.others))
+        steps.setdefault(int(number), []).append((count.kernels + launched[0], count.others))
         return result
 
     device._fused_step, device_kernel.bookkeeping = counted, outside
+    lm_kernels._kernels = lambda: kernels
     try:
         captioner.caption_batch(frames)
     finally:
-        device._fused_step, device_kernel.bookkeeping = fused, bookkeeping
+        device._fused_step, device_kernel.bookkeeping, lm_kernels._kernels = fused, bookkeeping, lm_made
     return steps
 
 
@@ -153,7 +172,7 @@ def fused_part(photos: list, mirrored: list, eager_ops: dict) -> tuple[list[dict
             "language models",
             "batch",
             "steps",
-            "kernel operations a step, the Triton kernel included (median)",
+            "kernel operations a step, the Triton kernels included (median)",
             "max",
             "eager (the table above)",
             "fewer",
@@ -173,10 +192,11 @@ def fused_part(photos: list, mirrored: list, eager_ops: dict) -> tuple[list[dict
     )
     markdown = (
         "## The fused step\n\n`--fused`: `fused_search=True`, every step with its "
-        "bookkeeping in one Triton kernel (`edgecap.decoding.device_kernel`, run here by Triton's "
-        "interpreter on CPU tensors), the first step and the steps from the third on: the torch "
-        "operations that launch a kernel (the "
-        "word bias, the language models, the decoder's step) plus the Triton kernel, one launch "
+        "bookkeeping in one Triton kernel (`edgecap.decoding.device_kernel`) and the language "
+        "models' element-wise work in five (`edgecap.decoding.lm_kernels`), run here by Triton's "
+        "interpreter on CPU tensors; the first step and the steps from the third on: the torch "
+        "operations that launch a kernel (the language models' matrix products, tanh, exp, log "
+        "and sum, the decoder's step) plus the Triton kernels, one launch each "
         "on a GPU. The same hypotheses as the eager step's, bit for bit "
         "(`tests/test_device_search.py`).\n\n" + table + "\n"
     )

@@ -820,6 +820,33 @@ def test_step_ops_counts_the_device_search_steps(tmp_path, monkeypatch):
     assert [r["others"] - b["others"] for r, b in zip(after, before)] == [1.0] * len(before)
 
 
+def test_step_ops_counts_a_fused_steps_triton_launches_as_kernels():
+    """``--fused``: a fused step's count is its torch operations plus its Triton kernels'
+    launches. With the language models (the cat photo, to which the fusion gate gives them) a
+    step after the first counts 14 more than without: 10 torch operations (the hidden states'
+    gather, four matrix products, two tanh, exp, the sum, log) and the language models' 5
+    kernels, less the tag bonus's one product, which their last kernel does; the first step,
+    with no state to gather, 13."""
+    pytest.importorskip("torch")
+    pytest.importorskip("triton")
+    import step_ops
+
+    from edgecap import Captioner, CaptionOptions
+
+    cat = C.example_frames()[1]
+    counted = {}
+    for label, extra in (("with", {}), ("without", {"fusion_weight": 0.0})):
+        options = CaptionOptions(batch_size=1, **extra)
+        captioner = Captioner(
+            backend="torch", device="cpu", search="device", fused_search=True, options=options
+        )
+        captioner.caption_batch([cat])  # what a process makes once (tables, the models' tensors)
+        steps = step_ops.count_fused_steps(captioner, [cat])
+        counted[label] = {t: steps[t][0][0] for t in (0, 3)}
+    assert counted["with"][0] - counted["without"][0] == 13
+    assert counted["with"][3] - counted["without"][3] == 14
+
+
 def test_overlap_times_the_calls_with_and_without_it(tmp_path, monkeypatch):
     """The stand-in search holds the lock for its host work and waits for its device time; with
     the overlap, a batch's captions (slowed here by 40 ms of waiting: released, as a second

@@ -21,7 +21,7 @@ torch = pytest.importorskip("torch")
 triton = pytest.importorskip("triton")
 
 from edgecap.decoding import CaptionOptions  # noqa: E402
-from edgecap.decoding import device_kernel  # noqa: E402
+from edgecap.decoding import device_kernel, lm_kernels  # noqa: E402
 from edgecap.decoding.device import DeviceBeamSearch, SessionStep, rules_for  # noqa: E402
 from edgecap.decoding.fusion import Fusion  # noqa: E402
 from fakes import END, START, PrefixHashBackend  # noqa: E402
@@ -36,16 +36,16 @@ LAUNCH_OPTIONS = ("num_warps", "enable_fp_fusion")
 ARCHITECTURES = (90, 87, 72)
 
 COMPILE = r"""
-import json, os, subprocess, sys, tempfile
+import importlib, json, os, subprocess, sys, tempfile
 import triton
 from triton.backends.compiler import GPUTarget
 from triton.compiler import ASTSource
-from edgecap.decoding import device_kernel
 
-kernel = triton.jit(device_kernel._bookkeeping)
 tool = os.path.join(os.path.dirname(triton.__file__), "backends", "nvidia", "bin", "cuobjdump")
 out = []
 for launch in json.loads(sys.argv[1]):
+    module = importlib.import_module(launch["module"])
+    kernel = triton.jit(getattr(module, launch["kernel"]))
     for capability in json.loads(sys.argv[2]):
         source = ASTSource(fn=kernel, signature=launch["signature"], constexprs=launch["constexprs"])
         compiled = triton.compile(
@@ -55,7 +55,7 @@ for launch in json.loads(sys.argv[1]):
             f.write(compiled.asm["cubin"])
         usage = subprocess.run([tool, "--dump-resource-usage", f.name], capture_output=True, text=True)
         os.unlink(f.name)
-        out.append({"capability": capability, "usage": usage.stdout})
+        out.append({"kernel": launch["kernel"], "capability": capability, "usage": usage.stdout})
 print(json.dumps(out))
 """
 
@@ -70,14 +70,19 @@ def _signature(value) -> str:
 
 
 def _launches() -> list[dict]:
-    """The kernel's launches (argument types and constexprs) in fused searches over fake models
+    """The kernels' launches (argument types and constexprs) in fused searches over fake models
     with and without each rule: the tag bonus, the language models, no-repeat n-grams, the
-    endings, beams 1 to 7."""
+    endings, beams 1 to 7; the bookkeeping kernel's (``device_kernel``) and the language
+    models' (``lm_kernels``), each named by its module and function."""
     seen: dict[str, dict] = {}
-    real = device_kernel._kernel()
 
     class Recorder:
+        def __init__(self, real, module: str):
+            self.real, self.module = real, module
+
         def __getitem__(self, grid):
+            real = self.real
+
             def launch(*args, **kwargs):
                 names = real.arg_names
                 options = {k: kwargs[k] for k in LAUNCH_OPTIONS if k in kwargs}
@@ -87,11 +92,20 @@ def _launches() -> list[dict]:
                     for name, value in zip(names, args)
                 }
                 signature.update({name: "constexpr" for name in constexprs})
-                entry = {"signature": signature, "constexprs": constexprs, "options": options}
+                entry = {
+                    "module": self.module,
+                    "kernel": real.fn.__name__,
+                    "signature": signature,
+                    "constexprs": constexprs,
+                    "options": options,
+                }
                 seen.setdefault(json.dumps(entry, sort_keys=True), entry)
                 return real[grid](*args, **kwargs)
 
             return launch
+
+    bookkeeping = Recorder(device_kernel._kernel(), device_kernel.__name__)
+    lms = {name: Recorder(kernel, lm_kernels.__name__) for name, kernel in lm_kernels._kernels().items()}
 
     rng = np.random.default_rng(0)
     vocab, top_k = 20, 8
@@ -104,10 +118,15 @@ def _launches() -> list[dict]:
         CaptionOptions(beam_size=3, max_length=20, no_repeat_ngram=3, guidance_bonus=2.0, fusion_weight=0.6),
         CaptionOptions(beam_size=5, max_length=20, no_repeat_ngram=0, guidance_bonus=0.0, fusion_weight=0.0),
         CaptionOptions(beam_size=1, max_length=4, no_repeat_ngram=1, guidance_bonus=1.0, fusion_weight=0.0),
+        # the language models without the tag bonus
+        CaptionOptions(beam_size=3, max_length=6, no_repeat_ngram=0, guidance_bonus=0.0, fusion_weight=0.6),
         # 7 x 8 = 56 candidates, 64 padded: four warps a program
         CaptionOptions(beam_size=7, max_length=20, no_repeat_ngram=2, guidance_bonus=1.0, fusion_weight=0.6),
     ]
-    with mock.patch.object(device_kernel, "_kernel", lambda: Recorder()):
+    with (
+        mock.patch.object(device_kernel, "_kernel", lambda: bookkeeping),
+        mock.patch.object(lm_kernels, "_kernels", lambda: lms),
+    ):
         for options in cases:
             for endings in (False, True):
                 encoded = backend.encode(rng.integers(0, 1000, 2))
@@ -127,13 +146,31 @@ def _launches() -> list[dict]:
     return list(seen.values())
 
 
-def test_the_kernel_compiles_for_nvidia_gpus_without_spilling():
+def test_the_kernels_compile_for_nvidia_gpus_without_spilling():
     launches = _launches()
+    kept = [launch for launch in launches if launch["kernel"] == "_bookkeeping"]
     # every rule on and off among them: the kernel's constexpr branches all compiled
     for flag in ("HAS_BIAS", "HAS_TAGS", "ENDINGS", "BEST", "FIRST"):
-        assert {launch["constexprs"][flag] for launch in launches} == {True, False}, flag
-    assert {launch["constexprs"]["NGRAM"] for launch in launches} == {0, 1, 2, 3}
-    assert {launch["options"]["num_warps"] for launch in launches} == {1, 2, 4}  # beams 1 and 3, 5, 7
+        assert {launch["constexprs"][flag] for launch in kept} == {True, False}, flag
+    assert {launch["constexprs"]["NGRAM"] for launch in kept} == {0, 1, 2, 3}
+    assert {launch["options"]["num_warps"] for launch in kept} == {1, 2, 4}  # beams 1 and 3, 5, 7
+    # the language models' five, the first step's cell (no gather) and the later ones', the
+    # ratio with and without the tag bonus; without fused multiply-adds, as the eager step
+    lms = [launch for launch in launches if launch["module"] == lm_kernels.__name__]
+    assert {launch["kernel"] for launch in lms} == {"_gates", "_cell", "_hidden", "_shift", "_ratio"}
+    assert {launch["constexprs"]["GATHER"] for launch in lms if launch["kernel"] == "_cell"} == {True, False}
+    assert {launch["constexprs"]["HAS_TAGS"] for launch in lms if launch["kernel"] == "_ratio"} == {
+        True,
+        False,
+    }
+    assert all(launch["options"]["enable_fp_fusion"] is False for launch in launches)
+    # and each at the shipped model's sizes (hidden 128: 512 gate values; a vocabulary past
+    # WORDS_AT_A_TIME: a block of that many words), which the small fakes do not reach
+    shipped = {"BG": 512, "BH": 128, "BV": lm_kernels.WORDS_AT_A_TIME}
+    launches += [
+        {**launch, "constexprs": {k: shipped.get(k, v) for k, v in launch["constexprs"].items()}}
+        for launch in lms
+    ]
     env = {k: v for k, v in os.environ.items() if k != "TRITON_INTERPRET"}
     run = subprocess.run(
         [sys.executable, "-c", COMPILE, json.dumps(launches), json.dumps(ARCHITECTURES)],
@@ -147,6 +184,6 @@ def test_the_kernel_compiles_for_nvidia_gpus_without_spilling():
     assert len(compiled) == len(launches) * len(ARCHITECTURES)
     for entry in compiled:
         usage = entry["usage"]
-        assert "Function _bookkeeping:" in usage, usage
+        assert f"Function {entry['kernel']}:" in usage, usage
         # its values in registers: no local memory, no stack (a spill would be either)
         assert " LOCAL:0 " in usage and " STACK:0 " in usage, (entry["capability"], usage)

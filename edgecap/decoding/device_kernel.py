@@ -14,8 +14,9 @@ against ``_step``; ``tests/test_device_kernel.py`` compiles it for NVIDIA GPUs w
   candidates ranked no later;
 - every step, the first too (its rows are images: the words a caption never starts with are
   blocked, and no ending is recorded, as in ``_step``);
-- the decoder's step and the fused language models stay torch operations (their matrix
-  products are cuBLAS's).
+- the decoder's step stays torch operations (its matrix products are cuBLAS's), and so do the
+  fused language models' matrix products and transcendental functions; their element-wise
+  work is in five kernels of its own (``edgecap.decoding.lm_kernels``).
 
 Needs the ``triton`` package (PyTorch's CUDA wheels for Linux bring it). On a CUDA device the
 kernel is compiled by Triton; on the CPU it runs only in Triton's interpreter

@@ -1,0 +1,218 @@
+"""The fused language models' element-wise work in five Triton kernels a step, for the fused
+device search (``DeviceBeamSearch(fused=True)``).
+
+``edgecap.decoding.device.TorchLMPair.step`` and ``_word_bias`` make the search's word bias from
+the two caption language models in about 28 torch operations a step (the tag bonus's two
+included): gathers, the gates' sums, the cell's products, the logits' bias, max and shift, the
+density ratio and its weight. On a GPU each is a kernel of a microsecond or two, the most of
+any part of the fused step (docs/gpu-search.md). ``word_bias`` makes the same bias in 15: the
+matrix products (cuBLAS's), the ``tanh``, ``exp`` and ``log`` and the sum over the vocabulary
+stay torch operations on the same tensors, and everything between them, which only adds,
+subtracts, multiplies, takes a maximum or gathers, is in five kernels:
+
+- ``_gates``: the word's input row (gathered by token) plus the recurrent product;
+- ``_cell``: the new cell, ``0.5 (t_f + 1) c + 0.5 (t_i + 1) t_g`` (the sigmoid gates' weights
+  are pre-scaled by 0.5, ``TorchLMPair``), the old cell gathered by source row;
+- ``_hidden``: ``0.5 (t_o + 1) tanh(c)``;
+- ``_shift``: each row's logits plus their bias, their maximum, and the logits less it (the
+  ``exp``'s argument);
+- ``_ratio``: the two models' log-probabilities' difference times the row's weight, plus the
+  tag bonus of a steered row.
+
+IEEE float32 sums, differences, products and maxima round the same whoever computes them, and
+the kernels are compiled without fused multiply-adds (``enable_fp_fusion=False``), so the bias
+is ``_word_bias``'s bit for bit (``tests/test_device_search.py``, the fused search against the
+eager one, in Triton's interpreter on CPU tensors; ``tests/test_device_kernel.py`` compiles
+them for NVIDIA GPUs). The transcendental functions stay torch's because Triton's interpreter
+cannot run the CUDA math library's (and ``tl.exp`` on a GPU is an approximation): a kernel
+computing them would not be tested as it runs. **Not yet run on a GPU.**
+"""
+
+from __future__ import annotations
+
+import functools
+from typing import Any
+
+import torch
+import triton
+import triton.language as tl
+
+
+def _gates(input_ptr, tok_ptr, hh_ptr, out_ptr, R, V, G, BG: tl.constexpr):
+    """Program (model m, row r): out[m, r] = input[m, tok[r]] + hh[m, r] (G values)."""
+    pid = tl.program_id(0)
+    m = pid // R
+    r = pid % R
+    j = tl.arange(0, BG)
+    mask = j < G
+    word = tl.load(tok_ptr + r).to(tl.int64)
+    x = tl.load(input_ptr + (m * V + word) * G + j, mask=mask)
+    y = tl.load(hh_ptr + pid.to(tl.int64) * G + j, mask=mask)
+    tl.store(out_ptr + pid.to(tl.int64) * G + j, x + y, mask=mask)
+
+
+def _cell(t_ptr, c_ptr, src_ptr, out_ptr, R, H, G, GATHER: tl.constexpr, BH: tl.constexpr):
+    """Program (m, r): the new cell from the gates' tanh ``t`` (i, f, g, o blocks of H) and the
+    old cell of row ``src[r]`` (``GATHER``) or of row r."""
+    pid = tl.program_id(0)
+    m = pid // R
+    r = pid % R
+    j = tl.arange(0, BH)
+    mask = j < H
+    base = pid.to(tl.int64) * G
+    t_i = tl.load(t_ptr + base + j, mask=mask)
+    t_f = tl.load(t_ptr + base + H + j, mask=mask)
+    t_g = tl.load(t_ptr + base + 2 * H + j, mask=mask)
+    if GATHER:
+        row = tl.load(src_ptr + r).to(tl.int64)
+    else:
+        row = r.to(tl.int64)
+    c = tl.load(c_ptr + (m * R + row) * H + j, mask=mask)
+    s_i = 0.5 * (t_i + 1.0)
+    s_f = 0.5 * (t_f + 1.0)
+    tl.store(out_ptr + pid.to(tl.int64) * H + j, s_f * c + s_i * t_g, mask=mask)
+
+
+def _hidden(t_ptr, tc_ptr, out_ptr, H, G, BH: tl.constexpr):
+    """Program (m, r): the new hidden state, the output gate times the new cell's tanh."""
+    pid = tl.program_id(0).to(tl.int64)
+    j = tl.arange(0, BH)
+    mask = j < H
+    t_o = tl.load(t_ptr + pid * G + 3 * H + j, mask=mask)
+    tc = tl.load(tc_ptr + pid * H + j, mask=mask)
+    tl.store(out_ptr + pid * H + j, (0.5 * (t_o + 1.0)) * tc, mask=mask)
+
+
+def _shift(raw_ptr, s_model, b_ptr, d_ptr, top_ptr, R, V, BV: tl.constexpr):
+    """Program (m, r): the row's logits plus their bias, l; top[m, r] = max l; d[m, r] = l - top
+    (``BV`` words at a time: a maximum is the same in any order)."""
+    pid = tl.program_id(0)
+    m = pid // R
+    r = pid % R
+    raw_row = raw_ptr + m * s_model + r.to(tl.int64) * V
+    most = tl.full((BV,), float("-inf"), tl.float32)
+    for start in range(0, V, BV):
+        v = start + tl.arange(0, BV)
+        mask = v < V
+        logits = tl.load(raw_row + v, mask=mask) + tl.load(b_ptr + m * V + v, mask=mask)
+        most = tl.maximum(most, tl.where(mask, logits, float("-inf")))
+    top = tl.max(most, axis=0)
+    tl.store(top_ptr + pid, top)
+    for start in range(0, V, BV):
+        v = start + tl.arange(0, BV)
+        mask = v < V
+        logits = tl.load(raw_row + v, mask=mask) + tl.load(b_ptr + m * V + v, mask=mask)
+        tl.store(d_ptr + pid.to(tl.int64) * V + v, logits - top, mask=mask)
+
+
+def _ratio(
+    raw_ptr,
+    s_model,
+    b_ptr,
+    top_ptr,
+    log_ptr,
+    w_ptr,
+    tag_ptr,
+    steer_ptr,
+    out_ptr,
+    R,
+    V,
+    HAS_TAGS: tl.constexpr,
+    BV: tl.constexpr,
+):
+    """Program (r, block of ``BV`` words): ((l0 - l1) - (norm0 - norm1)) w[r], plus tag[r] x
+    steered[r] (``HAS_TAGS``); norm = top + log(sum exp(l - top)), the log made by torch."""
+    r = tl.program_id(0)
+    v = tl.program_id(1) * BV + tl.arange(0, BV)
+    mask = v < V
+    row = r.to(tl.int64) * V
+    l0 = tl.load(raw_ptr + row + v, mask=mask) + tl.load(b_ptr + v, mask=mask)
+    l1 = tl.load(raw_ptr + s_model + row + v, mask=mask) + tl.load(b_ptr + V + v, mask=mask)
+    norm0 = tl.load(top_ptr + r) + tl.load(log_ptr + r)
+    norm1 = tl.load(top_ptr + R + r) + tl.load(log_ptr + R + r)
+    bias = ((l0 - l1) - (norm0 - norm1)) * tl.load(w_ptr + r)
+    if HAS_TAGS:
+        steered = tl.load(steer_ptr + r).to(tl.float32)
+        bias = tl.load(tag_ptr + row + v, mask=mask) * steered + bias
+    tl.store(out_ptr + row + v, bias, mask=mask)
+
+
+@functools.cache
+def _kernels() -> dict[str, Any]:
+    """The five kernels: compiled by Triton for a GPU, or, with ``TRITON_INTERPRET=1`` in the
+    environment before triton is imported, run by its interpreter (CPU tensors: the tests)."""
+    return {f.__name__: triton.jit(f) for f in (_gates, _cell, _hidden, _shift, _ratio)}
+
+
+# the logits' kernels take a row's words this many at a time (a vocabulary grown past it loops,
+# and a program's values stay in registers: tests/test_device_kernel.py)
+WORDS_AT_A_TIME = 1024
+
+
+def _pow2(n: int) -> int:
+    return 1 << max(0, (int(n) - 1).bit_length())
+
+
+def word_bias(loop, t: int | None, carry: tuple) -> tuple:
+    """``device._word_bias`` with the language models' element-wise work in the five kernels:
+    the same bias and new states bit for bit. ``t``: 0 for the first step (its rows' states are
+    the images', all zero: no gather), None for one after it. Without the language models (the
+    tag bonus alone: one product) it is ``_word_bias``."""
+    from edgecap.decoding.device import _word_bias
+
+    tokens, source, steered, lm_states = carry[0], carry[1], carry[7], carry[8]
+    if lm_states is None:
+        return _word_bias(loop, t, carry)
+    k = _kernels()
+    lms = loop.lms
+    h, c = lm_states
+    gather = t != 0
+    if gather:
+        h = h.index_select(1, source)
+    R, H = h.shape[1], lms.hidden
+    V, G = lms.out_b.shape[2], 4 * H
+    assert lms.input.is_contiguous() and c.is_contiguous() and lms.out_b.is_contiguous()
+    # the recurrent products into a fresh (2, R, 4H) block, as TorchLMPair.step makes them
+    hh = torch.empty((2, R, G), dtype=h.dtype, device=h.device)
+    for m, w in enumerate(lms.w_hh_t):
+        torch.mm(h[m], w, out=hh[m])
+    options = {"num_warps": 4, "enable_fp_fusion": False}
+    pre = torch.empty_like(hh)
+    k["_gates"][(2 * R,)](lms.input, tokens, hh, pre, R, lms.input.shape[1], G, BG=_pow2(G), **options)
+    gates = torch.tanh(pre)  # tanh(0.5 x) for i, f, o; tanh(x) for g
+    cell = torch.empty((2, R, H), dtype=h.dtype, device=h.device)
+    k["_cell"][(2 * R,)](gates, c, source, cell, R, H, G, GATHER=gather, BH=_pow2(H), **options)
+    hidden = torch.empty_like(cell)
+    k["_hidden"][(2 * R,)](gates, torch.tanh(cell), hidden, H, G, BH=_pow2(H), **options)
+    # each model's (R, V) logits block 512-byte aligned, as TorchLMPair.step writes them
+    block = -(-R * V // 128) * 128
+    flat = torch.empty(2 * block, dtype=h.dtype, device=h.device)
+    raw = flat.as_strided((2, R, V), (block, V, 1))
+    for m, w in enumerate(lms.out_w_t):
+        torch.mm(hidden[m], w, out=raw[m])
+    shifted = torch.empty((2, R, V), dtype=h.dtype, device=h.device)
+    top = torch.empty((2, R), dtype=h.dtype, device=h.device)
+    BV = min(_pow2(V), WORDS_AT_A_TIME)
+    k["_shift"][(2 * R,)](flat, block, lms.out_b, shifted, top, R, V, BV=BV, **options)
+    log_sums = torch.log(torch.exp(shifted).sum(dim=2))
+    bias = torch.empty((R, V), dtype=h.dtype, device=h.device)
+    tags = steered is not None and loop.tag_bias is not None
+    weights = loop.fusion_weights
+    assert weights.is_contiguous() and (not tags or loop.tag_bias.is_contiguous())
+    k["_ratio"][(R, triton.cdiv(V, BV))](
+        flat,
+        block,
+        lms.out_b,
+        top,
+        log_sums,
+        weights,
+        loop.tag_bias if tags else bias,
+        steered.view(torch.uint8) if tags else bias,
+        bias,
+        R,
+        V,
+        HAS_TAGS=tags,
+        BV=BV,
+        **options,
+    )
+    return bias, (hidden, cell)
