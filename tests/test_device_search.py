@@ -944,6 +944,48 @@ def test_the_fused_device_search_is_the_device_search_bit_for_bit(shipped, optio
 
 
 @needs_triton
+@pytest.mark.parametrize("first", [True, False], ids=["first step", "later step"])
+@pytest.mark.parametrize("tags", [True, False], ids=["tag bonus", "no tag bonus"])
+def test_the_language_models_kernels_give_the_eager_word_bias_bit_for_bit(first, tags):
+    """``lm_kernels.word_bias`` against ``_word_bias`` on random language models over 3,000
+    words (three blocks of the logits' kernels; each row's largest logit wherever it falls, not
+    in the first block as a frequency-ordered vocabulary's tends to be), 5 rows with their own
+    weights, states and source rows, the tag bonus on some: the same bias and new states to
+    the last bit."""
+    from types import SimpleNamespace
+
+    from edgecap.decoding import lm_kernels
+    from edgecap.decoding.device import TorchLM, TorchLMPair, _word_bias
+
+    rng = np.random.default_rng(7)
+    vocab, hidden, R = 3000, 16, 5
+    assert vocab > 2 * lm_kernels.WORDS_AT_A_TIME
+    lms = TorchLMPair(tuple(TorchLM(_lm(rng, vocab, hidden=hidden), torch.device("cpu")) for _ in range(2)))
+
+    def normal(*shape):
+        return torch.from_numpy(rng.normal(size=shape).astype(np.float32))
+
+    tag_bias = torch.from_numpy((rng.random((R, vocab)) < 0.01).astype(np.float32) * np.float32(1.5))
+    loop = SimpleNamespace(
+        lms=lms, fusion_weights=normal(R, 1).abs(), tag_bias=tag_bias if tags else None, tag_rows=None
+    )
+    tokens = torch.from_numpy(rng.integers(0, vocab, R))
+    source = torch.tensor([2, 0, 4, 4, 1])
+    steered = torch.tensor([True, False, True, True, False]) if tags else None
+    states = (normal(2, R, hidden), normal(2, R, hidden))
+    carry = (tokens, source, None, None, None, None, None, steered, states)
+    t = 0 if first else None
+    want_bias, (want_h, want_c) = _word_bias(loop, t, carry)
+    bias, (h, c) = lm_kernels.word_bias(loop, t, carry)
+    # the largest logits fall past the first block: the kernels' loops over it are what runs
+    raw = torch.stack([h[m] @ lms.out_w_t[m] for m in range(2)]) + lms.out_b
+    assert (raw.argmax(2) >= lm_kernels.WORDS_AT_A_TIME).any()
+    for got, want in ((bias, want_bias), (h, want_h), (c, want_c)):
+        assert got.shape == want.shape and got.dtype == want.dtype
+        assert torch.equal(got, want)
+
+
+@needs_triton
 @pytest.mark.parametrize("beam, launched", [(10, True), (11, False)])
 def test_a_beam_too_wide_for_the_kernel_runs_the_eager_step(beam, launched, monkeypatch):
     """The kernel ranks an image's candidates pairwise in one program: beam 10 (10 x 11 = 110
