@@ -8,6 +8,7 @@ every set of arguments the search launches it with, and that it keeps its values
 
 from __future__ import annotations
 
+import contextlib
 import json
 import os
 import subprocess
@@ -107,12 +108,6 @@ def _launches() -> list[dict]:
     bookkeeping = Recorder(device_kernel._kernel(), device_kernel.__name__)
     lms = {name: Recorder(kernel, lm_kernels.__name__) for name, kernel in lm_kernels._kernels().items()}
 
-    rng = np.random.default_rng(0)
-    vocab, top_k = 20, 8
-    backend = PrefixHashBackend(vocab_size=vocab, top_k=top_k, end_bias=-1.0, seed=3)
-    from test_device_search import _lm  # the random language models of those tests
-
-    fusion = Fusion(_lm(rng, vocab), _lm(rng, vocab), 0.5, {})
     cases = [
         # the default max_length (20: 32 words a row in a program's blocks)
         CaptionOptions(beam_size=3, max_length=20, no_repeat_ngram=3, guidance_bonus=2.0, fusion_weight=0.6),
@@ -127,23 +122,91 @@ def _launches() -> list[dict]:
         mock.patch.object(device_kernel, "_kernel", lambda: bookkeeping),
         mock.patch.object(lm_kernels, "_kernels", lambda: lms),
     ):
-        for options in cases:
-            for endings in (False, True):
-                encoded = backend.encode(rng.integers(0, 1000, 2))
-                tags = (frozenset({4, 5}), frozenset())
-                rules = rules_for(options, encoded.n_images, tags, fusion, encoded.class_probs)
-                DeviceBeamSearch(vocab, torch.device("cpu"), fused=True).search(
-                    lambda index, e=encoded: SessionStep(backend.start(e, index.numpy())),
-                    encoded.n_images,
-                    options,
-                    top_k,
-                    START,
-                    END,
-                    rules,
-                    fixed=True,
-                    endings=endings,
-                )
+        _fused_searches(cases)
     return list(seen.values())
+
+
+def _fused_searches(cases: list) -> None:
+    """A fused search over a fake model (20 words) with random language models for each of
+    ``cases`` (CaptionOptions), without the endings and with them; two images, the first with
+    tag words."""
+    rng = np.random.default_rng(0)
+    vocab, top_k = 20, 8
+    backend = PrefixHashBackend(vocab_size=vocab, top_k=top_k, end_bias=-1.0, seed=3)
+    from test_device_search import _lm  # the random language models of those tests
+
+    fusion = Fusion(_lm(rng, vocab), _lm(rng, vocab), 0.5, {})
+    for options in cases:
+        for endings in (False, True):
+            encoded = backend.encode(rng.integers(0, 1000, 2))
+            tags = (frozenset({4, 5}), frozenset())
+            rules = rules_for(options, encoded.n_images, tags, fusion, encoded.class_probs)
+            DeviceBeamSearch(vocab, torch.device("cpu"), fused=True).search(
+                lambda index, e=encoded: SessionStep(backend.start(e, index.numpy())),
+                encoded.n_images,
+                options,
+                top_k,
+                START,
+                END,
+                rules,
+                fixed=True,
+                endings=endings,
+            )
+
+
+def test_every_launch_goes_to_its_tensors_device(monkeypatch):
+    """Triton launches on the calling thread's current CUDA device and stream: the fused
+    search's kernels, the bookkeeping's and the language models', are launched inside
+    ``on_device`` of their tensors' device (a model on cuda:1 searched from a thread whose
+    current device is 0 would otherwise run them on GPU 0). ``on_device`` itself: CUDA's
+    device block for a CUDA device, nothing for the CPU's."""
+    assert isinstance(device_kernel.on_device(torch.device("cpu")), contextlib.nullcontext)
+    block = device_kernel.on_device(torch.device("cuda", 1))
+    assert isinstance(block, torch.cuda.device) and block.idx == 1
+
+    inside: list = []
+    blocks: list = []
+    launches: list = []
+
+    @contextlib.contextmanager
+    def recording(device):
+        blocks.append(device)
+        inside.append(device)
+        try:
+            yield
+        finally:
+            inside.pop()
+
+    class Launch:
+        def __init__(self, real):
+            self.real = real
+
+        def __getitem__(self, grid):
+            def launch(*args, **kwargs):
+                devices = {a.device for a in args if isinstance(a, torch.Tensor)}
+                launches.append((self.real.fn.__name__, list(inside), devices))
+                return self.real[grid](*args, **kwargs)
+
+            return launch
+
+    bookkeeping = Launch(device_kernel._kernel())
+    lms = {name: Launch(kernel) for name, kernel in lm_kernels._kernels().items()}
+    monkeypatch.setattr(device_kernel, "on_device", recording)
+    monkeypatch.setattr(device_kernel, "_kernel", lambda: bookkeeping)
+    monkeypatch.setattr(lm_kernels, "_kernels", lambda: lms)
+    options = CaptionOptions(beam_size=3, max_length=5, guidance_bonus=2.0, fusion_weight=0.6)
+    _fused_searches([options])
+    assert {name for name, _, _ in launches} == {
+        "_bookkeeping",
+        "_gates",
+        "_cell",
+        "_hidden",
+        "_shift",
+        "_ratio",
+    }
+    for name, within, devices in launches:
+        assert within == list(devices), name  # inside one block, for the tensors' own device
+    assert blocks and all(device == torch.device("cpu") for device in blocks)
 
 
 def test_the_kernels_compile_for_nvidia_gpus_without_spilling():
@@ -167,10 +230,11 @@ def test_the_kernels_compile_for_nvidia_gpus_without_spilling():
     # and each at the shipped model's sizes (hidden 128: 512 gate values; a vocabulary past
     # WORDS_AT_A_TIME: a block of that many words), which the small fakes do not reach
     shipped = {"BG": 512, "BH": 128, "BV": lm_kernels.WORDS_AT_A_TIME}
-    launches += [
+    resized = [
         {**launch, "constexprs": {k: shipped.get(k, v) for k, v in launch["constexprs"].items()}}
         for launch in lms
     ]
+    launches += list({json.dumps(launch, sort_keys=True): launch for launch in resized}.values())
     env = {k: v for k, v in os.environ.items() if k != "TRITON_INTERPRET"}
     run = subprocess.run(
         [sys.executable, "-c", COMPILE, json.dumps(launches), json.dumps(ARCHITECTURES)],

@@ -944,21 +944,23 @@ def test_the_fused_device_search_is_the_device_search_bit_for_bit(shipped, optio
 
 
 @needs_triton
+@pytest.mark.parametrize("hidden", [16, 12], ids=["hidden 16", "hidden 12"])
 @pytest.mark.parametrize("first", [True, False], ids=["first step", "later step"])
 @pytest.mark.parametrize("tags", [True, False], ids=["tag bonus", "no tag bonus"])
-def test_the_language_models_kernels_give_the_eager_word_bias_bit_for_bit(first, tags):
-    """``lm_kernels.word_bias`` against ``_word_bias`` on random language models over 3,000
-    words (three blocks of the logits' kernels; each row's largest logit wherever it falls, not
-    in the first block as a frequency-ordered vocabulary's tends to be), 5 rows with their own
-    weights, states and source rows, the tag bonus on some: the same bias and new states to
-    the last bit."""
+def test_the_language_models_kernels_give_the_eager_word_bias_bit_for_bit(first, tags, hidden):
+    """``lm_kernels.word_bias`` against ``_word_bias`` on random language models over 3,001
+    words (three blocks of the logits' kernels, the last one part full; each row's largest
+    logit wherever it falls, not in the first block as a frequency-ordered vocabulary's tends
+    to be), a hidden size that is a power of two and one that is not (the kernels' masked
+    lanes), 5 rows with their own weights, states and source rows, the tag bonus on some: the
+    same bias and new states to the last bit."""
     from types import SimpleNamespace
 
     from edgecap.decoding import lm_kernels
     from edgecap.decoding.device import TorchLM, TorchLMPair, _word_bias
 
     rng = np.random.default_rng(7)
-    vocab, hidden, R = 3000, 16, 5
+    vocab, R = 3001, 5
     assert vocab > 2 * lm_kernels.WORDS_AT_A_TIME
     lms = TorchLMPair(tuple(TorchLM(_lm(rng, vocab, hidden=hidden), torch.device("cpu")) for _ in range(2)))
 
@@ -983,6 +985,36 @@ def test_the_language_models_kernels_give_the_eager_word_bias_bit_for_bit(first,
     for got, want in ((bias, want_bias), (h, want_h), (c, want_c)):
         assert got.shape == want.shape and got.dtype == want.dtype
         assert torch.equal(got, want)
+
+
+@needs_triton
+def test_the_logits_shift_kernel_takes_each_rows_maximum():
+    """``lm_kernels._shift``: each row's logits plus their bias, their maximum and the logits
+    less it, exactly (a log-sum-exp gives nearly the same result whatever it is shifted by, so
+    the bias alone would hide a wrong maximum): rows whose logits are all far below zero (a
+    maximum over the masked lanes would be 0) and rows spanning over 200, whose maximum is in
+    the first block, the last (part full) block or elsewhere."""
+    from edgecap.decoding import lm_kernels
+
+    rng = np.random.default_rng(3)
+    R, V = 4, 2500
+    BV = lm_kernels.WORDS_AT_A_TIME
+    block = -(-R * V // 128) * 128
+    flat = torch.from_numpy(rng.normal(size=2 * block).astype(np.float32))
+    raw = flat.as_strided((2, R, V), (block, V, 1))
+    bias = torch.from_numpy(rng.normal(size=(2, 1, V)).astype(np.float32))
+    bias[1] -= 150.0  # the second model's every logit far below zero
+    bias[0, 0, :BV] += 100.0  # the first model's rows span over 200 ...
+    raw[0, 1, BV + 7] += 300.0  # ... and this row's maximum is in the second block
+    raw[0, 2, V - 1] += 300.0  # this one's at the last word, in the part-full last block
+    shifted = torch.empty((2, R, V))
+    top = torch.empty((2, R))
+    lm_kernels._kernels()["_shift"][(2 * R,)](flat, block, bias, shifted, top, R, V, BV=BV)
+    logits = raw + bias
+    assert torch.equal(top, logits.max(2).values)
+    assert torch.equal(shifted, logits - top[:, :, None])
+    assert top[1].max() < -100 and top[0, 1] > 250 and top[0, 2] > 250
+    assert logits[0, 1].argmax() == BV + 7 and logits[0, 2].argmax() == V - 1
 
 
 @needs_triton

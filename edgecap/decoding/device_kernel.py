@@ -26,6 +26,7 @@ kernel is compiled by Triton; on the CPU it runs only in Triton's interpreter
 
 from __future__ import annotations
 
+import contextlib
 import functools
 from typing import Any
 
@@ -325,6 +326,14 @@ def _kernel() -> Any:
     return triton.jit(_bookkeeping)
 
 
+def on_device(device: torch.device):
+    """A block whose Triton launches go to ``device``: Triton launches on the calling thread's
+    current CUDA device and its current stream, which for a model on ``cuda:1`` called from a
+    thread whose current device is 0 would be the wrong GPU (a CUDA graph's capture and
+    replay set it; the plain search does not). On the CPU (the interpreter) nothing."""
+    return torch.cuda.device(device) if device.type == "cuda" else contextlib.nullcontext()
+
+
 def _u8(x: torch.Tensor) -> torch.Tensor:
     """A bool tensor as uint8 (the same bytes), which Triton loads and stores as bytes."""
     return x.view(torch.uint8) if x.dtype == torch.bool else x
@@ -359,71 +368,72 @@ def bookkeeping(
     n = plan.no_repeat_ngram if loop.repeat_tables is not None else 0
     K = values.shape[1]
     dummy = new_lp  # a pointer for an argument a constexpr switches off
-    _kernel()[(N,)](
-        values,
-        ids,
-        dummy if bias is None else bias,
-        values.stride(0),
-        values.stride(1),
-        ids.stride(0),
-        ids.stride(1),
-        0 if bias is None else bias.stride(0),
-        sum_lp,
-        true_lp,
-        sum_lp.stride(0),
-        true_lp.stride(0),
-        history,
-        history.stride(0),
-        history.stride(1),
-        _u8(done),
-        _u8(steered) if has_tags else dummy,
-        steered.stride(0) if has_tags else 0,
-        _u8(loop.tag_rows_unsaid) if has_tags else dummy,
-        loop.tag_rows_unsaid.stride(0) if has_tags else 0,
-        number,
-        loop.denominators,
-        new_tokens,
-        new_source,
-        new_lp,
-        new_true,
-        new_history,
-        _u8(new_done),
-        _u8(new_steered) if new_steered is not None else dummy,
-        pool.tokens,
-        pool.length,
-        pool.rank_lp,
-        pool.log_prob,
-        _u8(pool.finished),
-        pool.count,
-        loop.ending_tokens,
-        loop.ending_length,
-        loop.ending_rank_lp,
-        loop.ending_rank,
-        loop.ending_lp,
-        loop.end_rank_lp,
-        loop.end_lp,
-        loop.end_words,
-        _u8(loop.step_ok),
-        _u8(loop.never_first),
-        N,
-        K,
-        plan.end_id,
-        B=B,
-        W=plan.width,
-        T=T,
-        NGRAM=n,
-        HAS_BIAS=bias is not None,
-        HAS_TAGS=has_tags,
-        ENDINGS=plan.endings and not first,
-        BEST=not plan.endings and not first,
-        FIRST=first,
-        BB=_next_pow2(B),
-        BC=_next_pow2(B * plan.width),
-        BK=_next_pow2(K),
-        BT=_next_pow2(T),
-        BN=_next_pow2(N),
-        num_warps=_warps(_next_pow2(B * plan.width)),
-        # no float multiplication to contract, but Triton 3.9 warns while the default is unset
-        enable_fp_fusion=False,
-    )
+    with on_device(device):
+        _kernel()[(N,)](
+            values,
+            ids,
+            dummy if bias is None else bias,
+            values.stride(0),
+            values.stride(1),
+            ids.stride(0),
+            ids.stride(1),
+            0 if bias is None else bias.stride(0),
+            sum_lp,
+            true_lp,
+            sum_lp.stride(0),
+            true_lp.stride(0),
+            history,
+            history.stride(0),
+            history.stride(1),
+            _u8(done),
+            _u8(steered) if has_tags else dummy,
+            steered.stride(0) if has_tags else 0,
+            _u8(loop.tag_rows_unsaid) if has_tags else dummy,
+            loop.tag_rows_unsaid.stride(0) if has_tags else 0,
+            number,
+            loop.denominators,
+            new_tokens,
+            new_source,
+            new_lp,
+            new_true,
+            new_history,
+            _u8(new_done),
+            _u8(new_steered) if new_steered is not None else dummy,
+            pool.tokens,
+            pool.length,
+            pool.rank_lp,
+            pool.log_prob,
+            _u8(pool.finished),
+            pool.count,
+            loop.ending_tokens,
+            loop.ending_length,
+            loop.ending_rank_lp,
+            loop.ending_rank,
+            loop.ending_lp,
+            loop.end_rank_lp,
+            loop.end_lp,
+            loop.end_words,
+            _u8(loop.step_ok),
+            _u8(loop.never_first),
+            N,
+            K,
+            plan.end_id,
+            B=B,
+            W=plan.width,
+            T=T,
+            NGRAM=n,
+            HAS_BIAS=bias is not None,
+            HAS_TAGS=has_tags,
+            ENDINGS=plan.endings and not first,
+            BEST=not plan.endings and not first,
+            FIRST=first,
+            BB=_next_pow2(B),
+            BC=_next_pow2(B * plan.width),
+            BK=_next_pow2(K),
+            BT=_next_pow2(T),
+            BN=_next_pow2(N),
+            num_warps=_warps(_next_pow2(B * plan.width)),
+            # no float multiplication to contract, but Triton 3.9 warns while the default is unset
+            enable_fp_fusion=False,
+        )
     return (new_tokens, new_source, state, new_lp, new_true, new_history, new_done, new_steered, lm_states)

@@ -159,14 +159,23 @@ def word_bias(loop, t: int | None, carry: tuple) -> tuple:
     the images', all zero: no gather), None for one after it. Without the language models (the
     tag bonus alone: one product) it is ``_word_bias``."""
     from edgecap.decoding.device import _word_bias
+    from edgecap.decoding.device_kernel import on_device
 
     tokens, source, steered, lm_states = carry[0], carry[1], carry[7], carry[8]
     if lm_states is None:
         return _word_bias(loop, t, carry)
+    # the kernels index these by row alone
+    assert tokens.stride(0) == 1 and source.stride(0) == 1 and (steered is None or steered.stride(0) == 1)
+    with on_device(lm_states[0].device):
+        return _language_models(loop, t != 0, tokens, source, steered, lm_states)
+
+
+def _language_models(loop, gather: bool, tokens, source, steered, lm_states) -> tuple:
+    """``word_bias``' work with the language models: the bias (R, V) and their new states;
+    ``gather``: the states are the previous step's rows (by ``source``), not the images'."""
     k = _kernels()
     lms = loop.lms
     h, c = lm_states
-    gather = t != 0
     if gather:
         h = h.index_select(1, source)
     R, H = h.shape[1], lms.hidden
