@@ -1,10 +1,12 @@
-"""The fused device search's Triton kernel (``edgecap.decoding.device_kernel``) compiled for
-NVIDIA GPUs on this machine, which has none: Triton's own compiler (the same front end, MLIR
-passes and LLVM as on a GPU machine) and the ``ptxas`` its wheel ships turn the kernel into a
-cubin for a GPU architecture without a driver. What the interpreter the other tests run it in
-does not check: that Triton compiles it at all (only constexpr globals, typed operations), for
-every set of arguments the search launches it with, and that it keeps its values in registers
-(no local memory: spills). Its results are checked in ``tests/test_device_search.py``."""
+"""The fused device search's Triton kernels (``edgecap.decoding.device_kernel``, the
+bookkeeping, and ``edgecap.decoding.lm_kernels``, the language models' element-wise work)
+compiled for NVIDIA GPUs on this machine, which has none: Triton's own compiler (the same front
+end, MLIR passes and LLVM as on a GPU machine) and the ``ptxas`` its wheel ships turn each
+kernel into a cubin for a GPU architecture without a driver. What the interpreter the other
+tests run them in does not check: that Triton compiles them at all (only constexpr globals,
+typed operations), for every set of arguments the search launches them with, and that they keep
+their values in registers (no local memory: spills); and where they are launched (the tensors'
+GPU). Their results are checked in ``tests/test_device_search.py``."""
 
 from __future__ import annotations
 
