@@ -2,7 +2,7 @@
 device search (``DeviceBeamSearch(fused=True)``).
 
 ``edgecap.decoding.device.TorchLMPair.step`` and ``_word_bias`` make the search's word bias from
-the two caption language models in about 28 torch operations a step (the tag bonus's two
+the two caption language models in 29 torch operations a step (the tag bonus's two
 included): gathers, the gates' sums, the cell's products, the logits' bias, max and shift, the
 density ratio and its weight. On a GPU each is a kernel of a microsecond or two, the most of
 any part of the fused step (docs/gpu-search.md). ``word_bias`` makes the same bias in 15: the
