@@ -178,7 +178,8 @@ KERNEL_KINDS = (
     ("convolution", r"conv|cudnn|winograd|depthwise|fprop|implicit_gemm"),
     ("top-k / sort", r"topk|sort|radix|bitonic"),
     ("matrix product", r"gemm|gemv|cublas|cutlass|xmma|::mm|addmm|bmm|linear|matmul"),
-    ("Triton kernel", r"triton|bookkeeping"),
+    # the fused search's own: the bookkeeping's and the language models' (edgecap.decoding)
+    ("Triton kernel", r"triton|bookkeeping|^_(gates|cell|hidden|shift|ratio)$"),
     ("reduction / softmax", r"softmax|reduce|norm|::max|::sum|cumsum|scan|::all|::any"),
     ("index / gather / scatter", r"index|gather|scatter|embedding|::take|::where"),
     ("copy / fill", r"copy|memcpy|memset|fill|::cat|::stack|::clone|::contiguous"),

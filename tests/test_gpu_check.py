@@ -1049,6 +1049,8 @@ KERNEL_NAMES = (
         "index / gather / scatter",
     ),
     ("_bookkeeping", "Triton kernel"),
+    ("_ratio", "Triton kernel"),
+    ("_shift", "Triton kernel"),
     ("Memcpy HtoD (Pinned -> Device)", "copy / fill"),
     (
         "void at::native::reduce_kernel<512, 1, at::native::ReduceOp<float, at::native::MaxOps<float>, int>>",
@@ -1068,6 +1070,12 @@ KERNEL_NAMES = (
 def test_each_kernel_is_sorted_into_its_kind():
     sys.path.insert(0, str(SCRIPT.parent))
     import gpu_check
+
+    if importlib.util.find_spec("triton") is not None:  # the fused search's kernels need it
+        from edgecap.decoding import lm_kernels
+
+        # every kernel of the fused search's language models is one of its Triton kernels
+        assert {gpu_check.kernel_kind(name) for name in lm_kernels._kernels()} == {"Triton kernel"}
 
     assert [gpu_check.kernel_kind(name) for name, _ in KERNEL_NAMES] == [kind for _, kind in KERNEL_NAMES]
 
