@@ -110,13 +110,20 @@ def frames(paths: list[Path]) -> list[np.ndarray]:
     return out
 
 
+def fp32_captioner(model: Path):
+    """The reference: the FP32 torch backend on the CPU, the device search (as on CUDA), beam 3,
+    batch 8; the variants are made from it."""
+    from edgecap import Captioner
+
+    return Captioner(model, backend="torch", device="cpu", search="device", beam_size=3, batch_size=8)
+
+
 def fp16_captioner(model: Path, keywords: dict):
     """A CPU Captioner whose torch backend runs in FP16 (the device search, as on CUDA)."""
-    from edgecap import Captioner
     from edgecap.backends.torch import TorchBackend
     from edgecap.backends.torch_search import TorchDeviceSearch
 
-    captioner = Captioner(model, backend="torch", device="cpu", search="device", beam_size=3, batch_size=8)
+    captioner = fp32_captioner(model)
     backend = captioner.backend
     backend._setup(*TorchBackend._build(backend.manifest), "cpu", fp16=True, **keywords)
     backend.device_search = TorchDeviceSearch(backend)
@@ -159,14 +166,10 @@ def tf32_convolutions(encoder, depthwise: bool) -> int:
 def tf32_captioner(model: Path, fp16: bool, which: str):
     """A CPU Captioner whose encoder's convolutions are TF32 (``tf32_convolutions``): the FP32
     torch backend, or (``fp16``) the FP16 decoder behind it."""
-    from edgecap import Captioner
-
     if fp16:
         captioner = fp16_captioner(model, {"fp32_encoder": True, "fp32_logits": True})
     else:
-        captioner = Captioner(
-            model, backend="torch", device="cpu", search="device", beam_size=3, batch_size=8
-        )
+        captioner = fp32_captioner(model)
     assert tf32_convolutions(captioner.backend.encoder, depthwise=which == "all") > 0
     return captioner
 
@@ -190,15 +193,13 @@ def main(argv=None) -> int:
 
     import torch
 
-    from edgecap import Captioner
-
     if args.threads is not None:
         torch.set_num_threads(args.threads)
     model = C.model_dir(args.model)
     sets = photo_sets(args.data, args.flickr8k_limit)
     photos = {name: frames(paths) for name, paths in sets.items()}
     names = {name: [p.name for p in paths] for name, paths in sets.items()}
-    fp32 = Captioner(model, backend="torch", device="cpu", search="device", beam_size=3, batch_size=8)
+    fp32 = fp32_captioner(model)
     reference, seconds = caption(fp32, photos)
     print(f"fp32: {seconds:.1f} s", file=sys.stderr)
     results: dict[str, dict] = {}

@@ -1337,11 +1337,12 @@ def _short_name(name: str, width: int = 100) -> str:
     return name if len(name) <= width else name[: width - 3] + "..."
 
 
-# torch operations that return a view or only allocate: no kernel on a GPU
-_NO_KERNEL_CPU_OPS = frozenset(
+# torch operations that return a view or only allocate: no kernel on a GPU (the profiler gives
+# names only, so the views are named here beside _common's allocations)
+_NO_KERNEL_CPU_OPS = C.NO_KERNEL_OPS | frozenset(
     "as_strided view reshape _reshape_alias _unsafe_view expand slice select unsqueeze squeeze "
     "transpose t permute alias detach lift_fresh unbind split narrow chunk resolve_conj "
-    "resolve_neg result_type item _local_scalar_dense empty empty_strided empty_like".split()
+    "resolve_neg result_type item".split()
 )
 
 

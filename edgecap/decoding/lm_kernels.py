@@ -37,6 +37,9 @@ import torch
 import triton
 import triton.language as tl
 
+from edgecap.decoding.device import _word_bias
+from edgecap.decoding import device_kernel
+
 
 def _gates(input_ptr, tok_ptr, hh_ptr, out_ptr, R, V, G, BG: tl.constexpr):
     """Program (model m, row r): out[m, r] = input[m, tok[r]] + hh[m, r] (G values)."""
@@ -149,24 +152,17 @@ def _kernels() -> dict[str, Any]:
 WORDS_AT_A_TIME = 1024
 
 
-def _pow2(n: int) -> int:
-    return 1 << max(0, (int(n) - 1).bit_length())
-
-
 def word_bias(loop, t: int | None, carry: tuple) -> tuple:
     """``device._word_bias`` with the language models' element-wise work in the five kernels:
     the same bias and new states bit for bit. ``t``: 0 for the first step (its rows' states are
     the images', all zero: no gather), None for one after it. Without the language models (the
     tag bonus alone: one product) it is ``_word_bias``."""
-    from edgecap.decoding.device import _word_bias
-    from edgecap.decoding.device_kernel import on_device
-
     tokens, source, steered, lm_states = carry[0], carry[1], carry[7], carry[8]
     if lm_states is None:
         return _word_bias(loop, t, carry)
     # the kernels index these by row alone
     assert tokens.stride(0) == 1 and source.stride(0) == 1 and (steered is None or steered.stride(0) == 1)
-    with on_device(lm_states[0].device):
+    with device_kernel.on_device(lm_states[0].device):
         return _language_models(loop, t != 0, tokens, source, steered, lm_states)
 
 
@@ -186,13 +182,14 @@ def _language_models(loop, gather: bool, tokens, source, steered, lm_states) -> 
     for m, w in enumerate(lms.w_hh_t):
         torch.mm(h[m], w, out=hh[m])
     options = {"num_warps": 4, "enable_fp_fusion": False}
+    BG, BH = device_kernel._next_pow2(G), device_kernel._next_pow2(H)
     pre = torch.empty_like(hh)
-    k["_gates"][(2 * R,)](lms.input, tokens, hh, pre, R, lms.input.shape[1], G, BG=_pow2(G), **options)
+    k["_gates"][(2 * R,)](lms.input, tokens, hh, pre, R, lms.input.shape[1], G, BG=BG, **options)
     gates = torch.tanh(pre)  # tanh(0.5 x) for i, f, o; tanh(x) for g
     cell = torch.empty((2, R, H), dtype=h.dtype, device=h.device)
-    k["_cell"][(2 * R,)](gates, c, source, cell, R, H, G, GATHER=gather, BH=_pow2(H), **options)
+    k["_cell"][(2 * R,)](gates, c, source, cell, R, H, G, GATHER=gather, BH=BH, **options)
     hidden = torch.empty_like(cell)
-    k["_hidden"][(2 * R,)](gates, torch.tanh(cell), hidden, H, G, BH=_pow2(H), **options)
+    k["_hidden"][(2 * R,)](gates, torch.tanh(cell), hidden, H, G, BH=BH, **options)
     # each model's (R, V) logits block 512-byte aligned, as TorchLMPair.step writes them
     block = -(-R * V // 128) * 128
     flat = torch.empty(2 * block, dtype=h.dtype, device=h.device)
@@ -201,7 +198,7 @@ def _language_models(loop, gather: bool, tokens, source, steered, lm_states) -> 
         torch.mm(hidden[m], w, out=raw[m])
     shifted = torch.empty((2, R, V), dtype=h.dtype, device=h.device)
     top = torch.empty((2, R), dtype=h.dtype, device=h.device)
-    BV = min(_pow2(V), WORDS_AT_A_TIME)
+    BV = min(device_kernel._next_pow2(V), WORDS_AT_A_TIME)
     k["_shift"][(2 * R,)](flat, block, lms.out_b, shifted, top, R, V, BV=BV, **options)
     log_sums = torch.log(torch.exp(shifted).sum(dim=2))
     bias = torch.empty((R, V), dtype=h.dtype, device=h.device)
