@@ -96,10 +96,11 @@ def count_fused_steps(captioner, frames: list) -> dict[int, list[tuple[int, int]
     interpreter's own work on the CPU is not counted: on a GPU a kernel is one launch)."""
     from torch.utils._python_dispatch import _disable_current_modes
 
-    from edgecap.decoding import device, device_kernel, lm_kernels
+    from edgecap.decoding import device, device_kernel, lm_kernels, step_kernels
 
     steps: dict[int, list[tuple[int, int]]] = {}
-    fused, bookkeeping, lm_made = device._fused_step, device_kernel.bookkeeping, lm_kernels._kernels
+    fused, bookkeeping = device._fused_step, device_kernel.bookkeeping
+    lm_made, step_made = lm_kernels._kernels, step_kernels._kernels
     launched = [0]
 
     def outside(*args, **kwargs):
@@ -120,6 +121,7 @@ def count_fused_steps(captioner, frames: list) -> dict[int, list[tuple[int, int]
             return launch
 
     kernels = {name: Launch(kernel) for name, kernel in lm_made().items()}
+    decoder_kernels = {name: Launch(kernel) for name, kernel in step_made().items()}
 
     def counted(loop, t, number, carry):
         launched[0] = 0
@@ -129,11 +131,12 @@ def count_fused_steps(captioner, frames: list) -> dict[int, list[tuple[int, int]
         return result
 
     device._fused_step, device_kernel.bookkeeping = counted, outside
-    lm_kernels._kernels = lambda: kernels
+    lm_kernels._kernels, step_kernels._kernels = (lambda: kernels), (lambda: decoder_kernels)
     try:
         captioner.caption_batch(frames)
     finally:
-        device._fused_step, device_kernel.bookkeeping, lm_kernels._kernels = fused, bookkeeping, lm_made
+        device._fused_step, device_kernel.bookkeeping = fused, bookkeeping
+        lm_kernels._kernels, step_kernels._kernels = lm_made, step_made
     return steps
 
 

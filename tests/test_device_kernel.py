@@ -1,12 +1,13 @@
 """The fused device search's Triton kernels (``edgecap.decoding.device_kernel``, the
-bookkeeping, and ``edgecap.decoding.lm_kernels``, the language models' element-wise work)
-compiled for NVIDIA GPUs on this machine, which has none: Triton's own compiler (the same front
-end, MLIR passes and LLVM as on a GPU machine) and the ``ptxas`` its wheel ships turn each
-kernel into a cubin for a GPU architecture without a driver. What the interpreter the other
-tests run them in does not check: that Triton compiles them at all (only constexpr globals,
-typed operations), for every set of arguments the search launches them with, and that they keep
-their values in registers (no local memory: spills); and where they are launched (the tensors'
-GPU). Their results are checked in ``tests/test_device_search.py``."""
+bookkeeping; ``edgecap.decoding.lm_kernels``, the language models' element-wise work; and
+``edgecap.decoding.step_kernels``, the decoder step's gathers and joins) compiled for NVIDIA
+GPUs on this machine, which has none: Triton's own compiler (the same front end, MLIR passes and
+LLVM as on a GPU machine) and the ``ptxas`` its wheel ships turn each kernel into a cubin for a
+GPU architecture without a driver. What the interpreter the other tests run them in does not
+check: that Triton compiles them at all (only constexpr globals, typed operations), for every set
+of arguments the search launches them with, and that they keep their values in registers (no
+local memory: spills); and where they are launched (the tensors' GPU). Their results are checked
+in ``tests/test_device_search.py``."""
 
 from __future__ import annotations
 
@@ -24,7 +25,7 @@ torch = pytest.importorskip("torch")
 triton = pytest.importorskip("triton")
 
 from edgecap.decoding import CaptionOptions  # noqa: E402
-from edgecap.decoding import device_kernel, lm_kernels  # noqa: E402
+from edgecap.decoding import device_kernel, lm_kernels, step_kernels  # noqa: E402
 from edgecap.decoding.device import DeviceBeamSearch, SessionStep, rules_for  # noqa: E402
 from edgecap.decoding.fusion import Fusion  # noqa: E402
 from fakes import END, START, PrefixHashBackend  # noqa: E402
@@ -37,6 +38,9 @@ pytestmark = pytest.mark.skipif(
 LAUNCH_OPTIONS = ("num_warps", "enable_fp_fusion")
 # H100 / H200, Jetson AGX Orin, Jetson AGX Xavier
 ARCHITECTURES = (90, 87, 72)
+# every kernel of the language models' and of the decoder step's, as the fused searches launch them
+LM_KERNELS = {"_gates", "_cell", "_hidden", "_shift", "_ratio", "_tagged"}
+STEP_KERNELS = {"_rows", "_lstm_input", "_deep"}
 
 COMPILE = r"""
 import importlib, json, os, subprocess, sys, tempfile
@@ -76,7 +80,9 @@ def _launches() -> list[dict]:
     """The kernels' launches (argument types and constexprs) in fused searches over fake models
     with and without each rule: the tag bonus, the language models, no-repeat n-grams, the
     endings, beams 1 to 7; the bookkeeping kernel's (``device_kernel``) and the language
-    models' (``lm_kernels``), each named by its module and function."""
+    models' (``lm_kernels``), each named by its module and function; and in fused searches of
+    the shipped model's torch backend (``_shipped_searches``), the decoder step's
+    (``step_kernels``) too."""
     seen: dict[str, dict] = {}
 
     class Recorder:
@@ -109,6 +115,9 @@ def _launches() -> list[dict]:
 
     bookkeeping = Recorder(device_kernel._kernel(), device_kernel.__name__)
     lms = {name: Recorder(kernel, lm_kernels.__name__) for name, kernel in lm_kernels._kernels().items()}
+    steps = {
+        name: Recorder(kernel, step_kernels.__name__) for name, kernel in step_kernels._kernels().items()
+    }
 
     cases = [
         # the default max_length (20: 32 words a row in a program's blocks)
@@ -123,9 +132,47 @@ def _launches() -> list[dict]:
     with (
         mock.patch.object(device_kernel, "_kernel", lambda: bookkeeping),
         mock.patch.object(lm_kernels, "_kernels", lambda: lms),
+        mock.patch.object(step_kernels, "_kernels", lambda: steps),
     ):
         _fused_searches(cases)
+        _shipped_searches()
     return list(seen.values())
+
+
+# the shipped model's rules: language models and tag bonus, the tag bonus alone, the models
+# alone, neither (no word bias: the top K's own log-probabilities); with the endings (the
+# consensus choice, the default) and without
+SHIPPED_CASES = (
+    {},
+    {"fusion_weight": 0.0},
+    {"guidance_bonus": 0.0},
+    {"fusion_weight": 0.0, "guidance_bonus": 0.0},
+    {"consensus": False},
+    {"consensus": False, "fusion_weight": 0.0, "guidance_bonus": 0.0},
+    {"beam_size": 7},
+)
+
+
+def _shipped_searches(cases=SHIPPED_CASES) -> None:
+    """Fused searches of the shipped model's torch backend on CPU tensors (its decoder step
+    through ``step_kernels``), the cat photo (its fusion gate gives it the language models and
+    it has tag words), for each of ``cases`` (CaptionOptions fields); the decoder
+    in FP32 and in FP16 (``fp16=True``: its kernels' FP16 arguments)."""
+    from edgecap import Captioner
+    from edgecap.backends.torch import TorchBackend
+    from edgecap.backends.torch_search import TorchDeviceSearch
+    from conftest import EXAMPLES
+
+    photo = str(EXAMPLES / "chelsea.png")
+    for fp16 in (False, True):
+        captioner = Captioner(backend="torch", device="cpu", search="device", fused_search=True)
+        if fp16:
+            backend = captioner.backend
+            backend._setup(*TorchBackend._build(backend.manifest), "cpu", fp16=True, fp32_encoder=True)
+            backend.device_search = TorchDeviceSearch(backend, fused=True)
+        for extra in cases:
+            captioner.options = CaptionOptions(**extra)
+            captioner.caption(photo)
 
 
 def _fused_searches(cases: list) -> None:
@@ -193,19 +240,15 @@ def test_every_launch_goes_to_its_tensors_device(monkeypatch):
 
     bookkeeping = Launch(device_kernel._kernel())
     lms = {name: Launch(kernel) for name, kernel in lm_kernels._kernels().items()}
+    steps = {name: Launch(kernel) for name, kernel in step_kernels._kernels().items()}
     monkeypatch.setattr(device_kernel, "on_device", recording)
     monkeypatch.setattr(device_kernel, "_kernel", lambda: bookkeeping)
     monkeypatch.setattr(lm_kernels, "_kernels", lambda: lms)
+    monkeypatch.setattr(step_kernels, "_kernels", lambda: steps)
     options = CaptionOptions(beam_size=3, max_length=5, guidance_bonus=2.0, fusion_weight=0.6)
     _fused_searches([options])
-    assert {name for name, _, _ in launches} == {
-        "_bookkeeping",
-        "_gates",
-        "_cell",
-        "_hidden",
-        "_shift",
-        "_ratio",
-    }
+    _shipped_searches(({}, {"fusion_weight": 0.0}))
+    assert {name for name, _, _ in launches} == {"_bookkeeping"} | LM_KERNELS | STEP_KERNELS
     for name, within, devices in launches:
         assert within == list(devices), name  # inside one block, for the tensors' own device
     assert blocks and all(device == torch.device("cpu") for device in blocks)
@@ -218,15 +261,38 @@ def test_the_kernels_compile_for_nvidia_gpus_without_spilling():
     for flag in ("HAS_BIAS", "HAS_TAGS", "ENDINGS", "BEST", "FIRST"):
         assert {launch["constexprs"][flag] for launch in kept} == {True, False}, flag
     assert {launch["constexprs"]["NGRAM"] for launch in kept} == {0, 1, 2, 3}
-    assert {launch["options"]["num_warps"] for launch in kept} == {1, 2, 4}  # beams 1 and 3, 5, 7
+    # beams 1 and 3, 5, 7; the top K's log-probabilities read at their ids, twice as many
+    assert {launch["options"]["num_warps"] for launch in kept if not launch["constexprs"]["GATHERED"]} == {
+        1,
+        2,
+        4,
+    }
+    assert {launch["options"]["num_warps"] for launch in kept if launch["constexprs"]["GATHERED"]} == {2, 8}
     # the language models' five, the first step's cell (no gather) and the later ones', the
     # ratio with and without the tag bonus; without fused multiply-adds, as the eager step
     lms = [launch for launch in launches if launch["module"] == lm_kernels.__name__]
-    assert {launch["kernel"] for launch in lms} == {"_gates", "_cell", "_hidden", "_shift", "_ratio"}
+    assert {launch["kernel"] for launch in lms} == LM_KERNELS
     assert {launch["constexprs"]["GATHER"] for launch in lms if launch["kernel"] == "_cell"} == {True, False}
     assert {launch["constexprs"]["HAS_TAGS"] for launch in lms if launch["kernel"] == "_ratio"} == {
         True,
         False,
+    }
+    assert {launch["constexprs"]["RANKED"] for launch in lms if launch["kernel"] == "_ratio"} == {True, False}
+    for flag in ("ENDINGS", "BEST", "FIRST"):  # the top K's log-probabilities read at the ids
+        assert {launch["constexprs"][flag] for launch in kept if launch["constexprs"]["GATHERED"]} == {
+            True,
+            False,
+        }, flag
+    # the decoder step's three, with and without the language models' states to gather, the
+    # first step's int32 tokens and the later ones' int64, FP32 and FP16
+    steps = [launch for launch in launches if launch["module"] == step_kernels.__name__]
+    assert {launch["kernel"] for launch in steps} == STEP_KERNELS
+    rows = [launch for launch in steps if launch["kernel"] == "_rows"]
+    assert {launch["constexprs"]["LM"] for launch in rows} == {True, False}
+    assert {launch["signature"]["tok_ptr"] for launch in rows} == {"*i32", "*i64"}
+    assert {launch["signature"]["emb_ptr"] for launch in steps if launch["kernel"] == "_deep"} == {
+        "*fp32",
+        "*fp16",
     }
     assert all(launch["options"]["enable_fp_fusion"] is False for launch in launches)
     # and each at the shipped model's sizes (hidden 128: 512 gate values; a vocabulary past

@@ -985,6 +985,107 @@ def test_the_language_models_kernels_give_the_eager_word_bias_bit_for_bit(first,
     for got, want in ((bias, want_bias), (h, want_h), (c, want_c)):
         assert got.shape == want.shape and got.dtype == want.dtype
         assert torch.equal(got, want)
+    # after the decoder's step (the fused decoder step): the hidden states gathered by its row
+    # kernel, and the log-probabilities plus the bias written by the bias's kernel too
+    logprobs = torch.log_softmax(normal(R, vocab) * 4, dim=1)
+    gathered = None if first else states[0].index_select(1, source)
+    bias, (h, c), ranked = lm_kernels.ranked_bias(loop, t, carry, logprobs, gathered)
+    for got, want in ((bias, want_bias), (h, want_h), (c, want_c), (ranked, logprobs + want_bias)):
+        assert got.shape == want.shape and got.dtype == want.dtype
+        assert torch.equal(got, want)
+
+
+@needs_triton
+def test_the_tag_bonus_alone_and_what_the_step_ranks_by_in_one_kernel():
+    """Without the language models, ``lm_kernels.ranked_bias``: the steered rows' tag bonus and
+    the log-probabilities plus it (``_tagged``), as ``_word_bias`` and the step make them, bit
+    for bit; with neither, no bias. 2,500 words: the last block part full."""
+    from types import SimpleNamespace
+
+    from edgecap.decoding import lm_kernels
+    from edgecap.decoding.device import _word_bias
+
+    rng = np.random.default_rng(5)
+    R, V = 4, 2500
+    tag_bias = torch.from_numpy((rng.random((R, V)) < 0.05).astype(np.float32) * np.float32(2.0))
+    loop = SimpleNamespace(lms=None, fusion_weights=None, tag_bias=tag_bias, tag_rows=None)
+    steered = torch.tensor([True, False, True, False])
+    carry = (torch.arange(R), torch.arange(R), None, None, None, None, None, steered, None)
+    logprobs = torch.log_softmax(torch.from_numpy(rng.normal(size=(R, V)).astype(np.float32)) * 4, dim=1)
+    want, _ = _word_bias(loop, None, carry)
+    bias, states, ranked = lm_kernels.ranked_bias(loop, None, carry, logprobs, None)
+    assert states is None and torch.equal(bias, want) and torch.equal(ranked, logprobs + want)
+    assert bias[0].sum() > 0 and bias[1].abs().sum() == 0  # steered rows, and a row that is not
+    unsteered = carry[:7] + (None, None)
+    assert lm_kernels.ranked_bias(loop, None, unsteered, logprobs, None) == (None, None, None)
+
+
+@needs_triton
+@pytest.mark.parametrize("dtype", [torch.float32, torch.float16], ids=["float32", "float16"])
+def test_the_decoder_steps_kernels_give_torchs_operations_bit_for_bit(dtype):
+    """``step_kernels``: the row kernel gathers the words' embeddings, the rows' h and c and the
+    language models' hidden states as ``embedding`` and ``index_select`` do (more rows than
+    states, as the first step's images; int32 indices, as its tokens); ``KernelJoins``' LSTM
+    input and deep sum are ``StepJoins``' to the last bit, in FP16 too (each sum rounded to
+    FP16 before the next, as torch's). Sizes that are no power of two: the masked lanes."""
+    from edgecap.decoding import step_kernels
+    from edgecap.models.decoder import TORCH_JOINS
+
+    rng = np.random.default_rng(11)
+
+    def normal(*shape, scale=1.0):
+        return torch.from_numpy((rng.normal(size=shape) * scale).astype(np.float32)).to(dtype)
+
+    R, S, V, E, F, H, HL = 64, 3, 50, 12, 20, 10, 6
+    embed, h, c = normal(V, E), normal(S, H), normal(S, H)
+    lm_h = normal(2, S, HL).float()
+    tokens = torch.from_numpy(rng.integers(0, V, R))
+    source = torch.from_numpy(rng.integers(0, S, R))
+    emb, h_rows, c_rows, lm_rows = step_kernels.gather_rows(embed, tokens, source, h, c, lm_h)
+    wants = (
+        torch.nn.functional.embedding(tokens, embed),
+        h.index_select(0, source),
+        c.index_select(0, source),
+        lm_h.index_select(1, source),
+    )
+    for got, want in zip((emb, h_rows, c_rows, lm_rows), wants, strict=True):
+        assert got.dtype == want.dtype and torch.equal(got, want)
+    alone = step_kernels.gather_rows(embed, tokens.int(), source.int(), h, c)
+    assert alone[3] is None
+    for got, want in zip(alone[:3], wants[:3]):
+        assert torch.equal(got, want)
+
+    beta, context = torch.sigmoid(normal(R, F)), normal(R, F, scale=3.0)
+    got = step_kernels.KERNEL_JOINS.lstm_input(emb, beta, context)
+    for mine, theirs in zip(got, TORCH_JOINS.lstm_input(emb, beta, context), strict=True):
+        assert mine.dtype == theirs.dtype and torch.equal(mine, theirs)
+    # magnitudes far apart: a sum rounded once, or in another order, comes out otherwise
+    a, b = normal(R, E, scale=100.0), normal(R, E, scale=0.03)
+    mine, theirs = step_kernels.KERNEL_JOINS.deep(emb, a, b), TORCH_JOINS.deep(emb, a, b)
+    assert mine.dtype == theirs.dtype and torch.equal(mine, theirs)
+
+
+@needs_triton
+@pytest.mark.parametrize("fp32_logits", [True, False], ids=["word logits FP32", "word logits FP16"])
+def test_the_fused_decoder_step_in_fp16_is_the_eager_one_bit_for_bit(
+    default_model_dir, example_images, fp32_logits
+):
+    """The torch backend in FP16 (``fp16=True``: the FP16 decoder, its FP32 islands, the word
+    logits in FP32 or not), searched fused (the decoder's gathers and joins in
+    ``step_kernels``' kernels, on FP16 tensors) and eager: the same hypotheses and float64
+    scores to the last bit, with the language models and the tag bonus."""
+    captioner = Captioner(default_model_dir, backend="torch", device="cpu", search="device")
+    backend = captioner.backend
+    backend._setup(*TorchBackend._build(backend.manifest), "cpu", fp16=True, fp32_logits=fp32_logits)
+    assert backend.decoder.embed.weight.dtype == torch.float16
+    photos = [str(p) for p in example_images]
+    batch = np.stack([preprocess([load_rgb(p)], captioner.manifest.preprocessing)[0] for p in photos])
+    encoded = backend.encode(batch.astype(np.float16))
+    options = CaptionOptions(n_best=2)
+    backend.device_search = TorchDeviceSearch(backend)
+    eager = _search(captioner, encoded, options, on_device=True)
+    backend.device_search = TorchDeviceSearch(backend, fused=True)
+    _same(eager, _search(captioner, encoded, options, on_device=True), exact=True)
 
 
 @needs_triton

@@ -891,10 +891,13 @@ def _fused_step(loop: _Loop, t: int | None, number: torch.Tensor, carry: tuple) 
     wider than the kernel takes (``device_kernel.supports``) run ``_step``."""
     from edgecap.decoding.device_kernel import bookkeeping, supports
     from edgecap.decoding.lm_kernels import word_bias
+    from edgecap.decoding.step_kernels import decoder_of, fused_step
 
     assert t in (0, None)  # the first step, or one after it
     if not supports(loop.plan):  # a beam too wide for one program's ranking
         return _step(loop, t, number, carry)
+    if decoder_of(loop.step) is not None:  # the decoder's step with its joins in kernels too
+        return fused_step(loop, t, number, carry)
     bias, lm_states = word_bias(loop, t, carry)
     values, ids, state = loop.step(carry[2], carry[0], carry[1], bias)
     return bookkeeping(loop, number, carry, values, ids, bias, state, lm_states, first=t == 0)

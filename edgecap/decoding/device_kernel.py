@@ -114,6 +114,7 @@ def _bookkeeping(  # one kernel: every tensor of the step
     ENDINGS: tl.constexpr,
     BEST: tl.constexpr,
     FIRST: tl.constexpr,
+    GATHERED: tl.constexpr,
     BB: tl.constexpr,
     BC: tl.constexpr,
     BK: tl.constexpr,
@@ -139,8 +140,10 @@ def _bookkeeping(  # one kernel: every tensor of the step
     b_ok = b_ix < B
     rows_b = first_row + b_ix
     bk_ok = b_ok[:, None] & (k_ix[None, :] < K)
-    vals_k = tl.load(values_ptr + rows_b[:, None] * sv_r + k_ix[None, :] * sv_k, mask=bk_ok, other=0.0)
     ids_k = tl.load(ids_ptr + rows_b[:, None] * si_r + k_ix[None, :] * si_k, mask=bk_ok, other=-1)
+    # ``GATHERED``: ``values`` is the rows' whole log-probabilities (R, V), read at the ids
+    col_k = ids_k.to(tl.int64) if GATHERED else k_ix[None, :]
+    vals_k = tl.load(values_ptr + rows_b[:, None] * sv_r + col_k * sv_k, mask=bk_ok, other=0.0)
     finite_k = tl.abs(vals_k) < float("inf")
     bad = tl.sum((bk_ok & (finite_k == 0)).to(tl.int32), 1)
     bad = tl.sum(bad, 0) > 0
@@ -154,9 +157,9 @@ def _bookkeeping(  # one kernel: every tensor of the step
     # the first <end> of the row's top K, or 0 (an argmax over no match)
     at_b = tl.min(tl.where(is_end_k, k_ix[None, :], BK), 1)
     at_b = tl.where(has_b, at_b, 0)
-    end_lp32 = tl.load(values_ptr + rows_b * sv_r + at_b * sv_k, mask=b_ok, other=0.0)
-    end_lp = end_lp32.to(tl.float64)
     end_id = tl.load(ids_ptr + rows_b * si_r + at_b * si_k, mask=b_ok, other=0)
+    end_col = end_id.to(tl.int64) if GATHERED else at_b
+    end_lp = tl.load(values_ptr + rows_b * sv_r + end_col * sv_k, mask=b_ok, other=0.0).to(tl.float64)
     if HAS_BIAS:
         end_bias = tl.load(bias_ptr + rows_b * sb_r + end_id, mask=b_ok, other=0.0).to(tl.float64)
         end_ranked = end_lp + end_bias
@@ -215,8 +218,9 @@ def _bookkeeping(  # one kernel: every tensor of the step
     cb = c_ix // W
     cw = c_ix % W
     rows_c = first_row + cb
-    lp = tl.load(values_ptr + rows_c * sv_r + cw * sv_k, mask=c_ok, other=0.0).to(tl.float64)
     word = tl.load(ids_ptr + rows_c * si_r + cw * si_k, mask=c_ok, other=0).to(tl.int64)
+    lp = tl.load(values_ptr + rows_c * sv_r + (word if GATHERED else cw) * sv_k, mask=c_ok, other=0.0)
+    lp = lp.to(tl.float64)
     if HAS_BIAS:
         ranked = lp + tl.load(bias_ptr + rows_c * sb_r + word, mask=c_ok, other=0.0).to(tl.float64)
     else:
@@ -340,13 +344,24 @@ def _u8(x: torch.Tensor) -> torch.Tensor:
 
 
 def bookkeeping(
-    loop, number: torch.Tensor, carry: tuple, values, ids, bias, state, lm_states, first: bool = False
+    loop,
+    number: torch.Tensor,
+    carry: tuple,
+    values,
+    ids,
+    bias,
+    state,
+    lm_states,
+    first: bool = False,
+    gathered: bool = False,
 ) -> tuple:
-    """The rest of ``_step`` in one kernel: ``values``, ``ids`` the step's top K (R, K),
-    ``bias`` its word bias (R, V) or None; ``state``, ``lm_states`` the step's and the language
-    models' new states (reordered by the next step, as there); ``first``: the first step (the
-    words a caption never starts with are blocked, no ending is recorded). Writes the pool, the
-    endings and ``step_ok`` in place; -> the next carry."""
+    """The rest of ``_step`` in one kernel: ``values``, ``ids`` the step's top K (R, K) (with
+    ``gathered``, ``values`` is the rows' whole log-probabilities (R, V), which the kernel
+    reads at the ids: the gather ``step_rows`` makes for a step with a word bias, in the
+    kernel), ``bias`` its word bias (R, V) or None; ``state``, ``lm_states`` the step's and the
+    language models' new states (reordered by the next step, as there); ``first``: the first
+    step (the words a caption never starts with are blocked, no ending is recorded). Writes the
+    pool, the endings and ``step_ok`` in place; -> the next carry."""
     plan, pool = loop.plan, loop.pool
     N, B, T = plan.n_images, plan.beam, plan.max_length
     R = N * B
@@ -366,7 +381,8 @@ def bookkeeping(
     has_tags = steered is not None and loop.tag_rows is not None
     new_steered = torch.empty(R, dtype=torch.bool, device=device) if has_tags else None
     n = plan.no_repeat_ngram if loop.repeat_tables is not None else 0
-    K = values.shape[1]
+    K = ids.shape[1]
+    assert not gathered or values.stride(1) == 1  # read at a word id alone
     dummy = new_lp  # a pointer for an argument a constexpr switches off
     with on_device(device):
         _kernel()[(N,)](
@@ -427,12 +443,14 @@ def bookkeeping(
             ENDINGS=plan.endings and not first,
             BEST=not plan.endings and not first,
             FIRST=first,
+            GATHERED=gathered,
             BB=_next_pow2(B),
             BC=_next_pow2(B * plan.width),
             BK=_next_pow2(K),
             BT=_next_pow2(T),
             BN=_next_pow2(N),
-            num_warps=_warps(_next_pow2(B * plan.width)),
+            # gathered: each value's address from its id too, twice the warps (no spills)
+            num_warps=_warps(_next_pow2(B * plan.width) * (2 if gathered else 1)),
             # no float multiplication to contract, but Triton 3.9 warns while the default is unset
             enable_fp_fusion=False,
         )

@@ -118,13 +118,17 @@ def _ratio(
     tag_ptr,
     steer_ptr,
     out_ptr,
+    lp_ptr,
+    ranked_ptr,
     R,
     V,
     HAS_TAGS: tl.constexpr,
+    RANKED: tl.constexpr,
     BV: tl.constexpr,
 ):
     """Program (r, block of ``BV`` words): ((l0 - l1) - (norm0 - norm1)) w[r], plus tag[r] x
-    steered[r] (``HAS_TAGS``); norm = top + log(sum exp(l - top)), the log made by torch."""
+    steered[r] (``HAS_TAGS``); norm = top + log(sum exp(l - top)), the log made by torch.
+    ``RANKED``: also the decoder's log-probabilities plus that bias, what the step ranks by."""
     r = tl.program_id(0)
     v = tl.program_id(1) * BV + tl.arange(0, BV)
     mask = v < V
@@ -138,13 +142,27 @@ def _ratio(
         steered = tl.load(steer_ptr + r).to(tl.float32)
         bias = tl.load(tag_ptr + row + v, mask=mask) * steered + bias
     tl.store(out_ptr + row + v, bias, mask=mask)
+    if RANKED:
+        tl.store(ranked_ptr + row + v, tl.load(lp_ptr + row + v, mask=mask) + bias, mask=mask)
+
+
+def _tagged(tag_ptr, steer_ptr, lp_ptr, out_ptr, ranked_ptr, V, BV: tl.constexpr):
+    """Program (r, block of ``BV`` words): the tag bonus alone, tag[r] x steered[r], and the
+    decoder's log-probabilities plus it."""
+    r = tl.program_id(0)
+    v = tl.program_id(1) * BV + tl.arange(0, BV)
+    mask = v < V
+    row = r.to(tl.int64) * V
+    bias = tl.load(tag_ptr + row + v, mask=mask) * tl.load(steer_ptr + r).to(tl.float32)
+    tl.store(out_ptr + row + v, bias, mask=mask)
+    tl.store(ranked_ptr + row + v, tl.load(lp_ptr + row + v, mask=mask) + bias, mask=mask)
 
 
 @functools.cache
 def _kernels() -> dict[str, Any]:
     """The five kernels: compiled by Triton for a GPU, or, with ``TRITON_INTERPRET=1`` in the
     environment before triton is imported, run by its interpreter (CPU tensors: the tests)."""
-    return {f.__name__: triton.jit(f) for f in (_gates, _cell, _hidden, _shift, _ratio)}
+    return {f.__name__: triton.jit(f) for f in (_gates, _cell, _hidden, _shift, _ratio, _tagged)}
 
 
 # the logits' kernels take a row's words this many at a time (a vocabulary grown past it loops,
@@ -163,16 +181,51 @@ def word_bias(loop, t: int | None, carry: tuple) -> tuple:
     # the kernels index these by row alone
     assert tokens.stride(0) == 1 and source.stride(0) == 1 and (steered is None or steered.stride(0) == 1)
     with device_kernel.on_device(lm_states[0].device):
-        return _language_models(loop, t != 0, tokens, source, steered, lm_states)
+        return _language_models(loop, t != 0, tokens, source, steered, lm_states)[:2]
 
 
-def _language_models(loop, gather: bool, tokens, source, steered, lm_states) -> tuple:
-    """``word_bias``' work with the language models: the bias (R, V) and their new states;
-    ``gather``: the states are the previous step's rows (by ``source``), not the images'."""
+def ranked_bias(loop, t: int | None, carry: tuple, logprobs: torch.Tensor, lm_h) -> tuple:
+    """``word_bias`` after the decoder's step, for the fused decoder step
+    (``edgecap.decoding.step_kernels``): -> (the bias or None, the language models' new
+    states, ``logprobs`` (R, V) float32 plus the bias, what the step ranks by, or None without
+    a bias), made in the bias's own kernel (the language models' ``_ratio``, or ``_tagged`` for
+    the tag bonus alone). ``lm_h``: their hidden states already gathered by source row, or None
+    (the first step: nothing to gather)."""
+    tokens, source, steered, lm_states = carry[0], carry[1], carry[7], carry[8]
+    tags = steered is not None and loop.tag_bias is not None
+    if lm_states is None and not tags:
+        return None, None, None
+    assert tokens.stride(0) == 1 and source.stride(0) == 1 and (steered is None or steered.stride(0) == 1)
+    assert logprobs.is_contiguous() and logprobs.dtype == torch.float32
+    with device_kernel.on_device(logprobs.device):
+        if lm_states is not None:
+            return _language_models(loop, t != 0, tokens, source, steered, lm_states, lm_h, logprobs)
+        R, V = logprobs.shape
+        assert loop.tag_bias.is_contiguous()
+        bias, ranked = torch.empty_like(logprobs), torch.empty_like(logprobs)
+        BV = min(device_kernel._next_pow2(V), WORDS_AT_A_TIME)
+        _kernels()["_tagged"][(R, triton.cdiv(V, BV))](
+            loop.tag_bias, steered.view(torch.uint8), logprobs, bias, ranked, V, BV=BV, **OPTIONS
+        )
+        return bias, None, ranked
+
+
+# every kernel: exact sums and products, none contracted into a fused multiply-add
+OPTIONS = {"num_warps": 4, "enable_fp_fusion": False}
+
+
+def _language_models(
+    loop, gather: bool, tokens, source, steered, lm_states, lm_h=None, logprobs=None
+) -> tuple:
+    """``word_bias``' work with the language models: the bias (R, V), their new states, and
+    with ``logprobs`` those plus the bias (else None); ``gather``: the states are the previous
+    step's rows (by ``source``), not the images' (``lm_h``: the hidden ones already gathered)."""
     k = _kernels()
     lms = loop.lms
     h, c = lm_states
-    if gather:
+    if lm_h is not None:
+        h = lm_h
+    elif gather:
         h = h.index_select(1, source)
     R, H = h.shape[1], lms.hidden
     V, G = lms.out_b.shape[2], 4 * H
@@ -181,7 +234,7 @@ def _language_models(loop, gather: bool, tokens, source, steered, lm_states) -> 
     hh = torch.empty((2, R, G), dtype=h.dtype, device=h.device)
     for m, w in enumerate(lms.w_hh_t):
         torch.mm(h[m], w, out=hh[m])
-    options = {"num_warps": 4, "enable_fp_fusion": False}
+    options = OPTIONS
     BG, BH = device_kernel._next_pow2(G), device_kernel._next_pow2(H)
     pre = torch.empty_like(hh)
     k["_gates"][(2 * R,)](lms.input, tokens, hh, pre, R, lms.input.shape[1], G, BG=BG, **options)
@@ -202,6 +255,7 @@ def _language_models(loop, gather: bool, tokens, source, steered, lm_states) -> 
     k["_shift"][(2 * R,)](flat, block, lms.out_b, shifted, top, R, V, BV=BV, **options)
     log_sums = torch.log(torch.exp(shifted).sum(dim=2))
     bias = torch.empty((R, V), dtype=h.dtype, device=h.device)
+    ranked = None if logprobs is None else torch.empty_like(bias)
     tags = steered is not None and loop.tag_bias is not None
     weights = loop.fusion_weights
     assert weights.is_contiguous() and (not tags or loop.tag_bias.is_contiguous())
@@ -215,10 +269,13 @@ def _language_models(loop, gather: bool, tokens, source, steered, lm_states) -> 
         loop.tag_bias if tags else bias,
         steered.view(torch.uint8) if tags else bias,
         bias,
+        bias if logprobs is None else logprobs,
+        bias if ranked is None else ranked,
         R,
         V,
         HAS_TAGS=tags,
+        RANKED=ranked is not None,
         BV=BV,
         **options,
     )
-    return bias, (hidden, cell)
+    return bias, (hidden, cell), ranked

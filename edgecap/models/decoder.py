@@ -55,6 +55,24 @@ def mask_logits(logits: torch.Tensor, first_word: bool = False) -> torch.Tensor:
 _MASKS: dict[tuple, tuple[torch.Tensor, torch.Tensor]] = {}
 
 
+class StepJoins:
+    """The element-wise joins of a decoder step, as torch operations: the LSTM's input (the
+    word's embedding beside the gated context) and the deep output's sum. The fused device
+    search does them in Triton kernels of the same arithmetic (``edgecap.decoding.step_kernels``)."""
+
+    def lstm_input(self, emb, beta, context):
+        """-> the LSTM's input cat(emb, beta x context) (R, E + F), and the gated context."""
+        context = beta * context
+        return torch.cat([emb, context], dim=1), context
+
+    def deep(self, emb, from_hidden, from_context):
+        """-> the deep output's argument, (emb + from_hidden) + from_context."""
+        return emb + from_hidden + from_context
+
+
+TORCH_JOINS = StepJoins()
+
+
 class CaptionDecoder(nn.Module):
     def __init__(self, cfg: DecoderConfig):
         super().__init__()
@@ -123,19 +141,23 @@ class CaptionDecoder(nn.Module):
 
     # -- once per word ----------------------------------------------------------------------
     def attend(self, h, features, att_proj):
-        """-> context (R, F) gated, alpha (R, L)."""
+        """-> context (R, F) not yet gated, the gate beta (R, F), alpha (R, L)."""
         scores = self.att_score(torch.tanh(att_proj + self.att_hidden(h).unsqueeze(1))).squeeze(2)
         alpha = torch.softmax(scores.float(), dim=1).to(features.dtype)
         context = torch.bmm(alpha.unsqueeze(1), features).squeeze(1)
         beta = torch.sigmoid(self.gate(h))
-        return beta * context, alpha
+        return context, beta, alpha
 
-    def logits(self, tokens, h, c, features, att_proj):
-        """One step for rows whose features are already per row. -> logits (R, V), h, c, alpha."""
-        emb = self.embed(tokens)
+    def logits(self, tokens, h, c, features, att_proj, emb=None, joins: StepJoins | None = None):
+        """One step for rows whose features are already per row. -> logits (R, V), h, c, alpha.
+        ``emb``: the tokens' embeddings, already gathered; ``joins``: what does the step's
+        element-wise joins (``StepJoins``: torch operations; the fused device search's
+        kernels, ``edgecap.decoding.step_kernels``)."""
+        joins = TORCH_JOINS if joins is None else joins
+        emb = self.embed(tokens) if emb is None else emb
         if self.cfg.attention:
-            context, alpha = self.attend(h, features, att_proj)
-            x = torch.cat([emb, context], dim=1)
+            context, beta, alpha = self.attend(h, features, att_proj)
+            x, context = joins.lstm_input(emb, beta, context)
         else:
             context = None
             # Uniform weights, computed from the image tensors so that an exported step graph
@@ -143,9 +165,11 @@ class CaptionDecoder(nn.Module):
             alpha = torch.softmax((features.sum(2) + att_proj.sum(2)) * 0.0, dim=1)
             x = emb
         h, c = self.lstm(x, (h, c))
-        deep = emb + self.out_hidden(self.dropout(h))
+        from_hidden = self.out_hidden(self.dropout(h))
         if context is not None and self.out_context is not None:  # both exist with attention
-            deep = deep + self.out_context(context)
+            deep = joins.deep(emb, from_hidden, self.out_context(context))
+        else:
+            deep = emb + from_hidden
         logits = self.out_vocab(self.dropout(torch.tanh(deep)))
         return logits, h, c, alpha
 
@@ -164,14 +188,19 @@ class CaptionDecoder(nn.Module):
     def step_rows(self, tokens, h, c, features, att_proj, word_bias=None):
         """``step`` with the image tensors already per row (R, L, .): what a search that
         gathers them once per search calls every step."""
-        logits, h, c, alpha = self.logits(tokens, h, c, features, att_proj)
-        logprobs = torch.log_softmax(mask_logits(logits).float(), dim=1)
+        logprobs, h, c, alpha = self.log_probs(tokens, h, c, features, att_proj)
         if word_bias is None:
             values, ids = logprobs.topk(self.cfg.top_k, dim=1)
         else:
             _, ids = (logprobs + word_bias.float()).topk(self.cfg.top_k, dim=1)
             values = logprobs.gather(1, ids)
         return values, ids, h, c, alpha
+
+    def log_probs(self, tokens, h, c, features, att_proj, emb=None, joins: StepJoins | None = None):
+        """``logits``' step -> the words' log-probabilities (R, V) float32 (the words a caption
+        never holds floored first), h, c, alpha."""
+        logits, h, c, alpha = self.logits(tokens, h, c, features, att_proj, emb, joins)
+        return torch.log_softmax(mask_logits(logits).float(), dim=1), h, c, alpha
 
     # -- training ---------------------------------------------------------------------------
     def forward(

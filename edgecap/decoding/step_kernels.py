@@ -1,0 +1,212 @@
+"""The decoder step's gathers and element-wise joins in Triton kernels, for the fused device
+search (``DeviceBeamSearch(fused=True)``, over the torch backend's ``StepGraph``).
+
+``CaptionDecoder.step_rows`` after the search's gather of the rows' states is about 25 torch
+operations a step; on a GPU each is a kernel of a microsecond or two, and a one-photo decode is
+bound by their number (docs/gpu-search.md). ``fused_step`` runs the same step with six of them
+in three kernels, and two more in kernels the search runs anyway:
+
+- ``_rows``: the rows' previous h and c (by source row), their words' embeddings (by token)
+  and, with the language models, those models' previous hidden states: four gathers in one;
+- ``_lstm_input``: the gate times the attention's context, beside the embedding (a product and
+  a ``cat``);
+- ``_deep``: the deep output's two sums;
+- the word bias's kernel (``lm_kernels``: the language models' ``_ratio``, or ``_tagged`` for
+  the tag bonus alone) also writes the log-probabilities plus the bias, what the step ranks by,
+  so the decoder's log-probabilities come before the language models' step here;
+- the bookkeeping kernel reads the top K's log-probabilities at their ids (``gathered``).
+
+The matrix products, the LSTM cell, ``tanh``, the softmax and log-softmax, and the top K stay
+torch operations on the same tensors. The kernels only copy, add and multiply, compiled without
+fused multiply-adds, in the tensors' own dtype (FP16 rounds each product and sum as torch's
+FP16 operations do): the step's log-probabilities, states and search bit for bit the eager
+device search's (``tests/test_device_search.py``). **Not yet run on a GPU.**
+"""
+
+from __future__ import annotations
+
+import functools
+from typing import Any
+
+import torch
+import triton
+import triton.language as tl
+
+from edgecap.decoding import device_kernel, lm_kernels
+from edgecap.models.decoder import CaptionDecoder, StepJoins
+
+
+def _rows(
+    tok_ptr,
+    src_ptr,
+    embed_ptr,
+    h_ptr,
+    c_ptr,
+    lm_ptr,
+    emb_out,
+    h_out,
+    c_out,
+    lm_out,
+    R,
+    E,
+    H,
+    HL,
+    s_h,
+    s_c,
+    s_lm_m,
+    s_lm_r,
+    LM: tl.constexpr,
+    BE: tl.constexpr,
+    BH: tl.constexpr,
+    BHL: tl.constexpr,
+):
+    """Program r: emb[r] = embed[tok[r]]; h[r], c[r] = h, c of row src[r]; with ``LM``, the
+    language models' hidden states of row src[r] too."""
+    r = tl.program_id(0).to(tl.int64)
+    word = tl.load(tok_ptr + r).to(tl.int64)
+    row = tl.load(src_ptr + r).to(tl.int64)
+    e = tl.arange(0, BE)
+    tl.store(emb_out + r * E + e, tl.load(embed_ptr + word * E + e, mask=e < E), mask=e < E)
+    j = tl.arange(0, BH)
+    tl.store(h_out + r * H + j, tl.load(h_ptr + row * s_h + j, mask=j < H), mask=j < H)
+    tl.store(c_out + r * H + j, tl.load(c_ptr + row * s_c + j, mask=j < H), mask=j < H)
+    if LM:
+        k = tl.arange(0, BHL)
+        for m in tl.static_range(2):
+            kept = tl.load(lm_ptr + m * s_lm_m + row * s_lm_r + k, mask=k < HL)
+            tl.store(lm_out + (m * R + r) * HL + k, kept, mask=k < HL)
+
+
+def _lstm_input(emb_ptr, beta_ptr, ctx_ptr, x_out, gated_out, E, F, BE: tl.constexpr, BF: tl.constexpr):
+    """Program r: gated[r] = beta[r] x context[r]; x[r] = (emb[r], gated[r])."""
+    r = tl.program_id(0).to(tl.int64)
+    e = tl.arange(0, BE)
+    tl.store(x_out + r * (E + F) + e, tl.load(emb_ptr + r * E + e, mask=e < E), mask=e < E)
+    f = tl.arange(0, BF)
+    gated = tl.load(beta_ptr + r * F + f, mask=f < F) * tl.load(ctx_ptr + r * F + f, mask=f < F)
+    tl.store(gated_out + r * F + f, gated, mask=f < F)
+    tl.store(x_out + r * (E + F) + E + f, gated, mask=f < F)
+
+
+def _deep(emb_ptr, a_ptr, b_ptr, out_ptr, E, BE: tl.constexpr):
+    """Program r: (emb[r] + a[r]) + b[r], each sum rounded to the dtype."""
+    r = tl.program_id(0).to(tl.int64)
+    e = r * E + tl.arange(0, BE)
+    mask = tl.arange(0, BE) < E
+    first = tl.load(emb_ptr + e, mask=mask) + tl.load(a_ptr + e, mask=mask)
+    tl.store(out_ptr + e, first + tl.load(b_ptr + e, mask=mask), mask=mask)
+
+
+@functools.cache
+def _kernels() -> dict[str, Any]:
+    """The three kernels: compiled by Triton for a GPU, or, with ``TRITON_INTERPRET=1`` in the
+    environment before triton is imported, run by its interpreter (CPU tensors: the tests)."""
+    return {f.__name__: triton.jit(f) for f in (_rows, _lstm_input, _deep)}
+
+
+class KernelJoins(StepJoins):
+    """``StepJoins`` in the kernels: the same values, bit for bit."""
+
+    def lstm_input(self, emb, beta, context):
+        R, E = emb.shape
+        F = context.shape[1]
+        for tensor in (emb, beta, context):
+            assert tensor.is_contiguous() and tensor.dtype == emb.dtype
+        x = torch.empty((R, E + F), dtype=emb.dtype, device=emb.device)
+        gated = torch.empty((R, F), dtype=emb.dtype, device=emb.device)
+        with device_kernel.on_device(emb.device):
+            _kernels()["_lstm_input"][(R,)](
+                emb, beta, context, x, gated, E, F, BE=_pow2(E), BF=_pow2(F), **lm_kernels.OPTIONS
+            )
+        return x, gated
+
+    def deep(self, emb, from_hidden, from_context):
+        R, E = emb.shape
+        for tensor in (emb, from_hidden, from_context):
+            assert tensor.is_contiguous() and tensor.shape == (R, E) and tensor.dtype == emb.dtype
+        out = torch.empty_like(emb)
+        with device_kernel.on_device(emb.device):
+            _kernels()["_deep"][(R,)](
+                emb, from_hidden, from_context, out, E, BE=_pow2(E), **lm_kernels.OPTIONS
+            )
+        return out
+
+
+KERNEL_JOINS = KernelJoins()
+_pow2 = device_kernel._next_pow2
+
+
+def decoder_of(step) -> CaptionDecoder | None:
+    """The decoder ``fused_step`` runs for a search's step: a ``TorchStep`` over a
+    ``StepGraph`` (its image tensors gathered per row) of an attention decoder in eval mode;
+    else None (``_fused_step`` runs the decoder's step as it is)."""
+    decoder = getattr(step, "decoder", None)
+    if isinstance(decoder, CaptionDecoder) and decoder.cfg.attention and not decoder.training:
+        return decoder
+    return None
+
+
+def gather_rows(embed: torch.Tensor, tokens, source, h, c, lm_h=None) -> tuple:
+    """``_rows``: embed (V, E) the word embeddings, tokens and source (R,), h, c (S, H) the
+    previous step's rows (or the images'), ``lm_h`` the language models' hidden states (2, S,
+    HL) or None -> (embed[tokens], h[source], c[source], lm_h[:, source] or None)."""
+    R, H, E = tokens.shape[0], h.shape[1], embed.shape[1]
+    assert embed.is_contiguous() and h.stride(1) == 1 and c.stride(1) == 1
+    assert tokens.stride(0) == 1 and source.stride(0) == 1 and c.shape[1] == H
+    device = h.device
+    emb = torch.empty((R, E), dtype=embed.dtype, device=device)
+    h_rows = torch.empty((R, H), dtype=h.dtype, device=device)
+    c_rows = torch.empty((R, H), dtype=c.dtype, device=device)
+    lm_rows = None
+    if lm_h is not None:
+        assert lm_h.shape[0] == 2 and lm_h.stride(2) == 1
+        lm_rows = torch.empty((2, R, lm_h.shape[2]), dtype=lm_h.dtype, device=device)
+    with device_kernel.on_device(device):
+        _kernels()["_rows"][(R,)](
+            tokens,
+            source,
+            embed,
+            h,
+            c,
+            h if lm_h is None else lm_h,
+            emb,
+            h_rows,
+            c_rows,
+            h_rows if lm_rows is None else lm_rows,
+            R,
+            E,
+            H,
+            0 if lm_h is None else lm_h.shape[2],
+            h.stride(0),
+            c.stride(0),
+            0 if lm_h is None else lm_h.stride(0),
+            0 if lm_h is None else lm_h.stride(1),
+            LM=lm_h is not None,
+            BE=_pow2(E),
+            BH=_pow2(H),
+            BHL=_pow2(1 if lm_h is None else lm_h.shape[2]),
+            **lm_kernels.OPTIONS,
+        )
+    return emb, h_rows, c_rows, lm_rows
+
+
+def fused_step(loop, t: int | None, number: torch.Tensor, carry: tuple) -> tuple:
+    """``device._fused_step`` with the decoder's step in the kernels above: the same next carry
+    and the same writes, bit for bit. ``t``: 0 for the first step, None for one after it."""
+    decoder = decoder_of(loop.step)
+    assert decoder is not None
+    tokens, source, (h, c), lm_states = carry[0], carry[1], carry[2], carry[8]
+    # the first step's language-model states are all zero: nothing to gather
+    lm_h = lm_states[0] if lm_states is not None and t != 0 else None
+    emb, h, c, lm_rows = gather_rows(decoder.embed.weight, tokens, source, h, c, lm_h)
+    features, att_proj = loop.step.rows  # gathered per row once a search (``TorchStep.prepare``)
+    logprobs, h, c, _ = decoder.log_probs(tokens, h, c, features, att_proj, emb, KERNEL_JOINS)
+    bias, lm_states, ranked = lm_kernels.ranked_bias(loop, t, carry, logprobs, lm_rows)
+    K = decoder.cfg.top_k
+    if ranked is None:
+        values, ids = logprobs.topk(K, dim=1)
+    else:  # the bookkeeping reads the log-probabilities at the ids (``gathered``)
+        values, ids = logprobs, ranked.topk(K, dim=1).indices
+    return device_kernel.bookkeeping(
+        loop, number, carry, values, ids, bias, (h, c), lm_states, first=t == 0, gathered=ranked is not None
+    )
