@@ -178,8 +178,9 @@ KERNEL_KINDS = (
     ("convolution", r"conv|cudnn|winograd|depthwise|fprop|implicit_gemm"),
     ("top-k / sort", r"topk|sort|radix|bitonic"),
     ("matrix product", r"gemm|gemv|cublas|cutlass|xmma|::mm|addmm|bmm|linear|matmul"),
-    # the fused search's own: the bookkeeping's and the language models' (edgecap.decoding)
-    ("Triton kernel", r"triton|bookkeeping|^_(gates|cell|hidden|shift|ratio)$"),
+    # the fused search's own: the bookkeeping's, the language models' and the decoder step's
+    # (edgecap.decoding: device_kernel, lm_kernels, step_kernels)
+    ("Triton kernel", r"triton|bookkeeping|^_(gates|cell|hidden|shift|ratio|tagged|rows|lstm_input|deep)$"),
     ("reduction / softmax", r"softmax|reduce|norm|::max|::sum|cumsum|scan|::all|::any"),
     ("index / gather / scatter", r"index|gather|scatter|embedding|::take|::where"),
     ("copy / fill", r"copy|memcpy|memset|fill|::cat|::stack|::clone|::contiguous"),

@@ -1072,10 +1072,12 @@ def test_each_kernel_is_sorted_into_its_kind():
     import gpu_check
 
     if importlib.util.find_spec("triton") is not None:  # the fused search's kernels need it
-        from edgecap.decoding import lm_kernels
+        from edgecap.decoding import lm_kernels, step_kernels
 
-        # every kernel of the fused search's language models is one of its Triton kernels
-        assert {gpu_check.kernel_kind(name) for name in lm_kernels._kernels()} == {"Triton kernel"}
+        # every kernel of the fused search's language models and decoder step is one of its
+        # Triton kernels
+        names = [*lm_kernels._kernels(), *step_kernels._kernels()]
+        assert len(names) == 9 and {gpu_check.kernel_kind(name) for name in names} == {"Triton kernel"}
 
     assert [gpu_check.kernel_kind(name) for name, _ in KERNEL_NAMES] == [kind for _, kind in KERNEL_NAMES]
 
