@@ -1065,6 +1065,43 @@ def test_the_decoder_steps_kernels_give_torchs_operations_bit_for_bit(dtype):
     assert mine.dtype == theirs.dtype and torch.equal(mine, theirs)
 
 
+@pytest.mark.parametrize(
+    "dtype, island",
+    [(torch.float32, False), (torch.float16, True), (torch.float16, False)],
+    ids=["float32", "float16, the projection an FP32 island", "float16"],
+)
+def test_the_masked_projection_gives_the_masked_word_logits_bit_for_bit(dtype, island):
+    """``KernelJoins.word_logits``: the projection with the never-generated words' rows zero and
+    their bias ``LOGIT_FLOOR`` gives ``mask_logits`` of the projection exactly (those words at
+    the floor, the others untouched), an FP16 model's FP32 island's cast included; made once
+    per projection, again once its weights change in place."""
+    from edgecap.backends.torch_graphs import keep_fp32
+    from edgecap.decoding.step_kernels import KernelJoins
+    from edgecap.models.decoder import LOGIT_FLOOR, mask_logits
+    from edgecap.vocab import NEVER_GENERATED_IDS
+
+    torch.manual_seed(3)
+    out_vocab = torch.nn.Linear(24, 300).to(dtype)
+    if island:
+        keep_fp32(out_vocab)
+    x = (torch.randn(7, 24) * 2).to(dtype)
+    joins = KernelJoins()
+    want = mask_logits(out_vocab(x))
+    got = joins.word_logits(out_vocab, x)
+    assert got.dtype == want.dtype == (torch.float32 if island else dtype)
+    assert torch.equal(got, want)
+    assert (got[:, list(NEVER_GENERATED_IDS)] == LOGIT_FLOOR).all()
+    from edgecap.models.decoder import TORCH_JOINS
+
+    assert not TORCH_JOINS.masks_words and torch.equal(TORCH_JOINS.word_logits(out_vocab, x), out_vocab(x))
+    kept = joins.masked_projection(out_vocab)
+    assert joins.masked_projection(out_vocab) is kept  # made once
+    with torch.no_grad():
+        out_vocab.bias.add_(1.0)
+    assert joins.masked_projection(out_vocab) is not kept
+    assert torch.equal(joins.word_logits(out_vocab, x), mask_logits(out_vocab(x)))
+
+
 @needs_triton
 @pytest.mark.parametrize("fp32_logits", [True, False], ids=["word logits FP32", "word logits FP16"])
 def test_the_fused_decoder_step_in_fp16_is_the_eager_one_bit_for_bit(

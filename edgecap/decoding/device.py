@@ -216,11 +216,12 @@ def _sigmoid(x: torch.Tensor) -> torch.Tensor:
 
 
 class TorchLMPair:
-    """Both fused models' steps at once (everyday, in-domain), ``TorchLM.step_logits``' math
-    bit for bit: the element-wise work runs on (2, R, .) stacks; the matrix products stay one
-    per model (written into the stacks), so they round as before; the input and recurrent
-    weights of the sigmoid gates (i, f, o) are pre-multiplied by 0.5 (exact in binary floating
-    point), so that one tanh over all four gates gives tanh(0.5 x) for them and tanh(x) for g."""
+    """Both fused models' steps at once (everyday, in-domain), ``TorchLM.step_logits``' math:
+    the element-wise work runs on (2, R, .) stacks, and each matrix product is one batched
+    product over both models (``bmm``: one kernel for two; its rounding may differ from one
+    product a model, in the last bits); the input and recurrent weights of the sigmoid gates
+    (i, f, o) are pre-multiplied by 0.5 (exact in binary floating point), so that one tanh over
+    all four gates gives tanh(0.5 x) for them and tanh(x) for g."""
 
     def __init__(self, lms: tuple[TorchLM, TorchLM]):
         self.models = tuple(lms)
@@ -229,8 +230,8 @@ class TorchLMPair:
         scale = torch.full((4 * H,), 0.5, device=lms[0].input.device)
         scale[2 * H : 3 * H] = 1.0
         self.input = torch.stack([lm.input * scale for lm in lms])  # (2, V, 4H)
-        self.w_hh_t = [lm.w_hh_t * scale for lm in lms]
-        self.out_w_t = [lm.out_w_t for lm in lms]
+        self.w_hh_t = torch.stack([lm.w_hh_t * scale for lm in lms])  # (2, H, 4H)
+        self.out_w_t = torch.stack([lm.out_w_t for lm in lms])  # (2, H, V)
         self.out_b = torch.stack([lm.out_b for lm in lms])[:, None, :]  # (2, 1, V)
 
     def __iter__(self):
@@ -240,22 +241,11 @@ class TorchLMPair:
         """tokens (R,), h, c (2, R, H) -> (logits (2, R, V), log-normalisers (2, R, 1), h, c)."""
         H = self.hidden
         gates = self.input.index_select(1, tokens)
-        hh = torch.empty_like(gates)
-        for k, w in enumerate(self.w_hh_t):
-            torch.mm(h[k], w, out=hh[k])
-        t = torch.tanh(gates + hh)  # tanh(0.5 x) for i, f, o; tanh(x) for g
+        t = torch.tanh(gates + torch.bmm(h, self.w_hh_t))  # tanh(0.5 x) for i, f, o; tanh(x) for g
         s = 0.5 * (t + 1.0)
         c = s[:, :, H : 2 * H] * c + s[:, :, :H] * t[:, :, 2 * H : 3 * H]
         h = s[:, :, 3 * H :] * torch.tanh(c)
-        R, V = h.shape[1], self.out_b.shape[2]
-        # each model's (R, V) block starts 512-byte aligned, as a fresh allocation would (a
-        # matrix product's kernel, and so its rounding, may depend on the output's alignment)
-        block = -(-R * V // 128) * 128
-        flat = torch.empty(2 * block, dtype=h.dtype, device=h.device)
-        logits = flat.as_strided((2, R, V), (block, V, 1))
-        for k, w in enumerate(self.out_w_t):
-            torch.mm(h[k], w, out=logits[k])
-        logits = logits + self.out_b
+        logits = torch.bmm(h, self.out_w_t) + self.out_b
         top = logits.max(dim=2, keepdim=True).values
         norm = top + torch.log(torch.exp(logits - top).sum(dim=2, keepdim=True))
         return logits, norm, h, c

@@ -230,10 +230,9 @@ def _language_models(
     R, H = h.shape[1], lms.hidden
     V, G = lms.out_b.shape[2], 4 * H
     assert lms.input.is_contiguous() and c.is_contiguous() and lms.out_b.is_contiguous()
-    # the recurrent products into a fresh (2, R, 4H) block, as TorchLMPair.step makes them
-    hh = torch.empty((2, R, G), dtype=h.dtype, device=h.device)
-    for m, w in enumerate(lms.w_hh_t):
-        torch.mm(h[m], w, out=hh[m])
+    # the recurrent products, both models' in one batched product as TorchLMPair.step's
+    hh = torch.bmm(h, lms.w_hh_t)
+    assert hh.is_contiguous()
     options = OPTIONS
     BG, BH = device_kernel._next_pow2(G), device_kernel._next_pow2(H)
     pre = torch.empty_like(hh)
@@ -243,16 +242,13 @@ def _language_models(
     k["_cell"][(2 * R,)](gates, c, source, cell, R, H, G, GATHER=gather, BH=BH, **options)
     hidden = torch.empty_like(cell)
     k["_hidden"][(2 * R,)](gates, torch.tanh(cell), hidden, H, G, BH=BH, **options)
-    # each model's (R, V) logits block 512-byte aligned, as TorchLMPair.step writes them
-    block = -(-R * V // 128) * 128
-    flat = torch.empty(2 * block, dtype=h.dtype, device=h.device)
-    raw = flat.as_strided((2, R, V), (block, V, 1))
-    for m, w in enumerate(lms.out_w_t):
-        torch.mm(hidden[m], w, out=raw[m])
+    raw = torch.bmm(hidden, lms.out_w_t)  # the logits before their bias, as TorchLMPair.step's
+    block = raw.stride(0)  # one model's (R, V) logits to the next's
+    assert raw.is_contiguous()
     shifted = torch.empty((2, R, V), dtype=h.dtype, device=h.device)
     top = torch.empty((2, R), dtype=h.dtype, device=h.device)
     BV = min(device_kernel._next_pow2(V), WORDS_AT_A_TIME)
-    k["_shift"][(2 * R,)](flat, block, lms.out_b, shifted, top, R, V, BV=BV, **options)
+    k["_shift"][(2 * R,)](raw, block, lms.out_b, shifted, top, R, V, BV=BV, **options)
     log_sums = torch.log(torch.exp(shifted).sum(dim=2))
     bias = torch.empty((R, V), dtype=h.dtype, device=h.device)
     ranked = None if logprobs is None else torch.empty_like(bias)
@@ -260,7 +256,7 @@ def _language_models(
     weights = loop.fusion_weights
     assert weights.is_contiguous() and (not tags or loop.tag_bias.is_contiguous())
     k["_ratio"][(R, triton.cdiv(V, BV))](
-        flat,
+        raw,
         block,
         lms.out_b,
         top,

@@ -25,7 +25,9 @@ device search's (``tests/test_device_search.py``). **Not yet run on a GPU.**
 
 from __future__ import annotations
 
+import copy
 import functools
+import weakref
 from typing import Any
 
 import torch
@@ -33,7 +35,10 @@ import triton
 import triton.language as tl
 
 from edgecap.decoding import device_kernel, lm_kernels
-from edgecap.models.decoder import CaptionDecoder, StepJoins
+from torch import nn
+
+from edgecap.models.decoder import LOGIT_FLOOR, CaptionDecoder, StepJoins
+from edgecap.vocab import NEVER_GENERATED_IDS
 
 
 def _rows(
@@ -105,7 +110,37 @@ def _kernels() -> dict[str, Any]:
 
 
 class KernelJoins(StepJoins):
-    """``StepJoins`` in the kernels: the same values, bit for bit."""
+    """``StepJoins`` in the kernels: the same values, bit for bit; and the word logits with the
+    words a caption never holds floored by the projection itself (``masked_projection``)."""
+
+    masks_words = True
+
+    def __init__(self) -> None:
+        self._masked: weakref.WeakKeyDictionary = weakref.WeakKeyDictionary()
+
+    def word_logits(self, out_vocab: nn.Linear, x):
+        return self.masked_projection(out_vocab)(x)
+
+    def masked_projection(self, out_vocab: nn.Linear) -> nn.Linear:
+        """A copy of the word-logit projection (its hooks too: an FP16 model's FP32 island) whose
+        rows for the words a caption never holds (``NEVER_GENERATED_IDS``) have zero weights and
+        ``LOGIT_FLOOR`` as their bias: their logits come out ``LOGIT_FLOOR`` exactly (a sum of
+        zero products, plus the bias) and every other word's as the projection's own (the same
+        shapes, so the same matrix product), which is ``mask_logits`` after the projection
+        without its ``where``: one kernel a step fewer. Made once per projection and weights
+        (a graph's warm-up makes it before a capture: it copies from the host); the copy
+        holds V x E more weights on the device."""
+        weight, bias = out_vocab.weight, out_vocab.bias
+        key = (weight.data_ptr(), _version(weight), _version(bias), weight.dtype, weight.device)
+        kept = self._masked.get(out_vocab)
+        if kept is None or kept[0] != key:
+            masked = copy.deepcopy(out_vocab)
+            banned = torch.tensor(NEVER_GENERATED_IDS, device=weight.device)
+            with torch.no_grad():
+                masked.weight.index_fill_(0, banned, 0.0)
+                masked.bias.index_fill_(0, banned, LOGIT_FLOOR)
+            kept = self._masked[out_vocab] = (key, masked)
+        return kept[1]
 
     def lstm_input(self, emb, beta, context):
         R, E = emb.shape
@@ -133,6 +168,16 @@ class KernelJoins(StepJoins):
 
 
 KERNEL_JOINS = KernelJoins()
+
+
+def _version(tensor: torch.Tensor) -> int:
+    """The tensor's in-place version (an inference tensor has none: 0)."""
+    try:
+        return tensor._version
+    except RuntimeError:
+        return 0
+
+
 _pow2 = device_kernel._next_pow2
 
 

@@ -60,6 +60,8 @@ class StepJoins:
     word's embedding beside the gated context) and the deep output's sum. The fused device
     search does them in Triton kernels of the same arithmetic (``edgecap.decoding.step_kernels``)."""
 
+    masks_words = False  # ``word_logits`` leaves the words a caption never holds to ``mask_logits``
+
     def lstm_input(self, emb, beta, context):
         """-> the LSTM's input cat(emb, beta x context) (R, E + F), and the gated context."""
         context = beta * context
@@ -68,6 +70,11 @@ class StepJoins:
     def deep(self, emb, from_hidden, from_context):
         """-> the deep output's argument, (emb + from_hidden) + from_context."""
         return emb + from_hidden + from_context
+
+    def word_logits(self, out_vocab: nn.Linear, x):
+        """-> the word logits, ``out_vocab(x)`` (with ``masks_words``, those of the words a caption
+        never holds already floored)."""
+        return out_vocab(x)
 
 
 TORCH_JOINS = StepJoins()
@@ -170,7 +177,7 @@ class CaptionDecoder(nn.Module):
             deep = joins.deep(emb, from_hidden, self.out_context(context))
         else:
             deep = emb + from_hidden
-        logits = self.out_vocab(self.dropout(torch.tanh(deep)))
+        logits = joins.word_logits(self.out_vocab, self.dropout(torch.tanh(deep)))
         return logits, h, c, alpha
 
     def step(self, tokens, h, c, features, att_proj, image_index, word_bias=None):
@@ -199,8 +206,10 @@ class CaptionDecoder(nn.Module):
     def log_probs(self, tokens, h, c, features, att_proj, emb=None, joins: StepJoins | None = None):
         """``logits``' step -> the words' log-probabilities (R, V) float32 (the words a caption
         never holds floored first), h, c, alpha."""
+        joins = TORCH_JOINS if joins is None else joins
         logits, h, c, alpha = self.logits(tokens, h, c, features, att_proj, emb, joins)
-        return torch.log_softmax(mask_logits(logits).float(), dim=1), h, c, alpha
+        masked = logits if joins.masks_words else mask_logits(logits)
+        return torch.log_softmax(masked.float(), dim=1), h, c, alpha
 
     # -- training ---------------------------------------------------------------------------
     def forward(
