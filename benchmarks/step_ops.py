@@ -14,9 +14,10 @@ cell is about 3 kernels and a stable sort several, so a GPU runs a few more kern
 this counts.
 
 ``--fused`` adds the fused step (``fused_search=True``: every step with its
-bookkeeping in one Triton kernel, ``edgecap.decoding.device_kernel``, and the language models'
-element-wise work in five, ``edgecap.decoding.lm_kernels``, run here by Triton's interpreter
-on CPU tensors): the torch operations a step that launch a kernel plus those kernels' launches,
+bookkeeping in one Triton kernel, ``edgecap.decoding.device_kernel``, the language models'
+element-wise work in five, ``edgecap.decoding.lm_kernels``, and the decoder step's gathers and
+joins in three, ``edgecap.decoding.step_kernels``, run here by Triton's interpreter on CPU
+tensors): the torch operations a step that launch a kernel plus those kernels' launches,
 against the eager step's.
 
 ``--compiled`` adds the compiled step (``compile_search=True``: every step after the first
@@ -195,11 +196,13 @@ def fused_part(photos: list, mirrored: list, eager_ops: dict) -> tuple[list[dict
     )
     markdown = (
         "## The fused step\n\n`--fused`: `fused_search=True`, every step with its "
-        "bookkeeping in one Triton kernel (`edgecap.decoding.device_kernel`) and the language "
-        "models' element-wise work in five (`edgecap.decoding.lm_kernels`), run here by Triton's "
-        "interpreter on CPU tensors; the first step and the steps from the third on: the torch "
-        "operations that launch a kernel (the language models' matrix products, tanh, exp, log "
-        "and sum, the decoder's step) plus the Triton kernels, one launch each "
+        "bookkeeping in one Triton kernel (`edgecap.decoding.device_kernel`), the language "
+        "models' element-wise work in five (`edgecap.decoding.lm_kernels`) and the decoder "
+        "step's gathers and joins in three (`edgecap.decoding.step_kernels`), run here by "
+        "Triton's interpreter on CPU tensors; the first step and the steps from the third on: the "
+        "torch operations that launch a kernel (the language models' matrix products, tanh, exp, "
+        "log and sum; the decoder's matrix products, LSTM cell, tanh, sigmoid, softmax, "
+        "log-softmax; the top K) plus the Triton kernels, one launch each "
         "on a GPU. The same hypotheses as the eager step's, bit for bit "
         "(`tests/test_device_search.py`).\n\n" + table + "\n"
     )

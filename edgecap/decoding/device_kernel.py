@@ -14,9 +14,11 @@ against ``_step``; ``tests/test_device_kernel.py`` compiles it for NVIDIA GPUs w
   candidates ranked no later;
 - every step, the first too (its rows are images: the words a caption never starts with are
   blocked, and no ending is recorded, as in ``_step``);
-- the decoder's step stays torch operations (its matrix products are cuBLAS's), and so do the
-  fused language models' matrix products and transcendental functions; their element-wise
-  work is in five kernels of its own (``edgecap.decoding.lm_kernels``).
+- the decoder's matrix products, LSTM cell, softmax and log-softmax stay torch operations (the
+  products are cuBLAS's), and so do the fused language models' matrix products and
+  transcendental functions; the decoder's gathers and joins are in three kernels of their own
+  (``edgecap.decoding.step_kernels``), the language models' element-wise work in five
+  (``edgecap.decoding.lm_kernels``).
 
 Needs the ``triton`` package (PyTorch's CUDA wheels for Linux bring it). On a CUDA device the
 kernel is compiled by Triton; on the CPU it runs only in Triton's interpreter

@@ -2,13 +2,14 @@
 device search (``DeviceBeamSearch(fused=True)``).
 
 ``edgecap.decoding.device.TorchLMPair.step`` and ``_word_bias`` make the search's word bias from
-the two caption language models in 29 torch operations a step (the tag bonus's two
+the two caption language models in 27 torch operations a step (the tag bonus's two
 included): gathers, the gates' sums, the cell's products, the logits' bias, max and shift, the
 density ratio and its weight. On a GPU each is a kernel of a microsecond or two, the most of
-any part of the fused step (docs/gpu-search.md). ``word_bias`` makes the same bias in 15: the
-matrix products (cuBLAS's), the ``tanh``, ``exp`` and ``log`` and the sum over the vocabulary
-stay torch operations on the same tensors, and everything between them, which only adds,
-subtracts, multiplies, takes a maximum or gathers, is in five kernels:
+any part of the fused step (docs/gpu-search.md). ``word_bias`` makes the same bias in 13: the
+matrix products (cuBLAS's, a batched product for both models), the ``tanh``, ``exp`` and
+``log`` and the sum over the vocabulary stay torch operations on the same tensors, and
+everything between them, which only adds, subtracts, multiplies, takes a maximum or gathers,
+is in five kernels:
 
 - ``_gates``: the word's input row (gathered by token) plus the recurrent product;
 - ``_cell``: the new cell, ``0.5 (t_f + 1) c + 0.5 (t_i + 1) t_g`` (the sigmoid gates' weights
@@ -17,7 +18,9 @@ subtracts, multiplies, takes a maximum or gathers, is in five kernels:
 - ``_shift``: each row's logits plus their bias, their maximum, and the logits less it (the
   ``exp``'s argument);
 - ``_ratio``: the two models' log-probabilities' difference times the row's weight, plus the
-  tag bonus of a steered row.
+  tag bonus of a steered row (and, for the fused decoder step, ``ranked_bias``: the decoder's
+  log-probabilities plus that bias, what the step ranks by; ``_tagged`` does the same for the
+  tag bonus alone).
 
 IEEE float32 sums, differences, products and maxima round the same whoever computes them, and
 the kernels are compiled without fused multiply-adds (``enable_fp_fusion=False``), so the bias

@@ -4,7 +4,8 @@ search (``DeviceBeamSearch(fused=True)``, over the torch backend's ``StepGraph``
 ``CaptionDecoder.step_rows`` after the search's gather of the rows' states is about 25 torch
 operations a step; on a GPU each is a kernel of a microsecond or two, and a one-photo decode is
 bound by their number (docs/gpu-search.md). ``fused_step`` runs the same step with six of them
-in three kernels, and two more in kernels the search runs anyway:
+in three kernels, two more in kernels the search runs anyway, and one folded into the word
+logits' projection:
 
 - ``_rows``: the rows' previous h and c (by source row), their words' embeddings (by token)
   and, with the language models, those models' previous hidden states: four gathers in one;
@@ -14,7 +15,9 @@ in three kernels, and two more in kernels the search runs anyway:
 - the word bias's kernel (``lm_kernels``: the language models' ``_ratio``, or ``_tagged`` for
   the tag bonus alone) also writes the log-probabilities plus the bias, what the step ranks by,
   so the decoder's log-probabilities come before the language models' step here;
-- the bookkeeping kernel reads the top K's log-probabilities at their ids (``gathered``).
+- the bookkeeping kernel reads the top K's log-probabilities at their ids (``gathered``);
+- the words a caption never holds get their floor from a copy of the word-logit projection
+  (``KernelJoins.masked_projection``), not from a ``where`` after it.
 
 The matrix products, the LSTM cell, ``tanh``, the softmax and log-softmax, and the top K stay
 torch operations on the same tensors. The kernels only copy, add and multiply, compiled without
