@@ -2,12 +2,19 @@
 CPU tensors: the same captions on Flickr8k dev photos, and what each costs per caption.
 
     python benchmarks/device_search.py check --n 200       # captions and scores, 200 dev photos
+    python benchmarks/device_search.py check --fused       # ... and the fused search (Triton)
     python benchmarks/device_search.py time                # search ms per caption, beam 3, b 1/8
 
 ``check``: the shipped model's torch backend (CPU, FP32) encodes the first ``--n`` Flickr8k dev
 photos in batches of ``--batch``; each batch's encoder outputs go to both searches, so any
 difference is the search's. Default options (tag bonus, fused language models with the gate),
-and ``--options`` more sets. Flickr8k is research data: read here, never a test fixture.
+and ``--options`` more sets; ``--also DIR``: the photos of DIR/images too (the everyday COCO
+dev sets, whose photos the fusion gate gives the language models more often); ``--fp16``: the
+backend in FP16 (its FP32 islands; the encoder FP32, as ``fp16=True`` runs on CUDA). ``--fused``:
+the fused device search (``fused_search=True``: its Triton kernels in Triton's interpreter on
+the CPU, ``TRITON_INTERPRET=1``, slow) against the eager device search, whose hypotheses and
+float64 scores it should give to the last bit. Flickr8k and COCO are research data: read
+here, never a test fixture.
 
 ``time``: each variant (search host / device x batch) in its own worker process
 (``benchmarks/_isolated.py``), interleaved rounds then alone; the measure is the search of one
@@ -18,6 +25,7 @@ reported per caption (median / batch). On the CPU only: no GPU figure comes from
 from __future__ import annotations
 
 import itertools
+import os
 import sys
 import time
 from dataclasses import replace
@@ -60,16 +68,33 @@ def _search(captioner, encoded, options, on_device: bool):
     )
 
 
-def _load_device_captioner(model: Path, **options):
+def _load_device_captioner(model: Path, fp16: bool = False, **options):
     from edgecap import Captioner
+    from edgecap.backends.torch import TorchBackend
+    from edgecap.backends.torch_search import TorchDeviceSearch
 
-    return Captioner(model, backend="torch", device="cpu", search="device", **options)
+    captioner = Captioner(model, backend="torch", device="cpu", search="device", **options)
+    if fp16:  # as fp16=True on CUDA: the FP16 decoder behind the FP32 encoder
+        backend = captioner.backend
+        backend._setup(*TorchBackend._build(backend.manifest), "cpu", fp16=True, fp32_encoder=True)
+        backend.device_search = TorchDeviceSearch(backend)
+    return captioner
+
+
+def _same_bits(a, b) -> bool:
+    """Two searches' hypotheses of one photo: the same tokens, finished flags and float64
+    scores, to the last bit."""
+    return [(h.tokens, h.finished, h.log_prob, h.score, h.rank_score) for h in a] == [
+        (h.tokens, h.finished, h.log_prob, h.score, h.rank_score) for h in b
+    ]
 
 
 # -- check -----------------------------------------------------------------------------------------
 
 
 def check(args) -> None:
+    if args.fused:  # the fused search's kernels on CPU tensors: Triton's interpreter, set before
+        os.environ.setdefault("TRITON_INTERPRET", "1")  # triton is first imported
     import torch
 
     from edgecap import CaptionOptions
@@ -82,7 +107,19 @@ def check(args) -> None:
     if not names_file.is_file():
         sys.exit(f"{names_file} is absent: the check needs the Flickr8k dev photos (--flickr8k DIR)")
     names = [x.strip() for x in names_file.read_text().splitlines() if x.strip()][: args.n]
-    captioner = _load_device_captioner(model)
+    paths = [args.flickr8k / "images" / n for n in names]
+    for folder in args.also:
+        if not (folder / "images").is_dir():
+            sys.exit(f"{folder / 'images'} is absent (--also DIR: a folder with images/)")
+        found = C.image_files(folder / "images", None)
+        paths += found
+        names += [f"{folder.name}/{p.name}" for p in found]
+    captioner = _load_device_captioner(model, fp16=args.fp16)
+    fused = None
+    if args.fused:
+        from edgecap.backends.torch_search import TorchDeviceSearch
+
+        fused = TorchDeviceSearch(captioner.backend, fused=True)
     sets = [s.strip() for s in args.options.split(",") if s.strip()]
     unknown = [s for s in sets if s not in OPTION_SETS]
     if unknown:
@@ -97,6 +134,7 @@ def check(args) -> None:
             "host_s": 0.0,
             "device_s": 0.0,
             "fused_images": 0,
+            "fused_same_bits": 0,
         }
         for s in sets
     }
@@ -104,8 +142,8 @@ def check(args) -> None:
         chunk = names[start : start + args.batch]
         batch = np.stack(
             [
-                preprocess([load_rgb(str(args.flickr8k / "images" / n))], captioner.manifest.preprocessing)[0]
-                for n in chunk
+                preprocess([load_rgb(str(path))], captioner.manifest.preprocessing)[0]
+                for path in paths[start : start + args.batch]
             ]
         )
         encoded = captioner.backend.encode(batch)
@@ -125,6 +163,14 @@ def check(args) -> None:
             t2 = time.perf_counter()
             s["host_s"] += t1 - t0
             s["device_s"] += t2 - t1
+            if fused is not None:
+                eager_search, captioner.backend.device_search = captioner.backend.device_search, fused
+                try:
+                    with torch.inference_mode():
+                        by_kernels = _search(captioner, encoded, options, on_device=True)
+                finally:
+                    captioner.backend.device_search = eager_search
+                s["fused_same_bits"] += sum(map(_same_bits, device, by_kernels))
             if gate is not None and options.fusion_weight != 0:
                 s["fused_images"] += int((gate > 0).sum())
             for photo, a, b in zip(chunk, host, device):
@@ -160,17 +206,31 @@ def check(args) -> None:
                 s["fused_images"],
                 1e3 * s["host_s"] / s["n"],
                 1e3 * s["device_s"] / s["n"],
+                *([f"{s['fused_same_bits']}/{s['n']}"] if fused is not None else []),
             ]
         )
+    photos = f"The first {args.n} Flickr8k dev photos ({args.flickr8k})" + "".join(
+        f", the photos of {folder / 'images'}" for folder in args.also
+    )
     text = (
-        f"The first {len(names)} Flickr8k dev photos ({args.flickr8k}), the shipped model "
-        f"(`{model}`), torch backend on the CPU, FP32; batches of {args.batch}; each batch's "
+        f"{photos}, {len(names)} in all; the shipped model "
+        f"(`{model}`), torch backend on the CPU, "
+        f"{'FP16 (the FP32 encoder, the FP16 decoder with its FP32 islands)' if args.fp16 else 'FP32'}; "
+        f"batches of {args.batch}; each batch's "
         "encoder outputs searched by the numpy loop (host) and by the device search on "
         "torch CPU tensors. `same hypotheses`: every hypothesis' tokens (n_best of them) "
         "equal; `+ finished`: and their finished flags; `max |score diff|`: over score and "
         "rank score of equal hypotheses; `fused photos`: photos the gate gave fusion weight "
         "(the LM path ran). ms per caption: the search alone, one process, host and device "
-        "one after the other per batch (a rough figure; `time` measures it properly).\n\n"
+        "one after the other per batch (a rough figure; `time` measures it properly)."
+        + (
+            " `fused = eager, bit for bit`: photos whose fused device search (`fused_search=True`, "
+            "its Triton kernels run by Triton's interpreter on the CPU) gave the eager device "
+            "search's hypotheses: tokens, finished flags and float64 scores to the last bit."
+            if fused is not None
+            else ""
+        )
+        + "\n\n"
         + C.markdown_table(
             [
                 "options",
@@ -181,6 +241,7 @@ def check(args) -> None:
                 "fused photos",
                 "host ms/caption",
                 "device ms/caption",
+                *(["fused = eager, bit for bit"] if fused is not None else []),
             ],
             rows,
         )
@@ -324,6 +385,19 @@ def build_parser():
         help="Flickr8k folder (Flickr_8k.devImages.txt and images/)",
     )
     c.add_argument("--threads", type=int, default=None, help="torch intra-op threads (default: torch's)")
+    c.add_argument(
+        "--also",
+        type=Path,
+        action="append",
+        default=[],
+        help="a folder whose images/ are searched too (repeatable; e.g. the COCO everyday dev sets)",
+    )
+    c.add_argument("--fp16", action="store_true", help="the backend in FP16 (FP32 encoder), as on CUDA")
+    c.add_argument(
+        "--fused",
+        action="store_true",
+        help="also the fused device search (Triton's interpreter: slow), against the eager one bit for bit",
+    )
     t = sub.add_parser(
         "time",
         help="search ms per caption, each variant in its own process",

@@ -8,6 +8,7 @@ from __future__ import annotations
 
 import importlib.util
 import json
+import math
 import time
 import os
 import shutil
@@ -858,6 +859,35 @@ def _cat_fused_step_counts(decoder_kernels: bool = True) -> dict:
             steps = step_ops.count_fused_steps(captioner, [cat])
         counted[label] = {t: steps[t][0][0] for t in (0, 3)}
     return counted
+
+
+def test_device_search_check_compares_the_fused_search_bit_for_bit(tmp_path, monkeypatch):
+    """``device_search.py check --fused --also DIR``: the Flickr8k-shaped folder's photos and
+    DIR/images' are searched by the numpy loop, the eager device search and the fused one (its
+    kernels in Triton's interpreter): all 8 photos' fused hypotheses are the eager ones, and
+    hypotheses count as equal only with every float64 score equal to the last bit (a
+    log-probability one unit in the last place apart is not)."""
+    pytest.importorskip("torch")
+    pytest.importorskip("triton")
+    import device_search
+
+    from edgecap.decoding.beam import Hypothesis
+
+    flickr = _tiny_flickr8k(tmp_path / "flickr8k")
+    also = tmp_path / "everyday"
+    shutil.copytree(flickr / "images", also / "images")
+    argv = ["check", "--n", "4", "--options", "default", "--fused", "--flickr8k", str(flickr)]
+    argv += ["--also", str(also), "--batch", "4"]
+    device_search.main(argv + ["--out", str(tmp_path / "a")])
+    data = json.loads((tmp_path / "a" / "device_search_check.json").read_text())["stats"]["default"]
+    assert data["n"] == 8 and data["fused_same_bits"] == 8 and data["same_all"] == 8
+    md = (tmp_path / "a" / "device_search_check.md").read_text()
+    assert "| fused = eager, bit for bit |" in md and "| 8/8 |" in md and "8 in all" in md
+
+    hypothesis = Hypothesis((4, 5), 0.5, -1.25, True)
+    nudged = Hypothesis((4, 5), math.nextafter(0.5, 1.0), -1.25, True)
+    assert device_search._same_bits([hypothesis], [hypothesis])
+    assert not device_search._same_bits([hypothesis], [nudged])
 
 
 def test_the_decoders_kernels_take_operations_off_a_fused_step():
