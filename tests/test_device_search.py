@@ -645,6 +645,8 @@ OPTIONS = [
     dict(length_penalty=0.7, no_repeat_ngram=1),
     dict(fusion_weight=0),
     dict(guidance_bonus=0, beam_size=1),
+    # no word bias at all: the top K's own log-probabilities
+    dict(fusion_weight=0, guidance_bonus=0),
     # without the consensus choice the device search ranks and cuts to n_best itself (unpack)
     dict(consensus=False, n_best=3),
 ]
@@ -924,7 +926,7 @@ def test_auto_counts_the_rows_of_the_padded_batch_with_graphs(tiny_model_dir, ph
 @pytest.mark.parametrize(
     "options", OPTIONS, ids=lambda o: ",".join(f"{k}={v}" for k, v in o.items()) or "defaults"
 )
-def test_the_fused_device_search_is_the_device_search_bit_for_bit(shipped, options):
+def test_the_fused_device_search_is_the_device_search_bit_for_bit(shipped, options, monkeypatch):
     """``fused_search=True``: the bookkeeping of every step after the first in one Triton kernel
     (``edgecap.decoding.device_kernel``, run here by Triton's interpreter on CPU tensors) gives
     the eager device search's hypotheses with the same float64 scores to the last bit, and so
@@ -934,11 +936,13 @@ def test_the_fused_device_search_is_the_device_search_bit_for_bit(shipped, optio
     options = replace(CaptionOptions(), **options)
     eager = _search(captioner, encoded, options, on_device=True)
     kept = backend.device_search
+    steps = _count_fused_decoder_steps(monkeypatch)
     try:
         backend.device_search = TorchDeviceSearch(backend, fused=True)
         fused = _search(captioner, encoded, options, on_device=True)
     finally:
         backend.device_search = kept
+    assert steps, "the decoder's step did not run through its kernels"
     _same(eager, fused, exact=True)
     _same(_search(captioner, encoded, options, on_device=False), fused, exact=False)
 
@@ -1037,7 +1041,9 @@ def test_the_decoder_steps_kernels_give_torchs_operations_bit_for_bit(dtype):
         return torch.from_numpy((rng.normal(size=shape) * scale).astype(np.float32)).to(dtype)
 
     R, S, V, E, F, H, HL = 64, 3, 50, 12, 20, 10, 6
-    embed, h, c = normal(V, E), normal(S, H), normal(S, H)
+    # h a slice of a wider buffer: its rows H + 5 apart, c's H apart
+    embed, h, c = normal(V, E), normal(S, H + 5)[:, 3 : 3 + H], normal(S, H)
+    assert h.stride(0) != c.stride(0)
     lm_h = normal(2, S, HL).float()
     tokens = torch.from_numpy(rng.integers(0, V, R))
     source = torch.from_numpy(rng.integers(0, S, R))
@@ -1096,16 +1102,18 @@ def test_the_masked_projection_gives_the_masked_word_logits_bit_for_bit(dtype, i
     assert not TORCH_JOINS.masks_words and torch.equal(TORCH_JOINS.word_logits(out_vocab, x), out_vocab(x))
     kept = joins.masked_projection(out_vocab)
     assert joins.masked_projection(out_vocab) is kept  # made once
-    with torch.no_grad():
-        out_vocab.bias.add_(1.0)
-    assert joins.masked_projection(out_vocab) is not kept
-    assert torch.equal(joins.word_logits(out_vocab, x), mask_logits(out_vocab(x)))
+    for change in (lambda: out_vocab.bias.add_(1.0), lambda: out_vocab.weight.mul_(0.5)):
+        with torch.no_grad():
+            change()
+        assert joins.masked_projection(out_vocab) is not kept
+        kept = joins.masked_projection(out_vocab)
+        assert torch.equal(joins.word_logits(out_vocab, x), mask_logits(out_vocab(x)))
 
 
 @needs_triton
 @pytest.mark.parametrize("fp32_logits", [True, False], ids=["word logits FP32", "word logits FP16"])
 def test_the_fused_decoder_step_in_fp16_is_the_eager_one_bit_for_bit(
-    default_model_dir, example_images, fp32_logits
+    default_model_dir, example_images, fp32_logits, monkeypatch
 ):
     """The torch backend in FP16 (``fp16=True``: the FP16 decoder, its FP32 islands, the word
     logits in FP32 or not), searched fused (the decoder's gathers and joins in
@@ -1121,8 +1129,26 @@ def test_the_fused_decoder_step_in_fp16_is_the_eager_one_bit_for_bit(
     options = CaptionOptions(n_best=2)
     backend.device_search = TorchDeviceSearch(backend)
     eager = _search(captioner, encoded, options, on_device=True)
+    steps = _count_fused_decoder_steps(monkeypatch)
     backend.device_search = TorchDeviceSearch(backend, fused=True)
     _same(eager, _search(captioner, encoded, options, on_device=True), exact=True)
+    assert steps and all(dtype == torch.float16 for dtype in steps)  # the kernels on FP16 tensors
+
+
+def _count_fused_decoder_steps(monkeypatch) -> list:
+    """Records each step run through ``step_kernels.fused_step`` (the decoder's step in its
+    kernels): the dtype of the embeddings its row kernel gathered."""
+    from edgecap.decoding import step_kernels
+
+    steps: list = []
+    real = step_kernels.gather_rows
+
+    def gather_rows(embed, *args, **kwargs):
+        steps.append(embed.dtype)
+        return real(embed, *args, **kwargs)
+
+    monkeypatch.setattr(step_kernels, "gather_rows", gather_rows)
+    return steps
 
 
 @needs_triton

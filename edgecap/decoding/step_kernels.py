@@ -130,9 +130,13 @@ class KernelJoins(StepJoins):
         ``LOGIT_FLOOR`` as their bias: their logits come out ``LOGIT_FLOOR`` exactly (a sum of
         zero products, plus the bias) and every other word's as the projection's own (the same
         shapes, so the same matrix product), which is ``mask_logits`` after the projection
-        without its ``where``: one kernel a step fewer. Made once per projection and weights
-        (a graph's warm-up makes it before a capture: it copies from the host); the copy
-        holds V x E more weights on the device."""
+        without its ``where``: one kernel a step fewer. Made once per projection, and again
+        after its weights or bias change in place under autograd's version counter (a graph's
+        warm-up makes it before a capture: it copies from the host); the copy holds V x E more
+        weights on the device. A copy: changes it cannot see (writes through ``.data``, in
+        inference mode, hooks added later) and graphs captured before a change keep the old
+        weights, so a model whose weights change is searched through a new ``KernelJoins``
+        (the captioner's never change)."""
         weight, bias = out_vocab.weight, out_vocab.bias
         key = (weight.data_ptr(), _version(weight), _version(bias), weight.dtype, weight.device)
         kept = self._masked.get(out_vocab)
