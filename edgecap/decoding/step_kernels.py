@@ -36,10 +36,9 @@ from typing import Any
 import torch
 import triton
 import triton.language as tl
-
-from edgecap.decoding import device_kernel, lm_kernels
 from torch import nn
 
+from edgecap.decoding import device_kernel, lm_kernels
 from edgecap.models.decoder import LOGIT_FLOOR, CaptionDecoder, StepJoins
 from edgecap.vocab import NEVER_GENERATED_IDS
 

@@ -57,8 +57,9 @@ _MASKS: dict[tuple, tuple[torch.Tensor, torch.Tensor]] = {}
 
 class StepJoins:
     """The element-wise joins of a decoder step, as torch operations: the LSTM's input (the
-    word's embedding beside the gated context) and the deep output's sum. The fused device
-    search does them in Triton kernels of the same arithmetic (``edgecap.decoding.step_kernels``)."""
+    word's embedding beside the gated context), the deep output's sum, and the word logits'
+    projection. The fused device search does the joins in Triton kernels of the same arithmetic
+    and floors the words a caption never holds in the projection (``edgecap.decoding.step_kernels``)."""
 
     masks_words = False  # ``word_logits`` leaves the words a caption never holds to ``mask_logits``
 
