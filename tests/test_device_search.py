@@ -1463,16 +1463,24 @@ def test_the_compiled_search_on_the_gpu_captions_as_the_host_search(default_mode
     "(benchmarks/gpu_check.py runs the gpu tests so)",
 )
 @pytest.mark.parametrize("graphs", [False, True])
-def test_the_fused_search_on_the_gpu_is_the_device_search(default_model_dir, example_images, graphs):
-    """``fused_search=True`` on CUDA (the Triton kernel compiled for the GPU, inside the
-    whole-decode CUDA graph with ``graphs``) gives the eager device search's captions and
-    scores exactly, and the host search's captions."""
+@pytest.mark.parametrize("fp16", [False, True], ids=["fp32", "fp16"])
+def test_the_fused_search_on_the_gpu_is_the_device_search(default_model_dir, example_images, graphs, fp16):
+    """``fused_search=True`` on CUDA (the Triton kernels compiled for the GPU: the bookkeeping,
+    the language models' and the decoder step's; inside the whole-decode CUDA graph with
+    ``graphs``) gives the eager device search's captions and scores exactly, FP32 and with the
+    FP16 decoder (``fp16=True``); and in FP32 the host search's captions."""
     if not torch.cuda.is_available():
         pytest.skip("no CUDA GPU")
     photos = [str(p) for p in example_images] * 3  # batches of 8 and 4
     made = {
         name: Captioner(
-            default_model_dir, backend="torch", device="cuda", search=search, cuda_graphs=graphs, **extra
+            default_model_dir,
+            backend="torch",
+            device="cuda",
+            search=search,
+            cuda_graphs=graphs,
+            fp16=fp16,
+            **extra,
         )
         for name, search, extra in (
             ("host", "host", {}),
@@ -1482,8 +1490,10 @@ def test_the_fused_search_on_the_gpu_is_the_device_search(default_model_dir, exa
     }
     for _ in range(2):  # the second time through the captured graphs
         host, device, fused = (made[name].caption_batch(photos) for name in ("host", "device", "fused"))
-        assert [c.text for c in fused] == [c.text for c in device] == [c.text for c in host]
+        assert [c.text for c in fused] == [c.text for c in device]
         assert [c.score for c in fused] == [c.score for c in device]
+        if not fp16:  # FP16's host and device searches may part at a near tie
+            assert [c.text for c in device] == [c.text for c in host]
 
 
 @pytest.mark.gpu
