@@ -70,15 +70,12 @@ def _search(captioner, encoded, options, on_device: bool):
 
 def _load_device_captioner(model: Path, fp16: bool = False, **options):
     from edgecap import Captioner
-    from edgecap.backends.torch import TorchBackend
-    from edgecap.backends.torch_search import TorchDeviceSearch
 
-    captioner = Captioner(model, backend="torch", device="cpu", search="device", **options)
     if fp16:  # as fp16=True on CUDA: the FP16 decoder behind the FP32 encoder
-        backend = captioner.backend
-        backend._setup(*TorchBackend._build(backend.manifest), "cpu", fp16=True, fp32_encoder=True)
-        backend.device_search = TorchDeviceSearch(backend)
-    return captioner
+        from fp16_emulation import fp16_captioner
+
+        return fp16_captioner(model, {"fp32_encoder": True})
+    return Captioner(model, backend="torch", device="cpu", search="device", **options)
 
 
 def _same_bits(a, b) -> bool:

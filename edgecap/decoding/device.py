@@ -875,10 +875,12 @@ def _word_bias(loop: _Loop, t: int | None, carry: tuple):
 
 def _fused_step(loop: _Loop, t: int | None, number: torch.Tensor, carry: tuple) -> tuple:
     """``_step`` with its bookkeeping in one Triton kernel (``edgecap.decoding.device_kernel``;
-    ``t``: 0 for the first step, None for one after it): the word bias as there with the
-    language models' element-wise work in five kernels (``edgecap.decoding.lm_kernels``), the
-    decoder's step as there, then the kernel; the same next carry and the same writes. Beams
-    wider than the kernel takes (``device_kernel.supports``) run ``_step``."""
+    ``t``: 0 for the first step, None for one after it): over the torch backend's decoder, its
+    step with its gathers and joins in kernels too (``edgecap.decoding.step_kernels``); over
+    another step, the word bias as there with the language models' element-wise work in five
+    kernels (``edgecap.decoding.lm_kernels``) and the step as it is; then the kernel. The same
+    next carry and the same writes. Beams wider than the kernel takes
+    (``device_kernel.supports``) run ``_step``."""
     from edgecap.decoding.device_kernel import bookkeeping, supports
     from edgecap.decoding.lm_kernels import word_bias
     from edgecap.decoding.step_kernels import decoder_of, fused_step
@@ -886,8 +888,9 @@ def _fused_step(loop: _Loop, t: int | None, number: torch.Tensor, carry: tuple) 
     assert t in (0, None)  # the first step, or one after it
     if not supports(loop.plan):  # a beam too wide for one program's ranking
         return _step(loop, t, number, carry)
-    if decoder_of(loop.step) is not None:  # the decoder's step with its joins in kernels too
-        return fused_step(loop, t, number, carry)
+    decoder = decoder_of(loop.step)
+    if decoder is not None:  # the decoder's step with its joins in kernels too
+        return fused_step(loop, decoder, t, number, carry)
     bias, lm_states = word_bias(loop, t, carry)
     values, ids, state = loop.step(carry[2], carry[0], carry[1], bias)
     return bookkeeping(loop, number, carry, values, ids, bias, state, lm_states, first=t == 0)

@@ -241,11 +241,10 @@ def gather_rows(embed: torch.Tensor, tokens, source, h, c, lm_h=None) -> tuple:
     return emb, h_rows, c_rows, lm_rows
 
 
-def fused_step(loop, t: int | None, number: torch.Tensor, carry: tuple) -> tuple:
-    """``device._fused_step`` with the decoder's step in the kernels above: the same next carry
-    and the same writes, bit for bit. ``t``: 0 for the first step, None for one after it."""
-    decoder = decoder_of(loop.step)
-    assert decoder is not None
+def fused_step(loop, decoder: CaptionDecoder, t: int | None, number: torch.Tensor, carry: tuple) -> tuple:
+    """``device._fused_step`` with ``decoder``'s step (``decoder_of(loop.step)``) in the kernels
+    above: the same next carry and the same writes, bit for bit. ``t``: 0 for the first step,
+    None for one after it."""
     tokens, source, (h, c), lm_states = carry[0], carry[1], carry[2], carry[8]
     # the first step's language-model states are all zero: nothing to gather
     lm_h = lm_states[0] if lm_states is not None and t != 0 else None
