@@ -180,7 +180,7 @@ KERNEL_KINDS = (
     ("matrix product", r"gemm|gemv|cublas|cutlass|xmma|::mm|addmm|bmm|linear|matmul"),
     # the fused search's own: the bookkeeping's, the language models' and the decoder step's
     # (edgecap.decoding: device_kernel, lm_kernels, step_kernels)
-    ("Triton kernel", r"triton|bookkeeping|^_(gates|cell|hidden|shift|ratio|tagged|rows|lstm_input|deep)$"),
+    ("Triton kernel", r"triton|bookkeeping|^_(cell|hidden|shift|ratio|tagged|rows|lstm_input|deep)$"),
     ("reduction / softmax", r"softmax|reduce|norm|::max|::sum|cumsum|scan|::all|::any"),
     ("index / gather / scatter", r"index|gather|scatter|embedding|::take|::where"),
     ("copy / fill", r"copy|memcpy|memset|fill|::cat|::stack|::clone|::contiguous"),

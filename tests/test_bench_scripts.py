@@ -825,13 +825,14 @@ def test_step_ops_counts_the_device_search_steps(tmp_path, monkeypatch):
 def test_step_ops_counts_a_fused_steps_triton_launches_as_kernels():
     """``--fused``: a fused step's count is its torch operations plus its Triton kernels'
     launches. With the language models (the cat photo, to which the fusion gate gives them) a
-    step counts 11 more than without: 7 torch operations (two batched matrix products, a
-    model's each, two tanh, exp, the sum, log) and the language models' 5 kernels, less the tag
-    bonus's kernel, whose work their last kernel does; the first step too (their hidden states
-    are gathered in the decoder's row kernel, ``step_kernels``, with the decoder's)."""
+    step counts 10 more than without: 7 torch operations (two batched matrix products, the
+    recurrent one adding the words' input rows; two tanh, exp, the sum, log) and the language
+    models' 4 kernels, less the tag bonus's kernel, whose work their last kernel does; the
+    first step too (their hidden states and input rows are gathered in the decoder's row
+    kernel, ``step_kernels``, with the decoder's)."""
     counted = _cat_fused_step_counts()
-    assert counted["with"][0] - counted["without"][0] == 11
-    assert counted["with"][3] - counted["without"][3] == 11
+    assert counted["with"][0] - counted["without"][0] == 10
+    assert counted["with"][3] - counted["without"][3] == 10
 
 
 def _cat_fused_step_counts(decoder_kernels: bool = True) -> dict:
@@ -893,16 +894,17 @@ def test_device_search_check_compares_the_fused_search_bit_for_bit(tmp_path, mon
 def test_the_decoders_kernels_take_operations_off_a_fused_step():
     """The fused step over the torch backend's decoder (``step_kernels.fused_step``) against
     the fused step with the decoder's step as it is (``decoder_of`` None): a step after the
-    first counts 8 fewer operations with the language models (the cat photo): the gathers of
-    h, c, the embedding and the language models' hidden states in one kernel (3), the gated
+    first counts 9 fewer operations with the language models (the cat photo): the gathers of
+    h, c, the embedding and the language models' hidden states and input rows in one kernel
+    (4), the gated
     context and its ``cat`` (1), the deep output's two sums (1), the words a caption never
     holds floored by the projection (its ``where``, 1), the bias's addition to the
     log-probabilities in the bias's kernel (1), their gather at the top K in the bookkeeping's
     (1); 7 fewer without them (two gathers; the tag bonus's product and addition in one
-    kernel); the first step, whose language-model states are not gathered, 7 and 7."""
+    kernel); the first step, whose language-model states are not gathered, 8 and 7."""
     fused, plain = _cat_fused_step_counts(), _cat_fused_step_counts(decoder_kernels=False)
     fewer = {label: {t: plain[label][t] - fused[label][t] for t in (0, 3)} for label in fused}
-    assert fewer == {"with": {0: 7, 3: 8}, "without": {0: 7, 3: 7}}
+    assert fewer == {"with": {0: 8, 3: 9}, "without": {0: 7, 3: 7}}
 
 
 def test_overlap_times_the_calls_with_and_without_it(tmp_path, monkeypatch):

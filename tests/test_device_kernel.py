@@ -39,7 +39,7 @@ LAUNCH_OPTIONS = ("num_warps", "enable_fp_fusion")
 # H100 / H200, Jetson AGX Orin, Jetson AGX Xavier
 ARCHITECTURES = (90, 87, 72)
 # every kernel of the language models' and of the decoder step's, as the fused searches launch them
-LM_KERNELS = {"_gates", "_cell", "_hidden", "_shift", "_ratio", "_tagged"}
+LM_KERNELS = {"_cell", "_hidden", "_shift", "_ratio", "_tagged"}
 STEP_KERNELS = {"_rows", "_lstm_input", "_deep"}
 
 COMPILE = r"""
@@ -268,7 +268,7 @@ def test_the_kernels_compile_for_nvidia_gpus_without_spilling():
         4,
     }
     assert {launch["options"]["num_warps"] for launch in kept if launch["constexprs"]["GATHERED"]} == {2, 8}
-    # the language models' five, the first step's cell (no gather) and the later ones', the
+    # the language models' kernels, the first step's cell (no gather) and the later ones', the
     # ratio with and without the tag bonus; without fused multiply-adds, as the eager step
     lms = [launch for launch in launches if launch["module"] == lm_kernels.__name__]
     assert {launch["kernel"] for launch in lms} == LM_KERNELS
@@ -283,21 +283,29 @@ def test_the_kernels_compile_for_nvidia_gpus_without_spilling():
             True,
             False,
         }, flag
-    # the decoder step's three, with and without the language models' states to gather, the
-    # first step's int32 tokens and the later ones' int64, FP32 and FP16
+    # the decoder step's three, with and without the language models' states and input rows to
+    # gather (the first step: the rows alone), the first step's int32 tokens and the later
+    # ones' int64, FP32 and FP16
     steps = [launch for launch in launches if launch["module"] == step_kernels.__name__]
     assert {launch["kernel"] for launch in steps} == STEP_KERNELS
     rows = [launch for launch in steps if launch["kernel"] == "_rows"]
     assert {launch["constexprs"]["LM"] for launch in rows} == {True, False}
+    assert {(launch["constexprs"]["LM"], launch["constexprs"]["LM_IN"]) for launch in rows} == {
+        (True, True),
+        (False, True),
+        (False, False),
+    }
     assert {launch["signature"]["tok_ptr"] for launch in rows} == {"*i32", "*i64"}
     assert {launch["signature"]["emb_ptr"] for launch in steps if launch["kernel"] == "_deep"} == {
         "*fp32",
         "*fp16",
     }
     assert all(launch["options"]["enable_fp_fusion"] is False for launch in launches)
-    # and each at the shipped model's sizes (hidden 128: 512 gate values; a vocabulary past
-    # WORDS_AT_A_TIME: a block of that many words), which the small fakes do not reach
-    shipped = {"BG": 512, "BH": 128, "BV": lm_kernels.WORDS_AT_A_TIME}
+    # the shipped model's row kernel gathers its language models' 512 gate values a row
+    assert {launch["constexprs"]["BG"] for launch in rows if launch["constexprs"]["LM_IN"]} >= {512}
+    # and each at the shipped model's sizes (hidden 128; a vocabulary past WORDS_AT_A_TIME: a
+    # block of that many words), which the small fakes do not reach
+    shipped = {"BH": 128, "BV": lm_kernels.WORDS_AT_A_TIME}
     resized = [
         {**launch, "constexprs": {k: shipped.get(k, v) for k, v in launch["constexprs"].items()}}
         for launch in lms

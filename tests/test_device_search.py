@@ -989,14 +989,16 @@ def test_the_language_models_kernels_give_the_eager_word_bias_bit_for_bit(first,
     for got, want in ((bias, want_bias), (h, want_h), (c, want_c)):
         assert got.shape == want.shape and got.dtype == want.dtype
         assert torch.equal(got, want)
-    # after the decoder's step (the fused decoder step): the hidden states gathered by its row
-    # kernel, and the log-probabilities plus the bias written by the bias's kernel too
+    # after the decoder's step (the fused decoder step): the hidden states and the input rows
+    # gathered by its row kernel, and the log-probabilities plus the bias written by the bias's
+    # kernel too
     logprobs = torch.log_softmax(normal(R, vocab) * 4, dim=1)
     gathered = None if first else states[0].index_select(1, source)
-    bias, (h, c), ranked = lm_kernels.ranked_bias(loop, t, carry, logprobs, gathered)
-    for got, want in ((bias, want_bias), (h, want_h), (c, want_c), (ranked, logprobs + want_bias)):
-        assert got.shape == want.shape and got.dtype == want.dtype
-        assert torch.equal(got, want)
+    for lm_in in (None, lms.input.index_select(1, tokens)):
+        bias, (h, c), ranked = lm_kernels.ranked_bias(loop, t, carry, logprobs, gathered, lm_in)
+        for got, want in ((bias, want_bias), (h, want_h), (c, want_c), (ranked, logprobs + want_bias)):
+            assert got.shape == want.shape and got.dtype == want.dtype
+            assert torch.equal(got, want)
 
 
 @needs_triton
@@ -1028,8 +1030,9 @@ def test_the_tag_bonus_alone_and_what_the_step_ranks_by_in_one_kernel():
 @pytest.mark.parametrize("dtype", [torch.float32, torch.float16], ids=["float32", "float16"])
 def test_the_decoder_steps_kernels_give_torchs_operations_bit_for_bit(dtype):
     """``step_kernels``: the row kernel gathers the words' embeddings, the rows' h and c and the
-    language models' hidden states as ``embedding`` and ``index_select`` do (more rows than
-    states, as the first step's images; int32 indices, as its tokens); ``KernelJoins``' LSTM
+    language models' hidden states and input rows as ``embedding`` and ``index_select`` do
+    (more rows than states, as the first step's images; int32 indices, as its tokens; the input
+    rows without the states, as the first step's); ``KernelJoins``' LSTM
     input and deep sum are ``StepJoins``' to the last bit, in FP16 too (each sum rounded to
     FP16 before the next, as torch's). Sizes that are no power of two: the masked lanes."""
     from edgecap.decoding import step_kernels
@@ -1044,22 +1047,26 @@ def test_the_decoder_steps_kernels_give_torchs_operations_bit_for_bit(dtype):
     # h a slice of a wider buffer: its rows H + 5 apart, c's H apart
     embed, h, c = normal(V, E), normal(S, H + 5)[:, 3 : 3 + H], normal(S, H)
     assert h.stride(0) != c.stride(0)
-    lm_h = normal(2, S, HL).float()
+    lm_h, lm_input = normal(2, S, HL).float(), normal(2, V, 4 * HL).float()
     tokens = torch.from_numpy(rng.integers(0, V, R))
     source = torch.from_numpy(rng.integers(0, S, R))
-    emb, h_rows, c_rows, lm_rows = step_kernels.gather_rows(embed, tokens, source, h, c, lm_h)
+    got = step_kernels.gather_rows(embed, tokens, source, h, c, lm_h, lm_input)
+    emb = got[0]
     wants = (
         torch.nn.functional.embedding(tokens, embed),
         h.index_select(0, source),
         c.index_select(0, source),
         lm_h.index_select(1, source),
+        lm_input.index_select(1, tokens),
     )
-    for got, want in zip((emb, h_rows, c_rows, lm_rows), wants, strict=True):
-        assert got.dtype == want.dtype and torch.equal(got, want)
+    for mine, want in zip(got, wants, strict=True):
+        assert mine.dtype == want.dtype and torch.equal(mine, want)
     alone = step_kernels.gather_rows(embed, tokens.int(), source.int(), h, c)
-    assert alone[3] is None
-    for got, want in zip(alone[:3], wants[:3]):
-        assert torch.equal(got, want)
+    assert alone[3] is None and alone[4] is None
+    for mine, want in zip(alone[:3], wants[:3]):
+        assert torch.equal(mine, want)
+    first = step_kernels.gather_rows(embed, tokens.int(), source.int(), h, c, None, lm_input)
+    assert first[3] is None and torch.equal(first[4], wants[4])
 
     beta, context = torch.sigmoid(normal(R, F)), normal(R, F, scale=3.0)
     got = step_kernels.KERNEL_JOINS.lstm_input(emb, beta, context)

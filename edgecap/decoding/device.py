@@ -218,8 +218,9 @@ def _sigmoid(x: torch.Tensor) -> torch.Tensor:
 class TorchLMPair:
     """Both fused models' steps at once (everyday, in-domain), ``TorchLM.step_logits``' math:
     the element-wise work runs on (2, R, .) stacks, and each matrix product is one batched
-    product over both models (``bmm``: one kernel for two; its rounding may differ from one
-    product a model, in the last bits); the input and recurrent weights of the sigmoid gates
+    product over both models (``bmm``, and ``baddbmm`` for the recurrent product plus the words'
+    input rows: one kernel for two, and the sum in it; its rounding may differ from one product
+    a model and a sum after it, in the last bits); the input and recurrent weights of the sigmoid gates
     (i, f, o) are pre-multiplied by 0.5 (exact in binary floating point), so that one tanh over
     all four gates gives tanh(0.5 x) for them and tanh(x) for g."""
 
@@ -240,8 +241,9 @@ class TorchLMPair:
     def step(self, tokens: torch.Tensor, h: torch.Tensor, c: torch.Tensor):
         """tokens (R,), h, c (2, R, H) -> (logits (2, R, V), log-normalisers (2, R, 1), h, c)."""
         H = self.hidden
-        gates = self.input.index_select(1, tokens)
-        t = torch.tanh(gates + torch.bmm(h, self.w_hh_t))  # tanh(0.5 x) for i, f, o; tanh(x) for g
+        # the words' input rows plus the recurrent product, in one batched product (``baddbmm``)
+        t = torch.tanh(torch.baddbmm(self.input.index_select(1, tokens), h, self.w_hh_t))
+        # t: tanh(0.5 x) for i, f, o; tanh(x) for g
         s = 0.5 * (t + 1.0)
         c = s[:, :, H : 2 * H] * c + s[:, :, :H] * t[:, :, 2 * H : 3 * H]
         h = s[:, :, 3 * H :] * torch.tanh(c)
@@ -877,7 +879,7 @@ def _fused_step(loop: _Loop, t: int | None, number: torch.Tensor, carry: tuple) 
     """``_step`` with its bookkeeping in one Triton kernel (``edgecap.decoding.device_kernel``;
     ``t``: 0 for the first step, None for one after it): over the torch backend's decoder, its
     step with its gathers and joins in kernels too (``edgecap.decoding.step_kernels``); over
-    another step, the word bias as there with the language models' element-wise work in five
+    another step, the word bias as there with the language models' element-wise work in four
     kernels (``edgecap.decoding.lm_kernels``) and the step as it is; then the kernel. The same
     next carry and the same writes. Beams wider than the kernel takes
     (``device_kernel.supports``) run ``_step``."""

@@ -1,17 +1,17 @@
-"""The fused language models' element-wise work in five Triton kernels a step, for the fused
+"""The fused language models' element-wise work in four Triton kernels a step, for the fused
 device search (``DeviceBeamSearch(fused=True)``).
 
 ``edgecap.decoding.device.TorchLMPair.step`` and ``_word_bias`` make the search's word bias from
-the two caption language models in 27 torch operations a step (the tag bonus's two
-included): gathers, the gates' sums, the cell's products, the logits' bias, max and shift, the
-density ratio and its weight. On a GPU each is a kernel of a microsecond or two, the most of
-any part of the fused step (docs/gpu-search.md). ``word_bias`` makes the same bias in 13: the
-matrix products (cuBLAS's, a batched product for both models), the ``tanh``, ``exp`` and
-``log`` and the sum over the vocabulary stay torch operations on the same tensors, and
-everything between them, which only adds, subtracts, multiplies, takes a maximum or gathers,
-is in five kernels:
+the two caption language models in 26 torch operations a step (the tag bonus's two
+included): gathers, the cell's products, the logits' bias, max and shift, the density ratio and
+its weight. On a GPU each is a kernel of a microsecond or two, the most of any part of the
+fused step (docs/gpu-search.md). ``word_bias`` makes the same bias in 13: the gather of the
+words' input rows, the matrix products (cuBLAS's, a batched product for both models; the
+recurrent one adds the input rows, ``baddbmm``), the ``tanh``, ``exp`` and ``log`` and the sum
+over the vocabulary stay torch operations on the same tensors, and everything between them,
+which only adds, subtracts, multiplies, takes a maximum or gathers, is in four kernels (the
+fused decoder step gathers the input rows in its own row kernel, ``step_kernels._rows``: 11):
 
-- ``_gates``: the word's input row (gathered by token) plus the recurrent product;
 - ``_cell``: the new cell, ``0.5 (t_f + 1) c + 0.5 (t_i + 1) t_g`` (the sigmoid gates' weights
   are pre-scaled by 0.5, ``TorchLMPair``), the old cell gathered by source row;
 - ``_hidden``: ``0.5 (t_o + 1) tanh(c)``;
@@ -42,19 +42,6 @@ import triton.language as tl
 
 from edgecap.decoding.device import _word_bias
 from edgecap.decoding import device_kernel
-
-
-def _gates(input_ptr, tok_ptr, hh_ptr, out_ptr, R, V, G, BG: tl.constexpr):
-    """Program (model m, row r): out[m, r] = input[m, tok[r]] + hh[m, r] (G values)."""
-    pid = tl.program_id(0)
-    m = pid // R
-    r = pid % R
-    j = tl.arange(0, BG)
-    mask = j < G
-    word = tl.load(tok_ptr + r).to(tl.int64)
-    x = tl.load(input_ptr + (m * V + word) * G + j, mask=mask)
-    y = tl.load(hh_ptr + pid.to(tl.int64) * G + j, mask=mask)
-    tl.store(out_ptr + pid.to(tl.int64) * G + j, x + y, mask=mask)
 
 
 def _cell(t_ptr, c_ptr, src_ptr, out_ptr, R, H, G, GATHER: tl.constexpr, BH: tl.constexpr):
@@ -163,9 +150,10 @@ def _tagged(tag_ptr, steer_ptr, lp_ptr, out_ptr, ranked_ptr, V, BV: tl.constexpr
 
 @functools.cache
 def _kernels() -> dict[str, Any]:
-    """The five kernels: compiled by Triton for a GPU, or, with ``TRITON_INTERPRET=1`` in the
-    environment before triton is imported, run by its interpreter (CPU tensors: the tests)."""
-    return {f.__name__: triton.jit(f) for f in (_gates, _cell, _hidden, _shift, _ratio, _tagged)}
+    """The five kernels (four a step: ``_ratio`` or ``_tagged``): compiled by Triton for a GPU,
+    or, with ``TRITON_INTERPRET=1`` in the environment before triton is imported, run by its
+    interpreter (CPU tensors: the tests)."""
+    return {f.__name__: triton.jit(f) for f in (_cell, _hidden, _shift, _ratio, _tagged)}
 
 
 # the logits' kernels take a row's words this many at a time (a vocabulary grown past it loops,
@@ -174,7 +162,7 @@ WORDS_AT_A_TIME = 1024
 
 
 def word_bias(loop, t: int | None, carry: tuple) -> tuple:
-    """``device._word_bias`` with the language models' element-wise work in the five kernels:
+    """``device._word_bias`` with the language models' element-wise work in the four kernels:
     the same bias and new states bit for bit. ``t``: 0 for the first step (its rows' states are
     the images', all zero: no gather), None for one after it. Without the language models (the
     tag bonus alone: one product) it is ``_word_bias``."""
@@ -187,13 +175,14 @@ def word_bias(loop, t: int | None, carry: tuple) -> tuple:
         return _language_models(loop, t != 0, tokens, source, steered, lm_states)[:2]
 
 
-def ranked_bias(loop, t: int | None, carry: tuple, logprobs: torch.Tensor, lm_h) -> tuple:
+def ranked_bias(loop, t: int | None, carry: tuple, logprobs: torch.Tensor, lm_h, lm_in=None) -> tuple:
     """``word_bias`` after the decoder's step, for the fused decoder step
     (``edgecap.decoding.step_kernels``): -> (the bias or None, the language models' new
     states, ``logprobs`` (R, V) float32 plus the bias, what the step ranks by, or None without
     a bias), made in the bias's own kernel (the language models' ``_ratio``, or ``_tagged`` for
     the tag bonus alone). ``lm_h``: their hidden states already gathered by source row, or None
-    (the first step: nothing to gather)."""
+    (the first step: nothing to gather); ``lm_in``: their input rows (2, R, 4H) already gathered
+    by token, or None (gathered here)."""
     tokens, source, steered, lm_states = carry[0], carry[1], carry[7], carry[8]
     tags = steered is not None and loop.tag_bias is not None
     if lm_states is None and not tags:
@@ -202,7 +191,7 @@ def ranked_bias(loop, t: int | None, carry: tuple, logprobs: torch.Tensor, lm_h)
     assert logprobs.is_contiguous() and logprobs.dtype == torch.float32
     with device_kernel.on_device(logprobs.device):
         if lm_states is not None:
-            return _language_models(loop, t != 0, tokens, source, steered, lm_states, lm_h, logprobs)
+            return _language_models(loop, t != 0, tokens, source, steered, lm_states, lm_h, logprobs, lm_in)
         R, V = logprobs.shape
         assert loop.tag_bias.is_contiguous()
         bias, ranked = torch.empty_like(logprobs), torch.empty_like(logprobs)
@@ -218,11 +207,13 @@ OPTIONS = {"num_warps": 4, "enable_fp_fusion": False}
 
 
 def _language_models(
-    loop, gather: bool, tokens, source, steered, lm_states, lm_h=None, logprobs=None
+    loop, gather: bool, tokens, source, steered, lm_states, lm_h=None, logprobs=None, lm_in=None
 ) -> tuple:
     """``word_bias``' work with the language models: the bias (R, V), their new states, and
     with ``logprobs`` those plus the bias (else None); ``gather``: the states are the previous
-    step's rows (by ``source``), not the images' (``lm_h``: the hidden ones already gathered)."""
+    step's rows (by ``source``), not the images' (``lm_h``: the hidden ones already gathered);
+    ``lm_in``: the words' input rows already gathered (else gathered here, as
+    ``TorchLMPair.step`` does)."""
     k = _kernels()
     lms = loop.lms
     h, c = lm_states
@@ -232,15 +223,16 @@ def _language_models(
         h = h.index_select(1, source)
     R, H = h.shape[1], lms.hidden
     V, G = lms.out_b.shape[2], 4 * H
-    assert lms.input.is_contiguous() and c.is_contiguous() and lms.out_b.is_contiguous()
-    # the recurrent products, both models' in one batched product as TorchLMPair.step's
-    hh = torch.bmm(h, lms.w_hh_t)
-    assert hh.is_contiguous()
+    assert c.is_contiguous() and lms.out_b.is_contiguous()
+    if lm_in is None:
+        lm_in = lms.input.index_select(1, tokens)
+    assert lm_in.shape == (2, R, G) and lm_in.is_contiguous()
+    # the input rows plus the recurrent products, both models' in one batched product, as
+    # TorchLMPair.step's (the same operation on the same values: the same bits)
+    gates = torch.tanh(torch.baddbmm(lm_in, h, lms.w_hh_t))  # tanh(0.5 x) for i, f, o; tanh(x) for g
+    assert gates.is_contiguous()
     options = OPTIONS
-    BG, BH = device_kernel._next_pow2(G), device_kernel._next_pow2(H)
-    pre = torch.empty_like(hh)
-    k["_gates"][(2 * R,)](lms.input, tokens, hh, pre, R, lms.input.shape[1], G, BG=BG, **options)
-    gates = torch.tanh(pre)  # tanh(0.5 x) for i, f, o; tanh(x) for g
+    BH = device_kernel._next_pow2(H)
     cell = torch.empty((2, R, H), dtype=h.dtype, device=h.device)
     k["_cell"][(2 * R,)](gates, c, source, cell, R, H, G, GATHER=gather, BH=BH, **options)
     hidden = torch.empty_like(cell)

@@ -4,11 +4,12 @@ search (``DeviceBeamSearch(fused=True)``, over the torch backend's ``StepGraph``
 ``CaptionDecoder.step_rows`` after the search's gather of the rows' states is about 25 torch
 operations a step; on a GPU each is a kernel of a microsecond or two, and a one-photo decode is
 bound by their number (docs/gpu-search.md). ``fused_step`` runs the same step with six of them
-in three kernels, two more in kernels the search runs anyway, and one folded into the word
-logits' projection:
+in three kernels (the first gathers the language models' rows too), two more in kernels the
+search runs anyway, and one folded into the word logits' projection:
 
 - ``_rows``: the rows' previous h and c (by source row), their words' embeddings (by token)
-  and, with the language models, those models' previous hidden states: four gathers in one;
+  and, with the language models, those models' previous hidden states and their words' input
+  rows: five gathers in one;
 - ``_lstm_input``: the gate times the attention's context, beside the embedding (a product and
   a ``cat``);
 - ``_deep``: the deep output's two sums;
@@ -50,25 +51,31 @@ def _rows(
     h_ptr,
     c_ptr,
     lm_ptr,
+    lm_in_ptr,
     emb_out,
     h_out,
     c_out,
     lm_out,
+    lm_in_out,
     R,
     E,
     H,
     HL,
+    V,
     s_h,
     s_c,
     s_lm_m,
     s_lm_r,
     LM: tl.constexpr,
+    LM_IN: tl.constexpr,
     BE: tl.constexpr,
     BH: tl.constexpr,
     BHL: tl.constexpr,
+    BG: tl.constexpr,
 ):
     """Program r: emb[r] = embed[tok[r]]; h[r], c[r] = h, c of row src[r]; with ``LM``, the
-    language models' hidden states of row src[r] too."""
+    language models' hidden states of row src[r] too; with ``LM_IN``, their input rows (2, V,
+    4 HL) of word tok[r]."""
     r = tl.program_id(0).to(tl.int64)
     word = tl.load(tok_ptr + r).to(tl.int64)
     row = tl.load(src_ptr + r).to(tl.int64)
@@ -82,6 +89,12 @@ def _rows(
         for m in tl.static_range(2):
             kept = tl.load(lm_ptr + m * s_lm_m + row * s_lm_r + k, mask=k < HL)
             tl.store(lm_out + (m * R + r) * HL + k, kept, mask=k < HL)
+    if LM_IN:
+        g = tl.arange(0, BG)
+        G = 4 * HL
+        for m in tl.static_range(2):
+            given = tl.load(lm_in_ptr + (m * V + word) * G + g, mask=g < G)
+            tl.store(lm_in_out + (m * R + r) * G + g, given, mask=g < G)
 
 
 def _lstm_input(emb_ptr, beta_ptr, ctx_ptr, x_out, gated_out, E, F, BE: tl.constexpr, BF: tl.constexpr):
@@ -197,10 +210,11 @@ def decoder_of(step) -> CaptionDecoder | None:
     return None
 
 
-def gather_rows(embed: torch.Tensor, tokens, source, h, c, lm_h=None) -> tuple:
+def gather_rows(embed: torch.Tensor, tokens, source, h, c, lm_h=None, lm_input=None) -> tuple:
     """``_rows``: embed (V, E) the word embeddings, tokens and source (R,), h, c (S, H) the
     previous step's rows (or the images'), ``lm_h`` the language models' hidden states (2, S,
-    HL) or None -> (embed[tokens], h[source], c[source], lm_h[:, source] or None)."""
+    HL) or None, ``lm_input`` their input rows (2, V, 4 HL) or None -> (embed[tokens],
+    h[source], c[source], lm_h[:, source] or None, lm_input[:, tokens] or None)."""
     R, H, E = tokens.shape[0], h.shape[1], embed.shape[1]
     assert embed.is_contiguous() and h.stride(1) == 1 and c.stride(1) == 1
     assert tokens.stride(0) == 1 and source.stride(0) == 1 and c.shape[1] == H
@@ -208,10 +222,16 @@ def gather_rows(embed: torch.Tensor, tokens, source, h, c, lm_h=None) -> tuple:
     emb = torch.empty((R, E), dtype=embed.dtype, device=device)
     h_rows = torch.empty((R, H), dtype=h.dtype, device=device)
     c_rows = torch.empty((R, H), dtype=c.dtype, device=device)
-    lm_rows = None
+    lm_rows = lm_in = None
     if lm_h is not None:
         assert lm_h.shape[0] == 2 and lm_h.stride(2) == 1
         lm_rows = torch.empty((2, R, lm_h.shape[2]), dtype=lm_h.dtype, device=device)
+    HL = lm_h.shape[2] if lm_h is not None else 1
+    if lm_input is not None:
+        HL = lm_input.shape[2] // 4
+        assert lm_input.shape[0] == 2 and lm_input.shape[2] == 4 * HL and lm_input.is_contiguous()
+        assert lm_h is None or lm_h.shape[2] == HL
+        lm_in = torch.empty((2, R, 4 * HL), dtype=lm_input.dtype, device=device)
     with device_kernel.on_device(device):
         _kernels()["_rows"][(R,)](
             tokens,
@@ -220,25 +240,30 @@ def gather_rows(embed: torch.Tensor, tokens, source, h, c, lm_h=None) -> tuple:
             h,
             c,
             h if lm_h is None else lm_h,
+            h if lm_input is None else lm_input,
             emb,
             h_rows,
             c_rows,
             h_rows if lm_rows is None else lm_rows,
+            h_rows if lm_in is None else lm_in,
             R,
             E,
             H,
-            0 if lm_h is None else lm_h.shape[2],
+            HL,
+            0 if lm_input is None else lm_input.shape[1],
             h.stride(0),
             c.stride(0),
             0 if lm_h is None else lm_h.stride(0),
             0 if lm_h is None else lm_h.stride(1),
             LM=lm_h is not None,
+            LM_IN=lm_input is not None,
             BE=_pow2(E),
             BH=_pow2(H),
-            BHL=_pow2(1 if lm_h is None else lm_h.shape[2]),
+            BHL=_pow2(HL),
+            BG=_pow2(4 * HL),
             **lm_kernels.OPTIONS,
         )
-    return emb, h_rows, c_rows, lm_rows
+    return emb, h_rows, c_rows, lm_rows, lm_in
 
 
 def fused_step(loop, decoder: CaptionDecoder, t: int | None, number: torch.Tensor, carry: tuple) -> tuple:
@@ -248,10 +273,11 @@ def fused_step(loop, decoder: CaptionDecoder, t: int | None, number: torch.Tenso
     tokens, source, (h, c), lm_states = carry[0], carry[1], carry[2], carry[8]
     # the first step's language-model states are all zero: nothing to gather
     lm_h = lm_states[0] if lm_states is not None and t != 0 else None
-    emb, h, c, lm_rows = gather_rows(decoder.embed.weight, tokens, source, h, c, lm_h)
+    lm_input = loop.lms.input if lm_states is not None else None  # the words' rows, every step
+    emb, h, c, lm_rows, lm_in = gather_rows(decoder.embed.weight, tokens, source, h, c, lm_h, lm_input)
     features, att_proj = loop.step.rows  # gathered per row once a search (``TorchStep.prepare``)
     logprobs, h, c, _ = decoder.log_probs(tokens, h, c, features, att_proj, emb, KERNEL_JOINS)
-    bias, lm_states, ranked = lm_kernels.ranked_bias(loop, t, carry, logprobs, lm_rows)
+    bias, lm_states, ranked = lm_kernels.ranked_bias(loop, t, carry, logprobs, lm_rows, lm_in)
     K = decoder.cfg.top_k
     if ranked is None:
         values, ids = logprobs.topk(K, dim=1)
