@@ -15,7 +15,7 @@ this counts.
 
 ``--fused`` adds the fused step (``fused_search=True``: every step with its
 bookkeeping in one Triton kernel, ``edgecap.decoding.device_kernel``, the language models'
-element-wise work in five, ``edgecap.decoding.lm_kernels``, and the decoder step's gathers and
+element-wise work in four, ``edgecap.decoding.lm_kernels``, and the decoder step's gathers and
 joins in three, ``edgecap.decoding.step_kernels``, run here by Triton's interpreter on CPU
 tensors): the torch operations a step that launch a kernel plus those kernels' launches,
 against the eager step's.
@@ -197,7 +197,7 @@ def fused_part(photos: list, mirrored: list, eager_ops: dict) -> tuple[list[dict
     markdown = (
         "## The fused step\n\n`--fused`: `fused_search=True`, every step with its "
         "bookkeeping in one Triton kernel (`edgecap.decoding.device_kernel`), the language "
-        "models' element-wise work in five (`edgecap.decoding.lm_kernels`) and the decoder "
+        "models' element-wise work in four (`edgecap.decoding.lm_kernels`) and the decoder "
         "step's gathers and joins in three (`edgecap.decoding.step_kernels`), run here by "
         "Triton's interpreter on CPU tensors; the first step and the steps from the third on: the "
         "torch operations that launch a kernel (the language models' matrix products, tanh, exp, "

@@ -169,7 +169,7 @@ class TorchBackend(Backend):
     ``fused_search`` (with ``search="device"``): the device search's bookkeeping after the
     decoder's step (about 100 small operations a step) in one Triton kernel a step
     (``edgecap.decoding.device_kernel``) and the fused language models' element-wise work in
-    five (``edgecap.decoding.lm_kernels``), the same hypotheses bit for bit; needs triton and a
+    four (``edgecap.decoding.lm_kernels``), the same hypotheses bit for bit; needs triton and a
     CUDA device. Experimental: not yet run on a GPU. ``compile_search`` and ``fused_search`` (on a
     GPU) write what they compile: each needs a writable temporary folder and cache folder, else
     the backend is refused when made (docs/reliability.md).

@@ -17,7 +17,7 @@ against ``_step``; ``tests/test_device_kernel.py`` compiles it for NVIDIA GPUs w
 - the decoder's matrix products, LSTM cell, softmax and log-softmax stay torch operations (the
   products are cuBLAS's), and so do the fused language models' matrix products and
   transcendental functions; the decoder's gathers and joins are in three kernels of their own
-  (``edgecap.decoding.step_kernels``), the language models' element-wise work in five
+  (``edgecap.decoding.step_kernels``), the language models' element-wise work in four
   (``edgecap.decoding.lm_kernels``).
 
 Needs the ``triton`` package (PyTorch's CUDA wheels for Linux bring it). On a CUDA device the
