@@ -219,10 +219,10 @@ class TorchLMPair:
     """Both fused models' steps at once (everyday, in-domain), ``TorchLM.step_logits``' math:
     the element-wise work runs on (2, R, .) stacks, and each matrix product is one batched
     product over both models (``bmm``, and ``baddbmm`` for the recurrent product plus the words'
-    input rows: one kernel for two, and the sum in it; its rounding may differ from one product
-    a model and a sum after it, in the last bits); the input and recurrent weights of the sigmoid gates
-    (i, f, o) are pre-multiplied by 0.5 (exact in binary floating point), so that one tanh over
-    all four gates gives tanh(0.5 x) for them and tanh(x) for g."""
+    input rows: one kernel for two, the sum in it; its rounding may differ from one product a
+    model and a sum after it, in the last bits); the input and recurrent weights of the sigmoid
+    gates (i, f, o) are pre-multiplied by 0.5 (exact in binary floating point), so that one tanh
+    over all four gates gives tanh(0.5 x) for them and tanh(x) for g."""
 
     def __init__(self, lms: tuple[TorchLM, TorchLM]):
         self.models = tuple(lms)
@@ -241,9 +241,9 @@ class TorchLMPair:
     def step(self, tokens: torch.Tensor, h: torch.Tensor, c: torch.Tensor):
         """tokens (R,), h, c (2, R, H) -> (logits (2, R, V), log-normalisers (2, R, 1), h, c)."""
         H = self.hidden
-        # the words' input rows plus the recurrent product, in one batched product (``baddbmm``)
+        # the words' input rows plus the recurrent product, one batched product (``baddbmm``);
+        # t: tanh(0.5 x) for i, f, o, tanh(x) for g
         t = torch.tanh(torch.baddbmm(self.input.index_select(1, tokens), h, self.w_hh_t))
-        # t: tanh(0.5 x) for i, f, o; tanh(x) for g
         s = 0.5 * (t + 1.0)
         c = s[:, :, H : 2 * H] * c + s[:, :, :H] * t[:, :, 2 * H : 3 * H]
         h = s[:, :, 3 * H :] * torch.tanh(c)
