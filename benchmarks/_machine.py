@@ -62,13 +62,18 @@ def machine_info() -> dict:
     }
 
 
-def machine_markdown(info: dict | None = None) -> str:
-    """``machine_info()`` as a short markdown list."""
-    info = info or machine_info()
+def cores_text(info: dict) -> str:
+    """``machine_info()``'s cores in words: logical, physical, usable by this process."""
     cores = f"{info['logical_cores']} logical"
     if info["physical_cores"]:
         cores += f", {info['physical_cores']} physical"
-    cores += f", {info['usable_cores']} usable by this process"
+    return cores + f", {info['usable_cores']} usable by this process"
+
+
+def machine_markdown(info: dict | None = None) -> str:
+    """``machine_info()`` as a short markdown list."""
+    info = info or machine_info()
+    cores = cores_text(info)
     packages = ", ".join(f"{k} {v}" for k, v in info["packages"].items())
     return "\n".join(
         [f"- CPU: {info['cpu']} ({cores})", f"- OS: {info['os']}", f"- Python {info['python']}; {packages}"]

@@ -118,6 +118,7 @@ import numpy as np  # noqa: E402
 
 import _common as C  # noqa: E402
 import file_rate  # noqa: E402
+from _machine import cores_text  # noqa: E402
 
 # issue 24's: beam 3 batch 1 end to end in the faster precision that keeps >= 98% of the
 # captions; captions/s at batch 64 from in-memory frames; FP16 captions identical to FP32's
@@ -320,10 +321,13 @@ def _version(module: str) -> str | None:
 def environment(device: str, report: Report) -> dict:
     import torch
 
+    machine = C.machine_info()
     env = {
         "python": platform.python_version(),
         "platform": platform.platform(),
-        "cpu": C.machine_info()["cpu"],
+        "cpu": machine["cpu"],
+        # the decoding workers' rows depend on how many cores this process may run on
+        "cores": cores_text(machine),
         "device": device,
         "versions": {m: _version(m) for m in ("torch", "onnxruntime", "onnx", "numpy", "PIL")},
         "torch_cuda": torch.version.cuda,
@@ -1773,7 +1777,8 @@ def markdown(data: dict) -> str:
     else:
         lines += ["- no CUDA device: CUDA items skipped (see Skipped)"]
     lines += [
-        f"- CPU: {env['cpu']}; Python {env['python']}; {env['platform']}",
+        f"- CPU: {env['cpu']} ({env.get('cores', 'cores not recorded')}); Python {env['python']}; "
+        f"{env['platform']}",
         "- " + ", ".join(f"{k} {v}" for k, v in env["versions"].items()),
         f"- onnxruntime providers: {env.get('onnxruntime_providers')}",
         "",

@@ -61,6 +61,9 @@ def test_gpu_check_on_the_cpu(tmp_path):
     for section in SECTIONS:
         assert section in text, section
     assert data["device"] == "cpu" and data["partial"] is False and "Partial" not in text
+    # the cores this process may run on (the decoding workers' rows depend on them)
+    usable = f"{len(os.sched_getaffinity(0))} usable by this process"
+    assert usable in data["environment"]["cores"] and f"{usable}); Python" in text
     # the gpu tests ran in a subprocess and skipped (no CUDA), none failed
     assert data["gpu_tests"]["counts"].get("failed", 0) == 0
     assert data["gpu_tests"]["counts"].get("skipped", 0) >= 1
