@@ -11,6 +11,14 @@ calls of each path after one warm-up, alternating, in this one process with one 
 (no thread pool left spinning between them); on CUDA each device call ends with a
 synchronisation. Medians in ms per frame. The device path's output is checked against the
 host's (equal bit for bit) before timing.
+
+``--threads 0,1,2``: also what a ``Captioner``'s decoding workers do for each in-memory frame
+(``Captioner._prepare``: the checks, resize, normalisation, brightening and blank check; the
+shipped model's preprocessing) over one batch of ``--thread-batch`` VGA frames, in the calling
+thread (0) and spread over N threads (a ``ThreadPoolExecutor``, as the workers are), the
+settings interleaved: frames/s and the speed-up over one thread's. Where the speed-up stays
+near 1 with more threads, something serialises the workers (the cores the process may use,
+or the GIL).
 """
 
 from __future__ import annotations
@@ -32,6 +40,13 @@ def build_parser():
     p.add_argument("--sizes", default="224x224,640x480", help="frame sizes, WIDTHxHEIGHT, comma-separated")
     p.add_argument("--batches", default="1,8,32", help="batch sizes, comma-separated")
     p.add_argument("--repeats", type=int, default=7, help="timed calls of each path")
+    p.add_argument(
+        "--threads",
+        default="",
+        help="thread counts for the decoding workers' host preprocessing, comma-separated (0: the "
+        "calling thread); empty: not measured",
+    )
+    p.add_argument("--thread-batch", type=int, default=64, help="VGA frames a timed call of --threads")
     C.add_out_argument(p)
     return p
 
@@ -60,6 +75,66 @@ def frames(width: int, height: int, n: int, seed: int = 0) -> list[np.ndarray]:
     return out
 
 
+def thread_rates(prepare, frames: list[np.ndarray], threads: list[int], repeats: int) -> list[dict]:
+    """``prepare(frame)`` over ``frames`` in the calling thread (0) or spread over a pool of N
+    threads, for each N in ``threads``, one warm-up call each, then ``repeats`` rounds over the
+    settings: per setting the median call's ms, frames/s and the speed-up over the first
+    setting's."""
+    from concurrent.futures import ThreadPoolExecutor
+
+    pools = {n: ThreadPoolExecutor(n) if n else None for n in threads}
+
+    def call(n: int) -> None:
+        pool = pools[n]
+        if pool is None:
+            for frame in frames:
+                prepare(frame)
+        else:
+            list(pool.map(prepare, frames))
+
+    try:
+        times: dict[int, list[float]] = {n: [] for n in threads}
+        for n in threads:
+            call(n)
+        for _ in range(repeats):
+            for n in threads:
+                t0 = time.perf_counter()
+                call(n)
+                times[n].append(time.perf_counter() - t0)
+    finally:
+        for pool in pools.values():
+            if pool is not None:
+                pool.shutdown()
+    first = C.median(times[threads[0]])
+    return [
+        {
+            "threads": n,
+            "frames": len(frames),
+            "call_ms": 1e3 * C.median(times[n]),
+            "frames_per_s": len(frames) / C.median(times[n]),
+            "speedup": first / C.median(times[n]),
+        }
+        for n in threads
+    ]
+
+
+def thread_table(rows: list[dict]) -> str:
+    return C.markdown_table(
+        ["threads", "frames a call", "call ms", "frames/s", "speed-up"],
+        [[r["threads"], r["frames"], r["call_ms"], r["frames_per_s"], r["speedup"]] for r in rows],
+    )
+
+
+def captioner_prepare(captioner=None):
+    """What a decoding worker runs for one in-memory RGB frame: ``Captioner._prepare`` of
+    ``captioner`` (default: the shipped model on onnxruntime, its host preprocessing)."""
+    if captioner is None:
+        from edgecap import Captioner
+
+        captioner = Captioner()
+    return lambda frame: captioner._prepare(frame, "rgb")
+
+
 def operations(prep, batch: list[np.ndarray]) -> int:
     """The torch operations one call dispatches (views and allocations included)."""
     with C.operation_counter() as count:
@@ -71,6 +146,12 @@ def main(argv=None) -> int:
     args = build_parser().parse_args(argv)  # --help and a bad size need no torch
     sizes = _sizes(args.sizes)
     batches = [int(b) for b in args.batches.split(",")]
+    try:
+        threads = [int(n) for n in args.threads.split(",")] if args.threads else []
+    except ValueError:
+        raise SystemExit(f"frame_prep: --threads wants whole numbers, got {args.threads!r}") from None
+    if any(n < 0 for n in threads):
+        raise SystemExit(f"frame_prep: --threads wants counts of 0 or more, got {args.threads!r}")
 
     import torch
     from PIL import Image
@@ -138,7 +219,23 @@ def main(argv=None) -> int:
         f"Device path on `{device}` (torch {torch.__version__}, one thread); medians of "
         f"{args.repeats} calls; its encoder inputs equal the host's bit for bit.\n\n{table}\n"
     )
-    C.write_results("frame_prep", {"device": str(device), "rows": rows}, markdown, argv, out=args.out)
+    data: dict = {"device": str(device), "rows": rows}
+    if threads:
+        data["threads"] = thread_rates(
+            captioner_prepare(), frames(640, 480, args.thread_batch), threads, args.repeats
+        )
+        for r in data["threads"]:
+            print(
+                f"{r['threads']} threads: {r['frames_per_s']:.0f} frames/s, x{r['speedup']:.2f}",
+                file=sys.stderr,
+            )
+        markdown += (
+            f"\n## The decoding workers' host preprocessing in threads\n\n`Captioner._prepare` of "
+            f"{args.thread_batch} VGA frames (640x480) a call, in the calling thread (0) or spread over "
+            f"a pool of N threads; medians of {args.repeats} interleaved calls; speed-up over the "
+            f"first row's.\n\n{thread_table(data['threads'])}\n"
+        )
+    C.write_results("frame_prep", data, markdown, argv, out=args.out)
     return 0
 
 

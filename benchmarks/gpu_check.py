@@ -118,6 +118,7 @@ import numpy as np  # noqa: E402
 
 import _common as C  # noqa: E402
 import file_rate  # noqa: E402
+import frame_prep  # noqa: E402
 from _machine import cores_text  # noqa: E402
 
 # issue 24's: beam 3 batch 1 end to end in the faster precision that keeps >= 98% of the
@@ -776,6 +777,32 @@ def encoder_variants(model: Path, frames: list, device: str, report: Report, rep
 
 UPLOAD_BATCHES = (1, 64)
 CAMERA_FRAME = (480, 640, 3)  # a VGA camera's RGB frame, uint8
+# the decoding workers' host preprocessing of in-memory frames in threads (``prep_threads``): on
+# the H200 (2026-12-04) eight workers gave no more captions/s than none; these say whether the
+# host's preprocessing itself scales there
+PREP_THREADS = (0, 1, 2, 4, 8, 16)
+PREP_FRAMES = 64
+
+
+def prep_threads(report: Report, quick: bool = False) -> list[dict]:
+    """``frame_prep.thread_rates``: ``Captioner._prepare`` (the shipped model's host
+    preprocessing, what a decoding worker does for an in-memory frame) of 64 VGA frames in the
+    calling thread and in 1-16 threads, at most the cores this process may use (on the CPU
+    with --quick: 0 and 2 threads, 8 frames, once)."""
+    if report.over_budget("host preprocessing in threads"):
+        return []
+    usable = len(os.sched_getaffinity(0)) if hasattr(os, "sched_getaffinity") else os.cpu_count() or 1
+    threads = [0, 2] if quick else [n for n in PREP_THREADS if n <= max(usable, 2)]
+    n = 8 if quick else PREP_FRAMES
+    rows = frame_prep.thread_rates(
+        frame_prep.captioner_prepare(), frame_prep.frames(640, 480, n), threads, 1 if quick else 5
+    )
+    for r in rows:
+        log(
+            f"host preprocessing, {r['threads']} threads: {r['frames_per_s']:.0f} frames/s "
+            f"(x{r['speedup']:.2f})"
+        )
+    return rows
 
 
 def uploads(device: str, report: Report, repeats: int = 20, seed: int = 0) -> list[dict]:
@@ -1796,6 +1823,7 @@ def markdown(data: dict) -> str:
         lines += ["not run yet" if data.get("partial") else "not run (see Skipped)"]
     lines += encoder_lines(data.get("encoder_variants"))
     lines += upload_lines(data.get("uploads"))
+    lines += prep_thread_lines(data.get("prep_threads"))
     photos_info = data["photos"]
     lines += [
         "",
@@ -2146,6 +2174,24 @@ def _decode_checks() -> tuple[int, ...]:
     return DECODE_CHECKS
 
 
+def prep_thread_lines(rows: list[dict] | None) -> list[str]:
+    """The host preprocessing's thread section of the report (none where it did not run)."""
+    if not rows:
+        return []
+    return [
+        "",
+        "## Host preprocessing in threads",
+        "",
+        f"`Captioner._prepare` (the shipped model's host preprocessing: what a decoding worker does "
+        f"for an in-memory frame) of {rows[0]['frames']} VGA frames a call, in the calling thread "
+        "(0) or spread over a pool of N threads (`frame_prep.thread_rates`); medians of "
+        "interleaved calls; speed-up over the calling thread's. A speed-up near 1 with more "
+        "threads: something serialises the decoding workers here.",
+        "",
+        frame_prep.thread_table(rows),
+    ]
+
+
 def upload_lines(rows: list[dict] | None) -> list[str]:
     """The uploads' section of the report (none where they did not run)."""
     if not rows:
@@ -2287,6 +2333,10 @@ def main(argv=None) -> int:
                     data["uploads"] = uploads(device, report)
                 except Exception as exc:  # failing, it must not lose the report
                     report.skip("uploads", f"failed: {type(exc).__name__}: {exc}")
+            try:  # whether the host's preprocessing scales with threads (a few seconds)
+                data["prep_threads"] = prep_threads(report, quick=args.quick and device == "cpu")
+            except Exception as exc:  # failing, it must not lose the report
+                report.skip("host preprocessing in threads", f"failed: {type(exc).__name__}: {exc}")
         elif step == "file rate":
             assert mode is not None
             try:

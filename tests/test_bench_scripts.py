@@ -741,6 +741,50 @@ def test_frame_prep_counts_the_device_operations_and_times_both_paths(tmp_path):
         frame_prep.main(["--sizes", "64by48"])
 
 
+def test_frame_prep_times_the_workers_preprocessing_in_threads(tmp_path, monkeypatch):
+    """``--threads``: each count's call prepares every frame, in the calling thread for 0 and
+    in the pool's threads otherwise; the speed-up is the first setting's median call over each
+    one's (a clock that moves 1 ms for a frame prepared in the calling thread and 0.25 ms for
+    one in a pool: 4x). The real thing: ``Captioner._prepare``'s rows in the report; a bad
+    count is one line."""
+    import types
+
+    import frame_prep
+    import numpy as np
+
+    main = threading.get_ident()
+    clock = types.SimpleNamespace(now=0.0)
+    seen: list[tuple[int, bool]] = []
+    lock = threading.Lock()
+
+    def prepare(frame):
+        with lock:  # the pool's threads add to the one clock
+            seen.append((int(frame[0, 0, 0]), threading.get_ident() == main))
+            clock.now += 1e-3 if threading.get_ident() == main else 2.5e-4
+
+    monkeypatch.setattr(frame_prep, "time", types.SimpleNamespace(perf_counter=lambda: clock.now))
+    frames = [np.full((2, 2, 3), i, np.uint8) for i in range(6)]
+    rows = frame_prep.thread_rates(prepare, frames, [0, 3], repeats=2)
+    assert [(r["threads"], r["frames"]) for r in rows] == [(0, 6), (3, 6)]
+    assert rows[0]["call_ms"] == pytest.approx(6.0) and rows[1]["call_ms"] == pytest.approx(1.5)
+    assert rows[0]["speedup"] == 1 and rows[1]["speedup"] == pytest.approx(4.0)
+    assert rows[1]["frames_per_s"] == pytest.approx(4000)
+    # a warm-up and two timed calls of each setting, every frame each time, where it says
+    assert sorted(seen) == sorted((i, here) for here in (True, False) for i in range(6) for _ in range(3))
+    monkeypatch.undo()
+
+    pytest.importorskip("torch")
+    argv = ["--sizes", "64x48", "--batches", "1", "--repeats", "1", "--out", str(tmp_path)]
+    frame_prep.main(argv + ["--threads", "0,2", "--thread-batch", "3"])
+    data = json.loads((tmp_path / "frame_prep.json").read_text())
+    assert [(r["threads"], r["frames"]) for r in data["threads"]] == [(0, 3), (2, 3)]
+    md = (tmp_path / "frame_prep.md").read_text()
+    assert "## The decoding workers' host preprocessing in threads" in md
+    for bad in ("2,x", "-1"):
+        with pytest.raises(SystemExit, match="--threads"):
+            frame_prep.main(argv + ["--threads", bad])
+
+
 def test_fp16_emulation_interval_is_the_middle_95_percent_of_the_resampled_shares():
     """Half of 100 photos identical: the bootstrap share is Binomial(100, 1/2) / 100, whose
     2.5% and 97.5% quantiles are 0.40 and 0.60 (P(X <= 39) = 0.018, P(X <= 40) = 0.028; a 90%
