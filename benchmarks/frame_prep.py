@@ -12,13 +12,15 @@ calls of each path after one warm-up, alternating, in this one process with one 
 synchronisation. Medians in ms per frame. The device path's output is checked against the
 host's (equal bit for bit) before timing.
 
-``--threads 0,1,2``: also what a ``Captioner``'s decoding workers do for each in-memory frame
-(``Captioner._prepare``: the checks, resize, normalisation, brightening and blank check; the
-shipped model's preprocessing) over one batch of ``--thread-batch`` VGA frames, in the calling
-thread (0) and spread over N threads (a ``ThreadPoolExecutor``, as the workers are), the
-settings interleaved: frames/s and the speed-up over one thread's. Where the speed-up stays
-near 1 with more threads, something serialises the workers (the cores the process may use,
-or the GIL).
+``--threads 0,1,2`` (``--threads-only``: that alone): also what a ``Captioner``'s decoding
+workers do for each in-memory frame (``Captioner._prepare``: the checks, resize,
+normalisation, brightening and blank check; the shipped model's preprocessing) over one batch
+of ``--thread-batch`` VGA frames, in the calling thread (0) and spread over N threads (a
+``ThreadPoolExecutor``, as the workers are), the settings interleaved: frames/s, the speed-up
+over the calling thread's and the minor page faults a frame. Where the speed-up stays near 1
+with more threads, something serialises the workers: the cores the process may use, the GIL,
+or the kernel's page faults for fresh memory (glibc gives the worker threads' big blocks back
+and faults them in again; ``--keep-freed-memory`` keeps them, as ``edgecap.allocator`` does).
 """
 
 from __future__ import annotations
@@ -47,6 +49,14 @@ def build_parser():
         "calling thread); empty: not measured",
     )
     p.add_argument("--thread-batch", type=int, default=64, help="VGA frames a timed call of --threads")
+    p.add_argument("--threads-only", action="store_true", help="--threads alone: no host and device paths")
+    p.add_argument(
+        "--keep-freed-memory",
+        action="store_true",
+        help="first keep glibc's allocator from giving freed blocks back (edgecap.allocator, as "
+        "the command line does for torch on the CPU): fresh pages for every big array are what "
+        "threads allocating at once contend for",
+    )
     C.add_out_argument(p)
     return p
 
@@ -78,9 +88,20 @@ def frames(width: int, height: int, n: int, seed: int = 0) -> list[np.ndarray]:
 def thread_rates(prepare, frames: list[np.ndarray], threads: list[int], repeats: int) -> list[dict]:
     """``prepare(frame)`` over ``frames`` in the calling thread (0) or spread over a pool of N
     threads, for each N in ``threads``, one warm-up call each, then ``repeats`` rounds over the
-    settings: per setting the median call's ms, frames/s and the speed-up over the first
-    setting's."""
+    settings: per setting the median call's ms, frames/s, the speed-up over the first
+    setting's and the process's minor page faults a frame (median; fresh pages the kernel
+    zeroed, where the platform counts them, else None)."""
     from concurrent.futures import ThreadPoolExecutor
+
+    try:
+        import resource
+
+        def faults() -> int | None:
+            return resource.getrusage(resource.RUSAGE_SELF).ru_minflt
+    except ImportError:  # Windows
+
+        def faults() -> int | None:
+            return None
 
     pools = {n: ThreadPoolExecutor(n) if n else None for n in threads}
 
@@ -94,13 +115,18 @@ def thread_rates(prepare, frames: list[np.ndarray], threads: list[int], repeats:
 
     try:
         times: dict[int, list[float]] = {n: [] for n in threads}
+        faulted: dict[int, list[int]] = {n: [] for n in threads}
         for n in threads:
             call(n)
         for _ in range(repeats):
             for n in threads:
+                before = faults()
                 t0 = time.perf_counter()
                 call(n)
                 times[n].append(time.perf_counter() - t0)
+                after = faults()
+                if before is not None and after is not None:
+                    faulted[n].append(after - before)
     finally:
         for pool in pools.values():
             if pool is not None:
@@ -113,6 +139,7 @@ def thread_rates(prepare, frames: list[np.ndarray], threads: list[int], repeats:
             "call_ms": 1e3 * C.median(times[n]),
             "frames_per_s": len(frames) / C.median(times[n]),
             "speedup": first / C.median(times[n]),
+            "faults_per_frame": C.median(faulted[n]) / len(frames) if faulted[n] else None,
         }
         for n in threads
     ]
@@ -120,8 +147,11 @@ def thread_rates(prepare, frames: list[np.ndarray], threads: list[int], repeats:
 
 def thread_table(rows: list[dict]) -> str:
     return C.markdown_table(
-        ["threads", "frames a call", "call ms", "frames/s", "speed-up"],
-        [[r["threads"], r["frames"], r["call_ms"], r["frames_per_s"], r["speedup"]] for r in rows],
+        ["threads", "frames a call", "call ms", "frames/s", "speed-up", "page faults a frame"],
+        [
+            [r["threads"], r["frames"], r["call_ms"], r["frames_per_s"], r["speedup"], r["faults_per_frame"]]
+            for r in rows
+        ],
     )
 
 
@@ -152,7 +182,45 @@ def main(argv=None) -> int:
         raise SystemExit(f"frame_prep: --threads wants whole numbers, got {args.threads!r}") from None
     if any(n < 0 for n in threads):
         raise SystemExit(f"frame_prep: --threads wants counts of 0 or more, got {args.threads!r}")
+    if args.threads_only and not threads:
+        raise SystemExit("frame_prep: --threads-only needs --threads")
+    kept = None
+    if args.keep_freed_memory:  # before anything is allocated
+        from edgecap.allocator import keep_freed_memory
 
+        kept = keep_freed_memory()
+    data: dict = {"memory": "kept" if kept else "default", "kept_freed_memory": kept}
+    markdown = ""
+    if not args.threads_only:
+        rows, device, markdown = _device_paths(args, sizes, batches)
+        data.update(device=device, rows=rows)
+    if threads:
+        data["threads"] = thread_rates(
+            captioner_prepare(), frames(640, 480, args.thread_batch), threads, args.repeats
+        )
+        for r in data["threads"]:
+            print(
+                f"{r['threads']} threads: {r['frames_per_s']:.0f} frames/s, x{r['speedup']:.2f}",
+                file=sys.stderr,
+            )
+        memory = (
+            "glibc's allocator keeping freed memory (`edgecap.allocator.keep_freed_memory`)"
+            if kept
+            else "the C allocator as it comes"
+            + (" (--keep-freed-memory refused: not glibc, or set already)" if kept is False else "")
+        )
+        markdown += (
+            f"\n## The decoding workers' host preprocessing in threads\n\n`Captioner._prepare` of "
+            f"{args.thread_batch} VGA frames (640x480) a call, in the calling thread (0) or spread over "
+            f"a pool of N threads; medians of {args.repeats} interleaved calls; speed-up over the "
+            f"first row's; {memory}.\n\n{thread_table(data['threads'])}\n"
+        )
+    C.write_results("frame_prep", data, markdown, argv, out=args.out)
+    return 0
+
+
+def _device_paths(args, sizes, batches) -> tuple[list[dict], str, str]:
+    """The host and device paths by size and batch -> (rows, the device, the markdown)."""
     import torch
     from PIL import Image
 
@@ -219,24 +287,7 @@ def main(argv=None) -> int:
         f"Device path on `{device}` (torch {torch.__version__}, one thread); medians of "
         f"{args.repeats} calls; its encoder inputs equal the host's bit for bit.\n\n{table}\n"
     )
-    data: dict = {"device": str(device), "rows": rows}
-    if threads:
-        data["threads"] = thread_rates(
-            captioner_prepare(), frames(640, 480, args.thread_batch), threads, args.repeats
-        )
-        for r in data["threads"]:
-            print(
-                f"{r['threads']} threads: {r['frames_per_s']:.0f} frames/s, x{r['speedup']:.2f}",
-                file=sys.stderr,
-            )
-        markdown += (
-            f"\n## The decoding workers' host preprocessing in threads\n\n`Captioner._prepare` of "
-            f"{args.thread_batch} VGA frames (640x480) a call, in the calling thread (0) or spread over "
-            f"a pool of N threads; medians of {args.repeats} interleaved calls; speed-up over the "
-            f"first row's.\n\n{thread_table(data['threads'])}\n"
-        )
-    C.write_results("frame_prep", data, markdown, argv, out=args.out)
-    return 0
+    return rows, str(device), markdown
 
 
 if __name__ == "__main__":

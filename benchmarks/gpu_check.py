@@ -118,7 +118,6 @@ import numpy as np  # noqa: E402
 
 import _common as C  # noqa: E402
 import file_rate  # noqa: E402
-import frame_prep  # noqa: E402
 from _machine import cores_text  # noqa: E402
 
 # issue 24's: beam 3 batch 1 end to end in the faster precision that keeps >= 98% of the
@@ -784,24 +783,37 @@ PREP_THREADS = (0, 1, 2, 4, 8, 16)
 PREP_FRAMES = 64
 
 
-def prep_threads(report: Report, quick: bool = False) -> list[dict]:
-    """``frame_prep.thread_rates``: ``Captioner._prepare`` (the shipped model's host
+def prep_threads(report: Report, quick: bool = False, timeout_s: float = 120) -> list[dict]:
+    """``frame_prep.py --threads-only``: ``Captioner._prepare`` (the shipped model's host
     preprocessing, what a decoding worker does for an in-memory frame) of 64 VGA frames in the
-    calling thread and in 1-16 threads, at most the cores this process may use (on the CPU
-    with --quick: 0 and 2 threads, 8 frames, once)."""
-    if report.over_budget("host preprocessing in threads"):
-        return []
+    calling thread and in 1-16 threads, at most the cores this process may use, with minor
+    page faults a frame; in a process of its own twice: glibc's allocator as it comes, and
+    keeping freed memory (``--keep-freed-memory``). On the CPU with --quick: 0 and 2 threads,
+    8 frames, once."""
     usable = len(os.sched_getaffinity(0)) if hasattr(os, "sched_getaffinity") else os.cpu_count() or 1
     threads = [0, 2] if quick else [n for n in PREP_THREADS if n <= max(usable, 2)]
-    n = 8 if quick else PREP_FRAMES
-    rows = frame_prep.thread_rates(
-        frame_prep.captioner_prepare(), frame_prep.frames(640, 480, n), threads, 1 if quick else 5
-    )
-    for r in rows:
-        log(
-            f"host preprocessing, {r['threads']} threads: {r['frames_per_s']:.0f} frames/s "
-            f"(x{r['speedup']:.2f})"
-        )
+    command = [sys.executable, str(BENCH_DIR / "frame_prep.py"), "--threads-only"]
+    command += ["--threads", ",".join(map(str, threads)), "--thread-batch", str(8 if quick else PREP_FRAMES)]
+    command += ["--repeats", str(1 if quick else 5)]
+    rows: list[dict] = []
+    for memory, extra in (("default", []), ("kept", ["--keep-freed-memory"])):
+        item = f"host preprocessing in threads ({memory})"
+        if report.over_budget(item):
+            break
+        with tempfile.TemporaryDirectory() as folder:
+            run = subprocess.run(
+                command + extra + ["--out", folder], capture_output=True, text=True, timeout=timeout_s
+            )
+            if run.returncode != 0:
+                report.skip(item, f"exit {run.returncode}: {run.stderr.strip()[-500:]}")
+                continue
+            data = json.loads((Path(folder) / "frame_prep.json").read_text())
+        for r in data["threads"]:
+            rows.append({**r, "memory": data["memory"]})
+            log(
+                f"host preprocessing, {data['memory']}, {r['threads']} threads: "
+                f"{r['frames_per_s']:.0f} frames/s (x{r['speedup']:.2f})"
+            )
     return rows
 
 
@@ -2184,11 +2196,21 @@ def prep_thread_lines(rows: list[dict] | None) -> list[str]:
         "",
         f"`Captioner._prepare` (the shipped model's host preprocessing: what a decoding worker does "
         f"for an in-memory frame) of {rows[0]['frames']} VGA frames a call, in the calling thread "
-        "(0) or spread over a pool of N threads (`frame_prep.thread_rates`); medians of "
-        "interleaved calls; speed-up over the calling thread's. A speed-up near 1 with more "
-        "threads: something serialises the decoding workers here.",
+        "(0) or spread over a pool of N threads (`python benchmarks/frame_prep.py --threads-only`, "
+        "a process each); medians of interleaved calls; speed-up over the calling thread's; "
+        "minor page faults a frame. memory: glibc's allocator as it comes (default) or keeping "
+        "freed memory (kept, `edgecap.allocator.keep_freed_memory`). A speed-up near 1 with more "
+        "threads: something serialises the decoding workers here; fewer faults and a larger "
+        "speed-up when kept: fresh pages were it.",
         "",
-        frame_prep.thread_table(rows),
+        C.markdown_table(
+            ["memory", "threads", "frames a call", "call ms", "frames/s", "speed-up", "page faults a frame"],
+            [
+                [r["memory"], r["threads"], r["frames"], r["call_ms"], r["frames_per_s"], r["speedup"]]
+                + [r["faults_per_frame"]]
+                for r in rows
+            ],
+        ),
     ]
 
 

@@ -773,16 +773,32 @@ def test_frame_prep_times_the_workers_preprocessing_in_threads(tmp_path, monkeyp
     assert sorted(seen) == sorted((i, here) for here in (True, False) for i in range(6) for _ in range(3))
     monkeypatch.undo()
 
+    if sys.platform.startswith("linux"):  # the process's minor page faults, counted
+        assert all(isinstance(r["faults_per_frame"], float) for r in rows)
+
     pytest.importorskip("torch")
     argv = ["--sizes", "64x48", "--batches", "1", "--repeats", "1", "--out", str(tmp_path)]
     frame_prep.main(argv + ["--threads", "0,2", "--thread-batch", "3"])
     data = json.loads((tmp_path / "frame_prep.json").read_text())
     assert [(r["threads"], r["frames"]) for r in data["threads"]] == [(0, 3), (2, 3)]
+    assert data["memory"] == "default" and [r["size"] for r in data["rows"]] == ["64x48"]
     md = (tmp_path / "frame_prep.md").read_text()
     assert "## The decoding workers' host preprocessing in threads" in md
-    for bad in ("2,x", "-1"):
+    assert "the C allocator as it comes" in md
+    # --threads-only: no device paths; --keep-freed-memory: the allocator told first (a stand-in
+    # here: the real one is process-wide)
+    import edgecap.allocator
+
+    told = []
+    monkeypatch.setattr(edgecap.allocator, "keep_freed_memory", lambda: told.append(1) or True)
+    frame_prep.main(argv + ["--threads", "1", "--thread-batch", "2", "--threads-only", "--keep-freed-memory"])
+    data = json.loads((tmp_path / "frame_prep.json").read_text())
+    assert told == [1] and data["memory"] == "kept" and "rows" not in data
+    assert [(r["threads"], r["frames"]) for r in data["threads"]] == [(1, 2)]
+    assert "keeping freed memory" in (tmp_path / "frame_prep.md").read_text()
+    for bad in (["--threads", "2,x"], ["--threads", "-1"], ["--threads-only"]):
         with pytest.raises(SystemExit, match="--threads"):
-            frame_prep.main(argv + ["--threads", bad])
+            frame_prep.main(argv + bad)
 
 
 def test_fp16_emulation_interval_is_the_middle_95_percent_of_the_resampled_shares():

@@ -98,6 +98,15 @@ def test_gpu_check_on_the_cpu(tmp_path):
     assert (profile["batch"], profile["calls"]) == (1, 1) and profile["kernels_per_call"] > 1000
     assert {"convolution", "matrix product"} <= {k["kind"] for k in profile["kinds"]}
     assert all("profile" not in mode for mode in data["modes"][1:])
+    # the host's preprocessing in the calling thread and in two (8 VGA frames, once), with the
+    # allocator as it comes and keeping freed memory, a process each
+    threads = data["prep_threads"]
+    assert [(r["memory"], r["threads"], r["frames"]) for r in threads] == [
+        (memory, n, 8) for memory in ("default", "kept") for n in (0, 2)
+    ]
+    assert threads[0]["speedup"] == 1 and all(r["frames_per_s"] > 0 for r in threads)
+    assert threads[3]["faults_per_frame"] is not None  # counted (Linux)
+    assert "## Host preprocessing in threads" in text and "| kept | 2 | 8 |" in text
     assert "torch-cpu-fp32-eager, batch 1, 1 call: " in text
     assert all(t["met"] is None for t in data["targets"])
     # the command line, in its own process over the JPEG files: on the CPU the plain run only
