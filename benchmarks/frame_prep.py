@@ -149,7 +149,8 @@ def thread_table(rows: list[dict]) -> str:
     return C.markdown_table(
         ["threads", "frames a call", "call ms", "frames/s", "speed-up", "page faults a frame"],
         [
-            [r["threads"], r["frames"], r["call_ms"], r["frames_per_s"], r["speedup"], r["faults_per_frame"]]
+            [r["threads"], r["frames"], r["call_ms"], r["frames_per_s"], r["speedup"]]
+            + ["-" if r["faults_per_frame"] is None else r["faults_per_frame"]]
             for r in rows
         ],
     )
@@ -184,6 +185,8 @@ def main(argv=None) -> int:
         raise SystemExit(f"frame_prep: --threads wants counts of 0 or more, got {args.threads!r}")
     if args.threads_only and not threads:
         raise SystemExit("frame_prep: --threads-only needs --threads")
+    if threads and (args.thread_batch < 1 or args.repeats < 1):
+        raise SystemExit("frame_prep: --threads wants --thread-batch and --repeats of 1 or more")
     kept = None
     if args.keep_freed_memory:  # before anything is allocated
         from edgecap.allocator import keep_freed_memory

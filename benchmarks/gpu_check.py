@@ -800,14 +800,26 @@ def prep_threads(report: Report, quick: bool = False, timeout_s: float = 120) ->
         item = f"host preprocessing in threads ({memory})"
         if report.over_budget(item):
             break
+        # each run on its own: one failing, timing out or refused keeps the other's rows
         with tempfile.TemporaryDirectory() as folder:
-            run = subprocess.run(
-                command + extra + ["--out", folder], capture_output=True, text=True, timeout=timeout_s
-            )
+            try:
+                run = subprocess.run(
+                    command + extra + ["--out", folder], capture_output=True, text=True, timeout=timeout_s
+                )
+            except subprocess.TimeoutExpired:
+                report.skip(item, f"did not end within {timeout_s:.0f} s")
+                continue
             if run.returncode != 0:
                 report.skip(item, f"exit {run.returncode}: {run.stderr.strip()[-500:]}")
                 continue
-            data = json.loads((Path(folder) / "frame_prep.json").read_text())
+            try:
+                data = json.loads((Path(folder) / "frame_prep.json").read_text())
+            except (OSError, ValueError) as exc:
+                report.skip(item, f"no results read back ({type(exc).__name__}: {exc})")
+                continue
+        if memory == "kept" and not data.get("kept_freed_memory"):
+            report.skip(item, "the allocator refused (not glibc, or its thresholds set already)")
+            continue
         for r in data["threads"]:
             rows.append({**r, "memory": data["memory"]})
             log(
@@ -2207,7 +2219,7 @@ def prep_thread_lines(rows: list[dict] | None) -> list[str]:
             ["memory", "threads", "frames a call", "call ms", "frames/s", "speed-up", "page faults a frame"],
             [
                 [r["memory"], r["threads"], r["frames"], r["call_ms"], r["frames_per_s"], r["speedup"]]
-                + [r["faults_per_frame"]]
+                + ["-" if r["faults_per_frame"] is None else r["faults_per_frame"]]
                 for r in rows
             ],
         ),

@@ -796,7 +796,12 @@ def test_frame_prep_times_the_workers_preprocessing_in_threads(tmp_path, monkeyp
     assert told == [1] and data["memory"] == "kept" and "rows" not in data
     assert [(r["threads"], r["frames"]) for r in data["threads"]] == [(1, 2)]
     assert "keeping freed memory" in (tmp_path / "frame_prep.md").read_text()
-    for bad in (["--threads", "2,x"], ["--threads", "-1"], ["--threads-only"]):
+    for bad in (
+        ["--threads", "2,x"],
+        ["--threads", "-1"],
+        ["--threads-only"],
+        ["--threads", "1", "--thread-batch", "0"],
+    ):
         with pytest.raises(SystemExit, match="--threads"):
             frame_prep.main(argv + bad)
 

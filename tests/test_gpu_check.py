@@ -1079,6 +1079,52 @@ KERNEL_NAMES = (
 )
 
 
+def test_the_host_preprocessing_runs_keep_each_others_rows(monkeypatch):
+    """``prep_threads``' two runs (a process each, the allocator as it comes and kept): a run
+    that times out, fails or whose allocator refused to keep freed memory is skipped with its
+    reason, and the other run's rows stay; rows are labelled by what the run did."""
+    sys.path.insert(0, str(SCRIPT.parent))
+    import gpu_check
+
+    def fake(kept_answer=True, timeout=False, fail=False):
+        def run(command, **kwargs):
+            kept = "--keep-freed-memory" in command
+            if kept and timeout:
+                raise subprocess.TimeoutExpired(command, kwargs["timeout"])
+            if kept and fail:
+                return subprocess.CompletedProcess(command, 1, "", "Traceback ...\nMemoryError")
+            folder = Path(command[command.index("--out") + 1])
+            row = {"threads": 0, "frames": 8, "call_ms": 1.0, "frames_per_s": 8e3, "speedup": 1.0}
+            data = {
+                "memory": "kept" if kept and kept_answer else "default",
+                "kept_freed_memory": kept_answer if kept else None,
+                "threads": [{**row, "faults_per_frame": None}],
+            }
+            (folder / "frame_prep.json").write_text(json.dumps(data))
+            return subprocess.CompletedProcess(command, 0, "", "")
+
+        return run
+
+    for case, expected_skip in (
+        ({}, None),
+        ({"kept_answer": False}, "refused"),
+        ({"timeout": True}, "did not end"),
+        ({"fail": True}, "MemoryError"),
+    ):
+        monkeypatch.setattr(gpu_check.subprocess, "run", fake(**case))
+        report = gpu_check.Report(1e9)
+        rows = gpu_check.prep_threads(report, quick=True)
+        kinds = [r["memory"] for r in rows]
+        if expected_skip is None:
+            assert kinds == ["default", "kept"] and report.data["skipped"] == []
+        else:
+            assert kinds == ["default"], case
+            ((item, reason),) = [(s["item"], s["reason"]) for s in report.data["skipped"]]
+            assert item == "host preprocessing in threads (kept)" and expected_skip in reason, case
+    # faults not counted (Windows): a dash in the table, not "None"
+    assert "| default | 0 | 8 | 1 | 8000 | 1 | - |" in "\n".join(gpu_check.prep_thread_lines(rows))
+
+
 def test_each_kernel_is_sorted_into_its_kind():
     sys.path.insert(0, str(SCRIPT.parent))
     import gpu_check
