@@ -34,7 +34,7 @@ from edgecap.backends import ort_providers
 from edgecap.backends import resolve as resolve_backend
 from edgecap.backends._checks import check_threads
 from edgecap.backends.base import Backend
-from edgecap.confidence import ConfidenceModel, object_words, signals
+from edgecap.confidence import SUPPORT_TAGS, ConfidenceModel, object_words, signals
 from edgecap.contract import Limits
 from edgecap.decoding import CaptionOptions, Hypothesis, fusion_weight, length_normalised, search
 from edgecap.decoding.fusion import Fusion
@@ -48,7 +48,7 @@ from edgecap.images import (
     max_pixels,
 )
 from edgecap.manifest import Manifest, file_sha256, load_manifest
-from edgecap.objects import ObjectClasses
+from edgecap.objects import ObjectClasses, top_classes_rows
 from edgecap.prefetch import check_decode_workers, default_decode_workers, prefetched_batches, window
 from edgecap.preprocess import model_input, recognisable
 from edgecap.vocab import Vocabulary
@@ -710,20 +710,23 @@ class Captioner:
         if seen is not None and self.options.blank_check:  # the backend's check (on its device)
             good = [replace(p, visible=bool(v)) for p, v in zip(good, seen)]
         shares = {"encode_ms": encode_ms / n, "decode_ms": decode_ms / n}
-        tags = [()] * n if probs is None else [self.classes.tags(p, self.options.objects) for p in probs]
+        # each photo's most probable classes at once, for its tags and its confidence signals
+        objects = self.options.objects
+        best = [None] * n if probs is None else top_classes_rows(probs, max(objects, SUPPORT_TAGS))
+        tags = [()] * n if probs is None else [self.classes.tags(p, objects, b) for p, b in zip(probs, best)]
         class_probs = [None] * n if probs is None else list(probs)
-        done = iter(zip(good, hypotheses, tags, class_probs))
+        done = iter(zip(good, hypotheses, tags, class_probs, best))
         results: list[Caption | InputError] = []
         for slot in prepared:
             if isinstance(slot, InputError):
                 results.append(slot)
                 continue
-            image, hyps, objects, image_probs = next(done)
+            image, hyps, named, image_probs, image_best = next(done)
             timings = {"preprocess_ms": image.ms, **shares}
             results.append(
-                self._to_caption(hyps, objects, image_probs, timings)
+                self._to_caption(hyps, named, image_probs, timings, image_best)
                 if image.visible
-                else self._nothing(hyps[0], objects, timings)
+                else self._nothing(hyps[0], named, timings)
             )
         return results
 
@@ -815,16 +818,22 @@ class Captioner:
         )
 
     def _to_caption(
-        self, hyps: list[Hypothesis], objects: tuple, probs: np.ndarray | None, timings: dict[str, float]
+        self,
+        hyps: list[Hypothesis],
+        objects: tuple,
+        probs: np.ndarray | None,
+        timings: dict[str, float],
+        best: np.ndarray | None = None,
     ) -> Caption:
-        best, *rest = hyps
+        """``best``: the photo's most probable classes, best first (``top_classes``), or None."""
+        first, *rest = hyps
         # the photo's typicality and the gate's share of the fusion weight (confidence signals)
         photo = (0.0, 0.0)
         if probs is not None and self.fusion is not None and self.fusion.gate is not None:
             gate = self.fusion.gate
             photo = (float(gate.typicality(probs[None])[0]), float(gate(probs[None])[0]))
-        alternatives = tuple(self._hypothesis_caption(h, objects, probs, photo, {}) for h in rest)
-        return self._hypothesis_caption(best, objects, probs, photo, timings, alternatives)
+        alternatives = tuple(self._hypothesis_caption(h, objects, probs, photo, {}, best=best) for h in rest)
+        return self._hypothesis_caption(first, objects, probs, photo, timings, alternatives, best)
 
     def _hypothesis_caption(
         self,
@@ -834,8 +843,10 @@ class Captioner:
         photo: tuple[float, float],
         timings: dict[str, float],
         alternatives: tuple[Caption, ...] = (),
+        best: np.ndarray | None = None,
     ) -> Caption:
-        """``photo``: its typicality and the fusion gate's share for it (0, 0 without a gate)."""
+        """``photo``: its typicality and the fusion gate's share for it (0, 0 without a gate);
+        ``best``: its most probable classes (``_to_caption``'s)."""
         if hyp.tokens and not (0 <= min(hyp.tokens) and max(hyp.tokens) < len(self.vocab)):
             raise ModelError(
                 f"{self.manifest.directory}: the decoder step graph returned word "
@@ -861,6 +872,7 @@ class Captioner:
                 photo[0],
                 self._object_words,
                 photo[1],
+                best,
             )
             if self.confidence_model is not None:
                 # a caption the length cap cut before any place to end is no sentence: not a

@@ -63,6 +63,7 @@ def signals(
     typicality: float = 0.0,
     objects: Mapping[int, Sequence[int]] | None = None,
     fusion_share: float = 0.0,
+    best=None,
 ) -> np.ndarray:
     """One caption's signals, float64 (len(SIGNALS),). ``tokens``: its word ids; ``score``:
     its mean log-probability; ``rank_score``: what the search ranked it by (with the tag bonus
@@ -72,9 +73,12 @@ def signals(
     without a gate); ``objects``: ``object_words(word_ids)`` (computed here when None: a
     caller with many captions computes it once);
     ``fusion_share``: the gate's share of the fusion weight for the photo (``fusion.Gate``; 0
-    without a gate)."""
+    without a gate); ``best``: ``top_classes(probs, k)`` for some k >= ``SUPPORT_TAGS``, already
+    computed (a caller with a batch computes them at once: ``top_classes_rows``), or None."""
+    # the most probable classes, best first (of the probabilities as given: float64 keeps
+    # float32's order and ties)
+    first = (top_classes(probs, SUPPORT_TAGS) if best is None else np.asarray(best)[:SUPPORT_TAGS]).tolist()
     probs = np.asarray(probs, np.float64)
-    first = top_classes(probs, SUPPORT_TAGS).tolist()  # the most probable classes, best first
     top = probs[first].tolist()
     confident = {w for c, p in zip(first[:3], top) if p >= TAG_MIN_PROB for w in word_ids[c]}
     supported = {w for c in first for w in word_ids[c]}

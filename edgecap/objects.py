@@ -63,11 +63,13 @@ class ObjectClasses:
 
         return cls(names, words, ids(FUNCTION_WORDS), ids(DANGLING_WORDS))
 
-    def tags(self, probs: np.ndarray, n: int) -> tuple[tuple[str, float], ...]:
-        """probs (C,) -> the ``n`` most probable classes as (name, probability), best first."""
+    def tags(self, probs: np.ndarray, n: int, best=None) -> tuple[tuple[str, float], ...]:
+        """probs (C,) -> the ``n`` most probable classes as (name, probability), best first;
+        ``best``: ``top_classes(probs, k)`` for some k >= n, already computed (or None)."""
         if n <= 0:
             return ()
-        return tuple((self.names[i], round(float(probs[i]), 4)) for i in top_classes(probs, n).tolist())
+        best = top_classes(probs, n) if best is None else best[:n]
+        return tuple((self.names[i], round(float(probs[i]), 4)) for i in np.asarray(best).tolist())
 
     def tag_words(self, probs: np.ndarray, n_tags: int, min_prob: float) -> tuple[frozenset[int], ...]:
         """probs (N, C) -> per image, the word ids of its ``n_tags`` most probable classes of
@@ -78,6 +80,25 @@ class ObjectClasses:
             kept = best[image_probs[best] >= min_prob].tolist()
             words.append(frozenset(w for c in kept for w in self.word_ids[c]))
         return tuple(words)
+
+
+def top_classes_rows(probs: np.ndarray, n: int) -> np.ndarray:
+    """probs (N, C) -> (N, min(max(n, 0), C)): each row's ``top_classes`` at once (one partition
+    and one sort for the batch, not a call a row; the same indices, ties in index order)."""
+    probs = np.asarray(probs)
+    rows, classes = probs.shape
+    if not 0 < n < classes or rows == 0:
+        return np.array([top_classes(p, n) for p in probs], np.intp).reshape(rows, min(max(n, 0), classes))
+    negated = -probs
+    nth = np.partition(negated, n - 1, axis=1)[:, n - 1]
+    # every value tied with its row's n-th too, row by row in index order (a row holds n or more)
+    row, col = np.nonzero(negated <= nth[:, None])
+    order = np.lexsort((negated[row, col], row))  # by row, then value; ties keep index order
+    starts = np.searchsorted(row[order], np.arange(rows))
+    best = col[order][starts[:, None] + np.arange(n)]
+    for r in np.flatnonzero(nth != nth):  # NaN among a row's n smallest: as top_classes does
+        best[r] = top_classes(probs[r], n)
+    return best
 
 
 def top_classes(probs: np.ndarray, n: int) -> np.ndarray:

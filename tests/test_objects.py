@@ -18,7 +18,7 @@ from edgecap import Captioner
 from edgecap.cli import main as cli_main
 from edgecap.decoding import CaptionOptions, TagBonus, beam_search
 from edgecap.decoding.rules import NeverFirst, tag_bias
-from edgecap.objects import IMAGENET_CLASSES, ObjectClasses, top_classes
+from edgecap.objects import IMAGENET_CLASSES, ObjectClasses, top_classes, top_classes_rows
 from edgecap.vocab import NEVER_FIRST_IDS
 from fakes import END, START, PrefixHashBackend
 
@@ -152,6 +152,30 @@ def test_top_classes_is_the_stable_descending_sort_s_head(seed):
         for n in (1, 2, 5, 17, 64, 500, 975, 980, 999, 1000, 1001):
             assert top_classes(p, n).tolist() == order[:n].tolist(), (dtype, n)
     assert top_classes(probs, 0).tolist() == []
+
+
+@pytest.mark.parametrize("seed", range(3))
+def test_top_classes_of_a_batch_are_each_rows_stable_sorts_head(seed):
+    """``top_classes_rows``, a batch at once: each row's head of numpy's stable argsort of the
+    negated probabilities (ties in class order), rows with many ties (steps of 1/8), a row of
+    one value, rows with NaN among the head and elsewhere, infinities; every head length, none
+    and more than the classes; an empty batch."""
+    rng = np.random.default_rng(seed)
+    probs = np.floor(rng.random((12, 40)) * 8) / 8
+    probs[3] = 0.25
+    probs[5, [2, 30]] = np.nan  # ties at the head: NaN is the least
+    probs[6, :] = np.nan
+    probs[6, 7] = 0.5
+    probs[7, rng.integers(0, 40, 3)] = np.inf
+    probs[8, rng.integers(0, 40, 3)] = -np.inf
+    for dtype in (np.float64, np.float32):
+        p = probs.astype(dtype)
+        order = np.argsort(-p, axis=1, kind="stable")
+        for n in (-1, 0, 1, 2, 5, 9, 39, 40, 41):
+            got = top_classes_rows(p, n)
+            assert got.shape == (12, min(max(n, 0), 40)), (dtype, n)
+            assert got.tolist() == order[:, : max(n, 0)].tolist(), (dtype, n)
+    assert top_classes_rows(np.zeros((0, 40), np.float32), 5).shape == (0, 5)
 
 
 def test_loaded_class_list_knows_the_vocabulary_s_function_words(tmp_path):
