@@ -91,12 +91,16 @@ def top_classes_rows(probs: np.ndarray, n: int) -> np.ndarray:
         return np.array([top_classes(p, n) for p in probs], np.intp).reshape(rows, min(max(n, 0), classes))
     negated = -probs
     nth = np.partition(negated, n - 1, axis=1)[:, n - 1]
-    # every value tied with its row's n-th too, row by row in index order (a row holds n or more)
-    row, col = np.nonzero(negated <= nth[:, None])
-    order = np.lexsort((negated[row, col], row))  # by row, then value; ties keep index order
-    starts = np.searchsorted(row[order], np.arange(rows))
-    best = col[order][starts[:, None] + np.arange(n)]
-    for r in np.flatnonzero(nth != nth):  # NaN among a row's n smallest: as top_classes does
+    best = np.empty((rows, n), np.intp)
+    plain = nth == nth  # else NaN among a row's n smallest: that row as top_classes does it
+    if plain.any():
+        values, limits = negated[plain], nth[plain]
+        # every value tied with its row's n-th too, row by row in index order (n or more a row)
+        row, col = np.nonzero(values <= limits[:, None])
+        order = np.lexsort((values[row, col], row))  # by row, then value; ties keep index order
+        starts = np.searchsorted(row[order], np.arange(len(limits)))
+        best[plain] = col[order][starts[:, None] + np.arange(n)]
+    for r in np.flatnonzero(~plain):
         best[r] = top_classes(probs[r], n)
     return best
 

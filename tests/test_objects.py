@@ -168,6 +168,8 @@ def test_top_classes_of_a_batch_are_each_rows_stable_sorts_head(seed):
     probs[6, 7] = 0.5
     probs[7, rng.integers(0, 40, 3)] = np.inf
     probs[8, rng.integers(0, 40, 3)] = -np.inf
+    probs[11, :] = np.nan  # the last row: fewer than n numbers (no row after it to read from)
+    probs[11, [4, 9]] = 0.75
     for dtype in (np.float64, np.float32):
         p = probs.astype(dtype)
         order = np.argsort(-p, axis=1, kind="stable")
@@ -176,6 +178,8 @@ def test_top_classes_of_a_batch_are_each_rows_stable_sorts_head(seed):
             assert got.shape == (12, min(max(n, 0), 40)), (dtype, n)
             assert got.tolist() == order[:, : max(n, 0)].tolist(), (dtype, n)
     assert top_classes_rows(np.zeros((0, 40), np.float32), 5).shape == (0, 5)
+    nothing = np.full((2, 6), np.nan)  # every row NaN
+    assert top_classes_rows(nothing, 3).tolist() == [[0, 1, 2], [0, 1, 2]]
 
 
 def test_loaded_class_list_knows_the_vocabulary_s_function_words(tmp_path):
