@@ -54,8 +54,8 @@ def build_parser():
         "--keep-freed-memory",
         action="store_true",
         help="first keep glibc's allocator from giving freed blocks back (edgecap.allocator, as "
-        "the command line does for torch on the CPU): fresh pages for every big array are what "
-        "threads allocating at once contend for",
+        "the command line does for torch on the CPU): else a worker thread's big arrays come "
+        "from fresh pages the kernel faults in",
     )
     C.add_out_argument(p)
     return p
