@@ -790,8 +790,9 @@ def prep_threads(report: Report, quick: bool = False, timeout_s: float = 120) ->
     page faults a frame; in a process of its own twice: glibc's allocator as it comes, and
     keeping freed memory (``--keep-freed-memory``). On the CPU with --quick: 0 and 2 threads,
     8 frames, once."""
-    usable = len(os.sched_getaffinity(0)) if hasattr(os, "sched_getaffinity") else os.cpu_count() or 1
-    threads = [0, 2] if quick else [n for n in PREP_THREADS if n <= max(usable, 2)]
+    from edgecap.prefetch import usable_cores  # what the decoding workers' default counts
+
+    threads = [0, 2] if quick else [n for n in PREP_THREADS if n <= max(usable_cores(), 2)]
     command = [sys.executable, str(BENCH_DIR / "frame_prep.py"), "--threads-only"]
     command += ["--threads", ",".join(map(str, threads)), "--thread-batch", str(8 if quick else PREP_FRAMES)]
     command += ["--repeats", str(1 if quick else 5)]
