@@ -84,7 +84,13 @@ def run_command() -> NoReturn:
     A rank under torchrun (``edgecap train``; ``torch.distributed`` initialised) ends with
     ``os._exit`` once its output is flushed, whatever the command did (an error it printed, an
     uncaught exception, whose traceback is printed first): PyTorch's gloo process group does not
-    survive the interpreter's teardown safely (``edgecap.training.distributed``)."""
+    survive the interpreter's teardown safely (``edgecap.training.distributed``).
+
+    Started with stderr closed (``2>&-``: cron, a daemon), Python's ``sys.stderr`` is None and
+    ``print(..., file=sys.stderr)`` would write to stdout, into the records: the messages go to
+    the null device instead."""
+    if sys.stderr is None:
+        sys.stderr = open(os.devnull, "w", encoding="utf-8")  # noqa: SIM115 (the process's)
     try:
         code = main()
     except KeyboardInterrupt:  # while a command that finishes on Ctrl-C was finishing

@@ -195,7 +195,15 @@ def _pillow_bomb_size(message: str) -> str:
 
 # -- naming inputs -----------------------------------------------------------------------------
 def describe(image: object) -> str:
-    """A short name for an input, used as ``InputError.source``."""
+    """A short name for an input, used as ``InputError.source``; never raises (an object that
+    fails to say its path or shape is named by its type, and loading it says what failed)."""
+    try:
+        return _described(image)
+    except Exception:  # noqa: BLE001 (a PathLike whose __fspath__ raises, a shape that does)
+        return f"<{type(image).__name__}>"
+
+
+def _described(image: object) -> str:
     if isinstance(image, (str, os.PathLike)):
         # "" (an unset variable): named, else the message would be ": no such file"
         return os.fspath(image) or "<empty path>"
@@ -442,7 +450,7 @@ def pil_to_rgb(im: Image.Image, source: str) -> Image.Image:
     if mode == "RGB" and not _has_alpha(im):  # an RGB PNG may have a tRNS colour key
         return im
     if mode in ("I", "I;16", "I;16B", "I;16L", "I;16N", "F"):
-        gray = _gray_to_uint8(np.asarray(im), source, sixteen_bits=sixteen_bit_png)
+        gray = _gray_to_uint8(np.asarray(im), source, sixteen_bits=sixteen_bit_png, levels=True)
         return Image.fromarray(gray).convert("RGB")
     try:
         if _has_alpha(im):
@@ -460,11 +468,14 @@ def _has_alpha(im: Image.Image) -> bool:
     )
 
 
-def _gray_to_uint8(x: np.ndarray, source: str, sixteen_bits: bool = False) -> np.ndarray:
+def _gray_to_uint8(
+    x: np.ndarray, source: str, sixteen_bits: bool = False, levels: bool = False
+) -> np.ndarray:
     """32-bit / 16-bit / float grayscale (H, W) -> uint8 (H, W); ``sixteen_bits``: 32-bit
-    pixels read from a 16-bit file."""
+    pixels read from a 16-bit file; ``levels``: floats may be 0-255 levels too (a PIL image or
+    file in mode F, as Pillow's own ``convert("L")`` reads them)."""
     if x.dtype.kind == "f":
-        return _float_to_uint8(x, source)
+        return _float_to_uint8(x, source, levels)
     wide = x.dtype.itemsize > 2 and not sixteen_bits  # Pillow's "I" (32-bit) mode
     x = x.astype(np.int64)
     if x.min(initial=0) < 0:
@@ -545,11 +556,22 @@ def _to_uint8(x: np.ndarray, source: str) -> np.ndarray:
     raise InputError(source, f"unsupported dtype {x.dtype}; pass uint8 (0-255), uint16 or float in [0, 1]")
 
 
-def _float_to_uint8(x: np.ndarray, source: str) -> np.ndarray:
+def _float_to_uint8(x: np.ndarray, source: str, levels: bool = False) -> np.ndarray:
+    """Float pixels in [0, 1] -> uint8 (x 255, rounded). ``levels`` (a mode F image, whose
+    values Pillow reads as levels): values above 1 and up to 255 are levels, truncated as
+    Pillow's ``convert("L")`` does; all in [0, 1] they are still read as [0, 1], the other
+    convention for float images."""
     if not np.isfinite(x).all():
         raise InputError(source, "array contains NaN or infinite values")
     lo, hi = float(x.min()), float(x.max())
+    if levels and lo >= 0.0 and 1.0 < hi <= 255.0:  # truncated, as Pillow's convert("L")
+        return x.astype(np.uint8)
     if lo < 0.0 or hi > 1.0:
+        if levels:
+            raise InputError(
+                source,
+                f"float (mode F) pixel values must lie in [0, 1] or [0, 255] (levels), got [{lo:g}, {hi:g}]",
+            )
         raise InputError(
             source,
             f"float pixel values must lie in [0, 1], got [{lo:g}, {hi:g}]; scale them, or pass uint8 (0-255)",

@@ -1,7 +1,10 @@
 """Command-line PATHs -> the image files they name: files, folders searched recursively and
 globs, each folder searched and each file yielded once (by device and inode), with link loops,
 broken links and unreadable folders reported as ``InputError`` pairs instead of followed or
-raised. What ``edgecap caption`` captions (the files themselves are read by ``edgecap.files``)."""
+raised. Hidden files and folders (a name that starts with a dot: ``.git``, ``.thumbnails``, the
+``._IMG_0001.JPG`` that macOS leaves on other disks) are left out of folders and globs alike,
+as a shell's glob leaves them; a hidden file named itself is captioned. What ``edgecap
+caption`` captions (the files themselves are read by ``edgecap.files``)."""
 
 from __future__ import annotations
 
@@ -13,7 +16,7 @@ import stat
 from collections.abc import Iterable, Iterator
 from pathlib import Path
 
-IMAGE_EXTENSIONS = (".jpg", ".jpeg", ".png", ".bmp", ".gif", ".webp", ".tif", ".tiff")
+IMAGE_EXTENSIONS = (".jpg", ".jpeg", ".jfif", ".png", ".bmp", ".gif", ".webp", ".tif", ".tiff")
 
 
 def expand_all(args: Iterable[str]) -> Iterator[tuple[str, object]]:
@@ -23,7 +26,8 @@ def expand_all(args: Iterable[str]) -> Iterator[tuple[str, object]]:
     folder is searched once and each file (by device and inode) captioned once over the whole
     run; everything skipped comes as a (name, InputError) pair that says why: a link loop, a
     folder or file already seen under another name, a broken link, an unreadable folder, an
-    empty PATH, a folder or glob with no images."""
+    empty PATH, a folder or glob with no images (not said of one that could not be read
+    whole: a folder below it unreadable)."""
     state = _Seen()
     for arg in args:
         yield from _expand_one(arg, state)
@@ -55,8 +59,8 @@ def _expand_one(arg: str, state: _Seen) -> Iterator[tuple[str, object]]:
     # is not a folder, and the captioner then names its problem; Path.is_dir raised it
     if not literal and os.path.isdir(path):
         found = False
-        for name, item in _walk(path, lambda rel: _has_image_suffix(rel[-1]), lambda rel: True, state):
-            found = found or _is_match(item)
+        for name, item in _walk(path, lambda rel: _has_image_suffix(rel[-1]) and _shown(rel), _shown, state):
+            found = found or _is_match(item) or _unread(item)
             yield name, item
         if not found:
             yield arg, InputError(arg, f"folder holds no image files ({', '.join(IMAGE_EXTENSIONS)})")
@@ -103,7 +107,7 @@ def _expand_glob(pattern: str, state: _Seen) -> Iterator[tuple[str, object]]:
             lambda rel: _may_descend(rest, rel),
             state,
         ):
-            found = found or _is_match(item)
+            found = found or _is_match(item) or _unread(item)
             yield name, item
     if not found:
         yield pattern, InputError(pattern, "the pattern matches no image files")
@@ -145,7 +149,10 @@ def _walk(top: Path, want_file, want_dir, state: _Seen) -> Iterator[tuple[str, o
     """Depth first, each folder's entries sorted by name: (name, name) for each file that
     ``want_file(relative parts)`` takes, (name, InputError) for each entry skipped. Folders
     (and links to folders) are entered when ``want_dir(relative parts)``; never twice, and a
-    link back to a folder being searched is reported as a loop. Iterative: any depth."""
+    link back to a folder being searched is reported as a loop. A link that leads nowhere is reported when
+    ``want_file`` takes its name, or when ``want_dir`` does and the name has no extension (a
+    link to a folder that is gone); one named as another kind of file (``notes.txt``) is
+    passed over, as that file would be. Iterative: any depth."""
     from edgecap.errors import InputError
 
     try:
@@ -180,7 +187,7 @@ def _walk(top: Path, want_file, want_dir, state: _Seen) -> Iterator[tuple[str, o
         try:
             st = os.stat(path)
         except OSError as exc:
-            if is_link and (want_file(parts) or want_dir(parts)):
+            if is_link and (want_file(parts) or (want_dir(parts) and not Path(name).suffix)):
                 why = (
                     "a loop of symbolic links"
                     if getattr(exc, "errno", None) == errno.ELOOP
@@ -239,6 +246,19 @@ def _is_match(item: object) -> bool:
     from edgecap.errors import InputError
 
     return not isinstance(item, InputError) or item.problem.startswith("skipped: the same file")
+
+
+def _shown(rel: tuple[str, ...]) -> bool:
+    """Whether a folder walk takes the entry at ``rel``: not a hidden one (a name that starts
+    with a dot; the folders above it were taken)."""
+    return not rel[-1].startswith(".")
+
+
+def _unread(item: object) -> bool:
+    """A folder the walk could not read (whether it holds images is not known)."""
+    from edgecap.errors import InputError
+
+    return isinstance(item, InputError) and item.problem.startswith("skipped: cannot read the folder")
 
 
 def _has_image_suffix(name: str) -> bool:

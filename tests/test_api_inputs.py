@@ -7,6 +7,7 @@ Pillow from the bundled example photos; never dataset photos.
 
 from __future__ import annotations
 
+import os
 import struct
 
 import numpy as np
@@ -36,6 +37,31 @@ def test_every_bad_file_is_a_one_line_input_error(captioner, zoo, name):
         captioner.caption(path)
     assert info.value.source == path and str(info.value).startswith(f"{path}: ")
     assert BAD[name] in info.value.problem and "\n" not in str(info.value)
+
+
+class _RefusingPath(os.PathLike):
+    """A path object that cannot say its path (a lazily resolved remote path, say)."""
+
+    def __fspath__(self):
+        raise RuntimeError("the share is not mounted")
+
+
+class _NumberPath(os.PathLike):
+    def __fspath__(self):
+        return 42
+
+
+def test_a_path_object_that_cannot_say_its_path_is_its_own_input_error(captioner, zoo):
+    """Its failure is an InputError in its slot, named by its type and saying what failed;
+    the photos beside it are captioned (``on_error="return"``)."""
+    good = str(zoo / GOOD[0])
+    out = captioner.caption_batch([good, _RefusingPath(), _NumberPath(), good], on_error="return")
+    assert isinstance(out[0], Caption) and isinstance(out[3], Caption)
+    assert out[0].text == out[3].text == captioner.caption(good).text
+    assert isinstance(out[1], InputError) and out[1].source == "<_RefusingPath>"
+    assert out[1].problem == "cannot load this input (the share is not mounted)"
+    assert isinstance(out[2], InputError) and out[2].source == "<_NumberPath>"
+    assert "__fspath__() to return str or bytes, not int" in out[2].problem
 
 
 def test_missing_path_and_directory(captioner, tmp_path):

@@ -443,7 +443,7 @@ class _NamingCaptioner:
 
         self.options, self.broken = SimpleNamespace(batch_size=batch_size), set(broken)
 
-    def iter_captions(self, paths, on_error):
+    def iter_captions(self, paths, on_error, overlap=False):
         from types import SimpleNamespace
 
         from edgecap.errors import InputError

@@ -329,3 +329,75 @@ def test_cli_reports_every_skip_and_captions_the_rest(tiny_model_dir, tmp_path):
     assert errors[2].startswith("edgecap: : empty PATH argument")
     assert errors[3] == f"edgecap: {'z' * 300}.jpg: cannot read the file (File name too long)"
     assert "Traceback" not in out.stderr and "cwd_photo" not in out.stdout
+
+
+def test_a_folder_leaves_out_hidden_files_and_folders_as_a_glob_does(tmp_path):
+    """The ``._a.jpg`` macOS writes beside each photo on another disk (not an image), a
+    ``.thumbnails`` folder of small copies, an editor's ``.#notes.txt`` lock link: none is a
+    photo to caption or an error to report; named itself, a hidden photo is captioned."""
+    root = tmp_path / "photos"
+    (root / ".thumbnails").mkdir(parents=True)
+    (root / "sub").mkdir()
+    a, b = _photo(root / "a.jpg"), _photo(root / "sub" / "b.png")
+    (root / "._a.jpg").write_bytes(b"\x00\x05\x16\x07 AppleDouble")
+    _photo(root / ".thumbnails" / "a.png")
+    _photo(root / ".hidden.png")
+    (root / ".#notes.txt").symlink_to("root@host.1234:1733400000")
+    expected = [(str(p), str(p)) for p in (a, b)]
+    assert list(expand_all([str(root)])) == expected
+    assert list(expand_all([f"{root}/**"])) == expected
+    hidden = str(root / ".hidden.png")
+    assert list(expand_all([hidden])) == [(hidden, hidden)]
+
+
+def test_a_broken_link_named_as_another_kind_of_file_is_passed_over_like_that_file(tmp_path):
+    """notes.txt -> a file that is gone is no more a photo than notes.txt itself: no skip to
+    report (exit 0 for the folder); gone.jpg (a photo that is gone) and album (a folder that
+    is gone) are reported."""
+    root = tmp_path / "photos"
+    root.mkdir()
+    a = _photo(root / "a.png")
+    (root / "notes.txt").symlink_to("nowhere.txt")
+    (root / "lib.so.1").symlink_to("/nonexistent/lib.so.1")
+    assert list(expand_all([str(root)])) == [(str(a), str(a))]
+    (root / "gone.jpg").symlink_to("nowhere.jpg")
+    (root / "album").symlink_to("/nonexistent/album")
+    good, skipped = _split(list(expand_all([str(root)])))
+    assert good == [str(a)]
+    assert list(skipped) == [str(root / "album"), str(root / "gone.jpg")]
+
+
+def test_an_unreadable_folder_is_not_also_said_to_hold_no_images(tmp_path, monkeypatch):
+    """A folder that cannot be read (chmod 000), named or below the one named, or searched by
+    a glob: one skip that says so, no second record claiming it holds no image files."""
+    root = tmp_path / "outer"
+    (root / "inner").mkdir(parents=True)
+    _photo(root / "inner" / "a.png")
+    real_scandir = os.scandir
+
+    def scandir(path):  # root ignores permissions: refuse like chmod 000 would
+        if Path(path) in (root / "inner", tmp_path / "locked"):
+            raise PermissionError(13, "Permission denied", str(path))
+        return real_scandir(path)
+
+    (tmp_path / "locked").mkdir()
+    monkeypatch.setattr(os, "scandir", scandir)
+    for arg, unread in (
+        (root, root / "inner"),
+        (tmp_path / "locked", tmp_path / "locked"),
+        (f"{tmp_path}/locked/*.png", tmp_path / "locked"),
+    ):
+        good, skipped = _split(list(expand_all([str(arg)])))
+        assert good == [] and list(skipped) == [str(unread)], arg
+        assert skipped[str(unread)] == "skipped: cannot read the folder (permission denied)"
+    # a folder that was read whole and holds nothing is still said to
+    (tmp_path / "empty").mkdir()
+    _, skipped = _split(list(expand_all([str(tmp_path / "empty")])))
+    assert skipped[str(tmp_path / "empty")].startswith("folder holds no image files")
+
+
+def test_a_jfif_file_is_a_jpeg_a_folder_holds(tmp_path):
+    photo = tmp_path / "saved.jfif"
+    Image.fromarray(np.full((24, 32, 3), 90, np.uint8)).save(photo, format="JPEG")
+    assert list(expand_all([str(tmp_path)])) == [(str(photo), str(photo))]
+    assert list(expand_all([f"{tmp_path}/*.jfif"])) == [(str(photo), str(photo))]

@@ -586,6 +586,28 @@ def test_a_32_bit_float_image_is_scaled_from_0_1_like_a_float_array(tmp_path):
         assert (rgb_array(image) == want[:, :, None]).all()
 
 
+def test_a_32_bit_float_image_in_levels_is_read_as_pillow_reads_it(tmp_path):
+    """Pillow's own ``convert("F")`` of a grey image keeps its levels (0-255), and so does a
+    float TIFF made that way: 0 -> 0, 3.7 -> 3, 127.5 -> 127 (truncated), 200 -> 200, 255 ->
+    255, as a file or a PIL image, as Pillow's ``convert("L")`` gives them. Values
+    past 255 or below 0 fit neither convention: an ``InputError`` naming both ranges. A float
+    array keeps the one convention (levels in [0, 1])."""
+    values = np.array([[0.0, 3.7, 127.5, 200.0, 255.0]], np.float32)
+    want = np.array([[0, 3, 127, 200, 255]], np.uint8)
+    im = Image.fromarray(values)
+    assert im.mode == "F" and (np.asarray(im.convert("L")) == want).all()
+    path = _save(im, tmp_path / "levels.tif")
+    for image in (im, path):
+        assert (rgb_array(image) == want[:, :, None]).all()
+    grey = Image.fromarray(np.array([[0, 90, 255]], np.uint8)).convert("F")
+    assert (rgb_array(grey)[:, :, 0] == [[0, 90, 255]]).all()
+    for bad in (np.array([[0.0, 300.0]], np.float32), np.array([[-2.0, 100.0]], np.float32)):
+        with pytest.raises(InputError, match=r"must lie in \[0, 1\] or \[0, 255\] \(levels\)"):
+            rgb_array(Image.fromarray(bad))
+    with pytest.raises(InputError, match=r"must lie in \[0, 1\], got \[0, 200\]"):
+        rgb_array(np.array([[0.0, 200.0]], np.float32))
+
+
 def test_pillows_guard_turned_off_by_the_program_stays_off():
     """A program that sets PIL.Image.MAX_IMAGE_PIXELS = None (no limit) for its own Pillow calls
     keeps that: decoding with edgecap (its own limit still applies) and set_max_pixels leave

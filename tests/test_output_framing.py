@@ -283,6 +283,54 @@ def test_closed_stdout_is_exit_2_not_silence(tiny_model_dir, many_photos):
     ]
 
 
+def test_with_stderr_closed_the_error_lines_stay_out_of_the_records(tiny_model_dir, many_photos, tmp_path):
+    """Started with stderr closed (``2>&-``, as cron or a daemon may), a bad photo's line
+    ``edgecap: NAME: problem`` is not written to stdout among the records (Python's
+    ``print(file=None)`` writes there): stdout holds one JSON record per photo, exit 1."""
+    empty = tmp_path / "empty.png"
+    empty.write_bytes(b"")
+    good = str(many_photos / "p00.png")
+    for extra, parse in ((["--json"], json.loads), ([], lambda line: line.split("\t"))):
+        out = subprocess.run(
+            [
+                sys.executable,
+                "-m",
+                "edgecap",
+                "caption",
+                good,
+                str(empty),
+                *extra,
+                "--model",
+                str(tiny_model_dir),
+            ],
+            stdout=subprocess.PIPE,
+            stderr=None,
+            env=ENV,
+            preexec_fn=lambda: os.close(2),
+        )
+        assert out.returncode == 1
+        records = [parse(line) for line in out.stdout.decode().splitlines()]
+        if extra:
+            assert [r["path"] for r in records] == [good, str(empty)]
+            assert records[1]["error"] == "file is empty (0 bytes)"
+        else:  # the plain output has no record of a failed photo
+            assert [r[0] for r in records] == [good]
+
+
+def test_error_lines_are_utf8_whatever_the_locale(tiny_model_dir, tmp_path):
+    """A name's characters on stderr are written as UTF-8 (as on stdout) under an ASCII
+    locale, not as ``\\xfc``, which the output keeps for a byte of a name that is not UTF-8."""
+    bad = tmp_path / "f\u00fcnf.png"
+    bad.write_bytes(b"")
+    out = subprocess.run(
+        [sys.executable, "-m", "edgecap", "caption", str(bad), "--model", str(tiny_model_dir)],
+        capture_output=True,
+        env={**ENV, "PYTHONIOENCODING": "ascii"},
+    )
+    assert out.returncode == 1
+    assert out.stderr.decode("utf-8").splitlines() == [f"edgecap: {bad}: file is empty (0 bytes)"]
+
+
 def test_every_non_utf8_byte_of_a_name_is_one_escape():
     """The lowest (0x80) and highest (0xff) bytes that are never UTF-8 on their own come out as
     \\x80 and \\xff, never as a surrogate (\\udc80) or a character."""

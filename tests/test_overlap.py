@@ -228,14 +228,13 @@ def test_iter_captions_overlaps_when_asked_and_then_yields_a_batch_after_the_nex
         captioner.iter_captions(photos, overlap="yes")
 
 
-def test_edgecap_caption_overlaps_as_its_captioner_does(monkeypatch, capsys):
-    """Over files the command line overlaps as the Captioner does (on a GPU by default: here
-    the GPU default is forced on the CPU), with the captions of the README."""
+def _gpu_default_recording_overlaps(monkeypatch) -> list:
+    """The GPU's defaults forced on the CPU; -> the list each overlapped call appends its
+    Captioner's ``overlap`` to."""
     from edgecap import api
-    from edgecap.cli import main
 
     monkeypatch.setattr(api, "_on_gpu", lambda name, device, backend: True)
-    overlapped = []
+    overlapped: list = []
     real = api.Captioner._overlapped
 
     def recorded(self, *args, **kwargs):
@@ -243,6 +242,15 @@ def test_edgecap_caption_overlaps_as_its_captioner_does(monkeypatch, capsys):
         return real(self, *args, **kwargs)
 
     monkeypatch.setattr(api.Captioner, "_overlapped", recorded)
+    return overlapped
+
+
+def test_edgecap_caption_overlaps_as_its_captioner_does(monkeypatch, capsys):
+    """Over files the command line overlaps as the Captioner does (on a GPU by default: here
+    the GPU default is forced on the CPU), with the captions of the README."""
+    from edgecap.cli import main
+
+    overlapped = _gpu_default_recording_overlaps(monkeypatch)
     assert main(["caption", *map(str, EXAMPLES), "--batch-size", "1", "--decode-workers", "0"]) == 0
     assert overlapped == [True]
     readme = (Path(edgecap.__file__).parents[1] / "README.md").read_text().splitlines()
@@ -426,3 +434,19 @@ def test_no_overlap_on_the_command_line_turns_it_off_where_it_would_be_on(monkey
         assert main(argv) == 0
         outputs.append(capsys.readouterr().out)
     assert overlaps == [True, False] and outputs[0] == outputs[1]
+
+
+def test_edgecap_eval_overlaps_as_its_captioner_does(default_model_dir, monkeypatch):
+    """``edgecap eval`` captions its split with the Captioner's overlap (on a GPU by default,
+    forced here on the CPU; off with ``overlap=False``, which ``--no-overlap`` gives), with
+    the same captions either way."""
+    from edgecap.data.readers import CaptionedImage
+    from edgecap.evaluation.evaluate import caption_split
+
+    overlapped = _gpu_default_recording_overlaps(monkeypatch)
+    items = [CaptionedImage(p.name, ["a photo"], i) for i, p in enumerate(EXAMPLES)]
+    texts = []
+    for overlap in (None, False):
+        captioner = Captioner(default_model_dir, batch_size=1, decode_workers=0, overlap=overlap)
+        texts.append(caption_split(captioner, items, EXAMPLES[0].parent))
+    assert overlapped == [True] and texts[0] == texts[1] and len(texts[0]) == len(EXAMPLES)

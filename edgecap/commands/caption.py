@@ -14,7 +14,8 @@ over it, one panel per word (``edgecap.viz``); nothing else is written anywhere.
 
 ``edgecap caption --video FILE [--every SECONDS]`` and ``edgecap caption --camera INDEX`` print
 ``SECONDS<TAB>caption`` per captioned frame (``12.40s<TAB>a dog runs``), or with ``--json``
-``time``, ``frame``, ``caption``, ``score``, ``timings`` (ms) and ``dropped``; a summary goes to
+``time``, ``frame``, ``caption``, ``score``, ``objects``, ``confidence``, ``recognisable``,
+``timings`` (ms) and ``dropped``; a summary goes to
 stderr at the end. A video is read at the captioner's pace, every sampled frame is captioned and
 times are video time; a camera is live: the newest frame wins, older ones are dropped
 (``edgecap.stream``), and it runs until the camera stops or Ctrl-C. Both need OpenCV
@@ -41,7 +42,7 @@ from edgecap.commands.output import (
     OutputFailed,
     discard_stdout,
     print_result,
-    utf8_stdout,
+    utf8_output,
     write,
 )
 from edgecap.paths import expand_all
@@ -153,7 +154,7 @@ def run(args: argparse.Namespace) -> int:
     if sys.stdout is None:  # started with stdout closed (>&-): nothing could be written
         print("edgecap caption: error: cannot write the output: standard output is closed", file=sys.stderr)
         return 2
-    utf8_stdout()
+    utf8_output()
     # The command owns its process: Pillow's bomb warning would only repeat the InputError.
     warnings.simplefilter("ignore", Image.DecompressionBombWarning)
     try:

@@ -84,12 +84,15 @@ def write(line: str | None) -> None:
         raise OutputFailed(exc) from None
 
 
-def utf8_stdout() -> None:
-    """Records are UTF-8 whatever the locale (all that could not be encoded is escaped)."""
-    try:
-        sys.stdout.reconfigure(encoding="utf-8", errors="strict")  # type: ignore[union-attr]
-    except (AttributeError, ValueError, OSError):
-        pass  # a replaced sys.stdout (tests, embedding): written as it is
+def utf8_output() -> None:
+    """Records, and the error lines on stderr, are UTF-8 whatever the locale (all that could
+    not be encoded is escaped first: a ``\\xHH`` in either is one byte of a name, never a
+    character the locale could not write)."""
+    for stream, errors in ((sys.stdout, "strict"), (sys.stderr, "backslashreplace")):
+        try:
+            stream.reconfigure(encoding="utf-8", errors=errors)  # type: ignore[union-attr]
+        except (AttributeError, ValueError, OSError):
+            pass  # a replaced stream (tests, embedding): written as it is
 
 
 def discard_stdout() -> None:

@@ -182,10 +182,13 @@ def caption_split(
     ``captioner``: an ``edgecap.Captioner``; images go to it ``batch_size`` at a time and
     ``on_progress(n)`` is called after each batch with the number of images it held. Raises
     ``ImageFailure`` after the first batch holding images that fail to decode (all of that
-    batch's failures are named); nothing is scored then.
+    batch's failures are named); nothing is scored then. With the Captioner's ``overlap`` (on
+    a GPU by default; ``edgecap eval --no-overlap``): a batch's captions built while the next
+    is searched.
     """
     root = Path(images_root)
-    results = captioner.iter_captions((root / item.file_name for item in items), on_error="return")
+    paths = (root / item.file_name for item in items)
+    results = captioner.iter_captions(paths, on_error="return", overlap=None)
     hyps: dict = {}
     # iter_captions yields a batch's results together: regroup them to report batch by batch.
     for chunk in batched(zip(items, results), captioner.options.batch_size):
