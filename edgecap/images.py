@@ -308,6 +308,23 @@ def _read_file(path: str | os.PathLike, source: str) -> bytes:
     return data
 
 
+def _unidentified_problem(data: bytes) -> str:
+    """Why Pillow identified none of the accepted formats in ``data``: bytes that begin as one
+    of them (a PNG whose header checksum is wrong, a cut file) are that format, broken, with
+    the reason its reader gives (``Image.open`` keeps it only as a warning); others are not an
+    image in an accepted format."""
+    Image.init()
+    for name in ACCEPTED_FORMATS:
+        factory, accept = Image.OPEN.get(name, (None, None))
+        if factory is None or (accept is not None and not accept(data[:16])):
+            continue
+        try:
+            factory(io.BytesIO(data), "").close()
+        except Exception as exc:  # noqa: BLE001 (a plugin's reason, whatever its type)
+            return f"corrupt {name} file: {reason(exc)}"
+    return f"not an image in an accepted format ({', '.join(ACCEPTED_FORMATS)})"
+
+
 def _decode(data: bytes, source: str, draft_size: tuple[int, int] | None = None) -> Image.Image:
     """Encoded image bytes -> RGB: an accepted format, its size and decoding work checked from
     the headers before any pixel is decoded."""
@@ -325,9 +342,7 @@ def _decode(data: bytes, source: str, draft_size: tuple[int, int] | None = None)
         # image that our check below refuses anyway. ``formats``: no other plugin sees the bytes.
         im = Image.open(io.BytesIO(data), formats=ACCEPTED_FORMATS)
     except UnidentifiedImageError:
-        raise InputError(
-            source, f"not an image in an accepted format ({', '.join(ACCEPTED_FORMATS)})"
-        ) from None
+        raise InputError(source, _unidentified_problem(data)) from None
     except (Image.DecompressionBombError, Image.DecompressionBombWarning) as exc:
         # over twice Pillow's limit (or over it, with warnings turned into errors): Pillow refuses
         # while opening, before our check, and says its own limit; say ours, as for the others

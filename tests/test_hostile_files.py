@@ -280,6 +280,19 @@ def test_icon_wrapping_a_png_is_not_parsed(tmp_path):
     _refused(ico, "not an image in an accepted format", "JPEG, PNG")
 
 
+def test_a_broken_file_of_an_accepted_format_says_what_is_broken():
+    """A PNG whose header checksum is wrong, or cut inside its header, is a broken PNG (the
+    reason Pillow's PNG reader gives, which ``Image.open`` keeps only as a warning), not "not
+    an image in an accepted format"."""
+    buf = io.BytesIO()
+    _photo((16, 8)).save(buf, format="PNG")
+    png = bytearray(buf.getvalue())
+    png[29] ^= 0xFF  # a byte of the IHDR chunk's CRC (8 signature + 4 length + 4 type + 13 data)
+    _refused(bytes(png), "corrupt PNG file: broken PNG file (bad header checksum in b'IHDR')")
+    _refused(buf.getvalue()[:30], "corrupt PNG file: broken PNG file (incomplete checksum in b'IHDR')")
+    _refused(b"GIF89a\x10", "corrupt GIF file: ")
+
+
 @pytest.mark.parametrize("fmt", ["PPM", "TGA", "PCX", "SGI"])
 def test_formats_outside_the_list_are_refused(fmt):
     buf = io.BytesIO()
