@@ -124,10 +124,15 @@ def test_a_photo_over_the_pixel_limit_is_one_line_without_pillows_warning(tiny_m
     assert list(_plain_lines(out.stdout)) == [str(photo)]
 
 
-def test_bad_model_dir_is_a_clean_error(tmp_path):
+def test_bad_model_dir_is_a_clean_error(tmp_path, capfd):
     out = edgecap_caption(EXAMPLES / "chelsea.png", model=tmp_path / "nowhere")
     assert out.returncode == 2
     assert "model directory not found" in out.stderr and "Traceback" not in out.stderr
+    photo = tmp_path / "photo.png"
+    Image.new("RGB", (4, 4)).save(photo)
+    out = run_edgecap(capfd, "caption", photo, "--model", photo)
+    assert out.returncode == 2 and "Traceback" not in out.stderr
+    assert f"{photo}: is a file, not a model directory" in out.stderr
 
 
 def test_bad_option_is_a_clean_error(tiny_model_dir):
