@@ -8,6 +8,7 @@ import json
 import os
 import re
 import subprocess
+import time
 import sys
 from pathlib import Path
 
@@ -562,8 +563,9 @@ def test_issue_24s_target_modes_run_first():
     """On a GPU the modes that answer issue 24's targets run first (a run cut short by a
     device lease still has them): FP32, then the default FP16 (FP16 decoder, FP32 encoder) with
     the same settings, with CUDA graphs, the device search then the host's, the frames on the
-    host and on the GPU, the gpu tests, the files against memory of
-    torch-cuda-fp32-graphs-device and the profiles after the first four of them; then the other
+    host and on the GPU, the gpu tests after the first two of them (before the fused search's),
+    the files against memory of torch-cuda-fp32-graphs-device and the profiles after their
+    modes; then the other
     modes in their order, the compiled search last.
     On the CPU, where no mode answers a target, the order of before: the gpu tests, each mode,
     the first one's files against memory after it."""
@@ -602,16 +604,18 @@ def test_issue_24s_target_modes_run_first():
         "torch-cuda-fp16-graphs-device-prep-nhwc",
         "torch-cuda-fp32-graphs-device-compiled",
     ]
-    # the gpu tests after the first four (a run cut short within the target modes still has them)
-    assert gpu_check.GPU_TESTS_AFTER == 4
-    # and the profiles of the FP32 device search, plain and fused, after them (in processes
-    # of their own)
+    # the gpu tests after the first two, before the fused search's modes (a run cut short
+    # within the target modes still has them, and they check the fused kernels on the GPU in
+    # their own process before this one runs them); the profiles of the FP32 device search,
+    # plain and fused, after their modes (in processes of their own)
+    assert gpu_check.GPU_TESTS_AFTER == 2
     assert names == (
-        [("mode", label) for label in first[:4]]
+        [("mode", label) for label in first[:2]]
         + [("gpu tests", None), ("file rate", "torch-cuda-fp32-graphs-device")]
         + [("profile", "torch-cuda-fp32-graphs-device")]
+        + [("mode", label) for label in first[2:3]]
         + [("profile", label) for label in fused[:1]]
-        + [("mode", label) for label in first[4:]]
+        + [("mode", label) for label in first[3:]]
         + [("mode", label) for label in rest]
     )
     # a mode after the first four is profiled right after it
@@ -1334,3 +1338,21 @@ def _if_eager_graph():
                 body()
 
     return IfEagerGraph
+
+
+@pytest.mark.parametrize("spent, want", [(10.0, 150.0), (140.0, 100.0), (200.0, 90.0), (299.0, 90.0)])
+def test_the_gpu_tests_get_90_to_150_s_whatever_the_modes_before_them_took(monkeypatch, spent, want):
+    """On a GPU the tests get what is left of --budget-s (300 here) less a minute, at least 90 s
+    and at most 150 s: 150 at the start, 100 with 140 s spent, 90 past 150 s (they had been cut
+    to 30 s once the target modes before them took three minutes)."""
+    sys.path.insert(0, str(SCRIPT.parent))
+    import gpu_check
+
+    given = []
+    monkeypatch.setattr(
+        gpu_check, "gpu_tests", lambda report, timeout_s, compiled=False: given.append(timeout_s)
+    )
+    monkeypatch.setattr(gpu_check, "T0", time.perf_counter() - spent)
+    args = gpu_check.parse_args(["--out", "unused"])
+    gpu_check.run_gpu_tests(args, gpu_check.Report(args.budget_s), "cuda")
+    assert given == [pytest.approx(want, abs=1.0)]

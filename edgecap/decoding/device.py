@@ -918,10 +918,12 @@ def _best_ending(
     has = is_end.any(1) & live
     k = is_end.to(torch.int32).argmax(1, keepdim=True)  # its first <end>
     e_lp = candidates.gather(1, k)[:, 0].view(N, B)
+    # a tensor either way: divided by a Python float, CUDA multiplies by its reciprocal (which
+    # may lose a bit), where the CPU, the numpy loop and the fused kernel divide
     denominator = (
         loop.denominators.index_select(0, number.view(1) + 1)
         if t is None
-        else _denominator(t + 1, plan.penalty)
+        else loop.denominators[t + 1 : t + 2]
     )
     e_rank = torch.where(has.view(N, B), e_lp / denominator, NEG_INF)
     e_model = torch.where(has.view(N, B), model_lp.gather(1, k)[:, 0].view(N, B), NEG_INF)
