@@ -15,6 +15,7 @@ import contextlib
 import importlib.util
 import os
 import sys
+import warnings
 from dataclasses import replace
 from unittest import mock
 
@@ -1279,6 +1280,43 @@ def test_the_compiled_device_search_captions_as_the_numpy_search(shipped, monkey
     # both searches ran the compiled step (made for the plain search's call and for the
     # graphs' capture), compiled by torch
     assert len(made) == 2 and torch._dynamo.utils.counters["stats"]["unique_graphs"] > graphs
+
+
+def test_past_the_recompile_limit_a_new_shape_runs_uncompiled_not_raises(tiny_model_dir, monkeypatch):
+    """``compile_search=True`` with ``torch._dynamo``'s recompile limit at 1 (8 by default: a
+    service meets more batch sizes and plans): the first shape compiles, a second one runs the
+    uncompiled step with a warning, once, instead of dynamo's ``FailOnRecompileLimitHit``
+    (``fullgraph=True`` makes it raise), and its hypotheses are the uncompiled search's. A
+    counting backend stands in for TorchInductor."""
+    from torch._dynamo.testing import CompileCounter
+
+    backend = TorchBackend(load_manifest(tiny_model_dir), device="cpu", search="device")
+    counter = CompileCounter()
+    torch._dynamo.reset()  # no graphs of other tests' compiles of ``_step``
+    compiled = device_module._compile(counter)
+    monkeypatch.setattr(device_module, "_compiled_step", lambda: compiled)
+    options = CaptionOptions(beam_size=3, max_length=6, n_best=2)
+    rng = np.random.default_rng(0)
+    batches = {n: backend.encode(rng.normal(size=(n, 3, 224, 224)).astype(np.float32)) for n in (2, 3)}
+
+    def search(n: int, compiled: bool) -> list:
+        backend.device_search = TorchDeviceSearch(backend, compiled=compiled)
+        return backend.device_search(batches[n], options, START, END, None, None)
+
+    try:
+        with torch._dynamo.config.patch(recompile_limit=1):
+            first = search(2, True)
+            assert counter.frame_count == 1
+            with pytest.warns(UserWarning, match="recompile limit"):
+                second = search(3, True)
+            with warnings.catch_warnings():
+                warnings.simplefilter("error")
+                again = search(3, True)  # said once
+            assert counter.frame_count == 1
+        for got, n in ((first, 2), (second, 3), (again, 3)):
+            _same(search(n, False), got, exact=False)
+    finally:
+        torch._dynamo.reset()
 
 
 def test_the_compiled_step_compiles_once_per_shape_plain_and_in_the_decode_graph(tiny_model_dir, monkeypatch):

@@ -45,7 +45,8 @@ TorchInductor fuses the search's many small element-wise, gather and scatter ope
 190 kernels a step on a GPU in eager form) into few generated kernels. It compiles once per
 ``Plan`` and batch shape (on a 2-core CPU 25 s cold for the first shape, 12 s for the next;
 compiling the whole 20-step loop as one graph had taken 89 s there, and had not finished in 184
-s on an H200 machine); past ``torch._dynamo``'s recompile limit a new shape runs uncompiled.
+s on an H200 machine); past ``torch._dynamo``'s recompile limit a new shape runs uncompiled
+(``_compile``: with ``fullgraph=True`` dynamo would raise there).
 """
 
 from __future__ import annotations
@@ -902,8 +903,37 @@ def _fused_step(loop: _Loop, t: int | None, number: torch.Tensor, carry: tuple) 
 def _compiled_step() -> Callable[..., tuple]:
     """``_step`` through ``torch.compile``, made once per process (its compiled graphs are
     cached per shape by torch): one compile per plan and batch shape, serving every step after
-    the first."""
-    return torch.compile(_step, fullgraph=True, dynamic=False)
+    the first (``_compile``)."""
+    return _compile()
+
+
+def _compile(backend: Any = "inductor") -> Callable[..., tuple]:
+    """``_step`` compiled by ``backend``, and uncompiled for a shape past ``torch._dynamo``'s
+    recompile limit (``torch._dynamo.config.recompile_limit`` compiles of one function, 8 by
+    default: a service that meets many batch sizes and plans): with ``fullgraph=True`` dynamo
+    raises there instead of running the function uncompiled as it otherwise would. The error
+    comes before the step runs anything, so the uncompiled step runs in its place (a
+    ``UserWarning`` says so, once)."""
+    from torch._dynamo.exc import FailOnRecompileLimitHit
+
+    compiled = torch.compile(_step, fullgraph=True, dynamic=False, backend=backend)
+    warned: list[bool] = []
+
+    def step(loop: _Loop, t: int | None, number: torch.Tensor, carry: tuple) -> tuple:
+        try:
+            return compiled(loop, t, number, carry)
+        except FailOnRecompileLimitHit:
+            if not warned:
+                warned.append(True)
+                warnings.warn(
+                    "the compiled device search met more shapes than torch._dynamo's recompile "
+                    "limit (torch._dynamo.config.recompile_limit) compiles: those run uncompiled",
+                    UserWarning,
+                    stacklevel=2,
+                )
+            return _step(loop, t, number, carry)
+
+    return step
 
 
 def _best_ending(
