@@ -72,7 +72,8 @@ last, at beam 3 batch 1 only: each shape compiles first (a step's compile: 25 s 
 2-core CPU; the whole-loop compile it replaced did not finish in 184 s on an H200 machine), so
 leave it time.
 
-The order (``plan``): on a GPU the probe of conditional nodes; the modes that answer issue 24's
+The order (``plan``): on a GPU the probe of conditional nodes, then of the fused search (each
+in a process of its own: ``probe_conditionals``, ``probe_fused``); the modes that answer issue 24's
 targets first (``TARGET_MODES``: FP32 and the default FP16 with CUDA graphs, the device search
 then the host's, the frames on the GPU and on the host; captions, latency and throughput each),
 ``pytest -m gpu`` after the first two of them (``GPU_TESTS_AFTER``: before the fused search's
@@ -381,10 +382,10 @@ def environment(device: str, report: Report) -> dict:
 PROBE = """
 import json, sys
 from edgecap import Captioner
-model, photos = sys.argv[1], sys.argv[2:]
+model, options, forms, photos = sys.argv[1], json.loads(sys.argv[2]), json.loads(sys.argv[3]), sys.argv[4:]
 out = {}
-for form in ("one graph", "parts"):
-    cap = Captioner(model, backend="torch", device="cuda", search="device", cuda_graphs=True)
+for form in forms:
+    cap = Captioner(model, backend="torch", device="cuda", search="device", cuda_graphs=True, **options)
     graphs = cap.backend.device_search.graphs
     graphs.use_conditional(form == "one graph")
     texts = [[c.text for c in cap.caption_batch(photos)] for _ in range(2)]
@@ -392,6 +393,10 @@ for form in ("one graph", "parts"):
                  "conditional": graphs.conditional is not None, "made": graphs.graphs.made}
 print(json.dumps(out))
 """
+
+
+# the fused modes' options, as the fused probe runs them (``probe_fused``)
+FUSED_PROBE_OPTIONS = {"preprocess": "device", "fused_search": True}
 
 
 def probe_conditionals(model: Path, report: Report, timeout_s: float = 120.0) -> dict | None:
@@ -406,12 +411,36 @@ def probe_conditionals(model: Path, report: Report, timeout_s: float = 120.0) ->
     if not torch_graphs.conditionals_wanted():
         report.skip("conditional nodes", f"{torch_graphs.CONDITIONALS_VARIABLE}=0 in the environment")
         return None
-    photos = sorted(str(p) for p in C.EXAMPLES.iterdir() if p.suffix.lower() in {".png", ".jpg"})
-    command = [sys.executable, "-c", PROBE, str(model), *photos]
     log("probing CUDA graph conditional nodes in a subprocess")
+    result, reason, _ = _probe(model, {}, ("one graph", "parts"), timeout_s)
+    result["ok"] = reason is None
+    if reason is not None:
+        _conditionals_off(result, reason, report)
+    return result
+
+
+def _conditionals_off(result: dict, reason: str, report: Report, whose: str = "") -> None:
+    """Conditional nodes off for the run (``EDGECAP_GRAPH_CONDITIONALS=0``), ``reason`` kept in
+    the probe's ``result`` and said in the report's skips (after ``whose``)."""
+    from edgecap.backends import torch_graphs
+
+    os.environ[torch_graphs.CONDITIONALS_VARIABLE] = "0"
+    result["reason"] = reason
+    report.skip("conditional nodes", f"{whose}{reason}: the run captures the whole decode in parts")
+
+
+def _probe(
+    model: Path, options: dict, forms: tuple[str, ...], timeout_s: float
+) -> tuple[dict, str | None, bool]:
+    """``PROBE`` in a subprocess with these Captioner ``options`` and graph ``forms`` ->
+    (its result, with ``seconds``; why the forms failed or disagree, or None; whether the
+    parts gave captions at all: False where the process failed, hung or printed no result)."""
+    photos = sorted(str(p) for p in C.EXAMPLES.iterdir() if p.suffix.lower() in {".png", ".jpg"})
+    command = [sys.executable, "-c", PROBE, str(model), json.dumps(options), json.dumps(list(forms)), *photos]
     t0 = time.perf_counter()
     result: dict = {}
     reason = None
+    captioned = False
     try:
         proc = subprocess.run(command, cwd=REPO, capture_output=True, text=True, timeout=timeout_s)
         lines = proc.stdout.strip().splitlines()
@@ -420,22 +449,42 @@ def probe_conditionals(model: Path, report: Report, timeout_s: float = 120.0) ->
             reason = f"the probe exited with {proc.returncode}: {tail}"
         else:
             result = json.loads(lines[-1])
-            one, parts = result["one graph"], result["parts"]
-            if not one["conditional"] or not one["made"]:
-                reason = f"the one graph could not be captured ({one['error']})"
-            elif one["texts"] != parts["texts"]:
-                reason = "the one graph's captions differ from the parts'"
+            parts = result["parts"]
+            captioned = bool(parts["texts"]) and all(parts["texts"])
+            if "one graph" in forms:
+                one = result["one graph"]
+                if not one["conditional"] or not one["made"]:
+                    reason = f"the one graph could not be captured ({one['error']})"
+                elif one["texts"] != parts["texts"]:
+                    reason = "the one graph's captions differ from the parts'"
     except subprocess.TimeoutExpired:
         reason = f"the probe did not finish in {timeout_s:.0f} s"
     except (IndexError, ValueError, KeyError, TypeError) as exc:  # no result line, or another
         result = {}
         reason = f"the probe printed no result ({type(exc).__name__}: {exc})"
     result["seconds"] = round(time.perf_counter() - t0, 1)
-    result["ok"] = reason is None
-    if reason is not None:
-        os.environ[torch_graphs.CONDITIONALS_VARIABLE] = "0"
-        result["reason"] = reason
-        report.skip("conditional nodes", f"{reason}: the run captures the whole decode in parts")
+    return result, reason, captioned
+
+
+def probe_fused(model: Path, report: Report, plain: dict | None, timeout_s: float = 180.0) -> dict:
+    """The fused search (``FUSED_PROBE_OPTIONS``: its Triton kernels never run on a GPU before)
+    through ``PROBE`` in a subprocess before any mode runs it in this process, where a kernel
+    that faults would leave the GPU unusable for every later mode: the parts, and the one graph
+    with its kernels inside conditional nodes where the plain probe (``plain``) kept them on.
+    -> the result, ``ok``, ``usable`` (the parts captioned: the fused modes run; else they are
+    skipped, with the reason), ``same_as_plain`` (its parts' captions the plain probe's). Where
+    only its one graph failed or disagreed, conditional nodes are turned off for the run."""
+    one_graph = bool(plain and plain.get("ok"))
+    forms = ("one graph", "parts") if one_graph else ("parts",)
+    log("probing the fused device search in a subprocess")
+    result, reason, captioned = _probe(model, FUSED_PROBE_OPTIONS, forms, timeout_s)
+    result["ok"], result["usable"] = reason is None and captioned, captioned
+    if plain and "parts" in plain and "parts" in result:
+        result["same_as_plain"] = result["parts"]["texts"] == plain["parts"]["texts"]
+    if not captioned:
+        result["reason"] = reason or "the parts gave no captions"
+    elif reason is not None:
+        _conditionals_off(result, reason, report, whose="the fused search: ")
     return result
 
 
@@ -2003,6 +2052,7 @@ def markdown(data: dict) -> str:
         for r in data["modes"]
         for t in r.get("throughput", [])
     ]
+    lines += fused_probe_lines(data.get("fused_probe"))
     lines += decode_form_lines(data["modes"], data.get("conditional_probe"))
     lines += profile_lines(data["modes"])
     lines += ["", "## Throughput, batch 64, beam 3", ""]
@@ -2069,6 +2119,40 @@ def encoder_lines(rows: list[dict] | None) -> list[str]:
                 for r in rows
             ],
         ),
+    ]
+
+
+def without_unusable_fused(mode_list: list[dict], probe: dict, report: Report) -> list[dict]:
+    """``mode_list`` without the fused search's modes where its probe (``probe_fused``) gave
+    no captions, each skipped with the probe's reason; as it is where the probe did."""
+    if probe["usable"]:
+        return mode_list
+    for m in mode_list:
+        if m["options"].get("fused_search"):
+            report.skip(m["label"], f"the fused probe failed: {probe['reason']}")
+    return [m for m in mode_list if not m["options"].get("fused_search")]
+
+
+def fused_probe_lines(probe: dict | None) -> list[str]:
+    """The fused probe's outcome (``probe_fused``), where it ran."""
+    if not probe:
+        return []
+    forms = " and ".join(f for f in ("one graph", "parts") if f in probe) or "its forms"
+    if not probe["usable"]:
+        outcome = f"**failed**: {probe['reason']}; the fused modes were skipped."
+    elif not probe["ok"]:
+        outcome = f"the parts captioned; **the one graph failed**: {probe['reason']}."
+    else:
+        outcome = f"{forms} captioned alike."
+    same = probe.get("same_as_plain")
+    if same is not None:
+        outcome += f" Its captions {'are' if same else '**are not**'} the plain device search's."
+    return [
+        "",
+        "## The fused search's first run",
+        "",
+        "`fused_search=True` with the frames preprocessed on the GPU (its Triton kernels' first run "
+        f"on this GPU), the example photos in a process of its own ({probe['seconds']} s): {outcome}",
     ]
 
 
@@ -2349,6 +2433,9 @@ def main(argv=None) -> int:
 
     if device == "cuda":  # before any mode captures one (a few seconds, in its own process)
         data["conditional_probe"] = probe_conditionals(model, report)
+        if any(m["options"].get("fused_search") for m in every):  # its kernels' first GPU run, apart
+            data["fused_probe"] = probe_fused(model, report, data["conditional_probe"])
+            every = without_unusable_fused(every, data["fused_probe"], report)
     results = []
     if device == "cuda" and not args.compiled:
         report.skip(

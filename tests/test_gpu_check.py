@@ -1246,8 +1246,6 @@ def test_the_conditional_probe_runs_its_script_and_turns_conditionals_off_unless
     failed or hung process. No probe where PyTorch has no conditional nodes or the variable
     is already 0."""
     import json
-    import subprocess
-    import types
 
     sys.path.insert(0, str(SCRIPT.parent))
     import gpu_check
@@ -1267,7 +1265,8 @@ def test_the_conditional_probe_runs_its_script_and_turns_conditionals_off_unless
 
     photos = sorted(str(p) for p in gpu_check.C.EXAMPLES.iterdir() if p.suffix in {".png", ".jpg"})
     monkeypatch.setattr(edgecap, "Captioner", on_the_cpu)
-    monkeypatch.setattr(sys, "argv", ["probe", str(default_model_dir), *photos])
+    forms = json.dumps(["one graph", "parts"])
+    monkeypatch.setattr(sys, "argv", ["probe", str(default_model_dir), "{}", forms, *photos])
     exec(gpu_check.PROBE, {"__name__": "__main__"})
     printed = json.loads(capsys.readouterr().out.strip().splitlines()[-1])
     one, parts = printed["one graph"], printed["parts"]
@@ -1278,23 +1277,18 @@ def test_the_conditional_probe_runs_its_script_and_turns_conditionals_off_unless
     monkeypatch.setattr(torch_graphs, "conditional_nodes", lambda: True)
     variable = torch_graphs.CONDITIONALS_VARIABLE
 
-    def probe(stdout="", returncode=0, stderr="", hang=False):
-        def run(command, **kwargs):
-            assert command[1:3] == ["-c", gpu_check.PROBE] and command[4:] == photos
-            if hang:
-                raise subprocess.TimeoutExpired(command, kwargs["timeout"])
-            return types.SimpleNamespace(returncode=returncode, stdout=stdout, stderr=stderr)
-
-        monkeypatch.setattr(gpu_check.subprocess, "run", run)
-        monkeypatch.delenv(variable, raising=False)
+    def probe(**kwargs):
+        commands = _fake_probe_process(monkeypatch, gpu_check, **kwargs)
         report = gpu_check.Report(1e9)
         result = gpu_check.probe_conditionals(default_model_dir, report)
+        assert commands[0][1:3] == ["-c", gpu_check.PROBE] and commands[0][4:6] == ["{}", forms]
+        assert commands[0][6:] == photos
         return result, report.data["skipped"], os.environ.get(variable)
 
     agreeing = json.dumps(printed)
-    result, skipped, env = probe(agreeing)
+    result, skipped, env = probe(stdout=agreeing)
     assert result["ok"] and skipped == [] and env is None
-    result, skipped, env = probe("a warning on stdout\n" + agreeing)  # the last line is the result
+    result, skipped, env = probe(stdout="a warning on stdout\n" + agreeing)  # the last line is the result
     assert result["ok"] and env is None
     other = {**printed, "parts": {**parts, "texts": [["x"] * 4] * 2}}
     not_captured = {**printed, "one graph": {**one, "conditional": False, "error": "RuntimeError: no"}}
@@ -1324,6 +1318,28 @@ def test_the_conditional_probe_runs_its_script_and_turns_conditionals_off_unless
     assert "EDGECAP_GRAPH_CONDITIONALS=0" in report.data["skipped"][0]["reason"]
     monkeypatch.setattr(torch_graphs, "conditional_nodes", lambda: False)
     assert gpu_check.probe_conditionals(default_model_dir, gpu_check.Report(1e9)) is None
+
+
+def _fake_probe_process(monkeypatch, gpu_check, stdout="", returncode=0, stderr="", hang=False) -> list:
+    """The probe's subprocess stood in for: it prints ``stdout`` (and ``stderr``) and exits with
+    ``returncode``, or hangs past its timeout; conditional nodes on. -> the list each command
+    run is appended to."""
+    import subprocess
+    import types
+
+    from edgecap.backends import torch_graphs
+
+    commands: list = []
+
+    def run(command, **kwargs):
+        commands.append(command)
+        if hang:
+            raise subprocess.TimeoutExpired(command, kwargs["timeout"])
+        return types.SimpleNamespace(returncode=returncode, stdout=stdout, stderr=stderr)
+
+    monkeypatch.setattr(gpu_check.subprocess, "run", run)
+    monkeypatch.delenv(torch_graphs.CONDITIONALS_VARIABLE, raising=False)
+    return commands
 
 
 def _if_eager_graph():
@@ -1356,3 +1372,89 @@ def test_the_gpu_tests_get_90_to_150_s_whatever_the_modes_before_them_took(monke
     args = gpu_check.parse_args(["--out", "unused"])
     gpu_check.run_gpu_tests(args, gpu_check.Report(args.budget_s), "cuda")
     assert given == [pytest.approx(want, abs=1.0)]
+
+
+def test_the_fused_probe_runs_the_fused_search_apart_and_skips_its_modes_where_it_fails(
+    default_model_dir, monkeypatch
+):
+    """``probe_fused``: the fused search (its Triton kernels never run on a GPU before) in a
+    process of its own, with the fused modes' options, before this process runs them: where
+    its parts give no captions (a crash, a hang, nothing printed) the fused modes are skipped
+    with the reason and conditional nodes stay as they were; where only its one graph fails or
+    disagrees (kernels inside conditional nodes), the modes run and conditional nodes are
+    turned off for the run; the one graph is tried only where the plain probe kept them on.
+    Its captions are compared with the plain probe's parts, and the report says all of it."""
+    import json
+
+    sys.path.insert(0, str(SCRIPT.parent))
+    import gpu_check
+
+    from edgecap.backends import torch_graphs
+
+    variable = torch_graphs.CONDITIONALS_VARIABLE
+    texts = [["a cat", "a dog"]] * 2
+    plain = {"one graph": {"texts": texts}, "parts": {"texts": texts}, "ok": True}
+    one = {"texts": texts, "conditional": True, "made": 1, "error": None, "steps": 9}
+    agreeing = {"one graph": one, "parts": {**one, "conditional": False}}
+    commands: list = []
+
+    def probe(plain_result, **kwargs):
+        ran = _fake_probe_process(monkeypatch, gpu_check, **kwargs)
+        report = gpu_check.Report(1e9)
+        result = gpu_check.probe_fused(default_model_dir, report, plain_result)
+        commands.extend(ran)
+        return result, [s["item"] for s in report.data["skipped"]], os.environ.get(variable)
+
+    result, skipped, env = probe(plain, stdout=json.dumps(agreeing))
+    assert result["ok"] and result["usable"] and result["same_as_plain"] and skipped == [] and env is None
+    assert json.loads(commands[-1][4]) == {"preprocess": "device", "fused_search": True}
+    assert json.loads(commands[-1][5]) == ["one graph", "parts"]
+    assert "one graph and parts captioned alike. Its captions are the plain" in "\n".join(
+        gpu_check.fused_probe_lines(result)
+    )
+    # the plain probe turned conditional nodes off (or had none): the parts only
+    parts_only = {"parts": {**one, "texts": [["a cat", "a bird"]] * 2}}
+    for plain_result in ({**plain, "ok": False}, None):
+        result, skipped, env = probe(plain_result, stdout=json.dumps(parts_only))
+        assert json.loads(commands[-1][5]) == ["parts"] and result["ok"] and env is None
+    assert result.get("same_as_plain") is None
+    result, _, _ = probe(plain, stdout=json.dumps({**agreeing, "parts": parts_only["parts"]}))
+    assert result["same_as_plain"] is False and "**are not**" in "\n".join(
+        gpu_check.fused_probe_lines(result)
+    )
+    # its one graph failed: the modes run, the run's conditional nodes off
+    not_captured = {**agreeing, "one graph": {**one, "conditional": False, "error": "CUDA error: illegal"}}
+    result, skipped, env = probe(plain, stdout=json.dumps(not_captured))
+    assert result["usable"] and not result["ok"] and env == "0" and skipped == ["conditional nodes"]
+    assert "the one graph failed**: the one graph could not be captured (CUDA error: illegal)" in "\n".join(
+        gpu_check.fused_probe_lines(result)
+    )
+    # no captions: unusable, conditional nodes left as they were
+    for kwargs, why in (
+        (
+            {"returncode": -6, "stderr": "RuntimeError: CUDA error: an illegal memory access"},
+            "exited with -6",
+        ),
+        ({"hang": True}, "did not finish in 180 s"),
+        ({"stdout": ""}, "printed no result"),
+        (
+            {"stdout": json.dumps({"parts": {**one, "texts": []}}), "plain": None},
+            "the parts gave no captions",
+        ),
+    ):
+        plain_result = kwargs.pop("plain", plain)
+        result, skipped, env = probe(plain_result, **kwargs)
+        assert not result["usable"] and why in result["reason"] and env is None and skipped == []
+        assert "**failed**" in "\n".join(gpu_check.fused_probe_lines(result))
+    # the run's modes: the fused ones dropped and said skipped where the probe failed, kept where not
+    every = gpu_check.modes("cuda")
+    fused = [m["label"] for m in every if m["options"].get("fused_search")]
+    assert len(fused) == (2 if importlib.util.find_spec("triton") else 0)
+    report = gpu_check.Report(1e9)
+    kept = gpu_check.without_unusable_fused(every, result, report)
+    assert [m["label"] for m in kept] == [m["label"] for m in every if m["label"] not in fused]
+    assert [s["item"] for s in report.data["skipped"]] == fused
+    assert all(
+        "the fused probe failed: the parts gave no captions" in s["reason"] for s in report.data["skipped"]
+    )
+    assert gpu_check.without_unusable_fused(every, {"usable": True}, report) is every
