@@ -497,10 +497,15 @@ class Captioner:
             raise ValueError(f"color must be one of {COLORS}, got {color!r}")
         if self._closed:
             raise ValueError("this Captioner is closed")
-        if isinstance(images, (str, bytes, bytearray, memoryview, os.PathLike, Image.Image)) or (
-            (isinstance(images, np.ndarray) or hasattr(images, "__array__"))
-            and getattr(images, "ndim", 4) != 4  # one image (H, W, C), a tensor's too, not a batch
-        ):
+        array = isinstance(images, np.ndarray) or hasattr(images, "__array__")
+        ndim = getattr(images, "ndim", 4) if array else 4
+        if array and isinstance(ndim, int) and ndim > 4:
+            raise TypeError(
+                f"caption_batch and iter_captions take a list of images or an (N, H, W, C) array, "
+                f"got an array of {ndim} dimensions {tuple(getattr(images, 'shape', ()))}"
+            )
+        if isinstance(images, (str, bytes, bytearray, memoryview, os.PathLike, Image.Image)) or ndim != 4:
+            # one image (H, W, C), a tensor's too, not a batch
             raise TypeError(
                 "caption_batch and iter_captions take a list of images; use caption() for one image"
             )

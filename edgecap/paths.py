@@ -110,7 +110,10 @@ def _expand_glob(pattern: str, state: _Seen) -> Iterator[tuple[str, object]]:
             found = found or _is_match(item) or _unread(item)
             yield name, item
     if not found:
-        yield pattern, InputError(pattern, "the pattern matches no image files")
+        # photo[2].jpg that is not there: a file's name more likely than a pattern of one
+        sole = not any(c in pattern for c in "*?")
+        problem = "no such file (nor, read as a pattern, does it match an image file)" if sole else None
+        yield pattern, InputError(pattern, problem or "the pattern matches no image files")
 
 
 def _match_part(pattern: str, name: str) -> bool:

@@ -304,6 +304,18 @@ def test_a_file_named_like_a_glob_is_that_file(tmp_path):
     assert list(expand_all([str(literal)])) == [(str(literal), str(literal))]
 
 
+def test_a_missing_file_named_with_brackets_is_said_to_be_missing(tmp_path):
+    """photo[2].jpg that is not there (and that as a pattern matches nothing): "no such file",
+    as for any missing file, not only "the pattern matches no image files", which a name
+    with * or ? still gets."""
+    _photo(tmp_path / "a.png")
+    _, skipped = _split(list(expand_all([f"{tmp_path}/photo[2].jpg", f"{tmp_path}/*.jpg"])))
+    assert skipped == {
+        f"{tmp_path}/photo[2].jpg": "no such file (nor, read as a pattern, does it match an image file)",
+        f"{tmp_path}/*.jpg": "the pattern matches no image files",
+    }
+
+
 def test_a_folder_holding_only_a_link_loop_is_said_to_hold_no_images(tmp_path):
     root = tmp_path / "photos"
     root.mkdir()

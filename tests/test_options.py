@@ -396,6 +396,12 @@ def test_one_image_given_as_a_batch_is_a_type_error(backend_calls, tmp_path):
             captioner.iter_captions(one)
     # a 4-dimensional array is a batch of (H, W, 3) images
     assert [type(r) for r in captioner.caption_batch(np.stack([IMAGE, IMAGE]))] == [Caption, Caption]
+    # a 5-dimensional one is neither a batch nor one image: not told to use caption()
+    five = np.stack([np.stack([IMAGE, IMAGE])] * 2)
+    with pytest.raises(
+        TypeError, match=r"a list of images or an \(N, H, W, C\) array, got an array of 5 dim"
+    ):
+        captioner.caption_batch(five)
 
 
 def test_one_image_as_a_bytearray_or_memoryview_given_as_a_batch_is_a_type_error(backend_calls):
