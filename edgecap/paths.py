@@ -152,10 +152,10 @@ def _walk(top: Path, want_file, want_dir, state: _Seen) -> Iterator[tuple[str, o
     """Depth first, each folder's entries sorted by name: (name, name) for each file that
     ``want_file(relative parts)`` takes, (name, InputError) for each entry skipped. Folders
     (and links to folders) are entered when ``want_dir(relative parts)``; never twice, and a
-    link back to a folder being searched is reported as a loop. A link that leads nowhere is reported when
-    ``want_file`` takes its name, or when ``want_dir`` does and the name has no extension (a
-    link to a folder that is gone); one named as another kind of file (``notes.txt``) is
-    passed over, as that file would be. Iterative: any depth."""
+    link back to a folder being searched is reported as a loop. A link that leads nowhere is
+    reported when ``want_file`` takes its name, or when ``want_dir`` does and the name has no
+    extension (a link to a folder that is gone); one named as another kind of file
+    (``notes.txt``) is passed over, as that file would be. Iterative: any depth."""
     from edgecap.errors import InputError
 
     try:
