@@ -236,3 +236,16 @@ def test_build_help_names_the_engine_cache_it_uses(monkeypatch, tmp_path):
     monkeypatch.delenv("XDG_CACHE_HOME")
     monkeypatch.setenv("HOME", str(tmp_path / "home"))
     assert default_cache_dir() == tmp_path / "home" / ".cache" / "edgecap" / "engines"
+
+
+def test_no_overlap_says_where_it_changes_nothing():
+    """``caption`` and ``eval`` overlap a call's batches, and ``--no-overlap`` turns that off;
+    ``serve`` searches each batch of requests as one batch: its ``--no-overlap`` (taken, so that
+    one command line serves all three) says it has no effect there."""
+    helps = {}
+    for name in ("caption", "eval", "serve"):
+        parser = _commands()[name]
+        action = next(a for a in _options(parser) if "--no-overlap" in a.option_strings)
+        helps[name] = _help_of(parser, action)
+    assert helps["caption"] == helps["eval"] and helps["caption"].startswith("build each batch's captions")
+    assert helps["serve"].startswith("no effect here") and "--max-batch" in helps["serve"]

@@ -80,12 +80,14 @@ def decode_workers_value(text: str | None) -> int | None:
     return value
 
 
-def add_model_arguments(p: argparse.ArgumentParser) -> None:
+def add_model_arguments(p: argparse.ArgumentParser, overlaps: bool = True) -> None:
     """--model, --backend, --device, --precision, --cuda-graphs, --gpu-preprocess, --threads,
     --decode-workers, --no-overlap, --beam-size, --max-length,
     --no-repeat-ngram, --length-penalty, --batch-size, --guidance-bonus / --no-objects-guidance,
     --fusion-weight / --no-fusion (each pair exclusive), --no-consensus, --no-blank-check,
-    --no-brighten, --constrained."""
+    --no-brighten, --constrained. ``overlaps``: the command captions more than one batch a
+    call, so that --no-overlap changes something (not ``edgecap serve``, which takes it, to
+    share the others' command lines, and says it changes nothing there)."""
     p.add_argument("--model", metavar="DIR", help="model directory (default: the model shipped with edgecap)")
     p.add_argument(
         "--backend",
@@ -147,7 +149,10 @@ def add_model_arguments(p: argparse.ArgumentParser) -> None:
         help="build each batch's captions (unpacking, consensus, tags) before the next batch "
         "is searched, not while it is in a second thread (default: while, on a GPU: the same "
         "captions, each batch's printed once the next one is searched; on the CPU before; "
-        "see docs/performance-options.md)",
+        "see docs/performance-options.md)"
+        if overlaps
+        else "no effect here, taken for the other commands' sake: the service searches each "
+        "batch of requests (at most --max-batch) as one batch, with nothing to overlap",
     )
     p.add_argument(
         "--beam-size",

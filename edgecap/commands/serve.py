@@ -80,7 +80,7 @@ def add_arguments(p: argparse.ArgumentParser) -> None:
         metavar="S",
         help="seconds a client has to send its body (408 after)",
     )
-    add_model_arguments(p)
+    add_model_arguments(p, overlaps=False)
 
 
 def run(args: argparse.Namespace) -> int:
