@@ -1282,12 +1282,14 @@ def test_the_compiled_device_search_captions_as_the_numpy_search(shipped, monkey
     assert len(made) == 2 and torch._dynamo.utils.counters["stats"]["unique_graphs"] > graphs
 
 
-def test_past_the_recompile_limit_a_new_shape_runs_uncompiled_not_raises(tiny_model_dir, monkeypatch):
+def test_past_the_recompile_limit_a_new_shape_runs_uncompiled_not_raises(tiny_model_dir, monkeypatch, caplog):
     """``compile_search=True`` with ``torch._dynamo``'s recompile limit at 1 (8 by default: a
     service meets more batch sizes and plans): the first shape compiles, a second one runs the
     uncompiled step with a warning, once, instead of dynamo's ``FailOnRecompileLimitHit``
-    (``fullgraph=True`` makes it raise), and its hypotheses are the uncompiled search's. A
-    counting backend stands in for TorchInductor."""
+    (``fullgraph=True`` makes it raise), and its hypotheses are the uncompiled search's. Dynamo
+    is asked once for that shape, not at every step of every search after (each time its
+    guards and a logged warning of several lines). A counting backend stands in for
+    TorchInductor."""
     from torch._dynamo.testing import CompileCounter
 
     backend = TorchBackend(load_manifest(tiny_model_dir), device="cpu", search="device")
@@ -1313,6 +1315,10 @@ def test_past_the_recompile_limit_a_new_shape_runs_uncompiled_not_raises(tiny_mo
                 warnings.simplefilter("error")
                 again = search(3, True)  # said once
             assert counter.frame_count == 1
+            search(2, True)  # the shape compiled first: no compile again
+            assert counter.frame_count == 1
+        hits = [r for r in caplog.records if "recompile_limit" in r.getMessage()]
+        assert len(hits) == 1  # dynamo asked once for the shape past the limit
         for got, n in ((first, 2), (second, 3), (again, 3)):
             _same(search(n, False), got, exact=False)
     finally:

@@ -913,27 +913,43 @@ def _compile(backend: Any = "inductor") -> Callable[..., tuple]:
     default: a service that meets many batch sizes and plans): with ``fullgraph=True`` dynamo
     raises there instead of running the function uncompiled as it otherwise would. The error
     comes before the step runs anything, so the uncompiled step runs in its place (a
-    ``UserWarning`` says so, once)."""
-    from torch._dynamo.exc import FailOnRecompileLimitHit
-
+    ``UserWarning`` says so, once), and for that shape from then on: asking dynamo again each
+    step would cost its guards' evaluation and a logged warning every time."""
+    exc = torch._dynamo.exc  # FailOnCacheLimitHit before torch 2.6
+    limit_hit = tuple(
+        getattr(exc, n) for n in ("FailOnRecompileLimitHit", "FailOnCacheLimitHit") if hasattr(exc, n)
+    )
     compiled = torch.compile(_step, fullgraph=True, dynamic=False, backend=backend)
-    warned: list[bool] = []
+    uncompiled: set = set()  # the shapes past the limit (``_shape``)
 
     def step(loop: _Loop, t: int | None, number: torch.Tensor, carry: tuple) -> tuple:
+        if uncompiled and _shape(loop, t, carry) in uncompiled:
+            return _step(loop, t, number, carry)
         try:
             return compiled(loop, t, number, carry)
-        except FailOnRecompileLimitHit:
-            if not warned:
-                warned.append(True)
+        except limit_hit:
+            if not uncompiled:
                 warnings.warn(
                     "the compiled device search met more shapes than torch._dynamo's recompile "
                     "limit (torch._dynamo.config.recompile_limit) compiles: those run uncompiled",
                     UserWarning,
                     stacklevel=2,
                 )
+            uncompiled.add(_shape(loop, t, carry))
             return _step(loop, t, number, carry)
 
     return step
+
+
+def _shape(loop: _Loop, t: int | None, carry: tuple) -> tuple:
+    """What a compiled step of ``_compile`` is told apart by: the search's plan, whether the
+    step number is a tensor, the carry's tensors' shapes and types."""
+    leaves = tree_flatten(carry)[0]
+    return (
+        loop.plan,
+        t is None,
+        tuple((tuple(x.shape), x.dtype) if isinstance(x, torch.Tensor) else type(x) for x in leaves),
+    )
 
 
 def _best_ending(
