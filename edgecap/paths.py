@@ -12,6 +12,7 @@ import errno
 import fnmatch
 import glob
 import os
+import re
 import stat
 from collections.abc import Iterable, Iterator
 from pathlib import Path
@@ -58,12 +59,24 @@ def _expand_one(arg: str, state: _Seen) -> Iterator[tuple[str, object]]:
     # os.path.isdir, not Path.is_dir: a name the system refuses (ENAMETOOLONG: over 255 bytes)
     # is not a folder, and the captioner then names its problem; Path.is_dir raised it
     if not literal and os.path.isdir(path):
-        found = False
-        for name, item in _walk(path, lambda rel: _has_image_suffix(rel[-1]) and _shown(rel), _shown, state):
+        found, hidden = False, []
+
+        def want_file(rel: tuple[str, ...]) -> bool:
+            if _has_image_suffix(rel[-1]) and not _shown(rel):
+                hidden.append(rel)  # .photo.jpg: left out, and said so if nothing else is found
+            return _has_image_suffix(rel[-1]) and _shown(rel)
+
+        for name, item in _walk(path, want_file, _shown, state):
             found = found or _is_match(item) or _unread(item)
             yield name, item
         if not found:
-            yield arg, InputError(arg, f"folder holds no image files ({', '.join(IMAGE_EXTENSIONS)})")
+            problem = f"folder holds no image files ({', '.join(IMAGE_EXTENSIONS)})"
+            if hidden:
+                problem = (
+                    "folder holds no image files but hidden ones (a name that starts with a dot: "
+                    f"{os.path.join(*hidden[0])}), which are left out: name one to caption it"
+                )
+            yield arg, InputError(arg, problem)
     elif not literal:
         yield from _checked_file(arg, state)
     else:
@@ -153,8 +166,8 @@ def _walk(top: Path, want_file, want_dir, state: _Seen) -> Iterator[tuple[str, o
     ``want_file(relative parts)`` takes, (name, InputError) for each entry skipped. Folders
     (and links to folders) are entered when ``want_dir(relative parts)``; never twice, and a
     link back to a folder being searched is reported as a loop. A link that leads nowhere is
-    reported when ``want_file`` takes its name, or when ``want_dir`` does and the name has no
-    extension (a link to a folder that is gone); one named as another kind of file
+    reported when ``want_file`` takes its name, or when ``want_dir`` does and the name is not a
+    file's (``_file_like``: it may have been a folder); one named as another kind of file
     (``notes.txt``) is passed over, as that file would be. Iterative: any depth."""
     from edgecap.errors import InputError
 
@@ -190,7 +203,7 @@ def _walk(top: Path, want_file, want_dir, state: _Seen) -> Iterator[tuple[str, o
         try:
             st = os.stat(path)
         except OSError as exc:
-            if is_link and (want_file(parts) or (want_dir(parts) and not Path(name).suffix)):
+            if is_link and (want_file(parts) or (want_dir(parts) and not _file_like(name))):
                 why = (
                     "a loop of symbolic links"
                     if getattr(exc, "errno", None) == errno.ELOOP
@@ -249,6 +262,13 @@ def _is_match(item: object) -> bool:
     from edgecap.errors import InputError
 
     return not isinstance(item, InputError) or item.problem.startswith("skipped: the same file")
+
+
+def _file_like(name: str) -> bool:
+    """Whether ``name`` ends as a file's name does, with a short extension of letters and
+    digits (``notes.txt``, ``lib.so``, ``model.onnx``), and not a folder's may (``2024.06.01
+    Paris``, ``Photos.library``, ``album``)."""
+    return re.fullmatch(r"\.[A-Za-z][A-Za-z0-9]{0,4}", Path(name).suffix) is not None
 
 
 def _shown(rel: tuple[str, ...]) -> bool:

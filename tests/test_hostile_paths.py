@@ -362,21 +362,39 @@ def test_a_folder_leaves_out_hidden_files_and_folders_as_a_glob_does(tmp_path):
     assert list(expand_all([hidden])) == [(hidden, hidden)]
 
 
+def test_a_folder_of_hidden_photos_only_says_they_are_left_out(tmp_path):
+    """A folder holding only .photo.jpg (and .thumbs/a.png): no image to caption, and the
+    message says the hidden ones were left out and how to caption one, not only that the
+    folder holds none."""
+    root = tmp_path / "photos"
+    (root / ".thumbs").mkdir(parents=True)
+    _photo(root / ".photo.jpg")
+    _photo(root / ".thumbs" / "a.png")
+    _, skipped = _split(list(expand_all([str(root)])))
+    assert skipped == {
+        str(root): "folder holds no image files but hidden ones (a name that starts with a dot: "
+        ".photo.jpg), which are left out: name one to caption it"
+    }
+
+
 def test_a_broken_link_named_as_another_kind_of_file_is_passed_over_like_that_file(tmp_path):
     """notes.txt -> a file that is gone is no more a photo than notes.txt itself: no skip to
-    report (exit 0 for the folder); gone.jpg (a photo that is gone) and album (a folder that
-    is gone) are reported."""
+    report (exit 0 for the folder); gone.jpg (a photo that is gone) and links that may have
+    been folders (album, 2024.06.01 Paris, Photos.library: no file's short extension) are
+    reported."""
     root = tmp_path / "photos"
     root.mkdir()
     a = _photo(root / "a.png")
     (root / "notes.txt").symlink_to("nowhere.txt")
-    (root / "lib.so.1").symlink_to("/nonexistent/lib.so.1")
+    (root / "libfoo.so").symlink_to("/nonexistent/libfoo.so")
+    (root / "model.onnx").symlink_to("/nonexistent/model.onnx")
     assert list(expand_all([str(root)])) == [(str(a), str(a))]
-    (root / "gone.jpg").symlink_to("nowhere.jpg")
-    (root / "album").symlink_to("/nonexistent/album")
+    gone = ["2024.06.01 Paris", "Photos.library", "album", "gone.jpg"]
+    for name in gone:
+        (root / name).symlink_to(f"/nonexistent/{name}")
     good, skipped = _split(list(expand_all([str(root)])))
     assert good == [str(a)]
-    assert list(skipped) == [str(root / "album"), str(root / "gone.jpg")]
+    assert list(skipped) == [str(root / name) for name in gone]
 
 
 def test_an_unreadable_folder_is_not_also_said_to_hold_no_images(tmp_path, monkeypatch):
