@@ -50,6 +50,7 @@ from __future__ import annotations
 import io
 import os
 import re
+import struct
 import threading
 import warnings
 from collections.abc import Callable, Iterator, Sequence
@@ -310,9 +311,10 @@ def _read_file(path: str | os.PathLike, source: str) -> bytes:
 
 def _unidentified_problem(data: bytes) -> str:
     """Why Pillow identified none of the accepted formats in ``data``: bytes that begin as one
-    of them (a PNG whose header checksum is wrong, a cut file) are that format, broken, with
-    the reason its reader gives (``Image.open`` keeps it only as a warning); others are not an
-    image in an accepted format."""
+    of them are that format with a broken header (``corrupt PNG header (...)``, as Pillow's
+    own refusals are put): the reason its reader gives where it says what is broken (a PNG
+    whose header checksum is wrong; ``Image.open`` keeps it only as a warning), "cut short"
+    where it only ran out of bytes; others are not an image in an accepted format."""
     Image.init()
     for name in ACCEPTED_FORMATS:
         factory, accept = Image.OPEN.get(name, (None, None))
@@ -321,7 +323,12 @@ def _unidentified_problem(data: bytes) -> str:
         try:
             factory(io.BytesIO(data), "").close()
         except Exception as exc:  # noqa: BLE001 (a plugin's reason, whatever its type)
-            return f"corrupt {name} file: {reason(exc)}"
+            said = reason(exc)
+            # out of bytes: struct.error "unpack_from requires a buffer ..." (which Pillow raises
+            # again as a SyntaxError), "not identified by this driver" (a JPEG cut in its markers)
+            short = (struct.error, EOFError, IndexError)
+            cut = isinstance(exc, short) or isinstance(exc.__cause__, short) or "not identified" in said
+            return f"corrupt {name} header ({'cut short' if cut else said})"
     return f"not an image in an accepted format ({', '.join(ACCEPTED_FORMATS)})"
 
 

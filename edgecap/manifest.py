@@ -85,8 +85,10 @@ def load_manifest(directory: str | Path) -> Manifest:
     directory = Path(directory)
     path = directory / MANIFEST
     if not directory.is_dir():
-        if os.path.exists(directory):  # --model photo.jpg: the file is there, it is no directory
-            raise ModelError(f"{directory}: is a file, not a model directory (--model takes a folder)")
+        if os.path.exists(directory):  # a photo given as the model: it is there, but no folder
+            raise ModelError(
+                f"{directory}: not a folder; a model directory is one (`edgecap export` writes it)"
+            )
         raise ModelError(f"model directory not found: {directory}")
     if not os.path.lexists(path):
         raise ModelError(

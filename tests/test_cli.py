@@ -132,7 +132,7 @@ def test_bad_model_dir_is_a_clean_error(tmp_path, capfd):
     Image.new("RGB", (4, 4)).save(photo)
     out = run_edgecap(capfd, "caption", photo, "--model", photo)
     assert out.returncode == 2 and "Traceback" not in out.stderr
-    assert f"{photo}: is a file, not a model directory" in out.stderr
+    assert f"{photo}: not a folder; a model directory is one" in out.stderr
 
 
 def test_bad_option_is_a_clean_error(tiny_model_dir):

@@ -281,16 +281,22 @@ def test_icon_wrapping_a_png_is_not_parsed(tmp_path):
 
 
 def test_a_broken_file_of_an_accepted_format_says_what_is_broken():
-    """A PNG whose header checksum is wrong, or cut inside its header, is a broken PNG (the
-    reason Pillow's PNG reader gives, which ``Image.open`` keeps only as a warning), not "not
-    an image in an accepted format"."""
+    """A PNG whose header checksum is wrong is a broken PNG (the reason Pillow's PNG reader
+    gives, which ``Image.open`` keeps only as a warning), and a file cut inside its header is
+    that format cut short, not "not an image in an accepted format"."""
     buf = io.BytesIO()
     _photo((16, 8)).save(buf, format="PNG")
     png = bytearray(buf.getvalue())
     png[29] ^= 0xFF  # a byte of the IHDR chunk's CRC (8 signature + 4 length + 4 type + 13 data)
-    _refused(bytes(png), "corrupt PNG file: broken PNG file (bad header checksum in b'IHDR')")
-    _refused(buf.getvalue()[:30], "corrupt PNG file: broken PNG file (incomplete checksum in b'IHDR')")
-    _refused(b"GIF89a\x10", "corrupt GIF file: ")
+    _refused(bytes(png), "corrupt PNG header (broken PNG file (bad header checksum in b'IHDR'))")
+    # cut before a reader could say more than that it ran out of bytes: "cut short", not its
+    # internals ("unpack_from requires a buffer ...", "not identified by this driver")
+    jpeg = io.BytesIO()
+    _photo((16, 8)).save(jpeg, format="JPEG")
+    cuts = [(b"GIF89a\x10", "GIF"), (buf.getvalue()[:8], "PNG"), (buf.getvalue()[:30], "PNG")]
+    for data, name in [*cuts, (jpeg.getvalue()[:3], "JPEG"), (jpeg.getvalue()[:20], "JPEG")]:
+        err = _refused(data, f"corrupt {name} header (cut short)")
+        assert err.problem == f"corrupt {name} header (cut short)"
 
 
 @pytest.mark.parametrize("fmt", ["PPM", "TGA", "PCX", "SGI"])
