@@ -571,11 +571,14 @@ def test_calibration_photos_are_every_image_below_the_folder_sorted_up_to_the_li
 
     folder = tmp_path / "photos"
     (folder / "sub").mkdir(parents=True)
-    for name in ("sub/e.webp", "d.TIFF", "c.jpeg", "b.JPG", "a.png"):  # made in reverse order
-        _solid_png(folder / "a.png", (0, 0, 0)).rename(folder / name)
+    (folder / ".thumbs").mkdir()
+    for name in (".thumbs/x.png", "h.jfif", "g.gif", "sub/e.webp", "d.TIFF", "c.jpeg", "b.JPG", "a.png"):
+        _solid_png(folder / "a.png", (0, 0, 0)).rename(folder / name)  # made in reverse order
     (folder / "notes.txt").write_text("not a photo")
     (folder / "f.onnx").write_bytes(b"")
-    names = ["a.png", "b.JPG", "c.jpeg", "d.TIFF", "sub/e.webp"]
+    (folder / "._a.png").write_bytes(b"\x00\x05\x16\x07 AppleDouble")  # macOS's, on another disk
+    # as edgecap caption takes a folder's photos: hidden ones left out, .gif and .jfif in
+    names = ["a.png", "b.JPG", "c.jpeg", "d.TIFF", "g.gif", "h.jfif", "sub/e.webp"]
     assert calibration_images(folder) == [folder / n for n in names]
     assert calibration_images(folder, limit=2) == [folder / "a.png", folder / "b.JPG"]
     with pytest.raises(ModelError, match="no images"):

@@ -67,7 +67,6 @@ FP32_OP_TYPES = ("Softmax", "LogSoftmax", "TopK")
 _VIEW_OPS = {"Squeeze", "Unsqueeze", "Reshape", "Flatten", "Transpose", "Identity", "Cast"}
 _PROJECTION_OPS = {"MatMul", "Gemm"}
 _CONSTANT_OPS = {"Constant", "ConstantOfShape", "Expand"}
-_IMAGE_SUFFIXES = {".jpg", ".jpeg", ".png", ".bmp", ".webp", ".tif", ".tiff"}
 
 
 def _import_onnx():
@@ -420,11 +419,20 @@ def int8_fp32_nodes(graph) -> list[str]:
 
 
 def calibration_images(directory: str | Path, limit: int = 64) -> list[Path]:
-    """Up to ``limit`` photos from ``directory`` (sorted, so calibration is repeatable)."""
+    """Up to ``limit`` photos from ``directory`` (sorted, so calibration is repeatable): the
+    image files below it that ``edgecap caption`` would caption in it (``edgecap.paths``: its
+    extensions, hidden files and folders left out, such as the ``._IMG.JPG`` macOS writes)."""
+    from edgecap.paths import IMAGE_EXTENSIONS
+
     directory = Path(directory)
     if not directory.is_dir():
         raise ModelError(f"calibration directory not found: {directory}")
-    files = sorted(p for p in directory.rglob("*") if p.suffix.lower() in _IMAGE_SUFFIXES)
+    files = sorted(
+        p
+        for p in directory.rglob("*")
+        if p.suffix.lower() in IMAGE_EXTENSIONS
+        and not any(part.startswith(".") for part in p.relative_to(directory).parts)
+    )
     if not files:
         raise ModelError(f"{directory}: no images (.jpg, .png, ...) to calibrate with")
     return files[:limit]
