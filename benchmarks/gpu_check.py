@@ -382,21 +382,27 @@ def environment(device: str, report: Report) -> dict:
 PROBE = """
 import json, sys
 from edgecap import Captioner
-model, options, forms, photos = sys.argv[1], json.loads(sys.argv[2]), json.loads(sys.argv[3]), sys.argv[4:]
+model, forms, photos = sys.argv[1], json.loads(sys.argv[2]), sys.argv[3:]
 out = {}
-for form in forms:
+for label, options, conditional in forms:
     cap = Captioner(model, backend="torch", device="cuda", search="device", cuda_graphs=True, **options)
     graphs = cap.backend.device_search.graphs
-    graphs.use_conditional(form == "one graph")
+    graphs.use_conditional(conditional)
     texts = [[c.text for c in cap.caption_batch(photos)] for _ in range(2)]
-    out[form] = {"texts": texts, "steps": graphs.last_steps, "error": graphs.conditional_error,
-                 "conditional": graphs.conditional is not None, "made": graphs.graphs.made}
-print(json.dumps(out))
+    out[label] = {"texts": texts, "steps": graphs.last_steps, "error": graphs.conditional_error,
+                  "conditional": graphs.conditional is not None, "made": graphs.graphs.made}
+    print(json.dumps(out), flush=True)  # after each form: a crash in the next keeps it
 """
 
-
-# the fused modes' options, as the fused probe runs them (``probe_fused``)
-FUSED_PROBE_OPTIONS = {"preprocess": "device", "fused_search": True}
+# the fused modes' options (``modes``), as the fused probe runs them (``probe_fused``), by the
+# precision of the modes each stands for
+FUSED_PROBE_FORMS = {
+    "fp32": ("parts", {"preprocess": "device", "fused_search": True}),
+    "fp16": (
+        "fp16 parts",
+        {"preprocess": "device", "fused_search": True, "fp16": True, "fp32_encoder": True},
+    ),
+}
 
 
 def probe_conditionals(model: Path, report: Report, timeout_s: float = 120.0) -> dict | None:
@@ -412,11 +418,25 @@ def probe_conditionals(model: Path, report: Report, timeout_s: float = 120.0) ->
         report.skip("conditional nodes", f"{torch_graphs.CONDITIONALS_VARIABLE}=0 in the environment")
         return None
     log("probing CUDA graph conditional nodes in a subprocess")
-    result, reason, _ = _probe(model, {}, ("one graph", "parts"), timeout_s)
+    result, crash = _probe(model, [("one graph", {}, True), ("parts", {}, False)], timeout_s)
+    reason = crash or _one_graph_problem(result)
     result["ok"] = reason is None
     if reason is not None:
         _conditionals_off(result, reason, report)
     return result
+
+
+def _one_graph_problem(result: dict) -> str | None:
+    """Why the probe's one graph does not stand for its parts (None: it does)."""
+    try:
+        one, parts = result["one graph"], result["parts"]
+        if not one["conditional"] or not one["made"]:
+            return f"the one graph could not be captured ({one['error']})"
+        if one["texts"] != parts["texts"]:
+            return "the one graph's captions differ from the parts'"
+    except (KeyError, TypeError) as exc:
+        return f"the probe printed no result ({type(exc).__name__}: {exc})"
+    return None
 
 
 def _conditionals_off(result: dict, reason: str, report: Report, whose: str = "") -> None:
@@ -429,63 +449,82 @@ def _conditionals_off(result: dict, reason: str, report: Report, whose: str = ""
     report.skip("conditional nodes", f"{whose}{reason}: the run captures the whole decode in parts")
 
 
-def _probe(
-    model: Path, options: dict, forms: tuple[str, ...], timeout_s: float
-) -> tuple[dict, str | None, bool]:
-    """``PROBE`` in a subprocess with these Captioner ``options`` and graph ``forms`` ->
-    (its result, with ``seconds``; why the forms failed or disagree, or None; whether the
-    parts gave captions at all: False where the process failed, hung or printed no result)."""
+def _probe(model: Path, forms: list[tuple[str, dict, bool]], timeout_s: float) -> tuple[dict, str | None]:
+    """``PROBE`` in a subprocess over ``forms`` ((label, Captioner options, conditional nodes
+    or the parts), in turn) -> (what it printed last: each finished form's result by label,
+    and ``seconds``; why the process failed, or None). A crash keeps the forms finished
+    before it (the probe prints after each)."""
     photos = sorted(str(p) for p in C.EXAMPLES.iterdir() if p.suffix.lower() in {".png", ".jpg"})
-    command = [sys.executable, "-c", PROBE, str(model), json.dumps(options), json.dumps(list(forms)), *photos]
+    command = [sys.executable, "-c", PROBE, str(model), json.dumps(forms), *photos]
     t0 = time.perf_counter()
     result: dict = {}
-    reason = None
-    captioned = False
+    crash = None
     try:
         proc = subprocess.run(command, cwd=REPO, capture_output=True, text=True, timeout=timeout_s)
-        lines = proc.stdout.strip().splitlines()
         if proc.returncode != 0:  # its captions printed or not: a crash at exit counts
             tail = (proc.stderr.strip().splitlines() or ["no output"])[-1]
-            reason = f"the probe exited with {proc.returncode}: {tail}"
-        else:
-            result = json.loads(lines[-1])
-            parts = result["parts"]
-            captioned = bool(parts["texts"]) and all(parts["texts"])
-            if "one graph" in forms:
-                one = result["one graph"]
-                if not one["conditional"] or not one["made"]:
-                    reason = f"the one graph could not be captured ({one['error']})"
-                elif one["texts"] != parts["texts"]:
-                    reason = "the one graph's captions differ from the parts'"
-    except subprocess.TimeoutExpired:
-        reason = f"the probe did not finish in {timeout_s:.0f} s"
-    except (IndexError, ValueError, KeyError, TypeError) as exc:  # no result line, or another
-        result = {}
-        reason = f"the probe printed no result ({type(exc).__name__}: {exc})"
+            crash = f"the probe exited with {proc.returncode}: {tail}"
+        printed = [line for line in proc.stdout.strip().splitlines() if line.startswith("{")]
+        if printed:
+            result = json.loads(printed[-1])
+        elif crash is None:
+            crash = "the probe printed no result"
+    except subprocess.TimeoutExpired as exc:
+        crash = f"the probe did not finish in {timeout_s:.0f} s"
+        printed = [
+            line for line in (exc.stdout or b"").decode(errors="replace").splitlines() if line.startswith("{")
+        ]
+        result = json.loads(printed[-1]) if printed else {}
+    except ValueError as exc:  # a line that is not JSON
+        result, crash = {}, f"the probe printed no result ({type(exc).__name__}: {exc})"
     result["seconds"] = round(time.perf_counter() - t0, 1)
-    return result, reason, captioned
+    return result, crash
 
 
 def probe_fused(model: Path, report: Report, plain: dict | None, timeout_s: float = 180.0) -> dict:
-    """The fused search (``FUSED_PROBE_OPTIONS``: its Triton kernels never run on a GPU before)
-    through ``PROBE`` in a subprocess before any mode runs it in this process, where a kernel
-    that faults would leave the GPU unusable for every later mode: the parts, and the one graph
-    with its kernels inside conditional nodes where the plain probe (``plain``) kept them on.
-    -> the result, ``ok``, ``usable`` (the parts captioned: the fused modes run; else they are
-    skipped, with the reason), ``same_as_plain`` (its parts' captions the plain probe's). Where
-    only its one graph failed or disagreed, conditional nodes are turned off for the run."""
-    one_graph = bool(plain and plain.get("ok"))
-    forms = ("one graph", "parts") if one_graph else ("parts",)
+    """The fused search (its Triton kernels never run on a GPU before) through ``PROBE`` in a
+    subprocess before this process runs it (``plan``'s "fused probe", before the first fused
+    mode), where a kernel that faults would leave the GPU unusable for every later mode: the
+    parts in FP32 and in the default FP16 (``FUSED_PROBE_FORMS``), then, where the plain probe
+    (``plain``) kept conditional nodes on, the FP32 one graph with its kernels inside them.
+    -> the result, with ``usable``: per precision, whether its parts captioned (else
+    ``fused_skip_reason`` skips its fused modes, with ``reasons``' reason); ``ok``: all
+    forms did; ``same_as_plain``: its FP32 parts' captions the plain probe's. Where only the
+    one graph failed (not captured, other captions, or the crash came there), conditional
+    nodes are turned off for the run."""
+    forms = [(label, options, False) for label, options in FUSED_PROBE_FORMS.values()]
+    if plain and plain.get("ok"):
+        forms.append(("one graph", FUSED_PROBE_FORMS["fp32"][1], True))
     log("probing the fused device search in a subprocess")
-    result, reason, captioned = _probe(model, FUSED_PROBE_OPTIONS, forms, timeout_s)
-    result["ok"], result["usable"] = reason is None and captioned, captioned
+    result, crash = _probe(model, forms, timeout_s)
+    usable, reasons = {}, {}
+    for precision, (label, _) in FUSED_PROBE_FORMS.items():
+        texts = result.get(label, {}).get("texts")
+        usable[precision] = bool(texts) and all(texts)
+        if not usable[precision]:
+            reasons[precision] = crash or f"its {label} gave no captions"
+    result["usable"], result["reasons"] = usable, reasons
+    one_graph = any(label == "one graph" for label, _, _ in forms)
+    problem = None
+    if one_graph and all(usable.values()):  # the parts ran: the one graph, or the crash after them
+        problem = crash or _one_graph_problem({**result, "parts": result.get("parts")})
+        if problem is not None:
+            _conditionals_off(result, problem, report, whose="the fused search: ")
+    result["ok"] = all(usable.values()) and problem is None and crash is None
     if plain and "parts" in plain and "parts" in result:
         result["same_as_plain"] = result["parts"]["texts"] == plain["parts"]["texts"]
-    if not captioned:
-        result["reason"] = reason or "the parts gave no captions"
-    elif reason is not None:
-        _conditionals_off(result, reason, report, whose="the fused search: ")
     return result
+
+
+def fused_skip_reason(mode: dict, probe: dict | None) -> str | None:
+    """Why a fused mode is not run in this process: its precision's parts gave no captions in
+    the fused probe (``probe_fused``); None for another mode, or where the probe did not run."""
+    if probe is None or not mode["options"].get("fused_search"):
+        return None
+    precision = "fp16" if mode["options"].get("fp16") else "fp32"
+    if probe["usable"].get(precision, True):
+        return None
+    return f"the fused probe's {FUSED_PROBE_FORMS[precision][0]} failed: {probe['reasons'][precision]}"
 
 
 def gpu_tests(report: Report, timeout_s: float, compiled: bool = False) -> dict | None:
@@ -1005,7 +1044,8 @@ def plan(mode_list: list[dict], file_rate_labels, profile_labels=()) -> list[tup
     be what a run cut short loses); then the other modes in their order. Files against memory
     (``("file rate", mode)``, for the modes in ``file_rate_labels``) and the profile
     (``("profile", mode)``, ``profile_labels``) come after their mode and after the gpu tests;
-    the command line comes after all of these (``main``)."""
+    the fused search's probe (``("fused probe", None)``, ``probe_fused``) right before its first
+    mode; the command line comes after all of these (``main``)."""
     first = sorted(
         (m for m in mode_list if m["label"] in TARGET_MODES), key=lambda m: TARGET_MODES.index(m["label"])
     )
@@ -1018,6 +1058,11 @@ def plan(mode_list: list[dict], file_rate_labels, profile_labels=()) -> list[tup
     for m in later:
         steps.append(("mode", m))
         steps += [(what, m) for what, labels in extras if m["label"] in labels]
+    fused = [
+        i for i, (what, m) in enumerate(steps) if what == "mode" and m and m["options"].get("fused_search")
+    ]
+    if fused:
+        steps.insert(fused[0], ("fused probe", None))
     return steps
 
 
@@ -2122,28 +2167,24 @@ def encoder_lines(rows: list[dict] | None) -> list[str]:
     ]
 
 
-def without_unusable_fused(mode_list: list[dict], probe: dict, report: Report) -> list[dict]:
-    """``mode_list`` without the fused search's modes where its probe (``probe_fused``) gave
-    no captions, each skipped with the probe's reason; as it is where the probe did."""
-    if probe["usable"]:
-        return mode_list
-    for m in mode_list:
-        if m["options"].get("fused_search"):
-            report.skip(m["label"], f"the fused probe failed: {probe['reason']}")
-    return [m for m in mode_list if not m["options"].get("fused_search")]
-
-
 def fused_probe_lines(probe: dict | None) -> list[str]:
     """The fused probe's outcome (``probe_fused``), where it ran."""
     if not probe:
         return []
-    forms = " and ".join(f for f in ("one graph", "parts") if f in probe) or "its forms"
-    if not probe["usable"]:
-        outcome = f"**failed**: {probe['reason']}; the fused modes were skipped."
-    elif not probe["ok"]:
-        outcome = f"the parts captioned; **the one graph failed**: {probe['reason']}."
-    else:
-        outcome = f"{forms} captioned alike."
+    said = []
+    for precision, (label, _) in FUSED_PROBE_FORMS.items():
+        if probe["usable"][precision]:
+            said.append(f"its {label} ({precision.upper()}) captioned")
+        else:
+            said.append(
+                f"**its {label} ({precision.upper()}) failed**: {probe['reasons'][precision]}; "
+                "its modes skipped"
+            )
+    if "reason" in probe:  # the parts ran, the one graph did not stand for them
+        said.append(f"**the one graph failed**: {probe['reason']}; conditional nodes off for the run")
+    elif "one graph" in probe:
+        said.append("the one graph captioned as the parts")
+    outcome = "; ".join(said) + "."
     same = probe.get("same_as_plain")
     if same is not None:
         outcome += f" Its captions {'are' if same else '**are not**'} the plain device search's."
@@ -2433,9 +2474,6 @@ def main(argv=None) -> int:
 
     if device == "cuda":  # before any mode captures one (a few seconds, in its own process)
         data["conditional_probe"] = probe_conditionals(model, report)
-        if any(m["options"].get("fused_search") for m in every):  # its kernels' first GPU run, apart
-            data["fused_probe"] = probe_fused(model, report, data["conditional_probe"])
-            every = without_unusable_fused(every, data["fused_probe"], report)
     results = []
     if device == "cuda" and not args.compiled:
         report.skip(
@@ -2451,7 +2489,9 @@ def main(argv=None) -> int:
     profile_modes = PROFILE_MODES if device == "cuda" else [modes(device)[0]["label"]] if args.quick else []
     profile_sizes = {"batches": PROFILE_BATCHES} if device == "cuda" else {"batches": (1,), "calls": 1}
     for step, mode in plan(every, file_rate_modes, profile_modes):
-        if step == "gpu tests":
+        if step == "fused probe":  # its kernels' first run on this GPU, in a process of its own
+            data["fused_probe"] = probe_fused(model, report, data.get("conditional_probe"))
+        elif step == "gpu tests":
             data["gpu_tests"] = run_gpu_tests(args, report, device)
             if device == "cuda":  # where the encoder's time could go (a few seconds)
                 try:
@@ -2483,6 +2523,10 @@ def main(argv=None) -> int:
         else:
             assert mode is not None
             if report.over_budget(mode["label"]):
+                continue
+            why = fused_skip_reason(mode, data.get("fused_probe"))
+            if why is not None:
+                report.skip(mode["label"], why)
                 continue
             try:
                 results.append(

@@ -609,16 +609,20 @@ def test_issue_24s_target_modes_run_first():
     # their own process before this one runs them); the profiles of the FP32 device search,
     # plain and fused, after their modes (in processes of their own)
     assert gpu_check.GPU_TESTS_AFTER == 2
-    assert names == (
-        [("mode", label) for label in first[:2]]
-        + [("gpu tests", None), ("file rate", "torch-cuda-fp32-graphs-device")]
-        + [("profile", "torch-cuda-fp32-graphs-device")]
-        + [("mode", label) for label in first[2:3]]
-        + [("profile", label) for label in fused[:1]]
-        + [("mode", label) for label in first[3:]]
-        + [("mode", label) for label in rest]
+    assert (
+        names
+        == (
+            [("mode", label) for label in first[:2]]
+            + [("gpu tests", None), ("file rate", "torch-cuda-fp32-graphs-device")]
+            + [("profile", "torch-cuda-fp32-graphs-device")]
+            + [("fused probe", None)] * bool(fused)  # in a process of its own, before its first mode
+            + [("mode", label) for label in first[2:3]]
+            + [("profile", label) for label in fused[:1]]
+            + [("mode", label) for label in first[3:]]
+            + [("mode", label) for label in rest]
+        )
     )
-    # a mode after the first four is profiled right after it
+    # a mode after the first two is profiled right after it
     later = gpu_check.plan(cuda_modes, (), ("torch-cuda-fp32-eager-host",))
     at = later.index(("mode", next(m for m in cuda_modes if m["label"] == "torch-cuda-fp32-eager-host")))
     assert [(step, mode["label"]) for step, mode in later[at : at + 2]] == [
@@ -1265,8 +1269,8 @@ def test_the_conditional_probe_runs_its_script_and_turns_conditionals_off_unless
 
     photos = sorted(str(p) for p in gpu_check.C.EXAMPLES.iterdir() if p.suffix in {".png", ".jpg"})
     monkeypatch.setattr(edgecap, "Captioner", on_the_cpu)
-    forms = json.dumps(["one graph", "parts"])
-    monkeypatch.setattr(sys, "argv", ["probe", str(default_model_dir), "{}", forms, *photos])
+    forms = json.dumps([["one graph", {}, True], ["parts", {}, False]])
+    monkeypatch.setattr(sys, "argv", ["probe", str(default_model_dir), forms, *photos])
     exec(gpu_check.PROBE, {"__name__": "__main__"})
     printed = json.loads(capsys.readouterr().out.strip().splitlines()[-1])
     one, parts = printed["one graph"], printed["parts"]
@@ -1281,8 +1285,8 @@ def test_the_conditional_probe_runs_its_script_and_turns_conditionals_off_unless
         commands = _fake_probe_process(monkeypatch, gpu_check, **kwargs)
         report = gpu_check.Report(1e9)
         result = gpu_check.probe_conditionals(default_model_dir, report)
-        assert commands[0][1:3] == ["-c", gpu_check.PROBE] and commands[0][4:6] == ["{}", forms]
-        assert commands[0][6:] == photos
+        assert commands[0][1:3] == ["-c", gpu_check.PROBE] and commands[0][4] == forms
+        assert commands[0][5:] == photos
         return result, report.data["skipped"], os.environ.get(variable)
 
     agreeing = json.dumps(printed)
@@ -1302,9 +1306,10 @@ def test_the_conditional_probe_runs_its_script_and_turns_conditionals_off_unless
         ({"stdout": agreeing, "returncode": -11, "stderr": "Segmentation fault"}, "exited with -11"),
         ({"stdout": json.dumps(not_offered)}, "the one graph could not be captured (None)"),
         ({"stdout": json.dumps(nothing_made)}, "the one graph could not be captured (None)"),
-        ({"stdout": "Traceback\nRuntimeError"}, "the probe printed no result (JSONDecodeError"),
-        ({"stdout": ""}, "the probe printed no result (IndexError"),
+        ({"stdout": "Traceback\nRuntimeError"}, "the probe printed no result"),
+        ({"stdout": ""}, "the probe printed no result"),
         ({"stdout": '{"parts": {}}'}, "the probe printed no result (KeyError"),
+        ({"stdout": "{not json"}, "the probe printed no result (JSONDecodeError"),
         ({"hang": True}, "did not finish in 120 s"),
     ):
         result, skipped, env = probe(**kwargs)
@@ -1378,12 +1383,13 @@ def test_the_fused_probe_runs_the_fused_search_apart_and_skips_its_modes_where_i
     default_model_dir, monkeypatch
 ):
     """``probe_fused``: the fused search (its Triton kernels never run on a GPU before) in a
-    process of its own, with the fused modes' options, before this process runs them: where
-    its parts give no captions (a crash, a hang, nothing printed) the fused modes are skipped
-    with the reason and conditional nodes stay as they were; where only its one graph fails or
-    disagrees (kernels inside conditional nodes), the modes run and conditional nodes are
-    turned off for the run; the one graph is tried only where the plain probe kept them on.
-    Its captions are compared with the plain probe's parts, and the report says all of it."""
+    process of its own, with the fused modes' options: the parts in FP32 and in the default
+    FP16 first, then the FP32 one graph (kernels inside conditional nodes) where the plain
+    probe kept them on. A precision whose parts give no captions (a crash there, a hang,
+    nothing printed) has its fused modes skipped (``fused_skip_reason``) and conditional nodes
+    stay as they were; where the parts captioned and only the one graph failed, disagreed or
+    crashed, the modes run and conditional nodes are turned off for the run. Its captions are
+    compared with the plain probe's parts, and the report says all of it."""
     import json
 
     sys.path.insert(0, str(SCRIPT.parent))
@@ -1394,8 +1400,9 @@ def test_the_fused_probe_runs_the_fused_search_apart_and_skips_its_modes_where_i
     variable = torch_graphs.CONDITIONALS_VARIABLE
     texts = [["a cat", "a dog"]] * 2
     plain = {"one graph": {"texts": texts}, "parts": {"texts": texts}, "ok": True}
-    one = {"texts": texts, "conditional": True, "made": 1, "error": None, "steps": 9}
-    agreeing = {"one graph": one, "parts": {**one, "conditional": False}}
+    form = {"texts": texts, "conditional": False, "made": 1, "error": None, "steps": 9}
+    parts = {"parts": form, "fp16 parts": form}
+    agreeing = {**parts, "one graph": {**form, "conditional": True}}
     commands: list = []
 
     def probe(plain_result, **kwargs):
@@ -1403,33 +1410,73 @@ def test_the_fused_probe_runs_the_fused_search_apart_and_skips_its_modes_where_i
         report = gpu_check.Report(1e9)
         result = gpu_check.probe_fused(default_model_dir, report, plain_result)
         commands.extend(ran)
-        return result, [s["item"] for s in report.data["skipped"]], os.environ.get(variable)
+        text = "\n".join(gpu_check.fused_probe_lines(result))
+        return result, [s["item"] for s in report.data["skipped"]], os.environ.get(variable), text
 
-    result, skipped, env = probe(plain, stdout=json.dumps(agreeing))
-    assert result["ok"] and result["usable"] and result["same_as_plain"] and skipped == [] and env is None
-    assert json.loads(commands[-1][4]) == {"preprocess": "device", "fused_search": True}
-    assert json.loads(commands[-1][5]) == ["one graph", "parts"]
-    assert "one graph and parts captioned alike. Its captions are the plain" in "\n".join(
-        gpu_check.fused_probe_lines(result)
-    )
+    fp32 = {"label": "fp32", "options": {"fused_search": True}}
+    fp16 = {"label": "fp16", "options": {"fused_search": True, "fp16": True, "fp32_encoder": True}}
+    plain_mode = {"label": "plain", "options": {"search": "device"}}
+
+    def skipped_modes(result):
+        return [m["label"] for m in (fp32, fp16, plain_mode) if gpu_check.fused_skip_reason(m, result)]
+
+    result, skipped, env, text = probe(plain, stdout=json.dumps(agreeing))
+    assert result["ok"] and result["same_as_plain"] and skipped == [] and env is None
+    assert skipped_modes(result) == [] and gpu_check.fused_skip_reason(fp32, None) is None
+    forms = json.loads(commands[-1][4])
+    assert forms == [
+        ["parts", {"preprocess": "device", "fused_search": True}, False],
+        [
+            "fp16 parts",
+            {"preprocess": "device", "fused_search": True, "fp16": True, "fp32_encoder": True},
+            False,
+        ],
+        ["one graph", {"preprocess": "device", "fused_search": True}, True],
+    ]
+    # the fused modes' options are what the probe runs (the modes' own device, search and graphs
+    # are the probe's Captioner's)
+    fused_modes = [m for m in gpu_check.modes("cuda") if m["options"].get("fused_search")]
+    for m in fused_modes:
+        precision = "fp16" if m["options"].get("fp16") else "fp32"
+        given = {k: v for k, v in m["options"].items() if k not in ("device", "search", "cuda_graphs")}
+        assert given == gpu_check.FUSED_PROBE_FORMS[precision][1], m["label"]
+    assert "its parts (FP32) captioned; its fp16 parts (FP16) captioned; the one graph captioned" in text
+    assert "Its captions are the plain device search's" in text
     # the plain probe turned conditional nodes off (or had none): the parts only
-    parts_only = {"parts": {**one, "texts": [["a cat", "a bird"]] * 2}}
+    other = {"parts": {**form, "texts": [["a cat", "a bird"]] * 2}, "fp16 parts": form}
     for plain_result in ({**plain, "ok": False}, None):
-        result, skipped, env = probe(plain_result, stdout=json.dumps(parts_only))
-        assert json.loads(commands[-1][5]) == ["parts"] and result["ok"] and env is None
+        result, skipped, env, _ = probe(plain_result, stdout=json.dumps(other))
+        assert [f[0] for f in json.loads(commands[-1][4])] == ["parts", "fp16 parts"]
+        assert result["ok"] and env is None and skipped == []
     assert result.get("same_as_plain") is None
-    result, _, _ = probe(plain, stdout=json.dumps({**agreeing, "parts": parts_only["parts"]}))
-    assert result["same_as_plain"] is False and "**are not**" in "\n".join(
-        gpu_check.fused_probe_lines(result)
+    result, _, _, text = probe(plain, stdout=json.dumps({**agreeing, **other}))
+    assert result["same_as_plain"] is False and "**are not**" in text
+    # the one graph failed, disagreed or crashed after the parts: the modes run, conditional nodes off
+    not_captured = {**agreeing, "one graph": {**form, "error": "CUDA error: illegal"}}
+    for kwargs, why in (
+        ({"stdout": json.dumps(not_captured)}, "the one graph could not be captured (CUDA error: illegal)"),
+        (
+            {"stdout": json.dumps({**agreeing, "one graph": {**form, "conditional": True, "texts": []}})},
+            "differ",
+        ),
+        (
+            {"stdout": json.dumps(parts), "returncode": -6, "stderr": "RuntimeError: CUDA error"},
+            "exited with -6",
+        ),
+    ):
+        result, skipped, env, text = probe(plain, **kwargs)
+        assert skipped_modes(result) == [] and not result["ok"] and env == "0"
+        assert skipped == ["conditional nodes"] and why in result["reason"]
+        assert f"**the one graph failed**: {result['reason']}" in text
+    # a crash in the FP16 parts: the FP32 fused mode runs, the FP16 one is skipped
+    fp32_only = json.dumps({"parts": form})
+    result, skipped, env, text = probe(plain, stdout=fp32_only, returncode=-11, stderr="Segmentation fault")
+    assert skipped_modes(result) == ["fp16"] and env is None and skipped == []
+    assert gpu_check.fused_skip_reason(fp16, result) == (
+        "the fused probe's fp16 parts failed: the probe exited with -11: Segmentation fault"
     )
-    # its one graph failed: the modes run, the run's conditional nodes off
-    not_captured = {**agreeing, "one graph": {**one, "conditional": False, "error": "CUDA error: illegal"}}
-    result, skipped, env = probe(plain, stdout=json.dumps(not_captured))
-    assert result["usable"] and not result["ok"] and env == "0" and skipped == ["conditional nodes"]
-    assert "the one graph failed**: the one graph could not be captured (CUDA error: illegal)" in "\n".join(
-        gpu_check.fused_probe_lines(result)
-    )
-    # no captions: unusable, conditional nodes left as they were
+    assert "its parts (FP32) captioned; **its fp16 parts (FP16) failed**" in text
+    # no captions at all: both skipped, conditional nodes left as they were
     for kwargs, why in (
         (
             {"returncode": -6, "stderr": "RuntimeError: CUDA error: an illegal memory access"},
@@ -1438,23 +1485,64 @@ def test_the_fused_probe_runs_the_fused_search_apart_and_skips_its_modes_where_i
         ({"hang": True}, "did not finish in 180 s"),
         ({"stdout": ""}, "printed no result"),
         (
-            {"stdout": json.dumps({"parts": {**one, "texts": []}}), "plain": None},
-            "the parts gave no captions",
+            {"stdout": json.dumps({"parts": {**form, "texts": []}, "fp16 parts": form}), "plain": None},
+            "gave no",
         ),
     ):
         plain_result = kwargs.pop("plain", plain)
-        result, skipped, env = probe(plain_result, **kwargs)
-        assert not result["usable"] and why in result["reason"] and env is None and skipped == []
-        assert "**failed**" in "\n".join(gpu_check.fused_probe_lines(result))
-    # the run's modes: the fused ones dropped and said skipped where the probe failed, kept where not
-    every = gpu_check.modes("cuda")
-    fused = [m["label"] for m in every if m["options"].get("fused_search")]
-    assert len(fused) == (2 if importlib.util.find_spec("triton") else 0)
-    report = gpu_check.Report(1e9)
-    kept = gpu_check.without_unusable_fused(every, result, report)
-    assert [m["label"] for m in kept] == [m["label"] for m in every if m["label"] not in fused]
-    assert [s["item"] for s in report.data["skipped"]] == fused
-    assert all(
-        "the fused probe failed: the parts gave no captions" in s["reason"] for s in report.data["skipped"]
+        result, skipped, env, text = probe(plain_result, **kwargs)
+        assert "fp32" in skipped_modes(result) and env is None and skipped == []
+        assert why in gpu_check.fused_skip_reason(fp32, result) and "**its parts (FP32) failed**" in text
+
+
+def test_a_run_probes_the_fused_search_before_its_first_mode_and_skips_it_where_the_probe_failed(
+    tmp_path, monkeypatch
+):
+    """``main``: where the run has a fused mode, the fused probe runs (once, before it) and a
+    fused mode whose precision's parts failed there is skipped with the probe's reason, its
+    other modes run; where the probe passed, the mode runs (here in Triton's interpreter, as
+    the tests run it). Stand-ins: a fused mode among the CPU's, the probe's outcome."""
+    sys.path.insert(0, str(SCRIPT.parent))
+    import gpu_check
+
+    fused = {
+        "label": "torch-cpu-fp32-fused-stand-in",
+        "options": {"device": "cpu", "search": "device", "fused_search": True},
+    }
+    real_modes = gpu_check.modes
+    monkeypatch.setattr(
+        gpu_check, "modes", lambda device, compiled=False: real_modes(device, compiled) + [fused]
     )
-    assert gpu_check.without_unusable_fused(every, {"usable": True}, report) is every
+    probes = []
+
+    def probe_fused(model, report, plain, timeout_s=180.0):
+        probes.append(plain)
+        return outcome
+
+    monkeypatch.setattr(gpu_check, "probe_fused", probe_fused)
+    for outcome, why in (
+        (
+            {
+                "usable": {"fp32": False, "fp16": True},
+                "reasons": {"fp32": "the probe exited with -6: CUDA error"},
+                "seconds": 1.0,
+            },
+            "the fused probe's parts failed: the probe exited with -6: CUDA error",
+        ),
+        ({"usable": {"fp32": True, "fp16": True}, "reasons": {}, "seconds": 1.0}, None),
+    ):
+        probes.clear()
+        out = tmp_path / ("ran" if why is None else "skipped")
+        argv = ["--device", "cpu", "--quick", "--n", "2", "--repeats", "1", "--skip-tests", "--out", str(out)]
+        argv += ["--flickr8k", str(tmp_path / "none"), "--modes", "torch-cpu-fp32-eager,*stand-in"]
+        assert gpu_check.main(argv) == 0
+        data = json.loads((out / "gpu-cpu.json").read_text())
+        assert probes == [None] and data["fused_probe"] == outcome
+        skipped = {s["item"]: s["reason"] for s in data["skipped"]}
+        if why is None:  # it ran
+            assert [m["label"] for m in data["modes"]] == ["torch-cpu-fp32-eager", fused["label"]]
+            assert fused["label"] not in skipped
+        else:
+            assert [m["label"] for m in data["modes"]] == ["torch-cpu-fp32-eager"]
+            assert why in skipped[fused["label"]]
+        assert "## The fused search's first run" in (out / "gpu-cpu.md").read_text()
