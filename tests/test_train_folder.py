@@ -508,6 +508,26 @@ def test_a_csv_row_with_more_cells_than_the_header_is_reported_not_cut(tmp_path)
     assert by_photo(data) == {"a.png": ["a ball, red"], "b.png": ["a dog", "a brown dog"]}
 
 
+def test_a_csv_quote_left_open_is_reported_not_trained_on_as_the_rows_after_it(tmp_path):
+    """``a.png,"a red ball`` (its quote never closed) makes CSV read every line after it into
+    that one caption, file names and line breaks included: the row is reported with the lines
+    it swallowed, not trained on silently as one long caption; the rows before it are kept.
+    A caption over two lines whose second does not begin as a row is a caption (the test
+    above)."""
+    root = folder(tmp_path / "f", [], photos=["a.png", "b.png"])
+    (root / "captions.csv").write_text(
+        'file,caption\nb.png,"a dog, running"\na.png,a ball\n'
+        'a.png,"a red ball\nb.png,a brown dog\nb.png,a dog\n'
+    )
+    reports: list[str] = []
+    data = read_folder(root, dev_fraction=0.5, report=reports.append)
+    assert reports == [
+        f"{root / 'captions.csv'}:4: the row runs on to line 6, taking in the rows from line 5 "
+        "(a double quote opened and not closed); row skipped"
+    ]
+    assert by_photo(data) == {"a.png": ["a ball"], "b.png": ["a dog, running"]}
+
+
 # -- vocabulary growth ---------------------------------------------------------------------------
 
 torch_needed = pytest.mark.skipif(

@@ -34,6 +34,7 @@ import hashlib
 import io
 import json
 import os
+import re
 import sys
 from collections.abc import Callable
 from dataclasses import dataclass, field
@@ -44,6 +45,7 @@ from edgecap.commands.output import escape_field
 from edgecap.data.readers import CaptionedImage
 from edgecap.errors import DataError, InputError
 from edgecap.files import FileProblem, read_regular
+from edgecap.paths import IMAGE_EXTENSIONS
 from edgecap.vocab import tokenize
 
 CAPTION_FILES = ("captions.csv", "captions.jsonl")
@@ -375,7 +377,14 @@ def _csv_records(path: Path, text: str):
         end = reader.line_num
         for record in reader:
             start, end = end + 1, reader.line_num
-            if any(v.strip() for v in record[len(names) :]):  # an unquoted comma, most likely
+            swallowed = end > start and _rows_inside(record)
+            if swallowed:  # a quoted cell over lines that are rows: a quote left open
+                yield (
+                    start,
+                    f"the row runs on to line {end}, taking in the rows from line {start + swallowed} "
+                    "(a double quote opened and not closed)",
+                )
+            elif any(v.strip() for v in record[len(names) :]):  # an unquoted comma, most likely
                 yield (
                     start,
                     (
@@ -387,6 +396,19 @@ def _csv_records(path: Path, text: str):
                 yield start, dict(zip(names, record))
     except csv.Error as exc:
         raise DataError(f"{escape_field(str(path))}:{reader.line_num}: not CSV ({exc})") from None
+
+
+# a line that begins as a row of captions.csv does: a photo's file name, then a comma
+_ROW_START = re.compile(
+    r'\s*"?[^",\n]*(' + "|".join(re.escape(e) for e in IMAGE_EXTENSIONS) + r')"?\s*,', re.IGNORECASE
+)
+
+
+def _rows_inside(record: list[str]) -> int:
+    """How many lines into a record spanning several its first line that begins as a row does
+    (a quote left open took it in), or 0: none does (a caption over two lines is a caption)."""
+    lines = ",".join(record).split("\n")  # the record's lines (its commas add none)
+    return next((i for i, line in enumerate(lines) if i and _ROW_START.match(line)), 0)
 
 
 def _jsonl_records(path: Path, text: str):
