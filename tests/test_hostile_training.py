@@ -1376,7 +1376,8 @@ def test_the_closing_count_line_escapes_the_captions_file_name(tmp_path):
 @torch_needed
 def test_a_run_with_rows_left_out_trains_on_the_rest_and_exits_1(tmp_path, capsys):
     """As caption does when some inputs were skipped: the run is made, each left-out row was
-    reported, the exit status is 1 and the best checkpoint records how many were left out."""
+    reported, the exit status is 1 and the checkpoints record how many were left out; the
+    status and count are this run's, not those of an earlier run's best checkpoint."""
     from edgecap.cli import main
 
     words = "red green blue dog cat ball mat grass sky tree car house boat bird man woman".split()
@@ -1413,3 +1414,19 @@ def test_a_run_with_rows_left_out_trains_on_the_rest_and_exits_1(tmp_path, capsy
     assert json.loads(captured.out.splitlines()[-1]) == {"best_checkpoint": str(out / "best"), "left_out": 1}
     meta = json.loads((out / "best" / "checkpoint.json").read_text())
     assert meta["training_data"]["left_out"] == 1
+    # resumed for a second epoch on the data without the bad row (at learning rate 0: epoch 2
+    # scores as epoch 1 and best stays epoch 1, whose record says 1): this run left nothing
+    # out, so exit 0 and no "left_out", whatever an earlier run's best recorded
+    clean = captions_csv(tmp_path / "clean", rows)
+    assert main(["train", "--data", str(clean), "--out", str(out), *flags, "--epochs", "2", "--lr", "0"]) == 0
+    captured = capsys.readouterr()
+    assert "row skipped" not in captured.err
+    assert json.loads(captured.out.splitlines()[-1]) == {"best_checkpoint": str(out / "best")}
+    assert json.loads((out / "best" / "checkpoint.json").read_text())["train_state"]["best_epoch"] == 1
+    # the same --out with another --init-from: resuming would ignore it, so it is refused
+    argv = ["train", "--data", str(clean), "--out", str(out), *flags, "--epochs", "3"]
+    assert main([*argv, "--init-from", "default"]) == 2
+    err = capsys.readouterr().err
+    assert f"{out}: holds a run started from 'none', which this command resumes" in err
+    assert "--init-from default would not be used: give another --out" in err
+    assert json.loads((out / "last" / "checkpoint.json").read_text())["train_state"]["epoch"] == 2

@@ -346,19 +346,20 @@ def run(args: argparse.Namespace) -> int:
             )
         print(f"edgecap train: error: {problem}", file=sys.stderr)
         return 2
-    left_out = _left_out(best)
+    left_out = _left_out(Path(best).parent / "last")  # this run's: best may be an earlier run's
     print(json.dumps({"best_checkpoint": str(best), **({"left_out": left_out} if left_out else {})}))
     return 1 if left_out else 0  # as caption: some inputs were skipped (each reported)
 
 
-def _left_out(best: Path) -> int:
-    """How many rows or photos the run left out (reported as they were met), from its best
-    checkpoint's record; 0 when it says nothing."""
+def _left_out(checkpoint: Path) -> int:
+    """How many rows or photos the run left out (reported as they were met), from the record of
+    a ``checkpoint`` it wrote (its last: written each epoch; the best may be an epoch of an
+    earlier run of the same --out, on other data); 0 when it says nothing."""
     from edgecap.errors import ModelError
     from edgecap.training.records import read_record
 
     try:
-        data = read_record(Path(best) / "checkpoint.json").data.get("training_data")
+        data = read_record(Path(checkpoint) / "checkpoint.json").data.get("training_data")
     except ModelError:
         return 0
     value = data.get("left_out") if isinstance(data, dict) else None

@@ -405,10 +405,17 @@ _ROW_START = re.compile(
 
 
 def _rows_inside(record: list[str]) -> int:
-    """How many lines into a record spanning several its first line that begins as a row does
-    (a quote left open took it in), or 0: none does (a caption over two lines is a caption)."""
-    lines = ",".join(record).split("\n")  # the record's lines (its commas add none)
-    return next((i for i, line in enumerate(lines) if i and _ROW_START.match(line)), 0)
+    """How many lines into a record spanning several its first line inside a cell that begins
+    as a row does (a quote left open took it in), or 0: none does (a caption over two lines is
+    a caption, and a file name with a line break a file name)."""
+    offset = 0
+    for cell in record:
+        lines = cell.split("\n")
+        found = next((i for i, line in enumerate(lines) if i and _ROW_START.match(line)), 0)
+        if found:
+            return offset + found
+        offset += len(lines) - 1
+    return 0
 
 
 def _jsonl_records(path: Path, text: str):

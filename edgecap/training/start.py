@@ -135,6 +135,14 @@ def initial_model(cfg: TrainConfig, train_items: list[CaptionedImage], last: Pat
             f"leave out {' / '.join(_SIZE_FLAGS[name] for name in asked)}, or start from fresh "
             "weights (--init-from none)"
         )
+    if resuming and cfg.init_from is not None:  # the same command resumes; another start is refused
+        started = meta.get("train_config", {}).get("init_from") if isinstance(meta, dict) else None
+        if cfg.init_from != started and _start_name(cfg.init_from, cfg) != _start_name(started, cfg):
+            raise ModelError(
+                f"{last.parent}: holds a run started from {started or _start_name(None, cfg)!r}, which this "
+                f"command resumes ({last}); --init-from {cfg.init_from} would not be used: give "
+                "another --out to start from it, or leave out --init-from to resume"
+            )
     if encoder.variant != cfg.encoder:
         raise ModelError(
             f"{source}: its decoder was trained on {encoder.variant}'s features, not "
@@ -186,6 +194,13 @@ def _sizes(sizes: dict, names: dict) -> str:
     """The decoder sizes ``names`` of ``sizes`` in words: 'hidden_dim 512, no attention'."""
     words = {True: "attention", False: "no attention"}
     return ", ".join(words[sizes[n]] if n == "attention" else f"{n} {sizes[n]}" for n in names)
+
+
+def _start_name(init_from: str | None, cfg: TrainConfig) -> str:
+    """What a run given ``init_from`` starts from, by name (None: the dataset's default; a
+    path as an absolute one, so that ``runs/a/best`` and ``./runs/a/best`` are one start)."""
+    name = init_from if init_from is not None else DEFAULT if cfg.dataset == "folder" else NONE
+    return name if name in (DEFAULT, NONE) else str(Path(name).absolute())
 
 
 def init_source(cfg: TrainConfig) -> Path | None:
