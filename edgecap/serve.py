@@ -108,12 +108,23 @@ def one_line(exc: BaseException) -> str:
 
 
 def log(message: str) -> None:
-    print(f"edgecap serve: error: {message}", file=sys.stderr, flush=True)
+    _logged(f"edgecap serve: error: {message}")
 
 
 def note(message: str) -> None:
     """A log line that is no error of the service (a client that went away)."""
-    print(f"edgecap serve: {message}", file=sys.stderr, flush=True)
+    _logged(f"edgecap serve: {message}")
+
+
+def _logged(line: str) -> None:
+    """``line`` on stderr, or nowhere where it cannot be written (whoever read the log, a
+    ``| tee`` or a supervisor, went away: a broken pipe): the service goes on serving. Raised
+    from inside the batcher's error handling, that had ended the batcher, and every request
+    after waited for ever while /health said ok."""
+    try:
+        print(line, file=sys.stderr, flush=True)
+    except (OSError, ValueError):  # a broken pipe, a closed stream
+        pass
 
 
 class OneLineLog(logging.LoggerAdapter):

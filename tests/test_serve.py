@@ -1484,3 +1484,32 @@ def test_at_a_stop_only_a_body_still_arriving_is_refused_and_one_all_received_is
         "1",
     )
     assert fake.batches == [1] and service.pending == 0
+
+
+class _BrokenPipe:
+    """A stderr whose reader went away: every write is a broken pipe."""
+
+    def write(self, text):
+        raise BrokenPipeError(32, "Broken pipe")
+
+    def flush(self):
+        raise BrokenPipeError(32, "Broken pipe")
+
+
+def test_a_log_that_cannot_be_written_stops_no_captioning(monkeypatch):
+    """With stderr a broken pipe (the ``| tee`` reading the log gone), a failing batch's log
+    line cannot be written: the request still gets its 500 and the service goes on captioning
+    the requests after it (the write's error had ended the batcher: every later request waited
+    for ever, while /health said ok)."""
+    fake = FailingCaptioner()
+    fake.gate.set()
+    running = Running(fake, ServiceOptions(max_batch=1))
+    try:
+        monkeypatch.setattr(sys, "stderr", _BrokenPipe())
+        assert post(running.port, b"first")[0] == 200
+        status, answer, _ = post(running.port, b"boom")
+        assert status == 500 and answer["error"].startswith("the model failed on this image")
+        assert post(running.port, b"after")[1]["caption"] == "5 bytes"
+    finally:
+        monkeypatch.undo()
+        running.stop()
