@@ -306,7 +306,64 @@ def test_export_refuses_a_checkpoint_pipe_and_a_metrics_pipe_in_one_line(checkpo
     assert not (tmp_path / "m").exists()
 
 
+@pytest.mark.parametrize(
+    "text, problem",
+    [
+        ('{"CIDEr": "high"}', 'CIDEr is "high", not a number'),
+        ('{"BLEU-4": 1e999}', "BLEU-4 is inf, not a score from 0 to 10"),
+        ('{"CIDEr": -0.1}', "CIDEr is -0.1, not a score from 0 to 10"),
+        ('{"METEOR": true}', "METEOR is true, not a number"),
+        ('{"CIDEr": 0.5, "model": {"seconds": NaN}}', "model.seconds is nan, not a finite number"),
+        ('{"CIDEr": 0.5, "runs": [1, -Infinity]}', "runs[1] is -inf, not a finite number"),
+        ("[0.5]", "a JSON object of metrics (edgecap eval --json), not a list"),
+    ],
+)
+def test_export_refuses_metrics_that_are_no_scores_before_writing_anything(
+    checkpoint, tmp_path, capsys, text, problem
+):
+    """``--metrics``: a metric that is not a number from 0 to 10 (or null), or any number that
+    is not finite (Python's JSON reads Infinity, NaN and 1e999; the manifest would then hold
+    JSON other readers refuse), is one line naming the value, exit 2, and no model written."""
+    from edgecap.cli import main
+
+    metrics = tmp_path / "metrics.json"
+    metrics.write_text(text)
+    assert main(["export", str(checkpoint), "--out", str(tmp_path / "m"), "--metrics", str(metrics)]) == 2
+    err = capsys.readouterr().err
+    assert err.count("\n") == 1 and f"--metrics {metrics}: {problem}" in err
+    assert not (tmp_path / "m").exists()
+
+
 @torch_needed
+def test_an_optimizer_state_file_lost_beside_its_record_is_an_error_not_a_fresh_start(tmp_path):
+    """Resuming: ``optimizer.safetensors`` and ``optimizer.json`` both there: the state loaded;
+    the tensors lost and the record left: a ``ModelError`` saying what to do (it had resumed
+    silently with a fresh optimizer); both gone (how to ask for a fresh optimizer): one log
+    line, the optimizer as it is."""
+    import torch
+
+    from edgecap.training.train import _resume_optimizer, _save_optimizer
+
+    small = torch.nn.Linear(3, 2)
+    opt = torch.optim.Adam(small.parameters())
+    small(torch.ones(1, 3)).sum().backward()
+    opt.step()
+    _save_optimizer(opt, tmp_path / "optimizer.safetensors", tmp_path / "optimizer.json")
+    lines: list[str] = []
+    resumed = torch.optim.Adam(torch.nn.Linear(3, 2).parameters())
+    _resume_optimizer(resumed, tmp_path, lines.append)
+    assert resumed.state_dict()["state"][0]["step"] == 1 and lines == []
+    (tmp_path / "optimizer.safetensors").unlink()
+    fresh = torch.optim.Adam(torch.nn.Linear(3, 2).parameters())
+    with pytest.raises(ModelError, match="optimizer.safetensors: missing beside optimizer.json .* delete"):
+        _resume_optimizer(fresh, tmp_path, lines.append)
+    (tmp_path / "optimizer.json").unlink()
+    _resume_optimizer(fresh, tmp_path, lines.append)
+    assert fresh.state_dict()["state"] == {} and lines == [
+        f"{tmp_path}: no optimizer state " + ("(optimizer.safetensors, optimizer.json): a fresh optimizer")
+    ]
+
+
 def test_optimizer_state_of_other_shapes_is_a_model_error(tmp_path):
     import torch
 

@@ -43,9 +43,11 @@ def run(args: argparse.Namespace) -> int:
         from edgecap.training.records import MAX_SMALL_BYTES, shown
 
         try:
-            extra["dev_metrics"] = read_json(args.metrics, MAX_SMALL_BYTES)
+            extra["dev_metrics"] = _checked_metrics(read_json(args.metrics, MAX_SMALL_BYTES))
         except FileProblem as exc:
             raise ModelError(f"--metrics {shown(args.metrics)}: cannot read it as JSON ({exc})") from None
+        except ValueError as exc:
+            raise ModelError(f"--metrics {shown(args.metrics)}: {exc}") from None
     try:
         manifest = export_model(args.checkpoint, args.out, name=args.name, extra_info=extra, force=args.force)
     except OSError as exc:  # --out cannot be made or written: no permission, a full disk
@@ -60,3 +62,33 @@ def run(args: argparse.Namespace) -> int:
         )
     )
     return 0
+
+
+def _checked_metrics(data):
+    """``edgecap eval --json``'s summary as the manifest records it: a JSON object whose
+    metrics (``METRIC_KEYS``) are numbers in [0, 10] or null (not computed: METEOR without
+    Java) and whose numbers are all finite (Python's JSON reads Infinity and NaN, and 1e999 as
+    infinity, which the manifest would then hold as JSON that other readers refuse);
+    ``ValueError`` saying which value is wrong."""
+    import math
+
+    from edgecap.evaluation.metrics import METRIC_KEYS
+
+    if not isinstance(data, dict):
+        raise ValueError(f"a JSON object of metrics (edgecap eval --json), not a {type(data).__name__}")
+    for key in METRIC_KEYS:
+        value = data.get(key)
+        if value is not None and (isinstance(value, bool) or not isinstance(value, (int, float))):
+            raise ValueError(f"{key} is {json.dumps(value)}, not a number")
+        if value is not None and not 0 <= value <= 10:
+            raise ValueError(f"{key} is {value}, not a score from 0 to 10")
+    stack = [("", data)]
+    while stack:  # every number finite, at any depth (no recursion: the depth is checked already)
+        where, value = stack.pop()
+        if isinstance(value, float) and not math.isfinite(value):
+            raise ValueError(f"{where or 'a value'} is {value}, not a finite number")
+        if isinstance(value, dict):
+            stack += [(f"{where}.{k}" if where else str(k), v) for k, v in value.items()]
+        elif isinstance(value, list):
+            stack += [(f"{where}[{i}]", v) for i, v in enumerate(value)]
+    return data

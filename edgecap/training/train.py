@@ -379,9 +379,7 @@ def train(cfg: TrainConfig, log=print) -> Path:
 
     state: TrainState = {"epoch": 0, "best_cider": -1.0, "best_epoch": 0, "history": []}
     if resuming:
-        opt_file = last / "optimizer.safetensors"
-        if opt_file.exists():
-            _load_optimizer(optimizer, opt_file, last / "optimizer.json")
+        _resume_optimizer(optimizer, last, log)
         state = _train_state(meta, last / "checkpoint.json")
         log(f"resumed from {last} after epoch {state['epoch']}")
 
@@ -727,6 +725,23 @@ def _save_optimizer(optimizer, tensor_path: Path, meta_path: Path) -> None:
                 scalars[f"{pid}.{k}"] = v
     save_tensors(tensors, tensor_path)
     meta_path.write_text(json.dumps({"param_groups": sd["param_groups"], "scalars": scalars}))
+
+
+def _resume_optimizer(optimizer, last: Path, log=print) -> None:
+    """The optimizer's state kept in ``last`` (``optimizer.safetensors`` and ``optimizer.json``)
+    loaded into ``optimizer``; neither file there: a fresh optimizer, said in the log (the way
+    to resume so, as a state of other shapes says); one without the other: ``ModelError`` (a
+    lost file resumed silently with a fresh optimizer had scored less than half as well)."""
+    tensors, record = last / "optimizer.safetensors", last / "optimizer.json"
+    if tensors.exists():
+        _load_optimizer(optimizer, tensors, record)
+    elif record.exists():
+        raise ModelError(
+            f"{shown(tensors)}: missing beside optimizer.json (the optimizer's state): restore "
+            "it, or delete optimizer.json too to resume with a fresh optimizer"
+        )
+    else:
+        log(f"{last}: no optimizer state (optimizer.safetensors, optimizer.json): a fresh optimizer")
 
 
 def _load_optimizer(optimizer, tensor_path: Path, meta_path: Path) -> None:
