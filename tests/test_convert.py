@@ -888,3 +888,28 @@ def test_the_torch_backend_refuses_an_int8_model_saying_so(int8_dir):
         "run: its modules are rebuilt from FP32 or FP16 weights; use --backend onnxruntime, or the "
         "FP32 model it was converted from"
     )
+
+
+def test_a_converted_model_whose_check_fails_is_not_left_as_a_model(fp32_dir, tmp_path, capsys, monkeypatch):
+    """The check after writing (the converted graphs against the original on onnxruntime)
+    that cannot run them (a model whose manifest says another precision than its graphs': it
+    writes graphs onnxruntime refuses) is one line, exit 2, no traceback, and OUT_DIR no
+    longer holds a manifest.json: a later command refuses it as no model rather than failing
+    on it as a broken one. The check's failure is stood in for."""
+    from edgecap import build
+    from edgecap.cli import main
+    from edgecap.errors import ModelError
+
+    def refused(before, after):
+        raise RuntimeError("[ONNXRuntimeError] : 10 : INVALID_GRAPH : Type 'tensor(float16)'\nof input")
+
+    monkeypatch.setattr(build.convert, "compare_stages", refused)
+    out = tmp_path / "o"
+    assert main(["convert", str(fp32_dir), "--out", str(out)]) == 2
+    printed = capsys.readouterr()
+    assert printed.err.count("\n") == 1 and "Traceback" not in printed.err
+    assert printed.err.startswith("edgecap convert: error: the converted model does not run on onnxruntime (")
+    assert "INVALID_GRAPH" in printed.err and f"its manifest.json was removed from {out}" in printed.err
+    assert not (out / "manifest.json").exists()
+    with pytest.raises(ModelError, match="not an edgecap model directory"):
+        load_manifest(out)

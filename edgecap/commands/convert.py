@@ -50,6 +50,7 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
 def run(args: argparse.Namespace) -> int:
     from edgecap.build.convert import compare_stages, convert_model_dir
     from edgecap.contract import ROLES
+    from edgecap.errors import reason
     from edgecap.files import write_problem
     from edgecap.manifest import load_manifest
 
@@ -67,7 +68,19 @@ def run(args: argparse.Namespace) -> int:
     for role in ROLES:
         print(f"  {manifest.files[role]}: {manifest.path(role).stat().st_size / 1e6:.1f} MB")
     if not args.no_check:
-        diffs = compare_stages(load_manifest(args.model_dir), manifest)
+        try:
+            diffs = compare_stages(load_manifest(args.model_dir), manifest)
+        except Exception as exc:  # noqa: BLE001 (onnxruntime's own types): no model is left for it
+            # a model directory its check cannot run (the manifest's precision not its graphs',
+            # a tampered manifest) is not left for a later command to take for a good one
+            (manifest.directory / "manifest.json").unlink(missing_ok=True)
+            print(
+                f"edgecap convert: error: the converted model does not run on onnxruntime "
+                f"({type(exc).__name__}: {reason(exc)}); its manifest.json was removed from "
+                f"{manifest.directory}, so that nothing takes it for a model",
+                file=sys.stderr,
+            )
+            return 2
         agree = diffs.pop("topk_ids_agree")
         print("largest difference from the FP32 model on random inputs (onnxruntime CPU):")
         for name, value in diffs.items():
