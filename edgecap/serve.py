@@ -303,6 +303,13 @@ class CaptionService:
 
         web = _aiohttp()
         options = self.options
+        if request.query_string:  # ?beam_size=1 would be taken for a setting it is not
+            return _error(
+                web,
+                400,
+                f"POST /caption takes no query parameters, got ?{request.query_string[:200]}: the "
+                "caption options are the service's own (edgecap serve --beam-size ...)",
+            )
         kind = request.content_type  # aiohttp: application/octet-stream when none is given
         if not (kind == "application/octet-stream" or kind.startswith("image/")):
             return _error(

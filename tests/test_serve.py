@@ -886,6 +886,12 @@ def test_edgecap_serve_warns_of_an_open_address_only_once_listening(default_mode
         (["--max-body-mb", "nan"], "--max-body-mb must be a positive number of MB, got nan"),
         (["--max-body-mb", "0"], "--max-body-mb must be a positive number of MB, got 0"),
         (["--max-body-mb", "-3"], "--max-body-mb must be a positive number of MB, got -3"),
+        # --host "$HOST" with HOST unset: every interface, announced as http://:PORT, before
+        (
+            ["--host", ""],
+            "--host is empty (an unset variable?); give an address: 127.0.0.1 (the default), "
+            "or 0.0.0.0 for every interface",
+        ),
     ],
 )
 def test_edgecap_serve_bad_body_limit_is_one_line(args, problem, capfd):
@@ -1340,7 +1346,9 @@ def test_a_stalled_body_is_answered_408_when_read_timeout_s_has_passed():
     async def never():
         await asyncio.Event().wait()
 
-    stalled = SimpleNamespace(content_type="image/png", content_length=1000, read=never, content=object())
+    stalled = SimpleNamespace(
+        content_type="image/png", content_length=1000, read=never, content=object(), query_string=""
+    )
 
     async def main():
         loop = asyncio.get_running_loop()
@@ -1460,7 +1468,11 @@ def test_at_a_stop_only_a_body_still_arriving_is_refused_and_one_all_received_is
                     return await body.read()
 
                 return SimpleNamespace(
-                    content_type="image/png", content_length=declared, content=body, read=read
+                    content_type="image/png",
+                    content_length=declared,
+                    content=body,
+                    read=read,
+                    query_string="",
                 )
 
             complete, arriving = stand_in(b"all of it", 9, True), stand_in(b"part", 1000, False)
@@ -1512,4 +1524,21 @@ def test_a_log_that_cannot_be_written_stops_no_captioning(monkeypatch):
         assert post(running.port, b"after")[1]["caption"] == "5 bytes"
     finally:
         monkeypatch.undo()
+        running.stop()
+
+
+def test_query_parameters_are_refused_not_taken_for_settings():
+    """``POST /caption?beam_size=1``: the caption options are the service's own (its command
+    line's), so a client that thinks it chose one is told, 400, not answered as if it had;
+    the service goes on serving."""
+    fake = BlockingCaptioner()
+    fake.gate.set()
+    running = Running(fake, ServiceOptions())
+    try:
+        status, answer, _ = request(running.port, "POST", "/caption?beam_size=1&x=%ff", b"first")
+        assert status == 400 and answer["error"].startswith(
+            "POST /caption takes no query parameters, got ?beam_size=1&x=%ff: the caption options"
+        )
+        assert fake.batches == [] and post(running.port, b"after")[1]["caption"] == "5 bytes"
+    finally:
         running.stop()

@@ -104,6 +104,11 @@ def run(args: argparse.Namespace) -> int:
         options.validate()
         if not 0 <= args.port <= 65535:
             raise ValueError(f"--port must be between 0 and 65535, got {args.port}")
+        if not args.host.strip():  # --host "$HOST" unset: every interface, said as "http://:PORT"
+            raise ValueError(
+                "--host is empty (an unset variable?); give an address: 127.0.0.1 (the default), "
+                "or 0.0.0.0 for every interface"
+            )
         captioner = load_captioner(args)
         service = CaptionService(captioner, options)
         warm_up(captioner, service.max_batch)
