@@ -72,13 +72,13 @@ last, at beam 3 batch 1 only: each shape compiles first (a step's compile: 25 s 
 2-core CPU; the whole-loop compile it replaced did not finish in 184 s on an H200 machine), so
 leave it time.
 
-The order (``plan``): on a GPU the probe of conditional nodes, then of the fused search (each
-in a process of its own: ``probe_conditionals``, ``probe_fused``); the modes that answer issue 24's
-targets first (``TARGET_MODES``: FP32 and the default FP16 with CUDA graphs, the device search
-then the host's, the frames on the GPU and on the host; captions, latency and throughput each),
-``pytest -m gpu`` after the first two of them (``GPU_TESTS_AFTER``: before the fused search's
-modes, whose kernels the tests check on the GPU first, in a process of their own), the files
-against memory and the profiles after their modes, then the other modes (eager, the whole
+The order (``plan``): on a GPU the probe of conditional nodes (in a process of its own:
+``probe_conditionals``); the modes that answer issue 24's targets first (``TARGET_MODES``:
+FP32 and the default FP16 with CUDA graphs, the device search then the host's, the frames on
+the GPU and on the host; captions, latency and throughput each), ``pytest -m gpu`` after the
+first two of them (``GPU_TESTS_AFTER``), the fused search's probe right before its first mode
+(``probe_fused``, apart too: its kernels' first run on the GPU), the files against memory and
+the profiles after their modes, then the other modes (eager, the whole
 model in FP16, TensorRT and onnxruntime-gpu, the compiled search), then the command line.
 The report is rewritten after each step and each section of a mode, marked partial (and the
 mode in progress named) until the end: a run stopped from outside (a device lease's limit)
