@@ -41,6 +41,7 @@ import contextlib
 import functools
 import ipaddress
 import logging
+import math
 import signal
 import sys
 import time
@@ -80,8 +81,10 @@ class ServiceOptions:
             raise ValueError(f"max_batch must be None or a positive integer, got {self.max_batch!r}")
         if not 0 <= self.max_wait_ms <= 1000:
             raise ValueError(f"max_wait_ms must be between 0 and 1000, got {self.max_wait_ms!r}")
-        if not self.read_timeout_s > 0:
-            raise ValueError(f"read_timeout_s must be positive, got {self.read_timeout_s!r}")
+        if not 0 < self.read_timeout_s < math.inf:  # inf: a stalled upload holds its slot for ever
+            raise ValueError(
+                f"read_timeout_s must be a positive number of seconds, got {self.read_timeout_s!r}"
+            )
 
 
 def _aiohttp():

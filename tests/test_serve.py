@@ -827,7 +827,10 @@ def test_edgecap_serve_command(default_model_dir, captioner):
         (["--max-pending", "0"], "--max-pending must be a positive integer, got 0"),
         (["--max-batch", "0"], "--max-batch must be a positive integer, got 0"),
         (["--max-wait-ms", "5000"], "--max-wait-ms must be between 0 and 1000, got 5000.0"),
-        (["--read-timeout", "0"], "--read-timeout must be positive, got 0.0"),
+        (["--read-timeout", "0"], "--read-timeout must be a positive number of seconds, got 0.0"),
+        # a stalled upload would hold its pending slot for ever
+        (["--read-timeout", "inf"], "--read-timeout must be a positive number of seconds, got inf"),
+        (["--read-timeout", "nan"], "--read-timeout must be a positive number of seconds, got nan"),
     ],
 )
 def test_edgecap_serve_bad_option_is_one_line(args, problem, capfd):
