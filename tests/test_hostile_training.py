@@ -869,6 +869,9 @@ def folder_data(tmp_path) -> Path:
         (["--threads", "-2"], "threads must be at least 0, got -2"),
         (["--scheduled-sampling", "2"], "--scheduled-sampling must be at most 1, got 2.0"),
         (["--dev-fraction", "0"], "--dev-fraction must be between 0 and 1, got 0.0"),
+        # one line about --images, not one "no such file" line a photo
+        (["--images", "nowhere"], "--images nowhere: no such folder (the folder the captions' file names"),
+        (["--images", __file__], f"--images {__file__}: not a folder (the folder the captions' file names"),
     ],
 )
 def test_out_of_range_options_are_one_line(tmp_path, folder_data, capsys, flags, problem):

@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import argparse
 import json
+import os
 import re
 import sys
 from collections.abc import Callable
@@ -315,6 +316,9 @@ def run(args: argparse.Namespace) -> int:
                 },
             )
         check_folders(args.out, args.cache_dir, ("--out", "--cache-dir"))
+        if args.images is not None and not os.path.isdir(args.images):  # not one line a photo
+            what = "not a folder" if os.path.exists(args.images) else "no such folder"
+            raise ValueError(f"--images {args.images}: {what} (the folder the captions' file names are in)")
     except ValueError as exc:  # the config's own checks, in the command line's words
         print(f"edgecap train: error: {_in_flags(str(exc), args)}", file=sys.stderr)
         return 2
