@@ -457,26 +457,24 @@ def _probe(model: Path, forms: list[tuple[str, dict, bool]], timeout_s: float) -
     photos = sorted(str(p) for p in C.EXAMPLES.iterdir() if p.suffix.lower() in {".png", ".jpg"})
     command = [sys.executable, "-c", PROBE, str(model), json.dumps(forms), *photos]
     t0 = time.perf_counter()
-    result: dict = {}
     crash = None
     try:
         proc = subprocess.run(command, cwd=REPO, capture_output=True, text=True, timeout=timeout_s)
+        stdout = proc.stdout
         if proc.returncode != 0:  # its captions printed or not: a crash at exit counts
             tail = (proc.stderr.strip().splitlines() or ["no output"])[-1]
             crash = f"the probe exited with {proc.returncode}: {tail}"
-        printed = [line for line in proc.stdout.strip().splitlines() if line.startswith("{")]
-        if printed:
-            result = json.loads(printed[-1])
-        elif crash is None:
-            crash = "the probe printed no result"
-    except subprocess.TimeoutExpired as exc:
+    except subprocess.TimeoutExpired as exc:  # what it printed before: bytes, whatever text=
+        stdout = exc.stdout.decode(errors="replace") if isinstance(exc.stdout, bytes) else exc.stdout or ""
         crash = f"the probe did not finish in {timeout_s:.0f} s"
-        printed = [
-            line for line in (exc.stdout or b"").decode(errors="replace").splitlines() if line.startswith("{")
-        ]
+    printed = [line for line in stdout.splitlines() if line.startswith("{")]
+    try:
         result = json.loads(printed[-1]) if printed else {}
     except ValueError as exc:  # a line that is not JSON
-        result, crash = {}, f"the probe printed no result ({type(exc).__name__}: {exc})"
+        result = {}
+        crash = crash or f"the probe printed no result ({type(exc).__name__}: {exc})"
+    if not printed and crash is None:
+        crash = "the probe printed no result"
     result["seconds"] = round(time.perf_counter() - t0, 1)
     return result, crash
 
