@@ -1489,4 +1489,9 @@ def test_a_run_with_rows_left_out_trains_on_the_rest_and_exits_1(tmp_path, capsy
     err = capsys.readouterr().err
     assert f"{out}: holds a run started from 'none', which this command resumes" in err
     assert "--init-from default would not be used: give another --out" in err
+    # ... and so is another input size: the run's features and checkpoints are at 224 px
+    assert main([*argv, "--image-size", "256"]) == 2
+    err = capsys.readouterr().err
+    assert f"{out}: holds a run at --image-size 224, which this command resumes" in err
+    assert "it would go on at 256: give --image-size 224 to resume, or another --out" in err
     assert json.loads((out / "last" / "checkpoint.json").read_text())["train_state"]["epoch"] == 2

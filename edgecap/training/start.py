@@ -143,6 +143,14 @@ def initial_model(cfg: TrainConfig, train_items: list[CaptionedImage], last: Pat
                 f"command resumes ({last}); --init-from {cfg.init_from} would not be used: give "
                 "another --out to start from it, or leave out --init-from to resume"
             )
+    if resuming:  # its features and checkpoints are at the run's own input size
+        size = meta["preprocessing"]["size"][0]  # square; checked by load_checkpoint
+        if size != cfg.image_size:
+            raise ModelError(
+                f"{last.parent}: holds a run at --image-size {size}, which this command resumes "
+                f"({last}); it would go on at {cfg.image_size}: give --image-size {size} to "
+                f"resume, or another --out to start at {cfg.image_size}"
+            )
     if encoder.variant != cfg.encoder:
         raise ModelError(
             f"{source}: its decoder was trained on {encoder.variant}'s features, not "
