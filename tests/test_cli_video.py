@@ -121,6 +121,24 @@ def test_attention_names_its_format_in_any_case(tiny_model_dir, tmp_path, capfd)
         assert figure.format == "JPEG"
 
 
+@pytest.mark.parametrize("name", ["figure.psd", "figure.FITS", "figure.xpm"])
+def test_attention_in_a_format_pillow_only_reads_is_refused_before_captioning(
+    name, tiny_model_dir, tmp_path, capfd
+):
+    """A .psd, .fits or .xpm is an image format Pillow knows but cannot write: refused as a
+    usage error in one line (exit 2), nothing printed or written; before the fix the caption
+    was printed, then a KeyError traceback from Image.save, exit 1."""
+    target = tmp_path / name
+    out = edgecap_caption(capfd, EXAMPLES / "chelsea.png", "--attention", target, model=tiny_model_dir)
+    assert (out.returncode, out.stdout) == (2, "")
+    suffix = target.suffix.lower()
+    assert out.stderr == (
+        f"edgecap caption: error: --attention {target}: {suffix} images can be read, not written; "
+        "name a .png or .jpg file\n"
+    )
+    assert list(tmp_path.iterdir()) == []
+
+
 _INTERRUPT_AFTER_FIRST_CAPTION = (
     "import os, signal, sys\n"
     "from edgecap.commands import caption_media\n"

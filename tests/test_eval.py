@@ -1360,6 +1360,39 @@ def test_cli_an_output_that_is_a_references_file_is_refused_before_captioning(tm
         assert out.err == f"edgecap eval: error: {problem}\n"
 
 
+def test_cli_an_output_that_is_a_photo_of_the_split_is_refused_before_captioning(
+    tmp_path, monkeypatch, capsys
+):
+    """docs/cli.md: an --output that is one of the input files is exit 2, nothing captioned. A
+    photo of the split is one (--output images/chelsea.png, a slip of tab completion): before
+    the fix the photo was replaced by the captions' JSON, exit 0, and every later run of the
+    split failed on it. Now one line naming it, before any Captioner is made, the photo as it
+    was; also through a link, and for a photo past --limit (it is the data set's all the same)."""
+    from edgecap.commands import eval as eval_command
+
+    built = []
+    monkeypatch.setattr(eval_command, "load_captioner", lambda args: built.append(args))
+    images = tmp_path / "images"
+    images.mkdir()
+    for name in ("chelsea.png", "coffee.png"):
+        (images / name).write_bytes((EXAMPLES / name).read_bytes())
+    (tmp_path / "link.png").symlink_to(images / "coffee.png")
+    refs = coco_json(tmp_path / "refs.json", {"chelsea.png": ["A cat."], "coffee.png": ["A cup."]})
+    for output, photo in (
+        (images / "chelsea.png", "chelsea.png"),
+        (tmp_path / "link.png", "coffee.png"),
+        (images / "coffee.png", "coffee.png"),
+    ):
+        before = (images / photo).read_bytes()
+        args = ["eval", "--images", str(images), "--references", str(refs), "--output", str(output)]
+        rc = main([*args, "--limit", "1"])
+        out = capsys.readouterr()
+        assert (rc, out.out, built, (images / photo).read_bytes()) == (2, "", [], before)
+        assert out.err == (
+            f"edgecap eval: error: --output {output}: is the photo {photo} of the split; give another file\n"
+        )
+
+
 @pytest.mark.skipif(not Path("/dev/full").exists(), reason="needs /dev/full (a disk that is always full)")
 def test_cli_an_output_that_cannot_be_written_still_prints_the_scores(
     tiny_model_dir, tmp_path, monkeypatch, capsys
@@ -1407,3 +1440,73 @@ def test_cli_references_that_are_a_pipe_or_over_the_limit_are_refused_in_one_lin
         assert (done, out.out) == ([2], "")
         assert out.err.startswith(f"edgecap eval: error: {refs}: ") and out.err.count("\n") == 1
         assert problem in out.err
+
+
+_EVAL_WITHOUT_JAVA = (
+    "import sys\n"
+    "from edgecap.evaluation import metrics\n"
+    "metrics.java_available = lambda: False  # the simple tokenizer: no JVM started\n"
+    "from edgecap.cli import main\n"
+    "sys.exit(main(sys.argv[1:]))\n"
+)
+
+
+@pytest.mark.skipif(os.name != "posix", reason="POSIX pipes and /dev/full")
+@pytest.mark.parametrize("stdout", ["a full disk", "a reader gone away", "closed"])
+def test_cli_scores_that_cannot_be_printed_are_not_a_traceback(stdout, tiny_model_dir, tmp_path):
+    """docs/cli.md: the scores that cannot be written to standard output are exit 2 in one line
+    (a full disk; stdout closed, said before captioning), and a reader gone away (| head) stops
+    quietly with 141, as edgecap caption does. Before the fix: an OSError / BrokenPipeError
+    traceback and exit 1, which the page gives to a photo that could not be decoded, and with
+    stdout closed exit 0, the scores lost without a word."""
+    tokens, split = flickr_files(tmp_path, ["chelsea.png", "coffee.png"])
+    args = ["eval", "--images", str(EXAMPLES), "--captions", str(tokens), "--split", str(split)]
+    args += ["--model", str(tiny_model_dir), "--max-length", "4"]
+    command = [sys.executable, "-c", _EVAL_WITHOUT_JAVA, *args]
+    here = str(Path(edgecap.__file__).parent.parent)
+    env = {**os.environ, "PYTHONPATH": os.pathsep.join([here, os.environ.get("PYTHONPATH", "")])}
+    if stdout == "a full disk":
+        if not Path("/dev/full").exists():
+            pytest.skip("needs /dev/full (a disk that is always full)")
+        with open("/dev/full", "wb") as full:
+            done = subprocess.run(command, stdout=full, stderr=subprocess.PIPE, env=env, timeout=300)
+        expected = (2, ["edgecap eval: error: cannot write the output (No space left on device)"])
+    elif stdout == "a reader gone away":
+        read_end, write_end = os.pipe()
+        os.close(read_end)  # gone before the first line is written
+        try:
+            done = subprocess.run(command, stdout=write_end, stderr=subprocess.PIPE, env=env, timeout=300)
+        finally:
+            os.close(write_end)
+        expected = (141, [])
+    else:
+        done = subprocess.run(
+            command, stdout=None, stderr=subprocess.PIPE, env=env, timeout=300, preexec_fn=lambda: os.close(1)
+        )
+        expected = (2, ["edgecap eval: error: cannot write the output: standard output is closed"])
+    said = [line for line in done.stderr.decode().splitlines() if ": warning: " not in line]
+    assert (done.returncode, said) == expected, done.stderr.decode()
+
+
+@pytest.mark.skipif(os.name != "posix", reason="POSIX file names")
+def test_cli_json_is_utf8_whatever_the_references_file_is_named(tiny_model_dir, tmp_path):
+    """--json is one JSON object in UTF-8 (RFC 8259) whatever the references file is named: a
+    name that is not UTF-8 (a byte 0xff) has a \\u escape for that byte in "references", which
+    Python reads back as the same name; before the fix the raw byte was written and
+    json.loads of the output failed (invalid start byte)."""
+    refs = coco_json(tmp_path / "refs.json", {"chelsea.png": ["A cat."], "coffee.png": ["A cup."]})
+    named = os.path.join(os.fsencode(tmp_path), b"r\xffefs.json")
+    try:
+        os.rename(refs, named)
+    except OSError:
+        pytest.skip("this file system takes UTF-8 names only")
+    here = str(Path(edgecap.__file__).parent.parent)
+    env = {**os.environ, "PYTHONPATH": os.pathsep.join([here, os.environ.get("PYTHONPATH", "")])}
+    args = ["eval", "--images", str(EXAMPLES), "--references", os.fsdecode(named), "--json"]
+    args += ["--model", str(tiny_model_dir), "--max-length", "4"]
+    done = subprocess.run(
+        [sys.executable, "-c", _EVAL_WITHOUT_JAVA, *args], capture_output=True, env=env, timeout=300
+    )
+    assert done.returncode == 0, done.stderr.decode()
+    summary = json.loads(done.stdout.decode("utf-8"))
+    assert os.fsencode(summary["references"]) == named and summary["n_images"] == 2

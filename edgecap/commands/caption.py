@@ -254,6 +254,12 @@ def _check_arguments(args: argparse.Namespace) -> str | None:
     if args.attention is not None:
         if not args.paths:
             return "--attention needs one image PATH (not --video or --camera)"
-        if Path(args.attention).suffix.lower() not in Image.registered_extensions():
+        suffix = Path(args.attention).suffix.lower()
+        if suffix not in Image.registered_extensions():
             return f"--attention {args.attention}: unknown image format; name a .png or .jpg file"
+        if Image.registered_extensions()[suffix] not in Image.SAVE:  # Pillow reads it only (.psd)
+            return (
+                f"--attention {args.attention}: {suffix} images can be read, not written; "
+                "name a .png or .jpg file"
+            )
     return None

@@ -11,12 +11,14 @@ coco-caption's results format. Without Java, METEOR is skipped (null in ``--json
 simple tokenizer replaces PTB; stderr and the ``tokenizer`` field say so.
 
 Exit codes: 0 scored; 2 nothing captioned (bad option, an --output that is a folder, whose
-folder does not exist or that is a references file, unreadable references, listed images
-missing, all named before captioning starts), nothing scored (a Java that starts but cannot
+folder does not exist or that is a references file or a listed photo, unreadable references,
+listed images missing, all named before captioning starts), nothing scored (a Java that starts but cannot
 run coco-caption's tokenizer or METEOR: it needs Java 8 or newer; the tokenizer's temporary
 file cannot be written: no writable temporary folder), or the scores printed but
---output could not be written (a full disk); 1 an image failed to decode while captioning (the
-split is not scored: a metric over part of it would not be comparable).
+--output could not be written (a full disk), or the scores could not be written to standard
+output (a full disk, stdout closed; a reader gone away, | head: 141, quietly); 1 an image failed
+to decode while captioning (the split is not scored: a metric over part of it would not be
+comparable).
 """
 
 from __future__ import annotations
@@ -24,12 +26,14 @@ from __future__ import annotations
 import argparse
 import importlib.util
 import json
+import os
 import sys
 import time
 import warnings
 from pathlib import Path
 
 from edgecap.commands._options import add_model_arguments, load_captioner
+from edgecap.commands.output import EXIT_PIPE_CLOSED, discard_stdout, escape_field, json_line
 from edgecap.commands.progress import add_progress_argument, open_progress, progress_enabled
 from edgecap.extras import install_hint
 from edgecap.files import same_file
@@ -84,10 +88,15 @@ def run(args: argparse.Namespace) -> int:
     problem = _check_arguments(args)
     if problem:
         return _fail(problem)
+    if sys.stdout is None:  # started with stdout closed (>&-): the scores would be lost
+        return _fail("cannot write the output: standard output is closed")
     if importlib.util.find_spec("pycocoevalcap") is None:  # before minutes of captioning
         return _fail(f"scoring needs pycocoevalcap: {install_hint('eval')}")
     try:
         items = load_references(args.references, args.captions, args.split, args.karpathy_split)
+        photo = _photo_at(args.output, items, args.images) if args.output is not None else None
+        if photo is not None:  # the photo, replaced by the captions' JSON
+            return _fail(f"--output {args.output}: is the photo {photo} of the split; give another file")
         items = items[: args.limit] if args.limit else items
         check_images(items, args.images)
     except (OSError, ValueError) as exc:
@@ -126,10 +135,19 @@ def run(args: argparse.Namespace) -> int:
         written = f"; the captions are in {args.output}" if args.output and unwritten is None else ""
         return _fail(f"{exc}{written}")  # it says when Java 8 or newer is needed
     summary = _summary(args, captioner, report, seconds)
-    if args.json:
-        print(json.dumps(summary, ensure_ascii=False))
-    else:
-        _print_table(summary)
+    try:
+        if args.json:  # UTF-8 whatever the file names (a byte of one that is not: a \u escape)
+            print(json_line(summary))
+        else:
+            _print_table(summary)
+        sys.stdout.flush()
+    except OSError as exc:  # a full disk; a reader gone away (| head): quietly, as caption does
+        discard_stdout()  # what is still buffered must not fail again at exit
+        if unwritten is not None:
+            _fail(unwritten)
+        if isinstance(exc, BrokenPipeError):
+            return EXIT_PIPE_CLOSED
+        return _fail(f"cannot write the output ({exc.strerror or exc})")
     return _fail(unwritten) if unwritten else 0
 
 
@@ -162,6 +180,14 @@ def _check_arguments(args: argparse.Namespace) -> str | None:
             if given is not None and same_file(output, given):  # one's own captions, lost
                 return f"--output {args.output}: is the {option} file; give another file for the captions"
     return None
+
+
+def _photo_at(output: str, items, images: str) -> str | None:
+    """The listed photo (its name, escaped) that ``output`` is, or None (a new file, another)."""
+    if not os.path.lexists(output):
+        return None
+    root = Path(images)
+    return next((escape_field(i.file_name) for i in items if same_file(output, root / i.file_name)), None)
 
 
 def _fail(problem: str) -> int:
