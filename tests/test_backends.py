@@ -246,3 +246,29 @@ def test_the_onnxruntime_hint_warns_against_installing_both_extras():
     hint = missing_package_hint("onnxruntime")
     assert "'.[cpu]'" in hint and "'.[gpu]'" in hint
     assert hint.index("'.[gpu]'") < hint.index("not both")
+
+
+def test_an_onnxruntime_left_incomplete_is_one_error_saying_how_to_repair_it(
+    tiny_model_dir, tmp_path, monkeypatch
+):
+    """onnxruntime and onnxruntime-gpu install the same files (docs/getting-started.md: pick one):
+    uninstalling one after installing both leaves a folder of the other's leftovers, which
+    imports as an empty namespace package. Loading the backend is then a BackendError naming the
+    folder and the repair, not an AttributeError from deep inside (before the fix: "module
+    'onnxruntime' has no attribute 'get_available_providers'", a traceback from the CLI)."""
+    import importlib.machinery
+    import importlib.util
+
+    leftovers = tmp_path / "site-packages" / "onnxruntime"
+    (leftovers / "capi").mkdir(parents=True)
+    (leftovers / "capi" / "libonnxruntime_providers_cuda.so").write_bytes(b"")
+    spec = importlib.machinery.ModuleSpec("onnxruntime", None, is_package=True)
+    spec.submodule_search_locations = [str(leftovers)]  # as Python imports a namespace package
+    monkeypatch.setitem(sys.modules, "onnxruntime", importlib.util.module_from_spec(spec))
+    monkeypatch.delitem(sys.modules, "edgecap.backends.onnxruntime", raising=False)
+    with pytest.raises(
+        BackendError,
+        match=r"onnxruntime at .*site-packages/onnxruntime is incomplete .*pip uninstall -y "
+        r"onnxruntime onnxruntime-gpu, then .*'\.\[cpu\]'",
+    ):
+        load_backend("onnxruntime", load_manifest(tiny_model_dir))

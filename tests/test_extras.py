@@ -63,17 +63,24 @@ def fresh_requires(tmp_path_factory):
     """``Requires-Dist`` as setuptools writes it from this checkout's pyproject.toml now (the
     installed metadata may predate an edit of pyproject.toml until edgecap is reinstalled);
     without setuptools (a Python 3.12 venv), the installed metadata. A setuptools that cannot
-    build it (pyproject.toml's build requirements: setuptools>=68 and wheel's bdist_wheel, in
+    build it (pyproject.toml's build requirements: setuptools>=77 and wheel's bdist_wheel, in
     setuptools itself from 70.1) skips: a plain venv's setuptools 65 without wheel."""
-    try:
-        import setuptools
-    except ImportError:
+    if importlib.util.find_spec("setuptools") is None:
         return importlib.metadata.requires("edgecap")
+    return importlib.metadata.PathDistribution(built_metadata(tmp_path_factory)).requires
+
+
+def built_metadata(tmp_path_factory, deprecations_fail: bool = False) -> Path:
+    """The .dist-info folder setuptools writes from this checkout's pyproject.toml (with
+    ``deprecations_fail``, every setuptools deprecation an error); skips where setuptools cannot
+    build it (see above)."""
+    setuptools = pytest.importorskip("setuptools")
+
     version = tuple(int(part) for part in re.findall(r"\d+", setuptools.__version__)[:2])
     bdist_wheel = any(importlib.util.find_spec(name) for name in ("setuptools.command.bdist_wheel", "wheel"))
-    if version < (68,) or not bdist_wheel:
+    if version < (77,) or not bdist_wheel:
         pytest.skip(
-            "writing edgecap's metadata needs setuptools>=68 and wheel (pyproject.toml's "
+            "writing edgecap's metadata needs setuptools>=77 and wheel (pyproject.toml's "
             f"build requirements); here: setuptools {setuptools.__version__}"
             + ("" if bdist_wheel else ", no wheel")
         )
@@ -84,17 +91,28 @@ def fresh_requires(tmp_path_factory):
     (source / "edgecap" / "__init__.py").write_text("")
     out = tmp_path_factory.mktemp("metadata")
     code = (
-        "import sys\nfrom setuptools import build_meta\n"
-        "print(build_meta.prepare_metadata_for_build_wheel(sys.argv[1]))"
+        "import sys, warnings\nfrom setuptools import build_meta\n"
+        "from setuptools.warnings import SetuptoolsDeprecationWarning\n"
+        + ("warnings.simplefilter('error', SetuptoolsDeprecationWarning)\n" if deprecations_fail else "")
+        + "print(build_meta.prepare_metadata_for_build_wheel(sys.argv[1]))"
     )
     run = subprocess.run(
         [sys.executable, "-c", code, str(out)], cwd=source, capture_output=True, text=True, timeout=300
     )
     assert run.returncode == 0, run.stderr
     dist_info = out / run.stdout.strip().splitlines()[-1]
-    requires = importlib.metadata.PathDistribution(dist_info).requires
-    assert requires, "setuptools wrote no Requires-Dist"
-    return requires
+    assert importlib.metadata.PathDistribution(dist_info).requires, "setuptools wrote no Requires-Dist"
+    return dist_info
+
+
+def test_the_package_builds_without_a_setuptools_deprecation(tmp_path_factory):
+    """A deprecated pyproject.toml form builds until setuptools drops it (the license as a table
+    { text = ... }: "By 2027-Feb-18 ... your builds will no longer be supported"), and then
+    `pip wheel .` and `pip install '.[cpu]'` (docs/getting-started.md) fail with the newest
+    setuptools, which they fetch. The metadata says the licence as an SPDX expression."""
+    dist_info = built_metadata(tmp_path_factory, deprecations_fail=True)
+    metadata = importlib.metadata.PathDistribution(dist_info).metadata
+    assert metadata["License-Expression"] == "Apache-2.0"
 
 
 @pytest.mark.parametrize("extra", sorted(EXTRAS))

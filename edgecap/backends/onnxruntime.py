@@ -10,13 +10,24 @@ from __future__ import annotations
 import numpy as np
 import onnxruntime as ort  # no telemetry: edgecap/__init__.py sets ORT_DISABLE_TELEMETRY
 
-from edgecap.backends import ort_beam, ort_gpu, ort_providers
+from edgecap.backends import missing_package_hint, ort_beam, ort_gpu, ort_providers
 from edgecap.backends._checks import check_graph_io, check_threads, load_failure
 from edgecap.backends.base import Backend, DecoderSession, Encoded, StepResult
 from edgecap.contract import ENCODER_OUTPUTS, ROLES, Limits
 from edgecap.errors import BackendError
 from edgecap.extras import install_hint
 from edgecap.manifest import Manifest
+
+if not hasattr(ort, "InferenceSession"):
+    # onnxruntime and onnxruntime-gpu install the same files: uninstalling one after installing
+    # both leaves a folder of the other's leftovers, which imports as an empty namespace package
+    _where = getattr(ort, "__file__", None) or next(iter(getattr(ort, "__path__", [])), "?")
+    raise BackendError(
+        f"onnxruntime at {_where} is incomplete "
+        "(no InferenceSession: onnxruntime and onnxruntime-gpu share their files, and uninstalling "
+        "one removes the other's); pip uninstall -y onnxruntime onnxruntime-gpu, then "
+        + missing_package_hint("onnxruntime")
+    )
 
 # device= -> providers
 DEVICE_PROVIDERS = {"cpu": [ort_providers.CPU], "cuda": [ort_providers.CUDA, ort_providers.CPU]}
