@@ -127,7 +127,8 @@ def kind_of(path: str | os.PathLike) -> str:
     """ "ros1" (a .bag file), "mcap" or "sqlite3" (a ROS 2 bag folder, or one storage file)."""
     path = Path(path)
     if path.is_dir():
-        if any(path.glob("*.mcap")):
+        # a bag recorded with --compression-mode file holds run_0.mcap.zstd
+        if any(path.glob("*.mcap")) or any(path.glob("*.mcap.zstd")):
             return "mcap"
         return "sqlite3"
     suffix = path.suffix.lower()
@@ -249,7 +250,8 @@ class Recording:
         return self._frames(chosen, samplers)
 
     def _frames(self, chosen: list[str], samplers: dict) -> Iterator[Frame]:
-        connections = [c for c in self.connections if c.topic in chosen]
+        # a topic may also have a connection of another type (two publishers): not frames
+        connections = [c for c in self.connections if c.topic in chosen and c.msgtype in IMAGE_TYPES]
         counts = dict.fromkeys(chosen, 0)
         # a recording defines its own types: one whose sensor_msgs/Image lacks the standard
         # fields (or has them with other types) gives frames that each carry that problem
@@ -427,7 +429,10 @@ def _ros2_name(name: str) -> str:
 
 
 def _check_compressed(fmt: str, name: str) -> bool:
-    if "compresseddepth" in fmt.lower().replace(" ", ""):
+    # image_transport's "compressed" plugin also carries depth images, as 16-bit PNG: its format
+    # names the image's encoding first ("16UC1; png compressed ")
+    depth = fmt.split(";")[0].strip().lower() in DEPTH
+    if depth or "compresseddepth" in fmt.lower().replace(" ", ""):
         raise InputError(name, f"a compressed depth image ({fmt!r}), not a picture to caption")
     return True
 
@@ -526,17 +531,22 @@ def output_problem(source: str | os.PathLike, out: str | os.PathLike) -> str | N
     out = Path(out)
     if os.path.lexists(out):
         return f"{out} exists already; name a new file or folder"
+    if not os.path.lexists(source):  # open_recording says so, as without --write-bag
+        return None
     if kind_of(source) == "mcap-ros1":
         return (
             f"{out}: captions are not written into a copy of a ROS 1-profile MCAP file; "
             "caption the ROS 1 bag it was converted from"
         )
     ros1_in = kind_of(source) == "ros1"
-    if ros1_in != (out.suffix.lower() == ".bag"):
+    suffix = out.suffix.lower()
+    if ros1_in != (suffix == ".bag") or (not ros1_in and suffix in (".mcap", ".db3")):
+        # a folder named run.mcap, holding run.mcap.mcap, is not the file that name promises
         return (
             f"{out}: a ROS 1 bag is written to a .bag file"
             if ros1_in
-            else f"{out}: a ROS 2 recording is written to a ROS 2 bag folder (a name without .bag)"
+            else f"{out}: a ROS 2 recording is written to a ROS 2 bag folder "
+            "(a name without .bag, .mcap or .db3)"
         )
     if not out.parent.is_dir():
         return f"{out}: folder {out.parent} does not exist"
@@ -589,6 +599,8 @@ def write_captions(recording: Recording, out: str | os.PathLike, captions: dict[
         counts: dict[str, int] = {}
         for connection, time_ns, raw in recording.messages():
             writer.write(copies[id(connection)], time_ns, raw)
+            if connection.msgtype not in IMAGE_TYPES:  # counted as Recording.frames counts
+                continue
             index = counts.get(connection.topic, 0)
             counts[connection.topic] = index + 1
             text = captions.get((connection.topic, index))

@@ -46,7 +46,10 @@ OpenCV (the ``video`` extra) is imported only by ``video_frames`` and
 Video frames obey the still photos' pixel limit (``edgecap.images.max_pixels``): a video whose
 frames are larger is refused from its header, before any frame is decoded. A video that ends
 before the frame count its header gives (truncated, or frames the decoder cannot read) raises
-``InputError`` after its readable frames; one that yields no frame at all raises it at once.
+``InputError`` after its readable frames; one that yields no frame at all raises it at once. A
+damaged frame in the middle of a video (up to 100 in a row) is passed over: the frames after it
+keep their own index and time, and ``InputError`` after the last frame says how many could not be
+decoded.
 """
 
 from __future__ import annotations
@@ -76,6 +79,9 @@ MAX_CAPTURE_SIDE = 1 << 15
 # Frames missing at the end of a video before it counts as cut short: containers whose frame
 # count is an estimate (from the duration) may be off by a few frames.
 _MISSING_FRAMES_OK = 2
+# Frames in a row the decoder may fail on (a damaged part of a video) before the video counts as
+# ending there: the frames after a damaged one are still read.
+_UNREADABLE_IN_A_ROW = 100
 
 __all__ = [
     "Frame",
@@ -737,30 +743,50 @@ def _read_frames(
 
 
 def _frames_of(capture, timestamp, source: str, count: int | None) -> Generator[Frame, None, None]:
-    index = 0
+    index = 0  # the next frame's position in the video, frames that could not be decoded included
+    read = 0  # frames decoded
+    failed_in_a_row = 0
+    unreadable: list[int] = []  # frames the decoder failed on, with decoded frames after them
     try:
         while True:
             ok, image = capture.read()
             if not ok:
-                break
+                # a video (not a camera) may have a damaged frame in the middle: the decoder goes
+                # on with the next one, so the frames after it are not lost
+                failed_in_a_row += 1
+                if count is None or failed_in_a_row > _UNREADABLE_IN_A_ROW or (count and index >= count):
+                    break
+                index += 1
+                continue
+            unreadable.extend(range(index - failed_in_a_row, index))
+            failed_in_a_row = 0
             problem = _frame_size_problem(*_size(image))
             if problem:
                 raise InputError(source, f"frame {index}: {problem}")
             yield Frame(index=index, timestamp=timestamp(index), image=image, color="bgr")
             index += 1
+            read += 1
     finally:
         capture.release()
     if count is None:
         return
-    if index == 0:
+    if read == 0:
         raise InputError(
             source, "no frame could be decoded (a damaged video, or a codec OpenCV's FFmpeg lacks)"
         )
+    index -= max(failed_in_a_row - 1, 0)  # the failed reads at the end: no frames
     if count and index < count - _MISSING_FRAMES_OK:
         raise InputError(
             source,
             f"the video ends after {index} of its {count} frames (cut "
             "short, or frames the decoder cannot read)",
+        )
+    if unreadable:
+        some = f"{len(unreadable)} frames" if len(unreadable) > 1 else "1 frame"
+        raise InputError(
+            source,
+            f"{some} could not be decoded (damaged; the first: frame {unreadable[0]}); "
+            "the frames after it were read",
         )
 
 

@@ -63,10 +63,14 @@ def _cut(clip, keep: float):
     return cut
 
 
+def _jpeg_starts(data) -> list[int]:
+    return [i for i in range(len(data) - 2) if data[i : i + 3] == b"\xff\xd8\xff"]  # each frame's
+
+
 def _garbled(clip):
     data = bytearray(clip.read_bytes())
-    for i in range(1000, len(data), 97):  # past the AVI header: every frame's JPEG damaged
-        data[i] ^= 0x55
+    for start in _jpeg_starts(data):  # every frame's JPEG without its header: none decodes
+        data[start : start + 300] = bytes(300)
     bad = clip.with_name("garbled.avi")
     bad.write_bytes(bytes(data))
     return bad
@@ -198,3 +202,26 @@ def test_cli_negative_camera_index_is_one_line_exit_2_not_a_crash(tiny_model_dir
     assert out.stderr == (
         "edgecap caption: error: camera -1: the camera index must be a whole number from 0 to 1023\n"
     )
+
+
+def _one_frame_damaged(clip, frame: int):
+    data = bytearray(clip.read_bytes())
+    start = _jpeg_starts(data)[frame]
+    data[start : start + 300] = bytes(300)
+    bad = clip.with_name("one_damaged.avi")
+    bad.write_bytes(bytes(data))
+    return bad
+
+
+def test_a_damaged_frame_in_the_middle_loses_only_itself(clip, tiny_model_dir):
+    """One damaged frame (of 20) used to end the video there: the 12 frames after it were lost."""
+    bad = _one_frame_damaged(clip, 7)
+    frames = []
+    with pytest.raises(InputError, match=r"one_damaged.avi: 1 frame could not be decoded .*frame 7\)"):
+        for frame in video_frames(bad):
+            frames.append(frame)
+    assert [f.index for f in frames] == [i for i in range(20) if i != 7]
+    out = _caption("--video", bad, model=tiny_model_dir)
+    assert out.returncode == 1 and "Traceback" not in out.stderr
+    assert len(out.stdout.splitlines()) == 19
+    assert "1 frame could not be decoded" in out.stderr

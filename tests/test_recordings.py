@@ -1055,7 +1055,8 @@ def test_a_ros1_bag_is_written_to_a_bag_file_in_any_case(tmp_path):
     ros1, ros2 = three_frames(tmp_path, "ros1"), three_frames(tmp_path, "mcap")
     assert output_problem(ros1, tmp_path / "COPY.BAG") is None
     assert output_problem(ros2, tmp_path / "COPY.BAG") == (
-        f"{tmp_path / 'COPY.BAG'}: a ROS 2 recording is written to a ROS 2 bag folder (a name without .bag)"
+        f"{tmp_path / 'COPY.BAG'}: a ROS 2 recording is written to a ROS 2 bag folder "
+        "(a name without .bag, .mcap or .db3)"
     )
 
 
@@ -1137,3 +1138,121 @@ def test_no_captions_is_a_plain_copy_even_of_a_recording_without_images(tmp_path
     with open_recording(only_text) as recording:
         assert write_captions(recording, tmp_path / "copy", {}) == 0
     assert [(m[0], m[3].data) for m in read_back(tmp_path / "copy")] == [("/log", "x")]
+
+
+def test_a_file_compressed_mcap_bag_is_copied_as_an_mcap_bag(tmp_path):
+    """``ros2 bag record -s mcap --compression-mode file`` holds run.mcap.zstd: its copy is an
+    MCAP bag, as the docs promise (the same storage), not a sqlite3 one."""
+    from rosbags.rosbag2 import CompressionFormat, CompressionMode
+
+    store = store_for("mcap")
+    bag = tmp_path / "run"
+    writer = Writer2(bag, version=9, storage_plugin=StoragePlugin.MCAP)
+    writer.set_compression(CompressionMode.FILE, CompressionFormat.ZSTD)
+    with writer:
+        connection = writer.add_connection("/cam", IMAGE, typestore=store)
+        writer.write(connection, T0, bytes(store.serialize_cdr(image_msg(store, "rgb8", CHELSEA, T0), IMAGE)))
+    assert [p.name for p in bag.glob("*.mcap*")] == ["run.mcap.zstd"]
+    assert kind_of(bag) == "mcap"
+    with open_recording(bag) as recording:
+        assert write_captions(recording, tmp_path / "copy", {("/cam", 0): "a cat"}) == 1
+    assert [p.name for p in (tmp_path / "copy").iterdir() if p.name != "metadata.yaml"] == ["copy.mcap"]
+    assert [(m[0], m[1]) for m in read_back(tmp_path / "copy")] == [("/cam", T0), ("/cam/caption", T0)]
+
+
+def test_a_topic_with_a_connection_of_another_type_is_no_traceback(tmp_path, captioner, capfd):
+    """A ROS 1 bag with two publishers on /cam, one of sensor_msgs/Image and one of
+    std_msgs/String: the String messages are not frames (it was a KeyError traceback), and the
+    captions of the copy go to the image frames they describe."""
+    store = store_for("ros1")
+    bag = tmp_path / "mixed.bag"
+    string = "std_msgs/msg/String"
+    with Writer1(bag) as writer:
+        images = writer.add_connection("/cam", IMAGE, typestore=store, callerid="/camera")
+        strings = writer.add_connection("/cam", string, typestore=store, callerid="/other")
+        writer.write(strings, T0, bytes(store.serialize_ros1(store.types[string](data="x"), string)))
+        for k, rgb in enumerate((CHELSEA, COFFEE)):
+            time_ns = T0 + (k + 1) * SECOND
+            writer.write(
+                images, time_ns, bytes(store.serialize_ros1(image_msg(store, "rgb8", rgb, time_ns), IMAGE))
+            )
+    out = tmp_path / "copy.bag"
+    done = edgecap_caption(capfd, "--bag", bag, "--write-bag", out)
+    assert done.returncode == 0, done.stderr
+    assert [line.split("\t")[1] for line in done.stdout.splitlines()] == [
+        seconds_text(T0 + SECOND),
+        seconds_text(T0 + 2 * SECOND),
+    ]
+    captions = [(m[1], m[3].data) for m in read_back(out) if m[0] == "/cam/caption"]
+    assert captions == [
+        (T0 + SECOND, captioner.caption(CHELSEA).text),
+        (T0 + 2 * SECOND, captioner.caption(COFFEE).text),
+    ]
+
+
+def test_a_ros2_copy_named_as_a_file_is_refused_and_a_missing_recording_named(tmp_path):
+    """A ROS 2 copy is a bag folder: --write-bag copy.mcap made a folder copy.mcap holding
+    copy.mcap.mcap. A recording that does not exist is named as missing, with or without
+    --write-bag (it was "not a recording edgecap reads" for a folder's name)."""
+    bag = three_frames(tmp_path, "mcap")
+    for name in ("copy.mcap", "copy.db3"):
+        assert output_problem(bag, tmp_path / name) == (
+            f"{tmp_path / name}: a ROS 2 recording is written to a ROS 2 bag folder "
+            "(a name without .bag, .mcap or .db3)"
+        )
+    assert output_problem(tmp_path / "no-such-run", tmp_path / "copy") is None
+    with pytest.raises(RecordingError, match="no-such-run: no such file or folder"):
+        open_recording(tmp_path / "no-such-run")
+
+
+def test_a_recording_named_with_a_trailing_slash_that_breaks_off_is_named_once(
+    tmp_path, monkeypatch, capsys, default_model_dir
+):
+    """``--bag run/`` (a shell's completion of a folder): the line says what broke after the
+    name as given, without the name again as the path reads it (it was "run/: run: ...")."""
+    from rosbags.highlevel import AnyReader as Reader
+
+    from edgecap.cli import main
+
+    bag = three_frames(tmp_path, "mcap")
+    real = Reader.messages
+
+    def breaks_off(self, *args, **kwargs):
+        for n, item in enumerate(real(self, *args, **kwargs)):
+            if n == 1:
+                raise ValueError("Chunk checksum mismatch.")
+            yield item
+
+    monkeypatch.setattr(Reader, "messages", breaks_off)
+    code = main(["caption", "--bag", f"{bag}/", "--model", str(default_model_dir)])
+    assert code == 1
+    assert capsys.readouterr().err.splitlines() == [
+        f"edgecap: {bag}/: the recording breaks off while being read (Chunk checksum mismatch.)"
+    ]
+
+
+def test_depth_images_through_the_plain_compressed_transport_are_refused(tmp_path):
+    """image_transport's "compressed" plugin sends a 16UC1 depth image as a 16-bit PNG with the
+    format "16UC1; png compressed " (a depth camera's .../compressed topic): refused like the
+    compressedDepth ones (it was captioned as a picture: "a small child is in the air ...");
+    a mono16 or rgb8 PNG is still a picture."""
+    store = store_for("mcap")
+    png = encoded_bytes(GRAY, "PNG")
+    formats = (
+        "16UC1; png compressed ",
+        "32FC1; png compressed ",
+        "mono16; png compressed ",
+        "rgb8; png compressed ",
+    )
+    messages = [
+        ("/cam/compressed", COMPRESSED, T0 + k, compressed_msg(store, fmt, png, T0))
+        for k, fmt in enumerate(formats)
+    ]
+    with open_recording(write_recording(tmp_path, "mcap", messages)) as recording:
+        frames = list(recording.frames())
+    assert [str(f.image) for f in frames[:2]] == [
+        f"/cam/compressed at {seconds_text(T0 + k)}: a compressed depth image ({fmt!r}), "
+        "not a picture to caption"
+        for k, fmt in enumerate(formats[:2])
+    ]
+    assert [f.image for f in frames[2:]] == [png, png]

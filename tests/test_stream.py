@@ -1198,3 +1198,17 @@ def test_a_live_stream_in_a_forked_child_raises_instead_of_waiting_forever():
     later = next(events)  # the parent's stream goes on, with newer frames
     assert later.frame_index > first.frame_index
     stream.close()
+
+
+def test_a_damaged_frame_in_the_middle_of_a_video_does_not_end_it(monkeypatch, video_file):
+    """The decoder fails on frame 2 of 5 and goes on with frame 3 (what OpenCV does with a
+    damaged JPEG in an AVI): frames 3 and 4 are still given, with their own index and time, and
+    the error after the last frame names the damaged one."""
+    frames = small_frames(5)
+    frames[2] = None  # the fake's read gives (False, None) for it
+    monkeypatch.setitem(sys.modules, "cv2", FakeVideoCv2(frames, count=5))
+    got = []
+    with pytest.raises(InputError, match=r"1 frame could not be decoded \(damaged; the first: frame 2\)"):
+        got.extend(video_frames(video_file))
+    assert [(f.index, f.timestamp) for f in got] == [(0, 0.0), (1, 0.1), (3, 0.3), (4, 0.4)]
+    assert [int(f.image[0, 0, 0]) for f in got] == [0, 1, 3, 4]

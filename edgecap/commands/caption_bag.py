@@ -65,7 +65,8 @@ def run_bag(captioner, args: argparse.Namespace) -> int:
             _print_frame(args.bag, frame, result, args)
         write(None)
         if broken:  # the captions so far are out; the copy is not written
-            report_error(args.bag, str(broken[0]).removeprefix(f"{args.bag}: "))
+            # the error names the recording as its path reads (run/ -> run): named once
+            report_error(args.bag, str(broken[0]).removeprefix(f"{recording.path}: "))
         if args.write_bag is not None and not broken:
             count = write_captions(recording, args.write_bag, captions)
             topics = ", ".join(sorted({caption_topic(t) for t, _ in captions})) or "no topic"
