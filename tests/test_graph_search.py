@@ -604,6 +604,39 @@ def test_fake_tensorrt_graph_search_gives_the_numpy_captions(monkeypatch, tmp_pa
     assert device.memory == {} and device.pinned == [] and device.streams == []
 
 
+def test_fake_tensorrt_close_waits_for_a_failed_beam_step_before_freeing_its_buffers(
+    monkeypatch, tmp_path, tiny
+):
+    """A beam step that fails after its engine was launched (here: the copy of its results)
+    leaves work on the stream that reads and writes the beam-step engine's buffers; close()
+    must synchronise the stream before it frees them."""
+    import io
+
+    from edgecap.backends.tensorrt import TensorRTBackend
+
+    trt, device = _fake_tensorrt(monkeypatch, "10.3.0.26")
+    manifest, _, _, images = tiny
+    backend = TensorRTBackend(
+        manifest, precision="fp32", cache_dir=tmp_path, cuda_device=device, log=io.StringIO(), search="graph"
+    )
+    encoded = backend.encode(images)
+    events = []
+
+    def failed_copy(dst, src, stream):
+        raise BackendError("CUDA error while copying from the GPU: launch failed")
+
+    monkeypatch.setattr(device, "copy_to_host", failed_copy)
+    with pytest.raises(BackendError, match="copying from the GPU"):
+        options = CaptionOptions(beam_size=2, max_length=4)
+        search_with_tags(backend, encoded, options, START, END, manifest.dims.vocab_size, None)
+    sync, free = device.synchronize, device.free
+    monkeypatch.setattr(device, "synchronize", lambda stream: (events.append("sync"), sync(stream)))
+    monkeypatch.setattr(device, "free", lambda ptr: (events.append("free"), free(ptr)))
+    backend.close()
+    assert events and events[0] == "sync", events[:3]
+    assert device.memory == {} and device.pinned == [] and device.streams == []
+
+
 def test_fake_tensorrt_fp16_keeps_the_bookkeeping_in_fp32(monkeypatch, tmp_path, tiny):
     """TensorRT < 10.12 (BuilderFlag.FP16): the appended layers are pinned to FP32; 10.12+
     (strongly typed FP16 ONNX): the appended nodes read the step's float32 outputs."""

@@ -1074,6 +1074,27 @@ def test_fake_a_truncated_engine_that_tensorrt_raises_on_is_rebuilt(monkeypatch,
     assert len(trt.stats["builds"]) == 2 and path.read_bytes().startswith(MAGIC)
 
 
+def test_fake_an_unloadable_exact_engine_is_skipped_not_rebuilt_when_a_wider_one_loads(
+    monkeypatch, tmp_path, model_dir, device
+):
+    """The exact engine that does not load, with a wider cached one that does: the wider one is
+    used and nothing is built, so the log must not promise a rebuild."""
+    trt = install(monkeypatch, "10.3.0.30", device)
+    manifest = load_manifest(model_dir)
+    log = io.StringIO()
+    cache = _cache(trt, device, tmp_path, log)
+    exact = cache.build(manifest, "encoder", "fp32", Limits(8, 5))
+    cache.build(manifest, "encoder", "fp32", Limits(16, 5))
+    exact.write_bytes(b"truncated")
+    builds = len(trt.stats["builds"])
+    log.seek(0)
+    log.truncate()
+    engine = cache.load(manifest, "encoder", "fp32", Limits(8, 5))
+    assert engine.record["profile"]["image"][2][0] == 16 and len(trt.stats["builds"]) == builds
+    assert f"{exact.name} does not load with this TensorRT/GPU; skipping it" in log.getvalue()
+    assert "rebuilding" not in log.getvalue()
+
+
 def test_fake_parse_and_build_failures_are_backend_errors_saying_why(
     monkeypatch, tmp_path, model_dir, device
 ):

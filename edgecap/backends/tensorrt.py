@@ -433,6 +433,10 @@ class TensorRTBackend(Backend):
             with device.active():
                 try:
                     if self._graph_search is not None:
+                        if self.buffers is not None:
+                            # a beam step that failed after its launch may still use the
+                            # beam-step engine's buffers on the stream: done before they go
+                            self.buffers.synchronize()
                         self._graph_search.close()
                     if self.buffers is not None:
                         self.buffers.close()

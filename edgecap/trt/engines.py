@@ -10,7 +10,8 @@ Lookup reuses any cached engine of the same model, GPU, TensorRT version and pre
 limits cover the request (``EngineCache.covering``), so the 8-image x 5-beam engines that
 ``edgecap build`` makes by default serve ``edgecap caption --backend tensorrt`` with any batch size
 up to 8 and beam size up to 5. Cached files that fail to deserialize (another TensorRT build, a
-truncated write) are skipped, and an engine for exactly the requested limits is built. Builds
+truncated write) are skipped for the next covering one, and when none loads an engine for
+exactly the requested limits is built. Builds
 share one timing cache per GPU and TensorRT version (``timing-<gpu>-sm<cc>-trt<ver>.cache``).
 
 Precision: FP16 uses ``BuilderFlag.FP16`` on TensorRT < 10.12 (Softmax, the Log of a
@@ -606,13 +607,16 @@ class EngineCache:
         built now for exactly ``limits`` (also when no cached one loads)."""
         candidates = self.covering(manifest, role, precision, limits)
         exact = self.path(manifest, role, precision, limits)
-        for path in candidates:
+        for i, path in enumerate(candidates):
             engine = deserialize(self.trt, self.runtime, path)
             if engine is not None:
                 return self._checked(engine, role)
+            # the exact engine comes first (the narrowest): it is rebuilt only when no wider
+            # cached engine loads after it
+            rebuilt = path == exact and i == len(candidates) - 1
             print(
                 f"edgecap: cached engine {path.name} does not load with this TensorRT/GPU; "
-                + ("rebuilding it" if path == exact else "skipping it"),
+                + ("rebuilding it" if rebuilt else "skipping it"),
                 file=self.log,
             )
         if not candidates:
