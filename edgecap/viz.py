@@ -119,10 +119,25 @@ def attention_figure(
 
 def save_attention(image: ImageInput, caption, path: str | os.PathLike, **options) -> Path:
     """Write ``attention_figure(image, caption, **options)`` to ``path`` (format from its
-    extension, e.g. .png) and return the path."""
+    extension, e.g. .png) and return the path. ``ValueError`` before drawing for an extension
+    Pillow cannot write (``figure_format_problem``)."""
     path = Path(path)
+    problem = figure_format_problem(path)
+    if problem is not None:
+        raise ValueError(f"{path}: {problem}")
     attention_figure(image, caption, **options).save(path)
     return path
+
+
+def figure_format_problem(path: str | os.PathLike) -> str | None:
+    """Why Pillow cannot write a figure to ``path``, judged by its extension (unknown; a format it
+    reads only, .psd), or None."""
+    suffix = Path(path).suffix.lower()
+    if suffix not in Image.registered_extensions():
+        return "unknown image format; name a .png or .jpg file"
+    if Image.registered_extensions()[suffix] not in Image.SAVE:
+        return f"{suffix} images can be read, not written; name a .png or .jpg file"
+    return None
 
 
 def _check_attention(caption) -> np.ndarray:

@@ -112,6 +112,20 @@ def test_every_is_taken_with_a_camera(tiny_model_dir, capfd):
     assert "--every" not in out.stderr
 
 
+def test_attention_to_a_folder_is_refused_before_captioning(tiny_model_dir, tmp_path, capfd):
+    """An --attention name that is a folder (fig.png/): one line naming it, escaped (a newline
+    in the name stays on the line), exit 2 and no caption; it had been found only once the photo
+    was captioned and printed."""
+    target = tmp_path / "fig\n1.png"
+    target.mkdir()
+    out = edgecap_caption(capfd, EXAMPLES / "chelsea.png", "--attention", target, model=tiny_model_dir)
+    assert (out.returncode, out.stdout) == (2, "")
+    shown = str(target).replace("\n", "\\n")
+    assert out.stderr == (
+        f"edgecap caption: error: --attention {shown} is a folder; name a .png or .jpg file\n"
+    )
+
+
 def test_attention_names_its_format_in_any_case(tiny_model_dir, tmp_path, capfd):
     """OUT.JPG is a .jpg file: the figure is written, as a JPEG."""
     target = tmp_path / "FIGURE.JPG"

@@ -51,6 +51,16 @@ def flickr_files(root: Path, split: list[str]) -> tuple[Path, Path]:
 
 
 # -- reference readers --------------------------------------------------------------------------
+def test_an_empty_split_file_is_named_as_the_one_listing_no_images(tmp_path):
+    """The Flickr8k token file is fine; the split file lists nothing: that file is named (the
+    message had named the token file)."""
+    tokens, split = flickr_files(tmp_path, [])
+    split.write_text("\n")
+    with pytest.raises(ValueError) as caught:
+        load_references(captions=tokens, split=split)
+    assert str(caught.value) == f"{split}: the split lists no images"
+
+
 def test_read_coco_groups_captions_by_image_in_images_order(tmp_path):
     path = coco_json(
         tmp_path / "refs.json",
@@ -1510,3 +1520,24 @@ def test_cli_json_is_utf8_whatever_the_references_file_is_named(tiny_model_dir, 
     assert done.returncode == 0, done.stderr.decode()
     summary = json.loads(done.stdout.decode("utf-8"))
     assert os.fsencode(summary["references"]) == named and summary["n_images"] == 2
+
+
+def test_cli_table_and_missing_images_folder_keep_a_name_on_one_line(
+    tiny_model_dir, tmp_path, monkeypatch, capsys
+):
+    """A references file and an images folder named with a newline: the plain table's
+    "references:" line and the missing-folder error each stay one line, the newline written as
+    \\n (as every other name edgecap prints); they had been split in two."""
+    monkeypatch.setattr(metrics, "java_available", lambda: False)
+    refs = coco_json(tmp_path / "r\nefs.json", {"chelsea.png": ["A cat."], "coffee.png": ["A cup."]})
+    args = ["eval", "--references", str(refs), "--model", str(tiny_model_dir), "--max-length", "4"]
+    assert main([*args, "--images", str(EXAMPLES)]) == 0
+    out = capsys.readouterr().out.splitlines()
+    assert f"references:  {str(refs).replace(chr(10), chr(92) + 'n')}" in out
+    missing = tmp_path / "no\nphotos"
+    assert main([*args, "--images", str(missing)]) == 2
+    err = capsys.readouterr().err
+    assert (
+        err.count("\n") == 1
+        and f"images folder not found: {str(missing).replace(chr(10), chr(92) + 'n')}" in err
+    )

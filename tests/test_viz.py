@@ -120,6 +120,26 @@ def test_a_nothing_recognisable_caption_says_so_not_to_pass_return_attention():
     assert "return_attention" not in str(info.value)
 
 
+@pytest.mark.parametrize(
+    ("name", "problem"),
+    [
+        ("figure.psd", ".psd images can be read, not written; name a .png or .jpg file"),
+        ("figure.XPM", ".xpm images can be read, not written; name a .png or .jpg file"),
+        ("figure.notanimage", "unknown image format; name a .png or .jpg file"),
+    ],
+)
+def test_a_figure_pillow_cannot_write_is_a_value_error_naming_it(name, problem, tmp_path):
+    """save_attention to a format Pillow only reads (it had raised a bare KeyError from
+    Image.save) or does not know: a ValueError naming the path, nothing written."""
+    caption = Caption(
+        text="a cat", score=-1.0, tokens=["a", "cat"], log_prob=-2.0, attention=np.ones((2, 7, 7), np.float32)
+    )
+    with pytest.raises(ValueError) as info:
+        save_attention(green_photo(64, 64), caption, tmp_path / name)
+    assert str(info.value) == f"{tmp_path / name}: {problem}"
+    assert list(tmp_path.iterdir()) == []
+
+
 def test_real_caption_and_save(tiny_model_dir, example_images, tmp_path):
     photo = next(p for p in example_images if p.name == "chelsea.png")
     caption = Captioner(tiny_model_dir, max_length=6, threads=1).caption(photo, return_attention=True)

@@ -29,7 +29,6 @@ import sys
 import warnings
 from collections import deque
 from collections.abc import Iterable, Iterator
-from pathlib import Path
 from typing import Any, TypeVar
 
 from edgecap.cli import interrupt_normally
@@ -237,8 +236,6 @@ def _captions(captioner, inputs: Iterable[tuple[Name, object]]) -> Iterator[tupl
 
 def _check_arguments(args: argparse.Namespace) -> str | None:
     """What is wrong with the combination of arguments, or None."""
-    from PIL import Image
-
     sources = bool(args.paths) + (args.video is not None) + (args.camera is not None) + (args.bag is not None)
     if sources != 1:
         return "give image PATHs, --video FILE, --camera INDEX or --bag PATH (exactly one of them)"
@@ -254,12 +251,9 @@ def _check_arguments(args: argparse.Namespace) -> str | None:
     if args.attention is not None:
         if not args.paths:
             return "--attention needs one image PATH (not --video or --camera)"
-        suffix = Path(args.attention).suffix.lower()
-        if suffix not in Image.registered_extensions():
-            return f"--attention {args.attention}: unknown image format; name a .png or .jpg file"
-        if Image.registered_extensions()[suffix] not in Image.SAVE:  # Pillow reads it only (.psd)
-            return (
-                f"--attention {args.attention}: {suffix} images can be read, not written; "
-                "name a .png or .jpg file"
-            )
+        from edgecap.viz import figure_format_problem
+
+        problem = figure_format_problem(args.attention)  # unknown, or read only (.psd)
+        if problem is not None:
+            return f"--attention {args.attention}: {problem}"
     return None

@@ -5,6 +5,7 @@ from __future__ import annotations
 
 import argparse
 import math
+import os
 import sys
 from typing import Any
 
@@ -42,6 +43,13 @@ def run_attention(captioner, inputs: list[tuple[str, Any]], args) -> int:  # (na
             file=sys.stderr,
         )
         return 2
+    if os.path.isdir(args.attention):  # else found only once the photo is captioned
+        print(
+            f"edgecap caption: error: --attention {escape_field(args.attention)} is a folder; "
+            "name a .png or .jpg file",
+            file=sys.stderr,
+        )
+        return 2
     result = (
         item
         if isinstance(item, InputError)
@@ -59,7 +67,10 @@ def run_attention(captioner, inputs: list[tuple[str, Any]], args) -> int:  # (na
     try:
         save_attention(item, result, args.attention)
     except (OSError, ValueError) as exc:
-        print(f"edgecap caption: error: cannot write {args.attention}: {exc}", file=sys.stderr)
+        reason = exc.strerror if isinstance(exc, OSError) and exc.strerror else exc  # named once
+        print(
+            f"edgecap caption: error: cannot write {escape_field(args.attention)}: {reason}", file=sys.stderr
+        )
         return 2
     return 0
 

@@ -243,9 +243,10 @@ def _print_table(summary: dict) -> None:
     tokenizer = {"ptb": "ptb (coco-caption)", "simple": "simple (no usable Java: not coco-caption-exact)"}[
         summary["tokenizer"]
     ]
-    print(f"references:  {summary['references']}")
+    print(f"references:  {escape_field(summary['references'])}")  # one line, whatever the names
     print(f"images:      {summary['n_images']} (captioned in {summary['caption_seconds']:.1f} s)")
-    print(f"model:       {model['name'] or '(unnamed)'} ({model['path']}, {model['precision']})")
+    name = escape_field(model["name"]) if model["name"] else "(unnamed)"
+    print(f"model:       {name} ({escape_field(model['path'])}, {model['precision']})")
     print(f"backend:     {summary['backend']}")
     print(
         f"search:      beam size {summary['beam_size']}, max length {summary['max_length']}, "

@@ -66,8 +66,8 @@ def load_references(
         assert references is not None  # exactly one of the two, checked above
         source = Path(references)
         items = _read(source, lambda: _read_json_references(source, karpathy_split))
-    if not items:
-        raise ValueError(f"{source}: the split lists no images")
+    if not items:  # the split file's fault (Flickr8k), the references' own split's (COCO)
+        raise ValueError(f"{split if captions is not None else source}: the split lists no images")
     # one id for two photos (a Karpathy-style file of one's own: an image numbered by its place in
     # the file that is another's imgid or cocoid): scored by id, one photo's captions would be
     # given to the other without a word (COCO's reader refuses this itself; training never
@@ -140,7 +140,7 @@ def check_images(items: list[CaptionedImage], images_root: str | Path) -> None:
     """Raise ``FileNotFoundError`` naming the listed images (the first few) that are not files."""
     root = Path(images_root)
     if not root.is_dir():
-        raise FileNotFoundError(f"images folder not found: {root}")
+        raise FileNotFoundError(f"images folder not found: {escape_field(str(root))}")
     missing = [item.file_name for item in items if not (root / item.file_name).is_file()]
     if missing:
         raise FileNotFoundError(
