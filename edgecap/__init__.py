@@ -9,8 +9,13 @@ created.
 """
 
 import os
+from typing import TYPE_CHECKING
 
 from edgecap.errors import BackendError, DataError, EdgecapError, InputError, ModelError
+
+if TYPE_CHECKING:  # for type checkers (py.typed): at run time ``__getattr__`` imports them on first use
+    from edgecap.api import Caption, Captioner
+    from edgecap.decoding import CaptionOptions
 
 # onnxruntime (1.32 checked) writes a telemetry device id under ~/.cache/Microsoft when it is
 # imported. Every part of edgecap that imports it (the backends, the caption language models'

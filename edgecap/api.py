@@ -261,12 +261,24 @@ class Captioner:
         self._made_with = (model, backend, device, threads, decode_workers, backend_options)
 
     def __copy__(self) -> Captioner:
-        """A shallow copy (sharing the model, backend and workers; the benchmarks run rows of other
-        options so), not a Captioner made again as ``__reduce__`` would have ``copy.copy`` do."""
+        """A shallow copy (sharing the model and backend, with decoding workers of its own; the
+        benchmarks run rows of other options so), not a Captioner made again as ``__reduce__``
+        would have ``copy.copy`` do."""
         new = object.__new__(type(self))
         new.__dict__.update(self.__dict__)
+        # its own decoding workers, made on first use: a pool the two shared was shut down
+        # under one by the other (a new number of workers, or close()), whose next call then
+        # failed ("cannot schedule new futures after shutdown")
+        new._pool, new._pool_size, new._pool_users = None, 0, {}
+        new._pool_lock = threading.Lock()
         _LIVE.add(new)
         return new
+
+    def __deepcopy__(self, memo: dict) -> Captioner:
+        """A Captioner made again as ``__reduce__`` says, its own: not the one that unpickling
+        shares in this process (two deep copies were one object, and closing one closed both)."""
+        _, (made_with,) = self.__reduce__()
+        return type(self)(**made_with)
 
     def __reduce__(self):
         """Pickled (sent to a ``multiprocessing`` worker of the spawn or forkserver start method:
@@ -420,10 +432,12 @@ class Captioner:
         read all at once: without decoding workers (``decode_workers=0``) a generator is read one
         batch at a time; with N workers it is read ahead, up to ``max(batch_size, 2 * N)`` images
         beyond the batch being captioned (``batch_size + max(batch_size, 2 * N)`` before the first
-        result: 22 frames at batch 8 with 7 workers). For a live source (a camera) use
-        ``caption()`` per frame or ``decode_workers=0``. ``on_error`` as in ``caption_batch``.
-        Bad arguments raise here; an unusable image (with "raise") while iterating, once the
-        results of every image before it are yielded (its batch's earlier images included)."""
+        result: 22 frames at batch 8 with 7 workers); with ``overlap``, one batch more (the one
+        searched while the batch before it is built: 16 frames at batch 8 without workers, 30
+        with 7). For a live source (a camera) use ``caption()`` per frame or ``decode_workers=0``.
+        ``on_error`` as in ``caption_batch``. Bad arguments raise here; an unusable image (with
+        "raise") while iterating, once the results of every image before it are yielded (its
+        batch's earlier images included)."""
         self._check_call(images, color, on_error)
         _check_overlap(overlap)
         overlap = self.overlap if overlap is None else bool(overlap)
@@ -540,6 +554,9 @@ class Captioner:
                     batch,
                     window(batch, workers),
                     InputError,
+                    # a pool shut down but not by close(): the interpreter is exiting (its main
+                    # thread returned, another still captions), which shuts every pool down
+                    inline=lambda: not self._closed,
                 )
                 if len(head) > 1
                 else batched(self._prepared(inputs, color), batch)

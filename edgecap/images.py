@@ -54,7 +54,7 @@ import struct
 import threading
 import warnings
 from collections.abc import Callable, Iterator, Sequence
-from typing import TypeVar
+from typing import Any, Protocol, TypeVar
 
 import numpy as np
 from PIL import Image, ImageOps, UnidentifiedImageError
@@ -65,7 +65,15 @@ from edgecap.preprocess import Preprocessing, to_model_input
 
 _T = TypeVar("_T")
 
-ImageInput = str | os.PathLike | bytes | bytearray | memoryview | Image.Image | np.ndarray
+
+class ArrayConvertible(Protocol):
+    """Another library's array that numpy reads (``__array__``: a torch tensor on the CPU, a JAX
+    array), taken as its numpy array."""
+
+    def __array__(self, *args: Any, **kwargs: Any) -> np.ndarray: ...
+
+
+ImageInput = str | os.PathLike | bytes | bytearray | memoryview | Image.Image | np.ndarray | ArrayConvertible
 
 COLORS = ("rgb", "bgr")
 # Loading a lazily opened PIL image reads (and then closes) its file, and Pillow does not make

@@ -75,17 +75,26 @@ def prefetched_batches(
     batch: int,
     ahead: int,
     keep: type[Exception],
+    inline: Callable[[], bool] = lambda: False,
 ) -> Generator[list[T | Exception], None, None]:
     """Lists of ``batch`` results of ``prepare(item)`` (the last may be shorter), in ``items``'
     order, prepared on ``pool`` up to ``ahead`` items beyond the list handed out. An item whose
     ``prepare`` raises ``keep`` has that exception in its slot; any other exception is raised
-    when its batch is due. Closing the generator cancels what has not started."""
+    when its batch is due. Closing the generator cancels what has not started. An item the
+    pool refuses (``RuntimeError``: it was shut down) is prepared in the calling thread where
+    ``inline()`` says so (the pool was shut down by the interpreter's exit, not by its owner),
+    else that error is raised."""
     pending: deque[Future] = deque()
     futures: list[Future] = []  # the batch being handed out
     try:
         while True:
             for item in itertools.islice(items, batch + ahead - len(pending)):
-                pending.append(pool.submit(prepare, item))
+                try:
+                    pending.append(pool.submit(prepare, item))
+                except RuntimeError:
+                    if not inline():
+                        raise
+                    pending.append(_prepared_here(prepare, item))
             if not pending:
                 return
             futures = [pending.popleft() for _ in range(min(batch, len(pending)))]
@@ -101,3 +110,13 @@ def prefetched_batches(
         # the batch when one of its items raised (cancelling a finished one does nothing)
         for future in itertools.chain(futures, pending):
             future.cancel()
+
+
+def _prepared_here(prepare: Callable[[Item], T], item: Item) -> Future:
+    """``prepare(item)`` run in the calling thread, as a finished ``Future``."""
+    future: Future = Future()
+    try:
+        future.set_result(prepare(item))
+    except Exception as exc:  # noqa: BLE001 (in its slot, as a worker's would be)
+        future.set_exception(exc)
+    return future

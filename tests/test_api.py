@@ -250,3 +250,20 @@ def test_a_mistyped_keyword_names_itself_and_the_nearest_option():
         Captioner(fp16x=True)
     with pytest.raises(TypeError, match="did you mean 'decode_workers'"):  # the Captioner's own
         Captioner(decode_worker=2)
+
+
+def test_a_deep_copy_is_a_captioner_of_its_own(default_model_dir):
+    """``copy.deepcopy`` went through ``__reduce__`` to the Captioner that unpickling shares in
+    a process: two deep copies were one object, and closing one closed the other. Each is made
+    again now, with the same options and settings."""
+    import copy
+
+    captioner = Captioner(default_model_dir, beam_size=2, decode_workers=1)
+    first, second = copy.deepcopy(captioner), copy.deepcopy(captioner)
+    assert first is not second and captioner not in (first, second)
+    assert (first.options, first.decode_workers) == (captioner.options, 1)
+    first.close()
+    photo = EXAMPLES / "chelsea.png"
+    assert second.caption(photo).text == captioner.caption(photo).text
+    second.close()
+    captioner.close()

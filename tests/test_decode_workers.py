@@ -249,9 +249,12 @@ def test_ctrl_c_in_the_source_stops_at_once(fake, workers):
         next(results)
 
 
-def test_the_read_ahead_is_bounded(fake):
+@pytest.mark.parametrize("overlap", [False, True])
+def test_the_read_ahead_is_bounded(fake, overlap):
     batch, workers = 2, 2
-    ahead = max(batch, 2 * workers)  # the documented window
+    # the documented window; with the overlap one batch more: the one searched while the batch
+    # before it is built
+    ahead = max(batch, 2 * workers) + (batch if overlap else 0)
     pulled = []
 
     def endless():
@@ -261,7 +264,7 @@ def test_the_read_ahead_is_bounded(fake):
             yield red(i % 40)
             i += 1
 
-    results = captioner(workers, batch).iter_captions(endless())
+    results = captioner(workers, batch).iter_captions(endless(), overlap=overlap)
     assert pulled == []  # nothing is read before the first result is asked for
     for k in range(20):
         assert next(results).text == word(k % 40)
@@ -870,3 +873,68 @@ def test_an_error_that_ends_the_run_cancels_the_rest_of_its_batch():
     with pytest.raises(RuntimeError, match="went away"):
         next(batches)
     assert [f.cancelled() for f in pool.futures] == [False] + [True] * 5
+
+
+@pytest.mark.parametrize("change", ["workers", "close"])
+def test_a_copy_s_workers_are_its_own(fake, change):
+    """``copy.copy(captioner)`` (the benchmarks' rows of other options) shares the model and the
+    backend, not the decoding workers: the copy's new number of workers, or its close(), shut
+    down a pool the original still called on next ("RuntimeError: cannot schedule new futures
+    after shutdown")."""
+    import copy
+
+    cap = captioner(workers=2, batch=2)
+    assert texts(cap.caption_batch([red(i) for i in range(4)])) == [word(i) for i in range(4)]
+    other = copy.copy(cap)
+    if change == "workers":
+        other.decode_workers = 1
+        assert texts(other.caption_batch([red(i) for i in range(4)])) == [word(i) for i in range(4)]
+    else:
+        other.close()
+    assert texts(cap.caption_batch([red(i) for i in range(4)])) == [word(i) for i in range(4)]
+    cap.close()
+    other.close()
+
+
+def test_a_thread_the_main_thread_left_running_and_an_exit_hook_caption_with_workers(tmp_path):
+    """A program whose main thread returns while another thread (not a daemon) still captions,
+    and an atexit hook that captions: the interpreter's exit shuts every thread pool down
+    (``concurrent.futures``' own exit hook), and the workers' refusal was the call's error
+    ("RuntimeError: cannot schedule new futures after interpreter shutdown", the thread's
+    traceback). The photos are decoded in the calling thread instead, the same captions."""
+    import subprocess
+    import sys
+
+    photos = [str(p) for p in sorted(EXAMPLES.glob("*.png"))[:3]]
+    script = tmp_path / "late.py"
+    script.write_text(
+        f"""
+import atexit, threading, time
+from edgecap import Captioner
+
+captioner = Captioner(batch_size=1, decode_workers=2)
+photos = {photos!r}
+print("before", [c.text for c in captioner.caption_batch(photos)])
+started = threading.Event()
+
+def late():
+    started.set()
+    time.sleep(0.5)  # the main thread has returned by now
+    print("thread", [c.text for c in captioner.caption_batch(photos)])
+
+atexit.register(lambda: print("exit", [c.text for c in captioner.caption_batch(photos)]))
+threading.Thread(target=late).start()
+started.wait()
+"""
+    )
+    done = subprocess.run(
+        [sys.executable, str(script)],
+        capture_output=True,
+        text=True,
+        timeout=300,
+        cwd=Path(edgecap.__file__).parents[1],
+    )
+    assert done.returncode == 0 and not done.stderr, done.stderr
+    before, thread, hook = done.stdout.splitlines()
+    assert thread.split(" ", 1)[1] == hook.split(" ", 1)[1] == before.split(" ", 1)[1]
+    assert (before.split()[0], thread.split()[0], hook.split()[0]) == ("before", "thread", "exit")

@@ -50,3 +50,33 @@ def test_stub_repairs_make_valid_python():
     ast.parse(fixed)
     assert "in_: list[int]" in fixed and "-> builtins.bool" in fixed
     assert "c: int = ..." in fixed
+
+
+def test_the_package_s_own_names_have_their_types_for_a_type_checker(tmp_path):
+    """``from edgecap import Captioner`` (the documented import; ``edgecap.__getattr__`` makes it
+    at run time) is the class to a type checker too, not ``Any``: py.typed's promise; and an
+    object with ``__array__`` (a torch tensor on the CPU), which the docs say is an image, is one
+    to it too."""
+    api = pytest.importorskip("mypy.api")
+    user = tmp_path / "user.py"
+    user.write_text(
+        "from edgecap import Caption, CaptionOptions, Captioner\n"
+        "reveal_type(Captioner().caption('photo.jpg'))\n"
+        "reveal_type(CaptionOptions().beam_size)\n"
+        "caption: Caption = Captioner().caption('photo.jpg')\n"
+        "caption.no_such_field\n"
+        # another library's array (a torch tensor, a JAX array): an image, as the docs say
+        "import numpy as np\n"
+        "class Tensor:\n"
+        "    def __array__(self, dtype: object = None, copy: object = None) -> np.ndarray:\n"
+        "        return np.zeros((2, 2, 3), np.uint8)\n"
+        "Captioner().caption(Tensor())\n",
+        encoding="utf-8",
+    )
+    out, err, status = api.run(
+        ["--no-incremental", "--follow-imports=silent", "--cache-dir", str(tmp_path / "cache"), str(user)]
+    )
+    assert 'Revealed type is "edgecap.api.Caption"' in out, out + err
+    assert 'Revealed type is "builtins.int"' in out or 'Revealed type is "int"' in out, out + err
+    assert '"Caption" has no attribute "no_such_field"' in out, out + err
+    assert "Found 1 error" in out, out + err  # that one: the tensor is an image
