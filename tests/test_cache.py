@@ -31,3 +31,13 @@ def test_xdg_cache_home_next_then_the_home_folders_cache(home, monkeypatch):
     assert cache_root() == home / "xdg" / "edgecap"
     monkeypatch.setenv("EDGECAP_CACHE", "")  # set but empty: as if unset
     assert cache_root() == home / "xdg" / "edgecap"
+
+
+@pytest.mark.parametrize("relative", ["cache", "./cache", "~/cache"])
+def test_a_relative_xdg_cache_home_is_ignored(home, monkeypatch, relative):
+    """The XDG Base Directory specification: "If an implementation encounters a relative path in
+    any of these variables it should consider the path invalid and ignore it." A relative one
+    had put the engines under the folder a program was started from (each its own, rebuilt for
+    minutes); the shell expands a ~ itself, so one left in is relative too."""
+    monkeypatch.setenv("XDG_CACHE_HOME", relative)
+    assert cache_root() == home / ".cache" / "edgecap"
