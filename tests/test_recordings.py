@@ -962,6 +962,36 @@ def test_a_copy_stopped_by_ctrl_c_is_removed_and_the_interrupt_goes_on(kind, tmp
     assert not out.exists()
 
 
+def test_ctrl_c_while_captioning_a_recording_says_the_copy_is_not_written(
+    tmp_path, monkeypatch, capsys, default_model_dir
+):
+    """Ctrl-C part-way through a recording with --write-bag: the captions so far are out, exit
+    130, and one line says the copy was not written (it had exited without a word, the user
+    left to find no copy); without --write-bag nothing more is said."""
+    from rosbags.highlevel import AnyReader as Reader
+
+    from edgecap.cli import main
+
+    bag = three_frames(tmp_path, "mcap")
+    real = Reader.messages
+
+    def interrupted(self, *args, **kwargs):
+        for n, item in enumerate(real(self, *args, **kwargs)):
+            if n == 2:
+                raise KeyboardInterrupt
+            yield item
+
+    monkeypatch.setattr(Reader, "messages", interrupted)
+    out = tmp_path / "copy"
+    argv = ["caption", "--bag", str(bag), "--model", str(default_model_dir), "--batch-size", "1"]
+    assert main([*argv, "--write-bag", str(out)]) == 130
+    captured = capsys.readouterr()
+    assert len(captured.out.splitlines()) == 2 and not out.exists()
+    assert captured.err.splitlines() == [f"edgecap: {out} not written: interrupted"]
+    assert main(argv) == 130
+    assert capsys.readouterr().err == ""
+
+
 def test_the_copy_keeps_latched_topics_latched(tmp_path):
     """A latched topic (a map, /tf_static) is replayed as recorded: ROS 1 latching, ROS 2
     transient-local durability, kept in the copy with the publisher's name."""

@@ -28,24 +28,27 @@ from edgecap.commands.output import (
 
 
 def run_bag(captioner, args: argparse.Namespace) -> int:
-    from edgecap.commands.caption import _captions
-    from edgecap.errors import InputError
-    from edgecap.recordings import (
-        RecordingError,
-        caption_topic,
-        open_recording,
-        output_problem,
-        write_captions,
-    )
+    from edgecap.recordings import output_problem
 
     if args.write_bag is not None:
         problem = output_problem(args.bag, args.write_bag)
         if problem:
             print(f"edgecap caption: error: --write-bag {escape_field(problem)}", file=sys.stderr)
             return 2
-    failed = 0
+    try:
+        return _run(captioner, args)
+    except KeyboardInterrupt:  # Ctrl-C: the captions so far are out; say the copy is not there
+        if args.write_bag is not None:
+            print(f"edgecap: {escape_field(args.write_bag)} not written: interrupted", file=sys.stderr)
+        raise
+
+
+def _run(captioner, args: argparse.Namespace) -> int:
+    from edgecap.commands.caption import _captions
+    from edgecap.errors import InputError
+    from edgecap.recordings import RecordingError, caption_topic, open_recording, write_captions
+
     broken: list[RecordingError] = []
-    captions: dict[tuple[str, int], str] = {}
 
     def frames_until_broken(frames):
         # a reader error ends the frames, not the batch the captioner is filling: the frames
@@ -55,6 +58,8 @@ def run_bag(captioner, args: argparse.Namespace) -> int:
         except RecordingError as exc:
             broken.append(exc)
 
+    failed = 0
+    captions: dict[tuple[str, int], str] = {}
     with open_recording(args.bag) as recording:
         frames = recording.frames(recording.check_topics(args.topic), args.every)
         for frame, result in _captions(captioner, ((f, f.image) for f in frames_until_broken(frames))):
