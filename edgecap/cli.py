@@ -10,6 +10,7 @@ import os
 import signal
 import sys
 import traceback
+import warnings
 from typing import NoReturn
 
 # name -> (module, one-line help)
@@ -71,11 +72,29 @@ def main(argv: list[str] | None = None) -> int:
     # can surface as "Exception ignored" noise or an ImportError. A command that has output to
     # finish properly (caption) calls ``interrupt_normally()`` once it is ready.
     previous = _quiet_interrupts()
+    shown = warnings.showwarning
+    warnings.showwarning = _one_line_warnings(shown)
     try:
         return _main(argv)
     finally:
+        warnings.showwarning = shown
         if previous is not None:
             signal.signal(signal.SIGINT, previous)
+
+
+def _one_line_warnings(shown):
+    """``warnings.showwarning`` for the command line: a warning raised in edgecap's own code is
+    one line, ``edgecap: warning: MESSAGE`` (Python's form adds the module's path, a line number
+    and a line of source, which mean nothing to a user of the command); others go to ``shown``."""
+    package = os.path.dirname(os.path.abspath(__file__)) + os.sep
+
+    def show(message, category, filename, lineno, file=None, line=None):
+        if os.path.abspath(filename).startswith(package):
+            print(f"edgecap: warning: {message}", file=sys.stderr if file is None else file)
+        else:
+            shown(message, category, filename, lineno, file, line)
+
+    return show
 
 
 def run_command() -> NoReturn:

@@ -445,3 +445,18 @@ def test_a_gpu_out_of_memory_of_onnxruntimes_is_one_line(tiny_model_dir, monkeyp
     )
     with pytest.raises(Fail):
         cli_main([*args, "--backend", "onnxruntime", "--batch-size", "1"])
+
+
+def test_a_warning_of_edgecap_s_own_is_one_line_on_the_command_line(tiny_model_dir, tmp_path):
+    """A 12-bit grayscale PNG (values below 4096 in a 16-bit file) is read as a dark frame, and
+    edgecap warns of it: on the command line that is one line, ``edgecap: warning: ...``, not
+    Python's form with the module's path, a line number and a line of edgecap's source."""
+    gray = np.asarray(Image.open(EXAMPLES / "coffee.png").convert("L"), np.uint16) << 4  # 12 bits
+    Image.fromarray(gray).save(tmp_path / "twelve.png")
+    done = edgecap_caption(tmp_path / "twelve.png", model=tiny_model_dir)
+    assert done.returncode == 0, done.stderr
+    assert done.stderr.splitlines() == [
+        f"edgecap: warning: {tmp_path / 'twelve.png'}: 16-bit pixel values all below 4096 (the highest "
+        f"is {int(gray.max())}) are read as 0-65535, a dark frame; pass 8-bit data as uint8, and scale 10- "
+        "or 12-bit sensor data to 16 bits first (array << 6 for 10-bit, array << 4 for 12-bit); said once"
+    ]
