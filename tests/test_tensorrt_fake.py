@@ -37,6 +37,7 @@ from edgecap.trt import check_version, import_tensorrt, parse_version  # noqa: E
 from edgecap.trt.cuda import CudaDevice, CudaPythonDevice  # noqa: E402
 from edgecap.contract import Limits  # noqa: E402
 from edgecap.trt.engines import (  # noqa: E402
+    BUILD_RECIPE,
     EngineCache,
     Target,
     build_all,
@@ -762,7 +763,7 @@ def test_fake_engine_filename_encodes_everything():
     target = Target("NVIDIA GeForce RTX 4090", (8, 9), "10.3.0.26")
     name = engine_filename("decoder_step", "ab" * 32, target, "fp16", Limits(8, 5))
     assert name == (
-        "decoder_step-abababababababab-nvidia-geforce-rtx-4090-sm89-trt10.3.0.26-fp16-b8k5.engine"
+        f"decoder_step-abababababababab-nvidia-geforce-rtx-4090-sm89-trt10.3.0.26-fp16-r{BUILD_RECIPE}-b8k5.engine"
     )
     names = {
         engine_filename(r, h, t, p, lim)
@@ -947,9 +948,14 @@ def test_fake_engine_cache_reuses_any_covering_engine(monkeypatch, tmp_path, mod
     assert profile_max(step, "tokens") == 35
     # other models' engines and unrelated files are never candidates
     (tmp_path / "decoder_step-0000000000000000-orin-sm87-trt10.3.0.30-fp16-b9k9.engine").write_bytes(b"x")
-    (
-        tmp_path / (cache.path(manifest, "decoder_step", "fp16", Limits(9, 9)).name.replace("b9k9", "bXkY"))
-    ).write_bytes(b"x")
+    wide = cache.path(manifest, "decoder_step", "fp16", Limits(9, 9)).name
+    (tmp_path / wide.replace("b9k9", "bXkY")).write_bytes(b"x")
+    # ... nor are the engines an edgecap of another build recipe (or of none, before it) made
+    for older in (
+        wide.replace(f"-r{BUILD_RECIPE}-", f"-r{BUILD_RECIPE - 1}-"),
+        wide.replace(f"-r{BUILD_RECIPE}", ""),
+    ):
+        (tmp_path / older).write_bytes(b"x")
     assert all(
         "b9k9" not in p.name and "bXkY" not in p.name
         for p in cache.covering(manifest, "decoder_step", "fp16", Limits(1, 1))

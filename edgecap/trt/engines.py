@@ -48,6 +48,10 @@ if TYPE_CHECKING:  # the TensorRT API's types (tensorrt-stubs); never imported a
 
 PRECISIONS = ("fp16", "fp32")
 WORKSPACE_BYTES = 1 << 30  # the builder's scratch space; 1 GiB fits the smallest Orin Nano
+# How edgecap builds an engine (the graph it hands TensorRT after folding, the builder flags, the
+# layers kept in FP32, TF32 off), part of every engine's file name: bump it on any change of
+# that, so that engines an older edgecap built and cached are built again, not reused.
+BUILD_RECIPE = 1
 
 
 def role_precisions(manifest: Manifest, precision: str, fp32_encoder: bool | None = None) -> dict[str, str]:
@@ -156,7 +160,7 @@ def parse_tag(role: str, tag: str) -> tuple[int, int | None] | None:
 
 
 def engine_filename(role: str, model_sha256: str, target: Target, precision: str, limits: Limits) -> str:
-    return f"{role}-{model_sha256[:16]}-{target.tag()}-{precision}-{limits.tag(role)}.engine"
+    return f"{role}-{model_sha256[:16]}-{target.tag()}-{precision}-r{BUILD_RECIPE}-{limits.tag(role)}.engine"
 
 
 def timing_cache_path(cache_dir: Path, target: Target) -> Path:
@@ -591,7 +595,7 @@ class EngineCache:
         """Cached engines for this model, GPU, TensorRT version and precision whose profile
         covers ``limits`` (at least as many images, and for the step at least as many beams),
         narrowest first: an engine built for 8 images x 5 beams serves a request for 4 x 3."""
-        prefix = f"{role}-{model_hash(manifest, role)[:16]}-{self.target.tag()}-{precision}-"
+        prefix = f"{role}-{model_hash(manifest, role)[:16]}-{self.target.tag()}-{precision}-r{BUILD_RECIPE}-"
         found = []
         for path in self.cache_dir.glob(glob.escape(prefix) + "b*.engine"):
             cached = parse_tag(role, path.name[len(prefix) : -len(".engine")])
