@@ -27,6 +27,15 @@ def captioner(tiny_model_dir):
 
 
 def test_import_surface():
+    """The version is written twice, in pyproject.toml (the wheel's and pip's) and in edgecap
+    (``edgecap --version``, ``edgecap.__version__``): the two must agree."""
+    try:
+        import tomllib  # Python 3.11 and newer
+    except ImportError:
+        tomllib = None
+    pyproject = Path(edgecap.__file__).parents[1] / "pyproject.toml"
+    if tomllib is not None and pyproject.exists():  # a checkout (a wheel's install has none)
+        assert tomllib.loads(pyproject.read_text())["project"]["version"] == edgecap.__version__
     assert edgecap.__version__ == "0.1.0"
     public = {"Captioner", "Caption", "InputError", "ModelError", "EdgecapError"}
     assert public <= set(edgecap.__all__)
