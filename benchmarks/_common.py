@@ -18,7 +18,8 @@ Variants (``VARIANTS``): one model directory run several ways.
                      hand), onnxruntime on the CPU
 
 Converted model directories are cached under ``benchmarks/.cache/`` keyed by the source model's
-checksums, so only the first run pays for the conversion.
+checksums (``ort-int8-static`` by its calibration photos too), so only the first run pays for
+the conversion.
 
 Each variant is timed in its own worker process through the isolated harness (``_isolated``):
 ``Variant.spec`` makes its harness spec, ``add_harness_arguments`` / ``run_harness`` the shared
@@ -122,6 +123,22 @@ def add_model_arguments(parser, variants=DEFAULT_VARIANTS) -> None:
         f"first {CALIBRATION_IMAGES} Flickr8k training photos when present, "
         "else the package's example photos)",
     )
+
+
+def run_main(main) -> None:
+    """A script's ``main()`` as its command: an input that is not there or cannot be read is one
+    line on stderr naming it (exit 1), not a traceback (edgecap's DataError names the file and
+    what is wrong with it; a missing file or folder, its path)."""
+    from edgecap.errors import DataError
+
+    script = Path(sys.argv[0]).stem
+    try:
+        code = main()
+    except DataError as exc:
+        sys.exit(f"{script}: {exc}")
+    except FileNotFoundError as exc:
+        sys.exit(f"{script}: {exc.filename or exc}: no such file or folder")
+    sys.exit(code)
 
 
 def model_dir(path: Path | None) -> Path:
@@ -306,13 +323,16 @@ def converted(source: Path, variant: str, calibration: Path | None) -> Path:
 
     manifest = load_manifest(source)
     key = manifest.sha256["encoder"][:8] + manifest.sha256["decoder_step"][:8]
-    out = CACHE_DIR / "models" / key / variant
+    calibration_dir = None
+    name = variant
+    if variant == "ort-int8-static":
+        calibration_dir = calibration or default_calibration()
+        # the photos it is calibrated on make the model too: other photos, another copy
+        name = f"{variant}-{photos_key(calibration_dir)}"
+    out = CACHE_DIR / "models" / key / name
     if (out / "manifest.json").is_file():
         return out
     precision = "fp16" if variant == "ort-fp16" else "int8"
-    calibration_dir = None
-    if variant == "ort-int8-static":
-        calibration_dir = calibration or default_calibration()
     print(
         f"[prepare] converting {source} -> {out} ({variant}"
         + (f", calibrated on {calibration_dir}" if calibration_dir else "")
@@ -321,6 +341,17 @@ def converted(source: Path, variant: str, calibration: Path | None) -> Path:
     )
     convert_model_dir(source, out, precision, calibration=calibration_dir, force=True)
     return out
+
+
+def photos_key(folder: Path) -> str:
+    """A short key of the files in ``folder`` (names and sizes): another set of calibration
+    photos, another key."""
+    import hashlib
+
+    if not Path(folder).is_dir():
+        sys.exit(f"--calibration {folder}: no such folder")
+    files = sorted((p.name, p.stat().st_size) for p in Path(folder).iterdir() if p.is_file())
+    return hashlib.sha256(json.dumps(files).encode()).hexdigest()[:12]
 
 
 def default_calibration() -> Path:

@@ -4,9 +4,10 @@ against the old path (the whole cache as one float32 tensor in memory).
     python benchmarks/feature_stream.py --images 30000 --dir /tmp/edgecap-shards [--old]
                                         [--memory-limit-mb 1500]
 
-writes a synthetic shard cache of IMAGES x 49 x 1280 float16 (2.4 GB per 10,000 images; skipped
-when DIR already holds one), then, in fresh processes, reads one epoch of shuffled batches of
-20 images (100 captions) and prints the peak resident memory (ru_maxrss) before and after, as
+writes a synthetic shard cache of IMAGES x 49 x 1280 float16 (1.25 GB per 10,000 images;
+skipped when DIR already holds one of IMAGES and ``--shard-size``, refused when it holds
+another), then, in fresh processes, reads one epoch of shuffled batches of 20 images (100
+captions) and prints the peak resident memory (ru_maxrss) before and after, as
 JSON. ``--old`` also measures the old path (its float32 copy needs 2x the cache in memory).
 ``--memory-limit-mb``: each reading process runs with that address-space limit (RLIMIT_AS), so
 a cache larger than the limit shows that the streamed path needs no memory for the cache (the old
@@ -63,7 +64,7 @@ def build_parser():
         "--images",
         type=int,
         default=30000,
-        help="images in the synthetic cache, 49 x 1280 float16 each (2.4 GB per 10,000)",
+        help="images in the synthetic cache, 49 x 1280 float16 each (1.25 GB per 10,000)",
     )
     p.add_argument(
         "--dir",
@@ -89,7 +90,16 @@ def main(argv=None) -> None:
     args = build_parser().parse_args(argv)
     from edgecap.training.shards import extract_shards
 
-    if not (args.dir / "index.json").exists():
+    index = args.dir / "index.json"
+    if index.exists():  # a cache written before: measured only if it is the one asked for
+        held = json.loads(index.read_text())
+        images, shard_size = len(held.get("names", ())), held.get("shard_size")
+        if (images, shard_size) != (args.images, args.shard_size):
+            sys.exit(
+                f"{args.dir} holds a cache of {images:,} images in shards of {shard_size}, not "
+                f"--images {args.images:,} --shard-size {args.shard_size}: delete it or choose another --dir"
+            )
+    else:
         rng = np.random.default_rng(0)
         row = rng.standard_normal((49, 1280)).astype(np.float32)
         t0 = time.perf_counter()
@@ -114,10 +124,13 @@ def main(argv=None) -> None:
     for mode in ["new"] + (["old"] if args.old else []):
         done = subprocess.run(
             [sys.executable, "-c", _READ, str(args.dir), mode, str(args.memory_limit_mb)],
-            check=True,
             capture_output=True,
             text=True,
         )
+        if done.returncode != 0:  # e.g. a --memory-limit-mb too small for the reader's imports
+            tail = (done.stderr.strip().splitlines() or ["no output"])[-1]
+            limit = f" under --memory-limit-mb {args.memory_limit_mb}" if args.memory_limit_mb else ""
+            sys.exit(f"the {mode} path's reading process failed{limit} (exit {done.returncode}): {tail}")
         print(done.stdout, end="")
         runs.append(json.loads(done.stdout.strip().splitlines()[-1]))
     keys = sorted({k for r in runs for k in r})

@@ -138,12 +138,24 @@ def measure(backend: str, batch: int, variant: str, calls: int) -> dict:
     return json.loads(done.stdout.strip().splitlines()[-1])
 
 
+def parse_cases(spec: str) -> list[tuple[str, int]]:
+    """``--cases``: BACKEND:BATCH pairs, comma-separated -> [(backend, batch)]; anything else
+    is refused in one line."""
+    cases = []
+    for item in spec.split(","):
+        backend, _, batch = item.strip().partition(":")
+        if not backend or not batch.isdigit() or int(batch) < 1:
+            sys.exit(f"--cases takes BACKEND:BATCH pairs, comma-separated (torch:8,train:64), got {item!r}")
+        cases.append((backend, int(batch)))
+    return cases
+
+
 def main(argv=None) -> int:
     argv = sys.argv[1:] if argv is None else argv
     if len(argv) == 2 and argv[0] == "--child":  # one measure, in a process of its own (measure)
         return child(argv[1])
     args = build_parser().parse_args(argv)
-    cases = [(b, int(n)) for b, n in (c.split(":") for c in args.cases.split(","))]
+    cases = parse_cases(args.cases)
     got: dict = {(b, n, v): [] for b, n in cases for v in VARIANTS}
     for r in range(args.rounds):
         for backend, batch in cases:

@@ -215,4 +215,4 @@ def report(data: dict) -> str:
 
 
 if __name__ == "__main__":
-    main()
+    C.run_main(main)

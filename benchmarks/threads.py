@@ -195,11 +195,11 @@ def main(argv=None) -> None:
     loads = [x.strip() for x in args.loads.split(",") if x.strip()]
     if any(x not in ("quiet", "busy") for x in loads):
         sys.exit(f"--loads takes quiet, busy or quiet,busy; got {args.loads!r}")
-    keys = list(
-        itertools.product(
-            [b.strip() for b in args.backends.split(",")], [t.strip() for t in args.threads.split(",")], loads
-        )
-    )
+    counts = [t.strip() for t in args.threads.split(",")]
+    bad = [t for t in counts if t != "default" and not (t.isdigit() and int(t) > 0)]
+    if bad:
+        sys.exit(f"--threads takes default or thread counts of 1 or more, comma-separated; got {bad[0]!r}")
+    keys = list(itertools.product([b.strip() for b in args.backends.split(",")], counts, loads))
     variants = {
         "/".join(k): {
             "backend": k[0],

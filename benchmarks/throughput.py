@@ -376,4 +376,4 @@ def report(data: dict, floor_note: str) -> str:
 
 
 if __name__ == "__main__":
-    main()
+    C.run_main(main)

@@ -1,0 +1,199 @@
+"""The benchmark scripts' inputs: a cached converted model is the one its options ask for, a
+cache of other settings is not measured as if it were of these, and an input that is not there
+is one line naming it, not a traceback."""
+
+from __future__ import annotations
+
+import json
+import subprocess
+import sys
+from pathlib import Path
+
+import pytest
+
+BENCH = Path(__file__).resolve().parents[1] / "benchmarks"
+sys.path.insert(0, str(BENCH))
+
+import _common as C  # noqa: E402
+
+
+def test_the_static_int8_model_is_converted_again_for_other_calibration_photos(tmp_path, monkeypatch):
+    """``--calibration DIR`` after a run that calibrated on other photos (the example photos,
+    where Flickr8k is absent): a model calibrated on DIR, not the cached one of the other photos."""
+    from edgecap.build import convert
+
+    calls = []
+
+    def fake_convert(source, out, precision, calibration=None, force=False):
+        calls.append(calibration)
+        out.mkdir(parents=True)
+        (out / "manifest.json").write_text("{}")
+
+    monkeypatch.setattr(C, "CACHE_DIR", tmp_path / "cache")
+    monkeypatch.setattr(convert, "convert_model_dir", fake_convert)
+    mine = tmp_path / "mine"
+    mine.mkdir()
+    (mine / "a.jpg").write_bytes(b"x" * 10)
+    first = C.converted(C.DEFAULT_MODEL, "ort-int8-static", C.EXAMPLES)
+    second = C.converted(C.DEFAULT_MODEL, "ort-int8-static", mine)
+    assert calls == [C.EXAMPLES, mine] and first != second
+    # the same photos again: the cached copy, not another conversion
+    assert C.converted(C.DEFAULT_MODEL, "ort-int8-static", mine) == second and len(calls) == 2
+    (mine / "b.jpg").write_bytes(b"y")  # a photo more: another calibration
+    assert C.converted(C.DEFAULT_MODEL, "ort-int8-static", mine) != second and len(calls) == 3
+    # the dynamic int8 model takes no photos: one copy whatever --calibration says
+    assert C.converted(C.DEFAULT_MODEL, "ort-int8", mine) == C.converted(C.DEFAULT_MODEL, "ort-int8", None)
+    with pytest.raises(SystemExit, match="no such folder"):
+        C.converted(C.DEFAULT_MODEL, "ort-int8-static", tmp_path / "absent")
+
+
+def _tiny_shard_cache(folder: Path) -> None:
+    """A cache of 3 images in shards of 2, as feature_stream.py writes one."""
+    import numpy as np
+
+    from edgecap.training.shards import extract_shards
+
+    extract_shards(
+        [f"img-{i}.jpg" for i in range(3)],
+        folder,
+        load=lambda path: np.zeros(1, np.float32),
+        encode=lambda x: np.zeros((len(x), 49, 1280), np.float32),
+        shard_size=2,
+        batch_size=4,
+        log=lambda *a: None,
+    )
+
+
+def test_feature_stream_refuses_a_cache_of_other_settings(tmp_path):
+    """A DIR holding a cache written with other --images / --shard-size is refused in one line:
+    it had been measured and reported as a cache of the images asked for."""
+    import feature_stream
+
+    _tiny_shard_cache(tmp_path / "cache")
+    with pytest.raises(SystemExit) as stop:
+        feature_stream.main(["--images", "30000", "--dir", str(tmp_path / "cache"), "--out", str(tmp_path)])
+    said = str(stop.value.code)
+    assert "holds a cache of 3 images in shards of 2, not --images 30,000 --shard-size 1024" in said
+    assert "\n" not in said and not (tmp_path / "feature_stream.json").exists()
+
+
+@pytest.mark.parametrize(
+    "script, argv, named",
+    [
+        ("quality_speed", ["--data", "{absent}"], "{absent}/Flickr8k.token.txt: no such file"),
+        (
+            "consensus_rules",
+            ["--data", "{absent}"],
+            "{absent}/coco-ood-dev/captions_cocofmt.json: no such file",
+        ),
+        (
+            "compare_results",
+            ["{absent}/a.json", "{absent}/b.json", "--references", "{refs}"],
+            "{absent}/a.json",
+        ),
+        ("file_rate", ["--images", "{absent}"], "{absent}: no such file or folder"),
+    ],
+)
+def test_an_input_that_is_not_there_is_one_line_naming_it(tmp_path, script, argv, named):
+    """Research data, result files or a photo folder that are not there: one line on stderr
+    naming the script and the path, exit 1 (had been a traceback)."""
+    refs = tmp_path / "refs.json"
+    photo = {"id": 1, "file_name": "p.jpg"}
+    refs.write_text(
+        json.dumps({"images": [photo], "annotations": [{"id": 1, "image_id": 1, "caption": "a dog"}]})
+    )
+    where = {"absent": str(tmp_path / "absent"), "refs": str(refs)}
+    done = subprocess.run(
+        [
+            sys.executable,
+            str(BENCH / f"{script}.py"),
+            *(a.format(**where) for a in argv),
+            "--out",
+            str(tmp_path),
+        ],
+        capture_output=True,
+        text=True,
+        timeout=300,
+    )
+    assert done.returncode == 1
+    assert done.stderr.strip().splitlines() == [done.stderr.strip()]  # one line
+    assert done.stderr.startswith(f"{script}: ") and named.format(**where) in done.stderr
+
+
+def test_latency_holds_each_split_int8_variant_against_fp32_at_its_own_split():
+    """``--threads 1,2``: ort-int8/t2 against ort-fp32/t2, not against the first FP32 (t1), and
+    with the dev CIDEr of ort-int8 (the captions do not depend on the thread count)."""
+    import latency
+
+    times = {"ort-fp32/t1": (40.0, 1.2), "ort-fp32/t2": (30.0, 0.9), "ort-int8/t1": (20.0, 0.6)}
+    times["ort-int8/t2"] = (15.0, 0.3)
+    rows = [
+        {"variant": v, "beam": 3, "batch": 1, "e2e_p50_ms": e2e, "step_ms": step, "encoder_ms": 10.0}
+        | {"decode_ms": 5.0}
+        for v, (e2e, step) in times.items()
+    ]
+    quality = {"source": "q.json", "cider": {"ort-fp32": 0.50, "ort-int8": 0.485}}
+    t = latency.targets(rows, [3], [1], quality)
+    assert t["int8"]["ort-int8/t2"]["against"] == "ort-fp32/t2"
+    assert t["int8"]["ort-int8/t2"]["e2e"] == pytest.approx(2.0)  # 30 / 15, not 40 / 15
+    assert t["int8"]["ort-int8/t2"]["step"] == pytest.approx(3.0)  # 0.9 / 0.3
+    assert t["int8"]["ort-int8/t1"]["e2e"] == pytest.approx(2.0)  # 40 / 20
+    for name in ("ort-int8/t1", "ort-int8/t2"):
+        assert t["int8"][name]["cider_delta"] == pytest.approx(-0.015)
+
+
+@pytest.mark.parametrize(
+    "script, argv, said",
+    [
+        ("malloc", ["--cases", "torch:8,foo"], "--cases takes BACKEND:BATCH pairs"),
+        ("malloc", ["--cases", "torch:x"], "got 'torch:x'"),
+        ("threads", ["--threads", "1,x"], "--threads takes default or thread counts"),
+        ("threads", ["--threads", "0"], "got '0'"),
+    ],
+)
+def test_a_malformed_setting_is_refused_in_one_line_before_any_process_starts(tmp_path, script, argv, said):
+    """A --cases item without a batch, or a --threads count that is not one: one line (had been
+    a ValueError traceback, or the worker's traceback after the first variant's process)."""
+    module = __import__(script)
+    with pytest.raises(SystemExit) as stop:
+        module.main([*argv, "--out", str(tmp_path)])
+    assert said in str(stop.value.code) and "\n" not in str(stop.value.code)
+    assert not list(tmp_path.iterdir())
+
+
+def test_gpu_check_leaves_out_a_dev_photo_the_copy_missed(tmp_path):
+    """``--flickr8k`` a copy of the dev photos with one missing (README step 1 cut short): the
+    others captioned and the missing one named in the skips, not a FileNotFoundError before the
+    first mode (a GPU run lost)."""
+    import gpu_check
+    from PIL import Image
+
+    (tmp_path / "images").mkdir()
+    for name in ("a.jpg", "c.jpg"):
+        Image.new("RGB", (8, 8)).save(tmp_path / "images" / name)
+    (tmp_path / "Flickr_8k.devImages.txt").write_text("a.jpg\nb.jpg\nc.jpg\n")
+    (tmp_path / "Flickr8k.token.txt").write_text("a.jpg#0\ta dog\nb.jpg#0\ta cat\nc.jpg#0\ta car\n")
+    report = gpu_check.Report(300.0)
+    ids, frames, refs, source = gpu_check.photos(3, report, tmp_path)
+    assert ids == ["a.jpg", "c.jpg"] and len(frames) == 2 and sorted(refs) == ["a.jpg", "c.jpg"]
+    assert "first 2" in source
+    [skip] = report.data["skipped"]
+    assert skip["item"] == "1 of the first 3 dev photos" and "b.jpg" in skip["reason"]
+    (tmp_path / "images" / "a.jpg").unlink()
+    (tmp_path / "images" / "c.jpg").unlink()
+    with pytest.raises(SystemExit, match="none of its dev photos"):
+        gpu_check.photos(3, gpu_check.Report(300.0), tmp_path)
+
+
+def test_feature_stream_says_in_one_line_why_a_reading_process_failed(tmp_path):
+    """--memory-limit-mb too small for the reading process's imports: one line naming the path
+    and the limit, with the process's last word (had been a CalledProcessError traceback)."""
+    import feature_stream
+
+    _tiny_shard_cache(tmp_path / "cache")
+    argv = ["--images", "3", "--shard-size", "2", "--dir", str(tmp_path / "cache"), "--memory-limit-mb", "20"]
+    with pytest.raises(SystemExit) as stop:
+        feature_stream.main([*argv, "--out", str(tmp_path)])
+    said = str(stop.value.code)
+    assert said.startswith("the new path's reading process failed under --memory-limit-mb 20 (exit ")
+    assert "\n" not in said and not (tmp_path / "feature_stream.json").exists()
