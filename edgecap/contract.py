@@ -85,6 +85,11 @@ class ModelDimensions:
             if isinstance(value, bool) or not isinstance(value, int) or value < 1:
                 raise ValueError(f"dims.{f.name} must be a positive integer, got {value!r}")
             values[f.name] = value
+        if values["top_k"] < 2:  # beam 1 keeps min(beam + 1, K) words a step: <end> and one more
+            raise ValueError(
+                f"dims.top_k must be 2 or more, got {values['top_k']}: with one word a step the "
+                "search could not go on past a first word <end> (which never starts a caption)"
+            )
         return cls(**values)
 
     def to_dict(self) -> dict[str, int]:

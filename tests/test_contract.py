@@ -26,6 +26,15 @@ def test_a_dimension_of_zero_is_refused_naming_it(name):
         ModelDimensions.from_dict({**DIMS, name: 0})
 
 
+def test_a_step_of_one_word_is_refused():
+    """A model whose step returns one word a row (top_k 1): beam 1 keeps min(beam + 1, K) = 1
+    candidate a step, so a photo whose likeliest first word is <end> (never a first word) had
+    an empty caption scored 0.0, above every real one. Two words a step are the least."""
+    with pytest.raises(ValueError, match="dims.top_k must be 2 or more, got 1"):
+        ModelDimensions.from_dict({**DIMS, "top_k": 1})
+    assert ModelDimensions.from_dict({**DIMS, "top_k": 2}).top_k == 2
+
+
 def test_the_optional_dimensions_may_be_left_out():
     assert ModelDimensions.from_dict(DIMS).to_dict() == DIMS
 

@@ -103,6 +103,13 @@ def test_the_default_decoder_sizes_are_the_shipped_models():
     assert DEFAULT_ENCODER == manifest["encoder"] == "efficientnet-lite0"
 
 
+def test_a_decoder_of_one_word_a_step_is_refused():
+    """As a manifest's dims (tests/test_contract.py): the search needs <end> and another word."""
+    with pytest.raises(ValueError, match="top_k must be 2 or more, got 1"):
+        DecoderConfig(vocab_size=14, top_k=1)
+    assert DecoderConfig(vocab_size=14, top_k=2).top_k == 2
+
+
 def test_a_vocabulary_too_small_for_the_top_k_is_refused():
     """The first word's top K must be real words with <pad>, <start>, <unk> and <end> all
     excluded (``edgecap.vocab``): K + 4 words at least."""

@@ -108,6 +108,20 @@ def test_never_empty_and_cut_at_max_length_when_end_is_unlikely():
         assert len(hyps[0].tokens) == 6 and not hyps[0].finished
 
 
+def test_max_length_counts_the_steps_of_the_search_its_end_among_them():
+    """CaptionOptions.max_length (--max-length N) is the search's steps, the end one of them (as
+    max_new_tokens in Hugging Face's generate): a caption of N - 1 words can end; one of N words
+    cannot, however likely its end was next. Here "a b c" then <end> at -0.01: with N = 3 the
+    search ends where it could within its steps, "a b" (its <end> among the step's top words)."""
+    words = ["<pad>", "<start>", "<end>", "<unk>", "a", "b", "c"]
+    rows = {(): {"a": -0.1}, ("a",): {"b": -0.1}, ("a", "b"): {"c": -0.1}, ("a", "b", "c"): {"<end>": -0.01}}
+    backend = TableBackend(words, lambda prefix: rows.get(prefix, {"<end>": -0.01}), top_k=4)
+    for max_length, caption in ((4, ["a", "b", "c"]), (3, ["a", "b"])):
+        options = search_options(beam_size=1, max_length=max_length)
+        [hyps] = beam_search(backend, backend.encode(np.zeros((1, 1))), options, 1, 2)
+        assert ([words[w] for w in hyps[0].tokens], hyps[0].finished) == (caption, True)
+
+
 def test_first_word_is_never_end():
     backend = PrefixHashBackend(end_bias=50.0)  # <end> always the likeliest word
     for hyps in beam_search(backend, backend.encode(np.arange(4)), search_options(beam_size=3), START, END):

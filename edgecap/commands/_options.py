@@ -169,7 +169,9 @@ def add_model_arguments(p: argparse.ArgumentParser, overlaps: bool = True) -> No
         type=int,
         default=DEFAULTS["max_length"],
         metavar="N",
-        help=f"most words per caption (not counting its end), 1 to {MAX_LENGTH}",
+        help=f"the search's most steps, a caption's end among them (as max_new_tokens in "
+        f"other generators): a caption of N - 1 words can end, one still going at N words is cut; "
+        f"1 to {MAX_LENGTH}",
     )
     p.add_argument(
         "--no-repeat-ngram",

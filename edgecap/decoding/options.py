@@ -27,7 +27,7 @@ class CaptionOptions:
     against a model."""
 
     beam_size: int = 3
-    max_length: int = 20  # words, not counting <end>
+    max_length: int = 20  # the search's steps, <end> among them: a finished caption has at most 19 words
     batch_size: int = 8  # images per encoder run and per search
     length_penalty: float | None = None  # None: rank by mean log-prob per word; a: GNMT ((5+n)/6)^a
     n_best: int = 1  # hypotheses kept per image (the best + alternatives)

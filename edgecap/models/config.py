@@ -100,6 +100,8 @@ class DecoderConfig:
     n_classes: int = 1000
 
     def __post_init__(self):
+        if self.top_k < 2:  # as ModelDimensions: a search needs <end> and one more word a step
+            raise ValueError(f"top_k must be 2 or more, got {self.top_k}")
         if self.vocab_size < self.top_k + 4:
             raise ValueError(
                 f"vocab_size {self.vocab_size} is too small for top_k {self.top_k}: "
