@@ -1286,3 +1286,25 @@ def test_depth_images_through_the_plain_compressed_transport_are_refused(tmp_pat
         for k, fmt in enumerate(formats[:2])
     ]
     assert [f.image for f in frames[2:]] == [png, png]
+
+
+@pytest.mark.parametrize("kind", ["ros1", "mcap"])
+def test_an_image_topic_without_messages_is_said_not_passed_over(kind, tmp_path, capfd):
+    """A recording whose image topic holds no message (a camera that never published): one line
+    saying there was nothing to caption, exit 1 and no copy, as a folder without photos; it had
+    printed nothing and exited 0."""
+    store = store_for(kind)
+    folder = tmp_path / "bag"
+    folder.mkdir()
+    if kind == "ros1":
+        bag = folder / "run.bag"
+        writer = Writer1(bag)
+    else:
+        bag = folder / "run"
+        writer = Writer2(bag, version=9, storage_plugin=StoragePlugin.MCAP)
+    with writer:
+        writer.add_connection("/cam", IMAGE, typestore=store)
+    out = tmp_path / ("copy.bag" if kind == "ros1" else "copy")
+    done = edgecap_caption(capfd, "--bag", bag, "--write-bag", out)
+    assert (done.returncode, done.stdout, out.exists()) == (1, "", False)
+    assert done.stderr.splitlines() == [f"edgecap: {bag}: no image messages on /cam: nothing to caption"]

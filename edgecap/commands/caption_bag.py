@@ -58,17 +58,22 @@ def _run(captioner, args: argparse.Namespace) -> int:
         except RecordingError as exc:
             broken.append(exc)
 
-    failed = 0
+    failed = seen = 0
     captions: dict[tuple[str, int], str] = {}
     with open_recording(args.bag) as recording:
-        frames = recording.frames(recording.check_topics(args.topic), args.every)
+        topics = recording.check_topics(args.topic)
+        frames = recording.frames(topics, args.every)
         for frame, result in _captions(captioner, ((f, f.image) for f in frames_until_broken(frames))):
+            seen += 1
             if isinstance(result, InputError):
                 failed += 1
             else:
                 captions[(frame.topic, frame.index)] = result.text
             _print_frame(args.bag, frame, result, args)
         write(None)
+        if not seen and not broken:  # as a folder with no photos: said, exit 1, no copy
+            report_error(args.bag, f"no image messages on {', '.join(topics)}: nothing to caption")
+            return 1
         if broken:  # the captions so far are out; the copy is not written
             # the error names the recording as its path reads (run/ -> run): named once
             report_error(args.bag, str(broken[0]).removeprefix(f"{recording.path}: "))
