@@ -1076,7 +1076,10 @@ def test_fake_a_truncated_engine_that_tensorrt_raises_on_is_rebuilt(monkeypatch,
     with pytest.raises(ValueError):  # the fake's JSON header, cut short
         trt.Runtime(None).deserialize_cuda_engine(path.read_bytes())
     assert cache.load(manifest, "encoder", "fp32", limits) is not None
-    assert "does not load with this TensorRT/GPU; rebuilding it" in log.getvalue()
+    assert (
+        "does not load with this TensorRT/GPU (another TensorRT build's, cut short, or too little "
+        "free GPU memory to load it); rebuilding it" in log.getvalue()
+    )
     assert len(trt.stats["builds"]) == 2 and path.read_bytes().startswith(MAGIC)
 
 
@@ -1097,7 +1100,8 @@ def test_fake_an_unloadable_exact_engine_is_skipped_not_rebuilt_when_a_wider_one
     log.truncate()
     engine = cache.load(manifest, "encoder", "fp32", Limits(8, 5))
     assert engine.record["profile"]["image"][2][0] == 16 and len(trt.stats["builds"]) == builds
-    assert f"{exact.name} does not load with this TensorRT/GPU; skipping it" in log.getvalue()
+    assert f"{exact.name} does not load with this TensorRT/GPU (" in log.getvalue()
+    assert "memory to load it); skipping it" in log.getvalue()
     assert "rebuilding" not in log.getvalue()
 
 
@@ -1721,7 +1725,10 @@ def test_engine_from_another_tensorrt_or_gpu_is_rebuilt(monkeypatch, tmp_path, t
     path.parent.mkdir()
     shutil.copy(old_engine, path)  # e.g. a cache folder copied from another device
     assert cache.load(manifest, "encoder", "fp32", limits) is not None
-    assert "does not load with this TensorRT/GPU; rebuilding it" in log.getvalue()
+    assert (
+        "does not load with this TensorRT/GPU (another TensorRT build's, cut short, or too little "
+        "free GPU memory to load it); rebuilding it" in log.getvalue()
+    )
     assert len(trt.stats["builds"]) == 1
     cache.load(manifest, "encoder", "fp32", limits)  # the rebuilt engine is reused
     assert len(trt.stats["builds"]) == 1

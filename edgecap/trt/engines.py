@@ -619,7 +619,8 @@ class EngineCache:
             # cached engine loads after it
             rebuilt = path == exact and i == len(candidates) - 1
             print(
-                f"edgecap: cached engine {path.name} does not load with this TensorRT/GPU; "
+                f"edgecap: cached engine {path.name} does not load with this TensorRT/GPU (another "
+                "TensorRT build's, cut short, or too little free GPU memory to load it); "
                 + ("rebuilding it" if rebuilt else "skipping it"),
                 file=self.log,
             )
