@@ -82,7 +82,8 @@ class Caption:
     ``tokens`` empty and ``confidence`` 0 (``score`` and ``log_prob`` stay those of the caption
     the search found and that is not shown: rank such captions by ``confidence``).
     ``signals``: every signal of ``edgecap.confidence.SIGNALS`` (``confidence`` is computed
-    from those its model names), for fitting a confidence model.
+    from those its model names), for fitting a confidence model; None for a frame with nothing
+    recognisable (no caption to judge).
     ``attention``: float32 (n_words, 7, 7), the attention over the image's regions for each
     word, when asked for.
     ``objects``: the image's most probable object classes as (name, probability), best first,

@@ -42,6 +42,7 @@ def test_blank_and_blurred_frames_are_nothing_recognisable(captioner):
     for name, caption in zip(frames, results):
         assert not caption.recognisable and caption.text == NOTHING_RECOGNISABLE, name
         assert caption.tokens == [] and caption.confidence == 0.0
+        assert caption.signals is None  # no caption to judge (docs/python-api.md)
     photo = results[-1]  # the photo in the same batch keeps its own caption
     assert photo.recognisable and photo.text == captioner.caption(str(EXAMPLES / "chelsea.png")).text
 
