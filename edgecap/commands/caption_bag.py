@@ -79,10 +79,10 @@ def _run(captioner, args: argparse.Namespace) -> int:
             report_error(args.bag, str(broken[0]).removeprefix(f"{recording.path}: "))
         if args.write_bag is not None and not broken:
             count = write_captions(recording, args.write_bag, captions)
-            topics = ", ".join(sorted({caption_topic(t) for t, _ in captions})) or "no topic"
+            written = ", ".join(sorted({caption_topic(t) for t, _ in captions})) or "no topic"
             print(
                 f"edgecap: wrote {escape_field(args.write_bag)}: a copy of "
-                f"{escape_field(args.bag)} with {count} captions ({topics})",
+                f"{escape_field(args.bag)} with {count} captions ({written})",
                 file=sys.stderr,
             )
     if broken and args.write_bag is not None:
