@@ -25,6 +25,27 @@ def _cpu_model() -> str:
     return platform.processor() or platform.machine()
 
 
+# CPU instruction sets that change the figures (int8 and float kernels): recorded with the CPU,
+# since a model name ("AMD EPYC") does not say whether the int8 dot products (VNNI) are there
+FEATURES = ("avx2", "avx512f", "avx512_vnni", "avx_vnni", "avx512_bf16", "amx_int8", "asimddp")
+
+
+def _cpu_features(text: str | None = None) -> list[str]:
+    """Which of ``FEATURES`` the CPU has (the first processor's ``flags`` / ``Features`` in
+    /proc/cpuinfo); [] where it does not say."""
+    if text is None:
+        try:
+            with open("/proc/cpuinfo") as f:
+                text = f.read()
+        except OSError:
+            return []
+    for line in text.splitlines():
+        if line.startswith(("flags", "Features")):
+            have = set(line.split(":", 1)[1].split())
+            return [name for name in FEATURES if name in have]
+    return []
+
+
 def _physical_cores() -> int | None:
     """Distinct (physical id, core id) pairs in /proc/cpuinfo; None where it does not say."""
     try:
@@ -53,6 +74,7 @@ def machine_info() -> dict:
     usable = len(os.sched_getaffinity(0)) if hasattr(os, "sched_getaffinity") else os.cpu_count()
     return {
         "cpu": _cpu_model(),
+        "cpu_features": _cpu_features(),
         "logical_cores": os.cpu_count(),
         "physical_cores": _physical_cores(),
         "usable_cores": usable,
@@ -74,6 +96,10 @@ def machine_markdown(info: dict | None = None) -> str:
     """``machine_info()`` as a short markdown list."""
     info = info or machine_info()
     cores = cores_text(info)
+    features = info.get("cpu_features")
+    if features is not None:  # the int8 dot products said either way: VNNI or not
+        vnni = "with" if {"avx512_vnni", "avx_vnni"} & set(features) else "without"
+        cores += f"; {vnni} VNNI; {' '.join(features) or 'none of ' + ' '.join(FEATURES)}"
     packages = ", ".join(f"{k} {v}" for k, v in info["packages"].items())
     return "\n".join(
         [f"- CPU: {info['cpu']} ({cores})", f"- OS: {info['os']}", f"- Python {info['python']}; {packages}"]
