@@ -173,6 +173,21 @@ def test_path_base64_only_for_a_name_whose_bytes_are_not_utf8(monkeypatch):
     }
 
 
+def test_a_bag_named_with_bytes_that_are_not_utf8_gets_bag_base64():
+    """A --bag record names its recording in "bag": a name that is not UTF-8 (b"r\\xffn.bag")
+    is U+FFFD there and its exact bytes in bag_base64, as "path" and path_base64 are for a
+    photo; it had been a lone surrogate, which strict JSON readers refuse."""
+    name = os.fsdecode(b"r\xffn.bag")
+    record = json.loads(json_line({"bag": name, "topic": "/cam", "path": None}))
+    assert record == {
+        "bag": "r\ufffdn.bag",
+        "bag_base64": base64.b64encode(b"r\xffn.bag").decode("ascii"),
+        "topic": "/cam",
+        "path": None,
+    }
+    assert json.loads(json_line({"bag": "run.bag"})) == {"bag": "run.bag"}
+
+
 def _caption(confidence):
     from edgecap.api import Caption
 

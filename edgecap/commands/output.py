@@ -49,19 +49,25 @@ def escape_field(text: str) -> str:
     return _UNSAFE.sub(_escape_char, text)
 
 
+# the records' keys that hold a file's name as the OS gave it
+NAME_KEYS = ("path", "bag")
+
+
 def json_line(record: dict) -> str:
-    """One JSON object on one line, pure UTF-8: a ``path`` that is not valid UTF-8 holds U+FFFD
-    for each bad byte and ``path_base64`` holds the exact bytes; control characters, line
-    separators, bidirectional overrides and lone surrogates are \\u escapes."""
-    path = record.get("path")
-    try:
-        raw = os.fsencode(path) if isinstance(path, str) else None
-    except UnicodeError:  # not a name the OS could give: its lone surrogates are \u escapes
-        raw = None
-    if raw is not None and raw.decode("utf-8", "replace") != path:
-        record = {**record, "path": raw.decode("utf-8", "replace")}
-        if not _is_utf8(raw):
-            record["path_base64"] = base64.b64encode(raw).decode("ascii")
+    """One JSON object on one line, pure UTF-8: a name (``NAME_KEYS``: ``path``, ``bag``) that
+    is not valid UTF-8 holds U+FFFD for each bad byte and ``path_base64`` (``bag_base64``) holds
+    the exact bytes; control characters, line separators, bidirectional overrides and lone
+    surrogates are \\u escapes."""
+    for key in NAME_KEYS:
+        name = record.get(key)
+        try:
+            raw = os.fsencode(name) if isinstance(name, str) else None
+        except UnicodeError:  # not a name the OS could give: its lone surrogates are \u escapes
+            raw = None
+        if raw is not None and raw.decode("utf-8", "replace") != name:
+            record = {**record, key: raw.decode("utf-8", "replace")}
+            if not _is_utf8(raw):
+                record[f"{key}_base64"] = base64.b64encode(raw).decode("ascii")
     line = json.dumps(record, ensure_ascii=False)
     return _JSON_UNSAFE.sub(lambda m: f"\\u{ord(m.group()):04x}", line)
 
