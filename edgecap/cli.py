@@ -90,7 +90,10 @@ def _one_line_warnings(shown):
 
     def show(message, category, filename, lineno, file=None, line=None):
         if os.path.abspath(filename).startswith(package):
-            print(f"edgecap: warning: {message}", file=sys.stderr if file is None else file)
+            try:
+                print(f"edgecap: warning: {message}", file=sys.stderr if file is None else file)
+            except OSError:  # stderr's reader gone (a broken pipe): dropped, as Python's own does
+                pass
         else:
             shown(message, category, filename, lineno, file, line)
 
@@ -107,9 +110,12 @@ def run_command() -> NoReturn:
 
     Started with stderr closed (``2>&-``: cron, a daemon), Python's ``sys.stderr`` is None and
     ``print(..., file=sys.stderr)`` would write to stdout, into the records: the messages go to
-    the null device instead."""
+    the null device instead. A stderr whose reader has gone (a broken pipe: the ``| tee`` or the
+    supervisor reading it ended) is pointed there too at its first failed write (``_Stderr``):
+    a message that cannot be written is lost, not the records of the inputs after it."""
     if sys.stderr is None:
         sys.stderr = open(os.devnull, "w", encoding="utf-8")  # noqa: SIM115 (the process's)
+    sys.stderr = _Stderr(sys.stderr)
     try:
         code = main()
     except KeyboardInterrupt:  # while a command that finishes on Ctrl-C was finishing
@@ -133,6 +139,42 @@ def run_command() -> NoReturn:
                 pass
         os._exit(code)
     sys.exit(code)
+
+
+class _Stderr:
+    """The command line's ``sys.stderr``: ``stream`` until a write or flush fails (a broken
+    pipe, a full disk), then the null device, for it and for the file descriptor (C libraries,
+    Python's own flush at exit). The failure had been raised where the message was printed:
+    an error line of one input ended the whole run, the later inputs' records lost."""
+
+    def __init__(self, stream):
+        self._stream = stream
+
+    def write(self, text: str) -> int:
+        try:
+            return self._stream.write(text)
+        except OSError:
+            self._to_null()
+            return len(text)
+
+    def flush(self) -> None:
+        try:
+            self._stream.flush()
+        except OSError:
+            self._to_null()
+
+    def _to_null(self) -> None:
+        try:
+            null = os.open(os.devnull, os.O_WRONLY)
+            try:
+                os.dup2(null, self._stream.fileno())
+            finally:
+                os.close(null)
+        except (OSError, ValueError, AttributeError):  # no descriptor (a replaced stream)
+            self._stream = open(os.devnull, "w", encoding="utf-8")  # noqa: SIM115 (the process's)
+
+    def __getattr__(self, name: str):
+        return getattr(self._stream, name)
 
 
 def _in_process_group() -> bool:

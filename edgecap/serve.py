@@ -492,7 +492,13 @@ async def start(service: CaptionService, host: str = DEFAULT_HOST, port: int = D
     try:
         site = web.TCPSite(runner, host, port)
         await site.start()
-        return runner, runner.addresses[0][1]
+        bound = runner.addresses[0][1]
+        if port == 0 and any(address[1] != bound for address in runner.addresses):
+            # a name of several addresses (localhost: ::1 and 127.0.0.1) got a free port each,
+            # and only one is announced: all of them on that one instead
+            await site.stop()
+            await web.TCPSite(runner, host, bound).start()
+        return runner, bound
     except BaseException:
         await runner.cleanup()
         raise

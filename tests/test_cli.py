@@ -460,3 +460,60 @@ def test_a_warning_of_edgecap_s_own_is_one_line_on_the_command_line(tiny_model_d
         f"is {int(gray.max())}) are read as 0-65535, a dark frame; pass 8-bit data as uint8, and scale 10- "
         "or 12-bit sensor data to 16 bits first (array << 6 for 10-bit, array << 4 for 12-bit); said once"
     ]
+
+
+def test_a_warning_that_cannot_be_written_loses_no_caption(tiny_model_dir, tmp_path):
+    """With stderr a broken pipe (the ``| tee`` or supervisor reading the log gone), edgecap's
+    one-line warning is dropped, as Python's own ``showwarning`` drops one it cannot write: its
+    BrokenPipeError had been raised inside the image's decoding, so ``edgecap caption`` printed
+    nothing for any image and exited 1, and ``edgecap serve`` answered that image 400 (``cannot
+    load this input ([Errno 32] Broken pipe)``)."""
+    gray = np.asarray(Image.open(EXAMPLES / "coffee.png").convert("L"), np.uint16) << 4  # 12 bits
+    Image.fromarray(gray).save(tmp_path / "twelve.png")
+    command = [sys.executable, "-m", "edgecap", "caption", "--json", "--model", str(tiny_model_dir)]
+    photos = [str(tmp_path / "twelve.png"), str(EXAMPLES / "rocket.jpg")]
+    read, write = os.pipe()
+    os.close(read)  # every write to stderr: EPIPE
+    try:
+        done = subprocess.run(
+            [*command, "--max-length", "6", *photos],
+            stdout=subprocess.PIPE,
+            stderr=write,
+            text=True,
+            timeout=600,
+            env=ENV,
+        )
+    finally:
+        os.close(write)
+    assert done.returncode == 0
+    records = [json.loads(line) for line in done.stdout.splitlines()]
+    assert [Path(r["path"]).name for r in records] == ["twelve.png", "rocket.jpg"]
+    assert all("caption" in r for r in records)
+
+
+def test_a_broken_stderr_loses_no_record_of_the_inputs_after_an_error(tiny_model_dir, tmp_path):
+    """stderr a broken pipe (the ``| tee`` or supervisor reading it gone): the first input's
+    error line cannot be written, and that must not end the run; it had raised there
+    (BrokenPipeError traceback, exit 1), the photo after it never captioned. Both records on
+    stdout, exit 1 for the bad input."""
+    (tmp_path / "notes.png").write_bytes(b"hello")
+    command = [sys.executable, "-m", "edgecap", "caption", "--json", "--model", str(tiny_model_dir)]
+    read, write = os.pipe()
+    os.close(read)  # every write to stderr: EPIPE
+    try:
+        done = subprocess.run(
+            [*command, "--max-length", "6", str(tmp_path / "notes.png"), str(EXAMPLES / "rocket.jpg")],
+            stdout=subprocess.PIPE,
+            stderr=write,
+            text=True,
+            timeout=600,
+            env=ENV,
+        )
+    finally:
+        os.close(write)
+    records = [json.loads(line) for line in done.stdout.splitlines()]
+    assert done.returncode == 1
+    assert [(Path(r["path"]).name, r["caption"] is None) for r in records] == [
+        ("notes.png", True),
+        ("rocket.jpg", False),
+    ]

@@ -1545,3 +1545,44 @@ def test_query_parameters_are_refused_not_taken_for_settings():
         assert fake.batches == [] and post(running.port, b"after")[1]["caption"] == "5 bytes"
     finally:
         running.stop()
+
+
+def _ipv6_loopback() -> bool:
+    try:
+        with socket.socket(socket.AF_INET6) as probe:
+            probe.bind(("::1", 0))
+        return True
+    except OSError:
+        return False
+
+
+@pytest.mark.skipif(not _ipv6_loopback(), reason="no IPv6 loopback on this machine")
+def test_port_0_on_a_name_of_two_addresses_listens_on_one_port_the_one_returned(monkeypatch):
+    """``--host localhost --port 0`` where localhost is both ::1 and 127.0.0.1 (most Linux
+    /etc/hosts): each address had got its own free port, and the one announced was only
+    one of them, so a client of http://localhost:PORT trying the other address first, or one
+    given 127.0.0.1:PORT, was refused. All the addresses listen on the port announced."""
+    real = socket.getaddrinfo
+
+    def both(host, *args, **kwargs):
+        if host == "localhost":
+            return real("::1", *args, **kwargs) + real("127.0.0.1", *args, **kwargs)
+        return real(host, *args, **kwargs)
+
+    monkeypatch.setattr(socket, "getaddrinfo", both)
+    fake = BlockingCaptioner()
+    fake.gate.set()
+
+    async def main():
+        runner, port = await start(CaptionService(fake, ServiceOptions()), "localhost", 0)
+        try:
+            listening = sorted((address[0], address[1]) for address in runner.addresses)
+            for host in ("::1", "127.0.0.1"):
+                _, writer = await asyncio.open_connection(host, port)
+                writer.close()
+            return port, listening
+        finally:
+            await runner.cleanup()
+
+    port, listening = asyncio.run(main())
+    assert listening == [("127.0.0.1", port), ("::1", port)]
