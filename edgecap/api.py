@@ -252,6 +252,9 @@ class Captioner:
         self._release_after_batch = False
         self._largest_batch = 0  # the most images a batch has held (``_run_batch``'s padding)
         self._released = threading.Event()  # close() is done: workers stopped, backend released
+        # the Captioners sharing this backend (this one and its copy.copy()s): the last to close
+        # releases it
+        self._backend_holders = [1]
         on_gpu = _on_gpu(name, device, self.backend)
         self._default_decode_workers = default_decode_workers(on_gpu)
         self.decode_workers = decode_workers
@@ -272,6 +275,15 @@ class Captioner:
         # failed ("cannot schedule new futures after shutdown")
         new._pool, new._pool_size, new._pool_users = None, 0, {}
         new._pool_lock = threading.Lock()
+        # and its own closing: the backend they share is released by the last of them to close
+        # (a copy's close() had released it under the original, a TensorRT one's buffers freed)
+        new._closing, new._in_batch, new._release_after_batch = None, None, False
+        new._released = threading.Event()
+        with _HOLDERS_LOCK:
+            if self._closed:  # a copy of a closed Captioner is closed: nothing of it to release
+                new._released.set()
+            else:
+                self._backend_holders[0] += 1
         _LIVE.add(new)
         return new
 
@@ -375,6 +387,10 @@ class Captioner:
                 self._released.set()
 
     def _release_backend(self) -> None:
+        with _HOLDERS_LOCK:
+            self._backend_holders[0] -= 1
+            if self._backend_holders[0] > 0:  # a copy (or the original) still uses it
+                return
         close = getattr(self.backend, "close", None)
         if callable(close):
             close()
@@ -946,6 +962,7 @@ class _Prepared:
 # Every Captioner not yet collected, for ``_after_fork``: a robot app's multiprocessing pool
 # forks (Linux's default start method before Python 3.14) a process that has captioned.
 _LIVE: weakref.WeakSet[Captioner] = weakref.WeakSet()
+_HOLDERS_LOCK = threading.Lock()  # Captioner._backend_holders
 
 
 _MADE_AGAIN: dict[str, Captioner] = {}  # this process's Captioners made by unpickling, by arguments
@@ -1074,8 +1091,9 @@ def _at_exit() -> None:
 
 
 def _after_fork() -> None:
-    global _MADE_AGAIN_LOCK, _FORKS_LOCK, _batches, _forks, _no_fork
+    global _MADE_AGAIN_LOCK, _FORKS_LOCK, _HOLDERS_LOCK, _batches, _forks, _no_fork
     _MADE_AGAIN_LOCK = threading.Lock()  # another thread may have held it at the fork
+    _HOLDERS_LOCK = threading.Lock()
     # the child has this thread only: no other thread's batch, and fresh locks
     _FORKS_LOCK, _batches, _forks, _no_fork = threading.Lock(), {}, 0, threading.Event()
     _no_fork.set()

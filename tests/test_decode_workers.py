@@ -896,6 +896,32 @@ def test_a_copy_s_workers_are_its_own(fake, change):
     other.close()
 
 
+@pytest.mark.parametrize("first", ["copy", "original"])
+def test_the_backend_a_copy_shares_is_released_by_the_last_of_them_to_close(fake, first):
+    """``copy.copy(captioner)`` shares the backend: whichever of the two closes first leaves it
+    to the other (a copy's close() had released it under the original: a TensorRT backend's
+    device buffers freed while the original still captioned), and the last one releases it,
+    once; a copy of a closed Captioner is closed and releases nothing."""
+    import copy
+
+    releases = []
+    fake["backend"].close = lambda: releases.append(1)
+    cap = captioner(workers=1, batch=2)
+    other = copy.copy(cap)
+    closing, staying = (other, cap) if first == "copy" else (cap, other)
+    closing.close()
+    assert releases == []
+    assert texts(staying.caption_batch([red(i) for i in range(3)])) == [word(i) for i in range(3)]
+    staying.close()
+    closing.close()  # again: nothing more
+    assert releases == [1]
+    late = copy.copy(cap)
+    late.close()
+    assert releases == [1]
+    with pytest.raises(ValueError, match="closed"):
+        late.caption_batch([red(0)])
+
+
 def test_a_thread_the_main_thread_left_running_and_an_exit_hook_caption_with_workers(tmp_path):
     """A program whose main thread returns while another thread (not a daemon) still captions,
     and an atexit hook that captions: the interpreter's exit shuts every thread pool down
