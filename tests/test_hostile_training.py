@@ -962,6 +962,41 @@ def test_out_or_cache_dir_that_is_a_file_is_one_line(tmp_path, folder_data, caps
     assert not out.exists()
 
 
+def test_out_or_cache_dir_that_cannot_be_written_is_one_line_before_any_photo(
+    tmp_path, folder_data, capsys, monkeypatch
+):
+    """An --out (or --cache-dir) in a folder that cannot be written (a read-only disk, another
+    user's folder) is refused before the photos are decoded and encoded: the run makes --out
+    only once the features are ready, which for a folder of thousands of photos is many minutes
+    on (found: a read-only --out said 'Read-only file system' after every photo was decoded and
+    encoded into the cache). os.access is what says so (root passes any permission check, so
+    the test tells it which folders cannot be written)."""
+    import edgecap.data.folder as folder
+    import edgecap.training.config as config
+    from edgecap.cli import main
+
+    locked = tmp_path / "locked"
+    locked.mkdir()
+    real_access = os.access
+    monkeypatch.setattr(
+        config.os, "access", lambda path, mode: Path(path) != locked and real_access(path, mode)
+    )
+    monkeypatch.setattr(folder, "_read_folder", lambda *a: pytest.fail("photos read first"))
+    argv = ["train", "--data", str(folder_data), "--no-progress", "--threads", "1"]
+    assert main([*argv, "--out", str(locked / "run")]) == 2
+    assert capsys.readouterr().err == (
+        f"edgecap train: error: --out {locked / 'run'}: cannot be made in {locked}, not writable\n"
+    )
+    assert main([*argv, "--out", str(locked)]) == 2
+    assert capsys.readouterr().err == f"edgecap train: error: --out {locked}: not writable\n"
+    out = tmp_path / "run"
+    assert main([*argv, "--out", str(out), "--cache-dir", str(locked / "cache")]) == 2
+    assert capsys.readouterr().err == (
+        f"edgecap train: error: --cache-dir {locked / 'cache'}: cannot be made in {locked}, not writable\n"
+    )
+    assert not out.exists()
+
+
 def test_without_pytorch_a_bad_option_is_named_before_the_install_hint(
     tmp_path, folder_data, monkeypatch, capsys
 ):
@@ -1434,6 +1469,53 @@ def test_the_closing_count_line_escapes_the_captions_file_name(tmp_path):
 
 
 @torch_needed
+def test_an_out_that_holds_a_run_on_other_data_or_another_dev_split_is_refused(tmp_path, capsys):
+    """The same command resumes the run in --out; one with another --data (or, for a folder,
+    another --dev-fraction or --seed: another dev split, its former dev photos trained on) is
+    refused, exit 2, one line, before any feature is computed; so is one with(out) --text, which
+    the optimizer's state was saved without (with). Before: --out runs/mine reused
+    for a new folder with the same --epochs 'resumed from runs/mine/last after epoch 2',
+    trained nothing and gave back the old run's best as this command's, exit 0; with more
+    --epochs it went on with the old folder's vocabulary and best dev CIDEr, and recorded the
+    new folder as the checkpoint's training data."""
+    from edgecap.cli import main
+
+    words = "red green blue dog cat ball mat grass sky tree car house boat bird man woman".split()
+    rows = [(f"p{i}.png", f"a {words[i]} and a {words[i + 1]} near the {words[i + 2]}") for i in range(6)]
+    first = captions_csv(tmp_path / "first", rows)
+    other = captions_csv(tmp_path / "other", rows[::-1])
+    text = tmp_path / "text.txt"
+    text.write_text("a red and a green near the blue\n")
+    out, cache = tmp_path / "run", tmp_path / "cache"
+    flags = ["--init-from", "none", "--epochs", "1", "--batch-size", "6", "--min-word-count", "1"]
+    flags += ["--no-progress", "--threads", "1", "--cache-dir", str(cache), "--hidden-dim", "16"]
+    flags += ["--feature-dim", "16", "--embed-dim", "8", "--attention-dim", "8"]
+    assert main(["train", "--data", str(first), "--out", str(out), *flags]) == 0
+    capsys.readouterr()
+    last = json.loads((out / "last" / "checkpoint.json").read_text())
+    last_dir = out / "last"
+    cached = sorted(p.name for p in cache.rglob("*"))
+    for data, more, problem in (
+        (other, [], f"with --data {first}, which this command resumes ({out / 'last'}), not --data {other}"),
+        (first, ["--seed", "1"], "with --seed 0, which this command resumes"),
+        (first, ["--dev-fraction", "0.5"], "with --dev-fraction 0.2, which this command resumes"),
+        # its optimizer state has no group for --text's input ('cannot restore the optimizer
+        # (... a different number of parameter groups); delete it ...' before)
+        (first, ["--text", str(text)], f"without --text, which this command resumes ({last_dir}) with it"),
+    ):
+        assert main(["train", "--data", str(data), "--out", str(out), *flags, *more]) == 2
+        err = capsys.readouterr().err
+        assert err.startswith(f"edgecap train: error: {out}: holds a run ") and err.count("\n") == 1, err
+        assert problem in err
+    assert json.loads((out / "last" / "checkpoint.json").read_text()) == last
+    assert sorted(p.name for p in cache.rglob("*")) == cached  # nothing of the other folder encoded
+    # the same data, spelled otherwise, with the default split given: resumed
+    again = ["train", "--data", f"{first}/.", "--out", str(out), *flags, "--dev-fraction", "0.2"]
+    assert main([*again, "--epochs", "2"]) == 0
+    assert "resumed from" in capsys.readouterr().out
+
+
+@torch_needed
 def test_a_run_with_rows_left_out_trains_on_the_rest_and_exits_1(tmp_path, capsys):
     """As caption does when some inputs were skipped: the run is made, each left-out row was
     reported, the exit status is 1 and the checkpoints record how many were left out; the
@@ -1476,8 +1558,9 @@ def test_a_run_with_rows_left_out_trains_on_the_rest_and_exits_1(tmp_path, capsy
     assert meta["training_data"]["left_out"] == 1
     # resumed for a second epoch on the data without the bad row (at learning rate 0: epoch 2
     # scores as epoch 1 and best stays epoch 1, whose record says 1): this run left nothing
-    # out, so exit 0 and no "left_out", whatever an earlier run's best recorded
-    clean = captions_csv(tmp_path / "clean", rows)
+    # out, so exit 0 and no "left_out", whatever an earlier run's best recorded (the same
+    # folder, its captions file rewritten: a run is resumed on its own --data)
+    clean = captions_csv(root, rows)
     assert main(["train", "--data", str(clean), "--out", str(out), *flags, "--epochs", "2", "--lr", "0"]) == 0
     captured = capsys.readouterr()
     assert "row skipped" not in captured.err

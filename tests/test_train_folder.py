@@ -141,6 +141,25 @@ def test_dev_fraction_splits_photos_not_captions_deterministically(tmp_path):
     assert len(dev_photos(photos[:2], 0.01, 0)) == 1 and len(dev_photos(photos[:2], 0.99, 0)) == 1
 
 
+def test_the_split_does_not_depend_on_which_spelling_of_a_photo_comes_first(tmp_path):
+    """docs/training.md: 'the same files and seed always give the same split, whatever the row
+    order'. A photo named ./p1.png in one row and p1.png in another is one photo, known by the
+    spelling of its first row; the split hashed that spelling, so moving a ./ row first moved
+    photos between train and dev (found: 10 photos, each with a row 'pN.png' and one
+    './pN.png': dev p1, p6 with the plain rows first, p3, p9 with the ./ rows first)."""
+    photos = [f"p{i}.png" for i in range(1, 11)]
+    plain = [(p, "a cat on a wall") for p in photos]
+    dotted = [(f"./{p}", "a cat by a wall") for p in photos]
+    splits = []
+    for name, rows in (("plain-first", plain + dotted), ("dotted-first", dotted + plain), ("plain", plain)):
+        root = folder(tmp_path / name, rows, photos=photos)
+        data = read_folder(root, check_images=False, report=pytest.fail)
+        per_photo = 1 if name == "plain" else 2
+        assert len(data.dev) == 2 and all(len(it.captions) == per_photo for it in data.dev)
+        splits.append({n.removeprefix("./") for n in names(data.dev)})
+    assert splits[0] == splits[1] == splits[2] == dev_photos(photos, 0.2, 0)
+
+
 def test_without_a_split_column_a_fifth_of_the_photos_rounded_is_dev(tmp_path):
     """The documented split (``dev_photos``): ``round(fraction * n)`` photos in dev, the
     fraction 0.2 by default: 8 photos -> round(1.6) = 2, and 0.3 of 5 -> round(1.5) = 2."""
@@ -733,6 +752,31 @@ def test_fine_tune_a_model_on_a_folder_export_and_caption(tmp_path, tiny_model_d
         assert cap.objects  # the class list still loads with the grown vocabulary
         captions[backend] = cap.text
     assert captions["onnxruntime"] == captions["torch"]
+
+
+@torch_needed
+def test_one_dev_photo_is_warned_of_its_cider_of_0(tmp_path, tiny_model_dir):
+    """CIDEr-D weighs a word by log(photos / photos whose references hold it): with one dev photo
+    every weight is 0, so the dev check scores 0.0 every epoch, the first stays the best
+    checkpoint and --patience stops the run (found: 5 photos, the default --dev-fraction 0.2
+    gave one dev photo; 7 epochs at lr 1e-3, training cross-entropy 5.43 -> 2.60, CIDEr 0.0 each
+    time, best = epoch 1, 'no better dev CIDEr for 6 epochs: stopping', no word of why). The run
+    goes on, warned; two dev photos are not warned of."""
+    from edgecap.training.train import train
+
+    rows = [(f, c) for f, caps in SYNTHETIC.items() for c in caps]
+    root = folder(tmp_path / "mine", rows)
+    with pytest.warns(UserWarning, match=r"mine: one dev photo \(\S+\): its CIDEr is 0 whatever"):
+        train(_tiny_config(root, tmp_path / "one", init_from=str(tiny_model_dir)), log=lambda *a: None)
+    import warnings
+
+    with warnings.catch_warnings(record=True) as caught:
+        warnings.simplefilter("always")
+        train(
+            _tiny_config(root, tmp_path / "two", init_from=str(tiny_model_dir), dev_fraction=0.34),
+            log=lambda *a: None,
+        )
+    assert not [w for w in caught if "dev photo" in str(w.message)]
 
 
 @torch_needed

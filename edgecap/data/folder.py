@@ -279,11 +279,15 @@ def _read_folder(
 
 def dev_photos(names: list[str], fraction: float, seed: int) -> set[str]:
     """The dev photos: ``round(fraction * n)`` of them (at least 1, at most n - 1), those whose
-    seeded hash of the file name is smallest (independent of the order of ``names``)."""
+    seeded hash of the file name is smallest (independent of the order of ``names``). The name
+    is hashed as ``os.path.normpath`` writes it: a photo named ``./a.png`` in its first row and
+    ``a.png`` in others goes the same way whichever row comes first."""
     if not 0 < fraction < 1:
         raise ValueError(f"dev fraction must be between 0 and 1, got {fraction}")
     n_dev = min(len(names) - 1, max(1, round(fraction * len(names))))
-    ranked = sorted(set(names), key=lambda n: hashlib.sha256(f"{seed}\0{n}".encode()).digest())
+    ranked = sorted(
+        set(names), key=lambda n: hashlib.sha256(f"{seed}\0{os.path.normpath(n)}".encode()).digest()
+    )
     return set(ranked[:n_dev])
 
 

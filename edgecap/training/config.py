@@ -4,6 +4,7 @@ here). Each rule about the values is checked once, in ``__post_init__``."""
 from __future__ import annotations
 
 import math
+import os
 from dataclasses import dataclass, field, fields
 from pathlib import Path
 
@@ -47,11 +48,18 @@ def feature_cache(out: str | Path, cache_dir: str | None) -> Path:
 
 def check_folders(out: str, cache_dir: str | None, names: tuple[str, str] = ("out", "cache_dir")) -> None:
     """``ValueError`` unless ``out`` and the feature cache can be folders: each is a folder or
-    does not exist yet, below a folder (nothing is created here)."""
+    does not exist yet, below a folder, and can be written or made (nothing is created here):
+    the run writes --out only once every photo is decoded and encoded, minutes or hours on,
+    and a folder that cannot be written (a read-only disk, another user's folder) is said now."""
     cache = feature_cache(out, cache_dir)
     for flag, path in zip(names, (Path(out), cache)):
         existing = nearest_existing(path)
         if existing.is_dir():
+            if not os.access(existing, os.W_OK | os.X_OK):
+                raise ValueError(
+                    f"{flag} {path}: "
+                    + ("not writable" if existing == path else f"cannot be made in {existing}, not writable")
+                )
             continue
         what = "a file" if existing.exists() else "a broken link"
         raise ValueError(

@@ -14,6 +14,7 @@ vocabulary is rebuilt from the training captions and must be the starting model'
 
 from __future__ import annotations
 
+import os
 from dataclasses import dataclass, replace
 from pathlib import Path
 
@@ -151,6 +152,7 @@ def initial_model(cfg: TrainConfig, train_items: list[CaptionedImage], last: Pat
                 f"({last}); it would go on at {cfg.image_size}: give --image-size {size} to "
                 f"resume, or another --out to start at {cfg.image_size}"
             )
+        _check_same_data(cfg, meta, last)
     if encoder.variant != cfg.encoder:
         raise ModelError(
             f"{source}: its decoder was trained on {encoder.variant}'s features, not "
@@ -187,6 +189,43 @@ def initial_model(cfg: TrainConfig, train_items: list[CaptionedImage], last: Pat
     if not resuming:
         log(f"initialised from {source}")
     return Start(encoder if cfg.finetune_encoder else None, decoder, vocab, meta, resuming)
+
+
+def _check_same_data(cfg: TrainConfig, meta: dict, last: Path) -> None:
+    """``ModelError`` when the run in ``last`` was on other data, or (a folder) another dev
+    split, than ``cfg`` asks for: a resumed run keeps its vocabulary, its best dev CIDEr and its
+    epochs, so other data would be trained on with them unsaid, or (its epochs all done) not at
+    all, its old best given back as this command's; or with(out) ``--text``, which its
+    optimizer's state was saved without (with). A record without the settings (an older
+    checkpoint) is not checked."""
+    was = meta.get("train_config") if isinstance(meta, dict) else None
+    if not isinstance(was, dict):
+        return
+    flags = [("--data", "data"), ("--dataset", "dataset")]
+    if cfg.dataset == "folder" and was.get("dataset") == "folder":  # these choose its dev photos
+        flags += [("--dev-fraction", "dev_fraction"), ("--seed", "seed")]
+    for flag, name in flags:
+        old, new = was.get(name, getattr(cfg, name)), getattr(cfg, name)
+        if name == "data" and isinstance(old, str):
+            if not (Path(old).is_absolute() or Path(old).is_dir()):
+                continue  # relative to the folder the run was started in, not this one
+            old, new = os.path.realpath(old), os.path.realpath(new)
+        elif name == "dev_fraction":  # not given: the default
+            from edgecap.data.folder import DEFAULT_DEV_FRACTION
+
+            old, new = (DEFAULT_DEV_FRACTION if v is None else v for v in (old, new))
+        if old != new:
+            raise ModelError(
+                f"{last.parent}: holds a run with {flag} {shown(old) if name == 'data' else old}, which "
+                f"this command resumes ({last}), not {flag} {shown(new) if name == 'data' else new}: "
+                "give another --out for a new run, or the run's own options to resume it"
+            )
+    if "text" in was and bool(was["text"]) != bool(cfg.text):  # its optimizer has that many groups
+        how, other = ("with", "without") if was["text"] else ("without", "with")
+        raise ModelError(
+            f"{last.parent}: holds a run trained {how} --text, which this command resumes ({last}) "
+            f"{other} it: resume it {how} --text, or give another --out for a new run"
+        )
 
 
 _SIZE_FLAGS = {

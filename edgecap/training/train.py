@@ -22,6 +22,7 @@ import math
 import os
 import random
 import time
+import warnings
 from concurrent.futures import ThreadPoolExecutor
 from dataclasses import asdict
 from pathlib import Path
@@ -32,6 +33,7 @@ import torch
 from torch.nn import functional as F
 from torch.nn.parallel import DistributedDataParallel
 
+from edgecap.commands.output import escape_field
 from edgecap.data.readers import CaptionedImage
 from edgecap.errors import BackendError, ModelError
 from edgecap.evaluation.metrics import score
@@ -279,6 +281,14 @@ def train(cfg: TrainConfig, log=print) -> Path:
     start = initial_model(cfg, train_items, last, log)
     decoder, vocab, meta, resuming = start.decoder, start.vocab, start.meta, start.resuming
     log(f"train {len(train_items)} images, dev {len(dev_items)} images, vocabulary {len(vocab)} words")
+    if len(dev_items) == 1 and dist.main:  # CIDEr-D weighs a word by log(photos / photos with it)
+        warnings.warn(
+            f"{shown(data)}: one dev photo ({escape_field(dev_items[0].file_name)}): its CIDEr is "
+            "0 whatever its caption, so no epoch scores better than the first, which stays the "
+            "best checkpoint (and --patience counts every later one as no better); give the dev "
+            "split two photos or more (--dev-fraction, a split column, --max-dev-images)",
+            stacklevel=2,
+        )
     text_captions: list[list[int]] = []
     if cfg.text:
         text_captions, dropped = read_text(cfg.text, vocab, cfg.max_caption_words)
