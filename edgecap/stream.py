@@ -786,7 +786,7 @@ def _frames_of(capture, timestamp, source: str, count: int | None) -> Generator[
         raise InputError(
             source,
             f"{some} could not be decoded (damaged; the first: frame {unreadable[0]}); "
-            "the frames after it were read",
+            f"the frames after {'it' if len(unreadable) == 1 else 'them'} were read",
         )
 
 

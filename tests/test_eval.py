@@ -61,6 +61,24 @@ def test_an_empty_split_file_is_named_as_the_one_listing_no_images(tmp_path):
     assert str(caught.value) == f"{split}: the split lists no images"
 
 
+def test_an_empty_split_file_and_a_folder_missing_photos_are_named_on_one_line(tmp_path):
+    """A split file, and an images folder without the listed photos, named with a newline: each
+    error stays one line, the newline written as \\n (they had been split in two)."""
+    tokens, _ = flickr_files(tmp_path, [])
+    split = tmp_path / "sp\nlit.txt"
+    split.write_text("\n")
+    with pytest.raises(ValueError) as caught:
+        load_references(captions=tokens, split=split)
+    assert str(caught.value) == f"{str(split).replace(chr(10), chr(92) + 'n')}: the split lists no images"
+    folder = tmp_path / "im\nages"
+    folder.mkdir()
+    items = load_references(captions=tokens, split=flickr_files(tmp_path, ["coffee.png"])[1])
+    with pytest.raises(FileNotFoundError) as caught:
+        check_images(items, folder)
+    assert "\n" not in str(caught.value)
+    assert f"are not in {str(folder).replace(chr(10), chr(92) + 'n')}: coffee.png" in str(caught.value)
+
+
 def test_read_coco_groups_captions_by_image_in_images_order(tmp_path):
     path = coco_json(
         tmp_path / "refs.json",

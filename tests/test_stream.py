@@ -929,6 +929,21 @@ def test_a_camera_that_gives_no_frame_is_an_empty_stream(monkeypatch):
     assert fake.captures[0].released.is_set()
 
 
+def test_a_camera_that_stops_giving_frames_is_not_read_again(monkeypatch):
+    """A video's damaged frames are read past; a camera's failed read ends its frames at once:
+    read again, a camera unplugged or frozen would be waited on up to 100 more times, each read
+    up to its driver's timeout."""
+    fake = FakeCv2(n_frames=3)
+    monkeypatch.setitem(sys.modules, "cv2", fake)
+    frames = camera_frames(0)
+    (capture,) = fake.captures
+    reads = []
+    real = capture.read
+    capture.read = lambda: reads.append(1) or real()
+    assert [f.index for f in frames] == [0, 1, 2]
+    assert len(reads) == 4  # three frames, then the one read that failed
+
+
 def test_the_highest_camera_index_and_capture_size_are_accepted(monkeypatch):
     """Camera indexes run 0..1023 and capture sides 1..32768, both ends included."""
     fake = FakeCv2(n_frames=1)

@@ -67,7 +67,8 @@ def load_references(
         source = Path(references)
         items = _read(source, lambda: _read_json_references(source, karpathy_split))
     if not items:  # the split file's fault (Flickr8k), the references' own split's (COCO)
-        raise ValueError(f"{split if captions is not None else source}: the split lists no images")
+        empty = split if captions is not None else source
+        raise ValueError(f"{escape_field(str(empty))}: the split lists no images")  # one line
     # one id for two photos (a Karpathy-style file of one's own: an image numbered by its place in
     # the file that is another's imgid or cocoid): scored by id, one photo's captions would be
     # given to the other without a word (COCO's reader refuses this itself; training never
@@ -144,7 +145,8 @@ def check_images(items: list[CaptionedImage], images_root: str | Path) -> None:
     missing = [item.file_name for item in items if not (root / item.file_name).is_file()]
     if missing:
         raise FileNotFoundError(
-            f"{len(missing)} of {len(items)} listed images are not in {root}: {_some(missing)}"
+            f"{len(missing)} of {len(items)} listed images are not in {escape_field(str(root))}: "
+            f"{_some(missing)}"
         )
 
 

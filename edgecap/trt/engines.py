@@ -2,9 +2,9 @@
 
 An engine is tied to its GPU and TensorRT version, so its file name encodes everything it
 depends on: the role, the ONNX file's SHA-256, GPU name and compute capability, TensorRT version,
-precision and the profile limits, e.g.::
+precision, edgecap's build recipe (``BUILD_RECIPE``) and the profile limits, e.g.::
 
-    decoder_step-3f2a9c0d1e2b4a5c-orin-sm87-trt10.3-fp16-b8k5.engine
+    decoder_step-3f2a9c0d1e2b4a5c-orin-sm87-trt10.3-fp16-r1-b8k5.engine
 
 Lookup reuses any cached engine of the same model, GPU, TensorRT version and precision whose
 limits cover the request (``EngineCache.covering``), so the 8-image x 5-beam engines that
