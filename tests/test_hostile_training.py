@@ -872,6 +872,9 @@ def folder_data(tmp_path) -> Path:
         # one line about --images, not one "no such file" line a photo
         (["--images", "nowhere"], "--images nowhere: no such folder (the folder the captions' file names"),
         (["--images", __file__], f"--images {__file__}: not a folder (the folder the captions' file names"),
+        # said before the photos are encoded (it had come once they all were)
+        (["--text", "nowhere.txt"], "--text nowhere.txt: no such file (caption text, one a line)"),
+        (["--text", str(Path(__file__).parent)], f"--text {Path(__file__).parent}: not a file (caption text"),
     ],
 )
 def test_out_of_range_options_are_one_line(tmp_path, folder_data, capsys, flags, problem):

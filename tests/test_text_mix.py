@@ -35,6 +35,16 @@ def test_text_lines_with_one_unknown_word_are_kept_two_dropped_long_ones_cut(tmp
         read_text(text, VOCAB, max_words=5)
 
 
+def test_text_that_is_not_utf8_is_named_with_its_line(tmp_path):
+    """A byte that is not UTF-8 (a Latin-1 "caf\\xe9" on line 3): the file and its line are said,
+    as a captions.csv problem is; it had been the codec's words with a position in the file."""
+    text = tmp_path / "captions.txt"
+    text.write_bytes(b"a dog on the grass\na dog\na caf\xe9 on the grass\n")
+    with pytest.raises(DataError) as caught:
+        read_text(text, VOCAB, max_words=5)
+    assert str(caught.value) == f"{text}:3: not UTF-8 text (invalid continuation byte, byte 30)"  # 19 + 6 + 5
+
+
 def test_text_batches_cover_every_caption_once_a_pass_reshuffled_each_pass():
     """Six captions of 1..6 words in batches of 4: each pass is a batch of 4 and one of 2,
     together every caption once, each batch padded with <pad> (0) to its longest caption;

@@ -319,6 +319,10 @@ def run(args: argparse.Namespace) -> int:
         if args.images is not None and not os.path.isdir(args.images):  # not one line a photo
             what = "not a folder" if os.path.exists(args.images) else "no such folder"
             raise ValueError(f"--images {args.images}: {what} (the folder the captions' file names are in)")
+        text = getattr(args, "text", None)
+        if text is not None and not os.path.isfile(text):  # else said once every photo is encoded
+            what = "not a file" if os.path.exists(text) else "no such file"
+            raise ValueError(f"--text {text}: {what} (caption text, one a line)")
     except ValueError as exc:  # the config's own checks, in the command line's words
         print(f"edgecap train: error: {_in_flags(str(exc), args)}", file=sys.stderr)
         return 2

@@ -55,9 +55,16 @@ def read_text(path: str | Path, vocab: Vocabulary, max_words: int) -> tuple[list
     """The captions of ``path`` as ids, and how many were dropped (more than ``MAX_UNKNOWN``
     unknown words); ``DataError`` naming the file when it cannot be read or keeps no caption."""
     try:
-        text = read_regular(path, MAX_TEXT_BYTES, "caption text").decode("utf-8")
-    except (FileProblem, UnicodeDecodeError) as exc:
+        raw = read_regular(path, MAX_TEXT_BYTES, "caption text")
+    except FileProblem as exc:
         raise DataError(f"{shown(Path(path))}: {exc}") from None
+    try:
+        text = raw.decode("utf-8")
+    except UnicodeDecodeError as exc:  # where, as captions.csv's problems are said
+        at = raw.count(b"\n", 0, exc.start) + 1
+        raise DataError(
+            f"{shown(Path(path))}:{at}: not UTF-8 text ({exc.reason}, byte {exc.start})"
+        ) from None
     kept, dropped = [], 0
     for line in text.splitlines():
         ids = vocab.encode(line)
