@@ -417,6 +417,8 @@ def test_train_command_builds_the_config_from_its_flags(tmp_path, monkeypatch, c
 
     given = []
     monkeypatch.setattr(training, "train", lambda cfg: given.append(cfg) or tmp_path / "best")
+    monkeypatch.chdir(tmp_path)
+    (tmp_path / "T").write_text("a caption\n")  # --text T: a file (a missing one is refused)
     base = ["train", "--data", "DATA", "--out", "RUN"]
     assert main(base) == 0
     # the defaults: the decoder sizes not given are left to the fresh decoder (DecoderConfig's
@@ -531,18 +533,21 @@ def test_scst_command_builds_its_config_from_the_flags(tmp_path, monkeypatch):
 
 
 @pytest.mark.parametrize("flag", [["--text", "T"], ["--text-pretrain", "2"]])
-def test_scst_refuses_text_it_would_not_train_on(monkeypatch, capsys, flag):
+def test_scst_refuses_text_it_would_not_train_on(monkeypatch, capsys, tmp_path, flag):
     """SCST has no text-only batches: --text or --text-pretrain with --scst-from is an error,
     not a run without the text (exit 2, before any training)."""
     from edgecap.cli import main
     from edgecap.training import scst
 
+    monkeypatch.chdir(tmp_path)
+    (tmp_path / "T").write_text("a caption\n")  # a file: refused as SCST's, not as missing
     called = []
     monkeypatch.setattr(scst, "train_scst", lambda cfg: called.append(cfg))
     argv = ["train", "--data", "DATA", "--out", "RUN", "--scst-from", "CK", *flag, "--no-progress"]
     assert main(argv) == 2
     assert called == []
-    assert flag[0] in capsys.readouterr().err
+    err = capsys.readouterr().err
+    assert flag[0] in err and "scst" in err.lower(), err
 
 
 def test_text_batches_teach_the_decoder_through_a_no_image_input_the_model_does_not_hold(
