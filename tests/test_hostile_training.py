@@ -1502,6 +1502,8 @@ def test_an_out_that_holds_a_run_on_other_data_or_another_dev_split_is_refused(t
         (other, [], f"with --data {first}, which this command resumes ({out / 'last'}), not --data {other}"),
         (first, ["--seed", "1"], "with --seed 0, which this command resumes"),
         (first, ["--dev-fraction", "0.5"], "with --dev-fraction 0.2, which this command resumes"),
+        # its vocabulary was made with --min-word-count 1, and a resumed run keeps it (ignored before)
+        (first, ["--min-word-count", "2"], "with --min-word-count 1, which this command resumes"),
         # its optimizer state has no group for --text's input ('cannot restore the optimizer
         # (... a different number of parameter groups); delete it ...' before)
         (first, ["--text", str(text)], f"without --text, which this command resumes ({last_dir}) with it"),

@@ -201,7 +201,8 @@ def _check_same_data(cfg: TrainConfig, meta: dict, last: Path) -> None:
     was = meta.get("train_config") if isinstance(meta, dict) else None
     if not isinstance(was, dict):
         return
-    flags = [("--data", "data"), ("--dataset", "dataset")]
+    # --min-word-count made the run's vocabulary, which a resumed run keeps (it was ignored)
+    flags = [("--data", "data"), ("--dataset", "dataset"), ("--min-word-count", "min_word_count")]
     if cfg.dataset == "folder" and was.get("dataset") == "folder":  # these choose its dev photos
         flags += [("--dev-fraction", "dev_fraction"), ("--seed", "seed")]
     for flag, name in flags:
