@@ -8,6 +8,7 @@ Tests marked ``java`` run coco-caption's PTB tokenizer and METEOR (Java); they s
 
 from __future__ import annotations
 
+import base64
 import json
 import math
 import os
@@ -1536,8 +1537,9 @@ def test_cli_json_is_utf8_whatever_the_references_file_is_named(tiny_model_dir, 
         [sys.executable, "-c", _EVAL_WITHOUT_JAVA, *args], capture_output=True, env=env, timeout=300
     )
     assert done.returncode == 0, done.stderr.decode()
-    summary = json.loads(done.stdout.decode("utf-8"))
-    assert os.fsencode(summary["references"]) == named and summary["n_images"] == 2
+    summary = json.loads(done.stdout.decode("utf-8"))  # strict UTF-8, no lone surrogate
+    assert summary["references"] == os.fsdecode(named).replace("\udcff", "\ufffd")
+    assert base64.b64decode(summary["references_base64"]) == named and summary["n_images"] == 2
 
 
 def test_cli_table_and_missing_images_folder_keep_a_name_on_one_line(

@@ -188,6 +188,20 @@ def test_a_bag_named_with_bytes_that_are_not_utf8_gets_bag_base64():
     assert json.loads(json_line({"bag": "run.bag"})) == {"bag": "run.bag"}
 
 
+def test_eval_s_names_in_its_summary_get_their_bytes_too():
+    """edgecap eval --json names its references file at the top and the model's folder inside
+    "model": a name that is not UTF-8 is U+FFFD there with its exact bytes beside it
+    (references_base64, model.path_base64), not a lone surrogate escape."""
+    summary = {"references": os.fsdecode(b"refs\xff.json"), "model": {"path": os.fsdecode(b"/m/mod\xe9l")}}
+    record = json.loads(json_line(summary))
+    assert record == {
+        "references": "refs\ufffd.json",
+        "references_base64": base64.b64encode(b"refs\xff.json").decode("ascii"),
+        "model": {"path": "/m/mod\ufffdl", "path_base64": base64.b64encode(b"/m/mod\xe9l").decode("ascii")},
+    }
+    assert "\\ud" not in json_line(summary)
+
+
 def _caption(confidence):
     from edgecap.api import Caption
 
