@@ -240,12 +240,7 @@ class Captioner:
             and not getattr(self.backend, "on_device", False)  # the torch device search: its own LMs
         ):  # the language models' host step made now, not on the first caption (else when first used)
             _ = self.fusion.step
-        # the decoding workers: one pool at a time, made on first use for the current number
-        # (``_workers``); a replaced one is shut down once the calls using it are done
-        self._pool: ThreadPoolExecutor | None = None
-        self._pool_size = 0
-        self._pool_users: dict[ThreadPoolExecutor, int] = {}
-        self._pool_lock = threading.Lock()
+        self._no_pool()
         self._closed = False
         self._closing: int | None = None  # the thread of the first close()
         self._in_batch: int | None = None  # a one-batch-at-a-time backend: whose batch runs now
@@ -273,8 +268,7 @@ class Captioner:
         # its own decoding workers, made on first use: a pool the two shared was shut down
         # under one by the other (a new number of workers, or close()), whose next call then
         # failed ("cannot schedule new futures after shutdown")
-        new._pool, new._pool_size, new._pool_users = None, 0, {}
-        new._pool_lock = threading.Lock()
+        new._no_pool()
         # and its own closing: the backend they share is released by the last of them to close
         # (a copy's close() had released it under the original, a TensorRT one's buffers freed)
         new._closing, new._in_batch, new._release_after_batch = None, None, False
@@ -313,15 +307,20 @@ class Captioner:
         )
         return _made_again, (made_with,)
 
+    def _no_pool(self) -> None:
+        """No decoding workers yet: one pool at a time, made on first use for the current number
+        (``_workers``); a replaced one is shut down once the calls using it are done."""
+        self._pool: ThreadPoolExecutor | None = None
+        self._pool_size = 0
+        self._pool_users: dict[ThreadPoolExecutor, int] = {}
+        self._pool_lock = threading.Lock()
+
     def _after_fork_in_child(self) -> None:
         """A fork's child has none of the parent's threads: the decoding workers' pool (whose
         idle count still says its threads wait, so work given it would never run: the child
         hung) is forgotten, to be made anew on first use, and the locks another thread may
         have held at the fork are fresh."""
-        self._pool = None
-        self._pool_size = 0
-        self._pool_users = {}
-        self._pool_lock = threading.Lock()
+        self._no_pool()
         if self._backend_lock is not None:
             self._backend_lock = threading.Lock()
         self._in_batch = None

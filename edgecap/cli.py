@@ -164,13 +164,9 @@ class _Stderr:
             self._to_null()
 
     def _to_null(self) -> None:
-        try:
-            null = os.open(os.devnull, os.O_WRONLY)
-            try:
-                os.dup2(null, self._stream.fileno())
-            finally:
-                os.close(null)
-        except (OSError, ValueError, AttributeError):  # no descriptor (a replaced stream)
+        from edgecap.commands.output import to_null
+
+        if not to_null(self._stream):  # no descriptor (a replaced stream)
             self._stream = open(os.devnull, "w", encoding="utf-8")  # noqa: SIM115 (the process's)
 
     def __getattr__(self, name: str):

@@ -62,9 +62,12 @@ def _expand_one(arg: str, state: _Seen) -> Iterator[tuple[str, object]]:
         found, hidden = False, []
 
         def want_file(rel: tuple[str, ...]) -> bool:
-            if _has_image_suffix(rel[-1]) and not _shown(rel):
+            if not _has_image_suffix(rel[-1]):
+                return False
+            if not _shown(rel):
                 hidden.append(rel)  # .photo.jpg: left out, and said so if nothing else is found
-            return _has_image_suffix(rel[-1]) and _shown(rel)
+                return False
+            return True
 
         for name, item in _walk(path, want_file, _shown, state):
             found = found or _is_match(item) or _unread(item)
@@ -275,6 +278,12 @@ def _shown(rel: tuple[str, ...]) -> bool:
     """Whether a folder walk takes the entry at ``rel``: not a hidden one (a name that starts
     with a dot; the folders above it were taken)."""
     return not rel[-1].startswith(".")
+
+
+def hidden(rel: tuple[str, ...]) -> bool:
+    """Whether the entry at ``rel`` (its parts below the folder named) is one a folder walk
+    leaves out: it, or a folder above it, is hidden (``_shown``)."""
+    return not all(_shown(rel[: i + 1]) for i in range(len(rel)))
 
 
 def _unread(item: object) -> bool:

@@ -28,6 +28,7 @@ import numpy as np
 import pytest
 from PIL import Image
 
+import edgecap
 from edgecap import images
 from edgecap.backends.base import Backend, DecoderSession, Encoded, StepResult
 from edgecap.manifest import FORMAT, file_sha256
@@ -694,6 +695,21 @@ def run_edgecap(capfd, *args) -> subprocess.CompletedProcess:
         warnings.formatwarning(w.message, w.category, w.filename, w.lineno, w.line) for w in caught
     )
     return subprocess.CompletedProcess(["edgecap", *argv], code, out.out, out.err + shown)
+
+
+def run_script(folder: Path, source: str) -> subprocess.CompletedProcess:
+    """``source`` written to ``folder/script.py`` and run by this Python in a process of its own,
+    from the checkout's root (the edgecap under test): its exit code, stdout and stderr (text).
+    For what only a fresh interpreter shows: its exit, its threads' end."""
+    script = folder / "script.py"
+    script.write_text(source)
+    return subprocess.run(
+        [sys.executable, str(script)],
+        capture_output=True,
+        text=True,
+        timeout=300,
+        cwd=Path(edgecap.__file__).parents[1],
+    )
 
 
 def in_forked_child(work: Callable[[], str], alarm_s: int = 60) -> tuple[int, str]:

@@ -447,13 +447,38 @@ def test_a_gpu_out_of_memory_of_onnxruntimes_is_one_line(tiny_model_dir, monkeyp
         cli_main([*args, "--backend", "onnxruntime", "--batch-size", "1"])
 
 
+def _twelve_bit_png(folder: Path) -> tuple[Path, np.ndarray]:
+    """coffee.png in gray, 12-bit values in a 16-bit PNG (the 12-bit hint's case)."""
+    gray = np.asarray(Image.open(EXAMPLES / "coffee.png").convert("L"), np.uint16) << 4
+    Image.fromarray(gray).save(folder / "twelve.png")
+    return folder / "twelve.png", gray
+
+
+def _caption_with_stderr_broken(model, *paths) -> subprocess.CompletedProcess:
+    """``edgecap caption --json`` of ``paths`` in a process whose stderr is a pipe without a
+    reader (every write to it: EPIPE); stdout captured."""
+    command = [sys.executable, "-m", "edgecap", "caption", "--json", "--model", str(model)]
+    read, write = os.pipe()
+    os.close(read)
+    try:
+        return subprocess.run(
+            [*command, "--max-length", "6", *map(str, paths)],
+            stdout=subprocess.PIPE,
+            stderr=write,
+            text=True,
+            timeout=600,
+            env=ENV,
+        )
+    finally:
+        os.close(write)
+
+
 def test_a_warning_of_edgecap_s_own_is_one_line_on_the_command_line(tiny_model_dir, tmp_path):
     """A 12-bit grayscale PNG (values below 4096 in a 16-bit file) is read as a dark frame, and
     edgecap warns of it: on the command line that is one line, ``edgecap: warning: ...``, not
     Python's form with the module's path, a line number and a line of edgecap's source."""
-    gray = np.asarray(Image.open(EXAMPLES / "coffee.png").convert("L"), np.uint16) << 4  # 12 bits
-    Image.fromarray(gray).save(tmp_path / "twelve.png")
-    done = edgecap_caption(tmp_path / "twelve.png", model=tiny_model_dir)
+    twelve, gray = _twelve_bit_png(tmp_path)
+    done = edgecap_caption(twelve, model=tiny_model_dir)
     assert done.returncode == 0, done.stderr
     assert done.stderr.splitlines() == [
         f"edgecap: warning: {tmp_path / 'twelve.png'}: 16-bit pixel values all below 4096 (the highest "
@@ -468,23 +493,8 @@ def test_a_warning_that_cannot_be_written_loses_no_caption(tiny_model_dir, tmp_p
     BrokenPipeError had been raised inside the image's decoding, so ``edgecap caption`` printed
     nothing for any image and exited 1, and ``edgecap serve`` answered that image 400 (``cannot
     load this input ([Errno 32] Broken pipe)``)."""
-    gray = np.asarray(Image.open(EXAMPLES / "coffee.png").convert("L"), np.uint16) << 4  # 12 bits
-    Image.fromarray(gray).save(tmp_path / "twelve.png")
-    command = [sys.executable, "-m", "edgecap", "caption", "--json", "--model", str(tiny_model_dir)]
-    photos = [str(tmp_path / "twelve.png"), str(EXAMPLES / "rocket.jpg")]
-    read, write = os.pipe()
-    os.close(read)  # every write to stderr: EPIPE
-    try:
-        done = subprocess.run(
-            [*command, "--max-length", "6", *photos],
-            stdout=subprocess.PIPE,
-            stderr=write,
-            text=True,
-            timeout=600,
-            env=ENV,
-        )
-    finally:
-        os.close(write)
+    twelve, _ = _twelve_bit_png(tmp_path)
+    done = _caption_with_stderr_broken(tiny_model_dir, twelve, EXAMPLES / "rocket.jpg")
     assert done.returncode == 0
     records = [json.loads(line) for line in done.stdout.splitlines()]
     assert [Path(r["path"]).name for r in records] == ["twelve.png", "rocket.jpg"]
@@ -497,20 +507,7 @@ def test_a_broken_stderr_loses_no_record_of_the_inputs_after_an_error(tiny_model
     (BrokenPipeError traceback, exit 1), the photo after it never captioned. Both records on
     stdout, exit 1 for the bad input."""
     (tmp_path / "notes.png").write_bytes(b"hello")
-    command = [sys.executable, "-m", "edgecap", "caption", "--json", "--model", str(tiny_model_dir)]
-    read, write = os.pipe()
-    os.close(read)  # every write to stderr: EPIPE
-    try:
-        done = subprocess.run(
-            [*command, "--max-length", "6", str(tmp_path / "notes.png"), str(EXAMPLES / "rocket.jpg")],
-            stdout=subprocess.PIPE,
-            stderr=write,
-            text=True,
-            timeout=600,
-            env=ENV,
-        )
-    finally:
-        os.close(write)
+    done = _caption_with_stderr_broken(tiny_model_dir, tmp_path / "notes.png", EXAMPLES / "rocket.jpg")
     records = [json.loads(line) for line in done.stdout.splitlines()]
     assert done.returncode == 1
     assert [(Path(r["path"]).name, r["caption"] is None) for r in records] == [

@@ -24,7 +24,7 @@ from edgecap import Caption, Captioner, InputError, api
 from edgecap.backends import ort_providers
 from edgecap.cli import main
 from edgecap.prefetch import DEFAULT_CPU_DECODE_WORKERS, default_decode_workers
-from helpers import TableBackend, solid
+from helpers import TableBackend, run_script, solid
 
 EXAMPLES = Path(edgecap.__file__).parent / "assets" / "examples"
 WORDS = json.loads((Path(edgecap.__file__).parent / "assets" / "default" / "vocab.json").read_text())["words"]
@@ -928,12 +928,9 @@ def test_a_thread_the_main_thread_left_running_and_an_exit_hook_caption_with_wor
     (``concurrent.futures``' own exit hook), and the workers' refusal was the call's error
     ("RuntimeError: cannot schedule new futures after interpreter shutdown", the thread's
     traceback). The photos are decoded in the calling thread instead, the same captions."""
-    import subprocess
-    import sys
-
     photos = [str(p) for p in sorted(EXAMPLES.glob("*.png"))[:3]]
-    script = tmp_path / "late.py"
-    script.write_text(
+    done = run_script(
+        tmp_path,
         f"""
 import atexit, threading, time
 from edgecap import Captioner
@@ -951,14 +948,7 @@ def late():
 atexit.register(lambda: print("exit", [c.text for c in captioner.caption_batch(photos)]))
 threading.Thread(target=late).start()
 started.wait()
-"""
-    )
-    done = subprocess.run(
-        [sys.executable, str(script)],
-        capture_output=True,
-        text=True,
-        timeout=300,
-        cwd=Path(edgecap.__file__).parents[1],
+""",
     )
     assert done.returncode == 0 and not done.stderr, done.stderr
     before, thread, hook = done.stdout.splitlines()

@@ -17,6 +17,7 @@ from PIL import Image
 
 import edgecap
 from edgecap import Captioner, InputError
+from helpers import run_script
 
 EXAMPLES = sorted(
     p for p in (Path(edgecap.__file__).parent / "assets" / "examples").iterdir() if p.suffix != ".md"
@@ -347,11 +348,8 @@ def test_captioning_in_a_thread_the_main_thread_left_running_overlaps_or_not(tmp
     """A program whose main thread returns while another (not a daemon) still captions: once
     the interpreter begins to exit no new work goes to threads; the overlap and the split stack
     do it in the calling thread instead of failing ("cannot schedule new futures")."""
-    import subprocess
-    import sys
-
-    script = tmp_path / "late.py"
-    script.write_text(
+    done = run_script(
+        tmp_path,
         f"""
 import threading, time
 import numpy as np
@@ -375,14 +373,7 @@ def late():
 
 threading.Thread(target=late).start()
 started.wait()
-"""
-    )
-    done = subprocess.run(
-        [sys.executable, str(script)],
-        capture_output=True,
-        text=True,
-        timeout=300,
-        cwd=Path(edgecap.__file__).parents[1],
+""",
     )
     assert done.returncode == 0, done.stderr
     readme = (Path(edgecap.__file__).parents[1] / "README.md").read_text().splitlines()[10:13]

@@ -422,7 +422,7 @@ def calibration_images(directory: str | Path, limit: int = 64) -> list[Path]:
     """Up to ``limit`` photos from ``directory`` (sorted, so calibration is repeatable): the
     image files below it that ``edgecap caption`` would caption in it (``edgecap.paths``: its
     extensions, hidden files and folders left out, such as the ``._IMG.JPG`` macOS writes)."""
-    from edgecap.paths import IMAGE_EXTENSIONS
+    from edgecap.paths import IMAGE_EXTENSIONS, hidden
 
     directory = Path(directory)
     if not directory.is_dir():
@@ -430,8 +430,7 @@ def calibration_images(directory: str | Path, limit: int = 64) -> list[Path]:
     files = sorted(
         p
         for p in directory.rglob("*")
-        if p.suffix.lower() in IMAGE_EXTENSIONS
-        and not any(part.startswith(".") for part in p.relative_to(directory).parts)
+        if p.suffix.lower() in IMAGE_EXTENSIONS and not hidden(p.relative_to(directory).parts)
     )
     if not files:
         raise ModelError(f"{directory}: no images (.jpg, .png, ...) to calibrate with")

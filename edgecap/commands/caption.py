@@ -36,14 +36,7 @@ from edgecap.commands._options import add_model_arguments, load_captioner
 from edgecap.commands.caption_bag import run_bag
 from edgecap.commands.caption_media import run_attention, run_stream
 from edgecap.commands.progress import add_progress_argument, open_progress, progress_enabled
-from edgecap.commands.output import (
-    EXIT_PIPE_CLOSED,
-    OutputFailed,
-    discard_stdout,
-    print_result,
-    utf8_output,
-    write,
-)
+from edgecap.commands.output import OutputFailed, output_failed, print_result, utf8_output, write
 from edgecap.paths import expand_all
 
 FINISHES_ON_INTERRUPT = True  # edgecap.cli: Ctrl-C before the model is loaded just exits
@@ -178,14 +171,7 @@ def run(args: argparse.Namespace) -> int:
                 return run_stream(captioner, args)
             return _run_paths(captioner, args)
     except OutputFailed as failure:
-        discard_stdout()  # what is still buffered must not fail again at exit
-        if isinstance(failure.error, BrokenPipeError):
-            return EXIT_PIPE_CLOSED  # the reader is gone (| head): stop quietly, like Unix tools
-        print(
-            f"edgecap caption: error: cannot write the output ({failure.error.strerror or failure.error})",
-            file=sys.stderr,
-        )
-        return 2
+        return output_failed("caption", failure.error)
 
 
 def _run_paths(captioner, args: argparse.Namespace) -> int:

@@ -33,7 +33,7 @@ import warnings
 from pathlib import Path
 
 from edgecap.commands._options import add_model_arguments, load_captioner
-from edgecap.commands.output import EXIT_PIPE_CLOSED, discard_stdout, escape_field, json_line
+from edgecap.commands.output import escape_field, json_line, output_failed
 from edgecap.commands.progress import add_progress_argument, open_progress, progress_enabled
 from edgecap.extras import install_hint
 from edgecap.files import same_file
@@ -142,12 +142,9 @@ def run(args: argparse.Namespace) -> int:
             _print_table(summary)
         sys.stdout.flush()
     except OSError as exc:  # a full disk; a reader gone away (| head): quietly, as caption does
-        discard_stdout()  # what is still buffered must not fail again at exit
         if unwritten is not None:
             _fail(unwritten)
-        if isinstance(exc, BrokenPipeError):
-            return EXIT_PIPE_CLOSED
-        return _fail(f"cannot write the output ({exc.strerror or exc})")
+        return output_failed("eval", exc)
     return _fail(unwritten) if unwritten else 0
 
 

@@ -112,14 +112,35 @@ def utf8_output() -> None:
             pass  # a replaced stream (tests, embedding): written as it is
 
 
+def output_failed(command: str, error: OSError) -> int:
+    """The exit status of ``edgecap COMMAND`` whose standard output could not be written: a
+    reader gone away (``| head``: a broken pipe) stops it quietly, as Unix tools stop (141);
+    anything else (a full disk) is one line, exit 2. Either way what is still buffered is
+    dropped, so that Python's flush at exit does not fail again."""
+    discard_stdout()
+    if isinstance(error, BrokenPipeError):
+        return EXIT_PIPE_CLOSED
+    print(f"edgecap {command}: error: cannot write the output ({error.strerror or error})", file=sys.stderr)
+    return 2
+
+
 def discard_stdout() -> None:
     """Point stdout at the null device so that Python's own flush at exit is silent."""
+    to_null(sys.stdout)
+
+
+def to_null(stream) -> bool:
+    """Point ``stream``'s file descriptor at the null device (what is written to it from now on,
+    by Python or a C library, is dropped); False where it has none (a replaced stream)."""
     try:
         devnull = os.open(os.devnull, os.O_WRONLY)
-        os.dup2(devnull, sys.stdout.fileno())
-        os.close(devnull)
+        try:
+            os.dup2(devnull, stream.fileno())
+        finally:
+            os.close(devnull)
     except (OSError, ValueError, AttributeError):
-        pass
+        return False
+    return True
 
 
 def print_result(

@@ -136,23 +136,8 @@ def initial_model(cfg: TrainConfig, train_items: list[CaptionedImage], last: Pat
             f"leave out {' / '.join(_SIZE_FLAGS[name] for name in asked)}, or start from fresh "
             "weights (--init-from none)"
         )
-    if resuming and cfg.init_from is not None:  # the same command resumes; another start is refused
-        started = meta.get("train_config", {}).get("init_from") if isinstance(meta, dict) else None
-        if cfg.init_from != started and _start_name(cfg.init_from, cfg) != _start_name(started, cfg):
-            raise ModelError(
-                f"{last.parent}: holds a run started from {started or _start_name(None, cfg)!r}, which this "
-                f"command resumes ({last}); --init-from {cfg.init_from} would not be used: give "
-                "another --out to start from it, or leave out --init-from to resume"
-            )
-    if resuming:  # its features and checkpoints are at the run's own input size
-        size = meta["preprocessing"]["size"][0]  # square; checked by load_checkpoint
-        if size != cfg.image_size:
-            raise ModelError(
-                f"{last.parent}: holds a run at --image-size {size}, which this command resumes "
-                f"({last}); it would go on at {cfg.image_size}: give --image-size {size} to "
-                f"resume, or another --out to start at {cfg.image_size}"
-            )
-        _check_same_data(cfg, meta, last)
+    if resuming:  # the same command resumes; one that asks for another run is refused
+        _check_resumed(cfg, meta, last)
     if encoder.variant != cfg.encoder:
         raise ModelError(
             f"{source}: its decoder was trained on {encoder.variant}'s features, not "
@@ -191,14 +176,30 @@ def initial_model(cfg: TrainConfig, train_items: list[CaptionedImage], last: Pat
     return Start(encoder if cfg.finetune_encoder else None, decoder, vocab, meta, resuming)
 
 
-def _check_same_data(cfg: TrainConfig, meta: dict, last: Path) -> None:
-    """``ModelError`` when the run in ``last`` was on other data, or (a folder) another dev
-    split, than ``cfg`` asks for: a resumed run keeps its vocabulary, its best dev CIDEr and its
-    epochs, so other data would be trained on with them unsaid, or (its epochs all done) not at
-    all, its old best given back as this command's; or with(out) ``--text``, which its
-    optimizer's state was saved without (with). A record without the settings (an older
-    checkpoint) is not checked."""
+def _check_resumed(cfg: TrainConfig, meta: dict, last: Path) -> None:
+    """``ModelError`` when the run in ``last`` (its checkpoint's ``meta``) is not the one ``cfg``
+    asks for: another ``--init-from`` (it would not be used); another ``--image-size`` (its
+    features and checkpoints are at its own); other data, or (a folder) another dev split: a
+    resumed run keeps its vocabulary, its best dev CIDEr and its epochs, so other data would be
+    trained on with them unsaid, or (its epochs all done) not at all, its old best given back as
+    this command's; or with(out) ``--text``, which its optimizer's state was saved without
+    (with). A record without the settings (an older checkpoint) is not checked for them."""
     was = meta.get("train_config") if isinstance(meta, dict) else None
+    if cfg.init_from is not None:
+        started = was.get("init_from") if isinstance(was, dict) else None
+        if cfg.init_from != started and _start_name(cfg.init_from, cfg) != _start_name(started, cfg):
+            raise ModelError(
+                f"{last.parent}: holds a run started from {started or _start_name(None, cfg)!r}, which this "
+                f"command resumes ({last}); --init-from {cfg.init_from} would not be used: give "
+                "another --out to start from it, or leave out --init-from to resume"
+            )
+    size = meta["preprocessing"]["size"][0]  # square; checked by load_checkpoint
+    if size != cfg.image_size:
+        raise ModelError(
+            f"{last.parent}: holds a run at --image-size {size}, which this command resumes "
+            f"({last}); it would go on at {cfg.image_size}: give --image-size {size} to "
+            f"resume, or another --out to start at {cfg.image_size}"
+        )
     if not isinstance(was, dict):
         return
     # --min-word-count made the run's vocabulary, which a resumed run keeps (it was ignored)
