@@ -317,6 +317,12 @@ def _read_file(path: str | os.PathLike, source: str) -> bytes:
     return data
 
 
+# Pillow's reasons for a header that describes a kind of image it does not decode: a TIFF of 3
+# float32 or int32 samples (OpenCV writes them), a 12-bit JPEG; or a damaged header (a float
+# TIFF cut before its SampleFormat tag reads as 32-bit integers), which these words cannot tell.
+_UNSUPPORTED_KIND = re.compile(r"unknown pixel mode|cannot handle")
+
+
 def _unidentified_problem(data: bytes) -> str:
     """Why Pillow identified none of the accepted formats in ``data``: bytes that begin as one
     of them are that format with a broken header (``corrupt PNG header (...)``, as Pillow's
@@ -336,6 +342,8 @@ def _unidentified_problem(data: bytes) -> str:
             # again as a SyntaxError), "not identified by this driver" (a JPEG cut in its markers)
             short = (struct.error, EOFError, IndexError)
             cut = isinstance(exc, short) or isinstance(exc.__cause__, short) or "not identified" in said
+            if not cut and _UNSUPPORTED_KIND.match(said):  # a kind the reader does not decode
+                return f"unsupported kind of {name}, or a damaged header ({said})"
             return f"corrupt {name} header ({'cut short' if cut else said})"
     return f"not an image in an accepted format ({', '.join(ACCEPTED_FORMATS)})"
 
@@ -468,7 +476,15 @@ def pil_to_rgb(im: Image.Image, source: str) -> Image.Image:
         with _load_lock(im):
             im.load()  # a lazily opened PIL image reads its file only now
     except Exception as exc:  # noqa: BLE001 (see _decode)
-        raise InputError(source, f"truncated or corrupt image data ({reason(exc)})") from exc
+        said = reason(exc)
+        # opened lazily, then its file closed before it was read (``with Image.open(p) as im``
+        # left; Pillow says AssertionError), or the image itself closed: not a corrupt file
+        if (getattr(im, "fp", True) is None and getattr(im, "tile", None)) or "closed image" in said:
+            raise InputError(
+                source,
+                f"the PIL image is closed ({said}); pass it before its with block ends, or pass the path",
+            ) from exc
+        raise InputError(source, f"truncated or corrupt image data ({said})") from exc
     # a 16-bit grayscale PNG: Pillow opens it as I;16 from 10.3, as I (32-bit) before
     sixteen_bit_png = im.format == "PNG" and im.mode == "I"
     try:
@@ -480,8 +496,13 @@ def pil_to_rgb(im: Image.Image, source: str) -> Image.Image:
     if mode == "RGB" and not _has_alpha(im):  # an RGB PNG may have a tRNS colour key
         return im
     if mode in ("I", "I;16", "I;16B", "I;16L", "I;16N", "F"):
-        gray = _gray_to_uint8(np.asarray(im), source, sixteen_bits=sixteen_bit_png, levels=True)
-        return Image.fromarray(gray).convert("RGB")
+        values = np.asarray(im)
+        gray = _gray_to_uint8(values, source, sixteen_bits=sixteen_bit_png, levels=True)
+        rgb = np.repeat(gray[:, :, None], 3, axis=2)
+        key = im.info.get("transparency")  # a 16-bit grayscale PNG's tRNS value
+        if isinstance(key, int) and mode != "F":  # (Pillow's own convert("RGBA") clips to 255)
+            rgb[values == key] = BACKGROUND
+        return Image.fromarray(rgb)
     try:
         if _has_alpha(im):
             rgba = im.convert("RGBA")
@@ -493,8 +514,12 @@ def pil_to_rgb(im: Image.Image, source: str) -> Image.Image:
 
 
 def _has_alpha(im: Image.Image) -> bool:
-    return im.mode in ("RGBA", "RGBa", "LA", "La", "PA") or (
-        im.mode in ("P", "L", "RGB") and "transparency" in im.info
+    # a palette of RGBA colours: what Pillow's convert("P") and quantize() make of an RGBA image
+    rgba_palette = im.mode == "P" and getattr(im.palette, "mode", None) == "RGBA"
+    return (
+        im.mode in ("RGBA", "RGBa", "LA", "La", "PA")
+        or rgba_palette
+        or (im.mode in ("1", "P", "L", "RGB") and "transparency" in im.info)
     )
 
 

@@ -162,6 +162,69 @@ def test_a_colour_key_png_is_flattened_onto_white(tmp_path):
         assert (x.reshape(-1, 3)[1:] == 255).all(), im.mode
 
 
+def test_a_pil_image_with_an_rgba_palette_goes_over_white(tmp_path):
+    """A P image whose palette holds RGBA colours (what Pillow's convert("P") and quantize()
+    make of an RGBA image; no "transparency" in its info) has its transparent pixels white, as
+    the same image saved as a PNG has; they were the colour stored under them (here black)."""
+    image = Image.new("P", (2, 1))
+    image.putpalette([200, 30, 40, 255, 0, 0, 0, 0], rawmode="RGBA")  # entry 0 opaque, 1 clear
+    image.putpixel((1, 0), 1)
+    if getattr(image.palette, "mode", None) != "RGBA":
+        pytest.skip("this Pillow keeps no alpha in a palette")
+    for im in (image, _save(image, tmp_path / "rgba_palette.png")):
+        x = rgb_array(im)
+        assert tuple(x[0, 0]) == (200, 30, 40) and tuple(x[0, 1]) == (255, 255, 255), im
+
+
+def test_a_one_bit_png_with_a_transparent_colour_goes_over_white(tmp_path):
+    """A 1-bit PNG with a tRNS key (Pillow opens it as mode 1 with info["transparency"]): the
+    transparent pixels are white, not the black stored under them."""
+    im = Image.new("1", (3, 1), 0)
+    im.putpixel((0, 0), 1)
+    x = rgb_array(_save(im, tmp_path / "bits.png", transparency=0))
+    assert x[0].tolist() == [[255, 255, 255]] * 3
+
+
+def test_a_16_bit_png_with_a_transparent_value_goes_over_white(tmp_path, monkeypatch):
+    """A 16-bit grayscale PNG's tRNS value: those pixels white (they were that value // 257,
+    a dark grey); the others scaled as any 16-bit pixel."""
+    monkeypatch.setattr(images, "_warned_sixteen_bits", True)
+    values = np.array([[1000, 40000, 1000]], np.uint16)
+    x = rgb_array(_save(Image.fromarray(values), tmp_path / "key16.png", transparency=1000))
+    assert x[0, :, 0].tolist() == [255, 40000 // 257, 255] and (x[0] == x[0, :, :1]).all()
+
+
+def test_a_valid_kind_of_file_the_reader_cannot_decode_is_not_called_corrupt(tmp_path):
+    """A TIFF of three float32 samples (OpenCV writes them) or a 12-bit JPEG: Pillow reads their
+    headers but decodes neither; said to be an unsupported kind of file (or a damaged header:
+    the words cannot tell), not flatly a corrupt header."""
+    jpeg = io.BytesIO()
+    _rgb().save(jpeg, format="JPEG")
+    data = bytearray(jpeg.getvalue())
+    data[data.find(b"\xff\xc0") + 4] = 12  # the frame header's sample precision: 12 bits
+    err = _assert_input_error(bytes(data), f"<bytes ({len(data)} bytes)>", "unsupported kind of JPEG")
+    assert "corrupt" not in err.problem and "(cannot handle 12-bit layers)" in err.problem
+    cv2 = pytest.importorskip("cv2")
+    path = tmp_path / "float.tif"
+    assert cv2.imwrite(str(path), np.full((4, 5, 3), 0.5, np.float32))
+    err = _assert_input_error(path, str(path), "unsupported kind of TIFF")
+    assert "corrupt" not in err.problem
+
+
+def test_a_pil_image_closed_before_it_was_read_says_so(tmp_path):
+    """``with Image.open(path) as im`` left before the pixels were read (Pillow: AssertionError),
+    or an image closed after: said to be closed, not "truncated or corrupt image data"."""
+    path = _save(_rgb(), tmp_path / "a.png")
+    with Image.open(path) as lazy:
+        pass
+    loaded = Image.open(path)
+    loaded.load()
+    loaded.close()
+    for im in (lazy, loaded):
+        err = _assert_input_error(im, "<PIL image 16x12 RGB>", "the PIL image is closed")
+        assert "corrupt" not in err.problem
+
+
 def test_broken_exif_in_a_png_keeps_the_stored_pixels(tmp_path):
     """EXIF that is not TIFF data (Pillow's exif_transpose raises SyntaxError on it in a PNG):
     the photo is read as stored, not refused."""
