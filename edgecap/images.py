@@ -5,8 +5,10 @@ Inputs:
 - a path (``str`` or ``os.PathLike``) to an image file, or its encoded ``bytes``: JPEG (and
   MPO), PNG, GIF, WebP, TIFF or BMP (``ACCEPTED_FORMATS``; see "Hostile files" below). EXIF
   orientation is applied, an animated image gives its first frame, palette / CMYK / 16-bit
-  images are converted to 8-bit RGB.
-- a ``PIL.Image.Image`` (EXIF orientation is applied too).
+  images are converted to 8-bit RGB, and an embedded RGB colour profile other than sRGB (Adobe
+  RGB, Display P3, a camera's own) is converted to sRGB, the colours a colour-managed viewer
+  shows and the model learned from (``_srgb_transform``; benchmarks/colour_profiles.py).
+- a ``PIL.Image.Image`` (EXIF orientation and its colour profile are applied too).
 - a numpy array: (H, W, 3) RGB, (H, W) grayscale, (H, W, 1), or (H, W, 4) RGBA; ``color="bgr"``
   reads 3/4-channel arrays as BGR/BGRA (OpenCV frames). dtype uint8 (0-255), uint16 (0-65535) or
   float in [0, 1] (what ``skimage.img_as_float`` gives); anything else is refused rather than
@@ -47,6 +49,7 @@ Hostile files (paths and encoded bytes; arrays and PIL images are already decode
 
 from __future__ import annotations
 
+import functools
 import io
 import os
 import re
@@ -58,6 +61,11 @@ from typing import Any, Protocol, TypeVar
 
 import numpy as np
 from PIL import Image, ImageOps, UnidentifiedImageError
+
+try:  # colour profiles need Pillow built with Little CMS (its wheels are)
+    from PIL import ImageCms
+except ImportError:  # pragma: no cover - a Pillow built without it: profiles are not applied
+    ImageCms = None  # type: ignore[assignment]
 
 from edgecap.errors import InputError, caused_by_interrupt, reason
 from edgecap.files import FileProblem, read_regular
@@ -487,11 +495,24 @@ def pil_to_rgb(im: Image.Image, source: str) -> Image.Image:
         raise InputError(source, f"truncated or corrupt image data ({said})") from exc
     # a 16-bit grayscale PNG: Pillow opens it as I;16 from 10.3, as I (32-bit) before
     sixteen_bit_png = im.format == "PNG" and im.mode == "I"
+    profile = im.info.get("icc_profile") if im.mode in _COLOUR_MODES else None
     try:
         im = ImageOps.exif_transpose(im)
     except Exception:  # noqa: BLE001
         pass  # broken EXIF is common and harmless: keep the stored orientation
     # exif_transpose returned a new image: the caller's image is never modified or closed.
+    rgb = _to_rgb(im, source, sixteen_bit_png)
+    usable = isinstance(profile, bytes) and 0 < len(profile) <= MAX_PROFILE_BYTES
+    transform = _srgb_transform(profile) if usable else None
+    if transform is None:
+        return rgb
+    try:
+        return transform.apply(rgb)
+    except Exception:  # noqa: BLE001 (a profile lcms read but cannot apply: as a broken EXIF)
+        return rgb
+
+
+def _to_rgb(im: Image.Image, source: str, sixteen_bit_png: bool) -> Image.Image:
     mode = im.mode
     if mode == "RGB" and not _has_alpha(im):  # an RGB PNG may have a tRNS colour key
         return im
@@ -511,6 +532,38 @@ def pil_to_rgb(im: Image.Image, source: str) -> Image.Image:
         return im.convert("RGB")  # 1, L, P, CMYK, YCbCr, LAB, HSV
     except (ValueError, OSError) as exc:  # a mode Pillow cannot convert (e.g. "La")
         raise InputError(source, f"cannot convert a {mode} image to RGB ({reason(exc)})") from exc
+
+
+# Modes whose embedded colour profile is applied: RGB, with or without alpha and in a palette.
+# A grey or CMYK image's profile is not (``_srgb_transform``).
+_COLOUR_MODES = ("RGB", "RGBA", "RGBa", "RGBX", "P", "PA")
+MAX_PROFILE_BYTES = 4 << 20  # a larger embedded profile is not read, the pixels used as stored
+
+
+@functools.lru_cache(maxsize=8)
+def _srgb_transform(profile: bytes) -> Any:
+    """The embedded ICC profile's transform to sRGB (lcms, through Pillow's ImageCms), or None:
+    an sRGB profile (by its description: "sRGB IEC61966-2.1", "Nikon sRGB 4.0.0.3002", ...),
+    whose pixels are used as stored; not an RGB profile; or one lcms cannot read (as broken
+    EXIF: the pixels as stored). Photos in another RGB space (Adobe RGB, Display P3, a camera's
+    own) are read as a colour-managed viewer shows them, the colours the model learned from (its
+    training photos carry no profile: sRGB)."""
+    if ImageCms is None:
+        return None
+    try:
+        cms = ImageCms.ImageCmsProfile(io.BytesIO(profile))
+        if cms.profile.xcolor_space != "RGB " or "srgb" in (cms.profile.profile_description or "").lower():
+            return None
+        # NOCACHE: lcms's one-pixel cache is not safe in two decoding threads at once
+        return ImageCms.buildTransform(cms, _srgb(), "RGB", "RGB", flags=ImageCms.Flags.NOCACHE)
+    except Exception:  # noqa: BLE001 (lcms raises PyCMSError, OSError, TypeError on a bad profile)
+        return None
+
+
+@functools.lru_cache(maxsize=1)
+def _srgb() -> Any:
+    assert ImageCms is not None
+    return ImageCms.createProfile("sRGB")
 
 
 def _has_alpha(im: Image.Image) -> bool:

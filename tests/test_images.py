@@ -767,3 +767,92 @@ def test_a_cameras_multi_picture_jpeg_is_decoded_at_reduced_scale_too():
     with Image.open(io.BytesIO(buf.getvalue())) as im:
         assert im.format == "MPO"
     assert images.load_rgb(buf.getvalue(), draft_size=(224, 224)).size == (500, 400)
+
+
+# -- embedded colour profiles ------------------------------------------------------------------
+# sRGB's primaries as an ICC profile holds them (XYZ, adapted to D50) and its tone curve (IEC
+# 61966-2-1) as an ICC parametric curve of type 3: g, a, b, c, d.
+SRGB_PRIMARIES = {
+    "r": (0.4360747, 0.2225045, 0.0139322),
+    "g": (0.3850649, 0.7168786, 0.0971045),
+    "b": (0.1430804, 0.0606169, 0.7141733),
+}
+SRGB_CURVE = (2.4, 1 / 1.055, 0.055 / 1.055, 1 / 12.92, 0.04045)
+
+
+def _icc_rgb_profile(description: str, primaries: dict, curve=SRGB_CURVE) -> bytes:
+    """A matrix/TRC RGB display profile (ICC.1:2001-04, version 2.1; the tone curve as a
+    parametric curve) written from the ICC specification's layout, for profiles no package here
+    ships (Adobe RGB and the like)."""
+    import struct
+
+    def fixed(*values):  # s15Fixed16Number
+        return b"".join(struct.pack(">i", round(v * 65536)) for v in values)
+
+    text = description.encode("ascii") + b"\0"
+    desc = b"desc\0\0\0\0" + struct.pack(">I", len(text)) + text + b"\0" * 8 + b"\0\0\0" + b"\0" * 67
+    para = b"para\0\0\0\0" + struct.pack(">HH", 3, 0) + fixed(*curve)
+    d50 = (0.9642, 1.0, 0.8249)
+    tags = [(b"desc", desc), (b"wtpt", b"XYZ \0\0\0\0" + fixed(*d50))]
+    tags += [(c.encode() + b"XYZ", b"XYZ \0\0\0\0" + fixed(*primaries[c])) for c in "rgb"]
+    tags += [(c.encode() + b"TRC", para) for c in "rgb"]
+    offset, table, body = 128 + 4 + 12 * len(tags), b"", b""
+    for signature, data in tags:
+        data += b"\0" * (-len(data) % 4)
+        table += signature + struct.pack(">II", offset + len(body), len(data))
+        body += data
+    size = offset + len(body)
+    header = struct.pack(">I4sI4s4s4s", size, b"\0\0\0\0", 0x02100000, b"mntr", b"RGB ", b"XYZ ")
+    header += b"\0" * 12 + b"acsp" + b"\0" * 24 + struct.pack(">I", 0) + fixed(*d50)
+    header += b"\0" * (128 - len(header))
+    return header + struct.pack(">I", len(tags)) + table + body
+
+
+def _rotated_primaries_profile(description: str = "rotated primaries") -> bytes:
+    """sRGB with its primaries rotated: the stored channels are sRGB's green, blue and red, so
+    a pixel stored as (x, y, z) is sRGB (z, x, y)."""
+    p = SRGB_PRIMARIES
+    return _icc_rgb_profile(description, {"r": p["g"], "g": p["b"], "b": p["r"]})
+
+
+def _colours() -> np.ndarray:
+    rng = np.random.default_rng(0)
+    return rng.integers(0, 256, size=(6, 8, 3), dtype=np.uint8)
+
+
+def test_an_embedded_rgb_profile_is_converted_to_srgb(tmp_path):
+    """A photo in another RGB space (Adobe RGB, Display P3, a camera's) is read as a
+    colour-managed viewer shows it: here a space whose stored channels are sRGB's green, blue
+    and red, so each pixel comes back with its channels rotated (to lcms's 8-bit precision). As
+    a file, as its bytes and as an opened PIL image; an RGBA image too, over white."""
+    stored = _colours()
+    profile = _rotated_primaries_profile()
+    expected = stored[:, :, [2, 0, 1]].astype(int)
+    path = _save(Image.fromarray(stored), tmp_path / "rotated.png", icc_profile=profile)
+    with Image.open(path) as opened:
+        for image in (path, path.read_bytes(), opened):
+            got = rgb_array(image).astype(int)
+            assert np.abs(got - expected).max() <= 2, image
+    rgba = np.dstack([stored, np.full(stored.shape[:2], 255, np.uint8)])
+    rgba[0, 0, 3] = 0  # one transparent pixel: white, which is white in both spaces
+    got = rgb_array(_save(Image.fromarray(rgba), tmp_path / "rgba.png", icc_profile=profile)).astype(int)
+    assert np.abs(got[1:] - expected[1:]).max() <= 2 and (got[0, 0] >= 253).all()
+
+
+def test_an_srgb_or_unusable_profile_leaves_the_pixels_as_stored(tmp_path, monkeypatch):
+    """A profile that says sRGB (by its name, as cameras write "sRGB IEC61966-2.1"), bytes lcms
+    cannot read, one over MAX_PROFILE_BYTES, and a grey image's profile: the pixels as stored,
+    bit for bit, and no error."""
+    stored = _colours()
+    cases = {
+        "srgb.png": _rotated_primaries_profile("sRGB IEC61966-2.1"),
+        "garbage.png": b"not a colour profile at all",
+        "large.png": _rotated_primaries_profile("rotated primaries, named at length to be the largest"),
+    }
+    monkeypatch.setattr(images, "MAX_PROFILE_BYTES", len(cases["large.png"]) - 1)
+    for name, profile in cases.items():
+        path = _save(Image.fromarray(stored), tmp_path / name, icc_profile=profile)
+        assert (rgb_array(path) == stored).all(), name
+    grey = stored[:, :, 0]
+    path = _save(Image.fromarray(grey), tmp_path / "grey.png", icc_profile=_rotated_primaries_profile())
+    assert (rgb_array(path) == grey[:, :, None]).all()
