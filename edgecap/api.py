@@ -290,8 +290,9 @@ class Captioner:
     def __reduce__(self):
         """Pickled (sent to a ``multiprocessing`` worker of the spawn or forkserver start method:
         ``pool.map(captioner.caption, paths)``) as what made it: the receiving process makes its
-        own, once (``_made_again``: one per process and set of arguments, however many tasks
-        bring it), from the same model folder, backend, device, options and settings."""
+        own, once (``_made_again``: one per process and set of arguments but the settings that
+        may change between calls, however many tasks bring it), from the same model folder,
+        backend, device, options and settings."""
         if self._closed:
             raise TypeError("this Captioner is closed: it cannot be sent to another process")
         model, backend, device, threads, _, backend_options = self._made_with
@@ -1000,13 +1001,22 @@ def _check_overlap(overlap: object) -> None:
         raise ValueError(f"overlap must be True, False or None, got {overlap!r}")
 
 
+# What a Captioner's caller may change between calls: not a reason to load the model again
+_SETTINGS = ("decode_workers", "overlap")
+
+
 def _made_again(made_with: dict) -> Captioner:
-    """The Captioner a pickled one stands for, made once in this process (``Captioner.__reduce__``)."""
-    key = repr(sorted(made_with.items()))
+    """The Captioner a pickled one stands for, made once in this process (``Captioner.__reduce__``)
+    per model, backend, options and device; its settings (``_SETTINGS``) those of the last one
+    sent. Keyed by them too, a sender that changed its ``decode_workers`` between tasks had each
+    worker hold the whole model once more per value (70 MB and its runtime's threads each)."""
+    key = repr(sorted((k, v) for k, v in made_with.items() if k not in _SETTINGS))
     with _MADE_AGAIN_LOCK:
         captioner = _MADE_AGAIN.get(key)
         if captioner is None or captioner._closed:
             captioner = _MADE_AGAIN[key] = Captioner(**made_with)
+        for name in _SETTINGS:
+            setattr(captioner, name, made_with[name])
         return captioner
 
 

@@ -285,6 +285,7 @@ class CaptionService:
             self._worker.cancel()
         if self.batcher is not None:
             await asyncio.get_running_loop().run_in_executor(None, self.batcher.close)
+        _forget_built_handlers()
 
     async def health(self, request):
         web = _aiohttp()
@@ -380,6 +381,20 @@ class CaptionService:
             return web.json_response(record)
         finally:
             self.pending -= 1
+
+
+def _forget_built_handlers() -> None:
+    """Empty aiohttp's cache of the handlers it built for the requests it answered
+    (``aiohttp.web_app._cached_build_middleware``, 1,024 of them), keyed by their application:
+    a stopped service stayed in it with its Captioner (the model's memory, its runtime's threads)
+    after the program had dropped both, so that a program that made a service anew with a new
+    Captioner (another model, other options) held every one it had made (about 70 MB each).
+    The other applications in the process have theirs built again on their next request."""
+    from aiohttp import web_app
+
+    clear = getattr(getattr(web_app, "_cached_build_middleware", None), "cache_clear", None)
+    if callable(clear):
+        clear()
 
 
 def _error(web, status: int, message: str, headers: dict | None = None):

@@ -746,7 +746,9 @@ def _frames_of(capture, timestamp, source: str, count: int | None) -> Generator[
     index = 0  # the next frame's position in the video, frames that could not be decoded included
     read = 0  # frames decoded
     failed_in_a_row = 0
-    unreadable: list[int] = []  # frames the decoder failed on, with decoded frames after them
+    # the frames the decoder failed on, with decoded frames after them: how many, and the first
+    # (a count, not a list: a long video damaged all along held an int for each)
+    unreadable, first_unreadable = 0, 0
     try:
         while True:
             ok, image = capture.read()
@@ -758,7 +760,9 @@ def _frames_of(capture, timestamp, source: str, count: int | None) -> Generator[
                     break
                 index += 1
                 continue
-            unreadable.extend(range(index - failed_in_a_row, index))
+            if failed_in_a_row and not unreadable:
+                first_unreadable = index - failed_in_a_row
+            unreadable += failed_in_a_row
             failed_in_a_row = 0
             problem = _frame_size_problem(*_size(image))
             if problem:
@@ -782,11 +786,11 @@ def _frames_of(capture, timestamp, source: str, count: int | None) -> Generator[
             "short, or frames the decoder cannot read)",
         )
     if unreadable:
-        some = f"{len(unreadable)} frames" if len(unreadable) > 1 else "1 frame"
+        some = f"{unreadable} frames" if unreadable > 1 else "1 frame"
         raise InputError(
             source,
-            f"{some} could not be decoded (damaged; the first: frame {unreadable[0]}); "
-            f"the frames after {'it' if len(unreadable) == 1 else 'them'} were read",
+            f"{some} could not be decoded (damaged; the first: frame {first_unreadable}); "
+            f"the frames after {'it' if unreadable == 1 else 'them'} were read",
         )
 
 

@@ -241,6 +241,33 @@ def test_a_captioner_goes_to_a_spawned_worker_as_what_made_it(tiny_model_dir):
     copy.close()
 
 
+def test_a_captioner_sent_again_with_other_settings_is_the_one_made_before(tiny_model_dir):
+    """A worker that gets the Captioner again after the sender changed ``decode_workers`` or
+    ``overlap`` (settings that may change between calls) keeps one model, with the new settings:
+    it made and kept another whole Captioner per value sent (70 MB and the runtime's threads
+    each, for as long as the worker lived)."""
+    import pickle
+
+    from edgecap import api
+
+    captioner = Captioner(tiny_model_dir, max_length=4, decode_workers=0, overlap=False)
+    first = pickle.loads(pickle.dumps(captioner))
+    try:
+        held = len(api._MADE_AGAIN)
+        for workers, overlap in ((1, False), (2, True), (0, False)):
+            captioner.decode_workers, captioner.overlap = workers, overlap
+            again = pickle.loads(pickle.dumps(captioner))
+            assert again is first
+            assert (again.decode_workers, again.overlap) == (workers, overlap)
+        assert len(api._MADE_AGAIN) == held
+        with Captioner(tiny_model_dir, max_length=5) as other:  # other options: a model of its own
+            with pickle.loads(pickle.dumps(other)) as made:
+                assert made is not first
+    finally:
+        captioner.close()
+        first.close()
+
+
 @pytest.mark.skipif(not hasattr(os, "fork"), reason="needs os.fork")
 def test_a_fork_waits_for_the_batch_another_thread_runs(tiny_model_dir):
     """A process forks (a multiprocessing pool made by a robot app, os.fork) while another thread

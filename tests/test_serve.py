@@ -725,6 +725,29 @@ def test_max_batch_over_the_batch_size_is_refused():
     assert CaptionService(BlockingCaptioner(batch_size=8), ServiceOptions(max_batch=8)).max_batch == 8
 
 
+def test_a_stopped_service_keeps_no_hold_on_its_captioner():
+    """A service that answered a request and was stopped keeps nothing of its Captioner once the
+    program drops both: aiohttp's cache of the handlers it built (1,024 of them) held the
+    application, so a program that made a new service with a new Captioner (another model, other
+    options) kept every Captioner it had made, its model and its runtime's threads."""
+    import gc
+    import weakref
+
+    async def serve_once(captioner) -> tuple[int, str]:
+        runner, port = await start(CaptionService(captioner, ServiceOptions()), "127.0.0.1", 0)
+        status, answer, _ = await asyncio.to_thread(post, port, b"five!")
+        await runner.cleanup()
+        return status, answer["caption"]
+
+    captioner = BlockingCaptioner()
+    captioner.gate.set()
+    dropped = weakref.ref(captioner)
+    assert asyncio.run(serve_once(captioner)) == (200, "5 bytes")
+    del captioner
+    gc.collect()
+    assert dropped() is None
+
+
 def test_a_port_in_use_leaves_no_worker_behind():
     """start() that cannot bind stops the Batcher's task and thread it had started."""
     service = CaptionService(BlockingCaptioner(), ServiceOptions())

@@ -1215,6 +1215,37 @@ def test_a_live_stream_in_a_forked_child_raises_instead_of_waiting_forever():
     stream.close()
 
 
+def test_a_video_damaged_all_along_holds_no_memory_per_damaged_frame(monkeypatch, video_file):
+    """Every other frame of 20,000 damaged (from frame 3; the last one, at the end, is no frame):
+    what is in use once the last frame is given is what was in use at frame 2,000 (an int was kept
+    for each damaged frame, for the count and the first that the error names), and the error still
+    says how many and which came first."""
+    import gc
+    import tracemalloc
+
+    frame = np.zeros((4, 6, 3), np.uint8)
+    frames = [None if i % 2 else frame for i in range(20_000)]
+    frames[1] = frame  # the first damaged frame is frame 3
+    monkeypatch.setitem(sys.modules, "cv2", FakeVideoCv2(frames))
+    in_use = {}
+    tracing = tracemalloc.is_tracing()
+    if not tracing:
+        tracemalloc.start()
+    try:
+        with pytest.raises(
+            InputError, match=r"9998 frames could not be decoded \(damaged; the first: frame 3\)"
+        ):
+            for got in video_frames(video_file):
+                if got.index in (2_000, 19_998):
+                    gc.collect()
+                    in_use[got.index] = tracemalloc.get_traced_memory()[0]
+    finally:
+        if not tracing:
+            tracemalloc.stop()
+    per_damaged = (in_use[19_998] - in_use[2_000]) / 9_000
+    assert per_damaged < 4, f"{per_damaged:.1f} bytes more in use per damaged frame"
+
+
 def test_a_damaged_frame_in_the_middle_of_a_video_does_not_end_it(monkeypatch, video_file):
     """The decoder fails on frame 2 of 5 and goes on with frame 3 (what OpenCV does with a
     damaged JPEG in an AVI): frames 3 and 4 are still given, with their own index and time, and

@@ -59,7 +59,10 @@ def _run(captioner, args: argparse.Namespace) -> int:
             broken.append(exc)
 
     failed = seen = 0
+    # the copy's captions, kept until it is written; without a copy none is kept (a recording
+    # of hours would hold every frame's caption text for nothing)
     captions: dict[tuple[str, int], str] = {}
+    keep = args.write_bag is not None
     with open_recording(args.bag) as recording:
         topics = recording.check_topics(args.topic)
         frames = recording.frames(topics, args.every)
@@ -67,7 +70,7 @@ def _run(captioner, args: argparse.Namespace) -> int:
             seen += 1
             if isinstance(result, InputError):
                 failed += 1
-            else:
+            elif keep:
                 captions[(frame.topic, frame.index)] = result.text
             _print_frame(args.bag, frame, result, args)
         write(None)
