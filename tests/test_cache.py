@@ -41,3 +41,25 @@ def test_a_relative_xdg_cache_home_is_ignored(home, monkeypatch, relative):
     minutes); the shell expands a ~ itself, so one left in is relative too."""
     monkeypatch.setenv("XDG_CACHE_HOME", relative)
     assert cache_root() == home / ".cache" / "edgecap"
+
+
+def test_no_home_folder_is_one_error_naming_edgecap_cache(monkeypatch):
+    """HOME unset and a uid without a password entry (a container's arbitrary uid): Path.home
+    raised RuntimeError('Could not determine home directory.'), a traceback from `edgecap build`
+    and from the TensorRT execution provider's options; now a BackendError saying what to set."""
+    import pwd
+
+    from edgecap.errors import BackendError
+
+    monkeypatch.delenv("HOME", raising=False)
+    monkeypatch.delenv("EDGECAP_CACHE", raising=False)
+    monkeypatch.delenv("XDG_CACHE_HOME", raising=False)
+
+    def no_entry(uid):
+        raise KeyError(f"getpwuid(): uid not found: {uid}")
+
+    monkeypatch.setattr(pwd, "getpwuid", no_entry)
+    with pytest.raises(BackendError, match="set EDGECAP_CACHE"):
+        cache_root()
+    monkeypatch.setenv("EDGECAP_CACHE", "/somewhere/cache")
+    assert cache_root() == Path("/somewhere/cache")

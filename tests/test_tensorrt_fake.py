@@ -19,6 +19,7 @@ import os
 import shutil
 import sys
 import threading
+import time
 import types
 import weakref
 from pathlib import Path
@@ -874,12 +875,18 @@ def test_fake_engine_cache_removes_what_dead_writers_left(monkeypatch, tmp_path,
     running = os.getppid()
     names = {
         "dead": f".{engine.name}.{dead}.tmp",
+        "dead, named as now": f".{engine.name}.{dead}.0a1b2c3d.tmp",
+        "this pid's, from before": f".{engine.name}.{os.getpid()}.tmp",
         "running": f".{engine.name}.{running}.tmp",
         "other file": f".timing-other.cache.{dead}.tmp",
         "not a pid": f".{engine.name}.x1.tmp",
     }
+    an_hour_ago = time.time() - 3600
     for name in names.values():
         (tmp_path / name).write_bytes(b"half an engine")
+        os.utime(tmp_path / name, (an_hour_ago, an_hour_ago))
+    # written to a moment ago: maybe a build in another container (its pid not seen here)
+    (tmp_path / f".{engine.name}.{dead}.ffffffff.tmp").write_bytes(b"being written")
     engine.unlink()  # built again: written again
     cache.build(manifest, "encoder", "fp32", Limits(1, 1))
     assert engine.exists()
@@ -888,6 +895,35 @@ def test_fake_engine_cache_removes_what_dead_writers_left(monkeypatch, tmp_path,
         "other file",
         "not a pid",
     }
+    assert (tmp_path / f".{engine.name}.{dead}.ffffffff.tmp").exists()
+
+
+def test_fake_engine_cache_two_writers_of_one_engine_both_save_it(tmp_path):
+    """Two threads of one process (or two containers' processes of one pid, sharing a mounted
+    cache) writing the same engine at once: each through a temporary file of its own. With the
+    pid alone in its name the second's rename found it gone (FileNotFoundError, "cannot save
+    TensorRT engines ... choose a writable cache folder") or named the first's half-written file."""
+    from edgecap.trt.engines import _atomic_write
+
+    path = tmp_path / "encoder-x.engine"
+    payloads = [bytes([65 + i]) * (16 << 20) for i in range(2)]
+    errors: list = []
+    start = threading.Barrier(2)
+
+    def write(i):
+        start.wait()
+        try:
+            _atomic_write(path, payloads[i])
+        except OSError as exc:
+            errors.append(exc)
+
+    threads = [threading.Thread(target=write, args=(i,)) for i in range(2)]
+    for t in threads:
+        t.start()
+    for t in threads:
+        t.join()
+    assert errors == [] and path.read_bytes() in payloads
+    assert list(tmp_path.glob("*.tmp")) == []
 
 
 def test_fake_build_refused_shapes_are_a_backend_error(monkeypatch, tmp_path, model_dir, device):
@@ -2226,3 +2262,70 @@ def test_fp32_engines_of_an_fp16_model_directory_are_refused_before_tensorrt_is_
     half = dataclasses.replace(load_manifest(model_dir), precision="fp16")
     with pytest.raises(ModelError, match="is fp16; build fp32 engines from the fp32 model directory"):
         build_all(half, "fp32", Limits(1, 3))
+
+
+def test_fake_engine_cache_a_new_build_recipe_prepares_its_graph_anew(
+    monkeypatch, tmp_path, model_dir, device
+):
+    """``BUILD_RECIPE`` covers "the graph it hands TensorRT after folding": raised, the engines
+    get new names and are built again, and so must the folded graph they are built from (the
+    engines had been rebuilt from the folded copy an older recipe left in the cache)."""
+    import edgecap.trt.engines as engines
+
+    trt = install(monkeypatch, "10.3.0.30", device)
+    manifest = load_manifest(model_dir)
+    _cache(trt, device, tmp_path, io.StringIO()).build(manifest, "encoder", "fp32", Limits(1, 1))
+    before = set(tmp_path.glob("encoder-*-folded.onnx"))
+    monkeypatch.setattr(engines, "BUILD_RECIPE", engines.BUILD_RECIPE + 1)
+    _cache(trt, device, tmp_path, io.StringIO()).build(manifest, "encoder", "fp32", Limits(1, 1))
+    after = set(tmp_path.glob("encoder-*-folded.onnx"))
+    assert len(before) == 1 and len(after) == 2
+    (new,) = after - before
+    assert trt.stats["builds"][-1]["onnx"] == new.read_bytes()  # the engine built from it
+
+
+def test_fake_engine_cache_a_full_disk_at_the_timing_cache_keeps_the_engine(
+    monkeypatch, tmp_path, model_dir, device
+):
+    """The timing cache only speeds up later builds: a disk too full to save it (an engine of
+    hundreds of MB just written on a Jetson's small disk) is a note, and the engine, minutes of
+    building, is saved. It had been a raw OSError, the engine lost."""
+    import errno
+
+    import edgecap.trt.engines as engines
+
+    trt = install(monkeypatch, "10.3.0.30", device)
+    real = engines._atomic_write
+
+    def full_disk_for_the_timing_cache(path, data):
+        if path.name.startswith("timing-"):
+            raise OSError(errno.ENOSPC, "No space left on device")
+        return real(path, data)
+
+    monkeypatch.setattr(engines, "_atomic_write", full_disk_for_the_timing_cache)
+    log = io.StringIO()
+    path = _cache(trt, device, tmp_path, log).build(load_manifest(model_dir), "encoder", "fp32", Limits(1, 1))
+    assert path.exists()
+    assert "could not save the TensorRT timing cache" in log.getvalue() and "No space left" in log.getvalue()
+
+
+def test_fake_engine_cache_a_full_disk_at_the_prepared_graph_is_one_error(
+    monkeypatch, tmp_path, model_dir, device
+):
+    """The folded graph an engine is built from cannot be saved (a full disk: the write names no
+    file): the engine cache's error that names the folder and how to choose another, not a raw
+    OSError."""
+    import errno
+
+    import edgecap.trt.engines as engines
+
+    trt = install(monkeypatch, "10.3.0.30", device)
+
+    def full_disk(path, data):
+        raise OSError(errno.ENOSPC, "No space left on device")
+
+    monkeypatch.setattr(engines, "_atomic_write", full_disk)
+    with pytest.raises(BackendError, match=r"cannot save TensorRT engines in .*No space left.*EDGECAP_CACHE"):
+        _cache(trt, device, tmp_path, io.StringIO()).build(
+            load_manifest(model_dir), "encoder", "fp32", Limits(1, 1)
+        )

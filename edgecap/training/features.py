@@ -84,10 +84,6 @@ def compute_features(
     k blocks (n, C, H, W). ``mirrored``: of the left-right mirrored photos (augmentation).
     ``encoder``: which one (``config.ENCODERS``).
     """
-    import torch
-
-    from edgecap.models.efficientnet_lite import load_pretrained
-
     cache_dir.mkdir(parents=True, exist_ok=True)
     tag = encoder_tag(encoder)
     if split_at is not None:
@@ -98,6 +94,42 @@ def compute_features(
     array_path = cache_dir / f"features-{key}.npy"
     index_path = cache_dir / f"features-{key}.json"
     names = [cache_name(p) for p in image_paths]
+    from edgecap.training.shards import cache_lock
+
+    # another run filling this cache waits for this one (both wrote one .partial.npy: the
+    # second's rename raised FileNotFoundError, or its rows landed in the first's array)
+    with cache_lock(cache_dir / f"features-{key}.lock", lambda m: print(m, file=sys.stderr, flush=True)):
+        return _cached_or_computed(
+            image_paths,
+            names,
+            array_path,
+            index_path,
+            preprocessing,
+            batch_size,
+            progress,
+            split_at,
+            mirrored,
+            encoder,
+        )
+
+
+def _cached_or_computed(
+    image_paths,
+    names,
+    array_path: Path,
+    index_path: Path,
+    preprocessing,
+    batch_size,
+    progress,
+    split_at,
+    mirrored,
+    encoder,
+) -> tuple[np.ndarray, dict[str, int]]:
+    """``compute_features``' work, holding the cache's lock."""
+    import torch
+
+    from edgecap.models.efficientnet_lite import load_pretrained
+
     if os.path.lexists(array_path) and os.path.lexists(index_path):
         index, problem = _cached_index(index_path, array_path)
         if problem is None and all(n in index for n in names):

@@ -25,9 +25,11 @@ through a memory map: the pages of a map count as the process's resident memory,
 
 from __future__ import annotations
 
+import contextlib
 import hashlib
 import json
 import os
+import stat
 from collections.abc import Callable, Sequence
 from concurrent.futures import ThreadPoolExecutor
 from pathlib import Path
@@ -217,6 +219,22 @@ def extract_shards(
     when it does not match, so a cache is read in full once per call (split across the ranks).
     ``dist`` (``distributed.Dist``): this rank extracts its share; rank 0 writes the index."""
     directory = Path(directory)
+    rank = dist.rank if dist is not None else 0
+    if rank == 0:
+        directory.mkdir(parents=True, exist_ok=True)
+    # another run filling this cache (a sweep's runs beside one OUT share OUT/../.feature-cache)
+    # waits for this one: two read-modify-writes of the plan lost one's photos, and two
+    # extractions of one shard shared its .partial.npy (FileNotFoundError at the second's rename)
+    with cache_lock(directory / LOCK_FILE if rank == 0 else None, log):
+        return _extract_locked(
+            paths, directory, load, encode, shard_size, batch_size, progress, log, dist, load_threads
+        )
+
+
+def _extract_locked(
+    paths, directory: Path, load, encode, shard_size, batch_size, progress, log, dist, load_threads
+) -> ShardedFeatures:
+    """``extract_shards``' work, rank 0 holding the cache's lock."""
     rank, world = (dist.rank, dist.world) if dist is not None else (0, 1)
     barrier = dist.barrier if dist is not None else (lambda: None)
     names = [cache_name(p) for p in paths]
@@ -224,7 +242,6 @@ def extract_shards(
     plan_path = directory / "plan.json"
     wanted = set(names)
     if rank == 0:
-        directory.mkdir(parents=True, exist_ok=True)
         plan = _read_plan(plan_path, shard_size, log)
         known = set(plan["names"])
         for name, p in zip(names, paths):
@@ -281,7 +298,48 @@ def extract_shards(
             },
         )
     barrier()
-    return ShardedFeatures(directory)
+    features = ShardedFeatures(directory)
+    barrier()  # every rank has read the index before rank 0 lets another run rewrite it
+    return features
+
+
+LOCK_FILE = ".lock"
+
+
+@contextlib.contextmanager
+def cache_lock(path: Path | None, log=print):
+    """An exclusive lock on the file ``path`` (made when missing; None: no lock) while the block
+    runs: a second process filling the same feature cache waits, saying so, for the first to
+    finish, then finds its work done. ``fcntl.flock``: POSIX only, and released by the system
+    when a process dies (kill -9 leaves no stale lock); where there is no ``fcntl`` (Windows) or
+    the file system refuses locks, the block runs unlocked, as before."""
+    try:
+        import fcntl
+    except ImportError:
+        path = None
+    fd = None
+    if path is not None:
+        flags = os.O_WRONLY | os.O_CREAT | os.O_APPEND | os.O_NONBLOCK | getattr(os, "O_CLOEXEC", 0)
+        try:  # non-blocking: a named pipe put in its place must not hang the run
+            fd = os.open(path, flags, 0o666)
+            if not stat.S_ISREG(os.fstat(fd).st_mode):
+                os.close(fd)
+                fd = None
+        except OSError:  # the writes after it say what is wrong with the folder
+            fd = None
+    try:
+        if fd is not None and path is not None:
+            try:
+                fcntl.flock(fd, fcntl.LOCK_EX | fcntl.LOCK_NB)
+            except BlockingIOError:
+                log(f"{shown(path.parent)}: another process is filling this feature cache; waiting for it")
+                fcntl.flock(fd, fcntl.LOCK_EX)
+            except OSError:  # no locks on this file system (ENOLCK): unlocked, as before
+                pass
+        yield
+    finally:
+        if fd is not None:
+            os.close(fd)  # releases the lock
 
 
 def _read_plan(path: Path, shard_size: int, log=print, strict: bool = False) -> dict:

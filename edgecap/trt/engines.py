@@ -29,7 +29,9 @@ from __future__ import annotations
 import glob
 import os
 import re
+import secrets
 import sys
+import time
 from dataclasses import dataclass
 from pathlib import Path
 from typing import TYPE_CHECKING
@@ -209,7 +211,8 @@ def onnx_for_build(
     check_buildable(manifest, precision)
     to_half = precision == "fp16" and manifest.precision == "fp32" and mode != "flag"
     kind = "fp16" if to_half else manifest.precision
-    prepared = cache_dir / f"{role}-{model_hash(manifest, role)[:16]}-{kind}-folded.onnx"
+    # the recipe in the name too: a recipe that folds otherwise must not reuse an older graph
+    prepared = cache_dir / f"{role}-{model_hash(manifest, role)[:16]}-{kind}-r{BUILD_RECIPE}-folded.onnx"
     if not prepared.exists():
         what = "converting to FP16 and folding" if to_half else "folding the constants of"
         print(f"edgecap: {what} {manifest.path(role).name} for TensorRT -> {prepared}", file=log)
@@ -264,7 +267,11 @@ def _atomic_write(path: Path, data) -> None:
     put the engine's name on data still in the page cache)."""
     path.parent.mkdir(parents=True, exist_ok=True)
     _remove_orphans(path)
-    tmp = path.with_name(f".{path.name}.{os.getpid()}.tmp")
+    # a name of this writer's own: the process id alone is shared by two threads building one
+    # engine, and by two containers' processes (each often pid 1) sharing a mounted cache; the
+    # second's rename then found the file gone (FileNotFoundError: "cannot save TensorRT
+    # engines ... choose a writable cache folder"), or renamed the first's half-written file
+    tmp = path.with_name(f".{path.name}.{os.getpid()}.{secrets.token_hex(4)}.tmp")
     try:
         with open(tmp, "wb") as f:
             f.write(data)
@@ -276,15 +283,28 @@ def _atomic_write(path: Path, data) -> None:
         raise
 
 
+ORPHAN_AGE_S = 600  # a temporary file written to more recently may still be being written
+
+
 def _remove_orphans(path: Path) -> None:
     """Remove the temporary files of ``path`` left by a process that no longer runs (a power
-    cut or a kill mid-write: an engine's hundreds of MB on a Jetson's small disk). POSIX only
-    (``os.kill(pid, 0)`` asks whether a process exists; on Windows it would signal it)."""
+    cut or a kill mid-write: an engine's hundreds of MB on a Jetson's small disk) and not
+    written to for ``ORPHAN_AGE_S``: a process of another container sharing the cache is not
+    seen by ``os.kill`` here, and its write may be under way. POSIX only (``os.kill(pid, 0)``
+    asks whether a process exists; on Windows it would signal it)."""
     if os.name != "posix":
         return
     for orphan in path.parent.glob(f".{path.name}.*.tmp"):
-        pid = orphan.name[len(path.name) + 2 : -len(".tmp")]
-        if not pid.isdigit() or int(pid) == os.getpid():
+        pid = orphan.name[len(path.name) + 2 : -len(".tmp")].split(".")[0]
+        if not pid.isdigit():
+            continue
+        try:
+            if time.time() - orphan.stat().st_mtime < ORPHAN_AGE_S:
+                continue
+        except OSError:  # gone already
+            continue
+        if int(pid) == os.getpid():  # an earlier process of this pid (a container's pid 1, after a power cut)
+            orphan.unlink(missing_ok=True)
             continue
         try:
             os.kill(int(pid), 0)
@@ -475,7 +495,14 @@ def build_engine(
             f"TensorRT failed to build the {role} engine from {onnx_path} (its log above says why)"
         )
     if use_timing_cache and timing_cache is not None:
-        _atomic_write(timing_cache, config.get_timing_cache().serialize())
+        try:
+            _atomic_write(timing_cache, config.get_timing_cache().serialize())
+        except OSError as exc:  # a full disk: the engine built is kept, the next build times afresh
+            print(
+                f"edgecap: could not save the TensorRT timing cache {timing_cache} "
+                f"({exc.strerror or exc}); the engine is kept",
+                file=log,
+            )
     return bytes(serialized)
 
 
@@ -529,7 +556,10 @@ class EngineCache:
         path = self.path(manifest, role, precision, limits)
         self._check_writable()
         mode = fp16_mode(self.trt, self.target.trt) if precision == "fp16" else "fp32"
-        source = onnx_for_build(manifest, role, precision, mode, self.cache_dir, self.log)
+        try:
+            source = onnx_for_build(manifest, role, precision, mode, self.cache_dir, self.log)
+        except OSError as exc:  # the prepared graph not saved in the cache: a full disk
+            raise self._unsaved(exc) from exc
         print(
             f"edgecap: building the TensorRT {precision} {role} engine for "
             f"{self.target.gpu_name} (TensorRT {self.target.trt_version}); this takes a "
@@ -583,6 +613,13 @@ class EngineCache:
                 raise PermissionError("not writable")
         except OSError as exc:
             raise self._unwritable(exc) from exc
+
+    def _unsaved(self, exc: OSError) -> OSError | BackendError:
+        """``_unwritable`` for an error writing a file of the cache (its temporary file named, or
+        no file: a write or fsync on a full disk); ``exc`` itself for another file's (the model's)."""
+        if exc.filename is not None and Path(exc.filename).parent != self.cache_dir:
+            return exc
+        return self._unwritable(exc)
 
     def _unwritable(self, exc: OSError) -> BackendError:
         return BackendError(
@@ -649,7 +686,10 @@ class EngineCache:
         if engine is None:
             self._check_writable()
             mode = fp16_mode(self.trt, self.target.trt) if precision == "fp16" else "fp32"
-            source = beam_step_onnx(manifest, beam, end_id, precision, mode, self.cache_dir, self.log)
+            try:
+                source = beam_step_onnx(manifest, beam, end_id, precision, mode, self.cache_dir, self.log)
+            except OSError as exc:  # the prepared graph not saved in the cache: a full disk
+                raise self._unsaved(exc) from exc
             print(
                 f"edgecap: building the TensorRT {precision} beam-step engine ({beam} beams) "
                 f"for {self.target.gpu_name}; this takes a while, once -> {path}",
