@@ -859,14 +859,16 @@ def folder_data(tmp_path) -> Path:
         (["--max-dev-images", "-1"], "--max-dev-images must be at least 0, got -1"),
         (["--label-smoothing", "1.5"], "--label-smoothing must be less than 1, got 1.5"),
         (["--label-smoothing", "nan"], "--label-smoothing must be a number, got nan"),
-        (["--epochs", "0"], "epochs must be at least 1, got 0"),
+        (["--epochs", "0"], "--epochs must be at least 1, got 0"),
         (["--lr-decay-epochs", "0"], "--lr-decay-epochs must be at least 1, got 0"),
         (["--hidden-dim", "100000"], "--hidden-dim must be at most 8192, got 100000"),
-        (["--dropout", "1"], "dropout must be less than 1, got 1.0"),
-        (["--seed", "-1"], "seed must be at least 0, got -1"),
+        (["--dropout", "1"], "--dropout must be less than 1, got 1.0"),
+        (["--seed", "-1"], "--seed must be at least 0, got -1"),
         (["--shard-size", "0"], "--shard-size must be at least 1, got 0"),
         (["--batch-size", "0"], "--batch-size must be at least 1, got 0"),
-        (["--threads", "-2"], "threads must be at least 0, got -2"),
+        (["--threads", "-2"], "--threads must be at least 0, got -2"),
+        (["--lr", "-1"], "--lr must be at least 0, got -1.0"),
+        (["--patience", "0"], "--patience must be at least 1, got 0"),
         (["--scheduled-sampling", "2"], "--scheduled-sampling must be at most 1, got 2.0"),
         (["--dev-fraction", "0"], "--dev-fraction must be between 0 and 1, got 0.0"),
         # one line about --images, not one "no such file" line a photo
@@ -1019,7 +1021,7 @@ def test_without_pytorch_a_bad_option_is_named_before_the_install_hint(
     out = tmp_path / "run"
     argv = ["train", "--data", str(folder_data), "--out", str(out)]
     assert main([*argv, "--epochs", "0"]) == 2
-    assert capsys.readouterr().err == "edgecap train: error: epochs must be at least 1, got 0\n"
+    assert capsys.readouterr().err == "edgecap train: error: --epochs must be at least 1, got 0\n"
     a_file = tmp_path / "notes.txt"
     a_file.write_text("x")
     assert main(["train", "--data", str(folder_data), "--out", str(a_file)]) == 2

@@ -855,3 +855,16 @@ def test_a_model_directory_with_a_tuned_encoder_needs_finetune_encoder(tiny_mode
         load_start(tiny_model_dir)
     tuned_encoder, _, _, _ = load_start(tiny_model_dir, finetune_encoder=True)
     assert torch.allclose(tuned_encoder._conv_head.weight, encoder._conv_head.weight + 0.01)
+
+
+def test_the_vocabulary_growth_line_lists_the_new_words_or_says_there_is_none():
+    from edgecap.training.start import growth_line
+
+    none = growth_line(100, "default", [], 2)
+    assert none == "vocabulary: the 100 words of default; no new word seen 2+ times"
+    assert growth_line(100, "default", ["zorbl", "quokka"], 2) == (
+        "vocabulary: 100 words of default + 2 new (seen 2+ times): zorbl quokka"
+    )
+    many = [f"w{i}" for i in range(25)]
+    line = growth_line(100, "m", many, 3)
+    assert line.endswith("w18 w19 ...") and "w20" not in line and "+ 25 new" in line

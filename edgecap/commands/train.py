@@ -388,7 +388,11 @@ def _config(cls, args: argparse.Namespace, **given):
 
 
 def _in_flags(message: str, args: argparse.Namespace) -> str:
-    """A config error names fields (``finetune_blocks``); say the flags (``--finetune-blocks``)."""
-    return re.sub(
-        r"\b[a-z]\w*_\w+\b", lambda m: "--" + m[0].replace("_", "-") if hasattr(args, m[0]) else m[0], message
-    )
+    """A config error names fields (``finetune_blocks``); say the flags (``--finetune-blocks``):
+    any field name with an underscore, and the field a message begins with (``epochs must be at
+    least 1``: a one-word name elsewhere may be a plain word, as "epochs" in "after N epochs")."""
+
+    def flag(m: re.Match) -> str:
+        return "--" + m[0].replace("_", "-") if hasattr(args, m[0]) else m[0]
+
+    return re.sub(r"(?<!-)\b[a-z]\w*_\w+\b", flag, re.sub(r"^[a-z]\w*\b", flag, message))

@@ -148,11 +148,7 @@ def initial_model(cfg: TrainConfig, train_items: list[CaptionedImage], last: Pat
             grown = grow_vocabulary(vocab, captions, cfg.min_word_count)
             added, vocab = grown.words[len(vocab) :], grown
             decoder = grow_decoder(decoder, len(vocab), torch.Generator().manual_seed(cfg.seed))
-            log(
-                f"vocabulary: {len(vocab) - len(added)} words of {source} + {len(added)} new "
-                f"(seen {cfg.min_word_count}+ times): {' '.join(added[:20])}"
-                + (" ..." if len(added) > 20 else "")
-            )
+            log(growth_line(len(vocab) - len(added), source, added, cfg.min_word_count))
     elif vocab.words != Vocabulary.build(captions, cfg.min_word_count).words:
         raise ModelError(
             f"{source}: its vocabulary differs from the one built from this "
@@ -174,6 +170,15 @@ def initial_model(cfg: TrainConfig, train_items: list[CaptionedImage], last: Pat
     if not resuming:
         log(f"initialised from {source}")
     return Start(encoder if cfg.finetune_encoder else None, decoder, vocab, meta, resuming)
+
+
+def growth_line(kept: int, source: object, added: list[str], min_count: int) -> str:
+    """The log line of a vocabulary grown by a folder's words: the first 20 new words, or that
+    there is none (it had ended in an empty list after a colon)."""
+    if not added:
+        return f"vocabulary: the {kept} words of {source}; no new word seen {min_count}+ times"
+    words = " ".join(added[:20]) + (" ..." if len(added) > 20 else "")
+    return f"vocabulary: {kept} words of {source} + {len(added)} new (seen {min_count}+ times): {words}"
 
 
 def _check_resumed(cfg: TrainConfig, meta: dict, last: Path) -> None:
