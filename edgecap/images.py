@@ -668,10 +668,18 @@ def _float_to_uint8(x: np.ndarray, source: str, levels: bool = False) -> np.ndar
     """Float pixels in [0, 1] -> uint8 (x 255, rounded). ``levels`` (a mode F image, whose
     values Pillow reads as levels): values above 1 and up to 255 are levels, truncated as
     Pillow's ``convert("L")`` does; all in [0, 1] they are still read as [0, 1], the other
-    convention for float images."""
+    convention for float images. A brightest value between 1 and 2 is refused: [0, 1] with
+    highlights over 1 (a float TIFF) or levels of a frame that is black (0-1), it cannot be told,
+    and read as levels a photo became "nothing recognisable"."""
     if not np.isfinite(x).all():
         raise InputError(source, "array contains NaN or infinite values")
     lo, hi = float(x.min()), float(x.max())
+    if levels and lo >= 0.0 and 1.0 < hi < 2.0:
+        raise InputError(
+            source,
+            f"float (mode F) pixel values in [{lo:g}, {hi:g}]: [0, 1] with highlights over 1, or "
+            "levels 0-255 of a black frame? Clip them to [0, 1] or scale them to 0-255",
+        )
     if levels and lo >= 0.0 and 1.0 < hi <= 255.0:  # truncated, as Pillow's convert("L")
         return x.astype(np.uint8)
     if lo < 0.0 or hi > 1.0:

@@ -17,7 +17,8 @@ import stat
 from collections.abc import Iterable, Iterator
 from pathlib import Path
 
-IMAGE_EXTENSIONS = (".jpg", ".jpeg", ".jfif", ".png", ".bmp", ".gif", ".webp", ".tif", ".tiff")
+# .mpo: a 3D or multi-picture camera's JPEG (Fujifilm, Nintendo 3DS), its first picture read
+IMAGE_EXTENSIONS = (".jpg", ".jpeg", ".jfif", ".mpo", ".png", ".bmp", ".gif", ".webp", ".tif", ".tiff")
 
 
 def expand_all(args: Iterable[str]) -> Iterator[tuple[str, object]]:

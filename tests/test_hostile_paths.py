@@ -431,3 +431,11 @@ def test_a_jfif_file_is_a_jpeg_a_folder_holds(tmp_path):
     Image.fromarray(np.full((24, 32, 3), 90, np.uint8)).save(photo, format="JPEG")
     assert list(expand_all([str(tmp_path)])) == [(str(photo), str(photo))]
     assert list(expand_all([f"{tmp_path}/*.jfif"])) == [(str(photo), str(photo))]
+
+
+def test_an_mpo_file_is_a_photo_a_folder_holds(tmp_path):
+    """A 3D camera's .MPO (JPEG pictures in one file; the first read): a folder of them is not
+    "holds no image files"."""
+    photo = tmp_path / "DSCF0001.MPO"
+    Image.fromarray(np.full((24, 32, 3), 90, np.uint8)).save(photo, format="JPEG")
+    assert list(expand_all([str(tmp_path)])) == [(str(photo), str(photo))]

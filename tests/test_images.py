@@ -671,6 +671,18 @@ def test_a_32_bit_float_image_in_levels_is_read_as_pillow_reads_it(tmp_path):
         rgb_array(np.array([[0.0, 200.0]], np.float32))
 
 
+def test_a_float_image_a_little_over_1_is_refused_not_read_as_a_black_frame(tmp_path):
+    """A float TIFF in [0, 1] whose highlights go over 1 (brightest 1.5) had been read as levels
+    0-1, a black frame ("nothing recognisable"); it cannot be told from levels, so it is refused,
+    naming both readings, as a file and as a PIL image. At 2 and over it is levels, as before."""
+    im = Image.fromarray(np.array([[0.03, 0.5, 1.5]], np.float32))
+    for image in (im, _save(im, tmp_path / "hdr.tif")):
+        with pytest.raises(InputError, match=r"\[0.03, 1.5\]: \[0, 1\] with highlights over 1, or levels"):
+            rgb_array(image)
+    levels = Image.fromarray(np.array([[0.0, 1.0, 2.0]], np.float32))
+    assert rgb_array(levels)[0, :, 0].tolist() == [0, 1, 2]
+
+
 def test_pillows_guard_turned_off_by_the_program_stays_off():
     """A program that sets PIL.Image.MAX_IMAGE_PIXELS = None (no limit) for its own Pillow calls
     keeps that: decoding with edgecap (its own limit still applies) and set_max_pixels leave
