@@ -210,7 +210,9 @@ def _main(argv: list[str] | None) -> int:
         except EdgecapError as exc:
             if _interrupted(exc):
                 return 130
-            print(f"edgecap {args.command}: error: {exc}", file=sys.stderr)
+            from edgecap.commands.output import one_line
+
+            print(f"edgecap {args.command}: error: {one_line(str(exc))}", file=sys.stderr)
             return 2
         except Exception as exc:
             from edgecap.errors import gpu_out_of_memory, out_of_memory

@@ -18,6 +18,7 @@ from __future__ import annotations
 
 import hashlib
 import json
+import math
 import os
 from dataclasses import dataclass, field
 from pathlib import Path
@@ -80,20 +81,51 @@ def file_sha256(path: Path) -> str:
     return h.hexdigest()
 
 
+def graph_source(path: Path) -> str | bytes:
+    """What ``onnxruntime.InferenceSession`` is given to open the graph file ``path``: its name,
+    or the file's bytes where the name is not UTF-8 (a folder named in another encoding), which
+    onnxruntime's binding cannot take (a ``TypeError``). A graph of edgecap's keeps its weights
+    inside it: there is no external data to find beside it."""
+    name = str(path)
+    try:
+        name.encode("utf-8")
+    except UnicodeEncodeError:
+        try:
+            f = open_regular(path, None)
+        except FileProblem as exc:
+            raise OSError(str(exc)) from None
+        with f:
+            return f.read()
+    return name
+
+
 def load_manifest(directory: str | Path) -> Manifest:
     """Read and check a model directory; raise ``ModelError`` saying what to do when it is wrong."""
     directory = Path(directory)
     path = directory / MANIFEST
-    if not directory.is_dir():
+    try:
+        is_dir = directory.is_dir()
+    except OSError as exc:  # a folder above it that this user may not search, a name too long
+        raise ModelError(
+            f"{directory}: cannot reach the model directory ({exc.strerror or exc}); check the "
+            "path and the permissions of the folders above it"
+        ) from None
+    if not is_dir:
         if os.path.exists(directory):  # a photo given as the model: it is there, but no folder
             raise ModelError(
                 f"{directory}: not a folder; a model directory is one (`edgecap export` writes it)"
             )
         raise ModelError(f"model directory not found: {directory}")
-    if not os.path.lexists(path):
+    try:
+        os.lstat(path)
+    except (FileNotFoundError, NotADirectoryError):
         raise ModelError(
             f"{directory}: not an edgecap model directory (no {MANIFEST}); create one with `edgecap export`"
-        )
+        ) from None
+    except OSError as exc:  # a folder this user may not read or search: it may well hold one
+        raise ModelError(
+            f"{directory}: cannot look into the folder ({exc.strerror or exc}); check its permissions"
+        ) from None
     try:
         data = read_json(path, MAX_MANIFEST_BYTES)
     except FileProblem as exc:
@@ -152,7 +184,14 @@ def load_manifest(directory: str | Path) -> Manifest:
                 f"{path}: the {role} file {name!r} is not a file name inside the "
                 "model directory; re-export the model"
             )
-        if not manifest.path(role).exists():
+        try:
+            present = manifest.path(role).exists()
+        except OSError as exc:  # a folder on the way that may not be searched, a name too long
+            raise ModelError(
+                f"{manifest.path(role)}: cannot reach the {role} file ({exc.strerror or exc}); "
+                "check the model directory's permissions or re-export the model"
+            ) from None
+        if not present:
             raise ModelError(
                 f"{manifest.path(role)}: missing from the model directory; "
                 "copy the whole directory or re-export the model"
@@ -171,16 +210,20 @@ def _field_problem(manifest: Manifest) -> str | None:
     manifest fails here, once, rather than on every image."""
     pre = manifest.preprocessing
     numbers = (int, float)
-    if len(pre.size) != 2 or not all(isinstance(v, int) and v > 0 for v in pre.size):
+    if len(pre.size) != 2 or not all(
+        isinstance(v, int) and not isinstance(v, bool) and v > 0 for v in pre.size
+    ):
         return f"preprocessing.size must be [height, width], got {list(pre.size)}"
     if (
         len(pre.mean) != 3
         or len(pre.std) != 3
-        or not all(isinstance(v, numbers) for v in pre.mean + pre.std)
+        # JSON's true is an int to Python, and Python's json reads NaN and Infinity
+        or not all(isinstance(v, numbers) and not isinstance(v, bool) for v in pre.mean + pre.std)
+        or not all(math.isfinite(v) for v in pre.mean + pre.std)
         or not all(v > 0 for v in pre.std)
     ):
         return (
-            f"preprocessing.mean and .std must be 3 numbers each (std > 0), got "
+            f"preprocessing.mean and .std must be 3 numbers each (finite, std > 0), got "
             f"{list(pre.mean)} and {list(pre.std)}"
         )
     if not isinstance(pre.resample, str) or not hasattr(Image.Resampling, pre.resample.upper()):

@@ -913,3 +913,31 @@ def test_a_converted_model_whose_check_fails_is_not_left_as_a_model(fp32_dir, tm
     assert not (out / "manifest.json").exists()
     with pytest.raises(ModelError, match="not an edgecap model directory"):
         load_manifest(out)
+
+
+def test_compare_stages_reads_a_model_folder_named_in_another_encoding(small_model, tmp_path):
+    """A folder name that is not UTF-8: the check after a conversion had failed with
+    onnxruntime's TypeError ("the converted model does not run on onnxruntime") and removed
+    the converted model's manifest."""
+    import os
+
+    named = os.path.join(os.fsencode(tmp_path), b"mod\xe9l")
+    try:
+        os.mkdir(named)
+    except OSError:
+        pytest.skip("this file system takes UTF-8 names only")
+    copy = Path(shutil.copytree(small_model, Path(os.fsdecode(named)) / "m"))
+    reference = load_manifest(small_model)
+    assert set(compare_stages(reference, load_manifest(copy)).values()) <= {0.0, 1.0}
+
+
+@pytest.mark.parametrize("precision", ["fp16", "int8"])
+def test_a_source_whose_manifest_is_not_its_graphs_is_refused(small_model, tmp_path, precision):
+    """dims.top_k edited to 4 where the step graph returns 5: no backend loads that model, and
+    its conversion had succeeded all the same (one that no backend loads either), nothing written."""
+    from helpers import edit_manifest, set_field
+
+    edit_manifest(small_model, set_field(["dims", "top_k"], 4))
+    with pytest.raises(ModelError, match=r"decoder_step.onnx: tensor 'topk_logprobs' has shape \[.*, 5\]"):
+        convert_model_dir(small_model, tmp_path / "out", precision)
+    assert not (tmp_path / "out").exists()

@@ -586,3 +586,22 @@ def test_an_export_out_that_cannot_be_written_is_one_line_and_exit_2(tmp_path, c
         f"edgecap export: error: {out}: Permission denied\n",  # the --out asked for, not the hidden folder
     )
     assert not out.exists()
+
+
+def test_an_export_into_a_folder_named_in_another_encoding(exported, tmp_path):
+    """A folder name that is not UTF-8 (a Latin-1 "modèl"): PyTorch's exporter and onnxruntime
+    take only names they can encode, and the export had ended in a TypeError's traceback."""
+    import os
+
+    from edgecap.manifest import load_manifest
+
+    encoder, decoder, _ = exported
+    named = os.path.join(os.fsencode(tmp_path), b"mod\xe9l")
+    try:
+        os.mkdir(named)
+    except OSError:
+        pytest.skip("this file system takes UTF-8 names only")
+    vocab = Vocabulary.build(["a cat sat on the mat", "a dog ran in the park today"], min_count=1)
+    out = Path(os.fsdecode(named)) / "model"
+    export_modules(encoder, decoder, vocab, PRE, out)  # raises if the check fails
+    assert "export_check" in load_manifest(out).info

@@ -168,3 +168,37 @@ def test_cli_exit_2_one_line(any_model_dir, tmp_path):
     assert out.returncode == 2
     assert len(out.stderr.splitlines()) == 1 and "nested 50001 deep" in out.stderr
     assert "Traceback" not in out.stderr and out.stdout == ""
+
+
+@POSIX
+def test_a_model_folder_named_in_another_encoding_loads_on_onnxruntime(any_model_dir, tmp_path):
+    """A folder name that is not UTF-8 (a Latin-1 "modèl"): onnxruntime's binding takes only
+    names it can encode, and had refused it with a multi-line TypeError blamed on the providers;
+    the graphs are given to it as bytes."""
+    pytest.importorskip("onnxruntime")
+    named = os.path.join(os.fsencode(tmp_path), b"mod\xe9l")
+    try:
+        os.mkdir(named)
+    except OSError:
+        pytest.skip("this file system takes UTF-8 names only")
+    model = copy_model(any_model_dir, Path(os.fsdecode(named)) / "m")
+    photo = Path(edgecap.__file__).parent / "assets" / "examples" / "chelsea.png"
+    with Captioner(model, backend="onnxruntime", max_length=4) as captioner:
+        assert captioner.caption(photo).text
+
+
+@POSIX
+def test_a_model_folder_named_with_a_newline_is_one_error_line(tmp_path, capsys):
+    """The error names the folder as caption names its inputs (\\n, \\xHH for a byte that is
+    not UTF-8): a newline in the name had split the line in two."""
+    from edgecap.cli import main
+
+    photo = Path(edgecap.__file__).parent / "assets" / "examples" / "chelsea.png"
+    for name, shown in (("nl\nmodel", "nl\\nmodel"), ("bad\udcffmodel", "bad\\xffmodel")):
+        try:
+            (tmp_path / name).mkdir()
+        except (OSError, UnicodeError):
+            pytest.skip("this file system does not take such names")
+        assert main(["caption", "--model", str(tmp_path / name), str(photo)]) == 2
+        err = capsys.readouterr().err
+        assert err.count("\n") == 1 and f"{shown}: not an edgecap model directory" in err

@@ -85,6 +85,26 @@ def test_unreadable_manifest(tiny_model_dir, tmp_path):
         Captioner(model)
 
 
+def test_a_folder_that_cannot_be_looked_into_is_not_called_a_folder_without_a_model(small_model, monkeypatch):
+    """A model folder without read or search permission (chmod 700 by another user): its
+    manifest cannot be seen, not missing; it had been "not an edgecap model directory (no
+    manifest.json); create one with `edgecap export`". (os.lstat refuses as the kernel does,
+    so that it shows as root too.)"""
+    import errno
+    import os
+
+    manifest, lstat = small_model / "manifest.json", os.lstat
+
+    def refused(path, *args, **kwargs):
+        if os.fspath(path) == os.fspath(manifest):
+            raise PermissionError(errno.EACCES, os.strerror(errno.EACCES), os.fspath(path))
+        return lstat(path, *args, **kwargs)
+
+    monkeypatch.setattr(os, "lstat", refused)
+    with pytest.raises(ModelError, match=r"small: cannot look into the folder \(Permission denied\)"):
+        load_manifest(small_model)
+
+
 def test_vocabulary_of_the_right_size_from_another_model(tiny_model_dir, tmp_path):
     model = copy_model(tiny_model_dir, tmp_path / "m")
     words = json.loads((model / "vocab.json").read_text())["words"]
@@ -109,6 +129,44 @@ def test_truncated_model_with_the_torch_backend(tiny_model_dir, tmp_path):
     encoder.write_bytes(encoder.read_bytes()[:5000])
     with pytest.raises(ModelError, match="encoder.onnx: checksum mismatch.*re-copy"):
         Captioner(model, backend="torch")
+
+
+def test_the_torch_backend_checks_the_graphs_against_the_manifest(tiny_model_dir, tmp_path):
+    """The torch modules take any image size: a manifest whose preprocessing size is not the
+    graphs' had captioned at that size (a wrong caption, or a process killed for memory at a
+    huge one); it is refused as onnxruntime refuses it."""
+    pytest.importorskip("torch")
+    model = copy_model(tiny_model_dir, tmp_path / "m")
+    height, width = load_manifest(model).preprocessing.size
+    edit_manifest(model, set_field(["preprocessing", "size"], [height + 32, width + 32]))
+    with pytest.raises(ModelError, match=r"encoder.onnx: tensor 'image' has shape .* but the manifest says"):
+        Captioner(model, backend="torch")
+
+
+@pytest.mark.parametrize("encoder", ["efficientnet-lite9", ["efficientnet-lite0"], {}])
+def test_an_encoder_the_torch_backend_does_not_know_is_named(tiny_model_dir, tmp_path, encoder):
+    """The manifest's "encoder" names the CNN the torch backend rebuilds; a list or an object
+    there had been a TypeError's traceback (unhashable type)."""
+    pytest.importorskip("torch")
+    model = copy_model(tiny_model_dir, tmp_path / "m")
+    edit_manifest(model, set_field(["encoder"], encoder))
+    with pytest.raises(ModelError, match=r"manifest.json: unknown encoder .*upgrade edgecap"):
+        Captioner(model, backend="torch")
+
+
+def test_a_model_dir_that_cannot_be_reached_is_one_error(tmp_path):
+    """A name too long for the file system (as a folder above it that this user may not search,
+    EACCES): is_dir() raises for those, and the command had ended in an OSError's traceback."""
+    with pytest.raises(ModelError, match=r"cannot reach the model directory \(File name too long\)"):
+        Captioner(tmp_path / ("x" * 5000))
+
+
+def test_a_model_file_that_cannot_be_reached_is_one_error(small_model):
+    """A file name too long (as a subfolder this user may not search, EACCES): exists() raises
+    for those, and the command had ended in an OSError's traceback."""
+    edit_manifest(small_model, set_field(["files", "encoder"], "x" * 300 + ".onnx"))
+    with pytest.raises(ModelError, match=r"x\.onnx: cannot reach the encoder file \(File name too long\)"):
+        load_manifest(small_model)
 
 
 def test_missing_model_dir(tmp_path):
@@ -247,6 +305,11 @@ def test_a_saved_manifest_reads_back_as_written(small_model):
         (set_field(["preprocessing", "mean"], [127.5, 127.5]), "mean and .std must be 3 numbers"),
         (set_field(["preprocessing", "std"], [1, 1, 1, 1]), "mean and .std must be 3 numbers"),
         (set_field(["preprocessing", "mean"], [1, "2", 3]), "mean and .std must be 3 numbers"),
+        # JSON's true is 1 to Python; its json reads NaN and Infinity (a NaN image: no caption)
+        (set_field(["preprocessing", "size"], [True, True]), r"preprocessing.size must be \[height, width\]"),
+        (set_field(["preprocessing", "mean"], [True, 1, 1]), "mean and .std must be 3 numbers"),
+        (set_field(["preprocessing", "mean"], [float("nan")] * 3), r"mean and .std must be 3 numbers.*\[nan"),
+        (set_field(["preprocessing", "std"], [float("inf")] * 3), r"mean and .std must be 3 numbers.*\[inf"),
         (set_field(["dims", "hidden_dim"], 0), "dims.hidden_dim must be a positive integer"),
         (set_field(["files", "vocab"], "sub/../../vocab.json"), "not a file name inside the model directory"),
         (lambda d: d["files"].pop("classes"), "names no classes file"),
@@ -356,4 +419,22 @@ def test_a_tensor_of_another_rank_is_refused(small_model):
     with pytest.raises(
         ModelError, match=r"tensor 'word_bias' has shape \[.*, 20, 1\] but the manifest says \['\?', 20\]"
     ):
+        Captioner(small_model, backend="onnxruntime")
+
+
+@pytest.mark.parametrize("role, name", [("decoder_step", "tokens"), ("encoder", "image")])
+def test_a_graph_with_a_fixed_row_dimension_is_refused_on_loading(small_model, role, name):
+    """A graph whose batch a tool fixed (1 image, 3 rows): it loaded, and then every batch of
+    another size ended in onnxruntime's INVALID_ARGUMENT traceback, the other photos' captions
+    lost with it."""
+    import onnx
+
+    from edgecap.manifest import file_sha256
+
+    path = load_manifest(small_model).path(role)
+    graph_model = onnx.load(path)
+    _value(graph_model.graph.input, name).type.tensor_type.shape.dim[0].dim_value = 3
+    onnx.save(graph_model, path)
+    edit_manifest(small_model, set_field(["sha256", role], file_sha256(path)))
+    with pytest.raises(ModelError, match=rf"{role}.onnx: input '{name}' has a fixed first dimension \(3\)"):
         Captioner(small_model, backend="onnxruntime")

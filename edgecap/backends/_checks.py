@@ -14,10 +14,15 @@ Shape = Sequence[object]  # ints for fixed dimensions, strings / None for dynami
 
 
 def check_graph_io(
-    manifest: Manifest, role: str, inputs: Mapping[str, Shape], outputs: Mapping[str, Shape]
+    manifest: Manifest,
+    role: str,
+    inputs: Mapping[str, Shape],
+    outputs: Mapping[str, Shape],
+    runs_graph: bool = True,
 ) -> None:
     """Raise ModelError when a graph's tensor names or fixed dimensions contradict the contract
-    (``edgecap.contract``) or the manifest's dims."""
+    (``edgecap.contract``) or the manifest's dims. ``runs_graph``: the graph itself is run, so
+    its inputs' row dimension must be dynamic too (the torch backend runs its own modules)."""
     path = manifest.path(role)
     want_in, want_out = IO[role]
     for kind, want, have in (("inputs", want_in, inputs), ("outputs", want_out, outputs)):
@@ -42,6 +47,36 @@ def check_graph_io(
                 "files and manifest.json do not belong together: re-export the "
                 "model or copy the whole directory again"
             )
+    for name in want_in if runs_graph else ():  # the rows: images, or their beams
+        rows = tuple(inputs[name])[:1]
+        if rows and isinstance(rows[0], int):
+            raise ModelError(
+                f"{path}: input {name!r} has a fixed first dimension ({rows[0]}), where edgecap "
+                "feeds any number of rows (images, or their beams); a tool that fixed the batch "
+                "size made it: re-export the model with `edgecap export`"
+            )
+
+
+def check_declared_io(manifest: Manifest, role: str, graph, runs_graph: bool = True) -> None:
+    """``check_graph_io`` of an ONNX graph (``onnx.GraphProto``) as its file declares it, for
+    what reads a graph without onnxruntime (the torch backend, whose modules run at the
+    manifest's preprocessing size whatever the graphs say; ``edgecap convert``). An output size
+    the file leaves unnamed or symbolic (an older export) is not checked: onnxruntime infers it."""
+
+    def declared(value) -> list:
+        return [
+            d.dim_value if d.HasField("dim_value") else (d.dim_param or None)
+            for d in value.type.tensor_type.shape.dim
+        ]
+
+    expected = manifest.dims.shapes(manifest.preprocessing.size)[role]
+    outputs = {}
+    for value in graph.output:
+        shape = declared(value)
+        known = bool(shape) and all(isinstance(d, int) for d in shape[1:])
+        outputs[value.name] = shape if known or value.name not in expected else expected[value.name]
+    inputs = {value.name: declared(value) for value in graph.input}
+    check_graph_io(manifest, role, inputs, outputs, runs_graph)
 
 
 def load_failure(manifest: Manifest, role: str, exc: BaseException) -> ModelError:

@@ -16,7 +16,7 @@ from edgecap.backends.base import Backend, DecoderSession, Encoded, StepResult
 from edgecap.contract import ENCODER_OUTPUTS, ROLES, Limits
 from edgecap.errors import BackendError
 from edgecap.extras import install_hint
-from edgecap.manifest import Manifest
+from edgecap.manifest import Manifest, graph_source
 
 if not hasattr(ort, "InferenceSession"):
     # onnxruntime and onnxruntime-gpu install the same files: uninstalling one after installing
@@ -172,9 +172,8 @@ class OnnxRuntimeBackend(Backend):
 
     def _session(self, role: str, providers: list, threads: int | None) -> ort.InferenceSession:
         try:
-            session = ort.InferenceSession(
-                str(self.manifest.path(role)), session_options(threads), providers=providers
-            )
+            source = graph_source(self.manifest.path(role))  # a name that is not UTF-8: the bytes
+            session = ort.InferenceSession(source, session_options(threads), providers=providers)
         except (ValueError, TypeError) as exc:
             raise BackendError(f"onnxruntime refused the providers {providers}: {exc}") from exc
         except Exception as exc:  # onnxruntime's own exception types are not importable stably

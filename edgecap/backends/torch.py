@@ -31,7 +31,7 @@ import onnx
 import torch
 from onnx import numpy_helper
 
-from edgecap.backends._checks import check_threads, load_failure
+from edgecap.backends._checks import check_declared_io, check_threads, load_failure
 from edgecap.backends.base import Backend, DecoderSession, Encoded, StepResult
 from edgecap.backends.staging import Staging
 from edgecap.backends.torch_preprocess import FramePreprocess
@@ -61,7 +61,9 @@ PREPROCESS = ("host", "device")
 
 
 def read_initializers(manifest: Manifest) -> dict[str, np.ndarray]:
-    """All initializers of both graphs, by name (float16 files come back as float16)."""
+    """All initializers of both graphs, by name (float16 files come back as float16). Each
+    graph's declared inputs and outputs are checked against the manifest, as onnxruntime's
+    backend does: the modules run at the manifest's preprocessing size whatever the graphs say."""
     weights: dict[str, np.ndarray] = {}
     for role in ROLES:
         path = manifest.path(role)
@@ -69,6 +71,7 @@ def read_initializers(manifest: Manifest) -> dict[str, np.ndarray]:
             model = onnx.load(str(path))
         except Exception as exc:  # protobuf's DecodeError and friends
             raise load_failure(manifest, role, exc) from exc
+        check_declared_io(manifest, role, model.graph, runs_graph=False)  # its modules take any rows
         for init in model.graph.initializer:
             weights.setdefault(init.name, numpy_helper.to_array(init))
     return weights

@@ -42,7 +42,7 @@ import numpy as np
 from edgecap.contract import CLASSES, ENCODER_OUTPUTS, FILE_ROLES, ROLES, STEP_OUTPUTS, VOCAB
 from edgecap.errors import BackendError, ModelError
 from edgecap.extras import install_hint
-from edgecap.manifest import Manifest, file_sha256, load_manifest, verify_files
+from edgecap.manifest import Manifest, file_sha256, graph_source, load_manifest, verify_files
 from edgecap.models.config import ENCODER_FP32_BLOCKS, INT8_ENCODER_FP32_BLOCKS
 
 PRECISIONS = ("fp16", "int8")
@@ -396,6 +396,20 @@ def convert_fp16(source: Manifest, out: str | Path, force: bool = False) -> Mani
     return _write_manifest(source, out, "fp16", {"fp32_ops": islands})
 
 
+def _check_source_graphs(source: Manifest) -> None:
+    """The source's graphs against its manifest, as a backend checks them on loading: a manifest
+    that is not the graphs' (an edited size) makes a converted model no backend loads."""
+    from edgecap.backends._checks import check_declared_io, load_failure
+
+    onnx = _import_onnx()
+    for role in ROLES:
+        try:
+            graph = onnx.load(str(source.path(role)), load_external_data=False).graph
+        except Exception as exc:  # protobuf's DecodeError and friends
+            raise load_failure(source, role, exc) from exc
+        check_declared_io(source, role, graph)
+
+
 def _require_fp32(source: Manifest) -> None:
     if source.precision != "fp32":
         raise ModelError(
@@ -582,6 +596,7 @@ def convert_model_dir(
         raise ValueError("--calibration only applies to --precision int8")
     source = load_manifest(model_dir)
     verify_files(source)
+    _check_source_graphs(source)
     out = Path(out)
     made = not os.path.lexists(out)  # OUT_DIR is made here
     empty = not made and out.is_dir() and not any(out.iterdir())
@@ -616,7 +631,7 @@ def compare_stages(
     images = rng.uniform(-1, 1, (n_images, 3, h, w)).astype(np.float32)
 
     def session(manifest: Manifest, role: str):
-        return ort.InferenceSession(str(manifest.path(role)), providers=["CPUExecutionProvider"])
+        return ort.InferenceSession(graph_source(manifest.path(role)), providers=["CPUExecutionProvider"])
 
     names = ENCODER_OUTPUTS
     ref_enc = dict(zip(names, session(reference, "encoder").run(list(names), {"image": images})))

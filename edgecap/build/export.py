@@ -9,6 +9,7 @@ ONNX files and a model directory needs no second copy of them.
 
 from __future__ import annotations
 
+import io
 import math
 import os
 import shutil
@@ -35,7 +36,7 @@ from edgecap.contract import (
 )
 from edgecap.errors import ModelError
 from edgecap.files import nearest_existing
-from edgecap.manifest import MANIFEST, Manifest, file_sha256, load_manifest
+from edgecap.manifest import MANIFEST, Manifest, file_sha256, graph_source, load_manifest
 from edgecap.models.decoder import CaptionDecoder
 from edgecap.models.efficientnet_lite import EfficientNetLite
 from edgecap.models.graphs import EncoderGraph, StepGraph
@@ -89,10 +90,14 @@ def _export(module: nn.Module, args: tuple, path: Path, inputs, outputs, dynamic
     with warnings.catch_warnings():
         # The "same" padding is traced as constants: fine, the input size is fixed by the manifest.
         warnings.simplefilter("ignore", torch.jit.TracerWarning)
+        # into memory: the exporter's binding takes only a file name it can encode as UTF-8, and
+        # a folder may be named in another encoding (a file object: the TorchScript exporter's
+        # own, which its type hints leave out)
+        graph = io.BytesIO()
         torch.onnx.export(
             module,
             args,
-            str(path),
+            graph,  # type: ignore[arg-type]
             input_names=list(inputs),
             output_names=list(outputs),
             dynamic_axes=dynamic_axes,
@@ -100,6 +105,7 @@ def _export(module: nn.Module, args: tuple, path: Path, inputs, outputs, dynamic
             do_constant_folding=False,
             dynamo=False,
         )
+    path.write_bytes(graph.getvalue())
 
 
 def _set_output_dims(path: Path, dims: dict[str, list[int]]) -> None:
@@ -316,8 +322,9 @@ def check_export(
     if images:
         x = torch.cat([x, torch.from_numpy(np.stack(images))])
     opts = ort.SessionOptions()
-    enc = ort.InferenceSession(str(out_dir / "encoder.onnx"), opts, providers=["CPUExecutionProvider"])
-    step = ort.InferenceSession(str(out_dir / "decoder_step.onnx"), opts, providers=["CPUExecutionProvider"])
+    cpu = ["CPUExecutionProvider"]
+    enc = ort.InferenceSession(graph_source(out_dir / "encoder.onnx"), opts, providers=cpu)
+    step = ort.InferenceSession(graph_source(out_dir / "decoder_step.onnx"), opts, providers=cpu)
     diffs = {}
     with torch.no_grad():
         ref = EncoderGraph(encoder, decoder)(x)

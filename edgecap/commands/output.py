@@ -49,6 +49,14 @@ def escape_field(text: str) -> str:
     return _UNSAFE.sub(_escape_char, text)
 
 
+def one_line(message: str) -> str:
+    """An error message as the command line prints it: ``escape_field``'s escapes but for the
+    backslash (a message's names may already be escaped), so that a name it holds with a
+    newline (a model folder's) cannot break it in two, nor bytes that are not UTF-8 show
+    as surrogates."""
+    return _UNSAFE.sub(lambda m: m.group() if m.group() == "\\" else _escape_char(m), message)
+
+
 # the records' keys that hold a file's name as the OS gave it (eval's summary: "references", and
 # "path" in its "model")
 NAME_KEYS = ("path", "bag", "references")

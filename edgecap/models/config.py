@@ -64,7 +64,7 @@ DEFAULT_ENCODER = "efficientnet-lite0"
 def encoder_spec(name: str) -> EncoderSpec:
     try:
         return ENCODERS[name]
-    except KeyError:
+    except (KeyError, TypeError):  # TypeError: not a name at all (a list in a hand-edited manifest)
         raise ValueError(f"unknown encoder {name!r} (known: {', '.join(ENCODERS)})") from None
 
 
