@@ -20,8 +20,8 @@ them as one ``Captioner.caption_batch`` in its own thread while the event loop k
 requests. Limits, each a clear JSON error (``{"error": "..."}``) after which the service keeps
 serving:
 
-- 413: a body over ``max_body_bytes`` (refused from its Content-Length before it is read, or
-  while a chunked body is read);
+- 413: a body over ``max_body_bytes`` (refused from its Content-Length before it is read, before
+  it is sent with ``Expect: 100-continue``, or while a chunked body is read);
 - 503 (with ``Retry-After``): ``max_pending`` requests are already being read, queued or
   captioned; memory stays below ``max_pending x max_body_bytes`` for bodies; or the service is
   stopping while the body is still arriving;
@@ -249,7 +249,7 @@ class CaptionService:
             client_max_size=self.options.max_body_bytes + 1,
             middlewares=[_noting_unread_bodies(web, self._unread), _json_errors(web)],
         )
-        self.app.router.add_post("/caption", self.caption)
+        self.app.router.add_post("/caption", self.caption, expect_handler=self._expect)
         self.app.router.add_get("/health", self.health)
         self.app.on_startup.append(self._start)
         self.app.on_shutdown.append(self._close_unread)
@@ -302,10 +302,9 @@ class CaptionService:
             }
         )
 
-    async def caption(self, request):
-        from edgecap.commands.output import caption_record
-
-        web = _aiohttp()
+    def _refused(self, web, request):
+        """The answer to a request refused from its line and headers alone (a query, not an
+        image, over the body limit, busy), or None."""
         options = self.options
         if request.query_string:  # ?beam_size=1 would be taken for a setting it is not
             return _error(
@@ -333,6 +332,37 @@ class CaptionService:
                 f"(max_pending {options.max_pending}); retry later",
                 headers={"Retry-After": "1"},
             )
+        return None
+
+    async def _expect(self, request):
+        """``Expect: 100-continue`` (curl sends it with a body over 1 MB): a request refused from
+        its headers is answered now, before the client sends its body (aiohttp's own handler
+        answered "100 Continue" first, and a client on a slow link uploaded all 20 MB of an
+        over-limit body before its 413); else the interim "100 Continue" (RFC 9110 10.1.1), and
+        417 for another expectation."""
+        web = _aiohttp()
+        expectation = request.headers.get("Expect", "")
+        if request.version < (1, 1):  # an HTTP/1.0 client's is ignored (RFC 9110 10.1.1)
+            return None
+        refused = self._refused(web, request)
+        if refused is None and expectation.lower() != "100-continue":
+            refused = _error(web, 417, f"Expect: {expectation[:100]} is not an expectation met here")
+        if refused is not None:
+            if request.transport is not None:  # its body is never read: a stop need not wait
+                self._unread[request.transport] = request.content
+            return refused
+        await request.writer.write(b"HTTP/1.1 100 Continue\r\n\r\n")
+        request.writer.output_size = 0  # the interim answer is not the response's size
+        return None
+
+    async def caption(self, request):
+        from edgecap.commands.output import caption_record
+
+        web = _aiohttp()
+        options = self.options
+        refused = self._refused(web, request)
+        if refused is not None:
+            return refused
         self.pending += 1
         try:
             t0 = time.perf_counter()

@@ -232,6 +232,41 @@ def read_http_reply(sock: socket.socket) -> tuple[int, dict]:
     return int(head.split()[1]), json.loads(rest[:length])
 
 
+def test_expect_100_continue_is_refused_before_the_body_or_told_to_go_on():
+    """curl sends ``Expect: 100-continue`` with a body over 1 MB and waits for the interim
+    answer: a body over the limit is refused (413) before the client sends it, not after
+    (aiohttp's own handler said "100 Continue" first, and the whole body came over the link to
+    be thrown away); one that fits gets "100 Continue", then its caption; another expectation
+    is 417."""
+    fake = BlockingCaptioner()
+    fake.gate.set()
+    running = Running(fake, ServiceOptions(max_body_bytes=1000))
+    head = b"POST /caption HTTP/1.1\r\nHost: x\r\nContent-Type: image/png\r\nExpect: 100-continue\r\n"
+    try:
+        with socket.create_connection(("127.0.0.1", running.port), timeout=CLIENT_TIMEOUT_S) as client:
+            client.sendall(head + b"Content-Length: 1001\r\n\r\n")
+            status, answer = read_http_reply(client)  # no body sent: the answer comes all the same
+            client.sendall(b"x" * 1001)  # as a client that had begun: read and dropped (lingering)
+        assert status == 413 and "over the limit" in answer["error"]
+        with socket.create_connection(("127.0.0.1", running.port), timeout=CLIENT_TIMEOUT_S) as client:
+            client.sendall(head + b"Content-Length: 1000\r\n\r\n")
+            interim = b""
+            while b"\r\n\r\n" not in interim:
+                interim += client.recv(1)
+            assert interim == b"HTTP/1.1 100 Continue\r\n\r\n"
+            client.sendall(b"x" * 1000)
+            status, answer = read_http_reply(client)
+        assert (status, answer.get("caption")) == (200, "1000 bytes")
+        with socket.create_connection(("127.0.0.1", running.port), timeout=CLIENT_TIMEOUT_S) as client:
+            client.sendall(head.replace(b"100-continue", b"a-pony") + b"Content-Length: 5\r\n\r\n")
+            status, answer = read_http_reply(client)
+            client.sendall(b"x" * 5)
+        assert status == 417 and "a-pony" in answer["error"]
+    finally:
+        running.stop()
+    assert fake.batches == [1]  # the refused bodies never reached the model
+
+
 def test_stalled_body_times_out_with_408():
     fake = BlockingCaptioner()
     fake.gate.set()
