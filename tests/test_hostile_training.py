@@ -1585,3 +1585,41 @@ def test_a_run_with_rows_left_out_trains_on_the_rest_and_exits_1(tmp_path, capsy
     assert f"{out}: holds a run at --image-size 224, which this command resumes" in err
     assert "it would go on at 256: give --image-size 224 to resume, or another --out" in err
     assert json.loads((out / "last" / "checkpoint.json").read_text())["train_state"]["epoch"] == 2
+
+
+def test_a_run_folder_another_run_holds_is_refused_and_released_at_its_end(tmp_path):
+    """Two runs into one --out at once had both written best/, last/ and steps.jsonl: the lock
+    a run holds on its folder refuses a second holder, naming the folder, and is free again
+    once the first lets go (as the system frees it when a process ends)."""
+    from edgecap.errors import EdgecapError
+    from edgecap.training.records import RunLock
+
+    out = tmp_path / "run"
+    RunLock().take(out)  # no folder yet: nothing to lock (a new run's is made later)
+    assert not out.exists()
+    out.mkdir()
+    with RunLock() as first:
+        first.take(out)
+        with pytest.raises(EdgecapError, match="another training run is writing this folder now") as info:
+            RunLock().take(out)
+        assert str(out) in str(info.value)
+    second = RunLock()
+    second.take(out)
+    second.release()
+
+
+@torch_needed
+def test_edgecap_train_into_a_folder_a_running_run_holds_is_one_line_and_writes_nothing(
+    tmp_path, folder_data, capsys
+):
+    from edgecap.cli import main
+    from edgecap.training.records import RunLock
+
+    out = tmp_path / "run"
+    out.mkdir()
+    with RunLock() as running:
+        running.take(out)
+        assert main(["train", "--data", str(folder_data), "--out", str(out), "--epochs", "1"]) == 2
+    err = capsys.readouterr().err
+    assert err.startswith(f"edgecap train: error: {out}: another training run is writing this folder now")
+    assert sorted(p.name for p in out.iterdir()) == [".edgecap-train.lock"]

@@ -12,11 +12,12 @@ from __future__ import annotations
 import builtins
 import json
 import os
+import stat
 import struct
 from pathlib import Path
 
 from edgecap.commands.output import escape_field
-from edgecap.errors import ModelError
+from edgecap.errors import EdgecapError, ModelError
 from edgecap.files import FileProblem, check_regular, open_regular, read_json
 
 MAX_RECORD_BYTES = 256 << 20  # plan.json / index.json of 123k COCO photos by absolute path: ~20 MB
@@ -28,6 +29,62 @@ MAX_HEADER_BYTES = 100 << 20  # a safetensors header (safetensors' own limit)
 def shown(path) -> str:
     """A path as problem reports print it (``edgecap caption``'s escaping)."""
     return escape_field(os.fspath(path) if not isinstance(path, str) else path)
+
+
+RUN_LOCK = ".edgecap-train.lock"
+
+
+class RunLock:
+    """An exclusive lock on a run folder (``OUT/.edgecap-train.lock``, ``fcntl.flock``) while a
+    run writes it: a second run into the same ``--out`` while the first still runs (a job
+    started twice, a supervisor's restart while the old process lingers) is refused at once,
+    naming the folder; both had written best/, last/ and steps.jsonl, and one's recovery could
+    remove the other's half-written checkpoint. ``take`` once the folder exists (a new run's is
+    made late, when its data and features are ready); the system releases the lock when the
+    process ends (kill -9 leaves none behind). Without ``fcntl`` (Windows), or on a file system
+    without locks, nothing is held, as before."""
+
+    def __init__(self) -> None:
+        self._fd: int | None = None
+
+    def take(self, out: Path) -> None:
+        if self._fd is not None or not out.is_dir():
+            return
+        try:
+            import fcntl
+        except ImportError:  # pragma: no cover - Windows
+            return
+        path = out / RUN_LOCK
+        flags = os.O_WRONLY | os.O_CREAT | os.O_NONBLOCK | getattr(os, "O_CLOEXEC", 0)
+        try:  # non-blocking: a named pipe put in its place must not hang the run
+            fd = os.open(path, flags, 0o666)
+        except OSError:  # the run's own writes say what is wrong with the folder
+            return
+        try:
+            if not stat.S_ISREG(os.fstat(fd).st_mode):
+                raise OSError("not a regular file")
+            fcntl.flock(fd, fcntl.LOCK_EX | fcntl.LOCK_NB)
+        except BlockingIOError:
+            os.close(fd)
+            raise EdgecapError(
+                f"{shown(out)}: another training run is writing this folder now; wait for it to "
+                "end (the same command then resumes from its last/) or give another --out"
+            ) from None
+        except OSError:  # no locks on this file system (ENOLCK): not held, as before
+            os.close(fd)
+            return
+        self._fd = fd
+
+    def release(self) -> None:
+        if self._fd is not None:
+            os.close(self._fd)  # releases the lock
+            self._fd = None
+
+    def __enter__(self) -> RunLock:
+        return self
+
+    def __exit__(self, *exc) -> None:
+        self.release()
 
 
 class Record:

@@ -23,7 +23,7 @@ from edgecap.training.cider import CiderD
 from edgecap.training.config import ScstConfig, feature_cache
 from edgecap.training.distributed import world_size
 from edgecap.training.features import progress_bar, split_features
-from edgecap.training.records import shown
+from edgecap.training.records import RunLock, shown
 from edgecap.training.start import dataset_items
 from edgecap.training.train import class_probs_of, evaluate_dev, seeded
 from edgecap.vocab import tokenize
@@ -53,6 +53,11 @@ def sample_captions(decoder, fmap, n_samples: int, max_length: int, start: int, 
 
 
 def train_scst(cfg: ScstConfig, log=print) -> Path:
+    with RunLock() as lock:  # OUT's, once it is there (``records.RunLock``)
+        return _train_scst(cfg, log, lock)
+
+
+def _train_scst(cfg: ScstConfig, log, lock: RunLock) -> Path:
     if world_size() > 1:
         raise BackendError("self-critical training (--scst-from) runs in one process, not under torchrun")
     seeded(cfg.seed, cfg.threads)  # torch's threads for the feature extraction; the RNG after it
@@ -84,6 +89,8 @@ def train_scst(cfg: ScstConfig, log=print) -> Path:
     history = [{"epoch": 0, **best}]
     info_base = {k: meta[k] for k in ("train_state", "train_config", "training_data") if k in meta}
     info_base["training_data"] = {**info_base.get("training_data", {}), "left_out": left_out}
+    out.mkdir(parents=True, exist_ok=True)
+    lock.take(out)
     save_checkpoint(
         out / "best",
         decoder,

@@ -48,7 +48,7 @@ from edgecap.preprocess import Preprocessing, to_model_input
 from edgecap.training.config import TrainConfig, check_folders, feature_cache
 from edgecap.training.distributed import rank_share, setup, world_size
 from edgecap.training.features import cache_name, compute_features, progress_bar, split_features
-from edgecap.training.records import MAX_RECORD_BYTES, shown
+from edgecap.training.records import MAX_RECORD_BYTES, RunLock, shown
 from edgecap.training.shards import streamed_split
 from edgecap.training.start import initial_model, training_items
 from edgecap.training.text_mix import (
@@ -246,7 +246,14 @@ def train(cfg: TrainConfig, log=print) -> Path:
     and a run on any number of processes see the same global batches. The process group stays
     up after it returns (``edgecap.training.distributed`` says why): a script of your own that
     calls it under torchrun ends each rank with ``os._exit``, as the ``edgecap`` command does.
+    Rank 0 holds ``OUT``'s lock while it writes there (``records.RunLock``): a second run into the
+    same ``--out`` meanwhile is refused.
     """
+    with RunLock() as lock:
+        return _train(cfg, log, lock)
+
+
+def _train(cfg: TrainConfig, log, lock: RunLock) -> Path:
     check_folders(cfg.out, cfg.cache_dir)
     seeded(cfg.seed, cfg.threads)
     if world_size() > 1 and cfg.finetune_encoder:
@@ -275,6 +282,7 @@ def train(cfg: TrainConfig, log=print) -> Path:
         dev_items = dev_items[: cfg.max_dev_images]
     last = out / "last"
     if dist.main:  # which writes them; the other ranks read last once it is settled
+        lock.take(out)  # a run to resume: before its recovery (a new run's: once OUT is made)
         for folder in (last, out / "best"):  # a run stopped while replacing one of them
             recover(folder)
     dist.barrier()
@@ -336,6 +344,8 @@ def train(cfg: TrainConfig, log=print) -> Path:
         mirror_row[train_rows] = [index[cache_name(images / it.file_name)] for it in train_items]
 
     out.mkdir(parents=True, exist_ok=True)
+    if dist.main:
+        lock.take(out)
     # The pretrained encoder, with the starting checkpoint's tuned blocks where it has them.
     encoder = start.encoder
     device = dist.device
