@@ -943,7 +943,8 @@ class Captioner:
             log_prob=float(hyp.log_prob),
             objects=objects,
             timings=timings,
-            confidence=0.0,
+            # 0: nothing to trust; None with a model that has no confidence (as its captions)
+            confidence=None if self.confidence_model is None else 0.0,
             recognisable=False,
         )
 

@@ -135,8 +135,12 @@ class ConfidenceModel:
     names: tuple[str, ...] = SIGNALS
 
     def predict(self, x: np.ndarray) -> float:
-        """``x``: the model's own signals (``names``), in its order."""
+        """``x``: the model's own signals (``names``), in its order. A signal that is not a number
+        (class probabilities with NaN in them, from an encoder out of range) gives 0: nothing
+        the model was fitted on, and no reason to trust the caption."""
         z = float(((np.asarray(x) - self.mean) / self.std) @ self.weights + self.bias)
+        if math.isnan(z):  # min(50.0, nan) is 50.0: it would read as certainty
+            return 0.0
         return 1.0 / (1.0 + math.exp(-max(-50.0, min(50.0, z))))
 
     def select(self, x: np.ndarray) -> np.ndarray:

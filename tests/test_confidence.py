@@ -442,3 +442,71 @@ def test_a_caption_the_length_cap_cut_has_no_confidence(default_model_dir):
     assert len(cut.tokens) == 1 and cut.confidence == 0.0
     whole = Captioner(default_model_dir).caption(photo)
     assert len(whole.tokens) > 5 and 0 < whole.confidence < 1
+
+
+def test_a_signal_that_is_not_a_number_gives_no_confidence_not_certainty():
+    """min(50, nan) is 50 in Python: a NaN signal read as z = 50, confidence 1.0."""
+    model = ConfidenceModel(np.zeros(2), np.ones(2), np.ones(2), 0.0, {}, ("score", "class_entropy"))
+    assert model.predict([-1.0, float("nan")]) == 0.0
+    assert model.predict([float("nan"), float("nan")]) == 0.0
+
+
+def test_class_probabilities_with_nan_do_not_make_a_caption_certain(default_model_dir):
+    """An encoder out of range (FP16) gives NaN class probabilities; without the everyday
+    language model (whose gate would refuse them) the caption is still made, and its class
+    entropy is NaN: its confidence was 1.0, the most a caption can have."""
+    from edgecap import Captioner
+
+    captioner = Captioner(default_model_dir, fusion_weight=0)
+    encode = captioner.backend.encode
+
+    def with_nan(images):
+        encoded = encode(images)
+        probs = encoded.class_probs.copy()
+        probs[:, :3] = np.nan
+        encoded.class_probs = probs
+        return encoded
+
+    captioner.backend.encode = with_nan
+    caption = captioner.caption(str(EXAMPLES / "rocket.jpg"))
+    assert np.isnan(dict(zip(SIGNALS, caption.signals))["class_entropy"])
+    assert caption.confidence == 0.0
+
+
+def test_the_score_is_the_models_own_mean_log_probability_the_end_counted(captioner):
+    """docs/python-api.md: ``score`` is ``log_prob / (len(tokens) + 1)``, ``log_prob`` the sum of
+    the step's own log-probabilities of the words and of the end, fed one at a time (the tag
+    bonus and the language models steer the search, not these numbers). "cat" is not among the
+    step's top K after "a" without a bias: a bias on the word alone brings it there."""
+    photo = str(EXAMPLES / "chelsea.png")
+    caption = captioner.caption(photo)
+    vocab = captioner.vocab
+    ids = [vocab.words.index(w) for w in caption.tokens] + [vocab.end]
+    x = captioner._prepare(photo, "rgb").x
+    session = captioner.backend.start(captioner.backend.encode(x[None]), np.zeros(1, np.int32))
+    total, previous = 0.0, vocab.start
+    for word in ids:
+        bias = np.zeros((1, len(vocab)), np.float32)
+        bias[0, word] = 100.0  # into the top K; the log-probabilities returned are unbiased
+        step = session.step(np.array([previous], np.int32), np.zeros(1, np.int32), bias)
+        (k,) = np.flatnonzero(step.topk_ids[0] == word)
+        total += float(step.topk_logprobs[0, k])
+        previous = word
+    assert caption.log_prob == pytest.approx(total, abs=1e-4)
+    assert caption.score == pytest.approx(total / (len(caption.tokens) + 1), abs=1e-5)
+
+
+def test_a_model_without_confidence_gives_none_for_a_blank_frame_too(tmp_path, default_model_dir):
+    """A model directory without confidence.json gives no confidence (None, JSON null) for
+    every caption, a blank frame's "nothing recognisable" too: it had been 0.0 there, a number
+    where the model has none; with confidence.json a blank frame's is 0."""
+    from edgecap import Captioner
+
+    model = tmp_path / "model"
+    shutil.copytree(default_model_dir, model)
+    (model / "confidence.json").unlink()
+    black = np.zeros((64, 64, 3), np.uint8)
+    photo, blank = Captioner(model).caption_batch([str(EXAMPLES / "chelsea.png"), black])
+    assert photo.recognisable and photo.confidence is None
+    assert not blank.recognisable and blank.confidence is None
+    assert Captioner(default_model_dir).caption(black).confidence == 0.0
