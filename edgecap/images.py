@@ -102,6 +102,10 @@ def _load_lock(im: Image.Image) -> threading.Lock:
 MAX_PIXELS_ENV = "EDGECAP_MAX_PIXELS"
 MAX_FILE_BYTES_ENV = "EDGECAP_MAX_FILE_BYTES"
 BACKGROUND = (255, 255, 255)  # transparency is flattened onto white (see the module docstring)
+# What ``load_rgb`` makes of a file, in the feature caches' key (``training.features.cache_key``):
+# features of photos decoded otherwise are not reused. 2: embedded colour profiles applied and
+# the transparency of palette, 1-bit and 16-bit grey PNGs over white (2026-12-06).
+DECODING = 2
 # Pillow's default, written down rather than copied from ``Image.MAX_IMAGE_PIXELS`` at import:
 # a program may have set that to None (no limit) before importing edgecap.
 DEFAULT_MAX_PIXELS = 89_478_485
@@ -555,9 +559,14 @@ def _srgb_transform(profile: bytes) -> Any:
         if cms.profile.xcolor_space != "RGB " or "srgb" in (cms.profile.profile_description or "").lower():
             return None
         # NOCACHE: lcms's one-pixel cache is not safe in two decoding threads at once
-        return ImageCms.buildTransform(cms, _srgb(), "RGB", "RGB", flags=ImageCms.Flags.NOCACHE)
+        return ImageCms.buildTransform(cms, _srgb(), "RGB", "RGB", flags=_NOCACHE)
     except Exception:  # noqa: BLE001 (lcms raises PyCMSError, OSError, TypeError on a bad profile)
         return None
+
+
+# lcms's cmsFLAGS_NOCACHE (0x40): ImageCms.Flags.NOCACHE from Pillow 10.3, FLAGS["NOTCACHE"]
+# before it (pyproject allows 9.1: asking for Flags there left every profile unapplied)
+_NOCACHE: Any = getattr(getattr(ImageCms, "Flags", None), "NOCACHE", 0x40)
 
 
 @functools.lru_cache(maxsize=1)

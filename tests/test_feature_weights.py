@@ -193,3 +193,21 @@ def test_the_shard_cache_of_other_weights_is_never_reused(tmp_path, weights, mon
 
     _weights_1_2_1(weights[LITE0], features, built)
     assert len(list((tmp_path / "cache").glob("shards-*"))) == 2
+
+
+def test_a_cache_of_photos_decoded_otherwise_is_never_reused(tmp_path, weights, monkeypatch):
+    """Photos read otherwise (``images.DECODING``: colour profiles applied since 2026-12-06)
+    give other features: a cache written before (decoding 1, whose key is the one caches had
+    before the decoding was in it) is not trained on; both caches are found again after."""
+    from edgecap import images
+    from edgecap.preprocess import Preprocessing
+    from edgecap.training.features import compute_features
+
+    built = _stand_in_encoder(monkeypatch)
+    paths = _photos(tmp_path)
+    write_weights(weights[LITE0], 1)
+    for decoding, builds in ((1, 1), (images.DECODING, 2), (1, 2), (images.DECODING, 2)):
+        monkeypatch.setattr(images, "DECODING", decoding)
+        compute_features(paths, tmp_path / "cache", Preprocessing(size=(8, 8)), progress=False)
+        assert len(built) == builds, decoding
+    assert len(list((tmp_path / "cache").glob("features-*.npy"))) == 2

@@ -851,6 +851,20 @@ def test_an_embedded_rgb_profile_is_converted_to_srgb(tmp_path):
     assert np.abs(got[1:] - expected[1:]).max() <= 2 and (got[0, 0] >= 253).all()
 
 
+def test_a_profile_is_converted_with_a_pillow_that_has_no_imagecms_flags(tmp_path, monkeypatch):
+    """pyproject allows Pillow 9.1: ``ImageCms.Flags`` came in 10.3 (before it a ``FLAGS`` dict),
+    and asking for it there had left every profile unapplied (the AttributeError taken for an
+    unreadable profile)."""
+    from PIL import ImageCms
+
+    assert images._NOCACHE == ImageCms.Flags.NOCACHE
+    monkeypatch.delattr(ImageCms, "Flags")
+    profile = _rotated_primaries_profile("rotated primaries, an older Pillow")  # not cached yet
+    path = _save(Image.fromarray(_colours()), tmp_path / "rotated.png", icc_profile=profile)
+    got = rgb_array(path).astype(int)
+    assert np.abs(got - _colours()[:, :, [2, 0, 1]].astype(int)).max() <= 2
+
+
 def test_an_srgb_or_unusable_profile_leaves_the_pixels_as_stored(tmp_path, monkeypatch):
     """A profile that says sRGB (by its name, as cameras write "sRGB IEC61966-2.1"), bytes lcms
     cannot read, one over MAX_PROFILE_BYTES, and a grey image's profile: the pixels as stored,

@@ -64,7 +64,14 @@ def cache_name(path: Path) -> str:
 
 
 def cache_key(preprocessing: Preprocessing, encoder_tag: str) -> str:
-    blob = json.dumps({"pre": preprocessing.to_dict(), "encoder": encoder_tag}, sort_keys=True)
+    """The preprocessing, the encoder and how photos are decoded (``images.DECODING``: a cache
+    of features of photos read before their colour profiles were applied is not reused)."""
+    from edgecap import images
+
+    fields: dict[str, object] = {"pre": preprocessing.to_dict(), "encoder": encoder_tag}
+    if images.DECODING > 1:  # the key of caches written before it was in the key: decoding 1
+        fields["decoding"] = images.DECODING
+    blob = json.dumps(fields, sort_keys=True)
     return hashlib.sha1(blob.encode()).hexdigest()[:12]
 
 

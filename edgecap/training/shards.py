@@ -1,7 +1,7 @@
 """Disk feature cache in shards, for feature sets that do not fit in memory (COCO: 123k images x
 49 x 1280 float16 = 15 GB).
 
-``CACHE/shards-KEY/`` (KEY: the preprocessing + encoder tag, as ``features.cache_key``):
+``CACHE/shards-KEY/`` (KEY: the preprocessing + encoder tag + decoding, as ``features.cache_key``):
 
 - ``plan.json``: the images and their order: image i is row ``i % shard_size`` of shard
   ``i // shard_size``. Written first; a later request for images it lacks appends them (and
