@@ -79,8 +79,9 @@ class Caption:
     a caption that ``max_length`` cut before any place where it could end).
     ``recognisable``: False for a frame with nothing to caption (uniform, or blurred past any
     detail: ``edgecap.preprocess.recognisable``); its ``text`` is then ``NOTHING_RECOGNISABLE``,
-    ``tokens`` empty and ``confidence`` 0 (``score`` and ``log_prob`` stay those of the caption
-    the search found and that is not shown: rank such captions by ``confidence``).
+    ``tokens`` empty and ``confidence`` 0, None for a model without one (``score`` and
+    ``log_prob`` stay those of the caption the search found and that is not shown: rank such
+    captions by ``confidence``).
     ``signals``: every signal of ``edgecap.confidence.SIGNALS`` (``confidence`` is computed
     from those its model names), for fitting a confidence model; None for a frame with nothing
     recognisable (no caption to judge).

@@ -350,6 +350,9 @@ class CaptionService:
         if refused is not None:
             if request.transport is not None:  # its body is never read: a stop need not wait
                 self._unread[request.transport] = request.content
+            # and the connection closes after it: a client that sent no body and went on with
+            # its next request on it had that request read as the refused body
+            refused.force_close()
             return refused
         await request.writer.write(b"HTTP/1.1 100 Continue\r\n\r\n")
         request.writer.output_size = 0  # the interim answer is not the response's size

@@ -317,14 +317,14 @@ def test_the_fusion_gate_reaches_the_shipped_confidence(captioner):
     """``typical`` is 1 minus the fusion gate's share for the photo: the astronaut looks like the
     training photos and gets no fusion (typical 1), the espresso cup is atypical and fully
     steered (0). The confidences are those the docs show (coffee 0.81 in docs/confidence.md,
-    the rocket 0.094 in docs/service.md)."""
+    the rocket 0.0932 in docs/service.md)."""
     got = {}
     for name in ("astronaut.png", "coffee.png", "rocket.jpg"):
         caption = captioner.caption(str(EXAMPLES / name))
         got[name] = (dict(zip(SIGNALS, caption.signals))["typical"], caption.confidence)
     assert got["astronaut.png"][0] == 1.0 and got["coffee.png"][0] == 0.0
     assert got["coffee.png"][1] == pytest.approx(0.81, abs=0.005)
-    assert got["rocket.jpg"][1] == pytest.approx(0.094, abs=0.001)
+    assert got["rocket.jpg"][1] == pytest.approx(0.0932, abs=0.001)
 
 
 def test_the_shipped_confidence_model_and_its_signals(captioner):

@@ -89,7 +89,7 @@ def test_each_caption_of_a_batch_has_its_own_photos_objects_and_confidence(capti
     cat (chelsea.png, skimage's photo of Chelsea the cat) a cat class first, the cup of coffee
     (coffee.png) a coffee class first, and each caption's objects and confidence those of the
     photo captioned alone (confidences recorded with the shipped model: astronaut 0.108, cat
-    0.924, coffee 0.810, rocket 0.094, so any two photos' differ by more than the tolerance)."""
+    0.924, coffee 0.810, rocket 0.093, so any two photos' differ by more than the tolerance)."""
     names = sorted(PINNED)
     batch = dict(zip(names, captioner.caption_batch([str(EXAMPLES / n) for n in names])))
     cats = {"Egyptian Mau", "tabby cat", "tiger cat", "Persian cat", "Siamese cat"}

@@ -196,7 +196,8 @@ def test_loaded_class_list_knows_the_vocabulary_s_function_words(tmp_path):
 
 
 def test_tag_probabilities_have_four_decimals():
-    """``Caption.objects`` as docs/service.md shows it: ["drilling rig", 0.4175]."""
+    """``Caption.objects`` rounded to 4 decimals, as docs/service.md shows them (["drilling rig",
+    0.2747])."""
     classes = ObjectClasses(("drilling rig", "missile"), ((), ()))
     assert classes.tags(np.array([0.41753, 0.11984], np.float32), 2) == (
         ("drilling rig", 0.4175),

@@ -324,3 +324,44 @@ def test_a_checkpoint_with_a_fine_tuned_encoder_is_refused_in_one_line(tmp_path,
         "cached features of the pretrained encoder: start from a checkpoint with a frozen encoder\n"
     )
     assert not out.exists()
+
+
+def test_a_new_runs_folder_is_locked_once_made_for_cross_entropy_and_self_critical_runs(
+    tiny_dataset,  # noqa: F811
+    ce_checkpoint,
+    tmp_path,
+):
+    """docs/training.md: a second run into a --out that a run writes is refused. A new run's
+    folder is made late (its features first) and locked then: for ``edgecap train`` and for
+    --scst-from alike, every log line written once OUT is there finds the lock held."""
+    pytest.importorskip("pycocoevalcap")  # the dev CIDEr of each epoch
+    from edgecap.errors import EdgecapError
+    from edgecap.training import scst
+    from edgecap.training.records import RunLock
+    from edgecap.training.train import train
+
+    def probe(out, seen):
+        def log(*_):
+            if out.is_dir():
+                other = RunLock()
+                try:
+                    other.take(out)
+                    seen.append("free")
+                except EdgecapError:
+                    seen.append("held")
+                finally:
+                    other.release()
+
+        return log
+
+    ce_out = tmp_path / "ce"
+    scst_cfg = _scst_config(ce_checkpoint, tiny_dataset, tmp_path, epochs=1)
+    for out, run in (
+        (ce_out, lambda log: train(tiny_train_config(tiny_dataset, ce_out, 1), log=log)),
+        (tmp_path / "scst", lambda log: scst.train_scst(scst_cfg, log=log)),
+    ):
+        seen: list[str] = []
+        run(probe(out, seen))
+        assert seen and set(seen) == {"held"}, (out.name, seen)
+        with RunLock() as again:
+            again.take(out)  # free again once the run has returned

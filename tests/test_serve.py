@@ -215,13 +215,17 @@ def test_slow_client_does_not_block_others(running, captioner):
     assert reply[0] == 200 and answer_fields(reply[1]) == caption_record(captioner.caption(body))
 
 
-def read_http_reply(sock: socket.socket) -> tuple[int, dict]:
+def read_http_reply(sock: socket.socket, heads: list | None = None) -> tuple[int, dict]:
+    """-> (status, JSON body) of the next answer on ``sock``; its head's lines appended to
+    ``heads`` where given."""
     data = b""
     while b"\r\n\r\n" not in data:
         chunk = sock.recv(65536)
         assert chunk, f"connection closed after {data!r}"
         data += chunk
     head, rest = data.split(b"\r\n\r\n", 1)
+    if heads is not None:
+        heads.extend(line.decode("latin-1").lower() for line in head.split(b"\r\n"))
     length = int(
         next(
             line.split(b":")[1] for line in head.split(b"\r\n") if line.lower().startswith(b"content-length")
@@ -245,9 +249,12 @@ def test_expect_100_continue_is_refused_before_the_body_or_told_to_go_on():
     try:
         with socket.create_connection(("127.0.0.1", running.port), timeout=CLIENT_TIMEOUT_S) as client:
             client.sendall(head + b"Content-Length: 1001\r\n\r\n")
-            status, answer = read_http_reply(client)  # no body sent: the answer comes all the same
+            refused: list = []
+            status, answer = read_http_reply(client, refused)  # no body sent: answered all the same
             client.sendall(b"x" * 1001)  # as a client that had begun: read and dropped (lingering)
         assert status == 413 and "over the limit" in answer["error"]
+        # and the connection closes after it: a next request on it would be read as the body
+        assert "connection: close" in refused
         with socket.create_connection(("127.0.0.1", running.port), timeout=CLIENT_TIMEOUT_S) as client:
             client.sendall(head + b"Content-Length: 1000\r\n\r\n")
             interim = b""
