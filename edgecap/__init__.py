@@ -38,6 +38,12 @@ def __getattr__(name: str):
     raise AttributeError(f"module 'edgecap' has no attribute {name!r}")
 
 
+def __dir__() -> list[str]:
+    # the lazy names too: ``dir(edgecap)`` (an editor's or IPython's completion) listed no
+    # ``Captioner`` until it had been used once
+    return sorted({*globals(), *_API})
+
+
 __all__ = [
     "Caption",
     "CaptionOptions",

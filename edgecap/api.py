@@ -93,7 +93,9 @@ class Caption:
 
     text: str
     score: float
-    tokens: list[str]
+    # not hashed (a list; ``text`` says the same words): hash(caption), a set of captions, had
+    # been a TypeError for a frozen dataclass
+    tokens: list[str] = field(hash=False)
     log_prob: float
     alternatives: tuple[Caption, ...] = ()
     objects: tuple[tuple[str, float], ...] = field(default=(), compare=False)
@@ -154,8 +156,9 @@ class Captioner:
     Thread safety: one Captioner may be used from several threads at once and gives the same
     captions as sequential use. Shared, read-only: the manifest, vocabulary, options and the
     backend (onnxruntime sessions or torch modules, whose runs are thread-safe). Per call: the
-    decoded images, the decoder state (h/c) and the search. A TensorRT backend documents its own
-    rules in ``edgecap.backends.tensorrt``.
+    decoded images, the decoder state (h/c) and the search. A backend with one set of device
+    buffers (TensorRT, torch with CUDA graphs: ``thread_safe`` False) runs one batch at a time;
+    TensorRT documents its rules in ``edgecap.backends.tensorrt``.
 
     Args:
         model: a model directory (``edgecap export``); None: the shipped default model.
@@ -257,8 +260,11 @@ class Captioner:
         self._default_overlap = on_gpu
         self.overlap = overlap
         _LIVE.add(self)  # for _after_fork
-        # what makes this Captioner again in another process (``__reduce__``)
-        self._made_with = (model, backend, device, threads, decode_workers, backend_options)
+        # what makes this Captioner again in another process (``__reduce__``); the model folder
+        # as an absolute path: a relative one was looked for from the current folder of that
+        # time (a program that changed folder since: "model directory not found")
+        folder = None if model is None else os.path.abspath(model)
+        self._made_with = (folder, backend, device, threads, decode_workers, backend_options)
 
     def __copy__(self) -> Captioner:
         """A shallow copy (sharing the model and backend, with decoding workers of its own; the
@@ -540,6 +546,12 @@ class Captioner:
             # one image (H, W, C), a tensor's too, not a batch
             raise TypeError(
                 "caption_batch and iter_captions take a list of images; use caption() for one image"
+            )
+        if not (hasattr(type(images), "__iter__") or hasattr(type(images), "__getitem__")):
+            # not iterable (None, a number): said now, and by name; iter_captions had said "'int'
+            # object is not iterable" only when its first result was asked for
+            raise TypeError(
+                f"caption_batch and iter_captions take a list of images, got {type(images).__name__}"
             )
 
     def _results(

@@ -215,6 +215,11 @@ def _pillow_bomb_size(message: str) -> str:
 
 
 # -- naming inputs -----------------------------------------------------------------------------
+# Longer than any path an OS opens (Linux's PATH_MAX: 4096 bytes, its end included): a str
+# input this long is an image's text (base64, a data: URL), named by its start
+MAX_PATH_CHARS = 4096
+
+
 def describe(image: object) -> str:
     """A short name for an input, used as ``InputError.source``; never raises (an object that
     fails to say its path or shape is named by its type, and loading it says what failed)."""
@@ -227,7 +232,10 @@ def describe(image: object) -> str:
 def _described(image: object) -> str:
     if isinstance(image, (str, os.PathLike)):
         # "" (an unset variable): named, else the message would be ": no such file"
-        return os.fspath(image) or "<empty path>"
+        name = os.fspath(image) or "<empty path>"
+        if len(name) > MAX_PATH_CHARS:  # no path (base64 text, a data: URL): its start, not all of it
+            return f"<{type(name).__name__} of {len(name):,} characters: {name[:40]!r}...>"
+        return name
     if isinstance(image, (bytes, bytearray, memoryview)):
         return f"<bytes ({memoryview(image).nbytes} bytes)>"
     if isinstance(image, Image.Image):
@@ -287,6 +295,12 @@ def _load_rgb(image: ImageInput, color: str, draft_size: tuple[int, int] | None,
         _check_pixels(image.width, image.height, source, "PIL image is")
         return pil_to_rgb(image, source)
     if isinstance(image, (str, os.PathLike)):
+        if len(os.fspath(image)) > MAX_PATH_CHARS:
+            raise InputError(
+                source,
+                "not a file path (longer than any path): for an image given as text (base64, a "
+                "data: URL) pass its bytes, base64.b64decode(text)",
+            )
         return _decode(_read_file(image, source), source, draft_size)
     if isinstance(image, (bytes, bytearray, memoryview)):
         data = bytes(image)

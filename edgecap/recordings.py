@@ -49,7 +49,7 @@ import numpy as np
 
 from edgecap.errors import EdgecapError, InputError, MissingPackageError, reason
 from edgecap.extras import install_hint
-from edgecap.images import array_to_rgb, pixel_limit_problem
+from edgecap.images import array_to_rgb, describe, pixel_limit_problem
 
 IMAGE = "sensor_msgs/msg/Image"
 COMPRESSED = "sensor_msgs/msg/CompressedImage"
@@ -106,6 +106,14 @@ class Frame:
     def name(self) -> str:
         """How errors name the frame: ``TOPIC at SECONDS``."""
         return f"{self.topic} at {seconds_text(self.time_ns)}"
+
+    def __repr__(self) -> str:
+        # a compressed frame's bytes named, not written out (its repr had been all of them)
+        image = repr(self.image) if isinstance(self.image, InputError) else describe(self.image)
+        return (
+            f"Frame(topic={self.topic!r}, time_ns={self.time_ns!r}, stamp_ns={self.stamp_ns!r}, "
+            f"index={self.index!r}, image={image})"
+        )
 
 
 def seconds_text(ns: int) -> str:

@@ -69,7 +69,7 @@ import numpy as np
 from edgecap.api import ON_ERROR, Caption
 from edgecap.errors import BackendError, InputError
 from edgecap.extras import install_hint
-from edgecap.images import COLORS, ImageInput, pixel_limit_problem
+from edgecap.images import COLORS, ImageInput, describe, pixel_limit_problem
 
 READER_JOIN_S = 2.0  # how long closing a stream waits for the reader's current read to return
 _EPSILON_S = 1e-6  # video timestamps (index / fps, or the decoder's) land on the `every` grid up to rounding
@@ -104,6 +104,19 @@ class Frame:
     image: ImageInput | InputError  # an InputError: a recording's frame that cannot be used
     color: str = "rgb"
     name: str | None = None  # how an error names the frame (None: as the captioner names the image)
+
+    def __repr__(self) -> str:
+        # the image named (``<bytes (N bytes)>``, ``<array (480, 640, 3) uint8>``), not written
+        # out: a compressed frame's repr had been all its bytes (1.2 MB for a 300 KB JPEG)
+        return (
+            f"Frame(index={self.index!r}, timestamp={self.timestamp!r}, image={_shown(self.image)}, "
+            f"color={self.color!r}, name={self.name!r})"
+        )
+
+
+def _shown(image: object) -> str:
+    """An image as a frame's repr shows it: named as errors name it (an error as itself)."""
+    return repr(image) if isinstance(image, InputError) else describe(image)
 
 
 @dataclass(frozen=True)

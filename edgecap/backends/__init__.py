@@ -121,7 +121,8 @@ def _check_options(make: Callable, name: str, options: dict) -> None:
     taken = [n for n in parameters if n not in ("self", "manifest", "device", "limits")]
     for key in options:
         if key not in parameters:
-            own = ["model", "options", "backend", "device", "threads", "decode_workers"]  # Captioner's
+            # Captioner's own
+            own = ["model", "options", "backend", "device", "threads", "decode_workers", "overlap"]
             known = [f.name for f in fields(CaptionOptions)] + own + taken
             near = difflib.get_close_matches(key, known, n=1)
             hint = f"; did you mean {near[0]!r}?" if near else ""
