@@ -69,7 +69,10 @@ class ObjectClasses:
         if n <= 0:
             return ()
         best = top_classes(probs, n) if best is None else best[:n]
-        return tuple((self.names[i], round(float(probs[i]), 4)) for i in np.asarray(best).tolist())
+        # a probability that is not a number (an encoder out of range) names no tag: it had
+        # reached --json and serve as NaN, which strict JSON readers refuse
+        kept = [i for i in np.asarray(best).tolist() if np.isfinite(probs[i])]
+        return tuple((self.names[i], round(float(probs[i]), 4)) for i in kept)
 
     def tag_words(self, probs: np.ndarray, n_tags: int, min_prob: float) -> tuple[frozenset[int], ...]:
         """probs (N, C) -> per image, the word ids of its ``n_tags`` most probable classes of
