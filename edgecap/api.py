@@ -291,6 +291,8 @@ class Captioner:
     def __deepcopy__(self, memo: dict) -> Captioner:
         """A Captioner made again as ``__reduce__`` says, its own: not the one that unpickling
         shares in this process (two deep copies were one object, and closing one closed both)."""
+        if self._closed:
+            raise TypeError("this Captioner is closed: it cannot be copied")
         _, (made_with,) = self.__reduce__()
         return type(self)(**made_with)
 
@@ -409,9 +411,10 @@ class Captioner:
         self.close()
 
     def __repr__(self) -> str:
+        closed = ", closed" if self._closed else ""
         return (
             f"Captioner(model={str(self.manifest.directory)!r}, "
-            f"backend={self.backend.describe()!r}, options={self.options})"
+            f"backend={self.backend.describe()!r}, options={self.options}{closed})"
         )
 
     def caption(self, image: ImageInput, color: str = "rgb", return_attention: bool = False) -> Caption:

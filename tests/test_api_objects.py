@@ -86,3 +86,16 @@ def test_images_that_are_no_list_are_refused_when_iter_captions_is_called(captio
         captioner.iter_captions(images)
     with pytest.raises(TypeError, match=rf"take a list of images, got {type(images).__name__}$"):
         captioner.caption_batch(images)
+
+
+def test_a_closed_captioner_says_so_in_its_repr_and_when_deep_copied():
+    """A closed Captioner's repr says it is closed, and deepcopy says it cannot be copied (it
+    had said "cannot be sent to another process", the pickling message)."""
+    from edgecap import Captioner
+
+    captioner = Captioner()
+    assert "closed" not in repr(captioner)
+    captioner.close()
+    assert repr(captioner).endswith(", closed)")
+    with pytest.raises(TypeError, match="this Captioner is closed: it cannot be copied"):
+        copy.deepcopy(captioner)
