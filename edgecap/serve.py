@@ -100,7 +100,7 @@ class ServiceStopping(Exception):
     more from any connection once a stop begins, so the rest of it would never come."""
 
 
-class ModelError(Exception):
+class ModelFailure(Exception):
     """The model raised on an image (out of memory, a runtime failure): its request answers 500
     with this one-line message; the service keeps serving."""
 
@@ -201,7 +201,7 @@ class Batcher:
 
     async def _one_at_a_time(self, batch: list, started: float) -> None:
         """After a batch failed: each image alone, so that only the request whose image the
-        model fails on hears of it (its result: the ``ModelError``)."""
+        model fails on hears of it (its result: the ``ModelFailure``)."""
         for data, future, queued in batch:
             if future.done():
                 continue
@@ -210,7 +210,7 @@ class Batcher:
             except Exception as exc:  # noqa: BLE001 (this image's request answers 500)
                 if len(batch) > 1:
                     log(f"the model failed on one image of {len(data):,} bytes ({one_line(exc)})")
-                result = ModelError(one_line(exc))
+                result = ModelFailure(one_line(exc))
             if not future.done():
                 future.set_result((result, 1, (started - queued) * 1e3))
 
@@ -402,7 +402,7 @@ class CaptionService:
             result, batch, queue_ms = await self.batcher.submit(data)
             if isinstance(result, InputError):
                 return _error(web, 400, f"not a usable image: {result.problem}")
-            if isinstance(result, ModelError):
+            if isinstance(result, ModelFailure):
                 return _error(web, 500, f"the model failed on this image ({result})")
             record = caption_record(result)
             record["timings"] = {
