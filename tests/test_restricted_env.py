@@ -498,3 +498,21 @@ def test_fused_search_where_triton_cannot_write_is_one_line(tmp_path, where):
     else:
         assert done.returncode == 1, done.stderr  # sys.exit(message)
         assert done.stderr.splitlines() == [f"error: the fused device search{said}"]
+
+
+@pytest.mark.parametrize("below", [False, True])
+def test_a_compile_cache_that_is_a_file_is_refused_as_not_a_folder(tmp_path, monkeypatch, below):
+    """TORCHINDUCTOR_CACHE_DIR naming a file, or a folder below one: refused before any compile,
+    saying it is not a folder (an executable file had passed the writable check: its mode has
+    w and x)."""
+    pytest.importorskip("torch")
+    from edgecap.decoding.device import compile_available
+    from edgecap.errors import BackendError
+
+    program = tmp_path / "program"
+    program.write_text("#!/bin/sh\n")
+    program.chmod(0o755)
+    cache = program / "cache" if below else program
+    monkeypatch.setenv("TORCHINDUCTOR_CACHE_DIR", str(cache))
+    with pytest.raises(BackendError, match="not a folder: set TORCHINDUCTOR_CACHE_DIR to a writable folder"):
+        compile_available()

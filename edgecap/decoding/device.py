@@ -360,8 +360,13 @@ def _writable_cache(whose: str, folder: str, variable: str) -> None:
     system, another user's folder."""
     path = Path(os.path.abspath(folder))
     existing = nearest_existing(path)
+    which = variable if variable in os.environ else "cache folder"
+    if not existing.is_dir():  # a file (an executable one passes the access check below)
+        where = "is" if existing == path else f"cannot be made below {existing}, which is"
+        raise BackendError(
+            f"{whose} {which} {path} {where} not a folder: set {variable} to a writable folder"
+        )
     if not os.access(existing, os.W_OK | os.X_OK):
-        which = variable if variable in os.environ else "cache folder"
         why = "is not writable" if existing == path else f"cannot be made in {existing}, not writable"
         raise BackendError(f"{whose} {which} {path} {why}: set {variable} to a writable folder")
 
