@@ -605,3 +605,32 @@ def test_an_export_into_a_folder_named_in_another_encoding(exported, tmp_path):
     out = Path(os.fsdecode(named)) / "model"
     export_modules(encoder, decoder, vocab, PRE, out)  # raises if the check fails
     assert "export_check" in load_manifest(out).info
+
+
+def test_edgecap_export_names_a_folder_in_another_encoding_in_strict_json(tmp_path, capsys):
+    """The command's line on stdout names the model folder as caption names paths: U+FFFD for
+    each byte that is not UTF-8 and the exact bytes in model_base64 (it had been a lone
+    surrogate escape, "\\udce9", which strict JSON readers refuse)."""
+    import base64
+    import os
+
+    from edgecap.cli import main
+    from edgecap.models.checkpoint import save_checkpoint
+
+    named = os.path.join(os.fsencode(tmp_path), b"mod\xe9l")
+    try:
+        os.mkdir(named)
+    except OSError:
+        pytest.skip("this file system takes UTF-8 names only")
+    vocab = Vocabulary.build(["a cat sat on the mat", "a dog ran in the park today"], min_count=1)
+    decoder = CaptionDecoder(
+        DecoderConfig(vocab_size=len(vocab), hidden_dim=16, feature_dim=16, embed_dim=8, attention_dim=8)
+    )
+    save_checkpoint(tmp_path / "run" / "best", decoder, vocab, PRE, {})
+    out = os.path.join(named, b"model")
+    assert main(["export", str(tmp_path / "run" / "best"), "--out", os.fsdecode(out)]) == 0
+    line = capsys.readouterr().out
+    assert "\\ud" not in line
+    record = json.loads(line)
+    assert record["model"] == out.decode("utf-8", "replace")
+    assert base64.b64decode(record["model_base64"]) == out

@@ -53,14 +53,12 @@ def run(args: argparse.Namespace) -> int:
     except OSError as exc:  # --out cannot be made or written: no permission, a full disk
         print(f"edgecap export: error: {write_problem(exc, args.out)}", file=sys.stderr)
         return 2
-    print(
-        json.dumps(
-            {
-                "model": str(manifest.directory),
-                "export_check": manifest.info.get("export_check", {}).get("max_abs_diff"),
-            }
-        )
-    )
+    from edgecap.commands.output import json_line
+
+    # the folder's name as caption's paths: a name that is not UTF-8 had been a lone surrogate
+    # escape, which strict JSON readers refuse
+    check = manifest.info.get("export_check", {}).get("max_abs_diff")
+    print(json_line({"model": str(manifest.directory), "export_check": check}))
     return 0
 
 

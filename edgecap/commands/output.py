@@ -58,8 +58,8 @@ def one_line(message: str) -> str:
 
 
 # the records' keys that hold a file's name as the OS gave it (eval's summary: "references", and
-# "path" in its "model")
-NAME_KEYS = ("path", "bag", "references")
+# "path" in its "model"; export's "model", train's "best_checkpoint")
+NAME_KEYS = ("path", "bag", "references", "model", "best_checkpoint")
 
 
 def json_line(record: dict) -> str:

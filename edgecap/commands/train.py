@@ -3,7 +3,6 @@
 from __future__ import annotations
 
 import argparse
-import json
 import os
 import re
 import sys
@@ -355,7 +354,9 @@ def run(args: argparse.Namespace) -> int:
         print(f"edgecap train: error: {problem}", file=sys.stderr)
         return 2
     left_out = _left_out(Path(best).parent / "last")  # this run's: best may be an earlier run's
-    print(json.dumps({"best_checkpoint": str(best), **({"left_out": left_out} if left_out else {})}))
+    from edgecap.commands.output import json_line  # a name that is not UTF-8: as caption's paths
+
+    print(json_line({"best_checkpoint": str(best), **({"left_out": left_out} if left_out else {})}))
     return 1 if left_out else 0  # as caption: some inputs were skipped (each reported)
 
 
