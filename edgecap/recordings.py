@@ -565,6 +565,17 @@ def caption_topic(topic: str) -> str:
     return topic.rstrip("/") + CAPTION_SUFFIX
 
 
+def check_caption_topics(recording: Recording, topics: Iterable[str]) -> None:
+    """``RecordingError`` when the recording already has the caption topic of one of ``topics``
+    (its captions would be mixed into it); ``edgecap caption --write-bag`` asks before it
+    captions, so that a long recording is not captioned for a copy that cannot be written."""
+    taken = {c.topic for c in recording.connections} & {caption_topic(t) for t in topics}
+    if taken:
+        raise RecordingError(
+            f"{recording.path}: already has a topic {min(taken)}; captions would be mixed into it"
+        )
+
+
 def write_captions(recording: Recording, out: str | os.PathLike, captions: dict[tuple[str, int], str]) -> int:
     """Write a copy of ``recording`` to ``out`` with, for each ``(topic, index): text`` of
     ``captions``, a ``std_msgs/String`` on ``caption_topic(topic)`` at the log time of that
@@ -581,11 +592,7 @@ def write_captions(recording: Recording, out: str | os.PathLike, captions: dict[
     topics = {topic for topic, _ in captions}
     if topics:  # a caption for a topic it lacks would go nowhere (no captions: a plain copy)
         recording.check_topics(sorted(topics))
-    taken = {c.topic for c in recording.connections} & {caption_topic(t) for t in topics}
-    if taken:
-        raise RecordingError(
-            f"{recording.path}: already has a topic {min(taken)}; captions would be mixed into it"
-        )
+    check_caption_topics(recording, topics)
     store = typesys.get_typestore(typesys.Stores.ROS1_NOETIC if ros1 else typesys.Stores.ROS2_HUMBLE)
     string_type = store.types[STRING]
     serialize = store.serialize_ros1 if ros1 else store.serialize_cdr

@@ -466,6 +466,8 @@ def test_existing_caption_topic_is_not_mixed_into(tmp_path, capfd):
     done = edgecap_caption(capfd, "--bag", bag, "--write-bag", tmp_path / "copy")
     assert done.returncode == 2 and "already has a topic /cam/caption" in done.stderr
     assert not (tmp_path / "copy").exists()
+    # refused before the frames are captioned: not after an hour of a recording
+    assert done.stdout == "", done.stdout
 
 
 # -- raw encodings --------------------------------------------------------------------------------

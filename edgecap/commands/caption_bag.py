@@ -46,7 +46,13 @@ def run_bag(captioner, args: argparse.Namespace) -> int:
 def _run(captioner, args: argparse.Namespace) -> int:
     from edgecap.commands.caption import _captions
     from edgecap.errors import InputError
-    from edgecap.recordings import RecordingError, caption_topic, open_recording, write_captions
+    from edgecap.recordings import (
+        RecordingError,
+        caption_topic,
+        check_caption_topics,
+        open_recording,
+        write_captions,
+    )
 
     broken: list[RecordingError] = []
 
@@ -65,6 +71,8 @@ def _run(captioner, args: argparse.Namespace) -> int:
     keep = args.write_bag is not None
     with open_recording(args.bag) as recording:
         topics = recording.check_topics(args.topic)
+        if keep:  # refused now, not once every frame is captioned
+            check_caption_topics(recording, topics)
         frames = recording.frames(topics, args.every)
         for frame, result in _captions(captioner, ((f, f.image) for f in frames_until_broken(frames))):
             seen += 1
