@@ -262,8 +262,9 @@ class Captioner:
         _LIVE.add(self)  # for _after_fork
         # what makes this Captioner again in another process (``__reduce__``); the model folder
         # as an absolute path: a relative one was looked for from the current folder of that
-        # time (a program that changed folder since: "model directory not found")
-        folder = None if model is None else os.path.abspath(model)
+        # time (a program that changed folder since: "model directory not found"); made absolute
+        # as the OS reads it, not normalised: "link/../model" is beside the link's target
+        folder = None if model is None else str(Path(model).absolute())
         self._made_with = (folder, backend, device, threads, decode_workers, backend_options)
 
     def __copy__(self) -> Captioner:

@@ -288,18 +288,24 @@ class CaptionService:
         _forget_built_handlers()
 
     async def health(self, request):
+        from edgecap.commands.output import names_repaired
+
         web = _aiohttp()
+        # the model folder named as caption names paths: U+FFFD and model_base64 for a name that
+        # is not UTF-8 (it had been a lone surrogate escape, which strict JSON readers refuse)
         return web.json_response(
-            {
-                "status": "ok",
-                "model": str(self.captioner.manifest.directory),
-                "backend": self.captioner.backend.describe(),
-                "pending": self.pending,
-                "max_pending": self.options.max_pending,
-                "max_batch": self.max_batch,
-                "max_wait_ms": self.options.max_wait_ms,
-                "max_body_bytes": self.options.max_body_bytes,
-            }
+            names_repaired(
+                {
+                    "status": "ok",
+                    "model": str(self.captioner.manifest.directory),
+                    "backend": self.captioner.backend.describe(),
+                    "pending": self.pending,
+                    "max_pending": self.options.max_pending,
+                    "max_batch": self.max_batch,
+                    "max_wait_ms": self.options.max_wait_ms,
+                    "max_body_bytes": self.options.max_body_bytes,
+                }
+            )
         )
 
     def _refused(self, web, request):

@@ -99,3 +99,22 @@ def test_a_closed_captioner_says_so_in_its_repr_and_when_deep_copied():
     assert repr(captioner).endswith(", closed)")
     with pytest.raises(TypeError, match="this Captioner is closed: it cannot be copied"):
         copy.deepcopy(captioner)
+
+
+def test_a_relative_model_folder_through_a_link_and_dotdot_is_made_again_where_it_was_read(
+    monkeypatch, tmp_path
+):
+    """A model folder named "link/../model" is read beside the link's target, as the OS reads
+    it; made absolute by dropping "link/.." (os.path.abspath) it named another folder, and a deep
+    copy or a spawn worker said "model directory not found" without any change of folder."""
+    (tmp_path / "real" / "sub").mkdir(parents=True)
+    (tmp_path / "work").mkdir()
+    try:
+        (tmp_path / "real" / "model").symlink_to(Path(edgecap.__file__).parent / "assets" / "default")
+        (tmp_path / "work" / "link").symlink_to(tmp_path / "real" / "sub")
+    except OSError:
+        pytest.skip("no symbolic links here")
+    monkeypatch.chdir(tmp_path / "work")
+    captioner = edgecap.Captioner(os.path.join("link", os.pardir, "model"))
+    with captioner, copy.deepcopy(captioner) as again:
+        assert again.manifest.directory.resolve() == captioner.manifest.directory.resolve()

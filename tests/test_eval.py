@@ -1561,3 +1561,21 @@ def test_cli_table_and_missing_images_folder_keep_a_name_on_one_line(
         err.count("\n") == 1
         and f"images folder not found: {str(missing).replace(chr(10), chr(92) + 'n')}" in err
     )
+
+
+def test_cli_json_names_a_references_file_that_is_not_ascii_on_a_stdout_that_is_not_utf8(
+    tiny_model_dir, tmp_path, monkeypatch
+):
+    """As caption: the summary is UTF-8 whatever stdout's encoding (PYTHONIOENCODING=ascii, a
+    Latin-1 locale); a references file named "réfs.json" had been a UnicodeEncodeError once the
+    photos were captioned and scored."""
+    import io
+
+    monkeypatch.setattr(metrics, "java_available", lambda: False)
+    refs = coco_json(tmp_path / "réfs.json", {"chelsea.png": ["A cat."], "coffee.png": ["A cup."]})
+    raw = io.BytesIO()
+    monkeypatch.setattr(sys, "stdout", io.TextIOWrapper(raw, encoding="ascii"))
+    args = ["eval", "--images", str(EXAMPLES), "--references", str(refs), "--json"]
+    assert main([*args, "--model", str(tiny_model_dir), "--max-length", "4"]) == 0
+    sys.stdout.flush()
+    assert json.loads(raw.getvalue().decode("utf-8"))["references"] == str(refs)

@@ -634,3 +634,25 @@ def test_edgecap_export_names_a_folder_in_another_encoding_in_strict_json(tmp_pa
     record = json.loads(line)
     assert record["model"] == out.decode("utf-8", "replace")
     assert base64.b64decode(record["model_base64"]) == out
+
+
+def test_edgecap_export_names_a_folder_that_is_not_ascii_on_a_stdout_that_is_not_utf8(tmp_path, monkeypatch):
+    """As caption: the line is UTF-8 whatever stdout's encoding (PYTHONIOENCODING=ascii, a
+    Latin-1 locale); it had been a UnicodeEncodeError after the model was written."""
+    import io
+    import sys
+
+    from edgecap.cli import main
+    from edgecap.models.checkpoint import save_checkpoint
+
+    vocab = Vocabulary.build(["a cat sat on the mat", "a dog ran in the park today"], min_count=1)
+    decoder = CaptionDecoder(
+        DecoderConfig(vocab_size=len(vocab), hidden_dim=16, feature_dim=16, embed_dim=8, attention_dim=8)
+    )
+    save_checkpoint(tmp_path / "run" / "best", decoder, vocab, PRE, {})
+    raw = io.BytesIO()
+    monkeypatch.setattr(sys, "stdout", io.TextIOWrapper(raw, encoding="ascii"))
+    out = tmp_path / "modèl"
+    assert main(["export", str(tmp_path / "run" / "best"), "--out", str(out)]) == 0
+    sys.stdout.flush()
+    assert json.loads(raw.getvalue().decode("utf-8"))["model"] == str(out)

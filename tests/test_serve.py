@@ -674,6 +674,29 @@ def test_a_stop_answers_a_request_whose_body_is_still_arriving_at_once_with_a_50
     assert not stopping.is_alive()
 
 
+def test_health_names_a_model_folder_that_is_not_utf8_in_strict_json():
+    """/health names the model folder as caption names paths: U+FFFD for a byte that is not
+    UTF-8 and the exact bytes in model_base64 (it had been a lone surrogate escape, "\\udce9",
+    which strict JSON readers refuse)."""
+    import base64
+
+    fake = BlockingCaptioner()
+    named = b"/models/mod\xe9l"
+    fake.manifest = SimpleNamespace(directory=Path(os.fsdecode(named)))
+    running = Running(fake, ServiceOptions())
+    try:
+        connection = http.client.HTTPConnection("127.0.0.1", running.port, timeout=CLIENT_TIMEOUT_S)
+        connection.request("GET", "/health")
+        raw = connection.getresponse().read()
+        connection.close()
+    finally:
+        running.stop()
+    assert b"\\ud" not in raw
+    answer = json.loads(raw)
+    assert answer["model"] == named.decode("utf-8", "replace")
+    assert base64.b64decode(answer["model_base64"]) == named
+
+
 def test_health_reports_the_limits_in_force_and_other_paths_are_json_errors():
     running = Running(
         BlockingCaptioner(batch_size=4),

@@ -492,6 +492,24 @@ def test_train_command_builds_the_config_from_its_flags(tmp_path, monkeypatch, c
     assert "best_checkpoint" in capsys.readouterr().out
 
 
+def test_train_names_a_best_checkpoint_that_is_not_ascii_on_a_stdout_that_is_not_utf8(tmp_path, monkeypatch):
+    """As caption: the line is UTF-8 whatever stdout's encoding (PYTHONIOENCODING=ascii, a
+    Latin-1 locale); it had been a UnicodeEncodeError once the training was done."""
+    import io
+    import sys
+
+    from edgecap.cli import main
+    from edgecap.training import train as training
+
+    best = tmp_path / "modèl" / "best"
+    monkeypatch.setattr(training, "train", lambda cfg: best)
+    raw = io.BytesIO()
+    monkeypatch.setattr(sys, "stdout", io.TextIOWrapper(raw, encoding="ascii"))
+    assert main(["train", "--data", "DATA", "--out", str(tmp_path / "modèl")]) == 0
+    sys.stdout.flush()
+    assert json.loads(raw.getvalue().decode("utf-8")) == {"best_checkpoint": str(best)}
+
+
 def test_scst_command_builds_its_config_from_the_flags(tmp_path, monkeypatch):
     from edgecap.cli import main
     from edgecap.training import scst

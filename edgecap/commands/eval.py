@@ -33,7 +33,7 @@ import warnings
 from pathlib import Path
 
 from edgecap.commands._options import add_model_arguments, load_captioner
-from edgecap.commands.output import escape_field, json_line, output_failed
+from edgecap.commands.output import escape_field, json_line, output_failed, utf8_output
 from edgecap.commands.progress import add_progress_argument, open_progress, progress_enabled
 from edgecap.extras import install_hint
 from edgecap.files import same_file
@@ -135,6 +135,7 @@ def run(args: argparse.Namespace) -> int:
         written = f"; the captions are in {args.output}" if args.output and unwritten is None else ""
         return _fail(f"{exc}{written}")  # it says when Java 8 or newer is needed
     summary = _summary(args, captioner, report, seconds)
+    utf8_output()  # as caption: a name that is not ASCII on a stdout that is not UTF-8
     try:
         if args.json:  # UTF-8 whatever the file names (a byte of one that is not: a \u escape)
             print(json_line(summary))

@@ -53,7 +53,9 @@ def run(args: argparse.Namespace) -> int:
     except OSError as exc:  # --out cannot be made or written: no permission, a full disk
         print(f"edgecap export: error: {write_problem(exc, args.out)}", file=sys.stderr)
         return 2
-    from edgecap.commands.output import json_line
+    from edgecap.commands.output import json_line, utf8_output
+
+    utf8_output()  # as caption: a folder's name that is not ASCII on a stdout that is not UTF-8
 
     # the folder's name as caption's paths: a name that is not UTF-8 had been a lone surrogate
     # escape, which strict JSON readers refuse

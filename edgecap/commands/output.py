@@ -58,26 +58,26 @@ def one_line(message: str) -> str:
 
 
 # the records' keys that hold a file's name as the OS gave it (eval's summary: "references", and
-# "path" in its "model"; export's "model", train's "best_checkpoint")
+# "path" in its "model"; export's and serve's /health "model", train's "best_checkpoint")
 NAME_KEYS = ("path", "bag", "references", "model", "best_checkpoint")
 
 
 def json_line(record: dict) -> str:
     """One JSON object on one line, pure UTF-8: a name (``NAME_KEYS``: ``path``, ``bag``,
-    ``references``, in the record or an object in it) that is not valid UTF-8 holds U+FFFD for
-    each bad byte and ``path_base64`` (``bag_base64``, ...) beside it holds the exact bytes;
-    control characters, line separators, bidirectional overrides and lone surrogates are \\u
-    escapes."""
-    line = json.dumps(_names_repaired(record), ensure_ascii=False)
+    ``references``, ``model``, ``best_checkpoint``, in the record or an object in it) that is
+    not valid UTF-8 holds U+FFFD for each bad byte and ``path_base64`` (``bag_base64``, ...)
+    beside it holds the exact bytes; control characters, line separators, bidirectional
+    overrides and lone surrogates are \\u escapes."""
+    line = json.dumps(names_repaired(record), ensure_ascii=False)
     return _JSON_UNSAFE.sub(lambda m: f"\\u{ord(m.group()):04x}", line)
 
 
-def _names_repaired(record: dict) -> dict:
+def names_repaired(record: dict) -> dict:
     """``record`` with each name of ``NAME_KEYS`` that is not UTF-8 as ``json_line`` writes it,
     in the objects it holds too (eval's ``model``)."""
     for key, value in record.items():
         if isinstance(value, dict):
-            record = {**record, key: _names_repaired(value)}
+            record = {**record, key: names_repaired(value)}
     for key in NAME_KEYS:
         name = record.get(key)
         try:

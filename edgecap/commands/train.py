@@ -354,7 +354,9 @@ def run(args: argparse.Namespace) -> int:
         print(f"edgecap train: error: {problem}", file=sys.stderr)
         return 2
     left_out = _left_out(Path(best).parent / "last")  # this run's: best may be an earlier run's
-    from edgecap.commands.output import json_line  # a name that is not UTF-8: as caption's paths
+    from edgecap.commands.output import json_line, utf8_output  # a name that is not UTF-8: as caption's paths
+
+    utf8_output()  # as caption: a folder's name that is not ASCII on a stdout that is not UTF-8
 
     print(json_line({"best_checkpoint": str(best), **({"left_out": left_out} if left_out else {})}))
     return 1 if left_out else 0  # as caption: some inputs were skipped (each reported)
