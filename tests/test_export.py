@@ -588,6 +588,19 @@ def test_an_export_out_that_cannot_be_written_is_one_line_and_exit_2(tmp_path, c
     assert not out.exists()
 
 
+def _folder_in_another_encoding(tmp_path) -> bytes:
+    """A folder named with a byte that is not UTF-8 (a Latin-1 "modèl"), made in ``tmp_path``;
+    the test is skipped on a file system that takes UTF-8 names only."""
+    import os
+
+    named = os.path.join(os.fsencode(tmp_path), b"mod\xe9l")
+    try:
+        os.mkdir(named)
+    except OSError:
+        pytest.skip("this file system takes UTF-8 names only")
+    return named
+
+
 def test_an_export_into_a_folder_named_in_another_encoding(exported, tmp_path):
     """A folder name that is not UTF-8 (a Latin-1 "modèl"): PyTorch's exporter and onnxruntime
     take only names they can encode, and the export had ended in a TypeError's traceback."""
@@ -596,11 +609,7 @@ def test_an_export_into_a_folder_named_in_another_encoding(exported, tmp_path):
     from edgecap.manifest import load_manifest
 
     encoder, decoder, _ = exported
-    named = os.path.join(os.fsencode(tmp_path), b"mod\xe9l")
-    try:
-        os.mkdir(named)
-    except OSError:
-        pytest.skip("this file system takes UTF-8 names only")
+    named = _folder_in_another_encoding(tmp_path)
     vocab = Vocabulary.build(["a cat sat on the mat", "a dog ran in the park today"], min_count=1)
     out = Path(os.fsdecode(named)) / "model"
     export_modules(encoder, decoder, vocab, PRE, out)  # raises if the check fails
@@ -617,11 +626,7 @@ def test_edgecap_export_names_a_folder_in_another_encoding_in_strict_json(tmp_pa
     from edgecap.cli import main
     from edgecap.models.checkpoint import save_checkpoint
 
-    named = os.path.join(os.fsencode(tmp_path), b"mod\xe9l")
-    try:
-        os.mkdir(named)
-    except OSError:
-        pytest.skip("this file system takes UTF-8 names only")
+    named = _folder_in_another_encoding(tmp_path)
     vocab = Vocabulary.build(["a cat sat on the mat", "a dog ran in the park today"], min_count=1)
     decoder = CaptionDecoder(
         DecoderConfig(vocab_size=len(vocab), hidden_dim=16, feature_dim=16, embed_dim=8, attention_dim=8)

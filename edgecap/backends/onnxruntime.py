@@ -251,6 +251,7 @@ class OnnxDecoderSession(DecoderSession):
         )
 
     per_image = False  # step each image's rows in a run of their own (``_per_image``)
+    _images: list | None = None  # its per-image rows and tensors, made at its first step
 
     def _step(self, tokens: np.ndarray, source_rows: np.ndarray, word_bias: np.ndarray | None) -> StepResult:
         bias = self._no_bias if word_bias is None else word_bias
@@ -283,18 +284,22 @@ class OnnxDecoderSession(DecoderSession):
         image's row (never in the beam loop): one run for all."""
         index = self._fixed["image_index"]
         first = len(self.h) != len(index)  # h/c are per image until the first step
+        if self._images is None:  # each image's rows and tensors: the same at every step
+            self._images = []
+            for image in range(len(self._fixed["features"])):
+                rows = np.flatnonzero(index == image)
+                fixed = {
+                    "features": self._fixed["features"][image : image + 1],
+                    "att_proj": self._fixed["att_proj"][image : image + 1],
+                    "image_index": np.zeros(len(rows), np.int32),
+                }
+                self._images.append((rows, fixed))
         parts = []
-        for image in range(len(self._fixed["features"])):
-            rows = np.flatnonzero(index == image)
+        for image, (rows, fixed) in enumerate(self._images):
             before = np.array([image]) if first else rows
             local = np.searchsorted(before, source_rows[rows])
             if not np.array_equal(before[np.minimum(local, len(before) - 1)], source_rows[rows]):
                 return None
-            fixed = {
-                "features": self._fixed["features"][image : image + 1],
-                "att_proj": self._fixed["att_proj"][image : image + 1],
-                "image_index": np.zeros(len(rows), np.int32),
-            }
             feed = self._feed(tokens[rows], local, bias[rows], self.h[before], self.c[before], fixed)
             parts.append((rows, self._run(self._outputs, feed)))
         outputs = []

@@ -91,6 +91,11 @@ def compute_features(
     k blocks (n, C, H, W). ``mirrored``: of the left-right mirrored photos (augmentation).
     ``encoder``: which one (``config.ENCODERS``).
     """
+    import torch
+
+    from edgecap.models.efficientnet_lite import load_pretrained
+    from edgecap.training.shards import cache_lock
+
     cache_dir.mkdir(parents=True, exist_ok=True)
     tag = encoder_tag(encoder)
     if split_at is not None:
@@ -101,95 +106,63 @@ def compute_features(
     array_path = cache_dir / f"features-{key}.npy"
     index_path = cache_dir / f"features-{key}.json"
     names = [cache_name(p) for p in image_paths]
-    from edgecap.training.shards import cache_lock
 
     # another run filling this cache waits for this one (both wrote one .partial.npy: the
     # second's rename raised FileNotFoundError, or its rows landed in the first's array)
     with cache_lock(cache_dir / f"features-{key}.lock", lambda m: print(m, file=sys.stderr, flush=True)):
-        return _cached_or_computed(
-            image_paths,
-            names,
-            array_path,
-            index_path,
-            preprocessing,
-            batch_size,
-            progress,
-            split_at,
-            mirrored,
-            encoder,
+        if os.path.lexists(array_path) and os.path.lexists(index_path):
+            index, problem = _cached_index(index_path, array_path)
+            if problem is None and all(n in index for n in names):
+                return np.load(array_path, mmap_mode="r"), index
+            if problem is not None:
+                print(f"{problem}: recomputing the feature cache", file=sys.stderr, flush=True)
+
+        model = load_pretrained(encoder)
+
+        def encode(batch):
+            x = torch.from_numpy(batch)
+            if mirrored:
+                x = x.flip(3)
+            if split_at is None:
+                return model.regions(x)  # (n, L, 1280)
+            return model.prefix(x, split_at)
+
+        out = None
+        partial = array_path.with_suffix(".partial.npy")
+        bar = progress_bar(len(names), "encoding images", progress, unit="img")
+        with torch.inference_mode():
+            for start in range(0, len(names), batch_size):
+                chunk = image_paths[start : start + batch_size]
+                fmap = encode(np.stack([to_model_input(load_rgb(p), preprocessing) for p in chunk]))
+                if out is None:
+                    out = np.lib.format.open_memmap(
+                        partial, mode="w+", dtype=np.float16, shape=(len(names), *fmap.shape[1:])
+                    )
+                out[start : start + len(chunk)] = fmap.numpy().astype(np.float16)
+                bar.update(len(chunk))
+        bar.close()
+        assert out is not None  # at least one photo (the callers' lists)
+        out.flush()
+        shape = list(out.shape)
+        del out
+        partial.replace(array_path)
+        index = {n: i for i, n in enumerate(names)}
+        from edgecap.manifest import file_sha256
+
+        tmp = index_path.with_name(index_path.name + ".tmp")
+        tmp.write_text(
+            json.dumps(
+                {
+                    "format": CACHE_FORMAT,
+                    "names": index,
+                    "shape": shape,
+                    "bytes": os.stat(array_path).st_size,
+                    "sha256": file_sha256(array_path),
+                }
+            )
         )
-
-
-def _cached_or_computed(
-    image_paths,
-    names,
-    array_path: Path,
-    index_path: Path,
-    preprocessing,
-    batch_size,
-    progress,
-    split_at,
-    mirrored,
-    encoder,
-) -> tuple[np.ndarray, dict[str, int]]:
-    """``compute_features``' work, holding the cache's lock."""
-    import torch
-
-    from edgecap.models.efficientnet_lite import load_pretrained
-
-    if os.path.lexists(array_path) and os.path.lexists(index_path):
-        index, problem = _cached_index(index_path, array_path)
-        if problem is None and all(n in index for n in names):
-            return np.load(array_path, mmap_mode="r"), index
-        if problem is not None:
-            print(f"{problem}: recomputing the feature cache", file=sys.stderr, flush=True)
-
-    model = load_pretrained(encoder)
-
-    def encode(batch):
-        x = torch.from_numpy(batch)
-        if mirrored:
-            x = x.flip(3)
-        if split_at is None:
-            return model.regions(x)  # (n, L, 1280)
-        return model.prefix(x, split_at)
-
-    out = None
-    partial = array_path.with_suffix(".partial.npy")
-    bar = progress_bar(len(names), "encoding images", progress, unit="img")
-    with torch.inference_mode():
-        for start in range(0, len(names), batch_size):
-            chunk = image_paths[start : start + batch_size]
-            fmap = encode(np.stack([to_model_input(load_rgb(p), preprocessing) for p in chunk]))
-            if out is None:
-                out = np.lib.format.open_memmap(
-                    partial, mode="w+", dtype=np.float16, shape=(len(names), *fmap.shape[1:])
-                )
-            out[start : start + len(chunk)] = fmap.numpy().astype(np.float16)
-            bar.update(len(chunk))
-    bar.close()
-    assert out is not None  # at least one photo (the callers' lists)
-    out.flush()
-    shape = list(out.shape)
-    del out
-    partial.replace(array_path)
-    index = {n: i for i, n in enumerate(names)}
-    from edgecap.manifest import file_sha256
-
-    tmp = index_path.with_name(index_path.name + ".tmp")
-    tmp.write_text(
-        json.dumps(
-            {
-                "format": CACHE_FORMAT,
-                "names": index,
-                "shape": shape,
-                "bytes": os.stat(array_path).st_size,
-                "sha256": file_sha256(array_path),
-            }
-        )
-    )
-    tmp.replace(index_path)
-    return np.load(array_path, mmap_mode="r"), index
+        tmp.replace(index_path)
+        return np.load(array_path, mmap_mode="r"), index
 
 
 def _cached_index(index_path: Path, array_path: Path) -> tuple[dict[str, int], str | None]:

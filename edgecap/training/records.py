@@ -34,6 +34,30 @@ def shown(path) -> str:
 RUN_LOCK = ".edgecap-train.lock"
 
 
+def open_lock_file(path: Path) -> int | None:
+    """A descriptor of the lock file ``path`` (made when missing) to ``fcntl.flock``, or None
+    where it cannot be had: no ``fcntl`` (Windows), a folder that cannot be written (the writes
+    after it say what is wrong), or something other than a regular file in its place (a named
+    pipe: opened without blocking, so that it cannot hang the run, and passed over)."""
+    try:
+        import fcntl  # noqa: F401 (only whether there is one)
+    except ImportError:  # pragma: no cover - Windows
+        return None
+    flags = os.O_WRONLY | os.O_CREAT | os.O_APPEND | os.O_NONBLOCK | getattr(os, "O_CLOEXEC", 0)
+    try:
+        fd = os.open(path, flags, 0o666)
+    except OSError:
+        return None
+    try:
+        regular = stat.S_ISREG(os.fstat(fd).st_mode)
+    except OSError:
+        regular = False
+    if not regular:
+        os.close(fd)
+        return None
+    return fd
+
+
 class RunLock:
     """An exclusive lock on a run folder (``OUT/.edgecap-train.lock``, ``fcntl.flock``) while a
     run writes it: a second run into the same ``--out`` while the first still runs (a job
@@ -50,19 +74,12 @@ class RunLock:
     def take(self, out: Path) -> None:
         if self._fd is not None or not out.is_dir():
             return
-        try:
-            import fcntl
-        except ImportError:  # pragma: no cover - Windows
+        fd = open_lock_file(out / RUN_LOCK)
+        if fd is None:
             return
-        path = out / RUN_LOCK
-        flags = os.O_WRONLY | os.O_CREAT | os.O_NONBLOCK | getattr(os, "O_CLOEXEC", 0)
-        try:  # non-blocking: a named pipe put in its place must not hang the run
-            fd = os.open(path, flags, 0o666)
-        except OSError:  # the run's own writes say what is wrong with the folder
-            return
+        import fcntl
+
         try:
-            if not stat.S_ISREG(os.fstat(fd).st_mode):
-                raise OSError("not a regular file")
             fcntl.flock(fd, fcntl.LOCK_EX | fcntl.LOCK_NB)
         except BlockingIOError:
             os.close(fd)

@@ -29,7 +29,6 @@ import contextlib
 import hashlib
 import json
 import os
-import stat
 from collections.abc import Callable, Sequence
 from concurrent.futures import ThreadPoolExecutor
 from pathlib import Path
@@ -42,7 +41,7 @@ from edgecap.manifest import file_sha256
 from edgecap.models.config import DEFAULT_ENCODER
 from edgecap.training.config import MAX_SHARD_SIZE
 from edgecap.training.features import cache_key, cache_name, encoder_tag, progress_bar
-from edgecap.training.records import MAX_RECORD_BYTES, Record, read_record, shown
+from edgecap.training.records import MAX_RECORD_BYTES, Record, open_lock_file, read_record, shown
 
 FORMAT = "edgecap-feature-shards/2"  # /1 named photos by path alone: a new plan
 MAX_FEATURE_DIM = 1 << 16  # each dimension of a feature row (Lite0: 49 x 1280)
@@ -313,22 +312,11 @@ def cache_lock(path: Path | None, log=print):
     finish, then finds its work done. ``fcntl.flock``: POSIX only, and released by the system
     when a process dies (kill -9 leaves no stale lock); where there is no ``fcntl`` (Windows) or
     the file system refuses locks, the block runs unlocked, as before."""
-    try:
-        import fcntl
-    except ImportError:
-        path = None
-    fd = None
-    if path is not None:
-        flags = os.O_WRONLY | os.O_CREAT | os.O_APPEND | os.O_NONBLOCK | getattr(os, "O_CLOEXEC", 0)
-        try:  # non-blocking: a named pipe put in its place must not hang the run
-            fd = os.open(path, flags, 0o666)
-            if not stat.S_ISREG(os.fstat(fd).st_mode):
-                os.close(fd)
-                fd = None
-        except OSError:  # the writes after it say what is wrong with the folder
-            fd = None
+    fd = None if path is None else open_lock_file(path)
     try:
         if fd is not None and path is not None:
+            import fcntl
+
             try:
                 fcntl.flock(fd, fcntl.LOCK_EX | fcntl.LOCK_NB)
             except BlockingIOError:
