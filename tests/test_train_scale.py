@@ -10,6 +10,7 @@ import json
 import os
 import subprocess
 import sys
+import time
 from pathlib import Path
 
 import numpy as np
@@ -759,6 +760,66 @@ def test_ranks_sum_their_values_and_all_hear_rank_0s_decision(tmp_path):
             p.kill()
     assert [p.returncode for p in ranks] == [0, 0], outputs
     assert [out for out, _ in outputs] == ["0 [3.0, 1.0] stop\n", "1 [3.0, 1.0] stop\n"]
+
+
+WAIT_FOR_THE_CACHE = """
+import datetime, os, sys, time
+from pathlib import Path
+import torch.distributed as torch_dist
+from edgecap.training import shards
+from edgecap.training.distributed import setup
+
+# a short process-group timeout stands for torchrun's 10 or 30 minutes of another run's extraction
+torch_dist.init_process_group("gloo", timeout=datetime.timedelta(seconds=3))
+shards.LOCK_POLL_S = 0.5
+dist = setup()
+lock = Path(sys.argv[1]) if dist.main else None
+print("ready", flush=True)
+start = time.monotonic()
+with shards.cache_lock(lock, lambda m: print(m, file=sys.stderr, flush=True), dist):
+    waited = time.monotonic() - start
+    dist.barrier()  # the extraction's first collective
+print(dist.rank, waited > 5, flush=True)
+os._exit(0)  # no teardown of the gloo group (edgecap.training.distributed)
+"""
+
+
+def test_ranks_wait_together_for_a_feature_cache_another_run_is_filling(tmp_path):
+    """Another run holds the feature cache's lock for 7 s, longer than the process group's timeout
+    (3 s here; torchrun's 10 or 30 minutes beside another run's whole extraction): rank 0 waits for
+    the lock and rank 1 with it, both hearing from rank 0 every poll, instead of rank 1 timing out
+    in the extraction's first collective while rank 0 waits on the lock."""
+    import fcntl
+    import socket
+
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        port = s.getsockname()[1]
+    lock = tmp_path / ".lock"
+    base = {**_env(), "WORLD_SIZE": "2", "MASTER_ADDR": "127.0.0.1", "MASTER_PORT": str(port)}
+    with open(lock, "w") as held:
+        fcntl.flock(held, fcntl.LOCK_EX)
+        ranks = [
+            subprocess.Popen(
+                [sys.executable, "-c", WAIT_FOR_THE_CACHE, str(lock)],
+                env={**base, "RANK": str(r), "LOCAL_RANK": str(r), "CUDA_VISIBLE_DEVICES": ""},
+                stdout=subprocess.PIPE,
+                stderr=subprocess.PIPE,
+                text=True,
+            )
+            for r in (0, 1)
+        ]
+        ready = [p.stdout.readline() for p in ranks]  # the group started, the lock not yet asked
+        time.sleep(7)
+    try:
+        outputs = [p.communicate(timeout=120) for p in ranks]
+    finally:
+        for p in ranks:  # a rank left waiting for a collective
+            p.kill()
+    assert [p.returncode for p in ranks] == [0, 0], (ready, outputs)
+    assert [out for out, _ in outputs] == ["0 True\n", "1 True\n"]
+    assert "another process is filling this feature cache; waiting for it" in outputs[0][1]
+    assert "waiting" not in outputs[1][1]  # said once, by rank 0
 
 
 @pytest.mark.skipif(torch.cuda.is_available(), reason="the refusal is for machines without CUDA")

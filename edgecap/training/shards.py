@@ -29,6 +29,7 @@ import contextlib
 import hashlib
 import json
 import os
+import time
 from collections.abc import Callable, Sequence
 from concurrent.futures import ThreadPoolExecutor
 from pathlib import Path
@@ -224,7 +225,7 @@ def extract_shards(
     # another run filling this cache (a sweep's runs beside one OUT share OUT/../.feature-cache)
     # waits for this one: two read-modify-writes of the plan lost one's photos, and two
     # extractions of one shard shared its .partial.npy (FileNotFoundError at the second's rename)
-    with cache_lock(directory / LOCK_FILE if rank == 0 else None, log):
+    with cache_lock(directory / LOCK_FILE if rank == 0 else None, log, dist):
         return _extract_locked(
             paths, directory, load, encode, shard_size, batch_size, progress, log, dist, load_threads
         )
@@ -303,31 +304,60 @@ def _extract_locked(
 
 
 LOCK_FILE = ".lock"
+# under torchrun, how often the ranks hear whether rank 0 has the cache's lock yet (seconds)
+LOCK_POLL_S = 10.0
 
 
 @contextlib.contextmanager
-def cache_lock(path: Path | None, log=print):
+def cache_lock(path: Path | None, log=print, dist=None):
     """An exclusive lock on the file ``path`` (made when missing; None: no lock) while the block
     runs: a second process filling the same feature cache waits, saying so, for the first to
     finish, then finds its work done. ``fcntl.flock``: POSIX only, and released by the system
     when a process dies (kill -9 leaves no stale lock); where there is no ``fcntl`` (Windows) or
-    the file system refuses locks, the block runs unlocked, as before."""
+    the file system refuses locks, the block runs unlocked, as before.
+
+    ``dist`` (``distributed.Dist``, several ranks; ``path`` rank 0's alone): rank 0 tries the lock
+    every ``LOCK_POLL_S`` seconds and tells the other ranks each time, so that no rank waits in
+    one collective for as long as another run's extraction takes (the process group's timeout,
+    10 or 30 minutes, would end the run)."""
     fd = None if path is None else open_lock_file(path)
     try:
-        if fd is not None and path is not None:
+        if dist is not None and dist.active:
+            said = False
+            while not dist.from_main(_try_lock(fd)):
+                if not said and path is not None:
+                    log(_waiting(path))
+                said = True
+                time.sleep(LOCK_POLL_S)
+        elif fd is not None and path is not None and not _try_lock(fd):
+            log(_waiting(path))
             import fcntl
 
-            try:
-                fcntl.flock(fd, fcntl.LOCK_EX | fcntl.LOCK_NB)
-            except BlockingIOError:
-                log(f"{shown(path.parent)}: another process is filling this feature cache; waiting for it")
-                fcntl.flock(fd, fcntl.LOCK_EX)
-            except OSError:  # no locks on this file system (ENOLCK): unlocked, as before
-                pass
+            fcntl.flock(fd, fcntl.LOCK_EX)
         yield
     finally:
         if fd is not None:
             os.close(fd)  # releases the lock
+
+
+def _waiting(lock: Path) -> str:
+    return f"{shown(lock.parent)}: another process is filling this feature cache; waiting for it"
+
+
+def _try_lock(fd: int | None) -> bool:
+    """Whether this process may go on: it holds the lock on ``fd`` now, or there is no lock to
+    hold (no file, no ``fcntl``, a file system that refuses locks: unlocked, as before)."""
+    if fd is None:
+        return True
+    import fcntl
+
+    try:
+        fcntl.flock(fd, fcntl.LOCK_EX | fcntl.LOCK_NB)
+    except BlockingIOError:
+        return False
+    except OSError:  # no locks on this file system (ENOLCK)
+        pass
+    return True
 
 
 def _read_plan(path: Path, shard_size: int, log=print, strict: bool = False) -> dict:
