@@ -214,7 +214,8 @@ def add_model_arguments(p: argparse.ArgumentParser, overlaps: bool = True) -> No
         dest="guidance_bonus",
         action="store_const",
         const=0.0,
-        help="no steering: the caption model alone (--guidance-bonus 0)",
+        help="no steering: the caption model alone (--guidance-bonus 0; "
+        "--constrained still makes the caption say a tag's word)",
     )
     fusion = p.add_mutually_exclusive_group()
     fusion.add_argument(
@@ -239,7 +240,7 @@ def add_model_arguments(p: argparse.ArgumentParser, overlaps: bool = True) -> No
         dest="consensus",
         action="store_false",
         help="the search's own best caption, not the consensus choice among the places "
-        "it could have ended (see docs/everyday-photos.md)",
+        "it could have ended (see docs/everyday-photos.md; --constrained: always)",
     )
     p.add_argument(
         "--no-blank-check",
@@ -262,7 +263,7 @@ def add_model_arguments(p: argparse.ArgumentParser, overlaps: bool = True) -> No
         help="constrained beam search instead: the caption must say a word of one of "
         f"the photo's top {DEFAULTS['guidance_tags']} object tags of probability "
         f"{DEFAULTS['constraint_min_prob']} or more (2 x beam-size rows per "
-        "photo; see docs/everyday-photos.md)",
+        "photo; the search's own best caption, no consensus choice; see docs/everyday-photos.md)",
     )
 
 
