@@ -995,7 +995,9 @@ def test_overlap_times_the_calls_with_and_without_it(tmp_path, monkeypatch):
     # off: 4 x (51 + 40) ms; on: the first three batches' 40 ms hidden in the next one's 51
     assert row["off_ms_per_batch"] - row["on_ms_per_batch"] > 0.5 * 3 * 40 / 4
     assert row["serial_ms_per_batch"] == pytest.approx(51 + row["finishing_ms"])
-    assert row["ideal_ms_per_batch"] == 51
+    # the larger of the two: the search's 51 ms, or the finishing (40 ms of sleep and its own
+    # work, past 51 ms on a loaded machine)
+    assert row["ideal_ms_per_batch"] == max(51, row["finishing_ms"])
     assert "| 4 x 4 | 1.0 + 50.0 |" in (tmp_path / "overlap.md").read_text()
 
 
