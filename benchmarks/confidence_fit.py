@@ -107,6 +107,20 @@ def build_parser():
     return p
 
 
+def fitted_fusion_weight(model: Path | None, decoding: str) -> float:
+    """The fusion weight of the captions of ``--decoding`` on ``model``: the decoding's, else the
+    model's own (its fusion.json; 0 without one)."""
+    from decoding_choice import parse_variant
+
+    from edgecap.api import default_model_dir
+
+    weight = parse_variant("decoding=" + decoding)[1].get("fusion_weight")
+    if weight is None:
+        path = (model or default_model_dir()) / "fusion.json"
+        weight = json.loads(path.read_text("utf-8"))["weight"] if path.exists() else 0.0
+    return float(weight)
+
+
 def main(argv=None) -> int:
     p = build_parser()
     args = p.parse_args(argv)
@@ -118,7 +132,7 @@ def main(argv=None) -> int:
     from decoding_choice import SETS, load_sets, parse_variant
 
     from edgecap import Captioner
-    from edgecap.confidence import ConfidenceModel, auroc, fit, write
+    from edgecap.confidence import FITTED_FUSION_WEIGHT, ConfidenceModel, auroc, fit, write
 
     if not names or not set(names) <= set(SIGNALS) or len(set(names)) != len(names):
         p.error(f"--signals: some of {','.join(SIGNALS)}, each once")
@@ -249,6 +263,8 @@ def main(argv=None) -> int:
                 "photos": len(all_x),
             },
             "auroc_everyday_cross_validated": result["auroc_everyday_cross_validated"],
+            # the captions' fusion weight: the Captioner rates captions of this weight or less
+            FITTED_FUSION_WEIGHT: fitted_fusion_weight(args.model, args.decoding),
         }
         path = write(args.write, ConfidenceModel(mean, std, w, b, info, names))
         result["written"] = str(path)

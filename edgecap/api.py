@@ -227,6 +227,15 @@ class Captioner:
         )
         self.fusion = Fusion.load(self.manifest.directory, len(self.vocab), self.manifest.dims.n_classes)
         self.confidence_model = ConfidenceModel.load(self.manifest.directory)
+        # why the captions get no confidence though the model has a confidence model (None: they
+        # get one): a fusion weight above the one it was fitted at
+        self.unrated: str | None = None
+        if self.confidence_model is not None:
+            self.unrated = self.confidence_model.unrated(
+                fusion_weight(self.options, self.fusion), 0.0 if self.fusion is None else self.fusion.weight
+            )
+            if self.unrated is not None:
+                self.confidence_model = None
         self._object_words = object_words(self.classes.word_ids)
         name = resolve_backend(backend)
         self.backend: Backend = load_backend(

@@ -31,10 +31,14 @@ from pathlib import Path
 
 import numpy as np
 
+from edgecap.decoding.options import RANGES
 from edgecap.errors import ModelError
 from edgecap.objects import top_classes
 
 CONFIDENCE_FILE = "confidence.json"
+# the fusion weight of the captions a confidence model was fitted on (its file's key; absent: the
+# model's own weight, from its fusion.json)
+FITTED_FUSION_WEIGHT = "fusion_weight"
 FORMAT = "edgecap-confidence/1"
 SIGNALS = (
     "score",
@@ -147,6 +151,21 @@ class ConfidenceModel:
         """All the ``SIGNALS`` of a caption (``Caption.signals``) -> the model's own."""
         return np.asarray(x)[..., [SIGNALS.index(name) for name in self.names]]
 
+    def unrated(self, weight: float, own_weight: float) -> str | None:
+        """Why captions searched at fusion weight ``weight`` are not rated (None: they are).
+        The model rates captions of fusion weights up to the one it was fitted at
+        (``fusion_weight`` in its file; a file without it: the model's own, ``own_weight``).
+        Above it the language models' share of the ranking score, a signal here, grows past
+        anything fitted, and the captions it wins are worse: at twice the shipped model's weight
+        the confidence ranked wrong captions above right ones (docs/confidence.md)."""
+        fitted = self.info.get(FITTED_FUSION_WEIGHT, own_weight)
+        if weight <= fitted + 1e-9:
+            return None
+        return (
+            f"its confidence model (confidence.json) rates captions of fusion weight {fitted:g} or "
+            f"less, not {weight:g}"
+        )
+
     def to_json(self) -> dict:
         return {
             "format": FORMAT,
@@ -187,6 +206,10 @@ class ConfidenceModel:
             bias = float(spec["bias"])
             if not math.isfinite(bias):
                 raise ValueError("bias must be a number")
+            fitted = spec.get(FITTED_FUSION_WEIGHT, 0.0)
+            low, high = RANGES["fusion_weight"]
+            if isinstance(fitted, bool) or not isinstance(fitted, (int, float)) or not low <= fitted <= high:
+                raise ValueError(f"{FITTED_FUSION_WEIGHT} must be a number in [{low}, {high}]")
         except FileProblem as exc:
             raise ModelError(f"{path}: {exc}") from None
         except (KeyError, TypeError, ValueError, AttributeError) as exc:

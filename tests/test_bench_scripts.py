@@ -1330,3 +1330,16 @@ def test_consensus_rules_counts_each_rule_s_captions_and_checks_the_default_agai
     monkeypatch.setattr(consensus, "DANGLING_WEIGHT", 0.0)
     with pytest.raises(SystemExit, match="the default weights differ from the Captioner on 1 photos"):
         consensus_rules.main(["--data", str(data), "--out", str(tmp_path / "out2")] + rules)
+
+
+def test_confidence_fit_writes_the_fusion_weight_its_captions_were_searched_at(tmp_path):
+    """``--write``'s confidence.json names the fusion weight of the captions it was fitted on (the
+    Captioner rates captions of that weight or less): the decoding's, else the model's own (the
+    shipped model's fusion.json: 0.7), 0 for a model without language models."""
+    import confidence_fit
+
+    assert confidence_fit.fitted_fusion_weight(None, "") == 0.7
+    assert confidence_fit.fitted_fusion_weight(None, "beam_size=5") == 0.7
+    assert confidence_fit.fitted_fusion_weight(None, "fusion_weight=1.4") == 1.4
+    assert confidence_fit.fitted_fusion_weight(None, "fusion_weight=0,consensus=False") == 0.0
+    assert confidence_fit.fitted_fusion_weight(tmp_path, "") == 0.0

@@ -124,7 +124,8 @@ def add_arguments(p: argparse.ArgumentParser) -> None:
         help="mark captions whose confidence (0-1: the chance the caption is right, "
         "from the model's confidence.json) is below X: --json adds "
         '"low_confidence": true, plain output a last field "low confidence" (default: none '
-        "marked)",
+        "marked; refused where captions get no confidence: a model without confidence.json, or "
+        "a --fusion-weight above the one it was fitted at, see docs/confidence.md)",
     )
     p.add_argument(
         "--objects",
@@ -158,7 +159,10 @@ def run(args: argparse.Namespace) -> int:
         captioner.close()  # nothing would ever be marked: say so instead of marking nothing
         print(
             f"edgecap caption: error: --min-confidence: the model {captioner.manifest.directory} has no "
-            "confidence model (confidence.json), so its captions have no confidence to compare",
+            "confidence model (confidence.json), so its captions have no confidence to compare"
+            if captioner.unrated is None
+            else f"edgecap caption: error: --min-confidence: the model {captioner.manifest.directory}: "
+            f"{captioner.unrated} (--fusion-weight), so its captions have no confidence to compare",
             file=sys.stderr,
         )
         return 2
