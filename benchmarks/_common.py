@@ -34,6 +34,7 @@ import contextlib
 import importlib.util
 import itertools
 import json
+import os
 import sys
 import time
 from dataclasses import dataclass, field
@@ -50,6 +51,7 @@ from _machine import machine_info, machine_markdown  # noqa: E402
 from edgecap.backends.base import Backend, DecoderSession, Encoded, StepResult  # noqa: E402
 from edgecap.cli import HelpFormatter  # noqa: E402
 from edgecap.extras import install_hint  # noqa: E402
+from edgecap.files import nearest_existing  # noqa: E402
 
 BENCH_DIR = Path(__file__).resolve().parent
 RESULTS_DIR = BENCH_DIR / "results"  # the committed figures: written only with --out
@@ -540,7 +542,28 @@ OUT_HELP = (
 
 def add_out_argument(parser) -> None:
     """``--out DIR``, the same in every script: where its results files go (``output_dir``)."""
-    parser.add_argument("--out", type=Path, default=None, metavar="DIR", help=OUT_HELP)
+    parser.add_argument("--out", type=out_folder, default=None, metavar="DIR", help=OUT_HELP)
+
+
+def out_folder(text: str) -> Path:
+    """``--out``'s value, refused as a usage error when it cannot be a folder the results are
+    written to (a file, below a file, a name too long, a folder that cannot be written): the
+    results are written once the whole run is done, and the run's figures had been lost to a
+    traceback then."""
+    path = Path(text)
+    try:
+        os.lstat(path)
+    except (FileNotFoundError, NotADirectoryError):
+        pass  # a new folder (below a file: said below)
+    except OSError as exc:
+        raise argparse.ArgumentTypeError(f"{text}: {exc.strerror or exc}") from None
+    existing = nearest_existing(path)
+    if not existing.is_dir():
+        where = "" if existing == path else f" ({existing} is not a folder)"
+        raise argparse.ArgumentTypeError(f"{text}: not a folder{where}")
+    if not os.access(existing, os.W_OK | os.X_OK):
+        raise argparse.ArgumentTypeError(f"{text}: {existing} is not writable")
+    return path
 
 
 def output_dir(out: Path | None) -> Path:

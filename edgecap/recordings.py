@@ -537,7 +537,13 @@ def output_problem(source: str | os.PathLike, out: str | os.PathLike) -> str | N
     A ROS 1 bag gives a ROS 1 ``.bag`` file; a ROS 2 bag or MCAP file gives a ROS 2 bag folder
     with the same storage (sqlite3 or MCAP)."""
     out = Path(out)
-    if os.path.lexists(out):
+    try:
+        os.lstat(out)
+    except (FileNotFoundError, NotADirectoryError):
+        pass  # a new name (one below a file: its folder is checked below)
+    except OSError as exc:  # a name too long, a loop of links: lexists says False
+        return f"{out}: {exc.strerror or exc}"
+    else:
         return f"{out} exists already; name a new file or folder"
     if not os.path.lexists(source):  # open_recording says so, as without --write-bag
         return None
@@ -596,11 +602,14 @@ def write_captions(recording: Recording, out: str | os.PathLike, captions: dict[
     store = typesys.get_typestore(typesys.Stores.ROS1_NOETIC if ros1 else typesys.Stores.ROS2_HUMBLE)
     string_type = store.types[STRING]
     serialize = store.serialize_ros1 if ros1 else store.serialize_cdr
-    if ros1:
-        writer = rosbag1.Writer(out)
-    else:
-        plugin = rosbag2.StoragePlugin.MCAP if recording.kind == "mcap" else rosbag2.StoragePlugin.SQLITE3
-        writer = rosbag2.Writer(out, version=9, storage_plugin=plugin)
+    try:  # nothing is written yet: a failure here has no copy to remove
+        if ros1:
+            writer = rosbag1.Writer(out)
+        else:
+            plugin = rosbag2.StoragePlugin.MCAP if recording.kind == "mcap" else rosbag2.StoragePlugin.SQLITE3
+            writer = rosbag2.Writer(out, version=9, storage_plugin=plugin)
+    except Exception as exc:  # noqa: BLE001 (rosbags' WriterError: it exists now; an OSError)
+        raise RecordingError(f"{out}: cannot write the captioned copy ({reason(exc)})") from None
     written = 0
     try:
         writer.open()

@@ -11,6 +11,7 @@ refactor of the package's internals.
 
 from __future__ import annotations
 
+import errno
 import io
 import json
 import os
@@ -664,6 +665,33 @@ def tiny_train_config(data: Path, out: Path, epochs: int, **given):
 
 # Python's default warning filters that hide a category (a fresh interpreter's ``-W`` defaults)
 _HIDDEN_WARNINGS = (DeprecationWarning, PendingDeprecationWarning, ImportWarning, ResourceWarning)
+
+
+def unwritable_output_cases(command: str) -> list[tuple[OSError, tuple[int, str]]]:
+    """(the error every write to stdout raises, (exit code, stderr)) for ``edgecap COMMAND``
+    whose output cannot be written (docs/cli.md): a full disk is exit 2 in one line, a reader
+    gone away (| head) 141, quietly."""
+    return [
+        (
+            OSError(errno.ENOSPC, "No space left on device"),
+            (2, f"edgecap {command}: error: cannot write the output (No space left on device)\n"),
+        ),
+        (BrokenPipeError(errno.EPIPE, "Broken pipe"), (141, "")),
+    ]
+
+
+class UnwritableStdout(io.TextIOBase):
+    """A stdout whose every write fails with ``error`` (a full disk, a reader gone away), for a
+    command run in this process (``edgecap.cli.main``)."""
+
+    def __init__(self, error: OSError):
+        self.error = error
+
+    def writable(self) -> bool:
+        return True
+
+    def write(self, text: str) -> int:
+        raise self.error
 
 
 def run_edgecap(capfd, *args) -> subprocess.CompletedProcess:

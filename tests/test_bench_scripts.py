@@ -376,6 +376,29 @@ def test_every_script_takes_out(script, help_texts):
         assert "--out DIR" in text, (script, command)
 
 
+def test_an_out_that_cannot_be_a_folder_is_a_usage_error_before_the_run(tmp_path, capsys):
+    """--out is written once the whole run is done: a file, a path below one or a name too long
+    had been a traceback then (FileExistsError, NotADirectoryError, ENAMETOOLONG) and the run's
+    figures lost. Each is refused as the arguments are read, exit 2 in one line naming it."""
+    import argparse
+
+    parser = argparse.ArgumentParser(prog="bench")
+    C.add_out_argument(parser)
+    a_file = tmp_path / "notes.txt"
+    a_file.write_text("")
+    for out, problem in (
+        (a_file, "not a folder"),
+        (a_file / "run", f"not a folder ({a_file} is not a folder)"),
+        (tmp_path / ("r" * 300), "File name too long"),
+    ):
+        with pytest.raises(SystemExit) as stopped:
+            parser.parse_args(["--out", str(out)])
+        assert stopped.value.code == 2
+        assert capsys.readouterr().err.splitlines()[-1] == f"bench: error: argument --out: {out}: {problem}"
+    assert parser.parse_args(["--out", str(tmp_path / "new" / "run")]).out == tmp_path / "new" / "run"
+    assert not (tmp_path / "new").exists()  # made when the results are written
+
+
 def test_default_output_is_a_fresh_folder_git_ignores(runs_dir):
     import subprocess
 

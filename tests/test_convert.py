@@ -8,6 +8,7 @@ converter cares about).
 
 from __future__ import annotations
 
+import errno
 import importlib.util
 import shutil
 from pathlib import Path
@@ -21,7 +22,7 @@ ort = pytest.importorskip("onnxruntime")
 from edgecap.build.convert import compare_stages, convert_model_dir, fp32_nodes  # noqa: E402
 from edgecap.errors import InputError, ModelError  # noqa: E402
 from edgecap.manifest import load_manifest, verify_files  # noqa: E402
-from helpers import needs_onnxruntime_for_opset_18  # noqa: E402
+from helpers import unwritable_output_cases, needs_onnxruntime_for_opset_18  # noqa: E402
 
 STAND_IN = (
     "the rest needs the model exported from PyTorch (torch is not installed): the stand-in "
@@ -421,6 +422,77 @@ def test_cli_convert_flags_as_typed(fp32_dir, tmp_path, capsys):
     assert f"{photos}: no images (.jpg, .png, ...) to calibrate with" in printed.err or "sympy" in printed.err
 
 
+@pytest.mark.parametrize("error, expected", unwritable_output_cases("convert"))
+def test_cli_convert_report_that_cannot_be_written_is_not_a_traceback(
+    error, expected, small_model, tmp_path, monkeypatch, capsys
+):
+    """docs/cli.md: output that cannot be written is exit 2 in one line (a full disk), a reader
+    gone away (| head) 141, quietly; the converted model is written either way. It had been a
+    traceback of the OSError and exit 1."""
+    import sys
+
+    from edgecap.cli import main
+    from helpers import UnwritableStdout
+
+    monkeypatch.setattr(sys, "stdout", UnwritableStdout(error))
+    rc = main(["convert", str(small_model), "--out", str(tmp_path / "o"), "--no-check"])
+    assert (rc, capsys.readouterr().err) == expected
+    assert load_manifest(tmp_path / "o").precision == "fp16"
+
+
+def _with_other_encoder_weights(model: Path, copy: Path) -> Path:
+    """A copy of ``model`` whose encoder's weights are halved (its manifest's checksum updated):
+    another model of the same shapes."""
+    from dataclasses import replace
+
+    from onnx import numpy_helper
+
+    from edgecap.manifest import file_sha256
+
+    shutil.copytree(model, copy)
+    graph = onnx.load(str(copy / "encoder.onnx"))
+    for tensor in graph.graph.initializer:
+        values = numpy_helper.to_array(tensor)
+        if values.dtype == np.float32:
+            tensor.CopyFrom(numpy_helper.from_array(values * 0.5, tensor.name))
+    onnx.save(graph, str(copy / "encoder.onnx"))
+    manifest = load_manifest(copy)
+    replace(manifest, sha256={**manifest.sha256, "encoder": file_sha256(copy / "encoder.onnx")}).save()
+    return copy
+
+
+@pytest.mark.parametrize("stopped", ["before any graph is written", "after the encoder is written"])
+def test_a_forced_conversion_stopped_midway_leaves_no_manifest_over_a_mix(
+    stopped, small_model, tmp_path, monkeypatch
+):
+    """--force over an earlier model: a conversion stopped (Ctrl-C, a full disk, a refused graph)
+    after its first graph was written had left the earlier model's manifest beside the new
+    encoder and the earlier decoder step: a mix of two models that loaded and captioned without a
+    word (the checksums are compared only when a file fails to load). Its manifest is removed
+    then; stopped before anything was written, the earlier model is left whole."""
+    import edgecap.build.convert as convert
+
+    out = tmp_path / "o"
+    convert_model_dir(small_model, out, "fp16")
+    other = _with_other_encoder_weights(small_model, tmp_path / "other")
+    real, calls = convert.to_fp16, []
+
+    def stopping(model):
+        calls.append(model)
+        if len(calls) == (1 if stopped == "before any graph is written" else 2):
+            raise KeyboardInterrupt
+        return real(model)
+
+    monkeypatch.setattr(convert, "to_fp16", stopping)
+    with pytest.raises(KeyboardInterrupt):
+        convert_model_dir(other, out, "fp16", force=True)
+    if stopped == "before any graph is written":
+        verify_files(load_manifest(out))  # the earlier model, whole
+    else:
+        with pytest.raises(ModelError, match="no manifest.json"):
+            load_manifest(out)
+
+
 def test_cli_convert_out_that_cannot_be_a_folder_is_one_line_and_exit_2(
     default_model_dir, tmp_path, capsys, monkeypatch
 ):
@@ -440,7 +512,6 @@ def test_cli_convert_out_that_cannot_be_a_folder_is_one_line_and_exit_2(
     assert a_file.read_text() == "not a folder"
     # also where no temporary folder can be written (a read-only root file system; tempfile as
     # CPython has it there): the error names --out, so --out it is, not the temporary folder
-    import errno
     import tempfile
 
     def none_usable():
@@ -877,7 +948,6 @@ def test_a_conversion_that_fails_half_way_leaves_no_half_written_out_dir(
     half-written one (the encoder alone, no manifest) made the corrected command fail with
     'directory exists and is not empty' (as the calibration test above says), and with --force
     over an earlier model mixed its files with the new ones."""
-    import errno
 
     import onnx as onnx_module
 

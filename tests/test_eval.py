@@ -1360,6 +1360,23 @@ def test_cli_an_output_that_cannot_be_a_file_is_refused_before_captioning(
     )
 
 
+def test_cli_an_output_whose_name_is_too_long_is_refused_before_captioning(tmp_path, monkeypatch, capsys):
+    """A name longer than the file system allows (255 bytes) is exit 2 in one line naming it,
+    before any Captioner is made: Path.is_dir() raises ENAMETOOLONG rather than answering False,
+    which had been a traceback and exit 1."""
+    from edgecap.commands import eval as eval_command
+
+    built = []
+    monkeypatch.setattr(eval_command, "load_captioner", lambda args: built.append(args))
+    output = tmp_path / ("r" * 300 + ".json")
+    refs = coco_json(tmp_path / "refs.json", {"chelsea.png": ["A cat."]})
+    rc = main(["eval", "--images", str(EXAMPLES), "--references", str(refs), "--output", str(output)])
+    out = capsys.readouterr()
+    assert (rc, out.out, built) == (2, "", [])
+    assert out.err.startswith(f"edgecap eval: error: --output {output}: File name too long")
+    assert out.err.count("\n") == 1
+
+
 def test_cli_an_output_that_is_a_references_file_is_refused_before_captioning(tmp_path, monkeypatch, capsys):
     """--output names the file the captions are written to; given the references (a slip of
     tab completion: --references refs.json --output refs.json), the split's own captions,

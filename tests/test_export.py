@@ -9,6 +9,7 @@ to a few seconds.
 from __future__ import annotations
 
 import copy
+import errno
 import json
 import shutil
 from pathlib import Path
@@ -27,6 +28,7 @@ from edgecap.build.export import check_export, export_modules  # noqa: E402
 from edgecap.models.decoder import CaptionDecoder, DecoderConfig  # noqa: E402
 from edgecap.models.efficientnet_lite import EfficientNetLite  # noqa: E402
 from edgecap.preprocess import Preprocessing  # noqa: E402
+from helpers import unwritable_output_cases  # noqa: E402
 from edgecap.vocab import Vocabulary  # noqa: E402
 
 PRE = Preprocessing(size=(64, 64))
@@ -551,7 +553,6 @@ def test_an_export_out_that_cannot_be_written_is_one_line_and_exit_2(tmp_path, c
     2026-12-05 the hidden working folder beside it, ./.model.export-x, which no one asked for).
     Nothing is left behind, the file untouched. Before the fix: tracebacks of FileExistsError
     and PermissionError, exit 1."""
-    import errno
 
     import edgecap.build.export as export
     from edgecap.cli import main
@@ -639,6 +640,33 @@ def test_edgecap_export_names_a_folder_in_another_encoding_in_strict_json(tmp_pa
     record = json.loads(line)
     assert record["model"] == out.decode("utf-8", "replace")
     assert base64.b64decode(record["model_base64"]) == out
+
+
+@pytest.mark.parametrize("error, expected", unwritable_output_cases("export"))
+def test_edgecap_export_line_that_cannot_be_written_is_not_a_traceback(
+    error, expected, tmp_path, monkeypatch, capsys
+):
+    """docs/cli.md: output that cannot be written is exit 2 in one line (a full disk), a reader
+    gone away (| head) 141, quietly; the model is written either way. It had been a traceback of
+    the OSError and exit 1."""
+    import sys
+
+    from edgecap.cli import main
+    from edgecap.models.checkpoint import save_checkpoint
+    from helpers import UnwritableStdout
+
+    vocab = Vocabulary.build(["a cat sat on the mat", "a dog ran in the park today"], min_count=1)
+    decoder = CaptionDecoder(
+        DecoderConfig(vocab_size=len(vocab), hidden_dim=16, feature_dim=16, embed_dim=8, attention_dim=8)
+    )
+    save_checkpoint(tmp_path / "run" / "best", decoder, vocab, PRE, {})
+    monkeypatch.setattr(sys, "stdout", UnwritableStdout(error))
+    rc = main(["export", str(tmp_path / "run" / "best"), "--out", str(tmp_path / "model")])
+    said = "".join(line for line in capsys.readouterr().err.splitlines(True) if ": warning: " not in line)
+    assert (rc, said) == expected  # (torch's warnings about its exporter aside)
+    from edgecap.manifest import load_manifest
+
+    assert "export_check" in load_manifest(tmp_path / "model").info
 
 
 def test_edgecap_export_names_a_folder_that_is_not_ascii_on_a_stdout_that_is_not_utf8(tmp_path, monkeypatch):

@@ -6,6 +6,7 @@ copies read back with rosbags' own reader. Expected captions come from ``Caption
 
 from __future__ import annotations
 
+import errno
 import json
 import re
 import subprocess
@@ -195,6 +196,34 @@ def test_recording_captioned_and_written_back(kind, tmp_path, captioner, capfd):
     with AnyReader([out]) as reader:
         types = {c.topic: c.msgtype for c in reader.connections}
     assert types["/cam/rgb/caption"] == "std_msgs/msg/String"
+
+
+@pytest.mark.parametrize(
+    "error, code",
+    [
+        (BrokenPipeError(errno.EPIPE, "Broken pipe"), 141),
+        (OSError(errno.ENOSPC, "No space left on device"), 2),
+    ],
+)
+def test_write_bag_says_its_copy_is_not_written_when_the_records_cannot_be(
+    error, code, tmp_path, monkeypatch, capsys
+):
+    """The records' reader gone (| head) or a full disk stops the run as it stops caption's; the
+    copy, written once every frame is captioned, is not there either, and a line says so as it
+    does for Ctrl-C (the run had ended with no word of it: 141 quietly)."""
+    import sys
+
+    from edgecap.cli import main
+    from helpers import UnwritableStdout
+
+    bag = write_recording(tmp_path, "mcap", camera_messages("mcap")[0])
+    out = tmp_path / "copy"
+    monkeypatch.setattr(sys, "stdout", UnwritableStdout(error))
+    assert main(["caption", "--bag", str(bag), "--write-bag", str(out)]) == code
+    assert f"edgecap: {out} not written: the captions could not be written to standard output" in (
+        capsys.readouterr().err.splitlines()
+    )
+    assert not out.exists()
 
 
 def test_plain_output_and_topic_choice(tmp_path, captioner, capfd):
@@ -918,6 +947,33 @@ def test_a_copy_over_a_file_or_into_a_missing_folder_is_refused_before_writing(t
     assert output_problem(bag, bag) == f"{bag} exists already; name a new file or folder"
     out = tmp_path / "no-such-folder" / "copy.bag"
     assert output_problem(bag, out) == f"{out}: folder {out.parent} does not exist"
+
+
+def test_a_copy_name_too_long_is_refused_before_captioning(tmp_path):
+    """lexists() says False for a name over 255 bytes: it had passed, and once every frame was
+    captioned rosbags' Writer raised ENAMETOOLONG, a traceback (exit 1)."""
+    bag = three_frames(tmp_path, "ros1")
+    out = tmp_path / ("c" * 300 + ".bag")
+    assert output_problem(bag, out) == f"{out}: File name too long"
+
+
+@pytest.mark.parametrize("kind", ["ros1", "mcap"])
+def test_a_copy_whose_name_is_taken_after_the_check_is_a_recording_error_and_kept(
+    kind, tmp_path, monkeypatch
+):
+    """A file made at OUT between the check and the writing (another run's copy): rosbags'
+    Writer refuses it, which had escaped as its own WriterError (a traceback); it is named in a
+    RecordingError and the file there is left alone."""
+    import edgecap.recordings as recordings
+
+    bag = three_frames(tmp_path, kind)
+    out = tmp_path / ("copy.bag" if kind == "ros1" else "copy")
+    monkeypatch.setattr(recordings, "output_problem", lambda source, out: None)
+    out.write_text("another run's copy")
+    with open_recording(bag) as recording:
+        with pytest.raises(RecordingError, match="cannot write the captioned copy"):
+            write_captions(recording, out, {})
+    assert out.read_text() == "another run's copy"
 
 
 def test_a_topic_the_recording_lacks_is_named_with_the_image_topics(tmp_path):

@@ -13,7 +13,7 @@ torch = pytest.importorskip("torch")
 pytest.importorskip("onnx")
 
 from edgecap.errors import ModelError  # noqa: E402
-from helpers import tiny_train_config  # noqa: E402
+from helpers import unwritable_output_cases, UnwritableStdout, tiny_train_config  # noqa: E402
 
 CAPTIONS = {
     "chelsea.png": ["a cat sits on a mat", "a brown cat looks up", "a cat on the floor"],
@@ -490,6 +490,52 @@ def test_train_command_builds_the_config_from_its_flags(tmp_path, monkeypatch, c
         },
     )
     assert "best_checkpoint" in capsys.readouterr().out
+
+
+@pytest.mark.parametrize("name", ["best", "last"])
+def test_train_refuses_an_out_whose_best_or_last_is_not_a_checkpoint(name, tmp_path, monkeypatch, capsys):
+    """A run replaces OUT/best and OUT/last whole after an epoch: given an existing folder that
+    holds a folder of that name of the user's (their best photos), the run had removed it and
+    everything in it without a word. It is refused before anything is read or written."""
+    from edgecap.cli import main
+    from edgecap.training import train as training
+
+    called = []
+    monkeypatch.setattr(training, "train", lambda cfg: called.append(cfg) or tmp_path / "best")
+    out = tmp_path / "photos"
+    (out / name).mkdir(parents=True)
+    (out / name / "a.jpg").write_text("mine")
+    assert main(["train", "--data", "DATA", "--out", str(out)]) == 2
+    assert capsys.readouterr().err == (
+        f"edgecap train: error: --out {out}: {out / name} is not a checkpoint of edgecap train (no "
+        "checkpoint.json), and a run would replace it with one; choose another --out\n"
+    )
+    assert called == [] and (out / name / "a.jpg").read_text() == "mine"
+
+
+@pytest.mark.parametrize("when", ["a log line", "the last line"])
+@pytest.mark.parametrize("error, expected", unwritable_output_cases("train"))
+def test_train_output_that_cannot_be_written_is_said_as_the_output(
+    when, error, expected, tmp_path, monkeypatch, capsys
+):
+    """docs/cli.md: output that cannot be written is exit 2 in one line, a reader gone away
+    (| head) 141, quietly. A log line the run printed had been taken for a write to --out or the
+    feature cache ("edgecap train: error: No space left on device (the error names no file; the
+    run writes to --out ...)", a broken pipe alike), and the last line was a traceback."""
+    import sys
+
+    from edgecap.cli import main
+    from edgecap.training import train as training
+
+    def run(cfg):
+        if when == "a log line":
+            print("train 8 images, dev 2 images, vocabulary 18 words")
+        return tmp_path / "run" / "best"
+
+    monkeypatch.setattr(training, "train", run)
+    monkeypatch.setattr(sys, "stdout", UnwritableStdout(error))
+    rc = main(["train", "--data", "DATA", "--out", str(tmp_path / "run")])
+    assert (rc, capsys.readouterr().err) == expected
 
 
 def test_train_names_a_best_checkpoint_that_is_not_ascii_on_a_stdout_that_is_not_utf8(tmp_path, monkeypatch):

@@ -42,7 +42,7 @@ import numpy as np
 from edgecap.contract import CLASSES, ENCODER_OUTPUTS, FILE_ROLES, ROLES, STEP_OUTPUTS, VOCAB
 from edgecap.errors import BackendError, ModelError
 from edgecap.extras import install_hint
-from edgecap.manifest import Manifest, file_sha256, graph_source, load_manifest, verify_files
+from edgecap.manifest import MANIFEST, Manifest, file_sha256, graph_source, load_manifest, verify_files
 from edgecap.models.config import ENCODER_FP32_BLOCKS, INT8_ENCODER_FP32_BLOCKS
 
 PRECISIONS = ("fp16", "int8")
@@ -611,7 +611,29 @@ def convert_model_dir(
         elif empty:
             for path in out.iterdir():
                 shutil.rmtree(path) if path.is_dir() and not path.is_symlink() else path.unlink()
+        else:  # --force over an earlier model
+            _disown_mixed_model(out)
         raise
+
+
+def _disown_mixed_model(out: Path) -> None:
+    """Remove ``out``'s manifest.json when a file it lists is no longer the one it describes:
+    a conversion with --force that stopped after writing one graph over the earlier model's
+    would otherwise leave that manifest vouching for a mix of the two models, which loads
+    without a word (the checksums are compared only when a file fails to load). A refusal
+    before any file was written leaves the earlier model whole."""
+    try:
+        earlier = load_manifest(out)
+    except Exception:  # noqa: BLE001 (no model there, or none that loads: nothing vouched for)
+        return
+    for role, expected in earlier.sha256.items():  # (FILE_ROLES': load_manifest keeps those)
+        try:
+            same = file_sha256(earlier.path(role)) == expected
+        except OSError:
+            same = False
+        if not same:
+            (out / MANIFEST).unlink(missing_ok=True)
+            return
 
 
 # -- checking a converted model against its source, stage by stage ----------------------------

@@ -17,6 +17,7 @@ import argparse
 import sys
 
 from edgecap.commands.output import (
+    OutputFailed,
     caption_fields,
     caption_record,
     error_record,
@@ -40,6 +41,15 @@ def run_bag(captioner, args: argparse.Namespace) -> int:
     except KeyboardInterrupt:  # Ctrl-C: the captions so far are out; say the copy is not there
         if args.write_bag is not None:
             print(f"edgecap: {escape_field(args.write_bag)} not written: interrupted", file=sys.stderr)
+        raise
+    except OutputFailed:  # the records' reader gone (| head), a full disk: the run stops, as
+        # caption's does, and the copy, written once every frame is captioned, is not there either
+        if args.write_bag is not None:
+            print(
+                f"edgecap: {escape_field(args.write_bag)} not written: the captions could not be "
+                "written to standard output",
+                file=sys.stderr,
+            )
         raise
 
 

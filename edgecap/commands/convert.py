@@ -48,11 +48,8 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
 
 
 def run(args: argparse.Namespace) -> int:
-    from edgecap.build.convert import compare_stages, convert_model_dir
-    from edgecap.contract import ROLES
-    from edgecap.errors import reason
+    from edgecap.build.convert import convert_model_dir
     from edgecap.files import write_problem
-    from edgecap.manifest import load_manifest
 
     try:
         manifest = convert_model_dir(
@@ -64,6 +61,21 @@ def run(args: argparse.Namespace) -> int:
     except OSError as exc:  # OUT_DIR cannot be made or written: a file in the way, a full disk
         print(f"edgecap convert: error: {write_problem(exc, args.out)}", file=sys.stderr)
         return 2
+    try:  # the model is written: a report that cannot be is exit 2 in one line, not a traceback
+        return _report(args, manifest)
+    except OSError as exc:
+        from edgecap.commands.output import output_failed
+
+        return output_failed("convert", exc)
+
+
+def _report(args: argparse.Namespace, manifest) -> int:
+    """Print what was written and, unless --no-check, how far it is from the FP32 model."""
+    from edgecap.build.convert import compare_stages
+    from edgecap.contract import ROLES
+    from edgecap.errors import reason
+    from edgecap.manifest import load_manifest
+
     print(f"wrote {args.precision} model to {manifest.directory}")
     for role in ROLES:
         print(f"  {manifest.files[role]}: {manifest.path(role).stat().st_size / 1e6:.1f} MB")
@@ -86,4 +98,5 @@ def run(args: argparse.Namespace) -> int:
         for name, value in diffs.items():
             print(f"  {name:14s} {value:.2e}")
         print(f"  best word agrees on {agree:.0%} of rows")
+    sys.stdout.flush()
     return 0

@@ -165,6 +165,12 @@ def _check_arguments(args: argparse.Namespace) -> str | None:
         return f"--limit must be at least 1, got {args.limit}"
     if args.output is not None:  # refused now, not after minutes of captioning
         output = Path(args.output)
+        try:
+            os.lstat(output)
+        except (FileNotFoundError, NotADirectoryError):
+            pass  # a new file, or one below a file: its folder is checked below
+        except OSError as exc:  # a name too long, a part of it a file, a loop of links
+            return f"--output {args.output}: {exc.strerror or exc}"
         if output.is_dir():
             return f"--output {args.output}: is a folder; give a file to write the captions to"
         if not output.parent.is_dir():

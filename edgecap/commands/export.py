@@ -53,14 +53,18 @@ def run(args: argparse.Namespace) -> int:
     except OSError as exc:  # --out cannot be made or written: no permission, a full disk
         print(f"edgecap export: error: {write_problem(exc, args.out)}", file=sys.stderr)
         return 2
-    from edgecap.commands.output import json_line, utf8_output
+    from edgecap.commands.output import json_line, output_failed, utf8_output
 
     utf8_output()  # as caption: a folder's name that is not ASCII on a stdout that is not UTF-8
 
     # the folder's name as caption's paths: a name that is not UTF-8 had been a lone surrogate
     # escape, which strict JSON readers refuse
     check = manifest.info.get("export_check", {}).get("max_abs_diff")
-    print(json_line({"model": str(manifest.directory), "export_check": check}))
+    try:  # the model is written: a line that cannot be is exit 2 in one line, not a traceback
+        print(json_line({"model": str(manifest.directory), "export_check": check}))
+        sys.stdout.flush()
+    except OSError as exc:
+        return output_failed("export", exc)
     return 0
 
 

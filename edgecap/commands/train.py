@@ -10,6 +10,7 @@ from collections.abc import Callable
 from dataclasses import fields
 from pathlib import Path
 
+from edgecap.commands.output import OutputFailed
 from edgecap.data.folder import DEFAULT_DEV_FRACTION
 from edgecap.files import write_problem
 from edgecap.models.config import ENCODERS, DecoderConfig
@@ -341,8 +342,15 @@ def run(args: argparse.Namespace) -> int:
         from edgecap.extras import install_hint
 
         raise BackendError(f"training needs PyTorch: {install_hint('train')} ({exc})") from exc
+    from edgecap.commands.output import json_line, output_failed, utf8_output
+
+    stdout = sys.stdout
+    if stdout is not None:  # the log: its write errors told apart from those of --out
+        sys.stdout = _Log(stdout)
     try:
         best = run_training(cfg)
+    except OutputFailed as failure:  # the log on stdout, not --out: a reader gone away, a full disk
+        return output_failed("train", failure.error)
     except OSError as exc:  # a folder that cannot be made or written (--out, --cache-dir), a full disk
         problem = write_problem(exc, args.out)
         if exc.filename is None:  # a write to an open file (a full disk): either folder may hold it
@@ -353,13 +361,41 @@ def run(args: argparse.Namespace) -> int:
             )
         print(f"edgecap train: error: {problem}", file=sys.stderr)
         return 2
+    finally:
+        sys.stdout = stdout
     left_out = _left_out(Path(best).parent / "last")  # this run's: best may be an earlier run's
-    from edgecap.commands.output import json_line, utf8_output  # a name that is not UTF-8: as caption's paths
-
     utf8_output()  # as caption: a folder's name that is not ASCII on a stdout that is not UTF-8
-
-    print(json_line({"best_checkpoint": str(best), **({"left_out": left_out} if left_out else {})}))
+    try:  # a name that is not UTF-8: as caption's paths
+        print(json_line({"best_checkpoint": str(best), **({"left_out": left_out} if left_out else {})}))
+        sys.stdout.flush()
+    except OSError as exc:
+        return output_failed("train", exc)
     return 1 if left_out else 0  # as caption: some inputs were skipped (each reported)
+
+
+class _Log:
+    """``sys.stdout`` while the run trains: a log line that cannot be written (its reader gone,
+    a full disk) is ``OutputFailed``, not an OSError that would be taken for one of --out's or
+    the feature cache's (it had been reported as theirs: "No space left on device (the error
+    names no file; the run writes to --out ...)")."""
+
+    def __init__(self, stream):
+        self._stream = stream
+
+    def write(self, text: str) -> int:
+        try:
+            return self._stream.write(text)
+        except OSError as exc:
+            raise OutputFailed(exc) from None
+
+    def flush(self) -> None:
+        try:
+            self._stream.flush()
+        except OSError as exc:
+            raise OutputFailed(exc) from None
+
+    def __getattr__(self, name: str):
+        return getattr(self._stream, name)
 
 
 def _left_out(checkpoint: Path) -> int:

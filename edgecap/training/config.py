@@ -60,12 +60,31 @@ def check_folders(out: str, cache_dir: str | None, names: tuple[str, str] = ("ou
                     f"{flag} {path}: "
                     + ("not writable" if existing == path else f"cannot be made in {existing}, not writable")
                 )
+            if flag == names[0]:
+                _check_checkpoint_folders(flag, path)
             continue
         what = "a file" if existing.exists() else "a broken link"
         raise ValueError(
             f"{flag} {path}: "
             + (f"is {what}, not a folder" if existing == path else f"{existing} is {what}, not a folder")
         )
+
+
+def _check_checkpoint_folders(flag: str, out: Path) -> None:
+    """``ValueError`` when OUT/best or OUT/last is there but is not a checkpoint (no
+    checkpoint.json): a run replaces each whole after an epoch, and a folder of the user's that
+    happens to have one of those names (a --out given an existing folder, ``best`` photos in it)
+    had been removed with everything in it, without a word."""
+    for name in CHECKPOINT_FOLDERS:
+        folder = out / name
+        if os.path.lexists(folder) and not os.path.lexists(folder / "checkpoint.json"):
+            raise ValueError(
+                f"{flag} {out}: {folder} is not a checkpoint of edgecap train (no checkpoint.json), and a "
+                "run would replace it with one; choose another --out"
+            )
+
+
+CHECKPOINT_FOLDERS = ("best", "last")  # what a run writes in OUT, each replaced whole
 
 
 @dataclass(frozen=True)
