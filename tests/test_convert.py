@@ -382,6 +382,34 @@ def test_cli_convert(fp32_dir, tmp_path, capsys):
     assert "wrote fp16 model" in out and "best word agrees" in out
 
 
+class _ReaderGone:
+    """A standard output whose reader has gone (``| head -1``): each write a broken pipe."""
+
+    def write(self, text):
+        raise BrokenPipeError(32, "Broken pipe")
+
+    def flush(self):
+        pass
+
+
+def test_cli_convert_to_a_reader_gone_away_stops_quietly_with_its_model_checked(
+    small_model, tmp_path, monkeypatch, capsys
+):
+    """``edgecap convert ... | head -1``: as caption and eval, a closed pipe is exit 141 with
+    nothing on stderr (it was a BrokenPipeError traceback, exit 1), and the converted model is
+    still checked (its manifest is removed when the check fails, as without the pipe)."""
+    from edgecap.build import convert as module
+    from edgecap.cli import main
+
+    checked = []
+    real = module.compare_stages
+    monkeypatch.setattr(module, "compare_stages", lambda *a, **k: checked.append(1) or real(*a, **k))
+    monkeypatch.setattr("sys.stdout", _ReaderGone())
+    code = main(["convert", str(small_model), "--out", str(tmp_path / "o")])
+    assert code == 141 and capsys.readouterr().err == ""
+    assert checked and load_manifest(tmp_path / "o").precision == "fp16"
+
+
 def test_cli_convert_flags_as_typed(fp32_dir, tmp_path, capsys):
     """``edgecap convert`` through the command line: without --precision an FP16 copy (its
     --help's default); --no-check prints no comparison; a non-empty OUT_DIR is refused (exit 2,
@@ -624,6 +652,45 @@ def test_force_stopped_before_the_new_graphs_are_written_leaves_the_earlier_mode
     with pytest.raises(KeyboardInterrupt):
         convert_model_dir(small_model, out, precision, force=True)  # a model without them
     assert {p.name: p.read_bytes() for p in out.iterdir()} == before
+
+
+@pytest.mark.parametrize("precision", ["fp16", "int8"])
+def test_force_stopped_once_a_new_graph_is_written_leaves_no_model_that_loads(
+    small_model, tmp_path, monkeypatch, precision
+):
+    """--force over a folder holding a model of the other precision, stopped (Ctrl-C; a SIGTERM,
+    which runs no cleanup, alike) once the first of the new model's graphs is in it and before
+    the second is: the folder must not load as a model. It held the new encoder (fp16) or decoder
+    step (int8) beside the earlier model's other graph under the earlier model's manifest, and
+    loaded and captioned silently (a graph's checksum is compared only when it fails to load)."""
+    import onnx as onnx_module
+
+    from edgecap.build import convert
+
+    out = tmp_path / "out"
+    convert_model_dir(small_model, out, "int8" if precision == "fp16" else "fp16")
+    before = {p.name: p.read_bytes() for p in out.iterdir()}
+    if precision == "fp16":  # the second graph's save (the decoder step's)
+        real_save = onnx_module.save
+
+        def save(model, path, *args, **kwargs):
+            if Path(path).name == "decoder_step.onnx":
+                raise KeyboardInterrupt
+            return real_save(model, path, *args, **kwargs)
+
+        monkeypatch.setattr(onnx_module, "save", save)
+    else:  # the encoder's copy, after the decoder step's quantisation
+
+        def copy(*args, **kwargs):
+            raise KeyboardInterrupt
+
+        monkeypatch.setattr(convert.shutil, "copy2", copy)
+    with pytest.raises(KeyboardInterrupt):
+        convert_model_dir(small_model, out, precision, force=True)
+    changed = "encoder.onnx" if precision == "fp16" else "decoder_step.onnx"
+    assert (out / changed).read_bytes() != before[changed]  # the new graph is in
+    with pytest.raises(ModelError, match="manifest"):
+        load_manifest(out)
 
 
 # -- quick checks on a contract-shaped model built with onnx helpers -------------------------

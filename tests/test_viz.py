@@ -140,6 +140,38 @@ def test_a_figure_pillow_cannot_write_is_a_value_error_naming_it(name, problem, 
     assert list(tmp_path.iterdir()) == []
 
 
+@pytest.mark.parametrize("earlier", [False, True])
+def test_a_figure_stopped_while_written_leaves_no_half_written_file(earlier, tmp_path, monkeypatch):
+    """Ctrl-C (or a SIGTERM) while the figure is written, which takes a few tenths of a second
+    for a photo's PNG: no truncated image is left under its name (Pillow removes what it wrote
+    on an Exception, not on a KeyboardInterrupt; ``edgecap caption IMG --attention OUT.png``
+    stopped then left a broken OUT.png, exit 130), and an earlier figure there is kept whole."""
+    caption = fake_caption(2)
+    target = tmp_path / "attention.png"
+    if earlier:
+        save_attention(green_photo(64, 48), caption, target)
+    before = target.read_bytes() if earlier else None
+    Image.init()  # the format plugins, PNG's writer among them
+    real = Image.SAVE["PNG"]
+
+    def stopped(image, fp, filename):
+        fp.write(b"\x89PNG\r\n\x1a\n" + b"\0" * 100)  # part of the file, then Ctrl-C
+        raise KeyboardInterrupt
+
+    monkeypatch.setitem(Image.SAVE, "PNG", stopped)
+    with pytest.raises(KeyboardInterrupt):
+        save_attention(green_photo(64, 64), caption, target)
+    assert [p.name for p in tmp_path.iterdir()] == (["attention.png"] if earlier else [])
+    if earlier:
+        assert target.read_bytes() == before
+    monkeypatch.setitem(Image.SAVE, "PNG", real)
+    assert save_attention(green_photo(64, 64), caption, target) == target
+    assert [p.name for p in tmp_path.iterdir()] == ["attention.png"]
+    with Image.open(target) as saved:
+        saved.load()
+        assert saved.format == "PNG" and saved.width > 64
+
+
 def test_real_caption_and_save(tiny_model_dir, example_images, tmp_path):
     photo = next(p for p in example_images if p.name == "chelsea.png")
     caption = Captioner(tiny_model_dir, max_length=6, threads=1).caption(photo, return_attention=True)

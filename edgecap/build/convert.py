@@ -335,6 +335,15 @@ def _prepare_out_dir(source: Manifest, out: Path, force: bool) -> None:
     out.mkdir(parents=True, exist_ok=True)
 
 
+def _unmake_earlier_model(out: Path) -> None:
+    """Remove the manifest of the model a --force conversion replaces, just before the first of
+    the new model's graphs takes its file's name: a conversion stopped from then on (Ctrl-C, a
+    SIGTERM, a full disk) leaves a folder that is no model, not the new graph beside the earlier
+    one's under the earlier manifest, which loaded and captioned silently (a graph's checksum is
+    compared only when it fails to load). The new manifest is written last."""
+    (out / MANIFEST).unlink(missing_ok=True)
+
+
 def _write_manifest(source: Manifest, out: Path, precision: str, note: dict) -> Manifest:
     from edgecap.confidence import CONFIDENCE_FILE
     from edgecap.decoding.fusion import remove_fusion
@@ -391,6 +400,7 @@ def convert_fp16(source: Manifest, out: str | Path, force: bool = False) -> Mani
         original = onnx.load(str(source.path(role)))
         converted = to_fp16(original)
         _check_graph_io(original, converted, source.path(role))
+        _unmake_earlier_model(out)
         onnx.save(converted, str(out / source.files[role]))
     islands = list(FP32_OP_TYPES) + ["attention logits", "word logits"]
     return _write_manifest(source, out, "fp16", {"fp32_ops": islands})
@@ -525,18 +535,22 @@ def convert_int8(
     step_model = onnx.load(str(source.path("decoder_step")))
     name_nodes(step_model.graph)
     named_step = out / (source.files["decoder_step"] + ".named.onnx")
+    quantized_step = out / (source.files["decoder_step"] + ".int8.onnx")
     onnx.save(step_model, str(named_step))
     try:
         with _quiet_root_logger():
             quantize_dynamic(
                 str(named_step),
-                str(out / source.files["decoder_step"]),
+                str(quantized_step),
                 op_types_to_quantize=["MatMul", "Gemm"],
                 weight_type=QuantType.QInt8,
                 nodes_to_exclude=fp32_nodes(step_model.graph, word_logits=False),
             )
+        _unmake_earlier_model(out)
+        os.replace(quantized_step, out / source.files["decoder_step"])
     finally:
         named_step.unlink(missing_ok=True)
+        quantized_step.unlink(missing_ok=True)
 
     encoder_out = out / source.files["encoder"]
     if reader is None:
@@ -611,29 +625,7 @@ def convert_model_dir(
         elif empty:
             for path in out.iterdir():
                 shutil.rmtree(path) if path.is_dir() and not path.is_symlink() else path.unlink()
-        else:  # --force over an earlier model
-            _disown_mixed_model(out)
         raise
-
-
-def _disown_mixed_model(out: Path) -> None:
-    """Remove ``out``'s manifest.json when a file it lists is no longer the one it describes:
-    a conversion with --force that stopped after writing one graph over the earlier model's
-    would otherwise leave that manifest vouching for a mix of the two models, which loads
-    without a word (the checksums are compared only when a file fails to load). A refusal
-    before any file was written leaves the earlier model whole."""
-    try:
-        earlier = load_manifest(out)
-    except Exception:  # noqa: BLE001 (no model there, or none that loads: nothing vouched for)
-        return
-    for role, expected in earlier.sha256.items():  # (FILE_ROLES': load_manifest keeps those)
-        try:
-            same = file_sha256(earlier.path(role)) == expected
-        except OSError:
-            same = False
-        if not same:
-            (out / MANIFEST).unlink(missing_ok=True)
-            return
 
 
 # -- checking a converted model against its source, stage by stage ----------------------------

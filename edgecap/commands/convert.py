@@ -48,8 +48,12 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
 
 
 def run(args: argparse.Namespace) -> int:
-    from edgecap.build.convert import convert_model_dir
+    from edgecap.build.convert import compare_stages, convert_model_dir
+    from edgecap.commands.output import discard_stdout, output_failed
+    from edgecap.contract import ROLES
+    from edgecap.errors import reason
     from edgecap.files import write_problem
+    from edgecap.manifest import load_manifest
 
     try:
         manifest = convert_model_dir(
@@ -61,24 +65,21 @@ def run(args: argparse.Namespace) -> int:
     except OSError as exc:  # OUT_DIR cannot be made or written: a file in the way, a full disk
         print(f"edgecap convert: error: {write_problem(exc, args.out)}", file=sys.stderr)
         return 2
-    try:  # the model is written: a report that cannot be is exit 2 in one line, not a traceback
-        return _report(args, manifest)
-    except OSError as exc:
-        from edgecap.commands.output import output_failed
+    reader_gone: list[OSError] = []
 
-        return output_failed("convert", exc)
+    def say(line: str) -> None:
+        # stdout that cannot be written (| head: its reader gone; a full disk) ends the lines,
+        # not the check, which removes the manifest of a model that fails it
+        if not reader_gone:
+            try:
+                print(line, flush=True)
+            except OSError as exc:
+                reader_gone.append(exc)
+                discard_stdout()
 
-
-def _report(args: argparse.Namespace, manifest) -> int:
-    """Print what was written and, unless --no-check, how far it is from the FP32 model."""
-    from edgecap.build.convert import compare_stages
-    from edgecap.contract import ROLES
-    from edgecap.errors import reason
-    from edgecap.manifest import load_manifest
-
-    print(f"wrote {args.precision} model to {manifest.directory}")
+    say(f"wrote {args.precision} model to {manifest.directory}")
     for role in ROLES:
-        print(f"  {manifest.files[role]}: {manifest.path(role).stat().st_size / 1e6:.1f} MB")
+        say(f"  {manifest.files[role]}: {manifest.path(role).stat().st_size / 1e6:.1f} MB")
     if not args.no_check:
         try:
             diffs = compare_stages(load_manifest(args.model_dir), manifest)
@@ -94,9 +95,8 @@ def _report(args: argparse.Namespace, manifest) -> int:
             )
             return 2
         agree = diffs.pop("topk_ids_agree")
-        print("largest difference from the FP32 model on random inputs (onnxruntime CPU):")
+        say("largest difference from the FP32 model on random inputs (onnxruntime CPU):")
         for name, value in diffs.items():
-            print(f"  {name:14s} {value:.2e}")
-        print(f"  best word agrees on {agree:.0%} of rows")
-    sys.stdout.flush()
-    return 0
+            say(f"  {name:14s} {value:.2e}")
+        say(f"  best word agrees on {agree:.0%} of rows")
+    return output_failed("convert", reader_gone[0]) if reader_gone else 0
