@@ -71,15 +71,21 @@ def main(argv: list[str] | None = None) -> int:
     # a KeyboardInterrupt raised inside the import machinery or a C extension's initialisation
     # can surface as "Exception ignored" noise or an ImportError. A command that has output to
     # finish properly (caption) calls ``interrupt_normally()`` once it is ready.
+    # SIGTERM and SIGHUP (a supervisor's stop: systemd, docker stop, a launch file; a closed
+    # terminal) are a Ctrl-C too: at once while the command starts, then its clean-up (a
+    # --write-bag copy or a conversion left half-written had blocked the next run), after which
+    # ``run_command`` ends the process by the same signal; ``main`` returns 128 + its number.
+    del _terminated_by[:]
     previous = _quiet_interrupts()
     shown = warnings.showwarning
     warnings.showwarning = _one_line_warnings(shown)
     try:
-        return _main(argv)
+        code = _main(argv)
+        return 128 + _terminated_by[0] if code == 130 and _terminated_by else code
     finally:
         warnings.showwarning = shown
-        if previous is not None:
-            signal.signal(signal.SIGINT, previous)
+        for sig, handler in previous.items():
+            signal.signal(sig, handler)
 
 
 def _one_line_warnings(shown):
@@ -119,7 +125,7 @@ def run_command() -> NoReturn:
     try:
         code = main()
     except KeyboardInterrupt:  # while a command that finishes on Ctrl-C was finishing
-        code = 130
+        code = 128 + _terminated_by[0] if _terminated_by else 130
     except SystemExit as exc:
         if not _in_process_group():
             raise
@@ -138,7 +144,19 @@ def run_command() -> NoReturn:
             except Exception:  # a closed pipe: the process still ends here
                 pass
         os._exit(code)
+    if _terminated_by:  # cleaned up: the process ends by the signal, as its sender expects
+        _end_by(_terminated_by[0])
     sys.exit(code)
+
+
+def _end_by(sig: int) -> None:  # pragma: no cover (ends the process)
+    for stream in (sys.stdout, sys.stderr):
+        try:
+            stream.flush()
+        except Exception:  # a closed pipe: the process still ends here
+            pass
+    signal.signal(sig, signal.SIG_DFL)
+    os.kill(os.getpid(), sig)
 
 
 class _Stderr:
@@ -178,23 +196,53 @@ def _in_process_group() -> bool:
     return distributed is not None and distributed.is_available() and distributed.is_initialized()
 
 
-def _quiet_interrupts():
-    """Make SIGINT end the process at once with status 130; -> the previous handler (None when
-    not on the main thread, where handlers cannot be set)."""
+# what stops a command as Ctrl-C does, besides SIGINT: a supervisor's stop, a closed terminal
+TERMINATING = tuple(getattr(signal, name) for name in ("SIGTERM", "SIGHUP") if hasattr(signal, name))
+_terminated_by: list[int] = []  # the one of them that stopped this command, once it came
+
+
+class Terminated(KeyboardInterrupt):
+    """SIGTERM or SIGHUP while a command runs: a KeyboardInterrupt, so that the command's Ctrl-C
+    clean-up runs."""
+
+
+def _quiet_interrupts() -> dict:
+    """Make SIGINT end the process at once with status 130, SIGTERM and SIGHUP with 128 + their
+    number (one ignored, as under nohup, stays ignored); -> the previous handlers (none when not
+    on the main thread, where handlers cannot be set)."""
+    previous: dict = {}
     try:
-        return signal.signal(signal.SIGINT, _exit_130)
+        previous[signal.SIGINT] = signal.signal(signal.SIGINT, _exit_130)
+        for sig in TERMINATING:
+            if signal.getsignal(sig) is not signal.SIG_IGN:
+                previous[sig] = signal.signal(sig, _exit_at_once)
     except ValueError:
-        return None
+        pass
+    return previous
 
 
 def _exit_130(signum, frame):  # pragma: no cover (ends the process)
     os._exit(130)
 
 
+def _exit_at_once(signum, frame):  # pragma: no cover (ends the process)
+    os._exit(128 + signum)
+
+
+def _terminate(signum, frame):
+    if not _terminated_by:
+        _terminated_by.append(signum)
+    raise Terminated(f"signal {signum}")
+
+
 def interrupt_normally() -> None:
-    """From here on Ctrl-C raises KeyboardInterrupt again (the command handles it)."""
+    """From here on Ctrl-C raises KeyboardInterrupt again (the command handles it), and SIGTERM
+    and SIGHUP a ``Terminated``, which is one."""
     if signal.getsignal(signal.SIGINT) is _exit_130:
         signal.signal(signal.SIGINT, signal.default_int_handler)
+    for sig in TERMINATING:
+        if signal.getsignal(sig) is _exit_at_once:
+            signal.signal(sig, _terminate)
 
 
 def _main(argv: list[str] | None) -> int:

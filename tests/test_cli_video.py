@@ -177,6 +177,50 @@ def test_ctrl_c_during_a_video_ends_with_its_summary(tiny_model_dir, video):
     assert "Traceback" not in out.stderr and "KeyboardInterrupt" not in out.stderr
 
 
+_SIGNAL_AFTER_FIRST_CAPTION = (
+    "import os, signal, sys\n"
+    "from edgecap.commands import caption_media\n"
+    "from edgecap import cli\n"
+    "entry, sig = sys.argv[1], getattr(signal, sys.argv[2])\n"
+    "if sys.argv[3] == 'ignored':\n"
+    "    signal.signal(sig, signal.SIG_IGN)  # as nohup leaves SIGHUP\n"
+    "printed, sent = caption_media._print_event, []\n"
+    "def print_then_signal(event, *options):\n"
+    "    printed(event, *options)\n"
+    "    if not sent:\n"
+    "        sent.append(event)\n"
+    "        os.kill(os.getpid(), sig)  # a supervisor's stop once the first caption is out\n"
+    "caption_media._print_event = print_then_signal\n"
+    "sys.argv[1:4] = []\n"
+    "cli.run_command() if entry == 'command' else sys.exit(cli.main(sys.argv[1:]))\n"
+)
+
+
+@pytest.mark.skipif(os.name != "posix", reason="SIGTERM and SIGHUP")
+@pytest.mark.parametrize("name", ["SIGTERM", "SIGHUP"])
+def test_a_supervisors_stop_during_a_video_cleans_up_as_ctrl_c_then_ends_by_the_signal(
+    name, tiny_model_dir, video
+):
+    """SIGTERM (systemd, docker stop, a launch file) or SIGHUP (a closed terminal) once captions
+    are coming: the command finishes as on Ctrl-C (the captions so far, the summary on stderr),
+    then the ``edgecap`` command ends by that signal, as its sender expects (``main`` returns
+    128 + its number). It had been killed outright: no summary, and a --write-bag copy or a
+    conversion left half-written. One that is ignored (nohup's SIGHUP) stays ignored."""
+    import signal
+
+    sig = getattr(signal, name)
+    args = ["caption", "--video", video, "--model", tiny_model_dir, "--max-length", "4"]
+    for entry, code in (("command", -sig), ("main", 128 + sig)):
+        out = run("-c", _SIGNAL_AFTER_FIRST_CAPTION, entry, name, "handled", *args)
+        assert out.returncode == code, (entry, out.stderr)
+        assert len(out.stdout.splitlines()) == 1 and out.stdout.startswith("0.00s\t")
+        summary = out.stderr.splitlines()[-1]
+        assert re.fullmatch(r"edgecap: 1 captions from \d+ frames in .*", summary), out.stderr
+        assert "Traceback" not in out.stderr and "Terminated" not in out.stderr
+    out = run("-c", _SIGNAL_AFTER_FIRST_CAPTION, "command", name, "ignored", *args)
+    assert out.returncode == 0 and len(out.stdout.splitlines()) > 1, out.stderr
+
+
 def test_video_without_opencv_names_the_extra(tiny_model_dir, video):
     code = (
         "import sys\nsys.modules['cv2'] = None\nfrom edgecap.cli import main\n"
