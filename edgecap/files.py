@@ -18,12 +18,16 @@ Failures are ``FileProblem(problem)``; callers turn them into ``InputError`` (im
 
 from __future__ import annotations
 
+import contextlib
 import json
 import os
 import re
+import secrets
 import stat
 import tempfile
+from collections.abc import Callable
 from pathlib import Path
+from typing import BinaryIO
 
 _OPEN_FLAGS = (
     os.O_RDONLY
@@ -96,6 +100,36 @@ def os_problem(exc: BaseException) -> str:
     if isinstance(exc, ValueError):  # embedded NUL byte
         return "the path contains a NUL byte"
     return f"cannot read the file ({exc})"
+
+
+def write_whole(path: str | os.PathLike, write: Callable[[BinaryIO], object]) -> None:
+    """Write the file ``path`` whole or not at all: ``write(f)`` fills a hidden file beside it
+    (through a link: beside the link's target, which is replaced), which is then renamed to it,
+    so that a write stopped part-way (Ctrl-C, a SIGTERM, a full disk) leaves neither a truncated
+    file under its name nor a truncated earlier one there. An OSError of the hidden file names
+    ``path``. Anything but a regular file there (/dev/full, a named pipe) is written in place, as
+    asked: never replaced by a file."""
+    final = Path(os.path.realpath(path))
+    try:
+        kind = os.stat(final).st_mode
+    except OSError:  # nothing there yet (or nothing to stat: open says why)
+        kind = None
+    if kind is not None and not stat.S_ISREG(kind):
+        with open(path, "wb") as f:
+            write(f)
+        return
+    # (the name cut short: a name near the file system's 255 bytes had no room for the rest)
+    partial = final.with_name(f".{final.name[:64]}.{secrets.token_hex(4)}.partial")
+    try:
+        with open(partial, "xb") as f:  # a new file, made as a plain write makes it (the umask)
+            write(f)
+        os.replace(partial, final)
+    except BaseException as exc:
+        with contextlib.suppress(OSError):
+            partial.unlink()
+        if isinstance(exc, OSError) and exc.filename == str(partial):  # named as it was asked for
+            raise OSError(exc.errno, exc.strerror, os.fspath(path)) from exc
+        raise
 
 
 def check_regular(path: str | os.PathLike) -> os.stat_result:

@@ -13,16 +13,15 @@ the paper: attended regions bright, the rest dimmed.
 
 from __future__ import annotations
 
-import contextlib
 import math
 import os
-import secrets
 from dataclasses import dataclass
 from pathlib import Path
 
 import numpy as np
 from PIL import Image, ImageDraw, ImageFont
 
+from edgecap.files import write_whole
 from edgecap.images import ImageInput, load_rgb
 
 BACKGROUND = (255, 255, 255)
@@ -128,23 +127,9 @@ def save_attention(image: ImageInput, caption, path: str | os.PathLike, **option
     if problem is not None:
         raise ValueError(f"{path}: {problem}")
     figure = attention_figure(image, caption, **options)
-    # Written beside it under a hidden name, then renamed to it: a save stopped part-way (Ctrl-C,
-    # a SIGTERM, a full disk) leaves no truncated image under its name, nor truncates an
-    # earlier figure there (Pillow removes what it wrote on an Exception, not on Ctrl-C). Through
-    # a link, as a plain save writes: the link's target is replaced.
-    final = Path(os.path.realpath(path))
-    # (the name cut short: a name near the file system's 255 bytes had no room for the rest)
-    partial = final.with_name(f".{final.name[:64]}.{secrets.token_hex(4)}.partial")
-    try:
-        with open(partial, "xb") as f:  # a new file, made as a plain save makes it (the umask)
-            figure.save(f, format=Image.registered_extensions()[path.suffix.lower()])
-        os.replace(partial, final)
-    except BaseException as exc:
-        with contextlib.suppress(OSError):
-            partial.unlink()
-        if isinstance(exc, OSError) and exc.filename == str(partial):  # named as it was asked for
-            raise OSError(exc.errno, exc.strerror, str(path)) from exc
-        raise
+    # whole or not at all: Ctrl-C while a figure was saved had left a truncated image under its
+    # name, or truncated an earlier figure there (Pillow removes what it wrote on an Exception only)
+    write_whole(path, lambda f: figure.save(f, format=Image.registered_extensions()[path.suffix.lower()]))
     return path
 
 

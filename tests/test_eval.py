@@ -1459,6 +1459,34 @@ def test_cli_an_output_that_cannot_be_written_still_prints_the_scores(
     )
 
 
+@pytest.mark.skipif(sys.platform != "linux", reason="RLIMIT_FSIZE, and SIGXFSZ ignored by Python")
+def test_cli_an_output_that_fails_part_way_keeps_the_earlier_file_whole(
+    tiny_model_dir, tmp_path, monkeypatch, capsys
+):
+    """The captions are written whole or not at all: a write that fails part-way (a file-size
+    limit here, a full disk alike) is exit 2 in one line naming --output, the scores printed,
+    and an earlier file there is kept as it was; it had been truncated, then cut off."""
+    import resource
+
+    monkeypatch.setattr(metrics, "java_available", lambda: False)
+    tokens, split = flickr_files(tmp_path, ["chelsea.png"])
+    output = tmp_path / "captions.json"
+    earlier = '[{"image_id": "chelsea.png", "caption": "an earlier caption"}]\n'
+    output.write_text(earlier)
+    args = ["--images", str(EXAMPLES), "--captions", str(tokens), "--split", str(split), "--json"]
+    args += ["--model", str(tiny_model_dir), "--max-length", "4", "--output", str(output)]
+    soft, hard = resource.getrlimit(resource.RLIMIT_FSIZE)
+    resource.setrlimit(resource.RLIMIT_FSIZE, (16, hard))  # a write past 16 bytes fails (EFBIG)
+    try:
+        rc = main(["eval", *args])
+    finally:
+        resource.setrlimit(resource.RLIMIT_FSIZE, (soft, hard))
+    out = capsys.readouterr()
+    assert rc == 2 and json.loads(out.out)["n_images"] == 1
+    assert out.err.endswith(f"edgecap eval: error: --output {output}: cannot write it (File too large)\n")
+    assert output.read_text() == earlier and [p.name for p in tmp_path.glob(".*")] == []
+
+
 @pytest.mark.skipif(not hasattr(os, "mkfifo"), reason="needs named pipes")
 def test_cli_references_that_are_a_pipe_or_over_the_limit_are_refused_in_one_line(tmp_path, capsys):
     """docs/hostile-inputs.md: dataset files (COCO and Karpathy JSON included) are regular files

@@ -7,6 +7,8 @@ the figure are exactly its panels.
 
 from __future__ import annotations
 
+import os
+
 import dataclasses
 
 import numpy as np
@@ -138,6 +140,27 @@ def test_a_figure_pillow_cannot_write_is_a_value_error_naming_it(name, problem, 
         save_attention(green_photo(64, 64), caption, tmp_path / name)
     assert str(info.value) == f"{tmp_path / name}: {problem}"
     assert list(tmp_path.iterdir()) == []
+
+
+@pytest.mark.skipif(not os.path.exists("/dev/null"), reason="a device file")
+def test_a_figure_through_a_link_to_a_device_is_written_to_it_never_replacing_it(tmp_path):
+    """A figure is written whole through a hidden file renamed to its name, except where the name
+    (or a link's target) is no regular file: a device such as /dev/null is written in place, as
+    asked. Renamed over, it would have become a PNG file in /dev (root may write there); a link
+    to a regular file is followed and its target replaced, the link kept."""
+    import stat
+
+    caption = fake_caption(2)
+    device = tmp_path / "null.png"
+    device.symlink_to("/dev/null")
+    assert save_attention(green_photo(64, 48), caption, device) == device
+    assert stat.S_ISCHR(os.stat("/dev/null").st_mode) and device.is_symlink()
+    target, link = tmp_path / "figure.png", tmp_path / "link.png"
+    target.write_bytes(b"earlier")
+    link.symlink_to(target)
+    save_attention(green_photo(64, 48), caption, link)
+    assert link.is_symlink() and target.read_bytes().startswith(b"\x89PNG")
+    assert sorted(p.name for p in tmp_path.iterdir()) == ["figure.png", "link.png", "null.png"]
 
 
 @pytest.mark.parametrize("earlier", [False, True])

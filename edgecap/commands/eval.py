@@ -36,7 +36,7 @@ from edgecap.commands._options import add_model_arguments, load_captioner
 from edgecap.commands.output import escape_field, json_line, output_failed, utf8_output
 from edgecap.commands.progress import add_progress_argument, open_progress, progress_enabled
 from edgecap.extras import install_hint
-from edgecap.files import same_file
+from edgecap.files import same_file, write_whole
 
 
 def add_arguments(p: argparse.ArgumentParser) -> None:
@@ -122,9 +122,9 @@ def run(args: argparse.Namespace) -> int:
     unwritten = None
     if args.output:
         try:
-            Path(args.output).write_text(
-                json.dumps(results_json(items, hyps), ensure_ascii=False, indent=1) + "\n", encoding="utf-8"
-            )
+            text = json.dumps(results_json(items, hyps), ensure_ascii=False, indent=1) + "\n"
+            # whole or not at all: a write that failed part-way had truncated an earlier file there
+            write_whole(args.output, lambda f: f.write(text.encode("utf-8")))
         except OSError as exc:  # a full disk, no permission: the scores are still printed
             unwritten = f"--output {args.output}: cannot write it ({exc.strerror or exc})"
     try:
