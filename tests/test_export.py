@@ -11,6 +11,7 @@ from __future__ import annotations
 import copy
 import errno
 import json
+import os
 import shutil
 from pathlib import Path
 
@@ -488,6 +489,44 @@ def test_an_export_at_a_size_not_square_nor_a_multiple_of_32_passes_its_check(tm
     graph = onnx.load(str(tmp_path / "model" / "encoder.onnx")).graph
     (features,) = [o for o in graph.output if o.name == "features"]
     assert [d.dim_value or d.dim_param for d in features.type.tensor_type.shape.dim] == ["n", 12, 16]
+
+
+def test_an_export_near_the_name_limit_and_a_forced_one_stopped_between_its_moves(tmp_path, monkeypatch):
+    """An --out whose name is near the file system's 255 bytes is exported (its hidden work
+    folder, named after it, had no room: "File name too long"); a --force export stopped
+    between moving its files in leaves no manifest vouching for the earlier model's graphs
+    beside the new ones (the earlier manifest goes first, the new one last)."""
+    import edgecap.build.export as export_module
+    from edgecap.cli import main
+    from edgecap.manifest import load_manifest
+    from edgecap.models.checkpoint import save_checkpoint
+
+    vocab = Vocabulary.build(["a cat sat on the mat", "a dog ran in the park today"], min_count=1)
+    runs = []
+    for seed in (0, 1):
+        torch.manual_seed(seed)
+        decoder = CaptionDecoder(
+            DecoderConfig(vocab_size=len(vocab), hidden_dim=16, feature_dim=16, embed_dim=8, attention_dim=8)
+        )
+        runs.append(tmp_path / f"run-{seed}" / "best")
+        save_checkpoint(runs[-1], decoder, vocab, PRE, {})
+    model = tmp_path / ("m" * 250)
+    assert main(["export", str(runs[0]), "--out", str(model)]) == 0
+    assert load_manifest(model).directory == model
+    moved = []
+    real = os.replace
+
+    def stopped(source, target):
+        if Path(target).parent == model:  # a move into the model folder: Ctrl-C at the second
+            if len(moved) == 1:
+                raise KeyboardInterrupt
+            moved.append(target)
+        real(source, target)
+
+    monkeypatch.setattr(export_module.os, "replace", stopped)
+    assert main(["export", str(runs[1]), "--out", str(model), "--force"]) == 130
+    assert len(moved) == 1 and not (model / "manifest.json").exists()
+    assert [p.name for p in tmp_path.iterdir() if p.name.startswith(".")] == []  # no work folder left
 
 
 def test_an_export_over_a_model_needs_force_and_drops_what_was_fitted_to_it(tmp_path, capsys):

@@ -222,12 +222,16 @@ def export_modules(
     final_dir = Path(out_dir)
     final_dir.parent.mkdir(parents=True, exist_ok=True)
     try:
-        out_dir = Path(tempfile.mkdtemp(prefix=f".{final_dir.name}.export-", dir=final_dir.parent))
+        # (the name cut short: a name near the file system's 255 bytes had no room for the rest)
+        out_dir = Path(tempfile.mkdtemp(prefix=f".{final_dir.name[:64]}.export-", dir=final_dir.parent))
     except OSError as exc:  # a read-only folder: named as the --out asked for, not the hidden one
         raise OSError(exc.errno, exc.strerror, str(final_dir)) from exc
     try:
         manifest = _write_and_check(encoder, decoder, vocab, pre, out_dir, info, check_images, check)
         final_dir.mkdir(exist_ok=True)
+        # an earlier model's manifest goes first: a stop between the moves leaves no manifest
+        # vouching for its graphs beside the new ones (the new manifest moves in last)
+        (final_dir / MANIFEST).unlink(missing_ok=True)
         for name in (*manifest.files.values(), MANIFEST):
             os.replace(out_dir / name, final_dir / name)
     finally:
