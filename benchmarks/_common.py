@@ -74,11 +74,14 @@ DEFAULT_VARIANTS = tuple(v for v in VARIANTS if v != "torch-eager-nhwc")
 CALIBRATION_IMAGES = 64
 
 
-def argument_parser(doc: str, **kwargs) -> argparse.ArgumentParser:
+def argument_parser(doc: str | None, **kwargs) -> argparse.ArgumentParser:
     """A script's parser: the first paragraph of its docstring ``doc`` as the description, and
     every option's default shown after its help, as ``edgecap --help`` shows them
     (``edgecap.cli.HelpFormatter``). Each script's ``build_parser()`` starts from it."""
-    return argparse.ArgumentParser(description=doc.split("\n\n")[0], formatter_class=HelpFormatter, **kwargs)
+    # (None under python -OO, which strips docstrings)
+    return argparse.ArgumentParser(
+        description=(doc or "").split("\n\n")[0], formatter_class=HelpFormatter, **kwargs
+    )
 
 
 # -- model and variants --------------------------------------------------------------------------

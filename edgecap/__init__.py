@@ -27,15 +27,19 @@ __version__ = "0.1.0"
 _API = ("Caption", "CaptionOptions", "Captioner")
 
 
-def __getattr__(name: str):
-    # ``edgecap.api`` (numpy, Pillow) is imported on first use, not with the package: the
-    # command line's ``python -m edgecap`` then imports nothing heavy before its Ctrl-C handler
-    # is in place.
-    if name in _API:
-        from edgecap import api
+if not TYPE_CHECKING:  # hidden from type checkers, which take a module's ``__getattr__`` to
+    # make every name: ``from edgecap import Captionr`` (a typo) had passed mypy and pyright as
+    # ``Any``; they see the lazy names in the ``TYPE_CHECKING`` import above
 
-        return getattr(api, name)
-    raise AttributeError(f"module 'edgecap' has no attribute {name!r}")
+    def __getattr__(name: str) -> object:
+        # ``edgecap.api`` (numpy, Pillow) is imported on first use, not with the package: the
+        # command line's ``python -m edgecap`` then imports nothing heavy before its Ctrl-C
+        # handler is in place.
+        if name in _API:
+            from edgecap import api
+
+            return getattr(api, name)
+        raise AttributeError(f"module 'edgecap' has no attribute {name!r}")
 
 
 def __dir__() -> list[str]:

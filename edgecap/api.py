@@ -24,7 +24,7 @@ from concurrent.futures import CancelledError, ThreadPoolExecutor
 from dataclasses import dataclass, field, fields, replace
 from importlib import resources
 from pathlib import Path
-from typing import cast
+from typing import Literal, overload
 
 import numpy as np
 from PIL import Image
@@ -199,7 +199,7 @@ class Captioner:
 
     def __init__(
         self,
-        model: str | os.PathLike | None = None,
+        model: str | os.PathLike[str] | None = None,
         backend: str = "auto",
         *,
         options: CaptionOptions | None = None,
@@ -430,16 +430,36 @@ class Captioner:
     def caption(self, image: ImageInput, color: str = "rgb", return_attention: bool = False) -> Caption:
         """Caption one image: a path, encoded bytes, a PIL image or a numpy array (H, W, 3) uint8
         (``color="bgr"`` for OpenCV frames). Raises ``InputError`` for an unusable image."""
-        result = self.caption_batch([image], color, return_attention, on_error="raise")[0]
-        return cast(Caption, result)  # on_error="raise": never an InputError
+        return self.caption_batch([image], color, return_attention, on_error="raise")[0]
+
+    # For a type checker: with on_error "raise" (the default) every result is a ``Caption``; with
+    # "return" a result may be an ``InputError``. A None among the images (OpenCV's ``imread`` of
+    # a file it could not read) is that image's ``InputError``, as the docs' examples pass them.
+    @overload
+    def caption_batch(
+        self,
+        images: Iterable[ImageInput | None],
+        color: str = ...,
+        return_attention: bool = ...,
+        on_error: Literal["raise"] = ...,
+    ) -> list[Caption]: ...
+
+    @overload
+    def caption_batch(
+        self,
+        images: Iterable[ImageInput | None],
+        color: str = ...,
+        return_attention: bool = ...,
+        on_error: str = ...,
+    ) -> list[Caption | InputError]: ...
 
     def caption_batch(
         self,
-        images: Iterable[ImageInput],
+        images: Iterable[ImageInput | None],
         color: str = "rgb",
         return_attention: bool = False,
         on_error: str = "raise",
-    ) -> list[Caption | InputError]:
+    ) -> list[Caption] | list[Caption | InputError]:
         """Caption several images, ``batch_size`` at a time; results in the input order.
 
         ``on_error="raise"``: the first unusable image raises its ``InputError``.
@@ -452,14 +472,34 @@ class Captioner:
             self._results(images, color, return_attention, on_error, before_error=False, overlap=self.overlap)
         )
 
+    @overload
     def iter_captions(
         self,
-        images: Iterable[ImageInput],
+        images: Iterable[ImageInput | None],
+        color: str = ...,
+        return_attention: bool = ...,
+        on_error: Literal["raise"] = ...,
+        overlap: bool | None = ...,
+    ) -> Iterator[Caption]: ...
+
+    @overload
+    def iter_captions(
+        self,
+        images: Iterable[ImageInput | None],
+        color: str = ...,
+        return_attention: bool = ...,
+        on_error: str = ...,
+        overlap: bool | None = ...,
+    ) -> Iterator[Caption | InputError]: ...
+
+    def iter_captions(
+        self,
+        images: Iterable[ImageInput | None],
         color: str = "rgb",
         return_attention: bool = False,
         on_error: str = "raise",
         overlap: bool | None = False,
-    ) -> Iterator[Caption | InputError]:
+    ) -> Iterator[Caption] | Iterator[Caption | InputError]:
         """``caption_batch``, lazily: yields one result per image, in the input order, as soon as
         its batch of ``batch_size`` images is captioned (``overlap=True``: each batch's host work
         after its search is done while the next batch is searched, as ``caption_batch`` does
@@ -569,7 +609,7 @@ class Captioner:
 
     def _results(
         self,
-        images: Iterable[ImageInput],
+        images: Iterable[ImageInput | None],
         color: str,
         return_attention: bool,
         on_error: str,
@@ -695,7 +735,7 @@ class Captioner:
                 raise
             yield chunk
 
-    def _prepare(self, image: ImageInput, color: str) -> _Prepared:
+    def _prepare(self, image: ImageInput | None, color: str) -> _Prepared:
         """One input -> its encoder input (``InputError`` for an unusable one); runs in a
         decoding worker or in the calling thread."""
         t0 = time.perf_counter()
@@ -707,7 +747,7 @@ class Captioner:
         visible = not self.options.blank_check or recognisable(x, self.manifest.preprocessing, bool(gain > 1))
         return _Prepared(x, visible, (time.perf_counter() - t0) * 1e3)
 
-    def _prepared(self, images: Iterable[ImageInput], color: str) -> Iterator[_Prepared | InputError]:
+    def _prepared(self, images: Iterable[ImageInput | None], color: str) -> Iterator[_Prepared | InputError]:
         """Each input prepared in the calling thread (no decoding workers) as soon as it is read,
         before the next one is: a camera loop that refills one frame buffer gets each frame's
         caption, not its last frame's for the whole batch."""

@@ -81,7 +81,19 @@ class ArrayConvertible(Protocol):
     def __array__(self, *args: Any, **kwargs: Any) -> np.ndarray: ...
 
 
-ImageInput = str | os.PathLike | bytes | bytearray | memoryview | Image.Image | np.ndarray | ArrayConvertible
+# ``os.PathLike`` with its argument: a bare one is ``PathLike[Unknown]`` to pyright, whose strict
+# mode then reported every call that takes an image as partially unknown
+ImageInput = (
+    str
+    | os.PathLike[str]
+    | os.PathLike[bytes]
+    | bytes
+    | bytearray
+    | memoryview
+    | Image.Image
+    | np.ndarray
+    | ArrayConvertible
+)
 
 COLORS = ("rgb", "bgr")
 # Loading a lazily opened PIL image reads (and then closes) its file, and Pillow does not make
@@ -249,7 +261,9 @@ def _described(image: object) -> str:
 
 
 # -- any input -> RGB PIL image ----------------------------------------------------------------
-def load_rgb(image: ImageInput, color: str = "rgb", draft_size: tuple[int, int] | None = None) -> Image.Image:
+def load_rgb(
+    image: ImageInput | None, color: str = "rgb", draft_size: tuple[int, int] | None = None
+) -> Image.Image:
     """Any supported input -> an 8-bit RGB PIL image. ``color`` applies to arrays only (files and
     PIL images carry their own channel order). ``draft_size`` (width, height): a JPEG file may be
     decoded at a reduced scale (1/2, 1/4, 1/8) as long as both sides stay at least this size,
@@ -259,7 +273,7 @@ def load_rgb(image: ImageInput, color: str = "rgb", draft_size: tuple[int, int] 
 
 
 def load_rgb_array(
-    image: ImageInput, color: str = "rgb", draft_size: tuple[int, int] | None = None
+    image: ImageInput | None, color: str = "rgb", draft_size: tuple[int, int] | None = None
 ) -> np.ndarray:
     """``load_rgb`` as a uint8 (H, W, 3) array of its own (never the caller's buffer, which a
     camera loop refills): an array input is converted without a round trip through a PIL
@@ -270,7 +284,7 @@ def load_rgb_array(
     return rgb.copy() if np.may_share_memory(rgb, image) else rgb
 
 
-def _loaded(image: ImageInput, color: str, load: Callable[[str], _T]) -> _T:
+def _loaded(image: ImageInput | None, color: str, load: Callable[[str], _T]) -> _T:
     """``load(source)`` with any failure of this one input as its ``InputError``."""
     if color not in COLORS:
         raise ValueError(f"color must be one of {COLORS}, got {color!r}")
@@ -288,7 +302,9 @@ def _loaded(image: ImageInput, color: str, load: Callable[[str], _T]) -> _T:
         raise InputError(source, f"cannot load this input ({reason(exc)})") from exc
 
 
-def _load_rgb(image: ImageInput, color: str, draft_size: tuple[int, int] | None, source: str) -> Image.Image:
+def _load_rgb(
+    image: ImageInput | None, color: str, draft_size: tuple[int, int] | None, source: str
+) -> Image.Image:
     if isinstance(image, np.ndarray):
         return Image.fromarray(array_to_rgb(image, color, source))
     if isinstance(image, Image.Image):

@@ -63,6 +63,7 @@ import weakref
 from collections.abc import Generator, Iterable, Iterator
 from dataclasses import dataclass, replace
 from pathlib import Path
+from typing import TYPE_CHECKING, Any, Generic, Literal, Protocol, cast, overload
 
 import numpy as np
 
@@ -70,6 +71,17 @@ from edgecap.api import ON_ERROR, Caption
 from edgecap.errors import BackendError, InputError
 from edgecap.extras import install_hint
 from edgecap.images import COLORS, ImageInput, describe, pixel_limit_problem
+
+if TYPE_CHECKING:  # a default for a type checker (PEP 696; typing's own from Python 3.13)
+    from typing_extensions import TypeVar
+
+    # what an event's ``caption`` holds: a ``Caption`` with on_error="raise" (``caption_stream``
+    # says which); a bare ``StreamEvent`` or ``CaptionStream`` either
+    _C = TypeVar("_C", bound="Caption | InputError", covariant=True, default="Caption | InputError")
+else:
+    from typing import TypeVar
+
+    _C = TypeVar("_C", covariant=True)
 
 READER_JOIN_S = 2.0  # how long closing a stream waits for the reader's current read to return
 _EPSILON_S = 1e-6  # video timestamps (index / fps, or the decoder's) land on the `every` grid up to rounding
@@ -120,7 +132,7 @@ def _shown(image: object) -> str:
 
 
 @dataclass(frozen=True)
-class StreamEvent:
+class StreamEvent(Generic[_C]):
     """One captioned frame (``caption``: its ``Caption``, or with ``on_error="return"`` the
     ``InputError`` of a frame that could not be captioned).
 
@@ -132,7 +144,7 @@ class StreamEvent:
 
     frame_index: int
     timestamp: float
-    caption: Caption | InputError
+    caption: _C  # Caption | InputError; a Caption alone with on_error="raise" (to a type checker too)
     dropped: int
     latency_ms: float
 
@@ -206,7 +218,13 @@ class _Sampler:
         return True
 
 
-class CaptionStream:
+class _Captions(Protocol):
+    """What a stream captions with (a ``Captioner``)."""
+
+    def caption(self, image: Any, color: str = ..., return_attention: bool = ...) -> Caption: ...
+
+
+class CaptionStream(Generic[_C]):
     """What ``caption_stream`` returns: iterate it for ``StreamEvent``s; ``stats`` any time.
 
     Iterate it once, from one thread. Leaving the loop early (``break``, an exception) or
@@ -219,8 +237,8 @@ class CaptionStream:
 
     def __init__(
         self,
-        captioner,
-        frames: Iterable,
+        captioner: _Captions,
+        frames: Iterable[object],
         every: float | None = None,
         color: str = "rgb",
         live: bool = True,
@@ -270,13 +288,14 @@ class CaptionStream:
                 elapsed = (self._ended or time.perf_counter()) - self._started
             return StreamStats(elapsed_s=elapsed, **self._counts)
 
-    def __iter__(self) -> Iterator[StreamEvent]:
+    def __iter__(self) -> Iterator[StreamEvent[_C]]:
         if self._started_iterating:
             raise RuntimeError("a CaptionStream can be iterated once; make a new one")
         self._started_iterating = True
         events = _Events(self._live() if self.live else self._in_order())
         self._events = weakref.ref(events)
-        return events
+        # on_error="raise" (a CaptionStream[Caption]): no event holds an InputError
+        return cast("Iterator[StreamEvent[_C]]", events)
 
     def close(self) -> None:
         """Stop reading frames and close the source; safe to call more than once."""
@@ -297,7 +316,7 @@ class CaptionStream:
             if close is not None:
                 close()
 
-    def __enter__(self) -> CaptionStream:
+    def __enter__(self) -> CaptionStream[_C]:
         return self
 
     def __exit__(self, *exc) -> None:
@@ -520,15 +539,41 @@ def _as_frame(item, position: int, seconds: float, color: str) -> Frame:
     return Frame(index=position, timestamp=seconds, image=item, color=color)
 
 
+# For a type checker: with on_error "raise" (the default) each event's ``caption`` is a
+# ``Caption``; with "return" it may be an ``InputError``.
+@overload
 def caption_stream(
-    captioner,
-    frames: Iterable,
+    captioner: _Captions,
+    frames: Iterable[object],
+    every: float | None = ...,
+    color: str = ...,
+    live: bool = ...,
+    return_attention: bool = ...,
+    on_error: Literal["raise"] = ...,
+) -> CaptionStream[Caption]: ...
+
+
+@overload
+def caption_stream(
+    captioner: _Captions,
+    frames: Iterable[object],
+    every: float | None = ...,
+    color: str = ...,
+    live: bool = ...,
+    return_attention: bool = ...,
+    on_error: str = ...,
+) -> CaptionStream[Caption | InputError]: ...
+
+
+def caption_stream(
+    captioner: _Captions,
+    frames: Iterable[object],
     every: float | None = None,
     color: str = "rgb",
     live: bool = True,
     return_attention: bool = False,
     on_error: str = "raise",
-) -> CaptionStream:
+) -> CaptionStream[Caption] | CaptionStream[Caption | InputError]:
     """Caption a stream of frames; iterate the result for ``StreamEvent``s.
 
     Args:
@@ -567,7 +612,7 @@ def _cv2():
     return cv2
 
 
-def video_frames(path: str | os.PathLike, realtime: bool = False) -> Iterator[Frame]:
+def video_frames(path: str | os.PathLike[str], realtime: bool = False) -> Iterator[Frame]:
     """A video file's frames, decoded by OpenCV: ``Frame``s with BGR uint8 (H, W, 3) arrays,
     ``index`` counted from 0 and ``timestamp`` the frame's time in the video (``frame_time``: its
     presentation time, right for a variable frame rate; ``index / fps`` for a constant one).

@@ -17,12 +17,16 @@ import math
 import os
 from dataclasses import dataclass
 from pathlib import Path
+from typing import TYPE_CHECKING, Any
 
 import numpy as np
 from PIL import Image, ImageDraw, ImageFont
 
 from edgecap.files import write_whole
 from edgecap.images import ImageInput, load_rgb
+
+if TYPE_CHECKING:
+    from edgecap.api import Caption
 
 BACKGROUND = (255, 255, 255)
 TEXT_COLOR = (0, 0, 0)
@@ -71,7 +75,7 @@ def panel_size_for(photo_size: tuple[int, int], panel_size: int) -> tuple[int, i
 
 
 def attention_figure(
-    image: ImageInput, caption, color: str = "rgb", panel_size: int = 224, columns: int = 5
+    image: ImageInput, caption: Caption, color: str = "rgb", panel_size: int = 224, columns: int = 5
 ) -> Image.Image:
     """The photo with each word's attention over it, one panel per word (see the module
     docstring). ``image``: what was captioned (any input ``Captioner.caption`` takes, ``color``
@@ -118,7 +122,7 @@ def attention_figure(
     return figure
 
 
-def save_attention(image: ImageInput, caption, path: str | os.PathLike, **options) -> Path:
+def save_attention(image: ImageInput, caption: Caption, path: str | os.PathLike[str], **options: Any) -> Path:
     """Write ``attention_figure(image, caption, **options)`` to ``path`` (format from its
     extension, e.g. .png) and return the path. ``ValueError`` before drawing for an extension
     Pillow cannot write (``figure_format_problem``)."""

@@ -20,7 +20,7 @@ from edgecap.stream import caption_stream, video_frames
 
 
 def main(argv: list[str] | None = None) -> int:
-    parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    parser = argparse.ArgumentParser(description=(__doc__ or "").partition("\n")[0])  # None: python -OO
     parser.add_argument("video", help="a video file, played back in real time")
     parser.add_argument("--model", help="model directory (default: the shipped model)")
     parser.add_argument("--every", type=float, help="at most one caption per SECONDS")

@@ -438,6 +438,14 @@ def test_robot_loop_example(tiny_model_dir, video):
     assert summary.startswith("done: ") and "from 20 frames" in summary
 
 
+def test_robot_loop_example_runs_without_docstrings():
+    """``python -OO`` (docstrings stripped): the example's ``--help`` took its description from
+    ``__doc__``, None there (an AttributeError)."""
+    out = run("-OO", ROOT / "examples" / "robot_loop.py", "--help")
+    assert out.returncode == 0, out.stderr
+    assert out.stdout.startswith("usage: robot_loop.py"), out.stdout
+
+
 def test_robot_loop_example_on_a_cut_video_names_the_problem_after_its_captions(
     tiny_model_dir, video, tmp_path
 ):

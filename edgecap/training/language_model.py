@@ -323,7 +323,9 @@ def build_parser() -> argparse.ArgumentParser:
     """``python -m edgecap.training.language_model``'s options (training one model)."""
     from edgecap.cli import HelpFormatter
 
-    parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0], formatter_class=HelpFormatter)
+    parser = argparse.ArgumentParser(
+        description=(__doc__ or "").split("\n\n")[0], formatter_class=HelpFormatter
+    )
     source = parser.add_mutually_exclusive_group(required=True)
     source.add_argument("--text", help="one caption per line")
     source.add_argument("--flickr8k", help="a Flickr8k token file (with --split)")
