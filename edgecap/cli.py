@@ -211,14 +211,24 @@ def _quiet_interrupts() -> dict:
     number (one ignored, as under nohup, stays ignored); -> the previous handlers (none when not
     on the main thread, where handlers cannot be set)."""
     previous: dict = {}
+    # a torchrun rank keeps the default: torchrun stops the others with SIGTERM when one fails,
+    # and a rank waiting in a collective would run no handler until torchrun's SIGKILL
+    terminating = () if _under_torchrun() else TERMINATING
     try:
         previous[signal.SIGINT] = signal.signal(signal.SIGINT, _exit_130)
-        for sig in TERMINATING:
+        for sig in terminating:
             if signal.getsignal(sig) is not signal.SIG_IGN:
                 previous[sig] = signal.signal(sig, _exit_at_once)
     except ValueError:
         pass
     return previous
+
+
+def _under_torchrun() -> bool:
+    try:
+        return int(os.environ.get("WORLD_SIZE", "1")) > 1
+    except ValueError:  # not a number: training says so, in its own words
+        return False
 
 
 def _exit_130(signum, frame):  # pragma: no cover (ends the process)

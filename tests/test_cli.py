@@ -514,3 +514,27 @@ def test_a_broken_stderr_loses_no_record_of_the_inputs_after_an_error(tiny_model
         ("notes.png", True),
         ("rocket.jpg", False),
     ]
+
+
+@pytest.mark.skipif(os.name != "posix", reason="SIGTERM and SIGHUP")
+@pytest.mark.parametrize("world", ["1", "2", "x"])
+def test_a_torchrun_rank_keeps_the_default_sigterm(world, monkeypatch):
+    """The command line turns SIGTERM and SIGHUP into a Ctrl-C (docs/cli.md) but not in a
+    torchrun rank (WORLD_SIZE above 1): torchrun stops the other ranks with SIGTERM when one
+    fails, and a rank waiting in a collective would run no handler before torchrun's SIGKILL."""
+    import signal
+
+    from edgecap import cli
+
+    monkeypatch.setenv("WORLD_SIZE", world)
+    kept = {sig: signal.getsignal(sig) for sig in (signal.SIGINT, signal.SIGTERM, signal.SIGHUP)}
+    try:
+        previous = cli._quiet_interrupts()
+        handled = {sig for sig in kept if signal.getsignal(sig) is not kept[sig]}
+    finally:
+        for sig, handler in kept.items():
+            signal.signal(sig, handler)
+    # (one ignored when the tests started, as under nohup, stays ignored)
+    terminating = {sig for sig in (signal.SIGTERM, signal.SIGHUP) if kept[sig] is not signal.SIG_IGN}
+    expected = {signal.SIGINT} | (set() if world == "2" else terminating)
+    assert handled == expected and set(previous) == expected
