@@ -41,6 +41,19 @@ class _Seen:
     def __init__(self):
         self.files: dict[tuple[int, int], str] = {}
 
+    def seen_as(self, st: os.stat_result) -> str | None:
+        """The name this file was captioned under already, or None. A name that no longer leads
+        to the file (deleted or replaced since, as a camera's frames are) does not count: the
+        file system gives a freed inode to the next new file (ext4 at once), so its device and
+        inode alone would take a new photo for the one captioned before."""
+        first = self.files.get(_key(st))
+        if first is None:
+            return None
+        try:
+            return first if _key(os.stat(first)) == _key(st) else None
+        except (OSError, ValueError):
+            return None
+
 
 def _key(st: os.stat_result) -> tuple[int, int]:
     return st.st_dev, st.st_ino
@@ -97,11 +110,9 @@ def _checked_file(name: str, state: _Seen) -> Iterator[tuple[str, object]]:
         yield name, name  # the captioner says what is wrong with it
         return
     if stat.S_ISREG(st.st_mode):
-        if _key(st) in state.files:
-            yield (
-                name,
-                InputError(name, f"skipped: the same file as {state.files[_key(st)]}, already captioned"),
-            )
+        first = state.seen_as(st)
+        if first is not None:
+            yield (name, InputError(name, f"skipped: the same file as {first}, already captioned"))
             return
         state.files[_key(st)] = name
     yield name, name
@@ -241,12 +252,11 @@ def _walk(top: Path, want_file, want_dir, state: _Seen) -> Iterator[tuple[str, o
             folders[_key(st)] = str(path)
             stack.append((path, parts, _key(st), None))
         elif want_file(parts):
-            if stat.S_ISREG(st.st_mode) and _key(st) in state.files:
+            first = state.seen_as(st) if stat.S_ISREG(st.st_mode) else None
+            if first is not None:
                 yield (
                     str(path),
-                    InputError(
-                        str(path), f"skipped: the same file as {state.files[_key(st)]}, already captioned"
-                    ),
+                    InputError(str(path), f"skipped: the same file as {first}, already captioned"),
                 )
                 continue
             if stat.S_ISREG(st.st_mode):

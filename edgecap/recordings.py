@@ -40,6 +40,7 @@ from __future__ import annotations
 import contextlib
 import os
 import shutil
+import stat
 from collections.abc import Iterable, Iterator
 from dataclasses import dataclass
 from pathlib import Path
@@ -49,6 +50,7 @@ import numpy as np
 
 from edgecap.errors import EdgecapError, InputError, MissingPackageError, reason
 from edgecap.extras import install_hint
+from edgecap.files import kind_of as file_kind
 from edgecap.images import array_to_rgb, describe, pixel_limit_problem
 
 IMAGE = "sensor_msgs/msg/Image"
@@ -131,9 +133,40 @@ def _rosbags():
     return highlevel, rosbag1, rosbag2, typesys
 
 
+# the files of a ROS 2 bag folder that rosbags opens: its metadata and its storage files
+_BAG_FOLDER_FILES = (".mcap", ".db3", ".zstd")
+
+
+def _check_regular_files(path: Path) -> None:
+    """``RecordingError`` where the recording ``path`` (a file, or a bag folder's metadata and
+    storage files) is a named pipe, a device or a socket: opening a named pipe waits for a
+    writer (sqlite's open, of a .db3, even through Ctrl-C and SIGTERM: the run hung), a device
+    could be read for ever. What is missing or cannot be read is left to the reader to say."""
+    files = [path]
+    if path.is_dir():
+        try:
+            names = sorted(os.listdir(path))
+        except OSError:
+            return
+        files = [
+            path / name
+            for name in names
+            if name == "metadata.yaml" or name.lower().endswith(_BAG_FOLDER_FILES)
+        ]
+    for file in files:
+        try:
+            mode = os.stat(file).st_mode
+        except (OSError, ValueError):
+            continue
+        if not stat.S_ISREG(mode) and not stat.S_ISDIR(mode):
+            raise RecordingError(f"{file}: is {file_kind(mode)}, not a regular file")
+
+
 def kind_of(path: str | os.PathLike) -> str:
-    """ "ros1" (a .bag file), "mcap" or "sqlite3" (a ROS 2 bag folder, or one storage file)."""
+    """ "ros1" (a .bag file), "mcap" or "sqlite3" (a ROS 2 bag folder, or one storage file).
+    ``RecordingError`` for another file, or a named pipe, a device or a socket."""
     path = Path(path)
+    _check_regular_files(path)
     if path.is_dir():
         # a bag recorded with --compression-mode file holds run_0.mcap.zstd
         if any(path.glob("*.mcap")) or any(path.glob("*.mcap.zstd")):

@@ -70,6 +70,7 @@ import numpy as np
 from edgecap.api import ON_ERROR, Caption
 from edgecap.errors import BackendError, InputError
 from edgecap.extras import install_hint
+from edgecap.files import os_problem
 from edgecap.images import COLORS, ImageInput, describe, pixel_limit_problem
 
 if TYPE_CHECKING:  # a default for a type checker (PEP 696; typing's own from Python 3.13)
@@ -630,6 +631,10 @@ def video_frames(path: str | os.PathLike[str], realtime: bool = False) -> Iterat
         problem = f"cannot read the file ({exc.strerror or exc})"
     if problem:
         raise InputError(source, problem)
+    try:  # OpenCV says only that it cannot open a file it may not read: "not a video"
+        os.close(os.open(source, os.O_RDONLY | getattr(os, "O_NONBLOCK", 0)))
+    except (OSError, ValueError) as exc:
+        raise InputError(source, os_problem(exc)) from None
     capture = _open_capture(cv2, source)
     if not capture.isOpened():
         capture.release()

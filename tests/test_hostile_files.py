@@ -536,3 +536,24 @@ def test_a_ctrl_c_inside_a_decoder_is_not_an_input_error(tmp_path, monkeypatch):
     monkeypatch.setattr(images, "read_regular", interrupted)
     with pytest.raises(KeyboardInterrupt):
         images.load_rgb(tmp_path / "photo.png")
+
+
+def test_pillows_warnings_about_a_files_metadata_are_not_printed(tmp_path, tiny_model_dir, capfd):
+    """An EXIF entry that points past the file's end (a photo still being written; a camera's
+    broken EXIF) and a TIFF cut short made Pillow warn in two lines of its own source that name
+    no file ("Tag data larger than file", "Truncated File Read"): the first photo is captioned
+    without a word, the second refused in its own one line."""
+    from helpers import run_edgecap
+
+    tiff = b"MM\x00\x2a" + struct.pack(">IH", 8, 1) + struct.pack(">HHII", 0x010F, 2, 40, 0xFFF0) + bytes(4)
+    exif = tmp_path / "exif.jpg"
+    _photo().save(exif, "JPEG", exif=b"Exif\x00\x00" + tiff)
+    tif = io.BytesIO()
+    _photo().save(tif, "TIFF")
+    cut = tmp_path / "cut.tif"
+    cut.write_bytes(tif.getvalue()[:1000])
+    done = run_edgecap(capfd, "caption", "--model", tiny_model_dir, exif, cut)
+    assert done.returncode == 1
+    assert done.stdout.startswith(f"{exif}\t")
+    (line,) = done.stderr.splitlines()
+    assert line.startswith(f"edgecap: {cut}: truncated or corrupt image data")

@@ -285,6 +285,39 @@ def test_a_photo_named_twice_is_captioned_once(tmp_path):
     assert all(isinstance(item, InputError) and item.problem == same for _, item in pairs[1:])
 
 
+def _reusing_inode_of(monkeypatch, gone: Path, new: Path) -> None:
+    """From now on ``new`` has the device and inode ``gone`` had, and ``gone`` is deleted: what
+    ext4 does when a camera deletes or replaces a frame and writes the next one (a freed inode
+    is given to the next new file at once)."""
+    st = os.stat(gone)
+    gone.unlink()
+    real_stat = os.stat
+
+    def stat(path, *args, **kwargs):
+        result = real_stat(path, *args, **kwargs)
+        if Path(path) == new:
+            fields = list(result)
+            fields[1], fields[2] = st.st_ino, st.st_dev
+            return os.stat_result(fields)
+        return result
+
+    monkeypatch.setattr(os, "stat", stat)
+
+
+@pytest.mark.parametrize("as_folder", [True, False])
+def test_a_new_photo_given_a_deleted_ones_inode_is_captioned(tmp_path, monkeypatch, as_folder):
+    """A photo written while the run goes on, on the inode of one captioned and deleted since
+    (a camera's ring of frames rewritten in place), is a photo of its own: captioned, not
+    skipped as "the same file" as a name that no longer leads to it."""
+    root = tmp_path / "frames"
+    root.mkdir()
+    a, b = _photo(root / "a.png"), _photo(root / "b.png", shade=30)
+    pairs = expand_all([str(root)] if as_folder else [str(a), str(b)])
+    assert next(pairs) == (str(a), str(a))
+    _reusing_inode_of(monkeypatch, a, b)
+    assert list(pairs) == [(str(b), str(b))]
+
+
 def test_a_link_to_a_folder_is_searched_and_a_special_file_is_passed_on(tmp_path):
     """A PATH that is a link to a folder is searched like the folder; a named pipe called
     *.jpg in it is passed on for the captioner to refuse (edgecap.files), not dropped."""

@@ -8,6 +8,7 @@ from __future__ import annotations
 
 import errno
 import json
+import os
 import re
 import subprocess
 from pathlib import Path
@@ -480,6 +481,51 @@ def test_recording_problems(tmp_path, capfd):
         r"\(topics: /log \(std_msgs/msg/String\)\)",
     ):
         open_recording(only_text).check_topics(None)
+
+
+def _unblocking_readers_of(fifo: Path, seconds: float = 5.0):
+    """A thread that, for ``seconds``, opens ``fifo`` for writing (and closes it) as soon as
+    a reader waits on it: a reader that opened the pipe sees it empty instead of waiting for
+    ever (so a test of a refusal fails rather than hangs where the pipe is opened)."""
+    import threading
+    import time
+
+    def unblock():
+        end = time.monotonic() + seconds
+        while time.monotonic() < end:
+            try:
+                os.close(os.open(fifo, os.O_WRONLY | os.O_NONBLOCK))  # ENXIO: no reader yet
+            except OSError:
+                pass
+            time.sleep(0.05)
+
+    thread = threading.Thread(target=unblock, daemon=True)
+    thread.start()
+    return thread
+
+
+@pytest.mark.skipif(not hasattr(os, "mkfifo"), reason="named pipes")
+@pytest.mark.parametrize(
+    "name", ["run.bag", "run.mcap", "run.db3", "folder/metadata.yaml", "folder/run.mcap"]
+)
+def test_a_named_pipe_in_a_recordings_place_is_refused_not_waited_on(tmp_path, capfd, name):
+    """A named pipe given as the recording, or as a bag folder's metadata or storage file, is
+    one line and exit 2 before it is opened: opening it waits for a writer (sqlite's open of
+    a .db3 even through Ctrl-C and SIGTERM), and the run hung."""
+    if name.startswith("folder/"):
+        messages, _ = camera_messages("mcap")
+        folder = write_recording(tmp_path, "mcap", messages)
+        (folder / name.split("/")[1]).unlink()
+        fifo, bag = folder / name.split("/")[1], folder
+    else:
+        fifo = bag = tmp_path / name
+    os.mkfifo(fifo)
+    _unblocking_readers_of(fifo)
+    done = edgecap_caption(capfd, "--bag", bag)
+    assert done.returncode == 2, done.stderr
+    assert done.stderr == f"edgecap caption: error: {fifo}: is a named pipe (FIFO), not a regular file\n"
+    with pytest.raises(RecordingError, match="is a named pipe"):
+        open_recording(bag)
 
 
 def test_existing_caption_topic_is_not_mixed_into(tmp_path, capfd):

@@ -9,6 +9,7 @@ checks does not depend on the machine's speed. Model-backed tests use ``tiny_mod
 from __future__ import annotations
 
 import os
+import re
 import subprocess
 import sys
 import threading
@@ -731,6 +732,30 @@ def test_video_frames_bad_files(tmp_path):
     not_video.write_text("not a video")
     with pytest.raises(InputError, match="cannot open it as a video"):
         video_frames(not_video)
+
+
+def test_a_video_that_may_not_be_read_is_said_to_be_so(tmp_path, monkeypatch):
+    """A video file without read permission (another user's recording, one still being written
+    by a camera process with mode 0600) is "permission denied", not OpenCV's "not a video"."""
+    cv2 = pytest.importorskip("cv2")
+    video = tmp_path / "clip.avi"
+    writer = cv2.VideoWriter(str(video), cv2.VideoWriter_fourcc(*"MJPG"), 10, VIDEO_SIZE)
+    for frame in example_frames():
+        writer.write(np.ascontiguousarray(frame[:, :, ::-1]))
+    writer.release()
+    video.chmod(0)
+    if os.access(video, os.R_OK):  # root reads it all the same: as OpenCV meets a file it may not read
+        real_open, real_capture = os.open, cv2.VideoCapture
+
+        def refused(path, *args, **kwargs):
+            if os.fspath(path) == str(video):
+                raise PermissionError(13, "Permission denied", str(path))
+            return real_open(path, *args, **kwargs)
+
+        monkeypatch.setattr(os, "open", refused)
+        monkeypatch.setattr(cv2, "VideoCapture", lambda name, *a: real_capture(str(tmp_path / "none.avi")))
+    with pytest.raises(InputError, match=f"^{re.escape(str(video))}: permission denied$"):
+        video_frames(video)
 
 
 def _box(kind: bytes, payload: bytes = b"", size: int | None = None) -> bytes:

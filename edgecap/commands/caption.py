@@ -150,6 +150,10 @@ def run(args: argparse.Namespace) -> int:
     utf8_output()
     # The command owns its process: Pillow's bomb warning would only repeat the InputError.
     warnings.simplefilter("ignore", Image.DecompressionBombWarning)
+    # Pillow's warnings about a file's metadata (an EXIF or TIFF tag past the file's end: "Tag
+    # data larger than file", "Truncated File Read", "Corrupt EXIF data") name no file, and came
+    # as two lines of Pillow's source: the photo is captioned, or refused in its own line, anyway
+    warnings.filterwarnings("ignore", category=UserWarning, module=r"PIL\.")
     try:
         captioner = load_captioner(args)
     except ValueError as exc:  # a bad option value: report it like argparse would
