@@ -312,8 +312,15 @@ class Recording:
         try:
             yield from self.reader.messages(connections=connections)
         except Exception as exc:  # noqa: BLE001 (a corrupt chunk, a truncated file)
+            # a .db3 is read without sqlite's locks (rosbags opens it immutable): one still being
+            # recorded reads as malformed, though it is whole once the recorder stops
+            still = (
+                "; a .db3 still being recorded reads so: caption it once the recorder stops"
+                if self.kind == "sqlite3" and "malformed" in str(exc)
+                else ""
+            )
             raise RecordingError(
-                f"{self.path}: the recording breaks off while being read ({reason(exc)})"
+                f"{self.path}: the recording breaks off while being read ({reason(exc)}){still}"
             ) from None
 
     def _frame(

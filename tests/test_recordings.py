@@ -776,6 +776,36 @@ def test_recording_that_breaks_off_keeps_the_captions_so_far(
     assert not out.exists()
 
 
+@pytest.mark.parametrize("kind", ["sqlite3", "mcap"])
+def test_a_db3_read_as_malformed_says_it_may_still_be_recorded(
+    kind, tmp_path, default_model_dir, monkeypatch, capsys
+):
+    """rosbags reads a .db3 without sqlite's locks: one still being recorded reads as "database
+    disk image is malformed" (7 of 20 opens while a writer committed), which had made a whole
+    bag look corrupt. The error says so for a sqlite3 recording; another kind's is as it was."""
+    import sqlite3
+
+    from rosbags.highlevel import AnyReader as Reader
+
+    from edgecap.cli import main
+
+    bag = three_frames(tmp_path, kind)
+    real = Reader.messages
+
+    def malformed(self, *args, **kwargs):
+        for n, item in enumerate(real(self, *args, **kwargs)):
+            if n == 1:
+                raise sqlite3.DatabaseError("database disk image is malformed")
+            yield item
+
+    monkeypatch.setattr(Reader, "messages", malformed)
+    assert main(["caption", "--bag", str(bag), "--model", str(default_model_dir)]) == 1
+    (err,) = capsys.readouterr().err.splitlines()
+    hint = "; a .db3 still being recorded reads so: caption it once the recorder stops"
+    assert err.startswith(f"edgecap: {bag}") and "(database disk image is malformed)" in err
+    assert err.endswith(hint) == (kind == "sqlite3"), err
+
+
 class _NamingCaptioner:
     """Stands in for a Captioner in ``run_bag``: each frame's caption a new string, as the
     model's are."""
