@@ -204,6 +204,28 @@ def open_recording(path: str | os.PathLike) -> Recording:
     return Recording(path)
 
 
+# what rosbags says of a recording its recorder has not closed (killed, or still recording):
+# the index, summary or metadata it writes last is not there yet -> what to do about it
+_UNFINISHED = (
+    *(
+        (words, "a ROS 1 bag cut short or still being recorded has no index: rosbag reindex makes one")
+        for words in ("not indexed", "Bag index")
+    ),
+    (
+        "end magic",
+        "an MCAP file cut short or still being recorded has no end: mcap recover repairs one",
+    ),
+    (
+        "Expected metadata file",
+        "a ROS 2 bag folder gets its metadata.yaml when its recorder stops: ros2 bag reindex makes one",
+    ),
+)
+
+
+def _unfinished(problem: str) -> str:
+    return next((f"; {hint}" for words, hint in _UNFINISHED if words in problem), "")
+
+
 class Recording:
     """An open recording: ``image_topics``, ``frames(...)``, ``connections``."""
 
@@ -223,7 +245,9 @@ class Recording:
                 self.reader = highlevel.AnyReader([self.path], default_typestore=default)
                 self.reader.open()
         except Exception as exc:  # noqa: BLE001 (rosbags raises many kinds on corrupt files)
-            raise RecordingError(f"{self.path}: cannot read this recording ({reason(exc)})") from None
+            raise RecordingError(
+                f"{self.path}: cannot read this recording ({reason(exc)}){_unfinished(str(exc))}"
+            ) from None
 
     def __enter__(self):
         return self

@@ -806,6 +806,34 @@ def test_a_db3_read_as_malformed_says_it_may_still_be_recorded(
     assert err.endswith(hint) == (kind == "sqlite3"), err
 
 
+@pytest.mark.parametrize("kind", ["ros1", "mcap file", "ros2 folder"])
+def test_a_recording_its_recorder_has_not_closed_says_what_makes_it_readable(kind, tmp_path):
+    """A recording cut short (its recorder killed) or still being recorded lacks what its
+    recorder writes last: a ROS 1 bag its index, an MCAP file its end, a ROS 2 bag folder its
+    metadata.yaml. rosbags' words for it ("File end magic is invalid.") said neither why nor
+    what to do: the error adds both, naming the tool that mends it."""
+    bag = three_frames(tmp_path, "ros1" if kind == "ros1" else "mcap")
+    if kind == "ros2 folder":
+        (bag / "metadata.yaml").unlink()
+        hint = "a ROS 2 bag folder gets its metadata.yaml when its recorder stops: ros2 bag reindex makes one"
+    else:
+        if kind == "mcap file":
+            bag = next(bag.glob("*.mcap"))
+        data = bag.read_bytes()
+        bag.write_bytes(data[: len(data) * 2 // 3])  # the recorder killed two thirds of the way
+        hint = {
+            "ros1": "a ROS 1 bag cut short or still being recorded has no index: rosbag reindex makes one",
+            "mcap file": "an MCAP file cut short or still being recorded has no end: "
+            "mcap recover repairs one",
+        }[kind]
+    from edgecap.recordings import Recording
+
+    with pytest.raises(RecordingError) as raised:
+        Recording(bag)
+    message = str(raised.value)
+    assert message.startswith(f"{bag}: cannot read this recording (") and message.endswith(f"); {hint}")
+
+
 class _NamingCaptioner:
     """Stands in for a Captioner in ``run_bag``: each frame's caption a new string, as the
     model's are."""
