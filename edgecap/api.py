@@ -226,16 +226,7 @@ class Captioner:
             self.manifest.path("classes"), self.vocab.index, self.manifest.dims.n_classes
         )
         self.fusion = Fusion.load(self.manifest.directory, len(self.vocab), self.manifest.dims.n_classes)
-        self.confidence_model = ConfidenceModel.load(self.manifest.directory)
-        # why the captions get no confidence though the model has a confidence model (None: they
-        # get one): a fusion weight above the one it was fitted at
-        self.unrated: str | None = None
-        if self.confidence_model is not None:
-            self.unrated = self.confidence_model.unrated(
-                fusion_weight(self.options, self.fusion), 0.0 if self.fusion is None else self.fusion.weight
-            )
-            if self.unrated is not None:
-                self.confidence_model = None
+        self._confidence_model = ConfidenceModel.load(self.manifest.directory)
         self._object_words = object_words(self.classes.word_ids)
         name = resolve_backend(backend)
         self.backend: Backend = load_backend(
@@ -275,6 +266,23 @@ class Captioner:
         # as the OS reads it, not normalised: "link/../model" is beside the link's target
         folder = None if model is None else str(Path(model).absolute())
         self._made_with = (folder, backend, device, threads, decode_workers, backend_options)
+
+    @property
+    def unrated(self) -> str | None:
+        """Why the captions get no confidence though the model has a confidence model (None:
+        they get one, or it has none): a fusion weight above the one it was fitted at. It
+        follows ``options`` (a copy given other options: ``copy.copy``, as the benchmarks run
+        them; decided once when made, a copy at fusion weight 2 had rated its captions)."""
+        if self._confidence_model is None:
+            return None
+        own = 0.0 if self.fusion is None else self.fusion.weight
+        return self._confidence_model.unrated(fusion_weight(self.options, self.fusion), own)
+
+    @property
+    def confidence_model(self) -> ConfidenceModel | None:
+        """What rates the captions (``Caption.confidence``); None where they get no confidence:
+        the model has no confidence.json, or ``unrated`` says why."""
+        return None if self.unrated is not None else self._confidence_model
 
     def __copy__(self) -> Captioner:
         """A shallow copy (sharing the model and backend, with decoding workers of its own; the
@@ -979,14 +987,11 @@ class Captioner:
                 photo[1],
                 best,
             )
-            if self.confidence_model is not None:
+            rater = self.confidence_model
+            if rater is not None:
                 # a caption the length cap cut before any place to end is no sentence: not a
                 # caption the confidence model was fitted on, and not a right one
-                confidence = (
-                    round(self.confidence_model.predict(self.confidence_model.select(x)), 4)
-                    if hyp.finished
-                    else 0.0
-                )
+                confidence = round(rater.predict(rater.select(x)), 4) if hyp.finished else 0.0
         return Caption(
             text=" ".join(words),
             score=float(hyp.score),

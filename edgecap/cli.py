@@ -85,7 +85,8 @@ def main(argv: list[str] | None = None) -> int:
     finally:
         warnings.showwarning = shown
         for sig, handler in previous.items():
-            signal.signal(sig, handler)
+            if handler is not None:  # one not set from Python cannot be set again from it
+                signal.signal(sig, handler)
 
 
 def _one_line_warnings(shown):
@@ -217,7 +218,8 @@ def _quiet_interrupts() -> dict:
     try:
         previous[signal.SIGINT] = signal.signal(signal.SIGINT, _exit_130)
         for sig in terminating:
-            if signal.getsignal(sig) is not signal.SIG_IGN:
+            # (None: a handler not set from Python, an embedding program's: left as it is)
+            if signal.getsignal(sig) not in (signal.SIG_IGN, None):
                 previous[sig] = signal.signal(sig, _exit_at_once)
     except ValueError:
         pass
@@ -236,7 +238,11 @@ def _exit_130(signum, frame):  # pragma: no cover (ends the process)
 
 
 def _exit_at_once(signum, frame):  # pragma: no cover (ends the process)
-    os._exit(128 + signum)
+    # ended by the signal itself, as after the clean-up (docs/cli.md): an exit status of 143 is
+    # a failure to systemd, which takes an end by SIGTERM or SIGHUP as a clean stop
+    signal.signal(signum, signal.SIG_DFL)
+    os.kill(os.getpid(), signum)
+    os._exit(128 + signum)  # (not reached)
 
 
 def _terminate(signum, frame):

@@ -24,6 +24,7 @@ import os
 import re
 import secrets
 import stat
+import sys
 import tempfile
 from collections.abc import Callable
 from pathlib import Path
@@ -118,11 +119,13 @@ def write_whole(path: str | os.PathLike, write: Callable[[BinaryIO], object]) ->
         with open(path, "wb") as f:
             write(f)
         return
-    # (the name cut short: a name near the file system's 255 bytes had no room for the rest)
-    partial = final.with_name(f".{final.name[:64]}.{secrets.token_hex(4)}.partial")
+    partial = final.with_name(f".{short_name(final.name)}.{secrets.token_hex(4)}.partial")
     try:
         with open(partial, "xb") as f:  # a new file, made as a plain write makes it (the umask)
             write(f)
+        if kind is not None:  # an earlier file's permissions kept, as a plain write keeps them
+            with contextlib.suppress(OSError):  # (a file made private had become readable by all)
+                os.chmod(partial, stat.S_IMODE(kind) & 0o777)
         os.replace(partial, final)
     except BaseException as exc:
         with contextlib.suppress(OSError):
@@ -130,6 +133,13 @@ def write_whole(path: str | os.PathLike, write: Callable[[BinaryIO], object]) ->
         if isinstance(exc, OSError) and exc.filename == str(partial):  # named as it was asked for
             raise OSError(exc.errno, exc.strerror, os.fspath(path)) from exc
         raise
+
+
+def short_name(name: str, limit: int = 64) -> str:
+    """``name`` cut to at most ``limit`` bytes as the file system writes it, for a hidden name
+    made from it (a name near the file system's 255 bytes had no room for the rest; cut at 64
+    characters, a name of 4-byte characters, emoji, still had none)."""
+    return os.fsencode(name)[:limit].decode(sys.getfilesystemencoding(), "ignore")
 
 
 def check_regular(path: str | os.PathLike) -> os.stat_result:

@@ -538,3 +538,28 @@ def test_a_torchrun_rank_keeps_the_default_sigterm(world, monkeypatch):
     terminating = {sig for sig in (signal.SIGTERM, signal.SIGHUP) if kept[sig] is not signal.SIG_IGN}
     expected = {signal.SIGINT} | (set() if world == "2" else terminating)
     assert handled == expected and set(previous) == expected
+
+
+@pytest.mark.skipif(os.name != "posix", reason="SIGTERM and SIGHUP")
+def test_a_handler_not_set_from_python_is_left_alone(monkeypatch, capsys):
+    """A program that embeds Python and set SIGTERM's handler itself (in C): Python sees it as
+    None, which ``signal.signal`` does not take back. ``main`` had replaced that handler with its
+    own and then, restoring None, raised a TypeError over the command's result."""
+    import signal
+
+    get, set_handler = signal.getsignal, signal.signal
+    replaced = []
+
+    def fake_set(sig, handler):
+        if sig != signal.SIGTERM:
+            return set_handler(sig, handler)
+        if handler is None:
+            raise TypeError("signal handler must be signal.SIG_IGN, signal.SIG_DFL, or a callable object")
+        replaced.append(handler)
+        return None
+
+    monkeypatch.setattr(signal, "getsignal", lambda sig: None if sig == signal.SIGTERM else get(sig))
+    monkeypatch.setattr(signal, "signal", fake_set)
+    assert cli_main(["caption"]) == 2  # no PATH: a usage error
+    assert replaced == []
+    assert "give image PATHs" in capsys.readouterr().err

@@ -221,6 +221,38 @@ def test_a_supervisors_stop_during_a_video_cleans_up_as_ctrl_c_then_ends_by_the_
     assert out.returncode == 0 and len(out.stdout.splitlines()) > 1, out.stderr
 
 
+_SIGNAL_WHILE_THE_MODEL_LOADS = (
+    "import os, signal, sys\n"
+    "from edgecap.commands import caption\n"
+    "from edgecap import cli\n"
+    "sig = getattr(signal, sys.argv[1])\n"
+    "signal.signal(sig, signal.SIG_DFL)  # (the tests themselves may run under nohup)\n"
+    "loaded = caption.load_captioner\n"
+    "def load_after_a_stop(args):\n"
+    "    os.kill(os.getpid(), sig)  # a supervisor's stop while the model loads\n"
+    "    return loaded(args)\n"
+    "caption.load_captioner = load_after_a_stop\n"
+    "sys.argv[1:2] = []\n"
+    "cli.run_command()\n"
+)
+
+
+@pytest.mark.skipif(os.name != "posix", reason="SIGTERM and SIGHUP")
+@pytest.mark.parametrize("name", ["SIGTERM", "SIGHUP"])
+def test_a_supervisors_stop_while_the_command_starts_ends_it_by_the_signal(name, tiny_model_dir, video):
+    """SIGTERM or SIGHUP before a command's output starts (the model loading) ends it at once,
+    by the signal, as docs/cli.md's table says and as after the clean-up: it had exited with
+    status 128 + the signal's number, which systemd takes for a failure (an end by SIGTERM is
+    a clean stop to it)."""
+    import signal
+
+    sig = getattr(signal, name)
+    args = ["caption", "--video", video, "--model", tiny_model_dir, "--max-length", "4"]
+    out = run("-c", _SIGNAL_WHILE_THE_MODEL_LOADS, name, *args)
+    assert out.returncode == -sig, out.stderr
+    assert out.stdout == "" and "Traceback" not in out.stderr
+
+
 def test_video_without_opencv_names_the_extra(tiny_model_dir, video):
     code = (
         "import sys\nsys.modules['cv2'] = None\nfrom edgecap.cli import main\n"

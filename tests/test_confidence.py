@@ -547,6 +547,31 @@ def test_captions_of_a_fusion_weight_above_the_confidence_models_are_not_rated(t
     assert Captioner(model, fusion_weight=1.6).caption(photo).confidence is None
 
 
+def test_a_copy_given_another_fusion_weight_is_rated_by_that_weight(default_model_dir):
+    """``copy.copy(captioner)`` with other options (docs/python-api.md: as the benchmarks run
+    them): whether its captions are rated follows its own fusion weight. Decided once when the
+    Captioner was made, a copy at weight 2 had rated its captions (the cat photo "a living room
+    filled with furniture and a toilet", confidence 0.998), and a copy of one made at 2 brought
+    back to the model's own had none."""
+    import copy
+    import dataclasses
+
+    from edgecap import Captioner
+
+    photo = str(EXAMPLES / "chelsea.png")
+    own = Captioner(default_model_dir)
+    above = copy.copy(own)
+    above.options = dataclasses.replace(own.options, fusion_weight=2.0)
+    assert above.caption(photo).confidence is None and above.confidence_model is None
+    assert above.unrated == (
+        "its confidence model (confidence.json) rates captions of fusion weight 0.7 or less, not 2"
+    )
+    assert own.unrated is None and own.caption(photo).confidence is not None
+    back = copy.copy(Captioner(default_model_dir, fusion_weight=2.0))
+    back.options = dataclasses.replace(back.options, fusion_weight=None)
+    assert back.unrated is None and back.caption(photo).confidence is not None
+
+
 def test_min_confidence_at_a_fusion_weight_the_confidence_does_not_rate_is_a_usage_error(
     default_model_dir, capsys
 ):

@@ -195,6 +195,34 @@ def test_a_figure_stopped_while_written_leaves_no_half_written_file(earlier, tmp
         assert saved.format == "PNG" and saved.width > 64
 
 
+@pytest.mark.skipif(os.name != "posix", reason="POSIX permissions")
+def test_a_figure_written_over_an_earlier_one_keeps_its_permissions(tmp_path):
+    """The figure is written to a hidden file renamed over the earlier one: that file's
+    permissions are kept, as a plain write keeps them (a figure made private had become
+    readable by all, the umask's)."""
+    caption = fake_caption(2)
+    target = tmp_path / "attention.png"
+    target.write_bytes(b"earlier")
+    target.chmod(0o600)
+    save_attention(green_photo(64, 48), caption, target)
+    assert target.read_bytes().startswith(b"\x89PNG") and target.stat().st_mode & 0o777 == 0o600
+
+
+def test_a_figure_named_in_four_byte_characters_near_255_bytes_is_written(tmp_path):
+    """The hidden file's name is made from the figure's, cut short: cut at 64 characters, a
+    name of emoji (4 bytes each) near the file system's 255 bytes had no room for the rest
+    ("File name too long" for a name that is not)."""
+    caption = fake_caption(2)
+    target = tmp_path / ("\U0001f600" * 62 + ".png")  # 252 bytes
+    try:
+        target.write_bytes(b"")
+    except OSError:
+        pytest.skip("the file system takes no such name")
+    assert save_attention(green_photo(64, 48), caption, target) == target
+    assert target.read_bytes().startswith(b"\x89PNG")
+    assert [p.name for p in tmp_path.iterdir()] == [target.name]
+
+
 def test_real_caption_and_save(tiny_model_dir, example_images, tmp_path):
     photo = next(p for p in example_images if p.name == "chelsea.png")
     caption = Captioner(tiny_model_dir, max_length=6, threads=1).caption(photo, return_attention=True)

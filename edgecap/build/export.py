@@ -35,7 +35,7 @@ from edgecap.contract import (
     ModelDimensions,
 )
 from edgecap.errors import ModelError
-from edgecap.files import nearest_existing
+from edgecap.files import nearest_existing, short_name
 from edgecap.manifest import MANIFEST, Manifest, file_sha256, graph_source, load_manifest
 from edgecap.models.decoder import CaptionDecoder
 from edgecap.models.efficientnet_lite import EfficientNetLite
@@ -223,7 +223,9 @@ def export_modules(
     final_dir.parent.mkdir(parents=True, exist_ok=True)
     try:
         # (the name cut short: a name near the file system's 255 bytes had no room for the rest)
-        out_dir = Path(tempfile.mkdtemp(prefix=f".{final_dir.name[:64]}.export-", dir=final_dir.parent))
+        out_dir = Path(
+            tempfile.mkdtemp(prefix=f".{short_name(final_dir.name)}.export-", dir=final_dir.parent)
+        )
     except OSError as exc:  # a read-only folder: named as the --out asked for, not the hidden one
         raise OSError(exc.errno, exc.strerror, str(final_dir)) from exc
     try:
