@@ -221,6 +221,26 @@ class ConfidenceModel:
         return cls(mean, std, weights, bias, info, tuple(names))
 
 
+def pin_fusion_weight(directory: Path, weight: float) -> None:
+    """Write ``weight``, the model's own fusion weight so far, into the directory's
+    confidence.json where it names none (it was fitted at that weight): before language models
+    of another weight are installed, which would otherwise become the weight it is taken to be
+    fitted at, its captions at that weight rated. Nothing without a confidence.json, or one
+    that is not a JSON object (the Captioner says what is wrong with it)."""
+    from edgecap.files import FileProblem, MAX_VOCAB_BYTES, read_json, write_whole
+
+    path = Path(directory) / CONFIDENCE_FILE
+    if not path.exists():
+        return
+    try:
+        spec = read_json(path, MAX_VOCAB_BYTES)
+    except FileProblem:
+        return
+    if isinstance(spec, dict) and FITTED_FUSION_WEIGHT not in spec:
+        text = json.dumps({**spec, FITTED_FUSION_WEIGHT: float(weight)}, indent=1) + "\n"
+        write_whole(path, lambda f: f.write(text.encode("utf-8")))
+
+
 def fit(x: np.ndarray, y: np.ndarray, l2: float = 1.0, steps: int = 50) -> tuple:
     """Logistic regression by Newton's method on standardised ``x`` (N, S) with an L2 penalty
     ``l2`` on the weights: -> (mean, std, weights, bias)."""

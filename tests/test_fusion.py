@@ -842,3 +842,30 @@ def test_a_gate_fitted_with_classes_no_training_photo_shows_is_written_and_read_
     assert (shares == 1.0).sum() == 10 and (shares == 0.0).sum() == 170
     np.testing.assert_allclose(shares, fitted(train), atol=2e-4)
     assert loaded(np.array([[0.0, 0.0, 0.0, 1.0]]))[0] == 1.0
+
+
+@pytest.mark.parametrize("earlier", ["fusion at 0.7", "no fusion"])
+def test_installing_language_models_keeps_the_weight_the_confidence_was_fitted_at(
+    earlier, default_model_dir, tmp_path
+):
+    """The shipped confidence.json names no fusion weight: it was fitted at the model's own,
+    0.7 (fusion.json). Installing language models of weight 1.5 writes that earlier weight
+    into it (0 where the model had no language models), so that captions at 1.5, a weight it
+    never saw, are not rated as if it had (docs/confidence.md); at the earlier weight they are."""
+    from edgecap import Captioner
+    from edgecap.manifest import file_sha256
+    from edgecap.training.language_model import install
+
+    model = tmp_path / "model"
+    skipped = ("fusion.json", "lm_*.npz") if earlier == "no fusion" else ()
+    shutil.copytree(default_model_dir, model, ignore=shutil.ignore_patterns(*skipped))
+    assert "fusion_weight" not in json.loads((model / "confidence.json").read_text())
+    vocab_size = json.loads((model / "manifest.json").read_text())["dims"]["vocab_size"]
+    for role, seed in (("everyday", 3), ("in_domain", 4)):
+        _random_lm(tmp_path / f"{role}.npz", vocab_size, file_sha256(model / "vocab.json"), seed=seed)
+    install(model, tmp_path / "everyday.npz", tmp_path / "in_domain.npz", 1.5)
+    fitted = 0.7 if earlier == "fusion at 0.7" else 0.0
+    assert json.loads((model / "confidence.json").read_text())["fusion_weight"] == fitted
+    photo = "edgecap/assets/examples/chelsea.png"
+    assert Captioner(model).caption(photo).confidence is None  # at its new own weight, 1.5
+    assert Captioner(model, fusion_weight=fitted).caption(photo).confidence is not None

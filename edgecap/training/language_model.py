@@ -231,6 +231,16 @@ def install(
         }
         checked.append((role, half, info))
     gate = gate_from_photos(model_dir, gate_photos) if gate_photos else None
+    # the confidence model was fitted at the model's own weight so far: said in its file, so that
+    # the new weight is not taken for it (captions at a weight it never saw, rated)
+    from edgecap.confidence import pin_fusion_weight
+    from edgecap.errors import ModelError
+
+    try:
+        earlier = Fusion.load(Path(model_dir), manifest.dims.vocab_size)
+    except ModelError:  # a broken fusion.json: none that its captions could have had
+        earlier = None
+    pin_fusion_weight(Path(model_dir), 0.0 if earlier is None else earlier.weight)
     for role, half, info in checked:
         name = f"lm_{role}.npz"
         np.savez_compressed(Path(model_dir) / name, **half)
