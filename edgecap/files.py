@@ -19,6 +19,7 @@ Failures are ``FileProblem(problem)``; callers turn them into ``InputError`` (im
 from __future__ import annotations
 
 import contextlib
+import errno
 import json
 import os
 import re
@@ -109,7 +110,7 @@ def write_whole(path: str | os.PathLike, write: Callable[[BinaryIO], object]) ->
     so that a write stopped part-way (Ctrl-C, a SIGTERM, a full disk) leaves neither a truncated
     file under its name nor a truncated earlier one there. An OSError of the hidden file names
     ``path``. Anything but a regular file there (/dev/full, a named pipe) is written in place, as
-    asked: never replaced by a file."""
+    asked: never replaced by a file; so is an earlier file in a folder where no file may be made."""
     final = Path(os.path.realpath(path))
     try:
         kind = os.stat(final).st_mode
@@ -121,7 +122,19 @@ def write_whole(path: str | os.PathLike, write: Callable[[BinaryIO], object]) ->
         return
     partial = final.with_name(f".{short_name(final.name)}.{secrets.token_hex(4)}.partial")
     try:
-        with open(partial, "xb") as f:  # a new file, made as a plain write makes it (the umask)
+        f = open(partial, "xb")  # noqa: SIM115 (a new file, made as a plain write makes it: the umask)
+    except PermissionError:
+        if kind is None:  # nothing there, and no file may be made beside it: open says so
+            raise OSError(errno.EACCES, os.strerror(errno.EACCES), os.fspath(path)) from None
+        # an earlier file that may be written in a folder that may not: written in place, as
+        # before (not whole, but not refused)
+        with open(path, "wb") as f:
+            write(f)
+        return
+    except OSError as exc:  # named as it was asked for
+        raise OSError(exc.errno, exc.strerror, os.fspath(path)) from exc
+    try:
+        with f:
             write(f)
         if kind is not None:  # an earlier file's permissions kept, as a plain write keeps them
             with contextlib.suppress(OSError):  # (a file made private had become readable by all)

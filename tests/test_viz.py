@@ -356,3 +356,32 @@ def test_a_long_caption_wraps_inside_the_figure_and_a_long_word_stays_under_its_
             assert band[:, left : left + width].any()  # the word under its panel
             under[left : left + width] = True
         assert not band[:, ~under].any()  # and not past it
+
+
+def test_a_figure_over_an_earlier_one_in_a_folder_that_may_not_be_written_is_written_in_place(
+    tmp_path, monkeypatch
+):
+    """A figure is written whole through a hidden file beside it; where no file may be made
+    there (a folder that may not be written, an earlier figure that may), it is written in
+    place, as it was before that, not refused; with nothing there, the refusal names the path
+    asked for, not the hidden file."""
+    import builtins
+
+    caption = fake_caption(2)
+    target = tmp_path / "attention.png"
+    target.write_bytes(b"earlier")
+    real = builtins.open
+
+    def no_new_files(file, mode="r", *args, **kwargs):  # the folder's permissions, as a user's
+        if "x" in mode:
+            raise PermissionError(13, "Permission denied", str(file))
+        return real(file, mode, *args, **kwargs)
+
+    monkeypatch.setattr(builtins, "open", no_new_files)
+    assert save_attention(green_photo(64, 48), caption, target) == target
+    assert target.read_bytes().startswith(b"\x89PNG") and [p.name for p in tmp_path.iterdir()] == [
+        "attention.png"
+    ]
+    with pytest.raises(PermissionError) as refused:
+        save_attention(green_photo(64, 48), caption, tmp_path / "new.png")
+    assert refused.value.filename == str(tmp_path / "new.png")
