@@ -495,7 +495,8 @@ def test_an_export_near_the_name_limit_and_a_forced_one_stopped_between_its_move
     """An --out whose name is near the file system's 255 bytes is exported (its hidden work
     folder, named after it, had no room: "File name too long"); a --force export stopped
     between moving its files in leaves no manifest vouching for the earlier model's graphs
-    beside the new ones (the earlier manifest goes first, the new one last)."""
+    beside the new ones (the earlier manifest goes first, the new one last), nor the earlier
+    model's confidence.json (removed before the moves, not after)."""
     import edgecap.build.export as export_module
     from edgecap.cli import main
     from edgecap.manifest import load_manifest
@@ -523,9 +524,11 @@ def test_an_export_near_the_name_limit_and_a_forced_one_stopped_between_its_move
             moved.append(target)
         real(source, target)
 
+    (model / "confidence.json").write_text('{"fitted": "to run-0"}')  # gone before the moves
     monkeypatch.setattr(export_module.os, "replace", stopped)
     assert main(["export", str(runs[1]), "--out", str(model), "--force"]) == 130
     assert len(moved) == 1 and not (model / "manifest.json").exists()
+    assert not (model / "confidence.json").exists()
     assert [p.name for p in tmp_path.iterdir() if p.name.startswith(".")] == []  # no work folder left
 
 

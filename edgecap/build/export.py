@@ -16,6 +16,7 @@ import shutil
 import tempfile
 import time
 import warnings
+from collections.abc import Callable
 from pathlib import Path
 
 import numpy as np
@@ -213,11 +214,14 @@ def export_modules(
     info: dict | None = None,
     check_images: list[np.ndarray] | None = None,
     check: bool = True,
+    before_moving: Callable[[Manifest], None] | None = None,
 ) -> Manifest:
     """Write the model directory for these modules and check it; returns its manifest.
 
     The files are written to a temporary directory beside ``out_dir`` and moved in only when
     the check passes, so a failed export never leaves a half-written or unchecked model.
+    ``before_moving(manifest)``: called with the checked model's manifest before its files are
+    moved in (what in ``out_dir`` must not outlive the model there goes then).
     """
     final_dir = Path(out_dir)
     final_dir.parent.mkdir(parents=True, exist_ok=True)
@@ -231,6 +235,8 @@ def export_modules(
     try:
         manifest = _write_and_check(encoder, decoder, vocab, pre, out_dir, info, check_images, check)
         final_dir.mkdir(exist_ok=True)
+        if before_moving is not None:
+            before_moving(manifest)
         # an earlier model's manifest goes first: a stop between the moves leaves no manifest
         # vouching for its graphs beside the new ones (the new manifest moves in last)
         (final_dir / MANIFEST).unlink(missing_ok=True)
@@ -366,10 +372,10 @@ def export_model(
 
     ``out_dir`` must be new or empty (a ``ModelError`` otherwise, before anything is read);
     ``force``: a model there is replaced. If the new model's files differ from it (their
-    checksums), its ``fusion.json`` and ``confidence.json`` are removed once the new model is in:
-    both were fitted to that model, and kept, the new one would load them and give the old
-    model's confidences. The same model exported again (the export is deterministic; e.g. with
-    ``--metrics`` added) keeps them."""
+    checksums), its ``fusion.json`` and ``confidence.json`` are removed before the new model
+    moves in: both were fitted to that model, and kept, the new one would load them and give the
+    old model's confidences. The same model exported again (the export is deterministic; e.g.
+    with ``--metrics`` added) keeps them."""
     from edgecap.confidence import CONFIDENCE_FILE
     from edgecap.decoding.fusion import remove_fusion
     from edgecap.models.checkpoint import load_checkpoint
@@ -398,11 +404,15 @@ def export_model(
         "metrics": {"dev_greedy_simple_tokenizer": meta.get("dev_metrics_greedy")},
         **(extra_info or {}),
     }
-    manifest = export_modules(encoder, decoder, vocab, pre, out, info)
-    if replaced != manifest.sha256:  # another model's (or none): not fitted to this one
-        remove_fusion(out)  # and its language models' files
-        (out / CONFIDENCE_FILE).unlink(missing_ok=True)
-    return manifest
+
+    def fitted_to_another(manifest: Manifest) -> None:
+        if replaced != manifest.sha256:  # another model's (or none): not fitted to this one
+            remove_fusion(out)  # and its language models' files
+            (out / CONFIDENCE_FILE).unlink(missing_ok=True)
+
+    # gone before the new model moves in: a stop between the two had left the new model with
+    # the earlier one's language models and confidence
+    return export_modules(encoder, decoder, vocab, pre, out, info, before_moving=fitted_to_another)
 
 
 def _model_checksums(directory: Path) -> dict[str, str] | None:
