@@ -242,7 +242,7 @@ def _exit_at_once(signum, frame):  # pragma: no cover (ends the process)
     # a failure to systemd, which takes an end by SIGTERM or SIGHUP as a clean stop
     signal.signal(signum, signal.SIG_DFL)
     os.kill(os.getpid(), signum)
-    os._exit(128 + signum)  # (not reached)
+    os._exit(128 + signum)  # reached as PID 1 only (a container without an init), which the signal spares
 
 
 def _terminate(signum, frame):

@@ -374,7 +374,10 @@ def _unidentified_problem(data: bytes) -> str:
     Image.init()
     for name in ACCEPTED_FORMATS:
         factory, accept = Image.OPEN.get(name, (None, None))
-        if factory is None or (accept is not None and not accept(data[:16])):
+        accepted = True if accept is None else accept(data[:16])
+        if isinstance(accepted, str):  # a format this Pillow was built without: its words (a warning)
+            return f"a {name} image, which this Pillow cannot read ({accepted})"
+        if factory is None or not accepted:
             continue
         try:
             factory(io.BytesIO(data), "").close()

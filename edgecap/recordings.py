@@ -222,8 +222,18 @@ _UNFINISHED = (
 )
 
 
-def _unfinished(problem: str) -> str:
-    return next((f"; {hint}" for words, hint in _UNFINISHED if words in problem), "")
+def _unfinished(problem: str, path: Path) -> str:
+    hint = next((hint for words, hint in _UNFINISHED if words in problem), None)
+    if hint is None or ("metadata.yaml" in hint and not _holds_ros2_storage(path)):
+        return ""  # (a folder of photos or of ROS 1 bags is no bag folder that reindex mends)
+    return f"; {hint}"
+
+
+def _holds_ros2_storage(folder: Path) -> bool:
+    try:
+        return any(name.lower().endswith((".db3", ".mcap", ".zstd")) for name in os.listdir(folder))
+    except OSError:
+        return False
 
 
 class Recording:
@@ -246,7 +256,8 @@ class Recording:
                 self.reader.open()
         except Exception as exc:  # noqa: BLE001 (rosbags raises many kinds on corrupt files)
             raise RecordingError(
-                f"{self.path}: cannot read this recording ({reason(exc)}){_unfinished(str(exc))}"
+                f"{self.path}: cannot read this recording ({reason(exc)})"
+                f"{_unfinished(str(exc), self.path) or self._still(exc)}"
             ) from None
 
     def __enter__(self):
@@ -336,16 +347,16 @@ class Recording:
         try:
             yield from self.reader.messages(connections=connections)
         except Exception as exc:  # noqa: BLE001 (a corrupt chunk, a truncated file)
-            # a .db3 is read without sqlite's locks (rosbags opens it immutable): one still being
-            # recorded reads as malformed, though it is whole once the recorder stops
-            still = (
-                "; a .db3 still being recorded reads so: caption it once the recorder stops"
-                if self.kind == "sqlite3" and "malformed" in str(exc)
-                else ""
-            )
             raise RecordingError(
-                f"{self.path}: the recording breaks off while being read ({reason(exc)}){still}"
+                f"{self.path}: the recording breaks off while being read ({reason(exc)}){self._still(exc)}"
             ) from None
+
+    def _still(self, exc: BaseException) -> str:
+        """A .db3 is read without sqlite's locks (rosbags opens it immutable): one still being
+        recorded reads as malformed, opened or read, though it is whole once the recorder stops."""
+        if self.kind == "sqlite3" and "malformed" in str(exc):
+            return "; a .db3 still being recorded reads so: caption it once the recorder stops"
+        return ""
 
     def _frame(
         self, connection, time_ns: int, raw: bytes, index: int, type_problem: str | None = None

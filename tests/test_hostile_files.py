@@ -557,3 +557,20 @@ def test_pillows_warnings_about_a_files_metadata_are_not_printed(tmp_path, tiny_
     assert done.stdout.startswith(f"{exif}\t")
     (line,) = done.stderr.splitlines()
     assert line.startswith(f"edgecap: {cut}: truncated or corrupt image data")
+
+
+def test_a_format_this_pillow_cannot_read_says_so(tmp_path, tiny_model_dir, capfd, monkeypatch):
+    """A Pillow built without WebP support (libwebp missing where it was built) says so only in
+    a warning, which edgecap caption does not print (Pillow's warnings name no file): the
+    photo's own line says it, not that a WEBP file is not in a format that lists WEBP."""
+    from PIL import WebPImagePlugin
+
+    from edgecap.cli import main
+
+    photo = tmp_path / "photo.webp"
+    _photo().save(photo, "WEBP")
+    monkeypatch.setattr(WebPImagePlugin, "SUPPORTED", False)
+    assert main(["caption", "--model", str(tiny_model_dir), str(photo)]) == 1
+    (line,) = capfd.readouterr().err.splitlines()
+    assert line.startswith(f"edgecap: {photo}: a WEBP image, which this Pillow cannot read (")
+    assert "WEBP support not installed" in line

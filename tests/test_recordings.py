@@ -1521,3 +1521,48 @@ def test_an_image_topic_without_messages_is_said_not_passed_over(kind, tmp_path,
     done = edgecap_caption(capfd, "--bag", bag, "--write-bag", out)
     assert (done.returncode, done.stdout, out.exists()) == (1, "", False)
     assert done.stderr.splitlines() == [f"edgecap: {bag}: no image messages on /cam: nothing to caption"]
+
+
+@pytest.mark.parametrize("holds", ["photos", "ros1 bags", "nothing"])
+def test_a_folder_that_is_no_ros2_bag_is_not_told_to_reindex(holds, tmp_path):
+    """``--bag`` given a folder of photos, of ROS 1 bags, or an empty one: rosbags expects a
+    metadata.yaml there, but no ROS 2 recorder wrote one, and ``ros2 bag reindex`` finds no
+    storage file to mend: the line says what rosbags says, not that the recorder has not
+    stopped."""
+    folder = tmp_path / "folder"
+    folder.mkdir()
+    if holds == "photos":
+        (folder / "photo.jpg").write_bytes(encoded_bytes(np.zeros((8, 8, 3), np.uint8), "JPEG"))
+    elif holds == "ros1 bags":
+        three_frames(tmp_path, "ros1").rename(folder / "run.bag")
+    from edgecap.recordings import Recording
+
+    with pytest.raises(RecordingError) as raised:
+        Recording(folder)
+    message = str(raised.value)
+    assert message.startswith(f"{folder}: cannot read this recording (") and message.endswith(")"), message
+    assert "reindex" not in message
+
+
+def test_a_db3_that_cannot_be_opened_as_malformed_says_it_may_still_be_recorded(tmp_path, monkeypatch):
+    """A .db3 being recorded fails mostly at the open (its schema and topics read mid-write:
+    59 of 60 opens so while a writer wrote, measured), not only while its messages are read:
+    the open's line says so too."""
+    import sqlite3
+
+    from rosbags.highlevel import AnyReader as Reader
+
+    from edgecap.recordings import Recording
+
+    bag = three_frames(tmp_path, "sqlite3")
+
+    def malformed(self):
+        raise sqlite3.DatabaseError(f"Cannot open database {bag}: database disk image is malformed")
+
+    monkeypatch.setattr(Reader, "open", malformed)
+    with pytest.raises(RecordingError) as raised:
+        Recording(bag)
+    assert str(raised.value).endswith(
+        "database disk image is malformed); a .db3 still being recorded reads so: caption it once the "
+        "recorder stops"
+    ), str(raised.value)
