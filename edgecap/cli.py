@@ -251,6 +251,14 @@ def _terminate(signum, frame):
     raise Terminated(f"signal {signum}")
 
 
+def terminated(signum: int) -> NoReturn:
+    """End the running command as the signal ``signum`` does (a ``Terminated``): its clean-up,
+    then the process ends by that signal. For a command that handled the signal itself first
+    (``edgecap serve``: a SIGHUP's requests in flight answered)."""
+    _terminate(signum, None)
+    raise AssertionError("not reached")  # (for the type checker: _terminate always raises)
+
+
 def interrupt_normally() -> None:
     """From here on Ctrl-C raises KeyboardInterrupt again (the command handles it), and SIGTERM
     and SIGHUP a ``Terminated``, which is one."""

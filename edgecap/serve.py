@@ -564,15 +564,24 @@ def _stop(stopped: asyncio.Future, signal_number: int) -> None:
         stopped.set_result(signal_number)
 
 
+def _stopping_signals() -> list:
+    """SIGINT, SIGTERM and SIGHUP (a closed terminal: a stop like the others, the requests in
+    flight answered; it had been raised inside the event loop, which dropped them unanswered),
+    except a SIGHUP that is ignored, as ``nohup`` leaves it."""
+    hangup = getattr(signal, "SIGHUP", None)
+    keep = hangup is not None and signal.getsignal(hangup) is not signal.SIG_IGN
+    return [signal.SIGINT, signal.SIGTERM, *([hangup] if keep else [])]
+
+
 def serve(service: CaptionService, host: str = DEFAULT_HOST, port: int = DEFAULT_PORT, ready=None) -> int:
-    """Serve until SIGINT or SIGTERM; -> the signal's number. ``ready(port)`` is called once it
-    listens."""
+    """Serve until SIGINT, SIGTERM or SIGHUP (one not ignored); -> the signal's number.
+    ``ready(port)`` is called once it listens."""
 
     async def main() -> int:
         runner, bound = await start(service, host, port)
         stopped: asyncio.Future = asyncio.get_running_loop().create_future()
         loop = asyncio.get_running_loop()
-        for sig in (signal.SIGINT, signal.SIGTERM):
+        for sig in _stopping_signals():
             with contextlib.suppress(NotImplementedError, RuntimeError, ValueError):  # Windows
                 loop.add_signal_handler(sig, _stop, stopped, int(sig))
         if ready is not None:

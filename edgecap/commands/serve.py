@@ -134,4 +134,8 @@ def run(args: argparse.Namespace) -> int:
             file=sys.stderr,
         )
         return 2
+    if stopped_by == getattr(signal, "SIGHUP", None):  # the command ends by it (docs/cli.md)
+        from edgecap.cli import terminated
+
+        terminated(stopped_by)
     return 130 if stopped_by == signal.SIGINT else 0
