@@ -1311,9 +1311,10 @@ def test_an_ignored_sighup_stays_ignored():
     previous = signal.signal(signal.SIGHUP, signal.SIG_IGN)
     try:
         assert _stopping_signals() == [signal.SIGINT, signal.SIGTERM]
+        signal.signal(signal.SIGHUP, signal.SIG_DFL)  # (the tests may run under nohup themselves)
+        assert signal.SIGHUP in _stopping_signals()
     finally:
         signal.signal(signal.SIGHUP, previous)
-    assert signal.SIGHUP in _stopping_signals()
 
 
 def test_the_address_announced_for_an_ipv6_host_is_a_usable_url(capsys):
