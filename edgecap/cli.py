@@ -139,23 +139,26 @@ def run_command() -> NoReturn:
         traceback.print_exc()
         code = 1
     if _in_process_group():
-        for stream in (sys.stdout, sys.stderr):
-            try:
-                stream.flush()
-            except Exception:  # a closed pipe: the process still ends here
-                pass
+        _flush_output()
         os._exit(code)
     if _terminated_by:  # cleaned up: the process ends by the signal, as its sender expects
-        _end_by(_terminated_by[0])
+        _flush_output()
+        _kill_self(_terminated_by[0])
     sys.exit(code)
 
 
-def _end_by(sig: int) -> None:  # pragma: no cover (ends the process)
+def _flush_output() -> None:
     for stream in (sys.stdout, sys.stderr):
         try:
             stream.flush()
         except Exception:  # a closed pipe: the process still ends here
             pass
+
+
+def _kill_self(sig: int) -> None:  # pragma: no cover (ends the process)
+    """End the process by ``sig`` (its default action): as its sender expects, where an exit
+    status of 128 + its number is a failure to systemd, which takes an end by SIGTERM or SIGHUP
+    as a clean stop. Returns as PID 1 only (a container without an init), which it spares."""
     signal.signal(sig, signal.SIG_DFL)
     os.kill(os.getpid(), sig)
 
@@ -238,25 +241,22 @@ def _exit_130(signum, frame):  # pragma: no cover (ends the process)
 
 
 def _exit_at_once(signum, frame):  # pragma: no cover (ends the process)
-    # ended by the signal itself, as after the clean-up (docs/cli.md): an exit status of 143 is
-    # a failure to systemd, which takes an end by SIGTERM or SIGHUP as a clean stop
-    signal.signal(signum, signal.SIG_DFL)
-    os.kill(os.getpid(), signum)
-    os._exit(128 + signum)  # reached as PID 1 only (a container without an init), which the signal spares
+    _kill_self(signum)  # by the signal itself, as after the clean-up (docs/cli.md)
+    os._exit(128 + signum)  # as PID 1
 
 
 def _terminate(signum, frame):
-    if not _terminated_by:
-        _terminated_by.append(signum)
-    raise Terminated(f"signal {signum}")
+    terminated(signum)
 
 
 def terminated(signum: int) -> NoReturn:
     """End the running command as the signal ``signum`` does (a ``Terminated``): its clean-up,
-    then the process ends by that signal. For a command that handled the signal itself first
-    (``edgecap serve``: a SIGHUP's requests in flight answered)."""
-    _terminate(signum, None)
-    raise AssertionError("not reached")  # (for the type checker: _terminate always raises)
+    then the process ends by that signal. The handler of SIGTERM and SIGHUP once a command
+    runs; also for a command that handled the signal itself first (``edgecap serve``: a
+    SIGHUP's requests in flight answered)."""
+    if not _terminated_by:
+        _terminated_by.append(signum)
+    raise Terminated(f"signal {signum}")
 
 
 def interrupt_normally() -> None:

@@ -241,6 +241,13 @@ def describe(image: object) -> str:
         return f"<{type(image).__name__}>"
 
 
+def shown_in_repr(image: object) -> str:
+    """A frame's image as its repr shows it (``edgecap.stream.Frame``,
+    ``edgecap.recordings.Frame``): named as errors name it, an ``InputError`` as itself; a
+    compressed frame's repr had been all its bytes."""
+    return repr(image) if isinstance(image, InputError) else describe(image)
+
+
 def _described(image: object) -> str:
     if isinstance(image, (str, os.PathLike)):
         # "" (an unset variable): named, else the message would be ": no such file"

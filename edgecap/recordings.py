@@ -51,7 +51,7 @@ import numpy as np
 from edgecap.errors import EdgecapError, InputError, MissingPackageError, reason
 from edgecap.extras import install_hint
 from edgecap.files import kind_of as file_kind
-from edgecap.images import array_to_rgb, describe, pixel_limit_problem
+from edgecap.images import array_to_rgb, pixel_limit_problem, shown_in_repr
 
 IMAGE = "sensor_msgs/msg/Image"
 COMPRESSED = "sensor_msgs/msg/CompressedImage"
@@ -110,11 +110,9 @@ class Frame:
         return f"{self.topic} at {seconds_text(self.time_ns)}"
 
     def __repr__(self) -> str:
-        # a compressed frame's bytes named, not written out (its repr had been all of them)
-        image = repr(self.image) if isinstance(self.image, InputError) else describe(self.image)
         return (
             f"Frame(topic={self.topic!r}, time_ns={self.time_ns!r}, stamp_ns={self.stamp_ns!r}, "
-            f"index={self.index!r}, image={image})"
+            f"index={self.index!r}, image={shown_in_repr(self.image)})"
         )
 
 
@@ -231,7 +229,7 @@ def _unfinished(problem: str, path: Path) -> str:
 
 def _holds_ros2_storage(folder: Path) -> bool:
     try:
-        return any(name.lower().endswith((".db3", ".mcap", ".zstd")) for name in os.listdir(folder))
+        return any(name.lower().endswith(_BAG_FOLDER_FILES) for name in os.listdir(folder))
     except OSError:
         return False
 

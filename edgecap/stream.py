@@ -71,7 +71,7 @@ from edgecap.api import ON_ERROR, Caption
 from edgecap.errors import BackendError, InputError
 from edgecap.extras import install_hint
 from edgecap.files import os_problem
-from edgecap.images import COLORS, ImageInput, describe, pixel_limit_problem
+from edgecap.images import COLORS, ImageInput, pixel_limit_problem, shown_in_repr
 
 if TYPE_CHECKING:  # a default for a type checker (PEP 696; typing's own from Python 3.13)
     from typing_extensions import TypeVar
@@ -122,14 +122,9 @@ class Frame:
         # the image named (``<bytes (N bytes)>``, ``<array (480, 640, 3) uint8>``), not written
         # out: a compressed frame's repr had been all its bytes (1.2 MB for a 300 KB JPEG)
         return (
-            f"Frame(index={self.index!r}, timestamp={self.timestamp!r}, image={_shown(self.image)}, "
+            f"Frame(index={self.index!r}, timestamp={self.timestamp!r}, image={shown_in_repr(self.image)}, "
             f"color={self.color!r}, name={self.name!r})"
         )
-
-
-def _shown(image: object) -> str:
-    """An image as a frame's repr shows it: named as errors name it (an error as itself)."""
-    return repr(image) if isinstance(image, InputError) else describe(image)
 
 
 @dataclass(frozen=True)

@@ -153,30 +153,6 @@ def test_attention_in_a_format_pillow_only_reads_is_refused_before_captioning(
     assert list(tmp_path.iterdir()) == []
 
 
-_INTERRUPT_AFTER_FIRST_CAPTION = (
-    "import os, signal, sys\n"
-    "from edgecap.commands import caption_media\n"
-    "from edgecap.cli import main\n"
-    "printed = caption_media._print_event\n"
-    "def print_then_interrupt(event, *options):\n"
-    "    printed(event, *options)\n"
-    "    os.kill(os.getpid(), signal.SIGINT)  # Ctrl-C once the first caption is out\n"
-    "caption_media._print_event = print_then_interrupt\n"
-    "sys.exit(main(sys.argv[1:]))\n"
-)
-
-
-def test_ctrl_c_during_a_video_ends_with_its_summary(tiny_model_dir, video):
-    """Ctrl-C once captions are coming: exit 130, the captions so far on stdout and the
-    summary on stderr (the command finishes its output; it is not just cut off)."""
-    args = ["caption", "--video", video, "--model", tiny_model_dir, "--max-length", "4"]
-    out = run("-c", _INTERRUPT_AFTER_FIRST_CAPTION, *args)
-    assert out.returncode == 130, out.stderr
-    assert len(out.stdout.splitlines()) == 1 and out.stdout.startswith("0.00s\t")
-    assert re.fullmatch(r"edgecap: 1 captions from \d+ frames in .*", out.stderr.splitlines()[-1]), out.stderr
-    assert "Traceback" not in out.stderr and "KeyboardInterrupt" not in out.stderr
-
-
 _SIGNAL_AFTER_FIRST_CAPTION = (
     "import os, signal, sys\n"
     "from edgecap.commands import caption_media\n"
@@ -194,6 +170,17 @@ _SIGNAL_AFTER_FIRST_CAPTION = (
     "sys.argv[1:4] = []\n"
     "cli.run_command() if entry == 'command' else sys.exit(cli.main(sys.argv[1:]))\n"
 )
+
+
+def test_ctrl_c_during_a_video_ends_with_its_summary(tiny_model_dir, video):
+    """Ctrl-C once captions are coming: exit 130, the captions so far on stdout and the
+    summary on stderr (the command finishes its output; it is not just cut off)."""
+    args = ["caption", "--video", video, "--model", tiny_model_dir, "--max-length", "4"]
+    out = run("-c", _SIGNAL_AFTER_FIRST_CAPTION, "main", "SIGINT", "handled", *args)
+    assert out.returncode == 130, out.stderr
+    assert len(out.stdout.splitlines()) == 1 and out.stdout.startswith("0.00s\t")
+    assert re.fullmatch(r"edgecap: 1 captions from \d+ frames in .*", out.stderr.splitlines()[-1]), out.stderr
+    assert "Traceback" not in out.stderr and "KeyboardInterrupt" not in out.stderr
 
 
 @pytest.mark.skipif(os.name != "posix", reason="SIGTERM and SIGHUP")
