@@ -226,6 +226,12 @@ class Captioner:
             self.manifest.path("classes"), self.vocab.index, self.manifest.dims.n_classes
         )
         self.fusion = Fusion.load(self.manifest.directory, len(self.vocab), self.manifest.dims.n_classes)
+        if self.options.fusion_weight and self.fusion is None:  # nothing would be fused: say so
+            raise ValueError(
+                f"fusion_weight {self.options.fusion_weight:g}: the model {self.manifest.directory} has no "
+                "everyday caption language models (fusion.json) to fuse; leave fusion_weight out, or add "
+                "them with `python -m edgecap.training.language_model`"
+            )
         self._confidence_model = ConfidenceModel.load(self.manifest.directory)
         self._object_words = object_words(self.classes.word_ids)
         name = resolve_backend(backend)

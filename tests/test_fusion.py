@@ -715,7 +715,7 @@ def test_a_fusion_weight_for_a_model_without_language_models_is_refused(default_
     printed = capsys.readouterr()
     assert printed.out == "" and printed.err == (
         f"edgecap caption: error: --fusion-weight 0.5: the model {model} has no everyday caption "
-        "language models (fusion.json) to fuse; leave the flag out, or add them with "
+        "language models (fusion.json) to fuse; leave --fusion-weight out, or add them with "
         "`python -m edgecap.training.language_model`\n"
     )
     references = tmp_path / "refs.json"
@@ -745,6 +745,27 @@ def test_a_fusion_weight_for_a_model_without_language_models_is_refused(default_
     ):
         assert main(["caption", *flags, photo]) == 0, flags
     assert main(["caption", "--fusion-weight", "0.5", photo]) == 0  # the shipped model has them
+
+
+def test_the_api_refuses_a_fusion_weight_for_a_model_without_language_models(default_model_dir, tmp_path):
+    """The Python API as the command line: ``Captioner(model, fusion_weight=0.5)`` for a model
+    without fusion.json is a ValueError naming the option and the model, not captions made as
+    if it had not been given (it had been dropped without a word); 0 and None are taken."""
+    from edgecap import Captioner
+
+    model = tmp_path / "model"
+    shutil.copytree(default_model_dir, model, ignore=shutil.ignore_patterns("fusion.json", "lm_*.npz"))
+    with pytest.raises(ValueError) as raised:
+        Captioner(model, fusion_weight=0.5)
+    assert str(raised.value) == (
+        f"fusion_weight 0.5: the model {model} has no everyday caption language models (fusion.json) "
+        "to fuse; leave fusion_weight out, or add them with `python -m edgecap.training.language_model`"
+    )
+    with pytest.raises(ValueError, match="^fusion_weight 2: the model"):
+        Captioner(model, options=CaptionOptions(fusion_weight=2.0))
+    for weight in (0.0, None):
+        with Captioner(model, fusion_weight=weight) as captioner:
+            assert captioner.caption("edgecap/assets/examples/chelsea.png").text
 
 
 def test_a_gated_fusion_without_class_probabilities_adds_nothing(tmp_path):

@@ -357,14 +357,6 @@ def load_captioner(args: argparse.Namespace):
         for python, flag in DEVICE_WORDS.items():
             message = message.replace(python, flag)
         raise BackendError(message) from exc
-    weight = getattr(args, "fusion_weight", None)
-    if weight and captioner.fusion is None:  # nothing would be fused: say so instead (as --min-confidence)
-        captioner.close()
-        raise ValueError(
-            f"--fusion-weight {weight:g}: the model {captioner.manifest.directory} has no everyday caption "
-            "language models (fusion.json) to fuse; leave the flag out, or add them with "
-            "`python -m edgecap.training.language_model`"
-        )
     return captioner
 
 
