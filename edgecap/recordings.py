@@ -369,22 +369,7 @@ class Recording:
         except Exception as exc:  # noqa: BLE001 (a message that does not match its type)
             image = InputError(name, f"cannot deserialise this {connection.msgtype} message ({reason(exc)})")
         else:
-            try:
-                stamp = msg.header.stamp
-                stamp_ns = int(stamp.sec) * 1_000_000_000 + int(stamp.nanosec)
-                image = (
-                    bytes(msg.data)
-                    if connection.msgtype == COMPRESSED and _check_compressed(msg.format, name)
-                    else raw_to_rgb(msg, name)
-                )
-            except InputError as exc:
-                image = exc
-            except (AttributeError, TypeError, ValueError, OverflowError) as exc:
-                # the checks of _type_problem passed, yet a field is not what it should be
-                stamp_ns = 0
-                image = InputError(name, f"message lacks the standard sensor_msgs fields: {reason(exc)}")
-        if isinstance(image, bytes) and not image:
-            image = InputError(name, "no image data (0 bytes)")
+            stamp_ns, image = message_image(msg, connection.msgtype == COMPRESSED, name)
         return Frame(connection.topic, time_ns, stamp_ns, index, image)
 
 
@@ -509,13 +494,34 @@ def _ros2_name(name: str) -> str:
     return name if "/msg/" in name or not package else f"{package}/msg/{message}"
 
 
-def _check_compressed(fmt: str, name: str) -> bool:
+def _check_compressed(fmt: str, name: str) -> None:
     # image_transport's "compressed" plugin also carries depth images, as 16-bit PNG: its format
     # names the image's encoding first ("16UC1; png compressed ")
     depth = fmt.split(";")[0].strip().lower() in DEPTH
     if depth or "compresseddepth" in fmt.lower().replace(" ", ""):
         raise InputError(name, f"a compressed depth image ({fmt!r}), not a picture to caption")
-    return True
+
+
+def message_image(msg, compressed: bool, name: str) -> tuple[int, np.ndarray | bytes | InputError]:
+    """A ``sensor_msgs/Image`` or, ``compressed``, ``sensor_msgs/CompressedImage`` message (a
+    recording's, or a live topic's: any object with the message's fields) -> (its header stamp
+    in nanoseconds, its picture): an RGB uint8 array of a raw image, the encoded bytes of a
+    compressed one (``Captioner.caption`` decodes them), or the ``InputError`` naming the frame
+    (``name``) of one that cannot be used (stamp 0 where the header is not a header)."""
+    stamp_ns = 0
+    try:
+        stamp = msg.header.stamp
+        stamp_ns = int(stamp.sec) * 1_000_000_000 + int(stamp.nanosec)
+        if not compressed:
+            return stamp_ns, raw_to_rgb(msg, name)
+        _check_compressed(msg.format, name)
+        data = bytes(msg.data)
+    except InputError as exc:
+        return stamp_ns, exc
+    except (AttributeError, TypeError, ValueError, OverflowError) as exc:
+        # a recording's types passed _type_problem's checks, yet a field is not what it should be
+        return 0, InputError(name, f"message lacks the standard sensor_msgs fields: {reason(exc)}")
+    return stamp_ns, data if data else InputError(name, "no image data (0 bytes)")
 
 
 def raw_to_rgb(msg, name: str) -> np.ndarray:

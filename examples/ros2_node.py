@@ -1,0 +1,208 @@
+"""A ROS 2 node that captions a camera topic live: images in, one JSON caption a frame out.
+
+    source /opt/ros/humble/setup.bash    # rclpy, sensor_msgs, std_msgs come with ROS 2
+    python examples/ros2_node.py --ros-args -p image_topic:=/camera/image_raw -p every:=0.5
+    ros2 topic echo /edgecap/caption
+
+Subscribes to ``image_topic`` (``sensor_msgs/Image``; ``sensor_msgs/CompressedImage`` when the
+name ends in ``/compressed``, image_transport's naming) with the sensor-data QoS, and captions
+the newest frame whenever the model is free: when captioning is slower than the camera, older
+frames are dropped (``edgecap.stream.caption_stream``, live), so a caption is never more than one
+caption's time behind. Each caption is a ``std_msgs/String`` on ``~/caption`` (``/edgecap/caption``)
+holding one JSON object: the frame's ``stamp`` ({"sec", "nanosec"}) and ``frame_id``, ``text``,
+``recognisable`` (false for a frame with nothing in it, whose text is then "nothing
+recognisable"), ``confidence`` (null where the model has none), ``objects`` ([[class,
+probability], ...]), ``latency_ms`` (from the frame's arrival to its caption) and ``dropped``
+(frames replaced by newer ones since the last caption). ``String`` rather than a message of our
+own: every ROS 2 install, ``ros2 topic echo``, rosbag and Foxglove read it without building a
+message package.
+
+Parameters: ``image_topic`` (default ``/image_raw``), ``every`` (at most one caption per that
+many seconds of the frames' header stamps; 0.0: as fast as the model goes), ``model`` (a model
+folder; "": the shipped model), ``backend`` ("auto"), ``device`` ("": the backend's own),
+``beam_size`` (3), ``max_length`` (20). The raw encodings ``edgecap caption --bag`` reads are
+read here the same way (``edgecap.recordings.message_image``); a frame that cannot be captioned
+(an unknown encoding, a truncated JPEG) is one warning naming it, and the node goes on.
+
+edgecap must be importable by the Python ROS 2 runs: install it into that interpreter, or into a
+venv made with ``--system-site-packages`` after sourcing ROS 2 (docs/recordings.md).
+"""
+
+from __future__ import annotations
+
+import contextlib
+import json
+import queue
+import sys
+import threading
+import time
+
+import rclpy
+from rclpy.executors import ExternalShutdownException
+from rclpy.node import Node
+from rclpy.qos import qos_profile_sensor_data
+from sensor_msgs.msg import CompressedImage, Image
+from std_msgs.msg import String
+
+from edgecap import Captioner, EdgecapError, InputError
+from edgecap.recordings import message_image, seconds_text
+from edgecap.stream import Frame, caption_stream
+
+_END = object()
+
+
+class MessageFrames:
+    """The frames of the messages a subscription hands over (``put``, from the executor's
+    thread), as ``caption_stream`` reads them (``__iter__``, from its reader thread, where each
+    message's picture is made: the executor only queues it). At most ``keep`` messages wait;
+    a newer one pushes the oldest out (the stream keeps only the newest frame anyway).
+    ``header(index)`` gives a frame's stamp and frame_id back for its caption."""
+
+    def __init__(self, topic: str, compressed: bool, keep: int = 4):
+        self.topic = topic
+        self.compressed = compressed
+        self._waiting: queue.Queue = queue.Queue(keep)
+        self._headers: dict[int, tuple[int, str]] = {}
+        self._count = 0
+        self._lock = threading.Lock()
+        self._started = time.monotonic()
+
+    def put(self, msg) -> None:
+        while True:
+            try:
+                self._waiting.put_nowait(msg)
+                return
+            except queue.Full:
+                with contextlib.suppress(queue.Empty):
+                    self._waiting.get_nowait()
+
+    def close(self) -> None:
+        """End the frames (the reader's ``next`` returns at once, even with no message coming)."""
+        self.put(_END)
+
+    def __iter__(self):
+        while True:
+            msg = self._waiting.get()
+            if msg is _END:
+                return
+            yield self.frame(msg)
+
+    def frame(self, msg) -> Frame:
+        index = self._count
+        self._count += 1
+        stamp_ns, image = message_image(msg, self.compressed, f"{self.topic} frame {index}")
+        frame_id = str(getattr(getattr(msg, "header", None), "frame_id", ""))
+        with self._lock:
+            self._headers[index] = (stamp_ns, frame_id)
+        if stamp_ns:  # the camera's clock drives ``every``, and names the frame in errors
+            timestamp = stamp_ns / 1e9
+            name = f"{self.topic} at {seconds_text(stamp_ns)}"
+        else:  # a driver that leaves its stamps 0: the time it arrived here
+            timestamp = time.monotonic() - self._started
+            name = f"{self.topic} frame {index}"
+        if isinstance(image, InputError):
+            image = InputError(name, image.problem)
+        return Frame(index=index, timestamp=timestamp, image=image, name=name)
+
+    def header(self, index: int) -> tuple[int, str]:
+        """Frame ``index``'s (stamp in nanoseconds, frame_id); those of older frames are let go
+        (dropped frames are never asked for)."""
+        with self._lock:
+            for older in [i for i in self._headers if i < index]:
+                del self._headers[older]
+            return self._headers.pop(index, (0, ""))
+
+
+def caption_record(event, stamp_ns: int, frame_id: str) -> dict:
+    """The JSON object published for one captioned frame."""
+    caption = event.caption
+    return {
+        "stamp": {"sec": stamp_ns // 1_000_000_000, "nanosec": stamp_ns % 1_000_000_000},
+        "frame_id": frame_id,
+        "text": caption.text,
+        "recognisable": caption.recognisable,
+        "confidence": None if caption.confidence is None else round(caption.confidence, 4),
+        "objects": [[name, round(p, 4)] for name, p in caption.objects],
+        "latency_ms": round(event.latency_ms, 1),
+        "dropped": event.dropped,
+    }
+
+
+class CaptionNode(Node):
+    """Captions ``image_topic`` in a thread of its own and publishes on ``~/caption``.
+    ``captioner``: a made ``Captioner`` to use (None: one made from the parameters)."""
+
+    def __init__(self, captioner: Captioner | None = None):
+        super().__init__("edgecap")
+        topic = self.declare_parameter("image_topic", "/image_raw").value
+        every = self.declare_parameter("every", 0.0).value
+        model = self.declare_parameter("model", "").value
+        backend = self.declare_parameter("backend", "auto").value
+        device = self.declare_parameter("device", "").value
+        beam_size = self.declare_parameter("beam_size", 3).value
+        max_length = self.declare_parameter("max_length", 20).value
+        if captioner is None:
+            captioner = Captioner(
+                model or None, backend, device=device or None, beam_size=beam_size, max_length=max_length
+            )
+            # the first frame's slow parts now, not while the camera runs: the runtime's first
+            # run, and on a GPU with CUDA graphs their captures
+            captioner.warm_up((1,), frame_size=(480, 640))
+        self.captioner = captioner
+        compressed = topic.rstrip("/").endswith("/compressed")
+        self.frames = MessageFrames(topic, compressed)
+        # live: the newest frame whenever the model is free; "return": a bad frame is an event
+        self.stream = caption_stream(captioner, self.frames, every=every or None, on_error="return")
+        self.publisher = self.create_publisher(String, "~/caption", 10)
+        self.create_subscription(
+            CompressedImage if compressed else Image, topic, self.frames.put, qos_profile_sensor_data
+        )
+        self.failure: BaseException | None = None
+        self._thread = threading.Thread(target=self._caption, name="edgecap-captions", daemon=True)
+        self._thread.start()
+        kind = "sensor_msgs/CompressedImage" if compressed else "sensor_msgs/Image"
+        self.get_logger().info(f"captioning {topic} ({kind}) on {self.publisher.topic_name}")
+
+    def _caption(self) -> None:
+        try:
+            for event in self.stream:
+                if isinstance(event.caption, InputError):
+                    self.get_logger().warning(str(event.caption))
+                    continue
+                record = caption_record(event, *self.frames.header(event.frame_index))
+                self.publisher.publish(String(data=json.dumps(record)))
+        except Exception as exc:  # noqa: BLE001 (the model failing: the node ends, its supervisor may restart it)
+            self.failure = exc
+            self.get_logger().error(f"captioning stopped: {type(exc).__name__}: {exc}")
+            with contextlib.suppress(Exception):
+                rclpy.try_shutdown()  # spin() in the main thread returns
+
+    def close(self) -> None:
+        """Stop captioning (the frame being captioned finishes) and release the model."""
+        self.frames.close()
+        self.stream.close()
+        self._thread.join()
+        self.captioner.close()
+
+
+def main(argv: list[str] | None = None) -> int:
+    rclpy.init(args=argv)
+    try:
+        node = CaptionNode()
+    except (EdgecapError, ValueError) as exc:  # a missing model folder, a bad beam_size
+        print(f"ros2_node: {exc}", file=sys.stderr)
+        rclpy.try_shutdown()
+        return 2
+    try:
+        rclpy.spin(node)
+    except (KeyboardInterrupt, ExternalShutdownException):
+        pass
+    finally:
+        node.close()
+        node.destroy_node()
+        rclpy.try_shutdown()
+    return 1 if node.failure is not None else 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())

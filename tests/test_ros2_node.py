@@ -1,0 +1,330 @@
+"""``examples/ros2_node.py``, the live ROS 2 captioning node, against stand-ins of the parts of
+rclpy, sensor_msgs and std_msgs it uses (ROS 2 is not installed from PyPI; the stand-ins take
+the calls as rclpy documents them: ``declare_parameter(name, value).value``,
+``create_subscription(type, topic, callback, qos)``, ``create_publisher(type, topic, depth)``,
+``get_logger().warning``, ``rclpy.try_shutdown``). Expected captions are the README's."""
+
+from __future__ import annotations
+
+import array
+import importlib.util
+import json
+import sys
+import time
+import types
+from pathlib import Path
+
+import numpy as np
+import pytest
+from PIL import Image as PILImage
+
+ROOT = Path(__file__).resolve().parent.parent
+EXAMPLES = ROOT / "edgecap" / "assets" / "examples"
+CAT = "a cat laying on a bed"  # README.md's caption of chelsea.png
+ROCKET = "a man standing in front of a large group of people and a person"  # and of rocket.jpg
+
+
+class Message:
+    def __init__(self, **fields):
+        self.__dict__.update(fields)
+
+
+def header(sec: int, nanosec: int = 0, frame_id: str = "camera") -> Message:
+    return Message(stamp=Message(sec=sec, nanosec=nanosec), frame_id=frame_id)
+
+
+def raw_message(path: Path, encoding: str = "rgb8", sec: int = 100, nanosec: int = 0) -> Message:
+    """A sensor_msgs/Image of a photo, its data an array.array('B') as rclpy gives it."""
+    pixels = np.asarray(PILImage.open(path).convert("RGB"))
+    if encoding == "bgr8":
+        pixels = pixels[:, :, ::-1]
+    height, width, _ = pixels.shape
+    return Message(
+        header=header(sec, nanosec),
+        height=height,
+        width=width,
+        encoding=encoding,
+        is_bigendian=0,
+        step=width * 3,
+        data=array.array("B", np.ascontiguousarray(pixels).tobytes()),
+    )
+
+
+class Publisher:
+    def __init__(self, topic: str):
+        self.topic_name = topic
+        self.published: list = []
+
+    def publish(self, msg) -> None:
+        self.published.append(msg)
+
+
+class Logger:
+    def __init__(self):
+        self.lines: list[tuple[str, str]] = []
+
+    def _log(self, level: str, message: str) -> None:
+        self.lines.append((level, message))
+
+    def info(self, message):
+        self._log("info", message)
+
+    def warning(self, message):
+        self._log("warning", message)
+
+    def error(self, message):
+        self._log("error", message)
+
+
+@pytest.fixture
+def ros(monkeypatch):
+    """The stand-in modules, installed for the test; ``ros.parameters`` sets the node's
+    parameters, ``ros.nodes`` holds the nodes made, ``ros.shutdowns`` counts try_shutdown."""
+    state = types.SimpleNamespace(parameters={}, nodes=[], shutdowns=[], spin=None)
+
+    class Node:
+        def __init__(self, name: str):
+            self.name = name
+            self.subscriptions: list = []
+            self.publishers: list[Publisher] = []
+            self.logger = Logger()
+            self.destroyed = False
+            state.nodes.append(self)
+
+        def declare_parameter(self, name, value):
+            return types.SimpleNamespace(value=state.parameters.get(name, value))
+
+        def create_publisher(self, msg_type, topic, depth):
+            assert msg_type is std_msgs.String and depth >= 1
+            publisher = Publisher(topic.replace("~", "/" + self.name, 1))
+            self.publishers.append(publisher)
+            return publisher
+
+        def create_subscription(self, msg_type, topic, callback, qos):
+            self.subscriptions.append((msg_type, topic, callback, qos))
+
+        def get_logger(self):
+            return self.logger
+
+        def destroy_node(self):
+            self.destroyed = True
+
+    class ExternalShutdownException(Exception):
+        pass
+
+    rclpy = types.ModuleType("rclpy")
+    rclpy.init = lambda args=None: None
+    rclpy.try_shutdown = lambda: state.shutdowns.append(True)
+    rclpy.spin = lambda node: state.spin(node)
+    node_module = types.ModuleType("rclpy.node")
+    node_module.Node = Node
+    executors = types.ModuleType("rclpy.executors")
+    executors.ExternalShutdownException = ExternalShutdownException
+    qos = types.ModuleType("rclpy.qos")
+    qos.qos_profile_sensor_data = object()
+    sensor_msgs = types.ModuleType("sensor_msgs.msg")
+    sensor_msgs.Image = type("Image", (Message,), {})
+    sensor_msgs.CompressedImage = type("CompressedImage", (Message,), {})
+    std_msgs = types.ModuleType("std_msgs.msg")
+    std_msgs.String = type("String", (Message,), {})
+    modules = {
+        "rclpy": rclpy,
+        "rclpy.node": node_module,
+        "rclpy.executors": executors,
+        "rclpy.qos": qos,
+        "sensor_msgs": types.ModuleType("sensor_msgs"),
+        "sensor_msgs.msg": sensor_msgs,
+        "std_msgs": types.ModuleType("std_msgs"),
+        "std_msgs.msg": std_msgs,
+    }
+    for name, module in modules.items():
+        monkeypatch.setitem(sys.modules, name, module)
+    spec = importlib.util.spec_from_file_location("ros2_node_example", ROOT / "examples" / "ros2_node.py")
+    example = importlib.util.module_from_spec(spec)
+    spec.loader.exec_module(example)
+    state.example, state.qos, state.sensor_msgs = example, qos, sensor_msgs
+    return state
+
+
+def deliver(node, msg, timeout: float = 120.0):
+    """Hand ``msg`` to the node's subscription and wait for what it leads to (a caption
+    published, or a warning or error logged): the next frame only after it, so none is dropped
+    as stale. The timeout only guards against a hang."""
+    publisher, logger = node.publishers[0], node.logger
+
+    def outcomes() -> tuple[int, int]:
+        return len(publisher.published), sum(level != "info" for level, _ in logger.lines)
+
+    before = outcomes()
+    node.subscriptions[0][2](msg)
+    deadline = time.monotonic() + timeout
+    while outcomes() == before:
+        assert time.monotonic() < deadline, "the node neither published nor logged"
+        time.sleep(0.01)
+
+
+def last_caption(node) -> dict:
+    return json.loads(node.publishers[0].published[-1].data)
+
+
+def test_a_raw_image_topic_is_captioned_and_published_as_json(ros, default_model_dir):
+    """rgb8 and bgr8 sensor_msgs/Image frames give the README's caption of the photo, with the
+    frame's stamp and frame_id, on /edgecap/caption; a frame of an unknown encoding is one
+    warning naming the topic and the frame's time, and the next frame is still captioned."""
+    from edgecap import Captioner
+
+    ros.parameters["image_topic"] = "/camera/image_raw"
+    captioner = Captioner(default_model_dir)
+    node = ros.example.CaptionNode(captioner)
+    try:
+        [(msg_type, topic, _, qos)] = node.subscriptions
+        assert (msg_type, topic) == (ros.sensor_msgs.Image, "/camera/image_raw")
+        assert qos is ros.qos.qos_profile_sensor_data
+        assert node.publishers[0].topic_name == "/edgecap/caption"
+        deliver(node, raw_message(EXAMPLES / "chelsea.png", "rgb8", sec=100, nanosec=5))
+        record = last_caption(node)
+        want = captioner.caption(EXAMPLES / "chelsea.png")
+        assert record["text"] == CAT and record["recognisable"] is True
+        assert record["stamp"] == {"sec": 100, "nanosec": 5} and record["frame_id"] == "camera"
+        assert record["objects"] == [[name, round(p, 4)] for name, p in want.objects]
+        assert record["confidence"] == round(want.confidence, 4)
+        assert record["dropped"] == 0 and record["latency_ms"] > 0
+
+        bad = raw_message(EXAMPLES / "chelsea.png", sec=101)
+        bad.encoding = "weird"
+        deliver(node, bad)
+        assert node.logger.lines[-1][0] == "warning"
+        assert node.logger.lines[-1][1].startswith(
+            "/camera/image_raw at 101.000000000: unknown image encoding 'weird' (known: "
+        )
+        deliver(node, raw_message(EXAMPLES / "chelsea.png", "bgr8", sec=102))
+        assert last_caption(node)["text"] == CAT and last_caption(node)["stamp"]["sec"] == 102
+        assert len(node.publishers[0].published) == 2
+    finally:
+        node.close()
+    assert not node._thread.is_alive()
+    with pytest.raises(Exception, match="closed"):
+        captioner.caption(EXAMPLES / "chelsea.png")
+
+
+def test_a_compressed_topic_is_captioned_and_a_truncated_jpeg_is_one_warning(ros, default_model_dir):
+    """A topic named .../compressed is subscribed as sensor_msgs/CompressedImage: the JPEG's
+    own bytes give the README's caption of rocket.jpg; a frame cut short is one warning naming
+    the frame (by its number where the driver left the stamp 0), and the node goes on."""
+    from edgecap import Captioner
+
+    ros.parameters["image_topic"] = "/camera/image_raw/compressed"
+    node = ros.example.CaptionNode(Captioner(default_model_dir))
+    try:
+        assert node.subscriptions[0][0] is ros.sensor_msgs.CompressedImage
+        jpeg = (EXAMPLES / "rocket.jpg").read_bytes()
+        cut = Message(header=header(0), format="jpeg", data=array.array("B", jpeg[: len(jpeg) // 3]))
+        deliver(node, cut)
+        level, line = node.logger.lines[-1]
+        assert level == "warning" and line.startswith("/camera/image_raw/compressed frame 0: ")
+        deliver(node, Message(header=header(7, 250, "front"), format="jpeg", data=array.array("B", jpeg)))
+        record = last_caption(node)
+        assert record["text"] == ROCKET
+        assert record["stamp"] == {"sec": 7, "nanosec": 250} and record["frame_id"] == "front"
+        depth = Message(header=header(8), format="16UC1; png compressed ", data=array.array("B", b"x"))
+        deliver(node, depth)
+        assert "a compressed depth image" in node.logger.lines[-1][1]
+    finally:
+        node.close()
+
+
+def test_every_samples_by_the_frames_stamps(ros, default_model_dir):
+    """``every``: at most one caption per that many seconds of the frames' header stamps (the
+    camera's clock, not the arrival time here): frames 0.4 s apart with every 1.0 give captions
+    of the frames at 0, 1.2 and 2.0 s after the first."""
+    from edgecap import Captioner
+
+    ros.parameters.update(image_topic="/cam", every=1.0)
+    node = ros.example.CaptionNode(Captioner(default_model_dir))
+    published = node.publishers[0].published
+    try:
+        for tenths in range(0, 24, 4):
+            before = len(published)
+            msg = raw_message(EXAMPLES / "chelsea.png", sec=100 + tenths // 10, nanosec=tenths % 10 * 10**8)
+            node.subscriptions[0][2](msg)
+            if tenths in (0, 12, 20):  # due: wait for its caption before the next frame
+                deadline = time.monotonic() + 120
+                while len(published) == before:
+                    assert time.monotonic() < deadline, f"no caption of the frame at {tenths / 10} s"
+                    time.sleep(0.01)
+    finally:
+        node.close()
+    records = [json.loads(msg.data) for msg in published]
+    stamps = [(r["stamp"]["sec"], r["stamp"]["nanosec"]) for r in records]
+    assert stamps == [(100, 0), (101, 2 * 10**8), (102, 0)]
+
+
+def test_closing_a_node_that_never_got_a_frame_returns(ros):
+    """close() with no message ever delivered (the camera never started) ends the captioning
+    thread and closes the captioner; it does not wait for a frame."""
+
+    class Stand:
+        closed = False
+
+        def caption(self, image, color="rgb", return_attention=False):
+            raise AssertionError("no frame was delivered")
+
+        def close(self):
+            self.closed = True
+
+    captioner = Stand()
+    node = ros.example.CaptionNode(captioner)
+    node.close()
+    assert not node._thread.is_alive() and captioner.closed
+
+
+def test_a_model_failure_is_logged_and_shuts_the_node_down(ros):
+    """The model raising (out of memory) ends the captioning: one error line, rclpy shut down
+    so that spin() returns, and main's exit status 1."""
+
+    class Failing:
+        def caption(self, image, color="rgb", return_attention=False):
+            raise RuntimeError("CUDA out of memory")
+
+        def close(self):
+            pass
+
+    node = ros.example.CaptionNode(Failing())
+    deliver(node, raw_message(EXAMPLES / "chelsea.png"))
+    node._thread.join(30)
+    assert node.logger.lines[-1] == ("error", "captioning stopped: RuntimeError: CUDA out of memory")
+    assert ros.shutdowns and isinstance(node.failure, RuntimeError)
+    node.close()
+
+
+def test_main_reports_a_bad_model_and_ends_cleanly_on_ctrl_c(ros, tiny_model_dir, tmp_path, capsys):
+    """main(): a model folder that does not exist is one line and exit 2; Ctrl-C during spin
+    closes the node (its thread ended, the node destroyed) and exits 0."""
+    ros.parameters["model"] = str(tmp_path / "missing")
+    assert ros.example.main([]) == 2
+    err = capsys.readouterr().err
+    assert err.startswith("ros2_node: ") and "missing" in err and len(err.splitlines()) == 1
+
+    ros.parameters["model"] = str(tiny_model_dir)
+
+    def interrupted(node):
+        raise KeyboardInterrupt
+
+    ros.spin = interrupted
+    assert ros.example.main([]) == 0
+    node = ros.nodes[-1]
+    assert node.destroyed and not node._thread.is_alive()
+
+
+def test_message_frames_keep_the_newest_messages(ros):
+    """Messages arriving faster than the stream reads them: at most ``keep`` wait, the oldest
+    pushed out; closing ends the frames even with none coming."""
+    frames = ros.example.MessageFrames("/cam", compressed=False, keep=2)
+    for sec in (1, 2, 3):
+        frames.put(raw_message(EXAMPLES / "chelsea.png", sec=sec))
+    reader = iter(frames)
+    first = next(reader)
+    assert first.timestamp == 2.0 and first.name == "/cam at 2.000000000"
+    frames.close()
+    assert [f.timestamp for f in reader] == [3.0]
+    assert frames.header(1) == (3 * 10**9, "camera") and frames.header(0) == (0, "")
