@@ -38,6 +38,7 @@ import threading
 import time
 
 import rclpy
+from rcl_interfaces.msg import ParameterDescriptor
 from rclpy.executors import ExternalShutdownException
 from rclpy.node import Node
 from rclpy.qos import qos_profile_sensor_data
@@ -135,7 +136,10 @@ class CaptionNode(Node):
     def __init__(self, captioner: Captioner | None = None):
         super().__init__("edgecap")
         topic = self.declare_parameter("image_topic", "/image_raw").value
-        every = self.declare_parameter("every", 0.0).value
+        # any number (every:=1 as well as every:=1.0): a fixed DOUBLE refuses an integer
+        every = self.declare_parameter("every", 0.0, ParameterDescriptor(dynamic_typing=True)).value
+        if isinstance(every, bool) or not isinstance(every, (int, float)):
+            raise ValueError(f"every must be a number of seconds, got {every!r}")
         model = self.declare_parameter("model", "").value
         backend = self.declare_parameter("backend", "auto").value
         device = self.declare_parameter("device", "").value

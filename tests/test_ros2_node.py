@@ -91,7 +91,9 @@ def ros(monkeypatch):
             self.destroyed = False
             state.nodes.append(self)
 
-        def declare_parameter(self, name, value):
+        def declare_parameter(self, name, value, descriptor=None):
+            if name in state.parameters and not getattr(descriptor, "dynamic_typing", False):
+                assert type(state.parameters[name]) is type(value), f"{name}: rclpy would refuse the type"
             return types.SimpleNamespace(value=state.parameters.get(name, value))
 
         def create_publisher(self, msg_type, topic, depth):
@@ -127,6 +129,8 @@ def ros(monkeypatch):
     sensor_msgs.CompressedImage = type("CompressedImage", (Message,), {})
     std_msgs = types.ModuleType("std_msgs.msg")
     std_msgs.String = type("String", (Message,), {})
+    rcl_interfaces = types.ModuleType("rcl_interfaces.msg")
+    rcl_interfaces.ParameterDescriptor = Message
     modules = {
         "rclpy": rclpy,
         "rclpy.node": node_module,
@@ -136,6 +140,8 @@ def ros(monkeypatch):
         "sensor_msgs.msg": sensor_msgs,
         "std_msgs": types.ModuleType("std_msgs"),
         "std_msgs.msg": std_msgs,
+        "rcl_interfaces": types.ModuleType("rcl_interfaces"),
+        "rcl_interfaces.msg": rcl_interfaces,
     }
     for name, module in modules.items():
         monkeypatch.setitem(sys.modules, name, module)
@@ -239,7 +245,7 @@ def test_every_samples_by_the_frames_stamps(ros, default_model_dir):
     of the frames at 0, 1.2 and 2.0 s after the first."""
     from edgecap import Captioner
 
-    ros.parameters.update(image_topic="/cam", every=1.0)
+    ros.parameters.update(image_topic="/cam", every=1)  # an integer, as every:=1 gives it
     node = ros.example.CaptionNode(Captioner(default_model_dir))
     published = node.publishers[0].published
     try:
@@ -298,14 +304,19 @@ def test_a_model_failure_is_logged_and_shuts_the_node_down(ros):
 
 
 def test_main_reports_a_bad_model_and_ends_cleanly_on_ctrl_c(ros, tiny_model_dir, tmp_path, capsys):
-    """main(): a model folder that does not exist is one line and exit 2; Ctrl-C during spin
+    """main(): a model folder that does not exist, or an ``every`` that is not a number, is one
+    line and exit 2; Ctrl-C during spin
     closes the node (its thread ended, the node destroyed) and exits 0."""
     ros.parameters["model"] = str(tmp_path / "missing")
     assert ros.example.main([]) == 2
     err = capsys.readouterr().err
     assert err.startswith("ros2_node: ") and "missing" in err and len(err.splitlines()) == 1
 
-    ros.parameters["model"] = str(tiny_model_dir)
+    ros.parameters.update(model=str(tiny_model_dir), every="often")
+    assert ros.example.main([]) == 2
+    assert capsys.readouterr().err == "ros2_node: every must be a number of seconds, got 'often'\n"
+
+    ros.parameters["every"] = 0.5
 
     def interrupted(node):
         raise KeyboardInterrupt
