@@ -572,6 +572,56 @@ def test_a_copy_given_another_fusion_weight_is_rated_by_that_weight(default_mode
     assert back.unrated is None and back.caption(photo).confidence is not None
 
 
+def test_a_written_confidence_model_keeps_the_fusion_weight_it_was_fitted_at(tmp_path):
+    """``confidence_fit.py --write`` puts the captions' fusion weight in the model's ``info``:
+    written and read back, the file still says it, so captions up to that weight are rated and
+    above it are not (docs/confidence.md); lost, the file would read as fitted at the model's
+    own weight."""
+    names = ("score", "n_words")
+    info = {"right": 0.35, "fusion_weight": 1.4}
+    write(tmp_path, ConfidenceModel(np.zeros(2), np.ones(2), np.array([0.5, -0.25]), 0.125, info, names))
+    assert json.loads((tmp_path / "confidence.json").read_text())["fusion_weight"] == 1.4
+    loaded = ConfidenceModel.load(tmp_path)
+    assert loaded.info == info and loaded.names == names and loaded.bias == 0.125
+    assert loaded.unrated(1.4, own_weight=0.7) is None
+    assert loaded.unrated(1.5, own_weight=0.7) == (
+        "its confidence model (confidence.json) rates captions of fusion weight 1.4 or less, not 1.5"
+    )
+
+
+def test_pinning_the_fusion_weight_writes_it_only_where_the_file_names_none(tmp_path):
+    """Installing language models writes the model's earlier fusion weight into a
+    confidence.json that names none (``pin_fusion_weight``). A file that names its own weight
+    (fitted with ``--decoding fusion_weight=X``) keeps it, byte for byte; a file that is not a
+    JSON object is left to the Captioner to refuse, and a model without one gets none."""
+    from edgecap.confidence import pin_fusion_weight
+
+    path = tmp_path / "confidence.json"
+    spec = {
+        "format": "edgecap-confidence/1",
+        "signals": ["score"],
+        "mean": [0.0],
+        "std": [1.0],
+        "weights": [1.0],
+        "bias": 0.0,
+    }
+    path.write_text(json.dumps({**spec, "fusion_weight": 0.35}))
+    before = path.read_bytes()
+    pin_fusion_weight(tmp_path, 0.7)
+    assert path.read_bytes() == before
+    assert ConfidenceModel.load(tmp_path).unrated(0.7, own_weight=0.7) is not None
+    path.write_text(json.dumps(spec))
+    pin_fusion_weight(tmp_path, 0.7)
+    assert json.loads(path.read_text()) == {**spec, "fusion_weight": 0.7}
+    for text in ("[1, 2]", '"fusion_weight"'):
+        path.write_text(text)
+        pin_fusion_weight(tmp_path, 0.7)
+        assert path.read_text() == text
+    path.unlink()
+    pin_fusion_weight(tmp_path, 0.7)
+    assert not path.exists()
+
+
 def test_min_confidence_at_a_fusion_weight_the_confidence_does_not_rate_is_a_usage_error(
     default_model_dir, capsys
 ):

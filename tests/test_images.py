@@ -739,6 +739,10 @@ def test_preprocess_batch():
     assert batch.shape == (2, 3, 224, 224) and batch.dtype == np.float32
     assert np.allclose(batch[0], -1.0) and np.allclose(batch[1], 1.0)
     assert images.preprocess([], pre).shape == (0, 3, 224, 224)
+    # (N, 3, H, W) for a model size that is not square too, an empty batch included
+    wide = Preprocessing(size=(120, 200))
+    assert images.preprocess([images.load_rgb(np.zeros((5, 7, 3), np.uint8))], wide).shape == (1, 3, 120, 200)
+    assert images.preprocess([], wide).shape == (0, 3, 120, 200)
 
 
 def test_large_jpeg_is_decoded_at_reduced_scale_with_the_same_model_input():
@@ -792,10 +796,11 @@ SRGB_PRIMARIES = {
 SRGB_CURVE = (2.4, 1 / 1.055, 0.055 / 1.055, 1 / 12.92, 0.04045)
 
 
-def _icc_rgb_profile(description: str, primaries: dict, curve=SRGB_CURVE) -> bytes:
+def _icc_rgb_profile(description: str, primaries: dict, curve=SRGB_CURVE, extra: bytes = b"") -> bytes:
     """A matrix/TRC RGB display profile (ICC.1:2001-04, version 2.1; the tone curve as a
     parametric curve) written from the ICC specification's layout, for profiles no package here
-    ships (Adobe RGB and the like)."""
+    ships (Adobe RGB and the like). ``extra``: the data of one more, private tag (as a camera's
+    profile carries its maker's data), which a reader skips."""
     import struct
 
     def fixed(*values):  # s15Fixed16Number
@@ -808,6 +813,7 @@ def _icc_rgb_profile(description: str, primaries: dict, curve=SRGB_CURVE) -> byt
     tags = [(b"desc", desc), (b"wtpt", b"XYZ \0\0\0\0" + fixed(*d50))]
     tags += [(c.encode() + b"XYZ", b"XYZ \0\0\0\0" + fixed(*primaries[c])) for c in "rgb"]
     tags += [(c.encode() + b"TRC", para) for c in "rgb"]
+    tags += [(b"zpad", extra)] if extra else []
     offset, table, body = 128 + 4 + 12 * len(tags), b"", b""
     for signature, data in tags:
         data += b"\0" * (-len(data) % 4)
@@ -882,3 +888,25 @@ def test_an_srgb_or_unusable_profile_leaves_the_pixels_as_stored(tmp_path, monke
     grey = stored[:, :, 0]
     path = _save(Image.fromarray(grey), tmp_path / "grey.png", icc_profile=_rotated_primaries_profile())
     assert (rgb_array(path) == grey[:, :, None]).all()
+
+
+def test_a_profile_of_up_to_4_mib_is_applied_and_one_over_it_is_not():
+    """docs/reliability.md: an embedded profile over 4 MiB is not applied (the pixels as
+    stored); real profiles with tone curves as tables, or a maker's private data, run to tens
+    or hundreds of KiB, and are applied. The rotated-primaries profile padded by a private tag
+    to exactly 4 MiB (4,194,304 bytes) is applied, 4 bytes more is not."""
+    stored = _colours()
+    p = SRGB_PRIMARIES
+    rotated = {"r": p["g"], "g": p["b"], "b": p["r"]}
+    small = len(_icc_rgb_profile("rotated primaries, padded", rotated, extra=b"\0" * 4))
+    for size, applied in ((4 << 20, True), ((4 << 20) + 4, False)):
+        pad = b"\0" * (size - small + 4)
+        profile = _icc_rgb_profile("rotated primaries, padded", rotated, extra=pad)
+        assert len(profile) == size
+        image = Image.fromarray(stored)
+        image.info["icc_profile"] = profile
+        got = rgb_array(image).astype(int)
+        if applied:
+            assert np.abs(got - stored[:, :, [2, 0, 1]].astype(int)).max() <= 2
+        else:
+            assert (got == stored).all()

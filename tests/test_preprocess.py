@@ -263,6 +263,26 @@ def test_a_brightened_frame_whose_detail_is_noise_is_not_recognisable():
             assert recognisable(x, SHIPPED) is True, (ratio, a)
 
 
+@pytest.mark.parametrize("wide", [True, False], ids=["wide", "tall"])
+def test_the_frame_statistics_of_a_model_size_that_is_not_square_cover_the_whole_frame(wide):
+    """A model input of 16 x 32 pixels (or 32 x 16) is 4 x 8 blocks: the half away from the
+    origin 30 levels above the other (100 and 130), a step across the long side. Standard
+    deviation 30 / 2 = 15; the mean |Laplacian| over the 2 x 6 interior blocks: at the two
+    block lines beside the step |2 g - left - right| = 30, elsewhere 0, so 2 x 30 / 6 = 10.
+    The statistics see the whole frame, not its first square (all 100: 0 and 0)."""
+    blocks = np.full((4, 8), 100, np.uint8)
+    blocks[:, 4:] = 130
+    grey = np.kron(blocks, np.ones((4, 4), np.uint8))
+    if not wide:
+        grey = grey.T
+    pre = Preprocessing(size=grey.shape, mean=SHIPPED.mean, std=SHIPPED.std)
+    x = to_model_input(load_rgb(np.repeat(grey[:, :, None], 3, axis=2), "rgb"), pre)
+    assert x.shape == (3, *grey.shape)
+    spread, detail = frame_statistics(x, pre)
+    assert spread == pytest.approx(15.0, rel=1e-4) and detail == pytest.approx(10.0, rel=1e-4)
+    assert recognisable(x, pre)
+
+
 # -- through the Captioner: what reaches the encoder ------------------------------------------
 @pytest.fixture
 def recording_captioner(monkeypatch):
