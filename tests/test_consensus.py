@@ -429,3 +429,111 @@ def test_the_shipped_vocabulary_s_relation_words_are_function_words():
         "a man in a white shirt and a white hat": 1,
     }
     assert {text: consensus.repeats([vocab[w] for w in text.split()]) for text in said} == said
+
+
+def test_the_first_step_s_end_is_no_place_to_end():
+    """Beam 1, max_length 3: "<end>" is the likeliest first word (-0.01) but no caption is
+    empty (``NeverFirst``), and no later step has "<end>" among its top 2: no place to end
+    after the first word, so the caption is the live beam cut at max_length, "a dog runs"
+    (unfinished), never the empty caption (was one of the endings when the first step's
+    top K counted)."""
+    rows = {
+        (): {"<end>": -0.01, "a": -0.5},
+        ("a",): {"dog": -0.1, "cat": -3.0},
+        ("a", "dog"): {"runs": -0.1, "cat": -3.0},
+    }
+    backend = TableBackend(WORDS, lambda prefix: rows.get(prefix, {"cat": -5.0, "runs": -6.0}), top_k=2)
+    options = CaptionOptions(beam_size=1, max_length=3, no_repeat_ngram=0, guidance_bonus=0.0)
+    [hyps] = search_with_tags(
+        backend,
+        backend.encode(np.zeros((1, 3, 4, 4), np.float32)),
+        options,
+        START,
+        END,
+        len(WORDS),
+        None,
+        consensus=Consensus({A}),
+    )
+    assert [[WORDS[w] for w in h.tokens] for h in hyps] == [["a", "dog", "runs"]]
+    assert not hyps[0].finished
+
+
+BONUS_TABLE = {
+    (): {"dog": -0.1, "cat": -3.0},
+    ("dog",): {"runs": -0.15, "<end>": -0.2},
+    ("dog", "runs"): {"<end>": -0.5, "cat": -3.0},
+}
+
+
+def bonus_search(guidance_bonus):
+    """Beam 1 through ``search``: one image whose one class (p 0.9) is named by "dog", the
+    first word of both endings E1 = "dog" (-0.3) and E2 = "dog runs" (-0.75)."""
+    table = lambda prefix: BONUS_TABLE.get(prefix, {"cat": -5.0, "runs": -6.0})  # noqa: E731
+    backend = TableBackend(WORDS, table, top_k=2)
+    encoded = backend.encode(np.zeros((1, 3, 4, 4), np.float32))
+    encoded.class_probs = np.array([[0.9]], np.float32)
+    classes = ObjectClasses(("dog",), ((DOG,),))
+    options = CaptionOptions(beam_size=1, no_repeat_ngram=0, guidance_bonus=guidance_bonus)
+    [hyps] = search(backend, encoded, options, START, END, len(WORDS), classes)
+    return [WORDS[w] for w in hyps[0].tokens]
+
+
+def test_the_endings_weigh_in_with_the_bonus_that_steered_them():
+    # All content words: F(E1, E2) = 0.5405, F(E2, E1) = 0.8696 (H1, H2 above); both say the
+    # tag word once (+0.05 each). With w = w(E1) / w(E2): U(E1) - U(E2) =
+    # (0.1304 w - 0.4595) / (w + 1), so E1 wins when w > 3.524, its rank score ahead by more
+    # than 0.2 ln 3.524 = 0.252.
+    # Guidance off: E1 -0.3 / 2 = -0.15, E2 -0.75 / 3 = -0.25: ahead by 0.1 (w = 1.649):
+    # U(E1) = (1.649 + 0.5405) / 2.649 = 0.827 < U(E2) = (1.649 * 0.8696 + 1) / 2.649 = 0.919
+    assert bonus_search(0.0) == ["dog", "runs"]
+    # Bonus 2 on "dog", said once by each: E1 (-0.3 + 2) / 2 = 0.85, E2 (-0.75 + 2) / 3 =
+    # 0.4167: ahead by 0.433 (w = e^2.167 = 8.73): U(E1) = (8.73 + 0.5405) / 9.73 = 0.953 >
+    # U(E2) = (8.73 * 0.8696 + 1) / 9.73 = 0.883 (without the bonus in the rank scores it
+    # would still be 0.827 against 0.919)
+    assert bonus_search(2.0) == ["dog"]
+
+
+@pytest.mark.parametrize("consensus", [None, Consensus({A})], ids=["own ranking", "consensus"])
+def test_a_masked_row_is_no_place_to_end(consensus):
+    """Beam 2, top 2: the first step's "<end>" is blocked, so the second row stays masked (no
+    beam); its step still runs on filler (whose top 2 holds "<end>"), but a masked row is no
+    place to end. No live row has "<end>" among its top 2 within max_length 3: the captions
+    are the live beams cut there, "a dog runs" (-0.3) and "a dog cat" (-0.4), unfinished,
+    never a masked row's ending (a caption of no words at -inf)."""
+    rows = {
+        (): {"a": -0.1, "<end>": -0.2},
+        ("a",): {"dog": -0.1, "cat": -0.2},
+        ("a", "dog"): {"runs": -0.1, "cat": -0.2},
+        ("a", "cat"): {"runs": -0.1, "dog": -0.2},
+    }
+    backend = TableBackend(WORDS, lambda prefix: rows.get(prefix, {"<end>": -0.1, "cat": -0.2}), top_k=2)
+    options = CaptionOptions(beam_size=2, n_best=2, max_length=3, no_repeat_ngram=0, guidance_bonus=0.0)
+    [hyps] = search_with_tags(
+        backend,
+        backend.encode(np.zeros((1, 3, 4, 4), np.float32)),
+        options,
+        START,
+        END,
+        len(WORDS),
+        None,
+        consensus=consensus,
+    )
+    assert [(" ".join(WORDS[w] for w in h.tokens), h.finished) for h in hyps] == [
+        ("a dog runs", False),
+        ("a dog cat", False),
+    ]
+    assert [h.log_prob for h in hyps] == pytest.approx([-0.3, -0.4])
+
+
+def test_each_time_a_content_word_is_said_again_costs_01():
+    # H = dog runs dog dog (dog said again twice: 0.2), K = dog runs, both at -1.0 (w = 1/2
+    # each); all content words. Bags: H {dog 2.25, runs 0.75} (3.0), K {dog 0.75, runs 0.75}
+    # (1.5): matched 1.5; F(H, K): P 0.5, R 1 -> 0.5 / 0.575 = 0.8696; F(K, H): P 1, R 0.5 ->
+    # 0.5 / 0.925 = 0.5405. U(H) = (1 + 0.8696) / 2 = 0.9348, U(K) = (0.5405 + 1) / 2 = 0.7703:
+    # recall favours H by 0.165, more than one word said again costs (0.1) but less than two
+    # (0.2): K wins
+    H, K = [DOG, RUNS, DOG, DOG], [DOG, RUNS]
+    hyps = [hyp(H), hyp(K)]
+    assert Consensus(()).repeats(H) == 2
+    assert [h.tokens for h in Consensus(()).order(hyps)] == [K, H]
+    assert [h.tokens for h in Consensus((), repeat_weight=0.0).order(hyps)] == [H, K]

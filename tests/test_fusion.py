@@ -890,3 +890,41 @@ def test_installing_language_models_keeps_the_weight_the_confidence_was_fitted_a
     photo = "edgecap/assets/examples/chelsea.png"
     assert Captioner(model).caption(photo).confidence is None  # at its new own weight, 1.5
     assert Captioner(model, fusion_weight=fitted).caption(photo).confidence is not None
+
+
+def test_the_search_gates_each_photo_by_its_own_class_probabilities(tmp_path):
+    """A gated fusion through ``search`` (what the Captioner calls), weight 2: the gate's prior
+    log(C q) = (1, -1, 0, 0), full weight below typicality -0.5, none above 0.5. The even
+    photos' class probabilities are all on class 1 (typicality -1: share 1.5, clipped to 1),
+    the odd photos' on class 0 (typicality 1: share -0.5, clipped to 0): the even photos get
+    the captions of the ungated fusion at weight 2, the odd ones the plain search's."""
+    from edgecap.decoding import search
+    from edgecap.decoding.fusion import Gate
+
+    fusion = _fusion(tmp_path, weight=2.0)
+    gated = Fusion(
+        fusion.everyday, fusion.in_domain, 2.0, fusion.info, Gate(np.array([1.0, -1, 0, 0]), -0.5, 0.5)
+    )
+    backend = PrefixHashBackend(vocab_size=V, top_k=8, end_bias=-1.0)
+    encoded = backend.encode(np.arange(6))
+    encoded.class_probs = np.array([[0.0, 1, 0, 0], [1.0, 0, 0, 0]] * 3, np.float32)
+    options = CaptionOptions(beam_size=3, max_length=6, no_repeat_ngram=0)
+
+    def by_loop(weight):  # the loop given the ungated fusion's scorer directly
+        scorers = [partial(fusion.scorer, weight)] if weight else []
+        found = beam_search(
+            backend,
+            backend.encode(np.arange(6)),
+            options,
+            START,
+            END,
+            filters=[NeverFirst([END])],
+            scorers=scorers,
+        )
+        return [h[0].tokens for h in found]
+
+    plain, fused = by_loop(0.0), by_loop(2.0)
+    assert plain[0::2] != fused[0::2] and plain[1::2] != fused[1::2]
+    found = [h[0].tokens for h in search(backend, encoded, options, START, END, V, fusion=gated)]
+    assert found[0::2] == fused[0::2]
+    assert found[1::2] == plain[1::2]

@@ -267,3 +267,29 @@ def test_no_repeat_ngram_blocks_repeated_trigrams():
     # Trigrams are blocked by default.
     default = beam_search(backend, backend.encode(seeds), CaptionOptions(max_length=15), START, END)
     assert [h[0].tokens for h in default] == [h[0].tokens for h in blocked]
+
+
+def test_a_row_whose_best_words_are_all_blocked_keeps_its_caption_so_far():
+    """Beam 1 (each row's best beam + 1 = 2 words of the top K are its candidates, then the
+    rules filter them), no repeated bigram: "a dog a cat a" then "dog" (a dog again) and "cat"
+    (a cat again) are blocked; "runs", the third word, is not among the row's candidates, and
+    no "<end>" is in any top K: the caption is the live beam as it is, cut there (unfinished),
+    not "a dog a cat a runs" and not no caption at all."""
+    words = ["<pad>", "<start>", "<end>", "a", "dog", "cat", "runs"]
+    rows = {
+        (): {"a": -0.1, "dog": -1.0, "cat": -1.1},
+        ("a",): {"dog": -0.1, "a": -1.0, "cat": -1.1},
+        ("a", "dog"): {"a": -0.1, "cat": -1.0, "runs": -1.1},
+        ("a", "dog", "a"): {"cat": -0.1, "a": -1.0, "runs": -1.1},
+        ("a", "dog", "a", "cat"): {"a": -0.1, "dog": -1.0, "runs": -1.1},
+        ("a", "dog", "a", "cat", "a"): {"dog": -0.1, "cat": -0.2, "runs": -0.3},
+    }
+    backend = TableBackend(
+        words, lambda prefix: rows.get(prefix, {"runs": -0.1, "a": -1.0, "cat": -1.1}), top_k=3
+    )
+    options = search_options(beam_size=1, max_length=10, no_repeat_ngram=2)
+    [hyps] = beam_search(backend, backend.encode(np.zeros((1, 1))), options, START, END)
+    assert [([words[w] for w in h.tokens], h.finished) for h in hyps] == [
+        (["a", "dog", "a", "cat", "a"], False)
+    ]
+    assert hyps[0].log_prob == pytest.approx(-0.5)
