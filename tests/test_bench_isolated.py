@@ -172,6 +172,38 @@ def test_summary_median_and_p95():
     assert s["n"] == 100 and s["median_ms"] == pytest.approx(50.5)
     assert s["p95_ms"] == pytest.approx(95.05) and s["min_ms"] == 1.0
     assert I.summary([])["n"] == 0
+    # a median, not a mean: one slow call of three does not move it
+    assert I.summary([1.0, 100.0, 2.0])["median_ms"] == 2.0
+    assert I.field_median({"fields": {"t": [1.0, 100.0, 2.0]}}, "t") == 2.0
+
+
+def test_ratios_are_the_baselines_interleaved_median_over_each_variants(tmp_path, monkeypatch):
+    """The calls' times set here (the workers' own are whatever the machine gives): x takes
+    10 ms a call interleaved, y 20 ms with one call of 200 (median 20, mean 50), and both
+    three times that alone. The ratio the tables print as "0.50x" is x's interleaved median
+    over y's, 10 / 20 (a variant twice as slow as the baseline: 0.5x; README: ratios come from
+    the interleaved medians, the alone ones are the check)."""
+    real = I._measure_rounds
+    passes = []
+
+    def fixed_times(workers, measures, *args):
+        times, bystander, fields = real(workers, measures, *args)
+        scale = 1.0 if len(workers) > 1 else 3.0  # the alone pass drives one worker at a time
+        passes.append(scale)
+        for name, per_measure in times.items():
+            for m, t in per_measure.items():
+                base = {"x": [10.0] * len(t), "y": [20.0] * (len(t) - 1) + [200.0]}[name]
+                per_measure[m] = [scale * v for v in base]
+        return times, bystander, fields
+
+    monkeypatch.setattr(I, "_measure_rounds", fixed_times)
+    result, _ = _run(tmp_path, names=("x", "y"), rounds=2)
+    assert passes == [1.0, 3.0, 3.0]
+    for m in ("a", "b"):
+        assert result["ratios"][m] == {"x": 1.0, "y": 0.5}
+        assert result["measures"][m]["y"]["interleaved"]["median_ms"] == 20.0
+        assert result["measures"][m]["y"]["alone"]["median_ms"] == 60.0
+        assert result["measures"][m]["y"]["interleaved_vs_alone"] == pytest.approx(20 / 60 - 1)
 
 
 def test_a_worker_that_raises_while_loading_reports_it(tmp_path):

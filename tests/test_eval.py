@@ -770,6 +770,45 @@ HAND_SCORES = {
 }
 
 
+def test_the_table_prints_each_metric_to_four_decimals(capsys):
+    """The figures quoted from ``edgecap eval`` (README: METEOR 19.89, BLEU-4 19.5, CIDEr 0.490)
+    are its fractions to four decimals: 0.1989 is 19.89 points; three would give 19.9."""
+    from edgecap.commands.eval import _print_table
+
+    summary = {
+        "BLEU-1": 0.61234,
+        "BLEU-2": 0.4,
+        "BLEU-3": 0.3,
+        "BLEU-4": 0.19512,
+        "METEOR": 0.19894,
+        "ROUGE-L": 0.45,
+        "CIDEr": 0.48996,
+        "n_images": 1000,
+        "tokenizer": "ptb",
+        "model": {"name": "m", "path": "/m", "precision": "fp32"},
+        "backend": "onnxruntime (cpu)",
+        "beam_size": 3,
+        "max_length": 20,
+        "length_penalty": None,
+        "no_repeat_ngram": 3,
+        "decoding": {"guidance_bonus": 2.0, "constrained": False, "fusion_weight": 0.7, "consensus": True},
+        "frames": {"blank_check": True, "brighten": True},
+        "references": "refs.json",
+        "caption_seconds": 12.5,
+    }
+    _print_table(summary)
+    lines = dict(line.split(":", 1) for line in capsys.readouterr().out.splitlines())
+    assert [lines[k].strip() for k in ("BLEU-1", "BLEU-4", "METEOR", "CIDEr")] == [
+        "0.6123",
+        "0.1951",
+        "0.1989",
+        "0.4900",
+    ]
+    summary["METEOR"] = None
+    _print_table(summary)
+    assert "METEOR:      skipped (needs Java)" in capsys.readouterr().out
+
+
 def test_simple_tokenizer_scores_are_the_metrics_worked_by_hand():
     wanted = tuple(HAND_SCORES)
     corpus, per_image = metrics.scores(HAND_REFS, HAND_HYPS, tokenizer="simple", metrics=wanted)
@@ -777,11 +816,16 @@ def test_simple_tokenizer_scores_are_the_metrics_worked_by_hand():
     assert corpus == pytest.approx(HAND_SCORES, abs=1e-6)
     assert per_image["CIDEr"] == pytest.approx({"a": 10.0, "b": _CIDER_B}, abs=1e-6)
     assert metrics.per_image_cider(HAND_REFS, HAND_HYPS, tokenizer="simple") == per_image["CIDEr"]
-    # every reference counts: "the cat sleeps" is all of the second one (3 of 3 words, 3 long)
+    # each image's value under its own id, whatever the references' order
+    backwards = dict(reversed(HAND_REFS.items()))
+    _, each = metrics.scores(backwards, HAND_HYPS, tokenizer="simple", metrics=("CIDEr",))
+    assert each["CIDEr"] == pytest.approx({"a": 10.0, "b": _CIDER_B}, abs=1e-6)
+    # every reference counts: "the cat sleeps" is all of the second one (3 of 3 words, 3 long;
+    # its longest common subsequence with it 3 of 3: ROUGE-L 1)
     two = metrics.score(
-        {"x": ["A dog runs.", "The cat sleeps."]}, {"x": "the cat sleeps"}, "simple", ("BLEU-1",)
+        {"x": ["A dog runs.", "The cat sleeps."]}, {"x": "the cat sleeps"}, "simple", ("BLEU-1", "ROUGE-L")
     )
-    assert two["BLEU-1"] == pytest.approx(1.0, abs=1e-6)
+    assert (two["BLEU-1"], two["ROUGE-L"]) == pytest.approx((1.0, 1.0), abs=1e-6)
     with pytest.raises(ValueError, match=r"1 images have references but no caption, e.g. \['b'\]"):
         metrics.score(HAND_REFS, {"a": "a cat"}, tokenizer="simple", metrics=("CIDEr",))
     # a misspelt metric is named, not silently left out of the scores
@@ -1006,6 +1050,18 @@ def test_ptb_hypotheses_without_a_word_score_zero_not_a_java_failure(recwarn):
 
 
 @needs_java
+def test_ptb_scores_leave_out_a_caption_of_an_image_without_references(recwarn):
+    """A results file may hold captions of more photos than the references list (a split scored
+    with fewer references): as with the simple tokenizer, the scores are those of the listed
+    images, not an error from coco-caption's scorers (which need the same images on both sides)."""
+    refs = {1: ["a cat sits on a mat"], 2: ["a dog runs on the grass"]}
+    hyps = {1: "a cat sits on a mat", 2: "a dog runs on grass"}
+    wanted = ("BLEU-1", "ROUGE-L", "CIDEr")
+    alone = metrics.score(refs, hyps, tokenizer="ptb", metrics=wanted)
+    assert metrics.score(refs, {**hyps, 3: "a bird"}, tokenizer="ptb", metrics=wanted) == alone
+
+
+@needs_java
 def test_a_meteor_whose_java_dies_is_an_error_not_a_hang_at_exit():
     """pycocoevalcap's METEOR takes a lock to score and keeps it when it fails, and its
     ``__del__`` waits for that lock. A METEOR whose Java is gone (here its jar cannot be found,
@@ -1222,6 +1278,18 @@ def test_the_ptb_tokenizers_report_is_dropped_in_a_locale_with_decimal_commas(mo
     }
     err = capfd.readouterr().err
     assert "tokens per second" not in err and f"Picked up JAVA_TOOL_OPTIONS: {options}" in err.splitlines()
+
+
+@needs_java
+def test_per_image_cider_is_scored_on_coco_captions_ptb_tokens_by_default(recwarn):
+    """``per_image_cider`` (compare_results.py's and the benchmarks' per-photo CIDEr-D, behind
+    the intervals in docs/quality.md) tokenises as ``edgecap eval`` does, with PTB where Java
+    is. Worked by hand as for the simple tokenizer above, PTB splitting "dog's": "a dog 's red
+    ball" against "a dog 's ball is red", unigrams 5 of 5 (against 6), bigrams 2 of 4 (against
+    5), trigrams 1 of 3 (against 4), no 4-gram, length penalty exp(-1 / 72)."""
+    cider_b = 10 * (5 / math.sqrt(30) + 2 / math.sqrt(20) + 1 / math.sqrt(12)) / 4 * math.exp(-1 / 72)
+    got = metrics.per_image_cider(HAND_REFS, HAND_HYPS)
+    assert got == pytest.approx({"a": 10.0, "b": cider_b}, abs=1e-6)
 
 
 def test_per_image_cider_averages_to_the_corpus_cider():
