@@ -547,7 +547,14 @@ def raw_to_rgb(msg, name: str) -> np.ndarray:
         raise InputError(name, f"unknown image encoding {msg.encoding!r} (known: {', '.join(known)})")
     dtype = np.dtype(dtype).newbyteorder(">" if msg.is_bigendian else "<")
     row_bytes = width * channels * dtype.itemsize
-    data = np.asarray(msg.data, dtype=np.uint8).reshape(-1)
+    data = msg.data
+    # bytes are one buffer to numpy, not a sequence of numbers: np.asarray(b"...", np.uint8)
+    # raises, with all the image's bytes in its message
+    data = (
+        np.frombuffer(data, np.uint8)
+        if isinstance(data, (bytes, bytearray))
+        else np.asarray(data, dtype=np.uint8).reshape(-1)
+    )
     if step < row_bytes:
         raise InputError(
             name, f"step {step} is shorter than a row of {width} {msg.encoding} pixels ({row_bytes} bytes)"

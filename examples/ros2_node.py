@@ -21,8 +21,9 @@ Parameters: ``image_topic`` (default ``/image_raw``), ``every`` (at most one cap
 many seconds of the frames' header stamps; 0.0: as fast as the model goes), ``model`` (a model
 folder; "": the shipped model), ``backend`` ("auto"), ``device`` ("": the backend's own),
 ``beam_size`` (3), ``max_length`` (20). The raw encodings ``edgecap caption --bag`` reads are
-read here the same way (``edgecap.recordings.message_image``); a frame that cannot be captioned
-(an unknown encoding, a truncated JPEG) is one warning naming it, and the node goes on.
+read here the same way (``edgecap.recordings.message_image``), for the frames captioned only; a
+frame that cannot be captioned (an unknown encoding, a truncated JPEG) is one warning naming it,
+and the node goes on.
 
 edgecap must be importable by the Python ROS 2 runs: install it into that interpreter, or into a
 venv made with ``--system-site-packages`` after sourcing ROS 2 (docs/recordings.md).
@@ -39,6 +40,7 @@ import time
 
 import rclpy
 from rcl_interfaces.msg import ParameterDescriptor
+from rclpy.exceptions import NameValidationException, ParameterException
 from rclpy.executors import ExternalShutdownException
 from rclpy.node import Node
 from rclpy.qos import qos_profile_sensor_data
@@ -54,10 +56,12 @@ _END = object()
 
 class MessageFrames:
     """The frames of the messages a subscription hands over (``put``, from the executor's
-    thread), as ``caption_stream`` reads them (``__iter__``, from its reader thread, where each
-    message's picture is made: the executor only queues it). At most ``keep`` messages wait;
-    a newer one pushes the oldest out (the stream keeps only the newest frame anyway).
-    ``header(index)`` gives a frame's stamp and frame_id back for its caption."""
+    thread), as ``caption_stream`` reads them (``__iter__``, from its reader thread): each
+    frame's image is the message itself, its picture made only if the stream captions it
+    (``MessageCaptioner``), not for the frames ``every`` skips or a newer frame replaces. At
+    most ``keep`` messages wait; a newer one pushes the oldest out (the stream keeps only the
+    newest frame anyway). ``header(index)`` gives a frame's stamp and frame_id back for its
+    caption."""
 
     def __init__(self, topic: str, compressed: bool, keep: int = 4):
         self.topic = topic
@@ -91,8 +95,7 @@ class MessageFrames:
     def frame(self, msg) -> Frame:
         index = self._count
         self._count += 1
-        stamp_ns, image = message_image(msg, self.compressed, f"{self.topic} frame {index}")
-        frame_id = str(getattr(getattr(msg, "header", None), "frame_id", ""))
+        stamp_ns, frame_id = message_header(msg)
         with self._lock:
             self._headers[index] = (stamp_ns, frame_id)
         if stamp_ns:  # the camera's clock drives ``every``, and names the frame in errors
@@ -101,9 +104,7 @@ class MessageFrames:
         else:  # a driver that leaves its stamps 0: the time it arrived here
             timestamp = time.monotonic() - self._started
             name = f"{self.topic} frame {index}"
-        if isinstance(image, InputError):
-            image = InputError(name, image.problem)
-        return Frame(index=index, timestamp=timestamp, image=image, name=name)
+        return Frame(index=index, timestamp=timestamp, image=msg, name=name)
 
     def header(self, index: int) -> tuple[int, str]:
         """Frame ``index``'s (stamp in nanoseconds, frame_id); those of older frames are let go
@@ -112,6 +113,31 @@ class MessageFrames:
             for older in [i for i in self._headers if i < index]:
                 del self._headers[older]
             return self._headers.pop(index, (0, ""))
+
+
+def message_header(msg) -> tuple[int, str]:
+    """A message's (header stamp in nanoseconds, frame_id); (0, "") where it has no header."""
+    try:
+        header = msg.header
+        return int(header.stamp.sec) * 1_000_000_000 + int(header.stamp.nanosec), str(header.frame_id)
+    except (AttributeError, TypeError, ValueError, OverflowError):
+        return 0, ""
+
+
+class MessageCaptioner:
+    """``captioner`` captioning the frames of ``MessageFrames``, whose images are messages: the
+    picture is made from the message here, in the captioning thread, for the frames captioned
+    only; one that cannot be used raises its ``InputError`` (the stream names it by its frame)."""
+
+    def __init__(self, captioner, compressed: bool):
+        self.captioner = captioner
+        self.compressed = compressed
+
+    def caption(self, msg, color: str = "rgb", return_attention: bool = False):
+        _, image = message_image(msg, self.compressed, "frame")
+        if isinstance(image, InputError):
+            raise image
+        return self.captioner.caption(image, color=color, return_attention=return_attention)
 
 
 def caption_record(event, stamp_ns: int, frame_id: str) -> dict:
@@ -156,7 +182,9 @@ class CaptionNode(Node):
         compressed = topic.rstrip("/").endswith("/compressed")
         self.frames = MessageFrames(topic, compressed)
         # live: the newest frame whenever the model is free; "return": a bad frame is an event
-        self.stream = caption_stream(captioner, self.frames, every=every or None, on_error="return")
+        self.stream = caption_stream(
+            MessageCaptioner(captioner, compressed), self.frames, every=every or None, on_error="return"
+        )
         self.publisher = self.create_publisher(String, "~/caption", 10)
         self.create_subscription(
             CompressedImage if compressed else Image, topic, self.frames.put, qos_profile_sensor_data
@@ -170,11 +198,20 @@ class CaptionNode(Node):
     def _caption(self) -> None:
         try:
             for event in self.stream:
+                header = self.frames.header(event.frame_index)  # let go of a failed frame's too
                 if isinstance(event.caption, InputError):
                     self.get_logger().warning(str(event.caption))
                     continue
-                record = caption_record(event, *self.frames.header(event.frame_index))
-                self.publisher.publish(String(data=json.dumps(record)))
+                message = String(data=json.dumps(caption_record(event, *header)))
+                try:
+                    self.publisher.publish(message)
+                except Exception:  # noqa: BLE001 (rclpy's RCLError)
+                    if self.context.ok():
+                        raise
+                    # shut down while this frame was captioned (Ctrl-C or SIGTERM: rclpy's signal
+                    # handler shuts the context down, and a publisher then refuses to publish):
+                    # nowhere to publish it, and nothing went wrong
+                    return
         except Exception as exc:  # noqa: BLE001 (the model failing: the node ends, its supervisor may restart it)
             self.failure = exc
             self.get_logger().error(f"captioning stopped: {type(exc).__name__}: {exc}")
@@ -193,7 +230,9 @@ def main(argv: list[str] | None = None) -> int:
     rclpy.init(args=argv)
     try:
         node = CaptionNode()
-    except (EdgecapError, ValueError) as exc:  # a missing model folder, a bad beam_size
+    except (EdgecapError, ValueError, ParameterException, NameValidationException) as exc:
+        # a missing model folder, a bad beam_size, a parameter of the wrong type (beam_size:=5.0,
+        # device:=0), an image_topic that is no topic name
         print(f"ros2_node: {exc}", file=sys.stderr)
         rclpy.try_shutdown()
         return 2

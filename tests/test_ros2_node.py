@@ -2,7 +2,9 @@
 rclpy, sensor_msgs and std_msgs it uses (ROS 2 is not installed from PyPI; the stand-ins take
 the calls as rclpy documents them: ``declare_parameter(name, value).value``,
 ``create_subscription(type, topic, callback, qos)``, ``create_publisher(type, topic, depth)``,
-``get_logger().warning``, ``rclpy.try_shutdown``). Expected captions are the README's."""
+``get_logger().warning``, ``rclpy.try_shutdown``; once the context is shut down, as rclpy's
+SIGINT / SIGTERM handler does, a publisher refuses to publish, as rcl_publish does; a parameter
+of the wrong type is rclpy's ParameterException). Expected captions are the README's."""
 
 from __future__ import annotations
 
@@ -10,6 +12,7 @@ import array
 import importlib.util
 import json
 import sys
+import threading
 import time
 import types
 from pathlib import Path
@@ -51,11 +54,14 @@ def raw_message(path: Path, encoding: str = "rgb8", sec: int = 100, nanosec: int
 
 
 class Publisher:
-    def __init__(self, topic: str):
+    def __init__(self, topic: str, context):
         self.topic_name = topic
         self.published: list = []
+        self.context = context
 
     def publish(self, msg) -> None:
+        if not self.context.ok():  # rcl_publish checks the publisher's context (RCLError)
+            raise RuntimeError("Failed to publish: publisher's context is invalid")
         self.published.append(msg)
 
 
@@ -79,8 +85,20 @@ class Logger:
 @pytest.fixture
 def ros(monkeypatch):
     """The stand-in modules, installed for the test; ``ros.parameters`` sets the node's
-    parameters, ``ros.nodes`` holds the nodes made, ``ros.shutdowns`` counts try_shutdown."""
+    parameters, ``ros.nodes`` holds the nodes made, ``ros.shutdowns`` counts try_shutdown,
+    ``ros.context.ok()`` is False once shut down (as rclpy's SIGINT / SIGTERM handler does)."""
     state = types.SimpleNamespace(parameters={}, nodes=[], shutdowns=[], spin=None)
+    state.context = types.SimpleNamespace(shut=False)
+    state.context.ok = lambda: not state.context.shut
+
+    class ParameterException(Exception):
+        pass
+
+    class InvalidParameterTypeException(ParameterException):
+        pass
+
+    class NameValidationException(Exception):
+        pass
 
     class Node:
         def __init__(self, name: str):
@@ -91,14 +109,23 @@ def ros(monkeypatch):
             self.destroyed = False
             state.nodes.append(self)
 
+        @property
+        def context(self):
+            return state.context
+
         def declare_parameter(self, name, value, descriptor=None):
             if name in state.parameters and not getattr(descriptor, "dynamic_typing", False):
-                assert type(state.parameters[name]) is type(value), f"{name}: rclpy would refuse the type"
+                given = state.parameters[name]
+                if type(given) is not type(value):
+                    raise InvalidParameterTypeException(
+                        f"Trying to set parameter '{name}' to '{given}' of type "
+                        f"'{type(given).__name__}', expecting type '{type(value).__name__}'"
+                    )
             return types.SimpleNamespace(value=state.parameters.get(name, value))
 
         def create_publisher(self, msg_type, topic, depth):
             assert msg_type is std_msgs.String and depth >= 1
-            publisher = Publisher(topic.replace("~", "/" + self.name, 1))
+            publisher = Publisher(topic.replace("~", "/" + self.name, 1), state.context)
             self.publishers.append(publisher)
             return publisher
 
@@ -114,12 +141,19 @@ def ros(monkeypatch):
     class ExternalShutdownException(Exception):
         pass
 
+    def try_shutdown():
+        state.shutdowns.append(True)
+        state.context.shut = True
+
     rclpy = types.ModuleType("rclpy")
-    rclpy.init = lambda args=None: None
-    rclpy.try_shutdown = lambda: state.shutdowns.append(True)
+    rclpy.init = lambda args=None: setattr(state.context, "shut", False)
+    rclpy.try_shutdown = try_shutdown
     rclpy.spin = lambda node: state.spin(node)
     node_module = types.ModuleType("rclpy.node")
     node_module.Node = Node
+    exceptions = types.ModuleType("rclpy.exceptions")
+    exceptions.ParameterException = ParameterException
+    exceptions.NameValidationException = NameValidationException
     executors = types.ModuleType("rclpy.executors")
     executors.ExternalShutdownException = ExternalShutdownException
     qos = types.ModuleType("rclpy.qos")
@@ -134,6 +168,7 @@ def ros(monkeypatch):
     modules = {
         "rclpy": rclpy,
         "rclpy.node": node_module,
+        "rclpy.exceptions": exceptions,
         "rclpy.executors": executors,
         "rclpy.qos": qos,
         "sensor_msgs": types.ModuleType("sensor_msgs"),
@@ -339,3 +374,164 @@ def test_message_frames_keep_the_newest_messages(ros):
     frames.close()
     assert [f.timestamp for f in reader] == [3.0]
     assert frames.header(1) == (3 * 10**9, "camera") and frames.header(0) == (0, "")
+
+
+class Slow:
+    """A captioner whose caption waits for ``release``; ``started`` is set once one has begun."""
+
+    def __init__(self):
+        self.started, self.release = threading.Event(), threading.Event()
+
+    def caption(self, image, color="rgb", return_attention=False):
+        self.started.set()
+        assert self.release.wait(60)
+        return types.SimpleNamespace(text="a cat", recognisable=True, confidence=None, objects=[])
+
+    def warm_up(self, *args, **kwargs):
+        pass
+
+    def close(self):
+        pass
+
+
+@pytest.mark.parametrize("signal_name", ["SIGINT", "SIGTERM"])
+def test_a_signal_during_a_caption_ends_the_node_cleanly(ros, monkeypatch, signal_name):
+    """Ctrl-C (or ros2 launch's SIGTERM) while a frame is captioned: rclpy's signal handler
+    shuts the context down, after which a publisher refuses to publish. The caption finishing
+    then is not published and is no error: no error line, and exit status 0 (it had been
+    "captioning stopped: RuntimeError: Failed to publish ..." and 1, every Ctrl-C while the
+    camera ran)."""
+    slow = Slow()
+    monkeypatch.setattr(ros.example, "Captioner", lambda *args, **kwargs: slow)
+
+    def spin(node):
+        node.subscriptions[0][2](raw_message(EXAMPLES / "chelsea.png"))
+        assert slow.started.wait(60)
+        ros.context.shut = True  # rclpy's handler thread: the context shut down
+        slow.release.set()
+        if signal_name == "SIGINT":
+            raise KeyboardInterrupt
+        raise ros.example.ExternalShutdownException  # spin's wait wakes to a shut-down context
+
+    ros.spin = spin
+    assert ros.example.main([]) == 0
+    node = ros.nodes[-1]
+    assert node.failure is None and not node._thread.is_alive()
+    assert [line for line in node.logger.lines if line[0] != "info"] == []
+    assert node.publishers[0].published == []
+
+
+def test_main_exits_1_when_the_model_fails(ros, monkeypatch):
+    """The model failing while spin() runs: one error line, spin returns (the context shut
+    down), and main's exit status is 1."""
+
+    class Failing(Slow):
+        def caption(self, image, color="rgb", return_attention=False):
+            raise RuntimeError("CUDA out of memory")
+
+    monkeypatch.setattr(ros.example, "Captioner", lambda *args, **kwargs: Failing())
+
+    def spin(node):  # as rclpy.spin: until the context is shut down
+        node.subscriptions[0][2](raw_message(EXAMPLES / "chelsea.png"))
+        deadline = time.monotonic() + 60
+        while ros.context.ok():
+            assert time.monotonic() < deadline, "the context was never shut down"
+            time.sleep(0.01)
+
+    ros.spin = spin
+    assert ros.example.main([]) == 1
+    node = ros.nodes[-1]
+    assert [line for line in node.logger.lines if line[0] != "info"] == [
+        ("error", "captioning stopped: RuntimeError: CUDA out of memory")
+    ]
+
+
+def test_a_parameter_of_the_wrong_type_is_one_line(ros, capsys):
+    """``-p beam_size:=5.0`` (rclpy refuses a double for an integer parameter with its
+    ParameterException) is one line and exit 2, not a traceback."""
+    ros.parameters["beam_size"] = 5.0
+    assert ros.example.main([]) == 2
+    err = capsys.readouterr().err
+    assert (
+        err.startswith("ros2_node: Trying to set parameter 'beam_size' to '5.0'")
+        and len(err.splitlines()) == 1
+    )
+
+
+def test_frames_that_cannot_be_captioned_leave_no_headers_behind(ros):
+    """A topic whose every frame fails (a depth camera's, an unknown encoding): each is one
+    warning, and its stamp and frame_id are let go (they had been kept for a caption that never
+    came: a dict growing by one entry a frame for as long as the node ran)."""
+
+    class Unused(Slow):
+        def caption(self, image, color="rgb", return_attention=False):
+            raise AssertionError("no frame can be captioned")
+
+    node = ros.example.CaptionNode(Unused())
+    try:
+        for sec in range(5):
+            bad = raw_message(EXAMPLES / "chelsea.png", sec=100 + sec)
+            bad.encoding = "16UC1"
+            deliver(node, bad)
+        assert [level for level, _ in node.logger.lines if level != "info"] == ["warning"] * 5
+        assert node.frames._headers == {}
+    finally:
+        node.close()
+
+
+@pytest.mark.parametrize("kind", ["array", "bytes", "bytearray", "list", "ndarray"])
+def test_message_image_takes_the_data_of_a_raw_image_in_any_form(kind):
+    """``edgecap.recordings.message_image``: a raw image's ``data`` as rclpy gives it
+    (array.array), as bytes (a message made by hand, another library's decoder), a list or an
+    array: the same pixels and stamp. Bytes had been "message lacks the standard sensor_msgs
+    fields: invalid literal for int() with base 10: b'...'", every byte of the image written
+    out, and the stamp lost."""
+    from edgecap.recordings import message_image
+
+    msg = raw_message(EXAMPLES / "chelsea.png", "rgb8", sec=3, nanosec=4)
+    want = np.asarray(PILImage.open(EXAMPLES / "chelsea.png").convert("RGB"))
+    raw = msg.data.tobytes()
+    msg.data = {
+        "array": msg.data,
+        "bytes": raw,
+        "bytearray": bytearray(raw),
+        "list": list(raw),
+        "ndarray": np.frombuffer(raw, np.uint8),
+    }[kind]
+    stamp_ns, image = message_image(msg, False, "/cam frame 0")
+    assert stamp_ns == 3 * 10**9 + 4
+    assert isinstance(image, np.ndarray) and np.array_equal(image, want)
+
+
+def test_only_the_frames_captioned_are_converted(ros, monkeypatch):
+    """A raw frame's picture is made (``message_image``: a 1080p bgr8 frame 12 ms, a yuv422 one
+    35 ms on a 2-core EPYC) for the frames captioned only, not for the ones ``every`` skips: six
+    frames 0.4 s apart with every 1.0 give three captions from three conversions (every frame
+    had been converted in the reader thread, most of a core for a 30 fps yuv422 camera)."""
+    converted = []
+    real = ros.example.message_image
+
+    def counting(msg, compressed, name):
+        converted.append(msg.header.stamp.sec * 10 + msg.header.stamp.nanosec // 10**8)
+        return real(msg, compressed, name)
+
+    monkeypatch.setattr(ros.example, "message_image", counting)
+
+    class Quick(Slow):
+        def caption(self, image, color="rgb", return_attention=False):
+            assert isinstance(image, np.ndarray) and image.shape == (300, 451, 3)
+            return types.SimpleNamespace(text="a cat", recognisable=True, confidence=None, objects=[])
+
+    ros.parameters.update(every=1.0)
+    node = ros.example.CaptionNode(Quick())
+    published = node.publishers[0].published
+    try:
+        for tenths in range(0, 24, 4):
+            msg = raw_message(EXAMPLES / "chelsea.png", sec=100 + tenths // 10, nanosec=tenths % 10 * 10**8)
+            if tenths in (0, 12, 20):
+                deliver(node, msg)
+            else:
+                node.subscriptions[0][2](msg)
+    finally:
+        node.close()
+    assert len(published) == 3 and converted == [1000, 1012, 1020]
