@@ -169,6 +169,25 @@ def test_with_raise_the_bad_photo_raises_after_the_batches_before_it(fake, worke
         next(results)
 
 
+@pytest.mark.parametrize("overlap", [False, True])
+@pytest.mark.parametrize("workers", [0, 2])
+def test_with_raise_the_first_bad_photo_of_a_batch_raises_after_the_photos_before_it(
+    fake, tmp_path, workers, overlap
+):
+    """docs/python-api.md: with "raise" iter_captions yields the captions of every image before
+    the bad one, those of its own batch included, then raises its error. Here the third batch
+    of 3 holds a good photo, an empty file and a missing one: photos 0 to 6 are captioned, then
+    the empty file's error comes (the first bad one, not the missing file's), with or without
+    the workers and the overlap."""
+    inputs = [red(i) for i in range(7)] + [b"", str(tmp_path / "gone.jpg"), red(9), red(10)]
+    results = captioner(workers, batch=3).iter_captions(iter(inputs), overlap=overlap)
+    got = []
+    with pytest.raises(InputError, match="0 bytes"):
+        for result in results:
+            got.append(result.text)
+    assert got == [word(i) for i in range(7)]
+
+
 @pytest.mark.parametrize("on_error", ["raise", "return"])
 @pytest.mark.parametrize("workers", [0, 2])
 def test_a_source_that_fails_midway_costs_none_of_the_photos_it_gave(fake, workers, on_error):
@@ -873,6 +892,33 @@ def test_an_error_that_ends_the_run_cancels_the_rest_of_its_batch():
     with pytest.raises(RuntimeError, match="went away"):
         next(batches)
     assert [f.cancelled() for f in pool.futures] == [False] + [True] * 5
+
+
+def test_photos_decoded_here_when_the_pool_refuses_keep_their_errors_in_their_slots():
+    """A pool shut down by the interpreter's exit (``inline``: True) refuses work, and the photos
+    are decoded in the calling thread: an unusable one's error (the kept kind) is still in its
+    own slot, the others prepared, in order; another exception is raised when its batch is due,
+    after the batches before it."""
+    from concurrent.futures import ThreadPoolExecutor
+
+    from edgecap.prefetch import prefetched_batches
+
+    def prepare(item):
+        if item == "bad":
+            raise ValueError("unusable")
+        if item == "broken":
+            raise RuntimeError("the disk went away")
+        return item.upper()
+
+    pool = ThreadPoolExecutor(1)
+    pool.shutdown()
+    items = iter(["a", "bad", "c", "d", "broken"])
+    batches = prefetched_batches(pool, prepare, items, batch=2, ahead=2, keep=ValueError, inline=lambda: True)
+    first = next(batches)
+    assert first[0] == "A" and isinstance(first[1], ValueError) and str(first[1]) == "unusable"
+    assert next(batches) == ["C", "D"]
+    with pytest.raises(RuntimeError, match="the disk went away"):
+        next(batches)
 
 
 @pytest.mark.parametrize("change", ["workers", "close"])

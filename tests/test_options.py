@@ -512,6 +512,30 @@ def test_each_timing_is_the_time_of_its_own_stage(backend_calls, monkeypatch, on
     assert [r.timings for r in results] == [pytest.approx(expected)] * 2
 
 
+@pytest.mark.parametrize("workers", [0, 2])
+def test_each_image_s_preprocess_ms_is_its_own(backend_calls, monkeypatch, workers):
+    """timings["preprocess_ms"] is for this image (docs: its loading and preprocessing): in a
+    batch of three whose photos take 10, 30 and 20 ms to decode (a clock that moves only while
+    one decodes), the captions' preprocess_ms are 10, 30 and 20, with decoding workers too."""
+    import threading
+    import types
+
+    now = threading.local()
+    took = {0: 0.010, 1: 0.030, 2: 0.020}  # by the image's first pixel
+    real = api.load_rgb
+
+    def load_rgb(image, *args, **kwargs):
+        now.t = getattr(now, "t", 0.0) + took[int(image[0, 0, 0])]
+        return real(image, *args, **kwargs)
+
+    images = [np.full((8, 8, 3), i, np.uint8) for i in range(3)]
+    captioner = Captioner(batch_size=3, decode_workers=workers, blank_check=False)
+    monkeypatch.setattr(api, "time", types.SimpleNamespace(perf_counter=lambda: getattr(now, "t", 0.0)))
+    monkeypatch.setattr(api, "load_rgb", load_rgb)
+    results = captioner.caption_batch(images)
+    assert [r.timings["preprocess_ms"] for r in results] == pytest.approx([10.0, 30.0, 20.0])
+
+
 def test_the_backend_is_built_for_the_rows_an_image_takes(backend_calls):
     """Limits(batch_size, rows per image): a constrained search takes two rows per beam."""
     from edgecap.contract import Limits

@@ -129,6 +129,21 @@ def test_an_error_in_the_next_search_waits_for_the_batch_being_built(default_mod
     assert calls == {"search": 2, "built": 1}
 
 
+def test_overlap_keeps_the_attention_asked_for(default_model_dir):
+    """``return_attention=True`` with the overlap (on a GPU by default): every caption, of the
+    batches built in the second thread too, has its attention, one 7x7 map per word, each
+    photo's own as it is captioned alone."""
+    photos = [str(p) for p in EXAMPLES[:3]]
+    captioner = Captioner(default_model_dir, batch_size=1, decode_workers=0, overlap=True)
+    results = captioner.caption_batch(photos, return_attention=True)
+    captioner.overlap = False
+    for photo, result in zip(photos, results, strict=True):
+        alone = captioner.caption(photo, return_attention=True)
+        assert result.text == alone.text
+        assert result.attention is not None and result.attention.shape == (len(result.tokens), 7, 7)
+        np.testing.assert_allclose(result.attention, alone.attention, atol=1e-5)
+
+
 @pytest.mark.parametrize("value", ["yes", 1, 0.0])
 def test_overlap_must_be_true_false_or_none(default_model_dir, value):
     with pytest.raises(ValueError, match="overlap must be True, False or None"):
@@ -203,6 +218,75 @@ def test_the_device_search_s_results_unpacked_later_are_its_own(default_model_di
     assert [name.startswith("edgecap-finish") for name in where["unpack"]] == [True, True, False]
     assert [name.startswith("edgecap-finish") for name in where["consensus"]] == [True] * 4 + [False]
     assert where["consensus"][-1] == caller
+
+
+def _device_search_captioner(default_model_dir) -> Captioner:
+    """The torch backend's device search on the CPU with the whole-decode graph's stand-in: its
+    result unpacked and the consensus chosen after the search (``deferred``), batches padded
+    (``graph_batch_size``: 3 images run as 4)."""
+    pytest.importorskip("torch")
+    from edgecap.backends.torch_graphs import EagerGraph
+
+    return Captioner(
+        default_model_dir,
+        backend="torch",
+        device="cpu",
+        search="device",
+        graph_factory=EagerGraph,
+        batch_size=4,
+        decode_workers=0,
+        overlap=True,
+    )
+
+
+def _seven_photos() -> list:
+    """The four example photos and three of them mirrored: a batch of 4, then one of 3."""
+    mirrored = [np.ascontiguousarray(np.asarray(Image.open(p).convert("RGB"))[:, ::-1]) for p in EXAMPLES[:3]]
+    return [*map(str, EXAMPLES), *mirrored]
+
+
+def test_a_padded_last_batch_unpacked_later_gives_each_photo_its_own_caption(default_model_dir):
+    """With the overlap, the last batch (3 photos run as 4, padded with copies of its last)
+    unpacked after its search: each photo has its own caption and objects, those it gets
+    captioned alone, the padding's dropped."""
+    captioner = _device_search_captioner(default_model_dir)
+    photos = _seven_photos()
+    results = captioner.caption_batch(photos)
+    assert len(results) == 7
+    for photo, result in zip(photos, results, strict=True):
+        alone = captioner.caption(photo)
+        assert (result.text, result.objects) == (alone.text, alone.objects)
+        assert result.score == pytest.approx(alone.score, abs=1e-4)
+
+
+def test_decode_ms_counts_the_unpacking_and_consensus_done_after_the_device_search(
+    default_model_dir, monkeypatch
+):
+    """docs/performance-options.md: with the overlap a caption's decode_ms still includes the
+    unpacking and the consensus, here done after the device search (in the second thread, and
+    for the last batch in this one). A clock that moves only in the consensus, 100 ms each
+    photo's: every caption's decode_ms is at least its own photo's 100 ms."""
+    import types
+
+    from edgecap import api
+    from edgecap.decoding.consensus import Consensus
+
+    captioner = _device_search_captioner(default_model_dir)
+    now = [0.0]
+    lock = threading.Lock()
+    order = Consensus.order
+
+    def timed_order(self, *args, **kwargs):
+        with lock:
+            now[0] += 0.1
+        return order(self, *args, **kwargs)
+
+    monkeypatch.setattr(Consensus, "order", timed_order)
+    clock = types.SimpleNamespace(perf_counter=lambda: now[0], sleep=time.sleep, monotonic=time.monotonic)
+    monkeypatch.setattr(api, "time", clock)
+    results = captioner.caption_batch(_seven_photos())
+    assert len(results) == 7
+    assert all(r.timings["decode_ms"] >= 100 - 1e-6 for r in results), [r.timings for r in results]
 
 
 def test_iter_captions_overlaps_when_asked_and_then_yields_a_batch_after_the_next_search(default_model_dir):
