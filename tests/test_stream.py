@@ -1283,3 +1283,117 @@ def test_a_damaged_frame_in_the_middle_of_a_video_does_not_end_it(monkeypatch, v
         got.extend(video_frames(video_file))
     assert [(f.index, f.timestamp) for f in got] == [(0, 0.0), (1, 0.1), (3, 0.3), (4, 0.4)]
     assert [int(f.image[0, 0, 0]) for f in got] == [0, 1, 3, 4]
+
+
+# -- mutation sampling of edgecap/stream.py, third round ----------------------------------------
+def _clock(monkeypatch, start=1000.0):
+    """``edgecap.stream``'s clock, moved only by the test: a list whose one item is the time."""
+    import edgecap.stream
+
+    now = [start]
+    monkeypatch.setattr(
+        edgecap.stream, "time", SimpleNamespace(perf_counter=lambda: now[0], sleep=time.sleep)
+    )
+    return now
+
+
+def test_live_latency_counts_the_wait_for_the_captioner_from_the_read(monkeypatch):
+    """Docs: ``latency_ms`` runs "from the moment the reader got the frame to the moment its
+    caption was ready (waiting for the captioner included)". On a clock moved only here: frames 0
+    and 1 are read at 1000 s; frame 0's caption takes 0.25 s, during which frame 1 waits in the
+    slot; frame 1's takes 0.125 s. Latencies 250 and 375 ms (not 125: the wait left out)."""
+    now = _clock(monkeypatch)
+    captioning, one_read = threading.Event(), threading.Event()
+
+    def source():
+        yield 0
+        assert captioning.wait(DEADLOCK_GUARD_S)
+        yield 1
+        one_read.set()  # the reader has stamped frame 1 and put it in the slot
+
+    def hook(calls):
+        if calls == 0:
+            captioning.set()
+            assert one_read.wait(DEADLOCK_GUARD_S), "the reader stalled"
+            now[0] += 0.25
+        else:
+            now[0] += 0.125
+
+    events = list(caption_stream(FakeCaptioner(hook), source(), live=True))
+    assert [(e.frame_index, e.dropped, e.latency_ms) for e in events] == [(0, 0, 250.0), (1, 0, 375.0)]
+
+
+@pytest.mark.parametrize("live", [False, True])
+def test_latency_does_not_count_the_wait_for_the_frame(monkeypatch, live):
+    """The source takes 2 s to give its frame (a camera's next exposure): that is before the
+    reader got the frame, so not latency; the caption's 0.125 s is: 125 ms, not 2125."""
+    now = _clock(monkeypatch)
+
+    def slow_camera():
+        now[0] += 2.0
+        yield "a"
+
+    def hook(calls):
+        now[0] += 0.125
+
+    (event,) = caption_stream(FakeCaptioner(hook), slow_camera(), live=live)
+    assert event.latency_ms == 125.0
+
+
+def test_close_from_another_thread_does_not_caption_the_frame_waiting_in_the_slot():
+    """A shutdown hook calls ``close()`` while frame 0 is captioned and frame 1 already waits in
+    the live slot: the loop ends after frame 0's event (docs: "ends the loop after that frame's
+    event"); frame 1 is not captioned, whatever the thread timing."""
+    captioning, one_read, outcome = threading.Event(), threading.Event(), []
+
+    def source():
+        yield 0
+        assert captioning.wait(DEADLOCK_GUARD_S)
+        yield 1
+        one_read.set()  # frame 1 is in the slot
+
+    def hook(calls):
+        if calls == 0:
+            captioning.set()
+            assert one_read.wait(DEADLOCK_GUARD_S), "the reader stalled"
+            closer = threading.Thread(target=lambda: (stream.close(), outcome.append("closed")))
+            closer.start()
+            closer.join(DEADLOCK_GUARD_S)
+
+    fake = FakeCaptioner(hook)
+    stream = caption_stream(fake, source(), live=True)
+    assert [e.frame_index for e in stream] == [0]
+    assert outcome == ["closed"] and fake.seen == [(0, "rgb")]
+    assert (stream.stats.frames, stream.stats.captioned) == (2, 1)
+
+
+def test_up_to_100_damaged_frames_in_a_row_are_passed_over_and_the_first_is_named(monkeypatch, video_file):
+    """Docs: a damaged part of a video "(up to 100 in a row) is passed over". Frames 1 and 2 of 5
+    damaged: 3 and 4 are given, and the error names frame 1, the first of the run (not the last,
+    2). Frames 1..100 damaged (100 in a row): frame 101 is still given, at 10.1 s. Frames 1..101
+    (101 in a row): the video ends there, after 1 of its 103 frames."""
+    good = small_frames(1)[0]
+    monkeypatch.setitem(sys.modules, "cv2", FakeVideoCv2([good, None, None, good, good]))
+    got = []
+    with pytest.raises(InputError, match=r"2 frames could not be decoded \(damaged; the first: frame 1\)"):
+        got.extend(video_frames(video_file))
+    assert [f.index for f in got] == [0, 3, 4]
+    monkeypatch.setitem(sys.modules, "cv2", FakeVideoCv2([good, *[None] * 100, good]))
+    got = []
+    with pytest.raises(InputError, match=r"100 frames could not be decoded \(damaged; the first: frame 1\)"):
+        got.extend(video_frames(video_file))
+    assert [(f.index, f.timestamp) for f in got] == [(0, 0.0), (101, 10.1)]
+    monkeypatch.setitem(sys.modules, "cv2", FakeVideoCv2([good, *[None] * 101, good]))
+    got = []
+    with pytest.raises(InputError, match="the video ends after 1 of its 103 frames"):
+        got.extend(video_frames(video_file))
+    assert [f.index for f in got] == [0]
+
+
+def test_a_frame_at_the_same_time_as_the_one_before_keeps_the_decoders_time(monkeypatch, video_file):
+    """``frame_time``: the decoder's time is not used where it is *before* the last frame's; a
+    frame at the same time (a repeated frame) keeps it. At 10 fps, times 0, 500, 500, 1000 ms:
+    0, 0.5, 0.5, 1.0 s (not 0.6 s, one interval on, for the third)."""
+    times_ms = [0.0, 500.0, 500.0, 1000.0]
+    monkeypatch.setitem(sys.modules, "cv2", FakeVideoCv2(small_frames(4), times_ms=times_ms))
+    assert [f.timestamp for f in video_frames(video_file)] == [0.0, 0.5, 0.5, 1.0]
