@@ -348,6 +348,37 @@ def test_every_continuation_blocked_with_a_masked_row_keeps_no_masked_beam(fixed
 
 
 @pytest.mark.parametrize("fixed", LOOPS)
+@pytest.mark.parametrize("first", [0.0, 1.0], ids=["one caption first", "two captions first"])
+def test_images_of_one_batch_keep_their_own_number_of_captions(fixed, first):
+    """Two images in one batch, beam 2, n_best 2: the first (all zeros) follows
+    ``_masked_row_table`` and has one caption, "b c a" (unfinished); the second (all ones) has
+    two, "a" and "b" (both end at word 2). Each image gets its own captions, as many as the
+    numpy loop gives it, in either order in the batch: not the other image's count of them."""
+    masked = _masked_row_table().rule
+    ends = {
+        (): {"a": -0.1, "b": -0.2},
+        ("a",): {"<end>": -0.1, "c": -0.2},
+        ("b",): {"<end>": -0.1, "c": -0.2},
+    }
+
+    def rule(prefix, key):
+        return masked(prefix) if key == 0.0 else ends.get(prefix, {"<end>": -0.1, "c": -0.2})
+
+    backend = TableBackend(WORDS, rule, top_k=2, keyed=True)
+    images = np.zeros((2, 3, 4, 4), np.float32)
+    images[0], images[1] = first, 1.0 - first
+    options = CaptionOptions(beam_size=2, n_best=2, no_repeat_ngram=1, consensus=False)
+    host = search_with_tags(backend, backend.encode(images), options, START, END, len(WORDS), None)
+    device = _device(backend, backend.encode(images), options, fixed=fixed, vocab_size=len(WORDS))
+    one, two = [(["b", "c", "a"], False)], [(["a"], True), (["b"], True)]
+    for got in (host, device):
+        assert [[([WORDS[w] for w in h.tokens], h.finished) for h in hyps] for hyps in got] == (
+            [one, two] if first == 0.0 else [two, one]
+        )
+    _same(host, device)
+
+
+@pytest.mark.parametrize("fixed", LOOPS)
 def test_a_masked_row_finishes_no_caption(fixed):
     """Beam 2, top K 2. Word 1: "a" (-0.1); "<end>" is never first, so row 1 has no beam
     (masked, its input "<end>"). Word 2: "a <end>" (-0.2) finishes, "a b" (-0.3) goes on; the
@@ -393,6 +424,45 @@ def test_the_best_place_to_end_among_equal_rows_is_the_first_rows(fixed):
     backend = _table(lambda prefix: {"a": -0.1, "b": -0.1, "<end>": -2.0}, top_k=4)
     host, device = _both(backend, CaptionOptions(beam_size=2, max_length=4, no_repeat_ngram=0), fixed)
     assert host[0][0].finished and [WORDS[w] for w in host[0][0].tokens] == ["a", "a", "a"]
+    _same(host, device)
+
+
+def _tied_endings_table():
+    """Beam 2, the tag bonus (1) on "a": "a" (-1.25, ranked -0.25) then "b" (-0.5) as first
+    words, then "c" continues both beams and <end> ranks after both continuations, so no beam
+    ends. After the first word both rows' <end>s tie exactly in rank, -2.5 over 2 words ("a":
+    -0.25 - 2.25, "b": -0.5 - 2.0), but not in the model's log-probability ("a <end>": -3.5,
+    "b <end>": -2.5); every later <end> ranks lower (-5)."""
+    rows = {
+        (): {"a": -1.25, "b": -0.5},
+        ("a",): {"c": -0.25, "<end>": -2.25},
+        ("b",): {"c": -0.25, "<end>": -2.0},
+    }
+    backend = TableBackend(WORDS, lambda prefix: rows.get(prefix, {"c": -0.25, "<end>": -5.0}), top_k=4)
+    options = CaptionOptions(
+        beam_size=2,
+        max_length=3,
+        no_repeat_ngram=0,
+        length_penalty=None,
+        guidance_bonus=1.0,
+        consensus=False,
+    )
+    return backend, options, (frozenset({WORDS.index("a")}),)
+
+
+@pytest.mark.parametrize("fixed", LOOPS)
+def test_the_best_place_to_end_among_equal_ranks_is_the_higher_log_probability(fixed):
+    """``_tied_endings_table``: the caption is the best place to end, and of the two endings
+    of equal rank the numpy loop keeps the one of the higher log-probability, "b" (-2.5),
+    though the first row's ("a") was met first; the device search must keep the same one,
+    its words with its log-probability."""
+    backend, options, tags = _tied_endings_table()
+    image = np.zeros((1, 3, 4, 4), np.float32)
+    host = search_with_tags(backend, backend.encode(image), options, START, END, len(WORDS), tags)
+    device = _device(backend, backend.encode(image), options, tags, fixed=fixed, vocab_size=len(WORDS))
+    for hyps in (host[0], device[0]):
+        assert [WORDS[w] for w in hyps[0].tokens] == ["b"] and hyps[0].finished
+        assert (hyps[0].log_prob, hyps[0].rank_score) == (-2.5, -1.25)
     _same(host, device)
 
 

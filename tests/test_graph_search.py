@@ -380,6 +380,30 @@ def test_equal_places_to_end_keep_the_first():
     _same(want, got)
 
 
+def test_equal_ranked_places_to_end_keep_the_higher_log_probability():
+    """Beam 2, the tag bonus (1) on "a": "a" (-1.25, ranked -0.25) then "b" (-0.5) as first
+    words, then "c" continues both beams and <end> ranks after both, so no beam ends. After
+    the first word both <end>s tie exactly in rank (-2.5 over 2 words) but not in the model's
+    log-probability ("a <end>": -3.5, "b <end>": -2.5): the numpy loop's caption is "b", the
+    later row's, and so must the host side's be."""
+    rows = {
+        (): {"a": -1.25, "b": -0.5},
+        ("a",): {"c": -0.25, "<end>": -2.25},
+        ("b",): {"c": -0.25, "<end>": -2.0},
+    }
+    options = CaptionOptions(
+        beam_size=2, max_length=3, no_repeat_ngram=0, length_penalty=None, guidance_bonus=1.0, consensus=False
+    )
+    tags = (frozenset({WORDS.index("a")}),)
+    want, got = _tables(
+        lambda prefix: rows.get(prefix, {"c": -0.25, "<end>": -5.0}), options, top_k=4, tags=tags
+    )
+    for hyps in (want[0], got[0]):
+        assert [WORDS[w] for w in hyps[0].tokens] == ["b"] and hyps[0].finished
+        assert (hyps[0].log_prob, hyps[0].rank_score) == (-2.5, -1.25)
+    _same(want, got)
+
+
 def test_equal_candidates_and_endings_keep_the_numpy_order():
     """Beam 2: "a" and "b" tie as first words; then an ending ties with the beam's second
     continuation. Where the ending comes first among the candidates (its row is first) it
