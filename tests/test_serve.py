@@ -1755,3 +1755,146 @@ def test_port_0_on_a_name_of_two_addresses_listens_on_one_port_the_one_returned(
 
     port, listening = asyncio.run(main())
     assert listening == [("127.0.0.1", port), ("::1", port)]
+
+
+# -- mutation sampling, third round: the command's options, Expect, the stop's wait --------------
+class _ClosableCaptioner(BlockingCaptioner):
+    """A BlockingCaptioner the command can hold in ``with captioner:``."""
+
+    def __enter__(self):
+        return self
+
+    def __exit__(self, *exc):
+        return False
+
+
+def test_edgecap_serve_gives_the_service_the_limits_its_flags_name_and_exits_0_on_sigterm(monkeypatch, capfd):
+    """docs/service.md: ``--max-body-mb`` in MiB (16 MiB by default, /health's max_body_bytes),
+    ``--read-timeout`` in seconds, ``--max-wait-ms`` in ms, the warm-up at the sizes of batches
+    of up to ``--max-batch``, and SIGTERM stops it with exit 0. The service the command makes,
+    seen from in the process (the model and serve() stood in for): 1.5 MB is 1,572,864 bytes
+    (1,500,000 if taken as MB), 2.5 s is not 2,500 s."""
+    import edgecap.commands.serve as command
+    import edgecap.serve
+
+    made: list = []
+    warmed: list = []
+    fake = _ClosableCaptioner(batch_size=8)
+    monkeypatch.setattr(command, "load_captioner", lambda args: fake)
+    monkeypatch.setattr(edgecap.serve, "warm_up", lambda captioner, max_batch=1: warmed.append(max_batch))
+
+    def serve(service, host, port, ready=None):
+        made.append((service, host, port))
+        return signal.SIGTERM  # as a supervisor's stop
+
+    monkeypatch.setattr(edgecap.serve, "serve", serve)
+    done = run_edgecap(
+        capfd,
+        "serve",
+        "--port",
+        "0",
+        "--max-body-mb",
+        "1.5",
+        "--read-timeout",
+        "2.5",
+        "--max-pending",
+        "3",
+        "--max-wait-ms",
+        "7",
+        "--max-batch",
+        "2",
+    )
+    assert (done.returncode, done.stderr) == (0, "")
+    [(service, host, port)] = made
+    assert (host, port) == ("127.0.0.1", 0)
+    assert service.options == ServiceOptions(
+        max_body_bytes=1_572_864, max_pending=3, max_batch=2, max_wait_ms=7.0, read_timeout_s=2.5
+    )
+    assert warmed == [2]
+    made.clear()
+    assert run_edgecap(capfd, "serve").returncode == 0
+    assert made[0][0].options == ServiceOptions(max_body_bytes=16 * 1024 * 1024)
+
+
+def test_an_expect_header_is_case_insensitive():
+    """RFC 9110 10.1.1: the Expect field's value is case-insensitive: ``Expect: 100-Continue`` is
+    the 100-continue expectation (answered "100 Continue", then the caption), not a 417."""
+    fake = BlockingCaptioner()
+    fake.gate.set()
+    running = Running(fake, ServiceOptions())
+    try:
+        with socket.create_connection(("127.0.0.1", running.port), timeout=CLIENT_TIMEOUT_S) as client:
+            client.sendall(
+                b"POST /caption HTTP/1.1\r\nHost: x\r\nContent-Type: image/png\r\n"
+                b"Expect: 100-Continue\r\nContent-Length: 7\r\n\r\n"
+            )
+            interim = b""
+            while b"\r\n\r\n" not in interim:
+                chunk = client.recv(1)
+                assert chunk, f"connection closed after {interim!r}"
+                interim += chunk
+            assert interim.split(b"\r\n")[0] == b"HTTP/1.1 100 Continue", interim
+            client.sendall(b"x" * 7)
+            status, answer = read_http_reply(client)
+    finally:
+        running.stop()
+    assert (status, answer.get("caption")) == (200, "7 bytes")
+
+
+def test_a_stop_waits_for_a_model_call_longer_than_a_second():
+    """docs/service.md: a stop answers the requests in flight, waiting up to 60 s for them. A
+    request the model holds for 1.5 s after the stop began (a slow batch on a CPU) is still
+    answered with its caption, not dropped when some shorter wait runs out."""
+    fake = BlockingCaptioner()
+    running = Running(fake, ServiceOptions())
+    stopping = threading.Thread(target=running.stop)
+    try:
+        with ThreadPoolExecutor(1) as pool:
+            in_flight = pool.submit(post, running.port, b"in flight")
+            assert fake.entered.acquire(timeout=CLIENT_TIMEOUT_S)  # the model has it
+            stopping.start()
+            time.sleep(1.5)  # the model still busy, well into the stop
+            fake.gate.set()
+            status, answer, _ = in_flight.result(CLIENT_TIMEOUT_S)
+    finally:
+        fake.gate.set()
+        if stopping.ident is None:
+            running.stop()
+        else:
+            stopping.join(CLIENT_TIMEOUT_S)
+    assert (status, answer["caption"]) == (200, "9 bytes")
+    assert not stopping.is_alive()
+
+
+def test_a_stop_closes_a_connection_that_uploads_a_body_refused_before_its_100_continue(monkeypatch):
+    """docs/service.md: a stop at once closes the connections of clients still uploading a body
+    already refused as too large. Here the refusal came instead of "100 Continue" (Expect:
+    100-continue, a Content-Length over the limit) and the client sent its body all the same (as
+    a client that does not wait for the interim answer does): aiohttp reads and drops it for its
+    lingering time (here an hour), which the stop must not wait for."""
+    import edgecap.serve
+
+    monkeypatch.setattr(edgecap.serve, "LINGERING_S", 3600.0)
+    monkeypatch.setattr(edgecap.serve, "SHUTDOWN_S", 3600.0)
+    fake = BlockingCaptioner()
+    fake.gate.set()
+    running = Running(fake, ServiceOptions(max_body_bytes=1000))
+    stopping = threading.Thread(target=running.stop)
+    try:
+        with socket.create_connection(("127.0.0.1", running.port), timeout=CLIENT_TIMEOUT_S) as big:
+            big.sendall(
+                b"POST /caption HTTP/1.1\r\nHost: x\r\nContent-Type: image/png\r\n"
+                b"Expect: 100-continue\r\nContent-Length: 1000000\r\n\r\n"
+            )
+            status, _ = read_http_reply(big)
+            big.sendall(b"x" * 5000)  # the upload goes on
+            assert post(running.port, b"other")[0] == 200  # (the service has read what it was sent)
+            stopping.start()
+            assert big.recv(1) == b""  # closed by the stop, the upload unfinished
+    finally:
+        if stopping.ident is None:
+            running.stop()
+        else:
+            stopping.join(CLIENT_TIMEOUT_S)
+    assert status == 413
+    assert not stopping.is_alive()
