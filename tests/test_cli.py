@@ -563,3 +563,31 @@ def test_a_handler_not_set_from_python_is_left_alone(monkeypatch, capsys):
     assert cli_main(["caption"]) == 2  # no PATH: a usage error
     assert replaced == []
     assert "give image PATHs" in capsys.readouterr().err
+
+
+def test_records_keep_the_order_of_the_inputs_failed_ones_included(capsys, tiny_model_dir, tmp_path):
+    """One record per PATH, in the order given on the command line: a PATH that fails before
+    the captioner sees it (an empty folder, a missing file) keeps its place before the photo
+    after it, on stdout (--json) and on stderr; it had no reason to move to the end."""
+    empty = tmp_path / "empty"
+    empty.mkdir()
+    missing = tmp_path / "missing.png"
+    cat, cup = EXAMPLES / "chelsea.png", EXAMPLES / "coffee.png"
+    args = [empty, cat, missing, cup, "--json", "--model", tiny_model_dir, "--max-length", "4"]
+    code, out, err = _run_cli(capsys, *args)
+    assert code == 1
+    paths = [json.loads(line)["path"] for line in out.splitlines()]
+    assert paths == [str(empty), str(cat), str(missing), str(cup)]
+    assert [line.split(": ")[1] for line in err.splitlines()] == [str(empty), str(missing)]
+
+
+@pytest.mark.skipif(os.name != "posix", reason="a newline in a folder's name")
+def test_an_error_naming_an_already_escaped_name_escapes_it_once(capsys, tmp_path):
+    """An error line ``edgecap COMMAND: error: ...`` whose message names a folder escaped as
+    caption escapes names (export's checkpoint: a newline written \\n) shows it as caption
+    would, once: not \\\\n, which would name a folder with a backslash in it."""
+    folder = tmp_path / "ck\npt"
+    folder.mkdir()
+    assert cli_main(["export", str(folder), "--out", str(tmp_path / "out")]) == 2
+    err = capsys.readouterr().err
+    assert err.count("\n") == 1 and f"{tmp_path}/ck\\npt: not a checkpoint directory" in err

@@ -375,3 +375,32 @@ def test_attention_on_a_bad_photo_fails_and_writes_nothing(tiny_model_dir, tmp_p
     out = cli(str(bad), "--attention", str(figure), model=tiny_model_dir)
     assert out.returncode == 1, out.stderr
     assert b"broken.png: not an image" in out.stderr and not figure.exists()
+
+
+def test_plain_record_with_objects_ends_with_the_low_confidence_mark(capsys):
+    """docs/cli.md: with --objects a record is PATH<TAB>caption<TAB>tags (``Egyptian Mau 0.79,
+    tiger cat 0.09``), and with --min-confidence a caption below X gets a *last* field ``low
+    confidence``: after the tags, so that a reader taking field 3 as the tags still finds them."""
+    from edgecap.api import Caption
+
+    caption = Caption(
+        "a cat",
+        -0.5,
+        ["a", "cat"],
+        -1.0,
+        objects=(("Egyptian Mau", 0.79), ("tiger cat", 0.09)),
+        confidence=0.3,
+    )
+    print_result("cat.png", caption, as_json=False, objects=True, min_confidence=0.5)
+    assert capsys.readouterr().out == "cat.png\ta cat\tEgyptian Mau 0.79, tiger cat 0.09\tlow confidence\n"
+
+
+def test_caption_and_tag_fields_are_escaped_like_the_name(capsys):
+    """docs/cli.md: *each* field is escaped, not only the file name: a caption or an object tag
+    holding a TAB, a newline or an ESC (words and classes come from the model directory) cannot
+    add a field or a record either."""
+    from edgecap.api import Caption
+
+    caption = Caption("a\tcat\non\x1b[2Jmat", -0.5, ["a"], -1.0, objects=(("tab\tby", 0.5),))
+    print_result("cat.png", caption, as_json=False, objects=True)
+    assert capsys.readouterr().out == "cat.png\ta\\tcat\\non\\x1b[2Jmat\ttab\\tby 0.50\n"
