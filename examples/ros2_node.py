@@ -129,15 +129,24 @@ class MessageCaptioner:
     picture is made from the message here, in the captioning thread, for the frames captioned
     only; one that cannot be used raises its ``InputError`` (the stream names it by its frame)."""
 
-    def __init__(self, captioner, compressed: bool):
+    def __init__(self, captioner, frames: MessageFrames):
         self.captioner = captioner
-        self.compressed = compressed
+        self.frames = frames
 
     def caption(self, msg, color: str = "rgb", return_attention: bool = False):
-        _, image = message_image(msg, self.compressed, "frame")
+        _, image = message_image(msg, self.frames.compressed, "frame")
         if isinstance(image, InputError):
             raise image
-        return self.captioner.caption(image, color=color, return_attention=return_attention)
+        try:
+            return self.captioner.caption(image, color=color, return_attention=return_attention)
+        except InputError:
+            raise
+        except BaseException:
+            # the model failing ends the stream, which then waits for its reader, itself waiting
+            # for a message that may never come: the frames end now (the reader had held the
+            # node's end 2 s, READER_JOIN_S)
+            self.frames.close()
+            raise
 
 
 def caption_record(event, stamp_ns: int, frame_id: str) -> dict:
@@ -183,7 +192,7 @@ class CaptionNode(Node):
         self.frames = MessageFrames(topic, compressed)
         # live: the newest frame whenever the model is free; "return": a bad frame is an event
         self.stream = caption_stream(
-            MessageCaptioner(captioner, compressed), self.frames, every=every or None, on_error="return"
+            MessageCaptioner(captioner, self.frames), self.frames, every=every or None, on_error="return"
         )
         self.publisher = self.create_publisher(String, "~/caption", 10)
         self.create_subscription(

@@ -330,11 +330,16 @@ def test_a_model_failure_is_logged_and_shuts_the_node_down(ros):
         def close(self):
             pass
 
+    readers_before = {t for t in threading.enumerate() if t.name == "edgecap-frame-reader"}
     node = ros.example.CaptionNode(Failing())
     deliver(node, raw_message(EXAMPLES / "chelsea.png"))
     node._thread.join(30)
     assert node.logger.lines[-1] == ("error", "captioning stopped: RuntimeError: CUDA out of memory")
     assert ros.shutdowns and isinstance(node.failure, RuntimeError)
+    # the frames ended with the stream: its reader is not left waiting for a message (it had
+    # been, and the stream's end waited READER_JOIN_S for it)
+    left = [t for t in threading.enumerate() if t.name == "edgecap-frame-reader" and t not in readers_before]
+    assert not [t for t in left if t.is_alive()]
     node.close()
 
 
