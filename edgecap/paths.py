@@ -54,6 +54,19 @@ class _Seen:
         except (OSError, ValueError):
             return None
 
+    def take(self, name: str, st: os.stat_result) -> object:
+        """What to caption for the file ``name`` (``st``): the name, recorded as captioned, or,
+        for a regular file captioned already under another, the ``InputError`` saying so."""
+        if not stat.S_ISREG(st.st_mode):
+            return name  # a special file: the captioner says what it is
+        first = self.seen_as(st)
+        if first is not None:
+            from edgecap.errors import InputError
+
+            return InputError(name, f"skipped: the same file as {first}, already captioned")
+        self.files[_key(st)] = name
+        return name
+
 
 def _key(st: os.stat_result) -> tuple[int, int]:
     return st.st_dev, st.st_ino
@@ -102,20 +115,12 @@ def _expand_one(arg: str, state: _Seen) -> Iterator[tuple[str, object]]:
 
 def _checked_file(name: str, state: _Seen) -> Iterator[tuple[str, object]]:
     """A file to caption, or why it is skipped (the same file as one already captioned)."""
-    from edgecap.errors import InputError
-
     try:
         st = os.stat(name)
     except (OSError, ValueError):
         yield name, name  # the captioner says what is wrong with it
         return
-    if stat.S_ISREG(st.st_mode):
-        first = state.seen_as(st)
-        if first is not None:
-            yield (name, InputError(name, f"skipped: the same file as {first}, already captioned"))
-            return
-        state.files[_key(st)] = name
-    yield name, name
+    yield name, state.take(name, st)
 
 
 def _expand_glob(pattern: str, state: _Seen) -> Iterator[tuple[str, object]]:
@@ -252,16 +257,7 @@ def _walk(top: Path, want_file, want_dir, state: _Seen) -> Iterator[tuple[str, o
             folders[_key(st)] = str(path)
             stack.append((path, parts, _key(st), None))
         elif want_file(parts):
-            first = state.seen_as(st) if stat.S_ISREG(st.st_mode) else None
-            if first is not None:
-                yield (
-                    str(path),
-                    InputError(str(path), f"skipped: the same file as {first}, already captioned"),
-                )
-                continue
-            if stat.S_ISREG(st.st_mode):
-                state.files[_key(st)] = str(path)
-            yield str(path), str(path)  # a special file: the captioner says what it is
+            yield str(path), state.take(str(path), st)
 
 
 def _readlink(path: Path) -> str:

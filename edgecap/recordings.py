@@ -502,6 +502,13 @@ def _check_compressed(fmt: str, name: str) -> None:
         raise InputError(name, f"a compressed depth image ({fmt!r}), not a picture to caption")
 
 
+def header_stamp_ns(msg) -> int:
+    """A message's header stamp in nanoseconds (AttributeError, TypeError, ValueError or
+    OverflowError where its header is not a ``std_msgs/Header``)."""
+    stamp = msg.header.stamp
+    return int(stamp.sec) * 1_000_000_000 + int(stamp.nanosec)
+
+
 def message_image(msg, compressed: bool, name: str) -> tuple[int, np.ndarray | bytes | InputError]:
     """A ``sensor_msgs/Image`` or, ``compressed``, ``sensor_msgs/CompressedImage`` message (a
     recording's, or a live topic's: any object with the message's fields) -> (its header stamp
@@ -510,8 +517,7 @@ def message_image(msg, compressed: bool, name: str) -> tuple[int, np.ndarray | b
     (``name``) of one that cannot be used (stamp 0 where the header is not a header)."""
     stamp_ns = 0
     try:
-        stamp = msg.header.stamp
-        stamp_ns = int(stamp.sec) * 1_000_000_000 + int(stamp.nanosec)
+        stamp_ns = header_stamp_ns(msg)
         if not compressed:
             return stamp_ns, raw_to_rgb(msg, name)
         _check_compressed(msg.format, name)
@@ -547,13 +553,12 @@ def raw_to_rgb(msg, name: str) -> np.ndarray:
         raise InputError(name, f"unknown image encoding {msg.encoding!r} (known: {', '.join(known)})")
     dtype = np.dtype(dtype).newbyteorder(">" if msg.is_bigendian else "<")
     row_bytes = width * channels * dtype.itemsize
-    data = msg.data
     # bytes are one buffer to numpy, not a sequence of numbers: np.asarray(b"...", np.uint8)
     # raises, with all the image's bytes in its message
     data = (
-        np.frombuffer(data, np.uint8)
-        if isinstance(data, (bytes, bytearray))
-        else np.asarray(data, dtype=np.uint8).reshape(-1)
+        np.frombuffer(msg.data, np.uint8)
+        if isinstance(msg.data, (bytes, bytearray))
+        else np.asarray(msg.data, dtype=np.uint8).reshape(-1)
     )
     if step < row_bytes:
         raise InputError(

@@ -48,7 +48,7 @@ from sensor_msgs.msg import CompressedImage, Image
 from std_msgs.msg import String
 
 from edgecap import Captioner, EdgecapError, InputError
-from edgecap.recordings import message_image, seconds_text
+from edgecap.recordings import header_stamp_ns, message_image, seconds_text
 from edgecap.stream import Frame, caption_stream
 
 _END = object()
@@ -118,8 +118,7 @@ class MessageFrames:
 def message_header(msg) -> tuple[int, str]:
     """A message's (header stamp in nanoseconds, frame_id); (0, "") where it has no header."""
     try:
-        header = msg.header
-        return int(header.stamp.sec) * 1_000_000_000 + int(header.stamp.nanosec), str(header.frame_id)
+        return header_stamp_ns(msg), str(msg.header.frame_id)
     except (AttributeError, TypeError, ValueError, OverflowError):
         return 0, ""
 
