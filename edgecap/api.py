@@ -219,19 +219,14 @@ class Captioner:
         self.manifest = load_manifest(default_model_dir() if model is None else Path(model))
         height, width = self.manifest.preprocessing.size
         self._draft_size = (width, height)  # big JPEGs are decoded at a reduced scale
-        self.options, backend_options = _split_options(options, keywords)
-        self.options.validate(self.manifest.dims.top_k)
+        chosen, backend_options = _split_options(options, keywords)
+        chosen.validate(self.manifest.dims.top_k)  # before the vocabulary and language models load
         self.vocab = load_vocabulary(self.manifest)
         self.classes = ObjectClasses.load(
             self.manifest.path("classes"), self.vocab.index, self.manifest.dims.n_classes
         )
         self.fusion = Fusion.load(self.manifest.directory, len(self.vocab), self.manifest.dims.n_classes)
-        if self.options.fusion_weight and self.fusion is None:  # nothing would be fused: say so
-            raise ValueError(
-                f"fusion_weight {self.options.fusion_weight:g}: the model {self.manifest.directory} has no "
-                "everyday caption language models (fusion.json) to fuse; leave fusion_weight out, or add "
-                "them with `python -m edgecap.training.language_model`"
-            )
+        self.options = chosen
         self._confidence_model = ConfidenceModel.load(self.manifest.directory)
         self._object_words = object_words(self.classes.word_ids)
         name = resolve_backend(backend)
@@ -358,6 +353,26 @@ class Captioner:
         if self._backend_lock is not None:
             self._backend_lock = threading.Lock()
         self._in_batch = None
+
+    @property
+    def options(self) -> CaptionOptions:
+        """The decoding options (see the class); may be changed between calls (a copy given
+        other options: ``copy.copy``, as the benchmarks run them), checked against the model as
+        when the Captioner was made."""
+        return self._options
+
+    @options.setter
+    def options(self, options: CaptionOptions) -> None:
+        if not isinstance(options, CaptionOptions):
+            raise TypeError(f"options must be a CaptionOptions, got {type(options).__name__}")
+        options.validate(self.manifest.dims.top_k)
+        if options.fusion_weight and self.fusion is None:  # nothing would be fused: say so
+            raise ValueError(
+                f"fusion_weight {options.fusion_weight:g}: the model {self.manifest.directory} has no "
+                "everyday caption language models (fusion.json) to fuse; leave fusion_weight out, or add "
+                "them with `python -m edgecap.training.language_model`"
+            )
+        self._options = options
 
     @property
     def decode_workers(self) -> int:

@@ -766,6 +766,19 @@ def test_the_api_refuses_a_fusion_weight_for_a_model_without_language_models(def
     for weight in (0.0, None):
         with Captioner(model, fusion_weight=weight) as captioner:
             assert captioner.caption("edgecap/assets/examples/chelsea.png").text
+    # options set after the Captioner is made are checked the same way (a copy given other
+    # options, as the benchmarks run them): refused, the Captioner's options left as they were
+    with Captioner(model) as captioner:
+        before = captioner.options
+        with pytest.raises(ValueError, match="^fusion_weight 0.5: the model"):
+            captioner.options = CaptionOptions(fusion_weight=0.5)
+        with pytest.raises(ValueError, match="^beam_size must be between 1 and 10 "):
+            captioner.options = CaptionOptions(beam_size=11)
+        with pytest.raises(TypeError, match="^options must be a CaptionOptions, got dict$"):
+            captioner.options = {"beam_size": 2}
+        assert captioner.options is before
+        captioner.options = CaptionOptions(beam_size=1)
+        assert captioner.caption("edgecap/assets/examples/chelsea.png").text
 
 
 def test_a_gated_fusion_without_class_probabilities_adds_nothing(tmp_path):
