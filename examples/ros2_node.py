@@ -52,6 +52,9 @@ from edgecap.recordings import header_stamp_ns, message_image, seconds_text
 from edgecap.stream import Frame, caption_stream
 
 _END = object()
+# a topic whose every frame fails (a depth camera's, at 30 frames a second): at most one warning
+# this often (rclpy's throttle), each saying how many frames have failed so far
+WARN_EVERY_S = 5.0
 
 
 class MessageFrames:
@@ -174,6 +177,10 @@ class CaptionNode(Node):
         every = self.declare_parameter("every", 0.0, ParameterDescriptor(dynamic_typing=True)).value
         if isinstance(every, bool) or not isinstance(every, (int, float)):
             raise ValueError(f"every must be a number of seconds, got {every!r}")
+        if not every >= 0:  # a negative or NaN interval: said now, not after the model has loaded
+            raise ValueError(
+                f"every must be 0 (as fast as the model goes) or a positive number of seconds, got {every!r}"
+            )
         model = self.declare_parameter("model", "").value
         backend = self.declare_parameter("backend", "auto").value
         device = self.declare_parameter("device", "").value
@@ -198,6 +205,7 @@ class CaptionNode(Node):
             CompressedImage if compressed else Image, topic, self.frames.put, qos_profile_sensor_data
         )
         self.failure: BaseException | None = None
+        self.not_captioned = 0  # frames that could not be captioned (``InputError``)
         self._thread = threading.Thread(target=self._caption, name="edgecap-captions", daemon=True)
         self._thread.start()
         kind = "sensor_msgs/CompressedImage" if compressed else "sensor_msgs/Image"
@@ -208,7 +216,11 @@ class CaptionNode(Node):
             for event in self.stream:
                 header = self.frames.header(event.frame_index)  # let go of a failed frame's too
                 if isinstance(event.caption, InputError):
-                    self.get_logger().warning(str(event.caption))
+                    self.not_captioned += 1
+                    line = str(event.caption)
+                    if self.not_captioned > 1:
+                        line += f" ({self.not_captioned} frames not captioned so far)"
+                    self.get_logger().warning(line, throttle_duration_sec=WARN_EVERY_S)
                     continue
                 message = String(data=json.dumps(caption_record(event, *header)))
                 try:

@@ -66,20 +66,25 @@ class Publisher:
 
 
 class Logger:
+    """Every call in ``lines`` (rclpy's throttling left out: each call is kept), the
+    ``throttle_duration_sec`` of each in ``throttles``."""
+
     def __init__(self):
         self.lines: list[tuple[str, str]] = []
+        self.throttles: list[float | None] = []
 
-    def _log(self, level: str, message: str) -> None:
+    def _log(self, level: str, message: str, throttle_duration_sec: float | None) -> None:
         self.lines.append((level, message))
+        self.throttles.append(throttle_duration_sec)
 
-    def info(self, message):
-        self._log("info", message)
+    def info(self, message, *, throttle_duration_sec=None):
+        self._log("info", message, throttle_duration_sec)
 
-    def warning(self, message):
-        self._log("warning", message)
+    def warning(self, message, *, throttle_duration_sec=None):
+        self._log("warning", message, throttle_duration_sec)
 
-    def error(self, message):
-        self._log("error", message)
+    def error(self, message, *, throttle_duration_sec=None):
+        self._log("error", message, throttle_duration_sec)
 
 
 @pytest.fixture
@@ -344,8 +349,8 @@ def test_a_model_failure_is_logged_and_shuts_the_node_down(ros):
 
 
 def test_main_reports_a_bad_model_and_ends_cleanly_on_ctrl_c(ros, tiny_model_dir, tmp_path, capsys):
-    """main(): a model folder that does not exist, or an ``every`` that is not a number, is one
-    line and exit 2; Ctrl-C during spin
+    """main(): a model folder that does not exist, or an ``every`` that is not a number or is
+    below 0, is one line and exit 2; Ctrl-C during spin
     closes the node (its thread ended, the node destroyed) and exits 0."""
     ros.parameters["model"] = str(tmp_path / "missing")
     assert ros.example.main([]) == 2
@@ -355,6 +360,16 @@ def test_main_reports_a_bad_model_and_ends_cleanly_on_ctrl_c(ros, tiny_model_dir
     ros.parameters.update(model=str(tiny_model_dir), every="often")
     assert ros.example.main([]) == 2
     assert capsys.readouterr().err == "ros2_node: every must be a number of seconds, got 'often'\n"
+    # a negative or NaN interval is said before the model loads: with a model folder that does
+    # not exist, the error is the interval's
+    for every, shown in ((-1, "-1"), (float("nan"), "nan")):
+        ros.parameters.update(model=str(tmp_path / "missing"), every=every)
+        assert ros.example.main([]) == 2
+        assert capsys.readouterr().err == (
+            "ros2_node: every must be 0 (as fast as the model goes) or a positive number of seconds, "
+            f"got {shown}\n"
+        )
+    ros.parameters["model"] = str(tiny_model_dir)
 
     ros.parameters["every"] = 0.5
 
@@ -465,7 +480,8 @@ def test_a_parameter_of_the_wrong_type_is_one_line(ros, capsys):
 
 def test_frames_that_cannot_be_captioned_leave_no_headers_behind(ros):
     """A topic whose every frame fails (a depth camera's, an unknown encoding): each is one
-    warning, and its stamp and frame_id are let go (they had been kept for a caption that never
+    warning through rclpy's throttle, counting the failures so far, and its stamp and frame_id
+    are let go (they had been kept for a caption that never
     came: a dict growing by one entry a frame for as long as the node ran)."""
 
     class Unused(Slow):
@@ -478,7 +494,20 @@ def test_frames_that_cannot_be_captioned_leave_no_headers_behind(ros):
             bad = raw_message(EXAMPLES / "chelsea.png", sec=100 + sec)
             bad.encoding = "16UC1"
             deliver(node, bad)
-        assert [level for level, _ in node.logger.lines if level != "info"] == ["warning"] * 5
+        warnings = [
+            (line, every)
+            for (level, line), every in zip(node.logger.lines, node.logger.throttles)
+            if level == "warning"
+        ]
+        # each through rclpy's throttle (a depth camera's 30 frames a second: not 30 lines a
+        # second), each after the first counting the frames not captioned so far
+        assert [every for _, every in warnings] == [5.0] * 5
+        assert (
+            warnings[0][0].startswith("/image_raw at 100.000000000: a depth image (16UC1)")
+            and "so far" not in warnings[0][0]
+        )
+        assert warnings[4][0].startswith("/image_raw at 104.000000000: ")
+        assert warnings[4][0].endswith(" (5 frames not captioned so far)")
         assert node.frames._headers == {}
     finally:
         node.close()
