@@ -127,6 +127,21 @@ def test_gpu_check_on_the_cpu(tmp_path):
         assert f"{item}: {reason}" in proc.stdout
 
 
+def test_the_budget_counts_from_each_runs_start(tmp_path, monkeypatch):
+    """``--budget-s`` counts from ``main``'s start, not from the module's import: a run in a
+    process that imported gpu_check long before (a second run, as these tests make) had found
+    the time since spent already, and skipped every mode for the budget."""
+    sys.path.insert(0, str(SCRIPT.parent))
+    import gpu_check
+
+    monkeypatch.setattr(gpu_check, "T0", time.perf_counter() - 10_000.0)  # imported long ago
+    started = time.perf_counter()
+    with pytest.raises(SystemExit):  # stops once the modes are chosen (none matches)
+        gpu_check.main(["--device", "cpu", "--modes", "torch-cuda-*", "--out", str(tmp_path)])
+    assert started <= gpu_check.T0 <= time.perf_counter()
+    assert not gpu_check.Report(300.0).over_budget("a mode")
+
+
 def test_modes_runs_only_the_modes_named(tmp_path):
     """``--modes``: the modes a label or a pattern names, in the run's order, and no command
     line; a pattern naming no mode stops the run before any photo is read, listing the modes."""
@@ -1535,6 +1550,7 @@ def test_a_run_probes_the_fused_search_before_its_first_mode_and_skips_it_where_
         out = tmp_path / ("ran" if why is None else "skipped")
         argv = ["--device", "cpu", "--quick", "--n", "2", "--repeats", "1", "--skip-tests", "--out", str(out)]
         argv += ["--flickr8k", str(tmp_path / "none"), "--modes", "torch-cpu-fp32-eager,*stand-in"]
+        argv += ["--budget-s", "1e9"]  # not the budget's test: no mode skipped on a busy machine
         assert gpu_check.main(argv) == 0
         data = json.loads((out / "gpu-cpu.json").read_text())
         assert probes == [None] and data["fused_probe"] == outcome
