@@ -653,7 +653,9 @@ def output_problem(source: str | os.PathLike, out: str | os.PathLike) -> str | N
             else f"{out}: a ROS 2 recording is written to a ROS 2 bag folder "
             "(a name without .bag, .mcap or .db3)"
         )
-    if not out.parent.is_dir():
+    if not out.parent.is_dir():  # (a file there is no folder that is missing)
+        if os.path.lexists(out.parent):
+            return f"{out}: {out.parent} is not a folder"
         return f"{out}: folder {out.parent} does not exist"
     return None
 

@@ -239,6 +239,10 @@ def test_a_glob_searches_neither_hidden_folders_nor_folders_named_like_its_files
     c = root / "old.png" / "c.png"  # ** takes any folder, old.png too
     assert list(expand_all([f"{root}/**/*.png"])) == [(str(p), str(p)) for p in (a, c, b)]
     assert sorted(read) == [root, root / "old.png", root / "sub"]
+    read.clear()
+    # photos/s*/*.png reads photos/sub alone: not old.png, nor .cache, whose names s* does not match
+    assert list(expand_all([f"{root}/s*/*.png"])) == [(str(b), str(b))]
+    assert sorted(read) == [root, root / "sub"]
 
 
 def test_a_glob_says_nothing_of_broken_links_it_does_not_match(tmp_path):
@@ -316,6 +320,31 @@ def test_a_new_photo_given_a_deleted_ones_inode_is_captioned(tmp_path, monkeypat
     assert next(pairs) == (str(a), str(a))
     _reusing_inode_of(monkeypatch, a, b)
     assert list(pairs) == [(str(b), str(b))]
+
+
+@pytest.mark.parametrize("as_folders", [True, False])
+def test_photos_on_two_disks_with_the_same_inode_number_are_each_captioned(tmp_path, monkeypatch, as_folders):
+    """A file is known by its device and inode together: the photos of two cards (FAT file
+    systems number their files alike) that share an inode number are two photos, each
+    captioned, not the second skipped as "the same file" as the first."""
+    cards = [tmp_path / "card1", tmp_path / "card2"]
+    photos = []
+    for card in cards:
+        card.mkdir()
+        photos.append(_photo(card / "IMG_0001.JPG"))
+    real_stat = os.stat
+
+    def stat(path, *args, **kwargs):
+        result = real_stat(path, *args, **kwargs)
+        if Path(path).parent in cards:  # each card a device of its own, its first file inode 5
+            fields = list(result)
+            fields[1], fields[2] = 5, 1000 + cards.index(Path(path).parent)
+            return os.stat_result(fields)
+        return result
+
+    monkeypatch.setattr(os, "stat", stat)
+    pairs = list(expand_all(map(str, cards if as_folders else photos)))
+    assert pairs == [(str(p), str(p)) for p in photos]
 
 
 def test_a_link_to_a_folder_is_searched_and_a_special_file_is_passed_on(tmp_path):
@@ -413,8 +442,8 @@ def test_a_folder_of_hidden_photos_only_says_they_are_left_out(tmp_path):
 def test_a_broken_link_named_as_another_kind_of_file_is_passed_over_like_that_file(tmp_path):
     """notes.txt -> a file that is gone is no more a photo than notes.txt itself: no skip to
     report (exit 0 for the folder); gone.jpg (a photo that is gone) and links that may have
-    been folders (album, 2024.06.01 Paris, Photos.library: no file's short extension) are
-    reported."""
+    been folders (album, 2024.06.01, 2024.06.01 Paris, Photos.library: no file's short
+    extension, which starts with a letter) are reported."""
     root = tmp_path / "photos"
     root.mkdir()
     a = _photo(root / "a.png")
@@ -422,7 +451,7 @@ def test_a_broken_link_named_as_another_kind_of_file_is_passed_over_like_that_fi
     (root / "libfoo.so").symlink_to("/nonexistent/libfoo.so")
     (root / "model.onnx").symlink_to("/nonexistent/model.onnx")
     assert list(expand_all([str(root)])) == [(str(a), str(a))]
-    gone = ["2024.06.01 Paris", "Photos.library", "album", "gone.jpg"]
+    gone = ["2024.06.01", "2024.06.01 Paris", "Photos.library", "album", "gone.jpg"]
     for name in gone:
         (root / name).symlink_to(f"/nonexistent/{name}")
     good, skipped = _split(list(expand_all([str(root)])))

@@ -22,7 +22,10 @@ from helpers import contract_model_dir, copy_model, edit_manifest, set_field
     "edit, words",
     [
         (set_field(["format"], "edgecap-model/9"), "unknown manifest format 'edgecap-model/9'.*Upgrade"),
-        (set_field(["format"], "edgecap-model/1"), "unknown manifest format 'edgecap-model/1'.*re-export"),
+        (
+            set_field(["format"], "edgecap-model/1"),
+            r"unknown manifest format 'edgecap-model/1' \(an older edgecap's.*export/upgrade_model\.py",
+        ),
         (set_field(["format"], None), "unknown manifest format None"),
         (lambda d: d["dims"].pop("top_k"), "dims.top_k must be a positive integer.*re-export"),
         (set_field(["dims", "regions"], "49"), "dims.regions must be a positive integer"),

@@ -712,6 +712,20 @@ def test_wrong_sizes_are_input_errors():
             ),
             "/t at 0",
         )
+    # one byte short of a row: the same InputError (not numpy's reshape error)
+    with pytest.raises(InputError, match=r"step 5 is shorter than a row of 2 rgb8 pixels \(6 bytes\)"):
+        raw_to_rgb(
+            store.types["sensor_msgs/msg/Image"](
+                header=short.header,
+                height=2,
+                width=2,
+                encoding="rgb8",
+                is_bigendian=0,
+                step=5,
+                data=np.zeros(10, np.uint8),
+            ),
+            "/t at 0",
+        )
     with pytest.raises(InputError, match=r"no pixels \(0x120\)"):
         raw_to_rgb(
             store.types["sensor_msgs/msg/Image"](
@@ -1034,11 +1048,53 @@ def test_field_of_the_wrong_kind_is_an_input_error_not_a_traceback():
     )
 
 
+def test_image_data_of_another_element_type_is_no_picture(tmp_path):
+    """A recording's own sensor_msgs/Image whose data is float32[] (its other fields standard)
+    is refused frame by frame, naming the field: its numbers were read as pixel bytes."""
+    from rosbags.typesys import get_types_from_msg
+
+    store = store_for("mcap")
+    hostile = get_typestore(Stores.EMPTY)
+    hostile.register(
+        {
+            k: v
+            for k, v in store.fielddefs.items()
+            if k in ("std_msgs/msg/Header", "builtin_interfaces/msg/Time")
+        }
+    )
+    definition = (
+        "std_msgs/Header header\nuint32 height\nuint32 width\nstring encoding\n"
+        "uint8 is_bigendian\nuint32 step\nfloat32[] data"
+    )
+    hostile.register(get_types_from_msg(definition, IMAGE))
+    pixels = np.full((2, 2, 3), 7, np.uint8)
+    msg = hostile.types[IMAGE](
+        header=header(hostile, T0),
+        height=2,
+        width=2,
+        encoding="rgb8",
+        is_bigendian=0,
+        step=6,
+        data=pixels.reshape(-1).astype(np.float32),
+    )
+    path = tmp_path / "run"
+    with Writer2(path, version=9, storage_plugin=StoragePlugin.MCAP) as writer:
+        connection = writer.add_connection("/cam", IMAGE, typestore=hostile)
+        writer.write(connection, T0, bytes(hostile.serialize_cdr(msg, IMAGE)))
+    with open_recording(path) as recording:
+        (frame,) = recording.frames()
+    assert str(frame.image) == (
+        "/cam at 1700000000.000000000: message lacks the standard sensor_msgs fields: data (uint8[])"
+    )
+
+
 # -- names, kinds and frames that carry their problem -------------------------------------------
 def test_times_are_exact_seconds_with_their_sign():
     assert seconds_text(T0 + 50_000_000) == "1700000000.050000000"
     assert seconds_text(-1_500_000_000) == "-1.500000000"
     assert seconds_text(-500_000_000) == "-0.500000000"
+    # a recording on simulated time starts at 0: no sign there
+    assert seconds_text(0) == "0.000000000"
 
 
 def test_a_recording_is_known_by_its_suffix_in_any_case(tmp_path):
@@ -1051,6 +1107,11 @@ def test_a_copy_over_a_file_or_into_a_missing_folder_is_refused_before_writing(t
     assert output_problem(bag, bag) == f"{bag} exists already; name a new file or folder"
     out = tmp_path / "no-such-folder" / "copy.bag"
     assert output_problem(bag, out) == f"{out}: folder {out.parent} does not exist"
+    # below a file: that file is named as no folder, not as missing
+    notes = tmp_path / "notes.txt"
+    notes.write_text("not a folder")
+    out = notes / "copy.bag"
+    assert output_problem(bag, out) == f"{out}: {notes} is not a folder"
 
 
 def test_a_copy_name_too_long_is_refused_before_captioning(tmp_path):
@@ -1094,6 +1155,8 @@ def test_a_topic_the_recording_lacks_is_named_with_the_image_topics(tmp_path):
             recording.frames([])
         with pytest.raises(ValueError, match=r"every must be None or a positive number of seconds, got 0"):
             recording.frames([], every=0)  # the interval checked first, as with any topics
+        # a topic given twice (--topic /cam --topic /cam) is one topic: named once in messages
+        assert recording.check_topics(["/cam", "/cam"]) == ["/cam"]
 
 
 def test_compressed_depth_and_empty_compressed_frames_carry_their_error(tmp_path):
@@ -1263,6 +1326,48 @@ def test_frames_of_a_ros1_profile_mcap_file_come_in_log_time_order(tmp_path):
     assert got == [(k, T0 + k * SECOND, T0 + k * SECOND - SECOND // 4) for k in range(3)]
 
 
+def test_a_ros1_profile_mcap_file_with_a_channel_of_another_encoding_is_read(tmp_path):
+    """An MCAP file with the ROS 1 profile may hold channels that are no ROS 1 messages (JSON
+    diagnostics a tool added): they are no image topics, and the ROS 1 frames are read as
+    without them (a JSON schema read as a ROS 1 message definition made the file unreadable)."""
+    from mcap.writer import Writer
+
+    store = store_for("ros1")
+    path = tmp_path / "run.mcap"
+    with open(path, "wb") as f:
+        writer = Writer(f)
+        writer.start(profile="ros1", library="test")
+        definition, _ = store.generate_msgdef(IMAGE)
+        image_schema = writer.register_schema(
+            name="sensor_msgs/Image", encoding="ros1msg", data=definition.encode()
+        )
+        camera = writer.register_channel(topic="/cam", message_encoding="ros1", schema_id=image_schema)
+        json_schema = writer.register_schema(
+            name="Diagnostics", encoding="jsonschema", data=b'{"type": "object"}'
+        )
+        diagnostics = writer.register_channel(
+            topic="/diagnostics", message_encoding="json", schema_id=json_schema
+        )
+        for k in range(2):
+            time_ns = T0 + k * SECOND
+            msg = image_msg(store, "mono8", GRAY, time_ns - SECOND // 4)
+            writer.add_message(
+                channel_id=camera,
+                log_time=time_ns,
+                publish_time=time_ns,
+                data=bytes(store.serialize_ros1(msg, IMAGE)),
+            )
+            writer.add_message(
+                channel_id=diagnostics, log_time=time_ns + 1, publish_time=time_ns + 1, data=b'{"ok": true}'
+            )
+        writer.finish()
+    with open_recording(path) as recording:
+        assert recording.image_topics == {"/cam": IMAGE}
+        got = [(f.topic, f.index, f.time_ns, f.stamp_ns) for f in recording.frames()]
+        assert all(np.array_equal(f.image, np.dstack([GRAY] * 3)) for f in recording.frames())
+    assert got == [("/cam", k, T0 + k * SECOND, T0 + k * SECOND - SECOND // 4) for k in range(2)]
+
+
 @pytest.mark.parametrize("kind, storage", [("sqlite3", ".db3"), ("mcap", ".mcap"), ("mcap-file", ".mcap")])
 def test_the_copy_of_a_ros2_recording_keeps_its_storage(kind, storage, tmp_path):
     """docs: a ROS 2 bag or MCAP file gives a ROS 2 bag folder with the same storage (sqlite3
@@ -1368,6 +1473,27 @@ def test_captions_for_a_topic_the_recording_lacks_are_refused_before_writing(tmp
         ):
             write_captions(recording, tmp_path / "copy", {("/cam", 0): "first", ("/cam/left", 0): "x"})
     assert not (tmp_path / "copy").exists()
+
+
+def test_write_captions_refuses_a_recording_that_has_the_caption_topic_already(tmp_path):
+    """``write_captions`` itself (not only ``edgecap caption --write-bag``) refuses a recording
+    that already has ``/cam/caption``: in a ROS 1 bag where another node published there, the
+    copy had held that node's messages and the captions mixed on one topic."""
+    store = store_for("ros1")
+    bag = tmp_path / "run.bag"
+    string = "std_msgs/msg/String"
+    with Writer1(bag) as writer:
+        camera = writer.add_connection("/cam", IMAGE, typestore=store, callerid="/camera")
+        theirs = writer.add_connection("/cam/caption", string, typestore=store, callerid="/another_captioner")
+        writer.write(camera, T0, bytes(store.serialize_ros1(image_msg(store, "mono8", GRAY, T0), IMAGE)))
+        writer.write(theirs, T0, bytes(store.serialize_ros1(store.types[string](data="theirs"), string)))
+    out = tmp_path / "copy.bag"
+    with open_recording(bag) as recording:
+        with pytest.raises(
+            RecordingError, match=r"already has a topic /cam/caption; captions would be mixed into it$"
+        ):
+            write_captions(recording, out, {("/cam", 0): "a cup of coffee"})
+    assert not out.exists()
 
 
 def test_no_captions_is_a_plain_copy_even_of_a_recording_without_images(tmp_path):

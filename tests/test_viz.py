@@ -81,6 +81,15 @@ def test_one_panel_per_word_at_the_photo_aspect_ratio(photo_size, n_words, colum
     assert figure.width == MARGIN + used * (width + MARGIN)
 
 
+def test_a_photo_far_wider_than_high_gets_a_panel_a_pixel_high():
+    """panel_size_for: the shorter side rounded, at least 1: a 4000x3 strip (a line-scan
+    camera's) at 224 pixels is 224x1, not 224x0, and its figure is drawn."""
+    assert panel_size_for((4000, 3), 224) == (224, 1)
+    assert panel_size_for((3, 4000), 224) == (1, 224)
+    figure = attention_figure(green_photo(4000, 3), fake_caption(2))
+    assert [p[2:] for p in find_panels(figure)] == [(224, 1), (224, 1)]
+
+
 def test_each_word_lights_the_region_it_attends():
     cells = [(0, 0), (0, 6), (6, 0), (3, 3), (5, 2)]
     attention = np.zeros((len(cells), 7, 7), np.float32)
@@ -108,6 +117,11 @@ def test_bad_captions():
         )
     with pytest.raises(ValueError, match="columns"):
         attention_figure(photo, fake_caption(2), columns=0)
+    with pytest.raises(ValueError, match="columns must be a positive integer, got True"):
+        attention_figure(photo, fake_caption(2), columns=True)
+    # a caption without words (and so without maps): no figure of no panels
+    with pytest.raises(ValueError, match="0 attention maps for 0 words"):
+        attention_figure(photo, _caption_of([], np.zeros((0, 7, 7), np.float32)))
 
 
 def test_a_nothing_recognisable_caption_says_so_not_to_pass_return_attention():
@@ -142,25 +156,36 @@ def test_a_figure_pillow_cannot_write_is_a_value_error_naming_it(name, problem, 
     assert list(tmp_path.iterdir()) == []
 
 
-@pytest.mark.skipif(not os.path.exists("/dev/null"), reason="a device file")
-def test_a_figure_through_a_link_to_a_device_is_written_to_it_never_replacing_it(tmp_path):
+@pytest.mark.skipif(not hasattr(os, "mkfifo"), reason="named pipes")
+def test_a_figure_through_a_link_to_a_special_file_is_written_to_it_never_replacing_it(tmp_path):
     """A figure is written whole through a hidden file renamed to its name, except where the name
-    (or a link's target) is no regular file: a device such as /dev/null is written in place, as
-    asked. Renamed over, it would have become a PNG file in /dev (root may write there); a link
-    to a regular file is followed and its target replaced, the link kept."""
+    (or a link's target) is no regular file: a device such as /dev/null, or a named pipe, is
+    written in place, as asked. Renamed over, /dev/null would have become a PNG file in /dev
+    (root may write there); a named pipe of the test's own stands in for it, so that a
+    regression replaces that pipe, not the machine's /dev/null (it did, run as root: every
+    later ``> /dev/null`` on the machine then wrote to a file). A link to a regular file is
+    followed and its target replaced, the link kept."""
     import stat
 
     caption = fake_caption(2)
-    device = tmp_path / "null.png"
-    device.symlink_to("/dev/null")
-    assert save_attention(green_photo(64, 48), caption, device) == device
-    assert stat.S_ISCHR(os.stat("/dev/null").st_mode) and device.is_symlink()
+    pipe, special = tmp_path / "pipe", tmp_path / "special.png"
+    os.mkfifo(pipe)
+    special.symlink_to(pipe)
+    reader = os.open(pipe, os.O_RDONLY | os.O_NONBLOCK)  # a reader: the figure's open does not wait
+    try:
+        # a small figure, which the pipe holds whole until it is read
+        assert save_attention(green_photo(64, 48), caption, special, panel_size=16) == special
+        written = os.read(reader, 1 << 16)
+    finally:
+        os.close(reader)
+    assert stat.S_ISFIFO(os.stat(pipe).st_mode) and special.is_symlink()
+    assert written.startswith(b"\x89PNG")
     target, link = tmp_path / "figure.png", tmp_path / "link.png"
     target.write_bytes(b"earlier")
     link.symlink_to(target)
     save_attention(green_photo(64, 48), caption, link)
     assert link.is_symlink() and target.read_bytes().startswith(b"\x89PNG")
-    assert sorted(p.name for p in tmp_path.iterdir()) == ["figure.png", "link.png", "null.png"]
+    assert sorted(p.name for p in tmp_path.iterdir()) == ["figure.png", "link.png", "pipe", "special.png"]
 
 
 @pytest.mark.parametrize("earlier", [False, True])
@@ -356,6 +381,16 @@ def test_a_long_caption_wraps_inside_the_figure_and_a_long_word_stays_under_its_
             assert band[:, left : left + width].any()  # the word under its panel
             under[left : left + width] = True
         assert not band[:, ~under].any()  # and not past it
+    # short words fill each line of the caption up to the right margin, never into it
+    words = "a cat and a dog sit on a mat by the red door in the sun".split()
+    figure = attention_figure(
+        green_photo(80, 40), _caption_of(words, fake_caption(len(words)).attention), columns=2, panel_size=40
+    )
+    x = np.asarray(figure, dtype=np.int32)
+    ink = (x.max(axis=2) < 160) & (x.max(axis=2) - x.min(axis=2) < 20)
+    header = ink[: find_panels(figure)[0][1]]
+    assert len(_runs(header.any(axis=1))) >= 3
+    assert not header[:, :MARGIN].any() and not header[:, -MARGIN:].any()
 
 
 def test_a_figure_over_an_earlier_one_in_a_folder_that_may_not_be_written_is_written_in_place(
