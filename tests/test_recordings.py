@@ -699,46 +699,24 @@ def test_raw_data_longer_than_its_rows_is_an_input_error():
 def test_wrong_sizes_are_input_errors():
     store = store_for("mcap")
     short = image_msg(store, "rgb8", CHELSEA, T0)
-    with pytest.raises(InputError, match="step 100 is shorter than a row of 160 rgb8"):
-        raw_to_rgb(
-            store.types["sensor_msgs/msg/Image"](
-                header=short.header,
-                height=120,
-                width=160,
-                encoding="rgb8",
-                is_bigendian=0,
-                step=100,
-                data=short.data,
-            ),
-            "/t at 0",
+    image = store.types["sensor_msgs/msg/Image"]
+    for height, width, step, data, problem in (
+        (120, 160, 100, short.data, "step 100 is shorter than a row of 160 rgb8"),
+        # one byte short of a row: the same InputError (not numpy's reshape error)
+        (2, 2, 5, np.zeros(10, np.uint8), r"step 5 is shorter than a row of 2 rgb8 pixels \(6 bytes\)"),
+        (120, 0, 0, short.data[:0], r"no pixels \(0x120\)"),
+    ):
+        message = image(
+            header=short.header,
+            height=height,
+            width=width,
+            encoding="rgb8",
+            is_bigendian=0,
+            step=step,
+            data=data,
         )
-    # one byte short of a row: the same InputError (not numpy's reshape error)
-    with pytest.raises(InputError, match=r"step 5 is shorter than a row of 2 rgb8 pixels \(6 bytes\)"):
-        raw_to_rgb(
-            store.types["sensor_msgs/msg/Image"](
-                header=short.header,
-                height=2,
-                width=2,
-                encoding="rgb8",
-                is_bigendian=0,
-                step=5,
-                data=np.zeros(10, np.uint8),
-            ),
-            "/t at 0",
-        )
-    with pytest.raises(InputError, match=r"no pixels \(0x120\)"):
-        raw_to_rgb(
-            store.types["sensor_msgs/msg/Image"](
-                header=short.header,
-                height=120,
-                width=0,
-                encoding="rgb8",
-                is_bigendian=0,
-                step=0,
-                data=short.data[:0],
-            ),
-            "/t at 0",
-        )
+        with pytest.raises(InputError, match=problem):
+            raw_to_rgb(message, "/t at 0")
 
 
 def test_missing_rosbags_names_the_extra(monkeypatch, tmp_path):
