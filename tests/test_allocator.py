@@ -157,3 +157,23 @@ def test_an_older_glibc_that_refuses_2_gib_keeps_blocks_up_to_32_mib(monkeypatch
         monkeypatch.setattr(allocator.ctypes, "CDLL", lambda name, libc=libc: libc)
         assert keep_freed_memory() is want
         assert calls == calls_made
+
+
+def test_a_c_library_that_is_not_glibc_is_left_alone(monkeypatch):
+    """musl's ``mallopt`` exists and does nothing (it returns 0 or 1 whatever it is asked):
+    where the process's C library has no ``gnu_get_libc_version`` (glibc's own), nothing is
+    called and nothing is reported as done. A stand-in C library records calls."""
+    from edgecap import allocator
+
+    calls = []
+
+    def mallopt(param, value):
+        calls.append((param, value))
+        return 1
+
+    for other in ("MALLOC_MMAP_THRESHOLD_", "MALLOC_TRIM_THRESHOLD_", "GLIBC_TUNABLES"):
+        monkeypatch.delenv(other, raising=False)
+    monkeypatch.setattr(allocator.sys, "platform", "linux")
+    monkeypatch.setattr(allocator.ctypes, "CDLL", lambda name: SimpleNamespace(mallopt=mallopt))
+    assert keep_freed_memory() is False
+    assert calls == []

@@ -57,6 +57,38 @@ def test_torch_matches_onnxruntime(tiny_model_dir, captioner, photos):
         assert np.allclose(a.attention, b.attention, atol=1e-4)
 
 
+def test_torch_computes_the_shipped_graphs(default_model_dir, example_images):
+    """The torch backend rebuilds the encoder and decoder as PyTorch modules and loads the ONNX
+    weights into them: on the shipped model (its graphs exported by an earlier edgecap, not by
+    the modules under test, as the tiny model's are) its encoder outputs, image classes and
+    decoder steps are onnxruntime's running those graphs, within float rounding, with the
+    contract's dtypes."""
+    pytest.importorskip("torch")
+    pytest.importorskip("onnx")
+    from edgecap.contract import ENCODER_OUTPUTS
+    from edgecap.images import load_rgb, preprocess
+
+    manifest = load_manifest(default_model_dir)
+    graphs, modules = load_backend("onnxruntime", manifest), load_backend("torch", manifest)
+    images = preprocess([load_rgb(str(p)) for p in example_images[:2]], manifest.preprocessing)
+    want, got = graphs.encode(images), modules.encode(images)
+    for name in ENCODER_OUTPUTS:
+        np.testing.assert_allclose(got.tensors[name].numpy(), want.tensors[name], atol=2e-4, err_msg=name)
+    np.testing.assert_allclose(got.class_probs, want.class_probs, atol=1e-5)
+    rows = np.repeat(np.arange(len(images), dtype=np.int32), 2)
+    a, b = graphs.start(want, rows, return_attention=True), modules.start(got, rows, return_attention=True)
+    rng = np.random.default_rng(0)
+    source = rows
+    for _ in range(3):
+        tokens = rng.integers(4, manifest.dims.vocab_size, len(rows)).astype(np.int32)
+        ra, rb = a.step(tokens, source), b.step(tokens, source)
+        assert rb.topk_ids.dtype == ra.topk_ids.dtype == np.int32
+        np.testing.assert_array_equal(rb.topk_ids, ra.topk_ids)
+        np.testing.assert_allclose(rb.topk_logprobs, ra.topk_logprobs, atol=2e-4)
+        np.testing.assert_allclose(rb.alpha, ra.alpha, atol=1e-5)
+        source = (rows * 2 + rng.integers(0, 2, len(rows))).astype(np.int32)
+
+
 def test_torch_weights_must_match(tiny_model_dir, tmp_path):
     pytest.importorskip("torch")
     pytest.importorskip("onnx")

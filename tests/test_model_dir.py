@@ -157,6 +157,35 @@ def test_an_encoder_the_torch_backend_does_not_know_is_named(tiny_model_dir, tmp
         Captioner(model, backend="torch")
 
 
+@pytest.mark.parametrize(
+    "edit, words",
+    [
+        (lambda d: d.pop("decoder_config"), "manifest.json has no decoder_config.*`edgecap export`"),
+        (set_field(["decoder_config", "depth"], 2), "decoder_config does not fit this edgecap.*'depth'"),
+        (
+            set_field(["decoder_config", "hidden_dim"], -1),
+            "decoder_config: hidden_dim must be at least 1, got -1",
+        ),
+        (
+            set_field(["decoder_config", "attention_dim"], 0),
+            "decoder_config: attention_dim must be at least 1",
+        ),
+        (set_field(["decoder_config", "embed_dim"], "256"), "decoder_config: embed_dim must be an integer"),
+        (set_field(["decoder_config", "top_k"], 1), "decoder_config: top_k must be 2 or more, got 1"),
+    ],
+)
+def test_decoder_sizes_the_torch_backend_cannot_build_are_named(tiny_model_dir, tmp_path, edit, words):
+    """The torch backend rebuilds the decoder from the manifest's decoder_config: one missing, a
+    setting this edgecap does not know, or a size out of range (a hand-edited manifest) is a
+    ModelError naming the manifest's field, before any module is made (a negative size had
+    been torch's RuntimeError traceback from inside ``nn.Linear``)."""
+    pytest.importorskip("torch")
+    model = copy_model(tiny_model_dir, tmp_path / "m")
+    edit_manifest(model, edit)
+    with pytest.raises(ModelError, match=words):
+        Captioner(model, backend="torch")
+
+
 def test_a_model_dir_that_cannot_be_reached_is_one_error(tmp_path):
     """A name too long for the file system (as a folder above it that this user may not search,
     EACCES): is_dir() raises for those, and the command had ended in an OSError's traceback."""

@@ -330,6 +330,10 @@ def test_show_and_tell_feeds_the_image_to_the_lstm_first():
                 logits[r], _linear(d.out_vocab, torch.tanh(y + _linear(d.out_hidden, h)))
             )
     torch.testing.assert_close(alpha, torch.full((2, 5), 0.2))
+    # uniform whatever the regions hold (a trained feature norm's bias: rows that do not sum to 0)
+    with torch.no_grad():
+        *_, alpha = d.logits(tokens, h0, c0, torch.randn(2, 5, F_DIM) + 1, torch.zeros(2, 5, A_DIM))
+    torch.testing.assert_close(alpha, torch.full((2, 5), 0.2))
 
 
 def test_same_padding_puts_a_stride_2_convolutions_extra_pixel_at_the_bottom_right():
@@ -407,3 +411,21 @@ def test_regions_are_the_feature_maps_positions_row_by_row():
     assert regions.shape == (1, 6, 3)
     assert regions[0, 4].tolist() == [11.0, 111.0, 211.0]  # k = 4: row 1, column 1
     assert regions[0, :, 0].tolist() == [0.0, 1.0, 2.0, 10.0, 11.0, 12.0]
+
+
+def test_the_classes_from_cached_regions_are_the_exported_encoders():
+    """Training with tag input reads the image classes off its cached regions
+    (``region_class_probs``); the exported encoder computes them from the feature map
+    (``class_probs``): the same probabilities, each image's its own, summing to 1, else a
+    decoder trained on the one would be fed other tags by the other."""
+    from edgecap.models.efficientnet_lite import EfficientNetLite, as_regions
+
+    torch.manual_seed(0)
+    encoder = EfficientNetLite().eval()
+    fmap = torch.rand(2, 1280, 7, 7) * 6  # two images' maps, after the head's ReLU6
+    with torch.no_grad():
+        from_map, from_regions = encoder.class_probs(fmap), encoder.region_class_probs(as_regions(fmap))
+    assert from_map.shape == (2, 1000)
+    torch.testing.assert_close(from_regions, from_map)
+    torch.testing.assert_close(from_map.sum(1), torch.ones(2))
+    assert not torch.allclose(from_map[0], from_map[1])

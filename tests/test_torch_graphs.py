@@ -66,18 +66,23 @@ def _steps(eager, graphed, n_images: int, beam: int, steps: int, seed: int, atte
     assert isinstance(a, TorchDecoderSession) and isinstance(b, GraphedSession)
     vocab = eager.decoder.cfg.vocab_size
     source = image_index.copy()  # first step: h0/c0 are per image (S = N)
+    previous = None
     for t in range(steps):
         tokens = rng.integers(0, vocab, rows).astype(np.int32)
         bias = None
         if t % 3 == 1:
             bias = (rng.random((rows, vocab)) < 0.05).astype(np.float32) * 3.0
         ra, rb = a.step(tokens, source, bias), b.step(tokens, source, bias)
-        np.testing.assert_array_equal(ra.topk_ids, rb.topk_ids)
-        np.testing.assert_allclose(ra.topk_logprobs, rb.topk_logprobs, rtol=0, atol=1e-6)
-        if attention:
-            np.testing.assert_allclose(ra.alpha, rb.alpha, rtol=0, atol=1e-7)
-        else:
-            assert rb.alpha is None
+        # each step's results are the caller's (not views of buffers the next step writes), so
+        # the previous step's are still the eager ones
+        for x, y in [(ra, rb)] + ([] if previous is None else [previous]):
+            np.testing.assert_array_equal(x.topk_ids, y.topk_ids)
+            np.testing.assert_allclose(x.topk_logprobs, y.topk_logprobs, rtol=0, atol=1e-6)
+            if attention:
+                np.testing.assert_allclose(x.alpha, y.alpha, rtol=0, atol=1e-7)
+            else:
+                assert y.alpha is None
+        previous = ra, rb
         assert rb.topk_ids.dtype == np.int32 and rb.topk_logprobs.dtype == np.float32
         # the next step's rows come from any row of the same image (beam reordering)
         source = (image_index * beam + rng.integers(0, beam, rows)).astype(np.int32)
@@ -101,6 +106,33 @@ def test_shape_changes_reuse_and_recapture(backends):
     # each replay of a graph of this shape is one step; the first step uses its own graph
     assert buffers.first.replays == 2
     assert [g.replays for g in buffers.from_slot] == [3, 2]  # steps 1, 3, 5 / 2, 4 (4 + 3 steps)
+
+
+def test_graphs_of_a_decoder_of_another_top_k_step_as_eager():
+    """The words a step returns per row are the model's own ``top_k`` (10 in the shipped model,
+    4 here): the graphs' buffers hold that many, and every step gives the eager step's, on a
+    decoder made in memory (``from_modules``, its image tensors from regions)."""
+    from edgecap.models.decoder import CaptionDecoder, DecoderConfig
+
+    torch.manual_seed(0)
+    sizes = dict(vocab_size=30, encoder_dim=12, feature_dim=8, attention_dim=6, embed_dim=8, hidden_dim=16)
+    decoder = CaptionDecoder(DecoderConfig(**sizes, top_k=4)).eval()
+    eager, graphed = TorchBackend.from_modules(None, decoder), TorchBackend.from_modules(None, decoder)
+    graphed.enable_graphs(EagerGraph)
+    regions = torch.randn(2, 5, 12)
+    image_index = np.repeat(np.arange(2, dtype=np.int32), 3)
+    a = eager.start(eager.encode_regions(regions), image_index, return_attention=True)
+    b = graphed.start(graphed.encode_regions(regions), image_index, return_attention=True)
+    assert isinstance(b, GraphedSession)
+    source = image_index
+    for t in range(3):
+        tokens = np.arange(4 + t, 10 + t, dtype=np.int32)
+        ra, rb = a.step(tokens, source), b.step(tokens, source)
+        assert rb.topk_ids.shape == rb.topk_logprobs.shape == (6, 4)
+        np.testing.assert_array_equal(rb.topk_ids, ra.topk_ids)
+        np.testing.assert_allclose(rb.topk_logprobs, ra.topk_logprobs, rtol=0, atol=1e-6)
+        np.testing.assert_allclose(rb.alpha, ra.alpha, rtol=0, atol=1e-7)
+        source = np.arange(6, dtype=np.int32)[::-1].copy()
 
 
 def test_graphs_of_many_shapes_are_bounded_and_the_recent_ones_kept(tiny_model_dir):
@@ -309,18 +341,21 @@ def test_graphs_behind_an_fp32_encoder_encode_the_fp32_image(tiny_model_dir):
     """``fp16=True, fp32_encoder=True`` with graphs: the encoder graph runs in FP32 "from an FP32
     image" (docs/gpu-search.md), so the graphed encoder's outputs are the eager ones, bit for bit
     (FP16 emulated on the CPU, as tests/test_device_search.py does), not those of an image
-    rounded to FP16 on its way in."""
+    rounded to FP16 on its way in: both are the FP32 backend's outputs, rounded to FP16 for the
+    decoder, with its image classes."""
     manifest = load_manifest(tiny_model_dir)
     eager, graphed = (TorchBackend.__new__(TorchBackend) for _ in range(2))
     for backend in (eager, graphed):
         backend._setup(*TorchBackend._build(manifest), "cpu", fp16=True, fp32_encoder=True)
     graphed.enable_graphs(EagerGraph)
     images = _images(2, seed=11)
-    want, got = eager.encode(images), graphed.encode(images)
-    assert got.tensors["features"].dtype == torch.float16
-    for key, value in want.tensors.items():
-        assert torch.equal(got.tensors[key], value), key
-    np.testing.assert_array_equal(got.class_probs, want.class_probs)
+    fp32 = TorchBackend(manifest, device="cpu").encode(images)
+    for got in (eager.encode(images), graphed.encode(images)):
+        assert got.tensors["features"].dtype == torch.float16
+        for key, value in fp32.tensors.items():
+            want = value if key == "class_probs" else value.to(torch.float16)
+            assert torch.equal(got.tensors[key], want), key
+        np.testing.assert_array_equal(got.class_probs, fp32.class_probs)
 
 
 def test_a_graph_factory_with_cuda_graphs_runs_on_any_device(tiny_model_dir):
@@ -465,6 +500,7 @@ class _FakeCuda:
         self.stream = ("default", current)
         self.capture_mode: str | None = None
         self.replays: list[int] = []
+        self.events: list[tuple] = []  # ("wait", stream, the stream it waits for), and the test's own
 
     @contextlib.contextmanager
     def _set(self, **values):
@@ -485,14 +521,14 @@ class _FakeCuda:
                 self.id = ("side", torch.device(device).index)
 
             def wait_stream(self, other) -> None:
-                pass
+                fake.events.append(("wait", self.id, other.id))
 
         class Default:
             def __init__(self, index):
                 self.id = ("default", index)
 
             def wait_stream(self, other) -> None:
-                pass
+                fake.events.append(("wait", self.id, other.id))
 
         class CUDAGraph:
             def replay(self) -> None:
@@ -556,6 +592,25 @@ def test_a_cuda_graph_is_captured_and_replayed_on_its_backends_gpu(monkeypatch):
     graph.replay()
     graph.replay()
     assert fake.replays == [1, 1] and fake.current == 0 and len(runs) == 3
+
+
+def test_a_cuda_graph_is_warmed_up_and_captured_after_the_gpus_queued_work(monkeypatch):
+    """PyTorch's recipe for a capture (``torch.cuda.graphs``: the warm-up on a side stream): the
+    side stream first waits for the work already queued on the GPU's stream (the static inputs
+    being written), and that stream waits for the warm-up runs before the capture begins, so no
+    run reads a buffer another stream is still writing."""
+    fake = _FakeCuda(current=0)
+    fake.install(monkeypatch)
+    capture = CudaGraphs(torch.device("cuda", 0))
+    capture(lambda: fake.events.append(("run", fake.stream, fake.capture_mode)))
+    side, default = ("side", 0), ("default", 0)
+    assert fake.events == [
+        ("wait", side, default),
+        ("run", side, None),  # warm-up
+        ("run", side, None),  # warm-up
+        ("wait", default, side),
+        ("run", side, "thread_local"),  # the capture
+    ]
 
 
 # -- on a real GPU (``pytest -m gpu``; deselected by default) -------------------------------------
@@ -659,6 +714,9 @@ def test_fp16_keeps_the_same_fp32_islands_as_the_fp16_onnx(tiny_model_dir):
     assert e._blocks[ENCODER_FP32_BLOCKS - 1]._project_conv.weight.dtype == torch.float32
     assert e._blocks[ENCODER_FP32_BLOCKS]._project_conv.weight.dtype == torch.float16
     assert e._fc.weight.dtype == torch.float32
+    d = half.decoder  # the attention scores and the word logits, the rest of the decoder FP16
+    assert d.att_score.weight.dtype == d.out_vocab.weight.dtype == torch.float32
+    assert d.att_hidden.weight.dtype == d.embed.weight.dtype == torch.float16
     image = np.random.default_rng(0).uniform(-1, 1, (1, 3, 224, 224)).astype(np.float32)
     got = half.encode(image).tensors["features"].float().numpy()
     want = reference.encode(image).tensors["features"].numpy()

@@ -342,6 +342,25 @@ def test_the_blank_check_keeps_the_hosts_thresholds_on_frames_near_them():
     assert visible.tolist() == [False, False, True]
 
 
+def test_the_blank_check_keeps_the_hosts_detail_threshold_on_frames_near_it():
+    """The other threshold (``edgecap.preprocess``: the mean |Laplacian| of the grey 4x4-block
+    image >= 1.5), hand-traced: a ramp of 4 levels a block row (contrast to spare, no
+    Laplacian) with k blocks 2 levels up, 2 blocks apart and off the border, each adding 4 x 2 at
+    itself and 2 at each of its 4 neighbours to the |Laplacian| of the 54 x 54 inner blocks:
+    274 of them give 16 x 274 / 2916 = 1.5034 (recognisable), 273 give 1.4979 (blank). The
+    device path judges them as the host."""
+
+    def ramp(bumps: int) -> np.ndarray:
+        levels = np.repeat(4 * np.arange(56)[:, None], 56, axis=1)
+        for r, c in [(r, c) for r in range(2, 54, 2) for c in range(2, 54, 2)][:bumps]:
+            levels[r, c] += 2
+        return _grey_blocks(levels)
+
+    x, visible = FramePreprocess(PRE, CPU)([ramp(274), ramp(273)])
+    assert [recognisable(v, PRE) for v in x.numpy()] == [True, False]
+    assert visible.tolist() == [True, False]
+
+
 def test_the_pass_order_rules_are_strict_at_their_boundaries():
     """Both rules compare strictly (Pillow 13.0's Resample.c: ``(imIn->ysize - ysize) >
     (imIn->xsize - xsize) * 2``; 12.3's Image.resize: ``self.size[1] > self.size[0] * 100``):

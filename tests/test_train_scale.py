@@ -301,6 +301,18 @@ def test_a_first_checkpoint_stopped_while_being_written_is_dropped(tmp_path):
     assert list(tmp_path.iterdir()) == []
 
 
+def test_a_checkpoint_renamed_away_with_no_replacement_beside_it_is_put_back(tmp_path):
+    """``last.old`` alone (``last`` renamed away and its replacement gone, removed by hand): it
+    is the only copy of the checkpoint, so ``recover`` gives it its name back, not removes it."""
+    from edgecap.models.checkpoint import recover
+
+    (tmp_path / "last.old").mkdir()
+    (tmp_path / "last.old" / "a.txt").write_text("epoch 1")
+    recover(tmp_path / "last")
+    assert (tmp_path / "last" / "a.txt").read_text() == "epoch 1"
+    assert sorted(p.name for p in tmp_path.iterdir()) == ["last"]
+
+
 def test_a_stop_between_the_renames_of_replacing_keeps_the_new_checkpoint(tmp_path, monkeypatch):
     """``replacing`` stopped right after its first rename (``last`` -> ``last.old``), its second
     not made: ``recover`` takes the new folder, so the checkpoint is epoch 2's (the old one is

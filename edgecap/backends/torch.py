@@ -55,6 +55,7 @@ from edgecap.models.config import DEFAULT_ENCODER, ENCODER_FP32_BLOCKS
 from edgecap.models.decoder import CaptionDecoder, DecoderConfig
 from edgecap.models.efficientnet_lite import EfficientNetLite
 from edgecap.models.graphs import EncoderGraph, StepGraph
+from edgecap.training.config import check_decoder
 
 UNUSED_SUFFIXES = (".num_batches_tracked",)
 PREPROCESS = ("host", "device")
@@ -348,12 +349,16 @@ class TorchBackend(Backend):
                 "torch backend needs a model exported by `edgecap export`"
             )
         try:
-            decoder = CaptionDecoder(DecoderConfig(**config))
+            sizes = DecoderConfig(**config)
+            check_decoder(config)  # each size in range, before any weight is allocated
         except TypeError as exc:  # a key this edgecap's DecoderConfig does not know
             raise ModelError(
                 f"{manifest.directory}: manifest.json's decoder_config does not fit "
                 f"this edgecap ({exc}); upgrade edgecap or re-export the model"
             ) from exc
+        except ValueError as exc:  # a size out of range (a hand-edited manifest)
+            raise ModelError(f"{manifest.directory}: manifest.json's decoder_config: {exc}") from None
+        decoder = CaptionDecoder(sizes)
         variant = manifest.info.get("encoder", DEFAULT_ENCODER)
         try:
             encoder = EfficientNetLite(variant)
