@@ -146,3 +146,21 @@ def test_a_pipe_in_place_of_the_lock_file_is_passed_over_not_waited_on(tmp_path)
         env={**os.environ, "PYTHONPATH": str(REPO), "OMP_NUM_THREADS": "1"},
     )
     assert done.returncode == 0 and done.stdout.strip() == "OK", done.stderr[-2000:]
+
+
+def test_a_file_system_that_refuses_locks_fills_the_cache_unlocked(tmp_path, monkeypatch):
+    """Where the file system refuses locks (ENOLCK: an NFS mount without a lock service) the
+    cache is filled unlocked, as before there was a lock, not waited on or failed."""
+    import errno
+    import fcntl
+
+    from edgecap.training.shards import cache_lock
+
+    def refused(fd, operation):
+        raise OSError(errno.ENOLCK, "No locks available")
+
+    monkeypatch.setattr(fcntl, "flock", refused)
+    said, ran = [], []
+    with cache_lock(tmp_path / ".lock", said.append):
+        ran.append(True)
+    assert ran == [True] and said == []

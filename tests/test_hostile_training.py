@@ -153,6 +153,11 @@ def test_malformed_checkpoint_json_is_one_model_error(checkpoint, text, problem)
         ({"decoder": {"hidden_dim": 100_000}}, "hidden_dim must be at most 8192"),
         ({"decoder": {"dropout": 7}}, "dropout must be less than 1"),
         ({"decoder": {"colour": 1}}, "unknown decoder setting 'colour'"),
+        ({"decoder": {"hidden_dim": True}}, "hidden_dim must be an integer, got True"),
+        ({"decoder": {"attention": "no"}}, "attention must be true or false, got 'no'"),
+        ({"preprocessing": {"size": [224, 224, 224]}}, r"size must be \[height, width\]"),
+        ({"preprocessing": {"mean": [0.5, 0.5]}}, "mean must be 3 numbers, got 2"),
+        ({"preprocessing": {"resample": "spline"}}, "unknown resampling 'spline'"),
         ({"preprocessing": {"size": [100_000, 100_000]}}, "size must be at most 1024"),
         ({"preprocessing": {"std": [0, 1, 1]}}, "std must be more than 0"),
         ({"preprocessing": {"mean": None}}, "preprocessing"),
@@ -871,6 +876,16 @@ def folder_data(tmp_path) -> Path:
         (["--patience", "0"], "--patience must be at least 1, got 0"),
         (["--scheduled-sampling", "2"], "--scheduled-sampling must be at most 1, got 2.0"),
         (["--dev-fraction", "0"], "--dev-fraction must be between 0 and 1, got 0.0"),
+        (["--threads", "1025"], "--threads must be at most 1024, got 1025"),
+        (["--seed", str(2**32)], f"--seed must be at most {2**32 - 1}, got {2**32}"),
+        (["--shard-size", "65537"], "--shard-size must be at most 65536, got 65537"),
+        (["--min-word-count", "-1"], "--min-word-count must be at least 0, got -1"),
+        (["--alpha-c", "-1"], "--alpha-c must be at least 0, got -1.0"),
+        (["--finetune-encoder", "--encoder-lr", "-1"], "--encoder-lr must be at least 0, got -1.0"),
+        (["--tag-rank", "-1"], "--tag-rank must be at least 0, got -1"),
+        (["--text-pretrain", "-1"], "--text-pretrain must be at least 0, got -1"),
+        # 1: every batch text-only, none of photos (text_mix.text_steps would divide by 0)
+        (["--text", __file__, "--text-share", "1"], "--text-share must be between 0 and 1, got 1.0"),
         # one line about --images, not one "no such file" line a photo
         (["--images", "nowhere"], "--images nowhere: no such folder (the folder the captions' file names"),
         (["--images", __file__], f"--images {__file__}: not a folder (the folder the captions' file names"),
@@ -967,6 +982,26 @@ def test_out_or_cache_dir_that_is_a_file_is_one_line(tmp_path, folder_data, caps
     assert not out.exists()
 
 
+def test_a_path_named_like_a_setting_is_said_as_given(tmp_path, folder_data, capsys):
+    """The config's errors name its settings (finetune_blocks), which are said as the flags
+    (--finetune-blocks); a path in an error about --out, --cache-dir or --images is the user's
+    own and is said as given, also where a folder is named like a setting (it was said as
+    '--out .../--cache-dir/run: .../--cache-dir is a file', a path that is nowhere)."""
+    from edgecap.cli import main
+
+    cache_dir = tmp_path / "cache_dir"
+    cache_dir.write_text("x")
+    assert main(["train", "--data", str(folder_data), "--out", str(cache_dir / "run")]) == 2
+    assert capsys.readouterr().err == (
+        f"edgecap train: error: --out {cache_dir / 'run'}: {cache_dir} is a file, not a folder\n"
+    )
+    images = tmp_path / "image_size"
+    argv = ["train", "--data", str(folder_data), "--out", str(tmp_path / "run"), "--images", str(images)]
+    assert main(argv) == 2
+    assert capsys.readouterr().err.startswith(f"edgecap train: error: --images {images}: no such folder")
+    assert not (tmp_path / "run").exists()
+
+
 def test_out_or_cache_dir_that_cannot_be_written_is_one_line_before_any_photo(
     tmp_path, folder_data, capsys, monkeypatch
 ):
@@ -975,7 +1010,7 @@ def test_out_or_cache_dir_that_cannot_be_written_is_one_line_before_any_photo(
     only once the features are ready, which for a folder of thousands of photos is many minutes
     on (found: a read-only --out said 'Read-only file system' after every photo was decoded and
     encoded into the cache). os.access is what says so (root passes any permission check, so
-    the test tells it which folders cannot be written)."""
+    the test tells it which folders cannot be written: one that can be read, not written)."""
     import edgecap.data.folder as folder
     import edgecap.training.config as config
     from edgecap.cli import main
@@ -984,7 +1019,9 @@ def test_out_or_cache_dir_that_cannot_be_written_is_one_line_before_any_photo(
     locked.mkdir()
     real_access = os.access
     monkeypatch.setattr(
-        config.os, "access", lambda path, mode: Path(path) != locked and real_access(path, mode)
+        config.os,
+        "access",
+        lambda path, mode: real_access(path, mode) and not (Path(path) == locked and mode & os.W_OK),
     )
     monkeypatch.setattr(folder, "_read_folder", lambda *a: pytest.fail("photos read first"))
     argv = ["train", "--data", str(folder_data), "--no-progress", "--threads", "1"]
@@ -1239,6 +1276,30 @@ def test_self_critical_training_needs_two_samples_an_image():
     with pytest.raises(ValueError, match="n_samples must be at least 2"):
         ScstConfig(checkpoint="best", data="data", out="run", n_samples=1)
     assert ScstConfig(checkpoint="best", data="data", out="run", n_samples=2).n_samples == 2
+
+
+@pytest.mark.parametrize(
+    "kind, given, problem",
+    [
+        ("train", {"max_caption_words": 0}, "max_caption_words must be at least 1, got 0"),
+        # 0 would clip every gradient to nothing: a run that never learns
+        ("train", {"grad_clip": 0}, "grad_clip must be more than 0, got 0"),
+        ("train", {"precision": "fp64"}, "precision must be one of fp32, bf16, fp16, got fp64"),
+        ("scst", {"images_per_batch": 0}, "images_per_batch must be at least 1, got 0"),
+        ("scst", {"max_length": 0}, "max_length must be at least 1, got 0"),
+    ],
+)
+def test_settings_without_a_flag_are_checked_when_the_config_is_made(kind, given, problem):
+    """The Python API's TrainConfig and ScstConfig check the settings that `edgecap train` has
+    no flag for (or only a choice of) as they check the others: a ValueError naming the
+    setting when the config is made, not a run that fails or learns nothing later."""
+    from edgecap.training.config import ScstConfig, TrainConfig
+
+    with pytest.raises(ValueError, match=f"^{problem}$"):
+        if kind == "train":
+            TrainConfig(data="data", out="run", **given)
+        else:
+            ScstConfig(checkpoint="best", data="data", out="run", **given)
 
 
 @torch_needed

@@ -85,6 +85,29 @@ def test_text_tags_name_a_class_of_the_captions_own_words():
     assert {int(p[2].argmax()) for p in rows} == {0, 1}  # either of the word's classes
 
 
+def test_the_text_tags_background_is_the_train_photos_mean_class_probabilities():
+    """A text caption gets the train photos' mean class probabilities as its background (the
+    rest of its tags): a distribution over the classes, as a photo's tags are, of the photos
+    the run trains on (rows 3, 0 and 2 of the cache here, not row 1)."""
+    from edgecap.training.train import _text_tags
+    from edgecap.vocab import Vocabulary
+
+    class Classifier:  # a photo's class probabilities: its one region's values
+        _fc = torch.nn.Linear(1, 1000)
+
+        def region_class_probs(self, fmap):
+            return fmap[:, 0]
+
+    maps = np.zeros((4, 1, 1000), np.float32)
+    for row, cls in enumerate((7, 5, 3, 9)):
+        maps[row, 0, cls] = 1.0
+    vocab = Vocabulary.build(["a dog"], 1)
+    tags = _text_tags(Classifier(), maps, [3, 0, 2], vocab, "cpu", seed=0)
+    expected = torch.zeros(1000)
+    expected[[9, 7, 3]] = 1 / 3
+    torch.testing.assert_close(tags.background, expected)
+
+
 def test_the_tags_ride_inside_the_exported_encoder_graph_on_every_backend(tmp_path, example_images):
     """An exported decoder with tag input keeps the model contract (the same graph inputs and
     outputs): the ONNX encoder graph adds the projected tags (its features move when the up
@@ -262,6 +285,45 @@ def test_the_tag_input_is_asked_for_by_tag_rank_alone(tmp_path):
     with pytest.raises(ValueError, match="set by tag_rank"):
         TrainConfig(data=str(tmp_path), out=str(tmp_path / "run"), decoder={"tag_rank": 4})
     assert TrainConfig(data=str(tmp_path), out=str(tmp_path / "run"), tag_rank=4).tag_rank == 4
+
+
+def test_a_start_with_tags_at_another_rank_is_refused(tmp_path):
+    """--tag-rank gives tags to a starting model without them; a start that has them at another
+    rank is refused, saying how to keep its own (not a ValueError from the start's copy of its
+    decoder); the same rank, or none given, keeps them."""
+    from edgecap.data.readers import CaptionedImage
+    from edgecap.errors import ModelError
+    from edgecap.models.checkpoint import save_checkpoint
+    from edgecap.models.decoder import CaptionDecoder, DecoderConfig
+    from edgecap.preprocess import Preprocessing
+    from edgecap.training.start import initial_model
+    from edgecap.training.train import TrainConfig
+    from edgecap.vocab import Vocabulary
+
+    captions = ["a cat sat on the mat", "a dog ran in the park today"]
+    vocab = Vocabulary.build(captions, min_count=1)
+    sizes = {"hidden_dim": 16, "feature_dim": 16, "embed_dim": 8, "attention_dim": 8}
+    tagged = CaptionDecoder(DecoderConfig(len(vocab), **sizes, tag_rank=4, n_classes=1000))
+    start = tmp_path / "start" / "best"
+    save_checkpoint(start, tagged, vocab, Preprocessing(), {})
+    items = [CaptionedImage("a.png", captions[:1]), CaptionedImage("b.png", captions[1:])]
+    last = tmp_path / "run" / "last"
+    for rank in (8, 4, 0):
+        cfg = TrainConfig(
+            data=str(tmp_path),
+            out=str(tmp_path / "run"),
+            dataset="folder",
+            init_from=str(start),
+            min_word_count=1,
+            tag_rank=rank,
+        )
+        if rank == 8:
+            with pytest.raises(
+                ModelError, match="takes tags at rank 4, not --tag-rank 8; leave --tag-rank out"
+            ):
+                initial_model(cfg, items, last, log=lambda _: None)
+        else:
+            assert initial_model(cfg, items, last, log=lambda _: None).decoder.cfg.tag_rank == 4
 
 
 def test_a_run_begun_without_tags_is_not_resumed_with_them(tiny_dataset, tmp_path):  # noqa: F811

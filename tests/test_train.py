@@ -781,11 +781,15 @@ def test_fine_tuning_trains_with_the_dropout_given_not_the_starting_models(tmp_p
         start, CaptionDecoder(DecoderConfig(len(vocab), **sizes, dropout=0.5)), vocab, Preprocessing(), {}
     )
     items = [CaptionedImage("a.png", captions[:1]), CaptionedImage("b.png", captions[1:])]
-    for decoder_flags in ({"dropout": dropout}, {**sizes, "dropout": dropout}):  # the sizes: the start's
+    for dataset, decoder_flags in (
+        ("folder", {"dropout": dropout}),
+        ("folder", {**sizes, "dropout": dropout}),  # the sizes: the start's
+        ("flickr8k", {"dropout": dropout}),  # its vocabulary the start's: the decoder not grown
+    ):
         cfg = TrainConfig(
             data=str(tmp_path),
             out=str(tmp_path / "run"),
-            dataset="folder",
+            dataset=dataset,
             init_from=str(start),
             min_word_count=1,
             decoder=decoder_flags,

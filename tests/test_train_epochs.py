@@ -56,6 +56,8 @@ class Run:
         self.epoch_lrs: list[list[float]] = []  # each epoch's, by parameter group (at its dev check)
         self.sample_probs: list[float] = []  # each step's
         self.captions: list[torch.Tensor] = []  # each step's caption ids (R, T)
+        self.fmaps: list[torch.Tensor] = []  # each step's features (images, regions, 1280)
+        self.image_indexes: list[torch.Tensor] = []  # each step's caption -> its row of fmaps
         real_step, real_loss = training._optimizer_step, training.caption_loss
 
         def step(loss, optimizer, *args, **kwargs):
@@ -66,6 +68,8 @@ class Run:
         def loss(decoder, fmap, caps, image_index, vocab, cfg, sample_prob, *args, **kwargs):
             self.sample_probs.append(sample_prob)
             self.captions.append(caps.cpu())
+            self.fmaps.append(fmap.detach().cpu())
+            self.image_indexes.append(image_index.cpu())
             return real_loss(decoder, fmap, caps, image_index, vocab, cfg, sample_prob, *args, **kwargs)
 
         def dev_check(decoder, dev_fmaps, dev_items, vocab, **kwargs):
@@ -373,3 +377,162 @@ def test_train_called_with_an_out_that_is_a_file_refuses_before_reading_the_data
     a_file.write_text("x")
     with pytest.raises(ValueError, match="out .*notes.txt: is a file, not a folder"):
         training.train(tiny_train_config(tmp_path, a_file, 1), log=lambda *_: None)
+
+
+def test_each_caption_trains_against_the_features_of_its_own_photo(monkeypatch, tmp_path):
+    """A batch's features are read ahead while the step before it trains: every caption of
+    every step is still trained against the features of its own photo (photo i's captions name
+    colour i; cache row i holds its features)."""
+    from edgecap.models.checkpoint import load_checkpoint
+
+    run = Run(monkeypatch, [0.1, 0.2])
+    run(tmp_path / "run", epochs=2)
+    vocab = load_checkpoint(tmp_path / "run" / "last")[2]
+    colours = "red blue green brown white black".split()
+    assert len(run.fmaps) == 2 * run.steps_per_epoch
+    for fmap, caps, image_index in zip(run.fmaps, run.captions, run.image_indexes):
+        for ids, j in zip(caps, image_index):
+            colour = vocab.decode(ids.tolist()).split()[1]  # "a red dog runs": red
+            photos = [i for i in range(len(TRAIN)) if torch.equal(fmap[j], run.rows.maps[i])]
+            assert photos == [colours.index(colour)]
+
+
+def test_a_global_batch_divides_by_its_predicted_words_and_its_captions():
+    """The cross-entropy is a mean over the words the decoder predicts: each caption's words
+    and its <end>, not its <start> (test_the_caption_loss_is_...: 5 a caption of 4 words)."""
+    import random
+
+    from edgecap.training.train import _Batches
+    from edgecap.vocab import Vocabulary
+
+    vocab = Vocabulary.build([c for it in TRAIN for c in it.captions], 1)
+    batches = _Batches(TRAIN, list(range(len(TRAIN))), vocab, 22)
+    shares = list(batches.shares(4, random.Random(0)))
+    assert len(shares) == 3  # 2 photos of 2 captions of 4 words a batch
+    for _, caps, _, totals, weight in shares:
+        assert (totals, weight, len(caps)) == ((4 * 5, 4), 1.0, 4)
+
+
+def test_each_step_follows_its_own_gradient_clipped_to_grad_clip(tmp_path):
+    """TrainConfig.grad_clip: a step's gradient is scaled down to that norm (the norm logged is
+    the one before clipping); and a step's gradient is its own batch's, not added to the one
+    before it."""
+    from edgecap.training.train import TrainConfig, _optimizer_step
+
+    w = torch.nn.Parameter(torch.zeros(2))
+    sgd = torch.optim.SGD([w], lr=1.0)
+    params = [{"params": [w]}]  # the parameter groups, as train gives them
+    cfg = TrainConfig(data=str(tmp_path), out=str(tmp_path / "run"), grad_clip=5.0)
+    scaler = torch.amp.GradScaler("cpu", enabled=False)  # fp32
+    norm = _optimizer_step((w * torch.tensor([30.0, 40.0])).sum(), sgd, params, cfg, scaler)
+    assert float(norm) == pytest.approx(50.0)
+    torch.testing.assert_close(w.detach(), torch.tensor([-3.0, -4.0]))  # 50 clipped to 5
+    norm = _optimizer_step((w * torch.tensor([0.0, 1.0])).sum(), sgd, params, cfg, scaler)
+    assert float(norm) == pytest.approx(1.0)
+    torch.testing.assert_close(w.detach(), torch.tensor([-3.0, -5.0]))
+
+
+def test_an_epochs_train_ce_is_the_mean_of_its_steps_over_their_captions(monkeypatch, tmp_path):
+    """checkpoint.json's history: an epoch's train_ce is the mean cross-entropy of its
+    captions: of steps of 4 captions each, the mean of the steps' "ce" in steps.jsonl."""
+    run = Run(monkeypatch, [0.1, 0.2])
+    out = tmp_path / "run"
+    run(out, epochs=2)
+    steps = [json.loads(line) for line in (out / "steps.jsonl").read_text().splitlines()]
+    history = _state(out / "last")["history"]
+    for epoch in (1, 2):
+        ces = [s["ce"] for s in steps if s["epoch"] == epoch]
+        assert len(ces) == run.steps_per_epoch
+        assert history[epoch - 1]["train_ce"] == pytest.approx(sum(ces) / len(ces), abs=1e-4)
+
+
+def test_threads_sets_torchs_cpu_threads_and_0_leaves_its_default(monkeypatch, tmp_path):
+    """TrainConfig.threads (--threads N): torch's CPU threads; 0: torch's default, untouched."""
+    from edgecap.training import train as training
+
+    said = []
+    monkeypatch.setattr(training.torch, "set_num_threads", said.append)
+    run = Run(monkeypatch, [0.1, 0.2])
+    run(tmp_path / "three", epochs=1, threads=3)
+    run(tmp_path / "default", epochs=1, threads=0)
+    assert said == [3]
+
+
+def test_a_resumed_run_logs_each_step_of_the_epoch_it_repeats_once(monkeypatch, tmp_path):
+    """A run stopped during epoch 2 had logged its first step; resumed, it trains epoch 2 again
+    from its start: steps.jsonl holds each step of each epoch once, the stopped one's dropped."""
+    run = Run(monkeypatch, [0.1, 0.2])
+    out = tmp_path / "run"
+    run(out, epochs=1)
+    with open(out / "steps.jsonl", "a") as f:
+        f.write(json.dumps({"epoch": 2, "step": 1, "loss": 9.0, "ce": 9.0, "grad_norm": 1.0}) + "\n")
+    run(out, epochs=2)
+    steps = [json.loads(line) for line in (out / "steps.jsonl").read_text().splitlines()]
+    assert [(s["epoch"], s["step"]) for s in steps] == [(e, k) for e in (1, 2) for k in (1, 2, 3)]
+    assert 9.0 not in [s["loss"] for s in steps]
+
+
+def test_fine_tuning_keeps_the_encoders_batchnorm_statistics(monkeypatch, tmp_path):
+    """docs/training.md: the tuned blocks' BatchNorm layers keep their ImageNet statistics
+    (batches of a few photos would only add noise to them) while their weights learn."""
+    from edgecap.models.checkpoint import load_checkpoint
+    from edgecap.models.efficientnet_lite import load_pretrained
+
+    run = Run(monkeypatch, [0.1])
+    tuned = dict(finetune_encoder=True, finetune_blocks=1, finetune_cached=True, encoder_lr=0.01)
+    run(tmp_path / "run", epochs=1, **tuned)
+    encoder = load_checkpoint(tmp_path / "run" / "last")[0].state_dict()
+    pretrained = load_pretrained().state_dict()
+    statistics = [k for k in pretrained if k.startswith(("_blocks.15.", "_bn1.")) and "running_" in k]
+    assert len(statistics) == 8  # the block's three BatchNorms and the head's, mean and variance
+    for name in statistics:
+        assert torch.equal(encoder[name], pretrained[name]), name
+    for name in ("_blocks.15._project_conv.weight", "_conv_head.weight", "_bn1.weight"):
+        assert not torch.equal(encoder[name], pretrained[name]), name
+
+
+def test_a_new_run_holds_its_folder_once_it_is_made(monkeypatch, tmp_path):
+    """A new run makes --out once its features are ready and holds it from then on
+    (records.RunLock): a second run into it meanwhile is refused; at the end it is free."""
+    from edgecap.errors import EdgecapError
+    from edgecap.training.records import RunLock
+
+    run = Run(monkeypatch, [0.1])
+    out = tmp_path / "run"
+    checked, refused = run.training.evaluate_dev, []
+
+    def dev_check(*args, **kwargs):  # during epoch 1
+        with pytest.raises(EdgecapError, match="another training run is writing this folder now"):
+            RunLock().take(out)
+        refused.append(out)
+        return checked(*args, **kwargs)
+
+    monkeypatch.setattr(run.training, "evaluate_dev", dev_check)
+    run(out, epochs=1)
+    assert refused == [out]
+    with RunLock() as after:
+        after.take(out)
+
+
+def test_each_epoch_draws_its_own_text_batches(monkeypatch, tmp_path):
+    """--text: an epoch's text-only batches are drawn from the seed and that epoch, as its
+    photo order is: with more text than an epoch takes (24 captions, 3 batches of 4 an epoch),
+    epoch 2 goes on to other captions, not epoch 1's first ones again."""
+    from edgecap.training import train as training
+
+    colours = "red blue green brown white black".split()
+    lines = [f"{a} {c} dog {v}" for a in ("a", "the") for c in colours for v in ("runs", "sits")]
+    (tmp_path / "text.txt").write_text("\n".join(lines) + "\n")
+    seen: list[set] = []
+    real = training.text_loss
+
+    def text_loss(decoder, no_image, caps, *args):
+        seen.append({tuple(row) for row in caps.tolist()})
+        return real(decoder, no_image, caps, *args)
+
+    monkeypatch.setattr(training, "text_loss", text_loss)
+    run = Run(monkeypatch, [0.1, 0.2])
+    run(tmp_path / "run", epochs=2, text=str(tmp_path / "text.txt"))
+    assert [len(batch) for batch in seen] == [4] * 6  # text_share 0.5: a text batch a step
+    first, second = set().union(*seen[:3]), set().union(*seen[3:])
+    assert len(first) == len(second) == 12 and first != second

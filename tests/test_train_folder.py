@@ -792,6 +792,31 @@ def test_init_from_default_is_the_folder_default(tmp_path):
     assert init_source(flickr) is None
     with pytest.raises(ModelError, match="no such directory; start from a checkpoint"):
         load_start(tmp_path / "nowhere")
+    (tmp_path / "empty").mkdir()  # neither a checkpoint nor a model directory: said as a checkpoint
+    with pytest.raises(ModelError, match=r"empty: not a checkpoint directory \(no checkpoint.json\)"):
+        load_start(tmp_path / "empty")
+
+
+@torch_needed
+def test_a_run_resumed_with_the_start_it_had_is_resumed_however_the_start_is_spelled(tmp_path, monkeypatch):
+    """A resumed run checks --init-from against the start its checkpoint records: a folder run
+    given none started from 'default' (a Flickr8k run from 'none'), and a path is one start
+    however it is spelled (runs/a/best, ./runs/a/best); another start is refused."""
+    from edgecap.errors import ModelError
+    from edgecap.training.start import _check_resumed
+
+    monkeypatch.chdir(tmp_path)
+    last = tmp_path / "run" / "last"
+    for dataset, started, same, other in (
+        ("folder", None, "default", "none"),
+        ("flickr8k", None, "none", "default"),
+        ("folder", "runs/a/best", "./runs/a/best", "runs/b/best"),
+    ):
+        meta = {"preprocessing": {"size": [224, 224]}, "train_config": {"init_from": started}}
+        _check_resumed(_tiny_config(tmp_path, tmp_path / "run", dataset=dataset, init_from=same), meta, last)
+        cfg = _tiny_config(tmp_path, tmp_path / "run", dataset=dataset, init_from=other)
+        with pytest.raises(ModelError, match=f"holds a run started from '{started or same}'"):
+            _check_resumed(cfg, meta, last)
 
 
 @torch_needed
@@ -868,3 +893,4 @@ def test_the_vocabulary_growth_line_lists_the_new_words_or_says_there_is_none():
     many = [f"w{i}" for i in range(25)]
     line = growth_line(100, "m", many, 3)
     assert line.endswith("w18 w19 ...") and "w20" not in line and "+ 25 new" in line
+    assert growth_line(100, "m", many[:20], 3).endswith(": " + " ".join(many[:20]))  # all of them

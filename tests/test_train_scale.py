@@ -593,6 +593,73 @@ def test_a_cache_keeps_the_shard_size_it_was_started_with(tmp_path):
     cache.close()
 
 
+def test_under_torchrun_each_rank_encodes_its_own_shards(tmp_path):
+    """Each rank extracts the shards rank, rank + world, ... (two threads stand in for two
+    processes): 3 shards of 3 photos, rank 0 encodes shards 0 and 2, rank 1 shard 1 (not every
+    shard on every rank, both writing each one's files); both read the whole cache."""
+    import threading
+
+    names, load, encode = _fake_features(9, shape=(2, 3))
+    barrier = threading.Barrier(2)
+
+    class Rank:  # what extract_shards uses of distributed.Dist
+        def __init__(self, rank):
+            self.rank, self.world, self.active = rank, 2, False
+
+        def barrier(self):
+            barrier.wait()
+
+    encoded: dict[int, list[int]] = {0: [], 1: []}
+    read = {}
+
+    def extract(rank):
+        def counting(x):
+            encoded[rank].extend(x[:, 0].astype(int).tolist())
+            return encode(x)
+
+        try:
+            cache = extract_shards(
+                names, tmp_path, load, counting, shard_size=3, log=lambda *_: None, dist=Rank(rank)
+            )
+            read[rank] = cache.read(range(9))[:, 0, 0].tolist()
+            cache.close()
+        except BaseException:
+            barrier.abort()  # the other rank stops waiting
+            raise
+
+    threads = [threading.Thread(target=extract, args=(rank,)) for rank in (0, 1)]
+    for t in threads:
+        t.start()
+    for t in threads:
+        t.join()
+    assert sorted(encoded[0]) == [0, 1, 2, 6, 7, 8] and sorted(encoded[1]) == [3, 4, 5]
+    assert read == {0: list(range(9)), 1: list(range(9))}
+
+
+def test_a_cold_feature_cache_leaves_the_seeded_draws_as_a_warm_one_does(tmp_path):
+    """The weights a run draws once its features are ready (the "no image" input of --text) are
+    the same whether it encoded its photos (loading the encoder, whose initialisation draws
+    random numbers) or found them cached: the same command, run again, is the same run."""
+    from PIL import Image
+
+    from edgecap.data.readers import CaptionedImage
+    from edgecap.preprocess import Preprocessing
+    from edgecap.training.shards import streamed_split
+
+    for k in range(2):
+        Image.new("RGB", (8, 8), (10 * (k + 1), 0, 0)).save(tmp_path / f"p{k}.png")
+    items = [CaptionedImage(f"p{k}.png", ["a caption"]) for k in range(2)]
+    draws = []
+    for _ in ("cold", "warm"):
+        torch.manual_seed(0)
+        _, _, features = streamed_split(
+            items[:1], items[1:], tmp_path, tmp_path / "cache", Preprocessing(size=(64, 64)), False
+        )
+        features.close()
+        draws.append(torch.rand(4))
+    assert torch.equal(draws[0], draws[1])
+
+
 @pytest.mark.parametrize("shape", [[3, 2], [2, 2]])  # the same bytes per row, fewer
 def test_an_index_whose_shape_disagrees_with_its_shards_is_refused(tmp_path, shape):
     names, load, encode = _fake_features(6, shape=(2, 3))
@@ -672,6 +739,32 @@ def test_streamed_split_gives_each_photo_its_own_features_in_either_split(tmp_pa
     assert dev_fmaps[:, 0, 0].tolist() == [20, 30]
     assert len(loaded) == 1  # the second run: all cached, no encoder loaded
     features.close()
+
+
+@pytest.mark.parametrize("split", ["streamed_split", "split_features"])  # frozen, fine-tuned encoder
+def test_photos_missing_from_the_images_folder_are_counted_before_any_photo_is_encoded(
+    tmp_path, monkeypatch, split
+):
+    """A split file that names photos the images folder lacks stops the run in one line that
+    counts them, before the cache is made or any photo read (not at the first one missing, after
+    the photos before it are encoded)."""
+    from PIL import Image
+
+    from edgecap.data.readers import CaptionedImage
+    from edgecap.errors import DataError
+    from edgecap.models import efficientnet_lite
+    from edgecap.preprocess import Preprocessing
+    from edgecap.training import features, shards
+
+    for k in range(2):
+        Image.new("RGB", (8, 8), (10 * (k + 1), 0, 0)).save(tmp_path / f"p{k}.png")
+    monkeypatch.setattr(shards, "image_encoder", lambda *a: pytest.fail("a photo encoded"))
+    monkeypatch.setattr(efficientnet_lite, "load_pretrained", lambda *a: pytest.fail("a photo encoded"))
+    items = [CaptionedImage(f"p{k}.png", ["a caption"]) for k in range(4)]  # p2, p3: missing
+    function = getattr(shards if split == "streamed_split" else features, split)
+    with pytest.raises(DataError, match=r"^2 photos are missing, e\.g\. .*p2\.png, .*p3\.png$"):
+        function(items[:3], items[3:], tmp_path, tmp_path / "cache", Preprocessing(), progress=False)
+    assert not (tmp_path / "cache").exists()
 
 
 def test_each_rank_trains_on_a_disjoint_share_of_the_same_global_batches():

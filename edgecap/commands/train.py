@@ -315,6 +315,10 @@ def run(args: argparse.Namespace) -> int:
                     if value is not None  # a size not given: the fresh decoder's, or the start's
                 },
             )
+    except ValueError as exc:  # the config's own checks, in the command line's words
+        print(f"edgecap train: error: {_in_flags(str(exc), args)}", file=sys.stderr)
+        return 2
+    try:  # said with their flags already: a path is never rewritten (a folder named cache_dir)
         check_folders(args.out, args.cache_dir, ("--out", "--cache-dir"))
         if args.images is not None and not os.path.isdir(args.images):  # not one line a photo
             what = "not a folder" if os.path.exists(args.images) else "no such folder"
@@ -323,8 +327,8 @@ def run(args: argparse.Namespace) -> int:
         if text is not None and not os.path.isfile(text):  # else said once every photo is encoded
             what = "not a file" if os.path.exists(text) else "no such file"
             raise ValueError(f"--text {text}: {what} (caption text, one a line)")
-    except ValueError as exc:  # the config's own checks, in the command line's words
-        print(f"edgecap train: error: {_in_flags(str(exc), args)}", file=sys.stderr)
+    except ValueError as exc:
+        print(f"edgecap train: error: {exc}", file=sys.stderr)
         return 2
     run_training: Callable[..., Path]  # train or train_scst: a config in, the best checkpoint out
     try:
