@@ -234,6 +234,23 @@ def test_convert_detects_corrupt_source(fp32_dir, tmp_path):
         convert_model_dir(copy, tmp_path / "out", "fp16")
 
 
+def test_convert_detects_a_source_graph_changed_but_still_loadable(small_model, tmp_path):
+    """A graph whose bytes changed but still load (a weight flipped on an SD card, another
+    model's graph copied over it) fails its checksum: refused before anything is written, not
+    converted into a model of wrong weights that vouches for the source's checksums."""
+    from onnx import numpy_helper
+
+    graph = small_model / "encoder.onnx"
+    model = onnx.load(str(graph))
+    weight = model.graph.initializer[0]
+    weight.CopyFrom(numpy_helper.from_array(numpy_helper.to_array(weight) + 1.0, weight.name))
+    onnx.save(model, str(graph))
+    onnx.checker.check_model(onnx.load(str(graph)))  # still a valid graph
+    with pytest.raises(ModelError, match="checksum"):
+        convert_model_dir(small_model, tmp_path / "out", "fp16")
+    assert not (tmp_path / "out").exists()
+
+
 def test_int8_dynamic_step_and_static_encoder(fp32_dir, int8_dir):
     m = load_manifest(int8_dir)
     verify_files(m)
@@ -280,6 +297,30 @@ def test_an_int8_images_step_is_the_same_in_a_batch_as_alone(int8_dir, beam):
     for (lp_alone, ids_alone), (lp_batch, ids_batch) in zip(results["alone"], results["batch"]):
         np.testing.assert_array_equal(ids_batch, ids_alone)
         np.testing.assert_array_equal(lp_batch, lp_alone)
+
+
+def test_an_int8_row_that_reads_another_images_state_is_stepped_with_the_whole_batch(small_model, tmp_path):
+    """The int8 step's rows run image by image only while each row continues its own image's
+    state: a row that reads another image's (possible through the backend API, never in the
+    beam loop) makes the step one run over all the rows, as it is for FP32 models, not a run
+    of one image's rows reading a state that run does not have."""
+    from edgecap.backends.onnxruntime import OnnxRuntimeBackend
+
+    manifest = convert_model_dir(small_model, tmp_path / "int8", "int8")
+    backend = OnnxRuntimeBackend(manifest, device="cpu")
+    images = np.random.default_rng(0).standard_normal((2, 3, *manifest.preprocessing.size))
+    encoded = backend.encode(images.astype(np.float32))
+    index = np.array([0, 0, 1, 1], np.int32)
+    crossing = np.array([1, 0, 1, 1], np.int32)  # row 0, of image 0, starts from image 1's h0
+    tokens = np.full(4, manifest.tokens["start"], np.int32)
+    session = backend.start(encoded, index)
+    assert session.per_image  # an int8 model's batch of 2 runs image by image
+    got = session.step(tokens, crossing)
+    whole = backend.start(encoded, index)
+    whole.per_image = False  # one run for all the rows
+    want = whole.step(tokens, crossing)
+    np.testing.assert_array_equal(got.topk_ids, want.topk_ids)
+    np.testing.assert_array_equal(got.topk_logprobs, want.topk_logprobs)
 
 
 def test_static_int8_encoder_keeps_its_sensitive_layers_fp32_and_its_features_close(
@@ -798,6 +839,22 @@ def test_int8_is_made_only_from_the_fp32_model(small_model, tmp_path):
     assert not (tmp_path / "int8").exists()
 
 
+def test_an_int8_conversion_gives_the_root_logger_its_level_back(small_model, tmp_path):
+    """onnxruntime.quantization's warnings (logged on the root logger) are held back while it
+    runs, and the program's own level is back afterwards: a program that converts models (the
+    Python API) keeps its INFO logs."""
+    import logging
+
+    root = logging.getLogger()
+    before = root.level
+    root.setLevel(logging.INFO)
+    try:
+        convert_model_dir(small_model, tmp_path / "int8", "int8")
+        assert root.level == logging.INFO
+    finally:
+        root.setLevel(before)
+
+
 def test_a_converted_model_records_what_it_was_converted_from(small_model, tmp_path):
     source = load_manifest(small_model)
     converted = convert_model_dir(small_model, tmp_path / "fp16", "fp16")
@@ -1008,6 +1065,75 @@ def test_the_word_logit_island_follows_any_mask_to_the_projection():
     everything = ["proj", "bias", "cast", "allowed_mask", "banned_mask", "logsoftmax", "gather"]
     assert sorted(fp32_nodes(graph)) == sorted(everything)
     assert sorted(fp32_nodes(graph, word_logits=False)) == ["gather", "logsoftmax"]
+
+
+def test_the_attention_logit_island_runs_from_the_softmax_to_the_projection():
+    """Hand-built graphs: a Softmax's input chain stays FP32 down to the projection that makes
+    the logits (module doc: "the nodes computing the Softmax input, up to and including the
+    projection"): the view ops, the bias Add and the MatMul feeding it (the step's attention),
+    or a Gemm (the encoder's classifier); a projection that feeds no Softmax is left to FP16."""
+    from onnx import TensorProto, helper, numpy_helper
+
+    f32 = TensorProto.FLOAT
+
+    def graph(nodes, inits):
+        x = helper.make_tensor_value_info("x", f32, [2, 4])
+        out = helper.make_tensor_value_info("probs", f32, [2, 3])
+        weights = [numpy_helper.from_array(np.ones(shape, np.float32), name) for name, shape in inits]
+        return helper.make_graph(nodes, "g", [x], [out], weights)
+
+    attention = graph(
+        [
+            helper.make_node("MatMul", ["x", "w_other"], ["other"], name="other_projection"),
+            helper.make_node("MatMul", ["other", "w"], ["p"], name="score_projection"),
+            helper.make_node("Add", ["p", "b"], ["scores"], name="score_bias"),
+            helper.make_node("Unsqueeze", ["scores", "axes"], ["scores3"], name="unsqueeze"),
+            helper.make_node("Squeeze", ["scores3", "axes"], ["scores2"], name="squeeze"),
+            helper.make_node("Softmax", ["scores2"], ["probs"], name="softmax", axis=1),
+        ],
+        [("w_other", (4, 4)), ("w", (4, 3)), ("b", (3,))],
+    )
+    attention.initializer.append(numpy_helper.from_array(np.array([2], np.int64), "axes"))
+    assert sorted(fp32_nodes(attention)) == [
+        "score_bias",
+        "score_projection",
+        "softmax",
+        "squeeze",
+        "unsqueeze",
+    ]
+    classifier = graph(
+        [
+            helper.make_node("Gemm", ["x", "w", "b"], ["logits"], name="classifier", transB=0),
+            helper.make_node("Cast", ["logits"], ["logits32"], name="cast", to=f32),
+            helper.make_node("Softmax", ["logits32"], ["probs"], name="softmax", axis=1),
+        ],
+        [("w", (4, 3)), ("b", (3,))],
+    )
+    assert sorted(fp32_nodes(classifier)) == ["cast", "classifier", "softmax"]
+
+
+def test_name_nodes_names_every_unnamed_node_apart_from_the_named_ones():
+    """The converters' block lists name nodes: every unnamed node gets a name, none taken twice,
+    also where the name it would get (op type and position) is already a named node's."""
+    from onnx import TensorProto, helper
+
+    from edgecap.build.convert import name_nodes
+
+    nodes = [
+        helper.make_node("Relu", ["x"], ["a"]),
+        helper.make_node("Relu", ["a"], ["b"], name="Relu_0"),
+        helper.make_node("Relu", ["b"], ["c"], name="Relu_2"),
+        helper.make_node("Relu", ["c"], ["y"]),
+        helper.make_node("Relu", ["y"], ["z"]),
+    ]
+    vi = helper.make_tensor_value_info
+    graph = helper.make_graph(
+        nodes, "g", [vi("x", TensorProto.FLOAT, [1])], [vi("z", TensorProto.FLOAT, [1])]
+    )
+    name_nodes(graph)
+    names = [n.name for n in graph.node]
+    assert names[1:3] == ["Relu_0", "Relu_2"]  # named ones keep their names
+    assert all(names) and len(set(names)) == len(names), names
 
 
 @pytest.mark.parametrize("existing", [False, True])

@@ -131,6 +131,15 @@ def test_pytorch_changed_after_export_fails_the_check(exported, which, name):
         check_export(encoder, decoder, out, PRE)
 
 
+def test_a_nan_in_pytorch_fails_the_check(exported):
+    """A NaN where onnxruntime has a number (a weight gone NaN, as in a diverged training's
+    checkpoint) is a difference past any tolerance, not one that compares as none: the check
+    fails. The NaN reaches h0 only (the step's inputs are its own), so nothing else fails it."""
+    encoder, decoder, out = exported
+    with pytest.raises(ModelError, match="export check failed"):
+        check_export(encoder, _nudged(decoder, "init_h.bias", float("nan")), out, PRE)
+
+
 def test_a_change_far_below_the_tolerance_passes(exported):
     encoder, decoder, out = exported
     check_export(encoder, _nudged(decoder, "init_h.bias", 1e-6), out, PRE)
@@ -184,6 +193,73 @@ def test_the_folded_padding_matches_pytorch_on_a_photo(tiny_model_dir):
     (features,) = session.run(["features"], {"image": x})
     reference = TorchBackend(manifest).encode(x).tensors["features"].numpy()
     assert np.abs(features - reference).max() < 1e-3
+
+
+def test_folding_the_padding_keeps_what_each_pad_computes(tmp_path):
+    """``_fold_static_padding`` on a hand-built graph: a zero spatial Pad goes into the Conv it
+    feeds, added to the Conv's own pads; a Pad that also pads the channels, one that fills with
+    1, and one that two Convs read are kept (as constants). Every output is the same before and
+    after, on a batch of 2 (the graph's batch is dynamic) of 3-channel images."""
+    import onnxruntime as ort
+    from onnx import TensorProto, helper
+
+    from edgecap.build.export import _fold_static_padding
+
+    rng = np.random.default_rng(0)
+    nodes, inits = [], []
+
+    def const(name, values, dtype):
+        nodes.append(
+            helper.make_node("Constant", [], [name], value=numpy_helper.from_array(np.array(values, dtype)))
+        )
+        return name
+
+    def pad(name, pads, fill=None):
+        inputs = ["image", const(f"{name}_amounts", pads, np.int64)]
+        if fill is not None:
+            inputs.append(const(f"{name}_fill", fill, np.float32))
+        nodes.append(helper.make_node("Pad", inputs, [name], name=name, mode="constant"))
+        return name
+
+    def conv(x, out, channels, **attributes):
+        weight = f"{out}_w"
+        inits.append(
+            numpy_helper.from_array(rng.standard_normal((3, channels, 3, 3)).astype(np.float32), weight)
+        )
+        nodes.append(helper.make_node("Conv", [x, weight], [out], name=out, **attributes))
+        return out
+
+    spatial = [0, 0, 1, 2, 0, 0, 2, 1]
+    outputs = [
+        conv(pad("zeros", spatial), "y_folded", 3, pads=[1, 0, 0, 1]),
+        conv(pad("channels", [0, 1, 1, 1, 0, 0, 1, 1]), "y_channels", 4),
+        conv(pad("ones", spatial, fill=1.0), "y_ones", 3),
+        conv(pad("shared", spatial), "y_first", 3),
+        conv("shared", "y_second", 3, strides=[2, 2]),
+    ]
+    graph = helper.make_graph(
+        nodes,
+        "padding",
+        [helper.make_tensor_value_info("image", TensorProto.FLOAT, ["n", 3, 6, 6])],
+        [helper.make_tensor_value_info(name, TensorProto.FLOAT, None) for name in outputs],
+        inits,
+    )
+    path = tmp_path / "padding.onnx"
+    onnx.save(helper.make_model(graph, opset_imports=[helper.make_opsetid("", 17)]), str(path))
+    x = rng.standard_normal((2, 3, 6, 6)).astype(np.float32)
+
+    def run():
+        session = ort.InferenceSession(str(path), providers=["CPUExecutionProvider"])
+        return session.run(outputs, {"image": x})
+
+    before = run()
+    _fold_static_padding(path, (6, 6))
+    after = run()
+    for name, b, a in zip(outputs, before, after):
+        assert a.shape == b.shape, name
+        np.testing.assert_allclose(a, b, rtol=1e-5, atol=1e-5, err_msg=name)
+    kept = sorted(n.name for n in onnx.load(str(path)).graph.node if n.op_type == "Pad")
+    assert kept == ["channels", "ones", "shared"]
 
 
 @pytest.mark.parametrize("role", ["encoder", "decoder_step"])

@@ -189,7 +189,7 @@ def make_fake_trt(version: str, device: FakeDevice):
         flags["EXPLICIT_BATCH"] = 0
     if v >= (10, 0):
         flags["STRONGLY_TYPED"] = 5
-    builder_flags = {"PREFER_PRECISION_CONSTRAINTS": 8, "TF32": 7}
+    builder_flags = {"PREFER_PRECISION_CONSTRAINTS": 8, "OBEY_PRECISION_CONSTRAINTS": 9, "TF32": 7}
     if v < (11, 0):
         builder_flags["FP16"] = 0
     trt.Logger = Logger
@@ -304,6 +304,17 @@ def make_fake_trt(version: str, device: FakeDevice):
             except Exception as exc:  # noqa: BLE001
                 self.errors.append(str(exc))
                 return False
+            # TensorRT 8.6 to 10.x refuse a Slice whose axes are computed, even from constants
+            # (onnx-tensorrt's importSlice: axes.allValuesKnown(); engines/README.md)
+            stored = {t.name for t in model.graph.initializer}
+            stored |= {o for n in model.graph.node if n.op_type == "Constant" for o in n.output}
+            for i, n in enumerate(model.graph.node):
+                if n.op_type == "Slice" and len(n.input) > 3 and n.input[3] and n.input[3] not in stored:
+                    self.errors.append(
+                        f"In node {i} with name: {n.name} and operator: Slice (importSlice): "
+                        "UNSUPPORTED_NODE: Assertion failed: axes.allValuesKnown()"
+                    )
+                    return False
             self.network.onnx = data
             for vi in model.graph.input:
                 dims = tuple(
@@ -398,20 +409,24 @@ def make_fake_trt(version: str, device: FakeDevice):
             opt = {name: shapes[1] for name, shapes in config.profiles[0].shapes.items()}
             if not _runs_at(network.onnx, model, opt):
                 return None  # TensorRT logs the violated constraint and returns no engine
+            # a weakly typed network's layer precisions and output types bind TensorRT only
+            # under PREFER_ or OBEY_PRECISION_CONSTRAINTS; without either it takes them only
+            # where they make the engine faster (its guide, "Layer-Level Control of Precision")
+            flags = trt.BuilderFlag
+            bound = {flags.PREFER_PRECISION_CONSTRAINTS, flags.OBEY_PRECISION_CONSTRAINTS} & config.flags
+            constrained = network.layers if bound else []
             record = {
                 "version": version,
                 "network_flags": network.flags,
                 "builder_flags": sorted(config.flags),
                 "profile": {k: [list(s) for s in v] for k, v in config.profiles[0].shapes.items()},
                 "fp16_weights": any(t.data_type == 10 for t in model.graph.initializer),
-                "pinned": [layer.type for layer in network.layers if layer.precision == 1],
+                "pinned": [layer.type for layer in constrained if layer.precision == 1],
                 "pinned_outputs": sorted(
-                    t.name for layer in network.layers if layer.precision == 1 for t in layer.outputs
+                    t.name for layer in constrained if layer.precision == 1 for t in layer.outputs
                 ),
                 "retyped": [
-                    [layer.type, j, t]
-                    for layer in network.layers
-                    for j, t in sorted(layer.output_types.items())
+                    [layer.type, j, t] for layer in constrained for j, t in sorted(layer.output_types.items())
                 ],
                 "timing_cache_in": config.cache.data.decode() if config.cache else None,
             }
@@ -1164,6 +1179,28 @@ def test_fake_parse_and_build_failures_are_backend_errors_saying_why(
     assert list(tmp_path.glob("*.engine")) == []
 
 
+def test_fake_the_step_graph_as_exported_does_not_parse_and_its_folded_copy_does(model_dir):
+    """engines/README.md's table: TensorRT's ONNX parser (8.6 to 10.x) refuses the decoder step
+    as exported, whose Slice takes its axes from an Unsqueeze (``axes.allValuesKnown()``), and
+    parses the copy an engine is built from, with every constant chain folded
+    (``onnx_for_build``). The fake parser refuses it too, so a build that parsed the graph as
+    exported fails here as it would there."""
+    from edgecap.build.convert import fold_constants
+
+    trt = make_fake_trt("10.3.0.30", FakeDevice())
+    step = onnx.load(str(load_manifest(model_dir).path("decoder_step")))
+    if not [n for n in step.graph.node if n.op_type == "Slice" and n.input[3:4] != [""]]:
+        pytest.skip("a step graph without the exporter's Slice (the stand-in built without torch)")
+    parser = trt.OnnxParser(trt.Builder(None).create_network(0), None)
+    assert not parser.parse(step.SerializeToString())
+    assert (
+        "Slice (importSlice): UNSUPPORTED_NODE: Assertion failed: axes.allValuesKnown()"
+        in parser.get_error(0)
+    )
+    folded = trt.OnnxParser(trt.Builder(None).create_network(0), None)
+    assert folded.parse(fold_constants(step).SerializeToString()) and folded.num_errors == 0
+
+
 def test_fake_a_cached_engine_missing_an_output_is_refused(monkeypatch, tmp_path, model_dir, device):
     """A cached encoder engine whose outputs lack one the contract has (class_probs, e.g. an
     engine from a model exported before it existed) is a ModelError saying to re-export, not
@@ -1186,6 +1223,41 @@ def test_fake_a_cached_engine_missing_an_output_is_refused(monkeypatch, tmp_path
         cache.load(manifest, "encoder", "fp32", Limits(1, 1))
 
 
+def test_fake_a_cached_engine_missing_an_input_is_refused(monkeypatch, tmp_path, model_dir, device):
+    """A decoder-step engine without one of the contract's inputs (word_bias: an engine of a
+    model exported before it existed), and a beam-step engine that has the plain step's I/O,
+    without the beam inputs it is run with (``edgecap.build.beam_step``): each a ModelError
+    saying to re-export, not an engine the backend binds buffers to. Stand-in engine objects."""
+    import edgecap.trt.engines as engines
+    from edgecap.build.beam_step import BEAM_INPUTS
+    from edgecap.contract import STEP_INPUTS, STEP_OUTPUTS
+    from edgecap.errors import ModelError
+
+    trt = install(monkeypatch, "10.3.0.30", device)
+    manifest = load_manifest(model_dir)
+    cache = _cache(trt, device, tmp_path, io.StringIO())
+
+    def stand_in(inputs, outputs):
+        io_modes = {**dict.fromkeys(inputs, "input"), **dict.fromkeys(outputs, "output")}
+        return types.SimpleNamespace(
+            num_io_tensors=len(io_modes),
+            get_tensor_name=lambda i: list(io_modes)[i],
+            get_tensor_mode=lambda name: io_modes[name],
+        )
+
+    no_bias = stand_in([name for name in STEP_INPUTS if name != "word_bias"], STEP_OUTPUTS)
+    cache.path(manifest, "decoder_step", "fp32", Limits(1, 1)).write_bytes(b"")
+    monkeypatch.setattr(engines, "deserialize", lambda trt, runtime, path: no_bias)
+    with pytest.raises(ModelError, match=r"decoder_step engine has I/O .*'word_bias'.*Re-export"):
+        cache.load(manifest, "decoder_step", "fp32", Limits(1, 1))
+
+    assert {"scores", "word_block"} <= set(BEAM_INPUTS) - set(STEP_INPUTS)
+    plain_step = stand_in(STEP_INPUTS, STEP_OUTPUTS)
+    monkeypatch.setattr(engines, "deserialize", lambda trt, runtime, path: plain_step)
+    with pytest.raises(ModelError, match=r"beam_step2-.* engine has I/O .*'scores'.*Re-export"):
+        cache.load_beam(manifest, 2, manifest.tokens["end"], "fp32", Limits(1, 2))
+
+
 def test_fake_a_freshly_built_engine_that_does_not_load_is_a_backend_error(
     monkeypatch, tmp_path, model_dir, device
 ):
@@ -1203,14 +1275,18 @@ def test_fake_a_freshly_built_engine_that_does_not_load_is_a_backend_error(
 def _stand_in_network(trt, specs):
     """A network of named, typed layers for ``_pin_fp32_layers``, and its layers: one per
     ``(kind, inputs, outputs)`` or ``(kind, inputs, outputs, dtypes)`` (``dtypes``: a type for
-    every tensor of the layer, or a tensor name -> type; FP32 when not given), each recording
-    its precision and retyped outputs."""
+    every tensor of the layer, or a tensor name -> type; FP32 when not given; an input None: an
+    optional one not set, for which TensorRT's ``get_input`` gives None), each recording its
+    precision and retyped outputs."""
 
     def layer(kind, inputs, outputs, dtypes=trt.float32):
         def dtype(name):
             return dtypes.get(name, trt.float32) if isinstance(dtypes, dict) else dtypes
 
-        tensors = {name: types.SimpleNamespace(name=name, dtype=dtype(name)) for name in (*inputs, *outputs)}
+        tensors = {
+            name: types.SimpleNamespace(name=name, dtype=dtype(name)) if name is not None else None
+            for name in (*inputs, *outputs)
+        }
         made = types.SimpleNamespace(
             type=kind,
             precision=None,
@@ -1293,6 +1369,30 @@ def test_fake_fp16_pins_every_layer_of_an_island_node_and_nothing_around_it():
         *([{}] + [pinned] * 4 + [{}, {}]),
         *(pinned, pinned, {}, pinned),  # the shape layer neither pinned nor retyped
     ]
+
+
+def test_fake_fp16_pinning_passes_over_optional_inputs_that_are_not_set():
+    """TensorRT's ``get_input`` gives None for an optional input a layer was made without
+    (NvInfer.h, ILayer::getInput: "nullptr if ... the tensor is optional", e.g. a slice layer's
+    stride or axes): a layer with one is pinned like any other, by what its other tensors are,
+    and walked through when it computes an island's tensor. A stand-in network."""
+    from edgecap.trt.engines import Islands, _pin_fp32_layers
+
+    trt = make_fake_trt("10.3.0.30", FakeDevice())
+    network, layers = _stand_in_network(
+        trt,
+        [
+            ("other", ["x"], ["logits"]),
+            ("slice", ["logits", None, "size"], ["logits_window"]),  # an island: FP32
+            ("slice", ["beam/scores", "start", None], ["beam/best"]),  # the beam bookkeeping
+            ("slice", ["beam/ids", None], ["beam/ids_window"], trt.int32),  # integers: left alone
+        ],
+    )
+    islands = Islands(tensors=frozenset({"logits_window"}), named=frozenset({"x", "logits", "logits_window"}))
+    _pin_fp32_layers(trt, network, islands)
+    f32 = trt.float32
+    assert [lay.precision for lay in layers] == [None, f32, f32, None]
+    assert [lay.retyped for lay in layers] == [{}, {0: f32}, {0: f32}, {}]
 
 
 def test_fake_engines_are_built_only_at_a_known_precision_from_a_matching_model(
@@ -1515,6 +1615,35 @@ def test_fake_a_shape_tensorrt_refuses_names_the_limits_and_the_fix(monkeypatch,
             backend.encode(np.zeros((1, 3, h, w), np.float32))
 
 
+def test_fake_an_engine_run_or_an_address_tensorrt_refuses_is_a_backend_error(
+    monkeypatch, tmp_path, model_dir, device
+):
+    """TensorRT says False when it cannot enqueue an engine (``execute_async_v3``) or take a
+    tensor's address (``set_tensor_address``: one it cannot use, e.g. misaligned): each is a
+    BackendError naming the engine or the tensor, not the pinned buffers' older contents (an
+    earlier batch's class probabilities, an earlier step's words) handed back as this call's."""
+    install(monkeypatch, "8.6.2.3", device)
+    manifest = load_manifest(model_dir)
+    h, w = manifest.preprocessing.size
+    images = np.zeros((1, 3, h, w), np.float32)
+    with _fp32_backend(manifest, tmp_path, device) as backend:
+        backend.encode(images)
+        backend._contexts["encoder"].execute_async_v3 = lambda stream: False
+        with pytest.raises(BackendError, match="TensorRT failed to run the encoder engine"):
+            backend.encode(images)
+    with _fp32_backend(manifest, tmp_path, device) as backend:
+        session = backend.start(backend.encode(images), np.zeros(2, np.int32))
+        session.step(np.ones(2, np.int32), np.zeros(2, np.int32))
+        backend._contexts["decoder_step"].execute_async_v3 = lambda stream: False
+        with pytest.raises(BackendError, match="TensorRT failed to run the decoder_step engine"):
+            session.step(np.ones(2, np.int32), np.zeros(2, np.int32))
+    with _fp32_backend(manifest, tmp_path, device) as backend:
+        session = backend.start(backend.encode(images), np.zeros(2, np.int32))
+        backend._contexts["decoder_step"].set_tensor_address = lambda name, ptr: name != "h_out"
+        with pytest.raises(BackendError, match="TensorRT refused the address of tensor 'h_out'"):
+            session.step(np.ones(2, np.int32), np.zeros(2, np.int32))
+
+
 def test_fake_backend_closes_only_the_device_it_opened(monkeypatch, tmp_path, model_dir, device):
     """``cuda_device``: a device the caller opened stays open after the backend closes (the
     caller may run other backends or copies on it); the device the backend opens itself (GPU 0,
@@ -1534,6 +1663,57 @@ def test_fake_backend_closes_only_the_device_it_opened(monkeypatch, tmp_path, mo
     assert own.memory == {} and own.closed
 
 
+def test_fake_build_all_closes_only_the_device_it_opened(monkeypatch, tmp_path, model_dir, device):
+    """``build_all(device=...)`` (edgecap build's engines on a device the caller opened) leaves
+    that device open for the caller's other work; without one it opens GPU 0 itself and closes
+    it when the engines are built (pycuda: the primary context's reference let go)."""
+    import edgecap.trt.cuda
+
+    install(monkeypatch, "8.6.2.3", device)
+    manifest = load_manifest(model_dir)
+    build_all(manifest, "fp32", Limits(1, 1), tmp_path, device=device, log=io.StringIO())
+    assert not device.closed
+    own = FakeDevice()
+    monkeypatch.setattr(edgecap.trt.cuda, "open_device", lambda index=0: own)
+    paths = build_all(manifest, "fp32", Limits(1, 1), tmp_path / "own", log=io.StringIO())
+    assert [p.exists() for p in paths] == [True, True] and own.closed and not device.closed
+
+
+@pytest.mark.parametrize("failing", ["alloc", "host_array"])
+def test_fake_a_backend_out_of_gpu_memory_frees_what_it_had_allocated(
+    monkeypatch, tmp_path, model_dir, failing
+):
+    """GPU or pinned memory running out partway through the backend's buffers (a GPU shared
+    with other programs) is the device's BackendError, and the buffers, pinned arrays and the
+    stream made before it are freed: a server that retries, or falls back to another backend,
+    does not lose GPU memory with every try."""
+
+    class RunsOut(FakeDevice):
+        made = 0
+
+        def _runs_out(self):
+            self.made += 1
+            if self.made == 4:
+                raise BackendError(f"CUDA error while {failing}: out of memory")
+
+        def alloc(self, nbytes):
+            if failing == "alloc":
+                self._runs_out()
+            return super().alloc(nbytes)
+
+        def host_array(self, shape, dtype):
+            if failing == "host_array":
+                self._runs_out()
+            return super().host_array(shape, dtype)
+
+    device = RunsOut()
+    install(monkeypatch, "8.6.2.3", device)
+    with pytest.raises(BackendError, match="out of memory"):
+        _fp32_backend(load_manifest(model_dir), tmp_path, device)
+    assert device.made == 4
+    assert device.memory == {} and device.pinned == [] and device.streams == []
+
+
 def test_fake_an_engine_tensor_of_another_type_than_the_contract_is_refused(
     monkeypatch, tmp_path, model_dir, device
 ):
@@ -1550,6 +1730,56 @@ def test_fake_an_engine_tensor_of_another_type_than_the_contract_is_refused(
     ):
         TensorRTBackend(manifest, "fp32", Limits(1, 1), tmp_path, cuda_device=device, log=io.StringIO())
     assert device.memory == {}
+
+
+def test_fake_an_engine_tensor_of_another_shape_than_the_manifest_is_refused(
+    monkeypatch, tmp_path, model_dir, device
+):
+    """The backend sizes its buffers by the manifest's dimensions: an engine that disagrees (a
+    manifest whose hidden size is not its graphs', or an engine whose tensor has an axis more)
+    is a BackendError naming the tensor and both shapes before any buffer is made, not buffers
+    of the wrong size for what the engine reads and writes."""
+    import dataclasses
+
+    trt = install(monkeypatch, "8.6.2.3", device)
+    manifest = load_manifest(model_dir)
+    dims = manifest.dims
+    hidden = dims.hidden_dim
+    wider = dataclasses.replace(manifest, dims=dataclasses.replace(dims, hidden_dim=hidden + 1))
+    with pytest.raises(
+        BackendError,
+        match=rf"encoder engine tensor 'h0' has inner shape \({hidden},\); "
+        rf"the manifest says \({hidden + 1},\)",
+    ):
+        TensorRTBackend(wider, "fp32", Limits(1, 1), tmp_path, cuda_device=device, log=io.StringIO())
+    assert device.memory == {}
+
+    real = trt.Runtime.deserialize_cuda_engine
+
+    def with_an_axis_more(self, data):
+        engine = real(self, data)
+        mode, dtype, shape = engine.io["features"]
+        engine.io["features"] = (mode, dtype, (*shape, 1))
+        return engine
+
+    monkeypatch.setattr(trt.Runtime, "deserialize_cuda_engine", with_an_axis_more)
+    L, F = dims.regions, dims.feature_dim
+    with pytest.raises(
+        BackendError,
+        match=rf"encoder engine tensor 'features' has inner shape \({L}, {F}, 1\); "
+        rf"the manifest says \({L}, {F}\)",
+    ):
+        TensorRTBackend(manifest, "fp32", Limits(1, 1), tmp_path, cuda_device=device, log=io.StringIO())
+    assert device.memory == {}
+
+
+@pytest.mark.parametrize("threads", [0, -1, 1.5, "2"])
+def test_fake_backend_threads_are_checked_like_the_other_backends(model_dir, threads):
+    """``threads`` has nothing to set on the TensorRT backend, and is still checked as the other
+    backends check it: a value none of them takes is a ValueError naming it, before TensorRT is
+    touched, not silently ignored here and refused on switching backends."""
+    with pytest.raises(ValueError, match=f"threads must be a positive integer .*got {threads!r}"):
+        TensorRTBackend(load_manifest(model_dir), threads=threads)
 
 
 def test_fake_backend_search_must_be_host_or_graph(model_dir):
@@ -1635,6 +1865,30 @@ def test_fake_backend_refuses_an_index_one_past_the_last_row(monkeypatch, tmp_pa
         session.step(tokens, np.array([2, 1, 0], np.int32))
 
 
+def test_fake_backend_refuses_a_negative_index_and_rows_of_no_batch(monkeypatch, tmp_path, model_dir, device):
+    """-1 is no image and no row either (the engine's Gather would read it as the last one, or
+    the device memory before the buffer): refused as out of range in ``image_index`` and in
+    ``source_rows``, at the first step and after it. No rows at all, or an index that is not
+    one row each (2-D), is no batch: refused as the backend's error, not numpy's."""
+    install(monkeypatch, "8.6.2.3", device)
+    manifest = load_manifest(model_dir)
+    h, w = manifest.preprocessing.size
+    with _fp32_backend(manifest, tmp_path, device) as backend:
+        encoded = backend.encode(np.zeros((2, 3, h, w), np.float32))
+        with pytest.raises(BackendError, match=r"image_index must lie in \[0, 2\)"):
+            backend.start(encoded, np.array([0, -1], np.int32))
+        for no_batch in (np.zeros(0, np.int32), np.zeros((2, 1), np.int32)):
+            with pytest.raises(BackendError, match="rows; these engines take 1 to 4"):
+                backend.start(encoded, no_batch)
+        session = backend.start(encoded, np.array([0, 1], np.int32))
+        tokens = np.ones(2, np.int32)
+        with pytest.raises(BackendError, match=r"source_rows must lie in \[0, 2\)"):
+            session.step(tokens, np.array([-1, 1], np.int32))
+        session.step(tokens, np.array([0, 1], np.int32))
+        with pytest.raises(BackendError, match=r"source_rows must lie in \[0, 2\)"):
+            session.step(tokens, np.array([1, -2], np.int32))
+
+
 def test_fake_backend_a_word_bias_never_steers_a_later_batch(monkeypatch, tmp_path, model_dir, device):
     """The word bias stays on the device between steps; a batch with fewer rows that resets
     it to zeros resets only its own rows, so a later, larger batch without a bias must not
@@ -1645,7 +1899,7 @@ def test_fake_backend_a_word_bias_never_steers_a_later_batch(monkeypatch, tmp_pa
     h, w = manifest.preprocessing.size
     V = manifest.dims.vocab_size
     images = np.random.default_rng(5).uniform(-1, 1, (2, 3, h, w)).astype(np.float32)
-    four, two = np.array([0, 0, 1, 1], np.int32), np.array([0, 1], np.int32)
+    four, three = np.array([0, 0, 1, 1], np.int32), np.array([0, 0, 1], np.int32)
     start = manifest.tokens["start"]
     with _fp32_backend(manifest, tmp_path, device) as backend:
         encoded = backend.encode(images)
@@ -1653,7 +1907,8 @@ def test_fake_backend_a_word_bias_never_steers_a_later_batch(monkeypatch, tmp_pa
         bias[:, V - 1] = 50.0
         steered = backend.start(encoded, four).step(np.full(4, start, np.int32), four, bias)
         assert (steered.topk_ids[:, 0] == V - 1).all()
-        backend.start(encoded, two).step(np.full(2, start, np.int32), two)  # zeros, 2 rows
+        # zeros in 3 rows: only the last row still holds the bias
+        backend.start(encoded, three).step(np.full(3, start, np.int32), three)
         got = backend.start(encoded, four).step(np.full(4, start, np.int32), four)
     ((lp, ids, _),) = reference_run(manifest, images, four, [(np.full(4, start, np.int32), four, None)])
     assert (ids[:, 0] != V - 1).all()  # unsteered, the last word is not the first choice
@@ -2264,6 +2519,27 @@ def test_fp32_engines_of_an_fp16_model_directory_are_refused_before_tensorrt_is_
         build_all(half, "fp32", Limits(1, 3))
 
 
+@pytest.mark.parametrize("precision", ["int8", "FP16", "fp8"])
+def test_a_precision_without_tensorrt_engines_is_refused_before_tensorrt_is_looked_for(
+    monkeypatch, model_dir, precision
+):
+    """TensorRT engines are fp16 or fp32 (engines/README.md): any other precision given to the
+    backend or to ``build_all`` is a ValueError naming the two, before TensorRT is looked for,
+    not engines of the default FP16 built and loaded under it."""
+    import edgecap.trt as trt_package
+
+    def no_tensorrt():
+        raise AssertionError("TensorRT looked for before the precision was checked")
+
+    monkeypatch.setattr(trt_package, "import_tensorrt", no_tensorrt)
+    manifest = load_manifest(model_dir)
+    refused = rf"precision must be one of \('fp16', 'fp32'\), not '{precision}'"
+    with pytest.raises(ValueError, match=refused):
+        TensorRTBackend(manifest, precision, Limits(1, 1))
+    with pytest.raises(ValueError, match=refused):
+        build_all(manifest, precision, Limits(1, 1))
+
+
 def test_fake_engine_cache_a_new_build_recipe_prepares_its_graph_anew(
     monkeypatch, tmp_path, model_dir, device
 ):
@@ -2329,3 +2605,47 @@ def test_fake_engine_cache_a_full_disk_at_the_prepared_graph_is_one_error(
         _cache(trt, device, tmp_path, io.StringIO()).build(
             load_manifest(model_dir), "encoder", "fp32", Limits(1, 1)
         )
+
+
+def test_fake_engine_cache_an_error_on_the_model_is_not_blamed_on_the_cache(
+    monkeypatch, tmp_path, model_dir, device
+):
+    """Preparing the graph to build from reads the model's file and writes the cache's: a model
+    graph gone from its folder after the model was loaded is the OSError naming that file, not
+    "cannot save TensorRT engines in <cache>" (whose advice, another cache folder, would not
+    help); a cache file that cannot be created (a read-only mount: the error names the
+    temporary file) is that cache error, naming the folder and how to choose another."""
+    import builtins
+    import errno
+
+    import edgecap.trt.engines as engines
+
+    trt = install(monkeypatch, "10.3.0.30", device)
+    copy = tmp_path / "model"
+    shutil.copytree(model_dir, copy)
+    manifest = load_manifest(copy)
+    graph = manifest.path("encoder")
+    graph.unlink()
+    with pytest.raises(FileNotFoundError) as gone:
+        _cache(trt, device, tmp_path / "engines", io.StringIO()).build(
+            manifest, "encoder", "fp32", Limits(1, 1)
+        )
+    assert Path(gone.value.filename) == graph
+
+    real_open = builtins.open
+
+    def read_only(file, mode="r", *args, **kwargs):
+        if "w" in mode:
+            raise OSError(errno.EROFS, "Read-only file system", str(file))
+        return real_open(file, mode, *args, **kwargs)
+
+    monkeypatch.setattr(engines, "open", read_only, raising=False)
+    cache_dir = tmp_path / "read-only"
+    with pytest.raises(
+        BackendError,
+        match=r"cannot save TensorRT engines in .*read-only .*Read-only file system.*EDGECAP_CACHE",
+    ):
+        _cache(trt, device, cache_dir, io.StringIO()).build(
+            load_manifest(model_dir), "encoder", "fp32", Limits(1, 1)
+        )
+    assert trt.stats["builds"] == []
