@@ -104,6 +104,18 @@ def store_for(kind: str):
     return get_typestore(Stores.ROS1_NOETIC if kind == "ros1" else Stores.ROS2_HUMBLE)
 
 
+def own_image_store(definition: str):
+    """A type store whose sensor_msgs/Image is a recording's own ``definition`` (the standard
+    std_msgs/Header and Time beside it)."""
+    from rosbags.typesys import get_types_from_msg
+
+    standard = store_for("mcap").fielddefs
+    store = get_typestore(Stores.EMPTY)
+    store.register({k: standard[k] for k in ("std_msgs/msg/Header", "builtin_interfaces/msg/Time")})
+    store.register(get_types_from_msg(definition, IMAGE))
+    return store
+
+
 def write_recording(folder: Path, kind: str, messages) -> Path:
     """``messages``: (topic, message type, log time ns, message object) in any order. -> the
     path to give ``--bag`` (for "mcap-file": the .mcap file inside the bag folder)."""
@@ -941,18 +953,8 @@ def test_ros1_profile_mcap_file_is_read(tmp_path, captioner, capfd):
 def test_image_type_without_the_standard_fields_is_one_line_a_frame(definition, tmp_path, captioner, capfd):
     """A recording defines its own types: a sensor_msgs/Image without header/height/... (or
     with height a string) is refused frame by frame, naming topic and time; the others kept."""
-    from rosbags.typesys import get_types_from_msg
-
     store = store_for("mcap")
-    hostile = get_typestore(Stores.EMPTY)
-    hostile.register(
-        {
-            k: v
-            for k, v in store.fielddefs.items()
-            if k in ("std_msgs/msg/Header", "builtin_interfaces/msg/Time")
-        }
-    )
-    hostile.register(get_types_from_msg(definition, "sensor_msgs/msg/Image"))
+    hostile = own_image_store(definition)
     fields = hostile.fielddefs["sensor_msgs/msg/Image"][1]
     values = {
         name: {
@@ -1029,22 +1031,10 @@ def test_field_of_the_wrong_kind_is_an_input_error_not_a_traceback():
 def test_image_data_of_another_element_type_is_no_picture(tmp_path):
     """A recording's own sensor_msgs/Image whose data is float32[] (its other fields standard)
     is refused frame by frame, naming the field: its numbers were read as pixel bytes."""
-    from rosbags.typesys import get_types_from_msg
-
-    store = store_for("mcap")
-    hostile = get_typestore(Stores.EMPTY)
-    hostile.register(
-        {
-            k: v
-            for k, v in store.fielddefs.items()
-            if k in ("std_msgs/msg/Header", "builtin_interfaces/msg/Time")
-        }
-    )
-    definition = (
+    hostile = own_image_store(
         "std_msgs/Header header\nuint32 height\nuint32 width\nstring encoding\n"
         "uint8 is_bigendian\nuint32 step\nfloat32[] data"
     )
-    hostile.register(get_types_from_msg(definition, IMAGE))
     pixels = np.full((2, 2, 3), 7, np.uint8)
     msg = hostile.types[IMAGE](
         header=header(hostile, T0),
