@@ -698,6 +698,25 @@ def test_an_install_with_a_gate_mends_a_model_whose_fusion_no_longer_matches_its
     assert Captioner(model).caption(photos[0]).text
 
 
+def test_an_install_with_a_gate_list_and_no_gate_images_is_refused(tmp_path, capsys):
+    """--gate-list names photos of --gate-images (its help); given alone it had been dropped
+    without a word and the language models installed with no gate, the per-photo gate the
+    user asked for missing. Now a usage error (exit 2) before anything is read or written."""
+    from edgecap.training.language_model import main as lm_main
+
+    names = tmp_path / "names.txt"
+    names.write_text("a.jpg\n")
+    model = tmp_path / "model"  # not there: refused before it is looked at
+    args = ["install", "--model", str(model), "--everyday", "e.npz", "--in-domain", "i.npz"]
+    with pytest.raises(SystemExit) as exit_:
+        lm_main([*args, "--weight", "0.5", "--gate-list", str(names)])
+    assert exit_.value.code == 2
+    assert capsys.readouterr().err.endswith(
+        "error: --gate-list names photos of --gate-images: give --gate-images DIR too\n"
+    )
+    assert not model.exists()
+
+
 def test_a_fusion_weight_for_a_model_without_language_models_is_refused(default_model_dir, tmp_path, capsys):
     """--fusion-weight X (its help: the weight of the everyday language model fused into the
     search; "a model without one has none") given for a model without fusion.json (every model

@@ -375,7 +375,10 @@ def build_parser() -> argparse.ArgumentParser:
 def main(argv=None) -> int:
     argv = list(sys.argv[1:] if argv is None else argv)
     if argv[:1] == ["install"]:
-        args = build_install_parser().parse_args(argv[1:])
+        parser = build_install_parser()
+        args = parser.parse_args(argv[1:])
+        if args.gate_list and not args.gate_images:  # it names photos of that folder
+            parser.error("--gate-list names photos of --gate-images: give --gate-images DIR too")
         photos = None
         if args.gate_images:
             names = (
