@@ -1514,16 +1514,20 @@ def test_cli_an_output_that_cannot_be_written_still_prints_the_scores(
     """An --output the split's captions cannot be written to (a full disk: /dev/full) is one
     line naming it and the system's reason, exit 2 (docs/cli.md: output that could not be
     written), and the scores of the captioned split are still printed; before the fix an
-    OSError traceback and exit 1, the scores of a split that may have taken minutes lost."""
+    OSError traceback and exit 1, the scores of a split that may have taken minutes lost.
+    Through a link in tmp_path: a regression that renamed a file over the --output (as root)
+    replaces the link, not the machine's /dev/full."""
     monkeypatch.setattr(metrics, "java_available", lambda: False)
     tokens, split = flickr_files(tmp_path, ["chelsea.png"])
+    full = tmp_path / "full"
+    full.symlink_to("/dev/full")
     args = ["--images", str(EXAMPLES), "--captions", str(tokens), "--split", str(split), "--json"]
-    rc = main(["eval", *args, "--model", str(tiny_model_dir), "--max-length", "4", "--output", "/dev/full"])
+    rc = main(["eval", *args, "--model", str(tiny_model_dir), "--max-length", "4", "--output", str(full)])
     out = capsys.readouterr()
     assert rc == 2
     assert json.loads(out.out)["n_images"] == 1
     assert out.err.endswith(
-        "edgecap eval: error: --output /dev/full: cannot write it (No space left on device)\n"
+        f"edgecap eval: error: --output {full}: cannot write it (No space left on device)\n"
     )
 
 
