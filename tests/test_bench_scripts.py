@@ -17,6 +17,7 @@ import threading
 from pathlib import Path
 from unittest import mock
 
+import numpy as np
 import pytest
 
 BENCH = Path(__file__).resolve().parents[1] / "benchmarks"
@@ -1366,3 +1367,101 @@ def test_confidence_fit_writes_the_fusion_weight_its_captions_were_searched_at(t
     assert confidence_fit.fitted_fusion_weight(None, "fusion_weight=1.4") == 1.4
     assert confidence_fit.fitted_fusion_weight(None, "fusion_weight=0,consensus=False") == 0.0
     assert confidence_fit.fitted_fusion_weight(tmp_path, "") == 0.0
+
+
+def _step_feed(session, rows: int, images: int, seed: int = 0) -> dict:
+    """A decoder-step feed of ``rows`` rows over ``images`` images, values of the sizes the
+    step meets (h in (-1, 1), features non-negative), from ``session``'s own input shapes."""
+    rng = np.random.default_rng(seed)
+    shapes = {i.name: i.shape for i in session.get_inputs()}
+    hidden, (_, regions, feature), (_, _, attention) = shapes["h"][1], shapes["features"], shapes["att_proj"]
+    vocab = shapes["word_bias"][1]
+    return {
+        "tokens": rng.integers(4, 12, rows).astype(np.int32),
+        "source_rows": np.arange(rows, dtype=np.int32),
+        "h": np.tanh(rng.normal(0, 1, (rows, hidden))).astype(np.float32),
+        "c": rng.normal(0, 1, (rows, hidden)).astype(np.float32),
+        "features": np.abs(rng.normal(0, 1, (images, regions, feature))).astype(np.float32),
+        "att_proj": rng.normal(0, 1, (images, regions, attention)).astype(np.float32),
+        "image_index": (np.arange(rows) % images).astype(np.int32),
+        "word_bias": np.zeros((rows, vocab), np.float32),
+    }
+
+
+def _row_alone(feed: dict, row: int) -> dict:
+    return {
+        **feed,
+        **{k: feed[k][row : row + 1] for k in ("tokens", "h", "c", "image_index", "word_bias")},
+        "source_rows": np.zeros(1, np.int32),
+    }
+
+
+@pytest.mark.skipif(importlib.util.find_spec("onnx") is None, reason="needs onnx")
+def test_int8_rows_quantises_each_row_on_its_own(tiny_model_dir, tmp_path):
+    """int8_rows.py's published figures rest on its two step graphs: with ``per_row_scales`` a
+    row's outputs in a run of six rows are those of the row run alone, bit for bit, and a row
+    alone gets what the shipped per-tensor graph gives it (ONNX's DynamicQuantizeLinear over
+    one row); ``static_scales`` keeps rows apart too. The shipped graph itself does not: its
+    rows move with the others (what the rewrites are for, and what makes this test able to
+    fail)."""
+    import onnx
+    import onnxruntime as ort
+
+    import int8_rows
+    from edgecap.build.convert import convert_model_dir
+
+    int8 = tmp_path / "int8"
+    convert_model_dir(tiny_model_dir, int8, "int8")
+    shipped = onnx.load(str(int8 / "decoder_step.onnx"))
+    tensors = int8_rows.quantised_inputs(shipped)
+    assert tensors
+
+    def session(model):
+        return ort.InferenceSession(model.SerializeToString(), providers=["CPUExecutionProvider"])
+
+    rows = onnx.load(str(int8 / "decoder_step.onnx"))
+    assert int8_rows.per_row_scales(rows) == len(tensors)
+    static = onnx.load(str(int8 / "decoder_step.onnx"))
+    int8_rows.static_scales(static, {t: (-3.0, 3.0) for t in tensors})
+    assert not [n for m in (rows, static) for n in m.graph.node if n.op_type == "DynamicQuantizeLinear"]
+    per_tensor, per_row, fixed = session(shipped), session(rows), session(static)
+    feed = _step_feed(per_tensor, rows=6, images=2)
+    feed["h"][0] *= 0.01  # rows of very different ranges: one scale for all of them moves them
+    feed["h"][3] *= 0.01
+    moved = 0
+    for s, name in ((per_row, "rows"), (fixed, "static"), (per_tensor, "shipped")):
+        together = s.run(None, feed)
+        for row in range(6):
+            alone = s.run(None, _row_alone(feed, row))
+            same = all(np.array_equal(a[0], t[row]) for a, t in zip(alone, together))
+            if name == "shipped":
+                moved += not same
+            else:
+                assert same, (name, row)
+            if name == "rows":
+                shipped_alone = per_tensor.run(None, _row_alone(feed, row))
+                for a, b in zip(alone, shipped_alone):
+                    np.testing.assert_allclose(a, b, rtol=0, atol=1e-6)
+    assert moved  # the shipped graph's rows do depend on the run
+
+
+@pytest.mark.skipif(importlib.util.find_spec("onnx") is None, reason="needs onnx")
+def test_int8_rows_refuses_a_graph_it_cannot_rewrite():
+    """A DynamicQuantizeLinear whose output feeds something other than a MatMulInteger's first
+    input is not what quantize_dynamic writes: per_row_scales says so instead of writing a
+    graph whose zero points are wrong."""
+    from onnx import TensorProto, helper
+
+    import int8_rows
+
+    graph = helper.make_graph(
+        [
+            helper.make_node("DynamicQuantizeLinear", ["x"], ["q", "s", "z"]),
+            helper.make_node("Cast", ["q"], ["y"], to=TensorProto.FLOAT),
+        ],
+        "g",
+        [helper.make_tensor_value_info("x", TensorProto.FLOAT, [2, 3])],
+        [helper.make_tensor_value_info("y", TensorProto.FLOAT, [2, 3])],
+    )
+    with pytest.raises(ValueError, match="q is read by Cast"):
+        int8_rows.per_row_scales(helper.make_model(graph))
