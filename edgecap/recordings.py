@@ -514,7 +514,8 @@ def message_image(msg, compressed: bool, name: str) -> tuple[int, np.ndarray | b
     recording's, or a live topic's: any object with the message's fields) -> (its header stamp
     in nanoseconds, its picture): an RGB uint8 array of a raw image, the encoded bytes of a
     compressed one (``Captioner.caption`` decodes them), or the ``InputError`` naming the frame
-    (``name``) of one that cannot be used (stamp 0 where the header is not a header)."""
+    (``name``) of one that cannot be used (stamp 0 where the header is not a header; the
+    header's stamp where another field is not what it should be)."""
     stamp_ns = 0
     try:
         stamp_ns = header_stamp_ns(msg)
@@ -526,7 +527,8 @@ def message_image(msg, compressed: bool, name: str) -> tuple[int, np.ndarray | b
         return stamp_ns, exc
     except (AttributeError, TypeError, ValueError, OverflowError) as exc:
         # a recording's types passed _type_problem's checks, yet a field is not what it should be
-        return 0, InputError(name, f"message lacks the standard sensor_msgs fields: {reason(exc)}")
+        # (the header's stamp kept where it was read: only another field is not)
+        return stamp_ns, InputError(name, f"message lacks the standard sensor_msgs fields: {reason(exc)}")
     return stamp_ns, data if data else InputError(name, "no image data (0 bytes)")
 
 

@@ -1004,7 +1004,8 @@ def test_image_type_without_the_standard_fields_is_one_line_a_frame(definition, 
 
 def test_field_of_the_wrong_kind_is_an_input_error_not_a_traceback():
     """Past the type check, a field that does not convert (a height "tall") is the frame's
-    InputError."""
+    InputError; the frame keeps its header's stamp (sec 1: 1e9 ns), which was read, for the
+    --json line that reports it (it had been 0, as for a header that is not one)."""
     from types import SimpleNamespace
 
     from edgecap.recordings import Recording
@@ -1026,6 +1027,9 @@ def test_field_of_the_wrong_kind_is_an_input_error_not_a_traceback():
     assert str(frame.image).startswith(
         "/cam at 1700000000.000000000: message lacks the standard sensor_msgs fields: "
     )
+    assert frame.stamp_ns == 1_000_000_000
+    msg.header = SimpleNamespace(stamp=SimpleNamespace(sec="soon", nanosec=0))  # no stamp to read
+    assert recording._frame(connection, T0, b"", 0).stamp_ns == 0
 
 
 def test_image_data_of_another_element_type_is_no_picture(tmp_path):
