@@ -130,6 +130,11 @@ class OnnxRuntimeBackend(Backend):
         self.manifest = manifest
         self.top_k = manifest.dims.top_k
         self.threads = threads
+        # an int8 step quantises its inputs with one scale over all the rows of a run: each
+        # image's rows are stepped (and, search="graph", searched) apart, so that a photo's
+        # caption does not depend on its batch (benchmarks/int8_rows.py: the graphs that would
+        # keep rows apart in one run cost one photo's steps more than batches gain)
+        self.images_apart = manifest.precision == "int8"
         limits = limits or Limits()
         cuda_required = providers is None and device == "cuda"
         if cuda_required and ort_providers.CUDA not in ort.get_available_providers():
@@ -225,9 +230,7 @@ class OnnxRuntimeBackend(Backend):
         if self._device_decoder is not None:
             return self._device_decoder.start(encoded.tensors, image_index, return_attention)
         session = OnnxDecoderSession(self, encoded.tensors, image_index, return_attention)
-        # an int8 step quantises its inputs with one scale over all the rows it is given: each
-        # image's rows are stepped apart, so that its caption does not depend on its batch
-        session.per_image = self.manifest.precision == "int8" and encoded.n_images > 1
+        session.per_image = self.images_apart and encoded.n_images > 1
         return session
 
 

@@ -18,6 +18,7 @@ import threading
 
 import numpy as np
 
+from edgecap.backends.base import Encoded
 from edgecap.build.beam_step import BEAM_OUTPUTS, beam_step_model
 from edgecap.contract import DECODER_STEP
 from edgecap.decoding.graph_search import BeamStepResult, search_with_rules
@@ -124,6 +125,15 @@ class IOBindingBeamSession:
         return BeamStepResult(**dict(zip(results, values)))
 
 
+def _one_image(encoded: Encoded, i: int) -> Encoded:
+    """Image ``i`` of a batch encoded on the host, as a batch of its own."""
+    return Encoded(
+        1,
+        {name: tensor[i : i + 1] for name, tensor in encoded.tensors.items()},
+        None if encoded.class_probs is None else encoded.class_probs[i : i + 1],
+    )
+
+
 def import_onnx():
     """The onnx package, with which search='graph' derives its step graph; without it, one
     BackendError naming ``pip install onnx`` (``OnnxRuntimeBackend`` asks when it is made)."""
@@ -191,6 +201,21 @@ class OnnxGraphSearch:
         backend = self.backend
         dims = backend.manifest.dims
         options.validate(dims.top_k)
+        if backend.images_apart and encoded.n_images > 1 and backend._device_decoder is None:
+            # an int8 step: each image searched alone, as the host search steps it
+            # (OnnxDecoderSession.per_image), so that its caption does not depend on its batch
+            return [
+                hypotheses
+                for i in range(encoded.n_images)
+                for hypotheses in self(
+                    _one_image(encoded, i),
+                    options,
+                    start_id,
+                    end_id,
+                    None if tag_words is None else tag_words[i : i + 1],
+                    fusion,
+                )
+            ]
         beam = options.beam_size
         image_index = np.repeat(np.arange(encoded.n_images, dtype=np.int32), beam)
         step = self.session(beam, end_id)
