@@ -31,6 +31,7 @@ from __future__ import annotations
 import json
 import shutil
 import sys
+import time
 from pathlib import Path
 
 sys.path.insert(0, str(Path(__file__).resolve().parent))
@@ -267,8 +268,6 @@ class CaptionTask:
     also follows its captions' lengths, which may differ between variants."""
 
     def __init__(self, model: str, whole: bool, batch: int):
-        import time
-
         self.captioner = captioner(Path(model), whole, batch)
         examples = C.example_frames()  # astronaut.png first
         self.frames = [examples[i % len(examples)] for i in range(batch)]
