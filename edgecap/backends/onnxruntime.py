@@ -130,11 +130,6 @@ class OnnxRuntimeBackend(Backend):
         self.manifest = manifest
         self.top_k = manifest.dims.top_k
         self.threads = threads
-        # an int8 step quantises its inputs with one scale over all the rows of a run: each
-        # image's rows are stepped (and, search="graph", searched) apart, so that a photo's
-        # caption does not depend on its batch (benchmarks/int8_rows.py: the graphs that would
-        # keep rows apart in one run cost one photo's steps more than batches gain)
-        self.images_apart = manifest.precision == "int8"
         limits = limits or Limits()
         cuda_required = providers is None and device == "cuda"
         if cuda_required and ort_providers.CUDA not in ort.get_available_providers():
@@ -223,6 +218,14 @@ class OnnxRuntimeBackend(Backend):
         if self._graph_search is None:
             return None
         return self._graph_search(encoded, options, start_id, end_id, tag_words, fusion)
+
+    @property
+    def images_apart(self) -> bool:
+        """Whether a batch's images are stepped (and, ``search="graph"``, searched) apart: an
+        int8 step quantises its inputs with one scale over all the rows of a run, so that a
+        photo's caption would depend on its batch (``benchmarks/int8_rows.py``: the graphs that
+        would keep rows apart in one run cost one photo's steps more than batches gain)."""
+        return self.manifest.precision == "int8"
 
     def start(
         self, encoded: Encoded, image_index: np.ndarray, return_attention: bool = False

@@ -201,7 +201,7 @@ class OnnxGraphSearch:
         backend = self.backend
         dims = backend.manifest.dims
         options.validate(dims.top_k)
-        if backend.images_apart and encoded.n_images > 1 and backend._device_decoder is None:
+        if backend._device_decoder is None and encoded.n_images > 1 and backend.images_apart:
             # an int8 step: each image searched alone, as the host search steps it
             # (OnnxDecoderSession.per_image), so that its caption does not depend on its batch
             return [
