@@ -28,10 +28,9 @@ process, interleaved (``_isolated``). Research data is read from ``--data`` only
 
 from __future__ import annotations
 
-import json
 import shutil
 import sys
-import time
+from dataclasses import replace
 from pathlib import Path
 
 sys.path.insert(0, str(Path(__file__).resolve().parent))
@@ -234,9 +233,7 @@ def variant_dir(int8: Path, name: str, rewrite) -> Path:
     rewrite(graph)
     onnx.checker.check_model(graph)
     onnx.save(graph, str(step))
-    data = json.loads((out / "manifest.json").read_text())
-    data["sha256"]["decoder_step"] = file_sha256(step)
-    (out / "manifest.json").write_text(json.dumps(data, indent=2) + "\n")
+    replace(manifest, sha256={**manifest.sha256, "decoder_step": file_sha256(step)}).save()
     return out
 
 
@@ -271,31 +268,17 @@ class CaptionTask:
         self.captioner = captioner(Path(model), whole, batch)
         examples = C.example_frames()  # astronaut.png first
         self.frames = [examples[i % len(examples)] for i in range(batch)]
-        self.step_times: list[float] = []
-        start = self.captioner.backend.start
-
-        def timed_start(*args, **kwargs):
-            session = start(*args, **kwargs)
-            step = session._step
-
-            def timed_step(*step_args):
-                t0 = time.perf_counter()
-                result = step(*step_args)
-                self.step_times.append(time.perf_counter() - t0)
-                return result
-
-            session._step = timed_step
-            return session
-
-        self.captioner.backend.start = timed_start
+        self.timed = C.TimedBackend(self.captioner.backend)  # each step's wall time
+        self.captioner.backend = self.timed
         first = self.captioner.caption_batch(self.frames[:1])[0].text
         self.info = {"model": model, "whole": whole, "first_caption": first}
         self.measures = {"e2e": self.e2e}
 
     def e2e(self):
-        self.step_times = []
+        self.timed.reset()
         self.captioner.caption_batch(self.frames)
-        return I.Fields(steps=len(self.step_times), step_ms=1e3 * float(np.median(self.step_times)))
+        steps = self.timed.step_times
+        return I.Fields(steps=len(steps), step_ms=1e3 * C.median(steps))
 
 
 def make_task(**kwargs) -> CaptionTask:
