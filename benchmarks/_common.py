@@ -19,7 +19,8 @@ Variants (``VARIANTS``): one model directory run several ways.
 
 Converted model directories are cached under ``benchmarks/.cache/`` keyed by the source model's
 checksums (``ort-int8-static`` by its calibration photos too), so only the first run pays for
-the conversion.
+the conversion; a copy made by other conversion code (``CONVERSION_SOURCES``) or another onnx
+or onnxruntime is made again.
 
 Each variant is timed in its own worker process through the isolated harness (``_isolated``):
 ``Variant.spec`` makes its harness spec, ``add_harness_arguments`` / ``run_harness`` the shared
@@ -335,7 +336,9 @@ def converted(source: Path, variant: str, calibration: Path | None) -> Path:
         # the photos it is calibrated on make the model too: other photos, another copy
         name = f"{variant}-{photos_key(calibration_dir)}"
     out = CACHE_DIR / "models" / key / name
-    if (out / "manifest.json").is_file():
+    # what made the copy: a copy made by other conversion code or libraries is made again
+    stamp, made_by = out.with_name(name + ".made-by.json"), conversion_stamp()
+    if (out / "manifest.json").is_file() and stamp.is_file() and json.loads(stamp.read_text()) == made_by:
         return out
     precision = "fp16" if variant == "ort-fp16" else "int8"
     print(
@@ -344,8 +347,31 @@ def converted(source: Path, variant: str, calibration: Path | None) -> Path:
         + ")",
         file=sys.stderr,
     )
+    stamp.unlink(missing_ok=True)  # a conversion cut short leaves no stamp
     convert_model_dir(source, out, precision, calibration=calibration_dir, force=True)
+    stamp.write_text(json.dumps(made_by, indent=1) + "\n")
     return out
+
+
+# the sources a converted model is made by (edgecap/...): another version of them, another model
+CONVERSION_SOURCES = ("build/convert.py", "models/config.py")
+
+
+def conversion_stamp() -> dict[str, str]:
+    """What a cached conversion is made by: a checksum of edgecap's conversion code and the
+    versions of onnx and onnxruntime (its quantiser and FP16 converter convert), those installed."""
+    import hashlib
+    from importlib.metadata import PackageNotFoundError, version
+
+    import edgecap
+
+    package = Path(edgecap.__file__).parent
+    code = hashlib.sha256(b"".join((package / f).read_bytes() for f in CONVERSION_SOURCES)).hexdigest()
+    stamp = {"code": code[:16]}
+    for dist in ("onnx", "onnxruntime", "onnxruntime-gpu"):
+        with contextlib.suppress(PackageNotFoundError):
+            stamp[dist] = version(dist)
+    return stamp
 
 
 def photos_key(folder: Path) -> str:

@@ -4,6 +4,8 @@ is one line naming it, not a traceback."""
 
 from __future__ import annotations
 
+import hashlib
+import importlib.metadata
 import json
 import subprocess
 import sys
@@ -11,7 +13,8 @@ from pathlib import Path
 
 import pytest
 
-BENCH = Path(__file__).resolve().parents[1] / "benchmarks"
+REPO = Path(__file__).resolve().parents[1]
+BENCH = REPO / "benchmarks"
 sys.path.insert(0, str(BENCH))
 
 import _common as C  # noqa: E402
@@ -45,6 +48,58 @@ def test_the_static_int8_model_is_converted_again_for_other_calibration_photos(t
     assert C.converted(C.DEFAULT_MODEL, "ort-int8", mine) == C.converted(C.DEFAULT_MODEL, "ort-int8", None)
     with pytest.raises(SystemExit, match="no such folder"):
         C.converted(C.DEFAULT_MODEL, "ort-int8-static", tmp_path / "absent")
+
+
+def test_a_cached_conversion_made_by_other_code_or_libraries_is_made_again(tmp_path, monkeypatch):
+    """A cached int8 copy is measured only while the conversion code and onnx/onnxruntime that
+    made it are the ones installed: after either changes (or a conversion was cut short, leaving
+    no record of what made it), the copy is converted again, not measured as if it were new."""
+    from edgecap.build import convert
+
+    calls = []
+
+    def fake_convert(source, out, precision, calibration=None, force=False):
+        calls.append(precision)
+        out.mkdir(parents=True, exist_ok=True)
+        (out / "manifest.json").write_text("{}")
+
+    monkeypatch.setattr(C, "CACHE_DIR", tmp_path / "cache")
+    monkeypatch.setattr(convert, "convert_model_dir", fake_convert)
+    made = C.converted(C.DEFAULT_MODEL, "ort-int8", None)
+    assert C.converted(C.DEFAULT_MODEL, "ort-int8", None) == made and len(calls) == 1
+    # the conversion code changed (a checksum of edgecap/build/convert.py, as the stamp takes it)
+    real = C.conversion_stamp()
+    assert (
+        real["code"]
+        == hashlib.sha256(
+            b"".join((REPO / "edgecap" / f).read_bytes() for f in ("build/convert.py", "models/config.py"))
+        ).hexdigest()[:16]
+    )
+    assert real["onnxruntime"] == importlib.metadata.version("onnxruntime")
+    monkeypatch.setattr(C, "conversion_stamp", lambda: {**real, "code": "0" * 16})
+    assert C.converted(C.DEFAULT_MODEL, "ort-int8", None) == made and len(calls) == 2
+    assert C.converted(C.DEFAULT_MODEL, "ort-int8", None) == made and len(calls) == 2
+    monkeypatch.setattr(C, "conversion_stamp", lambda: {**real, "code": "0" * 16, "onnxruntime": "0.1"})
+    assert C.converted(C.DEFAULT_MODEL, "ort-int8", None) == made and len(calls) == 3
+    # a copy with a manifest but no record of what made it (cut short, or older than the record)
+    next(made.parent.glob("*.made-by.json")).unlink()
+    assert C.converted(C.DEFAULT_MODEL, "ort-int8", None) == made and len(calls) == 4
+    assert C.converted(C.DEFAULT_MODEL, "ort-int8", None) == made and len(calls) == 4
+
+    # a conversion by other code cut short over the copy (its manifest written, the graphs not
+    # yet), then the code that made the copy back: the half-made copy is not taken for it
+    def interrupted(source, out, precision, calibration=None, force=False):
+        (out / "manifest.json").write_text("{}")
+        raise KeyboardInterrupt
+
+    before = C.conversion_stamp()
+    monkeypatch.setattr(C, "conversion_stamp", lambda: {**real, "onnx": "0.2"})
+    monkeypatch.setattr(convert, "convert_model_dir", interrupted)
+    with pytest.raises(KeyboardInterrupt):
+        C.converted(C.DEFAULT_MODEL, "ort-int8", None)
+    monkeypatch.setattr(C, "conversion_stamp", lambda: before)
+    monkeypatch.setattr(convert, "convert_model_dir", fake_convert)
+    assert C.converted(C.DEFAULT_MODEL, "ort-int8", None) == made and len(calls) == 5
 
 
 def _tiny_shard_cache(folder: Path) -> None:
