@@ -46,6 +46,7 @@ from edgecap.images import (
     load_rgb_array,
     max_file_bytes,
     max_pixels,
+    own_input,
 )
 from edgecap.manifest import Manifest, file_sha256, load_manifest
 from edgecap.objects import ObjectClasses, top_classes_rows
@@ -650,9 +651,16 @@ class Captioner:
         captions are built in a second thread while the next batch is searched (``_overlapped``)."""
         # a source that fails (a camera unplugged) ends the images: those read before it are
         # captioned and yielded first, then its error is raised
-        iterator = source = _Source(images)
+        source = _Source(images)
+        iterator: Iterator[ImageInput | None] = source
         # read once: another thread may set decode_workers (to 0) while this call starts
         workers = self.decode_workers
+        if workers and source.one_shot:
+            # a worker prepares an image after the source has been asked for the next ones, which
+            # may refill its buffer (a camera's frame pool) or close it (a with Image.open block):
+            # each is taken as it is read, as the calling thread would prepare it without workers
+            # (a list's images are all there before the call: none is copied)
+            iterator = map(own_input, source)
         # One photo (caption()) has nothing to overlap with: no hand-over to a worker.
         head = list(itertools.islice(iterator, 2)) if workers else []
         inputs = itertools.chain(head, iterator)
@@ -1226,6 +1234,8 @@ class _Source(Iterator):
 
     def __init__(self, images: Iterable):
         self._images = iter(images)
+        # an iterator (a generator, a camera), read once, not a collection of images (a list)
+        self.one_shot = self._images is images
         self.error: Exception | None = None
 
     def __next__(self):

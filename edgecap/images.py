@@ -217,6 +217,29 @@ def pixel_limit_problem(width: int, height: int, subject: str = "image is") -> s
     )
 
 
+def own_input(image: _T) -> _T:
+    """``image`` as its source can no longer change it, for an input held after the source is
+    asked for the next one (a decoding worker's, a live stream's): a copy of a buffer the source
+    may refill (a numpy array, a ``bytearray`` or ``memoryview``, a torch tensor) or close (a PIL
+    image, loaded and copied: a ``with Image.open(...)`` block that ends closes its file, which
+    leaves a lazily opened image nothing to decode); a path or ``bytes`` as it is. A picture over the pixel limit, or one whose copy fails (a closed PIL
+    image), is returned as it is: preparing it says what is wrong, as it would have."""
+    try:
+        if isinstance(image, (bytearray, memoryview)):
+            return bytes(image)  # type: ignore[return-value]
+        if isinstance(image, np.ndarray):
+            over = image.ndim >= 2 and pixel_limit_problem(image.shape[1], image.shape[0]) is not None
+            return image if over else image.copy()
+        if isinstance(image, Image.Image):
+            # size first: a decompression bomb is refused unread, as preparing it refuses it
+            return image if pixel_limit_problem(image.width, image.height) else image.copy()  # type: ignore[return-value]
+        if type(image).__module__.partition(".")[0] == "torch" and hasattr(image, "clone"):
+            return image.clone()
+    except Exception:  # noqa: BLE001 (preparing it names the input and what is wrong)
+        return image
+    return image
+
+
 def _check_pixels(width: int, height: int, source: str, subject: str) -> None:
     """An InputError for an already decoded picture (an array, a PIL image) over the limit."""
     problem = pixel_limit_problem(width, height, subject)

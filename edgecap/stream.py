@@ -65,13 +65,12 @@ from dataclasses import dataclass, replace
 from pathlib import Path
 from typing import TYPE_CHECKING, Any, Generic, Literal, Protocol, cast, overload
 
-import numpy as np
 
 from edgecap.api import ON_ERROR, Caption
 from edgecap.errors import BackendError, InputError
 from edgecap.extras import install_hint
 from edgecap.files import os_problem
-from edgecap.images import COLORS, ImageInput, pixel_limit_problem, shown_in_repr
+from edgecap.images import COLORS, ImageInput, own_input, pixel_limit_problem, shown_in_repr
 
 if TYPE_CHECKING:  # a default for a type checker (PEP 696; typing's own from Python 3.13)
     from typing_extensions import TypeVar
@@ -516,12 +515,9 @@ class _Latest:
 
 
 def _own_pixels(frame: Frame) -> Frame:
-    """``frame`` with a copy of its image where the image is a mutable buffer."""
-    if isinstance(frame.image, np.ndarray):
-        return replace(frame, image=frame.image.copy())
-    if isinstance(frame.image, (bytearray, memoryview)):
-        return replace(frame, image=bytes(frame.image))
-    return frame
+    """``frame`` with its image as the source can no longer change it (``own_input``)."""
+    image = own_input(frame.image)
+    return frame if image is frame.image else replace(frame, image=image)
 
 
 def _as_frame(item, position: int, seconds: float, color: str) -> Frame:

@@ -9,6 +9,7 @@ its red level: the expected captions come from the table, not from the captioner
 
 from __future__ import annotations
 
+import io
 import json
 import threading
 import time
@@ -24,7 +25,7 @@ from edgecap import Caption, Captioner, InputError, api
 from edgecap.backends import ort_providers
 from edgecap.cli import main
 from edgecap.prefetch import DEFAULT_CPU_DECODE_WORKERS, default_decode_workers
-from helpers import TableBackend, run_script, solid
+from helpers import TableBackend, encoded_bytes, run_script, solid
 
 EXAMPLES = Path(edgecap.__file__).parent / "assets" / "examples"
 WORDS = json.loads((Path(edgecap.__file__).parent / "assets" / "default" / "vocab.json").read_text())["words"]
@@ -221,6 +222,56 @@ def test_without_workers_a_camera_loop_that_refills_one_buffer_gets_each_frames_
 
     results = captioner(workers=0, batch=8).iter_captions(camera())
     assert texts(results) == [word(0), word(1), word(2)]
+
+
+@pytest.mark.parametrize("kind", ["array", "tensor", "bytearray", "memoryview", "pil-closed"])
+def test_with_workers_a_source_that_refills_or_closes_its_frames_gets_each_frames_caption(fake, kind):
+    """The same as without workers (the test above; docs: "the results do not change") for a
+    source whose frames do not outlive its next read: one array refilled for every frame (a
+    camera SDK's frame pool), one torch tensor refilled, one ``bytearray`` of encoded bytes
+    (or a ``memoryview`` of it), or PIL images opened lazily, each yielded inside its ``with``
+    block, which closes its file (nothing left to decode) when the next is read. The workers
+    decode a frame after the source has been asked for the next ones; each photo still gets its
+    own caption."""
+    buffer: object = {
+        "array": np.empty_like(red(0)),
+        "tensor": None,
+        "bytearray": bytearray(len(encoded_bytes(red(0), "BMP"))),
+        "memoryview": bytearray(len(encoded_bytes(red(0), "BMP"))),
+    }.get(kind)
+    if kind == "tensor":
+        torch = pytest.importorskip("torch")
+        buffer = torch.empty(red(0).shape, dtype=torch.uint8)
+
+    def camera():
+        for i in range(6):
+            if kind == "pil-closed":
+                with Image.open(io.BytesIO(encoded_bytes(red(i), "BMP"))) as image:  # not read yet
+                    yield image
+                continue
+            if kind == "array":
+                buffer[...] = red(i)
+            elif kind == "tensor":
+                buffer.copy_(torch.from_numpy(red(i)))
+            else:
+                buffer[:] = encoded_bytes(red(i), "BMP")
+            yield memoryview(buffer) if kind == "memoryview" else buffer
+
+    results = captioner(workers=2, batch=4).caption_batch(camera(), on_error="return")
+    assert texts(results) == [word(i) for i in range(6)]
+
+
+def test_with_workers_a_lists_images_are_not_copied(fake, monkeypatch):
+    """A list's images are all there before the call (nothing the source does can change them):
+    they go to the workers as they are, without the copy a generator's frames get."""
+    copied = []
+    real = api.own_input
+    monkeypatch.setattr(api, "own_input", lambda image: copied.append(1) or real(image))
+    frames = [red(i) for i in range(3)]
+    assert texts(captioner(workers=2, batch=4).caption_batch(frames)) == [word(i) for i in range(3)]
+    assert copied == []
+    assert texts(captioner(workers=2, batch=4).caption_batch(iter(frames))) == [word(i) for i in range(3)]
+    assert len(copied) == 3
 
 
 @pytest.mark.parametrize("workers", [0, 2])

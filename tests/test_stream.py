@@ -8,6 +8,7 @@ checks does not depend on the machine's speed. Model-backed tests use ``tiny_mod
 
 from __future__ import annotations
 
+import io
 import os
 import re
 import subprocess
@@ -174,6 +175,37 @@ def test_a_live_frame_keeps_its_pixels_when_the_source_refills_its_buffer(kind):
     events = list(caption_stream(fake, camera()))
     assert [e.frame_index for e in events] == [0, 1]
     assert [max(bytes(image)) for image, _ in fake.seen] == [0, 1]
+
+
+def test_a_live_frame_keeps_its_pixels_when_the_source_closes_its_pil_image():
+    """A source that opens each frame's file lazily inside a ``with`` block (``with
+    Image.open(f) as im: yield im``) closes that file when the reader asks for the next frame,
+    while frame 0 waits for, or is with, the captioner: frame 0 is still captioned from its
+    own pixels (all 0s), frame 1 from its own (all 1s), neither refused as a closed image."""
+    captioning, read_on = threading.Event(), threading.Event()
+
+    def encoded(level: int) -> io.BytesIO:
+        out = io.BytesIO()
+        Image.fromarray(np.full((4, 6, 3), level, np.uint8)).save(out, format="BMP")
+        out.seek(0)
+        return out
+
+    def camera():
+        with Image.open(encoded(0)) as image:  # opened, not yet read
+            yield image
+        assert captioning.wait(DEADLOCK_GUARD_S)  # frame 0 is with the captioner; its file closed
+        read_on.set()
+        with Image.open(encoded(1)) as image:
+            yield image
+
+    def hook(calls):
+        captioning.set()
+        assert read_on.wait(DEADLOCK_GUARD_S), "the reader stalled"
+
+    fake = FakeCaptioner(hook)
+    events = list(caption_stream(fake, camera()))
+    assert [e.frame_index for e in events] == [0, 1]
+    assert [int(np.asarray(image).max()) for image, _ in fake.seen] == [0, 1]
 
 
 def endless_source(closed: threading.Event, read_s: float = 0.0):
