@@ -41,7 +41,9 @@ from edgecap.decoding.fusion import Fusion
 from edgecap.errors import InputError, ModelError
 from edgecap.images import (
     COLORS,
+    MAX_SIDE,
     ImageInput,
+    describe,
     load_rgb,
     load_rgb_array,
     max_file_bytes,
@@ -780,7 +782,12 @@ class Captioner:
             frame = load_rgb_array(image, color, draft_size=self._draft_size)
             return _Prepared(frame, True, (time.perf_counter() - t0) * 1e3)
         rgb = load_rgb(image, color, draft_size=self._draft_size)
-        x, gain = model_input(rgb, self.manifest.preprocessing, self.options.brighten)
+        try:
+            x, gain = model_input(rgb, self.manifest.preprocessing, self.options.brighten)
+        except MemoryError as exc:  # this input's failure, in its slot: the others are captioned
+            raise InputError(
+                describe(image), f"out of memory resizing it ({rgb.width}x{rgb.height}) for the model"
+            ) from exc
         visible = not self.options.blank_check or recognisable(x, self.manifest.preprocessing, bool(gain > 1))
         return _Prepared(x, visible, (time.perf_counter() - t0) * 1e3)
 
@@ -1087,6 +1094,11 @@ def _warm_frame(frame_size: object) -> np.ndarray:
         raise ValueError(
             f"warm_up: frame_size {height} x {width} is over the {max_pixels():,} pixels edgecap decodes "
             "(edgecap.images.set_max_pixels)"
+        )
+    if max(height, width) > MAX_SIDE:
+        raise ValueError(
+            f"warm_up: frame_size {height} x {width} has a side over the {MAX_SIDE:,} pixels edgecap "
+            "decodes (edgecap.images.MAX_SIDE)"
         )
     x = np.arange(width)
     y = np.arange(height)

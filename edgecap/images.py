@@ -36,8 +36,9 @@ Hostile files (paths and encoded bytes; arrays and PIL images are already decode
   ``set_max_pixels(n)`` or ``EDGECAP_MAX_PIXELS=n``; both also raise Pillow's own process-wide
   guard (``PIL.Image.MAX_IMAGE_PIXELS``) so Pillow does not refuse what edgecap allows. edgecap
   keeps its own default: a program that sets ``PIL.Image.MAX_IMAGE_PIXELS = None`` changes
-  Pillow's guard, not edgecap's. Arrays and PIL images are held to the same limit, from their
-  shape and size;
+  Pillow's guard, not edgecap's. A side over ``MAX_SIDE`` (1,000,000) is refused too (a thin
+  strip within the pixel limit takes gigabytes to resize). Arrays and PIL images are held to
+  the same limits, from their shape and size;
 - decoding work is bounded before decoding, from the headers: a JPEG may have at most
   ``MAX_JPEG_SCANS`` scans (a progressive JPEG has about 10; each scan is a pass over the whole
   image) and ``MAX_JPEG_HEADER_SEGMENTS`` segments before its first scan (counted before Pillow
@@ -206,14 +207,33 @@ def _raise_pillow_limit(limit: int) -> None:
 
 
 def pixel_limit_problem(width: int, height: int, subject: str = "image is") -> str | None:
-    """Why a picture of this size is refused (over ``max_pixels()``), for pictures that do not
-    come from a file Pillow opens (video frames, raw recording frames); None: it is not."""
+    """Why a picture of this size is refused (over ``max_pixels()``, or a side over
+    ``MAX_SIDE``), for pictures that do not come from a file Pillow opens (video frames, raw
+    recording frames, arrays, PIL images); None: it is not."""
     limit = max_pixels()
-    if width * height <= limit:
+    if width * height > limit:
+        return (
+            f"{subject} {width}x{height} = {width * height:,} pixels, over the limit of {limit:,}; "
+            f"raise it with edgecap.images.set_max_pixels(n) or {MAX_PIXELS_ENV}=n"
+        )
+    return side_problem(width, height, subject)
+
+
+# A picture with a side over this many pixels is refused, whatever its pixel count: resizing a
+# side to the model's 224 takes memory in proportion to its length (Pillow's resampling weights,
+# about 24 bytes a pixel of it). Within the pixel limit, a 1 x 89,000,000 strip took 2.7 s and
+# 2.4 GB (peak RSS, Pillow 13), a 9,434 x 9,434 image 0.46 s and 370 MB, 1 x 1,000,000 0.07 s and
+# 42 MB. No camera or photo format of a real scene comes near (JPEG's sides end at 65,535).
+MAX_SIDE = 1_000_000
+
+
+def side_problem(width: int, height: int, subject: str = "image is") -> str | None:
+    """Why a picture of this size is refused for a side over ``MAX_SIDE``; None: it is not."""
+    if max(width, height) <= MAX_SIDE:
         return None
     return (
-        f"{subject} {width}x{height} = {width * height:,} pixels, over the limit of {limit:,}; "
-        f"raise it with edgecap.images.set_max_pixels(n) or {MAX_PIXELS_ENV}=n"
+        f"{subject} {width}x{height}, a side over the limit of {MAX_SIDE:,} pixels (a strip, not a "
+        "photo: resizing it for the model would take gigabytes of memory)"
     )
 
 
@@ -222,8 +242,9 @@ def own_input(image: _T) -> _T:
     asked for the next one (a decoding worker's, a live stream's): a copy of a buffer the source
     may refill (a numpy array, a ``bytearray`` or ``memoryview``, a torch tensor) or close (a PIL
     image, loaded and copied: a ``with Image.open(...)`` block that ends closes its file, which
-    leaves a lazily opened image nothing to decode); a path or ``bytes`` as it is. A picture over the pixel limit, or one whose copy fails (a closed PIL
-    image), is returned as it is: preparing it says what is wrong, as it would have."""
+    leaves a lazily opened image nothing to decode); a path or ``bytes`` as it is. A picture
+    over the pixel limit, or one whose copy fails (a closed PIL image), is returned as it is:
+    preparing it says what is wrong, as it would have."""
     try:
         if isinstance(image, (bytearray, memoryview)):
             return bytes(image)  # type: ignore[return-value]
@@ -467,6 +488,9 @@ def _decode(data: bytes, source: str, draft_size: tuple[int, int] | None = None)
             raise InputError(
                 source, _bomb_problem(f"{im.width}x{im.height} = {im.width * im.height:,} pixels", limit)
             )
+        problem = side_problem(im.width, im.height)
+        if problem:
+            raise InputError(source, problem)
         problem = _decoding_work_problem(im, data)
         if problem:
             raise InputError(source, problem)

@@ -200,6 +200,45 @@ def test_bomb_limit_is_clear_and_can_be_raised(captioner, tmp_path, monkeypatch)
     assert captioner.caption(path).text
 
 
+def test_a_thin_strip_is_its_own_input_error_and_the_others_are_captioned(captioner, tmp_path):
+    """A PNG of 1 x 1,000,001 pixels (a few kilobytes, far under the pixel limit) is refused from
+    its header, in its own slot, not resized (a 1 x 89,000,000 strip had taken 2.4 GB, and a
+    MemoryError there had ended the whole call); the photos around it are captioned."""
+    strip = tmp_path / "strip.png"
+    Image.new("RGB", (1, 1_000_001)).save(strip)
+    photo = np.asarray(chelsea((40, 30)))
+    results = captioner.caption_batch([photo, strip, photo], on_error="return")
+    assert [type(r).__name__ for r in results] == ["Caption", "InputError", "Caption"]
+    assert results[1].source == str(strip)
+    assert results[1].problem.startswith("image is 1x1000001, a side over the limit of 1,000,000 pixels")
+
+
+def test_running_out_of_memory_resizing_one_photo_costs_only_its_caption(captioner, monkeypatch):
+    """The memory to resize one photo (a picture the limits let through, on a machine short of
+    memory) is that photo's InputError in its slot, not an error that ends the call: docs/
+    reliability.md, whatever fails while one input is loaded, even a MemoryError."""
+    from edgecap import api
+
+    real = api.model_input
+
+    def model_input(image, *args, **kwargs):
+        if image.size == (41, 30):
+            raise MemoryError
+        return real(image, *args, **kwargs)
+
+    monkeypatch.setattr(api, "model_input", model_input)
+    small, odd = np.asarray(chelsea((40, 30))), np.asarray(chelsea((41, 30)))
+    for workers in (0, 2):
+        captioner.decode_workers = workers
+        try:
+            results = captioner.caption_batch([small, odd, small], on_error="return")
+        finally:
+            captioner.decode_workers = 0
+        assert [type(r).__name__ for r in results] == ["Caption", "InputError", "Caption"]
+        assert results[1].source == "<array (30, 41, 3) uint8>"
+        assert results[1].problem == "out of memory resizing it (41x30) for the model"
+
+
 def test_arrays_and_pil_images_are_held_to_the_limit_per_input(captioner, monkeypatch):
     """An array or a PIL image over the limit is that input's InputError, as a file is: the other
     inputs of the batch are still captioned. 40 wide x 30 high = 1,200 pixels, over 1,000;

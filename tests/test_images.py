@@ -499,6 +499,30 @@ def test_every_input_kind_is_held_to_the_pixel_limit(monkeypatch, make, source, 
     assert images.load_rgb_array(make(11, 10)).shape == (10, 11, 3)
 
 
+# A side over 1,000,000 pixels is refused whatever the pixel count (1 x 1,000,001 is far under
+# the 89,478,485-pixel limit): resizing a 1 x 89,000,000 strip had taken 2.4 GB. 1 x 1,000,000
+# is at the limit and accepted; the strip is refused lying down too.
+@pytest.mark.parametrize(
+    "make, subject",
+    [
+        (lambda w, h: np.zeros((h, w, 3), np.uint8), "array is"),
+        (lambda w, h: np.zeros((h, w), np.float32), "array is"),
+        (lambda w, h: Image.new("RGB", (w, h)), "PIL image is"),
+        (lambda w, h: _png((w, h)), "image is"),
+    ],
+    ids=["rgb array", "gray float array", "PIL image", "png bytes"],
+)
+def test_every_input_kind_is_held_to_the_side_limit(make, subject):
+    for load in (images.load_rgb, images.load_rgb_array):
+        for w, h in ((1, 1_000_001), (1_000_001, 1)):
+            with pytest.raises(InputError) as info:
+                load(make(w, h))
+            assert info.value.problem.startswith(
+                f"{subject} {w}x{h}, a side over the limit of 1,000,000 pixels"
+            ), info.value.problem
+        assert np.asarray(load(make(1, 1_000_000))).shape == (1_000_000, 1, 3)
+
+
 def test_bad_limits(monkeypatch):
     with pytest.raises(ValueError):
         images.set_max_pixels(0)
