@@ -62,6 +62,27 @@ def build_parser() -> argparse.ArgumentParser:
     return parser
 
 
+def parse_arguments(argv: list[str] | None) -> argparse.Namespace:
+    """The command line. A command's PATHs may come before, between and after its options
+    (``edgecap caption a.jpg --json b.jpg`` captions both photos; argparse alone reads the PATHs
+    up to the first option and calls the rest unrecognized arguments), in their order; after
+    ``--`` every argument is a PATH."""
+    parser = build_parser()
+    argv = sys.argv[1:] if argv is None else list(argv)
+    commands = next(a for a in parser._actions if isinstance(a, argparse._SubParsersAction)).choices
+    command = commands.get(argv[0]) if argv else None
+    if command is None or not any(a.dest == "paths" for a in command._actions):
+        return parser.parse_args(argv)  # --version, --help, another command, none
+    args, extra = command.parse_known_args(argv[1:])
+    end = extra.index("--") if "--" in extra else len(extra)
+    unknown = [a for a in extra[:end] if a.startswith("-") and a != "-"]
+    if unknown:
+        command.error(f"unrecognized arguments: {' '.join(unknown)}")
+    args.paths = [*args.paths, *extra[:end], *extra[end + 1 :]]
+    args.command = argv[0]
+    return args
+
+
 def _load(module: str):
     return importlib.import_module(module)
 
@@ -271,7 +292,7 @@ def interrupt_normally() -> None:
 
 def _main(argv: list[str] | None) -> int:
     try:  # Ctrl-C at any moment, the imports of the first fraction of a second included
-        args = build_parser().parse_args(argv)
+        args = parse_arguments(argv)
         from edgecap.errors import EdgecapError
 
         try:

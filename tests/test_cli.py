@@ -169,6 +169,27 @@ def test_help_documents_exit_codes(capsys):
         assert line in text
 
 
+def test_paths_may_come_before_between_and_after_the_options(capsys, tiny_model_dir, tmp_path, monkeypatch):
+    """``edgecap caption a.png --json b.png``, as most tools take it: every PATH captioned, in
+    the order given (argparse alone had refused the ones after an option, exit 2, with
+    edgecap's usage); after ``--`` a name that begins with "-" is a PATH; an unknown option is
+    still a usage error, with the caption command's usage."""
+    a, b = EXAMPLES / "chelsea.png", EXAMPLES / "coffee.png"
+    monkeypatch.chdir(tmp_path)
+    shutil.copy(b, tmp_path / "-x.png")
+    model = ["--model", tiny_model_dir]
+    code, out, err = _run_cli(capsys, a, *model, b, "--max-length", "4", a.name, "--", "-x.png")
+    assert (code, err) == (1, f"edgecap: {a.name}: no such file\n")  # a.name: relative to tmp_path
+    assert [line.split("\t")[0] for line in out.splitlines()] == [str(a), str(b), "-x.png"]
+    code, out, _ = _run_cli(capsys, "--json", a, "--model", tiny_model_dir, "--max-length", "4", b)
+    assert code == 0 and [json.loads(line)["path"] for line in out.splitlines()] == [str(a), str(b)]
+    with pytest.raises(SystemExit) as exit_:
+        _run_cli(capsys, a, "--bogus", b, "--model", tiny_model_dir)
+    err = capsys.readouterr().err
+    assert exit_.value.code == 2 and err.startswith("usage: edgecap caption ")
+    assert err.endswith("edgecap caption: error: unrecognized arguments: --bogus\n")
+
+
 def test_exit_codes(capsys, tiny_model_dir, tmp_path, monkeypatch):
     photo = EXAMPLES / "chelsea.png"
     model = ["--model", tiny_model_dir, "--max-length", "4"]
