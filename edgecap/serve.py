@@ -167,19 +167,26 @@ class Batcher:
     async def run(self) -> None:
         loop = asyncio.get_running_loop()
         while True:
-            batch = [await self.queue.get()]
+            # a request whose client went away while it was queued (its handler cancelled: its
+            # future is too) is dropped unread: no model time, no place in a batch
+            first = await self.queue.get()
+            if first[1].done():
+                continue
+            batch = [first]
             deadline = loop.time() + self.max_wait_s
             while len(batch) < self.max_batch:
                 if not self.queue.empty():
-                    batch.append(self.queue.get_nowait())
-                    continue
-                remaining = deadline - loop.time()
-                if remaining <= 0:
-                    break
-                try:
-                    batch.append(await asyncio.wait_for(self.queue.get(), remaining))
-                except asyncio.TimeoutError:
-                    break
+                    item = self.queue.get_nowait()
+                else:
+                    remaining = deadline - loop.time()
+                    if remaining <= 0:
+                        break
+                    try:
+                        item = await asyncio.wait_for(self.queue.get(), remaining)
+                    except asyncio.TimeoutError:
+                        break
+                if not item[1].done():
+                    batch.append(item)
             started = time.perf_counter()
             try:
                 results = await self._caption([data for data, _, _ in batch])
@@ -535,6 +542,10 @@ async def start(service: CaptionService, host: str = DEFAULT_HOST, port: int = D
     # closes (a stop does not wait for it: CaptionService._close_unread)
     runner = web.AppRunner(
         service.app,
+        # a client that goes away (its timeout) cancels its request's handler: it stops waiting,
+        # leaves max_pending, and its queued image is never captioned (aiohttp's default since
+        # 3.7 is to run the handler to its end for nobody)
+        handler_cancellation=True,
         access_log=None,
         keepalive_timeout=75,
         auto_decompress=False,

@@ -1143,6 +1143,40 @@ def test_health_counts_the_requests_waiting_for_the_model():
     assert (busy, idle) == (3, 0)
 
 
+def test_a_request_whose_client_went_away_is_not_captioned_and_frees_its_place():
+    """Three clients send their image while the model is busy with a first one, then go away (a
+    client's time-out): they leave ``pending`` at once (a live client is not refused with 503
+    for them) and their images are never captioned; the first is answered, and so is a request
+    that comes after, in a batch of its own. Before: aiohttp ran the handlers of the clients
+    gone to their end, each image captioned for nobody, and /health said 4 pending until then."""
+    fake = BlockingCaptioner()
+    running = Running(fake, ServiceOptions())
+    try:
+        with ThreadPoolExecutor(1) as pool:
+            first = pool.submit(post, running.port, b"first")
+            assert fake.entered.acquire(timeout=CLIENT_TIMEOUT_S)
+            gone = []
+            for _ in range(3):
+                client = socket.create_connection(("127.0.0.1", running.port), timeout=CLIENT_TIMEOUT_S)
+                client.sendall(
+                    b"POST /caption HTTP/1.1\r\nHost: x\r\nContent-Type: image/png\r\n"
+                    b"Content-Length: 4\r\n\r\ngone"
+                )
+                gone.append(client)
+            wait_until(lambda: running.service.batcher.queue.qsize() == 3)
+            assert running.service.pending == 4
+            for client in gone:
+                client.close()
+            wait_until(lambda: running.service.pending == 1)
+            fake.gate.set()
+            assert first.result()[:2] == (200, {**first.result()[1], "caption": "5 bytes", "batch": 1})
+        status, answer, _ = post(running.port, b"after")
+    finally:
+        running.stop()
+    assert (status, answer["caption"], answer["batch"]) == (200, "5 bytes", 1)
+    assert fake.batches == [1, 1]  # "first", then "after": none of the three gone
+
+
 class BrokenResultCaptioner(BlockingCaptioner):
     """A captioner whose result for b"broken" the service cannot turn into an answer (a bug):
     its timings are not numbers."""
