@@ -1,9 +1,10 @@
 """Command-line PATHs -> the image files they name: files, folders searched recursively and
 globs, each folder searched and each file yielded once (by device and inode), with link loops,
-broken links and unreadable folders reported as ``InputError`` pairs instead of followed or
-raised. Hidden files and folders (a name that starts with a dot: ``.git``, ``.thumbnails``, the
-``._IMG_0001.JPG`` that macOS leaves on other disks) are left out of folders and globs alike,
-as a shell's glob leaves them; a hidden file named itself is captioned. What ``edgecap
+broken links, links that cannot be followed and unreadable folders reported as ``InputError``
+pairs, with the system's reason, instead of followed, passed over or raised. Hidden files and
+folders (a name that starts with a dot: ``.git``, ``.thumbnails``, the ``._IMG_0001.JPG`` that
+macOS leaves on other disks) are left out of folders and globs alike, as a shell's glob leaves
+them; a hidden file named itself is captioned. What ``edgecap
 caption`` captions (the files themselves are read by ``edgecap.files``)."""
 
 from __future__ import annotations
@@ -27,7 +28,8 @@ def expand_all(args: Iterable[str]) -> Iterator[tuple[str, object]]:
     image files (sorted; ``**`` for any depth). Symbolic links to folders are followed, but each
     folder is searched once and each file (by device and inode) captioned once over the whole
     run; everything skipped comes as a (name, InputError) pair that says why: a link loop, a
-    folder or file already seen under another name, a broken link, an unreadable folder, an
+    folder or file already seen under another name, a broken link or one that cannot be
+    followed, an unreadable folder (the system's reason: permission denied, a path too long), an
     empty PATH, a folder or glob with no images (not said of one that could not be read
     whole: a folder below it unreadable)."""
     state = _Seen()
@@ -188,7 +190,8 @@ def _walk(top: Path, want_file, want_dir, state: _Seen) -> Iterator[tuple[str, o
     link back to a folder being searched is reported as a loop. A link that leads nowhere is
     reported when ``want_file`` takes its name, or when ``want_dir`` does and the name is not a
     file's (``_file_like``: it may have been a folder); one named as another kind of file
-    (``notes.txt``) is passed over, as that file would be. Iterative: any depth."""
+    (``notes.txt``) is passed over, as that file would be. An entry listed but out of
+    reach is reported as ``_unreachable`` says. Iterative: any depth."""
     from edgecap.errors import InputError
 
     try:
@@ -197,42 +200,32 @@ def _walk(top: Path, want_file, want_dir, state: _Seen) -> Iterator[tuple[str, o
         yield str(top), InputError(str(top), f"cannot read the folder ({exc.strerror or exc})")
         return
     folders = {_key(top_stat): str(top)}  # this walk's: a glob may search a folder again
-    # each frame: (folder path, its relative parts, its key, the sorted entries left)
-    stack: list[tuple[Path, tuple[str, ...], tuple[int, int], Iterator[tuple[str, bool]] | None]]
+    # each frame: (folder path, its relative parts, its key, the sorted entries left: name, is
+    # a link, is a folder as the listing says)
+    stack: list[tuple[Path, tuple[str, ...], tuple[int, int], Iterator[tuple[str, bool, bool | None]] | None]]
     stack = [(top, (), _key(top_stat), None)]
     while stack:
         folder, rel, key, entries = stack[-1]
         if entries is None:
             try:
                 with os.scandir(folder) as it:
-                    entries = iter(sorted((e.name, e.is_symlink()) for e in it))
+                    entries = iter(sorted((e.name, e.is_symlink(), _is_dir_entry(e)) for e in it))
             except OSError as exc:
                 stack.pop()
-                reason = (
-                    "permission denied" if isinstance(exc, PermissionError) else (exc.strerror or str(exc))
-                )
-                yield str(folder), InputError(str(folder), f"skipped: cannot read the folder ({reason})")
+                problem = f"skipped: cannot read the folder ({_reason(exc)})"
+                yield str(folder), InputError(str(folder), problem)
                 continue
             stack[-1] = (folder, rel, key, entries)
         entry = next(entries, None)
         if entry is None:
             stack.pop()
             continue
-        name, is_link = entry
+        name, is_link, is_dir = entry
         path, parts = folder / name, (*rel, name)
         try:
             st = os.stat(path)
         except OSError as exc:
-            if is_link and (want_file(parts) or (want_dir(parts) and not _file_like(name))):
-                why = (
-                    "a loop of symbolic links"
-                    if getattr(exc, "errno", None) == errno.ELOOP
-                    else "broken symbolic link"
-                )
-                target = _readlink(path)
-                yield str(path), InputError(str(path), f"skipped: {why} (to {target})")
-            elif not is_link and want_file(parts):
-                yield str(path), str(path)  # vanished: the captioner reports it
+            yield from _unreachable(path, parts, is_link, is_dir, exc, want_file, want_dir)
             continue
         if stat.S_ISDIR(st.st_mode):
             if not want_dir(parts):
@@ -258,6 +251,60 @@ def _walk(top: Path, want_file, want_dir, state: _Seen) -> Iterator[tuple[str, o
             stack.append((path, parts, _key(st), None))
         elif want_file(parts):
             yield str(path), state.take(str(path), st)
+
+
+def _unreachable(
+    path: Path, parts: tuple[str, ...], is_link: bool, is_dir: bool | None, exc: OSError, want_file, want_dir
+) -> Iterator[tuple[str, object]]:
+    """What ``_walk`` reports of an entry its folder lists but ``os.stat`` refuses: a link's
+    target gone (broken), in a loop or out of reach (a folder it may not enter), or the entry
+    itself out of reach (in a folder listed but not entered: chmod 644; a path over the
+    system's 4096-byte limit). A file is passed on for the captioner to say why, a folder is
+    reported as one that cannot be read; one that vanished since it was listed is no more."""
+    from edgecap.errors import InputError
+
+    name, code = parts[-1], getattr(exc, "errno", None)
+    if is_link and _lexists(path):
+        if not (want_file(parts) or (want_dir(parts) and not _file_like(name))):
+            return
+        target = _readlink(path)
+        if code == errno.ELOOP:
+            yield str(path), InputError(str(path), f"skipped: a loop of symbolic links (to {target})")
+        elif code in (errno.ENOENT, errno.ENOTDIR):
+            yield str(path), InputError(str(path), f"skipped: broken symbolic link (to {target})")
+        else:
+            problem = f"skipped: cannot follow the symbolic link to {target} ({_reason(exc)})"
+            yield str(path), InputError(str(path), problem)
+        return
+    if is_link:
+        is_dir = None  # the link itself out of reach: where it leads is not known
+    if code == errno.ENOENT or is_dir is False or (is_dir is None and want_file(parts)):
+        if want_file(parts):
+            yield str(path), str(path)  # vanished or out of reach: the captioner says why
+    elif want_dir(parts) and (is_dir or not _file_like(name)):
+        yield str(path), InputError(str(path), f"skipped: cannot read the folder ({_reason(exc)})")
+
+
+def _is_dir_entry(entry: os.DirEntry) -> bool | None:
+    """Whether a listed entry is a folder (not following a link), as its folder's listing says
+    (no ``stat`` on most file systems), or None where that could not be told."""
+    try:
+        return entry.is_dir(follow_symlinks=False)
+    except OSError:
+        return None
+
+
+def _lexists(path: Path) -> bool:
+    try:
+        os.lstat(path)
+    except OSError:
+        return False
+    return True
+
+
+def _reason(exc: OSError) -> str:
+    """The system's reason, as a skip names it: ``permission denied``, ``File name too long``."""
+    return "permission denied" if isinstance(exc, PermissionError) else (exc.strerror or str(exc))
 
 
 def _readlink(path: Path) -> str:
@@ -294,10 +341,13 @@ def hidden(rel: tuple[str, ...]) -> bool:
 
 
 def _unread(item: object) -> bool:
-    """A folder the walk could not read (whether it holds images is not known)."""
+    """A folder the walk could not read, or a link it could not follow (whether it holds
+    images is not known)."""
     from edgecap.errors import InputError
 
-    return isinstance(item, InputError) and item.problem.startswith("skipped: cannot read the folder")
+    return isinstance(item, InputError) and item.problem.startswith(
+        ("skipped: cannot read the folder", "skipped: cannot follow the symbolic link")
+    )
 
 
 def _has_image_suffix(name: str) -> bool:

@@ -488,6 +488,96 @@ def test_an_unreadable_folder_is_not_also_said_to_hold_no_images(tmp_path, monke
     assert skipped[str(tmp_path / "empty")].startswith("folder holds no image files")
 
 
+def test_entries_that_cannot_be_reached_are_each_reported_with_the_systems_reason(tmp_path, monkeypatch):
+    """A folder listed but not entered (chmod 644: its names read, each one's stat refused) and
+    links whose targets are refused (a folder or photo in another user's 700 folder): each
+    entry reported once, with the system's reason, not passed over (exit 0) nor called a
+    broken link. Root ignores permissions: os.stat refuses as it would for another user."""
+    root = tmp_path / "photos"
+    (root / "sub" / "inner").mkdir(parents=True)
+    (tmp_path / "secret" / "d").mkdir(parents=True)
+    a = _photo(root / "a.png")
+    b = _photo(root / "sub" / "b.png")
+    _photo(root / "sub" / "inner" / "c.png")
+    _photo(tmp_path / "secret" / "d" / "s.jpg")
+    (root / "far").symlink_to(tmp_path / "secret" / "d")
+    (root / "far.jpg").symlink_to(tmp_path / "secret" / "d" / "s.jpg")
+    (root / "gone").symlink_to("nowhere")
+    real_stat = os.stat
+
+    def stat(path, *args, **kwargs):
+        p = Path(path)
+        if root / "sub" in p.parents or p in (root / "far", root / "far.jpg"):
+            raise PermissionError(13, "Permission denied", str(path))
+        return real_stat(path, *args, **kwargs)
+
+    monkeypatch.setattr(os, "stat", stat)
+    pairs = list(expand_all([str(root)]))
+    good, skipped = _split(pairs)
+    # b.png is passed on: the captioner says it cannot read it
+    assert good == [str(a), str(b)]
+    assert skipped == {
+        str(root / "far"): (
+            f"skipped: cannot follow the symbolic link to {tmp_path}/secret/d (permission denied)"
+        ),
+        str(root / "far.jpg"): (
+            f"skipped: cannot follow the symbolic link to {tmp_path}/secret/d/s.jpg (permission denied)"
+        ),
+        str(root / "gone"): "skipped: broken symbolic link (to nowhere)",
+        str(root / "sub" / "inner"): "skipped: cannot read the folder (permission denied)",
+    }
+    assert len(pairs) == 6  # each once
+    # the refused folder alone: it is reported, not also said to hold no images
+    good, skipped = _split(list(expand_all([str(root / "sub")])))
+    assert good == [str(b)] and list(skipped) == [str(root / "sub" / "inner")]
+    (root / "sub" / "b.png").unlink()
+    good, skipped = _split(list(expand_all([str(root / "sub")])))
+    assert good == [] and list(skipped) == [str(root / "sub" / "inner")]
+
+
+@pytest.mark.skipif(os.name == "posix" and os.geteuid() == 0, reason="root ignores permissions")
+def test_a_folder_without_search_permission_is_reported(tiny_model_dir, tmp_path):
+    """chmod 644 on a folder: its names can be read but none of them reached."""
+    root = tmp_path / "album"
+    (root / "sub" / "inner").mkdir(parents=True)
+    _photo(root / "top.png")
+    _photo(root / "sub" / "inner" / "b.png")
+    (root / "sub").chmod(0o644)
+    try:
+        out = run_cli(root, model=tiny_model_dir, cwd=tmp_path)
+    finally:
+        (root / "sub").chmod(0o755)
+    assert out.returncode == 1, out.stderr
+    assert [line.split("\t")[0] for line in out.stdout.splitlines()] == [str(root / "top.png")]
+    assert out.stderr.splitlines() == [
+        f"edgecap: {root / 'sub' / 'inner'}: skipped: cannot read the folder (permission denied)"
+    ]
+
+
+def test_a_folder_past_the_systems_path_limit_is_reported(tiny_model_dir, tmp_path, monkeypatch):
+    """22 nested folders of 200-character names: past the 4096-byte limit on a path
+    (ENAMETOOLONG), the first one too deep is reported, with exit 1, and a folder holding only
+    that branch is not said to hold no image files."""
+    long_name = "d" * 200
+    root = tmp_path / "deep"
+    root.mkdir()
+    monkeypatch.chdir(root)  # relative steps: each path short while the tree is made
+    for _ in range(22):
+        os.mkdir(long_name)
+        os.chdir(long_name)
+    os.chdir(tmp_path)
+    depth = next(i for i in range(1, 23) if len(os.fsencode(str(root / "/".join([long_name] * i)))) >= 4096)
+    too_long = str(root / "/".join([long_name] * depth))
+    good, skipped = _split(list(expand_all([str(root)])))
+    assert good == [] and skipped == {too_long: "skipped: cannot read the folder (File name too long)"}
+    _photo(root / "top.png")
+    out = run_cli(root, model=tiny_model_dir, cwd=tmp_path)
+    assert out.returncode == 1, out.stderr
+    assert [line.split("\t")[0] for line in out.stdout.splitlines()] == [str(root / "top.png")]
+    problem = "skipped: cannot read the folder (File name too long)"
+    assert out.stderr.splitlines() == [f"edgecap: {too_long}: {problem}"]
+
+
 def test_a_jfif_file_is_a_jpeg_a_folder_holds(tmp_path):
     photo = tmp_path / "saved.jfif"
     Image.fromarray(np.full((24, 32, 3), 90, np.uint8)).save(photo, format="JPEG")
