@@ -25,7 +25,8 @@ IMAGE_EXTENSIONS = (".jpg", ".jpeg", ".jfif", ".mpo", ".png", ".bmp", ".gif", ".
 def expand_all(args: Iterable[str]) -> Iterator[tuple[str, object]]:
     """Command-line PATHs -> (name, input) pairs, in order: a file (even a missing one: the
     captioner reports it), a folder's image files (searched recursively, sorted), or a glob's
-    image files (sorted; ``**`` for any depth). Symbolic links to folders are followed, but each
+    image files (sorted; ``**`` for any depth; a folder it matches searched as a folder is: the
+    files the shell's expansion of the glob would give). Symbolic links to folders are followed, but each
     folder is searched once and each file (by device and inode) captioned once over the whole
     run; everything skipped comes as a (name, InputError) pair that says why: a link loop, a
     folder or file already seen under another name, a broken link or one that cannot be
@@ -126,6 +127,10 @@ def _checked_file(name: str, state: _Seen) -> Iterator[tuple[str, object]]:
 
 
 def _expand_glob(pattern: str, state: _Seen) -> Iterator[tuple[str, object]]:
+    """A quoted glob's image files: those the pattern matches and, as if its shell expansion
+    were the PATHs, every image file below a folder it matches (a trailing slash: folders only),
+    that folder's hidden files and folders left out as a folder PATH's are. One walk: each
+    folder searched once, in the shell's order."""
     from edgecap.errors import InputError
 
     parts = Path(pattern).parts
@@ -134,14 +139,29 @@ def _expand_glob(pattern: str, state: _Seen) -> Iterator[tuple[str, object]]:
         fixed += 1
     base = Path(*parts[:fixed]) if fixed else Path()
     rest = parts[fixed:]
+    # photos/2024-*/: folders only, as the shell reads a trailing slash
+    folders_only = pattern.endswith(("/", os.sep))
+    # the folders the pattern matched (searched whole, as a folder PATH is): () is base, for **
+    matched: set[tuple[str, ...]] = {()} if _match(rest, ()) else set()
+
+    def in_matched(rel: tuple[str, ...]) -> bool:
+        """Below a matched folder, and not hidden below it (as a folder PATH's walk takes)."""
+        return bool(matched) and any(rel[:i] in matched and not hidden(rel[i:]) for i in range(len(rel)))
+
+    def want_file(rel: tuple[str, ...]) -> bool:
+        if not _has_image_suffix(rel[-1]):
+            return False
+        return (not folders_only and _match(rest, rel)) or in_matched(rel)
+
+    def want_dir(rel: tuple[str, ...]) -> bool:
+        if _match(rest, rel):
+            matched.add(rel)
+            return True
+        return _may_descend(rest, rel) or in_matched(rel)
+
     found = False
     if base == Path() or os.path.isdir(base):
-        for name, item in _walk(
-            base,
-            lambda rel: _has_image_suffix(rel[-1]) and _match(rest, rel),
-            lambda rel: _may_descend(rest, rel),
-            state,
-        ):
+        for name, item in _walk(base, want_file, want_dir, state):
             found = found or _is_match(item) or _unread(item)
             yield name, item
     if not found:

@@ -179,30 +179,70 @@ def test_a_name_too_long_for_the_file_system_is_passed_on_not_raised(tmp_path):
     assert isinstance(pairs[2][1], InputError) and "matches no image files" in pairs[2][1].problem
 
 
-def test_globs_match_the_image_files_pythons_glob_matches(tmp_path, monkeypatch):
-    """A glob gives the image files that ``glob.glob(pattern, recursive=True)`` gives: ``*`` and
-    ``**`` skip hidden files and folders unless the pattern names the dot, ``**`` alone means
-    every file at any depth, and an upper-case suffix (a camera's .JPG) is an image suffix."""
+def _shell_expansion(pattern: str) -> list[str]:
+    """The image files ``edgecap caption`` takes from the paths a shell expands ``pattern`` to
+    (``glob.glob``, ``**`` as bash's globstar): a file as it is, a folder every image file below
+    it that is not hidden below it (os.walk, as a folder PATH is searched)."""
     import glob
 
+    files = []
+    for name in sorted(glob.glob(pattern, recursive=True)):
+        if os.path.isdir(name):
+            for folder, dirs, names in os.walk(name):
+                dirs[:] = [d for d in dirs if not d.startswith(".")]
+                files += [os.path.join(folder, n) for n in names if not n.startswith(".")]
+        else:
+            files.append(name)
+    suffixes = (".png", ".jpg")
+    return sorted({os.path.normpath(f) for f in files if f.lower().endswith(suffixes)})
+
+
+def test_globs_match_the_image_files_the_shells_expansion_gives(tmp_path, monkeypatch):
+    """A quoted glob gives the image files its unquoted form (the shell's expansion) would:
+    ``*`` and ``**`` skip hidden files and folders unless the pattern names the dot, ``**``
+    alone means every file at any depth, an upper-case suffix (a camera's .JPG) is an image
+    suffix, and a folder the pattern matches (a trailing slash: folders only) is searched as a
+    folder PATH is, each file once."""
     monkeypatch.chdir(tmp_path)
     names = ("r/a.png", "r/IMG_1.JPG", "r/b.Png", "r/.c.png", "r/sub/d.png", "r/.hid/e.png")
-    names += ("r/sub/deep/f.jpg",)
+    names += ("r/sub/deep/f.jpg", "r/sub/.g.png", "r/old.png/h.jpg", "r/sub/deep/.x/i.png")
     for name in names:
         Path(name).parent.mkdir(parents=True, exist_ok=True)
         _photo(Path(name))
     Path("r/notes.txt").write_text("not an image")
     patterns = ("r/*", "r/**", "r/**/*", "r/**/*.png", "r/.*", "r/*/*", "r/.hid/*", "r/*.JPG", "r/**/deep/*")
-    patterns += ("r/**/.*",)
+    patterns += ("r/**/.*", "r/s*", "r/*/", "r/**/", "r/*.png", "r/sub/de?p", "r/*/deep/")
     for pattern in patterns:
-        want = sorted(
-            name
-            for name in glob.glob(pattern, recursive=True)
-            if os.path.isfile(name) and not name.endswith(".txt")
-        )
         good, skipped = _split(list(expand_all([pattern])))
-        assert sorted(good) == want and not skipped, pattern
-    assert len(_split(list(expand_all(["r/**"])))[0]) == 5  # all but the hidden ones
+        assert sorted(good) == _shell_expansion(pattern) and not skipped, pattern
+        assert len(good) == len(set(good)), pattern  # each file once
+    assert len(_split(list(expand_all(["r/**"])))[0]) == 6  # all but the hidden ones
+    assert _split(list(expand_all(["r/*/"])))[0] == ["r/old.png/h.jpg", "r/sub/d.png", "r/sub/deep/f.jpg"]
+
+
+def test_a_glob_of_folders_searches_each_as_a_folder_path(tiny_model_dir, tmp_path):
+    """'g/2024-*' (g/2024-01/a.png, g/2024-02/b.jpg) said "the pattern matches no image files"
+    (exit 1) while the shell's g/2024-* captioned both: a folder its last part matches is now
+    searched as a folder PATH is (hidden files left out, each file once), in the shell's order;
+    a trailing slash takes only folders."""
+    g = tmp_path / "g"
+    for folder in ("2024-01", "2024-02/trip", "2024-02/.thumbs", "2023-12"):
+        (g / folder).mkdir(parents=True)
+    a, b = _photo(g / "2024-01" / "a.png"), _photo(g / "2024-02" / "b.jpg")
+    c, d = _photo(g / "2024-02" / "trip" / "c.png"), _photo(g / "2024-03.png")
+    _photo(g / "2024-02" / ".hidden.png")
+    _photo(g / "2024-02" / ".thumbs" / "b.png")
+    _photo(g / "2023-12" / "old.png")
+    (g / "2024-09").symlink_to("2024-01")  # a second name of a folder matched
+    pairs = list(expand_all([f"{g}/2024-*"]))
+    good, skipped = _split(pairs)
+    assert good == [str(a), str(b), str(c), str(d)]
+    assert skipped == {str(g / "2024-09"): f"skipped: the same folder as {g / '2024-01'}, already searched"}
+    assert _split(list(expand_all([f"{g}/2024-*/"])))[0] == [str(a), str(b), str(c)]
+    quoted = run_cli(f"{g}/2024-*", model=tiny_model_dir, cwd=tmp_path)
+    shell = run_cli(*sorted(g.glob("2024-*")), model=tiny_model_dir, cwd=tmp_path)
+    assert quoted.returncode == shell.returncode == 1, quoted.stderr  # 2024-09: searched already
+    assert quoted.stdout == shell.stdout and len(quoted.stdout.splitlines()) == 4
 
 
 def test_a_glob_does_not_search_folders_it_cannot_match_in(tmp_path):
@@ -216,10 +256,11 @@ def test_a_glob_does_not_search_folders_it_cannot_match_in(tmp_path):
     assert "symbolic link loop" in skipped[str(root / "sub" / "up")]
 
 
-def test_a_glob_searches_neither_hidden_folders_nor_folders_named_like_its_files(tmp_path, monkeypatch):
-    """``photos/*.png`` reads only photos (a folder called old.png there cannot hold a match
-    of one part); ``photos/**/*.png`` goes into every folder below but not into hidden ones
-    (.git, .cache), as ``glob`` does. Folders read are recorded at os.scandir."""
+def test_a_glob_searches_neither_hidden_folders_nor_folders_it_cannot_match(tmp_path, monkeypatch):
+    """``photos/*.png`` reads photos, and a folder called old.png there only because the
+    pattern matches it (the shell would give it: searched as a folder PATH), not sub;
+    ``photos/**/*.png`` goes into every folder below but not into hidden ones (.git, .cache),
+    as ``glob`` does. Folders read are recorded at os.scandir."""
     root = tmp_path / "photos"
     for folder in ("old.png", ".cache", "sub"):
         (root / folder).mkdir(parents=True)
@@ -233,10 +274,11 @@ def test_a_glob_searches_neither_hidden_folders_nor_folders_named_like_its_files
         return real_scandir(path)
 
     monkeypatch.setattr(os, "scandir", scandir)
-    assert list(expand_all([f"{root}/*.png"])) == [(str(a), str(a))]
-    assert read == [root]
+    c = root / "old.png" / "c.png"
+    assert list(expand_all([f"{root}/*.png"])) == [(str(p), str(p)) for p in (a, c)]
+    assert read == [root, root / "old.png"]
     read.clear()
-    c = root / "old.png" / "c.png"  # ** takes any folder, old.png too
+    # ** takes any folder, old.png too
     assert list(expand_all([f"{root}/**/*.png"])) == [(str(p), str(p)) for p in (a, c, b)]
     assert sorted(read) == [root, root / "old.png", root / "sub"]
     read.clear()

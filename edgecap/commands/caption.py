@@ -53,10 +53,11 @@ EXIT_CODES = """output:
 
 paths:
   folders are searched recursively, following links to folders; each folder is searched and
-  each file captioned once (by device and inode). A link loop, a folder or file seen before
-  under another name, a broken link or one that cannot be followed, an unreadable folder (no
-  permission, a path too long) and an empty PATH are each reported on stderr (edgecap: PATH:
-  skipped: why) and count as failed inputs.
+  each file captioned once (by device and inode). A quoted glob gives what the shell's
+  expansion would: a folder it matches ('photos/2024-*') is searched recursively. A link
+  loop, a folder or file seen before under another name, a broken link or one that cannot be
+  followed, an unreadable folder (no permission, a path too long) and an empty PATH are each
+  reported on stderr (edgecap: PATH: skipped: why) and count as failed inputs.
 
 exit status:
   0  every input was captioned
