@@ -90,6 +90,13 @@ class RecordingError(EdgecapError):
     such topic); the message names it and says what is wrong."""
 
 
+class RecordingBrokeOff(RecordingError):
+    """A recording that opened but breaks off while its messages are read (a corrupt chunk):
+    what was read before it stands. ``Recording.frames`` raises it once its frames so far are
+    out; ``write_captions`` raises it when the copy, which reads every topic, meets it (the
+    copy is removed)."""
+
+
 @dataclass(frozen=True)
 class Frame:
     """One image message. ``time_ns``: its log time (when it was recorded; what players and
@@ -313,9 +320,10 @@ class Recording:
         """The image messages of ``topics`` (None: every image topic) in log-time order, at most
         one per ``every`` seconds of log time on each topic (None: all). A message that cannot
         be used is a ``Frame`` whose ``image`` is its ``InputError``. A recording that breaks
-        while it is read raises ``RecordingError``. Checked here, not when the frames are first
-        asked for: a topic the recording has no images on (``RecordingError``) and an ``every``
-        that is not None or a positive number of seconds (``ValueError``)."""
+        while it is read raises ``RecordingBrokeOff`` (a ``RecordingError``). Checked here, not
+        when the frames are first asked for: a topic the recording has no images on
+        (``RecordingError``) and an ``every`` that is not None or a positive number of seconds
+        (``ValueError``)."""
         from edgecap.stream import _check_every, _Sampler  # the sampling grid of --video's --every
 
         _check_every(every)  # also when no topic would make a sampler
@@ -345,7 +353,7 @@ class Recording:
         try:
             yield from self.reader.messages(connections=connections)
         except Exception as exc:  # noqa: BLE001 (a corrupt chunk, a truncated file)
-            raise RecordingError(
+            raise RecordingBrokeOff(
                 f"{self.path}: the recording breaks off while being read ({reason(exc)}){self._still(exc)}"
             ) from None
 
@@ -683,7 +691,8 @@ def write_captions(recording: Recording, out: str | os.PathLike, captions: dict[
     frame (the ``index``-th message of ``topic``). Every message is copied unchanged, in order,
     each caption just after its frame. -> the number of captions written. ``RecordingError`` when
     a caption's topic is not an image topic of the recording (nothing written) or the copy
-    cannot be written; a half-written copy is removed."""
+    cannot be written, ``RecordingBrokeOff`` when the recording breaks off while it is copied
+    (every topic is read, also those that were not captioned); a half-written copy is removed."""
     _, rosbag1, rosbag2, typesys = _rosbags()
     problem = output_problem(recording.path, out)
     if problem:

@@ -780,6 +780,55 @@ def test_recording_that_breaks_off_keeps_the_captions_so_far(
     assert not out.exists()
 
 
+@pytest.mark.parametrize("kind", ["ros1", "mcap"])
+def test_a_recording_that_breaks_off_outside_its_image_topics_writes_no_copy_and_says_so(
+    kind, tmp_path, captioner, capfd
+):
+    """A corrupt chunk that holds only a /log topic's messages: the frames are read without it
+    and captioned, but the copy reads every topic and meets it. That is the recording breaking
+    off, as in its frames: the captions stay, one line says what broke, one that the copy is not
+    written, no copy, exit 1. It had printed the captions, then "edgecap caption: error: ...
+    breaks off ..." as a usage error (exit 2), and no word of the copy."""
+    import random
+
+    store = store_for(kind)
+    text = random.Random(0)
+    messages = [
+        ("/cam", IMAGE, T0 + k * SECOND, image_msg(store, "rgb8", photo, T0 + k * SECOND))
+        for k, photo in enumerate((CHELSEA, COFFEE))
+    ]
+    messages += [  # 2.5 MB of log after the frames: the frames' chunk (1 MB) and two of log alone
+        (
+            "/log",
+            "std_msgs/msg/String",
+            T0 + 10 * SECOND + k,
+            store.types["std_msgs/msg/String"](data="".join(text.choice("abc") for _ in range(10_000))),
+        )
+        for k in range(250)
+    ]
+    bag = write_recording(tmp_path, kind, messages)
+    storage = bag if kind == "ros1" else next(bag.glob("*.mcap"))
+    data = bytearray(storage.read_bytes())
+    data[1_500_000:1_520_000] = bytes(b ^ 0xA5 for b in data[1_500_000:1_520_000])  # in a log chunk
+    storage.write_bytes(bytes(data))
+    expected = [f"/cam\t{seconds_text(T0 + k * SECOND)}\t" for k in range(2)]
+
+    done = edgecap_caption(capfd, "--bag", bag)  # the frames alone read to their end
+    assert (done.returncode, done.stderr) == (0, "")
+    assert [line[: len(expected[0])] for line in done.stdout.splitlines()] == expected
+
+    out = tmp_path / ("copy.bag" if kind == "ros1" else "copy")
+    done = edgecap_caption(capfd, "--bag", bag, "--write-bag", out)
+    assert done.returncode == 1
+    assert [line.split("\t")[3] for line in done.stdout.splitlines()] == [
+        captioner.caption(p).text for p in (CHELSEA, COFFEE)
+    ]
+    broke, not_written = done.stderr.splitlines()
+    assert broke.startswith(f"edgecap: {bag}: the recording breaks off while being read (")
+    assert not_written == f"edgecap: {out} not written: the recording could not be read to its end"
+    assert not out.exists()
+
+
 @pytest.mark.parametrize("kind", ["sqlite3", "mcap"])
 def test_a_db3_read_as_malformed_says_it_may_still_be_recorded(
     kind, tmp_path, default_model_dir, monkeypatch, capsys

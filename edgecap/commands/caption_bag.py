@@ -57,6 +57,7 @@ def _run(captioner, args: argparse.Namespace) -> int:
     from edgecap.commands.caption import _captions
     from edgecap.errors import InputError
     from edgecap.recordings import (
+        RecordingBrokeOff,
         RecordingError,
         caption_topic,
         check_caption_topics,
@@ -95,17 +96,22 @@ def _run(captioner, args: argparse.Namespace) -> int:
         if not seen and not broken:  # as a folder with no photos: said, exit 1, no copy
             report_error(args.bag, f"no image messages on {', '.join(topics)}: nothing to caption")
             return 1
+        if args.write_bag is not None and not broken:
+            try:
+                count = write_captions(recording, args.write_bag, captions)
+            except RecordingBrokeOff as exc:  # the copy reads every topic: a corrupt chunk of
+                # one not captioned (a /log) breaks it off as a frame's would have
+                broken.append(exc)
+            else:
+                written = ", ".join(sorted({caption_topic(t) for t, _ in captions})) or "no topic"
+                print(
+                    f"edgecap: wrote {escape_field(args.write_bag)}: a copy of "
+                    f"{escape_field(args.bag)} with {count} captions ({written})",
+                    file=sys.stderr,
+                )
         if broken:  # the captions so far are out; the copy is not written
             # the error names the recording as its path reads (run/ -> run): named once
             report_error(args.bag, str(broken[0]).removeprefix(f"{recording.path}: "))
-        if args.write_bag is not None and not broken:
-            count = write_captions(recording, args.write_bag, captions)
-            written = ", ".join(sorted({caption_topic(t) for t, _ in captions})) or "no topic"
-            print(
-                f"edgecap: wrote {escape_field(args.write_bag)}: a copy of "
-                f"{escape_field(args.bag)} with {count} captions ({written})",
-                file=sys.stderr,
-            )
     if broken and args.write_bag is not None:
         print(
             f"edgecap: {escape_field(args.write_bag)} not written: the recording could not "
