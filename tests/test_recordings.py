@@ -1670,6 +1670,54 @@ def test_an_image_topic_without_messages_is_said_not_passed_over(kind, tmp_path,
     assert done.stderr.splitlines() == [f"edgecap: {bag}: no image messages on /cam: nothing to caption"]
 
 
+@pytest.mark.parametrize("kind", ["ros1", "mcap"])
+def test_a_named_topic_without_messages_is_said_beside_one_with_frames(kind, tmp_path, captioner, capfd):
+    """``--topic /cam/empty --topic /cam``, /cam/empty a camera that never published: /cam is
+    captioned (and its copy written), /cam/empty is the line it would be alone, and the exit
+    status is 1. It had been passed over without a word, exit 0, because only a run without a
+    single frame was checked. Not named (every image topic), a topic without messages beside
+    ones with frames is no error: exit 0, nothing on stderr."""
+    store = store_for(kind)
+    folder = tmp_path / "bag"
+    folder.mkdir()
+    if kind == "ros1":
+        bag = folder / "run.bag"
+        writer = Writer1(bag)
+    else:
+        bag = folder / "run"
+        writer = Writer2(bag, version=9, storage_plugin=StoragePlugin.MCAP)
+    with writer:
+        writer.add_connection("/cam/empty", IMAGE, typestore=store)
+        cam = writer.add_connection("/cam", IMAGE, typestore=store)
+        serialize = store.serialize_ros1 if kind == "ros1" else store.serialize_cdr
+        for k, pixels in enumerate((CHELSEA, COFFEE)):
+            msg = image_msg(store, "rgb8", pixels, T0 + k * SECOND)
+            writer.write(cam, T0 + k * SECOND, bytes(serialize(msg, IMAGE)))
+    captions = [
+        f"/cam\t{seconds_text(T0 + k * SECOND)}\t{seconds_text(T0 + k * SECOND)}\t{captioner.caption(p).text}"
+        for k, p in enumerate((CHELSEA, COFFEE))
+    ]
+    said = f"edgecap: {bag}: no image messages on /cam/empty: nothing to caption"
+
+    named = ("--topic", "/cam/empty", "--topic", "/cam")
+    done = edgecap_caption(capfd, "--bag", bag, *named)
+    assert (done.returncode, done.stdout.splitlines(), done.stderr.splitlines()) == (1, captions, [said])
+
+    out = tmp_path / ("copy.bag" if kind == "ros1" else "copy")
+    done = edgecap_caption(capfd, "--bag", bag, *named, "--write-bag", out)
+    assert (done.returncode, done.stdout.splitlines()) == (1, captions)
+    assert done.stderr.splitlines() == [
+        said,
+        f"edgecap: wrote {out}: a copy of {bag} with 2 captions (/cam/caption)",
+    ]
+    assert [m[3].data for m in read_back(out) if m[0] == "/cam/caption"] == [
+        c.split("\t")[3] for c in captions
+    ]
+
+    done = edgecap_caption(capfd, "--bag", bag)
+    assert (done.returncode, done.stdout.splitlines(), done.stderr) == (0, captions, "")
+
+
 @pytest.mark.parametrize("holds", ["photos", "ros1 bags", "nothing"])
 def test_a_folder_that_is_no_ros2_bag_is_not_told_to_reindex(holds, tmp_path):
     """``--bag`` given a folder of photos, of ROS 1 bags, or an empty one: rosbags expects a

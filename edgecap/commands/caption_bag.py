@@ -75,7 +75,8 @@ def _run(captioner, args: argparse.Namespace) -> int:
         except RecordingError as exc:
             broken.append(exc)
 
-    failed = seen = 0
+    failed = 0
+    heard: set[str] = set()  # the topics that gave a frame
     # the copy's captions, kept until it is written; without a copy none is kept (a recording
     # of hours would hold every frame's caption text for nothing)
     captions: dict[tuple[str, int], str] = {}
@@ -86,16 +87,24 @@ def _run(captioner, args: argparse.Namespace) -> int:
             check_caption_topics(recording, topics)
         frames = recording.frames(topics, args.every)
         for frame, result in _captions(captioner, ((f, f.image) for f in frames_until_broken(frames))):
-            seen += 1
+            heard.add(frame.topic)
             if isinstance(result, InputError):
                 failed += 1
             elif keep:
                 captions[(frame.topic, frame.index)] = result.text
             _print_frame(args.bag, frame, result, args)
         write(None)
-        if not seen and not broken:  # as a folder with no photos: said, exit 1, no copy
-            report_error(args.bag, f"no image messages on {', '.join(topics)}: nothing to caption")
-            return 1
+        # an image topic that gave no message (a camera that never published; not said where
+        # the recording broke off before its end): one named with --topic is said, and is exit 1;
+        # those found by themselves are said when none of them gave one (a recording often
+        # declares a topic nothing was published on, beside the cameras that were)
+        silent = [t for t in topics if t not in heard] if not broken else []
+        if silent and (args.topic is not None or not heard):
+            report_error(args.bag, f"no image messages on {', '.join(silent)}: nothing to caption")
+            if not heard:  # as a folder with no photos: no copy
+                return 1
+        else:
+            silent = []
         if args.write_bag is not None and not broken:
             try:
                 count = write_captions(recording, args.write_bag, captions)
@@ -118,7 +127,7 @@ def _run(captioner, args: argparse.Namespace) -> int:
             "be read to its end",
             file=sys.stderr,
         )
-    return 1 if failed or broken else 0
+    return 1 if failed or broken or silent else 0
 
 
 def _print_frame(bag: str, frame, result, args: argparse.Namespace) -> None:
