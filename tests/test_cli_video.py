@@ -95,6 +95,30 @@ def test_bad_arguments_are_clean_errors(tiny_model_dir, tmp_path, args, message,
     assert list(tmp_path.iterdir()) == []
 
 
+@pytest.mark.parametrize(
+    "args, flag",
+    [
+        (["--bag", "a.mcap", "--bag", "b.bag"], "--bag"),
+        (["--video", "x.avi", "--video", "y.mp4"], "--video"),
+        (["--camera", "0", "--camera", "1"], "--camera"),
+        (["--video", "x.avi", "--vid", "x.avi"], "--video"),  # abbreviated, the same file: still two
+    ],
+)
+def test_a_source_given_twice_is_a_usage_error_naming_it(args, flag, video, tmp_path, capfd, monkeypatch):
+    """--bag, --video or --camera given twice: a usage error (exit 2) naming the option, before
+    the model is loaded (here there is none), as two sources of different kinds are. The last
+    one had been captioned alone, the first dropped without a word, exit 0."""
+    monkeypatch.chdir(tmp_path)
+    for name in ("a.mcap", "b.bag", "x.avi", "y.mp4"):  # sources that exist: refused as two
+        (tmp_path / name).write_bytes(video.read_bytes())
+    out = run_edgecap(capfd, "caption", *args, "--model", tmp_path / "no-model")
+    assert (out.returncode, out.stdout) == (2, "")
+    assert out.stderr.splitlines() == [
+        f"edgecap caption: error: {flag} given more than once: give image PATHs, --video FILE, "
+        "--camera INDEX or --bag PATH (exactly one of them)"
+    ]
+
+
 def test_missing_camera_is_a_clean_error(tiny_model_dir, capfd):
     pytest.importorskip("cv2")
     out = edgecap_caption(capfd, "--camera", "99", model=tiny_model_dir)

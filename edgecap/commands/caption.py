@@ -74,21 +74,36 @@ Images over 89,478,485 pixels (EDGECAP_MAX_PIXELS=N to change) or files over 128
 and only regular files (not pipes or devices)."""
 
 
+class _OneSource(argparse.Action):
+    """``--video``, ``--camera`` and ``--bag``: the value stored as argparse's "store" stores
+    it, and the option noted in ``repeated_source`` when it is given again: "store" let
+    ``--bag a.mcap --bag b.bag`` caption b alone, without a word; ``_check_arguments`` refuses
+    it, as it refuses two sources of different kinds."""
+
+    def __call__(self, parser, namespace, values, option_string=None):
+        if getattr(namespace, self.dest, None) is not None:
+            namespace.repeated_source = self.option_strings[0]
+        setattr(namespace, self.dest, values)
+
+
 def add_arguments(p: argparse.ArgumentParser) -> None:
     p.epilog = EXIT_CODES  # edgecap.cli's formatter keeps its layout
+    p.set_defaults(repeated_source=None)
     p.add_argument(
         "paths", nargs="*", metavar="PATH", help="image files, folders (searched recursively) or quoted globs"
     )
-    p.add_argument("--video", metavar="FILE", help="caption a video file's frames")
+    p.add_argument("--video", metavar="FILE", action=_OneSource, help="caption a video file's frames")
     p.add_argument(
         "--camera",
         metavar="INDEX",
         type=int,
+        action=_OneSource,
         help="caption a live camera (0: the first one, /dev/video0 on Linux)",
     )
     p.add_argument(
         "--bag",
         metavar="PATH",
+        action=_OneSource,
         help="caption a robot recording's image topics: a ROS 2 bag folder, a .mcap "
         "or .db3 file, or a ROS 1 .bag (needs edgecap[ros]; see docs/recordings.md)",
     )
@@ -232,9 +247,12 @@ def _captions(captioner, inputs: Iterable[tuple[Name, object]]) -> Iterator[tupl
 
 def _check_arguments(args: argparse.Namespace) -> str | None:
     """What is wrong with the combination of arguments, or None."""
+    one_source = "give image PATHs, --video FILE, --camera INDEX or --bag PATH (exactly one of them)"
+    if args.repeated_source is not None:
+        return f"{args.repeated_source} given more than once: {one_source}"
     sources = bool(args.paths) + (args.video is not None) + (args.camera is not None) + (args.bag is not None)
     if sources != 1:
-        return "give image PATHs, --video FILE, --camera INDEX or --bag PATH (exactly one of them)"
+        return one_source
     if args.every is not None and args.video is None and args.camera is None and args.bag is None:
         return "--every needs --video, --camera or --bag"
     for flag, value in (("--topic", args.topic), ("--write-bag", args.write_bag)):
