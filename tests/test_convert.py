@@ -757,17 +757,20 @@ def _solid_png(path: Path, rgb: tuple[int, int, int], size=(20, 10)) -> Path:
 
 
 def test_a_bad_calibration_folder_is_refused_before_anything_is_written(fp32_dir, tmp_path):
-    """A missing or photo-less --calibration folder, or one holding a photo that does not
-    decode, is refused naming it, and OUT_DIR is not made: a half-written one (the int8 decoder
-    step alone) would make the corrected command fail again with 'directory exists and is not
-    empty'."""
+    """A missing or photo-less --calibration folder, a photo named instead of its folder (said
+    to be no folder: it had been "calibration directory not found"), or a folder holding a photo
+    that does not decode, is refused naming it, and OUT_DIR is not made: a half-written one (the
+    int8 decoder step alone) would make the corrected command fail again with 'directory exists
+    and is not empty'."""
     pytest.importorskip("sympy")
     empty = tmp_path / "photos"
     empty.mkdir()
     (empty / "notes.txt").write_text("not a photo")
+    photo = _solid_png(tmp_path / "chelsea.png", (10, 200, 30))
     for folder, problem in (
         (empty, f"{empty}: no images (.jpg, .png, ...) to calibrate with"),
         (tmp_path / "nowhere", f"calibration directory not found: {tmp_path / 'nowhere'}"),
+        (photo, f"calibration directory is not a folder: {photo}"),
     ):
         out = tmp_path / f"int8-{folder.name}"
         with pytest.raises(ModelError) as refused:

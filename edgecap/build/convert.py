@@ -449,8 +449,11 @@ def calibration_images(directory: str | Path, limit: int = 64) -> list[Path]:
     from edgecap.paths import IMAGE_EXTENSIONS, hidden
 
     directory = Path(directory)
-    if not directory.is_dir():
-        raise ModelError(f"calibration directory not found: {directory}")
+    if not directory.is_dir():  # (a photo named instead of its folder is there: not "not found")
+        missing = not directory.exists()
+        raise ModelError(
+            f"calibration directory {'not found' if missing else 'is not a folder'}: {directory}"
+        )
     files = sorted(
         p
         for p in directory.rglob("*")
