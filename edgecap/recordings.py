@@ -190,6 +190,9 @@ def kind_of(path: str | os.PathLike) -> str:
     )
 
 
+_MCAP_MAGIC = b"\x89MCAP0\r\n"  # an MCAP file's first and last eight bytes
+
+
 def mcap_profile(path: Path) -> str | None:
     """The profile in an MCAP file's header ("ros2", "ros1", ...), None when unreadable."""
     try:
@@ -197,7 +200,7 @@ def mcap_profile(path: Path) -> str | None:
             head = f.read(8 + 1 + 8 + 4 + 64)
     except OSError:
         return None
-    if not head.startswith(b"\x89MCAP0\r\n") or len(head) < 21 or head[8] != 0x01:
+    if not head.startswith(_MCAP_MAGIC) or len(head) < 21 or head[8] != 0x01:
         return None
     size = int.from_bytes(head[17:21], "little")
     return head[21 : 21 + size].decode("utf-8", "replace") if size <= 64 else None
@@ -398,6 +401,15 @@ class Ros1McapReader:
         self.file = open(path, "rb")  # noqa: SIM115 (closed by close())
         self.stack: bool | None = True
         try:
+            # the mcap package reads the summary from where the footer should be: of a file cut
+            # short it read whatever lies there ("unknown (opcode 222) record has length ...",
+            # "[Errno 22] Invalid argument"); said as rosbags says it of a ROS 2-profile one, so
+            # that the error names mcap recover (_UNFINISHED)
+            size = self.file.seek(0, os.SEEK_END)
+            self.file.seek(max(size - len(_MCAP_MAGIC), 0))
+            if size < 2 * len(_MCAP_MAGIC) or self.file.read() != _MCAP_MAGIC:
+                raise ValueError("File end magic is invalid.")
+            self.file.seek(0)
             self._reader = make_reader(self.file)
             summary = self._reader.get_summary()
             if summary is None:

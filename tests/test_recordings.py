@@ -859,13 +859,20 @@ def test_a_db3_read_as_malformed_says_it_may_still_be_recorded(
     assert err.endswith(hint) == (kind == "sqlite3"), err
 
 
-@pytest.mark.parametrize("kind", ["ros1", "mcap file", "ros2 folder"])
+@pytest.mark.parametrize("kind", ["ros1", "mcap file", "ros2 folder", "ros1-profile mcap file"])
 def test_a_recording_its_recorder_has_not_closed_says_what_makes_it_readable(kind, tmp_path):
     """A recording cut short (its recorder killed) or still being recorded lacks what its
     recorder writes last: a ROS 1 bag its index, an MCAP file its end, a ROS 2 bag folder its
     metadata.yaml. rosbags' words for it ("File end magic is invalid.") said neither why nor
-    what to do: the error adds both, naming the tool that mends it."""
-    bag = three_frames(tmp_path, "ros1" if kind == "ros1" else "mcap")
+    what to do: the error adds both, naming the tool that mends it. A ROS 1-profile MCAP file
+    (read with the mcap package) had said what it read where the end should be ("unknown
+    (opcode 222) record has length ..."), without the hint."""
+    if kind == "ros1-profile mcap file":
+        store = store_for("ros1")
+        messages = [("/cam", IMAGE, T0 + k * SECOND, image_msg(store, "mono8", GRAY, T0)) for k in range(3)]
+        bag = write_ros1_mcap(tmp_path / "run.mcap", messages)
+    else:
+        bag = three_frames(tmp_path, "ros1" if kind == "ros1" else "mcap")
     if kind == "ros2 folder":
         (bag / "metadata.yaml").unlink()
         hint = "a ROS 2 bag folder gets its metadata.yaml when its recorder stops: ros2 bag reindex makes one"
@@ -878,7 +885,7 @@ def test_a_recording_its_recorder_has_not_closed_says_what_makes_it_readable(kin
             "ros1": "a ROS 1 bag cut short or still being recorded has no index: rosbag reindex makes one",
             "mcap file": "an MCAP file cut short or still being recorded has no end: "
             "mcap recover repairs one",
-        }[kind]
+        }[kind.removeprefix("ros1-profile ")]
     from edgecap.recordings import Recording
 
     with pytest.raises(RecordingError) as raised:
