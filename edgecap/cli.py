@@ -118,8 +118,11 @@ def _one_line_warnings(shown):
 
     def show(message, category, filename, lineno, file=None, line=None):
         if os.path.abspath(filename).startswith(package):
+            from edgecap.commands.output import one_line
+
+            text = f"edgecap: warning: {one_line(str(message))}"  # a name in it cannot forge a line
             try:
-                print(f"edgecap: warning: {message}", file=sys.stderr if file is None else file)
+                print(text, file=sys.stderr if file is None else file)
             except OSError:  # stderr's reader gone (a broken pipe): dropped, as Python's own does
                 pass
         else:

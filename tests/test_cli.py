@@ -508,6 +508,26 @@ def test_a_warning_of_edgecap_s_own_is_one_line_on_the_command_line(tiny_model_d
     ]
 
 
+def test_a_warning_naming_a_file_is_escaped_as_the_error_lines_are(tiny_model_dir, tmp_path):
+    """The warning's file name is escaped as an error line's is (docs/cli.md: one line): a name
+    with a newline that spells another message cannot forge a second line on stderr, and a byte
+    that is not UTF-8 is \\xff, not the surrogate Python holds it as (which stderr wrote as
+    \\udcff). Before, the warning printed the name as it was: two lines."""
+    twelve, _ = _twelve_bit_png(tmp_path)
+    hostile = os.fsencode(tmp_path) + b"/dark\nedgecap: other.png: fake error\xff.png"
+    os.rename(twelve, hostile)
+    done = subprocess.run(
+        [sys.executable, "-m", "edgecap", "caption", os.fsdecode(hostile), "--model", str(tiny_model_dir)],
+        capture_output=True,
+        timeout=600,
+        env=ENV,
+    )
+    assert done.returncode == 0, done.stderr
+    lines = done.stderr.decode("utf-8").splitlines()
+    name = f"{tmp_path}/dark\\nedgecap: other.png: fake error\\xff.png"
+    assert len(lines) == 1 and lines[0].startswith(f"edgecap: warning: {name}: 16-bit pixel values"), lines
+
+
 def test_a_warning_that_cannot_be_written_loses_no_caption(tiny_model_dir, tmp_path):
     """With stderr a broken pipe (the ``| tee`` or supervisor reading the log gone), edgecap's
     one-line warning is dropped, as Python's own ``showwarning`` drops one it cannot write: its

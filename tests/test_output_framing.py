@@ -110,6 +110,32 @@ def test_non_utf8_name_in_json_and_plain_output(tiny_model_dir, tmp_path):
     assert _unescape(plain.stdout.decode("utf-8").split("\t")[0]) == raw
 
 
+def test_a_name_that_is_not_utf8_in_an_error_is_utf8_in_json(tiny_model_dir, tmp_path):
+    """docs/reliability.md: ``--json`` is always valid UTF-8. A problem that names another file
+    that is not UTF-8 (a broken link's target; the name a file was already captioned under)
+    has each bad byte as \\xff text in ``error``, as stderr writes it: it had been a lone
+    surrogate escape (\\udcff), which a strict reader refuses and no UTF-8 can encode."""
+    folder = tmp_path / "album"
+    folder.mkdir()
+    os.symlink(os.fsdecode(b"tar\xffget"), folder / "broken.jpg")
+    twin = os.fsencode(folder) + b"/a\xfe.png"
+    _photo(twin)
+    out = cli(str(folder), os.fsdecode(twin), "--json", model=tiny_model_dir)
+    assert out.returncode == 1
+    records = [json.loads(line) for line in out.stdout.decode("utf-8").splitlines()]
+    errors = {
+        base64.b64decode(r["path_base64"]) if "path_base64" in r else os.fsencode(r["path"]): r["error"]
+        for r in records
+        if "error" in r
+    }
+    assert errors == {
+        os.fsencode(folder / "broken.jpg"): "skipped: broken symbolic link (to tar\\xffget)",
+        twin: f"skipped: the same file as {folder}/a\\xfe.png, already captioned",
+    }
+    for problem in errors.values():
+        problem.encode("utf-8")  # no lone surrogate
+
+
 def test_strict_ascii_locale_still_gives_utf8(tiny_model_dir, tmp_path):
     path = _photo(tmp_path / "café.png")
     env = {**ENV, "PYTHONIOENCODING": "ascii:strict", "LC_ALL": "C"}

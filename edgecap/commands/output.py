@@ -19,6 +19,7 @@ _UNSAFE = re.compile(
 )
 _JSON_UNSAFE = re.compile(r"[\x7f-\x9f\u2028\u2029\u202a-\u202e\u2066-\u2069\ud800-\udfff]")
 _SHORT = {"\\": "\\\\", "\t": "\\t", "\n": "\\n", "\r": "\\r"}
+_SURROGATE = re.compile(r"[\ud800-\udfff]")
 
 
 class OutputFailed(Exception):
@@ -181,7 +182,10 @@ def error_record(problem: str, min_confidence: float | None = None) -> dict:
     record: dict = {"caption": None, "score": None, "objects": None, "confidence": None, "recognisable": None}
     if min_confidence is not None:
         record["low_confidence"] = None
-    record["error"] = problem
+    # a name in the problem that is not UTF-8 (a broken link's target, a file already captioned
+    # under another name) has each bad byte \xHH, as on stderr: a lone surrogate, which strict
+    # JSON readers refuse and no UTF-8 can hold, had been written as \udcff
+    record["error"] = _SURROGATE.sub(_escape_char, problem)
     return record
 
 
