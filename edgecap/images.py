@@ -307,8 +307,9 @@ def shown_in_repr(image: object) -> str:
 
 def _described(image: object) -> str:
     if isinstance(image, (str, os.PathLike)):
-        # "" (an unset variable): named, else the message would be ": no such file"
-        name = os.fspath(image) or "<empty path>"
+        # "" (an unset variable): named, else the message would be ": no such file"; a PathLike
+        # of bytes as the text the OS's names are held as (its bytes not UTF-8: surrogates)
+        name = os.fsdecode(os.fspath(image)) or "<empty path>"
         if len(name) > MAX_PATH_CHARS:  # no path (base64 text, a data: URL): its start, not all of it
             return f"<{type(name).__name__} of {len(name):,} characters: {name[:40]!r}...>"
         return name
@@ -787,10 +788,12 @@ def _float_to_uint8(x: np.ndarray, source: str, levels: bool = False) -> np.ndar
     if not np.isfinite(x).all():
         raise InputError(source, "array contains NaN or infinite values")
     lo, hi = float(x.min()), float(x.max())
+    # as the array's own type writes them, shortest: 1.0000001 over 1 is not shown as "1"
+    shown = f"[{x.min()!s}, {x.max()!s}]"
     if levels and lo >= 0.0 and 1.0 < hi < 2.0:
         raise InputError(
             source,
-            f"float (mode F) pixel values in [{lo:g}, {hi:g}]: [0, 1] with highlights over 1, or "
+            f"float (mode F) pixel values in {shown}: [0, 1] with highlights over 1, or "
             "levels 0-255 of a black frame? Clip them to [0, 1] or scale them to 0-255",
         )
     if levels and lo >= 0.0 and 1.0 < hi <= 255.0:  # truncated, as Pillow's convert("L")
@@ -799,11 +802,11 @@ def _float_to_uint8(x: np.ndarray, source: str, levels: bool = False) -> np.ndar
         if levels:
             raise InputError(
                 source,
-                f"float (mode F) pixel values must lie in [0, 1] or [0, 255] (levels), got [{lo:g}, {hi:g}]",
+                f"float (mode F) pixel values must lie in [0, 1] or [0, 255] (levels), got {shown}",
             )
         raise InputError(
             source,
-            f"float pixel values must lie in [0, 1], got [{lo:g}, {hi:g}]; scale them, or pass uint8 (0-255)",
+            f"float pixel values must lie in [0, 1], got {shown}; scale them, or pass uint8 (0-255)",
         )
     return np.round(x.astype(np.float32) * 255.0).astype(np.uint8)
 

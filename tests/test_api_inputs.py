@@ -64,6 +64,28 @@ def test_a_path_object_that_cannot_say_its_path_is_its_own_input_error(captioner
     assert "__fspath__() to return str or bytes, not int" in out[2].problem
 
 
+class _BytesPath(os.PathLike):
+    def __init__(self, raw: bytes):
+        self.raw = raw
+
+    def __fspath__(self):
+        return self.raw
+
+
+def test_a_path_object_of_bytes_is_named_as_text(captioner, zoo, tmp_path):
+    """docs: ``InputError.source`` holds the name (a str): a PathLike whose path is bytes
+    (``os.PathLike[bytes]``) is named by that path as text, a byte that is not UTF-8 as the
+    message writes it (\\xff), not as a bytes object (the message had begun "b'/nope\\xff.jpg'");
+    one that names a photo is captioned."""
+    missing = os.fsencode(tmp_path) + b"/nope\xff.jpg"
+    out = captioner.caption_batch(
+        [_BytesPath(missing), _BytesPath(os.fsencode(zoo / GOOD[0]))], on_error="return"
+    )
+    assert isinstance(out[0], InputError) and out[0].source == os.fsdecode(missing)
+    assert str(out[0]) == f"{tmp_path}/nope\\xff.jpg: no such file"
+    assert isinstance(out[1], Caption) and out[1].text == captioner.caption(zoo / GOOD[0]).text
+
+
 def test_missing_path_and_directory(captioner, tmp_path):
     with pytest.raises(InputError, match="no such file"):
         captioner.caption(tmp_path / "nope.jpg")

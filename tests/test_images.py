@@ -698,8 +698,12 @@ def test_a_32_bit_float_image_in_levels_is_read_as_pillow_reads_it(tmp_path):
     for bad in (np.array([[0.0, 300.0]], np.float32), np.array([[-2.0, 100.0]], np.float32)):
         with pytest.raises(InputError, match=r"must lie in \[0, 1\] or \[0, 255\] \(levels\)"):
             rgb_array(Image.fromarray(bad))
-    with pytest.raises(InputError, match=r"must lie in \[0, 1\], got \[0, 200\]"):
+    with pytest.raises(InputError, match=r"must lie in \[0, 1\], got \[0.0, 200.0\]"):
         rgb_array(np.array([[0.0, 200.0]], np.float32))
+    # a value just over 1 (a resize's overshoot) is shown as it is, not rounded to "1", which
+    # had read "must lie in [0, 1], got [0, 1]"
+    with pytest.raises(InputError, match=r"must lie in \[0, 1\], got \[0.0, 1.0000001\];"):
+        rgb_array(np.array([[0.0, 1.0000001]], np.float32))
 
 
 def test_a_float_image_a_little_over_1_is_refused_not_read_as_a_black_frame(tmp_path):
