@@ -622,15 +622,26 @@ class Captioner:
             raise ValueError("this Captioner is closed")
         array = isinstance(images, np.ndarray) or hasattr(images, "__array__")
         ndim = getattr(images, "ndim", 4) if array else 4
+        if array and ndim == 1 and getattr(getattr(images, "dtype", None), "kind", None) in ("U", "O"):
+            # an array of paths or of images (np.array(glob(...)), a DataFrame column's values):
+            # a list of inputs, each its own
+            ndim = 4
         if array and isinstance(ndim, int) and ndim > 4:
             raise TypeError(
                 f"caption_batch and iter_captions take a list of images or an (N, H, W, C) array, "
                 f"got an array of {ndim} dimensions {tuple(getattr(images, 'shape', ()))}"
             )
-        if isinstance(images, (str, bytes, bytearray, memoryview, os.PathLike, Image.Image)) or ndim != 4:
+        one = isinstance(images, (str, bytes, bytearray, memoryview, os.PathLike, Image.Image))
+        if one or ndim in (2, 3):
             # one image (H, W, C), a tensor's too, not a batch
             raise TypeError(
                 "caption_batch and iter_captions take a list of images; use caption() for one image"
+            )
+        if ndim != 4:  # an array of numbers of 0 or 1 dimensions: no image, nor a list of them
+            raise TypeError(
+                f"caption_batch and iter_captions take a list of images or an (N, H, W, C) array, "
+                f"got an array of shape {tuple(getattr(images, 'shape', ()))} "
+                f"{getattr(images, 'dtype', '')}".rstrip()
             )
         if not (hasattr(type(images), "__iter__") or hasattr(type(images), "__getitem__")):
             # not iterable (None, a number): said now, and by name; iter_captions had said "'int'

@@ -859,18 +859,27 @@ def camera_frames(index: int = 0, width: int | None = None, height: int | None =
     camera opened. ``width`` / ``height`` request a capture size (the camera may choose another).
     Raises ``InputError`` (a ``ValueError``) when the camera cannot be opened, or for an index
     or a size that is not a whole number in range (0..1023; 1..32768)."""
-    if isinstance(index, bool) or not isinstance(index, int) or not 0 <= index <= MAX_CAMERA_INDEX:
+    # whole numbers of numpy too (np.int64 from an array of camera indices), as OpenCV takes int
+    if (
+        isinstance(index, bool)
+        or not isinstance(index, numbers.Integral)
+        or not 0 <= index <= MAX_CAMERA_INDEX
+    ):
         raise InputError(
             f"camera {index!r}", f"the camera index must be a whole number from 0 to {MAX_CAMERA_INDEX}"
         )
+    index = int(index)
     for name, side in (("width", width), ("height", height)):
         if side is not None and (
-            isinstance(side, bool) or not isinstance(side, int) or not 0 < side <= MAX_CAPTURE_SIDE
+            isinstance(side, bool)
+            or not isinstance(side, numbers.Integral)
+            or not 0 < side <= MAX_CAPTURE_SIDE
         ):
             raise InputError(
                 f"camera {index}",
                 f"the {name} must be a whole number from 1 to {MAX_CAPTURE_SIDE}, got {side!r}",
             )
+    width, height = (None if side is None else int(side) for side in (width, height))
     cv2 = _cv2()
     capture = cv2.VideoCapture(index)
     if not capture.isOpened():

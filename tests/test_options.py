@@ -404,6 +404,26 @@ def test_one_image_given_as_a_batch_is_a_type_error(backend_calls, tmp_path):
         captioner.caption_batch(five)
 
 
+def test_a_1d_array_of_paths_or_images_is_a_list_of_inputs(backend_calls, tmp_path):
+    """``np.array(glob(...))`` or a DataFrame column's ``.values`` (a 1-D array of str, or of
+    objects) is a list of inputs, each captioned as itself: it had been refused, "use caption()
+    for one image". A 1-D array of numbers is neither a list of images nor one: said so."""
+    from PIL import Image
+
+    paths = []
+    for i, image in enumerate((IMAGE, IMAGE[::-1])):
+        paths.append(str(tmp_path / f"{i}.png"))
+        Image.fromarray(image).save(paths[-1])
+    captioner = Captioner()
+    expected = [captioner.caption(p).text for p in paths]
+    assert [c.text for c in captioner.caption_batch(np.array(paths))] == expected
+    assert [c.text for c in captioner.iter_captions(np.array(paths, dtype=object))] == expected
+    mixed = captioner.caption_batch(np.array([paths[0], None], dtype=object), on_error="return")
+    assert mixed[0].text == expected[0] and isinstance(mixed[1], InputError)
+    with pytest.raises(TypeError, match=r"an \(N, H, W, C\) array, got an array of shape \(5,\) float64$"):
+        captioner.caption_batch(np.zeros(5))
+
+
 def test_one_image_as_a_bytearray_or_memoryview_given_as_a_batch_is_a_type_error(backend_calls):
     """caption() takes encoded bytes as bytes, bytearray or memoryview (a buffer read from a socket
     or a ROS message): each is one image, so caption_batch and iter_captions say to use caption(),

@@ -1001,6 +1001,21 @@ def test_a_camera_that_stops_giving_frames_is_not_read_again(monkeypatch):
     assert len(reads) == 4  # three frames, then the one read that failed
 
 
+def test_a_camera_index_and_size_of_numpy_are_whole_numbers_too(monkeypatch):
+    """numpy integers (an index from an array of camera indices) are whole numbers, as they are
+    for threads, beam_size and every other option: camera_frames(np.int64(2)) had been refused,
+    "the camera index must be a whole number"; OpenCV gets Python ints."""
+    fake = FakeCv2(n_frames=1)
+    monkeypatch.setitem(sys.modules, "cv2", fake)
+    assert len(list(camera_frames(np.int64(2), width=np.int32(640), height=np.uint16(480)))) == 1
+    (capture,) = fake.captures
+    assert capture.index == 2 and capture.props == {3: 640, 4: 480}
+    assert type(capture.index) is int and {type(v) for v in capture.props.values()} == {int}
+    for bad in (np.float64(2.0), np.bool_(True), True):
+        with pytest.raises(InputError, match="the camera index must be a whole number from 0 to 1023"):
+            camera_frames(bad)
+
+
 def test_the_highest_camera_index_and_capture_size_are_accepted(monkeypatch):
     """Camera indexes run 0..1023 and capture sides 1..32768, both ends included."""
     fake = FakeCv2(n_frames=1)
