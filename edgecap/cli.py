@@ -119,10 +119,12 @@ def _one_line_warnings(shown):
     def show(message, category, filename, lineno, file=None, line=None):
         if os.path.abspath(filename).startswith(package):
             from edgecap.commands.output import one_line
+            from edgecap.commands.progress import paused_progress
 
             text = f"edgecap: warning: {one_line(str(message))}"  # a name in it cannot forge a line
             try:
-                print(text, file=sys.stderr if file is None else file)
+                with paused_progress():  # on a line of its own, not over the progress line
+                    print(text, file=sys.stderr if file is None else file)
             except OSError:  # stderr's reader gone (a broken pipe): dropped, as Python's own does
                 pass
         else:

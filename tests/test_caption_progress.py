@@ -50,6 +50,33 @@ def test_counter_waits_then_counts_and_clears_for_other_lines():
     assert stream.getvalue().endswith("\n")
 
 
+def test_a_warning_of_edgecap_s_is_written_on_its_own_line_not_over_the_progress(monkeypatch):
+    """A warning raised while the progress line is on the terminal (a 12-bit photo read as a dark
+    frame, decoded in a worker thread) clears the line first and draws it again after, as the
+    error lines do: it had been written onto it ("29 images, 8.2/s\\x1b[Kedgecap: warning: ...").
+    With the progress closed, the warning is its line alone."""
+    import threading
+
+    from edgecap import cli, images
+
+    clock, stream = FakeClock(), io.StringIO()
+    monkeypatch.setattr(sys, "stderr", stream)
+    show = cli._one_line_warnings(lambda *args: None)
+    counter = progress.Counter(None, stream, delay=0.0, clock=clock)
+    clock.now += 1.0
+    counter.update(1)
+    drawn = "\r1 images, 1.0/s\x1b[K"
+    assert stream.getvalue() == drawn
+    worker = threading.Thread(target=show, args=("dark", UserWarning, images.__file__, 1))
+    worker.start()
+    worker.join()
+    assert stream.getvalue() == drawn + "\r\x1b[K" + "edgecap: warning: dark\n" + drawn
+    counter.close()
+    after = len(stream.getvalue())
+    show("later", UserWarning, images.__file__, 1)
+    assert stream.getvalue()[after:] == "edgecap: warning: later\n"
+
+
 def test_counter_with_a_total_gives_the_time_left():
     clock, stream = FakeClock(), io.StringIO()
     counter = progress.Counter(30, stream, delay=0.0, clock=clock)

@@ -5,7 +5,9 @@ and JSON stay clean whatever is shown.
 ``open_progress(total, enabled)`` -> an object with ``update(n)``, ``paused()`` (a context in
 which other lines may be written to the same terminal: the progress line is cleared first and
 drawn again after) and ``close()``: a ``Counter`` line rewritten in place (no tqdm: the
-captioning runtime does not depend on it).
+captioning runtime does not depend on it). ``paused_progress()``: the open ``Counter``'s
+``paused()``, for a line written from elsewhere (edgecap's warnings, from a decoding worker
+too).
 """
 
 from __future__ import annotations
@@ -13,6 +15,7 @@ from __future__ import annotations
 import argparse
 import contextlib
 import sys
+import threading
 import time
 
 # Nothing is drawn before this many seconds: a short run shows no progress at all.
@@ -51,12 +54,17 @@ class Counter:
         self.delay = DELAY_S if delay is None else delay
         self.last = 0.0
         self.shown = False  # a progress line is on the terminal now
+        # a warning's line may come from a decoding worker while this thread draws
+        self._lock = threading.RLock()
+        global _open
+        _open = self
 
     def update(self, n: int) -> None:
-        self.done += n
-        now = self.clock()
-        if now - self.started >= self.delay and (not self.shown or now - self.last >= _REDRAW_S):
-            self._draw(now)
+        with self._lock:
+            self.done += n
+            now = self.clock()
+            if now - self.started >= self.delay and (not self.shown or now - self.last >= _REDRAW_S):
+                self._draw(now)
 
     def _draw(self, now: float) -> None:
         rate = self.done / max(now - self.started, 1e-9)
@@ -73,23 +81,39 @@ class Counter:
 
     @contextlib.contextmanager
     def paused(self):
-        was_shown = self.shown
-        if was_shown:
-            self.stream.write("\r\x1b[K")
-            self.stream.flush()
-            self.shown = False
-        try:
-            yield
-        finally:
+        with self._lock:
+            was_shown = self.shown
             if was_shown:
-                self._draw(self.clock())
+                self.stream.write("\r\x1b[K")
+                self.stream.flush()
+                self.shown = False
+            try:
+                yield
+            finally:
+                if was_shown:
+                    self._draw(self.clock())
 
     def close(self) -> None:
-        if self.shown:
-            self._draw(self.clock())
-            self.stream.write("\n")
-            self.stream.flush()
-            self.shown = False
+        global _open
+        with self._lock:
+            if _open is self:
+                _open = None
+            if self.shown:
+                self._draw(self.clock())
+                self.stream.write("\n")
+                self.stream.flush()
+                self.shown = False
+
+
+# the Counter drawn now (one at a time: a command's), for paused_progress
+_open: Counter | None = None
+
+
+def paused_progress():
+    """A context in which a line may be written to stderr without landing on the progress line:
+    the open ``Counter``'s ``paused()``, or nothing where none is open."""
+    counter = _open
+    return counter.paused() if counter is not None else contextlib.nullcontext()
 
 
 class NoProgress:
