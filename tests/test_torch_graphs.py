@@ -381,6 +381,18 @@ def test_fp16_needs_cuda():
         Captioner(backend="torch", device="cpu", fp16=True)
 
 
+@pytest.mark.parametrize("device", ["xpu", "meta", "gpu", "CPU", "cpu ", "mps", "cuda:x", 0])
+def test_a_device_the_torch_backend_does_not_run_on_is_a_value_error_naming_it(device):
+    """The torch backend runs on "cpu", "cuda" or "cuda:N" (its docstring): another device is a
+    ValueError naming the option, as the onnxruntime backend's is, before any model is built;
+    it had been torch's own error ("Torch not compiled with XPU enabled", "Expected one of cpu,
+    cuda, ipu, xpu, ..."), and "meta" failed only after the model was built."""
+    with pytest.raises(
+        ValueError, match=r"^device must be 'cpu', 'cuda' or 'cuda:N' for the torch backend, got "
+    ):
+        Captioner(backend="torch", device=device)
+
+
 @pytest.mark.parametrize("device", ["cuda", "cuda:1"])
 def test_cuda_without_a_cuda_gpu_is_one_clear_error(monkeypatch, device):
     """device="cuda" (or "cuda:N") where torch sees no CUDA GPU: a BackendError that says so

@@ -25,6 +25,7 @@ holds its own h/c, so one backend serves several threads.
 from __future__ import annotations
 
 import copy
+import re
 
 import numpy as np
 import onnx
@@ -130,7 +131,11 @@ def _indexed(device: torch.device) -> torch.device:
 def _checked_device(
     device: str | None, fp16: bool, cuda_graphs: bool = False, graph_factory: GraphFactory | None = None
 ) -> str:
-    device = device or "cpu"
+    device = "cpu" if device is None else device
+    # torch's own words for another device are no help here ("Torch not compiled with XPU
+    # enabled", "Expected one of cpu, cuda, ipu, xpu, ..."; a "meta" model fails only once run)
+    if not isinstance(device, str) or not re.fullmatch(r"cpu|cuda(:[0-9]+)?", device):
+        raise ValueError(f"device must be 'cpu', 'cuda' or 'cuda:N' for the torch backend, got {device!r}")
     if device.startswith("cuda") and not torch.cuda.is_available():
         raise BackendError(
             "device='cuda' but this torch has no usable CUDA GPU; use "
