@@ -207,3 +207,27 @@ def test_no_cuda_is_said_in_the_flags_words(capsys):
     err = capsys.readouterr().err
     assert "--device cuda but this torch has no usable CUDA GPU; use --device cpu or install" in err
     assert "device='" not in err
+
+
+def test_fp16_asked_of_an_int8_model_says_to_convert_its_fp32_source(tiny_model_dir, tmp_path):
+    """``--precision fp16`` with an int8 model on onnxruntime: the hint is to convert the FP32
+    model the int8 one came from, as ``edgecap convert`` takes FP32 models only; it had named the
+    int8 folder itself, which convert refuses ("precision is 'int8'; convert from the FP32 model
+    directory")."""
+    from edgecap.commands._options import _check_model_precision
+    from helpers import copy_model, edit_manifest, set_field
+
+    model = copy_model(tiny_model_dir, tmp_path / "int8")
+    edit_manifest(model, set_field(["precision"], "int8"))
+    with pytest.raises(ValueError) as info:
+        _check_model_precision(str(model), "fp16")
+    said = str(info.value)
+    assert (
+        "make an FP16 copy with `edgecap convert FP32_DIR --precision fp16 --out DIR` (FP32_DIR: the FP32"
+        in said
+    )
+    assert f"convert {model}" not in said
+    with pytest.raises(
+        ValueError, match=rf"make an FP16 copy with `edgecap convert {tiny_model_dir} --precision"
+    ):
+        _check_model_precision(str(tiny_model_dir), "fp16")

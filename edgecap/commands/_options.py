@@ -214,8 +214,9 @@ def add_model_arguments(p: argparse.ArgumentParser, overlaps: bool = True) -> No
         dest="guidance_bonus",
         action="store_const",
         const=0.0,
-        help="no steering: the caption model alone (--guidance-bonus 0; "
-        "--constrained still makes the caption say a tag's word)",
+        help="no steering toward the object tags (--guidance-bonus 0; --constrained still makes "
+        "the caption say a tag's word); the caption model alone is this with --no-fusion "
+        "--no-consensus",
     )
     fusion = p.add_mutually_exclusive_group()
     fusion.add_argument(
@@ -314,9 +315,12 @@ def _check_model_precision(model: str | None, precision: str) -> None:
     if manifest.precision == precision:
         return
     where = "the shipped model" if model is None else f"the model {model}"
+    # convert takes FP32 models only: an int8 copy's FP16 copy is made from its FP32 source
+    source = manifest.directory if manifest.precision == "fp32" else "FP32_DIR"
     instead = (
-        f"make an FP16 copy with `edgecap convert {manifest.directory} --precision fp16 --out DIR` "
-        "and pass --model DIR"
+        f"make an FP16 copy with `edgecap convert {source} --precision fp16 --out DIR` "
+        + ("" if source != "FP32_DIR" else "(FP32_DIR: the FP32 model it was converted from) ")
+        + "and pass --model DIR"
         if precision == "fp16"
         else "pass an FP32 model with --model DIR (the shipped one, or `edgecap export`'s)"
     )
