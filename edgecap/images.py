@@ -240,7 +240,8 @@ def side_problem(width: int, height: int, subject: str = "image is") -> str | No
 def own_input(image: _T) -> _T:
     """``image`` as its source can no longer change it, for an input held after the source is
     asked for the next one (a decoding worker's, a live stream's): a copy of a buffer the source
-    may refill (a numpy array, a ``bytearray`` or ``memoryview``, a torch tensor) or close (a PIL
+    may refill (a numpy array, a ``bytearray`` or ``memoryview``, a torch tensor, another
+    library's array: as a numpy array) or close (a PIL
     image, loaded and copied: a ``with Image.open(...)`` block that ends closes its file, which
     leaves a lazily opened image nothing to decode); a path or ``bytes`` as it is. A picture
     over the pixel limit, or one whose copy fails (a closed PIL image), is returned as it is:
@@ -256,6 +257,10 @@ def own_input(image: _T) -> _T:
             return image if pixel_limit_problem(image.width, image.height) else image.copy()  # type: ignore[return-value]
         if type(image).__module__.partition(".")[0] == "torch" and hasattr(image, "clone"):
             return image.clone()
+        if hasattr(image, "__array__"):  # another library's array (numpy reads it): its pixels
+            array = np.asarray(image)
+            over = array.ndim >= 2 and pixel_limit_problem(array.shape[1], array.shape[0]) is not None
+            return image if over else array.copy()
     except Exception:  # noqa: BLE001 (preparing it names the input and what is wrong)
         return image
     return image

@@ -224,7 +224,17 @@ def test_without_workers_a_camera_loop_that_refills_one_buffer_gets_each_frames_
     assert texts(results) == [word(0), word(1), word(2)]
 
 
-@pytest.mark.parametrize("kind", ["array", "tensor", "bytearray", "memoryview", "pil-closed"])
+class _Wrapped:
+    """Another library's array (numpy reads it through ``__array__``) over the camera's buffer."""
+
+    def __init__(self, pixels: np.ndarray):
+        self.pixels = pixels
+
+    def __array__(self, dtype=None, copy=None):
+        return self.pixels
+
+
+@pytest.mark.parametrize("kind", ["array", "tensor", "bytearray", "memoryview", "pil-closed", "array-like"])
 def test_with_workers_a_source_that_refills_or_closes_its_frames_gets_each_frames_caption(fake, kind):
     """The same as without workers (the test above; docs: "the results do not change") for a
     source whose frames do not outlive its next read: one array refilled for every frame (a
@@ -235,6 +245,7 @@ def test_with_workers_a_source_that_refills_or_closes_its_frames_gets_each_frame
     own caption."""
     buffer: object = {
         "array": np.empty_like(red(0)),
+        "array-like": np.empty_like(red(0)),
         "tensor": None,
         "bytearray": bytearray(len(encoded_bytes(red(0), "BMP"))),
         "memoryview": bytearray(len(encoded_bytes(red(0), "BMP"))),
@@ -249,13 +260,19 @@ def test_with_workers_a_source_that_refills_or_closes_its_frames_gets_each_frame
                 with Image.open(io.BytesIO(encoded_bytes(red(i), "BMP"))) as image:  # not read yet
                     yield image
                 continue
-            if kind == "array":
+            if kind in ("array", "array-like"):
                 buffer[...] = red(i)
             elif kind == "tensor":
                 buffer.copy_(torch.from_numpy(red(i)))
             else:
                 buffer[:] = encoded_bytes(red(i), "BMP")
-            yield memoryview(buffer) if kind == "memoryview" else buffer
+            yield (
+                memoryview(buffer)
+                if kind == "memoryview"
+                else _Wrapped(buffer)
+                if kind == "array-like"
+                else buffer
+            )
 
     results = captioner(workers=2, batch=4).caption_batch(camera(), on_error="return")
     assert texts(results) == [word(i) for i in range(6)]

@@ -69,9 +69,9 @@ exit status:
   130  interrupted (Ctrl-C)
   141  the reader of the output went away (| head): the command stops quietly
 
-Images over 89,478,485 pixels (EDGECAP_MAX_PIXELS=N to change) or files over 128 MiB
-(EDGECAP_MAX_FILE_BYTES=N) are refused; only JPEG, PNG, GIF, WebP, TIFF and BMP files are read,
-and only regular files (not pipes or devices)."""
+Images over 89,478,485 pixels (EDGECAP_MAX_PIXELS=N to change) or with a side over 1,000,000
+pixels, or files over 128 MiB (EDGECAP_MAX_FILE_BYTES=N) are refused; only JPEG, PNG, GIF, WebP,
+TIFF and BMP files are read, and only regular files (not pipes or devices)."""
 
 
 class _OneSource(argparse.Action):
