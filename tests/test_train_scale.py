@@ -547,6 +547,73 @@ def test_photos_of_one_name_in_two_folders_keep_their_own_features(tmp_path):
     assert cache.read(rows)[:, 0, 0].tolist() == [0.0, 1.0]
 
 
+def _two_project_folders(tmp_path: Path):
+    """Two working folders, each with its own ``ds/p.jpg`` (1 byte in the first, 2 in the
+    second), and a photo ``new/q.jpg`` (3 bytes) in the second; load/encode make a photo's
+    features its size in bytes; ``encoded``: the sizes encoded."""
+    first, second = tmp_path / "first", tmp_path / "second"
+    for folder, size in ((first, 1), (second, 2)):
+        (folder / "ds").mkdir(parents=True)
+        (folder / "ds" / "p.jpg").write_bytes(b"x" * size)
+    (second / "new").mkdir()
+    (second / "new" / "q.jpg").write_bytes(b"xxx")
+    encoded: list[int] = []
+
+    def load(path):
+        return np.array([len(Path(path).read_bytes())], dtype=np.float32)
+
+    def encode(x):
+        encoded.extend(x[:, 0].astype(int).tolist())
+        return np.broadcast_to(x[:, 0][:, None, None], (len(x), 2, 3)).astype(np.float32)
+
+    return first, second, load, encode, encoded
+
+
+def test_a_cache_shared_by_runs_from_two_folders_keeps_each_photos_own_features(tmp_path, monkeypatch):
+    """docs/training.md: photos are keyed by absolute path, size and time, so two folders can
+    share a --cache-dir. Runs given relative paths (``--data ds``) from two working folders:
+    the second run's photo joins the first's shard, which is recomputed, and the first run's
+    photo in it is read where it is, not as ``ds/p.jpg`` from the second folder (whose own
+    ds/p.jpg's features had been put under the first's name, and trained on by the first run
+    again without a word); the first folder's run then finds its features as they were."""
+    first, second, load, encode, encoded = _two_project_folders(tmp_path)
+    quiet = {"shard_size": 4, "log": lambda *_: None}
+    cache = tmp_path / "cache"
+    monkeypatch.chdir(first)
+    extract_shards([Path("ds/p.jpg")], cache, load, encode, **quiet).close()
+    monkeypatch.chdir(second)
+    extract_shards([Path("new/q.jpg")], cache, load, encode, **quiet).close()
+    assert encoded == [1, 1, 3]  # the shard again: the first folder's photo (1 byte), the new one
+    monkeypatch.chdir(first)
+    features = extract_shards([Path("ds/p.jpg")], cache, load, encode, **quiet)
+    assert encoded == [1, 1, 3]  # nothing to recompute
+    assert features.read([features.names[cache_name(first / "ds" / "p.jpg")]])[0, 0, 0] == 1.0
+
+
+def test_a_row_whose_stored_path_names_another_photo_now_is_left_empty_not_filled_with_it(
+    tmp_path, monkeypatch
+):
+    """A plan written before paths were kept whole holds ``ds/p.jpg`` as given; recomputing its
+    shard from another folder, that path names that folder's photo. Its row is left empty
+    (absent), not filled with the other photo's features under the first's name; the first
+    folder's run then encodes its photo again."""
+    first, second, load, encode, encoded = _two_project_folders(tmp_path)
+    quiet = {"shard_size": 4, "log": lambda *_: None}
+    cache = tmp_path / "cache"
+    monkeypatch.chdir(first)
+    extract_shards([Path("ds/p.jpg")], cache, load, encode, **quiet).close()
+    (plan_path,) = cache.glob("**/plan.json")
+    plan = json.loads(plan_path.read_text())
+    plan_path.write_text(json.dumps({**plan, "paths": ["ds/p.jpg"]}))  # as such a plan was
+    monkeypatch.chdir(second)
+    extract_shards([Path("new/q.jpg")], cache, load, encode, **quiet).close()
+    assert encoded == [1, 3]  # the second folder's ds/p.jpg (2 bytes) was not read for it
+    monkeypatch.chdir(first)
+    features = extract_shards([Path("ds/p.jpg")], cache, load, encode, **quiet)
+    assert encoded == [1, 3, 1, 3]  # wanted again: the shard recomputed with it
+    assert features.read([features.names[cache_name(first / "ds" / "p.jpg")]])[0, 0, 0] == 1.0
+
+
 def test_a_batch_of_scattered_rows_reads_exactly_those_rows(tmp_path):
     # A shuffled batch: rows with gaps between them in one shard, a repeat, rows of three
     # shards; the stand-in encoder makes image i's features all i.

@@ -30,7 +30,7 @@ import hashlib
 import json
 import os
 import time
-from collections.abc import Callable, Sequence
+from collections.abc import Callable, Mapping, Sequence
 from concurrent.futures import ThreadPoolExecutor
 from pathlib import Path
 
@@ -240,7 +240,7 @@ def _extract_locked(
     names = [cache_name(p) for p in paths]
     index_path = directory / "index.json"
     plan_path = directory / "plan.json"
-    wanted = set(names)
+    wanted = dict(zip(names, paths))  # this run's photos, each by the path it was given
     if rank == 0:
         plan = _read_plan(plan_path, shard_size, log)
         known = set(plan["names"])
@@ -248,7 +248,9 @@ def _extract_locked(
             if name not in known:
                 known.add(name)
                 plan["names"].append(name)
-                plan["paths"].append(str(p))
+                # where the photo is, whatever folder a later run works from (a relative path
+                # read from there had put another folder's photo's features under this name)
+                plan["paths"].append(os.path.realpath(p))
         _write_json(plan_path, plan)
         index_path.unlink(missing_ok=True)
     barrier()
@@ -397,7 +399,7 @@ def _record(record: Record) -> dict:
     }
 
 
-def _stale(meta_path: Path, path: Path, names: Sequence[str], wanted: set[str]) -> str | None:
+def _stale(meta_path: Path, path: Path, names: Sequence[str], wanted: Mapping[str, object]) -> str | None:
     """Why a completed shard must be recomputed (None: it is current): its record is broken
     or lists other images, a photo it lacks is wanted again, or its file does not match."""
     try:
@@ -412,15 +414,20 @@ def _stale(meta_path: Path, path: Path, names: Sequence[str], wanted: set[str]) 
 
 
 def _extract_one(
-    directory: Path, s: int, names, paths, load, encode, batch_size, pool, wanted: set[str]
+    directory: Path, s: int, names, paths, load, encode, batch_size, pool, wanted: Mapping[str, object]
 ) -> None:
     """Compute shard ``s``. A photo of an earlier run that this run does not ask for and that
     can no longer be read gets an empty row, listed as ``absent`` in the record."""
     absent: list[int] = []
 
     def load_row(i: int):
-        if names[i] in wanted:
-            return load(paths[i])
+        if names[i] in wanted:  # read by this run's own path (its errors name the photo so)
+            return load(wanted[names[i]])
+        if cache_name(paths[i]) != names[i]:
+            # not the photo the row is of: replaced since, or a relative path of a plan written
+            # before paths were kept whole, which from this run's folder names another photo
+            absent.append(i)
+            return None
         try:
             return load(paths[i])
         except (OSError, ValueError):  # InputError is a ValueError: gone, or no photo now
