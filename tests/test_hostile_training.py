@@ -1624,6 +1624,18 @@ def test_a_run_with_rows_left_out_trains_on_the_rest_and_exits_1(tmp_path, capsy
     assert json.loads(captured.out.splitlines()[-1]) == {"best_checkpoint": str(out / "best"), "left_out": 1}
     meta = json.loads((out / "best" / "checkpoint.json").read_text())
     assert meta["training_data"]["left_out"] == 1
+    # run again with no epoch left to train (its checkpoints keep the first run's record of 1):
+    # on the data without the bad row nothing is left out, exit 0; on the data with it, the row
+    # is reported and counted, exit 1 (the count and status had been the checkpoints' both ways)
+    for data_rows, code, said in (
+        (rows, 0, {}),
+        (rows + [("../outside.png", "a secret")], 1, {"left_out": 1}),
+    ):
+        data = captions_csv(root, data_rows)
+        assert main(["train", "--data", str(data), "--out", str(out), *flags]) == code
+        captured = capsys.readouterr()
+        assert ("row skipped" in captured.err) == bool(said)
+        assert json.loads(captured.out.splitlines()[-1]) == {"best_checkpoint": str(out / "best"), **said}
     # resumed for a second epoch on the data without the bad row (at learning rate 0: epoch 2
     # scores as epoch 1 and best stays epoch 1, whose record says 1): this run left nothing
     # out, so exit 0 and no "left_out", whatever an earlier run's best recorded (the same

@@ -204,7 +204,7 @@ def test_tag_rank_with_scst_from_is_refused(monkeypatch, capsys):
     from edgecap.training import scst
 
     called = []
-    monkeypatch.setattr(scst, "train_scst", lambda cfg: called.append(cfg))
+    monkeypatch.setattr(scst, "train_scst", lambda cfg, **_: called.append(cfg))
     argv = ["train", "--data", "DATA", "--out", "RUN", "--scst-from", "CK", "--tag-rank", "8"]
     assert main([*argv, "--no-progress"]) == 2
     assert called == []

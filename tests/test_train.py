@@ -416,7 +416,7 @@ def test_train_command_builds_the_config_from_its_flags(tmp_path, monkeypatch, c
     from edgecap.training.train import TrainConfig
 
     given = []
-    monkeypatch.setattr(training, "train", lambda cfg: given.append(cfg) or tmp_path / "best")
+    monkeypatch.setattr(training, "train", lambda cfg, **_: given.append(cfg) or tmp_path / "best")
     monkeypatch.chdir(tmp_path)
     (tmp_path / "T").write_text("a caption\n")  # --text T: a file (a missing one is refused)
     base = ["train", "--data", "DATA", "--out", "RUN"]
@@ -501,7 +501,7 @@ def test_train_refuses_an_out_whose_best_or_last_is_not_a_checkpoint(name, tmp_p
     from edgecap.training import train as training
 
     called = []
-    monkeypatch.setattr(training, "train", lambda cfg: called.append(cfg) or tmp_path / "best")
+    monkeypatch.setattr(training, "train", lambda cfg, **_: called.append(cfg) or tmp_path / "best")
     out = tmp_path / "photos"
     (out / name).mkdir(parents=True)
     (out / name / "a.jpg").write_text("mine")
@@ -527,7 +527,7 @@ def test_train_output_that_cannot_be_written_is_said_as_the_output(
     from edgecap.cli import main
     from edgecap.training import train as training
 
-    def run(cfg):
+    def run(cfg, **_):
         if when == "a log line":
             print("train 8 images, dev 2 images, vocabulary 18 words")
         return tmp_path / "run" / "best"
@@ -548,7 +548,7 @@ def test_train_names_a_best_checkpoint_that_is_not_ascii_on_a_stdout_that_is_not
     from edgecap.training import train as training
 
     best = tmp_path / "modèl" / "best"
-    monkeypatch.setattr(training, "train", lambda cfg: best)
+    monkeypatch.setattr(training, "train", lambda cfg, **_: best)
     raw = io.BytesIO()
     monkeypatch.setattr(sys, "stdout", io.TextIOWrapper(raw, encoding="ascii"))
     assert main(["train", "--data", "DATA", "--out", str(tmp_path / "modèl")]) == 0
@@ -562,7 +562,7 @@ def test_scst_command_builds_its_config_from_the_flags(tmp_path, monkeypatch):
     from edgecap.training.scst import ScstConfig
 
     given = []
-    monkeypatch.setattr(scst, "train_scst", lambda cfg: given.append(cfg) or tmp_path / "best")
+    monkeypatch.setattr(scst, "train_scst", lambda cfg, **_: given.append(cfg) or tmp_path / "best")
     assert (
         main(
             [
@@ -606,7 +606,7 @@ def test_scst_refuses_text_it_would_not_train_on(monkeypatch, capsys, tmp_path, 
     monkeypatch.chdir(tmp_path)
     (tmp_path / "T").write_text("a caption\n")  # a file: refused as SCST's, not as missing
     called = []
-    monkeypatch.setattr(scst, "train_scst", lambda cfg: called.append(cfg))
+    monkeypatch.setattr(scst, "train_scst", lambda cfg, **_: called.append(cfg))
     argv = ["train", "--data", "DATA", "--out", "RUN", "--scst-from", "CK", *flag, "--no-progress"]
     assert main(argv) == 2
     assert called == []
@@ -750,7 +750,7 @@ def test_text_pretraining_needs_the_text(monkeypatch, capsys):
     from edgecap.training import train as train_module
 
     called = []
-    monkeypatch.setattr(train_module, "train", lambda cfg: called.append(cfg))
+    monkeypatch.setattr(train_module, "train", lambda cfg, **_: called.append(cfg))
     assert main(["train", "--data", "DATA", "--out", "RUN", "--text-pretrain", "2", "--no-progress"]) == 2
     assert called == []
     err = capsys.readouterr().err

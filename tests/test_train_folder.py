@@ -335,7 +335,7 @@ def test_command_detects_the_folder_and_checks_dev_fraction(tmp_path, monkeypatc
     from edgecap.training import train as training
 
     given = []
-    monkeypatch.setattr(training, "train", lambda cfg: given.append(cfg) or tmp_path / "best")
+    monkeypatch.setattr(training, "train", lambda cfg, **_: given.append(cfg) or tmp_path / "best")
     root = folder(tmp_path / "f", ROWS)
     assert main(["train", "--data", str(root), "--out", "RUN", "--dev-fraction", "0.3"]) == 0
     assert given[-1].dataset == "folder" and given[-1].dev_fraction == 0.3

@@ -351,8 +351,9 @@ def run(args: argparse.Namespace) -> int:
     stdout = sys.stdout
     if stdout is not None:  # the log: its write errors told apart from those of --out
         sys.stdout = _Log(stdout)
+    counted: list[int] = []  # this run's left-out rows and photos, once its data is read
     try:
-        best = run_training(cfg)
+        best = run_training(cfg, on_left_out=counted.append)
     except OutputFailed as failure:  # the log on stdout, not --out: a reader gone away, a full disk
         return output_failed("train", failure.error)
     except OSError as exc:  # a folder that cannot be made or written (--out, --cache-dir), a full disk
@@ -367,7 +368,8 @@ def run(args: argparse.Namespace) -> int:
         return 2
     finally:
         sys.stdout = stdout
-    left_out = _left_out(Path(best).parent / "last")  # this run's: best may be an earlier run's
+    # this run's own: its checkpoints may hold an earlier run's (no epoch left to train here)
+    left_out = counted[-1] if counted else _left_out(Path(best).parent / "last")
     utf8_output()  # as caption: a folder's name that is not ASCII on a stdout that is not UTF-8
     try:  # a name that is not UTF-8: as caption's paths
         print(json_line({"best_checkpoint": str(best), **({"left_out": left_out} if left_out else {})}))

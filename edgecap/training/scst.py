@@ -52,12 +52,14 @@ def sample_captions(decoder, fmap, n_samples: int, max_length: int, start: int, 
     return torch.stack(tokens, 1), torch.stack(logps, 1).sum(1), torch.stack(masks, 1)
 
 
-def train_scst(cfg: ScstConfig, log=print) -> Path:
+def train_scst(cfg: ScstConfig, log=print, on_left_out=None) -> Path:
+    """``on_left_out(n)``: called once the data is read, with the rows or photos this run leaves
+    out (as ``train``'s)."""
     with RunLock() as lock:  # OUT's, once it is there (``records.RunLock``)
-        return _train_scst(cfg, log, lock)
+        return _train_scst(cfg, log, lock, on_left_out)
 
 
-def _train_scst(cfg: ScstConfig, log, lock: RunLock) -> Path:
+def _train_scst(cfg: ScstConfig, log, lock: RunLock, on_left_out=None) -> Path:
     if world_size() > 1:
         raise BackendError("self-critical training (--scst-from) runs in one process, not under torchrun")
     seeded(cfg.seed, cfg.threads)  # torch's threads for the feature extraction; the RNG after it
@@ -71,6 +73,8 @@ def _train_scst(cfg: ScstConfig, log, lock: RunLock) -> Path:
             "cached features of the pretrained encoder: start from a checkpoint with a frozen encoder"
         )
     train_items, dev_items, left_out = dataset_items(cfg.dataset, data, images, cfg.allow_outside_data)
+    if on_left_out is not None:
+        on_left_out(left_out)
     cache = feature_cache(out, cfg.cache_dir)
     encoder_name = encoder.variant  # the checkpoint's pretrained encoder
     train_rows, dev_fmaps, all_fmaps = split_features(

@@ -237,8 +237,11 @@ def seeded(seed: int, threads: int) -> random.Random:
     return random.Random(seed)
 
 
-def train(cfg: TrainConfig, log=print) -> Path:
-    """Train and return the directory of the best checkpoint.
+def train(cfg: TrainConfig, log=print, on_left_out=None) -> Path:
+    """Train and return the directory of the best checkpoint. ``on_left_out(n)``: called once
+    the data is read, with the number of rows or photos this run leaves out (each reported as
+    it is met): the run's own, also where no epoch is left to train (its checkpoints then hold
+    an earlier run's).
 
     Under torchrun (RANK / WORLD_SIZE / LOCAL_RANK set) each process trains on its share of
     every global batch (DistributedDataParallel); rank 0 logs, checks the dev split and writes
@@ -250,10 +253,10 @@ def train(cfg: TrainConfig, log=print) -> Path:
     same ``--out`` meanwhile is refused.
     """
     with RunLock() as lock:
-        return _train(cfg, log, lock)
+        return _train(cfg, log, lock, on_left_out)
 
 
-def _train(cfg: TrainConfig, log, lock: RunLock) -> Path:
+def _train(cfg: TrainConfig, log, lock: RunLock, on_left_out=None) -> Path:
     check_folders(cfg.out, cfg.cache_dir)
     seeded(cfg.seed, cfg.threads)
     if world_size() > 1 and cfg.finetune_encoder:
@@ -278,6 +281,8 @@ def _train(cfg: TrainConfig, log, lock: RunLock) -> Path:
     pre = Preprocessing(size=(cfg.image_size, cfg.image_size))
 
     train_items, dev_items, left_out = training_items(cfg, data, images, log)
+    if on_left_out is not None:
+        on_left_out(left_out)
     if cfg.max_dev_images:
         dev_items = dev_items[: cfg.max_dev_images]
     last = out / "last"
