@@ -509,6 +509,36 @@ def test_a_jsonl_null_is_an_empty_value_and_a_split_of_true_is_not_text(tmp_path
     assert by_photo(data) == {"a.png": ["a red ball"], "b.png": ["a dog"]}
 
 
+def test_a_jsonl_split_null_or_blank_in_every_row_is_no_split_column(tmp_path):
+    """pandas' ``to_json(orient="records", lines=True)`` of a table whose split column is empty
+    writes ``"split": null`` in every row: that is no split column, so --dev-fraction chooses the
+    dev photos (every row had been skipped, "no split (the file has a split column)", and
+    --dev-fraction refused: the file could not be trained on). A row that gives a split makes
+    it a split column, as before: the rows without one are then reported."""
+    root = folder(tmp_path / "f", [], photos=["a.png", "b.png", "c.png", "d.png"], kind="jsonl")
+    rows = [
+        ("a.png", "a ball", None),
+        ("b.png", "a dog", " "),
+        ("c.png", "a cat", None),
+        ("d.png", "a car", None),
+    ]
+    lines = [json.dumps(dict(zip(("file", "caption", "split"), r))) for r in rows]
+    (root / "captions.jsonl").write_text("\n".join(lines) + "\n")
+    reports: list[str] = []
+    data = read_folder(root, dev_fraction=0.5, report=reports.append)
+    assert reports == [] and sorted(names(data.train) + names(data.dev)) == [
+        "a.png",
+        "b.png",
+        "c.png",
+        "d.png",
+    ]
+    assert len(data.dev) == 2
+    lines[0] = json.dumps({"file": "a.png", "caption": "a ball", "split": "dev"})
+    (root / "captions.jsonl").write_text("\n".join(lines) + "\n")
+    with pytest.raises(DataError, match="has a split column"):
+        read_folder(root, dev_fraction=0.5, report=lambda _: None)
+
+
 def test_a_csv_row_with_more_cells_than_the_header_is_reported_not_cut(tmp_path):
     """An unquoted comma in a caption makes a third cell: the row is reported and left out,
     never trained on as the caption cut at the comma ("a red ball"). Empty cells after the last

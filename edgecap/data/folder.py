@@ -446,5 +446,11 @@ def _jsonl_records(path: Path, text: str):
             f"{escape_field(str(path))}: no line is a JSON object with the keys "
             f'"file" and "caption" (line {records[0][0]}: {records[0][1]})'
         )
-    yield any(isinstance(r, dict) and "split" in r for _, r in records)
+    # a split column: a row that gives a split (not the key left out, null or blank, as a table
+    # without one writes it: pandas' to_json writes a column of NaN as null in every row)
+    yield any(isinstance(r, dict) and _gives_split(r.get("split")) for _, r in records)
     yield from records
+
+
+def _gives_split(value: object) -> bool:
+    return value is not None and not (isinstance(value, str) and not value.strip())
