@@ -241,11 +241,11 @@ def own_input(image: _T) -> _T:
     """``image`` as its source can no longer change it, for an input held after the source is
     asked for the next one (a decoding worker's, a live stream's): a copy of a buffer the source
     may refill (a numpy array, a ``bytearray`` or ``memoryview``, a torch tensor, another
-    library's array: as a numpy array) or close (a PIL
-    image, loaded and copied: a ``with Image.open(...)`` block that ends closes its file, which
-    leaves a lazily opened image nothing to decode); a path or ``bytes`` as it is. A picture
-    over the pixel limit, or one whose copy fails (a closed PIL image), is returned as it is:
-    preparing it says what is wrong, as it would have."""
+    library's array: as a numpy array) or close (a PIL image, loaded and copied: a ``with
+    Image.open(...)`` block that ends closes its file, which leaves a lazily opened image
+    nothing to decode); a path or ``bytes`` as it is. A picture over the pixel limits, or one
+    whose copy fails (a closed PIL image), is returned as it is: preparing it says what is
+    wrong, as it would have."""
     try:
         if isinstance(image, (bytearray, memoryview)):
             return bytes(image)  # type: ignore[return-value]
@@ -792,9 +792,10 @@ def _float_to_uint8(x: np.ndarray, source: str, levels: bool = False) -> np.ndar
     and read as levels a photo became "nothing recognisable"."""
     if not np.isfinite(x).all():
         raise InputError(source, "array contains NaN or infinite values")
-    lo, hi = float(x.min()), float(x.max())
+    low, high = x.min(), x.max()
+    lo, hi = float(low), float(high)
     # as the array's own type writes them, shortest: 1.0000001 over 1 is not shown as "1"
-    shown = f"[{x.min()!s}, {x.max()!s}]"
+    shown = f"[{low!s}, {high!s}]"
     if levels and lo >= 0.0 and 1.0 < hi < 2.0:
         raise InputError(
             source,
