@@ -543,8 +543,8 @@ async def start(service: CaptionService, host: str = DEFAULT_HOST, port: int = D
     runner = web.AppRunner(
         service.app,
         # a client that goes away (its timeout) cancels its request's handler: it stops waiting,
-        # leaves max_pending, and its queued image is never captioned (aiohttp's default since
-        # 3.7 is to run the handler to its end for nobody)
+        # leaves max_pending, and its queued image is never captioned (aiohttp's default runs
+        # the handler to its end, for nobody)
         handler_cancellation=True,
         access_log=None,
         keepalive_timeout=75,
