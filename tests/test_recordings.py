@@ -859,7 +859,9 @@ def test_a_db3_read_as_malformed_says_it_may_still_be_recorded(
     assert err.endswith(hint) == (kind == "sqlite3"), err
 
 
-@pytest.mark.parametrize("kind", ["ros1", "mcap file", "ros2 folder", "ros1-profile mcap file"])
+@pytest.mark.parametrize(
+    "kind", ["ros1", "mcap file", "ros2 folder", "ros1-profile mcap file", "mcap file cut in its header"]
+)
 def test_a_recording_its_recorder_has_not_closed_says_what_makes_it_readable(kind, tmp_path):
     """A recording cut short (its recorder killed) or still being recorded lacks what its
     recorder writes last: a ROS 1 bag its index, an MCAP file its end, a ROS 2 bag folder its
@@ -877,10 +879,13 @@ def test_a_recording_its_recorder_has_not_closed_says_what_makes_it_readable(kin
         (bag / "metadata.yaml").unlink()
         hint = "a ROS 2 bag folder gets its metadata.yaml when its recorder stops: ros2 bag reindex makes one"
     else:
-        if kind == "mcap file":
+        if kind.startswith("mcap file"):
             bag = next(bag.glob("*.mcap"))
         data = bag.read_bytes()
-        bag.write_bytes(data[: len(data) * 2 // 3])  # the recorder killed two thirds of the way
+        # the recorder killed two thirds of the way, or as it began (30 bytes: "Truncated record
+        # at offset 17", which had come without the hint)
+        bag.write_bytes(data[:30] if kind.endswith("header") else data[: len(data) * 2 // 3])
+        kind = "mcap file" if kind.endswith("header") else kind
         hint = {
             "ros1": "a ROS 1 bag cut short or still being recorded has no index: rosbag reindex makes one",
             "mcap file": "an MCAP file cut short or still being recorded has no end: "
