@@ -225,6 +225,10 @@ class Batcher:
         self.executor.shutdown(wait=True, cancel_futures=True)
 
 
+# the paths the service answers and their methods (aiohttp answers HEAD as GET)
+ROUTES = {"/caption": ("POST",), "/health": ("GET", "HEAD")}
+
+
 class CaptionService:
     """The aiohttp application around a ``Captioner`` (``app``); ``pending``: requests being read,
     queued or captioned now."""
@@ -257,7 +261,12 @@ class CaptionService:
             middlewares=[_noting_unread_bodies(web, self._unread), _json_errors(web)],
         )
         self.app.router.add_post("/caption", self.caption, expect_handler=self._expect)
-        self.app.router.add_get("/health", self.health)
+        self.app.router.add_get("/health", self.health, expect_handler=self._expect_elsewhere)
+        # every other path and method: a JSON 404 or 405 (by the middleware), and, for a request
+        # with an Expect header, before its body is sent (aiohttp's own handler of the header
+        # answered a typo'd path "100 Continue", took the whole body, then said 404; and it said
+        # 417 in plain text, before any middleware, for another expectation)
+        self.app.router.add_route("*", "/{path:.*}", self._no_route, expect_handler=self._expect_elsewhere)
         self.app.on_startup.append(self._start)
         self.app.on_shutdown.append(self._close_unread)
         self.app.on_shutdown.append(self._end_reads)
@@ -370,6 +379,40 @@ class CaptionService:
         await request.writer.write(b"HTTP/1.1 100 Continue\r\n\r\n")
         request.writer.output_size = 0  # the interim answer is not the response's size
         return None
+
+    async def _no_route(self, request):
+        """A path or method the service does not answer: 405 with the path's methods (Allow),
+        or 404."""
+        web = _aiohttp()
+        allowed = ROUTES.get(request.path)
+        if allowed is not None:
+            raise web.HTTPMethodNotAllowed(request.method, allowed)
+        raise web.HTTPNotFound()
+
+    async def _expect_elsewhere(self, request):
+        """``Expect`` on a request that is not ``POST /caption``: a wrong path or method is
+        answered from its headers (a JSON 404 or 405), before a body is sent; a request that is
+        answered (GET /health) gets "100 Continue" for ``100-continue`` and a JSON 417 for
+        another expectation."""
+        web = _aiohttp()
+        if request.version < (1, 1):  # an HTTP/1.0 client's is ignored (RFC 9110 10.1.1)
+            return None
+        allowed = ROUTES.get(request.path)
+        if allowed is None:
+            refused = _error(web, 404, "Not Found")
+        elif request.method not in allowed:
+            refused = _error(web, 405, "Method Not Allowed", headers={"Allow": ",".join(allowed)})
+        elif request.headers.get("Expect", "").lower() != "100-continue":
+            expectation = request.headers.get("Expect", "")
+            refused = _error(web, 417, f"Expect: {expectation[:100]} is not an expectation met here")
+        else:
+            await request.writer.write(b"HTTP/1.1 100 Continue\r\n\r\n")
+            request.writer.output_size = 0  # the interim answer is not the response's size
+            return None
+        if request.transport is not None:  # its body is never read: a stop need not wait
+            self._unread[request.transport] = request.content
+        refused.force_close()  # a body the client may still send is not read as a next request
+        return refused
 
     async def caption(self, request):
         from edgecap.commands.output import caption_record

@@ -274,6 +274,51 @@ def test_expect_100_continue_is_refused_before_the_body_or_told_to_go_on():
     assert fake.batches == [1]  # the refused bodies never reached the model
 
 
+def test_an_expect_header_elsewhere_is_answered_in_json_and_a_wrong_path_before_its_body():
+    """docs/service.md: every error is {"error": ...}. A request with ``Expect`` that is not
+    ``POST /caption``: a typo'd path (curl sends ``Expect: 100-continue`` with a body over 1 MB)
+    is a JSON 404 before the body is sent (aiohttp's own handler said "100 Continue", took the
+    2 MB, then 404), a wrong method a JSON 405 with Allow, another expectation on GET /health a
+    JSON 417 (it had been text/plain, "Unknown Expect: foo"); GET /health with 100-continue is
+    told to go on and answered."""
+    fake = BlockingCaptioner()
+    fake.gate.set()
+    running = Running(fake, ServiceOptions())
+
+    def ask(head: bytes) -> tuple[int, dict, list]:
+        heads: list = []
+        with socket.create_connection(("127.0.0.1", running.port), timeout=CLIENT_TIMEOUT_S) as client:
+            client.sendall(head + b"\r\n")
+            status, answer = read_http_reply(client, heads)
+        return status, answer, heads
+
+    big = b"Content-Type: image/png\r\nExpect: 100-continue\r\nContent-Length: 2000000\r\n"
+    try:
+        typo = ask(b"POST /captions HTTP/1.1\r\nHost: x\r\n" + big)
+        method = ask(b"PUT /caption HTTP/1.1\r\nHost: x\r\n" + big)
+        other = ask(b"GET /health HTTP/1.1\r\nHost: x\r\nExpect: foo\r\nContent-Length: 0\r\n")
+        heads: list = []
+        with socket.create_connection(("127.0.0.1", running.port), timeout=CLIENT_TIMEOUT_S) as client:
+            client.sendall(
+                b"GET /health HTTP/1.1\r\nHost: x\r\nExpect: 100-continue\r\nContent-Length: 0\r\n\r\n"
+            )
+            interim = b""
+            while b"\r\n\r\n" not in interim:
+                interim += client.recv(1)
+            health = read_http_reply(client, heads)
+    finally:
+        running.stop()
+    assert (
+        typo[:2] == (404, {"error": "Not Found"})
+        and "content-type: application/json; charset=utf-8" in typo[2]
+    )
+    assert method[:2] == (405, {"error": "Method Not Allowed"}) and "allow: post" in method[2]
+    assert other[:2] == (417, {"error": "Expect: foo is not an expectation met here"})
+    assert "content-type: application/json; charset=utf-8" in other[2]
+    assert interim == b"HTTP/1.1 100 Continue\r\n\r\n" and health[0] == 200 and "model" in health[1]
+    assert fake.batches == []
+
+
 def test_stalled_body_times_out_with_408():
     fake = BlockingCaptioner()
     fake.gate.set()
