@@ -29,7 +29,8 @@ numbered from 0 and stamped with the seconds since the stream started when the r
 
 ``every=SECONDS`` samples at most one frame per interval of frame time, on a grid that starts at
 the first frame's timestamp: for a video, one frame per ``every`` seconds of video time. A frame
-stamped more than ``every`` before the last frame taken (a recording replayed in a loop, a
+stamped more than ``every`` before the last frame taken, or at or before the grid's first
+frame after a later one (a recording replayed in a loop, however short; a
 camera's clock reset; not a frame a little out of order) starts the grid afresh at its own
 timestamp, so the frames after it are sampled again rather than skipped until the time passes
 the old highest.
@@ -196,15 +197,23 @@ class _Sampler:
         self.next_slot = 0.0  # a float: an interval so short (every=1e-308) that a slot's number
         # overflows makes it infinite (every frame taken); int(inf) raised OverflowError
         self.last = -math.inf  # the timestamp of the last frame taken
+        self.previous = -math.inf  # ... and of the frame before, taken or not
 
     def take(self, timestamp: float) -> bool:
         if self.every is None:
             return True
-        if self.origin is None or timestamp < self.last - self.every:
-            # the first frame, or time went back by more than an interval from the last frame
-            # taken (a looped replay, a clock reset; not a frame a little out of order): a new
-            # grid from this frame
-            self.origin, self.next_slot = timestamp, 0.0
+        previous, self.previous = self.previous, timestamp
+        if (
+            self.origin is None
+            # time went back by more than an interval from the last frame taken (a clock reset;
+            # not a frame a little out of order) ...
+            or timestamp < self.last - self.every
+            # ... or to the grid's first frame or before it, from a later one: a looped replay,
+            # however short (one of under two intervals is never an interval before the last
+            # frame taken, and its later passes had no caption)
+            or timestamp <= self.origin < previous
+        ):
+            self.origin, self.next_slot = timestamp, 0.0  # a new grid from this frame
         slot = (timestamp - self.origin + _EPSILON_S) // self.every
         if slot < self.next_slot:
             return False

@@ -570,20 +570,37 @@ def test_every_starts_afresh_when_the_time_goes_back():
     assert [e.frame_index for e in events] == [0, 1, 4]
 
 
-def test_every_starts_afresh_only_more_than_an_interval_before_the_last_frame_taken():
-    """The rule's boundaries (docs/cameras.md: a frame stamped more than an interval before the
-    last one taken starts the intervals afresh), every=1.0. 0, 1, 2 s, then 1.0 s: exactly one
-    interval back, not more: no new start, and in [1, 2), taken already: skipped; then 0.99 s,
-    more than one back: a new start, taken. 0 s taken, 0.95 s skipped, then -0.5 s: less than
-    an interval before the last frame taken (0 s; the skipped 0.95 s counts not): no new start,
-    skipped, and so is 0.5 s, in [0, 1)."""
+def test_every_starts_afresh_only_more_than_an_interval_back_or_back_to_the_grids_start():
+    """The rule's boundaries (docs/cameras.md), every=1.0. 0, 1, 2 s, then 1.0 s: exactly one
+    interval back from the last frame taken, not more, nor back to the grid's start: no new
+    start, and in [1, 2), taken already: skipped; then 0.99 s, more than one before the last
+    frame taken (2 s): a new start, taken. 0 s taken, 0.95 s skipped, then -0.5 s: before the
+    grid's first frame, after a later one (a clock reset): a new start, taken, and 0.5 s in the
+    new grid's [1, 2) too (the rule had asked for more than an interval before the last frame
+    taken, 0 s: both skipped). 0 s, 0.5 s, then 0.2 s: a little out of order, no new start."""
 
     def taken(stamps):
         frames = [Frame(index=i, timestamp=t, image=i) for i, t in enumerate(stamps)]
         return [e.frame_index for e in caption_stream(FakeCaptioner(), frames, every=1.0, live=False)]
 
     assert taken([0.0, 1.0, 2.0, 1.0, 0.99]) == [0, 1, 2, 4]
-    assert taken([0.0, 0.95, -0.5, 0.5]) == [0]
+    assert taken([0.0, 0.95, -0.5, 0.5]) == [0, 2, 3]
+    assert taken([0.0, 0.5, 0.2, 1.0]) == [0, 3]
+
+
+@pytest.mark.parametrize("length_s", [0.5, 1.5, 2.0, 2.5])
+def test_a_looped_replay_of_any_length_is_sampled_again_on_every_pass(length_s):
+    """A recording looped five times (ros2 bag play --loop: its stamps start again each pass),
+    10 frames a second, every=1.0: each pass gets the captions the first got (a 0.5 s loop: its
+    first frame; 1.5 and 2.0 s: 0 and 1 s; 2.5 s: 0, 1 and 2 s). A loop of under two intervals
+    had been captioned on its first pass only: its frames never fall more than an interval
+    before the last one taken."""
+    per_pass = round(length_s * 10)
+    stamps = [k / 10 for _ in range(5) for k in range(per_pass)]
+    frames = [Frame(index=i, timestamp=t, image=i) for i, t in enumerate(stamps)]
+    events = list(caption_stream(FakeCaptioner(), frames, every=1.0, live=False))
+    first = [k / 10 for k in range(0, per_pass, 10)]
+    assert [stamps[e.frame_index] for e in events] == first * 5
 
 
 def test_without_every_frames_stamped_nan_are_captioned():
