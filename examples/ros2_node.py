@@ -151,8 +151,9 @@ class MessageCaptioner:
             raise
 
 
-def caption_record(event, stamp_ns: int, frame_id: str) -> dict:
-    """The JSON object published for one captioned frame."""
+def caption_record(event, stamp_ns: int, frame_id: str, dropped: int | None = None) -> dict:
+    """The JSON object published for one captioned frame; ``dropped``: the frames dropped since
+    the previous caption published (None: the event's)."""
     caption = event.caption
     return {
         "stamp": {"sec": stamp_ns // 1_000_000_000, "nanosec": stamp_ns % 1_000_000_000},
@@ -162,7 +163,7 @@ def caption_record(event, stamp_ns: int, frame_id: str) -> dict:
         "confidence": None if caption.confidence is None else round(caption.confidence, 4),
         "objects": [[name, round(p, 4)] for name, p in caption.objects],
         "latency_ms": round(event.latency_ms, 1),
-        "dropped": event.dropped,
+        "dropped": event.dropped if dropped is None else dropped,
     }
 
 
@@ -212,17 +213,22 @@ class CaptionNode(Node):
         self.get_logger().info(f"captioning {topic} ({kind}) on {self.publisher.topic_name}")
 
     def _caption(self) -> None:
+        # frames dropped before a frame that could not be captioned: counted in the next record
+        # published ("dropped": since the previous caption), not lost with the failed frame's
+        carried = 0
         try:
             for event in self.stream:
                 header = self.frames.header(event.frame_index)  # let go of a failed frame's too
                 if isinstance(event.caption, InputError):
+                    carried += event.dropped
                     self.not_captioned += 1
                     line = str(event.caption)
                     if self.not_captioned > 1:
                         line += f" ({self.not_captioned} frames not captioned so far)"
                     self.get_logger().warning(line, throttle_duration_sec=WARN_EVERY_S)
                     continue
-                message = String(data=json.dumps(caption_record(event, *header)))
+                message = String(data=json.dumps(caption_record(event, *header, event.dropped + carried)))
+                carried = 0
                 try:
                     self.publisher.publish(message)
                 except Exception:  # noqa: BLE001 (rclpy's RCLError)

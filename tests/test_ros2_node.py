@@ -414,6 +414,36 @@ class Slow:
         pass
 
 
+def test_frames_dropped_before_a_frame_that_failed_are_counted_in_the_next_caption(ros):
+    """docs/recordings.md: "dropped" counts the frames dropped since the previous caption. Frame
+    2 arrives while frame 1 is captioned and is replaced by frame 3, which cannot be captioned
+    (an unknown encoding): the drop was the failed frame's event's, which is a warning, not a
+    record, so no record ever counted it. Frame 4's record now does (1)."""
+    slow = Slow()
+    node = ros.example.CaptionNode(slow)
+    try:
+        callback = node.subscriptions[0][2]
+        callback(raw_message(EXAMPLES / "chelsea.png", sec=1))
+        assert slow.started.wait(60)
+        callback(raw_message(EXAMPLES / "chelsea.png", sec=2))
+        bad = raw_message(EXAMPLES / "chelsea.png", sec=3)
+        bad.encoding = "weird"
+        callback(bad)  # replaces frame 2, which is dropped
+        slow.release.set()
+        deadline = time.monotonic() + 60
+        while not (
+            node.publishers[0].published and any(level == "warning" for level, _ in node.logger.lines)
+        ):
+            assert time.monotonic() < deadline, "frame 1's caption and frame 3's warning never came"
+            time.sleep(0.01)
+        deliver(node, raw_message(EXAMPLES / "chelsea.png", sec=4))
+        records = [json.loads(m.data) for m in node.publishers[0].published]
+    finally:
+        node.close()
+    assert [(r["stamp"]["sec"], r["dropped"]) for r in records] == [(1, 0), (4, 1)]
+    assert node.stream.stats.dropped == 1
+
+
 @pytest.mark.parametrize("signal_name", ["SIGINT", "SIGTERM"])
 def test_a_signal_during_a_caption_ends_the_node_cleanly(ros, monkeypatch, signal_name):
     """Ctrl-C (or ros2 launch's SIGTERM) while a frame is captioned: rclpy's signal handler
