@@ -253,6 +253,7 @@ class Recording:
         if not self.path.exists():
             raise RecordingError(f"{self.path}: no such file or folder")
         self.kind = kind_of(self.path)
+        self.closed = False
         # A ROS 2 sqlite3 bag recorded before Iron carries no message definitions: the standard
         # ones (sensor_msgs, std_msgs) come from rosbags' own ROS 2 type store.
         default = typesys.get_typestore(typesys.Stores.ROS2_HUMBLE)
@@ -275,14 +276,26 @@ class Recording:
         self.close()
 
     def close(self) -> None:
+        self.closed = True
         # an open AnyReader has a stack from rosbags 0.11.6, isopen before (edgecap[ros]: >= 0.11)
         reader = self.reader
         is_open = reader.stack is not None if hasattr(reader, "stack") else reader.isopen
         if is_open:
             reader.close()
 
+    # Read after close() (its with block ended): one error that says so. It had been the reader's
+    # words for a closed file, as a recording that breaks off ("seek of closed file"), "no image
+    # topic" (a closed reader has no connections) or a frame that "cannot deserialise".
+    def _closed_error(self) -> RecordingError:
+        return RecordingError(
+            f"{self.path}: the recording is closed (its with block has ended, or close() was "
+            "called): read its frames and write its copy while it is open"
+        )
+
     @property
     def connections(self) -> list:
+        if self.closed:
+            raise self._closed_error()
         return self.reader.connections
 
     @property
@@ -353,9 +366,13 @@ class Recording:
         return self._messages(())
 
     def _messages(self, connections) -> Iterator[tuple[Any, int, bytes]]:
+        if self.closed:
+            raise self._closed_error()
         try:
             yield from self.reader.messages(connections=connections)
         except Exception as exc:  # noqa: BLE001 (a corrupt chunk, a truncated file)
+            if self.closed:  # closed while read
+                raise self._closed_error() from None
             raise RecordingBrokeOff(
                 f"{self.path}: the recording breaks off while being read ({reason(exc)}){self._still(exc)}"
             ) from None
@@ -378,6 +395,8 @@ class Recording:
         try:
             msg = self.reader.deserialize(raw, connection.msgtype)
         except Exception as exc:  # noqa: BLE001 (a message that does not match its type)
+            if self.closed:  # read after its recording was closed: no fault of the message's
+                raise self._closed_error() from None
             image = InputError(name, f"cannot deserialise this {connection.msgtype} message ({reason(exc)})")
         else:
             stamp_ns, image = message_image(msg, connection.msgtype == COMPRESSED, name)

@@ -30,6 +30,7 @@ from edgecap import Captioner, images
 from edgecap.commands.output import caption_record
 from edgecap.errors import InputError
 from edgecap.recordings import (
+    RecordingBrokeOff,
     RecordingError,
     demosaic_half,
     kind_of,
@@ -1224,6 +1225,30 @@ def three_frames(tmp_path, kind: str) -> Path:
         kind,
         [("/cam", IMAGE, T0 + k * SECOND, image_msg(store, "mono8", GRAY, T0)) for k in range(3)],
     )
+
+
+@pytest.mark.parametrize("kind", ["ros1", "mcap", "sqlite3"])
+def test_a_recording_read_after_its_with_block_says_it_is_closed(kind, tmp_path):
+    """Frames read, or a copy written, after the recording's with block: one RecordingError
+    that says the recording is closed. It had been the reader's words for a closed file, as if
+    the healthy recording broke off ("RecordingBrokeOff: ... (seek of closed file)"), "no
+    sensor_msgs/Image or CompressedImage topic (topics: none)", or (MCAP) a frame whose image
+    was "cannot deserialise this sensor_msgs/msg/Image message"."""
+    bag = three_frames(tmp_path, kind)
+    with open_recording(bag) as recording:
+        started = recording.frames()
+        first = next(started)
+        lazy = recording.frames()
+    assert isinstance(first.image, np.ndarray)
+    closed = f"{bag}: the recording is closed (its with block has ended, or close() was called)"
+    for later in (lambda: list(started), lambda: list(lazy), recording.frames):
+        with pytest.raises(RecordingError) as raised:
+            later()
+        assert str(raised.value).startswith(closed) and not isinstance(raised.value, RecordingBrokeOff)
+    copy = tmp_path / ("copy.bag" if kind == "ros1" else "copy")
+    with pytest.raises(RecordingError, match="the recording is closed"):
+        write_captions(recording, copy, {})
+    assert not copy.exists()
 
 
 def test_write_captions_counts_the_captions_it_writes(tmp_path):
