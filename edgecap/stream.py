@@ -430,6 +430,8 @@ class CaptionStream(Generic[_C]):
                 yield self._caption(frame, read_at, dropped)
         finally:
             self._stop.set()
+            if isinstance(self.frames, _CaptureFrames):  # video_frames' realtime pacing
+                self.frames.interrupt()
             thread.join(READER_JOIN_S)
             self._end()
 
@@ -750,16 +752,20 @@ def _video_frames(capture, fps: float, realtime: bool, source: str, count: int) 
     start = time.perf_counter()
     position = _cv2().CAP_PROP_POS_MSEC
     previous = [-math.inf]  # the last frame's time
+    # set by a live stream that stops while its reader waits here for the next frame's time: the
+    # wait ends at once (a slow clip's 5 s between frames had kept the file open that long and
+    # the loop's end waiting READER_JOIN_S for the reader)
+    woken = threading.Event()
 
     def timestamp(index: int) -> float:
         stamp = previous[0] = frame_time(capture.get(position), index, fps, previous[0])
         if realtime:  # play at the file's frame rate, as a camera would deliver it
             wait = start + stamp - time.perf_counter()
             if wait > 0:
-                time.sleep(wait)
+                woken.wait(wait)
         return stamp
 
-    return _read_frames(capture, timestamp, source, count, fps)
+    return _read_frames(capture, timestamp, source, count, fps, woken)
 
 
 def frame_time(position_ms: float, index: int, fps: float, previous: float) -> float:
@@ -782,12 +788,24 @@ class _CaptureFrames(Iterator[Frame]):
     before the first frame is asked for: closing a generator that never started runs none of its
     code, so a stream closed before its loop would keep the camera or file open."""
 
-    def __init__(self, capture, frames: Generator[Frame, None, None], fps: float | None = None):
+    def __init__(
+        self,
+        capture,
+        frames: Generator[Frame, None, None],
+        fps: float | None = None,
+        woken: threading.Event | None = None,
+    ):
         self._capture, self._frames = capture, frames
         self.fps = fps  # a video's frame rate (its header's); None for a camera
+        self._woken = woken
 
     def __next__(self) -> Frame:
         return next(self._frames)
+
+    def interrupt(self) -> None:
+        """From another thread: a wait for the next frame's time (``realtime``) ends now."""
+        if self._woken is not None:
+            self._woken.set()
 
     def close(self) -> None:
         self._frames.close()
@@ -795,14 +813,19 @@ class _CaptureFrames(Iterator[Frame]):
 
 
 def _read_frames(
-    capture, timestamp, source: str, count: int | None = None, fps: float | None = None
+    capture,
+    timestamp,
+    source: str,
+    count: int | None = None,
+    fps: float | None = None,
+    woken: threading.Event | None = None,
 ) -> Iterator[Frame]:
     """BGR frames from an OpenCV capture until it runs dry; ``timestamp(index)`` dates each.
     A video (``count``: its header's frame count, 0 unknown) that gives no frame, or ends more
     than a few frames short of its count, raises ``InputError`` after its last good frame; so
     does a frame over the pixel limit (a stream whose size changes). Closing it releases the
     capture, read or not."""
-    return _CaptureFrames(capture, _frames_of(capture, timestamp, source, count), fps)
+    return _CaptureFrames(capture, _frames_of(capture, timestamp, source, count), fps, woken)
 
 
 def _frames_of(capture, timestamp, source: str, count: int | None) -> Generator[Frame, None, None]:

@@ -1144,6 +1144,19 @@ def test_realtime_video_frames_come_no_sooner_than_their_timestamps(monkeypatch,
         assert time.perf_counter() - opened >= frame.timestamp == frame.index / 20
 
 
+def test_leaving_a_live_loop_over_a_slow_realtime_video_releases_it_at_once(monkeypatch, video_file):
+    """A time-lapse clip played with realtime=True (a frame every 100 s): leaving the live loop
+    after its first caption ends the reader's wait for the next frame's time, and the video is
+    released by the next statement (docs/cameras.md: leaving the loop releases it). The wait had
+    gone on: the loop's end gave up on the reader after READER_JOIN_S and the file stayed open
+    until the next frame's time."""
+    fake = FakeVideoCv2(small_frames(3), fps=0.01)
+    monkeypatch.setitem(sys.modules, "cv2", fake)
+    for _event in caption_stream(FakeCaptioner(), video_frames(video_file, realtime=True)):
+        break
+    assert fake.released.is_set(), "the video is still open after the loop"
+
+
 def test_a_video_whose_frame_rate_is_not_a_number_is_refused(monkeypatch, video_file):
     fake = FakeVideoCv2(small_frames(3), fps=float("nan"))
     monkeypatch.setitem(sys.modules, "cv2", fake)
