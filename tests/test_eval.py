@@ -1129,6 +1129,59 @@ def test_a_ptb_tokenizer_that_java_cannot_run_is_an_error_not_scores(
     assert err[-1].endswith("coco-caption needs Java 8 or newer (java -version)")
 
 
+def test_a_blank_reference_beside_real_ones_is_no_reference():
+    """A blank cell among an image's references ("", "..."): not scored as a reference. The
+    scores are those without the blanks (a reviewer's captions equal to their references had
+    scored CIDEr-D 7.5 with a blank beside each, 10 without)."""
+    refs = {1: ["a cat on a mat", "a cat sits on a mat"], 2: ["a dog in the park", "a dog runs in a park"]}
+    hyps = {1: "a cat on a mat", 2: "a dog in the park"}
+    blank = {1: [*refs[1], ""], 2: [*refs[2], "..."]}
+    plain = metrics.score(refs, hyps, "simple", metrics=("BLEU-4", "CIDEr"))
+    assert metrics.score(blank, hyps, "simple", metrics=("BLEU-4", "CIDEr")) == plain
+
+
+def test_meteor_s_java_running_out_of_memory_is_said_so_not_that_it_needs_java_8(monkeypatch):
+    """METEOR's Java failing on a very long caption (its heap: java.lang.OutOfMemoryError, on
+    its stderr, which pycocoevalcap never reads) is said so; it had been "coco-caption needs
+    Java 8 or newer" where Java 17 ran. Another failure gives Java's last line; none, the Java
+    hint as before. pycocoevalcap's Meteor is stood in for (no Java needed)."""
+    import io
+    import types
+
+    from pycocoevalcap.meteor import meteor as meteor_module
+
+    said = [b""]
+
+    class FailingMeteor:
+        def __init__(self):
+            self.meteor_p = types.SimpleNamespace(
+                wait=lambda timeout=None: 1, stderr=io.BytesIO(said[0]), kill=lambda: None
+            )
+            self.lock = __import__("threading").Lock()
+
+        def compute_score(self, refs, hyps):
+            raise BrokenPipeError(32, "Broken pipe")
+
+    monkeypatch.setattr(metrics, "java_available", lambda: True)
+    monkeypatch.setattr(meteor_module, "Meteor", FailingMeteor)
+    monkeypatch.setattr(metrics, "_close_meteor", lambda meteor: None)
+    cases = [
+        (
+            b'Exception in thread "main" java.lang.OutOfMemoryError: Java heap space\n\tat ...\n',
+            "its Java ran out of memory (java.lang.OutOfMemoryError): a caption or reference too long",
+        ),
+        (b"Error: some other trouble\n", "its Java said: Error: some other trouble"),
+        (b"", "coco-caption needs Java 8 or newer (java -version)"),
+    ]
+    for stderr, why in cases:
+        said[0] = stderr
+        with pytest.raises(metrics.JavaFailed) as failed:
+            metrics.score({1: ["a cat sits"]}, {1: "a cat"}, "simple", metrics=("METEOR",))
+        assert str(failed.value).startswith(
+            "METEOR (Java) failed while scoring: BrokenPipeError(32, 'Broken pipe'): " + why
+        )
+
+
 def test_a_java_gone_before_the_ptb_tokenizer_runs_is_java_not_the_temporary_file(tmp_path, monkeypatch):
     """A ``java`` that was there when Java was checked and is gone when the PTB tokenizer starts
     (PATH without it here; Java's check stubbed) is Java's failure, named so, not the temporary

@@ -211,6 +211,10 @@ def scores(
     if not refs:
         raise ValueError("nothing to score: no references")
     refs_t, hyps_t = _tokenize(refs, hyps, tokenizer)
+    # a reference with no word ("", "...": a blank cell beside an image's real captions) is none:
+    # scored as one, it lowered CIDEr-D (10 -> 7.5 for captions equal to their references) and
+    # BLEU's brevity without a word; an image with none but blanks keeps them (scored 0)
+    refs_t = {k: [r for r in v if r.strip()] or v for k, v in refs_t.items()}
     out: dict[str, float] = {}
     per_image: dict[str, dict] = {}
     if any(m.startswith("BLEU") for m in metrics):
@@ -224,7 +228,8 @@ def scores(
             try:
                 corpus, each = meteor.compute_score(refs_t, hyps_t)
             except (OSError, ValueError) as exc:  # Java gone: a broken pipe, an empty reply
-                raise JavaFailed(f"METEOR (Java) failed while scoring: {exc!r}: {_NEEDS_JAVA}") from exc
+                why = _why_meteor_failed(meteor)
+                raise JavaFailed(f"METEOR (Java) failed while scoring: {exc!r}: {why}") from exc
             finally:
                 _close_meteor(meteor)
             out["METEOR"] = float(corpus)
@@ -248,6 +253,26 @@ def per_image_cider(refs: dict, hyps: dict, tokenizer: str = "ptb") -> dict:
     refs_t, hyps_t = _tokenize(refs, hyps, tokenizer)
     _, per_image = Cider().compute_score(refs_t, hyps_t)
     return {k: float(v) for k, v in zip(refs_t, per_image)}
+
+
+def _why_meteor_failed(meteor) -> str:
+    """What METEOR's Java said as it failed (its stderr, which pycocoevalcap keeps and never
+    reads): out of memory (a caption or reference thousands of words long), or its last line;
+    with nothing said, that coco-caption needs Java 8 or newer (a Java that does not start)."""
+    said = ""
+    try:
+        process = meteor.meteor_p
+        process.wait(timeout=5)  # it has ended, or is ending: what it wrote is all there
+        said = process.stderr.read().decode("utf-8", "replace")
+    except Exception:  # noqa: BLE001 (still running, no process: nothing more to say)
+        pass
+    if "OutOfMemoryError" in said:
+        return (
+            "its Java ran out of memory (java.lang.OutOfMemoryError): a caption or reference "
+            "too long for METEOR (thousands of words)"
+        )
+    last = next((line.strip() for line in reversed(said.splitlines()) if line.strip()), "")
+    return f"its Java said: {last[:300]}" if last else _NEEDS_JAVA
 
 
 def _close_meteor(meteor) -> None:
