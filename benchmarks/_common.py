@@ -85,6 +85,66 @@ def argument_parser(doc: str | None, **kwargs) -> argparse.ArgumentParser:
     )
 
 
+def _number(text: str, kind, least, what: str):
+    """``text`` as a ``kind`` (int or float) of at least ``least``, else an argparse usage error
+    saying so: a count of 0 had run nothing and reported NaNs with exit 0, a negative one a
+    traceback."""
+    try:
+        value = kind(text)
+    except ValueError:
+        raise argparse.ArgumentTypeError(f"{what}; got {text!r}") from None
+    if not value >= least:  # (NaN too)
+        raise argparse.ArgumentTypeError(f"{what}; got {text!r}")
+    return value
+
+
+def positive_int(text: str) -> int:
+    """An option's value that counts something there must be one of (rounds, calls, photos)."""
+    return _number(text, int, 1, "takes a whole number of 1 or more")
+
+
+def non_negative_int(text: str) -> int:
+    """An option's value where 0 means none (warm-up calls)."""
+    return _number(text, int, 0, "takes a whole number of 0 or more")
+
+
+def positive_float(text: str) -> float:
+    """A length of time that must be more than 0 (a timed run's seconds)."""
+    value = _number(text, float, 0, "takes a number of seconds more than 0")
+    if value == 0:
+        raise argparse.ArgumentTypeError(f"takes a number of seconds more than 0; got {text!r}")
+    return value
+
+
+def non_negative_float(text: str) -> float:
+    """A pause where 0 means none (--settle)."""
+    return _number(text, float, 0, "takes a number of seconds of 0 or more")
+
+
+def int_list(least: int = 1, most: int | None = None):
+    """An argparse type for a comma-separated list of whole numbers from ``least`` to ``most``
+    (--beams 1,3,5): an empty item, a word or a number out of range is a usage error naming it
+    (had been a ValueError traceback, or the model's once the workers ran)."""
+    span = f"from {least} to {most}" if most is not None else f"of {least} or more"
+
+    def parse(text: str) -> list[int]:
+        values = []
+        for item in text.split(","):
+            try:
+                value = int(item)
+            except ValueError:
+                value = None
+            if value is None or value < least or (most is not None and value > most):
+                raise argparse.ArgumentTypeError(
+                    f"takes whole numbers {span}, comma-separated; got {item.strip()!r} in {text!r}"
+                )
+            values.append(value)
+        return values
+
+    parse.__name__ = "number list"
+    return parse
+
+
 # -- model and variants --------------------------------------------------------------------------
 
 
@@ -545,18 +605,23 @@ def median(values) -> float:
 def add_harness_arguments(parser, rounds: int, per_round: int, warmup: int) -> None:
     """The harness options every script takes, with that script's defaults; and ``--out``."""
     parser.add_argument(
-        "--rounds", type=int, default=rounds, help="interleaved rounds (and as many in the alone pass)"
+        "--rounds",
+        type=positive_int,
+        default=rounds,
+        help="interleaved rounds (and as many in the alone pass)",
     )
     parser.add_argument(
-        "--per-round", type=int, default=per_round, help="timed calls per variant, measure and round"
+        "--per-round", type=positive_int, default=per_round, help="timed calls per variant, measure and round"
     )
-    parser.add_argument("--warmup", type=int, default=warmup, help="unmeasured calls per worker and measure")
+    parser.add_argument(
+        "--warmup", type=non_negative_int, default=warmup, help="unmeasured calls per worker and measure"
+    )
     parser.add_argument(
         "--no-alone", action="store_true", help="skip the alone pass (then nothing can be flagged)"
     )
     parser.add_argument(
         "--settle",
-        type=float,
+        type=non_negative_float,
         default=0.25,
         help="untimed pause (s) before each turn, longer than onnxruntime's spinning",
     )

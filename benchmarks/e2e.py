@@ -218,15 +218,17 @@ def build_parser():
         "on, off, or default: the library's own setting (off), what a user gets",
     )
     p.add_argument(
-        "--rounds", type=int, default=15, help="interleaved rounds (and as many in the alone pass)"
+        "--rounds", type=C.positive_int, default=15, help="interleaved rounds (and as many in the alone pass)"
     )
     p.add_argument(
         "--per-round",
-        type=int,
+        type=C.positive_int,
         default=4,
         help="calls per variant, measure and round (4 = each example photo once)",
     )
-    p.add_argument("--warmup", type=int, default=3, help="unmeasured calls per worker and measure")
+    p.add_argument(
+        "--warmup", type=C.non_negative_int, default=3, help="unmeasured calls per worker and measure"
+    )
     p.add_argument("--no-alone", action="store_true", help="skip the alone pass (no flags)")
     p.add_argument(
         "--alone-passes",
@@ -245,7 +247,7 @@ def build_parser():
     )
     p.add_argument(
         "--settle",
-        type=float,
+        type=C.non_negative_float,
         default=0.25,
         help="untimed pause (s) before each turn, longer than onnxruntime's spinning",
     )

@@ -29,6 +29,9 @@ import time
 from pathlib import Path
 
 from _common import (
+    non_negative_float,
+    positive_float,
+    positive_int,
     DEFAULT_MODEL,
     EXAMPLES,
     REPO,
@@ -130,20 +133,22 @@ def build_parser():
     parser = argument_parser(__doc__)
     parser.add_argument(
         "--clients",
-        type=int,
+        type=positive_int,
         nargs="+",
         default=[1, 4, 16],
         metavar="N",
         help="concurrent client counts, one run each per setting and round (default: 1 4 16)",
     )
-    parser.add_argument("--seconds", type=float, default=20.0, help="length of each run (s)")
+    parser.add_argument("--seconds", type=positive_float, default=20.0, help="length of each run (s)")
     parser.add_argument(
         "--warmup",
-        type=float,
+        type=non_negative_float,
         default=3.0,
         help="untimed load (s) on each server after it starts, before the first run",
     )
-    parser.add_argument("--rounds", type=int, default=3, help="rounds over every client count and setting")
+    parser.add_argument(
+        "--rounds", type=positive_int, default=3, help="rounds over every client count and setting"
+    )
     parser.add_argument(
         "--settings",
         nargs="+",

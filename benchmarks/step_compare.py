@@ -66,12 +66,14 @@ def build_parser():
     p.add_argument("b", type=Path, help="model directory B")
     p.add_argument("--threads", type=int, default=1, help="onnxruntime intra-op threads of each session")
     p.add_argument(
-        "--rounds", type=int, default=10, help="interleaved rounds (and as many in the alone pass)"
+        "--rounds", type=C.positive_int, default=10, help="interleaved rounds (and as many in the alone pass)"
     )
-    p.add_argument("--per-round", type=int, default=30, help="steps (and encoder passes) per model and round")
+    p.add_argument(
+        "--per-round", type=C.positive_int, default=30, help="steps (and encoder passes) per model and round"
+    )
     p.add_argument(
         "--warmup",
-        type=int,
+        type=C.non_negative_int,
         default=20,
         help="unmeasured steps (and encoder passes) per worker, before its timed ones",
     )

@@ -124,9 +124,9 @@ def build_parser():
         "comma-separated",
     )
     p.add_argument("--burners", type=int, default=1, help="busy processes beside a 'busy' variant")
-    p.add_argument("--rounds", type=int, default=3, help="fresh processes per variant")
-    p.add_argument("--calls", type=int, default=12, help="timed captions per process")
-    p.add_argument("--warmup", type=int, default=3, help="untimed captions per process first")
+    p.add_argument("--rounds", type=C.positive_int, default=3, help="fresh processes per variant")
+    p.add_argument("--calls", type=C.positive_int, default=12, help="timed captions per process")
+    p.add_argument("--warmup", type=C.non_negative_int, default=3, help="untimed captions per process first")
     p.add_argument(
         "--timeout",
         type=float,

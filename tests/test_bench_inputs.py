@@ -252,3 +252,42 @@ def test_feature_stream_says_in_one_line_why_a_reading_process_failed(tmp_path):
     said = str(stop.value.code)
     assert said.startswith("the new path's reading process failed under --memory-limit-mb 20 (exit ")
     assert "\n" not in said and not (tmp_path / "feature_stream.json").exists()
+
+
+@pytest.mark.parametrize(
+    "script, argv, option",
+    [
+        ("latency", ["--rounds", "0"], "--rounds"),
+        ("latency", ["--per-round", "0"], "--per-round"),
+        ("latency", ["--warmup", "-1"], "--warmup"),
+        ("latency", ["--settle", "-1"], "--settle"),
+        ("throughput", ["--rounds", "0"], "--rounds"),
+        ("e2e", ["--per-round", "0"], "--per-round"),
+        ("step_compare", ["a", "b", "--rounds", "0"], "--rounds"),
+        ("threads", ["--rounds", "0"], "--rounds"),
+        ("threads", ["--calls", "0"], "--calls"),
+        ("serve_load", ["--clients", "1", "0"], "--clients"),
+        ("serve_load", ["--seconds", "0"], "--seconds"),
+        ("serve_load", ["--rounds", "0"], "--rounds"),
+    ],
+)
+def test_a_count_that_runs_nothing_is_a_usage_error(tmp_path, capsys, script, argv, option):
+    """--rounds 0, --per-round 0, --calls 0, --clients 0, --seconds 0: had run nothing and
+    written a report of NaNs with exit 0; a negative --settle had been a traceback. Each is
+    refused as the arguments are read: exit 2, its last line naming the option and the value."""
+    module = __import__(script)
+    with pytest.raises(SystemExit) as stop:
+        module.main([*argv, "--out", str(tmp_path)])
+    err = capsys.readouterr().err
+    assert stop.value.code == 2 and "Traceback" not in err
+    assert f"error: argument {option}: takes " in err.splitlines()[-1]
+    assert repr(argv[-1]) in err.splitlines()[-1]
+    assert not list(tmp_path.iterdir())
+
+
+def test_a_zero_warmup_and_settle_are_still_taken():
+    """0 means none for --warmup and --settle (a smoke run uses --warmup 0)."""
+    import latency
+
+    args = latency.parse_args(["--warmup", "0", "--settle", "0", "--rounds", "1", "--per-round", "1"])
+    assert (args.warmup, args.settle, args.rounds, args.per_round) == (0, 0.0, 1, 1)
