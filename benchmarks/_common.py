@@ -145,6 +145,52 @@ def int_list(least: int = 1, most: int | None = None):
     return parse
 
 
+def batch_size(text: str) -> int:
+    """A batch size the Captioner takes (1 to ``MAX_BATCH_SIZE``, 64): a larger one had been the
+    Captioner's ValueError traceback once the model loaded."""
+    from edgecap.decoding.options import MAX_BATCH_SIZE
+
+    what = f"takes a whole number from 1 to {MAX_BATCH_SIZE}"
+    value = _number(text, int, 1, what)
+    if value > MAX_BATCH_SIZE:
+        raise argparse.ArgumentTypeError(f"{what}; got {text!r}")
+    return value
+
+
+def batch_sizes(text: str) -> list[int]:
+    """Comma-separated batch sizes the Captioner takes (1 to 64 each)."""
+    from edgecap.decoding.options import MAX_BATCH_SIZE
+
+    return int_list(1, MAX_BATCH_SIZE)(text)
+
+
+def backend_names(text: str) -> list[str]:
+    """Comma-separated Captioner backends (onnxruntime, torch, tensorrt, auto)."""
+    from edgecap.backends import NAMES
+
+    names = [n.strip() for n in text.split(",")]
+    for name in names:
+        if name not in NAMES:
+            raise argparse.ArgumentTypeError(f"takes backends from {', '.join(NAMES)}; got {name!r}")
+    return names
+
+
+def backend_name(text: str) -> str:
+    """One Captioner backend (onnxruntime, torch, tensorrt, auto)."""
+    if "," in text:
+        raise argparse.ArgumentTypeError(f"takes one backend; got {text!r}")
+    return backend_names(text)[0]
+
+
+def device_name(text: str) -> str:
+    """A device the backends take: cpu, cuda or cuda:N."""
+    import re
+
+    if not re.fullmatch(r"cpu|cuda(:[0-9]+)?", text):
+        raise argparse.ArgumentTypeError(f"takes cpu, cuda or cuda:N; got {text!r}")
+    return text
+
+
 # -- model and variants --------------------------------------------------------------------------
 
 
@@ -162,6 +208,7 @@ def add_model_arguments(parser, variants=DEFAULT_VARIANTS) -> None:
     )
     parser.add_argument(
         "--threads",
+        type=int_list(1),
         default=None,
         help="onnxruntime intra-op threads; a comma list (e.g. 1,2) runs each "
         "onnxruntime variant once per value (default: the backend's default)",
@@ -289,10 +336,10 @@ def _session_config(entries: dict):
         ort_backend.session_options = original
 
 
-def _threads(spec: str | None) -> list[int | None]:
+def _threads(spec: list[int] | None) -> list[int | None]:
     if spec is None:
         return [None]
-    return [int(t) for t in spec.split(",")]
+    return list(spec)
 
 
 def _spinning(spec: str | None) -> list[str | None]:

@@ -201,12 +201,12 @@ def build_parser():
         f"with /spin-on or /spin-off (default: {','.join(DEFAULT_VARIANTS)}, "
         "plus ort-fp32-b with --model-b); the first is the ratios' baseline",
     )
-    p.add_argument("--beam", type=int, default=3, help="beam size")
-    p.add_argument("--batch", type=int, default=1, help="frames per caption_batch call")
-    p.add_argument("--max-length", type=int, default=20, help="most words per caption")
+    p.add_argument("--beam", type=C.positive_int, default=3, help="beam size")
+    p.add_argument("--batch", type=C.batch_size, default=1, help="frames per caption_batch call")
+    p.add_argument("--max-length", type=C.positive_int, default=20, help="most words per caption")
     p.add_argument(
         "--threads",
-        type=int,
+        type=C.positive_int,
         default=None,
         help="onnxruntime intra-op threads (default: the library's, physical cores)",
     )

@@ -44,8 +44,10 @@ FULLRES = C.REPO.parent / "shared" / "data" / "flickr8k-fullres-dev"
 
 def build_parser():
     p = C.argument_parser(__doc__)
-    p.add_argument("--backend", default="onnxruntime", help="Captioner backend")
-    p.add_argument("--device", default=None, help="cpu or cuda (default: the backend's own)")
+    p.add_argument("--backend", type=C.backend_name, default="onnxruntime", help="Captioner backend")
+    p.add_argument(
+        "--device", type=C.device_name, default=None, help="cpu or cuda (default: the backend's own)"
+    )
     p.add_argument("--model", type=Path, default=None, help="model directory (default: the shipped model)")
     p.add_argument(
         "--images",
@@ -54,23 +56,29 @@ def build_parser():
         help="folder of .jpg / .png photos, repeated to --n (default: the full-resolution Flickr8k dev "
         "photos in ../shared/data/flickr8k-fullres-dev, else the example photos as JPEG)",
     )
-    p.add_argument("--n", type=int, default=128, help="photos per timed call")
-    p.add_argument("--batches", default="1,8,64", help="batch sizes, comma-separated")
+    p.add_argument("--n", type=C.positive_int, default=128, help="photos per timed call")
+    p.add_argument("--batches", type=C.batch_sizes, default="1,8,64", help="batch sizes, comma-separated")
     p.add_argument(
         "--workers",
         default="0,1,2",
         help="decode_workers counts, comma-separated; 'default': the Captioner's own choice",
     )
-    p.add_argument("--beam", type=int, default=3, help="beam size")
-    p.add_argument("--rounds", type=int, default=3, help="timed calls per setting, interleaved")
+    p.add_argument("--beam", type=C.positive_int, default=3, help="beam size")
+    p.add_argument("--rounds", type=C.positive_int, default=3, help="timed calls per setting, interleaved")
     C.add_out_argument(p)
     return p
 
 
 def parse_args(argv=None):
-    args = build_parser().parse_args(argv)
-    args.batches = [int(b) for b in args.batches.split(",")]
-    args.workers = [None if w == "default" else int(w) for w in args.workers.split(",")]
+    parser = build_parser()
+    args = parser.parse_args(argv)
+    workers = [w.strip() for w in args.workers.split(",")]
+    bad = [w for w in workers if w != "default" and not w.isdigit()]
+    if bad:
+        parser.error(
+            f"argument --workers: takes default or counts of 0 or more, comma-separated; got {bad[0]!r}"
+        )
+    args.workers = [None if w == "default" else int(w) for w in workers]
     return args
 
 

@@ -44,15 +44,24 @@ STAGES = ("encoder_ms", "step_ms", "steps", "decode_ms", "preprocess_ms", "searc
 def build_parser():
     p = C.argument_parser(__doc__)
     C.add_model_arguments(p)
-    p.add_argument("--beams", default=",".join(map(str, BEAMS)), help="beam sizes to time, comma-separated")
+    p.add_argument(
+        "--beams",
+        type=C.int_list(1),
+        default=",".join(map(str, BEAMS)),
+        help="beam sizes to time, comma-separated",
+    )
     p.add_argument(
         "--batches",
+        type=C.batch_sizes,
         default=",".join(map(str, BATCHES)),
         help="batch sizes to time (images per caption_batch call), comma-separated",
     )
     C.add_harness_arguments(p, rounds=5, per_round=3, warmup=2)
     p.add_argument(
-        "--max-length", type=int, default=20, help="most words per caption (a random model runs to it)"
+        "--max-length",
+        type=C.positive_int,
+        default=20,
+        help="most words per caption (a random model runs to it)",
     )
     p.add_argument(
         "--input",
@@ -153,8 +162,7 @@ def main(argv=None) -> None:
     variants, notes = C.resolve_variants(args)
     if not variants:
         sys.exit("no variant can run here: " + "; ".join(notes))
-    beams = [int(b) for b in args.beams.split(",")]
-    batches = [int(b) for b in args.batches.split(",")]
+    beams, batches = args.beams, args.batches
     settings = list(itertools.product(beams, batches))
     specs = [
         v.spec(

@@ -111,7 +111,12 @@ def build_parser():
         metavar=("BACKEND", "THREADS"),
         help="(internal) run one variant in this process and print its JSON",
     )
-    p.add_argument("--backends", default="onnxruntime,torch", help="Captioner backends, comma-separated")
+    p.add_argument(
+        "--backends",
+        type=C.backend_names,
+        default="onnxruntime,torch",
+        help="Captioner backends, comma-separated",
+    )
     p.add_argument(
         "--threads",
         default="default,1,2",
@@ -199,7 +204,7 @@ def main(argv=None) -> None:
     bad = [t for t in counts if t != "default" and not (t.isdigit() and int(t) > 0)]
     if bad:
         sys.exit(f"--threads takes default or thread counts of 1 or more, comma-separated; got {bad[0]!r}")
-    keys = list(itertools.product([b.strip() for b in args.backends.split(",")], counts, loads))
+    keys = list(itertools.product(args.backends, counts, loads))
     variants = {
         "/".join(k): {
             "backend": k[0],

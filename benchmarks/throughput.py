@@ -59,9 +59,11 @@ def build_parser():
         "--limit Flickr8k dev photos at full resolution from ../shared/data/flickr8k-fullres-dev, "
         "else the 224 x 224 copies, else the package's example photos)",
     )
-    p.add_argument("--limit", type=int, default=96, help="photos captioned per call")
-    p.add_argument("--beam", type=int, default=3, help="beam size")
-    p.add_argument("--batch", type=int, default=8, help="photos per encoder pass and search (batch size)")
+    p.add_argument("--limit", type=C.non_negative_int, default=96, help="photos captioned per call")
+    p.add_argument("--beam", type=C.positive_int, default=3, help="beam size")
+    p.add_argument(
+        "--batch", type=C.batch_size, default=8, help="photos per encoder pass and search (batch size)"
+    )
     p.add_argument(
         "--modes",
         default="prefetch-1",

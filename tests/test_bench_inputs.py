@@ -291,3 +291,55 @@ def test_a_zero_warmup_and_settle_are_still_taken():
 
     args = latency.parse_args(["--warmup", "0", "--settle", "0", "--rounds", "1", "--per-round", "1"])
     assert (args.warmup, args.settle, args.rounds, args.per_round) == (0, 0.0, 1, 1)
+
+
+@pytest.mark.parametrize(
+    "script, argv, said",
+    [
+        ("latency", ["--beams", "0"], "argument --beams: takes whole numbers of 1 or more"),
+        ("latency", ["--beams", "x"], "got 'x' in 'x'"),
+        ("latency", ["--beams", "1,,3"], "got '' in '1,,3'"),
+        ("latency", ["--batches", "0"], "argument --batches: takes whole numbers from 1 to 64"),
+        ("latency", ["--batches", "8,65"], "got '65' in '8,65'"),
+        ("latency", ["--max-length", "0"], "argument --max-length: takes a whole number of 1 or more"),
+        ("latency", ["--threads", "abc"], "argument --threads: takes whole numbers of 1 or more"),
+        ("latency", ["--threads", "0"], "got '0' in '0'"),
+        ("throughput", ["--batch", "0"], "argument --batch: takes a whole number from 1 to 64; got '0'"),
+        ("throughput", ["--beam", "0"], "argument --beam: takes a whole number of 1 or more; got '0'"),
+        ("e2e", ["--beam", "0"], "argument --beam: takes a whole number of 1 or more; got '0'"),
+        ("e2e", ["--batch", "100"], "argument --batch: takes a whole number from 1 to 64; got '100'"),
+        ("file_rate", ["--n", "0"], "argument --n: takes a whole number of 1 or more; got '0'"),
+        ("file_rate", ["--rounds", "0"], "argument --rounds: takes a whole number of 1 or more"),
+        ("file_rate", ["--workers", "x"], "argument --workers: takes default or counts of 0 or more"),
+        ("file_rate", ["--backend", "nosuch"], "argument --backend: takes backends from onnxruntime,"),
+        ("file_rate", ["--device", "gpu"], "argument --device: takes cpu, cuda or cuda:N; got 'gpu'"),
+        ("threads", ["--backends", "onnxruntime,nosuch"], "argument --backends: takes backends from"),
+    ],
+)
+def test_a_bad_list_or_number_is_a_usage_error_as_the_arguments_are_read(capsys, script, argv, said):
+    """Beams, batches, lengths, thread counts, backends and devices the Captioner cannot take:
+    each had been a traceback (ValueError parsing the list, or the Captioner's once the model
+    loaded, a batch over its 64). Now exit 2 as the arguments are read, the last line naming it."""
+    module = __import__(script)
+    parse = getattr(module, "parse_args", None) or module.build_parser().parse_args
+    with pytest.raises(SystemExit) as stop:
+        parse(argv)
+    err = capsys.readouterr().err
+    assert stop.value.code == 2 and "Traceback" not in err
+    assert said in err.splitlines()[-1]
+
+
+def test_good_lists_and_numbers_are_still_taken():
+    import file_rate
+    import latency
+
+    args = latency.parse_args(["--beams", "1,5", "--batches", "1,64", "--threads", "1,2"])
+    assert (args.beams, args.batches, args.threads) == ([1, 5], [1, 64], [1, 2])
+    assert latency.parse_args([]).beams == [1, 3, 5] and latency.parse_args([]).batches == [1, 8]
+    args = file_rate.parse_args(["--workers", "default,0,2", "--device", "cuda:1", "--backend", "torch"])
+    assert (args.workers, args.device, args.backend, args.batches) == (
+        [None, 0, 2],
+        "cuda:1",
+        "torch",
+        [1, 8, 64],
+    )
