@@ -251,6 +251,8 @@ def run_main(main) -> None:
         sys.exit(f"{script}: {exc}")
     except FileNotFoundError as exc:
         sys.exit(f"{script}: {exc.filename or exc}: no such file or folder")
+    except NotADirectoryError as exc:  # a file where a folder of photos was asked for
+        sys.exit(f"{script}: {exc.filename or exc}: not a folder")
     sys.exit(code)
 
 
@@ -547,6 +549,8 @@ def batch_arrays(batch: int, rng, frame: tuple = (480, 640, 3)) -> dict[str, lis
 
 
 def image_files(folder: Path, limit: int | None) -> list[Path]:
+    """The .jpg / .png photos in ``folder`` in name order, the first ``limit`` (None or 0: all);
+    ``NotADirectoryError`` naming ``folder`` where it is a file (``run_main`` says so)."""
     files = sorted(p for p in Path(folder).iterdir() if p.suffix.lower() in {".jpg", ".jpeg", ".png"})
     return files[:limit] if limit else files
 

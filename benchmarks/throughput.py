@@ -59,7 +59,12 @@ def build_parser():
         "--limit Flickr8k dev photos at full resolution from ../shared/data/flickr8k-fullres-dev, "
         "else the 224 x 224 copies, else the package's example photos)",
     )
-    p.add_argument("--limit", type=C.non_negative_int, default=96, help="photos captioned per call")
+    p.add_argument(
+        "--limit",
+        type=C.non_negative_int,
+        default=96,
+        help="photos captioned per call (0: every photo there)",
+    )
     p.add_argument("--beam", type=C.positive_int, default=3, help="beam size")
     p.add_argument(
         "--batch", type=C.batch_size, default=8, help="photos per encoder pass and search (batch size)"
@@ -79,12 +84,13 @@ def parse_args(argv=None):
 
 
 def default_photos(limit: int) -> tuple[list[Path], str]:
-    """The first ``limit`` dev photos, at full resolution where present -> (paths, where)."""
+    """The first ``limit`` dev photos (0: all of them), at full resolution where present ->
+    (paths, where)."""
     if DEV_LIST.is_file():
-        names = [n.strip() for n in DEV_LIST.read_text().splitlines() if n.strip()]
+        names = [n.strip() for n in DEV_LIST.read_text().splitlines() if n.strip()][: limit or None]
         for folder, what in ((FULLRES, "full resolution"), (C.FLICKR8K / "images", "224 x 224")):
-            found = [folder / n for n in names if (folder / n).is_file()][:limit]
-            if len(found) == min(limit, len(names)):
+            found = [folder / n for n in names if (folder / n).is_file()]
+            if len(found) == len(names):
                 return found, f"the first {len(found)} Flickr8k dev photos ({what}, {folder})"
     return C.image_files(C.EXAMPLES, limit), f"the example photos ({C.EXAMPLES})"
 

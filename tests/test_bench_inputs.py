@@ -147,6 +147,7 @@ def test_feature_stream_refuses_a_cache_of_other_settings(tmp_path):
             "{absent}/a.json",
         ),
         ("file_rate", ["--images", "{absent}"], "{absent}: no such file or folder"),
+        ("throughput", ["--images", "{refs}"], "{refs}: not a folder"),
     ],
 )
 def test_an_input_that_is_not_there_is_one_line_naming_it(tmp_path, script, argv, named):
@@ -306,6 +307,7 @@ def test_a_zero_warmup_and_settle_are_still_taken():
         ("latency", ["--threads", "0"], "got '0' in '0'"),
         ("throughput", ["--batch", "0"], "argument --batch: takes a whole number from 1 to 64; got '0'"),
         ("throughput", ["--beam", "0"], "argument --beam: takes a whole number of 1 or more; got '0'"),
+        ("throughput", ["--limit", "-1"], "argument --limit: takes a whole number of 0 or more; got '-1'"),
         ("e2e", ["--beam", "0"], "argument --beam: takes a whole number of 1 or more; got '0'"),
         ("e2e", ["--batch", "100"], "argument --batch: takes a whole number from 1 to 64; got '100'"),
         ("file_rate", ["--n", "0"], "argument --n: takes a whole number of 1 or more; got '0'"),
@@ -343,3 +345,21 @@ def test_good_lists_and_numbers_are_still_taken():
         "torch",
         [1, 8, 64],
     )
+
+
+def test_throughput_limit_0_captions_every_photo_there(tmp_path, monkeypatch):
+    """--limit 0 is every photo (as its --help says), not none; a folder of 3 photos at --limit 2
+    is its first 2 in name order (a negative limit had silently dropped the last photo)."""
+    import throughput
+
+    for name in ("c.png", "a.jpg", "b.jpeg", "notes.txt"):
+        (tmp_path / name).write_bytes(b"")
+    assert [p.name for p in C.image_files(tmp_path, 0)] == ["a.jpg", "b.jpeg", "c.png"]
+    assert [p.name for p in C.image_files(tmp_path, 2)] == ["a.jpg", "b.jpeg"]
+    assert "(0: every photo there)" in throughput.build_parser().format_help().replace("\n", " ")
+    # the default photos, the Flickr8k dev list's: --limit 0 is all of them too
+    (tmp_path / "dev.txt").write_text("c.png\na.jpg\nb.jpeg\n")
+    monkeypatch.setattr(throughput, "DEV_LIST", tmp_path / "dev.txt")
+    monkeypatch.setattr(throughput, "FULLRES", tmp_path)
+    assert [p.name for p in throughput.default_photos(0)[0]] == ["c.png", "a.jpg", "b.jpeg"]
+    assert [p.name for p in throughput.default_photos(2)[0]] == ["c.png", "a.jpg"]
