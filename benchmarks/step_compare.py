@@ -15,6 +15,7 @@ what a bigger decoder costs per word before training one to the end.
 
 from __future__ import annotations
 
+import argparse
 import sys
 from pathlib import Path
 
@@ -60,24 +61,31 @@ def make_task(**kwargs) -> StepTask:
     return StepTask(**kwargs)
 
 
+def model_folder(text: str) -> Path:
+    """A model directory as the argument is read: a folder holding the ``encoder.onnx`` and
+    ``decoder_step.onnx`` each worker loads (one that is not there had been onnxruntime's
+    34-line traceback from the worker, after the other model's worker had started)."""
+    path = Path(text)
+    if not path.is_dir():
+        raise argparse.ArgumentTypeError(f"{text}: no such folder")
+    missing = [n for n in ("encoder.onnx", "decoder_step.onnx") if not (path / n).is_file()]
+    if missing:
+        raise argparse.ArgumentTypeError(
+            f"{text}: no {' or '.join(missing)} (a model directory written by `edgecap export`)"
+        )
+    return path
+
+
 def build_parser():
     p = C.argument_parser(__doc__)
-    p.add_argument("a", type=Path, help="model directory A (the baseline)")
-    p.add_argument("b", type=Path, help="model directory B")
-    p.add_argument("--threads", type=int, default=1, help="onnxruntime intra-op threads of each session")
+    p.add_argument("a", type=model_folder, help="model directory A (the baseline)")
+    p.add_argument("b", type=model_folder, help="model directory B")
     p.add_argument(
-        "--rounds", type=C.positive_int, default=10, help="interleaved rounds (and as many in the alone pass)"
+        "--threads", type=C.positive_int, default=1, help="onnxruntime intra-op threads of each session"
     )
-    p.add_argument(
-        "--per-round", type=C.positive_int, default=30, help="steps (and encoder passes) per model and round"
-    )
-    p.add_argument(
-        "--warmup",
-        type=C.non_negative_int,
-        default=20,
-        help="unmeasured steps (and encoder passes) per worker, before its timed ones",
-    )
-    C.add_out_argument(p)
+    # --rounds, --per-round (steps and encoder passes per model and round), --warmup (per
+    # worker, before its timed ones), --no-alone, --settle and --out
+    C.add_harness_arguments(p, rounds=10, per_round=30, warmup=20)
     return p
 
 
@@ -87,18 +95,20 @@ def main(argv=None) -> None:
         I.Spec(label, "step_compare:make_task", {"model": str(d.resolve()), "threads": args.threads})
         for label, d in (("A", args.a), ("B", args.b))
     ]
-    result = I.run_isolated(
-        specs, ["step", "encoder"], rounds=args.rounds, per_round=args.per_round, warmup=args.warmup
-    )
+    result = C.run_harness(specs, ["step", "encoder"], args)
     lines = []
     for label, d in (("A", args.a), ("B", args.b)):
         step = result["measures"]["step"][label]
         encoder = result["measures"]["encoder"][label]
+        alone = {
+            n: e.get("alone", {}).get("median_ms", float("nan"))
+            for n, e in (("step", step), ("encoder", encoder))
+        }
         lines.append(
             f"{label} {d}: step {step['interleaved']['median_ms']:.3f} ms "
-            f"(alone {step['alone']['median_ms']:.3f}), encoder "
+            f"(alone {alone['step']:.3f}), encoder "
             f"{encoder['interleaved']['median_ms']:.2f} ms "
-            f"(alone {encoder['alone']['median_ms']:.2f})"
+            f"(alone {alone['encoder']:.2f})"
         )
     ratio = 1 / result["ratios"]["step"]["B"]
     lines.append(f"step ratio B / A: {ratio:.2f} (interleaved medians, separate processes)")

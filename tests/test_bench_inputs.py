@@ -264,7 +264,7 @@ def test_feature_stream_says_in_one_line_why_a_reading_process_failed(tmp_path):
         ("latency", ["--settle", "-1"], "--settle"),
         ("throughput", ["--rounds", "0"], "--rounds"),
         ("e2e", ["--per-round", "0"], "--per-round"),
-        ("step_compare", ["a", "b", "--rounds", "0"], "--rounds"),
+        ("step_compare", [str(C.DEFAULT_MODEL)] * 2 + ["--rounds", "0"], "--rounds"),
         ("threads", ["--rounds", "0"], "--rounds"),
         ("threads", ["--calls", "0"], "--calls"),
         ("serve_load", ["--clients", "1", "0"], "--clients"),
@@ -363,3 +363,27 @@ def test_throughput_limit_0_captions_every_photo_there(tmp_path, monkeypatch):
     monkeypatch.setattr(throughput, "FULLRES", tmp_path)
     assert [p.name for p in throughput.default_photos(0)[0]] == ["c.png", "a.jpg", "b.jpeg"]
     assert [p.name for p in throughput.default_photos(2)[0]] == ["c.png", "a.jpg"]
+
+
+@pytest.mark.parametrize(
+    "which, folder, said",
+    [
+        ("b", "{absent}", "argument b: {absent}: no such folder"),
+        ("a", "{empty}", "argument a: {empty}: no encoder.onnx or decoder_step.onnx"),
+    ],
+)
+def test_step_compare_checks_both_model_folders_before_any_worker_starts(
+    tmp_path, capsys, which, folder, said
+):
+    """A model folder that is not there or holds no model: exit 2 in one line naming it, as the
+    arguments are read (had been a 34-line onnxruntime traceback from the worker)."""
+    import step_compare
+
+    where = {"absent": str(tmp_path / "absent"), "empty": str(tmp_path)}
+    models = {"a": str(C.DEFAULT_MODEL), "b": str(C.DEFAULT_MODEL), which: folder.format(**where)}
+    with pytest.raises(SystemExit) as stop:
+        step_compare.main([models["a"], models["b"], "--out", str(tmp_path / "out")])
+    err = capsys.readouterr().err
+    assert stop.value.code == 2 and "Traceback" not in err
+    assert said.format(**where) in err.splitlines()[-1]
+    assert not (tmp_path / "out").exists()

@@ -511,6 +511,22 @@ def test_step_compare_writes_to_out(tmp_path, runs_dir):
     (run,) = runs_dir.iterdir()
     assert (run / "step_compare.md").is_file()
     assert _committed_results() == before
+    # the harness options benchmarks/README.md lists for every harness script reach the harness
+    step_compare.main(
+        [
+            str(C.DEFAULT_MODEL),
+            str(C.DEFAULT_MODEL),
+            *quick,
+            "--no-alone",
+            "--settle",
+            "0",
+            "--out",
+            str(tmp_path),
+        ]
+    )
+    data = json.loads((tmp_path / "step_compare.json").read_text())
+    assert data["settings"]["alone"] is False and data["settings"]["settle_s"] == 0
+    assert "(alone nan)" in (tmp_path / "step_compare.md").read_text()
 
 
 def test_chart_redraws_into_out_not_over_the_committed_chart(tmp_path, runs_dir):
