@@ -38,6 +38,7 @@ BATCHES = (1, 8)
 HEADLINE = (3, 1)  # (beam, batch) used for the targets
 INT8_TARGET = 1.8  # int8 vs FP32 end to end (issue 12), with dev CIDEr within 0.01
 CIDER_TOLERANCE = 0.01
+QUALITY = C.RESULTS_DIR / "quality_speed.json"  # quality_speed.py's committed figures
 STAGES = ("encoder_ms", "step_ms", "steps", "decode_ms", "preprocess_ms", "search_python_ms")
 
 
@@ -74,14 +75,22 @@ def build_parser():
     p.add_argument(
         "--quality",
         type=Path,
-        default=C.RESULTS_DIR / "quality_speed.json",
-        help="quality_speed.py's JSON, for the dev CIDEr beside the int8 target",
+        default=None,
+        help="quality_speed.py's JSON, for the dev CIDEr beside the int8 target (default: "
+        "benchmarks/results/quality_speed.json where it is there and readable)",
     )
     return p
 
 
 def parse_args(argv=None):
-    return build_parser().parse_args(argv)
+    parser = build_parser()
+    args = parser.parse_args(argv)
+    if args.quality is not None:
+        try:  # read before the run: a file named that cannot be used is said now, not ignored
+            quality(args.quality, named=True)
+        except ValueError as exc:
+            parser.error(f"argument --quality: {exc}")
+    return args
 
 
 def inputs(kind: str, batch: int) -> list:
@@ -259,17 +268,24 @@ def _reuse(base, timed, beam: int, batch: int, max_length: int):
     return runner
 
 
-def quality(path: Path | None) -> dict:
-    """{variant: dev CIDEr} from quality_speed.py's JSON, with where it came from ({} when
-    there is none)."""
+def quality(path: Path | None, named: bool = False) -> dict:
+    """{variant: dev CIDEr} from quality_speed.py's JSON ``path`` (None: the committed one), with
+    where it came from; {} when there is none or it cannot be read, unless ``named`` (the user
+    named it with --quality): then ``ValueError`` saying what is wrong with it, in one line."""
+    path = QUALITY if path is None else path
     try:
         data = json.loads(Path(path).read_text())
         return {
             "source": f"{path} ({data.get('date', '?')}, {data['images']} photos)",
             "cider": {r["variant"]: r["CIDEr"] for r in data["results"]},
         }
-    except (OSError, TypeError, ValueError, KeyError):
-        return {}
+    except OSError as exc:
+        problem = "no such file" if isinstance(exc, FileNotFoundError) else (exc.strerror or str(exc))
+    except (TypeError, ValueError, KeyError, AttributeError) as exc:
+        problem = f"not quality_speed.py's JSON ({type(exc).__name__}: {exc})".replace("\n", " ")
+    if named:
+        raise ValueError(f"{path}: {problem}")
+    return {}
 
 
 def _base(name: str) -> str:

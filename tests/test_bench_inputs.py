@@ -387,3 +387,38 @@ def test_step_compare_checks_both_model_folders_before_any_worker_starts(
     assert stop.value.code == 2 and "Traceback" not in err
     assert said.format(**where) in err.splitlines()[-1]
     assert not (tmp_path / "out").exists()
+
+
+@pytest.mark.parametrize(
+    "text, said",
+    [
+        (None, "{q}: no such file"),
+        ("{{not json", "{q}: not quality_speed.py's JSON (JSONDecodeError: "),
+        ('{"benchmark": "latency", "targets": {}}', "{q}: not quality_speed.py's JSON (KeyError: 'images')"),
+        ("[1, 2]", "{q}: not quality_speed.py's JSON (AttributeError: "),
+    ],
+)
+def test_latency_refuses_a_quality_file_named_that_cannot_be_read(tmp_path, capsys, text, said):
+    """--quality FILE missing or not quality_speed.py's JSON: exit 2 in one line naming it, before
+    the run (had been ignored: the int8 target reported without its CIDEr, exit 0)."""
+    import latency
+
+    q = tmp_path / "q.json"
+    if text is not None:
+        q.write_text(text)
+    with pytest.raises(SystemExit) as stop:
+        latency.parse_args(["--quality", str(q)])
+    err = capsys.readouterr().err
+    assert stop.value.code == 2 and "Traceback" not in err
+    assert f"error: argument --quality: {said.format(q=q)}" in err.splitlines()[-1]
+
+
+def test_latency_takes_a_good_quality_file_and_none(tmp_path):
+    import latency
+
+    q = tmp_path / "q.json"
+    q.write_text(json.dumps({"date": "d", "images": 2, "results": [{"variant": "ort-fp32", "CIDEr": 0.5}]}))
+    assert latency.parse_args(["--quality", str(q)]).quality == q
+    assert latency.quality(q) == {"source": f"{q} (d, 2 photos)", "cider": {"ort-fp32": 0.5}}
+    assert latency.parse_args([]).quality is None  # the committed figures, where readable
+    assert latency.quality(tmp_path / "absent.json") == {}  # not named: none
