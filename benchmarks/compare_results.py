@@ -36,12 +36,36 @@ def build_parser():
     )
     p.add_argument(
         "--resamples",
-        type=int,
+        type=C.positive_int,
         default=10000,
         help="bootstrap resamples of the photos, for the 95%% interval",
     )
     C.add_out_argument(p)
     return p
+
+
+def read_results(path: Path) -> dict:
+    """{image_id: caption} of an ``edgecap eval --output`` file; ``DataError`` naming the file
+    where it is not such a list (a JSON object had been a TypeError traceback) or holds two
+    captions of one photo (the last had silently been kept)."""
+    from edgecap.errors import DataError
+
+    try:
+        rows = json.loads(path.read_text())
+    except ValueError as exc:
+        raise DataError(f"{path}: not JSON ({exc})") from None
+    if not isinstance(rows, list) or not all(
+        isinstance(r, dict) and {"image_id", "caption"} <= set(r) for r in rows
+    ):
+        raise DataError(
+            f'{path}: not edgecap eval --output results (a JSON list of {{"image_id", "caption"}})'
+        )
+    hyps: dict = {}
+    for r in rows:
+        if r["image_id"] in hyps:
+            raise DataError(f"{path}: two captions of image_id {r['image_id']!r}")
+        hyps[r["image_id"]] = r["caption"]
+    return hyps
 
 
 def main(argv=None) -> None:
@@ -60,7 +84,7 @@ def main(argv=None) -> None:
     refs = {item.image_id: item.captions for item in items}
     scores = {}
     for name, path in (("A", args.a), ("B", args.b)):
-        hyps = {r["image_id"]: r["caption"] for r in json.loads(path.read_text())}
+        hyps = read_results(path)
         missing = [k for k in refs if k not in hyps]
         if missing:
             raise SystemExit(f"{path}: no caption for {len(missing)} reference images, e.g. {missing[:3]}")

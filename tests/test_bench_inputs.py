@@ -422,3 +422,46 @@ def test_latency_takes_a_good_quality_file_and_none(tmp_path):
     assert latency.quality(q) == {"source": f"{q} (d, 2 photos)", "cider": {"ort-fp32": 0.5}}
     assert latency.parse_args([]).quality is None  # the committed figures, where readable
     assert latency.quality(tmp_path / "absent.json") == {}  # not named: none
+
+
+@pytest.mark.parametrize(
+    "a_text, said",
+    [
+        (
+            '{"image_id": 1, "caption": "a dog"}',
+            'not edgecap eval --output results (a JSON list of {"image_id"',
+        ),
+        ("[1, 2]", "not edgecap eval --output results"),
+        ("[{", "not JSON ("),
+        (
+            '[{"image_id": 1, "caption": "a dog"}, {"image_id": 1, "caption": "a cat"}]',
+            "two captions of image_id 1",
+        ),
+    ],
+)
+def test_compare_results_refuses_results_it_cannot_pair_in_one_line(tmp_path, a_text, said):
+    """A results file that is a JSON object (had been a TypeError traceback), not JSON, or with two
+    captions of one photo (the last had silently been kept): one line naming the file and what
+    is wrong, before any score."""
+    import compare_results
+    from edgecap.errors import DataError
+
+    a, b = tmp_path / "a.json", tmp_path / "b.json"
+    a.write_text(a_text)
+    b.write_text(json.dumps([{"image_id": 1, "caption": "a dog"}]))
+    with pytest.raises(DataError) as error:
+        compare_results.read_results(a)
+    assert str(error.value) == f"{a}: {said}" or str(error.value).startswith(f"{a}: {said}")
+    assert "\n" not in str(error.value)
+    assert compare_results.read_results(b) == {1: "a dog"}
+
+
+def test_compare_results_refuses_zero_resamples(capsys):
+    """--resamples 0 had been an IndexError traceback after scoring both files."""
+    import compare_results
+
+    with pytest.raises(SystemExit) as stop:
+        compare_results.build_parser().parse_args(["a.json", "b.json", "--resamples", "0"])
+    err = capsys.readouterr().err
+    assert stop.value.code == 2
+    assert "argument --resamples: takes a whole number of 1 or more; got '0'" in err.splitlines()[-1]
