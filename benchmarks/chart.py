@@ -83,7 +83,14 @@ def main(argv=None) -> None:
     args.json = args.json or C.RESULTS_DIR / "latency.json"
     if not args.json.is_file():
         sys.exit(f"{args.json} not found: run python benchmarks/latency.py first")
-    print(latency_chart(json.loads(args.json.read_text()), out=C.output_dir(args.out) / "latency.png"))
+    try:
+        data = json.loads(args.json.read_text())
+    except ValueError as exc:
+        sys.exit(f"{args.json}: not JSON ({exc})")
+    # another script's results (or another file) had been a KeyError 'targets' traceback
+    if not (isinstance(data, dict) and isinstance(data.get("targets"), dict) and "results" in data):
+        sys.exit(f"{args.json}: not latency.py's results (no targets and results)")
+    print(latency_chart(data, out=C.output_dir(args.out) / "latency.png"))
 
 
 if __name__ == "__main__":

@@ -465,3 +465,23 @@ def test_compare_results_refuses_zero_resamples(capsys):
     err = capsys.readouterr().err
     assert stop.value.code == 2
     assert "argument --resamples: takes a whole number of 1 or more; got '0'" in err.splitlines()[-1]
+
+
+@pytest.mark.parametrize(
+    "text, said",
+    [
+        ('{"benchmark": "throughput", "results": []}', "not latency.py's results (no targets and results)"),
+        ("[1]", "not latency.py's results"),
+        ("{", "not JSON ("),
+    ],
+)
+def test_chart_refuses_a_file_that_is_not_latency_results_in_one_line(tmp_path, text, said):
+    """chart.py --json of another script's results had been a KeyError 'targets' traceback."""
+    import chart
+
+    given = tmp_path / "other.json"
+    given.write_text(text)
+    with pytest.raises(SystemExit) as stop:
+        chart.main(["--json", str(given), "--out", str(tmp_path / "out")])
+    assert str(stop.value.code).startswith(f"{given}: {said}") and "\n" not in str(stop.value.code)
+    assert not (tmp_path / "out").exists()
