@@ -249,16 +249,13 @@ def own_input(image: _T) -> _T:
     try:
         if isinstance(image, (bytearray, memoryview)):
             return bytes(image)  # type: ignore[return-value]
-        if isinstance(image, np.ndarray):
-            over = image.ndim >= 2 and pixel_limit_problem(image.shape[1], image.shape[0]) is not None
-            return image if over else image.copy()
         if isinstance(image, Image.Image):
             # size first: a decompression bomb is refused unread, as preparing it refuses it
             return image if pixel_limit_problem(image.width, image.height) else image.copy()  # type: ignore[return-value]
         if type(image).__module__.partition(".")[0] == "torch" and hasattr(image, "clone"):
             return image.clone()
-        if hasattr(image, "__array__"):  # another library's array (numpy reads it): its pixels
-            array = np.asarray(image)
+        if hasattr(image, "__array__"):  # a numpy array, or another library's numpy reads
+            array = image if isinstance(image, np.ndarray) else np.asarray(image)
             over = array.ndim >= 2 and pixel_limit_problem(array.shape[1], array.shape[0]) is not None
             return image if over else array.copy()
     except Exception:  # noqa: BLE001 (preparing it names the input and what is wrong)

@@ -363,22 +363,22 @@ class CaptionService:
         over-limit body before its 413); else the interim "100 Continue" (RFC 9110 10.1.1), and
         417 for another expectation."""
         web = _aiohttp()
-        expectation = request.headers.get("Expect", "")
         if request.version < (1, 1):  # an HTTP/1.0 client's is ignored (RFC 9110 10.1.1)
             return None
-        refused = self._refused(web, request)
-        if refused is None and expectation.lower() != "100-continue":
-            refused = _error(web, 417, f"Expect: {expectation[:100]} is not an expectation met here")
+        refused = self._refused(web, request) or _unmet_expectation(web, request)
         if refused is not None:
-            if request.transport is not None:  # its body is never read: a stop need not wait
-                self._unread[request.transport] = request.content
-            # and the connection closes after it: a client that sent no body and went on with
-            # its next request on it had that request read as the refused body
-            refused.force_close()
-            return refused
-        await request.writer.write(b"HTTP/1.1 100 Continue\r\n\r\n")
-        request.writer.output_size = 0  # the interim answer is not the response's size
-        return None
+            return self._refused_before_body(request, refused)
+        return await _go_on(request)
+
+    def _refused_before_body(self, request, refused):
+        """``refused``, the answer to a request whose body is never read (an ``Expect`` handler's):
+        a stop need not wait for the body, and the connection closes after it (a client that
+        sent no body and went on with its next request on it had that request read as the
+        refused body)."""
+        if request.transport is not None:
+            self._unread[request.transport] = request.content
+        refused.force_close()
+        return refused
 
     async def _no_route(self, request):
         """A path or method the service does not answer: 405 with the path's methods (Allow),
@@ -402,17 +402,11 @@ class CaptionService:
             refused = _error(web, 404, "Not Found")
         elif request.method not in allowed:
             refused = _error(web, 405, "Method Not Allowed", headers={"Allow": ",".join(allowed)})
-        elif request.headers.get("Expect", "").lower() != "100-continue":
-            expectation = request.headers.get("Expect", "")
-            refused = _error(web, 417, f"Expect: {expectation[:100]} is not an expectation met here")
         else:
-            await request.writer.write(b"HTTP/1.1 100 Continue\r\n\r\n")
-            request.writer.output_size = 0  # the interim answer is not the response's size
-            return None
-        if request.transport is not None:  # its body is never read: a stop need not wait
-            self._unread[request.transport] = request.content
-        refused.force_close()  # a body the client may still send is not read as a next request
-        return refused
+            refused = _unmet_expectation(web, request)
+        if refused is not None:
+            return self._refused_before_body(request, refused)
+        return await _go_on(request)
 
     async def caption(self, request):
         from edgecap.commands.output import caption_record
@@ -470,6 +464,20 @@ class CaptionService:
             return web.json_response(record)
         finally:
             self.pending -= 1
+
+
+def _unmet_expectation(web, request):
+    """A 417 for an ``Expect`` other than ``100-continue`` (RFC 9110 10.1.1), or None."""
+    expectation = request.headers.get("Expect", "")
+    if expectation.lower() == "100-continue":
+        return None
+    return _error(web, 417, f"Expect: {expectation[:100]} is not an expectation met here")
+
+
+async def _go_on(request) -> None:
+    """The interim "100 Continue": the client sends its body."""
+    await request.writer.write(b"HTTP/1.1 100 Continue\r\n\r\n")
+    request.writer.output_size = 0  # the interim answer is not the response's size
 
 
 def _forget_built_handlers() -> None:

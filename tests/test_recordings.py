@@ -1685,20 +1685,24 @@ def test_depth_images_through_the_plain_compressed_transport_are_refused(tmp_pat
     assert [f.image for f in frames[2:]] == [png, png]
 
 
+def _bag_writer(tmp_path, kind: str):
+    """-> (the recording's path, an unopened rosbags writer of it, its type store): a ROS 1 bag
+    or a ROS 2 MCAP bag folder under tmp_path/bag."""
+    folder = tmp_path / "bag"
+    folder.mkdir()
+    if kind == "ros1":
+        bag = folder / "run.bag"
+        return bag, Writer1(bag), store_for(kind)
+    bag = folder / "run"
+    return bag, Writer2(bag, version=9, storage_plugin=StoragePlugin.MCAP), store_for(kind)
+
+
 @pytest.mark.parametrize("kind", ["ros1", "mcap"])
 def test_an_image_topic_without_messages_is_said_not_passed_over(kind, tmp_path, capfd):
     """A recording whose image topic holds no message (a camera that never published): one line
     saying there was nothing to caption, exit 1 and no copy, as a folder without photos; it had
     printed nothing and exited 0."""
-    store = store_for(kind)
-    folder = tmp_path / "bag"
-    folder.mkdir()
-    if kind == "ros1":
-        bag = folder / "run.bag"
-        writer = Writer1(bag)
-    else:
-        bag = folder / "run"
-        writer = Writer2(bag, version=9, storage_plugin=StoragePlugin.MCAP)
+    bag, writer, store = _bag_writer(tmp_path, kind)
     with writer:
         writer.add_connection("/cam", IMAGE, typestore=store)
     out = tmp_path / ("copy.bag" if kind == "ros1" else "copy")
@@ -1714,15 +1718,7 @@ def test_a_named_topic_without_messages_is_said_beside_one_with_frames(kind, tmp
     status is 1. It had been passed over without a word, exit 0, because only a run without a
     single frame was checked. Not named (every image topic), a topic without messages beside
     ones with frames is no error: exit 0, nothing on stderr."""
-    store = store_for(kind)
-    folder = tmp_path / "bag"
-    folder.mkdir()
-    if kind == "ros1":
-        bag = folder / "run.bag"
-        writer = Writer1(bag)
-    else:
-        bag = folder / "run"
-        writer = Writer2(bag, version=9, storage_plugin=StoragePlugin.MCAP)
+    bag, writer, store = _bag_writer(tmp_path, kind)
     with writer:
         writer.add_connection("/cam/empty", IMAGE, typestore=store)
         cam = writer.add_connection("/cam", IMAGE, typestore=store)
