@@ -235,3 +235,60 @@ def test_extras_that_name_each_other_are_each_expanded_once(monkeypatch):
     )
     assert hinted_requirements(install_hint("a")) == ["y>=2", "x>=1"]
     assert hinted_requirements(install_hint("b")) == ["x>=1", "y>=2"]
+
+
+def _names(extra: str) -> set[str]:
+    """The distribution names an extra installs (``'onnx>=1.17'`` -> ``onnx``)."""
+    return {re.split(r"[<>=!~;\[ ]", r, maxsplit=1)[0].lower() for r in pyproject_requirements(extra)}
+
+
+def test_the_train_extra_installs_what_each_epochs_dev_scores_import():
+    """Training scores the dev split after every epoch with pycocoevalcap's BLEU and CIDEr
+    (edgecap.evaluation.metrics); with only the docs' ``[cpu,train]`` installed, the first epoch
+    ended in a ModuleNotFoundError and its work was lost (the dev extra, which has eval, hid it)."""
+    assert "pycocoevalcap" in _names("train")
+
+
+def test_train_without_pycocoevalcap_says_so_before_any_work(tmp_path, monkeypatch, capsys):
+    """An older install of the train extra, without pycocoevalcap: exit 2 at once, one line
+    naming it and the train extra's hint, nothing written (before: a traceback after the first
+    epoch, its checkpoint never saved)."""
+    from edgecap.cli import main
+
+    monkeypatch.setitem(sys.modules, "pycocoevalcap", None)  # import fails: ImportError
+    out = tmp_path / "run"
+    assert main(["train", "--data", str(tmp_path), "--out", str(out)]) == 2
+    err = capsys.readouterr().err
+    says = "training needs pycocoevalcap for each epoch's dev scores"
+    expected = f"edgecap train: error: {says}: {install_hint('train')} ("
+    assert err.startswith(expected), err
+    assert err.count("\n") == 1 and "Traceback" not in err
+    assert not out.exists()
+
+
+@pytest.mark.parametrize(
+    ("missing", "says"),
+    [
+        ("safetensors", "export needs onnx and safetensors: "),
+        ("onnx", "export needs onnx and safetensors: "),
+        (
+            "onnxruntime",
+            "export checks the exported graphs on onnxruntime, which is not installed: for the CPU ",
+        ),
+    ],
+)
+def test_export_without_a_package_it_needs_says_which_before_any_work(
+    missing, says, tmp_path, monkeypatch, capsys
+):
+    """``edgecap[export]`` alone (no runtime), or an install missing onnx or safetensors: exit 2,
+    one line naming the package and how to install it, nothing written (before: a
+    ModuleNotFoundError or torch's OnnxExporterError traceback, exit 1)."""
+    from edgecap.cli import main
+
+    monkeypatch.setitem(sys.modules, missing, None)  # import fails; find_spec gives None
+    out = tmp_path / "model"
+    assert main(["export", str(tmp_path / "checkpoint"), "--out", str(out)]) == 2
+    err = capsys.readouterr().err
+    assert err.startswith(f"edgecap export: error: {says}"), err
+    assert err.count("\n") == 1 and "Traceback" not in err
+    assert not out.exists()

@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import argparse
+import importlib.util
 import json
 import sys
 
@@ -35,6 +36,23 @@ def run(args: argparse.Namespace) -> int:
         from edgecap.extras import install_hint
 
         raise BackendError(f"export needs PyTorch and onnx: {install_hint('export')} ({exc})") from exc
+    try:  # imported late by the export itself: said now, not as a traceback after the work
+        import onnx  # noqa: F401
+        import safetensors  # noqa: F401
+    except ImportError as exc:
+        from edgecap.errors import BackendError
+
+        from edgecap.extras import install_hint
+
+        raise BackendError(f"export needs onnx and safetensors: {install_hint('export')} ({exc})") from exc
+    if importlib.util.find_spec("onnxruntime") is None:  # the exported graphs are checked on it
+        from edgecap.backends import missing_package_hint
+        from edgecap.errors import BackendError
+
+        raise BackendError(
+            "export checks the exported graphs on onnxruntime, which is not installed: "
+            + missing_package_hint("onnxruntime")
+        )
     from edgecap.errors import ModelError
     from edgecap.files import FileProblem, read_json, write_problem
 

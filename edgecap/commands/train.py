@@ -346,6 +346,16 @@ def run(args: argparse.Namespace) -> int:
         from edgecap.extras import install_hint
 
         raise BackendError(f"training needs PyTorch: {install_hint('train')} ({exc})") from exc
+    try:  # each epoch's dev scores (CIDEr-D picks the best epoch): said now, not after an epoch
+        import pycocoevalcap  # noqa: F401
+    except ImportError as exc:
+        from edgecap.errors import BackendError
+
+        from edgecap.extras import install_hint
+
+        raise BackendError(
+            f"training needs pycocoevalcap for each epoch's dev scores: {install_hint('train')} ({exc})"
+        ) from exc
     from edgecap.commands.output import json_line, output_failed, utf8_output
 
     stdout = sys.stdout
