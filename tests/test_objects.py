@@ -23,6 +23,7 @@ from edgecap.vocab import NEVER_FIRST_IDS
 from fakes import END, START, PrefixHashBackend
 
 EXAMPLES = Path(__file__).resolve().parents[1] / "edgecap" / "assets" / "examples"
+DEFAULT_MODEL = EXAMPLES.parent / "default"
 
 
 @pytest.fixture(scope="module")
@@ -64,6 +65,19 @@ def test_shipped_class_list():
     words = {c["name"]: c["words"] for c in table["classes"]}
     assert words["trolleybus"] == ["bus"] and words["tiger cat"] == ["cat"]
     assert "bear" in words["giant panda"]  # not in the vocabulary: its nearest word that is
+
+
+@pytest.mark.parametrize(
+    "table", [IMAGENET_CLASSES, DEFAULT_MODEL / "classes.json"], ids=["package", "shipped model"]
+)
+def test_every_class_has_its_own_name(table):
+    """A tag's name is its key: ``dict(caption.objects)`` and readers of the ``--json`` objects
+    keep one probability per name. imagenet-classes named two classes 'sunglasses'; the first
+    (ILSVRC-2012 index 836, WordNet 3.0's n04355933 'sunglass': a convex lens that focuses the
+    rays of the sun) is a burning glass; 837 (n04356056) is the sunglasses."""
+    names = [c["name"] for c in json.loads(table.read_text(encoding="utf-8"))["classes"]]
+    assert len(set(names)) == len(names) == 1000
+    assert (names[836], names[837]) == ("burning glass", "sunglasses")
 
 
 def test_class_list_must_match_the_encoder(tmp_path):
