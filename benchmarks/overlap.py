@@ -64,12 +64,12 @@ def standing_in(captioner, frames: list, device_ms: float, search_host_ms: float
     first = [prepared[id(f)].x for f in frames[: captioner.options.batch_size]]
     searched = captioner._search(first, False, True)
 
-    def search(batch, return_attention, deferred=False):
+    def search(batch, return_attention, deferred=False, options=None):
         _busy(search_host_ms)
         time.sleep(device_ms / 1e3)  # the GIL released, as in a CUDA synchronisation
         return searched
 
-    captioner._prepare = lambda image, color: prepared[id(image)]
+    captioner._prepare = lambda image, color, options=None: prepared[id(image)]
     captioner._search = search
     part = [prepared[id(f)] for f in frames[: captioner.options.batch_size]]
     times = []

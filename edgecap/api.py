@@ -277,16 +277,24 @@ class Captioner:
         they get one, or it has none): a fusion weight above the one it was fitted at. It
         follows ``options`` (a copy given other options: ``copy.copy``, as the benchmarks run
         them; decided once when made, a copy at fusion weight 2 had rated its captions)."""
-        if self._confidence_model is None:
-            return None
-        own = 0.0 if self.fusion is None else self.fusion.weight
-        return self._confidence_model.unrated(fusion_weight(self.options, self.fusion), own)
+        return self._unrated(self.options)
 
     @property
     def confidence_model(self) -> ConfidenceModel | None:
         """What rates the captions (``Caption.confidence``); None where they get no confidence:
         the model has no confidence.json, or ``unrated`` says why."""
-        return None if self.unrated is not None else self._confidence_model
+        return self._rater(self.options)
+
+    def _unrated(self, options: CaptionOptions) -> str | None:
+        """``unrated`` for captions searched with ``options``."""
+        if self._confidence_model is None:
+            return None
+        own = 0.0 if self.fusion is None else self.fusion.weight
+        return self._confidence_model.unrated(fusion_weight(options, self.fusion), own)
+
+    def _rater(self, options: CaptionOptions) -> ConfidenceModel | None:
+        """``confidence_model`` for captions searched with ``options``."""
+        return None if self._unrated(options) is not None else self._confidence_model
 
     def __copy__(self) -> Captioner:
         """A shallow copy (sharing the model and backend, with decoding workers of its own; the
@@ -361,7 +369,8 @@ class Captioner:
     def options(self) -> CaptionOptions:
         """The decoding options (see the class); may be changed between calls (a copy given
         other options: ``copy.copy``, as the benchmarks run them), checked against the model as
-        when the Captioner was made."""
+        when the Captioner was made. A call keeps those it was made with to its end (an
+        ``iter_captions`` those of its call): options set meanwhile take effect from the next."""
         return self._options
 
     @options.setter
@@ -501,7 +510,15 @@ class Captioner:
         self._check_call(images, color, on_error)
         # "raise": nothing is returned, so the images before a bad one are not captioned for nothing
         return list(
-            self._results(images, color, return_attention, on_error, before_error=False, overlap=self.overlap)
+            self._results(
+                images,
+                color,
+                return_attention,
+                on_error,
+                self.options,
+                before_error=False,
+                overlap=self.overlap,
+            )
         )
 
     @overload
@@ -550,7 +567,7 @@ class Captioner:
         self._check_call(images, color, on_error)
         _check_overlap(overlap)
         overlap = self.overlap if overlap is None else bool(overlap)
-        return self._results(images, color, return_attention, on_error, overlap=overlap)
+        return self._results(images, color, return_attention, on_error, self.options, overlap=overlap)
 
     def warm_up(
         self, batch_sizes: Iterable[int] = (1,), frame_size: tuple[int, int] = (480, 640)
@@ -656,12 +673,15 @@ class Captioner:
         color: str,
         return_attention: bool,
         on_error: str,
+        options: CaptionOptions,
         before_error: bool = True,
         overlap: bool = False,
     ) -> Iterator[Caption | InputError]:
-        """The results in order; ``before_error`` (with "raise"): the images before a bad one in its
-        batch are captioned and yielded before its error is raised. ``overlap``: each batch's
-        captions are built in a second thread while the next batch is searched (``_overlapped``)."""
+        """The results in order, every step of every batch under ``options`` (the Captioner's when
+        the call was made: another thread may set new ones meanwhile); ``before_error`` (with
+        "raise"): the images before a bad one in its batch are captioned and yielded before its
+        error is raised. ``overlap``: each batch's captions are built in a second thread while the
+        next batch is searched (``_overlapped``)."""
         # a source that fails (a camera unplugged) ends the images: those read before it are
         # captioned and yielded first, then its error is raised
         source = _Source(images)
@@ -677,12 +697,12 @@ class Captioner:
         # One photo (caption()) has nothing to overlap with: no hand-over to a worker.
         head = list(itertools.islice(iterator, 2)) if workers else []
         inputs = itertools.chain(head, iterator)
-        batch = self.options.batch_size
+        batch = options.batch_size
         with contextlib.ExitStack() as stack:
             chunks: Generator[list, None, None] = (
                 prefetched_batches(
                     stack.enter_context(self._borrowed_workers(workers)),
-                    lambda image: self._prepare(image, color),
+                    lambda image: self._prepare(image, color, options),
                     inputs,
                     batch,
                     window(batch, workers),
@@ -692,17 +712,17 @@ class Captioner:
                     inline=lambda: not self._closed,
                 )
                 if len(head) > 1
-                else batched(self._prepared(inputs, color), batch)
+                else batched(self._prepared(inputs, color, options), batch)
             )
             # a consumer that stops early stops the workers too (closed before the pool is
             # handed back)
             stack.enter_context(contextlib.closing(chunks))
             parts = self._parts(self._until_closed(chunks), on_error, before_error)
             if overlap:
-                yield from self._overlapped(parts, return_attention, stack)
+                yield from self._overlapped(parts, return_attention, stack, options)
             else:
                 for part, error in parts:
-                    yield from self._finished(part, self._searched(part, return_attention))
+                    yield from self._finished(part, self._searched(part, return_attention, options))
                     if error is not None:
                         raise error
         if source.error is not None:
@@ -724,7 +744,9 @@ class Captioner:
                     return
             yield chunk, None
 
-    def _overlapped(self, parts, return_attention: bool, stack: contextlib.ExitStack) -> Iterator:
+    def _overlapped(
+        self, parts, return_attention: bool, stack: contextlib.ExitStack, options: CaptionOptions
+    ) -> Iterator:
         """The parts' results in order, each batch's captions built in a second thread (made
         once a second batch comes) while this thread searches the next batch; the last batch's
         in this thread, as a call of one batch has all of it. The thread is joined before the
@@ -755,7 +777,7 @@ class Captioner:
             try:
                 # while the previous one is built; this one's unpacking and consensus choice left
                 # to its turn there too
-                searched = self._searched(part, return_attention, deferred=True)
+                searched = self._searched(part, return_attention, options, deferred=True)
             except BaseException:
                 if finishing is not None:
                     yield from finishing.result()
@@ -785,30 +807,36 @@ class Captioner:
                 raise
             yield chunk
 
-    def _prepare(self, image: ImageInput | None, color: str) -> _Prepared:
-        """One input -> its encoder input (``InputError`` for an unusable one); runs in a
-        decoding worker or in the calling thread."""
+    def _prepare(
+        self, image: ImageInput | None, color: str, options: CaptionOptions | None = None
+    ) -> _Prepared:
+        """One input -> its encoder input (``InputError`` for an unusable one), brightened and
+        checked as ``options`` (the call's; None: the Captioner's) say; runs in a decoding worker
+        or in the calling thread."""
+        options = self.options if options is None else options
         t0 = time.perf_counter()
         if self.backend.prepares_frames:  # resized and checked by the backend, on its device
             frame = load_rgb_array(image, color, draft_size=self._draft_size)
             return _Prepared(frame, True, (time.perf_counter() - t0) * 1e3)
         rgb = load_rgb(image, color, draft_size=self._draft_size)
         try:
-            x, gain = model_input(rgb, self.manifest.preprocessing, self.options.brighten)
+            x, gain = model_input(rgb, self.manifest.preprocessing, options.brighten)
         except MemoryError as exc:  # this input's failure, in its slot: the others are captioned
             raise InputError(
                 describe(image), f"out of memory resizing it ({rgb.width}x{rgb.height}) for the model"
             ) from exc
-        visible = not self.options.blank_check or recognisable(x, self.manifest.preprocessing, bool(gain > 1))
+        visible = not options.blank_check or recognisable(x, self.manifest.preprocessing, bool(gain > 1))
         return _Prepared(x, visible, (time.perf_counter() - t0) * 1e3)
 
-    def _prepared(self, images: Iterable[ImageInput | None], color: str) -> Iterator[_Prepared | InputError]:
+    def _prepared(
+        self, images: Iterable[ImageInput | None], color: str, options: CaptionOptions
+    ) -> Iterator[_Prepared | InputError]:
         """Each input prepared in the calling thread (no decoding workers) as soon as it is read,
         before the next one is: a camera loop that refills one frame buffer gets each frame's
         caption, not its last frame's for the whole batch."""
         for image in images:
             try:
-                yield self._prepare(image, color)
+                yield self._prepare(image, color, options)
             except InputError as exc:
                 yield exc
 
@@ -847,31 +875,36 @@ class Captioner:
                         pool.shutdown(wait=False)
 
     def _searched(
-        self, prepared: list[_Prepared | InputError], return_attention: bool, deferred: bool = False
+        self,
+        prepared: list[_Prepared | InputError],
+        return_attention: bool,
+        options: CaptionOptions,
+        deferred: bool = False,
     ):
-        """Encode and search one batch of at most ``batch_size`` prepared images: ``_search``'s
-        result, None for a batch with no usable image. ``deferred``: its hypotheses a function
-        that gives them (``edgecap.decoding.search``'s), called by ``_finished``."""
+        """Encode and search one batch of at most ``batch_size`` prepared images with ``options``:
+        ``_search``'s result, None for a batch with no usable image. ``deferred``: its hypotheses
+        a function that gives them (``edgecap.decoding.search``'s), called by ``_finished``."""
         good = [p.x for p in prepared if isinstance(p, _Prepared)]
-        return self._search(good, return_attention, deferred) if good else None
+        return self._search(good, return_attention, deferred, options=options) if good else None
 
     def _finished(self, prepared: list[_Prepared | InputError], searched) -> list[Caption | InputError]:
         """One searched batch's results in its order: a ``Caption`` per usable image, its
-        ``InputError`` per unusable one (``_searched``'s result: the host's work after the search)."""
+        ``InputError`` per unusable one (``_searched``'s result: the host's work after the search),
+        built with the options the batch was searched with, whatever the Captioner's are now."""
         if searched is None:
             return [p for p in prepared if isinstance(p, InputError)]  # all of them
         good = [p for p in prepared if isinstance(p, _Prepared)]
         n = len(good)
-        hypotheses, probs, encode_ms, decode_ms, seen = searched
+        hypotheses, probs, encode_ms, decode_ms, seen, options = searched
         if callable(hypotheses):  # deferred: the host's work after the search counts as its own
             t0 = time.perf_counter()
             hypotheses = hypotheses()
             decode_ms += (time.perf_counter() - t0) * 1e3
-        if seen is not None and self.options.blank_check:  # the backend's check (on its device)
+        if seen is not None and options.blank_check:  # the backend's check (on its device)
             good = [replace(p, visible=bool(v)) for p, v in zip(good, seen)]
         shares = {"encode_ms": encode_ms / n, "decode_ms": decode_ms / n}
         # each photo's most probable classes at once, for its tags and its confidence signals
-        objects = self.options.objects
+        objects = options.objects
         best = [None] * n if probs is None else top_classes_rows(probs, max(objects, SUPPORT_TAGS))
         tags = [()] * n if probs is None else [self.classes.tags(p, objects, b) for p, b in zip(probs, best)]
         class_probs = [None] * n if probs is None else list(probs)
@@ -884,21 +917,27 @@ class Captioner:
             image, hyps, named, image_probs, image_best = next(done)
             timings = {"preprocess_ms": image.ms, **shares}
             results.append(
-                self._to_caption(hyps, named, image_probs, timings, image_best)
+                self._to_caption(hyps, named, image_probs, timings, options, image_best)
                 if image.visible
-                else self._nothing(hyps[0], named, timings)
+                else self._nothing(hyps[0], named, timings, options)
             )
         return results
 
     def _search(
-        self, batch: list[np.ndarray], return_attention: bool, deferred: bool = False, warm: bool = False
+        self,
+        batch: list[np.ndarray],
+        return_attention: bool,
+        deferred: bool = False,
+        warm: bool = False,
+        options: CaptionOptions | None = None,
     ):
         """batch: model inputs float32 (3, H, W), or for a backend that ``prepares_frames`` RGB
         frames -> (hypotheses per image, class probabilities (N, C), encode ms, decode ms,
-        whether each image holds anything to caption as the backend found (N,) or None);
-        ``deferred``: the hypotheses a function that gives them; ``warm``: instead, the batch
-        encoded and the backend's ``warm_search`` run on it (``warm_up``): its result."""
-        options = self.options
+        whether each image holds anything to caption as the backend found (N,) or None, the
+        options it was searched with: ``options``, None: the Captioner's); ``deferred``: the
+        hypotheses a function that gives them; ``warm``: instead, the batch encoded and the
+        backend's ``warm_search`` run on it (``warm_up``): its result."""
+        options = self.options if options is None else options
         # A backend with one set of device buffers (TensorRT) runs one batch at a time; close()
         # releases them under the same lock, so no batch runs on released buffers.
         with self._backend_lock or contextlib.nullcontext():
@@ -909,7 +948,7 @@ class Captioner:
                 with _batch_running():  # not across a fork, nor into the interpreter's exit
                     if warm:
                         return self._warm_batch(batch, options)
-                    return self._run_batch(batch, return_attention, options, deferred)
+                    return (*self._run_batch(batch, return_attention, options, deferred), options)
             finally:
                 self._in_batch = None
                 if self._release_after_batch:
@@ -927,7 +966,7 @@ class Captioner:
         largest batch this Captioner has run), whose results are dropped."""
         t0 = time.perf_counter()
         n = len(batch)
-        encoded, seen, size = self._encoded(batch)
+        encoded, seen, size = self._encoded(batch, options)
         t1 = time.perf_counter()
         hypotheses = search(
             self.backend,
@@ -953,17 +992,17 @@ class Captioner:
             seen = None if seen is None else seen[:n]
         return hypotheses, probs, (t1 - t0) * 1e3, (t2 - t1) * 1e3, seen
 
-    def _encoded(self, batch: list[np.ndarray]):
+    def _encoded(self, batch: list[np.ndarray], options: CaptionOptions):
         """The batch encoded at its run size (``Backend.run_size``: padded with copies of its last
-        image) -> (``Encoded``, whether each image holds anything to caption or None, the run
-        size)."""
+        image; frames the backend prepares brightened as ``options`` say) -> (``Encoded``,
+        whether each image holds anything to caption or None, the run size)."""
         seen = None
         n = len(batch)
         # read once: a batch of another thread (a thread-safe backend) may record its own meanwhile
         largest = self._largest_batch = max(self._largest_batch, n)
         size = self.backend.run_size(n, largest)
         if self.backend.prepares_frames:  # padded after its preprocessing, on the device
-            encoded, seen = self.backend.encode_frames(batch, size, brighten=self.options.brighten)
+            encoded, seen = self.backend.encode_frames(batch, size, brighten=options.brighten)
         else:
             encoded = self.backend.encode(self.backend.batch_input(batch + [batch[-1]] * (size - n)))
         return encoded, seen, size
@@ -971,7 +1010,7 @@ class Captioner:
     def _warm_batch(self, batch: list[np.ndarray], options: CaptionOptions) -> int:
         """``warm_up``'s part in the backend: the batch encoded, then ``Backend.warm_search`` on it
         with one of the model's object words as every image's tag word (None: it has none)."""
-        encoded, _, _ = self._encoded(batch)
+        encoded, _, _ = self._encoded(batch, options)
         tag_word = min(self._object_words) if self._object_words else None
         return self.backend.warm_search(
             encoded, options, self.vocab.start, self.vocab.end, self.fusion, tag_word
@@ -983,17 +1022,21 @@ class Captioner:
         objects: tuple,
         probs: np.ndarray | None,
         timings: dict[str, float],
+        options: CaptionOptions,
         best: np.ndarray | None = None,
     ) -> Caption:
-        """``best``: the photo's most probable classes, best first (``top_classes``), or None."""
+        """``best``: the photo's most probable classes, best first (``top_classes``), or None;
+        ``options``: those it was searched with."""
         first, *rest = hyps
         # the photo's typicality and the gate's share of the fusion weight (confidence signals)
         photo = (0.0, 0.0)
         if probs is not None and self.fusion is not None and self.fusion.gate is not None:
             gate = self.fusion.gate
             photo = (float(gate.typicality(probs[None])[0]), float(gate(probs[None])[0]))
-        alternatives = tuple(self._hypothesis_caption(h, objects, probs, photo, {}, best=best) for h in rest)
-        return self._hypothesis_caption(first, objects, probs, photo, timings, alternatives, best)
+        alternatives = tuple(
+            self._hypothesis_caption(h, objects, probs, photo, {}, options, best=best) for h in rest
+        )
+        return self._hypothesis_caption(first, objects, probs, photo, timings, options, alternatives, best)
 
     def _hypothesis_caption(
         self,
@@ -1002,11 +1045,13 @@ class Captioner:
         probs: np.ndarray | None,
         photo: tuple[float, float],
         timings: dict[str, float],
+        options: CaptionOptions,
         alternatives: tuple[Caption, ...] = (),
         best: np.ndarray | None = None,
     ) -> Caption:
         """``photo``: its typicality and the fusion gate's share for it (0, 0 without a gate);
-        ``best``: its most probable classes (``_to_caption``'s)."""
+        ``best``: its most probable classes (``_to_caption``'s); ``options``: those it was
+        searched with (its score's length penalty, whether its fusion weight is rated)."""
         if hyp.tokens and not (0 <= min(hyp.tokens) and max(hyp.tokens) < len(self.vocab)):
             raise ModelError(
                 f"{self.manifest.directory}: the decoder step graph returned word "
@@ -1021,7 +1066,7 @@ class Captioner:
             # penalty's scores (``length_normalised``) are brought back to the mean per word
             length = max(len(hyp.tokens) + hyp.finished, 1)
             per_word = length_normalised(1.0, length, None) / length_normalised(
-                1.0, length, self.options.length_penalty
+                1.0, length, options.length_penalty
             )
             x = signals(
                 hyp.tokens,
@@ -1034,7 +1079,7 @@ class Captioner:
                 photo[1],
                 best,
             )
-            rater = self.confidence_model
+            rater = self._rater(options)
             if rater is not None:
                 # a caption the length cap cut before any place to end is no sentence: not a
                 # caption the confidence model was fitted on, and not a right one
@@ -1052,8 +1097,11 @@ class Captioner:
             signals=x,
         )
 
-    def _nothing(self, hyp: Hypothesis, objects: tuple, timings: dict[str, float]) -> Caption:
-        """A frame with nothing to caption: no invented scene (its search ran with the batch)."""
+    def _nothing(
+        self, hyp: Hypothesis, objects: tuple, timings: dict[str, float], options: CaptionOptions
+    ) -> Caption:
+        """A frame with nothing to caption: no invented scene (its search ran with the batch, with
+        ``options``)."""
         return Caption(
             text=NOTHING_RECOGNISABLE,
             score=float(hyp.score),
@@ -1062,7 +1110,7 @@ class Captioner:
             objects=objects,
             timings=timings,
             # 0: nothing to trust; None with a model that has no confidence (as its captions)
-            confidence=None if self.confidence_model is None else 0.0,
+            confidence=None if self._rater(options) is None else 0.0,
             recognisable=False,
         )
 

@@ -596,6 +596,20 @@ def set_field(keys, value):
     return edit
 
 
+def every_field(result) -> tuple:
+    """What a ``Caption`` says, every field but the timings and arrays (its equality leaves out
+    the objects, the confidence and ``recognisable``), its alternatives' too."""
+    return (
+        result.text,
+        result.score,
+        result.log_prob,
+        result.objects,
+        result.confidence,
+        result.recognisable,
+        [(a.text, a.score, a.objects, a.confidence) for a in result.alternatives],
+    )
+
+
 def has_repeated_ngram(words, n: int) -> bool:
     """Does the word sequence hold some n-gram twice?"""
     grams = [tuple(words[i : i + n]) for i in range(len(words) - n + 1)]

@@ -14,6 +14,7 @@ from __future__ import annotations
 import json
 import os
 import threading
+from dataclasses import replace
 from pathlib import Path
 
 import numpy as np
@@ -21,8 +22,8 @@ import pytest
 from PIL import Image
 
 import edgecap
-from edgecap import Captioner
-from helpers import LineLockstep, LockstepSessions, TableBackend, in_forked_child, solid
+from edgecap import CaptionOptions, Captioner
+from helpers import LineLockstep, LockstepSessions, TableBackend, every_field, in_forked_child, solid
 
 EXAMPLES = Path(edgecap.__file__).parent / "assets" / "examples"
 CHELSEA, ROCKET, COFFEE, ASTRONAUT = (
@@ -359,3 +360,78 @@ sys.exit(0)
     )
     done = subprocess.run([sys.executable, str(script)], capture_output=True, text=True, timeout=120)
     assert (done.returncode, done.stderr) == (0, "")
+
+
+# Options another thread may set while a call runs (docs/python-api.md): every field they touch
+# differs from the defaults', so a caption that took any of them from the new options shows it.
+# NEW_PENALTY: the length penalty turns the score back into the confidence's signals, the
+# objects count, the blank check and brightening of the host's preprocessing; NEW_FUSION: a
+# fusion weight above the confidence model's (captions get no confidence) and a narrower beam.
+OLD = CaptionOptions(batch_size=2)
+NEW_PENALTY = replace(OLD, length_penalty=2.0, objects=1, blank_check=False, brighten=False)
+NEW_FUSION = replace(OLD, fusion_weight=2.0, objects=1, beam_size=1)
+
+
+def _options_photos() -> list:
+    """The example photos, a blank frame and a dark one (a fifth of a photo's light)."""
+    dark = np.asarray(Image.open(CHELSEA).convert("RGB"), np.float64) * 0.2
+    return [
+        CHELSEA,
+        ROCKET,
+        COFFEE,
+        ASTRONAUT,
+        solid((128, 128, 128), (320, 240)),
+        np.round(dark).astype(np.uint8),
+    ]
+
+
+@pytest.fixture(scope="module")
+def sequential_under():
+    """Options -> the photos' captions from a Captioner of its own, made with them."""
+    pytest.importorskip("onnxruntime")
+    made: dict = {}
+
+    def under(options):
+        if options not in made:
+            with Captioner(backend="onnxruntime", options=options) as captioner:
+                made[options] = [every_field(r) for r in captioner.caption_batch(_options_photos())]
+        return made[options]
+
+    return under
+
+
+@pytest.mark.parametrize("new", [NEW_PENALTY, NEW_FUSION], ids=["penalty", "fusion"])
+@pytest.mark.parametrize("when", ["preparing", "searched", "overlapped"])
+def test_options_set_during_a_call_leave_its_captions_those_of_the_options_it_began_with(
+    sequential_under, new, when
+):
+    """Another thread sets ``options`` while a call runs (here from inside the call, at the
+    point where such a thread's change would land): while the call prepares its first photo,
+    or between the first batch's search and the building of its captions (the second batch,
+    with ``overlap``, searched meanwhile). Every result is the one a sequential call with the
+    options it began with gives (text, score, objects, confidence, blank frame), and the next
+    call is one with the new options. Before, the captions searched with the old options got
+    the new number of object tags and a confidence worked out under the new ones (0.2579
+    instead of 0.1078 for the astronaut; None at fusion weight 2), and a change while the
+    photos were prepared gave the batch the new search."""
+    old_results, new_results = sequential_under(OLD), sequential_under(new)
+    # every kind of field differs between the two sets, so a mix of them shows
+    assert {len(r[3]) for r in old_results} == {5} and {len(r[3]) for r in new_results} == {1}
+    assert [r[4] for r in old_results] != [r[4] for r in new_results]
+    captioner = Captioner(backend="onnxruntime", options=OLD, decode_workers=0, overlap=when == "overlapped")
+    hooked = "_prepare" if when == "preparing" else "_search"
+    real = getattr(captioner, hooked)
+    changes = []
+
+    def setting_the_options(*args, **kwargs):
+        result = real(*args, **kwargs)
+        if not changes:
+            changes.append(True)
+            captioner.options = new
+        return result
+
+    setattr(captioner, hooked, setting_the_options)
+    got = [every_field(r) for r in captioner.caption_batch(_options_photos())]
+    assert changes and captioner.options == new
+    assert got == old_results
+    assert [every_field(r) for r in captioner.caption_batch(_options_photos())] == new_results

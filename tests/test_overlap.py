@@ -7,6 +7,7 @@ being left running once the call returns."""
 
 from __future__ import annotations
 
+import dataclasses
 import threading
 import time
 from pathlib import Path
@@ -16,8 +17,8 @@ import pytest
 from PIL import Image
 
 import edgecap
-from edgecap import Captioner, InputError
-from helpers import run_script
+from edgecap import CaptionOptions, Captioner, InputError
+from helpers import every_field, run_script
 
 EXAMPLES = sorted(
     p for p in (Path(edgecap.__file__).parent / "assets" / "examples").iterdir() if p.suffix != ".md"
@@ -69,12 +70,12 @@ def test_overlap_builds_a_batch_s_captions_while_the_next_is_searched(default_mo
     seen: dict = {"finished_in": [], "waited": []}
     search, finished = captioner._search, captioner._finished
 
-    def slow_search(batch, return_attention, deferred=False):
+    def slow_search(batch, return_attention, deferred=False, options=None):
         if len(seen["waited"]) == 1:  # the second batch: only once the first is being built
             seen["waited"].append(finishing.wait(timeout=10))
         else:
             seen["waited"].append(None)
-        return search(batch, return_attention, deferred)
+        return search(batch, return_attention, deferred, options=options)
 
     def recorded_finished(prepared, searched):
         seen["finished_in"].append(threading.current_thread().name)
@@ -112,11 +113,11 @@ def test_an_error_in_the_next_search_waits_for_the_batch_being_built(default_mod
     search, finished = captioner._search, captioner._finished
     calls = {"search": 0, "built": 0}
 
-    def failing_search(batch, return_attention, deferred=False):
+    def failing_search(batch, return_attention, deferred=False, options=None):
         calls["search"] += 1
         if calls["search"] == 2:
             raise RuntimeError("the device is gone")
-        return search(batch, return_attention, deferred)
+        return search(batch, return_attention, deferred, options=options)
 
     def slow_finished(prepared, searched):
         time.sleep(0.3)  # still building when the next search fails
@@ -185,8 +186,8 @@ def test_the_device_search_s_results_unpacked_later_are_its_own(default_model_di
     built: list[int] = []
     turn = threading.Condition()
 
-    def counted_search(batch, return_attention, deferred=False):
-        result = search(batch, return_attention, deferred)
+    def counted_search(batch, return_attention, deferred=False, options=None):
+        result = search(batch, return_attention, deferred, options=options)
         with turn:
             searches.append(len(batch))
             turn.notify_all()
@@ -298,9 +299,9 @@ def test_iter_captions_overlaps_when_asked_and_then_yields_a_batch_after_the_nex
     search = captioner._search
     searched: list[int] = []
 
-    def counted(batch, return_attention, deferred=False):
+    def counted(batch, return_attention, deferred=False, options=None):
         searched.append(len(batch))
-        return search(batch, return_attention, deferred)
+        return search(batch, return_attention, deferred, options=options)
 
     captioner._search = counted
     for overlap, before_the_first in ((False, 1), (True, 2)):
@@ -350,11 +351,11 @@ def _failing_at(captioner, n: int, failure):
     search = captioner._search
     calls = {"n": 0}
 
-    def failing(batch, return_attention, deferred=False):
+    def failing(batch, return_attention, deferred=False, options=None):
         calls["n"] += 1
         if calls["n"] != n:
-            return search(batch, return_attention, deferred)
-        result = search(batch, return_attention, deferred)
+            return search(batch, return_attention, deferred, options=options)
+        result = search(batch, return_attention, deferred, options=options)
         error = failure()
         if error is not None:
             raise error
@@ -525,3 +526,30 @@ def test_edgecap_eval_overlaps_as_its_captioner_does(default_model_dir, monkeypa
         captioner = Captioner(default_model_dir, batch_size=1, decode_workers=0, overlap=overlap)
         texts.append(caption_split(captioner, items, EXAMPLES[0].parent))
     assert overlapped == [True] and texts[0] == texts[1] and len(texts[0]) == len(EXAMPLES)
+
+
+@pytest.mark.parametrize("overlap", [False, True])
+def test_options_set_between_two_results_of_iter_captions_leave_its_captions_as_they_began(
+    default_model_dir, overlap
+):
+    """``options`` set by the loop over ``iter_captions`` after its first result (with the
+    overlap, the second batch is being searched then; without, the first is built): the rest of
+    its results are a sequential call's with the options it was called with, every field of
+    them; the next call is one with the new options. Before, with the overlap the second batch
+    came with the new objects and no confidence (the fusion weight above the confidence
+    model's), without it the third batch with the new search."""
+    photos = [str(p) for p in EXAMPLES] * 2
+    old = CaptionOptions(batch_size=2)
+    new = dataclasses.replace(old, fusion_weight=2.0, objects=1, beam_size=1, length_penalty=2.0)
+    want = {}
+    for options in (old, new):
+        with Captioner(default_model_dir, options=options, decode_workers=0) as sequential:
+            want[options] = [every_field(r) for r in sequential.caption_batch(photos)]
+    assert [r[3] for r in want[old]] != [r[3] for r in want[new]]  # the objects differ
+    captioner = Captioner(default_model_dir, options=old, decode_workers=0)
+    got = []
+    for result in captioner.iter_captions(photos, overlap=overlap):
+        got.append(every_field(result))
+        captioner.options = new
+    assert got == want[old]
+    assert [every_field(r) for r in captioner.iter_captions(photos, overlap=overlap)] == want[new]

@@ -25,6 +25,7 @@ from edgecap.errors import InputError  # noqa: E402
 from edgecap.images import load_rgb, load_rgb_array, preprocess  # noqa: E402
 from edgecap.manifest import load_manifest  # noqa: E402
 from edgecap.preprocess import Preprocessing, recognisable  # noqa: E402
+from helpers import every_field  # noqa: E402
 
 PRE = Preprocessing()
 CPU = torch.device("cpu")
@@ -397,6 +398,41 @@ def test_the_captioner_brightens_dark_frames_on_the_device_as_on_the_host(captio
         host.options = device.options = options
     assert [c.text for c in got] == [c.text for c in want]
     assert not all(c.recognisable for c in want)  # some as dark as they are are flagged
+
+
+def test_options_set_during_a_batch_leave_its_device_preprocessing_as_the_call_began(
+    captioners, example_images
+):
+    """``options`` set (by another thread) once a batch is in the backend, before its frames are
+    preprocessed on the device: the frames are still brightened and blank-checked as the
+    options the call began with say, as a sequential call does; the next call goes without.
+    Before, that batch's frames were encoded unbrightened and the blank frame captioned."""
+    _, device = captioners
+    dark = np.minimum(np.round(np.asarray(load_rgb(str(example_images[1])), np.float64) * 0.2), 255)
+    inputs = [np.full((300, 400, 3), 200, np.uint8), dark.astype(np.uint8)]
+    options = device.options
+    without = dataclasses.replace(options, brighten=False, blank_check=False)
+    want = [every_field(c) for c in device.caption_batch(inputs)]
+    device.options = without
+    try:
+        want_without = [every_field(c) for c in device.caption_batch(inputs)]
+        device.options = options
+        assert [r[0] for r in want] != [r[0] for r in want_without]  # both frames' captions differ
+        run = device._run_batch
+
+        def setting_the_options(*args, **kwargs):
+            device.options = without
+            return run(*args, **kwargs)
+
+        device._run_batch = setting_the_options
+        got = [every_field(c) for c in device.caption_batch(inputs)]
+        del device._run_batch
+        assert device.options == without
+        assert got == want
+        assert [every_field(c) for c in device.caption_batch(inputs)] == want_without
+    finally:
+        device.__dict__.pop("_run_batch", None)
+        device.options = options
 
 
 def test_the_device_blank_check_marks_the_blank_frame_in_its_own_slot(captioners, example_images):
