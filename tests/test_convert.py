@@ -1169,7 +1169,7 @@ def test_a_conversion_that_fails_half_way_leaves_no_half_written_out_dir(
 
     monkeypatch.setattr(onnx_module, "save", full_disk)
     code = main(["convert", str(small_model), "--out", str(out), "--no-check"])
-    assert code == 2 and len(saved) == 1 and Path(saved[0]).parent == out
+    assert code == 2 and len(saved) == 1 and Path(saved[0]).parent.parent == out  # (a hidden folder)
     assert capsys.readouterr().err.endswith(": No space left on device\n")
     assert out.exists() == existing and (not existing or not any(out.iterdir()))
     monkeypatch.setattr(onnx_module, "save", real_save)
@@ -1247,3 +1247,64 @@ def test_a_source_whose_manifest_is_not_its_graphs_is_refused(small_model, tmp_p
     with pytest.raises(ModelError, match=r"decoder_step.onnx: tensor 'topk_logprobs' has shape \[.*, 5\]"):
         convert_model_dir(small_model, tmp_path / "out", precision)
     assert not (tmp_path / "out").exists()
+
+
+def _linked_copy(model: Path, copy: Path, link: str) -> Path:
+    """``cp -rs`` (symbolic) or ``cp -al`` (hard) of a model directory: a cheap working copy."""
+    import os
+
+    copy.mkdir()
+    for path in model.iterdir():
+        if link == "symbolic":
+            (copy / path.name).symlink_to(path)
+        else:
+            os.link(path, copy / path.name)
+    return copy
+
+
+@pytest.mark.parametrize("link", ["symbolic", "hard"])
+@pytest.mark.parametrize("precision", ["fp16", "int8"])
+def test_force_into_a_linked_copy_of_the_source_is_refused_and_the_source_left_whole(
+    small_model, tmp_path, capsys, link, precision
+):
+    """``cp -rs MODEL COPY`` (or ``cp -al``), then ``edgecap convert MODEL --out COPY --force``:
+    COPY's files are the source's. Refused in one line naming both, exit 2, before anything is
+    written. Before the fix the FP16 graphs were written through the links into the source,
+    which still said fp32, loaded and captioned with the FP16 graphs, and failed its checksum in
+    every later conversion; the command then stopped on shutil's SameFileError."""
+    from edgecap.cli import main
+
+    before = {p.name: p.read_bytes() for p in small_model.iterdir()}
+    copy = _linked_copy(small_model, tmp_path / "copy", link)
+    code = main(["convert", str(small_model), "--precision", precision, "--out", str(copy), "--force"])
+    assert code == 2
+    assert capsys.readouterr().err == (
+        f"edgecap convert: error: {copy / 'encoder.onnx'}: the same file as "
+        f"{small_model / 'encoder.onnx'} (a link into the model directory): converting into it "
+        "would change the model itself; choose another --out, or remove the links from it\n"
+    )
+    assert {p.name: p.read_bytes() for p in small_model.iterdir()} == before
+    verify_files(load_manifest(small_model))
+
+
+@pytest.mark.parametrize("link", ["symbolic", "hard"])
+@pytest.mark.parametrize("precision", ["fp16", "int8"])
+def test_force_over_links_to_another_model_replaces_the_links_not_what_they_point_at(
+    small_model, tmp_path, link, precision
+):
+    """OUT_DIR holding links to another model's files (``cp -rs OTHER OUT``, then converting a
+    model into OUT with --force): each file is written under a new name and renamed over the
+    link, so OUT ends up with the converted model's own files and the other model is left
+    whole. Before the fix every graph, the vocabulary and the classes were written through the
+    links into the other model."""
+    other = Path(shutil.copytree(small_model, tmp_path / "other"))
+    before = {p.name: p.read_bytes() for p in other.iterdir()}
+    out = _linked_copy(other, tmp_path / "out", link)
+    convert_model_dir(small_model, out, precision, force=True)
+    assert {p.name: p.read_bytes() for p in other.iterdir()} == before
+    verify_files(load_manifest(other))
+    converted = load_manifest(out)
+    verify_files(converted)
+    assert converted.precision == precision
+    for name in converted.files.values():
+        assert not (out / name).is_symlink() and (out / name).stat().st_nlink == 1, name

@@ -29,11 +29,13 @@ inference needs ``sympy``.
 from __future__ import annotations
 
 import contextlib
+import functools
 import io
 import logging
 import os
 import shutil
-from collections.abc import Iterable
+import tempfile
+from collections.abc import Callable, Iterable
 from dataclasses import replace
 from pathlib import Path
 
@@ -42,6 +44,7 @@ import numpy as np
 from edgecap.contract import CLASSES, ENCODER_OUTPUTS, FILE_ROLES, ROLES, STEP_OUTPUTS, VOCAB
 from edgecap.errors import BackendError, ModelError
 from edgecap.extras import install_hint
+from edgecap.files import same_file, short_name
 from edgecap.manifest import MANIFEST, Manifest, file_sha256, graph_source, load_manifest, verify_files
 from edgecap.models.config import ENCODER_FP32_BLOCKS, INT8_ENCODER_FP32_BLOCKS
 
@@ -331,8 +334,51 @@ def _prepare_out_dir(source: Manifest, out: Path, force: bool) -> None:
         raise ModelError(
             f"{out}: directory exists and is not empty; choose another --out or pass --force to overwrite"
         )
-    decoding_files(source)  # a broken one is refused before anything is written
+    kept = decoding_files(source)  # a broken one is refused before anything is written
+    _refuse_links_into_the_source(source, out, [*source.files.values(), *kept, MANIFEST])
     out.mkdir(parents=True, exist_ok=True)
+
+
+def _refuse_links_into_the_source(source: Manifest, out: Path, names: Iterable[str]) -> None:
+    """A file of OUT_DIR that is one of the source's (``cp -rs`` or ``cp -al`` of the model made
+    the folder, then --force): refused before anything is written, naming both. Each output file
+    replaces the one there (``_write_file``), but a folder of OUT_DIR linked to the source's
+    would still take it, and what was asked for would leave a model beside its own links."""
+    sources = [source.directory / name for name in names]
+    for name in names:
+        for original in sources:
+            if same_file(out / name, original):
+                raise ModelError(
+                    f"{out / name}: the same file as {original} (a link into the model "
+                    "directory): converting into it would change the model itself; choose "
+                    "another --out, or remove the links from it"
+                )
+
+
+def _write_file(target: Path, write: Callable[[Path], object]) -> None:
+    """Make ``target``, a file of OUT_DIR: ``write(path)`` writes it under its name in a hidden
+    folder beside it, which is then renamed over it. A link there (a copy made with ``cp -rs``
+    or ``cp -al``) is replaced, never written through into the file it points at; an OSError of
+    the hidden file names ``target``."""
+    try:
+        hidden = Path(tempfile.mkdtemp(prefix=f".{short_name(target.name)}.convert-", dir=target.parent))
+    except OSError as exc:  # a read-only OUT_DIR: named as the file asked for, not the hidden one
+        raise OSError(exc.errno, exc.strerror, str(target)) from exc
+    try:
+        partial = hidden / target.name
+        try:
+            write(partial)
+            os.replace(partial, target)
+        except OSError as exc:
+            if exc.filename is not None and str(hidden) in str(exc.filename):
+                raise OSError(exc.errno, exc.strerror, str(target)) from exc
+            raise
+    finally:
+        shutil.rmtree(hidden, ignore_errors=True)
+
+
+def _copy_file(source: Path, target: Path) -> None:
+    _write_file(target, lambda path: shutil.copy2(source, path))
 
 
 def _unmake_earlier_model(out: Path) -> None:
@@ -349,7 +395,7 @@ def _write_manifest(source: Manifest, out: Path, precision: str, note: dict) -> 
     from edgecap.decoding.fusion import remove_fusion
 
     for role in (VOCAB, CLASSES):  # the JSON files come along unchanged
-        shutil.copy2(source.path(role), out / source.files[role])
+        _copy_file(source.path(role), out / source.files[role])
     kept = decoding_files(source)
     # --force: an earlier model's would be loaded with this one (its language models' files:
     # left behind). Removed only now, the new graphs written: a conversion stopped before then
@@ -358,7 +404,7 @@ def _write_manifest(source: Manifest, out: Path, precision: str, note: dict) -> 
     if CONFIDENCE_FILE not in kept:
         (out / CONFIDENCE_FILE).unlink(missing_ok=True)
     for name in kept:
-        shutil.copy2(Path(source.directory) / name, out / name)
+        _copy_file(Path(source.directory) / name, out / name)
     sha = {role: file_sha256(out / source.files[role]) for role in FILE_ROLES}
     info = dict(source.info)
     info["converted_from"] = {
@@ -401,7 +447,7 @@ def convert_fp16(source: Manifest, out: str | Path, force: bool = False) -> Mani
         converted = to_fp16(original)
         _check_graph_io(original, converted, source.path(role))
         _unmake_earlier_model(out)
-        onnx.save(converted, str(out / source.files[role]))
+        _write_file(out / source.files[role], functools.partial(onnx.save, converted))
     islands = list(FP32_OP_TYPES) + ["attention logits", "word logits"]
     return _write_manifest(source, out, "fp16", {"fp32_ops": islands})
 
@@ -557,7 +603,7 @@ def convert_int8(
 
     encoder_out = out / source.files["encoder"]
     if reader is None:
-        shutil.copy2(source.path("encoder"), encoder_out)
+        _copy_file(source.path("encoder"), encoder_out)
         encoder_note = "fp32 (no --calibration given)"
     else:
         # Fold the BatchNorms into the convolutions first (the export keeps them apart), so each
@@ -574,17 +620,20 @@ def convert_int8(
                 # Percentile (99.999, onnxruntime's default) ranges: feature error 0.218 vs 0.237
                 # for min-max with everything int8 (the entropy calibrator, given 2048 bins,
                 # clipped far too much: 0.81).
-                quantize_static(
-                    str(prepared),
-                    str(encoder_out),
-                    reader,
-                    quant_format=QuantFormat.QOperator,
-                    per_channel=True,
-                    activation_type=QuantType.QUInt8,
-                    weight_type=QuantType.QInt8,
-                    reduce_range=REDUCE_RANGE,
-                    calibrate_method=CalibrationMethod.Percentile,
-                    nodes_to_exclude=int8_fp32_nodes(onnx.load(str(prepared)).graph),
+                _write_file(
+                    encoder_out,
+                    lambda path: quantize_static(
+                        str(prepared),
+                        str(path),
+                        reader,
+                        quant_format=QuantFormat.QOperator,
+                        per_channel=True,
+                        activation_type=QuantType.QUInt8,
+                        weight_type=QuantType.QInt8,
+                        reduce_range=REDUCE_RANGE,
+                        calibrate_method=CalibrationMethod.Percentile,
+                        nodes_to_exclude=int8_fp32_nodes(onnx.load(str(prepared)).graph),
+                    ),
                 )
         finally:
             prepared.unlink(missing_ok=True)
