@@ -1308,3 +1308,43 @@ def test_force_over_links_to_another_model_replaces_the_links_not_what_they_poin
     assert converted.precision == precision
     for name in converted.files.values():
         assert not (out / name).is_symlink() and (out / name).stat().st_nlink == 1, name
+
+
+@pytest.mark.parametrize("precision, calibrated", [("fp16", False), ("int8", False), ("int8", True)])
+def test_a_model_whose_manifest_names_files_in_a_subfolder_converts_to_the_same_layout(
+    small_model, tmp_path, precision, calibrated
+):
+    """load_manifest takes a file named by a relative path inside the folder (``graphs/encoder.onnx``),
+    and such a model captions; converting it failed with 'OUT/graphs/encoder.onnx: No such file
+    or directory' (int8: 'OUT/graphs/decoder_step.onnx.named.onnx'), a file the user never made.
+    Now OUT_DIR gets the same subfolders and the converted model loads and matches its checksums."""
+    from helpers import edit_manifest
+
+    (small_model / "graphs").mkdir()
+    for name in ("encoder.onnx", "decoder_step.onnx", "vocab.json"):
+        (small_model / name).rename(small_model / "graphs" / name)
+
+    def into_graphs(data):
+        for role in ("encoder", "decoder_step", "vocab"):
+            data["files"][role] = "graphs/" + data["files"][role]
+
+    edit_manifest(small_model, into_graphs)
+    verify_files(load_manifest(small_model))
+    calibration = None
+    if calibrated:
+        calibration = tmp_path / "calib"
+        calibration.mkdir()
+        _solid_png(calibration / "grey.png", (120, 120, 120))
+    out = tmp_path / "out"
+    convert_model_dir(small_model, out, precision, calibration=calibration)
+    converted = load_manifest(out)
+    verify_files(converted)
+    assert converted.precision == precision
+    assert sorted(str(p.relative_to(out)) for p in out.rglob("*")) == [
+        "classes.json",
+        "graphs",
+        "graphs/decoder_step.onnx",
+        "graphs/encoder.onnx",
+        "graphs/vocab.json",
+        "manifest.json",
+    ]

@@ -359,7 +359,9 @@ def _write_file(target: Path, write: Callable[[Path], object]) -> None:
     """Make ``target``, a file of OUT_DIR: ``write(path)`` writes it under its name in a hidden
     folder beside it, which is then renamed over it. A link there (a copy made with ``cp -rs``
     or ``cp -al``) is replaced, never written through into the file it points at; an OSError of
-    the hidden file names ``target``."""
+    the hidden file names ``target``. A file the manifest names in a subfolder (``graphs/``) gets
+    that subfolder in OUT_DIR."""
+    target.parent.mkdir(parents=True, exist_ok=True)
     try:
         hidden = Path(tempfile.mkdtemp(prefix=f".{short_name(target.name)}.convert-", dir=target.parent))
     except OSError as exc:  # a read-only OUT_DIR: named as the file asked for, not the hidden one
@@ -585,6 +587,7 @@ def convert_int8(
     name_nodes(step_model.graph)
     named_step = out / (source.files["decoder_step"] + ".named.onnx")
     quantized_step = out / (source.files["decoder_step"] + ".int8.onnx")
+    named_step.parent.mkdir(parents=True, exist_ok=True)  # a manifest naming graphs/...
     onnx.save(step_model, str(named_step))
     try:
         with _quiet_root_logger():
