@@ -726,9 +726,12 @@ def test_force_stopped_once_a_new_graph_is_written_leaves_no_model_that_loads(
 
         monkeypatch.setattr(onnx_module, "save", save)
     else:  # the encoder's copy, after the decoder step's quantisation
+        real_copy = shutil.copy2
 
-        def copy(*args, **kwargs):
-            raise KeyboardInterrupt
+        def copy(source, *args, **kwargs):
+            if Path(source).name == "encoder.onnx":
+                raise KeyboardInterrupt
+            return real_copy(source, *args, **kwargs)
 
         monkeypatch.setattr(convert.shutil, "copy2", copy)
     with pytest.raises(KeyboardInterrupt):
@@ -1348,3 +1351,35 @@ def test_a_model_whose_manifest_names_files_in_a_subfolder_converts_to_the_same_
         "graphs/vocab.json",
         "manifest.json",
     ]
+
+
+@pytest.mark.parametrize("calibrated", [False, True])
+def test_int8_into_a_folder_named_in_another_encoding(small_model, tmp_path, capsys, calibrated):
+    """An OUT_DIR whose name is not UTF-8 (``caf\\xe9_8``, a folder named on a Latin-1 system), as
+    fp16 and caption take it: the int8 conversion had stopped with a traceback, exit 1
+    (onnx's infer_shapes_path, called by onnxruntime's quantizer on the step saved in OUT_DIR,
+    refuses such a name: a TypeError). Now the model is written, checked, and loads."""
+    import os
+
+    from edgecap.cli import main
+
+    named = os.path.join(os.fsencode(tmp_path), b"caf\xe9_8")
+    try:
+        os.mkdir(named)
+        os.rmdir(named)
+    except OSError:
+        pytest.skip("this file system takes UTF-8 names only")
+    out = Path(os.fsdecode(named))
+    argv = ["convert", str(small_model), "--precision", "int8", "--out", str(out)]
+    if calibrated:
+        (tmp_path / "calib").mkdir()
+        argv += ["--calibration", str(_solid_png(tmp_path / "calib" / "grey.png", (120, 120, 120)).parent)]
+    code = main(argv)
+    printed = capsys.readouterr()
+    assert code == 0, printed.err
+    assert printed.out.startswith(f"wrote int8 model to {tmp_path}/caf\\xe9_8\n")  # escaped
+    assert "best word agrees" in printed.out
+    converted = load_manifest(out)
+    verify_files(converted)
+    assert converted.precision == "int8"
+    assert sorted(p.name for p in out.iterdir()) == sorted(p.name for p in small_model.iterdir())

@@ -583,13 +583,15 @@ def convert_int8(
     _require_fp32(source)
     _prepare_out_dir(source, out, force)
 
-    step_model = onnx.load(str(source.path("decoder_step")))
-    name_nodes(step_model.graph)
-    named_step = out / (source.files["decoder_step"] + ".named.onnx")
-    quantized_step = out / (source.files["decoder_step"] + ".int8.onnx")
-    named_step.parent.mkdir(parents=True, exist_ok=True)  # a manifest naming graphs/...
-    onnx.save(step_model, str(named_step))
-    try:
+    # onnxruntime's quantizer hands the paths it is given to onnx's C++ shape inference, which
+    # refuses a name that is not UTF-8 (an OUT_DIR named in another encoding: a TypeError): its
+    # files are written in a temporary folder of plain names and copied into OUT_DIR from there.
+    with tempfile.TemporaryDirectory(prefix="edgecap-int8-") as work_dir:
+        work = Path(work_dir)
+        step_model = onnx.load(str(source.path("decoder_step")))
+        name_nodes(step_model.graph)
+        named_step, quantized_step = work / "decoder_step.named.onnx", work / "decoder_step.int8.onnx"
+        onnx.save(step_model, str(named_step))
         with _quiet_root_logger():
             quantize_dynamic(
                 str(named_step),
@@ -599,23 +601,20 @@ def convert_int8(
                 nodes_to_exclude=fp32_nodes(step_model.graph, word_logits=False),
             )
         _unmake_earlier_model(out)
-        os.replace(quantized_step, out / source.files["decoder_step"])
-    finally:
-        named_step.unlink(missing_ok=True)
-        quantized_step.unlink(missing_ok=True)
+        _copy_file(quantized_step, out / source.files["decoder_step"])
 
-    encoder_out = out / source.files["encoder"]
-    if reader is None:
-        _copy_file(source.path("encoder"), encoder_out)
-        encoder_note = "fp32 (no --calibration given)"
-    else:
-        # Fold the BatchNorms into the convolutions first (the export keeps them apart), so each
-        # Conv + ReLU6 becomes one QLinearConv; unfolded, the BatchNorms stay FP32 between
-        # quantize / dequantize pairs and the int8 encoder is slower than the FP32 one.
-        # QOperator with uint8 activations runs as QLinearConv chains: ~2x FP32 on our AVX-512
-        # VNNI CPU. The QDQ form measured 1.65x with uint8 activations and no gain with int8 ones.
-        prepared = out / (source.files["encoder"] + ".prepared.onnx")
-        try:
+        encoder_out = out / source.files["encoder"]
+        if reader is None:
+            _copy_file(source.path("encoder"), encoder_out)
+            encoder_note = "fp32 (no --calibration given)"
+        else:
+            # Fold the BatchNorms into the convolutions first (the export keeps them apart), so
+            # each Conv + ReLU6 becomes one QLinearConv; unfolded, the BatchNorms stay FP32
+            # between quantize / dequantize pairs and the int8 encoder is slower than the FP32
+            # one. QOperator with uint8 activations runs as QLinearConv chains: ~2x FP32 on our
+            # AVX-512 VNNI CPU. The QDQ form measured 1.65x with uint8 activations and no gain
+            # with int8 ones.
+            prepared, quantized_encoder = work / "encoder.prepared.onnx", work / "encoder.int8.onnx"
             # Both print a warning for each int64 shape tensor of the "same" padding (not
             # quantizable, and rightly left alone): hundreds of lines of noise.
             with contextlib.redirect_stdout(io.StringIO()), _quiet_root_logger():
@@ -623,29 +622,25 @@ def convert_int8(
                 # Percentile (99.999, onnxruntime's default) ranges: feature error 0.218 vs 0.237
                 # for min-max with everything int8 (the entropy calibrator, given 2048 bins,
                 # clipped far too much: 0.81).
-                _write_file(
-                    encoder_out,
-                    lambda path: quantize_static(
-                        str(prepared),
-                        str(path),
-                        reader,
-                        quant_format=QuantFormat.QOperator,
-                        per_channel=True,
-                        activation_type=QuantType.QUInt8,
-                        weight_type=QuantType.QInt8,
-                        reduce_range=REDUCE_RANGE,
-                        calibrate_method=CalibrationMethod.Percentile,
-                        nodes_to_exclude=int8_fp32_nodes(onnx.load(str(prepared)).graph),
-                    ),
+                quantize_static(
+                    str(prepared),
+                    str(quantized_encoder),
+                    reader,
+                    quant_format=QuantFormat.QOperator,
+                    per_channel=True,
+                    activation_type=QuantType.QUInt8,
+                    weight_type=QuantType.QInt8,
+                    reduce_range=REDUCE_RANGE,
+                    calibrate_method=CalibrationMethod.Percentile,
+                    nodes_to_exclude=int8_fp32_nodes(onnx.load(str(prepared)).graph),
                 )
-        finally:
-            prepared.unlink(missing_ok=True)
-        encoder_note = (
-            f"int8 static (QOperator, uint8 activations, per-channel 7-bit int8 weights, "
-            f"percentile ranges; stem, first {INT8_ENCODER_FP32_BLOCKS} blocks and "
-            f"the layers after the CNN in FP32), "
-            f"calibrated on {len(paths)} images"
-        )
+            _copy_file(quantized_encoder, encoder_out)
+            encoder_note = (
+                f"int8 static (QOperator, uint8 activations, per-channel 7-bit int8 weights, "
+                f"percentile ranges; stem, first {INT8_ENCODER_FP32_BLOCKS} blocks and "
+                f"the layers after the CNN in FP32), "
+                f"calibrated on {len(paths)} images"
+            )
     return _write_manifest(
         source, out, "int8", {"encoder": encoder_note, "decoder_step": "int8 dynamic (MatMul/Gemm weights)"}
     )

@@ -49,7 +49,7 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
 
 def run(args: argparse.Namespace) -> int:
     from edgecap.build.convert import compare_stages, convert_model_dir
-    from edgecap.commands.output import discard_stdout, output_failed
+    from edgecap.commands.output import discard_stdout, escape_field, output_failed
     from edgecap.contract import ROLES
     from edgecap.errors import reason
     from edgecap.files import write_problem
@@ -77,9 +77,10 @@ def run(args: argparse.Namespace) -> int:
                 reader_gone.append(exc)
                 discard_stdout()
 
-    say(f"wrote {args.precision} model to {manifest.directory}")
+    # (escaped: a folder named in another encoding is no text a UTF-8 terminal's stdout takes)
+    say(f"wrote {args.precision} model to {escape_field(str(manifest.directory))}")
     for role in ROLES:
-        say(f"  {manifest.files[role]}: {manifest.path(role).stat().st_size / 1e6:.1f} MB")
+        say(f"  {escape_field(manifest.files[role])}: {manifest.path(role).stat().st_size / 1e6:.1f} MB")
     if not args.no_check:
         try:
             diffs = compare_stages(load_manifest(args.model_dir), manifest)
