@@ -153,6 +153,13 @@ def load_vocabulary(manifest: Manifest) -> Vocabulary:
     return vocab
 
 
+def load_words(manifest: Manifest) -> tuple[Vocabulary, ObjectClasses]:
+    """The model's vocabulary and object classes, each checked against the manifest: what a
+    ``Captioner`` reads before its backend (``edgecap convert`` checks a model with it)."""
+    vocab = load_vocabulary(manifest)
+    return vocab, ObjectClasses.load(manifest.path("classes"), vocab.index, manifest.dims.n_classes)
+
+
 class Captioner:
     """Captions images with one model and one backend.
 
@@ -224,10 +231,7 @@ class Captioner:
         self._draft_size = (width, height)  # big JPEGs are decoded at a reduced scale
         chosen, backend_options = _split_options(options, keywords)
         chosen.validate(self.manifest.dims.top_k)  # before the vocabulary and language models load
-        self.vocab = load_vocabulary(self.manifest)
-        self.classes = ObjectClasses.load(
-            self.manifest.path("classes"), self.vocab.index, self.manifest.dims.n_classes
-        )
+        self.vocab, self.classes = load_words(self.manifest)
         self.fusion = Fusion.load(self.manifest.directory, len(self.vocab), self.manifest.dims.n_classes)
         self.options = chosen
         self._confidence_model = ConfidenceModel.load(self.manifest.directory)

@@ -1383,3 +1383,65 @@ def test_int8_into_a_folder_named_in_another_encoding(small_model, tmp_path, cap
     verify_files(converted)
     assert converted.precision == "int8"
     assert sorted(p.name for p in out.iterdir()) == sorted(p.name for p in small_model.iterdir())
+
+
+def test_a_manifest_without_a_start_token_converts_and_is_checked_as_caption_takes_it(
+    small_model, tmp_path, capsys
+):
+    """A manifest whose "tokens" leave out "start" captions (the vocabulary's id is taken). Its
+    conversion wrote the model, then its check stopped on KeyError: 'start' ("the converted
+    model does not run on onnxruntime"), exit 2, and removed the manifest of a model that ran.
+    Now the check takes the start id as caption does: exit 0, and the converted model captions."""
+    from helpers import edit_manifest, set_field
+
+    from edgecap import Captioner
+    from edgecap.cli import main
+
+    edit_manifest(small_model, set_field(["tokens"], {}))
+    photo = "edgecap/assets/examples/chelsea.png"
+    expected = Captioner(small_model, backend="onnxruntime").caption(photo).text
+    out = tmp_path / "out"
+    code = main(["convert", str(small_model), "--precision", "int8", "--out", str(out)])
+    printed = capsys.readouterr()
+    assert code == 0, printed.err
+    assert "best word agrees" in printed.out
+    assert Captioner(out, backend="onnxruntime").caption(photo).text == expected
+
+
+def _one_class_short(model: Path) -> None:
+    """classes.json a class short of dims.n_classes, its checksum dropped from the manifest."""
+    import json
+
+    from helpers import edit_manifest
+
+    data = json.loads((model / "classes.json").read_text())
+    data["classes"] = data["classes"][:-1]
+    (model / "classes.json").write_text(json.dumps(data))
+    edit_manifest(model, lambda data: data["sha256"].pop("classes"))
+
+
+@pytest.mark.parametrize("precision", ["fp16", "int8"])
+@pytest.mark.parametrize("damage", ["start token", "class list"])
+def test_a_model_that_caption_refuses_is_refused_by_convert_with_its_words_before_any_work(
+    small_model, tmp_path, precision, damage
+):
+    """tokens.start set to the end token's id (or a classes.json a class short, without its
+    checksum): caption refuses the model ("special token ids ... differ from the manifest's
+    ...", "... classes ..."). convert had converted it all the same, checked it and written a
+    model that nothing loads (exit 0). Now it is refused with caption's own message before
+    anything is written."""
+    from helpers import edit_manifest, set_field
+
+    from edgecap import Captioner
+
+    if damage == "start token":
+        edit_manifest(small_model, set_field(["tokens", "start"], 2))
+    else:
+        _one_class_short(small_model)
+    with pytest.raises(ModelError) as caption_said:
+        Captioner(small_model, backend="onnxruntime")
+    assert ("special token ids" if damage == "start token" else "classes.json") in str(caption_said.value)
+    with pytest.raises(ModelError) as convert_said:
+        convert_model_dir(small_model, tmp_path / "out", precision)
+    assert str(convert_said.value) == str(caption_said.value)
+    assert not (tmp_path / "out").exists()

@@ -658,8 +658,11 @@ def convert_model_dir(
         raise ValueError(f"precision must be one of {PRECISIONS}, not {precision!r}")
     if calibration is not None and precision != "int8":
         raise ValueError("--calibration only applies to --precision int8")
+    from edgecap.api import load_words
+
     source = load_manifest(model_dir)
     verify_files(source)
+    load_words(source)  # what caption refuses (token ids, class list) is refused now, in its words
     _check_source_graphs(source)
     out = Path(out)
     made = not os.path.lexists(out)  # OUT_DIR is made here
@@ -690,6 +693,9 @@ def compare_stages(
     ``topk_ids_agree``: the fraction of rows whose best word is the same."""
     import onnxruntime as ort
 
+    from edgecap.api import load_vocabulary
+
+    start = load_vocabulary(reference).start  # as caption takes it: "tokens" may leave it out
     rng = np.random.default_rng(seed)
     h, w = reference.preprocessing.size
     images = rng.uniform(-1, 1, (n_images, 3, h, w)).astype(np.float32)
@@ -705,7 +711,7 @@ def compare_stages(
     image_index = np.repeat(np.arange(n_images, dtype=np.int32), n_beams)
     rows = len(image_index)
     feeds = {
-        "tokens": np.full(rows, reference.tokens["start"], np.int32),
+        "tokens": np.full(rows, start, np.int32),
         "h": ref_enc["h0"],
         "c": ref_enc["c0"],
         "source_rows": image_index.copy(),
