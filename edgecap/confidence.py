@@ -180,13 +180,16 @@ class ConfidenceModel:
     @classmethod
     def load(cls, directory: Path) -> ConfidenceModel | None:
         """The model directory's confidence model, or None when it has none."""
-        from edgecap.files import MAX_VOCAB_BYTES, FileProblem, read_json
+        from edgecap.files import MAX_VOCAB_BYTES, FileProblem, newer_format, read_json
 
         path = Path(directory) / CONFIDENCE_FILE
         if not path.exists():
             return None
         try:
             spec = read_json(path, MAX_VOCAB_BYTES)
+            newer = newer_format(spec, FORMAT)
+            if newer:
+                raise ModelError(f"{path}: {newer}")
             if spec.get("format") != FORMAT:
                 raise ValueError(f"not an {FORMAT} file")
             names = spec.get("signals")

@@ -148,6 +148,21 @@ def write_whole(path: str | os.PathLike, write: Callable[[BinaryIO], object]) ->
         raise
 
 
+def newer_format(data: object, expected: str) -> str | None:
+    """Where a JSON file's ``"format"`` is a later version of ``expected`` (``edgecap-fusion/2``
+    where this edgecap reads ``edgecap-fusion/1``), what to say: that a newer edgecap made it
+    (not "malformed": it cannot be mended or re-made here). None for anything else, which the
+    caller judges as before (that format, another kind of file, an older version)."""
+    found = data.get("format") if isinstance(data, dict) else None
+    kind, _, version = expected.rpartition("/")
+    if not isinstance(found, str) or not found.startswith(f"{kind}/"):
+        return None
+    later = found[len(kind) + 1 :]
+    if not (later.isascii() and later.isdigit()) or int(later) <= int(version):
+        return None
+    return f"made by a newer edgecap (format {found!r}; this edgecap reads {expected}); upgrade edgecap"
+
+
 def short_name(name: str, limit: int = 64) -> str:
     """``name`` cut to at most ``limit`` bytes as the file system writes it, for a hidden name
     made from it (a name near the file system's 255 bytes had no room for the rest; cut at 64

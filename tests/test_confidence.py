@@ -375,8 +375,9 @@ def test_a_malformed_confidence_file_is_a_model_error(tmp_path):
         ({"bias": float("-inf")}, "bias must be a number"),
         # one signal's std 0 among positive ones: predict would divide by 0
         ({"std": [1.0, 0.0]}, "std must be positive"),
-        # another format (a later version's file, or a file of something else) is not read as /1
-        ({"format": "edgecap-confidence/2"}, r"not an edgecap-confidence/1 file"),
+        # another format (a file of something else, an older version) is not read as /1
+        ({"format": "edgecap-confidence/0"}, r"not an edgecap-confidence/1 file"),
+        ({"format": "edgecap-fusion/1"}, r"not an edgecap-confidence/1 file"),
         ({"format": None}, r"not an edgecap-confidence/1 file"),
         # the fusion weight its captions were searched at: a weight CaptionOptions takes (0-2)
         ({"fusion_weight": -0.5}, r"fusion_weight must be a number in \[0, 2\]"),
@@ -403,6 +404,21 @@ def test_a_confidence_file_with_a_repeated_signal_a_bad_number_or_another_format
     (tmp_path / "confidence.json").write_text(json.dumps({**spec, **change}))
     with pytest.raises(ModelError, match=match):
         ConfidenceModel.load(tmp_path)
+
+
+@pytest.mark.parametrize("version", ["2", "10"])
+def test_a_confidence_file_of_a_newer_format_says_to_upgrade_edgecap(tmp_path, version):
+    """A model folder from a newer edgecap, its confidence.json "edgecap-confidence/2": it was
+    called a "malformed confidence model (not an edgecap-confidence/1 file)", which the user can
+    neither mend nor re-make. Now it says that a newer edgecap made it, as the manifest does."""
+    found = f"edgecap-confidence/{version}"
+    (tmp_path / "confidence.json").write_text(json.dumps({"format": found, "signals": "changed"}))
+    with pytest.raises(ModelError) as caught:
+        ConfidenceModel.load(tmp_path)
+    assert str(caught.value) == (
+        f"{tmp_path / 'confidence.json'}: made by a newer edgecap (format {found!r}; this edgecap "
+        "reads edgecap-confidence/1); upgrade edgecap"
+    )
 
 
 def test_min_confidence_on_a_model_without_confidence_is_a_usage_error(tmp_path, default_model_dir, capsys):

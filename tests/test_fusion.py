@@ -239,6 +239,27 @@ def test_fusion_is_one_more_rule_of_the_loop(tmp_path):
         assert hyps[0].log_prob == pytest.approx(total, abs=1e-4)
 
 
+@pytest.mark.parametrize("version", ["2", "10"])
+def test_a_fusion_file_of_a_newer_format_says_to_upgrade_edgecap(tmp_path, version):
+    """A model folder from a newer edgecap, its fusion.json "edgecap-fusion/2": it was called a
+    "malformed fusion file ...; re-make it", which the user cannot. Now it says that a newer
+    edgecap made it, as the manifest does; an older or another kind of format is still malformed."""
+    _fusion(tmp_path)
+    spec = json.loads((tmp_path / "fusion.json").read_text())
+    found = f"edgecap-fusion/{version}"
+    (tmp_path / "fusion.json").write_text(json.dumps({**spec, "format": found, "weight": "changed"}))
+    with pytest.raises(ModelError) as caught:
+        Fusion.load(tmp_path, V)
+    assert str(caught.value) == (
+        f"{tmp_path / 'fusion.json'}: made by a newer edgecap (format {found!r}; this edgecap "
+        "reads edgecap-fusion/1); upgrade edgecap"
+    )
+    for other in ("edgecap-fusion/0", "edgecap-confidence/2", "edgecap-fusion/2b"):
+        (tmp_path / "fusion.json").write_text(json.dumps({**spec, "format": other}))
+        with pytest.raises(ModelError, match="malformed fusion file .format is"):
+            Fusion.load(tmp_path, V)
+
+
 def test_a_broken_fusion_file_is_a_model_error_naming_it(tmp_path):
     _fusion(tmp_path)
     assert Fusion.load(tmp_path / "nowhere", V) is None  # no fusion.json: no fusion

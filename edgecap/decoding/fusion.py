@@ -255,7 +255,7 @@ class Fusion:
     def load(cls, directory: Path, vocab_size: int, n_classes: int | None = None) -> Fusion | None:
         """The model directory's fusion (``fusion.json``), or None when it has none.
         ``n_classes``: the encoder's classes, which the gate's prior must match."""
-        from edgecap.files import MAX_VOCAB_BYTES, FileProblem, read_json
+        from edgecap.files import MAX_VOCAB_BYTES, FileProblem, newer_format, read_json
 
         path = Path(directory) / FUSION_FILE
         if not path.exists():
@@ -264,6 +264,9 @@ class Fusion:
             spec = read_json(path, MAX_VOCAB_BYTES)
         except FileProblem as exc:
             raise ModelError(f"{path}: {exc}") from None
+        newer = newer_format(spec, FORMAT)
+        if newer:
+            raise ModelError(f"{path}: {newer}")
         try:
             if spec.get("format") != FORMAT:
                 raise ValueError(f"format is {spec.get('format')!r}, expected {FORMAT!r}")
