@@ -850,6 +850,24 @@ def test_a_run_resumed_with_the_start_it_had_is_resumed_however_the_start_is_spe
 
 
 @torch_needed
+def test_init_from_a_file_says_it_is_a_file_not_a_folder(tmp_path):
+    """--init-from given one of a model's files (its encoder.onnx): it said "no such directory",
+    of a file that is there. Now, as --model says of the same mistake, that it is not a folder
+    and what to give instead."""
+    from edgecap.errors import ModelError
+    from edgecap.training.start import load_start
+
+    graph = tmp_path / "encoder.onnx"
+    graph.write_bytes(b"a graph")
+    with pytest.raises(ModelError) as caught:
+        load_start(graph)
+    assert str(caught.value) == (
+        f"{graph}: not a folder; give the checkpoint (OUT/best) or model directory that holds "
+        "it, 'default' (the shipped model) or 'none'"
+    )
+
+
+@torch_needed
 @pytest.mark.parametrize(
     "change, problem",
     [

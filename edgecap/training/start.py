@@ -278,6 +278,11 @@ def load_start(source: Path, finetune_encoder: bool = False, finetune_blocks: in
     of them without ``finetune_encoder``, those before the last ``finetune_blocks`` blocks with
     it (None: not checked); ``ModelError`` otherwise."""
     if not source.is_dir():
+        if os.path.exists(source):  # one of a model's files (its encoder.onnx): there, no folder
+            raise ModelError(
+                f"{source}: not a folder; give the checkpoint (OUT/best) or model directory "
+                f"that holds it, {DEFAULT!r} (the shipped model) or {NONE!r}"
+            )
         raise ModelError(
             f"{source}: no such directory; start from a checkpoint (OUT/best), a "
             f"model directory, {DEFAULT!r} (the shipped model) or {NONE!r}"
