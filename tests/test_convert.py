@@ -1445,3 +1445,32 @@ def test_a_model_that_caption_refuses_is_refused_by_convert_with_its_words_befor
         convert_model_dir(small_model, tmp_path / "out", precision)
     assert str(convert_said.value) == str(caption_said.value)
     assert not (tmp_path / "out").exists()
+
+
+def test_the_torch_backend_runs_an_fp16_directory_in_fp32_with_its_stored_weights(fp16_dir):
+    """docs/backends.md and docs/precision.md: on the CPU the torch backend loads an FP16 model
+    directory's weights as the graphs hold them (most rounded to FP16, the FP32 islands' kept)
+    into FP32 modules and computes in FP32, so its captions there are FP32's, not onnxruntime's
+    FP16 ones."""
+    torch = pytest.importorskip("torch")
+    from onnx import numpy_helper
+
+    from edgecap import Captioner
+
+    backend = Captioner(fp16_dir, backend="torch").backend
+    assert backend.dtype == backend.image_dtype == torch.float32
+    loaded = {
+        **{f"encoder.{k}": v for k, v in backend.encoder.state_dict().items()},
+        **{f"decoder.{k}": v for k, v in backend.decoder.state_dict().items()},
+    }
+    manifest = load_manifest(fp16_dir)
+    stored = {
+        init.name: numpy_helper.to_array(init)
+        for role in ("encoder", "decoder_step")
+        for init in onnx.load(str(manifest.path(role))).graph.initializer
+        if init.name in loaded
+    }
+    assert {a.dtype for a in stored.values()} == {np.dtype(np.float16), np.dtype(np.float32)}
+    for name, array in stored.items():
+        assert loaded[name].dtype == torch.float32, name
+        np.testing.assert_array_equal(loaded[name].numpy(), array.astype(np.float32), err_msg=name)
