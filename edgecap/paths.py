@@ -18,6 +18,8 @@ import stat
 from collections.abc import Iterable, Iterator
 from pathlib import Path
 
+from edgecap.commands.output import utf8_name
+
 # .mpo: a 3D or multi-picture camera's JPEG (Fujifilm, Nintendo 3DS), its first picture read
 IMAGE_EXTENSIONS = (".jpg", ".jpeg", ".jfif", ".mpo", ".png", ".bmp", ".gif", ".webp", ".tif", ".tiff")
 
@@ -66,7 +68,7 @@ class _Seen:
         if first is not None:
             from edgecap.errors import InputError
 
-            return InputError(name, f"skipped: the same file as {first}, already captioned")
+            return InputError(name, f"skipped: the same file as {utf8_name(first)}, already captioned")
         self.files[_key(st)] = name
         return name
 
@@ -107,7 +109,7 @@ def _expand_one(arg: str, state: _Seen) -> Iterator[tuple[str, object]]:
             if hidden:
                 problem = (
                     "folder holds no image files but hidden ones (a name that starts with a dot: "
-                    f"{os.path.join(*hidden[0])}), which are left out: name one to caption it"
+                    f"{utf8_name(os.path.join(*hidden[0]))}), which are left out: name one to caption it"
                 )
             yield arg, InputError(arg, problem)
     elif not literal:
@@ -252,20 +254,13 @@ def _walk(top: Path, want_file, want_dir, state: _Seen) -> Iterator[tuple[str, o
                 continue
             ancestors = {frame[2]: frame[0] for frame in stack}
             if _key(st) in ancestors:
-                yield (
-                    str(path),
-                    InputError(
-                        str(path), f"skipped: a symbolic link loop (it leads back to {ancestors[_key(st)]})"
-                    ),
-                )
+                back = utf8_name(str(ancestors[_key(st)]))
+                problem = f"skipped: a symbolic link loop (it leads back to {back})"
+                yield str(path), InputError(str(path), problem)
                 continue
             if _key(st) in folders:
-                yield (
-                    str(path),
-                    InputError(
-                        str(path), f"skipped: the same folder as {folders[_key(st)]}, already searched"
-                    ),
-                )
+                problem = f"skipped: the same folder as {utf8_name(folders[_key(st)])}, already searched"
+                yield str(path), InputError(str(path), problem)
                 continue
             folders[_key(st)] = str(path)
             stack.append((path, parts, _key(st), None))
@@ -287,7 +282,7 @@ def _unreachable(
     if is_link and _lexists(path):
         if not (want_file(parts) or (want_dir(parts) and not _file_like(name))):
             return
-        target = _readlink(path)
+        target = utf8_name(_readlink(path))
         if code == errno.ELOOP:
             yield str(path), InputError(str(path), f"skipped: a loop of symbolic links (to {target})")
         elif code in (errno.ENOENT, errno.ENOTDIR):

@@ -430,3 +430,47 @@ def test_caption_and_tag_fields_are_escaped_like_the_name(capsys):
     caption = Caption("a\tcat\non\x1b[2Jmat", -0.5, ["a"], -1.0, objects=(("tab\tby", 0.5),))
     print_result("cat.png", caption, as_json=False, objects=True)
     assert capsys.readouterr().out == "cat.png\ta\\tcat\\non\\x1b[2Jmat\ttab\\tby 0.50\n"
+
+
+def test_names_are_utf8_in_plain_output_and_stderr_whatever_the_fs_encoding(tiny_model_dir, tmp_path):
+    """docs/reliability.md §4: stdout is UTF-8 whatever the locale, and ``\\xHH`` is one byte of a
+    name that is not UTF-8. Under ``LC_ALL=C PYTHONUTF8=0`` Python decodes names as ASCII: the
+    UTF-8 name b"caf\\xc3\\xa9.png" had been printed as "caf\\xc3\\xa9.png" (plain) where
+    ``--json`` says "café.png", and under a Latin-1 locale as "cafÃ©.png", which leads back to
+    no file. Expected: the bytes written out by hand, as a UTF-8 locale prints them."""
+    folder = tmp_path / "album"
+    folder.mkdir()
+    _photo(os.fsencode(folder) + b"/caf\xc3\xa9.png")
+    _photo(os.fsencode(folder) + b"/bad\xff.png", 60)
+    os.symlink("caf\u00e9.png", folder / "link.png")  # a skip that names the first: café.png
+    env = {**ENV, "LC_ALL": "C", "PYTHONUTF8": "0", "PYTHONCOERCECLOCALE": "0"}
+    out = cli(str(folder), str(folder / "nosuch\u00e9.png"), model=tiny_model_dir, env=env)
+    assert out.returncode == 1, out.stderr
+    assert [line.split(b"\t")[0] for line in out.stdout.splitlines()] == [
+        os.fsencode(folder) + b"/bad\\xff.png",
+        os.fsencode(folder) + b"/caf\xc3\xa9.png",
+    ]
+    assert out.stderr.splitlines() == [
+        b"edgecap: "
+        + os.fsencode(folder)
+        + b"/link.png: skipped: the same file as "
+        + os.fsencode(folder)
+        + b"/caf\xc3\xa9.png, already captioned",
+        b"edgecap: " + os.fsencode(folder) + b"/nosuch\xc3\xa9.png: no such file",
+    ]
+
+
+def test_a_name_decoded_as_latin1_is_written_as_its_utf8_bytes(monkeypatch):
+    """Under a Latin-1 file-system encoding (simulated: ``os.fsencode`` as Latin-1) the UTF-8
+    name b"caf\\xc3\\xa9.png" arrives as "caf\u00c3\u00a9.png" and b"bad\\xff.png" as
+    "bad\u00ff.png": plain output and stderr write "café.png" and "bad\\xff.png", the escapes
+    that lead back to the bytes; a caption is text, never re-encoded."""
+    from types import SimpleNamespace
+
+    from edgecap.commands import output
+
+    monkeypatch.setattr(output, "os", SimpleNamespace(fsencode=lambda name: name.encode("latin-1")))
+    assert output.escape_name("caf\u00c3\u00a9.png") == "caf\u00e9.png"
+    assert output.escape_name("bad\u00ff.png") == "bad\\xff.png"
+    assert output.escape_name("\u20ac.png") == "\u20ac.png"  # not a name Latin-1 holds: as it is
+    assert output.escape_field("caf\u00c3\u00a9") == "caf\u00c3\u00a9"

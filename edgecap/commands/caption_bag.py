@@ -22,6 +22,7 @@ from edgecap.commands.output import (
     caption_record,
     error_record,
     escape_field,
+    escape_name,
     json_line,
     report_error,
     write,
@@ -40,13 +41,13 @@ def run_bag(captioner, args: argparse.Namespace) -> int:
         return _run(captioner, args)
     except KeyboardInterrupt:  # Ctrl-C: the captions so far are out; say the copy is not there
         if args.write_bag is not None:
-            print(f"edgecap: {escape_field(args.write_bag)} not written: interrupted", file=sys.stderr)
+            print(f"edgecap: {escape_name(args.write_bag)} not written: interrupted", file=sys.stderr)
         raise
     except OutputFailed:  # the records' reader gone (| head), a full disk: the run stops, as
         # caption's does, and the copy, written once every frame is captioned, is not there either
         if args.write_bag is not None:
             print(
-                f"edgecap: {escape_field(args.write_bag)} not written: the captions could not be "
+                f"edgecap: {escape_name(args.write_bag)} not written: the captions could not be "
                 "written to standard output",
                 file=sys.stderr,
             )
@@ -114,8 +115,8 @@ def _run(captioner, args: argparse.Namespace) -> int:
             else:
                 written = ", ".join(sorted({caption_topic(t) for t, _ in captions})) or "no topic"
                 print(
-                    f"edgecap: wrote {escape_field(args.write_bag)}: a copy of "
-                    f"{escape_field(args.bag)} with {count} captions ({written})",
+                    f"edgecap: wrote {escape_name(args.write_bag)}: a copy of "
+                    f"{escape_name(args.bag)} with {count} captions ({written})",
                     file=sys.stderr,
                 )
         if broken:  # the captions so far are out; the copy is not written
@@ -123,8 +124,7 @@ def _run(captioner, args: argparse.Namespace) -> int:
             report_error(args.bag, str(broken[0]).removeprefix(f"{recording.path}: "))
     if broken and args.write_bag is not None:
         print(
-            f"edgecap: {escape_field(args.write_bag)} not written: the recording could not "
-            "be read to its end",
+            f"edgecap: {escape_name(args.write_bag)} not written: the recording could not be read to its end",
             file=sys.stderr,
         )
     return 1 if failed or broken or silent else 0

@@ -14,6 +14,7 @@ from edgecap.commands.output import (
     caption_fields,
     caption_record,
     escape_field,
+    escape_name,
     json_line,
     print_result,
     write,
@@ -30,7 +31,7 @@ def run_attention(captioner, inputs: list[tuple[str, Any]], args) -> int:  # (na
         return 2
     if captioner.manifest.info.get("attention", True) is False:
         print(
-            f"edgecap caption: error: --attention: {escape_field(str(captioner.manifest.directory))} "
+            f"edgecap caption: error: --attention: {escape_name(str(captioner.manifest.directory))} "
             "is a Show-and-Tell model (trained with --no-attention): it has no attention to draw",
             file=sys.stderr,
         )
@@ -38,14 +39,14 @@ def run_attention(captioner, inputs: list[tuple[str, Any]], args) -> int:  # (na
     ((name, item),) = inputs
     if not isinstance(item, InputError) and same_file(args.attention, item):
         print(
-            f"edgecap caption: error: --attention {escape_field(args.attention)} is the input "
+            f"edgecap caption: error: --attention {escape_name(args.attention)} is the input "
             "photo itself; name another file",
             file=sys.stderr,
         )
         return 2
     if os.path.isdir(args.attention):  # else found only once the photo is captioned
         print(
-            f"edgecap caption: error: --attention {escape_field(args.attention)} is a folder; "
+            f"edgecap caption: error: --attention {escape_name(args.attention)} is a folder; "
             "name a .png or .jpg file",
             file=sys.stderr,
         )
@@ -60,7 +61,7 @@ def run_attention(captioner, inputs: list[tuple[str, Any]], args) -> int:  # (na
         return 1
     if not result.recognisable:
         print(
-            f"edgecap: {escape_field(name)}: nothing recognisable: no attention figure written",
+            f"edgecap: {escape_name(name)}: nothing recognisable: no attention figure written",
             file=sys.stderr,
         )
         return 1
@@ -69,7 +70,7 @@ def run_attention(captioner, inputs: list[tuple[str, Any]], args) -> int:  # (na
     except (OSError, ValueError) as exc:
         reason = exc.strerror if isinstance(exc, OSError) and exc.strerror else exc  # named once
         print(
-            f"edgecap caption: error: cannot write {escape_field(args.attention)}: {reason}", file=sys.stderr
+            f"edgecap caption: error: cannot write {escape_name(args.attention)}: {reason}", file=sys.stderr
         )
         return 2
     return 0
@@ -95,7 +96,7 @@ def run_stream(captioner, args: argparse.Namespace) -> int:
         print(f"edgecap: {stream.stats}", file=sys.stderr)
         return 130
     except InputError as exc:  # a damaged or cut video, after its readable frames' captions
-        print(f"edgecap: {escape_field(exc.source)}: {escape_field(exc.problem)}", file=sys.stderr)
+        print(f"edgecap: {escape_name(exc.source)}: {escape_field(exc.problem)}", file=sys.stderr)
         print(f"edgecap: {stream.stats}", file=sys.stderr)
         return 1
     print(f"edgecap: {stream.stats}", file=sys.stderr)

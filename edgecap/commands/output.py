@@ -50,6 +50,24 @@ def escape_field(text: str) -> str:
     return _UNSAFE.sub(_escape_char, text)
 
 
+def utf8_name(name: str) -> str:
+    """A file name as the OS gave it (decoded with the file-system encoding) -> the same bytes
+    read as UTF-8, each byte that is not UTF-8 a surrogate escape (``escape_field``: \\xHH).
+    The same name under a UTF-8 locale; under Latin-1 the UTF-8 name b"caf\\xc3\\xa9.png"
+    arrives as "caf\u00c3\u00a9.png" and is "caf\u00e9.png" again. Names only, never a
+    caption: one that the file-system encoding cannot hold is as it is."""
+    try:
+        return os.fsencode(name).decode("utf-8", "surrogateescape")
+    except UnicodeError:
+        return name
+
+
+def escape_name(name: str) -> str:
+    """A file name as a plain field or on stderr: ``utf8_name``, then ``escape_field``, so that
+    undoing the escapes gives the name's bytes whatever the locale."""
+    return escape_field(utf8_name(name))
+
+
 def one_line(message: str) -> str:
     """An error message as the command line prints it: ``escape_field``'s escapes but for the
     backslash (a message's names may already be escaped), so that a name it holds with a
@@ -168,12 +186,14 @@ def print_result(
     if as_json:
         write(json_line({"path": name, **caption_record(result, min_confidence)}))
         return
-    write("\t".join(escape_field(f) for f in [name, *caption_fields(result, objects, min_confidence)]))
+    fields = [escape_name(name), *map(escape_field, caption_fields(result, objects, min_confidence))]
+    write("\t".join(fields))
 
 
 def report_error(name: str, problem: str) -> None:
-    """``edgecap: NAME: problem`` on stderr, escaped."""
-    print(f"edgecap: {escape_field(name)}: {escape_field(problem)}", file=sys.stderr, flush=True)
+    """``edgecap: NAME: problem`` on stderr, escaped (the names a problem holds are
+    ``utf8_name``'s already: ``edgecap.paths``)."""
+    print(f"edgecap: {escape_name(name)}: {escape_field(problem)}", file=sys.stderr, flush=True)
 
 
 def error_record(problem: str, min_confidence: float | None = None) -> dict:
