@@ -24,6 +24,21 @@ from edgecap.commands.output import utf8_name
 IMAGE_EXTENSIONS = (".jpg", ".jpeg", ".jfif", ".mpo", ".png", ".bmp", ".gif", ".webp", ".tif", ".tiff")
 
 
+class Note:
+    """What a PATH's expansion says that is no input and no failure (``edgecap caption``: one
+    line ``edgecap: note: PATH: text`` on stderr, no record, no change to the exit status)."""
+
+    def __init__(self, text: str):
+        self.text = text
+
+    def __repr__(self) -> str:
+        return f"Note({self.text!r})"
+
+
+# what ``_Seen.take`` gives for a file captioned already under this very name: left out, no record
+_REPEAT = object()
+
+
 def expand_all(args: Iterable[str]) -> Iterator[tuple[str, object]]:
     """Command-line PATHs -> (name, input) pairs, in order: a file (even a missing one: the
     captioner reports it), a folder's image files (searched recursively, sorted), or a glob's
@@ -34,10 +49,27 @@ def expand_all(args: Iterable[str]) -> Iterator[tuple[str, object]]:
     folder or file already seen under another name, a broken link or one that cannot be
     followed, an unreadable folder (the system's reason: permission denied, a path too long), an
     empty PATH, a folder or glob with no images (not said of one that could not be read
-    whole: a folder below it unreadable)."""
+    whole: a folder below it unreadable). A file captioned already under the very same name
+    (``a.jpg a.jpg``, ``photos photos/a.jpg``) is left out without a pair: a second record
+    under the captioned one's name would be mistaken for it; each PATH that repeats names
+    comes with one (PATH, ``Note``) pair after its own."""
     state = _Seen()
     for arg in args:
-        yield from _expand_one(arg, state)
+        repeats = 0
+        for name, item in _expand_one(arg, state):
+            if item is _REPEAT:
+                repeats += 1
+            else:
+                yield name, item
+        if repeats:
+            yield arg, Note(_repeats_note(arg, repeats))
+
+
+def _repeats_note(arg: str, repeats: int) -> str:
+    searched = os.path.isdir(arg) or (glob.has_magic(arg) and not os.path.lexists(arg))  # as _expand_one
+    if repeats == 1 and not searched:
+        return "given before, captioned once"
+    return f"{repeats} file{'s' if repeats > 1 else ''} given before under the same name, captioned once"
 
 
 class _Seen:
@@ -61,10 +93,13 @@ class _Seen:
 
     def take(self, name: str, st: os.stat_result) -> object:
         """What to caption for the file ``name`` (``st``): the name, recorded as captioned, or,
-        for a regular file captioned already under another, the ``InputError`` saying so."""
+        for a regular file captioned already, ``_REPEAT`` under this very name, the
+        ``InputError`` saying so under another (a link's: its record's path is not the first's)."""
         if not stat.S_ISREG(st.st_mode):
             return name  # a special file: the captioner says what it is
         first = self.seen_as(st)
+        if first == name:
+            return _REPEAT
         if first is not None:
             from edgecap.errors import InputError
 

@@ -6,6 +6,7 @@ Every folder and link is built here, in tmp_path.
 
 from __future__ import annotations
 
+import json
 import os
 import subprocess
 import sys
@@ -16,7 +17,7 @@ import pytest
 from PIL import Image
 
 import edgecap
-from edgecap.paths import expand_all
+from edgecap.paths import Note, expand_all
 from edgecap.errors import InputError
 
 ENV = {
@@ -102,10 +103,16 @@ def test_the_same_folder_twice_and_a_glob_over_it(tmp_path):
     _photo(root / "a.png")
     pattern = f"{root}/**/*.png"
     pairs = list(expand_all([str(root), pattern, str(root / "a.png"), str(root)]))
-    good, skipped = _split(pairs)
-    assert good == [str(root / "a.png")]
-    assert [name for name, _ in pairs[1:]] == [str(root / "a.png")] * 3
-    assert all("the same file as" in item.problem for _, item in pairs[1:])
+    # given again under the same name: no second record (it had been a skip with the same path,
+    # exit 1), one note for each PATH that gave it again
+    assert pairs[0] == (str(root / "a.png"), str(root / "a.png"))
+    assert [(name, type(item)) for name, item in pairs[1:]] == [
+        (pattern, Note),
+        (str(root / "a.png"), Note),
+        (str(root), Note),
+    ]
+    assert pairs[1][1].text == "1 file given before under the same name, captioned once"
+    assert pairs[2][1].text == "given before, captioned once"
 
 
 def test_broken_links_and_unreadable_folders_are_reported(tmp_path, monkeypatch):
@@ -318,17 +325,53 @@ def test_a_photo_that_vanishes_during_the_search_is_passed_on(tmp_path, monkeypa
 
 
 def test_a_photo_named_twice_is_captioned_once(tmp_path):
-    """The same file given again, under a link's name, or inside a folder given after it, is
-    a skip that names the first (exit 1), not a second caption."""
+    """The same file under another name (a link's) is a skip that names the first (exit 1),
+    not a second caption; under the same name again (named twice, or in a folder given after
+    it) it is left out without a record, with a note."""
     root = tmp_path / "photos"
     root.mkdir()
     a = _photo(root / "a.png")
     (root / "b.png").symlink_to("a.png")
     same = f"skipped: the same file as {a}, already captioned"
     pairs = list(expand_all([str(a), str(a), str(root / "b.png"), str(root)]))
-    assert [name for name, _ in pairs] == [str(a), str(a), str(root / "b.png"), str(a), str(root / "b.png")]
+    assert [name for name, _ in pairs] == [
+        str(a),
+        str(a),
+        str(root / "b.png"),
+        str(root / "b.png"),
+        str(root),
+    ]
     assert pairs[0][1] == str(a)
-    assert all(isinstance(item, InputError) and item.problem == same for _, item in pairs[1:])
+    assert isinstance(pairs[1][1], Note) and isinstance(pairs[4][1], Note)
+    assert all(isinstance(item, InputError) and item.problem == same for _, item in pairs[2:4])
+
+
+def test_a_path_given_again_under_the_same_name_has_one_record_and_exit_0(tiny_model_dir, tmp_path):
+    """``edgecap caption --json dup dup/a.png``, ``a.png a.png``: the repeat had been a second
+    record with the same "path" and a null caption (exit 1), which replaced the caption in a
+    reader's ``{r["path"]: r for r in records}``. Now one record per name, exit 0, one note on
+    stderr per PATH that repeats; a link to a captioned photo is still a skip record, under the
+    link's own name, naming the first."""
+    root = tmp_path / "dup"
+    root.mkdir()
+    a, b = _photo(root / "a.png"), _photo(root / "b.png", 30)
+    out = run_cli("--json", root, a, a, root, model=tiny_model_dir)
+    assert out.returncode == 0, out.stderr
+    records = [json.loads(line) for line in out.stdout.splitlines()]
+    assert [r["path"] for r in records] == [str(a), str(b)]
+    assert all(r["caption"] for r in records)
+    assert out.stderr.splitlines() == [
+        f"edgecap: note: {a}: given before, captioned once",
+        f"edgecap: note: {a}: given before, captioned once",
+        f"edgecap: note: {root}: 2 files given before under the same name, captioned once",
+    ]
+    (root / "link.png").symlink_to("a.png")
+    out = run_cli("--json", a, root / "link.png", model=tiny_model_dir)
+    assert out.returncode == 1
+    first, skip = (json.loads(line) for line in out.stdout.splitlines())
+    assert first["path"] == str(a) and first["caption"]
+    assert skip["path"] == str(root / "link.png") != first["path"] and skip["caption"] is None
+    assert skip["error"] == f"skipped: the same file as {a}, already captioned"
 
 
 def _reusing_inode_of(monkeypatch, gone: Path, new: Path) -> None:

@@ -118,8 +118,10 @@ def test_a_name_that_is_not_utf8_in_an_error_is_utf8_in_json(tiny_model_dir, tmp
     folder = tmp_path / "album"
     folder.mkdir()
     os.symlink(os.fsdecode(b"tar\xffget"), folder / "broken.jpg")
-    twin = os.fsencode(folder) + b"/a\xfe.png"
-    _photo(twin)
+    first = os.fsencode(folder) + b"/a\xfe.png"
+    _photo(first)
+    twin = os.fsencode(tmp_path) + b"/tw\xfdin.png"  # the same file under another name
+    os.symlink(first, twin)
     out = cli(str(folder), os.fsdecode(twin), "--json", model=tiny_model_dir)
     assert out.returncode == 1
     records = [json.loads(line) for line in out.stdout.decode("utf-8").splitlines()]

@@ -36,8 +36,8 @@ from edgecap.commands._options import add_model_arguments, load_captioner
 from edgecap.commands.caption_bag import run_bag
 from edgecap.commands.caption_media import run_attention, run_stream
 from edgecap.commands.progress import add_progress_argument, open_progress, progress_enabled
-from edgecap.commands.output import OutputFailed, output_failed, print_result, utf8_output, write
-from edgecap.paths import expand_all
+from edgecap.commands.output import OutputFailed, output_failed, print_result, report_note, utf8_output, write
+from edgecap.paths import Note, expand_all
 
 FINISHES_ON_INTERRUPT = True  # edgecap.cli: Ctrl-C before the model is loaded just exits
 
@@ -57,7 +57,8 @@ paths:
   expansion would: a folder it matches ('photos/2024-*') is searched recursively. A link
   loop, a folder or file seen before under another name, a broken link or one that cannot be
   followed, an unreadable folder (no permission, a path too long) and an empty PATH are each
-  reported on stderr (edgecap: PATH: skipped: why) and count as failed inputs.
+  reported on stderr (edgecap: PATH: skipped: why) and count as failed inputs. A file given
+  again under the same name ('photos photos/a.jpg') is left out: no record, a note on stderr.
 
 exit status:
   0  every input was captioned
@@ -204,11 +205,21 @@ def _run_paths(captioner, args: argparse.Namespace) -> int:
 
     inputs = expand_all(args.paths)
     if args.attention is not None:
-        return run_attention(captioner, list(inputs), args)
+        images = []
+        for name, item in inputs:
+            if isinstance(item, Note):
+                report_note(name, item.text)
+            else:
+                images.append((name, item))
+        return run_attention(captioner, images, args)
     failed = 0
     progress = open_progress(None, progress_enabled(args))  # a folder's size is not known
     try:
         for name, result in _captions(captioner, inputs):
+            if isinstance(result, Note):  # no record, no failure
+                with progress.paused():
+                    report_note(name, result.text)
+                continue
             failed += isinstance(result, InputError)
             with progress.paused():  # stdout and stderr may be the same terminal
                 print_result(name, result, args.json, args.show_objects, args.min_confidence)
@@ -226,16 +237,17 @@ def _captions(captioner, inputs: Iterable[tuple[Name, object]]) -> Iterator[tupl
     """(name, input) pairs -> (name, Caption or InputError), in order, each batch as soon as the
     captioner is done with it (with the Captioner's ``overlap``, on a GPU: once the next batch
     is searched too, its host work done meanwhile). An input that is already an ``InputError``
-    (an empty folder, an unmatched glob) keeps its place without going to the captioner."""
+    (an empty folder, an unmatched glob) or a ``Note`` keeps its place without going to the
+    captioner."""
     from edgecap.errors import InputError
 
-    pulled: deque = deque()  # (name, its InputError or None) read by the captioner, not yet out
+    pulled: deque = deque()  # (name, its InputError, Note or None) read by the captioner, not yet out
 
     def images():
         for name, item in inputs:
-            failed = isinstance(item, InputError)
-            pulled.append((name, item if failed else None))
-            if not failed:
+            held = isinstance(item, (InputError, Note))
+            pulled.append((name, item if held else None))
+            if not held:
                 yield item
 
     for result in captioner.iter_captions(images(), on_error="return", overlap=None):

@@ -196,6 +196,11 @@ def report_error(name: str, problem: str) -> None:
     print(f"edgecap: {escape_name(name)}: {escape_field(problem)}", file=sys.stderr, flush=True)
 
 
+def report_note(name: str, text: str) -> None:
+    """``edgecap: note: NAME: text`` on stderr, escaped: said of a PATH, no failure."""
+    print(f"edgecap: note: {escape_name(name)}: {escape_field(text)}", file=sys.stderr, flush=True)
+
+
 def error_record(problem: str, min_confidence: float | None = None) -> dict:
     """The ``--json`` fields of an input that failed: a caption's keys, each null, and ``error``
     (a reader indexing ``record["confidence"]`` on every line does not fail on this one)."""
