@@ -3,7 +3,8 @@
 Inputs:
 
 - a path (``str`` or ``os.PathLike``) to an image file, or its encoded ``bytes``: JPEG (and
-  MPO), PNG, GIF, WebP, TIFF or BMP (``ACCEPTED_FORMATS``; see "Hostile files" below). EXIF
+  MPO), PNG, GIF, WebP, TIFF or BMP, and AVIF where this Pillow decodes it
+  (``ACCEPTED_FORMATS``; see "Hostile files" below; HEIC is refused, saying so). EXIF
   orientation is applied, an animated image gives its first frame, palette / CMYK / 16-bit
   images are converted to 8-bit RGB, and an embedded RGB colour profile other than sRGB (Adobe
   RGB, Display P3, a camera's own) is converted to sRGB, the colours a colour-managed viewer
@@ -30,7 +31,8 @@ Hostile files (paths and encoded bytes; arrays and PIL images are already decode
   being read: ``edgecap.files``), and a file over ``max_file_bytes()`` (128 MiB; raise it with
   ``set_max_file_bytes(n)`` or ``EDGECAP_MAX_FILE_BYTES=n``) is refused before it is read;
 - only ``ACCEPTED_FORMATS`` are parsed at all (the formats cameras and photo libraries write:
-  JPEG (with MPO), PNG, GIF, WebP, TIFF, and BMP); Pillow's other plugins never see the bytes;
+  JPEG (with MPO), PNG, GIF, WebP, TIFF, and BMP; AVIF where this Pillow decodes it); Pillow's
+  other plugins never see the bytes;
 - the size is read from the header before any pixel is decoded: an image of more than
   ``max_pixels()`` pixels (89,478,485, Pillow's default) is refused. Raise the limit with
   ``set_max_pixels(n)`` or ``EDGECAP_MAX_PIXELS=n``; both also raise Pillow's own process-wide
@@ -136,10 +138,45 @@ DECODING = 2
 # a program may have set that to None (no limit) before importing edgecap.
 DEFAULT_MAX_PIXELS = 89_478_485
 DEFAULT_MAX_FILE_BYTES = 128 * 1024 * 1024
+
+
+def _decodes_avif() -> bool:
+    """Whether this Pillow decodes AVIF (its AVIF plugin, built with libavif)."""
+    from PIL import features
+
+    try:
+        return "avif" in features.modules and bool(features.check_module("avif"))
+    except Exception:  # noqa: BLE001 (a Pillow that cannot even say: no)
+        return False
+
+
 # Pillow format names: what cameras and photo libraries write (a camera's multi-picture JPEG
-# opens as JPEG, format "MPO"). ICO, PSD, PDF, EPS, SGI, TGA, PCX, XPM, ... are refused without
-# being parsed.
-ACCEPTED_FORMATS = ("JPEG", "PNG", "GIF", "WEBP", "TIFF", "BMP")
+# opens as JPEG, format "MPO"), and AVIF where this Pillow decodes it. ICO, PSD, PDF, EPS, SGI,
+# TGA, PCX, XPM, ... are refused without being parsed.
+ACCEPTED_FORMATS = ("JPEG", "PNG", "GIF", "WEBP", "TIFF", "BMP") + (("AVIF",) if _decodes_avif() else ())
+# Photos that this Pillow cannot decode, by kind: why, said of a named file here and of a
+# folder's files by edgecap.paths. HEIC (an iPhone's) needs the pillow-heif plugin.
+UNDECODABLE = {
+    "HEIC/HEIF": (
+        "which this Pillow cannot decode (only with the pillow-heif plugin, which edgecap does not load)"
+    ),
+    "AVIF": "which this Pillow cannot decode (it was built without AVIF support)",
+}
+# ISO-BMFF brands (the ftyp box): AVIF's, then HEIF's (an AVIF file lists mif1 too)
+_AVIF_BRANDS = {b"avif", b"avis"}
+_HEIF_BRANDS = {
+    b"heic",
+    b"heix",
+    b"heim",
+    b"heis",
+    b"hevc",
+    b"hevx",
+    b"hevm",
+    b"hevs",
+    b"mif1",
+    b"mif2",
+    b"msf1",
+}
 MAX_JPEG_SCANS = 64
 MAX_JPEG_HEADER_SEGMENTS = 4096  # photos have 10-30 (an ICC profile adds at most 255 parts)
 TIFF_COMPRESSIONS = ("raw", "packbits", "tiff_lzw", "tiff_adobe_deflate", "tiff_deflate")
@@ -437,7 +474,12 @@ def _unidentified_problem(data: bytes) -> str:
     of them are that format with a broken header (``corrupt PNG header (...)``, as Pillow's
     own refusals are put): the reason its reader gives where it says what is broken (a PNG
     whose header checksum is wrong; ``Image.open`` keeps it only as a warning), "cut short"
-    where it only ran out of bytes; others are not an image in an accepted format."""
+    where it only ran out of bytes; a HEIC photo (or an AVIF one, where this Pillow has no AVIF)
+    says that this Pillow cannot decode it; others are not an image in an accepted format."""
+    kind = _bmff_kind(data)
+    if kind == "HEIC/HEIF" or (kind == "AVIF" and "AVIF" not in ACCEPTED_FORMATS):
+        article = "an" if kind == "AVIF" else "a"
+        return f"{article} {kind} image, {UNDECODABLE[kind]}: convert it to JPEG or PNG"
     Image.init()
     for name in ACCEPTED_FORMATS:
         factory, accept = Image.OPEN.get(name, (None, None))
@@ -458,6 +500,18 @@ def _unidentified_problem(data: bytes) -> str:
                 return f"unsupported kind of {name}, or a damaged header ({said})"
             return f"corrupt {name} header ({'cut short' if cut else said})"
     return f"not an image in an accepted format ({', '.join(ACCEPTED_FORMATS)})"
+
+
+def _bmff_kind(data: bytes) -> str | None:
+    """ "AVIF" or "HEIC/HEIF" where ``data`` begins as an ISO-BMFF photo of that kind (its ftyp
+    box's major or compatible brands), else None."""
+    if data[4:8] != b"ftyp":
+        return None
+    box = data[8 : max(16, min(int.from_bytes(data[:4], "big"), 1024))]
+    brands = {box[:4]} | {box[i : i + 4] for i in range(8, len(box) - 3, 4)}
+    if brands & _AVIF_BRANDS:
+        return "AVIF"
+    return "HEIC/HEIF" if brands & _HEIF_BRANDS else None
 
 
 def _decode(data: bytes, source: str, draft_size: tuple[int, int] | None = None) -> Image.Image:

@@ -127,20 +127,22 @@ def _expand_one(arg: str, state: _Seen) -> Iterator[tuple[str, object]]:
     # is not a folder, and the captioner then names its problem; Path.is_dir raised it
     if not literal and os.path.isdir(path):
         found, hidden = False, []
+        undecodable: dict[tuple[str, ...], str] = {}  # HEIC photos: their kinds
 
         def want_file(rel: tuple[str, ...]) -> bool:
-            if not _has_image_suffix(rel[-1]):
-                return False
             if not _shown(rel):
-                hidden.append(rel)  # .photo.jpg: left out, and said so if nothing else is found
+                if _has_image_suffix(rel[-1]):
+                    hidden.append(rel)  # .photo.jpg: left out, and said so if nothing else is found
                 return False
-            return True
+            return _image_file(rel, undecodable)
 
         for name, item in _walk(path, want_file, _shown, state):
             found = found or _is_match(item) or _unread(item)
             yield name, item
-        if not found:
-            problem = f"folder holds no image files ({', '.join(IMAGE_EXTENSIONS)})"
+        if undecodable:
+            yield arg, _left_out(arg, undecodable, found, "folder holds no image files but")
+        elif not found:
+            problem = f"folder holds no image files ({', '.join(image_extensions())})"
             if hidden:
                 problem = (
                     "folder holds no image files but hidden ones (a name that starts with a dot: "
@@ -185,10 +187,14 @@ def _expand_glob(pattern: str, state: _Seen) -> Iterator[tuple[str, object]]:
         """Below a matched folder, and not hidden below it (as a folder PATH's walk takes)."""
         return bool(matched) and any(rel[:i] in matched and not hidden(rel[i:]) for i in range(len(rel)))
 
+    undecodable: dict[tuple[str, ...], str] = {}  # HEIC photos it matches: their kinds
+
     def want_file(rel: tuple[str, ...]) -> bool:
-        if not _has_image_suffix(rel[-1]):
+        if not (_has_image_suffix(rel[-1]) or _undecodable_kind(rel[-1])):
             return False
-        return (not folders_only and _match(rest, rel)) or in_matched(rel)
+        if not ((not folders_only and _match(rest, rel)) or in_matched(rel)):
+            return False
+        return _image_file(rel, undecodable)
 
     def want_dir(rel: tuple[str, ...]) -> bool:
         if _match(rest, rel):
@@ -201,7 +207,9 @@ def _expand_glob(pattern: str, state: _Seen) -> Iterator[tuple[str, object]]:
         for name, item in _walk(base, want_file, want_dir, state):
             found = found or _is_match(item) or _unread(item)
             yield name, item
-    if not found:
+    if undecodable:
+        yield pattern, _left_out(pattern, undecodable, found, "the pattern matches no image files but")
+    elif not found:
         # photo[2].jpg that is not there: a file's name more likely than a pattern of one
         sole = not any(c in pattern for c in "*?")
         problem = "no such file (nor, read as a pattern, does it match an image file)" if sole else None
@@ -401,4 +409,55 @@ def _unread(item: object) -> bool:
 
 
 def _has_image_suffix(name: str) -> bool:
-    return Path(name).suffix.lower() in IMAGE_EXTENSIONS
+    suffix = Path(name).suffix.lower()
+    return suffix in IMAGE_EXTENSIONS or (suffix == ".avif" and _avif_read())
+
+
+def _avif_read() -> bool:
+    """Whether this Pillow decodes AVIF, so that edgecap reads it (``edgecap.images``)."""
+    from edgecap.images import ACCEPTED_FORMATS
+
+    return "AVIF" in ACCEPTED_FORMATS
+
+
+def image_extensions() -> tuple[str, ...]:
+    """The extensions of the files a folder or glob takes: ``IMAGE_EXTENSIONS``, and ``.avif``
+    where this Pillow decodes AVIF."""
+    return IMAGE_EXTENSIONS + ((".avif",) if _avif_read() else ())
+
+
+def _undecodable_kind(name: str) -> str | None:
+    """The kind of photo, "HEIC/HEIF" or "AVIF", that ``name`` is named as where this Pillow
+    cannot decode it (a folder leaves it out and says so), else None."""
+    suffix = Path(name).suffix.lower()
+    if suffix in (".heic", ".heif"):
+        return "HEIC/HEIF"
+    return "AVIF" if suffix == ".avif" and not _avif_read() else None
+
+
+def _image_file(rel: tuple[str, ...], undecodable: dict[tuple[str, ...], str]) -> bool:
+    """Whether a walk takes the file at ``rel`` (one it would take by name and place): an image
+    file's name; a photo this Pillow cannot decode is noted in ``undecodable`` instead."""
+    kind = _undecodable_kind(rel[-1])
+    if kind is not None:
+        undecodable[rel] = kind
+        return False
+    return _has_image_suffix(rel[-1])
+
+
+def _left_out(arg: str, undecodable: dict[tuple[str, ...], str], found: bool, none_but: str) -> object:
+    """What a folder or glob says of the photos it left out as this Pillow cannot decode them:
+    a ``Note`` after its captions, or, where it found nothing else, the ``InputError``
+    ``none_but`` (``folder holds no image files but``) that names them."""
+    from edgecap.errors import InputError
+    from edgecap.images import UNDECODABLE
+
+    counts: dict[str, int] = {}
+    for kind in undecodable.values():
+        counts[kind] = counts.get(kind, 0) + 1
+    one = len(undecodable) == 1
+    files = " and ".join(
+        f"{n} {kind} file{'' if n == 1 else 's'}, {UNDECODABLE[kind]}" for kind, n in sorted(counts.items())
+    )
+    what = f"{files}: convert {'it' if one else 'them'} to JPEG or PNG"
+    return Note(f"left out {what}") if found else InputError(arg, f"{none_but} {what}")

@@ -18,7 +18,7 @@ from pathlib import Path
 
 import numpy as np
 import pytest
-from PIL import Image
+from PIL import Image, features
 
 import edgecap
 from edgecap import Caption, Captioner, InputError
@@ -297,6 +297,59 @@ def test_a_broken_file_of_an_accepted_format_says_what_is_broken():
     for data, name in [*cuts, (jpeg.getvalue()[:3], "JPEG"), (jpeg.getvalue()[:20], "JPEG")]:
         err = _refused(data, f"corrupt {name} header (cut short)")
         assert err.problem == f"corrupt {name} header (cut short)"
+
+
+def _bmff(major: bytes, *compatible: bytes) -> bytes:
+    """The start of an ISO-BMFF photo (HEIC, AVIF): its ftyp box (major brand, minor version,
+    compatible brands), then bytes no decoder reads."""
+    body = major + b"\0\0\0\0" + b"".join(compatible)
+    return struct.pack(">I", 8 + len(body)) + b"ftyp" + body + b"\0" * 64
+
+
+HEIF_WORDS = (
+    "a HEIC/HEIF image, which this Pillow cannot decode (only with the pillow-heif plugin, "
+    "which edgecap does not load): convert it to JPEG or PNG"
+)
+
+
+def test_a_heic_photo_is_said_to_be_one_that_this_pillow_cannot_decode():
+    """An iPhone's photo (HEIC: major brand heic; other cameras' HEIF: mif1, which Pillow's AVIF
+    reader also tries) had been "not an image in an accepted format (JPEG, ...)"."""
+    for data in (
+        _bmff(b"heic", b"mif1", b"heic"),
+        _bmff(b"mif1", b"mif1", b"heic"),
+        _bmff(b"heix", b"mif1", b"heix"),
+        _bmff(b"msf1", b"msf1", b"hevc"),
+    ):
+        assert _refused(data).problem == HEIF_WORDS
+
+
+def test_an_avif_photo_is_said_to_be_undecodable_where_this_pillow_has_no_avif(monkeypatch):
+    monkeypatch.setattr(images, "ACCEPTED_FORMATS", ("JPEG", "PNG", "GIF", "WEBP", "TIFF", "BMP"))
+    assert _refused(_bmff(b"avif", b"avif", b"mif1", b"miaf")).problem == (
+        "an AVIF image, which this Pillow cannot decode (it was built without AVIF support): "
+        "convert it to JPEG or PNG"
+    )
+
+
+AVIF = pytest.mark.skipif(
+    "avif" not in features.modules or not features.check("avif"), reason="this Pillow decodes no AVIF"
+)
+
+
+@AVIF
+def test_an_avif_photo_is_read_upright_where_this_pillow_decodes_avif():
+    """Pillow 13 decodes AVIF; edgecap had refused it ("not an image in an accepted format").
+    Its EXIF orientation (Pillow writes it as the irot box) is applied as for a JPEG."""
+    pixels = np.zeros((20, 40, 3), np.uint8)
+    pixels[:, :20] = 255  # the left half white: the top half once turned upright (orientation 6)
+    exif = Image.Exif()
+    exif[0x0112] = 6
+    buf = io.BytesIO()
+    Image.fromarray(pixels).save(buf, format="AVIF", quality=100, exif=exif.tobytes())
+    rgb = np.asarray(images.load_rgb(buf.getvalue()), np.float32)
+    assert rgb.shape == (40, 20, 3)
+    assert rgb[:20].mean() > 240 and rgb[20:].mean() < 15
 
 
 @pytest.mark.parametrize("fmt", ["PPM", "TGA", "PCX", "SGI"])

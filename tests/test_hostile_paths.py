@@ -676,3 +676,66 @@ def test_an_mpo_file_is_a_photo_a_folder_holds(tmp_path):
     photo = tmp_path / "DSCF0001.MPO"
     Image.fromarray(np.full((24, 32, 3), 90, np.uint8)).save(photo, format="JPEG")
     assert list(expand_all([str(tmp_path)])) == [(str(photo), str(photo))]
+
+
+HEIF_NOTE = (
+    "HEIC/HEIF files, which this Pillow cannot decode (only with the pillow-heif plugin, which "
+    "edgecap does not load): convert them to JPEG or PNG"
+)
+
+
+def test_a_folder_says_once_that_it_left_out_heic_photos(tmp_path):
+    """An iPhone's folder: its HEIC photos had been left out without a word (exit 0), and a
+    folder of them alone was "folder holds no image files (.jpg, ...)"."""
+    root = tmp_path / "iphone"
+    root.mkdir()
+    a = _photo(root / "IMG_0001.JPG")
+    for name in ("IMG_0002.HEIC", "IMG_0003.heif", ".IMG_0004.HEIC"):  # a hidden one: left out silently
+        (root / name).write_bytes(b"\0\0\0\x18ftypheic")
+    pairs = list(expand_all([str(root)]))
+    assert [(name, type(item)) for name, item in pairs] == [(str(a), str), (str(root), Note)]
+    assert pairs[1][1].text == f"left out 2 {HEIF_NOTE}"
+    a.unlink()
+    ((name, err),) = expand_all([str(root)])
+    assert (name, err.problem) == (str(root), f"folder holds no image files but 2 {HEIF_NOTE}")
+    ((name, err),) = expand_all([f"{root}/IMG_*"])
+    assert err.problem == f"the pattern matches no image files but 2 {HEIF_NOTE}"
+
+
+def test_avif_photos_are_taken_where_this_pillow_decodes_avif_and_said_left_out_where_not(
+    tmp_path, monkeypatch
+):
+    from PIL import features
+
+    from edgecap import paths
+
+    root = tmp_path / "album"
+    root.mkdir()
+    a, b = _photo(root / "a.avif"), _photo(root / "b.png")
+    if "avif" in features.modules and features.check("avif"):
+        assert list(expand_all([str(root)])) == [(str(a), str(a)), (str(b), str(b))]
+    monkeypatch.setattr(paths, "_avif_read", lambda: False)
+    pairs = list(expand_all([str(root)]))
+    assert pairs[0] == (str(b), str(b)) and pairs[1][0] == str(root)
+    assert pairs[1][1].text == (
+        "left out 1 AVIF file, which this Pillow cannot decode (it was built without AVIF support): "
+        "convert it to JPEG or PNG"
+    )
+
+
+def test_cli_says_which_photos_this_pillow_cannot_decode(tiny_model_dir, tmp_path):
+    root = tmp_path / "iphone"
+    root.mkdir()
+    a = _photo(root / "IMG_0001.JPG")
+    (root / "IMG_0002.HEIC").write_bytes(b"\0\0\0\x18ftypheic\0\0\0\0mif1heic" + b"\0" * 64)
+    named = tmp_path / "IMG_0005.HEIC"
+    named.write_bytes((root / "IMG_0002.HEIC").read_bytes())
+    out = run_cli(root, named, model=tiny_model_dir)
+    assert out.returncode == 1, out.stderr
+    assert [line.split("\t")[0] for line in out.stdout.splitlines()] == [str(a)]
+    assert out.stderr.splitlines() == [
+        f"edgecap: note: {root}: left out 1 HEIC/HEIF file, which this Pillow cannot decode (only with "
+        "the pillow-heif plugin, which edgecap does not load): convert it to JPEG or PNG",
+        f"edgecap: {named}: a HEIC/HEIF image, which this Pillow cannot decode (only with the "
+        "pillow-heif plugin, which edgecap does not load): convert it to JPEG or PNG",
+    ]

@@ -494,7 +494,7 @@ def calibration_images(directory: str | Path, limit: int = 64) -> list[Path]:
     """Up to ``limit`` photos from ``directory`` (sorted, so calibration is repeatable): the
     image files below it that ``edgecap caption`` would caption in it (``edgecap.paths``: its
     extensions, hidden files and folders left out, such as the ``._IMG.JPG`` macOS writes)."""
-    from edgecap.paths import IMAGE_EXTENSIONS, hidden
+    from edgecap.paths import hidden, image_extensions
 
     directory = Path(directory)
     if not directory.is_dir():  # (a photo named instead of its folder is there: not "not found")
@@ -502,10 +502,11 @@ def calibration_images(directory: str | Path, limit: int = 64) -> list[Path]:
         raise ModelError(
             f"calibration directory {'not found' if missing else 'is not a folder'}: {directory}"
         )
+    extensions = image_extensions()
     files = sorted(
         p
         for p in directory.rglob("*")
-        if p.suffix.lower() in IMAGE_EXTENSIONS and not hidden(p.relative_to(directory).parts)
+        if p.suffix.lower() in extensions and not hidden(p.relative_to(directory).parts)
     )
     if not files:
         raise ModelError(f"{directory}: no images (.jpg, .png, ...) to calibrate with")

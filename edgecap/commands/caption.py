@@ -72,7 +72,8 @@ exit status:
 
 Images over 89,478,485 pixels (EDGECAP_MAX_PIXELS=N to change) or with a side over 1,000,000
 pixels, or files over 128 MiB (EDGECAP_MAX_FILE_BYTES=N) are refused; only JPEG, PNG, GIF, WebP,
-TIFF and BMP files are read, and only regular files (not pipes or devices)."""
+TIFF and BMP files are read (and AVIF where Pillow decodes it; not HEIC, which a folder says it
+left out), and only regular files (not pipes or devices)."""
 
 
 class _OneSource(argparse.Action):
