@@ -89,6 +89,15 @@ def nearest_existing(path: Path) -> Path:
     return path
 
 
+def folder_problem(path: str | os.PathLike) -> str | None:
+    """Why no new file can be made at ``path`` for want of its folder: ``folder X does not
+    exist``, ``X is not a folder`` (a file there), or None."""
+    parent = Path(path).parent
+    if parent.is_dir():
+        return None
+    return f"{parent} is not a folder" if os.path.lexists(parent) else f"folder {parent} does not exist"
+
+
 def os_problem(exc: BaseException) -> str:
     """Why a file could not be read, in a few words ("no such file", "permission denied")."""
     if isinstance(exc, FileNotFoundError):

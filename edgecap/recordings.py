@@ -50,6 +50,7 @@ import numpy as np
 
 from edgecap.errors import EdgecapError, InputError, MissingPackageError, reason
 from edgecap.extras import install_hint
+from edgecap.files import folder_problem
 from edgecap.files import kind_of as file_kind
 from edgecap.images import array_to_rgb, pixel_limit_problem, shown_in_repr
 
@@ -694,11 +695,8 @@ def output_problem(source: str | os.PathLike, out: str | os.PathLike) -> str | N
             else f"{out}: a ROS 2 recording is written to a ROS 2 bag folder "
             "(a name without .bag, .mcap or .db3)"
         )
-    if not out.parent.is_dir():  # (a file there is no folder that is missing)
-        if os.path.lexists(out.parent):
-            return f"{out}: {out.parent} is not a folder"
-        return f"{out}: folder {out.parent} does not exist"
-    return None
+    problem = folder_problem(out)  # (a file there is no folder that is missing)
+    return f"{out}: {problem}" if problem else None
 
 
 def caption_topic(topic: str) -> str:

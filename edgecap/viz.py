@@ -13,6 +13,7 @@ the paper: attended regions bright, the rest dimmed.
 
 from __future__ import annotations
 
+import io
 import math
 import os
 from dataclasses import dataclass
@@ -22,6 +23,7 @@ from typing import TYPE_CHECKING, Any
 import numpy as np
 from PIL import Image, ImageDraw, ImageFont
 
+from edgecap.errors import reason
 from edgecap.files import write_whole
 from edgecap.images import ImageInput, load_rgb
 
@@ -139,12 +141,17 @@ def save_attention(image: ImageInput, caption: Caption, path: str | os.PathLike[
 
 def figure_format_problem(path: str | os.PathLike) -> str | None:
     """Why Pillow cannot write a figure to ``path``, judged by its extension (unknown; a format it
-    reads only, .psd), or None."""
+    reads only, .psd; one it cannot write an RGB image in, .xbm, or has no handler for, .h5:
+    found by writing a 1x1 figure to memory), or None."""
     suffix = Path(path).suffix.lower()
     if suffix not in Image.registered_extensions():
         return "unknown image format; name a .png or .jpg file"
     if Image.registered_extensions()[suffix] not in Image.SAVE:
         return f"{suffix} images can be read, not written; name a .png or .jpg file"
+    try:
+        Image.new("RGB", (1, 1), BACKGROUND).save(io.BytesIO(), format=Image.registered_extensions()[suffix])
+    except Exception as exc:  # noqa: BLE001 (a plugin's reason, whatever its type)
+        return f"Pillow cannot write the figure as {suffix} ({reason(exc)}); name a .png or .jpg file"
     return None
 
 

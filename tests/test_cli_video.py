@@ -177,6 +177,37 @@ def test_attention_in_a_format_pillow_only_reads_is_refused_before_captioning(
     assert list(tmp_path.iterdir()) == []
 
 
+@pytest.mark.parametrize(
+    ("name", "problem"),
+    [
+        ("nodir/sub/fig.png", "folder {tmp}/nodir/sub does not exist"),
+        ("notes.txt/fig.png", "{tmp}/notes.txt is not a folder"),
+        (
+            "fig.xbm",
+            "Pillow cannot write the figure as .xbm (cannot write mode RGB as XBM); name a .png or .jpg file",
+        ),
+        (
+            "fig.palm",
+            "Pillow cannot write the figure as .palm (cannot write mode RGB as Palm);"
+            " name a .png or .jpg file",
+        ),
+    ],
+)
+def test_an_attention_figure_that_cannot_be_written_is_refused_before_captioning(
+    name, problem, tiny_model_dir, tmp_path, capfd
+):
+    """--attention in a folder that does not exist (or below a file), or in a format Pillow
+    cannot write an RGB figure in: one line, exit 2, nothing on stdout. It had been found only
+    after the photo was captioned and its record printed ("cannot write nodir/x.png: No such
+    file or directory", "cannot write mode RGB as XBM"), as --write-bag's missing folder is not."""
+    (tmp_path / "notes.txt").write_text("a file, not a folder")
+    target = tmp_path / name
+    out = edgecap_caption(capfd, EXAMPLES / "chelsea.png", "--attention", target, model=tiny_model_dir)
+    assert (out.returncode, out.stdout) == (2, "")
+    assert out.stderr == f"edgecap caption: error: --attention {target}: {problem.format(tmp=tmp_path)}\n"
+    assert sorted(p.name for p in tmp_path.iterdir()) == ["notes.txt"]
+
+
 _SIGNAL_AFTER_FIRST_CAPTION = (
     "import os, signal, sys\n"
     "from edgecap.commands import caption_media\n"
@@ -315,16 +346,24 @@ def test_attention_of_more_than_one_photo_is_one_line(tiny_model_dir, tmp_path, 
     assert sorted(tmp_path.iterdir()) == [photos]
 
 
-def test_attention_figure_that_cannot_be_written_is_one_line(tiny_model_dir, tmp_path, capfd):
-    """OUT in a folder that does not exist: the caption is printed, then one error line
-    naming OUT (exit 2), not a traceback."""
-    target = tmp_path / "missing" / "out.png"
+def test_attention_figure_that_cannot_be_written_is_one_line(tiny_model_dir, tmp_path, capfd, monkeypatch):
+    """OUT that fails only as it is written (a full disk; a folder that does not exist is
+    refused before captioning): the caption is printed, then one error line naming OUT and
+    the system's reason (exit 2), not a traceback."""
+    import errno
+
+    from edgecap import viz
+
+    def full_disk(path, write):
+        raise OSError(errno.ENOSPC, "No space left on device")
+
+    monkeypatch.setattr(viz, "write_whole", full_disk)
+    target = tmp_path / "out.png"
     out = edgecap_caption(capfd, EXAMPLES / "chelsea.png", "--attention", target, model=tiny_model_dir)
     assert out.returncode == 2
     assert len(out.stdout.splitlines()) == 1
-    (line,) = out.stderr.splitlines()
-    assert line.startswith(f"edgecap caption: error: cannot write {target}: ")
-    assert not target.parent.exists()
+    assert out.stderr == f"edgecap caption: error: cannot write {target}: No space left on device\n"
+    assert not target.exists()
 
 
 def test_stream_records_give_the_time_to_the_millisecond_and_the_frames_dropped(capsys):

@@ -142,6 +142,20 @@ def test_a_nothing_recognisable_caption_says_so_not_to_pass_return_attention():
         ("figure.psd", ".psd images can be read, not written; name a .png or .jpg file"),
         ("figure.XPM", ".xpm images can be read, not written; name a .png or .jpg file"),
         ("figure.notanimage", "unknown image format; name a .png or .jpg file"),
+        # formats Pillow writes, but not an RGB figure, or only with a handler it has not got
+        (
+            "figure.xbm",
+            "Pillow cannot write the figure as .xbm (cannot write mode RGB as XBM); name a .png or .jpg file",
+        ),
+        (
+            "figure.MSP",
+            "Pillow cannot write the figure as .msp (cannot write mode RGB as MSP); name a .png or .jpg file",
+        ),
+        (
+            "figure.h5",
+            "Pillow cannot write the figure as .h5 (HDF5 save handler not installed);"
+            " name a .png or .jpg file",
+        ),
     ],
 )
 def test_a_figure_pillow_cannot_write_is_a_value_error_naming_it(name, problem, tmp_path):

@@ -278,9 +278,12 @@ def _check_arguments(args: argparse.Namespace) -> str | None:
     if args.attention is not None:
         if not args.paths:
             return "--attention needs one image PATH (not --video or --camera)"
+        from edgecap.commands.output import escape_name
+        from edgecap.files import folder_problem
         from edgecap.viz import figure_format_problem
 
-        problem = figure_format_problem(args.attention)  # unknown, or read only (.psd)
-        if problem is not None:
-            return f"--attention {args.attention}: {problem}"
+        # before the model is loaded and the photo captioned, as --write-bag's folder is checked
+        problem = folder_problem(args.attention) or figure_format_problem(args.attention)
+        if problem is not None:  # no folder; unknown, read only (.psd), not for RGB (.xbm)
+            return f"--attention {escape_name(args.attention)}: {escape_name(problem)}"  # names in it too
     return None
