@@ -739,3 +739,22 @@ def test_cli_says_which_photos_this_pillow_cannot_decode(tiny_model_dir, tmp_pat
         f"edgecap: {named}: a HEIC/HEIF image, which this Pillow cannot decode (only with the "
         "pillow-heif plugin, which edgecap does not load): convert it to JPEG or PNG",
     ]
+
+
+def test_a_folder_gives_its_files_in_code_point_order_depth_first(tmp_path):
+    """docs/cli.md: code-point order of the names (not natural or locale order), depth first,
+    each subfolder where its own name falls among the files; the expected order written out."""
+    root = tmp_path / "r"
+    (root / "img_5").mkdir(parents=True)
+    for rel in ("img_1.png", "img_1001.png", "IMG_10.png", "IMG_9.png", "img_5/a.png", "img_50.png", "b.png"):
+        _photo(root / rel)
+    names = [os.path.relpath(name, root) for name, _ in expand_all([str(root)])]
+    assert names == [
+        "IMG_10.png",
+        "IMG_9.png",
+        "b.png",
+        "img_1.png",
+        "img_1001.png",
+        "img_5/a.png",
+        "img_50.png",
+    ]

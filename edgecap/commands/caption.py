@@ -92,7 +92,11 @@ def add_arguments(p: argparse.ArgumentParser) -> None:
     p.epilog = EXIT_CODES  # edgecap.cli's formatter keeps its layout
     p.set_defaults(repeated_source=None)
     p.add_argument(
-        "paths", nargs="*", metavar="PATH", help="image files, folders (searched recursively) or quoted globs"
+        "paths",
+        nargs="*",
+        metavar="PATH",
+        help="image files, folders (searched recursively, depth first, in code-point order of the names: "
+        "IMG_10 before IMG_9, uppercase first) or quoted globs",
     )
     p.add_argument("--video", metavar="FILE", action=_OneSource, help="caption a video file's frames")
     p.add_argument(
