@@ -1204,8 +1204,10 @@ def _made_again(made_with: dict) -> Captioner:
 # which aborts ('terminate called without an active exception', SIGABRT, exit code 134): a robot
 # app's sys.exit with its captioning thread a daemon. A fork (its before hook) and the exit
 # (atexit) wait for the other threads' batches to end, at most BATCHES_WAIT_S, and hold new
-# ones: until the fork is done; at the exit, those of daemon threads for good (the exit ends
-# them), not those of the thread that exits (an atexit hook that captions).
+# ones: until the fork is done; at the exit, a daemon thread's next batch ends that thread
+# instead (SystemExit: it had waited for good, so an app's atexit hook registered before ours,
+# run after it, that joined the thread hung the exit), not the thread that exits (an atexit
+# hook that captions).
 BATCHES_WAIT_S = 10.0
 # Without a lock a batch could wait on (a thread's batch takes no lock another thread holds):
 # each thread writes only its own count, and says it runs before it looks for a fork or the
@@ -1237,7 +1239,9 @@ def _batch_running() -> Iterator[None]:
             break
         _count_batch(me, -1)
         if _exiting and threading.current_thread().daemon:
-            threading.Event().wait()  # for good: the interpreter's exit ends this thread
+            # ended, not held: a thread ends on SystemExit quietly, its finally blocks run, and
+            # whoever joins it goes on (an app's atexit hook run after ours; it waited forever)
+            raise SystemExit("the interpreter is exiting: a daemon thread starts no new batch")
         _no_fork.wait()
     try:
         yield

@@ -435,3 +435,65 @@ def test_options_set_during_a_call_leave_its_captions_those_of_the_options_it_be
     assert changes and captioner.options == new
     assert got == old_results
     assert [every_field(r) for r in captioner.caption_batch(_options_photos())] == new_results
+
+
+def test_an_exit_hook_that_joins_a_daemon_captioning_thread_returns(tiny_model_dir, tmp_path):
+    """A robot app's shutdown hook (atexit, registered before edgecap.api was imported: a lazy
+    import, a plugin) stops its daemon captioning thread and joins it. atexit runs the hooks
+    last registered first, so edgecap's own had already held the thread's next batch, for good:
+    the join waited forever and the process never exited (4 runs in 6, by the moment of the
+    exit). The held batch ends the thread (SystemExit, which a thread ends on quietly) instead.
+    Here the thread's first batch waits for the exit to begin, so that the next one, in the
+    same call, is asked for during the exit every time."""
+    import subprocess
+    import sys
+
+    script = tmp_path / "app.py"
+    script.write_text(
+        f"""
+import atexit, sys, threading, time
+
+stop = threading.Event()
+
+
+def stop_captioning():
+    stop.set()
+    worker.join()
+    print("joined", flush=True)
+
+
+atexit.register(stop_captioning)  # before edgecap.api is imported: run after its own hook
+
+from edgecap import Captioner, api
+
+captioner = Captioner({str(tiny_model_dir)!r}, max_length=6, batch_size=2, decode_workers=0)
+photos = {[CHELSEA, COFFEE, ROCKET, ASTRONAUT]!r}  # two batches a call
+inside = threading.Event()
+encode = captioner.backend.encode
+
+
+def encode_at_the_exit(x):
+    inside.set()
+    deadline = time.monotonic() + 60
+    while not api._exiting and time.monotonic() < deadline:
+        time.sleep(0.005)
+    return encode(x)
+
+
+captioner.backend.encode = encode_at_the_exit
+
+
+def loop():
+    while not stop.is_set():
+        captioner.caption_batch(photos)
+
+
+worker = threading.Thread(target=loop, daemon=True)
+worker.start()
+inside.wait(60)
+sys.exit(0)
+"""
+    )
+    # about a second; a process that never exits is ended by the timeout (an error, not a hang)
+    done = subprocess.run([sys.executable, str(script)], capture_output=True, text=True, timeout=60)
+    assert (done.returncode, done.stdout, done.stderr) == (0, "joined\n", "")
