@@ -19,8 +19,8 @@ import threading
 import time
 import warnings
 import weakref
-from collections.abc import Generator, Iterable, Iterator
-from concurrent.futures import CancelledError, ThreadPoolExecutor
+from collections.abc import Callable, Generator, Iterable, Iterator
+from concurrent.futures import CancelledError, Executor, Future, ThreadPoolExecutor
 from dataclasses import dataclass, field, fields, replace
 from importlib import resources
 from pathlib import Path
@@ -357,7 +357,11 @@ class Captioner:
         self._pool: ThreadPoolExecutor | None = None
         self._pool_size = 0
         self._pool_users: dict[ThreadPoolExecutor, int] = {}
-        self._pool_lock = threading.Lock()
+        # re-entrant: close() from a signal handler in a thread that holds it (``_pools_held``)
+        self._pool_lock = threading.RLock()
+        self._pools_held_depth = 0  # the holder's ``_pools_held`` sections, one inside another
+        self._stop_pools_after = False  # close() interrupted one: the pools stop at its end
+        self._in_close = False  # close() holds the lock: a handler's close() there returns at once
 
     def _after_fork_in_child(self) -> None:
         """A fork's child has none of the parent's threads: the decoding workers' pool (whose
@@ -421,12 +425,24 @@ class Captioner:
         ``iter_captions`` begun before, raises ``ValueError("this Captioner is closed ...")`` at
         its next batch. A ``with Captioner(...) as captioner:`` block closes it at its end."""
         with self._pool_lock:
-            first = not self._closed
-            self._closed = True
-            if first:
-                self._closing = threading.get_ident()
-            pools = {*self._pool_users, *([self._pool] if self._pool is not None else [])}
-            self._pool = None
+            if self._in_close:  # a signal handler that interrupted the first close() just here
+                return
+            self._in_close = True
+            try:
+                first = not self._closed
+                self._closed = True
+                if first:
+                    self._closing = threading.get_ident()
+                if self._pools_held_depth:
+                    # a signal handler in a thread inside ``_pools_held`` (maybe inside a pool's
+                    # submit, holding that pool's lock, which its shutdown takes: it waited for
+                    # good): the pools are stopped at the end of that section
+                    self._stop_pools_after = self._stop_pools_after or first
+                    pools = set()
+                else:
+                    pools = self._pools_taken()
+            finally:
+                self._in_close = False
         inside_batch = self._backend_lock is not None and self._in_batch == threading.get_ident()
         if not first:
             # another close() (a shutdown hook racing a ``with`` block's end) does the work:
@@ -437,8 +453,7 @@ class Captioner:
                 self._released.wait()
             return
         try:
-            for pool in pools:
-                pool.shutdown(wait=True, cancel_futures=True)
+            self._stop_pools(pools)
             if inside_batch:
                 # called from inside this thread's own batch (a signal handler): waiting for
                 # the batch would wait forever; the batch releases the backend when it ends
@@ -447,8 +462,45 @@ class Captioner:
             with self._backend_lock or contextlib.nullcontext():  # after the batch in it now
                 self._release_backend()
         finally:
-            if not self._release_after_batch:
+            if not self._release_after_batch and not self._stop_pools_after:
                 self._released.set()
+
+    def _pools_taken(self) -> set[ThreadPoolExecutor]:
+        """The decoding pools to stop (the current one and those calls still use), forgotten;
+        ``_pool_lock`` held."""
+        pools = {*self._pool_users, *([self._pool] if self._pool is not None else [])}
+        self._pool = None
+        return pools
+
+    @staticmethod
+    def _stop_pools(pools: set[ThreadPoolExecutor]) -> None:
+        """close()'s stop: the photos queued are not decoded, the ones being decoded finish."""
+        for pool in pools:
+            pool.shutdown(wait=True, cancel_futures=True)
+
+    @contextlib.contextmanager
+    def _pools_held(self) -> Iterator[None]:
+        """``_pool_lock`` held for work on the pools (making, borrowing, handing back, submitting
+        to one). A close() that comes inside (a signal handler in this thread) leaves the pools'
+        shutdown to the end (``_stop_pools_after``): this thread may hold a pool's own lock."""
+        pools: set[ThreadPoolExecutor] | None = None
+        try:
+            with self._pool_lock:
+                self._pools_held_depth += 1
+                try:
+                    yield
+                finally:
+                    self._pools_held_depth -= 1
+                    if not self._pools_held_depth and self._stop_pools_after:
+                        self._stop_pools_after = False
+                        pools = self._pools_taken()  # and any made after the close() came
+        finally:
+            if pools is not None:
+                try:
+                    self._stop_pools(pools)
+                finally:
+                    if not self._release_after_batch:
+                        self._released.set()
 
     def _release_backend(self) -> None:
         with _HOLDERS_LOCK:
@@ -847,7 +899,7 @@ class Captioner:
     def _workers(self) -> ThreadPoolExecutor:
         """The pool of ``decode_workers`` threads: the current one, or a new one when the number
         changed (the old one is shut down now, or by the last call still using it)."""
-        with self._pool_lock:
+        with self._pools_held():
             return self._workers_locked()
 
     def _workers_locked(self, n: int | None = None) -> ThreadPoolExecutor:
@@ -855,23 +907,25 @@ class Captioner:
         if self._closed:
             raise ValueError("this Captioner is closed")
         n = self.decode_workers if n is None else n
-        if self._pool is None or self._pool_size != n:
-            old, self._pool = self._pool, ThreadPoolExecutor(n, thread_name_prefix="edgecap-decode")
-            self._pool_size = n
+        pool = self._pool  # this one, not self._pool again: a close() in between sets it to None
+        if pool is None or self._pool_size != n:
+            old, pool = pool, ThreadPoolExecutor(n, thread_name_prefix="edgecap-decode")
+            self._pool, self._pool_size = pool, n
             if old is not None and old not in self._pool_users:
                 old.shutdown(wait=False)
-        return self._pool
+        return pool
 
     @contextlib.contextmanager
-    def _borrowed_workers(self, n: int) -> Iterator[ThreadPoolExecutor]:
-        """The pool of ``n`` workers for one call: not shut down under it when the number changes."""
-        with self._pool_lock:
+    def _borrowed_workers(self, n: int) -> Iterator[Executor]:
+        """The pool of ``n`` workers for one call: not shut down under it when the number changes;
+        its ``submit`` inside ``_pools_held`` (``_Submitting``)."""
+        with self._pools_held():
             pool = self._workers_locked(n)
             self._pool_users[pool] = self._pool_users.get(pool, 0) + 1
         try:
-            yield pool
+            yield _Submitting(pool, self._pools_held)
         finally:
-            with self._pool_lock:
+            with self._pools_held():
                 self._pool_users[pool] -= 1
                 if not self._pool_users[pool]:
                     del self._pool_users[pool]
@@ -1306,6 +1360,19 @@ def _on_gpu(name: str, device: str | None, backend: Backend) -> bool:
         return True
     providers = getattr(backend, "providers", None) or [ort_providers.CPU]
     return providers[0] in (ort_providers.CUDA, ort_providers.TENSORRT)
+
+
+class _Submitting(Executor):
+    """``pool``'s ``submit`` inside ``held()`` (``Captioner._pools_held``): a close() from a signal
+    handler that lands in it, where the pool's own lock is held, leaves the pool's shutdown
+    (which takes that lock: it waited for good) to its end."""
+
+    def __init__(self, pool: Executor, held: Callable[[], contextlib.AbstractContextManager]):
+        self._pool, self._held = pool, held
+
+    def submit(self, fn, /, *args, **kwargs) -> Future:
+        with self._held():
+            return self._pool.submit(fn, *args, **kwargs)
 
 
 class _Source(Iterator):

@@ -915,6 +915,114 @@ def test_a_second_close_from_inside_the_first_does_not_wait_for_it(fake):
     assert events == ["releasing", "inner close returned"]
 
 
+def _closing_inside(monkeypatch, cap, where: str, events: list) -> None:
+    """Have ``cap.close()`` called once, as a signal handler in the calling thread would, from
+    inside ``where``: "the pool lock" (``_borrowed_workers`` holding the Captioner's pool lock,
+    the pool just made) or "submit" (``ThreadPoolExecutor.submit``, holding the pool's own
+    lock)."""
+
+    def close_here():
+        if "close returned" not in events:
+            cap.close()
+            events.append("close returned")
+
+    if where == "the pool lock":
+        workers_locked = cap._workers_locked
+
+        def made_then_closed(*args):
+            pool = workers_locked(*args)
+            close_here()
+            return pool
+
+        monkeypatch.setattr(cap, "_workers_locked", made_then_closed)
+    else:
+        from concurrent.futures import thread as futures_thread
+
+        class ClosingWorkItem(futures_thread._WorkItem):
+            def __init__(self, *args, **kwargs):
+                if threading.current_thread().name == "caller":
+                    close_here()
+                super().__init__(*args, **kwargs)
+
+        monkeypatch.setattr(futures_thread, "_WorkItem", ClosingWorkItem)
+
+
+@pytest.mark.parametrize("where", ["the pool lock", "submit"])
+def test_close_from_a_signal_handler_inside_the_workers_own_locks_does_not_hang(fake, monkeypatch, where):
+    """docs/python-api.md: close() may be called from a signal handler in the thread whose call
+    is running. Landing while that thread held the Captioner's pool lock (making or borrowing
+    the pool) or the pool's own (inside ``pool.submit``), close() waited for the lock its own
+    thread held: the call hung for good. The close returns, the pool is shut down at the end
+    of what it interrupted, the call stops with the closed error as anywhere else, no
+    decoding thread is left and a later close() from another thread returns."""
+    before = frozenset(threading.enumerate())
+    cap = captioner(workers=2, batch=2)
+    closed: list = []
+    fake["backend"].close = lambda: closed.append(True)
+    events: list = []
+    _closing_inside(monkeypatch, cap, where, events)
+    outcome: dict = {}
+
+    def call():
+        try:
+            outcome["results"] = cap.caption_batch([red(i) for i in range(8)])
+        except Exception as exc:  # noqa: BLE001 (what the call raised is what is checked)
+            outcome["error"] = exc
+
+    caller = threading.Thread(target=call, name="caller", daemon=True)  # a hang does not hang pytest
+    caller.start()
+    caller.join(10)
+    assert not caller.is_alive(), f"close() from inside {where} hung"
+    assert events == ["close returned"]
+    error = outcome.get("error")
+    assert isinstance(error, ValueError) and "this Captioner is closed" in str(error), outcome
+    assert not any(t.is_alive() for t in _decode_threads(before))
+    assert closed == [True]
+    again = threading.Thread(target=cap.close, daemon=True)
+    again.start()
+    again.join(10)
+    assert not again.is_alive() and closed == [True]
+
+
+def test_close_from_a_signal_handler_inside_close_s_own_lock_releases_the_backend_once(fake):
+    """The pool lock is re-entrant, so a signal handler's close() that lands inside the first
+    close()'s own hold of it (the first has found itself first, the Captioner not yet marked
+    closed) no longer waits for good; it returns at once and leaves the work to the first,
+    which releases the backend once (twice: a copy's backend closed under it). The handler is
+    forced onto that line by a trace function (this thread only)."""
+    import inspect
+    import sys
+
+    cap = captioner(workers=2, batch=2)
+    assert texts(cap.caption_batch([red(i) for i in range(3)])) == [word(i) for i in range(3)]
+    released: list = []
+    fake["backend"].close = lambda: released.append(True)
+    lines, start = inspect.getsourcelines(Captioner.close)
+    line = start + next(i for i, text in enumerate(lines) if "self._closed = True" in text)
+    fired: list = []
+
+    def tracer(frame, event, arg):
+        if frame.f_code is not Captioner.close.__code__:
+            return None
+        if event == "line" and frame.f_lineno == line and not fired:
+            fired.append(True)
+            cap.close()  # as a SIGTERM handler in this thread would, just there
+        return tracer
+
+    def close_traced():
+        sys.settrace(tracer)
+        try:
+            cap.close()
+        finally:
+            sys.settrace(None)
+
+    closer = threading.Thread(target=close_traced, daemon=True)  # a hang does not hang pytest
+    closer.start()
+    closer.join(10)
+    assert not closer.is_alive(), "the handler's close() waited for the lock its thread held"
+    assert fired and released == [True]
+
+
 def test_an_iteration_begun_before_close_stops_at_its_next_batch(fake):
     cap = captioner(workers=0, batch=1)
     results = cap.iter_captions([red(i) for i in range(4)])
