@@ -389,8 +389,9 @@ class Captioner:
         if options.fusion_weight and self.fusion is None:  # nothing would be fused: say so
             raise ValueError(
                 f"fusion_weight {options.fusion_weight:g}: the model {self.manifest.directory} has no "
-                "everyday caption language models (fusion.json) to fuse; leave fusion_weight out, or add "
-                "them with `python -m edgecap.training.language_model`"
+                "everyday caption language models (fusion.json) to fuse; leave fusion_weight out, or train "
+                "them with `python -m edgecap.training.language_model` and add them with its `install` "
+                "command (`python -m edgecap.training.language_model install --help`)"
             )
         self._options = options
 

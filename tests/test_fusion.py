@@ -755,8 +755,9 @@ def test_a_fusion_weight_for_a_model_without_language_models_is_refused(default_
     printed = capsys.readouterr()
     assert printed.out == "" and printed.err == (
         f"edgecap caption: error: --fusion-weight 0.5: the model {model} has no everyday caption "
-        "language models (fusion.json) to fuse; leave --fusion-weight out, or add them with "
-        "`python -m edgecap.training.language_model`\n"
+        "language models (fusion.json) to fuse; leave --fusion-weight out, or train them with "
+        "`python -m edgecap.training.language_model` and add them with its `install` command "
+        "(`python -m edgecap.training.language_model install --help`)\n"
     )
     references = tmp_path / "refs.json"
     references.write_text(
@@ -799,7 +800,8 @@ def test_the_api_refuses_a_fusion_weight_for_a_model_without_language_models(def
         Captioner(model, fusion_weight=0.5)
     assert str(raised.value) == (
         f"fusion_weight 0.5: the model {model} has no everyday caption language models (fusion.json) "
-        "to fuse; leave fusion_weight out, or add them with `python -m edgecap.training.language_model`"
+        "to fuse; leave fusion_weight out, or train them with `python -m edgecap.training.language_model` "
+        "and add them with its `install` command (`python -m edgecap.training.language_model install --help`)"
     )
     with pytest.raises(ValueError, match="^fusion_weight 2: the model"):
         Captioner(model, options=CaptionOptions(fusion_weight=2.0))
@@ -981,3 +983,13 @@ def test_the_search_gates_each_photo_by_its_own_class_probabilities(tmp_path):
     found = [h[0].tokens for h in search(backend, encoded, options, START, END, V, fusion=gated)]
     assert found[0::2] == fused[0::2]
     assert found[1::2] == plain[1::2]
+
+
+def test_the_trainers_help_names_the_install_command():
+    """The caption error for a model without language models sends the user to
+    ``python -m edgecap.training.language_model``; its --help had never said that its
+    ``install`` command is what puts trained models into a model directory."""
+    from edgecap.training.language_model import build_parser
+
+    text = build_parser().format_help()
+    assert "python -m edgecap.training.language_model install --model DIR" in text

@@ -334,7 +334,14 @@ def build_parser() -> argparse.ArgumentParser:
     from edgecap.cli import HelpFormatter
 
     parser = argparse.ArgumentParser(
-        description=(__doc__ or "").split("\n\n")[0], formatter_class=HelpFormatter
+        description=(__doc__ or "").split("\n\n")[0],
+        formatter_class=HelpFormatter,
+        epilog=(
+            "To put two trained models (everyday and in-domain) into a model directory, where\n"
+            "the caption search fuses them:\n"
+            "  python -m edgecap.training.language_model install --model DIR ...\n"
+            "(its own --help lists the options)."
+        ),
     )
     source = parser.add_mutually_exclusive_group(required=True)
     source.add_argument("--text", help="one caption per line")
