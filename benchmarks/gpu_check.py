@@ -314,6 +314,11 @@ class Report:
             return True
         return False
 
+    def timeout(self, most: float, least: float = 30.0) -> float:
+        """A subprocess's time limit: what is left of the budget, at least ``least`` and at most
+        ``most`` seconds (a section started just within the budget still gets ``least``)."""
+        return min(most, max(least, self.budget_s - (time.perf_counter() - T0)))
+
 
 # -- 1. the machine ------------------------------------------------------------------------------
 
@@ -489,11 +494,13 @@ def probe_fused(model: Path, report: Report, plain: dict | None, timeout_s: floa
     ``fused_skip_reason`` skips its fused modes, with ``reasons``' reason); ``ok``: all
     forms did; ``same_as_plain``: its FP32 parts' captions the plain probe's. Where only the
     one graph failed (not captured, other captions, or the crash came there), conditional
-    nodes are turned off for the run."""
+    nodes are turned off for the run. It is given ``timeout_s`` or what is left of the budget,
+    at least 30 s (``main`` starts it only within the budget)."""
     forms = [(label, options, False) for label, options in FUSED_PROBE_FORMS.values()]
     if plain and plain.get("ok"):
         forms.append(("one graph", FUSED_PROBE_FORMS["fp32"][1], True))
-    log("probing the fused device search in a subprocess")
+    timeout_s = report.timeout(timeout_s)  # within what is left of --budget-s, at least 30 s
+    log(f"probing the fused device search in a subprocess (at most {timeout_s:.0f} s)")
     result, crash = _probe(model, forms, timeout_s)
     usable, reasons = {}, {}
     for precision, (label, _) in FUSED_PROBE_FORMS.items():
@@ -1575,8 +1582,7 @@ def profile_mode(
     ``timeout_s`` or what is left of the budget, at least 30 s. None, and the skip says why,
     where it failed."""
     label = mode["label"]
-    # within what is left of --budget-s (at least 30 s), as the command line's runs
-    timeout_s = min(timeout_s, max(30.0, report.budget_s - (time.perf_counter() - T0)))
+    timeout_s = report.timeout(timeout_s)  # within what is left of --budget-s, at least 30 s
     command = [sys.executable, "-c", PROFILE, str(BENCH_DIR), str(model), label, device, str(max_length)]
     command += [",".join(map(str, batches)), str(calls)]
     log(f"{label}: profiling batch {', '.join(map(str, batches))} in a subprocess")
@@ -1775,7 +1781,7 @@ def command_line(
         argv += ["--json", "--no-progress", *flags]
         started = time.perf_counter()
         # each run within what is left of --budget-s (at least 30 s), so the check ends in time
-        limit = min(timeout_s, max(30.0, report.budget_s - (started - T0)))
+        limit = report.timeout(timeout_s)
         try:
             proc = subprocess.run(argv, capture_output=True, text=True, timeout=limit, cwd=REPO)
         except subprocess.TimeoutExpired:
@@ -2502,7 +2508,8 @@ def main(argv=None) -> int:
     profile_sizes = {"batches": PROFILE_BATCHES} if device == "cuda" else {"batches": (1,), "calls": 1}
     for step, mode in plan(every, file_rate_modes, profile_modes):
         if step == "fused probe":  # its kernels' first run on this GPU, in a process of its own
-            data["fused_probe"] = probe_fused(model, report, data.get("conditional_probe"))
+            if not report.over_budget("fused probe"):  # past it, its modes would be skipped too
+                data["fused_probe"] = probe_fused(model, report, data.get("conditional_probe"))
         elif step == "gpu tests":
             data["gpu_tests"] = run_gpu_tests(args, report, device)
             if device == "cuda":  # where the encoder's time could go (a few seconds)

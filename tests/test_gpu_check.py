@@ -1510,13 +1510,9 @@ def test_the_fused_probe_runs_the_fused_search_apart_and_skips_its_modes_where_i
         assert why in gpu_check.fused_skip_reason(fp32, result) and "**its parts (FP32) failed**" in text
 
 
-def test_a_run_probes_the_fused_search_before_its_first_mode_and_skips_it_where_the_probe_failed(
-    tmp_path, monkeypatch
-):
-    """``main``: where the run has a fused mode, the fused probe runs (once, before it) and a
-    fused mode whose precision's parts failed there is skipped with the probe's reason, its
-    other modes run; where the probe passed, the mode runs (here in Triton's interpreter, as
-    the tests run it). Stand-ins: a fused mode among the CPU's, the probe's outcome."""
+def _with_a_fused_stand_in(monkeypatch):
+    """gpu_check, its CPU modes ending with a stand-in fused mode (a run's fused probe runs
+    before it) -> (gpu_check, that mode)."""
     sys.path.insert(0, str(SCRIPT.parent))
     import gpu_check
 
@@ -1528,6 +1524,17 @@ def test_a_run_probes_the_fused_search_before_its_first_mode_and_skips_it_where_
     monkeypatch.setattr(
         gpu_check, "modes", lambda device, compiled=False: real_modes(device, compiled) + [fused]
     )
+    return gpu_check, fused
+
+
+def test_a_run_probes_the_fused_search_before_its_first_mode_and_skips_it_where_the_probe_failed(
+    tmp_path, monkeypatch
+):
+    """``main``: where the run has a fused mode, the fused probe runs (once, before it) and a
+    fused mode whose precision's parts failed there is skipped with the probe's reason, its
+    other modes run; where the probe passed, the mode runs (here in Triton's interpreter, as
+    the tests run it). Stand-ins: a fused mode among the CPU's, the probe's outcome."""
+    gpu_check, fused = _with_a_fused_stand_in(monkeypatch)
     probes = []
 
     def probe_fused(model, report, plain, timeout_s=180.0):
@@ -1562,3 +1569,31 @@ def test_a_run_probes_the_fused_search_before_its_first_mode_and_skips_it_where_
             assert [m["label"] for m in data["modes"]] == ["torch-cpu-fp32-eager"]
             assert why in skipped[fused["label"]]
         assert "## The fused search's first run" in (out / "gpu-cpu.md").read_text()
+
+
+def test_the_fused_probe_keeps_to_the_budget(tmp_path, monkeypatch):
+    """The fused probe starts only within --budget-s, as every other section: past it, it is
+    skipped for the budget (it had started anyway, with its fixed 180 s, for modes then all
+    skipped for the budget); within it, it gets what is left, at least 30 s and at most 180 s.
+    Stand-ins: a fused mode among the CPU's, the probe's subprocess (recording its timeout)."""
+    gpu_check, fused = _with_a_fused_stand_in(monkeypatch)
+    given = []
+
+    def probe(model, forms, timeout_s):
+        given.append(timeout_s)
+        return {"parts": {"texts": [["a"]]}, "fp16 parts": {"texts": [["a"]]}, "seconds": 0.0}, None
+
+    monkeypatch.setattr(gpu_check, "_probe", probe)
+    argv = ["--device", "cpu", "--quick", "--n", "2", "--repeats", "1", "--skip-tests"]
+    argv += ["--out", str(tmp_path), "--flickr8k", str(tmp_path / "none"), "--modes", "*stand-in"]
+    assert gpu_check.main(argv + ["--budget-s", "0"]) == 0
+    assert given == []  # never started
+    data = json.loads((tmp_path / "gpu-cpu.json").read_text())
+    skipped = {s["item"]: s["reason"] for s in data["skipped"]}
+    assert skipped["fused probe"].startswith("time budget: ") and "fused_probe" not in data
+    # 100 s spent: with --budget-s 160 the 60 s left, with 110 the 30 s floor, with a budget to
+    # spare its 180 s
+    monkeypatch.setattr(gpu_check, "T0", time.perf_counter() - 100.0)
+    for budget in (160.0, 110.0, 1e9):
+        gpu_check.probe_fused(tmp_path, gpu_check.Report(budget), None)
+    assert given == [pytest.approx(60.0, abs=1.0), 30.0, 180.0]
