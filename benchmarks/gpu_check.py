@@ -1092,11 +1092,17 @@ class SyncTimedBackend(C.TimedBackend):
     """``TimedBackend`` whose encode is bracketed by ``torch.cuda.synchronize()`` (an eager CUDA
     encode returns before its kernels finish; each step ends with a device-to-host copy), and
     which passes the search on to the backend's device search where it has one (then no step
-    is timed: there is no step on the host)."""
+    is timed: there is no step on the host), its result unpacked later where the backend's is
+    (``defers_unpacking``: a call with the overlap on, as on a GPU, leaves the unpacking to the
+    captions' building), so the timed call takes the backend's own way."""
 
-    def search_on_device(self, *args):
+    def search_on_device(self, *args, **kwargs):
         inner = getattr(self.inner, "search_on_device", None)
-        return None if inner is None else inner(*args)
+        return None if inner is None else inner(*args, **kwargs)
+
+    @property
+    def defers_unpacking(self) -> bool:
+        return getattr(self.inner, "defers_unpacking", False)
 
     def _timed(self, encode, *args):
         _sync()

@@ -1597,3 +1597,36 @@ def test_the_fused_probe_keeps_to_the_budget(tmp_path, monkeypatch):
     for budget in (160.0, 110.0, 1e9):
         gpu_check.probe_fused(tmp_path, gpu_check.Report(budget), None)
     assert given == [pytest.approx(60.0, abs=1.0), 30.0, 180.0]
+
+
+def test_the_latency_times_the_backends_own_way_with_a_batch(default_model_dir):
+    """``latency`` times ``caption_batch`` through a ``SyncTimedBackend`` around the backend: a
+    batch must take the backend's own way there, as in a user's call: its ``batch_input`` (the
+    torch backend on CUDA stacks into a kept page-locked buffer and copies without blocking; a
+    fresh ``np.stack`` and a blocking copy had been timed instead) and its device search's
+    deferred unpacking (with the overlap on, as on a GPU). A CPU torch backend given a
+    ``Staging``, as on CUDA."""
+    import argparse
+
+    import torch
+
+    sys.path.insert(0, str(SCRIPT.parent))
+    import gpu_check
+
+    from edgecap import Captioner
+    from edgecap.backends.staging import Staging
+
+    cap = Captioner(default_model_dir, backend="torch", device="cpu", search="device", overlap=True)
+    backend = cap.backend
+    backend.staging = Staging(torch.device("cpu"))
+    seen = []
+    encode, search = backend.encode, backend.search_on_device
+    backend.encode = lambda images: seen.append(("encode", type(images).__name__)) or encode(images)
+    backend.search_on_device = lambda *a, **k: seen.append(("search", k.get("deferred"))) or search(*a, **k)
+    frames = list(np.random.default_rng(0).integers(0, 256, (2, 48, 64, 3), dtype=np.uint8))
+    cap.caption_batch(frames[:1])
+    assert seen == [("encode", "Tensor"), ("search", True)]  # the user's call
+    seen.clear()
+    args = argparse.Namespace(beams=[3], batches=[1], warmup=0, repeats=1, max_length=20)
+    (row,) = gpu_check.latency(cap, gpu_check.SyncTimedBackend(backend), frames, args)
+    assert seen == [("encode", "Tensor"), ("search", True)] and row["encoder_p50_ms"] > 0
