@@ -80,9 +80,11 @@ first two of them (``GPU_TESTS_AFTER``), the fused search's probe right before i
 (``probe_fused``, apart too: its kernels' first run on the GPU), the files against memory and
 the profiles after their modes, then the other modes (eager, the whole
 model in FP16, TensorRT and onnxruntime-gpu, the compiled search), then the command line.
-The report is rewritten after each step and each section of a mode, marked partial (and the
-mode in progress named) until the end: a run stopped from outside (a device lease's limit)
-keeps what it measured.
+The report is written before the first mode (the machine, the plan, the reference captions,
+the probe's outcome), then rewritten after each step and each section of a mode, marked
+partial (and the mode in progress named, the plan listed) until the end: a run stopped from
+outside (a device lease's limit), or ended by a crash or a hang in its first mode, keeps what
+it measured.
 
 ``--modes`` runs only the modes named (labels or shell patterns, comma-separated), in the run's
 order, without the command-line runs: a quick re-measure after a change, e.g.
@@ -1919,6 +1921,8 @@ def markdown(data: dict) -> str:
             + "; the run did not reach its end.**",
             "",
         ]
+        if data.get("plan"):  # what it was to run, in its order
+            lines += ["Plan: " + "; ".join(data["plan"]) + ".", ""]
     lines += [
         # first: what issue 24 asks, measured first (``TARGET_MODES``), met or not
         "## Targets",
@@ -2479,8 +2483,25 @@ def main(argv=None) -> int:
     )
 
     out = C.output_dir(args.out)
+    # issue 24's target modes first, then the rest (``plan``); on the CPU with --quick: the
+    # first mode profiled at batch 1, once, to keep the profile working
+    profile_modes = PROFILE_MODES if device == "cuda" else [modes(device)[0]["label"]] if args.quick else []
+    profile_sizes = {"batches": PROFILE_BATCHES} if device == "cuda" else {"batches": (1,), "calls": 1}
+    steps = plan(every, file_rate_modes, profile_modes)
+    data["plan"] = [what if mode is None else f"{what} {mode['label']}" for what, mode in steps]
+    data["plan"] += [] if args.modes else ["command line"]
     reference: list[str] | None = None
     data["reference"] = {}
+    results: list[dict] = []
+
+    def save(partial: bool = True, unfinished: dict | None = None) -> str:
+        """The report so far (``unfinished``: the mode in progress, with what it measured)."""
+        mode_results = results if unfinished is None else results + [unfinished]
+        return write_report(data, mode_results, report, device, out, name, partial)
+
+    # before anything runs on the GPU: a run ended within its first step (a native crash, a
+    # hang until the lease's kill) still leaves the machine, the plan and what it knew
+    save()
     try:
         ort = captioner(model, "onnxruntime", {"device": "cpu"}, 3, 8, args.max_length)
         texts, seconds = caption_all(ort, frames)
@@ -2498,21 +2519,17 @@ def main(argv=None) -> int:
 
     if device == "cuda":  # before any mode captures one (a few seconds, in its own process)
         data["conditional_probe"] = probe_conditionals(model, report)
-    results = []
     if device == "cuda" and not args.compiled:
         report.skip(
             "torch-cuda-fp32-graphs-device-compiled",
             "without --compiled (it compiles per shape first: leave it time)",
         )
+    save()  # with the reference's captions and the probe's outcome, before the first mode
 
     def checkpoint(unfinished: dict) -> None:
-        write_report(data, results + [unfinished], report, device, out, name, partial=True)
+        save(unfinished=unfinished)
 
-    # issue 24's target modes first, the gpu tests after the first two, then the rest (``plan``)
-    # on the CPU with --quick: the first mode at batch 1, once, to keep the profile working
-    profile_modes = PROFILE_MODES if device == "cuda" else [modes(device)[0]["label"]] if args.quick else []
-    profile_sizes = {"batches": PROFILE_BATCHES} if device == "cuda" else {"batches": (1,), "calls": 1}
-    for step, mode in plan(every, file_rate_modes, profile_modes):
+    for step, mode in steps:
         if step == "fused probe":  # its kernels' first run on this GPU, in a process of its own
             if not report.over_budget("fused probe"):  # past it, its modes would be skipped too
                 data["fused_probe"] = probe_fused(model, report, data.get("conditional_probe"))
@@ -2561,7 +2578,7 @@ def main(argv=None) -> int:
                 report.skip(mode["label"], f"failed: {type(exc).__name__}: {exc}")
         # the report so far, after each step: a run stopped from outside (a machine's time
         # limit) keeps what it finished
-        write_report(data, results, report, device, out, name, partial=True)
+        save()
     if args.modes:
         report.skip("command line", "--modes: the modes named only")
     else:
@@ -2572,7 +2589,7 @@ def main(argv=None) -> int:
     scratch.cleanup()
     if refs is not None and "skip" in _CIDER_NOTE:
         report.skip("CIDEr", _CIDER_NOTE["skip"])
-    text = write_report(data, results, report, device, out, name, partial=False)
+    text = save(partial=False)
     print(text)
     print("skipped:" if data["skipped"] else "skipped: nothing")
     for s in data["skipped"]:

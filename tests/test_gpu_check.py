@@ -1630,3 +1630,49 @@ def test_the_latency_times_the_backends_own_way_with_a_batch(default_model_dir):
     args = argparse.Namespace(beams=[3], batches=[1], warmup=0, repeats=1, max_length=20)
     (row,) = gpu_check.latency(cap, gpu_check.SyncTimedBackend(backend), frames, args)
     assert seen == [("encode", "Tensor"), ("search", True)] and row["encoder_p50_ms"] > 0
+
+
+class _Ended(BaseException):
+    """A stand-in for the process ending within a mode (a CUDA or Triton fault's abort, or a
+    hang until a lease's kill): no ``except Exception`` in gpu_check catches it."""
+
+
+def test_a_run_that_ends_in_its_first_mode_leaves_a_partial_report(tmp_path, monkeypatch):
+    """The report is written before the first mode runs (the machine, the run's plan, the
+    reference captions), marked partial: on a GPU the run starts with a mode, and a run ended
+    within it (a native crash, a hang) had left no gpu.md / gpu.json at all. A CPU mode made a
+    target mode, so that it comes first as on a GPU, ends the run at its first caption."""
+    sys.path.insert(0, str(SCRIPT.parent))
+    import gpu_check
+
+    monkeypatch.setattr(gpu_check, "TARGET_MODES", ("torch-cpu-fp32-eager",))
+    real = gpu_check.caption_all
+
+    def caption_all(cap, frames):
+        if cap.backend.name == "torch":  # the reference (onnxruntime) captions
+            raise _Ended
+        return real(cap, frames)
+
+    monkeypatch.setattr(gpu_check, "caption_all", caption_all)
+    argv = [
+        "--device",
+        "cpu",
+        "--quick",
+        "--n",
+        "2",
+        "--repeats",
+        "1",
+        "--skip-tests",
+        "--out",
+        str(tmp_path),
+    ]
+    argv += ["--flickr8k", str(tmp_path / "none"), "--modes", "torch-cpu-fp32-eager", "--budget-s", "1e9"]
+    with pytest.raises(_Ended):
+        gpu_check.main(argv)
+    data = json.loads((tmp_path / "gpu-cpu.json").read_text())
+    text = (tmp_path / "gpu-cpu.md").read_text()
+    assert data["partial"] is True and data["modes"] == []
+    assert data["plan"][0] == "mode torch-cpu-fp32-eager" and data["environment"]["cpu"]
+    assert len(data["reference"]["texts"]) == 2
+    assert "**Partial: written after 0 mode(s)" in text and "## Machine" in text
+    assert "Plan: mode torch-cpu-fp32-eager; " in text
