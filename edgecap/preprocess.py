@@ -98,19 +98,32 @@ def exposure_gain(pixels: np.ndarray) -> np.float32:
 # A frame with nothing to recognise: uniform (black, white, a lens cap, one colour) or blurred
 # past any detail. Measured on the encoder input of the shipped model in pixel levels (0-255),
 # on the grey image averaged over 4x4 blocks (56x56 at 224 px, so that small photos scaled up
-# are not taken for blurred ones): over 1,160 real photos (coco-ood-dev, coco-ood-dev-b, 600
-# Flickr8k dev) the lowest standard deviation was 15.6 and the lowest mean |Laplacian| 5.27;
-# a uniform frame gives 0 and 0; the example photos blurred by a Gaussian of radius 16 px (at
-# 224 px) give 0.28-1.17, radius 8 px 0.76-4.9, radius 4 px 2.4-13.6; shrunk to 32 px wide
-# 3.1-17.4, to 16 px 0.96-6.7.
-MIN_PIXEL_STD = 6.4
+# are not taken for blurred ones): the standard deviation ("spread") and the mean |Laplacian|
+# ("detail"). Over real photos the lowest spread was 9.4 (all 7,091 Flickr8k photos: a skier on
+# a snow slope; 13.8 over the 1,000 dev photos, 17.5 over coco-ood-dev and -b) and the lowest
+# detail 5.15 (5.27 over the 1,160 dev photos of the first measurement); a uniform frame gives 0
+# and 0; the example photos blurred by a Gaussian of radius 16 px (at 224 px) give 0.28-1.17,
+# radius 8 px 0.76-4.9, radius 4 px 2.4-13.6; shrunk to 32 px wide 3.1-17.4, to 16 px 0.96-6.7.
+# Fog or haze lowers a photo's spread and detail together (the same photo blended 80% toward a
+# light grey keeps a fifth of each): 273 dev photos (coco-ood-dev, coco-ood-dev-b, 113 Flickr8k
+# dev at full resolution) blended 80% toward level 200 have spreads of 3.5-18 and details of
+# 1.1-14, while the blank frames a review tried have at most 0.8 (grey and white walls, JPEG or
+# with noise, a "no signal" blue, a lens cap) or a detail of at most 0.72 (a gradient, a blue
+# sky). So a frame as taken needs a spread of MIN_PIXEL_STD and a detail of MIN_DETAIL.
+MIN_PIXEL_STD = 1.5
 MIN_DETAIL = 1.5
 BLOCK = 4
-# ... or, in a brightened frame, noise: sensor noise (a lens cap, brightened 8x as a dark frame)
-# has a mean |Laplacian| of about 3.5 times its spread at any strength (3.2-3.7 measured), photos
-# at most 1.85 (the 1,160 dev photos darkened to a half, a fifth and a tenth, brightened). A
-# brightened frame above MAX_DETAIL_RATIO is noise, not a scene. Frames that are not brightened
-# are not judged by it: close-ups of text, fine tiles and codes reach 2.6-5.7 too.
+# A frame of little spread (under LOW_PIXEL_STD) whose detail is over MAX_DETAIL_RATIO times its
+# spread is noise, not a faint scene: sensor noise and random pixels have a mean |Laplacian| of
+# about 3.5 times their spread at any strength (3.2-3.7 measured), photos at most 1.89 (all
+# 7,091 Flickr8k photos; the 1,160 dev photos darkened to a half, a fifth and a tenth and
+# brightened, at most 1.85; fog does not change the ratio). A brightened frame (``exposure_gain``
+# above 1: its levels, noise included, multiplied by up to 8) is judged by the ratio whatever its
+# spread, and needs a spread of LOW_PIXEL_STD: a lens cap with hot pixels, brightened 8x, has a
+# spread of 5.8-6.0 and a scene's ratio (1.7-2.4). A frame in good light with a spread of
+# LOW_PIXEL_STD or more is not judged by the ratio: close-ups of text, fine tiles and codes reach
+# 2.6-5.7 too.
+LOW_PIXEL_STD = 6.4
 MAX_DETAIL_RATIO = 2.5
 
 
@@ -124,10 +137,22 @@ def frame_statistics(x: np.ndarray, pre: Preprocessing) -> tuple[float, float]:
     return float(grey.std()), float(np.abs(laplacian).mean())
 
 
+def judged_recognisable(spread, detail, brightened):
+    """The blank check's rule on a frame's statistics (``frame_statistics``) and whether it was
+    brightened: elementwise, on float32 numpy arrays and bool arrays or on torch tensors, so that
+    the host and the torch backend's device (``edgecap.backends.torch_preprocess``) judge by the
+    same expression, in float32."""
+    low = spread < LOW_PIXEL_STD
+    noise = (detail > MAX_DETAIL_RATIO * spread) & (brightened | low)
+    return (spread >= MIN_PIXEL_STD) & (detail >= MIN_DETAIL) & ~(low & brightened) & ~noise
+
+
 def recognisable(x: np.ndarray, pre: Preprocessing, brightened: bool = False) -> bool:
     """Whether the encoder input (3, H, W) holds anything to caption (see the thresholds);
-    ``brightened``: it was brightened (``model_input``'s gain above 1), so noise is judged too."""
+    ``brightened``: it was brightened (``model_input``'s gain above 1), so it is judged as such."""
     spread, detail = frame_statistics(x, pre)
-    # the ratio in float32, as the device check computes it
-    noise = brightened and np.float32(detail) > np.float32(MAX_DETAIL_RATIO) * np.float32(spread)
-    return spread >= MIN_PIXEL_STD and detail >= MIN_DETAIL and not noise
+    # one-element float32 arrays: the comparisons in float32, as the device check computes them
+    verdict = judged_recognisable(
+        np.array([spread], np.float32), np.array([detail], np.float32), np.array([brightened])
+    )
+    return bool(verdict[0])

@@ -466,6 +466,36 @@ def chelsea(size=(96, 64)) -> Image.Image:
         return im.convert("RGB").resize(size)
 
 
+def hazy_and_blank_frames() -> dict[str, np.ndarray]:
+    """Frames for the blank check (edgecap.preprocess.recognisable): the cat photo in fog (its
+    levels 80% and 85% of the way to a light grey, level 200: a standard deviation of 6.0 and
+    4.5 levels at 224 px, under the 6.4 that flagged every frame before) and at a fifth of its
+    light in the same fog (brightened 6.4x: a spread of 7.7), then frames with nothing in them:
+    uniform, uniform with sensor noise (3 levels per channel; 12 levels of brightness: a spread
+    of 2.2 whose detail is 3.4 times it, as noise has), a gradient (detail 0.2), and a lens cap
+    (level 2, 1 level of noise) with hot pixels (0.1% at 255; brightened 8x: a spread of 6.0,
+    its detail 1.7 times it, a scene's ratio). The first three hold a cat; the others nothing."""
+    photo = np.asarray(Image.open(EXAMPLES / "chelsea.png").convert("RGB"), np.float64)
+    rng = np.random.default_rng(5)
+    h, w = 240, 320
+
+    def frame(levels) -> np.ndarray:
+        return np.clip(np.round(levels), 0, 255).astype(np.uint8)
+
+    lens_cap = 2 + rng.normal(0, 1, (h, w, 3))
+    lens_cap.reshape(-1, 3)[rng.choice(h * w, h * w // 1000, replace=False)] = 255
+    return {
+        "fog 80%": frame(photo * 0.2 + 200 * 0.8),
+        "fog 85%": frame(photo * 0.15 + 200 * 0.85),
+        "dim, fog 80%": frame((photo * 0.2 + 200 * 0.8) * 0.2),
+        "uniform": np.full((h, w, 3), 200, np.uint8),
+        "uniform, noise": frame(128 + rng.normal(0, 3, (h, w, 3))),
+        "uniform, strong noise": frame(128 + rng.normal(0, 12, (h, w, 1))).repeat(3, 2),
+        "gradient": frame(np.repeat(np.linspace(0, 255, w)[None, :, None], h, 0).repeat(3, 2)),
+        "lens cap, hot pixels": frame(lens_cap),
+    }
+
+
 def _png_16bit_rgb(rgb16: np.ndarray) -> bytes:
     """A 48-bit (16 bits per channel) RGB PNG, which Pillow cannot write itself."""
 

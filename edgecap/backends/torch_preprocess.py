@@ -41,12 +41,10 @@ from edgecap.backends.staging import Staging
 from edgecap.preprocess import (
     BLOCK,
     DARK_LEVEL,
-    MAX_DETAIL_RATIO,
     MAX_GAIN,
-    MIN_DETAIL,
-    MIN_PIXEL_STD,
     TARGET_LEVEL,
     Preprocessing,
+    judged_recognisable,
     model_input,
 )
 from edgecap.trt import parse_version
@@ -260,7 +258,7 @@ class FramePreprocess:
 
     def recognisable(self, x: torch.Tensor, brightened: torch.Tensor) -> torch.Tensor:
         """``edgecap.preprocess.recognisable`` of each encoder input in ``x`` (N, 3, H, W);
-        ``brightened`` (N,) bool: which were brightened (the noise rule is theirs)."""
+        ``brightened`` (N,) bool: which were brightened (judged as such)."""
         grey = (x * self.std).mean(1)
         n, h, w = grey.shape[0], grey.shape[1] // BLOCK * BLOCK, grey.shape[2] // BLOCK * BLOCK
         grey = grey[:, :h, :w].reshape(n, h // BLOCK, BLOCK, w // BLOCK, BLOCK).mean((2, 4))
@@ -273,5 +271,4 @@ class FramePreprocess:
             - grey[:, 1:-1, 2:]
         )
         detail = laplacian.abs().reshape(n, -1).mean(1)
-        noise = brightened & (detail > MAX_DETAIL_RATIO * spread)  # float32, as the host compares
-        return (spread >= MIN_PIXEL_STD) & (detail >= MIN_DETAIL) & ~noise
+        return judged_recognisable(spread, detail, brightened)  # the host's rule, in float32
