@@ -466,6 +466,16 @@ def chelsea(size=(96, 64)) -> Image.Image:
         return im.convert("RGB").resize(size)
 
 
+def with_lights(photo: np.ndarray, light: float, share: float) -> np.ndarray:
+    """``photo`` at ``light`` of its levels, with a white rectangle (a lamp, a window) over
+    ``share`` of the frame in its top left corner."""
+    frame = np.round(photo * light).astype(np.uint8)
+    h, w = frame.shape[:2]
+    side = round(np.sqrt(share * h * w))
+    frame[:side, :side] = 255
+    return frame
+
+
 def hazy_and_blank_frames() -> dict[str, np.ndarray]:
     """Frames for the blank check (edgecap.preprocess.recognisable): the cat photo in fog (its
     levels 80% and 85% of the way to a light grey, level 200: a standard deviation of 6.0 and

@@ -25,7 +25,7 @@ import edgecap
 from edgecap import Captioner
 from edgecap.images import load_rgb, preprocess
 from edgecap.preprocess import Preprocessing, frame_statistics, recognisable, to_model_input
-from helpers import EXAMPLES, TableBackend, encoded_bytes, solid
+from helpers import EXAMPLES, TableBackend, encoded_bytes, solid, with_lights
 
 MANIFEST = Path(edgecap.__file__).parent / "assets" / "default" / "manifest.json"
 SHIPPED = Preprocessing(
@@ -349,10 +349,10 @@ def test_caption_batch_keeps_each_images_colour(recording_captioner):
 # -- dark frames ---------------------------------------------------------------------------------
 
 
-def _level_frame(level: int, bright: int = 0) -> np.ndarray:
-    """A 224 x 224 frame of ``level`` with its first ``bright`` pixels (of 50,176) at 255."""
+def _level_frame(level: int, bright: int = 0, at: int = 255) -> np.ndarray:
+    """A 224 x 224 frame of ``level`` with its first ``bright`` pixels (of 50,176) at ``at``."""
     frame = np.full((224 * 224, 3), level, np.uint8)
-    frame[:bright] = 255
+    frame[:bright] = at
     return frame.reshape(224, 224, 3)
 
 
@@ -360,7 +360,10 @@ def test_a_dark_frame_is_multiplied_up_to_the_full_range_by_at_most_8():
     """The gain, hand-computed: a frame whose brightest 1% (the 99th percentile of each pixel's
     largest channel) is at 51 is multiplied by 255 / 51 = 5; at 20, by 8 (the cap, not 12.75);
     at 127 by 255 / 127; at 128 and above not at all, nor a black frame (0) beyond 8. 501
-    pixels at 255 (under 1% of 50,176) leave a frame of 51 dark; 502 (over 1%) make it bright."""
+    pixels at 101 (under 1% of 50,176) leave a frame of 51 at 5x; 502 at 101 make its level
+    101 (255 / 101); 502 at 102, twice the 51 of its brightest 5%, are lights: metered on the
+    brightest 5%, 5x. Lights at 255 over 2,508 pixels (5%) leave it at 5x; over 2,509 it is
+    not dark."""
     from edgecap.preprocess import exposure_gain
 
     def gain(frame):
@@ -370,12 +373,36 @@ def test_a_dark_frame_is_multiplied_up_to_the_full_range_by_at_most_8():
     assert gain(_level_frame(20)) == 8.0 and gain(_level_frame(0)) == 8.0
     assert gain(_level_frame(127)) == pytest.approx(255 / 127, rel=1e-7)
     assert gain(_level_frame(128)) == 1.0 and gain(_level_frame(200)) == 1.0
-    assert gain(_level_frame(51, bright=501)) == 5.0
-    assert gain(_level_frame(51, bright=502)) == 1.0
+    assert gain(_level_frame(51, bright=501, at=101)) == 5.0
+    assert gain(_level_frame(51, bright=502, at=101)) == pytest.approx(255 / 101, rel=1e-7)
+    assert gain(_level_frame(51, bright=502, at=102)) == 5.0
+    assert gain(_level_frame(51, bright=502)) == 5.0
+    assert gain(_level_frame(51, bright=2508)) == 5.0
+    assert gain(_level_frame(51, bright=2509)) == 1.0
     # the largest channel counts: a deep red at 200 is not dark
     red = np.zeros((224, 224, 3), np.uint8)
     red[..., 0] = 200
     assert gain(red) == 1.0
+
+
+def test_a_dark_scene_with_lights_in_view_is_brightened():
+    """The cat photo at a tenth of its light (its brightest pixels under level 26) with a white
+    patch over 2% of the frame: the patch is its brightest 1% but not 5%, so the frame is
+    metered on the scene and gets the 8x cap (255 / 26 is over 8), as it does without the patch;
+    the patch clips. Over 6% of the frame the lights are the scene: not brightened. The photo
+    as taken is not brightened."""
+    from edgecap.preprocess import model_input
+
+    photo = np.asarray(load_rgb(str(EXAMPLES / "chelsea.png"), "rgb"))
+
+    def gain(frame):
+        return float(model_input(Image.fromarray(frame), SHIPPED, brighten=True)[1])
+
+    assert photo.max() * 0.1 < 26
+    assert gain(np.round(photo * 0.1).astype(np.uint8)) == 8.0
+    assert gain(with_lights(photo, 0.1, 0.02)) == 8.0
+    assert gain(with_lights(photo, 0.1, 0.06)) == 1.0
+    assert gain(photo) == 1.0
 
 
 def test_a_black_frame_gets_the_full_gain_without_a_division_by_zero():

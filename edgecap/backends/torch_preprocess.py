@@ -40,12 +40,13 @@ from PIL import Image
 from edgecap.backends.staging import Staging
 from edgecap.preprocess import (
     BLOCK,
-    DARK_LEVEL,
-    MAX_GAIN,
-    TARGET_LEVEL,
+    SCENE_SHARE,
+    TOP_SHARE,
     Preprocessing,
     judged_recognisable,
+    metered_gain,
     model_input,
+    percentile_rank,
 )
 from edgecap.trt import parse_version
 
@@ -204,13 +205,15 @@ class FramePreprocess:
 
     def exposure_gains(self, resized: torch.Tensor) -> torch.Tensor:
         """uint8 (n, h, w, 3) at the model's size -> each frame's ``exposure_gain`` (n,) float32:
-        the same level (an order statistic of integers) and the same float32 division."""
+        the same levels (order statistics of integers) and the host's expression
+        (``edgecap.preprocess.metered_gain``), so the same float32 gain."""
         bright = resized.amax(dim=3).reshape(len(resized), -1).to(torch.float32)
         n = bright.shape[1]
-        level = bright.kthvalue(n - n // 100, dim=1).values  # rank n - n // 100 - 1, from 0
-        # a tensor divided (not a number by a tensor: torch computes that as a reciprocal times)
-        gain = torch.full_like(level, TARGET_LEVEL).div_(level.clamp(min=1.0)).clamp_(max=MAX_GAIN)
-        return torch.where(level >= DARK_LEVEL, torch.ones_like(gain), gain)
+        # kthvalue's k counts from 1
+        top, scene = (
+            bright.kthvalue(percentile_rank(n, share) + 1, dim=1).values for share in (TOP_SHARE, SCENE_SHARE)
+        )
+        return metered_gain(top, scene)  # the host's rule, in float32
 
     def resized(self, pixels: torch.Tensor) -> torch.Tensor:
         """uint8 (n, H, W, 3) -> the model's size (n, h, w, 3), Pillow's pixels (uint8). Each

@@ -255,8 +255,8 @@ def add_model_arguments(p: argparse.ArgumentParser, overlaps: bool = True) -> No
         dest="brighten",
         action="store_false",
         help="caption dark frames as they are; by default a frame whose brightest 1%% of "
-        "pixels are below level 128 of 255 is brightened first, by up to 8x, as a camera's "
-        "auto-exposure would (see docs/cameras.md)",
+        "pixels (with lights in view, 5%%) are below level 128 of 255 is brightened first, by up "
+        "to 8x, as a camera's auto-exposure would (see docs/cameras.md)",
     )
     p.add_argument(
         "--constrained",

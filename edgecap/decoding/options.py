@@ -56,9 +56,10 @@ class CaptionOptions:
     # A frame with nothing to recognise (uniform, blurred past any detail, a dark frame's noise) gets the text
     # "nothing recognisable" instead of an invented scene (``edgecap.preprocess.recognisable``).
     blank_check: bool = True
-    # A dark frame (its brightest 1% of pixels below level 128 of 255) is brightened before it is
-    # captioned and checked, by up to 8x, as a camera's auto-exposure would
-    # (``edgecap.preprocess.exposure_gain``); frames that are not dark are untouched.
+    # A dark frame (its brightest 1% of pixels below level 128 of 255; with lights in view, its
+    # brightest 5%) is brightened before it is captioned and checked, by up to 8x, as a camera's
+    # auto-exposure would (``edgecap.preprocess.exposure_gain``); frames that are not dark are
+    # untouched.
     brighten: bool = True
 
     @property
