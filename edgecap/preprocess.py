@@ -67,8 +67,9 @@ def model_input(
 # levels are multiplied so that they reach TARGET_LEVEL, by at most MAX_GAIN (3 stops). On the 160
 # everyday dev photos (their lowest level is 168: none is brightened as taken), darkened and
 # captioned with the blank check on, CIDEr without -> with it (docs/cameras.md, "Dark frames"):
-# x0.5 0.394 -> 0.428, x0.3 0.366 -> 0.438, x0.2 0.321 -> 0.426, x0.1 0.063 -> 0.401 (129 of the
-# 160 had been "nothing recognisable"; as taken 0.436). The blank check (``recognisable``) sees
+# x0.5 0.394 -> 0.428, x0.3 0.367 -> 0.438, x0.2 0.356 -> 0.426, x0.1 0.286 -> 0.401 (as taken
+# 0.436; with the blank check before 2026-12-06, 0.321 and 0.063 without, 129 of the 160 at x0.1
+# "nothing recognisable"). The blank check (``recognisable``) sees
 # the brightened frame.
 # Lights in view (a lamp, a window, a lit screen over 1-5% of a dark frame) are let clip, as a
 # camera metering on the scene lets them: where the brightest 1% are at least LIGHTS_RATIO times
