@@ -429,6 +429,13 @@ def test_frames_dropped_before_a_frame_that_failed_are_counted_in_the_next_capti
         bad = raw_message(EXAMPLES / "chelsea.png", sec=3)
         bad.encoding = "weird"
         callback(bad)  # replaces frame 2, which is dropped
+        # the stream's reader takes the messages off the node's queue in a thread of its own:
+        # frame 1 finishes only once frame 3 has replaced frame 2 (released earlier, the
+        # captioner took frame 2 before the reader had read frame 3, and captioned it)
+        deadline = time.monotonic() + 60
+        while node.stream.stats.dropped < 1:
+            assert time.monotonic() < deadline, "frame 3 never replaced frame 2"
+            time.sleep(0.01)
         slow.release.set()
         deadline = time.monotonic() + 60
         while not (
