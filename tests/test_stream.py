@@ -277,28 +277,50 @@ def test_close_from_another_thread_while_a_frame_is_captioned_ends_the_loop(live
 
 def test_close_from_another_thread_ends_a_live_loop_waiting_for_a_stalled_camera(monkeypatch):
     """The camera gives frame 0, then stalls (a read that does not return). A watchdog thread
-    calls ``close()`` while the loop waits for the next frame: the loop ends after frame 0's
-    event, within the wait for the reader's read (``READER_JOIN_S``, 0.1 s here), not when the
-    camera comes back (after 10 s, or as soon as the loop ends)."""
+    calls ``close()`` once the camera has stalled and the loop waits for the next frame: the
+    loop ends after frame 0's event, within the wait for the reader's read (``READER_JOIN_S``,
+    0.1 s here), not when the camera comes back (after a minute, or as soon as the loop ends).
+    The watchdog waits for both rather than for a fixed time: on a loaded machine it had closed
+    the stream before frame 0 was read, or before the reader had gone back to the camera."""
     monkeypatch.setattr("edgecap.stream.READER_JOIN_S", 0.1)
-    loop_ended, camera = threading.Event(), []
+    loop_ended, stalled, waiting, camera = threading.Event(), threading.Event(), threading.Event(), []
 
     def stalling_camera():
         yield 0
         camera.append("stalled")
-        loop_ended.wait(10)
+        stalled.set()
+        loop_ended.wait(DEADLOCK_GUARD_S)
         camera.append("back")
         yield 1
 
-    stream = caption_stream(FakeCaptioner(), stalling_camera())
-    watchdog = threading.Timer(0.2, stream.close)
-    watchdog.start()
+    fake = FakeCaptioner()
+    stream = caption_stream(fake, stalling_camera())
+
+    class Watched(threading.Condition):
+        """The stream's lock, which its loop waits on for a frame: says when it waits after
+        frame 0 was captioned."""
+
+        def wait(self, timeout=None):
+            if fake.seen:
+                waiting.set()
+            return super().wait(timeout)
+
+    stream._lock = Watched()
+    ready = []
+
+    def watchdog():
+        ready.extend((stalled.wait(DEADLOCK_GUARD_S), waiting.wait(DEADLOCK_GUARD_S)))
+        stream.close()  # whatever came: the loop ends, not waiting for the camera for good
+
+    watchdog_thread = threading.Thread(target=watchdog)
+    watchdog_thread.start()
     try:
         indexes = [e.frame_index for e in stream]
         seen_by_then = list(camera)
     finally:
         loop_ended.set()
-        watchdog.join()
+        watchdog_thread.join(DEADLOCK_GUARD_S)
+    assert ready == [True, True], "the camera never stalled, or the loop never waited after frame 0"
     assert indexes == [0] and seen_by_then == ["stalled"]
 
 
