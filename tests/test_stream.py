@@ -497,15 +497,26 @@ def test_a_bad_frame_raises_by_default_after_the_frames_before_it(live):
 
 
 @pytest.mark.parametrize("live", [False, True])
-def test_a_bad_frame_that_raises_has_closed_the_source(live):
+def test_a_bad_frame_that_raises_has_closed_the_source(live, monkeypatch):
     """The InputError ends the stream and closes the source: in the caller's ``except`` block
-    (where a robot would reopen its camera) the source is already closed."""
+    (where a robot would reopen its camera) the source is already closed. The camera goes on
+    giving frames after the bad one, each read taking a millisecond; the loop's end waits for
+    the reader's current read (``READER_JOIN_S``, made long here so that a slow test machine
+    cannot fail it). The camera's reads after the bad frame do not wait for the captioner: a
+    read that waited for a frame never captioned had held the reader past ``READER_JOIN_S``
+    whenever it got there before the loop's end stopped it."""
+    monkeypatch.setattr("edgecap.stream.READER_JOIN_S", DEADLOCK_GUARD_S)
     fake = PickyCaptioner()
     closed = threading.Event()
 
     def source():
         try:
-            yield from _paced([0, None, 2, 3], fake)
+            yield from _paced([0, None, 2], fake)  # 2 once None was handled: None not dropped
+            i = 3
+            while True:
+                time.sleep(0.001)
+                yield i
+                i += 1
         finally:
             closed.set()
 
