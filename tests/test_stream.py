@@ -1178,12 +1178,14 @@ def test_realtime_video_frames_come_no_sooner_than_their_timestamps(monkeypatch,
 
 
 def test_leaving_a_live_loop_over_a_slow_realtime_video_releases_it_at_once(monkeypatch, video_file):
-    """A time-lapse clip played with realtime=True (a frame every 100 s): leaving the live loop
+    """A time-lapse clip played with realtime=True (a frame every 1,000 s): leaving the live loop
     after its first caption ends the reader's wait for the next frame's time, and the video is
     released by the next statement (docs/cameras.md: leaving the loop releases it). The wait had
     gone on: the loop's end gave up on the reader after READER_JOIN_S and the file stayed open
-    until the next frame's time."""
-    fake = FakeVideoCv2(small_frames(3), fps=0.01)
+    until the next frame's time. ``READER_JOIN_S`` is made long here (still far shorter than a
+    frame's time) so that a slow test machine cannot fail it."""
+    monkeypatch.setattr("edgecap.stream.READER_JOIN_S", DEADLOCK_GUARD_S)
+    fake = FakeVideoCv2(small_frames(3), fps=0.001)
     monkeypatch.setitem(sys.modules, "cv2", fake)
     for _event in caption_stream(FakeCaptioner(), video_frames(video_file, realtime=True)):
         break
