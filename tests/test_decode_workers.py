@@ -120,8 +120,10 @@ def test_the_next_batch_decodes_while_the_model_works(fake):
     seen = []
 
     def on_encode(images):
-        # give the workers up to 2 s to start on the photos after this batch
-        deadline = time.monotonic() + 2.0
+        # the batch waits in the model until the workers start on the photos after it (at most
+        # 60 s, only so that a read-ahead that never comes fails rather than hangs: a loaded
+        # machine may leave the workers unscheduled for seconds)
+        deadline = time.monotonic() + 60
         while len(fake["started"]) <= batch and time.monotonic() < deadline:
             time.sleep(0.005)
         seen.append(len(fake["started"]))
