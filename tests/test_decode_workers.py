@@ -748,6 +748,17 @@ def _held_in_the_model(fake, workers: int):
     return cap, in_model, release, events
 
 
+def _close_begun(cap) -> None:
+    """Wait (at most 60 s) until a close() started in another thread has marked ``cap`` closed,
+    its first step: from then on no batch of a call starts. A batch released before it (a
+    loaded machine may leave the closing thread unscheduled for a while) is followed by the
+    call's next batch, which captions."""
+    deadline = time.monotonic() + 60
+    while not cap._closed:
+        assert time.monotonic() < deadline, "close() never began"
+        time.sleep(0.005)
+
+
 @pytest.mark.parametrize("workers", [0, 2])
 def test_close_in_another_thread_waits_for_the_batch_in_the_model_and_stops_the_call(fake, workers):
     """docs/python-api.md: a closed Captioner captions no more. close() from another thread
@@ -760,6 +771,7 @@ def test_close_in_another_thread_waits_for_the_batch_in_the_model_and_stops_the_
     assert in_model.wait(10)
     closer = threading.Thread(target=cap.close)
     closer.start()
+    _close_begun(cap)
     closer.join(0.3)
     assert closer.is_alive() and events == ["encode"]  # close() waits for the batch in the model
     release.set()
@@ -849,6 +861,7 @@ def test_a_second_close_returns_only_once_the_backend_is_released(fake):
     assert in_model.wait(10)
     first = threading.Thread(target=cap.close, daemon=True)
     first.start()
+    _close_begun(cap)
     first.join(0.3)
     assert first.is_alive()  # waiting for the batch in the model
 
