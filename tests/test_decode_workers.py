@@ -13,7 +13,7 @@ import io
 import json
 import threading
 import time
-from concurrent.futures import CancelledError
+from concurrent.futures import CancelledError, ThreadPoolExecutor
 from pathlib import Path
 
 import numpy as np
@@ -782,17 +782,38 @@ def test_close_in_another_thread_waits_for_the_batch_in_the_model_and_stops_the_
     assert isinstance(error, ValueError) and "this Captioner is closed" in str(error), outcome
 
 
-def test_close_does_not_decode_the_photos_queued_for_the_workers(fake):
+def test_close_does_not_decode_the_photos_queued_for_the_workers(fake, monkeypatch):
     """close(): the photo being decoded finishes, the ones queued behind it (read ahead by a
     call in another thread) are not decoded, and that call stops with the closed error."""
-    fake["delay"] = lambda i: 0.5 if i == 0 else 0.0  # one worker, busy with photo 0
+    stopped = threading.Event()
+
+    class Pool(ThreadPoolExecutor):
+        """The decoding pool; says when its shutdown has dealt with the queue, before it waits
+        for the photo being decoded."""
+
+        def shutdown(self, wait=True, *, cancel_futures=False):
+            super().shutdown(wait=False, cancel_futures=cancel_futures)
+            stopped.set()
+            super().shutdown(wait=wait, cancel_futures=cancel_futures)
+
+    monkeypatch.setattr(api, "ThreadPoolExecutor", Pool)
+
+    def held(i):
+        # one worker, busy with photo 0 until close() has stopped the pool (a fixed time was
+        # not always enough: photo 0 done before close() came, the worker went on to photo 1)
+        if i == 0:
+            assert stopped.wait(60)
+        return 0.0
+
+    fake["delay"] = held
     cap = captioner(workers=1, batch=2)  # photos 0-3 queued: a batch and its read-ahead
     caller, outcome = _caption_in_a_thread(cap, 8)
-    deadline = time.monotonic() + 10
-    while not fake["started"] and time.monotonic() < deadline:
+    deadline = time.monotonic() + 60
+    while not fake["started"]:
+        assert time.monotonic() < deadline, "photo 0 was never decoded"
         time.sleep(0.005)
     cap.close()  # while photo 0 decodes
-    caller.join(10)
+    caller.join(60)
     assert [i for i, _ in fake["started"]] == [0]
     error = outcome.get("error")
     assert isinstance(error, ValueError) and "this Captioner is closed" in str(error)
