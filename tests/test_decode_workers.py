@@ -558,9 +558,10 @@ def _decode_threads(before=frozenset()) -> set:
     return {t for t in threading.enumerate() if t.name.startswith("edgecap-decode") and t not in before}
 
 
-def _settled(count, before, timeout=10.0) -> set:
+def _settled(count, before, timeout=60.0) -> set:
     """The decoding threads started since ``before``, once at most ``count`` are left alive
-    (a pool shut down without waiting lets its idle threads go shortly after)."""
+    (a pool shut down without waiting lets its idle threads go shortly after; on a loaded
+    machine maybe seconds after: the timeout only ends a wait for threads that never go)."""
     deadline = time.monotonic() + timeout
     while len(_decode_threads(before)) > count and time.monotonic() < deadline:
         time.sleep(0.01)
