@@ -692,10 +692,13 @@ def test_a_stop_answers_a_request_whose_body_is_still_arriving_at_once_with_a_50
     nothing more from any connection, so a body still arriving never ends: before the fix its
     request waited out --read-timeout, was answered 408 "the body did not arrive" (though the
     client was still sending it) and held the stop up as long. Now it is answered at once: 503,
-    Retry-After, send it again (to the service that replaces this one)."""
+    Retry-After, send it again (to the service that replaces this one). The read timeout here
+    is an hour, longer than the client waits, so that the 503 can only be the stop's, and no
+    elapsed time is asked of a busy machine (with 3 s and "answered within 3 s", a test thread
+    paused 3 s before the stop got the 408)."""
     fake = BlockingCaptioner()
     fake.gate.set()
-    running = Running(fake, ServiceOptions(read_timeout_s=3.0))
+    running = Running(fake, ServiceOptions(read_timeout_s=3600.0))
     stopping = threading.Thread(target=running.stop)
     try:
         with socket.create_connection(("127.0.0.1", running.port), timeout=CLIENT_TIMEOUT_S) as slow:
@@ -703,13 +706,9 @@ def test_a_stop_answers_a_request_whose_body_is_still_arriving_at_once_with_a_50
                 b"POST /caption HTTP/1.1\r\nHost: x\r\nContent-Type: image/png\r\n"
                 b"Content-Length: 1000\r\n\r\n" + b"x" * 100
             )
-            deadline = time.monotonic() + CLIENT_TIMEOUT_S
-            while running.service.pending != 1 and time.monotonic() < deadline:  # being read
-                time.sleep(0.01)
-            started = time.monotonic()
+            wait_until(lambda: running.service.pending == 1)  # its body being read
             stopping.start()
-            status, answer = read_http_reply(slow)
-            answered_s = time.monotonic() - started
+            status, answer = read_http_reply(slow)  # (the client waits at most CLIENT_TIMEOUT_S)
     finally:
         if stopping.ident is None:  # the test failed before the stop
             running.stop()
@@ -719,7 +718,6 @@ def test_a_stop_answers_a_request_whose_body_is_still_arriving_at_once_with_a_50
         503,
         {"error": "the service is stopping and the body had not all arrived; send it again"},
     )
-    assert answered_s < 3.0  # not after the read timeout
     assert not stopping.is_alive()
 
 
