@@ -1357,6 +1357,7 @@ def test_sighup_stops_the_service_as_sigterm_does_answering_the_request_in_fligh
 
     fake = BlockingCaptioner()
     answers: list = []
+    clients: list[threading.Thread] = []
     returned = threading.Event()
 
     def hang_up(port):
@@ -1368,7 +1369,8 @@ def test_sighup_stops_the_service_as_sigterm_does_answering_the_request_in_fligh
             os.kill(os.getpid(), signal.SIGTERM)
 
     def in_flight(port):
-        threading.Thread(target=lambda: answers.append(post(port, b"fine")), daemon=True).start()
+        clients.append(threading.Thread(target=lambda: answers.append(post(port, b"fine")), daemon=True))
+        clients[-1].start()
         threading.Thread(target=hang_up, args=(port,), daemon=True).start()
 
     previous = {sig: signal.signal(sig, unhandled) for sig in (signal.SIGHUP, signal.SIGTERM)}
@@ -1381,6 +1383,8 @@ def test_sighup_stops_the_service_as_sigterm_does_answering_the_request_in_fligh
         for sig, handler in previous.items():
             signal.signal(sig, handler)
     assert stopped_by == signal.SIGHUP
+    # the answer was sent before serve() returned; its client thread may not have read it yet
+    clients[0].join(CLIENT_TIMEOUT_S)
     assert [(status, answer["caption"]) for status, answer, _ in answers] == [(200, "4 bytes")]
 
 
