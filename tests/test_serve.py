@@ -1358,6 +1358,7 @@ def test_sighup_stops_the_service_as_sigterm_does_answering_the_request_in_fligh
     fake = BlockingCaptioner()
     answers: list = []
     clients: list[threading.Thread] = []
+    hanging_up: list[threading.Thread] = []
     returned = threading.Event()
 
     def hang_up(port):
@@ -1365,13 +1366,18 @@ def test_sighup_stops_the_service_as_sigterm_does_answering_the_request_in_fligh
         os.kill(os.getpid(), signal.SIGHUP)
         time.sleep(0.2)
         fake.gate.set()
-        if not returned.wait(10):  # not stopped by SIGHUP (before the fix): stop it, not hang
+        # not stopped by SIGHUP (before the fix): stop it, not hang. Only a hang guard: from
+        # asyncio's closing of the loop to the finally below SIGTERM is fatal (asyncio puts back
+        # its default), and a stop slower than a shorter wait (10 s) on a busy machine killed
+        # the tests' process
+        if not returned.wait(CLIENT_TIMEOUT_S):
             os.kill(os.getpid(), signal.SIGTERM)
 
     def in_flight(port):
         clients.append(threading.Thread(target=lambda: answers.append(post(port, b"fine")), daemon=True))
         clients[-1].start()
-        threading.Thread(target=hang_up, args=(port,), daemon=True).start()
+        hanging_up.append(threading.Thread(target=hang_up, args=(port,), daemon=True))
+        hanging_up[-1].start()
 
     previous = {sig: signal.signal(sig, unhandled) for sig in (signal.SIGHUP, signal.SIGTERM)}
     try:
@@ -1379,7 +1385,8 @@ def test_sighup_stops_the_service_as_sigterm_does_answering_the_request_in_fligh
     finally:
         signal.signal(signal.SIGTERM, lambda signum, frame: None)  # a late stop is harmless
         returned.set()
-        time.sleep(0.1)
+        for thread in hanging_up:  # its SIGTERM, if any, sent before the handlers are put back
+            thread.join(CLIENT_TIMEOUT_S)
         for sig, handler in previous.items():
             signal.signal(sig, handler)
     assert stopped_by == signal.SIGHUP
