@@ -38,6 +38,7 @@ from __future__ import annotations
 
 import asyncio
 import contextlib
+import errno
 import functools
 import ipaddress
 import logging
@@ -580,6 +581,7 @@ def is_loopback(host: str) -> bool:
 
 LINGERING_S = 10.0  # aiohttp's default
 SHUTDOWN_S = 60.0  # aiohttp's default: how long a stop waits for the requests in flight
+PORT_TRIES = 10  # port 0 on a name of several addresses: free ports tried until all have one
 
 
 async def start(service: CaptionService, host: str = DEFAULT_HOST, port: int = DEFAULT_PORT):
@@ -606,15 +608,26 @@ async def start(service: CaptionService, host: str = DEFAULT_HOST, port: int = D
     )
     await runner.setup()  # starts the Batcher's task and thread: stopped again on failure
     try:
-        site = web.TCPSite(runner, host, port)
-        await site.start()
-        bound = runner.addresses[0][1]
-        if port == 0 and any(address[1] != bound for address in runner.addresses):
+        for attempt in range(1, PORT_TRIES + 1):
+            site = web.TCPSite(runner, host, port)
+            await site.start()
+            bound = runner.addresses[0][1]
+            if port != 0 or all(address[1] == bound for address in runner.addresses):
+                return runner, bound
             # a name of several addresses (localhost: ::1 and 127.0.0.1) got a free port each,
             # and only one is announced: all of them on that one instead
             await site.stop()
-            await web.TCPSite(runner, host, bound).start()
-        return runner, bound
+            again = web.TCPSite(runner, host, bound)
+            try:
+                await again.start()
+                return runner, bound
+            except OSError as exc:
+                # the port was free on the first address only: another program has it on
+                # another (or took it since): another free port (before, "cannot listen")
+                await again.stop()  # (not listening: unregistered from the runner)
+                if exc.errno != errno.EADDRINUSE or attempt == PORT_TRIES:
+                    raise
+        raise AssertionError("unreachable")
     except BaseException:
         await runner.cleanup()
         raise

@@ -1849,6 +1849,65 @@ def test_port_0_on_a_name_of_two_addresses_listens_on_one_port_the_one_returned(
     assert listening == [("127.0.0.1", port), ("::1", port)]
 
 
+@pytest.mark.skipif(not _ipv6_loopback(), reason="no IPv6 loopback on this machine")
+def test_port_0_on_a_name_of_two_addresses_tries_another_port_when_one_is_taken_on_the_other(monkeypatch):
+    """``--host localhost --port 0`` (::1 and 127.0.0.1): the port the system gave one address is
+    free there, not necessarily on the other, where another program may have it or take it
+    before the service listens there too (on a busy machine: another test run's client). Before
+    the fix the service failed to start ("cannot listen on localhost:0"); it tries another free
+    port. Here another program takes each address's first port on the other address as soon as
+    the first try listens: the service listens on one port on both, none of those."""
+    real = socket.getaddrinfo
+
+    def both(host, *args, **kwargs):
+        if host == "localhost":
+            return real("::1", *args, **kwargs) + real("127.0.0.1", *args, **kwargs)
+        return real(host, *args, **kwargs)
+
+    taken: list[socket.socket] = []
+    create_server = asyncio.BaseEventLoop.create_server
+
+    async def create_server_then_taken(self, *args, **kwargs):
+        server = await create_server(self, *args, **kwargs)
+        ports = {sock.family: (sock.getsockname()[0], sock.getsockname()[1]) for sock in server.sockets}
+        if not taken and len({port for _, port in ports.values()}) > 1:
+            for family, (_, port) in ports.items():
+                other = next(f for f in ports if f != family)
+                program = socket.socket(other)
+                try:
+                    program.bind((ports[other][0], port))
+                    program.listen()
+                except OSError:  # another program of this machine has it: as good
+                    program.close()
+                    continue
+                taken.append(program)
+        return server
+
+    monkeypatch.setattr(socket, "getaddrinfo", both)
+    monkeypatch.setattr(asyncio.BaseEventLoop, "create_server", create_server_then_taken)
+    fake = BlockingCaptioner()
+    fake.gate.set()
+
+    async def main():
+        runner, port = await start(CaptionService(fake, ServiceOptions()), "localhost", 0)
+        try:
+            return port, sorted((address[0], address[1]) for address in runner.addresses)
+        finally:
+            await runner.cleanup()
+
+    try:
+        for _ in range(10):  # (a first try that gave both addresses one port leaves nothing to take)
+            port, listening = asyncio.run(main())
+            if taken:
+                break
+        assert taken, "every first try gave both addresses one port"
+        assert listening == [("127.0.0.1", port), ("::1", port)]
+        assert port not in {program.getsockname()[1] for program in taken}
+    finally:
+        for program in taken:
+            program.close()
+
+
 # -- mutation sampling, third round: the command's options, Expect, the stop's wait --------------
 class _ClosableCaptioner(BlockingCaptioner):
     """A BlockingCaptioner the command can hold in ``with captioner:``."""
