@@ -132,7 +132,12 @@ def captioner(default_model_dir):
 
 @pytest.fixture(scope="module")
 def running(captioner):
-    service = Running(captioner, ServiceOptions(max_wait_ms=20, max_body_bytes=4 << 20))
+    # read timeout: an hour, not 10 s (the default), which a body held back while other requests
+    # are captioned (test_slow_client_does_not_block_others: two model runs) could outlast on a
+    # busy machine; a stalled body's 408 is checked with a service of its own
+    service = Running(
+        captioner, ServiceOptions(max_wait_ms=20, max_body_bytes=4 << 20, read_timeout_s=3600.0)
+    )
     yield service
     service.stop()
 
