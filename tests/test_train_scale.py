@@ -10,7 +10,6 @@ import json
 import os
 import subprocess
 import sys
-import time
 from pathlib import Path
 
 import numpy as np
@@ -935,32 +934,35 @@ def test_ranks_sum_their_values_and_all_hear_rank_0s_decision(tmp_path):
 
 
 WAIT_FOR_THE_CACHE = """
-import datetime, os, sys, time
+import datetime, os, sys
 from pathlib import Path
 import torch.distributed as torch_dist
-from edgecap.training import shards
-from edgecap.training.distributed import setup
+from edgecap.training import distributed, shards
 
-# a short process-group timeout stands for torchrun's 10 or 30 minutes of another run's extraction
-torch_dist.init_process_group("gloo", timeout=datetime.timedelta(seconds=3))
-shards.LOCK_POLL_S = 0.5
-dist = setup()
+# a rank left waiting ends in 2 minutes, not torchrun's 10 or 30
+torch_dist.init_process_group("gloo", timeout=datetime.timedelta(seconds=120))
+shards.LOCK_POLL_S = 0.05
+heard = []  # rank 0's word, as this rank got it, at each of rank 0's tries of the lock
+told = distributed.Dist.from_main
+distributed.Dist.from_main = lambda self, value: heard.append(told(self, value)) or heard[-1]
+dist = distributed.setup()
 lock = Path(sys.argv[1]) if dist.main else None
-print("ready", flush=True)
-start = time.monotonic()
 with shards.cache_lock(lock, lambda m: print(m, file=sys.stderr, flush=True), dist):
-    waited = time.monotonic() - start
     dist.barrier()  # the extraction's first collective
-print(dist.rank, waited > 5, flush=True)
+print(dist.rank, heard, flush=True)
 os._exit(0)  # no teardown of the gloo group (edgecap.training.distributed)
 """
 
 
 def test_ranks_wait_together_for_a_feature_cache_another_run_is_filling(tmp_path):
-    """Another run holds the feature cache's lock for 7 s, longer than the process group's timeout
-    (3 s here; torchrun's 10 or 30 minutes beside another run's whole extraction): rank 0 waits for
-    the lock and rank 1 with it, both hearing from rank 0 every poll, instead of rank 1 timing out
-    in the extraction's first collective while rank 0 waits on the lock."""
+    """Another run holds the feature cache's lock: rank 0 waits for the lock and rank 1 with
+    it, hearing from rank 0 at every try (a collective each, shorter than the process group's
+    timeout, torchrun's 10 or 30 minutes beside another run's whole extraction), instead of
+    rank 1 waiting in the extraction's first collective while rank 0 waits on the lock, for
+    as long as the lock is held, and timing out. The lock is let go once rank 0 has said that
+    it waits (its first try failed), so both ranks hear "not yet" before "yes", whatever the
+    machine's load (no timing)."""
+    import ast
     import fcntl
     import socket
 
@@ -969,6 +971,7 @@ def test_ranks_wait_together_for_a_feature_cache_another_run_is_filling(tmp_path
         port = s.getsockname()[1]
     lock = tmp_path / ".lock"
     base = {**_env(), "WORLD_SIZE": "2", "MASTER_ADDR": "127.0.0.1", "MASTER_PORT": str(port)}
+    said = []  # rank 0's stderr until it says it waits
     with open(lock, "w") as held:
         fcntl.flock(held, fcntl.LOCK_EX)
         ranks = [
@@ -981,15 +984,23 @@ def test_ranks_wait_together_for_a_feature_cache_another_run_is_filling(tmp_path
             )
             for r in (0, 1)
         ]
-        ready = [p.stdout.readline() for p in ranks]  # the group started, the lock not yet asked
-        time.sleep(7)
+        # (a rank 0 that fails or times out first ends its stderr: no hang here)
+        for line in iter(ranks[0].stderr.readline, ""):
+            said.append(line)
+            if "another process is filling this feature cache; waiting for it" in line:
+                break
     try:
         outputs = [p.communicate(timeout=120) for p in ranks]
     finally:
         for p in ranks:  # a rank left waiting for a collective
             p.kill()
-    assert [p.returncode for p in ranks] == [0, 0], (ready, outputs)
-    assert [out for out, _ in outputs] == ["0 True\n", "1 True\n"]
+    outputs[0] = (outputs[0][0], "".join(said) + outputs[0][1])
+    assert [p.returncode for p in ranks] == [0, 0], outputs
+    # every try's answer reached rank 1: "not yet" (at least once: the lock was held) then "yes"
+    heard = [out.split(" ", 1) for out, _ in outputs]
+    assert [rank for rank, _ in heard] == ["0", "1"] and heard[0][1] == heard[1][1], outputs
+    answers = ast.literal_eval(heard[0][1])
+    assert len(answers) >= 2 and not any(answers[:-1]) and answers[-1] is True, answers
     assert "another process is filling this feature cache; waiting for it" in outputs[0][1]
     assert "waiting" not in outputs[1][1]  # said once, by rank 0
 
