@@ -904,20 +904,40 @@ os._exit(0)  # no teardown of the gloo group (edgecap.training.distributed)
 """
 
 
-def test_ranks_sum_their_values_and_all_hear_rank_0s_decision(tmp_path):
+@pytest.fixture
+def two_ranks_env():
+    """The environment of two gloo ranks as torchrun starts them (RANK, WORLD_SIZE,
+    MASTER_ADDR/PORT), less RANK: their rendezvous store served here, on a port this process
+    has bound (port 0: the system's pick, held for the test), which both ranks join as clients
+    (TORCHELASTIC_USE_AGENT_STORE, as torchrun's agent serves it). A port found free here and
+    let go before rank 0 bound it could be taken meanwhile by another test's server or
+    connection (xdist workers side by side): rank 0 could not serve, or rank 1 met a stranger."""
+    import datetime
+
+    from torch.distributed import TCPStore
+
+    store = TCPStore(
+        "127.0.0.1", 0, is_master=True, wait_for_workers=False, timeout=datetime.timedelta(seconds=120)
+    )
+    yield {
+        **_env(),
+        "WORLD_SIZE": "2",
+        "MASTER_ADDR": "127.0.0.1",
+        "MASTER_PORT": str(store.port),
+        "TORCHELASTIC_USE_AGENT_STORE": "True",
+        "CUDA_VISIBLE_DEVICES": "",
+    }
+    del store
+
+
+def test_ranks_sum_their_values_and_all_hear_rank_0s_decision(two_ranks_env):
     """Two gloo processes, as torchrun starts them (RANK, WORLD_SIZE, MASTER_ADDR/PORT): each gets
     the sum over the ranks (1 + 2, 0.5 + 0.5) and rank 0's word (its patience ran out: "stop"),
     so that every rank leaves the epoch loop together, not rank 1 waiting for a collective."""
-    import socket
-
-    with socket.socket() as s:
-        s.bind(("127.0.0.1", 0))
-        port = s.getsockname()[1]
-    base = {**_env(), "WORLD_SIZE": "2", "MASTER_ADDR": "127.0.0.1", "MASTER_PORT": str(port)}
     ranks = [
         subprocess.Popen(
             [sys.executable, "-c", TWO_RANKS],
-            env={**base, "RANK": str(r), "LOCAL_RANK": str(r), "CUDA_VISIBLE_DEVICES": ""},
+            env={**two_ranks_env, "RANK": str(r), "LOCAL_RANK": str(r)},
             stdout=subprocess.PIPE,
             stderr=subprocess.PIPE,
             text=True,
@@ -954,7 +974,7 @@ os._exit(0)  # no teardown of the gloo group (edgecap.training.distributed)
 """
 
 
-def test_ranks_wait_together_for_a_feature_cache_another_run_is_filling(tmp_path):
+def test_ranks_wait_together_for_a_feature_cache_another_run_is_filling(tmp_path, two_ranks_env):
     """Another run holds the feature cache's lock: rank 0 waits for the lock and rank 1 with
     it, hearing from rank 0 at every try (a collective each, shorter than the process group's
     timeout, torchrun's 10 or 30 minutes beside another run's whole extraction), instead of
@@ -964,20 +984,15 @@ def test_ranks_wait_together_for_a_feature_cache_another_run_is_filling(tmp_path
     machine's load (no timing)."""
     import ast
     import fcntl
-    import socket
 
-    with socket.socket() as s:
-        s.bind(("127.0.0.1", 0))
-        port = s.getsockname()[1]
     lock = tmp_path / ".lock"
-    base = {**_env(), "WORLD_SIZE": "2", "MASTER_ADDR": "127.0.0.1", "MASTER_PORT": str(port)}
     said = []  # rank 0's stderr until it says it waits
     with open(lock, "w") as held:
         fcntl.flock(held, fcntl.LOCK_EX)
         ranks = [
             subprocess.Popen(
                 [sys.executable, "-c", WAIT_FOR_THE_CACHE, str(lock)],
-                env={**base, "RANK": str(r), "LOCAL_RANK": str(r), "CUDA_VISIBLE_DEVICES": ""},
+                env={**two_ranks_env, "RANK": str(r), "LOCAL_RANK": str(r)},
                 stdout=subprocess.PIPE,
                 stderr=subprocess.PIPE,
                 text=True,
