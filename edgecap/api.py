@@ -53,7 +53,7 @@ from edgecap.images import (
 from edgecap.manifest import Manifest, file_sha256, load_manifest
 from edgecap.objects import ObjectClasses, top_classes_rows
 from edgecap.prefetch import check_decode_workers, default_decode_workers, prefetched_batches, window
-from edgecap.preprocess import model_input, recognisable
+from edgecap.preprocess import bar_box, model_input, recognisable
 from edgecap.vocab import Vocabulary
 
 CLOSED_MID_CALL = "this Captioner is closed: the rest of the images are not captioned"
@@ -92,6 +92,9 @@ class Caption:
     word, when asked for.
     ``objects``: the image's most probable object classes as (name, probability), best first,
     from the encoder's own classifier (ImageNet's 1000 classes), whatever the caption says.
+    ``crop``: the part of the frame captioned when letterbox or pillarbox bars were cropped
+    (``CaptionOptions.crop_bars``), as (left, top, right, bottom) fractions of its width and
+    height; None: the whole frame.
     """
 
     text: str
@@ -107,6 +110,7 @@ class Caption:
     confidence: float | None = field(default=None, compare=False)
     recognisable: bool = field(default=True, compare=False)
     signals: np.ndarray | None = field(default=None, compare=False, repr=False)
+    crop: tuple[float, float, float, float] | None = field(default=None, compare=False)
 
 
 NOTHING_RECOGNISABLE = "nothing recognisable"
@@ -874,8 +878,16 @@ class Captioner:
         t0 = time.perf_counter()
         if self.backend.prepares_frames:  # resized and checked by the backend, on its device
             frame = load_rgb_array(image, color, draft_size=self._draft_size)
-            return _Prepared(frame, True, (time.perf_counter() - t0) * 1e3)
+            box = bar_box(frame) if options.crop_bars else None
+            crop = _fractions(box, frame.shape[:2])
+            if box is not None:
+                frame = np.ascontiguousarray(frame[box[1] : box[3], box[0] : box[2]])
+            return _Prepared(frame, True, (time.perf_counter() - t0) * 1e3, crop)
         rgb = load_rgb(image, color, draft_size=self._draft_size)
+        box = bar_box(rgb) if options.crop_bars else None
+        crop = _fractions(box, (rgb.height, rgb.width))
+        if box is not None:
+            rgb = rgb.crop(box)
         try:
             x, gain = model_input(rgb, self.manifest.preprocessing, options.brighten)
         except MemoryError as exc:  # this input's failure, in its slot: the others are captioned
@@ -883,7 +895,7 @@ class Captioner:
                 describe(image), f"out of memory resizing it ({rgb.width}x{rgb.height}) for the model"
             ) from exc
         visible = not options.blank_check or recognisable(x, self.manifest.preprocessing, bool(gain > 1))
-        return _Prepared(x, visible, (time.perf_counter() - t0) * 1e3)
+        return _Prepared(x, visible, (time.perf_counter() - t0) * 1e3, crop)
 
     def _prepared(
         self, images: Iterable[ImageInput | None], color: str, options: CaptionOptions
@@ -975,11 +987,12 @@ class Captioner:
                 continue
             image, hyps, named, image_probs, image_best = next(done)
             timings = {"preprocess_ms": image.ms, **shares}
-            results.append(
+            caption = (
                 self._to_caption(hyps, named, image_probs, timings, options, image_best)
                 if image.visible
                 else self._nothing(hyps[0], named, timings, options)
             )
+            results.append(caption if image.crop is None else replace(caption, crop=image.crop))
         return results
 
     def _search(
@@ -1178,11 +1191,22 @@ class Captioner:
 class _Prepared:
     """One photo ready for the encoder: its input (3, H, W) (for a backend that
     ``prepares_frames``, the decoded RGB frame (H, W, 3), checked there), whether it holds
-    anything to caption (``recognisable``), the milliseconds it took to load and preprocess."""
+    anything to caption (``recognisable``), the milliseconds it took to load and preprocess,
+    the part of it captioned (``Caption.crop``)."""
 
     x: np.ndarray
     visible: bool
     ms: float
+    crop: tuple[float, float, float, float] | None = None
+
+
+def _fractions(box: tuple[int, int, int, int] | None, shape: tuple[int, int]):
+    """A box (left, top, right, bottom) in pixels of an image of ``shape`` (height, width) ->
+    the same in fractions of its width and height (``Caption.crop``); None stays None."""
+    if box is None:
+        return None
+    h, w = shape
+    return (box[0] / w, box[1] / h, box[2] / w, box[3] / h)
 
 
 # Every Captioner not yet collected, for ``_after_fork``: a robot app's multiprocessing pool

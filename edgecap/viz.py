@@ -7,7 +7,8 @@ The figure: the full caption across the top, then one panel per word, in order, 
 top to bottom, ``columns`` to a row. Each panel is the photo at its own aspect ratio (its longer
 side ``panel_size`` pixels) with that word's attention map over it and the word under it. The 7x7
 map is upsampled bilinearly to the panel (the encoder squashes the whole photo to its input size,
-so the map covers the whole photo), scaled so each word's strongest region is 1, and shown as in
+so the map covers the whole photo; a photo whose letterbox or pillarbox bars were cropped,
+``Caption.crop``, is shown without them), scaled so each word's strongest region is 1, and shown as in
 the paper: attended regions bright, the rest dimmed.
 """
 
@@ -76,6 +77,16 @@ def panel_size_for(photo_size: tuple[int, int], panel_size: int) -> tuple[int, i
     return max(1, round(width * scale)), max(1, round(height * scale))
 
 
+def _captioned_part(photo: Image.Image, crop) -> Image.Image:
+    """The part of ``photo`` the caption was made of: between its bars where they were cropped
+    (``Caption.crop``, fractions of the width and height), the attention maps' regions."""
+    if crop is None:
+        return photo
+    w, h = photo.size
+    left, top, right, bottom = crop
+    return photo.crop((round(left * w), round(top * h), round(right * w), round(bottom * h)))
+
+
 def attention_figure(
     image: ImageInput, caption: Caption, color: str = "rgb", panel_size: int = 224, columns: int = 5
 ) -> Image.Image:
@@ -87,7 +98,7 @@ def attention_figure(
         raise ValueError(f"panel_size must be an integer of at least 16 pixels, got {panel_size!r}")
     if isinstance(columns, bool) or not isinstance(columns, int) or columns < 1:
         raise ValueError(f"columns must be a positive integer, got {columns!r}")
-    photo = load_rgb(image, color)
+    photo = _captioned_part(load_rgb(image, color), getattr(caption, "crop", None))
     font = _font(max(12, panel_size // 14))
     n_words = len(caption.tokens)
     panel = panel_size_for(photo.size, panel_size)

@@ -381,6 +381,7 @@ def test_stream_records_give_the_time_to_the_millisecond_and_the_frames_dropped(
         confidence=0.8,
         recognisable=True,
         timings={"encode_ms": 3.14159},
+        crop=(0.0, 0.125, 1.0, 0.87501),
     )
     event = SimpleNamespace(timestamp=1 / 30, frame_index=1, caption=caption, dropped=2)
     _print_event(event, as_json=True)
@@ -394,6 +395,7 @@ def test_stream_records_give_the_time_to_the_millisecond_and_the_frames_dropped(
         "objects": [["tabby", 0.5123]],  # as in a photo's record, with or without --objects
         "confidence": 0.8,
         "recognisable": True,
+        "crop": [0.0, 0.125, 1.0, 0.875],  # the picture between the bars, to four decimals
         "timings": {"encode_ms": 3.14},
         "dropped": 2,
     }

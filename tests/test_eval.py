@@ -792,7 +792,7 @@ def test_the_table_prints_each_metric_to_four_decimals(capsys):
         "length_penalty": None,
         "no_repeat_ngram": 3,
         "decoding": {"guidance_bonus": 2.0, "constrained": False, "fusion_weight": 0.7, "consensus": True},
-        "frames": {"blank_check": True, "brighten": True},
+        "frames": {"blank_check": True, "brighten": True, "crop_bars": True},
         "references": "refs.json",
         "caption_seconds": 12.5,
     }
@@ -1397,24 +1397,33 @@ def test_cli_eval_summary_says_the_decoding_rules(flags, want, tiny_model_dir, t
 @pytest.mark.parametrize(
     "flags, want, line",
     [
-        ([], {"blank_check": True, "brighten": True}, "blank check on, dark frames brightened"),
+        (
+            [],
+            {"blank_check": True, "brighten": True, "crop_bars": True},
+            "blank check on, dark frames brightened, bars cropped",
+        ),
         (
             ["--no-brighten"],
-            {"blank_check": True, "brighten": False},
-            "blank check on, dark frames as they are",
+            {"blank_check": True, "brighten": False, "crop_bars": True},
+            "blank check on, dark frames as they are, bars cropped",
         ),
         (
             ["--no-blank-check"],
-            {"blank_check": False, "brighten": True},
-            "blank check off, dark frames brightened",
+            {"blank_check": False, "brighten": True, "crop_bars": True},
+            "blank check off, dark frames brightened, bars cropped",
+        ),
+        (
+            ["--no-crop-bars"],
+            {"blank_check": True, "brighten": True, "crop_bars": False},
+            "blank check on, dark frames brightened, bars kept",
         ),
     ],
 )
 def test_cli_eval_summary_says_what_happens_to_the_frames(
     flags, want, line, tiny_model_dir, tmp_path, monkeypatch, capsys
 ):
-    """A --no-brighten or --no-blank-check evaluation is told apart from a default one: by its
-    JSON summary's "frames" and the table's "frames:" line."""
+    """A --no-brighten, --no-blank-check or --no-crop-bars evaluation is told apart from a
+    default one: by its JSON summary's "frames" and the table's "frames:" line."""
     monkeypatch.setattr(metrics, "java_available", lambda: False)
     tokens, split = flickr_files(tmp_path, ["chelsea.png"])
     args = ["--images", str(EXAMPLES), "--captions", str(tokens), "--split", str(split)]

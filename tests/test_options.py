@@ -192,6 +192,7 @@ def _subcommand(parser: argparse.ArgumentParser, name: str) -> argparse.Argument
                 "consensus",
                 "blank_check",
                 "brighten",
+                "crop_bars",
             },
         ),
         (
@@ -208,6 +209,7 @@ def _subcommand(parser: argparse.ArgumentParser, name: str) -> argparse.Argument
                 "consensus",
                 "blank_check",
                 "brighten",
+                "crop_bars",
             },
         ),
     ],

@@ -252,7 +252,7 @@ def test_a_failed_input_has_low_confidence_null_with_min_confidence(capsys):
     print_result("bad.png", InputError("bad.png", "not an image"), as_json=True, min_confidence=0.5)
     out = capsys.readouterr()
     ok, bad = (json.loads(line) for line in out.out.splitlines())
-    keys = ["path", "caption", "score", "objects", "confidence", "recognisable", "low_confidence"]
+    keys = ["path", "caption", "score", "objects", "confidence", "recognisable", "crop", "low_confidence"]
     assert list(ok) == keys and ok["low_confidence"] is False
     assert list(bad) == [*keys, "error"] and bad["error"] == "not an image"
     assert all(bad[key] is None for key in keys[1:])

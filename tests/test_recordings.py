@@ -334,7 +334,7 @@ def test_a_bad_frame_has_a_json_record_too(tmp_path, captioner, capfd):
         **head,
         "time_ns": T0 + SECOND,
         "stamp_ns": stamp + SECOND,
-        **dict.fromkeys(("caption", "score", "objects", "confidence", "recognisable")),
+        **dict.fromkeys(("caption", "score", "objects", "confidence", "recognisable", "crop")),
     }
     assert "unknown image encoding 'weird8'" in error
     (line,) = done.stderr.splitlines()

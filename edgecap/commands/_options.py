@@ -85,7 +85,7 @@ def add_model_arguments(p: argparse.ArgumentParser, overlaps: bool = True) -> No
     --decode-workers, --no-overlap, --beam-size, --max-length,
     --no-repeat-ngram, --length-penalty, --batch-size, --guidance-bonus / --no-objects-guidance,
     --fusion-weight / --no-fusion (each pair exclusive), --no-consensus, --no-blank-check,
-    --no-brighten, --constrained. ``overlaps``: the command captions more than one batch a
+    --no-brighten, --no-crop-bars, --constrained. ``overlaps``: the command captions more than one batch a
     call, so that --no-overlap changes something (not ``edgecap serve``, which takes it, to
     share the others' command lines, and says it changes nothing there)."""
     p.add_argument("--model", metavar="DIR", help="model directory (default: the model shipped with edgecap)")
@@ -257,6 +257,14 @@ def add_model_arguments(p: argparse.ArgumentParser, overlaps: bool = True) -> No
         help="caption dark frames as they are; by default a frame whose brightest 1%% of "
         "pixels (with lights in view, 5%%) are below level 128 of 255 is brightened first, by up "
         "to 8x, as a camera's auto-exposure would (see docs/cameras.md)",
+    )
+    p.add_argument(
+        "--no-crop-bars",
+        dest="crop_bars",
+        action="store_false",
+        help="caption frames with their letterbox or pillarbox bars; by default dark, flat bars "
+        "at two opposite edges (a 16:9 picture in a 4:3 frame, or 4:3 in 16:9) are cropped first "
+        "(see docs/cameras.md)",
     )
     p.add_argument(
         "--constrained",

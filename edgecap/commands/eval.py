@@ -219,7 +219,11 @@ def _summary(args, captioner, report, seconds: float) -> dict:
         "no_repeat_ngram": captioner.options.no_repeat_ngram,
         "decoding": _decoding(captioner),
         # what happens to a frame before it is captioned: told apart from a default run
-        "frames": {"blank_check": captioner.options.blank_check, "brighten": captioner.options.brighten},
+        "frames": {
+            "blank_check": captioner.options.blank_check,
+            "brighten": captioner.options.brighten,
+            "crop_bars": captioner.options.crop_bars,
+        },
         "references": args.references or f"{args.captions} + {args.split}",
         "caption_seconds": round(seconds, 2),
     }
@@ -264,7 +268,8 @@ def _print_table(summary: dict) -> None:
     frames = summary["frames"]
     print(
         f"frames:      blank check {'on' if frames['blank_check'] else 'off'}, dark frames "
-        f"{'brightened' if frames['brighten'] else 'as they are'}"
+        f"{'brightened' if frames['brighten'] else 'as they are'}, bars "
+        f"{'cropped' if frames['crop_bars'] else 'kept'}"
     )
     print(f"tokenizer:   {tokenizer}")
     for key in METRIC_KEYS:

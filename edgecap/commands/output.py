@@ -204,7 +204,7 @@ def report_note(name: str, text: str) -> None:
 def error_record(problem: str, min_confidence: float | None = None) -> dict:
     """The ``--json`` fields of an input that failed: a caption's keys, each null, and ``error``
     (a reader indexing ``record["confidence"]`` on every line does not fail on this one)."""
-    record: dict = {"caption": None, "score": None, "objects": None, "confidence": None, "recognisable": None}
+    record: dict = dict.fromkeys(("caption", "score", "objects", "confidence", "recognisable", "crop"))
     if min_confidence is not None:
         record["low_confidence"] = None
     # a name in the problem that is not UTF-8 (a broken link's target, a file already captioned
@@ -222,6 +222,9 @@ def caption_record(result, min_confidence: float | None = None) -> dict:
         "objects": [[tag, round(p, 4)] for tag, p in result.objects],
         "confidence": result.confidence,
         "recognisable": result.recognisable,
+        # the part of the frame captioned, bars cropped: [left, top, right, bottom] fractions
+        # (a stream's captioner may be any object with the caption fields: none without one)
+        "crop": None if getattr(result, "crop", None) is None else [round(v, 4) for v in result.crop],
     }
     if min_confidence is not None:
         record["low_confidence"] = _low(result, min_confidence)

@@ -61,6 +61,10 @@ class CaptionOptions:
     # auto-exposure would (``edgecap.preprocess.exposure_gain``); frames that are not dark are
     # untouched.
     brighten: bool = True
+    # Letterbox and pillarbox bars (a 16:9 picture in a 4:3 frame, or 4:3 in 16:9: dark, flat
+    # lines at two opposite edges) are cropped before the frame is captioned and checked
+    # (``edgecap.preprocess.bars``); the caption's ``crop`` says which part was captioned.
+    crop_bars: bool = True
 
     @property
     def rows_per_image(self) -> int:
@@ -99,7 +103,7 @@ class CaptionOptions:
             value = getattr(self, name)
             if isinstance(value, bool) or not isinstance(value, int):
                 raise ValueError(f"{name} must be an integer, got {value!r}")
-        for name in ("constrained", "blank_check", "consensus", "brighten"):
+        for name in ("constrained", "blank_check", "consensus", "brighten", "crop_bars"):
             if not isinstance(getattr(self, name), bool):
                 raise ValueError(f"{name} must be True or False, got {getattr(self, name)!r}")
         for name, (low, high) in RANGES.items():

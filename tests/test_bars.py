@@ -1,0 +1,158 @@
+"""Letterbox and pillarbox bars (docs/cameras.md, "Black bars"): found to the line in frames
+built here with bars of known size, cropped before a frame is captioned and checked, on the host
+and on the torch backend's device, said in ``Caption.crop`` and ``--json``'s ``crop``, and the
+attention figure drawn over the picture between them. Frames that are photos, or whose dark
+edges are not a pair of flat bars, are left whole."""
+
+from __future__ import annotations
+
+import io
+import json
+from dataclasses import replace
+
+import numpy as np
+import pytest
+from PIL import Image
+
+from edgecap import Captioner
+from edgecap.api import NOTHING_RECOGNISABLE
+from edgecap.cli import main
+from edgecap.preprocess import bar_box
+from edgecap.viz import attention_figure
+from helpers import EXAMPLES
+
+
+def _picture(name: str, width: int, height: int) -> np.ndarray:
+    with Image.open(EXAMPLES / name) as im:
+        return np.asarray(im.convert("RGB").resize((width, height), Image.Resampling.BILINEAR))
+
+
+def _framed(picture: np.ndarray, top: int, bottom: int, left: int, right: int, level: int = 0) -> np.ndarray:
+    """``picture`` with bars of these many lines, each pixel of them at ``level``."""
+    h, w = picture.shape[:2]
+    frame = np.full((top + h + bottom, left + w + right, 3), level, np.uint8)
+    frame[top : top + h, left : left + w] = picture
+    return frame
+
+
+def _jpeg(frame: np.ndarray, quality: int) -> np.ndarray:
+    buffer = io.BytesIO()
+    Image.fromarray(frame).save(buffer, "JPEG", quality=quality)
+    with Image.open(buffer) as im:
+        return np.asarray(im.convert("RGB"))
+
+
+# 16:9 in 4:3: a 640x360 picture in a 640x480 frame, 60 lines above and below
+LETTERBOXED = _framed(_picture("chelsea.png", 640, 360), 60, 60, 0, 0)
+
+
+def test_letterbox_and_pillarbox_bars_are_found_to_the_line():
+    """Black bars, and the level-16 bars of video that keeps its limited range, as a PIL image
+    and as an array; bars of 59 and 61 lines (an odd difference) too."""
+    assert bar_box(LETTERBOXED) == (0, 60, 640, 420)
+    assert bar_box(Image.fromarray(LETTERBOXED)) == (0, 60, 640, 420)
+    pillarboxed = _framed(_picture("astronaut.png", 480, 360), 0, 0, 80, 80, level=16)  # 4:3 in 16:9
+    assert bar_box(pillarboxed) == (80, 0, 560, 360)
+    assert bar_box(Image.fromarray(pillarboxed)) == (80, 0, 560, 360)
+    assert bar_box(_framed(_picture("coffee.png", 640, 360), 59, 61, 0, 0)) == (0, 59, 640, 419)
+
+
+@pytest.mark.parametrize("quality", [50, 75, 90])
+def test_bars_through_jpeg_are_cropped_with_the_codecs_ringing(quality):
+    """JPEG rings at the picture's edge (up to 12 levels over the bar's last 8-12 lines): those
+    lines go with the bars, and the crop stays within a JPEG block of the picture's edge."""
+    left, top, right, bottom = bar_box(_jpeg(LETTERBOXED, quality))
+    assert (left, right) == (0, 640)
+    assert 60 - 2 <= top <= 60 + 8 and 420 - 8 <= bottom <= 420 + 2
+
+
+def test_frames_without_a_pair_of_flat_dark_bars_are_left_whole(example_images):
+    """Photos; a dark band at one edge only (a night sky); bars thinner than 2% of the frame;
+    bars of very different size; dark edges that are not flat (a dark scene's texture); a
+    frame that is black throughout (the blank check's, not the bars')."""
+    for path in example_images:
+        with Image.open(path) as im:
+            assert bar_box(im.convert("RGB")) is None, path.name
+    picture = _picture("chelsea.png", 640, 360)
+    assert bar_box(_framed(picture, 120, 0, 0, 0)) is None
+    assert bar_box(_framed(picture, 7, 7, 0, 0)) is None  # 7 of 374 lines: under 2%
+    assert bar_box(_framed(picture, 80, 30, 0, 0)) is None
+    rng = np.random.default_rng(0)
+    textured = _framed(picture, 60, 60, 0, 0)
+    textured[:60] = rng.integers(0, 25, (60, 640, 3), dtype=np.uint8)  # dark, but 24 levels apart
+    textured[-60:] = rng.integers(0, 25, (60, 640, 3), dtype=np.uint8)
+    assert bar_box(textured) is None
+    assert bar_box(np.zeros((480, 640, 3), np.uint8)) is None
+
+
+@pytest.fixture(scope="module")
+def shipped(default_model_dir):
+    return Captioner(default_model_dir)
+
+
+def test_a_letterboxed_frame_is_captioned_as_the_picture_between_its_bars(shipped, default_model_dir):
+    """The caption of the frame is the picture's own (the bars squashed in with it gave the
+    shipped model another one), and ``crop`` says which part was captioned; ``crop_bars=False``
+    captions the whole frame."""
+    picture = LETTERBOXED[60:420]
+    framed, alone = shipped.caption(LETTERBOXED), shipped.caption(picture)
+    assert (framed.text, framed.confidence) == (alone.text, alone.confidence)
+    assert framed.crop == (0.0, 0.125, 1.0, 0.875) and alone.crop is None
+    whole = Captioner(default_model_dir, crop_bars=False).caption(LETTERBOXED)
+    assert whole.crop is None and whole.text != alone.text
+
+
+def test_a_blank_frame_with_bars_is_nothing_recognisable(shipped, default_model_dir):
+    """The bars had made a blank frame (a wall, a covered lens) look like a scene: captioned
+    with invented text. Between its bars it is uniform, and judged so."""
+    wall = _framed(np.full((360, 480, 3), 200, np.uint8), 0, 0, 80, 80)
+    seen = shipped.caption(wall)
+    assert (seen.text, seen.recognisable, seen.crop) == (
+        NOTHING_RECOGNISABLE,
+        False,
+        (1 / 8, 0.0, 7 / 8, 1.0),
+    )
+    assert Captioner(default_model_dir, crop_bars=False).caption(wall).recognisable
+    # a covered lens (level 6, dark and flat as the bars are) between black bars: the bars end
+    # where the level rises (the 16 lines after them taken for a codec's ringing)
+    capped = _framed(np.full((360, 640, 3), 6, np.uint8), 60, 60, 0, 0)
+    left, top, right, bottom = bar_box(capped)
+    assert (left, right) == (0, 640) and 60 <= top <= 60 + 16 and 420 - 16 <= bottom <= 420
+    assert shipped.caption(capped).text == NOTHING_RECOGNISABLE
+    assert Captioner(default_model_dir, crop_bars=False).caption(capped).recognisable
+
+
+def test_the_device_preprocessing_crops_the_bars_as_the_host(default_model_dir):
+    """The torch backend's ``preprocess="device"`` gets the picture between the bars: the host
+    path's caption and crop."""
+    pytest.importorskip("torch")
+    host = Captioner(default_model_dir, backend="torch", device="cpu")
+    device = Captioner(default_model_dir, backend="torch", device="cpu", preprocess="device")
+    assert device.backend.prepares_frames
+    want, got = host.caption(LETTERBOXED), device.caption(LETTERBOXED)
+    assert (
+        (got.text, got.crop)
+        == (want.text, want.crop)
+        == (host.caption(LETTERBOXED[60:420]).text, (0.0, 0.125, 1.0, 0.875))
+    )
+
+
+def test_json_says_the_part_captioned(tmp_path, capsys):
+    """``edgecap caption --json``: ``crop`` as [left, top, right, bottom] fractions, null for a
+    frame captioned whole (a photo, or --no-crop-bars)."""
+    framed = tmp_path / "framed.png"
+    Image.fromarray(LETTERBOXED).save(framed)
+    assert main(["caption", "--json", "--no-progress", str(framed), str(EXAMPLES / "chelsea.png")]) == 0
+    records = [json.loads(line) for line in capsys.readouterr().out.splitlines()]
+    assert [r["crop"] for r in records] == [[0.0, 0.125, 1.0, 0.875], None]
+    assert main(["caption", "--json", "--no-progress", "--no-crop-bars", str(framed)]) == 0
+    assert json.loads(capsys.readouterr().out)["crop"] is None
+
+
+def test_the_attention_figure_shows_the_picture_between_the_bars(shipped):
+    """The maps cover the part captioned: the figure of the letterboxed frame is the figure of
+    the picture between its bars, pixel for pixel."""
+    caption = shipped.caption(LETTERBOXED, return_attention=True)
+    figure = attention_figure(LETTERBOXED, caption, panel_size=160)
+    alone = attention_figure(LETTERBOXED[60:420], replace(caption, crop=None), panel_size=160)
+    np.testing.assert_array_equal(np.asarray(figure), np.asarray(alone))
