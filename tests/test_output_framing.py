@@ -277,17 +277,38 @@ def many_photos(tmp_path_factory):
     return root
 
 
+# ``python -m edgecap`` whose second record waits until the reader of stdout has gone (the pipe
+# then reports an error to its writer): otherwise a loaded machine, keeping the test from closing
+# the pipe, let the command caption every photo into the pipe's buffer and exit 0
+_READER_GONE_AFTER_THE_FIRST_RECORD = (
+    "import select, sys\n"
+    "from edgecap.commands import caption\n"
+    "printed, first = caption.print_result, []\n"
+    "def print_result(*args):\n"
+    "    printed(*args)\n"
+    "    if not first:\n"
+    "        first.append(args)\n"
+    "        poll = select.poll()\n"
+    "        poll.register(sys.stdout.fileno(), select.POLLERR)\n"
+    "        poll.poll(60_000)  # (a hang guard only)\n"
+    "caption.print_result = print_result\n"
+    "from edgecap.cli import run_command  # as edgecap/__main__.py\n"
+    "run_command()\n"
+)
+
+
 def test_closed_pipe_stops_quietly(tiny_model_dir, many_photos):
     """``edgecap caption DIR | head -1``: no traceback, the SIGPIPE status. Run as from a
     user's shell, without PYTHONUNBUFFERED (set where the tests run): stdout to a pipe is then
     block-buffered, so the first record arrives at once only if edgecap flushes each record,
     and the records still buffered when the pipe closed must not fail again at exit ("Exception
-    ignored ... BrokenPipeError", status 120)."""
+    ignored ... BrokenPipeError", status 120). The command writes its second record once the
+    pipe is closed, however long the test takes to close it."""
     proc = subprocess.Popen(
         [
             sys.executable,
-            "-m",
-            "edgecap",
+            "-c",
+            _READER_GONE_AFTER_THE_FIRST_RECORD,
             "caption",
             str(many_photos),
             "--model",
