@@ -24,7 +24,7 @@ from concurrent.futures import CancelledError, Executor, Future, ThreadPoolExecu
 from dataclasses import dataclass, field, fields, replace
 from importlib import resources
 from pathlib import Path
-from typing import Literal, overload
+from typing import Literal, TypeVar, overload
 
 import numpy as np
 from PIL import Image
@@ -877,17 +877,11 @@ class Captioner:
         options = self.options if options is None else options
         t0 = time.perf_counter()
         if self.backend.prepares_frames:  # resized and checked by the backend, on its device
-            frame = load_rgb_array(image, color, draft_size=self._draft_size)
-            box = bar_box(frame) if options.crop_bars else None
-            crop = _fractions(box, frame.shape[:2])
-            if box is not None:
-                frame = np.ascontiguousarray(frame[box[1] : box[3], box[0] : box[2]])
+            frame, crop = _without_bars(
+                image, load_rgb_array(image, color, draft_size=self._draft_size), options
+            )
             return _Prepared(frame, True, (time.perf_counter() - t0) * 1e3, crop)
-        rgb = load_rgb(image, color, draft_size=self._draft_size)
-        box = bar_box(rgb) if options.crop_bars else None
-        crop = _fractions(box, (rgb.height, rgb.width))
-        if box is not None:
-            rgb = rgb.crop(box)
+        rgb, crop = _without_bars(image, load_rgb(image, color, draft_size=self._draft_size), options)
         try:
             x, gain = model_input(rgb, self.manifest.preprocessing, options.brighten)
         except MemoryError as exc:  # this input's failure, in its slot: the others are captioned
@@ -992,7 +986,10 @@ class Captioner:
                 if image.visible
                 else self._nothing(hyps[0], named, timings, options)
             )
-            results.append(caption if image.crop is None else replace(caption, crop=image.crop))
+            if image.crop is not None:  # the alternatives were found in the same part
+                alternatives = tuple(replace(a, crop=image.crop) for a in caption.alternatives)
+                caption = replace(caption, crop=image.crop, alternatives=alternatives)
+            results.append(caption)
         return results
 
     def _search(
@@ -1200,13 +1197,31 @@ class _Prepared:
     crop: tuple[float, float, float, float] | None = None
 
 
-def _fractions(box: tuple[int, int, int, int] | None, shape: tuple[int, int]):
-    """A box (left, top, right, bottom) in pixels of an image of ``shape`` (height, width) ->
-    the same in fractions of its width and height (``Caption.crop``); None stays None."""
-    if box is None:
-        return None
-    h, w = shape
-    return (box[0] / w, box[1] / h, box[2] / w, box[3] / h)
+_Picture = TypeVar("_Picture", Image.Image, np.ndarray)
+
+
+def _without_bars(
+    image: ImageInput | None, picture: _Picture, options: CaptionOptions
+) -> tuple[_Picture, tuple[float, float, float, float] | None]:
+    """``picture`` (the decoded ``image``: an RGB PIL image or a uint8 (H, W, 3) array) between
+    its letterbox or pillarbox bars (``edgecap.preprocess.bar_box``) where ``options.crop_bars``,
+    and the part of it that is (``Caption.crop``; None: the whole). Memory run out is this
+    input's ``InputError``, as for its resize: the other inputs are captioned."""
+    if not options.crop_bars:
+        return picture, None
+    w, h = picture.size if isinstance(picture, Image.Image) else picture.shape[1::-1]
+    try:
+        box = bar_box(picture)
+        if box is None:
+            return picture, None
+        left, top, right, bottom = box
+        if isinstance(picture, Image.Image):
+            inner = picture.crop(box)
+        else:  # a frame of its own, contiguous, for the device's upload
+            inner = picture[top:bottom, left:right].copy()
+    except MemoryError as exc:
+        raise InputError(describe(image), f"out of memory looking for its black bars ({w}x{h})") from exc
+    return inner, (left / w, top / h, right / w, bottom / h)
 
 
 # Every Captioner not yet collected, for ``_after_fork``: a robot app's multiprocessing pool

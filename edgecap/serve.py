@@ -3,7 +3,8 @@
     edgecap serve                                   # http://127.0.0.1:8765, the shipped model
     curl -s --data-binary @photo.jpg -H 'Content-Type: image/jpeg' http://127.0.0.1:8765/caption
     {"caption": "a dog runs through the grass", "score": -0.61, "objects": [["golden retriever",
-     0.81], ...], "confidence": 0.55, "recognisable": true, "timings": {...}, "batch": 1}
+     0.81], ...], "confidence": 0.55, "recognisable": true, "crop": null, "timings": {...},
+     "batch": 1}
 
 Endpoints: ``POST /caption`` (the body: the image file's bytes, any format ``edgecap.images``
 accepts; ``Content-Type: image/...`` or ``application/octet-stream``) and ``GET /health``. The

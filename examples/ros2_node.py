@@ -162,6 +162,8 @@ def caption_record(event, stamp_ns: int, frame_id: str, dropped: int | None = No
         "recognisable": caption.recognisable,
         "confidence": None if caption.confidence is None else round(caption.confidence, 4),
         "objects": [[name, round(p, 4)] for name, p in caption.objects],
+        # the part of the frame captioned, its black bars cropped (None: the whole frame)
+        "crop": None if getattr(caption, "crop", None) is None else [round(v, 4) for v in caption.crop],
         "latency_ms": round(event.latency_ms, 1),
         "dropped": event.dropped if dropped is None else dropped,
     }

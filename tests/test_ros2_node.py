@@ -213,10 +213,11 @@ def last_caption(node) -> dict:
     return json.loads(node.publishers[0].published[-1].data)
 
 
-def test_a_raw_image_topic_is_captioned_and_published_as_json(ros, default_model_dir):
+def test_a_raw_image_topic_is_captioned_and_published_as_json(ros, default_model_dir, tmp_path):
     """rgb8 and bgr8 sensor_msgs/Image frames give the README's caption of the photo, with the
     frame's stamp and frame_id, on /edgecap/caption; a frame of an unknown encoding is one
-    warning naming the topic and the frame's time, and the next frame is still captioned."""
+    warning naming the topic and the frame's time, and the next frame is still captioned. A
+    frame with black bars (the photo letterboxed) says the part captioned in "crop"."""
     from edgecap import Captioner
 
     ros.parameters["image_topic"] = "/camera/image_raw"
@@ -235,6 +236,7 @@ def test_a_raw_image_topic_is_captioned_and_published_as_json(ros, default_model
         assert record["objects"] == [[name, round(p, 4)] for name, p in want.objects]
         assert record["confidence"] == round(want.confidence, 4)
         assert record["dropped"] == 0 and record["latency_ms"] > 0
+        assert record["crop"] is None
 
         bad = raw_message(EXAMPLES / "chelsea.png", sec=101)
         bad.encoding = "weird"
@@ -246,6 +248,13 @@ def test_a_raw_image_topic_is_captioned_and_published_as_json(ros, default_model
         deliver(node, raw_message(EXAMPLES / "chelsea.png", "bgr8", sec=102))
         assert last_caption(node)["text"] == CAT and last_caption(node)["stamp"]["sec"] == 102
         assert len(node.publishers[0].published) == 2
+        with PILImage.open(EXAMPLES / "chelsea.png") as im:
+            picture = np.asarray(im.convert("RGB").resize((640, 360)))
+        framed = np.zeros((480, 640, 3), np.uint8)
+        framed[60:420] = picture
+        PILImage.fromarray(framed).save(tmp_path / "letterboxed.png")
+        deliver(node, raw_message(tmp_path / "letterboxed.png", sec=103))
+        assert last_caption(node)["crop"] == [0.0, 0.125, 1.0, 0.875]
     finally:
         node.close()
     assert not node._thread.is_alive()

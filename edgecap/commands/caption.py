@@ -15,7 +15,7 @@ over it, one panel per word (``edgecap.viz``); nothing else is written anywhere.
 ``edgecap caption --video FILE [--every SECONDS]`` and ``edgecap caption --camera INDEX`` print
 ``SECONDS<TAB>caption`` per captioned frame (``12.40s<TAB>a dog runs``), or with ``--json``
 ``time``, ``frame``, ``caption``, ``score``, ``objects``, ``confidence``, ``recognisable``,
-``timings`` (ms) and ``dropped``; a summary goes to
+``crop``, ``timings`` (ms) and ``dropped``; a summary goes to
 stderr at the end. A video is read at the captioner's pace, every sampled frame is captioned and
 times are video time; a camera is live: the newest frame wins, older ones are dropped
 (``edgecap.stream``), and it runs until the camera stops or Ctrl-C. Both need OpenCV
