@@ -197,38 +197,36 @@ def recognisable(x: np.ndarray, pre: Preprocessing, brightened: bool = False) ->
 # Letterbox and pillarbox bars (16:9 video in a 4:3 frame, 4:3 in 16:9): the encoder squashes the
 # whole frame, bars and all, and captions lose to them; a blank frame with bars escapes the blank
 # check. Bars are cropped before the frame is captioned and checked. A bar is a run of lines from
-# an edge inward, each dark (every channel of every pixel at most BAR_LEVEL), flat (its
-# brightest and darkest pixels, by their largest channel, at most BAR_RANGE levels apart: a
-# video's black, a codec's noise) and at the edge line's level (its brightest pixel at most
-# BAR_STEP levels above the edge line's: a dark wall or a lens cap between black bars is no
-# bar), that ends at the picture's edge: within BAR_RING_LINES lines after it (a codec's ringing
-# at the picture's edge: JPEG at quality 50-90 rings up to 12 levels over the bar's last 8-12
-# lines), a line of which PICTURE_SHARE percent of the pixels are over BAR_CONTRAST levels above
-# the bar's brightest; the dark of a dim scene fades into it, and is no bar. And one on the
-# opposite edge: both at least MIN_BAR_SHARE percent of the frame's height (width), at most
-# BAR_RING_LINES lines or MIN_BAR_SHARE percent apart, with at least MIN_PICTURE_SHARE percent
-# of the frame between them (a 9:16 phone video in a 16:9 frame: 32%). Measured with
-# benchmarks/bars.py (docs/cameras.md, "Black bars"): over 273 dev photos letterboxed or
-# pillarboxed, CIDEr +0.079 / +0.088 (the picture alone's within 0.003); of the 7,091 Flickr8k
-# photos none as taken is found to have bars, 1 / 1 / 2 at a fifth / tenth / twentieth of its
-# light (the rule without the picture's edge line had found 11 / 105 at a fifth / tenth, and 154
-# of the first 1,500 at a twentieth).
+# an edge inward, each dark (every channel of every pixel at most BAR_LEVEL), flat (the standard
+# deviation of its pixels' largest channels at most BAR_STD levels: a video's black, a codec's
+# or a sensor's noise, at any width) and at the edge line's level (its mean at most BAR_STEP
+# levels above the edge line's: a dark wall or a lens cap between black bars is no bar), that
+# ends at the picture's edge: a line, at most the ring window after it (BAR_RING_LINES lines or
+# RING_SHARE percent of the frame's side: a codec's ringing, stretched where the video was
+# upscaled), of which PICTURE_SHARE percent of the pixels are over BAR_CONTRAST levels above the
+# bar's brightest; the dark of a dim scene fades into its light, and is no bar. And one on the
+# opposite edge: both at least MIN_BAR_SHARE percent of the frame's height (width), their
+# pictures' edges at most BAR_RING_LINES lines or MIN_BAR_SHARE percent apart, with at least
+# MIN_PICTURE_SHARE percent of the frame between them (a 2.39:1 film on a 9:19.5 phone screen:
+# 19%). Measured with benchmarks/bars.py (docs/cameras.md, "Black bars").
 BAR_LEVEL = 24
-BAR_RANGE = 6
+BAR_STD = 2.5
 BAR_STEP = 2
 BAR_CONTRAST = 2
 PICTURE_SHARE = 50
 BAR_RING_LINES = 16
+RING_SHARE = 4
 MIN_BAR_SHARE = 2
-MIN_PICTURE_SHARE = 25
+MIN_PICTURE_SHARE = 15
 
 
-def _flat_dark(lines: np.ndarray) -> tuple[np.ndarray, np.ndarray]:
+def _flat_dark(lines: np.ndarray) -> tuple[np.ndarray, np.ndarray, np.ndarray]:
     """uint8 (n, length, 3) lines -> (n,) whether each is a bar's (dark and flat), and (n,)
-    the level of each line's brightest pixel."""
+    the level of each line's brightest pixel and each line's mean level (by each pixel's
+    largest channel)."""
     bright = np.maximum(np.maximum(lines[..., 0], lines[..., 1]), lines[..., 2])
-    top, bottom = bright.max(1), bright.min(1)
-    return (top <= BAR_LEVEL) & (top - bottom <= BAR_RANGE), top
+    top, mean, spread = bright.max(1), bright.mean(1), bright.std(1)
+    return (top <= BAR_LEVEL) & (spread <= BAR_STD), top, mean
 
 
 def _bar_line(line: np.ndarray) -> bool:
@@ -236,19 +234,20 @@ def _bar_line(line: np.ndarray) -> bool:
     return bool(line.max() <= BAR_LEVEL and _flat_dark(line[None])[0][0])
 
 
-def _bar(lines: np.ndarray) -> tuple[int, int]:
+def _bar(lines: np.ndarray, window: int) -> tuple[int, int]:
     """uint8 (n, length, 3) lines from a frame's edge inward -> (the lines of the bar there, the
-    same up to the picture's edge line, the codec's ringing included); (0, 0) where the edge
-    line is no bar's, or no picture's edge line follows the bar. Read a few lines at a time
-    from the edge, up to the first that is no bar's and the picture's edge after it."""
+    same up to the picture's edge line, at most ``window`` lines after it: the codec's ringing
+    between them); (0, 0) where the edge line is no bar's, or no picture's edge line follows
+    the bar. Read a few lines at a time from the edge, up to the first that is no bar's and the
+    picture's edge after it."""
     core, level, n = 0, 0, len(lines)
     chunk = 1  # the edge line alone first: most frames end there
     edge = None
     while core < n:
-        flat, top = _flat_dark(lines[core : core + chunk])
+        flat, top, mean = _flat_dark(lines[core : core + chunk])
         if edge is None:
-            edge = int(top[0])
-        flat &= top <= edge + BAR_STEP
+            edge = float(mean[0])
+        flat &= mean <= edge + BAR_STEP
         ends = int(np.argmin(flat)) if not flat.all() else len(flat)
         if ends:
             level = max(level, int(top[:ends].max()))
@@ -258,7 +257,7 @@ def _bar(lines: np.ndarray) -> tuple[int, int]:
         chunk = 32
     if not core:
         return 0, 0
-    after = lines[core : core + BAR_RING_LINES + 1]
+    after = lines[core : core + window + 1]
     if not len(after):  # bars to the middle: no picture (``_paired`` says so)
         return core, core
     bright = np.maximum(np.maximum(after[..., 0], after[..., 1]), after[..., 2])
@@ -268,14 +267,20 @@ def _bar(lines: np.ndarray) -> tuple[int, int]:
     return core, core + int(np.argmax(picture))
 
 
+def _ring_window(size: int) -> int:
+    """The most lines a codec's ringing may take after a bar in a frame of ``size`` lines."""
+    return max(BAR_RING_LINES, size * RING_SHARE // 100)
+
+
 def _paired(one: tuple[int, int], other: tuple[int, int], size: int) -> bool:
-    """Whether the bars found at two opposite edges of a side of ``size`` lines are a pair,
-    with a picture of at least ``MIN_PICTURE_SHARE`` percent of the side between them."""
+    """Whether the bars found at two opposite edges of a side of ``size`` lines are a pair:
+    both wide enough, ending at the picture alike, with a picture of at least
+    ``MIN_PICTURE_SHARE`` percent of the side between them."""
     (a, a_picture), (b, b_picture) = one, other
     least = MIN_BAR_SHARE * size / 100
     return (
         min(a, b) >= least
-        and abs(a - b) <= max(BAR_RING_LINES, least)
+        and abs(a_picture - b_picture) <= max(BAR_RING_LINES, least)
         and (size - a_picture - b_picture) * 100 >= MIN_PICTURE_SHARE * size
     )
 
@@ -288,7 +293,8 @@ def bars(pixels: np.ndarray) -> tuple[int, int, int, int]:
     crop = []
     # each edge's bar searched over the half of the frame on its side
     for lines, size in ((pixels, h), (columns, w)):
-        one, other = _bar(lines[: size // 2 + 1]), _bar(lines[::-1][: size // 2 + 1])
+        window = _ring_window(size)
+        one, other = _bar(lines[: size // 2 + 1], window), _bar(lines[::-1][: size // 2 + 1], window)
         crop += [one[1], other[1]] if _paired(one, other, size) else [0, 0]
     return crop[0], crop[1], crop[2], crop[3]
 

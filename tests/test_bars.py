@@ -208,3 +208,21 @@ def test_memory_run_out_looking_for_bars_is_that_inputs_error(shipped, monkeypat
         failed
     )
     assert captioned.text == shipped.caption(chelsea).text
+
+
+def test_upscaled_video_noisy_bars_and_portrait_frames_are_cropped():
+    """What a review found left whole: a compressed SD frame shown upscaled (a player's
+    screenshot, a capture card at 1080p: the codec's ringing stretched to 20-30 lines); bars of
+    limited-range video at level 16 with a sensor's or an analogue source's noise, 1920 wide
+    (a line's brightest and darkest pixels over 6 levels apart by chance alone); a 2.39:1 film
+    in a 9:16 phone screen (24% of its height)."""
+    upscaled = np.asarray(
+        Image.fromarray(_jpeg(LETTERBOXED, 75)).resize((1440, 1080), Image.Resampling.BICUBIC)
+    )
+    left, top, right, bottom = bar_box(upscaled)
+    assert (left, right) == (0, 1440) and abs(top - 135) <= 6 and abs(bottom - 945) <= 6
+    film = _framed(_picture("rocket.jpg", 1920, 803), 138, 139, 0, 0, level=16).astype(np.float32)
+    film += np.random.default_rng(0).normal(0, 1.0, film.shape)
+    assert bar_box(np.clip(np.round(film), 0, 255).astype(np.uint8)) == (0, 138, 1920, 941)
+    phone = _framed(_picture("coffee.png", 1080, 452), 734, 734, 0, 0)
+    assert bar_box(phone) == (0, 734, 1080, 1186)
