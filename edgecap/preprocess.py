@@ -220,11 +220,16 @@ MIN_BAR_SHARE = 2
 MIN_PICTURE_SHARE = 15
 
 
+def _largest_channel(pixels: np.ndarray) -> np.ndarray:
+    """uint8 (..., 3) -> each pixel's largest channel (...,)."""
+    return np.maximum(np.maximum(pixels[..., 0], pixels[..., 1]), pixels[..., 2])
+
+
 def _flat_dark(lines: np.ndarray) -> tuple[np.ndarray, np.ndarray, np.ndarray]:
     """uint8 (n, length, 3) lines -> (n,) whether each is a bar's (dark and flat), and (n,)
     the level of each line's brightest pixel and each line's mean level (by each pixel's
     largest channel)."""
-    bright = np.maximum(np.maximum(lines[..., 0], lines[..., 1]), lines[..., 2])
+    bright = _largest_channel(lines)
     top, mean, spread = bright.max(1), bright.mean(1), bright.std(1)
     return (top <= BAR_LEVEL) & (spread <= BAR_STD), top, mean
 
@@ -260,8 +265,7 @@ def _bar(lines: np.ndarray, window: int) -> tuple[int, int]:
     after = lines[core : core + window + 1]
     if not len(after):  # bars to the middle: no picture (``_paired`` says so)
         return core, core
-    bright = np.maximum(np.maximum(after[..., 0], after[..., 1]), after[..., 2])
-    picture = (bright > level + BAR_CONTRAST).mean(axis=1) * 100 >= PICTURE_SHARE
+    picture = (_largest_channel(after) > level + BAR_CONTRAST).mean(axis=1) * 100 >= PICTURE_SHARE
     if not picture.any():  # the dark goes on: a dark scene's, no bar's
         return 0, 0
     return core, core + int(np.argmax(picture))

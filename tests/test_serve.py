@@ -125,6 +125,22 @@ class BlockingCaptioner:
         ]
 
 
+def hook_ran(monkeypatch, name: str) -> threading.Event:
+    """An event set each time the stop's shutdown hook ``CaptionService.<name>`` has run (the
+    service's own hook, then the event)."""
+    import edgecap.serve
+
+    ran = threading.Event()
+    hook = getattr(edgecap.serve.CaptionService, name)
+
+    async def noting(self, app):
+        await hook(self, app)
+        ran.set()
+
+    monkeypatch.setattr(edgecap.serve.CaptionService, name, noting)
+    return ran
+
+
 @pytest.fixture(scope="module")
 def captioner(default_model_dir):
     return Captioner(default_model_dir)
@@ -1285,16 +1301,7 @@ def test_a_stop_lets_a_connection_that_moved_on_after_a_413_finish_its_next_requ
     was sent to its end (here in the same packet as its headers, so that aiohttp never reads
     it) has moved on: its next request, in flight at the stop, is answered ("A stop answers
     the requests in flight")."""
-    import edgecap.serve
-
-    closed_unread = threading.Event()
-    close_unread = edgecap.serve.CaptionService._close_unread
-
-    async def noting_close_unread(self, app):
-        await close_unread(self, app)
-        closed_unread.set()
-
-    monkeypatch.setattr(edgecap.serve.CaptionService, "_close_unread", noting_close_unread)
+    closed_unread = hook_ran(monkeypatch, "_close_unread")
     fake = BlockingCaptioner()
     running = Running(fake, ServiceOptions(max_body_bytes=1000))
     stopping = None
@@ -1353,18 +1360,10 @@ def test_sighup_stops_the_service_as_sigterm_does_answering_the_request_in_fligh
     Before the fix serve() left SIGHUP to the command line's handler, which raised inside the
     event loop: the requests in flight were dropped unanswered (5 of 12 in a run of the command).
     The model is released 0.2 s after the stop began to wait for the request in flight."""
-    import edgecap.serve
     from edgecap.serve import serve
 
-    ended_reads = threading.Event()
-    end_reads = edgecap.serve.CaptionService._end_reads
-
-    async def noting_end_reads(self, app):
-        await end_reads(self, app)
-        ended_reads.set()
-
     # the last of the stop's shutdown hooks: next, aiohttp waits for the requests in flight
-    monkeypatch.setattr(edgecap.serve.CaptionService, "_end_reads", noting_end_reads)
+    ended_reads = hook_ran(monkeypatch, "_end_reads")
 
     class Unhandled(Exception):
         pass
@@ -2018,18 +2017,9 @@ def test_a_stop_waits_for_a_model_call_longer_than_a_second(monkeypatch):
     request the model holds for 1.5 s after the stop began to wait for it (its shutdown hooks
     run: a slow batch on a CPU) is still answered with its caption, not dropped when some
     shorter wait runs out."""
-    import edgecap.serve
-
-    ended_reads = threading.Event()
-    end_reads = edgecap.serve.CaptionService._end_reads
-
-    async def noting_end_reads(self, app):
-        await end_reads(self, app)
-        ended_reads.set()
-
     # the last of the stop's shutdown hooks: next, aiohttp waits for the requests in flight
     # (1.5 s from stopping.start() may all pass before the stop begins, on a busy machine)
-    monkeypatch.setattr(edgecap.serve.CaptionService, "_end_reads", noting_end_reads)
+    ended_reads = hook_ran(monkeypatch, "_end_reads")
     fake = BlockingCaptioner()
     running = Running(fake, ServiceOptions())
     stopping = threading.Thread(target=running.stop)
