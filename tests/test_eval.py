@@ -12,6 +12,7 @@ import base64
 import json
 import math
 import os
+import stat
 import subprocess
 import sys
 from pathlib import Path
@@ -1569,20 +1570,41 @@ def test_cli_an_output_that_is_a_photo_of_the_split_is_refused_before_captioning
         )
 
 
-@pytest.mark.skipif(not Path("/dev/full").exists(), reason="needs /dev/full (a disk that is always full)")
+def full_disk_of_our_own(folder: Path) -> Path:
+    """A file every write to fails with ENOSPC, as to a full disk: a device node of the test's
+    own in ``folder`` with /dev/full's numbers (root may make one). A regression that renamed a
+    file over an output then replaces this node, never the machine's /dev/full (a link to
+    /dev/full would not do: its target, /dev/full itself, is the file an output replaces, and
+    root may rename over it, as a figure once did over /dev/null). Not root: a link to /dev/full,
+    which no regression of ours may replace where /dev cannot be written; else skipped."""
+    if not Path("/dev/full").exists():
+        pytest.skip("needs /dev/full (a disk that is always full)")
+    node = folder / "full"
+    try:
+        os.mknod(node, stat.S_IFCHR | 0o600, os.stat("/dev/full").st_rdev)
+        with open(node, "wb", buffering=0) as probe:
+            probe.write(b"x")
+    except PermissionError:  # not root, or a file system without device nodes (nodev)
+        node.unlink(missing_ok=True)
+        if os.access("/dev", os.W_OK):
+            pytest.skip("no device node of our own, and /dev may be written: /dev/full at stake")
+        node.symlink_to("/dev/full")
+    except OSError:  # ENOSPC: the node is a full disk
+        pass
+    return node
+
+
 def test_cli_an_output_that_cannot_be_written_still_prints_the_scores(
     tiny_model_dir, tmp_path, monkeypatch, capsys
 ):
-    """An --output the split's captions cannot be written to (a full disk: /dev/full) is one
-    line naming it and the system's reason, exit 2 (docs/cli.md: output that could not be
-    written), and the scores of the captioned split are still printed; before the fix an
-    OSError traceback and exit 1, the scores of a split that may have taken minutes lost.
-    Through a link in tmp_path: a regression that renamed a file over the --output (as root)
-    replaces the link, not the machine's /dev/full."""
+    """An --output the split's captions cannot be written to (a full disk: a /dev/full of the
+    test's own) is one line naming it and the system's reason, exit 2 (docs/cli.md: output that
+    could not be written), and the scores of the captioned split are still printed; before the
+    fix an OSError traceback and exit 1, the scores of a split that may have taken minutes lost.
+    The output is written in place, the device node kept (not renamed over: root may)."""
     monkeypatch.setattr(metrics, "java_available", lambda: False)
     tokens, split = flickr_files(tmp_path, ["chelsea.png"])
-    full = tmp_path / "full"
-    full.symlink_to("/dev/full")
+    full = full_disk_of_our_own(tmp_path)
     args = ["--images", str(EXAMPLES), "--captions", str(tokens), "--split", str(split), "--json"]
     rc = main(["eval", *args, "--model", str(tiny_model_dir), "--max-length", "4", "--output", str(full)])
     out = capsys.readouterr()
@@ -1591,6 +1613,7 @@ def test_cli_an_output_that_cannot_be_written_still_prints_the_scores(
     assert out.err.endswith(
         f"edgecap eval: error: --output {full}: cannot write it (No space left on device)\n"
     )
+    assert stat.S_ISCHR(os.stat(full).st_mode)
 
 
 @pytest.mark.skipif(sys.platform != "linux", reason="RLIMIT_FSIZE, and SIGXFSZ ignored by Python")
