@@ -787,6 +787,27 @@ def test_edgecap_export_line_that_cannot_be_written_is_not_a_traceback(
     assert "export_check" in load_manifest(tmp_path / "model").info
 
 
+def test_edgecap_export_with_stdout_closed_is_refused_before_exporting(tmp_path, monkeypatch, capsys):
+    """docs/cli.md: started with stdout closed (``>&-``, where Python's sys.stdout is None), export
+    says so in one line, exit 2, before anything is written, as caption and eval do. The model
+    had been exported, its line dropped and then an AttributeError traceback, exit 1."""
+    import sys
+
+    from edgecap.cli import main
+    from edgecap.models.checkpoint import save_checkpoint
+
+    vocab = Vocabulary.build(["a cat sat on the mat", "a dog ran in the park today"], min_count=1)
+    decoder = CaptionDecoder(
+        DecoderConfig(vocab_size=len(vocab), hidden_dim=16, feature_dim=16, embed_dim=8, attention_dim=8)
+    )
+    save_checkpoint(tmp_path / "run" / "best", decoder, vocab, PRE, {})
+    monkeypatch.setattr(sys, "stdout", None)
+    rc = main(["export", str(tmp_path / "run" / "best"), "--out", str(tmp_path / "model")])
+    said = "".join(line for line in capsys.readouterr().err.splitlines(True) if ": warning: " not in line)
+    assert (rc, said) == (2, "edgecap export: error: cannot write the output: standard output is closed\n")
+    assert not (tmp_path / "model").exists()
+
+
 def test_edgecap_export_names_a_folder_that_is_not_ascii_on_a_stdout_that_is_not_utf8(tmp_path, monkeypatch):
     """As caption: the line is UTF-8 whatever stdout's encoding (PYTHONIOENCODING=ascii, a
     Latin-1 locale); it had been a UnicodeEncodeError after the model was written."""

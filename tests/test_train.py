@@ -538,6 +538,24 @@ def test_train_output_that_cannot_be_written_is_said_as_the_output(
     assert (rc, capsys.readouterr().err) == expected
 
 
+def test_train_with_stdout_closed_is_refused_before_training(tmp_path, monkeypatch, capsys):
+    """docs/cli.md: started with stdout closed (``>&-``, where Python's sys.stdout is None), train
+    says so in one line, exit 2, before training, as caption and eval do. Each epoch's log line
+    had been dropped without a word and, the training done, the last line an AttributeError
+    traceback with exit 1, which train gives to a run that left rows out."""
+    import sys
+
+    from edgecap.cli import main
+    from edgecap.training import train as training
+
+    called = []
+    monkeypatch.setattr(training, "train", lambda cfg, **_: called.append(cfg) or tmp_path / "run" / "best")
+    monkeypatch.setattr(sys, "stdout", None)
+    rc = main(["train", "--data", "DATA", "--out", str(tmp_path / "run")])
+    closed = "edgecap train: error: cannot write the output: standard output is closed\n"
+    assert (rc, called, capsys.readouterr().err) == (2, [], closed)
+
+
 def test_train_names_a_best_checkpoint_that_is_not_ascii_on_a_stdout_that_is_not_utf8(tmp_path, monkeypatch):
     """As caption: the line is UTF-8 whatever stdout's encoding (PYTHONIOENCODING=ascii, a
     Latin-1 locale); it had been a UnicodeEncodeError once the training was done."""

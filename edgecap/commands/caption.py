@@ -36,7 +36,15 @@ from edgecap.commands._options import add_model_arguments, load_captioner
 from edgecap.commands.caption_bag import run_bag
 from edgecap.commands.caption_media import run_attention, run_stream
 from edgecap.commands.progress import add_progress_argument, open_progress, progress_enabled
-from edgecap.commands.output import OutputFailed, output_failed, print_result, report_note, utf8_output, write
+from edgecap.commands.output import (
+    OutputFailed,
+    output_failed,
+    print_result,
+    report_note,
+    stdout_closed,
+    utf8_output,
+    write,
+)
 from edgecap.paths import Note, expand_all
 
 FINISHES_ON_INTERRUPT = True  # edgecap.cli: Ctrl-C before the model is loaded just exits
@@ -167,8 +175,7 @@ def run(args: argparse.Namespace) -> int:
     if problem:
         print(f"edgecap caption: error: {problem}", file=sys.stderr)
         return 2
-    if sys.stdout is None:  # started with stdout closed (>&-): nothing could be written
-        print("edgecap caption: error: cannot write the output: standard output is closed", file=sys.stderr)
+    if stdout_closed("caption"):  # started with stdout closed (>&-): nothing could be written
         return 2
     utf8_output()
     # The command owns its process: Pillow's bomb warning would only repeat the InputError.

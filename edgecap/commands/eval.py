@@ -33,7 +33,7 @@ import warnings
 from pathlib import Path
 
 from edgecap.commands._options import add_model_arguments, load_captioner
-from edgecap.commands.output import escape_field, json_line, output_failed, utf8_output
+from edgecap.commands.output import escape_field, json_line, output_failed, stdout_closed, utf8_output
 from edgecap.commands.progress import add_progress_argument, open_progress, progress_enabled
 from edgecap.extras import install_hint
 from edgecap.files import same_file, write_whole
@@ -88,8 +88,8 @@ def run(args: argparse.Namespace) -> int:
     problem = _check_arguments(args)
     if problem:
         return _fail(problem)
-    if sys.stdout is None:  # started with stdout closed (>&-): the scores would be lost
-        return _fail("cannot write the output: standard output is closed")
+    if stdout_closed("eval"):  # started with stdout closed (>&-): the scores would be lost
+        return 2
     if importlib.util.find_spec("pycocoevalcap") is None:  # before minutes of captioning
         return _fail(f"scoring needs pycocoevalcap: {install_hint('eval')}")
     try:

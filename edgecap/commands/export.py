@@ -28,6 +28,10 @@ def add_arguments(p: argparse.ArgumentParser) -> None:
 
 
 def run(args: argparse.Namespace) -> int:
+    from edgecap.commands.output import stdout_closed
+
+    if stdout_closed("export"):  # started with stdout closed (>&-): as caption, before the work
+        return 2
     try:
         from edgecap.build.export import export_model
     except ImportError as exc:

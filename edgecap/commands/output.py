@@ -139,6 +139,16 @@ def utf8_output() -> None:
             pass  # a replaced stream (tests, embedding): written as it is
 
 
+def stdout_closed(command: str) -> bool:
+    """Whether ``edgecap COMMAND`` was started with standard output closed (``>&-``: Python's
+    ``sys.stdout`` is None, and ``print`` drops every line without a word); if so, said in one
+    line on stderr, for the command to stop (exit 2) before its work, whose output would be lost."""
+    if sys.stdout is not None:
+        return False
+    print(f"edgecap {command}: error: cannot write the output: standard output is closed", file=sys.stderr)
+    return True
+
+
 def output_failed(command: str, error: OSError) -> int:
     """The exit status of ``edgecap COMMAND`` whose standard output could not be written: a
     reader gone away (``| head``: a broken pipe) stops it quietly, as Unix tools stop (141);

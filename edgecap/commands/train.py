@@ -10,7 +10,7 @@ from collections.abc import Callable
 from dataclasses import fields
 from pathlib import Path
 
-from edgecap.commands.output import OutputFailed
+from edgecap.commands.output import OutputFailed, stdout_closed
 from edgecap.data.folder import DEFAULT_DEV_FRACTION
 from edgecap.files import write_problem
 from edgecap.models.config import ENCODERS, DecoderConfig
@@ -329,6 +329,8 @@ def run(args: argparse.Namespace) -> int:
             raise ValueError(f"--text {text}: {what} (caption text, one a line)")
     except ValueError as exc:
         print(f"edgecap train: error: {exc}", file=sys.stderr)
+        return 2
+    if stdout_closed("train"):  # started with stdout closed (>&-): its log and last line lost
         return 2
     run_training: Callable[..., Path]  # train or train_scst: a config in, the best checkpoint out
     try:
