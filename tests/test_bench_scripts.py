@@ -1492,3 +1492,72 @@ def test_int8_rows_refuses_a_graph_it_cannot_rewrite():
     )
     with pytest.raises(ValueError, match="q is read by Cast"):
         int8_rows.per_row_scales(helper.make_model(graph))
+
+
+def test_confidence_degraded_blurs_along_rows_and_lights_its_lamps():
+    """The degradations are what the docs say: a 25 px horizontal motion blur spreads a one-pixel
+    line over 25 pixels of a 25th of its level and leaves columns alone; the night frame keeps
+    6% of the light and its three lamps cover about 2% of the frame."""
+    import confidence_degraded as D
+
+    photo = np.zeros((10, 101, 3), np.uint8)
+    photo[:, 50] = 250
+    blurred = D.blur(photo, np.random.default_rng(0))
+    assert blurred.shape == photo.shape
+    assert (blurred[:, 38:63] == 10).all() and (blurred[:, :38] == 0).all() and (blurred[:, 63:] == 0).all()
+    grey = np.full((300, 400, 3), 100, np.uint8)
+    night = D.night(grey, np.random.default_rng(1))
+    lamps = (night == 250).all(2).mean()
+    assert 0.012 < lamps <= 0.021  # three disks of 2% in all, less where they overlap or leave the frame
+    assert set(np.unique(night)) == {6, 250}
+
+
+def test_confidence_degraded_keeps_a_photos_versions_in_one_fold(monkeypatch):
+    """Cross-validation holds a photo's every version out together (a model fitted on one version
+    of a photo would be checked on another: in sample), each photo in exactly one held-out fold,
+    and fits on the other set's frames too; fitted on the photos as taken, it sees no degraded
+    frame. Read from what each fit is given: the signals carry the photo and the version."""
+    import confidence_degraded as D
+
+    import edgecap.confidence
+
+    from edgecap.confidence import SIGNALS
+
+    photos, other_photos = 31, 7
+    versions = (D.AS_TAKEN, "blur", "night")
+
+    def frames(first_id):
+        out = {}
+        for v, name in enumerate(versions):
+            x = np.zeros((photos, len(SIGNALS)))
+            x[:, 0] = first_id + np.arange(photos)  # the photo
+            x[:, 1] = v  # the version
+            x[:, 2] = np.arange(photos) % 3  # something to fit
+            out[name] = {"signals": x, "measures": np.zeros((photos, 2)), "right": np.arange(photos) % 2 == 0}
+        return out
+
+    target, other = frames(0), frames(1000)
+    for name in versions:  # the other set has fewer photos
+        other[name] = {k: a[:other_photos] for k, a in other[name].items()}
+    real_fit = edgecap.confidence.fit
+    seen: list[np.ndarray] = []
+
+    def recording_fit(x, y, *rest):
+        seen.append(x.copy())
+        return real_fit(x, y, *rest)
+
+    monkeypatch.setattr(edgecap.confidence, "fit", recording_fit)
+    for every_frame in (True, False):
+        seen.clear()
+        p, y, names = D.cross_validated(target, other, every_frame=every_frame, measures=False)
+        assert len(p) == photos * len(versions) and sorted(set(names)) == sorted(versions)
+        assert len(seen) == D.FOLDS
+        held_out = []
+        for x in seen:
+            ids, counts = np.unique(x[:, 0], return_counts=True)
+            # every version of each photo fitted on, or just the photo as taken
+            assert (counts == (len(versions) if every_frame else 1)).all()
+            assert set(x[:, 1]) == ({0.0, 1.0, 2.0} if every_frame else {0.0})
+            assert set(range(1000, 1000 + other_photos)) <= set(ids)  # the other set, whole
+            held_out += sorted(set(range(photos)) - set(ids))
+        assert sorted(held_out) == list(range(photos))  # each photo held out once
