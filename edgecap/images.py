@@ -453,6 +453,9 @@ def _read_file(path: str | os.PathLike, source: str) -> bytes:
     except FileProblem as exc:
         problem = str(exc)
         if "over the limit" in problem or "past the limit" in problem:
+            other = _video_or_recording_file(path)  # videos are large: say what it is instead
+            if other:
+                raise InputError(source, other) from None
             problem += (
                 f"; if you trust it, raise the limit with "
                 f"edgecap.images.set_max_file_bytes(n) or {MAX_FILE_BYTES_ENV}=n"
@@ -480,6 +483,9 @@ def _unidentified_problem(data: bytes) -> str:
     if kind == "HEIC/HEIF" or (kind == "AVIF" and "AVIF" not in ACCEPTED_FORMATS):
         article = "an" if kind == "AVIF" else "a"
         return f"{article} {kind} image, {UNDECODABLE[kind]}: convert it to JPEG or PNG"
+    other = _video_or_recording(data, kind)
+    if other:
+        return other
     Image.init()
     for name in ACCEPTED_FORMATS:
         factory, accept = Image.OPEN.get(name, (None, None))
@@ -500,6 +506,58 @@ def _unidentified_problem(data: bytes) -> str:
                 return f"unsupported kind of {name}, or a damaged header ({said})"
             return f"corrupt {name} header ({'cut short' if cut else said})"
     return f"not an image in an accepted format ({', '.join(ACCEPTED_FORMATS)})"
+
+
+def _video_or_recording(data: bytes, bmff_kind: str | None) -> str | None:
+    """What to say of a video or a robot recording given where a photo was expected (``edgecap
+    caption clip.mp4`` without ``--video``), told by its first bytes; None for anything else."""
+    if data[4:8] == b"ftyp" and bmff_kind is None and _is_video_brand(data[8:12]):
+        video = "an MP4 / QuickTime video"
+    elif data[:4] == b"RIFF" and data[8:12] == b"AVI ":
+        video = "an AVI video"
+    elif data[:4] == b"\x1aE\xdf\xa3":  # EBML
+        video = "a Matroska / WebM video"
+    elif data[:5] == b"\x89MCAP":
+        return "an MCAP recording, not a photo: caption its image topics with edgecap caption --bag FILE"
+    elif data[:13] == b"#ROSBAG V2.0\n":
+        return "a ROS 1 bag, not a photo: caption its image topics with edgecap caption --bag FILE"
+    else:
+        return None
+    return f"{video}, not a photo: caption its frames with edgecap caption --video FILE"
+
+
+def _is_video_brand(major: bytes) -> bool:
+    """Whether an ISO-BMFF file's major brand is a video's (MP4, QuickTime, 3GP, a camera's XAVC),
+    not sound alone (M4A) nor a still photo in the same boxes (a Canon CR3 raw: crx)."""
+    return major.startswith((b"iso", b"mp4", b"3g")) or major in _VIDEO_BRANDS
+
+
+_VIDEO_BRANDS = {
+    b"avc1",
+    b"qt  ",
+    b"M4V ",
+    b"M4VH",
+    b"M4VP",
+    b"dash",
+    b"mmp4",
+    b"MSNV",
+    b"XAVC",
+    b"NDAS",
+    b"f4v ",
+}
+
+
+def _video_or_recording_file(path: str | os.PathLike) -> str | None:
+    """``_video_or_recording`` of a file's first bytes (None where they cannot be read)."""
+    try:
+        fd = os.open(path, os.O_RDONLY | getattr(os, "O_NONBLOCK", 0))  # never waits on a pipe
+        try:
+            head = os.read(fd, 64)
+        finally:
+            os.close(fd)
+    except (OSError, ValueError):
+        return None
+    return _video_or_recording(head, _bmff_kind(head))
 
 
 def _bmff_kind(data: bytes) -> str | None:

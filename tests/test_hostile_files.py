@@ -339,6 +339,39 @@ def test_an_avif_photo_is_said_to_be_undecodable_where_this_pillow_has_no_avif(m
     )
 
 
+VIDEO_WORDS = "not a photo: caption its frames with edgecap caption --video FILE"
+RECORDING_WORDS = "not a photo: caption its image topics with edgecap caption --bag FILE"
+
+
+def test_a_video_or_a_recording_given_as_a_photo_says_which_option_captions_it(tmp_path, monkeypatch):
+    """``edgecap caption clip.mp4`` (without ``--video``) had said "not an image in an accepted
+    format (JPEG, ...)", and a video over the file-size limit, as most are, to raise the limit."""
+    mp4 = _bmff(b"isom", b"isom", b"iso2", b"mp41")
+    for data, problem in (
+        (mp4, f"an MP4 / QuickTime video, {VIDEO_WORDS}"),
+        (_bmff(b"qt  ", b"qt  "), f"an MP4 / QuickTime video, {VIDEO_WORDS}"),
+        (b"RIFF\0\x10\0\0AVI LIST" + b"\0" * 64, f"an AVI video, {VIDEO_WORDS}"),
+        (b"\x1aE\xdf\xa3" + b"\0" * 64, f"a Matroska / WebM video, {VIDEO_WORDS}"),
+        (b"\x89MCAP0\r\n" + b"\0" * 64, f"an MCAP recording, {RECORDING_WORDS}"),
+        (b"#ROSBAG V2.0\n" + b"\0" * 64, f"a ROS 1 bag, {RECORDING_WORDS}"),
+    ):
+        assert _refused(data).problem == problem
+    # sound alone (an M4A, a WAV) and a Canon raw photo (CR3: ISO media too) are no video
+    no_video = (
+        _bmff(b"M4A ", b"M4A ", b"mp42"),
+        b"RIFF\0\x10\0\0WAVEfmt " + b"\0" * 64,
+        _bmff(b"crx ", b"crx ", b"isom"),
+    )
+    for data in no_video:
+        assert _refused(data).problem.startswith("not an image in an accepted format")
+    path = tmp_path / "clip.mp4"
+    path.write_bytes(mp4 + b"\0" * 4096)
+    monkeypatch.setattr(images, "_max_file_bytes_override", 1024)
+    assert _refused(path).problem == f"an MP4 / QuickTime video, {VIDEO_WORDS}"
+    path.write_bytes(b"\0" * 4096)  # another file over the limit is told how to raise it
+    _refused(path, "over the limit of 1,024", "set_max_file_bytes")
+
+
 AVIF = pytest.mark.skipif(
     "avif" not in features.modules or not features.check("avif"), reason="this Pillow decodes no AVIF"
 )
