@@ -121,6 +121,10 @@ def _expand_one(arg: str, state: _Seen) -> Iterator[tuple[str, object]]:
             InputError(arg, "empty PATH argument (an unset shell variable?); write . for the current folder"),
         )
         return
+    if arg == "-" and not os.path.lexists(arg):
+        problem = "no such file (edgecap caption reads no image from standard input: name its file)"
+        yield arg, InputError(arg, problem)
+        return
     path = Path(arg)
     literal = glob.has_magic(arg) and not os.path.lexists(arg)
     # os.path.isdir, not Path.is_dir: a name the system refuses (ENAMETOOLONG: over 255 bytes)
@@ -148,6 +152,8 @@ def _expand_one(arg: str, state: _Seen) -> Iterator[tuple[str, object]]:
                     "folder holds no image files but hidden ones (a name that starts with a dot: "
                     f"{utf8_name(os.path.join(*hidden[0]))}), which are left out: name one to caption it"
                 )
+            elif os.path.isfile(path / "metadata.yaml"):  # a ROS 2 bag folder
+                problem += "; a ROS 2 bag (metadata.yaml): caption its image topics with --bag FOLDER"
             yield arg, InputError(arg, problem)
     elif not literal:
         yield from _checked_file(arg, state)

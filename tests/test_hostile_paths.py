@@ -172,6 +172,29 @@ def test_empty_path_is_an_error_not_the_current_folder(tmp_path):
     assert "empty PATH" in pairs[0][1].problem
 
 
+def test_standard_input_and_a_bag_folder_say_what_reads_them(tmp_path, monkeypatch):
+    """``cat photo.jpg | edgecap caption -`` had been "-: no such file", and a ROS 2 bag folder
+    given as a PATH "folder holds no image files (.jpg, ...)", saying nothing of ``--bag``."""
+    monkeypatch.chdir(tmp_path)
+    ((name, err),) = expand_all(["-"])
+    assert (name, err.problem) == (
+        "-",
+        "no such file (edgecap caption reads no image from standard input: name its file)",
+    )
+    (tmp_path / "-").write_bytes(b"x")  # a file named - is that file
+    assert list(expand_all(["-"])) == [("-", "-")]
+    bag = tmp_path / "run_0412"
+    bag.mkdir()
+    (bag / "metadata.yaml").write_text("rosbag2_bagfile_information: {}\n")
+    (bag / "run_0412_0.mcap").write_bytes(b"\x89MCAP0\r\n")
+    ((name, err),) = expand_all([str(bag)])
+    assert err.problem.startswith("folder holds no image files (")
+    assert err.problem.endswith("; a ROS 2 bag (metadata.yaml): caption its image topics with --bag FOLDER")
+    (bag / "metadata.yaml").unlink()  # a folder of other files only: as before
+    ((name, err),) = expand_all([str(bag)])
+    assert err.problem == f"folder holds no image files ({', '.join(edgecap.paths.image_extensions())})"
+
+
 def test_a_name_too_long_for_the_file_system_is_passed_on_not_raised(tmp_path):
     """A PATH over the file system's 255-byte name limit (ENAMETOOLONG, which Path.is_dir
     raised: edgecap caption stopped with a traceback, the other photos uncaptioned) is no folder:
