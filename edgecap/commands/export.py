@@ -19,7 +19,10 @@ def add_arguments(p: argparse.ArgumentParser) -> None:
         "removed unless the new model is the same (the same files: an export again, e.g. with "
         "--metrics); without it a non-empty --out is refused",
     )
-    p.add_argument("--name", help="model name recorded in the manifest")
+    p.add_argument(
+        "--name",
+        help="model name recorded in the manifest (default: the name of the folder holding the checkpoint)",
+    )
     p.add_argument(
         "--metrics",
         metavar="FILE.json",
