@@ -1561,3 +1561,27 @@ def test_confidence_degraded_keeps_a_photos_versions_in_one_fold(monkeypatch):
             assert set(range(1000, 1000 + other_photos)) <= set(ids)  # the other set, whole
             held_out += sorted(set(range(photos)) - set(ids))
         assert sorted(held_out) == list(range(photos))  # each photo held out once
+
+
+def test_lights_draws_its_lamps_and_compares_against_the_rule_without_its_wide_tier():
+    """lights.py's frames and its "before": three round lamps at level 250 over the share asked
+    (less only where they overlap), the rest at 6% of the light; inside ``rule(25, 0)`` a night
+    frame of level 20 with lights over 10% is not brightened (the wide tier off), outside it is
+    (8x), and the module's constants are as they were afterwards."""
+    import lights
+
+    import edgecap.preprocess as P
+
+    grey = np.full((300, 400, 3), 200, np.uint8)
+    frame = lights.with_lamps(grey, 0.10, np.random.default_rng(0))
+    lamps = (frame == 250).all(2).mean()
+    assert 0.08 < lamps <= 0.101
+    assert set(np.unique(frame)) == {12, 250}
+    night = np.full((224 * 224, 3), 20, np.uint8)
+    night[:5018] = 255
+    pixels = night.reshape(224, 224, 3).transpose(2, 0, 1)
+    before = (P.WIDE_SHARE, P.NIGHT_LEVEL, P.SHARES)
+    with lights.rule(P.WIDE_SHARE, 0):
+        assert float(P.exposure_gain(pixels)) == 1.0
+    assert (P.WIDE_SHARE, P.NIGHT_LEVEL, P.SHARES) == before
+    assert float(P.exposure_gain(pixels)) == 8.0

@@ -389,8 +389,9 @@ def test_a_dark_scene_with_lights_in_view_is_brightened():
     """The cat photo at a tenth of its light (its brightest pixels under level 26) with a white
     patch over 2% of the frame: the patch is its brightest 1% but not 5%, so the frame is
     metered on the scene and gets the 8x cap (255 / 26 is over 8), as it does without the patch;
-    the patch clips. Over 6% of the frame the lights are the scene: not brightened. The photo
-    as taken is not brightened."""
+    the patch clips. Over 6% and 20% of the frame the patch is the brightest 5% too, but not the
+    brightest 25% (the scene, under level 32): metered on those, 8x. Over 30% the lights are the
+    scene: not brightened. The photo as taken is not brightened."""
     from edgecap.preprocess import model_input
 
     photo = np.asarray(load_rgb(str(EXAMPLES / "chelsea.png"), "rgb"))
@@ -401,8 +402,30 @@ def test_a_dark_scene_with_lights_in_view_is_brightened():
     assert photo.max() * 0.1 < 26
     assert gain(np.round(photo * 0.1).astype(np.uint8)) == 8.0
     assert gain(with_lights(photo, 0.1, 0.02)) == 8.0
-    assert gain(with_lights(photo, 0.1, 0.06)) == 1.0
+    assert gain(with_lights(photo, 0.1, 0.06)) == 8.0
+    assert gain(with_lights(photo, 0.1, 0.2)) == 8.0
+    assert gain(with_lights(photo, 0.1, 0.3)) == 1.0
     assert gain(photo) == 1.0
+
+
+def test_lights_over_5_to_25_percent_of_a_night_scene_are_let_clip():
+    """The wide tier, hand-computed on 50,176 pixels: a night frame of level 20 with 12,544
+    pixels (25%) at 255 has lights as its brightest 1% and 5% alike, but its brightest 25% are at
+    20, under half of 255 and under level 32: metered on them, 255 / 20 capped at 8x. One pixel
+    more and the lights are the brightest 25%: not dark. Lights at 40 (twice 20) over 10% are
+    lights: 8x; at 39, not: metered on the brightest 1% (39), 255 / 39. A scene of level 32 is
+    not a night scene: lights over 10% of it leave it as it is (a day's sky over its ground)."""
+    from edgecap.preprocess import exposure_gain
+
+    def gain(frame):
+        return float(exposure_gain(np.asarray(frame).transpose(2, 0, 1)))
+
+    assert gain(_level_frame(20, bright=12544)) == 8.0
+    assert gain(_level_frame(20, bright=12545)) == 1.0
+    assert gain(_level_frame(20, bright=5018, at=40)) == 8.0
+    assert gain(_level_frame(20, bright=5018, at=39)) == pytest.approx(255 / 39, rel=1e-7)
+    assert gain(_level_frame(31, bright=5018)) == 8.0
+    assert gain(_level_frame(32, bright=5018)) == 1.0
 
 
 def test_a_black_frame_gets_the_full_gain_without_a_division_by_zero():

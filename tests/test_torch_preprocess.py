@@ -140,8 +140,9 @@ def test_the_device_gain_is_the_documented_rule_at_its_boundaries():
     largest channel at 224x224, below level 128 multiplied to 255, at most 8x; lights at twice
     the level of the brightest 5% let clip): of 50,176 pixels, 502 at 101 (over 1%) make a
     frame of 51 meter at 101 (255 / 101), 502 at 102 are lights (5x), as are 2,508 at 255
-    (5%, 5x); 2,509 make it bright (1x); a frame at 127 gets 255 / 127, at 128 none, a black one
-    the 8x cap."""
+    (5%, 5x); 2,509 make it bright (1x); a night frame of 20 with 12,544 at 255 (25%) is
+    metered on its brightest 25% (8x), with 12,545 is bright (1x); a frame at 127 gets 255 / 127,
+    at 128 none, a black one the 8x cap."""
 
     def frame(level: int, bright: int = 0, at: int = 255) -> np.ndarray:
         pixels = np.full((224 * 224, 3), level, np.uint8)
@@ -149,24 +150,26 @@ def test_the_device_gain_is_the_documented_rule_at_its_boundaries():
         return pixels.reshape(224, 224, 3)
 
     frames = [frame(51, 502, 101), frame(51, 502, 102), frame(51, 2508), frame(51, 2509)]
+    frames += [frame(20, 12544), frame(20, 12545)]
     frames += [frame(127), frame(128), frame(0)]
     gains = FramePreprocess(PRE, CPU).exposure_gains(torch.from_numpy(np.stack(frames)))
     assert gains.dtype == torch.float32
     quotient = [float(np.float32(255) / np.float32(d)) for d in (101, 127)]
-    assert gains.tolist() == [quotient[0], 5.0, 5.0, 1.0, quotient[1], 1.0, 8.0]
+    assert gains.tolist() == [quotient[0], 5.0, 5.0, 1.0, 8.0, 1.0, quotient[1], 1.0, 8.0]
 
 
 def test_a_dark_scene_with_lights_in_view_is_brightened_on_the_device_as_on_the_host():
     """The cat photo at a tenth of its light with a white patch over 2% of the frame (a lamp):
-    brightened 8x on the device, as on the host, the same encoder input bit for bit; with the
-    patch over 6% of the frame, and the photo as taken, not brightened."""
+    brightened 8x on the device, as on the host, the same encoder input bit for bit; over 6% of
+    the frame too (lights over 5-25% of a night scene); over 30%, and the photo as taken, not
+    brightened."""
     from edgecap.preprocess import model_input
 
     photo = np.asarray(load_rgb(str(EXAMPLES / "chelsea.png"), "rgb"))
-    frames = [with_lights(photo, 0.1, 0.02), with_lights(photo, 0.1, 0.06), photo]
+    frames = [with_lights(photo, 0.1, share) for share in (0.02, 0.06, 0.3)] + [photo]
     x, gains = FramePreprocess(PRE, CPU).normalised(torch.from_numpy(np.stack(frames)), brighten=True)
     host = [model_input(Image.fromarray(f), PRE, brighten=True) for f in frames]
-    assert gains.tolist() == [float(g) for _, g in host] == [8.0, 1.0, 1.0]
+    assert gains.tolist() == [float(g) for _, g in host] == [8.0, 8.0, 1.0, 1.0]
     np.testing.assert_array_equal(x.numpy(), np.stack([got for got, _ in host]))
 
 

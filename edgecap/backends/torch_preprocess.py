@@ -40,8 +40,7 @@ from PIL import Image
 from edgecap.backends.staging import Staging
 from edgecap.preprocess import (
     BLOCK,
-    SCENE_SHARE,
-    TOP_SHARE,
+    SHARES,
     Preprocessing,
     judged_recognisable,
     metered_gain,
@@ -210,10 +209,8 @@ class FramePreprocess:
         bright = resized.amax(dim=3).reshape(len(resized), -1).to(torch.float32)
         n = bright.shape[1]
         # kthvalue's k counts from 1
-        top, scene = (
-            bright.kthvalue(percentile_rank(n, share) + 1, dim=1).values for share in (TOP_SHARE, SCENE_SHARE)
-        )
-        return metered_gain(top, scene)  # the host's rule, in float32
+        levels = (bright.kthvalue(percentile_rank(n, share) + 1, dim=1).values for share in SHARES)
+        return metered_gain(*levels)  # the host's rule, in float32
 
     def resized(self, pixels: torch.Tensor) -> torch.Tensor:
         """uint8 (n, H, W, 3) -> the model's size (n, h, w, 3), Pillow's pixels (uint8). Each
