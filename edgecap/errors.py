@@ -23,6 +23,14 @@ def reason(exc: BaseException) -> str:
     return " ".join(str(exc).split()) or type(exc).__name__
 
 
+def counted(n: int, singular: str, plural: str | None = None) -> str:
+    """``n`` and the noun that goes with it, for a message: ``counted(1, "image")`` is "1 image",
+    ``counted(2, "image")`` "2 images" (0 takes the plural too). ``plural`` where adding an s
+    is wrong, a verb that agrees with the count included: ``counted(n, "photo is missing",
+    "photos are missing")``."""
+    return f"{n} {singular if n == 1 else (plural or singular + 's')}"
+
+
 def out_of_memory(exc: BaseException) -> str | None:
     """What could not be allocated, in a few words, where ``exc`` is running out of memory
     (an address-space limit, ulimit -v; strict overcommit; a GPU's memory), else None: Python's

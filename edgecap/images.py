@@ -70,7 +70,7 @@ try:  # colour profiles need Pillow built with Little CMS (its wheels are)
 except ImportError:  # pragma: no cover - a Pillow built without it: profiles are not applied
     ImageCms = None  # type: ignore[assignment]
 
-from edgecap.errors import InputError, caused_by_interrupt, reason
+from edgecap.errors import InputError, caused_by_interrupt, counted, reason
 from edgecap.files import FileProblem, read_regular
 from edgecap.preprocess import Preprocessing, to_model_input
 
@@ -868,7 +868,7 @@ def _check_shape(array: np.ndarray, source: str) -> np.ndarray:
     if array.ndim != 3:
         raise InputError(
             source,
-            f"expected an (H, W, 3) image array, got {array.ndim} dimensions"
+            f"expected an (H, W, 3) image array, got {counted(array.ndim, 'dimension')}"
             + ("; pass one image at a time or a list of images" if array.ndim == 4 else ""),
         )
     channels = array.shape[2]

@@ -69,7 +69,9 @@ def _repeats_note(arg: str, repeats: int) -> str:
     searched = os.path.isdir(arg) or (glob.has_magic(arg) and not os.path.lexists(arg))  # as _expand_one
     if repeats == 1 and not searched:
         return "given before, captioned once"
-    return f"{repeats} file{'s' if repeats > 1 else ''} given before under the same name, captioned once"
+    from edgecap.errors import counted
+
+    return f"{counted(repeats, 'file')} given before under the same name, captioned once"
 
 
 class _Seen:
@@ -455,7 +457,7 @@ def _left_out(arg: str, undecodable: dict[tuple[str, ...], str], found: bool, no
     """What a folder or glob says of the photos it left out as this Pillow cannot decode them:
     a ``Note`` after its captions, or, where it found nothing else, the ``InputError``
     ``none_but`` (``folder holds no image files but``) that names them."""
-    from edgecap.errors import InputError
+    from edgecap.errors import InputError, counted
     from edgecap.images import UNDECODABLE
 
     counts: dict[str, int] = {}
@@ -463,7 +465,7 @@ def _left_out(arg: str, undecodable: dict[tuple[str, ...], str], found: bool, no
         counts[kind] = counts.get(kind, 0) + 1
     one = len(undecodable) == 1
     files = " and ".join(
-        f"{n} {kind} file{'' if n == 1 else 's'}, {UNDECODABLE[kind]}" for kind, n in sorted(counts.items())
+        f"{counted(n, kind + ' file')}, {UNDECODABLE[kind]}" for kind, n in sorted(counts.items())
     )
     what = f"{files}: convert {'it' if one else 'them'} to JPEG or PNG"
     return Note(f"left out {what}") if found else InputError(arg, f"{none_but} {what}")

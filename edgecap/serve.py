@@ -52,7 +52,7 @@ import weakref
 from concurrent.futures import ThreadPoolExecutor
 from dataclasses import dataclass
 
-from edgecap.errors import InputError, MissingPackageError, reason
+from edgecap.errors import InputError, MissingPackageError, counted, reason
 from edgecap.extras import install_hint
 
 DEFAULT_HOST = "127.0.0.1"
@@ -244,7 +244,7 @@ class CaptionService:
         if self.options.max_batch is not None and self.options.max_batch > batch_size:
             raise ValueError(
                 f"max_batch {self.options.max_batch} is over the captioner's batch "
-                f"size {batch_size}: the model runs at most {batch_size} images "
+                f"size {batch_size}: the model runs at most {counted(batch_size, 'image')} "
                 "at once (raise --batch-size with it)"
             )
         self.max_batch = self.options.max_batch or batch_size
@@ -352,7 +352,7 @@ class CaptionService:
             return _error(
                 web,
                 503,
-                f"busy: {self.pending} requests are already waiting "
+                f"busy: {counted(self.pending, 'request is', 'requests are')} already waiting "
                 f"(max_pending {options.max_pending}); retry later",
                 headers={"Retry-After": "1"},
             )

@@ -68,7 +68,7 @@ from typing import TYPE_CHECKING, Any, Generic, Literal, Protocol, cast, overloa
 
 
 from edgecap.api import ON_ERROR, Caption
-from edgecap.errors import BackendError, InputError
+from edgecap.errors import BackendError, InputError, counted
 from edgecap.extras import install_hint
 from edgecap.files import os_problem
 from edgecap.images import COLORS, ImageInput, own_input, pixel_limit_problem, shown_in_repr
@@ -171,7 +171,8 @@ class StreamStats:
 
     def __str__(self) -> str:
         return (
-            f"{self.captioned} captions from {self.frames} frames in {self.elapsed_s:.2f} s "
+            f"{counted(self.captioned, 'caption')} from {counted(self.frames, 'frame')} "
+            f"in {self.elapsed_s:.2f} s "
             f"({self.captions_per_second:.2f} captions/s, {self.frames_per_second:.1f} "
             f"frames/s); {self.dropped} dropped, {self.skipped} skipped by sampling"
             + (f", {self.failed} failed" if self.failed else "")
@@ -872,10 +873,10 @@ def _frames_of(capture, timestamp, source: str, count: int | None) -> Generator[
             "short, or frames the decoder cannot read)",
         )
     if unreadable:
-        some = f"{unreadable} frames" if unreadable > 1 else "1 frame"
         raise InputError(
             source,
-            f"{some} could not be decoded (damaged; the first: frame {first_unreadable}); "
+            f"{counted(unreadable, 'frame')} could not be decoded (damaged; the first: frame "
+            f"{first_unreadable}); "
             f"the frames after {'it' if unreadable == 1 else 'them'} were read",
         )
 

@@ -65,7 +65,7 @@ def test_a_warning_of_edgecap_s_is_written_on_its_own_line_not_over_the_progress
     counter = progress.Counter(None, stream, delay=0.0, clock=clock)
     clock.now += 1.0
     counter.update(1)
-    drawn = "\r1 images, 1.0/s\x1b[K"
+    drawn = "\r1 image, 1.0/s\x1b[K"
     assert stream.getvalue() == drawn
     worker = threading.Thread(target=show, args=("dark", UserWarning, images.__file__, 1))
     worker.start()
@@ -96,10 +96,20 @@ def test_counter_redraws_at_most_every_tenth_of_a_second():
     counter.update(1)
     clock.now += 0.05
     counter.update(1)
-    assert stream.getvalue() == "\r1 images, 1.0/s\x1b[K"
+    assert stream.getvalue() == "\r1 image, 1.0/s\x1b[K"
     clock.now += 0.45
     counter.update(1)  # 3 images in 1.5 s
-    assert stream.getvalue() == "\r1 images, 1.0/s\x1b[K\r3 images, 2.0/s\x1b[K"
+    assert stream.getvalue() == "\r1 image, 1.0/s\x1b[K\r3 images, 2.0/s\x1b[K"
+
+
+@pytest.mark.parametrize(("total", "drawn"), [(1, "1/1 image, 1.0/s"), (2, "1/2 images, 1.0/s")])
+def test_a_total_of_one_image_is_counted_in_the_singular(total, drawn):
+    """One photo given ('edgecap caption photo.jpg' on a terminal): "1/1 image", not "1/1 images"."""
+    clock, stream = FakeClock(), io.StringIO()
+    counter = progress.Counter(total, stream, delay=0.0, clock=clock)
+    clock.now += 1.0
+    counter.update(1)
+    assert stream.getvalue().startswith(f"\r{drawn}, ")
 
 
 def test_time_left_is_minutes_and_two_digit_seconds():

@@ -78,7 +78,8 @@ def test_an_empty_split_file_and_a_folder_missing_photos_are_named_on_one_line(t
     with pytest.raises(FileNotFoundError) as caught:
         check_images(items, folder)
     assert "\n" not in str(caught.value)
-    assert f"are not in {str(folder).replace(chr(10), chr(92) + 'n')}: coffee.png" in str(caught.value)
+    shown = str(folder).replace(chr(10), chr(92) + "n")
+    assert f"1 of 1 listed image not in {shown}: coffee.png" in str(caught.value)
 
 
 def test_read_coco_groups_captions_by_image_in_images_order(tmp_path):
@@ -241,8 +242,11 @@ def test_read_flickr8k_refuses_a_split_photo_without_captions_and_a_line_without
     photo trained on with no caption); a token line without '#N' is an error naming its line."""
     tokens, split = flickr_files(tmp_path, ["chelsea.png", "gone.jpg"])
     with pytest.raises(
-        DataError, match=r"split\.txt: 1 images have no captions in .*tokens\.txt, e\.g\. gone\.jpg"
+        DataError, match=r"split\.txt: 1 image has no captions in .*tokens\.txt, e\.g\. gone\.jpg$"
     ):
+        read_flickr8k(tokens, split)
+    split.write_text("chelsea.png\ngone.jpg\nlost.jpg\n")
+    with pytest.raises(DataError, match=r"split\.txt: 2 images have no captions in .*gone\.jpg, lost\.jpg$"):
         read_flickr8k(tokens, split)
     tokens.write_text("chelsea.png#0\tA cat.\nchelsea.png\tA tabby cat.\n")
     split.write_text("chelsea.png\n")
@@ -322,7 +326,16 @@ def test_load_references_flickr8k_layout(tmp_path):
                     ],
                 }
             ),
-            "1 images have no reference caption: a.jpg$",
+            "1 image has no reference caption: a.jpg$",
+        ),
+        (
+            json.dumps(
+                {
+                    "images": [{"id": 1, "file_name": "a.jpg"}, {"id": 2, "file_name": "b.jpg"}],
+                    "annotations": [{"id": 1, "image_id": 1, "caption": ""}],
+                }
+            ),
+            "2 images have no reference caption: a.jpg, b.jpg$",
         ),
     ],
 )
@@ -339,8 +352,12 @@ def test_check_images_names_every_missing_image(tmp_path):
     items = read_coco(
         coco_json(tmp_path / "r.json", {"here.png": ["x"], "gone1.png": ["x"], "gone2.jpg": ["x"]})
     )
-    with pytest.raises(FileNotFoundError, match=r"2 of 3 .*gone1\.png, gone2\.jpg"):
+    with pytest.raises(FileNotFoundError, match=r"2 of 3 listed images not in .*gone1\.png, gone2\.jpg"):
         check_images(items, tmp_path)
+    with pytest.raises(FileNotFoundError, match=r"^1 of 1 listed image not in .*: gone1\.png$"):
+        check_images(items[1:2], tmp_path)
+    with pytest.raises(FileNotFoundError, match=r"^1 of 2 listed images not in .*: gone1\.png$"):
+        check_images(items[:2], tmp_path)
     check_images(items[:1], tmp_path)  # all present: no error
 
 
@@ -366,10 +383,10 @@ def test_check_images_counts_a_folder_as_missing_and_names_the_first_five(tmp_pa
     shown = "folder.png, m1.png, m2.png, m3.png, m4.png"
     with pytest.raises(FileNotFoundError) as six:
         check_images(items, tmp_path)
-    assert str(six.value) == f"6 of 6 listed images are not in {tmp_path}: {shown} (and 1 more)"
+    assert str(six.value) == f"6 of 6 listed images not in {tmp_path}: {shown} (and 1 more)"
     with pytest.raises(FileNotFoundError) as five:
         check_images(items[:5], tmp_path)
-    assert str(five.value) == f"5 of 5 listed images are not in {tmp_path}: {shown}"
+    assert str(five.value) == f"5 of 5 listed images not in {tmp_path}: {shown}"
 
 
 def test_check_images_names_a_missing_image_on_one_line_whatever_its_name(tmp_path):
@@ -379,9 +396,7 @@ def test_check_images_names_a_missing_image_on_one_line_whatever_its_name(tmp_pa
     items = [CaptionedImage("gone\nfile.png", ["x"], 1), CaptionedImage("tab\tname.png", ["x"], 2)]
     with pytest.raises(FileNotFoundError) as missing:
         check_images(items, tmp_path)
-    assert (
-        str(missing.value) == f"2 of 2 listed images are not in {tmp_path}: gone\\nfile.png, tab\\tname.png"
-    )
+    assert str(missing.value) == f"2 of 2 listed images not in {tmp_path}: gone\\nfile.png, tab\\tname.png"
 
 
 # -- results and metrics ------------------------------------------------------------------------
@@ -529,6 +544,9 @@ def test_an_image_failure_names_each_file_as_edgecap_caption_does():
     why = "so the split cannot be scored (a metric over part of it would mislead)"
     assert err.problem == f"2 images could not be read, {why}: {want}"
     assert str(err) == f"two  spaces.png: {err.problem}"
+    # one broken photo (edgecap eval's summary had said "1 images could not be read")
+    one = ImageFailure([InputError("two  spaces.png", "not an image")])
+    assert one.problem == f"1 image could not be read, {why}: two  spaces.png: not an image"
 
 
 def test_an_image_failure_survives_a_process_pool():
@@ -827,8 +845,10 @@ def test_simple_tokenizer_scores_are_the_metrics_worked_by_hand():
         {"x": ["A dog runs.", "The cat sleeps."]}, {"x": "the cat sleeps"}, "simple", ("BLEU-1", "ROUGE-L")
     )
     assert (two["BLEU-1"], two["ROUGE-L"]) == pytest.approx((1.0, 1.0), abs=1e-6)
-    with pytest.raises(ValueError, match=r"1 images have references but no caption, e.g. \['b'\]"):
+    with pytest.raises(ValueError, match=r"^1 image has references but no caption, e.g. \['b'\]$"):
         metrics.score(HAND_REFS, {"a": "a cat"}, tokenizer="simple", metrics=("CIDEr",))
+    with pytest.raises(ValueError, match=r"^2 images have references but no caption, e.g. \['a', 'b'\]$"):
+        metrics.score(HAND_REFS, {}, tokenizer="simple", metrics=("CIDEr",))
     # a misspelt metric is named, not silently left out of the scores
     with pytest.raises(ValueError, match=r"unknown metrics \['CIDEr-D', 'meteor'\]"):
         metrics.score(HAND_REFS, HAND_HYPS, tokenizer="simple", metrics=("CIDEr", "CIDEr-D", "meteor"))

@@ -481,7 +481,9 @@ def test_malformed_plan_or_record_is_redone_not_a_traceback(tmp_path, name, chan
         ({"shard_size": 0}, "'shard_size' is 0, outside 1..65536"),
         ({"shape": [0]}, "'shape' holds something other than integers in 1..65536"),
         ({"names": "p1"}, "'names' is not a list"),
-        ({"shards": []}, "0 shards for 3 images"),
+        ({"shards": []}, "0 shards for 3 images of 2;"),
+        ({"shards": [{}]}, "1 shard for 3 images of 2;"),  # counted in the singular: not "1 shards"
+        ({"names": ["p1"], "shards": [{}, {}]}, "2 shards for 1 image of 2;"),
         ({"shards": [1, 2]}, "a shard record is not an object"),
     ],
 )
@@ -697,7 +699,10 @@ def test_a_photo_the_run_needs_that_is_gone_is_one_data_error(tmp_path):
 
     paths = _numbers(tmp_path, [1, 2])
     paths[1].unlink()
-    with pytest.raises(DataError, match=r"1 photos are missing, e\.g\. .*p2\.txt$"):
+    with pytest.raises(DataError, match=r"^1 photo is missing, e\.g\. .*p2\.txt$"):
+        missing_photos(paths)
+    paths[0].unlink()
+    with pytest.raises(DataError, match=r"^2 photos are missing, e\.g\. .*p1\.txt, .*p2\.txt$"):
         missing_photos(paths)
 
 
@@ -1427,7 +1432,7 @@ def test_a_run_that_trains_no_epoch_is_an_error_not_a_missing_checkpoint(tmp_pat
     with pytest.raises(
         ModelError,
         match=r"run/best: no best checkpoint \(the run in .* had "
-        r"finished 1 epochs of --epochs 1\)",
+        r"finished 1 epoch of --epochs 1\)",
     ):
         train(cfg, log=lambda *_: None)
 

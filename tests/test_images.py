@@ -763,7 +763,7 @@ def test_images_made_one_after_another_spread_over_the_load_locks(stride):
         (np.zeros((4, 8, 8), np.uint8), ["channels-first"]),  # RGBA, channels first
         (np.zeros((1, 8, 8), np.uint8), ["channels-first"]),  # grey, channels first
         (np.zeros((2, 4, 4, 3), np.uint8), ["4 dimensions", "pass one image at a time or a list of images"]),
-        (np.zeros((5,), np.uint8), ["1 dimensions"]),
+        (np.zeros((5,), np.uint8), ["got 1 dimension"]),  # not "1 dimensions"
         (np.zeros((0, 4, 3), np.uint8), ["empty"]),
         (np.full((4, 4, 3), np.nan, np.float32), ["NaN"]),
         (np.full((4, 4, 3), 200.0), ["[0, 1]"]),
@@ -771,6 +771,12 @@ def test_images_made_one_after_another_spread_over_the_load_locks(stride):
 )
 def test_bad_arrays(array, words):
     _assert_input_error(array, f"<array {tuple(array.shape)} {array.dtype}>", *words)
+
+
+def test_a_one_dimensional_array_is_counted_in_the_singular():
+    """It had said "got 1 dimensions" (4 dimensions: the plural, in test_bad_arrays)."""
+    err = _assert_input_error(np.zeros((5,), np.uint8), "<array (5,) uint8>")
+    assert err.problem == "expected an (H, W, 3) image array, got 1 dimension"
 
 
 def test_preprocess_batch():

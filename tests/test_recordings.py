@@ -347,7 +347,7 @@ def test_write_bag_says_how_many_captions_it_wrote_on_which_topics(tmp_path, cap
     no caption at all (every frame failed), "no topic"."""
     store = store_for("mcap")
     for name, encoding, summary, code in (
-        ("good", "rgb8", "1 captions (/cam/raw/caption)", 0),
+        ("good", "rgb8", "1 caption (/cam/raw/caption)", 0),
         ("bad", "weird8", "0 captions (no topic)", 1),
     ):
         folder = tmp_path / name

@@ -853,8 +853,13 @@ def test_a_model_failure_is_a_json_500_for_its_image_alone(capfd):
 
 
 def test_max_batch_over_the_batch_size_is_refused():
-    with pytest.raises(ValueError, match="max_batch 32 is over the captioner's batch size 8"):
+    with pytest.raises(
+        ValueError,
+        match="max_batch 32 is over the captioner's batch size 8: the model runs at most 8 images at once",
+    ):
         CaptionService(BlockingCaptioner(batch_size=8), ServiceOptions(max_batch=32))
+    with pytest.raises(ValueError, match="batch size 1: the model runs at most 1 image at once"):
+        CaptionService(BlockingCaptioner(batch_size=1), ServiceOptions(max_batch=2))
     assert CaptionService(BlockingCaptioner(batch_size=8), ServiceOptions(max_batch=8)).max_batch == 8
 
 
@@ -1181,7 +1186,7 @@ def test_a_body_being_read_counts_towards_max_pending():
             wait_until(lambda: running.service.pending == 1)
             status, answer, headers = post(running.port, b"second")
             assert (status, headers["Retry-After"]) == (503, "1")
-            assert "busy: 1 requests are already waiting (max_pending 1)" in answer["error"]
+            assert "busy: 1 request is already waiting (max_pending 1)" in answer["error"]
             slow.sendall(b" half")
             status, answer = read_http_reply(slow)
         assert (status, answer["caption"]) == (200, "10 bytes")

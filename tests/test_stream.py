@@ -725,6 +725,20 @@ def test_stats_rates_and_summary():
     )
 
 
+@pytest.mark.parametrize(
+    ("frames", "captioned", "start"),
+    [
+        (1, 1, "1 caption from 1 frame in "),
+        (2, 1, "1 caption from 2 frames in "),
+        (2, 2, "2 captions from 2 frames in "),
+    ],
+)
+def test_stats_summary_counts_one_caption_and_one_frame_in_the_singular(frames, captioned, start):
+    """A one-frame clip's summary ('edgecap caption --video clip.mp4') had said "1 captions from
+    1 frames"."""
+    assert str(StreamStats(frames=frames, captioned=captioned, elapsed_s=1.0)).startswith(start)
+
+
 @pytest.mark.parametrize("live", [True, False])
 def test_stats_stop_the_clock_when_the_stream_ends(live):
     """``elapsed_s`` of a finished stream is its running time, fixed (so are its rates), live or

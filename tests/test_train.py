@@ -76,7 +76,9 @@ def test_the_same_command_run_again_after_an_early_stop_trains_no_more(tiny_data
 
     out = tmp_path / "run"
     cfg = tiny_train_config(tiny_dataset, out, epochs=5, lr=0.0, patience=1)
-    train(cfg, log=lambda *_: None)
+    logs: list[str] = []
+    train(cfg, log=logs.append)
+    assert "no better dev CIDEr for 1 epoch: stopping" in logs  # not "1 epochs"
 
     def epochs():
         state = json.loads((out / "last" / "checkpoint.json").read_text())["train_state"]
@@ -86,9 +88,11 @@ def test_the_same_command_run_again_after_an_early_stop_trains_no_more(tiny_data
     logs = []
     assert train(cfg, log=logs.append) == out / "best"
     assert epochs() == [1, 2]
-    assert any("stopped before" in line for line in logs)
-    train(dataclasses.replace(cfg, patience=2), log=lambda *_: None)  # a longer patience goes on
+    assert "no better dev CIDEr for 1 epoch after epoch 1: stopped before" in logs
+    logs.clear()
+    train(dataclasses.replace(cfg, patience=2), log=logs.append)  # a longer patience goes on
     assert epochs() == [1, 2, 3]
+    assert "no better dev CIDEr for 2 epochs: stopping" in logs
 
 
 def test_image_size_sets_the_input_and_the_attention_map(tiny_dataset, tmp_path):

@@ -754,6 +754,7 @@ def test_fine_tune_a_model_on_a_folder_export_and_caption(tmp_path, tiny_model_d
     err = capsys.readouterr().err
     assert f"{root / 'captions.csv'}:14: broken.png: " in err and "photo and its 1 caption skipped" in err
     assert any("train 4 images, dev 2 images" in line for line in logs)
+    assert any(line.endswith(": 1 row or photo left out (listed on stderr)") for line in logs), logs
     assert any(f"initialised from {tiny_model_dir}" in line for line in logs)
 
     _, _, vocab, _, meta = load_checkpoint(best)
@@ -796,8 +797,10 @@ def test_one_dev_photo_is_warned_of_its_cider_of_0(tmp_path, tiny_model_dir):
 
     rows = [(f, c) for f, caps in SYNTHETIC.items() for c in caps]
     root = folder(tmp_path / "mine", rows)
+    logs: list[str] = []
     with pytest.warns(UserWarning, match=r"mine: one dev photo \(\S+\): its CIDEr is 0 whatever"):
-        train(_tiny_config(root, tmp_path / "one", init_from=str(tiny_model_dir)), log=lambda *a: None)
+        train(_tiny_config(root, tmp_path / "one", init_from=str(tiny_model_dir)), log=logs.append)
+    assert any(line.startswith("train 5 images, dev 1 image, vocabulary ") for line in logs), logs
     import warnings
 
     with warnings.catch_warnings(record=True) as caught:

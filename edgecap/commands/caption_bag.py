@@ -56,7 +56,7 @@ def run_bag(captioner, args: argparse.Namespace) -> int:
 
 def _run(captioner, args: argparse.Namespace) -> int:
     from edgecap.commands.caption import _captions
-    from edgecap.errors import InputError
+    from edgecap.errors import InputError, counted
     from edgecap.recordings import (
         RecordingBrokeOff,
         RecordingError,
@@ -116,7 +116,7 @@ def _run(captioner, args: argparse.Namespace) -> int:
                 written = ", ".join(sorted({caption_topic(t) for t, _ in captions})) or "no topic"
                 print(
                     f"edgecap: wrote {escape_name(args.write_bag)}: a copy of "
-                    f"{escape_name(args.bag)} with {count} captions ({written})",
+                    f"{escape_name(args.bag)} with {counted(count, 'caption')} ({written})",
                     file=sys.stderr,
                 )
         if broken:  # the captions so far are out; the copy is not written

@@ -18,6 +18,8 @@ import sys
 import threading
 import time
 
+from edgecap.errors import counted
+
 # Nothing is drawn before this many seconds: a short run shows no progress at all.
 DELAY_S = 1.0
 _REDRAW_S = 0.1
@@ -69,11 +71,12 @@ class Counter:
     def _draw(self, now: float) -> None:
         rate = self.done / max(now - self.started, 1e-9)
         if self.total is None:
-            text = f"{self.done} images, {rate:.1f}/s"
+            text = f"{counted(self.done, 'image')}, {rate:.1f}/s"
         else:
             left = (self.total - self.done) / rate if rate > 0 else 0.0
             text = (
-                f"{self.done}/{self.total} images, {rate:.1f}/s, {int(left) // 60}:{int(left) % 60:02d} left"
+                f"{self.done}/{counted(self.total, 'image')}, {rate:.1f}/s, "
+                f"{int(left) // 60}:{int(left) % 60:02d} left"
             )
         self.stream.write(f"\r{text}\x1b[K")
         self.stream.flush()

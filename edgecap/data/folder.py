@@ -43,7 +43,7 @@ from pathlib import Path
 
 from edgecap.commands.output import escape_field
 from edgecap.data.readers import CaptionedImage
-from edgecap.errors import DataError, InputError
+from edgecap.errors import DataError, InputError, counted
 from edgecap.files import FileProblem, read_regular
 from edgecap.paths import IMAGE_EXTENSIONS
 from edgecap.vocab import tokenize
@@ -245,7 +245,7 @@ def _read_folder(
                     lines[name],
                     name,
                     escape_field(exc.problem),
-                    f"photo and its {n} caption{'s' if n > 1 else ''}",
+                    f"photo and its {counted(n, 'caption')}",
                 )
                 del photos[name]
     if not photos:

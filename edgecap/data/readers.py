@@ -16,7 +16,7 @@ from dataclasses import dataclass, field
 from pathlib import Path
 
 from edgecap.commands.output import escape_field
-from edgecap.errors import DataError
+from edgecap.errors import DataError, counted
 from edgecap.files import FileProblem, read_json, read_regular
 
 MAX_DATASET_BYTES = 1 << 30  # COCO's captions_train2014.json is 66 MB, dataset_coco.json 144 MB
@@ -47,7 +47,7 @@ def read_flickr8k(token_file: Path, split_file: Path | None = None) -> list[Capt
     missing = [n for n in names if n not in captions]
     if missing:
         raise DataError(
-            f"{_shown(split_file)}: {len(missing)} images have no captions in "
+            f"{_shown(split_file)}: {counted(len(missing), 'image has', 'images have')} no captions in "
             f"{_shown(token_file)}, e.g. {escape_field(', '.join(missing[:3]))}"
         )
     return [CaptionedImage(n, captions[n], image_id=i) for i, n in enumerate(names)]

@@ -28,7 +28,7 @@ from edgecap.evaluation import metrics
 from edgecap.api import batched
 from edgecap.commands.output import escape_field
 from edgecap.data.readers import CaptionedImage, dataset_json, read_coco, read_flickr8k, read_karpathy
-from edgecap.errors import DataError, InputError
+from edgecap.errors import DataError, InputError, counted
 from edgecap.files import os_problem
 from edgecap.vocab import tokenize
 
@@ -98,7 +98,8 @@ def load_references(
     uncaptioned = [item.file_name for item in items if not any(tokenize(c) for c in item.captions)]
     if uncaptioned:
         raise ValueError(
-            f"{source}: {len(uncaptioned)} images have no reference caption: {_some(uncaptioned)}"
+            f"{source}: {counted(len(uncaptioned), 'image has', 'images have')} no reference caption: "
+            f"{_some(uncaptioned)}"
         )
     return items
 
@@ -145,7 +146,7 @@ def check_images(items: list[CaptionedImage], images_root: str | Path) -> None:
     missing = [item.file_name for item in items if not (root / item.file_name).is_file()]
     if missing:
         raise FileNotFoundError(
-            f"{len(missing)} of {len(items)} listed images are not in {escape_field(str(root))}: "
+            f"{len(missing)} of {counted(len(items), 'listed image')} not in {escape_field(str(root))}: "
             f"{_some(missing)}"
         )
 
@@ -159,7 +160,7 @@ class ImageFailure(InputError):
         detail = "; ".join(str(f) for f in failures[:_SHOWN])
         more = f" (and {len(failures) - _SHOWN} more)" if len(failures) > _SHOWN else ""
         problem = (
-            f"{len(failures)} images could not be read, so the split cannot be "
+            f"{counted(len(failures), 'image')} could not be read, so the split cannot be "
             f"scored (a metric over part of it would mislead): {detail}{more}"
         )
         super().__init__(failures[0].source, problem)

@@ -17,6 +17,7 @@ import sys
 import tempfile
 import warnings
 
+from edgecap.errors import counted
 from edgecap.extras import install_hint
 from edgecap.vocab import tokenize
 
@@ -207,7 +208,10 @@ def scores(
         raise ValueError(f"unknown metrics {unknown}: choose from {list(METRIC_KEYS)}")
     missing = [k for k in refs if k not in hyps]
     if missing:
-        raise ValueError(f"{len(missing)} images have references but no caption, e.g. {missing[:3]}")
+        raise ValueError(
+            f"{counted(len(missing), 'image has', 'images have')} references but no caption, "
+            f"e.g. {missing[:3]}"
+        )
     if not refs:
         raise ValueError("nothing to score: no references")
     refs_t, hyps_t = _tokenize(refs, hyps, tokenizer)

@@ -36,7 +36,7 @@ from pathlib import Path
 
 import numpy as np
 
-from edgecap.errors import DataError, ModelError
+from edgecap.errors import DataError, ModelError, counted
 from edgecap.files import FileProblem, check_regular, open_regular
 from edgecap.manifest import file_sha256
 from edgecap.models.config import DEFAULT_ENCODER
@@ -125,7 +125,8 @@ class ShardedFeatures:
         shards = index.get("shards", list, "a list")
         if len(shards) != -(-len(names) // self.shard_size):
             raise index.fail(
-                f"{len(shards)} shards for {len(names)} images of {self.shard_size}; rerun the extraction"
+                f"{counted(len(shards), 'shard')} for {counted(len(names), 'image')} of {self.shard_size}; "
+                "rerun the extraction"
             )
         if not all(isinstance(r, dict) for r in shards):
             raise index.fail("a shard record is not an object")
@@ -536,4 +537,7 @@ def missing_photos(paths: Sequence[Path]) -> None:
     """``DataError`` (one line, the first few named) when any of ``paths`` does not exist."""
     missing = [p for p in paths if not p.exists()]
     if missing:
-        raise DataError(f"{len(missing)} photos are missing, e.g. {', '.join(shown(p) for p in missing[:3])}")
+        raise DataError(
+            f"{counted(len(missing), 'photo is missing', 'photos are missing')}, "
+            f"e.g. {', '.join(shown(p) for p in missing[:3])}"
+        )

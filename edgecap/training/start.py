@@ -22,7 +22,7 @@ import torch
 
 from edgecap.commands.output import escape_field
 from edgecap.data.readers import CaptionedImage, read_dataset
-from edgecap.errors import DataError, ModelError
+from edgecap.errors import DataError, ModelError, counted
 from edgecap.models.checkpoint import load_checkpoint
 from edgecap.models.decoder import CaptionDecoder, DecoderConfig
 from edgecap.models.efficientnet_lite import N_CLASSES, EfficientNetLite, load_pretrained
@@ -50,7 +50,8 @@ def training_items(
 
     folder = read_folder(data, images, cfg.dev_fraction, cfg.seed, allow_outside=cfg.allow_outside_data)
     if folder.n_problems:
-        log(f"{shown(folder.source)}: {folder.n_problems} rows or photos left out (listed on stderr)")
+        left_out = counted(folder.n_problems, "row or photo", "rows or photos")
+        log(f"{shown(folder.source)}: {left_out} left out (listed on stderr)")
     return folder.train, folder.dev, folder.n_problems
 
 

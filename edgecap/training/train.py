@@ -35,7 +35,7 @@ from torch.nn.parallel import DistributedDataParallel
 
 from edgecap.commands.output import escape_field
 from edgecap.data.readers import CaptionedImage
-from edgecap.errors import BackendError, ModelError
+from edgecap.errors import BackendError, ModelError, counted
 from edgecap.evaluation.metrics import score
 from edgecap.files import FileProblem, read_regular
 from edgecap.images import load_rgb
@@ -293,7 +293,10 @@ def _train(cfg: TrainConfig, log, lock: RunLock, on_left_out=None) -> Path:
     dist.barrier()
     start = initial_model(cfg, train_items, last, log)
     decoder, vocab, meta, resuming = start.decoder, start.vocab, start.meta, start.resuming
-    log(f"train {len(train_items)} images, dev {len(dev_items)} images, vocabulary {len(vocab)} words")
+    log(
+        f"train {counted(len(train_items), 'image')}, dev {counted(len(dev_items), 'image')}, "
+        f"vocabulary {counted(len(vocab), 'word')}"
+    )
     if len(dev_items) == 1 and dist.main:  # CIDEr-D weighs a word by log(photos / photos with it)
         warnings.warn(
             f"{shown(data)}: one dev photo ({escape_field(dev_items[0].file_name)}): its CIDEr is "
@@ -445,7 +448,8 @@ def _train(cfg: TrainConfig, log, lock: RunLock, on_left_out=None) -> Path:
         # the same command run again after it stopped early: no more epochs (a longer
         # --patience goes on)
         log(
-            f"no better dev CIDEr for {cfg.patience} epochs after epoch {state['best_epoch']}: stopped before"
+            f"no better dev CIDEr for {counted(cfg.patience, 'epoch')} after epoch "
+            f"{state['best_epoch']}: stopped before"
         )
         first = cfg.epochs + 1
 
@@ -572,13 +576,13 @@ def _train(cfg: TrainConfig, log, lock: RunLock, on_left_out=None) -> Path:
 
         save_checkpoint(last, decoder, vocab, pre, info, encoder, cfg.encoder, also=resumable)
         if dist.from_main(epoch - state["best_epoch"] >= cfg.patience):
-            log(f"no better dev CIDEr for {cfg.patience} epochs: stopping")
+            log(f"no better dev CIDEr for {counted(cfg.patience, 'epoch')}: stopping")
             break
     dist.barrier()  # the group stays up: see edgecap.training.distributed
     if not (out / "best" / "checkpoint.json").exists():
         raise ModelError(
             f"{shown(out / 'best')}: no best checkpoint (the run in {shown(out)} "
-            f"had finished {state['epoch']} epochs of --epochs {cfg.epochs}); "
+            f"had finished {counted(state['epoch'], 'epoch')} of --epochs {cfg.epochs}); "
             "raise --epochs, or start in another --out"
         )
     return out / "best"
