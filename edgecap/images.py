@@ -307,11 +307,18 @@ def _check_pixels(width: int, height: int, source: str, subject: str) -> None:
         raise InputError(source, problem)
 
 
+# How to raise the pixel limit, at the end of the problem of an image over it: for whoever runs
+# edgecap (the command line, a program); edgecap serve tells its HTTP clients the problem without it
+PIXEL_LIMIT_HINT = (
+    f"; if you trust it, raise the limit with edgecap.images.set_max_pixels(n) or {MAX_PIXELS_ENV}=n"
+)
+
+
 def _bomb_problem(size: str, limit: int) -> str:
     """Why an opened image is refused; ``size``: its size in words ("W x H = N pixels")."""
     return (
-        f"image is {size}, over the limit of {limit:,} (a guard against decompression bombs); "
-        f"if you trust it, raise the limit with edgecap.images.set_max_pixels(n) or {MAX_PIXELS_ENV}=n"
+        f"image is {size}, over the limit of {limit:,} (a guard against decompression bombs)"
+        + PIXEL_LIMIT_HINT
     )
 
 

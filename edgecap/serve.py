@@ -453,7 +453,7 @@ class CaptionService:
             assert self.batcher is not None
             result, batch, queue_ms = await self.batcher.submit(data)
             if isinstance(result, InputError):
-                return _error(web, 400, f"not a usable image: {result.problem}")
+                return _error(web, 400, f"not a usable image: {_as_a_client_is_told(result.problem)}")
             if isinstance(result, ModelFailure):
                 return _error(web, 500, f"the model failed on this image ({result})")
             record = caption_record(result)
@@ -466,6 +466,19 @@ class CaptionService:
             return web.json_response(record)
         finally:
             self.pending -= 1
+
+
+def _as_a_client_is_told(problem: str) -> str:
+    """An image's problem as an HTTP client is told it: an image over the pixel limit is over
+    this service's limit, without the hint to raise it (set_max_pixels, EDGECAP_MAX_PIXELS),
+    which only the service's operator can follow (docs/service.md says how)."""
+    from edgecap.images import PIXEL_LIMIT_HINT
+
+    if not problem.endswith(PIXEL_LIMIT_HINT):
+        return problem
+    return problem[: -len(PIXEL_LIMIT_HINT)].replace(
+        ", over the limit of ", ", over this service's limit of ", 1
+    )
 
 
 def _unmet_expectation(web, request):

@@ -32,7 +32,7 @@ from edgecap import Captioner
 from edgecap.commands.output import caption_record
 from edgecap.errors import InputError
 from edgecap.serve import Batcher, CaptionService, ServiceOptions, start
-from helpers import EXAMPLES, run_edgecap
+from helpers import EXAMPLES, png_header_only, run_edgecap
 
 ROOT = Path(edgecap.__file__).resolve().parents[1]
 ENV = {**os.environ, "PYTHONPATH": os.pathsep.join([str(ROOT), os.environ.get("PYTHONPATH", "")])}
@@ -186,6 +186,24 @@ def test_health(running, captioner):
 
 
 # -- hostile requests: a clear 4xx, and the service keeps serving --------------------------------
+@pytest.mark.parametrize(
+    ("side", "size"),
+    [(100_000, "10,000,000,000 pixels"), (10_000, "10000x10000 = 100,000,000 pixels")],
+)
+def test_an_image_over_the_pixel_limit_is_told_the_services_limit_not_how_to_raise_it(running, side, size):
+    """docs/service.md: a client is told the image is over the service's limit, and which; how to
+    raise it is for the operator (the docs). The answer had said "if you trust it, raise the limit
+    with edgecap.images.set_max_pixels(n) or EDGECAP_MAX_PIXELS=n", which only the operator can.
+    Far over the limit (Pillow refuses while opening) and just over it (edgecap's own check)."""
+    status, answer, _ = post(running.port, png_header_only(side, side))
+    assert (status, answer["error"]) == (
+        400,
+        f"not a usable image: image is {size}, over this service's limit of 89,478,485 "
+        "(a guard against decompression bombs)",
+    )
+    assert post(running.port, PHOTOS[0])[0] == 200  # and the service goes on
+
+
 def test_hostile_requests_get_4xx_and_service_keeps_serving(running, captioner):
     port = running.port
     huge = b"\xff" * (5 << 20)
