@@ -553,14 +553,24 @@ def test_robot_loop_example_on_a_cut_video_names_the_problem_after_its_captions(
 
 
 def test_attention_of_a_blank_photo_says_so_and_writes_nothing(tiny_model_dir, tmp_path, capfd, monkeypatch):
+    """docs/cameras.md: a photo with nothing recognisable has no figure to draw: its record
+    printed as usual, one line on stderr, exit 1 (without --attention: 0), no file written and
+    one already there left as it was."""
     photo = tmp_path / "green.png"
     Image.new("RGB", (300, 200), GREEN).save(photo)
     target = tmp_path / "attention.png"
     monkeypatch.chdir(tmp_path)
     out = edgecap_caption(capfd, photo, "--attention", target, model=tiny_model_dir)
     assert out.returncode == 1
-    assert "nothing recognisable: no attention figure written" in out.stderr
+    assert out.stdout == f"{photo}\tnothing recognisable\n"
+    assert (
+        out.stderr.splitlines()[-1] == f"edgecap: {photo}: nothing recognisable: no attention figure written"
+    )
     assert not target.exists()
+    target.write_bytes(b"an earlier figure")
+    assert edgecap_caption(capfd, photo, "--attention", target, model=tiny_model_dir).returncode == 1
+    assert target.read_bytes() == b"an earlier figure"
+    assert edgecap_caption(capfd, photo, model=tiny_model_dir).returncode == 0
 
 
 def test_camera_is_captioned_live_and_a_video_in_order_both_sampled_by_every(

@@ -71,7 +71,8 @@ paths:
 exit status:
   0  every input was captioned
   1  some inputs could not be captioned or were skipped (each is named on stderr:
-     edgecap: PATH: problem); the others were captioned
+     edgecap: PATH: problem); the others were captioned. With --attention, also a photo
+     with nothing recognisable (no figure to draw: none written)
   2  usage, model or backend error (bad option, unusable model directory, missing runtime,
      --device cuda without a usable CUDA), or the output could not be written (disk full,
      stdout closed)
