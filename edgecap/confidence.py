@@ -31,11 +31,12 @@ from pathlib import Path
 
 import numpy as np
 
+from edgecap.contract import CONFIDENCE, OPTIONAL_FILES
 from edgecap.decoding.options import RANGES
 from edgecap.errors import ModelError
 from edgecap.objects import top_classes
 
-CONFIDENCE_FILE = "confidence.json"
+CONFIDENCE_FILE = OPTIONAL_FILES[CONFIDENCE]  # confidence.json
 # the fusion weight of the captions a confidence model was fitted on (its file's key; absent: the
 # model's own weight, from its fusion.json)
 FITTED_FUSION_WEIGHT = "fusion_weight"
@@ -274,6 +275,11 @@ def auroc(scores, labels) -> float:
 
 
 def write(directory: Path, model: ConfidenceModel) -> Path:
+    """Write ``model`` as ``directory``'s confidence.json, named in its manifest (where it
+    has one): a copy of the model folder without it is refused, not captioned without confidence."""
+    from edgecap.manifest import name_optional_file
+
     path = Path(directory) / CONFIDENCE_FILE
     path.write_text(json.dumps(model.to_json(), indent=1) + "\n", "utf-8")
+    name_optional_file(directory, CONFIDENCE)
     return path

@@ -41,6 +41,12 @@ import numpy as np
 ENCODER, DECODER_STEP, VOCAB, CLASSES = "encoder", "decoder_step", "vocab", "classes"
 ROLES = (ENCODER, DECODER_STEP)  # the graphs
 FILE_ROLES = (*ROLES, VOCAB, CLASSES)  # the files a manifest names (classes: edgecap.objects)
+FUSION, CONFIDENCE = "fusion", "confidence"
+# the files a model may have beside those, each under its one name: the fused caption language
+# models (edgecap.decoding.fusion: fusion.json, and the .npz files it names and checksums) and the
+# confidence model (edgecap.confidence). A manifest that names one says the model has it: a copy
+# of the folder without it is refused (edgecap.manifest); one that names none loads it if present.
+OPTIONAL_FILES = {FUSION: "fusion.json", CONFIDENCE: "confidence.json"}
 
 ENCODER_INPUTS = ("image",)
 ENCODER_OUTPUTS = ("features", "att_proj", "h0", "c0", "class_probs")

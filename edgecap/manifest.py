@@ -3,15 +3,22 @@
 A model directory holds ``manifest.json``, ``encoder.onnx``, ``decoder_step.onnx``,
 ``vocab.json`` and ``classes.json``. The manifest records dimensions, preprocessing, special
 tokens, the precision, file hashes, and where the model came from (training data, dev metrics).
+It also names the optional files the model has (``contract.OPTIONAL_FILES``: ``fusion.json``,
+the fused language models, and ``confidence.json``, the confidence model), so that a copy of
+the folder that left one behind is refused rather than captioning differently without a word;
+a manifest that names none of them (an older edgecap's) loads those that are there. Only the
+four core files have checksums here: the optional ones are rewritten where they are (a language
+model install, a confidence fit), and ``fusion.json`` checksums the language models' files.
 
 What a model directory may make edgecap open: only the files of the known roles
-(``contract.FILE_ROLES``), each named by a relative path inside the directory (no absolute path,
-no ``..``); a role the manifest names beyond those is ignored and never opened or hashed. A
-model file may be a symbolic link (a shared model store, a download cache) if it resolves to a
-regular file, wherever that is: the link was put in the directory by whoever made it. A link
-to a device, a pipe, a socket or a folder is refused, and so is anything else that is not a
-regular file. The JSON files are read with a size and nesting bound (``MAX_MANIFEST_BYTES``,
-``files.MAX_VOCAB_BYTES``, ``files.MAX_JSON_DEPTH``). Each refusal is a ``ModelError``.
+(``contract.FILE_ROLES`` and ``contract.OPTIONAL_FILES``), each named by a relative path inside
+the directory (no absolute path, no ``..``); a role the manifest names beyond those is ignored
+and never opened or hashed. A model file may be a symbolic link (a shared model store, a
+download cache) if it resolves to a regular file, wherever that is: the link was put in the
+directory by whoever made it. A link to a device, a pipe, a socket or a folder is refused, and
+so is anything else that is not a regular file. The JSON files are read with a size and nesting
+bound (``MAX_MANIFEST_BYTES``, ``files.MAX_VOCAB_BYTES``, ``files.MAX_JSON_DEPTH``). Each refusal
+is a ``ModelError``.
 """
 
 from __future__ import annotations
@@ -20,26 +27,32 @@ import hashlib
 import json
 import math
 import os
-from dataclasses import dataclass, field
+from dataclasses import dataclass, field, replace
 from pathlib import Path
 
 from PIL import Image
 
-from edgecap.contract import FILE_ROLES, ModelDimensions
+from edgecap.contract import CONFIDENCE, FILE_ROLES, FUSION, OPTIONAL_FILES, ModelDimensions
 from edgecap.errors import ModelError
-from edgecap.files import FileProblem, check_regular, open_regular, read_json
+from edgecap.files import FileProblem, check_regular, open_regular, read_json, write_whole
 from edgecap.preprocess import Preprocessing
 
 FORMAT = "edgecap-model/2"  # 2: the encoder's class_probs, the step's word_bias
 MODEL_PRECISIONS = ("fp32", "fp16", "int8")  # a model directory's weights: as trained, or `edgecap convert`'s
 MANIFEST = "manifest.json"
 MAX_MANIFEST_BYTES = 1 << 20  # the shipped one is 2 KB
+KNOWN_ROLES = (*FILE_ROLES, *OPTIONAL_FILES)  # what a manifest's files may name; the rest is ignored
+# what each optional file is, for the message that refuses a folder without it
+OPTIONAL_WHAT = {
+    FUSION: "the language models its captions are fused with (and the lm_*.npz files it names)",
+    CONFIDENCE: "the confidence model that rates its captions",
+}
 
 
 @dataclass(frozen=True)
 class Manifest:
     directory: Path
-    files: dict[str, str]  # role (encoder, decoder_step, vocab) -> file name
+    files: dict[str, str]  # role (encoder, decoder_step, vocab, classes; fusion, confidence) -> file name
     dims: ModelDimensions
     tokens: dict[str, int]  # pad, start, end, unk
     preprocessing: Preprocessing
@@ -48,8 +61,8 @@ class Manifest:
     info: dict = field(default_factory=dict)  # training data, metrics, provenance
 
     def path(self, role: str) -> Path:
-        if role not in FILE_ROLES:  # the manifest's other entries are never opened
-            raise KeyError(f"unknown model file role {role!r} (known: {', '.join(FILE_ROLES)})")
+        if role not in KNOWN_ROLES:  # the manifest's other entries are never opened
+            raise KeyError(f"unknown model file role {role!r} (known: {', '.join(KNOWN_ROLES)})")
         return self.directory / self.files[role]
 
     def to_dict(self) -> dict:
@@ -65,7 +78,18 @@ class Manifest:
         }
 
     def save(self) -> None:
-        (self.directory / MANIFEST).write_text(json.dumps(self.to_dict(), indent=2) + "\n")
+        """Write ``manifest.json`` whole or not at all (``files.write_whole``)."""
+        text = json.dumps(self.to_dict(), indent=2) + "\n"
+        write_whole(self.directory / MANIFEST, lambda f: f.write(text.encode("utf-8")))
+
+    def with_optional_files(self, directory: Path | None = None) -> Manifest:
+        """This manifest naming exactly the optional files (``OPTIONAL_FILES``) that are in
+        ``directory`` (default: its own): what a command that writes, copies or removes them
+        saves, so that the manifest and the folder agree."""
+        where = Path(directory if directory is not None else self.directory)
+        files = {role: name for role, name in self.files.items() if role not in OPTIONAL_FILES}
+        files.update({role: name for role, name in OPTIONAL_FILES.items() if (where / name).is_file()})
+        return replace(self, files=files)
 
 
 def file_sha256(path: Path) -> str:
@@ -157,8 +181,9 @@ def load_manifest(directory: str | Path) -> Manifest:
     try:
         known = {"format", "files", "dims", "tokens", "preprocessing", "precision", "sha256"}
         files = {
-            role: name for role, name in dict(data["files"]).items() if role in FILE_ROLES
+            role: name for role, name in dict(data["files"]).items() if role in KNOWN_ROLES
         }  # other roles: ignored, never opened
+        # the core files' only: the optional ones are rewritten in place (see the module doc)
         sha256 = {role: digest for role, digest in dict(data.get("sha256", {})).items() if role in FILE_ROLES}
         manifest = Manifest(
             directory=directory,
@@ -202,7 +227,57 @@ def load_manifest(directory: str | Path) -> Manifest:
             raise ModelError(
                 f"{manifest.path(role)}: the {role} file {exc}; re-copy the model directory or re-export it"
             ) from None
+    for role, name in OPTIONAL_FILES.items():
+        if role in manifest.files:
+            _check_optional_file(manifest, role, name)
     return manifest
+
+
+def _check_optional_file(manifest: Manifest, role: str, name: str) -> None:
+    """An optional file the manifest names (``OPTIONAL_FILES``) must be there: a copy of the
+    folder without it would caption otherwise without a word."""
+    path = manifest.directory / MANIFEST
+    if manifest.files[role] != name:
+        raise ModelError(
+            f"{path}: the {role} file must be {name!r}, the manifest names "
+            f"{manifest.files[role]!r}; re-export the model"
+        )
+    try:
+        present = os.path.lexists(manifest.path(role))
+    except (OSError, ValueError):
+        present = False
+    if not present:
+        raise ModelError(
+            f"{manifest.directory}: {name} is missing: {OPTIONAL_WHAT[role]}, which its "
+            f"{MANIFEST} names; copy the whole model directory, not only some of its files"
+        )
+    try:
+        check_regular(manifest.path(role))
+    except FileProblem as exc:
+        raise ModelError(
+            f"{manifest.path(role)}: the {role} file {exc}; re-copy the whole model directory"
+        ) from None
+
+
+def name_optional_file(directory: str | Path, role: str) -> None:
+    """Make ``directory``'s manifest name its optional file of ``role`` (``OPTIONAL_FILES``),
+    which has just been written there; the manifest is otherwise kept as it is (roles this
+    edgecap does not know included) and written whole. Nothing where the folder has no manifest,
+    or where it names the file already."""
+    path = Path(directory) / MANIFEST
+    if not os.path.lexists(path):
+        return
+    try:
+        data = read_json(path, MAX_MANIFEST_BYTES)
+    except FileProblem as exc:
+        raise ModelError(f"{path}: cannot name {OPTIONAL_FILES[role]} in it ({exc})") from None
+    if not isinstance(data, dict) or not isinstance(data.get("files"), dict):
+        raise ModelError(f"{path}: cannot name {OPTIONAL_FILES[role]} in it (it names no files)")
+    if data["files"].get(role) == OPTIONAL_FILES[role]:
+        return
+    data["files"][role] = OPTIONAL_FILES[role]
+    text = json.dumps(data, indent=2) + "\n"
+    write_whole(path, lambda f: f.write(text.encode("utf-8")))
 
 
 def _field_problem(manifest: Manifest) -> str | None:

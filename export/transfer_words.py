@@ -248,6 +248,7 @@ def _transfer(model: Path, table: Path, out: Path, delta: float, everyday: Path 
                 spec[role]["transferred_words"] = "the new words' rows are copies of their source words'"
             spec[role]["sha256"] = save_lm(target, arrays)
         (out / "fusion.json").write_text(json.dumps(spec, indent=1) + "\n", "utf-8")
+    new.with_optional_files().save()  # naming the files copied (or written) beside it
     return out
 
 

@@ -616,6 +616,28 @@ def copy_model(src: Path, dst: Path) -> Path:
     return dst
 
 
+def without_optional_files(model: Path, *roles: str) -> Path:
+    """``model`` as a model made without its optional files of ``roles`` (``fusion``,
+    ``confidence``: ``edgecap.contract.OPTIONAL_FILES``) is: the files gone (the language models'
+    with fusion.json) and its manifest naming none of them (one that names a file that is not
+    there is refused: a partial copy)."""
+    from edgecap.contract import FUSION, OPTIONAL_FILES
+    from edgecap.decoding.fusion import remove_fusion
+
+    for role in roles:
+        if role == FUSION:
+            remove_fusion(model)
+        else:
+            (model / OPTIONAL_FILES[role]).unlink(missing_ok=True)
+
+    def drop(data):
+        for role in roles:
+            data["files"].pop(role, None)
+
+    edit_manifest(model, drop)
+    return model
+
+
 def edit_manifest(model: Path, edit) -> None:
     """Apply ``edit(data)`` to the manifest.json of ``model``."""
     path = model / "manifest.json"

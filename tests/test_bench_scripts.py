@@ -24,6 +24,7 @@ BENCH = Path(__file__).resolve().parents[1] / "benchmarks"
 sys.path.insert(0, str(BENCH))
 
 import _common as C  # noqa: E402
+from helpers import copy_model, without_optional_files  # noqa: E402
 
 pytestmark = [
     pytest.mark.skipif(not Path("/proc/self/task").exists(), reason="needs /proc"),
@@ -454,7 +455,7 @@ def test_e2e_alone_passes_reach_the_harness_and_bad_combinations_are_refused(tmp
     data = json.loads((tmp_path / "passes.json").read_text())
     assert data["settings"]["alone_passes"] == 2 and len(data["variants"]["ort-fp32"]["pids_alone"]) == 2
     without_lms = tmp_path / "model"
-    shutil.copytree(C.DEFAULT_MODEL, without_lms, ignore=shutil.ignore_patterns("fusion.json", "lm_*.npz"))
+    without_optional_files(copy_model(C.DEFAULT_MODEL, without_lms), "fusion")
     for argv, message in (
         (["--alone-passes", "0"], "at least 1"),
         (["--no-alone", "--alone-passes", "3"], "choose one"),

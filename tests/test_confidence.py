@@ -12,7 +12,7 @@ from PIL import Image, ImageFilter
 
 from edgecap.confidence import SIGNALS, ConfidenceModel, auroc, fit, signals, write
 from edgecap.errors import ModelError
-from helpers import EXAMPLES, hazy_and_blank_frames, run_edgecap
+from helpers import EXAMPLES, copy_model, hazy_and_blank_frames, run_edgecap, without_optional_files
 
 
 @pytest.fixture(scope="module")
@@ -445,7 +445,7 @@ def test_min_confidence_on_a_model_without_confidence_is_a_usage_error(tmp_path,
     from edgecap.cli import main
 
     model = tmp_path / "model"
-    shutil.copytree(default_model_dir, model, ignore=shutil.ignore_patterns("confidence.json"))
+    without_optional_files(copy_model(default_model_dir, model), "confidence")
     photo = str(EXAMPLES / "chelsea.png")
     for x in ("0.5", "0"):  # 0 too: however low, a threshold on a confidence that is never there
         assert main(["caption", photo, "--model", str(model), "--min-confidence", x]) == 2
@@ -544,8 +544,7 @@ def test_a_model_without_confidence_gives_none_for_a_blank_frame_too(tmp_path, d
     from edgecap import Captioner
 
     model = tmp_path / "model"
-    shutil.copytree(default_model_dir, model)
-    (model / "confidence.json").unlink()
+    without_optional_files(copy_model(default_model_dir, model), "confidence")
     black = np.zeros((64, 64, 3), np.uint8)
     photo, blank = Captioner(model).caption_batch([str(EXAMPLES / "chelsea.png"), black])
     assert photo.recognisable and photo.confidence is None
@@ -605,6 +604,28 @@ def test_a_copy_given_another_fusion_weight_is_rated_by_that_weight(default_mode
     back = copy.copy(Captioner(default_model_dir, fusion_weight=2.0))
     back.options = dataclasses.replace(back.options, fusion_weight=None)
     assert back.unrated is None and back.caption(photo).confidence is not None
+
+
+def test_a_written_confidence_model_is_named_in_the_models_manifest(tmp_path, default_model_dir):
+    """``write`` (``confidence_fit.py --write MODEL_DIR``) into a model without a confidence
+    model: its manifest names confidence.json afterwards, the rest as it was, so that a copy of
+    the folder without it is refused rather than giving no confidence without a word. A folder
+    without a manifest gets the file alone."""
+    from edgecap.manifest import load_manifest
+
+    model = without_optional_files(copy_model(default_model_dir, tmp_path / "model"), "confidence")
+    before = json.loads((model / "manifest.json").read_text())
+    assert "confidence" not in before["files"]
+    write(model, ConfidenceModel(np.zeros(1), np.ones(1), np.ones(1), 0.0, {}, ("n_words",)))
+    after = json.loads((model / "manifest.json").read_text())
+    assert after == {**before, "files": {**before["files"], "confidence": "confidence.json"}}
+    (model / "confidence.json").unlink()
+    with pytest.raises(ModelError, match=r"confidence.json is missing: .*copy the whole model directory"):
+        load_manifest(model)
+    bare = tmp_path / "bare"
+    bare.mkdir()
+    write(bare, ConfidenceModel(np.zeros(1), np.ones(1), np.ones(1), 0.0, {}, ("n_words",)))
+    assert sorted(p.name for p in bare.iterdir()) == ["confidence.json"]
 
 
 def test_a_written_confidence_model_keeps_the_fusion_weight_it_was_fitted_at(tmp_path):

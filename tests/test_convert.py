@@ -640,6 +640,9 @@ def test_a_converted_model_keeps_its_fused_language_models_and_confidence(fp32_d
     convert_model_dir(source, out, precision)
     for name in DECODING_FILES:
         assert (out / name).read_bytes() == (source / name).read_bytes(), name
+    # named in its manifest (the source's names none): a copy without them is refused
+    files = load_manifest(out).files
+    assert (files["fusion"], files["confidence"]) == ("fusion.json", "confidence.json")
     converted = Captioner(out)
     assert converted.fusion is not None and converted.fusion.weight == 0.6
     assert converted.caption("edgecap/assets/examples/coffee.png").confidence is not None
@@ -669,6 +672,7 @@ def test_force_over_a_converted_model_leaves_none_of_its_decoding_files(fp32_dir
     assert converted.caption("edgecap/assets/examples/coffee.png").confidence is None
     assert not (out / "fusion.json").exists() and not (out / "confidence.json").exists()
     assert not list(out.glob("*.npz"))  # nor the language models' files the fusion.json named
+    assert set(load_manifest(out).files) == {"encoder", "decoder_step", "vocab", "classes"}
 
 
 @pytest.mark.parametrize("precision", ["fp16", "int8"])

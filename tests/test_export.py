@@ -653,10 +653,14 @@ def test_an_export_over_a_model_needs_force_and_drops_what_was_fitted_to_it(tmp_
     assert main(argv) == 0  # the same model again: what was fitted to it stays
     assert load_manifest(model).sha256 == first and load_manifest(model).info["dev_metrics"] == {"CIDEr": 0.5}
     assert all((model / name).read_bytes() == data for name, data in fitted.items())
+    core = {"encoder", "decoder_step", "vocab", "classes"}
+    files = json.loads((model / "manifest.json").read_text())["files"]  # it names what it kept
+    assert set(files) == core | {"fusion", "confidence"} and files["fusion"] == "fusion.json"
 
     assert main(["export", str(runs[1]), "--out", str(model), "--force"]) == 0  # another model
     assert load_manifest(model).sha256 != first
     assert not any((model / name).exists() for name in fitted)
+    assert set(json.loads((model / "manifest.json").read_text())["files"]) == core  # nor names them
 
     (tmp_path / "a-file").write_text("x")
     assert main(["export", str(runs[0]), "--out", str(tmp_path / "a-file")]) == 2

@@ -19,7 +19,9 @@ from edgecap.decoding.fusion import ARRAYS, CaptionLM, Fusion, FusionScorer, Num
 from edgecap.decoding.fusion_graph import OnnxPairStep, pair_step_model
 from edgecap.decoding.rules import NeverFirst
 from edgecap.errors import ModelError
+from edgecap.manifest import load_manifest
 from fakes import END, START, PrefixHashBackend
+from helpers import copy_model, edit_manifest, without_optional_files
 
 torch = pytest.importorskip("torch")
 
@@ -346,7 +348,7 @@ def test_the_captioner_uses_its_models_fusion(default_model_dir, tmp_path, monke
     from edgecap.training.language_model import install
 
     model = tmp_path / "model"
-    shutil.copytree(default_model_dir, model, ignore=shutil.ignore_patterns("fusion.json", "lm_*.npz"))
+    without_optional_files(copy_model(default_model_dir, model), "fusion")
     vocab_size = json.loads((model / "manifest.json").read_text())["dims"]["vocab_size"]
     from edgecap.manifest import file_sha256
 
@@ -375,6 +377,30 @@ def test_the_captioner_uses_its_models_fusion(default_model_dir, tmp_path, monke
         fallback = Captioner(model)
     assert [w.filename for w in warned] == [__file__]
     assert fallback.caption(photo).text == fused.caption(photo).text
+
+
+def test_an_install_names_the_fusion_file_in_the_manifest(default_model_dir, tmp_path):
+    """A model without language models (its manifest names no fusion file) given them by
+    ``install``: its manifest names fusion.json afterwards, the rest of it as it was (a role this
+    edgecap does not know too), so that a copy of the folder without fusion.json is refused
+    instead of captioning without the language models without a word."""
+    from edgecap.manifest import file_sha256
+    from edgecap.training.language_model import install
+
+    model = without_optional_files(copy_model(default_model_dir, tmp_path / "model"), "fusion")
+    edit_manifest(model, lambda data: data["files"].update(future="future.bin"))
+    before = json.loads((model / "manifest.json").read_text())
+    assert "fusion" not in before["files"]
+    vocab_size = before["dims"]["vocab_size"]
+    for role, seed in (("everyday", 3), ("in_domain", 4)):
+        _random_lm(tmp_path / f"{role}.npz", vocab_size, file_sha256(model / "vocab.json"), seed=seed)
+    install(model, tmp_path / "everyday.npz", tmp_path / "in_domain.npz", 1.5)
+    after = json.loads((model / "manifest.json").read_text())
+    assert after["files"] == {**before["files"], "fusion": "fusion.json"}
+    assert {**after, "files": None} == {**before, "files": None}
+    (model / "fusion.json").unlink()
+    with pytest.raises(ModelError, match=r"fusion.json is missing: .*copy the whole model directory"):
+        load_manifest(model)
 
 
 def test_the_gate_gives_training_like_photos_no_fusion(tmp_path):
@@ -749,7 +775,7 @@ def test_a_fusion_weight_for_a_model_without_language_models_is_refused(default_
     from edgecap.cli import main
 
     model = tmp_path / "model"
-    shutil.copytree(default_model_dir, model, ignore=shutil.ignore_patterns("fusion.json", "lm_*.npz"))
+    without_optional_files(copy_model(default_model_dir, model), "fusion")
     photo = "edgecap/assets/examples/chelsea.png"
     assert main(["caption", "--model", str(model), "--fusion-weight", "0.5", photo]) == 2
     printed = capsys.readouterr()
@@ -795,7 +821,7 @@ def test_the_api_refuses_a_fusion_weight_for_a_model_without_language_models(def
     from edgecap import Captioner
 
     model = tmp_path / "model"
-    shutil.copytree(default_model_dir, model, ignore=shutil.ignore_patterns("fusion.json", "lm_*.npz"))
+    without_optional_files(copy_model(default_model_dir, model), "fusion")
     with pytest.raises(ValueError) as raised:
         Captioner(model, fusion_weight=0.5)
     assert str(raised.value) == (
@@ -933,8 +959,9 @@ def test_installing_language_models_keeps_the_weight_the_confidence_was_fitted_a
     from edgecap.training.language_model import install
 
     model = tmp_path / "model"
-    skipped = ("fusion.json", "lm_*.npz") if earlier == "no fusion" else ()
-    shutil.copytree(default_model_dir, model, ignore=shutil.ignore_patterns(*skipped))
+    copy_model(default_model_dir, model)
+    if earlier == "no fusion":
+        without_optional_files(model, "fusion")
     assert "fusion_weight" not in json.loads((model / "confidence.json").read_text())
     vocab_size = json.loads((model / "manifest.json").read_text())["dims"]["vocab_size"]
     for role, seed in (("everyday", 3), ("in_domain", 4)):

@@ -72,6 +72,59 @@ def test_missing_model_file(tiny_model_dir, tmp_path):
         Captioner(model)
 
 
+def test_a_copy_of_the_manifests_core_files_only_is_refused_naming_what_it_left_behind(
+    default_model_dir, tmp_path, capsys
+):
+    """docs/model.md: a model is moved by copying its whole folder. A copy of the files the
+    manifest named (manifest.json, encoder.onnx, decoder_step.onnx, vocab.json, classes.json)
+    left the shipped model's fusion.json (with the lm_*.npz files it names) and confidence.json
+    behind and captioned coffee.png otherwise without a word ("... with a stick", README: "...
+    with a cup") and with no confidence. Its manifest names both: such a copy is refused,
+    naming the folder and the file it lacks (exit 2 on the command line, one line). A manifest
+    that names neither (an older edgecap's, a model made without them) loads as before."""
+    import shutil
+
+    from edgecap.cli import main
+
+    model = tmp_path / "copy"
+    model.mkdir()
+    for name in ("manifest.json", "encoder.onnx", "decoder_step.onnx", "vocab.json", "classes.json"):
+        shutil.copy2(default_model_dir / name, model / name)
+    with pytest.raises(ModelError) as raised:
+        Captioner(model)
+    assert str(raised.value) == (
+        f"{model}: fusion.json is missing: the language models its captions are fused with (and "
+        "the lm_*.npz files it names), which its manifest.json names; copy the whole model "
+        "directory, not only some of its files"
+    )
+    photo = "edgecap/assets/examples/coffee.png"
+    assert main(["caption", "--model", str(model), photo]) == 2
+    printed = capsys.readouterr()
+    assert printed.out == "" and printed.err == f"edgecap caption: error: {raised.value}\n"
+    for name in ("fusion.json", "lm_everyday.npz", "lm_in_domain.npz"):
+        shutil.copy2(default_model_dir / name, model / name)
+    with pytest.raises(ModelError, match=r"confidence.json is missing: the confidence model .*the whole"):
+        Captioner(model)
+    (model / "confidence.json").mkdir()  # not a file: refused too
+    with pytest.raises(ModelError, match=r"confidence.json: the confidence file is a directory, not a"):
+        Captioner(model)
+    (model / "confidence.json").rmdir()
+    shutil.copy2(default_model_dir / "confidence.json", model / "confidence.json")
+    whole = Captioner(model).caption(photo)
+    assert whole.text == "a small child is sitting on a wooden floor with a cup"  # README
+    assert whole.confidence is not None
+
+    def older(data):  # a manifest naming none of them: what is there is used, as before
+        del data["files"]["fusion"], data["files"]["confidence"]
+
+    edit_manifest(model, older)
+    assert Captioner(model).caption(photo).text == whole.text
+    for name in ("fusion.json", "lm_everyday.npz", "lm_in_domain.npz", "confidence.json"):
+        (model / name).unlink()
+    alone = Captioner(model).caption(photo)
+    assert (alone.text, alone.confidence) == ("a small child is sitting on a wooden floor with a stick", None)
+
+
 def test_model_file_that_is_a_directory(tiny_model_dir, tmp_path):
     model = copy_model(tiny_model_dir, tmp_path / "m")
     (model / "encoder.onnx").unlink()

@@ -416,6 +416,7 @@ def _write_manifest(source: Manifest, out: Path, precision: str, note: dict) -> 
         **note,
     }
     manifest = replace(source, directory=out, precision=precision, sha256=sha, info=info)
+    manifest = manifest.with_optional_files()  # naming the optional files copied, and only those
     manifest.save()
     return manifest
 

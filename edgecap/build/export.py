@@ -29,6 +29,7 @@ from edgecap.contract import (
     ENCODER,
     ENCODER_INPUTS,
     ENCODER_OUTPUTS,
+    FILE_ROLES,
     ROLES,
     STEP_INPUTS,
     STEP_OUTPUTS,
@@ -237,10 +238,14 @@ def export_modules(
         final_dir.mkdir(exist_ok=True)
         if before_moving is not None:
             before_moving(manifest)
+        # the optional files (fusion.json, confidence.json) that stay in the folder (--force,
+        # the same model again) are named in the new manifest, and only those
+        manifest = manifest.with_optional_files(final_dir)
+        manifest.save()
         # an earlier model's manifest goes first: a stop between the moves leaves no manifest
         # vouching for its graphs beside the new ones (the new manifest moves in last)
         (final_dir / MANIFEST).unlink(missing_ok=True)
-        for name in (*manifest.files.values(), MANIFEST):
+        for name in (*(manifest.files[role] for role in FILE_ROLES), MANIFEST):
             os.replace(out_dir / name, final_dir / name)
     finally:
         shutil.rmtree(out_dir, ignore_errors=True)

@@ -37,6 +37,7 @@ from typing import TYPE_CHECKING
 
 import numpy as np
 
+from edgecap.contract import FUSION, OPTIONAL_FILES
 from edgecap.decoding.options import RANGES
 from edgecap.decoding.rules import Scorer
 from edgecap.errors import ModelError
@@ -44,7 +45,7 @@ from edgecap.errors import ModelError
 if TYPE_CHECKING:
     from edgecap.decoding.fusion_graph import OnnxPairStep
 
-FUSION_FILE = "fusion.json"
+FUSION_FILE = OPTIONAL_FILES[FUSION]  # fusion.json
 FORMAT = "edgecap-fusion/1"
 MAX_LM_BYTES = 64 << 20  # a caption LM of the supported sizes is a few MB
 ARRAYS = ("embed", "w_ih", "w_hh", "bias", "out_w", "out_b")

@@ -31,7 +31,7 @@ from pathlib import Path
 
 import numpy as np
 
-from edgecap.manifest import file_sha256, load_manifest
+from edgecap.manifest import file_sha256, load_manifest, name_optional_file
 from edgecap.vocab import Vocabulary
 
 
@@ -186,6 +186,7 @@ def install(
     must have been trained on the model's vocabulary. ``gate_photos``: the caption model's
     training photos, whose class probabilities set the per-photo gate (None: no gate).
     -> the fusion file's path."""
+    from edgecap.contract import FUSION
     from edgecap.decoding.fusion import FORMAT, FUSION_FILE, Fusion
 
     manifest = load_manifest(model_dir)
@@ -253,6 +254,8 @@ def install(
     path = Path(model_dir) / FUSION_FILE
     path.write_text(json.dumps(spec, indent=1) + "\n", "utf-8")
     Fusion.load(Path(model_dir), manifest.dims.vocab_size)  # it loads as written
+    # named in the manifest: a copy of the folder without it is refused, not captioned without it
+    name_optional_file(model_dir, FUSION)
     return path
 
 
