@@ -628,6 +628,30 @@ def test_a_written_confidence_model_is_named_in_the_models_manifest(tmp_path, de
     assert sorted(p.name for p in bare.iterdir()) == ["confidence.json"]
 
 
+def test_a_confidence_model_written_into_a_folder_of_links_leaves_the_linked_model_as_it_was(
+    tmp_path, default_model_dir
+):
+    """``write`` into a folder of links to another model's files (a model store, ``cp -rs``):
+    that folder's manifest names confidence.json (a manifest of its own, the link replaced),
+    and the linked model's manifest is left as it was: rewritten through the link, it had named
+    a confidence.json its folder does not have, and that model was refused."""
+    from edgecap.manifest import load_manifest
+
+    store = without_optional_files(copy_model(default_model_dir, tmp_path / "store"), "confidence")
+    before = (store / "manifest.json").read_bytes()
+    links = tmp_path / "links"
+    links.mkdir()
+    for path in store.iterdir():
+        (links / path.name).symlink_to(path)
+    write(links, ConfidenceModel(np.zeros(1), np.ones(1), np.ones(1), 0.0, {}, ("n_words",)))
+    assert (store / "manifest.json").read_bytes() == before
+    assert "confidence" not in load_manifest(store).files  # the store's model loads as before
+    assert not (links / "manifest.json").is_symlink()
+    assert load_manifest(links).files["confidence"] == "confidence.json"
+    names = sorted([*(p.name for p in store.iterdir()), "confidence.json"])
+    assert sorted(p.name for p in links.iterdir()) == names  # nothing else left there
+
+
 def test_a_written_confidence_model_keeps_the_fusion_weight_it_was_fitted_at(tmp_path):
     """``confidence_fit.py --write`` puts the captions' fusion weight in the model's ``info``:
     written and read back, the file still says it, so captions up to that weight are rated and
