@@ -124,8 +124,10 @@ def graph_source(path: Path) -> str | bytes:
     return name
 
 
-def load_manifest(directory: str | Path) -> Manifest:
-    """Read and check a model directory; raise ``ModelError`` saying what to do when it is wrong."""
+def load_manifest(directory: str | Path, *, optional_files: bool = True) -> Manifest:
+    """Read and check a model directory; raise ``ModelError`` saying what to do when it is wrong.
+    ``optional_files=False``: an optional file the manifest names need not be there (what
+    replaces or rewrites the model's files, not what captions with it)."""
     directory = Path(directory)
     path = directory / MANIFEST
     try:
@@ -229,7 +231,7 @@ def load_manifest(directory: str | Path) -> Manifest:
                 f"{manifest.path(role)}: the {role} file {exc}; re-copy the model directory or re-export it"
             ) from None
     for role, name in OPTIONAL_FILES.items():
-        if role in manifest.files:
+        if optional_files and role in manifest.files:
             _check_optional_file(manifest, role, name)
     return manifest
 

@@ -667,6 +667,45 @@ def test_an_export_over_a_model_needs_force_and_drops_what_was_fitted_to_it(tmp_
     assert "a-file: not a directory" in capsys.readouterr().err
 
 
+def test_an_export_again_over_its_model_without_its_confidence_keeps_its_language_models(tmp_path, capsys):
+    """``edgecap export --force`` of the same checkpoint over its model whose confidence.json
+    was removed (the manifest still naming it: that folder is refused for captioning) replaces
+    the same model: its fusion.json and language models stay, named, and the manifest no longer
+    names the confidence.json that is gone. Taken for another model, they had been deleted."""
+    from edgecap.cli import main
+    from edgecap.manifest import load_manifest
+    from edgecap.models.checkpoint import save_checkpoint
+
+    vocab = Vocabulary.build(["a cat sat on the mat", "a dog ran in the park today"], min_count=1)
+    torch.manual_seed(0)
+    decoder = CaptionDecoder(
+        DecoderConfig(vocab_size=len(vocab), hidden_dim=16, feature_dim=16, embed_dim=8, attention_dim=8)
+    )
+    run = tmp_path / "run" / "best"
+    save_checkpoint(run, decoder, vocab, PRE, {})
+    model = tmp_path / "model"
+    assert main(["export", str(run), "--out", str(model)]) == 0
+    lms = {"everyday": {"file": "lm_everyday.npz"}, "in_domain": {"file": "lm_in_domain.npz"}}
+    fitted = {
+        "fusion.json": json.dumps(lms).encode(),
+        "lm_everyday.npz": b"fitted to run",
+        "lm_in_domain.npz": b"fitted to run",
+    }
+    for name, data in {**fitted, "confidence.json": b"{}"}.items():
+        (model / name).write_bytes(data)
+    assert main(["export", str(run), "--out", str(model), "--force"]) == 0  # names them
+    assert {"fusion", "confidence"} <= set(json.loads((model / "manifest.json").read_text())["files"])
+    (model / "confidence.json").unlink()
+    with pytest.raises(ModelError, match="confidence.json is missing"):
+        load_manifest(model)
+    capsys.readouterr()
+
+    assert main(["export", str(run), "--out", str(model), "--force"]) == 0  # the same model again
+    assert all((model / name).read_bytes() == data for name, data in fitted.items())
+    files = load_manifest(model).files
+    assert files["fusion"] == "fusion.json" and "confidence" not in files
+
+
 def test_an_export_out_that_cannot_be_written_is_one_line_and_exit_2(tmp_path, capsys, monkeypatch):
     """docs/cli.md / README: usage and output errors exit 2 with one line, never a traceback (as
     ``edgecap convert --out``). An --out below a file cannot be made a folder: refused naming

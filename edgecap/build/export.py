@@ -421,8 +421,10 @@ def export_model(
 
 
 def _model_checksums(directory: Path) -> dict[str, str] | None:
-    """The files' checksums of the model in ``directory`` (None: none there, or unreadable)."""
+    """The files' checksums of the model in ``directory`` (None: none there, or unreadable).
+    A model missing an optional file its manifest names (a confidence.json removed) is still
+    that model: its language models stay when it is exported again."""
     try:
-        return load_manifest(directory).sha256
+        return load_manifest(directory, optional_files=False).sha256
     except ModelError:
         return None
