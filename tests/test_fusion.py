@@ -401,6 +401,9 @@ def test_an_install_names_the_fusion_file_in_the_manifest(default_model_dir, tmp
     (model / "fusion.json").unlink()
     with pytest.raises(ModelError, match=r"fusion.json is missing: .*copy the whole model directory"):
         load_manifest(model)
+    # an install into it is not refused for the file it writes: it mends the model
+    install(model, tmp_path / "everyday.npz", tmp_path / "in_domain.npz", 1.5)
+    assert load_manifest(model).files["fusion"] == "fusion.json"
 
 
 def test_the_gate_gives_training_like_photos_no_fusion(tmp_path):

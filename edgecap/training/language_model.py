@@ -189,7 +189,9 @@ def install(
     from edgecap.contract import FUSION
     from edgecap.decoding.fusion import FORMAT, FUSION_FILE, Fusion
 
-    manifest = load_manifest(model_dir)
+    # a model whose fusion.json (named in its manifest) was removed is refused for captioning,
+    # not for an install, which writes it again
+    manifest = load_manifest(model_dir, optional_files=False)
     vocab_sha = file_sha256(manifest.path("vocab"))
     spec: dict = {
         "format": FORMAT,
@@ -269,7 +271,7 @@ def gate_from_photos(model_dir: Path, photos: list[Path]):
     from edgecap.decoding.fusion import Gate
     from edgecap.images import load_rgb, preprocess
 
-    manifest = load_manifest(model_dir)
+    manifest = load_manifest(model_dir, optional_files=False)
     name = resolve("auto")
     backend = load_backend(name, manifest, threads=DEFAULT_THREADS.get(name))
     probs = []
