@@ -246,13 +246,15 @@ def _check_optional_file(manifest: Manifest, role: str, name: str) -> None:
             f"{manifest.files[role]!r}; re-export the model"
         )
     try:
-        present = os.path.lexists(manifest.path(role))
+        # a link to nothing is missing too; a link to a device or a folder is refused below
+        present = os.path.exists(manifest.path(role))
     except (OSError, ValueError):
         present = False
     if not present:
         raise ModelError(
             f"{manifest.directory}: {name} is missing: {OPTIONAL_WHAT[role]}, which its "
-            f"{MANIFEST} names; copy the whole model directory, not only some of its files"
+            f"{MANIFEST} names; copy the whole model directory, not only some of its files (to "
+            f'use the model without it, take "{role}" out of the files {MANIFEST} names)'
         )
     try:
         check_regular(manifest.path(role))

@@ -95,7 +95,8 @@ def test_a_copy_of_the_manifests_core_files_only_is_refused_naming_what_it_left_
     assert str(raised.value) == (
         f"{model}: fusion.json is missing: the language models its captions are fused with (and "
         "the lm_*.npz files it names), which its manifest.json names; copy the whole model "
-        "directory, not only some of its files"
+        'directory, not only some of its files (to use the model without it, take "fusion" out of '
+        "the files manifest.json names)"
     )
     photo = "edgecap/assets/examples/coffee.png"
     assert main(["caption", "--model", str(model), photo]) == 2
@@ -109,6 +110,12 @@ def test_a_copy_of_the_manifests_core_files_only_is_refused_naming_what_it_left_
     with pytest.raises(ModelError, match=r"confidence.json: the confidence file is a directory, not a"):
         Captioner(model)
     (model / "confidence.json").rmdir()
+    (model / "confidence.json").symlink_to(tmp_path / "gone.json")  # a link to nothing: missing
+    with pytest.raises(
+        ModelError, match=r"confidence.json is missing: the confidence model .*take \"confidence\" out"
+    ):
+        Captioner(model)
+    (model / "confidence.json").unlink()
     shutil.copy2(default_model_dir / "confidence.json", model / "confidence.json")
     whole = Captioner(model).caption(photo)
     assert whole.text == "a small child is sitting on a wooden floor with a cup"  # README
