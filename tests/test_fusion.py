@@ -767,6 +767,23 @@ def test_an_install_with_a_gate_list_and_no_gate_images_is_refused(tmp_path, cap
     assert not model.exists()
 
 
+def test_an_install_into_a_folder_that_is_no_model_is_one_line_and_exit_2(tmp_path, capsys):
+    """A --model that is not there, or is a folder without manifest.json, is said in one line on
+    stderr, exit 2, as edgecap's commands say a model error (docs/cli.md); it had been a
+    ModelError traceback, exit 1. Nothing is written into the folder."""
+    from edgecap.training.language_model import main as lm_main
+
+    missing = tmp_path / "nowhere"
+    plain = tmp_path / "photos"
+    plain.mkdir()
+    for model, problem in ((missing, f"model directory not found: {missing}"), (plain, f"{plain}: not an")):
+        args = ["install", "--model", str(model), "--everyday", "e.npz", "--in-domain", "i.npz"]
+        assert lm_main([*args, "--weight", "0.5"]) == 2
+        err = capsys.readouterr().err
+        assert err.startswith(f"language_model: error: {problem}") and err.count("\n") == 1, err
+    assert not missing.exists() and list(plain.iterdir()) == []
+
+
 def test_a_fusion_weight_for_a_model_without_language_models_is_refused(default_model_dir, tmp_path, capsys):
     """--fusion-weight X (its help: the weight of the everyday language model fused into the
     search; "a model without one has none") given for a model without fusion.json (every model

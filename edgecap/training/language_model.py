@@ -286,12 +286,15 @@ def gate_from_photos(model_dir: Path, photos: list[Path]):
     return Gate.fit(np.concatenate(probs))
 
 
+PROG = "language_model"  # how its error lines begin, as argparse's do
+
+
 def build_install_parser() -> argparse.ArgumentParser:
     """``python -m edgecap.training.language_model install``'s options."""
     from edgecap.cli import HelpFormatter
 
     parser = argparse.ArgumentParser(
-        prog="language_model install",
+        prog=f"{PROG} install",
         description="put two caption LMs into a model directory",
         formatter_class=HelpFormatter,
     )
@@ -385,6 +388,19 @@ def build_parser() -> argparse.ArgumentParser:
 
 
 def main(argv=None) -> int:
+    """The command line (``python -m edgecap.training.language_model [install] ...``); a model
+    directory that cannot be used (missing, refused) is one line on stderr and exit 2, as
+    ``edgecap``'s commands say it, not a traceback."""
+    from edgecap.errors import ModelError
+
+    try:
+        return _main(argv)
+    except ModelError as exc:
+        print(f"{PROG}: error: {exc}", file=sys.stderr)
+        return 2
+
+
+def _main(argv=None) -> int:
     argv = list(sys.argv[1:] if argv is None else argv)
     if argv[:1] == ["install"]:
         parser = build_install_parser()
