@@ -67,13 +67,12 @@ def rule(wide_share: int, night_level: int):
     """``edgecap.preprocess``'s wide tier set to these values for the block (night level 0: off)."""
     import edgecap.preprocess as P
 
-    saved = P.WIDE_SHARE, P.NIGHT_LEVEL, P.SHARES
+    saved = P.WIDE_SHARE, P.NIGHT_LEVEL
     P.WIDE_SHARE, P.NIGHT_LEVEL = wide_share, night_level
-    P.SHARES = (P.TOP_SHARE, P.SCENE_SHARE, wide_share)
     try:
         yield
     finally:
-        P.WIDE_SHARE, P.NIGHT_LEVEL, P.SHARES = saved
+        P.WIDE_SHARE, P.NIGHT_LEVEL = saved
 
 
 def gains(frames: list[np.ndarray], pre) -> np.ndarray:
@@ -131,8 +130,8 @@ def compare(captioner, frames, references, shipped, without) -> dict:
 
 
 def main(argv=None) -> int:
+    from bars import SETS as EVERYDAY
     from bars import photos_and_references
-    from dark_frames import photos_and_references as everyday_photos
     from decoding_choice import load_sets
 
     import edgecap.preprocess as P
@@ -143,11 +142,11 @@ def main(argv=None) -> int:
     captioner = Captioner(model)
     shipped = (args.wide_share or P.WIDE_SHARE, args.night_level or P.NIGHT_LEVEL)
     without = (P.WIDE_SHARE, 0)
-    photos, references = photos_and_references(args.data)
-    photos = [np.asarray(p, np.uint8) for p in photos]
-    everyday, everyday_refs = everyday_photos(args.data)
-    everyday = [np.asarray(p, np.uint8) for p in everyday]
-    items, root = load_sets(args.data, args.flickr8k_limit)["flickr8k-dev"]
+    photos, references = photos_and_references(args.data)  # the everyday photos first
+    sets = load_sets(args.data, args.flickr8k_limit)
+    everyday = photos[: sum(len(sets[name][0]) for name in EVERYDAY)]
+    everyday_refs = {i: references[i] for i in range(len(everyday))}
+    items, root = sets["flickr8k-dev"]
     rows, results = [], []
 
     def add(name: str, frames, refs) -> None:

@@ -113,18 +113,25 @@ def os_problem(exc: BaseException) -> str:
     return f"cannot read the file ({exc})"
 
 
-def write_whole(path: str | os.PathLike, write: Callable[[BinaryIO], object]) -> None:
+def write_whole(
+    path: str | os.PathLike, write: Callable[[BinaryIO], object], replace_link: bool = False
+) -> None:
     """Write the file ``path`` whole or not at all: ``write(f)`` fills a hidden file beside it
-    (through a link: beside the link's target, which is replaced), which is then renamed to it,
+    (through a link: beside the link's target, which is replaced; with ``replace_link``, beside
+    the link, which is replaced by the file), which is then renamed to it,
     so that a write stopped part-way (Ctrl-C, a SIGTERM, a full disk) leaves neither a truncated
     file under its name nor a truncated earlier one there. An OSError of the hidden file names
     ``path``. Anything but a regular file there (/dev/full, a named pipe) is written in place, as
     asked: never replaced by a file; so is an earlier file in a folder where no file may be made."""
-    final = Path(os.path.realpath(path))
-    try:
-        kind = os.stat(final).st_mode
-    except OSError:  # nothing there yet (or nothing to stat: open says why)
-        kind = None
+    kind: int | None
+    if replace_link and os.path.islink(path):
+        final, kind = Path(path), None  # the link itself goes, not what it leads to
+    else:
+        final = Path(os.path.realpath(path))
+        try:
+            kind = os.stat(final).st_mode
+        except OSError:  # nothing there yet (or nothing to stat: open says why)
+            kind = None
     if kind is not None and not stat.S_ISREG(kind):
         with open(path, "wb") as f:
             write(f)

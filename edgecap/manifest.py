@@ -27,7 +27,6 @@ import hashlib
 import json
 import math
 import os
-import secrets
 from dataclasses import dataclass, field, replace
 from pathlib import Path
 
@@ -282,18 +281,10 @@ def name_optional_file(directory: str | Path, role: str) -> None:
         return
     data["files"][role] = OPTIONAL_FILES[role]
     text = json.dumps(data, indent=2) + "\n"
-    if os.path.islink(path):
-        # a link into another model's folder (a folder of links to a model store, ``cp -rs``):
-        # this folder gets a manifest of its own; the other's is not rewritten to name a file
-        # that it does not have (that model would then be refused)
-        partial = path.with_name(f".{MANIFEST}.{secrets.token_hex(4)}.partial")
-        try:
-            partial.write_text(text, "utf-8")
-            os.replace(partial, path)
-        finally:
-            partial.unlink(missing_ok=True)
-        return
-    write_whole(path, lambda f: f.write(text.encode("utf-8")))
+    # a link into another model's folder (a folder of links to a model store, ``cp -rs``) is
+    # replaced: this folder gets a manifest of its own; the other's is not rewritten to name a
+    # file that it does not have (that model would then be refused)
+    write_whole(path, lambda f: f.write(text.encode("utf-8")), replace_link=True)
 
 
 def _field_problem(manifest: Manifest) -> str | None:

@@ -97,7 +97,6 @@ TOP_SHARE = 1  # percent of the pixels above the level: the brightest 1%
 SCENE_SHARE = 5  # ... and, with lights in view, the brightest 5%
 WIDE_SHARE = 25  # ... and, with lights over 5-25% of a night scene, the brightest 25%
 NIGHT_LEVEL = 32  # ... where that level is under this: a night scene, not a day's sky and ground
-SHARES = (TOP_SHARE, SCENE_SHARE, WIDE_SHARE)
 
 
 def percentile_rank(n: int, share: int) -> int:
@@ -108,15 +107,16 @@ def percentile_rank(n: int, share: int) -> int:
 
 def brightness_levels(pixels: np.ndarray) -> tuple[int, int, int]:
     """uint8 (3, H, W) -> the levels of the brightest ``TOP_SHARE``, ``SCENE_SHARE`` and
-    ``WIDE_SHARE`` percent of each pixel's largest channel (``SHARES``; the values of
-    ``percentile_rank``: levels, no interpolation)."""
+    ``WIDE_SHARE`` percent of each pixel's largest channel (the values of ``percentile_rank``:
+    levels, no interpolation)."""
     # the channels' elementwise maximum (a reduction over the planes of the (3, H, W) view of an
     # (H, W, 3) image is ten times slower), then the levels from its histogram: 0.13 ms at 224 px
     bright = np.maximum(np.maximum(pixels[0], pixels[1]), pixels[2]).ravel()
     counts = np.cumsum(np.bincount(bright, minlength=256))
     # the first level with more than the rank below it
     top, scene, wide = (
-        int(np.searchsorted(counts, percentile_rank(bright.size, share) + 1)) for share in SHARES
+        int(np.searchsorted(counts, percentile_rank(bright.size, share) + 1))
+        for share in (TOP_SHARE, SCENE_SHARE, WIDE_SHARE)
     )
     return top, scene, wide
 

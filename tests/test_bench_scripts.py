@@ -1581,8 +1581,8 @@ def test_lights_draws_its_lamps_and_compares_against_the_rule_without_its_wide_t
     night = np.full((224 * 224, 3), 20, np.uint8)
     night[:5018] = 255
     pixels = night.reshape(224, 224, 3).transpose(2, 0, 1)
-    before = (P.WIDE_SHARE, P.NIGHT_LEVEL, P.SHARES)
+    before = (P.WIDE_SHARE, P.NIGHT_LEVEL)
     with lights.rule(P.WIDE_SHARE, 0):
         assert float(P.exposure_gain(pixels)) == 1.0
-    assert (P.WIDE_SHARE, P.NIGHT_LEVEL, P.SHARES) == before
+    assert (P.WIDE_SHARE, P.NIGHT_LEVEL) == before
     assert float(P.exposure_gain(pixels)) == 8.0

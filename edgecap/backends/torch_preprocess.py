@@ -40,7 +40,9 @@ from PIL import Image
 from edgecap.backends.staging import Staging
 from edgecap.preprocess import (
     BLOCK,
-    SHARES,
+    SCENE_SHARE,
+    TOP_SHARE,
+    WIDE_SHARE,
     Preprocessing,
     judged_recognisable,
     metered_gain,
@@ -209,7 +211,8 @@ class FramePreprocess:
         bright = resized.amax(dim=3).reshape(len(resized), -1).to(torch.float32)
         n = bright.shape[1]
         # kthvalue's k counts from 1
-        levels = (bright.kthvalue(percentile_rank(n, share) + 1, dim=1).values for share in SHARES)
+        shares = (TOP_SHARE, SCENE_SHARE, WIDE_SHARE)
+        levels = (bright.kthvalue(percentile_rank(n, share) + 1, dim=1).values for share in shares)
         return metered_gain(*levels)  # the host's rule, in float32
 
     def resized(self, pixels: torch.Tensor) -> torch.Tensor:
