@@ -58,6 +58,38 @@ def test_video_every_prints_one_timestamped_caption_per_interval(
     assert list(tmp_path.iterdir()) == []  # wrote nothing
 
 
+def test_video_every_pick_sharpest_captions_each_intervals_least_blurred_frame(
+    tiny_model_dir, tmp_path, capfd
+):
+    """A 1 s, 10 fps video of the cat whose frames are all blurred by motion but frames 3 and 6:
+    with --every 0.5 --pick sharpest those two are captioned (0.30s and 0.60s), not each
+    interval's first frame (0.00s and 0.50s, without --pick)."""
+    cv2 = pytest.importorskip("cv2")
+    from test_stream import example_frames, motion_blurred
+
+    from edgecap.stream import video_frames
+
+    cat = example_frames()[0]
+    path = tmp_path / "shaky.avi"
+    writer = cv2.VideoWriter(str(path), cv2.VideoWriter_fourcc(*"MJPG"), 10.0, (cat.shape[1], cat.shape[0]))
+    for i in range(10):
+        frame = cat if i in (3, 6) else motion_blurred(cat, 9)
+        writer.write(np.ascontiguousarray(frame[:, :, ::-1]))
+    writer.release()
+    out = edgecap_caption(
+        capfd, "--video", path, "--every", "0.5", "--pick", "sharpest", model=tiny_model_dir
+    )
+    assert out.returncode == 0, out.stderr
+    lines = [line.split("\t") for line in out.stdout.splitlines()]
+    assert [time for time, _ in lines] == ["0.30s", "0.60s"]
+    captioner = Captioner(tiny_model_dir, max_length=6, threads=1)
+    frames = [f for f in video_frames(path) if f.index in (3, 6)]
+    assert [text for _, text in lines] == [captioner.caption(f.image, color="bgr").text for f in frames]
+    assert "2 captions from 10 frames" in out.stderr and "8 skipped" in out.stderr
+    plain = edgecap_caption(capfd, "--video", path, "--every", "0.5", model=tiny_model_dir)
+    assert [line.split("\t")[0] for line in plain.stdout.splitlines()] == ["0.00s", "0.50s"]
+
+
 def test_video_json_every_frame(tiny_model_dir, video, capfd):
     out = edgecap_caption(capfd, "--video", video, "--json", model=tiny_model_dir)
     assert out.returncode == 0, out.stderr
@@ -85,6 +117,13 @@ def test_video_json_every_frame(tiny_model_dir, video, capfd):
         (["--video", "missing.mp4", "--attention", "out.png"], "--attention needs one image PATH"),
         (["--camera", "0", "--attention", "out.png"], "--attention needs one image PATH"),
         (["photo.jpg", "--attention", "out.xyz"], "unknown image format"),
+        (["photo.jpg", "--pick", "sharpest"], "--pick sharpest needs --camera, or --video with --every"),
+        (
+            ["--video", "missing.mp4", "--pick", "sharpest"],
+            "--pick sharpest needs --camera, or --video with --every",
+        ),
+        (["--bag", "a.mcap", "--every", "1", "--pick", "sharpest"], "--pick sharpest needs --camera"),
+        (["--camera", "0", "--pick", "blurry"], "argument --pick: invalid choice: 'blurry'"),
     ],
 )
 def test_bad_arguments_are_clean_errors(tiny_model_dir, tmp_path, args, message, capfd, monkeypatch):
@@ -579,7 +618,8 @@ def test_camera_is_captioned_live_and_a_video_in_order_both_sampled_by_every(
     """docs/cameras.md: "--camera is live: older frames are dropped when captioning is slower than
     the camera"; "--video captions every sampled frame in order"; --every samples either. The
     streams the command asks for (the video's source closed unread; a fake camera that gives no
-    frame): --video --every 0.5 is in order with every=0.5, --camera 0 --every 2 live with 2.0."""
+    frame): --video --every 0.5 is in order with every=0.5, --camera 0 --every 2 live with 2.0;
+    --pick sharpest is passed on, "newest" without it."""
     import edgecap.stream
     from test_stream import FakeCv2
 
@@ -594,8 +634,13 @@ def test_camera_is_captioned_live_and_a_video_in_order_both_sampled_by_every(
     recorded = edgecap_caption(capfd, "--video", video, "--every", "0.5", model=tiny_model_dir)
     monkeypatch.setitem(sys.modules, "cv2", FakeCv2(n_frames=0))
     camera = edgecap_caption(capfd, "--camera", "0", "--every", "2", model=tiny_model_dir)
-    assert (recorded.returncode, camera.returncode) == (0, 0), recorded.stderr + camera.stderr
-    assert asked == [{"every": 0.5, "live": False}, {"every": 2.0, "live": True}]
+    sharpest = edgecap_caption(capfd, "--camera", "0", "--pick", "sharpest", model=tiny_model_dir)
+    assert (recorded.returncode, camera.returncode, sharpest.returncode) == (0, 0, 0)
+    assert asked == [
+        {"every": 0.5, "live": False, "pick": "newest"},
+        {"every": 2.0, "live": True, "pick": "newest"},
+        {"every": None, "live": True, "pick": "sharpest"},
+    ]
 
 
 def test_attention_of_a_model_without_attention_is_refused(tmp_path, capfd):

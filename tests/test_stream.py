@@ -395,10 +395,10 @@ def test_close_from_another_thread_before_the_first_read_closes_the_source_once(
     about_to_read, go_on = threading.Event(), threading.Event()
     read = stream._read
 
-    def gated_read():  # the thread that will read waits here, before _read's first line
+    def gated_read(**options):  # the thread that will read waits here, before _read's first line
         about_to_read.set()
         assert go_on.wait(DEADLOCK_GUARD_S)
-        yield from read()
+        yield from read(**options)
 
     stream._read = gated_read
     events: list = []
@@ -1317,7 +1317,16 @@ def test_a_live_stream_captions_the_frame_read_before_its_source_failed():
     assert got == [(0, "frame zero", 0), (1, "frame one", 0)]
 
 
-@pytest.mark.parametrize("bad", [{"every": -1.0}, {"color": "hsv"}, {"on_error": "ignore"}])
+@pytest.mark.parametrize(
+    "bad",
+    [
+        {"every": -1.0},
+        {"color": "hsv"},
+        {"on_error": "ignore"},
+        {"pick": "sharp"},
+        {"pick": "sharpest", "live": False},
+    ],
+)
 def test_a_stream_refused_for_its_arguments_closes_the_source_it_was_given(bad):
     """``caption_stream(captioner, camera_frames(0), every=-1)``: the camera was opened for a
     stream that will never read it; the ValueError comes with the camera released (its
@@ -1523,3 +1532,261 @@ def test_a_frame_at_the_same_time_as_the_one_before_keeps_the_decoders_time(monk
     times_ms = [0.0, 500.0, 500.0, 1000.0]
     monkeypatch.setitem(sys.modules, "cv2", FakeVideoCv2(small_frames(4), times_ms=times_ms))
     assert [f.timestamp for f in video_frames(video_file)] == [0.0, 0.5, 0.5, 1.0]
+
+
+# -- pick="sharpest": the least blurred of the frames that compete for one caption --------------
+def motion_blurred(frame: np.ndarray, length: int = 9) -> np.ndarray:
+    """``frame`` blurred by horizontal motion: each pixel the mean of ``length`` pixels of its
+    row (edges repeated), rounded to uint8: what a camera turning during the exposure gives."""
+    padded = np.pad(
+        frame.astype(np.float64), ((0, 0), (length // 2, length - 1 - length // 2), (0, 0)), "edge"
+    )
+    sums = np.concatenate([np.zeros_like(padded[:, :1]), padded.cumsum(1)], 1)
+    return np.round((sums[:, length:] - sums[:, :-length]) / length).astype(np.uint8)
+
+
+def with_noise(frame: np.ndarray, seed: int) -> np.ndarray:
+    """``frame`` with sensor noise (s.d. 2 levels): another frame of the same still scene."""
+    noise = np.random.default_rng(seed).normal(0.0, 2.0, frame.shape)
+    return np.clip(np.round(frame + noise), 0, 255).astype(np.uint8)
+
+
+def test_sharpness_by_hand():
+    """A 6 x 6 grey frame, one lit 2 x 2 block in the middle: its 2 x 2 sums are 0 but the
+    centre's 4v; the one inner Laplacian 16v; the sums' s.d. 4v sqrt(1/9 - 1/81) = 4v sqrt(8) / 9:
+    sharpness 36 / sqrt(8), whatever v (the exposure)."""
+    from edgecap.stream import sharpness
+
+    for level in (10, 200):
+        frame = np.zeros((6, 6), np.uint8)
+        frame[2:4, 2:4] = level
+        assert sharpness(frame) == pytest.approx(36 / np.sqrt(8), rel=1e-9)
+    # an odd last row and column are left out of the 2 x 2 blocks
+    frame = np.zeros((7, 7), np.uint8)
+    frame[2:4, 2:4], frame[6, :], frame[:, 6] = 50, 255, 255
+    assert sharpness(frame) == pytest.approx(36 / np.sqrt(8), rel=1e-9)
+    # colour: the second channel (green in RGB and in BGR) is the one measured
+    rgb = np.zeros((6, 6, 3), np.uint8)
+    rgb[2:4, 2:4, 1] = 90
+    assert sharpness(rgb) == pytest.approx(36 / np.sqrt(8), rel=1e-9)
+    rgb[..., 1], rgb[2:4, 2:4, 0] = 0, 90  # the block in red only: a uniform green
+    assert sharpness(rgb) == 0.0
+
+
+def test_a_blurred_frame_is_less_sharp_than_the_same_frame_sharp():
+    """The example photos: 9 px of motion blur takes a frame under ``SHARPER_BY`` of itself
+    sharp, so it gives way; two frames of one still scene differing only in sensor noise stay
+    within it (and a brighter exposure of a frame is about as sharp: float frames, exactly)."""
+    from edgecap.stream import SHARPER_BY, sharpness
+
+    for photo in example_frames(size=(320, 240)):
+        sharp, again = with_noise(photo, 0), with_noise(photo, 1)
+        assert sharpness(motion_blurred(sharp)) < SHARPER_BY * sharpness(sharp)
+        assert sharpness(again) >= SHARPER_BY * sharpness(sharp)
+        assert sharpness(sharp.astype(np.float32) * 0.4) == pytest.approx(sharpness(sharp), rel=1e-6)
+        # 8-bit frames are summed in int16: exactly the float result
+        assert sharpness(sharp) == pytest.approx(sharpness(sharp.astype(np.float64)), rel=1e-12)
+        assert sharpness(Image.fromarray(sharp)) == sharpness(sharp)
+
+
+@pytest.mark.parametrize(
+    "image",
+    [
+        b"\xff\xd8 compressed",
+        "photo.jpg",
+        np.zeros((5, 8, 3), np.uint8),  # under 6 x 6
+        np.zeros((8, 8, 3, 1), np.uint8),
+        np.zeros((8, 8, 5), np.uint8),
+        np.zeros((8, 8), bool),
+        np.full((8, 8), np.nan, np.float32),
+        np.array([["a"] * 8] * 8),
+        Image.new("P", (8, 8)),
+        None,
+    ],
+    ids=["bytes", "path", "small", "4-d", "5-channels", "bool", "nan", "strings", "palette", "none"],
+)
+def test_sharpness_that_cannot_be_told_is_none(image):
+    """None, and no numpy warning (a 5 x 5 frame would have had no inner 2 x 2 block: the
+    mean of nothing) on a stream's stderr."""
+    import warnings
+
+    from edgecap.stream import sharpness
+
+    with warnings.catch_warnings():
+        warnings.simplefilter("error")
+        assert sharpness(image) is None
+
+
+def test_sharpness_is_not_measured_over_the_pixel_limit():
+    from edgecap.stream import sharpness
+
+    frame = with_noise(np.full((40, 40, 3), 100, np.uint8), 0)
+    assert sharpness(frame) is not None
+    images.set_max_pixels(1000)  # (conftest restores the limit)
+    assert sharpness(frame) is None and sharpness(Image.fromarray(frame)) is None
+
+
+def burst_while_busy(frames: list, pick: str) -> tuple[list[tuple[int, int]], StreamStats]:
+    """Frame 0 is captioned slowly while ``frames`` arrive (indices 1..): the events
+    (frame index, dropped) and the stats of a live stream with ``pick``."""
+    captioning, all_read = threading.Event(), threading.Event()
+
+    def source():
+        yield frames[0]
+        assert captioning.wait(DEADLOCK_GUARD_S)
+        yield from frames[1:]
+        all_read.set()
+
+    def hook(calls):
+        if calls == 0:
+            captioning.set()
+            assert all_read.wait(DEADLOCK_GUARD_S), "the reader stalled"
+
+    stream = caption_stream(FakeCaptioner(hook), source(), pick=pick)
+    return [(e.frame_index, e.dropped) for e in stream], stream.stats
+
+
+def test_a_live_stream_picks_the_sharpest_frame_that_arrived_while_it_was_busy():
+    """While frame 0 is captioned, a sharp frame (1) and two blurred ones (2, 3) arrive: with
+    pick="sharpest" frame 1 is captioned next, the blurred ones dropped; the newest (3) without."""
+    photo = example_frames()[0]
+    frames = [
+        with_noise(photo, 0),
+        with_noise(photo, 1),
+        motion_blurred(with_noise(photo, 2)),
+        motion_blurred(with_noise(photo, 3), 5),
+    ]
+    events, stats = burst_while_busy(frames, "sharpest")
+    assert events == [(0, 0), (1, 2)]
+    assert (stats.frames, stats.captioned, stats.dropped) == (4, 2, 2)
+    assert burst_while_busy(frames, "newest")[0] == [(0, 0), (3, 2)]
+
+
+def test_of_frames_about_as_sharp_the_newest_is_picked():
+    """A still scene: frames 1-3 differ only in noise, so the newest (3) is captioned, as
+    without the pick; a blurred frame (2) between sharp ones does not hold back the newer sharp
+    frame (3) either."""
+    photo = example_frames()[1]
+    still = [with_noise(photo, seed) for seed in range(4)]
+    assert burst_while_busy(still, "sharpest")[0] == [(0, 0), (3, 2)]
+    mixed = [still[0], still[1], motion_blurred(still[2]), still[3]]
+    assert burst_while_busy(mixed, "sharpest")[0] == [(0, 0), (3, 2)]
+
+
+def test_frames_whose_sharpness_cannot_be_told_are_picked_as_the_newest():
+    """Compressed frames (bytes): the newest wins; a sharp array then takes the place of the
+    bytes, and a blurred one after it does not take the sharp one's."""
+    photo = example_frames()[0]
+    sharp, blurred = with_noise(photo, 0), motion_blurred(with_noise(photo, 1))
+    assert burst_while_busy([sharp, sharp, b"jpeg one", b"jpeg two"], "sharpest")[0] == [(0, 0), (3, 2)]
+    assert burst_while_busy([sharp, b"jpeg", sharp, blurred], "sharpest")[0] == [(0, 0), (2, 2)]
+
+
+def test_an_in_order_stream_captions_the_sharpest_frame_of_each_interval():
+    """live=False with every=0.5 s: frames 0-4 (0.0-0.4 s) are one interval, 5-7 (0.5-0.7 s)
+    the next, 8-9 (1.0, 1.1 s) the last. Of the first, the sharp frame 2 among blurred ones; of
+    the second, the newest of two about as sharp (7); of the last, all blurred, the less blurred
+    (9), however much sharper the frames of the interval before were. Each event is stamped with
+    its frame's own time; the others count as skipped."""
+    photo = example_frames()[0]
+    sharp = [with_noise(photo, seed) for seed in range(10)]
+    blur = {0: 5, 1: 9, 3: 3, 4: 9, 5: 9, 8: 9, 9: 5}  # frame: px of motion blur
+    images_ = [motion_blurred(frame, blur[i]) if i in blur else frame for i, frame in enumerate(sharp)]
+    times = [0.0, 0.1, 0.2, 0.3, 0.4, 0.5, 0.6, 0.7, 1.0, 1.1]
+    frames = [Frame(index=i, timestamp=t, image=image) for i, (t, image) in enumerate(zip(times, images_))]
+    fake = FakeCaptioner()
+    stream = caption_stream(fake, frames, every=0.5, live=False, pick="sharpest")
+    events = list(stream)
+    assert [(e.frame_index, e.timestamp, e.dropped) for e in events] == [
+        (2, 0.2, 0),
+        (7, 0.7, 0),
+        (9, 1.1, 0),
+    ]
+    assert all(np.array_equal(image, images_[i]) for (image, _), i in zip(fake.seen, (2, 7, 9), strict=True))
+    stats = stream.stats
+    assert (stats.frames, stats.captioned, stats.skipped, stats.dropped) == (10, 3, 7, 0)
+    # the default: each interval's first frame
+    assert [e.frame_index for e in caption_stream(FakeCaptioner(), frames, every=0.5, live=False)] == [
+        0,
+        5,
+        8,
+    ]
+
+
+def test_an_in_order_stream_holds_its_own_copy_of_the_frame_it_picked():
+    """A source that refills one buffer: the frame picked in an interval is captioned once the
+    next interval begins, by when the buffer holds another frame; it is captioned as it was."""
+    photo = example_frames()[0]
+    contents = [
+        motion_blurred(with_noise(photo, 0)),
+        with_noise(photo, 1),
+        motion_blurred(with_noise(photo, 2)),
+        with_noise(photo, 3),
+    ]
+    buffer = np.empty_like(contents[0])
+
+    def source():
+        for i, content in enumerate(contents):
+            buffer[...] = content
+            yield Frame(index=i, timestamp=i * 0.3, image=buffer)
+
+    fake = FakeCaptioner()
+    events = list(caption_stream(fake, source(), every=0.5, live=False, pick="sharpest"))
+    assert [e.frame_index for e in events] == [1, 3]
+    assert np.array_equal(fake.seen[0][0], contents[1]) and np.array_equal(fake.seen[1][0], contents[3])
+
+
+@pytest.mark.parametrize(
+    "kwargs, message",
+    [
+        ({"pick": "sharp"}, "pick must be one of ('newest', 'sharpest'), got 'sharp'"),
+        ({"pick": "sharpest", "live": False}, "with live=False and no every, every frame is captioned"),
+    ],
+)
+def test_a_pick_that_cannot_be_made_is_refused_saying_why(kwargs, message):
+    with pytest.raises(ValueError, match=re.escape(message)):
+        caption_stream(FakeCaptioner(), [], **kwargs)
+    caption_stream(FakeCaptioner(), [], pick="sharpest", live=False, every=1.0)  # with every: fine
+
+
+@pytest.mark.parametrize(
+    "scores, picked",
+    [
+        ([5.0, 10.0, 9.5, 8.6], 2),  # 8.6 is under 0.9 of the sharpest (10), not of the one held (9.5)
+        ([5.0, 10.0, 9.0], 2),  # exactly 0.9 of the sharpest: the newer frame
+        ([5.0, 10.0, 8.99], 1),
+        ([5.0, 10.0, 3.0, 9.2], 3),  # a newer frame near the sharpest wins over the one held
+        ([5.0, 1.0, 2.0, 1.9], 3),  # the first frame after the take is only the first to compete
+    ],
+)
+def test_the_pick_holds_the_newest_frame_within_sharper_by_of_the_sharpest(monkeypatch, scores, picked):
+    """The rule alone, with each frame's sharpness given (``sharpness`` read from the frame):
+    a newer frame takes the held one's place unless it is under ``SHARPER_BY`` (0.9) of the
+    sharpest frame since the captioner last took one."""
+    import edgecap.stream as stream_module
+
+    assert stream_module.SHARPER_BY == 0.9
+    monkeypatch.setattr(stream_module, "sharpness", lambda image: float(image[0, 0]))
+    frames = [np.full((2, 2), score) for score in scores]
+    assert burst_while_busy(frames, "sharpest")[0] == [(0, 0), (picked, len(scores) - 2)]
+
+
+def test_close_from_another_thread_does_not_caption_the_frame_an_in_order_pick_holds():
+    """In-order, pick="sharpest": frame 0's caption is made when frame 1 begins the next
+    interval, and frame 1 is held for its own. A shutdown hook's ``close()`` during frame 0's
+    caption ends the loop after its event; frame 1 is not captioned."""
+    photo = example_frames()[0]
+    frames = [Frame(index=i, timestamp=float(i), image=with_noise(photo, i)) for i in range(3)]
+    outcome = []
+
+    def hook(calls):
+        if calls == 0:
+            closer = threading.Thread(target=lambda: (stream.close(), outcome.append("closed")))
+            closer.start()
+            closer.join(DEADLOCK_GUARD_S)
+
+    fake = FakeCaptioner(hook)
+    stream = caption_stream(fake, frames, every=0.5, live=False, pick="sharpest")
+    assert [e.frame_index for e in stream] == [0]
+    assert outcome == ["closed"] and len(fake.seen) == 1
+    assert (stream.stats.frames, stream.stats.captioned) == (2, 1)

@@ -18,8 +18,9 @@ over it, one panel per word (``edgecap.viz``); nothing else is written anywhere.
 ``crop``, ``timings`` (ms) and ``dropped``; a summary goes to
 stderr at the end. A video is read at the captioner's pace, every sampled frame is captioned and
 times are video time; a camera is live: the newest frame wins, older ones are dropped
-(``edgecap.stream``), and it runs until the camera stops or Ctrl-C. Both need OpenCV
-(the ``video`` extra).
+(``edgecap.stream``), and it runs until the camera stops or Ctrl-C. ``--pick sharpest`` captions
+the least blurred of the frames that compete for a caption instead (``caption_stream``'s
+``pick``). Both need OpenCV (the ``video`` extra).
 """
 
 from __future__ import annotations
@@ -141,6 +142,15 @@ def add_arguments(p: argparse.ArgumentParser) -> None:
         help="with --video, --camera or --bag: at most one caption per SECONDS of "
         "video (recording) time, per topic (default: every frame of a video or recording; "
         "from a camera, the newest frame whenever the captioner is free)",
+    )
+    p.add_argument(
+        "--pick",
+        choices=("newest", "sharpest"),
+        default="newest",
+        help="with --camera, or --video and --every: which frame to caption of those that "
+        "compete for one caption (a camera's that arrive while the captioner is busy; a video's "
+        "in one --every interval): the newest (the default; for a video, the interval's first), "
+        "or the sharpest, the least blurred by motion (of frames about as sharp, the newest)",
     )
     p.add_argument(
         "--attention",
@@ -287,6 +297,11 @@ def _check_arguments(args: argparse.Namespace) -> str | None:
         return f"--min-confidence must be between 0 and 1, got {args.min_confidence}"
     if args.every is not None and not args.every > 0:
         return f"--every must be a positive number of seconds, got {args.every}"
+    if args.pick != "newest" and args.camera is None and (args.video is None or args.every is None):
+        return (
+            f"--pick {args.pick} needs --camera, or --video with --every "
+            "(without --every every frame of a video is captioned)"
+        )
     if args.attention is not None:
         if not args.paths:
             return "--attention needs one image PATH (not --video or --camera)"

@@ -83,10 +83,10 @@ def run_stream(captioner, args: argparse.Namespace) -> int:
 
     if args.video is not None:
         frames = video_frames(args.video)
-        stream = caption_stream(captioner, frames, every=args.every, live=False)
+        stream = caption_stream(captioner, frames, every=args.every, live=False, pick=args.pick)
     else:
         frames = camera_frames(args.camera)
-        stream = caption_stream(captioner, frames, every=args.every, live=True)
+        stream = caption_stream(captioner, frames, every=args.every, live=True, pick=args.pick)
     decimals = time_decimals(args.every, getattr(frames, "fps", None))
     try:
         for event in stream:
