@@ -242,7 +242,8 @@ def pin_fusion_weight(directory: Path, weight: float) -> None:
         return
     if isinstance(spec, dict) and FITTED_FUSION_WEIGHT not in spec:
         text = json.dumps({**spec, FITTED_FUSION_WEIGHT: float(weight)}, indent=1) + "\n"
-        write_whole(path, lambda f: f.write(text.encode("utf-8")))
+        # a link (a folder of links to another model's files) replaced, not written through
+        write_whole(path, lambda f: f.write(text.encode("utf-8")), replace_link=True)
 
 
 def fit(x: np.ndarray, y: np.ndarray, l2: float = 1.0, steps: int = 50) -> tuple:

@@ -406,6 +406,46 @@ def test_an_install_names_the_fusion_file_in_the_manifest(default_model_dir, tmp
     assert load_manifest(model).files["fusion"] == "fusion.json"
 
 
+def test_an_install_into_a_folder_of_links_leaves_the_linked_model_as_it_was(default_model_dir, tmp_path):
+    """``install`` into a folder of links to another model's files (a model store, ``cp -rs``):
+    that folder gets fusion.json, the two lm_*.npz and confidence.json of its own (the links
+    replaced) and its new weight, while the linked model keeps every file byte for byte and its
+    own weight (was: all four written through the links into it, which then captioned with the
+    new language models). Removing the folder's fusion (``remove_fusion``, what ``export
+    --force`` and ``convert --force`` do) removes the links, not the files they lead to."""
+    from edgecap.manifest import file_sha256
+    from edgecap.training.language_model import install
+
+    def changed(folder, before):  # the names of the files that are not as they were
+        now = {p.name: p.read_bytes() for p in folder.iterdir()}
+        return sorted(name for name in {*now, *before} if now.get(name) != before.get(name))
+
+    store = copy_model(default_model_dir, tmp_path / "store")
+    before = {p.name: p.read_bytes() for p in store.iterdir()}
+    own_weight = json.loads(before["fusion.json"])["weight"]
+    vocab_size = json.loads(before["manifest.json"])["dims"]["vocab_size"]
+    links, links_too = tmp_path / "links", tmp_path / "links_too"
+    for folder in (links, links_too):
+        folder.mkdir()
+        for path in store.iterdir():
+            (folder / path.name).symlink_to(path)
+    for role, seed in (("everyday", 3), ("in_domain", 4)):
+        _random_lm(tmp_path / f"{role}.npz", vocab_size, file_sha256(store / "vocab.json"), seed=seed)
+    install(links, tmp_path / "everyday.npz", tmp_path / "in_domain.npz", 1.5)
+    assert changed(store, before) == []
+    written = ["confidence.json", "fusion.json", "lm_everyday.npz", "lm_in_domain.npz"]
+    assert sorted(p.name for p in links.iterdir() if not p.is_symlink()) == written
+    assert sorted(p.name for p in links.iterdir()) == sorted(before)  # nothing else left there
+    assert Fusion.load(links, vocab_size).weight == 1.5 and load_manifest(links).files["fusion"]
+    assert Fusion.load(store, vocab_size).weight == own_weight
+    # the weight its confidence model was fitted at: the linked model's, now written in its own file
+    assert json.loads((links / "confidence.json").read_text())["fusion_weight"] == own_weight
+
+    remove_fusion(links_too)
+    assert changed(store, before) == []
+    assert sorted(p.name for p in links_too.iterdir()) == sorted(set(before) - set(written[1:]))
+
+
 def test_the_gate_gives_training_like_photos_no_fusion(tmp_path):
     """Gate.fit on "training photos" whose classes are mostly 0 and 1: a photo of class 0 is
     typical (no fusion: its captions are the plain search's), one of class 3 is not (the full

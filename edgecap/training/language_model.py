@@ -27,10 +27,12 @@ import math
 import random
 import sys
 import time
+from functools import partial
 from pathlib import Path
 
 import numpy as np
 
+from edgecap.files import write_whole
 from edgecap.manifest import file_sha256, load_manifest, name_optional_file
 from edgecap.vocab import Vocabulary
 
@@ -244,9 +246,11 @@ def install(
     except ModelError:  # a broken fusion.json: none that its captions could have had
         earlier = None
     pin_fusion_weight(Path(model_dir), 0.0 if earlier is None else earlier.weight)
+    # each file written whole, and a link there (a folder of links to another model's files, ``cp
+    # -rs``) replaced by it, not written through: that model keeps its language models
     for role, half, info in checked:
         name = f"lm_{role}.npz"
-        np.savez_compressed(Path(model_dir) / name, **half)
+        write_whole(Path(model_dir) / name, partial(np.savez_compressed, **half), replace_link=True)
         spec[role] = {"file": name, "sha256": file_sha256(Path(model_dir) / name), **info}
     if gate is not None and gate_photos:
         spec["gate"] = {
@@ -254,7 +258,8 @@ def install(
             "fitted_on": f"{len(gate_photos)} training photos of the caption model",
         }
     path = Path(model_dir) / FUSION_FILE
-    path.write_text(json.dumps(spec, indent=1) + "\n", "utf-8")
+    text = json.dumps(spec, indent=1) + "\n"
+    write_whole(path, lambda f: f.write(text.encode("utf-8")), replace_link=True)
     Fusion.load(Path(model_dir), manifest.dims.vocab_size)  # it loads as written
     # named in the manifest: a copy of the folder without it is refused, not captioned without it
     name_optional_file(model_dir, FUSION)
