@@ -42,6 +42,8 @@ MODEL_PRECISIONS = ("fp32", "fp16", "int8")  # a model directory's weights: as t
 MANIFEST = "manifest.json"
 MAX_MANIFEST_BYTES = 1 << 20  # the shipped one is 2 KB
 KNOWN_ROLES = (*FILE_ROLES, *OPTIONAL_FILES)  # what a manifest's files may name; the rest is ignored
+# what to do about a copy of a model folder that left a file behind (the messages that refuse it)
+WHOLE_COPY = "copy the whole model directory, not only some of its files"
 # what each optional file is, for the message that refuses a folder without it
 OPTIONAL_WHAT = {
     FUSION: "the language models its captions are fused with (and the lm_*.npz files it names)",
@@ -252,8 +254,8 @@ def _check_optional_file(manifest: Manifest, role: str, name: str) -> None:
     if not present:
         raise ModelError(
             f"{manifest.directory}: {name} is missing: {OPTIONAL_WHAT[role]}, which its "
-            f"{MANIFEST} names; copy the whole model directory, not only some of its files (to "
-            f'use the model without it, take "{role}" out of the files {MANIFEST} names)'
+            f'{MANIFEST} names; {WHOLE_COPY} (to use the model without it, take "{role}" out '
+            f"of the files {MANIFEST} names)"
         )
     try:
         check_regular(manifest.path(role))

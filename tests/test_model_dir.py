@@ -132,6 +132,38 @@ def test_a_copy_of_the_manifests_core_files_only_is_refused_naming_what_it_left_
     assert (alone.text, alone.confidence) == ("a small child is sitting on a wooden floor with a stick", None)
 
 
+@pytest.mark.parametrize("left_behind", ["lm_everyday.npz", "lm_in_domain.npz"])
+def test_a_copy_without_one_of_its_language_models_is_refused_saying_to_copy_the_whole_folder(
+    left_behind, default_model_dir, tmp_path, capsys
+):
+    """A copy of the shipped model that left one of the lm_*.npz files its fusion.json names
+    behind (or has a link to nothing there): refused as a copy without fusion.json is, in one
+    line naming the folder and the file, with what to do, exit 2 on the command line (was:
+    ``MODEL/lm_in_domain.npz: no such file``, with no word of a partial copy)."""
+    from edgecap.cli import main
+
+    model = copy_model(default_model_dir, tmp_path / "copy")
+    (model / left_behind).unlink()
+    what = {"lm_everyday.npz": "everyday", "lm_in_domain.npz": "in-domain"}[left_behind]
+    expected = (
+        f"{model}: {left_behind} is missing: the {what} language model, which its fusion.json "
+        "names; copy the whole model directory, not only some of its files (to use the model "
+        'without its language models, remove fusion.json and take "fusion" out of the files '
+        "manifest.json names)"
+    )
+    with pytest.raises(ModelError) as raised:
+        Captioner(model)
+    assert str(raised.value) == expected
+    photo = "edgecap/assets/examples/coffee.png"
+    assert main(["caption", "--model", str(model), photo]) == 2
+    printed = capsys.readouterr()
+    assert printed.out == "" and printed.err == f"edgecap caption: error: {expected}\n"
+    (model / left_behind).symlink_to(tmp_path / "gone.npz")  # a link to nothing: missing too
+    with pytest.raises(ModelError) as raised:
+        Captioner(model)
+    assert str(raised.value) == expected
+
+
 def test_model_file_that_is_a_directory(tiny_model_dir, tmp_path):
     model = copy_model(tiny_model_dir, tmp_path / "m")
     (model / "encoder.onnx").unlink()

@@ -29,6 +29,7 @@ photos (benchmarks/results/decoding_choice*.md).
 
 from __future__ import annotations
 
+import os
 import zipfile
 from dataclasses import dataclass
 from functools import cached_property
@@ -76,6 +77,25 @@ def remove_fusion(directory: Path) -> None:
             (Path(directory) / name).unlink(missing_ok=True)
         except (OSError, ValueError):  # no file by that name: a folder, a NUL, a name too long
             pass
+
+
+def _check_present(directory: Path, name: str, role: str) -> None:
+    """A language model that ``fusion.json`` names must be there (a link to nothing is missing
+    too): a copy of the folder that left it behind is refused as one without ``fusion.json`` is,
+    saying what to do (``manifest._check_optional_file``), not with a bare "no such file"."""
+    from edgecap.manifest import MANIFEST, WHOLE_COPY
+
+    try:
+        present = os.path.exists(directory / name)
+    except (OSError, ValueError):  # a NUL in the name: CaptionLM.load says so
+        return
+    if not present:
+        what = role.replace("_", "-")  # in_domain: the in-domain language model
+        raise ModelError(
+            f"{directory}: {name} is missing: the {what} language model, which its {FUSION_FILE} "
+            f"names; {WHOLE_COPY} (to use the model without its language models, remove "
+            f'{FUSION_FILE} and take "{FUSION}" out of the files {MANIFEST} names)'
+        )
 
 
 class CaptionLM:
@@ -277,6 +297,7 @@ class Fusion:
                 name = entry["file"]
                 if not isinstance(name, str) or Path(name).name != name:
                     raise ValueError(f"{role}.file must be a file name in the model directory")
+                _check_present(Path(directory), name, role)
                 models[role] = CaptionLM.load(Path(directory) / name, vocab_size, entry.get("sha256"))
             weight = float(spec["weight"])
             low, high = RANGES["fusion_weight"]  # what CaptionOptions(fusion_weight=...) takes
