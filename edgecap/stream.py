@@ -109,10 +109,11 @@ _MISSING_FRAMES_OK = 2
 _UNREADABLE_IN_A_ROW = 100
 # pick="sharpest": a newer frame takes the place of the one held for the next caption unless it
 # is under this share of the sharpest frame since then. Motion blur of 4 px takes a frame's
-# ``sharpness`` to at most 0.86 of the same frame unblurred, 8 px to at most 0.72 (the 160
-# everyday dev photos, each blurred along its rows or columns); two frames of one still scene
-# differing only in sensor noise (s.d. 2 levels) stay within 0.995 of each other. So a frame
-# blurred by a few pixels gives way to a sharp one, and of frames equally sharp the newest wins.
+# ``sharpness`` to a median 0.68 of the same frame unblurred, 8 px to 0.51, and above 0.9 for 1
+# of the 273 dev photos (at 4 px; at most 0.89 from 8 px on), each blurred along its rows or
+# columns; two frames of one still scene differing only in sensor noise (s.d. 2 levels) stay
+# within 0.995 of each other (``benchmarks/sharpest.py``). So a frame blurred by a few pixels
+# gives way to a sharp one, and of frames about as sharp the newest wins.
 SHARPER_BY = 0.9
 PICKS = ("newest", "sharpest")
 

@@ -1586,3 +1586,31 @@ def test_lights_draws_its_lamps_and_compares_against_the_rule_without_its_wide_t
         assert float(P.exposure_gain(pixels)) == 1.0
     assert (P.WIDE_SHARE, P.NIGHT_LEVEL) == before
     assert float(P.exposure_gain(pixels)) == 8.0
+
+
+def test_sharpest_blurs_its_bursts_and_lets_caption_stream_pick():
+    """sharpest.py: motion blur spreads a one-pixel line over ``length`` pixels at 1/length of its
+    level along the axis asked and leaves the other alone; a burst at chance 0 has no blurred
+    frame and at chance 1 only blurred ones, each frame with its own noise; the pick is
+    caption_stream's: a burst's one sharp frame, wherever it is, and the newest without blur."""
+    import sharpest
+    from PIL import Image
+
+    from helpers import EXAMPLES
+
+    line = np.zeros((9, 41, 3), np.uint8)
+    line[:, 20] = 250
+    rows = sharpest.motion_blur(line, 10, axis=1)
+    assert np.allclose(rows[:, 16:26], 25) and (rows[:, :16] == 0).all() and (rows[:, 26:] == 0).all()
+    assert np.array_equal(sharpest.motion_blur(line, 10, axis=0), line.astype(np.float32))
+    photo = np.asarray(Image.open(EXAMPLES / "chelsea.png").convert("RGB").resize((160, 120)))
+    rng = np.random.default_rng(0)
+    still, blurred = sharpest.burst(photo, 4, 0.0, rng)
+    assert blurred == [False] * 4 and all(f.dtype == np.uint8 and f.shape == photo.shape for f in still)
+    assert not np.array_equal(still[0], still[1])  # the noise: no two frames the same
+    assert np.abs(still[0].astype(int) - photo).mean() < 2.5
+    shaky, blurred = sharpest.burst(photo, 3, 1.0, rng)
+    assert blurred == [True] * 3
+    bursts = [shaky[:1] + still[:1] + shaky[1:], shaky + still[1:2], still[:3]]
+    assert sharpest.picks(bursts, "sharpest") == [1, 3, 2]
+    assert sharpest.picks(bursts, "newest") == [3, 3, 2]
