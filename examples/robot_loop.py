@@ -2,10 +2,13 @@
 
     python examples/robot_loop.py clip.mp4                 # the shipped model
     python examples/robot_loop.py clip.mp4 --model DIR --every 0.5
+    python examples/robot_loop.py ride.mp4 --pick sharpest   # the least blurred of the frames
 
 The video is played at its own frame rate, as a camera would deliver it; when captioning is
 slower than the frames arrive, the newest frame wins and the older ones are dropped, so the
-caption is never stale by more than one caption's time. On a robot, swap ``video_frames(path,
+caption is never stale by more than one caption's time (``--pick sharpest``: the least blurred of
+the frames that arrived while the last caption was made, for a camera that moves; docs/cameras.md,
+"Blurred frames"). On a robot, swap ``video_frames(path,
 realtime=True)`` for ``camera_frames(0)`` and act on ``event.caption.text`` where this prints it.
 Needs OpenCV: pip install 'edgecap[video]'.
 """
@@ -24,6 +27,12 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("video", help="a video file, played back in real time")
     parser.add_argument("--model", help="model directory (default: the shipped model)")
     parser.add_argument("--every", type=float, help="at most one caption per SECONDS")
+    parser.add_argument(
+        "--pick",
+        choices=("newest", "sharpest"),
+        default="newest",
+        help="which of the frames that arrive during a caption to caption next (default: newest)",
+    )
     args = parser.parse_args(argv)
 
     try:
@@ -31,7 +40,8 @@ def main(argv: list[str] | None = None) -> int:
         # the first frames' slow parts met now, not mid-stream: the runtime's first run, and on a
         # GPU with CUDA graphs their captures (a decode graph per plan a frame can need)
         captioner.warm_up((1,), frame_size=(480, 640))
-        stream = caption_stream(captioner, video_frames(args.video, realtime=True), every=args.every)
+        frames = video_frames(args.video, realtime=True)
+        stream = caption_stream(captioner, frames, every=args.every, pick=args.pick)
     except (EdgecapError, ValueError) as exc:  # ValueError: a bad --every
         print(f"robot_loop: {exc}", file=sys.stderr)
         return 2

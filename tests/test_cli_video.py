@@ -561,6 +561,32 @@ def test_robot_loop_example(tiny_model_dir, video):
     assert summary.startswith("done: ") and "from 20 frames" in summary
 
 
+def test_robot_loop_example_passes_its_pick_to_the_stream(tiny_model_dir, video, monkeypatch, capsys):
+    """--pick sharpest reaches caption_stream (a live stream over the video played in real time;
+    which frames it then picks depends on the machine's speed, so the stream itself is not run)."""
+    import importlib.util
+
+    spec = importlib.util.spec_from_file_location("robot_loop", ROOT / "examples" / "robot_loop.py")
+    assert spec is not None and spec.loader is not None
+    robot_loop = importlib.util.module_from_spec(spec)
+    spec.loader.exec_module(robot_loop)
+    real, asked = robot_loop.caption_stream, []
+
+    def recording(captioner, frames, **options):  # the video closed unread: a stream of no frame
+        asked.append(options)
+        frames.close()
+        return real(captioner, [], **options)
+
+    monkeypatch.setattr(robot_loop, "caption_stream", recording)
+    monkeypatch.setattr(robot_loop.Captioner, "warm_up", lambda self, *args, **kwargs: None)
+    assert robot_loop.main([str(video), "--model", str(tiny_model_dir), "--pick", "sharpest"]) == 0
+    assert robot_loop.main([str(video), "--model", str(tiny_model_dir), "--every", "0.5"]) == 0
+    assert asked == [{"every": None, "pick": "sharpest"}, {"every": 0.5, "pick": "newest"}]
+    assert capsys.readouterr().out.count("done: 0 captions from 0 frames") == 2
+    with pytest.raises(SystemExit):
+        robot_loop.main([str(video), "--pick", "blurry"])
+
+
 def test_robot_loop_example_runs_without_docstrings():
     """``python -OO`` (docstrings stripped): the example's ``--help`` took its description from
     ``__doc__``, None there (an AttributeError)."""
