@@ -276,11 +276,16 @@ def auroc(scores, labels) -> float:
 
 
 def write(directory: Path, model: ConfidenceModel) -> Path:
-    """Write ``model`` as ``directory``'s confidence.json, named in its manifest (where it
-    has one): a copy of the model folder without it is refused, not captioned without confidence."""
+    """Write ``model`` as ``directory``'s confidence.json (whole, and where a link is there, in
+    place of the link: the file it leads to, another model's, is left as it was), named in its
+    manifest (where it has one): a copy of the model folder without it is refused, not captioned
+    without confidence."""
+    from edgecap.files import write_whole
     from edgecap.manifest import name_optional_file
 
     path = Path(directory) / CONFIDENCE_FILE
-    path.write_text(json.dumps(model.to_json(), indent=1) + "\n", "utf-8")
+    text = json.dumps(model.to_json(), indent=1) + "\n"
+    # a link (a folder of links to another model's files) replaced, not written through
+    write_whole(path, lambda f: f.write(text.encode("utf-8")), replace_link=True)
     name_optional_file(directory, CONFIDENCE)
     return path

@@ -652,6 +652,29 @@ def test_a_confidence_model_written_into_a_folder_of_links_leaves_the_linked_mod
     assert sorted(p.name for p in links.iterdir()) == names  # nothing else left there
 
 
+def test_a_confidence_model_written_into_a_folder_of_links_replaces_the_link_not_the_linked_file(
+    tmp_path, default_model_dir
+):
+    """``write`` (``confidence_fit.py --write``) into a folder of links to another model's files
+    where confidence.json is one of the links: the folder gets a confidence.json of its own (the
+    link replaced by the file), and the linked model keeps its own, byte for byte (was: written
+    through the link, the other model rated its captions with the new confidence model)."""
+    store = copy_model(default_model_dir, tmp_path / "store")
+    before = {p.name: p.read_bytes() for p in store.iterdir()}
+    links = tmp_path / "links"
+    links.mkdir()
+    for path in store.iterdir():
+        (links / path.name).symlink_to(path)
+    new = ConfidenceModel(np.array([10.0]), np.array([2.0]), np.array([1.0]), 0.0, {}, ("n_words",))
+    assert write(links, new) == links / "confidence.json"
+    assert {p.name: p.read_bytes() for p in store.iterdir()} == before
+    assert not (links / "confidence.json").is_symlink()
+    assert ConfidenceModel.load(links).names == ("n_words",)
+    assert ConfidenceModel.load(store).names == tuple(json.loads(before["confidence.json"])["signals"])
+    assert sorted(p.name for p in links.iterdir()) == sorted(before)  # nothing else left there
+    assert sorted(p.name for p in links.iterdir() if not p.is_symlink()) == ["confidence.json"]
+
+
 def test_a_written_confidence_model_keeps_the_fusion_weight_it_was_fitted_at(tmp_path):
     """``confidence_fit.py --write`` puts the captions' fusion weight in the model's ``info``:
     written and read back, the file still says it, so captions up to that weight are rated and
