@@ -44,6 +44,7 @@ from edgecap.images import (
     MAX_SIDE,
     ImageInput,
     describe,
+    first_unusable_unread,
     load_rgb,
     load_rgb_array,
     max_file_bytes,
@@ -569,6 +570,9 @@ class Captioner:
         captioned as if it were not there.
         """
         self._check_call(images, color, on_error)
+        options = self.options
+        if on_error == "raise":
+            self._raise_unsearched(images, color, options)
         # "raise": nothing is returned, so the images before a bad one are not captioned for nothing
         return list(
             self._results(
@@ -576,11 +580,35 @@ class Captioner:
                 color,
                 return_attention,
                 on_error,
-                self.options,
+                options,
                 before_error=False,
                 overlap=self.overlap,
             )
         )
+
+    def _raise_unsearched(
+        self, images: Iterable[ImageInput | None], color: str, options: CaptionOptions
+    ) -> None:
+        """``caption_batch`` with "raise", which returns nothing once an image is unusable: in a
+        list (a tuple, a 1-D array of paths) holding one seen to be unusable without reading it
+        (``first_unusable_unread``: a missing file, an array of the wrong shape) past the first
+        batch, the images up to it are read as captioning reads them but no batch is searched,
+        and the first unusable one raises its error: the same error, without the searches of the
+        batches before it, thrown away. Returns where there is no such image, or it has become
+        usable by the time it is read (the call then captions as usual, reading those again)."""
+        if not isinstance(images, (list, tuple, np.ndarray)):
+            return  # read once (a generator): not read ahead
+        if isinstance(images, np.ndarray) and images.ndim != 1:
+            return  # an (N, H, W, C) array: all its images bad or none
+        if len(images) <= options.batch_size:
+            return
+        bad = first_unusable_unread(images)
+        if bad is None or bad < options.batch_size:  # the first batch: nothing is searched before it
+            return
+        for _ in self._results(
+            images[: bad + 1], color, False, "raise", options, before_error=False, search=False
+        ):
+            pass
 
     @overload
     def iter_captions(
@@ -737,12 +765,15 @@ class Captioner:
         options: CaptionOptions,
         before_error: bool = True,
         overlap: bool = False,
+        search: bool = True,
     ) -> Iterator[Caption | InputError]:
         """The results in order, every step of every batch under ``options`` (the Captioner's when
         the call was made: another thread may set new ones meanwhile); ``before_error`` (with
         "raise"): the images before a bad one in its batch are captioned and yielded before its
         error is raised. ``overlap``: each batch's captions are built in a second thread while the
-        next batch is searched (``_overlapped``)."""
+        next batch is searched (``_overlapped``). ``search`` False (with "raise"): the images are
+        read and prepared, and the first unusable one raises its error, but no batch is searched
+        and nothing is yielded."""
         # a source that fails (a camera unplugged) ends the images: those read before it are
         # captioned and yielded first, then its error is raised
         source = _Source(images)
@@ -779,6 +810,8 @@ class Captioner:
             # handed back)
             stack.enter_context(contextlib.closing(chunks))
             parts = self._parts(self._until_closed(chunks), on_error, before_error)
+            if not search:  # only the batch cut at an unusable image, with nothing to caption
+                parts = (part for part in parts if part[1] is not None)
             if overlap:
                 yield from self._overlapped(parts, return_attention, stack, options)
             else:

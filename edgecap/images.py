@@ -59,7 +59,7 @@ import re
 import struct
 import threading
 import warnings
-from collections.abc import Callable, Iterator, Sequence
+from collections.abc import Callable, Iterable, Iterator, Sequence
 from typing import Any, Protocol, TypeVar
 
 import numpy as np
@@ -71,7 +71,7 @@ except ImportError:  # pragma: no cover - a Pillow built without it: profiles ar
     ImageCms = None  # type: ignore[assignment]
 
 from edgecap.errors import InputError, caused_by_interrupt, counted, reason
-from edgecap.files import FileProblem, read_regular
+from edgecap.files import FileProblem, check_regular, read_regular
 from edgecap.preprocess import Preprocessing, to_model_input
 
 _T = TypeVar("_T")
@@ -445,6 +445,38 @@ def _load_rgb(
     raise InputError(
         source, "unsupported input type; pass a file path, encoded bytes, a PIL image or a numpy array"
     )
+
+
+def first_unusable_unread(images: Iterable[object]) -> int | None:
+    """The index of the first of ``images`` that loading is sure to refuse, seen without reading
+    or decoding any (None: none is): a path to no regular file (missing, unreadable, a folder),
+    to an empty one or to one past ``max_file_bytes()``; None; empty bytes; a numpy array of no
+    image's shape or dtype; a type that is no image. An image not seen here may still be refused
+    once read (a file that is not an image), and a file may change before it is read."""
+    limit = max_file_bytes()
+    for i, image in enumerate(images):
+        if image is None:
+            return i
+        if isinstance(image, np.ndarray):
+            try:
+                _check_shape(np.asarray(image), "")
+            except InputError:
+                return i
+            if not _usable_dtype(image.dtype):
+                return i
+        elif isinstance(image, (str, os.PathLike)):
+            try:
+                size = check_regular(image).st_size
+            except FileProblem:
+                return i
+            if not 0 < size <= limit:
+                return i
+        elif isinstance(image, (bytes, bytearray, memoryview)):
+            if not memoryview(image).nbytes:
+                return i
+        elif not isinstance(image, Image.Image) and not hasattr(image, "__array__"):
+            return i
+    return None
 
 
 def _read_file(path: str | os.PathLike, source: str) -> bytes:
@@ -887,16 +919,24 @@ def _check_shape(array: np.ndarray, source: str) -> np.ndarray:
     raise InputError(source, f"expected 1, 3 or 4 channels in the last axis, got {channels}{hint}")
 
 
+def _usable_dtype(dtype: np.dtype) -> bool:
+    """uint8, uint16 or a float, in either byte order."""
+    native = dtype.newbyteorder("=") if dtype.kind in "uif" else dtype
+    return native in (np.uint8, np.uint16) or native.kind == "f"
+
+
 def _to_uint8(x: np.ndarray, source: str) -> np.ndarray:
     if x.dtype.kind in "uif" and not x.dtype.isnative:  # big-endian data (FITS, network)
         x = x.astype(x.dtype.newbyteorder("="))
+    if not _usable_dtype(x.dtype):
+        raise InputError(
+            source, f"unsupported dtype {x.dtype}; pass uint8 (0-255), uint16 or float in [0, 1]"
+        )
     if x.dtype == np.uint8:
         return x
     if x.dtype == np.uint16:
         return _sixteen_bits_to_uint8(x, source)
-    if x.dtype.kind == "f":
-        return _float_to_uint8(x, source)
-    raise InputError(source, f"unsupported dtype {x.dtype}; pass uint8 (0-255), uint16 or float in [0, 1]")
+    return _float_to_uint8(x, source)
 
 
 def _float_to_uint8(x: np.ndarray, source: str, levels: bool = False) -> np.ndarray:

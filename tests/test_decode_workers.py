@@ -191,6 +191,48 @@ def test_with_raise_the_first_bad_photo_of_a_batch_raises_after_the_photos_befor
     assert got == [word(i) for i in range(7)]
 
 
+@pytest.mark.parametrize("overlap", [False, True])
+@pytest.mark.parametrize("workers", [0, 2])
+def test_caption_batch_with_raise_searches_no_batch_for_a_bad_photo_seen_without_decoding(
+    fake, tmp_path, workers, overlap
+):
+    """docs/python-api.md: caption_batch(on_error="raise") raises the first unusable image's
+    error and returns no caption. A photo seen to be unusable without decoding it (a missing
+    file, an array of the wrong shape or dtype) late in the list costs no search: the photos
+    before it are read, and the first bad one among them (a photo only decoding finds bad)
+    raises first, as before; then its own error comes. Until 2026-12-07 the 7 batches before
+    it were searched and thrown away. A file missing when the call began but there when it is
+    read is captioned with the rest."""
+    encoded = []
+    fake["backend"].on_encode = lambda images: encoded.append(len(images))
+    cap = captioner(workers, batch=4)
+    cap.overlap = overlap
+    frames = [red(i) for i in range(40)]
+    missing = tmp_path / "gone.jpg"
+    five_channels = np.zeros((8, 8, 5), np.uint8)
+    for bad, error in (
+        (str(missing), f"{missing}: no such file"),
+        (five_channels, "expected 1, 3 or 4 channels in the last axis, got 5"),
+        (red(30).astype(np.int32), "unsupported dtype int32"),
+    ):
+        with pytest.raises(InputError, match=error):
+            cap.caption_batch([*frames[:30], bad, *frames[31:]])
+        assert encoded == []
+    # an earlier photo that only decoding finds bad is still the error raised
+    with pytest.raises(InputError, match="cannot identify|not an image"):
+        cap.caption_batch([*frames[:10], b"not an image", *frames[11:30], str(missing), *frames[31:]])
+    assert encoded == []
+
+    def made_while_reading(i):  # the missing file appears while photo 10 is read
+        if i == 10 and not missing.exists():
+            Image.fromarray(red(30)).save(missing, format="PNG")
+        return 0.0
+
+    fake["delay"] = made_while_reading
+    results = cap.caption_batch([*frames[:30], str(missing), *frames[31:]])
+    assert texts(results) == [word(i) for i in range(40)]
+
+
 @pytest.mark.parametrize("on_error", ["raise", "return"])
 @pytest.mark.parametrize("workers", [0, 2])
 def test_a_source_that_fails_midway_costs_none_of_the_photos_it_gave(fake, workers, on_error):
