@@ -259,13 +259,17 @@ def sharpness(image: object) -> float | None:
     scene, not between scenes; 0.0 for a uniform frame.
 
     None where it cannot be told without decoding or at all: compressed bytes, a path, a
-    tensor, a PIL image of a mode other than RGB, RGBA or L, an array that is not (H, W) or
-    (H, W, C) numbers of at least 6 x 6 pixels, one over the pixel limit
-    (``edgecap.images.max_pixels``), or one with a NaN or an infinity."""
+    tensor, a PIL image of a mode other than RGB, RGBA or L or that cannot be decoded (cut
+    short, closed), an array that is not (H, W) or (H, W, C) numbers of at least 6 x 6 pixels,
+    one over the pixel limit (``edgecap.images.max_pixels``), or one with a NaN or an infinity.
+    It never raises: it runs in a live stream's reader thread."""
     if isinstance(image, Image.Image):
         if image.mode not in ("RGB", "RGBA", "L") or pixel_limit_problem(image.width, image.height):
             return None
-        array = np.asarray(image)
+        try:  # decodes a lazily opened image: one cut short, or closed, is the captioner's to name
+            array = np.asarray(image)
+        except Exception:  # noqa: BLE001 (OSError, ValueError, PIL's SyntaxError...)
+            return None
     elif isinstance(image, np.ndarray):
         array = image
     else:

@@ -1790,3 +1790,36 @@ def test_close_from_another_thread_does_not_caption_the_frame_an_in_order_pick_h
     assert [e.frame_index for e in stream] == [0]
     assert outcome == ["closed"] and len(fake.seen) == 1
     assert (stream.stats.frames, stream.stats.captioned) == (2, 1)
+
+
+def undecodable_pil_images() -> list[Image.Image]:
+    """PIL images that cannot be decoded: a JPEG cut short (opened lazily, as ``Image.open``
+    does) and one whose file was closed before it was read."""
+    encoded = io.BytesIO()
+    Image.fromarray(example_frames(size=(64, 48))[0]).save(encoded, "JPEG")
+    data = encoded.getvalue()
+    closed = Image.open(io.BytesIO(data))
+    closed.close()
+    return [Image.open(io.BytesIO(data[: len(data) // 2])), closed]
+
+
+@pytest.mark.parametrize("which", [0, 1], ids=["truncated", "closed"])
+def test_sharpness_of_a_pil_image_that_cannot_be_decoded_is_none(which):
+    """It is not measured (the captioner then says what is wrong with it), rather than its
+    decoder's error raised out of ``sharpness``."""
+    from edgecap.stream import sharpness
+
+    assert sharpness(undecodable_pil_images()[which]) is None
+
+
+@pytest.mark.parametrize("live", [False, True])
+def test_a_pil_image_that_cannot_be_decoded_is_an_input_error_with_pick_sharpest(captioner, live):
+    """``caption_stream(..., pick="sharpest", on_error="return")`` over a cut-short JPEG opened
+    with ``Image.open``: its event holds the captioner's InputError and the stream goes on, as
+    with pick="newest"; measuring its sharpness had raised the decoder's OSError out of the loop
+    (``image file is truncated``), ending the stream."""
+    truncated = undecodable_pil_images()[0]
+    frames = [Frame(index=0, timestamp=0.0, image=truncated)]
+    events = list(caption_stream(captioner, frames, every=1.0, live=live, pick="sharpest", on_error="return"))
+    assert [(e.frame_index, type(e.caption)) for e in events] == [(0, InputError)]
+    assert "truncated" in str(events[0].caption)
