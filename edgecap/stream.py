@@ -284,16 +284,21 @@ def sharpness(image: object) -> float | None:
     if array.dtype.kind not in "uif" or height < 6 or width < 6 or pixel_limit_problem(width, height):
         return None
     grey = channel[: height // 2 * 2, : width // 2 * 2]
-    # 8-bit frames in int16, exactly (a block's sum is at most 1020, the Laplacian within 8160):
-    # half the time float32 takes (0.6 ms for a VGA frame on one core, 1.1 ms for 1280 x 720)
-    blocks = grey[0::2, 0::2].astype(np.int16 if grey.dtype == np.uint8 else np.float32)
-    for rows, columns in ((1, 0), (0, 1), (1, 1)):
-        np.add(blocks, grey[rows::2, columns::2], out=blocks, casting="same_kind")
-    laplacian = blocks[1:-1, 1:-1] * 4
-    for neighbour in (blocks[:-2, 1:-1], blocks[2:, 1:-1], blocks[1:-1, :-2], blocks[1:-1, 2:]):
-        np.subtract(laplacian, neighbour, out=laplacian)
-    np.abs(laplacian, out=laplacian)
-    detail, spread = float(laplacian.mean(dtype=np.float64)), float(blocks.std(dtype=np.float64))
+    # a float frame with an infinity (inf - inf) or over float32's range gives NaN or an
+    # infinity, and None below, with no numpy warning on the stream's stderr
+    with np.errstate(over="ignore", invalid="ignore"):
+        # 8-bit frames in int16, exactly (a block's sum is at most 1020, the Laplacian within
+        # 8160): half the time float32 takes (0.6 ms for a VGA frame on one core, 1.1 ms for
+        # 1280 x 720)
+        blocks = grey[0::2, 0::2].astype(np.int16 if grey.dtype == np.uint8 else np.float32)
+        for rows, columns in ((1, 0), (0, 1), (1, 1)):
+            np.add(blocks, grey[rows::2, columns::2], out=blocks, casting="same_kind")
+        laplacian = blocks[1:-1, 1:-1] * 4
+        for neighbour in (blocks[:-2, 1:-1], blocks[2:, 1:-1], blocks[1:-1, :-2], blocks[1:-1, 2:]):
+            np.subtract(laplacian, neighbour, out=laplacian)
+        np.abs(laplacian, out=laplacian)
+        detail = float(laplacian.mean(dtype=np.float64))
+        spread = float(blocks.std(dtype=np.float64))
     if not (math.isfinite(detail) and math.isfinite(spread)):
         return None
     return detail / spread if spread > 0 else 0.0

@@ -1599,11 +1599,28 @@ def test_a_blurred_frame_is_less_sharp_than_the_same_frame_sharp():
         np.zeros((8, 8, 5), np.uint8),
         np.zeros((8, 8), bool),
         np.full((8, 8), np.nan, np.float32),
+        np.pad(np.full((1, 1), np.inf), 4),  # one infinite pixel: inf - inf in the Laplacian
+        np.pad(np.full((1, 1, 3), -np.inf, np.float32), ((4, 4), (4, 4), (0, 0))),
+        np.pad(np.full((2, 2), 1e300), 4),  # finite, but not as float32
         np.array([["a"] * 8] * 8),
         Image.new("P", (8, 8)),
         None,
     ],
-    ids=["bytes", "path", "small", "4-d", "5-channels", "bool", "nan", "strings", "palette", "none"],
+    ids=[
+        "bytes",
+        "path",
+        "small",
+        "4-d",
+        "5-channels",
+        "bool",
+        "nan",
+        "inf",
+        "-inf",
+        "over-float32",
+        "strings",
+        "palette",
+        "none",
+    ],
 )
 def test_sharpness_that_cannot_be_told_is_none(image):
     """None, and no numpy warning (a 5 x 5 frame would have had no inner 2 x 2 block: the
