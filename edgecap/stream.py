@@ -33,9 +33,10 @@ blurred frames give way to a sharp one taken a moment before; a caption is then 
 caption's time older than the newest frame, as it is up to one caption's time behind the camera
 either way); in an in-order stream with ``every``, all the frames of one interval (its pick is
 captioned once the next interval begins or the source ends). Frames that cannot be measured
-without decoding (compressed bytes, paths; ``sharpness``) are taken as with "newest". Of frames
-about as sharp (within ``SHARPER_BY``), the newest wins, so a still camera's captions are as fresh
-as without the pick.
+without decoding (compressed bytes, paths; ``sharpness``) are taken as with "newest"; a frame that
+cannot be captioned at all (None, a recording's ``InputError``) only when no other frame competes
+with it. Of frames about as sharp (within ``SHARPER_BY``), the newest wins, so a still camera's
+captions are as fresh as without the pick.
 
 ``every=SECONDS`` samples at most one frame per interval of frame time, on a grid that starts at
 the first frame's timestamp: for a video, one frame per ``every`` seconds of video time. A frame
@@ -304,13 +305,25 @@ def sharpness(image: object) -> float | None:
     return detail / spread if spread > 0 else 0.0
 
 
+# The score of a frame that cannot be captioned at all (None from a failed read, a recording's
+# frame whose image is its InputError): under any other frame's.
+_UNUSABLE = -math.inf
+
+
+def _score(image: object) -> float | None:
+    """``sharpness``, or ``_UNUSABLE`` for a frame that cannot be captioned at all."""
+    return _UNUSABLE if image is None or isinstance(image, InputError) else sharpness(image)
+
+
 class _Sharpest:
-    """``pick="sharpest"``: which of the frames that compete for one caption is captioned. The
-    first is held; a newer one takes its place unless its ``sharpness`` is under ``SHARPER_BY``
-    of the sharpest of them so far, so the frame held is never much blurrier than the sharpest
-    and, of frames about as sharp, it is the newest. A frame whose sharpness cannot be told
-    (None) takes the place of any, as a newer frame does without the pick, and one that can
-    then takes its place."""
+    """``pick="sharpest"``: which of the frames that compete for one caption is captioned, by
+    their ``_score``. The first is held; a newer one takes its place unless its ``sharpness``
+    is under ``SHARPER_BY`` of the sharpest of them so far, so the frame held is never much
+    blurrier than the sharpest and, of frames about as sharp, it is the newest. A frame whose
+    sharpness cannot be told (None) takes the place of any, as a newer frame does without the
+    pick, and one that can then takes its place. A frame that cannot be captioned at all takes
+    the place of none but another such frame (it is captioned, saying what is wrong, only when
+    nothing else competed with it); any other frame takes its place."""
 
     def __init__(self) -> None:
         self.sharpest: float | None = None
@@ -319,12 +332,15 @@ class _Sharpest:
         self.sharpest = score
 
     def replaces(self, score: float | None) -> bool:
-        if score is None or self.sharpest is None:
+        held = self.sharpest
+        if score == _UNUSABLE and held != _UNUSABLE:
+            return False
+        if score is None or held is None:
             self.sharpest = score
             return True
-        if score < SHARPER_BY * self.sharpest:
+        if score < SHARPER_BY * held:
             return False
-        self.sharpest = max(self.sharpest, score)
+        self.sharpest = max(held, score)
         return True
 
 
@@ -524,7 +540,7 @@ class CaptionStream(Generic[_C]):
             # begins (or the source ends), the others count as skipped, as they would have
             pick, held = _Sharpest(), None
             for frame, read_at, taken in reader:
-                score = sharpness(frame.image)
+                score = _score(frame.image)
                 if taken:
                     if held is not None:
                         yield self._caption(*held, 0)
@@ -593,7 +609,7 @@ class CaptionStream(Generic[_C]):
                 # source that refills one buffer (a camera SDK's frame pool) would otherwise change
                 # this frame while it waits for the captioner, or while it is captioned
                 item = _own_pixels(frame), read_at
-                score = sharpness(item[0].image) if pick is not None else None
+                score = _score(item[0].image) if pick is not None else None
                 with self._lock:
                     if state.frame is None:
                         if pick is not None:

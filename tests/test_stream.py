@@ -1840,3 +1840,33 @@ def test_a_pil_image_that_cannot_be_decoded_is_an_input_error_with_pick_sharpest
     events = list(caption_stream(captioner, frames, every=1.0, live=live, pick="sharpest", on_error="return"))
     assert [(e.frame_index, type(e.caption)) for e in events] == [(0, InputError)]
     assert "truncated" in str(events[0].caption)
+
+
+def test_pick_sharpest_never_takes_a_frame_that_cannot_be_captioned_over_one_that_can():
+    """pick="sharpest": a frame that cannot be captioned at all (None from a failed camera read,
+    a recording's frame whose ``image`` is its InputError) is no competitor for one that can: a
+    live stream keeps the sharp frame that arrived before it, and an in-order interval's usable
+    frame is captioned rather than the stream raising the bad frame's InputError. Such a frame
+    is still captioned when no usable frame competes with it (its error is not hidden), and a
+    usable frame after it takes its place."""
+    photo = example_frames()[0]
+    sharp = with_noise(photo, 0)
+    bad = InputError("/camera at 0.300s", "cannot decode the frame")
+    assert burst_while_busy([sharp, sharp, None], "sharpest")[0] == [(0, 0), (1, 1)]
+    assert burst_while_busy([sharp, sharp, bad], "sharpest")[0] == [(0, 0), (1, 1)]
+    assert burst_while_busy([sharp, b"jpeg", None], "sharpest")[0] == [(0, 0), (1, 1)]  # unmeasured
+    assert burst_while_busy([sharp, None, sharp], "sharpest")[0] == [(0, 0), (2, 1)]
+    assert burst_while_busy([sharp, sharp, None], "newest")[0] == [(0, 0), (2, 1)]  # as before
+    images_ = [sharp, bad, None, bad, sharp, None]
+    times = [0.0, 0.2, 0.5, 0.7, 1.0, 1.2]  # every=0.5: frames 0-1, 2-3 and 4-5 compete
+    frames = [Frame(index=i, timestamp=t, image=image) for i, (t, image) in enumerate(zip(times, images_))]
+    stream = caption_stream(
+        PickyCaptioner(), frames, every=0.5, live=False, pick="sharpest", on_error="return"
+    )
+    events = list(stream)
+    assert [(e.frame_index, isinstance(e.caption, InputError)) for e in events] == [
+        (0, False),
+        (3, True),
+        (4, False),
+    ]
+    assert (stream.stats.captioned, stream.stats.failed, stream.stats.skipped) == (2, 1, 3)
