@@ -33,10 +33,11 @@ blurred frames give way to a sharp one taken a moment before; a caption is then 
 caption's time older than the newest frame, as it is up to one caption's time behind the camera
 either way); in an in-order stream with ``every``, all the frames of one interval (its pick is
 captioned once the next interval begins or the source ends). Frames that cannot be measured
-without decoding (compressed bytes, paths; ``sharpness``) are taken as with "newest"; a frame that
-cannot be captioned at all (None, a recording's ``InputError``) only when no other frame competes
-with it. Of frames about as sharp (within ``SHARPER_BY``), the newest wins, so a still camera's
-captions are as fresh as without the pick.
+without decoding (compressed bytes, paths; ``sharpness``) are taken as with "newest" (in order, an
+interval of them has its first captioned); a frame that cannot be captioned at all (None, a
+recording's ``InputError``) only when no other frame competes with it. Of frames about as sharp
+(within ``SHARPER_BY``), the newest wins, so a still camera's captions are as fresh as without the
+pick.
 
 ``every=SECONDS`` samples at most one frame per interval of frame time, on a grid that starts at
 the first frame's timestamp: for a video, one frame per ``every`` seconds of video time. A frame
@@ -320,12 +321,14 @@ class _Sharpest:
     their ``_score``. The first is held; a newer one takes its place unless its ``sharpness``
     is under ``SHARPER_BY`` of the sharpest of them so far, so the frame held is never much
     blurrier than the sharpest and, of frames about as sharp, it is the newest. A frame whose
-    sharpness cannot be told (None) takes the place of any, as a newer frame does without the
-    pick, and one that can then takes its place. A frame that cannot be captioned at all takes
-    the place of none but another such frame (it is captioned, saying what is wrong, only when
-    nothing else competed with it); any other frame takes its place."""
+    sharpness cannot be told (None) is taken as without the pick: live (``newest``), it takes
+    the place of any, and one that can be told then takes its place; in order, it takes none's
+    (an interval of such frames has its first captioned). A frame that cannot be captioned at
+    all takes the place of none but another such frame (it is captioned, saying what is wrong,
+    only when nothing else competed with it); any other frame takes its place."""
 
-    def __init__(self) -> None:
+    def __init__(self, newest: bool) -> None:
+        self.newest = newest  # a frame not measured takes the held one's place (live)
         self.sharpest: float | None = None
 
     def first(self, score: float | None) -> None:
@@ -334,6 +337,8 @@ class _Sharpest:
     def replaces(self, score: float | None) -> bool:
         held = self.sharpest
         if score == _UNUSABLE and held != _UNUSABLE:
+            return False
+        if score is None and not self.newest and held != _UNUSABLE:
             return False
         if score is None or held is None:
             self.sharpest = score
@@ -538,7 +543,7 @@ class CaptionStream(Generic[_C]):
                 return
             # every= seconds' frames compete: the one picked is captioned once the next interval
             # begins (or the source ends), the others count as skipped, as they would have
-            pick, held = _Sharpest(), None
+            pick, held = _Sharpest(newest=False), None
             for frame, read_at, taken in reader:
                 score = _score(frame.image)
                 if taken:
@@ -602,7 +607,7 @@ class CaptionStream(Generic[_C]):
                 self._ended = time.perf_counter()
 
     def _reader_thread(self, state: _Latest) -> None:
-        pick = _Sharpest() if self.pick == "sharpest" else None
+        pick = _Sharpest(newest=True) if self.pick == "sharpest" else None
         try:
             for frame, read_at, _ in self._read():
                 # the frame's own pixels, taken before the source is asked for the next frame: a

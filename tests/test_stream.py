@@ -1870,3 +1870,24 @@ def test_pick_sharpest_never_takes_a_frame_that_cannot_be_captioned_over_one_tha
         (4, False),
     ]
     assert (stream.stats.captioned, stream.stats.failed, stream.stats.skipped) == (2, 1, 3)
+
+
+def test_an_in_order_interval_of_frames_not_measured_captions_its_first_as_without_the_pick():
+    """Compressed frames (a recording's compressed images, JPEG bytes) are not measured, so they
+    are taken as without the pick: in order, each interval's first frame, not its last (its
+    caption up to an interval later in the video than pick="newest"'s); a sharp array after a
+    frame not measured still takes its place, and a frame not measured does not take a sharp
+    one's."""
+    sharp = with_noise(example_frames()[0], 0)
+    times = [0.0, 0.2, 0.4, 0.5, 0.7, 1.0, 1.2]  # every=0.5: frames 0-2, 3-4 and 5-6 compete
+    images_ = [b"jpeg 0", b"jpeg 1", b"jpeg 2", b"jpeg 3", sharp, sharp, b"jpeg 6"]
+    frames = [Frame(index=i, timestamp=t, image=image) for i, (t, image) in enumerate(zip(times, images_))]
+    picked = [
+        e.frame_index for e in caption_stream(FakeCaptioner(), frames, every=0.5, live=False, pick="sharpest")
+    ]
+    assert picked == [0, 4, 5]
+    assert [e.frame_index for e in caption_stream(FakeCaptioner(), frames, every=0.5, live=False)] == [
+        0,
+        3,
+        5,
+    ]
