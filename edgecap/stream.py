@@ -543,8 +543,16 @@ class CaptionStream(Generic[_C]):
                 return
             # every= seconds' frames compete: the one picked is captioned once the next interval
             # begins (or the source ends), the others count as skipped, as they would have
-            pick, held = _Sharpest(newest=False), None
-            for frame, read_at, taken in reader:
+            pick, held, failure = _Sharpest(newest=False), None, None
+            while True:
+                try:
+                    frame, read_at, taken = next(reader)
+                except StopIteration:
+                    break
+                except Exception as exc:  # the source failed (a video cut short): raised once the
+                    # interval's pick is captioned, as the frames read before it are without the pick
+                    failure = exc
+                    break
                 score = _score(frame.image)
                 if taken:
                     if held is not None:
@@ -555,6 +563,8 @@ class CaptionStream(Generic[_C]):
                 held = _own_pixels(frame), read_at  # held while the source reads the next frames
             if held is not None and not self._stop.is_set():
                 yield self._caption(*held, 0)
+            if failure is not None:
+                raise failure
         finally:
             reader.close()
             self._end()

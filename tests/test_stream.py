@@ -1891,3 +1891,22 @@ def test_an_in_order_interval_of_frames_not_measured_captions_its_first_as_witho
         3,
         5,
     ]
+
+
+def test_an_in_order_pick_is_captioned_before_the_error_that_ends_its_source():
+    """A video cut short raises its InputError after its readable frames (``video_frames``):
+    with pick="sharpest" the last interval's pick is captioned before the error is raised, as
+    every frame read before it is without the pick and as a live stream's frame read before it
+    is; it had been lost (frames 1 and 3 captioned, not 4)."""
+    photo = example_frames()[0]
+
+    def source():
+        for i in range(5):  # every=0.5: frames 0-1 (0.0, 0.3 s), 2-3 (0.6, 0.9 s), 4 (1.2 s)
+            yield Frame(index=i, timestamp=i * 0.3, image=with_noise(photo, i))
+        raise InputError("clip.avi", "ends after 5 of its 10 frames")
+
+    got = []
+    with pytest.raises(InputError, match="ends after 5 of its 10 frames"):
+        for event in caption_stream(FakeCaptioner(), source(), every=0.5, live=False, pick="sharpest"):
+            got.append(event.frame_index)
+    assert got == [1, 3, 4]
