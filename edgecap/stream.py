@@ -290,8 +290,8 @@ def sharpness(image: object) -> float | None:
     # infinity, and None below, with no numpy warning on the stream's stderr
     with np.errstate(over="ignore", invalid="ignore"):
         # 8-bit frames in int16, exactly (a block's sum is at most 1020, the Laplacian within
-        # 8160): half the time float32 takes (0.6 ms for a VGA frame on one core, 1.1 ms for
-        # 1280 x 720)
+        # 8160): about half the time float32 takes (benchmarks/sharpest.py: 0.6 ms for a VGA
+        # frame on one core, 1.8 ms for 1280 x 720)
         blocks = grey[0::2, 0::2].astype(np.int16 if grey.dtype == np.uint8 else np.float32)
         for rows, columns in ((1, 0), (0, 1), (1, 1)):
             np.add(blocks, grey[rows::2, columns::2], out=blocks, casting="same_kind")
@@ -336,11 +336,14 @@ class _Sharpest:
 
     def replaces(self, score: float | None) -> bool:
         held = self.sharpest
-        if score == _UNUSABLE and held != _UNUSABLE:
+        if held == _UNUSABLE:  # any frame takes the place of one that cannot be captioned ...
+            self.sharpest = score
+            return True
+        if score == _UNUSABLE:  # ... and one that cannot takes no other's
             return False
-        if score is None and not self.newest and held != _UNUSABLE:
-            return False
-        if score is None or held is None:
+        if score is None or held is None:  # not measured: as without the pick
+            if score is None and not self.newest:  # in order: the interval's first is kept
+                return False
             self.sharpest = score
             return True
         if score < SHARPER_BY * held:
@@ -537,37 +540,44 @@ class CaptionStream(Generic[_C]):
         sharpest = self.pick == "sharpest"
         reader = self._read(skipped=sharpest)
         try:
-            if not sharpest:
+            if sharpest:
+                yield from self._sharpest_of_each_interval(reader)
+            else:
                 for frame, read_at, _ in reader:
                     yield self._caption(frame, read_at, 0)
-                return
-            # every= seconds' frames compete: the one picked is captioned once the next interval
-            # begins (or the source ends), the others count as skipped, as they would have
-            pick, held, failure = _Sharpest(newest=False), None, None
-            while True:
-                try:
-                    frame, read_at, taken = next(reader)
-                except StopIteration:
-                    break
-                except Exception as exc:  # the source failed (a video cut short): raised once the
-                    # interval's pick is captioned, as the frames read before it are without the pick
-                    failure = exc
-                    break
-                score = _score(frame.image)
-                if taken:
-                    if held is not None:
-                        yield self._caption(*held, 0)
-                    pick.first(score)
-                elif held is None or not pick.replaces(score):
-                    continue
-                held = _own_pixels(frame), read_at  # held while the source reads the next frames
-            if held is not None and not self._stop.is_set():
-                yield self._caption(*held, 0)
-            if failure is not None:
-                raise failure
         finally:
             reader.close()
             self._end()
+
+    def _sharpest_of_each_interval(
+        self, reader: Iterator[tuple[Frame, float, bool]]
+    ) -> Generator[StreamEvent, None, None]:
+        """In order with ``pick="sharpest"``: every= seconds' frames compete (``reader`` gives
+        those sampling skips too); the one picked is captioned once the next interval begins or
+        the source ends, the others count as skipped, as they would have. A source that fails (a
+        video cut short) has its error raised after the last interval's pick is captioned, as
+        the frames read before it are without the pick."""
+        pick, held, failure = _Sharpest(newest=False), None, None
+        while True:
+            try:
+                frame, read_at, taken = next(reader)
+            except StopIteration:
+                break
+            except Exception as exc:  # noqa: BLE001 (raised below, once the pick is captioned)
+                failure = exc
+                break
+            score = _score(frame.image)
+            if taken:  # an interval begins (the first frame read is always taken)
+                if held is not None:
+                    yield self._caption(*held, 0)
+                pick.first(score)
+            elif not pick.replaces(score):
+                continue
+            held = _own_pixels(frame), read_at  # held while the source reads the next frames
+        if held is not None and not self._stop.is_set():
+            yield self._caption(*held, 0)
+        if failure is not None:
+            raise failure
 
     # -- live: a reader thread keeps the newest frame ----------------------------------------
     def _live(self) -> Generator[StreamEvent, None, None]:
