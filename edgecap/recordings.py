@@ -575,6 +575,25 @@ def message_image(msg, compressed: bool, name: str) -> tuple[int, np.ndarray | b
 def raw_to_rgb(msg, name: str) -> np.ndarray:
     """A ``sensor_msgs/Image`` (any object with its fields) -> RGB uint8 (H, W, 3); ``InputError``
     naming the frame for an unknown encoding or data of the wrong size."""
+    encoding, pixels = _raw_pixels(msg, name)
+    # one block, as before the view was shared: rows padded past their pixels, or 16-bit pixels
+    # off their alignment (an odd step), are copied
+    pixels = np.ascontiguousarray(pixels)
+    if encoding in BAYER:
+        pixels = demosaic_half(pixels[:, :, 0], BAYER[encoding][0], name)
+    elif encoding in YUV422:
+        height, width, _ = pixels.shape
+        return yuv422_to_rgb(pixels.reshape(height, width * 2), YUV422[encoding], name)
+    return array_to_rgb(pixels, RAW_ENCODINGS[encoding][2] if encoding in RAW_ENCODINGS else "rgb", name)
+
+
+def _raw_pixels(msg, name: str) -> tuple[str, np.ndarray]:
+    """A ``sensor_msgs/Image``'s (encoding, lower case; its pixels (H, W, C) in the encoding's
+    dtype and byte order, C 2 for YUV 4:2:2's byte pairs): a view of ``msg.data`` where that is
+    a buffer (bytes, bytearray, rclpy's array.array, an array), its rows ``step`` bytes apart,
+    nothing copied. ``InputError`` naming the frame for no pixels, too many, a depth image, an
+    unknown encoding or data of the wrong size; a field that is not what it should be raises
+    what reading it raises (AttributeError, TypeError, ValueError, OverflowError)."""
     encoding = str(msg.encoding).strip().lower()
     height, width, step = int(msg.height), int(msg.width), int(msg.step)
     if height < 1 or width < 1:
@@ -585,11 +604,11 @@ def raw_to_rgb(msg, name: str) -> np.ndarray:
     if encoding in DEPTH:
         raise InputError(name, f"a depth image ({msg.encoding}), not a picture to caption")
     if encoding in RAW_ENCODINGS:
-        channels, dtype, color = RAW_ENCODINGS[encoding]
+        channels, dtype, _ = RAW_ENCODINGS[encoding]
     elif encoding in BAYER:
-        channels, dtype, color = 1, BAYER[encoding][1], "rgb"
+        channels, dtype = 1, BAYER[encoding][1]
     elif encoding in YUV422:
-        channels, dtype, color = 2, np.uint8, "rgb"
+        channels, dtype = 2, np.uint8
     else:
         known = sorted([*RAW_ENCODINGS, *BAYER, *YUV422])
         raise InputError(name, f"unknown image encoding {msg.encoding!r} (known: {', '.join(known)})")
@@ -612,13 +631,32 @@ def raw_to_rgb(msg, name: str) -> np.ndarray:
             f"data is {data.size:,} bytes, but {width}x{height} "
             f"{msg.encoding} with step {step} needs {step * height:,}",
         )
+    # each row's pixels as the dtype (a view: its bytes are contiguous, the rows step apart)
     rows = data.reshape(height, step)[:, :row_bytes]
-    pixels = np.ascontiguousarray(rows).view(dtype).reshape(height, width, channels)
-    if encoding in BAYER:
-        pixels = demosaic_half(pixels[:, :, 0], BAYER[encoding][0], name)
-    elif encoding in YUV422:
-        return yuv422_to_rgb(pixels.reshape(height, width * 2), YUV422[encoding], name)
-    return array_to_rgb(pixels, color, name)
+    return encoding, rows.view(dtype).reshape(height, width, channels)
+
+
+def raw_sharpness_view(msg) -> np.ndarray | None:
+    """A raw ``sensor_msgs/Image``'s pixels as ``edgecap.stream.sharpness`` measures them, without
+    converting it: a view of its bytes (nothing copied where ``data`` is a buffer: bytes,
+    bytearray, rclpy's array.array). rgb8, bgr8, rgba8, bgra8 (8UC3, 8UC4) and their 16-bit
+    kinds as (H, W, C), which ``sharpness`` reads the green channel of (channel 1, in either
+    order); mono8 / mono16 / 8UC1 and the Bayer mosaics as (H, W) (a 2x2 block of a Bayer
+    mosaic, which ``sharpness`` sums, is R + 2 G + B: a luminance); YUV 4:2:2 as its Y bytes
+    (H, W), a strided view. 16-bit pixels in their own byte order. None for anything else: a
+    depth or unknown encoding, data of the wrong size, an odd width of YUV 4:2:2, a message
+    lacking the fields (a compressed one); it never raises (it runs in a live stream's reader
+    thread, for every frame)."""
+    try:
+        encoding, pixels = _raw_pixels(msg, "frame")
+    except Exception:  # noqa: BLE001 (InputError, or a field that is not what it should be)
+        return None
+    if encoding in YUV422:
+        if pixels.shape[1] % 2:  # yuv422_to_rgb refuses it: not a picture to measure either
+            return None
+        # the byte pairs: (U, Y), (V, Y) in UYVY; (Y, U), (Y, V) in YUYV
+        return pixels[:, :, 1 if YUV422[encoding] == "uyvy" else 0]
+    return pixels[:, :, 0] if pixels.shape[2] == 1 else pixels
 
 
 def demosaic_half(mosaic: np.ndarray, pattern: str, name: str) -> np.ndarray:

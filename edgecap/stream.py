@@ -37,7 +37,9 @@ without decoding (compressed bytes, paths; ``sharpness``) are taken as with "new
 interval of them has its first captioned); a frame that cannot be captioned at all (None, a
 recording's ``InputError``) only when no other frame competes with it. Of frames about as sharp
 (within ``SHARPER_BY``), the newest wins, so a still camera's captions are as fresh as without the
-pick.
+pick. A ``Frame`` may carry its ``sharpness``, measured by its source where that is cheaper than
+the stream could (the ROS 2 node measures a raw message's own bytes, not converting it): the stream
+takes it and does not measure the image.
 
 ``every=SECONDS`` samples at most one frame per interval of frame time, on a grid that starts at
 the first frame's timestamp: for a video, one frame per ``every`` seconds of video time. A frame
@@ -134,20 +136,27 @@ __all__ = [
 @dataclass(frozen=True)
 class Frame:
     """One frame of a stream. ``timestamp``: seconds (video time for a file, seconds since the
-    camera opened for a camera); ``color``: the channel order of ``image`` when it is an array."""
+    camera opened for a camera); ``color``: the channel order of ``image`` when it is an array.
+    ``sharpness``: the frame's ``sharpness`` where its source already knows it (the ROS 2 node
+    measures a raw message's pixels without converting it): ``pick="sharpest"`` then takes it
+    rather than measuring ``image`` (None: measured as the image is; a NaN or an infinity counts
+    as not measured)."""
 
     index: int
     timestamp: float
     image: ImageInput | InputError  # an InputError: a recording's frame that cannot be used
     color: str = "rgb"
     name: str | None = None  # how an error names the frame (None: as the captioner names the image)
+    sharpness: float | None = None
 
     def __repr__(self) -> str:
         # the image named (``<bytes (N bytes)>``, ``<array (480, 640, 3) uint8>``), not written
         # out: a compressed frame's repr had been all its bytes (1.2 MB for a 300 KB JPEG)
         return (
             f"Frame(index={self.index!r}, timestamp={self.timestamp!r}, image={shown_in_repr(self.image)}, "
-            f"color={self.color!r}, name={self.name!r})"
+            f"color={self.color!r}, name={self.name!r}"
+            + ("" if self.sharpness is None else f", sharpness={self.sharpness!r}")
+            + ")"
         )
 
 
@@ -311,9 +320,16 @@ def sharpness(image: object) -> float | None:
 _UNUSABLE = -math.inf
 
 
-def _score(image: object) -> float | None:
-    """``sharpness``, or ``_UNUSABLE`` for a frame that cannot be captioned at all."""
-    return _UNUSABLE if image is None or isinstance(image, InputError) else sharpness(image)
+def _score(frame: Frame) -> float | None:
+    """The frame's ``sharpness`` (the one it carries where its source gave one: its image is
+    not measured), or ``_UNUSABLE`` for a frame that cannot be captioned at all."""
+    if frame.image is None or isinstance(frame.image, InputError):
+        return _UNUSABLE
+    if frame.sharpness is None:
+        return sharpness(frame.image)
+    # a NaN or an infinity given (a score of its own a source got wrong) as not measured: NaN
+    # compares false with every score, and -inf is _UNUSABLE's
+    return float(frame.sharpness) if math.isfinite(frame.sharpness) else None
 
 
 class _Sharpest:
@@ -566,7 +582,7 @@ class CaptionStream(Generic[_C]):
             except Exception as exc:  # noqa: BLE001 (raised below, once the pick is captioned)
                 failure = exc
                 break
-            score = _score(frame.image)
+            score = _score(frame)
             if taken:  # an interval begins (the first frame read is always taken)
                 if held is not None:
                     yield self._caption(*held, 0)
@@ -634,7 +650,7 @@ class CaptionStream(Generic[_C]):
                 # source that refills one buffer (a camera SDK's frame pool) would otherwise change
                 # this frame while it waits for the captioner, or while it is captioned
                 item = _own_pixels(frame), read_at
-                score = _score(item[0].image) if pick is not None else None
+                score = _score(item[0]) if pick is not None else None
                 with self._lock:
                     if state.frame is None:
                         if pick is not None:

@@ -6,12 +6,14 @@ copies read back with rosbags' own reader. Expected captions come from ``Caption
 
 from __future__ import annotations
 
+import array
 import errno
 import json
 import os
 import re
 import subprocess
 from pathlib import Path
+from types import SimpleNamespace
 
 import numpy as np
 import pytest
@@ -29,6 +31,7 @@ from rosbags.typesys import Stores, get_typestore
 from edgecap import Captioner, images
 from edgecap.commands.output import caption_record
 from edgecap.errors import InputError
+from edgecap.stream import sharpness
 from edgecap.recordings import (
     RecordingBrokeOff,
     RecordingError,
@@ -36,6 +39,7 @@ from edgecap.recordings import (
     kind_of,
     open_recording,
     output_problem,
+    raw_sharpness_view,
     raw_to_rgb,
     seconds_text,
     write_captions,
@@ -730,6 +734,129 @@ def test_wrong_sizes_are_input_errors():
         )
         with pytest.raises(InputError, match=problem):
             raw_to_rgb(message, "/t at 0")
+
+
+# -- a raw frame measured without converting it (the ROS 2 node's pick="sharpest") -------------
+def plain_msg(encoding: str, pixels: np.ndarray, step: int | None = None, bigendian: bool = False):
+    """A sensor_msgs/Image as a live topic hands it over (any object with the fields), its data
+    a bytearray: a buffer the test can write to."""
+    msg = image_msg(store_for("mcap"), encoding, pixels, T0, step=step, bigendian=bigendian)
+    return SimpleNamespace(**{**vars(msg), "data": bytearray(msg.data.tobytes())})
+
+
+def block_luminance(mosaic: np.ndarray) -> np.ndarray:
+    """A float frame whose every 2x2 block holds a quarter of the mosaic's block sum: the same
+    block sums, which is all ``sharpness`` reads."""
+    h, w = mosaic.shape
+    sums = mosaic.astype(np.float64).reshape(h // 2, 2, w // 2, 2).sum(axis=(1, 3))
+    return np.repeat(np.repeat(sums / 4, 2, axis=0), 2, axis=1)
+
+
+def test_a_raw_frame_is_measured_on_a_view_of_its_own_bytes():
+    """``raw_sharpness_view``: the pixels ``sharpness`` measures, as a view of the message's bytes
+    (writing to them changes the view: nothing was copied), giving the sharpness of the frame
+    converted. rgb8 / bgr8 / rgba8 / bgra8 as (H, W, C), whose channel 1 is green in either order;
+    rows padded past their pixels; mono8 as (H, W); 16 bits in both byte orders; a Bayer mosaic
+    as (H, W), whose 2x2 blocks sum R + 2 G + B; YUV 4:2:2 as its Y bytes, strided."""
+    want = sharpness(CHELSEA)
+    rgba = np.dstack([CHELSEA, np.full(GRAY.shape, 255, np.uint8)])
+    for encoding, pixels, step in (
+        ("rgb8", CHELSEA, None),
+        ("bgr8", CHELSEA[:, :, ::-1], None),
+        ("rgba8", rgba, None),
+        ("bgra8", rgba[:, :, [2, 1, 0, 3]], None),
+        ("8UC3", CHELSEA[:, :, ::-1], None),
+        ("rgb8", CHELSEA, CHELSEA.shape[1] * 3 + 32),
+    ):
+        msg = plain_msg(encoding, pixels, step)
+        view = raw_sharpness_view(msg)
+        assert view.shape == pixels.shape and np.array_equal(view, pixels)
+        assert sharpness(view) == want, encoding
+        msg.data[1] ^= 0xFF  # the first pixel's green, in the message's own bytes
+        assert view[0, 0, 1] == pixels[0, 0, 1] ^ 0xFF
+    assert not raw_sharpness_view(plain_msg("rgb8", CHELSEA, CHELSEA.shape[1] * 3 + 32)).flags.c_contiguous
+
+    for encoding in ("mono8", "8UC1"):
+        view = raw_sharpness_view(plain_msg(encoding, GRAY))
+        assert view.shape == GRAY.shape and np.array_equal(view, GRAY)
+        assert sharpness(view) == sharpness(GRAY)
+
+    wide = GRAY.astype(np.uint16) * 256 + 3  # the two bytes differ: a swap changes the value
+    for pixels, bigendian in ((wide, False), (wide.astype(">u2"), True)):
+        view = raw_sharpness_view(plain_msg("mono16", pixels, bigendian=bigendian))
+        assert view.dtype.kind == "u" and np.array_equal(view, wide)
+        assert sharpness(view) == pytest.approx(sharpness(wide.astype(np.float64)), rel=1e-6)
+    rgb16 = CHELSEA.astype(np.uint16) * 257
+    view = raw_sharpness_view(plain_msg("bgr16", rgb16[:, :, ::-1].astype(">u2"), bigendian=True))
+    assert np.array_equal(view[:, :, 1], rgb16[:, :, 1])
+
+    mosaic = np.zeros((120, 160), np.uint8)  # RGGB, from the photo's own channels
+    mosaic[0::2, 0::2] = CHELSEA[0::2, 0::2, 0]
+    mosaic[0::2, 1::2] = CHELSEA[0::2, 1::2, 1]
+    mosaic[1::2, 0::2] = CHELSEA[1::2, 0::2, 1]
+    mosaic[1::2, 1::2] = CHELSEA[1::2, 1::2, 2]
+    for encoding, pixels in (("bayer_rggb8", mosaic), ("bayer_gbrg16", mosaic.astype(np.uint16) * 257)):
+        view = raw_sharpness_view(plain_msg(encoding, pixels))
+        assert view.shape == (120, 160) and np.array_equal(view, pixels)
+        assert sharpness(view) == pytest.approx(sharpness(block_luminance(pixels)), rel=1e-6)
+
+    y = GRAY[:, :160]
+    chroma = np.random.default_rng(0).integers(16, 240, (120, 160), dtype=np.uint8)
+    for encoding, order in (("yuv422", "uyvy"), ("uyvy", "uyvy"), ("yuv422_yuy2", "yuyv"), ("YUYV", "yuyv")):
+        pairs = np.dstack([chroma, y] if order == "uyvy" else [y, chroma])  # (U|V, Y) or (Y, U|V)
+        msg = plain_msg(encoding, pairs)
+        view = raw_sharpness_view(msg)
+        assert view.shape == (120, 160) and np.array_equal(view, y)
+        assert sharpness(view) == sharpness(y)
+        msg.data[1 if order == "uyvy" else 0] ^= 0xFF  # the first Y byte
+        assert view[0, 0] == y[0, 0] ^ 0xFF
+
+
+@pytest.mark.parametrize("kind", ["array", "bytes", "bytearray", "ndarray"])
+def test_a_raw_frame_view_copies_none_of_the_data_as_rclpy_or_a_recording_gives_it(kind):
+    """The message's data as rclpy gives it (array.array), bytes, a bytearray or an array: the
+    view is of that memory."""
+    msg = plain_msg("bgr8", CHELSEA[:, :, ::-1])
+    raw = bytes(msg.data)
+    msg.data = {
+        "array": array.array("B", raw),
+        "bytes": raw,
+        "bytearray": bytearray(raw),
+        "ndarray": np.frombuffer(raw, np.uint8),
+    }[kind]
+    view = raw_sharpness_view(msg)
+    assert np.shares_memory(view, np.frombuffer(msg.data, np.uint8))
+    assert sharpness(view) == sharpness(CHELSEA)
+
+
+def test_a_raw_frame_that_cannot_be_measured_as_it_is_has_no_view():
+    """None, never an error (it runs in the live stream's reader thread, for every frame): a
+    compressed message, a depth or unknown encoding, data of the wrong size, rows shorter than
+    their pixels, no pixels, YUV 4:2:2 of an odd width, a message lacking fields or with a field
+    of the wrong kind, a frame over the pixel limit."""
+    store = store_for("mcap")
+
+    def changed(**fields):
+        return SimpleNamespace(**{**vars(plain_msg("rgb8", CHELSEA)), **fields})
+
+    cases = [
+        compressed_msg(store, "jpeg", encoded_bytes(CHELSEA, "JPEG"), T0),
+        plain_msg("16UC1", GRAY.astype(np.uint16)),
+        plain_msg("32FC1", GRAY.astype(np.float32)),
+        changed(encoding="weird"),
+        changed(data=bytearray(100)),
+        changed(step=100),
+        changed(width=0, step=0, data=bytearray()),
+        changed(height="tall"),
+        changed(data=None),
+        SimpleNamespace(header=None),
+        plain_msg("uyvy", np.full((2, 3, 2), 128, np.uint8)),
+    ]
+    for msg in cases:
+        assert raw_sharpness_view(msg) is None
+    assert raw_sharpness_view(plain_msg("rgb8", CHELSEA)) is not None
+    images.set_max_pixels(160 * 120 - 1)  # (conftest restores the limit)
+    assert raw_sharpness_view(plain_msg("rgb8", CHELSEA)) is None
 
 
 def test_missing_rosbags_names_the_extra(monkeypatch, tmp_path):

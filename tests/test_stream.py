@@ -1893,6 +1893,57 @@ def test_an_in_order_interval_of_frames_not_measured_captions_its_first_as_witho
     ]
 
 
+def test_frames_that_carry_their_sharpness_are_picked_by_it_and_not_measured(monkeypatch):
+    """``Frame.sharpness``: a score the source already knows (the ROS 2 node's, measured on a
+    raw message's own bytes) is the frame's, and ``sharpness`` is never called: here the given
+    scores rank the frames the other way round from their pixels, and the pick follows the
+    scores, live and in order. A frame that cannot be captioned at all (None) stays unusable
+    whatever score it carries; a NaN given counts as not measured."""
+    import edgecap.stream as stream_module
+
+    def not_measured(image):
+        raise AssertionError("a frame that carries its sharpness was measured")
+
+    monkeypatch.setattr(stream_module, "sharpness", not_measured)
+    photo = example_frames()[0]
+    sharp, blurred = with_noise(photo, 0), motion_blurred(with_noise(photo, 1))
+
+    def frames(*scored):
+        return [
+            Frame(index=i, timestamp=i * 0.1, image=image, sharpness=score)
+            for i, (image, score) in enumerate(scored)
+        ]
+
+    # the blurred frame 2 given 10.0 wins over the sharp frame 1 given 1.0; frame 3 (2.0) is
+    # under 0.9 of it
+    burst = frames((sharp, 5.0), (sharp, 1.0), (blurred, 10.0), (sharp, 2.0))
+    assert burst_while_busy(burst, "sharpest")[0] == [(0, 0), (2, 2)]
+    in_order = caption_stream(FakeCaptioner(), burst[1:], every=1.0, live=False, pick="sharpest")
+    assert [e.frame_index for e in in_order] == [2]
+    assert burst_while_busy(frames((sharp, 5.0), (sharp, 1.0), (None, 100.0)), "sharpest")[0] == [
+        (0, 0),
+        (1, 1),
+    ]
+    # frame 2's NaN takes frame 1's place as a frame not measured does, and frame 3, measured,
+    # then takes its place (a NaN held had kept every later frame out)
+    nan = float("nan")
+    burst = frames((sharp, 5.0), (sharp, 10.0), (sharp, nan), (blurred, 1.0))
+    assert burst_while_busy(burst, "sharpest")[0] == [(0, 0), (3, 2)]
+
+
+def test_a_frames_sharpness_is_in_its_repr_and_equality_when_given():
+    """A frame without a score reads as before; one with a score shows it, and two frames
+    differing only in their scores are not equal."""
+    plain = Frame(index=1, timestamp=0.5, image=b"jpeg", name="/cam frame 1")
+    assert repr(plain) == (
+        "Frame(index=1, timestamp=0.5, image=<bytes (4 bytes)>, color='rgb', name='/cam frame 1')"
+    )
+    scored = Frame(index=1, timestamp=0.5, image=b"jpeg", name="/cam frame 1", sharpness=2.5)
+    assert repr(scored) == repr(plain)[:-1] + ", sharpness=2.5)"
+    assert scored == Frame(index=1, timestamp=0.5, image=b"jpeg", name="/cam frame 1", sharpness=2.5)
+    assert scored != plain and scored != Frame(1, 0.5, b"jpeg", name="/cam frame 1", sharpness=2.6)
+
+
 def test_an_in_order_pick_is_captioned_before_the_error_that_ends_its_source():
     """A video cut short raises its InputError after its readable frames (``video_frames``):
     with pick="sharpest" the last interval's pick is captioned before the error is raised, as
