@@ -20,6 +20,7 @@ from pathlib import Path
 import numpy as np
 import pytest
 from PIL import Image as PILImage
+from PIL import ImageFilter
 
 ROOT = Path(__file__).resolve().parent.parent
 EXAMPLES = ROOT / "edgecap" / "assets" / "examples"
@@ -619,3 +620,115 @@ def test_only_the_frames_captioned_are_converted(ros, monkeypatch):
     finally:
         node.close()
     assert len(published) == 3 and converted == [1000, 1012, 1020]
+
+
+def blurred_message(tmp_path: Path, sec: int) -> Message:
+    """chelsea.png blurred (a camera moving during the exposure), as a raw rgb8 frame."""
+    path = tmp_path / "blurred.png"
+    if not path.exists():
+        PILImage.open(EXAMPLES / "chelsea.png").convert("RGB").filter(ImageFilter.BoxBlur(4)).save(path)
+    return raw_message(path, sec=sec)
+
+
+@pytest.mark.parametrize("pick, captioned", [("sharpest", 2), ("newest", 3)])
+def test_pick_sharpest_captions_the_sharp_frame_that_came_while_the_model_was_busy(
+    ros, monkeypatch, tmp_path, pick, captioned
+):
+    """``-p pick:=sharpest``: while frame 1 is captioned, a sharp frame (2) and then a blurred
+    one (3) arrive; the sharp one is captioned next (the blurred one dropped), the newest without
+    the pick. Each raw frame is measured in the stream's reader thread (``MessageFrames.frame``)
+    on a view of its bytes; with "newest" none is; and still only the frames captioned are
+    converted (``message_image``)."""
+    converted, measured, readers = [], [], set()
+    real_image, real_sharpness = ros.example.message_image, ros.example.sharpness
+
+    def converting(msg, compressed, name):
+        converted.append(msg.header.stamp.sec)
+        return real_image(msg, compressed, name)
+
+    def measuring(view):
+        measured.append(None if view is None else view.shape)
+        readers.add(threading.current_thread().name)
+        return real_sharpness(view)
+
+    monkeypatch.setattr(ros.example, "message_image", converting)
+    monkeypatch.setattr(ros.example, "sharpness", measuring)
+    handled = [threading.Event() for _ in range(3)]
+
+    class Watched(ros.example.MessageFrames):
+        def __iter__(self):
+            for n, frame in enumerate(super().__iter__()):
+                yield frame
+                handled[n].set()  # the reader asks for the next frame: done with this one
+
+    monkeypatch.setattr(ros.example, "MessageFrames", Watched)
+    ros.parameters["pick"] = pick
+    slow = Slow()
+    node = ros.example.CaptionNode(slow)
+    publisher, two_published = node.publishers[0], threading.Event()
+
+    def publish(msg):
+        Publisher.publish(publisher, msg)
+        if len(publisher.published) == 2:
+            two_published.set()
+
+    publisher.publish = publish
+    try:
+        callback = node.subscriptions[0][2]
+        callback(raw_message(EXAMPLES / "chelsea.png", sec=1))
+        assert slow.started.wait(60)
+        callback(raw_message(EXAMPLES / "chelsea.png", sec=2))
+        callback(blurred_message(tmp_path, sec=3))
+        assert handled[2].wait(60), "the reader never took frame 3"
+        slow.release.set()
+        assert two_published.wait(60), "no caption after frame 1's"
+    finally:
+        node.close()
+    records = [json.loads(m.data) for m in publisher.published]
+    assert [(r["stamp"]["sec"], r["dropped"]) for r in records] == [(1, 0), (captioned, 1)]
+    assert converted == [1, captioned]
+    if pick == "sharpest":
+        assert measured == [(300, 451, 3)] * 3 and readers == {"edgecap-frame-reader"}
+    else:
+        assert measured == []
+
+
+def test_pick_sharpest_on_a_compressed_topic_says_its_frames_are_taken_as_the_newest(ros, monkeypatch):
+    """A compressed topic's frames are not measured (decoding them is most of a caption's cost):
+    the node starts, says so once, measures nothing and captions them as the newest."""
+    measured = []
+    monkeypatch.setattr(ros.example, "raw_sharpness_view", lambda msg: measured.append(msg))
+
+    class Quick(Slow):
+        def caption(self, image, color="rgb", return_attention=False):
+            assert isinstance(image, bytes)
+            return types.SimpleNamespace(text="a rocket", recognisable=True, confidence=None, objects=[])
+
+    ros.parameters.update(image_topic="/cam/compressed", pick="sharpest")
+    node = ros.example.CaptionNode(Quick())
+    try:
+        assert node.stream.pick == "sharpest"
+        warnings = [line for level, line in node.logger.lines if level == "warning"]
+        assert warnings == [
+            "pick sharpest: /cam/compressed's frames are compressed, which are not measured without "
+            "decoding them: the newest frame is captioned (subscribe to the raw topic for the pick)"
+        ]
+        jpeg = (EXAMPLES / "rocket.jpg").read_bytes()
+        deliver(node, Message(header=header(7), format="jpeg", data=array.array("B", jpeg)))
+        assert last_caption(node)["text"] == "a rocket"
+    finally:
+        node.close()
+    assert measured == []
+
+
+def test_a_pick_that_is_not_newest_or_sharpest_is_one_line_before_the_model_loads(ros, tmp_path, capsys):
+    """``-p pick:=blurriest`` is one line and exit 2, said before the model loads (with a model
+    folder that does not exist, the error is the pick's); a pick of the wrong type is rclpy's
+    ParameterException, one line too."""
+    ros.parameters.update(model=str(tmp_path / "missing"), pick="blurriest")
+    assert ros.example.main([]) == 2
+    assert capsys.readouterr().err == "ros2_node: pick must be one of newest, sharpest, got 'blurriest'\n"
+    ros.parameters["pick"] = 1
+    assert ros.example.main([]) == 2
+    err = capsys.readouterr().err
+    assert err.startswith("ros2_node: Trying to set parameter 'pick' to '1'") and len(err.splitlines()) == 1
