@@ -299,8 +299,8 @@ def sharpness(image: object) -> float | None:
     # infinity, and None below, with no numpy warning on the stream's stderr
     with np.errstate(over="ignore", invalid="ignore"):
         # 8-bit frames in int16, exactly (a block's sum is at most 1020, the Laplacian within
-        # 8160): about half the time float32 takes (benchmarks/sharpest.py: 0.6 ms for a VGA
-        # frame on one core, 1.8 ms for 1280 x 720)
+        # 8160): about half the time float32 takes (benchmarks/sharpest.py: 0.4-0.6 ms for a
+        # VGA frame on one core, 1.3-1.8 ms for 1280 x 720)
         blocks = grey[0::2, 0::2].astype(np.int16 if grey.dtype == np.uint8 else np.float32)
         for rows, columns in ((1, 0), (0, 1), (1, 1)):
             np.add(blocks, grey[rows::2, columns::2], out=blocks, casting="same_kind")

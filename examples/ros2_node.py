@@ -21,8 +21,8 @@ Parameters: ``image_topic`` (default ``/image_raw``), ``every`` (at most one cap
 many seconds of the frames' header stamps; 0.0: as fast as the model goes), ``pick`` ("newest",
 the default, or "sharpest": of the frames that arrive while the model is busy, the least blurred
 rather than the newest, ``caption_stream``'s pick; each raw frame is measured on a view of its
-message's own bytes, ``edgecap.recordings.raw_sharpness_view``, not converted: 3.2 ms for a 1080p
-frame, where converting a bgr8 one takes 15 ms and a yuv422 one 66 ms; a compressed topic's
+message's own bytes, ``edgecap.recordings.raw_sharpness_view``, not converted: 3.2-3.5 ms for a
+1080p frame, where converting a bgr8 one takes 17 ms and a yuv422 one 67 ms; a compressed topic's
 frames are not measured, so they are taken as the newest, which the node says once as it
 starts), ``model`` (a model folder; "": the shipped model), ``backend`` ("auto"), ``device`` ("":
 the backend's own), ``beam_size`` (3), ``max_length`` (20). The raw encodings ``edgecap caption

@@ -1614,3 +1614,10 @@ def test_sharpest_blurs_its_bursts_and_lets_caption_stream_pick():
     bursts = [shaky[:1] + still[:1] + shaky[1:], shaky + still[1:2], still[:3]]
     assert sharpest.picks(bursts, "sharpest") == [1, 3, 2]
     assert sharpest.picks(bursts, "newest") == [3, 3, 2]
+    # the timed raw messages are what the ROS 2 node gets: converted to their own pixels
+    from edgecap.recordings import message_image, raw_sharpness_view
+
+    msg = sharpest.raw_message("bgr8", 3, (6, 8), np.random.default_rng(1))
+    pixels = np.frombuffer(msg.data, np.uint8).reshape(6, 8, 3)
+    assert np.array_equal(message_image(msg, False, "frame")[1], pixels[:, :, ::-1])
+    assert np.shares_memory(raw_sharpness_view(msg), msg.data)
