@@ -451,32 +451,39 @@ def first_unusable_unread(images: Iterable[object]) -> int | None:
     """The index of the first of ``images`` that loading is sure to refuse, seen without reading
     or decoding any (None: none is): a path to no regular file (missing, unreadable, a folder),
     to an empty one or to one past ``max_file_bytes()``; None; empty bytes; a numpy array of no
-    image's shape or dtype; a type that is no image. An image not seen here may still be refused
-    once read (a file that is not an image), and a file may change before it is read."""
+    image's shape or dtype; a type that is no image; one that fails even to be looked at (a path
+    object whose ``__fspath__`` raises, a released memoryview), whose loading says so as its
+    ``InputError``. An image not seen here may still be refused once read (a file that is not
+    an image), and a file may change before it is read."""
     limit = max_file_bytes()
     for i, image in enumerate(images):
-        if image is None:
-            return i
-        if isinstance(image, np.ndarray):
-            try:
-                _check_shape(np.asarray(image), "")
-            except InputError:
+        try:
+            if _unusable_unread(image, limit):
                 return i
-            if not _usable_dtype(image.dtype):
-                return i
-        elif isinstance(image, (str, os.PathLike)):
-            try:
-                size = check_regular(image).st_size
-            except FileProblem:
-                return i
-            if not 0 < size <= limit:
-                return i
-        elif isinstance(image, (bytes, bytearray, memoryview)):
-            if not memoryview(image).nbytes:
-                return i
-        elif not isinstance(image, Image.Image) and not hasattr(image, "__array__"):
+        except Exception:  # noqa: BLE001 - not this check's to raise: loading it names the input
             return i
     return None
+
+
+def _unusable_unread(image: object, limit: int) -> bool:
+    """``first_unusable_unread``'s test of one image."""
+    if image is None:
+        return True
+    if isinstance(image, np.ndarray):
+        try:
+            _check_shape(np.asarray(image), "")
+        except InputError:
+            return True
+        return not _usable_dtype(image.dtype)
+    if isinstance(image, (str, os.PathLike)):
+        try:
+            size = check_regular(image).st_size
+        except FileProblem:
+            return True
+        return not 0 < size <= limit
+    if isinstance(image, (bytes, bytearray, memoryview)):
+        return not memoryview(image).nbytes
+    return not isinstance(image, Image.Image) and not hasattr(image, "__array__")
 
 
 def _read_file(path: str | os.PathLike, source: str) -> bytes:

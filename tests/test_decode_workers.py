@@ -11,6 +11,7 @@ from __future__ import annotations
 
 import io
 import json
+import os
 import threading
 import time
 from concurrent.futures import CancelledError, ThreadPoolExecutor
@@ -231,6 +232,45 @@ def test_caption_batch_with_raise_searches_no_batch_for_a_bad_photo_seen_without
     fake["delay"] = made_while_reading
     results = cap.caption_batch([*frames[:30], str(missing), *frames[31:]])
     assert texts(results) == [word(i) for i in range(40)]
+
+
+class _PathFailing(os.PathLike):
+    """A path object whose ``__fspath__`` fails (a lazily resolved path that cannot be)."""
+
+    def __fspath__(self):
+        raise RuntimeError("cannot resolve the path")
+
+
+def _released() -> memoryview:
+    view = memoryview(b"\x89PNG")
+    view.release()
+    return view
+
+
+@pytest.mark.parametrize("overlap", [False, True])
+@pytest.mark.parametrize("workers", [0, 2])
+@pytest.mark.parametrize(
+    "odd", [_PathFailing, _released], ids=["path whose __fspath__ fails", "released memoryview"]
+)
+def test_caption_batch_with_raise_gives_an_input_that_fails_to_be_looked_at_its_input_error(
+    fake, workers, overlap, odd
+):
+    """docs/python-api.md: with "raise", the first unusable image raises its ``InputError``, and
+    looking for one unusable without reading it gives the same error. An input that fails even
+    to be looked at (a path object whose __fspath__ raises, a released memoryview) is its own
+    InputError ("cannot load this input"), as loading it says, and an earlier photo that only
+    decoding finds bad still comes first. Until this fix the look-ahead let the input's own
+    exception (RuntimeError, ValueError) out of caption_batch, before the earlier photo's error."""
+    encoded = []
+    fake["backend"].on_encode = lambda images: encoded.append(len(images))
+    cap = captioner(workers, batch=4)
+    cap.overlap = overlap
+    frames = [red(i) for i in range(40)]
+    with pytest.raises(InputError, match="cannot load this input"):
+        cap.caption_batch([*frames[:30], odd(), *frames[31:]])
+    with pytest.raises(InputError, match="not an image"):
+        cap.caption_batch([*frames[:10], b"not an image", *frames[11:30], odd(), *frames[31:]])
+    assert encoded == []
 
 
 @pytest.mark.parametrize("on_error", ["raise", "return"])
