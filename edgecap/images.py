@@ -454,15 +454,20 @@ def first_unusable_unread(images: Iterable[object]) -> int | None:
     image's shape or dtype; a type that is no image; one that fails even to be looked at (a path
     object whose ``__fspath__`` raises, a released memoryview), whose loading says so as its
     ``InputError``. An image not seen here may still be refused once read (a file that is not
-    an image), and a file may change before it is read."""
+    an image), and a file may change before it is read. A list whose iteration fails: None
+    unless an image before the failure is seen to be unusable."""
     limit = max_file_bytes()
-    for i, image in enumerate(images):
+    numbered = enumerate(images)
+    while True:
+        try:
+            i, image = next(numbered)
+        except Exception:  # noqa: BLE001 - the end, or a list whose iteration fails (a source that
+            return None  # fails): captioning meets that where it did, after the images before it
         try:
             if _unusable_unread(image, limit):
                 return i
         except Exception:  # noqa: BLE001 - not this check's to raise: loading it names the input
             return i
-    return None
 
 
 def _unusable_unread(image: object, limit: int) -> bool:

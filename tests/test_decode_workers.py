@@ -273,6 +273,25 @@ def test_caption_batch_with_raise_gives_an_input_that_fails_to_be_looked_at_its_
     assert encoded == []
 
 
+class _ListThatFails(list):
+    """A list whose iteration fails after its items (a source that fails: a lazily read set)."""
+
+    def __iter__(self):
+        yield from super().__iter__()
+        raise RuntimeError("the list failed")
+
+
+@pytest.mark.parametrize("workers", [0, 2])
+def test_caption_batch_with_raise_in_a_list_that_fails_gives_the_earlier_bad_photos_error(fake, workers):
+    """A list whose iteration fails after its images is a source that fails: with "raise", a
+    photo before the failure that only decoding finds bad raises its InputError first, as from a
+    generator. Until this fix caption_batch's look-ahead for an unusable image (a list longer
+    than a batch) let the list's RuntimeError out at once."""
+    images = _ListThatFails([*(red(i) for i in range(5)), b"not an image", red(6), red(7)])
+    with pytest.raises(InputError, match="not an image"):
+        captioner(workers, batch=4).caption_batch(images)
+
+
 @pytest.mark.parametrize("on_error", ["raise", "return"])
 @pytest.mark.parametrize("workers", [0, 2])
 def test_a_source_that_fails_midway_costs_none_of_the_photos_it_gave(fake, workers, on_error):
