@@ -615,11 +615,12 @@ def _raw_pixels(msg, name: str) -> tuple[str, np.ndarray]:
     dtype = np.dtype(dtype).newbyteorder(">" if msg.is_bigendian else "<")
     row_bytes = width * channels * dtype.itemsize
     # bytes are one buffer to numpy, not a sequence of numbers: np.asarray(b"...", np.uint8)
-    # raises, with all the image's bytes in its message
+    # raises, with all the image's bytes in its message. One block (copied only where the data
+    # is strided, a slice's every other byte): numpy views no strided bytes as 16-bit pixels
     data = (
         np.frombuffer(msg.data, np.uint8)
         if isinstance(msg.data, (bytes, bytearray))
-        else np.asarray(msg.data, dtype=np.uint8).reshape(-1)
+        else np.ascontiguousarray(np.asarray(msg.data, dtype=np.uint8).reshape(-1))
     )
     if step < row_bytes:
         raise InputError(

@@ -859,6 +859,25 @@ def test_a_raw_frame_that_cannot_be_measured_as_it_is_has_no_view():
     assert raw_sharpness_view(plain_msg("rgb8", CHELSEA)) is None
 
 
+@pytest.mark.parametrize("kind", ["ndarray", "memoryview"])
+def test_sixteen_bit_data_that_is_a_strided_array_is_read_as_a_contiguous_one(kind):
+    """A message's data that is every other byte of a larger buffer (a strided 1-D array or
+    memoryview, as a slice gives it): 16-bit pixels read as from the same bytes in one block, by
+    raw_to_rgb and raw_sharpness_view alike (numpy cannot view a strided byte array as uint16)."""
+    wide = GRAY.astype(np.uint16) * 256 + 3
+    for encoding, pixels, bigendian in (
+        ("mono16", wide, False),
+        ("bgr16", (CHELSEA.astype(np.uint16) * 257)[:, :, ::-1].astype(">u2"), True),
+        ("bayer_rggb16", wide, False),
+    ):
+        msg = plain_msg(encoding, pixels, bigendian=bigendian)
+        expected = raw_to_rgb(msg, "f")
+        doubled = np.repeat(np.frombuffer(bytes(msg.data), np.uint8), 2)
+        msg.data = doubled[::2] if kind == "ndarray" else memoryview(doubled)[::2]
+        assert np.array_equal(raw_to_rgb(msg, "f"), expected), encoding
+        assert np.array_equal(raw_sharpness_view(msg), pixels), encoding
+
+
 def test_missing_rosbags_names_the_extra(monkeypatch, tmp_path):
     import builtins
 
