@@ -20,15 +20,16 @@ message package.
 Parameters: ``image_topic`` (default ``/image_raw``), ``every`` (at most one caption per that
 many seconds of the frames' header stamps; 0.0: as fast as the model goes), ``pick`` ("newest",
 the default, or "sharpest": of the frames that arrive while the model is busy, the least blurred
-rather than the newest, ``caption_stream``'s pick; each raw frame is measured on a view of its
-message's own bytes, ``edgecap.recordings.raw_sharpness_view``, not converted: 3.2-3.5 ms for a
-1080p frame, where converting a bgr8 one takes 17 ms and a yuv422 one 67 ms; a compressed topic's
-frames are not measured, so they are taken as the newest, which the node says once as it
-starts), ``model`` (a model folder; "": the shipped model), ``backend`` ("auto"), ``device`` ("":
-the backend's own), ``beam_size`` (3), ``max_length`` (20). The raw encodings ``edgecap caption
---bag`` reads are read here the same way (``edgecap.recordings.message_image``), for the frames
-captioned only; a frame that cannot be captioned (an unknown encoding, a truncated JPEG) is one
-warning naming it, and the node goes on.
+rather than the newest, ``caption_stream``'s pick; each raw frame, those ``every`` skips too, is
+measured on a view of its message's own bytes, ``edgecap.recordings.raw_sharpness_view``, not
+converted: 3.2-3.5 ms for a 1080p frame, where converting a bgr8 one takes 17 ms and a yuv422
+one 67 ms; a compressed topic's frames are not measured, so they are taken as the newest, which
+the node says once as it starts), ``model`` (a model folder; "": the shipped model), ``backend``
+("auto"), ``device`` ("": the backend's own), ``beam_size`` (3), ``max_length`` (20). The raw
+encodings ``edgecap caption --bag`` reads are read here the same way
+(``edgecap.recordings.message_image``), for the frames captioned only; a frame that cannot be
+captioned (an unknown encoding, a truncated JPEG) is one warning naming it, and the node goes
+on.
 
 edgecap must be importable by the Python ROS 2 runs: install it into that interpreter, or into a
 venv made with ``--system-site-packages`` after sourcing ROS 2 (docs/recordings.md).
