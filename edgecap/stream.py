@@ -75,7 +75,7 @@ import os
 import threading
 import time
 import weakref
-from collections.abc import Generator, Iterable, Iterator
+from collections.abc import Callable, Generator, Iterable, Iterator
 from dataclasses import dataclass, replace
 from pathlib import Path
 from typing import TYPE_CHECKING, Any, Generic, Literal, Protocol, cast, overload
@@ -137,17 +137,19 @@ __all__ = [
 class Frame:
     """One frame of a stream. ``timestamp``: seconds (video time for a file, seconds since the
     camera opened for a camera); ``color``: the channel order of ``image`` when it is an array.
-    ``sharpness``: the frame's ``sharpness`` where its source already knows it (the ROS 2 node
-    measures a raw message's pixels without converting it): ``pick="sharpest"`` then takes it
-    rather than measuring ``image`` (None: measured as the image is; a NaN or an infinity counts
-    as not measured)."""
+    ``sharpness``: the frame's ``sharpness`` where its source can tell it better than the stream
+    can from ``image`` (the ROS 2 node measures a raw message's pixels without converting it):
+    ``pick="sharpest"`` then takes it rather than measuring ``image``. A number, or a function
+    of no arguments giving one, called only for a frame that competes (after ``every``
+    sampling), so a frame the sampling skips costs nothing (None: measured as the image is; a
+    NaN or an infinity, given or returned, counts as not measured)."""
 
     index: int
     timestamp: float
     image: ImageInput | InputError  # an InputError: a recording's frame that cannot be used
     color: str = "rgb"
     name: str | None = None  # how an error names the frame (None: as the captioner names the image)
-    sharpness: float | None = None
+    sharpness: float | Callable[[], float | None] | None = None
 
     def __repr__(self) -> str:
         # the image named (``<bytes (N bytes)>``, ``<array (480, 640, 3) uint8>``), not written
@@ -155,7 +157,7 @@ class Frame:
         return (
             f"Frame(index={self.index!r}, timestamp={self.timestamp!r}, image={shown_in_repr(self.image)}, "
             f"color={self.color!r}, name={self.name!r}"
-            + ("" if self.sharpness is None else f", sharpness={self.sharpness!r}")
+            + ("" if self.sharpness is None else f", sharpness={_shown_sharpness(self.sharpness)}")
             + ")"
         )
 
@@ -321,15 +323,27 @@ _UNUSABLE = -math.inf
 
 
 def _score(frame: Frame) -> float | None:
-    """The frame's ``sharpness`` (the one it carries where its source gave one: its image is
-    not measured), or ``_UNUSABLE`` for a frame that cannot be captioned at all."""
+    """The frame's ``sharpness`` (the one it carries where its source gave one, or the one its
+    function gives: its image is not measured), or ``_UNUSABLE`` for a frame that cannot be
+    captioned at all."""
     if frame.image is None or isinstance(frame.image, InputError):
         return _UNUSABLE
-    if frame.sharpness is None:
+    given = frame.sharpness
+    if given is None:
         return sharpness(frame.image)
+    if callable(given):
+        given = given()
+        if given is None:
+            return None
     # a NaN or an infinity given (a score of its own a source got wrong) as not measured: NaN
     # compares false with every score, and -inf is _UNUSABLE's
-    return float(frame.sharpness) if math.isfinite(frame.sharpness) else None
+    return float(given) if math.isfinite(given) else None
+
+
+def _shown_sharpness(given: float | Callable[[], float | None]) -> str:
+    """How a frame's repr shows its ``sharpness``: the number, or that it is measured when the
+    frame competes (a function's repr names its address, different on every run)."""
+    return "<measured when it competes>" if callable(given) else repr(given)
 
 
 class _Sharpest:

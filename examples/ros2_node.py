@@ -20,7 +20,7 @@ message package.
 Parameters: ``image_topic`` (default ``/image_raw``), ``every`` (at most one caption per that
 many seconds of the frames' header stamps; 0.0: as fast as the model goes), ``pick`` ("newest",
 the default, or "sharpest": of the frames that arrive while the model is busy, the least blurred
-rather than the newest, ``caption_stream``'s pick; each raw frame, those ``every`` skips too, is
+rather than the newest, ``caption_stream``'s pick; each raw frame ``every`` lets through is
 measured on a view of its message's own bytes, ``edgecap.recordings.raw_sharpness_view``, not
 converted: 3.2-3.5 ms for a 1080p frame, where converting a bgr8 one takes 17 ms and a yuv422
 one 67 ms; a compressed topic's frames are not measured, so they are taken as the newest, which
@@ -38,6 +38,7 @@ venv made with ``--system-site-packages`` after sourcing ROS 2 (docs/recordings.
 from __future__ import annotations
 
 import contextlib
+import functools
 import json
 import queue
 import sys
@@ -70,9 +71,10 @@ class MessageFrames:
     (``MessageCaptioner``), not for the frames ``every`` skips or a newer frame replaces. At
     most ``keep`` messages wait; a newer one pushes the oldest out (the stream keeps only the
     newest frame anyway). ``header(index)`` gives a frame's stamp and frame_id back for its
-    caption. ``measure`` (pick="sharpest" on a raw topic): each frame carries its ``sharpness``,
-    measured here, in the stream's reader thread, on a view of the message's own bytes (no
-    conversion), for the stream's pick."""
+    caption. ``measure`` (pick="sharpest" on a raw topic): each frame carries a function that
+    measures its ``sharpness`` on a view of the message's own bytes (no conversion), which the
+    stream calls, in its reader thread, for the frames that compete (not those ``every``
+    skips)."""
 
     def __init__(self, topic: str, compressed: bool, keep: int = 4, measure: bool = False):
         self.topic = topic
@@ -116,9 +118,10 @@ class MessageFrames:
         else:  # a driver that leaves its stamps 0: the time it arrived here
             timestamp = time.monotonic() - self._started
             name = f"{self.topic} frame {index}"
-        # None where the message cannot be measured as it is (an unknown encoding, a wrong size):
-        # the stream then takes it as with pick="newest"
-        score = sharpness(raw_sharpness_view(msg)) if self.measure else None
+        # measured by the stream when the frame competes (not for frames every= skips); None
+        # where the message cannot be measured as it is (an unknown encoding, a wrong size): the
+        # stream then takes it as with pick="newest"
+        score = functools.partial(raw_sharpness, msg) if self.measure else None
         return Frame(index=index, timestamp=timestamp, image=msg, name=name, sharpness=score)
 
     def header(self, index: int) -> tuple[int, str]:
@@ -128,6 +131,11 @@ class MessageFrames:
             for older in [i for i in self._headers if i < index]:
                 del self._headers[older]
             return self._headers.pop(index, (0, ""))
+
+
+def raw_sharpness(msg) -> float | None:
+    """A raw message's ``sharpness``, measured on a view of its own bytes (no conversion)."""
+    return sharpness(raw_sharpness_view(msg))
 
 
 def message_header(msg) -> tuple[int, str]:

@@ -588,6 +588,18 @@ def test_message_image_takes_the_data_of_a_raw_image_in_any_form(kind):
     assert isinstance(image, np.ndarray) and np.array_equal(image, want)
 
 
+def send_six_frames_with_every_one_second(node) -> None:
+    """Six raw frames of the cat 0.4 s apart (stamps 100.0 to 102.0 s) to a node with ``every``
+    1.0: the three it samples (100.0, 101.2, 102.0 s) each waited for until captioned, the three
+    it skips sent without waiting."""
+    for tenths in range(0, 24, 4):
+        msg = raw_message(EXAMPLES / "chelsea.png", sec=100 + tenths // 10, nanosec=tenths % 10 * 10**8)
+        if tenths in (0, 12, 20):
+            deliver(node, msg)
+        else:
+            node.subscriptions[0][2](msg)
+
+
 def test_only_the_frames_captioned_are_converted(ros, monkeypatch):
     """A raw frame's picture is made (``message_image``: a 1080p bgr8 frame 12 ms, a yuv422 one
     35 ms on a 2-core EPYC) for the frames captioned only, not for the ones ``every`` skips: six
@@ -611,15 +623,43 @@ def test_only_the_frames_captioned_are_converted(ros, monkeypatch):
     node = ros.example.CaptionNode(Quick())
     published = node.publishers[0].published
     try:
-        for tenths in range(0, 24, 4):
-            msg = raw_message(EXAMPLES / "chelsea.png", sec=100 + tenths // 10, nanosec=tenths % 10 * 10**8)
-            if tenths in (0, 12, 20):
-                deliver(node, msg)
-            else:
-                node.subscriptions[0][2](msg)
+        send_six_frames_with_every_one_second(node)
     finally:
         node.close()
     assert len(published) == 3 and converted == [1000, 1012, 1020]
+
+
+def test_pick_sharpest_measures_only_the_frames_every_lets_through(ros, monkeypatch):
+    """With ``every`` 1.0 and six frames 0.4 s apart, three are sampled: with pick "sharpest"
+    those three are measured (on their own bytes) and captioned, the three skipped are neither
+    measured nor converted (each frame had been measured as it arrived, before the sampling)."""
+    measured, converted = [], []
+    real_sharpness, real_image = ros.example.sharpness, ros.example.message_image
+
+    def measuring(view):
+        measured.append(view.shape)
+        return real_sharpness(view)
+
+    def converting(msg, compressed, name):
+        converted.append(msg.header.stamp.sec * 10 + msg.header.stamp.nanosec // 10**8)
+        return real_image(msg, compressed, name)
+
+    monkeypatch.setattr(ros.example, "sharpness", measuring)
+    monkeypatch.setattr(ros.example, "message_image", converting)
+
+    class Quick(Slow):
+        def caption(self, image, color="rgb", return_attention=False):
+            return types.SimpleNamespace(text="a cat", recognisable=True, confidence=None, objects=[])
+
+    ros.parameters.update(every=1.0, pick="sharpest")
+    node = ros.example.CaptionNode(Quick())
+    published = node.publishers[0].published
+    try:
+        send_six_frames_with_every_one_second(node)
+    finally:
+        node.close()
+    assert len(published) == 3 and converted == [1000, 1012, 1020]
+    assert measured == [(300, 451, 3)] * 3
 
 
 def blurred_message(tmp_path: Path, sec: int) -> Message:

@@ -1961,3 +1961,33 @@ def test_an_in_order_pick_is_captioned_before_the_error_that_ends_its_source():
         for event in caption_stream(FakeCaptioner(), source(), every=0.5, live=False, pick="sharpest"):
             got.append(event.frame_index)
     assert got == [1, 3, 4]
+
+
+@pytest.mark.parametrize("live", [True, False])
+def test_a_frames_sharpness_may_be_a_function_called_only_when_the_frame_competes(live):
+    """``Frame.sharpness`` as a function (the ROS 2 node's: a raw message measured on its own
+    bytes): called for the frames ``every`` lets compete, never for those it skips live (0.4 and
+    0.8 s, with every=1 s); in order every frame of an interval competes, so each is measured.
+    What it returns is the frame's score (None: taken as not measured), and a frame's repr says
+    it is measured when it competes rather than naming the function."""
+    called = []
+
+    def measure(i, score):
+        def measured():
+            called.append(i)
+            return score
+
+        return measured
+
+    times, scores = [0.0, 0.4, 0.8, 1.2, 1.6], [1.0, 9.0, 9.0, None, 2.0]
+    frames = [
+        Frame(index=i, timestamp=t, image=np.zeros((8, 8, 3), np.uint8), sharpness=measure(i, s))
+        for i, (t, s) in enumerate(zip(times, scores))
+    ]
+    events = list(caption_stream(FakeCaptioner(), frames, every=1.0, live=live, pick="sharpest"))
+    if live:  # which of the two is captioned depends on when the loop takes frame 0
+        assert called == [0, 3] and [e.frame_index for e in events][-1] == 3
+    else:  # 0-0.8 s: 9.0 (frame 1, then 2 as sharp and newer); 1.2-1.6 s: frame 3 not measured
+        # (None), then frame 4, measured, in its place
+        assert called == [0, 1, 2, 3, 4] and [e.frame_index for e in events] == [2, 4]
+    assert repr(frames[0]).endswith(", sharpness=<measured when it competes>)")
