@@ -647,7 +647,7 @@ def raw_sharpness_view(msg) -> np.ndarray | None:
     (H, W), a strided view. 16-bit pixels in their own byte order. None for anything else: a
     depth or unknown encoding, data of the wrong size, an odd width of YUV 4:2:2, a message
     lacking the fields (a compressed one); it never raises (it runs in a live stream's reader
-    thread, for every frame)."""
+    thread, for each frame that competes)."""
     try:
         encoding, pixels = _raw_pixels(msg, "frame")
     except Exception:  # noqa: BLE001 (InputError, or a field that is not what it should be)
