@@ -47,17 +47,10 @@ def motion_blur(photo: np.ndarray, length: int, axis: int) -> np.ndarray:
     """``photo`` (H, W, 3) blurred by motion ``length`` px along ``axis`` (0: its columns, 1:
     its rows): each pixel the mean of ``length`` pixels on that line, the edges repeated;
     float32."""
-    x = photo.astype(np.float64)
-    pad = [(0, 0)] * 3
-    pad[axis] = (length // 2, length - 1 - length // 2)
-    sums = np.cumsum(np.pad(x, pad, mode="edge"), axis=axis)
-    sums = np.concatenate([np.zeros_like(np.take(sums, [0], axis=axis)), sums], axis=axis)
-    n = photo.shape[axis]
-    ends, starts = (
-        np.take(sums, np.arange(length, length + n), axis=axis),
-        np.take(sums, np.arange(n), axis=axis),
-    )
-    return ((ends - starts) / length).astype(np.float32)
+    lines = np.moveaxis(photo.astype(np.float64), axis, 1)  # each line along axis 1
+    padded = np.pad(lines, ((0, 0), (length // 2, length - 1 - length // 2), (0, 0)), mode="edge")
+    sums = np.concatenate([np.zeros_like(padded[:, :1]), padded.cumsum(axis=1)], axis=1)
+    return np.moveaxis((sums[:, length:] - sums[:, :-length]) / length, 1, axis).astype(np.float32)
 
 
 def burst(
