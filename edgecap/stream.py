@@ -41,6 +41,15 @@ pick. A ``Frame`` may carry its ``sharpness``, measured by its source where that
 the stream could (the ROS 2 node measures a raw message's own bytes, not converting it): the stream
 takes it and does not measure the image.
 
+``min_change=MIN_CHANGE`` captions a frame only when its view changed since the frame captioned
+last (``view_change``: the share of 16 x 16 cells whose level moved against the others; sensor
+noise, an exposure change and a view moved by a pixel or two do not count), so a robot standing
+still spends nothing on captions and says each scene once; a change builds up until it counts
+(each frame is compared with the one captioned, not with the one before). The frames passed over
+are counted in ``stats.unchanged``. It applies to the frame that would be captioned (after
+``every`` and ``pick``); one that cannot be measured without decoding (bytes, paths) is captioned,
+as is the frame after it.
+
 ``every=SECONDS`` samples at most one frame per interval of frame time, on a grid that starts at
 the first frame's timestamp: for a video, one frame per ``every`` seconds of video time. A frame
 stamped more than ``every`` before the last frame taken, or at or before the grid's first
@@ -120,6 +129,15 @@ _UNREADABLE_IN_A_ROW = 100
 # gives way to a sharp one, and of frames about as sharp the newest wins.
 SHARPER_BY = 0.9
 PICKS = ("newest", "sharpest")
+# min_change=MIN_CHANGE: a frame is captioned when at least this share of its view changed
+# since the frame captioned last (``view_change``). On the 273 dev photos, sensor noise (s.d. 2 or
+# 8 levels), the exposure at 0.7, JPEG at quality 30 and a view moved by 1 px never reach it;
+# the exposure at 1.3 (bright parts clipped) reaches it for 8 photos, a view moved by 3 px for
+# 6; another photo's patch over a twentieth of the frame for 91, over a tenth for 255, over a
+# fifth for all 273 (``benchmarks/changes_only.py``).
+MIN_CHANGE = 0.05
+_CELLS = 16  # view_change's cells a side
+_CELL_MOVED = 0.5  # a cell changed: its standardised level moved by more than this
 
 __all__ = [
     "Frame",
@@ -128,6 +146,8 @@ __all__ = [
     "CaptionStream",
     "caption_stream",
     "sharpness",
+    "view_change",
+    "MIN_CHANGE",
     "video_frames",
     "camera_frames",
 ]
@@ -188,8 +208,9 @@ class StreamStats:
     but the one picked); ``dropped``: due but not captioned, replaced by a newer frame or passed
     over for a sharper one (live streams only);
     ``captioned``: frames captioned; ``failed``: frames the captioner could not use (their events
-    hold the ``InputError``, with ``on_error="return"``). ``elapsed_s``: wall-clock seconds since
-    the first read."""
+    hold the ``InputError``, with ``on_error="return"``); ``unchanged``: frames not captioned
+    because their view had changed less than ``min_change`` since the frame captioned last.
+    ``elapsed_s``: wall-clock seconds since the first read."""
 
     frames: int = 0
     skipped: int = 0
@@ -197,6 +218,7 @@ class StreamStats:
     captioned: int = 0
     elapsed_s: float = 0.0
     failed: int = 0
+    unchanged: int = 0
 
     @property
     def captions_per_second(self) -> float:
@@ -214,7 +236,19 @@ class StreamStats:
             f"({self.captions_per_second:.2f} captions/s, {self.frames_per_second:.1f} "
             f"frames/s); {self.dropped} dropped, {self.skipped} skipped by sampling"
             + (f", {self.failed} failed" if self.failed else "")
+            + (f", {self.unchanged} unchanged" if self.unchanged else "")
         )
+
+
+def _check_min_change(min_change: float | None) -> float | None:
+    """``min_change`` as a float: None or a share of the view over 0 and at most 1."""
+    if min_change is not None and (
+        isinstance(min_change, bool) or not isinstance(min_change, numbers.Real) or not 0 < min_change <= 1
+    ):
+        raise ValueError(
+            f"min_change must be None or a share of the view over 0 and at most 1, got {min_change!r}"
+        )
+    return None if min_change is None else float(min_change)
 
 
 def _check_every(every: float | None) -> float | None:
@@ -276,26 +310,10 @@ def sharpness(image: object) -> float | None:
     short, closed), an array that is not (H, W) or (H, W, C) numbers of at least 6 x 6 pixels,
     one over the pixel limit (``edgecap.images.max_pixels``), or one with a NaN or an infinity.
     It never raises: it runs in a live stream's reader thread."""
-    if isinstance(image, Image.Image):
-        if image.mode not in ("RGB", "RGBA", "L") or pixel_limit_problem(image.width, image.height):
-            return None
-        try:  # decodes a lazily opened image: one cut short, or closed, is the captioner's to name
-            array = np.asarray(image)
-        except Exception:  # noqa: BLE001 (OSError, ValueError, PIL's SyntaxError...)
-            return None
-    elif isinstance(image, np.ndarray):
-        array = image
-    else:
-        return None
-    if array.ndim == 3 and 1 <= array.shape[2] <= 4:
-        channel = array[:, :, 1 if array.shape[2] >= 3 else 0]
-    elif array.ndim == 2:
-        channel = array
-    else:
+    channel = _measured_channel(image, least=6)
+    if channel is None:
         return None
     height, width = channel.shape
-    if array.dtype.kind not in "uif" or height < 6 or width < 6 or pixel_limit_problem(width, height):
-        return None
     grey = channel[: height // 2 * 2, : width // 2 * 2]
     # a float frame with an infinity (inf - inf) or over float32's range gives NaN or an
     # infinity, and None below, with no numpy warning on the stream's stderr
@@ -315,6 +333,83 @@ def sharpness(image: object) -> float | None:
     if not (math.isfinite(detail) and math.isfinite(spread)):
         return None
     return detail / spread if spread > 0 else 0.0
+
+
+def _measured_channel(image: object, least: int) -> np.ndarray | None:
+    """The (H, W) channel ``sharpness`` and ``view_change`` measure: an array's or a PIL
+    image's second channel (green, in RGB and BGR), a grey frame's only one; None for anything
+    else (see ``sharpness``) or a frame under ``least`` pixels a side."""
+    if isinstance(image, Image.Image):
+        if image.mode not in ("RGB", "RGBA", "L") or pixel_limit_problem(image.width, image.height):
+            return None
+        try:  # decodes a lazily opened image: one cut short, or closed, is the captioner's to name
+            array = np.asarray(image)
+        except Exception:  # noqa: BLE001 (OSError, ValueError, PIL's SyntaxError...)
+            return None
+    elif isinstance(image, np.ndarray):
+        array = image
+    else:
+        return None
+    if array.ndim == 3 and 1 <= array.shape[2] <= 4:
+        channel = array[:, :, 1 if array.shape[2] >= 3 else 0]
+    elif array.ndim == 2:
+        channel = array
+    else:
+        return None
+    height, width = channel.shape
+    if array.dtype.kind not in "uif" or height < least or width < least or pixel_limit_problem(width, height):
+        return None
+    return channel
+
+
+def view_change(before: object, after: object) -> float | None:
+    """How much of the view changed from one frame to another, 0.0 to 1.0, to caption a scene
+    again only when it changed (``caption_stream(..., min_change=MIN_CHANGE)``): each frame's
+    green channel (a grey frame's only one) as 16 x 16 cells, each cell's mean level
+    standardised by the mean and standard deviation of the frame's cells, and the share of
+    cells whose standardised level moved by more than 0.5. Sensor noise averages out in a cell;
+    a camera's exposure moving (without clipping) moves every cell alike and none relative to
+    the others; a view moved by a few pixels moves a cell by a few pixels' share of its width.
+    Frames of different sizes compare as their cells do (a camera changing resolution over one
+    view is little change).
+
+    None where either frame cannot be measured (as for ``sharpness``; or under 16 pixels a
+    side). It never raises."""
+    first, second = _layout(before), _layout(after)
+    if first is None or second is None:
+        return None
+    return _changed_share(first, second)
+
+
+def _layout(image: object) -> np.ndarray | None:
+    """``view_change``'s cells of one frame, standardised (float64 (16, 16)), or None."""
+    channel = _measured_channel(image, least=_CELLS)
+    if channel is None:
+        return None
+    height, width = channel.shape
+    rows = np.linspace(0, height, _CELLS + 1).astype(np.intp)
+    columns = np.linspace(0, width, _CELLS + 1).astype(np.intp)
+    # 8-bit sums exactly in uint32: a column strip of a frame within the pixel limit holds at
+    # most 89,478,485 / 16 pixels (1.4e9 at level 255); 0.26 ms for a VGA frame on one core
+    exact = np.uint32 if channel.dtype == np.uint8 else np.float64
+    with np.errstate(over="ignore", invalid="ignore"):
+        sums = np.add.reduceat(channel, columns[:-1], axis=1, dtype=exact)
+        cells = np.add.reduceat(sums, rows[:-1], axis=0).astype(np.float64)
+        cells /= np.outer(np.diff(rows), np.diff(columns))
+        spread = float(cells.std())
+        if not math.isfinite(spread):  # a NaN or an infinity in the frame
+            return None
+        # an integer frame's cells within a level of 8 bits of each other (a uniform frame) are
+        # taken as flat, not their rounding magnified
+        if channel.dtype.kind in "ui":
+            spread = max(spread, np.iinfo(channel.dtype).max / 255)
+        if spread == 0:
+            return np.zeros_like(cells)
+        return (cells - cells.mean()) / spread
+
+
+def _changed_share(first: np.ndarray, second: np.ndarray) -> float:
+    return float(np.count_nonzero(np.abs(first - second) > _CELL_MOVED)) / first.size
 
 
 # The score of a frame that cannot be captioned at all (None from a failed read, a recording's
@@ -409,6 +504,7 @@ class CaptionStream(Generic[_C]):
         return_attention: bool = False,
         on_error: str = "raise",
         pick: str = "newest",
+        min_change: float | None = None,
     ):
         try:
             if color not in COLORS:
@@ -416,6 +512,7 @@ class CaptionStream(Generic[_C]):
             if on_error not in ON_ERROR:
                 raise ValueError(f"on_error must be one of {ON_ERROR}, got {on_error!r}")
             every = _check_every(every)
+            min_change = _check_min_change(min_change)
             if pick not in PICKS:
                 raise ValueError(f"pick must be one of {PICKS}, got {pick!r}")
             if pick == "sharpest" and not live and every is None:
@@ -439,9 +536,13 @@ class CaptionStream(Generic[_C]):
         self.return_attention = return_attention
         self.on_error = on_error
         self.pick = pick
+        self.min_change = min_change
+        # the cells (``_layout``) of the frame captioned last, with min_change; None: none yet,
+        # or that frame could not be measured (the next frame is captioned)
+        self._last_layout: np.ndarray | None = None
         self._lock = threading.Condition()
         self._stop = threading.Event()
-        self._counts = {"frames": 0, "skipped": 0, "dropped": 0, "captioned": 0, "failed": 0}
+        self._counts = {"frames": 0, "skipped": 0, "dropped": 0, "captioned": 0, "failed": 0, "unchanged": 0}
         self._started: float | None = None
         self._ended: float | None = None
         self._started_iterating = False
@@ -538,6 +639,23 @@ class CaptionStream(Generic[_C]):
             if close is not None:
                 close()
 
+    def _caption_if_changed(self, frame: Frame, read_at: float, dropped: int) -> StreamEvent | None:
+        """``frame``'s event; None, with ``min_change``, when its view changed less than that
+        since the frame captioned last (counted in ``stats.unchanged``). A frame that cannot be
+        measured (``view_change``) is captioned, as is any after one captioned that could not."""
+        if self.min_change is None:
+            return self._caption(frame, read_at, dropped)
+        layout = _layout(frame.image)
+        last = self._last_layout
+        if layout is not None and last is not None and _changed_share(last, layout) < self.min_change:
+            with self._lock:
+                self._counts["unchanged"] += 1
+            return None
+        event = self._caption(frame, read_at, dropped)
+        if not isinstance(event.caption, InputError):
+            self._last_layout = layout
+        return event
+
     def _caption(self, frame: Frame, read_at: float, dropped: int) -> StreamEvent:
         caption: Caption | InputError
         try:
@@ -574,7 +692,9 @@ class CaptionStream(Generic[_C]):
                 yield from self._sharpest_of_each_interval(reader)
             else:
                 for frame, read_at, _ in reader:
-                    yield self._caption(frame, read_at, 0)
+                    event = self._caption_if_changed(frame, read_at, 0)
+                    if event is not None:
+                        yield event
         finally:
             reader.close()
             self._end()
@@ -598,14 +718,15 @@ class CaptionStream(Generic[_C]):
                 break
             score = _score(frame)
             if taken:  # an interval begins (the first frame read is always taken)
-                if held is not None:
-                    yield self._caption(*held, 0)
+                if held is not None and (event := self._caption_if_changed(*held, 0)) is not None:
+                    yield event
                 pick.first(score)
             elif not pick.replaces(score):
                 continue
             held = _own_pixels(frame), read_at  # held while the source reads the next frames
         if held is not None and not self._stop.is_set():
-            yield self._caption(*held, 0)
+            if (event := self._caption_if_changed(*held, 0)) is not None:
+                yield event
         if failure is not None:
             raise failure
 
@@ -617,6 +738,7 @@ class CaptionStream(Generic[_C]):
         )
         thread.start()
         _LIVE_STREAMS.add(self)
+        passed_over = 0  # frames dropped before a frame not captioned (unchanged): the next event's
         try:
             while True:
                 with self._lock:
@@ -633,7 +755,12 @@ class CaptionStream(Generic[_C]):
                         return
                     (frame, read_at), dropped = state.frame, state.dropped
                     state.frame, state.dropped = None, 0
-                yield self._caption(frame, read_at, dropped)
+                event = self._caption_if_changed(frame, read_at, passed_over + dropped)
+                if event is None:
+                    passed_over += dropped
+                else:
+                    passed_over = 0
+                    yield event
         finally:
             self._stop.set()
             if isinstance(self.frames, _CaptureFrames):  # video_frames' realtime pacing
@@ -767,6 +894,7 @@ def caption_stream(
     return_attention: bool = ...,
     on_error: Literal["raise"] = ...,
     pick: str = ...,
+    min_change: float | None = ...,
 ) -> CaptionStream[Caption]: ...
 
 
@@ -780,6 +908,7 @@ def caption_stream(
     return_attention: bool = ...,
     on_error: str = ...,
     pick: str = ...,
+    min_change: float | None = ...,
 ) -> CaptionStream[Caption | InputError]: ...
 
 
@@ -792,6 +921,7 @@ def caption_stream(
     return_attention: bool = False,
     on_error: str = "raise",
     pick: str = "newest",
+    min_change: float | None = None,
 ) -> CaptionStream[Caption] | CaptionStream[Caption | InputError]:
     """Caption a stream of frames; iterate the result for ``StreamEvent``s.
 
@@ -811,6 +941,12 @@ def caption_stream(
             sampling) while the captioner is busy; in an in-order stream, those of one ``every``
             interval (each interval's pick captioned once the next interval begins). See the
             module docstring.
+        min_change: caption a frame only when at least this share of its view (0 to 1) changed
+            since the frame captioned last (``view_change``; ``MIN_CHANGE``, 0.05, keeps a still
+            camera's noise and flicker out and catches a change over a tenth of the view); the
+            frames passed over are counted in ``stats.unchanged``. None (the default): every
+            frame due is captioned. A robot standing still then spends nothing on captions and
+            says each scene once.
     """
     return CaptionStream(
         captioner,
@@ -821,6 +957,7 @@ def caption_stream(
         return_attention=return_attention,
         on_error=on_error,
         pick=pick,
+        min_change=min_change,
     )
 
 

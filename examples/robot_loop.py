@@ -3,13 +3,16 @@
     python examples/robot_loop.py clip.mp4                 # the shipped model
     python examples/robot_loop.py clip.mp4 --model DIR --every 0.5
     python examples/robot_loop.py ride.mp4 --pick sharpest   # the least blurred of the frames
+    python examples/robot_loop.py patrol.mp4 --changes-only  # a scene captioned once
 
 The video is played at its own frame rate, as a camera would deliver it; when captioning is
 slower than the frames arrive, the newest frame wins and the older ones are dropped, so the
 caption is never stale by more than one caption's time (``--pick sharpest``: the least blurred of
 the frames that arrived while the last caption was made, for a camera that moves; docs/cameras.md,
-"Blurred frames"). On a robot, swap ``video_frames(path,
-realtime=True)`` for ``camera_frames(0)`` and act on ``event.caption.text`` where this prints it.
+"Blurred frames"; ``--changes-only``: a frame only when its view changed since the last caption,
+so a robot standing still spends nothing on captions, "A scene said once"). On a robot, swap
+``video_frames(path, realtime=True)`` for ``camera_frames(0)`` and act on
+``event.caption.text`` where this prints it.
 Needs OpenCV: pip install 'edgecap[video]'.
 """
 
@@ -19,7 +22,7 @@ import argparse
 import sys
 
 from edgecap import Captioner, EdgecapError
-from edgecap.stream import caption_stream, video_frames
+from edgecap.stream import MIN_CHANGE, caption_stream, video_frames
 
 
 def main(argv: list[str] | None = None) -> int:
@@ -33,6 +36,11 @@ def main(argv: list[str] | None = None) -> int:
         default="newest",
         help="which of the frames that arrive during a caption to caption next (default: newest)",
     )
+    parser.add_argument(
+        "--changes-only",
+        action="store_true",
+        help="caption a frame only when its view changed since the last caption",
+    )
     args = parser.parse_args(argv)
 
     try:
@@ -41,7 +49,13 @@ def main(argv: list[str] | None = None) -> int:
         # GPU with CUDA graphs their captures (a decode graph per plan a frame can need)
         captioner.warm_up((1,), frame_size=(480, 640))
         frames = video_frames(args.video, realtime=True)
-        stream = caption_stream(captioner, frames, every=args.every, pick=args.pick)
+        stream = caption_stream(
+            captioner,
+            frames,
+            every=args.every,
+            pick=args.pick,
+            min_change=MIN_CHANGE if args.changes_only else None,
+        )
     except (EdgecapError, ValueError) as exc:  # ValueError: a bad --every
         print(f"robot_loop: {exc}", file=sys.stderr)
         return 2

@@ -1621,3 +1621,42 @@ def test_sharpest_blurs_its_bursts_and_lets_caption_stream_pick():
     pixels = np.frombuffer(msg.data, np.uint8).reshape(6, 8, 3)
     assert np.array_equal(message_image(msg, False, "frame")[1], pixels[:, :, ::-1])
     assert np.shares_memory(raw_sharpness_view(msg), msg.data)
+
+
+def test_changes_only_patches_the_share_asked_and_pairs_frames_of_one_scene():
+    """changes_only.py: a patch covers the share of the frame asked (within a row and a column
+    of pixels) with the other photo's pixels; the frames of the same scene are no change to
+    ``view_change`` and another photo is one."""
+    import changes_only
+    from PIL import Image
+
+    from edgecap.stream import MIN_CHANGE, view_change
+    from helpers import EXAMPLES
+
+    cat, coffee = (
+        np.asarray(Image.open(EXAMPLES / name).convert("RGB").resize((160, 120)))
+        for name in ("chelsea.png", "coffee.png")
+    )
+    rng = np.random.default_rng(0)
+    for share in (0.05, 0.2):
+        patched = changes_only.patched(cat, np.zeros_like(coffee), share, rng)
+        changed = np.any(patched != cat, axis=2).sum()
+        assert int(160 * share**0.5) * int(120 * share**0.5) >= changed > (share * 120 * 160) * 0.9
+        assert (patched == 0).all(axis=2).sum() >= changed
+    frame, others = changes_only.pairs(cat, coffee, rng)
+    assert frame.shape == cat.shape and np.abs(frame.astype(int) - cat).mean() < 2.5
+    assert list(others)[:7] == [
+        "noise",
+        "noise s.d. 8",
+        "exposure x 0.7",
+        "exposure x 1.3",
+        "moved 1 px",
+        "moved 3 px",
+        "JPEG quality 30",
+    ]
+    for name in ("noise", "exposure x 0.7", "moved 1 px", "JPEG quality 30"):
+        assert view_change(frame, others[name]) < MIN_CHANGE, name
+    assert view_change(frame, others["another photo"]) > 0.3
+    assert view_change(frame, others["patch 40%"]) >= MIN_CHANGE
+    moved = others["moved 3 px"]
+    assert np.abs(moved[3:, 3:].astype(int) - cat[:-3, :-3]).mean() < 2.5  # the view moved down and right

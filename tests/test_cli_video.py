@@ -90,6 +90,33 @@ def test_video_every_pick_sharpest_captions_each_intervals_least_blurred_frame(
     assert [line.split("\t")[0] for line in plain.stdout.splitlines()] == ["0.00s", "0.50s"]
 
 
+def test_video_changes_only_captions_each_scene_once(tiny_model_dir, video, capfd):
+    """The 2 s video is the cat for 1 s, then the coffee cup: --changes-only captions the first
+    frame of each (0.00s, 1.00s), the 18 others counted unchanged; --min-change 1 (every cell
+    must move) the first frame alone."""
+    out = edgecap_caption(capfd, "--video", video, "--changes-only", model=tiny_model_dir)
+    assert out.returncode == 0, out.stderr
+    lines = [line.split("\t") for line in out.stdout.splitlines()]
+    assert [time for time, _ in lines] == ["0.00s", "1.00s"]
+    every = edgecap_caption(capfd, "--video", video, model=tiny_model_dir).stdout.splitlines()
+    assert out.stdout.splitlines() == [every[0], every[10]]
+    assert "2 captions from 20 frames" in out.stderr and "18 unchanged" in out.stderr
+    whole = edgecap_caption(capfd, "--video", video, "--min-change", "1", model=tiny_model_dir)
+    assert [line.split("\t")[0] for line in whole.stdout.splitlines()] == ["0.00s"]
+
+
+def test_the_changes_only_help_gives_the_stream_s_min_change():
+    import argparse
+
+    from edgecap.commands import caption
+    from edgecap.stream import MIN_CHANGE
+
+    parser = argparse.ArgumentParser()
+    caption.add_arguments(parser)
+    text = " ".join(parser.format_help().split())
+    assert f"(default: {MIN_CHANGE} with --changes-only)" in text
+
+
 def test_video_json_every_frame(tiny_model_dir, video, capfd):
     out = edgecap_caption(capfd, "--video", video, "--json", model=tiny_model_dir)
     assert out.returncode == 0, out.stderr
@@ -124,6 +151,11 @@ def test_video_json_every_frame(tiny_model_dir, video, capfd):
         ),
         (["--bag", "a.mcap", "--every", "1", "--pick", "sharpest"], "--pick sharpest needs --camera"),
         (["--camera", "0", "--pick", "blurry"], "argument --pick: invalid choice: 'blurry'"),
+        (["photo.jpg", "--changes-only"], "--changes-only needs --camera or --video"),
+        (["--bag", "a.mcap", "--min-change", "0.1"], "--min-change needs --camera or --video"),
+        (["--camera", "0", "--min-change", "0"], "--min-change must be a share of the view over 0"),
+        (["--video", "missing.mp4", "--min-change", "1.5"], "at most 1, got 1.5"),
+        (["--video", "missing.mp4", "--min-change", "nan"], "at most 1, got nan"),
     ],
 )
 def test_bad_arguments_are_clean_errors(tiny_model_dir, tmp_path, args, message, capfd, monkeypatch):
@@ -562,8 +594,9 @@ def test_robot_loop_example(tiny_model_dir, video):
 
 
 def test_robot_loop_example_passes_its_pick_to_the_stream(tiny_model_dir, video, monkeypatch, capsys):
-    """--pick sharpest reaches caption_stream (a live stream over the video played in real time;
-    which frames it then picks depends on the machine's speed, so the stream itself is not run)."""
+    """--pick sharpest and --changes-only reach caption_stream (a live stream over the video
+    played in real time; which frames it then picks depends on the machine's speed, so the
+    stream itself is not run)."""
     import importlib.util
 
     spec = importlib.util.spec_from_file_location("robot_loop", ROOT / "examples" / "robot_loop.py")
@@ -579,9 +612,16 @@ def test_robot_loop_example_passes_its_pick_to_the_stream(tiny_model_dir, video,
 
     monkeypatch.setattr(robot_loop, "caption_stream", recording)
     monkeypatch.setattr(robot_loop.Captioner, "warm_up", lambda self, *args, **kwargs: None)
+    from edgecap.stream import MIN_CHANGE
+
     assert robot_loop.main([str(video), "--model", str(tiny_model_dir), "--pick", "sharpest"]) == 0
-    assert robot_loop.main([str(video), "--model", str(tiny_model_dir), "--every", "0.5"]) == 0
-    assert asked == [{"every": None, "pick": "sharpest"}, {"every": 0.5, "pick": "newest"}]
+    assert (
+        robot_loop.main([str(video), "--model", str(tiny_model_dir), "--every", "0.5", "--changes-only"]) == 0
+    )
+    assert asked == [
+        {"every": None, "pick": "sharpest", "min_change": None},
+        {"every": 0.5, "pick": "newest", "min_change": MIN_CHANGE},
+    ]
     assert capsys.readouterr().out.count("done: 0 captions from 0 frames") == 2
     with pytest.raises(SystemExit):
         robot_loop.main([str(video), "--pick", "blurry"])
@@ -645,7 +685,8 @@ def test_camera_is_captioned_live_and_a_video_in_order_both_sampled_by_every(
     the camera"; "--video captions every sampled frame in order"; --every samples either. The
     streams the command asks for (the video's source closed unread; a fake camera that gives no
     frame): --video --every 0.5 is in order with every=0.5, --camera 0 --every 2 live with 2.0;
-    --pick sharpest is passed on, "newest" without it."""
+    --pick sharpest is passed on, "newest" without it; --changes-only as MIN_CHANGE, --min-change
+    X as X."""
     import edgecap.stream
     from test_stream import FakeCv2
 
@@ -661,11 +702,18 @@ def test_camera_is_captioned_live_and_a_video_in_order_both_sampled_by_every(
     monkeypatch.setitem(sys.modules, "cv2", FakeCv2(n_frames=0))
     camera = edgecap_caption(capfd, "--camera", "0", "--every", "2", model=tiny_model_dir)
     sharpest = edgecap_caption(capfd, "--camera", "0", "--pick", "sharpest", model=tiny_model_dir)
+    changes = edgecap_caption(capfd, "--camera", "0", "--changes-only", model=tiny_model_dir)
+    tuned = edgecap_caption(
+        capfd, "--camera", "0", "--changes-only", "--min-change", "0.3", model=tiny_model_dir
+    )
     assert (recorded.returncode, camera.returncode, sharpest.returncode) == (0, 0, 0)
+    assert (changes.returncode, tuned.returncode) == (0, 0)
     assert asked == [
-        {"every": 0.5, "live": False, "pick": "newest"},
-        {"every": 2.0, "live": True, "pick": "newest"},
-        {"every": None, "live": True, "pick": "sharpest"},
+        {"every": 0.5, "live": False, "pick": "newest", "min_change": None},
+        {"every": 2.0, "live": True, "pick": "newest", "min_change": None},
+        {"every": None, "live": True, "pick": "sharpest", "min_change": None},
+        {"every": None, "live": True, "pick": "newest", "min_change": edgecap.stream.MIN_CHANGE},
+        {"every": None, "live": True, "pick": "newest", "min_change": 0.3},
     ]
 
 

@@ -1325,6 +1325,11 @@ def test_a_live_stream_captions_the_frame_read_before_its_source_failed():
         {"on_error": "ignore"},
         {"pick": "sharp"},
         {"pick": "sharpest", "live": False},
+        {"min_change": 0},
+        {"min_change": 1.5},
+        {"min_change": float("nan")},
+        {"min_change": True},
+        {"min_change": "0.1"},
     ],
 )
 def test_a_stream_refused_for_its_arguments_closes_the_source_it_was_given(bad):
@@ -1991,3 +1996,198 @@ def test_a_frames_sharpness_may_be_a_function_called_only_when_the_frame_compete
         # (None), then frame 4, measured, in its place
         assert called == [0, 1, 2, 3, 4] and [e.frame_index for e in events] == [2, 4]
     assert repr(frames[0]).endswith(", sharpness=<measured when it competes>)")
+
+
+# -- min_change: a scene captioned once, again when its view changed ---------------------------
+def halves(flipped: int = 0, low: int = 0, high: int = 100) -> np.ndarray:
+    """A 32 x 32 grey frame whose 2 x 2-pixel cells (16 x 16 of them) are ``low`` on the left
+    half and ``high`` on the right, the first ``flipped`` cells of the left half (row by row)
+    made ``high``."""
+    cells = np.full((16, 16), low, np.uint8)
+    cells[:, 8:] = high
+    cells.reshape(-1)[[row * 16 + column for row in range(16) for column in range(8)][:flipped]] = high
+    return np.kron(cells, np.ones((2, 2), np.uint8))
+
+
+def test_view_change_by_hand():
+    """Half the cells at 0, half at 100: standardised -1 and +1. One cell flipped to 100 (129
+    of 256 lit: mean 50.39, s.d. 49.998) moves the others by under 0.01 and itself by 1.99: 1 of
+    256 cells changed. The same frame twice as bright (0 and 200) is no change; the left and
+    right halves swapped, every cell."""
+    from edgecap.stream import view_change
+
+    assert view_change(halves(), halves(1)) == 1 / 256
+    assert view_change(halves(), halves(13)) == 13 / 256
+    assert view_change(halves(), halves(high=200)) == 0.0
+    assert view_change(halves(), halves(high=200)[:, ::-1]) == 1.0
+    assert (
+        view_change(halves(), np.dstack([np.zeros_like(halves()), halves(5), halves()])) == 5 / 256
+    )  # green
+    assert view_change(Image.fromarray(halves()), halves(2).astype(np.float32)) == 2 / 256
+    assert view_change(np.zeros((32, 32), np.uint8), np.full((32, 32), 7, np.uint8)) == 0.0  # uniform
+
+    # a lens cap: two frames of a dark sensor's noise (level 3, s.d. 2), whose cells (1,200
+    # pixels each) differ by hundredths of a level: within a level of each other, flat, no change
+    dark = [with_noise(np.full((480, 640, 3), 3, np.uint8), seed) for seed in (0, 1)]
+    assert view_change(*dark) == 0.0
+
+
+def test_a_still_scene_is_no_change_and_a_tenth_of_it_replaced_is():
+    """The example photos: sensor noise, the exposure at 0.6 and the view moved by a pixel are
+    under ``MIN_CHANGE``; the other photo over a tenth of the frame (a patch in the middle) and
+    the other photo itself are over it."""
+    from edgecap.stream import MIN_CHANGE, view_change
+
+    cat, coffee = example_frames()
+    for photo, other in ((cat, coffee), (coffee, cat)):
+        frame = with_noise(photo, 0)
+        assert view_change(frame, with_noise(photo, 1)) < MIN_CHANGE
+        assert view_change(frame, with_noise(np.round(photo * 0.6).astype(np.uint8), 1)) < MIN_CHANGE
+        assert view_change(frame[1:, 1:], frame[:-1, :-1]) < MIN_CHANGE
+        patched = frame.copy()
+        h, w = np.array(frame.shape[:2]) * np.sqrt(0.1)
+        top, left = (frame.shape[0] - int(h)) // 2, (frame.shape[1] - int(w)) // 2
+        patched[top : top + int(h), left : left + int(w)] = other[top : top + int(h), left : left + int(w)]
+        assert view_change(frame, patched) >= MIN_CHANGE
+        assert view_change(frame, other) > 0.3
+
+
+@pytest.mark.parametrize(
+    "image",
+    [
+        b"\xff\xd8 compressed",
+        "photo.jpg",
+        np.zeros((15, 40, 3), np.uint8),  # under 16 pixels a side
+        np.zeros((16, 16, 5), np.uint8),
+        np.zeros((16, 16), bool),
+        np.pad(np.full((1, 1), np.nan, np.float32), 16),
+        np.pad(np.full((1, 1), np.inf), 16),
+        Image.new("P", (16, 16)),
+        None,
+    ],
+    ids=["bytes", "path", "small", "5-channels", "bool", "nan", "inf", "palette", "none"],
+)
+def test_view_change_that_cannot_be_told_is_none(image):
+    import warnings
+
+    from edgecap.stream import view_change
+
+    with warnings.catch_warnings():
+        warnings.simplefilter("error")
+        assert view_change(image, halves()) is None and view_change(halves(), image) is None
+
+
+def captioned_with_min_change(frames, min_change=0.05, **options):
+    """The indices captioned by an in-order stream with ``min_change``, and its stats."""
+    stream = caption_stream(FakeCaptioner(), frames, live=False, min_change=min_change, **options)
+    return [e.frame_index for e in stream], stream.stats
+
+
+def test_an_in_order_stream_captions_a_scene_again_only_when_it_changed():
+    """Frames of a still scene (noise only), then another scene, then the first again: each
+    scene's first frame is captioned, the others counted unchanged; without min_change, all."""
+    cat, coffee = example_frames()
+    frames = [with_noise(cat, s) for s in range(3)] + [with_noise(coffee, s) for s in range(3, 5)]
+    frames += [with_noise(cat, 5)]
+    indices, stats = captioned_with_min_change(frames)
+    assert indices == [0, 3, 5]
+    assert (stats.frames, stats.captioned, stats.unchanged) == (6, 3, 3)
+    assert str(stats).endswith(", 3 unchanged")
+    assert captioned_with_min_change(frames, min_change=None)[0] == list(range(6))
+
+
+def test_each_frame_is_compared_with_the_one_captioned_not_the_one_before():
+    """One more cell changes with each frame (1/256 of the view from the frame before): the
+    change builds up against the frame captioned, so frames 13 and 26 are captioned (13/256 >=
+    0.05 > 12/256); the boundary is min_change itself."""
+    frames = [halves(flipped) for flipped in range(40)]
+    assert captioned_with_min_change(frames)[0] == [0, 13, 26, 39]
+    assert captioned_with_min_change(frames, min_change=13 / 256)[0] == [0, 13, 26, 39]
+    assert captioned_with_min_change(frames, min_change=12 / 256 + 1e-9)[0] == [0, 13, 26, 39]
+    assert captioned_with_min_change(frames, min_change=12 / 256)[0] == [0, 12, 24, 36]
+
+
+def test_frames_that_cannot_be_measured_are_captioned_and_so_is_the_next():
+    """Bytes (not decoded) are captioned whatever came before; the frame after one is too (there
+    is nothing captioned to compare it with), the one after that is compared with it."""
+    assert captioned_with_min_change([halves(), b"jpeg", halves(), halves(), b"jpeg", halves(1)])[0] == [
+        0,
+        1,
+        2,
+        4,
+        5,
+    ]
+
+
+def test_a_frame_that_failed_is_not_what_the_next_is_compared_with():
+    """on_error="return": frame 1 (the changed view) fails in the captioner, so frame 2 (the same
+    view) is still a change from frame 0, the last captioned, and is captioned."""
+
+    class FailsSecond(FakeCaptioner):
+        def caption(self, image, color="rgb", return_attention=False):
+            if len(self.seen) == 1:
+                self.seen.append((image, color))
+                raise InputError("<array>", "unreadable")
+            return super().caption(image, color, return_attention)
+
+    stream = caption_stream(
+        FailsSecond(), [halves(), halves(40), halves(40)], live=False, min_change=0.05, on_error="return"
+    )
+    events = list(stream)
+    assert [(e.frame_index, isinstance(e.caption, InputError)) for e in events] == [
+        (0, False),
+        (1, True),
+        (2, False),
+    ]
+    assert (stream.stats.captioned, stream.stats.failed, stream.stats.unchanged) == (2, 1, 0)
+
+
+def test_with_every_and_the_sharpest_pick_only_a_changed_pick_is_captioned():
+    """In order, every=1 s and pick="sharpest" (frames 2 a second): of frames about as sharp
+    each interval's newest is picked, 1, 3 and 5; 3 is the same scene as 1 (unchanged), 5
+    another."""
+    cat, coffee = example_frames()
+    frames = [
+        Frame(index=i, timestamp=i / 2, image=image)
+        for i, image in enumerate(
+            [with_noise(cat, 0), with_noise(cat, 1), with_noise(cat, 2), with_noise(cat, 3), coffee, coffee]
+        )
+    ]
+    indices, stats = captioned_with_min_change(frames, every=1.0, pick="sharpest")
+    assert indices == [1, 5]
+    assert (stats.captioned, stats.unchanged, stats.skipped) == (2, 1, 3)
+
+
+def test_a_live_stream_passes_over_an_unchanged_frame_and_counts_its_drops_in_the_next_event():
+    """Frame 0 is captioned slowly while frames 1 and 2 (the same scene) arrive: frame 2 is taken
+    (1 dropped) and passed over as unchanged; then frame 3, another scene, is captioned, its
+    event counting the frame dropped before frame 2."""
+    cat, coffee = example_frames()
+    captioning, all_read = threading.Event(), threading.Event()
+    stream = None
+
+    def source():
+        yield with_noise(cat, 0)
+        assert captioning.wait(DEADLOCK_GUARD_S)
+        yield with_noise(cat, 1)
+        yield with_noise(cat, 2)
+        all_read.set()
+        deadline = time.monotonic() + DEADLOCK_GUARD_S
+        while stream.stats.unchanged == 0:  # frame 2 passed over before frame 3 is read
+            assert time.monotonic() < deadline, "the loop stalled"
+            time.sleep(0.001)
+        yield coffee
+
+    def hook(calls):
+        if calls == 0:
+            captioning.set()
+            assert all_read.wait(DEADLOCK_GUARD_S), "the reader stalled"
+
+    stream = caption_stream(FakeCaptioner(hook), source(), min_change=0.05)
+    assert [(e.frame_index, e.dropped) for e in stream] == [(0, 0), (3, 1)]
+    assert (stream.stats.frames, stream.stats.captioned, stream.stats.dropped, stream.stats.unchanged) == (
+        4,
+        2,
+        1,
+        1,
+    )

@@ -153,6 +153,21 @@ def add_arguments(p: argparse.ArgumentParser) -> None:
         "or the sharpest, the least blurred by motion (of frames about as sharp, the newest)",
     )
     p.add_argument(
+        "--changes-only",
+        action="store_true",
+        help="with --camera or --video: caption a frame only when its view changed since the "
+        "frame captioned last (a twentieth of it, edgecap.stream.MIN_CHANGE: not sensor noise, "
+        "an exposure change or a view moved by a pixel or two), so a still scene is said once "
+        "and a camera standing still costs no captions",
+    )
+    p.add_argument(
+        "--min-change",
+        metavar="X",
+        type=float,
+        help="with --camera or --video: as --changes-only, with the share of the view (over 0, at "
+        "most 1) that must change for a frame to be captioned (default: 0.05 with --changes-only)",
+    )
+    p.add_argument(
         "--attention",
         metavar="OUT.png",
         help="with one image: also write its attention figure, one panel per word",
@@ -302,6 +317,11 @@ def _check_arguments(args: argparse.Namespace) -> str | None:
             f"--pick {args.pick} needs --camera, or --video with --every "
             "(without --every every frame of a video is captioned)"
         )
+    changes = "--changes-only" if args.min_change is None else "--min-change"
+    if (args.changes_only or args.min_change is not None) and args.camera is None and args.video is None:
+        return f"{changes} needs --camera or --video"
+    if args.min_change is not None and not 0 < args.min_change <= 1:
+        return f"--min-change must be a share of the view over 0 and at most 1, got {args.min_change}"
     if args.attention is not None:
         if not args.paths:
             return "--attention needs one image PATH (not --video or --camera)"

@@ -79,14 +79,20 @@ def run_attention(captioner, inputs: list[tuple[str, Any]], args) -> int:  # (na
 def run_stream(captioner, args: argparse.Namespace) -> int:
     """Caption a video file (every sampled frame, in order) or a camera (live)."""
     from edgecap.errors import InputError
-    from edgecap.stream import camera_frames, caption_stream, video_frames
+    from edgecap.stream import MIN_CHANGE, camera_frames, caption_stream, video_frames
 
+    min_change = MIN_CHANGE if args.changes_only else None
+    if args.min_change is not None:
+        min_change = args.min_change
     if args.video is not None:
         frames = video_frames(args.video)
-        stream = caption_stream(captioner, frames, every=args.every, live=False, pick=args.pick)
+        live = False
     else:
         frames = camera_frames(args.camera)
-        stream = caption_stream(captioner, frames, every=args.every, live=True, pick=args.pick)
+        live = True
+    stream = caption_stream(
+        captioner, frames, every=args.every, live=live, pick=args.pick, min_change=min_change
+    )
     decimals = time_decimals(args.every, getattr(frames, "fps", None))
     try:
         for event in stream:
