@@ -23,8 +23,8 @@ or a symbolic link that leads out of the folder is left out (reported) unless
 ``allow_outside=True`` (``edgecap train --allow-outside-data``): a captions file someone else
 wrote must not make the run read, and train on, files elsewhere on the machine.
 
-``captions.jsonl`` lines end at a newline only: a caption may hold U+2028, U+0085 or any other
-character that ``str.splitlines`` would split at.
+``captions.jsonl`` lines end at a newline only: a caption may hold U+2028, U+2029 or U+0085,
+which ``str.splitlines`` would split at (a control character, a form feed too, JSON has escaped).
 """
 
 from __future__ import annotations
@@ -426,7 +426,7 @@ def _jsonl_records(path: Path, text: str):
     """Like ``_csv_records``; a line that is not a JSON object is a string (its problem)."""
     records: list[tuple[int, dict | str]] = []
     # JSON Lines end at "\n" (and "\r\n"); str.splitlines would also split inside a caption at
-    # U+2028, U+0085, form feeds and the like, which JSON allows unescaped in strings.
+    # U+2028, U+2029 and U+0085, which JSON allows unescaped in strings (a form feed it does not).
     for line, raw in enumerate(text.split("\n"), 1):
         if not raw.strip():
             continue
