@@ -162,7 +162,11 @@ class Frame:
     ``pick="sharpest"`` then takes it rather than measuring ``image``. A number, or a function
     of no arguments giving one, called only for a frame that competes (after ``every``
     sampling), so a frame the sampling skips costs nothing (None: measured as the image is; a
-    NaN or an infinity, given or returned, counts as not measured)."""
+    NaN or an infinity, given or returned, counts as not measured). ``view``: where ``image`` is
+    not pixels the stream can measure (a raw ROS message, converted only if it is captioned), a
+    function of no arguments giving an array that ``view_change`` measures for ``min_change``
+    instead (a view of the message's bytes; None from it: not measured), called for each frame
+    the stream would caption."""
 
     index: int
     timestamp: float
@@ -170,6 +174,7 @@ class Frame:
     color: str = "rgb"
     name: str | None = None  # how an error names the frame (None: as the captioner names the image)
     sharpness: float | Callable[[], float | None] | None = None
+    view: Callable[[], object] | None = None
 
     def __repr__(self) -> str:
         # the image named (``<bytes (N bytes)>``, ``<array (480, 640, 3) uint8>``), not written
@@ -645,7 +650,7 @@ class CaptionStream(Generic[_C]):
         measured (``view_change``) is captioned, as is any after one captioned that could not."""
         if self.min_change is None:
             return self._caption(frame, read_at, dropped)
-        layout = _layout(frame.image)
+        layout = _layout(frame.image if frame.view is None else frame.view())
         last = self._last_layout
         if layout is not None and last is not None and _changed_share(last, layout) < self.min_change:
             with self._lock:

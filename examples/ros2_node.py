@@ -24,9 +24,14 @@ rather than the newest, ``caption_stream``'s pick; each raw frame ``every`` lets
 measured on a view of its message's own bytes, ``edgecap.recordings.raw_sharpness_view``, not
 converted: 3.2-3.5 ms for a 1080p frame, where converting a bgr8 one takes 17 ms and a yuv422
 one 67 ms; a compressed topic's frames are not measured, so they are taken as the newest, which
-the node says once as it starts), ``model`` (a model folder; "": the shipped model), ``backend``
-("auto"), ``device`` ("": the backend's own), ``beam_size`` (3), ``max_length`` (20). The raw
-encodings ``edgecap caption --bag`` reads are read here the same way
+the node says once as it starts), ``min_change`` (0.0, the default: every frame due is
+captioned; over 0, up to 1: a frame only when that share of its view changed since the frame
+captioned last, ``caption_stream``'s ``min_change``; ``edgecap.stream.MIN_CHANGE``, 0.05, keeps
+a still robot's frames from being captioned again; a raw frame is measured on a view of its
+message's bytes, not converted; a compressed topic's frames are not measured, so each is
+captioned, which the node says once as it starts), ``model`` (a model folder; "": the
+shipped model), ``backend`` ("auto"), ``device`` ("": the backend's own), ``beam_size`` (3),
+``max_length`` (20). The raw encodings ``edgecap caption --bag`` reads are read here the same way
 (``edgecap.recordings.message_image``), for the frames captioned only; a frame that cannot be
 captioned (an unknown encoding, a truncated JPEG) is one warning naming it, and the node goes
 on.
@@ -74,12 +79,16 @@ class MessageFrames:
     caption. ``measure`` (pick="sharpest" on a raw topic): each frame carries a function that
     measures its ``sharpness`` on a view of the message's own bytes (no conversion), which the
     stream calls, in its reader thread, for the frames that compete (not those ``every``
-    skips)."""
+    skips). ``view`` (min_change on a raw topic): each frame carries a function giving that
+    view (``Frame.view``), which the stream measures for each frame it would caption."""
 
-    def __init__(self, topic: str, compressed: bool, keep: int = 4, measure: bool = False):
+    def __init__(
+        self, topic: str, compressed: bool, keep: int = 4, measure: bool = False, view: bool = False
+    ):
         self.topic = topic
         self.compressed = compressed
         self.measure = measure
+        self.view = view
         self._waiting: queue.Queue = queue.Queue(keep)
         self._headers: dict[int, tuple[int, str]] = {}
         self._count = 0
@@ -122,7 +131,8 @@ class MessageFrames:
         # where the message cannot be measured as it is (an unknown encoding, a wrong size): the
         # stream then takes it as with pick="newest"
         score = functools.partial(raw_sharpness, msg) if self.measure else None
-        return Frame(index=index, timestamp=timestamp, image=msg, name=name, sharpness=score)
+        view = functools.partial(raw_sharpness_view, msg) if self.view else None
+        return Frame(index=index, timestamp=timestamp, image=msg, name=name, sharpness=score, view=view)
 
     def header(self, index: int) -> tuple[int, str]:
         """Frame ``index``'s (stamp in nanoseconds, frame_id); those of older frames are let go
@@ -207,6 +217,12 @@ class CaptionNode(Node):
         pick = self.declare_parameter("pick", "newest").value
         if pick not in PICKS:  # said now, not after the model has loaded
             raise ValueError(f"pick must be one of {', '.join(PICKS)}, got {pick!r}")
+        change = self.declare_parameter("min_change", 0.0, ParameterDescriptor(dynamic_typing=True)).value
+        if isinstance(change, bool) or not isinstance(change, (int, float)) or not 0 <= change <= 1:
+            raise ValueError(
+                "min_change must be 0 (every frame due is captioned) or a share of the view up to 1, "
+                f"got {change!r}"
+            )
         model = self.declare_parameter("model", "").value
         backend = self.declare_parameter("backend", "auto").value
         device = self.declare_parameter("device", "").value
@@ -223,7 +239,12 @@ class CaptionNode(Node):
         compressed = topic.rstrip("/").endswith("/compressed")
         # a compressed frame is not measured without decoding it (most of what captioning it
         # costs): its topic's frames are taken as the newest
-        self.frames = MessageFrames(topic, compressed, measure=pick == "sharpest" and not compressed)
+        self.frames = MessageFrames(
+            topic,
+            compressed,
+            measure=pick == "sharpest" and not compressed,
+            view=bool(change) and not compressed,
+        )
         # live: the newest (or sharpest) frame whenever the model is free; "return": a bad frame
         # is an event
         self.stream = caption_stream(
@@ -232,6 +253,7 @@ class CaptionNode(Node):
             every=every or None,
             on_error="return",
             pick=pick,
+            min_change=change or None,
         )
         self.publisher = self.create_publisher(String, "~/caption", 10)
         self.create_subscription(
@@ -247,6 +269,11 @@ class CaptionNode(Node):
             self.get_logger().warning(
                 f"pick sharpest: {topic}'s frames are compressed, which are not measured without "
                 "decoding them: the newest frame is captioned (subscribe to the raw topic for the pick)"
+            )
+        if change and compressed:
+            self.get_logger().warning(
+                f"min_change: {topic}'s frames are compressed, which are not measured without "
+                "decoding them: each frame due is captioned (subscribe to the raw topic for min_change)"
             )
 
     def _caption(self) -> None:

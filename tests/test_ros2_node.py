@@ -772,3 +772,87 @@ def test_a_pick_that_is_not_newest_or_sharpest_is_one_line_before_the_model_load
     assert ros.example.main([]) == 2
     err = capsys.readouterr().err
     assert err.startswith("ros2_node: Trying to set parameter 'pick' to '1'") and len(err.splitlines()) == 1
+
+
+@pytest.mark.parametrize("encoding", ["rgb8", "bgr8"])
+def test_min_change_captions_a_still_scene_once_measured_on_the_messages_bytes(ros, monkeypatch, encoding):
+    """``-p min_change:=0.05``: the cat, the same cat again (unchanged: nothing published, not
+    converted), then the coffee cup (changed): two captions, for frames 1 and 3; the frames'
+    views are the messages' own bytes (``raw_sharpness_view``); without the parameter, three."""
+    converted, viewed = [], []
+    real_image, real_view = ros.example.message_image, ros.example.raw_sharpness_view
+
+    def converting(msg, compressed, name):
+        converted.append(msg.header.stamp.sec)
+        return real_image(msg, compressed, name)
+
+    def viewing(msg):
+        view = real_view(msg)
+        viewed.append(np.shares_memory(view, np.frombuffer(msg.data, np.uint8)))
+        return view
+
+    monkeypatch.setattr(ros.example, "message_image", converting)
+    monkeypatch.setattr(ros.example, "raw_sharpness_view", viewing)
+
+    class Quick(Slow):
+        def caption(self, image, color="rgb", return_attention=False):
+            return types.SimpleNamespace(
+                text=f"{image.shape}", recognisable=True, confidence=None, objects=[]
+            )
+
+    for change, captions in ((0.05, [1, 3]), (0.0, [1, 2, 3])):
+        converted.clear()
+        viewed.clear()
+        ros.parameters["min_change"] = change
+        node = ros.example.CaptionNode(Quick())
+        try:
+            deliver(node, raw_message(EXAMPLES / "chelsea.png", encoding, sec=1))
+            if change:
+                node.subscriptions[0][2](raw_message(EXAMPLES / "chelsea.png", encoding, sec=2))
+                deadline = time.monotonic() + 60
+                while node.stream.stats.unchanged == 0:
+                    assert time.monotonic() < deadline, "frame 2 was never passed over"
+                    time.sleep(0.01)
+            else:
+                deliver(node, raw_message(EXAMPLES / "chelsea.png", encoding, sec=2))
+            deliver(node, raw_message(EXAMPLES / "coffee.png", encoding, sec=3))
+        finally:
+            node.close()
+        records = [json.loads(m.data) for m in node.publishers[0].published]
+        assert [r["stamp"]["sec"] for r in records] == captions
+        assert converted == captions
+        assert viewed == ([True] * 3 if change else [])
+
+
+def test_min_change_on_a_compressed_topic_says_each_frame_is_captioned(ros):
+    ros.parameters.update(image_topic="/cam/compressed", min_change=0.05)
+
+    class Quick(Slow):
+        def caption(self, image, color="rgb", return_attention=False):
+            return types.SimpleNamespace(text="a rocket", recognisable=True, confidence=None, objects=[])
+
+    node = ros.example.CaptionNode(Quick())
+    try:
+        warnings = [line for level, line in node.logger.lines if level == "warning"]
+        assert warnings == [
+            "min_change: /cam/compressed's frames are compressed, which are not measured without "
+            "decoding them: each frame due is captioned (subscribe to the raw topic for min_change)"
+        ]
+        jpeg = (EXAMPLES / "rocket.jpg").read_bytes()
+        for sec in (7, 8):
+            deliver(node, Message(header=header(sec), format="jpeg", data=array.array("B", jpeg)))
+        assert [json.loads(m.data)["stamp"]["sec"] for m in node.publishers[0].published] == [7, 8]
+    finally:
+        node.close()
+
+
+@pytest.mark.parametrize("change", ["often", True, -0.1, 1.5, float("nan")])
+def test_a_min_change_that_is_not_a_share_of_the_view_is_one_line_before_the_model_loads(
+    ros, tmp_path, capsys, change
+):
+    ros.parameters.update(model=str(tmp_path / "missing"), min_change=change)
+    assert ros.example.main([]) == 2
+    assert capsys.readouterr().err == (
+        "ros2_node: min_change must be 0 (every frame due is captioned) or a share of the view up to 1, "
+        f"got {change!r}\n"
+    )
