@@ -1,6 +1,7 @@
 """How far to trust ``Caption.confidence`` on degraded frames: night, blur, a thumbnail, JPEG.
 
     python benchmarks/confidence_degraded.py --data ../shared/data [--flickr8k-limit N] [--out DIR]
+        [--write-blur-penalty]
 
 The confidence model (``confidence.json``) was fitted on dev photos as taken. A robot's camera
 gives it frames darker, blurrier, noisier and more compressed than those. Each of the everyday
@@ -26,6 +27,17 @@ frame: its sharpness (the log of the blank check's detail over its spread,
 contrast) and the log of the gain it was brightened by. Their AUROC on the photos as taken and
 on every frame, their log-loss, and the gap between mean confidence and the share right on the
 degraded frames.
+
+The third: the blur penalty (``ConfidenceModel.blur``): the shipped signals fitted on the photos
+as taken, and a frame whose ``edgecap.preprocess.blurriness`` is under the 5th percentile of the
+photos' as taken (``below``) has ``weight`` times the shortfall taken off its logit, ``weight``
+fitted (the logits held) on the photos as taken and their 25 px horizontal motion blur alone, so
+that the other blurs (25 px down the columns, 25 px along the diagonal, 10 px; "not fitted") and
+the other degradations test it. Five folds over the photos as above, each fold's signals model,
+``below`` and ``weight`` fitted on the other folds (and the other set): per version, the mean
+confidence, the share right, the AUROC and what ``--min-confidence 0.3`` keeps, without and with
+the penalty. Last, ``below`` and ``weight`` fitted on every photo against the model's own
+signals model, which ``--write-blur-penalty`` writes into the model's confidence.json.
 """
 
 from __future__ import annotations
@@ -82,6 +94,28 @@ def blur(photo: np.ndarray, rng: np.random.Generator, length: int = 25) -> np.nd
     return np.round((sums[:, length:] - sums[:, :-length]) / length).astype(np.uint8)
 
 
+def blur_down(photo: np.ndarray, rng: np.random.Generator) -> np.ndarray:
+    """Vertical motion blur, 25 px (``blur`` along the columns)."""
+    return np.ascontiguousarray(blur(photo.transpose(1, 0, 2), rng).transpose(1, 0, 2))
+
+
+def blur_10(photo: np.ndarray, rng: np.random.Generator) -> np.ndarray:
+    """Horizontal motion blur, 10 px."""
+    return blur(photo, rng, length=10)
+
+
+def blur_diagonal(photo: np.ndarray, rng: np.random.Generator, length: int = 25) -> np.ndarray:
+    """Diagonal motion blur (down and right): the mean of ``length`` pixels along each diagonal
+    (edges repeated)."""
+    h, w = photo.shape[:2]
+    half = length // 2
+    padded = np.pad(photo.astype(np.float32), ((half, half), (half, half), (0, 0)), mode="edge")
+    total = np.zeros(photo.shape, np.float32)
+    for k in range(length):
+        total += padded[k : k + h, k : k + w]
+    return np.round(total / length).astype(np.uint8)
+
+
 def jpeg5(photo: np.ndarray, rng: np.random.Generator) -> np.ndarray:
     """Through JPEG at quality 5."""
     from PIL import Image
@@ -108,6 +142,9 @@ DEGRADATIONS = {
     "dim, x0.15": dim,
     "32 px thumbnail, scaled up": thumbnail,
     "motion blur, 25 px": blur,
+    "motion blur, 25 px down (not fitted)": blur_down,
+    "motion blur, 25 px diagonal (not fitted)": blur_diagonal,
+    "motion blur, 10 px (not fitted)": blur_10,
     "JPEG quality 5": jpeg5,
     "haze, 80%": haze,
     "noise, sd 30": noise,
@@ -127,20 +164,30 @@ def build_parser():
         help="per-photo CIDEr from which a caption is right (default: %(default)s)",
     )
     p.add_argument("--model", type=Path, default=None, help="model directory (default: the shipped one)")
+    p.add_argument(
+        "--write-blur-penalty",
+        action="store_true",
+        help="write the blur penalty fitted on every photo into the model's confidence.json",
+    )
     C.add_out_argument(p)
     return p
 
 
-def frame_measures(frame: np.ndarray, pre) -> tuple[float, float]:
-    """(log sharpness: the blank check's detail over its spread, log of the brightening gain) of a
-    frame as the model sees it."""
+FITTED_BLUR = "motion blur, 25 px"  # the one blur the penalty's weight is fitted on
+BLUR_PERCENTILE = 5  # the penalty's ``below``: this percentile of the photos' as taken
+
+
+def frame_measures(frame: np.ndarray, pre) -> tuple[float, float, float]:
+    """(log sharpness: the blank check's detail over its spread, log of the brightening gain,
+    ``blurriness``) of a frame as the model sees it."""
     from PIL import Image
 
-    from edgecap.preprocess import frame_statistics, model_input
+    from edgecap.preprocess import frame_blurriness, frame_statistics, model_input
 
     x, gain = model_input(Image.fromarray(frame), pre, brighten=True)
     spread, detail = frame_statistics(x, pre)
-    return float(np.log(max(detail, 1e-3) / max(spread, 1e-3))), float(np.log(gain))
+    sharp = float(np.log(max(detail, 1e-3) / max(spread, 1e-3)))
+    return sharp, float(np.log(gain)), frame_blurriness(x, pre)
 
 
 def caption_set(captioner, photos, references, threshold: float) -> dict[str, dict[str, np.ndarray]]:
@@ -163,8 +210,9 @@ def caption_set(captioner, photos, references, threshold: float) -> dict[str, di
             "confidence": np.array([np.nan if c.confidence is None else c.confidence for c in captions]),
             "right": np.array([cider[i] >= threshold for i in range(len(frames))]),
             "cider": np.array([cider[i] for i in range(len(frames))]),
-            "measures": np.array([frame_measures(f, captioner.manifest.preprocessing) for f in frames]),
         }
+        measures = np.array([frame_measures(f, captioner.manifest.preprocessing) for f in frames])
+        out[name]["measures"], out[name]["blurriness"] = measures[:, :2], measures[:, 2]
         print(
             f"{len(frames)} photos, {name}: right {out[name]['right'].mean():.3f}",
             file=sys.stderr,
@@ -270,6 +318,125 @@ def refit_rows(label: str, target: dict, other: dict) -> tuple[list[list], list[
     return rows, data
 
 
+def sigmoid(z: np.ndarray) -> np.ndarray:
+    return 1 / (1 + np.exp(-np.clip(z, -50, 50)))
+
+
+def offset_weight(z: np.ndarray, shortfall: np.ndarray, y: np.ndarray, steps: int = 50) -> float:
+    """The weight w >= 0 for which logits ``z`` plus ``w * shortfall`` (each <= 0) best fit
+    ``y`` (the log-likelihood, by Newton's method; the logits held)."""
+    w = 0.0
+    for _ in range(steps):
+        p = sigmoid(z + w * shortfall)
+        curvature = float(np.sum(p * (1 - p) * shortfall**2))
+        if curvature <= 0:
+            break
+        w = max(w - float(np.sum((p - y) * shortfall)) / curvature, 0.0)
+    return w
+
+
+def penalty_fit(
+    z: np.ndarray, blurriness: np.ndarray, y: np.ndarray, name: np.ndarray
+) -> tuple[float, float]:
+    """The blur penalty (below, weight) from frames' logits, blurriness, rightness and versions:
+    ``below`` the ``BLUR_PERCENTILE``th percentile of the photos' as taken, ``weight`` fitted on
+    those and their ``FITTED_BLUR`` frames alone."""
+    taken = name == AS_TAKEN
+    below = float(np.percentile(blurriness[taken], BLUR_PERCENTILE))
+    used = taken | (name == FITTED_BLUR)
+    return below, offset_weight(z[used], np.minimum(blurriness[used] - below, 0.0), y[used].astype(float))
+
+
+def with_blurriness(versions: dict):
+    """``stacked``'s rows (the shipped signals) and each row's blurriness."""
+    xs, bs = [], []
+    for v in versions.values():
+        xs.append(v["signals"])
+        bs.append(v["blurriness"])
+    keep = np.isfinite(np.vstack(xs)).all(1)
+    return (*stacked(versions, False), np.concatenate(bs)[keep])
+
+
+def penalty_cross_validated(target: dict, other: dict, seed: int = 0):
+    """Five folds over ``target``'s photos (as ``cross_validated``): each predicted by the shipped
+    signals fitted on its other folds' and ``other``'s photos as taken, without and with a blur
+    penalty fitted on the same frames -> (confidence without, with, right, version names)."""
+    from edgecap.confidence import fit
+
+    x, y, photo, name, b = with_blurriness(target)
+    ox, oy, _, oname, ob = with_blurriness(other)
+    folds = np.random.default_rng(seed).permutation(photo.max() + 1) % FOLDS
+    plain, penalised = np.zeros(len(x)), np.zeros(len(x))
+    for k in range(FOLDS):
+        train, test = folds[photo] != k, folds[photo] == k
+        taken, otaken = train & (name == AS_TAKEN), oname == AS_TAKEN
+        mean, std, w, bias = fit(np.vstack([x[taken], ox[otaken]]), np.concatenate([y[taken], oy[otaken]]))
+
+        def logit(rows):
+            return ((rows - mean) / std) @ w + bias  # noqa: B023 (called within this fold)
+
+        below, weight = penalty_fit(
+            np.concatenate([logit(x[train]), logit(ox)]),
+            np.concatenate([b[train], ob]),
+            np.concatenate([y[train], oy]),
+            np.concatenate([name[train], oname]),
+        )
+        plain[test] = logit(x[test])
+        penalised[test] = plain[test] + weight * np.minimum(b[test] - below, 0.0)
+    return sigmoid(plain), sigmoid(penalised), y, name
+
+
+def penalty_rows(label: str, target: dict, other: dict) -> tuple[list[list], list[dict]]:
+    from edgecap.confidence import auroc
+
+    plain, penalised, y, name = penalty_cross_validated(target, other)
+    rows, data = [], []
+    for version in target:
+        here = name == version
+        right = y[here]
+        entry: dict = {"set": label, "frames": version, "right": float(right.mean())}
+        cells = []
+        for model, p in (("without", plain[here]), ("with", penalised[here])):
+            kept = p >= KEEP_FROM
+            entry[model] = {
+                "mean_confidence": float(p.mean()),
+                "auroc": auroc(p, right),
+                "kept": int(kept.sum()),
+                "kept_right": float(right[kept].mean()) if kept.any() else None,
+            }
+            cells.append(entry[model])
+        data.append(entry)
+        rows.append(
+            [
+                label,
+                version,
+                f"{entry['right']:.2f}",
+                " / ".join(f"{c['mean_confidence']:.2f}" for c in cells),
+                " / ".join(f"{c['auroc']:.3f}" for c in cells),
+                " / ".join(f"{c['kept']}, {c['kept_right']:.2f}" if c["kept"] else "0" for c in cells),
+            ]
+        )
+    return rows, data
+
+
+def fitted_penalty(model_dir: Path, results: dict) -> tuple[float, float]:
+    """The blur penalty fitted on every photo of every set, against the logits of the model's own
+    signals model (its confidence.json, without a penalty)."""
+    from edgecap.confidence import ConfidenceModel
+
+    model = ConfidenceModel.load(model_dir)
+    if model is None:
+        raise SystemExit(f"confidence_degraded: {model_dir} has no confidence.json")
+    zs, bs, ys, names = [], [], [], []
+    for versions in results.values():
+        x, y, _, name, b = with_blurriness(versions)
+        zs.append(((model.select(x) - model.mean) / model.std) @ model.weights + model.bias)
+        bs.append(b)
+        ys.append(y)
+        names.append(name)
+    return penalty_fit(np.concatenate(zs), np.concatenate(bs), np.concatenate(ys), np.concatenate(names))
+
+
 def load_photos(items, root: Path) -> list[np.ndarray]:
     from PIL import Image
 
@@ -310,6 +477,23 @@ def main(argv=None) -> int:
         rows, data = refit_rows(label, results[label], results[other])
         refit += rows
         refit_data += data
+    penalty, penalty_data = [], []
+    for label, other in (("everyday", "Flickr8k dev"), ("Flickr8k dev", "everyday")):
+        rows, data = penalty_rows(label, results[label], results[other])
+        penalty += rows
+        penalty_data += data
+    below, weight = fitted_penalty(model, results)
+    if args.write_blur_penalty:
+        from dataclasses import replace
+
+        from edgecap.confidence import ConfidenceModel, write
+
+        shipped_model = ConfidenceModel.load(model)
+        assert shipped_model is not None  # fitted_penalty has loaded it
+        print(
+            f"wrote {write(model, replace(shipped_model, blur=(round(below, 4), round(weight, 4))))}",
+            file=sys.stderr,
+        )
     counts = ", ".join(f"{len(v[AS_TAKEN]['right'])} {k}" for k, v in results.items())
     markdown = "\n\n".join(
         [
@@ -342,6 +526,22 @@ def main(argv=None) -> int:
                 ],
                 refit,
             ),
+            f"The blur penalty, cross-validated ({FOLDS} folds over the photos; each cell without / with "
+            f"it; the shipped signals fitted on the photos as taken; its weight fitted on those and "
+            f"'{FITTED_BLUR}' alone):",
+            C.markdown_table(
+                [
+                    "photos",
+                    "frames",
+                    "right",
+                    "mean confidence",
+                    "AUROC",
+                    f"kept at --min-confidence {KEEP_FROM}, right",
+                ],
+                penalty,
+            ),
+            f"Fitted on every photo against the model's own signals model: below {below:.4f}, weight "
+            f"{weight:.4f}" + (" (written into its confidence.json)." if args.write_blur_penalty else "."),
         ]
     )
     data = {
@@ -352,6 +552,7 @@ def main(argv=None) -> int:
             for r in shipped
         ],
         "refitted": refit_data,
+        "blur penalty": {"cross-validated": penalty_data, "below": below, "weight": weight},
     }
     C.write_results("confidence_degraded", data, markdown + "\n", argv, out=args.out)
     return 0

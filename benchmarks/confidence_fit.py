@@ -16,7 +16,8 @@ AUROC; and the AUROC on Flickr8k dev cross-validated the same way (five folds ov
 fitted on the other four and all the everyday photos), so that a model that wins on everyday
 photos by losing in domain shows it. ``--signals``: the model's signals, some of
 ``edgecap.confidence.SIGNALS``. ``--write`` fits on all the photos and writes ``confidence.json``
-into a model directory. ``--decoding`` captions with other ``CaptionOptions``
+into a model directory, keeping the blur penalty the one there has (``confidence_degraded.py
+--write-blur-penalty`` refits it). ``--decoding`` captions with other ``CaptionOptions``
 (``consensus=False``, ``constrained=True``); with ``--fit-signals`` (the ``signals.npz`` of a run
 with the default decoding, on the same photos) each fold's model is fitted on those signals and
 rates this run's captions of the held-out fold: how the shipped model, fitted on default
@@ -49,6 +50,25 @@ def collect(captioner, items, root: Path):
         rows.append(caption.signals)
         texts[item.image_id] = caption.text
     return np.array(rows), texts
+
+
+def keeping_blur_penalty(directory: Path, model):
+    """``model`` with the blur penalty ``directory``'s confidence.json has, where it has one
+    (fitted against logits of these signals on photos as taken; ``confidence_degraded.py
+    --write-blur-penalty`` refits it), said on stderr; ``model`` as it is otherwise."""
+    from dataclasses import replace
+
+    from edgecap.confidence import ConfidenceModel
+
+    before = ConfidenceModel.load(directory)  # None: no confidence.json there
+    if before is None or before.blur is None:
+        return model
+    print(
+        f"confidence_fit: kept {directory}'s blur penalty (below {before.blur[0]}, weight "
+        f"{before.blur[1]}): refit it with benchmarks/confidence_degraded.py --write-blur-penalty",
+        file=sys.stderr,
+    )
+    return replace(model, blur=before.blur)
 
 
 def build_parser():
@@ -266,7 +286,9 @@ def main(argv=None) -> int:
             # the captions' fusion weight: the Captioner rates captions of this weight or less
             FITTED_FUSION_WEIGHT: fitted_fusion_weight(args.model, args.decoding),
         }
-        path = write(args.write, ConfidenceModel(mean, std, w, b, info, names))
+        path = write(
+            args.write, keeping_blur_penalty(args.write, ConfidenceModel(mean, std, w, b, info, names))
+        )
         result["written"] = str(path)
         result["weights"] = dict(zip(names, np.round(w, 4).tolist()))
     (args.out / "confidence.json").write_text(json.dumps(result, indent=1) + "\n")

@@ -54,7 +54,7 @@ from edgecap.images import (
 from edgecap.manifest import Manifest, file_sha256, load_manifest
 from edgecap.objects import ObjectClasses, top_classes_rows
 from edgecap.prefetch import check_decode_workers, default_decode_workers, prefetched_batches, window
-from edgecap.preprocess import bar_box, model_input, recognisable
+from edgecap.preprocess import bar_box, frame_blurriness, model_input, recognisable
 from edgecap.vocab import Vocabulary
 
 CLOSED_MID_CALL = "this Captioner is closed: the rest of the images are not captioned"
@@ -922,7 +922,12 @@ class Captioner:
                 describe(image), f"out of memory resizing it ({rgb.width}x{rgb.height}) for the model"
             ) from exc
         visible = not options.blank_check or recognisable(x, self.manifest.preprocessing, bool(gain > 1))
-        return _Prepared(x, visible, (time.perf_counter() - t0) * 1e3, crop)
+        # how blurred it looks, where the confidence model takes a blur penalty (0.4 ms a frame)
+        rater = self._confidence_model
+        blurry = (
+            None if rater is None or rater.blur is None else frame_blurriness(x, self.manifest.preprocessing)
+        )
+        return _Prepared(x, visible, (time.perf_counter() - t0) * 1e3, crop, blurry)
 
     def _prepared(
         self, images: Iterable[ImageInput | None], color: str, options: CaptionOptions
@@ -998,8 +1003,12 @@ class Captioner:
             t0 = time.perf_counter()
             hypotheses = hypotheses()
             decode_ms += (time.perf_counter() - t0) * 1e3
-        if seen is not None and options.blank_check:  # the backend's check (on its device)
-            good = [replace(p, visible=bool(v)) for p, v in zip(good, seen)]
+        if seen is not None:  # the backend's checks (on its device)
+            visible, blurriness = seen
+            good = [
+                replace(p, visible=bool(v) or not options.blank_check, blurriness=float(b))
+                for p, v, b in zip(good, visible, blurriness)
+            ]
         shares = {"encode_ms": encode_ms / n, "decode_ms": decode_ms / n}
         # each photo's most probable classes at once, for its tags and its confidence signals
         objects = options.objects
@@ -1015,7 +1024,7 @@ class Captioner:
             image, hyps, named, image_probs, image_best = next(done)
             timings = {"preprocess_ms": image.ms, **shares}
             caption = (
-                self._to_caption(hyps, named, image_probs, timings, options, image_best)
+                self._to_caption(hyps, named, image_probs, timings, options, image_best, image.blurriness)
                 if image.visible
                 else self._nothing(hyps[0], named, timings, options)
             )
@@ -1091,20 +1100,21 @@ class Captioner:
             else:
                 hypotheses = hypotheses[:n]
             probs = None if probs is None else probs[:n]
-            seen = None if seen is None else seen[:n]
+            seen = None if seen is None else [checks[:n] for checks in seen]
         return hypotheses, probs, (t1 - t0) * 1e3, (t2 - t1) * 1e3, seen
 
     def _encoded(self, batch: list[np.ndarray], options: CaptionOptions):
         """The batch encoded at its run size (``Backend.run_size``: padded with copies of its last
-        image; frames the backend prepares brightened as ``options`` say) -> (``Encoded``,
-        whether each image holds anything to caption or None, the run size)."""
+        image; frames the backend prepares brightened as ``options`` say) -> (``Encoded``, for
+        frames the backend prepares [whether each holds anything to caption, how blurred each
+        looks] or None, the run size)."""
         seen = None
         n = len(batch)
         # read once: a batch of another thread (a thread-safe backend) may record its own meanwhile
         largest = self._largest_batch = max(self._largest_batch, n)
         size = self.backend.run_size(n, largest)
         if self.backend.prepares_frames:  # padded after its preprocessing, on the device
-            encoded, seen = self.backend.encode_frames(batch, size, brighten=options.brighten)
+            encoded, *seen = self.backend.encode_frames(batch, size, brighten=options.brighten)
         else:
             encoded = self.backend.encode(self.backend.batch_input(batch + [batch[-1]] * (size - n)))
         return encoded, seen, size
@@ -1126,9 +1136,11 @@ class Captioner:
         timings: dict[str, float],
         options: CaptionOptions,
         best: np.ndarray | None = None,
+        blurriness: float | None = None,
     ) -> Caption:
         """``best``: the photo's most probable classes, best first (``top_classes``), or None;
-        ``options``: those it was searched with."""
+        ``options``: those it was searched with; ``blurriness``: the photo's, for the confidence's
+        blur penalty (None: none)."""
         first, *rest = hyps
         # the photo's typicality and the gate's share of the fusion weight (confidence signals)
         photo = (0.0, 0.0)
@@ -1136,9 +1148,12 @@ class Captioner:
             gate = self.fusion.gate
             photo = (float(gate.typicality(probs[None])[0]), float(gate(probs[None])[0]))
         alternatives = tuple(
-            self._hypothesis_caption(h, objects, probs, photo, {}, options, best=best) for h in rest
+            self._hypothesis_caption(h, objects, probs, photo, {}, options, best=best, blurriness=blurriness)
+            for h in rest
         )
-        return self._hypothesis_caption(first, objects, probs, photo, timings, options, alternatives, best)
+        return self._hypothesis_caption(
+            first, objects, probs, photo, timings, options, alternatives, best, blurriness
+        )
 
     def _hypothesis_caption(
         self,
@@ -1150,6 +1165,7 @@ class Captioner:
         options: CaptionOptions,
         alternatives: tuple[Caption, ...] = (),
         best: np.ndarray | None = None,
+        blurriness: float | None = None,
     ) -> Caption:
         """``photo``: its typicality and the fusion gate's share for it (0, 0 without a gate);
         ``best``: its most probable classes (``_to_caption``'s); ``options``: those it was
@@ -1185,7 +1201,7 @@ class Captioner:
             if rater is not None:
                 # a caption the length cap cut before any place to end is no sentence: not a
                 # caption the confidence model was fitted on, and not a right one
-                confidence = round(rater.predict(rater.select(x)), 4) if hyp.finished else 0.0
+                confidence = round(rater.predict(rater.select(x), blurriness), 4) if hyp.finished else 0.0
         return Caption(
             text=" ".join(words),
             score=float(hyp.score),
@@ -1222,12 +1238,14 @@ class _Prepared:
     """One photo ready for the encoder: its input (3, H, W) (for a backend that
     ``prepares_frames``, the decoded RGB frame (H, W, 3), checked there), whether it holds
     anything to caption (``recognisable``), the milliseconds it took to load and preprocess,
-    the part of it captioned (``Caption.crop``)."""
+    the part of it captioned (``Caption.crop``), how blurred it looks
+    (``edgecap.preprocess.blurriness``, for the confidence's blur penalty; None: not measured)."""
 
     x: np.ndarray
     visible: bool
     ms: float
     crop: tuple[float, float, float, float] | None = None
+    blurriness: float | None = None
 
 
 _Picture = TypeVar("_Picture", Image.Image, np.ndarray)

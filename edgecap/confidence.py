@@ -19,6 +19,14 @@ A logistic model over some of the signals, fitted on dev photos (``benchmarks/co
 ships with a model directory as ``confidence.json``, naming the signals it uses; without one
 ``confidence`` is None. The shipped one uses all of them (docs/confidence.md has why, and what
 was tried).
+
+Blurred frames: the signals come from the search, which is as sure of itself on a frame blurred
+by motion as on a sharp one, while its captions are right far less often (Flickr8k dev, 25 px:
+9% right for a mean confidence of 0.28 from the signals alone). A model may carry a blur penalty (``blur_penalty`` in
+its file: ``below``, ``weight``): a frame whose ``edgecap.preprocess.blurriness`` is under
+``below`` has ``weight`` times the shortfall taken off its logit, and a frame over it nothing, so
+the signals' fit on photos as taken stands for them (``benchmarks/confidence_degraded.py`` fits
+and measures it).
 """
 
 from __future__ import annotations
@@ -41,6 +49,7 @@ CONFIDENCE_FILE = OPTIONAL_FILES[CONFIDENCE]  # confidence.json
 # model's own weight, from its fusion.json)
 FITTED_FUSION_WEIGHT = "fusion_weight"
 FORMAT = "edgecap-confidence/1"
+BLUR_PENALTY = "blur_penalty"  # its file's key: {"below": blurriness, "weight": per unit under it}
 SIGNALS = (
     "score",
     "rank_score",
@@ -130,7 +139,8 @@ def object_words(word_ids) -> dict[int, tuple[int, ...]]:
 @dataclass(frozen=True)
 class ConfidenceModel:
     """A logistic model over standardised signals: ``names``, some of ``SIGNALS`` (all of them
-    by default), in the order of ``mean``, ``std`` and ``weights``."""
+    by default), in the order of ``mean``, ``std`` and ``weights``; ``blur``: its blur penalty
+    (below, weight), or None (see the module docstring)."""
 
     mean: np.ndarray
     std: np.ndarray
@@ -138,15 +148,26 @@ class ConfidenceModel:
     bias: float
     info: dict
     names: tuple[str, ...] = SIGNALS
+    blur: tuple[float, float] | None = None
 
-    def predict(self, x: np.ndarray) -> float:
-        """``x``: the model's own signals (``names``), in its order. A signal that is not a number
-        (class probabilities with NaN in them, from an encoder out of range) gives 0: nothing
-        the model was fitted on, and no reason to trust the caption."""
+    def predict(self, x: np.ndarray, blurriness: float | None = None) -> float:
+        """``x``: the model's own signals (``names``), in its order; ``blurriness``: the frame's
+        (``edgecap.preprocess.blurriness``), for the blur penalty (None: none taken). A signal
+        that is not a number (class probabilities with NaN in them, from an encoder out of range)
+        gives 0: nothing the model was fitted on, and no reason to trust the caption."""
         z = float(((np.asarray(x) - self.mean) / self.std) @ self.weights + self.bias)
+        z += self.penalty(blurriness)
         if math.isnan(z):  # min(50.0, nan) is 50.0: it would read as certainty
             return 0.0
         return 1.0 / (1.0 + math.exp(-max(-50.0, min(50.0, z))))
+
+    def penalty(self, blurriness: float | None) -> float:
+        """What the blur penalty takes off the logit of a frame of ``blurriness`` (<= 0; 0 for a
+        model without one, or no blurriness)."""
+        if self.blur is None or blurriness is None:
+            return 0.0
+        below, weight = self.blur
+        return weight * min(float(blurriness) - below, 0.0)
 
     def select(self, x: np.ndarray) -> np.ndarray:
         """All the ``SIGNALS`` of a caption (``Caption.signals``) -> the model's own."""
@@ -175,6 +196,7 @@ class ConfidenceModel:
             "std": self.std.tolist(),
             "weights": self.weights.tolist(),
             "bias": self.bias,
+            **({} if self.blur is None else {BLUR_PENALTY: {"below": self.blur[0], "weight": self.blur[1]}}),
             **self.info,
         }
 
@@ -214,15 +236,35 @@ class ConfidenceModel:
             low, high = RANGES["fusion_weight"]
             if isinstance(fitted, bool) or not isinstance(fitted, (int, float)) or not low <= fitted <= high:
                 raise ValueError(f"{FITTED_FUSION_WEIGHT} must be a number in [{low}, {high}]")
+            blur = _blur_penalty(spec.get(BLUR_PENALTY))
         except FileProblem as exc:
             raise ModelError(f"{path}: {exc}") from None
         except (KeyError, TypeError, ValueError, AttributeError) as exc:
             raise ModelError(f"{path}: malformed confidence model ({exc})") from None
         info = {
-            k: v for k, v in spec.items() if k not in ("format", "signals", "mean", "std", "weights", "bias")
+            k: v
+            for k, v in spec.items()
+            if k not in ("format", "signals", "mean", "std", "weights", "bias", BLUR_PENALTY)
         }
         mean, std, weights = arrays
-        return cls(mean, std, weights, bias, info, tuple(names))
+        return cls(mean, std, weights, bias, info, tuple(names), blur)
+
+
+def _blur_penalty(spec: object) -> tuple[float, float] | None:
+    """A confidence file's ``blur_penalty`` (absent: None) -> (below, weight); ``ValueError``
+    for one that is not {"below": a number, "weight": a number >= 0}."""
+    if spec is None:
+        return None
+    problem = f'{BLUR_PENALTY} must be {{"below": a number, "weight": a number >= 0}}'
+    if not isinstance(spec, dict) or set(spec) != {"below", "weight"}:
+        raise ValueError(problem)
+    values = [spec["below"], spec["weight"]]
+    if any(isinstance(v, bool) or not isinstance(v, (int, float)) or not math.isfinite(v) for v in values):
+        raise ValueError(problem)
+    below, weight = map(float, values)
+    if weight < 0:
+        raise ValueError(problem)
+    return below, weight
 
 
 def pin_fusion_weight(directory: Path, weight: float) -> None:

@@ -186,6 +186,46 @@ def frame_statistics(x: np.ndarray, pre: Preprocessing) -> tuple[float, float]:
     return float(grey.std()), float(np.abs(laplacian).mean())
 
 
+# How blurred a frame looks, for the confidence model's blur penalty (``ConfidenceModel.blur``):
+# motion blur takes the detail along one direction and keeps it across, defocus or a thumbnail
+# scaled up takes it in every direction, and captions of such frames are right far less often
+# than their search's signals say (docs/confidence.md).
+BLUR_EPSILON = 1e-3  # levels squared / levels: keeps the logs finite on a uniform frame
+
+
+def blurriness(grey, xp=np):
+    """A grey image (..., H, W) in levels (an encoder input's, ``frame_grey``) -> how blurred it
+    looks, (...), lower for a blurrier frame: the log of the weakest over the strongest axis of its gradient structure tensor
+    (central differences; near 0 where detail runs every way, far below where one direction has
+    none: motion) plus the log of its least detail of four directions (the mean absolute
+    difference along rows, columns and both diagonals, the diagonals per pixel of distance) over
+    its spread (low where every direction lost its detail: defocus, a thumbnail). Low: blurred.
+    On numpy arrays (``xp=np``) or torch tensors (``xp=torch``), the same expression."""
+    gx = grey[..., 1:-1, 2:] - grey[..., 1:-1, :-2]
+    gy = grey[..., 2:, 1:-1] - grey[..., :-2, 1:-1]
+    jxx, jyy, jxy = (gx * gx).mean((-2, -1)), (gy * gy).mean((-2, -1)), (gx * gy).mean((-2, -1))
+    half, disc = (jxx + jyy) / 2, xp.hypot((jxx - jyy) / 2, jxy)
+    axes = xp.log((half - disc + BLUR_EPSILON) / (half + disc + BLUR_EPSILON))
+    rows = abs(grey[..., :, 1:] - grey[..., :, :-1]).mean((-2, -1))
+    columns = abs(grey[..., 1:, :] - grey[..., :-1, :]).mean((-2, -1))
+    diagonal = abs(grey[..., 1:, 1:] - grey[..., :-1, :-1]).mean((-2, -1)) / 2**0.5
+    anti = abs(grey[..., 1:, :-1] - grey[..., :-1, 1:]).mean((-2, -1)) / 2**0.5
+    least = xp.minimum(xp.minimum(rows, columns), xp.minimum(diagonal, anti))
+    mean = grey.mean((-2, -1))
+    spread = xp.sqrt(xp.clip((grey * grey).mean((-2, -1)) - mean * mean, 0, None))
+    return axes + xp.log((least + BLUR_EPSILON) / (spread + BLUR_EPSILON))
+
+
+def frame_grey(x: np.ndarray, pre: Preprocessing) -> np.ndarray:
+    """Encoder input (3, H, W) -> its grey image (H, W) in pixel levels (float64)."""
+    return (x.astype(np.float64) * np.asarray(pre.std, np.float64)[:, None, None]).mean(0)
+
+
+def frame_blurriness(x: np.ndarray, pre: Preprocessing) -> float:
+    """``blurriness`` of an encoder input (3, H, W)."""
+    return float(blurriness(frame_grey(x, pre)))
+
+
 def judged_recognisable(spread, detail, brightened):
     """The blank check's rule on a frame's statistics (``frame_statistics``) and whether it was
     brightened: elementwise, on float32 numpy arrays and bool arrays or on torch tensors, so that

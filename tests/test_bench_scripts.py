@@ -1660,3 +1660,69 @@ def test_changes_only_patches_the_share_asked_and_pairs_frames_of_one_scene():
     assert view_change(frame, others["patch 40%"]) >= MIN_CHANGE
     moved = others["moved 3 px"]
     assert np.abs(moved[3:, 3:].astype(int) - cat[:-3, :-3]).mean() < 2.5  # the view moved down and right
+
+
+def test_confidence_degraded_blurs_down_and_along_the_diagonal_too():
+    """The blurs the penalty's weight is not fitted on: 25 px down the columns spreads a
+    one-pixel row over 25 rows at a 25th of its level; 25 px along the diagonal spreads a dot
+    over 25 pixels of its diagonal; 10 px along the rows over 10."""
+    import confidence_degraded as D
+
+    rng = np.random.default_rng(0)
+    row = np.zeros((101, 10, 3), np.uint8)
+    row[50] = 250
+    down = D.blur_down(row, rng)
+    assert (
+        down.shape == row.shape
+        and (down[38:63] == 10).all()
+        and (down[:38] == 0).all()
+        and (down[63:] == 0).all()
+    )
+    dot = np.zeros((61, 61, 3), np.uint8)
+    dot[30, 30] = 250
+    diagonal = D.blur_diagonal(dot, rng)
+    lit = np.argwhere(diagonal[:, :, 0] > 0)
+    assert len(lit) == 25 and (lit[:, 0] == lit[:, 1]).all() and (diagonal[lit[:, 0], lit[:, 1]] == 10).all()
+    line = np.zeros((4, 41, 3), np.uint8)
+    line[:, 20] = 250
+    assert (D.blur_10(line, rng) > 0).all(2).sum(1).tolist() == [10] * 4
+
+
+def test_confidence_degraded_fits_the_blur_penalty_weight_it_was_made_with():
+    """Frames right with the chance sigmoid(z - 0.8 x shortfall under -3): the weight fitted is
+    0.8 within sampling error; ``below`` is the 5th percentile of the photos as taken, and only
+    those and the fitted blur's frames weigh in (the others' rightness is noise)."""
+    import confidence_degraded as D
+
+    rng = np.random.default_rng(0)
+    n = 20000
+    name = np.array([D.AS_TAKEN, D.FITTED_BLUR, "haze, 80%"] * (n // 2))[:n]
+    blurriness = np.where(name == D.AS_TAKEN, rng.normal(-2.5, 0.3, n), rng.normal(-3.6, 0.5, n))
+    z = rng.normal(0.0, 1.0, n)
+    below = np.percentile(blurriness[name == D.AS_TAKEN], 5)
+    chance = D.sigmoid(z + 0.8 * np.minimum(blurriness - below, 0.0))
+    y = np.where(name == "haze, 80%", rng.random(n) < 0.5, rng.random(n) < chance)
+    fitted_below, weight = D.penalty_fit(z, blurriness, y, name)
+    assert fitted_below == below
+    assert weight == pytest.approx(0.8, abs=0.15)
+    assert D.offset_weight(z, np.zeros(n), y.astype(float)) == 0.0  # no shortfall: nothing to fit
+
+
+def test_confidence_fit_keeps_the_blur_penalty_of_the_model_it_writes_into(tmp_path, capsys):
+    """``--write`` refits the signals; a blur penalty the folder's confidence.json has is kept
+    (and said), none where it has none or no confidence.json."""
+    import confidence_fit
+
+    from edgecap.confidence import ConfidenceModel, write
+
+    fitted = ConfidenceModel(np.zeros(1), np.ones(1), np.ones(1), 0.0, {}, ("score",))
+    assert confidence_fit.keeping_blur_penalty(tmp_path, fitted).blur is None  # no confidence.json
+    write(tmp_path, fitted)
+    assert confidence_fit.keeping_blur_penalty(tmp_path, fitted).blur is None
+    write(
+        tmp_path,
+        ConfidenceModel(np.zeros(2), np.ones(2), np.ones(2), 1.0, {}, ("score", "n_words"), (-3.3, 0.6)),
+    )
+    kept = confidence_fit.keeping_blur_penalty(tmp_path, fitted)
+    assert kept.blur == (-3.3, 0.6) and kept.names == ("score",) and kept.bias == 0.0
+    assert "kept" in capsys.readouterr().err

@@ -497,7 +497,7 @@ class FramesCycleBackend(CycleBackend):
     prepares_frames = True
 
     def encode_frames(self, frames, run_size=None, brighten=False):
-        return self.encode(frames), np.ones(len(frames), bool)
+        return self.encode(frames), np.ones(len(frames), bool), np.zeros(len(frames))
 
 
 @pytest.mark.parametrize("on_device", [False, True])

@@ -24,7 +24,7 @@ from edgecap.backends.torch_preprocess import PILLOW, FramePreprocess, vertical_
 from edgecap.errors import InputError  # noqa: E402
 from edgecap.images import load_rgb, load_rgb_array, preprocess  # noqa: E402
 from edgecap.manifest import load_manifest  # noqa: E402
-from edgecap.preprocess import Preprocessing, recognisable  # noqa: E402
+from edgecap.preprocess import Preprocessing, frame_blurriness, recognisable  # noqa: E402
 from helpers import EXAMPLES, every_field, hazy_and_blank_frames, with_lights  # noqa: E402
 
 PRE = Preprocessing()
@@ -279,6 +279,32 @@ def test_the_captioner_with_device_preprocessing_captions_as_the_host(captioners
     assert unchecked.recognisable and unchecked.text != NOTHING_RECOGNISABLE
 
 
+def test_the_blur_penalty_reads_the_blurriness_measured_on_the_device(
+    default_model_dir, example_images, tmp_path
+):
+    """A confidence model with a blur penalty every frame is under (below 10, weight 1): the
+    captions' confidence with device preprocessing is the host path's (the frames' blurriness
+    measured there), and lower than without the penalty."""
+    import shutil
+
+    from edgecap.confidence import ConfidenceModel, write
+
+    shipped = ConfidenceModel.load(default_model_dir)
+    confidences = {}
+    for name, blur in (("with", (10.0, 1.0)), ("without", None)):
+        model = tmp_path / name
+        shutil.copytree(default_model_dir, model)
+        write(model, dataclasses.replace(shipped, blur=blur))
+        for where in ("host", "device"):
+            captioner = Captioner(model, backend="torch", device="cpu", preprocess=where)
+            confidences[name, where] = [
+                c.confidence for c in captioner.caption_batch([str(p) for p in example_images])
+            ]
+    assert confidences["with", "device"] == pytest.approx(confidences["with", "host"], abs=2e-4)
+    assert confidences["without", "device"] == pytest.approx(confidences["without", "host"], abs=2e-4)
+    assert all(a < b for a, b in zip(confidences["with", "device"], confidences["without", "device"]))
+
+
 def test_bgr_frames_are_flipped_before_the_device(captioners, example_images):
     host, device = captioners
     rgb = np.asarray(load_rgb(str(example_images[1])))
@@ -304,11 +330,15 @@ def test_graphs_take_the_frames_preprocessed_on_the_device(default_model_dir, ex
     manifest = load_manifest(default_model_dir)
     backend = TorchBackend(manifest, device="cpu", graph_factory=EagerGraph, preprocess="device")
     frames = [np.asarray(load_rgb(str(p))) for p in example_images]
-    encoded, visible = backend.encode_frames(frames)
-    want = backend.encode(preprocess([Image.fromarray(f) for f in frames], manifest.preprocessing))
+    encoded, visible, blurry = backend.encode_frames(frames)
+    inputs = preprocess([Image.fromarray(f) for f in frames], manifest.preprocessing)
+    want = backend.encode(inputs)
     for name, tensor in want.tensors.items():
         torch.testing.assert_close(encoded.tensors[name], tensor, rtol=0, atol=0)
     assert visible.tolist() == [True] * len(frames)
+    # how blurred each looks, for the confidence's blur penalty: the host's measure, in float32
+    host = [frame_blurriness(x, manifest.preprocessing) for x in inputs]
+    np.testing.assert_allclose(blurry, host, rtol=0, atol=1e-4)
 
 
 def test_preprocess_takes_host_or_device(default_model_dir):
@@ -586,7 +616,7 @@ def test_an_fp16_encoder_takes_the_frames_preprocessed_on_the_device(default_mod
     backend = TorchBackend(manifest, device="cpu", preprocess="device")
     backend._setup(*TorchBackend._build(manifest), "cpu", fp16=True, fp32_encoder=False)
     frames = [np.asarray(load_rgb(str(example_images[0])))]
-    encoded, _ = backend.encode_frames(frames)
+    encoded, _, _ = backend.encode_frames(frames)
     want = backend.encode(preprocess([Image.fromarray(f) for f in frames], manifest.preprocessing))
     for name, tensor in want.tensors.items():
         torch.testing.assert_close(encoded.tensors[name], tensor, rtol=0, atol=0)

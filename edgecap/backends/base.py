@@ -91,10 +91,11 @@ class Backend(ABC):
 
     def encode_frames(
         self, frames: list[np.ndarray], run_size: int | None = None, brighten: bool = False
-    ) -> tuple[Encoded, np.ndarray]:
+    ) -> tuple[Encoded, np.ndarray, np.ndarray]:
         """RGB uint8 frames (H, W, 3), any sizes -> (``encode`` of their model inputs, whether
-        each holds anything to caption: ``edgecap.preprocess.recognisable``, (N,) bool), for a
-        backend that ``prepares_frames``. ``run_size`` (``run_size``'s, at least N): the model
+        each holds anything to caption: ``edgecap.preprocess.recognisable``, (N,) bool, and how
+        blurred each looks: ``edgecap.preprocess.blurriness``, (N,) float), for a backend that
+        ``prepares_frames``. ``run_size`` (``run_size``'s, at least N): the model
         inputs padded to that many with copies of the last, encoded with the frames.
         ``brighten``: dark frames brightened first (``edgecap.preprocess.exposure_gain``)."""
         raise NotImplementedError(

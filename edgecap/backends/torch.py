@@ -428,17 +428,19 @@ class TorchBackend(Backend):
 
     def encode_frames(
         self, frames: list[np.ndarray], run_size: int | None = None, brighten: bool = False
-    ) -> tuple[Encoded, np.ndarray]:
-        """With ``preprocess="device"``: RGB uint8 frames -> (Encoded, recognisable (N,) bool),
-        resized, normalised and checked on the device (``torch_preprocess``), as ``encode`` of
-        the host's model inputs would give them; padded to ``run_size`` images on the device."""
+    ) -> tuple[Encoded, np.ndarray, np.ndarray]:
+        """With ``preprocess="device"``: RGB uint8 frames -> (Encoded, recognisable (N,) bool,
+        blurriness (N,) float), resized, normalised and checked on the device
+        (``torch_preprocess``), as ``encode`` of the host's model inputs would give them; padded
+        to ``run_size`` images on the device."""
         if self.frame_preprocess is None:
             return super().encode_frames(frames, run_size, brighten)
         images, visible = self.frame_preprocess(frames, brighten)
+        blurry = self.frame_preprocess.blurriness(images)
         if run_size is not None and run_size > len(frames):
             images = torch.cat([images, images[-1:].expand(run_size - len(frames), *images.shape[1:])])
         encoded = self.encode(images)
-        return encoded, visible.cpu().numpy()
+        return encoded, visible.cpu().numpy(), blurry.cpu().numpy()
 
     @torch.inference_mode()
     def _encode_eager(self, images: np.ndarray | torch.Tensor) -> Encoded:

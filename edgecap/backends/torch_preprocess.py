@@ -44,6 +44,7 @@ from edgecap.preprocess import (
     TOP_SHARE,
     WIDE_SHARE,
     Preprocessing,
+    blurriness,
     judged_recognisable,
     metered_gain,
     model_input,
@@ -258,6 +259,12 @@ class FramePreprocess:
             while len(self._taps) > TAPS_KEPT:
                 self._taps.popitem(last=False)
         return taps
+
+    def blurriness(self, x: torch.Tensor) -> torch.Tensor:
+        """``edgecap.preprocess.blurriness`` of each encoder input in ``x`` (N, 3, H, W): (N,)
+        float32, the host's expression on the device."""
+        with torch.inference_mode():
+            return blurriness((x * self.std).mean(1), torch)
 
     def recognisable(self, x: torch.Tensor, brightened: torch.Tensor) -> torch.Tensor:
         """``edgecap.preprocess.recognisable`` of each encoder input in ``x`` (N, 3, H, W);
