@@ -22,11 +22,11 @@ was tried).
 
 Blurred frames: the signals come from the search, which is as sure of itself on a frame blurred
 by motion as on a sharp one, while its captions are right far less often (Flickr8k dev, 25 px:
-9% right for a mean confidence of 0.28 from the signals alone). A model may carry a blur penalty (``blur_penalty`` in
-its file: ``below``, ``weight``): a frame whose ``edgecap.preprocess.blurriness`` is under
-``below`` has ``weight`` times the shortfall taken off its logit, and a frame over it nothing, so
-the signals' fit on photos as taken stands for them (``benchmarks/confidence_degraded.py`` fits
-and measures it).
+9% right for a mean confidence of 0.28 from the signals alone). A model may carry a blur
+penalty (``blur_penalty`` in its file: ``below``, ``weight``): a frame whose
+``edgecap.preprocess.blurriness`` is under ``below`` has ``weight`` times the shortfall taken off
+its logit, and a frame over it nothing, so the signals' fit on photos as taken stands for them
+(``benchmarks/confidence_degraded.py`` fits and measures it).
 """
 
 from __future__ import annotations
