@@ -922,7 +922,7 @@ class Captioner:
                 describe(image), f"out of memory resizing it ({rgb.width}x{rgb.height}) for the model"
             ) from exc
         visible = not options.blank_check or recognisable(x, self.manifest.preprocessing, bool(gain > 1))
-        # how blurred it looks, where the confidence model takes a blur penalty (0.4 ms a frame)
+        # how blurred it looks, where the confidence model takes a blur penalty (about 0.5 ms a frame)
         rater = self._confidence_model
         blurry = (
             None if rater is None or rater.blur is None else frame_blurriness(x, self.manifest.preprocessing)
