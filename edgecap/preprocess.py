@@ -206,7 +206,10 @@ def blurriness(grey, xp=np):
     gy = grey[..., 2:, 1:-1] - grey[..., :-2, 1:-1]
     jxx, jyy, jxy = (gx * gx).mean((-2, -1)), (gy * gy).mean((-2, -1)), (gx * gy).mean((-2, -1))
     half, disc = (jxx + jyy) / 2, xp.hypot((jxx - jyy) / 2, jxy)
-    axes = xp.log((half - disc + BLUR_EPSILON) / (half + disc + BLUR_EPSILON))
+    # the weaker axis, >= 0: in float32 a strong one-way frame (a fine grating) rounds it below
+    # -BLUR_EPSILON, whose log was NaN
+    weak = xp.clip(half - disc, 0, None)
+    axes = xp.log((weak + BLUR_EPSILON) / (half + disc + BLUR_EPSILON))
     rows = abs(grey[..., :, 1:] - grey[..., :, :-1]).mean((-2, -1))
     columns = abs(grey[..., 1:, :] - grey[..., :-1, :]).mean((-2, -1))
     diagonal = abs(grey[..., 1:, 1:] - grey[..., :-1, :-1]).mean((-2, -1)) / 2**0.5
