@@ -239,7 +239,8 @@ class ConfidenceModel:
             blur = _blur_penalty(spec.get(BLUR_PENALTY))
         except FileProblem as exc:
             raise ModelError(f"{path}: {exc}") from None
-        except (KeyError, TypeError, ValueError, AttributeError) as exc:
+        # OverflowError: an integer past a float's range (JSON has them, and Python reads them)
+        except (KeyError, TypeError, ValueError, AttributeError, OverflowError) as exc:
             raise ModelError(f"{path}: malformed confidence model ({exc})") from None
         info = {
             k: v

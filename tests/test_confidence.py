@@ -414,6 +414,12 @@ def test_a_malformed_confidence_file_is_a_model_error(tmp_path):
         ({"blur_penalty": {"below": True, "weight": 1.0}}, "blur_penalty must be"),
         ({"blur_penalty": {"below": "-3", "weight": 1.0}}, "blur_penalty must be"),
         ({"blur_penalty": [-3.0, 1.0]}, "blur_penalty must be"),
+        # an integer past a float's range (JSON allows it; Python reads it whole): not an
+        # OverflowError out of the load, but the file named as malformed
+        ({"blur_penalty": {"below": -3.0, "weight": 10**400}}, "confidence.json: malformed"),
+        ({"blur_penalty": {"below": -(10**400), "weight": 1.0}}, "confidence.json: malformed"),
+        ({"bias": 10**400}, "confidence.json: malformed"),
+        ({"mean": [0.0, 10**400]}, "confidence.json: malformed"),
     ],
 )
 def test_a_confidence_file_with_a_repeated_signal_a_bad_number_or_another_format_is_a_model_error(
