@@ -87,8 +87,9 @@ class Caption:
     ``log_prob`` stay those of the caption the search found and that is not shown: rank such
     captions by ``confidence``).
     ``signals``: every signal of ``edgecap.confidence.SIGNALS`` (``confidence`` is computed
-    from those its model names), for fitting a confidence model; None for a frame with nothing
-    recognisable (no caption to judge).
+    from those its model names, less its blur penalty for a frame that looks blurred: the
+    frame's ``edgecap.preprocess.blurriness``, not among the signals), for fitting a confidence
+    model; None for a frame with nothing recognisable (no caption to judge).
     ``attention``: float32 (n_words, 7, 7), the attention over the image's regions for each
     word, when asked for.
     ``objects``: the image's most probable object classes as (name, probability), best first,
