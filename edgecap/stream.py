@@ -404,10 +404,11 @@ def _layout(image: object) -> np.ndarray | None:
         spread = float(cells.std())
         if not math.isfinite(spread):  # a NaN or an infinity in the frame
             return None
-        # an integer frame's cells within a level of 8 bits of each other (a uniform frame) are
-        # taken as flat, not their rounding magnified
-        if channel.dtype.kind in "ui":
-            spread = max(spread, np.iinfo(channel.dtype).max / 255)
+        # a frame's cells within a level of 8 bits of each other (a uniform frame, a lens cap's
+        # noise) are taken as flat, not their rounding or noise magnified: a level as the
+        # captioner reads the frame, 1/255 of an integer type's range or of a float's [0, 1]
+        level = np.iinfo(channel.dtype).max / 255 if channel.dtype.kind in "ui" else 1 / 255
+        spread = max(spread, level)
         if spread == 0:
             return np.zeros_like(cells)
         return (cells - cells.mean()) / spread

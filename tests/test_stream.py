@@ -2032,6 +2032,19 @@ def test_view_change_by_hand():
     assert view_change(*dark) == 0.0
 
 
+@pytest.mark.parametrize("dtype", [np.float64, np.float32, np.float16])
+def test_a_lens_cap_in_float_is_no_change_either(dtype):
+    """A float frame is read in [0, 1] (the captioner's convention): the same lens cap's noise
+    as the uint8 frames above, divided by 255, is within a level of 8 bits too, and no change
+    (it had been 72% of the view: no flat floor for floats, the noise magnified to a change);
+    a scene in float measures as it does in uint8."""
+    from edgecap.stream import view_change
+
+    dark = [with_noise(np.full((480, 640, 3), 3, np.uint8), seed) for seed in (0, 1)]
+    assert view_change(*(frame.astype(dtype) / dtype(255) for frame in dark)) == 0.0
+    assert view_change(*(halves(flipped).astype(dtype) / dtype(255) for flipped in (0, 13))) == 13 / 256
+
+
 def test_a_still_scene_is_no_change_and_a_tenth_of_it_replaced_is():
     """The example photos: sensor noise, the exposure at 0.6 and the view moved by a pixel are
     under ``MIN_CHANGE``; the other photo over a tenth of the frame (a patch in the middle) and
