@@ -49,6 +49,7 @@ import queue
 import sys
 import threading
 import time
+import weakref
 
 import rclpy
 from rcl_interfaces.msg import ParameterDescriptor
@@ -76,10 +77,11 @@ class MessageFrames:
     (``MessageCaptioner``), not for the frames ``every`` skips or a newer frame replaces. At
     most ``keep`` messages wait; a newer one pushes the oldest out (the stream keeps only the
     newest frame anyway). ``header(index)`` gives a frame's stamp and frame_id back for its
-    caption. ``measure`` (pick="sharpest" on a raw topic): each frame carries a function that
-    measures its ``sharpness`` on a view of the message's own bytes (no conversion), which the
-    stream calls, in its reader thread, for the frames that compete (not those ``every``
-    skips). ``view`` (min_change on a raw topic): each frame carries a function giving that
+    caption; a frame the stream lets go of uncaptioned (skipped, dropped, passed over as
+    unchanged) takes its own with it. ``measure`` (pick="sharpest" on a raw topic): each frame
+    carries a function that measures its ``sharpness`` on a view of the message's own bytes (no
+    conversion), which the stream calls, in its reader thread, for the frames that compete (not
+    those ``every`` skips). ``view`` (min_change on a raw topic): each frame carries a function giving that
     view (``Frame.view``), which the stream measures for each frame it would caption."""
 
     def __init__(
@@ -92,7 +94,9 @@ class MessageFrames:
         self._waiting: queue.Queue = queue.Queue(keep)
         self._headers: dict[int, tuple[int, str]] = {}
         self._count = 0
-        self._lock = threading.Lock()
+        # reentrant: a frame let go (its header with it, ``_forget``) may be freed on any
+        # thread, this lock's holder's included
+        self._lock = threading.RLock()
         self._started = time.monotonic()
 
     def put(self, msg) -> None:
@@ -132,14 +136,23 @@ class MessageFrames:
         # stream then takes it as with pick="newest"
         score = functools.partial(raw_sharpness, msg) if self.measure else None
         view = functools.partial(raw_sharpness_view, msg) if self.view else None
-        return Frame(index=index, timestamp=timestamp, image=msg, name=name, sharpness=score, view=view)
+        frame = Frame(index=index, timestamp=timestamp, image=msg, name=name, sharpness=score, view=view)
+        # the header goes with the frame: one the stream lets go of uncaptioned (every= skips it,
+        # a newer one replaces it, min_change passes it over) is never asked for; a still scene
+        # brings no caption to let them go, so they had piled up, one a frame
+        weakref.finalize(frame, self._forget, index)
+        return frame
+
+    def _forget(self, index: int) -> None:
+        with self._lock:
+            self._headers.pop(index, None)
 
     def header(self, index: int) -> tuple[int, str]:
         """Frame ``index``'s (stamp in nanoseconds, frame_id); those of older frames are let go
         (dropped frames are never asked for)."""
         with self._lock:
-            for older in [i for i in self._headers if i < index]:
-                del self._headers[older]
+            for older in [i for i in list(self._headers) if i < index]:
+                self._headers.pop(older, None)
             return self._headers.pop(index, (0, ""))
 
 

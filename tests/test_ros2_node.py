@@ -406,7 +406,8 @@ def test_message_frames_keep_the_newest_messages(ros):
     first = next(reader)
     assert first.timestamp == 2.0 and first.name == "/cam at 2.000000000"
     frames.close()
-    assert [f.timestamp for f in reader] == [3.0]
+    rest = list(reader)  # held, as the stream holds the frame it captions (a header goes with its frame)
+    assert [f.timestamp for f in rest] == [3.0]
     assert frames.header(1) == (3 * 10**9, "camera") and frames.header(0) == (0, "")
 
 
@@ -844,6 +845,28 @@ def test_min_change_on_a_compressed_topic_says_each_frame_is_captioned(ros):
         assert [json.loads(m.data)["stamp"]["sec"] for m in node.publishers[0].published] == [7, 8]
     finally:
         node.close()
+
+
+def test_frames_passed_over_as_unchanged_leave_no_headers_behind(ros):
+    """A robot standing still (``min_change``): six frames of one scene, the first captioned,
+    five passed over as unchanged, of which no caption asks the stamp and frame_id. They are let
+    go with the frames (they had been kept until the next caption, which a still scene never
+    brings: a dict growing by one entry a frame for as long as the robot stood still)."""
+    from edgecap.stream import caption_stream
+
+    frames = ros.example.MessageFrames("/image_raw", compressed=False, keep=8, view=True)
+    for sec in range(1, 7):
+        frames.put(raw_message(EXAMPLES / "chelsea.png", sec=sec))
+    frames.close()
+
+    class Quick:
+        def caption(self, image, color="rgb", return_attention=False):
+            return types.SimpleNamespace(text="a cat", recognisable=True, confidence=None, objects=[])
+
+    stream = caption_stream(Quick(), frames, live=False, on_error="return", min_change=0.05)
+    stamps = [frames.header(event.frame_index)[0] for event in stream]
+    assert stamps == [1_000_000_000] and stream.stats.unchanged == 5
+    assert frames._headers == {}
 
 
 @pytest.mark.parametrize("change", ["often", True, -0.1, 1.5, float("nan")])
