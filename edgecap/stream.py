@@ -162,11 +162,11 @@ class Frame:
     ``pick="sharpest"`` then takes it rather than measuring ``image``. A number, or a function
     of no arguments giving one, called only for a frame that competes (after ``every``
     sampling), so a frame the sampling skips costs nothing (None: measured as the image is; a
-    NaN or an infinity, given or returned, counts as not measured). ``view``: where ``image`` is
-    not pixels the stream can measure (a raw ROS message, converted only if it is captioned), a
-    function of no arguments giving an array that ``view_change`` measures for ``min_change``
-    instead (a view of the message's bytes; None from it: not measured), called for each frame
-    the stream would caption."""
+    NaN, an infinity or a negative number, given or returned, counts as not measured).
+    ``view``: where ``image`` is not pixels the stream can measure (a raw ROS message, converted
+    only if it is captioned), a function of no arguments giving an array that ``view_change``
+    measures for ``min_change`` instead (a view of the message's bytes; None from it: not
+    measured), called for each frame the stream would caption."""
 
     index: int
     timestamp: float
@@ -436,9 +436,10 @@ def _score(frame: Frame) -> float | None:
         given = given()
         if given is None:
             return None
-    # a NaN or an infinity given (a score of its own a source got wrong) as not measured: NaN
-    # compares false with every score, and -inf is _UNUSABLE's
-    return float(given) if math.isfinite(given) else None
+    # a NaN, an infinity or a negative number given (a score of its own a source got wrong) as
+    # not measured: NaN compares false with every score, -inf is _UNUSABLE's, and a negative one
+    # reverses the comparison (-11 is not under 0.9 x -10)
+    return float(given) if math.isfinite(given) and given >= 0 else None
 
 
 def _shown_sharpness(given: float | Callable[[], float | None]) -> str:

@@ -1934,6 +1934,13 @@ def test_frames_that_carry_their_sharpness_are_picked_by_it_and_not_measured(mon
     nan = float("nan")
     burst = frames((sharp, 5.0), (sharp, 10.0), (sharp, nan), (blurred, 1.0))
     assert burst_while_busy(burst, "sharpest")[0] == [(0, 0), (3, 2)]
+    # a negative score (no sharpness is under 0: a source's mistake) counts as not measured too,
+    # not as a score that reverses the comparison (-11.0 is not under 0.9 x -10.0: the older
+    # frame had been kept)
+    burst = frames((sharp, 5.0), (sharp, 10.0), (sharp, -1.0), (blurred, 1.0))
+    assert burst_while_busy(burst, "sharpest")[0] == [(0, 0), (3, 2)]
+    burst = frames((sharp, 5.0), (sharp, -10.0), (sharp, -11.0))
+    assert burst_while_busy(burst, "sharpest")[0] == [(0, 0), (2, 1)]
 
 
 def test_a_frames_sharpness_is_in_its_repr_and_equality_when_given():
