@@ -1726,3 +1726,24 @@ def test_confidence_fit_keeps_the_blur_penalty_of_the_model_it_writes_into(tmp_p
     kept = confidence_fit.keeping_blur_penalty(tmp_path, fitted)
     assert kept.blur == (-3.3, 0.6) and kept.names == ("score",) and kept.bias == 0.0
     assert "kept" in capsys.readouterr().err
+
+
+def test_flicker_counts_one_word_edits_and_gives_each_frame_its_own_noise():
+    """flicker.py: one word replaced (the same length) is one word apart; a word added, two
+    replaced or the same caption is not; the two frames of a photo differ by the noise alone."""
+    import flicker
+
+    assert flicker.one_word_apart("a boy in a red shirt", "a boy in a blue shirt")
+    assert not flicker.one_word_apart("a boy in a red shirt", "a boy in a red shirt and jeans")
+    assert not flicker.one_word_apart("a boy in a red shirt", "a girl in a blue shirt")
+    assert not flicker.one_word_apart("a dog", "a dog")
+    photo = np.full((20, 30, 3), 100, np.uint8)
+    rng = np.random.default_rng(0)
+    a, b = flicker.noisy(photo, rng), flicker.noisy(photo, rng)
+    assert a.dtype == np.uint8 and not np.array_equal(a, b)
+    assert abs(a.astype(float).std() - flicker.NOISE_SD) < 0.3 and abs(a.mean() - 100) < 0.5
+    assert set(flicker.SETTINGS["the caption model alone"]) == {
+        "consensus",
+        "fusion_weight",
+        "guidance_bonus",
+    }
