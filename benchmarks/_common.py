@@ -584,7 +584,7 @@ class TimedBackend(Backend):
 
     def encode_frames(
         self, frames: list[np.ndarray], run_size: int | None = None, brighten: bool = False
-    ) -> tuple[Encoded, np.ndarray]:
+    ) -> tuple[Encoded, np.ndarray, np.ndarray]:
         return self._timed(self.inner.encode_frames, frames, run_size, brighten)
 
     def run_size(self, n_images: int, largest: int) -> int:
