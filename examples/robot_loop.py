@@ -10,7 +10,7 @@ slower than the frames arrive, the newest frame wins and the older ones are drop
 caption is never stale by more than one caption's time (``--pick sharpest``: the least blurred of
 the frames that arrived while the last caption was made, for a camera that moves; docs/cameras.md,
 "Blurred frames"; ``--changes-only``: a frame only when its view changed since the last caption,
-so a robot standing still spends nothing on captions, "A scene said once"). On a robot, swap
+so a robot standing still spends one caption on its scene, "A scene said once"). On a robot, swap
 ``video_frames(path, realtime=True)`` for ``camera_frames(0)`` and act on
 ``event.caption.text`` where this prints it.
 Needs OpenCV: pip install 'edgecap[video]'.

@@ -158,7 +158,7 @@ def add_arguments(p: argparse.ArgumentParser) -> None:
         help="with --camera or --video: caption a frame only when its view changed since the "
         "frame captioned last (a twentieth of it, edgecap.stream.MIN_CHANGE: not sensor noise, "
         "an exposure change or a view moved by a pixel or two), so a still scene is said once "
-        "and a camera standing still costs no captions",
+        "and a camera standing still costs one caption, not one a frame",
     )
     p.add_argument(
         "--min-change",
