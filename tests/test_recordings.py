@@ -1083,7 +1083,9 @@ def test_a_run_without_write_bag_keeps_nothing_per_frame(tmp_path, monkeypatch):
             in_use[frame.index] = tracemalloc.get_traced_memory()[0]
 
     monkeypatch.setattr(caption_bag, "_print_frame", measured)
-    args = argparse.Namespace(bag=str(bag), topic=None, every=None, write_bag=None)
+    args = argparse.Namespace(
+        bag=str(bag), topic=None, every=None, write_bag=None, changes_only=False, min_change=None
+    )
     args.json, args.show_objects, args.min_confidence = False, False, None
     tracing = tracemalloc.is_tracing()
     if not tracing:
@@ -1940,3 +1942,60 @@ def test_a_db3_that_cannot_be_opened_as_malformed_says_it_may_still_be_recorded(
         "database disk image is malformed); a .db3 still being recorded reads so: caption it once the "
         "recorder stops"
     ), str(raised.value)
+
+
+def test_changes_only_captions_each_topics_scene_once(tmp_path, capfd):
+    """--bag --changes-only: /cam/rgb gives the cat, the cat again, the coffee cup; /cam/mono the
+    grey cup twice: the second cat and the second grey cup are passed over (each compared with
+    its own topic's frame captioned last, not the other topic's), said on stderr; --write-bag's
+    copy holds the three captions. Without it, all five."""
+    store = store_for("mcap")
+    messages = []
+    for i, (topic, encoding, pixels) in enumerate(
+        (
+            ("/cam/rgb", "rgb8", CHELSEA),
+            ("/cam/mono", "mono8", GRAY),
+            ("/cam/rgb", "rgb8", CHELSEA),
+            ("/cam/mono", "mono8", GRAY),
+            ("/cam/rgb", "rgb8", COFFEE),
+        )
+    ):
+        time_ns = T0 + i * SECOND
+        messages.append(
+            (topic, "sensor_msgs/msg/Image", time_ns, image_msg(store, encoding, pixels, time_ns))
+        )
+    bag = write_recording(tmp_path, "mcap", messages)
+    out = tmp_path / "captioned"
+    done = edgecap_caption(capfd, "--bag", bag, "--json", "--changes-only", "--write-bag", out)
+    assert done.returncode == 0, done.stderr
+    records = [json.loads(line) for line in done.stdout.splitlines()]
+    assert [(r["topic"], (r["time_ns"] - T0) // SECOND) for r in records] == [
+        ("/cam/rgb", 0),
+        ("/cam/mono", 1),
+        ("/cam/rgb", 4),
+    ]
+    assert "edgecap: 2 frames passed over as unchanged (1 on /cam/mono, 1 on /cam/rgb)" in done.stderr
+    assert "with 3 captions" in done.stderr
+    every = edgecap_caption(capfd, "--bag", bag, "--json")
+    assert len(every.stdout.splitlines()) == 5 and "unchanged" not in every.stderr
+
+
+def test_changes_only_captions_every_frame_of_a_compressed_topic(tmp_path, capfd):
+    """A compressed topic's frames are bytes, not measured without decoding them: with
+    --changes-only the same JPEG twice is captioned twice, and nothing is passed over."""
+    store = store_for("mcap")
+    jpeg = encoded_bytes(CHELSEA, "JPEG", quality=92)
+    messages = [
+        (
+            "/cam/jpeg",
+            "sensor_msgs/msg/CompressedImage",
+            T0 + i * SECOND,
+            compressed_msg(store, "jpeg", jpeg, T0),
+        )
+        for i in range(2)
+    ]
+    bag = write_recording(tmp_path, "mcap", messages)
+    done = edgecap_caption(capfd, "--bag", bag, "--changes-only")
+    assert done.returncode == 0, done.stderr
+    assert len(done.stdout.splitlines()) == 2
+    assert "edgecap: 0 frames passed over as unchanged\n" in done.stderr

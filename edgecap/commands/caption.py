@@ -155,16 +155,16 @@ def add_arguments(p: argparse.ArgumentParser) -> None:
     p.add_argument(
         "--changes-only",
         action="store_true",
-        help="with --camera or --video: caption a frame only when its view changed since the "
-        "frame captioned last (a twentieth of it, edgecap.stream.MIN_CHANGE: not sensor noise, "
-        "an exposure change or a view moved by a pixel or two), so a still scene is said once "
-        "and a camera standing still costs one caption, not one a frame",
+        help="with --camera, --video or --bag (per topic): caption a frame only when its view "
+        "changed since the frame captioned last (a twentieth of it, edgecap.stream.MIN_CHANGE: "
+        "not sensor noise, an exposure change or a view moved by a pixel or two), so a still "
+        "scene is said once and a camera standing still costs one caption, not one a frame",
     )
     p.add_argument(
         "--min-change",
         metavar="X",
         type=float,
-        help="with --camera or --video: as --changes-only, with the share of the view (over 0, at "
+        help="with --camera, --video or --bag: as --changes-only, with the share of the view (over 0, at "
         "most 1) that must change for a frame to be captioned (default: 0.05 with --changes-only)",
     )
     p.add_argument(
@@ -318,8 +318,9 @@ def _check_arguments(args: argparse.Namespace) -> str | None:
             "(without --every every frame of a video is captioned)"
         )
     changes = "--changes-only" if args.min_change is None else "--min-change"
-    if (args.changes_only or args.min_change is not None) and args.camera is None and args.video is None:
-        return f"{changes} needs --camera or --video"
+    wants_change = args.changes_only or args.min_change is not None
+    if wants_change and args.camera is None and args.video is None and args.bag is None:
+        return f"{changes} needs --camera, --video or --bag"
     if args.min_change is not None and not 0 < args.min_change <= 1:
         return f"--min-change must be a share of the view over 0 and at most 1, got {args.min_change}"
     if args.attention is not None:

@@ -8,7 +8,10 @@ with nine decimals: the message's log time and its header stamp), or with ``--js
 ``edgecap caption --json``. A frame that cannot be captioned is reported on stderr as
 ``edgecap: BAG: TOPIC at TIME: problem`` and the others are kept (exit 1). ``--write-bag OUT``
 then writes a copy of the recording with each caption as a ``std_msgs/String`` on
-``TOPIC/caption``, at its frame's log time.
+``TOPIC/caption``, at its frame's log time. ``--changes-only`` (``--min-change X``) captions a
+frame only when its view changed since the frame of its topic captioned last
+(``edgecap.stream.view_change``, as a live stream's ``min_change``), and says on stderr how many
+frames it passed over.
 """
 
 from __future__ import annotations
@@ -82,11 +85,18 @@ def _run(captioner, args: argparse.Namespace) -> int:
     # of hours would hold every frame's caption text for nothing)
     captions: dict[tuple[str, int], str] = {}
     keep = args.write_bag is not None
+    from edgecap.commands.caption_media import wanted_min_change
+    from edgecap.stream import MIN_CHANGE
+
+    min_change = wanted_min_change(args, MIN_CHANGE)
+    unchanged: dict[str, int] = {}
     with open_recording(args.bag) as recording:
         topics = recording.check_topics(args.topic)
         if keep:  # refused now, not once every frame is captioned
             check_caption_topics(recording, topics)
         frames = recording.frames(topics, args.every)
+        if min_change is not None:
+            frames = changed_frames(frames, min_change, unchanged)
         for frame, result in _captions(captioner, ((f, f.image) for f in frames_until_broken(frames))):
             heard.add(frame.topic)
             if isinstance(result, InputError):
@@ -95,6 +105,13 @@ def _run(captioner, args: argparse.Namespace) -> int:
                 captions[(frame.topic, frame.index)] = result.text
             _print_frame(args.bag, frame, result, args)
         write(None)
+        if min_change is not None:
+            passed = ", ".join(f"{n} on {t}" for t, n in sorted(unchanged.items()))
+            print(
+                f"edgecap: {counted(sum(unchanged.values()), 'frame')} passed over as unchanged"
+                + (f" ({escape_field(passed)})" if passed else ""),
+                file=sys.stderr,
+            )
         # an image topic that gave no message (a camera that never published; not said where
         # the recording broke off before its end): one named with --topic is said, and is exit 1;
         # those found by themselves are said when none of them gave one (a recording often
@@ -128,6 +145,26 @@ def _run(captioner, args: argparse.Namespace) -> int:
             file=sys.stderr,
         )
     return 1 if failed or broken or silent else 0
+
+
+def changed_frames(frames, min_change: float, unchanged: dict[str, int]):
+    """``frames`` (a recording's) less those whose view changed less than ``min_change`` since
+    the frame of their topic passed on last (``caption_stream``'s ``min_change``, per topic; a
+    frame that cannot be measured, a compressed one, is passed on, and so is the next);
+    ``unchanged`` counts those left out by topic."""
+    import numpy as np
+
+    from edgecap.stream import _changed_share, _layout
+
+    last: dict[str, np.ndarray | None] = {}
+    for frame in frames:
+        layout = _layout(frame.image)
+        before = last.get(frame.topic)
+        if layout is not None and before is not None and _changed_share(before, layout) < min_change:
+            unchanged[frame.topic] = unchanged.get(frame.topic, 0) + 1
+            continue
+        last[frame.topic] = layout
+        yield frame
 
 
 def _print_frame(bag: str, frame, result, args: argparse.Namespace) -> None:

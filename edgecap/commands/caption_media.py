@@ -81,9 +81,7 @@ def run_stream(captioner, args: argparse.Namespace) -> int:
     from edgecap.errors import InputError
     from edgecap.stream import MIN_CHANGE, camera_frames, caption_stream, video_frames
 
-    min_change = MIN_CHANGE if args.changes_only else None
-    if args.min_change is not None:
-        min_change = args.min_change
+    min_change = wanted_min_change(args, MIN_CHANGE)
     if args.video is not None:
         frames = video_frames(args.video)
         live = False
@@ -107,6 +105,14 @@ def run_stream(captioner, args: argparse.Namespace) -> int:
         return 1
     print(f"edgecap: {stream.stats}", file=sys.stderr)
     return 0
+
+
+def wanted_min_change(args: argparse.Namespace, default: float) -> float | None:
+    """The share of the view that must change for a frame to be captioned: --min-change X, or
+    ``default`` (``edgecap.stream.MIN_CHANGE``) with --changes-only; None without either."""
+    if args.min_change is not None:
+        return args.min_change
+    return default if args.changes_only else None
 
 
 def time_decimals(every: float | None, fps: float | None) -> int:
