@@ -59,6 +59,7 @@ def run_bag(captioner, args: argparse.Namespace) -> int:
 
 def _run(captioner, args: argparse.Namespace) -> int:
     from edgecap.commands.caption import _captions
+    from edgecap.commands.caption_media import wanted_min_change
     from edgecap.errors import InputError, counted
     from edgecap.recordings import (
         RecordingBrokeOff,
@@ -68,6 +69,7 @@ def _run(captioner, args: argparse.Namespace) -> int:
         open_recording,
         write_captions,
     )
+    from edgecap.stream import MIN_CHANGE
 
     broken: list[RecordingError] = []
 
@@ -85,9 +87,6 @@ def _run(captioner, args: argparse.Namespace) -> int:
     # of hours would hold every frame's caption text for nothing)
     captions: dict[tuple[str, int], str] = {}
     keep = args.write_bag is not None
-    from edgecap.commands.caption_media import wanted_min_change
-    from edgecap.stream import MIN_CHANGE
-
     min_change = wanted_min_change(args, MIN_CHANGE)
     unchanged: dict[str, int] = {}
     with open_recording(args.bag) as recording:
