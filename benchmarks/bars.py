@@ -61,8 +61,21 @@ def build_parser():
     return p
 
 
-def photos_and_references(data: Path) -> tuple[list[np.ndarray], dict[int, list[str]]]:
-    """The 273 photos as uint8 RGB arrays and their reference captions, by index."""
+def add_photos_arguments(p) -> None:
+    """``--data``, ``--limit`` and ``--model`` of a script run on ``photos_and_references``'s
+    photos."""
+    p.add_argument(
+        "--data", type=Path, required=True, help="folder holding coco-ood-dev/, coco-ood-dev-b/, flickr8k*/"
+    )
+    p.add_argument("--limit", type=C.positive_int, help="only the first N of the 273 photos")
+    p.add_argument("--model", type=Path, default=None, help="model directory (default: the shipped one)")
+
+
+def photos_and_references(
+    data: Path, limit: int | None = None
+) -> tuple[list[np.ndarray], dict[int, list[str]]]:
+    """The 273 photos as uint8 RGB arrays and their reference captions, by index; ``limit``:
+    only the first that many (the others not read)."""
     from PIL import Image
 
     from edgecap.evaluation.evaluate import load_references
@@ -71,6 +84,8 @@ def photos_and_references(data: Path) -> tuple[list[np.ndarray], dict[int, list[
 
     def add(folder: Path, items) -> None:
         for item in items:
+            if limit is not None and len(photos) >= limit:
+                return
             references[len(photos)] = item.captions
             with Image.open(folder / item.file_name) as im:
                 photos.append(np.asarray(im.convert("RGB")))
@@ -117,11 +132,12 @@ def pillarboxed(photo: np.ndarray) -> tuple[np.ndarray, np.ndarray]:
     return picture, frame
 
 
-def jpeg(frame: np.ndarray) -> np.ndarray:
+def jpeg(frame: np.ndarray, quality: int = JPEG_QUALITY) -> np.ndarray:
+    """``frame`` through JPEG at ``quality`` and back to RGB."""
     from PIL import Image
 
     buffer = io.BytesIO()
-    Image.fromarray(frame).save(buffer, "JPEG", quality=JPEG_QUALITY)
+    Image.fromarray(frame).save(buffer, "JPEG", quality=quality)
     with Image.open(buffer) as im:
         return np.asarray(im.convert("RGB"))
 

@@ -24,9 +24,7 @@ stream computes for each frame it would caption), median of 200 calls on one cor
 
 from __future__ import annotations
 
-import io
 import sys
-import time
 from pathlib import Path
 
 sys.path.insert(0, str(Path(__file__).resolve().parent))
@@ -34,6 +32,8 @@ sys.path.insert(0, str(Path(__file__).resolve().parent))
 import numpy as np  # noqa: E402
 
 import _common as C  # noqa: E402
+from bars import add_photos_arguments, jpeg, resized  # noqa: E402
+from sharpest import median_ms  # noqa: E402
 
 NOISE_SD = 2.0
 PATCHES = (0.02, 0.05, 0.1, 0.2, 0.4)  # shares of the frame
@@ -49,23 +49,6 @@ def exposed(frame: np.ndarray, gain: float) -> np.ndarray:
     return np.clip(np.round(frame.astype(np.float32) * gain), 0, 255).astype(np.uint8)
 
 
-def jpeg(frame: np.ndarray, quality: int) -> np.ndarray:
-    from PIL import Image
-
-    buffer = io.BytesIO()
-    Image.fromarray(frame).save(buffer, "JPEG", quality=quality)
-    with Image.open(buffer) as im:
-        return np.asarray(im.convert("RGB"))
-
-
-def resized(frame: np.ndarray, like: np.ndarray) -> np.ndarray:
-    from PIL import Image
-
-    return np.asarray(
-        Image.fromarray(frame).resize((like.shape[1], like.shape[0]), Image.Resampling.BILINEAR)
-    )
-
-
 def patched(frame: np.ndarray, other: np.ndarray, share: float, rng: np.random.Generator) -> np.ndarray:
     """``frame`` with ``other``'s pixels over a rectangle of ``share`` of it (the frame's aspect),
     at a random place."""
@@ -73,7 +56,7 @@ def patched(frame: np.ndarray, other: np.ndarray, share: float, rng: np.random.G
     ph, pw = int(h * np.sqrt(share)), int(w * np.sqrt(share))
     top, left = int(rng.integers(0, h - ph + 1)), int(rng.integers(0, w - pw + 1))
     out = frame.copy()
-    out[top : top + ph, left : left + pw] = resized(other, frame)[top : top + ph, left : left + pw]
+    out[top : top + ph, left : left + pw] = resized(other, w, h)[top : top + ph, left : left + pw]
     return out
 
 
@@ -91,7 +74,7 @@ def pairs(photo: np.ndarray, other: np.ndarray, rng: np.random.Generator) -> tup
     }
     for share in PATCHES:
         out[f"patch {share:.0%}"] = noisy(patched(photo, other, share, rng), rng)
-    out["another photo"] = noisy(resized(other, photo), rng)
+    out["another photo"] = noisy(resized(other, photo.shape[1], photo.shape[0]), rng)
     return frame, out
 
 
@@ -107,23 +90,13 @@ def per_frame_ms(repeats: int = 200) -> dict[str, float]:
         ("1280 x 720", (720, 1280)),
         ("1920 x 1080", (1080, 1920)),
     ):
-        frame = rng.integers(0, 256, (h, w, 3), dtype=np.uint8)
-        times = []
-        for _ in range(repeats):
-            start = time.perf_counter()
-            _layout(frame)
-            times.append(time.perf_counter() - start)
-        out[name] = float(np.median(times) * 1e3)
+        out[name] = median_ms(repeats, _layout, rng.integers(0, 256, (h, w, 3), dtype=np.uint8))
     return out
 
 
 def build_parser():
     p = C.argument_parser(__doc__)
-    p.add_argument(
-        "--data", type=Path, required=True, help="folder holding coco-ood-dev/, coco-ood-dev-b/, flickr8k*/"
-    )
-    p.add_argument("--limit", type=C.positive_int, help="only the first N of the 273 photos")
-    p.add_argument("--model", type=Path, default=None, help="model directory (default: the shipped one)")
+    add_photos_arguments(p)
     C.add_out_argument(p)
     return p
 
@@ -137,9 +110,7 @@ def main(argv=None) -> int:
     args = build_parser().parse_args(argv)
     model = C.model_dir(args.model)
     cost = per_frame_ms()  # before any runtime's threads exist (one left spinning would steal time)
-    photos, _ = photos_and_references(args.data)
-    if args.limit:
-        photos = photos[: args.limit]
+    photos, _ = photos_and_references(args.data, args.limit)
     rng = np.random.default_rng(0)
     frames, compared = [], []
     for i, photo in enumerate(photos):

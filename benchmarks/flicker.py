@@ -24,8 +24,9 @@ sys.path.insert(0, str(Path(__file__).resolve().parent))
 import numpy as np  # noqa: E402
 
 import _common as C  # noqa: E402
+from bars import add_photos_arguments  # noqa: E402
+from changes_only import NOISE_SD, noisy  # noqa: E402, F401 (NOISE_SD: the frames' noise, as changes_only's)
 
-NOISE_SD = 2.0
 SETTINGS = {
     "default": {},
     "no consensus": {"consensus": False},
@@ -37,10 +38,6 @@ SETTINGS = {
 }
 
 
-def noisy(photo: np.ndarray, rng: np.random.Generator) -> np.ndarray:
-    return np.clip(np.round(photo + rng.normal(0.0, NOISE_SD, photo.shape)), 0, 255).astype(np.uint8)
-
-
 def one_word_apart(a: str, b: str) -> bool:
     """The same number of words, exactly one of them different."""
     x, y = a.split(), b.split()
@@ -49,11 +46,7 @@ def one_word_apart(a: str, b: str) -> bool:
 
 def build_parser():
     p = C.argument_parser(__doc__)
-    p.add_argument(
-        "--data", type=Path, required=True, help="folder holding coco-ood-dev/, coco-ood-dev-b/, flickr8k*/"
-    )
-    p.add_argument("--limit", type=C.positive_int, help="only the first N of the 273 photos")
-    p.add_argument("--model", type=Path, default=None, help="model directory (default: the shipped one)")
+    add_photos_arguments(p)
     C.add_out_argument(p)
     return p
 
@@ -69,9 +62,7 @@ def main(argv=None) -> int:
 
     args = build_parser().parse_args(argv)
     model = C.model_dir(args.model)
-    photos, references = photos_and_references(args.data)
-    if args.limit:
-        photos, references = photos[: args.limit], {i: references[i] for i in range(args.limit)}
+    photos, references = photos_and_references(args.data, args.limit)
     rng = np.random.default_rng(0)
     first = [noisy(p, rng) for p in photos]
     second = [noisy(p, rng) for p in photos]

@@ -212,18 +212,16 @@ def blur_ratios(photos, lengths=(4, 8, 15, 25), seed: int = 0) -> dict:
 
 
 def build_parser():
+    from bars import add_photos_arguments
+
     p = C.argument_parser(__doc__)
-    p.add_argument(
-        "--data", type=Path, required=True, help="folder holding coco-ood-dev/, coco-ood-dev-b/, flickr8k*/"
-    )
+    add_photos_arguments(p)
     p.add_argument(
         "--bursts",
         type=C.int_list(least=2),
         default=[2, 4],
         help="frames that compete for one caption, comma-separated",
     )
-    p.add_argument("--limit", type=C.positive_int, help="only the first N of the 273 photos")
-    p.add_argument("--model", type=Path, default=None, help="model directory (default: the shipped one)")
     C.add_out_argument(p)
     return p
 
@@ -266,9 +264,7 @@ def main(argv=None) -> int:
     model = C.model_dir(args.model)
     cost = sharpness_ms()  # before any runtime's threads exist (one left spinning would steal time)
     captioner = Captioner(model)
-    photos, references = photos_and_references(args.data)
-    if args.limit:
-        photos, references = photos[: args.limit], {i: references[i] for i in range(args.limit)}
+    photos, references = photos_and_references(args.data, args.limit)
     ratios = blur_ratios(photos)
     rows, results = [], []
     for size in args.bursts:
