@@ -251,8 +251,9 @@ MODELS = (
 )
 
 
-def stacked(versions: dict, measures: bool):
-    """-> (x, right, photo index, version name) over every version, rows with signals only."""
+def stacked(versions: dict, measures: bool, *keys: str):
+    """-> (x, right, photo index, version name, then each of ``keys``' per-frame values) over
+    every version, rows with signals only."""
     xs, ys, photos, names = [], [], [], []
     for name, v in versions.items():
         x = np.hstack([v["signals"], v["measures"]]) if measures else v["signals"]
@@ -262,7 +263,8 @@ def stacked(versions: dict, measures: bool):
         names += [name] * len(x)
     x, y, photo, name = np.vstack(xs), np.concatenate(ys), np.concatenate(photos), np.array(names)
     keep = np.isfinite(x).all(1)
-    return x[keep], y[keep], photo[keep], name[keep]
+    extra = [np.concatenate([v[key] for v in versions.values()])[keep] for key in keys]
+    return (x[keep], y[keep], photo[keep], name[keep], *extra)
 
 
 def cross_validated(target: dict, other: dict, every_frame: bool, measures: bool, seed: int = 0):
@@ -347,24 +349,14 @@ def penalty_fit(
     return below, offset_weight(z[used], np.minimum(blurriness[used] - below, 0.0), y[used].astype(float))
 
 
-def with_blurriness(versions: dict):
-    """``stacked``'s rows (the shipped signals) and each row's blurriness."""
-    xs, bs = [], []
-    for v in versions.values():
-        xs.append(v["signals"])
-        bs.append(v["blurriness"])
-    keep = np.isfinite(np.vstack(xs)).all(1)
-    return (*stacked(versions, False), np.concatenate(bs)[keep])
-
-
 def penalty_cross_validated(target: dict, other: dict, seed: int = 0):
     """Five folds over ``target``'s photos (as ``cross_validated``): each predicted by the shipped
     signals fitted on its other folds' and ``other``'s photos as taken, without and with a blur
     penalty fitted on the same frames -> (confidence without, with, right, version names)."""
     from edgecap.confidence import fit
 
-    x, y, photo, name, b = with_blurriness(target)
-    ox, oy, _, oname, ob = with_blurriness(other)
+    x, y, photo, name, b = stacked(target, False, "blurriness")
+    ox, oy, _, oname, ob = stacked(other, False, "blurriness")
     folds = np.random.default_rng(seed).permutation(photo.max() + 1) % FOLDS
     plain, penalised = np.zeros(len(x)), np.zeros(len(x))
     for k in range(FOLDS):
@@ -429,7 +421,7 @@ def fitted_penalty(model_dir: Path, results: dict) -> tuple[float, float]:
         raise SystemExit(f"confidence_degraded: {model_dir} has no confidence.json")
     zs, bs, ys, names = [], [], [], []
     for versions in results.values():
-        x, y, _, name, b = with_blurriness(versions)
+        x, y, _, name, b = stacked(versions, False, "blurriness")
         zs.append(((model.select(x) - model.mean) / model.std) @ model.weights + model.bias)
         bs.append(b)
         ys.append(y)
