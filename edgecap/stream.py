@@ -418,6 +418,13 @@ def _changed_share(first: np.ndarray, second: np.ndarray) -> float:
     return float(np.count_nonzero(np.abs(first - second) > _CELL_MOVED)) / first.size
 
 
+def _unchanged(last: np.ndarray | None, layout: np.ndarray | None, min_change: float) -> bool:
+    """``min_change``'s rule: a frame of cells ``layout`` is passed over when it and the frame
+    captioned last (``last``) could both be measured and under ``min_change`` of the view
+    changed; otherwise it is captioned."""
+    return layout is not None and last is not None and _changed_share(last, layout) < min_change
+
+
 # The score of a frame that cannot be captioned at all (None from a failed read, a recording's
 # frame whose image is its InputError): under any other frame's.
 _UNUSABLE = -math.inf
@@ -653,8 +660,7 @@ class CaptionStream(Generic[_C]):
         if self.min_change is None:
             return self._caption(frame, read_at, dropped)
         layout = _layout(frame.image if frame.view is None else frame.view())
-        last = self._last_layout
-        if layout is not None and last is not None and _changed_share(last, layout) < self.min_change:
+        if _unchanged(self._last_layout, layout, self.min_change):
             with self._lock:
                 self._counts["unchanged"] += 1
             return None

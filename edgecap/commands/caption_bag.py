@@ -69,7 +69,6 @@ def _run(captioner, args: argparse.Namespace) -> int:
         open_recording,
         write_captions,
     )
-    from edgecap.stream import MIN_CHANGE
 
     broken: list[RecordingError] = []
 
@@ -87,7 +86,7 @@ def _run(captioner, args: argparse.Namespace) -> int:
     # of hours would hold every frame's caption text for nothing)
     captions: dict[tuple[str, int], str] = {}
     keep = args.write_bag is not None
-    min_change = wanted_min_change(args, MIN_CHANGE)
+    min_change = wanted_min_change(args)
     unchanged: dict[str, int] = {}
     with open_recording(args.bag) as recording:
         topics = recording.check_topics(args.topic)
@@ -153,13 +152,12 @@ def changed_frames(frames, min_change: float, unchanged: dict[str, int]):
     ``unchanged`` counts those left out by topic."""
     import numpy as np
 
-    from edgecap.stream import _changed_share, _layout
+    from edgecap.stream import _layout, _unchanged
 
     last: dict[str, np.ndarray | None] = {}
     for frame in frames:
         layout = _layout(frame.image)
-        before = last.get(frame.topic)
-        if layout is not None and before is not None and _changed_share(before, layout) < min_change:
+        if _unchanged(last.get(frame.topic), layout, min_change):
             unchanged[frame.topic] = unchanged.get(frame.topic, 0) + 1
             continue
         last[frame.topic] = layout

@@ -79,9 +79,9 @@ def run_attention(captioner, inputs: list[tuple[str, Any]], args) -> int:  # (na
 def run_stream(captioner, args: argparse.Namespace) -> int:
     """Caption a video file (every sampled frame, in order) or a camera (live)."""
     from edgecap.errors import InputError
-    from edgecap.stream import MIN_CHANGE, camera_frames, caption_stream, video_frames
+    from edgecap.stream import camera_frames, caption_stream, video_frames
 
-    min_change = wanted_min_change(args, MIN_CHANGE)
+    min_change = wanted_min_change(args)
     if args.video is not None:
         frames = video_frames(args.video)
         live = False
@@ -107,12 +107,14 @@ def run_stream(captioner, args: argparse.Namespace) -> int:
     return 0
 
 
-def wanted_min_change(args: argparse.Namespace, default: float) -> float | None:
+def wanted_min_change(args: argparse.Namespace) -> float | None:
     """The share of the view that must change for a frame to be captioned: --min-change X, or
-    ``default`` (``edgecap.stream.MIN_CHANGE``) with --changes-only; None without either."""
+    ``edgecap.stream.MIN_CHANGE`` with --changes-only; None without either."""
+    from edgecap.stream import MIN_CHANGE
+
     if args.min_change is not None:
         return args.min_change
-    return default if args.changes_only else None
+    return MIN_CHANGE if args.changes_only else None
 
 
 def time_decimals(every: float | None, fps: float | None) -> int:
