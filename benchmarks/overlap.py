@@ -64,7 +64,7 @@ def standing_in(captioner, frames: list, device_ms: float, search_host_ms: float
     first = [prepared[id(f)].x for f in frames[: captioner.options.batch_size]]
     searched = captioner._search(first, False, True)
 
-    def search(batch, return_attention, deferred=False, options=None):
+    def search(batch, return_attention, deferred=False, options=None, held=None):
         _busy(search_host_ms)
         time.sleep(device_ms / 1e3)  # the GIL released, as in a CUDA synchronisation
         return searched

@@ -19,7 +19,7 @@ import threading
 import time
 import warnings
 import weakref
-from collections.abc import Callable, Generator, Iterable, Iterator
+from collections.abc import Callable, Generator, Iterable, Iterator, Sequence
 from concurrent.futures import CancelledError, Executor, Future, ThreadPoolExecutor
 from dataclasses import dataclass, field, fields, replace
 from importlib import resources
@@ -36,7 +36,15 @@ from edgecap.backends._checks import check_threads
 from edgecap.backends.base import Backend
 from edgecap.confidence import SUPPORT_TAGS, ConfidenceModel, object_words, signals
 from edgecap.contract import Limits
-from edgecap.decoding import CaptionOptions, Hypothesis, fusion_weight, length_normalised, search
+from edgecap.decoding import (
+    CaptionOptions,
+    Hypothesis,
+    fusion_weight,
+    given_captions,
+    holds,
+    length_normalised,
+    search,
+)
 from edgecap.decoding.fusion import Fusion
 from edgecap.errors import InputError, ModelError
 from edgecap.images import (
@@ -97,6 +105,11 @@ class Caption:
     ``crop``: the part of the frame captioned when letterbox or pillarbox bars were cropped
     (``CaptionOptions.crop_bars``), as (left, top, right, bottom) fractions of its width and
     height; None: the whole frame.
+    ``held``: True when this is the ``previous`` caption the call was given, kept because it
+    still fits this frame about as well as the caption the search chose
+    (``CaptionOptions.hold_margin``, ``edgecap.decoding.hold``); its score, log-probability,
+    confidence and signals are then its own on this frame, and the search's caption is its
+    first alternative when ``n_best`` > 1.
     """
 
     text: str
@@ -113,6 +126,7 @@ class Caption:
     recognisable: bool = field(default=True, compare=False)
     signals: np.ndarray | None = field(default=None, compare=False, repr=False)
     crop: tuple[float, float, float, float] | None = field(default=None, compare=False)
+    held: bool = field(default=False, compare=False)
 
 
 NOTHING_RECOGNISABLE = "nothing recognisable"
@@ -531,10 +545,20 @@ class Captioner:
             f"backend={self.backend.describe()!r}, options={self.options}{closed})"
         )
 
-    def caption(self, image: ImageInput, color: str = "rgb", return_attention: bool = False) -> Caption:
+    def caption(
+        self,
+        image: ImageInput,
+        color: str = "rgb",
+        return_attention: bool = False,
+        previous: Caption | str | None = None,
+    ) -> Caption:
         """Caption one image: a path, encoded bytes, a PIL image or a numpy array (H, W, 3) uint8
-        (``color="bgr"`` for OpenCV frames). Raises ``InputError`` for an unusable image."""
-        return self.caption_batch([image], color, return_attention, on_error="raise")[0]
+        (``color="bgr"`` for OpenCV frames). Raises ``InputError`` for an unusable image.
+        ``previous``: the caption said last for the same camera (a ``Caption`` or its text):
+        kept (``Caption.held``) when it fits this image about as well as the caption the search
+        chooses (``CaptionOptions.hold_margin``), so that a still scene keeps its words."""
+        held = None if previous is None else [previous]
+        return self.caption_batch([image], color, return_attention, on_error="raise", previous=held)[0]
 
     # For a type checker: with on_error "raise" (the default) every result is a ``Caption``; with
     # "return" a result may be an ``InputError``. A None among the images (OpenCV's ``imread`` of
@@ -546,6 +570,7 @@ class Captioner:
         color: str = ...,
         return_attention: bool = ...,
         on_error: Literal["raise"] = ...,
+        previous: Sequence[Caption | str | None] | None = ...,
     ) -> list[Caption]: ...
 
     @overload
@@ -555,6 +580,7 @@ class Captioner:
         color: str = ...,
         return_attention: bool = ...,
         on_error: str = ...,
+        previous: Sequence[Caption | str | None] | None = ...,
     ) -> list[Caption | InputError]: ...
 
     def caption_batch(
@@ -563,14 +589,18 @@ class Captioner:
         color: str = "rgb",
         return_attention: bool = False,
         on_error: str = "raise",
+        previous: Sequence[Caption | str | None] | None = None,
     ) -> list[Caption] | list[Caption | InputError]:
         """Caption several images, ``batch_size`` at a time; results in the input order.
 
         ``on_error="raise"``: the first unusable image raises its ``InputError``.
         ``on_error="return"``: its slot holds the ``InputError`` instead and the other images are
         captioned as if it were not there.
+        ``previous``: one entry per image (a list as long as ``images``): the caption said last
+        for the camera it came from, or None; each kept as ``caption()`` keeps it.
         """
         self._check_call(images, color, on_error)
+        held = None if previous is None else self._previous_ids(images, previous)
         options = self.options
         if on_error == "raise":
             self._raise_unsearched(images, color, options)
@@ -583,9 +613,37 @@ class Captioner:
                 on_error,
                 options,
                 before_error=False,
-                overlap=self.overlap,
+                overlap=self.overlap and held is None,
+                previous=held,
             )
         )
+
+    def _previous_ids(self, images, previous) -> list[list[int] | None]:
+        """``caption_batch``'s ``previous``, checked against its images, as word ids per image:
+        None where there is nothing to hold (None, a caption of nothing recognisable, an empty
+        text, or a word the model's vocabulary does not hold)."""
+        if isinstance(previous, (str, Caption)) or not isinstance(previous, Sequence):
+            raise TypeError(
+                f"previous must be a list with an entry per image (a Caption, a text or None), "
+                f"got {type(previous).__name__}"
+            )
+        if not hasattr(images, "__len__") or len(images) != len(previous):
+            count = f"{len(images)} images" if hasattr(images, "__len__") else "images that have no length"
+            raise ValueError(f"previous must have an entry per image: {len(previous)} entries for {count}")
+        out: list[list[int] | None] = []
+        for position, entry in enumerate(previous):
+            if entry is None or (isinstance(entry, Caption) and not entry.recognisable):
+                out.append(None)
+                continue
+            if not isinstance(entry, (str, Caption)):
+                raise TypeError(
+                    f"previous[{position}] must be a Caption, a text or None, got {type(entry).__name__}"
+                )
+            words = entry.tokens if isinstance(entry, Caption) else entry.split()
+            said = [self.vocab.index.get(word, -1) for word in words]
+            specials = {-1, self.vocab.pad, self.vocab.start, self.vocab.end}
+            out.append(None if not said or any(i in specials for i in said) else said)
+        return out
 
     def _raise_unsearched(
         self, images: Iterable[ImageInput | None], color: str, options: CaptionOptions
@@ -767,6 +825,7 @@ class Captioner:
         before_error: bool = True,
         overlap: bool = False,
         search: bool = True,
+        previous: list[list[int] | None] | None = None,
     ) -> Iterator[Caption | InputError]:
         """The results in order, every step of every batch under ``options`` (the Captioner's when
         the call was made: another thread may set new ones meanwhile); ``before_error`` (with
@@ -774,7 +833,8 @@ class Captioner:
         error is raised. ``overlap``: each batch's captions are built in a second thread while the
         next batch is searched (``_overlapped``). ``search`` False (with "raise"): the images are
         read and prepared, and the first unusable one raises its error, but no batch is searched
-        and nothing is yielded."""
+        and nothing is yielded. ``previous``: per image, the word ids of the caption to hold
+        (``caption_batch``'s), not with ``overlap``."""
         # a source that fails (a camera unplugged) ends the images: those read before it are
         # captioned and yielded first, then its error is raised
         source = _Source(images)
@@ -816,8 +876,12 @@ class Captioner:
             if overlap:
                 yield from self._overlapped(parts, return_attention, stack, options)
             else:
+                at = 0  # the first image of the part
                 for part, error in parts:
-                    yield from self._finished(part, self._searched(part, return_attention, options))
+                    held = None if previous is None else previous[at : at + len(part)]
+                    at += len(part)
+                    searched = self._searched(part, return_attention, options, held=held)
+                    yield from self._finished(part, searched)
                     if error is not None:
                         raise error
         if source.error is not None:
@@ -984,12 +1048,16 @@ class Captioner:
         return_attention: bool,
         options: CaptionOptions,
         deferred: bool = False,
+        held: list[list[int] | None] | None = None,
     ):
         """Encode and search one batch of at most ``batch_size`` prepared images with ``options``:
         ``_search``'s result, None for a batch with no usable image. ``deferred``: its hypotheses
-        a function that gives them (``edgecap.decoding.search``'s), called by ``_finished``."""
+        a function that gives them (``edgecap.decoding.search``'s), called by ``_finished``.
+        ``held``: per prepared image, the word ids of the caption to hold, or None."""
         good = [p.x for p in prepared if isinstance(p, _Prepared)]
-        return self._search(good, return_attention, deferred, options=options) if good else None
+        if held is not None:
+            held = [ids for p, ids in zip(prepared, held) if isinstance(p, _Prepared)]
+        return self._search(good, return_attention, deferred, options=options, held=held) if good else None
 
     def _finished(self, prepared: list[_Prepared | InputError], searched) -> list[Caption | InputError]:
         """One searched batch's results in its order: a ``Caption`` per usable image, its
@@ -1042,13 +1110,15 @@ class Captioner:
         deferred: bool = False,
         warm: bool = False,
         options: CaptionOptions | None = None,
+        held: list[list[int] | None] | None = None,
     ):
         """batch: model inputs float32 (3, H, W), or for a backend that ``prepares_frames`` RGB
         frames -> (hypotheses per image, class probabilities (N, C), encode ms, decode ms,
         whether each image holds anything to caption as the backend found (N,) or None, the
         options it was searched with: ``options``, None: the Captioner's); ``deferred``: the
         hypotheses a function that gives them; ``warm``: instead, the batch encoded and the
-        backend's ``warm_search`` run on it (``warm_up``): its result."""
+        backend's ``warm_search`` run on it (``warm_up``): its result. ``held``: per image, the
+        word ids of the caption to hold or None (``_run_batch``)."""
         options = self.options if options is None else options
         # A backend with one set of device buffers (TensorRT) runs one batch at a time; close()
         # releases them under the same lock, so no batch runs on released buffers.
@@ -1060,7 +1130,7 @@ class Captioner:
                 with _batch_running():  # not across a fork, nor into the interpreter's exit
                     if warm:
                         return self._warm_batch(batch, options)
-                    return (*self._run_batch(batch, return_attention, options, deferred), options)
+                    return (*self._run_batch(batch, return_attention, options, deferred, held), options)
             finally:
                 self._in_batch = None
                 if self._release_after_batch:
@@ -1071,11 +1141,18 @@ class Captioner:
                         self._released.set()
 
     def _run_batch(
-        self, batch: list[np.ndarray], return_attention: bool, options: CaptionOptions, deferred: bool = False
+        self,
+        batch: list[np.ndarray],
+        return_attention: bool,
+        options: CaptionOptions,
+        deferred: bool = False,
+        held: list[list[int] | None] | None = None,
     ):
         """``_search``'s work, in the backend. A backend that captures graphs per batch size
         runs the batch padded with copies of its last image (``Backend.run_size``, up to the
-        largest batch this Captioner has run), whose results are dropped."""
+        largest batch this Captioner has run), whose results are dropped. ``held``: per image,
+        the word ids of the caption said last, kept instead of the search's where it fits the
+        image about as well (``_held``; not ``deferred``)."""
         t0 = time.perf_counter()
         n = len(batch)
         encoded, seen, size = self._encoded(batch, options)
@@ -1092,6 +1169,9 @@ class Captioner:
             return_attention=return_attention,
             deferred=deferred,
         )
+        if held is not None and any(ids is not None for ids in held):
+            assert not deferred
+            hypotheses = self._held(encoded, hypotheses, held, options)
         t2 = time.perf_counter()
         probs = encoded.class_probs
         if size > n:
@@ -1103,6 +1183,41 @@ class Captioner:
             probs = None if probs is None else probs[:n]
             seen = None if seen is None else [checks[:n] for checks in seen]
         return hypotheses, probs, (t1 - t0) * 1e3, (t2 - t1) * 1e3, seen
+
+    def _held(
+        self,
+        encoded,
+        hypotheses: list[list[Hypothesis]],
+        held: list[list[int] | None],
+        options: CaptionOptions,
+    ) -> list[list[Hypothesis]]:
+        """The search's hypotheses with, for each image whose previous caption (``held``'s word
+        ids) differs from the chosen one and scores within ``options.hold_margin`` of it on the
+        image (scored as the search scored the chosen one: ``edgecap.decoding.given_captions``),
+        that caption first, marked held, the search's after it (up to ``n_best``; a held
+        caption has no attention maps: its words were given, not searched)."""
+        previous = {i: ids for i, ids in enumerate(held) if ids not in (None, hypotheses[i][0].tokens)}
+        if not previous:
+            return hypotheses
+        given = given_captions(
+            self.backend,
+            encoded,
+            options,
+            self.vocab.start,
+            self.vocab.end,
+            len(self.vocab),
+            list(previous),
+            list(previous.values()),
+            self.classes,
+            self.fusion,
+        )
+        out = list(hypotheses)
+        for image, scored in zip(previous, given):
+            if scored is not None and holds(scored, hypotheses[image][0], options.hold_margin):
+                kept = replace(scored, held=True)
+                rest = [h for h in hypotheses[image] if h.tokens != kept.tokens]
+                out[image] = [kept, *rest][: options.n_best]
+        return out
 
     def _encoded(self, batch: list[np.ndarray], options: CaptionOptions):
         """The batch encoded at its run size (``Backend.run_size``: padded with copies of its last
@@ -1214,6 +1329,7 @@ class Captioner:
             attention=_attention_maps(hyp.attention),
             confidence=confidence,
             signals=x,
+            held=hyp.held,
         )
 
     def _nothing(

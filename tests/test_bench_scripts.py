@@ -1747,3 +1747,32 @@ def test_flicker_counts_one_word_edits_and_gives_each_frame_its_own_noise():
         "fusion_weight",
         "guidance_bonus",
     }
+
+
+def test_hold_s_second_frames_are_the_scene_changed_as_named():
+    """hold.py: the second frames of the same scene stay close to the first (noise, a darker
+    exposure, a 3 px move), the patched ones carry the other photo over the share named, and
+    'another photo' is the other photo (with noise)."""
+    import hold
+
+    rng = np.random.default_rng(0)
+    photo = np.full((60, 80, 3), 100, np.uint8)
+    other = np.full((60, 80, 3), 200, np.uint8)
+    first, seconds = hold.second_frames(photo, other, rng)
+    assert list(seconds) == [
+        "noise",
+        "exposure x 0.7",
+        "moved 3 px",
+        "patch 10%",
+        "patch 20%",
+        "patch 40%",
+        "another photo",
+    ]
+    assert all(f.shape == photo.shape and f.dtype == np.uint8 for f in (first, *seconds.values()))
+    assert abs(first.mean() - 100) < 0.5 and abs(seconds["noise"].mean() - 100) < 0.5
+    assert not np.array_equal(first, seconds["noise"])  # each frame its own noise
+    assert abs(seconds["exposure x 0.7"].mean() - 70) < 0.5
+    for share in (0.1, 0.2, 0.4):
+        covered = (seconds[f"patch {share:.0%}"] > 150).mean()
+        assert abs(covered - share) < 0.03
+    assert abs(seconds["another photo"].mean() - 200) < 0.5

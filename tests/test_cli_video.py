@@ -105,6 +105,39 @@ def test_video_changes_only_captions_each_scene_once(tiny_model_dir, video, capf
     assert [line.split("\t")[0] for line in whole.stdout.splitlines()] == ["0.00s"]
 
 
+def test_video_hold_keeps_a_still_scene_s_caption_and_says_which_were_held(tmp_path, capfd):
+    """A video of the coffee cup with other sensor noise in each frame, the shipped model: with --hold
+    every frame says the first frame's caption (the frames the search captions otherwise
+    marked "held" in --json, counted in the summary), as caption_stream(hold=True) says them;
+    without it the captions flicker. --hold without a camera or video is a usage error."""
+    cv2 = pytest.importorskip("cv2")
+    from test_stream import example_frames
+
+    from edgecap.stream import caption_stream, video_frames
+
+    rng = np.random.default_rng(1)
+    cup = example_frames()[1].astype(np.float32)
+    path = tmp_path / "still.avi"
+    writer = cv2.VideoWriter(str(path), cv2.VideoWriter_fourcc(*"FFV1"), 10.0, (cup.shape[1], cup.shape[0]))
+    for _ in range(8):
+        frame = np.clip(np.round(cup + rng.normal(0, 4, cup.shape)), 0, 255).astype(np.uint8)
+        writer.write(np.ascontiguousarray(frame[:, :, ::-1]))
+    writer.release()
+    out = run_edgecap(capfd, "caption", "--video", path, "--hold", "--json")
+    assert out.returncode == 0, out.stderr
+    records = [json.loads(line) for line in out.stdout.splitlines()]
+    plain = run_edgecap(capfd, "caption", "--video", path, "--json")
+    flicker = [json.loads(line)["caption"] for line in plain.stdout.splitlines()]
+    assert len(set(flicker)) > 1 and "held" not in json.loads(plain.stdout.splitlines()[0])
+    assert [r["caption"] for r in records] == [flicker[0]] * 8
+    assert [r["held"] for r in records] == [c != flicker[0] for c in flicker]
+    expected = [e.caption for e in caption_stream(Captioner(), video_frames(path), live=False, hold=True)]
+    assert [(c.text, c.held) for c in expected] == [(r["caption"], r["held"]) for r in records]
+    assert f", {sum(r['held'] for r in records)} held" in out.stderr
+    usage = run_edgecap(capfd, "caption", str(EXAMPLES / "chelsea.png"), "--hold")
+    assert usage.returncode == 2 and "--hold needs --camera or --video" in usage.stderr
+
+
 def test_the_changes_only_help_gives_the_stream_s_min_change():
     import argparse
 

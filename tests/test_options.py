@@ -465,8 +465,8 @@ def test_a_batchs_encoder_and_search_times_are_shared_by_its_captioned_images(ba
     captioner = Captioner(batch_size=4)
     run = captioner._run_batch
 
-    def timed(batch, return_attention, options, deferred=False):
-        hypotheses, probs, _, _, seen = run(batch, return_attention, options, deferred)
+    def timed(batch, return_attention, options, deferred=False, held=None):
+        hypotheses, probs, _, _, seen = run(batch, return_attention, options, deferred, held)
         return hypotheses, probs, 30.0, 90.0, seen
 
     captioner._run_batch = timed

@@ -89,12 +89,12 @@ def run_stream(captioner, args: argparse.Namespace) -> int:
         frames = camera_frames(args.camera)
         live = True
     stream = caption_stream(
-        captioner, frames, every=args.every, live=live, pick=args.pick, min_change=min_change
+        captioner, frames, every=args.every, live=live, pick=args.pick, min_change=min_change, hold=args.hold
     )
     decimals = time_decimals(args.every, getattr(frames, "fps", None))
     try:
         for event in stream:
-            _print_event(event, args.json, args.show_objects, args.min_confidence, decimals)
+            _print_event(event, args.json, args.show_objects, args.min_confidence, decimals, args.hold)
     except KeyboardInterrupt:
         stream.close()
         print(f"edgecap: {stream.stats}", file=sys.stderr)
@@ -131,11 +131,17 @@ def time_decimals(every: float | None, fps: float | None) -> int:
 
 
 def _print_event(
-    event, as_json: bool, objects: bool = False, min_confidence: float | None = None, decimals: int = 2
+    event,
+    as_json: bool,
+    objects: bool = False,
+    min_confidence: float | None = None,
+    decimals: int = 2,
+    hold: bool = False,
 ) -> None:
     """One frame's record: a photo's fields (``--json``: "objects" always, as a photo's record
-    has them; ``--min-confidence`` adds "low_confidence"; in text, ``--objects`` adds the
-    tags), after the frame's time (``decimals``: ``time_decimals``; JSON at least 3)."""
+    has them; ``--min-confidence`` adds "low_confidence"; ``--hold`` adds "held"; in text,
+    ``--objects`` adds the tags), after the frame's time (``decimals``: ``time_decimals``; JSON
+    at least 3)."""
     caption = event.caption
     if as_json:
         record = caption_record(caption, min_confidence)
@@ -143,6 +149,7 @@ def _print_event(
             "time": round(event.timestamp, max(3, decimals)),
             "frame": event.frame_index,
             **record,
+            **({"held": caption.held} if hold else {}),
             "timings": {k: round(v, 2) for k, v in caption.timings.items()},
             "dropped": event.dropped,
         }

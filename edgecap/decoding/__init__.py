@@ -5,7 +5,8 @@
 - ``rules``: what the loop applies at each step (never-first words, no repeated n-grams, the tag
   bonus, a fused caption language model: ``fusion``);
 - ``constraint``: beam-state partitions (the tag constraint);
-- ``consensus``: the choice of the caption among every place the search could have ended.
+- ``consensus``: the choice of the caption among every place the search could have ended;
+- ``hold``: a camera's previous caption kept for a new frame it still fits about as well.
 
 ``search`` turns the options into rules and runs the loop: the API asks it for captions and knows
 no thresholds.
@@ -21,6 +22,7 @@ from edgecap.backends.base import Backend, Encoded
 from edgecap.decoding.beam import Hypothesis, beam_search, length_normalised
 from edgecap.decoding.consensus import Consensus
 from edgecap.decoding.constraint import SURFACE, TagConstraint, Unconstrained
+from edgecap.decoding.hold import given_hypotheses, holds
 from edgecap.decoding.options import MAX_BATCH_SIZE, CaptionOptions
 from edgecap.decoding.rules import Filter, NeverFirst, NoRepeatNgram, Scorer, TagBonus
 from edgecap.vocab import NEVER_FIRST_IDS
@@ -47,11 +49,6 @@ def search(
     probabilities (None: neither, nor the consensus choice); ``fusion``
     (``edgecap.decoding.fusion.Fusion``): the model's caption language models, fused into each
     step's scores at ``options.fusion_weight`` (None: the model's own weight; 0: off)."""
-    tag_words = None
-    probs = encoded.class_probs
-    if classes is not None and probs is not None and (options.constrained or options.guidance_bonus > 0):
-        min_prob = options.constraint_min_prob if options.constrained else options.guidance_min_prob
-        tag_words = classes.tag_words(probs, options.guidance_tags, min_prob)
     return search_with_tags(
         backend,
         encoded,
@@ -59,11 +56,42 @@ def search(
         start_id,
         end_id,
         vocab_size,
-        tag_words,
+        _tag_words(options, classes, encoded.class_probs),
         fusion=fusion,
         return_attention=return_attention,
         consensus=None if classes is None else Consensus(classes.function_ids, classes.dangling_ids),
         deferred=deferred,
+    )
+
+
+def _tag_words(options: CaptionOptions, classes, probs) -> tuple[frozenset[int], ...] | None:
+    """Each image's tag words, for the tag bonus or the tag constraint (None: neither)."""
+    if classes is None or probs is None or not (options.constrained or options.guidance_bonus > 0):
+        return None
+    min_prob = options.constraint_min_prob if options.constrained else options.guidance_min_prob
+    return classes.tag_words(probs, options.guidance_tags, min_prob)
+
+
+def given_captions(
+    backend: Backend,
+    encoded: Encoded,
+    options: CaptionOptions,
+    start_id: int,
+    end_id: int,
+    vocab_size: int,
+    image_of: list[int],
+    captions: list[list[int]],
+    classes=None,
+    fusion=None,
+) -> list[Hypothesis | None]:
+    """Given captions (word ids) scored on the images of ``encoded`` that ``image_of`` names, as
+    ``search`` with these arguments would score them had it ended there, its tag bonus and
+    fused language models included (``edgecap.decoding.hold.given_hypotheses``; None for a
+    caption it could not have ended)."""
+    tag_words = None if options.constrained else _tag_words(options, classes, encoded.class_probs)
+    scorers = scorers_for(options, vocab_size, tag_words, fusion, encoded.class_probs)
+    return given_hypotheses(
+        backend, encoded, image_of, captions, options, start_id, end_id, vocab_size, scorers
     )
 
 
@@ -208,6 +236,8 @@ __all__ = [
     "Unconstrained",
     "beam_search",
     "fusion_weight",
+    "given_captions",
+    "holds",
     "length_normalised",
     "scorers_for",
     "search",

@@ -34,6 +34,7 @@ class Hypothesis:
     finished: bool  # ended with <end> (False: cut at max_length)
     attention: np.ndarray | None = None  # (n_words, L)
     rank_score: float | None = None  # what ranks it: ``score`` with the scorers' bonuses (if any)
+    held: bool = False  # the caption said last, kept for this image (``edgecap.decoding.hold``)
 
 
 def length_normalised(log_prob: float, length: int, penalty: float | None) -> float:

@@ -15,6 +15,7 @@ RANGES = {
     "guidance_min_prob": (0, 1),
     "constraint_min_prob": (0, 1),
     "fusion_weight": (0, 2),
+    "hold_margin": (0, 10),
 }
 LENGTH_PENALTY_RANGE = (0, 2)  # None (the mean log-prob per word) or a number in this range
 
@@ -65,6 +66,12 @@ class CaptionOptions:
     # lines at two opposite edges) are cropped before the frame is captioned and checked
     # (``edgecap.preprocess.bars``); the caption's ``crop`` says which part was captioned.
     crop_bars: bool = True
+    # Holding a caption (``Captioner.caption(image, previous=...)``, ``caption_stream(...,
+    # hold=True)``): the caption said last is kept for the new frame when its ranking score on
+    # that frame, per word, is within ``hold_margin`` (nats) of the new caption's
+    # (``edgecap.decoding.hold``); 0: only when it scores as well. Chosen with benchmarks/hold.py
+    # (docs/cameras.md).
+    hold_margin: float = 0.1
 
     @property
     def rows_per_image(self) -> int:
