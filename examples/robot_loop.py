@@ -4,13 +4,16 @@
     python examples/robot_loop.py clip.mp4 --model DIR --every 0.5
     python examples/robot_loop.py ride.mp4 --pick sharpest   # the least blurred of the frames
     python examples/robot_loop.py patrol.mp4 --changes-only  # a scene captioned once
+    python examples/robot_loop.py patrol.mp4 --changes-only --hold  # ... and its words kept
 
 The video is played at its own frame rate, as a camera would deliver it; when captioning is
 slower than the frames arrive, the newest frame wins and the older ones are dropped, so the
 caption is never stale by more than one caption's time (``--pick sharpest``: the least blurred of
 the frames that arrived while the last caption was made, for a camera that moves; docs/cameras.md,
 "Blurred frames"; ``--changes-only``: a frame only when its view changed since the last caption,
-so a robot standing still spends one caption on its scene, "A scene said once"). On a robot, swap
+so a robot standing still spends one caption on its scene, "A scene said once"; ``--hold``: the
+caption said last kept while it fits the new frames about as well as their own, so that a scene
+keeps its words, "A scene's words kept"). On a robot, swap
 ``video_frames(path, realtime=True)`` for ``camera_frames(0)`` and act on
 ``event.caption.text`` where this prints it.
 Needs OpenCV: pip install 'edgecap[video]'.
@@ -41,6 +44,11 @@ def main(argv: list[str] | None = None) -> int:
         action="store_true",
         help="caption a frame only when its view changed since the last caption",
     )
+    parser.add_argument(
+        "--hold",
+        action="store_true",
+        help="keep the caption said last while it fits the new frames about as well as their own",
+    )
     args = parser.parse_args(argv)
 
     try:
@@ -55,6 +63,7 @@ def main(argv: list[str] | None = None) -> int:
             every=args.every,
             pick=args.pick,
             min_change=MIN_CHANGE if args.changes_only else None,
+            hold=args.hold,
         )
     except (EdgecapError, ValueError) as exc:  # ValueError: a bad --every
         print(f"robot_loop: {exc}", file=sys.stderr)
@@ -64,7 +73,8 @@ def main(argv: list[str] | None = None) -> int:
             t = event.caption.timings
             print(
                 f"{event.timestamp:6.2f}s frame {event.frame_index:5d}  "
-                f"{event.caption.text!r}  [prep {t['preprocess_ms']:.1f} ms, encode "
+                f"{event.caption.text!r}{' (held)' if event.caption.held else ''}  "
+                f"[prep {t['preprocess_ms']:.1f} ms, encode "
                 f"{t['encode_ms']:.1f} ms, decode {t['decode_ms']:.1f} ms, latency "
                 f"{event.latency_ms:.0f} ms, dropped {event.dropped}]",
                 flush=True,

@@ -29,7 +29,10 @@ captioned; over 0, up to 1: a frame only when that share of its view changed sin
 captioned last, ``caption_stream``'s ``min_change``; ``edgecap.stream.MIN_CHANGE``, 0.05, keeps
 a still robot's frames from being captioned again; a raw frame is measured on a view of its
 message's bytes, not converted; a compressed topic's frames are not measured, so each is
-captioned, which the node says once as it starts), ``model`` (a model folder; "": the
+captioned, which the node says once as it starts), ``hold`` (false, the default; true: each
+frame's captioner is offered the caption published last, kept while it fits the new frames
+about as well as their own caption, ``caption_stream``'s ``hold``, so that a scene keeps its
+words; the record's ``held`` says so), ``model`` (a model folder; "": the
 shipped model), ``backend`` ("auto"), ``device`` ("": the backend's own), ``beam_size`` (3),
 ``max_length`` (20). The raw encodings ``edgecap caption --bag`` reads are read here the same way
 (``edgecap.recordings.message_image``), for the frames captioned only; a frame that cannot be
@@ -178,12 +181,13 @@ class MessageCaptioner:
         self.captioner = captioner
         self.frames = frames
 
-    def caption(self, msg, color: str = "rgb", return_attention: bool = False):
+    def caption(self, msg, color: str = "rgb", return_attention: bool = False, **held):
+        """``held``: ``previous=`` (the stream's ``hold``), passed on."""
         _, image = message_image(msg, self.frames.compressed, "frame")
         if isinstance(image, InputError):
             raise image
         try:
-            return self.captioner.caption(image, color=color, return_attention=return_attention)
+            return self.captioner.caption(image, color=color, return_attention=return_attention, **held)
         except InputError:
             raise
         except BaseException:
@@ -209,6 +213,8 @@ def caption_record(event, stamp_ns: int, frame_id: str, dropped: int | None = No
         "crop": None if getattr(caption, "crop", None) is None else [round(v, 4) for v in caption.crop],
         "latency_ms": round(event.latency_ms, 1),
         "dropped": event.dropped if dropped is None else dropped,
+        # the caption published before, kept for this frame (the node's ``hold``)
+        "held": getattr(caption, "held", False) is True,
     }
 
 
@@ -236,6 +242,9 @@ class CaptionNode(Node):
                 "min_change must be 0 (every frame due is captioned) or a share of the view up to 1, "
                 f"got {change!r}"
             )
+        hold = self.declare_parameter("hold", False, ParameterDescriptor(dynamic_typing=True)).value
+        if not isinstance(hold, bool):
+            raise ValueError(f"hold must be true or false, got {hold!r}")
         model = self.declare_parameter("model", "").value
         backend = self.declare_parameter("backend", "auto").value
         device = self.declare_parameter("device", "").value
@@ -267,6 +276,7 @@ class CaptionNode(Node):
             on_error="return",
             pick=pick,
             min_change=change or None,
+            hold=hold,
         )
         self.publisher = self.create_publisher(String, "~/caption", 10)
         self.create_subscription(

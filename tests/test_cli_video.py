@@ -627,7 +627,7 @@ def test_robot_loop_example(tiny_model_dir, video):
 
 
 def test_robot_loop_example_passes_its_pick_to_the_stream(tiny_model_dir, video, monkeypatch, capsys):
-    """--pick sharpest and --changes-only reach caption_stream (a live stream over the video
+    """--pick sharpest, --changes-only and --hold reach caption_stream (a live stream over the video
     played in real time; which frames it then picks depends on the machine's speed, so the
     stream itself is not run)."""
     import importlib.util
@@ -649,11 +649,14 @@ def test_robot_loop_example_passes_its_pick_to_the_stream(tiny_model_dir, video,
 
     assert robot_loop.main([str(video), "--model", str(tiny_model_dir), "--pick", "sharpest"]) == 0
     assert (
-        robot_loop.main([str(video), "--model", str(tiny_model_dir), "--every", "0.5", "--changes-only"]) == 0
+        robot_loop.main(
+            [str(video), "--model", str(tiny_model_dir), "--every", "0.5", "--changes-only", "--hold"]
+        )
+        == 0
     )
     assert asked == [
-        {"every": None, "pick": "sharpest", "min_change": None},
-        {"every": 0.5, "pick": "newest", "min_change": MIN_CHANGE},
+        {"every": None, "pick": "sharpest", "min_change": None, "hold": False},
+        {"every": 0.5, "pick": "newest", "min_change": MIN_CHANGE, "hold": True},
     ]
     assert capsys.readouterr().out.count("done: 0 captions from 0 frames") == 2
     with pytest.raises(SystemExit):
@@ -719,7 +722,7 @@ def test_camera_is_captioned_live_and_a_video_in_order_both_sampled_by_every(
     streams the command asks for (the video's source closed unread; a fake camera that gives no
     frame): --video --every 0.5 is in order with every=0.5, --camera 0 --every 2 live with 2.0;
     --pick sharpest is passed on, "newest" without it; --changes-only as MIN_CHANGE, --min-change
-    X as X."""
+    X as X; --hold as hold=True."""
     import edgecap.stream
     from test_stream import FakeCv2
 
@@ -739,14 +742,22 @@ def test_camera_is_captioned_live_and_a_video_in_order_both_sampled_by_every(
     tuned = edgecap_caption(
         capfd, "--camera", "0", "--changes-only", "--min-change", "0.3", model=tiny_model_dir
     )
+    held = edgecap_caption(capfd, "--camera", "0", "--hold", model=tiny_model_dir)
     assert (recorded.returncode, camera.returncode, sharpest.returncode) == (0, 0, 0)
-    assert (changes.returncode, tuned.returncode) == (0, 0)
+    assert (changes.returncode, tuned.returncode, held.returncode) == (0, 0, 0)
     assert asked == [
-        {"every": 0.5, "live": False, "pick": "newest", "min_change": None},
-        {"every": 2.0, "live": True, "pick": "newest", "min_change": None},
-        {"every": None, "live": True, "pick": "sharpest", "min_change": None},
-        {"every": None, "live": True, "pick": "newest", "min_change": edgecap.stream.MIN_CHANGE},
-        {"every": None, "live": True, "pick": "newest", "min_change": 0.3},
+        {"every": 0.5, "live": False, "pick": "newest", "min_change": None, "hold": False},
+        {"every": 2.0, "live": True, "pick": "newest", "min_change": None, "hold": False},
+        {"every": None, "live": True, "pick": "sharpest", "min_change": None, "hold": False},
+        {
+            "every": None,
+            "live": True,
+            "pick": "newest",
+            "min_change": edgecap.stream.MIN_CHANGE,
+            "hold": False,
+        },
+        {"every": None, "live": True, "pick": "newest", "min_change": 0.3, "hold": False},
+        {"every": None, "live": True, "pick": "newest", "min_change": None, "hold": True},
     ]
 
 

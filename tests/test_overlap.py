@@ -72,12 +72,12 @@ def test_overlap_builds_a_batch_s_captions_while_the_next_is_searched(default_mo
     seen: dict = {"finished_in": [], "waited": []}
     search, finished = captioner._search, captioner._finished
 
-    def slow_search(batch, return_attention, deferred=False, options=None):
+    def slow_search(batch, return_attention, deferred=False, options=None, held=None):
         if len(seen["waited"]) == 1:  # the second batch: only once the first is being built
             seen["waited"].append(finishing.wait(timeout=60))
         else:
             seen["waited"].append(None)
-        return search(batch, return_attention, deferred, options=options)
+        return search(batch, return_attention, deferred, options=options, held=held)
 
     def recorded_finished(prepared, searched):
         seen["finished_in"].append(threading.current_thread().name)
@@ -115,11 +115,11 @@ def test_an_error_in_the_next_search_waits_for_the_batch_being_built(default_mod
     search, finished = captioner._search, captioner._finished
     calls = {"search": 0, "built": 0}
 
-    def failing_search(batch, return_attention, deferred=False, options=None):
+    def failing_search(batch, return_attention, deferred=False, options=None, held=None):
         calls["search"] += 1
         if calls["search"] == 2:
             raise RuntimeError("the device is gone")
-        return search(batch, return_attention, deferred, options=options)
+        return search(batch, return_attention, deferred, options=options, held=held)
 
     def slow_finished(prepared, searched):
         time.sleep(0.3)  # still building when the next search fails
@@ -188,8 +188,8 @@ def test_the_device_search_s_results_unpacked_later_are_its_own(default_model_di
     built: list[int] = []
     turn = threading.Condition()
 
-    def counted_search(batch, return_attention, deferred=False, options=None):
-        result = search(batch, return_attention, deferred, options=options)
+    def counted_search(batch, return_attention, deferred=False, options=None, held=None):
+        result = search(batch, return_attention, deferred, options=options, held=held)
         with turn:
             searches.append(len(batch))
             turn.notify_all()
@@ -301,9 +301,9 @@ def test_iter_captions_overlaps_when_asked_and_then_yields_a_batch_after_the_nex
     search = captioner._search
     searched: list[int] = []
 
-    def counted(batch, return_attention, deferred=False, options=None):
+    def counted(batch, return_attention, deferred=False, options=None, held=None):
         searched.append(len(batch))
-        return search(batch, return_attention, deferred, options=options)
+        return search(batch, return_attention, deferred, options=options, held=held)
 
     captioner._search = counted
     for overlap, before_the_first in ((False, 1), (True, 2)):
@@ -353,11 +353,11 @@ def _failing_at(captioner, n: int, failure):
     search = captioner._search
     calls = {"n": 0}
 
-    def failing(batch, return_attention, deferred=False, options=None):
+    def failing(batch, return_attention, deferred=False, options=None, held=None):
         calls["n"] += 1
         if calls["n"] != n:
-            return search(batch, return_attention, deferred, options=options)
-        result = search(batch, return_attention, deferred, options=options)
+            return search(batch, return_attention, deferred, options=options, held=held)
+        result = search(batch, return_attention, deferred, options=options, held=held)
         error = failure()
         if error is not None:
             raise error

@@ -879,3 +879,49 @@ def test_a_min_change_that_is_not_a_share_of_the_view_is_one_line_before_the_mod
         "ros2_node: min_change must be 0 (every frame due is captioned) or a share of the view up to 1, "
         f"got {change!r}\n"
     )
+
+
+def test_hold_offers_each_frame_the_caption_published_last_and_says_which_were_held(ros):
+    """``-p hold:=true``: the first frame's captioner is offered nothing, each next one the
+    caption published before it (the node's stream, ``caption_stream(hold=True)``); a caption
+    the captioner held is published with "held": true. Without the parameter nothing is
+    offered (a captioner without ``previous`` works) and every record says false."""
+    offered = []
+
+    class Holding(Slow):
+        texts = ["a cat", "a cat", "a dog"]
+
+        def caption(self, image, color="rgb", return_attention=False, **kwargs):
+            previous = kwargs.get("previous", "not offered")
+            offered.append(getattr(previous, "text", previous))
+            text = self.texts[len(offered) - 1]
+            held = previous not in (None, "not offered") and previous.text == text
+            return types.SimpleNamespace(text=text, recognisable=True, confidence=None, objects=[], held=held)
+
+    class Plain(Slow):
+        def caption(self, image, color="rgb", return_attention=False):
+            offered.append("plain")
+            return types.SimpleNamespace(text="a cat", recognisable=True, confidence=None, objects=[])
+
+    for hold, captioner, want_offered, want_held in (
+        (True, Holding(), [None, "a cat", "a cat"], [False, True, False]),
+        (False, Plain(), ["plain"] * 3, [False] * 3),
+    ):
+        offered.clear()
+        ros.parameters["hold"] = hold
+        node = ros.example.CaptionNode(captioner)
+        try:
+            for sec in (1, 2, 3):
+                deliver(node, raw_message(EXAMPLES / "chelsea.png", sec=sec))
+        finally:
+            node.close()
+        records = [json.loads(m.data) for m in node.publishers[0].published]
+        assert offered == want_offered
+        assert [r["held"] for r in records] == want_held
+
+
+@pytest.mark.parametrize("hold", ["yes", 1, 0.0])
+def test_a_hold_that_is_not_true_or_false_is_one_line_before_the_model_loads(ros, tmp_path, capsys, hold):
+    ros.parameters.update(model=str(tmp_path / "missing"), hold=hold)
+    assert ros.example.main([]) == 2
+    assert capsys.readouterr().err == f"ros2_node: hold must be true or false, got {hold!r}\n"
