@@ -22,7 +22,11 @@ bootstrap of held against not held on the 160 everyday photos and on the 113 Fli
 The margins are compared from one pass: both captions' ranking scores on the second frame
 (``edgecap.decoding.given_captions``), a caption held where the difference is within the
 margin. The shipped margin is then checked through the API itself (``caption_batch(frames,
-previous=...)``: the same captions, the same held flags). Last, what holding costs: a frame's
+previous=...)``: the same captions, the same held flags). Then a slow pan: each photo as six
+frames, each 80% of its width and 3% of it further right than the one before, then the next
+photo's first frame (a cut), captioned in order by ``caption_stream`` without and with
+``hold``: how often the words change within a pan, the CIDEr-D of the pans' captions (paired
+bootstrap), and how many cuts get the caption they get without the hold. Last, what holding costs: a frame's
 caption with and without ``previous`` at batch 1, taking turns (``--timing`` frames where the
 two captions differ, so that the previous one is scored; median ms, one process).
 """
@@ -43,6 +47,9 @@ from bars import add_photos_arguments, resized  # noqa: E402
 from changes_only import exposed, noisy, patched  # noqa: E402
 
 MARGINS = (0.0, 0.02, 0.05, 0.1, 0.2, 0.3)
+PAN_FRAMES = 6  # frames of a slow pan across each photo
+PAN_STEP = 0.03  # of the photo's width, from one frame of the pan to the next
+PAN_WIDTH = 0.8  # each frame's share of the photo's width
 EVERYDAY = 160  # the first 160 photos: coco-ood-dev and coco-ood-dev-b; the rest Flickr8k's
 
 
@@ -58,6 +65,90 @@ def second_frames(photo: np.ndarray, other: np.ndarray, rng: np.random.Generator
         out[f"patch {share:.0%}"] = noisy(patched(photo, other, share, rng), rng)
     out["another photo"] = noisy(resized(other, photo.shape[1], photo.shape[0]), rng)
     return frame, out
+
+
+def panned(photo: np.ndarray, rng: np.random.Generator) -> list[np.ndarray]:
+    """A slow pan across ``photo``: ``PAN_FRAMES`` crops of ``PAN_WIDTH`` of its width (its full
+    height), each ``PAN_STEP`` of the width further right than the one before, resized back to
+    the photo's size, each with its own sensor noise."""
+    h, w = photo.shape[:2]
+    width = int(w * PAN_WIDTH)
+    out = []
+    for k in range(PAN_FRAMES):
+        left = int(round(k * PAN_STEP * w))
+        out.append(noisy(resized(photo[:, left : left + width], w, h), rng))
+    return out
+
+
+def pan_figures(captioner, photos, references, sets, rng) -> tuple[dict, str]:
+    """Each photo's slow pan, then the next photo's first frame (a cut), captioned in order
+    by ``caption_stream`` without and with ``hold``: how often the words change within a pan,
+    how many cuts get their own caption, and the mean CIDEr-D of a pan's captions."""
+    from edgecap.evaluation.metrics import per_image_cider
+    from edgecap.stream import caption_stream
+
+    n = len(photos)
+    pans = [panned(photo, rng) for photo in photos]
+    said = {}
+    for hold in (False, True):
+        said[hold] = [
+            [
+                e.caption.text
+                for e in caption_stream(captioner, [*pans[i], pans[(i + 1) % n][0]], live=False, hold=hold)
+            ]
+            for i in range(n)
+        ]
+    out: dict = {}
+    cider = {}
+    for hold, texts in said.items():
+        changes = [sum(a != b for a, b in zip(t[:PAN_FRAMES], t[1:PAN_FRAMES])) for t in texts]
+        per_frame = [
+            per_image_cider(references, {i: texts[i][k] for i in range(n)}) for k in range(PAN_FRAMES)
+        ]
+        cider[hold] = np.array([np.mean([per_frame[k][i] for k in range(PAN_FRAMES)]) for i in range(n)])
+        out["hold" if hold else "no hold"] = {
+            "word changes within the pans": int(sum(changes)),
+            "pans whose words change": int(sum(c > 0 for c in changes)),
+            "cider": float(cider[hold].mean()),
+        }
+    cuts = sum(said[True][i][PAN_FRAMES] == said[False][i][PAN_FRAMES] for i in range(n))
+    out["hold"]["cuts captioned as without hold"] = int(cuts)
+    intervals = {
+        label: paired_bootstrap(cider[False][part], cider[True][part])
+        for label, part in sets.items()
+        if part.stop > part.start
+    }
+    out["hold"]["cider against no hold"] = intervals
+    rows = [
+        [
+            name,
+            f"{entry['word changes within the pans']} / {n * (PAN_FRAMES - 1)}",
+            f"{entry['pans whose words change']} / {n}",
+            f"{entry['cider']:.3f}",
+        ]
+        for name, entry in out.items()
+    ]
+    table = C.markdown_table(
+        [
+            "",
+            "words changed between frames of a pan",
+            "pans whose words change",
+            "CIDEr-D of a pan's captions",
+        ],
+        rows,
+    )
+    interval_text = "; ".join(
+        f"{label}: {iv['difference']:+.3f} [{iv['low']:+.3f}, {iv['high']:+.3f}]"
+        for label, iv in intervals.items()
+    )
+    markdown = (
+        f"\nA slow pan: each photo as {PAN_FRAMES} frames, each {PAN_WIDTH:.0%} of its width and "
+        f"{PAN_STEP:.0%} of it further right than the one before (with sensor noise), then the next "
+        "photo's first frame (a cut), captioned in order by caption_stream without and with hold:\n\n"
+        f"{table}\n\nCIDEr-D, held - not held [95%]: {interval_text}. The cut to the next photo "
+        f"captioned as without hold: {cuts} of {n}.\n"
+    )
+    return out, markdown
 
 
 def ranking_gaps(captioner, frames, first_ids, second_ids) -> np.ndarray:
@@ -228,6 +319,9 @@ def main(argv=None) -> int:
         "bootstrap, 10,000 resamples.\n\n"
         f"{table}\n\n{api_table}\n"
     )
+    data["pan"], pan_markdown = pan_figures(captioner, photos, references, sets, np.random.default_rng(1))
+    markdown += pan_markdown
+    print(pan_markdown, file=sys.stderr, flush=True)
     if args.timing:
         same = data["noise"]
         pick = [i for i in range(n) if same["gaps"][i] is not None][: args.timing]

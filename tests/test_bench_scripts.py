@@ -1776,3 +1776,20 @@ def test_hold_s_second_frames_are_the_scene_changed_as_named():
         covered = (seconds[f"patch {share:.0%}"] > 150).mean()
         assert abs(covered - share) < 0.03
     assert abs(seconds["another photo"].mean() - 200) < 0.5
+
+
+def test_hold_s_pan_moves_a_crop_across_the_photo_step_by_step():
+    """hold.py: a pan is PAN_FRAMES frames of the photo's size, each a crop of PAN_WIDTH of its
+    width PAN_STEP of the width further right than the one before: a photo whose columns are
+    their own index gives frames whose first column is the crop's left edge."""
+    import hold
+
+    w = 200
+    photo = np.repeat(np.repeat(np.arange(w, dtype=np.uint8)[None, :, None], 50, axis=0), 3, axis=2)
+    frames = hold.panned(photo, np.random.default_rng(0))
+    assert len(frames) == hold.PAN_FRAMES
+    assert all(f.shape == photo.shape and f.dtype == np.uint8 for f in frames)
+    lefts = [float(np.median(f[:, 0, 0])) for f in frames]
+    assert lefts == pytest.approx([k * hold.PAN_STEP * w for k in range(hold.PAN_FRAMES)], abs=3)
+    rights = [float(np.median(f[:, -1, 0])) for f in frames]
+    assert rights[0] == pytest.approx(hold.PAN_WIDTH * w, abs=3)
