@@ -11,7 +11,10 @@ accepts; ``Content-Type: image/...`` or ``application/octet-stream``) and ``GET 
 caption fields are those of ``edgecap caption --json`` (``edgecap.commands.output``) and equal to
 ``Captioner.caption`` on the same bytes; ``timings`` (ms) add ``queue_ms`` (waiting for the model)
 and ``total_ms`` (from the start of reading the body, a slow upload included, to the answer),
-``batch`` the number of images captioned together with this one.
+``batch`` the number of images captioned together with this one. A request with an
+``Edgecap-Previous-Caption`` header (the caption the client's camera was given last) gets that
+caption kept where it still fits the image about as well (``Captioner.caption(previous=...)``),
+and a ``held`` field saying whether it was.
 
 Built on aiohttp: asyncio, so a slow client costs one coroutine, not a thread, and batching is a
 queue read with a bounded wait; its request parser is the C llhttp one, and its body limit answers
@@ -28,7 +31,8 @@ serving:
   stopping while the body is still arriving;
 - 408: a body not received within ``read_timeout_s`` (a client that stalls);
 - 415: a Content-Type that is not an image (a form, JSON, text); 400: a body that is not an
-  image edgecap can decode, or an empty one;
+  image edgecap can decode, or an empty one, or an ``Edgecap-Previous-Caption`` that is not a
+  line of printable ASCII of at most ``MAX_PREVIOUS_CHARS`` characters;
 - 500: the model raised on this image (out of memory, ...): one line and one log line; a batch
   that fails is retried one image at a time, so the other requests of it are answered.
 
@@ -58,6 +62,9 @@ from edgecap.extras import install_hint
 DEFAULT_HOST = "127.0.0.1"
 DEFAULT_PORT = 8765
 MIB = 1024 * 1024
+# the request header that carries the caption said last for the client's camera (its text)
+PREVIOUS_HEADER = "Edgecap-Previous-Caption"
+MAX_PREVIOUS_CHARS = 1000
 
 
 @dataclass(frozen=True)
@@ -150,7 +157,8 @@ class OneLineLog(logging.LoggerAdapter):
 class Batcher:
     """Captions queued images in batches on one worker thread.
 
-    ``await submit(data)`` -> (``Caption`` or ``InputError``, the batch's size, ms queued). Run
+    ``await submit(data, previous)`` -> (``Caption`` or ``InputError``, the batch's size, ms
+    queued); ``previous``: the caption to hold (``Captioner.caption``'s), or None. Run
     ``await run()`` as a task: it takes the first queued image, then whatever else is queued,
     waiting at most ``max_wait_s`` for more, up to ``max_batch`` images."""
 
@@ -161,9 +169,9 @@ class Batcher:
         self.queue: asyncio.Queue = asyncio.Queue()
         self.executor = ThreadPoolExecutor(1, thread_name_prefix="edgecap-serve-model")
 
-    async def submit(self, data: bytes):
+    async def submit(self, data: bytes, previous: str | None = None):
         future = asyncio.get_running_loop().create_future()
-        self.queue.put_nowait((data, future, time.perf_counter()))
+        self.queue.put_nowait((data, future, time.perf_counter(), previous))
         return await future
 
     async def run(self) -> None:
@@ -191,7 +199,7 @@ class Batcher:
                     batch.append(item)
             started = time.perf_counter()
             try:
-                results = await self._caption([data for data, _, _ in batch])
+                results = await self._caption([item[0] for item in batch], [item[3] for item in batch])
             except Exception as exc:  # noqa: BLE001 (the model failed on one of them, or all)
                 log(
                     f"the model failed on a batch of {len(batch)} ({one_line(exc)})"
@@ -199,23 +207,25 @@ class Batcher:
                 )
                 await self._one_at_a_time(batch, started)
                 continue
-            for (_, future, queued), result in zip(batch, results):
+            for (_, future, queued, _), result in zip(batch, results):
                 if not future.done():  # a request whose client went away is dropped here
                     future.set_result((result, len(batch), (started - queued) * 1e3))
 
-    async def _caption(self, images: list[bytes]) -> list:
+    async def _caption(self, images: list[bytes], previous: list[str | None]) -> list:
+        # previous only where a request gave one (a captioner stand-in may not take it)
+        held = {"previous": previous} if any(p is not None for p in previous) else {}
         return await asyncio.get_running_loop().run_in_executor(
-            self.executor, functools.partial(self.captioner.caption_batch, images, on_error="return")
+            self.executor, functools.partial(self.captioner.caption_batch, images, on_error="return", **held)
         )
 
     async def _one_at_a_time(self, batch: list, started: float) -> None:
         """After a batch failed: each image alone, so that only the request whose image the
         model fails on hears of it (its result: the ``ModelFailure``)."""
-        for data, future, queued in batch:
+        for data, future, queued, previous in batch:
             if future.done():
                 continue
             try:
-                result = (await self._caption([data]))[0]
+                result = (await self._caption([data], [previous]))[0]
             except Exception as exc:  # noqa: BLE001 (this image's request answers 500)
                 if len(batch) > 1:
                     log(f"the model failed on one image of {len(data):,} bytes ({one_line(exc)})")
@@ -346,6 +356,16 @@ class CaptionService:
                 "bytes as the body with Content-Type image/jpeg, image/png, "
                 "... or application/octet-stream",
             )
+        previous = request.headers.get(PREVIOUS_HEADER)
+        if previous is not None and not (
+            len(previous) <= MAX_PREVIOUS_CHARS and previous.isascii() and previous.isprintable()
+        ):
+            return _error(
+                web,
+                400,
+                f"{PREVIOUS_HEADER} must be the caption said last, a line of printable ASCII of at most "
+                f"{MAX_PREVIOUS_CHARS:,} characters (got {len(previous):,} characters)",
+            )
         if request.content_length is not None and request.content_length > options.max_body_bytes:
             return _too_large(web, request.content_length, options.max_body_bytes)
         if self.pending >= options.max_pending:
@@ -451,7 +471,8 @@ class CaptionService:
             if not data:
                 return _error(web, 400, "empty body: send the image file's bytes")
             assert self.batcher is not None
-            result, batch, queue_ms = await self.batcher.submit(data)
+            previous = request.headers.get(PREVIOUS_HEADER)
+            result, batch, queue_ms = await self.batcher.submit(data, previous)
             if isinstance(result, InputError):
                 return _error(web, 400, f"not a usable image: {_as_a_client_is_told(result.problem)}")
             if isinstance(result, ModelFailure):
@@ -463,6 +484,8 @@ class CaptionService:
                 "total_ms": round((time.perf_counter() - t0) * 1e3, 2),
             }
             record["batch"] = batch
+            if previous is not None:
+                record["held"] = result.held
             return web.json_response(record)
         finally:
             self.pending -= 1

@@ -176,6 +176,64 @@ def test_concurrent_answers_equal_the_api(running, captioner):
     assert running.service.pending == 0
 
 
+def test_a_previous_caption_is_held_as_the_api_holds_it(running, captioner):
+    """Edgecap-Previous-Caption: each answer is Captioner.caption(photo, previous=text) with
+    "held" (the cat's caption from a moment before kept for the cat, given way for the coffee
+    cup), requests with and without the header batched together; without it no "held"."""
+    from edgecap.serve import PREVIOUS_HEADER
+
+    previous = "a cat sitting on a bed"
+    assert captioner.caption(PHOTOS[0], previous=previous).held  # the API holds it (test_hold.py)
+    asks = [(0, previous), (1, previous), (0, None), (0, "a cat on a zyzzyvazz")] * 3
+    expected = {(i, p): caption_record(captioner.caption(PHOTOS[i], previous=p)) for i, p in set(asks)}
+    with ThreadPoolExecutor(len(asks)) as pool:
+        answers = list(
+            pool.map(
+                lambda ask: post(
+                    running.port,
+                    PHOTOS[ask[0]],
+                    TYPES[ask[0]],
+                    headers={} if ask[1] is None else {PREVIOUS_HEADER: ask[1]},
+                ),
+                asks,
+            )
+        )
+    held = {(0, previous): True, (1, previous): False, (0, "a cat on a zyzzyvazz"): False}
+    for ask, (status, answer, _) in zip(asks, answers):
+        assert status == 200, answer
+        fields = answer_fields(answer)
+        if ask[1] is None:
+            assert "held" not in fields
+        else:
+            assert fields.pop("held") is held[ask]
+        assert fields == expected[ask]
+    assert answers[0][1]["caption"] == previous != caption_record(captioner.caption(PHOTOS[0]))["caption"]
+    assert max(a[1]["batch"] for a in answers) > 1
+
+
+@pytest.mark.parametrize("value", ["x" * 1001, "a cat\tsitting", "un caf\u00e9"])
+def test_a_previous_caption_header_that_is_not_a_caption_line_is_a_400(running, value):
+    from edgecap.serve import PREVIOUS_HEADER
+
+    connection = http.client.HTTPConnection("127.0.0.1", running.port, timeout=CLIENT_TIMEOUT_S)
+    try:
+        connection.putrequest("POST", "/caption")
+        connection.putheader("Content-Type", "image/png")
+        connection.putheader(PREVIOUS_HEADER, value.encode("utf-8"))
+        connection.putheader("Content-Length", str(len(PHOTOS[0])))
+        connection.endheaders(PHOTOS[0])
+        response = connection.getresponse()
+        status, answer = response.status, json.loads(response.read())
+    finally:
+        connection.close()
+    assert status == 400
+    assert answer["error"].startswith(
+        "Edgecap-Previous-Caption must be the caption said last, a line of printable ASCII of at most "
+        "1,000 characters"
+    )
+    assert post(running.port, PHOTOS[3], TYPES[3])[0] == 200  # and it keeps serving
+
+
 def test_health(running, captioner):
     status, answer, _ = request(running.port, "GET", "/health")
     assert status == 200
@@ -1654,7 +1712,12 @@ def test_a_stalled_body_is_answered_408_when_read_timeout_s_has_passed():
         await asyncio.Event().wait()
 
     stalled = SimpleNamespace(
-        content_type="image/png", content_length=1000, read=never, content=object(), query_string=""
+        content_type="image/png",
+        content_length=1000,
+        read=never,
+        content=object(),
+        query_string="",
+        headers={},
     )
 
     async def main():
@@ -1780,6 +1843,7 @@ def test_at_a_stop_only_a_body_still_arriving_is_refused_and_one_all_received_is
                     content=body,
                     read=read,
                     query_string="",
+                    headers={},
                 )
 
             complete, arriving = stand_in(b"all of it", 9, True), stand_in(b"part", 1000, False)
