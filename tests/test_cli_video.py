@@ -135,7 +135,7 @@ def test_video_hold_keeps_a_still_scene_s_caption_and_says_which_were_held(tmp_p
     assert [(c.text, c.held) for c in expected] == [(r["caption"], r["held"]) for r in records]
     assert f", {sum(r['held'] for r in records)} held" in out.stderr
     usage = run_edgecap(capfd, "caption", str(EXAMPLES / "chelsea.png"), "--hold")
-    assert usage.returncode == 2 and "--hold needs --camera or --video" in usage.stderr
+    assert usage.returncode == 2 and "--hold needs --camera, --video or --bag" in usage.stderr
 
 
 def test_the_changes_only_help_gives_the_stream_s_min_change():

@@ -1999,3 +1999,46 @@ def test_changes_only_captions_every_frame_of_a_compressed_topic(tmp_path, capfd
     assert done.returncode == 0, done.stderr
     assert len(done.stdout.splitlines()) == 2
     assert "edgecap: 0 frames passed over as unchanged\n" in done.stderr
+
+
+def test_hold_keeps_each_topics_words_as_a_stream_of_that_topic_would(tmp_path, capfd):
+    """--bag --hold: /cam/a films the astronaut and /cam/b the coffee cup, each frame with its
+    own sensor noise, the topics interleaved; each topic's captions are those caption_stream
+    with hold gives that topic's frames alone (the other topic's captions never offered), the
+    frames held marked "held" and counted per topic on stderr. Without --hold the captions
+    flicker and no record has "held"."""
+    from edgecap import Captioner
+    from edgecap.stream import caption_stream
+
+    rng = np.random.default_rng(0)
+    person = photo("astronaut.png").astype(np.float32)
+    cup = COFFEE.astype(np.float32)
+
+    def noisy(pixels):
+        return np.clip(np.round(pixels + rng.normal(0, 4, pixels.shape)), 0, 255).astype(np.uint8)
+
+    store = store_for("mcap")
+    frames = {"/cam/a": [noisy(person) for _ in range(5)], "/cam/b": [noisy(cup) for _ in range(5)]}
+    messages = []
+    for i in range(10):
+        topic = "/cam/a" if i % 2 == 0 else "/cam/b"
+        time_ns = T0 + i * SECOND
+        pixels = frames[topic][i // 2]
+        messages.append((topic, "sensor_msgs/msg/Image", time_ns, image_msg(store, "rgb8", pixels, time_ns)))
+    bag = write_recording(tmp_path, "mcap", messages)
+    done = edgecap_caption(capfd, "--bag", bag, "--json", "--hold")
+    assert done.returncode == 0, done.stderr
+    records = [json.loads(line) for line in done.stdout.splitlines()]
+    captioner = Captioner()
+    for topic in frames:
+        want = [e.caption for e in caption_stream(captioner, frames[topic], live=False, hold=True)]
+        got = [r for r in records if r["topic"] == topic]
+        assert [(r["caption"], r["held"]) for r in got] == [(c.text, c.held) for c in want]
+    held = {t: sum(r["held"] for r in records if r["topic"] == t) for t in frames}
+    assert sum(held.values()) > 0
+    shown = ", ".join(f"{n} on {t}" for t, n in sorted(held.items()) if n)
+    assert f"edgecap: {sum(held.values())} captions held ({shown})" in done.stderr
+    plain = [json.loads(line) for line in edgecap_caption(capfd, "--bag", bag, "--json").stdout.splitlines()]
+    assert "held" not in plain[0] and "held" not in edgecap_caption(capfd, "--bag", bag).stderr
+    flicker = [r["caption"] for r in plain if r["topic"] == "/cam/a"]
+    assert len(set(flicker)) > len({r["caption"] for r in records if r["topic"] == "/cam/a"})

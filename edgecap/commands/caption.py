@@ -170,9 +170,9 @@ def add_arguments(p: argparse.ArgumentParser) -> None:
     p.add_argument(
         "--hold",
         action="store_true",
-        help="with --camera or --video: keep the caption said last while it fits the new frames "
-        "about as well as the caption they would get (CaptionOptions.hold_margin), so that the "
-        "frames of one scene keep its words rather than flicker between near ties; held "
+        help="with --camera, --video or --bag (per topic): keep the caption said last while it fits "
+        "the new frames about as well as the caption they would get (CaptionOptions.hold_margin), "
+        "so that the frames of one scene keep its words rather than flicker between near ties; held "
         "captions are counted in the summary (and 'held' in --json)",
     )
     p.add_argument(
@@ -331,8 +331,8 @@ def _check_arguments(args: argparse.Namespace) -> str | None:
         return f"{changes} needs --camera, --video or --bag"
     if args.min_change is not None and not 0 < args.min_change <= 1:
         return f"--min-change must be a share of the view over 0 and at most 1, got {args.min_change}"
-    if args.hold and args.camera is None and args.video is None:
-        return "--hold needs --camera or --video"
+    if args.hold and args.camera is None and args.video is None and args.bag is None:
+        return "--hold needs --camera, --video or --bag"
     if args.attention is not None:
         if not args.paths:
             return "--attention needs one image PATH (not --video or --camera)"

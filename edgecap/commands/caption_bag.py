@@ -88,6 +88,7 @@ def _run(captioner, args: argparse.Namespace) -> int:
     keep = args.write_bag is not None
     min_change = wanted_min_change(args)
     unchanged: dict[str, int] = {}
+    held: dict[str, int] = {}  # with --hold, per topic: the captions held
     with open_recording(args.bag) as recording:
         topics = recording.check_topics(args.topic)
         if keep:  # refused now, not once every frame is captioned
@@ -95,7 +96,12 @@ def _run(captioner, args: argparse.Namespace) -> int:
         frames = recording.frames(topics, args.every)
         if min_change is not None:
             frames = changed_frames(frames, min_change, unchanged)
-        for frame, result in _captions(captioner, ((f, f.image) for f in frames_until_broken(frames))):
+        captioned = (
+            held_per_topic(captioner, frames_until_broken(frames), held)
+            if args.hold
+            else _captions(captioner, ((f, f.image) for f in frames_until_broken(frames)))
+        )
+        for frame, result in captioned:
             heard.add(frame.topic)
             if isinstance(result, InputError):
                 failed += 1
@@ -108,6 +114,13 @@ def _run(captioner, args: argparse.Namespace) -> int:
             print(
                 f"edgecap: {counted(sum(unchanged.values()), 'frame')} passed over as unchanged"
                 + (f" ({escape_field(passed)})" if passed else ""),
+                file=sys.stderr,
+            )
+        if args.hold:
+            kept = ", ".join(f"{n} on {t}" for t, n in sorted(held.items()) if n)
+            print(
+                f"edgecap: {counted(sum(held.values()), 'caption')} held"
+                + (f" ({escape_field(kept)})" if kept else ""),
                 file=sys.stderr,
             )
         # an image topic that gave no message (a camera that never published; not said where
@@ -145,6 +158,30 @@ def _run(captioner, args: argparse.Namespace) -> int:
     return 1 if failed or broken or silent else 0
 
 
+def held_per_topic(captioner, frames, held: dict[str, int]):
+    """(frame, ``Caption`` or ``InputError``) for each of ``frames`` (a recording's) in order, each
+    captioned alone with the caption said last on its topic offered (``Captioner.caption(...,
+    previous=...)``, as ``caption_stream``'s ``hold``): a frame with nothing recognisable ends
+    its topic's hold, one that cannot be used does not. ``held``: per topic, the captions held
+    (counted here)."""
+    from edgecap.errors import InputError
+
+    said: dict[str, object] = {}
+    for frame in frames:
+        held.setdefault(frame.topic, 0)
+        if isinstance(frame.image, InputError):
+            yield frame, frame.image
+            continue
+        try:
+            caption = captioner.caption(frame.image, previous=said.get(frame.topic))
+        except InputError as exc:
+            yield frame, exc
+            continue
+        said[frame.topic] = caption if caption.recognisable else None
+        held[frame.topic] += caption.held
+        yield frame, caption
+
+
 def changed_frames(frames, min_change: float, unchanged: dict[str, int]):
     """``frames`` (a recording's) less those whose view changed less than ``min_change`` since
     the frame of their topic passed on last (``caption_stream``'s ``min_change``, per topic; a
@@ -175,7 +212,8 @@ def _print_frame(bag: str, frame, result, args: argparse.Namespace) -> None:
             write(json_line({**head, **error_record(result.problem, args.min_confidence)}))
         return
     if args.json:
-        write(json_line({**head, **caption_record(result, args.min_confidence)}))
+        held = {"held": result.held} if args.hold else {}
+        write(json_line({**head, **caption_record(result, args.min_confidence), **held}))
         return
     fields = [
         frame.topic,
