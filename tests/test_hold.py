@@ -12,10 +12,10 @@ from PIL import Image
 
 from edgecap import Captioner
 from edgecap.api import NOTHING_RECOGNISABLE, Caption
-from edgecap.decoding import CaptionOptions, beam_search, holds, length_normalised
+from edgecap.decoding import CaptionOptions, beam_search, filters_for, holds, length_normalised
 from edgecap.decoding.beam import Hypothesis
 from edgecap.decoding.hold import given_hypotheses
-from edgecap.decoding.rules import TagBonus
+from edgecap.decoding.rules import NeverFirst, TagBonus
 from edgecap.errors import InputError
 from edgecap.stream import caption_stream
 from fakes import END, START, PrefixHashBackend
@@ -129,6 +129,39 @@ def test_a_caption_the_search_could_not_end_gets_no_score():
         deaf = Unforced(vocab_size=12, top_k=top_k, seed=2)
         [got] = given_hypotheses(deaf, encoded, [0], [[worst]], options, START, END, 12)
         assert (got is not None) is said
+
+
+def test_a_caption_the_search_s_rules_block_gets_no_score():
+    """A repeated n-gram (``no_repeat_ngram``) or a word a caption never starts with: the search
+    never says it, so it is not scored (None) however well the model scores it; the others are."""
+    backend = PrefixHashBackend(vocab_size=12, top_k=5, seed=3)
+    encoded = backend.encode(np.array([[7]]))
+    options = CaptionOptions(no_repeat_ngram=2)
+    captions = [[4, 5, 4, 5], [4, 5, 6, 4], [6, 4, 5]]
+    filters = filters_for(options, END)
+    got = given_hypotheses(backend, encoded, [0] * 3, captions, options, START, END, 12, (), filters)
+    assert got[0] is None  # "4 5" twice
+    assert got[1] is not None and got[2] is not None
+    unfiltered = given_hypotheses(backend, encoded, [0] * 3, captions, options, START, END, 12)
+    assert all(h is not None for h in unfiltered)
+    [first] = given_hypotheses(
+        backend, encoded, [0], [[6, 4, 5]], options, START, END, 12, (), [NeverFirst({6})]
+    )
+    assert first is None
+
+
+def test_a_previous_caption_with_a_repeated_ngram_is_never_held(shipped):
+    """The search never repeats a trigram (``no_repeat_ngram=3``): a previous caption that does
+    is not held at any margin; with the rule off, the same caption is held at a wide margin."""
+    cat = rgb("chelsea.png")
+    plain = shipped.caption(cat)
+    for previous in ("a cat cat cat cat", "a cat on a bed on a bed on a bed"):
+        wide = Captioner(options=dataclasses.replace(shipped.options, hold_margin=10.0))
+        result = wide.caption(cat, previous=previous)
+        assert not result.held and result.text == plain.text, previous
+        free = Captioner(options=dataclasses.replace(shipped.options, hold_margin=10.0, no_repeat_ngram=0))
+        result = free.caption(cat, previous=previous)
+        assert result.held and result.text == previous, previous
 
 
 def test_holds_within_the_margin_and_not_beyond():

@@ -87,12 +87,30 @@ def given_captions(
     """Given captions (word ids) scored on the images of ``encoded`` that ``image_of`` names, as
     ``search`` with these arguments would score them had it ended there, its tag bonus and
     fused language models included (``edgecap.decoding.hold.given_hypotheses``; None for a
-    caption it could not have ended)."""
+    caption it could not have ended: one its rules block, a repeated n-gram, too)."""
     tag_words = None if options.constrained else _tag_words(options, classes, encoded.class_probs)
     scorers = scorers_for(options, vocab_size, tag_words, fusion, encoded.class_probs)
     return given_hypotheses(
-        backend, encoded, image_of, captions, options, start_id, end_id, vocab_size, scorers
+        backend,
+        encoded,
+        image_of,
+        captions,
+        options,
+        start_id,
+        end_id,
+        vocab_size,
+        scorers,
+        filters_for(options, end_id),
     )
+
+
+def filters_for(options: CaptionOptions, end_id: int) -> list[Filter]:
+    """The filters of every search of ``options``: the words a caption never starts with, and
+    with ``options.no_repeat_ngram`` no repeated n-gram."""
+    filters: list[Filter] = [NeverFirst(NEVER_FIRST_IDS)]
+    if options.no_repeat_ngram > 0:
+        filters.append(NoRepeatNgram(options.no_repeat_ngram, end_id))
+    return filters
 
 
 def search_with_tags(
@@ -162,9 +180,7 @@ def _search(
 ) -> list[list[Hypothesis]] | Callable[[], list[list[Hypothesis]]]:
     """The search's hypotheses; ``deferred``, from a backend that ``defers_unpacking``: a
     function that unpacks them from its device search's result when called."""
-    filters: list[Filter] = [NeverFirst(NEVER_FIRST_IDS)]
-    if options.no_repeat_ngram > 0:
-        filters.append(NoRepeatNgram(options.no_repeat_ngram, end_id))
+    filters = filters_for(options, end_id)
     partition = None
     if options.constrained and tag_words is not None and any(tag_words):
         partition = TagConstraint(tag_words, vocab_size)  # else searched plainly (the same captions)
@@ -236,6 +252,7 @@ __all__ = [
     "Unconstrained",
     "beam_search",
     "fusion_weight",
+    "filters_for",
     "given_captions",
     "holds",
     "length_normalised",

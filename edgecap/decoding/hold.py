@@ -22,7 +22,7 @@ import numpy as np
 from edgecap.backends.base import Backend, Encoded
 from edgecap.decoding.beam import Hypothesis, checked_step, length_normalised
 from edgecap.decoding.options import CaptionOptions
-from edgecap.decoding.rules import Scorer
+from edgecap.decoding.rules import Filter, Scorer
 
 # What the decoder step's ``word_bias`` adds to the given word so that it is the step's best:
 # more than any log-probability is below zero (the words a caption never holds are floored at
@@ -40,19 +40,23 @@ def given_hypotheses(
     end_id: int,
     vocab_size: int,
     scorers: Sequence[Callable[[np.ndarray], Scorer]] = (),
+    filters: Sequence[Filter] = (),
 ) -> list[Hypothesis | None]:
     """Each caption (word ids without ``<start>`` / ``<end>``) scored on the image ``image_of``
     names, as the search would score it had it ended there: a finished ``Hypothesis`` whose
     ``log_prob`` and ``score`` are the model's own (``<end>`` included) and ``rank_score``
     adds the scorers' bonuses (the scorers as ``beam_search`` takes them: factories of the rows'
     image index), with ``options``' length penalty. None for a caption the search could not
-    have ended: empty, longer than ``options.max_length`` allows, or with a word the step
-    cannot give (outside its top K even when forced)."""
+    have ended: empty, longer than ``options.max_length`` allows, with a word the step cannot
+    give (outside its top K even when forced), or one that ``filters`` (the search's rules:
+    ``edgecap.decoding.filters_for``) block where it stands: a repeated n-gram."""
     rows = len(captions)
     if rows == 0:
         return []
     image_index = np.asarray(image_of, dtype=np.int32)
     sayable = [0 < len(words) < options.max_length for words in captions]
+    if filters:
+        sayable = _unblocked(captions, sayable, filters, end_id)
     # each row's words and its <end>; a row that has ended (or cannot be said) is fed <end>
     steps = max((len(w) + 1 for w, ok in zip(captions, sayable) if ok), default=0)
     if steps == 0:
@@ -106,6 +110,27 @@ def given_hypotheses(
                 rank_score=length_normalised(float(rank_lp[row]), length, penalty),
             )
         )
+    return out
+
+
+def _unblocked(
+    captions: Sequence[Sequence[int]], sayable: list[bool], filters: Sequence[Filter], end_id: int
+) -> list[bool]:
+    """``sayable`` with the captions whose words (or whose ``<end>``) a filter blocks where they
+    stand turned False: the search never says them. The filters are asked as the beam loop asks
+    them, step by step (``begin_step``), each row by its index."""
+    out = list(sayable)
+    steps = max((len(words) + 1 for words, ok in zip(captions, out) if ok), default=0)
+    for t in range(steps):
+        for rule in filters:
+            rule.begin_step(t)
+        for row, words in enumerate(captions):
+            if not out[row] or t > len(words):
+                continue
+            word = int(words[t]) if t < len(words) else end_id
+            before = [int(w) for w in words[:t]]
+            if any(rule.blocks(t, before, word, row) for rule in filters):
+                out[row] = False
     return out
 
 
