@@ -1193,8 +1193,9 @@ class Captioner:
     ) -> list[list[Hypothesis]]:
         """The search's hypotheses with, for each image whose previous caption (``held``'s word
         ids) differs from the chosen one and scores within ``options.hold_margin`` of it on the
-        image (scored as the search scored the chosen one: ``edgecap.decoding.given_captions``),
-        that caption first, marked held, the search's after it (up to ``n_best``; a held
+        image (scored as the search scored the chosen one: ``edgecap.decoding.given_captions``;
+        with ``constrained``, never one without a tag word over one with), that caption first,
+        marked held, the search's after it (up to ``n_best``; a held
         caption has no attention maps: its words were given, not searched)."""
         previous = {i: ids for i, ids in enumerate(held) if ids not in (None, hypotheses[i][0].tokens)}
         if not previous:
@@ -1210,6 +1211,7 @@ class Captioner:
             list(previous.values()),
             self.classes,
             self.fusion,
+            against=[hypotheses[i][0] for i in previous],
         )
         out = list(hypotheses)
         for image, scored in zip(previous, given):

@@ -259,6 +259,28 @@ def test_a_previous_caption_with_nothing_to_hold_changes_nothing(shipped):
         assert result == plain and not result.held, previous
 
 
+def test_the_constrained_search_s_caption_is_not_given_up_for_one_without_a_tag_word():
+    """constrained=True: the caption says one of the photo's tag words ("coffee", "cup" for the
+    coffee photo). A previous caption that says none (the plain search's runner-up, which
+    scores better than the constrained caption) is not held over it at any margin, as the
+    constrained search ranks it below every caption that says one; a previous caption that
+    says one is held as without the constraint."""
+    coffee = rgb("coffee.png")
+    captioner = Captioner(constrained=True, hold_margin=10.0)
+    own = captioner.caption(coffee)
+    assert "cup" in own.tokens
+    untagged = ("a small child is sitting on a wooden bench", "a small child is sitting on a wooden floor")
+    for previous in untagged:
+        result = captioner.caption(coffee, previous=previous)
+        assert not result.held and result.text == own.text, previous
+    with_tag = "a small child is sitting on a wooden floor with a cup"
+    assert with_tag != own.text
+    result = captioner.caption(coffee, previous=with_tag)
+    assert result.held and result.text == with_tag
+    tight = Captioner(constrained=True)  # the default margin: held too (it scores better)
+    assert tight.caption(coffee, previous=with_tag).held
+
+
 def test_bad_previous_arguments_are_named(shipped):
     cat = rgb("chelsea.png")
     with pytest.raises(TypeError, match=r"previous\[0\] must be a Caption, a text or None, got int"):

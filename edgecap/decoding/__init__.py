@@ -14,7 +14,7 @@ no thresholds.
 
 from __future__ import annotations
 
-from collections.abc import Callable
+from collections.abc import Callable, Sequence
 from dataclasses import replace
 from functools import partial
 
@@ -83,14 +83,22 @@ def given_captions(
     captions: list[list[int]],
     classes=None,
     fusion=None,
+    against: Sequence[Hypothesis] | None = None,
 ) -> list[Hypothesis | None]:
     """Given captions (word ids) scored on the images of ``encoded`` that ``image_of`` names, as
     ``search`` with these arguments would score them had it ended there, its tag bonus and
     fused language models included (``edgecap.decoding.hold.given_hypotheses``; None for a
-    caption it could not have ended: one its rules block, a repeated n-gram, too)."""
-    tag_words = None if options.constrained else _tag_words(options, classes, encoded.class_probs)
-    scorers = scorers_for(options, vocab_size, tag_words, fusion, encoded.class_probs)
-    return given_hypotheses(
+    caption it could not have ended: one its rules block, a repeated n-gram, too). ``against``:
+    per caption, the caption the search chose for its image; with ``options.constrained``, a
+    given caption that says none of its image's tag words where that one says one is None too:
+    the constrained search ranks every finished caption that says one above every caption
+    that does not (``edgecap.decoding.constraint``), so it could not have chosen it over that
+    one."""
+    tag_words = _tag_words(options, classes, encoded.class_probs)
+    scorers = scorers_for(
+        options, vocab_size, None if options.constrained else tag_words, fusion, encoded.class_probs
+    )
+    scored = given_hypotheses(
         backend,
         encoded,
         image_of,
@@ -102,6 +110,13 @@ def given_captions(
         scorers,
         filters_for(options, end_id),
     )
+    if options.constrained and tag_words is not None and against is not None:
+        for k, (image, hyp, chosen) in enumerate(zip(image_of, scored, against)):
+            words = tag_words[image]
+            says = not words.isdisjoint(chosen.tokens)
+            if hyp is not None and chosen.finished and says and words.isdisjoint(hyp.tokens):
+                scored[k] = None
+    return scored
 
 
 def filters_for(options: CaptionOptions, end_id: int) -> list[Filter]:
