@@ -1053,10 +1053,11 @@ class Captioner:
         """Encode and search one batch of at most ``batch_size`` prepared images with ``options``:
         ``_search``'s result, None for a batch with no usable image. ``deferred``: its hypotheses
         a function that gives them (``edgecap.decoding.search``'s), called by ``_finished``.
-        ``held``: per prepared image, the word ids of the caption to hold, or None."""
+        ``held``: per prepared image, the word ids of the caption to hold, or None (none for an
+        image with nothing recognisable: its caption says so, with the search's scores)."""
         good = [p.x for p in prepared if isinstance(p, _Prepared)]
-        if held is not None:
-            held = [ids for p, ids in zip(prepared, held) if isinstance(p, _Prepared)]
+        if held is not None:  # nothing held for a frame with nothing recognisable (``_nothing``)
+            held = [ids if p.visible else None for p, ids in zip(prepared, held) if isinstance(p, _Prepared)]
         return self._search(good, return_attention, deferred, options=options, held=held) if good else None
 
     def _finished(self, prepared: list[_Prepared | InputError], searched) -> list[Caption | InputError]:
@@ -1169,6 +1170,10 @@ class Captioner:
             return_attention=return_attention,
             deferred=deferred,
         )
+        if held is not None and seen is not None and options.blank_check:
+            # a frame the backend found nothing recognisable in keeps the search's own hypotheses,
+            # as a frame the host checked does (``_searched``): its caption is ``_nothing``'s
+            held = [ids if bool(v) else None for ids, v in zip(held, seen[0])]
         if held is not None and any(ids is not None for ids in held):
             assert not deferred
             hypotheses = self._held(encoded, hypotheses, held, options)

@@ -281,6 +281,32 @@ def test_the_constrained_search_s_caption_is_not_given_up_for_one_without_a_tag_
     assert tight.caption(coffee, previous=with_tag).held
 
 
+@pytest.mark.parametrize("backend", ["onnxruntime", "torch-device"])
+def test_a_frame_of_nothing_recognisable_is_the_plain_nothing_whatever_the_previous(backend):
+    """A uniform frame is "nothing recognisable" with the search's own score and log-prob, not
+    those of the previous caption scored on it (a margin wide enough to hold anything), the
+    frame checked on the host or by the backend (``preprocess="device"``); the coffee photo in
+    the same batch still holds it."""
+    kwargs = {"backend": "torch", "preprocess": "device"} if backend == "torch-device" else {}
+    if kwargs:
+        pytest.importorskip("torch")
+    captioner = Captioner(hold_margin=10.0, **kwargs)
+    grey, coffee = np.full((240, 320, 3), 128, np.uint8), rgb("coffee.png")
+    previous = "a cat laying on a bed"
+    plain = captioner.caption(grey)
+    assert not plain.recognisable
+    for results in (
+        [captioner.caption(grey, previous=previous)],
+        captioner.caption_batch([grey, coffee], previous=[previous, previous])[:1],
+    ):
+        [nothing] = results
+        assert not nothing.recognisable and not nothing.held
+        assert nothing.text == plain.text  # the scores as the batch gives them (to float error)
+        assert (nothing.score, nothing.log_prob) == pytest.approx((plain.score, plain.log_prob), abs=1e-5)
+    held = captioner.caption_batch([grey, coffee], previous=[previous, previous])[1]
+    assert held.held and held.text == previous
+
+
 def test_bad_previous_arguments_are_named(shipped):
     cat = rgb("chelsea.png")
     with pytest.raises(TypeError, match=r"previous\[0\] must be a Caption, a text or None, got int"):
