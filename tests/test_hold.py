@@ -164,6 +164,37 @@ def test_a_previous_caption_with_a_repeated_ngram_is_never_held(shipped):
         assert result.held and result.text == previous, previous
 
 
+def test_a_converted_model_scores_the_search_s_captions_as_its_search_did(tmp_path):
+    """The shipped model in FP16 scores the search's own captions with the search's scores to
+    the last bit, as FP32 does; an int8 decoder step quantises its inputs with one scale over
+    the rows it runs together (an image's beams in the search, one row here), so its scores
+    differ, by a few thousandths a word (docs/cameras.md says so)."""
+    pytest.importorskip("onnx")
+    from edgecap.build.convert import convert_model_dir
+    from edgecap.decoding import given_captions, search
+    from edgecap.api import default_model_dir
+
+    worst = {}
+    for precision in ("fp16", "int8"):
+        out = tmp_path / precision
+        convert_model_dir(default_model_dir(), out, precision)
+        captioner = Captioner(out, consensus=False, n_best=3)
+        vocab, gaps = captioner.vocab, []
+        for name in ("chelsea.png", "coffee.png"):
+            prepared = captioner._prepare(rgb(name), "rgb", captioner.options)
+            encoded = captioner.backend.encode(captioner.backend.batch_input([prepared.x]))
+            args = (captioner.backend, encoded, captioner.options, vocab.start, vocab.end, len(vocab))
+            [hyps] = search(*args, captioner.classes, captioner.fusion)
+            hyps = [h for h in hyps if h.finished]
+            given = given_captions(
+                *args, [0] * len(hyps), [h.tokens for h in hyps], captioner.classes, captioner.fusion
+            )
+            gaps += [abs(g.rank_score - h.rank_score) for g, h in zip(given, hyps)]
+        worst[precision] = max(gaps)
+    assert worst["fp16"] == 0.0
+    assert 0.0 < worst["int8"] < 0.02
+
+
 def test_holds_within_the_margin_and_not_beyond():
     new = Hypothesis([1], -2.0, -1.0, True, rank_score=-0.5)
     assert holds(Hypothesis([2], -3.0, -1.5, True, rank_score=-0.6), new, 0.1)

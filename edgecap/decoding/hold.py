@@ -4,13 +4,14 @@ model finds it about as good a caption of the new frame as its own choice.
 Two frames of a still scene differ in sensor noise, exposure, a pixel's shift; the caption
 model's best words are often near ties (``benchmarks/flicker.py``: two frames with other noise
 get different captions for 38% of the dev photos), so a camera's captions flicker between
-equally good wordings. Here the previous caption is scored on the new frame as the search
-scores an ending (``given_hypotheses``: the words fed one by one, each step's log-probability
-of the next given word, plus the bonuses of the scorers the search ran with: the tag bonus,
-the fused language models; the search's own caption scored so gets the search's scores to the
-last bit), and it is kept when its ranking score (per word) is within ``margin`` of the
-caption the search chose (``holds``). A different scene makes the previous caption improbable
-and it gives way.
+equally good wordings. Here the previous caption is scored on the new frame as the search scores
+an ending (``given_hypotheses``: the words fed one by one, each step's log-probability of the
+next given word, plus the bonuses of the scorers the search ran with: the tag bonus, the fused
+language models; the search's own caption scored so gets the search's scores to the last bit,
+with an FP32 or FP16 step: an int8 step, whose inputs are quantised with one scale over the rows
+run together, differs by a few thousandths a word), and it is kept when its ranking score (per
+word) is within ``margin`` of the caption the search chose (``holds``). A different scene makes
+the previous caption improbable and it gives way.
 """
 
 from __future__ import annotations
