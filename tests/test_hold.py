@@ -371,6 +371,32 @@ def test_each_image_of_a_batch_holds_its_own_previous_across_batches_and_bad_ima
         assert results[2].text == previous and results[0].text == results[3].text != previous
 
 
+def test_the_docs_figures_for_another_photo_kept_are_the_benchmark_s():
+    """docs/cameras.md's CIDEr-D of the three 'another photo' frames that keep the first photo's
+    caption at 0.1, from benchmarks/results/hold.json: the paired differences (held less not
+    held, means over the 160 everyday and the 113 Flickr8k photos) at margin 0 (two held) and
+    0.1 (three held) give each photo's own."""
+    import json
+    from pathlib import Path
+
+    root = Path(__file__).resolve().parents[1]
+    another = json.loads((root / "benchmarks/results/hold.json").read_text())["frames"]["another photo"]
+
+    def total(margin: str, subset: str, n: int) -> float:
+        return another[margin]["cider against no hold"][subset]["difference"] * n
+
+    assert another["margin 0"]["held"] == 2 and another["margin 0.1"]["held"] == 3
+    everyday = total("margin 0.1", "everyday (160)", 160)
+    assert everyday == pytest.approx(total("margin 0", "everyday (160)", 160))  # one photo, at 0 already
+    first = total("margin 0", "Flickr8k (113)", 113)
+    second = total("margin 0.1", "Flickr8k (113)", 113) - first
+    said = " ".join((root / "docs/cameras.md").read_text().split())
+    assert (
+        f"scores {-everyday:.3f} and {-first:.3f} lower (CIDEr-D) for two of them and {second:.3f} higher "
+        "for the third" in said
+    )
+
+
 # -- the stream ----------------------------------------------------------------------------------
 class Recording:
     """A stand-in captioner: says the captions it is given in turn, records the previous
