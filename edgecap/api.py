@@ -63,7 +63,7 @@ from edgecap.manifest import Manifest, file_sha256, load_manifest
 from edgecap.objects import ObjectClasses, top_classes_rows
 from edgecap.prefetch import check_decode_workers, default_decode_workers, prefetched_batches, window
 from edgecap.preprocess import bar_box, frame_blurriness, model_input, recognisable
-from edgecap.vocab import Vocabulary
+from edgecap.vocab import Vocabulary, tokenize
 
 CLOSED_MID_CALL = "this Captioner is closed: the rest of the images are not captioned"
 ON_ERROR = ("raise", "return")
@@ -639,7 +639,9 @@ class Captioner:
                 raise TypeError(
                     f"previous[{position}] must be a Caption, a text or None, got {type(entry).__name__}"
                 )
-            words = entry.tokens if isinstance(entry, Caption) else entry.split()
+            # a text as captions are read (edgecap.vocab.tokenize): "A cat on a bed." is the caption
+            # "a cat on a bed"
+            words = entry.tokens if isinstance(entry, Caption) else tokenize(entry)
             said = [self.vocab.index.get(word, -1) for word in words]
             specials = {-1, self.vocab.pad, self.vocab.start, self.vocab.end}
             out.append(None if not said or any(i in specials for i in said) else said)

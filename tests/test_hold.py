@@ -280,14 +280,23 @@ def test_the_same_caption_again_or_another_scene_is_the_plain_caption(shipped):
 
 
 def test_a_previous_caption_with_nothing_to_hold_changes_nothing(shipped):
-    """None, a caption of nothing recognisable, an empty text, a word outside the vocabulary or
-    a special token: the plain caption."""
+    """None, a caption of nothing recognisable, an empty text (or punctuation alone), a word
+    outside the vocabulary: the plain caption. A text is read as captions are read (capitals,
+    punctuation): "A cat laying, on a BED." is held as "a cat laying on a bed" is."""
     cat = rgb("chelsea.png")
     plain = shipped.caption(cat)
     nothing = dataclasses.replace(plain, text=NOTHING_RECOGNISABLE, tokens=[], recognisable=False)
-    for previous in (None, nothing, "", "   ", "a cat on a zyzzyvazz", "a cat <end>", "<start> a cat"):
+    for previous in (None, nothing, "", "   ", " . ", "a cat on a zyzzyvazz"):
         result = shipped.caption(cat, previous=previous)
         assert result == plain and not result.held, previous
+    best, second = runner_up(shipped, cat)
+    words = [shipped.vocab.words[i] for i in second.tokens]
+    shouted = words[0].capitalize() + " " + ", ".join(w.upper() for w in words[1:]) + "."
+    margin = dataclasses.replace(shipped.options, hold_margin=best.rank_score - second.rank_score + 1e-9)
+    captioner = Captioner(options=margin)
+    for text in (" ".join(words), shouted):
+        result = captioner.caption(cat, previous=text)
+        assert result.held and result.text == " ".join(words), text
 
 
 def test_the_constrained_search_s_caption_is_not_given_up_for_one_without_a_tag_word():
