@@ -601,6 +601,8 @@ class Captioner:
         """
         self._check_call(images, color, on_error)
         held = None if previous is None else self._previous_ids(images, previous)
+        if held is not None and all(ids is None for ids in held):
+            held = None  # nothing to hold: the call as without previous (overlap and all)
         options = self.options
         if on_error == "raise":
             self._raise_unsearched(images, color, options)

@@ -521,3 +521,22 @@ def test_a_model_without_language_models_or_classes_holds_too(tiny_model_dir, ba
         tiny_model_dir, backend=backend, consensus=False, beam_size=5, hold_margin=max(gap - 1e-4, 0)
     )
     assert not tight.caption(frame, previous=previous).held
+
+
+def test_previous_entries_that_are_all_none_keep_the_overlap(monkeypatch):
+    """caption_batch(previous=[None, ...]) holds nothing, so it runs as without previous: with
+    the Captioner's overlap on, batches still overlap (a call that holds does not)."""
+    captioner = Captioner(batch_size=1, overlap=True)
+    used = []
+    real = Captioner._overlapped
+
+    def noting(self, *args, **kwargs):
+        used.append(True)
+        return real(self, *args, **kwargs)
+
+    monkeypatch.setattr(Captioner, "_overlapped", noting)
+    cat, cup = rgb("chelsea.png"), rgb("coffee.png")
+    plain = captioner.caption_batch([cat, cup])
+    assert captioner.caption_batch([cat, cup], previous=[None, None]) == plain and len(used) == 2
+    captioner.caption_batch([cat, cup], previous=[None, "a cat"])
+    assert len(used) == 2
