@@ -1084,7 +1084,7 @@ def test_a_run_without_write_bag_keeps_nothing_per_frame(tmp_path, monkeypatch):
 
     monkeypatch.setattr(caption_bag, "_print_frame", measured)
     args = argparse.Namespace(
-        bag=str(bag), topic=None, every=None, write_bag=None, changes_only=False, min_change=None
+        bag=str(bag), topic=None, every=None, write_bag=None, changes_only=False, min_change=None, hold=False
     )
     args.json, args.show_objects, args.min_confidence = False, False, None
     tracing = tracemalloc.is_tracing()
