@@ -621,9 +621,10 @@ class Captioner:
         )
 
     def _previous_ids(self, images, previous) -> list[list[int] | None]:
-        """``caption_batch``'s ``previous``, checked against its images, as word ids per image:
-        None where there is nothing to hold (None, a caption of nothing recognisable, an empty
-        text, or a word the model's vocabulary does not hold)."""
+        """``caption_batch``'s ``previous``, checked against its images, as word ids per image (a
+        text read as captions are: ``edgecap.vocab.tokenize``): None where there is nothing to
+        hold (None, a caption of nothing recognisable, an empty text, or a word the model's
+        vocabulary does not hold)."""
         if isinstance(previous, (str, Caption)) or not isinstance(previous, Sequence):
             raise TypeError(
                 f"previous must be a list with an entry per image (a Caption, a text or None), "
