@@ -32,7 +32,7 @@ serving:
 - 408: a body not received within ``read_timeout_s`` (a client that stalls);
 - 415: a Content-Type that is not an image (a form, JSON, text); 400: a body that is not an
   image edgecap can decode, or an empty one, or an ``Edgecap-Previous-Caption`` that is not a
-  line of printable ASCII of at most ``MAX_PREVIOUS_CHARS`` characters;
+  line of printable ASCII of at most ``MAX_PREVIOUS_CHARS`` characters, or is given more than once;
 - 500: the model raised on this image (out of memory, ...): one line and one log line; a batch
   that fails is retried one image at a time, so the other requests of it are answered.
 
@@ -356,7 +356,14 @@ class CaptionService:
                 "bytes as the body with Content-Type image/jpeg, image/png, "
                 "... or application/octet-stream",
             )
-        previous = request.headers.get(PREVIOUS_HEADER)
+        given = request.headers.getall(PREVIOUS_HEADER, [])
+        if len(given) > 1:  # which one is the caption said last? (a proxy may join them with ", ")
+            return _error(
+                web,
+                400,
+                f"{PREVIOUS_HEADER} given {len(given)} times: give it once, the caption said last",
+            )
+        previous = given[0] if given else None
         if previous is not None and not (
             len(previous) <= MAX_PREVIOUS_CHARS and previous.isascii() and previous.isprintable()
         ):

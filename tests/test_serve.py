@@ -27,6 +27,8 @@ import pytest
 
 pytest.importorskip("aiohttp")
 
+from multidict import CIMultiDict  # aiohttp's
+
 import edgecap
 from edgecap import Captioner
 from edgecap.commands.output import caption_record
@@ -232,6 +234,34 @@ def test_a_previous_caption_header_that_is_not_a_caption_line_is_a_400(running, 
         "1,000 characters"
     )
     assert post(running.port, PHOTOS[3], TYPES[3])[0] == 200  # and it keeps serving
+
+
+def test_a_previous_caption_header_given_twice_is_a_400(running, captioner):
+    """Edgecap-Previous-Caption twice: which is the caption said last is not known (aiohttp's
+    headers.get took the first, silently; a proxy may join the two with ", ", which holds
+    neither), so the request is refused as a header that is not one caption line is, and the
+    service goes on serving. Each header alone is a 200 (the cat's earlier caption is held)."""
+    from edgecap.serve import PREVIOUS_HEADER
+
+    held = "a cat sitting on a bed"
+    assert captioner.caption(PHOTOS[0], previous=held).held
+    for values in ([held, "a coffee cup"], ["a coffee cup", held], [held, held]):
+        connection = http.client.HTTPConnection("127.0.0.1", running.port, timeout=CLIENT_TIMEOUT_S)
+        try:
+            connection.putrequest("POST", "/caption")
+            connection.putheader("Content-Type", "image/png")
+            for value in values:
+                connection.putheader(PREVIOUS_HEADER, value)
+            connection.putheader("Content-Length", str(len(PHOTOS[0])))
+            connection.endheaders(PHOTOS[0])
+            response = connection.getresponse()
+            status, answer = response.status, json.loads(response.read())
+        finally:
+            connection.close()
+        assert status == 400, (values, answer)
+        assert answer["error"] == f"{PREVIOUS_HEADER} given 2 times: give it once, the caption said last"
+    status, answer, _ = post(running.port, PHOTOS[0], TYPES[0], headers={PREVIOUS_HEADER: held})
+    assert status == 200 and answer["held"] is True and answer["caption"] == held
 
 
 def test_health(running, captioner):
@@ -1717,7 +1747,7 @@ def test_a_stalled_body_is_answered_408_when_read_timeout_s_has_passed():
         read=never,
         content=object(),
         query_string="",
-        headers={},
+        headers=CIMultiDict(),  # as aiohttp's (headers.getall)
     )
 
     async def main():
@@ -1843,7 +1873,7 @@ def test_at_a_stop_only_a_body_still_arriving_is_refused_and_one_all_received_is
                     content=body,
                     read=read,
                     query_string="",
-                    headers={},
+                    headers=CIMultiDict(),  # as aiohttp's (headers.getall)
                 )
 
             complete, arriving = stand_in(b"all of it", 9, True), stand_in(b"part", 1000, False)
