@@ -406,6 +406,49 @@ def test_the_docs_figures_for_another_photo_kept_are_the_benchmark_s():
     )
 
 
+def test_the_docs_pan_figures_are_the_benchmark_s():
+    """The slow pan's figures in docs/cameras.md (its table, intervals and cuts) and the README's
+    row are benchmarks/results/hold.json's; the word changes are counted over the steps from one
+    frame of a pan to the next (273 pans of PAN_FRAMES frames: 273 x 5 = 1,365 steps, not frames,
+    which are 1,638: the README had said 1,365 frames)."""
+    import json
+    import sys
+    from pathlib import Path
+
+    root = Path(__file__).resolve().parents[1]
+    sys.path.insert(0, str(root / "benchmarks"))
+    try:
+        import hold
+    finally:
+        sys.path.remove(str(root / "benchmarks"))
+    pan = json.loads((root / "benchmarks/results/hold.json").read_text())["frames"]["pan"]
+    pans = 273
+    steps = pans * (hold.PAN_FRAMES - 1)
+    without, held = pan["no hold"], pan["hold"]
+    docs = " ".join((root / "docs/cameras.md").read_text().split())
+    assert f"words changed between two frames of a pan (of {steps:,})" in docs
+    for name, entry in (("without `hold`", without), ("`hold=True`", held)):
+        row = (
+            f"| {name} | {entry['word changes within the pans']:,} | {entry['pans whose words change']} | "
+            f"{entry['cider']:.3f} |"
+        )
+        assert row in docs
+    intervals = {
+        label: f"{iv['difference']:+.3f} [{iv['low']:+.3f}, {iv['high']:+.3f}]"
+        for label, iv in held["cider against no hold"].items()
+    }
+    assert (
+        f"Held against not held, CIDEr-D of the pans' captions: everyday photos "
+        f"{intervals['everyday (160)']}, Flickr8k {intervals['Flickr8k (113)']};"
+    ) in docs
+    assert f"hold for {held['cuts captioned as without hold']} of the {pans}" in docs
+    readme = " ".join((root / "README.md").read_text().split())
+    assert (
+        f"a slow pan's words change {held['word changes within the pans']:,} times in the {steps:,} steps "
+        f"from one frame of a pan to the next instead of {without['word changes within the pans']:,};"
+    ) in readme
+
+
 # -- the stream ----------------------------------------------------------------------------------
 class Recording:
     """A stand-in captioner: says the captions it is given in turn, records the previous
