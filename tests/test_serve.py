@@ -958,6 +958,60 @@ def test_a_model_failure_is_a_json_500_for_its_image_alone(capfd):
     ]
 
 
+class HoldingFailingCaptioner(FailingCaptioner):
+    """FailingCaptioner that takes ``previous`` (records each call's) and holds a previous
+    caption that is the image's bytes as text."""
+
+    def __init__(self):
+        super().__init__()
+        self.previous: list[list | None] = []
+
+    def caption_batch(self, images, on_error="raise", previous=None):
+        self.previous.append(None if previous is None else list(previous))
+        results = super().caption_batch(images, on_error)
+        for data, result, said in zip(images, results, previous or [None] * len(images)):
+            result.held = said == data.decode()
+            if result.held:
+                result.text = said
+        return results
+
+
+def test_a_failed_batch_s_images_retried_alone_keep_their_previous_captions():
+    """A batch holding b"boom" fails; each of its other requests, captioned again alone
+    (``Batcher._one_at_a_time``), is still offered its own Edgecap-Previous-Caption: "good" held
+    (its header is its own text), "other" not (none given: no "held"), each call given only its
+    image's previous caption."""
+    from edgecap.serve import PREVIOUS_HEADER
+
+    fake = HoldingFailingCaptioner()
+    running = Running(fake, ServiceOptions())
+    try:
+        with ThreadPoolExecutor(4) as pool:
+            first = pool.submit(post, running.port, b"first")
+            assert fake.entered.acquire(timeout=CLIENT_TIMEOUT_S)
+            boom = pool.submit(post, running.port, b"boom", headers={PREVIOUS_HEADER: "a boom"})
+            wait_until(lambda: running.service.batcher.queue.qsize() == 1)
+            good = pool.submit(post, running.port, b"good", headers={PREVIOUS_HEADER: "good"})
+            wait_until(lambda: running.service.batcher.queue.qsize() == 2)
+            other = pool.submit(post, running.port, b"other")
+            wait_until(lambda: running.service.batcher.queue.qsize() == 3)
+            fake.gate.set()
+            assert first.result()[0] == 200 and boom.result()[0] == 500
+            good_status, good_answer, _ = good.result()
+            other_status, other_answer, _ = other.result()
+    finally:
+        running.stop()
+    assert fake.batches == [1, 3, 1, 1, 1]
+    assert fake.previous == [None, ["a boom", "good", None], ["a boom"], ["good"], None]
+    assert (good_status, good_answer["caption"], good_answer["held"], good_answer["batch"]) == (
+        200,
+        "good",
+        True,
+        1,
+    )
+    assert (other_status, other_answer["caption"], "held" in other_answer) == (200, "5 bytes", False)
+
+
 def test_max_batch_over_the_batch_size_is_refused():
     with pytest.raises(
         ValueError,
