@@ -25,8 +25,9 @@ process of its own after the variants' workers have ended. A variant's floor per
 images/s and the measured images/s as a share of it.
 
 Default photos: the first ``--limit`` (96) of Flickr8k's dev list (``Flickr_8k.devImages.txt``
-order) at full resolution (``../shared/data/flickr8k-fullres-dev``: decoding them costs what a
-user's camera photos cost), else the 224 x 224 Flickr8k copies, else the package's examples.
+order) that ``../shared/data/flickr8k-fullres-dev`` holds at full resolution (decoding them costs
+what a user's camera photos cost; it holds 113 of the split's photos), else the first of the
+224 x 224 Flickr8k copies, else the package's examples.
 The photos are only read.
 """
 
@@ -83,15 +84,19 @@ def parse_args(argv=None):
     return build_parser().parse_args(argv)
 
 
-def default_photos(limit: int) -> tuple[list[Path], str]:
-    """The first ``limit`` dev photos (0: all of them), at full resolution where present ->
-    (paths, where)."""
+def default_photos(limit: int, fullres: Path = FULLRES) -> tuple[list[Path], str]:
+    """The first ``limit`` dev photos (0: all of them) in the dev list's order: at full
+    resolution, of those ``fullres`` holds, where it holds ``limit`` of them (it need not hold
+    the whole split: 113 of its 1,000 photos), else the 224 x 224 copies -> (paths, where)."""
     if DEV_LIST.is_file():
-        names = [n.strip() for n in DEV_LIST.read_text().splitlines() if n.strip()][: limit or None]
-        for folder, what in ((FULLRES, "full resolution"), (C.FLICKR8K / "images", "224 x 224")):
-            found = [folder / n for n in names if (folder / n).is_file()]
-            if len(found) == len(names):
-                return found, f"the first {len(found)} Flickr8k dev photos ({what}, {folder})"
+        names = [n.strip() for n in DEV_LIST.read_text().splitlines() if n.strip()]
+        held = [fullres / n for n in names if (fullres / n).is_file()]
+        if held and (not limit or len(held) >= limit):
+            held = held[: limit or None]
+            return held, f"the first {len(held)} Flickr8k dev photos held at full resolution ({fullres})"
+        small = [C.FLICKR8K / "images" / n for n in names[: limit or None]]
+        if all(p.is_file() for p in small):
+            return small, f"the first {len(small)} Flickr8k dev photos (224 x 224, {C.FLICKR8K / 'images'})"
     return C.image_files(C.EXAMPLES, limit), f"the example photos ({C.EXAMPLES})"
 
 

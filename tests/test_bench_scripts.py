@@ -1793,3 +1793,30 @@ def test_hold_s_pan_moves_a_crop_across_the_photo_step_by_step():
     assert lefts == pytest.approx([k * hold.PAN_STEP * w for k in range(hold.PAN_FRAMES)], abs=3)
     rights = [float(np.median(f[:, -1, 0])) for f in frames]
     assert rights[0] == pytest.approx(hold.PAN_WIDTH * w, abs=3)
+
+
+def test_throughput_takes_the_dev_photos_the_full_resolution_folder_holds(tmp_path):
+    """throughput.py's default photos: the first --limit dev photos (the dev list's order) of
+    those the full-resolution folder holds, though it holds only some of the split (it had
+    fallen back to the 224 x 224 copies unless it held the first --limit of the list itself);
+    the small copies where it holds too few."""
+    import throughput
+
+    names = (
+        [n.strip() for n in throughput.DEV_LIST.read_text().splitlines() if n.strip()]
+        if (throughput.DEV_LIST.is_file())
+        else []
+    )
+    if len(names) < 10:
+        pytest.skip("no Flickr8k dev list here")
+    folder = tmp_path / "fullres"
+    folder.mkdir()
+    kept = [names[i] for i in (1, 4, 5, 8, 9)]  # not the list's first ones
+    for name in kept:
+        (folder / name).write_bytes(b"")
+    paths, where = throughput.default_photos(3, folder)
+    assert [p.name for p in paths] == kept[:3] and "held at full resolution" in where
+    paths, where = throughput.default_photos(0, folder)
+    assert [p.name for p in paths] == kept
+    paths, where = throughput.default_photos(6, folder)
+    assert all(p.parent == throughput.C.FLICKR8K / "images" for p in paths) and "224 x 224" in where
