@@ -241,7 +241,8 @@ def main(argv=None) -> int:
     margin = captioner.options.hold_margin
     first = captioner.caption_batch(firsts)
     first_ids = [ids_of(captioner, c) for c in first]
-    sets = {"everyday (160)": slice(0, min(EVERYDAY, n)), "Flickr8k (113)": slice(min(EVERYDAY, n), n)}
+    everyday = min(EVERYDAY, n)  # the sets' photos (fewer with --limit)
+    sets = {f"everyday ({everyday})": slice(0, everyday), f"Flickr8k ({n - everyday})": slice(everyday, n)}
     rows, data, api_rows = [], {}, []
     for name in seconds[0]:
         frames = [s[name] for s in seconds]
