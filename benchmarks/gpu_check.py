@@ -1185,6 +1185,88 @@ def latency(cap, timed: SyncTimedBackend, frames: list, args, mode: dict | None 
     return rows
 
 
+HOLD_FRAMES = 16  # frames timed with and without a previous caption (``hold_timing``)
+
+
+def hold_timing(cap, frames: list, args, n: int = HOLD_FRAMES) -> dict:
+    """Holding a caption on this mode, beam 3, batch 1: ``caption(frame)`` against
+    ``caption(frame, previous=...)`` with another frame's caption as the previous one (so the
+    previous caption is scored on the frame: the decoder run once more over its words),
+    taking turns after ``args.warmup`` of each; the first call with a previous caption timed
+    apart (on a graphed backend it may capture a step graph of its own rows)."""
+    runner = C.reuse_captioner(cap, beam_size=3, batch_size=1, max_length=args.max_length)
+    images = [frames[i % len(frames)] for i in range(max(n, 2))]
+    said = [c.text for c in runner.caption_batch(images)]
+    others = [said[(i + 1) % len(images)] for i in range(len(images))]
+    pairs = [(img, prev) for img, prev, own in zip(images, others, said) if prev != own] or [
+        (images[0], "a dog")
+    ]
+
+    def timed(image, previous=None) -> tuple[float, object]:
+        _sync()
+        t0 = time.perf_counter()
+        caption = runner.caption(image, previous=previous)
+        _sync()
+        return (time.perf_counter() - t0) * 1e3, caption
+
+    first_ms, _ = timed(*pairs[0])
+    plain, holding, held = [], [], 0
+    for rep in range(args.warmup + 1):
+        for image, previous in pairs:
+            ms_plain, _ = timed(image)
+            ms_held, caption = timed(image, previous)
+            if rep >= args.warmup:
+                plain.append(ms_plain)
+                holding.append(ms_held)
+                held += bool(caption.held)
+    return {
+        "frames": len(pairs),
+        "first_with_previous_ms": first_ms,
+        "plain_p50_ms": C.percentile(plain, 50),
+        "with_previous_p50_ms": C.percentile(holding, 50),
+        "held": held,
+    }
+
+
+def hold_lines(results: list[dict]) -> list[str]:
+    """The report's section on holding a caption (``hold_timing``), [] where no mode has it."""
+    rows = [
+        [
+            r["label"],
+            h["frames"],
+            h["plain_p50_ms"],
+            h["with_previous_p50_ms"],
+            h["first_with_previous_ms"],
+            h["held"],
+        ]
+        for r in results
+        if (h := r.get("hold"))
+    ]
+    if not rows:
+        return []
+    return [
+        "",
+        "## Holding a caption, beam 3, batch 1",
+        "",
+        C.markdown_table(
+            [
+                "mode",
+                "frames",
+                "caption p50 (ms)",
+                "with previous p50 (ms)",
+                "first with previous (ms)",
+                "held",
+            ],
+            rows,
+        ),
+        "",
+        "`caption(frame)` against `caption(frame, previous=...)`, another frame's caption as the "
+        "previous one (scored on the frame: the decoder run once more over its words), taking "
+        "turns; the first call with a previous caption apart (a graphed backend may capture a "
+        "step graph for its rows then).",
+    ]
+
+
 def run_mode(
     mode: dict,
     model: Path,
@@ -1252,6 +1334,9 @@ def run_mode(
         save(result)
     if cuda and mode["label"] in THROUGHPUT_MODES and not report.over_budget(f"{label} throughput"):
         result["throughput"] = throughput(cap, frames, args, overlap=mode["label"] in OVERLAP_MODES)
+        save(result)
+    if cuda and mode["label"] in THROUGHPUT_MODES and not report.over_budget(f"{label} hold"):
+        result["hold"] = hold_timing(cap, frames, args)
     if cuda:
         result["peak_gpu_mib"] = torch.cuda.max_memory_allocated() / 2**20
     del result["unfinished"]
@@ -2126,6 +2211,7 @@ def markdown(data: dict) -> str:
     lines += fused_probe_lines(data.get("fused_probe"))
     lines += decode_form_lines(data["modes"], data.get("conditional_probe"))
     lines += profile_lines(data["modes"])
+    lines += hold_lines(data["modes"])
     lines += ["", "## Throughput, batch 64, beam 3", ""]
     lines += [
         C.markdown_table(["mode", "input", "batch", "call p50 (ms)", "captions/s"], rates)

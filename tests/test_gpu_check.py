@@ -1731,3 +1731,36 @@ def test_a_run_that_ends_in_its_first_mode_leaves_a_partial_report(tmp_path, mon
     assert len(data["reference"]["texts"]) == 2
     assert "**Partial: written after 0 mode(s)" in text and "## Machine" in text
     assert "Plan: mode torch-cpu-fp32-eager; " in text
+
+
+def test_hold_timing_times_captions_with_and_without_a_previous_one(default_model_dir):
+    """``hold_timing`` on the CPU, the torch backend with graphs (an eager stand-in) and the
+    search on the device: each frame captioned plain and with another frame's caption as the
+    previous one, timed in turns, the held ones counted; what a held caption says is that
+    previous caption. The report's section a row per mode that has it."""
+    import argparse
+
+    sys.path.insert(0, str(SCRIPT.parent))
+    import gpu_check
+
+    from edgecap import Captioner
+
+    options = {"device": "cpu", "graph_factory": _if_eager_graph(), "search": "device"}
+    cap = Captioner(default_model_dir, backend="torch", beam_size=3, **options)
+    frames = gpu_check.C.example_frames()
+    args = argparse.Namespace(warmup=1, repeats=2, max_length=20)
+    out = gpu_check.hold_timing(cap, frames, args, n=4)
+    assert out["frames"] == 4  # the four example photos' captions all differ
+    assert out["plain_p50_ms"] > 0 and out["with_previous_p50_ms"] > 0 and out["first_with_previous_ms"] > 0
+    assert 0 <= out["held"] <= out["frames"]
+    runner = gpu_check.C.reuse_captioner(cap, beam_size=3, batch_size=1, max_length=20)
+    said = [runner.caption(f).text for f in frames]
+    again = [runner.caption(f, previous=said[(i + 1) % 4]) for i, f in enumerate(frames)]
+    assert sum(c.held for c in again) == out["held"]
+    assert all(c.text == said[(i + 1) % 4] for i, c in enumerate(again) if c.held)
+    text = "\n".join(
+        gpu_check.hold_lines([{"label": "torch-cpu-graphs-device", "hold": out}, {"label": "x"}])
+    )
+    assert "## Holding a caption, beam 3, batch 1" in text
+    assert len([line for line in text.splitlines() if line.startswith("| torch-cpu-graphs-device |")]) == 1
+    assert gpu_check.hold_lines([{"label": "x"}]) == []
