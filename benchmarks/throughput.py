@@ -84,10 +84,12 @@ def parse_args(argv=None):
     return build_parser().parse_args(argv)
 
 
-def default_photos(limit: int, fullres: Path = FULLRES) -> tuple[list[Path], str]:
+def default_photos(limit: int, fullres: Path | None = None) -> tuple[list[Path], str]:
     """The first ``limit`` dev photos (0: all of them) in the dev list's order: at full
     resolution, of those ``fullres`` holds, where it holds ``limit`` of them (it need not hold
-    the whole split: 113 of its 1,000 photos), else the 224 x 224 copies -> (paths, where)."""
+    the whole split: 113 of its 1,000 photos), else the 224 x 224 copies -> (paths, where).
+    ``fullres``: that folder (None: ``FULLRES``)."""
+    fullres = FULLRES if fullres is None else fullres
     if DEV_LIST.is_file():
         names = [n.strip() for n in DEV_LIST.read_text().splitlines() if n.strip()]
         held = [fullres / n for n in names if (fullres / n).is_file()]
