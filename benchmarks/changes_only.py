@@ -49,6 +49,12 @@ def exposed(frame: np.ndarray, gain: float) -> np.ndarray:
     return np.clip(np.round(frame.astype(np.float32) * gain), 0, 255).astype(np.uint8)
 
 
+def moved(frame: np.ndarray, px: int) -> np.ndarray:
+    """``frame``'s view moved by ``px`` pixels down and right (its first rows and columns
+    repeated at the edge)."""
+    return np.pad(frame, ((px, 0), (px, 0), (0, 0)), mode="edge")[:-px, :-px]
+
+
 def patched(frame: np.ndarray, other: np.ndarray, share: float, rng: np.random.Generator) -> np.ndarray:
     """``frame`` with ``other``'s pixels over a rectangle of ``share`` of it (the frame's aspect),
     at a random place."""
@@ -68,8 +74,8 @@ def pairs(photo: np.ndarray, other: np.ndarray, rng: np.random.Generator) -> tup
         "noise s.d. 8": noisy(photo, rng, 8.0),
         "exposure x 0.7": noisy(exposed(photo, 0.7), rng),
         "exposure x 1.3": noisy(exposed(photo, 1.3), rng),
-        "moved 1 px": noisy(np.pad(photo, ((1, 0), (1, 0), (0, 0)), mode="edge")[:-1, :-1], rng),
-        "moved 3 px": noisy(np.pad(photo, ((3, 0), (3, 0), (0, 0)), mode="edge")[:-3, :-3], rng),
+        "moved 1 px": noisy(moved(photo, 1), rng),
+        "moved 3 px": noisy(moved(photo, 3), rng),
         "JPEG quality 30": jpeg(noisy(photo, rng), 30),
     }
     for share in PATCHES:

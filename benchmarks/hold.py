@@ -44,7 +44,7 @@ import numpy as np  # noqa: E402
 import _common as C  # noqa: E402
 from _stats import paired_bootstrap  # noqa: E402
 from bars import add_photos_arguments, resized  # noqa: E402
-from changes_only import exposed, noisy, patched  # noqa: E402
+from changes_only import exposed, moved, noisy, patched  # noqa: E402
 
 MARGINS = (0.0, 0.02, 0.05, 0.1, 0.2, 0.3)
 PAN_FRAMES = 6  # frames of a slow pan across each photo
@@ -59,7 +59,7 @@ def second_frames(photo: np.ndarray, other: np.ndarray, rng: np.random.Generator
     out = {
         "noise": noisy(photo, rng),
         "exposure x 0.7": noisy(exposed(photo, 0.7), rng),
-        "moved 3 px": noisy(np.pad(photo, ((3, 0), (3, 0), (0, 0)), mode="edge")[:-3, :-3], rng),
+        "moved 3 px": noisy(moved(photo, 3), rng),
     }
     for share in (0.1, 0.2, 0.4):
         out[f"patch {share:.0%}"] = noisy(patched(photo, other, share, rng), rng)
@@ -84,7 +84,6 @@ def pan_figures(captioner, photos, references, sets, rng) -> tuple[dict, str]:
     """Each photo's slow pan, then the next photo's first frame (a cut), captioned in order
     by ``caption_stream`` without and with ``hold``: how often the words change within a pan,
     how many cuts get their own caption, and the mean CIDEr-D of a pan's captions."""
-    from edgecap.evaluation.metrics import per_image_cider
     from edgecap.stream import caption_stream
 
     n = len(photos)
@@ -102,10 +101,8 @@ def pan_figures(captioner, photos, references, sets, rng) -> tuple[dict, str]:
     cider = {}
     for hold, texts in said.items():
         changes = [sum(a != b for a, b in zip(t[:PAN_FRAMES], t[1:PAN_FRAMES])) for t in texts]
-        per_frame = [
-            per_image_cider(references, {i: texts[i][k] for i in range(n)}) for k in range(PAN_FRAMES)
-        ]
-        cider[hold] = np.array([np.mean([per_frame[k][i] for k in range(PAN_FRAMES)]) for i in range(n)])
+        per_frame = [cider_array(references, [texts[i][k] for i in range(n)]) for k in range(PAN_FRAMES)]
+        cider[hold] = np.mean(per_frame, axis=0)
         out["hold" if hold else "no hold"] = {
             "word changes within the pans": int(sum(changes)),
             "pans whose words change": int(sum(c > 0 for c in changes)),
@@ -184,6 +181,14 @@ def ranking_gaps(captioner, frames, first_ids, second_ids) -> np.ndarray:
     return gaps
 
 
+def cider_array(references: dict, texts: list[str]) -> np.ndarray:
+    """Each photo's CIDEr-D (``references`` keyed 0..N-1, as ``texts``)."""
+    from edgecap.evaluation.metrics import per_image_cider
+
+    scores = per_image_cider(references, dict(enumerate(texts)))
+    return np.array([scores[i] for i in range(len(texts))])
+
+
 def ids_of(captioner, caption) -> list[int]:
     return [captioner.vocab.index[w] for w in caption.tokens]
 
@@ -225,7 +230,6 @@ def main(argv=None) -> int:
     from bars import photos_and_references
 
     from edgecap import Captioner
-    from edgecap.evaluation.metrics import per_image_cider
 
     args = build_parser().parse_args(argv)
     model = C.model_dir(args.model)
@@ -244,16 +248,18 @@ def main(argv=None) -> int:
     everyday = min(EVERYDAY, n)  # the sets' photos (fewer with --limit)
     sets = {f"everyday ({everyday})": slice(0, everyday), f"Flickr8k ({n - everyday})": slice(everyday, n)}
     rows, data, api_rows = [], {}, []
+    next_refs = {i: references[(i + 1) % n] for i in range(n)}
+    # the first captions said again: scored once against each photo's references and the next's
+    first_texts = [c.text for c in first]
+    first_cider = {False: cider_array(references, first_texts), True: cider_array(next_refs, first_texts)}
     for name in seconds[0]:
         frames = [s[name] for s in seconds]
         own = [c for c in captioner.caption_batch(frames)]
         own_ids = [ids_of(captioner, c) for c in own]
         gaps = ranking_gaps(captioner, frames, first_ids, own_ids)
-        refs = {i: references[(i + 1) % n] for i in range(n)} if name == "another photo" else references
-        plain = per_image_cider(refs, {i: c.text for i, c in enumerate(own)})
-        plain_scores = np.array([plain[i] for i in range(n)])
-        held_first = per_image_cider(refs, {i: c.text for i, c in enumerate(first)})
-        first_scores = np.array([held_first[i] for i in range(n)])
+        other = name == "another photo"
+        plain_scores = cider_array(next_refs if other else references, [c.text for c in own])
+        first_scores = first_cider[other]
         differ = np.array([a.text != b.text for a, b in zip(first, own)])
         entry = {
             "differ": int(differ.sum()),

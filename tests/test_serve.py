@@ -94,6 +94,23 @@ def post(port: int, body: bytes, content_type: str | None = "image/png", **kw):
     return request(port, "POST", "/caption", body, content_type, **kw)
 
 
+def post_headers(port: int, body: bytes, headers: list[tuple[str, str | bytes]]) -> tuple[int, dict]:
+    """POST /caption of a PNG ``body`` with ``headers`` sent as given: a name may repeat, a value
+    may be bytes (sent as they are) -> (status, JSON body)."""
+    connection = http.client.HTTPConnection("127.0.0.1", port, timeout=CLIENT_TIMEOUT_S)
+    try:
+        connection.putrequest("POST", "/caption")
+        connection.putheader("Content-Type", "image/png")
+        for name, value in headers:
+            connection.putheader(name, value)
+        connection.putheader("Content-Length", str(len(body)))
+        connection.endheaders(body)
+        response = connection.getresponse()
+        return response.status, json.loads(response.read())
+    finally:
+        connection.close()
+
+
 class BlockingCaptioner:
     """Stands in for a Captioner: ``caption_batch`` records each batch's size and, while
     ``gate`` is clear, waits for it (the model is "busy")."""
@@ -217,17 +234,7 @@ def test_a_previous_caption_is_held_as_the_api_holds_it(running, captioner):
 def test_a_previous_caption_header_that_is_not_a_caption_line_is_a_400(running, value):
     from edgecap.serve import PREVIOUS_HEADER
 
-    connection = http.client.HTTPConnection("127.0.0.1", running.port, timeout=CLIENT_TIMEOUT_S)
-    try:
-        connection.putrequest("POST", "/caption")
-        connection.putheader("Content-Type", "image/png")
-        connection.putheader(PREVIOUS_HEADER, value.encode("utf-8"))
-        connection.putheader("Content-Length", str(len(PHOTOS[0])))
-        connection.endheaders(PHOTOS[0])
-        response = connection.getresponse()
-        status, answer = response.status, json.loads(response.read())
-    finally:
-        connection.close()
+    status, answer = post_headers(running.port, PHOTOS[0], [(PREVIOUS_HEADER, value.encode("utf-8"))])
     assert status == 400
     assert answer["error"].startswith(
         "Edgecap-Previous-Caption must be the caption said last, a line of printable ASCII of at most "
@@ -246,18 +253,7 @@ def test_a_previous_caption_header_given_twice_is_a_400(running, captioner):
     held = "a cat sitting on a bed"
     assert captioner.caption(PHOTOS[0], previous=held).held
     for values in ([held, "a coffee cup"], ["a coffee cup", held], [held, held]):
-        connection = http.client.HTTPConnection("127.0.0.1", running.port, timeout=CLIENT_TIMEOUT_S)
-        try:
-            connection.putrequest("POST", "/caption")
-            connection.putheader("Content-Type", "image/png")
-            for value in values:
-                connection.putheader(PREVIOUS_HEADER, value)
-            connection.putheader("Content-Length", str(len(PHOTOS[0])))
-            connection.endheaders(PHOTOS[0])
-            response = connection.getresponse()
-            status, answer = response.status, json.loads(response.read())
-        finally:
-            connection.close()
+        status, answer = post_headers(running.port, PHOTOS[0], [(PREVIOUS_HEADER, v) for v in values])
         assert status == 400, (values, answer)
         assert answer["error"] == f"{PREVIOUS_HEADER} given 2 times: give it once, the caption said last"
     status, answer, _ = post(running.port, PHOTOS[0], TYPES[0], headers={PREVIOUS_HEADER: held})

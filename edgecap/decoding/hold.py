@@ -73,11 +73,13 @@ def given_hypotheses(
     model_lp = np.zeros(rows)
     rank_lp = np.zeros(rows)
     every = np.arange(rows)
+    force = np.zeros((rows, vocab_size), np.float32)  # each row's given word at FORCE
     for t in range(steps):
         biases = [b for b in (s.bias(t, tokens, source_rows) for s in active) if b is not None]
         bonus = sum(biases[1:], biases[0]) if biases else None
         word = wanted[:, t]
-        force = np.zeros((rows, vocab_size), np.float32)
+        if t > 0:
+            force[every, wanted[:, t - 1]] = 0.0
         force[every, word] = FORCE
         result = session.step(tokens, source_rows, force)
         lp = result.topk_logprobs.astype(np.float64)
