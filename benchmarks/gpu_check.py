@@ -1199,7 +1199,8 @@ def hold_timing(cap, frames: list, args, n: int = HOLD_FRAMES) -> dict:
     ``caption(frame, previous=...)`` with another frame's caption as the previous one (so the
     previous caption is scored on the frame: the decoder run once more over its words),
     taking turns, one round to warm up and one timed; the first call with a previous caption
-    timed apart (on a graphed backend it may capture a step graph of its own rows)."""
+    timed apart (on a graphed backend it captures the hold pass's step graphs, one shape per
+    batch size, which ``warm_up(..., hold=True)`` would capture beforehand)."""
     runner = C.reuse_captioner(cap, beam_size=3, batch_size=1, max_length=args.max_length)
     images = [frames[i % len(frames)] for i in range(max(n, 2))]
     said = [c.text for c in runner.caption_batch(images)]

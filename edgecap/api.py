@@ -63,7 +63,7 @@ from edgecap.manifest import Manifest, file_sha256, load_manifest
 from edgecap.objects import ObjectClasses, top_classes_rows
 from edgecap.prefetch import check_decode_workers, default_decode_workers, prefetched_batches, window
 from edgecap.preprocess import bar_box, frame_blurriness, model_input, recognisable
-from edgecap.vocab import Vocabulary, tokenize
+from edgecap.vocab import SPECIALS, Vocabulary, tokenize
 
 CLOSED_MID_CALL = "this Captioner is closed: the rest of the images are not captioned"
 ON_ERROR = ("raise", "return")
@@ -723,7 +723,10 @@ class Captioner:
         return self._results(images, color, return_attention, on_error, self.options, overlap=overlap)
 
     def warm_up(
-        self, batch_sizes: Iterable[int] = (1,), frame_size: tuple[int, int] = (480, 640)
+        self,
+        batch_sizes: Iterable[int] = (1,),
+        frame_size: tuple[int, int] = (480, 640),
+        hold: bool = False,
     ) -> dict[int, dict[str, float]]:
         """Meet now, before a camera loop starts, what would make its first frames slow: per
         batch size (each 1 to ``batch_size``), a batch of synthetic frames of ``frame_size``
@@ -739,7 +742,11 @@ class Captioner:
         (``Backend.run_size``: up to the largest batch run so far) pads the smaller ones as it
         will later, and pads later batches up to it too. A backend keeps the whole-decode
         graphs of at most 8 plans (two batch sizes' worth): a warm-up that drops some of its own
-        warns, saying so."""
+        warns, saying so. ``hold=True`` (for a loop that passes ``previous``, as
+        ``caption_stream(hold=True)`` does): with graphs, those of the pass that scores the
+        previous captions are captured too, one shape per batch size."""
+        if not isinstance(hold, bool):
+            raise ValueError(f"warm_up: hold must be True or False, got {hold!r}")
         try:
             sizes = sorted({self._warm_size(size) for size in batch_sizes}, reverse=True)
         except TypeError:  # not iterable
@@ -760,6 +767,11 @@ class Captioner:
             if self.backend.warms_search(self.backend.run_size(size, self._largest_batch), self.options):
                 prepared = prepared or self._prepare(frame, "rgb")
                 plans = self._search([prepared.x] * size, False, warm=True)
+            if hold and self.backend.keeps_sizes():
+                # a one-word previous caption, which no search of the frame chooses: the hold pass
+                # runs (its graphs captured: ``_hold_pass``'s one shape for this size)
+                prepared = prepared or self._prepare(frame, "rgb")
+                self._search([prepared.x] * size, False, held=[[self._warm_word()]] * size)
             out[size] = {"seconds": time.perf_counter() - t0, "plans": plans}
         if self.backend.dropped_graphs() > dropped:
             warnings.warn(
@@ -770,6 +782,13 @@ class Captioner:
                 stacklevel=2,
             )
         return dict(sorted(out.items()))
+
+    def _warm_word(self) -> int:
+        """A word for ``warm_up``'s searches to be given: one of the model's object words (the
+        first), else the vocabulary's first word that is not a special token."""
+        if self._object_words:
+            return min(self._object_words)
+        return len(SPECIALS)  # the specials are the first words
 
     def _warm_size(self, size: object) -> int:
         """One of ``warm_up``'s batch sizes, checked."""
@@ -1210,19 +1229,7 @@ class Captioner:
         previous = {i: ids for i, ids in enumerate(held) if ids not in (None, hypotheses[i][0].tokens)}
         if not previous:
             return hypotheses
-        given = given_captions(
-            self.backend,
-            encoded,
-            options,
-            self.vocab.start,
-            self.vocab.end,
-            len(self.vocab),
-            list(previous),
-            list(previous.values()),
-            self.classes,
-            self.fusion,
-            against=[hypotheses[i][0] for i in previous],
-        )
+        given = self._hold_pass(encoded, previous, [hypotheses[i][0] for i in previous], options)
         out = list(hypotheses)
         for image, scored in zip(previous, given):
             if scored is not None and holds(scored, hypotheses[image][0], options.hold_margin):
@@ -1230,6 +1237,39 @@ class Captioner:
                 rest = [h for h in hypotheses[image] if h.tokens != kept.tokens]
                 out[image] = [kept, *rest][: options.n_best]
         return out
+
+    def _hold_pass(
+        self,
+        encoded,
+        previous: dict[int, list[int]],
+        against: list[Hypothesis],
+        options: CaptionOptions,
+    ) -> list[Hypothesis | None]:
+        """The previous captions (word ids by image of ``encoded``) scored on their images
+        (``edgecap.decoding.given_captions``; ``against``: each image's chosen hypothesis). A
+        backend that captures its step graphs per shape (``Backend.keeps_sizes``: the torch
+        backend's CUDA graphs) runs them as one row per image of the batch's run size, the
+        last one's copied into the rest and dropped: one shape per batch size, which
+        ``warm_up(hold=True)`` captures, rather than one for each count of held captions, each
+        captured mid-stream and crowding the search's own shapes out of the few kept."""
+        images, captions = list(previous), list(previous.values())
+        n = len(images)
+        rows = encoded.n_images if self.backend.keeps_sizes() else n
+        padding = rows - n
+        given = given_captions(
+            self.backend,
+            encoded,
+            options,
+            self.vocab.start,
+            self.vocab.end,
+            len(self.vocab),
+            images + images[-1:] * padding,
+            captions + captions[-1:] * padding,
+            self.classes,
+            self.fusion,
+            against=against + against[-1:] * padding,
+        )
+        return given[:n]
 
     def _encoded(self, batch: list[np.ndarray], options: CaptionOptions):
         """The batch encoded at its run size (``Backend.run_size``: padded with copies of its last

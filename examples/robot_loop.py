@@ -54,8 +54,9 @@ def main(argv: list[str] | None = None) -> int:
     try:
         captioner = Captioner(args.model, beam_size=3, max_length=12)
         # the first frames' slow parts met now, not mid-stream: the runtime's first run, and on a
-        # GPU with CUDA graphs their captures (a decode graph per plan a frame can need)
-        captioner.warm_up((1,), frame_size=(480, 640))
+        # GPU with CUDA graphs their captures (a decode graph per plan a frame can need, and with
+        # --hold the pass that scores the caption said last)
+        captioner.warm_up((1,), frame_size=(480, 640), hold=args.hold)
         frames = video_frames(args.video, realtime=True)
         stream = caption_stream(
             captioner,

@@ -255,8 +255,8 @@ class CaptionNode(Node):
                 model or None, backend, device=device or None, beam_size=beam_size, max_length=max_length
             )
             # the first frame's slow parts now, not while the camera runs: the runtime's first
-            # run, and on a GPU with CUDA graphs their captures
-            captioner.warm_up((1,), frame_size=(480, 640))
+            # run, and on a GPU with CUDA graphs their captures (the hold pass's too, with hold)
+            captioner.warm_up((1,), frame_size=(480, 640), hold=hold)
         self.captioner = captioner
         compressed = topic.rstrip("/").endswith("/compressed")
         # a compressed frame is not measured without decoding it (most of what captioning it

@@ -583,3 +583,30 @@ def test_previous_entries_that_are_all_none_keep_the_overlap(monkeypatch):
     assert captioner.caption_batch([cat, cup], previous=[None, None]) == plain and len(used) == 2
     captioner.caption_batch([cat, cup], previous=[None, "a cat"])
     assert len(used) == 2
+
+
+def test_a_graphed_backend_scores_previous_captions_at_one_shape_per_batch_size():
+    """With step graphs captured per shape (``EagerGraph`` standing in for CUDA graphs), the
+    previous captions of 1, 2, 3 or 4 images of a batch of 4 are scored at one shape, captured
+    once (not once per count of held captions, each mid-stream and crowding the search's own
+    shapes out of the eight kept); the captions, held flags and scores are the ungraphed
+    backend's."""
+    pytest.importorskip("torch")
+    from edgecap.backends.torch_graphs import EagerGraph
+
+    options = {"batch_size": 4, "consensus": False, "hold_margin": 10.0}
+    graphed = Captioner(backend="torch", device="cpu", graph_factory=EagerGraph, **options)
+    eager = Captioner(backend="torch", device="cpu", **options)
+    frames = [rgb(name) for name in ("chelsea.png", "coffee.png", "astronaut.png", "rocket.jpg")]
+    keys = graphed.backend.step_graphs.keys
+    graphed.caption_batch(frames)
+    searched = keys.made
+    other = "a dog runs through the grass"
+    for count in range(1, 5):
+        previous = [other] * count + [None] * (4 - count)
+        got = graphed.caption_batch(frames, previous=previous)
+        want = eager.caption_batch(frames, previous=previous)
+        assert [(c.text, c.held) for c in got] == [(c.text, c.held) for c in want]
+        assert [c.score for c in got] == pytest.approx([c.score for c in want], abs=1e-5)
+        assert sum(c.held for c in got) == count  # at this margin every offered caption is held
+        assert keys.made == searched + 1 and keys.dropped == 0, count

@@ -69,9 +69,10 @@ def test_warm_up_captures_only_the_plans_the_options_allow(default_model_dir, op
     assert out[1]["plans"] == len(plans) - 1
 
 
-def test_warm_up_without_graphs_captions_once_per_batch_size(default_model_dir, monkeypatch):
+@pytest.mark.parametrize("hold", [False, True])
+def test_warm_up_without_graphs_captions_once_per_batch_size(default_model_dir, monkeypatch, hold):
     """onnxruntime (no per-plan graphs): one caption of each batch size, the largest first, each
-    batch encoded once, nothing more to capture."""
+    batch encoded once, nothing more to capture (for holding either)."""
     captioner = Captioner(default_model_dir, batch_size=4)
     sizes, encoded = [], []
     real, encode = captioner.caption_batch, captioner.backend.encode
@@ -79,7 +80,7 @@ def test_warm_up_without_graphs_captions_once_per_batch_size(default_model_dir, 
         captioner, "caption_batch", lambda images, *a, **k: sizes.append(len(images)) or real(images, *a, **k)
     )
     monkeypatch.setattr(captioner.backend, "encode", lambda x: encoded.append(len(x)) or encode(x))
-    out = captioner.warm_up([1, 4, 1])
+    out = captioner.warm_up([1, 4, 1], hold=hold)
     assert sizes == encoded == [4, 1] and list(out) == [1, 4]
     assert all(r["plans"] == 0 and r["seconds"] > 0 for r in out.values())
 
@@ -153,6 +154,47 @@ def test_the_warm_up_leaves_to_the_host_what_the_host_searches(default_model_dir
     assert plans == {(None, False), (2.0, False)}
 
 
+def _captured(captioner: Captioner) -> tuple[int, int]:
+    """(host step-graph shapes, whole-decode plans) the graphed backend has captured so far."""
+    backend = captioner.backend
+    device = getattr(backend, "device_search", None)  # none with search="host"
+    return backend.step_graphs.keys.made, device.graphs.graphs.made if device else 0
+
+
+@pytest.mark.parametrize("search", ["host", "device"])
+def test_a_warm_up_for_holding_captures_the_hold_pass_so_that_holding_captures_nothing_later(
+    default_model_dir, example_images, search
+):
+    """``warm_up(hold=True)``: the step graphs of the pass that scores a previous caption are
+    captured for each batch size (one shape each), so that frames given the caption said last,
+    one or two at a time, capture nothing afterwards; a warm-up without it leaves that capture
+    to the first frame that holds (the searches' own graphs as before either way)."""
+    photos = [str(p) for p in example_images]
+    previous = "a dog runs through the grass"
+    made = {}
+    for hold in (False, True):
+        warmed = Captioner(
+            default_model_dir,
+            backend="torch",
+            device="cpu",
+            search=search,
+            graph_factory=EagerGraph,
+            batch_size=2,
+        )
+        warmed.warm_up((1, 2), frame_size=(120, 160), hold=hold)
+        before = _captured(warmed)
+        for photo in photos:
+            warmed.caption(photo)
+        assert _captured(warmed)[1] == before[1]  # every plan was warm
+        for photo in photos:
+            warmed.caption(photo, previous=previous)
+        warmed.caption_batch(photos[:2], previous=[previous, None])
+        warmed.caption_batch(photos[2:4], previous=[previous, previous])
+        after = _captured(warmed)
+        made[hold] = (after[0] - before[0], after[1] - before[1])
+    assert made == {False: (2, 0), True: (0, 0)}
+
+
 @pytest.mark.parametrize(
     "kwargs, message",
     [
@@ -173,6 +215,7 @@ def test_the_warm_up_leaves_to_the_host_what_the_host_searches(default_model_dir
         ({"batch_sizes": 1}, "batch_sizes must be a list of batch sizes, got 1"),
         ({"batch_sizes": None}, "batch_sizes must be a list of batch sizes, got None"),
         ({"batch_sizes": []}, "batch_sizes is empty: give at least one batch size"),
+        ({"hold": "yes"}, "hold must be True or False, got 'yes'"),
     ],
 )
 def test_warm_up_refuses_bad_arguments_naming_them(default_model_dir, kwargs, message):
