@@ -4,7 +4,8 @@
     python benchmarks/serve_load.py --clients 1 4 16 --seconds 10 --rounds 5 --out benchmarks/results
 
 Each service setting (``batched``: ``--max-batch`` 8, ``--max-wait-ms`` 5, the defaults;
-``unbatched``: ``--max-batch 1``) runs as ``edgecap serve`` on a free loopback port in a process
+``unbatched``: ``--max-batch 1``; ``no-wait``, with ``--settings``: batched with ``--max-wait-ms
+0``, no batch waiting for more) runs as ``edgecap serve`` on a free loopback port in a process
 of its own, all started (and warmed up) before the first run; only one is loaded at a time. Each
 round runs, for each client count, each setting in turn (the order alternating between rounds),
 so that the two settings of a pair ran seconds apart under the same machine load: that many
@@ -44,7 +45,7 @@ from _common import (
     write_results,
 )
 
-SETTINGS = {"batched": [], "unbatched": ["--max-batch", "1"]}
+SETTINGS = {"batched": [], "unbatched": ["--max-batch", "1"], "no-wait": ["--max-wait-ms", "0"]}
 TYPES = {".png": "image/png", ".jpg": "image/jpeg", ".jpeg": "image/jpeg"}
 
 
@@ -153,9 +154,9 @@ def build_parser():
         "--settings",
         nargs="+",
         choices=sorted(SETTINGS),
-        default=list(SETTINGS),
+        default=["batched", "unbatched"],
         help="batched: edgecap serve's defaults (--max-batch 8, --max-wait-ms 5); unbatched: "
-        "--max-batch 1 (default: batched unbatched)",
+        "--max-batch 1; no-wait: batched, --max-wait-ms 0 (default: batched unbatched)",
     )
     parser.add_argument("--model", type=Path, default=DEFAULT_MODEL, help="model directory the servers load")
     parser.add_argument("--name", default="serve_load", help="results file names: NAME.json and NAME.md")

@@ -19,7 +19,8 @@ and a ``held`` field saying whether it was.
 Built on aiohttp: asyncio, so a slow client costs one coroutine, not a thread, and batching is a
 queue read with a bounded wait; its request parser is the C llhttp one, and its body limit answers
 413 by itself. Requests that arrive together are captioned together (``Batcher``): the worker
-takes what is queued, waits at most ``max_wait_ms`` for more, up to ``max_batch`` images, and runs
+takes what is queued, waits at most ``max_wait_ms`` for more while more are arriving (their bodies
+being read: a lone client does not wait), up to ``max_batch`` images, and runs
 them as one ``Captioner.caption_batch`` in its own thread while the event loop keeps reading
 requests. Limits, each a clear JSON error (``{"error": "..."}``) after which the service keeps
 serving:
@@ -53,6 +54,7 @@ import sys
 import time
 import warnings
 import weakref
+from collections.abc import Callable
 from concurrent.futures import ThreadPoolExecutor
 from dataclasses import dataclass
 
@@ -71,7 +73,7 @@ MAX_PREVIOUS_CHARS = 1000
 class ServiceOptions:
     """The service's limits. ``max_batch`` None: the captioner's ``batch_size``; 1: no batching
     (one image per model run). ``max_wait_ms``: how long a batch waits for more requests after
-    its first one."""
+    its first one, while more are arriving (their bodies being read)."""
 
     max_body_bytes: int = 16 * MIB
     max_pending: int = 64
@@ -160,12 +162,23 @@ class Batcher:
     ``await submit(data, previous)`` -> (``Caption`` or ``InputError``, the batch's size, ms
     queued); ``previous``: the caption to hold (``Captioner.caption``'s), or None. Run
     ``await run()`` as a task: it takes the first queued image, then whatever else is queued,
-    waiting at most ``max_wait_s`` for more, up to ``max_batch`` images."""
+    waiting at most ``max_wait_s`` (from the first) for more, up to ``max_batch`` images.
+    ``arriving``: how many requests are on their way to the queue now (their bodies being
+    read); given, a batch waits for more only while one is, so that a lone client's request
+    runs at once rather than after a wait for requests that are not coming (None: it always
+    waits)."""
 
-    def __init__(self, captioner, max_batch: int, max_wait_s: float):
+    def __init__(
+        self,
+        captioner,
+        max_batch: int,
+        max_wait_s: float,
+        arriving: Callable[[], int] | None = None,
+    ):
         self.captioner = captioner
         self.max_batch = max_batch
         self.max_wait_s = max_wait_s
+        self.arriving = arriving
         self.queue: asyncio.Queue = asyncio.Queue()
         self.executor = ThreadPoolExecutor(1, thread_name_prefix="edgecap-serve-model")
 
@@ -189,7 +202,7 @@ class Batcher:
                     item = self.queue.get_nowait()
                 else:
                     remaining = deadline - loop.time()
-                    if remaining <= 0:
+                    if remaining <= 0 or (self.arriving is not None and not self.arriving()):
                         break
                     try:
                         item = await asyncio.wait_for(self.queue.get(), remaining)
@@ -285,7 +298,12 @@ class CaptionService:
         self.app.on_cleanup.append(self._stop)
 
     async def _start(self, app) -> None:
-        self.batcher = Batcher(self.captioner, self.max_batch, self.options.max_wait_ms / 1e3)
+        self.batcher = Batcher(
+            self.captioner,
+            self.max_batch,
+            self.options.max_wait_ms / 1e3,
+            arriving=lambda: len(self._reading),
+        )
         self._worker = asyncio.get_running_loop().create_task(self.batcher.run())
 
     async def _close_unread(self, app) -> None:

@@ -647,23 +647,34 @@ def _on_virtual_clock(coroutine):
         loop.close()
 
 
-def _requests_at(times: tuple[float, ...]):
+def _requests_at(times: tuple[float, ...], reads: tuple[float, ...] | None = None):
     """Requests submitted at ``times`` (seconds on the loop's virtual clock) to a Batcher of
     batches of up to 3 with a 400 ms wait over a captioner that never blocks: -> (the captioner,
-    with its batch sizes; each request's answer)."""
+    with its batch sizes; each request's answer). ``reads``: when each request began arriving
+    (its body read from then until its time), which the Batcher is told of (``arriving``);
+    None: it is told nothing (it always waits)."""
     fake = BlockingCaptioner()
     fake.gate.set()
+    reading = [0]
 
     async def main():
-        batcher = Batcher(fake, max_batch=3, max_wait_s=0.4)
+        arriving = None if reads is None else (lambda: reading[0])
+        batcher = Batcher(fake, max_batch=3, max_wait_s=0.4, arriving=arriving)
         worker = asyncio.get_running_loop().create_task(batcher.run())
 
-        async def at(delay: float, data: bytes):
-            await asyncio.sleep(delay)
+        async def at(delay: float, data: bytes, read_from: float | None):
+            if read_from is not None:
+                await asyncio.sleep(read_from)
+                reading[0] += 1
+                await asyncio.sleep(delay - read_from)
+                reading[0] -= 1
+            else:
+                await asyncio.sleep(delay)
             return await batcher.submit(data)
 
         try:
-            return await asyncio.gather(*(at(t, b"x") for t in times))
+            starts = reads if reads is not None else [None] * len(times)
+            return await asyncio.gather(*(at(t, b"x", r) for t, r in zip(times, starts)))
         finally:
             worker.cancel()
             batcher.close()
@@ -689,6 +700,54 @@ def test_after_an_idle_spell_the_wait_starts_at_the_first_request():
     fake, answers = _requests_at((2.0, 2.1))
     assert fake.batches == [2]
     assert [size for _, size, _ in answers] == [2, 2]
+
+
+def test_a_batch_waits_only_while_a_request_is_arriving():
+    """Told which requests are arriving (their bodies being read), a batch waits for more only
+    while one is: a request with none behind it runs at once (where the fixed wait batches it
+    with one 250 ms later), one whose follower's body is being read waits for it (up to the
+    400 ms), and a request that begins arriving after the batch has started running is the
+    next batch's (the clock is the loop's, virtual)."""
+    fake, answers = _requests_at((0, 0.25), reads=(0, 0.25))
+    assert fake.batches == [1, 1]
+    fake, answers = _requests_at((0.1, 0.25), reads=(0, 0.05))  # the second on its way at 100 ms
+    assert fake.batches == [2]
+    fake, answers = _requests_at((0.1, 0.6), reads=(0, 0.05))  # on its way, but past the wait
+    assert fake.batches == [1, 1]
+    fake, answers = _requests_at((0.1, 0.25, 0.6), reads=(0, 0.05, 0.3))
+    assert fake.batches == [2, 1]
+    fake, _ = _requests_at((0, 0.25))  # not told: the fixed wait
+    assert fake.batches == [2]
+
+
+def test_a_lone_request_is_not_held_for_requests_that_are_not_coming():
+    """The service tells its batcher which requests are arriving: one client's request is
+    captioned without the batch wait (here a second, which it had waited out before), while a
+    request whose body is still arriving is waited for and batched with the one before it."""
+    fake = BlockingCaptioner()
+    fake.gate.set()
+    running = Running(fake, ServiceOptions(max_wait_ms=1000))
+    try:
+        status, answer, _ = post(running.port, b"alone")
+        assert (status, answer["batch"]) == (200, 1)
+        assert answer["timings"]["queue_ms"] < 1000  # the full wait would be 1000 ms or more
+        head = b"POST /caption HTTP/1.1\r\nHost: x\r\nContent-Type: image/png\r\nContent-Length: 10\r\n\r\n"
+        with (
+            socket.create_connection(("127.0.0.1", running.port), timeout=CLIENT_TIMEOUT_S) as slow,
+            ThreadPoolExecutor(1) as pool,
+        ):
+            slow.sendall(head + b"12345")  # half its body: arriving
+            wait_until(lambda: len(running.service._reading) == 1)
+            fast = pool.submit(post, running.port, b"fast")
+            wait_until(lambda: running.service.pending == 2)
+            slow.sendall(b"67890")
+            status, slow_answer = read_http_reply(slow)
+            fast_status, fast_answer, _ = fast.result()
+        assert (status, slow_answer["caption"], slow_answer["batch"]) == (200, "10 bytes", 2)
+        assert (fast_status, fast_answer["caption"], fast_answer["batch"]) == (200, "4 bytes", 2)
+    finally:
+        running.stop()
+    assert fake.batches == [1, 2]
 
 
 def test_a_body_over_a_mebibyte_and_under_the_limit_is_captioned():
@@ -1722,9 +1781,10 @@ def test_stopping_the_batcher_waits_for_the_model_call_in_flight():
 
 def test_the_services_batches_wait_max_wait_ms_in_milliseconds():
     """ServiceOptions(max_wait_ms=400) is a 0.4 s wait in the service's own batcher: requests at
-    0, 250, 550, 560 and 570 ms (the loop's virtual clock) with batches of up to 3 are batched
-    [2, 3], as in test_a_batch_waits_at_most_max_wait_ms_after_its_first_request (a 4 s wait
-    would give [3, 2]: the first three together, full at 550 ms)."""
+    0, 250, 550, 560 and 570 ms (the loop's virtual clock; each arriving, its body being read,
+    from 0 ms) with batches of up to 3 are batched [2, 3], as in
+    test_a_batch_waits_at_most_max_wait_ms_after_its_first_request (a 4 s wait would give
+    [3, 2]: the first three together, full at 550 ms)."""
     from aiohttp import web
 
     fake = BlockingCaptioner(batch_size=3)
@@ -1736,7 +1796,10 @@ def test_the_services_batches_wait_max_wait_ms_in_milliseconds():
         await runner.setup()  # on_startup: the service's batcher and its worker
 
         async def at(delay: float, data: bytes):
+            body = object()  # stands in for its request's body, being read
+            service._reading.add(body)
             await asyncio.sleep(delay)
+            service._reading.discard(body)
             return await service.batcher.submit(data)
 
         try:

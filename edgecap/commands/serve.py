@@ -71,7 +71,8 @@ def add_arguments(p: argparse.ArgumentParser) -> None:
         type=float,
         default=defaults.max_wait_ms,
         metavar="MS",
-        help="how long a batch waits for more requests after its first",
+        help="how long a batch waits for more requests after its first, while more are "
+        "arriving (their bodies being read; a lone client's request does not wait)",
     )
     p.add_argument(
         "--read-timeout",
