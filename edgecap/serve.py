@@ -166,7 +166,9 @@ class Batcher:
     ``arriving``: how many requests are on their way to the queue now (their bodies being
     read); given, a batch waits for more only while one is, so that a lone client's request
     runs at once rather than after a wait for requests that are not coming (None: it always
-    waits)."""
+    waits). ``arrivals_changed()``: a request stopped arriving (its body read, or its read
+    failed: a 408, 413, a client gone); a batch waiting asks ``arriving`` again, so that one
+    waiting for a request that will never be queued runs then, not at the end of its wait."""
 
     def __init__(
         self,
@@ -181,6 +183,12 @@ class Batcher:
         self.arriving = arriving
         self.queue: asyncio.Queue = asyncio.Queue()
         self.executor = ThreadPoolExecutor(1, thread_name_prefix="edgecap-serve-model")
+        self._recheck = asyncio.Event()  # set by arrivals_changed: a waiting batch asks again
+
+    def arrivals_changed(self) -> None:
+        """A request stopped arriving (``arriving`` counts one fewer): a batch waiting for more
+        asks ``arriving`` again."""
+        self._recheck.set()
 
     async def submit(self, data: bytes, previous: str | None = None):
         future = asyncio.get_running_loop().create_future()
@@ -204,10 +212,9 @@ class Batcher:
                     remaining = deadline - loop.time()
                     if remaining <= 0 or (self.arriving is not None and not self.arriving()):
                         break
-                    try:
-                        item = await asyncio.wait_for(self.queue.get(), remaining)
-                    except asyncio.TimeoutError:
-                        break
+                    item = await self._next(remaining)
+                    if item is None:  # the wait is over, or arrivals changed: asked again above
+                        continue
                 if not item[1].done():
                     batch.append(item)
             started = time.perf_counter()
@@ -223,6 +230,19 @@ class Batcher:
             for (_, future, queued, _), result in zip(batch, results):
                 if not future.done():  # a request whose client went away is dropped here
                     future.set_result((result, len(batch), (started - queued) * 1e3))
+
+    async def _next(self, timeout: float):
+        """The next queued request, or None after ``timeout`` seconds or once
+        ``arrivals_changed`` is called, whichever comes first."""
+        self._recheck.clear()
+        getter = asyncio.ensure_future(self.queue.get())
+        changed = asyncio.ensure_future(self._recheck.wait())
+        try:
+            await asyncio.wait((getter, changed), timeout=timeout, return_when=asyncio.FIRST_COMPLETED)
+        finally:
+            changed.cancel()
+            getter.cancel()  # a get cancelled before it took its item leaves it queued
+        return getter.result() if getter.done() and not getter.cancelled() else None
 
     async def _caption(self, images: list[bytes], previous: list[str | None]) -> list:
         # previous only where a request gave one (a captioner stand-in may not take it)
@@ -491,6 +511,9 @@ class CaptionService:
                 return _error(web, 400, "the connection closed before the body had all arrived")
             finally:
                 self._reading.discard(request.content)
+                # a batch waiting for this one asks again (queued below, or never: an error)
+                if self.batcher is not None:
+                    self.batcher.arrivals_changed()
             if len(data) > options.max_body_bytes:
                 return _too_large(web, None, options.max_body_bytes)
             if not data:

@@ -750,6 +750,67 @@ def test_a_lone_request_is_not_held_for_requests_that_are_not_coming():
     assert fake.batches == [1, 2]
 
 
+@pytest.mark.parametrize("ends", ["client gone", "read timeout"])
+def test_a_batch_stops_waiting_when_the_request_it_waits_for_will_not_come(ends):
+    """A batch waiting for a request whose body is arriving runs once that request stops
+    arriving without being queued (its client went away, or its body did not arrive within
+    read_timeout_s: a 408), not at the end of max_wait_ms (1000 ms here): nothing is arriving
+    any more."""
+    fake = BlockingCaptioner()
+    fake.gate.set()
+    running = Running(fake, ServiceOptions(max_wait_ms=1000, read_timeout_s=0.4))
+    try:
+        head = b"POST /caption HTTP/1.1\r\nHost: x\r\nContent-Type: image/png\r\nContent-Length: 10\r\n\r\n"
+        with (
+            socket.create_connection(("127.0.0.1", running.port), timeout=CLIENT_TIMEOUT_S) as slow,
+            ThreadPoolExecutor(1) as pool,
+        ):
+            slow.sendall(head + b"12345")  # half its body: arriving
+            wait_until(lambda: len(running.service._reading) == 1)
+            fast = pool.submit(post, running.port, b"fast")
+            # the fast request read and queued, its batch waiting for the slow one
+            wait_until(lambda: running.service.pending == 2 and len(running.service._reading) == 1)
+            if ends == "client gone":
+                slow.close()
+            else:
+                assert read_http_reply(slow)[0] == 408
+            status, answer, _ = fast.result()
+        assert (status, answer["caption"], answer["batch"]) == (200, "4 bytes", 1)
+        assert answer["timings"]["queue_ms"] < 1000  # the full wait would be 1000 ms or more
+    finally:
+        running.stop()
+    assert fake.batches == [1]
+
+
+def test_a_batch_keeps_waiting_while_another_request_is_still_arriving():
+    """Of two requests arriving while a batch waits, one whose client goes away does not end
+    the wait while the other is still arriving: that one is batched with the waiting one."""
+    fake = BlockingCaptioner()
+    fake.gate.set()
+    running = Running(fake, ServiceOptions(max_wait_ms=1000))
+    try:
+        head = b"POST /caption HTTP/1.1\r\nHost: x\r\nContent-Type: image/png\r\nContent-Length: 10\r\n\r\n"
+        with (
+            socket.create_connection(("127.0.0.1", running.port), timeout=CLIENT_TIMEOUT_S) as gone,
+            socket.create_connection(("127.0.0.1", running.port), timeout=CLIENT_TIMEOUT_S) as slow,
+            ThreadPoolExecutor(1) as pool,
+        ):
+            gone.sendall(head + b"12345")
+            slow.sendall(head + b"12345")
+            wait_until(lambda: len(running.service._reading) == 2)
+            fast = pool.submit(post, running.port, b"fast")
+            wait_until(lambda: running.service.pending == 3 and len(running.service._reading) == 2)
+            gone.close()
+            wait_until(lambda: len(running.service._reading) == 1)
+            slow.sendall(b"67890")
+            status, slow_answer = read_http_reply(slow)
+            fast_status, fast_answer, _ = fast.result()
+        assert (status, slow_answer["batch"], fast_status, fast_answer["batch"]) == (200, 2, 200, 2)
+    finally:
+        running.stop()
+    assert fake.batches == [2]
+
+
 def test_a_body_over_a_mebibyte_and_under_the_limit_is_captioned():
     """aiohttp's own body limit is 1 MiB; the service's max_body_bytes (here 4 MiB) replaces
     it: 2 MiB bodies, with a Content-Length or chunked, are captioned."""
