@@ -644,7 +644,10 @@ def test_robot_loop_example_passes_its_pick_to_the_stream(tiny_model_dir, video,
         return real(captioner, [], **options)
 
     monkeypatch.setattr(robot_loop, "caption_stream", recording)
-    monkeypatch.setattr(robot_loop.Captioner, "warm_up", lambda self, *args, **kwargs: None)
+    warmed = []  # each warm-up's hold: the hold pass warmed for a loop that holds
+    monkeypatch.setattr(
+        robot_loop.Captioner, "warm_up", lambda self, *args, hold=False, **kwargs: warmed.append(hold)
+    )
     from edgecap.stream import MIN_CHANGE
 
     assert robot_loop.main([str(video), "--model", str(tiny_model_dir), "--pick", "sharpest"]) == 0
@@ -658,6 +661,7 @@ def test_robot_loop_example_passes_its_pick_to_the_stream(tiny_model_dir, video,
         {"every": None, "pick": "sharpest", "min_change": None, "hold": False},
         {"every": 0.5, "pick": "newest", "min_change": MIN_CHANGE, "hold": True},
     ]
+    assert warmed == [False, True]
     assert capsys.readouterr().out.count("done: 0 captions from 0 frames") == 2
     with pytest.raises(SystemExit):
         robot_loop.main([str(video), "--pick", "blurry"])

@@ -920,6 +920,19 @@ def test_hold_offers_each_frame_the_caption_published_last_and_says_which_were_h
         assert [r["held"] for r in records] == want_held
 
 
+@pytest.mark.parametrize("hold", [True, False])
+def test_the_node_warms_up_its_captioner_for_its_hold(ros, tiny_model_dir, monkeypatch, hold):
+    """The Captioner the node makes is warmed up with the node's ``hold``: with CUDA graphs, the
+    pass that scores the caption published last is captured before the camera runs."""
+    warmed = []
+    monkeypatch.setattr(
+        ros.example.Captioner, "warm_up", lambda self, *args, hold=False, **kwargs: warmed.append(hold)
+    )
+    ros.parameters.update(model=str(tiny_model_dir), hold=hold)
+    ros.example.CaptionNode().close()
+    assert warmed == [hold]
+
+
 @pytest.mark.parametrize("hold", ["yes", 1, 0.0])
 def test_a_hold_that_is_not_true_or_false_is_one_line_before_the_model_loads(ros, tmp_path, capsys, hold):
     ros.parameters.update(model=str(tmp_path / "missing"), hold=hold)
