@@ -765,6 +765,47 @@ def test_camera_is_captioned_live_and_a_video_in_order_both_sampled_by_every(
     ]
 
 
+def test_a_camera_is_warmed_up_at_its_frame_size_before_its_stream(tiny_model_dir, video, capfd, monkeypatch):
+    """docs/cameras.md: --camera meets the first frames' slow parts before the stream starts
+    (``Captioner.warm_up`` at the camera's frame size, the hold pass too with --hold), the frame
+    read for its size dropped; a camera that gives no frame, and a video, warm nothing up;
+    Ctrl-C while it warms up stops the command (130, no traceback), the camera released."""
+    from edgecap import Captioner
+    from test_stream import FakeCv2
+
+    real, warmed = Captioner.warm_up, []
+
+    def recording(self, batch_sizes=(1,), frame_size=(480, 640), hold=False):
+        warmed.append((tuple(batch_sizes), tuple(frame_size), hold))
+        return real(self, batch_sizes, frame_size, hold)
+
+    monkeypatch.setattr(Captioner, "warm_up", recording)
+    assert edgecap_caption(capfd, "--video", video, "--every", "1", model=tiny_model_dir).returncode == 0
+    camera = FakeCv2(n_frames=3)
+    monkeypatch.setitem(sys.modules, "cv2", camera)
+    held = edgecap_caption(capfd, "--camera", "0", "--hold", "--json", model=tiny_model_dir)
+    assert held.returncode == 0, held.stderr
+    plain = edgecap_caption(capfd, "--camera", "0", model=tiny_model_dir)
+    assert plain.returncode == 0, plain.stderr
+    assert warmed == [((1,), (4, 6), True), ((1,), (4, 6), False)]
+    assert [c.read_count for c in camera.captures] == [3, 3]  # every frame read, the first for its size
+    records = [json.loads(line) for line in held.stdout.splitlines()]
+    assert records and all(r["frame"] >= 1 for r in records)  # not the first frame (frame 0)
+    monkeypatch.setitem(sys.modules, "cv2", FakeCv2(n_frames=0))
+    assert edgecap_caption(capfd, "--camera", "0", model=tiny_model_dir).returncode == 0
+    assert len(warmed) == 2
+
+    def interrupted(self, *args, **kwargs):
+        raise KeyboardInterrupt
+
+    monkeypatch.setattr(Captioner, "warm_up", interrupted)  # Ctrl-C while it warms up
+    camera = FakeCv2(n_frames=3)
+    monkeypatch.setitem(sys.modules, "cv2", camera)
+    stopped = edgecap_caption(capfd, "--camera", "0", model=tiny_model_dir)
+    assert (stopped.returncode, stopped.stdout, stopped.stderr) == (130, "", "")
+    assert camera.captures[0].released.is_set()
+
+
 def test_attention_of_a_model_without_attention_is_refused(tmp_path, capfd):
     """A Show-and-Tell model (``edgecap train --no-attention``) has no attention: its maps would
     be uniform, a figure of nothing. --attention says so in one line (exit 2) and writes nothing;

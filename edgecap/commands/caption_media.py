@@ -88,6 +88,14 @@ def run_stream(captioner, args: argparse.Namespace) -> int:
     else:
         frames = camera_frames(args.camera)
         live = True
+        try:
+            warm_for_camera(captioner, frames, args.hold)
+        except (KeyboardInterrupt, InputError) as exc:  # Ctrl-C, or the camera's first read failed
+            getattr(frames, "close", lambda: None)()  # the camera released
+            if isinstance(exc, KeyboardInterrupt):
+                return 130
+            print(f"edgecap: {escape_name(exc.source)}: {escape_field(exc.problem)}", file=sys.stderr)
+            return 1
     stream = caption_stream(
         captioner, frames, every=args.every, live=live, pick=args.pick, min_change=min_change, hold=args.hold
     )
@@ -105,6 +113,22 @@ def run_stream(captioner, args: argparse.Namespace) -> int:
         return 1
     print(f"edgecap: {stream.stats}", file=sys.stderr)
     return 0
+
+
+def warm_for_camera(captioner, frames, hold: bool) -> None:
+    """A live camera's first frames' slow parts met before the stream starts
+    (``Captioner.warm_up`` at the camera's frame size, with ``hold`` the pass that scores the
+    caption said last too): the runtime's first run, and with CUDA graphs the captures of each
+    plan a frame can need, which mid-stream would cost the frames that arrive meanwhile. The
+    frame read for the camera's size is dropped: it is stale once the warm-up is done."""
+    first = next(frames, None)
+    shape: tuple[int, ...] = getattr(getattr(first, "image", None), "shape", ())
+    if len(shape) < 2:
+        return  # no frame: the stream says so
+    try:
+        captioner.warm_up((1,), frame_size=(int(shape[0]), int(shape[1])), hold=hold)
+    except ValueError:  # a frame size past the image limits: each frame's own error says so
+        pass
 
 
 def wanted_min_change(args: argparse.Namespace) -> float | None:
