@@ -720,6 +720,16 @@ def test_a_batch_waits_only_while_a_request_is_arriving():
     assert fake.batches == [2]
 
 
+def half_sent(port: int) -> socket.socket:
+    """A connection whose POST /caption has sent 5 of its 10 body bytes: its body arriving (the
+    rest: ``sendall(b"67890")``)."""
+    sock = socket.create_connection(("127.0.0.1", port), timeout=CLIENT_TIMEOUT_S)
+    sock.sendall(
+        b"POST /caption HTTP/1.1\r\nHost: x\r\nContent-Type: image/png\r\nContent-Length: 10\r\n\r\n12345"
+    )
+    return sock
+
+
 def test_a_lone_request_is_not_held_for_requests_that_are_not_coming():
     """The service tells its batcher which requests are arriving: one client's request is
     captioned without the batch wait (here a second, which it had waited out before), while a
@@ -731,12 +741,10 @@ def test_a_lone_request_is_not_held_for_requests_that_are_not_coming():
         status, answer, _ = post(running.port, b"alone")
         assert (status, answer["batch"]) == (200, 1)
         assert answer["timings"]["queue_ms"] < 1000  # the full wait would be 1000 ms or more
-        head = b"POST /caption HTTP/1.1\r\nHost: x\r\nContent-Type: image/png\r\nContent-Length: 10\r\n\r\n"
         with (
-            socket.create_connection(("127.0.0.1", running.port), timeout=CLIENT_TIMEOUT_S) as slow,
+            half_sent(running.port) as slow,
             ThreadPoolExecutor(1) as pool,
         ):
-            slow.sendall(head + b"12345")  # half its body: arriving
             wait_until(lambda: len(running.service._reading) == 1)
             fast = pool.submit(post, running.port, b"fast")
             wait_until(lambda: running.service.pending == 2)
@@ -760,12 +768,10 @@ def test_a_batch_stops_waiting_when_the_request_it_waits_for_will_not_come(ends)
     fake.gate.set()
     running = Running(fake, ServiceOptions(max_wait_ms=1000, read_timeout_s=0.4))
     try:
-        head = b"POST /caption HTTP/1.1\r\nHost: x\r\nContent-Type: image/png\r\nContent-Length: 10\r\n\r\n"
         with (
-            socket.create_connection(("127.0.0.1", running.port), timeout=CLIENT_TIMEOUT_S) as slow,
+            half_sent(running.port) as slow,
             ThreadPoolExecutor(1) as pool,
         ):
-            slow.sendall(head + b"12345")  # half its body: arriving
             wait_until(lambda: len(running.service._reading) == 1)
             fast = pool.submit(post, running.port, b"fast")
             # the fast request read and queued, its batch waiting for the slow one
@@ -789,14 +795,11 @@ def test_a_batch_keeps_waiting_while_another_request_is_still_arriving():
     fake.gate.set()
     running = Running(fake, ServiceOptions(max_wait_ms=1000))
     try:
-        head = b"POST /caption HTTP/1.1\r\nHost: x\r\nContent-Type: image/png\r\nContent-Length: 10\r\n\r\n"
         with (
-            socket.create_connection(("127.0.0.1", running.port), timeout=CLIENT_TIMEOUT_S) as gone,
-            socket.create_connection(("127.0.0.1", running.port), timeout=CLIENT_TIMEOUT_S) as slow,
+            half_sent(running.port) as gone,
+            half_sent(running.port) as slow,
             ThreadPoolExecutor(1) as pool,
         ):
-            gone.sendall(head + b"12345")
-            slow.sendall(head + b"12345")
             wait_until(lambda: len(running.service._reading) == 2)
             fast = pool.submit(post, running.port, b"fast")
             wait_until(lambda: running.service.pending == 3 and len(running.service._reading) == 2)
