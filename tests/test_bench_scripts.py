@@ -1820,3 +1820,40 @@ def test_throughput_takes_the_dev_photos_the_full_resolution_folder_holds(tmp_pa
     assert [p.name for p in paths] == kept
     paths, where = throughput.default_photos(6, folder)
     assert all(p.parent == throughput.C.FLICKR8K / "images" for p in paths) and "224 x 224" in where
+
+
+def test_graph_host_times_the_hosts_work_a_word_with_the_language_models_where_asked(tmp_path, monkeypatch):
+    """Each set's calls are timed in and outside the beam-step graph's runs (both parts
+    measured, the words counted), and ``--lms`` decides where the fused language models step:
+    with ``graph`` the host never steps them, with ``host`` it does (the example photos stand in
+    for the sets: two a set)."""
+    pytest.importorskip("onnx")
+    import graph_host
+
+    from edgecap.decoding.fusion import FusionScorer
+
+    data = tmp_path / "data"
+    (data / "coco-ood-dev" / "images").mkdir(parents=True)
+    (data / "flickr8k" / "images").mkdir(parents=True)
+    for name in ("astronaut.png", "rocket.jpg"):
+        shutil.copy(C.EXAMPLES / name, data / "coco-ood-dev" / "images" / name)
+    for name in ("chelsea.png", "coffee.png"):
+        shutil.copy(C.EXAMPLES / name, data / "flickr8k" / "images" / name)
+    (data / "flickr8k" / "Flickr_8k.devImages.txt").write_text("coffee.png\nchelsea.png\n")
+    steps = []
+    real = FusionScorer.bias
+    # a scorer whose photos the gate gives no weight is asked too, and steps nothing
+    monkeypatch.setattr(FusionScorer, "bias", lambda self, *a: steps.append(self.active) or real(self, *a))
+    counted = {}
+    for lms in ("graph", "host"):
+        out = tmp_path / lms
+        graph_host.main(
+            ["--data", str(data), "--photos", "2", "--rounds", "1", "--lms", lms, "--out", str(out)]
+        )
+        result = json.loads((out / "graph_host.json").read_text())
+        assert result["lms"] == lms and [r["set"] for r in result["rows"]] == list(graph_host.SETS)
+        for row in result["rows"]:
+            assert row["photos"] == 2 and row["calls"] == 2 and row["words"] > 1
+            assert row["graph_ms"] > 0 and row["host_ms"] > 0 and row["host_ms_per_word"] > 0
+        counted[lms], steps[:] = sum(steps), []
+    assert counted["graph"] == 0 and counted["host"] > 0

@@ -76,9 +76,13 @@ CASES = [
 ]
 
 
+@pytest.mark.parametrize("lms_in_graph", [False, True], ids=["lms-on-host", "lms-in-graph"])
 @pytest.mark.parametrize("case", CASES, ids=lambda c: "-".join(map(str, c)))
-def test_graph_search_is_the_numpy_search_on_the_tiny_model(tiny, case):
+def test_graph_search_is_the_numpy_search_on_the_tiny_model(tiny, case, lms_in_graph, monkeypatch):
+    """The numpy search's hypotheses, with the language models stepped in the graph (the
+    default) and on the host."""
     manifest, host, graph, images = tiny
+    monkeypatch.setattr(graph._graph_search, "lms_in_graph", lms_in_graph)
     beam, ngram, penalty, n_best, max_length, bonus, weight = case
     options = CaptionOptions(
         beam_size=beam,
@@ -152,20 +156,92 @@ def test_an_int8_models_graph_search_gives_each_photo_its_caption_alone(tiny, tm
 
 
 def test_fp16_model_graph_search_gives_its_numpy_captions(tiny, tmp_path):
-    """An FP16 model directory (``edgecap convert``): the bookkeeping is appended to its step's
-    float32 outputs, and its captions are the FP16 model's own numpy-search captions."""
+    """An FP16 model directory (``edgecap convert``): the bookkeeping (and the language models'
+    step, in FP32 on its float32 inputs) is appended to its step's float32 outputs, and its
+    captions are the FP16 model's own numpy-search captions."""
     from edgecap.build.convert import convert_fp16
 
     manifest, _, _, images = tiny
     half = convert_fp16(manifest, tmp_path / "fp16")
     host = OnnxRuntimeBackend(half, device="cpu", threads=1)
     graph = OnnxRuntimeBackend(half, device="cpu", threads=1, search="graph")
-    for beam in (1, 3):
-        options = CaptionOptions(beam_size=beam, n_best=beam)
+    vocab = half.dims.vocab_size
+    rng = np.random.default_rng(6)
+    fusion = Fusion(_random_lm(rng, vocab), _random_lm(rng, vocab), 0.5, {})
+    for beam, weight in ((1, 0.0), (3, 0.0), (3, 0.6)):
+        options = CaptionOptions(beam_size=beam, n_best=beam, fusion_weight=weight)
         _same(
-            search_with_tags(host, host.encode(images), options, START, END, half.dims.vocab_size, None),
-            search_with_tags(graph, graph.encode(images), options, START, END, half.dims.vocab_size, None),
+            search_with_tags(host, host.encode(images), options, START, END, vocab, None, fusion=fusion),
+            search_with_tags(graph, graph.encode(images), options, START, END, vocab, None, fusion=fusion),
         )
+    assert [lms is not None for _, _, lms in graph._graph_search._sessions] == [False, False, True]
+
+
+def test_the_graph_steps_the_language_models_and_the_host_sends_no_bias_for_them(tiny, monkeypatch):
+    """With the language models fused and no other rule's bias, the graph search (which steps
+    them in the graph by default) runs no language model on the host and sends up no bias
+    (zeros stay where they are): their bias is made in the graph. The captions are the numpy
+    search's, which steps them on the host, as the graph search does with ``lms_in_graph``
+    off (a graph without them)."""
+    from edgecap.backends.ort_beam import OnnxBeamSession
+    from edgecap.decoding.fusion import FusionScorer
+
+    manifest, host, _, images = tiny
+    graph = OnnxRuntimeBackend(manifest, device="cpu", threads=1, search="graph")
+    vocab = manifest.dims.vocab_size
+    rng = np.random.default_rng(3)
+    fusion = Fusion(_random_lm(rng, vocab), _random_lm(rng, vocab), 0.5, {})
+    options = CaptionOptions(beam_size=3, no_repeat_ngram=0, n_best=3, max_length=10, fusion_weight=0.6)
+    want = search_with_tags(host, host.encode(images), options, START, END, vocab, None, fusion=fusion)
+    graph._graph_search.lms_in_graph = False
+    _same(
+        want, search_with_tags(graph, graph.encode(images), options, START, END, vocab, None, fusion=fusion)
+    )
+    assert [lms for _, _, lms in graph._graph_search._sessions] == [None]
+    graph._graph_search.lms_in_graph = True  # the default
+
+    def refuse(*args):
+        raise AssertionError("the host stepped a language model")
+
+    biases = []
+    real_step = OnnxBeamSession.step
+
+    def step(self, tokens, source_rows, scores, word_bias, word_block):
+        biases.append(word_bias)
+        return real_step(self, tokens, source_rows, scores, word_bias, word_block)
+
+    monkeypatch.setattr(FusionScorer, "bias", refuse)
+    monkeypatch.setattr(OnnxBeamSession, "step", step)
+    got = search_with_tags(graph, graph.encode(images), options, START, END, vocab, None, fusion=fusion)
+    _same(want, got)
+    assert len(biases) > 1 and all(bias is None for bias in biases)
+    assert [lms is not None for _, _, lms in graph._graph_search._sessions] == [False, True]
+
+
+def test_a_gate_that_gives_no_photo_the_language_models_keeps_them_out_of_the_graph(tiny):
+    """Where the fusion gate gives every photo of a batch weight 0 the host's search steps no
+    language model; the graph search then runs the graph without them (the cheaper), with the
+    same captions."""
+    from edgecap.decoding.fusion import Gate
+
+    manifest, host, _, images = tiny
+    graph = OnnxRuntimeBackend(manifest, device="cpu", threads=1, search="graph")
+    vocab = manifest.dims.vocab_size
+    encoded = host.encode(images)
+    assert encoded.class_probs is not None
+    rng = np.random.default_rng(4)
+    lms = (_random_lm(rng, vocab), _random_lm(rng, vocab))
+    typical = encoded.class_probs @ np.ones(encoded.class_probs.shape[1])
+    for none_above, in_graph in ((float(typical.min()) - 1.0, False), (float(typical.max()) + 2.0, True)):
+        gate = Gate(np.ones(encoded.class_probs.shape[1]), none_above - 1.0, none_above)
+        fusion = Fusion(*lms, 0.5, {}, gate)
+        options = CaptionOptions(beam_size=2, n_best=2, max_length=8, fusion_weight=0.6)
+        want = search_with_tags(host, encoded, options, START, END, vocab, None, fusion=fusion)
+        _same(
+            want,
+            search_with_tags(graph, graph.encode(images), options, START, END, vocab, None, fusion=fusion),
+        )
+        assert [lms is not None for _, _, lms in graph._graph_search._sessions][-1] == in_graph
 
 
 def test_io_binding_graph_search_gives_the_numpy_captions(tiny, monkeypatch):
@@ -188,13 +264,18 @@ def test_io_binding_graph_search_gives_the_numpy_captions(tiny, monkeypatch):
 
     monkeypatch.setattr(IOBindingBeamSession, "step", step)
     tags = (frozenset({5, 9}), frozenset(), frozenset({11}))
-    for beam, ngram in ((1, 0), (3, 3)):
-        options = CaptionOptions(beam_size=beam, no_repeat_ngram=ngram, n_best=beam, guidance_bonus=2.0)
-        want = search_with_tags(host, host.encode(images), options, START, END, vocab, tags)
+    rng = np.random.default_rng(5)
+    fusion = Fusion(_random_lm(rng, vocab), _random_lm(rng, vocab), 0.5, {})
+    for beam, ngram, weight in ((1, 0, 0.0), (3, 3, 0.0), (3, 2, 0.6)):
+        options = CaptionOptions(
+            beam_size=beam, no_repeat_ngram=ngram, n_best=beam, guidance_bonus=2.0, fusion_weight=weight
+        )
+        want = search_with_tags(host, host.encode(images), options, START, END, vocab, tags, fusion=fusion)
         encoded = graph.encode(images)
         assert not isinstance(encoded.tensors["h0"], np.ndarray)  # device tensors
-        _same(want, search_with_tags(graph, encoded, options, START, END, vocab, tags))
+        _same(want, search_with_tags(graph, encoded, options, START, END, vocab, tags, fusion=fusion))
     assert sessions  # the binding session ran the steps
+    assert sessions[-1]._lm_current  # the last search's language-model states on the device
 
 
 def test_graph_session_on_a_gpu_keeps_cuda_and_leaves_out_the_tensorrt_provider():
@@ -525,17 +606,20 @@ def shipped(default_model_dir, example_images):
     return host, graph, batch
 
 
+@pytest.mark.parametrize("lms_in_graph", [False, True], ids=["lms-on-host", "lms-in-graph"])
 @pytest.mark.parametrize(
     "options",
     [{}, {"fusion_weight": 0.0}, {"n_best": 3, "length_penalty": 0.7}],
     ids=["default", "no-fusion", "n-best-3-penalty-0.7"],
 )
-def test_shipped_model_graph_search_gives_the_numpy_captions(shipped, options):
+def test_shipped_model_graph_search_gives_the_numpy_captions(shipped, options, lms_in_graph, monkeypatch):
     """The example photos with the default rules (the tag bonus, the fused language models with
-    the gate, no repeated trigram) and two variations."""
+    the gate, no repeated trigram) and two variations; the language models stepped in the graph
+    (the default) and on the host."""
     from edgecap.decoding import search
 
     host, graph, batch = shipped
+    monkeypatch.setattr(graph.backend._graph_search, "lms_in_graph", lms_in_graph)
     opts = replace(host.options, **options)
     vocab = host.vocab
     want = search(
@@ -595,14 +679,15 @@ def _fake_tensorrt(monkeypatch, version):
     return trt, device
 
 
-def _fake_tensorrt_search(monkeypatch, version, manifest, precision, cache_dir, images):
-    """One beam-2 graph search on a fresh fake TensorRT ``version``; returns that fake."""
+def _fake_tensorrt_search(monkeypatch, version, manifest, precision, cache_dir, images, fusion=None):
+    """One beam-2 graph search on a fresh fake TensorRT ``version`` (``fusion``: with those
+    language models fused); returns that fake."""
     import io
 
     from edgecap.backends.tensorrt import TensorRTBackend
 
     trt, device = _fake_tensorrt(monkeypatch, version)
-    options = CaptionOptions(beam_size=2, max_length=4)
+    options = CaptionOptions(beam_size=2, max_length=4, fusion_weight=None if fusion else 0.0)
     with TensorRTBackend(
         manifest,
         precision=precision,
@@ -611,21 +696,29 @@ def _fake_tensorrt_search(monkeypatch, version, manifest, precision, cache_dir, 
         log=io.StringIO(),
         search="graph",
     ) as backend:
-        search_with_tags(backend, backend.encode(images), options, START, END, manifest.dims.vocab_size, None)
+        vocab = manifest.dims.vocab_size
+        search_with_tags(backend, backend.encode(images), options, START, END, vocab, None, fusion=fusion)
     return trt
 
 
-def test_fake_tensorrt_graph_search_gives_the_numpy_captions(monkeypatch, tmp_path, tiny):
+def _fake_tensorrt_graph_backend(monkeypatch, cache_dir, manifest):
+    """An FP32 TensorRT backend with search="graph" on a fresh fake TensorRT 10.3: (the fake,
+    its device, the backend, the backend's log)."""
     import io
 
     from edgecap.backends.tensorrt import TensorRTBackend
 
     trt, device = _fake_tensorrt(monkeypatch, "10.3.0.26")
-    manifest, host, _, images = tiny
     log = io.StringIO()
     backend = TensorRTBackend(
-        manifest, precision="fp32", cache_dir=tmp_path, cuda_device=device, log=log, search="graph"
+        manifest, precision="fp32", cache_dir=cache_dir, cuda_device=device, log=log, search="graph"
     )
+    return trt, device, backend, log
+
+
+def test_fake_tensorrt_graph_search_gives_the_numpy_captions(monkeypatch, tmp_path, tiny):
+    manifest, host, _, images = tiny
+    trt, device, backend, log = _fake_tensorrt_graph_backend(monkeypatch, tmp_path, manifest)
     vocab = manifest.dims.vocab_size
     tags = (frozenset({5, 9}), frozenset(), frozenset({11}))
     searches = []
@@ -652,6 +745,48 @@ def test_fake_tensorrt_graph_search_gives_the_numpy_captions(monkeypatch, tmp_pa
         assert runs[0]["h"] == trt.stats["executions"][0]["h0"]
         assert [e["h"] for e in runs[1:]] == [e["h_next"] for e in runs[:-1]]
         assert all(e["h"] != e["h_next"] and e["c"] != e["c_next"] for e in runs)
+    backend.close()
+    assert device.memory == {} and device.pinned == [] and device.streams == []
+
+
+def test_fake_tensorrt_engine_steps_the_language_models(monkeypatch, tmp_path, tiny):
+    """With the language models fused, the beam-step engine steps them (an engine of its own,
+    named by their weights): the numpy search's captions, their states in two sets of device
+    buffers used in turn (a step reads what the last wrote, never in place; each search starts
+    from zeros), the row weights on the device, and no language model on the host."""
+    from edgecap.decoding.fusion import FusionScorer
+
+    manifest, host, _, images = tiny
+    trt, device, backend, log = _fake_tensorrt_graph_backend(monkeypatch, tmp_path, manifest)
+    vocab = manifest.dims.vocab_size
+    rng = np.random.default_rng(9)
+    fusion = Fusion(_random_lm(rng, vocab), _random_lm(rng, vocab), 0.5, {})
+    tags = (frozenset({5, 9}), frozenset(), frozenset({11}))
+    options = CaptionOptions(
+        beam_size=3, no_repeat_ngram=2, n_best=3, max_length=10, guidance_bonus=2.0, fusion_weight=0.6
+    )
+    want = search_with_tags(host, host.encode(images), options, START, END, vocab, tags, fusion=fusion)
+    monkeypatch.setattr(FusionScorer, "bias", lambda *a: pytest.fail("the host stepped a language model"))
+    searches = []
+    for _ in range(2):  # the second search on the same engine and buffers
+        runs = len(trt.stats["executions"])
+        got = search_with_tags(
+            backend, backend.encode(images), options, START, END, vocab, tags, fusion=fusion
+        )
+        _same(want, got)
+        searches.append([e for e in trt.stats["executions"][runs:] if "lm_weights" in e])
+    assert "beam-step engine (3 beams, the language models in it)" in log.getvalue()
+    assert len([p for p in tmp_path.glob("beam_step3-*.engine") if "-lm" in p.name]) == 1
+    for runs in searches:
+        assert len(runs) > 2
+        for name in ("everyday_h", "everyday_c", "in_domain_h", "in_domain_c"):
+            assert [e[name] for e in runs[1:]] == [e[f"{name}_next"] for e in runs[:-1]]
+            assert all(e[name] != e[f"{name}_next"] for e in runs)
+    assert searches[0][0]["everyday_h"] == searches[1][0]["everyday_h"]  # each starts from zeros
+    rows = len(images) * 3
+    with device.active():
+        weights = device.read(searches[1][0]["lm_weights"], (rows, 1), np.float32)
+    np.testing.assert_array_equal(weights, np.full((rows, 1), 0.6, np.float32))
     backend.close()
     assert device.memory == {} and device.pinned == [] and device.streams == []
 
@@ -693,19 +828,30 @@ def test_fake_tensorrt_fp16_keeps_the_bookkeeping_in_fp32(monkeypatch, tmp_path,
     """TensorRT < 10.12 (BuilderFlag.FP16): the appended layers are pinned to FP32; 10.12+
     (strongly typed FP16 ONNX): the appended nodes read the step's float32 outputs."""
     manifest, _, _, images = tiny
+    vocab = manifest.dims.vocab_size
+    rng = np.random.default_rng(1)
+    fusion = Fusion(_random_lm(rng, vocab), _random_lm(rng, vocab), 0.5, {})
     for version, typed in (("10.3.0.26", False), ("10.12.0.36", True)):
-        trt = _fake_tensorrt_search(monkeypatch, version, manifest, "fp16", tmp_path / version, images)
-        build = trt.stats["builds"][-1]
-        assert "scores" in build["profile"]
-        model = onnx.load_from_string(build["onnx"])
-        assert build["fp16_weights"] == typed
-        inferred = onnx.shape_inference.infer_shapes(model).graph
-        types = {v.name: v.type.tensor_type.elem_type for v in inferred.value_info}
-        assert onnx.TensorProto.FLOAT16 not in {
-            types.get(o) for n in model.graph.node if n.name.startswith("beam/") for o in n.output
-        }
-        if not typed:
-            assert build["pinned"].count("other") >= 10
+        for lms in (None, fusion):  # the language models' step in the graph too: FP32 as well
+            cache = tmp_path / version / ("lm" if lms else "plain")
+            trt = _fake_tensorrt_search(monkeypatch, version, manifest, "fp16", cache, images, lms)
+            build = trt.stats["builds"][-1]
+            assert "scores" in build["profile"] and ("lm_weights" in build["profile"]) == bool(lms)
+            model = onnx.load_from_string(build["onnx"])
+            assert build["fp16_weights"] == typed
+            inferred = onnx.shape_inference.infer_shapes(model).graph
+            types = {v.name: v.type.tensor_type.elem_type for v in inferred.value_info}
+            appended = [n for n in model.graph.node if n.name.startswith("beam/")]
+            assert onnx.TensorProto.FLOAT16 not in {types.get(o) for n in appended for o in n.output}
+            if lms:
+                assert len([n for n in appended if n.name.startswith("beam/lm/")]) == 2 * 18 + 2
+            if not typed:
+                assert build["pinned"].count("other") >= 10
+                if lms:
+                    pinned = set(build["pinned_outputs"])
+                    for role in ("everyday", "in_domain"):
+                        assert {f"beam/lm/{role}_logits", f"beam/lm/{role}_log_p"} <= pinned
+                    assert {"beam/bias", "end_biases", "next_biases", "everyday_h_next"} <= pinned
 
 
 def test_fake_tensorrt_a_new_beam_step_version_rebuilds_the_cached_graph(monkeypatch, tmp_path, tiny):
@@ -757,12 +903,17 @@ def test_fake_tensorrt_close_releases_the_beam_step_engine_and_context(monkeypat
 
 
 def _graph_search_as_host(manifest, host, images) -> None:
-    """onnxruntime's graph search (search="graph") gives ``host``'s hypotheses on ``images``."""
+    """onnxruntime's graph search (search="graph") gives ``host``'s hypotheses on ``images``,
+    with no language models and with them (two beam-step graphs: the second steps them)."""
     graph = OnnxRuntimeBackend(manifest, device="cpu", threads=1, search="graph")
     vocab = manifest.dims.vocab_size
-    options = CaptionOptions(beam_size=3, n_best=3, max_length=8)
-    want = search_with_tags(host, host.encode(images), options, START, END, vocab, None)
-    _same(want, search_with_tags(graph, graph.encode(images), options, START, END, vocab, None))
+    rng = np.random.default_rng(7)
+    fusion = Fusion(_random_lm(rng, vocab), _random_lm(rng, vocab), 0.6, {})
+    for weight in (0.0, 0.6):
+        options = CaptionOptions(beam_size=3, n_best=3, max_length=8, fusion_weight=weight)
+        want = search_with_tags(host, host.encode(images), options, START, END, vocab, None, fusion=fusion)
+        got = search_with_tags(graph, graph.encode(images), options, START, END, vocab, None, fusion=fusion)
+        _same(want, got)
 
 
 @pytest.mark.parametrize("opset", [17, 18])
@@ -785,7 +936,7 @@ def test_a_step_graph_of_opset_18_gives_the_numpy_captions(tiny, monkeypatch, op
 
     monkeypatch.setattr(ort_beam, "beam_step_model", at_opset)
     _graph_search_as_host(manifest, host, images)
-    assert converted == [[opset]]
+    assert converted == [[opset], [opset]]  # without and with the language models
 
 
 def test_a_step_graph_before_opset_13_is_refused_naming_its_opset(tiny):
@@ -923,6 +1074,65 @@ def test_the_beam_step_graph_does_the_loops_bookkeeping(small_step):
     np.testing.assert_array_equal(got["c_next"], c_out[pointers])
 
 
+def test_the_beam_step_graph_steps_the_language_models_as_the_host_would(small_step):
+    """With the language models in it, the graph is the plain beam-step graph given the host's
+    bias + their weighted density ratio (as the host's language-model session computes it), and
+    it returns that bias at each row's <end> and chosen word and their next states reordered by
+    the back-pointers. Expected values: the plain graph and the host's session (OnnxPairStep)
+    on the same inputs."""
+    import onnxruntime as ort
+
+    from edgecap.build.beam_step import LM_INPUTS, LM_OUTPUTS, beam_io
+    from edgecap.decoding.fusion_graph import OnnxPairStep
+
+    step, manifest = small_step
+    dims = manifest.dims
+    K, V, beam, rows = dims.top_k, dims.vocab_size, 2, 4
+    rng = np.random.default_rng(11)
+    everyday, in_domain = _random_lm(rng, V), _random_lm(rng, V)
+    feeds = {
+        "tokens": rng.integers(3, V, rows).astype(np.int32),
+        "h": rng.normal(size=(rows, dims.hidden_dim)).astype(np.float32),
+        "c": rng.normal(size=(rows, dims.hidden_dim)).astype(np.float32),
+        "source_rows": np.arange(rows, dtype=np.int32),
+        "features": rng.normal(size=(2, dims.regions, dims.feature_dim)).astype(np.float32),
+        "att_proj": rng.normal(size=(2, dims.regions, dims.attention_dim)).astype(np.float32),
+        "image_index": np.array([0, 0, 1, 1], np.int32),
+        "word_bias": rng.normal(scale=0.5, size=(rows, V)).astype(np.float32),
+        "scores": np.array([-1.0, -2.0, -0.5, -3.0], np.float32),
+        "word_block": (rng.uniform(size=(rows, V)) < 0.1).astype(np.float32),
+    }
+    weights = np.array([[0.7], [0.7], [0.0], [0.3]], np.float32)  # image 1's rows: 0 and 0.3
+    states = [tuple(rng.normal(size=(rows, 8)).astype(np.float32) for _ in "hc") for _ in "ei"]
+    ratio, next_states = OnnxPairStep(everyday, in_domain)(feeds["tokens"], states, weights)
+    np.testing.assert_array_equal(ratio[2], 0.0)  # row 2: weight 0, a bias of 0
+    assert (ratio[[0, 1, 3]] != 0).all()
+
+    def run(model, feed):
+        session = ort.InferenceSession(model.SerializeToString(), providers=["CPUExecutionProvider"])
+        return dict(zip([o.name for o in model.graph.output], session.run(None, feed)))
+
+    plain = run(
+        beam_step_model(step, beam, END, K, dims.hidden_dim, V),
+        {**feeds, "word_bias": feeds["word_bias"] + ratio},
+    )
+    fused_model = beam_step_model(step, beam, END, K, dims.hidden_dim, V, lms=(everyday, in_domain))
+    assert ([i.name for i in fused_model.graph.input], [o.name for o in fused_model.graph.output]) == tuple(
+        list(names) for names in beam_io(True)
+    )
+    state_feed = dict(zip(LM_INPUTS[1:], [a for pair in states for a in pair]))
+    got = run(fused_model, {**feeds, "lm_weights": weights, **state_feed})
+    for name in BEAM_OUTPUTS:  # the same search step as the plain graph given the summed bias
+        np.testing.assert_array_equal(got[name], plain[name], err_msg=name)
+    total = feeds["word_bias"] + ratio
+    pointers, words = plain["back_pointers"], plain["next_tokens"]
+    np.testing.assert_array_equal(got["end_biases"], total[:, END])
+    np.testing.assert_array_equal(got["next_biases"], total[pointers, words])
+    want_states = [a[pointers] for pair in next_states for a in pair]
+    for name, want in zip(LM_OUTPUTS[2:], want_states):
+        np.testing.assert_array_equal(got[name], want, err_msg=name)
+
+
 @pytest.mark.parametrize("beam", [0, 6])
 def test_a_beam_outside_one_to_k_is_refused(small_step, beam):
     step, manifest = small_step
@@ -945,6 +1155,26 @@ def test_the_beam_step_profile_takes_a_score_and_blocked_words_for_every_row():
     assert ranges["source_rows"] == ranges["image_index"] == ranges["word_bias"] == (2, 2, 4)
     assert ranges["h"] == ranges["c"] == (1, 2, 4)
     assert ranges["features"] == ranges["att_proj"] == (1, 1, 2)
+    # the language models' weights and states: a row a beam from the first step (zeros then)
+    from edgecap.build.beam_step import LM_INPUTS, beam_io
+
+    with_lms = row_ranges(Limits(max_batch=2, max_beam=3), beam=2, lms=True)
+    assert set(with_lms) == set(beam_io(True)[0]) and set(ranges) == set(beam_io(False)[0])
+    assert {with_lms[name] for name in LM_INPUTS} == {(2, 2, 4)}
+
+
+def test_the_language_models_digest_names_their_weights():
+    """Cached beam-step graphs and engines with the language models in them are named by a
+    digest of their weights: the same weights, the same name; one changed weight, another."""
+    from edgecap.build.beam_step import lm_tag
+
+    rng = np.random.default_rng(2)
+    everyday, in_domain = _random_lm(rng, 20), _random_lm(rng, 20)
+    again = CaptionLM({k: v.copy() for k, v in everyday.arrays.items()})
+    assert lm_tag((everyday, in_domain)) == lm_tag((again, in_domain))
+    again.arrays["out_b"][3] += 1e-3
+    assert lm_tag((everyday, in_domain)) != lm_tag((again, in_domain))
+    assert lm_tag((everyday, in_domain)) != lm_tag((in_domain, everyday))
 
 
 def test_a_step_graph_of_opset_13_gives_the_numpy_captions(tiny, monkeypatch):
@@ -974,7 +1204,7 @@ def test_a_step_graph_of_opset_13_gives_the_numpy_captions(tiny, monkeypatch):
 
     monkeypatch.setattr(ort_beam, "beam_step_model", at_opset_13)
     _graph_search_as_host(manifest, host, images)
-    assert built == [[13]]
+    assert built == [[13], [13]]  # without and with the language models
 
 
 def test_the_beam_step_graph_declares_its_inputs_and_outputs_shapes(small_step):

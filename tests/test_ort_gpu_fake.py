@@ -715,9 +715,11 @@ def test_fake_graph_search_on_a_second_gpu_makes_its_beam_state_on_that_gpu(monk
         describe=lambda: "fake",
     )
     search = ort_beam.OnnxGraphSearch(backend)
-    monkeypatch.setattr(search, "session", lambda beam, end_id: step_session)
+    monkeypatch.setattr(search, "session", lambda beam, end_id, lms=None: step_session)
     sessions = []
-    monkeypatch.setattr(ort_beam, "search_with_rules", lambda session, *args: sessions.append(session) or [])
+    monkeypatch.setattr(
+        ort_beam, "search_with_rules", lambda session, *args, **kwargs: sessions.append(session) or []
+    )
     tensors = {name: _FakeValue((2, 10), "cuda", name) for name in ("features", "att_proj", "h0", "c0")}
     encoded = types.SimpleNamespace(n_images=2, tensors=tensors, class_probs=np.zeros((2, 1000), np.float32))
     search(encoded, CaptionOptions(beam_size=2), 1, 2, None, None)

@@ -2,8 +2,9 @@
 (``OnnxRuntimeBackend(search="graph")``; ``edgecap.build.beam_step``,
 ``edgecap.decoding.graph_search``).
 
-The beam-step graph is derived from the model's ``decoder_step.onnx`` once per beam size, in
-memory (needs the ``onnx`` package: ``pip install onnx``). On the CPU provider it runs with
+The beam-step graph is derived from the model's ``decoder_step.onnx`` once per beam size (and
+once more with the fused caption language models stepped in it), in memory (needs the ``onnx``
+package: ``pip install onnx``). On the CPU provider it runs with
 numpy feeds (``OnnxBeamSession``). Where the backend decodes on a device (a CUDA or TensorRT
 provider: ``ort_gpu.IOBindingDecoder``) it runs with I/O binding on the CUDA provider
 (``IOBindingBeamSession``): the image tensors and h / c stay on the device, the (R,) results
@@ -19,9 +20,9 @@ import threading
 import numpy as np
 
 from edgecap.backends.base import Encoded
-from edgecap.build.beam_step import BEAM_OUTPUTS, beam_step_model
+from edgecap.build.beam_step import LM_STATES, beam_io, beam_step_model
 from edgecap.contract import DECODER_STEP
-from edgecap.decoding.graph_search import BeamStepResult, search_with_rules
+from edgecap.decoding.graph_search import BeamStepResult, lm_row_weights, search_with_rules
 from edgecap.decoding.options import CaptionOptions
 from edgecap.errors import BackendError
 
@@ -30,17 +31,34 @@ SEARCH_MODES = ("host", "graph")
 
 class OnnxBeamSession:
     """``BeamStepSession`` over an onnxruntime session of the beam-step graph: h / c (and the
-    image tensors) as numpy arrays between steps."""
+    image tensors; the language models' states when the graph steps them) as numpy arrays
+    between steps."""
 
-    def __init__(self, run, tensors: dict, image_index: np.ndarray, vocab_size: int):
+    def __init__(
+        self,
+        run,
+        tensors: dict,
+        image_index: np.ndarray,
+        vocab_size: int,
+        lm_weights: np.ndarray | None = None,
+        lm_hidden: int = 0,
+    ):
+        """``lm_weights`` (R, 1): the graph steps the language models (``lm_row_weights``),
+        whose states of ``lm_hidden`` units start at zero; None: it does not."""
         self._run = run
         self.h, self.c = tensors["h0"], tensors["c0"]  # S = N until the first step
+        rows = len(image_index)
         self._fixed = {
             "features": tensors["features"],
             "att_proj": tensors["att_proj"],
             "image_index": np.ascontiguousarray(image_index, np.int32),
         }
-        self._zeros = np.zeros((len(image_index), vocab_size), np.float32)
+        self.lm_states: dict[str, np.ndarray] = {}
+        if lm_weights is not None:
+            self._fixed["lm_weights"] = np.ascontiguousarray(lm_weights, np.float32)
+            self.lm_states = {name: np.zeros((rows, lm_hidden), np.float32) for name in LM_STATES}
+        self._outputs = list(beam_io(lm_weights is not None)[1])
+        self._zeros = np.zeros((rows, vocab_size), np.float32)
 
     def step(self, tokens, source_rows, scores, word_bias, word_block) -> BeamStepResult:
         feed = {
@@ -52,9 +70,12 @@ class OnnxBeamSession:
             "word_bias": self._zeros if word_bias is None else np.ascontiguousarray(word_bias, np.float32),
             "word_block": self._zeros if word_block is None else word_block,
             **self._fixed,
+            **self.lm_states,
         }
-        outputs = dict(zip(BEAM_OUTPUTS, self._run(list(BEAM_OUTPUTS), feed)))
+        outputs = dict(zip(self._outputs, self._run(self._outputs, feed)))
         self.h, self.c = outputs.pop("h_next"), outputs.pop("c_next")
+        for name in self.lm_states:  # already reordered by the back-pointers, as h / c
+            self.lm_states[name] = outputs.pop(f"{name}_next")
         return BeamStepResult(**outputs)
 
 
@@ -72,7 +93,11 @@ class IOBindingBeamSession:
         vocab_size: int,
         device: str,
         device_id: int,
+        lm_weights: np.ndarray | None = None,
+        lm_hidden: int = 0,
     ):
+        """``lm_weights``, ``lm_hidden``: as ``OnnxBeamSession`` takes them; the language
+        models' states in two sets of device tensors used in turn, as h / c."""
         import onnxruntime as ort
 
         self._session, self._device, self._device_id = step_session, device, device_id
@@ -97,6 +122,31 @@ class IOBindingBeamSession:
         self._zeros = ort.OrtValue.ortvalue_from_numpy(
             np.zeros((rows, vocab_size), np.float32), device, device_id
         )
+        self._lm_sets: list[dict] = []
+        self._lm_current: dict = {}
+        if lm_weights is not None:
+            self._io.bind_ortvalue_input(
+                "lm_weights",
+                ort.OrtValue.ortvalue_from_numpy(
+                    np.ascontiguousarray(lm_weights, np.float32), device, device_id
+                ),
+            )
+            zeros = np.zeros((rows, lm_hidden), np.float32)
+            self._lm_current = {
+                name: ort.OrtValue.ortvalue_from_numpy(zeros, device, device_id) for name in LM_STATES
+            }
+            self._lm_sets = [
+                {
+                    name: ort.OrtValue.ortvalue_from_shape_and_type(
+                        (rows, lm_hidden), np.float32, device, device_id
+                    )
+                    for name in LM_STATES
+                }
+                for _ in range(2)
+            ]
+        outputs = beam_io(lm_weights is not None)[1]
+        kept = ("h_next", "c_next", *(f"{name}_next" for name in self._lm_current))
+        self._results = [name for name in outputs if name not in kept]
 
     def step(self, tokens, source_rows, scores, word_bias, word_block) -> BeamStepResult:
         io = self._io
@@ -113,16 +163,20 @@ class IOBindingBeamSession:
         h_next, c_next = self._pairs[self._next]
         io.bind_ortvalue_output("h_next", h_next)
         io.bind_ortvalue_output("c_next", c_next)
-        results = [name for name in BEAM_OUTPUTS if name not in ("h_next", "c_next")]
-        for name in results:
+        lm_next = self._lm_sets[self._next] if self._lm_sets else {}
+        for name, value in self._lm_current.items():
+            io.bind_ortvalue_input(name, value)
+            io.bind_ortvalue_output(f"{name}_next", lm_next[name])
+        for name in self._results:
             io.bind_output(name, "cpu")
         self._session.run_with_iobinding(io)
-        # get_outputs() follows the order of the bind calls above
-        values = [value.numpy() for value in io.get_outputs()[2:]]
+        # get_outputs() follows the order of the bind calls above: the states first
+        values = [value.numpy() for value in io.get_outputs()[2 + len(lm_next) :]]
         io.clear_binding_outputs()
         self._current = (h_next, c_next)
+        self._lm_current = lm_next
         self._next = 1 - self._next
-        return BeamStepResult(**dict(zip(results, values)))
+        return BeamStepResult(**dict(zip(self._results, values)))
 
 
 def _one_image(encoded: Encoded, i: int) -> Encoded:
@@ -154,12 +208,18 @@ class OnnxGraphSearch:
 
     def __init__(self, backend):
         self.backend = backend
-        self._sessions: dict[tuple[int, int], object] = {}
+        # where the fused language models step: in the graph (nothing of theirs on the host or
+        # the bus per word: half the host's work a word, the same search time on the CPU
+        # provider, benchmarks/graph_host.py), or, False, in their own session on the host
+        # between two runs of the graph (the benchmark's comparison)
+        self.lms_in_graph = True
+        self._sessions: dict[tuple, object] = {}  # (beam, end id, language models or None)
         self._lock = threading.Lock()
 
-    def session(self, beam: int, end_id: int):
-        """The onnxruntime session of the beam-step graph for ``beam`` (made once)."""
-        key = (beam, end_id)
+    def session(self, beam: int, end_id: int, lms=None):
+        """The onnxruntime session of the beam-step graph for ``beam`` (made once); ``lms``:
+        the language models (everyday, in-domain) it steps too, or None."""
+        key = (beam, end_id, lms)
         found = self._sessions.get(key)
         if found is not None:
             return found
@@ -180,6 +240,7 @@ class OnnxGraphSearch:
                 dims.top_k,
                 dims.hidden_dim,
                 dims.vocab_size,
+                lms,
             )
             self._sessions[key] = ort.InferenceSession(
                 model.SerializeToString(), session_options(backend.threads), providers=self._providers()
@@ -218,14 +279,25 @@ class OnnxGraphSearch:
             ]
         beam = options.beam_size
         image_index = np.repeat(np.arange(encoded.n_images, dtype=np.int32), beam)
-        step = self.session(beam, end_id)
+        weights = None
+        if self.lms_in_graph:
+            weights = lm_row_weights(options, fusion, image_index, encoded.class_probs)
+        lms = None if weights is None else (fusion.everyday, fusion.in_domain)
+        in_graph = {} if lms is None else {"lm_weights": weights, "lm_hidden": fusion.everyday.hidden}
+        step = self.session(beam, end_id, lms)
         decoder = backend._device_decoder
         session: OnnxBeamSession | IOBindingBeamSession
         if decoder is None:
-            session = OnnxBeamSession(step.run, encoded.tensors, image_index, dims.vocab_size)
+            session = OnnxBeamSession(step.run, encoded.tensors, image_index, dims.vocab_size, **in_graph)
         else:
             session = IOBindingBeamSession(
-                step, encoded.tensors, image_index, dims.vocab_size, decoder.device, decoder.device_id
+                step,
+                encoded.tensors,
+                image_index,
+                dims.vocab_size,
+                decoder.device,
+                decoder.device_id,
+                **in_graph,
             )
         return search_with_rules(
             session,
@@ -238,4 +310,5 @@ class OnnxGraphSearch:
             fusion,
             encoded.class_probs,
             backend.describe,
+            lms_in_graph=lms is not None,
         )

@@ -36,10 +36,15 @@ TensorRT pitfalls ask (FP16 scores lose ties; TopK needs a constant K).
 
 from __future__ import annotations
 
+from typing import TYPE_CHECKING
+
 import numpy as np
 
 from edgecap.contract import STEP_INPUTS, Limits
 from edgecap.errors import BackendError
+
+if TYPE_CHECKING:
+    from edgecap.decoding.fusion import CaptionLM
 
 BEAM_INPUTS = (*STEP_INPUTS, "scores", "word_block")
 BEAM_OUTPUTS = (
@@ -54,6 +59,11 @@ BEAM_OUTPUTS = (
     "h_next",
     "c_next",
 )
+# The caption language models in the graph (``lms``): their row weights and states go in, the
+# bias of each row's <end> and chosen word and the states reordered by the back-pointers come out
+LM_INPUTS = ("lm_weights", "everyday_h", "everyday_c", "in_domain_h", "in_domain_c")
+LM_STATES = LM_INPUTS[1:]
+LM_OUTPUTS = ("end_biases", "next_biases", *(f"{name}_next" for name in LM_STATES))
 PREFIX = "beam/"  # names of the appended nodes and constants
 MIN_OPSET = 13  # Unsqueeze, Slice and ReduceSum take their axes as inputs
 # The version of the appended graph, part of the names of the cached beam-step ONNX files and
@@ -62,17 +72,38 @@ MIN_OPSET = 13  # Unsqueeze, Slice and ReduceSum take their axes as inputs
 BEAM_STEP_VERSION = 2  # 2: the finiteness check without x - x
 
 
-def row_ranges(limits: Limits, beam: int) -> dict[str, tuple[int, int, int]]:
+def lm_tag(lms: tuple[CaptionLM, CaptionLM]) -> str:
+    """A short digest of the language models' weights, for the names of cached beam-step graphs
+    and engines that hold them: models changed in place make other files, never a stale one."""
+    import hashlib
+
+    digest = hashlib.sha256()
+    for lm in lms:
+        for name in sorted(lm.arrays):
+            array = lm.arrays[name]
+            digest.update(f"{name}{array.shape}".encode())
+            digest.update(array.tobytes())
+    return digest.hexdigest()[:12]
+
+
+def beam_io(lms: bool) -> tuple[tuple[str, ...], tuple[str, ...]]:
+    """The beam-step graph's inputs and outputs, with the language models in it or not."""
+    if lms:
+        return (*BEAM_INPUTS, *LM_INPUTS), (*BEAM_OUTPUTS, *LM_OUTPUTS)
+    return BEAM_INPUTS, BEAM_OUTPUTS
+
+
+def row_ranges(limits: Limits, beam: int, lms: bool = False) -> dict[str, tuple[int, int, int]]:
     """(min, opt, max) rows of each input, for a TensorRT optimisation profile of the graph for
     ``beam`` beams. A search has ``beam`` rows an image, and the graph reshapes its rows to
     (-1, beam): TensorRT fails the build when the opt shapes break such a reshape ("kOPT values
     for profile 0 violate shape constraints"), so the rows (the scores and blocked words too) run
     over one image to ``max_batch`` images, from ``beam`` to ``max_batch`` x ``beam``; ``h`` /
-    ``c`` also take the first step's one row an image (the encoder's h0 / c0)."""
+    ``c`` also take the first step's one row an image (the encoder's h0 / c0); ``lms``: the
+    graph with the language models, whose inputs have a row a beam from the first step."""
     rows = (beam, beam, limits.max_batch * beam)
-    ranges = dict.fromkeys(
-        ("tokens", "source_rows", "image_index", "word_bias", "scores", "word_block"), rows
-    )
+    per_row = ("tokens", "source_rows", "image_index", "word_bias", "scores", "word_block")
+    ranges = dict.fromkeys(per_row + (LM_INPUTS if lms else ()), rows)
     images = (1, 1, limits.max_batch)
     return {**ranges, "h": (1, *rows[1:]), "c": (1, *rows[1:]), "features": images, "att_proj": images}
 
@@ -91,9 +122,18 @@ def beam_width(beam: int, top_k: int) -> int:
     return min(beam + 1, top_k)
 
 
-def beam_step_model(step_model, beam: int, end_id: int, top_k: int, hidden_dim: int, vocab_size: int):
+def beam_step_model(
+    step_model,
+    beam: int,
+    end_id: int,
+    top_k: int,
+    hidden_dim: int,
+    vocab_size: int,
+    lms: tuple[CaptionLM, CaptionLM] | None = None,
+):
     """``decoder_step.onnx`` (an ``onnx.ModelProto``) -> the beam-step graph for ``beam`` beams
-    per image (a new ModelProto; ``step_model`` is not changed)."""
+    per image (a new ModelProto; ``step_model`` is not changed). ``lms``: the fused caption
+    language models (everyday, in-domain) stepped in the graph too (``_add_language_models``)."""
     import onnx
     from onnx import TensorProto, helper, numpy_helper
 
@@ -152,9 +192,11 @@ def beam_step_model(step_model, beam: int, end_id: int, top_k: int, hidden_dim: 
             op("ReduceMax", inputs, name, axes=[1], keepdims=0)
 
     names = {*STEP_INPUTS, "scores", "word_block", "topk_logprobs", "topk_ids", "h_out", "c_out"}
+    # the words' bias: the host's, plus the language models' density ratio when they are here
+    bias = "word_bias" if lms is None else _add_language_models(graph, lms, opset, onnx, helper)
     # every candidate of the top K: the ranking score, and where <end> stands
     op("Cast", ["topk_ids"], "ids64", to=TensorProto.INT64)
-    op("GatherElements", ["word_bias", "ids64"], "bias_k", axis=1)
+    op("GatherElements", [bias, "ids64"], "bias_k", axis=1)
     op("Add", ["topk_logprobs", "bias_k"], "ranked_k")
     op("Unsqueeze", ["scores", "one"], "scores_col")
     op("Add", ["scores_col", "ranked_k"], "cand_k")
@@ -209,6 +251,16 @@ def beam_step_model(step_model, beam: int, end_id: int, top_k: int, hidden_dim: 
     # the state follows its beam: reordered here, fed back unchanged next step
     op("Gather", ["h_out", "back_pointers"], "h_next", axis=0)
     op("Gather", ["c_out", "back_pointers"], "c_next", axis=0)
+    if lms is not None:
+        # what the host sums in float64 from the bias: <end>'s and each chosen word's, per row
+        op("Gather", [bias, "end"], "end_biases", axis=1)
+        op("Slice", ["bias_k", "zero", "width", "one"], "bias_w")
+        op("Reshape", ["bias_w", "candidates"], "bias_image")
+        op("GatherElements", ["bias_image", "top_1"], "bias_chosen", axis=1)
+        op("Reshape", ["bias_chosen", "flat"], "next_biases")
+        # the language models' states follow their beams as h / c do
+        for state in LM_STATES:
+            op("Gather", [f"lm/{state}_next", "back_pointers"], f"{state}_next", axis=0)
 
     rows = "r"
     del graph.output[:]
@@ -218,8 +270,11 @@ def beam_step_model(step_model, beam: int, end_id: int, top_k: int, hidden_dim: 
         "choices": TensorProto.INT32,
         "end_positions": TensorProto.INT32,
     }
-    for name in BEAM_OUTPUTS:
-        shape: list[str | int] = [rows, hidden_dim] if name in ("h_next", "c_next") else [rows]
+    state_widths = {"h_next": hidden_dim, "c_next": hidden_dim}
+    if lms is not None:
+        state_widths.update({f"{state}_next": lms[0].hidden for state in LM_STATES})
+    for name in beam_io(lms is not None)[1]:
+        shape: list[str | int] = [rows, state_widths[name]] if name in state_widths else [rows]
         out = helper.make_tensor_value_info(name, kinds.get(name, TensorProto.FLOAT), shape)
         graph.output.append(out)
         # the graph names its results with the prefix: rename the last writer of each output
@@ -238,6 +293,64 @@ def beam_step_model(step_model, beam: int, end_id: int, top_k: int, hidden_dim: 
             helper.make_tensor_value_info("word_block", TensorProto.FLOAT, [rows, vocab_size]),
         ]
     )
+    if lms is not None:
+        graph.input.append(helper.make_tensor_value_info("lm_weights", TensorProto.FLOAT, [rows, 1]))
+        graph.input.extend(
+            helper.make_tensor_value_info(state, TensorProto.FLOAT, [rows, lms[0].hidden])
+            for state in LM_STATES
+        )
     graph.name = f"{graph.name or 'decoder_step'}_beam{beam}"
     onnx.checker.check_model(model)
     return model
+
+
+def _add_language_models(graph, lms: tuple[CaptionLM, CaptionLM], opset: int, onnx, helper) -> str:
+    """Put the fused language models' step (``edgecap.decoding.fusion_graph``: both LSTMs on
+    the row's last word, ``lm_weights * (log p_everyday - log p_in_domain)``) in front of the
+    step's nodes, and make everything that read ``word_bias`` read ``word_bias`` + that ratio
+    instead (the step's own top K, the candidates' scores). The same nodes and weights as the
+    host's language-model session, on the step's int32 ``tokens``; their names take
+    ``PREFIX + "lm/"``, so a weakly typed FP16 TensorRT build keeps them in FP32 with the rest of
+    the bookkeeping. ``opset``: the step graph's, which the nodes take (from 18 a Split into
+    equal parts names its number of parts). Returns the summed bias's name."""
+    from edgecap.decoding.fusion_graph import ROLES, pair_step_model
+
+    if lms[0].hidden != lms[1].hidden:
+        raise ValueError(f"the language models' states differ: {lms[0].hidden} and {lms[1].hidden} units")
+    part = onnx.load_model_from_string(pair_step_model(*lms)).graph
+    outer = {
+        "tokens": "tokens",
+        "weights": "lm_weights",
+        **{f"{r}_{s}": f"{r}_{s}" for r in ROLES for s in "hc"},
+    }
+
+    def name(inner: str) -> str:
+        return outer.get(inner, f"{PREFIX}lm/{inner}")
+
+    summed = PREFIX + "bias"
+    nodes = []
+    for node in part.node:
+        copied = onnx.NodeProto()
+        copied.CopyFrom(node)
+        del copied.input[:], copied.output[:]
+        copied.input.extend(name(i) for i in node.input)
+        copied.output.extend(name(o) for o in node.output)
+        copied.name = name(node.name or node.output[0])
+        if node.op_type == "Split" and opset >= 18:
+            copied.attribute.append(helper.make_attribute("num_outputs", len(node.output)))
+        nodes.append(copied)
+    nodes.append(helper.make_node("Add", ["word_bias", name("bias")], [summed], name=summed))
+    for tensor in part.initializer:
+        tensor.name = name(tensor.name)
+    graph.initializer.extend(part.initializer)
+    step = []
+    for node in graph.node:  # the step's own nodes: its top K by log-probability + the bias
+        copied = onnx.NodeProto()
+        copied.CopyFrom(node)
+        for i, used in enumerate(copied.input):
+            if used == "word_bias":
+                copied.input[i] = summed
+        step.append(copied)
+    del graph.node[:]
+    graph.node.extend(nodes + step)  # in order: the ratio before its readers
+    return summed

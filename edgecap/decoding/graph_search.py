@@ -10,7 +10,9 @@ cheap and per row: each row's words so far, the finished hypotheses, the float64
 inputs of the next step that depend on the words chosen:
 
 - ``word_bias`` (R, V): the scorers' bias, from the same ``Scorer`` objects the numpy loop uses
-  (the tag bonus; the fused caption language models, whose LSTMs step on the host);
+  (the tag bonus; the fused caption language models, unless the graph steps them itself:
+  ``beam_step_model(lms=...)``, whose graph adds their bias and returns the bias of each row's
+  ``<end>`` and chosen word, so that nothing of theirs runs on the host or goes up per word);
 - ``word_block`` (R, V): the words that may not follow each row, known before the step: the
   words a caption never starts with (first word) and those that would repeat an n-gram of the
   row (``NoRepeatNgram``'s rule);
@@ -33,7 +35,7 @@ from typing import Protocol
 import numpy as np
 
 from edgecap.build.beam_step import beam_width
-from edgecap.decoding import scorers_for
+from edgecap.decoding import fusion_weight, scorers_for
 from edgecap.decoding.beam import Hypothesis, length_normalised, ranked
 from edgecap.decoding.options import CaptionOptions
 from edgecap.decoding.rules import Scorer
@@ -55,6 +57,10 @@ class BeamStepResult:
     end_logprobs: np.ndarray  # float32
     end_positions: np.ndarray  # int32: <end>'s place in the row's top K (K: absent)
     logprob_check: np.ndarray  # float32: 0, or NaN when the row's log-probabilities are not
+    # with the language models in the graph: the bias (the host's + theirs) of each row's <end>
+    # and of its chosen word, float32; None: the host's bias is all there is
+    end_biases: np.ndarray | None = None
+    next_biases: np.ndarray | None = None
 
 
 class BeamStepSession(Protocol):
@@ -126,14 +132,22 @@ def graph_beam_search(
                 f"the decoder step returned non-finite log-probabilities at word {t + 1} ({describe()})"
             )
         end_lp = result.end_logprobs.astype(np.float64)
-        end_bias = 0.0 if bonus is None else bonus[:, end_id].astype(np.float64)
+        end_bias: np.ndarray | float = 0.0
+        if result.end_biases is not None:  # the graph added its language models' bias
+            end_bias = result.end_biases.astype(np.float64)
+        elif bonus is not None:
+            end_bias = bonus[:, end_id].astype(np.float64)
         # the numpy loop's sums, in its order: score + (log-prob + bias)
         end_rank = sum_lp + (end_lp + end_bias)
         end_true = true_lp + end_lp
         lp = result.next_logprobs.astype(np.float64)
         src = result.back_pointers.astype(np.int64)
         words = result.next_tokens.astype(np.int64)
-        word_bias = 0.0 if bonus is None else bonus[src, words].astype(np.float64)
+        word_bias: np.ndarray | float = 0.0
+        if result.next_biases is not None:
+            word_bias = result.next_biases.astype(np.float64)
+        elif bonus is not None:
+            word_bias = bonus[src, words].astype(np.float64)
         cont_rank = sum_lp[src] + (lp + word_bias)
         cont_true = true_lp[src] + lp
         new_source = np.empty(rows, np.int64)
@@ -224,12 +238,14 @@ def search_with_rules(
     fusion,
     class_probs,
     describe: Callable[[], str],
+    lms_in_graph: bool = False,
 ) -> list[list[Hypothesis]]:
     """``graph_beam_search`` over a beam-step graph made for ``options.beam_size`` (its width
     ``beam_width``), with the rules of an unconstrained search: the never-first words and the
-    scorers ``edgecap.decoding.scorers_for`` makes; every ending with ``options.consensus``
-    (``edgecap.decoding.search_with_tags`` chooses among them). ``dims``: the model's
-    ``ModelDimensions``."""
+    scorers ``edgecap.decoding.scorers_for`` makes (without the language models when
+    ``lms_in_graph``: the session's graph steps them, at ``lm_row_weights``); every ending with
+    ``options.consensus`` (``edgecap.decoding.search_with_tags`` chooses among them). ``dims``:
+    the model's ``ModelDimensions``."""
     return graph_beam_search(
         session,
         n_images,
@@ -240,10 +256,29 @@ def search_with_rules(
         end_id,
         dims.vocab_size,
         never_first=NEVER_FIRST_IDS,
-        scorers=scorers_for(options, dims.vocab_size, tag_words, fusion, class_probs),
+        scorers=scorers_for(
+            options, dims.vocab_size, tag_words, None if lms_in_graph else fusion, class_probs
+        ),
         describe=describe,
         endings=options.consensus,
     )
+
+
+def lm_row_weights(
+    options: CaptionOptions, fusion, image_index: np.ndarray, class_probs
+) -> np.ndarray | None:
+    """float32 (R, 1): each row's weight of the fused language models, as the host's scorer
+    weighs them (``fusion_weight``, times the gate's share of the row's photo); None when the
+    search fuses none (no language models, or weight 0). A graph that steps them
+    (``beam_step_model(lms=...)``) takes these as ``lm_weights``, a row of weight 0 getting a
+    bias of exactly 0; where the gate gives no row a weight (photos typical of the training
+    photos) None too: the host's search would step no language model for them either, and the
+    graph without them is the cheaper."""
+    weight = fusion_weight(options, fusion)
+    if weight <= 0:
+        return None
+    scorer = fusion.scorer(weight, image_index, class_probs)
+    return scorer.weights if scorer.active else None
 
 
 def _blocked(

@@ -240,22 +240,31 @@ def _onnx_to_prepare_graphs():
 
 
 def beam_step_onnx(
-    manifest: Manifest, beam: int, end_id: int, precision: str, mode: str, cache_dir: Path, log=sys.stderr
+    manifest: Manifest,
+    beam: int,
+    end_id: int,
+    precision: str,
+    mode: str,
+    cache_dir: Path,
+    log=sys.stderr,
+    lms=None,
 ) -> Path:
     """The beam-step graph to parse, made once and kept in the cache: the step graph as
     ``onnx_for_build`` prepares it (folded; FP16 for a strongly typed FP16 build), then the beam
-    bookkeeping appended, in FP32, on its float32 outputs (``edgecap.build.beam_step``)."""
-    from edgecap.build.beam_step import BEAM_STEP_VERSION
+    bookkeeping appended, in FP32, on its float32 outputs (``edgecap.build.beam_step``); with
+    ``lms`` (everyday, in-domain) the fused language models' step too, in FP32."""
+    from edgecap.build.beam_step import BEAM_STEP_VERSION, lm_tag
 
     step = onnx_for_build(manifest, DECODER_STEP, precision, mode, cache_dir, log)
-    prepared = step.with_name(f"beam{beam}-end{end_id}-v{BEAM_STEP_VERSION}-{step.name}")
+    with_lms = "" if lms is None else f"-lm{lm_tag(lms)}"
+    prepared = step.with_name(f"beam{beam}-end{end_id}-v{BEAM_STEP_VERSION}{with_lms}-{step.name}")
     if not prepared.exists():
         onnx = _onnx_to_prepare_graphs()
         from edgecap.build.beam_step import beam_step_model
 
         dims = manifest.dims
         model = beam_step_model(
-            onnx.load(str(step)), beam, end_id, dims.top_k, dims.hidden_dim, dims.vocab_size
+            onnx.load(str(step)), beam, end_id, dims.top_k, dims.hidden_dim, dims.vocab_size, lms
         )
         _atomic_write(prepared, model.SerializeToString())
     return prepared
@@ -423,9 +432,9 @@ def _touches_float(trt: TensorRTModule, layer: tensorrt.ILayer) -> bool:
 
 def _beam_tensor(name: str) -> bool:
     """A tensor of the beam bookkeeping that ``edgecap.build.beam_step`` appends."""
-    from edgecap.build.beam_step import BEAM_OUTPUTS, PREFIX
+    from edgecap.build.beam_step import BEAM_OUTPUTS, LM_OUTPUTS, PREFIX
 
-    return name.startswith(PREFIX) or name in BEAM_OUTPUTS
+    return name.startswith(PREFIX) or name in BEAM_OUTPUTS or name in LM_OUTPUTS
 
 
 def _dims(shape: tensorrt.Dims) -> tuple[int, ...]:
@@ -670,15 +679,18 @@ class EngineCache:
         return self._checked(self._fresh(self.build(manifest, role, precision, limits)), role)
 
     def load_beam(
-        self, manifest: Manifest, beam: int, end_id: int, precision: str, limits: Limits
+        self, manifest: Manifest, beam: int, end_id: int, precision: str, limits: Limits, lms=None
     ) -> tensorrt.ICudaEngine:
         """The beam-step engine (``edgecap.build.beam_step``) for ``beam`` beams per image and
         exactly ``limits``: the cached one, else one built now from the step graph as the step
-        engine's build prepares it, with the bookkeeping appended."""
-        from edgecap.build.beam_step import BEAM_INPUTS, BEAM_OUTPUTS, BEAM_STEP_VERSION, row_ranges
+        engine's build prepares it, with the bookkeeping appended (and with ``lms``, the
+        language models (everyday, in-domain) the engine steps too)."""
+        from edgecap.build.beam_step import BEAM_STEP_VERSION, beam_io, lm_tag, row_ranges
 
-        # the graph's version in the name: an edgecap that appends another graph builds anew
-        role = f"beam_step{beam}-end{end_id}-v{BEAM_STEP_VERSION}"
+        # the graph's version in the name: an edgecap that appends another graph builds anew;
+        # the language models' digest: other models, another engine
+        with_lms = "" if lms is None else f"-lm{lm_tag(lms)}"
+        role = f"beam_step{beam}-end{end_id}-v{BEAM_STEP_VERSION}{with_lms}"
         path = self.cache_dir / engine_filename(
             role, model_hash(manifest, DECODER_STEP), self.target, precision, limits
         )
@@ -687,17 +699,21 @@ class EngineCache:
             self._check_writable()
             mode = fp16_mode(self.trt, self.target.trt) if precision == "fp16" else "fp32"
             try:
-                source = beam_step_onnx(manifest, beam, end_id, precision, mode, self.cache_dir, self.log)
+                source = beam_step_onnx(
+                    manifest, beam, end_id, precision, mode, self.cache_dir, self.log, lms
+                )
             except OSError as exc:  # the prepared graph not saved in the cache: a full disk
                 raise self._unsaved(exc) from exc
+            fused = "" if lms is None else ", the language models in it"
             print(
-                f"edgecap: building the TensorRT {precision} beam-step engine ({beam} beams) "
+                f"edgecap: building the TensorRT {precision} beam-step engine ({beam} beams{fused}) "
                 f"for {self.target.gpu_name}; this takes a while, once -> {path}",
                 file=self.log,
             )
-            self._build_into(path, source, role, limits, precision, ranges=row_ranges(limits, beam))
+            ranges = row_ranges(limits, beam, lms is not None)
+            self._build_into(path, source, role, limits, precision, ranges=ranges)
             engine = self._fresh(path)
-        return self._checked(engine, role, (BEAM_INPUTS, BEAM_OUTPUTS))
+        return self._checked(engine, role, beam_io(lms is not None))
 
     def _checked(
         self,

@@ -1,0 +1,167 @@
+"""The host's work per word of the beam search whose bookkeeping is in the step graph
+(``search="graph"``: onnxruntime, and TensorRT's beam-step engine): what the CPU does between
+two runs of the graph, which a GPU runtime waits for at every word.
+
+    python benchmarks/graph_host.py [--out DIR] [--data DIR] [--photos 40] [--rounds 3] [--lms graph|host]
+
+The shipped model on onnxruntime CPU (one thread, ``search="graph"``, the default caption
+options: the tag bonus, the fused language models, no repeated trigram), beam 3, one photo a
+call, in memory: the first ``--photos`` of each photo set (the everyday photos of
+``coco-ood-dev``, where the fusion gate gives most photos the language models, and Flickr8k dev,
+where it gives most of them none). Per call, from the search's start to its hypotheses:
+
+- *search*: the whole search, wall time;
+- *graph runs*: inside the beam-step graph's session runs (on a GPU runtime the device's
+  work and the copies; here the CPU's);
+- *host*: the rest (search - graph runs): the host's own work, per call and per word
+  (``words``: the graph runs of a call). On a GPU runtime this is what the device waits for
+  between two words.
+
+``--lms``: where the fused language models step: ``graph`` (in the beam-step graph, as on a
+device: what TensorRT's engine and onnxruntime on a GPU do) or ``host`` (their own session
+between two runs of the graph, as the CPU provider does by default). Each set's medians over
+``--rounds`` passes over its photos, after one pass to warm up. Compare the two (or two
+checkouts) each in its own process, run alternately.
+"""
+
+from __future__ import annotations
+
+import statistics
+import sys
+import time
+from pathlib import Path
+
+sys.path.insert(0, str(Path(__file__).resolve().parent))
+
+import _common as C  # noqa: E402
+
+SETS = {"everyday (coco-ood-dev)": "coco-ood-dev/images", "Flickr8k dev": "flickr8k"}
+
+
+def build_parser():
+    p = C.argument_parser(__doc__)
+    C.add_out_argument(p)
+    p.add_argument(
+        "--data",
+        type=Path,
+        default=C.REPO.parent / "shared" / "data",
+        help="the folder holding coco-ood-dev/ and flickr8k/ (default: %(default)s)",
+    )
+    p.add_argument("--photos", type=int, default=40, help="photos of each set (default: 40)")
+    p.add_argument("--rounds", type=int, default=3, help="timed passes over the photos (default: 3)")
+    p.add_argument(
+        "--lms",
+        choices=("graph", "host"),
+        default="graph",
+        help="where the fused language models step (default: graph, as on a device)",
+    )
+    return p
+
+
+def set_photos(data: Path, folder: str, n: int) -> list[Path]:
+    """The first ``n`` photos of a set: Flickr8k's dev list in its order, else the folder's
+    files by name."""
+    if folder == "flickr8k":
+        names = (data / "flickr8k" / "Flickr_8k.devImages.txt").read_text().split()[:n]
+        return [data / "flickr8k" / "images" / name for name in names]
+    return sorted((data / folder).iterdir())[:n]
+
+
+class Timed:
+    """The beam-step sessions' runs, wrapped: their summed wall time and count."""
+
+    def __init__(self):
+        self.seconds, self.runs = 0.0, 0
+
+    def wrap(self, session) -> None:
+        if getattr(session, "_graph_host_timed", False):
+            return
+        real = session.run
+
+        def run(*args, **kwargs):
+            start = time.perf_counter()
+            try:
+                return real(*args, **kwargs)
+            finally:
+                self.seconds += time.perf_counter() - start
+                self.runs += 1
+
+        session.run = run
+        session._graph_host_timed = True
+
+
+def measure(captioner, inputs, rounds: int, timed: Timed) -> dict:
+    from edgecap.decoding import search
+
+    backend, vocab = captioner.backend, captioner.vocab
+    rules = (vocab.start, vocab.end, len(vocab), captioner.classes, captioner.fusion)
+    calls = []
+
+    def once(image):
+        encoded = backend.encode(image[None])
+        seconds, runs = timed.seconds, timed.runs
+        start = time.perf_counter()
+        search(backend, encoded, captioner.options, *rules)
+        wall = time.perf_counter() - start
+        return wall, timed.seconds - seconds, timed.runs - runs
+
+    for image in inputs:  # warm: every session made, then wrapped (once for every set)
+        once(image)
+    for session in backend._graph_search._sessions.values():
+        timed.wrap(session)
+    for _ in range(rounds):
+        calls += [once(image) for image in inputs]
+    search_ms = [1e3 * wall for wall, _, _ in calls]
+    graph_ms = [1e3 * inside for _, inside, _ in calls]
+    host_ms = [s - g for s, g in zip(search_ms, graph_ms)]
+    return {
+        "calls": len(calls),
+        "words": statistics.median(runs for _, _, runs in calls),
+        "search_ms": statistics.median(search_ms),
+        "graph_ms": statistics.median(graph_ms),
+        "host_ms": statistics.median(host_ms),
+        "host_ms_per_word": statistics.median(h / runs for h, (_, _, runs) in zip(host_ms, calls)),
+    }
+
+
+def main(argv=None) -> int:
+    args = build_parser().parse_args(argv)
+    from edgecap import Captioner
+    from edgecap.images import load_rgb, preprocess
+
+    captioner = Captioner(backend="onnxruntime", threads=1, search="graph")
+    captioner.backend._graph_search.lms_in_graph = args.lms == "graph"
+    timed = Timed()
+    rows = []
+    for label, folder in SETS.items():
+        paths = set_photos(args.data, folder, args.photos)
+        inputs = [preprocess([load_rgb(str(p))], captioner.manifest.preprocessing)[0] for p in paths]
+        figures = measure(captioner, inputs, args.rounds, timed)
+        rows.append({"set": label, "photos": len(paths), **figures})
+        print(f"{label}: host {figures['host_ms_per_word']:.3f} ms a word", file=sys.stderr)
+    table = C.markdown_table(
+        ["photos", "calls", "words a call", "search ms", "graph runs ms", "host ms", "host ms a word"],
+        [
+            [
+                f"{r['set']}, {r['photos']}",
+                r["calls"],
+                r["words"],
+                r["search_ms"],
+                r["graph_ms"],
+                r["host_ms"],
+                r["host_ms_per_word"],
+            ]
+            for r in rows
+        ],
+    )
+    where = "in the graph" if args.lms == "graph" else "on the host"
+    markdown = (
+        f'onnxruntime CPU, one thread, search="graph", beam 3, default options, the language models '
+        f"stepped {where}; medians per call. Load average before: {C.load_average()}.\n\n{table}\n"
+    )
+    C.write_results("graph_host", {"lms": args.lms, "rows": rows}, markdown, argv, out=args.out)
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())
