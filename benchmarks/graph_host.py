@@ -2,13 +2,15 @@
 (``search="graph"``: onnxruntime, and TensorRT's beam-step engine): what the CPU does between
 two runs of the graph, which a GPU runtime waits for at every word.
 
-    python benchmarks/graph_host.py [--out DIR] [--data DIR] [--photos 40] [--rounds 3] [--lms graph|host]
+    python benchmarks/graph_host.py [--out DIR] [--data DIR] [--photos 40] [--rounds 3] [--batch 1]
+                                    [--lms graph|host]
 
 The shipped model on onnxruntime CPU (one thread, ``search="graph"``, the default caption
-options: the tag bonus, the fused language models, no repeated trigram), beam 3, one photo a
-call, in memory: the first ``--photos`` of each photo set (the everyday photos of
-``coco-ood-dev``, where the fusion gate gives most photos the language models, and Flickr8k dev,
-where it gives most of them none). Per call, from the search's start to its hypotheses:
+options: the tag bonus, the fused language models, no repeated trigram), beam 3, ``--batch``
+photos a call (the photos in turn), in memory: the first ``--photos`` of each photo set (the
+everyday photos of ``coco-ood-dev``, where the fusion gate gives most photos the language
+models, and Flickr8k dev, where it gives most of them none). Per call, from the search's start
+to its hypotheses:
 
 - *search*: the whole search, wall time;
 - *graph runs*: inside the beam-step graph's session runs (on a GPU runtime the device's
@@ -17,9 +19,9 @@ where it gives most of them none). Per call, from the search's start to its hypo
   (``words``: the graph runs of a call). On a GPU runtime this is what the device waits for
   between two words.
 
-``--lms``: where the fused language models step: ``graph`` (in the beam-step graph, as on a
-device: what TensorRT's engine and onnxruntime on a GPU do) or ``host`` (their own session
-between two runs of the graph, as the CPU provider does by default). Each set's medians over
+``--lms``: where the fused language models step: ``graph`` (in the beam-step graph, what the
+graph search does) or ``host`` (in their own session between two runs of the graph, what it did
+until 2026-12-07). Each set's medians over
 ``--rounds`` passes over its photos, after one pass to warm up. Compare the two (or two
 checkouts) each in its own process, run alternately.
 """
@@ -49,6 +51,12 @@ def build_parser():
     )
     p.add_argument("--photos", type=int, default=40, help="photos of each set (default: 40)")
     p.add_argument("--rounds", type=int, default=3, help="timed passes over the photos (default: 3)")
+    p.add_argument(
+        "--batch",
+        type=C.positive_int,
+        default=1,
+        help="photos a call; --photos a multiple of it (default: 1)",
+    )
     p.add_argument(
         "--lms",
         choices=("graph", "host"),
@@ -97,20 +105,20 @@ def measure(captioner, inputs, rounds: int, timed: Timed) -> dict:
     rules = (vocab.start, vocab.end, len(vocab), captioner.classes, captioner.fusion)
     calls = []
 
-    def once(image):
-        encoded = backend.encode(image[None])
+    def once(batch):
+        encoded = backend.encode(batch)
         seconds, runs = timed.seconds, timed.runs
         start = time.perf_counter()
         search(backend, encoded, captioner.options, *rules)
         wall = time.perf_counter() - start
         return wall, timed.seconds - seconds, timed.runs - runs
 
-    for image in inputs:  # warm: every session made, then wrapped (once for every set)
-        once(image)
+    for batch in inputs:  # warm: every session made, then wrapped (once for every set)
+        once(batch)
     for session in backend._graph_search._sessions.values():
         timed.wrap(session)
     for _ in range(rounds):
-        calls += [once(image) for image in inputs]
+        calls += [once(batch) for batch in inputs]
     search_ms = [1e3 * wall for wall, _, _ in calls]
     graph_ms = [1e3 * inside for _, inside, _ in calls]
     host_ms = [s - g for s, g in zip(search_ms, graph_ms)]
@@ -126,6 +134,10 @@ def measure(captioner, inputs, rounds: int, timed: Timed) -> dict:
 
 def main(argv=None) -> int:
     args = build_parser().parse_args(argv)
+    if args.photos % args.batch:
+        sys.exit(f"--photos {args.photos} is not a multiple of --batch {args.batch}")
+    import numpy as np
+
     from edgecap import Captioner
     from edgecap.images import load_rgb, preprocess
 
@@ -135,7 +147,8 @@ def main(argv=None) -> int:
     rows = []
     for label, folder in SETS.items():
         paths = set_photos(args.data, folder, args.photos)
-        inputs = [preprocess([load_rgb(str(p))], captioner.manifest.preprocessing)[0] for p in paths]
+        photos = [preprocess([load_rgb(str(p))], captioner.manifest.preprocessing)[0] for p in paths]
+        inputs = [np.stack(photos[i : i + args.batch]) for i in range(0, len(photos), args.batch)]
         figures = measure(captioner, inputs, args.rounds, timed)
         rows.append({"set": label, "photos": len(paths), **figures})
         print(f"{label}: host {figures['host_ms_per_word']:.3f} ms a word", file=sys.stderr)
@@ -156,10 +169,12 @@ def main(argv=None) -> int:
     )
     where = "in the graph" if args.lms == "graph" else "on the host"
     markdown = (
-        f'onnxruntime CPU, one thread, search="graph", beam 3, default options, the language models '
-        f"stepped {where}; medians per call. Load average before: {C.load_average()}.\n\n{table}\n"
+        f'onnxruntime CPU, one thread, search="graph", beam 3, batch {args.batch}, default options, the '
+        f"language models stepped {where}; medians per call. Load average before: {C.load_average()}."
+        f"\n\n{table}\n"
     )
-    C.write_results("graph_host", {"lms": args.lms, "rows": rows}, markdown, argv, out=args.out)
+    data = {"lms": args.lms, "batch": args.batch, "rows": rows}
+    C.write_results("graph_host", data, markdown, argv, out=args.out)
     return 0
 
 

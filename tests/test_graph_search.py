@@ -95,7 +95,8 @@ def test_graph_search_is_the_numpy_search_on_the_tiny_model(tiny, case, lms_in_g
     )
     vocab = manifest.dims.vocab_size
     rng = np.random.default_rng(beam)
-    fusion = Fusion(_random_lm(rng, vocab), _random_lm(rng, vocab), 0.5, {})
+    # the two language models of different widths: each state carried at its own
+    fusion = Fusion(_random_lm(rng, vocab), _random_lm(rng, vocab, hidden=5), 0.5, {})
     tags = (frozenset({5, 9}), frozenset(), frozenset({11}))
     want = search_with_tags(host, host.encode(images), options, START, END, vocab, tags, fusion=fusion)
     got = search_with_tags(graph, graph.encode(images), options, START, END, vocab, tags, fusion=fusion)
@@ -265,7 +266,7 @@ def test_io_binding_graph_search_gives_the_numpy_captions(tiny, monkeypatch):
     monkeypatch.setattr(IOBindingBeamSession, "step", step)
     tags = (frozenset({5, 9}), frozenset(), frozenset({11}))
     rng = np.random.default_rng(5)
-    fusion = Fusion(_random_lm(rng, vocab), _random_lm(rng, vocab), 0.5, {})
+    fusion = Fusion(_random_lm(rng, vocab), _random_lm(rng, vocab, hidden=5), 0.5, {})  # two widths
     for beam, ngram, weight in ((1, 0, 0.0), (3, 3, 0.0), (3, 2, 0.6)):
         options = CaptionOptions(
             beam_size=beam, no_repeat_ngram=ngram, n_best=beam, guidance_bonus=2.0, fusion_weight=weight
@@ -275,7 +276,8 @@ def test_io_binding_graph_search_gives_the_numpy_captions(tiny, monkeypatch):
         assert not isinstance(encoded.tensors["h0"], np.ndarray)  # device tensors
         _same(want, search_with_tags(graph, encoded, options, START, END, vocab, tags, fusion=fusion))
     assert sessions  # the binding session ran the steps
-    assert sessions[-1]._lm_current  # the last search's language-model states on the device
+    assert "everyday_h" in sessions[-1]._current  # the last search's language-model states
+    assert set(sessions[0]._current) == {"h", "c", "steered"}  # the tag bonus's: always
 
 
 def test_graph_session_on_a_gpu_keeps_cuda_and_leaves_out_the_tensorrt_provider():
@@ -439,7 +441,7 @@ def test_search_with_rules_reads_as_many_candidates_a_row_as_the_graph_offers():
     from types import SimpleNamespace
 
     from edgecap.build.beam_step import beam_width
-    from edgecap.decoding.graph_search import search_with_rules
+    from edgecap.decoding.graph_search import graph_rules, search_with_rules
 
     def rule(prefix):
         if len(prefix) == 1:
@@ -455,7 +457,8 @@ def test_search_with_rules_reads_as_many_candidates_a_row_as_the_graph_offers():
     assert [WORDS[w] for w in want[0][0].tokens] == ["a"] and want[0][0].finished
     session = _Emulated(backend.start(encoded, np.zeros(1, np.int32)), 1, beam_width(1, 4), 4)
     dims = SimpleNamespace(top_k=4, vocab_size=len(WORDS))
-    got = search_with_rules(session, 1, options, dims, START, END, None, None, None, lambda: "fake")
+    rules = graph_rules(options, len(WORDS), None, None, np.zeros(1, np.int32), None)
+    got = search_with_rules(session, 1, options, dims, START, END, rules, None, lambda: "fake")
     _same(want, got)
 
 
@@ -731,7 +734,7 @@ def test_fake_tensorrt_graph_search_gives_the_numpy_captions(monkeypatch, tmp_pa
         _same(want, got)
         steps = len(trt.stats["executions"]) - runs
         assert device.calls["sync"] - before["sync"] == steps  # one sync a word
-        assert device.calls["dtoh"] - before["dtoh"] == 8 * steps  # eight (R,) results
+        assert device.calls["dtoh"] - before["dtoh"] == 10 * steps  # ten (R,) results
         searches.append(trt.stats["executions"][runs:])
         if ngram == 0:  # the last step blocked no word (only the first word has blocks)
             last = searches[-1][-1]
@@ -745,6 +748,9 @@ def test_fake_tensorrt_graph_search_gives_the_numpy_captions(monkeypatch, tmp_pa
         assert runs[0]["h"] == trt.stats["executions"][0]["h0"]
         assert [e["h"] for e in runs[1:]] == [e["h_next"] for e in runs[:-1]]
         assert all(e["h"] != e["h_next"] and e["c"] != e["c_next"] for e in runs)
+        # the tag bonus's rows still steered likewise, in the engine's two sets
+        assert [e["steered"] for e in runs[1:]] == [e["steered_next"] for e in runs[:-1]]
+        assert all(e["steered"] != e["steered_next"] for e in runs)
     backend.close()
     assert device.memory == {} and device.pinned == [] and device.streams == []
 
@@ -760,7 +766,7 @@ def test_fake_tensorrt_engine_steps_the_language_models(monkeypatch, tmp_path, t
     trt, device, backend, log = _fake_tensorrt_graph_backend(monkeypatch, tmp_path, manifest)
     vocab = manifest.dims.vocab_size
     rng = np.random.default_rng(9)
-    fusion = Fusion(_random_lm(rng, vocab), _random_lm(rng, vocab), 0.5, {})
+    fusion = Fusion(_random_lm(rng, vocab), _random_lm(rng, vocab, hidden=5), 0.5, {})  # two widths
     tags = (frozenset({5, 9}), frozenset(), frozenset({11}))
     options = CaptionOptions(
         beam_size=3, no_repeat_ngram=2, n_best=3, max_length=10, guidance_bonus=2.0, fusion_weight=0.6
@@ -1048,7 +1054,10 @@ def test_the_beam_step_graph_does_the_loops_bookkeeping(small_step):
     assert [i.name for i in graph.graph.input] == list(BEAM_INPUTS)
     assert [o.name for o in graph.graph.output] == list(BEAM_OUTPUTS)
     session = ort.InferenceSession(graph.SerializeToString(), providers=["CPUExecutionProvider"])
-    got = dict(zip(BEAM_OUTPUTS, session.run(None, {**feeds, "scores": scores, "word_block": block})))
+    no_tags = {"tag_bias": np.zeros((rows, V), np.float32), "steered": np.zeros(rows, np.float32)}
+    got = dict(
+        zip(BEAM_OUTPUTS, session.run(None, {**feeds, "scores": scores, "word_block": block, **no_tags}))
+    )
 
     assert ids[0, 0] == END and ids[1, 0] == 7 and ids[1, 1] == END and not (ids[2:] == END).any()
     np.testing.assert_array_equal(got["end_positions"], [0, 1, K, K])
@@ -1072,6 +1081,79 @@ def test_the_beam_step_graph_does_the_loops_bookkeeping(small_step):
     np.testing.assert_array_equal(got["next_logprobs"], pick(lp))  # without the bias
     np.testing.assert_array_equal(got["h_next"], h_out[pointers])
     np.testing.assert_array_equal(got["c_next"], c_out[pointers])
+    # the bias the host sums from: <end>'s and the chosen word's; no tag bonus, no row steered
+    np.testing.assert_array_equal(got["end_biases"], feeds["word_bias"][:, END])
+    np.testing.assert_array_equal(got["next_biases"], feeds["word_bias"][pointers, got["next_tokens"]])
+    np.testing.assert_array_equal(got["steered_next"], np.zeros(rows, np.float32))
+
+
+def _two_images(rng, dims) -> dict:
+    """A step's inputs for two images of two rows each (the state already reordered: source
+    rows the identity), random, with a random host bias."""
+    rows = 4
+    return {
+        "tokens": rng.integers(3, dims.vocab_size, rows).astype(np.int32),
+        "h": rng.normal(size=(rows, dims.hidden_dim)).astype(np.float32),
+        "c": rng.normal(size=(rows, dims.hidden_dim)).astype(np.float32),
+        "source_rows": np.arange(rows, dtype=np.int32),
+        "features": rng.normal(size=(2, dims.regions, dims.feature_dim)).astype(np.float32),
+        "att_proj": rng.normal(size=(2, dims.regions, dims.attention_dim)).astype(np.float32),
+        "image_index": np.array([0, 0, 1, 1], np.int32),
+        "word_bias": rng.normal(scale=0.5, size=(rows, dims.vocab_size)).astype(np.float32),
+    }
+
+
+def test_the_beam_step_graph_applies_the_tag_bonus_as_the_host_would(small_step):
+    """The tag bonus in the graph: the graph given the tag rows and the rows still steered is
+    the graph given the host's bias + the host's ``TagBonus.bias``, and a row goes on steered as
+    ``TagBonus.update`` says (its source row was, it continues, its word is no tag word).
+    Expected values: the graph without tags given the summed bias, and ``TagBonus`` itself."""
+    import onnxruntime as ort
+
+    from edgecap.decoding.rules import TagBonus
+
+    step, manifest = small_step
+    dims = manifest.dims
+    K, V, beam, rows = dims.top_k, dims.vocab_size, 2, 4
+    rng = np.random.default_rng(12)
+    model = beam_step_model(step, beam, END, K, dims.hidden_dim, V)
+    session = ort.InferenceSession(model.SerializeToString(), providers=["CPUExecutionProvider"])
+    feeds = {
+        **_two_images(rng, dims),
+        "scores": np.array([-1.0, -2.0, -0.5, -np.inf], np.float32),  # row 3: a finished beam
+        "word_block": np.zeros((rows, V), np.float32),
+    }
+    names = [o.name for o in model.graph.output]
+    untagged = {"tag_bias": np.zeros((rows, V), np.float32), "steered": np.zeros(rows, np.float32)}
+    probe = dict(zip(names, session.run(None, {**feeds, **untagged})))
+    # each image's tag words: two of the words its rows would take, so that some row says one
+    chosen = probe["next_tokens"]
+    words = (frozenset({int(chosen[0]), 3}), frozenset({int(chosen[2]), int(chosen[3])}))
+    bonus = TagBonus(words, V, 6.0, feeds["image_index"])
+    bonus.steered = np.array([True, False, True, True])  # row 1 said a tag word already
+    tagged = {"tag_bias": bonus.row_bias, "steered": bonus.steered.astype(np.float32)}
+    got = dict(zip(names, session.run(None, {**feeds, **tagged})))
+    summed = feeds["word_bias"] + bonus.bias(1, feeds["tokens"], feeds["source_rows"])
+    want = dict(zip(names, session.run(None, {**feeds, "word_bias": summed, **untagged})))
+    for name in names:
+        if name != "steered_next":
+            np.testing.assert_array_equal(got[name], want[name], err_msg=name)
+    assert (
+        got["end_biases"].any()
+        and (got["next_biases"] != feeds["word_bias"][got["back_pointers"], got["next_tokens"]]).any()
+    )
+    live = got["next_scores"] != -np.inf
+    bonus.update(got["back_pointers"], got["next_tokens"], live)
+    np.testing.assert_array_equal(got["steered_next"], bonus.steered.astype(np.float32))
+    assert got["steered_next"].any() and not got["steered_next"].all()
+    # a done image (every row masked): its rows, steered before, are not steered on (though
+    # the words they stand on are no tag words: no tags for it here)
+    done = {**feeds, "scores": np.array([-1.0, -2.0, -np.inf, -np.inf], np.float32)}
+    tag_rows, steered = bonus.row_bias.copy(), np.ones(rows, np.float32)
+    tag_rows[2:] = 0.0
+    got = dict(zip(names, session.run(None, {**done, "tag_bias": tag_rows, "steered": steered})))
+    assert (got["next_scores"][2:] == -np.inf).all()
+    np.testing.assert_array_equal(got["steered_next"][2:], [0.0, 0.0])
 
 
 def test_the_beam_step_graph_steps_the_language_models_as_the_host_would(small_step):
@@ -1091,16 +1173,11 @@ def test_the_beam_step_graph_steps_the_language_models_as_the_host_would(small_s
     rng = np.random.default_rng(11)
     everyday, in_domain = _random_lm(rng, V), _random_lm(rng, V)
     feeds = {
-        "tokens": rng.integers(3, V, rows).astype(np.int32),
-        "h": rng.normal(size=(rows, dims.hidden_dim)).astype(np.float32),
-        "c": rng.normal(size=(rows, dims.hidden_dim)).astype(np.float32),
-        "source_rows": np.arange(rows, dtype=np.int32),
-        "features": rng.normal(size=(2, dims.regions, dims.feature_dim)).astype(np.float32),
-        "att_proj": rng.normal(size=(2, dims.regions, dims.attention_dim)).astype(np.float32),
-        "image_index": np.array([0, 0, 1, 1], np.int32),
-        "word_bias": rng.normal(scale=0.5, size=(rows, V)).astype(np.float32),
+        **_two_images(rng, dims),
         "scores": np.array([-1.0, -2.0, -0.5, -3.0], np.float32),
         "word_block": (rng.uniform(size=(rows, V)) < 0.1).astype(np.float32),
+        "tag_bias": np.zeros((rows, V), np.float32),  # the tag bonus: its own test
+        "steered": np.zeros(rows, np.float32),
     }
     weights = np.array([[0.7], [0.7], [0.0], [0.3]], np.float32)  # image 1's rows: 0 and 0.3
     states = [tuple(rng.normal(size=(rows, 8)).astype(np.float32) for _ in "hc") for _ in "ei"]
@@ -1129,7 +1206,7 @@ def test_the_beam_step_graph_steps_the_language_models_as_the_host_would(small_s
     np.testing.assert_array_equal(got["end_biases"], total[:, END])
     np.testing.assert_array_equal(got["next_biases"], total[pointers, words])
     want_states = [a[pointers] for pair in next_states for a in pair]
-    for name, want in zip(LM_OUTPUTS[2:], want_states):
+    for name, want in zip(LM_OUTPUTS, want_states):
         np.testing.assert_array_equal(got[name], want, err_msg=name)
 
 
@@ -1220,5 +1297,7 @@ def test_the_beam_step_graph_declares_its_inputs_and_outputs_shapes(small_step):
     declared = shapes(model.graph.output)
     assert declared == {name: ["r", 10] if name in ("h_next", "c_next") else ["r"] for name in BEAM_OUTPUTS}
     inputs = shapes(model.graph.input)
-    assert inputs["scores"] == ["r"] and inputs["word_block"] == ["r", 20]
-    assert {k: v for k, v in inputs.items() if k not in ("scores", "word_block")} == shapes(step.graph.input)
+    assert inputs["scores"] == inputs["steered"] == ["r"]
+    assert inputs["word_block"] == inputs["tag_bias"] == ["r", 20]
+    appended = ("scores", "word_block", "tag_bias", "steered")
+    assert {k: v for k, v in inputs.items() if k not in appended} == shapes(step.graph.input)

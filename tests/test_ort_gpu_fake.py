@@ -627,13 +627,14 @@ def test_fake_iobinding_keeps_state_on_cuda():
 
 def test_fake_iobinding_beam_session_keeps_state_on_cuda_and_never_writes_what_it_reads(monkeypatch):
     """search="graph" on a GPU provider (``ort_beam.IOBindingBeamSession``): the beam-step graph
-    reads h / c from one pair of device tensors and writes the reordered state into the other
-    pair (in place, a row could be overwritten before the rows pointing at it are read); only
-    the (R,) results come back to the host."""
+    reads h / c and the tag bonus's rows still steered from one set of device tensors and writes
+    the reordered ones into the other set (in place, a row could be overwritten before the rows
+    pointing at it are read); only the (R,) results come back to the host."""
     import sys
 
     from edgecap.backends.ort_beam import IOBindingBeamSession
     from edgecap.build.beam_step import BEAM_OUTPUTS
+    from edgecap.decoding.graph_search import GraphRules
 
     made = []
 
@@ -673,21 +674,31 @@ def test_fake_iobinding_beam_session_keeps_state_on_cuda_and_never_writes_what_i
             self.outputs = []
 
     def run(binding):
-        runs.append({"h": binding.inputs["h"], "c": binding.inputs["c"], "out": list(binding.outputs)})
+        state = {name: binding.inputs[name] for name in ("h", "c", "steered")}
+        runs.append({**state, "out": list(binding.outputs)})
 
     binding = Binding()
     step_session = types.SimpleNamespace(io_binding=lambda: binding, run_with_iobinding=run)
     encoded = {name: _FakeValue((2, 10), "cuda", name) for name in ("features", "att_proj", "h0", "c0")}
-    session = IOBindingBeamSession(step_session, encoded, np.array([0, 0, 1, 1], np.int32), 20, "cuda", 0)
+    rules = GraphRules(
+        {"tag_bias": np.zeros((4, 20), np.float32)}, {"steered": np.ones(4, np.float32)}, None, None
+    )
+    session = IOBindingBeamSession(
+        step_session, encoded, np.array([0, 0, 1, 1], np.int32), 20, "cuda", 0, rules
+    )
+    first_steered = session._current["steered"]  # the rules' first value, on the device
     for _ in range(3):
         result = session.step(np.zeros(4), np.arange(4), np.zeros(4), None, None)
         assert result.next_tokens.shape == (4,)
         assert binding.inputs["word_bias"].device == binding.inputs["word_block"].device == "cuda"
-    assert [r["out"][0].tag for r in runs[:2]] == ["state1", "state3"]  # two pairs, in turn
-    for before, now in zip([{"out": [encoded["h0"], encoded["c0"]]}] + runs, runs):
-        assert (now["h"], now["c"]) == tuple(before["out"][:2])  # what the last step wrote
-        assert now["h"] is not now["out"][0] and now["c"] is not now["out"][1]
-        assert [v.device for v in now["out"]] == ["cuda"] * 2 + ["cpu"] * (len(BEAM_OUTPUTS) - 2)
+        assert binding.inputs["tag_bias"].device == "cuda"
+    assert [r["out"][0].tag for r in runs[:2]] == ["state3", "state6"]  # two sets, in turn
+    first = {"out": [encoded["h0"], encoded["c0"], first_steered]}
+    for before, now in zip([first] + runs, runs):
+        # what the last step wrote, never in place
+        assert (now["h"], now["c"], now["steered"]) == tuple(before["out"][:3])
+        assert all(now[name] is not now["out"][i] for i, name in enumerate(("h", "c", "steered")))
+        assert [v.device for v in now["out"]] == ["cuda"] * 3 + ["cpu"] * (len(BEAM_OUTPUTS) - 3)
 
 
 def test_fake_graph_search_on_a_second_gpu_makes_its_beam_state_on_that_gpu(monkeypatch):
@@ -724,7 +735,7 @@ def test_fake_graph_search_on_a_second_gpu_makes_its_beam_state_on_that_gpu(monk
     encoded = types.SimpleNamespace(n_images=2, tensors=tensors, class_probs=np.zeros((2, 1000), np.float32))
     search(encoded, CaptionOptions(beam_size=2), 1, 2, None, None)
     assert [type(s) for s in sessions] == [ort_beam.IOBindingBeamSession]
-    assert len(made) == 6  # image index, two h / c pairs, zeros
+    assert len(made) == 10  # image index, tag rows, rows steered, two sets of h / c / steered, zeros
     assert set(made) == {("cuda", 1)}
 
 

@@ -2354,15 +2354,21 @@ def test_beam_step_engine_sees_each_steps_word_block_or_zeros():
     search (it would forbid words the rules allow). FAKE engine and buffers: the engine's
     device word_block is a numpy array that ``upload`` writes."""
     from edgecap.backends.tensorrt_beam import RESULTS, TensorRTBeamSession
+    from edgecap.decoding.graph_search import GraphRules
 
     rows, vocab = 2, 6
     seen = []
 
     class Engine:
         block_rows_zero = 0
-        lm_hidden = 0  # no language models in this engine
         results = RESULTS
-        ptr = dict.fromkeys(("scores", "word_block", *RESULTS), 0)
+        fixed, carried = {"tag_bias": (rows, vocab)}, {"steered": (rows,)}
+        sets = [{"steered": 0}, {"steered": 0}]
+        ptr = dict.fromkeys(("scores", "word_block", "tag_bias", *RESULTS), 0)
+
+        def upload_to(self, ptr, name, values, stream):
+            pass
+
         device_block = np.full((rows, vocab), np.nan, np.float32)  # never written yet
 
         def upload(self, name, values, stream):
@@ -2407,6 +2413,9 @@ def test_beam_step_engine_sees_each_steps_word_block_or_zeros():
     searches = [[first, None, later, None], [first, None]]  # the second on the same engine
     for blocks in searches:
         session = TensorRTBeamSession(backend, engine, 1, 1, 1, rows)
+        session.rules = GraphRules(
+            {"tag_bias": np.zeros((rows, vocab))}, {"steered": np.zeros(rows)}, None, None
+        )
         for block in blocks:
             result = session.step(np.zeros(rows), np.zeros(rows), np.zeros(rows), None, block)
             assert {name for name, value in vars(result).items() if value is not None} == set(RESULTS)

@@ -20,9 +20,9 @@ import threading
 import numpy as np
 
 from edgecap.backends.base import Encoded
-from edgecap.build.beam_step import LM_STATES, beam_io, beam_step_model
+from edgecap.build.beam_step import beam_io, beam_step_model
 from edgecap.contract import DECODER_STEP
-from edgecap.decoding.graph_search import BeamStepResult, lm_row_weights, search_with_rules
+from edgecap.decoding.graph_search import BeamStepResult, GraphRules, graph_rules, search_with_rules
 from edgecap.decoding.options import CaptionOptions
 from edgecap.errors import BackendError
 
@@ -30,35 +30,21 @@ SEARCH_MODES = ("host", "graph")
 
 
 class OnnxBeamSession:
-    """``BeamStepSession`` over an onnxruntime session of the beam-step graph: h / c (and the
-    image tensors; the language models' states when the graph steps them) as numpy arrays
-    between steps."""
+    """``BeamStepSession`` over an onnxruntime session of the beam-step graph: h / c, the image
+    tensors and the rules' inputs and states (``GraphRules``) as numpy arrays between steps."""
 
-    def __init__(
-        self,
-        run,
-        tensors: dict,
-        image_index: np.ndarray,
-        vocab_size: int,
-        lm_weights: np.ndarray | None = None,
-        lm_hidden: int = 0,
-    ):
-        """``lm_weights`` (R, 1): the graph steps the language models (``lm_row_weights``),
-        whose states of ``lm_hidden`` units start at zero; None: it does not."""
+    def __init__(self, run, tensors: dict, image_index: np.ndarray, vocab_size: int, rules: GraphRules):
         self._run = run
         self.h, self.c = tensors["h0"], tensors["c0"]  # S = N until the first step
-        rows = len(image_index)
         self._fixed = {
             "features": tensors["features"],
             "att_proj": tensors["att_proj"],
             "image_index": np.ascontiguousarray(image_index, np.int32),
+            **{name: np.ascontiguousarray(value, np.float32) for name, value in rules.fixed.items()},
         }
-        self.lm_states: dict[str, np.ndarray] = {}
-        if lm_weights is not None:
-            self._fixed["lm_weights"] = np.ascontiguousarray(lm_weights, np.float32)
-            self.lm_states = {name: np.zeros((rows, lm_hidden), np.float32) for name in LM_STATES}
-        self._outputs = list(beam_io(lm_weights is not None)[1])
-        self._zeros = np.zeros((rows, vocab_size), np.float32)
+        self.carried = dict(rules.carried)  # the graph reorders them by the back-pointers
+        self._outputs = list(beam_io(rules.lms is not None)[1])
+        self._zeros = np.zeros((len(image_index), vocab_size), np.float32)
 
     def step(self, tokens, source_rows, scores, word_bias, word_block) -> BeamStepResult:
         feed = {
@@ -70,20 +56,20 @@ class OnnxBeamSession:
             "word_bias": self._zeros if word_bias is None else np.ascontiguousarray(word_bias, np.float32),
             "word_block": self._zeros if word_block is None else word_block,
             **self._fixed,
-            **self.lm_states,
+            **self.carried,
         }
         outputs = dict(zip(self._outputs, self._run(self._outputs, feed)))
         self.h, self.c = outputs.pop("h_next"), outputs.pop("c_next")
-        for name in self.lm_states:  # already reordered by the back-pointers, as h / c
-            self.lm_states[name] = outputs.pop(f"{name}_next")
+        for name in self.carried:
+            self.carried[name] = outputs.pop(f"{name}_next")
         return BeamStepResult(**outputs)
 
 
 class IOBindingBeamSession:
     """``BeamStepSession`` with I/O binding: the encoder's device tensors (``OrtValue``) read in
-    place, h / c in two pairs of device tensors used in turn (the graph writes the reordered
-    state into the pair it does not read), zeros for no bias / no block kept on the device,
-    only the (R,) results bound to the host."""
+    place, h / c and the rules' carried states in two sets of device tensors used in turn (the
+    graph writes the reordered ones into the set it does not read), the rules' fixed inputs and
+    zeros for no bias / no block kept on the device, only the (R,) results bound to the host."""
 
     def __init__(
         self,
@@ -93,60 +79,40 @@ class IOBindingBeamSession:
         vocab_size: int,
         device: str,
         device_id: int,
-        lm_weights: np.ndarray | None = None,
-        lm_hidden: int = 0,
+        rules: GraphRules,
     ):
-        """``lm_weights``, ``lm_hidden``: as ``OnnxBeamSession`` takes them; the language
-        models' states in two sets of device tensors used in turn, as h / c."""
         import onnxruntime as ort
 
         self._session, self._device, self._device_id = step_session, device, device_id
         rows = len(image_index)
+
+        def on_device(array: np.ndarray):
+            return ort.OrtValue.ortvalue_from_numpy(np.ascontiguousarray(array), device, device_id)
+
         self._io = step_session.io_binding()
         self._io.bind_ortvalue_input("features", tensors["features"])
         self._io.bind_ortvalue_input("att_proj", tensors["att_proj"])
-        self._io.bind_ortvalue_input(
-            "image_index",
-            ort.OrtValue.ortvalue_from_numpy(np.ascontiguousarray(image_index, np.int32), device, device_id),
-        )
+        self._io.bind_ortvalue_input("image_index", on_device(np.asarray(image_index, np.int32)))
+        for name, value in rules.fixed.items():
+            self._io.bind_ortvalue_input(name, on_device(np.asarray(value, np.float32)))
+        # the states a step reads (the encoder's h0 / c0 and the rules' first values), then two
+        # sets written in turn
+        self._current = {"h": tensors["h0"], "c": tensors["c0"]}
+        self._current.update({name: on_device(value) for name, value in rules.carried.items()})
         hidden = tensors["h0"].shape()[1]
-        self._pairs = [
-            tuple(
-                ort.OrtValue.ortvalue_from_shape_and_type((rows, hidden), np.float32, device, device_id)
-                for _ in range(2)
-            )
+        shapes = {"h": (rows, hidden), "c": (rows, hidden)}
+        shapes.update({name: value.shape for name, value in rules.carried.items()})
+        self._sets = [
+            {
+                name: ort.OrtValue.ortvalue_from_shape_and_type(shape, np.float32, device, device_id)
+                for name, shape in shapes.items()
+            }
             for _ in range(2)
         ]
-        self._current = (tensors["h0"], tensors["c0"])
         self._next = 0
-        self._zeros = ort.OrtValue.ortvalue_from_numpy(
-            np.zeros((rows, vocab_size), np.float32), device, device_id
-        )
-        self._lm_sets: list[dict] = []
-        self._lm_current: dict = {}
-        if lm_weights is not None:
-            self._io.bind_ortvalue_input(
-                "lm_weights",
-                ort.OrtValue.ortvalue_from_numpy(
-                    np.ascontiguousarray(lm_weights, np.float32), device, device_id
-                ),
-            )
-            zeros = np.zeros((rows, lm_hidden), np.float32)
-            self._lm_current = {
-                name: ort.OrtValue.ortvalue_from_numpy(zeros, device, device_id) for name in LM_STATES
-            }
-            self._lm_sets = [
-                {
-                    name: ort.OrtValue.ortvalue_from_shape_and_type(
-                        (rows, lm_hidden), np.float32, device, device_id
-                    )
-                    for name in LM_STATES
-                }
-                for _ in range(2)
-            ]
-        outputs = beam_io(lm_weights is not None)[1]
-        kept = ("h_next", "c_next", *(f"{name}_next" for name in self._lm_current))
-        self._results = [name for name in outputs if name not in kept]
+        self._zeros = on_device(np.zeros((rows, vocab_size), np.float32))
+        kept = {f"{name}_next" for name in shapes}
+        self._results = [name for name in beam_io(rules.lms is not None)[1] if name not in kept]
 
     def step(self, tokens, source_rows, scores, word_bias, word_block) -> BeamStepResult:
         io = self._io
@@ -158,23 +124,17 @@ class IOBindingBeamSession:
                 io.bind_ortvalue_input(name, self._zeros)
             else:
                 io.bind_cpu_input(name, np.ascontiguousarray(value, np.float32))
-        io.bind_ortvalue_input("h", self._current[0])
-        io.bind_ortvalue_input("c", self._current[1])
-        h_next, c_next = self._pairs[self._next]
-        io.bind_ortvalue_output("h_next", h_next)
-        io.bind_ortvalue_output("c_next", c_next)
-        lm_next = self._lm_sets[self._next] if self._lm_sets else {}
-        for name, value in self._lm_current.items():
+        written = self._sets[self._next]
+        for name, value in self._current.items():
             io.bind_ortvalue_input(name, value)
-            io.bind_ortvalue_output(f"{name}_next", lm_next[name])
+            io.bind_ortvalue_output(f"{name}_next", written[name])
         for name in self._results:
             io.bind_output(name, "cpu")
         self._session.run_with_iobinding(io)
         # get_outputs() follows the order of the bind calls above: the states first
-        values = [value.numpy() for value in io.get_outputs()[2 + len(lm_next) :]]
+        values = [value.numpy() for value in io.get_outputs()[len(written) :]]
         io.clear_binding_outputs()
-        self._current = (h_next, c_next)
-        self._lm_current = lm_next
+        self._current = written
         self._next = 1 - self._next
         return BeamStepResult(**dict(zip(self._results, values)))
 
@@ -279,25 +239,23 @@ class OnnxGraphSearch:
             ]
         beam = options.beam_size
         image_index = np.repeat(np.arange(encoded.n_images, dtype=np.int32), beam)
-        weights = None
-        if self.lms_in_graph:
-            weights = lm_row_weights(options, fusion, image_index, encoded.class_probs)
-        lms = None if weights is None else (fusion.everyday, fusion.in_domain)
-        in_graph = {} if lms is None else {"lm_weights": weights, "lm_hidden": fusion.everyday.hidden}
-        step = self.session(beam, end_id, lms)
+        rules = graph_rules(
+            options,
+            dims.vocab_size,
+            tag_words,
+            fusion,
+            image_index,
+            encoded.class_probs,
+            lms_in_graph=self.lms_in_graph,
+        )
+        step = self.session(beam, end_id, rules.lms)
         decoder = backend._device_decoder
         session: OnnxBeamSession | IOBindingBeamSession
         if decoder is None:
-            session = OnnxBeamSession(step.run, encoded.tensors, image_index, dims.vocab_size, **in_graph)
+            session = OnnxBeamSession(step.run, encoded.tensors, image_index, dims.vocab_size, rules)
         else:
             session = IOBindingBeamSession(
-                step,
-                encoded.tensors,
-                image_index,
-                dims.vocab_size,
-                decoder.device,
-                decoder.device_id,
-                **in_graph,
+                step, encoded.tensors, image_index, dims.vocab_size, decoder.device, decoder.device_id, rules
             )
         return search_with_rules(
             session,
@@ -306,9 +264,7 @@ class OnnxGraphSearch:
             dims,
             start_id,
             end_id,
-            tag_words,
-            fusion,
+            rules,
             encoded.class_probs,
             backend.describe,
-            lms_in_graph=lms is not None,
         )

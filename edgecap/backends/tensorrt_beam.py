@@ -3,16 +3,17 @@
 ``edgecap.decoding.graph_search``).
 
 One beam-step engine per beam size (``EngineCache.load_beam``), built from the step graph with
-the bookkeeping appended in FP32, and another with the fused caption language models stepped
-in it too, for batches the options and the fusion gate give them. It reads the encoder's
-outputs and the step's input buffers where the backend keeps them, and writes h / c, already
-reordered by the back-pointers, into the backend's ping-pong state buffers (the language
-models' states into two sets of its own, used in turn). Per word: ``tokens``, ``scores`` (R
-floats) go up, and ``word_bias`` / ``word_block`` (R x V) only when the rules set them (zeros
-are uploaded once); the eight (R,) results (ten with the language models) come back in one
-synchronisation. Its own buffers (scores, word_block, the results, their pinned host copies;
-the language models' row weights and states) are allocated once, for the engine's largest
-shapes, and freed by ``close``.
+the bookkeeping and the tag bonus appended in FP32, and another with the fused caption language
+models stepped in it too, for batches the options and the fusion gate give them. It reads the
+encoder's outputs and the step's input buffers where the backend keeps them, and writes h / c,
+already reordered by the back-pointers, into the backend's ping-pong state buffers (the rows
+still steered and the language models' states into two sets of its own, used in turn). Per
+word: ``tokens``, ``scores`` (R values) go up, and ``word_block`` (R x V) only when the n-gram
+rule blocks a word (``word_bias`` stays zeros: the rules' bias is made in the engine); the ten
+(R,) results come back in one synchronisation. A search's rules (``GraphRules``: the tag rows,
+the language models' row weights, the carried states' first values) go up at its first step.
+Its own buffers (scores, word_block, the results, the rules', their pinned host copies) are
+allocated once, for the engine's largest shapes, and freed by ``close``.
 
 Not yet run on real TensorRT: tested with fakes of the calls used (tests/test_graph_search.py,
 with tests/test_tensorrt_fake.py's fake TensorRT, whose engines run the ONNX on onnxruntime).
@@ -25,8 +26,8 @@ from typing import TYPE_CHECKING
 import numpy as np
 
 from edgecap.backends.tensorrt import execution_context
-from edgecap.build.beam_step import LM_STATES, beam_io
-from edgecap.decoding.graph_search import BeamStepResult, lm_row_weights, search_with_rules
+from edgecap.build.beam_step import LM_STATES, beam_io, lm_state_widths
+from edgecap.decoding.graph_search import BeamStepResult, GraphRules, graph_rules, search_with_rules
 from edgecap.errors import BackendError
 
 if TYPE_CHECKING:
@@ -39,7 +40,7 @@ _INT32 = frozenset({"next_tokens", "back_pointers", "choices", "end_positions"})
 
 def results(lms: bool) -> tuple[str, ...]:
     """The outputs copied back each word: all but the states, which stay on the device."""
-    states = {"h_next", "c_next", *(f"{name}_next" for name in LM_STATES)}
+    states = {"h_next", "c_next", "steered_next", *(f"{name}_next" for name in LM_STATES)}
     return tuple(name for name in beam_io(lms)[1] if name not in states)
 
 
@@ -47,11 +48,13 @@ RESULTS = results(False)
 
 
 class BeamEngine:
-    """One beam-step engine, its execution context and the buffers only it uses: with the
-    language models in it (``lm_hidden`` > 0), their row weights and two sets of their states
-    used in turn (a step reads one set and writes the other)."""
+    """One beam-step engine, its execution context and the buffers only it uses: the rules'
+    fixed inputs (``GraphRules.fixed``: the tag rows; with the language models ``lms`` in the
+    engine, their row weights), uploaded at a search's first step, and two sets of
+    the rules' carried states (``GraphRules.carried``: the rows still steered; the language
+    models' states) used in turn (a step reads one set and writes the other)."""
 
-    def __init__(self, backend: TensorRTBackend, engine: tensorrt.ICudaEngine, lm_hidden: int = 0):
+    def __init__(self, backend: TensorRTBackend, engine: tensorrt.ICudaEngine, lms=None):
         self._device = backend._device
         # the engine is kept, not left to the context's hold on it: ``close`` releases the
         # context, then the engine, before the backend releases the device (as TensorRTBackend
@@ -60,34 +63,35 @@ class BeamEngine:
         self.context: tensorrt.IExecutionContext | None = execution_context(engine, "the beam-step engine")
         rows = backend.limits.max_rows
         vocab = backend.manifest.dims.vocab_size
-        self.lm_hidden = lm_hidden
-        self.results = results(lm_hidden > 0)
+        self.results = results(lms is not None)
         self._pointers: list[int] = []
         self._host: dict[str, np.ndarray] = {}
         self.ptr: dict[str, int] = {}
-        self.lm_states: list[dict[str, int]] = []  # two sets: state name -> address
+        # the rules' inputs: name -> shape; the carried ones' first values go up from here too
+        self.fixed: dict[str, tuple[int, ...]] = {"tag_bias": (rows, vocab)}
+        self.carried: dict[str, tuple[int, ...]] = {"steered": (rows,)}
+        if lms is not None:
+            self.fixed["lm_weights"] = (rows, 1)
+            self.carried.update({name: (rows, width) for name, width in lm_state_widths(lms).items()})
+        self.sets: list[dict[str, int]] = []  # two sets of the carried states: name -> address
         shapes = {
             "scores": ((rows,), np.float32),
             "word_block": ((rows, vocab), np.float32),
             **{name: ((rows,), np.int32 if name in _INT32 else np.float32) for name in self.results},
+            **{name: (shape, np.float32) for name, shape in self.fixed.items()},
         }
-        if lm_hidden:
-            # the weights go up once a search; the zeros a search's states start from, once
-            shapes.update(
-                {"lm_weights": ((rows, 1), np.float32), "lm_zeros": ((rows, lm_hidden), np.float32)}
-            )
         try:
             for name, (shape, dtype) in shapes.items():
                 self._host[name] = self._device.host_array(shape, dtype)
                 self.ptr[name] = self._device.alloc(self._host[name].nbytes)
                 self._pointers.append(self.ptr[name])
-            if lm_hidden:
-                self._host["lm_zeros"][...] = 0.0
-                for _ in range(2):
-                    self.lm_states.append({})
-                    for name in LM_STATES:
-                        self.lm_states[-1][name] = self._device.alloc(self._host["lm_zeros"].nbytes)
-                        self._pointers.append(self.lm_states[-1][name])
+            for name, shape in self.carried.items():  # the first values' way up; on the device, the sets
+                self._host[name] = self._device.host_array(shape, np.float32)
+            for _ in range(2):
+                self.sets.append({})
+                for name in self.carried:
+                    self.sets[-1][name] = self._device.alloc(self._host[name].nbytes)
+                    self._pointers.append(self.sets[-1][name])
         except BaseException:
             self.close()
             raise
@@ -111,13 +115,13 @@ class BeamEngine:
         self._shapes[name] = shape
 
     def upload(self, name: str, values: np.ndarray, stream) -> None:
+        self.upload_to(self.ptr[name], name, values, stream)
+
+    def upload_to(self, ptr: int, name: str, values: np.ndarray, stream) -> None:
+        """``values`` up to ``ptr`` through ``name``'s pinned host buffer."""
         host = self._host[name][: len(values)]
         host[...] = values
-        self._device.copy_to_device(self.ptr[name], host, stream)
-
-    def zeros(self, rows: int) -> np.ndarray:
-        """``rows`` rows of zeros of a language-model state, pinned, to copy up."""
-        return self._host["lm_zeros"][:rows]
+        self._device.copy_to_device(ptr, host, stream)
 
     def download(self, name: str, rows: int, stream) -> np.ndarray:
         host = self._host[name][:rows]
@@ -155,8 +159,8 @@ class TensorRTBeamSession:
         self._id, self._generation = session_id, generation
         self._n_images, self._rows = n_images, rows
         self._current: int | None = None  # the ping-pong pair holding h / c; None: h0 / c0
-        self.lm_weights: np.ndarray | None = None  # (R, 1) with the language models in the engine
-        self._lm_current = 0  # the set of the engine's language-model states this step reads
+        self.rules: GraphRules | None = None  # the search's (TensorRTGraphSearch sets them)
+        self._set = 0  # the set of the engine's carried states this step reads
 
     def step(self, tokens, source_rows, scores, word_bias, word_block) -> BeamStepResult:
         buffers: DeviceBuffers = self._backend.check_session(self._id, self._generation)
@@ -197,27 +201,33 @@ class TensorRTBeamSession:
         for name in ("scores", "word_block", *engine.results):
             engine.bind(name, engine.ptr[name])
         device = self._backend._device
-        if engine.lm_hidden:
-            if self._current is None:  # a search's first step: its weights, its states at zero
-                if self.lm_weights is None:
-                    raise BackendError("the beam-step engine steps the language models: no weights given")
-                engine.upload("lm_weights", np.asarray(self.lm_weights, np.float32), stream)
-                self._lm_current = 0
-                for ptr in engine.lm_states[0].values():
-                    device.copy_to_device(ptr, engine.zeros(r), stream)
-            read, write = engine.lm_states[self._lm_current], engine.lm_states[1 - self._lm_current]
-            engine.set_shape("lm_weights", (r, 1))
-            engine.bind("lm_weights", engine.ptr["lm_weights"])
-            for name in LM_STATES:
-                engine.set_shape(name, (r, engine.lm_hidden))
-                engine.bind(name, read[name])
-                engine.bind(f"{name}_next", write[name])
+        if self._current is None:  # a search's first step: its rules' inputs and first states
+            rules = self.rules
+            if (
+                rules is None
+                or set(rules.fixed) != set(engine.fixed)
+                or set(rules.carried) != set(engine.carried)
+            ):
+                raise BackendError("the beam-step engine was given other rules than it was built for")
+            for name, value in rules.fixed.items():
+                engine.upload(name, np.asarray(value, np.float32), stream)
+            self._set = 0
+            for name, value in rules.carried.items():
+                engine.upload_to(engine.sets[0][name], name, np.asarray(value, np.float32), stream)
+        read, write = engine.sets[self._set], engine.sets[1 - self._set]
+        for name, shape in {**engine.fixed, **engine.carried}.items():
+            engine.set_shape(name, (r, *shape[1:]))
+        for name in engine.fixed:
+            engine.bind(name, engine.ptr[name])
+        for name in engine.carried:
+            engine.bind(name, read[name])
+            engine.bind(f"{name}_next", write[name])
         if not engine.live_context().execute_async_v3(device.stream_handle(stream)):
             raise BackendError("TensorRT failed to run the beam-step engine")
         results = {name: engine.download(name, r, stream) for name in engine.results}
         buffers.synchronize()
         self._current = dst
-        self._lm_current = 1 - self._lm_current
+        self._set = 1 - self._set
         return BeamStepResult(**{name: value.copy() for name, value in results.items()})
 
 
@@ -237,7 +247,7 @@ class TensorRTGraphSearch:
             loaded = backend._cache.load_beam(
                 backend.manifest, beam, end_id, backend.precision, backend.limits, lms
             )
-            self._engines[key] = BeamEngine(backend, loaded, 0 if lms is None else lms[0].hidden)
+            self._engines[key] = BeamEngine(backend, loaded, lms)
         return self._engines[key]
 
     def __call__(self, encoded, options, start_id: int, end_id: int, tag_words, fusion):
@@ -247,10 +257,10 @@ class TensorRTGraphSearch:
         options.validate(dims.top_k)
         beam = options.beam_size
         image_index = np.repeat(np.arange(encoded.n_images, dtype=np.int32), beam)
-        # the language models step in the engine whenever the options fuse them for a photo
-        weights = lm_row_weights(options, fusion, image_index, encoded.class_probs)
-        lms = None if weights is None else (fusion.everyday, fusion.in_domain)
-        engine = self.engine(beam, end_id, lms)
+        # the tag bonus in the engine, and the language models whenever the options and the
+        # fusion gate give a photo of the batch them
+        rules = graph_rules(options, dims.vocab_size, tag_words, fusion, image_index, encoded.class_probs)
+        engine = self.engine(beam, end_id, rules.lms)
         # start() checks the batch, uploads the image index and takes the buffers over (any
         # older session is stale from here)
         backend.start(encoded, image_index)
@@ -262,7 +272,7 @@ class TensorRTGraphSearch:
             encoded.n_images,
             len(image_index),
         )
-        session.lm_weights = weights
+        session.rules = rules
         return search_with_rules(
             session,
             encoded.n_images,
@@ -270,11 +280,9 @@ class TensorRTGraphSearch:
             dims,
             start_id,
             end_id,
-            tag_words,
-            fusion,
+            rules,
             encoded.class_probs,
             backend.describe,
-            lms_in_graph=lms is not None,
         )
 
     def close(self) -> None:

@@ -46,7 +46,7 @@ from edgecap.errors import BackendError
 if TYPE_CHECKING:
     from edgecap.decoding.fusion import CaptionLM
 
-BEAM_INPUTS = (*STEP_INPUTS, "scores", "word_block")
+BEAM_INPUTS = (*STEP_INPUTS, "scores", "word_block", "tag_bias", "steered")
 BEAM_OUTPUTS = (
     "next_tokens",
     "back_pointers",
@@ -58,18 +58,32 @@ BEAM_OUTPUTS = (
     "logprob_check",
     "h_next",
     "c_next",
+    "end_biases",
+    "next_biases",
+    "steered_next",
 )
 # The caption language models in the graph (``lms``): their row weights and states go in, the
-# bias of each row's <end> and chosen word and the states reordered by the back-pointers come out
+# states reordered by the back-pointers come out
 LM_INPUTS = ("lm_weights", "everyday_h", "everyday_c", "in_domain_h", "in_domain_c")
 LM_STATES = LM_INPUTS[1:]
-LM_OUTPUTS = ("end_biases", "next_biases", *(f"{name}_next" for name in LM_STATES))
+LM_OUTPUTS = tuple(f"{name}_next" for name in LM_STATES)
+
+
+def lm_state_widths(lms: tuple[CaptionLM, CaptionLM]) -> dict[str, int]:
+    """Each language-model state's width: its own model's hidden units (the two may differ)."""
+    return {
+        name: lm.hidden
+        for lm, role in zip(lms, ("everyday", "in_domain"))
+        for name in (f"{role}_h", f"{role}_c")
+    }
+
+
 PREFIX = "beam/"  # names of the appended nodes and constants
 MIN_OPSET = 13  # Unsqueeze, Slice and ReduceSum take their axes as inputs
 # The version of the appended graph, part of the names of the cached beam-step ONNX files and
 # TensorRT engines (edgecap.trt.engines): bump it on any change of what beam_step_model appends
 # (its nodes, constants, inputs or outputs), so that caches made by an older edgecap are rebuilt.
-BEAM_STEP_VERSION = 2  # 2: the finiteness check without x - x
+BEAM_STEP_VERSION = 3  # 2: the finiteness check without x - x; 3: the tag bonus in the graph
 
 
 def lm_tag(lms: tuple[CaptionLM, CaptionLM]) -> str:
@@ -102,7 +116,16 @@ def row_ranges(limits: Limits, beam: int, lms: bool = False) -> dict[str, tuple[
     ``c`` also take the first step's one row an image (the encoder's h0 / c0); ``lms``: the
     graph with the language models, whose inputs have a row a beam from the first step."""
     rows = (beam, beam, limits.max_batch * beam)
-    per_row = ("tokens", "source_rows", "image_index", "word_bias", "scores", "word_block")
+    per_row = (
+        "tokens",
+        "source_rows",
+        "image_index",
+        "word_bias",
+        "scores",
+        "word_block",
+        "tag_bias",
+        "steered",
+    )
     ranges = dict.fromkeys(per_row + (LM_INPUTS if lms else ()), rows)
     images = (1, 1, limits.max_batch)
     return {**ranges, "h": (1, *rows[1:]), "c": (1, *rows[1:]), "features": images, "att_proj": images}
@@ -191,9 +214,10 @@ def beam_step_model(
         else:
             op("ReduceMax", inputs, name, axes=[1], keepdims=0)
 
-    names = {*STEP_INPUTS, "scores", "word_block", "topk_logprobs", "topk_ids", "h_out", "c_out"}
-    # the words' bias: the host's, plus the language models' density ratio when they are here
-    bias = "word_bias" if lms is None else _add_language_models(graph, lms, opset, onnx, helper)
+    names = {*BEAM_INPUTS, "topk_logprobs", "topk_ids", "h_out", "c_out"}
+    # the words' bias: the host's, plus the tag bonus on the rows still steered, plus the
+    # language models' density ratio when they are here
+    bias = _add_bias(graph, lms, opset, onnx, helper)
     # every candidate of the top K: the ranking score, and where <end> stands
     op("Cast", ["topk_ids"], "ids64", to=TensorProto.INT64)
     op("GatherElements", [bias, "ids64"], "bias_k", axis=1)
@@ -251,13 +275,27 @@ def beam_step_model(
     # the state follows its beam: reordered here, fed back unchanged next step
     op("Gather", ["h_out", "back_pointers"], "h_next", axis=0)
     op("Gather", ["c_out", "back_pointers"], "c_next", axis=0)
+    # what the host sums in float64 from the bias: <end>'s and each chosen word's, per row
+    op("Gather", [bias, "end"], "end_biases", axis=1)
+    op("Slice", ["bias_k", "zero", "width", "one"], "bias_w")
+    op("Reshape", ["bias_w", "candidates"], "bias_image")
+    op("GatherElements", ["bias_image", "top_1"], "bias_chosen", axis=1)
+    op("Reshape", ["bias_chosen", "flat"], "next_biases")
+    # the tag bonus steers a row until it says one of its image's tag words (TagBonus.update):
+    # a row goes on steered when its source row was, it continues and its word is no tag word
+    op("Unsqueeze", ["next_tokens", "one"], "tokens_col")
+    op("GatherElements", ["tag_bias", "tokens_col"], "tag_at_col", axis=1)
+    op("Reshape", ["tag_at_col", "flat"], "tag_at")
+    op("Greater", ["tag_at", "zero_f"], "said_tag")
+    op("Not", ["said_tag"], "not_said")
+    op("Gather", ["steered", "back_pointers"], "steered_source", axis=0)
+    op("Greater", ["steered_source", "half"], "was_steered")
+    op("Equal", ["next_scores", "neg_inf"], "no_candidate")
+    op("Not", ["no_candidate"], "continues")
+    op("And", ["was_steered", "continues"], "steered_on")
+    op("And", ["steered_on", "not_said"], "keeps_steering")
+    op("Cast", ["keeps_steering"], "steered_next", to=TensorProto.FLOAT)
     if lms is not None:
-        # what the host sums in float64 from the bias: <end>'s and each chosen word's, per row
-        op("Gather", [bias, "end"], "end_biases", axis=1)
-        op("Slice", ["bias_k", "zero", "width", "one"], "bias_w")
-        op("Reshape", ["bias_w", "candidates"], "bias_image")
-        op("GatherElements", ["bias_image", "top_1"], "bias_chosen", axis=1)
-        op("Reshape", ["bias_chosen", "flat"], "next_biases")
         # the language models' states follow their beams as h / c do
         for state in LM_STATES:
             op("Gather", [f"lm/{state}_next", "back_pointers"], f"{state}_next", axis=0)
@@ -272,7 +310,7 @@ def beam_step_model(
     }
     state_widths = {"h_next": hidden_dim, "c_next": hidden_dim}
     if lms is not None:
-        state_widths.update({f"{state}_next": lms[0].hidden for state in LM_STATES})
+        state_widths.update({f"{state}_next": width for state, width in lm_state_widths(lms).items()})
     for name in beam_io(lms is not None)[1]:
         shape: list[str | int] = [rows, state_widths[name]] if name in state_widths else [rows]
         out = helper.make_tensor_value_info(name, kinds.get(name, TensorProto.FLOAT), shape)
@@ -291,58 +329,45 @@ def beam_step_model(
         [
             helper.make_tensor_value_info("scores", TensorProto.FLOAT, [rows]),
             helper.make_tensor_value_info("word_block", TensorProto.FLOAT, [rows, vocab_size]),
+            helper.make_tensor_value_info("tag_bias", TensorProto.FLOAT, [rows, vocab_size]),
+            helper.make_tensor_value_info("steered", TensorProto.FLOAT, [rows]),
         ]
     )
     if lms is not None:
         graph.input.append(helper.make_tensor_value_info("lm_weights", TensorProto.FLOAT, [rows, 1]))
         graph.input.extend(
-            helper.make_tensor_value_info(state, TensorProto.FLOAT, [rows, lms[0].hidden])
-            for state in LM_STATES
+            helper.make_tensor_value_info(state, TensorProto.FLOAT, [rows, width])
+            for state, width in lm_state_widths(lms).items()
         )
     graph.name = f"{graph.name or 'decoder_step'}_beam{beam}"
     onnx.checker.check_model(model)
     return model
 
 
-def _add_language_models(graph, lms: tuple[CaptionLM, CaptionLM], opset: int, onnx, helper) -> str:
-    """Put the fused language models' step (``edgecap.decoding.fusion_graph``: both LSTMs on
-    the row's last word, ``lm_weights * (log p_everyday - log p_in_domain)``) in front of the
-    step's nodes, and make everything that read ``word_bias`` read ``word_bias`` + that ratio
-    instead (the step's own top K, the candidates' scores). The same nodes and weights as the
-    host's language-model session, on the step's int32 ``tokens``; their names take
-    ``PREFIX + "lm/"``, so a weakly typed FP16 TensorRT build keeps them in FP32 with the rest of
-    the bookkeeping. ``opset``: the step graph's, which the nodes take (from 18 a Split into
-    equal parts names its number of parts). Returns the summed bias's name."""
-    from edgecap.decoding.fusion_graph import ROLES, pair_step_model
-
-    if lms[0].hidden != lms[1].hidden:
-        raise ValueError(f"the language models' states differ: {lms[0].hidden} and {lms[1].hidden} units")
-    part = onnx.load_model_from_string(pair_step_model(*lms)).graph
-    outer = {
-        "tokens": "tokens",
-        "weights": "lm_weights",
-        **{f"{r}_{s}": f"{r}_{s}" for r in ROLES for s in "hc"},
-    }
-
-    def name(inner: str) -> str:
-        return outer.get(inner, f"{PREFIX}lm/{inner}")
-
-    summed = PREFIX + "bias"
-    nodes = []
-    for node in part.node:
-        copied = onnx.NodeProto()
-        copied.CopyFrom(node)
-        del copied.input[:], copied.output[:]
-        copied.input.extend(name(i) for i in node.input)
-        copied.output.extend(name(o) for o in node.output)
-        copied.name = name(node.name or node.output[0])
-        if node.op_type == "Split" and opset >= 18:
-            copied.attribute.append(helper.make_attribute("num_outputs", len(node.output)))
-        nodes.append(copied)
-    nodes.append(helper.make_node("Add", ["word_bias", name("bias")], [summed], name=summed))
-    for tensor in part.initializer:
-        tensor.name = name(tensor.name)
-    graph.initializer.extend(part.initializer)
+def _add_bias(graph, lms: tuple[CaptionLM, CaptionLM] | None, opset: int, onnx, helper) -> str:
+    """Put the rules' bias in front of the step's nodes and make everything that read
+    ``word_bias`` (the step's own top K, the candidates' scores) read it instead: ``word_bias``
+    (the host's rules') + ``tag_bias`` on the rows still ``steered`` (the tag bonus,
+    ``TagBonus``), + with ``lms`` the fused language models' step (``edgecap.decoding.
+    fusion_graph``: both LSTMs on the row's last word, ``lm_weights * (log p_everyday - log
+    p_in_domain)``), summed in the host scorers' order. The language models' nodes and weights
+    are the host's language-model session's, on the step's int32 ``tokens``; every name takes
+    ``PREFIX`` (theirs ``PREFIX + "lm/"``), so a weakly typed FP16 TensorRT build keeps them in
+    FP32 with the rest of the bookkeeping. ``opset``: the step graph's, which the nodes take
+    (from 18 a Split into equal parts names its number of parts). Returns the bias's name."""
+    steered_col, tagged, summed = PREFIX + "steered_col", PREFIX + "tag_part", PREFIX + "bias"
+    nodes = [
+        helper.make_node("Unsqueeze", ["steered", PREFIX + "one"], [steered_col], name=steered_col),
+        helper.make_node("Mul", ["tag_bias", steered_col], [tagged], name=tagged),
+    ]
+    if lms is None:
+        nodes.append(helper.make_node("Add", ["word_bias", tagged], [summed], name=summed))
+    else:
+        with_tags = PREFIX + "with_tags"
+        nodes.append(helper.make_node("Add", ["word_bias", tagged], [with_tags], name=with_tags))
+        lm_nodes, weights, ratio = _language_models(lms, opset, onnx, helper)
+        nodes += [*lm_nodes, helper.make_node("Add", [with_tags, ratio], [summed], name=summed)]
+        graph.initializer.extend(weights)
     step = []
     for node in graph.node:  # the step's own nodes: its top K by log-probability + the bias
         copied = onnx.NodeProto()
@@ -352,5 +377,41 @@ def _add_language_models(graph, lms: tuple[CaptionLM, CaptionLM], opset: int, on
                 copied.input[i] = summed
         step.append(copied)
     del graph.node[:]
-    graph.node.extend(nodes + step)  # in order: the ratio before its readers
+    graph.node.extend(nodes + step)  # in order: the bias before its readers
     return summed
+
+
+def _lm_name(inner: str) -> str:
+    """A name of the language models' graph in the beam-step graph: its inputs are the beam-step
+    graph's (``tokens``, ``lm_weights`` and the states), the rest ``PREFIX + "lm/"`` + it."""
+    from edgecap.decoding.fusion_graph import ROLES
+
+    outer = {
+        "tokens": "tokens",
+        "weights": "lm_weights",
+        **{f"{r}_{s}": f"{r}_{s}" for r in ROLES for s in "hc"},
+    }
+    return outer.get(inner, f"{PREFIX}lm/{inner}")
+
+
+def _language_models(lms: tuple[CaptionLM, CaptionLM], opset: int, onnx, helper) -> tuple[list, list, str]:
+    """The host's language-model step (``fusion_graph.pair_step_model``) renamed for the
+    beam-step graph: (its nodes, its weights, the name of its weighted ratio)."""
+    from edgecap.decoding.fusion_graph import pair_step_model
+
+    part = onnx.load_model_from_string(pair_step_model(*lms)).graph
+    nodes = []
+    for node in part.node:
+        copied = onnx.NodeProto()
+        copied.CopyFrom(node)
+        del copied.input[:], copied.output[:]
+        copied.input.extend(_lm_name(i) for i in node.input)
+        copied.output.extend(_lm_name(o) for o in node.output)
+        copied.name = _lm_name(node.name or node.output[0])
+        if node.op_type == "Split" and opset >= 18:
+            copied.attribute.append(helper.make_attribute("num_outputs", len(node.output)))
+        nodes.append(copied)
+    weights = list(part.initializer)
+    for tensor in weights:
+        tensor.name = _lm_name(tensor.name)
+    return nodes, weights, _lm_name("bias")

@@ -9,10 +9,11 @@ cheap and per row: each row's words so far, the finished hypotheses, the float64
 (recomputed from the returned float32 log-probabilities, as the numpy loop sums them), and the
 inputs of the next step that depend on the words chosen:
 
-- ``word_bias`` (R, V): the scorers' bias, from the same ``Scorer`` objects the numpy loop uses
-  (the tag bonus; the fused caption language models, unless the graph steps them itself:
-  ``beam_step_model(lms=...)``, whose graph adds their bias and returns the bias of each row's
-  ``<end>`` and chosen word, so that nothing of theirs runs on the host or goes up per word);
+- ``word_bias`` (R, V): the host scorers' bias, from the same ``Scorer`` objects the numpy loop
+  uses; the graph adds the rules it applies itself (``GraphRules``: the tag bonus, and the fused
+  caption language models with ``beam_step_model(lms=...)``) and returns the bias of each
+  row's ``<end>`` and chosen word, so that nothing of theirs runs on the host or goes up per
+  word; with both in the graph (the default options) no scorer is left on the host;
 - ``word_block`` (R, V): the words that may not follow each row, known before the step: the
   words a caption never starts with (first word) and those that would repeat an n-gram of the
   row (``NoRepeatNgram``'s rule);
@@ -34,11 +35,11 @@ from typing import Protocol
 
 import numpy as np
 
-from edgecap.build.beam_step import beam_width
+from edgecap.build.beam_step import beam_width, lm_state_widths
 from edgecap.decoding import fusion_weight, scorers_for
 from edgecap.decoding.beam import Hypothesis, length_normalised, ranked
 from edgecap.decoding.options import CaptionOptions
-from edgecap.decoding.rules import Scorer
+from edgecap.decoding.rules import Scorer, TagBonus
 from edgecap.errors import BackendError
 from edgecap.vocab import NEVER_FIRST_IDS
 
@@ -234,16 +235,14 @@ def search_with_rules(
     dims,
     start_id: int,
     end_id: int,
-    tag_words,
-    fusion,
+    rules: GraphRules,
     class_probs,
     describe: Callable[[], str],
-    lms_in_graph: bool = False,
 ) -> list[list[Hypothesis]]:
     """``graph_beam_search`` over a beam-step graph made for ``options.beam_size`` (its width
     ``beam_width``), with the rules of an unconstrained search: the never-first words and the
-    scorers ``edgecap.decoding.scorers_for`` makes (without the language models when
-    ``lms_in_graph``: the session's graph steps them, at ``lm_row_weights``); every ending with
+    scorers ``edgecap.decoding.scorers_for`` makes, but those the graph applies (``rules``, the
+    session's: the tag bonus, and the language models where it steps them); every ending with
     ``options.consensus`` (``edgecap.decoding.search_with_tags`` chooses among them). ``dims``:
     the model's ``ModelDimensions``."""
     return graph_beam_search(
@@ -256,12 +255,55 @@ def search_with_rules(
         end_id,
         dims.vocab_size,
         never_first=NEVER_FIRST_IDS,
-        scorers=scorers_for(
-            options, dims.vocab_size, tag_words, None if lms_in_graph else fusion, class_probs
-        ),
+        scorers=scorers_for(options, dims.vocab_size, None, rules.fusion, class_probs),
         describe=describe,
         endings=options.consensus,
     )
+
+
+@dataclass
+class GraphRules:
+    """A search's rules as a beam-step graph takes them (``edgecap.build.beam_step``), besides
+    the host's per-word inputs: ``fixed`` inputs, the same at every word (``tag_bias``; with the
+    language models ``lm_weights``), and ``carried`` states with their first values, which the
+    graph returns as ``NAME_next`` for the next word (``steered``; with the language models
+    their states, zeros). ``lms``: the language models (everyday, in-domain) the graph steps, or
+    None; ``fusion``: what the host's scorers get (None where the graph steps them)."""
+
+    fixed: dict[str, np.ndarray]
+    carried: dict[str, np.ndarray]
+    lms: tuple | None
+    fusion: object | None
+
+
+def graph_rules(
+    options: CaptionOptions,
+    vocab_size: int,
+    tag_words,
+    fusion,
+    image_index: np.ndarray,
+    class_probs,
+    lms_in_graph: bool = True,
+) -> GraphRules:
+    """The graph's side of the rules ``scorers_for`` would make for the host: the tag bonus
+    (always in the graph: ``TagBonus``'s bias on each row's tag words and its rows still
+    steered; zeros where the options or the photos give none, a bias of exactly 0) and, with
+    ``lms_in_graph``, the fused language models where ``lm_row_weights`` gives them weights."""
+    rows = len(image_index)
+    tag_bias = np.zeros((rows, vocab_size), np.float32)
+    steered = np.zeros(rows, np.float32)
+    if tag_words is not None and any(tag_words) and options.guidance_bonus > 0:
+        bonus = TagBonus(tag_words, vocab_size, options.guidance_bonus, image_index)
+        tag_bias, steered = bonus.row_bias, bonus.steered.astype(np.float32)
+    weights = lm_row_weights(options, fusion, image_index, class_probs) if lms_in_graph else None
+    fixed, carried = {"tag_bias": tag_bias}, {"steered": steered}
+    if weights is None:
+        return GraphRules(fixed, carried, None, None if lms_in_graph else fusion)
+    lms = (fusion.everyday, fusion.in_domain)
+    carried.update(
+        {name: np.zeros((rows, width), np.float32) for name, width in lm_state_widths(lms).items()}
+    )
+    return GraphRules({**fixed, "lm_weights": weights}, carried, lms, None)
 
 
 def lm_row_weights(

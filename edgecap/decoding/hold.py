@@ -9,7 +9,8 @@ an ending (``given_hypotheses``: the words fed one by one, each step's log-proba
 next given word, plus the bonuses of the scorers the search ran with: the tag bonus, the fused
 language models; the search's own caption scored so gets the search's scores to the last bit,
 with an FP32 or FP16 step: an int8 step, whose inputs are quantised with one scale over the rows
-run together, differs by a few thousandths a word), and it is kept when its ranking score (per
+run together, differs by a few thousandths a word, and a step-graph search on a GPU, which
+steps the language models there, may differ in the last bits), and it is kept when its ranking score (per
 word) is within ``margin`` of the caption the search chose (``holds``). A different scene makes
 the previous caption improbable and it gives way.
 """
