@@ -18,16 +18,26 @@ log-probability + ``word_bias``) it does what ``edgecap.decoding.beam``'s loop d
 - per row, where ``<end>`` stands in its top K and its log-probability: the host decides which
   of them finish a hypothesis (a few values a row, not the K candidates).
 
+Before the step's own nodes the rules' bias is summed (``_add_bias``): the host's ``word_bias``,
+the tag bonus (``tag_bias`` on the rows still ``steered``: ``TagBonus``'s rule) and, in a graph
+made with ``lms``, the fused caption language models' weighted density ratio; the step's top K
+and the candidates' scores read that sum.
+
 Inputs: the step graph's (``edgecap.contract``) plus ``scores`` float32 (R,) (each row's running
-ranking score, -inf for a masked row: a finished beam or a done image) and ``word_block`` float32
-(R, V) (1: that word may not follow that row). Outputs (all (R,), rows image-major, ``beam`` per
-image): ``next_tokens`` int32, ``back_pointers`` int32 (the source row of each chosen
-candidate), ``choices`` int32 (its position among its image's beam x width candidates, for
-ordering ties as the numpy loop does), ``next_scores`` float32 (-inf: no candidate for that
-row), ``next_logprobs`` float32 (the word's log-probability, without the bias), ``end_logprobs``
-float32 and ``end_positions`` int32 (``<end>``'s log-probability and place in the row's top K,
-K when absent), ``logprob_check`` float32 (0, or NaN when the row's log-probabilities are not
-finite); and ``h_next``, ``c_next`` (R, Hd), already reordered.
+ranking score, -inf for a masked row: a finished beam or a done image), ``word_block`` float32
+(R, V) (1: that word may not follow that row), ``tag_bias`` float32 (R, V) (the tag bonus on
+each row's tag words) and ``steered`` float32 (R,) (1: the row is still steered); with
+``lms``, ``lm_weights`` (R, 1) and the language models' states (``LM_STATES``, (R, H) each at
+its model's width). Outputs (all (R,), rows image-major, ``beam`` per image): ``next_tokens``
+int32, ``back_pointers`` int32 (the source row of each chosen candidate), ``choices`` int32
+(its position among its image's beam x width candidates, for ordering ties as the numpy loop
+does), ``next_scores`` float32 (-inf: no candidate for that row), ``next_logprobs`` float32
+(the word's log-probability, without the bias), ``end_logprobs`` float32 and ``end_positions``
+int32 (``<end>``'s log-probability and place in the row's top K, K when absent),
+``logprob_check`` float32 (0, or NaN when the row's log-probabilities are not finite),
+``end_biases`` and ``next_biases`` float32 (the summed bias at the row's ``<end>`` and at its
+chosen word); and, already reordered by the back-pointers, ``h_next``, ``c_next`` (R, Hd),
+``steered_next`` and with ``lms`` the states' ``NAME_next``.
 
 Everything appended works on the step's float32 outputs (an FP16 model directory's step graph
 returns float32 too), so the scores, the candidate top-k and the comparisons are FP32, as the
@@ -156,7 +166,7 @@ def beam_step_model(
 ):
     """``decoder_step.onnx`` (an ``onnx.ModelProto``) -> the beam-step graph for ``beam`` beams
     per image (a new ModelProto; ``step_model`` is not changed). ``lms``: the fused caption
-    language models (everyday, in-domain) stepped in the graph too (``_add_language_models``)."""
+    language models (everyday, in-domain) stepped in the graph too (``_add_bias``)."""
     import onnx
     from onnx import TensorProto, helper, numpy_helper
 
