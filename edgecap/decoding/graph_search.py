@@ -58,8 +58,9 @@ class BeamStepResult:
     end_logprobs: np.ndarray  # float32
     end_positions: np.ndarray  # int32: <end>'s place in the row's top K (K: absent)
     logprob_check: np.ndarray  # float32: 0, or NaN when the row's log-probabilities are not
-    # with the language models in the graph: the bias (the host's + theirs) of each row's <end>
-    # and of its chosen word, float32; None: the host's bias is all there is
+    # the bias the graph summed (the host's + the rules it applies) at each row's <end> and at
+    # its chosen word, float32; None (a session without them, as the tests' stand-ins): the
+    # host's bias is all there is
     end_biases: np.ndarray | None = None
     next_biases: np.ndarray | None = None
 
@@ -134,7 +135,7 @@ def graph_beam_search(
             )
         end_lp = result.end_logprobs.astype(np.float64)
         end_bias: np.ndarray | float = 0.0
-        if result.end_biases is not None:  # the graph added its language models' bias
+        if result.end_biases is not None:  # the graph's own sum: the rules it applies included
             end_bias = result.end_biases.astype(np.float64)
         elif bonus is not None:
             end_bias = bonus[:, end_id].astype(np.float64)
