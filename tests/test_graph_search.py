@@ -179,30 +179,35 @@ def test_fp16_model_graph_search_gives_its_numpy_captions(tiny, tmp_path):
 
 
 def test_the_graph_steps_the_language_models_and_the_host_sends_no_bias_for_them(tiny, monkeypatch):
-    """With the language models fused and no other rule's bias, the graph search (which steps
-    them in the graph by default) runs no language model on the host and sends up no bias
-    (zeros stay where they are): their bias is made in the graph. The captions are the numpy
-    search's, which steps them on the host, as the graph search does with ``lms_in_graph``
-    off (a graph without them)."""
+    """With the language models fused and the tag bonus on (the default options' rules, no
+    n-gram rule), the graph search (which steps the language models in the graph by default)
+    runs no rule's scorer on the host and sends up no bias (zeros stay where they are): the
+    bias is made in the graph. The captions are the numpy search's, which makes it on the host,
+    as the graph search does for the language models with ``lms_in_graph`` off (a graph without
+    them)."""
     from edgecap.backends.ort_beam import OnnxBeamSession
     from edgecap.decoding.fusion import FusionScorer
+    from edgecap.decoding.rules import TagBonus
 
     manifest, host, _, images = tiny
     graph = OnnxRuntimeBackend(manifest, device="cpu", threads=1, search="graph")
     vocab = manifest.dims.vocab_size
     rng = np.random.default_rng(3)
     fusion = Fusion(_random_lm(rng, vocab), _random_lm(rng, vocab), 0.5, {})
-    options = CaptionOptions(beam_size=3, no_repeat_ngram=0, n_best=3, max_length=10, fusion_weight=0.6)
-    want = search_with_tags(host, host.encode(images), options, START, END, vocab, None, fusion=fusion)
+    tags = (frozenset({5, 9}), frozenset(), frozenset({11}))
+    options = CaptionOptions(
+        beam_size=3, no_repeat_ngram=0, n_best=3, max_length=10, fusion_weight=0.6, guidance_bonus=2.0
+    )
+    want = search_with_tags(host, host.encode(images), options, START, END, vocab, tags, fusion=fusion)
     graph._graph_search.lms_in_graph = False
     _same(
-        want, search_with_tags(graph, graph.encode(images), options, START, END, vocab, None, fusion=fusion)
+        want, search_with_tags(graph, graph.encode(images), options, START, END, vocab, tags, fusion=fusion)
     )
     assert [lms for _, _, lms in graph._graph_search._sessions] == [None]
     graph._graph_search.lms_in_graph = True  # the default
 
     def refuse(*args):
-        raise AssertionError("the host stepped a language model")
+        raise AssertionError("the host made a rule's bias")
 
     biases = []
     real_step = OnnxBeamSession.step
@@ -212,8 +217,9 @@ def test_the_graph_steps_the_language_models_and_the_host_sends_no_bias_for_them
         return real_step(self, tokens, source_rows, scores, word_bias, word_block)
 
     monkeypatch.setattr(FusionScorer, "bias", refuse)
+    monkeypatch.setattr(TagBonus, "bias", refuse)
     monkeypatch.setattr(OnnxBeamSession, "step", step)
-    got = search_with_tags(graph, graph.encode(images), options, START, END, vocab, None, fusion=fusion)
+    got = search_with_tags(graph, graph.encode(images), options, START, END, vocab, tags, fusion=fusion)
     _same(want, got)
     assert len(biases) > 1 and all(bias is None for bias in biases)
     assert [lms is not None for _, _, lms in graph._graph_search._sessions] == [False, True]
