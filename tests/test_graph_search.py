@@ -320,7 +320,12 @@ class _Emulated:
         rows = source_rows if self.pointers is None else self.pointers[source_rows]
         result = self.session.step(tokens, rows.astype(np.int32), word_bias)
         lp, ids = result.topk_logprobs.astype(np.float32), result.topk_ids
-        bias = 0 if word_bias is None else np.take_along_axis(word_bias, ids.astype(np.int64), 1)
+        bias = (
+            np.zeros(ids.shape, np.float32)
+            if word_bias is None
+            else np.take_along_axis(word_bias, ids.astype(np.int64), 1)
+        )
+        end_bias = np.zeros(len(tokens), np.float32) if word_bias is None else word_bias[:, END]
         cand = scores[:, None] + (lp + bias)
         is_end = ids == END
         blocked = (
@@ -346,6 +351,8 @@ class _Emulated:
             np.where(is_end, lp, -np.inf).max(1),
             np.where(is_end.any(1), is_end.argmax(1), self.top_k).astype(np.int32),
             (lp - lp).sum(1),
+            end_bias,
+            pick(bias),
         )
 
 
@@ -551,7 +558,16 @@ class _NaNStep:
         rows = len(tokens)
         ints, floats = np.zeros(rows, np.int32), np.zeros(rows, np.float32)
         return BeamStepResult(
-            ints + 4, ints, ints, floats, floats, floats, ints + 5, np.full(rows, np.nan, np.float32)
+            ints + 4,
+            ints,
+            ints,
+            floats,
+            floats,
+            floats,
+            ints + 5,
+            np.full(rows, np.nan, np.float32),
+            floats,
+            floats,
         )
 
 

@@ -59,10 +59,9 @@ class BeamStepResult:
     end_positions: np.ndarray  # int32: <end>'s place in the row's top K (K: absent)
     logprob_check: np.ndarray  # float32: 0, or NaN when the row's log-probabilities are not
     # the bias the graph summed (the host's + the rules it applies) at each row's <end> and at
-    # its chosen word, float32; None (a session without them, as the tests' stand-ins): the
-    # host's bias is all there is
-    end_biases: np.ndarray | None = None
-    next_biases: np.ndarray | None = None
+    # its chosen word, float32
+    end_biases: np.ndarray
+    next_biases: np.ndarray
 
 
 class BeamStepSession(Protocol):
@@ -134,23 +133,14 @@ def graph_beam_search(
                 f"the decoder step returned non-finite log-probabilities at word {t + 1} ({describe()})"
             )
         end_lp = result.end_logprobs.astype(np.float64)
-        end_bias: np.ndarray | float = 0.0
-        if result.end_biases is not None:  # the graph's own sum: the rules it applies included
-            end_bias = result.end_biases.astype(np.float64)
-        elif bonus is not None:
-            end_bias = bonus[:, end_id].astype(np.float64)
-        # the numpy loop's sums, in its order: score + (log-prob + bias)
-        end_rank = sum_lp + (end_lp + end_bias)
+        # the numpy loop's sums, in its order: score + (log-prob + bias), the bias the graph's
+        # own sum (the rules it applies included)
+        end_rank = sum_lp + (end_lp + result.end_biases.astype(np.float64))
         end_true = true_lp + end_lp
         lp = result.next_logprobs.astype(np.float64)
         src = result.back_pointers.astype(np.int64)
         words = result.next_tokens.astype(np.int64)
-        word_bias: np.ndarray | float = 0.0
-        if result.next_biases is not None:
-            word_bias = result.next_biases.astype(np.float64)
-        elif bonus is not None:
-            word_bias = bonus[src, words].astype(np.float64)
-        cont_rank = sum_lp[src] + (lp + word_bias)
+        cont_rank = sum_lp[src] + (lp + result.next_biases.astype(np.float64))
         cont_true = true_lp[src] + lp
         new_source = np.empty(rows, np.int64)
         new_tokens = np.full(rows, end_id, np.int32)
