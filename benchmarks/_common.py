@@ -6,6 +6,9 @@ Variants (``VARIANTS``): one model directory run several ways.
     torch-eager      PyTorch eager on the CPU (the reference; weights read from the ONNX files)
     torch-eager-nhwc the same with the encoder channels-last (``channels_last=True``; not run
                      by default)
+    torch-eager-bn-apart  the same with the encoder's BatchNorms apart, as exported
+                     (``fold_batch_norms=False``: the torch backend's encoder until 2026-12-07;
+                     not run by default)
     ort-fp32         onnxruntime, the exported FP32 graphs
     ort-int8         onnxruntime, `edgecap convert --precision int8` without calibration:
                      dynamic int8 decoder step, FP32 encoder
@@ -66,13 +69,14 @@ FLICKR8K = REPO.parent / "shared" / "data" / "flickr8k"
 VARIANTS = (
     "torch-eager",
     "torch-eager-nhwc",
+    "torch-eager-bn-apart",
     "ort-fp32",
     "ort-int8",
     "ort-int8-static",
     "ort-fp16",
     "tensorrt-fp16",
 )
-DEFAULT_VARIANTS = tuple(v for v in VARIANTS if v != "torch-eager-nhwc")
+DEFAULT_VARIANTS = tuple(v for v in VARIANTS if v not in ("torch-eager-nhwc", "torch-eager-bn-apart"))
 CALIBRATION_IMAGES = 64
 
 
@@ -396,6 +400,8 @@ def resolve_variants(args) -> tuple[list[Variant], list[str]]:
             variants.append(Variant(name, "torch", source, {"device": "cpu"}))
         elif name == "torch-eager-nhwc":
             variants.append(Variant(name, "torch", source, {"device": "cpu", "channels_last": True}))
+        elif name == "torch-eager-bn-apart":
+            variants.append(Variant(name, "torch", source, {"device": "cpu", "fold_batch_norms": False}))
         elif name == "tensorrt-fp16":
             variants.append(Variant(name, "tensorrt", source))
         else:
@@ -414,7 +420,7 @@ def _unavailable(name: str) -> str | None:
     def missing(*modules):
         return [m for m in modules if importlib.util.find_spec(m) is None]
 
-    if name in ("torch-eager", "torch-eager-nhwc") and missing("torch", "onnx"):
+    if name.startswith("torch-eager") and missing("torch", "onnx"):
         return f"needs {', '.join(missing('torch', 'onnx'))} ({install_hint('train')})"
     if name.startswith("ort-") and missing("onnxruntime"):
         return "needs onnxruntime"

@@ -84,6 +84,13 @@ def build_parser():
         action="store_true",
         help="the encoder's convolutions in TF32 instead (TF32_VARIANTS; tf32_emulation.json / .md)",
     )
+    p.add_argument(
+        "--batch-norms",
+        choices=("folded", "apart"),
+        default="folded",
+        help="the FP32 encoders' BatchNorms folded into their convolutions, as the torch backend "
+        "runs them by default, or apart, as exported and as it ran them until 2026-12-07 (default: folded)",
+    )
     C.add_out_argument(p)
     return p
 
@@ -110,22 +117,33 @@ def frames(paths: list[Path]) -> list[np.ndarray]:
     return out
 
 
-def fp32_captioner(model: Path):
+def fp32_captioner(model: Path, fold: bool = True):
     """The reference: the FP32 torch backend on the CPU, the device search (as on CUDA), beam 3,
-    batch 8; the variants are made from it."""
+    batch 8, its encoder's BatchNorms folded (``fold``) or apart; the variants are made from it."""
     from edgecap import Captioner
 
-    return Captioner(model, backend="torch", device="cpu", search="device", beam_size=3, batch_size=8)
+    return Captioner(
+        model,
+        backend="torch",
+        device="cpu",
+        search="device",
+        beam_size=3,
+        batch_size=8,
+        fold_batch_norms=fold,
+    )
 
 
-def fp16_captioner(model: Path, keywords: dict):
-    """A CPU Captioner whose torch backend runs in FP16 (the device search, as on CUDA)."""
+def fp16_captioner(model: Path, keywords: dict, fold: bool = True):
+    """A CPU Captioner whose torch backend runs in FP16 (the device search, as on CUDA), an FP32
+    encoder's BatchNorms folded as the backend folds them by default (``fold``) or apart."""
     from edgecap.backends.torch import TorchBackend
     from edgecap.backends.torch_search import TorchDeviceSearch
 
-    captioner = fp32_captioner(model)
+    captioner = fp32_captioner(model, fold)
     backend = captioner.backend
-    backend._setup(*TorchBackend._build(backend.manifest), "cpu", fp16=True, **keywords)
+    backend._setup(
+        *TorchBackend._build(backend.manifest), "cpu", fp16=True, fold_batch_norms=fold, **keywords
+    )
     backend.device_search = TorchDeviceSearch(backend)
     return captioner
 
@@ -163,13 +181,13 @@ def tf32_convolutions(encoder, depthwise: bool) -> int:
     return n
 
 
-def tf32_captioner(model: Path, fp16: bool, which: str):
+def tf32_captioner(model: Path, fp16: bool, which: str, fold: bool = True):
     """A CPU Captioner whose encoder's convolutions are TF32 (``tf32_convolutions``): the FP32
     torch backend, or (``fp16``) the FP16 decoder behind it."""
     if fp16:
-        captioner = fp16_captioner(model, {"fp32_encoder": True, "fp32_logits": True})
+        captioner = fp16_captioner(model, {"fp32_encoder": True, "fp32_logits": True}, fold)
     else:
-        captioner = fp32_captioner(model)
+        captioner = fp32_captioner(model, fold)
     assert tf32_convolutions(captioner.backend.encoder, depthwise=which == "all") > 0
     return captioner
 
@@ -199,14 +217,15 @@ def main(argv=None) -> int:
     sets = photo_sets(args.data, args.flickr8k_limit)
     photos = {name: frames(paths) for name, paths in sets.items()}
     names = {name: [p.name for p in paths] for name, paths in sets.items()}
-    fp32 = fp32_captioner(model)
+    fold = args.batch_norms == "folded"
+    fp32 = fp32_captioner(model, fold)
     reference, seconds = caption(fp32, photos)
     print(f"fp32: {seconds:.1f} s", file=sys.stderr)
     results: dict[str, dict] = {}
     variants = TF32_VARIANTS if args.tf32 else VARIANTS
     kind = "TF32" if args.tf32 else "FP16"  # what the variants change, as the report names it
     for label, keywords in variants.items():
-        built = tf32_captioner(model, *keywords) if args.tf32 else fp16_captioner(model, keywords)
+        built = tf32_captioner(model, *keywords, fold) if args.tf32 else fp16_captioner(model, keywords, fold)
         texts, seconds = caption(built, photos)
         same = {name: [a == b for a, b in zip(texts[name], reference[name])] for name in SETS}
         every = np.array([x for name in SETS for x in same[name]], dtype=np.float64)
@@ -266,7 +285,8 @@ def main(argv=None) -> int:
     markdown = (
         ("The encoder's convolutions with TF32 inputs (`--tf32`). " if args.tf32 else "")
         + f"Model: {model.name}; beam 3, batch 8, default decoding, the device search; captions "
-        f"against the FP32 torch backend's on the same photos (torch {torch.__version__}, CPU).\n\n"
+        f"against the FP32 torch backend's on the same photos (torch {torch.__version__}, CPU); "
+        f"FP32 encoders with their BatchNorms folded: {fp32.backend.batch_norms_folded}.\n\n"
         f"{table}\n\nCaptions that differ:\n\n{differing or '(none)'}\n"
     )
     for r in results.values():

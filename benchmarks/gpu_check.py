@@ -17,11 +17,12 @@ targets (8. below), then:
 2. ``pytest -m gpu`` run in a subprocess: passed / failed / skipped counts (the compiled
    search's test only with ``--compiled``: it compiles first), with ``TRITON_INTERPRET=0``
    (the fused search's kernel compiled by Triton); then, on a GPU, the encoder alone
-   (``encoder_variants``: batch 1 and 64, NCHW / NHWC x IEEE FP32 / TF32 / FP16 x cuDNN's
-   heuristics / ``cudnn.benchmark``, a CUDA graph's p50 and the features' distance from
-   IEEE FP32's) and the host-to-GPU copy of a batch (``uploads``: batch 1 and 64, the
-   preprocessed images and camera frames, stacked fresh and copied from pageable memory, and
-   through the torch backend's kept page-locked buffers, ``edgecap.backends.staging``);
+   (``encoder_variants``: batch 1 and 64, NCHW / NHWC x IEEE FP32 / TF32 / FP16 x the
+   BatchNorms folded / apart x cuDNN's heuristics / ``cudnn.benchmark``, a CUDA graph's p50
+   and the features' distance from IEEE FP32's) and the host-to-GPU copy of a batch
+   (``uploads``: batch 1 and 64, the preprocessed images and camera frames, stacked fresh and
+   copied from pageable memory, and through the torch backend's kept page-locked buffers,
+   ``edgecap.backends.staging``);
 3. captions of ``--n`` photos (the Flickr8k dev photos where ``../shared/data/flickr8k`` exists,
    else the package's example photos repeated) by each torch mode (FP32 / FP16 x eager / CUDA
    graphs x the beam search on the host / on the device: ``TorchBackend(search=...)``, with
@@ -105,6 +106,7 @@ import functools
 import gc
 import importlib
 import importlib.util
+import itertools
 import os
 import json
 import platform
@@ -204,7 +206,7 @@ FILE_RATE_MODES = ("torch-cuda-fp32-graphs-device",)
 FILE_RATE_BATCHES = (1, 8, 64)
 # the FP16 modes with CUDA graphs that the targets count: all FP16 but the islands (the search
 # on the device), and an FP16 decoder behind an FP32 encoder (``fp32_encoder=True``, the
-# default: with the word logits FP32, 358/360 captions of FP32's in the CPU emulation,
+# default: with the word logits FP32, 355-358/360 captions of FP32's in the CPU emulation,
 # benchmarks/fp16_emulation.py)
 FP16_GRAPH_MODES = (
     "torch-cuda-fp16-graphs-device",
@@ -812,9 +814,11 @@ ENCODER_BATCHES = (1, 64)
 def encoder_variants(model: Path, frames: list, device: str, report: Report, repeats: int = 20) -> list[dict]:
     """The encoder's CNN alone (``EfficientNetLite.features``, the shipped model's weights, the
     photos preprocessed as the Captioner does) at batch 1 and 64, in each layout (NCHW, NHWC),
-    math (IEEE FP32, TF32 convolutions, FP16) and cuDNN's algorithm choice (its heuristics, or
-    ``torch.backends.cudnn.benchmark``, which times the algorithms of each shape first): p50 ms
-    of a CUDA graph's replay, and how far its features are from IEEE FP32 NCHW's (the largest
+    math (IEEE FP32, TF32 convolutions, FP16), form (its BatchNorms folded into its
+    convolutions, as the torch backend runs it, or apart, as exported: ``fold_batch_norms``)
+    and cuDNN's algorithm choice (its heuristics, or ``torch.backends.cudnn.benchmark``, which
+    times the algorithms of each shape first; the BatchNorms apart only): p50 ms of a CUDA
+    graph's replay, and how far its features are from the folded IEEE FP32 NCHW's (the largest
     absolute difference, and that over the largest absolute value). Where the encoder's time
     could go: it is the largest part of one photo's end to end and of a batch of 64. On the
     CPU (the tests) eager calls, IEEE and FP16 only, no benchmark. The flags are process-wide:
@@ -828,11 +832,12 @@ def encoder_variants(model: Path, frames: list, device: str, report: Report, rep
     from edgecap.backends.torch_graphs import conv_fp32_flag
     from edgecap.images import preprocess
     from edgecap.manifest import load_manifest
+    from edgecap.models.efficientnet_lite import fold_batch_norms
 
     manifest = load_manifest(model)
-    backend = TorchBackend(manifest, device=device)
-    net = backend.encoder
-    assert net is not None
+    apart = TorchBackend(manifest, device=device, fold_batch_norms=False).encoder
+    assert apart is not None
+    nets = {"folded": fold_batch_norms(apart), "apart": apart}
     cuda = device == "cuda"
     cudnn = torch.backends.cudnn
     flag, name, ieee, tf32 = conv_fp32_flag()
@@ -841,50 +846,51 @@ def encoder_variants(model: Path, frames: list, device: str, report: Report, rep
         images = [Image.fromarray(frames[i % len(frames)]) for i in range(batch)]
         x32 = torch.from_numpy(preprocess(images, manifest.preprocessing)).to(device)
         reference = None
-        for layout in ("nchw", "nhwc"):
-            for math in ("ieee", "tf32", "fp16"):
-                for benchmark in (False, True):
-                    if not cuda and (math == "tf32" or benchmark):
-                        continue
-                    label = f"{layout}-{math}" + ("-benchmark" if benchmark else "")
-                    if report.over_budget(f"encoder {label} batch {batch}"):
-                        return rows
-                    before = (cudnn.benchmark, getattr(flag, name))
-                    try:
-                        cudnn.benchmark = benchmark
-                        setattr(flag, name, tf32 if math == "tf32" else ieee)
-                        variant = copy.deepcopy(net)
-                        x = x32.clone()
-                        if math == "fp16":
-                            variant, x = variant.half(), x.half()
-                        if layout == "nhwc":
-                            variant = variant.to(memory_format=torch.channels_last)
-                            x = x.contiguous(memory_format=torch.channels_last)
-                        times, y = _time_encoder(variant, x, cuda, repeats)
-                    except Exception as exc:  # one variant failing must not lose the others
-                        report.skip(f"encoder {label} batch {batch}", f"failed: {type(exc).__name__}: {exc}")
-                        continue
-                    finally:
-                        cudnn.benchmark = before[0]
-                        setattr(flag, name, before[1])
-                    y = y.float()
-                    if reference is None:  # the first variant: IEEE FP32, NCHW, heuristics
-                        reference = y
-                    diff = float((y - reference).abs().max())
-                    scale = float(reference.abs().max())
-                    rows.append(
-                        {
-                            "batch": batch,
-                            "layout": layout,
-                            "math": math,
-                            "benchmark": benchmark,
-                            "p50_ms": C.median(times),
-                            "p95_ms": C.percentile(times, 95),
-                            "max_abs_diff": diff,
-                            "relative_diff": diff / scale if scale else 0.0,
-                        }
-                    )
-                    log(f"encoder batch {batch} {label}: {rows[-1]['p50_ms']:.3f} ms")
+        for layout, math, form, benchmark in itertools.product(
+            ("nchw", "nhwc"), ("ieee", "tf32", "fp16"), ("folded", "apart"), (False, True)
+        ):
+            if not cuda and (math == "tf32" or benchmark) or (form == "folded" and benchmark):
+                continue
+            label = f"{layout}-{math}-{form}" + ("-benchmark" if benchmark else "")
+            if report.over_budget(f"encoder {label} batch {batch}"):
+                return rows
+            before = (cudnn.benchmark, getattr(flag, name))
+            try:
+                cudnn.benchmark = benchmark
+                setattr(flag, name, tf32 if math == "tf32" else ieee)
+                variant = copy.deepcopy(nets[form])
+                x = x32.clone()
+                if math == "fp16":
+                    variant, x = variant.half(), x.half()
+                if layout == "nhwc":
+                    variant = variant.to(memory_format=torch.channels_last)
+                    x = x.contiguous(memory_format=torch.channels_last)
+                times, y = _time_encoder(variant, x, cuda, repeats)
+            except Exception as exc:  # one variant failing must not lose the others
+                report.skip(f"encoder {label} batch {batch}", f"failed: {type(exc).__name__}: {exc}")
+                continue
+            finally:
+                cudnn.benchmark = before[0]
+                setattr(flag, name, before[1])
+            y = y.float()
+            if reference is None:  # the first variant: IEEE FP32, NCHW, folded, heuristics
+                reference = y
+            diff = float((y - reference).abs().max())
+            scale = float(reference.abs().max())
+            rows.append(
+                {
+                    "batch": batch,
+                    "layout": layout,
+                    "math": math,
+                    "form": form,
+                    "benchmark": benchmark,
+                    "p50_ms": C.median(times),
+                    "p95_ms": C.percentile(times, 95),
+                    "max_abs_diff": diff,
+                    "relative_diff": diff / scale if scale else 0.0,
+                }
+            )
+            log(f"encoder batch {batch} {label}: {rows[-1]['p50_ms']:.3f} ms")
     return rows
 
 
@@ -2262,18 +2268,21 @@ def encoder_lines(rows: list[dict] | None) -> list[str]:
         "## The encoder alone",
         "",
         "`EfficientNetLite.features` with the shipped weights on the photos (preprocessed), a CUDA "
-        "graph of it replayed (p50 of 20): each layout, convolution math and cuDNN algorithm choice "
-        "(heuristics, or `torch.backends.cudnn.benchmark`). diff: the features' largest absolute "
-        "difference from IEEE FP32 NCHW with the heuristics (what the backends run), and that over "
+        "graph of it replayed (p50 of 20): each layout, convolution math, form (the BatchNorms "
+        "folded into the convolutions, as the torch backend runs the encoder by default, or apart, "
+        "as exported: `fold_batch_norms`) and cuDNN algorithm choice (heuristics, or "
+        "`torch.backends.cudnn.benchmark`). diff: the features' largest absolute difference from "
+        "IEEE FP32 NCHW folded with the heuristics (what the torch backend runs), and that over "
         "the features' largest absolute value.",
         "",
         C.markdown_table(
-            ["batch", "layout", "math", "cuDNN", "p50 ms", "p95 ms", "max diff", "relative"],
+            ["batch", "layout", "math", "BatchNorms", "cuDNN", "p50 ms", "p95 ms", "max diff", "relative"],
             [
                 [
                     r["batch"],
                     r["layout"].upper(),
                     {"ieee": "IEEE FP32", "tf32": "TF32", "fp16": "FP16"}[r["math"]],
+                    r.get("form", "apart"),
                     "benchmark" if r["benchmark"] else "heuristics",
                     r["p50_ms"],
                     r["p95_ms"],

@@ -715,8 +715,8 @@ def test_fp16_emulation_compares_each_fp16_variant_with_fp32(tmp_path, monkeypat
     real = fp16_emulation.fp16_captioner
     changed = fp16_emulation.VARIANTS["fp16 + fp32_encoder, word logits FP16"]
 
-    def one_caption_changed(model, keywords):
-        captioner = real(model, keywords)
+    def one_caption_changed(model, keywords, fold=True):
+        captioner = real(model, keywords, fold)
         if keywords == changed:
             caption_batch = captioner.caption_batch
 
@@ -758,9 +758,27 @@ def test_fp16_emulation_compares_each_fp16_variant_with_fp32(tmp_path, monkeypat
     # paired against the island variant (7 of 7): the share it lost
     assert other["against_island"]["difference"] == pytest.approx((other["identical_all"] - 7) / 7)
     assert "against_island" not in kept
+    assert (
+        "FP32 encoders with their BatchNorms folded: True"
+        in (tmp_path / "out" / "fp16_emulation.md").read_text()
+    )
     shutil.rmtree(data / "coco-ood-dev-b")
     with pytest.raises(SystemExit, match="coco-ood-dev-b"):
         fp16_emulation.main(["--data", str(data)])
+
+
+@pytest.mark.parametrize("keywords", [{"fp32_encoder": True}, {"fp32_encoder": False}])
+@pytest.mark.parametrize("fold", [True, False])
+def test_fp16_emulation_folds_the_fp32_encoders_as_the_backend_does(default_model_dir, keywords, fold):
+    """``--batch-norms``: the reference and an FP16 variant's FP32 encoder folded (the torch
+    backend's default) or apart; the whole model in FP16 keeps its BatchNorms either way."""
+    torch = pytest.importorskip("torch")
+    import fp16_emulation
+
+    assert fp16_emulation.fp32_captioner(default_model_dir, fold).backend.batch_norms_folded is fold
+    variant = fp16_emulation.fp16_captioner(default_model_dir, keywords, fold).backend
+    assert variant.batch_norms_folded is (fold and keywords["fp32_encoder"])
+    assert variant.dtype == torch.float16
 
 
 def test_frame_prep_counts_the_device_operations_and_times_both_paths(tmp_path):

@@ -1455,13 +1455,14 @@ def test_the_torch_backend_runs_an_fp16_directory_in_fp32_with_its_stored_weight
     """docs/backends.md and docs/precision.md: on the CPU the torch backend loads an FP16 model
     directory's weights as the graphs hold them (most rounded to FP16, the FP32 islands' kept)
     into FP32 modules and computes in FP32, so its captions there are FP32's, not onnxruntime's
-    FP16 ones."""
+    FP16 ones. (The encoder as loaded: ``fold_batch_norms=False``; folded, its convolutions'
+    weights are scaled by its BatchNorms', ``tests/test_torch_layout.py``.)"""
     torch = pytest.importorskip("torch")
     from onnx import numpy_helper
 
     from edgecap import Captioner
 
-    backend = Captioner(fp16_dir, backend="torch").backend
+    backend = Captioner(fp16_dir, backend="torch", fold_batch_norms=False).backend
     assert backend.dtype == backend.image_dtype == torch.float32
     loaded = {
         **{f"encoder.{k}": v for k, v in backend.encoder.state_dict().items()},

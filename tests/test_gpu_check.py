@@ -685,7 +685,7 @@ README_ESTIMATES = {
     "start": 20.0,
     "target mode": 150 / 12,
     "other mode": 90 / 12,
-    "after the gpu tests": 15.0,
+    "after the gpu tests": 20.0,
     "file rate": 50.0,
     "profile": 30.0,
     "command line": 60.0,
@@ -975,11 +975,11 @@ def test_gpu_tests_past_their_time_limit_name_the_tests_they_finished(monkeypatc
 
 
 def test_the_encoder_variants_run_each_variant_and_put_the_flags_back(monkeypatch):
-    """The encoder alone (``encoder_variants``) on the CPU: IEEE FP32 and FP16 in NCHW and
-    NHWC (TF32 and cuDNN's benchmark are CUDA's), each timed, each measured against IEEE FP32
-    NCHW: channels-last is the same arithmetic in another order (features within float
-    rounding), FP16 is not; torch's process-wide flags are as they were after; the report's
-    section has a row per variant."""
+    """The encoder alone (``encoder_variants``) on the CPU: IEEE FP32 and FP16 in NCHW and NHWC, the
+    BatchNorms folded and apart (TF32 and cuDNN's benchmark are CUDA's), each timed, each measured
+    against IEEE FP32 NCHW folded: channels-last and the BatchNorms apart are the same function in
+    another order (features within float rounding), FP16 is not; torch's process-wide flags are as
+    they were after; the report's section has a row per variant."""
     sys.path.insert(0, str(SCRIPT.parent))
     import gpu_check
     import torch
@@ -994,15 +994,21 @@ def test_the_encoder_variants_run_each_variant_and_put_the_flags_back(monkeypatc
         assert (torch.backends.cudnn.benchmark, conv.fp32_precision) == (before[0], "tf32")
     finally:
         conv.fp32_precision = before[1]
-    by = {(r["layout"], r["math"]): r for r in rows}
-    assert sorted(by) == [("nchw", "fp16"), ("nchw", "ieee"), ("nhwc", "fp16"), ("nhwc", "ieee")]
+    by = {(r["layout"], r["math"], r["form"]): r for r in rows}
+    assert sorted(by) == [
+        (layout, math, form)
+        for layout in ("nchw", "nhwc")
+        for math in ("fp16", "ieee")
+        for form in ("apart", "folded")
+    ]
     assert all(r["batch"] == 1 and not r["benchmark"] and r["p50_ms"] > 0 for r in rows)
-    assert by[("nchw", "ieee")]["max_abs_diff"] == 0
-    assert by[("nhwc", "ieee")]["relative_diff"] < 1e-4  # 0 where oneDNN orders it alike
-    assert 1e-4 < by[("nchw", "fp16")]["relative_diff"] < 0.1
+    assert by[("nchw", "ieee", "folded")]["max_abs_diff"] == 0  # the reference
+    assert 0 < by[("nchw", "ieee", "apart")]["relative_diff"] < 1e-4  # the same function, rounded apart
+    assert by[("nhwc", "ieee", "folded")]["relative_diff"] < 1e-4  # 0 where oneDNN orders it alike
+    assert 1e-4 < by[("nchw", "fp16", "folded")]["relative_diff"] < 0.1
     text = "\n".join(gpu_check.encoder_lines(rows))
     table = [line for line in text.splitlines() if line.startswith("| 1 |")]
-    assert len(table) == 4
+    assert len(table) == 8 and sum("| folded |" in line for line in table) == 4
     assert gpu_check.encoder_lines([]) == []
 
 

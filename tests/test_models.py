@@ -397,6 +397,60 @@ def test_the_encoders_batch_norms_are_tensorflows():
     assert {(m.eps, m.momentum) for m in norms} == {(1e-3, 0.01)}
 
 
+def _operations(module, x) -> dict[str, int]:
+    """The torch operations ``module.features(x)`` calls, by name (each a kernel on a GPU)."""
+    import collections
+
+    from torch.utils._python_dispatch import TorchDispatchMode
+
+    class Counted(TorchDispatchMode):
+        def __init__(self):
+            super().__init__()
+            self.calls: collections.Counter = collections.Counter()
+
+        def __torch_dispatch__(self, func, types, args=(), kwargs=None):
+            self.calls[func.overloadpacket.__name__] += 1
+            return func(*args, **(kwargs or {}))
+
+    with torch.inference_mode(), Counted() as counted:
+        module.features(x)
+    return dict(counted.calls)
+
+
+@pytest.mark.parametrize("size", [(224, 224), (97, 131)])
+def test_the_encoder_with_its_batch_norms_folded_computes_the_same_in_fewer_operations(size):
+    """``fold_batch_norms``: the features of the encoder as trained (its BatchNorms with
+    statistics and affine weights far from the identity) within float rounding, at the model's
+    size and at an odd one (where each stride-2 convolution's "same" padding is uneven); the
+    encoder given is left as it was. Lite0's 49 BatchNorms go, and the pads but the five before
+    its stride-2 convolutions (the stem and the first block of four of its seven stages: the
+    architecture's table), so 157 operations become 96."""
+    from edgecap.models.efficientnet_lite import EfficientNetLite, fold_batch_norms
+
+    torch.manual_seed(0)
+    encoder = EfficientNetLite().eval()
+    with torch.no_grad():
+        for m in encoder.modules():
+            if isinstance(m, torch.nn.BatchNorm2d):
+                m.running_mean.normal_(0.0, 0.5)
+                m.running_var.uniform_(0.2, 2.0)
+                m.weight.normal_(1.0, 0.5)
+                m.bias.normal_(0.0, 0.5)
+    before = {k: v.clone() for k, v in encoder.state_dict().items()}
+    folded = fold_batch_norms(encoder)
+    x = torch.rand(2, 3, *size) * 2 - 1
+    with torch.inference_mode():
+        want, got = encoder.features(x), folded.features(x)
+    assert got.shape == want.shape
+    assert want.abs().max() > 1.0 and (want == 0).float().mean() < 0.9  # not all clipped away
+    torch.testing.assert_close(got, want, rtol=1e-4, atol=1e-4 * float(want.abs().max()))
+    assert all(torch.equal(v, encoder.state_dict()[k]) for k, v in before.items())
+    assert not any(isinstance(m, torch.nn.BatchNorm2d) for m in folded.modules())
+    plain, fewer = _operations(encoder, x[:1]), _operations(folded, x[:1])
+    assert (plain["batch_norm"], plain["pad"], sum(plain.values())) == (49, 17, 157)
+    assert ("batch_norm" not in fewer, fewer["pad"], sum(fewer.values())) == (True, 5, 96)
+
+
 def test_regions_are_the_feature_maps_positions_row_by_row():
     """Region k of an h x w map is its position (row k // w, column k % w), holding that
     position's channels: the attention weights map back onto the photo this way."""

@@ -1,5 +1,6 @@
-"""The torch backend's ``channels_last=True``: the encoder's convolutions in channels-last (NHWC)
-memory, the same features within float rounding and the same captions."""
+"""The torch backend's forms of the encoder: ``channels_last=True`` (its convolutions in
+channels-last (NHWC) memory) and ``fold_batch_norms`` (the default: its BatchNorms folded into
+its convolutions), each the same features within float rounding and the same captions."""
 
 from __future__ import annotations
 
@@ -41,7 +42,7 @@ def test_a_channels_last_encoder_gives_the_encoder_outputs_of_the_default(
     assert layouts and all(layouts)
     for name, tensor in want.tensors.items():
         torch.testing.assert_close(got.tensors[name], tensor, rtol=1e-3, atol=2e-4)
-    np.testing.assert_allclose(got.class_probs, want.class_probs, atol=1e-6)
+    np.testing.assert_allclose(got.class_probs, want.class_probs, atol=5e-6)
 
 
 def test_a_channels_last_captioner_captions_as_the_default(default_model_dir, example_images):
@@ -50,5 +51,62 @@ def test_a_channels_last_captioner_captions_as_the_default(default_model_dir, ex
     got = Captioner(default_model_dir, backend="torch", device="cpu", channels_last=True).caption_batch(
         photos
     )
+    assert [c.text for c in got] == [c.text for c in want]
+    assert [c.score for c in got] == pytest.approx([c.score for c in want], abs=1e-5)
+
+
+def _batch_norms(module) -> int:
+    return sum(isinstance(m, torch.nn.BatchNorm2d) for m in module.modules())
+
+
+@pytest.mark.parametrize("graphs", [False, True])
+def test_the_default_encoder_runs_with_its_batch_norms_folded(default_model_dir, example_images, graphs):
+    """By default the FP32 encoder the backend runs has no BatchNorm left (49 in the shipped
+    Lite0), eager and through graphs, also channels-last; its outputs are those of the encoder
+    as exported (``fold_batch_norms=False``) within float rounding."""
+    manifest = load_manifest(default_model_dir)
+    factory = EagerGraph if graphs else None
+    unfolded = TorchBackend(manifest, device="cpu", graph_factory=factory, fold_batch_norms=False)
+    assert not unfolded.batch_norms_folded and _batch_norms(unfolded.encoder) == 49
+    assert "encoder BatchNorms apart" in unfolded.describe()
+    batch = preprocess([load_rgb(str(p)) for p in example_images], manifest.preprocessing)
+    want = unfolded.encode(batch)
+    for layout in ({}, {"channels_last": True}):
+        folded = TorchBackend(manifest, device="cpu", graph_factory=factory, **layout)
+        assert folded.batch_norms_folded and _batch_norms(folded.encoder) == 0
+        assert "BatchNorms" not in folded.describe()
+        got = folded.encode(batch)
+        for name, tensor in want.tensors.items():
+            torch.testing.assert_close(got.tensors[name], tensor, rtol=1e-3, atol=2e-4)
+        np.testing.assert_allclose(got.class_probs, want.class_probs, atol=5e-6)
+
+
+@pytest.mark.parametrize(
+    "fp32_encoder, fold, folded",
+    [(True, True, True), (False, True, False), (True, False, False)],
+)
+def test_an_fp16_decoder_folds_only_an_fp32_encoder(default_model_dir, fp32_encoder, fold, folded):
+    """With FP16 (built as the FP16 emulation builds it: the backend refuses FP16 on the CPU)
+    the FP32 encoder behind the FP16 decoder is folded, the whole model in FP16 keeps its
+    BatchNorms (its FP16 rounding as measured), and ``fold_batch_norms=False`` folds none."""
+    backend = TorchBackend(load_manifest(default_model_dir), device="cpu")
+    backend._setup(
+        *TorchBackend._build(backend.manifest),
+        "cpu",
+        fp16=True,
+        fp32_encoder=fp32_encoder,
+        fold_batch_norms=fold,
+    )
+    assert backend.batch_norms_folded is folded
+    assert _batch_norms(backend.encoder) == (0 if folded else 49)
+    assert backend.encoder._conv_head.weight.dtype == (torch.float32 if fp32_encoder else torch.float16)
+
+
+def test_a_folded_captioner_captions_as_the_encoder_as_exported(default_model_dir, example_images):
+    photos = [str(p) for p in example_images]
+    want = Captioner(default_model_dir, backend="torch", device="cpu", fold_batch_norms=False).caption_batch(
+        photos
+    )
+    got = Captioner(default_model_dir, backend="torch", device="cpu").caption_batch(photos)
     assert [c.text for c in got] == [c.text for c in want]
     assert [c.score for c in got] == pytest.approx([c.score for c in want], abs=1e-5)

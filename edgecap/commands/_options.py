@@ -106,7 +106,7 @@ def add_model_arguments(p: argparse.ArgumentParser, overlaps: bool = True) -> No
         choices=PRECISIONS,
         help="the arithmetic (default: the backend's own: torch fp32, tensorrt fp16 engines, "
         "onnxruntime the model's). fp16 with --backend torch --device cuda: the decoder in FP16 "
-        "behind the FP32 encoder (99.4%% of FP32's captions in a CPU emulation of FP16; on an "
+        "behind the FP32 encoder (98.6-99.4%% of FP32's captions in a CPU emulation of FP16; on an "
         "NVIDIA H200 no faster than FP32: for GPUs with faster FP16); with --backend tensorrt: "
         "the engines' precision, fp16 likewise the decoder step's engine FP16 behind an FP32 "
         "encoder engine (both FP16 from an FP16 model directory); with onnxruntime it must be "

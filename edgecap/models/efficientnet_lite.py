@@ -10,6 +10,7 @@ trained with it.
 
 from __future__ import annotations
 
+import copy
 import math
 from pathlib import Path
 
@@ -26,9 +27,18 @@ N_CLASSES = 1000  # ImageNet-1k: the classifier of every encoder here
 
 
 class SameConv2d(nn.Conv2d):
-    """Conv2d with TensorFlow "same" padding, computed from the input size."""
+    """Conv2d with TensorFlow "same" padding, computed from the input size. ``fixed_padding``
+    (set by ``fold_batch_norms``): the padding given to the convolution itself instead, for a
+    stride-1 convolution with an odd kernel, whose "same" padding is that on both sides whatever
+    the input size."""
+
+    fixed_padding: tuple[int, int] | None = None
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
+        if self.fixed_padding is not None:
+            return F.conv2d(
+                x, self.weight, self.bias, self.stride, self.fixed_padding, self.dilation, self.groups
+            )
         ih, iw = x.shape[-2:]
         kh, kw = self.weight.shape[-2:]
         sh, sw = self.stride
@@ -118,6 +128,41 @@ class EfficientNetLite(nn.Module):
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
         return self._fc(self.features(x).mean((2, 3)))
+
+
+def fold_batch_norms(encoder: EfficientNetLite) -> EfficientNetLite:
+    """An inference copy of ``encoder``, in eval mode, computing the same function in fewer
+    operations: each BatchNorm folded into the convolution before it (the convolution's weights
+    times gamma / sqrt(running_var + eps) per output channel, a bias beta + (bias - running_mean)
+    times that, computed in float64 and rounded to the weights' dtype; the BatchNorm replaced by
+    an identity), and each stride-1 convolution with an odd kernel padding its input itself
+    (``SameConv2d.fixed_padding``) rather than through a pad before it: Lite0's 157 torch
+    operations, each a pass over the activations, become 96 (on CUDA fewer kernels go: a cuDNN
+    convolution adds its bias in a kernel of its own; docs/gpu-search.md). The features differ
+    from ``encoder``'s by float rounding (the sums in another order, as onnxruntime's and
+    TensorRT's own folding of the exported graph does). Not for training: the copy has no
+    BatchNorms to update, and its ``state_dict`` does not load into an ``EfficientNetLite``."""
+    folded = copy.deepcopy(encoder).eval()
+    pairs: list[tuple[nn.Module, str, str]] = [(folded, "_conv_stem", "_bn0"), (folded, "_conv_head", "_bn1")]
+    for block in folded._blocks:
+        if block.has_expand:
+            pairs.append((block, "_expand_conv", "_bn0"))
+        pairs += [(block, "_depthwise_conv", "_bn1"), (block, "_project_conv", "_bn2")]
+    with torch.no_grad():
+        for owner, conv_name, bn_name in pairs:
+            conv, bn = getattr(owner, conv_name), getattr(owner, bn_name)
+            scale = bn.weight.double() / torch.sqrt(bn.running_var.double() + bn.eps)
+            bias = conv.bias.double() if conv.bias is not None else torch.zeros_like(scale)
+            dtype = conv.weight.dtype
+            conv.weight = nn.Parameter((conv.weight.double() * scale.reshape(-1, 1, 1, 1)).to(dtype), False)
+            conv.bias = nn.Parameter(
+                (bn.bias.double() + (bias - bn.running_mean.double()) * scale).to(dtype), False
+            )
+            setattr(owner, bn_name, nn.Identity())
+            kh, kw = conv.kernel_size
+            if conv.stride == (1, 1) and conv.dilation == (1, 1) and kh % 2 and kw % 2:
+                conv.fixed_padding = (kh // 2, kw // 2)
+    return folded
 
 
 def as_regions(fmap: torch.Tensor) -> torch.Tensor:

@@ -59,7 +59,7 @@ BUILD_RECIPE = 1
 def role_precisions(manifest: Manifest, precision: str, fp32_encoder: bool | None = None) -> dict[str, str]:
     """Each graph's engine precision for engines of ``precision``. FP16 engines run the decoder
     step in FP16 behind an FP32 encoder engine (``fp32_encoder``; None: when the model directory
-    is FP32, the only one an FP32 engine is built from): the FP16 that keeps the captions, 99.4%
+    is FP32, the only one an FP32 engine is built from): the FP16 that keeps the captions, 98.6-99.4%
     of FP32's in torch's emulation of FP16 against 92% with the encoder in FP16 too
     (docs/gpu-search.md). ``fp32_encoder=False``: the encoder in FP16 as well, for speed."""
     if precision not in PRECISIONS:
