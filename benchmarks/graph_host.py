@@ -19,6 +19,11 @@ to its hypotheses:
   (``words``: the graph runs of a call). On a GPU runtime this is what the device waits for
   between two words.
 
+- *words with blocks*: the words of a call whose step was given words a row may not take (the
+  first word's never-first words, the n-gram rule's), and what goes up for them: R x
+  ``MAX_BLOCKED`` int32 ids each (``blocked_words``), against R x V float32 (``word_block``,
+  what went up until 2026-12-07), R the call's rows.
+
 ``--lms``: where the fused language models step: ``graph`` (in the beam-step graph, what the
 graph search does) or ``host`` (in their own session between two runs of the graph, what it did
 until 2026-12-07). Each set's medians over
@@ -76,10 +81,23 @@ def set_photos(data: Path, folder: str, n: int) -> list[Path]:
 
 
 class Timed:
-    """The beam-step sessions' runs, wrapped: their summed wall time and count."""
+    """The beam-step sessions' runs, wrapped: their summed wall time and count; and the steps
+    given blocked words (``count_blocks``)."""
 
     def __init__(self):
-        self.seconds, self.runs = 0.0, 0
+        self.seconds, self.runs, self.blocks = 0.0, 0, 0
+
+    def count_blocks(self) -> None:
+        """Count the steps of every numpy-feed beam-step session given blocked words."""
+        from edgecap.backends.ort_beam import OnnxBeamSession
+
+        real = OnnxBeamSession.step
+
+        def step(session, tokens, source_rows, scores, word_bias, blocked_words):
+            self.blocks += blocked_words is not None
+            return real(session, tokens, source_rows, scores, word_bias, blocked_words)
+
+        OnnxBeamSession.step = step  # type: ignore[method-assign]
 
     def wrap(self, session) -> None:
         if getattr(session, "_graph_host_timed", False):
@@ -99,26 +117,31 @@ class Timed:
 
 
 def measure(captioner, inputs, rounds: int, timed: Timed) -> dict:
+    from edgecap.build.beam_step import MAX_BLOCKED
     from edgecap.decoding import search
 
     backend, vocab = captioner.backend, captioner.vocab
     rules = (vocab.start, vocab.end, len(vocab), captioner.classes, captioner.fusion)
-    calls = []
+    calls: list[tuple[float, float, int]] = []
+    blocked: list[int] = []
 
     def once(batch):
         encoded = backend.encode(batch)
-        seconds, runs = timed.seconds, timed.runs
+        seconds, runs, blocks = timed.seconds, timed.runs, timed.blocks
         start = time.perf_counter()
         search(backend, encoded, captioner.options, *rules)
         wall = time.perf_counter() - start
+        blocked.append(timed.blocks - blocks)
         return wall, timed.seconds - seconds, timed.runs - runs
 
     for batch in inputs:  # warm: every session made, then wrapped (once for every set)
         once(batch)
     for session in backend._graph_search._sessions.values():
         timed.wrap(session)
+    blocked.clear()
     for _ in range(rounds):
         calls += [once(batch) for batch in inputs]
+    rows = len(inputs[0]) * captioner.options.beam_size
     search_ms = [1e3 * wall for wall, _, _ in calls]
     graph_ms = [1e3 * inside for _, inside, _ in calls]
     host_ms = [s - g for s, g in zip(search_ms, graph_ms)]
@@ -129,6 +152,9 @@ def measure(captioner, inputs, rounds: int, timed: Timed) -> dict:
         "graph_ms": statistics.median(graph_ms),
         "host_ms": statistics.median(host_ms),
         "host_ms_per_word": statistics.median(h / runs for h, (_, _, runs) in zip(host_ms, calls)),
+        "words_with_blocks": statistics.median(blocked),
+        "block_bytes": statistics.median(blocked) * rows * MAX_BLOCKED * 4,
+        "block_bytes_as_matrix": statistics.median(blocked) * rows * len(captioner.vocab) * 4,
     }
 
 
@@ -144,6 +170,7 @@ def main(argv=None) -> int:
     captioner = Captioner(backend="onnxruntime", threads=1, search="graph")
     captioner.backend._graph_search.lms_in_graph = args.lms == "graph"
     timed = Timed()
+    timed.count_blocks()
     rows = []
     for label, folder in SETS.items():
         paths = set_photos(args.data, folder, args.photos)
@@ -153,7 +180,17 @@ def main(argv=None) -> int:
         rows.append({"set": label, "photos": len(paths), **figures})
         print(f"{label}: host {figures['host_ms_per_word']:.3f} ms a word", file=sys.stderr)
     table = C.markdown_table(
-        ["photos", "calls", "words a call", "search ms", "graph runs ms", "host ms", "host ms a word"],
+        [
+            "photos",
+            "calls",
+            "words a call",
+            "search ms",
+            "graph runs ms",
+            "host ms",
+            "host ms a word",
+            "words with blocks",
+            "their bytes up (R x V float32 until 2026-12-07)",
+        ],
         [
             [
                 f"{r['set']}, {r['photos']}",
@@ -163,6 +200,8 @@ def main(argv=None) -> int:
                 r["graph_ms"],
                 r["host_ms"],
                 r["host_ms_per_word"],
+                r["words_with_blocks"],
+                f"{r['block_bytes']:,.0f} ({r['block_bytes_as_matrix']:,.0f})",
             ]
             for r in rows
         ],

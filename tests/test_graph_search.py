@@ -16,7 +16,7 @@ onnx = pytest.importorskip("onnx")
 
 from edgecap import Captioner  # noqa: E402
 from edgecap.backends.onnxruntime import OnnxRuntimeBackend  # noqa: E402
-from edgecap.build.beam_step import BEAM_INPUTS, BEAM_OUTPUTS, beam_step_model  # noqa: E402
+from edgecap.build.beam_step import BEAM_INPUTS, BEAM_OUTPUTS, MAX_BLOCKED, beam_step_model  # noqa: E402
 from edgecap.build.convert import fold_constants  # noqa: E402
 from edgecap.decoding import CaptionOptions, search_with_tags  # noqa: E402
 from edgecap.decoding.fusion import CaptionLM, Fusion  # noqa: E402
@@ -212,9 +212,9 @@ def test_the_graph_steps_the_language_models_and_the_host_sends_no_bias_for_them
     biases = []
     real_step = OnnxBeamSession.step
 
-    def step(self, tokens, source_rows, scores, word_bias, word_block):
+    def step(self, tokens, source_rows, scores, word_bias, blocked_words):
         biases.append(word_bias)
-        return real_step(self, tokens, source_rows, scores, word_bias, word_block)
+        return real_step(self, tokens, source_rows, scores, word_bias, blocked_words)
 
     monkeypatch.setattr(FusionScorer, "bias", refuse)
     monkeypatch.setattr(TagBonus, "bias", refuse)
@@ -315,7 +315,7 @@ class _Emulated:
         self.session, self.beam, self.width, self.top_k = session, beam, width, top_k
         self.pointers = None
 
-    def step(self, tokens, source_rows, scores, word_bias, word_block):
+    def step(self, tokens, source_rows, scores, word_bias, blocked_words):
         beam, width = self.beam, self.width
         rows = source_rows if self.pointers is None else self.pointers[source_rows]
         result = self.session.step(tokens, rows.astype(np.int32), word_bias)
@@ -330,8 +330,8 @@ class _Emulated:
         is_end = ids == END
         blocked = (
             np.zeros(ids[:, :width].shape, bool)
-            if word_block is None
-            else np.take_along_axis(word_block, ids[:, :width].astype(np.int64), 1) > 0.5
+            if blocked_words is None
+            else (ids[:, :width, None] == blocked_words[:, None, :]).any(2)
         )
         going = np.where(blocked | is_end[:, :width], -np.inf, cand[:, :width])
         going = going.reshape(-1, beam * width)
@@ -554,7 +554,7 @@ def test_equal_candidates_and_endings_keep_the_numpy_order():
 class _NaNStep:
     """A beam step whose log-probabilities went non-finite (an FP16 engine out of range)."""
 
-    def step(self, tokens, source_rows, scores, word_bias, word_block):
+    def step(self, tokens, source_rows, scores, word_bias, blocked_words):
         rows = len(tokens)
         ints, floats = np.zeros(rows, np.int32), np.zeros(rows, np.float32)
         return BeamStepResult(
@@ -762,7 +762,7 @@ def test_fake_tensorrt_graph_search_gives_the_numpy_captions(monkeypatch, tmp_pa
             last = searches[-1][-1]
             rows = encoded.n_images * beam
             with device.active():
-                assert not device.read(last["word_block"], (rows, vocab), np.float32).any()
+                assert (device.read(last["blocked_words"], (rows, MAX_BLOCKED), np.int32) == -1).all()
     assert "beam-step engine (5 beams)" in log.getvalue()
     for runs in searches:
         # h / c ping-pong: the first step reads the encoder's h0, each next one what the last
@@ -1067,8 +1067,9 @@ def test_the_beam_step_graph_does_the_loops_bookkeeping(small_step):
     feeds["word_bias"][2:, END] = -50.0
     feeds["word_bias"][3, 9] = 1.5
     scores = np.array([-1.0, -2.0, -0.5, -np.inf], np.float32)  # row 3: a finished beam
-    block = np.zeros((rows, V), np.float32)
-    block[1, 7] = 1.0
+    block = np.full((rows, MAX_BLOCKED), -1, np.int32)  # the ids a row may not take, -1 past them
+    block[1, :2] = [19, 7]  # row 1: word 7 (and 19, not among its candidates)
+    block[3, 0] = 7  # another row's block: not row 1's
 
     plain = ort.InferenceSession(step.SerializeToString(), providers=["CPUExecutionProvider"])
     lp, ids, h_out, c_out, _ = plain.run(None, feeds)
@@ -1078,7 +1079,7 @@ def test_the_beam_step_graph_does_the_loops_bookkeeping(small_step):
     session = ort.InferenceSession(graph.SerializeToString(), providers=["CPUExecutionProvider"])
     no_tags = {"tag_bias": np.zeros((rows, V), np.float32), "steered": np.zeros(rows, np.float32)}
     got = dict(
-        zip(BEAM_OUTPUTS, session.run(None, {**feeds, "scores": scores, "word_block": block, **no_tags}))
+        zip(BEAM_OUTPUTS, session.run(None, {**feeds, "scores": scores, "blocked_words": block, **no_tags}))
     )
 
     assert ids[0, 0] == END and ids[1, 0] == 7 and ids[1, 1] == END and not (ids[2:] == END).any()
@@ -1143,7 +1144,7 @@ def test_the_beam_step_graph_applies_the_tag_bonus_as_the_host_would(small_step)
     feeds = {
         **_two_images(rng, dims),
         "scores": np.array([-1.0, -2.0, -0.5, -np.inf], np.float32),  # row 3: a finished beam
-        "word_block": np.zeros((rows, V), np.float32),
+        "blocked_words": np.full((rows, MAX_BLOCKED), -1, np.int32),
     }
     names = [o.name for o in model.graph.output]
     untagged = {"tag_bias": np.zeros((rows, V), np.float32), "steered": np.zeros(rows, np.float32)}
@@ -1197,7 +1198,13 @@ def test_the_beam_step_graph_steps_the_language_models_as_the_host_would(small_s
     feeds = {
         **_two_images(rng, dims),
         "scores": np.array([-1.0, -2.0, -0.5, -3.0], np.float32),
-        "word_block": (rng.uniform(size=(rows, V)) < 0.1).astype(np.float32),
+        "blocked_words": np.concatenate(
+            [
+                rng.integers(0, V, size=(rows, 3), dtype=np.int32),
+                np.full((rows, MAX_BLOCKED - 3), -1, np.int32),
+            ],
+            1,
+        ),
         "tag_bias": np.zeros((rows, V), np.float32),  # the tag bonus: its own test
         "steered": np.zeros(rows, np.float32),
     }
@@ -1250,7 +1257,7 @@ def test_the_beam_step_profile_takes_a_score_and_blocked_words_for_every_row():
     from edgecap.contract import Limits
 
     ranges = row_ranges(Limits(max_batch=2, max_beam=3), beam=2)
-    assert ranges["scores"] == ranges["word_block"] == ranges["tokens"] == (2, 2, 4)
+    assert ranges["scores"] == ranges["blocked_words"] == ranges["tokens"] == (2, 2, 4)
     assert ranges["source_rows"] == ranges["image_index"] == ranges["word_bias"] == (2, 2, 4)
     assert ranges["h"] == ranges["c"] == (1, 2, 4)
     assert ranges["features"] == ranges["att_proj"] == (1, 1, 2)
@@ -1307,8 +1314,9 @@ def test_a_step_graph_of_opset_13_gives_the_numpy_captions(tiny, monkeypatch):
 
 
 def test_the_beam_step_graph_declares_its_inputs_and_outputs_shapes(small_step):
-    """As the module describes them: R rows (dynamic), ``word_block`` (R, V), every result (R,)
-    but the reordered state, (R, Hd); the step's own inputs as the step graph declares them."""
+    """As the module describes them: R rows (dynamic), ``blocked_words`` (R, ``MAX_BLOCKED``),
+    every result (R,) but the reordered state, (R, Hd); the step's own inputs as the step graph
+    declares them."""
     step, manifest = small_step
     dims = manifest.dims  # K = 5, V = 20, Hd = 10
     model = beam_step_model(step, 2, END, dims.top_k, dims.hidden_dim, dims.vocab_size)
@@ -1320,6 +1328,6 @@ def test_the_beam_step_graph_declares_its_inputs_and_outputs_shapes(small_step):
     assert declared == {name: ["r", 10] if name in ("h_next", "c_next") else ["r"] for name in BEAM_OUTPUTS}
     inputs = shapes(model.graph.input)
     assert inputs["scores"] == inputs["steered"] == ["r"]
-    assert inputs["word_block"] == inputs["tag_bias"] == ["r", 20]
-    appended = ("scores", "word_block", "tag_bias", "steered")
+    assert inputs["tag_bias"] == ["r", 20] and inputs["blocked_words"] == ["r", MAX_BLOCKED] == ["r", 200]
+    appended = ("scores", "blocked_words", "tag_bias", "steered")
     assert {k: v for k, v in inputs.items() if k not in appended} == shapes(step.graph.input)

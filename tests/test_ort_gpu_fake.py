@@ -690,7 +690,7 @@ def test_fake_iobinding_beam_session_keeps_state_on_cuda_and_never_writes_what_i
     for _ in range(3):
         result = session.step(np.zeros(4), np.arange(4), np.zeros(4), None, None)
         assert result.next_tokens.shape == (4,)
-        assert binding.inputs["word_bias"].device == binding.inputs["word_block"].device == "cuda"
+        assert binding.inputs["word_bias"].device == binding.inputs["blocked_words"].device == "cuda"
         assert binding.inputs["tag_bias"].device == "cuda"
     assert [r["out"][0].tag for r in runs[:2]] == ["state3", "state6"]  # two sets, in turn
     first = {"out": [encoded["h0"], encoded["c0"], first_steered]}
@@ -702,9 +702,9 @@ def test_fake_iobinding_beam_session_keeps_state_on_cuda_and_never_writes_what_i
 
 
 def test_fake_graph_search_on_a_second_gpu_makes_its_beam_state_on_that_gpu(monkeypatch):
-    """search="graph" with ``device_id=1``: the image index, both h / c pairs and the zeros the
-    beam-step session makes are on GPU 1, where the encoder's tensors are (the backend's
-    ``device_id``: the GPU asked for), not on GPU 0."""
+    """search="graph" with ``device_id=1``: the image index, both h / c pairs, the zeros and the
+    no-blocked-words -1s the beam-step session makes are on GPU 1, where the encoder's tensors
+    are (the backend's ``device_id``: the GPU asked for), not on GPU 0."""
     import sys
 
     from edgecap.backends import ort_beam
@@ -735,7 +735,8 @@ def test_fake_graph_search_on_a_second_gpu_makes_its_beam_state_on_that_gpu(monk
     encoded = types.SimpleNamespace(n_images=2, tensors=tensors, class_probs=np.zeros((2, 1000), np.float32))
     search(encoded, CaptionOptions(beam_size=2), 1, 2, None, None)
     assert [type(s) for s in sessions] == [ort_beam.IOBindingBeamSession]
-    assert len(made) == 10  # image index, tag rows, rows steered, two sets of h / c / steered, zeros
+    # image index, tag rows, rows steered, two sets of h / c / steered, zeros, no blocked words
+    assert len(made) == 11
     assert set(made) == {("cuda", 1)}
 
 

@@ -1251,7 +1251,7 @@ def test_fake_a_cached_engine_missing_an_input_is_refused(monkeypatch, tmp_path,
     with pytest.raises(ModelError, match=r"decoder_step engine has I/O .*'word_bias'.*Re-export"):
         cache.load(manifest, "decoder_step", "fp32", Limits(1, 1))
 
-    assert {"scores", "word_block"} <= set(BEAM_INPUTS) - set(STEP_INPUTS)
+    assert {"scores", "blocked_words"} <= set(BEAM_INPUTS) - set(STEP_INPUTS)
     plain_step = stand_in(STEP_INPUTS, STEP_OUTPUTS)
     monkeypatch.setattr(engines, "deserialize", lambda trt, runtime, path: plain_step)
     with pytest.raises(ModelError, match=r"beam_step2-.* engine has I/O .*'scores'.*Re-export"):
@@ -2348,35 +2348,38 @@ def test_close_releases_the_execution_contexts_and_engines_while_the_backend_liv
     assert len(held) == 4 and [ref() for ref in held] == [None] * 4
 
 
-def test_beam_step_engine_sees_each_steps_word_block_or_zeros():
-    """search="graph" uploads a word_block (R, V) only when the rules set one and zeros when
-    they set none: the engine must never run on the block of an earlier step or an earlier
-    search (it would forbid words the rules allow). FAKE engine and buffers: the engine's
-    device word_block is a numpy array that ``upload`` writes."""
+def test_beam_step_engine_sees_each_steps_blocked_words_or_none():
+    """search="graph" uploads blocked_words (R, MAX_BLOCKED ids) only when the rules set some
+    and -1s (no word) when they set none: the engine must never run on the blocks of an earlier
+    step or an earlier search (it would forbid words the rules allow). FAKE engine and buffers:
+    the engine's device blocked_words is a numpy array that ``upload`` writes."""
     from edgecap.backends.tensorrt_beam import RESULTS, TensorRTBeamSession
+    from edgecap.build.beam_step import MAX_BLOCKED
     from edgecap.decoding.graph_search import GraphRules
 
     rows, vocab = 2, 6
     seen = []
 
     class Engine:
-        block_rows_zero = 0
+        rows_none_blocked = 0
         results = RESULTS
         fixed, carried = {"tag_bias": (rows, vocab)}, {"steered": (rows,)}
         sets = [{"steered": 0}, {"steered": 0}]
-        ptr = dict.fromkeys(("scores", "word_block", "tag_bias", *RESULTS), 0)
+        ptr = dict.fromkeys(("scores", "blocked_words", "tag_bias", *RESULTS), 0)
 
         def upload_to(self, ptr, name, values, stream):
             pass
 
-        device_block = np.full((rows, vocab), np.nan, np.float32)  # never written yet
+        device_block = np.full((rows, MAX_BLOCKED), 12345, np.int32)  # never written yet
 
         def upload(self, name, values, stream):
-            if name == "word_block":
+            if name == "blocked_words":
+                assert values.dtype == np.int32 and values.shape[1] == MAX_BLOCKED
                 self.device_block[: len(values)] = values
 
         def set_shape(self, name, shape):
-            pass
+            if name == "blocked_words":
+                assert shape == (rows, MAX_BLOCKED)
 
         def bind(self, name, ptr):
             pass
@@ -2407,9 +2410,10 @@ def test_beam_step_engine_sees_each_steps_word_block_or_zeros():
         check_session=lambda *a: buffers, _device=types.SimpleNamespace(stream_handle=lambda s: 0)
     )
     engine = Engine()
-    first, later = np.zeros((rows, vocab), np.float32), np.zeros((rows, vocab), np.float32)
-    first[:, 3] = 1.0  # a word a caption never starts with
-    later[1, 4] = 1.0  # a word that would repeat an n-gram of row 1
+    none = np.full((rows, MAX_BLOCKED), -1, np.int32)
+    first, later = none.copy(), none.copy()
+    first[:, 0] = 3  # a word a caption never starts with
+    later[1, 0] = 4  # a word that would repeat an n-gram of row 1
     searches = [[first, None, later, None], [first, None]]  # the second on the same engine
     for blocks in searches:
         session = TensorRTBeamSession(backend, engine, 1, 1, 1, rows)
@@ -2419,7 +2423,7 @@ def test_beam_step_engine_sees_each_steps_word_block_or_zeros():
         for block in blocks:
             result = session.step(np.zeros(rows), np.zeros(rows), np.zeros(rows), None, block)
             assert set(vars(result)) == set(RESULTS)
-    want = [np.zeros((rows, vocab)) if b is None else b for blocks in searches for b in blocks]
+    want = [none if b is None else b for blocks in searches for b in blocks]
     assert len(seen) == len(want)
     for got, block in zip(seen, want):
         np.testing.assert_array_equal(got, block)

@@ -20,7 +20,7 @@ import threading
 import numpy as np
 
 from edgecap.backends.base import Encoded
-from edgecap.build.beam_step import beam_io, beam_step_model
+from edgecap.build.beam_step import MAX_BLOCKED, beam_io, beam_step_model
 from edgecap.contract import DECODER_STEP
 from edgecap.decoding.graph_search import BeamStepResult, GraphRules, graph_rules, search_with_rules
 from edgecap.decoding.options import CaptionOptions
@@ -45,8 +45,9 @@ class OnnxBeamSession:
         self.carried = dict(rules.carried)  # the graph reorders them by the back-pointers
         self._outputs = list(beam_io(rules.lms is not None)[1])
         self._zeros = np.zeros((len(image_index), vocab_size), np.float32)
+        self._none_blocked = np.full((len(image_index), MAX_BLOCKED), -1, np.int32)
 
-    def step(self, tokens, source_rows, scores, word_bias, word_block) -> BeamStepResult:
+    def step(self, tokens, source_rows, scores, word_bias, blocked_words) -> BeamStepResult:
         feed = {
             "tokens": np.ascontiguousarray(tokens, np.int32),
             "source_rows": np.ascontiguousarray(source_rows, np.int32),
@@ -54,7 +55,7 @@ class OnnxBeamSession:
             "c": self.c,
             "scores": np.ascontiguousarray(scores, np.float32),
             "word_bias": self._zeros if word_bias is None else np.ascontiguousarray(word_bias, np.float32),
-            "word_block": self._zeros if word_block is None else word_block,
+            "blocked_words": self._none_blocked if blocked_words is None else blocked_words,
             **self._fixed,
             **self.carried,
         }
@@ -68,8 +69,9 @@ class OnnxBeamSession:
 class IOBindingBeamSession:
     """``BeamStepSession`` with I/O binding: the encoder's device tensors (``OrtValue``) read in
     place, h / c and the rules' carried states in two sets of device tensors used in turn (the
-    graph writes the reordered ones into the set it does not read), the rules' fixed inputs and
-    zeros for no bias / no block kept on the device, only the (R,) results bound to the host."""
+    graph writes the reordered ones into the set it does not read), the rules' fixed inputs,
+    zeros for no bias and -1s for no blocked word kept on the device, only the (R,) results
+    bound to the host."""
 
     def __init__(
         self,
@@ -111,19 +113,23 @@ class IOBindingBeamSession:
         ]
         self._next = 0
         self._zeros = on_device(np.zeros((rows, vocab_size), np.float32))
+        self._none_blocked = on_device(np.full((rows, MAX_BLOCKED), -1, np.int32))
         kept = {f"{name}_next" for name in shapes}
         self._results = [name for name in beam_io(rules.lms is not None)[1] if name not in kept]
 
-    def step(self, tokens, source_rows, scores, word_bias, word_block) -> BeamStepResult:
+    def step(self, tokens, source_rows, scores, word_bias, blocked_words) -> BeamStepResult:
         io = self._io
         io.bind_cpu_input("tokens", np.ascontiguousarray(tokens, np.int32))
         io.bind_cpu_input("source_rows", np.ascontiguousarray(source_rows, np.int32))
         io.bind_cpu_input("scores", np.ascontiguousarray(scores, np.float32))
-        for name, value in (("word_bias", word_bias), ("word_block", word_block)):
-            if value is None:
-                io.bind_ortvalue_input(name, self._zeros)
-            else:
-                io.bind_cpu_input(name, np.ascontiguousarray(value, np.float32))
+        if word_bias is None:
+            io.bind_ortvalue_input("word_bias", self._zeros)
+        else:
+            io.bind_cpu_input("word_bias", np.ascontiguousarray(word_bias, np.float32))
+        if blocked_words is None:
+            io.bind_ortvalue_input("blocked_words", self._none_blocked)
+        else:
+            io.bind_cpu_input("blocked_words", np.ascontiguousarray(blocked_words, np.int32))
         written = self._sets[self._next]
         for name, value in self._current.items():
             io.bind_ortvalue_input(name, value)

@@ -8,11 +8,12 @@ models stepped in it too, for batches the options and the fusion gate give them.
 encoder's outputs and the step's input buffers where the backend keeps them, and writes h / c,
 already reordered by the back-pointers, into the backend's ping-pong state buffers (the rows
 still steered and the language models' states into two sets of its own, used in turn). Per
-word: ``tokens``, ``scores`` (R values) go up, and ``word_block`` (R x V) only when the n-gram
-rule blocks a word (``word_bias`` stays zeros: the rules' bias is made in the engine); the ten
+word: ``tokens``, ``scores`` (R values) go up, and ``blocked_words`` (R x 200 int32 ids) only
+when the n-gram rule blocks a word (``word_bias`` stays zeros: the rules' bias is made in the
+engine); the ten
 (R,) results come back in one synchronisation. A search's rules (``GraphRules``: the tag rows,
 the language models' row weights, the carried states' first values) go up at its first step.
-Its own buffers (scores, word_block, the results, the rules', their pinned host copies) are
+Its own buffers (scores, blocked_words, the results, the rules', their pinned host copies) are
 allocated once, for the engine's largest shapes, and freed by ``close``.
 
 Not yet run on real TensorRT: tested with fakes of the calls used (tests/test_graph_search.py,
@@ -26,7 +27,7 @@ from typing import TYPE_CHECKING
 import numpy as np
 
 from edgecap.backends.tensorrt import execution_context
-from edgecap.build.beam_step import LM_STATES, beam_io, lm_state_widths
+from edgecap.build.beam_step import LM_STATES, MAX_BLOCKED, beam_io, lm_state_widths
 from edgecap.decoding.graph_search import BeamStepResult, GraphRules, graph_rules, search_with_rules
 from edgecap.errors import BackendError
 
@@ -76,7 +77,7 @@ class BeamEngine:
         self.sets: list[dict[str, int]] = []  # two sets of the carried states: name -> address
         shapes = {
             "scores": ((rows,), np.float32),
-            "word_block": ((rows, vocab), np.float32),
+            "blocked_words": ((rows, MAX_BLOCKED), np.int32),
             **{name: ((rows,), np.int32 if name in _INT32 else np.float32) for name in self.results},
             **{name: (shape, np.float32) for name, shape in self.fixed.items()},
         }
@@ -95,7 +96,7 @@ class BeamEngine:
         except BaseException:
             self.close()
             raise
-        self.block_rows_zero = 0  # word_block rows known to hold zeros on the device
+        self.rows_none_blocked = 0  # blocked_words rows known to hold -1 (none) on the device
         self._shapes: dict[str, tuple[int, ...]] = {}
 
     def live_context(self) -> tensorrt.IExecutionContext:
@@ -162,7 +163,7 @@ class TensorRTBeamSession:
         self.rules: GraphRules | None = None  # the search's (TensorRTGraphSearch sets them)
         self._set = 0  # the set of the engine's carried states this step reads
 
-    def step(self, tokens, source_rows, scores, word_bias, word_block) -> BeamStepResult:
+    def step(self, tokens, source_rows, scores, word_bias, blocked_words) -> BeamStepResult:
         buffers: DeviceBuffers = self._backend.check_session(self._id, self._generation)
         engine, r, stream = self._engine, self._rows, buffers.stream
         if self._current is None:
@@ -175,19 +176,19 @@ class TensorRTBeamSession:
         buffers.upload_bias(word_bias, r)
         engine.upload("scores", np.asarray(scores, np.float32), stream)
         vocab = buffers.tensor("word_bias").tail
-        if word_block is not None:
-            engine.upload("word_block", word_block, stream)
-            engine.block_rows_zero = 0
-        elif engine.block_rows_zero < r:
-            engine.upload("word_block", np.zeros((r, *vocab), np.float32), stream)
-            engine.block_rows_zero = r
+        if blocked_words is not None:
+            engine.upload("blocked_words", np.asarray(blocked_words, np.int32), stream)
+            engine.rows_none_blocked = 0
+        elif engine.rows_none_blocked < r:
+            engine.upload("blocked_words", np.full((r, MAX_BLOCKED), -1, np.int32), stream)
+            engine.rows_none_blocked = r
         for name, shape in (
             ("tokens", (r,)),
             ("source_rows", (r,)),
             ("image_index", (r,)),
             ("scores", (r,)),
             ("word_bias", (r, *vocab)),
-            ("word_block", (r, *vocab)),
+            ("blocked_words", (r, MAX_BLOCKED)),
             ("h", (s, *h_src.tail)),
             ("c", (s, *c_src.tail)),
             ("features", (self._n_images, *buffers.tensor("features").tail)),
@@ -198,7 +199,7 @@ class TensorRTBeamSession:
             engine.bind(name, buffers.tensor(name).ptr)
         for name, tensor in (("h", h_src), ("c", c_src), ("h_next", h_dst), ("c_next", c_dst)):
             engine.bind(name, tensor.ptr)
-        for name in ("scores", "word_block", *engine.results):
+        for name in ("scores", "blocked_words", *engine.results):
             engine.bind(name, engine.ptr[name])
         device = self._backend._device
         if self._current is None:  # a search's first step: its rules' inputs and first states

@@ -7,9 +7,9 @@ step's own nodes (gather h/c by ``source_rows``, one LSTM step, log-softmax, the
 log-probability + ``word_bias``) it does what ``edgecap.decoding.beam``'s loop does per word:
 
 - candidates: each row's first ``width`` = min(beam + 1, K) words of its top K, scored
-  ``scores[row] + (log-prob + word_bias)``; a candidate is dropped when ``word_block`` marks its
-  word for its row (the words a caption never starts with, repeated n-grams: the host knows
-  them before the step) and ``<end>`` never continues a beam;
+  ``scores[row] + (log-prob + word_bias)``; a candidate is dropped when its word is among its
+  row's ``blocked_words`` (the words a caption never starts with, repeated n-grams: the host
+  knows them before the step) and ``<end>`` never continues a beam;
 - per image, a top-``beam`` over its beam x width candidates (TopK with a constant K, ties to
   the lower index: the numpy loop's stable sort) -> the words that continue, their source rows
   (the back-pointers), their scores and log-probabilities;
@@ -24,16 +24,16 @@ made with ``lms``, the fused caption language models' weighted density ratio; th
 and the candidates' scores read that sum.
 
 Inputs: the step graph's (``edgecap.contract``) plus ``scores`` float32 (R,) (each row's running
-ranking score, -inf for a masked row: a finished beam or a done image), ``word_block`` float32
-(R, V) (1: that word may not follow that row), ``tag_bias`` float32 (R, V) (the tag bonus on
-each row's tag words) and ``steered`` float32 (R,) (1: the row is still steered); with
-``lms``, ``lm_weights`` (R, 1) and the language models' states (``LM_STATES``, (R, H) each at
-its model's width). Outputs (all (R,), rows image-major, ``beam`` per image): ``next_tokens``
-int32, ``back_pointers`` int32 (the source row of each chosen candidate), ``choices`` int32
-(its position among its image's beam x width candidates, for ordering ties as the numpy loop
-does), ``next_scores`` float32 (-inf: no candidate for that row), ``next_logprobs`` float32
-(the word's log-probability, without the bias), ``end_logprobs`` float32 and ``end_positions``
-int32 (``<end>``'s log-probability and place in the row's top K, K when absent),
+ranking score, -inf for a masked row: a finished beam or a done image), ``blocked_words`` int32 (R,
+``MAX_BLOCKED``) (the ids of the words that may not follow that row, -1 past them), ``tag_bias``
+float32 (R, V) (the tag bonus on each row's tag words) and ``steered`` float32 (R,) (1: the row is
+still steered); with ``lms``, ``lm_weights`` (R, 1) and the language models' states (``LM_STATES``,
+(R, H) each at its model's width). Outputs (all (R,), rows image-major, ``beam`` per image):
+``next_tokens`` int32, ``back_pointers`` int32 (the source row of each chosen candidate),
+``choices`` int32 (its position among its image's beam x width candidates, for ordering ties as the
+numpy loop does), ``next_scores`` float32 (-inf: no candidate for that row), ``next_logprobs``
+float32 (the word's log-probability, without the bias), ``end_logprobs`` float32 and
+``end_positions`` int32 (``<end>``'s log-probability and place in the row's top K, K when absent),
 ``logprob_check`` float32 (0, or NaN when the row's log-probabilities are not finite),
 ``end_biases`` and ``next_biases`` float32 (the summed bias at the row's ``<end>`` and at its
 chosen word); and, already reordered by the back-pointers, ``h_next``, ``c_next`` (R, Hd),
@@ -51,12 +51,13 @@ from typing import TYPE_CHECKING
 import numpy as np
 
 from edgecap.contract import STEP_INPUTS, Limits
+from edgecap.decoding.options import MAX_LENGTH
 from edgecap.errors import BackendError
 
 if TYPE_CHECKING:
     from edgecap.decoding.fusion import CaptionLM
 
-BEAM_INPUTS = (*STEP_INPUTS, "scores", "word_block", "tag_bias", "steered")
+BEAM_INPUTS = (*STEP_INPUTS, "scores", "blocked_words", "tag_bias", "steered")
 BEAM_OUTPUTS = (
     "next_tokens",
     "back_pointers",
@@ -93,7 +94,12 @@ MIN_OPSET = 13  # Unsqueeze, Slice and ReduceSum take their axes as inputs
 # The version of the appended graph, part of the names of the cached beam-step ONNX files and
 # TensorRT engines (edgecap.trt.engines): bump it on any change of what beam_step_model appends
 # (its nodes, constants, inputs or outputs), so that caches made by an older edgecap are rebuilt.
-BEAM_STEP_VERSION = 3  # 2: the finiteness check without x - x; 3: the tag bonus in the graph
+BEAM_STEP_VERSION = 4  # 2: the finiteness check without x - x; 3: the tag bonus in the graph;
+# 4: the words a row may not take as ids (blocked_words), not an (R, V) matrix
+# ``blocked_words``' width: the most words a row may be barred from at one word (the words that
+# follow its (n-1)-word tail earlier in its caption are fewer than its words, at most
+# ``MAX_LENGTH``; the never-first words, at the first word, are one: ``<end>``)
+MAX_BLOCKED = MAX_LENGTH
 
 
 def lm_tag(lms: tuple[CaptionLM, CaptionLM]) -> str:
@@ -132,7 +138,7 @@ def row_ranges(limits: Limits, beam: int, lms: bool = False) -> dict[str, tuple[
         "image_index",
         "word_bias",
         "scores",
-        "word_block",
+        "blocked_words",
         "tag_bias",
         "steered",
     )
@@ -186,6 +192,7 @@ def beam_step_model(
         "width": np.array([width], np.int64),
         "zero": np.array([0], np.int64),
         "one": np.array([1], np.int64),
+        "two": np.array([2], np.int64),
         "beam_k": np.array([beam], np.int64),
         "candidates": np.array([-1, beam * width], np.int64),
         "images": np.array([-1, beam], np.int64),
@@ -216,13 +223,13 @@ def beam_step_model(
         )
         return outputs
 
-    def reduce_max(inputs: list[str], name: str) -> None:
-        """ReduceMax over axis 1: its axes an input from opset 18 (the attribute is gone
-        there), the attribute before (no such input)."""
+    def reduce_max(inputs: list[str], name: str, axis: int = 1) -> None:
+        """ReduceMax over ``axis`` (1 or 2): its axes an input from opset 18 (the attribute is
+        gone there), the attribute before (no such input)."""
         if opset >= 18:
-            op("ReduceMax", [*inputs, "one"], name, keepdims=0)
+            op("ReduceMax", [*inputs, {1: "one", 2: "two"}[axis]], name, keepdims=0)
         else:
-            op("ReduceMax", inputs, name, axes=[1], keepdims=0)
+            op("ReduceMax", inputs, name, axes=[axis], keepdims=0)
 
     names = {*BEAM_INPUTS, "topk_logprobs", "topk_ids", "h_out", "c_out"}
     # the words' bias: the host's, plus the tag bonus on the rows still steered, plus the
@@ -256,8 +263,12 @@ def beam_step_model(
     op("Slice", ["cand_k", "zero", "width", "one"], "cand")
     op("Slice", ["topk_ids", "zero", "width", "one"], "ids")
     op("Slice", ["topk_logprobs", "zero", "width", "one"], "lp")
-    op("Slice", ["ids64", "zero", "width", "one"], "ids_w64")
-    op("GatherElements", ["word_block", "ids_w64"], "block", axis=1)
+    # a candidate is blocked when its word is among the row's blocked words (-1: none there)
+    op("Unsqueeze", ["ids", "two"], "ids_col")
+    op("Unsqueeze", ["blocked_words", "one"], "blocked_row")
+    op("Equal", ["ids_col", "blocked_row"], "is_blocked")
+    op("Cast", ["is_blocked"], "is_blocked_f", to=TensorProto.FLOAT)
+    reduce_max(["is_blocked_f"], "block", axis=2)
     op("Greater", ["block", "half"], "blocked")
     op("Equal", ["ids", "end"], "is_end")
     op("Or", ["blocked", "is_end"], "dropped")
@@ -338,7 +349,7 @@ def beam_step_model(
     graph.input.extend(
         [
             helper.make_tensor_value_info("scores", TensorProto.FLOAT, [rows]),
-            helper.make_tensor_value_info("word_block", TensorProto.FLOAT, [rows, vocab_size]),
+            helper.make_tensor_value_info("blocked_words", TensorProto.INT32, [rows, MAX_BLOCKED]),
             helper.make_tensor_value_info("tag_bias", TensorProto.FLOAT, [rows, vocab_size]),
             helper.make_tensor_value_info("steered", TensorProto.FLOAT, [rows]),
         ]
