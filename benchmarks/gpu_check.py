@@ -815,7 +815,8 @@ def encoder_variants(model: Path, frames: list, device: str, report: Report, rep
     """The encoder's CNN alone (``EfficientNetLite.features``, the shipped model's weights, the
     photos preprocessed as the Captioner does) at batch 1 and 64, in each layout (NCHW, NHWC),
     math (IEEE FP32, TF32 convolutions, FP16), form (its BatchNorms folded into its
-    convolutions, as the torch backend runs it, or apart, as exported: ``fold_batch_norms``)
+    convolutions, as the torch backend runs an FP32 encoder, or apart, as exported:
+    ``fold_batch_norms``; ``batch_norms``: how many the variant has)
     and cuDNN's algorithm choice (its heuristics, or ``torch.backends.cudnn.benchmark``, which
     times the algorithms of each shape first; the BatchNorms apart only): p50 ms of a CUDA
     graph's replay, and how far its features are from the folded IEEE FP32 NCHW's (the largest
@@ -883,6 +884,7 @@ def encoder_variants(model: Path, frames: list, device: str, report: Report, rep
                     "layout": layout,
                     "math": math,
                     "form": form,
+                    "batch_norms": sum(isinstance(m, torch.nn.BatchNorm2d) for m in variant.modules()),
                     "benchmark": benchmark,
                     "p50_ms": C.median(times),
                     "p95_ms": C.percentile(times, 95),

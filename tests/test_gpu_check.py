@@ -1002,6 +1002,7 @@ def test_the_encoder_variants_run_each_variant_and_put_the_flags_back(monkeypatc
         for form in ("apart", "folded")
     ]
     assert all(r["batch"] == 1 and not r["benchmark"] and r["p50_ms"] > 0 for r in rows)
+    assert {r["form"]: r["batch_norms"] for r in rows} == {"folded": 0, "apart": 49}
     assert by[("nchw", "ieee", "folded")]["max_abs_diff"] == 0  # the reference
     assert 0 < by[("nchw", "ieee", "apart")]["relative_diff"] < 1e-4  # the same function, rounded apart
     assert by[("nhwc", "ieee", "folded")]["relative_diff"] < 1e-4  # 0 where oneDNN orders it alike

@@ -346,7 +346,7 @@ def test_graphs_behind_an_fp32_encoder_encode_the_fp32_image(tiny_model_dir):
     manifest = load_manifest(tiny_model_dir)
     eager, graphed = (TorchBackend.__new__(TorchBackend) for _ in range(2))
     for backend in (eager, graphed):
-        # folded as the FP32 backend below folds its encoder by default
+        # folded (the default) as the FP32 backend below folds its encoder
         backend._setup(
             *TorchBackend._build(manifest), "cpu", fp16=True, fp32_encoder=True, fold_batch_norms=True
         )

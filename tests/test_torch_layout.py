@@ -110,3 +110,12 @@ def test_a_folded_captioner_captions_as_the_encoder_as_exported(default_model_di
     got = Captioner(default_model_dir, backend="torch", device="cpu").caption_batch(photos)
     assert [c.text for c in got] == [c.text for c in want]
     assert [c.score for c in got] == pytest.approx([c.score for c in want], abs=1e-5)
+
+
+def test_a_backend_from_modules_uses_the_encoder_it_is_given(default_model_dir):
+    """``TorchBackend.from_modules`` (training's dev check) runs the modules in memory as they
+    are: the encoder being trained, its BatchNorms and all, not a folded copy of it."""
+    encoder, decoder = TorchBackend._build(load_manifest(default_model_dir))
+    backend = TorchBackend.from_modules(encoder, decoder)
+    assert backend.encoder is encoder and _batch_norms(encoder) == 49
+    assert not backend.batch_norms_folded

@@ -186,7 +186,7 @@ class TorchBackend(Backend):
     an FP32 encoder runs with its BatchNorms folded into its convolutions and its stride-1
     convolutions padding their input themselves (``efficientnet_lite.fold_batch_norms``, as
     onnxruntime and TensorRT fold the exported graph): 96 operations instead of 157 (on CUDA
-    about 129 kernels instead of 157, cuDNN adding a bias apart; not yet counted on a GPU); the
+    about 134 kernels instead of 174, cuDNN adding a bias apart; not yet counted on a GPU); the
     features within float rounding of the unfolded encoder's. The
     whole model in FP16 (``fp32_encoder=False``) keeps its BatchNorms.
 
@@ -307,7 +307,7 @@ class TorchBackend(Backend):
         """A backend over modules in memory (training's dev check); ``encoder`` may be None when
         only ``encode_regions`` is used. The modules are used as they are (no copy)."""
         backend = cls.__new__(cls)
-        backend._setup(encoder, decoder, _checked_device(device, False), fp16=False)
+        backend._setup(encoder, decoder, _checked_device(device, False), fp16=False, fold_batch_norms=False)
         backend.manifest = None
         return backend
 
@@ -319,12 +319,12 @@ class TorchBackend(Backend):
         fp16: bool,
         fp32_encoder: bool = False,
         fp32_logits: bool = True,
-        fold_batch_norms: bool = False,
+        fold_batch_norms: bool = True,
     ) -> None:
         """``fp32_logits=False`` (with ``fp16``): the word logits in FP16 too, the FP16 of
         before the island (``benchmarks/fp16_emulation.py`` compares the two).
-        ``fold_batch_norms``: an FP32 encoder replaced by its folded copy (the modules given are
-        otherwise used as they are)."""
+        ``fold_batch_norms`` (as the backend runs by default): an FP32 encoder replaced by its
+        folded copy; False: the modules given used as they are (``from_modules``)."""
         self.batch_norms_folded = fold_batch_norms and encoder is not None and (fp32_encoder or not fp16)
         if self.batch_norms_folded:
             encoder = fold_efficientnet_batch_norms(encoder)
