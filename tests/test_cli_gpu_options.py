@@ -1,5 +1,5 @@
-"""``--precision``, ``--cuda-graphs`` and ``--gpu-preprocess`` (caption, eval, serve): the torch
-backend's GPU options from the command line. On this CPU-only machine the end-to-end test
+"""``--precision``, ``--cuda-graphs``, ``--gpu-preprocess`` and ``--search`` (caption, eval,
+serve): the backends' GPU options from the command line. On this CPU-only machine the end-to-end test
 stands the GPU in with the CPU (the backend's device check answering "cpu" and the CUDA graph
 factory replaced by the eager stand-in), so what is checked is that each flag reaches the
 backend the command builds and that a caption still comes out; the refusals are checked as a
@@ -80,6 +80,14 @@ def test_every_flag_reaches_the_torch_backend(built, monkeypatch, capsys):
         (["--backend", "onnxruntime", "--precision", "fp32"], {}),  # the shipped model's own
         (["--backend", "tensorrt", "--precision", "fp32"], {"precision": "fp32"}),
         (["--backend", "tensorrt", "--precision", "fp16"], {"precision": "fp16"}),
+        (["--backend", "onnxruntime", "--search", "graph"], {"search": "graph"}),
+        (["--backend", "onnxruntime", "--search", "host"], {"search": "host"}),
+        (["--backend", "tensorrt", "--search", "graph"], {"search": "graph"}),
+        (["--backend", "torch", "--search", "device"], {"search": "device"}),
+        (
+            ["--backend", "torch", "--device", "cuda", "--cuda-graphs", "--search", "host"],
+            {"cuda_graphs": True, "search": "host"},
+        ),
     ],
 )
 def test_the_keywords_each_backend_gets(argv, keywords):
@@ -99,14 +107,20 @@ def test_the_keywords_are_the_backends_own():
             "fp16",
             "--cuda-graphs",
             "--gpu-preprocess",
+            "--search",
+            "device",
         )
     )
-    assert set(everything) == {"fp16", "fp32_encoder", "cuda_graphs", "preprocess"}
+    assert set(everything) == {"fp16", "fp32_encoder", "cuda_graphs", "preprocess", "search"}
     _check_options(torch_backend.TorchBackend, "torch", everything)
+    from edgecap.backends.onnxruntime import OnnxRuntimeBackend
     from edgecap.backends.tensorrt import TensorRTBackend
 
+    trt = gpu_options(_args("--backend", "tensorrt", "--precision", "fp16", "--search", "graph"))
+    assert set(trt) == {"precision", "search"}
+    _check_options(TensorRTBackend, "tensorrt", trt)
     _check_options(
-        TensorRTBackend, "tensorrt", gpu_options(_args("--backend", "tensorrt", "--precision", "fp16"))
+        OnnxRuntimeBackend, "onnxruntime", gpu_options(_args("--backend", "onnxruntime", "--search", "graph"))
     )
 
 
@@ -132,6 +146,18 @@ def test_the_keywords_are_the_backends_own():
         (
             ["--backend", "tensorrt", "--gpu-preprocess"],
             "--gpu-preprocess is the torch backend's: add --backend torch --device cuda",
+        ),
+        (
+            ["--backend", "torch", "--search", "graph"],
+            "--search graph is not the torch backend's: add --backend onnxruntime or --backend tensorrt",
+        ),
+        (
+            ["--backend", "onnxruntime", "--search", "device"],
+            "--search device is not the onnxruntime backend's: add --backend torch",
+        ),
+        (
+            ["--backend", "tensorrt", "--search", "device"],
+            "--search device is not the tensorrt backend's: add --backend torch",
         ),
         (  # the shipped model is FP32 (its manifest): onnxruntime cannot run it in FP16
             ["--backend", "onnxruntime", "--precision", "fp16"],
@@ -167,6 +193,34 @@ def test_the_help_says_what_each_flag_does(capsys):
     assert "--precision {fp32,fp16}" in text
     assert "98.6-99.4% of FP32's captions" in text  # the % of the figure survives argparse's formatting
     assert "--cuda-graphs" in text and "--gpu-preprocess" in text
+    assert "--search {host,device,graph}" in text and "not yet run on TensorRT or onnxruntime-gpu" in text
+
+
+@pytest.mark.parametrize(
+    "backend, search",
+    [("onnxruntime", "graph"), ("onnxruntime", "host"), ("torch", "device"), ("torch", "host")],
+)
+def test_search_reaches_the_backend_and_keeps_the_captions(backend, search, built, capsys):
+    """``--search`` runs the search where it says, on this CPU (onnxruntime's step graph with
+    the bookkeeping in it; torch's device search on CPU tensors), and the captions are those
+    of the backend's default."""
+    argv = [
+        "caption",
+        CHELSEA,
+        str(Path(CHELSEA).with_name("coffee.png")),
+        "--backend",
+        backend,
+        "--no-progress",
+    ]
+    assert main(argv) == 0
+    want = capsys.readouterr().out
+    assert main([*argv, "--search", search]) == 0
+    assert capsys.readouterr().out == want
+    made = built[-1].backend
+    if backend == "onnxruntime":
+        assert (made._graph_search is not None) == (search == "graph")
+    else:
+        assert made.on_device == (search == "device") and made.search_mode == search
 
 
 def _fp16_model(tmp_path) -> Path:

@@ -81,7 +81,7 @@ def decode_workers_value(text: str | None) -> int | None:
 
 
 def add_model_arguments(p: argparse.ArgumentParser, overlaps: bool = True) -> None:
-    """--model, --backend, --device, --precision, --cuda-graphs, --gpu-preprocess, --threads,
+    """--model, --backend, --device, --precision, --cuda-graphs, --gpu-preprocess, --search, --threads,
     --decode-workers, --no-overlap, --beam-size, --max-length,
     --no-repeat-ngram, --length-penalty, --batch-size, --guidance-bonus / --no-objects-guidance,
     --fusion-weight / --no-fusion (each pair exclusive), --no-consensus, --no-blank-check,
@@ -126,6 +126,17 @@ def add_model_arguments(p: argparse.ArgumentParser, overlaps: bool = True) -> No
         help="with --backend torch --device cuda: resize, normalise and check the frames for "
         "blankness on the GPU (the same pixels as the host's), the host only decoding them; "
         "not yet timed on a GPU (see docs/gpu-search.md)",
+    )
+    p.add_argument(
+        "--search",
+        choices=SEARCHES,
+        help="where the beam search's bookkeeping runs (default: the backend's own: onnxruntime "
+        "and tensorrt host; torch on CUDA device from 12 beam rows a batch, else host): host, "
+        "the numpy loop between the decoder's steps; device, with --backend torch: torch "
+        "operations on the backend's device, with --cuda-graphs the whole decode one CUDA "
+        "graph; graph, with --backend onnxruntime or tensorrt: in the step graph or engine, a "
+        "few values a row back each word (not yet run on TensorRT or onnxruntime-gpu). The same "
+        "captions every way; see docs/gpu-search.md",
     )
     p.add_argument(
         "--threads",
@@ -283,9 +294,31 @@ def caption_options(args: argparse.Namespace) -> CaptionOptions:
 
 
 def gpu_options(args: argparse.Namespace) -> dict:
-    """The backend keywords of ``--precision``, ``--cuda-graphs`` and ``--gpu-preprocess`` for
-    the backend ``--backend`` resolves to; a flag that backend or device cannot take is a
-    ``ValueError`` in the command line's words (before the model is loaded)."""
+    """The backend keywords of ``--precision``, ``--cuda-graphs``, ``--gpu-preprocess`` and
+    ``--search`` for the backend ``--backend`` resolves to; a flag that backend or device
+    cannot take is a ``ValueError`` in the command line's words (before the model is loaded)."""
+    search = getattr(args, "search", None)
+    keywords = {} if search is None else _search_option(resolve(args.backend), search)
+    return {**_gpu_options(args), **keywords}
+
+
+# --search's choices, and which backends take each
+SEARCHES = ("host", "device", "graph")
+SEARCH_BACKENDS = {
+    "host": ("onnxruntime", "tensorrt", "torch"),
+    "device": ("torch",),
+    "graph": ("onnxruntime", "tensorrt"),
+}
+
+
+def _search_option(backend: str, search: str) -> dict:
+    if backend not in SEARCH_BACKENDS[search]:
+        takes = " or ".join(f"--backend {name}" for name in SEARCH_BACKENDS[search])
+        raise ValueError(f"--search {search} is not the {backend} backend's: add {takes}")
+    return {"search": search}
+
+
+def _gpu_options(args: argparse.Namespace) -> dict:
     precision = getattr(args, "precision", None)
     graphs = getattr(args, "cuda_graphs", False)
     on_gpu = getattr(args, "gpu_preprocess", False)
