@@ -372,7 +372,6 @@ def _emulated_search(backend, encoded, options, vocab, tags=None, fusion=None, e
         beam_width(beam, top_k),
         START,
         END,
-        vocab,
         never_first=NEVER_FIRST_IDS,
         scorers=scorers_for(options, vocab, tags, fusion, encoded.class_probs),
         endings=endings,
@@ -573,7 +572,7 @@ class _NaNStep:
 
 def test_non_finite_log_probabilities_fail_loudly():
     with pytest.raises(BackendError, match="non-finite log-probabilities at word 1"):
-        graph_beam_search(_NaNStep(), 1, CaptionOptions(beam_size=2), 5, 3, START, END, 8)
+        graph_beam_search(_NaNStep(), 1, CaptionOptions(beam_size=2), 5, 3, START, END)
 
 
 def _fold_like_tensorrt(model):

@@ -2,19 +2,18 @@
 (``TensorRTBackend(search="graph")``; ``edgecap.build.beam_step``,
 ``edgecap.decoding.graph_search``).
 
-One beam-step engine per beam size (``EngineCache.load_beam``), built from the step graph with
-the bookkeeping and the tag bonus appended in FP32, and another with the fused caption language
-models stepped in it too, for batches the options and the fusion gate give them. It reads the
-encoder's outputs and the step's input buffers where the backend keeps them, and writes h / c,
-already reordered by the back-pointers, into the backend's ping-pong state buffers (the rows
-still steered and the language models' states into two sets of its own, used in turn). Per
-word: ``tokens``, ``scores`` (R values) go up, and ``blocked_words`` (R x 200 int32 ids) only
-when the n-gram rule blocks a word (``word_bias`` stays zeros: the rules' bias is made in the
-engine); the ten
-(R,) results come back in one synchronisation. A search's rules (``GraphRules``: the tag rows,
-the language models' row weights, the carried states' first values) go up at its first step.
-Its own buffers (scores, blocked_words, the results, the rules', their pinned host copies) are
-allocated once, for the engine's largest shapes, and freed by ``close``.
+One beam-step engine per beam size (``EngineCache.load_beam``), built from the step graph with the
+bookkeeping and the tag bonus appended in FP32, and another with the fused caption language models
+stepped in it too, for batches the options and the fusion gate give them. It reads the encoder's
+outputs and the step's input buffers where the backend keeps them, and writes h / c, already
+reordered by the back-pointers, into the backend's ping-pong state buffers (the rows still steered
+and the language models' states into two sets of its own, used in turn). Per word: ``tokens``,
+``scores`` (R values) go up, and ``blocked_words`` (R x 200 int32 ids) only when the n-gram rule
+blocks a word (``word_bias`` stays zeros: the rules' bias is made in the engine); the ten (R,)
+results come back in one synchronisation. A search's rules (``GraphRules``: the tag rows, the
+language models' row weights, the carried states' first values) go up at its first step. Its own
+buffers (scores, blocked_words, the results, the rules', their pinned host copies) are allocated
+once, for the engine's largest shapes, and freed by ``close``.
 
 Not yet run on real TensorRT: tested with fakes of the calls used (tests/test_graph_search.py,
 with tests/test_tensorrt_fake.py's fake TensorRT, whose engines run the ONNX on onnxruntime).

@@ -187,8 +187,8 @@ class TorchBackend(Backend):
     convolutions padding their input themselves (``efficientnet_lite.fold_batch_norms``, as
     onnxruntime and TensorRT fold the exported graph): 96 operations instead of 157 (on CUDA
     about 134 kernels instead of 174, cuDNN adding a bias apart; not yet counted on a GPU); the
-    features within float rounding of the unfolded encoder's. The
-    whole model in FP16 (``fp32_encoder=False``) keeps its BatchNorms.
+    features within float rounding of the unfolded encoder's. The whole model in FP16
+    (``fp32_encoder=False``) keeps its BatchNorms.
 
     With graphs the backend holds one set of buffers per shape, so it serves one search at a
     time (``thread_safe`` is False and ``Captioner`` serialises its batches)."""
