@@ -56,7 +56,8 @@ targets (8. below), then:
    top-k / sort, ...) and the longest by name, against the call's wall time: what to fuse or
    speed up next (on the CPU with --quick: the first mode at batch 1, once);
 6. peak GPU memory per mode (``torch.cuda.max_memory_allocated``);
-7. the same rows for the TensorRT backend and onnxruntime's CUDA provider where they run;
+7. the same rows for the TensorRT backend and onnxruntime's CUDA provider where they run, each
+   with the numpy search and with the bookkeeping in the step graph (``search="graph"``, ``-graph``);
 8. issue 24's targets, each with the figure measured and met or not: beam 3 batch 1 end to
    end <= 2.5 ms in the faster precision that keeps >= 98% of the captions, >= 5,000
    captions/s at batch 64 from in-memory frames (in a mode that keeps them too), FP16 >= 98%
@@ -767,7 +768,9 @@ def modes(device: str, compiled: bool = False) -> list[dict]:
 
 
 def other_backends(device: str, report: Report) -> list[dict]:
-    """TensorRT and onnxruntime's CUDA provider, where they can run."""
+    """TensorRT and onnxruntime's CUDA provider, where they can run: each with the numpy
+    search between its steps and with the search's bookkeeping in the step graph or engine
+    (``search="graph"``, the ``-graph`` rows)."""
     out = []
     if device != "cuda":
         report.skip("TensorRT and onnxruntime-gpu rows", "no CUDA device")
@@ -777,13 +780,14 @@ def other_backends(device: str, report: Report) -> list[dict]:
 
         providers = onnxruntime.get_available_providers()
         if "CUDAExecutionProvider" in providers:
-            out.append(
-                {
-                    "label": "onnxruntime-cuda-fp32",
-                    "backend": "onnxruntime",
-                    "options": {"providers": "cuda", "fp16": False},
-                }
-            )
+            for suffix, search in (("", "host"), ("-graph", "graph")):
+                out.append(
+                    {
+                        "label": f"onnxruntime-cuda-fp32{suffix}",
+                        "backend": "onnxruntime",
+                        "options": {"providers": "cuda", "fp16": False, "search": search},
+                    }
+                )
         else:
             report.skip(
                 "onnxruntime CUDA provider rows",
@@ -802,7 +806,14 @@ def other_backends(device: str, report: Report) -> list[dict]:
             if not isinstance(getattr(tensorrt, "__version__", None), str):
                 raise ImportError("only type stubs (tensorrt-stubs), not the library")
             # FP16 engines: the decoder step FP16 behind the FP32 encoder engine (role_precisions)
-            out.append({"label": "tensorrt-fp16", "backend": "tensorrt", "options": {"precision": "fp16"}})
+            for suffix, search in (("", "host"), ("-graph", "graph")):
+                out.append(
+                    {
+                        "label": f"tensorrt-fp16{suffix}",
+                        "backend": "tensorrt",
+                        "options": {"precision": "fp16", "search": search},
+                    }
+                )
         except Exception as exc:
             report.skip("TensorRT rows", f"tensorrt does not import ({exc})")
     return out

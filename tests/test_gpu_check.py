@@ -1771,3 +1771,40 @@ def test_hold_timing_times_captions_with_and_without_a_previous_one(default_mode
     assert "## Holding a caption, beam 3, batch 1" in text
     assert len([line for line in text.splitlines() if line.startswith("| torch-cpu-graphs-device |")]) == 1
     assert gpu_check.hold_lines([{"label": "x"}]) == []
+
+
+def test_tensorrt_and_onnxruntime_gpu_rows_run_both_searches(monkeypatch):
+    """Where TensorRT and onnxruntime's CUDA provider import, each gets a row with the numpy
+    search between its steps and a ``-graph`` row with the bookkeeping in the step graph or
+    engine; every row's options are its backend class's own (a misspelt one would fail only on
+    such a machine)."""
+    import types
+
+    sys.path.insert(0, str(SCRIPT.parent))
+    import gpu_check
+    import onnxruntime
+
+    from edgecap.backends import _check_options
+    from edgecap.backends.onnxruntime import OnnxRuntimeBackend
+    from edgecap.backends.tensorrt import TensorRTBackend
+
+    monkeypatch.setattr(
+        onnxruntime, "get_available_providers", lambda: ["CUDAExecutionProvider", "CPUExecutionProvider"]
+    )
+    real_find_spec = importlib.util.find_spec
+    monkeypatch.setattr(
+        gpu_check.importlib.util,
+        "find_spec",
+        lambda name, *a: object() if name == "tensorrt" else real_find_spec(name, *a),
+    )
+    monkeypatch.setitem(sys.modules, "tensorrt", types.SimpleNamespace(__version__="10.3.0"))
+    rows = gpu_check.other_backends("cuda", gpu_check.Report(1e9))
+    assert {r["label"]: r["options"]["search"] for r in rows} == {
+        "onnxruntime-cuda-fp32": "host",
+        "onnxruntime-cuda-fp32-graph": "graph",
+        "tensorrt-fp16": "host",
+        "tensorrt-fp16-graph": "graph",
+    }
+    classes = {"onnxruntime": OnnxRuntimeBackend, "tensorrt": TensorRTBackend}
+    for row in rows:
+        _check_options(classes[row["backend"]], row["backend"], row["options"])
