@@ -33,6 +33,7 @@ checkouts) each in its own process, run alternately.
 
 from __future__ import annotations
 
+import contextlib
 import statistics
 import sys
 import time
@@ -87,8 +88,10 @@ class Timed:
     def __init__(self):
         self.seconds, self.runs, self.blocks = 0.0, 0, 0
 
-    def count_blocks(self) -> None:
-        """Count the steps of every numpy-feed beam-step session given blocked words."""
+    @contextlib.contextmanager
+    def counting_blocks(self):
+        """Within: count the steps of every numpy-feed beam-step session given blocked words
+        (the class's step wrapped, and put back after)."""
         from edgecap.backends.ort_beam import OnnxBeamSession
 
         real = OnnxBeamSession.step
@@ -98,6 +101,10 @@ class Timed:
             return real(session, tokens, source_rows, scores, word_bias, blocked_words)
 
         OnnxBeamSession.step = step  # type: ignore[method-assign]
+        try:
+            yield
+        finally:
+            OnnxBeamSession.step = real  # type: ignore[method-assign]
 
     def wrap(self, session) -> None:
         if getattr(session, "_graph_host_timed", False):
@@ -170,13 +177,13 @@ def main(argv=None) -> int:
     captioner = Captioner(backend="onnxruntime", threads=1, search="graph")
     captioner.backend._graph_search.lms_in_graph = args.lms == "graph"
     timed = Timed()
-    timed.count_blocks()
     rows = []
     for label, folder in SETS.items():
         paths = set_photos(args.data, folder, args.photos)
         photos = [preprocess([load_rgb(str(p))], captioner.manifest.preprocessing)[0] for p in paths]
         inputs = [np.stack(photos[i : i + args.batch]) for i in range(0, len(photos), args.batch)]
-        figures = measure(captioner, inputs, args.rounds, timed)
+        with timed.counting_blocks():
+            figures = measure(captioner, inputs, args.rounds, timed)
         rows.append({"set": label, "photos": len(paths), **figures})
         print(f"{label}: host {figures['host_ms_per_word']:.3f} ms a word", file=sys.stderr)
     table = C.markdown_table(

@@ -435,6 +435,30 @@ def _tables(rule, options, top_k=2, tags=None):
     return want, _emulated_search(backend, backend.encode(image), options, len(WORDS), tags)
 
 
+def test_the_blocked_words_are_each_rows_ids_in_its_own_places():
+    """The host's ``_blocked``: at the first word the never-first ids in every row; then, per
+    live row, the words that followed its last n - 1 words earlier (each once, sorted), -1
+    past them; a masked row (score -inf) none; a row barred from as many words as it has said
+    fills every place it has; more never-first ids than places are refused."""
+    from edgecap.decoding.graph_search import _blocked
+
+    never = np.array([END])
+    scores = np.zeros(3)
+    first = _blocked(0, [[], [], []], scores, never, 3)
+    assert first.shape == (3, MAX_BLOCKED) and (first[:, 0] == END).all() and (first[:, 1:] == -1).all()
+    seqs = [[4, 5, 6, 4, 5, 7, 4, 5], [4, 5, 6, 4, 5, 7, 4, 5], [1, 2, 3, 1, 2, 9, 1, 2]]
+    got = _blocked(8, seqs, np.array([0.0, -np.inf, 0.0]), never, 3)
+    assert got[0, :2].tolist() == [6, 7] and got[2, :2].tolist() == [3, 9]
+    assert (got[:, 2:] == -1).all() and (got[1] == -1).all()
+    assert _blocked(8, seqs, scores, never, 0) is None  # no rule, past the first word
+    # n = 1: every word said so far, here 200 different ones
+    said = [list(range(200))]
+    full = _blocked(200, said, np.zeros(1), never, 1)
+    assert full[0].tolist() == list(range(200))
+    with pytest.raises(ValueError, match="at most 200 never-first words"):
+        _blocked(0, [[]], np.zeros(1), np.arange(MAX_BLOCKED + 1), 3)
+
+
 def test_every_continuation_blocked_keeps_the_live_beam():
     """ "a" then "b", then both repeat a word (no_repeat_ngram=1) and <end> is not in the top
     K: the live beam "a b" is the caption, unfinished."""
@@ -1067,7 +1091,8 @@ def test_the_beam_step_graph_does_the_loops_bookkeeping(small_step):
     feeds["word_bias"][3, 9] = 1.5
     scores = np.array([-1.0, -2.0, -0.5, -np.inf], np.float32)  # row 3: a finished beam
     block = np.full((rows, MAX_BLOCKED), -1, np.int32)  # the ids a row may not take, -1 past them
-    block[1, :2] = [19, 7]  # row 1: word 7 (and 19, not among its candidates)
+    block[1, :2] = [19, 19]  # row 1: 19 (not among its candidates), and in the last place word 7
+    block[1, -1] = 7
     block[3, 0] = 7  # another row's block: not row 1's
 
     plain = ort.InferenceSession(step.SerializeToString(), providers=["CPUExecutionProvider"])

@@ -55,7 +55,9 @@ class OnnxBeamSession:
             "c": self.c,
             "scores": np.ascontiguousarray(scores, np.float32),
             "word_bias": self._zeros if word_bias is None else np.ascontiguousarray(word_bias, np.float32),
-            "blocked_words": self._none_blocked if blocked_words is None else blocked_words,
+            "blocked_words": (
+                self._none_blocked if blocked_words is None else np.ascontiguousarray(blocked_words, np.int32)
+            ),
             **self._fixed,
             **self.carried,
         }

@@ -176,8 +176,8 @@ class TensorRTBeamSession:
         engine.upload("scores", np.asarray(scores, np.float32), stream)
         vocab = buffers.tensor("word_bias").tail
         if blocked_words is not None:
+            engine.rows_none_blocked = 0  # before the upload, which may fail half-way
             engine.upload("blocked_words", np.asarray(blocked_words, np.int32), stream)
-            engine.rows_none_blocked = 0
         elif engine.rows_none_blocked < r:
             engine.upload("blocked_words", np.full((r, MAX_BLOCKED), -1, np.int32), stream)
             engine.rows_none_blocked = r
