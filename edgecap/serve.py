@@ -638,16 +638,17 @@ def warm_up(captioner, max_batch: int = 1) -> None:
     is several times slower than the next ones, and a model that cannot run fails here, before
     listening. At batch 1; with a backend that captures or compiles per batch size (CUDA graphs:
     ``Backend.keeps_sizes``), at every size the service's batches of 1 to ``max_batch`` images
-    run at (1, 2, 4, ...), the whole decode's graph of every plan of each included. What it
-    warns of (more graphs than kept, a form of capture that failed) goes to stderr, a line
-    each."""
+    run at (1, 2, 4, ...), the whole decode's graph of every plan of each included, and the
+    graphs of the pass that scores a client's previous caption (``hold=True``: a request with
+    an Edgecap-Previous-Caption header then captures nothing either). What it warns of (more
+    graphs than kept, a form of capture that failed) goes to stderr, a line each."""
     backend = captioner.backend
     sizes = {1}
     if backend.keeps_sizes():
         sizes = {backend.run_size(n, max_batch) for n in range(1, max_batch + 1)}
     with warnings.catch_warnings(record=True) as caught:
         warnings.simplefilter("always", RuntimeWarning)
-        captioner.warm_up(sorted(sizes), frame_size=(224, 224))
+        captioner.warm_up(sorted(sizes), frame_size=(224, 224), hold=True)
     for warning in caught:
         if issubclass(warning.category, RuntimeWarning):
             print(f"edgecap serve: warning: {warning.message}", file=sys.stderr)

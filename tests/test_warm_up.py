@@ -228,8 +228,9 @@ def test_warm_up_refuses_bad_arguments_naming_them(default_model_dir, kwargs, me
 def test_the_service_warms_every_size_its_batches_run_at(default_model_dir, monkeypatch, capsys):
     """``edgecap serve``'s warm-up: batch 1 for a backend that keeps nothing per batch size
     (onnxruntime); with graphs, every size a batch of 1 to ``max_batch`` images runs at, padded
-    (1, 2, 4 for 4), and what ``warm_up`` warns of is one line on stderr, not a Python
-    warning with its file and line."""
+    (1, 2, 4 for 4), with the pass that scores a previous caption (``hold=True``: a request
+    holding one captures nothing then), and what ``warm_up`` warns of is one line on stderr,
+    not a Python warning with its file and line."""
     from edgecap.serve import warm_up
 
     asked = []
@@ -237,7 +238,9 @@ def test_the_service_warms_every_size_its_batches_run_at(default_model_dir, monk
     def spy(captioner):
         real = captioner.warm_up
         monkeypatch.setattr(
-            captioner, "warm_up", lambda sizes, **k: asked.append(list(sizes)) or real(sizes, **k)
+            captioner,
+            "warm_up",
+            lambda sizes, **k: asked.append((list(sizes), k["hold"])) or real(sizes, **k),
         )
         return captioner
 
@@ -246,10 +249,27 @@ def test_the_service_warms_every_size_its_batches_run_at(default_model_dir, monk
     warm_up(graphed, 2)
     assert capsys.readouterr().err == ""
     warm_up(graphed, 4)
-    assert asked == [[1], [1, 2], [1, 2, 4]]
+    assert asked == [([1], True), ([1, 2], True), ([1, 2, 4], True)]
     err = capsys.readouterr().err.splitlines()
     assert err == [
         "edgecap serve: warning: warm_up: batch sizes [1, 2, 4] need more graphs than the backend keeps "
         "(the whole decode's of 8 plans): the first ones were dropped, and will be captured again when "
         "a batch needs them; warm up fewer batch sizes"
     ]
+
+
+def test_after_the_services_warm_up_a_held_request_captures_nothing(default_model_dir, example_images):
+    """``edgecap serve``'s warm-up with graphs: a photo captioned alone or in pairs, with and
+    without a previous caption to hold (as the Edgecap-Previous-Caption header passes it),
+    captures no graph afterwards."""
+    from edgecap.serve import warm_up
+
+    graphed = _graphed(default_model_dir)
+    warm_up(graphed, 2)
+    before = _captured(graphed)
+    photos = [str(p) for p in example_images]
+    previous = "a dog runs through the grass"
+    graphed.caption(photos[0])
+    graphed.caption(photos[1], previous=previous)
+    graphed.caption_batch(photos[2:4], previous=[previous, previous])
+    assert _captured(graphed) == before
