@@ -83,7 +83,7 @@ def set_photos(data: Path, folder: str, n: int) -> list[Path]:
 
 class Timed:
     """The beam-step sessions' runs, wrapped: their summed wall time and count; and the steps
-    given blocked words (``count_blocks``)."""
+    given blocked words (``counting_blocks``)."""
 
     def __init__(self):
         self.seconds, self.runs, self.blocks = 0.0, 0, 0
