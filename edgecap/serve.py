@@ -638,7 +638,8 @@ def warm_up(captioner, max_batch: int = 1) -> None:
     is several times slower than the next ones, and a model that cannot run fails here, before
     listening. At batch 1; with a backend that captures or compiles per batch size (CUDA graphs:
     ``Backend.keeps_sizes``), at every size the service's batches of 1 to ``max_batch`` images
-    run at (1, 2, 4, ...), the whole decode's graph of every plan of each included, and the
+    run at (1, 2, 4, ...), the whole decode's graph of every plan of each included, and, where
+    the backend keeps their step-graph shapes beside the host search's own (``hold_fits``), the
     graphs of the pass that scores a client's previous caption (``hold=True``: a request with
     an Edgecap-Previous-Caption header then captures nothing either). What it warns of (more
     graphs than kept, a form of capture that failed) goes to stderr, a line each."""
@@ -648,12 +649,25 @@ def warm_up(captioner, max_batch: int = 1) -> None:
         sizes = {backend.run_size(n, max_batch) for n in range(1, max_batch + 1)}
     with warnings.catch_warnings(record=True) as caught:
         warnings.simplefilter("always", RuntimeWarning)
-        captioner.warm_up(sorted(sizes), frame_size=(224, 224), hold=True)
+        captioner.warm_up(sorted(sizes), frame_size=(224, 224), hold=hold_fits(captioner, sizes))
     for warning in caught:
         if issubclass(warning.category, RuntimeWarning):
             print(f"edgecap serve: warning: {warning.message}", file=sys.stderr)
         else:  # another kind: as Python would have shown it
             warnings.warn_explicit(warning.message, warning.category, warning.filename, warning.lineno)
+
+
+def hold_fits(captioner, sizes) -> bool:
+    """Whether warming the hold pass at ``sizes`` keeps every step-graph shape the warm-up
+    makes: one per size for the hold pass, one per size the search runs on the host (with
+    ``search="host"``, or small batches under ``"auto"``). Past what the backend keeps, warming
+    it would drop the searches' own shapes, worse than leaving the hold pass to its first
+    request."""
+    kept = captioner.backend.step_shapes_kept()
+    if kept is None:
+        return True  # nothing captured per shape: the warm-up's hold pass costs one search
+    on_host = sum(not captioner.backend.warms_search(size, captioner.options) for size in sizes)
+    return on_host + len(sizes) <= kept
 
 
 def is_loopback(host: str) -> bool:

@@ -159,6 +159,11 @@ def test_the_keywords_are_the_backends_own():
             ["--backend", "tensorrt", "--search", "device"],
             "--search device is not the tensorrt backend's: add --backend torch",
         ),
+        (  # --backend auto: onnxruntime, here
+            ["--search", "device"],
+            "--search device is not the onnxruntime backend's (what --backend auto chose): add "
+            "--backend torch",
+        ),
         (  # the shipped model is FP32 (its manifest): onnxruntime cannot run it in FP16
             ["--backend", "onnxruntime", "--precision", "fp16"],
             "--precision fp16: onnxruntime runs the model's own precision, and the shipped model is "
@@ -219,6 +224,7 @@ def test_search_reaches_the_backend_and_keeps_the_captions(backend, search, buil
     made = built[-1].backend
     if backend == "onnxruntime":
         assert (made._graph_search is not None) == (search == "graph")
+        assert ("beam bookkeeping in the step graph" in made.describe()) == (search == "graph")
     else:
         assert made.on_device == (search == "device") and made.search_mode == search
 

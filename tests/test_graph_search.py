@@ -787,6 +787,7 @@ def test_fake_tensorrt_graph_search_gives_the_numpy_captions(monkeypatch, tmp_pa
             with device.active():
                 assert (device.read(last["blocked_words"], (rows, MAX_BLOCKED), np.int32) == -1).all()
     assert "beam-step engine (5 beams)" in log.getvalue()
+    assert backend.describe().endswith("; beam bookkeeping in the engine")
     for runs in searches:
         # h / c ping-pong: the first step reads the encoder's h0, each next one what the last
         # wrote, never in place

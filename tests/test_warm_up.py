@@ -273,3 +273,62 @@ def test_after_the_services_warm_up_a_held_request_captures_nothing(default_mode
     graphed.caption(photos[1], previous=previous)
     graphed.caption_batch(photos[2:4], previous=[previous, previous])
     assert _captured(graphed) == before
+
+
+@pytest.mark.parametrize(
+    "search, sizes, fits",
+    [
+        ("cuda-auto", [1, 2, 4, 8, 16, 32], True),  # 6 hold shapes + batches 1, 2 on the host: 8 kept
+        ("cuda-auto", [1, 2, 4, 8, 16, 32, 64], False),  # 9
+        ("host", [1, 2, 4, 8], True),  # 4 + 4
+        ("host", [1, 2, 4, 8, 16], False),  # 5 + 5
+        ("device", [1, 2, 4, 8, 16, 32, 64], True),  # 7: every batch searched in the decode's graphs
+    ],
+)
+def test_the_service_warms_the_hold_pass_only_where_its_shapes_fit_beside_the_searchs(
+    default_model_dir, monkeypatch, search, sizes, fits
+):
+    """At beam 3 with graphs (8 step-graph shapes kept): the hold pass's shape per size, and
+    the host search's per size it runs on the host, must all be kept, else warming the hold
+    pass would drop the search's own; a backend that keeps no shapes always warms it.
+    "cuda-auto": ``search="auto"`` as it picks on CUDA (the device search from 12 beam rows;
+    on the CPU it picks the host's), stood in for on the CPU."""
+    from edgecap.backends.torch_search import AUTO_DEVICE_ROWS
+    from edgecap.serve import hold_fits
+
+    graphed = Captioner(
+        default_model_dir,
+        backend="torch",
+        device="cpu",
+        search="device" if search == "cuda-auto" else search,
+        graph_factory=EagerGraph,
+        batch_size=64,
+    )
+    if search == "cuda-auto":
+        monkeypatch.setattr(
+            graphed.backend, "warms_search", lambda n, options: n * options.beam_size >= AUTO_DEVICE_ROWS
+        )
+    assert graphed.backend.step_shapes_kept() == 8
+    assert hold_fits(graphed, sizes) is fits
+    assert hold_fits(Captioner(default_model_dir, batch_size=64), sizes) is True
+
+
+def test_a_service_searching_on_the_host_keeps_its_searchs_graphs_warm(default_model_dir, example_images):
+    """``search="host"`` with graphs and batches of up to 16 (too many shapes to warm the hold
+    pass too): after the service's warm-up a batch of each size captures nothing."""
+    from edgecap.serve import warm_up
+
+    graphed = Captioner(
+        default_model_dir,
+        backend="torch",
+        device="cpu",
+        search="host",
+        graph_factory=EagerGraph,
+        batch_size=16,
+    )
+    warm_up(graphed, 16)
+    before = _captured(graphed)
+    photos = [str(p) for p in example_images]
+    for size in (1, 2, 4, 8, 16):
+        graphed.caption_batch((photos * 4)[:size])
+    assert _captured(graphed) == before

@@ -135,6 +135,12 @@ class Backend(ABC):
         Here none."""
         return 0
 
+    def step_shapes_kept(self) -> int | None:
+        """How many shapes of the host search's step graphs it keeps (one a batch size searched
+        on the host, one a batch size whose previous captions are scored); None: it captures
+        none."""
+        return None
+
     def run_size(self, n_images: int, largest: int) -> int:
         """The batch size a batch of ``n_images`` runs at (``largest``: the most images a batch
         of the caller's has held, at least ``n_images``): ``n_images``, but for a backend that

@@ -193,7 +193,10 @@ class OnnxRuntimeBackend(Backend):
 
     def describe(self) -> str:
         threads = "physical cores" if self.threads is None else str(self.threads)
-        return f"onnxruntime {ort.__version__} ({', '.join(self.providers)}; intra-op threads: {threads})"
+        graph = "; beam bookkeeping in the step graph" if getattr(self, "_graph_search", None) else ""
+        return (
+            f"onnxruntime {ort.__version__} ({', '.join(self.providers)}; intra-op threads: {threads}{graph})"
+        )
 
     def encode(self, images: np.ndarray) -> Encoded:
         """images float32 (N, 3, H, W) -> Encoded with numpy features (N, L, F), att_proj

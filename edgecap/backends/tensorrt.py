@@ -420,6 +420,7 @@ class TensorRTBackend(Backend):
             f"tensorrt {self._trt.__version__} {precision_label(self.precisions)} on {d.name} "
             f"(sm{d.compute_capability[0]}{d.compute_capability[1]}), engines in "
             f"{self._cache.cache_dir}"
+            + ("; beam bookkeeping in the engine" if getattr(self, "_graph_search", None) else "")
         )
 
     # -- lifetime ------------------------------------------------------------------------------

@@ -538,6 +538,9 @@ class TorchBackend(Backend):
         graphs = self.device_search.graphs if self.on_device else None
         return 0 if graphs is None else graphs.graphs.dropped
 
+    def step_shapes_kept(self) -> int | None:
+        return None if self.graph_factory is None else self.step_graphs.keys.limit
+
     def start(
         self, encoded: Encoded, image_index: np.ndarray, return_attention: bool = False
     ) -> DecoderSession:

@@ -133,10 +133,11 @@ def add_model_arguments(p: argparse.ArgumentParser, overlaps: bool = True) -> No
         help="where the beam search's bookkeeping runs (default: the backend's own: onnxruntime "
         "and tensorrt host; torch on CUDA device from 12 beam rows a batch, else host): host, "
         "the numpy loop between the decoder's steps; device, with --backend torch: torch "
-        "operations on the backend's device, with --cuda-graphs the whole decode one CUDA "
-        "graph; graph, with --backend onnxruntime or tensorrt: in the step graph or engine, a "
+        "operations on the backend's device, with --cuda-graphs the whole decode in CUDA "
+        "graphs; graph, with --backend onnxruntime or tensorrt: in the step graph or engine, a "
         "few values a row back each word (not yet run on TensorRT or onnxruntime-gpu). The same "
-        "captions every way; see docs/gpu-search.md",
+        "captions every way; --constrained and --attention search on the host whatever it says; "
+        "see docs/gpu-search.md",
     )
     p.add_argument(
         "--threads",
@@ -298,7 +299,7 @@ def gpu_options(args: argparse.Namespace) -> dict:
     ``--search`` for the backend ``--backend`` resolves to; a flag that backend or device
     cannot take is a ``ValueError`` in the command line's words (before the model is loaded)."""
     search = getattr(args, "search", None)
-    keywords = {} if search is None else _search_option(resolve(args.backend), search)
+    keywords = {} if search is None else _search_option(resolve(args.backend), search, args.backend)
     return {**_gpu_options(args), **keywords}
 
 
@@ -311,10 +312,12 @@ SEARCH_BACKENDS = {
 }
 
 
-def _search_option(backend: str, search: str) -> dict:
+def _search_option(backend: str, search: str, asked: str) -> dict:
+    """``asked``: the --backend given (``auto`` named as what it chose)."""
     if backend not in SEARCH_BACKENDS[search]:
         takes = " or ".join(f"--backend {name}" for name in SEARCH_BACKENDS[search])
-        raise ValueError(f"--search {search} is not the {backend} backend's: add {takes}")
+        chose = " (what --backend auto chose)" if asked == "auto" else ""
+        raise ValueError(f"--search {search} is not the {backend} backend's{chose}: add {takes}")
     return {"search": search}
 
 
