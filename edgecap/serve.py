@@ -665,7 +665,7 @@ def hold_fits(captioner, sizes) -> bool:
     request."""
     kept = captioner.backend.step_shapes_kept()
     if kept is None:
-        return True  # nothing captured per shape: the warm-up's hold pass costs one search
+        return True  # no step-graph shapes kept: none to drop
     on_host = sum(not captioner.backend.warms_search(size, captioner.options) for size in sizes)
     return on_host + len(sizes) <= kept
 
