@@ -291,3 +291,16 @@ def test_fp16_asked_of_an_int8_model_says_to_convert_its_fp32_source(tiny_model_
         ValueError, match=rf"make an FP16 copy with `edgecap convert {tiny_model_dir} --precision"
     ):
         _check_model_precision(str(tiny_model_dir), "fp16")
+
+
+def test_search_graph_without_onnx_is_said_in_the_flags_words(monkeypatch, capsys):
+    """The step graph is derived with the onnx package; without it ``--search graph`` is one
+    line naming the flag and the install, exit 2 (the backend's message names the API's
+    ``search='graph'``)."""
+    import sys
+
+    monkeypatch.setitem(sys.modules, "onnx", None)  # import onnx: ImportError
+    assert main(["caption", CHELSEA, "--backend", "onnxruntime", "--search", "graph"]) == 2
+    err = capsys.readouterr().err
+    assert "--search graph derives its step graph with the onnx package: pip install onnx" in err
+    assert "search='graph'" not in err and err.count("\n") == 1
