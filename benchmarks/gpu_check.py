@@ -767,6 +767,10 @@ def modes(device: str, compiled: bool = False) -> list[dict]:
     ]
 
 
+# the searches the TensorRT and onnxruntime-gpu rows run: label suffix, ``search``
+OTHER_SEARCHES = (("", "host"), ("-graph", "graph"))
+
+
 def other_backends(device: str, report: Report) -> list[dict]:
     """TensorRT and onnxruntime's CUDA provider, where they can run: each with the numpy
     search between its steps and with the search's bookkeeping in the step graph or engine
@@ -780,7 +784,7 @@ def other_backends(device: str, report: Report) -> list[dict]:
 
         providers = onnxruntime.get_available_providers()
         if "CUDAExecutionProvider" in providers:
-            for suffix, search in (("", "host"), ("-graph", "graph")):
+            for suffix, search in OTHER_SEARCHES:
                 out.append(
                     {
                         "label": f"onnxruntime-cuda-fp32{suffix}",
@@ -806,7 +810,7 @@ def other_backends(device: str, report: Report) -> list[dict]:
             if not isinstance(getattr(tensorrt, "__version__", None), str):
                 raise ImportError("only type stubs (tensorrt-stubs), not the library")
             # FP16 engines: the decoder step FP16 behind the FP32 encoder engine (role_precisions)
-            for suffix, search in (("", "host"), ("-graph", "graph")):
+            for suffix, search in OTHER_SEARCHES:
                 out.append(
                     {
                         "label": f"tensorrt-fp16{suffix}",

@@ -116,6 +116,12 @@ def lm_tag(lms: tuple[CaptionLM, CaptionLM]) -> str:
     return digest.hexdigest()[:12]
 
 
+def lm_suffix(lms: tuple[CaptionLM, CaptionLM] | None) -> str:
+    """What the cached beam-step graph's and engine's names add for ``lms``: ``-lm<lm_tag>``,
+    nothing without language models (one rule for both names, so they always agree)."""
+    return "" if lms is None else f"-lm{lm_tag(lms)}"
+
+
 def beam_io(lms: bool) -> tuple[tuple[str, ...], tuple[str, ...]]:
     """The beam-step graph's inputs and outputs, with the language models in it or not."""
     if lms:

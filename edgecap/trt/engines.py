@@ -253,11 +253,10 @@ def beam_step_onnx(
     ``onnx_for_build`` prepares it (folded; FP16 for a strongly typed FP16 build), then the beam
     bookkeeping appended, in FP32, on its float32 outputs (``edgecap.build.beam_step``); with
     ``lms`` (everyday, in-domain) the fused language models' step too, in FP32."""
-    from edgecap.build.beam_step import BEAM_STEP_VERSION, lm_tag
+    from edgecap.build.beam_step import BEAM_STEP_VERSION, lm_suffix
 
     step = onnx_for_build(manifest, DECODER_STEP, precision, mode, cache_dir, log)
-    with_lms = "" if lms is None else f"-lm{lm_tag(lms)}"
-    prepared = step.with_name(f"beam{beam}-end{end_id}-v{BEAM_STEP_VERSION}{with_lms}-{step.name}")
+    prepared = step.with_name(f"beam{beam}-end{end_id}-v{BEAM_STEP_VERSION}{lm_suffix(lms)}-{step.name}")
     if not prepared.exists():
         onnx = _onnx_to_prepare_graphs()
         from edgecap.build.beam_step import beam_step_model
@@ -685,12 +684,11 @@ class EngineCache:
         exactly ``limits``: the cached one, else one built now from the step graph as the step
         engine's build prepares it, with the bookkeeping appended (and with ``lms``, the
         language models (everyday, in-domain) the engine steps too)."""
-        from edgecap.build.beam_step import BEAM_STEP_VERSION, beam_io, lm_tag, row_ranges
+        from edgecap.build.beam_step import BEAM_STEP_VERSION, beam_io, lm_suffix, row_ranges
 
         # the graph's version in the name: an edgecap that appends another graph builds anew;
         # the language models' digest: other models, another engine
-        with_lms = "" if lms is None else f"-lm{lm_tag(lms)}"
-        role = f"beam_step{beam}-end{end_id}-v{BEAM_STEP_VERSION}{with_lms}"
+        role = f"beam_step{beam}-end{end_id}-v{BEAM_STEP_VERSION}{lm_suffix(lms)}"
         path = self.cache_dir / engine_filename(
             role, model_hash(manifest, DECODER_STEP), self.target, precision, limits
         )
