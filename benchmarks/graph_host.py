@@ -3,7 +3,7 @@
 two runs of the graph, which a GPU runtime waits for at every word.
 
     python benchmarks/graph_host.py [--out DIR] [--data DIR] [--photos 40] [--rounds 3] [--batch 1]
-                                    [--lms graph|host]
+                                    [--lms graph|host] [--replays 20]
 
 The shipped model on onnxruntime CPU (one thread, ``search="graph"``, the default caption
 options: the tag bonus, the fused language models, no repeated trigram), beam 3, ``--batch``
@@ -18,6 +18,13 @@ to its hypotheses:
 - *host*: the rest (search - graph runs): the host's own work, per call and per word
   (``words``: the graph runs of a call). On a GPU runtime this is what the device waits for
   between two words.
+
+- *loop replayed*: the search loop's own host side (``graph_beam_search``: not the session's
+  setup nor the choice among the endings after it), per word, re-run on the graph's results
+  recorded in one more call of each batch (``--replays`` times, the median; each re-run must
+  give the recorded call's hypotheses): the same decisions without the graph's runs in
+  between, which on the CPU provider leave the host's caches cold. On a GPU runtime the
+  device runs the graph and the host's caches stay warmer.
 
 - *words with blocks*: the words of a call whose step was given words a row may not take (the
   first word's never-first words, the n-gram rule's), and what goes up for them: R x
@@ -68,6 +75,12 @@ def build_parser():
         choices=("graph", "host"),
         default="graph",
         help="where the fused language models step (default: graph, as on a device)",
+    )
+    p.add_argument(
+        "--replays",
+        type=C.positive_int,
+        default=20,
+        help="times each call's host side is re-run on its recorded graph results (default: 20)",
     )
     return p
 
@@ -123,7 +136,59 @@ class Timed:
         session._graph_host_timed = True
 
 
-def measure(captioner, inputs, rounds: int, timed: Timed) -> dict:
+def _same(a, b) -> bool:
+    def key(hyps):
+        return [[(h.tokens, h.log_prob, h.rank_score, h.finished) for h in image] for image in hyps]
+
+    return key(a) == key(b)
+
+
+def replayed(search_once, replays: int) -> tuple[float, int]:
+    """The host's side of one search (``search_once()``), re-run ``replays`` times on the
+    beam-step results its graph gave: the median ms and the words. Each re-run must give the
+    recorded call's hypotheses."""
+    from edgecap.decoding import graph_search
+
+    real = graph_search.graph_beam_search
+    recorded: list = []
+
+    def recording(session, *args, **kwargs):
+        results: list = []
+
+        class Recorder:
+            def step(self, *inputs):
+                results.append(session.step(*inputs))
+                return results[-1]
+
+        hypotheses = real(Recorder(), *args, **kwargs)
+        recorded.append((results, args, kwargs, hypotheses))
+        return hypotheses
+
+    graph_search.graph_beam_search = recording
+    try:
+        search_once()
+    finally:
+        graph_search.graph_beam_search = real
+    [(results, args, kwargs, want)] = recorded
+
+    class Replay:
+        def __init__(self):
+            self.steps = iter(results)
+
+        def step(self, *inputs):
+            return next(self.steps)
+
+    seconds = []
+    for _ in range(replays):
+        start = time.perf_counter()
+        got = real(Replay(), *args, **kwargs)
+        seconds.append(time.perf_counter() - start)
+        if not _same(got, want):
+            raise RuntimeError("a replayed search gave other hypotheses than its recorded call")
+    return 1e3 * statistics.median(seconds), len(results)
+
+
+def measure(captioner, inputs, rounds: int, timed: Timed, replays: int = 20) -> dict:
     from edgecap.build.beam_step import MAX_BLOCKED
     from edgecap.decoding import search
 
@@ -148,6 +213,10 @@ def measure(captioner, inputs, rounds: int, timed: Timed) -> dict:
     blocked.clear()
     for _ in range(rounds):
         calls += [once(batch) for batch in inputs]
+    replays_ms = [
+        replayed(lambda b=batch: search(backend, backend.encode(b), captioner.options, *rules), replays)
+        for batch in inputs
+    ]
     rows = len(inputs[0]) * captioner.options.beam_size
     search_ms = [1e3 * wall for wall, _, _ in calls]
     graph_ms = [1e3 * inside for _, inside, _ in calls]
@@ -159,6 +228,7 @@ def measure(captioner, inputs, rounds: int, timed: Timed) -> dict:
         "graph_ms": statistics.median(graph_ms),
         "host_ms": statistics.median(host_ms),
         "host_ms_per_word": statistics.median(h / runs for h, (_, _, runs) in zip(host_ms, calls)),
+        "replayed_ms_per_word": statistics.median(ms / words for ms, words in replays_ms),
         "words_with_blocks": statistics.median(blocked),
         "block_bytes": statistics.median(blocked) * rows * MAX_BLOCKED * 4,
         "block_bytes_as_matrix": statistics.median(blocked) * rows * len(captioner.vocab) * 4,
@@ -183,7 +253,7 @@ def main(argv=None) -> int:
         photos = [preprocess([load_rgb(str(p))], captioner.manifest.preprocessing)[0] for p in paths]
         inputs = [np.stack(photos[i : i + args.batch]) for i in range(0, len(photos), args.batch)]
         with timed.counting_blocks():
-            figures = measure(captioner, inputs, args.rounds, timed)
+            figures = measure(captioner, inputs, args.rounds, timed, args.replays)
         rows.append({"set": label, "photos": len(paths), **figures})
         print(f"{label}: host {figures['host_ms_per_word']:.3f} ms a word", file=sys.stderr)
     table = C.markdown_table(
@@ -195,6 +265,7 @@ def main(argv=None) -> int:
             "graph runs ms",
             "host ms",
             "host ms a word",
+            "loop replayed, ms a word",
             "words with blocks",
             "their bytes up (R x V float32 until 2026-12-07)",
         ],
@@ -207,6 +278,7 @@ def main(argv=None) -> int:
                 r["graph_ms"],
                 r["host_ms"],
                 r["host_ms_per_word"],
+                r["replayed_ms_per_word"],
                 r["words_with_blocks"],
                 f"{r['block_bytes']:,.0f} ({r['block_bytes_as_matrix']:,.0f})",
             ]

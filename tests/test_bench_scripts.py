@@ -1840,6 +1840,50 @@ def test_throughput_takes_the_dev_photos_the_full_resolution_folder_holds(tmp_pa
     assert all(p.parent == throughput.C.FLICKR8K / "images" for p in paths) and "224 x 224" in where
 
 
+class _EndsAtThirdWord:
+    """A one-row beam-step session: "4" twice, then ``<end>`` ranks first (end id 2)."""
+
+    def __init__(self):
+        self.words = 0
+
+    def step(self, tokens, source_rows, scores, word_bias, blocked_words):
+        from edgecap.decoding.graph_search import BeamStepResult
+
+        self.words += 1
+        end_lp = -0.1 if self.words == 3 else -2.0
+        one = np.ones(1, np.float32)
+        ints = np.zeros(1, np.int32)
+        return BeamStepResult(
+            ints + 4, ints, ints, scores - 0.5, -0.5 * one, end_lp * one, ints + 1, 0 * one, 0 * one, 0 * one
+        )
+
+
+def test_graph_host_replays_the_loop_on_its_recorded_results_and_checks_them(monkeypatch):
+    """``replayed`` re-runs the search loop on the results one call's graph gave (the graph not
+    run again) and counts its words; a host side that decides otherwise on the same results
+    is refused."""
+    import graph_host
+
+    from edgecap.decoding import CaptionOptions, graph_search
+
+    session = _EndsAtThirdWord()
+    options = CaptionOptions(beam_size=1, no_repeat_ngram=0, consensus=False)
+
+    def search_once():
+        return graph_search.graph_beam_search(session, 1, options, 2, 2, 1, 2)
+
+    ms, words = graph_host.replayed(search_once, 5)
+    assert ms > 0 and words == 3 and session.words == 3  # the graph stepped once a word, once
+    session.words = 0
+    real = graph_search._hypothesis
+    drawn = iter(range(1000))
+    monkeypatch.setattr(
+        graph_search, "_hypothesis", lambda seq, *a: real([*seq, 4] if next(drawn) % 2 else seq, *a)
+    )
+    with pytest.raises(RuntimeError, match="other hypotheses than its recorded call"):
+        graph_host.replayed(search_once, 5)
+
+
 def test_graph_host_times_the_hosts_work_a_word_with_the_language_models_where_asked(tmp_path, monkeypatch):
     """Each set's calls are timed in and outside the beam-step graph's runs (both parts
     measured, the words counted), and ``--lms`` decides where the fused language models step:
@@ -1873,6 +1917,7 @@ def test_graph_host_times_the_hosts_work_a_word_with_the_language_models_where_a
         for row in result["rows"]:
             assert row["photos"] == 2 and row["calls"] == 2 and row["words"] > 1
             assert row["graph_ms"] > 0 and row["host_ms"] > 0 and row["host_ms_per_word"] > 0
+            assert 0 < row["replayed_ms_per_word"] < row["host_ms_per_word"]  # the loop's part alone
             # the first word's never-first block at least; 3 rows (beam 3), 200 ids or 2,538 floats
             assert 1 <= row["words_with_blocks"] < row["words"]
             blocks = row["words_with_blocks"]

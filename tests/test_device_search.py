@@ -467,6 +467,30 @@ def test_the_best_place_to_end_among_equal_ranks_is_the_higher_log_probability(f
 
 
 @pytest.mark.parametrize("fixed", LOOPS)
+def test_a_later_place_to_end_tied_in_rank_and_log_probability_keeps_the_earlier(fixed):
+    """``_tied_endings_table``'s first words and bonus, three words at most, no beam ever
+    ends: "a <end>" after the first word and "b c <end>" after the second tie exactly, in
+    rank (-2.0 over 2 words, -3.0 over 3) and log-probability (-3.0 both). The numpy loop
+    keeps the earlier (a later one must rank strictly better); so must the device search."""
+    rows = {
+        (): {"a": -1.25, "b": -0.5},
+        ("a",): {"c": -0.25, "<end>": -1.75},
+        ("b",): {"c": -0.25, "<end>": -2.5},
+        ("a", "c"): {"b": -0.25, "<end>": -5.0},
+        ("b", "c"): {"a": -0.25, "<end>": -2.25},
+    }
+    _, options, tags = _tied_endings_table()
+    backend = TableBackend(WORDS, lambda prefix: rows.get(prefix, {"c": -0.25, "<end>": -5.0}), top_k=4)
+    image = np.zeros((1, 3, 4, 4), np.float32)
+    host = search_with_tags(backend, backend.encode(image), options, START, END, len(WORDS), tags)
+    device = _device(backend, backend.encode(image), options, tags, fixed=fixed, vocab_size=len(WORDS))
+    for hyps in (host[0], device[0]):
+        assert [WORDS[w] for w in hyps[0].tokens] == ["a"] and hyps[0].finished
+        assert (hyps[0].log_prob, hyps[0].rank_score) == (-3.0, -1.0)
+    _same(host, device)
+
+
+@pytest.mark.parametrize("fixed", LOOPS)
 def test_equal_candidates_keep_the_numpy_order(fixed):
     """ "a" and "b" tie as first words: the numpy loop takes the one first in the step's top K
     (its sort is stable), so must the device search."""

@@ -438,25 +438,34 @@ def _tables(rule, options, top_k=2, tags=None):
 def test_the_blocked_words_are_each_rows_ids_in_its_own_places():
     """The host's ``_blocked``: at the first word the never-first ids in every row; then, per
     live row, the words that followed its last n - 1 words earlier (each once, sorted), -1
-    past them; a masked row (score -inf) none; a row barred from as many words as it has said
-    fills every place it has; more never-first ids than places are refused."""
+    past them; a masked row none; a row barred from as many words as it has said fills every
+    place it has; more never-first ids than places are refused."""
     from edgecap.decoding.graph_search import _blocked
 
     never = np.array([END])
-    scores = np.zeros(3)
-    first = _blocked(0, [[], [], []], scores, never, 3)
+    live = np.ones(3, bool)
+    first = _blocked(0, np.zeros((3, 0), np.int64), live, never, 3)
     assert first.shape == (3, MAX_BLOCKED) and (first[:, 0] == END).all() and (first[:, 1:] == -1).all()
-    seqs = [[4, 5, 6, 4, 5, 7, 4, 5], [4, 5, 6, 4, 5, 7, 4, 5], [1, 2, 3, 1, 2, 9, 1, 2]]
-    got = _blocked(8, seqs, np.array([0.0, -np.inf, 0.0]), never, 3)
+    said = np.array([[4, 5, 6, 4, 5, 7, 4, 5], [4, 5, 6, 4, 5, 7, 4, 5], [1, 2, 3, 1, 2, 9, 1, 2]])
+    got = _blocked(8, said, np.array([True, False, True]), never, 3)
     assert got[0, :2].tolist() == [6, 7] and got[2, :2].tolist() == [3, 9]
     assert (got[:, 2:] == -1).all() and (got[1] == -1).all()
-    assert _blocked(8, seqs, scores, never, 0) is None  # no rule, past the first word
-    # n = 1: every word said so far, here 200 different ones
-    said = [list(range(200))]
-    full = _blocked(200, said, np.zeros(1), never, 1)
+    assert _blocked(8, said, live, never, 0) is None  # no rule, past the first word
+    # 7 followed "4 5" three times and 2 once: each once
+    again = np.array([[4, 5, 7, 4, 5, 7, 4, 5, 2, 4, 5, 7, 4, 5]])
+    assert _blocked(14, again, live[:1], never, 3)[0, :3].tolist() == [2, 7, -1]
+    # bigrams (n = 2): the words that followed the last word
+    assert _blocked(8, said[2:], live[:1], never, 2)[0, :4].tolist() == [3, 9, -1, -1]
+    # n = 1: every word said so far, here 200 different ones, each once
+    full = _blocked(200, np.arange(200)[None, :], live[:1], never, 1)
     assert full[0].tolist() == list(range(200))
+    twice = np.array([[5, 3, 5, 3], [5, 3, 5, 3]])
+    once_each = _blocked(4, twice, np.array([True, False]), never, 1)
+    assert once_each[0, :3].tolist() == [3, 5, -1] and (once_each[1] == -1).all()
+    # nothing repeats: no n-gram blocked
+    assert _blocked(3, np.array([[4, 5, 6]]), live[:1], never, 2) is None
     with pytest.raises(ValueError, match="at most 200 never-first words"):
-        _blocked(0, [[]], np.zeros(1), np.arange(MAX_BLOCKED + 1), 3)
+        _blocked(0, np.zeros((1, 0), np.int64), live[:1], np.arange(MAX_BLOCKED + 1), 3)
 
 
 def test_every_continuation_blocked_keeps_the_live_beam():
@@ -528,17 +537,10 @@ def test_equal_places_to_end_keep_the_first():
     _same(want, got)
 
 
-def test_equal_ranked_places_to_end_keep_the_higher_log_probability():
-    """Beam 2, the tag bonus (1) on "a": "a" (-1.25, ranked -0.25) then "b" (-0.5) as first
-    words, then "c" continues both beams and <end> ranks after both, so no beam ends. After
-    the first word both <end>s tie exactly in rank (-2.5 over 2 words) but not in the model's
-    log-probability ("a <end>": -3.5, "b <end>": -2.5): the numpy loop's caption is "b", the
-    later row's, and so must the host side's be."""
-    rows = {
-        (): {"a": -1.25, "b": -0.5},
-        ("a",): {"c": -0.25, "<end>": -2.25},
-        ("b",): {"c": -0.25, "<end>": -2.0},
-    }
+def _best_place_to_end(rows: dict, words: list[str], log_prob: float, rank_score: float) -> None:
+    """Beam 2, the tag bonus (1) on "a", three words at most, table ``rows`` (prefix -> the
+    next words' log-probabilities; any other prefix: "c" -0.25, <end> -5): the numpy loop's
+    caption and the host side's are ``words``, ended, with these scores."""
     options = CaptionOptions(
         beam_size=2, max_length=3, no_repeat_ngram=0, length_penalty=None, guidance_bonus=1.0, consensus=False
     )
@@ -547,9 +549,39 @@ def test_equal_ranked_places_to_end_keep_the_higher_log_probability():
         lambda prefix: rows.get(prefix, {"c": -0.25, "<end>": -5.0}), options, top_k=4, tags=tags
     )
     for hyps in (want[0], got[0]):
-        assert [WORDS[w] for w in hyps[0].tokens] == ["b"] and hyps[0].finished
-        assert (hyps[0].log_prob, hyps[0].rank_score) == (-2.5, -1.25)
+        assert [WORDS[w] for w in hyps[0].tokens] == words and hyps[0].finished
+        assert (hyps[0].log_prob, hyps[0].rank_score) == (log_prob, rank_score)
     _same(want, got)
+
+
+def test_equal_ranked_places_to_end_keep_the_higher_log_probability():
+    """ "a" (-1.25, ranked -0.25) then "b" (-0.5) as first words, then "c" continues both
+    beams and <end> ranks after both, so no beam ends. After the first word both <end>s tie
+    exactly in rank (-2.5 over 2 words) but not in the model's log-probability ("a <end>":
+    -3.5, "b <end>": -2.5): the numpy loop's caption is "b", the later row's, and so must the
+    host side's be."""
+    rows = {
+        (): {"a": -1.25, "b": -0.5},
+        ("a",): {"c": -0.25, "<end>": -2.25},
+        ("b",): {"c": -0.25, "<end>": -2.0},
+    }
+    _best_place_to_end(rows, ["b"], -2.5, -1.25)
+
+
+def test_a_later_place_to_end_tied_in_rank_and_log_probability_keeps_the_earlier():
+    """No beam ever ends (every <end> ranks after both continuations) and the words run out
+    after three: the caption is the best place to end. "a <end>" after the first word and
+    "b c <end>" after the second tie exactly, in rank (-2.0 over 2 words, -3.0 over 3) and in
+    the model's log-probability (-3.0 both): the earlier stays, as in the numpy loop, where a
+    later one must rank strictly better."""
+    rows = {
+        (): {"a": -1.25, "b": -0.5},
+        ("a",): {"c": -0.25, "<end>": -1.75},
+        ("b",): {"c": -0.25, "<end>": -2.5},
+        ("a", "c"): {"b": -0.25, "<end>": -5.0},
+        ("b", "c"): {"a": -0.25, "<end>": -2.25},
+    }
+    _best_place_to_end(rows, ["a"], -3.0, -1.0)
 
 
 def test_equal_candidates_and_endings_keep_the_numpy_order():

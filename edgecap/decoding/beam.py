@@ -14,6 +14,7 @@ from __future__ import annotations
 
 from collections.abc import Callable, Sequence
 from dataclasses import dataclass
+from typing import TypeVar
 
 import numpy as np
 
@@ -37,7 +38,12 @@ class Hypothesis:
     held: bool = False  # the caption said last, kept for this image (``edgecap.decoding.hold``)
 
 
-def length_normalised(log_prob: float, length: int, penalty: float | None) -> float:
+Scores = TypeVar("Scores", float, np.ndarray)
+
+
+def length_normalised(log_prob: Scores, length: int, penalty: float | None) -> Scores:
+    """``log_prob`` over the caption's length (``penalty`` None) or its GNMT length penalty;
+    for an array, each element as the float alone would give (numpy divides as Python does)."""
     if penalty is None:
         return log_prob / length
     return log_prob / (((5.0 + length) / 6.0) ** penalty)

@@ -46,6 +46,7 @@ from edgecap.errors import BackendError
 from edgecap.vocab import NEVER_FIRST_IDS
 
 NEG_INF = -np.inf
+_NO_ID = np.iinfo(np.int64).max  # past a row's blocked ids, while they are sorted
 
 
 @dataclass
@@ -89,7 +90,6 @@ class _Image:
 
     finished: list[Hypothesis]
     could_end: Hypothesis | None = None
-    done: bool = False
     ended: list[Hypothesis] | None = None  # every place it could have ended (``endings``)
 
 
@@ -109,10 +109,16 @@ def graph_beam_search(
 ) -> list[list[Hypothesis]]:
     """Each image's hypotheses, best first (``beam.beam_search`` without a partition or
     attention; ``endings`` as there). ``width``: candidates per row the graph was made with;
-    ``scorers``: factories called with the rows' image index, as ``beam_search`` takes them."""
+    ``scorers``: factories called with the rows' image index, as ``beam_search`` takes them.
+
+    The host's work per word is numpy over all rows at once (the graph hands back every row's
+    results together); Python loops only over the images where something is recorded: a beam
+    that ends, a better place to end, every ending (``endings``), an image out of beams."""
     beam, penalty, n = options.beam_size, options.length_penalty, options.no_repeat_ngram
     rows = n_images * beam
     image_index = np.repeat(np.arange(n_images, dtype=np.int32), beam)
+    first_row = np.repeat(np.arange(0, rows, beam, dtype=np.int64), beam)  # each row's image's
+    slot = np.tile(np.arange(beam, dtype=np.int64), n_images)  # its place in the image's beam
     active = [make(image_index) for make in scorers]
     never = np.array(sorted(never_first), np.int64)
     tokens = np.full(rows, start_id, np.int32)
@@ -121,15 +127,21 @@ def graph_beam_search(
     sum_lp = np.full(rows, NEG_INF)
     sum_lp[::beam] = 0.0
     true_lp = np.zeros(rows)
-    seqs: list[list[int]] = [[] for _ in range(rows)]
+    said = np.zeros((rows, options.max_length), np.int64)  # each row's words: said[:, :t]
     images = [_Image([], ended=[] if endings else None) for _ in range(n_images)]
+    done = np.zeros(n_images, bool)
+    any_done = False
+    n_finished = np.zeros(n_images, np.int64)
+    # the best place to end so far, while an image has no finished hypothesis: whether it has
+    # one (``_Image.could_end``), its rank score and log-probability
+    could = (np.zeros(n_images, bool), np.zeros(n_images), np.zeros(n_images))
 
     for t in range(options.max_length):
         # the scorers get the step's inputs as the numpy loop gives them: the back-pointers
         biases = [b for b in (s.bias(t, tokens, chosen) for s in active) if b is not None]
         bonus = sum(biases[1:], biases[0]) if biases else None
-        block = _blocked(t, seqs, sum_lp, never, n)
-        end_blocked = None if block is None else (block == end_id).any(axis=1)
+        live = sum_lp != NEG_INF  # (done images' rows are all masked)
+        block = _blocked(t, said[:, :t], live, never, n)
         result = session.step(tokens, source_rows, sum_lp.astype(np.float32), bonus, block)
         if not np.isfinite(result.logprob_check).all():
             raise BackendError(
@@ -142,70 +154,84 @@ def graph_beam_search(
         end_true = true_lp + end_lp
         lp = result.next_logprobs.astype(np.float64)
         src = result.back_pointers.astype(np.int64)
-        words = result.next_tokens.astype(np.int64)
         cont_rank = sum_lp[src] + (lp + result.next_biases.astype(np.float64))
         cont_true = true_lp[src] + lp
-        new_source = np.empty(rows, np.int64)
-        new_tokens = np.full(rows, end_id, np.int32)
-        new_lp = np.full(rows, NEG_INF)
-        new_true = np.zeros(rows)
-        for img, state in enumerate(images):
-            base = img * beam
-            if state.done:
-                new_source[base : base + beam] = base
-                continue
-            span = range(base, base + beam)
-            live = [row for row in span if sum_lp[row] != NEG_INF]
-            if state.ended is not None and t > 0:  # <end> is never blocked after the first word
-                state.ended.extend(
-                    _hypothesis(seqs[row], end_rank[row], end_true[row], True, penalty)
-                    for row in live
-                    if int(result.end_positions[row]) < top_k
-                )  # the best place to end is among them
-            elif t > 0 and not state.finished:
-                state.could_end = _best_ending(
-                    state.could_end, live, result.end_positions, top_k, end_rank, end_true, seqs, penalty
-                )
-            taken = [row for row in span if result.next_scores[row] != NEG_INF]
-            last = None if len(taken) < beam else (cont_rank[taken[-1]], int(result.choices[taken[-1]]))
-            # an <end> among the row's first ``width`` words, unblocked, ranked before the
-            # last continuation: the numpy loop meets it before the beam is full
-            ends = []
-            for row in live:
-                k = int(result.end_positions[row])
-                if k >= width or (end_blocked is not None and end_blocked[row]):
-                    continue
-                at = (row - base) * width + k
-                if last is None or (end_rank[row], -at) > (last[0], -last[1]):
-                    ends.append((-end_rank[row], at, row))
-            for _, _, row in sorted(ends):
+        end_at = result.end_positions  # int32
+        if t > 0:  # <end> is never blocked after the first word
+            in_top = live & (end_at < top_k)  # the best place to end is among them
+            if endings:
+                rows_in = in_top.nonzero()[0]
+                if len(rows_in):
+                    found = _hypotheses(rows_in, said[:, :t], end_rank, end_true, True, penalty)
+                    for row, hypothesis in zip(rows_in.tolist(), found):
+                        images[row // beam].ended.append(hypothesis)
+            else:
+                candidates = in_top & (n_finished == 0)[image_index]
+                _best_endings(images, candidates, t, end_rank, end_true, said, penalty, could)
+        taken = result.next_scores != NEG_INF
+        every_row = bool(taken.all())  # (the common case: the rest is simpler)
+        count = None if every_row else taken.reshape(n_images, beam).sum(1)
+        # an <end> among the row's first ``width`` words, unblocked, ranked before the image's
+        # last continuation: the numpy loop meets it before the beam is full
+        ends = live & (end_at < width)
+        if block is not None:
+            ends &= ~(block == end_id).any(axis=1)
+        finishing = False  # whether a beam ended at this word
+        if ends.any():
+            at = slot * width + end_at
+            last = first_row + (beam - 1)
+            before_last = (end_rank > cont_rank[last]) | (
+                (end_rank == cont_rank[last]) & (at < result.choices[last])
+            )
+            ends &= before_last if count is None else before_last | (count < beam)[image_index]
+            ending_rows = ends.nonzero()[0]
+            # each image's by rank, then place among its candidates
+            by_rank = np.lexsort((at[ending_rows], -end_rank[ending_rows], ending_rows // beam))
+            for row in ending_rows[by_rank].tolist():
+                state = images[row // beam]
                 if len(state.finished) < beam:
-                    state.finished.append(_hypothesis(seqs[row], end_rank[row], end_true[row], True, penalty))
-            for j, row in enumerate(taken):
-                new_source[base + j], new_tokens[base + j] = src[row], words[row]
-                new_lp[base + j], new_true[base + j] = cont_rank[row], cont_true[row]
-            # masked rows keep a valid source row (the image's first)
-            new_source[base + len(taken) : base + beam] = base
-            if len(state.finished) >= beam or not taken:
-                if not taken and not state.finished:
-                    # every continuation blocked and none could end: keep the live beams
-                    _keep_live(state, live, seqs, sum_lp, true_lp, beam, penalty)
-                state.done = True
-                new_lp[base : base + beam] = NEG_INF
-        if all(state.done for state in images):
-            break
-        live_rows = new_lp != NEG_INF
+                    state.finished.append(
+                        _hypothesis(said[row, :t], end_rank[row], end_true[row], True, penalty)
+                    )
+                    n_finished[row // beam] += 1
+                    finishing = True
+        # each image's continuations first, in the graph's order; masked rows keep a valid
+        # source row (the image's first)
+        ending: np.ndarray | None = None  # the images done at this word
+        if every_row and not any_done:
+            new_source, new_lp, new_true = src, cont_rank, cont_true
+            new_tokens = result.next_tokens.astype(np.int32)
+            if finishing:  # (each image has a continuation: no beam to keep)
+                ending = n_finished >= beam
+        else:
+            taken &= ~done[image_index]
+            order = first_row + np.argsort(~taken.reshape(n_images, beam), axis=1, kind="stable").reshape(-1)
+            kept = taken[order]
+            new_source = np.where(kept, src[order], first_row)
+            new_tokens = np.where(kept, result.next_tokens[order], end_id).astype(np.int32)
+            new_lp = np.where(kept, cont_rank[order], NEG_INF)
+            new_true = np.where(kept, cont_true[order], 0.0)
+            ending = ~done & ((n_finished >= beam) if count is None else (n_finished >= beam) | (count == 0))
+            for img in (ending & (n_finished == 0)).nonzero()[0].tolist():
+                # every continuation blocked and none could end: keep the live beams
+                _keep_live(images[img], img, beam, live, said[:, :t], sum_lp, true_lp, penalty)
+        if ending is not None and ending.any():
+            done |= ending
+            any_done = True
+            new_lp = np.where(done[image_index], NEG_INF, new_lp)
+            if done.all():
+                break
         for scorer in active:
-            scorer.update(new_source, new_tokens, live_rows)
-        seqs = [seqs[s] + [w] for s, w in zip(new_source.tolist(), new_tokens.tolist())]
+            scorer.update(new_source, new_tokens, new_lp != NEG_INF)
+        said = said[new_source]
+        said[:, t] = new_tokens
         tokens, sum_lp, true_lp = new_tokens, new_lp, new_true
         chosen = new_source.astype(np.int32)
         source_rows = identity  # the graph reordered its state by the back-pointers
     else:
-        for img, state in enumerate(images):  # out of words: the live beams of the others
-            if not state.done:
-                live = [row for row in range(img * beam, img * beam + beam) if sum_lp[row] != NEG_INF]
-                _keep_live(state, live, seqs, sum_lp, true_lp, beam, penalty)
+        live = sum_lp != NEG_INF
+        for img in (~done).nonzero()[0].tolist():  # out of words: the live beams of the others
+            _keep_live(images[img], img, beam, live, said, sum_lp, true_lp, penalty)
     out = []
     for state in images:
         hyps = list(state.finished)
@@ -316,13 +342,12 @@ def lm_row_weights(
     return scorer.weights if scorer.active else None
 
 
-def _blocked(
-    t: int, seqs: list[list[int]], sum_lp: np.ndarray, never: np.ndarray, n: int
-) -> np.ndarray | None:
-    """int32 (R, ``MAX_BLOCKED``): the ids of the words that may not follow each row, -1 past
-    them (``NeverFirst`` at the first word, ``NoRepeatNgram``: the word would repeat an n-gram
-    of the row; ``<end>`` only at the first word); None when nothing is blocked."""
-    rows = len(seqs)
+def _blocked(t: int, said: np.ndarray, live: np.ndarray, never: np.ndarray, n: int) -> np.ndarray | None:
+    """int32 (R, ``MAX_BLOCKED``): the ids of the words that may not follow each row (``said``:
+    (R, t), its words so far), each once, ascending, -1 past them: ``NeverFirst`` at the first
+    word, then ``NoRepeatNgram`` for the ``live`` rows (the word would repeat an n-gram of the
+    row; ``<end>`` only at the first word); None when nothing is blocked."""
+    rows = len(said)
     block = None
     if t == 0 and len(never):
         if len(never) > MAX_BLOCKED:
@@ -331,40 +356,64 @@ def _blocked(
         block[:, : len(never)] = never
     if n <= 0 or t < n:
         return block
-    for row, words in enumerate(seqs):
-        if sum_lp[row] == NEG_INF:
-            continue
-        tail = words[len(words) - n + 1 :] if n > 1 else []
-        # (a live row's words hold no <end>: a row that says it ends; so neither does this)
-        following = {words[i + n - 1] for i in range(len(words) - n + 1) if words[i : i + n - 1] == tail}
-        if following:  # at most the row's words, fewer than max_length <= MAX_BLOCKED
-            if block is None:
-                block = np.full((rows, MAX_BLOCKED), -1, np.int32)
-            block[row, : len(following)] = sorted(following)
+    # (a live row's words hold no <end>: a row that says it ends; so neither does this)
+    following = said[:, n - 1 : t]  # the word after each earlier (n - 1)-gram, (R, t - n + 1)
+    if n == 1:
+        match = np.repeat(live[:, None], t, axis=1)
+    else:  # those (n - 1)-grams that are the row's last n - 1 words
+        match = said[:, : t - n + 1] == said[:, t - n + 1, None]
+        for j in range(1, n - 1):
+            match &= said[:, j : j + t - n + 1] == said[:, t - n + 1 + j, None]
+        match &= live[:, None]
+    if not match.any():
+        return block
+    # at most the row's words, fewer than max_length <= MAX_BLOCKED
+    ids = np.sort(np.where(match, following, _NO_ID), axis=1)
+    ids[:, 1:][ids[:, 1:] == ids[:, :-1]] = _NO_ID  # each word once
+    ids.sort(axis=1)
+    if block is None:
+        block = np.full((rows, MAX_BLOCKED), -1, np.int32)
+    block[:, : ids.shape[1]] = np.where(ids == _NO_ID, -1, ids)
     return block
 
 
-def _best_ending(best, live, end_positions, top_k, end_rank, end_true, seqs, penalty):
-    """``best`` or, if better ranked, the best ``<end>`` in the top K of an image's live rows
-    (``beam._best_ending``)."""
-    for row in live:
-        if int(end_positions[row]) >= top_k:
-            continue
-        rank = (length_normalised(end_rank[row], len(seqs[row]) + 1, penalty), end_true[row])
-        if best is None or rank > (best.rank_score, best.log_prob):
-            best = _hypothesis(seqs[row], end_rank[row], end_true[row], True, penalty)
-    return best
+def _best_endings(images, candidates, t, end_rank, end_true, said, penalty, could) -> None:
+    """Each image's best place to end (``beam._best_ending``: by rank score, then
+    log-probability, the first one on ties; a later one must rank strictly better): its
+    ``candidates`` rows' ``<end>`` after their ``t`` words against the one it has, if any
+    (``could``: whether it has one, its rank score and log-probability; updated with it)."""
+    if not candidates.any():
+        return
+    has, could_rank, could_true = could
+    n_images = len(images)
+    candidates = candidates.reshape(n_images, -1)
+    rank = np.where(candidates, length_normalised(end_rank, t + 1, penalty).reshape(n_images, -1), NEG_INF)
+    tied = candidates & (rank == rank.max(1, keepdims=True))
+    true = np.where(tied, end_true.reshape(n_images, -1), NEG_INF)
+    pick = (tied & (true == true.max(1, keepdims=True))).argmax(1)  # the first of the best
+    places = np.arange(n_images)
+    best_rank, best_true = rank[places, pick], true[places, pick]
+    better = candidates.any(1) & (
+        ~has | (best_rank > could_rank) | ((best_rank == could_rank) & (best_true > could_true))
+    )
+    for img in better.nonzero()[0].tolist():
+        row = img * candidates.shape[1] + int(pick[img])
+        images[img].could_end = _hypothesis(said[row, :t], end_rank[row], end_true[row], True, penalty)
+    has |= better
+    could_rank[better], could_true[better] = best_rank[better], best_true[better]
 
 
-def _keep_live(state: _Image, live, seqs, sum_lp, true_lp, beam: int, penalty) -> None:
-    for row in live:
-        if len(state.finished) < beam:
-            state.finished.append(_hypothesis(seqs[row], sum_lp[row], true_lp[row], False, penalty))
+def _keep_live(state: _Image, img: int, beam: int, live, said, sum_lp, true_lp, penalty) -> None:
+    """The image's live beams (rows with a score) as unfinished hypotheses, in row order, while
+    it has fewer than ``beam``."""
+    for row in range(img * beam, img * beam + beam):
+        if live[row] and len(state.finished) < beam:
+            state.finished.append(_hypothesis(said[row], sum_lp[row], true_lp[row], False, penalty))
 
 
 def _hypothesis(seq, rank_lp, log_prob, finished: bool, penalty) -> Hypothesis:
     """As ``beam._hypothesis`` makes it (no attention)."""
-    words = [int(w) for w in seq]
+    words = np.asarray(seq, np.int64).tolist()
     length = max(len(words) + (1 if finished else 0), 1)
     return Hypothesis(
         words,
@@ -374,3 +423,22 @@ def _hypothesis(seq, rank_lp, log_prob, finished: bool, penalty) -> Hypothesis:
         None,
         rank_score=length_normalised(float(rank_lp), length, penalty),
     )
+
+
+def _hypotheses(
+    rows: np.ndarray, said: np.ndarray, rank_lp, log_prob, finished: bool, penalty
+) -> list[Hypothesis]:
+    """``_hypothesis`` for each of ``rows`` at once: ``said`` (R, t) the rows' words,
+    ``rank_lp`` and ``log_prob`` (R,) float64 (the same floats: numpy divides as Python does)."""
+    if len(rows) < 4:  # (numpy's own cost is the larger for a few)
+        return [
+            _hypothesis(said[row], rank_lp[row], log_prob[row], finished, penalty) for row in rows.tolist()
+        ]
+    length = max(said.shape[1] + (1 if finished else 0), 1)
+    log_probs, rank_lps = log_prob[rows], rank_lp[rows]
+    scores = length_normalised(log_probs, length, penalty).tolist()
+    ranks = length_normalised(rank_lps, length, penalty).tolist()
+    return [
+        Hypothesis(words, value, score, finished, None, rank_score=rank)
+        for words, value, score, rank in zip(said[rows].tolist(), log_probs.tolist(), scores, ranks)
+    ]
