@@ -3,7 +3,7 @@
 two runs of the graph, which a GPU runtime waits for at every word.
 
     python benchmarks/graph_host.py [--out DIR] [--data DIR] [--photos 40] [--rounds 3] [--batch 1]
-                                    [--lms graph|host] [--replays 20]
+                                    [--lms graph|host] [--session numpy|binding] [--replays 20]
 
 The shipped model on onnxruntime CPU (one thread, ``search="graph"``, the default caption
 options: the tag bonus, the fused language models, no repeated trigram), beam 3, ``--batch``
@@ -33,7 +33,10 @@ to its hypotheses:
 
 ``--lms``: where the fused language models step: ``graph`` (in the beam-step graph, what the
 graph search does) or ``host`` (in their own session between two runs of the graph, what it did
-until 2026-12-07). Each set's medians over
+until 2026-12-07). ``--session``: the beam-step session, ``numpy`` (numpy feeds, what the CPU
+provider runs) or ``binding`` (the I/O-binding session a GPU provider runs, here on the CPU
+provider with device 'cpu': its host work a word, the bind calls and copies, is the GPU's).
+Each set's medians over
 ``--rounds`` passes over its photos, after one pass to warm up. Compare the two (or two
 checkouts) each in its own process, run alternately.
 """
@@ -77,6 +80,13 @@ def build_parser():
         help="where the fused language models step (default: graph, as on a device)",
     )
     p.add_argument(
+        "--session",
+        choices=("numpy", "binding"),
+        default="numpy",
+        help="the beam-step session: numpy feeds (what the CPU provider runs) or I/O binding "
+        "(what a GPU provider runs, here with device 'cpu') (default: numpy)",
+    )
+    p.add_argument(
         "--replays",
         type=C.positive_int,
         default=20,
@@ -103,36 +113,45 @@ class Timed:
 
     @contextlib.contextmanager
     def counting_blocks(self):
-        """Within: count the steps of every numpy-feed beam-step session given blocked words
-        (the class's step wrapped, and put back after)."""
-        from edgecap.backends.ort_beam import OnnxBeamSession
+        """Within: count the steps of every beam-step session (numpy feeds or I/O binding)
+        given blocked words (the classes' step wrapped, and put back after)."""
+        from edgecap.backends.ort_beam import IOBindingBeamSession, OnnxBeamSession
 
-        real = OnnxBeamSession.step
+        kinds = (OnnxBeamSession, IOBindingBeamSession)
+        reals = [kind.step for kind in kinds]
 
-        def step(session, tokens, source_rows, scores, word_bias, blocked_words):
-            self.blocks += blocked_words is not None
-            return real(session, tokens, source_rows, scores, word_bias, blocked_words)
+        def counting(real):
+            def step(session, tokens, source_rows, scores, word_bias, blocked_words):
+                self.blocks += blocked_words is not None
+                return real(session, tokens, source_rows, scores, word_bias, blocked_words)
 
-        OnnxBeamSession.step = step  # type: ignore[method-assign]
+            return step
+
+        for kind, real in zip(kinds, reals):
+            kind.step = counting(real)  # type: ignore[method-assign]
         try:
             yield
         finally:
-            OnnxBeamSession.step = real  # type: ignore[method-assign]
+            for kind, real in zip(kinds, reals):
+                kind.step = real  # type: ignore[method-assign]
 
     def wrap(self, session) -> None:
+        """Time ``session``'s runs: with numpy feeds (``run``) and with I/O binding
+        (``run_with_iobinding``)."""
         if getattr(session, "_graph_host_timed", False):
             return
-        real = session.run
+        for name in ("run", "run_with_iobinding"):
+            real = getattr(session, name)
 
-        def run(*args, **kwargs):
-            start = time.perf_counter()
-            try:
-                return real(*args, **kwargs)
-            finally:
-                self.seconds += time.perf_counter() - start
-                self.runs += 1
+            def run(*args, _real=real, **kwargs):
+                start = time.perf_counter()
+                try:
+                    return _real(*args, **kwargs)
+                finally:
+                    self.seconds += time.perf_counter() - start
+                    self.runs += 1
 
-        session.run = run
+            setattr(session, name, run)
         session._graph_host_timed = True
 
 
@@ -246,6 +265,13 @@ def main(argv=None) -> int:
 
     captioner = Captioner(backend="onnxruntime", threads=1, search="graph")
     captioner.backend._graph_search.lms_in_graph = args.lms == "graph"
+    if args.session == "binding":  # the GPU providers' session, on the CPU provider
+        from edgecap.backends.ort_gpu import IOBindingDecoder
+
+        backend = captioner.backend
+        backend._device_decoder = IOBindingDecoder(
+            backend.encoder, backend.decoder, captioner.manifest.dims.vocab_size, device="cpu"
+        )
     timed = Timed()
     rows = []
     for label, folder in SETS.items():
@@ -286,12 +312,14 @@ def main(argv=None) -> int:
         ],
     )
     where = "in the graph" if args.lms == "graph" else "on the host"
+    session = "numpy feeds" if args.session == "numpy" else "I/O binding (device 'cpu')"
     markdown = (
         f'onnxruntime CPU, one thread, search="graph", beam 3, batch {args.batch}, default options, the '
-        f"language models stepped {where}; medians per call. Load average before: {C.load_average()}."
+        f"language models stepped {where}, the beam-step session with {session}; medians per call. "
+        f"Load average before: {C.load_average()}."
         f"\n\n{table}\n"
     )
-    data = {"lms": args.lms, "batch": args.batch, "rows": rows}
+    data = {"lms": args.lms, "session": args.session, "batch": args.batch, "rows": rows}
     C.write_results("graph_host", data, markdown, argv, out=args.out)
     return 0
 

@@ -1858,6 +1858,47 @@ class _EndsAtThirdWord:
         )
 
 
+def test_graph_host_times_the_io_binding_session_a_gpu_provider_runs(tmp_path):
+    """``--session binding``: the search runs through the I/O-binding beam-step session (on
+    the CPU provider), whose runs are timed and whose words given blocked words are counted
+    as the numpy-feed session's are."""
+    pytest.importorskip("onnx")
+    import graph_host
+
+    from edgecap.backends.ort_beam import IOBindingBeamSession
+
+    data = tmp_path / "data"
+    for folder in ("coco-ood-dev/images", "flickr8k/images"):
+        (data / folder).mkdir(parents=True)
+        shutil.copy(C.EXAMPLES / "astronaut.png", data / folder / "astronaut.png")
+    (data / "flickr8k" / "Flickr_8k.devImages.txt").write_text("astronaut.png\n")
+    made = []
+    real_init = IOBindingBeamSession.__init__
+    with mock.patch.object(
+        IOBindingBeamSession, "__init__", lambda self, *a: made.append(self) or real_init(self, *a)
+    ):
+        graph_host.main(
+            [
+                "--data",
+                str(data),
+                "--photos",
+                "1",
+                "--rounds",
+                "1",
+                "--session",
+                "binding",
+                "--out",
+                str(tmp_path / "out"),
+            ]
+        )
+    result = json.loads((tmp_path / "out" / "graph_host.json").read_text())
+    assert result["session"] == "binding" and made  # the binding session ran the searches
+    for row in result["rows"]:
+        assert row["graph_ms"] > 0 and row["words"] > 1 and 1 <= row["words_with_blocks"] < row["words"]
+    assert "I/O binding" in (tmp_path / "out" / "graph_host.md").read_text()
+    assert IOBindingBeamSession.step.__module__ == "edgecap.backends.ort_beam"  # put back after
+
+
 def test_graph_host_replays_the_loop_on_its_recorded_results_and_checks_them(monkeypatch):
     """``replayed`` re-runs the search loop on the results one call's graph gave (the graph not
     run again) and counts its words; a host side that decides otherwise on the same results

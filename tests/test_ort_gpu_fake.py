@@ -629,7 +629,9 @@ def test_fake_iobinding_beam_session_keeps_state_on_cuda_and_never_writes_what_i
     """search="graph" on a GPU provider (``ort_beam.IOBindingBeamSession``): the beam-step graph
     reads h / c and the tag bonus's rows still steered from one set of device tensors and writes
     the reordered ones into the other set (in place, a row could be overwritten before the rows
-    pointing at it are read); only the (R,) results come back to the host."""
+    pointing at it are read); only the (R,) results come back to the host, written by
+    onnxruntime into host arrays bound once, where each word's tokens, source rows and scores
+    are read too; a bias or blocked words go up only on the words that have them."""
     import sys
 
     from edgecap.backends.ort_beam import IOBindingBeamSession
@@ -638,47 +640,56 @@ def test_fake_iobinding_beam_session_keeps_state_on_cuda_and_never_writes_what_i
 
     made = []
 
-    def value(shape, device, tag):
-        made.append(_FakeValue(shape, device, tag))
+    def from_numpy(array, device, device_id):
+        made.append(_FakeValue(array.shape, device, "from_numpy"))
+        if device == "cpu":
+            made[-1].array = array  # a host OrtValue is the array's own memory
         return made[-1]
 
     fake_ort = types.SimpleNamespace(
         OrtValue=types.SimpleNamespace(
-            ortvalue_from_numpy=lambda a, d, i: value(a.shape, d, "from_numpy"),
-            ortvalue_from_shape_and_type=lambda shape, dtype, d, i: value(shape, d, f"state{len(made)}"),
+            ortvalue_from_numpy=from_numpy,
+            ortvalue_from_shape_and_type=lambda shape, dtype, d, i: (
+                made.append(_FakeValue(shape, d, f"state{len(made)}")) or made[-1]
+            ),
         )
     )
     monkeypatch.setitem(sys.modules, "onnxruntime", fake_ort)
-    runs = []
+    runs, bindings = [], []
 
     class Binding:
         def __init__(self):
-            self.inputs, self.outputs = {}, []
+            self.inputs, self.outputs, self.binds = {}, {}, 0
 
         def bind_cpu_input(self, name, array):
             self.inputs[name] = _FakeValue(array.shape, "cpu", name)
+            self.inputs[name].array = array
+            self.binds += 1
 
         def bind_ortvalue_input(self, name, value):
             self.inputs[name] = value
-
-        def bind_output(self, name, device):
-            self.outputs.append(_FakeValue((4,), device, name))
+            self.binds += 1
 
         def bind_ortvalue_output(self, name, value):
-            self.outputs.append(value)
+            self.outputs[name] = value
+            self.binds += 1
 
-        def get_outputs(self):
-            return list(self.outputs)
-
-        def clear_binding_outputs(self):
-            self.outputs = []
+    def io_binding():
+        bindings.append(Binding())
+        return bindings[-1]
 
     def run(binding):
-        state = {name: binding.inputs[name] for name in ("h", "c", "steered")}
-        runs.append({**state, "out": list(binding.outputs)})
+        word = len(runs)
+        runs.append(
+            {name: binding.inputs[name] for name in ("h", "c", "steered", "word_bias", "blocked_words")}
+        )
+        runs[-1]["out"] = [binding.outputs[name] for name in ("h_next", "c_next", "steered_next")]
+        runs[-1]["binds"] = sum(b.binds for b in bindings)
+        runs[-1]["tokens"] = binding.inputs["tokens"].array.copy()
+        for name in ("next_tokens", "next_scores"):  # what the graph writes back this word
+            binding.outputs[name].array[:] = word + 10
 
-    binding = Binding()
-    step_session = types.SimpleNamespace(io_binding=lambda: binding, run_with_iobinding=run)
+    step_session = types.SimpleNamespace(io_binding=io_binding, run_with_iobinding=run)
     encoded = {name: _FakeValue((2, 10), "cuda", name) for name in ("features", "att_proj", "h0", "c0")}
     rules = GraphRules(
         {"tag_bias": np.zeros((4, 20), np.float32)}, {"steered": np.ones(4, np.float32)}, None, None
@@ -687,18 +698,46 @@ def test_fake_iobinding_beam_session_keeps_state_on_cuda_and_never_writes_what_i
         step_session, encoded, np.array([0, 0, 1, 1], np.int32), 20, "cuda", 0, rules
     )
     first_steered = session._current["steered"]  # the rules' first value, on the device
-    for _ in range(3):
-        result = session.step(np.zeros(4), np.arange(4), np.zeros(4), None, None)
-        assert result.next_tokens.shape == (4,)
-        assert binding.inputs["word_bias"].device == binding.inputs["blocked_words"].device == "cuda"
+    blocked = np.full((4, 200), -1, np.int32)
+    blocked[0, 0] = 7
+    bias = np.ones((4, 20), np.float32)
+    results = []
+    for word in range(5):  # a bias at the second word, blocked words at the third
+        has_bias, has_blocks = word == 1, word == 2
+        results.append(
+            session.step(
+                np.full(4, word),
+                np.arange(4),
+                np.zeros(4),
+                bias if has_bias else None,
+                blocked if has_blocks else None,
+            )
+        )
+        binding = bindings[0 if word == 0 else 1 + (word - 1) % 2]
+        assert binding.inputs["word_bias"].device == ("cpu" if has_bias else "cuda")
+        assert binding.inputs["blocked_words"].device == ("cpu" if has_blocks else "cuda")
         assert binding.inputs["tag_bias"].device == "cuda"
-    assert [r["out"][0].tag for r in runs[:2]] == ["state3", "state6"]  # two sets, in turn
+        assert [binding.inputs[name].device for name in ("tokens", "source_rows", "scores")] == ["cpu"] * 3
+        assert runs[-1]["tokens"].tolist() == [word] * 4  # this word's, written in place
+    assert len(bindings) == 3  # the first word's, then two in turn, all bound before the first run
+    # a word binds only the bias and the blocked words, and only where its binding held others:
+    # both at words 1 to 3 (counted from 1: a binding's first use, or the bias and the blocks),
+    # the zeros again at word 4 (its binding held the bias), the no-blocks again at word 5
+    assert [r["binds"] for r in runs] == [runs[0]["binds"] + n for n in (0, 2, 4, 5, 6)]
+    assert [r.next_tokens.tolist() for r in results] == [[10 + w] * 4 for w in range(5)]  # kept apart
+    assert results[0].next_tokens.dtype == np.int32 and results[0].next_scores.dtype == np.float32
     first = {"out": [encoded["h0"], encoded["c0"], first_steered]}
     for before, now in zip([first] + runs, runs):
         # what the last step wrote, never in place
         assert (now["h"], now["c"], now["steered"]) == tuple(before["out"][:3])
         assert all(now[name] is not now["out"][i] for i, name in enumerate(("h", "c", "steered")))
-        assert [v.device for v in now["out"]] == ["cuda"] * 3 + ["cpu"] * (len(BEAM_OUTPUTS) - 3)
+        assert [v.device for v in now["out"]] == ["cuda"] * 3
+    # two sets, written in turn
+    assert runs[0]["out"][0] is runs[2]["out"][0] and runs[1]["out"][0] is runs[3]["out"][0]
+    assert runs[0]["out"][0] is not runs[1]["out"][0]
+    assert {
+        b.outputs[name].device for b in bindings for name in BEAM_OUTPUTS if not name.endswith("_next")
+    } == {"cpu"}
 
 
 def test_fake_graph_search_on_a_second_gpu_makes_its_beam_state_on_that_gpu(monkeypatch):
@@ -718,7 +757,9 @@ def test_fake_graph_search_on_a_second_gpu_makes_its_beam_state_on_that_gpu(monk
         )
     )
     monkeypatch.setitem(sys.modules, "onnxruntime", fake_ort)
-    binding = types.SimpleNamespace(bind_ortvalue_input=lambda name, value: None)
+    binding = types.SimpleNamespace(
+        bind_ortvalue_input=lambda name, value: None, bind_ortvalue_output=lambda name, value: None
+    )
     step_session = types.SimpleNamespace(io_binding=lambda: binding)
     backend = types.SimpleNamespace(
         manifest=types.SimpleNamespace(dims=types.SimpleNamespace(top_k=5, vocab_size=20, hidden_dim=10)),
@@ -735,9 +776,12 @@ def test_fake_graph_search_on_a_second_gpu_makes_its_beam_state_on_that_gpu(monk
     encoded = types.SimpleNamespace(n_images=2, tensors=tensors, class_probs=np.zeros((2, 1000), np.float32))
     search(encoded, CaptionOptions(beam_size=2), 1, 2, None, None)
     assert [type(s) for s in sessions] == [ort_beam.IOBindingBeamSession]
-    # image index, tag rows, rows steered, two sets of h / c / steered, zeros, no blocked words
-    assert len(made) == 11
-    assert set(made) == {("cuda", 1)}
+    # on the GPU: image index, tag rows, rows steered, two sets of h / c / steered, zeros, no
+    # blocked words; on the host (device "cpu", 0): the tokens, source rows and scores, the
+    # ten results
+    on_gpu = [where for where in made if where[0] != "cpu"]
+    assert len(on_gpu) == 11 and set(on_gpu) == {("cuda", 1)}
+    assert made.count(("cpu", 0)) == 3 + 10 == len(made) - 11
 
 
 def test_fake_iobinding_on_a_second_gpu_keeps_every_device_tensor_on_that_gpu():

@@ -20,7 +20,7 @@ import threading
 import numpy as np
 
 from edgecap.backends.base import Encoded
-from edgecap.build.beam_step import MAX_BLOCKED, beam_io, beam_step_model
+from edgecap.build.beam_step import INT32_OUTPUTS, MAX_BLOCKED, beam_io, beam_step_model
 from edgecap.contract import DECODER_STEP
 from edgecap.decoding.graph_search import BeamStepResult, GraphRules, graph_rules, search_with_rules
 from edgecap.decoding.options import CaptionOptions
@@ -73,7 +73,17 @@ class IOBindingBeamSession:
     place, h / c and the rules' carried states in two sets of device tensors used in turn (the
     graph writes the reordered ones into the set it does not read), the rules' fixed inputs,
     zeros for no bias and -1s for no blocked word kept on the device, only the (R,) results
-    bound to the host."""
+    come back to the host.
+
+    Everything is bound once a search, in three bindings: the first word's (reading the
+    encoder's h0 / c0 and the rules' first states, writing the first set), then two used in
+    turn (reading one set, writing the other). The per-word inputs (tokens, source rows,
+    scores) are host arrays bound where they lie, written in place before each run, and the
+    results are written by onnxruntime into host arrays of the session's own: a word's work on
+    the host is three small copies, a bias or blocked words when there are any, the run and
+    the results' copies, not some thirty bind calls (``benchmarks/graph_host.py --session
+    binding``). The results are never read through ``get_outputs()``, whose values
+    onnxruntime 1.16 to 1.23 free on ``clear_binding_outputs()``."""
 
     def __init__(
         self,
@@ -87,64 +97,90 @@ class IOBindingBeamSession:
     ):
         import onnxruntime as ort
 
-        self._session, self._device, self._device_id = step_session, device, device_id
+        self._session = step_session
         rows = len(image_index)
 
         def on_device(array: np.ndarray):
             return ort.OrtValue.ortvalue_from_numpy(np.ascontiguousarray(array), device, device_id)
 
-        self._io = step_session.io_binding()
-        self._io.bind_ortvalue_input("features", tensors["features"])
-        self._io.bind_ortvalue_input("att_proj", tensors["att_proj"])
-        self._io.bind_ortvalue_input("image_index", on_device(np.asarray(image_index, np.int32)))
-        for name, value in rules.fixed.items():
-            self._io.bind_ortvalue_input(name, on_device(np.asarray(value, np.float32)))
-        # the states a step reads (the encoder's h0 / c0 and the rules' first values), then two
-        # sets written in turn
-        self._current = {"h": tensors["h0"], "c": tensors["c0"]}
-        self._current.update({name: on_device(value) for name, value in rules.carried.items()})
+        def on_host(array: np.ndarray):  # the array's own memory (a host OrtValue is not a copy)
+            return ort.OrtValue.ortvalue_from_numpy(array, "cpu", 0)
+
+        fixed = {
+            "features": tensors["features"],
+            "att_proj": tensors["att_proj"],
+            "image_index": on_device(np.asarray(image_index, np.int32)),
+            **{name: on_device(np.asarray(value, np.float32)) for name, value in rules.fixed.items()},
+        }
+        # the per-word inputs and the results: host arrays, bound once
+        self._inputs = {
+            "tokens": np.zeros(rows, np.int32),
+            "source_rows": np.zeros(rows, np.int32),
+            "scores": np.zeros(rows, np.float32),
+        }
+        first = {"h": tensors["h0"], "c": tensors["c0"]}  # S = N rows until the first step
+        first.update({name: on_device(value) for name, value in rules.carried.items()})
         hidden = tensors["h0"].shape()[1]
         shapes = {"h": (rows, hidden), "c": (rows, hidden)}
         shapes.update({name: value.shape for name, value in rules.carried.items()})
-        self._sets = [
+        sets = [
             {
                 name: ort.OrtValue.ortvalue_from_shape_and_type(shape, np.float32, device, device_id)
                 for name, shape in shapes.items()
             }
             for _ in range(2)
         ]
-        self._next = 0
+        self._current = first  # the states the next word reads
         self._zeros = on_device(np.zeros((rows, vocab_size), np.float32))
         self._none_blocked = on_device(np.full((rows, MAX_BLOCKED), -1, np.int32))
         kept = {f"{name}_next" for name in shapes}
-        self._results = [name for name in beam_io(rules.lms is not None)[1] if name not in kept]
+        self.results = {
+            name: np.zeros(rows, np.int32 if name in INT32_OUTPUTS else np.float32)
+            for name in beam_io(rules.lms is not None)[1]
+            if name not in kept
+        }
+        host = {name: on_host(array) for name, array in {**self._inputs, **self.results}.items()}
+        # the first word's binding, then the two used in turn: (states read, states written)
+        self._bindings = []
+        for read, written in ((first, sets[0]), (sets[0], sets[1]), (sets[1], sets[0])):
+            io = step_session.io_binding()
+            for name, value in {**fixed, **read}.items():
+                io.bind_ortvalue_input(name, value)
+            for name in self._inputs:
+                io.bind_ortvalue_input(name, host[name])
+            for name, value in written.items():
+                io.bind_ortvalue_output(f"{name}_next", value)
+            for name in self.results:
+                io.bind_ortvalue_output(name, host[name])
+            self._bindings.append({"io": io, "read": read, "written": written, "bias": None, "blocked": None})
+        self._word = 0
 
     def step(self, tokens, source_rows, scores, word_bias, blocked_words) -> BeamStepResult:
-        io = self._io
-        io.bind_cpu_input("tokens", np.ascontiguousarray(tokens, np.int32))
-        io.bind_cpu_input("source_rows", np.ascontiguousarray(source_rows, np.int32))
-        io.bind_cpu_input("scores", np.ascontiguousarray(scores, np.float32))
+        binding = self._bindings[0 if self._word == 0 else 1 + (self._word - 1) % 2]
+        io = binding["io"]
+        self._inputs["tokens"][:] = tokens
+        self._inputs["source_rows"][:] = source_rows
+        self._inputs["scores"][:] = scores
+        # the bias and the blocked words: the device's constant where there are none (bound
+        # again only when the binding held a host value), else this word's
         if word_bias is None:
-            io.bind_ortvalue_input("word_bias", self._zeros)
-        else:
-            io.bind_cpu_input("word_bias", np.ascontiguousarray(word_bias, np.float32))
+            if binding["bias"] is not self._zeros:
+                io.bind_ortvalue_input("word_bias", self._zeros)
+                binding["bias"] = self._zeros
+        else:  # (kept while bound: onnxruntime may read the array where it lies)
+            binding["bias"] = np.ascontiguousarray(word_bias, np.float32)
+            io.bind_cpu_input("word_bias", binding["bias"])
         if blocked_words is None:
-            io.bind_ortvalue_input("blocked_words", self._none_blocked)
+            if binding["blocked"] is not self._none_blocked:
+                io.bind_ortvalue_input("blocked_words", self._none_blocked)
+                binding["blocked"] = self._none_blocked
         else:
-            io.bind_cpu_input("blocked_words", np.ascontiguousarray(blocked_words, np.int32))
-        written = self._sets[self._next]
-        for name, value in self._current.items():
-            io.bind_ortvalue_input(name, value)
-            io.bind_ortvalue_output(f"{name}_next", written[name])
-        for name in self._results:
-            io.bind_output(name, "cpu")
+            binding["blocked"] = np.ascontiguousarray(blocked_words, np.int32)
+            io.bind_cpu_input("blocked_words", binding["blocked"])
         self._session.run_with_iobinding(io)
-        # get_outputs() follows the order of the bind calls above: the states first
-        values = [value.numpy() for value in io.get_outputs()[len(written) :]]
-        io.clear_binding_outputs()
-        self._current = written
-        self._next = 1 - self._next
-        return BeamStepResult(**dict(zip(self._results, values)))
+        self._current = binding["written"]
+        self._word += 1
+        return BeamStepResult(**{name: value.copy() for name, value in self.results.items()})
 
 
 def _one_image(encoded: Encoded, i: int) -> Encoded:

@@ -26,7 +26,7 @@ from typing import TYPE_CHECKING
 import numpy as np
 
 from edgecap.backends.tensorrt import execution_context
-from edgecap.build.beam_step import LM_STATES, MAX_BLOCKED, beam_io, lm_state_widths
+from edgecap.build.beam_step import INT32_OUTPUTS, LM_STATES, MAX_BLOCKED, beam_io, lm_state_widths
 from edgecap.decoding.graph_search import BeamStepResult, GraphRules, graph_rules, search_with_rules
 from edgecap.errors import BackendError
 
@@ -34,8 +34,6 @@ if TYPE_CHECKING:
     import tensorrt
 
     from edgecap.backends.tensorrt import DeviceBuffers, TensorRTBackend
-
-_INT32 = frozenset({"next_tokens", "back_pointers", "choices", "end_positions"})
 
 
 def results(lms: bool) -> tuple[str, ...]:
@@ -77,7 +75,7 @@ class BeamEngine:
         shapes = {
             "scores": ((rows,), np.float32),
             "blocked_words": ((rows, MAX_BLOCKED), np.int32),
-            **{name: ((rows,), np.int32 if name in _INT32 else np.float32) for name in self.results},
+            **{name: ((rows,), np.int32 if name in INT32_OUTPUTS else np.float32) for name in self.results},
             **{name: (shape, np.float32) for name, shape in self.fixed.items()},
         }
         try:

@@ -73,6 +73,8 @@ BEAM_OUTPUTS = (
     "next_biases",
     "steered_next",
 )
+# the outputs of int32 ids and places (the others float32)
+INT32_OUTPUTS = frozenset({"next_tokens", "back_pointers", "choices", "end_positions"})
 # The caption language models in the graph (``lms``): their row weights and states go in, the
 # states reordered by the back-pointers come out
 LM_INPUTS = ("lm_weights", "everyday_h", "everyday_c", "in_domain_h", "in_domain_c")
@@ -329,18 +331,13 @@ def beam_step_model(
 
     rows = "r"
     del graph.output[:]
-    kinds = {
-        "next_tokens": TensorProto.INT32,
-        "back_pointers": TensorProto.INT32,
-        "choices": TensorProto.INT32,
-        "end_positions": TensorProto.INT32,
-    }
     state_widths = {"h_next": hidden_dim, "c_next": hidden_dim}
     if lms is not None:
         state_widths.update({f"{state}_next": width for state, width in lm_state_widths(lms).items()})
     for name in beam_io(lms is not None)[1]:
         shape: list[str | int] = [rows, state_widths[name]] if name in state_widths else [rows]
-        out = helper.make_tensor_value_info(name, kinds.get(name, TensorProto.FLOAT), shape)
+        kind = TensorProto.INT32 if name in INT32_OUTPUTS else TensorProto.FLOAT
+        out = helper.make_tensor_value_info(name, kind, shape)
         graph.output.append(out)
         # the graph names its results with the prefix: rename the last writer of each output
         for node in nodes:
