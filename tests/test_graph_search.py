@@ -833,6 +833,36 @@ def test_fake_tensorrt_graph_search_gives_the_numpy_captions(monkeypatch, tmp_pa
     assert device.memory == {} and device.pinned == [] and device.streams == []
 
 
+def test_fake_tensorrt_beam_step_sets_an_address_only_when_it_changes(monkeypatch, tmp_path, tiny):
+    """The context keeps its tensors' addresses between runs: after a search's first word a
+    word sets only those that alternate (h / c and the rows still steered, read from one set
+    and written to the other), and a second search on the same engine sets nothing its first
+    word reads from where the last search left it; its captions are the numpy search's."""
+    manifest, host, _, images = tiny
+    trt, device, backend, log = _fake_tensorrt_graph_backend(monkeypatch, tmp_path, manifest)
+    vocab = manifest.dims.vocab_size
+    options = CaptionOptions(beam_size=3, no_repeat_ngram=3, max_length=10)
+    want = search_with_tags(host, host.encode(images), options, START, END, vocab, None)
+    _same(want, search_with_tags(backend, backend.encode(images), options, START, END, vocab, None))
+    [engine] = backend._graph_search._engines.values()
+    words: list[list[str]] = []
+    real_set, real_run = engine.context.set_tensor_address, engine.context.execute_async_v3
+    monkeypatch.setattr(
+        engine.context, "set_tensor_address", lambda name, ptr: words[-1].append(name) or real_set(name, ptr)
+    )
+    monkeypatch.setattr(
+        engine.context, "execute_async_v3", lambda handle: words.append([]) or real_run(handle)
+    )
+    words.append([])  # the first word's, before its run
+    _same(want, search_with_tags(backend, backend.encode(images), options, START, END, vocab, None))
+    words.pop()  # (after the last run)
+    alternating = {"h", "c", "h_next", "c_next", "steered", "steered_next"}
+    assert len(words) > 3 and all(set(names) <= alternating for names in words)
+    assert all(len(names) == len(set(names)) for names in words)
+    assert all(set(names) == alternating for names in words[1:])  # each word's, set once
+    backend.close()
+
+
 def test_fake_tensorrt_engine_steps_the_language_models(monkeypatch, tmp_path, tiny):
     """With the language models fused, the beam-step engine steps them (an engine of its own,
     named by their weights): the numpy search's captions, their states in two sets of device

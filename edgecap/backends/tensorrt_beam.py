@@ -10,7 +10,9 @@ reordered by the back-pointers, into the backend's ping-pong state buffers (the 
 and the language models' states into two sets of its own, used in turn). Per word: ``tokens``,
 ``scores`` (R values) go up, and ``blocked_words`` (R x 200 int32 ids) only when the n-gram rule
 blocks a word (``word_bias`` stays zeros: the rules' bias is made in the engine); the ten (R,)
-results come back in one synchronisation. A search's rules (``GraphRules``: the tag rows, the
+results come back in one synchronisation. The context keeps its tensors' shapes and addresses
+between runs: a word sets only those that change (h / c and the carried states, whose two
+buffers alternate), not some twenty-five. A search's rules (``GraphRules``: the tag rows, the
 language models' row weights, the carried states' first values) go up at its first step. Its own
 buffers (scores, blocked_words, the results, the rules', their pinned host copies) are allocated
 once, for the engine's largest shapes, and freed by ``close``.
@@ -94,7 +96,10 @@ class BeamEngine:
             self.close()
             raise
         self.rows_none_blocked = 0  # blocked_words rows known to hold -1 (none) on the device
+        # what the context holds (it keeps both between runs): set again only when they change,
+        # so that a word sets the few addresses that alternate, not every tensor's
         self._shapes: dict[str, tuple[int, ...]] = {}
+        self._addresses: dict[str, int] = {}
 
     def live_context(self) -> tensorrt.IExecutionContext:
         if self.context is None:
@@ -102,12 +107,17 @@ class BeamEngine:
         return self.context
 
     def bind(self, name: str, ptr: int) -> None:
+        if self._addresses.get(name) == ptr:
+            return
+        self._addresses.pop(name, None)  # (unknown if refused)
         if not self.live_context().set_tensor_address(name, ptr):
             raise BackendError(f"TensorRT refused the address of tensor {name!r}")
+        self._addresses[name] = ptr
 
     def set_shape(self, name: str, shape: tuple[int, ...]) -> None:
         if self._shapes.get(name) == shape:
             return
+        self._shapes.pop(name, None)
         if not self.live_context().set_input_shape(name, shape):
             raise BackendError(f"TensorRT refused shape {shape} for beam-step input {name!r}")
         self._shapes[name] = shape
