@@ -565,6 +565,20 @@ def image_files(folder: Path, limit: int | None) -> list[Path]:
 # -- timing ----------------------------------------------------------------------------------------
 
 
+@contextlib.contextmanager
+def steps_wrapped(kinds, wrap):
+    """Within: each class of ``kinds`` steps with ``wrap(its own step)`` (the beam-step
+    sessions' steps timed or counted); the classes' own put back after."""
+    reals = [kind.step for kind in kinds]
+    for kind, real in zip(kinds, reals):
+        kind.step = wrap(real)
+    try:
+        yield
+    finally:
+        for kind, real in zip(kinds, reals):
+            kind.step = real
+
+
 class TimedBackend(Backend):
     """Wraps a backend and adds up the wall time of its ``encode`` and of every decoder
     ``step`` (which includes the backend's own small per-step conversions)."""

@@ -102,6 +102,7 @@ about 230 s; in a 600 s call use ``--budget-s 420`` (the README says what each b
 
 from __future__ import annotations
 
+import contextlib
 import fnmatch
 import functools
 import gc
@@ -1119,13 +1120,38 @@ class SyncTimedBackend(C.TimedBackend):
     """``TimedBackend`` whose encode is bracketed by ``torch.cuda.synchronize()`` (an eager CUDA
     encode returns before its kernels finish; each step ends with a device-to-host copy), and
     which passes the search on to the backend's device search where it has one (then no step
-    is timed: there is no step on the host), its result unpacked later where the backend's is
+    is timed, there being no step on the host, but the step graph's runs where the search's
+    bookkeeping is in the graph: ``_graph_steps_timed``), its result unpacked later where the backend's is
     (``defers_unpacking``: a call with the overlap on, as on a GPU, leaves the unpacking to the
     captions' building), so the timed call takes the backend's own way."""
 
     def search_on_device(self, *args, **kwargs):
         inner = getattr(self.inner, "search_on_device", None)
-        return None if inner is None else inner(*args, **kwargs)
+        if inner is None:
+            return None
+        with self._graph_steps_timed():
+            return inner(*args, **kwargs)
+
+    @contextlib.contextmanager
+    def _graph_steps_timed(self):
+        """Within: each word of a search with its bookkeeping in the step graph or engine
+        (``search="graph"``: onnxruntime's beam-step sessions, TensorRT's) timed as a host
+        search's step is, the graph's run and its results' way back to the host, into
+        ``step_times`` (the session classes' step wrapped, and put back after)."""
+        from edgecap.backends.ort_beam import IOBindingBeamSession, OnnxBeamSession
+        from edgecap.backends.tensorrt_beam import TensorRTBeamSession
+
+        def timed(real):
+            def step(session, *args):
+                t0 = time.perf_counter()
+                result = real(session, *args)
+                self.step_times.append(time.perf_counter() - t0)
+                return result
+
+            return step
+
+        with C.steps_wrapped((OnnxBeamSession, IOBindingBeamSession, TensorRTBeamSession), timed):
+            yield
 
     @property
     def defers_unpacking(self) -> bool:
@@ -2175,10 +2201,11 @@ def markdown(data: dict) -> str:
     ]
     lines += [
         "",
-        "steps: host steps per call; with the search on the device and CUDA graphs, the "
-        "steps its graphs ran (they stop at the first check after every image is done; 0 "
-        "without graphs: no step returns to the host); search: the whole beam search of a "
-        "call (its captions' decode_ms).",
+        "steps: host steps per call (with the bookkeeping in the step graph or engine, the "
+        "`-graph` rows: its runs, each timed with its results' way back); with the search on "
+        "the device and CUDA graphs, the steps its graphs ran (they stop at the first check "
+        "after every image is done; 0 without graphs: no step returns to the host); search: "
+        "the whole beam search of a call (its captions' decode_ms).",
     ]
     if data["device"] != "cuda":
         lines += [

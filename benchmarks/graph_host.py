@@ -117,9 +117,6 @@ class Timed:
         given blocked words (the classes' step wrapped, and put back after)."""
         from edgecap.backends.ort_beam import IOBindingBeamSession, OnnxBeamSession
 
-        kinds = (OnnxBeamSession, IOBindingBeamSession)
-        reals = [kind.step for kind in kinds]
-
         def counting(real):
             def step(session, tokens, source_rows, scores, word_bias, blocked_words):
                 self.blocks += blocked_words is not None
@@ -127,13 +124,8 @@ class Timed:
 
             return step
 
-        for kind, real in zip(kinds, reals):
-            kind.step = counting(real)  # type: ignore[method-assign]
-        try:
+        with C.steps_wrapped((OnnxBeamSession, IOBindingBeamSession), counting):
             yield
-        finally:
-            for kind, real in zip(kinds, reals):
-                kind.step = real  # type: ignore[method-assign]
 
     def wrap(self, session) -> None:
         """Time ``session``'s runs: with numpy feeds (``run``) and with I/O binding

@@ -1694,6 +1694,33 @@ def test_the_latency_times_the_backends_own_way_with_a_batch(default_model_dir):
     assert seen == [("encode", "Tensor"), ("search", True)] and row["encoder_p50_ms"] > 0
 
 
+def test_the_latency_of_a_graph_search_times_the_step_graphs_runs(default_model_dir):
+    """With the search's bookkeeping in the step graph (``search="graph"``, the TensorRT and
+    onnxruntime-gpu ``-graph`` rows; here onnxruntime CPU), ``latency`` times each run of the
+    beam-step graph as a step (they had reported no step time and 0 steps): as many steps as
+    the graph ran, each timed; the sessions' step put back after."""
+    import argparse
+    from unittest import mock
+
+    pytest.importorskip("onnx")
+    sys.path.insert(0, str(SCRIPT.parent))
+    import gpu_check
+
+    from edgecap import Captioner
+    from edgecap.backends.ort_beam import OnnxBeamSession
+
+    cap = Captioner(default_model_dir, backend="onnxruntime", search="graph")
+    real = OnnxBeamSession.step
+    runs = []
+    with mock.patch.object(OnnxBeamSession, "step", lambda self, *a: runs.append(1) or real(self, *a)):
+        frames = list(np.random.default_rng(0).integers(0, 256, (2, 48, 64, 3), dtype=np.uint8))
+        args = argparse.Namespace(beams=[3], batches=[2], warmup=0, repeats=2, max_length=20)
+        (row,) = gpu_check.latency(cap, gpu_check.SyncTimedBackend(cap.backend), frames, args)
+        assert OnnxBeamSession.step.__name__ == "<lambda>"  # (the patch, put back by latency)
+    assert row["steps_per_call"] == len(runs) / 2 and len(runs) >= 4
+    assert 0 < row["step_p50_ms"] <= row["step_p95_ms"]
+
+
 class _Ended(BaseException):
     """A stand-in for the process ending within a mode (a CUDA or Triton fault's abort, or a
     hang until a lease's kill): no ``except Exception`` in gpu_check catches it."""
