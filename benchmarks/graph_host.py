@@ -149,7 +149,7 @@ class Timed:
 
 def _same(a, b) -> bool:
     def key(hyps):
-        return [[(h.tokens, h.log_prob, h.rank_score, h.finished) for h in image] for image in hyps]
+        return [[(h.tokens, h.log_prob, h.score, h.rank_score, h.finished) for h in image] for image in hyps]
 
     return key(a) == key(b)
 

@@ -558,6 +558,10 @@ class _FakeValue:
         assert self.device == "cpu", "copied a device tensor to the host"
         return np.zeros(self._shape, np.float32)
 
+    def update_inplace(self, data):  # (its array: what a fake run reads from it)
+        assert data.shape == self._shape and data.dtype == self.array.dtype
+        self.array[...] = data
+
 
 def test_fake_iobinding_keeps_state_on_cuda():
     made = []
@@ -630,8 +634,12 @@ def test_fake_iobinding_beam_session_keeps_state_on_cuda_and_never_writes_what_i
     reads h / c and the tag bonus's rows still steered from one set of device tensors and writes
     the reordered ones into the other set (in place, a row could be overwritten before the rows
     pointing at it are read); only the (R,) results come back to the host, written by
-    onnxruntime into host arrays bound once, where each word's tokens, source rows and scores
-    are read too; a bias or blocked words go up only on the words that have them."""
+    onnxruntime into host arrays bound once; each word's tokens, source rows and scores reach
+    the graph (device tensors bound once, written at each word); a bias or blocked words go up
+    only on the words that have them. The fake binding copies a host input to the device when
+    it is bound, as onnxruntime's ``IOBinding::BindInput`` does for a graph on another device
+    (``utils::CopyOneInputAcrossDevices``): a host array bound once and written in place later
+    is not seen (the bug a review found in this session's first version)."""
     import sys
 
     from edgecap.backends.ort_beam import IOBindingBeamSession
@@ -642,16 +650,18 @@ def test_fake_iobinding_beam_session_keeps_state_on_cuda_and_never_writes_what_i
 
     def from_numpy(array, device, device_id):
         made.append(_FakeValue(array.shape, device, "from_numpy"))
-        if device == "cpu":
-            made[-1].array = array  # a host OrtValue is the array's own memory
+        # a host OrtValue is the array's own memory; a device one, a copy
+        made[-1].array = array if device == "cpu" else array.copy()
+        return made[-1]
+
+    def from_shape(shape, dtype, device, device_id):
+        made.append(_FakeValue(shape, device, f"state{len(made)}"))
+        made[-1].array = np.zeros(shape, dtype)
         return made[-1]
 
     fake_ort = types.SimpleNamespace(
         OrtValue=types.SimpleNamespace(
-            ortvalue_from_numpy=from_numpy,
-            ortvalue_from_shape_and_type=lambda shape, dtype, d, i: (
-                made.append(_FakeValue(shape, d, f"state{len(made)}")) or made[-1]
-            ),
+            ortvalue_from_numpy=from_numpy, ortvalue_from_shape_and_type=from_shape
         )
     )
     monkeypatch.setitem(sys.modules, "onnxruntime", fake_ort)
@@ -659,16 +669,23 @@ def test_fake_iobinding_beam_session_keeps_state_on_cuda_and_never_writes_what_i
 
     class Binding:
         def __init__(self):
-            self.inputs, self.outputs, self.binds = {}, {}, 0
+            self.inputs, self.outputs, self.binds, self.seen = {}, {}, 0, {}
 
         def bind_cpu_input(self, name, array):
             self.inputs[name] = _FakeValue(array.shape, "cpu", name)
             self.inputs[name].array = array
+            self.seen[name] = array.copy()  # copied up now
             self.binds += 1
 
         def bind_ortvalue_input(self, name, value):
             self.inputs[name] = value
+            # a host value copied up now; a device one read where it lies at each run
+            self.seen[name] = value.array.copy() if value.device == "cpu" else value
             self.binds += 1
+
+        def read(self, name):  # what the graph reads for an input at a run
+            seen = self.seen[name]
+            return seen.array.copy() if isinstance(seen, _FakeValue) else seen
 
         def bind_ortvalue_output(self, name, value):
             self.outputs[name] = value
@@ -685,7 +702,7 @@ def test_fake_iobinding_beam_session_keeps_state_on_cuda_and_never_writes_what_i
         )
         runs[-1]["out"] = [binding.outputs[name] for name in ("h_next", "c_next", "steered_next")]
         runs[-1]["binds"] = sum(b.binds for b in bindings)
-        runs[-1]["tokens"] = binding.inputs["tokens"].array.copy()
+        runs[-1]["read"] = {name: binding.read(name) for name in ("tokens", "source_rows", "scores")}
         for name in ("next_tokens", "next_scores"):  # what the graph writes back this word
             binding.outputs[name].array[:] = word + 10
 
@@ -707,8 +724,8 @@ def test_fake_iobinding_beam_session_keeps_state_on_cuda_and_never_writes_what_i
         results.append(
             session.step(
                 np.full(4, word),
-                np.arange(4),
-                np.zeros(4),
+                np.arange(4)[::-1],
+                np.full(4, -word),
                 bias if has_bias else None,
                 blocked if has_blocks else None,
             )
@@ -717,8 +734,10 @@ def test_fake_iobinding_beam_session_keeps_state_on_cuda_and_never_writes_what_i
         assert binding.inputs["word_bias"].device == ("cpu" if has_bias else "cuda")
         assert binding.inputs["blocked_words"].device == ("cpu" if has_blocks else "cuda")
         assert binding.inputs["tag_bias"].device == "cuda"
-        assert [binding.inputs[name].device for name in ("tokens", "source_rows", "scores")] == ["cpu"] * 3
-        assert runs[-1]["tokens"].tolist() == [word] * 4  # this word's, written in place
+        assert [binding.inputs[name].device for name in ("tokens", "source_rows", "scores")] == ["cuda"] * 3
+        read = runs[-1]["read"]  # this word's, as the graph reads them
+        assert read["tokens"].tolist() == [word] * 4 and read["tokens"].dtype == np.int32
+        assert read["source_rows"].tolist() == [3, 2, 1, 0] and read["scores"].tolist() == [-word] * 4
     assert len(bindings) == 3  # the first word's, then two in turn, all bound before the first run
     # a word binds only the bias and the blocked words, and only where its binding held others:
     # both at words 1 to 3 (counted from 1: a binding's first use, or the bias and the blocks),
@@ -777,11 +796,11 @@ def test_fake_graph_search_on_a_second_gpu_makes_its_beam_state_on_that_gpu(monk
     search(encoded, CaptionOptions(beam_size=2), 1, 2, None, None)
     assert [type(s) for s in sessions] == [ort_beam.IOBindingBeamSession]
     # on the GPU: image index, tag rows, rows steered, two sets of h / c / steered, zeros, no
-    # blocked words; on the host (device "cpu", 0): the tokens, source rows and scores, the
+    # blocked words, the tokens, source rows and scores; on the host (device "cpu", 0): the
     # ten results
     on_gpu = [where for where in made if where[0] != "cpu"]
-    assert len(on_gpu) == 11 and set(on_gpu) == {("cuda", 1)}
-    assert made.count(("cpu", 0)) == 3 + 10 == len(made) - 11
+    assert len(on_gpu) == 14 and set(on_gpu) == {("cuda", 1)}
+    assert made.count(("cpu", 0)) == 10 == len(made) - 14
 
 
 def test_fake_iobinding_on_a_second_gpu_keeps_every_device_tensor_on_that_gpu():
