@@ -568,7 +568,9 @@ def image_files(folder: Path, limit: int | None) -> list[Path]:
 @contextlib.contextmanager
 def steps_wrapped(kinds, wrap):
     """Within: each class of ``kinds`` steps with ``wrap(its own step)`` (the beam-step
-    sessions' steps timed or counted); the classes' own put back after."""
+    sessions' steps timed or counted); the classes' own put back after. The classes are
+    patched for the whole process: not for use from two threads at once, nor nested over the
+    same classes."""
     reals = [kind.step for kind in kinds]
     for kind, real in zip(kinds, reals):
         kind.step = wrap(real)

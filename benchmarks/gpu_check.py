@@ -1125,6 +1125,15 @@ class SyncTimedBackend(C.TimedBackend):
     (``defers_unpacking``: a call with the overlap on, as on a GPU, leaves the unpacking to the
     captions' building), so the timed call takes the backend's own way."""
 
+    def __init__(self, inner):
+        super().__init__(inner)
+        # the beam-step sessions whose steps a graph search's words are (imported here, not
+        # in a timed call)
+        from edgecap.backends.ort_beam import IOBindingBeamSession, OnnxBeamSession
+        from edgecap.backends.tensorrt_beam import TensorRTBeamSession
+
+        self._step_sessions = (OnnxBeamSession, IOBindingBeamSession, TensorRTBeamSession)
+
     def search_on_device(self, *args, **kwargs):
         inner = getattr(self.inner, "search_on_device", None)
         if inner is None:
@@ -1138,8 +1147,6 @@ class SyncTimedBackend(C.TimedBackend):
         (``search="graph"``: onnxruntime's beam-step sessions, TensorRT's) timed as a host
         search's step is, the graph's run and its results' way back to the host, into
         ``step_times`` (the session classes' step wrapped, and put back after)."""
-        from edgecap.backends.ort_beam import IOBindingBeamSession, OnnxBeamSession
-        from edgecap.backends.tensorrt_beam import TensorRTBeamSession
 
         def timed(real):
             def step(session, *args):
@@ -1150,7 +1157,7 @@ class SyncTimedBackend(C.TimedBackend):
 
             return step
 
-        with C.steps_wrapped((OnnxBeamSession, IOBindingBeamSession, TensorRTBeamSession), timed):
+        with C.steps_wrapped(self._step_sessions, timed):
             yield
 
     @property
