@@ -1121,9 +1121,9 @@ class SyncTimedBackend(C.TimedBackend):
     encode returns before its kernels finish; each step ends with a device-to-host copy), and
     which passes the search on to the backend's device search where it has one (then no step
     is timed, there being no step on the host, but the step graph's runs where the search's
-    bookkeeping is in the graph: ``_graph_steps_timed``), its result unpacked later where the backend's is
-    (``defers_unpacking``: a call with the overlap on, as on a GPU, leaves the unpacking to the
-    captions' building), so the timed call takes the backend's own way."""
+    bookkeeping is in the graph: ``_graph_steps_timed``), its result unpacked later where the
+    backend's is (``defers_unpacking``: a call with the overlap on, as on a GPU, leaves the
+    unpacking to the captions' building), so the timed call takes the backend's own way."""
 
     def __init__(self, inner):
         super().__init__(inner)
