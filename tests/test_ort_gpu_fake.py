@@ -635,11 +635,11 @@ def test_fake_iobinding_beam_session_keeps_state_on_cuda_and_never_writes_what_i
     the reordered ones into the other set (in place, a row could be overwritten before the rows
     pointing at it are read); only the (R,) results come back to the host, written by
     onnxruntime into host arrays bound once; each word's tokens, source rows and scores reach
-    the graph (device tensors bound once, written at each word); a bias or blocked words go up
-    only on the words that have them. The fake binding copies a host input to the device when
-    it is bound, as onnxruntime's ``IOBinding::BindInput`` does for a graph on another device
+    the graph (bound at each word); a bias or blocked words go up only on the words that have
+    them. The fake binding copies a host input to the device when it is bound, as
+    onnxruntime's ``IOBinding::BindInput`` does for a graph on another device
     (``utils::CopyOneInputAcrossDevices``): a host array bound once and written in place later
-    is not seen (the bug a review found in this session's first version)."""
+    is not seen (the bug a review found in a first version of the session)."""
     import sys
 
     from edgecap.backends.ort_beam import IOBindingBeamSession
@@ -734,15 +734,16 @@ def test_fake_iobinding_beam_session_keeps_state_on_cuda_and_never_writes_what_i
         assert binding.inputs["word_bias"].device == ("cpu" if has_bias else "cuda")
         assert binding.inputs["blocked_words"].device == ("cpu" if has_blocks else "cuda")
         assert binding.inputs["tag_bias"].device == "cuda"
-        assert [binding.inputs[name].device for name in ("tokens", "source_rows", "scores")] == ["cuda"] * 3
+        assert [binding.inputs[name].device for name in ("tokens", "source_rows", "scores")] == ["cpu"] * 3
         read = runs[-1]["read"]  # this word's, as the graph reads them
         assert read["tokens"].tolist() == [word] * 4 and read["tokens"].dtype == np.int32
         assert read["source_rows"].tolist() == [3, 2, 1, 0] and read["scores"].tolist() == [-word] * 4
     assert len(bindings) == 3  # the first word's, then two in turn, all bound before the first run
-    # a word binds only the bias and the blocked words, and only where its binding held others:
-    # both at words 1 to 3 (counted from 1: a binding's first use, or the bias and the blocks),
-    # the zeros again at word 4 (its binding held the bias), the no-blocks again at word 5
-    assert [r["binds"] for r in runs] == [runs[0]["binds"] + n for n in (0, 2, 4, 5, 6)]
+    # a word binds its three inputs, and the bias and the blocked words only where its binding
+    # held others: both at words 1 to 3 (counted from 1: a binding's first use, or the bias and
+    # the blocks), the zeros again at word 4 (its binding held the bias), the no-blocks again
+    # at word 5
+    assert [r["binds"] for r in runs] == [runs[0]["binds"] + n for n in (0, 5, 10, 14, 18)]
     assert [r.next_tokens.tolist() for r in results] == [[10 + w] * 4 for w in range(5)]  # kept apart
     assert results[0].next_tokens.dtype == np.int32 and results[0].next_scores.dtype == np.float32
     first = {"out": [encoded["h0"], encoded["c0"], first_steered]}
@@ -796,11 +797,10 @@ def test_fake_graph_search_on_a_second_gpu_makes_its_beam_state_on_that_gpu(monk
     search(encoded, CaptionOptions(beam_size=2), 1, 2, None, None)
     assert [type(s) for s in sessions] == [ort_beam.IOBindingBeamSession]
     # on the GPU: image index, tag rows, rows steered, two sets of h / c / steered, zeros, no
-    # blocked words, the tokens, source rows and scores; on the host (device "cpu", 0): the
-    # ten results
+    # blocked words; on the host (device "cpu", 0): the ten results
     on_gpu = [where for where in made if where[0] != "cpu"]
-    assert len(on_gpu) == 14 and set(on_gpu) == {("cuda", 1)}
-    assert made.count(("cpu", 0)) == 10 == len(made) - 14
+    assert len(on_gpu) == 11 and set(on_gpu) == {("cuda", 1)}
+    assert made.count(("cpu", 0)) == 10 == len(made) - 11
 
 
 def test_fake_iobinding_on_a_second_gpu_keeps_every_device_tensor_on_that_gpu():

@@ -77,15 +77,14 @@ class IOBindingBeamSession:
 
     Everything is bound once a search, in three bindings: the first word's (reading the
     encoder's h0 / c0 and the rules' first states, writing the first set), then two used in
-    turn (reading one set, writing the other). The per-word inputs (tokens, source rows,
-    scores) are device tensors bound once, their values copied up before each run
-    (``OrtValue.update_inplace``: onnxruntime copies a host input bound to a device's graph
-    when it is bound, not at each run, so a host array bound once and written in place would
-    never be seen again), and the results are written by onnxruntime into host arrays of the
-    session's own: a word's work on the host is three small copies up, a bias or blocked
-    words when there are any, the run and the results' copies, not some thirty bind calls
-    (``benchmarks/graph_host.py --session binding``). The results are never read through
-    ``get_outputs()``, whose values onnxruntime 1.16 to 1.23 free on
+    turn (reading one set, writing the other); only the per-word inputs (tokens, source rows,
+    scores) are bound at each word, from the host (onnxruntime copies a host input to the
+    device where the graph reads it when it is bound, not at each run: a host array bound once
+    and written in place would never be seen again), and a bias or blocked words on the words
+    that have them. The results are written by onnxruntime into host arrays of the session's
+    own: a word's work on the host is three binds, the run and the results' copies, not some
+    thirty bind calls (``benchmarks/graph_host.py --session binding``); they are never read
+    through ``get_outputs()``, whose values onnxruntime 1.16 to 1.23 free on
     ``clear_binding_outputs()``."""
 
     def __init__(
@@ -115,11 +114,7 @@ class IOBindingBeamSession:
             "image_index": on_device(np.asarray(image_index, np.int32)),
             **{name: on_device(np.asarray(value, np.float32)) for name, value in rules.fixed.items()},
         }
-        # the per-word inputs, on the device, bound once and written at each word
-        self._inputs = {
-            name: ort.OrtValue.ortvalue_from_shape_and_type((rows,), dtype, device, device_id)
-            for name, dtype in (("tokens", np.int32), ("source_rows", np.int32), ("scores", np.float32))
-        }
+        self._held: dict[str, np.ndarray] = {}  # the host arrays bound at this word
         first = {"h": tensors["h0"], "c": tensors["c0"]}  # S = N rows until the first step
         first.update({name: on_device(value) for name, value in rules.carried.items()})
         hidden = tensors["h0"].shape()[1]
@@ -148,8 +143,6 @@ class IOBindingBeamSession:
             io = step_session.io_binding()
             for name, value in {**fixed, **read}.items():
                 io.bind_ortvalue_input(name, value)
-            for name, value in self._inputs.items():
-                io.bind_ortvalue_input(name, value)
             for name, value in written.items():
                 io.bind_ortvalue_output(f"{name}_next", value)
             for name in self.results:
@@ -160,9 +153,15 @@ class IOBindingBeamSession:
     def step(self, tokens, source_rows, scores, word_bias, blocked_words) -> BeamStepResult:
         binding = self._bindings[0 if self._word == 0 else 1 + (self._word - 1) % 2]
         io = binding["io"]
-        self._inputs["tokens"].update_inplace(np.ascontiguousarray(tokens, np.int32))
-        self._inputs["source_rows"].update_inplace(np.ascontiguousarray(source_rows, np.int32))
-        self._inputs["scores"].update_inplace(np.ascontiguousarray(scores, np.float32))
+        # this word's: copied to the device when bound (kept while bound: where the graph
+        # reads them on the host, it reads them in place)
+        for name, values, dtype in (
+            ("tokens", tokens, np.int32),
+            ("source_rows", source_rows, np.int32),
+            ("scores", scores, np.float32),
+        ):
+            self._held[name] = np.ascontiguousarray(values, dtype)
+            io.bind_cpu_input(name, self._held[name])
         # the bias and the blocked words: the device's constant where there are none (bound
         # again only when the binding held a host value), else this word's
         if word_bias is None:
