@@ -77,7 +77,10 @@ class IOBindingBeamSession:
 
     Everything is bound once a search, in three bindings: the first word's (reading the
     encoder's h0 / c0 and the rules' first states, writing the first set), then two used in
-    turn (reading one set, writing the other); only the per-word inputs (tokens, source rows,
+    turn (reading one set, writing the other): a device tensor bound to a graph that reads it
+    on that device is read where it lies at every run (the states feed the step's matrix
+    products and gathers, which the CUDA provider runs; a consumer on the CPU would have
+    been given a copy made at binding). Only the per-word inputs (tokens, source rows,
     scores) are bound at each word, from the host (onnxruntime copies a host input to the
     device where the graph reads it when it is bound, not at each run: a host array bound once
     and written in place would never be seen again), and a bias or blocked words on the words
