@@ -1958,7 +1958,7 @@ def test_graph_host_times_the_hosts_work_a_word_with_the_language_models_where_a
         for row in result["rows"]:
             assert row["photos"] == 2 and row["calls"] == 2 and row["words"] > 1
             assert row["graph_ms"] > 0 and row["host_ms"] > 0 and row["host_ms_per_word"] > 0
-            assert 0 < row["replayed_ms_per_word"] < row["host_ms_per_word"]  # the loop's part alone
+            assert row["replayed_ms_per_word"] > 0  # (timed, not compared: no timing in a test)
             # the first word's never-first block at least; 3 rows (beam 3), 200 ids or 2,538 floats
             assert 1 <= row["words_with_blocks"] < row["words"]
             blocks = row["words_with_blocks"]
