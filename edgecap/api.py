@@ -62,7 +62,7 @@ from edgecap.images import (
 from edgecap.manifest import Manifest, file_sha256, load_manifest
 from edgecap.objects import ObjectClasses, top_classes_rows
 from edgecap.prefetch import check_decode_workers, default_decode_workers, prefetched_batches, window
-from edgecap.preprocess import bar_box, frame_blurriness, model_input, recognisable
+from edgecap.preprocess import bar_box, blurriness, frame_grey, grey_recognisable, model_input
 from edgecap.vocab import SPECIALS, Vocabulary, tokenize
 
 CLOSED_MID_CALL = "this Captioner is closed: the rest of the images are not captioned"
@@ -1010,12 +1010,15 @@ class Captioner:
             raise InputError(
                 describe(image), f"out of memory resizing it ({rgb.width}x{rgb.height}) for the model"
             ) from exc
-        visible = not options.blank_check or recognisable(x, self.manifest.preprocessing, bool(gain > 1))
-        # how blurred it looks, where the confidence model takes a blur penalty (about 0.5 ms a frame)
+        # the blank check and how blurred it looks (where the confidence model takes a blur
+        # penalty: about 0.5 ms a frame) measure the same grey image, made once
         rater = self._confidence_model
-        blurry = (
-            None if rater is None or rater.blur is None else frame_blurriness(x, self.manifest.preprocessing)
-        )
+        blur = rater is not None and rater.blur is not None
+        visible, blurry = True, None
+        if options.blank_check or blur:
+            grey = frame_grey(x, self.manifest.preprocessing)
+            visible = not options.blank_check or grey_recognisable(grey, bool(gain > 1))
+            blurry = float(blurriness(grey)) if blur else None
         return _Prepared(x, visible, (time.perf_counter() - t0) * 1e3, crop, blurry)
 
     def _prepared(

@@ -186,7 +186,11 @@ def frame_grey(x: np.ndarray, pre: Preprocessing) -> np.ndarray:
 def frame_statistics(x: np.ndarray, pre: Preprocessing) -> tuple[float, float]:
     """Encoder input (3, H, W) -> (standard deviation, mean |Laplacian|) of its grey image
     averaged over ``BLOCK`` x ``BLOCK`` pixels, both in pixel levels."""
-    grey = frame_grey(x, pre)
+    return grey_statistics(frame_grey(x, pre))
+
+
+def grey_statistics(grey: np.ndarray) -> tuple[float, float]:
+    """``frame_statistics`` of an encoder input's grey image (``frame_grey``)."""
     h, w = grey.shape[0] // BLOCK * BLOCK, grey.shape[1] // BLOCK * BLOCK
     grey = grey[:h, :w].reshape(h // BLOCK, BLOCK, w // BLOCK, BLOCK).mean((1, 3))
     laplacian = 4 * grey[1:-1, 1:-1] - grey[:-2, 1:-1] - grey[2:, 1:-1] - grey[1:-1, :-2] - grey[1:-1, 2:]
@@ -245,7 +249,12 @@ def judged_recognisable(spread, detail, brightened):
 def recognisable(x: np.ndarray, pre: Preprocessing, brightened: bool = False) -> bool:
     """Whether the encoder input (3, H, W) holds anything to caption (see the thresholds);
     ``brightened``: it was brightened (``model_input``'s gain above 1), so it is judged as such."""
-    spread, detail = frame_statistics(x, pre)
+    return grey_recognisable(frame_grey(x, pre), brightened)
+
+
+def grey_recognisable(grey: np.ndarray, brightened: bool = False) -> bool:
+    """``recognisable`` of an encoder input's grey image (``frame_grey``)."""
+    spread, detail = grey_statistics(grey)
     # one-element float32 arrays: the comparisons in float32, as the device check computes them
     verdict = judged_recognisable(
         np.array([spread], np.float32), np.array([detail], np.float32), np.array([brightened])
