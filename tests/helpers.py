@@ -39,6 +39,20 @@ EXAMPLES = Path(images.__file__).parent / "assets" / "examples"
 FILL = -30.0  # log-prob of every word a table does not name (far below any named word)
 
 
+# A table for ``TableBackend`` (prefix -> the next words' log-probabilities; any other prefix
+# "c" -0.25, <end> -5), searched at beam 2 with the tag bonus 1 on "a" and three words at most:
+# no beam ever ends, and "a <end>" after the first word and "b c <end>" after the second tie
+# exactly, in rank (-2.0 over 2 words, -3.0 over 3) and log-probability (-3.0 both); the numpy
+# loop keeps the earlier, a later place to end having to rank strictly better.
+LATER_TIED_ENDING = {
+    (): {"a": -1.25, "b": -0.5},
+    ("a",): {"c": -0.25, "<end>": -1.75},
+    ("b",): {"c": -0.25, "<end>": -2.5},
+    ("a", "c"): {"b": -0.25, "<end>": -5.0},
+    ("b", "c"): {"a": -0.25, "<end>": -2.25},
+}
+
+
 class TableBackend(Backend):
     """A decoder whose next-word log-probabilities come from ``rule(prefix)``.
 

@@ -46,7 +46,7 @@ from edgecap.errors import BackendError  # noqa: E402
 from edgecap.images import load_rgb, preprocess  # noqa: E402
 from edgecap.manifest import load_manifest  # noqa: E402
 from fakes import END, START, PrefixHashBackend  # noqa: E402
-from helpers import TableBackend, captioner_search  # noqa: E402
+from helpers import LATER_TIED_ENDING, TableBackend, captioner_search  # noqa: E402
 
 
 def _device(
@@ -472,14 +472,8 @@ def test_a_later_place_to_end_tied_in_rank_and_log_probability_keeps_the_earlier
     ends: "a <end>" after the first word and "b c <end>" after the second tie exactly, in
     rank (-2.0 over 2 words, -3.0 over 3) and log-probability (-3.0 both). The numpy loop
     keeps the earlier (a later one must rank strictly better); so must the device search."""
-    rows = {
-        (): {"a": -1.25, "b": -0.5},
-        ("a",): {"c": -0.25, "<end>": -1.75},
-        ("b",): {"c": -0.25, "<end>": -2.5},
-        ("a", "c"): {"b": -0.25, "<end>": -5.0},
-        ("b", "c"): {"a": -0.25, "<end>": -2.25},
-    }
     _, options, tags = _tied_endings_table()
+    rows = LATER_TIED_ENDING
     backend = TableBackend(WORDS, lambda prefix: rows.get(prefix, {"c": -0.25, "<end>": -5.0}), top_k=4)
     image = np.zeros((1, 3, 4, 4), np.float32)
     host = search_with_tags(backend, backend.encode(image), options, START, END, len(WORDS), tags)

@@ -25,7 +25,7 @@ from edgecap.errors import BackendError  # noqa: E402
 from edgecap.images import load_rgb, preprocess  # noqa: E402
 from edgecap.manifest import load_manifest  # noqa: E402
 from fakes import PrefixHashBackend  # noqa: E402
-from helpers import TableBackend  # noqa: E402
+from helpers import LATER_TIED_ENDING, TableBackend  # noqa: E402
 
 START, END = 1, 2
 
@@ -574,14 +574,7 @@ def test_a_later_place_to_end_tied_in_rank_and_log_probability_keeps_the_earlier
     "b c <end>" after the second tie exactly, in rank (-2.0 over 2 words, -3.0 over 3) and in
     the model's log-probability (-3.0 both): the earlier stays, as in the numpy loop, where a
     later one must rank strictly better."""
-    rows = {
-        (): {"a": -1.25, "b": -0.5},
-        ("a",): {"c": -0.25, "<end>": -1.75},
-        ("b",): {"c": -0.25, "<end>": -2.5},
-        ("a", "c"): {"b": -0.25, "<end>": -5.0},
-        ("b", "c"): {"a": -0.25, "<end>": -2.25},
-    }
-    _best_place_to_end(rows, ["a"], -3.0, -1.0)
+    _best_place_to_end(LATER_TIED_ENDING, ["a"], -3.0, -1.0)
 
 
 def test_equal_candidates_and_endings_keep_the_numpy_order():

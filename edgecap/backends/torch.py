@@ -54,8 +54,10 @@ from edgecap.errors import BackendError, ModelError
 from edgecap.manifest import Manifest
 from edgecap.models.config import DEFAULT_ENCODER, ENCODER_FP32_BLOCKS
 from edgecap.models.decoder import CaptionDecoder, DecoderConfig
-from edgecap.models.efficientnet_lite import EfficientNetLite
-from edgecap.models.efficientnet_lite import fold_batch_norms as fold_efficientnet_batch_norms
+from edgecap.models.efficientnet_lite import (
+    EfficientNetLite,
+    fold_batch_norms as fold_efficientnet_batch_norms,
+)
 from edgecap.models.graphs import EncoderGraph, StepGraph
 from edgecap.training.config import check_decoder
 

@@ -25,8 +25,8 @@ from edgecap.prefetch import DEFAULT_CPU_DECODE_WORKERS, MAX_DECODE_WORKERS, MAX
 
 DEFAULTS = {f.name: f.default for f in fields(CaptionOptions)}
 PRECISIONS = ("fp32", "fp16")  # --precision
-# the backends' messages name the Python API's device argument; the command line, its flag
-# the backends' words for an option a flag gives, and the flag's (their errors said as typed)
+# the backends' messages name the Python API's arguments (device, search); the command line's
+# errors say the flag instead, as typed
 DEVICE_WORDS = {
     "device='cuda'": "--device cuda",
     "device='cpu'": "--device cpu",
