@@ -73,6 +73,11 @@ def test_matches_reference_for_every_image_of_a_batch(beam, end_bias):
         ref = reference_beam_search(backend, int(seed), beam, 8)
         assert [h.tokens for h in hyps] == [r[0] for r in ref]
         np.testing.assert_allclose([h.log_prob for h in hyps], [r[1] for r in ref], rtol=1e-5)
+        # the score: the mean log-probability per word, a caption's <end> counted as a word
+        assert [h.finished for h in hyps] == [r[2] for r in ref]
+        np.testing.assert_allclose(
+            [h.score for h in hyps], [r[1] / (len(r[0]) + r[2]) for r in ref], rtol=1e-5
+        )
 
 
 def test_batch_equals_images_alone():
