@@ -775,6 +775,23 @@ def test_blurriness_by_hand():
     assert blurriness(np.stack([ramp, ramp.T])) == pytest.approx([expected, expected], rel=1e-12)
 
 
+def test_blurriness_by_hand_where_a_diagonal_has_the_least_detail():
+    """Levels 3 x column - 2 x row (8 x 8): differences 3 along the rows, 2 down the columns, 1
+    along the diagonal (1 / sqrt 2 per pixel of distance) and 5 along the anti-diagonal (5 /
+    sqrt 2): the least detail is the diagonal's. Central differences 6 and -4: the structure
+    tensor's entries 36, 16 and -24, its axes 52 and 0. Levels 3 x column + 2 x row: the same
+    with the diagonals swapped."""
+    from edgecap.preprocess import BLUR_EPSILON, blurriness
+
+    rows, columns = np.mgrid[0:8, 0:8].astype(np.float64)
+    for grey in (3 * columns - 2 * rows, 3 * columns + 2 * rows):
+        least = 1 / np.sqrt(2)
+        expected = np.log(BLUR_EPSILON / (52 + BLUR_EPSILON)) + np.log(
+            (least + BLUR_EPSILON) / (np.std(grey) + BLUR_EPSILON)
+        )
+        assert blurriness(grey) == pytest.approx(expected, rel=1e-12)
+
+
 def test_a_fine_grating_at_an_angle_has_a_finite_blurriness_on_either_side():
     """A sinusoidal grating of full contrast (detail in one direction only, as motion blur leaves
     a frame, at its most): the structure tensor's weaker axis is 0, but in float32 its strong axis
