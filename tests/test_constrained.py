@@ -113,6 +113,22 @@ def test_a_state_with_enough_captions_stops_its_beams():
     assert best.log_prob == pytest.approx(-17.0) and best.score == pytest.approx(-17.0 / 5)
 
 
+def test_cut_at_max_length_each_image_keeps_its_own_live_beam_of_the_said_state():
+    """No caption ends within two words (max_length 2): each image's caption is the live beam of
+    its said-a-tag-word state, unfinished. The photo tagged "cat": "a cat" (-0.1 - 4.0) over
+    "cat runs" (-4.3); the one tagged "dog": "a dog" (-0.3), its own rows, not the other
+    image's."""
+    backend = TableBackend(WORDS, _table, top_k=4)
+    encoded = backend.encode(np.zeros((2, 3, 4, 4), np.float32))
+    opts = CaptionOptions(beam_size=1, max_length=2, no_repeat_ngram=0)
+    tags = [{WORDS.index("cat")}, {WORDS.index("dog")}]
+    [[cat], [dog]] = constrained_beam_search(backend, encoded, opts, START, END, tags)
+    assert [WORDS[w] for w in cat.tokens] == ["a", "cat"] and not cat.finished
+    assert cat.log_prob == pytest.approx(-4.1) and cat.score == pytest.approx(-4.1 / 2)
+    assert [WORDS[w] for w in dog.tokens] == ["a", "dog"] and not dog.finished
+    assert dog.log_prob == pytest.approx(-0.3)
+
+
 def test_a_surfaced_tag_word_takes_no_place_from_the_plain_continuations():
     """Beam 1 (two candidates a row), tag "cat". Word 1: plain "a" (-0.1), said "cat" (-5).
     Word 2: the plain row's top K is "cat" (surfaced: it moves the beam to the said state),
