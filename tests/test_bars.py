@@ -58,6 +58,17 @@ def test_letterbox_and_pillarbox_bars_are_found_to_the_line():
     assert bar_box(_framed(_picture("coffee.png", 640, 360), 59, 61, 0, 0)) == (0, 59, 640, 419)
 
 
+def test_bars_are_dark_up_to_level_24():
+    """docs/cameras.md: a bar is dark, no channel above level 24. Flat bars at 24 are bars; at
+    25, or with one channel at 25, they are not."""
+    picture = _picture("chelsea.png", 640, 360)
+    assert bar_box(_framed(picture, 60, 60, 0, 0, level=24)) == (0, 60, 640, 420)
+    assert bar_box(_framed(picture, 60, 60, 0, 0, level=25)) is None
+    reddish = _framed(picture, 60, 60, 0, 0, level=24)
+    reddish[:60, :, 0] = reddish[-60:, :, 0] = 25
+    assert bar_box(reddish) is None
+
+
 @pytest.mark.parametrize("quality", [50, 75, 90])
 def test_bars_through_jpeg_are_cropped_with_the_codecs_ringing(quality):
     """JPEG rings at the picture's edge (up to 12 levels over the bar's last 8-12 lines): the
