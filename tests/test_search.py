@@ -127,6 +127,20 @@ def test_max_length_counts_the_steps_of_the_search_its_end_among_them():
         assert ([words[w] for w in hyps[0].tokens], hyps[0].finished) == (caption, True)
 
 
+def test_a_caption_that_ended_and_one_cut_at_max_length_each_come_once():
+    """Beam 2, max_length 3: "a" then <end> (-0.2) ends at the second step; "a dog runs" (-0.4)
+    is still going when the steps run out. n_best 2: the caption that ended, then the one cut,
+    each once."""
+    words = ["<pad>", "<start>", "<end>", "<unk>", "a", "dog", "runs", "cat"]
+    rows = {(): {"a": -0.1, "cat": -5.0}, ("a",): {"<end>": -0.1, "dog": -0.2}, ("a", "dog"): {"runs": -0.1}}
+    backend = TableBackend(words, lambda prefix: rows.get(prefix, {}), top_k=4)
+    options = search_options(beam_size=2, max_length=3, n_best=2)
+    [hyps] = beam_search(backend, backend.encode(np.zeros((1, 1))), options, 1, 2)
+    said = [([words[w] for w in h.tokens], h.finished) for h in hyps]
+    assert said == [(["a"], True), (["a", "dog", "runs"], False)]
+    assert [h.log_prob for h in hyps] == pytest.approx([-0.2, -0.4])
+
+
 def test_first_word_is_never_end():
     backend = PrefixHashBackend(end_bias=50.0)  # <end> always the likeliest word
     for hyps in beam_search(backend, backend.encode(np.arange(4)), search_options(beam_size=3), START, END):
