@@ -78,6 +78,29 @@ def test_bars_through_jpeg_are_cropped_with_the_codecs_ringing(quality):
     assert abs(top - 60) <= 8 and abs(bottom - 420) <= 8
 
 
+def test_the_documented_thresholds_of_a_pair_of_bars():
+    """docs/cameras.md, on 400-line frames: each bar at least 2% of the frame (8 lines and 8,
+    not 7 and 8); at least 15% of the frame between them (60 lines, not 59); a bar's lines
+    within 2 levels of its edge line (30 lines at 0 then 30 at 2: one bar of 60; at 3 the
+    bar ends at 30, the band at 3 part of the picture); the picture's edge within 16 lines
+    (here also 4% of the frame) after the bar, past lines that are neither flat nor picture
+    (40% of their pixels at 20): 16 such lines are cropped with the bar, 17 leave it no bar;
+    on a 300-line frame too (4% of it is 12 lines)."""
+    picture = lambda lines: _picture("chelsea.png", 640, lines)  # noqa: E731
+    assert bar_box(_framed(picture(384), 8, 8, 0, 0)) == (0, 8, 640, 392)
+    assert bar_box(_framed(picture(385), 7, 8, 0, 0)) is None
+    assert bar_box(_framed(picture(60), 170, 170, 0, 0)) == (0, 170, 640, 230)
+    assert bar_box(_framed(picture(59), 170, 171, 0, 0)) is None
+    for inner, top in ((2, 60), (3, 30)):
+        frame = _framed(picture(280), 60, 60, 0, 0)
+        frame[30:60] = frame[-60:-30] = inner
+        assert bar_box(frame) == (0, top, 640, 400 - top), inner
+    for lines, ring, box in ((400, 16, (0, 56, 640, 344)), (400, 17, None), (300, 16, (0, 56, 640, 244))):
+        frame = _framed(picture(lines - 80 - 2 * ring), 40 + ring, 40 + ring, 0, 0)
+        frame[40 : 40 + ring, :256] = frame[-40 - ring : -40, :256] = 20
+        assert bar_box(frame) == box, (lines, ring)
+
+
 def test_frames_without_a_pair_of_flat_dark_bars_are_left_whole(example_images):
     """Photos; a dark band at one edge only (a night sky); bars thinner than 2% of the frame;
     bars of very different size; dark edges that are not flat (a dark scene's texture); a
