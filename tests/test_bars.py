@@ -85,7 +85,8 @@ def test_the_documented_thresholds_of_a_pair_of_bars():
     bar ends at 30, the band at 3 part of the picture); the picture's edge within 16 lines
     (here also 4% of the frame) after the bar, past lines that are neither flat nor picture
     (40% of their pixels at 20): 16 such lines are cropped with the bar, 17 leave it no bar;
-    on a 300-line frame too (4% of it is 12 lines)."""
+    on a 300-line frame too (4% of it is 12 lines); a line of which half the pixels (320 of 640)
+    are over 2 levels above the bar is the picture's edge, 319 are not."""
     picture = lambda lines: _picture("chelsea.png", 640, lines)  # noqa: E731
     assert bar_box(_framed(picture(384), 8, 8, 0, 0)) == (0, 8, 640, 392)
     assert bar_box(_framed(picture(385), 7, 8, 0, 0)) is None
@@ -99,6 +100,11 @@ def test_the_documented_thresholds_of_a_pair_of_bars():
         frame = _framed(picture(lines - 80 - 2 * ring), 40 + ring, 40 + ring, 0, 0)
         frame[40 : 40 + ring, :256] = frame[-40 - ring : -40, :256] = 20
         assert bar_box(frame) == box, (lines, ring)
+    # half the pixels of a line over 2 levels above the bar make it the picture's edge line
+    for brighter, top in ((320, 40), (319, 56)):
+        frame = _framed(picture(288), 56, 56, 0, 0)
+        frame[40:56, :brighter] = frame[-56:-40, :brighter] = 20
+        assert bar_box(frame) == (0, top, 640, 400 - top), brighter
 
 
 def test_frames_without_a_pair_of_flat_dark_bars_are_left_whole(example_images):
