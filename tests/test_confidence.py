@@ -217,6 +217,24 @@ def test_fit_standardises_by_the_mean_and_the_standard_deviation():
     assert mean.tolist() == [2.0] and std.tolist() == [2.0]
 
 
+@pytest.mark.parametrize("l2", [1.0, 5.0])
+def test_fit_is_the_penalised_likelihood_s_maximum(l2):
+    """Signals of other means and spreads (means 2 and -1, standard deviations 3 and 0.5): at
+    the weights ``fit`` returns, the gradient of the penalised log-likelihood over the signals
+    standardised here (numpy's mean and standard deviation) vanishes, ``l2`` on the weights
+    and not on the bias; and ``predict`` is the logistic of that linear model."""
+    rng = np.random.default_rng(1)
+    x = np.stack([2 + 3 * rng.normal(size=300), -1 + 0.5 * rng.normal(size=300)], 1)
+    y = (x[:, 0] / 3 - 2 * x[:, 1] + rng.normal(size=300) > 1).astype(float)
+    mean, std, w, b = fit(x, y, l2=l2)
+    z = (x - x.mean(0)) / x.std(0)
+    p = 1 / (1 + np.exp(-(z @ w + b)))
+    assert np.abs(z.T @ (p - y) + l2 * w).max() < 1e-8
+    assert abs(np.sum(p - y)) < 1e-8
+    model = ConfidenceModel(mean, std, w, b, {})
+    assert [model.predict(row) for row in x[:5]] == pytest.approx(p[:5], rel=1e-9)
+
+
 def test_the_named_tag_and_how_typical_the_photo_is():
     """``named_tag_prob``: the probability of the most probable class the caption names;
     ``typical``: 1 minus the fusion gate's share, and the score and named tag times it."""
