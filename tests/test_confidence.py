@@ -128,6 +128,9 @@ def test_auroc_and_fit_on_known_cases():
     assert auroc([0.9, 0.8, 0.1], [True, True, False]) == 1.0
     assert auroc([0.1, 0.2, 0.9], [True, True, False]) == 0.0
     assert auroc([0.5, 0.5], [True, False]) == 0.5
+    # pairs: 0.9 over 0.6 and 0.1, 0.4 over 0.1 only: 3 of 4; two ties of two pairs, half each
+    assert auroc([0.9, 0.4, 0.6, 0.1], [True, True, False, False]) == 0.75
+    assert auroc([0.5, 0.5, 0.5], [True, True, False]) == 0.5
     for labels in ([True, True], [False, False]):  # no wrong (or no right) caption to rank
         with pytest.raises(ValueError, match="both right and wrong"):
             auroc([0.5, 0.7], labels)
