@@ -410,6 +410,7 @@ def test_a_malformed_confidence_file_is_a_model_error(tmp_path):
     "change, match",
     [
         ({"signals": ["score", "score"]}, "each once"),
+        ({"signals": [], "mean": [], "std": [], "weights": []}, "signals must be some of"),
         ({"weights": [float("nan"), 0.0]}, "2 numbers each"),
         ({"mean": [0.0, float("inf")]}, "2 numbers each"),
         ({"bias": float("nan")}, "bias must be a number"),
@@ -457,6 +458,9 @@ def test_a_confidence_file_with_a_repeated_signal_a_bad_number_or_another_format
     }
     (tmp_path / "confidence.json").write_text(json.dumps(spec))
     assert ConfidenceModel.load(tmp_path).names == ("score", "n_words")
+    for weight in (0, 2):  # the ends of [0, 2] are fusion weights
+        (tmp_path / "confidence.json").write_text(json.dumps({**spec, "fusion_weight": weight}))
+        assert ConfidenceModel.load(tmp_path).unrated(weight, 0.7) is None
     (tmp_path / "confidence.json").write_text(json.dumps({**spec, **change}))
     with pytest.raises(ModelError, match=match):
         ConfidenceModel.load(tmp_path)
