@@ -144,6 +144,11 @@ def test_a_caption_the_search_s_rules_block_gets_no_score():
     assert got[1] is not None and got[2] is not None
     unfiltered = given_hypotheses(backend, encoded, [0] * 3, captions, options, START, END, 12)
     assert all(h is not None for h in unfiltered)
+    # a repeat at the fifth word of a caption given beside a one-word one: every word is asked
+    short, late = given_hypotheses(
+        backend, encoded, [0] * 2, [[4], [6, 5, 7, 6, 5]], options, START, END, 12, (), filters
+    )
+    assert short is not None and late is None  # "6 5" twice
     [first] = given_hypotheses(
         backend, encoded, [0], [[6, 4, 5]], options, START, END, 12, (), [NeverFirst({6})]
     )
