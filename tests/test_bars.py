@@ -80,7 +80,9 @@ def test_bars_through_jpeg_are_cropped_with_the_codecs_ringing(quality):
 
 def test_the_documented_thresholds_of_a_pair_of_bars():
     """docs/cameras.md, on 400-line frames: each bar at least 2% of the frame (8 lines and 8,
-    not 7 and 8); at least 15% of the frame between them (60 lines, not 59); a bar's lines
+    not 7 and 8); at least 15% of the frame between them (60 lines, not 59); the picture's
+    edges at most 16 lines apart (40 and 56, not 57), or 2% on a 1,000-line frame (100 and
+    120, not 121); a bar's lines
     within 2 levels of its edge line (30 lines at 0 then 30 at 2: one bar of 60; at 3 the
     bar ends at 30, the band at 3 part of the picture); the picture's edge within 16 lines
     (here also 4% of the frame) after the bar, past lines that are neither flat nor picture
@@ -92,6 +94,11 @@ def test_the_documented_thresholds_of_a_pair_of_bars():
     assert bar_box(_framed(picture(385), 7, 8, 0, 0)) is None
     assert bar_box(_framed(picture(60), 170, 170, 0, 0)) == (0, 170, 640, 230)
     assert bar_box(_framed(picture(59), 170, 171, 0, 0)) is None
+    # the picture's two edges at most 16 lines apart, or 2% of the frame where that is more
+    assert bar_box(_framed(picture(304), 40, 56, 0, 0)) == (0, 40, 640, 344)
+    assert bar_box(_framed(picture(303), 40, 57, 0, 0)) is None
+    assert bar_box(_framed(picture(780), 100, 120, 0, 0)) == (0, 100, 640, 880)
+    assert bar_box(_framed(picture(779), 100, 121, 0, 0)) is None
     for inner, top in ((2, 60), (3, 30)):
         frame = _framed(picture(280), 60, 60, 0, 0)
         frame[30:60] = frame[-60:-30] = inner
