@@ -8,7 +8,7 @@ import argparse
 import ast
 import json
 import re
-from dataclasses import fields, replace
+from dataclasses import FrozenInstanceError, fields, replace
 from pathlib import Path
 
 import numpy as np
@@ -130,6 +130,34 @@ def test_a_bad_option_is_refused_where_the_options_are_made(field, value):
         CaptionOptions(**{field: value})
     with pytest.raises(ValueError, match=rf"^{field} must be"):
         replace(CaptionOptions(), **{field: value})
+
+
+@pytest.mark.parametrize(
+    "field, low, high",
+    [  # `edgecap caption --help`'s ranges; the probabilities 0 to 1; hold_margin (no flag) 0 to 10
+        ("guidance_bonus", 0, 10),
+        ("guidance_min_prob", 0, 1),
+        ("constraint_min_prob", 0, 1),
+        ("fusion_weight", 0, 2),
+        ("hold_margin", 0, 10),
+        ("length_penalty", 0, 2),
+    ],
+)
+def test_a_number_option_takes_the_ends_of_its_range_and_nothing_beyond(field, low, high):
+    for value in (low, high):
+        assert getattr(CaptionOptions(**{field: value}), field) == value
+    for value in (low - 0.01, high + 0.01):
+        with pytest.raises(ValueError, match=rf"^{field} must be"):
+            CaptionOptions(**{field: value})
+
+
+def test_options_cannot_be_changed_in_place():
+    """A CaptionOptions is a value (a Captioner's, shared by its threads): a field is changed
+    by making new options (``dataclasses.replace``), which checks it, not by assigning."""
+    options = CaptionOptions()
+    with pytest.raises(FrozenInstanceError):
+        options.beam_size = 5  # type: ignore[misc]
+    assert replace(options, beam_size=5).beam_size == 5 and options.beam_size == 3
 
 
 def test_the_defaults_are_the_documented_ones():
