@@ -1,0 +1,70 @@
+""".ci/mutants.py, the mutation check of the tests (docs/getting-started.md): which tokens it
+mutates, and that a mutant the tests fail is caught and one they pass survives, run in a scratch
+clone that leaves the checkout as it was."""
+
+from __future__ import annotations
+
+import json
+import subprocess
+import sys
+from pathlib import Path
+
+ROOT = Path(__file__).resolve().parent.parent
+sys.path.insert(0, str(ROOT / ".ci"))
+
+import mutants  # noqa: E402
+
+SNIPPET = '''def f(a, *, b=2):
+    """a < b in a docstring"""
+    # a + b in a comment
+    if a < b and not a:
+        return -a + b * 3
+    return "x - y" if a is not b else min(a, b)
+'''
+
+
+def test_the_mutants_of_a_snippet_are_its_operators_and_small_numbers():
+    """Every comparison, binary operator, boolean, ``min`` and small integer once, a ``not``
+    dropped; the unary minus, the signature's ``*``, ``is not``, the docstring, the comment and
+    the string left alone."""
+    got = [(m.line, m.old, m.new) for m in mutants.mutants(SNIPPET)]
+    assert got == [
+        (1, "2", "3"),
+        (4, "<", "<="),
+        (4, "and", "or"),
+        (4, "not ", ""),
+        (5, "+", "-"),
+        (5, "*", "/"),
+        (5, "3", "4"),
+        (6, "min", "max"),
+    ]
+    mutant = mutants.mutants(SNIPPET)[1]
+    assert mutant.applied(SNIPPET).splitlines()[3] == "    if a <= b and not a:"
+
+
+def _git(repo: Path, *args: str) -> None:
+    subprocess.run(["git", "-C", str(repo), *args], check=True, capture_output=True)
+
+
+def test_a_mutant_the_tests_fail_is_caught_and_one_they_pass_survives(tmp_path, capsys):
+    """A module of two functions, its test pinning one of them: the mutants of the tested one are
+    caught, those of the other survive and are listed; the checkout is left as it was."""
+    repo = tmp_path / "repo"
+    (repo / "pkg").mkdir(parents=True)
+    (repo / "tests").mkdir()
+    module = "def double(x):\n    return x * 2\n\n\ndef positive(x):\n    return x > 0\n"
+    (repo / "pkg" / "calc.py").write_text(module)
+    (repo / "tests" / "test_calc.py").write_text(
+        "from pkg.calc import double\n\n\ndef test_double():\n    assert double(3) == 6\n"
+    )
+    _git(repo, "init", "-q")
+    _git(repo, "add", ".")
+    _git(repo, "-c", "user.name=t", "-c", "user.email=t@t", "commit", "-q", "-m", "calc")
+    out = tmp_path / "mutants.json"
+    assert mutants.main(["pkg/calc.py", "tests/test_calc.py", "--json", str(out)], root=repo) == 0
+    outcome = {(m["line"], m["old"], m["new"]): m["caught"] for m in json.loads(out.read_text())}
+    assert outcome == {(2, "*", "/"): True, (2, "2", "3"): True, (6, ">", ">="): False, (6, "0", "1"): False}
+    printed = capsys.readouterr().out
+    assert "survived pkg/calc.py:6: '>' -> '>=': return x > 0" in printed
+    assert "2 of 4 caught, 2 survived" in printed
+    assert (repo / "pkg" / "calc.py").read_text() == module
