@@ -151,6 +151,24 @@ def test_a_number_option_takes_the_ends_of_its_range_and_nothing_beyond(field, l
             CaptionOptions(**{field: value})
 
 
+@pytest.mark.parametrize(
+    "field, low, high",
+    [  # `edgecap caption --help`'s (--max-length 1 to 200, --batch-size 1 to 64); objects and
+        # guidance_tags as their errors say
+        ("max_length", 1, 200),
+        ("batch_size", 1, 64),
+        ("objects", 0, 100),
+        ("guidance_tags", 1, 20),
+    ],
+)
+def test_a_count_option_takes_the_ends_of_its_range_and_nothing_beyond(field, low, high):
+    for value in (low, high):
+        assert getattr(CaptionOptions(**{field: value}), field) == value
+    for value in (low - 1, high + 1):
+        with pytest.raises(ValueError, match=rf"^{field} must be"):
+            CaptionOptions(**{field: value})
+
+
 def test_options_cannot_be_changed_in_place():
     """A CaptionOptions is a value (a Captioner's, shared by its threads): a field is changed
     by making new options (``dataclasses.replace``), which checks it, not by assigning."""
