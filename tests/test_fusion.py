@@ -288,6 +288,31 @@ def test_a_broken_fusion_file_is_a_model_error_naming_it(tmp_path):
         Fusion.load(tmp_path, V)
 
 
+class _OpensWhenUnpickled:
+    """Unpickled, it opens ``path`` for writing (making the file): a stand-in for the code a
+    pickle in a model file could run."""
+
+    def __init__(self, path):
+        self.path = str(path)
+
+    def __reduce__(self):
+        return (open, (self.path, "w"))
+
+
+def test_a_language_model_file_holding_a_pickle_is_refused_unopened(tmp_path):
+    """reliability.md: edgecap never unpickles anything. An lm_*.npz whose out_b is an object
+    array (a pickle, as np.savez writes one) is an unreadable language model, and the pickle's
+    code never runs."""
+    _fusion(tmp_path)
+    arrays = dict(np.load(tmp_path / "lm_everyday.npz"))
+    ran = tmp_path / "the pickle ran"
+    arrays["out_b"] = np.array([_OpensWhenUnpickled(ran)], dtype=object)
+    np.savez(tmp_path / "lm_everyday.npz", **arrays)
+    with pytest.raises(ModelError, match="lm_everyday.npz: unreadable"):
+        Fusion.load(tmp_path, V)
+    assert not ran.exists()
+
+
 @pytest.mark.parametrize(
     ("names", "removed"),
     [
