@@ -107,6 +107,12 @@ def test_the_documented_thresholds_of_a_pair_of_bars():
         frame = _framed(picture(lines - 80 - 2 * ring), 40 + ring, 40 + ring, 0, 0)
         frame[40 : 40 + ring, :256] = frame[-40 - ring : -40, :256] = 20
         assert bar_box(frame) == box, (lines, ring)
+    # flat: a standard deviation of at most 2.5 levels along a line (every other pixel at 5,
+    # the rest 0: 2.5; at 6: 3)
+    for level, box in ((5, (0, 60, 640, 340)), (6, None)):
+        frame = _framed(picture(280), 60, 60, 0, 0)
+        frame[:60, ::2] = frame[-60:, ::2] = level
+        assert bar_box(frame) == box, level
     # half the pixels of a line over 2 levels above the bar make it the picture's edge line
     for brighter, top in ((320, 40), (319, 56)):
         frame = _framed(picture(288), 56, 56, 0, 0)
