@@ -180,11 +180,13 @@ def _table(rule, top_k=2):
     return TableBackend(WORDS, rule, top_k=top_k)
 
 
-def _both(backend, options, fixed=False):
+def _both(backend, options, fixed=False, tags=None):
+    """One photo's hypotheses from the numpy search and from the device search (``tags``:
+    its tag words, or None)."""
     encoded = backend.encode(np.zeros((1, 3, 4, 4), np.float32))
-    host = search_with_tags(backend, encoded, options, START, END, len(WORDS), None)
+    host = search_with_tags(backend, encoded, options, START, END, len(WORDS), tags)
     encoded = backend.encode(np.zeros((1, 3, 4, 4), np.float32))
-    return host, _device(backend, encoded, options, fixed=fixed, vocab_size=len(WORDS))
+    return host, _device(backend, encoded, options, tags, fixed=fixed, vocab_size=len(WORDS))
 
 
 @pytest.mark.parametrize("fixed", LOOPS)
@@ -457,9 +459,7 @@ def test_the_best_place_to_end_among_equal_ranks_is_the_higher_log_probability(f
     though the first row's ("a") was met first; the device search must keep the same one,
     its words with its log-probability."""
     backend, options, tags = _tied_endings_table()
-    image = np.zeros((1, 3, 4, 4), np.float32)
-    host = search_with_tags(backend, backend.encode(image), options, START, END, len(WORDS), tags)
-    device = _device(backend, backend.encode(image), options, tags, fixed=fixed, vocab_size=len(WORDS))
+    host, device = _both(backend, options, fixed, tags)
     for hyps in (host[0], device[0]):
         assert [WORDS[w] for w in hyps[0].tokens] == ["b"] and hyps[0].finished
         assert (hyps[0].log_prob, hyps[0].rank_score) == (-2.5, -1.25)
@@ -475,9 +475,7 @@ def test_a_later_place_to_end_tied_in_rank_and_log_probability_keeps_the_earlier
     _, options, tags = _tied_endings_table()
     rows = LATER_TIED_ENDING
     backend = TableBackend(WORDS, lambda prefix: rows.get(prefix, {"c": -0.25, "<end>": -5.0}), top_k=4)
-    image = np.zeros((1, 3, 4, 4), np.float32)
-    host = search_with_tags(backend, backend.encode(image), options, START, END, len(WORDS), tags)
-    device = _device(backend, backend.encode(image), options, tags, fixed=fixed, vocab_size=len(WORDS))
+    host, device = _both(backend, options, fixed, tags)
     for hyps in (host[0], device[0]):
         assert [WORDS[w] for w in hyps[0].tokens] == ["a"] and hyps[0].finished
         assert (hyps[0].log_prob, hyps[0].rank_score) == (-3.0, -1.0)
