@@ -3,6 +3,7 @@
 should catch it; the mutants no test fails are listed (survivors).
 
     python .ci/mutants.py MODULE.py TESTS... [--timeout S] [--start N] [--limit N] [--json OUT]
+                          [--survivors EARLIER.json] [--slow]
 
 Each mutant changes one token of ``MODULE.py`` (a comparison flipped or made strict, ``+`` and
 ``-`` or ``*`` and ``/`` swapped, ``and`` and ``or``, ``True`` and ``False``, ``min`` and ``max``,
@@ -14,6 +15,11 @@ changes to the tests copied in), never in the checkout itself: ``python -m pytes
 verdict: many are equivalent (a bound no input reaches, a default no caller uses, a
 performance knob); the others are behaviour no test pins. Expect about 10-30 s a mutant on a
 2-core CPU with a file's own tests.
+
+``--survivors EARLIER.json`` runs only the mutants an earlier run's ``--json`` lists as survived
+(the same line, column and tokens; the module's lines must not have moved since), against the
+tests given now: wider tests, ``--slow`` ones (which adds the tests marked slow) or the tests
+written for them.
 """
 
 from __future__ import annotations
@@ -135,7 +141,26 @@ def scratch_clone(where: Path, root: Path = ROOT) -> Path:
     return clone
 
 
-def run(mutant: Mutant, clone: Path, module: str, tests: list[str], timeout: float) -> None:
+def survivors(chosen: list[Mutant], earlier: list[dict]) -> list[Mutant]:
+    """The mutants of ``chosen`` that ``earlier`` (a ``--json`` file's list) records as survived;
+    an earlier survivor that is no longer a mutant of the module (its line changed) is an error."""
+    key = {(m.line, m.column, m.old, m.new): m for m in chosen}
+    kept = []
+    for old in earlier:
+        if old.get("caught") is False:
+            found = key.get((old["line"], old["column"], old["old"], old["new"]))
+            if found is None or found.text != old["text"]:
+                raise SystemExit(
+                    f"line {old['line']} no longer holds the earlier survivor {old['old']!r} -> "
+                    f"{old['new']!r} ({old['text']}): run the whole module again"
+                )
+            kept.append(found)
+    return kept
+
+
+def run(
+    mutant: Mutant, clone: Path, module: str, tests: list[str], timeout: float, slow: bool = False
+) -> None:
     path = clone / module
     source = path.read_text(encoding="utf-8")
     env = {**os.environ, "PYTHONPATH": os.pathsep.join([str(clone), os.environ.get("PYTHONPATH", "")])}
@@ -149,9 +174,7 @@ def run(mutant: Mutant, clone: Path, module: str, tests: list[str], timeout: flo
         "0",
         "-p",
         "no:cacheprovider",
-        "-m",
-        "not slow",
-    ]
+    ] + ([] if slow else ["-m", "not slow"])
     start = time.perf_counter()
     try:
         path.write_text(mutant.applied(source), encoding="utf-8")
@@ -175,14 +198,19 @@ def main(argv: list[str] | None = None, root: Path = ROOT) -> int:
     parser.add_argument("--start", type=int, default=0, help="skip the first N mutants (default: 0)")
     parser.add_argument("--limit", type=int, default=None, help="run at most N mutants")
     parser.add_argument("--json", type=Path, help="also write every mutant and its outcome here")
+    parser.add_argument("--survivors", type=Path, help="only the survivors of an earlier run's --json")
+    parser.add_argument("--slow", action="store_true", help="run the tests marked slow too")
     args = parser.parse_args(argv)
     source = (root / args.module).read_text(encoding="utf-8")
-    chosen = mutants(source)[args.start :][: args.limit]
+    chosen = mutants(source)
+    if args.survivors:
+        chosen = survivors(chosen, json.loads(args.survivors.read_text(encoding="utf-8")))
+    chosen = chosen[args.start :][: args.limit]
     print(f"{args.module}: {len(chosen)} mutants", flush=True)
     with tempfile.TemporaryDirectory(prefix="edgecap-mutants-") as where:
         clone = scratch_clone(Path(where), root)
         for mutant in chosen:
-            run(mutant, clone, args.module, args.tests, args.timeout)
+            run(mutant, clone, args.module, args.tests, args.timeout, args.slow)
             if not mutant.caught:
                 print(
                     f"survived {args.module}:{mutant.line}: {mutant.old!r} -> {mutant.new!r}: {mutant.text}",

@@ -9,6 +9,8 @@ import subprocess
 import sys
 from pathlib import Path
 
+import pytest
+
 ROOT = Path(__file__).resolve().parent.parent
 sys.path.insert(0, str(ROOT / ".ci"))
 
@@ -68,3 +70,39 @@ def test_a_mutant_the_tests_fail_is_caught_and_one_they_pass_survives(tmp_path, 
     assert "survived pkg/calc.py:6: '>' -> '>=': return x > 0" in printed
     assert "2 of 4 caught, 2 survived" in printed
     assert (repo / "pkg" / "calc.py").read_text() == module
+
+
+def test_the_survivors_run_again_against_the_slow_tests_and_only_they(tmp_path, capsys):
+    """``--survivors`` runs only an earlier run's survivors, ``--slow`` adds the tests marked slow:
+    a slow test pinning the function whose mutants survived the quick tests catches them, and the
+    mutants caught before are not run again; a survivor whose line has changed since is refused."""
+    repo = tmp_path / "repo"
+    (repo / "pkg").mkdir(parents=True)
+    (repo / "tests").mkdir()
+    module = "def double(x):\n    return x * 2\n\n\ndef positive(x):\n    return x > 0\n"
+    (repo / "pkg" / "calc.py").write_text(module)
+    (repo / "tests" / "test_calc.py").write_text(
+        "import pytest\n\nfrom pkg.calc import double, positive\n\n\n"
+        "def test_double():\n    assert double(3) == 6\n\n\n"
+        "@pytest.mark.slow\ndef test_positive():\n    assert not positive(0) and positive(1)\n"
+    )
+    _git(repo, "init", "-q")
+    _git(repo, "add", ".")
+    _git(repo, "-c", "user.name=t", "-c", "user.email=t@t", "commit", "-q", "-m", "calc")
+    first, second = tmp_path / "first.json", tmp_path / "second.json"
+    assert mutants.main(["pkg/calc.py", "tests/test_calc.py", "--json", str(first)], root=repo) == 0
+    assert [(m["line"], m["old"]) for m in json.loads(first.read_text()) if not m["caught"]] == [
+        (6, ">"),
+        (6, "0"),
+    ]
+    capsys.readouterr()
+    args = ["pkg/calc.py", "tests/test_calc.py", "--survivors", str(first), "--json", str(second)]
+    assert mutants.main([*args, "--slow"], root=repo) == 0
+    rerun = {(m["line"], m["old"]): m["caught"] for m in json.loads(second.read_text())}
+    assert rerun == {(6, ">"): True, (6, "0"): True}
+    assert "2 of 2 caught, 0 survived" in capsys.readouterr().out
+    assert mutants.main(args, root=repo) == 0  # without --slow they survive again
+    assert "0 of 2 caught, 2 survived" in capsys.readouterr().out
+    (repo / "pkg" / "calc.py").write_text(module.replace("x > 0", "x > 1"))
+    with pytest.raises(SystemExit, match="line 6 no longer holds the earlier survivor '>'"):
+        mutants.main(args, root=repo)
