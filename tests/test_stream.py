@@ -619,6 +619,9 @@ def test_every_starts_afresh_only_more_than_an_interval_back_or_back_to_the_grid
     assert taken([0.0, 1.0, 2.0, 1.0, 0.99]) == [0, 1, 2, 4]
     assert taken([0.0, 0.95, -0.5, 0.5]) == [0, 2, 3]
     assert taken([0.0, 0.5, 0.2, 1.0]) == [0, 3]
+    # two frames stamped alike at the grid's start (a decoder repeating a stamp): the second is
+    # no replay back to the start (it comes from the start, not from a later frame): skipped
+    assert taken([0.0, 0.0, 0.5, 1.0]) == [0, 3]
 
 
 @pytest.mark.parametrize("length_s", [0.5, 1.5, 2.0, 2.5])
@@ -742,12 +745,19 @@ def test_stats_summary_counts_one_caption_and_one_frame_in_the_singular(frames, 
 @pytest.mark.parametrize("live", [True, False])
 def test_stats_stop_the_clock_when_the_stream_ends(live):
     """``elapsed_s`` of a finished stream is its running time, fixed (so are its rates), live or
-    not."""
+    not: no longer than the wall time around the whole stream, and the rates are its counts over
+    it (a stream of a fraction of a second too)."""
+    began = time.perf_counter()
     stream = caption_stream(FakeCaptioner(), ["a", "b"], live=live)
     list(stream)
-    elapsed = stream.stats.elapsed_s
+    wall = time.perf_counter() - began
+    stats = stream.stats
+    elapsed = stats.elapsed_s
     time.sleep(0.01)
     assert stream.stats.elapsed_s == elapsed > 0
+    assert elapsed <= wall
+    assert stats.frames == 2 and stats.captioned >= 1  # live: frame a may be dropped for b
+    assert (stats.frames_per_second, stats.captions_per_second) == (2 / elapsed, stats.captioned / elapsed)
 
 
 # -- with the model ----------------------------------------------------------------------------
@@ -1578,6 +1588,34 @@ def test_sharpness_by_hand():
     assert sharpness(rgb) == 0.0
 
 
+def documented_sharpness(image: np.ndarray) -> float:
+    """``sharpness`` as its docstring defines it, written apart from it in float64: the measured
+    channel (the second of three or four, else the first) cut to even sides, summed over 2 x 2
+    blocks, the mean absolute 5-point Laplacian of the sums over their standard deviation."""
+    channel = image if image.ndim == 2 else image[:, :, 1 if image.shape[2] >= 3 else 0]
+    h, w = channel.shape[0] // 2 * 2, channel.shape[1] // 2 * 2
+    sums = channel[:h, :w].astype(np.float64).reshape(h // 2, 2, w // 2, 2).sum(axis=(1, 3))
+    centre = sums[1:-1, 1:-1]
+    laplacian = 4 * centre - sums[:-2, 1:-1] - sums[2:, 1:-1] - sums[1:-1, :-2] - sums[1:-1, 2:]
+    spread = sums.std()
+    return float(np.abs(laplacian).mean() / spread) if spread > 0 else 0.0
+
+
+@pytest.mark.parametrize("shape", [(13, 10), (13, 10, 1), (13, 10, 2), (12, 11, 3), (13, 10, 4)])
+@pytest.mark.parametrize("dtype", [np.uint8, np.uint16, np.float32])
+def test_sharpness_is_the_documented_measure_of_any_frame(shape, dtype):
+    """Random frames of every layout and dtype the stream measures, odd sides included: the
+    score is the documented one (a grey frame's only channel, the grey of grey + alpha, the
+    green of RGB / BGR and of RGBA; floats in [0, 1], whose spread is under 1)."""
+    from edgecap.stream import sharpness
+
+    rng = np.random.default_rng(sum(shape) + np.dtype(dtype).itemsize)
+    top = 1.0 if np.dtype(dtype).kind == "f" else np.iinfo(dtype).max
+    frame = (rng.random(shape) * top).astype(dtype)
+    assert sharpness(frame) == pytest.approx(documented_sharpness(frame), rel=1e-6)
+    assert documented_sharpness(frame) > 0
+
+
 def test_a_blurred_frame_is_less_sharp_than_the_same_frame_sharp():
     """The example photos: 9 px of motion blur takes a frame under ``SHARPER_BY`` of itself
     sharp, so it gives way; two frames of one still scene differing only in sensor noise stay
@@ -1941,6 +1979,9 @@ def test_frames_that_carry_their_sharpness_are_picked_by_it_and_not_measured(mon
     assert burst_while_busy(burst, "sharpest")[0] == [(0, 0), (3, 2)]
     burst = frames((sharp, 5.0), (sharp, -10.0), (sharp, -11.0))
     assert burst_while_busy(burst, "sharpest")[0] == [(0, 0), (2, 1)]
+    # 0.0 (a uniform frame's sharpness) is a score, the least: frame 1 (10.0) is kept over it
+    burst = frames((sharp, 5.0), (sharp, 10.0), (sharp, 0.0))
+    assert burst_while_busy(burst, "sharpest")[0] == [(0, 0), (1, 1)]
 
 
 def test_a_frames_sharpness_is_in_its_repr_and_equality_when_given():
@@ -2039,6 +2080,63 @@ def test_view_change_by_hand():
     assert view_change(*dark) == 0.0
 
 
+def documented_cells(image: np.ndarray) -> np.ndarray:
+    """``view_change``'s standardised cells as its docstring defines them, written apart from
+    it: the measured channel's 16 x 16 cells (cell i spanning rows i * H // 16 to (i + 1) * H //
+    16, and the same for columns), each cell's mean level, less the cells' mean, over their
+    standard deviation floored at one 8-bit level of the frame's range."""
+    channel = image if image.ndim == 2 else image[:, :, 1 if image.shape[2] >= 3 else 0]
+    height, width = channel.shape
+    cells = np.array(
+        [
+            [
+                channel[r * height // 16 : (r + 1) * height // 16, c * width // 16 : (c + 1) * width // 16]
+                .astype(np.float64)
+                .mean()
+                for c in range(16)
+            ]
+            for r in range(16)
+        ]
+    )
+    level = np.iinfo(channel.dtype).max / 255 if channel.dtype.kind in "ui" else 1 / 255
+    return (cells - cells.mean()) / max(cells.std(), level)
+
+
+@pytest.mark.parametrize(("size", "channels"), [((37, 53), 0), ((48, 64), 3), ((50, 41), 4), ((16, 16), 1)])
+def test_view_change_is_the_documented_share_of_cells_moved(size, channels):
+    """Random pairs of frames of sides that 16 does and does not divide: the share of cells
+    whose standardised level moved by more than 0.5, as documented (each pair a blend of two
+    random frames, so that the shares run from none to most of the view)."""
+    from edgecap.stream import view_change
+
+    rng = np.random.default_rng(size[0] * 100 + channels)
+    shape = size if channels == 0 else (*size, channels)
+    shares = []
+    for mix in (0.0, 0.1, 0.3, 0.6, 1.0):
+        first, other = rng.integers(0, 256, shape), rng.integers(0, 256, shape)
+        second = np.round((1 - mix) * first + mix * other)
+        first, second = first.astype(np.uint8), second.astype(np.uint8)
+        moved = np.abs(documented_cells(first) - documented_cells(second)) > 0.5
+        shares.append(view_change(first, second))
+        assert shares[-1] == np.count_nonzero(moved) / 256
+    assert shares[0] == 0.0 and shares[-1] > 0.5
+
+
+def test_cells_a_level_or_two_apart_are_measured_in_levels():
+    """The spread is floored at one 8-bit level: cells 0 and 2 levels (a spread of exactly 1
+    level) standardise to -1 and +1 as any other frame's, and the halves swapped are every
+    cell changed; cells 0 and 1 (a spread of half a level) are measured in whole levels (+-0.5),
+    so a cell moving by a level has changed and one moving by a quarter (one pixel of a cell's
+    four) has not."""
+    from edgecap.stream import view_change
+
+    assert view_change(halves(high=2), halves(high=2)[:, ::-1]) == 1.0
+    assert view_change(halves(high=1), halves(high=1)[:, ::-1]) == 1.0
+    quarter = halves(high=1)
+    quarter[0, 0] = 1
+    assert view_change(halves(high=1), quarter) == 0.0
+
+
 @pytest.mark.parametrize("dtype", [np.float64, np.float32, np.float16])
 def test_a_lens_cap_in_float_is_no_change_either(dtype):
     """A float frame is read in [0, 1] (the captioner's convention): the same lens cap's noise
@@ -2125,6 +2223,9 @@ def test_each_frame_is_compared_with_the_one_captioned_not_the_one_before():
     assert captioned_with_min_change(frames, min_change=13 / 256)[0] == [0, 13, 26, 39]
     assert captioned_with_min_change(frames, min_change=12 / 256 + 1e-9)[0] == [0, 13, 26, 39]
     assert captioned_with_min_change(frames, min_change=12 / 256)[0] == [0, 12, 24, 36]
+    # min_change=1 (its greatest): only a frame whose every cell changed is captioned again
+    swapped = halves()[:, ::-1]
+    assert captioned_with_min_change([halves(), halves(40), swapped], min_change=1)[0] == [0, 2]
 
 
 def test_frames_that_cannot_be_measured_are_captioned_and_so_is_the_next():
