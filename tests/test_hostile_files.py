@@ -339,6 +339,28 @@ def test_an_avif_photo_is_said_to_be_undecodable_where_this_pillow_has_no_avif(m
     )
 
 
+AVIF_WORDS = (
+    "an AVIF image, which this Pillow cannot decode (it was built without AVIF support): "
+    "convert it to JPEG or PNG"
+)
+
+
+def test_an_avif_photo_is_told_by_any_of_its_compatible_brands(monkeypatch):
+    """The ftyp box's brands after its major one count too (ISO/IEC 14496-12: the compatible
+    brands, 4 bytes each after the minor version): a file whose major brand is HEIF's generic
+    mif1 (msf1 for a sequence) and whose later brands say AVIF (among them or the last of them)
+    is an AVIF photo, not a HEIC;
+    only the ftyp box's own brands count (its declared size), not the same letters in the box
+    after it."""
+    monkeypatch.setattr(images, "ACCEPTED_FORMATS", ("JPEG", "PNG", "GIF", "WEBP", "TIFF", "BMP"))
+    assert _refused(_bmff(b"mif1", b"mif1", b"avif", b"miaf")).problem == AVIF_WORDS
+    assert _refused(_bmff(b"msf1", b"msf1", b"iso8", b"miaf", b"avis")).problem == AVIF_WORDS
+    assert _refused(_bmff(b"avif", b"mif1", b"miaf")).problem == AVIF_WORDS  # the major brand alone
+    ftyp = _bmff(b"mif1", b"mif1")[:20]  # its 20 bytes: size, "ftyp", major, minor, one brand
+    next_box = struct.pack(">I", 16) + b"free" + b"avif" + b"\0" * 4 + b"\0" * 64
+    assert _refused(ftyp + next_box).problem == HEIF_WORDS
+
+
 VIDEO_WORDS = "not a photo: caption its frames with edgecap caption --video FILE"
 RECORDING_WORDS = "not a photo: caption its image topics with edgecap caption --bag FILE"
 
@@ -431,12 +453,14 @@ def _jpeg_with_scans(n: int) -> bytes:
 
 
 def test_jpeg_scans_are_bounded_before_decoding():
-    bomb = _jpeg_with_scans(images.MAX_JPEG_SCANS + 1)
-    assert images.jpeg_scans(bomb, images.MAX_JPEG_SCANS) == images.MAX_JPEG_SCANS + 1
+    """docs/reliability.md: at most 64 JPEG scans, counted from the markers: 65 are refused
+    (which Pillow would decode, every scan), 64 are decoded."""
+    bomb = _jpeg_with_scans(65)
+    assert images.jpeg_scans(bomb, images.MAX_JPEG_SCANS) == 65
     with Image.open(io.BytesIO(bomb)) as im:
         im.load()  # Pillow decodes it, every scan
-    _refused(bomb, f"more than {images.MAX_JPEG_SCANS} scans")
-    assert images.load_rgb(_jpeg_with_scans(images.MAX_JPEG_SCANS)).size == (96, 96)
+    _refused(bomb, "JPEG with more than 64 scans")
+    assert images.load_rgb(_jpeg_with_scans(64)).size == (96, 96)
 
 
 def test_a_scan_bomb_cannot_hide_its_scans_behind_odd_markers():

@@ -655,6 +655,24 @@ def test_dark_16_bit_data_is_captioned_with_a_hint_said_once(monkeypatch):
     assert (rgb_array(frame << 4) == (4095 << 4) // 257).all()  # the shift: a bright frame
 
 
+@pytest.mark.parametrize(("highest", "hinted"), [(1, True), (4095, True), (4096, False), (0, False)])
+def test_the_dark_data_hint_is_for_16_bit_values_all_below_4096_not_all_0(monkeypatch, highest, hinted):
+    """The hint's edges (``_sixteen_bits_to_uint8``: values all below 4096, not all 0): a
+    highest value of 1 or 4095 is hinted, 4096 (13 bits) and a black frame are not."""
+    monkeypatch.setattr(images, "_warned_sixteen_bits", False)
+    frame = np.zeros((4, 4, 3), np.uint16)
+    frame[0, 0, 0] = highest
+    with warnings.catch_warnings(record=True) as said:
+        warnings.simplefilter("always")
+        rgb_array(frame)
+    hints = [str(w.message) for w in said if "16-bit pixel values all below 4096" in str(w.message)]
+    assert [hint.partition(") are read")[0] + ")" for hint in hints] == (
+        [f"<array (4, 4, 3) uint16>: 16-bit pixel values all below 4096 (the highest is {highest})"]
+        if hinted
+        else []
+    )
+
+
 def test_an_all_black_16_bit_frame_does_not_use_up_the_dark_data_hint(monkeypatch):
     """The hint is for values all below 4096 but not all 0: a black uint16 frame (a camera's
     first frames, a lens cap) is black whatever its bit depth, says nothing, and leaves the one
