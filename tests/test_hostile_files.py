@@ -100,6 +100,30 @@ def test_file_size_limit_is_configurable(tmp_path, monkeypatch):
 
 
 @pytest.mark.parametrize(
+    ("setter", "getter", "env", "override"),
+    [
+        ("set_max_pixels", "max_pixels", "MAX_PIXELS_ENV", "_max_pixels_override"),
+        ("set_max_file_bytes", "max_file_bytes", "MAX_FILE_BYTES_ENV", "_max_file_bytes_override"),
+    ],
+)
+def test_a_limit_is_a_positive_integer_from_1(monkeypatch, setter, getter, env, override):
+    """``set_max_pixels`` / ``set_max_file_bytes`` (docs/reliability.md): a limit is a positive
+    integer or None. 1 is the least taken, in code and in the environment; 0, a bool (an int to
+    Python: True would be a limit of 1), a float and a numeric string are refused by the
+    setter, naming the value."""
+    monkeypatch.setattr(images, override, None)
+    monkeypatch.delenv(getattr(images, env), raising=False)
+    getattr(images, setter)(1)
+    assert getattr(images, getter)() == 1
+    getattr(images, setter)(None)
+    for bad in (0, True, False, 2.5, "10"):
+        with pytest.raises(ValueError, match=f"positive integer or None, got {bad!r}"):
+            getattr(images, setter)(bad)
+    monkeypatch.setenv(getattr(images, env), "1")
+    assert getattr(images, getter)() == 1
+
+
+@pytest.mark.parametrize(
     "sizes, reads",
     [
         # size 0 at the open and at the read (as /proc files report): a byte, then to a byte past

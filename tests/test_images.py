@@ -987,3 +987,31 @@ def test_a_profile_of_up_to_4_mib_is_applied_and_one_over_it_is_not():
             assert np.abs(got - stored[:, :, [2, 0, 1]].astype(int)).max() <= 2
         else:
             assert (got == stored).all()
+
+
+def test_an_input_held_past_the_sources_next_read_is_copied_unless_over_the_pixel_limit():
+    """``own_input`` (what a decoding worker or a live stream holds while its source reads the
+    next frame): an array, 2-D or 3-D, or a torch tensor comes back as a copy with the same
+    pixels that the source refilling its buffer does not change; a picture over the pixel limit
+    (H x W counted from its first two axes, whatever its channels) comes back as it is, not
+    copied, for preparing it to refuse it; bytes and paths as they are."""
+    torch = pytest.importorskip("torch")
+    for frame in (
+        np.arange(48, dtype=np.uint8).reshape(4, 4, 3),
+        np.arange(16, dtype=np.uint8).reshape(4, 4),
+    ):
+        held = images.own_input(frame)
+        assert held is not frame and np.array_equal(held, frame)
+        frame[:] = 0  # the source refills its buffer
+        assert held.max() > 0
+    tensor = torch.arange(48, dtype=torch.uint8).reshape(4, 4, 3)
+    held = images.own_input(tensor)
+    assert isinstance(held, torch.Tensor)  # cloned as a tensor (a CUDA one has no numpy view)
+    tensor.zero_()
+    assert held.sum() == sum(range(48))
+    images.set_max_pixels(100)
+    for over in (np.zeros((20, 10, 3), np.uint8), np.zeros((20, 10), np.uint8), Image.new("RGB", (10, 20))):
+        assert images.own_input(over) is over  # 200 pixels (by 3 channels or 10 columns: 60, 100)
+    within = np.zeros((10, 10, 3), np.uint8)
+    assert images.own_input(within) is not within
+    assert images.own_input(b"\xff\xd8") == b"\xff\xd8" and images.own_input("a.jpg") == "a.jpg"
