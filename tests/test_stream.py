@@ -1549,6 +1549,20 @@ def test_a_frame_at_the_same_time_as_the_one_before_keeps_the_decoders_time(monk
     assert [f.timestamp for f in video_frames(video_file)] == [0.0, 0.5, 0.5, 1.0]
 
 
+def test_a_frame_the_decoder_stamps_before_the_last_comes_after_it(monkeypatch, video_file):
+    """``frame_time``: a decoder's time before the last frame's is not used; the frame's time is
+    ``index / fps`` where that is later than the last frame's, else one interval after it, never
+    the last frame's own time. At 10 fps, times 0, 200, 100, 400 ms: the third frame's counted
+    time (0.2 s) is the second's, so it is 0.3 s; 0, 500, 100 ms: 0.2 s counted is before 0.5,
+    so 0.6 s."""
+    for times_ms, want in (
+        ([0.0, 200.0, 100.0, 400.0], [0.0, 0.2, 0.3, 0.4]),
+        ([0.0, 500.0, 100.0], [0.0, 0.5, 0.6]),
+    ):
+        monkeypatch.setitem(sys.modules, "cv2", FakeVideoCv2(small_frames(len(times_ms)), times_ms=times_ms))
+        assert [f.timestamp for f in video_frames(video_file)] == pytest.approx(want, abs=1e-12)
+
+
 # -- pick="sharpest": the least blurred of the frames that compete for one caption --------------
 def motion_blurred(frame: np.ndarray, length: int = 9) -> np.ndarray:
     """``frame`` blurred by horizontal motion: each pixel the mean of ``length`` pixels of its
