@@ -1078,7 +1078,8 @@ def test_a_camera_that_stops_giving_frames_is_not_read_again(monkeypatch):
 def test_a_camera_index_and_size_of_numpy_are_whole_numbers_too(monkeypatch):
     """numpy integers (an index from an array of camera indices) are whole numbers, as they are
     for threads, beam_size and every other option: camera_frames(np.int64(2)) had been refused,
-    "the camera index must be a whole number"; OpenCV gets Python ints."""
+    "the camera index must be a whole number"; OpenCV gets Python ints. A bool, a float (even of a
+    whole number) or a string is refused as an index or a side, as are sides out of 1..32768."""
     fake = FakeCv2(n_frames=1)
     monkeypatch.setitem(sys.modules, "cv2", fake)
     assert len(list(camera_frames(np.int64(2), width=np.int32(640), height=np.uint16(480)))) == 1
@@ -1088,6 +1089,12 @@ def test_a_camera_index_and_size_of_numpy_are_whole_numbers_too(monkeypatch):
     for bad in (np.float64(2.0), np.bool_(True), True):
         with pytest.raises(InputError, match="the camera index must be a whole number from 0 to 1023"):
             camera_frames(bad)
+    for side in (True, 640.0, np.float32(480), 0, 32769, "640"):
+        for asked in ({"width": side}, {"height": side}):
+            with pytest.raises(
+                InputError, match=f"the {next(iter(asked))} must be a whole number from 1 to 32768"
+            ):
+                camera_frames(2, **asked)
 
 
 def test_the_highest_camera_index_and_capture_size_are_accepted(monkeypatch):
