@@ -1015,3 +1015,64 @@ def test_an_input_held_past_the_sources_next_read_is_copied_unless_over_the_pixe
     within = np.zeros((10, 10, 3), np.uint8)
     assert images.own_input(within) is not within
     assert images.own_input(b"\xff\xd8") == b"\xff\xd8" and images.own_input("a.jpg") == "a.jpg"
+
+
+def test_an_image_sure_to_be_refused_is_found_without_reading_any(tmp_path):
+    """``first_unusable_unread`` (how ``caption_batch(on_error="raise")`` skips the searches a
+    late bad image would throw away): the index of the first image its docstring lists as sure
+    to be refused unread, each kind alone after a good photo; None where every image may be
+    usable (a file is not opened: one that is no image counts as usable here)."""
+    good = tmp_path / "good.png"
+    Image.new("RGB", (8, 8)).save(good)
+    empty, folder, not_an_image = tmp_path / "empty.jpg", tmp_path / "folder", tmp_path / "text.jpg"
+    empty.write_bytes(b"")
+    folder.mkdir()
+    not_an_image.write_bytes(b"not an image")
+    usable = [
+        str(good),
+        good,
+        str(not_an_image),
+        b"\xff\xd8",
+        bytearray(b"x"),
+        memoryview(b"x"),
+        Image.new("RGB", (2, 2)),
+        np.zeros((4, 4, 3), np.uint8),
+        np.zeros((4, 4), np.uint16),
+        np.zeros((4, 4, 4), np.float32),
+        np.zeros((4, 4, 3), ">u2"),
+        _ArrayLike(),
+    ]
+    unusable = [
+        str(tmp_path / "missing.jpg"),
+        str(folder),
+        str(empty),
+        None,
+        b"",
+        bytearray(),
+        memoryview(b""),
+        np.zeros((4, 4, 5), np.uint8),
+        np.zeros((4,), np.uint8),
+        np.zeros((4, 4, 3), np.int32),
+        42,
+        object(),
+    ]
+    assert images.first_unusable_unread(usable) is None
+    for bad in unusable:
+        assert images.first_unusable_unread([good, bad, None]) == 1, bad
+    images.set_max_file_bytes(good.stat().st_size - 1)
+    try:
+        assert images.first_unusable_unread([np.zeros((4, 4, 3), np.uint8), good]) == 1  # over the limit
+    finally:
+        images.set_max_file_bytes(None)
+    images.set_max_file_bytes(good.stat().st_size)
+    try:
+        assert images.first_unusable_unread([good]) is None  # at the limit: read
+    finally:
+        images.set_max_file_bytes(None)
+
+
+class _ArrayLike:
+    """Another library's image: numpy reads it through ``__array__``."""
+
+    def __array__(self, *args, **kwargs):
+        return np.zeros((4, 4, 3), np.uint8)

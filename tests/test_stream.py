@@ -754,6 +754,7 @@ def test_stats_stop_the_clock_when_the_stream_ends(live):
     stats = stream.stats
     elapsed = stats.elapsed_s
     time.sleep(0.01)
+    stream.close()  # a with block's end, after the loop: the clock stays stopped where it ended
     assert stream.stats.elapsed_s == elapsed > 0
     assert elapsed <= wall
     assert stats.frames == 2 and stats.captioned >= 1  # live: frame a may be dropped for b
