@@ -1076,3 +1076,29 @@ class _ArrayLike:
 
     def __array__(self, *args, **kwargs):
         return np.zeros((4, 4, 3), np.uint8)
+
+
+def test_a_closed_pil_image_is_said_to_be_closed_not_corrupt(tmp_path):
+    """A PIL image opened lazily whose ``with Image.open(...)`` block has ended (Pillow's
+    AssertionError when it is read), or one closed after loading, is an InputError saying the
+    image is closed and what to do, not "truncated or corrupt image data" (the file is fine);
+    an open one whose file is cut short is that, not closed."""
+    path = tmp_path / "photo.png"
+    Image.new("RGB", (8, 8), (9, 9, 9)).save(path)
+    with Image.open(path) as lazy:
+        pass
+    loaded = Image.open(path)
+    loaded.load()
+    loaded.close()
+    for closed in (lazy, loaded):
+        with pytest.raises(InputError) as info:
+            images.load_rgb(closed)
+        assert info.value.source == "<PIL image 8x8 RGB>"
+        assert info.value.problem.startswith("the PIL image is closed (")
+        assert info.value.problem.endswith("); pass it before its with block ends, or pass the path")
+    # an open image whose file is cut short is corrupt, not closed
+    cut = tmp_path / "cut.png"
+    cut.write_bytes(path.read_bytes()[:-30])
+    with Image.open(cut) as truncated:
+        with pytest.raises(InputError, match="truncated or corrupt image data"):
+            images.load_rgb(truncated)
