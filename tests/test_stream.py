@@ -231,6 +231,41 @@ def test_leaving_a_live_loop_has_closed_the_source_by_the_next_statement(monkeyp
     assert closed.is_set(), "the camera is still open after the loop"
 
 
+def test_a_program_that_leaves_a_live_loop_exits_though_its_camera_has_stalled():
+    """A program that breaks out of a live loop and ends, its camera stalled in a read that
+    never returns: the reader thread does not keep the process alive (it is a daemon; Python
+    waits at exit for the others). A subprocess, bounded only by the deadlock guard."""
+    code = (
+        "import threading\n"
+        "import edgecap\n"
+        "from edgecap.stream import caption_stream\n"
+        "class Fake:\n"
+        "    def caption(self, image, color='rgb', return_attention=False):\n"
+        "        return edgecap.Caption(text='a frame', score=0.0, tokens=['frame'], log_prob=0.0)\n"
+        "def camera():\n"
+        "    yield 0\n"
+        "    threading.Event().wait()  # the next read never returns\n"
+        "import edgecap.stream\n"
+        "edgecap.stream.READER_JOIN_S = 0.1\n"
+        "for event in caption_stream(Fake(), camera()):\n"
+        "    print(event.caption.text)\n"
+        "    break\n"
+    )
+    here = os.pathsep.join([str(Path(edgecap.__file__).parent.parent), os.environ.get("PYTHONPATH", "")])
+    try:
+        out = subprocess.run(
+            [sys.executable, "-c", code],
+            capture_output=True,
+            text=True,
+            timeout=DEADLOCK_GUARD_S,
+            env={**os.environ, "PYTHONPATH": here},
+        )
+    except subprocess.TimeoutExpired:
+        pytest.fail("the process did not exit: its frame reader thread kept it alive")
+    assert out.returncode == 0, out.stderr
+    assert out.stdout == "a frame\n"
+
+
 @pytest.mark.parametrize("live", [True, False])
 def test_close_inside_the_loop_ends_it_and_closes_the_source(live, monkeypatch):
     """``close()`` called from the loop's thread: the source is closed when it returns, and the
