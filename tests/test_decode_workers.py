@@ -571,9 +571,16 @@ def test_a_bad_decode_workers_argument_fails_before_loading(value, monkeypatch):
 
 @pytest.mark.parametrize("cores, expected", [(1, 1), (2, 1), (4, 3), (16, 8)])
 def test_default_workers_on_a_gpu_leave_a_core_to_the_model(monkeypatch, cores, expected):
-    monkeypatch.setattr("os.sched_getaffinity", lambda pid: set(range(cores)), raising=False)
+    """docs/performance-options.md's defaults: on a GPU one per usable core of this process
+    less one, at least 1 and at most 8; on the CPU none."""
+
+    def affinity(pid):
+        assert pid == 0, "the cores of another process than this one"
+        return set(range(cores))
+
+    monkeypatch.setattr("os.sched_getaffinity", affinity, raising=False)
     assert default_decode_workers(on_gpu=True) == expected
-    assert default_decode_workers(on_gpu=False) == DEFAULT_CPU_DECODE_WORKERS
+    assert default_decode_workers(on_gpu=False) == DEFAULT_CPU_DECODE_WORKERS == 0
 
 
 @pytest.mark.parametrize("cores, expected", [(4, 3), (None, 1)])
