@@ -19,7 +19,8 @@ performance knob); the others are behaviour no test pins. Expect about 10-30 s a
 ``--survivors EARLIER.json`` runs only the mutants an earlier run's ``--json`` lists as survived
 (the same line, column and tokens; the module's lines must not have moved since), against the
 tests given now: wider tests, ``--slow`` ones (which adds the tests marked slow) or the tests
-written for them.
+written for them. pytest's own options go after ``--``: ``--slow ... -- -m slow TESTS...`` runs
+the slow tests alone.
 """
 
 from __future__ import annotations

@@ -373,9 +373,8 @@ def test_an_avif_photo_is_told_by_any_of_its_compatible_brands(monkeypatch):
     """The ftyp box's brands after its major one count too (ISO/IEC 14496-12: the compatible
     brands, 4 bytes each after the minor version): a file whose major brand is HEIF's generic
     mif1 (msf1 for a sequence) and whose later brands say AVIF (among them or the last of them)
-    is an AVIF photo, not a HEIC;
-    only the ftyp box's own brands count (its declared size), not the same letters in the box
-    after it."""
+    is an AVIF photo, not a HEIC; only the ftyp box's own brands count (its declared size), not
+    the same letters in the box after it."""
     monkeypatch.setattr(images, "ACCEPTED_FORMATS", ("JPEG", "PNG", "GIF", "WEBP", "TIFF", "BMP"))
     assert _refused(_bmff(b"mif1", b"mif1", b"avif", b"miaf")).problem == AVIF_WORDS
     assert _refused(_bmff(b"msf1", b"msf1", b"iso8", b"miaf", b"avis")).problem == AVIF_WORDS
