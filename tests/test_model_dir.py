@@ -13,7 +13,7 @@ import numpy as np
 import pytest
 
 from edgecap import Captioner, ModelError
-from edgecap.manifest import load_manifest, verify_files
+from edgecap.manifest import load_manifest, name_optional_file, verify_files
 from edgecap.preprocess import Preprocessing
 from helpers import contract_model_dir, copy_model, edit_manifest, set_field
 
@@ -436,16 +436,45 @@ def test_a_saved_manifest_reads_back_as_written(small_model):
         (set_field(["preprocessing", "std"], [float("inf")] * 3), r"mean and .std must be 3 numbers.*\[inf"),
         (set_field(["dims", "hidden_dim"], 0), "dims.hidden_dim must be a positive integer"),
         (set_field(["files", "vocab"], "sub/../../vocab.json"), "not a file name inside the model directory"),
+        (set_field(["files", "vocab"], "/etc/hostname"), "not a file name inside the model directory"),
         (lambda d: d["files"].pop("classes"), "names no classes file"),
         (set_field(["precision"], "int4"), "precision must be one of fp32, fp16, int8, got 'int4'"),
         (set_field(["precision"], "FP16"), "precision must be one of fp32, fp16, int8, got 'FP16'"),
         (set_field(["precision"], None), "precision must be one of fp32, fp16, int8, got None"),
+        (set_field(["preprocessing", "std"], [1, 0, 1]), r"std > 0\), got .* and \[1, 0, 1\]"),
+        (set_field(["preprocessing", "std"], [1, 1, -0.5]), r"std > 0\), got .* and \[1, 1, -0.5\]"),
+        (
+            set_field(["preprocessing", "resample"], 2),
+            "resample must name a Pillow filter such as 'bilinear', got 2",
+        ),
+        (set_field(["preprocessing", "resample"], None), "resample must name a Pillow filter"),
     ],
 )
 def test_a_bad_manifest_field_is_refused_on_reading(small_model, edit, words):
     edit_manifest(small_model, edit)
     with pytest.raises(ModelError, match=words):
         load_manifest(small_model)
+
+
+@pytest.mark.parametrize("data", [["not", "a", "manifest"], {"files": ["vocab.json"]}, {"format": 1}])
+def test_naming_a_file_in_a_manifest_that_names_none_is_one_error(tmp_path, data):
+    """``name_optional_file`` (the confidence fit or the language model's training writing
+    into a model folder) on a manifest.json that is no manifest: a ModelError naming it, not a
+    traceback, and the file left as it was."""
+    path = tmp_path / "manifest.json"
+    path.write_text(json.dumps(data))
+    with pytest.raises(ModelError, match=r"manifest.json: cannot name .* in it \(it names no files\)"):
+        name_optional_file(tmp_path, "confidence")
+    assert json.loads(path.read_text()) == data
+
+
+def test_the_least_preprocessing_values_a_manifest_may_give_are_read(small_model):
+    """The edges of what ``_field_problem`` accepts: a size of 1 x 1 pixels and a std just over
+    0 (a model normalising to large values) are the model's to choose, not damage."""
+    edit_manifest(small_model, set_field(["preprocessing", "size"], [1, 1]))
+    edit_manifest(small_model, set_field(["preprocessing", "std"], [0.5, 1e-3, 1]))
+    pre = load_manifest(small_model).preprocessing
+    assert (pre.size, pre.std) == ((1, 1), (0.5, 1e-3, 1))
 
 
 @pytest.mark.parametrize("role", ["encoder", "decoder_step", "vocab", "classes"])
