@@ -1185,11 +1185,14 @@ def frame_time(position_ms: float, index: int, fps: float, previous: float) -> f
     0.68, 1.36, 2.04 as index / its mean rate; an mkv declaring 10 fps, 0.7 s for 5.0 s). Where
     the decoder gives none usable (not a number, negative, 0 after the first frame: no time
     stamp; or before ``previous``, the last frame's), ``index / fps``, or one frame interval after
-    the last frame where that is not later: for a constant-rate video all are ``index / fps``."""
+    the last frame where that is not later: for a constant-rate video all are ``index / fps``. A
+    decoder's time within a rounding of the last frame's is the last frame's (a frame pushed one
+    interval on is at 0.2 + 0.1 = 0.30000000000000004 s, and the next, stamped 300 ms, at the same
+    time, not one interval later)."""
     stamp, counted = position_ms / 1e3, index / fps
-    if math.isfinite(stamp) and stamp >= 0 and (index == 0 or stamp > 0) and stamp >= previous:
+    if math.isfinite(stamp) and stamp >= 0 and (index == 0 or stamp > 0) and stamp > previous - _EPSILON_S:
         # a constant rate's time exactly as counted (the decoder's is off by a rounding: 0.30000000000000004)
-        return counted if abs(stamp - counted) < _EPSILON_S else stamp
+        return max(counted if abs(stamp - counted) < _EPSILON_S else stamp, previous)
     return counted if counted > previous else previous + 1 / fps
 
 

@@ -1586,10 +1586,18 @@ def test_up_to_100_damaged_frames_in_a_row_are_passed_over_and_the_first_is_name
 def test_a_frame_at_the_same_time_as_the_one_before_keeps_the_decoders_time(monkeypatch, video_file):
     """``frame_time``: the decoder's time is not used where it is *before* the last frame's; a
     frame at the same time (a repeated frame) keeps it. At 10 fps, times 0, 500, 500, 1000 ms:
-    0, 0.5, 0.5, 1.0 s (not 0.6 s, one interval on, for the third)."""
+    0, 0.5, 0.5, 1.0 s (not 0.6 s, one interval on, for the third). The same time up to a
+    rounding too: times 0, 200, 100, 300 ms put the third frame one interval after the second,
+    at 0.2 + 0.1 s (0.30000000000000004), and the fourth, stamped 300 ms, at that time, not at
+    0.4 s; the times never go back."""
     times_ms = [0.0, 500.0, 500.0, 1000.0]
     monkeypatch.setitem(sys.modules, "cv2", FakeVideoCv2(small_frames(4), times_ms=times_ms))
     assert [f.timestamp for f in video_frames(video_file)] == [0.0, 0.5, 0.5, 1.0]
+    times_ms = [0.0, 200.0, 100.0, 300.0, 400.0]
+    monkeypatch.setitem(sys.modules, "cv2", FakeVideoCv2(small_frames(5), times_ms=times_ms))
+    stamps = [f.timestamp for f in video_frames(video_file)]
+    assert stamps == pytest.approx([0.0, 0.2, 0.3, 0.3, 0.4], abs=1e-12)
+    assert stamps == sorted(stamps)
 
 
 def test_a_frame_the_decoder_stamps_before_the_last_comes_after_it(monkeypatch, video_file):
