@@ -31,6 +31,42 @@ def test_captions_are_hashable_and_equal_ones_hash_alike():
     assert len({one, same, other}) == 2
 
 
+def test_captions_compare_by_their_words_and_scores_not_by_what_was_measured_of_the_frame():
+    """Two captions of the same words and scores are equal (and hash alike, one in a set) however
+    the frames' objects, timings, attention maps, confidence, signals, crop and the held and
+    recognisable flags differ: ``==`` on captions with attention arrays compares no array (which
+    would raise, an array's truth being ambiguous), and the repr writes no array. A caption a
+    program builds itself is recognisable, not held, and has no confidence, crop or objects."""
+    words = {"text": "a cat", "score": -1.0, "tokens": ["a", "cat"], "log_prob": -3.0}
+    plain = Caption(**words)
+    assert (plain.recognisable, plain.held, plain.confidence, plain.crop, plain.objects) == (
+        True,
+        False,
+        None,
+        None,
+        (),
+    )
+    measured = Caption(
+        **words,
+        objects=(("tabby", 0.8),),
+        timings={"encode_ms": 2.0},
+        attention=np.full((2, 7, 7), 0.5, np.float32),
+        confidence=0.9,
+        recognisable=False,
+        signals=np.arange(600, dtype=np.float32),
+        crop=(0.0, 0.1, 1.0, 0.9),
+        held=True,
+    )
+    other_attention = Caption(
+        **words, attention=np.zeros((2, 7, 7), np.float32), signals=np.ones(600, np.float32)
+    )
+    assert plain == measured == other_attention
+    assert hash(plain) == hash(measured) == hash(other_attention)
+    assert len({plain, measured, other_attention}) == 1
+    assert "0.5" not in repr(measured) and "599" not in repr(measured) and len(repr(measured)) < 400
+    assert plain != Caption(**{**words, "score": -1.5}) and plain != Caption(**{**words, "log_prob": -2.0})
+
+
 def test_a_frames_repr_names_its_bytes_not_writes_them():
     data = b"\xff\xd8" + b"\x00" * 300_000
     for frame in (
