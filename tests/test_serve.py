@@ -1193,16 +1193,69 @@ def wait_until(condition) -> None:
 
 
 def test_options_are_checked():
+    """Out of bounds, or not a number of the kind: a bool (True is an int to Python), a float or
+    a string where a count is asked for, an endless read timeout, a wait that is not a number."""
     for bad in (
         {"max_body_bytes": 0},
         {"max_pending": -1},
         {"max_batch": 0},
         {"max_wait_ms": -1.0},
         {"max_wait_ms": 1000.5},
+        {"max_wait_ms": float("nan")},
         {"read_timeout_s": 0.0},
+        {"read_timeout_s": float("inf")},
+        {"max_body_bytes": True},
+        {"max_body_bytes": 1000.0},
+        {"max_pending": True},
+        {"max_pending": "8"},
+        {"max_batch": True},
+        {"max_batch": 2.0},
+        {"max_batch": "8"},
     ):
-        with pytest.raises(ValueError, match=next(iter(bad))):
+        with pytest.raises(ValueError, match=f"^{next(iter(bad))} must be"):
             ServiceOptions(**bad).validate()
+
+
+def test_the_default_limits_are_the_documented_ones_and_cannot_change_once_made():
+    """docs/service.md: bodies up to 16 MiB, 64 requests pending, a 10 s read timeout, batches
+    waiting at most 5 ms for more (the command's flags take their defaults from these). The
+    options a service checked are frozen: a program cannot raise a limit under it."""
+    options = ServiceOptions()
+    assert (options.max_body_bytes, options.max_pending, options.read_timeout_s, options.max_wait_ms) == (
+        16 * 1024 * 1024,
+        64,
+        10.0,
+        5.0,
+    )
+    assert options.max_batch is None
+    with pytest.raises(AttributeError):
+        options.max_pending = 1_000_000  # type: ignore[misc]
+
+
+def test_the_servers_own_failures_are_one_log_line_with_the_exceptions_reason(capfd):
+    """aiohttp's server log through ``OneLineLog``: ``logger.exception`` inside an ``except``
+    (without ``exc_info``) is one line ending with the exception's type and reason; a reason
+    over 300 characters is cut there, with "..."; one logged outside any exception is the
+    message alone."""
+    import logging
+
+    from edgecap.serve import OneLineLog
+
+    logger = OneLineLog(logging.getLogger("test-serve-one-line"), {})
+    try:
+        raise ValueError("a bad header")
+    except ValueError:
+        logger.exception("Error handling request from %s", "127.0.0.1")
+    try:
+        raise RuntimeError("x" * 400)
+    except RuntimeError:
+        logger.exception("Unhandled exception")
+    logger.exception("Missing return statement on request handler")
+    assert capfd.readouterr().err.splitlines() == [
+        "edgecap serve: error: Error handling request from 127.0.0.1 (ValueError: a bad header)",
+        "edgecap serve: error: Unhandled exception (RuntimeError: " + "x" * 286 + "...)",
+        "edgecap serve: error: Missing return statement on request handler",
+    ]
 
 
 def test_the_bounds_of_each_option_are_accepted():
