@@ -1467,6 +1467,8 @@ def test_not_loopback_warns():
 
     assert is_loopback("127.0.0.1") and is_loopback("::1") and is_loopback("localhost")
     assert not is_loopback("0.0.0.0") and not is_loopback("192.168.1.5")
+    # a host name other than localhost may name any address: warned of, as any other address
+    assert not is_loopback("robot.local") and not is_loopback("localhost.example.com")
     assert np.all([is_loopback(f"127.0.0.{i}") for i in (2, 255)])
 
 
