@@ -225,6 +225,23 @@ def test_warm_up_refuses_bad_arguments_naming_them(default_model_dir, kwargs, me
     assert message in str(raised.value)
 
 
+def test_a_frame_size_at_the_image_limits_is_warmed_and_one_past_them_refused(default_model_dir):
+    """``warm_up``'s frame is checked against the limits on decoded images (docs: the pixel
+    limit, ``edgecap.images.set_max_pixels``, and the longest side, ``MAX_SIDE``): at a limit
+    it is a frame edgecap would caption, one pixel past it refused, naming the limit."""
+    from edgecap import api, images
+
+    captioner = Captioner(default_model_dir, batch_size=1)
+    images.set_max_pixels(64 * 64)
+    assert set(captioner.warm_up((1,), frame_size=(64, 64))) == {1}
+    with pytest.raises(ValueError, match="frame_size 64 x 65 is over the 4,096 pixels edgecap decodes"):
+        captioner.warm_up((1,), frame_size=(64, 65))
+    images.set_max_pixels(None)
+    assert api._warm_frame((1, images.MAX_SIDE)).shape == (1, images.MAX_SIDE, 3)
+    with pytest.raises(ValueError, match="frame_size 1 x 1000001 has a side over the 1,000,000 pixels"):
+        captioner.warm_up((1,), frame_size=(1, images.MAX_SIDE + 1))
+
+
 def test_the_service_warms_every_size_its_batches_run_at(default_model_dir, monkeypatch, capsys):
     """``edgecap serve``'s warm-up: batch 1 for a backend that keeps nothing per batch size
     (onnxruntime); with graphs, every size a batch of 1 to ``max_batch`` images runs at, padded
