@@ -313,6 +313,30 @@ def test_a_word_id_past_the_vocabulary_is_a_model_error(monkeypatch, beyond):
         captioner.caption(IMAGE)
 
 
+@pytest.mark.parametrize("beyond", [0, None])
+def test_a_word_id_past_the_vocabulary_after_a_good_word_is_a_model_error(monkeypatch, beyond):
+    """The same check over every word of a caption, not only one: a good word then an id past
+    the end (len(vocab)), or then -1, is the ModelError naming both ids."""
+    words = len(json.loads((api.default_model_dir() / "vocab.json").read_text())["words"])
+    bad = -1 if beyond is None else words + beyond
+
+    class Session(DecoderSession):
+        def _step(self, tokens, source_rows, word_bias=None):
+            follows = {4: bad, bad: 2}  # word 4, then the bad id, then <end> (2)
+            ids = np.array([[follows.get(t, 4), *OTHERS, 15] for t in tokens.tolist()], np.int32)
+            logprobs = np.tile(np.array([-0.1, *np.linspace(-3, -4, 8), -50.0], np.float32), (len(tokens), 1))
+            return StepResult(logprobs, ids, None)
+
+    class Backend_(CycleBackend):
+        def start(self, encoded, image_index, return_attention=False):
+            return Session()
+
+    monkeypatch.setattr(api, "load_backend", lambda name, manifest, **options: Backend_())
+    captioner = Captioner(guidance_bonus=0.0, fusion_weight=0.0, consensus=False)
+    with pytest.raises(ModelError, match=rf"word ids \[4, {bad}\] beyond its {words}-word vocabulary"):
+        captioner.caption(IMAGE)
+
+
 def test_a_frame_with_nothing_recognisable_keeps_the_searchs_best_score(backend_calls):
     """Its text is "nothing recognisable", its score and log_prob those of the caption the
     search chose (the one blank_check=False gives), not of an alternative."""
