@@ -199,7 +199,8 @@ def test_caption_batch_with_raise_searches_no_batch_for_a_bad_photo_seen_without
 ):
     """docs/python-api.md: caption_batch(on_error="raise") raises the first unusable image's
     error and returns no caption. A photo seen to be unusable without decoding it (a missing
-    file, an array of the wrong shape or dtype) late in the list costs no search: the photos
+    file, an array of the wrong shape or dtype) late in the list (or just past the first batch,
+    or in a 1-D array of paths) costs no search: the photos
     before it are read, and the first bad one among them (a photo only decoding finds bad)
     raises first, as before; then its own error comes. Until 2026-12-07 the 7 batches before
     it were searched and thrown away. A file missing when the call began but there when it is
@@ -219,6 +220,17 @@ def test_caption_batch_with_raise_searches_no_batch_for_a_bad_photo_seen_without
         with pytest.raises(InputError, match=error):
             cap.caption_batch([*frames[:30], bad, *frames[31:]])
         assert encoded == []
+    # the first photo past the first batch (index 4 of batches of 4), and in a 1-D array of paths
+    with pytest.raises(InputError, match=f"{missing}: no such file"):
+        cap.caption_batch([*frames[:4], str(missing), *frames[5:]])
+    paths = []
+    for i in range(8):
+        paths.append(tmp_path / f"{i}.png")
+        Image.fromarray(red(i)).save(paths[-1])
+    paths[5] = missing
+    with pytest.raises(InputError, match=f"{missing}: no such file"):
+        cap.caption_batch(np.array([str(p) for p in paths]))
+    assert encoded == []
     # an earlier photo that only decoding finds bad is still the error raised
     with pytest.raises(InputError, match="cannot identify|not an image"):
         cap.caption_batch([*frames[:10], b"not an image", *frames[11:30], str(missing), *frames[31:]])
