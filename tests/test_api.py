@@ -78,6 +78,20 @@ def test_timings_are_each_photos_preparation_and_its_share_of_its_batchs_runs(
     assert 0.1 * wall_ms <= caption.timings["preprocess_ms"] <= sum(caption.timings.values()) <= wall_ms
 
 
+def test_a_blank_frame_is_nothing_recognisable_unless_the_blank_check_is_off(tiny_model_dir):
+    """docs/python-api.md: a frame with nothing in it is ``recognisable`` False, its text
+    ``nothing recognisable`` and its tokens empty; ``blank_check=False`` captions it anyway. Here
+    with a model that has no confidence model (so no blur measure either): the blank check is
+    the only measure of the frame made."""
+    black = np.zeros((64, 64, 3), np.uint8)
+    checked = Captioner(tiny_model_dir, backend="onnxruntime", max_length=8)
+    assert checked.confidence_model is None
+    nothing = checked.caption(black)
+    assert (nothing.recognisable, nothing.text, nothing.tokens) == (False, "nothing recognisable", [])
+    shown = Captioner(tiny_model_dir, backend="onnxruntime", max_length=8, blank_check=False).caption(black)
+    assert shown.recognisable and shown.tokens and shown.text == " ".join(shown.tokens)
+
+
 def test_attention_maps(captioner):
     cap = captioner.caption(str(EXAMPLES / "chelsea.png"), return_attention=True)
     assert cap.attention.shape == (len(cap.tokens), 7, 7)
