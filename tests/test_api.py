@@ -92,6 +92,23 @@ def test_a_blank_frame_is_nothing_recognisable_unless_the_blank_check_is_off(tin
     assert shown.recognisable and shown.tokens and shown.text == " ".join(shown.tokens)
 
 
+def test_a_frame_in_good_light_is_not_judged_as_a_brightened_one(default_model_dir):
+    """edgecap.preprocess's rule (docs/cameras.md, the blank check): a frame in good light with a
+    spread of LOW_PIXEL_STD or more is not judged by the detail-to-spread ratio (close-ups of
+    text and fine tiles reach the ratio of noise), while a brightened frame is, whatever its
+    spread. Fine grey texture at levels 120-255 (spread about 9.7, ratio about 3.5, gain 1) is
+    captioned; judged as brightened it would be noise, nothing recognisable."""
+    from edgecap.preprocess import LOW_PIXEL_STD, MAX_DETAIL_RATIO, frame_grey, grey_statistics, model_input
+
+    captioner = Captioner(default_model_dir, backend="onnxruntime")
+    rng = np.random.default_rng(0)
+    texture = np.repeat(rng.integers(120, 256, (224, 224, 1), dtype=np.uint8), 3, axis=2)
+    x, gain = model_input(Image.fromarray(texture), captioner.manifest.preprocessing, True)
+    spread, detail = grey_statistics(frame_grey(x, captioner.manifest.preprocessing))
+    assert gain == 1 and spread >= LOW_PIXEL_STD and detail > MAX_DETAIL_RATIO * spread  # the case
+    assert captioner.caption(texture).recognisable
+
+
 def test_attention_maps(captioner):
     cap = captioner.caption(str(EXAMPLES / "chelsea.png"), return_attention=True)
     assert cap.attention.shape == (len(cap.tokens), 7, 7)
