@@ -724,11 +724,16 @@ def test_a_numpy_integer_is_a_number_of_workers(fake):
 
 
 def test_changing_decode_workers_keeps_one_pool(fake):
+    """Each call decodes on the number of workers set before it (each decode slowed, so that
+    every worker takes some: n threads' names among its decodes), and one pool is kept."""
     before = frozenset(threading.enumerate())
     cap = captioner(workers=1, batch=2)
+    fake["delay"] = lambda i: 0.05
     for n in (1, 2, 3, 4):
         cap.decode_workers = n
+        fake["started"].clear()
         assert texts(cap.caption_batch([red(i) for i in range(12)])) == [word(i) for i in range(12)]
+        assert len({name for i, name in fake["started"] if i is not None}) == n, fake["started"]
     assert len(_settled(4, before)) <= 4  # the last pool's threads only (was 1 + 2 + 3 + 4)
     cap.close()
 
