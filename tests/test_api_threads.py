@@ -309,6 +309,40 @@ def test_a_fork_waits_for_the_batch_another_thread_runs(tiny_model_dir):
     captioner.close()
 
 
+@pytest.mark.skipif(not hasattr(os, "register_at_fork"), reason="needs os.register_at_fork")
+def test_a_batch_begun_while_a_fork_is_under_way_waits_for_its_end(tiny_model_dir):
+    """The other side of the test above: a thread that begins a batch while the process forks
+    (between the hooks os.fork runs before and after, called here as it calls them) does not
+    start it until the fork is done, so no child inherits a lock its run holds. And once the
+    calls end no thread is counted inside a batch (a thread left counted would make every
+    later fork wait out BATCHES_WAIT_S for it)."""
+    from edgecap import api
+
+    captioner = Captioner(tiny_model_dir, max_length=6, decode_workers=0)
+    expected = _texts(captioner.caption_batch([CHELSEA]))
+    assert api._batches == {}
+    entered = threading.Event()
+    encode = captioner.backend.encode
+
+    def encode_seen(x):
+        entered.set()
+        return encode(x)
+
+    captioner.backend.encode = encode_seen
+    said: list[list[str]] = []
+    api._before_fork()  # os.fork's "before" hook
+    try:
+        thread = threading.Thread(target=lambda: said.append(_texts(captioner.caption_batch([CHELSEA]))))
+        thread.start()
+        assert not entered.wait(0.5), "a batch began while the process forked"
+    finally:
+        api._after_fork_in_parent()  # and its "after, in the parent" one
+    thread.join(30)
+    assert entered.is_set() and said == [expected]
+    assert api._batches == {}
+    captioner.close()
+
+
 def test_the_interpreter_exits_cleanly_while_a_daemon_thread_captions(tiny_model_dir, tmp_path):
     """A robot app captions in a daemon thread and its main thread exits (sys.exit, the end of
     the script, Ctrl-C): a daemon thread whose onnxruntime run ended while the interpreter was
