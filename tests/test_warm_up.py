@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import time
 import warnings
 from dataclasses import replace
 
@@ -80,9 +81,12 @@ def test_warm_up_without_graphs_captions_once_per_batch_size(default_model_dir, 
         captioner, "caption_batch", lambda images, *a, **k: sizes.append(len(images)) or real(images, *a, **k)
     )
     monkeypatch.setattr(captioner.backend, "encode", lambda x: encoded.append(len(x)) or encode(x))
+    start = time.perf_counter()
     out = captioner.warm_up([1, 4, 1], hold=hold)
+    wall_s = time.perf_counter() - start
     assert sizes == encoded == [4, 1] and list(out) == [1, 4]
     assert all(r["plans"] == 0 and r["seconds"] > 0 for r in out.values())
+    assert sum(r["seconds"] for r in out.values()) <= wall_s  # each size's own time, in seconds
 
 
 def test_a_constrained_captioner_warms_the_plans_it_searches_on_the_device(default_model_dir, example_images):
