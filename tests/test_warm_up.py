@@ -82,11 +82,15 @@ def test_warm_up_without_graphs_captions_once_per_batch_size(default_model_dir, 
     )
     monkeypatch.setattr(captioner.backend, "encode", lambda x: encoded.append(len(x)) or encode(x))
     start = time.perf_counter()
-    out = captioner.warm_up([1, 4, 1], hold=hold)
+    with warnings.catch_warnings(record=True) as caught:
+        warnings.simplefilter("always")
+        out = captioner.warm_up([1, 4, 1], hold=hold)
     wall_s = time.perf_counter() - start
+    assert [str(w.message) for w in caught] == []  # nothing dropped: nothing to warn of
     assert sizes == encoded == [4, 1] and list(out) == [1, 4]
     assert all(r["plans"] == 0 and r["seconds"] > 0 for r in out.values())
     assert sum(r["seconds"] for r in out.values()) <= wall_s  # each size's own time, in seconds
+    assert list(captioner.warm_up(frame_size=(64, 64))) == [1]  # by default, batches of one
 
 
 def test_a_constrained_captioner_warms_the_plans_it_searches_on_the_device(default_model_dir, example_images):
