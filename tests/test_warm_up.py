@@ -86,7 +86,9 @@ def test_warm_up_without_graphs_captions_once_per_batch_size(default_model_dir, 
         warnings.simplefilter("always")
         out = captioner.warm_up([1, 4, 1], hold=hold)
     wall_s = time.perf_counter() - start
-    assert [str(w.message) for w in caught] == []  # nothing dropped: nothing to warn of
+    # nothing dropped: nothing to warn of (its warning is a RuntimeWarning; a ResourceWarning of
+    # another test's garbage collected meanwhile is not this call's)
+    assert [str(w.message) for w in caught if issubclass(w.category, RuntimeWarning)] == []
     assert sizes == encoded == [4, 1] and list(out) == [1, 4]
     assert all(r["plans"] == 0 and r["seconds"] > 0 for r in out.values())
     assert sum(r["seconds"] for r in out.values()) <= wall_s  # each size's own time, in seconds
