@@ -59,9 +59,9 @@ def test_timings_are_each_photos_preparation_and_its_share_of_its_batchs_runs(
     """``Caption.timings`` (ms; the Caption docstring, docs/python-api.md): ``preprocess_ms`` the
     photo's own preparation, ``encode_ms`` and ``decode_ms`` its share of its batch's encoder run
     and search. The captions of one batch have the same shares; every timing is at least 0; and
-    together they are at most the call's own wall time, and most of it (measured: 99.6%, the rest
-    building the captions). A 12-megapixel frame's preparation (its resize) is much of its call
-    (measured: about 70%)."""
+    together they are at most the call's own wall time and at least a quarter of it (measured:
+    99.6%, the rest building the captions; a quarter leaves room for a busy machine). A
+    12-megapixel frame's preparation (its resize) is much of its call (measured: about 70%)."""
     captioner = Captioner(default_model_dir, backend="onnxruntime", threads=1)
     photos = [np.asarray(Image.open(path).convert("RGB")) for path in example_images]
     captioner.caption_batch(photos)  # warm
@@ -70,7 +70,7 @@ def test_timings_are_each_photos_preparation_and_its_share_of_its_batchs_runs(
     wall_ms = (time.perf_counter() - start) * 1e3
     assert all(min(c.timings.values()) >= 0 for c in captions), [c.timings for c in captions]
     assert len({(c.timings["encode_ms"], c.timings["decode_ms"]) for c in captions}) == 1
-    assert 0.5 * wall_ms <= sum(sum(c.timings.values()) for c in captions) <= wall_ms
+    assert 0.25 * wall_ms <= sum(sum(c.timings.values()) for c in captions) <= wall_ms
     big = np.random.default_rng(0).integers(0, 256, (3000, 4000, 3), dtype=np.uint8)
     start = time.perf_counter()
     caption = captioner.caption(big)
