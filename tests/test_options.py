@@ -278,30 +278,31 @@ def test_cli_flags_reach_the_captioner(backend_calls, tmp_path, capsys):
     assert caption_options(args) == CaptionOptions(length_penalty=0.5, beam_size=2, batch_size=4)
 
 
-class _OneWordSession(DecoderSession):
-    """Says word ``WORD`` first, then <end> (a fake decoder step's top-K ids, any id it likes)."""
+class _WordsSession(DecoderSession):
+    """Says ``words`` in order, then <end> (a fake decoder step's top-K ids, any ids it likes)."""
 
-    word = 4
+    words: tuple[int, ...] = (4,)
 
     def _step(self, tokens, source_rows, word_bias=None):
         end = 2  # <end> in the shipped vocab.json
-        ids = np.array(
-            [[end if t == self.word else self.word, *OTHERS, 15] for t in tokens.tolist()], np.int32
-        )
+        follows = {**dict(zip(self.words, self.words[1:])), self.words[-1]: end}
+        ids = np.array([[follows.get(t, self.words[0]), *OTHERS, 15] for t in tokens.tolist()], np.int32)
         logprobs = np.tile(np.array([-0.1, *np.linspace(-3, -4, 8), -50.0], np.float32), (len(tokens), 1))
         return StepResult(logprobs, ids, None)
 
 
-@pytest.mark.parametrize("beyond", [0, 1, None])
-def test_a_word_id_past_the_vocabulary_is_a_model_error(monkeypatch, beyond):
+@pytest.mark.parametrize(("before", "beyond"), [((), 0), ((), 1), ((), None), ((4,), 0), ((4,), None)])
+def test_a_word_id_past_the_vocabulary_is_a_model_error(monkeypatch, before, beyond):
     """A decoder step whose ids run past vocab.json (the graph and the vocabulary do not belong
     together) is a ModelError naming the ids, down to the first id past the end (len(vocab)),
-    and a negative id too (None: -1, which would otherwise read the vocabulary's last word)."""
+    and a negative id too (None: -1, which would otherwise read the vocabulary's last word).
+    The same check over every word of a caption, not only one: a good word (4) then an id past
+    the end, or then -1, is the ModelError naming both ids."""
     words = len(json.loads((api.default_model_dir() / "vocab.json").read_text())["words"])
     word_id = -1 if beyond is None else words + beyond
 
-    class Session(_OneWordSession):
-        word = word_id
+    class Session(_WordsSession):
+        words = (*before, word_id)
 
     class Backend_(CycleBackend):
         def start(self, encoded, image_index, return_attention=False):
@@ -309,31 +310,8 @@ def test_a_word_id_past_the_vocabulary_is_a_model_error(monkeypatch, beyond):
 
     monkeypatch.setattr(api, "load_backend", lambda name, manifest, **options: Backend_())
     captioner = Captioner(guidance_bonus=0.0, fusion_weight=0.0, consensus=False)
-    with pytest.raises(ModelError, match=rf"word ids \[{word_id}\] beyond its {words}-word vocabulary"):
-        captioner.caption(IMAGE)
-
-
-@pytest.mark.parametrize("beyond", [0, None])
-def test_a_word_id_past_the_vocabulary_after_a_good_word_is_a_model_error(monkeypatch, beyond):
-    """The same check over every word of a caption, not only one: a good word then an id past
-    the end (len(vocab)), or then -1, is the ModelError naming both ids."""
-    words = len(json.loads((api.default_model_dir() / "vocab.json").read_text())["words"])
-    bad = -1 if beyond is None else words + beyond
-
-    class Session(DecoderSession):
-        def _step(self, tokens, source_rows, word_bias=None):
-            follows = {4: bad, bad: 2}  # word 4, then the bad id, then <end> (2)
-            ids = np.array([[follows.get(t, 4), *OTHERS, 15] for t in tokens.tolist()], np.int32)
-            logprobs = np.tile(np.array([-0.1, *np.linspace(-3, -4, 8), -50.0], np.float32), (len(tokens), 1))
-            return StepResult(logprobs, ids, None)
-
-    class Backend_(CycleBackend):
-        def start(self, encoded, image_index, return_attention=False):
-            return Session()
-
-    monkeypatch.setattr(api, "load_backend", lambda name, manifest, **options: Backend_())
-    captioner = Captioner(guidance_bonus=0.0, fusion_weight=0.0, consensus=False)
-    with pytest.raises(ModelError, match=rf"word ids \[4, {bad}\] beyond its {words}-word vocabulary"):
+    said = ", ".join(str(i) for i in (*before, word_id))
+    with pytest.raises(ModelError, match=rf"word ids \[{said}\] beyond its {words}-word vocabulary"):
         captioner.caption(IMAGE)
 
 
