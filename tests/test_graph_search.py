@@ -466,6 +466,9 @@ def test_the_blocked_words_are_each_rows_ids_in_its_own_places():
     assert _blocked(3, np.array([[4, 5, 6]]), live[:1], never, 2) is None
     with pytest.raises(ValueError, match="at most 200 never-first words"):
         _blocked(0, np.zeros((1, 0), np.int64), live[:1], np.arange(MAX_BLOCKED + 1), 3)
+    # as many as there are places: each in its place
+    most = _blocked(0, np.zeros((1, 0), np.int64), live[:1], np.arange(MAX_BLOCKED), 3)
+    assert most[0].tolist() == list(range(MAX_BLOCKED))
 
 
 def test_every_continuation_blocked_keeps_the_live_beam():
@@ -473,6 +476,18 @@ def test_every_continuation_blocked_keeps_the_live_beam():
     K: the live beam "a b" is the caption, unfinished."""
     want, got = _tables(lambda prefix: {"a": -0.1, "b": -0.2}, CaptionOptions(beam_size=1, no_repeat_ngram=1))
     assert [WORDS[w] for w in want[0][0].tokens] == ["a", "b"] and not want[0][0].finished
+    _same(want, got)
+
+
+@pytest.mark.parametrize("penalty", [None, 0.7, 1.5])
+def test_captions_cut_at_a_max_length_of_one_are_scored_over_their_one_word(penalty):
+    """max_length=1: no beam can end (<end> is never the first word), so the captions are the
+    live beams, one word each and unfinished, each scored over that one word: its log-prob
+    itself, whatever the penalty (the mean over 1 word; GNMT's ((5 + 1) / 6) ** p is 1)."""
+    options = CaptionOptions(beam_size=2, n_best=2, max_length=1, length_penalty=penalty, consensus=False)
+    want, got = _tables(lambda prefix: {"<end>": -0.1, "a": -0.5, "b": -1.5}, options, top_k=4)
+    assert [[WORDS[w] for w in h.tokens] for h in want[0]] == [["a"], ["b"]]
+    assert [(h.score, h.finished) for h in want[0]] == [(-0.5, False), (-1.5, False)]
     _same(want, got)
 
 
@@ -534,6 +549,27 @@ def test_equal_places_to_end_keep_the_first():
     options = CaptionOptions(beam_size=2, max_length=3, no_repeat_ngram=0, length_penalty=None)
     want, got = _tables(rule, options, top_k=4)
     assert [WORDS[w] for w in want[0][0].tokens] == ["a"] and want[0][0].finished
+    _same(want, got)
+
+
+def test_an_end_tied_with_the_beams_last_continuation_from_a_later_row_is_not_taken():
+    """Beam 2, no word twice: "a" and "b" first. Then "a <end>" and "b a" (-1.0) are taken, and
+    "a b" and "b <end>" tie exactly (-1.5), each third in its row (the repeated word second).
+    The numpy loop meets row 0's "a b" first, which fills the beam, so "b <end>" finishes no
+    caption: the captions are "a" (finished) and "b a" (cut at max_length)."""
+    rows = {
+        (): {"a": -0.5, "b": -0.5},
+        ("a",): {"<end>": -0.5, "a": -0.5, "b": -1.0},
+        ("b",): {"a": -0.5, "b": -0.5, "<end>": -1.0},
+    }
+    options = CaptionOptions(
+        beam_size=2, n_best=2, max_length=2, no_repeat_ngram=1, length_penalty=None, consensus=False
+    )
+    want, got = _tables(lambda prefix: rows[prefix], options, top_k=4)
+    assert [([WORDS[w] for w in h.tokens], h.finished, h.log_prob) for h in want[0]] == [
+        (["a"], True, -1.0),
+        (["b", "a"], False, -1.0),
+    ]
     _same(want, got)
 
 
