@@ -185,8 +185,8 @@ def rules_for(
 
 
 class TorchLM:
-    """``fusion.CaptionLM``'s step as torch ops (the same arrays and the same math:
-    sigmoid as 0.5 (tanh(x / 2) + 1), the normaliser as max + log-sum-exp)."""
+    """``fusion.CaptionLM``'s arrays as tensors on the device (each word's input row, the
+    recurrent and output weights), which ``TorchLMPair`` steps."""
 
     def __init__(self, lm, device: torch.device):
         def tensor(array):
@@ -198,26 +198,10 @@ class TorchLM:
         self.out_w_t = tensor(lm.arrays["out_w"].T)  # (H, V)
         self.out_b = tensor(lm.arrays["out_b"])
 
-    def step_logits(self, tokens: torch.Tensor, h: torch.Tensor, c: torch.Tensor):
-        """-> (logits (R, V), log-normaliser (R, 1), h, c), as ``CaptionLM.step_logits``."""
-        gates = self.input.index_select(0, tokens) + h @ self.w_hh_t
-        H = self.hidden
-        i, f = _sigmoid(gates[:, :H]), _sigmoid(gates[:, H : 2 * H])
-        g, o = torch.tanh(gates[:, 2 * H : 3 * H]), _sigmoid(gates[:, 3 * H :])
-        c = f * c + i * g
-        h = o * torch.tanh(c)
-        logits = h @ self.out_w_t + self.out_b
-        top = logits.max(dim=1, keepdim=True).values
-        norm = top + torch.log(torch.exp(logits - top).sum(dim=1, keepdim=True))
-        return logits, norm, h, c
-
-
-def _sigmoid(x: torch.Tensor) -> torch.Tensor:
-    return 0.5 * (torch.tanh(0.5 * x) + 1.0)
-
 
 class TorchLMPair:
-    """Both fused models' steps at once (everyday, in-domain), ``TorchLM.step_logits``' math:
+    """Both fused models' steps at once (everyday, in-domain), ``CaptionLM.step_logits``' math
+    (sigmoid as 0.5 (tanh(x / 2) + 1), the normaliser as max + log-sum-exp):
     the element-wise work runs on (2, R, .) stacks, and each matrix product is one batched
     product over both models (``bmm``, and ``baddbmm`` for the recurrent product plus the words'
     input rows: one kernel for two, the sum in it; its rounding may differ from one product a
