@@ -195,7 +195,8 @@ _MCAP_MAGIC = b"\x89MCAP0\r\n"  # an MCAP file's first and last eight bytes
 
 
 def mcap_profile(path: Path) -> str | None:
-    """The profile in an MCAP file's header ("ros2", "ros1", ...), None when unreadable."""
+    """The profile in an MCAP file's header ("ros2", "ros1", ...; at most 64 bytes read), None
+    when unreadable: no MCAP file, or a header cut before its profile's end."""
     try:
         with open(path, "rb") as f:
             head = f.read(8 + 1 + 8 + 4 + 64)
@@ -204,7 +205,9 @@ def mcap_profile(path: Path) -> str | None:
     if not head.startswith(_MCAP_MAGIC) or len(head) < 21 or head[8] != 0x01:
         return None
     size = int.from_bytes(head[17:21], "little")
-    return head[21 : 21 + size].decode("utf-8", "replace") if size <= 64 else None
+    if size > 64 or len(head) < 21 + size:
+        return None
+    return head[21 : 21 + size].decode("utf-8", "replace")
 
 
 def open_recording(path: str | os.PathLike) -> Recording:

@@ -1046,6 +1046,60 @@ def test_a_recording_its_recorder_has_not_closed_says_what_makes_it_readable(kin
     assert message.startswith(f"{bag}: cannot read this recording (") and message.endswith(f"); {hint}")
 
 
+def _mcap_start(profile: bytes, opcode: int = 0x01, magic: bytes = b"\x89MCAP0\r\n") -> bytes:
+    """An MCAP file's first bytes as the specification lays them out: the magic, the Header
+    record's opcode (0x01) and length (uint64), its profile and library (each a uint32 length
+    and UTF-8 bytes)."""
+    body = len(profile).to_bytes(4, "little") + profile + (4).to_bytes(4, "little") + b"test"
+    return magic + bytes([opcode]) + len(body).to_bytes(8, "little") + body
+
+
+def test_an_mcap_files_profile_is_read_from_its_header_and_a_damaged_one_is_none(tmp_path):
+    """``mcap_profile`` (how a ROS 1-profile MCAP file is told from a ROS 2 one): the header's
+    profile; None for a file that is no MCAP file, a header cut within its profile, a profile
+    longer than the 64 bytes read, a file that cannot be opened."""
+    from mcap.writer import Writer
+
+    from edgecap.recordings import mcap_profile
+
+    path = tmp_path / "run.mcap"
+
+    def profile(data: bytes):
+        path.write_bytes(data)
+        return mcap_profile(path)
+
+    with open(path, "wb") as f:  # the layout above is the mcap package's own
+        writer = Writer(f)
+        writer.start(profile="ros1", library="test")
+        writer.finish()
+    assert path.read_bytes().startswith(_mcap_start(b"ros1")) and mcap_profile(path) == "ros1"
+    assert profile(_mcap_start(b"ros2")) == "ros2" and profile(_mcap_start(b"")) == ""
+    assert profile(_mcap_start(b"p" * 64)) == "p" * 64
+    assert profile(_mcap_start(b"p" * 65)) is None
+    assert profile(_mcap_start(b"")[:21]) == ""  # cut right after an empty profile
+    assert profile(_mcap_start(b"ros2")[:24]) is None  # cut within the profile
+    assert profile(_mcap_start(b"")[:20]) is None  # cut within the profile's length
+    assert profile(_mcap_start(b"ros2", opcode=0x02)) is None  # the first record no header
+    assert profile(_mcap_start(b"ros2", magic=b"\x89PNG\r\n\x1a\n")) is None
+    assert mcap_profile(tmp_path / "missing.mcap") is None
+
+
+def test_a_missing_metadata_file_gets_the_reindex_hint_only_for_a_bag_folder(tmp_path):
+    """rosbags' "Expected metadata file" gets the ROS 2 hint (ros2 bag reindex) for a folder
+    holding a bag's storage files only: not for a folder of photos, a path that is no folder."""
+    from edgecap.recordings import _unfinished
+
+    problem = "Expected metadata file."
+    (tmp_path / "bag").mkdir()
+    (tmp_path / "bag" / "run_0.mcap").write_bytes(_mcap_start(b"ros2"))
+    (tmp_path / "photos").mkdir()
+    (tmp_path / "photos" / "a.jpg").write_bytes(b"")
+    assert "ros2 bag reindex makes one" in _unfinished(problem, tmp_path / "bag")
+    assert _unfinished(problem, tmp_path / "photos") == ""
+    assert _unfinished(problem, tmp_path / "missing") == ""
+    assert _unfinished(problem, tmp_path / "photos" / "a.jpg") == ""
+
+
 class _NamingCaptioner:
     """Stands in for a Captioner in ``run_bag``: each frame's caption a new string, as the
     model's are."""
