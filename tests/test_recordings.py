@@ -1206,17 +1206,30 @@ def test_ros1_profile_mcap_file_is_read(tmp_path, captioner, capfd):
 
 
 @pytest.mark.parametrize(
-    "definition",
+    ("definition", "height"),
     [
-        "string encoding\nuint8[] data",
-        "std_msgs/Header header\nstring height\nuint32 width\n"
-        "string encoding\nuint8 is_bigendian\nuint32 step\n"
-        "uint8[] data",
+        ("string encoding\nuint8[] data", None),
+        (
+            "std_msgs/Header header\nstring height\nuint32 width\n"
+            "string encoding\nuint8 is_bigendian\nuint32 step\n"
+            "uint8[] data",
+            "120",
+        ),
+        (
+            "std_msgs/Header header\nfloat64 height\nuint32 width\n"
+            "string encoding\nuint8 is_bigendian\nuint32 step\n"
+            "uint8[] data",
+            120.0,
+        ),
     ],
+    ids=["no-header", "string-height", "float-height"],
 )
-def test_image_type_without_the_standard_fields_is_one_line_a_frame(definition, tmp_path, captioner, capfd):
+def test_image_type_without_the_standard_fields_is_one_line_a_frame(
+    definition, height, tmp_path, captioner, capfd
+):
     """A recording defines its own types: a sensor_msgs/Image without header/height/... (or
-    with height a string) is refused frame by frame, naming topic and time; the others kept."""
+    with height a string, or a float: a whole number of pixels would have read as one) is
+    refused frame by frame, naming topic and time; the others kept."""
     store = store_for("mcap")
     hostile = own_image_store(definition)
     fields = hostile.fielddefs["sensor_msgs/msg/Image"][1]
@@ -1224,7 +1237,7 @@ def test_image_type_without_the_standard_fields_is_one_line_a_frame(definition, 
         name: {
             "encoding": "rgb8",
             "data": CHELSEA.reshape(-1),
-            "height": "120",
+            "height": height,
             "header": header(hostile, T0),
             "width": 160,
             "step": 480,
