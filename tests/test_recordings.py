@@ -736,6 +736,29 @@ def test_wrong_sizes_are_input_errors():
             raw_to_rgb(message, "/t at 0")
 
 
+@pytest.mark.parametrize(("height", "width"), [(1, 1), (1, 5), (4, 1)])
+def test_a_raw_image_one_pixel_high_or_wide_is_converted(height, width):
+    """The least image a camera topic can carry (1 x 1, one row, one column) is a picture, not
+    "no pixels": its RGB array, each pixel as sent."""
+    pixels = np.arange(height * width * 3, dtype=np.uint8).reshape(height, width, 3)
+    message = image_msg(store_for("mcap"), "rgb8", pixels, T0)
+    assert np.array_equal(raw_to_rgb(message, "/t at 0"), pixels)
+
+
+@pytest.mark.parametrize(
+    ("name", "spelled"),
+    [
+        ("sensor_msgs/Image", "sensor_msgs/msg/Image"),
+        ("sensor_msgs/msg/Image", "sensor_msgs/msg/Image"),
+        ("Image", "Image"),  # no package: nothing to put /msg/ after
+    ],
+)
+def test_ros1_type_names_are_spelled_as_rosbags_spells_them(name, spelled):
+    from edgecap.recordings import _ros2_name
+
+    assert _ros2_name(name) == spelled
+
+
 # -- a raw frame measured without converting it (the ROS 2 node's pick="sharpest") -------------
 def plain_msg(encoding: str, pixels: np.ndarray, step: int | None = None, bigendian: bool = False):
     """A sensor_msgs/Image as a live topic hands it over (any object with the fields), its data
@@ -1307,6 +1330,28 @@ def test_field_of_the_wrong_kind_is_an_input_error_not_a_traceback():
     assert frame.stamp_ns == 1_000_000_000
     msg.header = SimpleNamespace(stamp=SimpleNamespace(sec="soon", nanosec=0))  # no stamp to read
     assert recording._frame(connection, T0, b"", 0).stamp_ns == 0
+
+
+def test_a_frame_refused_before_its_header_is_read_has_no_stamp():
+    """A frame whose type the recording defines without the standard fields, or whose bytes do
+    not deserialise, is its InputError with stamp 0 (no header was read), at its recording's
+    time and place."""
+    from edgecap.recordings import Recording
+
+    def refuse(raw, msgtype):
+        raise ValueError("buffer too short")
+
+    recording = Recording.__new__(Recording)
+    recording.reader, recording.closed = SimpleNamespace(deserialize=refuse), False
+    connection = SimpleNamespace(topic="/cam", msgtype="sensor_msgs/msg/Image", id=1)
+    typed = recording._frame(connection, T0, b"", 3, type_problem="message lacks the standard fields: height")
+    garbled = recording._frame(connection, T0, b"\0", 4)
+    assert (typed.stamp_ns, typed.index, garbled.stamp_ns, garbled.index) == (0, 3, 0, 4)
+    assert str(typed.image) == "/cam at 1700000000.000000000: message lacks the standard fields: height"
+    assert str(garbled.image) == (
+        "/cam at 1700000000.000000000: cannot deserialise this sensor_msgs/msg/Image message "
+        "(buffer too short)"
+    )
 
 
 def test_image_data_of_another_element_type_is_no_picture(tmp_path):
