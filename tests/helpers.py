@@ -52,6 +52,16 @@ LATER_TIED_ENDING = {
     ("b", "c"): {"a": -0.25, "<end>": -2.25},
 }
 
+# Beam 2, no word twice, at most 2 words: "a" and "b" first; then "a <end>" and "b a" (-1.0)
+# are taken, and "a b" and "b <end>" tie exactly (-1.5), each third in its row (the repeated
+# word second). The numpy loop meets row 0's "a b" first, which fills the beam, so "b <end>"
+# finishes no caption: the captions are "a" (finished) and "b a" (cut at max_length).
+END_TIED_WITH_THE_LAST_CONTINUATION = {
+    (): {"a": -0.5, "b": -0.5},
+    ("a",): {"<end>": -0.5, "a": -0.5, "b": -1.0},
+    ("b",): {"a": -0.5, "b": -0.5, "<end>": -1.0},
+}
+
 
 class TableBackend(Backend):
     """A decoder whose next-word log-probabilities come from ``rule(prefix)``.

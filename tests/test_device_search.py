@@ -46,7 +46,12 @@ from edgecap.errors import BackendError  # noqa: E402
 from edgecap.images import load_rgb, preprocess  # noqa: E402
 from edgecap.manifest import load_manifest  # noqa: E402
 from fakes import END, START, PrefixHashBackend  # noqa: E402
-from helpers import LATER_TIED_ENDING, TableBackend, captioner_search  # noqa: E402
+from helpers import (  # noqa: E402
+    END_TIED_WITH_THE_LAST_CONTINUATION,
+    LATER_TIED_ENDING,
+    TableBackend,
+    captioner_search,
+)
 
 
 def _device(
@@ -399,6 +404,38 @@ def test_a_masked_row_finishes_no_caption(fixed):
             (["a"], True),
             (["a", "b"], True),
         ]
+    _same(host, device)
+
+
+@pytest.mark.parametrize("fixed", LOOPS)
+@pytest.mark.parametrize("penalty", [None, 0.7])
+def test_captions_cut_at_a_max_length_of_one_are_scored_over_their_one_word(fixed, penalty):
+    """max_length=1: no beam can end (<end> is never the first word), so the captions are the
+    live beams, one word each and unfinished, each scored over that one word: its log-prob
+    itself (the mean over 1 word; GNMT's ((5 + 1) / 6) ** p is 1)."""
+    backend = _table(lambda prefix: {"<end>": -0.1, "a": -0.5, "b": -1.5}, top_k=4)
+    options = CaptionOptions(beam_size=2, n_best=2, max_length=1, length_penalty=penalty, consensus=False)
+    host, device = _both(backend, options, fixed)
+    assert [([WORDS[w] for w in h.tokens], h.score, h.finished) for h in host[0]] == [
+        (["a"], -0.5, False),
+        (["b"], -1.5, False),
+    ]
+    _same(host, device)
+
+
+@pytest.mark.parametrize("fixed", LOOPS)
+def test_an_end_tied_with_the_beams_last_continuation_from_a_later_row_is_not_taken(fixed):
+    """``helpers.END_TIED_WITH_THE_LAST_CONTINUATION``: the numpy loop meets the first row's
+    continuation first, which fills the beam; the later row's <end> finishes no caption."""
+    rows = END_TIED_WITH_THE_LAST_CONTINUATION
+    options = CaptionOptions(
+        beam_size=2, n_best=2, max_length=2, no_repeat_ngram=1, length_penalty=None, consensus=False
+    )
+    host, device = _both(_table(lambda prefix: rows[prefix], top_k=4), options, fixed)
+    assert [([WORDS[w] for w in h.tokens], h.finished, h.log_prob) for h in host[0]] == [
+        (["a"], True, -1.0),
+        (["b", "a"], False, -1.0),
+    ]
     _same(host, device)
 
 

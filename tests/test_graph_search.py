@@ -25,7 +25,7 @@ from edgecap.errors import BackendError  # noqa: E402
 from edgecap.images import load_rgb, preprocess  # noqa: E402
 from edgecap.manifest import load_manifest  # noqa: E402
 from fakes import PrefixHashBackend  # noqa: E402
-from helpers import LATER_TIED_ENDING, TableBackend  # noqa: E402
+from helpers import END_TIED_WITH_THE_LAST_CONTINUATION, LATER_TIED_ENDING, TableBackend  # noqa: E402
 
 START, END = 1, 2
 
@@ -553,15 +553,9 @@ def test_equal_places_to_end_keep_the_first():
 
 
 def test_an_end_tied_with_the_beams_last_continuation_from_a_later_row_is_not_taken():
-    """Beam 2, no word twice: "a" and "b" first. Then "a <end>" and "b a" (-1.0) are taken, and
-    "a b" and "b <end>" tie exactly (-1.5), each third in its row (the repeated word second).
-    The numpy loop meets row 0's "a b" first, which fills the beam, so "b <end>" finishes no
-    caption: the captions are "a" (finished) and "b a" (cut at max_length)."""
-    rows = {
-        (): {"a": -0.5, "b": -0.5},
-        ("a",): {"<end>": -0.5, "a": -0.5, "b": -1.0},
-        ("b",): {"a": -0.5, "b": -0.5, "<end>": -1.0},
-    }
+    """``helpers.END_TIED_WITH_THE_LAST_CONTINUATION``: the numpy loop meets the first row's
+    continuation first, which fills the beam; the later row's <end> finishes no caption."""
+    rows = END_TIED_WITH_THE_LAST_CONTINUATION
     options = CaptionOptions(
         beam_size=2, n_best=2, max_length=2, no_repeat_ngram=1, length_penalty=None, consensus=False
     )
