@@ -61,6 +61,24 @@ def test_without_tags_it_is_the_plain_beam_search(beam, end_bias):
         assert [h.log_prob for h in a] == pytest.approx([h.log_prob for h in b], abs=1e-9)
 
 
+def test_the_tag_words_are_surfaced_on_the_rows_that_have_not_said_one():
+    """``TagConstraint``: an image's rows are its beams of state 0 (not yet said a tag word),
+    then those of state 1; the surfacing bias (``SURFACE``) is on state 0's rows' tag words
+    only, none on state 1's nor on an image without tag words, whose goal is state 0 (searched
+    as without the constraint); an image with tag words has state 1 as its goal."""
+    from edgecap.decoding.constraint import SURFACE, TagConstraint
+
+    beam, vocab = 2, 7
+    constraint = TagConstraint((frozenset({4, 5}), frozenset(), frozenset({6})), vocab)
+    image_index = np.repeat(np.arange(3), 2 * beam)  # 2 states x beam rows an image
+    bias = constraint.surfacing_bias(image_index, beam)
+    want = np.zeros((12, vocab), np.float32)
+    want[0:2, [4, 5]] = SURFACE  # image 0, state 0
+    want[8:10, 6] = SURFACE  # image 2, state 0
+    assert np.array_equal(bias, want)
+    assert [constraint.goal(image) for image in range(3)] == [1, 0, 1]
+
+
 def test_the_caption_says_a_tag_word_the_model_ranks_low():
     backend = TableBackend(WORDS, _table, top_k=4)
     cat = WORDS.index("cat")
