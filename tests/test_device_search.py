@@ -504,6 +504,32 @@ def test_the_best_place_to_end_among_equal_ranks_is_the_higher_log_probability(f
 
 
 @pytest.mark.parametrize("fixed", LOOPS)
+def test_a_later_place_to_end_of_a_higher_log_probability_but_a_lower_rank_is_not_kept(fixed):
+    """Beam 2, the tag bonus (3) on "a", three words at most, no beam ever ends (each <end>
+    ranks after both continuations). After the first word the best place to end is "a <end>"
+    (log-prob -3.75, ranked (-1.25 + 3 - 2.5) / 2 = -0.375, the bonus in its rank only); after
+    the second, "b c <end>" has the higher log-probability (-3.6) but ranks lower (-1.2): the
+    numpy loop keeps "a" (a later place to end must rank better; the log-probability decides
+    equal ranks only), so must the device search."""
+    rows = {
+        (): {"a": -1.25, "b": -0.5},
+        ("a",): {"c": -0.25, "<end>": -2.5},
+        ("b",): {"c": -0.1, "<end>": -3.0},
+        ("a", "c"): {"b": -0.25, "<end>": -9.0},
+        ("b", "c"): {"a": -0.25, "<end>": -3.0},
+    }
+    options = CaptionOptions(
+        beam_size=2, max_length=3, no_repeat_ngram=0, length_penalty=None, guidance_bonus=3.0, consensus=False
+    )
+    backend = TableBackend(WORDS, lambda prefix: rows[prefix], top_k=4)
+    host, device = _both(backend, options, fixed, (frozenset({WORDS.index("a")}),))
+    for hyps in (host[0], device[0]):
+        assert [WORDS[w] for w in hyps[0].tokens] == ["a"] and hyps[0].finished
+        assert (hyps[0].log_prob, hyps[0].rank_score) == (-3.75, -0.375)
+    _same(host, device)
+
+
+@pytest.mark.parametrize("fixed", LOOPS)
 def test_a_later_place_to_end_tied_in_rank_and_log_probability_keeps_the_earlier(fixed):
     """``_tied_endings_table``'s first words and bonus, three words at most, no beam ever
     ends: "a <end>" after the first word and "b c <end>" after the second tie exactly, in
