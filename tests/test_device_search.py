@@ -165,7 +165,7 @@ def test_device_search_is_the_numpy_search_on_random_models(seed):
         _same(host, device, exact=not options.fusion_weight)
 
 
-@pytest.mark.parametrize("seed", range(10))
+@pytest.mark.parametrize("seed", range(24))
 def test_device_endings_are_the_numpy_searchs(seed):
     """Every place the search could have ended (what the consensus choice chooses among), as
     the numpy loop collects them."""
