@@ -195,7 +195,7 @@ _MCAP_MAGIC = b"\x89MCAP0\r\n"  # an MCAP file's first and last eight bytes
 
 
 def mcap_profile(path: Path) -> str | None:
-    """The profile in an MCAP file's header ("ros2", "ros1", ...; at most 64 bytes read), None
+    """The profile in an MCAP file's header ("ros2", "ros1", ...; one of at most 64 bytes), None
     when unreadable: no MCAP file, or a header cut before its profile's end."""
     try:
         with open(path, "rb") as f:
