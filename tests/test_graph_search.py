@@ -820,6 +820,36 @@ def _fake_tensorrt_graph_backend(monkeypatch, cache_dir, manifest):
     return trt, device, backend, log
 
 
+@pytest.mark.parametrize("part", ["fixed", "carried"])
+def test_fake_tensorrt_beam_step_refuses_rules_it_was_not_built_for(monkeypatch, tmp_path, tiny, part):
+    """Rules with an input the beam-step engine was not built with (a fixed one, or a carried
+    state): one BackendError saying so at the search's first word, not a search over buffers
+    the engine does not have; the backend still searches with the rules it was built for."""
+    import edgecap.backends.tensorrt_beam as tensorrt_beam
+
+    manifest, _, _, images = tiny
+    _, _, backend, _ = _fake_tensorrt_graph_backend(monkeypatch, tmp_path, manifest)
+    real = tensorrt_beam.graph_rules
+
+    def surplus(*args, **kwargs):
+        rules = real(*args, **kwargs)
+        rows = len(rules.fixed["tag_bias"])
+        return replace(rules, **{part: {**getattr(rules, part), "surplus": np.zeros((rows, 1), np.float32)}})
+
+    options = CaptionOptions(beam_size=2, max_length=4, fusion_weight=0.0)
+    vocab = manifest.dims.vocab_size
+    with backend:
+        monkeypatch.setattr(tensorrt_beam, "graph_rules", surplus)
+        with pytest.raises(
+            BackendError, match="the beam-step engine was given other rules than it was built for"
+        ):
+            search_with_tags(backend, backend.encode(images), options, START, END, vocab, None)
+        monkeypatch.setattr(tensorrt_beam, "graph_rules", real)
+        assert len(
+            search_with_tags(backend, backend.encode(images), options, START, END, vocab, None)
+        ) == len(images)
+
+
 def test_fake_tensorrt_graph_search_gives_the_numpy_captions(monkeypatch, tmp_path, tiny):
     manifest, host, _, images = tiny
     trt, device, backend, log = _fake_tensorrt_graph_backend(monkeypatch, tmp_path, manifest)
