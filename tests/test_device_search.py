@@ -521,7 +521,7 @@ def test_a_later_place_to_end_of_a_higher_log_probability_but_a_lower_rank_is_no
     options = CaptionOptions(
         beam_size=2, max_length=3, no_repeat_ngram=0, length_penalty=None, guidance_bonus=3.0, consensus=False
     )
-    backend = TableBackend(WORDS, lambda prefix: rows[prefix], top_k=4)
+    backend = _table(lambda prefix: rows[prefix], top_k=4)
     host, device = _both(backend, options, fixed, (frozenset({WORDS.index("a")}),))
     for hyps in (host[0], device[0]):
         assert [WORDS[w] for w in hyps[0].tokens] == ["a"] and hyps[0].finished
