@@ -128,15 +128,20 @@ def test_the_graph_keeps_its_bookkeeping_in_fp32_with_a_constant_k(tiny):
     assert int_io == {"next_tokens", "back_pointers", "choices", "end_positions"}
 
 
-@pytest.mark.parametrize("n_images", [2, 3])
-def test_an_int8_models_graph_search_gives_each_photo_its_caption_alone(tiny, tmp_path, n_images):
+@pytest.mark.parametrize(
+    "n_images, gated", [(2, False), (3, False), (2, True)], ids=["2", "3", "2-gated-lms"]
+)
+def test_an_int8_models_graph_search_gives_each_photo_its_caption_alone(tiny, tmp_path, n_images, gated):
     """An int8 step quantises its inputs with one scale over all the rows of a run, so the graph
     search takes each image of a batch alone, as the host search steps it
     (``OnnxDecoderSession.per_image``): a photo's hypotheses in a batch are those it gets alone,
     bit for bit, and the host search's, from a batch of two on. They had been searched together
-    (docs/precision.md said so), and the other photos' rows moved a photo's scores."""
+    (docs/precision.md said so), and the other photos' rows moved a photo's scores. With the
+    language models fused under a gate, each photo alone keeps its own class probabilities, so
+    its own share of the fusion weight."""
     from edgecap.backends.base import Encoded
     from edgecap.build.convert import convert_model_dir
+    from edgecap.decoding.fusion import Gate
 
     manifest = convert_model_dir(tiny[0].directory, tmp_path / "int8", "int8")
     host = OnnxRuntimeBackend(manifest, device="cpu", threads=1)
@@ -147,14 +152,25 @@ def test_an_int8_models_graph_search_gives_each_photo_its_caption_alone(tiny, tm
     vocab = manifest.dims.vocab_size
     tags = (frozenset({5, 9}), frozenset(), frozenset({11}))[:n_images]
     encoded = graph.encode(images)
-    batch = search_with_tags(graph, encoded, options, START, END, vocab, tags)
+    fusion = None
+    if gated:  # the two photos' shares of the fusion weight apart: about 1/4 and 3/4
+        options = replace(options, fusion_weight=0.6)
+        prior = np.ones(encoded.class_probs.shape[1])
+        low, high = sorted(encoded.class_probs[:2] @ prior)
+        gate = Gate(prior, low - (high - low) / 2, high + (high - low) / 2)
+        assert (
+            0.1 < gate(encoded.class_probs[:2]).min() < 0.4 < 0.6 < gate(encoded.class_probs[:2]).max() < 0.9
+        )
+        rng = np.random.default_rng(7)
+        fusion = Fusion(_random_lm(rng, vocab), _random_lm(rng, vocab), 0.5, {}, gate)
+    batch = search_with_tags(graph, encoded, options, START, END, vocab, tags, fusion=fusion)
     for i in range(len(images)):
         one = Encoded(
             1, {k: v[i : i + 1] for k, v in encoded.tensors.items()}, encoded.class_probs[i : i + 1]
         )
-        (alone,) = search_with_tags(graph, one, options, START, END, vocab, tags[i : i + 1])
+        (alone,) = search_with_tags(graph, one, options, START, END, vocab, tags[i : i + 1], fusion=fusion)
         _same([alone], [batch[i]])
-    _same(search_with_tags(host, host.encode(images), options, START, END, vocab, tags), batch)
+    _same(search_with_tags(host, host.encode(images), options, START, END, vocab, tags, fusion=fusion), batch)
 
 
 def test_fp16_model_graph_search_gives_its_numpy_captions(tiny, tmp_path):

@@ -6,6 +6,7 @@ Every folder and link is built here, in tmp_path.
 
 from __future__ import annotations
 
+import errno
 import json
 import os
 import subprocess
@@ -232,7 +233,8 @@ def test_globs_match_the_image_files_the_shells_expansion_gives(tmp_path, monkey
     ``*`` and ``**`` skip hidden files and folders unless the pattern names the dot, ``**``
     alone means every file at any depth, an upper-case suffix (a camera's .JPG) is an image
     suffix, and a folder the pattern matches (a trailing slash: folders only) is searched as a
-    folder PATH is, each file once."""
+    folder PATH is, each file once; a pattern relative to the current folder may start with a
+    wildcard."""
     monkeypatch.chdir(tmp_path)
     names = ("r/a.png", "r/IMG_1.JPG", "r/b.Png", "r/.c.png", "r/sub/d.png", "r/.hid/e.png")
     names += ("r/sub/deep/f.jpg", "r/sub/.g.png", "r/old.png/h.jpg", "r/sub/deep/.x/i.png")
@@ -242,6 +244,7 @@ def test_globs_match_the_image_files_the_shells_expansion_gives(tmp_path, monkey
     Path("r/notes.txt").write_text("not an image")
     patterns = ("r/*", "r/**", "r/**/*", "r/**/*.png", "r/.*", "r/*/*", "r/.hid/*", "r/*.JPG", "r/**/deep/*")
     patterns += ("r/**/.*", "r/s*", "r/*/", "r/**/", "r/*.png", "r/sub/de?p", "r/*/deep/")
+    patterns += ("*", "*/*.png", "?/sub/*", "**/deep/*")  # a wildcard in the first part
     for pattern in patterns:
         good, skipped = _split(list(expand_all([pattern])))
         assert sorted(good) == _shell_expansion(pattern) and not skipped, pattern
@@ -469,9 +472,14 @@ def test_a_link_to_a_folder_is_searched_and_a_special_file_is_passed_on(tmp_path
 
 
 def test_a_file_named_like_a_glob_is_that_file(tmp_path):
+    """x[1].png that is there is that file, not the pattern; named twice, it is a file given
+    before (one caption), not a pattern whose files were."""
     literal = _photo(tmp_path / "x[1].png")
     _photo(tmp_path / "x1.png")  # what the pattern x[1].png would match
     assert list(expand_all([str(literal)])) == [(str(literal), str(literal))]
+    pairs = list(expand_all([str(literal), str(literal)]))
+    assert pairs[0] == (str(literal), str(literal)) and len(pairs) == 2
+    assert pairs[1][0] == str(literal) and pairs[1][1].text == "given before, captioned once"
 
 
 def test_a_missing_file_named_with_brackets_is_said_to_be_missing(tmp_path):
@@ -641,6 +649,50 @@ def test_entries_that_cannot_be_reached_are_each_reported_with_the_systems_reaso
     (root / "sub" / "b.png").unlink()
     good, skipped = _split(list(expand_all([str(root / "sub")])))
     assert good == [] and list(skipped) == [str(root / "sub" / "inner")]
+
+
+def test_a_folder_listed_but_not_entered_reports_what_its_listing_says_are_folders(tmp_path, monkeypatch):
+    """In a folder whose names can be read but none of them reached (chmod 644: os.stat and
+    os.lstat refused for each entry), the listing still says what each entry is: a folder is
+    reported as one that cannot be read, whatever its name (album.jpg, notes.v2), unless
+    hidden; a link whose target cannot be known is passed on where named as a photo, reported
+    as a folder that cannot be read where its name may be a folder's, and passed over where
+    named as another kind of file (readme.txt); the system's reason as it gives it."""
+    root = tmp_path / "photos"
+    sub = root / "sub"
+    for folder in ("album.jpg", ".cache", "notes.v2", "long"):
+        (sub / folder).mkdir(parents=True)
+        _photo(sub / folder / "c.png")
+    (tmp_path / "elsewhere").mkdir()
+    a = _photo(root / "a.png")
+    b = _photo(sub / "b.png")
+    _photo(tmp_path / "elsewhere" / "e.png")
+    (sub / "more").symlink_to(tmp_path / "elsewhere")
+    (sub / "pic.jpg").symlink_to(tmp_path / "elsewhere" / "e.png")
+    (sub / "readme.txt").symlink_to(tmp_path / "elsewhere" / "e.png")
+    real_stat, real_lstat = os.stat, os.lstat
+
+    def refused(real):
+        def call(path, *args, **kwargs):
+            if Path(path).parent == sub:
+                if Path(path).name == "long":  # as a path past the system's limit is refused
+                    raise OSError(errno.ENAMETOOLONG, "File name too long", str(path))
+                raise PermissionError(errno.EACCES, "Permission denied", str(path))
+            return real(path, *args, **kwargs)
+
+        return call
+
+    monkeypatch.setattr(os, "stat", refused(real_stat))
+    monkeypatch.setattr(os, "lstat", refused(real_lstat))
+    good, skipped = _split(list(expand_all([str(root)])))
+    assert good == [str(a), str(b), str(sub / "pic.jpg")]
+    cannot = "skipped: cannot read the folder (permission denied)"
+    assert skipped == {
+        str(sub / "album.jpg"): cannot,
+        str(sub / "long"): "skipped: cannot read the folder (File name too long)",
+        str(sub / "more"): cannot,
+        str(sub / "notes.v2"): cannot,
+    }
 
 
 @pytest.mark.skipif(os.name == "posix" and os.geteuid() == 0, reason="root ignores permissions")
