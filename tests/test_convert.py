@@ -223,6 +223,20 @@ def test_convert_refuses_bad_targets(fp32_dir, fp16_dir, tmp_path):
         convert_model_dir(fp32_dir, tmp_path / "x", "fp8")
     with pytest.raises(ValueError, match="calibration"):
         convert_model_dir(fp32_dir, tmp_path / "y", "fp16", calibration=tmp_path)
+    # the Python API's own converters refuse a converted model's folder too, unless forced
+    from edgecap.build.convert import convert_fp16, convert_int8
+
+    for convert in (convert_fp16, convert_int8):
+        with pytest.raises(ModelError, match="not empty"):
+            convert(load_manifest(fp32_dir), fp16_dir)
+    assert load_manifest(fp16_dir).precision == "fp16"
+
+
+def test_convert_makes_an_out_dir_whose_parent_is_not_there_yet(small_model, tmp_path):
+    """``--out models/fp16`` where models/ is not there: made, as ``mkdir -p`` would."""
+    out = tmp_path / "models" / "fp16"
+    convert_model_dir(small_model, out, "fp16")
+    assert load_manifest(out).precision == "fp16"
 
 
 def test_convert_detects_corrupt_source(fp32_dir, tmp_path):
@@ -810,6 +824,12 @@ def test_calibration_photos_are_every_image_below_the_folder_sorted_up_to_the_li
     names = ["a.png", "b.JPG", "c.jpeg", "d.TIFF", "g.gif", "h.jfif", "sub/e.webp"]
     assert calibration_images(folder) == [folder / n for n in names]
     assert calibration_images(folder, limit=2) == [folder / "a.png", folder / "b.JPG"]
+    for i in range(60):  # 67 photos: up to 64 are used (edgecap convert --help)
+        _solid_png(folder / "sub" / f"p{i:02d}.png", (i, 0, 0), size=(2, 2))
+    assert (
+        calibration_images(folder)
+        == sorted([folder / n for n in names] + [folder / "sub" / f"p{i:02d}.png" for i in range(60)])[:64]
+    )
     with pytest.raises(ModelError, match="no images"):
         calibration_images(_empty(tmp_path))
     with pytest.raises(ModelError, match="calibration directory not found"):

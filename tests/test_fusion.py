@@ -143,6 +143,25 @@ def test_the_step_graph_is_a_valid_onnx_model():
     assert {t.name: list(t.dims) for t in model.graph.initializer}["in_domain_out_w_t"] == [H + 3, V]
 
 
+def test_the_hand_written_protobuf_is_byte_for_byte_what_protobuf_writes():
+    """The step graph's bytes are those the protobuf library writes for the model it reads from
+    them (each field where protobuf puts it, no field read as another), the model named as
+    edgecap's, each node named after its op and output; a node's negative attribute (an int64
+    below zero: ten bytes, two's complement) is encoded as onnx.helper encodes it."""
+    onnx = pytest.importorskip("onnx")
+    from edgecap.decoding.fusion_graph import _node
+
+    lms = CaptionLM(_torch_lm(1)[1]), CaptionLM(_torch_lm(2, hidden=H + 3)[1])
+    written = pair_step_model(*lms)
+    model = onnx.load_from_string(written)
+    assert model.SerializeToString() == written
+    assert model.producer_name == "edgecap"
+    assert all(n.name == f"{n.op_type}_{n.output[0]}" for n in model.graph.node)
+    for axis in (-1, -2, 1, 300):
+        want = onnx.helper.make_node("LogSoftmax", ["x"], ["y"], name="LogSoftmax_y", axis=axis)
+        assert _node("LogSoftmax", ["x"], ["y"], axis=axis) == want.SerializeToString(), axis
+
+
 def test_the_step_graph_loads_on_the_oldest_onnxruntime_edgecap_takes():
     """edgecap[cpu] asks for onnxruntime >= 1.16 (pyproject.toml); onnxruntime 1.16 reads ONNX
     IR version 9 and opset 19 at most (onnxruntime's compatibility table, ONNX 1.14). A newer
