@@ -159,6 +159,23 @@ def test_fp16_convert_needs_sympy_only_for_static_int8(fp32_dir, tmp_path, monke
     assert not (tmp_path / "int8").exists()  # refused before writing anything
 
 
+def test_int8_without_onnxruntime_names_what_to_install(fp32_dir, tmp_path, monkeypatch):
+    """FP16 needs onnx alone; int8 needs onnxruntime's quantizer: without onnxruntime, one
+    BackendError saying so and how to install it, before anything is written."""
+    import sys
+
+    from edgecap.errors import BackendError
+
+    monkeypatch.setitem(sys.modules, "onnxruntime", None)
+    monkeypatch.setitem(sys.modules, "onnxruntime.quantization", None)
+    with pytest.raises(BackendError) as refused:
+        convert_model_dir(fp32_dir, tmp_path / "int8", "int8")
+    assert str(refused.value).startswith(
+        "int8 conversion needs onnxruntime, which is not installed: pip install onnxruntime "
+    )
+    assert not (tmp_path / "int8").exists()
+
+
 def test_fp16_agrees_with_fp32_stage_by_stage(fp32_dir, fp16_dir):
     needs_onnxruntime_for_opset_18(fp32_dir, "running an FP16 LayerNormalization")
     diffs = compare_stages(load_manifest(fp32_dir), load_manifest(fp16_dir), n_images=3)
