@@ -1098,6 +1098,37 @@ def test_the_fused_device_search_is_the_device_search_bit_for_bit(shipped, optio
 
 
 @needs_triton
+def test_the_fused_search_over_a_decoder_without_attention_is_the_device_search(
+    tmp_path, example_images, monkeypatch
+):
+    """A Show-and-Tell model (``edgecap train --no-attention``): its step has no kernels of its
+    own (``step_kernels.decoder_of``), so the fused search runs it as it is, each row from the
+    state its back-pointer names, with the bookkeeping in the kernel: the eager device search's
+    hypotheses bit for bit, and the numpy loop's captions."""
+    from edgecap.models.efficientnet_lite import load_pretrained
+    from helpers import tiny_export
+
+    model = tiny_export(load_pretrained(), tmp_path / "show-and-tell", width=32, attention=False)
+    captioner = Captioner(model, backend="torch", device="cpu", search="device")
+    photos = [load_rgb(p) for p in sorted(example_images)]
+    encoded = captioner.backend.encode(preprocess(photos, captioner.manifest.preprocessing))
+    backend = captioner.backend
+    steps = _count_fused_decoder_steps(monkeypatch)
+    for options in (CaptionOptions(max_length=8), CaptionOptions(beam_size=4, n_best=3, length_penalty=0.7)):
+        eager = _search(captioner, encoded, options, on_device=True)
+        kept = backend.device_search
+        try:
+            backend.device_search = TorchDeviceSearch(backend, fused=True)
+            fused = _search(captioner, encoded, options, on_device=True)
+        finally:
+            backend.device_search = kept
+        _same(eager, fused, exact=True)
+        _same(_search(captioner, encoded, options, on_device=False), fused, exact=False)
+        assert len({tuple(h.tokens) for hyps in fused for h in hyps}) > 1  # captions that differ
+    assert steps == []  # the step as it is, not the attention decoder's kernels
+
+
+@needs_triton
 @pytest.mark.parametrize("hidden", [16, 12], ids=["hidden 16", "hidden 12"])
 @pytest.mark.parametrize("first", [True, False], ids=["first step", "later step"])
 @pytest.mark.parametrize("tags", [True, False], ids=["tag bonus", "no tag bonus"])
