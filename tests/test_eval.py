@@ -871,6 +871,23 @@ def test_score_without_java_falls_back_to_the_simple_tokenizer_and_skips_meteor(
         metrics.score({}, {}, tokenizer="simple", metrics=("BLEU-4", "CIDEr"))
 
 
+def test_the_java_warnings_point_at_the_caller_and_nothing_is_printed(monkeypatch, capfd):
+    """Each warning of a scoring function (no Java: the simple tokenizer, METEOR skipped) is the
+    library caller's, as Python shows it: its file, not edgecap's own (``score``'s pointed into
+    edgecap, passed on through ``scores``). The scorers print nothing (BLEU's report on stdout
+    would be in the middle of ``edgecap eval --json``'s output)."""
+    monkeypatch.setattr(metrics, "java_available", lambda: False)
+    with pytest.warns(UserWarning) as by_score:
+        metrics.score(HAND_REFS, HAND_HYPS)
+    with pytest.warns(UserWarning) as by_scores:
+        metrics.scores(HAND_REFS, HAND_HYPS)
+    with pytest.warns(UserWarning) as by_per_image:
+        metrics.per_image_cider(HAND_REFS, HAND_HYPS)
+    for warned, n in ((by_score, 2), (by_scores, 2), (by_per_image, 1)):
+        assert [Path(w.filename) for w in warned] == [Path(__file__)] * n
+    assert capfd.readouterr() == ("", "")
+
+
 def test_a_java_that_does_not_start_is_no_java(tmp_path, monkeypatch):
     """README: without Java, edgecap eval skips METEOR and tokenises in Python. A ``java`` on
     PATH that exits at once with an error (macOS's /usr/bin/java where no Java runtime is

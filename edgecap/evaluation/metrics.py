@@ -85,13 +85,15 @@ def _java_starts(java: str) -> bool:
     return done.returncode == 0
 
 
-def _tokenize(refs, hyps, tokenizer):
+def _tokenize(refs, hyps, tokenizer, stacklevel: int = 3):
+    """``stacklevel``: the warning's, as ``warnings.warn`` counts it from here (3: the caller of
+    the function that called this one)."""
     if tokenizer == "ptb" and not java_available():
         why = _why_no_java()
         remedy = "install a JRE" if why == "not found" else "make it start"  # one installed
         warnings.warn(
             f"Java {why}: using the simple tokenizer instead of PTB; {remedy} for coco-caption-exact numbers",
-            stacklevel=3,
+            stacklevel=stacklevel,
         )
         tokenizer = "simple"
     if tokenizer == "ptb":
@@ -187,7 +189,7 @@ def score(
     """refs {id: [reference captions]}, hyps {id: caption} -> {metric: value} (fractions), the
     ``metrics`` asked for (names of ``METRIC_KEYS``; another is a ``ValueError``). The four
     BLEU orders come from one scorer run: asking for any gives all four."""
-    return scores(refs, hyps, tokenizer, metrics)[0]
+    return _scores(refs, hyps, tokenizer, metrics)[0]
 
 
 def scores(
@@ -197,6 +199,12 @@ def scores(
     among ``metrics`` -> ({metric: value}, {metric: {id: value}}). METEOR is skipped (with a
     warning) without Java; its corpus value comes from the pooled statistics, not the mean of
     the images' values."""
+    return _scores(refs, hyps, tokenizer, metrics)
+
+
+def _scores(refs: dict, hyps: dict, tokenizer: str, metrics: tuple[str, ...]):
+    """``scores``, called by ``score`` and ``scores`` alike, so that its warnings name their
+    caller's line (stacklevel 3 here, 4 in ``_tokenize``)."""
     try:
         from pycocoevalcap.bleu.bleu import Bleu
         from pycocoevalcap.cider.cider import Cider
@@ -214,7 +222,7 @@ def scores(
         )
     if not refs:
         raise ValueError("nothing to score: no references")
-    refs_t, hyps_t = _tokenize(refs, hyps, tokenizer)
+    refs_t, hyps_t = _tokenize(refs, hyps, tokenizer, stacklevel=4)
     # a reference with no word ("", "...": a blank cell beside an image's real captions) is none:
     # scored as one, it lowered CIDEr-D (10 -> 7.5 for captions equal to their references) and
     # BLEU's brevity without a word; an image with none but blanks keeps them (scored 0)
@@ -239,7 +247,7 @@ def scores(
             out["METEOR"] = float(corpus)
             per_image["METEOR"] = {k: float(v) for k, v in zip(refs_t, each)}
         else:
-            warnings.warn(f"Java {_why_no_java()}: METEOR skipped", stacklevel=2)
+            warnings.warn(f"Java {_why_no_java()}: METEOR skipped", stacklevel=3)
     if "ROUGE-L" in metrics:
         out["ROUGE-L"] = float(Rouge().compute_score(refs_t, hyps_t)[0])
     if "CIDEr" in metrics:
