@@ -58,11 +58,13 @@ def test_warm_up_captures_every_plan_so_that_no_photo_captures_one_later(default
     [
         ({"guidance_bonus": 0.0}, {(None, False), (None, True)}),
         ({"guidance_bonus": 0.0, "fusion_weight": 0.0}, {(None, False)}),
+        ({"guidance_bonus": 0.5, "fusion_weight": 0.0}, {(None, False), (0.5, False)}),
     ],
 )
 def test_warm_up_captures_only_the_plans_the_options_allow(default_model_dir, options, plans):
     """Without the tag bonus no plan has tag words; without the language models' weight none
-    runs them: the warm-up captures no plan a search of these options could not meet."""
+    runs them: the warm-up captures no plan a search of these options could not meet, and
+    every plan they can (a small tag bonus: with tag words too)."""
     warmed = _graphed(default_model_dir, **options)
     out = warmed.warm_up((1,), frame_size=(64, 64))
     graphs = warmed.backend.device_search.graphs.graphs
