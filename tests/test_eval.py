@@ -1125,6 +1125,25 @@ def test_a_meteor_whose_java_dies_is_an_error_not_a_hang_at_exit():
     assert (done.returncode, done.stdout.strip() in ("BrokenPipeError", "ValueError")) == (0, True), done
 
 
+def test_a_ptb_tokenizer_that_gives_back_too_few_lines_is_an_error_naming_how_many(monkeypatch):
+    """Java ending well (exit 0) with fewer lines than captions (its output cut short): the
+    captions would be paired with the wrong images' references, so it is JavaFailed saying how
+    many came back, not scores. (subprocess.run stands in for Java here.)"""
+    import subprocess as real_subprocess
+
+    def run(command, **kwargs):
+        return real_subprocess.CompletedProcess(command, 0, stdout=b"a cat sits\n", stderr=b"")
+
+    monkeypatch.setattr(metrics.subprocess, "run", run)
+    refs = {1: ["a cat sits", "a cat"], 2: ["a dog runs"]}
+    with pytest.raises(metrics.JavaFailed) as failed:
+        metrics._ptb(refs)
+    assert str(failed.value) == (
+        "coco-caption's PTB tokenizer (Java) gave back 1 of 3 captions (its errors are on stderr "
+        "above): coco-caption needs Java 8 or newer (java -version)"
+    )
+
+
 @needs_java
 def test_a_ptb_tokenizer_that_java_cannot_run_is_an_error_not_scores(
     tiny_model_dir, tmp_path, monkeypatch, capsys
