@@ -378,3 +378,41 @@ def test_a_split_stack_that_fails_in_its_first_run_has_written_the_others(monkey
     with pytest.raises(ValueError):
         module.stack_into([np.ones((5, 5), np.float32), good, Slow(good), Slow(good)], out)
     assert (out[2:] == 1).all()
+
+
+@pytest.mark.parametrize("taken", [0, 1], ids=["no run taken", "one run taken"])
+def test_a_split_stack_whose_pool_takes_no_more_work_stacks_the_rest_itself(monkeypatch, taken):
+    """The interpreter exiting: the pool refuses new work (``RuntimeError``) after ``taken``
+    runs; the calling thread stacks every run left, so the whole batch is written."""
+    from concurrent.futures import Future
+
+    from edgecap.backends import staging as module
+
+    class Exiting:
+        def __init__(self):
+            self.taken = 0
+
+        def submit(self, fn, *args, **kwargs):
+            if self.taken == taken:
+                raise RuntimeError("cannot schedule new futures after interpreter shutdown")
+            self.taken += 1
+            done: Future = Future()
+            done.set_result(fn(*args, **kwargs))
+            return done
+
+    monkeypatch.setattr(module, "STACK_THREADS", 3)
+    monkeypatch.setattr(module, "SPLIT_AT_LEAST", 0)
+    monkeypatch.setattr(module, "_stack_pool", Exiting)
+    images = _images(np.random.default_rng(taken), 6)
+    out = np.zeros((6, 3, 8, 10), np.float32)
+    module.stack_into(images, out)
+    np.testing.assert_array_equal(out, np.stack(images))
+
+
+def test_a_batch_of_one_is_stacked_and_kept():
+    rng = np.random.default_rng(3)
+    staging = Staging(CPU)
+    image = _images(rng, 1)
+    stacked = staging.stack(image)
+    np.testing.assert_array_equal(stacked.numpy(), image[0][None])
+    assert staging.stack(_images(rng, 1)).data_ptr() == stacked.data_ptr()
