@@ -295,6 +295,29 @@ def test_int8_dynamic_step_and_static_encoder(fp32_dir, int8_dir):
     assert all(np.isfinite(v) for v in diffs.values())
 
 
+def test_an_fp32_batch_steps_in_one_run_and_an_int8_batch_a_run_per_photo(fp32_dir, int8_dir):
+    """What a batch costs: an FP32 (or FP16) step runs all of a batch's rows in one onnxruntime
+    run, which is what makes batches faster; an int8 step one run per photo (its rows kept
+    apart, so that the other photos do not move its caption), and a photo alone one run."""
+    from edgecap.backends.onnxruntime import OnnxRuntimeBackend
+
+    def runs_a_step(model_dir, n_images: int) -> int:
+        backend = OnnxRuntimeBackend(load_manifest(model_dir), device="cpu", threads=1)
+        h, w = backend.manifest.preprocessing.size
+        images = np.random.default_rng(0).uniform(-1, 1, (n_images, 3, h, w)).astype(np.float32)
+        index = np.repeat(np.arange(n_images, dtype=np.int32), 3)
+        session = backend.start(backend.encode(images), index)
+        calls, real = [], session._run
+        session._run = lambda *args: calls.append(1) or real(*args)
+        tokens = np.full(len(index), load_manifest(model_dir).tokens["start"], np.int32)
+        session.step(tokens, index.copy(), None)  # the first step: h/c per image
+        session.step(tokens, np.arange(len(index), dtype=np.int32), None)
+        return len(calls)
+
+    assert [runs_a_step(fp32_dir, n) for n in (1, 3)] == [2, 2]
+    assert [runs_a_step(int8_dir, n) for n in (1, 3)] == [2, 6]
+
+
 @pytest.mark.parametrize("beam", [1, 3])
 def test_an_int8_images_step_is_the_same_in_a_batch_as_alone(int8_dir, beam):
     """The int8 step quantises its inputs dynamically, one scale over all the rows of a run: the

@@ -301,6 +301,13 @@ def test_io_binding_graph_search_gives_the_numpy_captions(tiny, monkeypatch):
     assert sessions  # the binding session ran the steps
     assert "everyday_h" in sessions[-1]._current  # the last search's language-model states
     assert set(sessions[0]._current) == {"h", "c", "steered"}  # the tag bonus's: always
+    # a batch of two photos (not as many as an image's three channels) is two photos
+    encoded = graph.encode(images[:2])
+    assert encoded.n_images == 2 and encoded.class_probs.shape[0] == 2
+    want = search_with_tags(
+        host, host.encode(images[:2]), options, START, END, vocab, tags[:2], fusion=fusion
+    )
+    _same(want, search_with_tags(graph, encoded, options, START, END, vocab, tags[:2], fusion=fusion))
 
 
 def test_graph_session_on_a_gpu_keeps_cuda_and_leaves_out_the_tensorrt_provider():
