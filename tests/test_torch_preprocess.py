@@ -71,6 +71,26 @@ def test_the_resize_is_pillows_pixel_for_pixel(height, width):
         np.testing.assert_array_equal(pixels, want)
 
 
+@pytest.mark.parametrize("height, width", [(1, 37), (29, 1), (1, 1)])
+def test_a_frame_one_pixel_high_or_wide_is_resized_as_pillow_resizes_it(height, width):
+    """A frame of one row or column (a line-scan camera's, a raw image cut short) is resized as
+    Pillow resizes it; a size of 0 pixels has no resampling (ValueError naming the sizes)."""
+    from edgecap.backends.torch_preprocess import bilinear_taps
+
+    frame = np.random.default_rng(height * 100 + width).integers(0, 256, (height, width, 3), dtype=np.uint8)
+    got = FramePreprocess(PRE, CPU).resized(torch.from_numpy(frame[None]))[0].numpy()
+    want = np.asarray(Image.fromarray(frame).resize((224, 224), Image.Resampling.BILINEAR))
+    np.testing.assert_array_equal(got, want)
+    for sizes in ((0, 224), (224, 0)):
+        with pytest.raises(ValueError, match=f"sizes must be at least 1, got {sizes[0]} -> {sizes[1]}"):
+            bilinear_taps(*sizes)
+    # to one pixel: the taps' fixed-point sum (the docstring's formula) is Pillow's pixel
+    line = np.random.default_rng(5).integers(0, 256, 5).astype(np.uint8)
+    index, weight = bilinear_taps(5, 1)
+    ours = (int((line[index[0]].astype(np.int64) * weight[0]).sum()) + 2**21) >> 22
+    assert ours == np.asarray(Image.fromarray(line[None]).resize((1, 1), Image.Resampling.BILINEAR))[0, 0]
+
+
 def test_both_pass_orders_are_met_under_this_pillow():
     """The shapes above hold a vertical-first case and a horizontal-first one for the Pillow
     installed (else the order would go untested; before 12.2 Pillow has one order). Checked
@@ -448,6 +468,14 @@ def test_the_pass_order_rules_are_strict_at_their_boundaries():
     np.testing.assert_array_equal(
         got, np.asarray(Image.fromarray(frame).resize((224, 224), Image.Resampling.BILINEAR))
     )
+    # the height shrinking by one row while the width grows: vertical first under 13.0
+    assert vertical_first((225, 100), out, (13, 0)) and not vertical_first((224, 100), out, (13, 0))
+    if PILLOW >= (13, 0):  # and so the installed Pillow's pixels
+        frame = np.random.default_rng(225).integers(0, 256, (225, 100, 3), dtype=np.uint8)
+        got = FramePreprocess(PRE, CPU).resized(torch.from_numpy(frame[None]))[0].numpy()
+        np.testing.assert_array_equal(
+            got, np.asarray(Image.fromarray(frame).resize((224, 224), Image.Resampling.BILINEAR))
+        )
 
 
 def test_the_captioner_brightens_dark_frames_on_the_device_as_on_the_host(captioners, example_images):
