@@ -87,6 +87,8 @@ def test_a_frame_one_pixel_high_or_wide_is_resized_as_pillow_resizes_it(height, 
     # to one pixel: the taps' fixed-point sum (the docstring's formula) is Pillow's pixel
     line = np.random.default_rng(5).integers(0, 256, 5).astype(np.uint8)
     index, weight = bilinear_taps(5, 1)
+    # kept for the next frame of that size: read-only, so that no caller changes them
+    assert not index.flags.writeable and not weight.flags.writeable
     ours = (int((line[index[0]].astype(np.int64) * weight[0]).sum()) + 2**21) >> 22
     assert ours == np.asarray(Image.fromarray(line[None]).resize((1, 1), Image.Resampling.BILINEAR))[0, 0]
 
