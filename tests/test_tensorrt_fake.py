@@ -699,6 +699,9 @@ def test_fake_fp16_engines_run_the_step_in_fp16_behind_an_fp32_encoder(
     half = dataclasses.replace(manifest, precision="fp16")
     assert role_precisions(half, "fp16") == {"encoder": "fp16", "decoder_step": "fp16"}
     assert role_precisions(manifest, "fp32") == {"encoder": "fp32", "decoder_step": "fp32"}
+    # asked for in so many words: an FP32 encoder from the fp32 model, an FP16 one from either
+    assert role_precisions(manifest, "fp16", fp32_encoder=True) == {"encoder": "fp32", "decoder_step": "fp16"}
+    assert role_precisions(half, "fp16", fp32_encoder=False) == {"encoder": "fp16", "decoder_step": "fp16"}
     with pytest.raises(ModelError, match="is fp16: an FP32 encoder engine is built from the fp32 model"):
         TensorRTBackend(half, "fp16", Limits(1, 3), tmp_path, cuda_device=device, fp32_encoder=True)
     with pytest.raises(ValueError, match="fp32_encoder=True goes with fp16 engines"):
@@ -887,7 +890,8 @@ def test_fake_engine_cache_removes_what_dead_writers_left(monkeypatch, tmp_path,
         [sys.executable, "-c", "import os; print(os.getpid())"], capture_output=True, text=True
     )
     dead = int(done.stdout)  # a process that has ended
-    running = os.getppid()
+    writer = subprocess.Popen([sys.executable, "-c", "import time; time.sleep(120)"])
+    running = writer.pid  # a build writing the same engine now: asked whether it runs, not signalled
     names = {
         "dead": f".{engine.name}.{dead}.tmp",
         "dead, named as now": f".{engine.name}.{dead}.0a1b2c3d.tmp",
@@ -903,7 +907,12 @@ def test_fake_engine_cache_removes_what_dead_writers_left(monkeypatch, tmp_path,
     # written to a moment ago: maybe a build in another container (its pid not seen here)
     (tmp_path / f".{engine.name}.{dead}.ffffffff.tmp").write_bytes(b"being written")
     engine.unlink()  # built again: written again
-    cache.build(manifest, "encoder", "fp32", Limits(1, 1))
+    try:
+        cache.build(manifest, "encoder", "fp32", Limits(1, 1))
+        assert writer.poll() is None  # still running (os.kill with signal 0 sends nothing)
+    finally:
+        writer.kill()
+        writer.wait()
     assert engine.exists()
     assert {kind for kind, name in names.items() if (tmp_path / name).exists()} == {
         "running",
