@@ -2676,3 +2676,17 @@ def test_fake_engine_cache_an_error_on_the_model_is_not_blamed_on_the_cache(
             load_manifest(model_dir), "encoder", "fp32", Limits(1, 1)
         )
     assert trt.stats["builds"] == []
+
+
+def test_every_tensor_the_beam_step_appends_is_kept_in_fp32_by_its_name():
+    """The beam-step graph's bookkeeping pinned to FP32 in a weakly typed FP16 build: a layer
+    is its when it writes a tensor named under the bookkeeping's prefix, or one of the graph's
+    outputs the bookkeeping adds (``BEAM_OUTPUTS``: scores, back-pointers, ...) or the fused
+    language models' (``LM_OUTPUTS``), each kind on its own; the decoder step's own are not."""
+    from edgecap.build.beam_step import BEAM_OUTPUTS, LM_OUTPUTS, PREFIX
+    from edgecap.trt.engines import _beam_tensor
+
+    assert _beam_tensor(PREFIX + "scores") and _beam_tensor(PREFIX + "anything")
+    assert all(_beam_tensor(name) for name in BEAM_OUTPUTS if not name.startswith(PREFIX))
+    assert LM_OUTPUTS and all(_beam_tensor(name) for name in LM_OUTPUTS)
+    assert not any(_beam_tensor(name) for name in ("logits", "h_out", "topk_logprobs", "alpha"))
