@@ -820,6 +820,18 @@ def _search(captioner, encoded, options, on_device: bool):
         backend.on_device = True
 
 
+def _fused_search(captioner, encoded, options):
+    """The device search with its bookkeeping in the Triton kernel (``fused_search=True``), the
+    backend's own device search put back after."""
+    backend = captioner.backend
+    kept = backend.device_search
+    try:
+        backend.device_search = TorchDeviceSearch(backend, fused=True)
+        return _search(captioner, encoded, options, on_device=True)
+    finally:
+        backend.device_search = kept
+
+
 @pytest.mark.parametrize(
     "options", OPTIONS, ids=lambda o: ",".join(f"{k}={v}" for k, v in o.items()) or "defaults"
 )
@@ -1082,16 +1094,10 @@ def test_the_fused_device_search_is_the_device_search_bit_for_bit(shipped, optio
     the eager device search's hypotheses with the same float64 scores to the last bit, and so
     the numpy loop's captions, for every option set of the tests above."""
     captioner, encoded, _ = shipped
-    backend = captioner.backend
     options = replace(CaptionOptions(), **options)
     eager = _search(captioner, encoded, options, on_device=True)
-    kept = backend.device_search
     steps = _count_fused_decoder_steps(monkeypatch)
-    try:
-        backend.device_search = TorchDeviceSearch(backend, fused=True)
-        fused = _search(captioner, encoded, options, on_device=True)
-    finally:
-        backend.device_search = kept
+    fused = _fused_search(captioner, encoded, options)
     assert steps, "the decoder's step did not run through its kernels"
     _same(eager, fused, exact=True)
     _same(_search(captioner, encoded, options, on_device=False), fused, exact=False)
@@ -1112,16 +1118,10 @@ def test_the_fused_search_over_a_decoder_without_attention_is_the_device_search(
     captioner = Captioner(model, backend="torch", device="cpu", search="device")
     photos = [load_rgb(p) for p in sorted(example_images)]
     encoded = captioner.backend.encode(preprocess(photos, captioner.manifest.preprocessing))
-    backend = captioner.backend
     steps = _count_fused_decoder_steps(monkeypatch)
     for options in (CaptionOptions(max_length=8), CaptionOptions(beam_size=4, n_best=3, length_penalty=0.7)):
         eager = _search(captioner, encoded, options, on_device=True)
-        kept = backend.device_search
-        try:
-            backend.device_search = TorchDeviceSearch(backend, fused=True)
-            fused = _search(captioner, encoded, options, on_device=True)
-        finally:
-            backend.device_search = kept
+        fused = _fused_search(captioner, encoded, options)
         _same(eager, fused, exact=True)
         _same(_search(captioner, encoded, options, on_device=False), fused, exact=False)
         assert len({tuple(h.tokens) for hyps in fused for h in hyps}) > 1  # captions that differ

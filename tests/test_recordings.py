@@ -1302,13 +1302,23 @@ def test_image_type_without_the_standard_fields_is_one_line_a_frame(
         assert "height" in line
 
 
+def _bare_recording(deserialize):
+    """A ``Recording`` whose reader only deserialises (``deserialize(raw, msgtype)``), and the
+    connection of a camera topic /cam: what ``Recording._frame`` reads, without a file."""
+    from types import SimpleNamespace
+
+    from edgecap.recordings import Recording
+
+    recording = Recording.__new__(Recording)
+    recording.reader, recording.closed = SimpleNamespace(deserialize=deserialize), False
+    return recording, SimpleNamespace(topic="/cam", msgtype="sensor_msgs/msg/Image", id=1)
+
+
 def test_field_of_the_wrong_kind_is_an_input_error_not_a_traceback():
     """Past the type check, a field that does not convert (a height "tall") is the frame's
     InputError; the frame keeps its header's stamp (sec 1: 1e9 ns), which was read, for the
     --json line that reports it (it had been 0, as for a header that is not one)."""
     from types import SimpleNamespace
-
-    from edgecap.recordings import Recording
 
     msg = SimpleNamespace(
         header=SimpleNamespace(stamp=SimpleNamespace(sec=1, nanosec=0)),
@@ -1319,9 +1329,7 @@ def test_field_of_the_wrong_kind_is_an_input_error_not_a_traceback():
         is_bigendian=0,
         data=b"\0" * 12,
     )
-    recording = Recording.__new__(Recording)
-    recording.reader = SimpleNamespace(deserialize=lambda raw, msgtype: msg)
-    connection = SimpleNamespace(topic="/cam", msgtype="sensor_msgs/msg/Image", id=1)
+    recording, connection = _bare_recording(lambda raw, msgtype: msg)
     frame = recording._frame(connection, T0, b"", 0)
     assert isinstance(frame.image, InputError)
     assert str(frame.image).startswith(
@@ -1336,14 +1344,11 @@ def test_a_frame_refused_before_its_header_is_read_has_no_stamp():
     """A frame whose type the recording defines without the standard fields, or whose bytes do
     not deserialise, is its InputError with stamp 0 (no header was read), at its recording's
     time and place."""
-    from edgecap.recordings import Recording
 
     def refuse(raw, msgtype):
         raise ValueError("buffer too short")
 
-    recording = Recording.__new__(Recording)
-    recording.reader, recording.closed = SimpleNamespace(deserialize=refuse), False
-    connection = SimpleNamespace(topic="/cam", msgtype="sensor_msgs/msg/Image", id=1)
+    recording, connection = _bare_recording(refuse)
     typed = recording._frame(connection, T0, b"", 3, type_problem="message lacks the standard fields: height")
     garbled = recording._frame(connection, T0, b"\0", 4)
     assert (typed.stamp_ns, typed.index, garbled.stamp_ns, garbled.index) == (0, 3, 0, 4)
