@@ -309,7 +309,7 @@ def test_an_fp32_batch_steps_in_one_run_and_an_int8_batch_a_run_per_photo(fp32_d
         session = backend.start(backend.encode(images), index)
         calls, real = [], session._run
         session._run = lambda *args: calls.append(1) or real(*args)
-        tokens = np.full(len(index), load_manifest(model_dir).tokens["start"], np.int32)
+        tokens = np.full(len(index), backend.manifest.tokens["start"], np.int32)
         session.step(tokens, index.copy(), None)  # the first step: h/c per image
         session.step(tokens, np.arange(len(index), dtype=np.int32), None)
         return len(calls)
