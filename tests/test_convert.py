@@ -176,6 +176,31 @@ def test_int8_without_onnxruntime_names_what_to_install(fp32_dir, tmp_path, monk
     assert not (tmp_path / "int8").exists()
 
 
+def test_int8_without_a_module_the_quantizer_imports_names_that_module(fp32_dir, tmp_path, monkeypatch):
+    """onnxruntime installed but a module its quantizer imports missing (``ml_dtypes``, which
+    onnxruntime.quantization imports; a trimmed install): the BackendError names that module
+    and how to install it, not onnxruntime, which is there."""
+    import builtins
+
+    from edgecap.errors import BackendError
+
+    real_import = builtins.__import__
+
+    def without_ml_dtypes(name, *args, **kwargs):
+        if name.startswith("onnxruntime.quantization"):
+            raise ModuleNotFoundError("No module named 'ml_dtypes'", name="ml_dtypes")
+        return real_import(name, *args, **kwargs)
+
+    monkeypatch.setattr(builtins, "__import__", without_ml_dtypes)
+    with pytest.raises(BackendError) as refused:
+        convert_model_dir(fp32_dir, tmp_path / "int8", "int8")
+    assert str(refused.value).startswith(
+        "int8 conversion needs ml_dtypes, which is not installed: pip install ml_dtypes "
+        "(onnxruntime is in edgecap's cpu and gpu extras; the rest: "
+    )
+    assert not (tmp_path / "int8").exists()
+
+
 def test_fp16_agrees_with_fp32_stage_by_stage(fp32_dir, fp16_dir):
     needs_onnxruntime_for_opset_18(fp32_dir, "running an FP16 LayerNormalization")
     diffs = compare_stages(load_manifest(fp32_dir), load_manifest(fp16_dir), n_images=3)

@@ -437,6 +437,25 @@ def test_the_blank_check_keeps_the_hosts_thresholds_on_frames_near_them():
     assert visible.tolist() == [False, False, True, False, True]
 
 
+def test_the_blank_check_takes_the_deviation_over_all_blocks_not_a_samples():
+    """The deviation of the grey block image is over all 3136 blocks (``numpy.std``'s, n), not
+    the sample's (n - 1, sqrt(3136 / 3135) = 1.00016 times more), hand-traced at the threshold:
+    528 blocks 4 levels up in squares of 2 x 2 blocks and 6 more blocks 3 up, each alone in
+    the next squares' corners, give a mean of 100 + 2130 / 3136 and a deviation of
+    sqrt(8502 / 3136 - (2130 / 3136)^2) = 1.499924 (blank; over n - 1, 1.500163: recognisable).
+    The device path judges it as the host."""
+    levels = np.full((56, 56), 100)
+    corners = [(r, c) for r in range(1, 53, 3) for c in range(1, 53, 3)]
+    for r, c in corners[:132]:
+        levels[r : r + 2, c : c + 2] += 4
+    for r, c in corners[132:138]:
+        levels[r, c] += 3
+    assert (levels - 100).sum() == 2130 and ((levels - 100) ** 2).sum() == 8502
+    x, visible = FramePreprocess(PRE, CPU)([_grey_blocks(levels)])
+    assert [recognisable(v, PRE) for v in x.numpy()] == [False]
+    assert visible.tolist() == [False]
+
+
 def test_the_blank_check_keeps_the_hosts_detail_threshold_on_frames_near_it():
     """The other threshold (``edgecap.preprocess``: the mean |Laplacian| of the grey 4x4-block
     image >= 1.5), hand-traced: a ramp of 4 levels a block row (contrast to spare, no

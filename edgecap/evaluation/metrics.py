@@ -158,10 +158,12 @@ def _ptb(captions: dict) -> dict:
     ]
     if any(line.strip() for line in said):
         print("\n".join(said), file=sys.stderr)
+        errors = "its errors are on stderr above"
+    else:  # not a word to stderr: saying its errors are above would send one looking for none
+        errors = "it wrote no error"
     if done.returncode != 0:
         raise JavaFailed(
-            f"coco-caption's PTB tokenizer (Java) failed, exit {done.returncode} (its errors are on "
-            f"stderr above): {_NEEDS_JAVA}"
+            f"coco-caption's PTB tokenizer (Java) failed, exit {done.returncode} ({errors}): {_NEEDS_JAVA}"
         )
     try:
         lines = done.stdout.decode().split("\n")
@@ -178,7 +180,7 @@ def _ptb(captions: dict) -> dict:
     if {k: len(v) for k, v in out.items()} != given or (words_given and not back):
         raise JavaFailed(
             f"coco-caption's PTB tokenizer (Java) gave back {back} of {sum(given.values())} captions "
-            f"(its errors are on stderr above): {_NEEDS_JAVA}"
+            f"({errors}): {_NEEDS_JAVA}"
         )
     return out
 
