@@ -60,6 +60,22 @@ def test_help_shows_the_default_after_the_text(capsys):
     assert "--threads N" in text and "--no-progress" in text
 
 
+@pytest.mark.parametrize("command", ["caption", "eval", "serve"])
+def test_backend_choices_list_the_default_first(command, capsys):
+    """--backend's choices read its default, auto, first and then the three backends, in the
+    error for a backend there is not and in --help."""
+    import re
+
+    with pytest.raises(SystemExit):
+        main([command, "--backend", "cuda"])
+    said = re.search(r"invalid choice: 'cuda' \(choose from (.*)\)$", capsys.readouterr().err.strip())
+    choices = said.group(1).replace("'", "").split(", ")  # quoted before Python 3.12
+    assert choices[0] == "auto" and sorted(choices[1:]) == ["onnxruntime", "tensorrt", "torch"]
+    with pytest.raises(SystemExit):
+        main([command, "--help"])
+    assert f"--backend {{{','.join(choices)}}}" in capsys.readouterr().out
+
+
 def test_convert_help_lists_what_the_converter_keeps_in_fp32(monkeypatch):
     from edgecap.build import convert as converter
     from edgecap.commands.convert import precision_help
