@@ -169,6 +169,21 @@ def test_help_documents_exit_codes(capsys):
         assert line in text
 
 
+def test_edgecap_alone_asks_for_a_command_and_version_says_the_installed_one(capsys):
+    """``edgecap`` with no command is a usage error (exit 2) naming what is missing, not a
+    traceback; ``edgecap --version`` prints the installed distribution's version, exit 0."""
+    from importlib.metadata import version
+
+    with pytest.raises(SystemExit) as bare:
+        cli_main([])
+    err = capsys.readouterr().err.splitlines()
+    assert bare.value.code == 2 and err[-1] == "edgecap: error: the following arguments are required: COMMAND"
+    assert err[0].startswith("usage: edgecap ")
+    with pytest.raises(SystemExit) as asked:
+        cli_main(["--version"])
+    assert asked.value.code == 0 and capsys.readouterr().out == f"edgecap {version('edgecap')}\n"
+
+
 def test_paths_may_come_before_between_and_after_the_options(capsys, tiny_model_dir, tmp_path, monkeypatch):
     """``edgecap caption a.png --json b.png``, as most tools take it: every PATH captioned, in
     the order given (argparse alone had refused the ones after an option, exit 2, with
