@@ -1094,6 +1094,10 @@ class Command:  # every command's module: add_arguments, run
             raise RuntimeError("gloo peer gone")
         if fail == "exit-message":
             raise SystemExit("cannot go on")
+        if fail == "exit-bare":
+            sys.exit()
+        if fail == "exit-code":
+            sys.exit(3)
         if fail == "error":
             from edgecap.errors import DataError
 
@@ -1107,12 +1111,17 @@ cli.run_command()
 """
 
 
-@pytest.mark.parametrize(("fail", "code"), [("none", 0), ("error", 2), ("uncaught", 1), ("exit-message", 1)])
+@pytest.mark.parametrize(
+    ("fail", "code"),
+    [("none", 0), ("error", 2), ("uncaught", 1), ("exit-message", 1), ("exit-bare", 0), ("exit-code", 3)],
+)
 def test_a_rank_ends_without_teardown_whatever_the_command_did(tmp_path, fail, code):
     """The edgecap command in a process with a process group (a torchrun rank) ends with
     os._exit after flushing its output, on success, on an error it reports and on an uncaught
     exception (its traceback printed): never through the interpreter's teardown, which gloo's
-    threads do not survive safely (edgecap.training.distributed)."""
+    threads do not survive safely (edgecap.training.distributed). A ``sys.exit`` ends it as
+    Python would: a message printed, exit 1; no argument, exit 0; a number, that status, and
+    nothing printed for either."""
     done = subprocess.run(
         [sys.executable, "-c", RANK_END, str(tmp_path / "store"), fail],
         env={k: v for k, v in _env().items() if k != "PYTHONUNBUFFERED"},  # output buffered
@@ -1125,6 +1134,8 @@ def test_a_rank_ends_without_teardown_whatever_the_command_did(tmp_path, fail, c
     assert ("RuntimeError: gloo peer gone" in done.stderr) == (fail == "uncaught")
     assert ("edgecap train: error: no such split" in done.stderr) == (fail == "error")
     assert ("cannot go on" in done.stderr) == (fail == "exit-message")
+    if fail.startswith("exit-") or fail == "none":
+        assert done.stderr == ("cannot go on\n" if fail == "exit-message" else "")
 
 
 def test_the_edgecap_command_ends_like_python_m_edgecap():
