@@ -363,6 +363,27 @@ def test_graphs_take_the_frames_preprocessed_on_the_device(default_model_dir, ex
     np.testing.assert_allclose(blurry, host, rtol=0, atol=1e-4)
 
 
+def test_frames_preprocessed_on_the_device_are_padded_to_the_run_size_with_the_last(
+    default_model_dir, example_images
+):
+    """A batch of 2 frames run at a captured size of 4 (``run_size``, as the captioner pads a
+    batch to a size its graphs keep): the encoder runs on the 2 frames' inputs and 2 copies of
+    the last, as ``encode`` of the host's inputs padded alike gives them; whether each is
+    recognisable and how blurred stay the 2 frames'. The last is dark and, asked for nothing
+    else, not brightened (``brighten`` is off unless asked)."""
+    manifest = load_manifest(default_model_dir)
+    backend = TorchBackend(manifest, device="cpu", graph_factory=EagerGraph, preprocess="device")
+    frames = [np.asarray(load_rgb(str(p))) for p in example_images[:2]]
+    frames[1] = (frames[1] // 5).astype(np.uint8)  # dark: the host would brighten it if asked
+    encoded, visible, blurry = backend.encode_frames(frames, run_size=4)
+    inputs = preprocess([Image.fromarray(f) for f in frames], manifest.preprocessing)
+    want = backend.encode(np.concatenate([inputs, inputs[1:], inputs[1:]]))
+    assert encoded.n_images == 4
+    for name, tensor in want.tensors.items():
+        torch.testing.assert_close(encoded.tensors[name], tensor, rtol=0, atol=0)
+    assert visible.shape == blurry.shape == (2,)
+
+
 def test_preprocess_takes_host_or_device(default_model_dir):
     manifest = load_manifest(default_model_dir)
     with pytest.raises(ValueError, match=r"preprocess must be one of \('host', 'device'\), got 'gpu'"):
