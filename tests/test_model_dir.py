@@ -591,3 +591,28 @@ def test_a_graph_with_a_fixed_row_dimension_is_refused_on_loading(small_model, r
     edit_manifest(small_model, set_field(["sha256", role], file_sha256(path)))
     with pytest.raises(ModelError, match=rf"{role}.onnx: input '{name}' has a fixed first dimension \(3\)"):
         Captioner(small_model, backend="onnxruntime")
+
+
+def test_the_torch_backend_takes_a_graph_with_a_fixed_row_dimension(tiny_model_dir, tmp_path):
+    """The torch backend runs its own modules, not the graphs (it reads their weights): the
+    same batch-fixed encoder (3 images) that onnxruntime refuses captions 1 and 2 photos there,
+    as the unedited model does."""
+    import onnx
+
+    from edgecap import CaptionOptions
+    from edgecap.manifest import file_sha256
+
+    model = copy_model(tiny_model_dir, tmp_path / "fixed")
+    path = load_manifest(model).path("encoder")
+    graph_model = onnx.load(path)
+    _value(graph_model.graph.input, "image").type.tensor_type.shape.dim[0].dim_value = 3
+    onnx.save(graph_model, path)
+    edit_manifest(model, set_field(["sha256", "encoder"], file_sha256(path)))
+    with pytest.raises(ModelError, match=r"input 'image' has a fixed first dimension \(3\)"):
+        Captioner(model, backend="onnxruntime")
+    rng = np.random.default_rng(3)
+    photos = [rng.integers(0, 256, (40, 50, 3), dtype=np.uint8) for _ in range(2)]
+    fixed = Captioner(model, backend="torch", options=CaptionOptions(max_length=4))
+    plain = Captioner(tiny_model_dir, backend="torch", options=CaptionOptions(max_length=4))
+    for batch in (photos[:1], photos):
+        assert [c.text for c in fixed.caption_batch(batch)] == [c.text for c in plain.caption_batch(batch)]
