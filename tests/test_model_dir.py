@@ -612,7 +612,9 @@ def test_the_torch_backend_takes_a_graph_with_a_fixed_row_dimension(tiny_model_d
         Captioner(model, backend="onnxruntime")
     rng = np.random.default_rng(3)
     photos = [rng.integers(0, 256, (40, 50, 3), dtype=np.uint8) for _ in range(2)]
-    fixed = Captioner(model, backend="torch", options=CaptionOptions(max_length=4))
-    plain = Captioner(tiny_model_dir, backend="torch", options=CaptionOptions(max_length=4))
-    for batch in (photos[:1], photos):
-        assert [c.text for c in fixed.caption_batch(batch)] == [c.text for c in plain.caption_batch(batch)]
+    options = CaptionOptions(max_length=4)
+    with Captioner(model, backend="torch", options=options) as fixed:
+        with Captioner(tiny_model_dir, backend="torch", options=options) as plain:
+            for batch in (photos[:1], photos):
+                want = [c.text for c in plain.caption_batch(batch)]
+                assert [c.text for c in fixed.caption_batch(batch)] == want
