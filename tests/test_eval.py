@@ -1125,6 +1125,16 @@ def test_a_meteor_whose_java_dies_is_an_error_not_a_hang_at_exit():
     assert (done.returncode, done.stdout.strip() in ("BrokenPipeError", "ValueError")) == (0, True), done
 
 
+def _java_exits(monkeypatch, code: int, stdout: bytes, stderr: bytes) -> None:
+    """``metrics``' subprocess.run replaced by a Java that exits ``code`` with this output."""
+    import subprocess as real_subprocess
+
+    def run(command, **kwargs):
+        return real_subprocess.CompletedProcess(command, code, stdout=stdout, stderr=stderr)
+
+    monkeypatch.setattr(metrics.subprocess, "run", run)
+
+
 @pytest.mark.parametrize(
     "stderr, said",
     [(b"", "it wrote no error"), (b"java.io.IOException: Stream closed\n", "its errors are on stderr above")],
@@ -1136,12 +1146,7 @@ def test_a_ptb_tokenizer_that_gives_back_too_few_lines_is_an_error_naming_how_ma
     captions would be paired with the wrong images' references, so it is JavaFailed saying how
     many came back, not scores; it points at Java's errors on stderr only where Java wrote any
     (passed on), and says it wrote none where it did not. (subprocess.run stands in for Java.)"""
-    import subprocess as real_subprocess
-
-    def run(command, **kwargs):
-        return real_subprocess.CompletedProcess(command, 0, stdout=b"a cat sits\n", stderr=stderr)
-
-    monkeypatch.setattr(metrics.subprocess, "run", run)
+    _java_exits(monkeypatch, 0, b"a cat sits\n", stderr)
     refs = {1: ["a cat sits", "a cat"], 2: ["a dog runs"]}
     with pytest.raises(metrics.JavaFailed) as failed:
         metrics._ptb(refs)
@@ -1155,12 +1160,7 @@ def test_a_ptb_tokenizer_that_gives_back_too_few_lines_is_an_error_naming_how_ma
 def test_a_ptb_tokenizer_failing_without_a_word_says_it_wrote_no_error(monkeypatch, capsys):
     """Java exiting 1 without writing anything (killed, a wrapper script failing quietly): the
     error says the exit status and that Java wrote no error, not that its errors are above."""
-    import subprocess as real_subprocess
-
-    def run(command, **kwargs):
-        return real_subprocess.CompletedProcess(command, 1, stdout=b"", stderr=b"\n")
-
-    monkeypatch.setattr(metrics.subprocess, "run", run)
+    _java_exits(monkeypatch, 1, b"", b"\n")
     with pytest.raises(metrics.JavaFailed) as failed:
         metrics._ptb({1: ["a cat sits"]})
     assert str(failed.value) == (

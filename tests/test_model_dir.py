@@ -575,20 +575,26 @@ def test_a_tensor_of_another_rank_is_refused(small_model):
         Captioner(small_model, backend="onnxruntime")
 
 
+def _fix_rows(model, role: str, name: str, rows: int) -> None:
+    """``model``'s ``role`` graph with its input ``name``'s first dimension fixed to ``rows``,
+    as a tool that fixes the batch size leaves it, and its manifest's checksum to match."""
+    import onnx
+
+    from edgecap.manifest import file_sha256
+
+    path = load_manifest(model).path(role)
+    graph_model = onnx.load(path)
+    _value(graph_model.graph.input, name).type.tensor_type.shape.dim[0].dim_value = rows
+    onnx.save(graph_model, path)
+    edit_manifest(model, set_field(["sha256", role], file_sha256(path)))
+
+
 @pytest.mark.parametrize("role, name", [("decoder_step", "tokens"), ("encoder", "image")])
 def test_a_graph_with_a_fixed_row_dimension_is_refused_on_loading(small_model, role, name):
     """A graph whose batch a tool fixed (1 image, 3 rows): it loaded, and then every batch of
     another size ended in onnxruntime's INVALID_ARGUMENT traceback, the other photos' captions
     lost with it."""
-    import onnx
-
-    from edgecap.manifest import file_sha256
-
-    path = load_manifest(small_model).path(role)
-    graph_model = onnx.load(path)
-    _value(graph_model.graph.input, name).type.tensor_type.shape.dim[0].dim_value = 3
-    onnx.save(graph_model, path)
-    edit_manifest(small_model, set_field(["sha256", role], file_sha256(path)))
+    _fix_rows(small_model, role, name, 3)
     with pytest.raises(ModelError, match=rf"{role}.onnx: input '{name}' has a fixed first dimension \(3\)"):
         Captioner(small_model, backend="onnxruntime")
 
@@ -597,17 +603,10 @@ def test_the_torch_backend_takes_a_graph_with_a_fixed_row_dimension(tiny_model_d
     """The torch backend runs its own modules, not the graphs (it reads their weights): the
     same batch-fixed encoder (3 images) that onnxruntime refuses captions 1 and 2 photos there,
     as the unedited model does."""
-    import onnx
-
     from edgecap import CaptionOptions
-    from edgecap.manifest import file_sha256
 
     model = copy_model(tiny_model_dir, tmp_path / "fixed")
-    path = load_manifest(model).path("encoder")
-    graph_model = onnx.load(path)
-    _value(graph_model.graph.input, "image").type.tensor_type.shape.dim[0].dim_value = 3
-    onnx.save(graph_model, path)
-    edit_manifest(model, set_field(["sha256", "encoder"], file_sha256(path)))
+    _fix_rows(model, "encoder", "image", 3)
     with pytest.raises(ModelError, match=r"input 'image' has a fixed first dimension \(3\)"):
         Captioner(model, backend="onnxruntime")
     rng = np.random.default_rng(3)
